@@ -1,0 +1,251 @@
+"""Logging for the agent: journald-friendly output, secret redaction, rate limits.
+
+Under systemd, stderr goes to journald, which timestamps each line itself and
+reads a ``<N>`` syslog priority prefix (sd-daemon(3)); elsewhere each line
+carries an ISO-8601 UTC timestamp.  Write keys must never reach a log, and an
+upstream that flaps must not flood one.
+"""
+
+from __future__ import annotations
+
+import base64
+import logging
+import logging.handlers
+import os
+import re
+import sys
+import threading
+import time
+from collections.abc import Callable, Mapping
+from typing import IO, Any
+
+from agent import paths
+
+_LEVELS = {
+    "debug": logging.DEBUG,
+    "info": logging.INFO,
+    "warning": logging.WARNING,
+    "warn": logging.WARNING,
+    "error": logging.ERROR,
+    "critical": logging.CRITICAL,
+}
+# sd-daemon.h: SD_CRIT, SD_ERR, SD_WARNING, SD_INFO, SD_DEBUG.
+_PRIORITIES = ((logging.CRITICAL, 2), (logging.ERROR, 3), (logging.WARNING, 4), (logging.INFO, 6))
+_DEBUG_PRIORITY = 7
+# Registering a very short secret would garble every log line containing it.
+MIN_SECRET_LEN = 4
+REDACTED = "***"
+
+_GENERIC_SECRETS = (
+    # Authorization headers, raw or in a dict repr, with or without a scheme.
+    (re.compile(r"(?i)(\bauthorization\b['\"]?\s*[:=]\s*['\"]?(?:(?:basic|bearer)\s+)?)[^\s'\",;}]+"),
+     r"\1" + REDACTED),
+    # Bare credentials after a scheme.  A digit is required so that prose such
+    # as "Basic authentication failed" is left alone.
+    (re.compile(r"(?i)\b((?:basic|bearer)\s+)(?=[\w+/.~-]*\d)[\w+/.~-]{8,}=*"), r"\1" + REDACTED),
+    # Write keys in query strings, JSON bodies and headers.
+    (re.compile(r"(?i)(\b(?:write_?key|publicwritekey|x-write-key)['\"]?\s*[:=]\s*['\"]?)[^\s'\"&,;}]+"),
+     r"\1" + REDACTED),
+)
+
+
+class SecretRegistry:
+    """The secret values (write keys, upstream keys) that logs must never show."""
+
+    def __init__(self) -> None:
+        self._secrets: set[str] = set()
+        self._pattern: re.Pattern[str] | None = None
+        self._lock = threading.Lock()
+
+    def add(self, value: str) -> None:
+        """Redact ``value`` from now on; too-short values are ignored."""
+        value = value.strip()
+        if len(value) < MIN_SECRET_LEN:
+            return
+        # Segment clients send the key as HTTP Basic credentials "key:".
+        basic = base64.b64encode(f"{value}:".encode()).decode()
+        with self._lock:
+            self._secrets |= {value, basic}
+            # Longest first, so a secret containing another is redacted whole.
+            ordered = sorted(self._secrets, key=len, reverse=True)
+            self._pattern = re.compile("|".join(map(re.escape, ordered)))
+
+    def redact(self, text: str) -> str:
+        """``text`` with every registered secret and generic credential replaced."""
+        pattern = self._pattern
+        if pattern is not None:
+            text = pattern.sub(REDACTED, text)
+        for generic, replacement in _GENERIC_SECRETS:
+            text = generic.sub(replacement, text)
+        return text
+
+
+_registry = SecretRegistry()
+
+
+def register_secret(value: str) -> None:
+    """Never log ``value``: the core calls this for every configured or seen key."""
+    _registry.add(value)
+
+
+class RedactingFilter(logging.Filter):
+    """Replaces secrets in the rendered message, exception and stack text.
+
+    It is attached to the handler, not a logger, because logger filters do
+    not see records propagated from child loggers.
+    """
+
+    def __init__(self, registry: SecretRegistry | None = None) -> None:
+        super().__init__()
+        self._registry = registry or _registry
+        self._exc_formatter = logging.Formatter()
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        try:
+            message = record.getMessage()
+        except Exception:  # bad args: leave the record for the handler to report
+            return True
+        record.msg, record.args = self._registry.redact(message), None
+        if record.exc_info and not record.exc_text:
+            record.exc_text = self._exc_formatter.formatException(record.exc_info)
+        if record.exc_text:
+            record.exc_text = self._registry.redact(record.exc_text)
+        if record.stack_info:
+            record.stack_info = self._registry.redact(record.stack_info)
+        return True
+
+
+class JournalFormatter(logging.Formatter):
+    """``<priority>logger: message``, the priority on every line of a traceback."""
+
+    def __init__(self) -> None:
+        super().__init__("%(name)s: %(message)s")
+
+    def format(self, record: logging.LogRecord) -> str:
+        priority = next((p for level, p in _PRIORITIES if record.levelno >= level), _DEBUG_PRIORITY)
+        return "\n".join(f"<{priority}>{line}" for line in super().format(record).splitlines())
+
+
+def plain_formatter() -> logging.Formatter:
+    """``2026-11-22T13:50:51Z LEVEL logger: message``, always in UTC."""
+    formatter = logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s", "%Y-%m-%dT%H:%M:%SZ")
+    formatter.converter = time.gmtime
+    return formatter
+
+
+def stderr_is_journal(stream: IO[str] | None, environ: Mapping[str, str] | None = None) -> bool:
+    """Whether ``stream`` is the journald stream that systemd connected us to.
+
+    ``$JOURNAL_STREAM`` is ``device:inode`` of that stream; comparing it (as
+    systemd.exec(5) advises) avoids the false positive of a child process
+    that inherited the variable but has its stderr redirected.
+    """
+    value = (os.environ if environ is None else environ).get("JOURNAL_STREAM")
+    if not value:
+        return False
+    try:
+        st = os.fstat(stream.fileno()) if stream is not None else None
+    except (OSError, ValueError, AttributeError):
+        st = None
+    if st is None:
+        return True  # no descriptor to compare: trust the variable
+    return value == f"{st.st_dev}:{st.st_ino}"
+
+
+_installed: logging.Handler | None = None
+
+
+def setup_logging(level: str = "info", *, stream: IO[str] | None = None, journald: bool | None = None) -> None:
+    """Send all logging to ``stream`` (stderr) at ``level``; safe to call again.
+
+    ``journald`` forces the format; by default it is detected from
+    ``$JOURNAL_STREAM``.  Under ``pythonw`` (a Windows task) there is no
+    stderr, so the log goes to ``outpost.log`` in the data directory.
+    """
+    global _installed
+    if level.lower() not in _LEVELS:
+        raise ValueError(f"unknown log level {level!r}; use one of {', '.join(_LEVELS)}")
+    stream = stream if stream is not None else sys.stderr
+    handler: logging.Handler
+    if stream is None:
+        log_file = paths.ensure_private_dir(paths.data_dir()) / "outpost.log"
+        handler = logging.handlers.RotatingFileHandler(log_file, maxBytes=1 << 20, backupCount=3)
+        journald = False
+    else:
+        handler = logging.StreamHandler(stream)
+    if journald is None:
+        journald = stderr_is_journal(stream)
+    handler.setFormatter(JournalFormatter() if journald else plain_formatter())
+    handler.addFilter(RedactingFilter())
+    root = logging.getLogger()
+    if _installed is not None:
+        root.removeHandler(_installed)
+        _installed.close()
+    root.addHandler(handler)
+    root.setLevel(_LEVELS[level.lower()])
+    logging.captureWarnings(True)
+    _installed = handler
+
+
+class RateLimiter:
+    """Admits a message key at most once per ``interval`` seconds, counting the rest.
+
+    ``clock`` is injectable so that tests move time instead of sleeping.
+    """
+
+    def __init__(
+        self, interval: float = 60.0, clock: Callable[[], float] = time.monotonic, max_keys: int = 1024
+    ) -> None:
+        self.interval = interval
+        self._clock = clock
+        self._max_keys = max_keys
+        self._seen: dict[tuple[str, str], tuple[float, int]] = {}  # key -> (last emitted, suppressed since)
+        self._lock = threading.Lock()
+
+    def admit(self, key: tuple[str, str]) -> str | None:
+        """None to suppress; otherwise the suffix to add ("" when nothing was suppressed)."""
+        now = self._clock()
+        with self._lock:
+            last = self._seen.get(key)
+            if last is not None and now - last[0] < self.interval:
+                self._seen[key] = (last[0], last[1] + 1)
+                return None
+            if len(self._seen) >= self._max_keys:
+                self._prune(now)
+            self._seen[key] = (now, 0)
+        if last is None or last[1] == 0:
+            return ""
+        times = "time" if last[1] == 1 else "times"
+        return f" (repeated {last[1]} {times} in the last {now - last[0]:.0f} s)"
+
+    def _prune(self, now: float) -> None:
+        # Keys whose window has passed would be admitted anyway; only an
+        # unreported suppression count is lost, which beats unbounded memory.
+        for key in [k for k, (t, _) in self._seen.items() if now - t >= self.interval]:
+            del self._seen[key]
+
+
+_default_limiter = RateLimiter()
+
+
+def log_limited(
+    logger: logging.Logger,
+    level: int,
+    key: str,
+    msg: str,
+    *args: object,
+    limiter: RateLimiter | None = None,
+    **kwargs: Any,
+) -> None:
+    """``logger.log(level, msg, *args)`` at most once per interval per (logger, key).
+
+    e.g. ``log_limited(log, logging.WARNING, "upstream-down:nucleus",
+    "upstream %s unreachable: %s", name, err)``.
+    """
+    if not logger.isEnabledFor(level):
+        return
+    suffix = (limiter or _default_limiter).admit((logger.name, key))
+    if suffix is None:
+        return
+    kwargs.setdefault("stacklevel", 2)  # attribute the record to our caller
+    logger.log(level, msg + suffix, *args, **kwargs)
