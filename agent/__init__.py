@@ -1,0 +1,3 @@
+"""Outpost: a local analytics buffering agent."""
+
+__version__ = "0.1.0"

@@ -1,0 +1,286 @@
+"""agent.toml, read once into frozen dataclasses and validated eagerly.
+
+Every unknown key or bad value raises ConfigError naming the key, so a typo
+stops startup instead of surfacing at the first request.
+"""
+
+from __future__ import annotations
+
+import os
+import tomllib
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Callable, TypeVar
+
+from . import paths
+
+PROTOCOLS = ("nucleus-ws", "nucleus-http", "segment-http")
+LOOPBACK_HOSTS = ("127.0.0.1", "::1", "localhost")
+
+
+class ConfigError(ValueError):
+    """A config file problem; the message names the offending key."""
+
+
+@dataclass(frozen=True)
+class ListenConfig:
+    host: str = "127.0.0.1"
+    port: int = 8765
+    accept_keys: tuple[str, ...] = ()
+    allowed_origins: tuple[str, ...] = ()
+
+
+@dataclass(frozen=True)
+class StorageConfig:
+    path: str = ""
+    max_size_mb: int = 512
+    when_full: str = "reject"
+    max_age_days: int = 30
+    sync: str = "full"
+    # Extension: how long acked dedupe keys are remembered, so a client
+    # resending after its reply was lost is still stored only once.
+    dedupe_window_h: int = 24
+
+    def resolved_path(self) -> Path:
+        return Path(self.path).expanduser() if self.path else paths.default_spool_path()
+
+
+@dataclass(frozen=True)
+class DeviceConfig:
+    platform: str = ""
+    osVersion: str = ""
+    totalRam: float = 0
+    language: str = ""
+    arch: str = ""
+    machineId: str = ""
+
+
+@dataclass(frozen=True)
+class UpstreamConfig:
+    name: str
+    protocol: str
+    url: str
+    keys: tuple[str, ...] = ("*",)
+    key: str = ""
+    batch_max_events: int = 100
+    batch_max_bytes: int = 500_000
+    flush_interval_s: float = 2.0
+    # Extensions.
+    gzip: bool = False
+    timeout_s: float = 30.0
+    max_in_flight: int = 4
+
+    def matches(self, app_key: str) -> bool:
+        return "*" in self.keys or app_key in self.keys
+
+
+@dataclass(frozen=True)
+class LogConfig:
+    level: str = "info"
+
+
+@dataclass(frozen=True)
+class Config:
+    """The whole agent configuration; passed into every component's constructor."""
+
+    listen: ListenConfig = field(default_factory=ListenConfig)
+    storage: StorageConfig = field(default_factory=StorageConfig)
+    device: DeviceConfig = field(default_factory=DeviceConfig)
+    upstreams: tuple[UpstreamConfig, ...] = ()
+    log: LogConfig = field(default_factory=LogConfig)
+    source: str = "<defaults>"
+
+    def route(self, app_key: str) -> UpstreamConfig | None:
+        """The first upstream whose keys match ``app_key`` (DESIGN §1)."""
+        for up in self.upstreams:
+            if up.matches(app_key):
+                return up
+        return None
+
+
+T = TypeVar("T")
+
+
+def _take(table: dict[str, Any], where: str, name: str, kind: type[T] | tuple[type, ...],
+          default: T, check: Callable[[Any], str | None] | None = None) -> T:
+    key = f"{where}.{name}" if where else name
+    if name not in table:
+        return default
+    value = table.pop(name)
+    kinds = kind if isinstance(kind, tuple) else (kind,)
+    # bool is an int in Python; never accept true for a number.
+    if isinstance(value, bool) and bool not in kinds:
+        raise ConfigError(f"{key}: expected {_kind_name(kinds)}, got a boolean")
+    if not isinstance(value, kinds):
+        raise ConfigError(f"{key}: expected {_kind_name(kinds)}, got {type(value).__name__}")
+    if check is not None and (problem := check(value)):
+        raise ConfigError(f"{key}: {problem}")
+    return value  # type: ignore[return-value]
+
+
+def _kind_name(kinds: tuple[type, ...]) -> str:
+    names = {str: "a string", int: "an integer", float: "a number", bool: "a boolean",
+             list: "an array", dict: "a table"}
+    return " or ".join(names.get(k, k.__name__) for k in kinds)
+
+
+def _str_list(where: str, name: str) -> Callable[[Any], str | None]:
+    def check(value: Any) -> str | None:
+        bad = [v for v in value if not isinstance(v, str) or not v]
+        return f"every entry must be a non-empty string, got {bad[0]!r}" if bad else None
+    return check
+
+
+def _positive(value: Any) -> str | None:
+    return None if value > 0 else f"must be greater than 0, got {value}"
+
+
+def _one_of(*choices: str) -> Callable[[Any], str | None]:
+    def check(value: Any) -> str | None:
+        return None if value in choices else f"must be one of {', '.join(map(repr, choices))}, got {value!r}"
+    return check
+
+
+def _no_leftovers(table: dict[str, Any], where: str) -> None:
+    if table:
+        name = sorted(table)[0]
+        raise ConfigError(f"{where + '.' if where else ''}{name}: unknown key")
+
+
+def _table(raw: dict[str, Any], name: str) -> dict[str, Any]:
+    value = raw.pop(name, {})
+    if not isinstance(value, dict):
+        raise ConfigError(f"{name}: expected a table")
+    return dict(value)
+
+
+def _listen(t: dict[str, Any]) -> ListenConfig:
+    w = "listen"
+    out = ListenConfig(
+        host=_take(t, w, "host", str, "127.0.0.1", lambda v: None if v else "must not be empty"),
+        port=_take(t, w, "port", int, 8765,
+                   lambda v: None if 0 <= v <= 65535 else f"must be 0..65535, got {v}"),
+        accept_keys=tuple(_take(t, w, "accept_keys", list, [], _str_list(w, "accept_keys"))),
+        allowed_origins=tuple(_take(t, w, "allowed_origins", list, [],
+                                    _str_list(w, "allowed_origins"))),
+    )
+    _no_leftovers(t, w)
+    return out
+
+
+def _storage(t: dict[str, Any]) -> StorageConfig:
+    w = "storage"
+    out = StorageConfig(
+        path=_take(t, w, "path", str, ""),
+        max_size_mb=_take(t, w, "max_size_mb", int, 512, _positive),
+        when_full=_take(t, w, "when_full", str, "reject", _one_of("reject", "drop_oldest")),
+        max_age_days=_take(t, w, "max_age_days", int, 30, _positive),
+        sync=_take(t, w, "sync", str, "full", _one_of("full", "normal")),
+        dedupe_window_h=_take(t, w, "dedupe_window_h", int, 24,
+                              lambda v: None if v >= 0 else "must be 0 or more"),
+    )
+    _no_leftovers(t, w)
+    return out
+
+
+def _device(t: dict[str, Any]) -> DeviceConfig:
+    w = "device"
+    out = DeviceConfig(
+        platform=_take(t, w, "platform", str, ""),
+        osVersion=_take(t, w, "osVersion", str, ""),
+        totalRam=_take(t, w, "totalRam", (int, float), 0,
+                       lambda v: None if v >= 0 else "must be 0 or more"),
+        language=_take(t, w, "language", str, ""),
+        arch=_take(t, w, "arch", str, ""),
+        machineId=_take(t, w, "machineId", str, ""),
+    )
+    _no_leftovers(t, w)
+    return out
+
+
+def _upstream(t: dict[str, Any], i: int) -> UpstreamConfig:
+    w = f"upstream[{i}]"
+    if "name" not in t:
+        raise ConfigError(f"{w}.name: missing")
+    if "protocol" not in t:
+        raise ConfigError(f"{w}.protocol: missing")
+    if "url" not in t:
+        raise ConfigError(f"{w}.url: missing")
+    protocol = _take(t, w, "protocol", str, "", _one_of(*PROTOCOLS))
+    schemes = ("ws://", "wss://") if protocol == "nucleus-ws" else ("http://", "https://")
+    out = UpstreamConfig(
+        name=_take(t, w, "name", str, "", lambda v: None if v else "must not be empty"),
+        protocol=protocol,
+        url=_take(t, w, "url", str, "", lambda v: None if v.startswith(schemes)
+                  else f"must start with {' or '.join(schemes)} for {protocol}"),
+        keys=tuple(_take(t, w, "keys", list, ["*"], lambda v: _str_list(w, "keys")(v)
+                         or (None if v else "must not be empty"))),
+        key=_take(t, w, "key", str, ""),
+        batch_max_events=_take(t, w, "batch_max_events", int, 100,
+                               lambda v: None if 1 <= v <= 2500 else "must be 1..2500"),
+        batch_max_bytes=_take(t, w, "batch_max_bytes", int, 500_000,
+                              lambda v: None if 1024 <= v <= 500_000 else "must be 1024..500000"),
+        flush_interval_s=float(_take(t, w, "flush_interval_s", (int, float), 2.0, _positive)),
+        gzip=_take(t, w, "gzip", bool, False),
+        timeout_s=float(_take(t, w, "timeout_s", (int, float), 30.0, _positive)),
+        max_in_flight=_take(t, w, "max_in_flight", int, 4,
+                            lambda v: None if 1 <= v <= 64 else "must be 1..64"),
+    )
+    _no_leftovers(t, w)
+    return out
+
+
+def parse(raw: dict[str, Any], source: str = "<string>") -> Config:
+    """Validate a decoded TOML document into a Config."""
+    raw = dict(raw)
+    listen = _listen(_table(raw, "listen"))
+    storage = _storage(_table(raw, "storage"))
+    device = _device(_table(raw, "device"))
+    log_t = _table(raw, "log")
+    log = LogConfig(level=_take(log_t, "log", "level", str, "info",
+                                _one_of("debug", "info", "warning", "error")))
+    _no_leftovers(log_t, "log")
+    ups_raw = raw.pop("upstream", [])
+    if not isinstance(ups_raw, list) or not all(isinstance(u, dict) for u in ups_raw):
+        raise ConfigError("upstream: expected an array of tables ([[upstream]])")
+    upstreams = tuple(_upstream(dict(u), i) for i, u in enumerate(ups_raw))
+    names = [u.name for u in upstreams]
+    for i, name in enumerate(names):
+        if name in names[:i]:
+            raise ConfigError(f"upstream[{i}].name: duplicate name {name!r}")
+    _no_leftovers(raw, "")
+    return Config(listen=listen, storage=storage, device=device, upstreams=upstreams,
+                  log=log, source=source)
+
+
+def load_file(path: Path) -> Config:
+    try:
+        with open(path, "rb") as fh:
+            raw = tomllib.load(fh)
+    except OSError as exc:
+        raise ConfigError(f"{path}: cannot read: {exc.strerror or exc}") from exc
+    except tomllib.TOMLDecodeError as exc:
+        raise ConfigError(f"{path}: invalid TOML: {exc}") from exc
+    try:
+        return parse(raw, str(path))
+    except ConfigError as exc:
+        raise ConfigError(f"{path}: {exc}") from exc
+
+
+def find_config_file(explicit: str | None = None) -> Path | None:
+    """DESIGN §1 lookup order: --config, $OUTPOST_CONFIG, ./agent.toml, platformdirs."""
+    if explicit:
+        return Path(explicit)
+    env = os.environ.get("OUTPOST_CONFIG")
+    if env:
+        return Path(env)
+    for candidate in (Path("agent.toml"), paths.config_dir() / "agent.toml"):
+        if candidate.is_file():
+            return candidate
+    return None
+
+
+def load(explicit: str | None = None) -> Config:
+    """Find and load the config; built-in defaults when no file exists."""
+    found = find_config_file(explicit)
+    return load_file(found) if found is not None else Config()

@@ -1,0 +1,1 @@
+"""One module per local API: parse requests into Events, render replies and errors."""

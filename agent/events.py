@@ -1,0 +1,46 @@
+"""The canonical stored event, dedupe keys and time helpers.
+
+An Event keeps the body in its own API family's shape (Nucleus or Segment):
+forwarding within a family is then lossless, and mapping across families
+happens once, at send time (see ``agent/mapping.py``).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import time
+from dataclasses import dataclass
+from datetime import datetime, timezone
+from typing import Any
+
+import orjson
+
+NUCLEUS = 0
+SEGMENT = 1
+FAMILIES = {NUCLEUS: "nucleus", SEGMENT: "segment"}
+
+
+@dataclass(slots=True)
+class Event:
+    """One event ready for the spool."""
+
+    key: str        # the app id or write key: routes the event and keeps FIFO per key
+    family: int     # NUCLEUS or SEGMENT: the shape of ``body``
+    dedupe: int     # signed 64-bit hash identifying resends of the same event
+    body: bytes     # compact JSON of the event, enriched, as it will be forwarded
+
+
+def dedupe_key(*parts: Any) -> int:
+    """A stable signed 64-bit hash of ``parts`` (fits an SQLite INTEGER)."""
+    raw = orjson.dumps(parts, option=orjson.OPT_SORT_KEYS)
+    return int.from_bytes(hashlib.blake2b(raw, digest_size=8).digest(), "big", signed=True)
+
+
+def now_ms() -> int:
+    return time.time_ns() // 1_000_000
+
+
+def iso_ms(ms: int) -> str:
+    """Epoch milliseconds as an ISO 8601 UTC string with millisecond precision."""
+    dt = datetime.fromtimestamp(ms / 1000, tz=timezone.utc)
+    return dt.strftime("%Y-%m-%dT%H:%M:%S.") + f"{ms % 1000:03d}Z"

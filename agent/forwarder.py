@@ -1,0 +1,216 @@
+"""Per-key forwarding loops: batch on size or time, back off with jitter, ack, dead-letter.
+
+One StreamForwarder runs for each (upstream, local key) pair, so FIFO per key
+is natural. Rows are leased only in memory (a cursor plus the uplink's
+in-flight set): after any failure every in-flight batch settles, the cursor
+goes back to the start of the key's queue, and all unacknowledged rows are
+sent again with the same ids.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import random
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+
+from .config import UpstreamConfig
+from .metrics import Metrics
+from .spool import Row, Spool, Stream
+from .uplinks.base import SendResult, Uplink
+
+log = logging.getLogger("outpost.forwarder")
+
+BACKOFF_BASE_S = 0.5
+BACKOFF_CAP_S = 60.0
+RETRY_AFTER_CAP_S = 3600.0
+FETCH_FACTOR = 4  # rows fetched per spool read, in batches
+
+
+@dataclass
+class UpstreamState:
+    """What status and metrics show for one upstream (shared by its key loops)."""
+
+    name: str
+    protocol: str
+    state: str = "idle"          # idle | sending | backoff | stopped
+    last_ack: float | None = None
+    last_error: str | None = None
+    last_error_at: float | None = None
+    retries: int = 0
+    acked: int = 0
+    dead_lettered: int = 0
+
+
+def backoff_delay(attempt: int, rng: Callable[[], float] = random.random) -> float:
+    """`base * 2**attempt`, capped, times a jitter in [0.5, 1)."""
+    return float(min(BACKOFF_CAP_S, BACKOFF_BASE_S * 2 ** min(attempt, 16)) * (0.5 + rng() / 2))
+
+
+class StreamForwarder:
+    """Forwards one key's queue to one upstream."""
+
+    def __init__(self, cfg: UpstreamConfig, stream: Stream, spool: Spool, uplink: Uplink,
+                 state: UpstreamState, metrics: Metrics, window: int) -> None:
+        self.cfg = cfg
+        self.stream = stream
+        self.spool = spool
+        self.uplink = uplink
+        self.state = state
+        self.metrics = metrics
+        self.window = window
+        self.wake = asyncio.Event()       # new data for this key
+        self.interrupt = asyncio.Event()  # a flush or stop: also cuts a backoff short
+        self.stopping = False
+        self.flush_now = False
+        self._cursor = 0
+        self._tasks: set[asyncio.Task[None]] = set()
+        self._failed: SendResult | None = None
+        self._attempt = 0
+
+    async def run(self) -> None:
+        try:
+            while not self.stopping:
+                await self._step()
+        finally:
+            await self._settle(timeout=5.0)
+            await self.uplink.close()
+
+    async def _step(self) -> None:
+        if self._failed is not None:
+            await self._settle()
+            await self._back_off()
+            self._cursor = 0
+            return
+        if len(self._tasks) >= self.window:
+            await asyncio.wait(self._tasks, return_when=asyncio.FIRST_COMPLETED)
+            return
+        limit = self.cfg.batch_max_events * FETCH_FACTOR
+        rows = await self.spool.fetch([self.stream.id], self._cursor, limit)
+        if not rows:
+            await self._idle(None)
+            return
+        if len(rows) < self.cfg.batch_max_events and not self._due(rows[0]):
+            await self._idle(rows[0].received / 1000 + self.cfg.flush_interval_s - time.time())
+            return
+        batch = self.uplink.take(rows)
+        if not batch:  # the first row's id is still in flight: wait for its ack
+            await self._idle(None)
+            return
+        self._cursor = batch[-1].seq
+        task = asyncio.create_task(self._deliver(batch))
+        self._tasks.add(task)
+        task.add_done_callback(self._tasks.discard)
+
+    def _due(self, first: Row) -> bool:
+        return self.flush_now or time.time() >= first.received / 1000 + self.cfg.flush_interval_s
+
+    async def _idle(self, timeout: float | None) -> None:
+        """Wait for new data, a finished batch, a flush or stop (or ``timeout``)."""
+        self.wake.clear()
+        self.interrupt.clear()
+        waits: set[asyncio.Future[object]] = {asyncio.ensure_future(self.wake.wait()),
+                                              asyncio.ensure_future(self.interrupt.wait())}
+        waits |= set(self._tasks)  # type: ignore[arg-type]
+        try:
+            await asyncio.wait(waits, timeout=max(timeout, 0.0) if timeout is not None else None,
+                               return_when=asyncio.FIRST_COMPLETED)
+        finally:
+            for w in waits:
+                if w not in self._tasks:
+                    w.cancel()
+        if not self._tasks:
+            self.flush_now = False
+
+    async def _deliver(self, batch: list[Row]) -> None:
+        self.state.state = "sending"
+        result = await self.uplink.send(batch)
+        if result.rejected is not None:
+            await self._split(batch, result)
+            return
+        await self._apply(result)
+
+    async def _split(self, batch: list[Row], result: SendResult) -> None:
+        """Bisect a refused batch until the events that cause it are isolated."""
+        await self._apply(SendResult(failed=result.failed))
+        rest = [r for r in batch if r.seq not in result.failed]
+        if len(rest) == 1:
+            await self._apply(SendResult(failed={rest[0].seq: result.rejected or "rejected"}))
+            return
+        half = len(rest) // 2
+        for part in (rest[:half], rest[half:]):
+            taken = self.uplink.take(part)
+            if len(taken) != len(part):  # cannot happen for HTTP uplinks; be safe
+                self._failed = SendResult(error="could not re-split batch")
+                return
+            sub = await self.uplink.send(taken)
+            if sub.rejected is not None:
+                await self._split(taken, sub)
+            else:
+                await self._apply(sub)
+            if self._failed is not None:
+                return
+
+    async def _apply(self, result: SendResult) -> None:
+        if result.acked:
+            await self.spool.ack(result.acked)
+            self.state.acked += len(result.acked)
+            self.state.last_ack = time.time()
+            self.metrics.observe_acked(len(result.acked))
+        if result.failed:
+            await self.spool.dead_letter(
+                [(seq, self.cfg.name, reason) for seq, reason in result.failed.items()])
+            self.state.dead_lettered += len(result.failed)
+            log.warning("%s refused %d event(s) for good; moved to dead letters: %s",
+                        self.cfg.name, len(result.failed), next(iter(result.failed.values())))
+        if result.error is not None:
+            if self._failed is None or result.retry_after is not None:
+                self._failed = result
+        elif result.acked:
+            self._attempt = 0
+            self.state.state = "idle" if not self._tasks else "sending"
+
+    async def _settle(self, timeout: float | None = None) -> None:
+        """Let every in-flight batch finish, so no row is sent twice concurrently."""
+        if not self._tasks:
+            return
+        done, pending = await asyncio.wait(set(self._tasks), timeout=timeout)
+        for task in pending:
+            task.cancel()
+        for task in pending:
+            with contextlib.suppress(asyncio.CancelledError):
+                await task
+
+    async def _back_off(self) -> None:
+        failed, self._failed = self._failed, None
+        assert failed is not None
+        if failed.retry_after is not None:
+            delay = min(failed.retry_after, RETRY_AFTER_CAP_S)
+        else:
+            delay = backoff_delay(self._attempt)
+        self._attempt += 1
+        self.state.state = "backoff"
+        self.state.retries += 1
+        self.state.last_error = failed.error
+        self.state.last_error_at = time.time()
+        self.metrics.observe_retry(self.cfg.name)
+        log.warning("upstream %s: %s; retrying in %.1fs", self.cfg.name, failed.error, delay)
+        self.interrupt.clear()
+        with contextlib.suppress(asyncio.TimeoutError):
+            # Shutdown or `outpost flush` interrupts the wait; new data does not.
+            await asyncio.wait_for(self.interrupt.wait(), delay)
+
+    def poke(self) -> None:
+        self.wake.set()
+
+    def flush(self) -> None:
+        self.flush_now = True
+        self._attempt = 0
+        self.interrupt.set()
+
+    def stop(self) -> None:
+        self.stopping = True
+        self.interrupt.set()

@@ -1,0 +1,79 @@
+"""Request guards: loopback Host names (DNS rebinding) and browser Origins (CORS)."""
+
+from __future__ import annotations
+
+import ipaddress
+from collections.abc import Awaitable, Callable
+from urllib.parse import urlsplit
+
+from aiohttp import web
+
+Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
+CORS_MAX_AGE = "600"
+
+
+def _host_name(host: str) -> str:
+    """'[::1]:8765' -> '::1', 'LocalHost:80' -> 'localhost'."""
+    host = host.strip().lower()
+    if host.startswith("["):
+        return host[1:].split("]", 1)[0]
+    return host.rsplit(":", 1)[0] if host.count(":") == 1 else host
+
+
+def is_loopback_name(host: str) -> bool:
+    name = _host_name(host)
+    if name == "localhost" or name.endswith(".localhost"):
+        return True
+    try:
+        return ipaddress.ip_address(name).is_loopback
+    except ValueError:
+        return False
+
+
+class Guard:
+    """Decides whether a request may reach a handler, and adds CORS headers."""
+
+    def __init__(self, listen_host: str, allowed_origins: tuple[str, ...]) -> None:
+        # Binding a non-loopback address on purpose makes that address a valid Host too.
+        self.extra_hosts = frozenset() if is_loopback_name(listen_host) else {
+            _host_name(listen_host)}
+        self.allowed_origins = frozenset(o.rstrip("/").lower() for o in allowed_origins)
+
+    def host_ok(self, host: str | None) -> bool:
+        # Absent Host is HTTP/1.0 from a local tool; a browser always sends one.
+        return host is None or is_loopback_name(host) or _host_name(host) in self.extra_hosts
+
+    def origin_ok(self, origin: str, host: str | None) -> bool:
+        origin = origin.rstrip("/").lower()
+        if origin in self.allowed_origins or "*" in self.allowed_origins:
+            return True
+        # The agent's own pages (the status page) are same-origin.
+        return host is not None and urlsplit(origin).netloc == host.lower()
+
+    @web.middleware
+    async def middleware(self, request: web.Request, handler: Handler) -> web.StreamResponse:
+        host = request.headers.get("Host")
+        if not self.host_ok(host):
+            return _refuse(421, f"Host {host!r} is not a loopback name")
+        origin = request.headers.get("Origin")
+        if origin is None:
+            return await handler(request)
+        if not self.origin_ok(origin, host):
+            return _refuse(403, f"Origin {origin!r} is not in listen.allowed_origins")
+        if request.method == "OPTIONS" and "Access-Control-Request-Method" in request.headers:
+            resp: web.StreamResponse = web.Response(status=204)
+            resp.headers["Access-Control-Allow-Methods"] = "GET, POST, OPTIONS"
+            resp.headers["Access-Control-Allow-Headers"] = request.headers.get(
+                "Access-Control-Request-Headers", "Content-Type, Authorization")
+            resp.headers["Access-Control-Max-Age"] = CORS_MAX_AGE
+        else:
+            resp = await handler(request)
+        if not resp.prepared:
+            resp.headers["Access-Control-Allow-Origin"] = origin
+            resp.headers["Access-Control-Allow-Credentials"] = "true"
+            resp.headers["Vary"] = "Origin"
+        return resp
+
+
+def _refuse(status: int, message: str) -> web.Response:
+    return web.json_response({"error": message}, status=status)

@@ -1,0 +1,23 @@
+"""The aiohttp application: guards, operations routes, then every dialect's routes."""
+
+from __future__ import annotations
+
+from aiohttp import web
+
+from .config import Config
+from .dialects import nucleus
+from .guard import Guard
+from .ops import Ops
+from .sink import Sink
+
+# Above every dialect's own limit; those are enforced while reading.
+CLIENT_MAX_SIZE = 8 * 1024 * 1024
+
+
+def build_app(cfg: Config, sink: Sink, ops: Ops) -> web.Application:
+    guard = Guard(cfg.listen.host, cfg.listen.allowed_origins)
+    app = web.Application(middlewares=[guard.middleware], client_max_size=CLIENT_MAX_SIZE)
+    # Order matters: Nucleus' catch-all `/{appId}` websocket route comes last.
+    app.add_routes(ops.routes())
+    app.add_routes(nucleus.routes(sink))
+    return app

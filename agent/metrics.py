@@ -1,0 +1,79 @@
+"""In-memory operational metrics: ingest latency, throughput per minute, retries.
+
+Durable counts (ingested, acked, dropped by reason) live in the spool's
+counters table; these are the process-lifetime figures around them.
+"""
+
+from __future__ import annotations
+
+import bisect
+import time
+from collections import deque
+from collections.abc import Callable
+from dataclasses import dataclass, field
+
+# Seconds; ingest latency is dominated by the group commit's fsync.
+LATENCY_BUCKETS = (0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5)
+HISTORY_MINUTES = 60
+
+
+@dataclass
+class Histogram:
+    """A Prometheus-style cumulative histogram."""
+
+    bounds: tuple[float, ...] = LATENCY_BUCKETS
+    counts: list[int] = field(default_factory=lambda: [0] * (len(LATENCY_BUCKETS) + 1))
+    total: float = 0.0
+    n: int = 0
+
+    def observe(self, value: float) -> None:
+        self.counts[bisect.bisect_left(self.bounds, value)] += 1
+        self.total += value
+        self.n += 1
+
+
+@dataclass
+class Minute:
+    minute: int
+    events_in: int = 0
+    events_out: int = 0
+
+
+class Metrics:
+    """Process-lifetime metrics; the clock is injectable for tests."""
+
+    def __init__(self, clock: Callable[[], float] = time.time) -> None:
+        self.clock = clock
+        self.ingest_latency = Histogram()
+        self.requests = 0
+        self.retries: dict[str, int] = {}
+        self.history: deque[Minute] = deque(maxlen=HISTORY_MINUTES)
+        self.started = clock()
+
+    def _bucket(self) -> Minute:
+        minute = int(self.clock() // 60)
+        if not self.history or self.history[-1].minute != minute:
+            self.history.append(Minute(minute))
+        return self.history[-1]
+
+    def observe_ingest(self, seconds: float, events: int) -> None:
+        self.ingest_latency.observe(seconds)
+        self.requests += 1
+        self._bucket().events_in += events
+
+    def observe_acked(self, events: int) -> None:
+        self._bucket().events_out += events
+
+    def observe_retry(self, upstream: str) -> None:
+        self.retries[upstream] = self.retries.get(upstream, 0) + 1
+
+    def series(self) -> list[dict[str, int]]:
+        """Events in and out for each of the last 60 minutes, oldest first, gaps as zero."""
+        now = int(self.clock() // 60)
+        by_minute = {m.minute: m for m in self.history}
+        out = []
+        for minute in range(now - HISTORY_MINUTES + 1, now + 1):
+            m = by_minute.get(minute)
+            out.append({"t": minute * 60, "in": m.events_in if m else 0,
+                        "out": m.events_out if m else 0})
+        return out

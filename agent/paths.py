@@ -1,0 +1,57 @@
+"""Where Outpost keeps its config and spool, following platformdirs.
+
+A system service (run as root, or with OUTPOST_SYSTEM=1 as the packaged units
+set) uses the site-wide directories; everyone else gets per-user ones.
+"""
+
+from __future__ import annotations
+
+import os
+import sys
+from pathlib import Path
+
+import platformdirs
+
+APP = "outpost"
+
+
+def is_system_service() -> bool:
+    """True when Outpost should use the machine-wide locations."""
+    flag = os.environ.get("OUTPOST_SYSTEM")
+    if flag is not None:
+        return flag not in ("", "0", "false")
+    return sys.platform != "win32" and hasattr(os, "geteuid") and os.geteuid() == 0
+
+
+def config_dir(system: bool | None = None) -> Path:
+    """The directory holding agent.toml (systemd sets CONFIGURATION_DIRECTORY)."""
+    system = is_system_service() if system is None else system
+    env = os.environ.get("CONFIGURATION_DIRECTORY")
+    if system and env:
+        return Path(env.split(":")[0])
+    if system:
+        return Path(platformdirs.site_config_dir(APP, appauthor=False))
+    return Path(platformdirs.user_config_dir(APP, appauthor=False))
+
+
+def data_dir(system: bool | None = None) -> Path:
+    """The directory holding the spool (systemd sets STATE_DIRECTORY)."""
+    system = is_system_service() if system is None else system
+    env = os.environ.get("STATE_DIRECTORY")
+    if system and env:
+        return Path(env.split(":")[0])
+    if system:
+        return Path(platformdirs.site_data_dir(APP, appauthor=False))
+    return Path(platformdirs.user_data_dir(APP, appauthor=False))
+
+
+def default_spool_path() -> Path:
+    return data_dir() / "spool.db"
+
+
+def ensure_private_dir(path: Path) -> Path:
+    """Create ``path`` (and parents) and make the leaf 0700: the spool holds user data."""
+    path.mkdir(parents=True, exist_ok=True)
+    if sys.platform != "win32":
+        os.chmod(path, 0o700)
+    return path

@@ -1,0 +1,141 @@
+"""Lifecycle: open the spool, start ingest and forwarders, wait for a signal, drain.
+
+Signal handlers only set flags (as uvicorn does); the main coroutine acts on them.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import signal
+import sys
+
+from aiohttp import web
+
+from . import config as config_mod
+from .config import Config, ConfigError
+from .device import DeviceFacts, detect
+from .guard import is_loopback_name
+from .ingest import build_app
+from .metrics import Metrics
+from .ops import Ops
+from .routing import Forwarding
+from .sink import Sink
+from .spool import Spool
+
+log = logging.getLogger("outpost")
+PRUNE_EVERY_S = 600.0
+
+
+class Agent:
+    """The running agent; ``start`` then ``stop``, or ``serve`` until a signal."""
+
+    def __init__(self, cfg: Config, config_path: str | None = None) -> None:
+        self.cfg = cfg
+        self.config_path = config_path
+        self.metrics = Metrics()
+        self.facts: DeviceFacts = detect(cfg.device)
+        self.spool: Spool | None = None
+        self.forwarding: Forwarding | None = None
+        self.sink: Sink | None = None
+        self.ops: Ops | None = None
+        self._runner: web.AppRunner | None = None
+        self._prune: asyncio.Task[None] | None = None
+        self.port = cfg.listen.port
+        self._stop = asyncio.Event()
+        self._reload = asyncio.Event()
+
+    async def start(self) -> None:
+        self.spool = spool = await Spool.open(self.cfg.storage)
+        self.forwarding = Forwarding(self.cfg, spool, self.facts, self.metrics)
+        self.sink = Sink(self.cfg, spool, self.facts, self.metrics)
+        self.sink.on_new_data = self._new_data
+        self.ops = Ops(self.cfg, spool, self.forwarding, self.metrics)
+        app = build_app(self.cfg, self.sink, self.ops)
+        self._runner = web.AppRunner(app, handle_signals=False, access_log=None,
+                                     shutdown_timeout=5.0)
+        await self._runner.setup()
+        site = web.TCPSite(self._runner, self.cfg.listen.host, self.cfg.listen.port,
+                           backlog=1024, reuse_address=True)
+        await site.start()
+        self.port = int(self._runner.addresses[0][1])
+        if not is_loopback_name(self.cfg.listen.host):
+            log.warning("listening on %s, which is not loopback: other machines can send "
+                        "events to this agent", self.cfg.listen.host)
+        await self.forwarding.start()
+        self._prune = asyncio.create_task(self._prune_loop(), name="prune")
+        log.info("outpost listening on %s:%d, spool %s (%d events queued)",
+                 self.cfg.listen.host, self.port, spool.path, spool.depth)
+
+    def _new_data(self, keys: set[str]) -> None:
+        if self.forwarding is not None:
+            self.forwarding.on_new_data(keys)
+
+    async def _prune_loop(self) -> None:
+        assert self.spool is not None
+        while True:
+            await self.spool.prune()
+            await asyncio.sleep(PRUNE_EVERY_S)
+
+    async def reload(self) -> None:
+        """SIGHUP: re-read the config; upstream changes take effect, the rest needs a restart."""
+        try:
+            new = config_mod.load(self.config_path)
+        except ConfigError as exc:
+            log.error("reload refused, keeping the running config: %s", exc)
+            return
+        if new.listen.host != self.cfg.listen.host or new.listen.port != self.cfg.listen.port \
+                or new.storage != self.cfg.storage:
+            log.warning("reload: [listen] host/port and [storage] changes need a restart")
+        assert self.spool is not None and self.sink is not None and self.ops is not None
+        old = self.forwarding
+        self.cfg = new
+        # In-flight batches settle before the new forwarders start: nothing sent twice.
+        if old is not None:
+            await old.stop()
+        self.forwarding = Forwarding(new, self.spool, self.facts, self.metrics)
+        self.sink.reconfigure(new)
+        self.ops.cfg, self.ops.forwarding = new, self.forwarding
+        await self.forwarding.start()
+        log.info("configuration reloaded from %s", new.source)
+
+    async def stop(self) -> None:
+        """Stop accepting, let running requests commit, then stop forwarders and the spool."""
+        if self._prune is not None:
+            self._prune.cancel()
+        if self._runner is not None:
+            await self._runner.cleanup()
+        if self.forwarding is not None:
+            await self.forwarding.stop()
+        if self.spool is not None:
+            await self.spool.close()
+        log.info("outpost stopped")
+
+    def request_stop(self) -> None:
+        self._stop.set()
+
+    async def serve(self) -> int:
+        loop = asyncio.get_running_loop()
+        await self.start()
+        if sys.platform != "win32":
+            loop.add_signal_handler(signal.SIGINT, self._stop.set)
+            loop.add_signal_handler(signal.SIGTERM, self._stop.set)
+            loop.add_signal_handler(signal.SIGHUP, self._reload.set)
+        try:
+            while not self._stop.is_set():
+                waiter = asyncio.ensure_future(self._reload.wait())
+                stopper = asyncio.ensure_future(self._stop.wait())
+                await asyncio.wait({waiter, stopper}, return_when=asyncio.FIRST_COMPLETED)
+                waiter.cancel()
+                stopper.cancel()
+                if self._reload.is_set() and not self._stop.is_set():
+                    self._reload.clear()
+                    await self.reload()
+        finally:
+            with contextlib.suppress(NotImplementedError):
+                for sig in (signal.SIGINT, signal.SIGTERM, signal.SIGHUP):
+                    loop.remove_signal_handler(sig)
+            await self.stop()
+        return 0
+

@@ -1,0 +1,46 @@
+"""The ingest side's single entry into the spool, shared by every dialect."""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable
+
+from .config import Config
+from .device import DeviceFacts
+from .events import Event
+from .metrics import Metrics
+from .spool import Spool
+
+
+class Sink:
+    """Key policy plus durable store: what every dialect calls after parsing."""
+
+    def __init__(self, cfg: Config, spool: Spool, facts: DeviceFacts, metrics: Metrics) -> None:
+        self.cfg = cfg
+        self.spool = spool
+        self.facts = facts
+        self.metrics = metrics
+        self._accept = frozenset(cfg.listen.accept_keys)
+        # Called with the keys that got new events after each commit (wakes forwarders).
+        self.on_new_data: Callable[[set[str]], None] = lambda keys: None
+
+    def reconfigure(self, cfg: Config) -> None:
+        self.cfg = cfg
+        self._accept = frozenset(cfg.listen.accept_keys)
+
+    def key_allowed(self, key: str | None) -> bool:
+        """accept_keys empty means any non-empty key."""
+        if not key:
+            return False
+        return not self._accept or key in self._accept
+
+    async def store(self, events: list[Event]) -> int:
+        """Commit ``events`` durably; returns how many were new. Raises SpoolFull."""
+        if not events:
+            return 0
+        started = time.perf_counter()
+        stored = await self.spool.append(events)
+        self.metrics.observe_ingest(time.perf_counter() - started, len(events))
+        if stored:
+            self.on_new_data({ev.key for ev in events})
+        return stored

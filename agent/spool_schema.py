@@ -1,0 +1,69 @@
+"""The spool's SQLite schema, moving a corrupt file aside, and offline reads."""
+
+from __future__ import annotations
+
+import sqlite3
+import time
+from pathlib import Path
+from typing import Any
+
+SCHEMA = """
+CREATE TABLE IF NOT EXISTS streams(
+    id INTEGER PRIMARY KEY,
+    key TEXT NOT NULL UNIQUE,
+    depth INTEGER NOT NULL DEFAULT 0,
+    bytes INTEGER NOT NULL DEFAULT 0
+);
+-- seq is the FIFO order; family 0/1 costs no payload bytes in SQLite records.
+CREATE TABLE IF NOT EXISTS events(
+    seq INTEGER PRIMARY KEY,
+    stream INTEGER NOT NULL,
+    family INTEGER NOT NULL,
+    received INTEGER NOT NULL,
+    dkey INTEGER NOT NULL,
+    body BLOB NOT NULL
+);
+CREATE UNIQUE INDEX IF NOT EXISTS events_dkey ON events(dkey);
+-- Dedupe keys of delivered events, so a late resend is not stored again.
+CREATE TABLE IF NOT EXISTS acked(dkey INTEGER PRIMARY KEY, at INTEGER NOT NULL);
+CREATE TABLE IF NOT EXISTS dead(
+    seq INTEGER PRIMARY KEY,
+    stream INTEGER NOT NULL,
+    family INTEGER NOT NULL,
+    received INTEGER NOT NULL,
+    dkey INTEGER NOT NULL,
+    body BLOB NOT NULL,
+    upstream TEXT NOT NULL,
+    reason TEXT NOT NULL,
+    at INTEGER NOT NULL
+);
+CREATE TABLE IF NOT EXISTS counters(name TEXT PRIMARY KEY, value INTEGER NOT NULL);
+"""
+
+
+def move_aside(path: Path) -> Path:
+    """Rename a spool and its WAL/SHM files to ``<name>.corrupt-<ts>``."""
+    stamp = time.strftime("%Y%m%dT%H%M%S")
+    target = path.with_name(f"{path.name}.corrupt-{stamp}")
+    for suffix in ("", "-wal", "-shm"):
+        src = Path(str(path) + suffix)
+        if src.exists():
+            src.rename(Path(str(target) + suffix))
+    return target
+
+
+def read_offline(path: Path) -> dict[str, Any]:
+    """Queue depth and counters straight from a spool no agent is serving."""
+    if not path.exists():
+        return {"spool": str(path), "exists": False, "depth": 0, "streams": {}, "counters": {}}
+    conn = sqlite3.connect(f"file:{path}?mode=ro", uri=True)
+    try:
+        streams = {key: {"depth": depth, "bytes": nbytes} for key, depth, nbytes in
+                   conn.execute("SELECT key, depth, bytes FROM streams")}
+        counters = dict(conn.execute("SELECT name, value FROM counters").fetchall())
+        dead = conn.execute("SELECT count(*) FROM dead").fetchone()[0]
+    finally:
+        conn.close()
+    return {"spool": str(path), "exists": True,
+            "depth": sum(s["depth"] for s in streams.values()),
+            "streams": streams, "counters": counters, "dead_letters": dead}

@@ -1,0 +1,1 @@
+"""One module per upstream protocol, all behind the small Uplink protocol in base.py."""

@@ -1,0 +1,47 @@
+"""The contract between the forwarder and every upstream protocol.
+
+Like OpenTelemetry exporters, uplinks *return* their outcome and do not raise
+it: the forwarder alone decides about backoff, dead letters and acks.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Protocol
+
+from ..spool import Row
+
+# Statuses worth retrying as they are; anything else 4xx is the batch's fault.
+RETRYABLE_STATUSES = frozenset({408, 425, 429, 500, 502, 503, 504})
+
+
+@dataclass
+class SendResult:
+    """What became of a batch."""
+
+    acked: list[int] = field(default_factory=list)          # seqs the upstream confirmed
+    failed: dict[int, str] = field(default_factory=dict)    # seq -> permanent rejection reason
+    error: str | None = None                                # transport/server problem: back off
+    retry_after: float | None = None                        # the upstream's own wait, seconds
+    rejected: str | None = None   # the batch as a whole was refused (400/413): split it
+
+
+class Uplink(Protocol):
+    """One connection to one upstream, for one local key."""
+
+    name: str
+
+    def take(self, rows: list[Row]) -> list[Row]:
+        """Reserve the longest prefix of ``rows`` that may go in the next batch.
+
+        Called synchronously before ``send``; it may take fewer rows than given
+        (size cap, or an id still unacknowledged on this connection).
+        """
+        ...
+
+    async def send(self, batch: list[Row]) -> SendResult:
+        """Deliver a batch that ``take`` returned; never raises for network trouble."""
+        ...
+
+    async def close(self) -> None:
+        ...

@@ -1,0 +1,65 @@
+"""Nucleus over HTTP: `POST {url}/app/{key}/track`, acks from the reply's `reportedIds`."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import aiohttp
+import orjson
+
+from ..config import UpstreamConfig
+from ..spool import Row
+from .base import SendResult
+from .http_common import NETWORK_ERRORS, is_retryable, retry_after
+from .nucleus_frame import FrameBuilder
+
+
+class NucleusHttpUplink:
+    """One request per batch; ids need only be unique within a request."""
+
+    def __init__(self, cfg: UpstreamConfig, app_key: str, session: aiohttp.ClientSession) -> None:
+        self.name = cfg.name
+        self.cfg = cfg
+        self.url = f"{cfg.url.rstrip('/')}/app/{cfg.key or app_key}/track"
+        self.session = session
+        self.frames = FrameBuilder(cfg.batch_max_events, cfg.batch_max_bytes)
+        self.connected = False
+
+    def take(self, rows: list[Row]) -> list[Row]:
+        return self.frames.take(rows)
+
+    async def send(self, batch: list[Row]) -> SendResult:
+        failed = self.frames.pop_corrupt(batch)
+        if not self.frames.sendable(batch):
+            return SendResult(failed=failed)
+        body = self.frames.frame(batch)
+        try:
+            async with self.session.post(
+                    self.url, data=body, headers={"Content-Type": "application/json"},
+                    timeout=aiohttp.ClientTimeout(total=self.cfg.timeout_s)) as resp:
+                raw = await resp.read()
+                status, wait = resp.status, retry_after(resp.headers.get("Retry-After"))
+        except NETWORK_ERRORS as exc:
+            self.connected = False
+            self.frames.release(batch)
+            return SendResult(failed=failed, error=f"request failed: {str(exc) or type(exc).__name__}")
+        self.connected = True
+        if status != 200:
+            self.frames.release(batch)
+            if is_retryable(status):
+                return SendResult(failed=failed, error=f"HTTP {status}", retry_after=wait)
+            # No per-event verdict: the forwarder splits the batch to find the culprit.
+            return SendResult(failed=failed,
+                              rejected=f"HTTP {status}: {raw[:200].decode('utf-8', 'replace')}")
+        try:
+            reply: Any = orjson.loads(raw)
+        except orjson.JSONDecodeError:
+            reply = None
+        acked = self.frames.match(reply.get("reportedIds") if isinstance(reply, dict) else None)
+        self.frames.release(batch)
+        if len(acked) + len(failed) < len(batch):
+            return SendResult(acked=acked, failed=failed, error="reply did not acknowledge every event")
+        return SendResult(acked=acked, failed=failed)
+
+    async def close(self) -> None:
+        return None
