@@ -1,0 +1,131 @@
+"""packaging/: rendered from agent/service_templates.py, and valid for its service manager."""
+
+from __future__ import annotations
+
+import plistlib
+import re
+import shutil
+import subprocess
+from pathlib import Path
+
+import pytest
+
+from agent import service_templates as tpl
+
+PACKAGING = Path(__file__).resolve().parent.parent / "packaging"
+PY = "/usr/bin/python3"
+
+RENDERED = {
+    "systemd/outpost.service": tpl.systemd_unit(PY, system=True),
+    "systemd/outpost-user.service": tpl.systemd_unit(PY, system=False),
+    "launchd/sh.outpost.agent.plist": tpl.launchd_plist(
+        PY, system=False, log_dir="/Users/USERNAME/Library/Logs/outpost"),
+    "launchd/sh.outpost.daemon.plist": tpl.launchd_plist(PY, system=True, log_dir="/Library/Logs/outpost"),
+}
+
+COMMON = {
+    "Type": "notify", "NotifyAccess": "main", "ExecStart": f"{PY} -m agent run",
+    "ExecReload": "/bin/kill -HUP $MAINPID", "Restart": "on-failure", "RestartSec": "2",
+    "WatchdogSec": "30", "TimeoutStopSec": "30", "UMask": "0077", "NoNewPrivileges": "true",
+    "RestrictAddressFamilies": "AF_UNIX AF_INET AF_INET6", "LockPersonality": "true",
+    "SystemCallArchitectures": "native",
+}
+SYSTEM_ONLY = {
+    "User": "outpost", "Group": "outpost", "Environment": "OUTPOST_SYSTEM=1",
+    "StateDirectory": "outpost", "StateDirectoryMode": "0700", "ConfigurationDirectory": "outpost",
+    "ProtectSystem": "strict", "ProtectHome": "true", "PrivateTmp": "true", "PrivateDevices": "true",
+    "ProtectKernelTunables": "true", "ProtectKernelModules": "true", "ProtectControlGroups": "true",
+    "MemoryDenyWriteExecute": "false",
+}
+
+
+def unit_sections(text: str) -> dict[str, dict[str, str]]:
+    """A strict little unit-file parser: every line is blank, a comment, a section or Key=Value."""
+    sections: dict[str, dict[str, str]] = {}
+    current: dict[str, str] | None = None
+    for number, line in enumerate(text.splitlines(), 1):
+        if not line.strip() or line.startswith(("#", ";")):
+            continue
+        if m := re.fullmatch(r"\[(\w+)\]", line):
+            current = sections.setdefault(m[1], {})
+        else:
+            m = re.fullmatch(r"([A-Za-z]+)=(.*)", line)
+            assert m and current is not None, f"line {number}: {line!r}"
+            assert m[1] not in current, f"line {number}: {m[1]} set twice"
+            current[m[1]] = m[2]
+    return sections
+
+
+@pytest.mark.parametrize("name", sorted(RENDERED))
+def test_packaging_files_are_the_rendered_templates(name: str) -> None:
+    assert (PACKAGING / name).read_text() == RENDERED[name], "re-render packaging/ from service_templates.py"
+
+
+def test_system_unit_directives() -> None:
+    unit = unit_sections((PACKAGING / "systemd/outpost.service").read_text())
+    assert set(unit) == {"Unit", "Service", "Install"}
+    assert unit["Service"].items() >= (COMMON | SYSTEM_ONLY).items()
+    assert unit["Install"] == {"WantedBy": "multi-user.target"}
+
+
+def test_user_unit_directives() -> None:
+    unit = unit_sections((PACKAGING / "systemd/outpost-user.service").read_text())
+    assert unit["Service"].items() >= COMMON.items()
+    # These need root or user namespaces, and break or mean nothing in a user manager.
+    assert not set(unit["Service"]) & {"User", "Group", "ProtectHome", "ProtectSystem", "PrivateTmp",
+                                       "PrivateDevices", "StateDirectory", "CapabilityBoundingSet"}
+    assert unit["Install"] == {"WantedBy": "default.target"}
+
+
+@pytest.mark.skipif(shutil.which("systemd-analyze") is None, reason="systemd-analyze not installed")
+@pytest.mark.parametrize(("name", "scope"), [("outpost.service", []), ("outpost-user.service", ["--user"])])
+def test_systemd_analyze_verify(name: str, scope: list[str], tmp_path: Path,
+                                monkeypatch: pytest.MonkeyPatch) -> None:
+    unit = tmp_path / name
+    unit.write_text((PACKAGING / "systemd" / name).read_text())
+    runtime = tmp_path / "runtime"
+    runtime.mkdir(mode=0o700)
+    monkeypatch.setenv("XDG_RUNTIME_DIR", str(runtime))  # --user needs one, even to verify
+    done = subprocess.run(["systemd-analyze", *scope, "verify", str(unit)],
+                          capture_output=True, text=True, cwd=tmp_path, timeout=60)
+    # verify exits 0 even for unknown keys and bad values; it only prints them.
+    problems = [line for line in done.stderr.splitlines() if name in line]
+    assert done.returncode == 0 and not problems, done.stderr
+
+
+@pytest.mark.parametrize(("name", "label"), [("sh.outpost.agent.plist", tpl.AGENT_LABEL),
+                                             ("sh.outpost.daemon.plist", tpl.DAEMON_LABEL)])
+def test_plists(name: str, label: str) -> None:
+    plist = plistlib.loads((PACKAGING / "launchd" / name).read_bytes())
+    assert plist["Label"] == label
+    assert plist["ProgramArguments"] == [PY, "-m", "agent", "run"]
+    assert plist["RunAtLoad"] is True
+    assert plist["KeepAlive"] == {"SuccessfulExit": False}
+    assert plist["Umask"] == 0o077
+    assert plist["StandardErrorPath"].endswith("/Library/Logs/outpost/outpost.log")
+    if label == tpl.DAEMON_LABEL:
+        assert plist["UserName"] == plist["GroupName"] == "outpost"
+        assert plist["EnvironmentVariables"] == {"OUTPOST_SYSTEM": "1"}
+        assert plist["StandardErrorPath"] == "/Library/Logs/outpost/outpost.log"
+    else:
+        assert "UserName" not in plist
+
+
+def test_powershell_scripts_match_the_task_template() -> None:
+    install = (PACKAGING / "windows/install.ps1").read_text()
+    uninstall = (PACKAGING / "windows/uninstall.ps1").read_text()
+    assert f'$TaskName = "{tpl.TASK_NAME}"' in install and f'$TaskName = "{tpl.TASK_NAME}"' in uninstall
+    # The by-hand script and `outpost service install` must register the same task.
+    assert f'$arguments = "{tpl.USER_TASK_ARGUMENTS}"' in install
+    assert f"\n{tpl.SYSTEM_TASK_ARGUMENTS}\n" in install
+    xml = tpl.task_xml(PY, system=True, user="")
+    for script_setting, xml_setting in [
+        ("-MultipleInstances IgnoreNew", "<MultipleInstancesPolicy>IgnoreNew<"),
+        ("-RestartCount 999", "<Count>999</Count>"),
+        ("-RestartInterval (New-TimeSpan -Minutes 1)", "<Interval>PT1M</Interval>"),
+        ("-RepetitionInterval (New-TimeSpan -Minutes 1)", "<Repetition>\n        <Interval>PT1M<"),
+        ("-ExecutionTimeLimit ([TimeSpan]::Zero)", "<ExecutionTimeLimit>PT0S<"),
+        ('-UserId "S-1-5-18"', "<UserId>S-1-5-18</UserId>"),
+    ]:
+        assert script_setting in install and xml_setting in xml, script_setting
+    assert "Unregister-ScheduledTask -TaskName $TaskName" in uninstall

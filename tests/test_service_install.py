@@ -1,0 +1,233 @@
+"""`outpost service install|uninstall`: the plans per OS, dry-run output, the executor."""
+
+from __future__ import annotations
+
+import argparse
+import os
+import plistlib
+import stat
+import sys
+from pathlib import Path
+
+import pytest
+
+from agent import service_install as si
+from agent import service_templates as tpl
+from agent.service_install import EnsureUser, MakeDir, Plan, RemoveFile, Run, Target, WriteFile
+
+PY = "/opt/outpost/venv/bin/python"
+
+
+def linux(system: bool) -> Target:
+    return Target("linux", system, PY, "/home/ada", config_home="/home/ada/.config",
+                  package_dir="/opt/outpost/venv/lib/python3.11/site-packages/agent")
+
+
+def parse(argv: list[str]) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(prog="outpost")
+    si.add_parser(parser.add_subparsers(dest="command", required=True))
+    return parser.parse_args(argv)
+
+
+def commands(plan: Plan) -> list[tuple[str, ...]]:
+    return [step.argv for step in plan.steps if isinstance(step, Run)]
+
+
+def test_linux_user_install() -> None:
+    plan = si.build_plan("install", linux(system=False))
+    write = plan.steps[0]
+    assert isinstance(write, WriteFile)
+    assert write.path == "/home/ada/.config/systemd/user/outpost.service"
+    assert write.mode == 0o644
+    assert f"ExecStart={PY} -m agent run\n" in write.content
+    assert write.content == tpl.systemd_unit(PY, system=False)
+    assert commands(plan) == [
+        ("systemctl", "--user", "daemon-reload"),
+        ("systemctl", "--user", "enable", "outpost.service"),
+        ("systemctl", "--user", "restart", "outpost.service"),
+    ]
+    assert plan.warnings == ()
+
+
+def test_linux_system_install_creates_the_user_first() -> None:
+    plan = si.build_plan("install", linux(system=True))
+    assert plan.steps[0] == EnsureUser("outpost")
+    write = plan.steps[1]
+    assert isinstance(write, WriteFile)
+    assert write.path == "/etc/systemd/system/outpost.service"
+    assert "User=outpost\n" in write.content
+    assert commands(plan)[0] == ("systemctl", "daemon-reload")
+
+
+def test_linux_uninstall_keeps_going_when_the_unit_is_not_loaded() -> None:
+    plan = si.build_plan("uninstall", linux(system=False))
+    assert plan.steps == (
+        Run(("systemctl", "--user", "disable", "--now", "outpost.service"), check=False),
+        RemoveFile("/home/ada/.config/systemd/user/outpost.service"),
+        Run(("systemctl", "--user", "daemon-reload")),
+    )
+
+
+def test_system_install_from_a_home_directory_warns() -> None:
+    target = Target("linux", True, "/home/ada/.venv/bin/python", "/home/ada",
+                    package_dir="/home/ada/src/outpost/agent")
+    warnings = si.build_plan("install", target).warnings
+    assert len(warnings) == 2
+    assert "/home/ada/.venv/bin/python is inside a home directory" in warnings[0]
+    assert si.build_plan("install", Target("linux", False, "/home/ada/.venv/bin/python", "/home/ada")).warnings == ()
+
+
+def test_exec_start_quotes_awkward_paths() -> None:
+    unit = tpl.systemd_unit("/opt/my apps/100%/bin/python", system=False)
+    assert 'ExecStart="/opt/my apps/100%%/bin/python" -m agent run\n' in unit
+
+
+def test_macos_user_install() -> None:
+    plan = si.build_plan("install", Target("darwin", False, PY, "/Users/ada", uid=501))
+    assert plan.steps[0] == MakeDir("/Users/ada/Library/Logs/outpost", 0o700, None)
+    write = plan.steps[1]
+    assert isinstance(write, WriteFile)
+    assert write.path == "/Users/ada/Library/LaunchAgents/sh.outpost.agent.plist"
+    plist = plistlib.loads(write.content.encode())
+    assert plist["ProgramArguments"] == [PY, "-m", "agent", "run"]
+    assert plist["StandardErrorPath"] == "/Users/ada/Library/Logs/outpost/outpost.log"
+    assert commands(plan) == [
+        ("launchctl", "bootout", "gui/501/sh.outpost.agent"),
+        ("launchctl", "bootstrap", "gui/501", "/Users/ada/Library/LaunchAgents/sh.outpost.agent.plist"),
+    ]
+
+
+def test_macos_system_install_and_uninstall() -> None:
+    target = Target("darwin", True, PY, "/Users/ada", uid=501)
+    plan = si.build_plan("install", target)
+    assert plan.steps[:3] == (
+        EnsureUser("outpost"),
+        MakeDir("/Library/Application Support/outpost", 0o700, "outpost"),
+        MakeDir("/Library/Logs/outpost", 0o700, "outpost"),
+    )
+    plist_path = "/Library/LaunchDaemons/sh.outpost.daemon.plist"
+    assert commands(plan)[-1] == ("launchctl", "bootstrap", "system", plist_path)
+    assert si.build_plan("uninstall", target).steps == (
+        Run(("launchctl", "bootout", "system/sh.outpost.daemon"), check=False),
+        RemoveFile(plist_path),
+    )
+
+
+def test_windows_user_task() -> None:
+    target = Target("win32", False, r"C:\Outpost\venv\Scripts\pythonw.exe", r"C:\Users\ada",
+                    user=r"PC\ada", config_home=r"C:\Users\ada\AppData\Local")
+    plan = si.build_plan("install", target)
+    write = plan.steps[0]
+    assert isinstance(write, WriteFile)
+    assert write.path == r"C:\Users\ada\AppData\Local\outpost\outpost-task.xml"
+    assert write.encoding == "utf-16"
+    assert "<LogonTrigger>" in write.content and r"<UserId>PC\ada</UserId>" in write.content
+    assert r"<Command>C:\Outpost\venv\Scripts\pythonw.exe</Command>" in write.content
+    assert "<Arguments>-m agent run</Arguments>" in write.content
+    assert commands(plan)[1:] == [
+        ("schtasks", "/Create", "/TN", "Outpost", "/XML", write.path, "/F"),
+        ("schtasks", "/Run", "/TN", "Outpost"),
+    ]
+    assert si.describe(plan, "win32").count("[run] schtasks") == 3
+
+
+def test_windows_system_task_runs_as_system_at_boot() -> None:
+    xml = tpl.task_xml(r"C:\Program Files\Python311\pythonw.exe", system=True, user="")
+    assert "<BootTrigger>" in xml and "<UserId>S-1-5-18</UserId>" in xml
+    assert "os.environ['OUTPOST_SYSTEM'] = '1'" in xml
+
+
+def test_windows_task_xml_is_well_formed() -> None:
+    import xml.etree.ElementTree as ET
+
+    for system in (True, False):
+        text = tpl.task_xml(r"C:\a&b\pythonw.exe", system=system, user=r"PC\ada")
+        root = ET.fromstring(text.encode("utf-16"))
+        ns = {"t": "http://schemas.microsoft.com/windows/2004/02/mit/task"}
+        assert root.findtext("t:Actions/t:Exec/t:Command", namespaces=ns) == r"C:\a&b\pythonw.exe"
+        assert root.findtext("t:Settings/t:MultipleInstancesPolicy", namespaces=ns) == "IgnoreNew"
+
+
+def test_unknown_action_or_os() -> None:
+    with pytest.raises(ValueError):
+        si.build_plan("reinstall", linux(system=False))
+    with pytest.raises(ValueError):
+        si.build_plan("install", Target("aix", False, PY, "/home/ada"))
+
+
+def test_first_free_id() -> None:
+    users = "root 0\n_www 70\noutsider 200\nx 201\nnobody -2\n"
+    groups = "wheel 0\ng 202\n"
+    assert si.first_free_id([users, groups]) == 203
+
+
+def test_parser() -> None:
+    args = parse(["service", "install", "--user", "--dry-run"])
+    assert (args.command, args.service_action, args.user, args.dry_run) == ("service", "install", True, True)
+    args = parse(["service", "uninstall"])
+    assert (args.service_action, args.user, args.dry_run) == ("uninstall", False, False)
+    with pytest.raises(SystemExit):
+        parse(["service"])
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="checks the Linux plan")
+def test_dry_run_prints_everything_and_changes_nothing(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    monkeypatch.setenv("HOME", str(tmp_path))
+    monkeypatch.setenv("XDG_CONFIG_HOME", str(tmp_path / "config"))
+    assert si.run(parse(["service", "install", "--user", "--dry-run"])) == 0
+    out = capsys.readouterr().out
+    unit_path = tmp_path / "config/systemd/user/outpost.service"
+    unit = tpl.systemd_unit(os.path.abspath(sys.executable), system=False)
+    assert out == (
+        f"[write] {unit_path} (mode 0644)\n{unit}"
+        "[run] systemctl --user daemon-reload\n"
+        "[run] systemctl --user enable outpost.service\n"
+        "[run] systemctl --user restart outpost.service\n"
+        "dry run: nothing was changed\n"
+    )
+    assert not any(tmp_path.iterdir())
+
+    assert si.run(parse(["service", "uninstall", "--user", "--dry-run"])) == 0
+    out = capsys.readouterr().out
+    assert "[run] systemctl --user disable --now outpost.service   (failure ignored)\n" in out
+    assert f"[remove] {unit_path}\n" in out
+
+
+def test_dry_run_describes_user_creation() -> None:
+    text = si.describe(si.build_plan("install", linux(system=True)), "linux")
+    assert "[create user outpost unless it exists]\n[run] useradd --system --user-group" in text
+    assert "[write] /etc/systemd/system/outpost.service (mode 0644)\n# Outpost as a system service." in text
+
+
+@pytest.mark.skipif(sys.platform == "win32", reason="POSIX modes and commands")
+def test_executor(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    target = tmp_path / "a" / "b" / "unit.service"
+    gone = tmp_path / "old"
+    gone.write_text("x")
+    plan = Plan((
+        WriteFile(str(target), "[Unit]\n"),
+        MakeDir(str(tmp_path / "logs"), 0o700),
+        RemoveFile(str(gone)),
+        RemoveFile(str(tmp_path / "never-existed")),
+        Run(("false",), check=False),
+        Run(("true",)),
+    ))
+    assert si.execute(plan, "linux") == 0
+    assert target.read_text() == "[Unit]\n"
+    assert stat.S_IMODE(target.stat().st_mode) == 0o644
+    assert stat.S_IMODE((tmp_path / "logs").stat().st_mode) == 0o700
+    assert not gone.exists()
+    assert "note: false exited 1 (ignored)" in capsys.readouterr().err
+    assert [p.name for p in target.parent.iterdir()] == ["unit.service"]  # no temp file left
+
+
+@pytest.mark.skipif(sys.platform == "win32", reason="POSIX commands")
+def test_executor_stops_at_the_first_failure(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    after = tmp_path / "after"
+    plan = Plan((Run(("false",)), WriteFile(str(after), "x")))
+    assert si.execute(plan, "linux") == 1
+    assert not after.exists()
+    assert si.execute(Plan((Run(("outpost-no-such-command",)),)), "linux") == 1
+    assert "outpost service:" in capsys.readouterr().err
