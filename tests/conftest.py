@@ -1,0 +1,136 @@
+"""Shared fixtures: config files in tmp_path, an in-process agent, agent subprocesses."""
+
+from __future__ import annotations
+
+import os
+import re
+import signal
+import socket
+import subprocess
+import sys
+import time
+from collections.abc import AsyncIterator, Callable, Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from agent import config as config_mod
+from agent.service import Agent
+from tests.fakes.nucleus_upstream import FakeNucleus
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+def toml_value(v: Any) -> str:
+    if isinstance(v, bool):
+        return "true" if v else "false"
+    if isinstance(v, str):
+        return '"' + v.replace("\\", "\\\\").replace('"', '\\"') + '"'
+    if isinstance(v, (list, tuple)):
+        return "[" + ", ".join(toml_value(x) for x in v) + "]"
+    return str(v)
+
+
+def write_config(path: Path, spool: Path, *, port: int = 0, listen: dict[str, Any] | None = None,
+                 storage: dict[str, Any] | None = None,
+                 upstreams: list[dict[str, Any]] | None = None) -> Path:
+    """Write an agent.toml; tables as dicts, upstreams as a list of dicts."""
+    lines = ["[listen]", f"port = {port}"]
+    lines += [f"{k} = {toml_value(v)}" for k, v in (listen or {}).items()]
+    lines += ["[storage]", f"path = {toml_value(str(spool))}"]
+    lines += [f"{k} = {toml_value(v)}" for k, v in (storage or {}).items()]
+    for up in upstreams or []:
+        lines.append("[[upstream]]")
+        lines += [f"{k} = {toml_value(v)}" for k, v in up.items()]
+    path.write_text("\n".join(lines) + "\n")
+    return path
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+@pytest.fixture
+async def fake_nucleus() -> AsyncIterator[FakeNucleus]:
+    fake = await FakeNucleus().start()
+    yield fake
+    await fake.stop()
+
+
+@pytest.fixture
+async def make_agent(tmp_path: Path) -> AsyncIterator[Callable[..., Any]]:
+    """Start an in-process agent on port 0: ``agent = await make_agent(upstreams=[...])``."""
+    started: list[Agent] = []
+
+    async def make(**kw: Any) -> Agent:
+        cfg_path = write_config(tmp_path / f"agent{len(started)}.toml",
+                                kw.pop("spool", tmp_path / "spool.db"), **kw)
+        agent = Agent(config_mod.load_file(cfg_path), str(cfg_path))
+        await agent.start()
+        started.append(agent)
+        return agent
+
+    yield make
+    for agent in started:
+        await agent.stop()
+
+
+class AgentProcess:
+    """``python -m agent run`` as a real subprocess, for restart and kill -9 tests."""
+
+    def __init__(self, config: Path, port: int, env: dict[str, str] | None = None) -> None:
+        self.config = config
+        self.port = port
+        self.env = env
+        self.proc: subprocess.Popen[bytes] | None = None
+        self.log = config.with_suffix(".log")
+
+    def start(self, timeout: float = 15.0) -> AgentProcess:
+        env = {**os.environ, **(self.env or {}), "PYTHONUNBUFFERED": "1"}
+        with open(self.log, "ab") as log:
+            self.proc = subprocess.Popen([sys.executable, "-m", "agent", "run", "--config",
+                                          str(self.config)], cwd=ROOT, env=env, stdout=log,
+                                         stderr=subprocess.STDOUT)
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            if self.proc.poll() is not None:
+                raise RuntimeError(f"agent exited {self.proc.returncode}:\n{self.log.read_text()}")
+            if re.search(rf"listening on \S+:{self.port}\b", self.log.read_text()):
+                return self
+            time.sleep(0.05)
+        raise TimeoutError(f"agent did not start:\n{self.log.read_text()}")
+
+    def kill9(self) -> None:
+        assert self.proc is not None
+        self.proc.send_signal(signal.SIGKILL)
+        self.proc.wait(10)
+
+    def terminate(self, timeout: float = 15.0) -> int:
+        assert self.proc is not None
+        if self.proc.poll() is None:
+            self.proc.send_signal(signal.SIGTERM)
+        return self.proc.wait(timeout)
+
+    @property
+    def url(self) -> str:
+        return f"http://127.0.0.1:{self.port}"
+
+
+@pytest.fixture
+def agent_process(tmp_path: Path) -> Iterator[Callable[..., AgentProcess]]:
+    """Factory: ``agent_process(config_path, port)``; every process is killed at the end."""
+    procs: list[AgentProcess] = []
+
+    def make(config: Path, port: int, env: dict[str, str] | None = None) -> AgentProcess:
+        p = AgentProcess(config, port, env)
+        procs.append(p)
+        return p
+
+    yield make
+    for p in procs:
+        if p.proc is not None and p.proc.poll() is None:
+            p.proc.kill()
+            p.proc.wait(10)

@@ -1,0 +1,112 @@
+"""A scriptable fake Nucleus server: websocket and HTTP, on 127.0.0.1 port 0.
+
+Scripts: ack everything (default), ack only ids a predicate allows, drop the
+connection after N frames, stay down (refuse connections), or ack nothing.
+Every received event is recorded in order.
+"""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import Callable
+from typing import Any
+
+import orjson
+from aiohttp import WSMsgType, web
+
+
+class FakeNucleus:
+    def __init__(self) -> None:
+        self.events: list[dict[str, Any]] = []     # data events, in arrival order
+        self.heartbeats: list[dict[str, Any]] = []
+        self.frames = 0
+        self.paths: list[str] = []
+        self.ack: Callable[[Any], bool] = lambda ev_id: True
+        self.drop_after_frames: int | None = None
+        self.reply_raw: bytes | None = None        # send this instead of a real ack
+        self.delay_s = 0.0
+        self.port = 0
+        self._runner: web.AppRunner | None = None
+        self._site: web.TCPSite | None = None
+        self.connections = 0
+        self._sockets: set[web.WebSocketResponse] = set()
+
+    @property
+    def url(self) -> str:
+        return f"ws://127.0.0.1:{self.port}"
+
+    @property
+    def http_url(self) -> str:
+        return f"http://127.0.0.1:{self.port}"
+
+    def _record(self, path: str, msg: Any) -> list[Any]:
+        self.frames += 1
+        self.paths.append(path)
+        ids = []
+        for ev in msg.get("data", []):
+            if ev.get("type") == "heartbeat":
+                self.heartbeats.append(ev)
+                continue
+            self.events.append(ev)
+            if "id" in ev and self.ack(ev["id"]):
+                ids.append(ev["id"])
+        return ids
+
+    async def _ws(self, request: web.Request) -> web.WebSocketResponse:
+        ws = web.WebSocketResponse(max_msg_size=0)
+        await ws.prepare(request)
+        self.connections += 1
+        self._sockets.add(ws)
+        try:
+            async for msg in ws:
+                if msg.type not in (WSMsgType.TEXT, WSMsgType.BINARY):
+                    continue
+                ids = self._record(request.path, orjson.loads(msg.data))
+                if self.drop_after_frames is not None and self.frames >= self.drop_after_frames:
+                    await ws.close()
+                    break
+                if self.delay_s:
+                    await asyncio.sleep(self.delay_s)
+                if self.reply_raw is not None:
+                    await ws.send_str(self.reply_raw.decode())
+                elif ids:
+                    await ws.send_str(orjson.dumps({"reportedIds": ids}).decode())
+        finally:
+            self._sockets.discard(ws)
+        return ws
+
+    async def _http(self, request: web.Request) -> web.Response:
+        ids = self._record(request.path, orjson.loads(await request.read()))
+        if self.delay_s:
+            await asyncio.sleep(self.delay_s)
+        if self.reply_raw is not None:
+            return web.Response(body=self.reply_raw, content_type="application/json")
+        return web.Response(body=orjson.dumps({"reportedIds": ids}), content_type="application/json")
+
+    async def start(self, port: int = 0) -> FakeNucleus:
+        app = web.Application(client_max_size=16 * 1024 * 1024)
+        app.add_routes([web.get("/app/{appId}/track", self._ws),
+                        web.post("/app/{appId}/track", self._http)])
+        self._runner = web.AppRunner(app, handle_signals=False)
+        await self._runner.setup()
+        self._site = web.TCPSite(self._runner, "127.0.0.1", port or self.port, reuse_address=True)
+        await self._site.start()
+        self.port = int(self._runner.addresses[0][1])
+        return self
+
+    async def go_down(self) -> None:
+        """Stop listening and cut every open websocket (the port stays reserved to us)."""
+        for ws in list(self._sockets):
+            await ws.close()
+        if self._runner is not None:
+            await self._runner.cleanup()
+            self._runner = None
+
+    async def come_back(self) -> None:
+        await self.start(self.port)
+
+    async def stop(self) -> None:
+        await self.go_down()
+
+    def ids(self) -> list[Any]:
+        return [ev.get("id") for ev in self.events]

@@ -1,0 +1,126 @@
+"""End to end, in process: app -> agent -> fake Nucleus upstream, acks both ways."""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import Callable
+from typing import Any
+
+import aiohttp
+import orjson
+
+from tests.fakes.nucleus_upstream import FakeNucleus
+
+
+async def wait_for(cond: Callable[[], bool], timeout: float = 10.0) -> None:
+    deadline = asyncio.get_running_loop().time() + timeout
+    while not cond():
+        if asyncio.get_running_loop().time() > deadline:
+            raise AssertionError("condition not met in time")
+        await asyncio.sleep(0.02)
+
+
+def upstream(fake: FakeNucleus, protocol: str = "nucleus-ws", **kw: Any) -> dict[str, Any]:
+    url = fake.url if protocol == "nucleus-ws" else fake.http_url
+    return {"name": "nucleus", "protocol": protocol, "url": url, "flush_interval_s": 0.05,
+            "timeout_s": 2, **kw}
+
+
+async def test_websocket_events_flow_upstream_with_acks(make_agent: Any,
+                                                        fake_nucleus: FakeNucleus) -> None:
+    agent = await make_agent(upstreams=[upstream(fake_nucleus)])
+    async with aiohttp.ClientSession() as s:
+        async with s.ws_connect(f"http://127.0.0.1:{agent.port}/app/app1/track") as ws:
+            await ws.send_str(orjson.dumps({"data": [
+                {"type": "init", "id": 7, "sessionId": 1234, "machineId": "m1",
+                 "date": "2026-01-01T00:00:00Z", "platform": "Linux"},
+                {"type": "event", "name": "click", "id": "x1", "sessionId": 1234,
+                 "machineId": "m1"},
+                {"type": "heartbeat", "machineId": "m1"},
+            ]}).decode())
+            reply = await ws.receive_json(timeout=5)
+    assert reply == {"reportedIds": [7, "x1"]}
+    await wait_for(lambda: len(fake_nucleus.events) == 2)
+    init, click = fake_nucleus.events
+    assert fake_nucleus.paths[0] == "/app/app1/track"
+    assert init["platform"] == "Linux"              # the app's value is kept
+    assert init["osVersion"] and init["totalRam"] and init["locale"] and init["language"]
+    assert "osVersion" not in click                 # only init/error are enriched
+    assert click["date"]                            # receive time filled in
+    await wait_for(lambda: agent.spool.depth == 0)  # acked upstream -> deleted
+
+
+async def test_resend_is_acked_again_but_stored_once(make_agent: Any,
+                                                     fake_nucleus: FakeNucleus) -> None:
+    agent = await make_agent(upstreams=[upstream(fake_nucleus)])
+    msg = {"data": [{"type": "event", "name": "a", "id": 1, "sessionId": 5, "machineId": "m",
+                     "date": "2026-01-01T00:00:00Z"}]}
+    async with aiohttp.ClientSession() as s:
+        url = f"http://127.0.0.1:{agent.port}/app/k/track"
+        for _ in range(3):
+            async with s.post(url, json=msg) as r:
+                assert r.status == 200
+                assert await r.json() == {"reportedIds": [1]}
+    await wait_for(lambda: len(fake_nucleus.events) >= 1)
+    await asyncio.sleep(0.3)
+    assert len(fake_nucleus.events) == 1
+    assert agent.spool.counters["duplicates"] == 2
+
+
+async def test_offline_then_back_drains_oldest_first(make_agent: Any,
+                                                     fake_nucleus: FakeNucleus) -> None:
+    await fake_nucleus.go_down()
+    agent = await make_agent(upstreams=[upstream(fake_nucleus)])
+    async with aiohttp.ClientSession() as s:
+        url = f"http://127.0.0.1:{agent.port}/app/k/track"
+        for i in range(30):
+            async with s.post(url, json={"data": [{"name": "e", "id": i, "sessionId": 1,
+                                                    "machineId": "m"}]}) as r:
+                assert r.status == 200
+    assert agent.spool.depth == 30
+    await fake_nucleus.come_back()
+    agent.forwarding.flush()
+    await wait_for(lambda: agent.spool.depth == 0, timeout=15)
+    ids = fake_nucleus.ids()
+    first_seen = sorted(set(ids), key=ids.index)
+    assert first_seen == list(range(30))
+
+
+async def test_partial_acks_resend_only_the_rest(make_agent: Any,
+                                                 fake_nucleus: FakeNucleus) -> None:
+    allow_odd = True
+    fake_nucleus.ack = lambda ev_id: not allow_odd or ev_id % 2 == 0
+    agent = await make_agent(upstreams=[upstream(fake_nucleus, timeout_s=0.5)])
+    async with aiohttp.ClientSession() as s:
+        async with s.post(f"http://127.0.0.1:{agent.port}/app/k/track", json={"data": [
+                {"name": "e", "id": i, "sessionId": 1, "machineId": "m"} for i in range(6)]}) as r:
+            assert r.status == 200
+    await wait_for(lambda: agent.spool.depth == 3)
+    allow_odd = False
+    agent.forwarding.flush()
+    await wait_for(lambda: agent.spool.depth == 0)
+    ids = fake_nucleus.ids()
+    assert ids.count(0) == 1 and ids.count(2) == 1 and ids.count(4) == 1
+    assert {1, 3, 5} <= set(ids[6:])
+
+
+async def test_http_uplink_delivers(make_agent: Any, fake_nucleus: FakeNucleus) -> None:
+    agent = await make_agent(upstreams=[upstream(fake_nucleus, protocol="nucleus-http")])
+    async with aiohttp.ClientSession() as s:
+        async with s.post(f"http://127.0.0.1:{agent.port}/app/k/track", json={"data": [
+                {"name": "e", "id": i, "sessionId": 1, "machineId": "m"} for i in range(5)]}) as r:
+            assert r.status == 200
+    await wait_for(lambda: agent.spool.depth == 0)
+    assert fake_nucleus.ids() == [0, 1, 2, 3, 4]
+
+
+async def test_colliding_ids_wait_for_the_first_ack(make_agent: Any,
+                                                    fake_nucleus: FakeNucleus) -> None:
+    agent = await make_agent(upstreams=[upstream(fake_nucleus)])
+    async with aiohttp.ClientSession() as s:
+        for session in (1, 2, 3):
+            async with s.post(f"http://127.0.0.1:{agent.port}/app/k/track", json={"data": [
+                    {"name": "e", "id": 9, "sessionId": session, "machineId": "m"}]}) as r:
+                assert r.status == 200
+    await wait_for(lambda: agent.spool.depth == 0)
+    assert [e["sessionId"] for e in fake_nucleus.events] == [1, 2, 3]
