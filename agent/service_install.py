@@ -168,8 +168,9 @@ def _unreachable_warnings(action: str, t: Target) -> tuple[str, ...]:
     """A system service runs as `outpost`, which cannot read into people's homes."""
     if action != "install" or not t.system or t.os == "win32":
         return ()
-    homes = [PurePosixPath(p) for p in ("/home", "/root", "/Users", t.home) if p]
-    found = [p for p in (t.python, t.package_dir) if p and any(PurePosixPath(p).is_relative_to(h) for h in homes)]
+    homes = [PurePosixPath(h) for h in ("/home", "/root", "/Users", t.home) if h not in ("", "/")]
+    found = [p for p in (t.python, t.package_dir)
+             if p and any(PurePosixPath(p).is_relative_to(h) for h in homes)]
     return tuple(
         f"{p} is inside a home directory, which the outpost user cannot read; "
         "install Outpost into a system location (e.g. a venv in /opt/outpost) first"
@@ -179,23 +180,6 @@ def _unreachable_warnings(action: str, t: Target) -> tuple[str, ...]:
 
 def _display(argv: tuple[str, ...], os_name: str) -> str:
     return subprocess.list2cmdline(argv) if os_name == "win32" else shlex.join(argv)
-
-
-def _user_argv(name: str) -> tuple[str, ...]:
-    # Home is the StateDirectory; systemd creates it, so --no-create-home.
-    return ("useradd", "--system", "--user-group", "--no-create-home",
-            "--home-dir", "/var/lib/outpost", "--shell", "/usr/sbin/nologin", name)
-
-
-def _macos_user_argvs(name: str, uid: int | str) -> list[tuple[str, ...]]:
-    return [
-        ("dscl", ".", "-create", f"/Groups/{name}", "PrimaryGroupID", str(uid)),
-        ("dscl", ".", "-create", f"/Users/{name}", "UniqueID", str(uid)),
-        ("dscl", ".", "-create", f"/Users/{name}", "PrimaryGroupID", str(uid)),
-        ("dscl", ".", "-create", f"/Users/{name}", "UserShell", "/usr/bin/false"),
-        ("dscl", ".", "-create", f"/Users/{name}", "NFSHomeDirectory", "/var/empty"),
-        ("dscl", ".", "-create", f"/Users/{name}", "IsHidden", "1"),
-    ]
 
 
 def first_free_id(listings: list[str], low: int = 200, high: int = 400) -> int:
@@ -220,7 +204,8 @@ def describe(plan: Plan, os_name: str) -> str:
             owner = f", owner {step.owner}" if step.owner else ""
             out.append(f"[mkdir] {step.path} (mode {step.mode:04o}{owner})")
         elif isinstance(step, EnsureUser):
-            cmds = [_user_argv(step.name)] if os_name == "linux" else _macos_user_argvs(step.name, "<free id>")
+            linux = os_name == "linux"
+            cmds = [tpl.useradd_argv(step.name)] if linux else tpl.dscl_argvs(step.name, "<free id>")
             out.append(f"[create user {step.name} unless it exists]")
             out += [f"[run] {_display(c, os_name)}" for c in cmds]
         else:
@@ -276,12 +261,12 @@ def _ensure_user(name: str, os_name: str) -> None:
     except KeyError:
         pass
     if os_name == "linux":
-        subprocess.run(_user_argv(name), check=True)
+        subprocess.run(tpl.useradd_argv(name), check=True)
         return
     listings = [subprocess.run(("dscl", ".", "-list", kind, attr), capture_output=True, text=True,
                                check=True).stdout
                 for kind, attr in (("/Users", "UniqueID"), ("/Groups", "PrimaryGroupID"))]
-    for argv in _macos_user_argvs(name, first_free_id(listings)):
+    for argv in tpl.dscl_argvs(name, first_free_id(listings)):
         subprocess.run(argv, check=True)
 
 

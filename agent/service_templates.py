@@ -260,3 +260,22 @@ def task_xml(python: str, *, system: bool, user: str) -> str:
         command=escape(python),
         arguments=escape(arguments),
     )
+
+
+def useradd_argv(name: str) -> tuple[str, ...]:
+    """Linux: the service account; its home is the StateDirectory, which systemd creates."""
+    return ("useradd", "--system", "--user-group", "--no-create-home",
+            "--home-dir", "/var/lib/outpost", "--shell", "/usr/sbin/nologin", name)
+
+
+def dscl_argvs(name: str, uid: int | str) -> list[tuple[str, ...]]:
+    """macOS: a hidden service account and its group, both with id ``uid``."""
+    user = f"/Users/{name}"
+    return [
+        ("dscl", ".", "-create", f"/Groups/{name}", "PrimaryGroupID", str(uid)),
+        ("dscl", ".", "-create", user, "UniqueID", str(uid)),
+        ("dscl", ".", "-create", user, "PrimaryGroupID", str(uid)),
+        ("dscl", ".", "-create", user, "UserShell", "/usr/bin/false"),
+        ("dscl", ".", "-create", user, "NFSHomeDirectory", "/var/empty"),
+        ("dscl", ".", "-create", user, "IsHidden", "1"),
+    ]
