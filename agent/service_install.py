@@ -298,6 +298,7 @@ def current_target(system: bool) -> Target:
 def add_parser(subparsers: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
     """Add ``service install|uninstall [--user] [--dry-run]`` to the CLI."""
     service = subparsers.add_parser("service", help="install or remove Outpost as a system service")
+    service.set_defaults(func=run)  # cli.main dispatches on args.func
     actions = service.add_subparsers(dest="service_action", required=True, metavar="{install,uninstall}")
     for name, text in (("install", "install, enable and start the service"),
                        ("uninstall", "stop, disable and remove the service (data is kept)")):

@@ -164,6 +164,7 @@ def test_first_free_id() -> None:
 def test_parser() -> None:
     args = parse(["service", "install", "--user", "--dry-run"])
     assert (args.command, args.service_action, args.user, args.dry_run) == ("service", "install", True, True)
+    assert args.func is si.run
     args = parse(["service", "uninstall"])
     assert (args.service_action, args.user, args.dry_run) == ("uninstall", False, False)
     with pytest.raises(SystemExit):
