@@ -90,6 +90,8 @@ class AgentProcess:
 
     def start(self, timeout: float = 15.0) -> AgentProcess:
         env = {**os.environ, **(self.env or {}), "PYTHONUNBUFFERED": "1"}
+        # The log is appended to across restarts: look for the banner only in new output.
+        offset = self.log.stat().st_size if self.log.exists() else 0
         with open(self.log, "ab") as log:
             self.proc = subprocess.Popen([sys.executable, "-m", "agent", "run", "--config",
                                           str(self.config)], cwd=ROOT, env=env, stdout=log,
@@ -98,7 +100,8 @@ class AgentProcess:
         while time.monotonic() < deadline:
             if self.proc.poll() is not None:
                 raise RuntimeError(f"agent exited {self.proc.returncode}:\n{self.log.read_text()}")
-            if re.search(rf"listening on \S+:{self.port}\b", self.log.read_text()):
+            fresh = self.log.read_bytes()[offset:].decode("utf-8", "replace")
+            if re.search(rf"listening on \S+:{self.port}\b", fresh):
                 return self
             time.sleep(0.05)
         raise TimeoutError(f"agent did not start:\n{self.log.read_text()}")
