@@ -18,6 +18,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 
 from .config import UpstreamConfig
+from .logs import log_limited
 from .metrics import Metrics
 from .spool import Row, Spool, Stream
 from .uplinks.base import SendResult, Uplink
@@ -164,7 +165,8 @@ class StreamForwarder:
             await self.spool.dead_letter(
                 [(seq, self.cfg.name, reason) for seq, reason in result.failed.items()])
             self.state.dead_lettered += len(result.failed)
-            log.warning("%s refused %d event(s) for good; moved to dead letters: %s",
+            log_limited(log, logging.WARNING, f"dead-letter:{self.cfg.name}",
+                        "%s refused %d event(s) for good; moved to dead letters: %s",
                         self.cfg.name, len(result.failed), next(iter(result.failed.values())))
         if result.error is not None:
             if self._failed is None or result.retry_after is not None:
@@ -197,7 +199,9 @@ class StreamForwarder:
         self.state.last_error = failed.error
         self.state.last_error_at = time.time()
         self.metrics.observe_retry(self.cfg.name)
-        log.warning("upstream %s: %s; retrying in %.1fs", self.cfg.name, failed.error, delay)
+        # Every key's loop backs off on its own: once a minute per upstream, counted.
+        log_limited(log, logging.WARNING, f"upstream-down:{self.cfg.name}",
+                    "upstream %s: %s; retrying in %.1fs", self.cfg.name, failed.error, delay)
         self.interrupt.clear()
         with contextlib.suppress(asyncio.TimeoutError):
             # Shutdown or `outpost flush` interrupts the wait; new data does not.
