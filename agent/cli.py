@@ -5,7 +5,6 @@ from __future__ import annotations
 import argparse
 import asyncio
 import json
-import logging
 import socket
 import sys
 import urllib.error
@@ -15,13 +14,11 @@ from pathlib import Path
 from typing import Any
 from urllib.parse import urlsplit
 
-from . import __version__, paths
+from . import __version__, logs, paths, service_install
 from . import config as config_mod
 from .config import Config, ConfigError
 from .device import detect
 from .spool_schema import read_offline
-
-log = logging.getLogger("outpost")
 
 
 def _load(args: argparse.Namespace) -> Config | None:
@@ -46,8 +43,7 @@ def cmd_run(args: argparse.Namespace) -> int:
     cfg = _load(args)
     if cfg is None:
         return 2
-    logging.basicConfig(level=cfg.log.level.upper(), stream=sys.stderr,
-                        format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    logs.setup_logging(cfg.log.level)
     from .service import Agent
 
     async def main() -> int:
@@ -161,6 +157,7 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("check-config", help="validate a config file")
     p.add_argument("file", nargs="?")
     p.set_defaults(func=cmd_check_config)
+    service_install.add_parser(sub)
     return parser
 
 

@@ -65,6 +65,9 @@ class SecretRegistry:
         # Segment clients send the key as HTTP Basic credentials "key:".
         basic = base64.b64encode(f"{value}:".encode()).decode()
         with self._lock:
+            # Keys are registered again on every reload; recompiling is the cost.
+            if value in self._secrets:
+                return
             self._secrets |= {value, basic}
             # Longest first, so a secret containing another is redacted whole.
             ordered = sorted(self._secrets, key=len, reverse=True)

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import dataclasses
 import logging
 import signal
 import sys
@@ -14,11 +15,13 @@ import sys
 from aiohttp import web
 
 from . import config as config_mod
+from . import logs
 from .config import Config, ConfigError
 from .device import DeviceFacts, detect
 from .guard import is_loopback_name
 from .ingest import build_app
 from .metrics import Metrics
+from .notify import Notifier
 from .ops import Ops
 from .routing import Forwarding
 from .sink import Sink
@@ -42,12 +45,17 @@ class Agent:
         self.ops: Ops | None = None
         self._runner: web.AppRunner | None = None
         self._prune: asyncio.Task[None] | None = None
+        self._watchdog: asyncio.Task[None] | None = None
+        self.notifier = Notifier.from_env()
+        self._keys_registered = 0
         self.port = cfg.listen.port
         self._stop = asyncio.Event()
         self._reload = asyncio.Event()
 
     async def start(self) -> None:
+        _register_secrets(self.cfg)
         self.spool = spool = await Spool.open(self.cfg.storage)
+        self._register_stream_keys()
         self.forwarding = Forwarding(self.cfg, spool, self.facts, self.metrics)
         self.sink = Sink(self.cfg, spool, self.facts, self.metrics)
         self.sink.on_new_data = self._new_data
@@ -69,8 +77,25 @@ class Agent:
                  self.cfg.listen.host, self.port, spool.path, spool.depth)
 
     def _new_data(self, keys: set[str]) -> None:
+        # Runs after every commit: only a new stream (a key never seen) costs more
+        # than this length check.
+        if self.spool is not None and len(self.spool.streams) != self._keys_registered:
+            self._register_stream_keys()
         if self.forwarding is not None:
             self.forwarding.on_new_data(keys)
+
+    def _register_stream_keys(self) -> None:
+        """App keys reach the logs (e.g. in upstream paths); never show them."""
+        assert self.spool is not None
+        for key in list(self.spool.streams):
+            logs.register_secret(key)
+        self._keys_registered = len(self.spool.streams)
+
+    async def _watchdog_loop(self, interval: float) -> None:
+        # Pinging from the event loop proves the loop itself is not stuck.
+        while True:
+            self.notifier.watchdog()
+            await asyncio.sleep(interval)
 
     async def _prune_loop(self) -> None:
         assert self.spool is not None
@@ -89,12 +114,15 @@ class Agent:
                 or new.storage != self.cfg.storage:
             log.warning("reload: [listen] host/port and [storage] changes need a restart")
         assert self.spool is not None and self.sink is not None and self.ops is not None
+        _register_secrets(new)
         old = self.forwarding
         self.cfg = new
         # In-flight batches settle before the new forwarders start: nothing sent twice.
         if old is not None:
             await old.stop()
         self.forwarding = Forwarding(new, self.spool, self.facts, self.metrics)
+        if old is not None:
+            _carry_states(old, self.forwarding)
         self.sink.reconfigure(new)
         self.ops.cfg, self.ops.forwarding = new, self.forwarding
         await self.forwarding.start()
@@ -102,14 +130,16 @@ class Agent:
 
     async def stop(self) -> None:
         """Stop accepting, let running requests commit, then stop forwarders and the spool."""
-        if self._prune is not None:
-            self._prune.cancel()
+        for task in (self._prune, self._watchdog):
+            if task is not None:
+                task.cancel()
         if self._runner is not None:
             await self._runner.cleanup()
         if self.forwarding is not None:
             await self.forwarding.stop()
         if self.spool is not None:
             await self.spool.close()
+        self.notifier.close()
         log.info("outpost stopped")
 
     def request_stop(self) -> None:
@@ -118,6 +148,12 @@ class Agent:
     async def serve(self) -> int:
         loop = asyncio.get_running_loop()
         await self.start()
+        assert self.spool is not None
+        self.notifier.ready(f"listening on {self.cfg.listen.host}:{self.port}, "
+                            f"{self.spool.depth} events queued")
+        interval = self.notifier.watchdog_interval()
+        if interval is not None:
+            self._watchdog = asyncio.create_task(self._watchdog_loop(interval), name="watchdog")
         if sys.platform != "win32":
             loop.add_signal_handler(signal.SIGINT, self._stop.set)
             loop.add_signal_handler(signal.SIGTERM, self._stop.set)
@@ -131,11 +167,32 @@ class Agent:
                 stopper.cancel()
                 if self._reload.is_set() and not self._stop.is_set():
                     self._reload.clear()
+                    self.notifier.reloading()
                     await self.reload()
+                    self.notifier.ready()
         finally:
+            self.notifier.stopping()
             with contextlib.suppress(NotImplementedError):
                 for sig in (signal.SIGINT, signal.SIGTERM, signal.SIGHUP):
                     loop.remove_signal_handler(sig)
             await self.stop()
         return 0
 
+
+
+def _register_secrets(cfg: Config) -> None:
+    """Accepted keys, routed keys and upstream keys are all credentials."""
+    for key in cfg.listen.accept_keys:
+        logs.register_secret(key)
+    for up in cfg.upstreams:
+        for key in (up.key, *up.keys):
+            if key and key != "*":
+                logs.register_secret(key)
+
+
+def _carry_states(old: Forwarding, new: Forwarding) -> None:
+    """Keep an upstream's last ack, last error and totals across a reload."""
+    for name, state in new.states.items():
+        if name in old.states:
+            new.states[name] = dataclasses.replace(old.states[name], protocol=state.protocol,
+                                                   state=state.state)
