@@ -80,7 +80,7 @@ def _identity(key: str, ev: dict[str, Any], kind: str) -> tuple[Any, ...]:
     device = ev.get("machineId") or ev.get("deviceId") or ev.get("anonId")
     if ev.get("id") is None:
         # No id to go on: the whole event, as sent, is its identity.
-        return ("nucleus", key, orjson.dumps(ev, option=orjson.OPT_SORT_KEYS))
+        return ("nucleus", key, orjson.dumps(ev, option=orjson.OPT_SORT_KEYS).decode())
     return ("nucleus", key, device, ev.get("sessionId"), ev.get("id"), ev.get("date"),
             kind, ev.get("name"))
 
