@@ -262,6 +262,9 @@ class Spool:
             rejected = await self._make_room(db, appends)
             accepted = [p for p in appends if p not in rejected]
             stored = await self._insert(db, accepted)
+            if not stored and (batch.acks or batch.dead):
+                # _insert saves the depths when it ran; a kill -9 must not revive stale ones.
+                await self._save_streams(db)
             await self._save_counters(db)
             await db.execute("COMMIT")
         except sqlite3.OperationalError as exc:
