@@ -1,0 +1,1 @@
+"""Outpost benchmarks: `python -m bench` (see bench/README.md)."""

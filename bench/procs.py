@@ -1,0 +1,170 @@
+"""Processes under test: start, wait until listening, sample memory, stop."""
+
+from __future__ import annotations
+
+import os
+import signal
+import socket
+import subprocess
+import sys
+import threading
+import time
+import urllib.request
+from dataclasses import dataclass, field
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+def write_agent_config(path: Path, port: int, spool: Path, upstream_port: int,
+                       protocol: str = "nucleus-ws") -> Path:
+    scheme = "ws" if protocol == "nucleus-ws" else "http"
+    path.write_text(f"""[listen]
+host = "127.0.0.1"
+port = {port}
+
+[storage]
+path = "{spool}"
+sync = "full"
+max_size_mb = 16384
+
+[log]
+level = "warning"
+
+[[upstream]]
+name = "bench"
+protocol = "{protocol}"
+url = "{scheme}://127.0.0.1:{upstream_port}"
+keys = ["*"]
+""")
+    return path
+
+
+def http_get(url: str, timeout: float = 2.0) -> bytes:
+    with urllib.request.urlopen(url, timeout=timeout) as resp:
+        return bytes(resp.read())
+
+
+def http_post(url: str, timeout: float = 2.0) -> bytes:
+    req = urllib.request.Request(url, data=b"", method="POST")
+    with urllib.request.urlopen(req, timeout=timeout) as resp:
+        return bytes(resp.read())
+
+
+@dataclass
+class Proc:
+    """A server subprocess; ``ready_s`` is the time from spawn to its first answer."""
+
+    argv: list[str]
+    port: int
+    log: Path
+    probe: str = "/"
+    proc: subprocess.Popen[bytes] | None = None
+    ready_s: float = 0.0
+
+    def start(self, timeout: float = 30.0) -> Proc:
+        env = {**os.environ, "PYTHONUNBUFFERED": "1"}
+        with open(self.log, "ab") as log:
+            started = time.perf_counter()
+            self.proc = subprocess.Popen(self.argv, cwd=ROOT, env=env, stdout=log,
+                                         stderr=subprocess.STDOUT)
+        deadline = started + timeout
+        while time.perf_counter() < deadline:
+            if self.proc.poll() is not None:
+                raise RuntimeError(f"{self.argv} exited {self.proc.returncode}:\n"
+                                   f"{self.log.read_text()[-3000:]}")
+            try:
+                http_get(f"http://127.0.0.1:{self.port}{self.probe}", timeout=1.0)
+                self.ready_s = time.perf_counter() - started
+                return self
+            except OSError:
+                time.sleep(0.005)
+        self.stop()
+        raise TimeoutError(f"{self.argv} did not answer within {timeout}s:\n"
+                           f"{self.log.read_text()[-3000:]}")
+
+    @property
+    def pid(self) -> int:
+        assert self.proc is not None
+        return self.proc.pid
+
+    def stop(self, timeout: float = 30.0) -> None:
+        if self.proc is None or self.proc.poll() is not None:
+            return
+        self.proc.send_signal(signal.SIGTERM)
+        try:
+            self.proc.wait(timeout)
+        except subprocess.TimeoutExpired:
+            self.proc.kill()
+            self.proc.wait(10)
+
+
+def agent_proc(config: Path, port: int, log: Path) -> Proc:
+    return Proc([sys.executable, "-m", "agent", "run", "--config", str(config)], port, log,
+                probe="/healthz")
+
+
+def ref_proc(kind: str, port: int, log: Path, db: Path | None = None) -> Proc:
+    argv = [sys.executable, "-m", "bench.refservers", kind, "--port", str(port)]
+    if db is not None:
+        argv += ["--db", str(db)]
+    return Proc(argv, port, log, probe="/")
+
+
+def upstream_proc(port: int, log: Path) -> Proc:
+    return Proc([sys.executable, "-m", "bench.upstream", "--port", str(port)], port, log,
+                probe="/count")
+
+
+def read_rss(pid: int) -> tuple[int, int]:
+    """(VmRSS, RssAnon) in bytes, from /proc/<pid>/status."""
+    rss = anon = 0
+    try:
+        with open(f"/proc/{pid}/status") as f:
+            for line in f:
+                if line.startswith("VmRSS:"):
+                    rss = int(line.split()[1]) * 1024
+                elif line.startswith("RssAnon:"):
+                    anon = int(line.split()[1]) * 1024
+    except OSError:
+        pass
+    return rss, anon
+
+
+@dataclass
+class RssSampler:
+    """Samples a process's RSS every ``interval`` s; ``take()`` returns and resets the peaks."""
+
+    pid: int
+    interval: float = 0.05
+    peak_rss: int = 0
+    peak_anon: int = 0
+    _stop: threading.Event = field(default_factory=threading.Event)
+    _thread: threading.Thread | None = None
+
+    def __enter__(self) -> RssSampler:
+        self._thread = threading.Thread(target=self._run, daemon=True)
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self._stop.set()
+        if self._thread is not None:
+            self._thread.join(2)
+
+    def _run(self) -> None:
+        while not self._stop.wait(self.interval):
+            rss, anon = read_rss(self.pid)
+            self.peak_rss = max(self.peak_rss, rss)
+            self.peak_anon = max(self.peak_anon, anon)
+
+    def take(self) -> tuple[int, int]:
+        peaks = (self.peak_rss, self.peak_anon)
+        self.peak_rss = self.peak_anon = 0
+        return peaks

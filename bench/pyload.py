@@ -1,0 +1,122 @@
+"""The Python load generator: `python -m bench.pyload http|ws ...`, run as its own process.
+
+It stands in for wrk when wrk is missing (HTTP), and drives the websocket
+workload, which wrk cannot. Every connection sends, waits for the reply, then
+sends again (closed loop, not pipelined). It stops by itself at the deadline
+or after ``--max-requests``, and prints one ``BENCHJSON {...}`` line.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import time
+from typing import Any
+
+import aiohttp
+import orjson
+
+from .payloads import BASIC_AUTH, body
+
+
+class Stats:
+    def __init__(self) -> None:
+        self.latencies: list[float] = []
+        self.errors = 0
+        self.events = 0
+        self.sent = 0
+
+
+async def _http_worker(session: aiohttp.ClientSession, args: argparse.Namespace, wid: int,
+                       deadline: float, stats: Stats) -> None:
+    headers = {"Content-Type": "application/json"}
+    if args.kind.startswith("segment"):
+        headers["Authorization"] = BASIC_AUTH
+    counter = 0
+    while time.monotonic() < deadline and (args.max_requests <= 0 or stats.sent < args.max_requests):
+        stats.sent += 1
+        counter += 1
+        data = body(args.kind, counter * args.events, args.events, args.seed * 1000 + wid)
+        started = time.perf_counter()
+        try:
+            async with session.post(args.url, data=data, headers=headers) as resp:
+                await resp.read()
+                ok = resp.status < 300
+        except (aiohttp.ClientError, OSError, asyncio.TimeoutError):
+            ok = False
+        if ok:
+            stats.latencies.append(time.perf_counter() - started)
+            stats.events += args.events
+        else:
+            stats.errors += 1
+
+
+async def _ws_worker(session: aiohttp.ClientSession, args: argparse.Namespace, wid: int,
+                     deadline: float, stats: Stats) -> None:
+    counter = 0
+    try:
+        async with session.ws_connect(args.url, max_msg_size=0) as ws:
+            while time.monotonic() < deadline and (
+                    args.max_requests <= 0 or stats.sent < args.max_requests):
+                stats.sent += 1
+                counter += 1
+                data = body("nucleus", counter * args.events, args.events, args.seed * 1000 + wid)
+                started = time.perf_counter()
+                await ws.send_str(data.decode())
+                msg = await ws.receive(timeout=max(1.0, deadline - time.monotonic() + 5))
+                if msg.type != aiohttp.WSMsgType.TEXT:
+                    stats.errors += 1
+                    return
+                if len(orjson.loads(msg.data).get("reportedIds", ())) != args.events \
+                        and not args.any_reply:
+                    stats.errors += 1
+                    continue
+                stats.latencies.append(time.perf_counter() - started)
+                stats.events += args.events
+    except (aiohttp.ClientError, OSError, asyncio.TimeoutError):
+        stats.errors += 1
+
+
+async def run(args: argparse.Namespace) -> dict[str, Any]:
+    stats = Stats()
+    started = time.monotonic()
+    deadline = started + args.duration
+    timeout = aiohttp.ClientTimeout(total=args.duration + 10)
+    conn = aiohttp.TCPConnector(limit=args.connections)
+    async with aiohttp.ClientSession(connector=conn, timeout=timeout) as session:
+        worker = _ws_worker if args.mode == "ws" else _http_worker
+        await asyncio.gather(*(worker(session, args, i, deadline, stats)
+                               for i in range(args.connections)))
+    elapsed = time.monotonic() - started
+    lat = sorted(stats.latencies)
+
+    def pct(p: float) -> int:
+        return int(lat[min(len(lat) - 1, int(len(lat) * p))] * 1e6) if lat else 0
+    return {"requests": len(lat), "duration_us": int(elapsed * 1e6), "errors_status": stats.errors,
+            "events": stats.events, "p50_us": pct(0.50), "p90_us": pct(0.90), "p99_us": pct(0.99),
+            "max_us": int(lat[-1] * 1e6) if lat else 0}
+
+
+def main() -> None:
+    p = argparse.ArgumentParser()
+    p.add_argument("mode", choices=["http", "ws"])
+    p.add_argument("--url", required=True)
+    p.add_argument("--kind", default="nucleus")
+    p.add_argument("--events", type=int, default=1)
+    p.add_argument("--connections", type=int, default=32)
+    p.add_argument("--duration", type=float, default=10.0)
+    p.add_argument("--max-requests", type=int, default=0)
+    p.add_argument("--seed", type=int, default=1)
+    p.add_argument("--any-reply", action="store_true",
+                   help="ws: count a frame on any reply (the hello server acks nothing)")
+    args = p.parse_args()
+    try:
+        import uvloop
+        result = uvloop.run(run(args))
+    except ImportError:
+        result = asyncio.run(run(args))
+    print("BENCHJSON " + orjson.dumps(result).decode(), flush=True)
+
+
+if __name__ == "__main__":
+    main()
