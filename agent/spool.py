@@ -258,7 +258,7 @@ class Spool:
             if batch.dead:
                 await self._move_dead(db, batch.dead)
             if batch.acks:
-                await self._delete(db, batch.acks, remember=True)
+                self.count("acked", await self._delete(db, batch.acks, remember=True))
             rejected = await self._make_room(db, appends)
             accepted = [p for p in appends if p not in rejected]
             stored = await self._insert(db, accepted)
@@ -360,8 +360,6 @@ class Spool:
             "DELETE FROM events WHERE seq IN (SELECT value FROM json_each(?)) "
             "RETURNING stream, length(body)", (arg,))
         self._uncount(gone)
-        if remember:
-            self.count("acked", len(gone))
         return len(gone)
 
     def _uncount(self, gone: Any) -> None:
