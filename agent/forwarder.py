@@ -171,9 +171,10 @@ class StreamForwarder:
         if result.error is not None:
             if self._failed is None or result.retry_after is not None:
                 self._failed = result
-        elif result.acked:
+        elif result.acked or result.failed:  # the upstream answered, even if only to refuse
             self._attempt = 0
-            self.state.state = "idle" if not self._tasks else "sending"
+            # This batch's own task is still in _tasks: it is removed once it returns.
+            self.state.state = "idle" if len(self._tasks) <= 1 else "sending"
 
     async def _settle(self, timeout: float | None = None) -> None:
         """Let every in-flight batch finish, so no row is sent twice concurrently."""
