@@ -1,15 +1,39 @@
-"""Operations endpoints: /healthz, /status, and POST /flush for `outpost flush`."""
+"""Operations endpoints: /healthz, /status, /metrics, the status page at /, POST /flush."""
 
 from __future__ import annotations
+
+import base64
+import hashlib
+import importlib.resources
+import re
 
 import orjson
 from aiohttp import web
 
+from . import prometheus
 from .config import Config
 from .metrics import Metrics
 from .routing import Forwarding
 from .spool import Spool
 from .status import snapshot
+
+_INLINE = re.compile(r"<(script|style)>(.*?)</\1>", re.DOTALL)
+
+
+def _csp(page: str) -> str:
+    """A policy that runs exactly the page's own inline script and style, by hash.
+
+    Hashes rather than 'unsafe-inline': should anything ever get markup into
+    the page (an upstream's error text, say), it still could not run script.
+    """
+    hashes: dict[str, list[str]] = {"script": [], "style": []}
+    for tag, body in _INLINE.findall(page):
+        digest = base64.b64encode(hashlib.sha256(body.encode()).digest()).decode()
+        hashes[tag].append(f"'sha256-{digest}'")
+    script, style = (" ".join(hashes[tag]) or "'none'" for tag in ("script", "style"))
+    return (f"default-src 'none'; script-src {script}; style-src {style}; "
+            "connect-src 'self'; img-src 'self'; base-uri 'none'; form-action 'none'; "
+            "frame-ancestors 'none'")
 
 
 class Ops:
@@ -20,18 +44,39 @@ class Ops:
         self.spool = spool
         self.forwarding = forwarding
         self.metrics = metrics
+        page = (importlib.resources.files("agent") / "static" / "status.html").read_text("utf-8")
+        self._page = page.encode()
+        self._page_headers = {
+            "Content-Security-Policy": _csp(page),
+            "X-Content-Type-Options": "nosniff",
+            "X-Frame-Options": "DENY",
+            "Referrer-Policy": "no-referrer",
+            "Cache-Control": "no-store",
+        }
 
     async def healthz(self, request: web.Request) -> web.Response:
         return web.json_response({"ok": True, "queue_depth": self.spool.depth})
 
     async def status(self, request: web.Request) -> web.Response:
         body = await snapshot(self.cfg, self.spool, self.forwarding, self.metrics)
-        return web.Response(body=orjson.dumps(body), content_type="application/json")
+        return web.Response(body=orjson.dumps(body), content_type="application/json",
+                            headers={"Cache-Control": "no-store"})
+
+    async def metrics_text(self, request: web.Request) -> web.Response:
+        snap = await snapshot(self.cfg, self.spool, self.forwarding, self.metrics)
+        text = prometheus.render(snap, self.metrics.ingest_latency)
+        return web.Response(body=text.encode(),
+                            headers={"Content-Type": prometheus.CONTENT_TYPE})
+
+    async def page(self, request: web.Request) -> web.Response:
+        return web.Response(body=self._page, content_type="text/html", charset="utf-8",
+                            headers=self._page_headers)
 
     async def flush(self, request: web.Request) -> web.Response:
         self.forwarding.flush()
         return web.json_response({"flushing": True, "queue_depth": self.spool.depth})
 
     def routes(self) -> list[web.RouteDef]:
-        return [web.get("/healthz", self.healthz), web.get("/status", self.status),
+        return [web.get("/", self.page), web.get("/healthz", self.healthz),
+                web.get("/status", self.status), web.get("/metrics", self.metrics_text),
                 web.post("/flush", self.flush)]

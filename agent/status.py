@@ -1,9 +1,15 @@
-"""The status snapshot behind GET /status, `outpost status` and the status page."""
+"""The status snapshot behind GET /status, GET /metrics, `outpost status` and the status page.
+
+One dict, built in one place, so that the table, the page and Prometheus
+can never disagree about a figure.  ``offline_snapshot`` gives the same
+shape read straight from the spool file when no agent is running.
+"""
 
 from __future__ import annotations
 
 import dataclasses
 import time
+from collections.abc import Mapping
 from typing import Any
 
 from . import __version__
@@ -11,33 +17,88 @@ from .config import Config
 from .metrics import Metrics
 from .routing import Forwarding
 from .spool import Spool
+from .spool_schema import read_offline
+
+# The spool's counters that are not events lost: successes, and corrupt-spool
+# incidents (counted per incident, not per event).  Every other counter is a
+# drop reason (sentry-python style), so a reason added to the spool shows up
+# here, in `outpost status` and in /metrics without further changes.
+NOT_DROPS = frozenset({"ingested", "duplicates", "acked", "spool_corrupt"})
+# Reported as 0 before they first happen, so dashboards see every series.
+DROP_REASONS = ("dead_lettered", "expired", "dropped_full", "rejected_full",
+                "rejected_storage_error")
+
+
+def drops(counters: Mapping[str, int]) -> dict[str, int]:
+    """Events lost or refused, by reason."""
+    out = dict.fromkeys(DROP_REASONS, 0)
+    out.update({k: v for k, v in counters.items() if k not in NOT_DROPS})
+    return out
+
+
+def _queues(cfg: Config, streams: Mapping[str, tuple[int, int]]) -> dict[str | None, list[int]]:
+    """(events, bytes, keys) queued per upstream name; None for keys no upstream takes."""
+    out: dict[str | None, list[int]] = {up.name: [0, 0, 0] for up in cfg.upstreams}
+    out[None] = [0, 0, 0]
+    for key, (depth, nbytes) in streams.items():
+        up = cfg.route(key)
+        q = out[up.name if up is not None else None]
+        q[0] += depth
+        q[1] += nbytes
+        q[2] += 1
+    return out
+
+
+def _common(cfg: Config, queues: dict[str | None, list[int]], depth: int,
+            counters: Mapping[str, int]) -> dict[str, Any]:
+    unrouted = queues[None]
+    return {
+        "version": __version__,
+        "time": round(time.time(), 3),
+        "queue_depth": depth,
+        "unrouted": {"keys": unrouted[2], "queue_depth": unrouted[0]},
+        "counters": dict(sorted(counters.items())),
+        "drops": drops(counters),
+    }
 
 
 async def snapshot(cfg: Config, spool: Spool, forwarding: Forwarding,
                    metrics: Metrics) -> dict[str, Any]:
+    """The running agent's state."""
     oldest = await spool.oldest_received()
+    queues = _queues(cfg, {k: (s.depth, s.bytes) for k, s in spool.streams.items()})
     upstreams = []
     for up in cfg.upstreams:
-        state = forwarding.states[up.name]
-        keys = [k for k in spool.streams if cfg.route(k) is up]
-        upstreams.append({
-            **dataclasses.asdict(state),
-            "url": up.url,
-            "queue_depth": sum(spool.streams[k].depth for k in keys),
-            "queue_bytes": sum(spool.streams[k].bytes for k in keys),
-            "keys": len(keys),
-        })
-    unrouted = forwarding.unrouted_keys()
+        depth, nbytes, keys = queues[up.name]
+        upstreams.append({**dataclasses.asdict(forwarding.states[up.name]), "url": up.url,
+                          "queue_depth": depth, "queue_bytes": nbytes, "keys": keys})
     return {
-        "version": __version__,
+        **_common(cfg, queues, spool.depth, spool.counters),
+        "source": "agent",
         "uptime_s": round(time.time() - metrics.started, 1),
-        "queue_depth": spool.depth,
         "spool": {"path": str(spool.path), "used_bytes": spool.used_bytes,
                   "max_bytes": spool.max_bytes},
         "oldest_event_age_s": round(time.time() - oldest / 1000, 1) if oldest else None,
         "upstreams": upstreams,
-        "unrouted": {"keys": len(unrouted),
-                     "queue_depth": sum(spool.streams[k].depth for k in unrouted)},
-        "counters": dict(sorted(spool.counters.items())),
         "history": metrics.series(),
+    }
+
+
+def offline_snapshot(cfg: Config) -> dict[str, Any]:
+    """What the spool file alone tells: queues and counters, no live upstream state."""
+    path = cfg.storage.resolved_path()
+    raw = read_offline(path)
+    streams = {k: (s["depth"], s["bytes"]) for k, s in raw["streams"].items()}
+    queues = _queues(cfg, streams)
+    upstreams = [{"name": up.name, "protocol": up.protocol, "url": up.url, "state": "offline",
+                  "queue_depth": queues[up.name][0], "queue_bytes": queues[up.name][1],
+                  "keys": queues[up.name][2], "last_ack": None, "last_error": None}
+                 for up in cfg.upstreams]
+    return {
+        **_common(cfg, queues, raw["depth"], raw["counters"]),
+        "source": "spool, no agent running" if raw["exists"] else
+                  "no agent running, no spool yet",
+        "spool": {"path": str(path)},
+        "dead_letters": raw.get("dead_letters", 0),
+        "upstreams": upstreams,
     }

@@ -1,0 +1,135 @@
+"""GET /metrics: the status snapshot in the Prometheus text exposition format 0.0.4.
+
+Written by hand: the format is a few line shapes, and prometheus_client would
+bring a global registry and its own counter objects that would duplicate
+the spool's durable counters rather than read them.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Iterable
+from typing import Any
+
+from .metrics import Histogram
+
+CONTENT_TYPE = "text/plain; version=0.0.4; charset=utf-8"
+# UpstreamState.state's values: each upstream exports all of them, 1 for the
+# current one, so that a state that is not current reads 0 instead of vanishing.
+UPSTREAM_STATES = ("idle", "sending", "backoff", "stopped")
+
+Labels = dict[str, str]
+Sample = tuple[str, Labels, float]  # (name suffix, labels, value)
+
+
+def _escape_label(value: str) -> str:
+    return value.replace("\\", "\\\\").replace("\n", "\\n").replace('"', '\\"')
+
+
+def _number(value: float) -> str:
+    if math.isinf(value):
+        return "+Inf" if value > 0 else "-Inf"
+    if math.isnan(value):
+        return "NaN"
+    return str(int(value)) if float(value).is_integer() and abs(value) < 2**53 else repr(value)
+
+
+class Exposition:
+    """Accumulates metric families; ``text()`` is the response body."""
+
+    def __init__(self, prefix: str = "outpost_") -> None:
+        self.prefix = prefix
+        self.lines: list[str] = []
+
+    def family(self, name: str, kind: str, help_text: str, samples: Iterable[Sample]) -> None:
+        full = self.prefix + name
+        help_text = help_text.replace("\\", "\\\\").replace("\n", "\\n")
+        self.lines += [f"# HELP {full} {help_text}", f"# TYPE {full} {kind}"]
+        for suffix, labels, value in samples:
+            text = ",".join(f'{k}="{_escape_label(v)}"' for k, v in labels.items())
+            self.lines.append(f"{full}{suffix}{{{text}}} {_number(value)}" if text
+                              else f"{full}{suffix} {_number(value)}")
+
+    def gauge(self, name: str, help_text: str, value: float, **labels: str) -> None:
+        self.family(name, "gauge", help_text, [("", labels, value)])
+
+    def counter(self, name: str, help_text: str, value: float) -> None:
+        self.family(name, "counter", help_text, [("", {}, value)])
+
+    def histogram(self, name: str, help_text: str, hist: Histogram) -> None:
+        samples: list[Sample] = []
+        cumulative = 0
+        # Histogram.counts holds one count per bound plus the overflow; the
+        # exposition wants running totals, ending with le="+Inf" == _count.
+        for bound, count in zip((*hist.bounds, math.inf), hist.counts):
+            cumulative += count
+            samples.append(("_bucket", {"le": _number(bound)}, cumulative))
+        samples += [("_sum", {}, hist.total), ("_count", {}, hist.n)]
+        self.family(name, "histogram", help_text, samples)
+
+    def text(self) -> str:
+        return "\n".join(self.lines) + "\n"
+
+
+def render(snap: dict[str, Any], latency: Histogram) -> str:
+    """The exposition for one status snapshot plus the ingest latency histogram."""
+    out = Exposition()
+    out.gauge("build_info", "Outpost version, as a label; always 1.", 1, version=snap["version"])
+    out.gauge("uptime_seconds", "Seconds since the agent started.", snap["uptime_s"])
+    out.gauge("queue_events", "Events in the spool waiting for an upstream acknowledgement.",
+              snap["queue_depth"])
+    out.gauge("oldest_event_age_seconds",
+              "Age of the oldest queued event, by its receive time; 0 when the queue is empty.",
+              snap["oldest_event_age_s"] or 0)
+    out.gauge("spool_bytes", "Bytes the spool file uses.", snap["spool"]["used_bytes"])
+    out.gauge("spool_max_bytes", "storage.max_size_mb, in bytes.", snap["spool"]["max_bytes"])
+    out.gauge("unrouted_queue_events",
+              "Queued events whose key no upstream takes (kept until one is configured).",
+              snap["unrouted"]["queue_depth"])
+    counters = snap["counters"]
+    out.counter("events_ingested_total", "New events committed to the spool.",
+                counters.get("ingested", 0))
+    out.counter("events_duplicate_total",
+                "Resent events already stored: acknowledged again, stored once.",
+                counters.get("duplicates", 0))
+    out.counter("events_acked_total", "Events deleted after an upstream acknowledged them.",
+                counters.get("acked", 0))
+    out.family("events_dropped_total", "counter",
+               "Events lost or refused, by reason (dead_lettered, expired, dropped_full, "
+               "rejected_full, rejected_storage_error).",
+               [("", {"reason": reason}, n) for reason, n in snap["drops"].items()])
+    out.counter("spool_corrupt_total", "Times a corrupt spool was moved aside.",
+                counters.get("spool_corrupt", 0))
+    _upstreams(out, snap["upstreams"])
+    out.histogram("ingest_latency_seconds",
+                  "Time to commit one ingest request's events (the group commit and fsync).",
+                  latency)
+    return out.text()
+
+
+def _upstreams(out: Exposition, ups: list[dict[str, Any]]) -> None:
+    def per(field: str) -> list[Sample]:
+        return [("", {"upstream": u["name"]}, u[field]) for u in ups]
+
+    out.family("upstream_queue_events", "gauge", "Events queued for each upstream.",
+               per("queue_depth"))
+    out.family("upstream_queue_bytes", "gauge", "Bytes of events queued for each upstream.",
+               per("queue_bytes"))
+    out.family("upstream_acked_total", "counter",
+               "Events each upstream acknowledged since the agent started.", per("acked"))
+    out.family("upstream_retries_total", "counter",
+               "Backoffs after a failed send to each upstream since the agent started.",
+               per("retries"))
+    out.family("upstream_state", "gauge",
+               "1 for each upstream's current state (idle, sending, backoff, stopped), else 0.",
+               [("", {"upstream": u["name"], "state": s}, 1 if u["state"] == s else 0)
+                for u in ups for s in _states(u["state"])])
+    out.family("upstream_last_ack_timestamp_seconds", "gauge",
+               "Unix time of each upstream's last acknowledgement (absent before the first).",
+               [("", {"upstream": u["name"]}, u["last_ack"]) for u in ups
+                if u["last_ack"] is not None])
+
+
+def _states(current: str) -> tuple[str, ...]:
+    # A state added to the forwarder later still shows, as an extra series.
+    return UPSTREAM_STATES if current in UPSTREAM_STATES else (*UPSTREAM_STATES, current)
