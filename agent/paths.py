@@ -1,7 +1,10 @@
 """Where Outpost keeps its config and spool, following platformdirs.
 
 A system service (run as root, or with OUTPOST_SYSTEM=1 as the packaged units
-set) uses the site-wide directories; everyone else gets per-user ones.
+set) uses the site-wide directories; everyone else gets per-user ones.  On
+Linux the site-wide ones are the FHS /etc/outpost and /var/lib/outpost that
+the systemd unit's ConfigurationDirectory= and StateDirectory= create, not
+platformdirs' XDG fallbacks (/etc/xdg/outpost, /usr/local/share/outpost).
 """
 
 from __future__ import annotations
@@ -13,6 +16,8 @@ from pathlib import Path
 import platformdirs
 
 APP = "outpost"
+LINUX_SYSTEM_CONFIG = Path("/etc") / APP
+LINUX_SYSTEM_DATA = Path("/var/lib") / APP
 
 
 def is_system_service() -> bool:
@@ -30,7 +35,8 @@ def config_dir(system: bool | None = None) -> Path:
     if system and env:
         return Path(env.split(":")[0])
     if system:
-        return Path(platformdirs.site_config_dir(APP, appauthor=False))
+        return LINUX_SYSTEM_CONFIG if _linux() else Path(
+            platformdirs.site_config_dir(APP, appauthor=False))
     return Path(platformdirs.user_config_dir(APP, appauthor=False))
 
 
@@ -41,8 +47,13 @@ def data_dir(system: bool | None = None) -> Path:
     if system and env:
         return Path(env.split(":")[0])
     if system:
-        return Path(platformdirs.site_data_dir(APP, appauthor=False))
+        return LINUX_SYSTEM_DATA if _linux() else Path(
+            platformdirs.site_data_dir(APP, appauthor=False))
     return Path(platformdirs.user_data_dir(APP, appauthor=False))
+
+
+def _linux() -> bool:
+    return sys.platform.startswith("linux")
 
 
 def default_spool_path() -> Path:
