@@ -138,6 +138,8 @@ class StreamForwarder:
         """Bisect a refused batch until the events that cause it are isolated."""
         await self._apply(SendResult(failed=result.failed))
         rest = [r for r in batch if r.seq not in result.failed]
+        if not rest:  # every row was already failed on its own: nothing left to send
+            return
         if len(rest) == 1:
             await self._apply(SendResult(failed={rest[0].seq: result.rejected or "rejected"}))
             return

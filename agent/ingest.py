@@ -5,7 +5,7 @@ from __future__ import annotations
 from aiohttp import web
 
 from .config import Config
-from .dialects import nucleus
+from .dialects import capture, nucleus, segment, segmentstream, tranthor
 from .guard import Guard
 from .ops import Ops
 from .sink import Sink
@@ -19,5 +19,7 @@ def build_app(cfg: Config, sink: Sink, ops: Ops) -> web.Application:
     app = web.Application(middlewares=[guard.middleware], client_max_size=CLIENT_MAX_SIZE)
     # Order matters: Nucleus' catch-all `/{appId}` websocket route comes last.
     app.add_routes(ops.routes())
+    for dialect in (segment, capture, tranthor, segmentstream):
+        app.add_routes(dialect.routes(sink))
     app.add_routes(nucleus.routes(sink))
     return app

@@ -1,7 +1,13 @@
 """Mapping events between the Nucleus and Segment families (docs/mapping.md).
 
 Used only when an event's family differs from its upstream's protocol;
-within one family events are forwarded exactly as stored.
+within one family events are forwarded exactly as stored. Both directions
+are pure functions of the stored event and its receive time, so a batch
+sent again after a failure carries the same ids.
+
+What has no place in the other family is kept where it can be: Nucleus'
+type, id, sessionId and appId travel in `context.nucleus` of a Segment
+event, and come back from there when that event returns to Nucleus.
 """
 
 from __future__ import annotations
@@ -10,112 +16,144 @@ import hashlib
 from datetime import datetime, timezone
 from typing import Any
 
+import orjson
+
+from . import __version__
+from .dialects.nucleus import event_type
 from .events import iso_ms
 
-_SEGMENT_TO_NUCLEUS_TYPE = {"track": "event", "identify": "props", "page": "nucleus:view",
-                            "screen": "nucleus:view", "group": "event", "alias": "userid"}
+OPENED = "Application Opened"   # Segment's lifecycle event, Nucleus' `init`
+ERROR = "Application Error"
+LIBRARY = {"name": "outpost", "version": __version__}
+_NUCLEUS_KEPT = ("id", "sessionId", "appId", "client", "moduleVersion")
 
 
-def _iso_date(value: Any, received: int) -> str:
-    """A Nucleus `date` (ISO, naive ISO, epoch ms int or float) as ISO 8601."""
-    if isinstance(value, bool) or value is None:
-        return iso_ms(received)
-    if isinstance(value, (int, float)):
-        # Seconds if it looks like seconds, else milliseconds.
-        ms = value * 1000 if value < 1e11 else value
-        return iso_ms(int(ms))
-    if isinstance(value, str) and value:
-        return value
-    return iso_ms(received)
+def _obj(value: Any) -> dict[str, Any]:
+    return value if isinstance(value, dict) else {}
 
+
+def _compact(d: dict[str, Any]) -> dict[str, Any]:
+    return {k: v for k, v in d.items() if v is not None and v != {}}
+
+
+# -- Segment -> Nucleus -------------------------------------------------------
 
 def segment_to_nucleus(ev: dict[str, Any], received: int) -> dict[str, Any]:
-    """A Segment-spec event as a Nucleus event (its spool seq becomes the id)."""
-    kind = str(ev.get("type") or "track")
-    ctx = ev.get("context") if isinstance(ev.get("context"), dict) else {}
-    assert isinstance(ctx, dict)
-    device = ctx.get("device") if isinstance(ctx.get("device"), dict) else {}
-    assert isinstance(device, dict)
-    os_ctx = ctx.get("os") if isinstance(ctx.get("os"), dict) else {}
-    assert isinstance(os_ctx, dict)
+    """A Segment-spec event as a Nucleus event (the uplink supplies its `id`)."""
+    kind = ev.get("type")
+    ctx = _obj(ev.get("context"))
+    kept = _obj(ctx.get("nucleus"))
+    props, traits = _obj(ev.get("properties")), _obj(ev.get("traits"))
     if kind == "track":
-        name = ev.get("event")
-        payload = ev.get("properties")
-    elif kind in ("identify", "group"):
-        name = "group" if kind == "group" else None
-        payload = ev.get("traits")
+        opened = ev.get("event") == OPENED
+        out: dict[str, Any] = {"type": "init" if opened else "event",
+                               "name": None if opened else ev.get("event"), "payload": props}
+        if ev.get("event") == ERROR and isinstance(props.get("name"), str):
+            out.update(type="error", name=props["name"],
+                       payload={k: v for k, v in props.items() if k != "name"})
+    elif kind == "identify":
+        out = {"type": "props" if traits else "userid", "payload": traits}
     elif kind in ("page", "screen"):
-        name = ev.get("name")
-        payload = ev.get("properties")
+        page = _obj(ctx.get("page"))
+        out = {"type": "nucleus:view", "name": ev.get("name") or page.get("path")
+               or props.get("path") or kind, "payload": props}
+    elif kind == "group":
+        out = {"type": "event", "name": "group", "payload": {**traits, "groupId": ev.get("groupId")}}
+    elif kind == "alias":
+        out = {"type": "userid", "payload": {"previousId": ev.get("previousId")}}
     else:
-        name = None
-        payload = None
-    out: dict[str, Any] = {
-        "type": _SEGMENT_TO_NUCLEUS_TYPE.get(kind, "event"),
-        "date": ev.get("timestamp") or ev.get("originalTimestamp") or iso_ms(received),
-        "userId": ev.get("userId"),
-        "machineId": device.get("id") or ev.get("anonymousId"),
-        "sessionId": ctx.get("sessionId"),
-        "payload": dict(payload) if isinstance(payload, dict) else {},
-    }
-    if name is not None:
-        out["name"] = name
-    if kind == "group":
-        out["payload"]["groupId"] = ev.get("groupId")
-    if kind == "alias":
-        out["payload"]["previousId"] = ev.get("previousId")
+        out = {"type": "event", "name": str(kind), "payload": props}
+    if isinstance(kept.get("type"), str) and kind == "track" and out["type"] == "event":
+        out["type"] = kept["type"]  # a Nucleus event coming back home
+    out["payload"] = dict(out["payload"])
     if ev.get("messageId") is not None:
-        out["payload"]["messageId"] = ev.get("messageId")
-    for src, dst in (("name", "platform"), ("version", "osVersion")):
-        if os_ctx.get(src) is not None:
-            out[dst] = os_ctx[src]
-    if ctx.get("locale") is not None:
-        out["locale"] = ctx["locale"]
+        out["payload"].setdefault("messageId", ev["messageId"])
+    os_ctx, device, app = _obj(ctx.get("os")), _obj(ctx.get("device")), _obj(ctx.get("app"))
+    user_id = ev.get("userId")
+    out.update({
+        "date": ev.get("timestamp") or ev.get("originalTimestamp") or ev.get("receivedAt")
+        or iso_ms(received),
+        "userId": str(user_id) if isinstance(user_id, (int, float)) else user_id,
+        "machineId": device.get("id") or ev.get("anonymousId"),
+        "anonId": ev.get("anonymousId"),
+        "sessionId": kept.get("sessionId") if kept.get("sessionId") is not None
+        else ctx.get("sessionId"),
+        "platform": os_ctx.get("name"), "osVersion": os_ctx.get("version"),
+        "locale": ctx.get("locale"), "language": ctx.get("locale"),
+        "version": app.get("version"), "totalRam": device.get("totalRam"),
+        "arch": device.get("arch"),
+        "appId": kept.get("appId"), "client": kept.get("client"),
+        "moduleVersion": kept.get("moduleVersion"),
+    })
     return {k: v for k, v in out.items() if v is not None}
 
 
+# -- Nucleus -> Segment -------------------------------------------------------
+
 def nucleus_to_segment(ev: dict[str, Any], received: int) -> dict[str, Any]:
-    """A Nucleus event as a Segment-spec event, with a stable messageId."""
-    kind = str(ev.get("type") or ev.get("event") or "event")
-    payload = ev.get("payload") if isinstance(ev.get("payload"), dict) else {}
+    """A Nucleus event as a Segment-spec event, with a messageId stable across sends."""
+    kind = event_type(ev)
+    raw_payload = ev.get("payload")
+    payload = raw_payload if isinstance(raw_payload, dict) else (
+        {} if raw_payload is None else {"payload": raw_payload})
+    name = ev.get("name") if isinstance(ev.get("name"), str) else None
     out: dict[str, Any] = {
         "messageId": "nucleus-" + hashlib.blake2b(
-            repr(sorted(ev.items())).encode(), digest_size=12).hexdigest(),
-        "timestamp": _iso_date(ev.get("date"), received),
+            orjson.dumps(ev, option=orjson.OPT_SORT_KEYS), digest_size=12).hexdigest(),
+        "timestamp": to_iso(ev.get("date"), received),
         "receivedAt": iso_ms(received),
         "anonymousId": ev.get("machineId") or ev.get("deviceId") or ev.get("anonId"),
         "userId": ev.get("userId"),
-        "context": _nucleus_context(ev),
+        "context": nucleus_context(ev, kind),
     }
-    if kind == "userid":
-        out["type"] = "identify"
-    elif kind == "props":
+    if kind == "props":
         out.update(type="identify", traits=payload)
+    elif kind == "userid":
+        out["type"] = "identify"
     elif kind == "nucleus:view":
-        out.update(type="screen", name=ev.get("name"), properties=payload)
+        out.update(type="screen", name=name, properties=payload)
+    elif kind == "init":
+        out.update(type="track", event=OPENED, properties=payload)
+    elif kind == "error":
+        out.update(type="track", event=ERROR, properties={"name": name, **payload})
     else:
-        name = ev.get("name") if kind == "event" else f"{kind}: {ev['name']}" if ev.get("name") else kind
-        out.update(type="track", event=name, properties=payload)
+        out.update(type="track", event=name or kind, properties=payload)
+    if out["anonymousId"] is None and out["userId"] is None:
+        out["anonymousId"] = "nucleus-anonymous"  # Segment needs one of the two
     return {k: v for k, v in out.items() if v is not None}
 
 
-def _nucleus_context(ev: dict[str, Any]) -> dict[str, Any]:
-    ctx: dict[str, Any] = {"library": {"name": "outpost", "version": "0.1.0"}}
-    if ev.get("platform") is not None or ev.get("osVersion") is not None:
-        ctx["os"] = {"name": ev.get("platform"), "version": ev.get("osVersion")}
-    if ev.get("locale") or ev.get("language"):
-        ctx["locale"] = ev.get("locale") or ev.get("language")
-    if ev.get("version") is not None:
-        ctx["app"] = {"version": ev.get("version")}
-    device = {k: v for k, v in (("id", ev.get("machineId") or ev.get("deviceId")),
-                                ("arch", ev.get("arch")), ("totalRam", ev.get("totalRam")))
-              if v is not None}
-    if device:
-        ctx["device"] = device
-    if ev.get("sessionId") is not None:
-        ctx["sessionId"] = ev.get("sessionId")
-    return ctx
+def nucleus_context(ev: dict[str, Any], kind: str) -> dict[str, Any]:
+    """Device facts in Segment's context objects; Nucleus ids in `context.nucleus`."""
+    return _compact({
+        "library": dict(LIBRARY),
+        "os": _compact({"name": ev.get("platform"), "version": ev.get("osVersion")}),
+        "app": _compact({"version": ev.get("version")}),
+        "locale": ev.get("locale") or ev.get("language"),
+        "device": _compact({"id": ev.get("machineId") or ev.get("deviceId"),
+                            "arch": ev.get("arch"), "totalRam": ev.get("totalRam")}),
+        "nucleus": _compact({"type": kind, **{k: ev.get(k) for k in _NUCLEUS_KEPT}}),
+    })
 
 
-def utc_now_iso() -> str:
-    return datetime.now(timezone.utc).strftime("%Y-%m-%dT%H:%M:%S.%f")[:-3] + "Z"
+def to_iso(value: Any, received: int) -> str:
+    """A Nucleus `date` as ISO 8601 UTC.
+
+    Modules send an ISO string with a zone, a naive ISO string in the device's
+    local time (python), epoch milliseconds (JS) or seconds (Swift, a float),
+    or nothing; anything unreadable becomes the receive time.
+    """
+    if isinstance(value, str) and value.strip().lstrip("-").replace(".", "", 1).isdigit():
+        value = float(value)
+    try:
+        if isinstance(value, (int, float)) and not isinstance(value, bool):
+            ms = value * 1000 if abs(value) < 1e11 else value
+            return iso_ms(int(ms))
+        if isinstance(value, str) and value:
+            when = datetime.fromisoformat(value.strip())
+            if when.tzinfo is None:
+                when = when.astimezone()  # naive: the device's local time (the agent's too)
+            return iso_ms(int(when.astimezone(timezone.utc).timestamp() * 1000))
+    except (ValueError, OverflowError, OSError):
+        pass
+    return iso_ms(received)

@@ -61,7 +61,10 @@ class Agent:
         self.sink.on_new_data = self._new_data
         self.ops = Ops(self.cfg, spool, self.forwarding, self.metrics)
         app = build_app(self.cfg, self.sink, self.ops)
+        # auto_decompress=False: dialects/body.py inflates bodies itself, bounded by each
+        # API's limit (a gzip bomb stops there); aiohttp would inflate them first, unbounded.
         self._runner = web.AppRunner(app, handle_signals=False, access_log=None,
+                                     auto_decompress=False,
                                      shutdown_timeout=5.0)
         await self._runner.setup()
         site = web.TCPSite(self._runner, self.cfg.listen.host, self.cfg.listen.port,

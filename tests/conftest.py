@@ -18,6 +18,7 @@ import pytest
 from agent import config as config_mod
 from agent.service import Agent
 from tests.fakes.nucleus_upstream import FakeNucleus
+from tests.fakes.segment_upstream import FakeSegment
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -56,6 +57,13 @@ def free_port() -> int:
 @pytest.fixture
 async def fake_nucleus() -> AsyncIterator[FakeNucleus]:
     fake = await FakeNucleus().start()
+    yield fake
+    await fake.stop()
+
+
+@pytest.fixture
+async def fake_segment() -> AsyncIterator[FakeSegment]:
+    fake = await FakeSegment().start()
     yield fake
     await fake.stop()
 

@@ -8,6 +8,7 @@ from ..config import UpstreamConfig
 from .base import Uplink
 from .nucleus_http import NucleusHttpUplink
 from .nucleus_ws import NucleusWsUplink
+from .segment_http import SegmentHttpUplink
 
 
 def make_uplink(cfg: UpstreamConfig, app_key: str, session: aiohttp.ClientSession,
@@ -16,6 +17,8 @@ def make_uplink(cfg: UpstreamConfig, app_key: str, session: aiohttp.ClientSessio
         return NucleusWsUplink(cfg, app_key, session, machine_id)
     if cfg.protocol == "nucleus-http":
         return NucleusHttpUplink(cfg, app_key, session)
+    if cfg.protocol == "segment-http":
+        return SegmentHttpUplink(cfg, app_key, session)
     raise ValueError(f"upstream {cfg.name}: protocol {cfg.protocol!r} is not supported")
 
 

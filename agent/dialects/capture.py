@@ -1,0 +1,46 @@
+"""The capture batch API (seed 004): `POST /v1/capture` with `X-Write-Key`.
+
+`{"batch": [...]}` of track, page and identify messages in the Segment spec,
+answered 201 `{"status": "success"}`. The seed documents no partial success,
+so a batch is taken whole or refused whole (400 naming the first bad
+message). A full spool answers 429 with Retry-After, the seed's "retry
+later" status. Error bodies mirror the success shape:
+`{"status": "error", "message": ...}`.
+"""
+
+from __future__ import annotations
+
+from aiohttp import web
+
+from ..sink import Sink
+from . import segment_spec as spec
+from .body import parse_json, read_raw
+
+TYPES = frozenset({"track", "page", "identify"})
+
+
+def error(status: int, message: str, retry_after: int | None = None) -> web.Response:
+    return spec.json_reply({"status": "error", "message": message}, status, retry_after)
+
+
+class CaptureHandlers:
+    """Route handlers bound to the shared sink."""
+
+    def __init__(self, sink: Sink) -> None:
+        self.sink = sink
+
+    async def capture(self, request: web.Request) -> web.StreamResponse:
+        key = request.headers.get("X-Write-Key", "").strip()
+        if not self.sink.key_allowed(key):
+            return error(401, "missing or invalid X-Write-Key")
+
+        async def work() -> None:
+            raw = await read_raw(request, spec.MAX_BATCH_BYTES)
+            await self.sink.store(spec.accept_all(parse_json(raw), key, TYPES, len(raw)))
+
+        return await spec.settle(work(), error, full_status=429) or spec.json_reply(
+            {"status": "success"}, 201)
+
+
+def routes(sink: Sink) -> list[web.RouteDef]:
+    return [web.post("/v1/capture", CaptureHandlers(sink).capture)]

@@ -1,0 +1,130 @@
+"""A forgiving JSON reader, tried only after strict JSON has failed.
+
+The MetaRouter seed's own example requests are written the way people write
+JSON by hand: 'single quotes', Python's True/False/None, bare words such as
+`'type': identify`, trailing commas and missing commas between members. An
+app that copies them must still be served (the seed examples are the
+contract), so the Segment single-event routes fall back to this reader.
+Anything it cannot read is still a 400, and nesting is bounded.
+"""
+
+from __future__ import annotations
+
+import re
+from typing import Any
+
+import orjson
+
+from .body import BodyError
+
+MAX_DEPTH = 64
+_TOKEN = re.compile(r"""
+    \s*(?:
+      (?P<punct>[{}\[\]:,])
+    | (?P<dq>"(?:[^"\\]|\\.)*")
+    | (?P<sq>'(?:[^'\\]|\\.)*')
+    | (?P<num>-?(?:0|[1-9]\d*)(?:\.\d+)?(?:[eE][+-]?\d+)?(?![\w.$-]))
+    | (?P<word>[A-Za-z_$][\w$.\-/@]*)
+    )""", re.VERBOSE | re.DOTALL)
+_WORDS = {"true": True, "True": True, "false": False, "False": False, "null": None,
+          "None": None}
+
+
+def _tokens(text: str) -> list[tuple[str, Any]]:
+    out: list[tuple[str, Any]] = []
+    pos = 0
+    end = len(text.rstrip())
+    while pos < end:
+        m = _TOKEN.match(text, pos)
+        if m is None:
+            raise BodyError(400, "invalid JSON", f"unexpected character at offset {pos}")
+        pos = m.end()
+        kind = m.lastgroup
+        raw = m.group(kind or "")
+        if kind == "dq":
+            out.append(("value", orjson.loads(raw)))
+        elif kind == "sq":
+            inner = re.sub(r"\\'", "'", raw[1:-1]).replace('"', '\\"')
+            out.append(("value", orjson.loads(f'"{inner}"')))
+        elif kind == "num":
+            out.append(("value", orjson.loads(raw)))
+        elif kind == "word":
+            out.append(("value", _WORDS.get(raw, raw)))
+        else:
+            out.append((raw, None))
+    return out
+
+
+class _Parser:
+    def __init__(self, tokens: list[tuple[str, Any]]) -> None:
+        self.tokens = tokens
+        self.i = 0
+
+    def peek(self) -> str:
+        return self.tokens[self.i][0] if self.i < len(self.tokens) else "end"
+
+    def next(self) -> tuple[str, Any]:
+        if self.i >= len(self.tokens):
+            raise BodyError(400, "invalid JSON", "unexpected end of body")
+        tok = self.tokens[self.i]
+        self.i += 1
+        return tok
+
+    def value(self, depth: int) -> Any:
+        if depth > MAX_DEPTH:
+            raise BodyError(400, "invalid JSON", "nested too deeply")
+        kind, val = self.next()
+        if kind == "value":
+            return val
+        if kind in ("{", "["):
+            return self.container(kind, depth)
+        raise BodyError(400, "invalid JSON", f"unexpected {kind!r}")
+
+    def container(self, opener: str, depth: int) -> Any:
+        closer = "}" if opener == "{" else "]"
+        obj: dict[str, Any] = {}
+        arr: list[Any] = []
+        while True:
+            while self.peek() == ",":  # trailing, doubled and leading commas are forgiven
+                self.next()
+            if self.peek() == closer:
+                self.next()
+                return obj if opener == "{" else arr
+            if opener == "[":
+                arr.append(self.value(depth + 1))
+                continue
+            kind, name = self.next()
+            if kind != "value" or not isinstance(name, str):
+                raise BodyError(400, "invalid JSON", "expected a member name")
+            if self.next()[0] != ":":
+                raise BodyError(400, "invalid JSON", f"expected ':' after {name!r}")
+            obj[name] = self.value(depth + 1)
+
+
+def loads(raw: bytes) -> dict[str, Any]:
+    """Read a hand-written JSON object; raises BodyError(400) if it is not one."""
+    try:
+        text = raw.decode("utf-8")
+    except UnicodeDecodeError as exc:
+        raise BodyError(400, "invalid JSON", "body is not UTF-8") from exc
+    try:
+        parser = _Parser(_tokens(text))
+        if parser.peek() != "{":
+            raise BodyError(400, "invalid JSON", "expected an object")
+        result = parser.value(0)
+    except orjson.JSONDecodeError as exc:
+        raise BodyError(400, "invalid JSON", str(exc)) from exc
+    if parser.peek() != "end":
+        raise BodyError(400, "invalid JSON", "data after the object")
+    assert isinstance(result, dict)
+    return result
+
+
+def parse_lenient(raw: bytes) -> Any:
+    """Strict JSON first (the fast path every real client takes), then ``loads``."""
+    if not raw:
+        raise BodyError(400, "empty body: expected JSON")
+    try:
+        return orjson.loads(raw)
+    except orjson.JSONDecodeError:
+        return loads(raw)

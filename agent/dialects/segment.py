@@ -1,0 +1,223 @@
+"""The Segment spec HTTP API as MetaRouter documents it (seed 003), for Segment SDKs.
+
+Routes: single calls (long and short forms), `/v1/batch` and `/v1/import`,
+the tracking pixel and the webhook. Error bodies follow the seed:
+``{"Error","Message","Details"}`` for single calls and
+``{"Success": false, "Errors": [...]}`` for batches. A successful batch is
+answered exactly 200: legacy Segment clients resend on 201/202/204.
+
+Keys: Basic auth (username = write key, with or without the colon), else a
+`writeKey` in the message (or at the batch level); the webhook's `?writeKey=`
+overrides both. Limits are Segment's, which real clients are built for
+(32 KB per message, ~500 KB per batch; see segment_spec), not the seed's 15 KB.
+"""
+
+from __future__ import annotations
+
+import base64
+import binascii
+import logging
+from http import HTTPStatus
+from typing import Any, NamedTuple
+
+from aiohttp import web
+
+from ..sink import Sink
+from ..spool import SpoolFull
+from . import segment_spec as spec
+from .body import BodyError, read_raw
+from .relaxed_json import parse_lenient
+
+log = logging.getLogger("outpost.segment")
+
+SHORT = {"t": "track", "i": "identify", "p": "page", "s": "screen", "g": "group", "a": "alias"}
+ROUTE_TYPES = {**SHORT, **{kind: kind for kind in spec.TYPES}}
+# A transparent 1x1 GIF.
+GIF = base64.b64decode("R0lGODlhAQABAIAAAAAAAP///yH5BAEAAAAALAAAAAABAAEAAAIBRAA7")
+INVALID_KEY = "Invalid or missing writekey"
+
+
+class Failure(NamedTuple):
+    status: int
+    message: str
+    details: str = ""
+    retry_after: int | None = None
+
+
+def error_object(status: int, message: str, details: str = "") -> dict[str, str]:
+    return {"Error": HTTPStatus(status).phrase, "Message": message, "Details": details}
+
+
+def single_error(status: int, message: str, details: str = "",
+                 retry_after: int | None = None) -> web.Response:
+    return spec.json_reply(error_object(status, message, details), status, retry_after)
+
+
+def batch_error(status: int, errors: list[dict[str, str]],
+                retry_after: int | None = None) -> web.Response:
+    return spec.json_reply({"Success": False, "Errors": errors}, status, retry_after)
+
+
+def _body_key(body: Any) -> str | None:
+    key = body.get("writeKey") if isinstance(body, dict) else None
+    return key if isinstance(key, str) and key else None
+
+
+def _where(i: int, ev: Any) -> str:
+    mid = ev.get("messageId") if isinstance(ev, dict) else None
+    return f"batch[{i}]" + (f" messageId={mid}" if isinstance(mid, str) else "")
+
+
+def _verdict(errors: list[dict[str, str]], statuses: set[int], stored: int) -> web.Response:
+    """200, 207 for part of a batch, or the one status every message failed with."""
+    if not errors:
+        return spec.json_reply({"Success": True}, 200)
+    if stored:
+        return batch_error(207, errors)
+    return batch_error(statuses.pop() if len(statuses) == 1 else 400, errors)
+
+
+class SegmentHandlers:
+    """Route handlers bound to the shared sink."""
+
+    def __init__(self, sink: Sink) -> None:
+        self.sink = sink
+
+    async def single(self, request: web.Request) -> web.StreamResponse:
+        kind = ROUTE_TYPES[request.match_info["kind"]]
+        try:
+            body = parse_lenient(await read_raw(request, spec.MAX_EVENT_BYTES))
+        except BodyError as exc:
+            return single_error(exc.status, exc.message, exc.details)
+        return await self._single(body, kind, spec.basic_user(request.headers.get("Authorization")))
+
+    async def _single(self, body: Any, kind: str | None, header_key: str | None,
+                      raw_size: int = 0) -> web.StreamResponse:
+        failure = await self._one(body, kind, header_key, raw_size)
+        if failure is None:
+            return spec.json_reply({"Success": True}, 200)
+        return single_error(*failure)
+
+    async def _one(self, body: Any, kind: str | None, header_key: str | None,
+                   raw_size: int = 0) -> Failure | None:
+        """Validate and store one message; None when it was stored."""
+        if not isinstance(body, dict):
+            return Failure(400, "expected a JSON object")
+        key = header_key or _body_key(body)
+        if not self.sink.key_allowed(key):
+            return Failure(401, INVALID_KEY)
+        assert key is not None
+        if kind is not None:
+            body["type"] = kind  # the route names the call, as in Segment's API
+        try:
+            event = spec.accept(body, key, spec.TYPES, spec.received_now(), raw_size=raw_size)
+            await self.sink.store([event])
+        except spec.Invalid as exc:
+            return Failure(exc.status, exc.message)
+        except SpoolFull as exc:
+            return Failure(503, "spool full, retry later", exc.reason, exc.retry_after)
+        return None
+
+    async def batch(self, request: web.Request) -> web.StreamResponse:
+        header_key = spec.basic_user(request.headers.get("Authorization"))
+        if header_key is not None and not self.sink.key_allowed(header_key):
+            return batch_error(401, [error_object(401, INVALID_KEY)])
+        try:
+            raw = await read_raw(request, spec.MAX_BATCH_BYTES)
+            body = parse_lenient(raw)
+        except BodyError as exc:
+            detail = "HTTP request too large" if exc.status == 413 else exc.details
+            return batch_error(exc.status, [error_object(
+                exc.status, "Error reading request body", detail)])
+        return await self._batch(body, header_key, len(raw))
+
+    async def _batch(self, body: Any, forced_key: str | None, raw_size: int) -> web.StreamResponse:
+        try:
+            items = spec.batch_items(body)
+        except spec.Invalid as exc:
+            return batch_error(exc.status, [error_object(exc.status, exc.message)])
+        batch_key = _body_key(body)
+        if not items:
+            ok = self.sink.key_allowed(forced_key or batch_key)
+            return _verdict([] if ok else [error_object(401, INVALID_KEY)], {401}, 0)
+        received = spec.received_now()
+        events, errors, statuses = [], [], set()
+        for i, ev in enumerate(items):
+            key = forced_key or _body_key(ev) or batch_key
+            try:
+                if not self.sink.key_allowed(key):
+                    raise spec.Invalid(INVALID_KEY, 401)
+                assert key is not None
+                events.append(spec.accept(ev, key, spec.TYPES, received, batch=body,
+                                          raw_size=raw_size))
+            except spec.Invalid as exc:
+                errors.append(error_object(exc.status, exc.message, _where(i, ev)))
+                statuses.add(exc.status)
+        try:
+            await self.sink.store(events)
+        except SpoolFull as exc:
+            return batch_error(503, [error_object(503, "spool full, retry later", exc.reason)],
+                               exc.retry_after)
+        return _verdict(errors, statuses, len(events))
+
+    async def webhook(self, request: web.Request) -> web.StreamResponse:
+        """Analytics.js-formatted data, one message or a batch; `?writeKey=` wins."""
+        forced = request.query.get("writeKey") or spec.basic_user(
+            request.headers.get("Authorization"))
+        try:
+            raw = await read_raw(request, spec.MAX_BATCH_BYTES)
+            body = parse_lenient(raw)
+        except BodyError as exc:
+            return single_error(exc.status, exc.message, exc.details)
+        if isinstance(body, dict) and "batch" in body:
+            return await self._batch(body, forced, len(raw))
+        return await self._single(body, None, forced, len(raw))
+
+    async def pixel(self, request: web.Request) -> web.StreamResponse:
+        """Always a 200 GIF (an <img> cannot act on errors); valid messages are stored."""
+        problem = await self._pixel(request)
+        headers = {"Cache-Control": "no-store"}
+        if problem:
+            log.debug("pixel %s not stored: %s", request.path, problem)
+            headers["X-Outpost-Error"] = problem[:200]
+        return web.Response(body=GIF, content_type="image/gif", headers=headers)
+
+    async def _pixel(self, request: web.Request) -> str | None:
+        kind = ROUTE_TYPES.get(request.match_info["kind"])
+        if kind is None:
+            return f"unknown pixel type {request.match_info['kind']!r}"
+        try:
+            body = decode_pixel(request.query.get("data", ""))
+        except BodyError as exc:
+            return f"{exc.message}: {exc.details}" if exc.details else exc.message
+        failure = await self._one(body, kind, spec.basic_user(
+            request.headers.get("Authorization")) or request.query.get("writeKey"))
+        return None if failure is None else failure.message
+
+
+def decode_pixel(data: str) -> Any:
+    """The base64 JSON of a pixel's `data` (standard or URL-safe, padding optional)."""
+    if not data:
+        raise BodyError(400, "missing `data` query parameter")
+    # A literal '+' in an unescaped query string arrives as a space.
+    text = data.strip().replace(" ", "+").replace("-", "+").replace("_", "/")
+    try:
+        raw = base64.b64decode(text + "=" * (-len(text) % 4), validate=True)
+    except (binascii.Error, ValueError) as exc:
+        raise BodyError(400, "`data` is not base64", str(exc)) from exc
+    if len(raw) > spec.MAX_EVENT_BYTES:
+        raise BodyError(413, "message too large")
+    return parse_lenient(raw)
+
+
+def routes(sink: Sink) -> list[web.RouteDef]:
+    h = SegmentHandlers(sink)
+    kinds = "|".join(sorted(ROUTE_TYPES))
+    return [
+        web.post(f"/v1/{{kind:(?:{kinds})}}", h.single),
+        web.post("/v1/batch", h.batch),
+        web.post("/v1/import", h.batch),
+        web.get("/v1/pixel/{kind}", h.pixel),
+        web.post("/v1/webhook", h.webhook),
+        web.post("/v1/w", h.webhook),
+    ]

@@ -1,0 +1,225 @@
+"""The Segment spec, shared by every Segment-like dialect (docs/mapping.md).
+
+MetaRouter/Segment, the capture API, Tranthor and SegmentStream all store
+their events in the Segment family shape. This module validates one message
+and completes it the same way for all of them:
+
+- `type` is one of track/identify/page/screen/group/alias (each dialect narrows it);
+- `userId` or `anonymousId` is required (JSON null or "" counts as missing);
+- track needs `event`, group `groupId`, alias `previousId`;
+- `messageId` is a string under 100 characters, generated (uuid4) when absent;
+- batch-level `context` and `integrations` are merged in (the event's own keys win);
+- `writeKey` and `sentAt` are transport fields: the key becomes the Event's key,
+  and `sentAt` is set afresh at every send (DESIGN §2.9), so neither is stored;
+- `receivedAt` is set at ingest, and `timestamp` too when the client sent neither
+  `timestamp` nor `originalTimestamp`, so an event forwarded days later keeps its time.
+"""
+
+from __future__ import annotations
+
+import base64
+import binascii
+import uuid
+from collections.abc import Awaitable, Callable
+from typing import Any
+
+import orjson
+from aiohttp import web
+
+from ..events import SEGMENT, Event, dedupe_key, iso_ms, now_ms
+from ..spool import SpoolFull
+from .body import BodyError
+
+TYPES = frozenset({"track", "identify", "page", "screen", "group", "alias"})
+REQUIRED = {"track": "event", "group": "groupId", "alias": "previousId"}
+OBJECT_FIELDS = ("properties", "traits", "context", "integrations")
+TIME_FIELDS = ("timestamp", "originalTimestamp")
+TRANSPORT_FIELDS = ("writeKey", "sentAt")
+# Segment's limits, which real clients are written against (WIRE-NOTES): 32 KB
+# per event; 500 KB per batch, plus room for the event that crosses a client's
+# 475 KB flush threshold (analytics-python) and for `sentAt`/`writeKey`.
+MAX_EVENT_BYTES = 32 * 1024
+MAX_BATCH_BYTES = 512 * 1024
+MAX_BATCH_EVENTS = 2500
+MAX_MESSAGE_ID = 99
+MAX_MERGE_DEPTH = 16
+
+
+class Invalid(Exception):
+    """One message breaks the spec; ``status`` is 400, or 413 when it is too large."""
+
+    def __init__(self, message: str, status: int = 400) -> None:
+        super().__init__(message)
+        self.message = message
+        self.status = status
+
+
+def _is_id(value: Any) -> bool:
+    """A usable id: a non-empty string or a number (clients stringify inconsistently)."""
+    if isinstance(value, str):
+        return bool(value)
+    return isinstance(value, (int, float)) and not isinstance(value, bool)
+
+
+def check(ev: Any, types: frozenset[str], *, need_message_id: bool = False) -> None:
+    """Raise Invalid naming the first problem with message ``ev`` (not changed)."""
+    if not isinstance(ev, dict):
+        raise Invalid("each message must be a JSON object")
+    kind = ev.get("type")
+    if not isinstance(kind, str) or kind not in types:
+        raise Invalid(f"`type` must be one of {', '.join(sorted(types))}, got {kind!r}")
+    for name in ("userId", "anonymousId"):
+        value = ev.get(name)
+        if value is not None and value != "" and not _is_id(value):
+            raise Invalid(f"`{name}` must be a string")
+    if not _is_id(ev.get("userId")) and not _is_id(ev.get("anonymousId")):
+        raise Invalid("`userId` or `anonymousId` is required")
+    required = REQUIRED.get(kind)
+    if required is not None:
+        value = ev.get(required)
+        if not _is_id(value) or (required == "event" and not isinstance(value, str)):
+            raise Invalid(f"{kind} needs `{required}` (a non-empty string)")
+    for name in OBJECT_FIELDS:
+        if ev.get(name) is not None and not isinstance(ev[name], dict):
+            raise Invalid(f"`{name}` must be an object")
+    for name in (*TIME_FIELDS, "name"):
+        if ev.get(name) is not None and not isinstance(ev[name], str):
+            raise Invalid(f"`{name}` must be a string")
+    message_id = ev.get("messageId")
+    if message_id is None:
+        if need_message_id:
+            raise Invalid("`messageId` is required")
+    elif not isinstance(message_id, str) or not 0 < len(message_id) <= MAX_MESSAGE_ID:
+        raise Invalid(f"`messageId` must be a string of 1 to {MAX_MESSAGE_ID} characters")
+
+
+def merge(base: dict[str, Any], own: dict[str, Any], depth: int = 0) -> dict[str, Any]:
+    """``own`` over ``base``, recursively for nested objects: the event's keys win."""
+    out = dict(base)
+    for name, value in own.items():
+        old = out.get(name)
+        if isinstance(old, dict) and isinstance(value, dict) and depth < MAX_MERGE_DEPTH:
+            out[name] = merge(old, value, depth + 1)
+        else:
+            out[name] = value
+    return out
+
+
+def complete(ev: dict[str, Any], received: str, batch: dict[str, Any] | None = None) -> None:
+    """Fill in what the spec says the API sets; ``ev`` has passed ``check``."""
+    if batch is not None:
+        for name in ("context", "integrations"):
+            shared = batch.get(name)
+            if isinstance(shared, dict) and shared:
+                own = ev.get(name)
+                ev[name] = merge(shared, own) if isinstance(own, dict) else dict(shared)
+    for name in TRANSPORT_FIELDS:
+        ev.pop(name, None)
+    if ev.get("messageId") is None:
+        ev["messageId"] = str(uuid.uuid4())
+    if ev.get("timestamp") is None and ev.get("originalTimestamp") is None:
+        ev["timestamp"] = received
+    ev["receivedAt"] = received
+
+
+def received_now() -> str:
+    return iso_ms(now_ms())
+
+
+def to_event(key: str, ev: dict[str, Any]) -> Event:
+    try:
+        body = orjson.dumps(ev)
+    except orjson.JSONEncodeError as exc:  # nested deeper than orjson writes (255)
+        raise Invalid(f"message cannot be stored: {exc}") from exc
+    return Event(key, SEGMENT, dedupe_key("segment", key, ev["messageId"]), body)
+
+
+def accept(ev: Any, key: str, types: frozenset[str], received: str, *,
+           batch: dict[str, Any] | None = None, raw_size: int = 0,
+           need_message_id: bool = False) -> Event:
+    """One message checked, completed and ready to store; raises Invalid."""
+    if too_large(ev, raw_size):
+        raise Invalid(f"message over {MAX_EVENT_BYTES} bytes", 413)
+    check(ev, types, need_message_id=need_message_id)
+    complete(ev, received, batch)
+    return to_event(key, ev)
+
+
+def accept_all(body: Any, key: str, types: frozenset[str], raw_size: int, *,
+               need_message_id: bool = False) -> list[Event]:
+    """Every message of a batch, or Invalid naming the first bad one (all or nothing)."""
+    items = batch_items(body)
+    received = received_now()
+    events = []
+    for i, ev in enumerate(items):
+        try:
+            events.append(accept(ev, key, types, received, batch=body, raw_size=raw_size,
+                                 need_message_id=need_message_id))
+        except Invalid as exc:
+            raise Invalid(f"batch[{i}]: {exc.message}", exc.status) from None
+    return events
+
+
+def batch_items(body: Any) -> list[Any]:
+    """The `batch` array of a batch request; raises Invalid for the request as a whole."""
+    if not isinstance(body, dict):
+        raise Invalid("expected a JSON object with a `batch` array")
+    items = body.get("batch")
+    if not isinstance(items, list):
+        raise Invalid("`batch` must be an array of messages")
+    if len(items) > MAX_BATCH_EVENTS:
+        raise Invalid(f"at most {MAX_BATCH_EVENTS} messages per batch, got {len(items)}", 413)
+    return items
+
+
+def too_large(ev: Any, raw_size: int) -> bool:
+    """Whether one message of a request of ``raw_size`` bytes is over MAX_EVENT_BYTES."""
+    # Only a request larger than the limit can hold an event larger than it.
+    return raw_size > MAX_EVENT_BYTES and len(orjson.dumps(ev)) > MAX_EVENT_BYTES
+
+
+def basic_user(header: str | None) -> str | None:
+    """The username of a Basic Authorization header, with or without the trailing colon."""
+    if not header:
+        return None
+    scheme, _, token = header.strip().partition(" ")
+    if scheme.lower() != "basic" or not token.strip():
+        return None
+    token = token.strip()
+    try:
+        decoded = base64.b64decode(token + "=" * (-len(token) % 4), validate=True)
+        return decoded.decode("utf-8").partition(":")[0] or None
+    except (binascii.Error, ValueError):
+        return None
+
+
+def json_reply(body: Any, status: int, retry_after: int | None = None) -> web.Response:
+    headers = {"Retry-After": str(retry_after)} if retry_after else None
+    return web.Response(body=orjson.dumps(body), status=status, headers=headers,
+                        content_type="application/json")
+
+
+def describe(exc: BodyError) -> str:
+    return exc.message + (f": {exc.details}" if exc.details else "")
+
+
+ErrorReply = Callable[[int, str, int | None], web.Response]
+
+
+async def settle(work: Awaitable[object], error: ErrorReply, *, full_status: int = 503,
+                 client_status: int | None = None) -> web.Response | None:
+    """Await ``work`` (read, parse, store): None when done, else the error reply.
+
+    Client mistakes get their own status (or ``client_status`` for APIs with one
+    status for every client error); a full spool gets ``full_status`` and
+    Retry-After, never a 500.
+    """
+    try:
+        await work
+    except BodyError as exc:
+        return error(client_status or exc.status, describe(exc), None)
+    except Invalid as exc:
+        return error(client_status or exc.status, exc.message, None)
+    except SpoolFull as exc:
+        return error(full_status, f"spool full, retry later: {exc.reason}", exc.retry_after)
+    return None

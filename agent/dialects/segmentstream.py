@@ -1,0 +1,88 @@
+"""The SegmentStream HTTP tracking API (seed 001): `POST /track`, answered 204.
+
+The API token is the Basic auth username (401 when missing or not accepted).
+The event is nested: `event.{category,name,label,user,...}`, and `hitId`
+dedupes resends. The seed answers 400 both for invalid JSON and for a body
+over 64 KB. Each hit is stored as a Segment `track` (docs/mapping.md):
+
+- `event.name` (else `event.category`) becomes `event`, and `hitId` the `messageId`;
+- the other fields of `event`, user aside, become `properties`;
+- `user.userId` / `user.anonymousId` go to the top level, the rest of
+  `user` to `context.traits`;
+- `sentAt`, which this API defines as the time the hit happened, becomes `timestamp`.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from aiohttp import web
+
+from ..sink import Sink
+from . import segment_spec as spec
+from .body import parse_json, read_raw
+
+MAX_BODY = 64 * 1024
+TYPES = frozenset({"track"})
+_IDS = ("userId", "anonymousId")
+
+
+def error(status: int, message: str, retry_after: int | None = None) -> web.Response:
+    return spec.json_reply({"error": message}, status, retry_after)
+
+
+def to_segment(body: Any) -> dict[str, Any]:
+    """A SegmentStream hit as a Segment track message; raises Invalid."""
+    if not isinstance(body, dict):
+        raise spec.Invalid("body must be a JSON object")
+    event = body.get("event")
+    if not isinstance(event, dict):
+        raise spec.Invalid("`event` (an object) is required")
+    user = event.get("user", {})
+    if not isinstance(user, dict):
+        raise spec.Invalid("`event.user` must be an object")
+    hit_id = body.get("hitId")
+    if hit_id is not None and not isinstance(hit_id, str):
+        raise spec.Invalid("`hitId` must be a string")
+    name = event.get("name") or event.get("category")
+    if not isinstance(name, str) or not name:
+        raise spec.Invalid("`event.name` (or `event.category`) must be a non-empty string")
+    out = {k: v for k, v in body.items() if k not in ("hitId", "sentAt", "event")}
+    out.update(type="track", event=name,
+               properties={k: v for k, v in event.items() if k not in ("name", "user")})
+    out.update({k: user[k] for k in _IDS if user.get(k) is not None})
+    if hit_id is not None:
+        out["messageId"] = hit_id
+    if out.get("timestamp") is None and isinstance(body.get("sentAt"), str):
+        out["timestamp"] = body["sentAt"]
+    traits = {k: v for k, v in user.items() if k not in _IDS}
+    if traits:
+        context = out.get("context")
+        if context is not None and not isinstance(context, dict):
+            raise spec.Invalid("`context` must be an object")
+        out["context"] = spec.merge({"traits": traits}, context or {})
+    return out
+
+
+class SegmentStreamHandlers:
+    """Route handlers bound to the shared sink."""
+
+    def __init__(self, sink: Sink) -> None:
+        self.sink = sink
+
+    async def track(self, request: web.Request) -> web.StreamResponse:
+        key = spec.basic_user(request.headers.get("Authorization"))
+        if not self.sink.key_allowed(key):
+            return error(401, "missing or invalid API token")
+        assert key is not None
+
+        async def work() -> None:
+            body = parse_json(await read_raw(request, MAX_BODY))
+            await self.sink.store([spec.accept(to_segment(body), key, TYPES, spec.received_now())])
+
+        # The seed documents 400 for every client mistake, a body over 64 KB included.
+        return await spec.settle(work(), error, client_status=400) or web.Response(status=204)
+
+
+def routes(sink: Sink) -> list[web.RouteDef]:
+    return [web.post("/track", SegmentStreamHandlers(sink).track)]

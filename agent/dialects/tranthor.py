@@ -1,0 +1,89 @@
+"""The Tranthor / Dittofeed public app API (seed 002): `/api/public/apps/{call}`.
+
+Single calls (track, identify, page, screen) and `batch` (`{"batch": [...]}`,
+each message with its `type`), all answered 204. The key is the
+`PublicWriteKey` header, else `authorization`, taken verbatim (the Dittofeed
+SDK sends its write key as the whole header) or without a `Bearer ` prefix.
+`messageId` is required: it is the idempotency key. Base64 `files` are kept
+as sent, so there is no per-message size limit below the 1 MiB body limit
+(Fastify's default, which Dittofeed keeps). Errors use Fastify's shape,
+`{"statusCode", "error", "message"}`; a batch is taken whole or refused whole.
+"""
+
+from __future__ import annotations
+
+from http import HTTPStatus
+from typing import Any
+
+from aiohttp import web
+
+from ..events import Event
+from ..sink import Sink
+from . import segment_spec as spec
+from .body import parse_json, read_raw
+
+TYPES = frozenset({"track", "identify", "page", "screen"})
+MAX_BODY = 1024 * 1024
+
+
+def error(status: int, message: str, retry_after: int | None = None) -> web.Response:
+    return spec.json_reply({"statusCode": status, "error": HTTPStatus(status).phrase,
+                            "message": message}, status, retry_after)
+
+
+def request_key(request: web.Request) -> str | None:
+    for header in ("PublicWriteKey", "Authorization"):
+        value = request.headers.get(header, "").strip()
+        if value[:7].lower() == "bearer ":
+            value = value[7:].strip()
+        if value:
+            return value
+    return None
+
+
+def check_files(ev: Any) -> None:
+    files = ev.get("files") if isinstance(ev, dict) else None
+    if files is not None and (not isinstance(files, list)
+                              or not all(isinstance(f, dict) for f in files)):
+        raise spec.Invalid("`files` must be an array of objects")
+
+
+def parse(body: Any, call: str, key: str) -> list[Event]:
+    """The events of one request to ``/api/public/apps/{call}``; raises Invalid."""
+    if call == "batch":
+        items = spec.batch_items(body)
+        for i, ev in enumerate(items):
+            try:
+                check_files(ev)
+            except spec.Invalid as exc:
+                raise spec.Invalid(f"batch[{i}]: {exc.message}") from None
+        return spec.accept_all(body, key, TYPES, 0, need_message_id=True)
+    if not isinstance(body, dict):
+        raise spec.Invalid("body must be an object")
+    check_files(body)
+    body["type"] = call
+    return [spec.accept(body, key, TYPES, spec.received_now(), need_message_id=True)]
+
+
+class TranthorHandlers:
+    """Route handlers bound to the shared sink."""
+
+    def __init__(self, sink: Sink) -> None:
+        self.sink = sink
+
+    async def call(self, request: web.Request) -> web.StreamResponse:
+        key = request_key(request)
+        if not self.sink.key_allowed(key):
+            return error(401, "missing or invalid write key")
+        assert key is not None
+
+        async def work() -> None:
+            body = parse_json(await read_raw(request, MAX_BODY))
+            await self.sink.store(parse(body, request.match_info["call"], key))
+
+        return await spec.settle(work(), error) or web.Response(status=204)
+
+
+def routes(sink: Sink) -> list[web.RouteDef]:
+    calls = "|".join(sorted({*TYPES, "batch"}))
+    return [web.post(f"/api/public/apps/{{call:(?:{calls})}}", TranthorHandlers(sink).call)]

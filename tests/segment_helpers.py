@@ -1,0 +1,76 @@
+"""Helpers shared by the Segment-family tests: upstream configs and raw HTTP calls."""
+
+from __future__ import annotations
+
+import base64
+import gzip
+from dataclasses import dataclass
+from typing import Any
+
+import aiohttp
+import orjson
+
+from tests.fakes.nucleus_upstream import FakeNucleus
+from tests.fakes.segment_upstream import FakeSegment
+from tests.test_e2e_nucleus import wait_for
+
+__all__ = ["Reply", "basic", "call", "fill_spool", "nucleus_up", "segment_up", "wait_for"]
+
+
+def segment_up(fake: FakeSegment, **kw: Any) -> dict[str, Any]:
+    return {"name": "segment", "protocol": "segment-http", "url": fake.url,
+            "flush_interval_s": 0.05, "timeout_s": 2, **kw}
+
+
+def nucleus_up(fake: FakeNucleus, **kw: Any) -> dict[str, Any]:
+    return {"name": "nucleus", "protocol": "nucleus-http", "url": fake.http_url,
+            "flush_interval_s": 0.05, "timeout_s": 2, **kw}
+
+
+def basic(user: str, colon: bool = True) -> str:
+    return "Basic " + base64.b64encode((user + (":" if colon else "")).encode()).decode()
+
+
+@dataclass
+class Reply:
+    status: int
+    headers: dict[str, str]
+    body: bytes
+
+    def json(self) -> Any:
+        return orjson.loads(self.body)
+
+
+async def call(port: int, path: str, body: Any = None, *, method: str = "POST",
+               headers: dict[str, str] | None = None, gzipped: bool = False) -> Reply:
+    """One request to the agent; ``body`` is sent as given (str/bytes) or as JSON."""
+    data: bytes | None
+    if body is None or isinstance(body, bytes):
+        data = body
+    elif isinstance(body, str):
+        data = body.encode()
+    else:
+        data = orjson.dumps(body)
+    hdrs = {"Content-Type": "application/json", **(headers or {})}
+    if gzipped and data is not None:
+        data = gzip.compress(data)
+        hdrs["Content-Encoding"] = "gzip"
+    async with aiohttp.ClientSession(auto_decompress=False) as s:
+        async with s.request(method, f"http://127.0.0.1:{port}{path}", data=data,
+                             headers=hdrs) as r:
+            return Reply(r.status, dict(r.headers), await r.read())
+
+
+async def fill_spool(port: int) -> None:
+    """Fill an agent's spool (start it with max_size_mb = 1) until a small track is refused."""
+    auth = {"Authorization": basic("filler")}
+    big = {"batch": [{"type": "track", "userId": "u", "event": "e",
+                      "properties": {"x": "y" * 30_000}} for _ in range(15)]}
+    for _ in range(10):
+        if (await call(port, "/v1/batch", big, headers=auth)).status == 503:
+            break
+    for i in range(500):
+        small = {"userId": "u", "event": "e", "messageId": f"fill-{i}"}
+        if (await call(port, "/v1/track", small, headers=auth)).status == 503:
+            return
+    raise AssertionError("the spool never filled")

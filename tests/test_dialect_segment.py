@@ -1,0 +1,226 @@
+"""The Segment spec / MetaRouter dialect: the seed's examples, its error shapes, its limits."""
+
+from __future__ import annotations
+
+import base64
+import json
+from typing import Any
+
+import orjson
+import pytest
+
+from agent.dialects.segment import GIF
+from tests import seed_examples as seed
+from tests.fakes.segment_upstream import FakeSegment
+from tests.segment_helpers import basic, call, fill_spool, segment_up, wait_for
+
+
+def by_key(fake: FakeSegment) -> dict[str, list[dict[str, Any]]]:
+    out: dict[str, list[dict[str, Any]]] = {}
+    for req in fake.accepted():
+        out.setdefault(req.write_key or "", []).extend(req.events)
+    return out
+
+
+# -- golden: the seed's own example requests --------------------------------
+
+@pytest.mark.parametrize("route,example,kind", [
+    ("/v1/identify", seed.METAROUTER_IDENTIFY, "identify"),
+    ("/v1/i", seed.METAROUTER_IDENTIFY, "identify"),
+    ("/v1/track", seed.METAROUTER_TRACK, "track"),
+    ("/v1/t", seed.METAROUTER_TRACK, "track"),
+    ("/v1/page", seed.METAROUTER_PAGE, "page"),
+    ("/v1/p", seed.METAROUTER_PAGE, "page"),
+    ("/v1/group", seed.METAROUTER_GROUP, "group"),
+    ("/v1/g", seed.METAROUTER_GROUP, "group"),
+    ("/v1/alias", seed.METAROUTER_ALIAS, "alias"),
+    ("/v1/a", seed.METAROUTER_ALIAS, "alias"),
+])
+async def test_seed_single_calls_as_written(make_agent: Any, fake_segment: FakeSegment,
+                                            route: str, example: str, kind: str) -> None:
+    agent = await make_agent(upstreams=[segment_up(fake_segment)])
+    reply = await call(agent.port, route, example, headers={"Authorization": seed.METAROUTER_AUTH})
+    assert reply.status == 200, reply.body
+    await wait_for(lambda: len(fake_segment.events) == 1)
+    ev = fake_segment.events[0]
+    assert fake_segment.requests[0].write_key == "ILoveData123"
+    assert ev["type"] == kind and ev["userId"] in ("1234qwerty", "assigned_id_or_email")
+    assert ev["messageId"] and ev["receivedAt"] and ev["sentAt"] and ev["timestamp"]
+    if kind == "identify":
+        assert ev["traits"]["hasTowel"] is True
+        assert ev["timestamp"] == "2015-11-10T00:45:23.412Z"
+    if kind == "page":
+        assert ev["section"] == "Blog"   # unknown fields are kept
+
+
+async def test_seed_batch_merges_batch_context(make_agent: Any, fake_segment: FakeSegment) -> None:
+    agent = await make_agent(upstreams=[segment_up(fake_segment)])
+    for route in ("/v1/batch", "/v1/import"):
+        reply = await call(agent.port, route, seed.METAROUTER_BATCH)
+        assert reply.status == 200 and reply.json() == {"Success": True}
+    await wait_for(lambda: len(fake_segment.events) == 2)  # the import was a resend: deduped
+    sent = json.loads(seed.METAROUTER_BATCH)
+    events = by_key(fake_segment)["test1"]
+    assert [e["messageId"] for e in events] == [e["messageId"] for e in sent["batch"]]
+    for ev in events:
+        assert ev["context"] == sent["context"] and ev["integrations"] == sent["integrations"]
+        assert ev["timestamp"] == "2020-03-02T18:29:27.333Z"
+        assert "writeKey" not in ev     # the key travels in Basic auth, not in the event
+    assert agent.spool.counters["duplicates"] == 2
+
+
+async def test_seed_pixel_and_webhook(make_agent: Any, fake_segment: FakeSegment) -> None:
+    agent = await make_agent(upstreams=[segment_up(fake_segment)])
+    reply = await call(agent.port, seed.METAROUTER_PIXEL_PATH, method="GET")
+    assert reply.status == 200 and reply.body == GIF
+    assert reply.headers["Content-Type"] == "image/gif"
+    reply = await call(agent.port, seed.METAROUTER_WEBHOOK_PATH, seed.METAROUTER_PIXEL_PAYLOAD)
+    assert reply.status == 200
+    await wait_for(lambda: len(fake_segment.events) == 2)
+    keys = by_key(fake_segment)
+    assert keys["example"][0]["event"] == "example event"           # the pixel's writeKey
+    assert keys["abcdefg"][0]["context"]["library"]["name"] == "analytics.js"  # ?writeKey=
+
+
+# -- keys -------------------------------------------------------------------
+
+@pytest.mark.parametrize("headers,body_key", [
+    ({"Authorization": basic("good")}, None),
+    ({"Authorization": basic("good", colon=False)}, None),
+    ({}, "good"),
+])
+async def test_key_forms(make_agent: Any, fake_segment: FakeSegment,
+                         headers: dict[str, str], body_key: str | None) -> None:
+    agent = await make_agent(listen={"accept_keys": ["good"]}, upstreams=[segment_up(fake_segment)])
+    msg = {"userId": "u", "event": "e", **({"writeKey": body_key} if body_key else {})}
+    assert (await call(agent.port, "/v1/track", msg, headers=headers)).status == 200
+    await wait_for(lambda: len(fake_segment.events) == 1)
+    assert fake_segment.requests[0].write_key == "good"
+
+
+@pytest.mark.parametrize("path", ["/v1/track", "/v1/batch", "/v1/webhook"])
+async def test_bad_or_missing_key_is_401(make_agent: Any, path: str) -> None:
+    agent = await make_agent(listen={"accept_keys": ["good"]})
+    msg: dict[str, Any] = {"type": "track", "userId": "u", "event": "e"}
+    body = {"batch": [msg]} if path == "/v1/batch" else msg
+    for headers in ({"Authorization": basic("bad")}, {}):
+        reply = await call(agent.port, path, body, headers=headers)
+        assert reply.status == 401
+        err = reply.json()["Errors"][0] if path == "/v1/batch" else reply.json()
+        assert err["Error"] == "Unauthorized" and err["Message"] == "Invalid or missing writekey"
+    assert agent.spool.depth == 0
+
+
+# -- 207, 400, 413 ------------------------------------------------------------
+
+async def test_partly_invalid_batch_is_207_with_the_error_list(make_agent: Any) -> None:
+    agent = await make_agent()
+    batch = {"batch": [
+        {"type": "track", "userId": "u", "event": "ok", "messageId": "m1"},
+        {"type": "track", "userId": "u", "messageId": "m2"},                  # no event
+        {"type": "identify", "anonymousId": None, "userId": None, "messageId": "m3"},
+        {"type": "track", "userId": "u", "event": "big", "messageId": "m4",
+         "properties": {"x": "y" * 40_000}},
+        {"type": "fly", "userId": "u", "messageId": "m5"},
+        {"type": "page", "userId": "u", "properties": "not an object", "messageId": "m6"},
+    ]}
+    reply = await call(agent.port, "/v1/batch", batch, headers={"Authorization": basic("k")})
+    assert reply.status == 207
+    body = reply.json()
+    assert body["Success"] is False
+    errors = {e["Details"]: e for e in body["Errors"]}
+    assert set(errors) == {f"batch[{i}] messageId=m{i + 1}" for i in range(1, 6)}
+    assert "`event`" in errors["batch[1] messageId=m2"]["Message"]
+    assert "userId" in errors["batch[2] messageId=m3"]["Message"]
+    assert errors["batch[3] messageId=m4"]["Error"] == "Request Entity Too Large"
+    assert "`properties`" in errors["batch[5] messageId=m6"]["Message"]
+    assert agent.spool.depth == 1
+
+
+async def test_all_invalid_batch_is_400(make_agent: Any) -> None:
+    agent = await make_agent()
+    reply = await call(agent.port, "/v1/batch", {"batch": [{"type": "alias", "userId": "u"}]},
+                       headers={"Authorization": basic("k")})
+    assert reply.status == 400
+    assert reply.json()["Errors"][0]["Message"].startswith("alias needs `previousId`")
+
+
+@pytest.mark.parametrize("path,body,fragment", [
+    ("/v1/track", b'{"userId": "u", "event": ', "invalid JSON"),
+    ("/v1/track", {"userId": "u"}, "`event`"),
+    ("/v1/track", {"anonymousId": None, "userId": None, "event": "e"}, "`userId` or"),
+    ("/v1/track", {"userId": "u", "event": 42}, "`event`"),
+    ("/v1/group", {"userId": "u"}, "`groupId`"),
+    ("/v1/identify", {"userId": {"id": 1}}, "`userId` must be a string"),
+    ("/v1/identify", {"userId": "u", "traits": []}, "`traits` must be an object"),
+    ("/v1/page", {"userId": "u", "timestamp": 1700000000}, "`timestamp` must be a string"),
+    ("/v1/track", {"userId": "u", "event": "e", "messageId": "x" * 100}, "`messageId`"),
+    ("/v1/track", [1, 2], "JSON object"),
+])
+async def test_single_call_errors_are_400_in_the_seed_shape(
+        make_agent: Any, path: str, body: Any, fragment: str) -> None:
+    agent = await make_agent()
+    reply = await call(agent.port, path, body, headers={"Authorization": basic("k")})
+    assert reply.status == 400
+    err = reply.json()
+    assert set(err) == {"Error", "Message", "Details"} and err["Error"] == "Bad Request"
+    assert fragment in err["Message"] + err["Details"]
+
+
+async def test_size_limits_are_413(make_agent: Any) -> None:
+    agent = await make_agent()
+    auth = {"Authorization": basic("k")}
+    big = {"userId": "u", "event": "e", "properties": {"x": "y" * 33_000}}
+    reply = await call(agent.port, "/v1/track", big, headers=auth)
+    assert reply.status == 413 and reply.json()["Error"] == "Request Entity Too Large"
+    batch = {"batch": [{**big, "type": "track", "properties": {"x": "y" * 30_000}}] * 20}
+    reply = await call(agent.port, "/v1/batch", batch, headers=auth)
+    assert reply.status == 413
+    assert reply.json() == {"Success": False, "Errors": [{
+        "Error": "Request Entity Too Large", "Message": "Error reading request body",
+        "Details": "HTTP request too large"}]}
+    # A real client's largest batch: ~475 KB plus the event that crosses it, is taken.
+    near = {"batch": [{**big, "type": "track", "properties": {"x": "y" * 31_000}}] * 16}
+    assert (await call(agent.port, "/v1/batch", near, headers=auth)).status == 200
+
+
+async def test_gzip_body_with_any_content_type(make_agent: Any, fake_segment: FakeSegment) -> None:
+    agent = await make_agent(upstreams=[segment_up(fake_segment)])
+    body = {"batch": [{"type": "track", "userId": "u", "event": "zipped"}]}
+    reply = await call(agent.port, "/v1/batch", body, gzipped=True, headers={
+        "Authorization": basic("k"), "Content-Type": "application/x-www-form-urlencoded"})
+    assert reply.status == 200
+    await wait_for(lambda: len(fake_segment.events) == 1)
+    assert fake_segment.events[0]["event"] == "zipped"
+
+
+async def test_pixel_always_answers_a_gif(make_agent: Any) -> None:
+    agent = await make_agent(listen={"accept_keys": ["good"]})
+    bad = [
+        "/v1/pixel/track",                                       # no data
+        "/v1/pixel/track?data=%%%",                              # not base64
+        "/v1/pixel/track?data=" + base64.b64encode(b"{nope").decode(),
+        "/v1/pixel/track?data=" + base64.b64encode(b'{"userId":"u","writeKey":"bad",'
+                                                     b'"event":"e"}').decode(),
+        "/v1/pixel/fly?data=e30=",
+    ]
+    for path in bad:
+        reply = await call(agent.port, path, method="GET")
+        assert reply.status == 200 and reply.body == GIF, path
+        assert reply.headers.get("X-Outpost-Error"), path
+    good = base64.urlsafe_b64encode(orjson.dumps(
+        {"userId": "u", "writeKey": "good", "event": "e"})).decode().rstrip("=")
+    reply = await call(agent.port, f"/v1/pixel/track?data={good}", method="GET")
+    assert reply.status == 200 and "X-Outpost-Error" not in reply.headers
+    assert agent.spool.depth == 1
+
+
+async def test_full_spool_is_503_with_retry_after_and_the_pixel_still_200(make_agent: Any) -> None:
+    agent = await make_agent(storage={"max_size_mb": 1})
+    auth = {"Authorization": basic("k")}
+    await fill_spool(agent.port)
+    reply = await call(agent.port, "/v1/track", {"userId": "u", "event": "e"}, headers=auth)
+    assert reply.status == 503 and int(reply.headers["Retry-After"]) > 0
+    assert reply.json()["Error"] == "Service Unavailable"
+    reply = await call(agent.port, seed.METAROUTER_PIXEL_PATH, method="GET")
+    assert reply.status == 200 and reply.body == GIF
