@@ -6,6 +6,7 @@ import argparse
 import asyncio
 import json
 import socket
+import sqlite3
 import sys
 import urllib.error
 import urllib.request
@@ -18,7 +19,7 @@ from . import __version__, logs, paths, service_install
 from . import config as config_mod
 from .config import Config, ConfigError
 from .device import detect
-from .spool_schema import read_offline
+from .status import offline_snapshot
 
 
 def _load(args: argparse.Namespace) -> Config | None:
@@ -58,9 +59,14 @@ def _agent_url(cfg: Config, path: str) -> str:
     return f"http://{host}:{cfg.listen.port}{path}"
 
 
+# The agent is on loopback: an $http_proxy meant for the internet must not be used.
+_DIRECT = urllib.request.build_opener(urllib.request.ProxyHandler({}))
+
+
 def _http(cfg: Config, path: str, method: str = "GET") -> Any:
-    req = urllib.request.Request(_agent_url(cfg, path), method=method, data=b"" if method == "POST" else None)
-    with urllib.request.urlopen(req, timeout=3) as resp:
+    req = urllib.request.Request(_agent_url(cfg, path), method=method,
+                                 data=b"" if method == "POST" else None)
+    with _DIRECT.open(req, timeout=3) as resp:
         return json.loads(resp.read())
 
 
@@ -70,10 +76,14 @@ def cmd_status(args: argparse.Namespace) -> int:
         return 2
     try:
         data = _http(cfg, "/status")
-        data["source"] = "agent"
+        data["source"] = f"agent at {_agent_url(cfg, '')}"
     except (urllib.error.URLError, OSError, ValueError):
-        data = read_offline(cfg.storage.resolved_path())
-        data["source"] = "spool (no agent running)"
+        try:
+            data = offline_snapshot(cfg)
+        except sqlite3.Error as exc:
+            print(f"outpost: no agent answering, and cannot read the spool "
+                  f"{cfg.storage.resolved_path()}: {exc}", file=sys.stderr)
+            return 1
     if args.json:
         print(json.dumps(data, indent=2))
     else:

@@ -1,35 +1,93 @@
-"""`outpost status` as a readable table."""
+"""`outpost status` as a readable table, from a status snapshot (live or offline)."""
 
 from __future__ import annotations
 
 from typing import Any
 
+# An upstream's error can be a long exception text; the table keeps one line per
+# upstream, and `--json` has it whole.
+ERROR_WIDTH = 72
 
-def _age(seconds: Any) -> str:
+
+def age(seconds: float | None) -> str:
     if seconds is None:
         return "-"
-    s = float(seconds)
+    s = max(0.0, float(seconds))
     for unit, size in (("d", 86400), ("h", 3600), ("m", 60)):
         if s >= size:
             return f"{s / size:.1f}{unit}"
     return f"{s:.0f}s"
 
 
+def size(n: float) -> str:
+    units = ("B", "KB", "MB", "GB")
+    value, i = float(n), 0
+    while value >= 1024 and i < len(units) - 1:
+        value, i = value / 1024, i + 1
+    return f"{value:.0f} B" if i == 0 else f"{value:.1f} {units[i]}"
+
+
+def table(header: list[str], rows: list[list[str]], right: set[int]) -> list[str]:
+    """Columns as wide as their widest cell; ``right`` holds the numeric columns."""
+    widths = [max(len(r[i]) for r in [header, *rows]) for i in range(len(header))]
+    out = []
+    for row in [header, *rows]:
+        cells = [c.rjust(w) if i in right else c.ljust(w)
+                 for i, (c, w) in enumerate(zip(row, widths))]
+        out.append("  ".join(cells).rstrip())
+    return out
+
+
+def _clip(text: str) -> str:
+    text = " ".join(text.split())
+    return text if len(text) <= ERROR_WIDTH else text[:ERROR_WIDTH - 1] + "…"
+
+
+def _upstream_rows(data: dict[str, Any]) -> list[list[str]]:
+    now = data.get("time")
+    rows = []
+    for u in data.get("upstreams") or []:
+        last_ack = u.get("last_ack")
+        rows.append([
+            u["name"], u["protocol"], u["state"], str(u["queue_depth"]), size(u["queue_bytes"]),
+            str(u.get("acked", "-")), str(u.get("retries", "-")),
+            age(now - last_ack) + " ago" if last_ack and now else "-",
+            _clip(u.get("last_error") or "-"),
+        ])
+    return rows
+
+
 def render(data: dict[str, Any]) -> str:
-    lines = [f"source:       {data.get('source', '?')}",
-             f"queue depth:  {data.get('queue_depth', data.get('depth', 0))}"]
+    """The snapshot as text: summary lines, the upstream table, then counters."""
+    source = data.get("source", "?")
+    if "uptime_s" in data:
+        source += f", up {age(data['uptime_s'])}"
+    lines = [f"outpost {data.get('version', '?')}: {source}"]
+    queue = f"{data.get('queue_depth', 0)} events"
     if data.get("oldest_event_age_s") is not None:
-        lines.append(f"oldest event: {_age(data['oldest_event_age_s'])} old")
-    ups = data.get("upstreams") or []
-    if ups:
-        lines.append("")
-        lines.append(f"{'UPSTREAM':12} {'PROTOCOL':13} {'STATE':8} {'QUEUED':>8} {'ACKED':>8} "
-                     f"{'RETRIES':>7}  LAST ERROR")
-        for u in ups:
-            lines.append(f"{u['name']:12} {u['protocol']:13} {u['state']:8} {u['queue_depth']:>8} "
-                         f"{u['acked']:>8} {u['retries']:>7}  {u.get('last_error') or '-'}")
+        queue += f", oldest {age(data['oldest_event_age_s'])} old"
+    lines.append(f"queue:    {queue}")
+    spool = data.get("spool") or {}
+    used = f"{size(spool['used_bytes'])} of {size(spool['max_bytes'])}, " \
+        if "used_bytes" in spool else ""
+    lines.append(f"spool:    {used}{spool.get('path', '?')}")
+    rows = _upstream_rows(data)
+    lines.append("")
+    if rows:
+        lines += table(["UPSTREAM", "PROTOCOL", "STATE", "QUEUED", "BYTES", "ACKED", "RETRIES",
+                        "LAST ACK", "LAST ERROR"], rows, right={3, 4, 5, 6})
+    else:
+        lines.append("no upstream configured: events are kept until one is")
+    unrouted = data.get("unrouted") or {}
+    if unrouted.get("keys"):
+        lines.append(f"{unrouted['queue_depth']} events of {unrouted['keys']} key(s) match "
+                     "no upstream")
     counters = data.get("counters") or {}
-    if counters:
-        lines.append("")
-        lines.append("counters: " + ", ".join(f"{k}={v}" for k, v in counters.items()))
+    lines.append("")
+    lines.append("events:   " + ", ".join(f"{name} {counters.get(name, 0)}"
+                                           for name in ("ingested", "duplicates", "acked")))
+    dropped = {k: v for k, v in (data.get("drops") or {}).items() if v}
+    lines.append("dropped:  " + (", ".join(f"{k} {v}" for k, v in dropped.items()) or "none"))
+    if counters.get("spool_corrupt"):
+        lines.append(f"corrupt spools moved aside: {counters['spool_corrupt']}")
     return "\n".join(lines)
