@@ -1,0 +1,106 @@
+"""`outpost status`: the table from a running agent, and from the spool with none running."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import sys
+from pathlib import Path
+from typing import Any
+
+import aiohttp
+
+from agent.status_table import render
+from tests.conftest import ROOT, free_port, write_config
+from tests.fakes.ops_scene import LIVE, QUEUED, REFUSED, Scene, populate, settled
+
+
+async def outpost(*args: str) -> tuple[int, str]:
+    """The real CLI in a subprocess (it blocks on HTTP; the agent is in this loop)."""
+    proc = await asyncio.create_subprocess_exec(
+        sys.executable, "-m", "agent", *args, cwd=ROOT,
+        stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.STDOUT)
+    out, _ = await asyncio.wait_for(proc.communicate(), 30)
+    return proc.returncode or 0, out.decode()
+
+
+def row(text: str, name: str) -> list[str]:
+    line = next(ln for ln in text.splitlines() if ln.startswith(name + " "))
+    return line.split()
+
+
+async def test_table_from_running_agent(make_agent: Any) -> None:
+    async with Scene() as scene:
+        agent = await make_agent(port=free_port(), upstreams=scene.upstreams())
+        await populate(agent.port)
+        await settled(agent)
+        code, text = await outpost("status", "--config", agent.config_path)
+        assert code == 0, text
+        code, raw = await outpost("status", "--json", "--config", agent.config_path)
+        async with aiohttp.ClientSession() as s:
+            async with s.get(f"http://127.0.0.1:{agent.port}/status") as r:
+                live_status = await r.json()
+    assert f"agent at http://127.0.0.1:{agent.port}" in text
+    assert f"queue:    {QUEUED} events, oldest" in text
+    # UPSTREAM PROTOCOL STATE QUEUED BYTES(2 words) ACKED RETRIES LAST-ACK... LAST ERROR
+    assert row(text, "live")[:4] == ["live", "nucleus-ws", "idle", "0"]
+    assert row(text, "live")[6:8] == [str(LIVE), "0"]
+    assert row(text, "live")[9] == "ago"
+    assert row(text, "strict")[:4] == ["strict", "nucleus-http", "idle", "0"]
+    down = row(text, "down")
+    assert down[:4] == ["down", "nucleus-http", "backoff", str(QUEUED)]
+    assert down[6:] == ["0", "1", "-", "HTTP", "503"]
+    assert f"events:   ingested {LIVE + REFUSED + QUEUED}, duplicates 0, acked {LIVE}" in text
+    assert f"dropped:  dead_lettered {REFUSED}" in text
+    data = json.loads(raw)
+    for key in ("queue_depth", "counters", "drops"):
+        assert data[key] == live_status[key]
+    assert [u["state"] for u in data["upstreams"]] == ["idle", "idle", "backoff"]
+
+
+async def test_table_from_spool_when_no_agent_runs(make_agent: Any, tmp_path: Path) -> None:
+    async with Scene() as scene:
+        agent = await make_agent(port=free_port(), upstreams=scene.upstreams())
+        await populate(agent.port)
+        await settled(agent)
+        await agent.stop()
+    code, text = await outpost("status", "--config", agent.config_path)
+    assert code == 0, text
+    assert "spool, no agent running" in text
+    assert f"queue:    {QUEUED} events" in text
+    assert row(text, "down")[:4] == ["down", "nucleus-http", "offline", str(QUEUED)]
+    assert row(text, "live")[:4] == ["live", "nucleus-ws", "offline", "0"]
+    assert f"dropped:  dead_lettered {REFUSED}" in text
+    code, raw = await outpost("status", "--json", "--config", agent.config_path)
+    data = json.loads(raw)
+    assert data["queue_depth"] == QUEUED and data["drops"]["dead_lettered"] == REFUSED
+    assert data["counters"]["acked"] == LIVE
+
+    fresh = write_config(tmp_path / "fresh.toml", tmp_path / "none" / "spool.db",
+                         port=free_port())
+    code, text = await outpost("status", "--config", str(fresh))
+    assert code == 0 and "no agent running, no spool yet" in text
+    assert "no upstream configured" in text
+
+
+def test_render_clips_long_errors_and_formats_ages() -> None:
+    text = render({
+        "version": "9", "source": "agent", "uptime_s": 7300, "time": 1000.0,
+        "queue_depth": 2, "oldest_event_age_s": 90061, "spool": {"path": "/s.db",
+                                                                   "used_bytes": 3 * 1024 ** 2,
+                                                                   "max_bytes": 512 * 1024 ** 2},
+        "upstreams": [{"name": "u", "protocol": "segment-http", "state": "backoff",
+                       "queue_depth": 2, "queue_bytes": 2048, "acked": 1, "retries": 4,
+                       "last_ack": 940.0, "last_error": "boom\n" + "x" * 200}],
+        "unrouted": {"keys": 1, "queue_depth": 5},
+        "counters": {"spool_corrupt": 1}, "drops": {"expired": 3, "rejected_full": 0},
+    })
+    assert "outpost 9: agent, up 2.0h" in text
+    assert "queue:    2 events, oldest 1.0d old" in text
+    assert "spool:    3.0 MB of 512.0 MB, /s.db" in text
+    line = next(ln for ln in text.splitlines() if ln.startswith("u "))
+    assert "2.0 KB" in line and "1.0m ago" in line and line.endswith("…")
+    assert "boom x" in line and "\n" not in line
+    assert "5 events of 1 key(s) match no upstream" in text
+    assert "dropped:  expired 3" in text and "rejected_full" not in text
+    assert "corrupt spools moved aside: 1" in text
