@@ -277,3 +277,41 @@ TRANTHOR_EXAMPLE_BODY = """\
   },
   "messageId": "1ff51c9c-4929-45de-8914-3bb878be8c4a"
 }"""
+
+CAPTURE_PYTHON = """\
+import requests
+url = "https://analytics.chatnationbot.com/v1/capture"
+headers = {
+"Content-Type": "application/json",
+"X-Write-Key": "your_write_key"
+}
+payload = {
+"batch": [{
+"type": "track",
+"event": "Order Completed",
+"userId": "user_123",
+"properties": {"total": 99.99}
+}]
+}
+response = requests.post(url, json=payload, headers=headers)
+print(response.status_code)"""
+
+CAPTURE_NODE = """\
+const response = await fetch(
+"https://analytics.chatnationbot.com/v1/capture",
+{
+method: "POST",
+headers: {
+"Content-Type": "application/json",
+"X-Write-Key": "your_write_key"
+},
+body: JSON.stringify({
+batch: [{
+type: "track",
+event: "Order Completed",
+userId: "user_123",
+properties: { total: 99.99 }
+}]
+})
+}
+);"""
