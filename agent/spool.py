@@ -105,6 +105,7 @@ class Spool:
         self._closing = False
         self._new_streams: list[Stream] = []
         self.last_commit_events = 0
+        self.commits = 0  # transactions this process ran: shows group commit at work
 
     # -- lifecycle ---------------------------------------------------------
 
@@ -163,12 +164,12 @@ class Spool:
         """Never a crash loop: move a corrupt spool aside and start afresh."""
         await self._close_connections()
         moved = move_aside(self.path)
-        self.count("spool_corrupt")
+        corrupt = self.counters.get("spool_corrupt", 0) + 1
         log.error("spool %s is corrupt (%s); moved aside to %s, starting a fresh spool",
                   self.path, exc, moved)
         await self._connect()
-        # The counter survives into the fresh spool so operators see it.
-        self.count("spool_corrupt", 0)
+        # The count carries into the fresh spool (saved with its next commit).
+        self.count("spool_corrupt", corrupt)
 
     async def close(self) -> None:
         """Finish pending commits, then close."""
@@ -280,6 +281,7 @@ class Spool:
             await self._reload_after_rollback(db)
             _fail(appends, exc)
             raise
+        self.commits += 1
         await self._refresh_size(db)
         _fail(rejected, SpoolFull("spool is full (storage.max_size_mb)"))
         for pending, n in zip(accepted, stored):

@@ -1,0 +1,143 @@
+"""The spool on real SQLite files: group commit, dedupe, FIFO, ack, dead letters, limits."""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import sqlite3
+import stat
+from pathlib import Path
+
+import orjson
+import pytest
+
+from agent.config import StorageConfig
+from agent.events import NUCLEUS, Event, dedupe_key
+from agent.spool import Spool, SpoolFull
+
+
+def ev(key: str, n: int, size: int = 10) -> Event:
+    return Event(key, NUCLEUS, dedupe_key(key, n), orjson.dumps({"id": n, "pad": "x" * size}))
+
+
+async def open_spool(tmp_path: Path, **kw: object) -> Spool:
+    return await Spool.open(StorageConfig(path=str(tmp_path / "spool.db"), **kw))  # type: ignore[arg-type]
+
+
+async def test_concurrent_appends_share_commits_and_survive_reopen(tmp_path: Path) -> None:
+    spool = await open_spool(tmp_path)
+    results = await asyncio.gather(*(spool.append([ev("k", i)]) for i in range(200)))
+    assert results == [1] * 200
+    # 200 requests were answered by far fewer transactions (group commit).
+    assert spool.commits < 200
+    await spool.close()
+    again = await open_spool(tmp_path)
+    assert again.depth == 200 and again.streams["k"].depth == 200
+    rows = await again.fetch([again.streams["k"].id], 0, 1000)
+    assert [orjson.loads(r.body)["id"] for r in rows] == list(range(200))
+    await again.close()
+
+
+async def test_resends_are_stored_once_even_after_delivery(tmp_path: Path) -> None:
+    spool = await open_spool(tmp_path)
+    assert await spool.append([ev("k", 1), ev("k", 2)]) == 2
+    assert await spool.append([ev("k", 1), ev("k", 3)]) == 1
+    rows = await spool.fetch([spool.streams["k"].id], 0, 10)
+    await spool.ack([r.seq for r in rows])
+    assert spool.depth == 0
+    # The app never saw our ack and resends: remembered, not stored again.
+    assert await spool.append([ev("k", 1)]) == 0
+    assert spool.counters["duplicates"] == 2
+    await spool.close()
+
+
+async def test_fifo_per_key_and_cursor_reads(tmp_path: Path) -> None:
+    spool = await open_spool(tmp_path)
+    for i in range(10):
+        await spool.append([ev("a", i), ev("b", i)])
+    a, b = spool.streams["a"].id, spool.streams["b"].id
+    first = await spool.fetch([a], 0, 4)
+    rest = await spool.fetch([a], first[-1].seq, 100)
+    assert [orjson.loads(r.body)["id"] for r in first + rest] == list(range(10))
+    assert all(r.stream == a for r in first + rest)
+    assert len(await spool.fetch([b], 0, 100)) == 10
+    await spool.close()
+
+
+async def test_ack_deletes_exactly_the_acked_rows(tmp_path: Path) -> None:
+    spool = await open_spool(tmp_path)
+    await spool.append([ev("k", i) for i in range(5)])
+    rows = await spool.fetch([spool.streams["k"].id], 0, 10)
+    await spool.ack([rows[1].seq, rows[3].seq, 999_999])   # unknown seqs are ignored
+    left = await spool.fetch([spool.streams["k"].id], 0, 10)
+    assert [r.seq for r in left] == [rows[0].seq, rows[2].seq, rows[4].seq]
+    assert spool.counters["acked"] == 2 and spool.depth == 3
+    await spool.close()
+
+
+async def test_dead_letters_keep_the_event_and_reason(tmp_path: Path) -> None:
+    spool = await open_spool(tmp_path)
+    await spool.append([ev("k", 1), ev("k", 2)])
+    rows = await spool.fetch([spool.streams["k"].id], 0, 10)
+    await spool.dead_letter([(rows[0].seq, "up", "HTTP 400: bad event")])
+    (dead,) = await spool.dead_letters()
+    assert dead["reason"] == "HTTP 400: bad event" and dead["upstream"] == "up"
+    assert orjson.loads(dead["body"])["id"] == 1
+    assert spool.depth == 1 and spool.counters["dead_lettered"] == 1
+    await spool.close()
+
+
+async def test_reject_when_full(tmp_path: Path) -> None:
+    spool = await open_spool(tmp_path, max_size_mb=1)
+    big = 20_000
+    stored = 0
+    with pytest.raises(SpoolFull):
+        for i in range(200):
+            stored += await spool.append([ev("k", i, big)])
+    assert 0 < stored < 60
+    assert spool.counters["rejected_full"] >= 1
+    assert os.path.getsize(tmp_path / "spool.db") <= 1024 * 1024 + 64 * 1024
+    await spool.close()
+
+
+async def test_drop_oldest_when_full_keeps_newest(tmp_path: Path) -> None:
+    spool = await open_spool(tmp_path, max_size_mb=1, when_full="drop_oldest")
+    for i in range(200):
+        assert await spool.append([ev("k", i, 20_000)]) == 1
+    rows = await spool.fetch([spool.streams["k"].id], 0, 1000)
+    ids = [orjson.loads(r.body)["id"] for r in rows]
+    assert ids == list(range(200 - len(ids), 200))     # the newest, in order
+    assert spool.counters["dropped_full"] == 200 - len(ids) > 0
+    assert spool.depth == len(ids)
+    await spool.close()
+
+
+async def test_prune_drops_old_events_and_counts_them(tmp_path: Path) -> None:
+    spool = await open_spool(tmp_path, max_age_days=1)
+    await spool.append([ev("k", 1), ev("k", 2)])
+    await spool.close()
+    with sqlite3.connect(tmp_path / "spool.db") as db:   # age one event by 2 days
+        db.execute("UPDATE events SET received = received - 2 * 86400000 WHERE seq = 1")
+    spool = await open_spool(tmp_path, max_age_days=1)
+    assert await spool.prune() == 1
+    assert spool.depth == 1 and spool.counters["expired"] == 1
+    await spool.close()
+
+
+async def test_files_are_private(tmp_path: Path) -> None:
+    spool = await Spool.open(StorageConfig(path=str(tmp_path / "d" / "spool.db")))
+    await spool.append([ev("k", 1)])
+    assert stat.S_IMODE(os.stat(tmp_path / "d").st_mode) == 0o700
+    for name in ("spool.db", "spool.db-wal"):
+        assert stat.S_IMODE(os.stat(tmp_path / "d" / name).st_mode) == 0o600
+    await spool.close()
+
+
+async def test_garbage_spool_is_moved_aside(tmp_path: Path) -> None:
+    (tmp_path / "spool.db").write_bytes(b"this is not sqlite" * 100)
+    spool = await open_spool(tmp_path)
+    assert await spool.append([ev("k", 1)]) == 1
+    assert spool.counters["spool_corrupt"] == 1
+    aside = list(tmp_path.glob("spool.db.corrupt-*"))
+    assert aside and aside[0].read_bytes().startswith(b"this is not sqlite")
+    await spool.close()
