@@ -73,7 +73,9 @@ class FrameBuilder:
             return []
         acked = []
         for ack_id in reported:
-            if isinstance(ack_id, (dict, list)):
+            # No event has a boolean id (ingest refuses them), but `true == 1` in Python:
+            # a stray `true` must not acknowledge the event whose id is 1.
+            if isinstance(ack_id, (dict, list, bool)):
                 continue
             seq = self.in_flight.pop(ack_id, None)
             if seq is not None:
