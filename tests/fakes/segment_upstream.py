@@ -92,7 +92,8 @@ class FakeSegment:
     async def start(self) -> FakeSegment:
         app = web.Application(client_max_size=16 * 1024 * 1024)
         app.add_routes([web.post("/v1/batch", self._batch)])
-        self._runner = web.AppRunner(app, handle_signals=False)
+        # auto_decompress=False: record the size on the wire, and decode gzip here.
+        self._runner = web.AppRunner(app, handle_signals=False, auto_decompress=False)
         await self._runner.setup()
         site = web.TCPSite(self._runner, "127.0.0.1", self.port, reuse_address=True)
         await site.start()

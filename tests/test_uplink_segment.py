@@ -1,0 +1,109 @@
+"""The segment-http uplink against a fake Segment collector: batching, retries, poison, gzip."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import orjson
+
+from tests.fakes.segment_upstream import FakeSegment
+from tests.segment_helpers import basic, call, segment_up, wait_for
+
+
+def events(n: int, prefix: str = "m", pad: int = 0) -> dict[str, Any]:
+    return {"batch": [{"type": "track", "userId": "u", "event": f"e{i}", "messageId": f"{prefix}{i}",
+                       **({"properties": {"pad": "x" * pad}} if pad else {})} for i in range(n)]}
+
+
+async def send(port: int, body: dict[str, Any], key: str = "app") -> None:
+    reply = await call(port, "/v1/batch", body, headers={"Authorization": basic(key)})
+    assert reply.status == 200, reply.body
+
+
+async def test_batches_respect_event_and_byte_caps(make_agent: Any,
+                                                   fake_segment: FakeSegment) -> None:
+    agent = await make_agent(upstreams=[segment_up(fake_segment, batch_max_events=3,
+                                                   flush_interval_s=0.3)])
+    await send(agent.port, events(10))
+    await wait_for(lambda: len(fake_segment.events) == 10)
+    assert fake_segment.message_ids() == [f"m{i}" for i in range(10)]
+    assert [len(r.events) for r in fake_segment.requests] == [3, 3, 3, 1]
+    for req in fake_segment.requests:
+        assert req.auth == basic("app") and req.write_key == "app"
+        assert req.body["sentAt"] and all(ev["sentAt"] == req.body["sentAt"] for ev in req.events)
+        assert all(ev["receivedAt"] for ev in req.events)
+
+    agent2 = await make_agent(spool=agent.spool.path.with_name("two.db"), upstreams=[
+        segment_up(fake_segment, batch_max_bytes=2048, key="upstream-key")])
+    fake_segment.requests.clear()
+    await send(agent2.port, events(10, "b", pad=500))
+    await wait_for(lambda: len(fake_segment.events) == 20)
+    assert all(r.size <= 2048 for r in fake_segment.requests) and len(fake_segment.requests) >= 4
+    assert {r.write_key for r in fake_segment.requests} == {"upstream-key"}
+
+
+async def test_429_retry_after_is_honoured(make_agent: Any, fake_segment: FakeSegment) -> None:
+    fake_segment.fail(1, 429, "1")
+    fake_segment.fail(1, 503)
+    agent = await make_agent(upstreams=[segment_up(fake_segment)])
+    await send(agent.port, events(4))
+    await wait_for(lambda: len(fake_segment.events) == 4, timeout=15)
+    first, second, third = fake_segment.requests
+    assert [first.status, second.status, third.status] == [429, 503, 200]
+    assert second.at - first.at >= 0.95   # waited as long as the collector asked
+    assert [ev["messageId"] for ev in third.events] == [f"m{i}" for i in range(4)]
+    assert agent.forwarding.states["segment"].retries == 2
+    await wait_for(lambda: agent.spool.depth == 0)
+
+
+async def test_400_poison_is_isolated_to_dead_letters(make_agent: Any,
+                                                      fake_segment: FakeSegment) -> None:
+    fake_segment.poison = {"m5"}
+    agent = await make_agent(upstreams=[segment_up(fake_segment)])
+    await send(agent.port, events(12))
+    await wait_for(lambda: agent.spool.depth == 0)
+    assert sorted(fake_segment.message_ids()) == sorted(f"m{i}" for i in range(12) if i != 5)
+    assert len(fake_segment.message_ids()) == 11   # each delivered once
+    dead = await agent.spool.dead_letters()
+    assert len(dead) == 1 and orjson.loads(dead[0]["body"])["messageId"] == "m5"
+    assert dead[0]["upstream"] == "segment" and "poison messageId m5" in dead[0]["reason"]
+    assert "HTTP 400" in dead[0]["reason"]
+
+
+async def test_413_splits_until_batches_fit(make_agent: Any, fake_segment: FakeSegment) -> None:
+    fake_segment.max_bytes = 3000
+    agent = await make_agent(upstreams=[segment_up(fake_segment)])
+    await send(agent.port, events(8, pad=900))
+    await wait_for(lambda: agent.spool.depth == 0)
+    assert sorted(fake_segment.message_ids()) == [f"m{i}" for i in range(8)]
+    assert await agent.spool.dead_letters() == []
+
+
+async def test_event_over_batch_max_bytes_is_dead_lettered_not_stuck(
+        make_agent: Any, fake_segment: FakeSegment) -> None:
+    agent = await make_agent(upstreams=[segment_up(fake_segment, batch_max_bytes=1024)])
+    body = events(3)
+    body["batch"][1]["properties"] = {"pad": "x" * 2000}
+    await send(agent.port, body)
+    await wait_for(lambda: agent.spool.depth == 0)
+    assert fake_segment.message_ids() == ["m0", "m2"]
+    dead = await agent.spool.dead_letters()
+    assert len(dead) == 1 and "exceeds batch_max_bytes" in dead[0]["reason"]
+
+
+async def test_wrong_upstream_key_backs_off_instead_of_dead_lettering(
+        make_agent: Any, fake_segment: FakeSegment) -> None:
+    fake_segment.fail(2, 401)
+    agent = await make_agent(upstreams=[segment_up(fake_segment)])
+    await send(agent.port, events(3))
+    await wait_for(lambda: len(fake_segment.events) == 3, timeout=15)
+    assert await agent.spool.dead_letters() == []
+    assert "check the upstream" in (agent.forwarding.states["segment"].last_error or "")
+
+
+async def test_gzip(make_agent: Any, fake_segment: FakeSegment) -> None:
+    agent = await make_agent(upstreams=[segment_up(fake_segment, gzip=True)])
+    await send(agent.port, events(50, pad=200))
+    await wait_for(lambda: len(fake_segment.events) == 50)
+    req = fake_segment.requests[0]
+    assert req.gzip and req.size < len(orjson.dumps(req.body)) / 4
