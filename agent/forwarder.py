@@ -92,6 +92,8 @@ class StreamForwarder:
         limit = self.cfg.batch_max_events * FETCH_FACTOR
         rows = await self.spool.fetch([self.stream.id], self._cursor, limit)
         if not rows:
+            if not self._tasks:  # everything sent and answered: a flush is complete
+                self.flush_now = False
             await self._idle(None)
             return
         if len(rows) < self.cfg.batch_max_events and not self._due(rows[0]):
@@ -123,8 +125,6 @@ class StreamForwarder:
             for w in waits:
                 if w not in self._tasks:
                     w.cancel()
-        if not self._tasks:
-            self.flush_now = False
 
     async def _deliver(self, batch: list[Row]) -> None:
         self.state.state = "sending"
