@@ -1,0 +1,175 @@
+"""Operations on a real agent process: SIGHUP reload, `outpost flush`, sd_notify, service install."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+from collections.abc import Callable, Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from tests.conftest import ROOT, AgentProcess, free_port, write_config
+from tests.fakes.nucleus_upstream import FakeNucleus
+from tests.fakes.ops_scene import post_events, wait_for
+
+pytestmark = pytest.mark.skipif(sys.platform == "win32", reason="signals and AF_UNIX datagrams")
+
+
+def upstream(url: str, **kw: Any) -> dict[str, Any]:
+    return {"name": "main", "protocol": "nucleus-ws", "url": url, "flush_interval_s": 0.05,
+            "timeout_s": 2, **kw}
+
+
+async def cli(*args: str) -> tuple[int, str]:
+    proc = await asyncio.create_subprocess_exec(
+        sys.executable, "-m", "agent", *args, cwd=ROOT,
+        stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.STDOUT)
+    out, _ = await asyncio.wait_for(proc.communicate(), 30)
+    return proc.returncode or 0, out.decode()
+
+
+async def status(config: Path) -> dict[str, Any]:
+    code, out = await cli("status", "--json", "--config", str(config))
+    assert code == 0, out
+    data: dict[str, Any] = json.loads(out)
+    return data
+
+
+async def wait_status(config: Path, cond: Callable[[dict[str, Any]], bool]) -> None:
+    deadline = time.monotonic() + 20
+    while not cond(await status(config)):
+        assert time.monotonic() < deadline, "agent status never got there"
+        await asyncio.sleep(0.1)
+
+
+@pytest.mark.slow
+async def test_sighup_switches_upstream_without_loss_or_duplicates(
+        tmp_path: Path, agent_process: Callable[..., AgentProcess]) -> None:
+    port = free_port()
+    cfg = write_config(tmp_path / "agent.toml", tmp_path / "spool.db", port=port,
+                       upstreams=[upstream(f"ws://127.0.0.1:{free_port()}")])  # nobody there
+    agent = agent_process(cfg, port)
+    await asyncio.to_thread(agent.start)
+    await post_events(port, "k", range(40))
+    await wait_status(cfg, lambda s: s["upstreams"][0]["retries"] >= 1)
+    fake = await FakeNucleus().start()
+    try:
+        write_config(cfg, tmp_path / "spool.db", port=port, upstreams=[upstream(fake.url)])
+        assert agent.proc is not None
+        agent.proc.send_signal(signal.SIGHUP)
+        await post_events(port, "k", range(40, 50))   # ingest carries on during the reload
+        await wait_for(lambda: len(fake.events) >= 50, timeout=20)
+        await wait_status(cfg, lambda s: s["queue_depth"] == 0)
+        await asyncio.sleep(0.5)                      # room for a duplicate to show up
+        ids = fake.ids()
+    finally:
+        await fake.stop()
+    assert sorted(ids) == list(range(50)), "every event exactly once"
+    assert [i for i in ids if i < 40] == list(range(40)), "FIFO kept across the reload"
+    final = await status(cfg)
+    assert final["upstreams"][0]["url"] == fake.url and final["counters"]["acked"] == 50
+    assert final["upstreams"][0]["retries"] >= 1, "upstream state survives a reload"
+    assert agent.terminate() == 0
+    assert "configuration reloaded" in agent.log.read_text()
+
+
+@pytest.mark.slow
+async def test_flush_sends_now(tmp_path: Path, agent_process: Callable[..., AgentProcess]) -> None:
+    port = free_port()
+    fake = await FakeNucleus().start()
+    try:
+        cfg = write_config(tmp_path / "agent.toml", tmp_path / "spool.db", port=port,
+                           upstreams=[upstream(fake.url, flush_interval_s=3600)])
+        agent = agent_process(cfg, port)
+        await asyncio.to_thread(agent.start)
+        await post_events(port, "k", range(5))
+        await asyncio.sleep(0.5)
+        assert fake.events == [], "a partial batch waits for flush_interval_s"
+        code, out = await cli("flush", "--config", str(cfg))
+        assert code == 0 and "flush requested; 5 events queued" in out, out
+        await wait_for(lambda: len(fake.events) == 5, timeout=5)
+        await wait_status(cfg, lambda s: s["queue_depth"] == 0)
+        assert fake.ids() == [0, 1, 2, 3, 4]
+        assert agent.terminate() == 0
+    finally:
+        await fake.stop()
+    code, out = await cli("flush", "--config", str(cfg))
+    assert code == 1 and "no agent answering" in out
+
+
+@pytest.fixture
+def notify_socket(tmp_path: Path) -> Iterator[tuple[socket.socket, str]]:
+    sock = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
+    path = str(tmp_path / "notify.sock")
+    sock.bind(path)
+    sock.settimeout(10)
+    yield sock, path
+    sock.close()
+
+
+def next_message(sock: socket.socket, prefix: str, seen: list[str]) -> str:
+    """The next datagram starting with ``prefix``; everything received goes into ``seen``."""
+    while True:
+        msg = sock.recv(4096).decode()
+        seen.append(msg)
+        if msg.startswith(prefix):
+            return msg
+
+
+@pytest.mark.slow
+def test_agent_speaks_sd_notify(tmp_path: Path, notify_socket: tuple[socket.socket, str],
+                                agent_process: Callable[..., AgentProcess]) -> None:
+    sock, path = notify_socket
+    port = free_port()
+    cfg = write_config(tmp_path / "agent.toml", tmp_path / "spool.db", port=port)
+    # WatchdogSec=0.4s: the agent must ping every 0.2 s.
+    agent = agent_process(cfg, port, env={"NOTIFY_SOCKET": path, "WATCHDOG_USEC": "400000"})
+    agent.start()
+    seen: list[str] = []
+    ready = next_message(sock, "READY=1", seen)
+    assert f"STATUS=listening on 127.0.0.1:{port}" in ready
+    started = time.monotonic()
+    for _ in range(3):
+        assert next_message(sock, "WATCHDOG=1", seen) == "WATCHDOG=1"
+    assert time.monotonic() - started < 2.0
+    assert agent.proc is not None
+    agent.proc.send_signal(signal.SIGHUP)
+    assert next_message(sock, "RELOADING=1", seen).startswith("RELOADING=1\nMONOTONIC_USEC=")
+    assert next_message(sock, "READY=1", seen) == "READY=1"
+    agent.proc.send_signal(signal.SIGTERM)
+    assert next_message(sock, "STOPPING=1", seen) == "STOPPING=1"
+    assert agent.proc.wait(15) == 0
+    assert seen[0] == ready, "nothing before READY=1"
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="systemd user units")
+def test_service_install_user_dry_run_through_the_cli(tmp_path: Path) -> None:
+    home = tmp_path / "home"
+    env = {**os.environ, "HOME": str(home), "XDG_CONFIG_HOME": str(home / ".config")}
+    unit = home / ".config" / "systemd" / "user" / "outpost.service"
+    run = subprocess.run([sys.executable, "-m", "agent", "service", "install", "--user",
+                          "--dry-run"], cwd=ROOT, env=env, capture_output=True, text=True,
+                         timeout=30)
+    assert run.returncode == 0, run.stderr
+    out = run.stdout
+    assert out.startswith(f"[write] {unit} (mode 0644)\n")
+    assert f"ExecStart={sys.executable} -m agent run\n" in out
+    assert "Type=notify\n" in out and "WatchdogSec=30\n" in out
+    assert out.endswith("[run] systemctl --user daemon-reload\n"
+                        "[run] systemctl --user enable outpost.service\n"
+                        "[run] systemctl --user restart outpost.service\n"
+                        "dry run: nothing was changed\n")
+    assert not home.exists(), "a dry run writes nothing"
+    run = subprocess.run([sys.executable, "-m", "agent", "service", "uninstall", "--user",
+                          "--dry-run"], cwd=ROOT, env=env, capture_output=True, text=True,
+                         timeout=30)
+    assert run.returncode == 0 and f"[remove] {unit}\n" in run.stdout
+    assert not home.exists()
