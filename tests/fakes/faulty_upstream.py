@@ -1,0 +1,214 @@
+"""A scripted, misbehaving upstream: Nucleus (websocket and HTTP) and Segment `/v1/batch`.
+
+Each request (HTTP) or frame (websocket) takes the next Fault from ``script``;
+once the script is used up every request is answered properly. A ``poison``
+predicate makes any batch holding a matching event fail with 400, as an
+upstream that validates events would. Every request is logged with its
+arrival and reply times, so tests measure the agent's waits from the
+upstream's side instead of sleeping.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Any
+
+import orjson
+from aiohttp import WSMsgType, web
+
+# Fault kinds:
+#   status     answer `status` with `headers` (500, 429 + Retry-After, 400...)
+#   timeout    hold the reply for `delay` seconds (longer than the agent waits)
+#   slow       hold the reply for `delay` seconds, then answer properly
+#   reset      cut the connection before answering (HTTP: mid-request, body half read)
+#   close      websocket: acknowledge the first half of the frame, then close
+#   partial    acknowledge only the first half of the ids
+#   unknown    acknowledge every id plus ids that were never sent (and a `true`)
+#   bogus      acknowledge only ids that were never sent
+#   malformed  answer 200 with `body` (default: truncated JSON)
+KINDS = frozenset({"status", "timeout", "slow", "reset", "close", "partial", "unknown", "bogus",
+                   "malformed"})
+NEVER_SENT: list[Any] = [987654321, "never-sent", True, None, {"id": 1}, [1]]
+
+
+@dataclass
+class Fault:
+    kind: str
+    status: int = 500
+    headers: dict[str, str] = field(default_factory=dict)
+    delay: float = 0.0
+    body: bytes = b'{"reportedIds": [1, 2'
+
+    def __post_init__(self) -> None:
+        assert self.kind in KINDS, self.kind
+
+
+@dataclass
+class Request:
+    """One request or frame as the upstream saw it."""
+
+    arrived: float
+    path: str
+    events: list[dict[str, Any]]
+    fault: str = "ok"
+    status: int = 200
+    acked: list[Any] = field(default_factory=list)
+    answered: float | None = None
+
+
+class FaultyUpstream:
+    """aiohttp server on 127.0.0.1; ``await FaultyUpstream().start()``."""
+
+    def __init__(self) -> None:
+        self.script: list[Fault] = []
+        self.poison: Callable[[dict[str, Any]], bool] = lambda ev: False
+        self.requests: list[Request] = []
+        self.port = 0
+        self._runner: web.AppRunner | None = None
+        self._sockets: set[web.WebSocketResponse] = set()
+
+    # -- what the tests read ------------------------------------------------------
+
+    @property
+    def ws_url(self) -> str:
+        return f"ws://127.0.0.1:{self.port}"
+
+    @property
+    def http_url(self) -> str:
+        return f"http://127.0.0.1:{self.port}"
+
+    def acked_ids(self) -> list[Any]:
+        """Every id acknowledged upstream, once per acknowledgement."""
+        return [i for r in self.requests for i in r.acked]
+
+    def received_ids(self) -> list[Any]:
+        return [ev.get("id", ev.get("messageId")) for r in self.requests for ev in r.events]
+
+    def faulted(self) -> list[Request]:
+        return [r for r in self.requests if r.fault != "ok"]
+
+    # -- serving --------------------------------------------------------------------
+
+    def _next(self, events: list[dict[str, Any]]) -> Fault | None:
+        if any(self.poison(ev) for ev in events):
+            return Fault("status", 400, body=b'{"error": "invalid event"}')
+        return self.script.pop(0) if self.script else None
+
+    @staticmethod
+    def _ids(events: list[dict[str, Any]]) -> list[Any]:
+        return [ev["id"] for ev in events if "id" in ev and ev.get("type") != "heartbeat"]
+
+    def _ack(self, fault: Fault | None, ids: list[Any]) -> list[Any]:
+        if fault is None or fault.kind == "slow":
+            return ids
+        if fault.kind in ("partial", "close"):
+            return ids[: len(ids) // 2]
+        if fault.kind == "unknown":
+            return ids + NEVER_SENT
+        if fault.kind == "bogus":
+            return list(NEVER_SENT)
+        return []
+
+    async def _reset(self, request: web.Request) -> bool:
+        """A scripted reset: read part of the body, then cut the connection."""
+        if not self.script or self.script[0].kind != "reset":
+            return False
+        self.script.pop(0)
+        await request.content.read(16)
+        self.requests.append(Request(time.monotonic(), request.path, [], "reset", 0))
+        assert request.transport is not None
+        request.transport.abort()
+        return True
+
+    async def _nucleus_http(self, request: web.Request) -> web.StreamResponse:
+        if await self._reset(request):
+            return web.Response(status=500)
+        rec = Request(time.monotonic(), request.path, [])
+        self.requests.append(rec)
+        msg = orjson.loads(await request.read())
+        rec.events = [ev for ev in msg.get("data", []) if ev.get("type") != "heartbeat"]
+        fault = self._next(rec.events)
+        rec.fault = fault.kind if fault else "ok"
+        if fault is not None and fault.kind in ("timeout", "slow"):
+            await asyncio.sleep(fault.delay)
+        try:
+            if fault is not None and fault.kind == "status":
+                rec.status = fault.status
+                return web.Response(status=fault.status, headers=fault.headers,
+                                    body=fault.body if fault.status == 400 else b"")
+            if fault is not None and fault.kind == "malformed":
+                return web.Response(body=fault.body, content_type="application/json")
+            rec.acked = self._ack(fault, self._ids(rec.events))
+            return web.Response(body=orjson.dumps({"reportedIds": rec.acked}),
+                                content_type="application/json")
+        finally:
+            rec.answered = time.monotonic()
+
+    async def _nucleus_ws(self, request: web.Request) -> web.WebSocketResponse:
+        ws = web.WebSocketResponse(max_msg_size=0)
+        await ws.prepare(request)
+        self._sockets.add(ws)
+        async for frame in ws:
+            if frame.type not in (WSMsgType.TEXT, WSMsgType.BINARY):
+                continue
+            events = [ev for ev in orjson.loads(frame.data).get("data", [])
+                      if ev.get("type") != "heartbeat"]
+            if not events:
+                continue
+            rec = Request(time.monotonic(), request.path, events)
+            self.requests.append(rec)
+            fault = self._next(events)
+            rec.fault = fault.kind if fault else "ok"
+            if fault is not None and fault.kind in ("timeout", "slow"):
+                await asyncio.sleep(fault.delay)
+            if fault is not None and fault.kind == "malformed":
+                await ws.send_str(fault.body.decode())
+            elif fault is None or fault.kind not in ("status", "reset"):
+                rec.acked = self._ack(fault, self._ids(events))
+                if rec.acked:
+                    await ws.send_str(orjson.dumps({"reportedIds": rec.acked}).decode())
+            rec.answered = time.monotonic()
+            if fault is not None and fault.kind in ("close", "reset"):
+                await ws.close()
+                break
+        return ws
+
+    async def _segment_batch(self, request: web.Request) -> web.Response:
+        if await self._reset(request):
+            return web.Response(status=500)
+        rec = Request(time.monotonic(), request.path, [])
+        self.requests.append(rec)
+        msg = orjson.loads(await request.read())
+        rec.events = list(msg.get("batch", []))
+        fault = self._next(rec.events)
+        rec.fault = fault.kind if fault else "ok"
+        if fault is not None and fault.kind in ("timeout", "slow"):
+            await asyncio.sleep(fault.delay)
+        rec.answered = time.monotonic()
+        if fault is not None and fault.kind == "status":
+            rec.status = fault.status
+            return web.Response(status=fault.status, headers=fault.headers, body=fault.body)
+        rec.acked = [ev.get("messageId") for ev in rec.events]
+        return web.json_response({"success": True})
+
+    async def start(self) -> FaultyUpstream:
+        app = web.Application(client_max_size=16 * 1024 * 1024)
+        app.add_routes([web.get("/app/{appId}/track", self._nucleus_ws),
+                        web.post("/app/{appId}/track", self._nucleus_http),
+                        web.post("/v1/batch", self._segment_batch)])
+        self._runner = web.AppRunner(app, handle_signals=False, shutdown_timeout=1.0)
+        await self._runner.setup()
+        site = web.TCPSite(self._runner, "127.0.0.1", 0)
+        await site.start()
+        self.port = int(self._runner.addresses[0][1])
+        return self
+
+    async def stop(self) -> None:
+        for ws in list(self._sockets):
+            await ws.close()
+        if self._runner is not None:
+            await self._runner.cleanup()
+            self._runner = None

@@ -1,0 +1,339 @@
+"""A misbehaving upstream loses nothing (DESIGN §2.2, §2.3; style §4: backoff, Retry-After).
+
+The agent runs in process; tests/fakes/faulty_upstream.py answers each request
+or frame from a script of faults. Waits are measured from the upstream's side
+(arrival and reply times of each request). Backoff is shrunk with monkeypatch
+so that retries take milliseconds; the one place real seconds are spent is
+proving that a 1 to 2 s Retry-After is waited out.
+"""
+
+from __future__ import annotations
+
+import email.utils
+import math
+import random
+import re
+import time
+from collections import Counter
+from collections.abc import AsyncIterator, Callable
+from typing import Any
+
+import aiohttp
+import orjson
+import pytest
+
+from agent import forwarder
+from agent.forwarder import BACKOFF_BASE_S, BACKOFF_CAP_S, backoff_delay
+from agent.uplinks.http_common import retry_after
+from tests.fakes.faulty_upstream import NEVER_SENT, Fault, FaultyUpstream, Request
+from tests.test_e2e_nucleus import wait_for
+
+NUCLEUS = ("nucleus-http", "nucleus-ws")
+MARK = re.compile(rb"mk-(\d+)-")
+
+
+@pytest.fixture
+def fast_backoff(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Retries in milliseconds: these tests are about what is sent, not how long it waits."""
+    monkeypatch.setattr(forwarder, "BACKOFF_BASE_S", 0.02)
+    monkeypatch.setattr(forwarder, "BACKOFF_CAP_S", 0.2)
+
+
+@pytest.fixture
+async def faulty(fast_backoff: None) -> AsyncIterator[FaultyUpstream]:
+    fake = await FaultyUpstream().start()
+    yield fake
+    await fake.stop()
+
+
+def upstream(fake: FaultyUpstream, protocol: str, **kw: Any) -> dict[str, Any]:
+    url = fake.ws_url if protocol == "nucleus-ws" else fake.http_url
+    return {"name": "up", "protocol": protocol, "url": url, "flush_interval_s": 0.02,
+            "timeout_s": 0.6, **kw}
+
+
+def event(i: int, **payload: Any) -> dict[str, Any]:
+    return {"type": "event", "name": "e", "id": i, "sessionId": 1, "machineId": "m",
+            "date": "2026-01-01T00:00:00.000Z", "payload": {"mark": f"mk-{i}-", **payload}}
+
+
+async def send(agent: Any, events: list[dict[str, Any]], key: str = "app1") -> float:
+    """POST to the agent; returns how long the agent took to answer."""
+    started = time.monotonic()
+    async with aiohttp.ClientSession() as s:
+        async with s.post(f"http://127.0.0.1:{agent.port}/app/{key}/track",
+                          json={"data": events}) as r:
+            assert r.status == 200, await r.text()
+    return time.monotonic() - started
+
+
+def marks(events: list[dict[str, Any]]) -> list[int]:
+    out = []
+    for ev in events:
+        found = MARK.search(orjson.dumps(ev))
+        if found:
+            out.append(int(found.group(1)))
+    return out
+
+
+def _has(values: list[Any], wanted: Any) -> bool:
+    """``wanted in values``, type-strict as the Nucleus modules compare (True is not 1)."""
+    return any(v == wanted and type(v) is type(wanted) for v in values)
+
+
+def delivered(fake: FaultyUpstream) -> Counter[int]:
+    """How often the upstream acknowledged each event (by mark)."""
+    count: Counter[int] = Counter()
+    for rec in fake.requests:
+        count.update(marks([ev for ev in rec.events
+                            if _has(rec.acked, ev.get("id", ev.get("messageId")))]))
+    return count
+
+
+async def drained(agent: Any, fake: FaultyUpstream, n: int | range,
+                  timeout: float = 10.0) -> None:
+    """Wait until the spool is empty and every event was acknowledged upstream."""
+    want = set(range(n) if isinstance(n, int) else n)
+    await wait_for(lambda: agent.spool.depth == 0 and set(delivered(fake)) >= want, timeout)
+    assert await agent.spool.dead_letters() == []
+
+
+def resent_after(fake: FaultyUpstream, first: Request) -> list[int]:
+    later = fake.requests[fake.requests.index(first) + 1:]
+    return [m for r in later for m in marks(r.events)]
+
+
+# -- backoff and Retry-After, as pure functions ----------------------------------------------
+
+
+def test_backoff_doubles_from_base_and_is_capped() -> None:
+    assert 30 <= BACKOFF_CAP_S <= 120  # issue 2: reconnects capped at about 60 s
+    low, high = (lambda: 0.0), (lambda: 0.999999)
+    assert backoff_delay(0, low) == pytest.approx(BACKOFF_BASE_S * 0.5)
+    assert backoff_delay(1, low) == pytest.approx(BACKOFF_BASE_S)
+    assert backoff_delay(3, high) == pytest.approx(BACKOFF_BASE_S * 8, rel=1e-5)
+    for attempt in range(200):
+        assert BACKOFF_CAP_S * 0.5 * (attempt > 10) <= backoff_delay(attempt, low)
+        assert backoff_delay(attempt, high) < BACKOFF_CAP_S
+    assert backoff_delay(10_000, high) == pytest.approx(BACKOFF_CAP_S, rel=1e-5)
+    delays = [backoff_delay(a, low) for a in range(30)]
+    assert delays == sorted(delays)
+
+
+def test_backoff_is_jittered() -> None:
+    rng = random.Random(7)
+    at_cap = [backoff_delay(20, rng.random) for _ in range(200)]
+    assert all(BACKOFF_CAP_S * 0.5 <= d < BACKOFF_CAP_S for d in at_cap)
+    assert len(set(at_cap)) == 200
+    # Spread over the whole jitter range, not clustered: no thundering herd.
+    assert min(at_cap) < BACKOFF_CAP_S * 0.6 and max(at_cap) > BACKOFF_CAP_S * 0.9
+    early = [backoff_delay(2, rng.random) for _ in range(50)]
+    assert max(early) - min(early) > BACKOFF_BASE_S
+
+
+def test_retry_after_seconds_and_http_dates() -> None:
+    now = 1_700_000_000.0
+    assert retry_after("120", now) == 120.0
+    assert retry_after(" 7 ", now) == 7.0
+    date = email.utils.formatdate(now + 30, usegmt=True)
+    assert retry_after(date, now) == pytest.approx(30.0)
+    assert retry_after(email.utils.formatdate(now - 30, usegmt=True), now) == 0.0
+    for junk in (None, "", "soon", "-5", "1.5e3", "Tue, 99 Foo 2026 00:00:00 GMT"):
+        assert retry_after(junk, now) is None
+
+
+# -- scripted faults, end to end ---------------------------------------------------------------
+
+
+@pytest.mark.parametrize("protocol", ["nucleus-http", "segment-http"])
+async def test_500s_are_retried_until_delivered(make_agent: Any, faulty: FaultyUpstream,
+                                                protocol: str) -> None:
+    if protocol == "segment-http":
+        pytest.importorskip("agent.uplinks.segment_http")
+    faulty.script = [Fault("status", 500), Fault("status", 503), Fault("status", 502)]
+    agent = await make_agent(upstreams=[upstream(faulty, protocol)])
+    await send(agent, [event(i) for i in range(20)])
+    await drained(agent, faulty, 20)
+    assert [r.status for r in faulty.requests[:4]] == [500, 503, 502, 200]
+    assert agent.forwarding.states["up"].retries == 3
+    assert max(delivered(faulty).values()) == 1   # a 5xx delivers nothing: no duplicates
+
+
+async def test_429_retry_after_seconds_is_honoured(make_agent: Any,
+                                                   faulty: FaultyUpstream) -> None:
+    faulty.script = [Fault("status", 429, {"Retry-After": "1"})]
+    agent = await make_agent(upstreams=[upstream(faulty, "nucleus-http")])
+    await send(agent, [event(i) for i in range(5)])
+    await drained(agent, faulty, 5)
+    refused, retried = faulty.requests[0], faulty.requests[1]
+    assert refused.status == 429 and refused.answered is not None
+    # Backoff alone would retry after ~0.02 s here.
+    assert retried.arrived - refused.answered >= 0.95
+    assert "429" in (agent.forwarding.states["up"].last_error or "")
+
+
+async def test_429_retry_after_http_date_is_honoured(make_agent: Any,
+                                                     faulty: FaultyUpstream) -> None:
+    # HTTP-dates have whole seconds: two seconds from now is 1 to 2 s away.
+    when = email.utils.formatdate(math.floor(time.time()) + 2, usegmt=True)
+    faulty.script = [Fault("status", 429, {"Retry-After": when})]
+    agent = await make_agent(upstreams=[upstream(faulty, "nucleus-http")])
+    await send(agent, [event(i) for i in range(5)])
+    await drained(agent, faulty, 5)
+    refused, retried = faulty.requests[0], faulty.requests[1]
+    assert refused.answered is not None
+    assert retried.arrived - refused.answered >= 0.9
+
+
+async def test_huge_retry_after_is_capped(make_agent: Any, faulty: FaultyUpstream,
+                                          monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(forwarder, "RETRY_AFTER_CAP_S", 0.3)
+    faulty.script = [Fault("status", 503, {"Retry-After": "999999999"})]
+    agent = await make_agent(upstreams=[upstream(faulty, "nucleus-http")])
+    await send(agent, [event(i) for i in range(5)])
+    await drained(agent, faulty, 5, timeout=5)
+
+
+async def test_flush_interrupts_a_long_retry_after(make_agent: Any,
+                                                   faulty: FaultyUpstream) -> None:
+    faulty.script = [Fault("status", 429, {"Retry-After": "3000"})]
+    agent = await make_agent(upstreams=[upstream(faulty, "nucleus-http")])
+    await send(agent, [event(i) for i in range(5)])
+    await wait_for(lambda: agent.forwarding.states["up"].state == "backoff")
+    assert agent.spool.depth == 5
+    agent.forwarding.flush()
+    await drained(agent, faulty, 5, timeout=5)
+
+
+@pytest.mark.parametrize("protocol", NUCLEUS)
+async def test_timeouts_resend_the_same_events(make_agent: Any, faulty: FaultyUpstream,
+                                               protocol: str) -> None:
+    faulty.script = [Fault("timeout", delay=1.5)]
+    agent = await make_agent(upstreams=[upstream(faulty, protocol, timeout_s=0.4)])
+    await send(agent, [event(i) for i in range(10)])
+    await drained(agent, faulty, 10)
+    timed_out = faulty.requests[0]
+    assert timed_out.fault == "timeout"
+    # The only duplicates are the batch whose ack never came, sent again with the same ids.
+    twice = {m for m, n in Counter(faulty.received_ids()).items() if n > 1}
+    assert twice <= {ev["id"] for ev in timed_out.events}
+    assert all(n == 1 for n in delivered(faulty).values()) or protocol == "nucleus-ws"
+
+
+@pytest.mark.parametrize("protocol", ["nucleus-http", "segment-http"])
+async def test_connection_reset_mid_request(make_agent: Any, faulty: FaultyUpstream,
+                                            protocol: str) -> None:
+    if protocol == "segment-http":
+        pytest.importorskip("agent.uplinks.segment_http")
+    faulty.script = [Fault("reset"), Fault("reset")]
+    agent = await make_agent(upstreams=[upstream(faulty, protocol)])
+    await send(agent, [event(i) for i in range(10)])
+    await drained(agent, faulty, 10)
+    assert [r.fault for r in faulty.requests[:3]] == ["reset", "reset", "ok"]
+    assert agent.forwarding.states["up"].retries == 2
+
+
+async def test_websocket_closed_mid_batch(make_agent: Any, faulty: FaultyUpstream) -> None:
+    faulty.script = [Fault("close")]
+    agent = await make_agent(upstreams=[upstream(faulty, "nucleus-ws")])
+    await send(agent, [event(i) for i in range(10)])
+    await drained(agent, faulty, 10)
+    closed = faulty.requests[0]
+    assert closed.fault == "close" and closed.acked == [0, 1, 2, 3, 4]
+    # What was acknowledged before the close is not sent again; the rest is.
+    assert sorted(resent_after(faulty, closed)) == [5, 6, 7, 8, 9]
+
+
+@pytest.mark.parametrize("protocol", NUCLEUS)
+async def test_partial_reported_ids_resend_only_the_rest(make_agent: Any,
+                                                         faulty: FaultyUpstream,
+                                                         protocol: str) -> None:
+    faulty.script = [Fault("partial")]
+    agent = await make_agent(upstreams=[upstream(faulty, protocol)])
+    await send(agent, [event(i) for i in range(10)])
+    await drained(agent, faulty, 10)
+    first = faulty.requests[0]
+    assert first.acked == [0, 1, 2, 3, 4]
+    assert sorted(resent_after(faulty, first)) == [5, 6, 7, 8, 9]
+    assert all(n == 1 for n in delivered(faulty).values())
+
+
+@pytest.mark.parametrize("protocol", NUCLEUS)
+async def test_reported_ids_never_sent_are_ignored(make_agent: Any, faulty: FaultyUpstream,
+                                                   protocol: str) -> None:
+    # First every real id plus strangers (ignored), then only strangers: among them
+    # `true`, which equals 1 in Python, and must not acknowledge the event with id 1.
+    faulty.script = [Fault("unknown"), Fault("bogus")]
+    agent = await make_agent(upstreams=[upstream(faulty, protocol)])
+    await send(agent, [event(i) for i in range(1, 6)])
+    await wait_for(lambda: len(faulty.requests) >= 1 and agent.spool.depth == 0)
+    await send(agent, [event(i) for i in range(1, 6)], key="app2")
+    await wait_for(lambda: agent.spool.depth == 0)
+    assert [r.fault for r in faulty.requests[:2]] == ["unknown", "bogus"]
+    bogus = faulty.requests[1]
+    assert bogus.acked == NEVER_SENT
+    assert sorted(resent_after(faulty, bogus)) == [1, 2, 3, 4, 5]
+    assert await agent.spool.dead_letters() == []
+
+
+MALFORMED = [b'{"reportedIds": [1, 2', b"not json", b'{"reportedIds": "1"}', b"[]", b"",
+             b'{"reportedIds": {"1": 1}}', b"null", b'{"reportedIds": [[1], {"id": 1}]}']
+
+
+@pytest.mark.parametrize("protocol", NUCLEUS)
+async def test_malformed_acks_are_retried(make_agent: Any, faulty: FaultyUpstream,
+                                          protocol: str) -> None:
+    faulty.script = [Fault("malformed", body=b) for b in MALFORMED]
+    if protocol == "nucleus-ws":
+        faulty.script = faulty.script[:3]  # each costs a timeout_s wait over a websocket
+    agent = await make_agent(upstreams=[upstream(faulty, protocol, timeout_s=0.3)])
+    await send(agent, [event(i) for i in range(1, 6)])
+    await drained(agent, faulty, range(1, 6), timeout=15)
+    assert not faulty.script
+
+
+async def test_slow_upstream_delivers_once_and_does_not_slow_ingest(
+        make_agent: Any, faulty: FaultyUpstream) -> None:
+    faulty.script = [Fault("slow", delay=0.4) for _ in range(4)]
+    agent = await make_agent(upstreams=[upstream(faulty, "nucleus-http", timeout_s=5,
+                                                 batch_max_events=10)])
+    answers = [await send(agent, [event(i * 10 + j) for j in range(10)]) for i in range(4)]
+    # Apps are answered at commit speed while the upstream takes 0.4 s per batch.
+    assert max(answers) < 0.3, answers
+    await drained(agent, faulty, 40)
+    assert all(n == 1 for n in delivered(faulty).values())
+    assert agent.forwarding.states["up"].retries == 0
+
+
+@pytest.mark.parametrize("protocol", ["nucleus-http", "segment-http"])
+async def test_poison_event_is_dead_lettered_and_the_rest_delivered(
+        make_agent: Any, faulty: FaultyUpstream, protocol: str) -> None:
+    if protocol == "segment-http":
+        pytest.importorskip("agent.uplinks.segment_http")
+    faulty.poison = lambda ev: b"POISON" in orjson.dumps(ev)
+    agent = await make_agent(upstreams=[upstream(faulty, protocol, batch_max_events=40)])
+    events = [event(i) for i in range(40)]
+    events[23] = event(23, bad="POISON")
+    await send(agent, events)
+    await wait_for(lambda: agent.spool.depth == 0)
+    dead = await agent.spool.dead_letters()
+    assert len(dead) == 1 and "mk-23-" in dead[0]["body"] and "400" in dead[0]["reason"]
+    got = delivered(faulty)
+    assert set(got) == set(range(40)) - {23} and max(got.values()) == 1
+    # Bisection: about 2 log2(n) requests, not one per event.
+    assert len(faulty.requests) <= 2 * math.ceil(math.log2(40)) + 2
+    assert agent.spool.counters["dead_lettered"] == 1
+
+
+async def test_backoff_grows_to_its_cap_between_failures(make_agent: Any,
+                                                         faulty: FaultyUpstream) -> None:
+    faulty.script = [Fault("status", 500) for _ in range(9)]
+    agent = await make_agent(upstreams=[upstream(faulty, "nucleus-http")])
+    await send(agent, [event(i) for i in range(3)])
+    await drained(agent, faulty, 3)
+    reqs = faulty.requests
+    gaps = [b.arrived - (a.answered or a.arrived) for a, b in zip(reqs, reqs[1:])]
+    cap = 0.2  # fast_backoff: base 0.02, cap 0.2, jitter in [0.5, 1)
+    assert gaps[0] < cap * 0.5                   # 0.01 to 0.02 s
+    assert all(g >= cap * 0.5 * 0.95 for g in gaps[5:9])  # at the cap: 0.1 to 0.2 s
+    assert all(g < cap + 0.3 for g in gaps), gaps       # never beyond it
