@@ -1,0 +1,79 @@
+"""agent/mapping.py on its own: the tables of docs/mapping.md, dates, round trips."""
+
+from __future__ import annotations
+
+import time
+from datetime import datetime, timezone
+
+import pytest
+
+from agent.mapping import nucleus_to_segment, segment_to_nucleus, to_iso
+
+RECEIVED = 1767225600000   # 2026-01-01T00:00:00.000Z
+
+
+@pytest.mark.parametrize("date,expected", [
+    ("2026-01-01T00:00:00Z", "2026-01-01T00:00:00.000Z"),
+    ("2026-01-01T02:00:00.250+02:00", "2026-01-01T00:00:00.250Z"),
+    (1767225600123, "2026-01-01T00:00:00.123Z"),           # JS epoch ms
+    (1767225600.5, "2026-01-01T00:00:00.500Z"),            # Swift float seconds
+    ("1767225600123", "2026-01-01T00:00:00.123Z"),
+    (None, "2026-01-01T00:00:00.000Z"),                     # missing: the receive time
+    ("yesterday", "2026-01-01T00:00:00.000Z"),              # unreadable: the receive time
+    (True, "2026-01-01T00:00:00.000Z"),
+    (1e30, "2026-01-01T00:00:00.000Z"),                     # out of range
+])
+def test_nucleus_dates(date: object, expected: str) -> None:
+    assert to_iso(date, RECEIVED) == expected
+
+
+def test_naive_iso_is_the_devices_local_time() -> None:
+    naive = "2026-06-01T12:00:00"
+    local = datetime.fromisoformat(naive).astimezone()
+    expected = local.astimezone(timezone.utc).strftime("%Y-%m-%dT%H:%M:%S.000Z")
+    assert to_iso(naive, RECEIVED) == expected
+
+
+def test_nucleus_to_segment_message_id_is_stable_and_distinct() -> None:
+    a = {"type": "event", "name": "a", "id": 1, "machineId": "m", "date": "2026-01-01T00:00:00Z"}
+    b = {**a, "id": 2}
+    assert nucleus_to_segment(dict(a), 1)["messageId"] == nucleus_to_segment(dict(a), 2)["messageId"]
+    assert nucleus_to_segment(a, 1)["messageId"] != nucleus_to_segment(b, 1)["messageId"]
+    assert len(nucleus_to_segment(a, 1)["messageId"]) < 100
+
+
+def test_odd_nucleus_events() -> None:
+    old = nucleus_to_segment({"event": "init", "machineId": "m", "language": "de"}, RECEIVED)
+    assert old["event"] == "Application Opened" and old["context"]["locale"] == "de"
+    custom = nucleus_to_segment({"type": "purchase", "payload": [1, 2]}, RECEIVED)
+    assert (custom["event"], custom["properties"]) == ("purchase", {"payload": [1, 2]})
+    assert custom["anonymousId"] == "nucleus-anonymous"    # Segment needs one id
+    named = nucleus_to_segment({"type": "purchase", "name": "p", "deviceId": "d"}, RECEIVED)
+    assert named["event"] == "p" and named["anonymousId"] == "d"
+
+
+@pytest.mark.parametrize("ev", [
+    {"type": "init", "id": 1, "machineId": "m", "sessionId": 7, "platform": "Linux",
+     "osVersion": "6", "version": "1.0", "locale": "en", "date": "2026-01-01T00:00:00.000Z"},
+    {"type": "event", "name": "click", "id": 2, "machineId": "m", "sessionId": 7,
+     "payload": {"x": 1}, "date": "2026-01-01T00:00:00.000Z"},
+    {"type": "props", "id": 3, "machineId": "m", "userId": "u", "payload": {"plan": "pro"},
+     "date": "2026-01-01T00:00:00.000Z"},
+    {"type": "nucleus:view", "name": "Home", "id": 4, "machineId": "m",
+     "date": "2026-01-01T00:00:00.000Z"},
+    {"type": "custom", "name": "c", "id": 5, "machineId": "m", "date": "2026-01-01T00:00:00.000Z"},
+])
+def test_nucleus_round_trip_keeps_what_nucleus_cares_about(ev: dict[str, object]) -> None:
+    back = segment_to_nucleus(nucleus_to_segment(dict(ev), RECEIVED), RECEIVED)
+    for name in ("type", "name", "machineId", "sessionId", "userId", "platform",
+                 "osVersion", "version", "locale", "date"):
+        assert back.get(name) == ev.get(name), name
+    payload = dict(back["payload"])
+    payload.pop("messageId")
+    assert payload == ev.get("payload", {})
+
+
+def test_segment_without_time_uses_received_at() -> None:
+    out = segment_to_nucleus({"type": "track", "event": "e", "userId": 5,
+                              "receivedAt": "2026-01-01T00:00:01.000Z"}, int(time.time() * 1000))
+    assert out["date"] == "2026-01-01T00:00:01.000Z" and out["userId"] == "5"
