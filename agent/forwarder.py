@@ -90,7 +90,7 @@ class StreamForwarder:
             await asyncio.wait(self._tasks, return_when=asyncio.FIRST_COMPLETED)
             return
         limit = self.cfg.batch_max_events * FETCH_FACTOR
-        rows = await self.spool.fetch([self.stream.id], self._cursor, limit)
+        rows = await self.spool.fetch(self.stream.id, self._cursor, limit)
         if not rows:
             if not self._tasks:  # everything sent and answered: a flush is complete
                 self.flush_now = False

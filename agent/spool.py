@@ -449,14 +449,13 @@ class Spool:
 
     # -- reads ---------------------------------------------------------------
 
-    async def fetch(self, streams: Sequence[int], after: int, limit: int) -> list[Row]:
-        """Up to ``limit`` rows of ``streams`` with seq > ``after``, oldest first."""
-        if not streams or self._reader is None:
+    async def fetch(self, stream: int, after: int, limit: int) -> list[Row]:
+        """Up to ``limit`` rows of one key's queue with seq > ``after``, oldest first."""
+        if self._reader is None:
             return []
-        sql = ("SELECT seq, stream, family, received, body FROM events "
-               "WHERE seq > ? AND stream IN (SELECT value FROM json_each(?)) ORDER BY seq LIMIT ?")
-        rows = await _all(self._reader, sql, (after, orjson.dumps(list(streams)).decode(),
-                                                          limit))
+        rows = await _all(self._reader,
+                          "SELECT seq, stream, family, received, body FROM events "
+                          "WHERE stream = ? AND seq > ? ORDER BY seq LIMIT ?", (stream, after, limit))
         return [Row(*r) for r in rows]
 
     async def oldest_received(self) -> int | None:

@@ -24,6 +24,9 @@ CREATE TABLE IF NOT EXISTS events(
     body BLOB NOT NULL
 );
 CREATE UNIQUE INDEX IF NOT EXISTS events_dkey ON events(dkey);
+-- Each forwarder reads one key's queue in order; without this it would scan
+-- past every other key's backlog.
+CREATE INDEX IF NOT EXISTS events_stream ON events(stream, seq);
 -- Dedupe keys of delivered events, so a late resend is not stored again.
 CREATE TABLE IF NOT EXISTS acked(dkey INTEGER PRIMARY KEY, at INTEGER NOT NULL);
 CREATE TABLE IF NOT EXISTS dead(

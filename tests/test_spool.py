@@ -33,7 +33,7 @@ async def test_concurrent_appends_share_commits_and_survive_reopen(tmp_path: Pat
     await spool.close()
     again = await open_spool(tmp_path)
     assert again.depth == 200 and again.streams["k"].depth == 200
-    rows = await again.fetch([again.streams["k"].id], 0, 1000)
+    rows = await again.fetch(again.streams["k"].id, 0, 1000)
     assert [orjson.loads(r.body)["id"] for r in rows] == list(range(200))
     await again.close()
 
@@ -42,7 +42,7 @@ async def test_resends_are_stored_once_even_after_delivery(tmp_path: Path) -> No
     spool = await open_spool(tmp_path)
     assert await spool.append([ev("k", 1), ev("k", 2)]) == 2
     assert await spool.append([ev("k", 1), ev("k", 3)]) == 1
-    rows = await spool.fetch([spool.streams["k"].id], 0, 10)
+    rows = await spool.fetch(spool.streams["k"].id, 0, 10)
     await spool.ack([r.seq for r in rows])
     assert spool.depth == 0
     # The app never saw our ack and resends: remembered, not stored again.
@@ -56,20 +56,20 @@ async def test_fifo_per_key_and_cursor_reads(tmp_path: Path) -> None:
     for i in range(10):
         await spool.append([ev("a", i), ev("b", i)])
     a, b = spool.streams["a"].id, spool.streams["b"].id
-    first = await spool.fetch([a], 0, 4)
-    rest = await spool.fetch([a], first[-1].seq, 100)
+    first = await spool.fetch(a, 0, 4)
+    rest = await spool.fetch(a, first[-1].seq, 100)
     assert [orjson.loads(r.body)["id"] for r in first + rest] == list(range(10))
     assert all(r.stream == a for r in first + rest)
-    assert len(await spool.fetch([b], 0, 100)) == 10
+    assert len(await spool.fetch(b, 0, 100)) == 10
     await spool.close()
 
 
 async def test_ack_deletes_exactly_the_acked_rows(tmp_path: Path) -> None:
     spool = await open_spool(tmp_path)
     await spool.append([ev("k", i) for i in range(5)])
-    rows = await spool.fetch([spool.streams["k"].id], 0, 10)
+    rows = await spool.fetch(spool.streams["k"].id, 0, 10)
     await spool.ack([rows[1].seq, rows[3].seq, 999_999])   # unknown seqs are ignored
-    left = await spool.fetch([spool.streams["k"].id], 0, 10)
+    left = await spool.fetch(spool.streams["k"].id, 0, 10)
     assert [r.seq for r in left] == [rows[0].seq, rows[2].seq, rows[4].seq]
     assert spool.counters["acked"] == 2 and spool.depth == 3
     await spool.close()
@@ -78,7 +78,7 @@ async def test_ack_deletes_exactly_the_acked_rows(tmp_path: Path) -> None:
 async def test_dead_letters_keep_the_event_and_reason(tmp_path: Path) -> None:
     spool = await open_spool(tmp_path)
     await spool.append([ev("k", 1), ev("k", 2)])
-    rows = await spool.fetch([spool.streams["k"].id], 0, 10)
+    rows = await spool.fetch(spool.streams["k"].id, 0, 10)
     await spool.dead_letter([(rows[0].seq, "up", "HTTP 400: bad event")])
     (dead,) = await spool.dead_letters()
     assert dead["reason"] == "HTTP 400: bad event" and dead["upstream"] == "up"
@@ -104,7 +104,7 @@ async def test_drop_oldest_when_full_keeps_newest(tmp_path: Path) -> None:
     spool = await open_spool(tmp_path, max_size_mb=1, when_full="drop_oldest")
     for i in range(200):
         assert await spool.append([ev("k", i, 20_000)]) == 1
-    rows = await spool.fetch([spool.streams["k"].id], 0, 1000)
+    rows = await spool.fetch(spool.streams["k"].id, 0, 1000)
     ids = [orjson.loads(r.body)["id"] for r in rows]
     assert ids == list(range(200 - len(ids), 200))     # the newest, in order
     assert spool.counters["dropped_full"] == 200 - len(ids) > 0
