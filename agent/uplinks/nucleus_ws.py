@@ -65,6 +65,10 @@ class NucleusWsUplink:
         self._acked_seqs.difference_update(acked)
         if error:
             self.frames.release(batch)
+            # Ids are only unique per connection: a late ack on this one could match
+            # a different event that reuses the id after the resend, so start afresh.
+            if self._ws is not None and not self._ws.closed:
+                await self._ws.close()
         return SendResult(acked=sorted(acked), failed=failed, error=error)
 
     async def _wait_acks(self, wanted: set[int]) -> str | None:
