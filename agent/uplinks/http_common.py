@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import email.utils
 import time
+from dataclasses import dataclass
 
 import aiohttp
 
@@ -31,3 +32,22 @@ def is_retryable(status: int) -> bool:
 
 
 NETWORK_ERRORS = (aiohttp.ClientError, OSError, TimeoutError)
+
+
+@dataclass
+class HttpReply:
+    status: int
+    body: bytes
+    retry_after: float | None
+
+
+async def post(session: aiohttp.ClientSession, url: str, body: bytes, headers: dict[str, str],
+               timeout_s: float) -> HttpReply | str:
+    """POST ``body``: the reply, or what went wrong on the network (never raises for it)."""
+    try:
+        async with session.post(url, data=body, headers=headers,
+                                timeout=aiohttp.ClientTimeout(total=timeout_s)) as resp:
+            return HttpReply(resp.status, await resp.read(),
+                             retry_after(resp.headers.get("Retry-After")))
+    except NETWORK_ERRORS as exc:
+        return f"request failed: {str(exc) or type(exc).__name__}"

@@ -10,7 +10,7 @@ import orjson
 from ..config import UpstreamConfig
 from ..spool import Row
 from .base import SendResult
-from .http_common import NETWORK_ERRORS, is_retryable, retry_after
+from .http_common import is_retryable, post
 from .nucleus_frame import FrameBuilder
 
 
@@ -33,17 +33,14 @@ class NucleusHttpUplink:
         if not self.frames.sendable(batch):
             return SendResult(failed=failed)
         body = self.frames.frame(batch)
-        try:
-            async with self.session.post(
-                    self.url, data=body, headers={"Content-Type": "application/json"},
-                    timeout=aiohttp.ClientTimeout(total=self.cfg.timeout_s)) as resp:
-                raw = await resp.read()
-                status, wait = resp.status, retry_after(resp.headers.get("Retry-After"))
-        except NETWORK_ERRORS as exc:
+        answer = await post(self.session, self.url, body, {"Content-Type": "application/json"},
+                            self.cfg.timeout_s)
+        if isinstance(answer, str):
             self.connected = False
             self.frames.release(batch)
-            return SendResult(failed=failed, error=f"request failed: {str(exc) or type(exc).__name__}")
+            return SendResult(failed=failed, error=answer)
         self.connected = True
+        status, raw, wait = answer.status, answer.body, answer.retry_after
         if status != 200:
             self.frames.release(batch)
             if is_retryable(status):

@@ -29,7 +29,7 @@ from ..config import UpstreamConfig
 from ..events import NUCLEUS, iso_ms, now_ms
 from ..spool import Row
 from .base import SendResult
-from .http_common import NETWORK_ERRORS, is_retryable, retry_after
+from .http_common import is_retryable, post
 
 REJECTED_STATUSES = frozenset({400, 413, 422})
 _SENT_AT = len(b'"sentAt":"2026-01-01T00:00:00.000Z",')
@@ -110,17 +110,12 @@ class SegmentHttpUplink:
             self._bodies.pop(row.seq, None)
         if self.cfg.gzip:
             body = gzip.compress(body, compresslevel=6)
-        try:
-            async with self.session.post(
-                    self.url, data=body, headers=self.headers,
-                    timeout=aiohttp.ClientTimeout(total=self.cfg.timeout_s)) as resp:
-                raw = await resp.read()
-                status, wait = resp.status, retry_after(resp.headers.get("Retry-After"))
-        except NETWORK_ERRORS as exc:
+        reply = await post(self.session, self.url, body, self.headers, self.cfg.timeout_s)
+        if isinstance(reply, str):
             self.connected = False
-            return SendResult(failed=failed,
-                              error=f"request failed: {str(exc) or type(exc).__name__}")
+            return SendResult(failed=failed, error=reply)
         self.connected = True
+        status, raw, wait = reply.status, reply.body, reply.retry_after
         if 200 <= status < 300:
             return SendResult(acked=[r.seq for r in batch if r.seq not in failed], failed=failed)
         reason = f"HTTP {status}: {raw[:300].decode('utf-8', 'replace')}".rstrip(": ")
