@@ -224,3 +224,25 @@ async def test_full_spool_is_503_with_retry_after_and_the_pixel_still_200(make_a
     assert reply.json()["Error"] == "Service Unavailable"
     reply = await call(agent.port, seed.METAROUTER_PIXEL_PATH, method="GET")
     assert reply.status == 200 and reply.body == GIF
+
+
+@pytest.mark.parametrize("path,headers", [
+    ("/v1/track", {"Authorization": basic("k")}),
+    ("/v1/capture", {"X-Write-Key": "k"}),
+    ("/api/public/apps/track", {"PublicWriteKey": "k"}),
+    ("/track", {"Authorization": basic("k")}),
+])
+async def test_nesting_deeper_than_storable_is_400_not_500(make_agent: Any, path: str,
+                                                           headers: dict[str, str]) -> None:
+    agent = await make_agent()
+    deep = "[" * 300 + "]" * 300
+    ev = f'{{"type":"track","messageId":"d","userId":"u","event":"e","properties":{{"d":{deep}}}'
+    bodies = {"/v1/capture": '{"batch":[' + ev + "}]}",
+              "/track": '{"hitId":"h","event":{"name":"n","user":{"userId":"u"},"d":' + deep + "}}"}
+    reply = await call(agent.port, path, bodies.get(path, ev + "}"), headers=headers)
+    assert reply.status == 400, reply.body
+    # Past the per-message limit, the size check meets the same nesting first.
+    padded = ev + ',"pad":"' + "x" * 40_000 + '"}'
+    reply = await call(agent.port, "/v1/batch", '{"batch":[' + padded + "]}",
+                       headers={"Authorization": basic("k")})
+    assert reply.status == 400, reply.body

@@ -126,12 +126,15 @@ def received_now() -> str:
     return iso_ms(now_ms())
 
 
-def to_event(key: str, ev: dict[str, Any]) -> Event:
+def dump(ev: Any) -> bytes:
     try:
-        body = orjson.dumps(ev)
+        return orjson.dumps(ev)
     except orjson.JSONEncodeError as exc:  # nested deeper than orjson writes (255)
         raise Invalid(f"message cannot be stored: {exc}") from exc
-    return Event(key, SEGMENT, dedupe_key("segment", key, ev["messageId"]), body)
+
+
+def to_event(key: str, ev: dict[str, Any]) -> Event:
+    return Event(key, SEGMENT, dedupe_key("segment", key, ev["messageId"]), dump(ev))
 
 
 def accept(ev: Any, key: str, types: frozenset[str], received: str, *,
@@ -175,7 +178,7 @@ def batch_items(body: Any) -> list[Any]:
 def too_large(ev: Any, raw_size: int) -> bool:
     """Whether one message of a request of ``raw_size`` bytes is over MAX_EVENT_BYTES."""
     # Only a request larger than the limit can hold an event larger than it.
-    return raw_size > MAX_EVENT_BYTES and len(orjson.dumps(ev)) > MAX_EVENT_BYTES
+    return raw_size > MAX_EVENT_BYTES and len(dump(ev)) > MAX_EVENT_BYTES
 
 
 def basic_user(header: str | None) -> str | None:
