@@ -203,6 +203,7 @@ async def test_pixel_always_answers_a_gif(make_agent: Any) -> None:
         "/v1/pixel/track?data=" + base64.b64encode(b'{"userId":"u","writeKey":"bad",'
                                                      b'"event":"e"}').decode(),
         "/v1/pixel/fly?data=e30=",
+        "/v1/pixel/%C3%A9%0D%0Ax?data=e30=",                     # odd bytes in the reason
     ]
     for path in bad:
         reply = await call(agent.port, path, method="GET")

@@ -179,7 +179,9 @@ class SegmentHandlers:
         headers = {"Cache-Control": "no-store"}
         if problem:
             log.debug("pixel %s not stored: %s", request.path, problem)
-            headers["X-Outpost-Error"] = problem[:200]
+            # Header-safe: ASCII only, no line breaks, whatever the request held.
+            headers["X-Outpost-Error"] = problem.encode("ascii", "backslashreplace").decode()[
+                :200].replace("\r", " ").replace("\n", " ")
         return web.Response(body=GIF, content_type="image/gif", headers=headers)
 
     async def _pixel(self, request: web.Request) -> str | None:
