@@ -165,11 +165,21 @@ class Spool:
         await self._close_connections()
         moved = move_aside(self.path)
         corrupt = self.counters.get("spool_corrupt", 0) + 1
-        log.error("spool %s is corrupt (%s); moved aside to %s, starting a fresh spool",
-                  self.path, exc, moved)
+        lost, streams, next_seq = self.depth, list(self.streams.values()), self._next_seq
+        log.error("spool %s is corrupt (%s); moved aside to %s with %d queued events, "
+                  "starting a fresh spool", self.path, exc, moved, lost)
         await self._connect()
+        # Running forwarders hold these streams and a seq cursor: keep the stream ids,
+        # and keep seqs rising, or new events would hide behind the cursors.
+        self._next_seq = max(self._next_seq, next_seq)
+        for stream in streams:
+            stream.depth = stream.bytes = 0
+            self._add_stream(stream)
+            self._new_streams.append(stream)
         # The count carries into the fresh spool (saved with its next commit).
         self.count("spool_corrupt", corrupt)
+        if lost:
+            self.count("dropped_corrupt", lost)
 
     async def close(self) -> None:
         """Finish pending commits, then close."""
@@ -244,12 +254,11 @@ class Spool:
             async with self._lock:
                 await self._run_batch(batch)
         except sqlite3.DatabaseError as exc:
-            if _is_corruption(exc):
-                await self._recover(exc)
-                async with self._lock:
-                    await self._run_batch(batch)
-            else:
+            if not _is_corruption(exc):
                 raise
+            async with self._lock:
+                await self._recover(exc)
+                await self._run_batch(batch)
 
     async def _run_batch(self, batch: _Batch) -> None:
         db = self._require_db()
@@ -451,11 +460,23 @@ class Spool:
 
     async def fetch(self, stream: int, after: int, limit: int) -> list[Row]:
         """Up to ``limit`` rows of one key's queue with seq > ``after``, oldest first."""
-        if self._reader is None:
+        reader = self._reader
+        if reader is None:
             return []
-        rows = await _all(self._reader,
-                          "SELECT seq, stream, family, received, body FROM events "
-                          "WHERE stream = ? AND seq > ? ORDER BY seq LIMIT ?", (stream, after, limit))
+        try:
+            rows = await _all(reader,
+                              "SELECT seq, stream, family, received, body FROM events "
+                              "WHERE stream = ? AND seq > ? ORDER BY seq LIMIT ?",
+                              (stream, after, limit))
+        except sqlite3.DatabaseError as exc:
+            # Damage the header check missed at open shows up here; left alone it
+            # would stop this key's forwarder for good.
+            if not _is_corruption(exc):
+                raise
+            async with self._lock:
+                if self._reader is reader:  # not already recovered by another reader
+                    await self._recover(exc)
+            return []
         return [Row(*r) for r in rows]
 
     async def oldest_received(self) -> int | None:
