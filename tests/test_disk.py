@@ -1,0 +1,333 @@
+"""Disk trouble: a full spool, a full disk, a corrupt spool file, a corrupt row (DESIGN §2.5, §2.6).
+
+- max_size_mb with when_full = "reject": apps get 503 + Retry-After, nothing partial is stored,
+  and the agent takes events again once the upstream drains the spool;
+- when_full = "drop_oldest": the oldest go, counted, the newest are delivered in order;
+- a real full filesystem (a 2 MB tmpfs; skipped where mount is not permitted): 503, a live
+  agent, recovery once space is freed, and an intact SQLite file;
+- a garbage, truncated or scribbled-over spool at startup: moved aside, /healthz within 5 s,
+  and the fresh spool forwards;
+- one corrupt row: dead-lettered, and the rest of the queue flows.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import shutil
+import sqlite3
+import subprocess
+import sys
+import time
+from collections.abc import Callable, Iterator
+from pathlib import Path
+from typing import Any
+
+import aiohttp
+import pytest
+
+from tests.conftest import AgentProcess, free_port, write_config
+from tests.fakes.faulty_upstream import FaultyUpstream
+from tests.fakes.nucleus_upstream import FakeNucleus
+from tests.test_e2e_nucleus import wait_for
+
+PAD = "x" * 1500
+
+
+def event(i: int, pad: str = PAD) -> dict[str, Any]:
+    return {"type": "event", "name": "e", "id": i, "sessionId": 1, "machineId": "m",
+            "date": "2026-01-01T00:00:00.000Z", "payload": {"pad": pad}}
+
+
+def upstream(fake: FakeNucleus | FaultyUpstream, protocol: str = "nucleus-ws") -> dict[str, Any]:
+    if isinstance(fake, FakeNucleus):
+        url = fake.url if protocol == "nucleus-ws" else fake.http_url
+    else:
+        url = fake.ws_url if protocol == "nucleus-ws" else fake.http_url
+    return {"name": "up", "protocol": protocol, "url": url, "flush_interval_s": 0.02,
+            "timeout_s": 2}
+
+
+async def post(session: aiohttp.ClientSession, port: int, events: list[dict[str, Any]],
+               key: str = "app1") -> aiohttp.ClientResponse:
+    async with session.post(f"http://127.0.0.1:{port}/app/{key}/track",
+                            json={"data": events}) as r:
+        await r.read()
+        return r
+
+
+def integrity(path: Path) -> str:
+    conn = sqlite3.connect(path)
+    try:
+        return str(conn.execute("PRAGMA integrity_check").fetchone()[0])
+    finally:
+        conn.close()
+
+
+def rows(path: Path) -> int:
+    conn = sqlite3.connect(path)
+    try:
+        return int(conn.execute("SELECT count(*) FROM events").fetchone()[0])
+    finally:
+        conn.close()
+
+
+# -- max_size_mb ---------------------------------------------------------------------------------
+
+
+async def test_full_spool_rejects_with_503_and_recovers_when_drained(
+        make_agent: Any, fake_nucleus: FakeNucleus, tmp_path: Path) -> None:
+    await fake_nucleus.go_down()
+    agent = await make_agent(upstreams=[upstream(fake_nucleus)],
+                             storage={"max_size_mb": 1, "when_full": "reject"})
+    accepted: list[int] = []
+    async with aiohttp.ClientSession() as s:
+        refused = None
+        for n in range(200):                    # ~1.6 MB offered to a 1 MB spool
+            batch = [event(n * 5 + j) for j in range(5)]
+            depth = agent.spool.depth
+            r = await post(s, agent.port, batch)
+            if r.status == 503:
+                refused = r
+                assert agent.spool.depth == depth   # nothing of a refused request is kept
+                break
+            assert r.status == 200
+            accepted += [ev["id"] for ev in batch]
+        assert refused is not None, "the spool never filled"
+        for n in range(50):                     # top it up until even one event is refused
+            if (await post(s, agent.port, [event(2000 + n)])).status == 503:
+                break
+            accepted.append(2000 + n)
+        assert int(refused.headers["Retry-After"]) > 0
+        assert (await refused.json())["error"]
+        assert agent.spool.counters["rejected_full"] >= 5
+        assert agent.spool.used_bytes <= agent.spool.max_bytes
+        # A websocket app gets no ack (it keeps its events), and keeps its connection.
+        async with s.ws_connect(f"http://127.0.0.1:{agent.port}/app/app1/track") as ws:
+            await ws.send_json({"data": [event(10**6)]})
+            with pytest.raises(asyncio.TimeoutError):
+                await ws.receive(timeout=0.3)
+            assert not ws.closed
+        # The upstream comes back and drains the spool: apps are served again.
+        await fake_nucleus.come_back()
+        agent.forwarding.flush()
+        await wait_for(lambda: agent.spool.depth == 0, timeout=20)
+        r = await post(s, agent.port, [event(10**6 + 1)])
+        assert r.status == 200
+    assert set(accepted) <= set(fake_nucleus.ids())
+    spool_path = agent.spool.path
+    await agent.stop()
+    assert integrity(spool_path) == "ok"
+    assert spool_path.stat().st_size <= 1024 * 1024 + 64 * 1024
+
+
+async def test_drop_oldest_keeps_the_newest_and_counts_drops(
+        make_agent: Any, fake_nucleus: FakeNucleus) -> None:
+    await fake_nucleus.go_down()
+    agent = await make_agent(upstreams=[upstream(fake_nucleus)],
+                             storage={"max_size_mb": 1, "when_full": "drop_oldest"})
+    sent = []
+    async with aiohttp.ClientSession() as s:
+        for n in range(300):                    # ~2.4 MB into a 1 MB spool
+            batch = [event(n * 5 + j) for j in range(5)]
+            assert (await post(s, agent.port, batch)).status == 200
+            sent += [ev["id"] for ev in batch]
+    dropped = agent.spool.counters["dropped_full"]
+    assert dropped > 0 and agent.spool.depth == len(sent) - dropped
+    assert agent.spool.used_bytes <= agent.spool.max_bytes
+    await fake_nucleus.come_back()
+    agent.forwarding.flush()
+    await wait_for(lambda: agent.spool.depth == 0, timeout=20)
+    got = list(dict.fromkeys(fake_nucleus.ids()))
+    assert got == sent[dropped:]                # the newest, in order; the oldest dropped
+
+
+# -- a real full disk --------------------------------------------------------------------------
+
+
+@pytest.fixture
+def small_fs(tmp_path: Path) -> Iterator[Path]:
+    """A 2 MB tmpfs, or a skip where this process may not mount."""
+    where = tmp_path / "small"
+    where.mkdir()
+    if not sys.platform.startswith("linux") or shutil.which("mount") is None:
+        pytest.skip("needs Linux mount(8) for a size-limited tmpfs")
+    done = subprocess.run(["mount", "-t", "tmpfs", "-o", "size=2m,mode=0700", "tmpfs",
+                           str(where)], capture_output=True, text=True)
+    if done.returncode != 0:
+        pytest.skip(f"cannot mount a tmpfs here (needs root or CAP_SYS_ADMIN): "
+                    f"{done.stderr.strip()}")
+    try:
+        yield where
+    finally:
+        subprocess.run(["umount", "-l", str(where)], capture_output=True)
+
+
+async def test_full_disk_answers_503_and_recovers_when_space_is_freed(
+        make_agent: Any, small_fs: Path) -> None:
+    filler = small_fs / "filler"
+    filler.write_bytes(b"\0" * 700_000)
+    spool_path = small_fs / "spool" / "spool.db"
+    agent = await make_agent(spool=spool_path, storage={"max_size_mb": 64})
+    acked: list[int] = []
+    async with aiohttp.ClientSession() as s:
+        full = None
+        for n in range(400):
+            batch = [event(n * 10 + j) for j in range(10)]
+            r = await post(s, agent.port, batch)
+            if r.status == 503:
+                full = r
+                break
+            assert r.status == 200
+            acked += [ev["id"] for ev in batch]
+        assert full is not None, "the disk never filled"
+        assert int(full.headers["Retry-After"]) > 0
+        assert agent.spool.counters.get("rejected_storage_error", 0) > 0
+        async with s.get(f"http://127.0.0.1:{agent.port}/healthz") as h:
+            assert h.status == 200                # a full disk is not a dead agent
+        for n in range(50):                       # fill the last gaps: never a 5xx but 503
+            r = await post(s, agent.port, [event(10**5 + n)])
+            assert r.status in (200, 503)
+            if r.status == 503:
+                break
+            acked.append(10**5 + n)
+        assert r.status == 503
+        filler.unlink()
+        recovered = await post(s, agent.port, [event(10**6 + 1)])
+        assert recovered.status == 200
+        acked.append(10**6 + 1)
+    await agent.stop()
+    assert integrity(spool_path) == "ok"
+    assert rows(spool_path) == len(set(acked))    # every acknowledged event, nothing else
+
+
+# -- corrupt spool at startup ---------------------------------------------------------------
+
+
+def make_spool(path: Path, n: int = 1500) -> None:
+    """A real spool with ``n`` queued events, closed cleanly."""
+    from agent.config import StorageConfig
+    from agent.events import NUCLEUS, Event
+    from agent.spool import Spool
+
+    async def fill() -> None:
+        spool = await Spool.open(StorageConfig(path=str(path)))
+        for b in range(n // 100):
+            await spool.append([Event("app1", NUCLEUS, b * 100 + i,
+                                      b'{"id":%d,"pad":"%s"}' % (b * 100 + i, b"y" * 500))
+                                for i in range(100)])
+        await spool.close()
+    asyncio.run(fill())
+
+
+def garbage(path: Path) -> None:
+    path.write_bytes(os.urandom(200_000))
+
+
+def truncated(path: Path) -> None:
+    make_spool(path)
+    os.truncate(path, path.stat().st_size // 2)
+
+
+def scribbled(path: Path) -> None:
+    """Bit rot in a few pages in the middle: the header and the last pages are fine, so
+    opening the file succeeds, and the damage shows only when the queue is read."""
+    make_spool(path)
+    with open(path, "r+b") as fh:
+        fh.seek(path.stat().st_size // 2 // 4096 * 4096)
+        fh.write(os.urandom(3 * 4096))
+
+
+@pytest.mark.parametrize("damage", [garbage, truncated, scribbled],
+                         ids=["garbage", "truncated", "scribbled"])
+async def test_corrupt_spool_is_moved_aside_and_healthy_within_5s(
+        tmp_path: Path, agent_process: Callable[..., AgentProcess],
+        damage: Callable[[Path], None]) -> None:
+    spool_path = tmp_path / "spool.db"
+    await asyncio.to_thread(damage, spool_path)
+    fake = await FakeNucleus().start()
+    port = free_port()
+    cfg = write_config(tmp_path / "agent.toml", spool_path, port=port,
+                       upstreams=[upstream(fake)])
+    agent = agent_process(cfg, port)
+    started = time.monotonic()
+    try:
+        await asyncio.to_thread(agent.start, 5.0)
+        async with aiohttp.ClientSession() as s:
+            async with s.get(f"{agent.url}/healthz") as r:
+                assert r.status == 200
+            assert time.monotonic() - started < 5.0
+            # The fresh spool takes events and forwards them, for a key the damaged
+            # spool had (its forwarder may already be running) and for a new one.
+            for key, first in (("app1", 10**6), ("fresh", 2 * 10**6)):
+                r = await post(s, port, [event(first + i, pad="") for i in range(3)], key=key)
+                assert r.status == 200
+            want = {10**6, 10**6 + 1, 10**6 + 2, 2 * 10**6, 2 * 10**6 + 1, 2 * 10**6 + 2}
+            await wait_for(lambda: want <= set(fake.ids()), timeout=10)
+            async with s.get(f"{agent.url}/status") as r:
+                status = await r.json()
+        assert status["counters"].get("spool_corrupt") == 1
+        assert list(tmp_path.glob("spool.db.corrupt-*")), "the corrupt file was not kept"
+        assert "corrupt" in agent.log.read_text()
+    finally:
+        await asyncio.to_thread(agent.terminate)   # the fake upstream shares this loop
+        await fake.stop()
+    assert integrity(spool_path) == "ok"
+
+
+# -- one corrupt row ---------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("protocol", ["nucleus-ws", "nucleus-http", "segment-http"])
+@pytest.mark.parametrize("bad", [b"\xff\x00", b"[1, 2]", b'"text"', b"{"])
+async def test_a_corrupt_row_is_dead_lettered_and_the_queue_flows(
+        make_agent: Any, tmp_path: Path, protocol: str, bad: bytes) -> None:
+    if protocol == "segment-http":
+        pytest.importorskip("agent.uplinks.segment_http")
+    first = await make_agent()                   # no upstream: events stay queued
+    async with aiohttp.ClientSession() as s:
+        assert (await post(s, first.port, [event(i, pad="") for i in range(10)])).status == 200
+    await first.stop()
+    conn = sqlite3.connect(tmp_path / "spool.db")
+    with conn:
+        conn.execute("UPDATE events SET body = ? WHERE seq = (SELECT seq FROM events "
+                     "ORDER BY seq LIMIT 1 OFFSET 4)", (bad,))
+    conn.close()
+    fake = await FaultyUpstream().start()
+    try:
+        agent = await make_agent(upstreams=[upstream(fake, protocol)])
+        await wait_for(lambda: agent.spool.depth == 0, timeout=10)
+        dead = await agent.spool.dead_letters()
+        assert len(dead) == 1 and "corrupt" in dead[0]["reason"]
+        received = [ev.get("id", ev.get("messageId")) for r in fake.requests for ev in r.events]
+        if protocol != "segment-http":
+            assert sorted(set(received)) == [0, 1, 2, 3, 5, 6, 7, 8, 9]
+        else:
+            assert len(set(str(i) for i in received)) == 9
+    finally:
+        await fake.stop()
+
+
+async def test_recovery_while_running_keeps_stream_ids_and_rising_seqs(tmp_path: Path) -> None:
+    """Forwarders keep their Stream and a seq cursor across a runtime move-aside: the fresh
+    spool must give the same key the same stream id, and seqs above every cursor."""
+    from agent.config import StorageConfig
+    from agent.events import NUCLEUS, Event
+    from agent.spool import Spool
+
+    spool = await Spool.open(StorageConfig(path=str(tmp_path / "spool.db")))
+    try:
+        await spool.append([Event(k, NUCLEUS, i * 10 + n, b'{"id":%d}' % n)
+                            for n, k in enumerate(("a", "b")) for i in range(5)])
+        b = spool.streams["b"]
+        cursor = max(r.seq for r in await spool.fetch(b.id, 0, 100))
+        await spool._recover(sqlite3.DatabaseError("database disk image is malformed"))
+        assert spool.streams["b"] is b and spool.depth == 0
+        assert spool.counters["spool_corrupt"] == 1 and spool.counters["dropped_corrupt"] == 10
+        await spool.append([Event("b", NUCLEUS, 999, b'{"id":999}'),
+                            Event("c", NUCLEUS, 998, b'{"id":998}')])
+        fresh = await spool.fetch(b.id, cursor, 100)
+        assert [r.body for r in fresh] == [b'{"id":999}']
+        assert spool.streams["c"].id not in (spool.streams["a"].id, b.id)
+    finally:
+        await spool.close()
