@@ -258,7 +258,11 @@ class Spool:
                 raise
             async with self._lock:
                 await self._recover(exc)
-                await self._run_batch(batch)
+                try:
+                    await self._run_batch(batch)
+                except BaseException:
+                    _fail(batch.appends, SpoolFull("spool storage is failing", retry_after=5))
+                    raise
 
     async def _run_batch(self, batch: _Batch) -> None:
         db = self._require_db()
@@ -288,7 +292,8 @@ class Spool:
         except BaseException as exc:
             await _rollback(db)
             await self._reload_after_rollback(db)
-            _fail(appends, exc)
+            if not (isinstance(exc, sqlite3.DatabaseError) and _is_corruption(exc)):
+                _fail(appends, exc)  # corruption: _commit runs them again on a fresh spool
             raise
         self.commits += 1
         await self._refresh_size(db)
