@@ -331,3 +331,30 @@ async def test_recovery_while_running_keeps_stream_ids_and_rising_seqs(tmp_path:
         assert spool.streams["c"].id not in (spool.streams["a"].id, b.id)
     finally:
         await spool.close()
+
+
+async def test_corruption_found_by_a_commit_still_answers_the_app(tmp_path: Path) -> None:
+    """The commit that finds the damage is run again on the fresh spool: its apps get their
+    answer (no 5xx for an error that was recovered from), and their events are kept."""
+    from agent.config import StorageConfig
+    from agent.events import NUCLEUS, Event
+    from agent.spool import Spool
+
+    spool = await Spool.open(StorageConfig(path=str(tmp_path / "spool.db")))
+    real_insert = spool._insert
+    calls = 0
+
+    async def insert_once_corrupt(db: Any, accepted: Any) -> Any:
+        nonlocal calls
+        calls += 1
+        if calls == 1:
+            raise sqlite3.DatabaseError("database disk image is malformed")
+        return await real_insert(db, accepted)
+
+    spool._insert = insert_once_corrupt  # type: ignore[method-assign]
+    try:
+        assert await spool.append([Event("k", NUCLEUS, 1, b'{"id":1}')]) == 1
+        assert spool.counters["spool_corrupt"] == 1 and spool.depth == 1
+        assert [r.body for r in await spool.fetch(spool.streams["k"].id, 0, 10)] == [b'{"id":1}']
+    finally:
+        await spool.close()
