@@ -59,19 +59,22 @@ def parse_message(msg: Any, key: str, sink: Sink) -> tuple[list[Event], list[Any
     events: list[Event] = []
     acks: list[Any] = []
     received = None
-    for ev in data:
+    for i, ev in enumerate(data):
         ev_id = ev.get("id")
         if ev_id is not None:
             acks.append(ev_id)
         kind = event_type(ev)
         if kind == "heartbeat":
             continue  # keeps the connection alive; not analytics
-        ident = _identity(key, ev, kind)
-        fill_nucleus(ev, sink.facts, kind)
-        if ev.get("date") is None:
-            received = received or iso_ms(now_ms())
-            ev["date"] = received
-        events.append(Event(key, NUCLEUS, dedupe_key(*ident), orjson.dumps(ev)))
+        try:
+            ident = dedupe_key(*_identity(key, ev, kind))
+            fill_nucleus(ev, sink.facts, kind)
+            if ev.get("date") is None:
+                received = received or iso_ms(now_ms())
+                ev["date"] = received
+            events.append(Event(key, NUCLEUS, ident, orjson.dumps(ev)))
+        except orjson.JSONEncodeError as exc:  # nested deeper than orjson writes (255)
+            raise BodyError(400, f"data[{i}] cannot be stored", str(exc)) from exc
     return events, acks
 
 
