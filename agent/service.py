@@ -29,6 +29,7 @@ from .spool import Spool
 
 log = logging.getLogger("outpost")
 PRUNE_EVERY_S = 600.0
+MAX_REQUEST_LINE = 64 * 1024
 
 
 class Agent:
@@ -65,7 +66,10 @@ class Agent:
         # API's limit (a gzip bomb stops there); aiohttp would inflate them first, unbounded.
         self._runner = web.AppRunner(app, handle_signals=False, access_log=None,
                                      auto_decompress=False,
-                                     shutdown_timeout=5.0)
+                                     shutdown_timeout=5.0,
+                                     # A pixel carries its event (up to 32 KB) base64'd in
+                                     # the URL: over aiohttp's 8 KB request-line default.
+                                     max_line_size=MAX_REQUEST_LINE)
         await self._runner.setup()
         site = web.TCPSite(self._runner, self.cfg.listen.host, self.cfg.listen.port,
                            backlog=1024, reuse_address=True)
