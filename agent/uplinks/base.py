@@ -11,8 +11,11 @@ from typing import Protocol
 
 from ..spool import Row
 
-# Statuses worth retrying as they are; anything else 4xx is the batch's fault.
+# Statuses worth retrying as they are (and any 5xx).
 RETRYABLE_STATUSES = frozenset({408, 425, 429, 500, 502, 503, 504})
+# The batch itself is refused: split it to find the events at fault. Any other 4xx
+# (401, 403, 404: a wrong key or URL) is the configuration's fault: back off, keep the events.
+REJECTED_STATUSES = frozenset({400, 413, 422})
 
 
 @dataclass

@@ -9,7 +9,7 @@ import orjson
 
 from ..config import UpstreamConfig
 from ..spool import Row
-from .base import SendResult
+from .base import REJECTED_STATUSES, SendResult
 from .http_common import is_retryable, post
 from .nucleus_frame import FrameBuilder
 
@@ -45,6 +45,9 @@ class NucleusHttpUplink:
             self.frames.release(batch)
             if is_retryable(status):
                 return SendResult(failed=failed, error=f"HTTP {status}", retry_after=wait)
+            if status not in REJECTED_STATUSES:
+                return SendResult(failed=failed,
+                                  error=f"HTTP {status} (check the upstream's url and key)")
             # No per-event verdict: the forwarder splits the batch to find the culprit.
             return SendResult(failed=failed,
                               rejected=f"HTTP {status}: {raw[:200].decode('utf-8', 'replace')}")

@@ -28,10 +28,9 @@ from .. import mapping
 from ..config import UpstreamConfig
 from ..events import NUCLEUS, iso_ms, now_ms
 from ..spool import Row
-from .base import SendResult
+from .base import REJECTED_STATUSES, SendResult
 from .http_common import is_retryable, post
 
-REJECTED_STATUSES = frozenset({400, 413, 422})
 _SENT_AT = len(b'"sentAt":"2026-01-01T00:00:00.000Z",')
 _ENVELOPE = len(b'{"batch":[],"sentAt":"2026-01-01T00:00:00.000Z"}')
 
