@@ -15,6 +15,7 @@ from aiohttp import WSCloseCode, WSMsgType, web
 
 from ..enrich import fill_nucleus
 from ..events import NUCLEUS, Event, dedupe_key, iso_ms, now_ms
+from ..logs import log_limited
 from ..sink import Sink
 from ..spool import SpoolFull
 from .body import BodyError, parse_json, read_raw
@@ -88,6 +89,12 @@ def _identity(key: str, ev: dict[str, Any], kind: str) -> tuple[Any, ...]:
             kind, ev.get("name"))
 
 
+def _masked(key: str) -> str:
+    """An app key for the log: keys are credentials, and one never stored is not in the
+    log redaction registry yet."""
+    return key[:3] + "***"
+
+
 def _json_type(value: Any) -> str:
     return {list: "an array", str: "a string", bool: "a boolean", type(None): "null",
             int: "a number", float: "a number"}.get(type(value), type(value).__name__)
@@ -134,7 +141,7 @@ class NucleusHandlers:
                 if not await self._frame(ws, key, frame.data):
                     break
             elif frame.type == WSMsgType.ERROR:
-                log.info("websocket for %s closed: %s", key, ws.exception())
+                log.info("websocket for %s closed: %s", _masked(key), ws.exception())
         return ws
 
     async def _frame(self, ws: web.WebSocketResponse, key: str, data: str | bytes) -> bool:
@@ -147,9 +154,11 @@ class NucleusHandlers:
             await ws.close(code=WSCloseCode.INVALID_TEXT, message=exc.message.encode()[:120])
             return False
         except SpoolFull as exc:
-            # Nothing acked: the module keeps the events and resends them later.
-            log.warning("spool full, not acknowledging %d events for %s: %s",
-                        len(events), key, exc.reason)
+            # Nothing acked: the module keeps the events and resends them later (every
+            # few seconds, from every app: hence the rate limit).
+            log_limited(log, logging.WARNING, "spool-full",
+                        "spool full, not acknowledging %d events for %s: %s",
+                        len(events), _masked(key), exc.reason)
             return True
         if acks and not ws.closed:
             await ws.send_str(_reply(acks).decode())
