@@ -11,6 +11,7 @@ import dataclasses
 import logging
 import signal
 import sys
+from urllib.parse import urlsplit
 
 from aiohttp import web
 
@@ -188,11 +189,11 @@ class Agent:
 
 
 def _register_secrets(cfg: Config) -> None:
-    """Accepted keys, routed keys and upstream keys are all credentials."""
+    """Accepted keys, routed keys, upstream keys and URL passwords are all credentials."""
     for key in cfg.listen.accept_keys:
         logs.register_secret(key)
     for up in cfg.upstreams:
-        for key in (up.key, *up.keys):
+        for key in (up.key, *up.keys, urlsplit(up.url).password or ""):
             if key and key != "*":
                 logs.register_secret(key)
 

@@ -12,6 +12,7 @@ import asyncio
 import contextlib
 import logging
 from typing import Any
+from urllib.parse import urlsplit
 
 import aiohttp
 import orjson
@@ -144,7 +145,10 @@ def _describe(exc: BaseException) -> str:
 
 
 def _redact(url: str) -> str:
-    """The key is in the path; keep only its first characters in logs."""
+    """The key is in the path; keep only its first characters in logs. No URL password."""
+    password = urlsplit(url).password
+    if password:
+        url = url.replace(f":{password}@", ":***@", 1)
     head, sep, tail = url.rpartition("/app/")
     if not sep:
         return url
