@@ -337,3 +337,19 @@ async def test_backoff_grows_to_its_cap_between_failures(make_agent: Any,
     assert gaps[0] < cap * 0.5                   # 0.01 to 0.02 s
     assert all(g >= cap * 0.5 * 0.95 for g in gaps[5:9])  # at the cap: 0.1 to 0.2 s
     assert all(g < cap + 0.3 for g in gaps), gaps       # never beyond it
+
+
+@pytest.mark.parametrize("protocol", ["nucleus-http", "segment-http"])
+@pytest.mark.parametrize("status", [401, 403, 404])
+async def test_a_wrong_key_or_url_backs_off_and_dead_letters_nothing(
+        make_agent: Any, faulty: FaultyUpstream, protocol: str, status: int) -> None:
+    """401/403/404 say the upstream's key or URL is wrong, not that the events are: they
+    stay queued and are retried, instead of the whole queue going to dead letters."""
+    if protocol == "segment-http":
+        pytest.importorskip("agent.uplinks.segment_http")
+    faulty.script = [Fault("status", status) for _ in range(3)]
+    agent = await make_agent(upstreams=[upstream(faulty, protocol)])
+    await send(agent, [event(i) for i in range(6)])
+    await drained(agent, faulty, 6)     # includes: no dead letters
+    assert [r.status for r in faulty.requests[:4]] == [status] * 3 + [200]
+    assert str(status) in (agent.forwarding.states["up"].last_error or "")

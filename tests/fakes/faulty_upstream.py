@@ -41,6 +41,7 @@ class Fault:
     headers: dict[str, str] = field(default_factory=dict)
     delay: float = 0.0
     body: bytes = b'{"reportedIds": [1, 2'
+    echo: bool = False   # status: answer with the request line and headers (as some do)
 
     def __post_init__(self) -> None:
         assert self.kind in KINDS, self.kind
@@ -138,7 +139,8 @@ class FaultyUpstream:
             if fault is not None and fault.kind == "status":
                 rec.status = fault.status
                 return web.Response(status=fault.status, headers=fault.headers,
-                                    body=fault.body if fault.status == 400 else b"")
+                                    body=_echo(request) if fault.echo else
+                                    fault.body if fault.status == 400 else b"")
             if fault is not None and fault.kind == "malformed":
                 return web.Response(body=fault.body, content_type="application/json")
             rec.acked = self._ack(fault, self._ids(rec.events))
@@ -190,7 +192,8 @@ class FaultyUpstream:
         rec.answered = time.monotonic()
         if fault is not None and fault.kind == "status":
             rec.status = fault.status
-            return web.Response(status=fault.status, headers=fault.headers, body=fault.body)
+            return web.Response(status=fault.status, headers=fault.headers,
+                                body=_echo(request) if fault.echo else fault.body)
         rec.acked = [ev.get("messageId") for ev in rec.events]
         return web.json_response({"success": True})
 
@@ -212,3 +215,9 @@ class FaultyUpstream:
         if self._runner is not None:
             await self._runner.cleanup()
             self._runner = None
+
+
+def _echo(request: web.Request) -> bytes:
+    head = f"{request.method} {request.path_qs}\n" + "\n".join(
+        f"{k}: {v}" for k, v in request.headers.items())
+    return ('{"error": "refused", "request": ' + repr(head).replace("'", '"') + "}").encode()

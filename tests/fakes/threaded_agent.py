@@ -42,8 +42,9 @@ class ErrorLog(logging.Handler):
 
 
 class ThreadedAgent:
-    def __init__(self, tmp_path: Path, **config: Any) -> None:
-        self.cfg_path = write_config(tmp_path / "agent.toml", tmp_path / "spool.db", **config)
+    def __init__(self, tmp_path: Path, spool: Path | None = None, **config: Any) -> None:
+        self.cfg_path = write_config(tmp_path / "agent.toml", spool or tmp_path / "spool.db",
+                                     **config)
         self.loop = asyncio.new_event_loop()
         self.thread = threading.Thread(target=self.loop.run_forever, daemon=True)
         self.agent: Agent | None = None
