@@ -30,18 +30,30 @@ def is_loopback_name(host: str) -> bool:
         return False
 
 
+def _is_ip(host: str) -> bool:
+    try:
+        ipaddress.ip_address(_host_name(host))
+    except ValueError:
+        return False
+    return True
+
+
 class Guard:
     """Decides whether a request may reach a handler, and adds CORS headers."""
 
     def __init__(self, listen_host: str, allowed_origins: tuple[str, ...]) -> None:
-        # Binding a non-loopback address on purpose makes that address a valid Host too.
+        # Binding a non-loopback address on purpose makes that address a valid Host too;
+        # binding every address (for LAN devices) makes any IP literal one. Names stay
+        # refused: a DNS rebinding attack always arrives under its own name.
         self.extra_hosts = frozenset() if is_loopback_name(listen_host) else {
             _host_name(listen_host)}
+        self.any_ip = _host_name(listen_host) in ("0.0.0.0", "::", "")
         self.allowed_origins = frozenset(o.rstrip("/").lower() for o in allowed_origins)
 
     def host_ok(self, host: str | None) -> bool:
         # Absent Host is HTTP/1.0 from a local tool; a browser always sends one.
-        return host is None or is_loopback_name(host) or _host_name(host) in self.extra_hosts
+        return host is None or is_loopback_name(host) or _host_name(host) in self.extra_hosts \
+            or (self.any_ip and _is_ip(host))
 
     def origin_ok(self, origin: str, host: str | None) -> bool:
         origin = origin.rstrip("/").lower()
