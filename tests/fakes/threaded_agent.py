@@ -49,6 +49,7 @@ class ThreadedAgent:
         self.thread = threading.Thread(target=self.loop.run_forever, daemon=True)
         self.agent: Agent | None = None
         self.errors = ErrorLog()
+        self.connect_to = "127.0.0.1"
 
     def __enter__(self) -> ThreadedAgent:
         logging.getLogger().addHandler(self.errors)
@@ -85,7 +86,7 @@ class ThreadedAgent:
                 timeout: float = 10.0) -> tuple[int, dict[str, str], bytes]:
         """One request on a fresh connection. An agent that refuses a large body early
         (413) may close before the body is sent: then the reply is read if it can be."""
-        conn = http.client.HTTPConnection("127.0.0.1", self.port, timeout=timeout)
+        conn = http.client.HTTPConnection(self.connect_to, self.port, timeout=timeout)
         try:
             try:
                 conn.request(method, path, body=body, headers=headers or {})
