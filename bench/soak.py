@@ -26,6 +26,7 @@ import json
 import os
 import random
 import shutil
+import sqlite3
 import sys
 import tempfile
 import time
@@ -46,8 +47,11 @@ from tests.fakes.clients import Ledger, NucleusClient, mark_of  # noqa: E402
 from tests.fakes.nucleus_upstream import FakeNucleus  # noqa: E402
 
 # metric -> (relative, absolute) tolerance for "flat": late peak <= early peak * (1 + rel) + abs
-TOLERANCE = {"rss_mb": (0.15, 8.0), "fds": (0.0, 6.0), "spool_mb": (0.25, 2.0),
+TOLERANCE = {"rss_mb": (0.15, 8.0), "fds": (0.0, 6.0), "queue_mb": (0.25, 2.0),
              "queue_depth": (0.5, 2000.0), "lag_s": (0.5, 15.0)}
+# Reported, not judged: the dedupe keys of delivered events are kept for
+# storage.dedupe_window_h (24 h by default), so this grows for a day, then levels off.
+GROWS_BY_DESIGN = ("spool_mb", "dedupe_mb")
 
 
 class CountingNucleus(FakeNucleus):
@@ -79,7 +83,10 @@ class Sample:
     upstream_up: int
     rss_mb: float
     fds: int
-    spool_mb: float
+    spool_mb: float       # spool, -wal and -shm files on disk
+    dedupe_mb: float      # of which: remembered dedupe keys of delivered events
+    queue_mb: float       # spool_mb - dedupe_mb: the queue itself, WAL included
+    dedupe_keys: int
     queue_depth: int
     lag_s: float
     acked_to_apps: int
@@ -93,6 +100,25 @@ def spool_mb(path: Path) -> float:
         if p.exists():
             total += p.stat().st_size
     return total / 1e6
+
+
+def dedupe_share(path: Path) -> tuple[float, int]:
+    """Bytes of the spool's `acked` table (dedupe keys) and its rows, read-only."""
+    try:
+        conn = sqlite3.connect(f"file:{path}?mode=ro", uri=True, timeout=2)
+    except sqlite3.Error:
+        return 0.0, 0
+    try:
+        rows = conn.execute("SELECT count(*) FROM acked").fetchone()[0]
+        try:
+            size = conn.execute("SELECT sum(pgsize) FROM dbstat WHERE name = 'acked'").fetchone()[0]
+        except sqlite3.Error:  # no dbstat in this SQLite build: estimate
+            size = rows * 24
+        return (size or 0) / 1e6, int(rows)
+    except sqlite3.Error:
+        return 0.0, 0
+    finally:
+        conn.close()
 
 
 async def status(session: aiohttp.ClientSession, agent: AgentProcess) -> dict[str, Any]:
@@ -120,7 +146,7 @@ def plot(samples: list[Sample], out: Path) -> bool:
         import matplotlib.pyplot as plt
     except ImportError:
         return False
-    metrics = ["rss_mb", "fds", "spool_mb", "queue_depth", "lag_s"]
+    metrics = ["rss_mb", "fds", "spool_mb", "queue_mb", "queue_depth", "lag_s"]
     fig, axes = plt.subplots(len(metrics), 1, figsize=(10, 12), sharex=True)
     t = [s.t_s / 60 for s in samples]
     for ax, metric in zip(axes, metrics):
@@ -175,8 +201,11 @@ async def soak(args: argparse.Namespace) -> int:
             st = await status(session, agent)
             with proc.oneshot():
                 rss, fds = proc.memory_info().rss / 1e6, proc.num_fds()
+            on_disk = spool_mb(spool)
+            dedupe, keys = await asyncio.to_thread(dedupe_share, spool)
             samples.append(Sample(round(elapsed, 1), int(up), round(rss, 2), fds,
-                                  round(spool_mb(spool), 3), st["queue_depth"],
+                                  round(on_disk, 3), round(dedupe, 3),
+                                  round(on_disk - dedupe, 3), keys, st["queue_depth"],
                                   st.get("oldest_event_age_s") or 0.0, len(ledger.acked),
                                   len(fake.arrivals)))
             if len(samples) % max(1, int(60 / args.sample_s)) == 0:
@@ -201,6 +230,10 @@ async def soak(args: argparse.Namespace) -> int:
     duplicates = sum(n - 1 for n in fake.arrivals.values() if n > 1)
     warmup = min(120.0, duration * 0.1)
     verdicts = [flat(samples, m, warmup) for m in TOLERANCE]
+    last = samples[-1]
+    growth = {m: {"first": getattr(samples[0], m), "last": getattr(last, m)}
+              for m in GROWS_BY_DESIGN}
+    per_key = last.dedupe_mb * 1e6 / last.dedupe_keys if last.dedupe_keys else None
     summary = {
         "minutes": round((time.monotonic() - started) / 60, 2), "apps": len(clients),
         "flap_s": args.flap_s, "samples": len(samples), "events_acked_to_apps": len(ledger.acked),
@@ -208,6 +241,8 @@ async def soak(args: argparse.Namespace) -> int:
         "app_requests_ok": ledger.requests_ok, "app_requests_failed": ledger.requests_failed,
         "agent_exit_code": exit_code, "final_counters": st.get("counters"),
         "verdicts": verdicts, "all_flat": all(v["flat"] for v in verdicts),
+        "grows_by_design": growth,
+        "dedupe_bytes_per_key": round(per_key, 1) if per_key else None,
     }
     with open(out / "samples.csv", "w", newline="") as fh:
         writer = csv.DictWriter(fh, fieldnames=list(asdict(samples[0])))
@@ -220,6 +255,10 @@ async def soak(args: argparse.Namespace) -> int:
         state = {True: "flat", False: "NOT FLAT", None: "n/a"}[v["flat"]]
         print(f"  {v['metric']:12} {state:9} early peak {v.get('early_peak')}  "
               f"late peak {v.get('late_peak')}  limit {v.get('limit')}")
+    if per_key:
+        print(f"  spool_mb     {growth['spool_mb']['first']} -> {growth['spool_mb']['last']} MB: "
+              f"dedupe keys of delivered events, {per_key:.0f} B each, kept for "
+              f"storage.dedupe_window_h (24 h), then pruned: level after a day")
     print(f"report: {out}/summary.json, samples.csv" + (", soak.png" if plotted else
                                                         " (pip install matplotlib for a plot)"))
     shutil.copy(agent.log, out / "agent.log")
