@@ -122,7 +122,17 @@ def verdict(fake: FakeNucleus, ledger: Ledger, epochs: Epochs) -> dict[str, Any]
         if ev.get("id") != first_id:
             changed_id.append(mark)
     lost = sorted(ledger.acked - first.keys())
+    # FIFO per key (§2.7): each app's events first arrive in the order the app sent them
+    # (an app's events all go to one key; its marks are "<transport><app>-<n>").
+    out_of_order: list[str] = []
+    last: dict[str, int] = {}
+    for mark in sorted(first, key=lambda m: first[m][0]):
+        app, _, n = mark.rpartition("-")
+        if int(n) < last.get(app, 0):
+            out_of_order.append(mark)
+        last[app] = max(last.get(app, 0), int(n))
     return {"sent": len(ledger.sent), "acked": len(ledger.acked), "delivered": len(first),
+            "out_of_order": out_of_order[:20],
             "deliveries": len(fake.events), "lost": lost, "duplicates": len(duplicates),
             "duplicate_marks": sorted(set(duplicates))[:20], "unexplained": unexplained,
             "changed_id": changed_id, "disruptions": len(epochs.bounds),
@@ -131,8 +141,8 @@ def verdict(fake: FakeNucleus, ledger: Ledger, epochs: Epochs) -> dict[str, Any]
 
 def report(tmp_path: Path, name: str, result: dict[str, Any],
            record_property: Callable[[str, object], None]) -> None:
-    print(f"\n{name}: " + json.dumps({k: v for k, v in result.items()
-                                       if k not in ("duplicate_marks", "timeline", "arrived")}, default=str))
+    shown = {k: v for k, v in result.items() if k not in ("duplicate_marks", "timeline", "arrived")}
+    print(f"\n{name}: " + json.dumps(shown, default=str))
     (tmp_path / f"{name}.json").write_text(json.dumps(result, indent=2, default=str))
     for key in ("sent", "acked", "delivered", "duplicates", "disruptions"):
         record_property(f"{name}.{key}", result[key])
@@ -178,6 +188,7 @@ async def test_kill9_with_upstream_down_loses_nothing_acked(
     assert acked_before_kill > 0 and result["acked"] > acked_before_kill
     assert result["lost"] == []
     assert result["duplicates"] == 0, result["duplicate_marks"]
+    assert result["out_of_order"] == []
 
 
 async def test_kill9_cycles_with_flapping_upstream(
@@ -231,6 +242,7 @@ async def test_kill9_cycles_with_flapping_upstream(
     assert result["lost"] == [], f"{len(result['lost'])} acknowledged events lost"
     assert result["unexplained"] == [], "duplicates with no disruption in between"
     assert result["changed_id"] == [], "redelivered with a different id"
+    assert result["out_of_order"] == [], "an app's events arrived out of order"
     assert status["queue_depth"] == 0
 
 
@@ -240,7 +252,7 @@ async def test_queue_depth_survives_an_unclean_stop(tmp_path: Path) -> None:
     cfg = StorageConfig(path=str(tmp_path / "spool.db"))
     first = await Spool.open(cfg)
     await first.append([Event("k", NUCLEUS, i, b'{"id":%d}' % i) for i in range(10)])
-    rows = await first.fetch([first.streams["k"].id], 0, 100)
+    rows = await first.fetch(first.streams["k"].id, 0, 100)
     await first.ack([r.seq for r in rows[:7]])
     await first.dead_letter([(rows[7].seq, "up", "poison")])
     # A second open without closing the first is what a restart after kill -9 sees.
