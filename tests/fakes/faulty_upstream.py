@@ -38,7 +38,8 @@ NEVER_SENT: list[Any] = [987654321, "never-sent", True, None, {"id": 1}, [1]]
 class Fault:
     kind: str
     status: int = 500
-    headers: dict[str, str] = field(default_factory=dict)
+    # A value may be a callable: evaluated when the reply is sent (e.g. an HTTP-date).
+    headers: dict[str, Any] = field(default_factory=dict)
     delay: float = 0.0
     body: bytes = b'{"reportedIds": [1, 2'
     echo: bool = False   # status: answer with the request line and headers (as some do)
@@ -138,7 +139,7 @@ class FaultyUpstream:
         try:
             if fault is not None and fault.kind == "status":
                 rec.status = fault.status
-                return web.Response(status=fault.status, headers=fault.headers,
+                return web.Response(status=fault.status, headers=_headers(fault),
                                     body=_echo(request) if fault.echo else
                                     fault.body if fault.status == 400 else b"")
             if fault is not None and fault.kind == "malformed":
@@ -192,7 +193,7 @@ class FaultyUpstream:
         rec.answered = time.monotonic()
         if fault is not None and fault.kind == "status":
             rec.status = fault.status
-            return web.Response(status=fault.status, headers=fault.headers,
+            return web.Response(status=fault.status, headers=_headers(fault),
                                 body=_echo(request) if fault.echo else fault.body)
         rec.acked = [ev.get("messageId") for ev in rec.events]
         return web.json_response({"success": True})
@@ -221,3 +222,7 @@ def _echo(request: web.Request) -> bytes:
     head = f"{request.method} {request.path_qs}\n" + "\n".join(
         f"{k}: {v}" for k, v in request.headers.items())
     return ('{"error": "refused", "request": ' + repr(head).replace("'", '"') + "}").encode()
+
+
+def _headers(fault: Fault) -> dict[str, str]:
+    return {k: v() if callable(v) else v for k, v in fault.headers.items()}
