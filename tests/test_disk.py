@@ -333,25 +333,28 @@ async def test_recovery_while_running_keeps_stream_ids_and_rising_seqs(tmp_path:
         await spool.close()
 
 
-async def test_corruption_found_by_a_commit_still_answers_the_app(tmp_path: Path) -> None:
+async def test_corruption_found_by_a_commit_still_answers_the_app(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     """The commit that finds the damage is run again on the fresh spool: its apps get their
     answer (no 5xx for an error that was recovered from), and their events are kept."""
+    from agent import spool_db
     from agent.config import StorageConfig
     from agent.events import NUCLEUS, Event
     from agent.spool import Spool
 
     spool = await Spool.open(StorageConfig(path=str(tmp_path / "spool.db")))
-    real_insert = spool._insert
+    real_commit = spool_db.commit
     calls = 0
 
-    async def insert_once_corrupt(db: Any, accepted: Any) -> Any:
+    def commit_once_corrupt(conn: Any, job: Any) -> Any:
         nonlocal calls
         calls += 1
         if calls == 1:
             raise sqlite3.DatabaseError("database disk image is malformed")
-        return await real_insert(db, accepted)
+        return real_commit(conn, job)
 
-    spool._insert = insert_once_corrupt  # type: ignore[method-assign]
+    # The whole group commit is one function on the writer thread (agent/spool_db.py).
+    monkeypatch.setattr(spool_db, "commit", commit_once_corrupt)
     try:
         assert await spool.append([Event("k", NUCLEUS, 1, b'{"id":1}')]) == 1
         assert spool.counters["spool_corrupt"] == 1 and spool.depth == 1
