@@ -109,6 +109,8 @@ def commit(conn: sqlite3.Connection, job: Job) -> Outcome:
             _bump(out.counters, "acked", _delete(conn, job.acks, job.remember, job.now, out))
         if job.rows:
             excess = job.incoming - job.room
+            if excess > 0:
+                excess -= _forget_dedupe(conn, out)
             if excess > 0 and job.reject_when_full:
                 _bump(out.counters, "rejected_full", len(job.rows))
                 out.stored = None
@@ -175,6 +177,22 @@ def _move_dead(conn: sqlite3.Connection, job: Job, out: Outcome) -> None:
         "FROM events WHERE seq = ?", [(up, reason, job.now, seq) for seq, up, reason in job.dead])
     n = _delete(conn, [seq for seq, _, _ in job.dead], job.remember, job.now, out)
     _bump(out.counters, "dead_lettered", n)
+
+
+def _forget_dedupe(conn: sqlite3.Connection, out: Outcome) -> int:
+    """At max_size_mb, forget the dedupe keys of delivered events; returns the bytes freed.
+
+    They are kept for dedupe_window_h and take space under the same cap: left alone they
+    would keep new events out (or push the queue out) on a busy agent with an empty queue.
+    Forgotten all at once, since keys are spread over every page by their hash; the cost
+    is that a late resend of an already delivered event may be delivered again.
+    """
+    before = used_bytes(conn)
+    n = conn.execute("DELETE FROM acked").rowcount
+    if n <= 0:
+        return 0
+    _bump(out.counters, "dedupe_forgotten", n)
+    return before - used_bytes(conn)
 
 
 def _drop_oldest(conn: sqlite3.Connection, excess: int, out: Outcome) -> None:

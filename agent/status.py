@@ -19,11 +19,13 @@ from .routing import Forwarding
 from .spool import Spool
 from .spool_schema import read_offline
 
-# The spool's counters that are not events lost: successes, and corrupt-spool
-# incidents (counted per incident, not per event).  Every other counter is a
-# drop reason (sentry-python style), so a reason added to the spool shows up
-# here, in `outpost status` and in /metrics without further changes.
-NOT_DROPS = frozenset({"ingested", "duplicates", "acked", "spool_corrupt"})
+# The spool's counters that are not events lost: successes, corrupt-spool
+# incidents (counted per incident, not per event), and dedupe keys forgotten to
+# make room (keys of delivered events).  Every other counter is a drop reason
+# (sentry-python style), so a reason added to the spool shows up here, in
+# `outpost status` and in /metrics without further changes.
+NOT_DROPS = frozenset({"ingested", "duplicates", "acked", "spool_corrupt",
+                       "dedupe_forgotten"})
 # Reported as 0 before they first happen, so dashboards see every series.
 DROP_REASONS = ("dead_lettered", "expired", "dropped_full", "rejected_full",
                 "rejected_storage_error")
