@@ -361,3 +361,21 @@ async def test_corruption_found_by_a_commit_still_answers_the_app(
         assert [r.body for r in await spool.fetch(spool.streams["k"].id, 0, 10)] == [b'{"id":1}']
     finally:
         await spool.close()
+
+
+async def test_remembered_dedupe_keys_never_keep_new_events_out(
+        make_agent: Any, fake_nucleus: FakeNucleus) -> None:
+    """Delivered events' dedupe keys are kept for dedupe_window_h (24 h) and take spool space.
+    At max_size_mb they must give way: else a busy agent with an empty queue refuses every
+    event (when_full = "reject") or drops its whole queue ("drop_oldest") for up to a day."""
+    agent = await make_agent(upstreams=[{**upstream(fake_nucleus, "nucleus-http"),
+                                         "batch_max_events": 1000}],
+                             storage={"max_size_mb": 1, "when_full": "reject"})
+    async with aiohttp.ClientSession() as s:
+        for n in range(60):                     # 60k events: ~1.4 MB of dedupe keys
+            r = await post(s, agent.port, [event(n * 1000 + i, pad="") for i in range(1000)])
+            assert r.status == 200, (n, await r.text())
+            await wait_for(lambda: agent.spool.depth == 0)
+    assert agent.spool.counters.get("dedupe_forgotten", 0) > 0
+    assert agent.spool.counters.get("rejected_full", 0) == 0
+    assert agent.spool.used_bytes <= agent.spool.max_bytes
