@@ -61,6 +61,8 @@ class Agent:
         self.forwarding = Forwarding(self.cfg, spool, self.facts, self.metrics)
         self.sink = Sink(self.cfg, spool, self.facts, self.metrics)
         self.sink.on_new_data = self._new_data
+        # A spool that could not be opened at start (full disk) brings its queues later.
+        spool.on_reopen = lambda: self._new_data(set(spool.streams))
         self.ops = Ops(self.cfg, spool, self.forwarding, self.metrics)
         app = build_app(self.cfg, self.sink, self.ops)
         # auto_decompress=False: dialects/body.py inflates bodies itself, bounded by each

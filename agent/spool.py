@@ -16,7 +16,7 @@ import logging
 import os
 import sqlite3
 import sys
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -106,6 +106,9 @@ class Spool:
         self._new_streams: list[Stream] = []
         self.last_commit_events = 0
         self.commits = 0  # transactions this process ran: shows group commit at work
+        # Called when a spool that could not be opened is opened at last: its queues
+        # need forwarders.
+        self.on_reopen: Callable[[], None] = lambda: None
 
     # -- lifecycle ---------------------------------------------------------
 
@@ -114,9 +117,17 @@ class Spool:
         spool = cls(cfg, cfg.resolved_path())
         ensure_private_dir(spool.path.parent)
         try:
-            await spool._connect()
-        except sqlite3.DatabaseError as exc:
-            await spool._recover(exc)
+            try:
+                await spool._connect()
+            except sqlite3.DatabaseError as exc:
+                if not _is_corruption(exc):
+                    raise
+                await spool._recover(exc)
+        except (sqlite3.DatabaseError, OSError) as exc:
+            # Not corrupt (a full disk, an I/O error): keep the file, refuse events with
+            # 503 and try again at each commit, rather than exit into a crash loop.
+            log.error("spool %s cannot be opened (%s); refusing events until it can",
+                      spool.path, exc)
         spool._writer = asyncio.create_task(spool._write_loop(), name="spool-writer")
         return spool
 
@@ -249,8 +260,8 @@ class Spool:
             if not _is_corruption(exc):
                 raise
             async with self._lock:
-                await self._recover(exc)
                 try:
+                    await self._recover(exc)
                     await self._run_batch(batch)
                 except BaseException:
                     _fail(batch.appends, SpoolFull("spool storage is failing", retry_after=5))
@@ -279,6 +290,10 @@ class Spool:
                    remember=self.cfg.dedupe_window_h > 0, counters=counters, now=now_ms())
 
     async def _run_batch(self, batch: _Batch) -> None:
+        if self._db is None and not await self._reopen():
+            self.count("rejected_storage_error", sum(len(p.events) for p in batch.appends))
+            _fail(batch.appends, SpoolFull("spool cannot be opened", retry_after=5))
+            return
         db = self._require_db()
         appends = batch.appends
         job = self._job(batch)
@@ -307,6 +322,19 @@ class Spool:
         for pending, n in zip(appends, out.stored):
             if not pending.done.done():
                 pending.done.set_result(n)
+
+    async def _reopen(self) -> bool:
+        """Open a spool that could not be opened before (the disk may have space again)."""
+        unsaved = self._unsaved
+        try:
+            await self._connect()
+        except (sqlite3.DatabaseError, OSError):
+            return False
+        for name, n in unsaved.items():  # counted while closed: keep them
+            self.count(name, n)
+        log.warning("spool %s is open again (%d events queued)", self.path, self.depth)
+        self.on_reopen()
+        return True
 
     def _apply(self, out: Outcome) -> None:
         """Bring the in-memory depths and counters up to what was just committed."""
@@ -337,7 +365,9 @@ class Spool:
 
     async def prune(self) -> int:
         """Drop events older than max_age_days and forget old dedupe keys."""
-        db = self._require_db()
+        if self._db is None:
+            return 0
+        db = self._db
         cutoff = now_ms() - self.cfg.max_age_days * 86_400_000
         forget = now_ms() - self.cfg.dedupe_window_h * 3_600_000
         async with self._lock:
