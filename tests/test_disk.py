@@ -13,6 +13,7 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import os
 import shutil
 import sqlite3
@@ -379,3 +380,43 @@ async def test_remembered_dedupe_keys_never_keep_new_events_out(
     assert agent.spool.counters.get("dedupe_forgotten", 0) > 0
     assert agent.spool.counters.get("rejected_full", 0) == 0
     assert agent.spool.used_bytes <= agent.spool.max_bytes
+
+
+async def test_a_full_disk_at_startup_is_a_503_not_a_crash_nor_a_lost_spool(
+        small_fs: Path, agent_process: Callable[..., AgentProcess]) -> None:
+    """Restarted on a disk with no space left: SQLite cannot even create the -shm file. The
+    spool is not corrupt, so it must not be moved aside (its queue would be orphaned), and
+    the agent must not exit (a crash loop): it answers 503 until space is freed."""
+    spool_path = small_fs / "spool" / "spool.db"
+    await asyncio.to_thread(make_spool, spool_path, 300)
+    filler = small_fs / "filler"
+    with open(filler, "wb", buffering=0) as fh, contextlib.suppress(OSError):
+        while True:
+            fh.write(b"\0" * 4096)
+    fake = await FakeNucleus().start()
+    port = free_port()
+    cfg = write_config(small_fs.parent / "agent.toml", spool_path, port=port,
+                       upstreams=[upstream(fake)])
+    agent = agent_process(cfg, port)
+    try:
+        await asyncio.to_thread(agent.start, 5.0)
+        async with aiohttp.ClientSession() as s:
+            async with s.get(f"{agent.url}/healthz") as r:
+                assert r.status == 200
+            # Another key: app1's old queue must flow without app1 sending anything.
+            r = await post(s, port, [event(10**6, pad="")], key="other")
+            assert r.status == 503 and int(r.headers["Retry-After"]) > 0
+            assert not list(spool_path.parent.glob("*.corrupt-*")), "a sound spool moved aside"
+            filler.unlink()
+            for _ in range(100):                  # recovers by itself once space is back
+                r = await post(s, port, [event(10**6, pad="")], key="other")
+                if r.status == 200:
+                    break
+                await asyncio.sleep(0.1)
+            assert r.status == 200
+        # The queue from before the restart is still there, and flows.
+        await wait_for(lambda: set(range(300)) | {10**6} <= set(fake.ids()), timeout=15)
+        assert agent.proc is not None and agent.proc.poll() is None
+    finally:
+        await asyncio.to_thread(agent.terminate)
+        await fake.stop()
