@@ -32,7 +32,7 @@ def _csp(page: str) -> str:
         hashes[tag].append(f"'sha256-{digest}'")
     script, style = (" ".join(hashes[tag]) or "'none'" for tag in ("script", "style"))
     return (f"default-src 'none'; script-src {script}; style-src {style}; "
-            "connect-src 'self'; img-src 'self'; base-uri 'none'; form-action 'none'; "
+            "connect-src 'self'; base-uri 'none'; form-action 'none'; "
             "frame-ancestors 'none'")
 
 

@@ -74,6 +74,3 @@ class Forwarding:
         if self._session is not None:
             await self._session.close()
             self._session = None
-
-    def unrouted_keys(self) -> list[str]:
-        return [k for k in self.spool.streams if self.cfg.route(k) is None]
