@@ -189,7 +189,6 @@ class Agent:
         return 0
 
 
-
 def _register_secrets(cfg: Config) -> None:
     """Accepted keys, routed keys, upstream keys and URL passwords are all credentials."""
     for key in cfg.listen.accept_keys:
