@@ -196,10 +196,12 @@ class Spool:
         await self._close_connections()
 
     async def _close_connections(self) -> None:
-        for conn in (self._reader, self._db):
+        # Detach first: a read racing with this close sees the spool as closed, not as
+        # its own failure (see fetch).
+        conns, self._reader, self._db = (self._reader, self._db), None, None
+        for conn in conns:
             if conn is not None:
                 await conn.close()
-        self._reader = self._db = None
 
     # -- writes (group commit) ---------------------------------------------
 
@@ -394,6 +396,8 @@ class Spool:
         try:
             return await reader.run(_fetch_rows, stream, after, limit)
         except sqlite3.DatabaseError as exc:
+            if self._reader is not reader:  # closed under this read by a recovery: read later
+                return []
             # Damage the header check missed at open shows up here; left alone it
             # would stop this key's forwarder for good.
             if not _is_corruption(exc):
@@ -404,21 +408,28 @@ class Spool:
             return []
 
     async def oldest_received(self) -> int | None:
-        if self._reader is None:
-            return None
-        rows = await self._reader.run(spool_db.fetch_all,
-                                      "SELECT received FROM events ORDER BY seq LIMIT 1")
+        rows = await self._read("SELECT received FROM events ORDER BY seq LIMIT 1")
         return int(rows[0][0]) if rows else None
 
     async def dead_letters(self, limit: int = 100) -> list[dict[str, Any]]:
-        if self._reader is None:
-            return []
-        rows = await self._reader.run(
-            spool_db.fetch_all,
+        rows = await self._read(
             "SELECT seq, s.key, upstream, reason, at, body FROM dead JOIN streams s "
             "ON s.id = dead.stream ORDER BY seq DESC LIMIT ?", (limit,))
         return [{"seq": r[0], "key": r[1], "upstream": r[2], "reason": r[3], "at": r[4],
                  "body": bytes(r[5]).decode("utf-8", "replace")} for r in rows]
+
+    async def _read(self, sql: str, params: Any = ()) -> list[Any]:
+        """A read for status and operations. A spool closed under it (a recovery) or damaged
+        reads as empty: a 500 would not help, and the forwarders' reads move it aside."""
+        reader = self._reader
+        if reader is None:
+            return []
+        try:
+            return await reader.run(spool_db.fetch_all, sql, params)
+        except sqlite3.DatabaseError as exc:
+            if self._reader is not reader or _is_corruption(exc):
+                return []
+            raise
 
     # -- accounting ----------------------------------------------------------
 
