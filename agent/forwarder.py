@@ -113,6 +113,8 @@ class StreamForwarder:
 
     async def _idle(self, timeout: float | None) -> None:
         """Wait for new data, a finished batch, a flush or stop (or ``timeout``)."""
+        if self.stopping:  # a stop that came while we read must not be cleared below
+            return
         self.wake.clear()
         self.interrupt.clear()
         waits: set[asyncio.Future[object]] = {asyncio.ensure_future(self.wake.wait()),
@@ -205,6 +207,8 @@ class StreamForwarder:
         # Every key's loop backs off on its own: once a minute per upstream, counted.
         log_limited(log, logging.WARNING, f"upstream-down:{self.cfg.name}",
                     "upstream %s: %s; retrying in %.1fs", self.cfg.name, failed.error, delay)
+        if self.stopping:  # a stop that came while batches settled must not be cleared
+            return
         self.interrupt.clear()
         with contextlib.suppress(asyncio.TimeoutError):
             # Shutdown or `outpost flush` interrupts the wait; new data does not.
