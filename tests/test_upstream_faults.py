@@ -9,6 +9,7 @@ proving that a 1 to 2 s Retry-After is waited out.
 
 from __future__ import annotations
 
+import asyncio
 import email.utils
 import math
 import random
@@ -355,3 +356,87 @@ async def test_a_wrong_key_or_url_backs_off_and_dead_letters_nothing(
     await drained(agent, faulty, 6)     # includes: no dead letters
     assert [r.status for r in faulty.requests[:4]] == [status] * 3 + [200]
     assert str(status) in (agent.forwarding.states["up"].last_error or "")
+
+
+# -- shutdown is prompt, whenever the stop comes ------------------------------------------------
+
+
+class _GatedSpool:
+    """A spool whose reads wait for a gate, so that a stop can land in the middle of one."""
+
+    def __init__(self, rows: list[Any]) -> None:
+        self.rows = rows
+        self.gate = asyncio.Event()
+        self.reading = asyncio.Event()
+
+    async def fetch(self, stream: int, after: int, limit: int) -> list[Any]:
+        self.reading.set()
+        await self.gate.wait()
+        return [r for r in self.rows if r.seq > after][:limit]
+
+    async def ack(self, seqs: Any) -> None:
+        return None
+
+    async def dead_letter(self, rows: Any) -> None:
+        return None
+
+
+class _GatedUplink:
+    """Row 1 fails at once (with a long Retry-After); row 2 hangs until released."""
+
+    name = "up"
+
+    def __init__(self) -> None:
+        self.release = asyncio.Event()
+        self.sending = asyncio.Event()
+
+    def take(self, rows: list[Any]) -> list[Any]:
+        return rows[:1]
+
+    async def send(self, batch: list[Any]) -> Any:
+        from agent.uplinks.base import SendResult
+        if batch[0].seq == 2:
+            self.sending.set()
+            await self.release.wait()
+        return SendResult(error="down", retry_after=3000)
+
+    async def close(self) -> None:
+        return None
+
+
+def _forwarder(spool: Any, uplink: Any, window: int) -> Any:
+    from agent.config import UpstreamConfig
+    from agent.forwarder import StreamForwarder, UpstreamState
+    from agent.metrics import Metrics
+    from agent.spool import Stream
+    cfg = UpstreamConfig(name="up", protocol="nucleus-http", url="http://127.0.0.1:9",
+                         flush_interval_s=0.01)
+    return StreamForwarder(cfg, Stream(1, "k"), spool, uplink, UpstreamState("up", "x"),
+                           Metrics(), window)
+
+
+async def test_a_stop_during_a_read_is_not_lost() -> None:
+    """stop() while the forwarder reads the spool: it must not then wait for new data."""
+    spool = _GatedSpool([])
+    fwd = _forwarder(spool, _GatedUplink(), 1)
+    task = asyncio.create_task(fwd.run())
+    await asyncio.wait_for(spool.reading.wait(), 5)
+    fwd.stop()
+    spool.gate.set()
+    await asyncio.wait_for(task, 2)
+
+
+async def test_a_stop_while_batches_settle_does_not_wait_out_the_backoff() -> None:
+    """stop() while in-flight batches settle before a backoff: it must cut that backoff
+    (here a 3000 s Retry-After) short, as a stop during the backoff does."""
+    from agent.spool import Row
+    spool = _GatedSpool([Row(1, 1, 0, 0, b"{}"), Row(2, 1, 0, 0, b"{}")])
+    spool.gate.set()
+    uplink = _GatedUplink()
+    fwd = _forwarder(spool, uplink, 2)
+    task = asyncio.create_task(fwd.run())
+    await asyncio.wait_for(uplink.sending.wait(), 5)   # row 1 failed, row 2 in flight
+    await asyncio.sleep(0.05)                          # the loop now settles row 2
+    fwd.stop()
+    uplink.release.set()
+    await asyncio.wait_for(task, 2)
