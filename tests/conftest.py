@@ -16,6 +16,7 @@ from typing import Any
 import pytest
 
 from agent import config as config_mod
+from agent import logs
 from agent.service import Agent
 from tests.fakes.nucleus_upstream import FakeNucleus
 from tests.fakes.segment_upstream import FakeSegment
@@ -52,6 +53,12 @@ def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         return int(s.getsockname()[1])
+
+
+@pytest.fixture(autouse=True)
+def fresh_secret_registry(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Keys registered for redaction by one test's agent must not leak into the next."""
+    monkeypatch.setattr(logs, "_registry", logs.SecretRegistry())
 
 
 @pytest.fixture
