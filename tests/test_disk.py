@@ -258,6 +258,13 @@ async def test_corrupt_spool_is_moved_aside_and_healthy_within_5s(
             async with s.get(f"{agent.url}/healthz") as r:
                 assert r.status == 200
             assert time.monotonic() - started < 5.0
+            # Damage in the middle shows when the queue is read, right after start: wait
+            # for it (events taken before that are in the file moved aside, not sent).
+            for _ in range(100):
+                async with s.get(f"{agent.url}/status") as r:
+                    if (await r.json())["counters"].get("spool_corrupt"):
+                        break
+                await asyncio.sleep(0.05)
             # The fresh spool takes events and forwards them, for a key the damaged
             # spool had (its forwarder may already be running) and for a new one.
             for key, first in (("app1", 10**6), ("fresh", 2 * 10**6)):
