@@ -271,19 +271,28 @@ class Spool:
 
     def _job(self, batch: _Batch) -> Job:
         """Number the events and name their streams: the loop-side half of a commit."""
-        rows: list[tuple[int, int, int, int, int, bytes, int]] = []
+        rows: list[tuple[int, int, int, int, int, bytes]] = []
+        totals: dict[int, list[int]] = {}
         seq = self._next_seq
         incoming = 0
+        streams = self.streams
         for p in batch.appends:
             received = p.received
+            key, sid, total = "", 0, [0, 0]
             for ev in p.events:
-                stream = self.streams.get(ev.key) or self._stream_for(ev.key)
-                rows.append((seq, stream.id, ev.family, received, ev.dedupe, ev.body, ev.dedupe))
+                if ev.key != key:  # requests are nearly always one key: look it up once
+                    key = ev.key
+                    sid = (streams.get(key) or self._stream_for(key)).id
+                    total = totals.setdefault(sid, [0, 0])
+                nbytes = len(ev.body)
+                rows.append((seq, sid, ev.family, received, ev.dedupe, ev.body))
                 seq += 1
-                incoming += len(ev.body)
+                total[0] += 1
+                total[1] += nbytes
+                incoming += nbytes
         self._next_seq = seq
         counters, self._unsaved = self._unsaved, {}
-        return Job(rows=rows, sizes=[len(p.events) for p in batch.appends],
+        return Job(rows=rows, sizes=[len(p.events) for p in batch.appends], totals=totals,
                    new_streams=[(s.id, s.key) for s in self._new_streams],
                    acks=batch.acks, dead=batch.dead,
                    room=self.max_bytes - self._used_bytes,

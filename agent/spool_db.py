@@ -17,6 +17,7 @@ import sqlite3
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
+from itertools import chain
 from pathlib import Path
 from typing import Any, TypeVar
 
@@ -29,8 +30,15 @@ T = TypeVar("T")
 ROW_OVERHEAD = 64
 DROP_CHUNK = 500
 
-INSERT = ("INSERT OR IGNORE INTO events(seq, stream, family, received, dkey, body) "
-          "SELECT ?,?,?,?,?,? WHERE NOT EXISTS (SELECT 1 FROM acked WHERE dkey = ?)")
+# Rows go in as multi-row VALUES statements of power-of-two sizes up to CHUNK: a few
+# statements per commit (each compiled once and cached), instead of executemany's one
+# sqlite3_step per row, each of which drops the GIL and then waits to get it back from
+# the busy event loop thread.
+CHUNK = 512
+_INSERT = ("INSERT OR IGNORE INTO events(seq, stream, family, received, dkey, body) "
+           "SELECT column1, column2, column3, column4, column5, column6 FROM (VALUES {}) "
+           "WHERE NOT EXISTS (SELECT 1 FROM acked WHERE dkey = column5)")
+_INSERTS: dict[int, str] = {}
 
 
 class SqliteThread:
@@ -75,8 +83,9 @@ class SqliteThread:
 class Job:
     """One group commit, as plain data prepared on the event loop."""
 
-    rows: list[tuple[int, int, int, int, int, bytes, int]]  # INSERT parameters, in order
+    rows: list[tuple[int, int, int, int, int, bytes]]  # (seq, stream, family, received, dkey, body)
     sizes: list[int]                  # events per waiting request, in order
+    totals: dict[int, list[int]]      # stream id -> [events, body bytes] in ``rows``
     new_streams: list[tuple[int, str]]
     acks: list[int]
     dead: list[tuple[int, str, str]]  # (seq, upstream, reason)
@@ -131,30 +140,45 @@ def _insert(conn: sqlite3.Connection, job: Job, out: Outcome) -> list[int]:
     if job.new_streams:
         conn.executemany("INSERT OR IGNORE INTO streams(id, key) VALUES (?, ?)", job.new_streams)
     rows = job.rows
-    cur = conn.executemany(INSERT, rows)
-    inserted: set[int] | None = None
-    if cur.rowcount != len(rows):  # some were resends: find which seqs made it
+    n_inserted = 0
+    start = 0
+    while start < len(rows):
+        size = min(CHUNK, 1 << ((len(rows) - start).bit_length() - 1))
+        chunk = rows[start:start + size]
+        n_inserted += conn.execute(_insert_sql(size), tuple(chain.from_iterable(chunk))).rowcount
+        start += size
+    deltas = out.streams
+    if n_inserted == len(rows):  # the usual case: no resends, totals known in advance
+        for sid, (n, nbytes) in job.totals.items():
+            d = deltas.setdefault(sid, [0, 0])
+            d[0] += n
+            d[1] += nbytes
+        stored = list(job.sizes)
+    else:  # some were resends: find which seqs made it
         inserted = {r[0] for r in conn.execute(
             "SELECT seq FROM events WHERE seq BETWEEN ? AND ?", (rows[0][0], rows[-1][0]))}
-    stored: list[int] = []
-    deltas = out.streams
-    i = 0
-    for size in job.sizes:
-        n = 0
-        for row in rows[i:i + size]:
-            if inserted is None or row[0] in inserted:
-                n += 1
-                d = deltas.get(row[1])
-                if d is None:
-                    d = deltas[row[1]] = [0, 0]
-                d[0] += 1
-                d[1] += len(row[5])
-        i += size
-        stored.append(n)
-    total = sum(stored)
-    _bump(out.counters, "ingested", total)
-    _bump(out.counters, "duplicates", len(rows) - total)
+        stored = []
+        i = 0
+        for size in job.sizes:
+            n = 0
+            for row in rows[i:i + size]:
+                if row[0] in inserted:
+                    n += 1
+                    d = deltas.setdefault(row[1], [0, 0])
+                    d[0] += 1
+                    d[1] += len(row[5])
+            i += size
+            stored.append(n)
+    _bump(out.counters, "ingested", n_inserted)
+    _bump(out.counters, "duplicates", len(rows) - n_inserted)
     return stored
+
+
+def _insert_sql(size: int) -> str:
+    sql = _INSERTS.get(size)
+    if sql is None:
+        sql = _INSERTS[size] = _INSERT.format(",".join(["(?,?,?,?,?,?)"] * size))
+    return sql
 
 
 def _delete(conn: sqlite3.Connection, seqs: list[int], remember: bool, now: int,
