@@ -69,6 +69,7 @@ class StreamForwarder:
         self.flush_now = False
         self._cursor = 0
         self._tasks: set[asyncio.Task[None]] = set()
+        self._acking: set[asyncio.Task[None]] = set()  # spool deletes of upstream-acked rows
         self._failed: SendResult | None = None
         self._attempt = 0
 
@@ -161,7 +162,13 @@ class StreamForwarder:
 
     async def _apply(self, result: SendResult) -> None:
         if result.acked:
-            await self.spool.ack(result.acked)
+            # Delete in the background: the batch's window slot frees as soon as the
+            # upstream has answered, and the acks of several batches share one spool
+            # commit (the drain was bounded by one commit per batch). _settle waits for
+            # these before any resend, so an acked row is never fetched again.
+            task = asyncio.create_task(self.spool.ack(result.acked))
+            self._acking.add(task)
+            task.add_done_callback(self._acking.discard)
             self.state.acked += len(result.acked)
             self.state.last_ack = time.time()
             self.metrics.observe_acked(len(result.acked))
@@ -182,9 +189,9 @@ class StreamForwarder:
 
     async def _settle(self, timeout: float | None = None) -> None:
         """Let every in-flight batch finish, so no row is sent twice concurrently."""
-        if not self._tasks:
+        if not self._tasks and not self._acking:
             return
-        done, pending = await asyncio.wait(set(self._tasks), timeout=timeout)
+        done, pending = await asyncio.wait(self._tasks | self._acking, timeout=timeout)
         for task in pending:
             task.cancel()
         for task in pending:

@@ -56,7 +56,7 @@ class NucleusWsUplink:
             return SendResult(failed=failed)
         try:
             ws = await self._connection()
-            await ws.send_str(self.frames.frame(batch).decode())
+            await _send_text(ws, self.frames.frame(batch))
             self._last_sent = asyncio.get_running_loop().time()
         except (aiohttp.ClientError, OSError, asyncio.TimeoutError, RuntimeError) as exc:
             self.frames.release(batch)
@@ -127,7 +127,7 @@ class NucleusWsUplink:
             idle = loop.time() - self._last_sent
             if idle >= self.heartbeat_s:
                 with contextlib.suppress(ConnectionError, RuntimeError):
-                    await ws.send_str(frame.decode())
+                    await _send_text(ws, frame)
                 self._last_sent = loop.time()
                 idle = 0
             await asyncio.sleep(self.heartbeat_s - idle)
@@ -138,6 +138,15 @@ class NucleusWsUplink:
         if self._reader is not None:
             with contextlib.suppress(asyncio.CancelledError):
                 await self._reader
+
+
+async def _send_text(ws: aiohttp.ClientWebSocketResponse, frame: bytes) -> None:
+    """A text frame from UTF-8 bytes, without the decode/encode round trip of send_str."""
+    send_frame = getattr(ws, "send_frame", None)  # aiohttp >= 3.11
+    if send_frame is not None:
+        await send_frame(frame, aiohttp.WSMsgType.TEXT)
+    else:
+        await ws.send_str(frame.decode())
 
 
 def _describe(exc: BaseException) -> str:
