@@ -10,6 +10,7 @@ from aiohttp import web
 
 Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
 CORS_MAX_AGE = "600"
+HOST_CACHE = 256
 
 
 def _host_name(host: str) -> str:
@@ -49,11 +50,22 @@ class Guard:
             _host_name(listen_host)}
         self.any_ip = _host_name(listen_host) in ("0.0.0.0", "::", "")
         self.allowed_origins = frozenset(o.rstrip("/").lower() for o in allowed_origins)
+        self._verdicts: dict[str, bool] = {}
 
     def host_ok(self, host: str | None) -> bool:
         # Absent Host is HTTP/1.0 from a local tool; a browser always sends one.
-        return host is None or is_loopback_name(host) or _host_name(host) in self.extra_hosts \
-            or (self.any_ip and _is_ip(host))
+        if host is None:
+            return True
+        # Apps send the same Host on every request: remember the verdict rather than
+        # parse it (ipaddress) each time. Bounded, so odd Hosts cannot grow it.
+        ok = self._verdicts.get(host)
+        if ok is None:
+            ok = is_loopback_name(host) or _host_name(host) in self.extra_hosts \
+                or (self.any_ip and _is_ip(host))
+            if len(self._verdicts) >= HOST_CACHE:
+                self._verdicts.clear()
+            self._verdicts[host] = ok
+        return ok
 
     def origin_ok(self, origin: str, host: str | None) -> bool:
         origin = origin.rstrip("/").lower()
