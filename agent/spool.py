@@ -417,8 +417,11 @@ class Spool:
             return []
 
     async def oldest_received(self) -> int | None:
-        rows = await self._read("SELECT received FROM events ORDER BY seq LIMIT 1")
-        return int(rows[0][0]) if rows else None
+        # The head of each key's queue (the live index), not a scan past tombstones.
+        rows = await self._read(
+            "SELECT min((SELECT received FROM events WHERE stream = s.id AND acked IS NULL "
+            "ORDER BY seq LIMIT 1)) FROM streams s")
+        return int(rows[0][0]) if rows and rows[0][0] is not None else None
 
     async def dead_letters(self, limit: int = 100) -> list[dict[str, Any]]:
         rows = await self._read(
@@ -467,7 +470,8 @@ def _fetch_rows(conn: sqlite3.Connection, stream: int, after: int, limit: int) -
     # Rows are built on the reader thread, off the event loop.
     return [Row(*r) for r in conn.execute(
         "SELECT seq, stream, family, received, body FROM events "
-        "WHERE stream = ? AND seq > ? ORDER BY seq LIMIT ?", (stream, after, limit))]
+        "WHERE stream = ? AND seq > ? AND acked IS NULL ORDER BY seq LIMIT ?",
+        (stream, after, limit))]
 
 
 def _is_corruption(exc: sqlite3.DatabaseError) -> bool:

@@ -23,6 +23,8 @@ from typing import Any, TypeVar
 
 import orjson
 
+from .spool_schema import upgrade
+
 T = TypeVar("T")
 
 # Per-row overhead (record header, index entries, page slack) used when
@@ -183,13 +185,18 @@ def _insert_sql(size: int) -> str:
 
 def _delete(conn: sqlite3.Connection, seqs: list[int], remember: bool, now: int,
             out: Outcome) -> int:
-    """Delete rows by seq; ``remember`` keeps their dedupe keys (acked ones)."""
+    """Take rows out of the queue by seq; ``remember`` leaves tombstones (acked ones)."""
     arg = orjson.dumps(seqs).decode()
     if remember:
-        conn.execute("INSERT OR REPLACE INTO acked(dkey, at) SELECT dkey, ? FROM events "
-                     "WHERE seq IN (SELECT value FROM json_each(?))", (now, arg))
-    gone = conn.execute("DELETE FROM events WHERE seq IN (SELECT value FROM json_each(?)) "
-                        "RETURNING stream, length(body)", (arg,)).fetchall()
+        gone = conn.execute("SELECT stream, length(body) FROM events WHERE seq IN "
+                            "(SELECT value FROM json_each(?)) AND acked IS NULL",
+                            (arg,)).fetchall()
+        conn.execute("UPDATE events SET body = x'', acked = ? WHERE seq IN "
+                     "(SELECT value FROM json_each(?)) AND acked IS NULL", (now, arg))
+    else:
+        gone = conn.execute("DELETE FROM events WHERE seq IN (SELECT value FROM json_each(?)) "
+                            "AND acked IS NULL RETURNING stream, length(body)",
+                            (arg,)).fetchall()
     _uncount(out.streams, gone)
     return len(gone)
 
@@ -198,7 +205,8 @@ def _move_dead(conn: sqlite3.Connection, job: Job, out: Outcome) -> None:
     conn.executemany(
         "INSERT OR IGNORE INTO dead(seq, stream, family, received, dkey, body, upstream, "
         "reason, at) SELECT seq, stream, family, received, dkey, body, ?, ?, ? "
-        "FROM events WHERE seq = ?", [(up, reason, job.now, seq) for seq, up, reason in job.dead])
+        "FROM events WHERE seq = ? AND acked IS NULL",
+        [(up, reason, job.now, seq) for seq, up, reason in job.dead])
     n = _delete(conn, [seq for seq, _, _ in job.dead], job.remember, job.now, out)
     _bump(out.counters, "dead_lettered", n)
 
@@ -212,7 +220,8 @@ def _forget_dedupe(conn: sqlite3.Connection, out: Outcome) -> int:
     is that a late resend of an already delivered event may be delivered again.
     """
     before = used_bytes(conn)
-    n = conn.execute("DELETE FROM acked").rowcount
+    n = conn.execute("DELETE FROM events WHERE acked IS NOT NULL").rowcount  # tombstones
+    n += conn.execute("DELETE FROM acked").rowcount  # keys kept by older versions
     if n <= 0:
         return 0
     _bump(out.counters, "dedupe_forgotten", n)
@@ -220,7 +229,8 @@ def _forget_dedupe(conn: sqlite3.Connection, out: Outcome) -> int:
 
 
 def _drop_oldest(conn: sqlite3.Connection, excess: int, out: Outcome) -> None:
-    """when_full = "drop_oldest": delete the oldest events until ``excess`` bytes are free."""
+    """when_full = "drop_oldest": delete the oldest events until ``excess`` bytes are free
+    (tombstones are gone by then: _forget_dedupe runs first)."""
     freed = 0
     while freed < excess:
         gone = conn.execute(
@@ -239,10 +249,12 @@ def prune(conn: sqlite3.Connection, cutoff: int, forget: int,
     out = Outcome(stored=None)
     conn.execute("BEGIN IMMEDIATE")
     try:
-        gone = conn.execute("DELETE FROM events WHERE received < ? RETURNING stream, length(body)",
-                            (cutoff,)).fetchall()
+        rows = conn.execute("DELETE FROM events WHERE received < ? "
+                            "RETURNING stream, length(body), acked", (cutoff,)).fetchall()
+        gone = [(sid, n) for sid, n, acked in rows if acked is None]
         _uncount(out.streams, gone)
         _bump(out.counters, "expired", len(gone))
+        conn.execute("DELETE FROM events WHERE acked < ?", (forget,))
         conn.execute("DELETE FROM acked WHERE at < ?", (forget,))
         _save(conn, out.streams, {**counters, **_sum(counters, out.counters)})
         conn.execute("COMMIT")
@@ -267,7 +279,8 @@ def _save(conn: sqlite3.Connection, streams: dict[int, list[int]],
 
 def load_state(conn: sqlite3.Connection) -> tuple[int, list[tuple[int, str, int, int]],
                                                   dict[str, int], int]:
-    """(next seq, streams, counters, used bytes) of an opened spool."""
+    """(next seq, streams, counters, used bytes) of an opened spool, upgraded first."""
+    upgrade(conn)
     # Scalar max() is NULL if either side is: coalesce each (an empty table is NULL).
     top = conn.execute("SELECT max(coalesce((SELECT max(seq) FROM events), 0), "
                        "coalesce((SELECT max(seq) FROM dead), 0))").fetchone()[0]
