@@ -104,10 +104,19 @@ class StreamForwarder:
         if not batch:  # the first row's id is still in flight: wait for its ack
             await self._idle(None)
             return
-        self._cursor = batch[-1].seq
-        task = asyncio.create_task(self._deliver(batch))
-        self._tasks.add(task)
-        task.add_done_callback(self._tasks.discard)
+        # One read feeds as many batches as the window allows: reading FETCH_FACTOR
+        # batches' worth of rows per batch sent kept the reader thread (building rows
+        # it then dropped) the drain's bottleneck.
+        while batch:
+            self._cursor = batch[-1].seq
+            task = asyncio.create_task(self._deliver(batch))
+            self._tasks.add(task)
+            task.add_done_callback(self._tasks.discard)
+            rows = rows[len(batch):]
+            if len(self._tasks) >= self.window or not rows or (
+                    len(rows) < self.cfg.batch_max_events and not self._due(rows[0])):
+                return
+            batch = self.uplink.take(rows)
 
     def _due(self, first: Row) -> bool:
         return self.flush_now or time.time() >= first.received / 1000 + self.cfg.flush_interval_s
