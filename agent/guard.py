@@ -74,8 +74,31 @@ class Guard:
         # The agent's own pages (the status page) are same-origin.
         return host is not None and urlsplit(origin).netloc == host.lower()
 
-    @web.middleware
-    async def middleware(self, request: web.Request, handler: Handler) -> web.StreamResponse:
+    def routes(self, routes: list[web.RouteDef]) -> list[web.RouteDef]:
+        """``routes`` with every handler guarded, and an OPTIONS route per path (preflights).
+
+        A handler wrapper rather than an aiohttp middleware: with wrk at 32 connections
+        the middleware machinery cost ~8 us per request, 14% of a hello-world's CPU.
+        Routes of one path stay together, in their order, so aiohttp keeps one resource each.
+        """
+        out: list[web.RouteDef] = []
+        paths = list(dict.fromkeys(r.path for r in routes))
+        for path in paths:
+            out += [web.RouteDef(r.method, r.path, self.wrap(r.handler), r.kwargs)
+                    for r in routes if r.path == path]
+            out.append(web.RouteDef("OPTIONS", path, self.wrap(_no_options), {}))
+        return out
+
+    def wrap(self, handler: Handler) -> Handler:
+        async def guarded(request: web.Request) -> web.StreamResponse:
+            headers = request.headers
+            host = headers.get("Host")
+            if "Origin" not in headers and (host is None or self._verdicts.get(host)):
+                return await handler(request)  # a local app, not a browser: the usual case
+            return await self.check(request, handler)
+        return guarded
+
+    async def check(self, request: web.Request, handler: Handler) -> web.StreamResponse:
         host = request.headers.get("Host")
         if not self.host_ok(host):
             return _refuse(421, f"Host {host!r} is not a loopback name")
@@ -97,6 +120,11 @@ class Guard:
             resp.headers["Access-Control-Allow-Credentials"] = "true"
             resp.headers["Vary"] = "Origin"
         return resp
+
+
+async def _no_options(request: web.Request) -> web.StreamResponse:
+    """OPTIONS that is not a CORS preflight (those are answered by the guard)."""
+    return web.Response(status=405)
 
 
 def _refuse(status: int, message: str) -> web.Response:

@@ -16,10 +16,10 @@ CLIENT_MAX_SIZE = 8 * 1024 * 1024
 
 def build_app(cfg: Config, sink: Sink, ops: Ops) -> web.Application:
     guard = Guard(cfg.listen.host, cfg.listen.allowed_origins)
-    app = web.Application(middlewares=[guard.middleware], client_max_size=CLIENT_MAX_SIZE)
+    app = web.Application(client_max_size=CLIENT_MAX_SIZE)
     # Order matters: Nucleus' catch-all `/{appId}` websocket route comes last.
-    app.add_routes(ops.routes())
+    app.add_routes(guard.routes(ops.routes()))
     for dialect in (segment, capture, tranthor, segmentstream):
-        app.add_routes(dialect.routes(sink))
-    app.add_routes(nucleus.routes(sink))
+        app.add_routes(guard.routes(dialect.routes(sink)))
+    app.add_routes(guard.routes(nucleus.routes(sink)))
     return app

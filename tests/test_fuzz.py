@@ -227,7 +227,7 @@ def concrete_routes(agent: ThreadedAgent) -> list[tuple[str, str]]:
     assert agent.agent is not None and agent.agent._runner is not None
     out = []
     for route in agent.agent._runner.app.router.routes():
-        if route.method == "HEAD" or route.resource is None:
+        if route.method in ("HEAD", "OPTIONS") or route.resource is None:  # OPTIONS: CORS preflights
             continue
         info = route.resource.get_info()
         paths = [info.get("path") or info["formatter"]]
