@@ -37,6 +37,7 @@ DROP_CHUNK = 500
 # sqlite3_step per row, each of which drops the GIL and then waits to get it back from
 # the busy event loop thread.
 CHUNK = 512
+EXACT = 64  # up to this many rows (every single-event group commit): one statement
 _INSERT = ("INSERT OR IGNORE INTO events(seq, stream, family, received, dkey, body) "
            "SELECT column1, column2, column3, column4, column5, column6 FROM (VALUES {}) "
            "WHERE NOT EXISTS (SELECT 1 FROM acked WHERE dkey = column5)")
@@ -145,7 +146,8 @@ def _insert(conn: sqlite3.Connection, job: Job, out: Outcome) -> list[int]:
     n_inserted = 0
     start = 0
     while start < len(rows):
-        size = min(CHUNK, 1 << ((len(rows) - start).bit_length() - 1))
+        left = len(rows) - start
+        size = left if left <= EXACT else min(CHUNK, 1 << (left.bit_length() - 1))
         chunk = rows[start:start + size]
         n_inserted += conn.execute(_insert_sql(size), tuple(chain.from_iterable(chunk))).rowcount
         start += size
