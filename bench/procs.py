@@ -23,7 +23,7 @@ def free_port() -> int:
 
 
 def write_agent_config(path: Path, port: int, spool: Path, upstream_port: int,
-                       protocol: str = "nucleus-ws") -> Path:
+                       protocol: str = "nucleus-ws", sync: str = "full") -> Path:
     scheme = "ws" if protocol == "nucleus-ws" else "http"
     path.write_text(f"""[listen]
 host = "127.0.0.1"
@@ -31,7 +31,7 @@ port = {port}
 
 [storage]
 path = "{spool}"
-sync = "full"
+sync = "{sync}"
 max_size_mb = 16384
 
 [log]
@@ -120,6 +120,24 @@ def ref_proc(kind: str, port: int, log: Path, db: Path | None = None) -> Proc:
 def upstream_proc(port: int, log: Path) -> Proc:
     return Proc([sys.executable, "-m", "bench.upstream", "--port", str(port)], port, log,
                 probe="/count")
+
+
+def fsync_latency(directory: Path, n: int = 200) -> dict[str, float]:
+    """fdatasync of a 4 KB append in ``directory``, in ms: the floor under every commit."""
+    path = directory / "fsync-probe"
+    fd = os.open(path, os.O_CREAT | os.O_WRONLY | os.O_TRUNC, 0o600)
+    times = []
+    try:
+        for _ in range(n):
+            os.write(fd, b"x" * 4096)
+            started = time.perf_counter()
+            os.fdatasync(fd)
+            times.append((time.perf_counter() - started) * 1000)
+    finally:
+        os.close(fd)
+        path.unlink()
+    times.sort()
+    return {"p50_ms": times[n // 2], "p99_ms": times[int(n * 0.99)]}
 
 
 def read_rss(pid: int) -> tuple[int, int]:

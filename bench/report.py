@@ -72,10 +72,12 @@ def rows(r: dict[str, Any]) -> list[tuple[str, str, str, str, str]]:
         w = ing.get(name)
         if not w:
             continue
-        a, h, n = (w.get(s) or {} for s in ("agent", "hello", "naive"))
+        a, h, n, o = (w.get(s) or {} for s in ("agent", "hello", "naive", "normal"))
         ev = a.get("events_per_s")
         ref = (f"hello {_fmt(h.get('events_per_s'))} ({_ratio(ev, h.get('events_per_s'))}); "
                f"naive {_fmt(n.get('events_per_s'))} ({_ratio(ev, n.get('events_per_s'))})")
+        if o:
+            ref += f"; sync=normal {_fmt(o.get('events_per_s'))} ({_ratio(ev, o.get('events_per_s'))})"
         out.append((f"{label}: events/s", _fmt(ev), ref, *_target(name, r)))
         if name != "ws":
             out.append((f"{label}: p50 / p99",

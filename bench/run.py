@@ -22,10 +22,11 @@ from typing import Any
 from . import loadgen, report
 from .loadgen import Load
 from .payloads import APP_ID, BASIC_AUTH, body, raw_event_bytes
-from .procs import (ROOT, Proc, RssSampler, agent_proc, free_port, http_get, http_post,
-                    read_rss, ref_proc, upstream_proc, write_agent_config)
+from .procs import (ROOT, Proc, RssSampler, agent_proc, free_port, fsync_latency, http_get,
+                    http_post, read_rss, ref_proc, upstream_proc, write_agent_config)
 
-SERVERS = ("hello", "naive", "agent")
+# "normal": Outpost with sync = "normal" (no fsync per commit), to show what durability costs.
+SERVERS = ("hello", "naive", "normal", "agent")
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
@@ -70,9 +71,10 @@ class Bench:
 
     def start(self, server: str, d: Path, upstream_port: int = 0) -> Proc:
         port = free_port()
-        if server == "agent":
+        if server in ("agent", "normal"):
             cfg = write_agent_config(d / "agent.toml", port, d / "spool.db",
-                                     upstream_port or free_port())
+                                     upstream_port or free_port(),
+                                     sync="normal" if server == "normal" else "full")
             return agent_proc(cfg, port, d / "agent.log").start()
         return ref_proc(server, port, d / f"{server}.log", d / "naive.db").start()
 
@@ -110,7 +112,7 @@ class Bench:
             proc.stop()
             if not self.args.keep:
                 shutil.rmtree(d, ignore_errors=True)
-        print(f"  {workload:14s} {server:6s} {result['events_per_s']:>11,.0f} ev/s  "
+        print(f"  {workload:14s} {server:7s} {result['events_per_s']:>11,.0f} ev/s  "
               f"p50 {result['p50_ms']:7.2f} ms  p99 {result['p99_ms']:7.2f} ms  "
               f"errors {result['errors']}  anon peak {result['rss_anon_peak'] / 1e6:.1f} MB",
               flush=True)
@@ -244,6 +246,7 @@ def main(argv: list[str] | None = None) -> int:
         "machine": report.machine(workdir),
         "settings": {k: str(v) for k, v in vars(args).items()},
     }
+    results["machine"]["fsync_4k"] = fsync_latency(workdir)
     print(f"outpost bench: {results['machine']}", flush=True)
     phases = args.only.split(",")
     try:
