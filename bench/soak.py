@@ -23,7 +23,6 @@ import argparse
 import asyncio
 import csv
 import json
-import os
 import random
 import shutil
 import sqlite3

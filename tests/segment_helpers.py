@@ -12,7 +12,7 @@ import orjson
 
 from tests.fakes.nucleus_upstream import FakeNucleus
 from tests.fakes.segment_upstream import FakeSegment
-from tests.test_e2e_nucleus import wait_for
+from tests.waiting import wait_for
 
 __all__ = ["Reply", "basic", "call", "fill_spool", "nucleus_up", "segment_up", "wait_for"]
 

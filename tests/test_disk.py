@@ -30,7 +30,7 @@ import pytest
 from tests.conftest import AgentProcess, free_port, write_config
 from tests.fakes.faulty_upstream import FaultyUpstream
 from tests.fakes.nucleus_upstream import FakeNucleus
-from tests.test_e2e_nucleus import wait_for
+from tests.waiting import wait_for
 
 PAD = "x" * 1500
 

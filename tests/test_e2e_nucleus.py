@@ -3,21 +3,13 @@
 from __future__ import annotations
 
 import asyncio
-from collections.abc import Callable
 from typing import Any
 
 import aiohttp
 import orjson
 
 from tests.fakes.nucleus_upstream import FakeNucleus
-
-
-async def wait_for(cond: Callable[[], bool], timeout: float = 10.0) -> None:
-    deadline = asyncio.get_running_loop().time() + timeout
-    while not cond():
-        if asyncio.get_running_loop().time() > deadline:
-            raise AssertionError("condition not met in time")
-        await asyncio.sleep(0.02)
+from tests.waiting import wait_for
 
 
 def upstream(fake: FakeNucleus, protocol: str = "nucleus-ws", **kw: Any) -> dict[str, Any]:

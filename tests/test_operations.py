@@ -18,7 +18,8 @@ import pytest
 
 from tests.conftest import ROOT, AgentProcess, free_port, write_config
 from tests.fakes.nucleus_upstream import FakeNucleus
-from tests.fakes.ops_scene import post_events, wait_for
+from tests.fakes.ops_scene import post_events
+from tests.waiting import wait_for
 
 pytestmark = pytest.mark.skipif(sys.platform == "win32", reason="signals and AF_UNIX datagrams")
 

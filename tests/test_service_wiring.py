@@ -12,7 +12,8 @@ import pytest
 from agent import logs, paths
 from agent.logs import RedactingFilter
 from tests.conftest import write_config
-from tests.fakes.ops_scene import RefusingUpstream, post_events, wait_for
+from tests.fakes.ops_scene import RefusingUpstream, post_events
+from tests.waiting import wait_for
 
 
 def redacted(text: str) -> str:

@@ -16,7 +16,7 @@ import random
 import re
 import time
 from collections import Counter
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncIterator
 from typing import Any
 
 import aiohttp
@@ -27,7 +27,7 @@ from agent import forwarder
 from agent.forwarder import BACKOFF_BASE_S, BACKOFF_CAP_S, backoff_delay
 from agent.uplinks.http_common import retry_after
 from tests.fakes.faulty_upstream import NEVER_SENT, Fault, FaultyUpstream, Request
-from tests.test_e2e_nucleus import wait_for
+from tests.waiting import wait_for
 
 NUCLEUS = ("nucleus-http", "nucleus-ws")
 MARK = re.compile(rb"mk-(\d+)-")

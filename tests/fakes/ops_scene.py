@@ -6,8 +6,6 @@ each checks its figures against the same, non-trivial state.
 
 from __future__ import annotations
 
-import asyncio
-from collections.abc import Callable
 from typing import Any
 
 import aiohttp
@@ -15,6 +13,7 @@ from aiohttp import web
 
 from agent.service import Agent
 from tests.fakes.nucleus_upstream import FakeNucleus
+from tests.waiting import wait_for
 
 LIVE, REFUSED, QUEUED = 5, 2, 3   # events sent to each upstream's key
 
@@ -52,14 +51,6 @@ class RefusingUpstream:
     async def stop(self) -> None:
         if self._runner is not None:
             await self._runner.cleanup()
-
-
-async def wait_for(cond: Callable[[], bool], timeout: float = 15.0) -> None:
-    deadline = asyncio.get_running_loop().time() + timeout
-    while not cond():
-        if asyncio.get_running_loop().time() > deadline:
-            raise AssertionError("condition not met in time")
-        await asyncio.sleep(0.02)
 
 
 async def post_events(port: int, key: str, ids: range) -> None:
