@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import os
 import sys
+from collections.abc import Callable
 from pathlib import Path
 
 import platformdirs
@@ -28,32 +29,28 @@ def is_system_service() -> bool:
     return sys.platform != "win32" and hasattr(os, "geteuid") and os.geteuid() == 0
 
 
-def config_dir(system: bool | None = None) -> Path:
-    """The directory holding agent.toml (systemd sets CONFIGURATION_DIRECTORY)."""
+def _locate(system: bool | None, env_var: str, linux_system: Path,
+            site: Callable[..., str], user: Callable[..., str]) -> Path:
     system = is_system_service() if system is None else system
-    env = os.environ.get("CONFIGURATION_DIRECTORY")
+    env = os.environ.get(env_var)
     if system and env:
         return Path(env.split(":")[0])
     if system:
-        return LINUX_SYSTEM_CONFIG if _linux() else Path(
-            platformdirs.site_config_dir(APP, appauthor=False))
-    return Path(platformdirs.user_config_dir(APP, appauthor=False))
+        return linux_system if sys.platform.startswith("linux") else Path(
+            site(APP, appauthor=False))
+    return Path(user(APP, appauthor=False))
+
+
+def config_dir(system: bool | None = None) -> Path:
+    """The directory holding agent.toml (systemd sets CONFIGURATION_DIRECTORY)."""
+    return _locate(system, "CONFIGURATION_DIRECTORY", LINUX_SYSTEM_CONFIG,
+                   platformdirs.site_config_dir, platformdirs.user_config_dir)
 
 
 def data_dir(system: bool | None = None) -> Path:
     """The directory holding the spool (systemd sets STATE_DIRECTORY)."""
-    system = is_system_service() if system is None else system
-    env = os.environ.get("STATE_DIRECTORY")
-    if system and env:
-        return Path(env.split(":")[0])
-    if system:
-        return LINUX_SYSTEM_DATA if _linux() else Path(
-            platformdirs.site_data_dir(APP, appauthor=False))
-    return Path(platformdirs.user_data_dir(APP, appauthor=False))
-
-
-def _linux() -> bool:
-    return sys.platform.startswith("linux")
+    return _locate(system, "STATE_DIRECTORY", LINUX_SYSTEM_DATA,
+                   platformdirs.site_data_dir, platformdirs.user_data_dir)
 
 
 def default_spool_path() -> Path:
