@@ -23,14 +23,8 @@ SYSTEM_TASK_ARGUMENTS = (
 )
 USER_TASK_ARGUMENTS = "-m agent run"
 
-SYSTEMD_SYSTEM_UNIT = """\
-# Outpost as a system service.  `outpost service install` writes this file
-# with the interpreter it runs under; this copy is rendered for {python}.
-[Unit]
-Description=Outpost local analytics buffering agent
-After=network.target
-
-[Service]
+# The [Service] lines both units share.
+SYSTEMD_SERVICE_COMMON = """\
 Type=notify
 NotifyAccess=main
 ExecStart={exec_start}
@@ -40,7 +34,17 @@ RestartSec=2
 WatchdogSec=30
 # Long enough for a graceful drain of in-flight batches.
 TimeoutStopSec=30
-User=outpost
+"""
+
+SYSTEMD_SYSTEM_UNIT = """\
+# Outpost as a system service.  `outpost service install` writes this file
+# with the interpreter it runs under; this copy is rendered for {python}.
+[Unit]
+Description=Outpost local analytics buffering agent
+After=network.target
+
+[Service]
+{service_common}User=outpost
 Group=outpost
 Environment=OUTPOST_SYSTEM=1
 # The spool holds user data: /var/lib/outpost, private to the service user.
@@ -90,16 +94,7 @@ SYSTEMD_USER_UNIT = """\
 Description=Outpost local analytics buffering agent
 
 [Service]
-Type=notify
-NotifyAccess=main
-ExecStart={exec_start}
-ExecReload=/bin/kill -HUP $MAINPID
-Restart=on-failure
-RestartSec=2
-WatchdogSec=30
-# Long enough for a graceful drain of in-flight batches.
-TimeoutStopSec=30
-# The user manager would start us in $HOME, where a stray ./agent.toml would
+{service_common}# The user manager would start us in $HOME, where a stray ./agent.toml would
 # win over the user config directory.
 WorkingDirectory=/
 UMask=0077
@@ -227,7 +222,8 @@ def systemd_unit(python: str, *, system: bool) -> str:
     """The systemd unit running ``python -m agent run``."""
     template = SYSTEMD_SYSTEM_UNIT if system else SYSTEMD_USER_UNIT
     exec_start = f"{_systemd_exec_path(python)} -m agent run"
-    return template.format(python=python, exec_start=exec_start)
+    return template.format(python=python, exec_start=exec_start,
+                           service_common=SYSTEMD_SERVICE_COMMON.format(exec_start=exec_start))
 
 
 def launchd_plist(python: str, *, system: bool, log_dir: str) -> str:
