@@ -19,50 +19,18 @@ import sys
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
 
 from . import spool_db
 from .config import StorageConfig
 from .events import Event, now_ms
 from .paths import ensure_private_dir
 from .spool_db import ROW_OVERHEAD, Job, Outcome, SqliteThread
+from .spool_reads import RETRY_AFTER_FULL_S, Row, SpoolFull, SpoolReads, Stream, is_corruption
 from .spool_schema import SCHEMA, move_aside
 
 __all__ = ["ROW_OVERHEAD", "RETRY_AFTER_FULL_S", "Row", "Spool", "SpoolFull", "Stream"]
 
 log = logging.getLogger("outpost.spool")
-
-RETRY_AFTER_FULL_S = 30
-
-
-class SpoolFull(Exception):
-    """The spool cannot take these events now; the app should retry later."""
-
-    def __init__(self, reason: str, retry_after: int = RETRY_AFTER_FULL_S) -> None:
-        super().__init__(reason)
-        self.reason = reason
-        self.retry_after = retry_after
-
-
-@dataclass(slots=True)
-class Row:
-    """One stored event as a forwarder sees it."""
-
-    seq: int
-    stream: int
-    family: int
-    received: int
-    body: bytes
-
-
-@dataclass(slots=True)
-class Stream:
-    """One key's queue: its id and in-memory depth counters (persisted per commit)."""
-
-    id: int
-    key: str
-    depth: int = 0
-    bytes: int = 0
 
 
 @dataclass(slots=True)
@@ -83,7 +51,7 @@ class _Batch:
         return bool(self.appends or self.acks or self.dead)
 
 
-class Spool:
+class Spool(SpoolReads):
     """The durable queue. Create with ``await Spool.open(cfg)``."""
 
     def __init__(self, cfg: StorageConfig, path: Path) -> None:
@@ -120,7 +88,7 @@ class Spool:
             try:
                 await spool._connect()
             except sqlite3.DatabaseError as exc:
-                if not _is_corruption(exc):
+                if not is_corruption(exc):
                     raise
                 await spool._recover(exc)
         except (sqlite3.DatabaseError, OSError) as exc:
@@ -259,7 +227,7 @@ class Spool:
             async with self._lock:
                 await self._run_batch(batch)
         except sqlite3.DatabaseError as exc:
-            if not _is_corruption(exc):
+            if not is_corruption(exc):
                 raise
             async with self._lock:
                 try:
@@ -319,7 +287,7 @@ class Spool:
             return
         except BaseException as exc:
             self._unsave(job.counters)
-            if not (isinstance(exc, sqlite3.DatabaseError) and _is_corruption(exc)):
+            if not (isinstance(exc, sqlite3.DatabaseError) and is_corruption(exc)):
                 _fail(appends, exc)  # corruption: _commit runs them again on a fresh spool
             raise
         self.commits += 1
@@ -395,54 +363,6 @@ class Spool:
             log.warning("dropped %d events older than %d days", expired, self.cfg.max_age_days)
         return expired
 
-    # -- reads ---------------------------------------------------------------
-
-    async def fetch(self, stream: int, after: int, limit: int) -> list[Row]:
-        """Up to ``limit`` rows of one key's queue with seq > ``after``, oldest first."""
-        reader = self._reader
-        if reader is None:
-            return []
-        try:
-            return await reader.run(_fetch_rows, stream, after, limit)
-        except sqlite3.DatabaseError as exc:
-            if self._reader is not reader:  # closed under this read by a recovery: read later
-                return []
-            # Damage the header check missed at open shows up here; left alone it
-            # would stop this key's forwarder for good.
-            if not _is_corruption(exc):
-                raise
-            async with self._lock:
-                if self._reader is reader:  # not already recovered by another reader
-                    await self._recover(exc)
-            return []
-
-    async def oldest_received(self) -> int | None:
-        # The head of each key's queue (the live index), not a scan past tombstones.
-        rows = await self._read(
-            "SELECT min((SELECT received FROM events WHERE stream = s.id AND acked IS NULL "
-            "ORDER BY seq LIMIT 1)) FROM streams s")
-        return int(rows[0][0]) if rows and rows[0][0] is not None else None
-
-    async def dead_letters(self, limit: int = 100) -> list[dict[str, Any]]:
-        rows = await self._read(
-            "SELECT seq, s.key, upstream, reason, at, body FROM dead JOIN streams s "
-            "ON s.id = dead.stream ORDER BY seq DESC LIMIT ?", (limit,))
-        return [{"seq": r[0], "key": r[1], "upstream": r[2], "reason": r[3], "at": r[4],
-                 "body": bytes(r[5]).decode("utf-8", "replace")} for r in rows]
-
-    async def _read(self, sql: str, params: Any = ()) -> list[Any]:
-        """A read for status and operations. A spool closed under it (a recovery) or damaged
-        reads as empty: a 500 would not help, and the forwarders' reads move it aside."""
-        reader = self._reader
-        if reader is None:
-            return []
-        try:
-            return await reader.run(spool_db.fetch_all, sql, params)
-        except sqlite3.DatabaseError as exc:
-            if self._reader is not reader or _is_corruption(exc):
-                return []
-            raise
-
     # -- accounting ----------------------------------------------------------
 
     def count(self, name: str, n: int = 1) -> None:
@@ -464,19 +384,6 @@ class Spool:
         if self._db is None:
             raise SpoolFull("spool is not open", retry_after=5)
         return self._db
-
-
-def _fetch_rows(conn: sqlite3.Connection, stream: int, after: int, limit: int) -> list[Row]:
-    # Rows are built on the reader thread, off the event loop.
-    return [Row(*r) for r in conn.execute(
-        "SELECT seq, stream, family, received, body FROM events "
-        "WHERE stream = ? AND seq > ? AND acked IS NULL ORDER BY seq LIMIT ?",
-        (stream, after, limit))]
-
-
-def _is_corruption(exc: sqlite3.DatabaseError) -> bool:
-    text = str(exc).lower()
-    return "malformed" in text or "not a database" in text or "corrupt" in text
 
 
 def _fail(pendings: list[_Pending], exc: BaseException) -> None:
