@@ -22,6 +22,7 @@ from typing import Any, NamedTuple
 
 from aiohttp import web
 
+from ..events import Event
 from ..sink import Sink
 from ..spool import SpoolFull
 from . import segment_spec as spec
@@ -35,6 +36,18 @@ ROUTE_TYPES = {**SHORT, **{kind: kind for kind in spec.TYPES}}
 # A transparent 1x1 GIF.
 GIF = base64.b64decode("R0lGODlhAQABAIAAAAAAAP///yH5BAEAAAAALAAAAAABAAEAAAIBRAA7")
 INVALID_KEY = "Invalid or missing writekey"
+
+
+class Collected(NamedTuple):
+    """A validated batch: the events to store and the messages refused."""
+
+    events: list[Event]
+    errors: list[dict[str, str]]
+    statuses: set[int]
+
+
+def _read(raw: bytes) -> tuple[Any, int]:
+    return parse_lenient(raw), len(raw)
 
 
 class Failure(NamedTuple):
@@ -123,15 +136,17 @@ class SegmentHandlers:
         if header_key is not None and not self.sink.key_allowed(header_key):
             return batch_error(401, [error_object(401, INVALID_KEY)])
         try:
-            raw = await read_raw(request, spec.MAX_BATCH_BYTES)
-            body = parse_lenient(raw)
+            collected = self._collect(*_read(await read_raw(request, spec.MAX_BATCH_BYTES)),
+                                      header_key)
         except BodyError as exc:
             detail = "HTTP request too large" if exc.status == 413 else exc.details
             return batch_error(exc.status, [error_object(
                 exc.status, "Error reading request body", detail)])
-        return await self._batch(body, header_key, len(raw))
+        return await self._store(collected)
 
-    async def _batch(self, body: Any, forced_key: str | None, raw_size: int) -> web.StreamResponse:
+    def _collect(self, body: Any, raw_size: int, forced_key: str | None) -> Collected | web.Response:
+        """Validate a batch into events and per-message errors (no await: the raw
+        body and parsed batch are freed before the commit is awaited)."""
         try:
             items = spec.batch_items(body)
         except spec.Invalid as exc:
@@ -141,37 +156,41 @@ class SegmentHandlers:
             ok = self.sink.key_allowed(forced_key or batch_key)
             return _verdict([] if ok else [error_object(401, INVALID_KEY)], {401}, 0)
         received = spec.received_now()
-        events, errors, statuses = [], [], set()
+        out = Collected([], [], set())
         for i, ev in enumerate(items):
             key = forced_key or _body_key(ev) or batch_key
             try:
                 if not self.sink.key_allowed(key):
                     raise spec.Invalid(INVALID_KEY, 401)
                 assert key is not None
-                events.append(spec.accept(ev, key, spec.TYPES, received, batch=body,
-                                          raw_size=raw_size))
+                out.events.append(spec.accept(ev, key, spec.TYPES, received, batch=body,
+                                              raw_size=raw_size))
             except spec.Invalid as exc:
-                errors.append(error_object(exc.status, exc.message, _where(i, ev)))
-                statuses.add(exc.status)
+                out.errors.append(error_object(exc.status, exc.message, _where(i, ev)))
+                out.statuses.add(exc.status)
+        return out
+
+    async def _store(self, collected: Collected | web.Response) -> web.StreamResponse:
+        if isinstance(collected, web.Response):
+            return collected
         try:
-            await self.sink.store(events)
+            await self.sink.store(collected.events)
         except SpoolFull as exc:
             return batch_error(503, [error_object(503, "spool full, retry later", exc.reason)],
                                exc.retry_after)
-        return _verdict(errors, statuses, len(events))
+        return _verdict(collected.errors, collected.statuses, len(collected.events))
 
     async def webhook(self, request: web.Request) -> web.StreamResponse:
         """Analytics.js-formatted data, one message or a batch; `?writeKey=` wins."""
         forced = request.query.get("writeKey") or spec.basic_user(
             request.headers.get("Authorization"))
         try:
-            raw = await read_raw(request, spec.MAX_BATCH_BYTES)
-            body = parse_lenient(raw)
+            body, size = _read(await read_raw(request, spec.MAX_BATCH_BYTES))
         except BodyError as exc:
             return single_error(exc.status, exc.message, exc.details)
         if isinstance(body, dict) and "batch" in body:
-            return await self._batch(body, forced, len(raw))
-        return await self._single(body, None, forced, len(raw))
+            return await self._store(self._collect(body, size, forced))
+        return await self._single(body, None, forced, size)
 
     async def pixel(self, request: web.Request) -> web.StreamResponse:
         """Always a 200 GIF (an <img> cannot act on errors); valid messages are stored."""
