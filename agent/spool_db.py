@@ -14,7 +14,8 @@ from __future__ import annotations
 
 import asyncio
 import sqlite3
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from itertools import chain
@@ -113,8 +114,7 @@ class Outcome:
 def commit(conn: sqlite3.Connection, job: Job) -> Outcome:
     """Run one group commit; rolls back and re-raises on any error."""
     out = Outcome(stored=[])
-    conn.execute("BEGIN IMMEDIATE")
-    try:
+    with _transaction(conn):
         if job.dead:
             _move_dead(conn, job, out)
         if job.acks:
@@ -131,10 +131,6 @@ def commit(conn: sqlite3.Connection, job: Job) -> Outcome:
                     _drop_oldest(conn, excess, out)
                 out.stored = _insert(conn, job, out)
         _save(conn, out.streams, {**job.counters, **_sum(job.counters, out.counters)})
-        conn.execute("COMMIT")
-    except BaseException:
-        rollback(conn)
-        raise
     out.used_bytes = used_bytes(conn)
     return out
 
@@ -249,8 +245,7 @@ def prune(conn: sqlite3.Connection, cutoff: int, forget: int,
           counters: dict[str, int]) -> Outcome:
     """Drop events received before ``cutoff``; forget dedupe keys acked before ``forget``."""
     out = Outcome(stored=None)
-    conn.execute("BEGIN IMMEDIATE")
-    try:
+    with _transaction(conn):
         rows = conn.execute("DELETE FROM events WHERE received < ? "
                             "RETURNING stream, length(body), acked", (cutoff,)).fetchall()
         gone = [(sid, n) for sid, n, acked in rows if acked is None]
@@ -259,10 +254,6 @@ def prune(conn: sqlite3.Connection, cutoff: int, forget: int,
         conn.execute("DELETE FROM events WHERE acked < ?", (forget,))
         conn.execute("DELETE FROM acked WHERE at < ?", (forget,))
         _save(conn, out.streams, {**counters, **_sum(counters, out.counters)})
-        conn.execute("COMMIT")
-    except BaseException:
-        rollback(conn)
-        raise
     out.used_bytes = used_bytes(conn)
     return out
 
@@ -300,6 +291,18 @@ def used_bytes(conn: sqlite3.Connection) -> int:
 
 def fetch_all(conn: sqlite3.Connection, sql: str, params: Any = ()) -> list[Any]:
     return conn.execute(sql, params).fetchall()
+
+
+@contextmanager
+def _transaction(conn: sqlite3.Connection) -> Iterator[None]:
+    """BEGIN IMMEDIATE ... COMMIT; rolled back and re-raised on any error."""
+    conn.execute("BEGIN IMMEDIATE")
+    try:
+        yield
+        conn.execute("COMMIT")
+    except BaseException:
+        rollback(conn)
+        raise
 
 
 def rollback(conn: sqlite3.Connection) -> None:

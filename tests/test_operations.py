@@ -19,7 +19,7 @@ import pytest
 from tests.conftest import ROOT, AgentProcess, free_port, write_config
 from tests.fakes.nucleus_upstream import FakeNucleus
 from tests.fakes.ops_scene import post_events
-from tests.waiting import wait_for
+from tests.waiting import run_outpost, wait_for
 
 pytestmark = pytest.mark.skipif(sys.platform == "win32", reason="signals and AF_UNIX datagrams")
 
@@ -29,16 +29,8 @@ def upstream(url: str, **kw: Any) -> dict[str, Any]:
             "timeout_s": 2, **kw}
 
 
-async def cli(*args: str) -> tuple[int, str]:
-    proc = await asyncio.create_subprocess_exec(
-        sys.executable, "-m", "agent", *args, cwd=ROOT,
-        stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.STDOUT)
-    out, _ = await asyncio.wait_for(proc.communicate(), 30)
-    return proc.returncode or 0, out.decode()
-
-
 async def status(config: Path) -> dict[str, Any]:
-    code, out = await cli("status", "--json", "--config", str(config))
+    code, out = await run_outpost("status", "--json", "--config", str(config))
     assert code == 0, out
     data: dict[str, Any] = json.loads(out)
     return data
@@ -94,7 +86,7 @@ async def test_flush_sends_now(tmp_path: Path, agent_process: Callable[..., Agen
         await post_events(port, "k", range(5))
         await asyncio.sleep(0.5)
         assert fake.events == [], "a partial batch waits for flush_interval_s"
-        code, out = await cli("flush", "--config", str(cfg))
+        code, out = await run_outpost("flush", "--config", str(cfg))
         assert code == 0 and "flush requested; 5 events queued" in out, out
         await wait_for(lambda: len(fake.events) == 5, timeout=5)
         await wait_status(cfg, lambda s: s["queue_depth"] == 0)
@@ -102,7 +94,7 @@ async def test_flush_sends_now(tmp_path: Path, agent_process: Callable[..., Agen
         assert agent.terminate() == 0
     finally:
         await fake.stop()
-    code, out = await cli("flush", "--config", str(cfg))
+    code, out = await run_outpost("flush", "--config", str(cfg))
     assert code == 1 and "no agent answering" in out
 
 

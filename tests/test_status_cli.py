@@ -2,26 +2,16 @@
 
 from __future__ import annotations
 
-import asyncio
 import json
-import sys
 from pathlib import Path
 from typing import Any
 
 import aiohttp
 
 from agent.status_table import render
-from tests.conftest import ROOT, free_port, write_config
+from tests.conftest import free_port, write_config
 from tests.fakes.ops_scene import LIVE, QUEUED, REFUSED, Scene, populate, settled
-
-
-async def outpost(*args: str) -> tuple[int, str]:
-    """The real CLI in a subprocess (it blocks on HTTP; the agent is in this loop)."""
-    proc = await asyncio.create_subprocess_exec(
-        sys.executable, "-m", "agent", *args, cwd=ROOT,
-        stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.STDOUT)
-    out, _ = await asyncio.wait_for(proc.communicate(), 30)
-    return proc.returncode or 0, out.decode()
+from tests.waiting import run_outpost
 
 
 def row(text: str, name: str) -> list[str]:
@@ -34,9 +24,9 @@ async def test_table_from_running_agent(make_agent: Any) -> None:
         agent = await make_agent(port=free_port(), upstreams=scene.upstreams())
         await populate(agent.port)
         await settled(agent)
-        code, text = await outpost("status", "--config", agent.config_path)
+        code, text = await run_outpost("status", "--config", agent.config_path)
         assert code == 0, text
-        code, raw = await outpost("status", "--json", "--config", agent.config_path)
+        code, raw = await run_outpost("status", "--json", "--config", agent.config_path)
         async with aiohttp.ClientSession() as s:
             async with s.get(f"http://127.0.0.1:{agent.port}/status") as r:
                 live_status = await r.json()
@@ -64,21 +54,21 @@ async def test_table_from_spool_when_no_agent_runs(make_agent: Any, tmp_path: Pa
         await populate(agent.port)
         await settled(agent)
         await agent.stop()
-    code, text = await outpost("status", "--config", agent.config_path)
+    code, text = await run_outpost("status", "--config", agent.config_path)
     assert code == 0, text
     assert "spool, no agent running" in text
     assert f"queue:    {QUEUED} events" in text
     assert row(text, "down")[:4] == ["down", "nucleus-http", "offline", str(QUEUED)]
     assert row(text, "live")[:4] == ["live", "nucleus-ws", "offline", "0"]
     assert f"dropped:  dead_lettered {REFUSED}" in text
-    code, raw = await outpost("status", "--json", "--config", agent.config_path)
+    code, raw = await run_outpost("status", "--json", "--config", agent.config_path)
     data = json.loads(raw)
     assert data["queue_depth"] == QUEUED and data["drops"]["dead_lettered"] == REFUSED
     assert data["counters"]["acked"] == LIVE
 
     fresh = write_config(tmp_path / "fresh.toml", tmp_path / "none" / "spool.db",
                          port=free_port())
-    code, text = await outpost("status", "--config", str(fresh))
+    code, text = await run_outpost("status", "--config", str(fresh))
     assert code == 0 and "no agent running, no spool yet" in text
     assert "no upstream configured" in text
 

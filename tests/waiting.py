@@ -1,9 +1,13 @@
-"""Polling for a condition in async tests, bounded in time."""
+"""Async test helpers: polling for a condition, running the CLI; both bounded in time."""
 
 from __future__ import annotations
 
 import asyncio
+import sys
 from collections.abc import Callable
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent
 
 
 async def wait_for(cond: Callable[[], bool], timeout: float = 15.0) -> None:
@@ -13,3 +17,13 @@ async def wait_for(cond: Callable[[], bool], timeout: float = 15.0) -> None:
         if asyncio.get_running_loop().time() > deadline:
             raise AssertionError("condition not met in time")
         await asyncio.sleep(0.02)
+
+
+async def run_outpost(*args: str, timeout: float = 30.0) -> tuple[int, str]:
+    """The real `python -m agent` CLI in a subprocess, so it may block on HTTP while the
+    agent under test runs in this event loop; returns (exit code, stdout + stderr)."""
+    proc = await asyncio.create_subprocess_exec(
+        sys.executable, "-m", "agent", *args, cwd=ROOT,
+        stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.STDOUT)
+    out, _ = await asyncio.wait_for(proc.communicate(), timeout)
+    return proc.returncode or 0, out.decode()
