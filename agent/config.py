@@ -15,7 +15,6 @@ from typing import Any, Callable, TypeVar
 from . import paths
 
 PROTOCOLS = ("nucleus-ws", "nucleus-http", "segment-http")
-LOOPBACK_HOSTS = ("127.0.0.1", "::1", "localhost")
 
 
 class ConfigError(ValueError):

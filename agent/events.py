@@ -17,7 +17,6 @@ import orjson
 
 NUCLEUS = 0
 SEGMENT = 1
-FAMILIES = {NUCLEUS: "nucleus", SEGMENT: "segment"}
 
 
 @dataclass(slots=True)

@@ -45,7 +45,6 @@ class Metrics:
     def __init__(self, clock: Callable[[], float] = time.time) -> None:
         self.clock = clock
         self.ingest_latency = Histogram()
-        self.requests = 0
         self.retries: dict[str, int] = {}
         self.history: deque[Minute] = deque(maxlen=HISTORY_MINUTES)
         self.started = clock()
@@ -58,7 +57,6 @@ class Metrics:
 
     def observe_ingest(self, seconds: float, events: int) -> None:
         self.ingest_latency.observe(seconds)
-        self.requests += 1
         self._bucket().events_in += events
 
     def observe_acked(self, events: int) -> None:

@@ -152,9 +152,6 @@ class Agent:
         self.notifier.close()
         log.info("outpost stopped")
 
-    def request_stop(self) -> None:
-        self._stop.set()
-
     async def serve(self) -> int:
         loop = asyncio.get_running_loop()
         await self.start()

@@ -72,7 +72,6 @@ class Spool(SpoolReads):
         self._writer: asyncio.Task[None] | None = None
         self._closing = False
         self._new_streams: list[Stream] = []
-        self.last_commit_events = 0
         self.commits = 0  # transactions this process ran: shows group commit at work
         # Called when a spool that could not be opened is opened at last: its queues
         # need forwarders.
@@ -291,7 +290,6 @@ class Spool(SpoolReads):
                 _fail(appends, exc)  # corruption: _commit runs them again on a fresh spool
             raise
         self.commits += 1
-        self.last_commit_events = len(job.rows)
         if job.new_streams:
             self._new_streams = self._new_streams[len(job.new_streams):]
         self._apply(out)
@@ -368,9 +366,6 @@ class Spool(SpoolReads):
     def count(self, name: str, n: int = 1) -> None:
         self.counters[name] = self.counters.get(name, 0) + n
         self._unsaved[name] = self._unsaved.get(name, 0) + n
-
-    def stream_by_id(self, sid: int) -> Stream | None:
-        return self._by_id.get(sid)
 
     @property
     def depth(self) -> int:

@@ -64,7 +64,3 @@ def parse_json(raw: bytes | str) -> Any:
         return orjson.loads(raw)
     except orjson.JSONDecodeError as exc:
         raise BodyError(400, "invalid JSON", str(exc)) from exc
-
-
-async def read_json(request: web.Request, limit: int) -> Any:
-    return parse_json(await read_raw(request, limit))

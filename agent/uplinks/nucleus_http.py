@@ -23,7 +23,6 @@ class NucleusHttpUplink:
         self.url = f"{cfg.url.rstrip('/')}/app/{cfg.key or app_key}/track"
         self.session = session
         self.frames = FrameBuilder(cfg.batch_max_events, cfg.batch_max_bytes)
-        self.connected = False
 
     def take(self, rows: list[Row]) -> list[Row]:
         return self.frames.take(rows)
@@ -36,10 +35,8 @@ class NucleusHttpUplink:
         answer = await post(self.session, self.url, body, {"Content-Type": "application/json"},
                             self.cfg.timeout_s)
         if isinstance(answer, str):
-            self.connected = False
             self.frames.release(batch)
             return SendResult(failed=failed, error=answer)
-        self.connected = True
         status, raw, wait = answer.status, answer.body, answer.retry_after
         if status != 200:
             self.frames.release(batch)

@@ -44,7 +44,6 @@ class NucleusWsUplink:
         self._acked = asyncio.Event()
         self._acked_seqs: set[int] = set()
         self._last_sent = 0.0
-        self.connected = False
 
     def take(self, rows: list[Row]) -> list[Row]:
         return self.frames.take(rows)
@@ -92,7 +91,6 @@ class NucleusWsUplink:
                 self._ws = await self.session.ws_connect(
                     self.url, timeout=aiohttp.ClientWSTimeout(ws_close=5),
                     max_msg_size=0, autoping=True, heartbeat=None)
-                self.connected = True
                 self._reader = asyncio.create_task(self._read(self._ws), name=f"ws-read-{self.name}")
                 log.info("connected to %s (%s)", self.name, _redact(self.url))
             return self._ws
@@ -105,7 +103,6 @@ class NucleusWsUplink:
                     self._on_message(msg.data)
         finally:
             heartbeat.cancel()
-            self.connected = False
             self._acked.set()  # wake waiters so they see the drop
 
     def _on_message(self, data: str | bytes) -> None:

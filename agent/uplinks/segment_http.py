@@ -48,7 +48,6 @@ class SegmentHttpUplink:
         if cfg.gzip:
             self.headers["Content-Encoding"] = "gzip"
         self.session = session
-        self.connected = False
         self._bodies: dict[int, bytes] = {}   # seq -> event JSON, for taken rows
         self._failed: dict[int, str] = {}     # seq -> why a taken row can never be sent
 
@@ -111,9 +110,7 @@ class SegmentHttpUplink:
             body = gzip.compress(body, compresslevel=6)
         reply = await post(self.session, self.url, body, self.headers, self.cfg.timeout_s)
         if isinstance(reply, str):
-            self.connected = False
             return SendResult(failed=failed, error=reply)
-        self.connected = True
         status, raw, wait = reply.status, reply.body, reply.retry_after
         if 200 <= status < 300:
             return SendResult(acked=[r.seq for r in batch if r.seq not in failed], failed=failed)
