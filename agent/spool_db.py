@@ -24,7 +24,6 @@ from typing import Any, TypeVar
 
 import orjson
 
-from .spool_schema import upgrade
 
 T = TypeVar("T")
 
@@ -40,8 +39,7 @@ DROP_CHUNK = 500
 CHUNK = 512
 EXACT = 64  # up to this many rows (every single-event group commit): one statement
 _INSERT = ("INSERT OR IGNORE INTO events(seq, stream, family, received, dkey, body) "
-           "SELECT column1, column2, column3, column4, column5, column6 FROM (VALUES {}) "
-           "WHERE NOT EXISTS (SELECT 1 FROM acked WHERE dkey = column5)")
+           "SELECT column1, column2, column3, column4, column5, column6 FROM (VALUES {})")
 _INSERTS: dict[int, str] = {}
 
 
@@ -219,7 +217,6 @@ def _forget_dedupe(conn: sqlite3.Connection, out: Outcome) -> int:
     """
     before = used_bytes(conn)
     n = conn.execute("DELETE FROM events WHERE acked IS NOT NULL").rowcount  # tombstones
-    n += conn.execute("DELETE FROM acked").rowcount  # keys kept by older versions
     if n <= 0:
         return 0
     _bump(out.counters, "dedupe_forgotten", n)
@@ -252,7 +249,6 @@ def prune(conn: sqlite3.Connection, cutoff: int, forget: int,
         _uncount(out.streams, gone)
         _bump(out.counters, "expired", len(gone))
         conn.execute("DELETE FROM events WHERE acked < ?", (forget,))
-        conn.execute("DELETE FROM acked WHERE at < ?", (forget,))
         _save(conn, out.streams, {**counters, **_sum(counters, out.counters)})
     out.used_bytes = used_bytes(conn)
     return out
@@ -272,8 +268,7 @@ def _save(conn: sqlite3.Connection, streams: dict[int, list[int]],
 
 def load_state(conn: sqlite3.Connection) -> tuple[int, list[tuple[int, str, int, int]],
                                                   dict[str, int], int]:
-    """(next seq, streams, counters, used bytes) of an opened spool, upgraded first."""
-    upgrade(conn)
+    """(next seq, streams, counters, used bytes) of an opened spool."""
     # Scalar max() is NULL if either side is: coalesce each (an empty table is NULL).
     top = conn.execute("SELECT max(coalesce((SELECT max(seq) FROM events), 0), "
                        "coalesce((SELECT max(seq) FROM dead), 0))").fetchone()[0]

@@ -29,8 +29,11 @@ CREATE TABLE IF NOT EXISTS events(
     acked INTEGER
 );
 CREATE UNIQUE INDEX IF NOT EXISTS events_dkey ON events(dkey);
--- Dedupe keys of events acked before tombstones existed (spools of older versions).
-CREATE TABLE IF NOT EXISTS acked(dkey INTEGER PRIMARY KEY, at INTEGER NOT NULL);
+-- Each forwarder reads one key's queue in order; without this it would scan
+-- past every other key's backlog (and past tombstones).
+CREATE INDEX IF NOT EXISTS events_live ON events(stream, seq) WHERE acked IS NULL;
+-- Tombstones in the order they expire.
+CREATE INDEX IF NOT EXISTS events_acked ON events(acked) WHERE acked IS NOT NULL;
 CREATE TABLE IF NOT EXISTS dead(
     seq INTEGER PRIMARY KEY,
     stream INTEGER NOT NULL,
@@ -44,24 +47,6 @@ CREATE TABLE IF NOT EXISTS dead(
 );
 CREATE TABLE IF NOT EXISTS counters(name TEXT PRIMARY KEY, value INTEGER NOT NULL);
 """
-
-
-INDEXES = """
--- Each forwarder reads one key's queue in order; without this it would scan
--- past every other key's backlog (and past tombstones).
-CREATE INDEX IF NOT EXISTS events_live ON events(stream, seq) WHERE acked IS NULL;
--- Tombstones in the order they expire.
-CREATE INDEX IF NOT EXISTS events_acked ON events(acked) WHERE acked IS NOT NULL;
-DROP INDEX IF EXISTS events_stream;
-"""
-
-
-def upgrade(conn: sqlite3.Connection) -> None:
-    """Bring a spool written by an older version up to this schema (idempotent)."""
-    columns = {row[1] for row in conn.execute("PRAGMA table_info(events)")}
-    if "acked" not in columns:
-        conn.execute("ALTER TABLE events ADD COLUMN acked INTEGER")
-    conn.executescript(INDEXES)
 
 
 def move_aside(path: Path) -> Path:

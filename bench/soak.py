@@ -104,32 +104,27 @@ def spool_mb(path: Path) -> float:
 def dedupe_share(path: Path) -> tuple[float, int]:
     """Bytes and count of the spool's dedupe memory, read-only: tombstones of delivered
     events (their share of the events table and its dedupe index, and the index that
-    expires them) plus the legacy `acked` table of older spools."""
+    expires them)."""
     try:
         conn = sqlite3.connect(f"file:{path}?mode=ro", uri=True, timeout=2)
     except sqlite3.Error:
         return 0.0, 0
     try:
-        cols = {r[1] for r in conn.execute("PRAGMA table_info(events)")}
-        tombs = conn.execute("SELECT count(*) FROM events WHERE acked IS NOT NULL").fetchone()[0] \
-            if "acked" in cols else 0
-        live, _ = conn.execute(
-            "SELECT count(*), coalesce(sum(length(body)), 0) FROM events"
-            + (" WHERE acked IS NULL" if "acked" in cols else "")).fetchone()
-        legacy = conn.execute("SELECT count(*) FROM acked").fetchone()[0]
+        tombs = conn.execute("SELECT count(*) FROM events WHERE acked IS NOT NULL").fetchone()[0]
+        live = conn.execute("SELECT count(*) FROM events WHERE acked IS NULL").fetchone()[0]
         try:
             pages = {name: (size, unused) for name, size, unused in conn.execute(
                 "SELECT name, sum(pgsize), sum(unused) FROM dbstat GROUP BY name")}
         except sqlite3.Error:  # no dbstat in this SQLite build: estimate
-            return (tombs + legacy) * 40 / 1e6, int(tombs + legacy)
+            return tombs * 40 / 1e6, int(tombs)
         # A tombstone keeps its ~40-byte record, its dedupe index entry and its expiry
         # index entry; its emptied body stays as free space inside the events pages
         # (released when tombstones are pruned), so that free space is counted here.
         by_rows = tombs / (tombs + live) if tombs + live else 0.0
         size = (tombs * 40 + (pages.get("events", (0, 0))[1] if tombs else 0)
                 + by_rows * pages.get("events_dkey", (0, 0))[0]
-                + pages.get("events_acked", (0, 0))[0] + pages.get("acked", (0, 0))[0])
-        return size / 1e6, int(tombs + legacy)
+                + pages.get("events_acked", (0, 0))[0])
+        return size / 1e6, int(tombs)
     except sqlite3.Error:
         return 0.0, 0
     finally:
