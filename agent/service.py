@@ -59,7 +59,7 @@ class Agent:
         self.spool = spool = await Spool.open(self.cfg.storage)
         self._register_stream_keys()
         self.forwarding = Forwarding(self.cfg, spool, self.facts, self.metrics)
-        self.sink = Sink(self.cfg, spool, self.facts, self.metrics)
+        self.sink = Sink(self.cfg.listen.accept_keys, spool, self.facts, self.metrics)
         self.sink.on_new_data = self._new_data
         # A spool that could not be opened at start (full disk) brings its queues later.
         spool.on_reopen = lambda: self._new_data(set(spool.streams))
@@ -133,7 +133,7 @@ class Agent:
         self.forwarding = Forwarding(new, self.spool, self.facts, self.metrics)
         if old is not None:
             _carry_states(old, self.forwarding)
-        self.sink.reconfigure(new)
+        self.sink.set_accept_keys(new.listen.accept_keys)
         self.ops.cfg, self.ops.forwarding = new, self.forwarding
         await self.forwarding.start()
         log.info("configuration reloaded from %s", new.source)

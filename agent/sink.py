@@ -5,7 +5,6 @@ from __future__ import annotations
 import time
 from collections.abc import Callable
 
-from .config import Config
 from .device import DeviceFacts
 from .events import Event
 from .metrics import Metrics
@@ -15,18 +14,17 @@ from .spool import Spool
 class Sink:
     """Key policy plus durable store: what every dialect calls after parsing."""
 
-    def __init__(self, cfg: Config, spool: Spool, facts: DeviceFacts, metrics: Metrics) -> None:
-        self.cfg = cfg
+    def __init__(self, accept_keys: tuple[str, ...], spool: Spool, facts: DeviceFacts,
+                 metrics: Metrics) -> None:
         self.spool = spool
         self.facts = facts
         self.metrics = metrics
-        self._accept = frozenset(cfg.listen.accept_keys)
+        self._accept = frozenset(accept_keys)
         # Called with the keys that got new events after each commit (wakes forwarders).
         self.on_new_data: Callable[[set[str]], None] = lambda keys: None
 
-    def reconfigure(self, cfg: Config) -> None:
-        self.cfg = cfg
-        self._accept = frozenset(cfg.listen.accept_keys)
+    def set_accept_keys(self, accept_keys: tuple[str, ...]) -> None:
+        self._accept = frozenset(accept_keys)
 
     def key_allowed(self, key: str | None) -> bool:
         """accept_keys empty means any non-empty key."""
