@@ -96,10 +96,12 @@ async def make_agent(tmp_path: Path) -> AsyncIterator[Callable[..., Any]]:
 class AgentProcess:
     """``python -m agent run`` as a real subprocess, for restart and kill -9 tests."""
 
-    def __init__(self, config: Path, port: int, env: dict[str, str] | None = None) -> None:
+    def __init__(self, config: Path, port: int, env: dict[str, str] | None = None,
+                 preexec_fn: Callable[[], None] | None = None) -> None:
         self.config = config
         self.port = port
         self.env = env
+        self.preexec_fn = preexec_fn  # e.g. to give the agent its own fd limit
         self.proc: subprocess.Popen[bytes] | None = None
         self.log = config.with_suffix(".log")
 
@@ -110,7 +112,9 @@ class AgentProcess:
         with open(self.log, "ab") as log:
             self.proc = subprocess.Popen([sys.executable, "-m", "agent", "run", "--config",
                                           str(self.config)], cwd=ROOT, env=env, stdout=log,
-                                         stderr=subprocess.STDOUT)
+                                         stderr=subprocess.STDOUT,
+                                         # Tests pass setrlimit only: nothing lock-taking.
+                                         preexec_fn=self.preexec_fn)  # noqa: PLW1509
         deadline = time.monotonic() + timeout
         while time.monotonic() < deadline:
             if self.proc.poll() is not None:
@@ -142,8 +146,9 @@ def agent_process(tmp_path: Path) -> Iterator[Callable[..., AgentProcess]]:
     """Factory: ``agent_process(config_path, port)``; every process is killed at the end."""
     procs: list[AgentProcess] = []
 
-    def make(config: Path, port: int, env: dict[str, str] | None = None) -> AgentProcess:
-        p = AgentProcess(config, port, env)
+    def make(config: Path, port: int, env: dict[str, str] | None = None,
+             preexec_fn: Callable[[], None] | None = None) -> AgentProcess:
+        p = AgentProcess(config, port, env, preexec_fn)
         procs.append(p)
         return p
 

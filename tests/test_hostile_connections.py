@@ -1,0 +1,251 @@
+"""Hostile connections never starve real apps: idle floods, slowloris heads, stalled bodies.
+
+The flood runs against a real `outpost run` whose fd limit is set in preexec_fn to
+AGENT_NOFILE = 2048, below the IDLE + SLOW = 5,300 connections the test opens: an agent
+that keeps every connection runs out of descriptors, its accepts fail, and a real app's
+post is never answered. With the connection cap the longest-idle connections are closed
+to make room, and the post is answered at once. The test process itself needs a
+descriptor per connection: it raises its own soft limit to its hard limit, and opens
+fewer idle connections when the hard limit is lower (never fewer than AGENT_NOFILE, or
+the flood would no longer exhaust an uncapped agent).
+
+The deadlines (idle, head, body) run in-process with short values in [listen]; every
+"it was closed" is a socket reading EOF, waited for with a bound, never a sleep.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import base64
+import resource
+import socket
+import time
+import uuid
+from collections.abc import Callable, Iterator
+from pathlib import Path
+from typing import Any
+
+import aiohttp
+import orjson
+import pytest
+
+from agent.config import ConfigError, ListenConfig, parse
+from tests.conftest import AgentProcess, free_port, write_config
+from tests.waiting import wait_for
+
+KEY = "hostileTestKey1"
+AGENT_NOFILE = 2048
+SLOW, IDLE = 300, 5000
+TEST_FDS_SPARE = 300      # the test's own files, pipes and client sockets
+SHORT = 0.3               # seconds: the deadlines of the in-process tests
+
+
+def basic(key: str) -> str:
+    return "Basic " + base64.b64encode(f"{key}:".encode()).decode()
+
+
+def track_body() -> bytes:
+    return orjson.dumps({"type": "track", "event": "e", "userId": "u",
+                         "messageId": uuid.uuid4().hex})
+
+
+def raise_own_nofile() -> int:
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    if hard == resource.RLIM_INFINITY or hard > soft:
+        resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))
+        soft = hard
+    return soft if soft != resource.RLIM_INFINITY else 1 << 20
+
+
+def agent_nofile() -> None:
+    """preexec_fn: the agent's own fd limit, soft and hard (it may raise soft up to hard)."""
+    resource.setrlimit(resource.RLIMIT_NOFILE, (AGENT_NOFILE, AGENT_NOFILE))
+
+
+@pytest.fixture
+def sockets() -> Iterator[list[socket.socket]]:
+    opened: list[socket.socket] = []
+    yield opened
+    for s in opened:
+        s.close()
+
+
+def new_socket(opened: list[socket.socket]) -> socket.socket:
+    s = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+    s.setblocking(False)
+    opened.append(s)
+    return s
+
+
+async def read_to_eof(s: socket.socket) -> bytes:
+    """Everything the server sends until it closes the connection."""
+    loop = asyncio.get_running_loop()
+    out = b""
+    try:
+        while chunk := await loop.sock_recv(s, 65536):
+            out += chunk
+    except ConnectionResetError:
+        pass
+    return out
+
+
+async def test_flood_of_idle_and_slowloris_connections_does_not_starve_a_real_app(
+        tmp_path: Path, agent_process: Callable[..., AgentProcess],
+        sockets: list[socket.socket]) -> None:
+    own = raise_own_nofile()
+    idle = min(IDLE, own - SLOW - TEST_FDS_SPARE)
+    if idle + SLOW <= AGENT_NOFILE:
+        pytest.skip(f"this process may open only {own} descriptors: too few to flood an agent "
+                    f"limited to {AGENT_NOFILE}")
+    port = free_port()
+    cfg = write_config(tmp_path / "agent.toml", tmp_path / "spool.db", port=port)
+    agent = agent_process(cfg, port, preexec_fn=agent_nofile).start()
+    loop = asyncio.get_running_loop()
+    addr = ("127.0.0.1", port)
+
+    slow = [new_socket(sockets) for _ in range(SLOW)]
+    await asyncio.wait_for(asyncio.gather(*(loop.sock_connect(s, addr) for s in slow)), 15)
+    for s in slow:  # a head that never ends
+        s.send(b"POST /v1/track HTTP/1.1\r\nHost: 127.0.0.1\r\nContent-Type: application/json\r\n")
+    idlers = [new_socket(sockets) for _ in range(idle)]
+    connecting = [asyncio.ensure_future(loop.sock_connect(s, addr)) for s in idlers]
+    # An agent out of descriptors stops accepting: its queue fills and later connects
+    # hang. Go on after a bound either way; the post below is what must not wait.
+    _, pending = await asyncio.wait(connecting, timeout=15)
+    established = len(connecting) - len(pending)
+    for task in pending:
+        task.cancel()
+
+    started = time.monotonic()
+    try:
+        async with aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=5)) as session, \
+                session.post(f"{agent.url}/v1/track", data=track_body(), headers={
+                    "Authorization": basic(KEY), "Content-Type": "application/json"}) as r:
+            status = r.status
+    except (TimeoutError, aiohttp.ClientError) as exc:
+        pytest.fail(f"a real app's post failed ({exc!r}), with {established} of {idle} "
+                    f"idle and {SLOW} slowloris connections open")
+    elapsed = time.monotonic() - started
+    assert status == 200
+    assert elapsed < 1.0, f"the post took {elapsed:.2f} s"
+
+    # The cap closed the longest-idle connections, the slowloris heads (opened first) first.
+    closed = 0
+
+    async def watch(s: socket.socket) -> None:
+        nonlocal closed
+        await read_to_eof(s)
+        closed += 1
+    watchers = [asyncio.ensure_future(watch(s)) for s in slow + idlers]
+    try:
+        await asyncio.wait_for(asyncio.gather(*watchers[:SLOW]), 15)
+        await wait_for(lambda: closed >= SLOW + idle - ListenConfig.max_connections, 15)
+    finally:
+        for w in watchers:
+            w.cancel()
+        await asyncio.gather(*watchers, return_exceptions=True)
+    async with aiohttp.ClientSession() as session, session.get(f"{agent.url}/metrics") as r:
+        metrics = await r.text()
+    evicted = [line for line in metrics.splitlines()
+               if line.startswith('outpost_connections_closed_total{reason="evicted"}')]
+    assert evicted and float(evicted[0].split()[-1]) >= SLOW + idle - ListenConfig.max_connections
+    assert agent.terminate() == 0
+
+
+def short_deadlines(**overrides: float) -> dict[str, Any]:
+    return {"idle_timeout_s": SHORT, "header_timeout_s": SHORT, "body_timeout_s": SHORT,
+            **overrides}
+
+
+async def connect(port: int, opened: list[socket.socket]) -> socket.socket:
+    s = new_socket(opened)
+    await asyncio.get_running_loop().sock_connect(s, ("127.0.0.1", port))
+    return s
+
+
+async def test_connection_that_sends_nothing_is_closed_after_the_idle_timeout(
+        make_agent: Callable[..., Any], sockets: list[socket.socket]) -> None:
+    agent = await make_agent(listen=short_deadlines())
+    s = await connect(agent.port, sockets)
+    started = time.monotonic()
+    assert await asyncio.wait_for(read_to_eof(s), 5) == b""
+    assert time.monotonic() - started >= SHORT * 0.9
+
+
+async def test_keep_alive_connection_is_closed_after_the_idle_timeout(
+        make_agent: Callable[..., Any], sockets: list[socket.socket]) -> None:
+    agent = await make_agent(listen=short_deadlines())
+    s = await connect(agent.port, sockets)
+    body = track_body()
+    s.send(b"POST /v1/track HTTP/1.1\r\nHost: 127.0.0.1\r\nContent-Type: application/json\r\n"
+           b"Authorization: " + basic(KEY).encode() + b"\r\n"
+           b"Content-Length: " + str(len(body)).encode() + b"\r\n\r\n" + body)
+    reply = await asyncio.wait_for(read_to_eof(s), 5)
+    assert reply.startswith(b"HTTP/1.1 200 ")
+    assert agent.spool.depth == 1
+
+
+async def test_head_sent_a_byte_at_a_time_is_closed_at_the_header_timeout(
+        make_agent: Callable[..., Any], sockets: list[socket.socket]) -> None:
+    """Bytes trickling in do not extend the head's deadline (the idle timeout is long)."""
+    agent = await make_agent(listen=short_deadlines(idle_timeout_s=60))
+    s = await connect(agent.port, sockets)
+    eof = asyncio.ensure_future(read_to_eof(s))
+    started = time.monotonic()
+    head = b"GET /healthz HTTP/1.1\r\nHost: 127.0.0.1\r\nX-Pad: " + b"a" * 200
+    for i in range(len(head)):   # at most 10 s of drip; the deadline is 0.3 s
+        if eof.done():
+            break
+        try:
+            s.send(head[i:i + 1])
+        except (BrokenPipeError, ConnectionResetError):
+            break
+        await asyncio.wait({eof}, timeout=0.05)
+    assert await asyncio.wait_for(eof, 5) == b""
+    assert time.monotonic() - started < 5
+
+
+async def test_stalled_body_gets_408_and_stores_nothing(
+        make_agent: Callable[..., Any], sockets: list[socket.socket]) -> None:
+    agent = await make_agent(listen=short_deadlines(idle_timeout_s=60))
+    s = await connect(agent.port, sockets)
+    body = track_body()
+    s.send(b"POST /v1/track HTTP/1.1\r\nHost: 127.0.0.1\r\nContent-Type: application/json\r\n"
+           b"Authorization: " + basic(KEY).encode() + b"\r\n"
+           b"Content-Length: " + str(len(body) + 100).encode() + b"\r\n\r\n" + body)
+    reply = await asyncio.wait_for(read_to_eof(s), 5)
+    assert reply.startswith(b"HTTP/1.1 408 "), reply[:200]
+    assert b"request body" in reply
+    assert agent.spool.depth == 0
+
+
+async def test_websocket_outlives_the_idle_timeout(
+        make_agent: Callable[..., Any], sockets: list[socket.socket]) -> None:
+    """A Nucleus module's websocket may sit quiet for long; only HTTP waits are deadlined."""
+    agent = await make_agent(listen=short_deadlines())
+    async with aiohttp.ClientSession() as session, \
+            session.ws_connect(f"ws://127.0.0.1:{agent.port}/app/{KEY}/track") as ws:
+        idler = await connect(agent.port, sockets)
+        # Opened after the websocket: once it is closed, the websocket was idle longer.
+        await asyncio.wait_for(read_to_eof(idler), 5)
+        await ws.send_str('{"data": [{"type": "event", "name": "x", "id": 7}]}')
+        reply = await asyncio.wait_for(ws.receive_json(), 5)
+    assert reply == {"reportedIds": [7]}
+
+
+@pytest.mark.parametrize("key,value,message", [
+    ("idle_timeout_s", 0, "must be greater than 0"),
+    ("header_timeout_s", -1, "must be greater than 0"),
+    ("body_timeout_s", "30", "expected an integer or a number"),
+    ("max_connections", 0, "must be greater than 0"),
+    ("max_connections", 1.5, "expected an integer"),
+])
+def test_bad_connection_limits_are_refused_at_startup(key: str, value: Any, message: str) -> None:
+    with pytest.raises(ConfigError, match=rf"listen\.{key}: .*{message}"):
+        parse({"listen": {key: value}})
+
+
+def test_connection_limit_defaults() -> None:
+    listen = parse({}).listen
+    assert (listen.idle_timeout_s, listen.header_timeout_s, listen.body_timeout_s,
+            listen.max_connections) == (60.0, 10.0, 30.0, 1024)
