@@ -26,7 +26,7 @@ RENDERED = {
 COMMON = {
     "Type": "notify", "NotifyAccess": "main", "ExecStart": f"{PY} -m agent run",
     "ExecReload": "/bin/kill -HUP $MAINPID", "Restart": "on-failure", "RestartSec": "2",
-    "WatchdogSec": "30", "TimeoutStopSec": "30", "UMask": "0077", "NoNewPrivileges": "true",
+    "WatchdogSec": "30", "TimeoutStopSec": "30", "LimitNOFILE": "8192", "UMask": "0077", "NoNewPrivileges": "true",
     "RestrictAddressFamilies": "AF_UNIX AF_INET AF_INET6", "LockPersonality": "true",
     "SystemCallArchitectures": "native",
 }

@@ -40,6 +40,8 @@ def test_linux_user_install() -> None:
     assert write.path == "/home/ada/.config/systemd/user/outpost.service"
     assert write.mode == 0o644
     assert f"ExecStart={PY} -m agent run\n" in write.content
+    # Room for listen.max_connections connections (agent/connections.py).
+    assert "\nLimitNOFILE=8192\n" in write.content
     assert write.content == tpl.systemd_unit(PY, system=False)
     assert commands(plan) == [
         ("systemctl", "--user", "daemon-reload"),
@@ -56,6 +58,7 @@ def test_linux_system_install_creates_the_user_first() -> None:
     assert isinstance(write, WriteFile)
     assert write.path == "/etc/systemd/system/outpost.service"
     assert "User=outpost\n" in write.content
+    assert "\nLimitNOFILE=8192\n" in write.content
     assert commands(plan)[0] == ("systemctl", "daemon-reload")
 
 
