@@ -27,6 +27,12 @@ class ListenConfig:
     port: int = 8765
     accept_keys: tuple[str, ...] = ()
     allowed_origins: tuple[str, ...] = ()
+    # Extensions: deadlines and a cap, so idle or slow connections cannot use up the
+    # agent's file descriptors (agent/connections.py).
+    idle_timeout_s: float = 60.0
+    header_timeout_s: float = 10.0
+    body_timeout_s: float = 30.0
+    max_connections: int = 1024
 
 
 @dataclass(frozen=True)
@@ -162,6 +168,10 @@ def _listen(t: dict[str, Any]) -> ListenConfig:
         accept_keys=tuple(_take(t, w, "accept_keys", list, [], _str_list(w, "accept_keys"))),
         allowed_origins=tuple(_take(t, w, "allowed_origins", list, [],
                                     _str_list(w, "allowed_origins"))),
+        idle_timeout_s=float(_take(t, w, "idle_timeout_s", (int, float), 60.0, _positive)),
+        header_timeout_s=float(_take(t, w, "header_timeout_s", (int, float), 10.0, _positive)),
+        body_timeout_s=float(_take(t, w, "body_timeout_s", (int, float), 30.0, _positive)),
+        max_connections=_take(t, w, "max_connections", int, 1024, _positive),
     )
     _no_leftovers(t, w)
     return out

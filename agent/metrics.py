@@ -48,6 +48,10 @@ class Metrics:
         self.retries: dict[str, int] = {}
         self.history: deque[Minute] = deque(maxlen=HISTORY_MINUTES)
         self.started = clock()
+        # Client connections (agent/connections.py): open now, the cap, closes by reason.
+        self.connections_open = 0
+        self.connections_cap = 0
+        self.connections_closed: dict[str, int] = {}
 
     def _bucket(self) -> Minute:
         minute = int(self.clock() // 60)

@@ -101,6 +101,13 @@ def render(snap: dict[str, Any], latency: Histogram) -> str:
     out.counter("spool_corrupt_total", "Times a corrupt spool was moved aside.",
                 counters.get("spool_corrupt", 0))
     _upstreams(out, snap["upstreams"])
+    conns = snap["connections"]
+    out.gauge("connections_open", "Client connections open now.", conns["open"])
+    out.gauge("connections_max", "Client connections allowed at once (listen.max_connections, "
+              "lowered to fit the open-file limit).", conns["max"])
+    out.family("connections_closed_total", "counter",
+               "Client connections the agent closed, by reason (idle, slow_head, evicted, "
+               "refused).", [("", {"reason": r}, n) for r, n in conns["closed"].items()])
     out.histogram("ingest_latency_seconds",
                   "Time to commit one ingest request's events (the group commit and fsync).",
                   latency)

@@ -18,6 +18,7 @@ from aiohttp import web
 from . import config as config_mod
 from . import logs
 from .config import Config, ConfigError
+from .connections import ConnectionLimits, fit_fd_limit
 from .device import DeviceFacts, detect
 from .guard import is_loopback_name
 from .ingest import build_app
@@ -31,6 +32,10 @@ from .spool import Spool
 log = logging.getLogger("outpost")
 PRUNE_EVERY_S = 600.0
 MAX_REQUEST_LINE = 64 * 1024
+# After an early reply (413, 408) aiohttp reads and drops the rest of the body, so the
+# client sees the reply rather than a reset. Over loopback the rest takes milliseconds;
+# aiohttp's 10 s default would let a stalled client hold its connection that much longer.
+LINGER_S = 2.0
 
 
 class Agent:
@@ -46,6 +51,7 @@ class Agent:
         self.sink: Sink | None = None
         self.ops: Ops | None = None
         self._runner: web.AppRunner | None = None
+        self._listener: asyncio.Server | None = None
         self._prune: asyncio.Task[None] | None = None
         self._watchdog: asyncio.Task[None] | None = None
         self.notifier = Notifier.from_env()
@@ -72,12 +78,17 @@ class Agent:
                                      shutdown_timeout=5.0,
                                      # A pixel carries its event (up to 32 KB) base64'd in
                                      # the URL: over aiohttp's 8 KB request-line default.
-                                     max_line_size=MAX_REQUEST_LINE)
+                                     max_line_size=MAX_REQUEST_LINE,
+                                     lingering_time=LINGER_S)
         await self._runner.setup()
-        site = web.TCPSite(self._runner, self.cfg.listen.host, self.cfg.listen.port,
-                           backlog=1024, reuse_address=True)
-        await site.start()
-        self.port = int(self._runner.addresses[0][1])
+        assert self._runner.server is not None
+        # Not a TCPSite: every connection goes through ConnectionLimits' deadlines and cap.
+        cap, backlog = fit_fd_limit(self.cfg.listen.max_connections)
+        limits = ConnectionLimits(self.cfg.listen, cap, self.metrics)
+        self._listener = await asyncio.get_running_loop().create_server(
+            limits.protocol_factory(self._runner.server), self.cfg.listen.host,
+            self.cfg.listen.port, backlog=backlog, reuse_address=True)
+        self.port = int(self._listener.sockets[0].getsockname()[1])
         if not is_loopback_name(self.cfg.listen.host):
             log.warning("listening on %s, which is not loopback: other machines can send "
                         "events to this agent", self.cfg.listen.host)
@@ -143,6 +154,8 @@ class Agent:
         for task in (self._prune, self._watchdog):
             if task is not None:
                 task.cancel()
+        if self._listener is not None:
+            self._listener.close()  # stop accepting; cleanup() then drains the connections
         if self._runner is not None:
             await self._runner.cleanup()
         if self.forwarding is not None:

@@ -34,6 +34,9 @@ RestartSec=2
 WatchdogSec=30
 # Long enough for a graceful drain of in-flight batches.
 TimeoutStopSec=30
+# Open files: listen.max_connections (1024) client connections, the listen backlog
+# and the spool; with less the agent lowers its connection cap to fit, and says so.
+LimitNOFILE=8192
 """
 
 SYSTEMD_SYSTEM_UNIT = """\

@@ -83,6 +83,8 @@ async def snapshot(cfg: Config, spool: Spool, forwarding: Forwarding,
         "oldest_event_age_s": round(time.time() - oldest / 1000, 1) if oldest else None,
         "upstreams": upstreams,
         "history": metrics.series(),
+        "connections": {"open": metrics.connections_open, "max": metrics.connections_cap,
+                        "closed": dict(sorted(metrics.connections_closed.items()))},
     }
 
 

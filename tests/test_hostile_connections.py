@@ -129,7 +129,11 @@ async def test_flood_of_idle_and_slowloris_connections_does_not_starve_a_real_ap
     assert status == 200
     assert elapsed < 1.0, f"the post took {elapsed:.2f} s"
 
-    # The cap closed the longest-idle connections, the slowloris heads (opened first) first.
+    # Every connection the agent says it closed to make room reads EOF here, the slowloris
+    # heads (opened first, idle the longest) among the first. Not every one of the
+    # IDLE + SLOW reaches the agent: past a full accept queue the kernel answers with SYN
+    # cookies and drops the final ACK, so some client sockets believe they are connected
+    # to an agent that never saw them; those stay open here and cost the agent nothing.
     closed = 0
 
     async def watch(s: socket.socket) -> None:
@@ -139,16 +143,18 @@ async def test_flood_of_idle_and_slowloris_connections_does_not_starve_a_real_ap
     watchers = [asyncio.ensure_future(watch(s)) for s in slow + idlers]
     try:
         await asyncio.wait_for(asyncio.gather(*watchers[:SLOW]), 15)
-        await wait_for(lambda: closed >= SLOW + idle - ListenConfig.max_connections, 15)
+        async with aiohttp.ClientSession() as session, \
+                session.get(f"{agent.url}/metrics") as r:
+            metrics = dict(line.rsplit(" ", 1) for line in (await r.text()).splitlines()
+                           if not line.startswith("#"))
+        evicted = int(metrics['outpost_connections_closed_total{reason="evicted"}'])
+        assert int(metrics["outpost_connections_open"]) <= ListenConfig.max_connections
+        assert evicted >= SLOW
+        await wait_for(lambda: closed >= evicted, 15)
     finally:
         for w in watchers:
             w.cancel()
         await asyncio.gather(*watchers, return_exceptions=True)
-    async with aiohttp.ClientSession() as session, session.get(f"{agent.url}/metrics") as r:
-        metrics = await r.text()
-    evicted = [line for line in metrics.splitlines()
-               if line.startswith('outpost_connections_closed_total{reason="evicted"}')]
-    assert evicted and float(evicted[0].split()[-1]) >= SLOW + idle - ListenConfig.max_connections
     assert agent.terminate() == 0
 
 

@@ -6,6 +6,7 @@ being read whole, and a gzip bomb is stopped at the same limit.
 
 from __future__ import annotations
 
+import asyncio
 import zlib
 from typing import Any
 
@@ -13,6 +14,8 @@ import orjson
 from aiohttp import web
 
 CHUNK = 65536
+# listen.body_timeout_s, set by the app builder: a body stalled past it gets a 408.
+BODY_TIMEOUT_S = web.AppKey("body_timeout_s", float)
 
 
 class BodyError(Exception):
@@ -33,14 +36,28 @@ async def read_raw(request: web.Request, limit: int) -> bytes:
     encoding = request.headers.get("Content-Encoding", "identity").strip().lower()
     if encoding not in ("identity", "", "gzip", "x-gzip", "deflate"):
         raise BodyError(415, f"unsupported Content-Encoding {encoding!r}")
+    if request.content.is_eof():  # the whole body came with the head: the usual case
+        raw = await _read(request, limit)
+    else:
+        seconds = request.app[BODY_TIMEOUT_S]
+        try:
+            async with asyncio.timeout(seconds):
+                raw = await _read(request, limit)
+        except TimeoutError:
+            raise BodyError(408, "request body not received in time",
+                            f"incomplete after {seconds:g} s (listen.body_timeout_s)") from None
+    if encoding in ("gzip", "x-gzip", "deflate"):
+        return _inflate(bytes(raw), encoding, limit)
+    return bytes(raw)
+
+
+async def _read(request: web.Request, limit: int) -> bytearray:
     raw = bytearray()
     while chunk := await request.content.read(CHUNK):
         raw += chunk
         if len(raw) > limit:
             raise BodyError(413, "request body too large", f"over {limit} bytes")
-    if encoding in ("gzip", "x-gzip", "deflate"):
-        return _inflate(bytes(raw), encoding, limit)
-    return bytes(raw)
+    return raw
 
 
 def _inflate(data: bytes, encoding: str, limit: int) -> bytes:

@@ -1,0 +1,209 @@
+"""Deadlines and a cap for the local server's connections, so idle or slow ones cannot
+use up the agent's file descriptors and starve real apps.
+
+aiohttp has no connection cap, and its keep-alive timer is not enough on every version
+we support: before 3.14.x a connection that never sends a request is never timed out,
+and no version cuts a head that trickles in a byte at a time. So each accepted
+connection goes through a thin protocol wrapper (``_Conn``) that sees its bytes, and
+the server's request handler is wrapped to see when a request is being handled. A
+connection is in one of three states:
+
+- IDLE, waiting for a request's first byte (after connecting, or after its last
+  reply): closed ``idle_timeout_s`` after it became idle;
+- HEAD, a request's first byte arrived but not yet its whole head: closed
+  ``header_timeout_s`` after that byte, however slowly more bytes trickle in;
+- BUSY, a handler runs: no deadline here. Bodies are deadlined where they are read
+  (dialects/body.py), so that the app gets a 408; a websocket stays BUSY for its life.
+
+Past ``max_connections`` open connections, the one IDLE or HEAD the longest is closed
+to make room, or the newcomer when all the others are BUSY.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import sys
+from collections.abc import Awaitable, Callable
+from typing import Any
+
+from aiohttp import web
+
+from .config import ListenConfig
+from .logs import log_limited
+from .metrics import Metrics
+
+log = logging.getLogger("outpost")
+IDLE, HEAD, BUSY = 0, 1, 2
+# Descriptors the agent needs besides client connections: the spool's files, logs, the
+# event loop's own, and one socket per upstream connection (a forwarder per key).
+FD_RESERVE = 256
+# asyncio accepts up to the listen backlog's worth of connections in one go before any
+# is handed to us (and could be closed): that many must fit on top of the cap.
+MAX_BACKLOG = 1024
+
+Handler = Callable[[web.BaseRequest], Awaitable[web.StreamResponse]]
+
+
+def fit_fd_limit(max_connections: int) -> tuple[int, int]:
+    """(connection cap, listen backlog) that fit the process's fd limit.
+
+    The soft limit is first raised as far as needed, when the hard limit allows: the
+    usual soft default (1024, 256 on macOS) is kept low only for select() users.
+    """
+    if sys.platform == "win32":
+        return max_connections, MAX_BACKLOG
+    import resource
+
+    need = max_connections + MAX_BACKLOG + FD_RESERVE
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    if soft != resource.RLIM_INFINITY and soft < need:
+        target = need if hard == resource.RLIM_INFINITY else min(need, hard)
+        try:
+            resource.setrlimit(resource.RLIMIT_NOFILE, (target, hard))
+            soft = target
+        except (ValueError, OSError) as exc:
+            log.warning("could not raise the open-file limit to %d: %s", target, exc)
+    if soft == resource.RLIM_INFINITY or soft >= need:
+        return max_connections, MAX_BACKLOG
+    budget = max(soft - FD_RESERVE, 8)
+    backlog = min(MAX_BACKLOG, budget // 4)
+    cap = max(1, min(max_connections, budget - backlog))
+    if cap < max_connections:
+        log.warning("only %d open files allowed (RLIMIT_NOFILE; LimitNOFILE in a systemd "
+                    "unit): at most %d connections at once, not listen.max_connections = %d",
+                    soft, cap, max_connections)
+    return cap, backlog
+
+
+class _Conn(asyncio.Protocol):
+    """Wraps aiohttp's protocol for one connection; tracks its state and deadline."""
+
+    __slots__ = ("deadline", "inner", "limits", "state", "timer", "transport")
+
+    def __init__(self, limits: ConnectionLimits, inner: asyncio.Protocol) -> None:
+        self.limits = limits
+        self.inner = inner
+        self.transport: asyncio.BaseTransport | None = None
+        self.state = IDLE
+        self.deadline = 0.0
+        self.timer: asyncio.TimerHandle | None = None
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        self.transport = transport
+        self.inner.connection_made(transport)
+        self.limits.opened(self)
+
+    def data_received(self, data: bytes) -> None:
+        if self.state == IDLE:
+            self.limits.head_started(self)
+        self.inner.data_received(data)
+
+    def eof_received(self) -> bool | None:
+        return self.inner.eof_received()
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        self.limits.lost(self)
+        self.inner.connection_lost(exc)
+
+    def pause_writing(self) -> None:
+        self.inner.pause_writing()
+
+    def resume_writing(self) -> None:
+        self.inner.resume_writing()
+
+
+class ConnectionLimits:
+    """The open connections, oldest-idle first, and their deadlines."""
+
+    def __init__(self, cfg: ListenConfig, cap: int, metrics: Metrics) -> None:
+        self.idle_s = cfg.idle_timeout_s
+        self.head_s = cfg.header_timeout_s
+        self.cap = cap
+        self.metrics = metrics
+        metrics.connections_cap = cap
+        self._loop = asyncio.get_running_loop()
+        # Insertion order is the order connections last became idle: the first one not
+        # BUSY has been idle the longest. Keyed by aiohttp's protocol, which requests carry.
+        self._conns: dict[Any, _Conn] = {}
+
+    def protocol_factory(self, server: web.Server) -> Callable[[], asyncio.Protocol]:
+        """What to pass to ``loop.create_server`` in place of ``server`` itself."""
+        # aiohttp's protocols copy the server's handler when created: wrap it first.
+        server.request_handler = self._tracked(server.request_handler)
+        return lambda: _Conn(self, server())
+
+    def _tracked(self, handler: Handler) -> Handler:
+        conns = self._conns
+
+        async def tracked(request: web.BaseRequest) -> web.StreamResponse:
+            conn = conns.get(request.protocol)
+            if conn is None:
+                return await handler(request)
+            conn.state = BUSY
+            try:
+                return await handler(request)
+            finally:
+                self._idle(conn)
+        return tracked
+
+    def opened(self, conn: _Conn) -> None:
+        self._conns[conn.inner] = conn
+        self._wait(conn, IDLE, self.idle_s)
+        self.metrics.connections_open = len(self._conns)
+        if len(self._conns) > self.cap:
+            self._evict(conn)
+
+    def head_started(self, conn: _Conn) -> None:
+        self._wait(conn, HEAD, self.head_s)
+
+    def lost(self, conn: _Conn) -> None:
+        conn.transport = None
+        if conn.timer is not None:
+            conn.timer.cancel()
+            conn.timer = None
+        self._conns.pop(conn.inner, None)
+        self.metrics.connections_open = len(self._conns)
+
+    def _idle(self, conn: _Conn) -> None:
+        if conn.transport is None:
+            return
+        # Now the most recently idle: to the end of the eviction order.
+        del self._conns[conn.inner]
+        self._conns[conn.inner] = conn
+        self._wait(conn, IDLE, self.idle_s)
+
+    def _wait(self, conn: _Conn, state: int, seconds: float) -> None:
+        conn.state = state
+        conn.deadline = self._loop.time() + seconds
+        # One timer per connection, moved only when the deadline comes earlier; a
+        # timer firing before a later deadline re-arms itself (as aiohttp's keep-alive).
+        if conn.timer is not None and conn.timer.when() > conn.deadline:
+            conn.timer.cancel()
+            conn.timer = None
+        if conn.timer is None:
+            conn.timer = self._loop.call_at(conn.deadline, self._expire, conn)
+
+    def _expire(self, conn: _Conn) -> None:
+        conn.timer = None
+        if conn.transport is None or conn.state == BUSY:
+            return  # re-armed when the request is done
+        if self._loop.time() < conn.deadline:
+            conn.timer = self._loop.call_at(conn.deadline, self._expire, conn)
+            return
+        self._close(conn, "idle" if conn.state == IDLE else "slow_head")
+
+    def _evict(self, newcomer: _Conn) -> None:
+        victim = next(c for c in self._conns.values() if c.state != BUSY)
+        log_limited(log, logging.WARNING, "connection-cap",
+                    "%d connections open (listen.max_connections): closing %s", self.cap + 1,
+                    "the longest-idle one" if victim is not newcomer
+                    else "the new one, as every other is handling a request")
+        self._close(victim, "evicted" if victim is not newcomer else "refused")
+
+    def _close(self, conn: _Conn, reason: str) -> None:
+        assert conn.transport is not None
+        conn.transport.close()
+        self.lost(conn)  # its descriptor is released as the transport closes, just after
+        closed = self.metrics.connections_closed
+        closed[reason] = closed.get(reason, 0) + 1
