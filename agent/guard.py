@@ -1,4 +1,5 @@
-"""Request guards: loopback Host names (DNS rebinding) and browser Origins (CORS)."""
+"""Request guards: loopback Host names (DNS rebinding), browser Origins (CORS), and
+Fetch Metadata (a page on another site making the browser send requests, e.g. via <img>)."""
 
 from __future__ import annotations
 
@@ -67,16 +68,19 @@ class Guard:
             self._verdicts[host] = ok
         return ok
 
+    def allowed(self, origin: str) -> bool:
+        return origin.rstrip("/").lower() in self.allowed_origins or "*" in self.allowed_origins
+
     def origin_ok(self, origin: str, host: str | None) -> bool:
-        origin = origin.rstrip("/").lower()
-        if origin in self.allowed_origins or "*" in self.allowed_origins:
+        if self.allowed(origin):
             return True
         # The agent's own pages (the status page) are same-origin.
-        return host is not None and urlsplit(origin).netloc == host.lower()
+        return host is not None and urlsplit(origin.lower()).netloc == host.lower()
 
-    def routes(self, routes: list[web.RouteDef]) -> list[web.RouteDef]:
+    def routes(self, routes: list[web.RouteDef], *, navigable: bool = False) -> list[web.RouteDef]:
         """``routes`` with every handler guarded, and an OPTIONS route per path (preflights).
 
+        ``navigable``: a link followed from another site may open these (GET) routes.
         A handler wrapper rather than an aiohttp middleware: with wrk at 32 connections
         the middleware machinery cost ~8 us per request, 14% of a hello-world's CPU.
         Routes of one path stay together, in their order, so aiohttp keeps one resource each.
@@ -84,26 +88,46 @@ class Guard:
         out: list[web.RouteDef] = []
         paths = list(dict.fromkeys(r.path for r in routes))
         for path in paths:
-            out += [web.RouteDef(r.method, r.path, self.wrap(r.handler), r.kwargs)
+            out += [web.RouteDef(r.method, r.path, self.wrap(r.handler, navigable), r.kwargs)
                     for r in routes if r.path == path]
             out.append(web.RouteDef("OPTIONS", path, self.wrap(_no_options), {}))
         return out
 
-    def wrap(self, handler: Handler) -> Handler:
+    def wrap(self, handler: Handler, navigable: bool = False) -> Handler:
         async def guarded(request: web.Request) -> web.StreamResponse:
             headers = request.headers
             host = headers.get("Host")
-            if "Origin" not in headers and (host is None or self._verdicts.get(host)):
+            if "Origin" not in headers and "Sec-Fetch-Site" not in headers \
+                    and (host is None or self._verdicts.get(host)):
                 return await handler(request)  # a local app, not a browser: the usual case
-            return await self.check(request, handler)
+            return await self.check(request, handler, navigable)
         return guarded
 
-    async def check(self, request: web.Request, handler: Handler) -> web.StreamResponse:
+    def _cross_site_ok(self, request: web.Request, navigable: bool) -> bool:
+        """A cross-site request without an Origin (an <img>, a link, a no-cors GET)."""
+        headers = request.headers
+        if navigable and request.method in ("GET", "HEAD") \
+                and headers.get("Sec-Fetch-Mode") == "navigate" \
+                and headers.get("Sec-Fetch-Dest", "document") == "document":
+            return True  # a link to the status page; the other site cannot read the page
+        page = _origin_of(headers.get("Referer"))
+        return page is not None and self.allowed(page)
+
+    async def check(self, request: web.Request, handler: Handler,
+                    navigable: bool = False) -> web.StreamResponse:
         host = request.headers.get("Host")
         if not self.host_ok(host):
             return _refuse(421, f"Host {host!r} is not a loopback name")
         origin = request.headers.get("Origin")
         if origin is None:
+            # Image loads and navigations carry no Origin, but browsers mark every request
+            # with Sec-Fetch-Site; the Referer (by default the page's origin, cross-site)
+            # names the page. Clients that send neither are apps, not web pages.
+            if request.headers.get("Sec-Fetch-Site") == "cross-site" \
+                    and not self._cross_site_ok(request, navigable):
+                page = _origin_of(request.headers.get("Referer")) or "a page that sent no Referer"
+                return _refuse(403, f"cross-site browser request from {page} refused: "
+                                    "that origin is not in listen.allowed_origins")
             return await handler(request)
         if not self.origin_ok(origin, host):
             return _refuse(403, f"Origin {origin!r} is not in listen.allowed_origins")
@@ -120,6 +144,17 @@ class Guard:
             resp.headers["Access-Control-Allow-Credentials"] = "true"
             resp.headers["Vary"] = "Origin"
         return resp
+
+
+def _origin_of(url: str | None) -> str | None:
+    """'https://App.example/x?y' -> 'https://app.example'; None for anything else."""
+    try:
+        parts = urlsplit(url or "")
+    except ValueError:  # e.g. a bad IPv6 literal
+        return None
+    if parts.scheme not in ("http", "https") or not parts.netloc:
+        return None
+    return f"{parts.scheme}://{parts.netloc}".lower()
 
 
 async def _no_options(request: web.Request) -> web.StreamResponse:

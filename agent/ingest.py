@@ -20,7 +20,7 @@ def build_app(cfg: Config, sink: Sink, ops: Ops) -> web.Application:
     app = web.Application(client_max_size=CLIENT_MAX_SIZE)
     app[BODY_TIMEOUT_S] = cfg.listen.body_timeout_s
     # Order matters: Nucleus' catch-all `/{appId}` websocket route comes last.
-    app.add_routes(guard.routes(ops.routes()))
+    app.add_routes(guard.routes(ops.routes(), navigable=True))
     for dialect in (segment, capture, tranthor, segmentstream):
         app.add_routes(guard.routes(dialect.routes(sink)))
     app.add_routes(guard.routes(nucleus.routes(sink)))
