@@ -25,7 +25,7 @@ import asyncio
 import logging
 import sys
 from collections.abc import Awaitable, Callable
-from typing import Any
+from typing import Any, cast
 
 from aiohttp import web
 
@@ -84,13 +84,14 @@ class _Conn(asyncio.Protocol):
     def __init__(self, limits: ConnectionLimits, inner: asyncio.Protocol) -> None:
         self.limits = limits
         self.inner = inner
-        self.transport: asyncio.BaseTransport | None = None
+        self.transport: asyncio.Transport | None = None
         self.state = IDLE
         self.deadline = 0.0
         self.timer: asyncio.TimerHandle | None = None
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
-        self.transport = transport
+        # cast: uvloop's transports quack like asyncio.Transport without subclassing it.
+        self.transport = cast(asyncio.Transport, transport)
         self.inner.connection_made(transport)
         self.limits.opened(self)
 
@@ -203,7 +204,8 @@ class ConnectionLimits:
 
     def _close(self, conn: _Conn, reason: str) -> None:
         assert conn.transport is not None
-        conn.transport.close()
+        # abort, not close: close would first wait to flush a reply the peer never reads.
+        conn.transport.abort()
         self.lost(conn)  # its descriptor is released as the transport closes, just after
         closed = self.metrics.connections_closed
         closed[reason] = closed.get(reason, 0) + 1

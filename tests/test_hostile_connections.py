@@ -35,6 +35,7 @@ from tests.waiting import wait_for
 
 KEY = "hostileTestKey1"
 AGENT_NOFILE = 2048
+TINY_NOFILE = 600
 SLOW, IDLE = 300, 5000
 TEST_FDS_SPARE = 300      # the test's own files, pipes and client sockets
 SHORT = 0.3               # seconds: the deadlines of the in-process tests
@@ -155,6 +156,39 @@ async def test_flood_of_idle_and_slowloris_connections_does_not_starve_a_real_ap
         for w in watchers:
             w.cancel()
         await asyncio.gather(*watchers, return_exceptions=True)
+    assert agent.terminate() == 0
+
+
+def tiny_nofile() -> None:
+    resource.setrlimit(resource.RLIMIT_NOFILE, (TINY_NOFILE, TINY_NOFILE))
+
+
+async def test_a_low_fd_limit_lowers_the_cap_and_says_so(
+        tmp_path: Path, agent_process: Callable[..., AgentProcess],
+        sockets: list[socket.socket]) -> None:
+    """listen.max_connections (1024) cannot fit in 600 descriptors: the agent lowers its
+    cap rather than run out of them, logs it, and still answers with 800 idle connections."""
+    port = free_port()
+    cfg = write_config(tmp_path / "agent.toml", tmp_path / "spool.db", port=port)
+    agent = agent_process(cfg, port, preexec_fn=tiny_nofile).start()
+    assert f"only {TINY_NOFILE} open files allowed" in agent.log.read_text()
+    loop = asyncio.get_running_loop()
+    idlers = [new_socket(sockets) for _ in range(800)]
+    _, pending = await asyncio.wait([asyncio.ensure_future(loop.sock_connect(
+        s, ("127.0.0.1", port))) for s in idlers], timeout=15)
+    for task in pending:
+        task.cancel()
+    started = time.monotonic()
+    async with aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=5)) as session:
+        async with session.post(f"{agent.url}/v1/track", data=track_body(), headers={
+                "Authorization": basic(KEY), "Content-Type": "application/json"}) as r:
+            assert r.status == 200
+        assert time.monotonic() - started < 1.0
+        async with session.get(f"{agent.url}/metrics") as r:
+            metrics = dict(line.rsplit(" ", 1) for line in (await r.text()).splitlines()
+                           if not line.startswith("#"))
+    assert 0 < int(metrics["outpost_connections_max"]) < TINY_NOFILE - 100
+    assert int(metrics["outpost_connections_open"]) <= int(metrics["outpost_connections_max"])
     assert agent.terminate() == 0
 
 
