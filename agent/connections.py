@@ -176,21 +176,24 @@ class ConnectionLimits:
 
     def _wait(self, conn: _Conn, state: int, seconds: float) -> None:
         conn.state = state
-        conn.deadline = self._loop.time() + seconds
-        # One timer per connection, moved only when the deadline comes earlier; a
-        # timer firing before a later deadline re-arms itself (as aiohttp's keep-alive).
-        if conn.timer is not None and conn.timer.when() > conn.deadline:
-            conn.timer.cancel()
-            conn.timer = None
+        now = self._loop.time()
+        conn.deadline = now + seconds
         if conn.timer is None:
-            conn.timer = self._loop.call_at(conn.deadline, self._expire, conn)
+            self._arm(conn, now)
+
+    def _arm(self, conn: _Conn, now: float) -> None:
+        # A timer never fires more than header_timeout_s away, so a head starting at any
+        # moment finds one pending before its deadline: per request, deadlines are floats
+        # to update, not timers to cancel and re-create (a timer firing early re-arms).
+        conn.timer = self._loop.call_at(min(conn.deadline, now + self.head_s), self._expire, conn)
 
     def _expire(self, conn: _Conn) -> None:
         conn.timer = None
         if conn.transport is None or conn.state == BUSY:
             return  # re-armed when the request is done
-        if self._loop.time() < conn.deadline:
-            conn.timer = self._loop.call_at(conn.deadline, self._expire, conn)
+        now = self._loop.time()
+        if now < conn.deadline:
+            self._arm(conn, now)
             return
         self._close(conn, "idle" if conn.state == IDLE else "slow_head")
 
