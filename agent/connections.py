@@ -2,8 +2,8 @@
 use up the agent's file descriptors and starve real apps.
 
 aiohttp has no connection cap, and its keep-alive timer is not enough on every version
-we support: before 3.14.x a connection that never sends a request is never timed out,
-and no version cuts a head that trickles in a byte at a time. So each accepted
+we support: up to 3.14.0 at least, a connection that never sends a request is never
+timed out, and no version cuts a head that trickles in a byte at a time. So each accepted
 connection goes through a thin protocol wrapper (``_Conn``) that sees its bytes, and
 the server's request handler is wrapped to see when a request is being handled. A
 connection is in one of three states:
@@ -38,8 +38,9 @@ IDLE, HEAD, BUSY = 0, 1, 2
 # Descriptors the agent needs besides client connections: the spool's files, logs, the
 # event loop's own, and one socket per upstream connection (a forwarder per key).
 FD_RESERVE = 256
-# asyncio accepts up to the listen backlog's worth of connections in one go before any
-# is handed to us (and could be closed): that many must fit on top of the cap.
+# The event loop (asyncio or uvloop) accepts up to a listen backlog's worth of
+# connections in one go before any is handed to us to close: that many must fit on top
+# of the cap, or accept() fails with EMFILE (and uvloop then resets connections).
 MAX_BACKLOG = 1024
 
 Handler = Callable[[web.BaseRequest], Awaitable[web.StreamResponse]]
