@@ -18,6 +18,7 @@ from __future__ import annotations
 import asyncio
 import base64
 import contextlib
+import logging
 import resource
 import socket
 import time
@@ -312,3 +313,14 @@ def test_connection_limit_defaults() -> None:
     listen = parse({}).listen
     assert (listen.idle_timeout_s, listen.header_timeout_s, listen.body_timeout_s,
             listen.max_connections) == (60.0, 10.0, 30.0, 1024)
+
+
+async def test_changed_limits_on_reload_say_they_need_a_restart(
+        make_agent: Callable[..., Any], caplog: pytest.LogCaptureFixture) -> None:
+    agent = await make_agent(listen=short_deadlines())
+    assert agent.config_path is not None
+    path = Path(agent.config_path)
+    path.write_text(path.read_text().replace("idle_timeout_s = 0.3", "idle_timeout_s = 5"))
+    with caplog.at_level(logging.WARNING, logger="outpost"):
+        await agent.reload()
+    assert "listen.idle_timeout_s" in caplog.text and "restart" in caplog.text
