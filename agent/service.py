@@ -131,9 +131,15 @@ class Agent:
         except ConfigError as exc:
             log.error("reload refused, keeping the running config: %s", exc)
             return
-        if new.listen.host != self.cfg.listen.host or new.listen.port != self.cfg.listen.port \
-                or new.storage != self.cfg.storage:
-            log.warning("reload: [listen] host/port and [storage] changes need a restart")
+        # Only accept_keys of [listen] is applied on reload: the server, its guard and its
+        # connection limits are built once.
+        stale = [f"listen.{f.name}" for f in dataclasses.fields(new.listen)
+                 if f.name != "accept_keys"
+                 and getattr(new.listen, f.name) != getattr(self.cfg.listen, f.name)]
+        if new.storage != self.cfg.storage:
+            stale.append("[storage]")
+        if stale:
+            log.warning("reload: %s changed, which needs a restart", ", ".join(stale))
         assert self.spool is not None and self.sink is not None and self.ops is not None
         _register_secrets(new)
         old = self.forwarding
