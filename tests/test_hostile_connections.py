@@ -324,3 +324,27 @@ async def test_changed_limits_on_reload_say_they_need_a_restart(
     with caplog.at_level(logging.WARNING, logger="outpost"):
         await agent.reload()
     assert "listen.idle_timeout_s" in caplog.text and "restart" in caplog.text
+
+
+async def test_at_the_cap_with_only_websockets_open_the_quietest_one_makes_room(
+        make_agent: Callable[..., Any]) -> None:
+    """Websockets filling the cap must not lock real apps out: the one quiet the longest
+    is closed (a Nucleus module reconnects and resends what was not acknowledged)."""
+    agent = await make_agent(listen={"max_connections": 3})
+    url = f"ws://127.0.0.1:{agent.port}/app/{KEY}/track"
+    async with aiohttp.ClientSession() as session:
+        first, quiet, last = [await session.ws_connect(url) for _ in range(3)]
+        for i, ws in enumerate((first, last)):  # `quiet` has sent nothing since it opened
+            await ws.send_str(f'{{"data": [{{"type": "event", "name": "x", "id": {i}}}]}}')
+            assert await asyncio.wait_for(ws.receive_json(), 5) == {"reportedIds": [i]}
+        async with session.post(f"http://127.0.0.1:{agent.port}/v1/track", data=track_body(),
+                                headers={"Authorization": basic(KEY),
+                                         "Content-Type": "application/json"}) as r:
+            assert r.status == 200
+        closing = await asyncio.wait_for(quiet.receive(), 5)
+        assert closing.type in (aiohttp.WSMsgType.CLOSE, aiohttp.WSMsgType.CLOSED,
+                                aiohttp.WSMsgType.ERROR)
+        await first.send_str('{"data": [{"type": "event", "name": "x", "id": 9}]}')
+        assert await asyncio.wait_for(first.receive_json(), 5) == {"reportedIds": [9]}
+        for ws in (first, quiet, last):
+            await ws.close()
