@@ -13,10 +13,13 @@ connection is in one of three states:
 - HEAD, a request's first byte arrived but not yet its whole head: closed
   ``header_timeout_s`` after that byte, however slowly more bytes trickle in;
 - BUSY, a handler runs: no deadline here. Bodies are deadlined where they are read
-  (dialects/body.py), so that the app gets a 408; a websocket stays BUSY for its life.
+  (dialects/body.py), so that the app gets a 408;
+- WEBSOCKET, an upgraded connection: no deadline (a Nucleus module may stay quiet for
+  long); the time of its last frame is kept.
 
 Past ``max_connections`` open connections, the one IDLE or HEAD the longest is closed
-to make room, or the newcomer when all the others are BUSY.
+to make room; failing that, the websocket quiet the longest (its module reconnects and
+resends what was not acknowledged); failing that (all BUSY), the newcomer.
 """
 
 from __future__ import annotations
@@ -34,7 +37,7 @@ from .logs import log_limited
 from .metrics import Metrics
 
 log = logging.getLogger("outpost")
-IDLE, HEAD, BUSY = 0, 1, 2
+IDLE, HEAD, BUSY, WEBSOCKET = 0, 1, 2, 3
 # Descriptors the agent needs besides client connections: the spool's files, logs, the
 # event loop's own, and one socket per upstream connection (a forwarder per key).
 FD_RESERVE = 256
@@ -80,7 +83,7 @@ def fit_fd_limit(max_connections: int) -> tuple[int, int]:
 class _Conn(asyncio.Protocol):
     """Wraps aiohttp's protocol for one connection; tracks its state and deadline."""
 
-    __slots__ = ("deadline", "inner", "limits", "state", "timer", "transport")
+    __slots__ = ("active", "deadline", "inner", "limits", "state", "timer", "transport")
 
     def __init__(self, limits: ConnectionLimits, inner: asyncio.Protocol) -> None:
         self.limits = limits
@@ -88,6 +91,7 @@ class _Conn(asyncio.Protocol):
         self.transport: asyncio.Transport | None = None
         self.state = IDLE
         self.deadline = 0.0
+        self.active = 0.0  # a websocket's last frame, by the loop's clock
         self.timer: asyncio.TimerHandle | None = None
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
@@ -99,6 +103,8 @@ class _Conn(asyncio.Protocol):
     def data_received(self, data: bytes) -> None:
         if self.state == IDLE:
             self.limits.head_started(self)
+        elif self.state == WEBSOCKET:
+            self.active = self.limits.now()
         self.inner.data_received(data)
 
     def eof_received(self) -> bool | None:
@@ -143,6 +149,8 @@ class ConnectionLimits:
             if conn is None:
                 return await handler(request)
             conn.state = BUSY
+            if request.headers.get("Upgrade", "").lower() == "websocket":
+                conn.state, conn.active = WEBSOCKET, self._loop.time()
             try:
                 return await handler(request)
             finally:
@@ -155,6 +163,9 @@ class ConnectionLimits:
         self.metrics.connections_open = len(self._conns)
         if len(self._conns) > self.cap:
             self._evict(conn)
+
+    def now(self) -> float:
+        return self._loop.time()
 
     def head_started(self, conn: _Conn) -> None:
         self._wait(conn, HEAD, self.head_s)
@@ -190,7 +201,7 @@ class ConnectionLimits:
 
     def _expire(self, conn: _Conn) -> None:
         conn.timer = None
-        if conn.transport is None or conn.state == BUSY:
+        if conn.transport is None or conn.state >= BUSY:
             return  # re-armed when the request is done
         now = self._loop.time()
         if now < conn.deadline:
@@ -199,11 +210,17 @@ class ConnectionLimits:
         self._close(conn, "idle" if conn.state == IDLE else "slow_head")
 
     def _evict(self, newcomer: _Conn) -> None:
-        victim = next(c for c in self._conns.values() if c.state != BUSY)
+        conns = self._conns.values()
+        victim = next((c for c in conns if c.state <= HEAD and c is not newcomer), None)
+        what = "the longest-idle one"
+        if victim is None:
+            sockets = [c for c in conns if c.state == WEBSOCKET]
+            victim = min(sockets, key=lambda c: c.active) if sockets else newcomer
+            what = "the quietest websocket" if sockets \
+                else "the new one, as every other is handling a request"
         log_limited(log, logging.WARNING, "connection-cap",
-                    "%d connections open (listen.max_connections): closing %s", self.cap + 1,
-                    "the longest-idle one" if victim is not newcomer
-                    else "the new one, as every other is handling a request")
+                    "%d connections open (listen.max_connections): closing %s",
+                    self.cap + 1, what)
         self._close(victim, "evicted" if victim is not newcomer else "refused")
 
     def _close(self, conn: _Conn, reason: str) -> None:
