@@ -16,8 +16,10 @@ from typing import Any
 
 import aiohttp
 import pytest
+from yarl import URL
 
 from agent import forwarder, logs
+from agent.uplinks.http_common import location_host
 from tests.fakes.captive_portal import PORTAL, CaptiveUpstream, redirect
 from tests.waiting import wait_for
 
@@ -163,3 +165,15 @@ async def test_captive_portal_on_every_path_deletes_nothing(make_agent: Any,
     assert "HTTP 200" in up["last_error"] and "HTML" in up["last_error"]
     assert "app1" not in up["last_error"]   # the handshake URL (and its key) is not shown
     await delivered_once_let_through(agent, gateway)
+
+
+@pytest.mark.parametrize(("loc", "shown"), [
+    ("http://guest:hunter22@[::1]:8080/login?session=sess-4411", "[::1]:8080"),
+    ("https://portal.example/login?session=sess-4411", "portal.example"),
+    ("/login?session=sess-4411", "api.example.com"),        # relative: the upstream's own host
+    ("//other.example:81/login", "other.example:81"),
+    (None, "nowhere (no Location header)"),
+    ("http://[::1/login", "an invalid Location"),
+])
+def test_location_host_shows_the_host_and_port_only(loc: str | None, shown: str) -> None:
+    assert location_host(URL("https://api.example.com/v1/batch"), loc) == shown
