@@ -10,8 +10,10 @@ everything is delivered. Backoff is shrunk so that retries take milliseconds.
 
 from __future__ import annotations
 
+import asyncio
 import logging
 from collections.abc import AsyncIterator
+from pathlib import Path
 from typing import Any
 
 import aiohttp
@@ -19,6 +21,12 @@ import pytest
 from yarl import URL
 
 from agent import forwarder, logs
+from agent.config import StorageConfig, UpstreamConfig
+from agent.events import NUCLEUS, Event
+from agent.forwarder import StreamForwarder, UpstreamState
+from agent.metrics import Metrics
+from agent.spool import Row, Spool
+from agent.uplinks.base import SendResult
 from agent.uplinks.http_common import location_host
 from tests.fakes.captive_portal import PORTAL, CaptiveUpstream, redirect
 from tests.waiting import wait_for
@@ -177,3 +185,47 @@ async def test_captive_portal_on_every_path_deletes_nothing(make_agent: Any,
 ])
 def test_location_host_shows_the_host_and_port_only(loc: str | None, shown: str) -> None:
     assert location_host(URL("https://api.example.com/v1/batch"), loc) == shown
+
+
+class _FailsAtOnce:
+    """An uplink that refuses its first sends without awaiting anything, as a redirect
+    from a local portal does: the failure lands while the forwarder reads the spool."""
+
+    name = "up"
+
+    def __init__(self, failures: int) -> None:
+        self.failures = failures
+        self.sends = 0
+
+    def take(self, rows: list[Row]) -> list[Row]:
+        return rows
+
+    async def send(self, batch: list[Row]) -> SendResult:
+        self.sends += 1
+        if self.sends <= self.failures:
+            return SendResult(error="HTTP 302 redirect to portal.example")
+        return SendResult(acked=[r.seq for r in batch])
+
+    async def close(self) -> None:
+        return None
+
+
+async def test_a_send_that_fails_at_once_is_retried(tmp_path: Path) -> None:
+    """With batches pipelined (nucleus-ws), the loop reads the spool again while the first
+    batch is out; that batch failing during the read must still lead to a retry."""
+    spool = await Spool.open(StorageConfig(path=str(tmp_path / "spool.db")))
+    try:
+        await spool.append([Event("k", NUCLEUS, i, b'{"id":%d}' % i) for i in range(N)])
+        cfg = UpstreamConfig(name="up", protocol="nucleus-ws", url="ws://127.0.0.1:9",
+                             flush_interval_s=0.0)
+        uplink = _FailsAtOnce(failures=2)
+        loop = StreamForwarder(cfg, spool.streams["k"], spool, uplink,
+                               UpstreamState("up", "nucleus-ws"), Metrics(), 4)
+        task = asyncio.create_task(loop.run())
+        # Before the fix the loop went idle after the first failure, waiting for new data.
+        await wait_for(lambda: spool.depth == 0, timeout=5)
+        assert uplink.sends == 3 and loop.state.retries == 2
+        loop.stop()
+        await asyncio.wait_for(task, 5)
+    finally:
+        await spool.close()
