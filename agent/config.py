@@ -11,6 +11,7 @@ import tomllib
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable, TypeVar
+from urllib.parse import urlsplit
 
 from . import paths
 
@@ -207,6 +208,27 @@ def _device(t: dict[str, Any]) -> DeviceConfig:
     return out
 
 
+def _url_check(protocol: str) -> Callable[[Any], str | None]:
+    schemes = ("ws://", "wss://") if protocol == "nucleus-ws" else ("http://", "https://")
+
+    def check(value: Any) -> str | None:
+        # Messages never quote the URL: it may hold a password.
+        if not value.startswith(schemes):
+            return f"must start with {' or '.join(schemes)} for {protocol}"
+        try:
+            parts = urlsplit(value)
+            host, _port = parts.hostname, parts.port   # .port raises ValueError past 65535
+        except ValueError:
+            return "is not a valid URL"
+        if "@" in parts.netloc:
+            # /status, the status page and doctor show the URL; credentials go in `key`
+            # (segment-http sends it as Basic auth, and aiohttp refuses both at once).
+            return ('must not contain a user name or password (user:password@); '
+                    'put the upstream\'s credential in "key"')
+        return None if host else "has no host"
+    return check
+
+
 def _upstream(t: dict[str, Any], i: int) -> UpstreamConfig:
     w = f"upstream[{i}]"
     if "name" not in t:
@@ -216,12 +238,10 @@ def _upstream(t: dict[str, Any], i: int) -> UpstreamConfig:
     if "url" not in t:
         raise ConfigError(f"{w}.url: missing")
     protocol = _take(t, w, "protocol", str, "", _one_of(*PROTOCOLS))
-    schemes = ("ws://", "wss://") if protocol == "nucleus-ws" else ("http://", "https://")
     out = UpstreamConfig(
         name=_take(t, w, "name", str, "", lambda v: None if v else "must not be empty"),
         protocol=protocol,
-        url=_take(t, w, "url", str, "", lambda v: None if v.startswith(schemes)
-                  else f"must start with {' or '.join(schemes)} for {protocol}"),
+        url=_take(t, w, "url", str, "", _url_check(protocol)),
         keys=tuple(_take(t, w, "keys", list, ["*"], lambda v: _str_list(w, "keys")(v)
                          or (None if v else "must not be empty"))),
         key=_take(t, w, "key", str, ""),

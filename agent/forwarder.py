@@ -125,6 +125,8 @@ class StreamForwarder:
         """Wait for new data, a finished batch, a flush or stop (or ``timeout``)."""
         if self.stopping:  # a stop that came while we read must not be cleared below
             return
+        if self._failed is not None:  # a batch failed while we read: back off, don't idle
+            return
         self.wake.clear()
         self.interrupt.clear()
         waits: set[asyncio.Future[object]] = {asyncio.ensure_future(self.wake.wait()),

@@ -13,6 +13,7 @@ from .forwarder import StreamForwarder, UpstreamState
 from .metrics import Metrics
 from .spool import Spool
 from .uplinks.factory import make_uplink, window
+from .uplinks.http_common import client_session
 
 log = logging.getLogger("outpost.routing")
 
@@ -31,7 +32,7 @@ class Forwarding:
         self._session: aiohttp.ClientSession | None = None
 
     async def start(self) -> None:
-        self._session = aiohttp.ClientSession(auto_decompress=True)
+        self._session = client_session()
         for key in list(self.spool.streams):
             self._ensure(key)
 

@@ -11,7 +11,6 @@ import dataclasses
 import logging
 import signal
 import sys
-from urllib.parse import urlsplit
 
 from aiohttp import web
 
@@ -206,11 +205,12 @@ class Agent:
 
 
 def _register_secrets(cfg: Config) -> None:
-    """Accepted keys, routed keys, upstream keys and URL passwords are all credentials."""
+    """Accepted keys, routed keys and upstream keys are all credentials (an upstream URL
+    holds none: config refuses user:password@ in it)."""
     for key in cfg.listen.accept_keys:
         logs.register_secret(key)
     for up in cfg.upstreams:
-        for key in (up.key, *up.keys, urlsplit(up.url).password or ""):
+        for key in (up.key, *up.keys):
             if key and key != "*":
                 logs.register_secret(key)
 

@@ -1,4 +1,11 @@
-"""What HTTP uplinks share: status classification and Retry-After parsing."""
+"""What HTTP uplinks share: the client session, status classification, Retry-After parsing.
+
+Only the configured URL may acknowledge events. A redirect is never followed:
+a captive portal (hotel Wi-Fi, a kiosk behind a login page) answers with one,
+and aiohttp would otherwise turn the POST into a GET whose 200 looks like an
+ack (301/302/303), or send the whole batch to the portal (307/308). Likewise a
+200 carrying an HTML page is a portal's login page, not an upstream's reply.
+"""
 
 from __future__ import annotations
 
@@ -7,6 +14,7 @@ import time
 from dataclasses import dataclass
 
 import aiohttp
+from yarl import URL
 
 from .base import RETRYABLE_STATUSES
 
@@ -31,6 +39,54 @@ def is_retryable(status: int) -> bool:
     return status in RETRYABLE_STATUSES or status >= 500
 
 
+class UpstreamRedirect(aiohttp.ClientError):
+    """A 3xx from an upstream: a failure, retried with backoff, never followed."""
+
+    def __init__(self, status: int, where: str) -> None:
+        super().__init__(f"HTTP {status} redirect to {where} (redirects are not followed)")
+
+
+def location_host(base: URL, location: str | None) -> str:
+    """Where a redirect points: host and port only, since the user, path and query
+    of a Location may carry credentials or session tokens."""
+    if not location:
+        return "nowhere (no Location header)"
+    try:
+        where = base.join(URL(location)).host_port_subcomponent
+    except ValueError:
+        where = None
+    return where or "an invalid Location"
+
+
+async def refuse_redirects(req: aiohttp.ClientRequest,
+                           handler: aiohttp.ClientHandlerType) -> aiohttp.ClientResponse:
+    """Client middleware: turn every 3xx into UpstreamRedirect before aiohttp can follow it.
+
+    It works on the session, so it also covers websocket handshakes, which
+    aiohttp's ws_connect would follow with no way to opt out per call.
+    """
+    resp = await handler(req)
+    if 300 <= resp.status < 400:
+        status, location = resp.status, resp.headers.get("Location")
+        resp.close()
+        raise UpstreamRedirect(status, location_host(req.url, location))
+    return resp
+
+
+def client_session() -> aiohttp.ClientSession:
+    """The session uplinks share; it never follows a redirect."""
+    return aiohttp.ClientSession(auto_decompress=True, middlewares=(refuse_redirects,))
+
+
+def html_instead_of_reply(status: int, content_type: str) -> str | None:
+    """The error for a 2xx whose body is an HTML page: no upstream protocol answers
+    with HTML, but every captive portal's login page does."""
+    if 200 <= status < 300 and content_type == "text/html":
+        return (f"HTTP {status} with an HTML page instead of the upstream's reply "
+                "(a captive portal or proxy login?)")
+    return None
+
+
 NETWORK_ERRORS = (aiohttp.ClientError, OSError, TimeoutError)
 
 
@@ -39,6 +95,7 @@ class HttpReply:
     status: int
     body: bytes
     retry_after: float | None
+    content_type: str
 
 
 async def post(session: aiohttp.ClientSession, url: str, body: bytes, headers: dict[str, str],
@@ -48,6 +105,6 @@ async def post(session: aiohttp.ClientSession, url: str, body: bytes, headers: d
         async with session.post(url, data=body, headers=headers,
                                 timeout=aiohttp.ClientTimeout(total=timeout_s)) as resp:
             return HttpReply(resp.status, await resp.read(),
-                             retry_after(resp.headers.get("Retry-After")))
+                             retry_after(resp.headers.get("Retry-After")), resp.content_type)
     except NETWORK_ERRORS as exc:
         return f"request failed: {str(exc) or type(exc).__name__}"

@@ -10,7 +10,7 @@ import orjson
 from ..config import UpstreamConfig
 from ..spool import Row
 from .base import REJECTED_STATUSES, SendResult
-from .http_common import is_retryable, post
+from .http_common import html_instead_of_reply, is_retryable, post
 from .nucleus_frame import FrameBuilder
 
 
@@ -38,6 +38,9 @@ class NucleusHttpUplink:
             self.frames.release(batch)
             return SendResult(failed=failed, error=answer)
         status, raw, wait = answer.status, answer.body, answer.retry_after
+        if portal := html_instead_of_reply(status, answer.content_type):
+            self.frames.release(batch)
+            return SendResult(failed=failed, error=portal)
         if status != 200:
             self.frames.release(batch)
             if is_retryable(status):

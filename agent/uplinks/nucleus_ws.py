@@ -20,6 +20,7 @@ import orjson
 from ..config import UpstreamConfig
 from ..spool import Row
 from .base import SendResult
+from .http_common import html_instead_of_reply
 from .nucleus_frame import FrameBuilder
 
 log = logging.getLogger("outpost.uplink.nucleus_ws")
@@ -88,9 +89,14 @@ class NucleusWsUplink:
     async def _connection(self) -> aiohttp.ClientWebSocketResponse:
         async with self._connect_lock:
             if self._ws is None or self._ws.closed:
-                self._ws = await self.session.ws_connect(
-                    self.url, timeout=aiohttp.ClientWSTimeout(ws_close=5),
-                    max_msg_size=0, autoping=True, heartbeat=None)
+                # A redirect raises UpstreamRedirect: the session never follows one.
+                try:
+                    self._ws = await self.session.ws_connect(
+                        self.url, timeout=aiohttp.ClientWSTimeout(ws_close=5),
+                        max_msg_size=0, autoping=True, heartbeat=None)
+                except aiohttp.WSServerHandshakeError as exc:
+                    # Its text holds the URL, and so the key in its path: keep the status.
+                    raise aiohttp.ClientError(_handshake_refused(exc)) from None
                 self._reader = asyncio.create_task(self._read(self._ws), name=f"ws-read-{self.name}")
                 log.info("connected to %s (%s)", self.name, _redact(self.url))
             return self._ws
@@ -144,6 +150,13 @@ async def _send_text(ws: aiohttp.ClientWebSocketResponse, frame: bytes) -> None:
         await send_frame(frame, aiohttp.WSMsgType.TEXT)
     else:
         await ws.send_str(frame.decode())
+
+
+def _handshake_refused(exc: aiohttp.WSServerHandshakeError) -> str:
+    content_type = exc.headers.get("Content-Type", "") if exc.headers else ""
+    content_type = content_type.partition(";")[0].strip()
+    return "websocket handshake refused: " + (html_instead_of_reply(exc.status, content_type)
+                                              or f"HTTP {exc.status} ({exc.message})")
 
 
 def _describe(exc: BaseException) -> str:

@@ -7,7 +7,9 @@ bodies never carry `sentAt` (the dialects drop the client's), so it is
 spliced in front of each body without re-encoding it. Nucleus rows are
 mapped with ``mapping.nucleus_to_segment``.
 
-Any 2xx acknowledges the whole batch. 408, 429 and 5xx are retried,
+Any 2xx acknowledges the whole batch, unless its body is an HTML page: that
+is a captive portal's login page, never a collector's reply. A redirect is a
+failure, retried (see http_common). 408, 429 and 5xx are retried,
 honouring Retry-After. 400, 413 and 422 mean the batch itself is refused:
 the forwarder splits it to isolate the events at fault, which go to dead
 letters with the upstream's reason. Other statuses (401, 403, 404: a wrong
@@ -29,7 +31,7 @@ from ..config import UpstreamConfig
 from ..events import NUCLEUS, iso_ms, now_ms
 from ..spool import Row
 from .base import REJECTED_STATUSES, SendResult
-from .http_common import is_retryable, post
+from .http_common import html_instead_of_reply, is_retryable, post
 
 _SENT_AT = len(b'"sentAt":"2026-01-01T00:00:00.000Z",')
 _ENVELOPE = len(b'{"batch":[],"sentAt":"2026-01-01T00:00:00.000Z"}')
@@ -112,6 +114,8 @@ class SegmentHttpUplink:
         if isinstance(reply, str):
             return SendResult(failed=failed, error=reply)
         status, raw, wait = reply.status, reply.body, reply.retry_after
+        if portal := html_instead_of_reply(status, reply.content_type):
+            return SendResult(failed=failed, error=portal)
         if 200 <= status < 300:
             return SendResult(acked=[r.seq for r in batch if r.seq not in failed], failed=failed)
         reason = f"HTTP {status}: {raw[:300].decode('utf-8', 'replace')}".rstrip(": ")

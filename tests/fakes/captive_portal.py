@@ -1,0 +1,119 @@
+"""A network that gets in the way: redirects and captive portals, then a working upstream.
+
+``CaptiveUpstream`` answers on every path and method. While ``intercept`` is
+set, every request (websocket handshakes included) gets that canned answer: a
+redirect, or a hotel Wi-Fi login page with 200. Once ``intercept`` is None it
+is a plain, correct upstream for all three protocols (Nucleus websocket and
+HTTP, Segment `/v1/batch`) that acknowledges everything. Every request is
+recorded, so a test can prove that a redirect target received nothing.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any
+
+import orjson
+from aiohttp import WSMsgType, web
+
+LOGIN_PAGE = (b"<!doctype html><html><head><title>Guest Wi-Fi</title></head><body>"
+              b"<form method=post action=/login>Accept the terms to continue"
+              b"<button>Connect</button></form></body></html>")
+
+
+@dataclass(frozen=True)
+class Answer:
+    """What the network answers to every request while it intercepts."""
+
+    status: int = 200
+    headers: dict[str, str] = field(default_factory=dict)
+    body: bytes = LOGIN_PAGE
+    content_type: str = "text/html"
+
+
+PORTAL = Answer()
+
+
+def redirect(status: int, location: str) -> Answer:
+    return Answer(status, {"Location": location}, b"", "text/html")
+
+
+@dataclass
+class Hit:
+    method: str
+    path: str
+    body: bytes
+    intercepted: bool
+
+
+class CaptiveUpstream:
+    """aiohttp server on 127.0.0.1, port 0; ``await CaptiveUpstream(PORTAL).start()``."""
+
+    def __init__(self, intercept: Answer | None = None) -> None:
+        self.intercept = intercept
+        self.hits: list[Hit] = []
+        self.delivered: list[dict[str, Any]] = []   # events acknowledged, in order
+        self.port = 0
+        self._runner: web.AppRunner | None = None
+        self._sockets: set[web.WebSocketResponse] = set()
+
+    @property
+    def http_url(self) -> str:
+        return f"http://127.0.0.1:{self.port}"
+
+    @property
+    def ws_url(self) -> str:
+        return f"ws://127.0.0.1:{self.port}"
+
+    def url(self, protocol: str) -> str:
+        return self.ws_url if protocol == "nucleus-ws" else self.http_url
+
+    async def _any(self, request: web.Request) -> web.StreamResponse:
+        upgrade = request.headers.get("Upgrade", "").lower() == "websocket"
+        body = b"" if upgrade else await request.read()
+        answer = self.intercept
+        self.hits.append(Hit(request.method, request.path, body, answer is not None))
+        if answer is not None:
+            return web.Response(status=answer.status, headers=answer.headers, body=answer.body,
+                                content_type=answer.content_type)
+        nucleus = request.path.startswith("/app/") and request.path.endswith("/track")
+        if upgrade and nucleus:
+            return await self._websocket(request)
+        if request.method == "POST" and nucleus:
+            return web.json_response({"reportedIds": self._take(orjson.loads(body)["data"])})
+        if request.method == "POST" and request.path == "/v1/batch":
+            self.delivered += orjson.loads(body)["batch"]
+            return web.json_response({"success": True})
+        return web.Response(status=404)
+
+    def _take(self, events: list[dict[str, Any]]) -> list[Any]:
+        events = [ev for ev in events if ev.get("type") != "heartbeat"]
+        self.delivered += events
+        return [ev["id"] for ev in events if "id" in ev]
+
+    async def _websocket(self, request: web.Request) -> web.WebSocketResponse:
+        ws = web.WebSocketResponse(max_msg_size=0)
+        await ws.prepare(request)
+        self._sockets.add(ws)
+        async for frame in ws:
+            if frame.type in (WSMsgType.TEXT, WSMsgType.BINARY):
+                ids = self._take(orjson.loads(frame.data).get("data", []))
+                if ids:
+                    await ws.send_str(orjson.dumps({"reportedIds": ids}).decode())
+        return ws
+
+    async def start(self) -> CaptiveUpstream:
+        app = web.Application(client_max_size=16 * 1024 * 1024)
+        app.router.add_route("*", "/{tail:.*}", self._any)
+        self._runner = web.AppRunner(app, handle_signals=False, shutdown_timeout=1.0)
+        await self._runner.setup()
+        await web.TCPSite(self._runner, "127.0.0.1", 0).start()
+        self.port = int(self._runner.addresses[0][1])
+        return self
+
+    async def stop(self) -> None:
+        for ws in list(self._sockets):
+            await ws.close()
+        if self._runner is not None:
+            await self._runner.cleanup()
+            self._runner = None

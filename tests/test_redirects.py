@@ -1,0 +1,231 @@
+"""Redirects and captive portals delete nothing (DESIGN §2.3: only the configured URL acks).
+
+A hotel Wi-Fi or a kiosk behind a login page answers every request with a
+redirect to its portal, or with the portal's HTML page itself. Either way no
+event may be deleted: a 3xx is a failure retried with backoff, shown in
+`last_error` with the Location's host (never its user, path or query), and
+the redirect target receives nothing. Once the network is right again,
+everything is delivered. Backoff is shrunk so that retries take milliseconds.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from collections.abc import AsyncIterator
+from pathlib import Path
+from typing import Any
+
+import aiohttp
+import pytest
+from yarl import URL
+
+from agent import forwarder, logs
+from agent.config import StorageConfig, UpstreamConfig
+from agent.events import NUCLEUS, Event
+from agent.forwarder import StreamForwarder, UpstreamState
+from agent.metrics import Metrics
+from agent.spool import Row, Spool
+from agent.uplinks.base import SendResult
+from agent.uplinks.http_common import location_host
+from tests.fakes.captive_portal import PORTAL, CaptiveUpstream, redirect
+from tests.waiting import wait_for
+
+HTTP_UPLINKS = ("segment-http", "nucleus-http")
+REDIRECTS = (301, 302, 303, 307, 308)
+N = 6
+# What a Location may carry that must never be shown.
+SECRETS = ("guest", "hunter22", "sess-4411", "/login")
+
+
+@pytest.fixture(autouse=True)
+def fast_backoff(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(forwarder, "BACKOFF_BASE_S", 0.02)
+    monkeypatch.setattr(forwarder, "BACKOFF_CAP_S", 0.2)
+    # Each test must see its own "upstream down" line, not one rate-limited by the last test.
+    monkeypatch.setattr(logs, "_default_limiter", logs.RateLimiter())
+
+
+@pytest.fixture
+async def portal() -> AsyncIterator[CaptiveUpstream]:
+    """The redirect target: a login page on every path (it would 'ack' anything)."""
+    fake = await CaptiveUpstream(PORTAL).start()
+    yield fake
+    await fake.stop()
+
+
+@pytest.fixture
+async def gateway() -> AsyncIterator[CaptiveUpstream]:
+    """The configured upstream: intercepted by the network until a test lets it through."""
+    fake = await CaptiveUpstream().start()
+    yield fake
+    await fake.stop()
+
+
+def location(target: CaptiveUpstream, path: str = "/login") -> str:
+    return f"http://guest:hunter22@127.0.0.1:{target.port}{path}?session=sess-4411"
+
+
+def event(i: int) -> dict[str, Any]:
+    return {"type": "event", "name": "e", "id": i, "sessionId": 1, "machineId": "m",
+            "date": "2026-01-01T00:00:00.000Z", "payload": {"mark": f"mk-{i}"}}
+
+
+async def start(make_agent: Any, up: CaptiveUpstream, protocol: str) -> Any:
+    agent = await make_agent(upstreams=[{"name": "up", "protocol": protocol,
+                                         "url": up.url(protocol), "flush_interval_s": 0.02,
+                                         "timeout_s": 2}])
+    async with aiohttp.ClientSession() as s, s.post(
+            f"http://127.0.0.1:{agent.port}/app/app1/track",
+            json={"data": [event(i) for i in range(N)]}) as r:
+        assert r.status == 200, await r.text()
+    return agent
+
+
+async def status_of(agent: Any) -> dict[str, Any]:
+    async with aiohttp.ClientSession() as s, s.get(f"http://127.0.0.1:{agent.port}/status") as r:
+        assert r.status == 200
+        data: dict[str, Any] = await r.json()
+    return data["upstreams"][0]
+
+
+async def held_while_failing(agent: Any) -> dict[str, Any]:
+    """Once several sends failed: nothing was deleted; the upstream's /status entry."""
+    state = agent.forwarding.states["up"]
+    await wait_for(lambda: state.retries >= 3 or agent.spool.depth < N or state.acked > 0)
+    assert agent.spool.depth == N
+    assert state.acked == 0
+    up = await status_of(agent)
+    assert up["state"] in ("backoff", "sending")
+    return up
+
+
+async def delivered_once_let_through(agent: Any, gateway: CaptiveUpstream,
+                                     portal: CaptiveUpstream | None = None) -> None:
+    gateway.intercept = None
+    agent.forwarding.flush()   # as `outpost flush` does: no wait for the backoff
+    await wait_for(lambda: agent.spool.depth == 0)
+    marks = {ev.get("payload", ev.get("properties", {})).get("mark") for ev in gateway.delivered}
+    assert marks == {f"mk-{i}" for i in range(N)}
+    assert await agent.spool.dead_letters() == []
+    if portal is not None:
+        assert portal.hits == []
+
+
+def assert_names_redirect(last_error: str | None, status: int, target: CaptiveUpstream) -> None:
+    assert last_error is not None
+    assert f"HTTP {status}" in last_error
+    assert f"127.0.0.1:{target.port}" in last_error
+    for secret in SECRETS:
+        assert secret not in last_error
+
+
+@pytest.mark.parametrize("status", REDIRECTS)
+@pytest.mark.parametrize("protocol", HTTP_UPLINKS)
+async def test_http_redirect_is_a_retried_failure(make_agent: Any, gateway: CaptiveUpstream,
+                                                  portal: CaptiveUpstream, protocol: str,
+                                                  status: int,
+                                                  caplog: pytest.LogCaptureFixture) -> None:
+    caplog.set_level(logging.WARNING, logger="outpost")
+    gateway.intercept = redirect(status, location(portal))
+    agent = await start(make_agent, gateway, protocol)
+    up = await held_while_failing(agent)
+    assert portal.hits == []                      # not followed, not even a body-less GET
+    assert all(hit.intercepted for hit in gateway.hits)
+    assert_names_redirect(up["last_error"], status, portal)
+    # Logged once (rate-limited), naming the Location's host and nothing more of it.
+    lines = [r.getMessage() for r in caplog.records if f"HTTP {status}" in r.getMessage()]
+    assert len(lines) == 1, lines
+    assert f"127.0.0.1:{portal.port}" in lines[0]
+    assert not any(secret in caplog.text for secret in SECRETS)
+    await delivered_once_let_through(agent, gateway, portal)
+
+
+@pytest.mark.parametrize("status", REDIRECTS)
+async def test_websocket_handshake_redirect_is_not_followed(make_agent: Any,
+                                                            gateway: CaptiveUpstream,
+                                                            status: int) -> None:
+    # The target speaks Nucleus: had the handshake been followed, it would have
+    # acknowledged (and so deleted) every event.
+    target = await CaptiveUpstream().start()
+    try:
+        gateway.intercept = redirect(status, location(target, "/app/app1/track"))
+        agent = await start(make_agent, gateway, "nucleus-ws")
+        up = await held_while_failing(agent)
+        assert target.hits == [] and target.delivered == []
+        assert_names_redirect(up["last_error"], status, target)
+        assert "/app/" not in up["last_error"]
+        await delivered_once_let_through(agent, gateway, target)
+    finally:
+        await target.stop()
+
+
+@pytest.mark.parametrize("protocol", ("segment-http", "nucleus-http", "nucleus-ws"))
+async def test_captive_portal_on_every_path_deletes_nothing(make_agent: Any,
+                                                           gateway: CaptiveUpstream,
+                                                           protocol: str) -> None:
+    # DNS hijacked: the configured URL itself answers 200 with a login page,
+    # the websocket handshake path included.
+    gateway.intercept = PORTAL
+    agent = await start(make_agent, gateway, protocol)
+    up = await held_while_failing(agent)
+    assert gateway.hits and all(hit.intercepted for hit in gateway.hits)
+    assert "HTTP 200" in up["last_error"] and "HTML" in up["last_error"]
+    assert "app1" not in up["last_error"]   # the handshake URL (and its key) is not shown
+    await delivered_once_let_through(agent, gateway)
+
+
+@pytest.mark.parametrize(("loc", "shown"), [
+    ("http://guest:hunter22@[::1]:8080/login?session=sess-4411", "[::1]:8080"),
+    ("https://portal.example/login?session=sess-4411", "portal.example"),
+    ("/login?session=sess-4411", "api.example.com"),        # relative: the upstream's own host
+    ("//other.example:81/login", "other.example:81"),
+    (None, "nowhere (no Location header)"),
+    ("http://[::1/login", "an invalid Location"),
+])
+def test_location_host_shows_the_host_and_port_only(loc: str | None, shown: str) -> None:
+    assert location_host(URL("https://api.example.com/v1/batch"), loc) == shown
+
+
+class _FailsAtOnce:
+    """An uplink that refuses its first sends without awaiting anything, as a redirect
+    from a local portal does: the failure lands while the forwarder reads the spool."""
+
+    name = "up"
+
+    def __init__(self, failures: int) -> None:
+        self.failures = failures
+        self.sends = 0
+
+    def take(self, rows: list[Row]) -> list[Row]:
+        return rows
+
+    async def send(self, batch: list[Row]) -> SendResult:
+        self.sends += 1
+        if self.sends <= self.failures:
+            return SendResult(error="HTTP 302 redirect to portal.example")
+        return SendResult(acked=[r.seq for r in batch])
+
+    async def close(self) -> None:
+        return None
+
+
+async def test_a_send_that_fails_at_once_is_retried(tmp_path: Path) -> None:
+    """With batches pipelined (nucleus-ws), the loop reads the spool again while the first
+    batch is out; that batch failing during the read must still lead to a retry."""
+    spool = await Spool.open(StorageConfig(path=str(tmp_path / "spool.db")))
+    try:
+        await spool.append([Event("k", NUCLEUS, i, b'{"id":%d}' % i) for i in range(N)])
+        cfg = UpstreamConfig(name="up", protocol="nucleus-ws", url="ws://127.0.0.1:9",
+                             flush_interval_s=0.0)
+        uplink = _FailsAtOnce(failures=2)
+        loop = StreamForwarder(cfg, spool.streams["k"], spool, uplink,
+                               UpstreamState("up", "nucleus-ws"), Metrics(), 4)
+        task = asyncio.create_task(loop.run())
+        # Before the fix the loop went idle after the first failure, waiting for new data.
+        await wait_for(lambda: spool.depth == 0, timeout=5)
+        assert uplink.sends == 3 and loop.state.retries == 2
+        loop.stop()
+        await asyncio.wait_for(task, 5)
+    finally:
+        await spool.close()
