@@ -23,6 +23,7 @@ from pathlib import Path
 from . import spool_db
 from .config import StorageConfig
 from .events import Event, now_ms
+from .logs import log_limited
 from .paths import ensure_private_dir
 from .spool_db import ROW_OVERHEAD, Job, Outcome, SqliteThread
 from .spool_reads import RETRY_AFTER_FULL_S, Row, SpoolFull, SpoolReads, Stream, is_corruption
@@ -280,7 +281,9 @@ class Spool(SpoolReads):
         except sqlite3.OperationalError as exc:
             self._unsave(job.counters)
             reason = "disk full" if "full" in str(exc) else f"storage error: {exc}"
-            log.error("spool commit failed: %s", reason)
+            # Every app retrying against a full disk fails a commit: count each refused
+            # event, but log once a minute (a flood of identical lines helps nobody).
+            log_limited(log, logging.ERROR, "commit-failed", "spool commit failed: %s", reason)
             self.count("rejected_storage_error", len(job.rows))
             _fail(appends, SpoolFull(reason))
             return
