@@ -21,6 +21,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from . import spool_db
+from .clock import CLOCK
 from .config import StorageConfig
 from .events import Event, now_ms
 from .logs import log_limited
@@ -32,6 +33,9 @@ from .spool_schema import SCHEMA, move_aside
 __all__ = ["ROW_OVERHEAD", "RETRY_AFTER_FULL_S", "Row", "Spool", "SpoolFull", "Stream"]
 
 log = logging.getLogger("outpost.spool")
+# How often commits record the agent-observed time (clock_marks): an event expires at
+# most this much later than max_age_days says, plus any time the device was off.
+MARK_EVERY_MS = 60_000
 
 
 @dataclass(slots=True)
@@ -74,6 +78,11 @@ class Spool(SpoolReads):
         self._closing = False
         self._new_streams: list[Stream] = []
         self.commits = 0  # transactions this process ran: shows group commit at work
+        # Agent-observed time (agent/clock.py): the spool's count, plus what this process
+        # has seen pass since it was read.
+        self._observed_base = 0
+        self._elapsed_at_load = CLOCK.elapsed_ms()
+        self._last_mark: int | None = None
         # Called when a spool that could not be opened is opened at last: its queues
         # need forwarders.
         self.on_reopen: Callable[[], None] = lambda: None
@@ -119,7 +128,11 @@ class Spool(SpoolReads):
             raise
 
     async def _load_state(self, db: SqliteThread) -> None:
-        next_seq, streams, counters, used = await db.run(spool_db.load_state)
+        next_seq, streams, counters, used, observed = await db.run(spool_db.load_state)
+        if observed is None:
+            await db.run(spool_db.start_clock, next_seq)
+        self._observed_base, self._elapsed_at_load = observed or 0, CLOCK.elapsed_ms()
+        self._last_mark = None
         self._next_seq = next_seq
         self.streams.clear()
         self._by_id.clear()
@@ -140,12 +153,14 @@ class Spool(SpoolReads):
         moved = move_aside(self.path)
         corrupt = self.counters.get("spool_corrupt", 0) + 1
         lost, streams, next_seq = self.depth, list(self.streams.values()), self._next_seq
+        observed = self.observed_ms()
         log.error("spool %s is corrupt (%s); moved aside to %s with %d queued events, "
                   "starting a fresh spool", self.path, exc, moved, lost)
         await self._connect()
         # Running forwarders hold these streams and a seq cursor: keep the stream ids,
         # and keep seqs rising, or new events would hide behind the cursors.
         self._next_seq = max(self._next_seq, next_seq)
+        self._observed_base, self._elapsed_at_load = observed, CLOCK.elapsed_ms()
         for stream in streams:
             stream.depth = stream.bytes = 0
             self._add_stream(stream)
@@ -161,6 +176,11 @@ class Spool(SpoolReads):
         self._wake.set()
         if self._writer is not None:
             await self._writer
+        if self._db is not None:  # keep the time this run saw pass
+            try:
+                await self._db.run(spool_db.mark, self.observed_ms(), self._next_seq)
+            except sqlite3.Error as exc:
+                log.warning("spool %s: could not save the agent's clock: %s", self.path, exc)
         await self._close_connections()
 
     async def _close_connections(self) -> None:
@@ -260,13 +280,18 @@ class Spool(SpoolReads):
                 incoming += nbytes
         self._next_seq = seq
         counters, self._unsaved = self._unsaved, {}
+        observed = self.observed_ms()
+        mark = None
+        if rows and (self._last_mark is None or observed - self._last_mark >= MARK_EVERY_MS):
+            mark = (observed, seq)
         return Job(rows=rows, sizes=[len(p.events) for p in batch.appends], totals=totals,
                    new_streams=[(s.id, s.key) for s in self._new_streams],
                    acks=batch.acks, dead=batch.dead,
                    room=self.max_bytes - self._used_bytes,
                    incoming=incoming + ROW_OVERHEAD * len(rows),
                    reject_when_full=self.cfg.when_full == "reject",
-                   remember=self.cfg.dedupe_window_h > 0, counters=counters, now=now_ms())
+                   remember=self.cfg.dedupe_window_h > 0, counters=counters, now=now_ms(),
+                   mark=mark)
 
     async def _run_batch(self, batch: _Batch) -> None:
         if self._db is None and not await self._reopen():
@@ -293,6 +318,8 @@ class Spool(SpoolReads):
                 _fail(appends, exc)  # corruption: _commit runs them again on a fresh spool
             raise
         self.commits += 1
+        if job.mark is not None:
+            self._last_mark = job.mark[0]
         if job.new_streams:
             self._new_streams = self._new_streams[len(job.new_streams):]
         self._apply(out)
@@ -344,16 +371,24 @@ class Spool(SpoolReads):
     # -- maintenance -------------------------------------------------------
 
     async def prune(self) -> int:
-        """Drop events older than max_age_days and forget old dedupe keys."""
+        """Drop events older than max_age_days and forget old dedupe keys.
+
+        An event is old only when both its wall-clock age and the time the agent has seen
+        pass since it was received exceed max_age_days: a device clock that is wrong, or
+        corrected, expires nothing on its own (agent/clock.py).
+        """
         if self._db is None:
             return 0
         db = self._db
-        cutoff = now_ms() - self.cfg.max_age_days * 86_400_000
-        forget = now_ms() - self.cfg.dedupe_window_h * 3_600_000
+        max_age = self.cfg.max_age_days * 86_400_000
         async with self._lock:
+            exp = spool_db.Expiry(wall_cutoff=now_ms() - max_age,
+                                  forget=now_ms() - self.cfg.dedupe_window_h * 3_600_000,
+                                  observed=self.observed_ms(), max_age_ms=max_age,
+                                  next_seq=self._next_seq)
             counters, self._unsaved = self._unsaved, {}
             try:
-                out = await db.run(spool_db.prune, cutoff, forget, counters)
+                out = await db.run(spool_db.prune, exp, counters)
             except sqlite3.Error as exc:
                 self._unsave(counters)
                 log.error("spool prune failed: %s", exc)
@@ -363,6 +398,10 @@ class Spool(SpoolReads):
         if expired:
             log.warning("dropped %d events older than %d days", expired, self.cfg.max_age_days)
         return expired
+
+    def observed_ms(self) -> int:
+        """The time the agent has seen pass, over all its runs on this spool."""
+        return self._observed_base + CLOCK.elapsed_ms() - self._elapsed_at_load
 
     # -- accounting ----------------------------------------------------------
 
