@@ -28,6 +28,7 @@ from .logs import log_limited
 from .paths import ensure_private_dir
 from .spool_db import ROW_OVERHEAD, Job, Outcome, SqliteThread
 from .spool_reads import RETRY_AFTER_FULL_S, Row, SpoolFull, SpoolReads, Stream, is_corruption
+from .spool_salvage import Carry, Salvaged, salvage, salvage_counters
 from .spool_schema import SCHEMA, move_aside
 
 __all__ = ["ROW_OVERHEAD", "RETRY_AFTER_FULL_S", "Row", "Spool", "SpoolFull", "Stream"]
@@ -83,8 +84,9 @@ class Spool(SpoolReads):
         self._observed_base = 0
         self._elapsed_at_load = CLOCK.elapsed_ms()
         self._last_mark: int | None = None
-        # Called when a spool that could not be opened is opened at last: its queues
-        # need forwarders.
+        self._loaded = False  # whether depths and counters were read from the file
+        # Called when a spool that could not be opened is opened at last, or when rows
+        # are salvaged from a corrupt one: their queues need forwarders.
         self.on_reopen: Callable[[], None] = lambda: None
 
     # -- lifecycle ---------------------------------------------------------
@@ -142,33 +144,49 @@ class Spool(SpoolReads):
         self.counters = counters
         self._unsaved = {}
         self._used_bytes = used
+        self._loaded = True
 
     def _add_stream(self, stream: Stream) -> None:
         self.streams[stream.key] = stream
         self._by_id[stream.id] = stream
 
     async def _recover(self, exc: BaseException) -> None:
-        """Never a crash loop: move a corrupt spool aside and start afresh."""
+        """Never a crash loop: move a corrupt spool aside, start afresh, and salvage into
+        the fresh spool every row that can still be read (agent/spool_salvage.py)."""
+        carry = Carry(streams={s.id: s.key for s in self.streams.values()},
+                      counters=dict(self.counters), observed=self.observed_ms(),
+                      depth=self.depth if self._loaded else None)
+        held, next_seq = list(self.streams.values()), self._next_seq
         await self._close_connections()
         moved = move_aside(self.path)
-        corrupt = self.counters.get("spool_corrupt", 0) + 1
-        lost, streams, next_seq = self.depth, list(self.streams.values()), self._next_seq
-        observed = self.observed_ms()
-        log.error("spool %s is corrupt (%s); moved aside to %s with %d queued events, "
-                  "starting a fresh spool", self.path, exc, moved, lost)
         await self._connect()
-        # Running forwarders hold these streams and a seq cursor: keep the stream ids,
-        # and keep seqs rising, or new events would hide behind the cursors.
+        db = self._require_db()
+        try:
+            got = await db.run(salvage, moved, carry)
+        except sqlite3.Error as why:  # e.g. no room for the copy: the fresh spool stays empty
+            log.error("spool %s: could not salvage %s: %s", self.path, moved, why)
+            got = Salvaged(known=carry.depth is not None, lost=carry.depth or 0)
+            for name, n in salvage_counters(None, carry.counters, got.lost).items():
+                self.count(name, n)  # into the empty fresh spool, with its next commit
+            self._observed_base, self._elapsed_at_load = carry.observed, CLOCK.elapsed_ms()
+        else:
+            await self._load_state(db)
+        # Running forwarders hold these streams and a seq cursor: keep the objects, and
+        # keep seqs rising, or new events would hide behind the cursors.
         self._next_seq = max(self._next_seq, next_seq)
-        self._observed_base, self._elapsed_at_load = observed, CLOCK.elapsed_ms()
-        for stream in streams:
-            stream.depth = stream.bytes = 0
+        for stream in held:
+            now = self._by_id.get(stream.id)
+            stream.depth, stream.bytes = (now.depth, now.bytes) if now else (0, 0)
+            if now is None:
+                self._new_streams.append(stream)
             self._add_stream(stream)
-            self._new_streams.append(stream)
-        # The count carries into the fresh spool (saved with its next commit).
-        self.count("spool_corrupt", corrupt)
-        if lost:
-            self.count("dropped_corrupt", lost)
+        how_many = (f"{got.lost} could not be read" if got.known else
+                    "how many more it held is unknown (its queue table cannot be read)")
+        log.error("spool %s is corrupt (%s); moved aside to %s and started afresh: salvaged "
+                  "%d queued events, %s (counted as dropped_corrupt: %d); %d damaged "
+                  "stretches skipped", self.path, exc, moved, got.queued, how_many, got.lost,
+                  got.skipped)
+        self.on_reopen()  # forwarders for the salvaged queues
 
     async def close(self) -> None:
         """Finish pending commits, then close."""

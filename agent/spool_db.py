@@ -114,7 +114,7 @@ class Outcome:
 def commit(conn: sqlite3.Connection, job: Job) -> Outcome:
     """Run one group commit; rolls back and re-raises on any error."""
     out = Outcome(stored=[])
-    with _transaction(conn):
+    with transaction(conn):
         if job.mark is not None:
             mark(conn, *job.mark)
         if job.dead:
@@ -256,7 +256,7 @@ class Expiry:
 def prune(conn: sqlite3.Connection, exp: Expiry, counters: dict[str, int]) -> Outcome:
     """Drop events old by both clocks; forget dedupe keys acked before ``exp.forget``."""
     out = Outcome(stored=None)
-    with _transaction(conn):
+    with transaction(conn):
         mark(conn, exp.observed, exp.next_seq)
         below = _received_by(conn, exp.observed - exp.max_age_ms)
         rows = conn.execute("DELETE FROM events WHERE seq < ? AND received < ? RETURNING "
@@ -292,7 +292,7 @@ def _received_by(conn: sqlite3.Connection, observed: int) -> int:
 def start_clock(conn: sqlite3.Connection, next_seq: int) -> None:
     """First open of a spool without agent-observed time (new, or from before it): events
     already queued are judged by the wall clock alone, as they were when received."""
-    with _transaction(conn):
+    with transaction(conn):
         if next_seq > 1:
             conn.execute("INSERT OR REPLACE INTO clock_marks(observed, next_seq) VALUES (?, ?)",
                          (PAST, next_seq))
@@ -336,7 +336,7 @@ def fetch_all(conn: sqlite3.Connection, sql: str, params: Any = ()) -> list[Any]
 
 
 @contextmanager
-def _transaction(conn: sqlite3.Connection) -> Iterator[None]:
+def transaction(conn: sqlite3.Connection) -> Iterator[None]:
     """BEGIN IMMEDIATE ... COMMIT; rolled back and re-raised on any error."""
     conn.execute("BEGIN IMMEDIATE")
     try:

@@ -73,7 +73,15 @@ class SpoolReads:
             async with self._lock:
                 if self._reader is reader:  # not already recovered by another reader
                     await self._recover(exc)
-            return []
+            # Read the salvaged queue now: a wake-up sent during the recovery may be
+            # missed by a forwarder that is about to wait for new data.
+            reader = self._reader
+            if reader is None:
+                return []
+            try:
+                return await reader.run(_fetch_rows, stream, after, limit)
+            except sqlite3.DatabaseError:
+                return []  # read again at the next step
 
     async def oldest_received(self) -> int | None:
         # The head of each key's queue (the live index), not a scan past tombstones.

@@ -29,7 +29,7 @@ NOT_DROPS = frozenset({"ingested", "duplicates", "acked", "spool_corrupt",
                        "dedupe_forgotten"})
 # Reported as 0 before they first happen, so dashboards see every series.
 DROP_REASONS = ("dead_lettered", "expired", "dropped_full", "rejected_full",
-                "rejected_storage_error")
+                "rejected_storage_error", "dropped_corrupt")
 
 
 def drops(counters: Mapping[str, int]) -> dict[str, int]:
