@@ -121,3 +121,17 @@ async def test_a_device_offline_with_a_right_clock_still_expires_at_max_age(
     clock.passed_ms += DAY_MS + 60_000
     assert await expired_after_prune(agent) == 3  # past 30 days: expired, counted
     assert (await status(agent.port))["drops"]["expired"] == 3
+
+
+async def test_a_delivered_events_resend_is_still_known_after_a_clock_correction(
+        make_agent: Any, fake_nucleus: FakeNucleus, clock: Clock) -> None:
+    """Delivered events' dedupe keys are kept dedupe_window_h (24 h): a clock corrected
+    from 1970 must not make the agent forget them, or an app's resend is delivered twice."""
+    clock.wall_shift_ms = SKEWS["1970"]()
+    agent = await make_agent(upstreams=[upstream(fake_nucleus)])
+    await post(agent.port, "app1", range(1))
+    await wait_for(lambda: fake_nucleus.ids() == [0] and agent.spool.depth == 0)
+    clock.wall_shift_ms = 0
+    await agent.spool.prune()
+    await post(agent.port, "app1", range(1))      # the app resends it
+    assert agent.spool.counters["duplicates"] == 1 and agent.spool.depth == 0
