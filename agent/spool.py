@@ -403,6 +403,7 @@ class Spool(SpoolReads):
             exp = spool_db.Expiry(wall_cutoff=now_ms() - max_age,
                                   forget=now_ms() - self.cfg.dedupe_window_h * 3_600_000,
                                   observed=self.observed_ms(), max_age_ms=max_age,
+                                  window_ms=self.cfg.dedupe_window_h * 3_600_000,
                                   next_seq=self._next_seq)
             counters, self._unsaved = self._unsaved, {}
             try:

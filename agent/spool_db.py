@@ -250,21 +250,28 @@ class Expiry:
     forget: int        # wall-clock ms: dedupe keys of events acked before it are forgotten
     observed: int      # agent-observed ms now
     max_age_ms: int
+    window_ms: int     # dedupe_window_h
     next_seq: int      # every event with a lower seq is committed
 
 
 def prune(conn: sqlite3.Connection, exp: Expiry, counters: dict[str, int]) -> Outcome:
-    """Drop events old by both clocks; forget dedupe keys acked before ``exp.forget``."""
+    """Drop events old by both clocks; forget dedupe keys that both clocks say are past
+    the dedupe window (acked before ``exp.forget``, received ``window_ms`` ago)."""
     out = Outcome(stored=None)
     with transaction(conn):
         mark(conn, exp.observed, exp.next_seq)
         below = _received_by(conn, exp.observed - exp.max_age_ms)
+        keys_below = _received_by(conn, exp.observed - exp.window_ms)
+        # Marks older than the one each of those needs are never needed again.
+        conn.execute("DELETE FROM clock_marks WHERE observed < (SELECT max(observed) FROM "
+                     "clock_marks WHERE observed <= ?)",
+                     (exp.observed - max(exp.max_age_ms, exp.window_ms),))
         rows = conn.execute("DELETE FROM events WHERE seq < ? AND received < ? RETURNING "
                             "stream, length(body), acked", (below, exp.wall_cutoff)).fetchall()
         gone = [(sid, n) for sid, n, acked in rows if acked is None]
         _uncount(out.streams, gone)
         _bump(out.counters, "expired", len(gone))
-        conn.execute("DELETE FROM events WHERE acked < ?", (exp.forget,))
+        conn.execute("DELETE FROM events WHERE acked < ? AND seq < ?", (exp.forget, keys_below))
         _save(conn, out.streams, {**counters, **_sum(counters, out.counters)})
     out.used_bytes = used_bytes(conn)
     return out
@@ -281,12 +288,9 @@ def mark(conn: sqlite3.Connection, observed: int, next_seq: int) -> None:
 
 def _received_by(conn: sqlite3.Connection, observed: int) -> int:
     """The seq below which every event was received by agent-observed time ``observed``."""
-    row = conn.execute("SELECT observed, next_seq FROM clock_marks WHERE observed <= ? "
+    row = conn.execute("SELECT next_seq FROM clock_marks WHERE observed <= ? "
                        "ORDER BY observed DESC LIMIT 1", (observed,)).fetchone()
-    if row is None:
-        return 0
-    conn.execute("DELETE FROM clock_marks WHERE observed < ?", (row[0],))  # never needed again
-    return int(row[1])
+    return int(row[0]) if row is not None else 0
 
 
 def start_clock(conn: sqlite3.Connection, next_seq: int) -> None:
