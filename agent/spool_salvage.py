@@ -145,11 +145,13 @@ def _past_damage(old: sqlite3.Connection, table: str, after: int) -> int | None:
     # The page holding the next row is damaged. Probe further and further ahead for a
     # row that can be found, then narrow down to the end of the damage.
     lo, step = after, 1
-    while not readable(lo + step):
-        if lo + step >= TOP:
+    while True:
+        hi = lo + step
+        if hi >= TOP:
             return None
-        lo, step = lo + step, step * 2
-    hi = lo + step
+        if readable(hi):
+            break
+        lo, step = hi, step * 2
     while hi - lo > 1:
         mid = (lo + hi) // 2
         if readable(mid):

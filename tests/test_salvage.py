@@ -1,7 +1,7 @@
 """A corrupt spool is moved aside, its readable rows salvaged, the rest counted (DESIGN §2.6).
 
-Real spool files with 1500 queued events are damaged (cut in half, a header overwritten,
-pages scribbled over in the middle); a real agent is started on them and forwards to a
+Real spool files with queued events are damaged (cut in half, a header overwritten,
+pages zeroed in the middle, among small rows or in large rows' overflow pages); a real agent is started on them and forwards to a
 fake upstream. What could be read must be delivered, in order, once; the rest must be
 counted as ``dropped_corrupt`` in /status and /metrics.
 """
@@ -19,11 +19,28 @@ from typing import Any
 import aiohttp
 import pytest
 
+from agent.config import StorageConfig
+from agent.events import NUCLEUS, Event
+from agent.spool import Spool
 from tests.fakes.nucleus_upstream import FakeNucleus
 from tests.test_disk import make_spool, upstream
 from tests.waiting import wait_for
 
 N = 1500  # make_spool's events: ids 0..1499, key app1, in that order
+N_LARGE = 300
+
+
+def make_large_spool(path: Path) -> None:
+    """N_LARGE events of 10 KB (ids 0..299, key app1): each row spills onto overflow pages,
+    so damage there leaves the row findable but unreadable."""
+    async def fill() -> None:
+        spool = await Spool.open(StorageConfig(path=str(path)))
+        for b in range(N_LARGE // 100):
+            await spool.append([Event("app1", NUCLEUS, b * 100 + i,
+                                      b'{"id":%d,"pad":"%s"}' % (b * 100 + i, b"y" * 10_000))
+                                for i in range(100)])
+        await spool.close()
+    asyncio.run(fill())
 
 
 def truncated(path: Path) -> None:
@@ -58,12 +75,16 @@ def dropped_metric(metrics: str) -> int:
     return int(found.group(1))
 
 
-@pytest.mark.parametrize("damage", [truncated, scribbled], ids=["truncated", "scribbled"])
+@pytest.mark.parametrize(("n", "damage"), [(N, truncated), (N, scribbled), (N_LARGE, scribbled)],
+                         ids=["truncated", "scribbled", "scribbled-large-rows"])
 async def test_readable_rows_are_delivered_and_the_rest_counted(
-        make_agent: Any, fake_nucleus: FakeNucleus, tmp_path: Path,
+        make_agent: Any, fake_nucleus: FakeNucleus, tmp_path: Path, n: int,
         damage: Callable[[Path], None]) -> None:
     spool_path = tmp_path / "spool.db"
-    await asyncio.to_thread(make_spool, spool_path, N)
+    if n == N:
+        await asyncio.to_thread(make_spool, spool_path, N)
+    else:
+        await asyncio.to_thread(make_large_spool, spool_path)
     await asyncio.to_thread(damage, spool_path)
     agent = await make_agent(upstreams=[upstream(fake_nucleus)])
     # Truncation is found at startup; scribbled pages when the forwarder reads them.
@@ -73,13 +94,13 @@ async def test_readable_rows_are_delivered_and_the_rest_counted(
     status, metrics = await snapshot(agent.port)
     lost = status["counters"].get("dropped_corrupt", 0)
     assert got == sorted(set(got)), "salvaged events out of order or sent twice"
-    assert 0 < len(got) < N and lost > 0
+    assert 0 < len(got) < n and lost > 0
     # Every event delivered or counted. A row on a page cut in half can still be read,
     # with a damaged body: the upstream cannot take it, so it goes to dead letters.
-    assert len(got) + lost + status["drops"]["dead_lettered"] == N
+    assert len(got) + lost + status["drops"]["dead_lettered"] == n
     assert status["drops"]["dropped_corrupt"] == lost == dropped_metric(metrics)
     if damage is scribbled:                      # rows past the damage were read too
-        assert got[-1] == N - 1
+        assert got[-1] == n - 1
     assert list(tmp_path.glob("spool.db.corrupt-*")), "the corrupt file was not kept"
 
 
