@@ -155,6 +155,7 @@ class Spool(SpoolReads):
         the fresh spool every row that can still be read (agent/spool_salvage.py)."""
         carry = Carry(streams={s.id: s.key for s in self.streams.values()},
                       counters=dict(self.counters), observed=self.observed_ms(),
+                      next_seq=self._next_seq,
                       depth=self.depth if self._loaded else None)
         held, next_seq = list(self.streams.values()), self._next_seq
         await self._close_connections()

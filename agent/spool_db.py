@@ -279,11 +279,9 @@ def prune(conn: sqlite3.Connection, exp: Expiry, counters: dict[str, int]) -> Ou
 
 def mark(conn: sqlite3.Connection, observed: int, next_seq: int) -> None:
     """Record that every event below ``next_seq`` was received by agent-observed time
-    ``observed``, and keep that time for the next run."""
+    ``observed`` (the latest mark is also where that time resumes at the next start)."""
     conn.execute("INSERT OR REPLACE INTO clock_marks(observed, next_seq) VALUES (?, ?)",
                  (observed, next_seq))
-    conn.execute("INSERT INTO meta(name, value) VALUES ('observed_ms', ?) ON CONFLICT(name) "
-                 "DO UPDATE SET value = max(value, excluded.value)", (observed,))
 
 
 def _received_by(conn: sqlite3.Connection, observed: int) -> int:
@@ -294,13 +292,10 @@ def _received_by(conn: sqlite3.Connection, observed: int) -> int:
 
 
 def start_clock(conn: sqlite3.Connection, next_seq: int) -> None:
-    """First open of a spool without agent-observed time (new, or from before it): events
+    """First open of a spool without clock marks (new, or from before them): events
     already queued are judged by the wall clock alone, as they were when received."""
-    with transaction(conn):
-        if next_seq > 1:
-            conn.execute("INSERT OR REPLACE INTO clock_marks(observed, next_seq) VALUES (?, ?)",
-                         (PAST, next_seq))
-        conn.execute("INSERT OR IGNORE INTO meta(name, value) VALUES ('observed_ms', 0)")
+    if next_seq > 1:
+        mark(conn, PAST, next_seq)
 
 
 def _save(conn: sqlite3.Connection, streams: dict[int, list[int]],
@@ -323,9 +318,13 @@ def load_state(conn: sqlite3.Connection) -> tuple[int, list[tuple[int, str, int,
                        "coalesce((SELECT max(seq) FROM dead), 0))").fetchone()[0]
     streams = conn.execute("SELECT id, key, depth, bytes FROM streams").fetchall()
     counters = dict(conn.execute("SELECT name, value FROM counters").fetchall())
-    observed = conn.execute("SELECT value FROM meta WHERE name = 'observed_ms'").fetchone()
-    return (top + 1, streams, counters, used_bytes(conn),
-            int(observed[0]) if observed is not None else None)
+    return top + 1, streams, counters, used_bytes(conn), observed_ms(conn)
+
+
+def observed_ms(conn: sqlite3.Connection) -> int | None:
+    """Where agent-observed time resumes; None for a spool without clock marks."""
+    marks, latest = conn.execute("SELECT count(*), max(observed) FROM clock_marks").fetchone()
+    return max(int(latest), 0) if marks else None  # 0 when only the PAST mark is there
 
 
 def used_bytes(conn: sqlite3.Connection) -> int:

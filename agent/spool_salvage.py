@@ -19,7 +19,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from .spool_db import transaction
+from .spool_db import mark, transaction
 
 EVENT_COLS = "seq, stream, family, received, dkey, body, acked"
 DEAD_COLS = "seq, stream, family, received, dkey, body, upstream, reason, at"
@@ -34,6 +34,7 @@ class Carry:
     streams: dict[int, str]           # stream id -> key
     counters: dict[str, int]
     observed: int                     # agent-observed ms (agent/clock.py)
+    next_seq: int                     # the running agent's next seq (1 at startup)
     depth: int | None                 # queued events, if the spool had been loaded
 
 
@@ -78,7 +79,7 @@ def salvage(fresh: sqlite3.Connection, moved: Path, carry: Carry) -> Salvaged:
                           "WHERE e.stream = streams.id AND e.acked IS NULL)")
             out.known = depth is not None
             out.lost = max(depth - out.queued, 0) if depth is not None else orphans
-            _carry_clock(old, fresh, carry.observed)
+            _carry_clock(old, fresh, carry)
             counters = salvage_counters(old, carry.counters, out.lost)
             fresh.executemany("INSERT OR REPLACE INTO counters(name, value) VALUES (?, ?)",
                               sorted(counters.items()))
@@ -162,16 +163,17 @@ def _past_damage(old: sqlite3.Connection, table: str, after: int) -> int | None:
 
 
 def _carry_clock(old: sqlite3.Connection | None, fresh: sqlite3.Connection,
-                 observed: int) -> None:
-    """Keep the agent-observed time, and which events it had seen arrive by when (rows
-    without a readable mark count their age from now: kept longer, never expired early)."""
+                 carry: Carry) -> None:
+    """Keep the agent-observed time and the file's clock marks, and mark every salvaged
+    row as received by now (a row whose own mark is lost counts its age from now: kept
+    longer, never expired early)."""
     marks = _try(old, "SELECT observed, next_seq FROM clock_marks NOT INDEXED") or []
     fresh.executemany("INSERT OR REPLACE INTO clock_marks(observed, next_seq) VALUES (?, ?)",
                       marks)
-    was = _try(old, "SELECT value FROM meta NOT INDEXED WHERE name = 'observed_ms'")
-    fresh.execute("INSERT INTO meta(name, value) VALUES ('observed_ms', ?) ON CONFLICT(name) "
-                  "DO UPDATE SET value = excluded.value",
-                  (max(observed, int(was[0][0]) if was else 0),))
+    top = fresh.execute("SELECT max(coalesce((SELECT max(seq) FROM events), 0), "
+                        "coalesce((SELECT max(seq) FROM dead), 0))").fetchone()[0]
+    mark(fresh, max([carry.observed, *(int(o) for o, _ in marks)]),
+         max(carry.next_seq, top + 1))
 
 
 def salvage_counters(old: sqlite3.Connection | None, carried: dict[str, int],

@@ -8,14 +8,20 @@ restarted in between where the scenario has a restart.
 
 from __future__ import annotations
 
+import contextlib
+import sqlite3
 import time
 from collections.abc import Iterator
+from pathlib import Path
 from typing import Any
 
 import aiohttp
 import pytest
 
 from agent.clock import CLOCK, Clock
+from agent.config import StorageConfig
+from agent.events import NUCLEUS, Event
+from agent.spool import Spool
 from tests.fakes.nucleus_upstream import FakeNucleus
 from tests.waiting import wait_for
 
@@ -135,3 +141,23 @@ async def test_a_delivered_events_resend_is_still_known_after_a_clock_correction
     await agent.spool.prune()
     await post(agent.port, "app1", range(1))      # the app resends it
     assert agent.spool.counters["duplicates"] == 1 and agent.spool.depth == 0
+
+
+async def test_events_queued_before_the_agent_kept_time_expire_by_the_wall_clock(
+        tmp_path: Path, clock: Clock) -> None:
+    """A spool left by an agent that did not count time yet: its events are judged by the
+    wall clock alone, as that agent would have; events after the upgrade by both clocks."""
+    cfg = StorageConfig(path=str(tmp_path / "spool.db"), max_age_days=1)
+    spool = await Spool.open(cfg)
+    await spool.append([Event("k", NUCLEUS, i, b'{"id":%d}' % i) for i in range(2)])
+    await spool.close()
+    with contextlib.closing(sqlite3.connect(tmp_path / "spool.db")) as db, db:
+        db.execute("DROP TABLE clock_marks")
+    spool = await Spool.open(cfg)
+    try:
+        await spool.append([Event("k", NUCLEUS, 2, b'{"id":2}')])
+        clock.wall_shift_ms = 2 * DAY_MS          # two days by the wall clock only
+        assert await spool.prune() == 2
+        assert spool.depth == 1
+    finally:
+        await spool.close()

@@ -330,7 +330,9 @@ async def test_recovery_while_running_keeps_stream_ids_and_rising_seqs(tmp_path:
                             for n, k in enumerate(("a", "b")) for i in range(5)])
         b = spool.streams["b"]
         cursor = max(r.seq for r in await spool.fetch(b.id, 0, 100))
+        observed = spool.observed_ms()             # the time the agent saw pass carries over
         await spool._recover(sqlite3.DatabaseError("database disk image is malformed"))
+        assert spool.observed_ms() >= observed
         assert spool.streams["b"] is b and spool.depth == 10 and b.depth == 5
         assert spool.counters["spool_corrupt"] == 1
         assert spool.counters.get("dropped_corrupt", 0) == 0
