@@ -19,10 +19,13 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from .events import NUCLEUS, SEGMENT
 from .spool_db import mark, transaction
 
 EVENT_COLS = "seq, stream, family, received, dkey, body, acked"
+EVENT_TYPES = (int, int, int, int, int, bytes, (int, type(None)))
 DEAD_COLS = "seq, stream, family, received, dkey, body, upstream, reason, at"
+DEAD_TYPES = (int, int, int, int, int, bytes, str, str, int)
 CHUNK = 500
 TOP = 1 << 62  # above any seq
 
@@ -69,7 +72,7 @@ def salvage(fresh: sqlite3.Connection, moved: Path, carry: Carry) -> Salvaged:
             fresh.executemany("INSERT OR IGNORE INTO streams(id, key) VALUES (?, ?)",
                               sorted(carry.streams.items()) + sorted(file_streams))
             streams = {sid for (sid,) in fresh.execute("SELECT id FROM streams")}
-            orphans = _copy(old, fresh, streams, out)
+            unsendable = _copy(old, fresh, streams, out)
             out.queued = fresh.execute("SELECT count(*) FROM events WHERE acked IS NULL"
                                        ).fetchone()[0]
             fresh.execute("UPDATE streams SET "
@@ -78,7 +81,7 @@ def salvage(fresh: sqlite3.Connection, moved: Path, carry: Carry) -> Salvaged:
                           "bytes = (SELECT coalesce(sum(length(body)), 0) FROM events e "
                           "WHERE e.stream = streams.id AND e.acked IS NULL)")
             out.known = depth is not None
-            out.lost = max(depth - out.queued, 0) if depth is not None else orphans
+            out.lost = max(depth - out.queued, 0) if depth is not None else unsendable
             _carry_clock(old, fresh, carry)
             counters = salvage_counters(old, carry.counters, out.lost)
             fresh.executemany("INSERT OR REPLACE INTO counters(name, value) VALUES (?, ?)",
@@ -91,20 +94,27 @@ def salvage(fresh: sqlite3.Connection, moved: Path, carry: Carry) -> Salvaged:
 
 def _copy(old: sqlite3.Connection | None, fresh: sqlite3.Connection, streams: set[int],
           out: Salvaged) -> int:
-    """Copy readable events and dead letters; returns the queued events read without a key
-    (an unknown stream: nowhere to send them)."""
+    """Copy readable events and dead letters; returns how many events were read but not
+    kept: garbled by the damage, or of an unknown stream (nowhere to send them)."""
     if old is None:
         return 0
-    orphans = 0
+    dropped = 0
     for rows in _scan(old, "events", EVENT_COLS, out):
-        keep = [r for r in rows if r[1] in streams]
-        orphans += sum(1 for r in rows if r[1] not in streams and r[6] is None)
+        keep = [r for r in rows if _sound(r, EVENT_TYPES) and r[1] in streams]
+        dropped += sum(1 for r in rows if r[6] is None) - sum(1 for r in keep if r[6] is None)
         fresh.executemany(f"INSERT OR IGNORE INTO events({EVENT_COLS}) "
                           "VALUES (?, ?, ?, ?, ?, ?, ?)", keep)
     for rows in _scan(old, "dead", DEAD_COLS, out):
         fresh.executemany(f"INSERT OR IGNORE INTO dead({DEAD_COLS}) "
-                          "VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?)", rows)
-    return orphans
+                          "VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?)",
+                          [r for r in rows if _sound(r, DEAD_TYPES)])
+    return dropped
+
+
+def _sound(row: tuple[Any, ...], types: tuple[Any, ...]) -> bool:
+    """Whether every value has its column's type (damage can garble a record into other
+    types, or NULL) and the family is one the forwarders know."""
+    return all(isinstance(v, t) for v, t in zip(row, types)) and row[2] in (NUCLEUS, SEGMENT)
 
 
 def _scan(old: sqlite3.Connection, table: str, cols: str, out: Salvaged) -> Iterator[list[Any]]:

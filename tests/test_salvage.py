@@ -9,9 +9,11 @@ counted as ``dropped_corrupt`` in /status and /metrics.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import os
 import re
+import sqlite3
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -47,6 +49,15 @@ def truncated(path: Path) -> None:
     os.truncate(path, path.stat().st_size // 2)
 
 
+def garbled_then_truncated(path: Path) -> None:
+    """Two records garbled into values of the wrong type (damage can do that), then the
+    file cut in half: found at startup, so salvage is the first to read them."""
+    with contextlib.closing(sqlite3.connect(path)) as db, db:
+        db.execute("UPDATE events SET received = 'garbage' WHERE seq = 4")   # id 3
+        db.execute("UPDATE events SET family = 9 WHERE seq = 5")             # id 4
+    truncated(path)
+
+
 def scribbled(path: Path) -> None:
     """Three pages of the queue in the middle zeroed; header and the rest intact."""
     with open(path, "r+b") as fh:
@@ -80,7 +91,8 @@ def dropped_metric(metrics: str) -> int:
     (N, 500, ("app1",), scribbled),
     (300, 10_000, ("app1",), scribbled),
     (N, 500, ("app1", "app2"), scribbled),
-], ids=["truncated", "scribbled", "scribbled-large-rows", "scribbled-two-keys"])
+    (N, 500, ("app1",), garbled_then_truncated),
+], ids=["truncated", "scribbled", "scribbled-large-rows", "scribbled-two-keys", "garbled"])
 async def test_readable_rows_are_delivered_and_the_rest_counted(
         make_agent: Any, fake_nucleus: FakeNucleus, tmp_path: Path, n: int, pad: int,
         keys: tuple[str, ...], damage: Callable[[Path], None]) -> None:
@@ -105,6 +117,8 @@ async def test_readable_rows_are_delivered_and_the_rest_counted(
     assert status["drops"]["dropped_corrupt"] == lost == dropped_metric(metrics)
     if damage is scribbled:                      # rows past the damage were read too
         assert n - 1 in got
+    if damage is garbled_then_truncated:         # garbled rows are not sent, but counted
+        assert 3 not in got and 4 not in got and {0, 1, 2, 5} <= set(got)
     assert list(tmp_path.glob("spool.db.corrupt-*")), "the corrupt file was not kept"
 
 
