@@ -123,8 +123,15 @@ class Spool(SpoolReads):
                                 "PRAGMA busy_timeout=5000; PRAGMA journal_size_limit=67108864;"
                                 + SCHEMA)
             await self._load_state(self._db)
-            self._reader = SqliteThread("spool-reader")
-            await self._reader.open(self.path, "PRAGMA busy_timeout=5000;")
+            # Published only once open: a status read in between would take a reader
+            # with no connection for a failure of its own (a 500).
+            reader = SqliteThread("spool-reader")
+            try:
+                await reader.open(self.path, "PRAGMA busy_timeout=5000;")
+            except BaseException:
+                await reader.close()
+                raise
+            self._reader = reader
         except BaseException:
             await self._close_connections()
             raise
