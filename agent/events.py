@@ -8,12 +8,13 @@ happens once, at send time (see ``agent/mapping.py``).
 from __future__ import annotations
 
 import hashlib
-import time
 from dataclasses import dataclass
 from datetime import datetime, timezone
 from typing import Any
 
 import orjson
+
+from .clock import CLOCK
 
 NUCLEUS = 0
 SEGMENT = 1
@@ -36,7 +37,8 @@ def dedupe_key(*parts: Any) -> int:
 
 
 def now_ms() -> int:
-    return time.time_ns() // 1_000_000
+    """The wall clock in epoch milliseconds (possibly wrong: see agent/clock.py)."""
+    return CLOCK.wall_ms()
 
 
 def iso_ms(ms: int) -> str:

@@ -17,6 +17,7 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass
 
+from .clock import until_due
 from .config import UpstreamConfig
 from .logs import log_limited
 from .metrics import Metrics
@@ -98,7 +99,7 @@ class StreamForwarder:
             await self._idle(None)
             return
         if len(rows) < self.cfg.batch_max_events and not self._due(rows[0]):
-            await self._idle(rows[0].received / 1000 + self.cfg.flush_interval_s - time.time())
+            await self._idle(until_due(rows[0].received, self.cfg.flush_interval_s))
             return
         batch = self.uplink.take(rows)
         if not batch:  # the first row's id is still in flight: wait for its ack
@@ -119,7 +120,7 @@ class StreamForwarder:
             batch = self.uplink.take(rows)
 
     def _due(self, first: Row) -> bool:
-        return self.flush_now or time.time() >= first.received / 1000 + self.cfg.flush_interval_s
+        return self.flush_now or until_due(first.received, self.cfg.flush_interval_s) <= 0
 
     async def _idle(self, timeout: float | None) -> None:
         """Wait for new data, a finished batch, a flush or stop (or ``timeout``)."""

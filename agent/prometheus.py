@@ -96,7 +96,7 @@ def render(snap: dict[str, Any], latency: Histogram) -> str:
                 counters.get("acked", 0))
     out.family("events_dropped_total", "counter",
                "Events lost or refused, by reason (dead_lettered, expired, dropped_full, "
-               "rejected_full, rejected_storage_error).",
+               "rejected_full, rejected_storage_error, dropped_corrupt).",
                [("", {"reason": reason}, n) for reason, n in snap["drops"].items()])
     out.counter("spool_corrupt_total", "Times a corrupt spool was moved aside.",
                 counters.get("spool_corrupt", 0))

@@ -21,16 +21,22 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from . import spool_db
+from .clock import CLOCK
 from .config import StorageConfig
 from .events import Event, now_ms
+from .logs import log_limited
 from .paths import ensure_private_dir
 from .spool_db import ROW_OVERHEAD, Job, Outcome, SqliteThread
 from .spool_reads import RETRY_AFTER_FULL_S, Row, SpoolFull, SpoolReads, Stream, is_corruption
+from .spool_salvage import Carry, Salvaged, salvage, salvage_counters
 from .spool_schema import SCHEMA, move_aside
 
 __all__ = ["ROW_OVERHEAD", "RETRY_AFTER_FULL_S", "Row", "Spool", "SpoolFull", "Stream"]
 
 log = logging.getLogger("outpost.spool")
+# How often commits record the agent-observed time (clock_marks): an event expires at
+# most this much later than max_age_days says, plus any time the device was off.
+MARK_EVERY_MS = 60_000
 
 
 @dataclass(slots=True)
@@ -73,8 +79,14 @@ class Spool(SpoolReads):
         self._closing = False
         self._new_streams: list[Stream] = []
         self.commits = 0  # transactions this process ran: shows group commit at work
-        # Called when a spool that could not be opened is opened at last: its queues
-        # need forwarders.
+        # Agent-observed time (agent/clock.py): the spool's count, plus what this process
+        # has seen pass since it was read.
+        self._observed_base = 0
+        self._elapsed_at_load = CLOCK.elapsed_ms()
+        self._last_mark: int | None = None
+        self._loaded = False  # whether depths and counters were read from the file
+        # Called when a spool that could not be opened is opened at last, or when rows
+        # are salvaged from a corrupt one: their queues need forwarders.
         self.on_reopen: Callable[[], None] = lambda: None
 
     # -- lifecycle ---------------------------------------------------------
@@ -111,14 +123,25 @@ class Spool(SpoolReads):
                                 "PRAGMA busy_timeout=5000; PRAGMA journal_size_limit=67108864;"
                                 + SCHEMA)
             await self._load_state(self._db)
-            self._reader = SqliteThread("spool-reader")
-            await self._reader.open(self.path, "PRAGMA busy_timeout=5000;")
+            # Published only once open: a status read in between would take a reader
+            # with no connection for a failure of its own (a 500).
+            reader = SqliteThread("spool-reader")
+            try:
+                await reader.open(self.path, "PRAGMA busy_timeout=5000;")
+            except BaseException:
+                await reader.close()
+                raise
+            self._reader = reader
         except BaseException:
             await self._close_connections()
             raise
 
     async def _load_state(self, db: SqliteThread) -> None:
-        next_seq, streams, counters, used = await db.run(spool_db.load_state)
+        next_seq, streams, counters, used, observed = await db.run(spool_db.load_state)
+        if observed is None:
+            await db.run(spool_db.start_clock, next_seq)
+        self._observed_base, self._elapsed_at_load = observed or 0, CLOCK.elapsed_ms()
+        self._last_mark = None
         self._next_seq = next_seq
         self.streams.clear()
         self._by_id.clear()
@@ -128,31 +151,50 @@ class Spool(SpoolReads):
         self.counters = counters
         self._unsaved = {}
         self._used_bytes = used
+        self._loaded = True
 
     def _add_stream(self, stream: Stream) -> None:
         self.streams[stream.key] = stream
         self._by_id[stream.id] = stream
 
     async def _recover(self, exc: BaseException) -> None:
-        """Never a crash loop: move a corrupt spool aside and start afresh."""
+        """Never a crash loop: move a corrupt spool aside, start afresh, and salvage into
+        the fresh spool every row that can still be read (agent/spool_salvage.py)."""
+        carry = Carry(streams={s.id: s.key for s in self.streams.values()},
+                      counters=dict(self.counters), observed=self.observed_ms(),
+                      next_seq=self._next_seq,
+                      depth=self.depth if self._loaded else None)
+        held, next_seq = list(self.streams.values()), self._next_seq
         await self._close_connections()
         moved = move_aside(self.path)
-        corrupt = self.counters.get("spool_corrupt", 0) + 1
-        lost, streams, next_seq = self.depth, list(self.streams.values()), self._next_seq
-        log.error("spool %s is corrupt (%s); moved aside to %s with %d queued events, "
-                  "starting a fresh spool", self.path, exc, moved, lost)
         await self._connect()
-        # Running forwarders hold these streams and a seq cursor: keep the stream ids,
-        # and keep seqs rising, or new events would hide behind the cursors.
+        db = self._require_db()
+        try:
+            got = await db.run(salvage, moved, carry)
+        except sqlite3.Error as why:  # e.g. no room for the copy: the fresh spool stays empty
+            log.error("spool %s: could not salvage %s: %s", self.path, moved, why)
+            got = Salvaged(known=carry.depth is not None, lost=carry.depth or 0)
+            for name, n in salvage_counters(None, carry.counters, got.lost).items():
+                self.count(name, n)  # into the empty fresh spool, with its next commit
+            self._observed_base, self._elapsed_at_load = carry.observed, CLOCK.elapsed_ms()
+        else:
+            await self._load_state(db)
+        # Running forwarders hold these streams and a seq cursor: keep the objects, and
+        # keep seqs rising, or new events would hide behind the cursors.
         self._next_seq = max(self._next_seq, next_seq)
-        for stream in streams:
-            stream.depth = stream.bytes = 0
+        for stream in held:
+            now = self._by_id.get(stream.id)
+            stream.depth, stream.bytes = (now.depth, now.bytes) if now else (0, 0)
+            if now is None:
+                self._new_streams.append(stream)
             self._add_stream(stream)
-            self._new_streams.append(stream)
-        # The count carries into the fresh spool (saved with its next commit).
-        self.count("spool_corrupt", corrupt)
-        if lost:
-            self.count("dropped_corrupt", lost)
+        how_many = (f"{got.lost} could not be read" if got.known else
+                    "how many more it held is unknown (its queue table cannot be read)")
+        log.error("spool %s is corrupt (%s); moved aside to %s and started afresh: salvaged "
+                  "%d queued events, %s (counted as dropped_corrupt: %d); %d damaged "
+                  "stretches skipped", self.path, exc, moved, got.queued, how_many, got.lost,
+                  got.skipped)
+        self.on_reopen()  # forwarders for the salvaged queues
 
     async def close(self) -> None:
         """Finish pending commits, then close."""
@@ -160,6 +202,11 @@ class Spool(SpoolReads):
         self._wake.set()
         if self._writer is not None:
             await self._writer
+        if self._db is not None:  # keep the time this run saw pass
+            try:
+                await self._db.run(spool_db.mark, self.observed_ms(), self._next_seq)
+            except sqlite3.Error as exc:
+                log.warning("spool %s: could not save the agent's clock: %s", self.path, exc)
         await self._close_connections()
 
     async def _close_connections(self) -> None:
@@ -259,13 +306,18 @@ class Spool(SpoolReads):
                 incoming += nbytes
         self._next_seq = seq
         counters, self._unsaved = self._unsaved, {}
+        observed = self.observed_ms()
+        mark = None
+        if rows and (self._last_mark is None or observed - self._last_mark >= MARK_EVERY_MS):
+            mark = (observed, seq)
         return Job(rows=rows, sizes=[len(p.events) for p in batch.appends], totals=totals,
                    new_streams=[(s.id, s.key) for s in self._new_streams],
                    acks=batch.acks, dead=batch.dead,
                    room=self.max_bytes - self._used_bytes,
                    incoming=incoming + ROW_OVERHEAD * len(rows),
                    reject_when_full=self.cfg.when_full == "reject",
-                   remember=self.cfg.dedupe_window_h > 0, counters=counters, now=now_ms())
+                   remember=self.cfg.dedupe_window_h > 0, counters=counters, now=now_ms(),
+                   mark=mark)
 
     async def _run_batch(self, batch: _Batch) -> None:
         if self._db is None and not await self._reopen():
@@ -280,7 +332,9 @@ class Spool(SpoolReads):
         except sqlite3.OperationalError as exc:
             self._unsave(job.counters)
             reason = "disk full" if "full" in str(exc) else f"storage error: {exc}"
-            log.error("spool commit failed: %s", reason)
+            # Every app retrying against a full disk fails a commit: count each refused
+            # event, but log once a minute (a flood of identical lines helps nobody).
+            log_limited(log, logging.ERROR, "commit-failed", "spool commit failed: %s", reason)
             self.count("rejected_storage_error", len(job.rows))
             _fail(appends, SpoolFull(reason))
             return
@@ -290,6 +344,8 @@ class Spool(SpoolReads):
                 _fail(appends, exc)  # corruption: _commit runs them again on a fresh spool
             raise
         self.commits += 1
+        if job.mark is not None:
+            self._last_mark = job.mark[0]
         if job.new_streams:
             self._new_streams = self._new_streams[len(job.new_streams):]
         self._apply(out)
@@ -341,16 +397,25 @@ class Spool(SpoolReads):
     # -- maintenance -------------------------------------------------------
 
     async def prune(self) -> int:
-        """Drop events older than max_age_days and forget old dedupe keys."""
+        """Drop events older than max_age_days and forget old dedupe keys.
+
+        An event is old only when both its wall-clock age and the time the agent has seen
+        pass since it was received exceed max_age_days: a device clock that is wrong, or
+        corrected, expires nothing on its own (agent/clock.py).
+        """
         if self._db is None:
             return 0
         db = self._db
-        cutoff = now_ms() - self.cfg.max_age_days * 86_400_000
-        forget = now_ms() - self.cfg.dedupe_window_h * 3_600_000
+        max_age = self.cfg.max_age_days * 86_400_000
         async with self._lock:
+            exp = spool_db.Expiry(wall_cutoff=now_ms() - max_age,
+                                  forget=now_ms() - self.cfg.dedupe_window_h * 3_600_000,
+                                  observed=self.observed_ms(), max_age_ms=max_age,
+                                  window_ms=self.cfg.dedupe_window_h * 3_600_000,
+                                  next_seq=self._next_seq)
             counters, self._unsaved = self._unsaved, {}
             try:
-                out = await db.run(spool_db.prune, cutoff, forget, counters)
+                out = await db.run(spool_db.prune, exp, counters)
             except sqlite3.Error as exc:
                 self._unsave(counters)
                 log.error("spool prune failed: %s", exc)
@@ -360,6 +425,10 @@ class Spool(SpoolReads):
         if expired:
             log.warning("dropped %d events older than %d days", expired, self.cfg.max_age_days)
         return expired
+
+    def observed_ms(self) -> int:
+        """The time the agent has seen pass, over all its runs on this spool."""
+        return self._observed_base + CLOCK.elapsed_ms() - self._elapsed_at_load
 
     # -- accounting ----------------------------------------------------------
 

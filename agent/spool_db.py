@@ -31,6 +31,7 @@ T = TypeVar("T")
 # estimating whether a group still fits under max_size_mb.
 ROW_OVERHEAD = 64
 DROP_CHUNK = 500
+PAST = -(1 << 62)  # an agent-observed time before any other
 
 # Rows go in as multi-row VALUES statements of power-of-two sizes up to CHUNK: a few
 # statements per commit (each compiled once and cached), instead of executemany's one
@@ -97,6 +98,7 @@ class Job:
     remember: bool                    # keep acked dedupe keys (dedupe_window_h > 0)
     counters: dict[str, int]          # deltas counted on the loop since the last commit
     now: int
+    mark: tuple[int, int] | None = None  # (agent-observed ms, next seq): see clock_marks
 
 
 @dataclass(slots=True)
@@ -112,7 +114,9 @@ class Outcome:
 def commit(conn: sqlite3.Connection, job: Job) -> Outcome:
     """Run one group commit; rolls back and re-raises on any error."""
     out = Outcome(stored=[])
-    with _transaction(conn):
+    with transaction(conn):
+        if job.mark is not None:
+            mark(conn, *job.mark)
         if job.dead:
             _move_dead(conn, job, out)
         if job.acks:
@@ -238,20 +242,60 @@ def _drop_oldest(conn: sqlite3.Connection, excess: int, out: Outcome) -> None:
         _bump(out.counters, "dropped_full", len(gone))
 
 
-def prune(conn: sqlite3.Connection, cutoff: int, forget: int,
-          counters: dict[str, int]) -> Outcome:
-    """Drop events received before ``cutoff``; forget dedupe keys acked before ``forget``."""
+@dataclass(slots=True)
+class Expiry:
+    """What prune drops: events older than ``max_age_ms`` by both clocks (agent/clock.py)."""
+
+    wall_cutoff: int   # wall-clock ms: events received before it are old by the wall clock
+    forget: int        # wall-clock ms: dedupe keys of events acked before it are forgotten
+    observed: int      # agent-observed ms now
+    max_age_ms: int
+    window_ms: int     # dedupe_window_h
+    next_seq: int      # every event with a lower seq is committed
+
+
+def prune(conn: sqlite3.Connection, exp: Expiry, counters: dict[str, int]) -> Outcome:
+    """Drop events old by both clocks; forget dedupe keys that both clocks say are past
+    the dedupe window (acked before ``exp.forget``, received ``window_ms`` ago)."""
     out = Outcome(stored=None)
-    with _transaction(conn):
-        rows = conn.execute("DELETE FROM events WHERE received < ? "
-                            "RETURNING stream, length(body), acked", (cutoff,)).fetchall()
+    with transaction(conn):
+        mark(conn, exp.observed, exp.next_seq)
+        below = _received_by(conn, exp.observed - exp.max_age_ms)
+        keys_below = _received_by(conn, exp.observed - exp.window_ms)
+        # Marks older than the one each of those needs are never needed again.
+        conn.execute("DELETE FROM clock_marks WHERE observed < (SELECT max(observed) FROM "
+                     "clock_marks WHERE observed <= ?)",
+                     (exp.observed - max(exp.max_age_ms, exp.window_ms),))
+        rows = conn.execute("DELETE FROM events WHERE seq < ? AND received < ? RETURNING "
+                            "stream, length(body), acked", (below, exp.wall_cutoff)).fetchall()
         gone = [(sid, n) for sid, n, acked in rows if acked is None]
         _uncount(out.streams, gone)
         _bump(out.counters, "expired", len(gone))
-        conn.execute("DELETE FROM events WHERE acked < ?", (forget,))
+        conn.execute("DELETE FROM events WHERE acked < ? AND seq < ?", (exp.forget, keys_below))
         _save(conn, out.streams, {**counters, **_sum(counters, out.counters)})
     out.used_bytes = used_bytes(conn)
     return out
+
+
+def mark(conn: sqlite3.Connection, observed: int, next_seq: int) -> None:
+    """Record that every event below ``next_seq`` was received by agent-observed time
+    ``observed`` (the latest mark is also where that time resumes at the next start)."""
+    conn.execute("INSERT OR REPLACE INTO clock_marks(observed, next_seq) VALUES (?, ?)",
+                 (observed, next_seq))
+
+
+def _received_by(conn: sqlite3.Connection, observed: int) -> int:
+    """The seq below which every event was received by agent-observed time ``observed``."""
+    row = conn.execute("SELECT next_seq FROM clock_marks WHERE observed <= ? "
+                       "ORDER BY observed DESC LIMIT 1", (observed,)).fetchone()
+    return int(row[0]) if row is not None else 0
+
+
+def start_clock(conn: sqlite3.Connection, next_seq: int) -> None:
+    """First open of a spool without clock marks (new, or from before them): events
+    already queued are judged by the wall clock alone, as they were when received."""
+    if next_seq > 1:
+        mark(conn, PAST, next_seq)
 
 
 def _save(conn: sqlite3.Connection, streams: dict[int, list[int]],
@@ -267,14 +311,20 @@ def _save(conn: sqlite3.Connection, streams: dict[int, list[int]],
 
 
 def load_state(conn: sqlite3.Connection) -> tuple[int, list[tuple[int, str, int, int]],
-                                                  dict[str, int], int]:
-    """(next seq, streams, counters, used bytes) of an opened spool."""
+                                                  dict[str, int], int, int | None]:
+    """(next seq, streams, counters, used bytes, agent-observed ms) of an opened spool."""
     # Scalar max() is NULL if either side is: coalesce each (an empty table is NULL).
     top = conn.execute("SELECT max(coalesce((SELECT max(seq) FROM events), 0), "
                        "coalesce((SELECT max(seq) FROM dead), 0))").fetchone()[0]
     streams = conn.execute("SELECT id, key, depth, bytes FROM streams").fetchall()
     counters = dict(conn.execute("SELECT name, value FROM counters").fetchall())
-    return top + 1, streams, counters, used_bytes(conn)
+    return top + 1, streams, counters, used_bytes(conn), observed_ms(conn)
+
+
+def observed_ms(conn: sqlite3.Connection) -> int | None:
+    """Where agent-observed time resumes; None for a spool without clock marks."""
+    marks, latest = conn.execute("SELECT count(*), max(observed) FROM clock_marks").fetchone()
+    return max(int(latest), 0) if marks else None  # 0 when only the PAST mark is there
 
 
 def used_bytes(conn: sqlite3.Connection) -> int:
@@ -289,7 +339,7 @@ def fetch_all(conn: sqlite3.Connection, sql: str, params: Any = ()) -> list[Any]
 
 
 @contextmanager
-def _transaction(conn: sqlite3.Connection) -> Iterator[None]:
+def transaction(conn: sqlite3.Connection) -> Iterator[None]:
     """BEGIN IMMEDIATE ... COMMIT; rolled back and re-raised on any error."""
     conn.execute("BEGIN IMMEDIATE")
     try:

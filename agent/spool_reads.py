@@ -64,16 +64,22 @@ class SpoolReads:
         try:
             return await reader.run(_fetch_rows, stream, after, limit)
         except sqlite3.DatabaseError as exc:
-            if self._reader is not reader:  # closed under this read by a recovery: read later
-                return []
             # Damage the header check missed at open shows up here; left alone it
             # would stop this key's forwarder for good.
-            if not is_corruption(exc):
+            if self._reader is reader and not is_corruption(exc):
                 raise
-            async with self._lock:
+            async with self._lock:  # also waits out a recovery that closed this reader
                 if self._reader is reader:  # not already recovered by another reader
                     await self._recover(exc)
+        # Read the salvaged queue now: the wake-up sent when it was salvaged may be missed
+        # by a forwarder that is about to wait for new data.
+        reader = self._reader
+        if reader is None:
             return []
+        try:
+            return await reader.run(_fetch_rows, stream, after, limit)
+        except sqlite3.DatabaseError:
+            return []  # read again at the next step
 
     async def oldest_received(self) -> int | None:
         # The head of each key's queue (the live index), not a scan past tombstones.

@@ -46,6 +46,10 @@ CREATE TABLE IF NOT EXISTS dead(
     at INTEGER NOT NULL
 );
 CREATE TABLE IF NOT EXISTS counters(name TEXT PRIMARY KEY, value INTEGER NOT NULL);
+-- Every event with seq < next_seq was received by agent-observed time ``observed`` (the
+-- time the agent has seen pass, over all its runs: agent/clock.py); the latest mark is
+-- where that time resumes. With the wall clock, this is what expiry goes by.
+CREATE TABLE IF NOT EXISTS clock_marks(observed INTEGER PRIMARY KEY, next_seq INTEGER NOT NULL);
 """
 
 

@@ -13,6 +13,7 @@ from collections.abc import Mapping
 from typing import Any
 
 from . import __version__
+from .clock import age_s
 from .config import Config
 from .metrics import Metrics
 from .routing import Forwarding
@@ -28,7 +29,7 @@ NOT_DROPS = frozenset({"ingested", "duplicates", "acked", "spool_corrupt",
                        "dedupe_forgotten"})
 # Reported as 0 before they first happen, so dashboards see every series.
 DROP_REASONS = ("dead_lettered", "expired", "dropped_full", "rejected_full",
-                "rejected_storage_error")
+                "rejected_storage_error", "dropped_corrupt")
 
 
 def drops(counters: Mapping[str, int]) -> dict[str, int]:
@@ -77,10 +78,10 @@ async def snapshot(cfg: Config, spool: Spool, forwarding: Forwarding,
     return {
         **_common(cfg, queues, spool.depth, spool.counters),
         "source": "agent",
-        "uptime_s": round(time.time() - metrics.started, 1),
+        "uptime_s": round(max(0.0, time.time() - metrics.started), 1),
         "spool": {"path": str(spool.path), "used_bytes": spool.used_bytes,
                   "max_bytes": spool.max_bytes},
-        "oldest_event_age_s": round(time.time() - oldest / 1000, 1) if oldest else None,
+        "oldest_event_age_s": round(age_s(oldest), 1) if oldest is not None else None,
         "upstreams": upstreams,
         "history": metrics.series(),
         "connections": {"open": metrics.connections_open, "max": metrics.connections_cap,

@@ -318,7 +318,8 @@ async def test_a_corrupt_row_is_dead_lettered_and_the_queue_flows(
 
 async def test_recovery_while_running_keeps_stream_ids_and_rising_seqs(tmp_path: Path) -> None:
     """Forwarders keep their Stream and a seq cursor across a runtime move-aside: the fresh
-    spool must give the same key the same stream id, and seqs above every cursor."""
+    spool must give the same key the same stream id, and seqs above every cursor. The
+    readable queue is salvaged with its seqs and dedupe keys (here: all of it)."""
     from agent.config import StorageConfig
     from agent.events import NUCLEUS, Event
     from agent.spool import Spool
@@ -329,9 +330,15 @@ async def test_recovery_while_running_keeps_stream_ids_and_rising_seqs(tmp_path:
                             for n, k in enumerate(("a", "b")) for i in range(5)])
         b = spool.streams["b"]
         cursor = max(r.seq for r in await spool.fetch(b.id, 0, 100))
+        observed = spool.observed_ms()             # the time the agent saw pass carries over
         await spool._recover(sqlite3.DatabaseError("database disk image is malformed"))
-        assert spool.streams["b"] is b and spool.depth == 0
-        assert spool.counters["spool_corrupt"] == 1 and spool.counters["dropped_corrupt"] == 10
+        assert spool.observed_ms() >= observed
+        assert spool.streams["b"] is b and spool.depth == 10 and b.depth == 5
+        assert spool.counters["spool_corrupt"] == 1
+        assert spool.counters.get("dropped_corrupt", 0) == 0
+        assert spool.counters["ingested"] == 10           # counters carry over
+        assert await spool.append([Event("b", NUCLEUS, 10 + 1, b'{"id":1}')]) == 0  # a resend
+        assert [r.seq for r in await spool.fetch(b.id, 0, 100)] == list(range(6, 11))
         await spool.append([Event("b", NUCLEUS, 999, b'{"id":999}'),
                             Event("c", NUCLEUS, 998, b'{"id":998}')])
         fresh = await spool.fetch(b.id, cursor, 100)

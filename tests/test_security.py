@@ -333,6 +333,10 @@ async def test_write_keys_never_reach_the_log(
                                   for i in range(100)]}
                 if await send("POST", f"/app/{s['nucleus']}/track", json=chunk) == 503:
                     break
+            for n in range(100):  # top up until even one event is refused: no room left
+                one = {"data": [{"name": "f", "id": 10**6 + n, "pad": "x" * 1500}]}
+                if await send("POST", f"/app/{s['nucleus']}/track", json=one) == 503:
+                    break
             async with session.ws_connect(f"{base}/app/{s['full']}/track") as ws:
                 await ws.send_json({"data": [{"name": "full", "id": 3, "pad": "y" * 100_000}]})
                 with pytest.raises(asyncio.TimeoutError):

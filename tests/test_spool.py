@@ -4,13 +4,13 @@ from __future__ import annotations
 
 import asyncio
 import os
-import sqlite3
 import stat
 from pathlib import Path
 
 import orjson
 import pytest
 
+from agent.clock import CLOCK
 from agent.config import StorageConfig
 from agent.events import NUCLEUS, Event, dedupe_key
 from agent.spool import Spool, SpoolFull
@@ -114,14 +114,17 @@ async def test_drop_oldest_when_full_keeps_newest(tmp_path: Path) -> None:
 
 async def test_prune_drops_old_events_and_counts_them(tmp_path: Path) -> None:
     spool = await open_spool(tmp_path, max_age_days=1)
-    await spool.append([ev("k", 1), ev("k", 2)])
-    await spool.close()
-    with sqlite3.connect(tmp_path / "spool.db") as db:   # age one event by 2 days
-        db.execute("UPDATE events SET received = received - 2 * 86400000 WHERE seq = 1")
-    spool = await open_spool(tmp_path, max_age_days=1)
-    assert await spool.prune() == 1
-    assert spool.depth == 1 and spool.counters["expired"] == 1
-    await spool.close()
+    try:
+        await spool.append([ev("k", 1)])
+        CLOCK.passed_ms = 2 * 86_400_000                 # two days pass (both clocks)
+        await spool.append([ev("k", 2)])
+        await spool.close()
+        spool = await open_spool(tmp_path, max_age_days=1)
+        assert await spool.prune() == 1
+        assert spool.depth == 1 and spool.counters["expired"] == 1
+    finally:
+        CLOCK.passed_ms = 0
+        await spool.close()
 
 
 async def test_files_are_private(tmp_path: Path) -> None:

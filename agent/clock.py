@@ -1,0 +1,58 @@
+"""Time as the agent sees it: the device's wall clock, and the time the agent saw pass.
+
+A device's wall clock can be wrong in either direction (a board that boots in
+1970, a clock set years ahead) and be corrected later, while events wait in
+the spool. Events keep the wall time they were received at, as recorded; the
+agent also counts the time it has itself seen pass (``elapsed_ms``: a clock
+that only moves forward and, where the OS has one, keeps counting through
+suspend), and the spool carries that count across restarts. Expiry needs both
+clocks to agree (see Spool.prune); batching treats a receipt time in the
+future as due. Everything reads time through ``CLOCK``, so that tests can set
+the wall clock wrong and let days pass without sleeping.
+"""
+
+from __future__ import annotations
+
+import time
+
+# Counts through suspend (Linux); elsewhere the plain monotonic clock.
+_BOOTTIME = getattr(time, "CLOCK_BOOTTIME", None)
+
+
+def _elapsed_ns() -> int:
+    if _BOOTTIME is not None:
+        return time.clock_gettime_ns(_BOOTTIME)
+    return time.monotonic_ns()
+
+
+class Clock:
+    """The agent's two clocks. ``wall_shift_ms`` sets the wall clock wrong (as a device
+    can have it); ``passed_ms`` lets time pass (both clocks move). Both are 0 outside tests."""
+
+    def __init__(self) -> None:
+        self.wall_shift_ms = 0
+        self.passed_ms = 0
+
+    def wall_ms(self) -> int:
+        """The device's wall clock, in epoch milliseconds: right or wrong."""
+        return time.time_ns() // 1_000_000 + self.wall_shift_ms + self.passed_ms
+
+    def elapsed_ms(self) -> int:
+        """Milliseconds from an arbitrary start; never jumps with the wall clock."""
+        return _elapsed_ns() // 1_000_000 + self.passed_ms
+
+
+CLOCK = Clock()
+
+
+def until_due(received_ms: int, interval_s: float) -> float:
+    """Seconds until a queue whose oldest event was received at ``received_ms`` should be
+    sent (0: now). A receipt time in the future means the wall clock was set back since:
+    it counts as due, or the queue would wait for the clock to catch up (for years)."""
+    left = (received_ms - CLOCK.wall_ms()) / 1000 + interval_s
+    return left if 0 < left <= interval_s else 0.0
+
+
+def age_s(received_ms: int) -> float:
+    """Seconds since ``received_ms`` by the wall clock; never negative (a clock set back)."""
+    return max(0.0, (CLOCK.wall_ms() - received_ms) / 1000)

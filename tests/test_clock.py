@@ -1,0 +1,163 @@
+"""A wrong device clock never expires, stalls or reorders fresh events (DESIGN §2.9).
+
+The agent reads time through ``agent.clock.CLOCK``: these tests set its wall clock
+wrong (1970, ten years ahead) and correct it, or let days pass, without sleeping and
+without touching the machine's clock. Agents are real, on real spool files, and are
+restarted in between where the scenario has a restart.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import sqlite3
+import time
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import aiohttp
+import pytest
+
+from agent.clock import CLOCK, Clock
+from agent.config import StorageConfig
+from agent.events import NUCLEUS, Event
+from agent.spool import Spool
+from tests.fakes.nucleus_upstream import FakeNucleus
+from tests.waiting import wait_for
+
+DAY_MS = 86_400_000
+FLUSH_S = 1.0
+# Wall-clock settings a device can wake up with: 1970-01-02, and ten years ahead.
+SKEWS = {"1970": lambda: DAY_MS - time.time_ns() // 1_000_000, "10y-ahead": lambda: 3652 * DAY_MS}
+
+
+@pytest.fixture
+def clock() -> Iterator[Clock]:
+    yield CLOCK
+    CLOCK.wall_shift_ms = CLOCK.passed_ms = 0
+
+
+def event(i: int) -> dict[str, Any]:
+    return {"type": "event", "name": "e", "id": i, "sessionId": 1, "machineId": "m",
+            "date": "2026-01-01T00:00:00.000Z"}
+
+
+async def post(port: int, key: str, ids: range) -> None:
+    async with aiohttp.ClientSession() as s, s.post(
+            f"http://127.0.0.1:{port}/app/{key}/track",
+            json={"data": [event(i) for i in ids]}) as r:
+        assert r.status == 200, await r.text()
+
+
+async def expired_after_prune(agent: Any) -> int:
+    """Run the check the agent runs every 10 minutes (its own first run, at start, may
+    run at the same moment: the counter, not the return value, says what expired)."""
+    await agent.spool.prune()
+    return int(agent.spool.counters.get("expired", 0))
+
+
+async def status(port: int) -> dict[str, Any]:
+    async with aiohttp.ClientSession() as s, s.get(f"http://127.0.0.1:{port}/status") as r:
+        assert r.status == 200
+        return dict(await r.json())
+
+
+def upstream(fake: FakeNucleus) -> dict[str, Any]:
+    # "parked" is routed nowhere: its events stay queued, for status and expiry to see.
+    return {"name": "up", "protocol": "nucleus-ws", "url": fake.url, "keys": ["app1"],
+            "flush_interval_s": FLUSH_S}
+
+
+@pytest.mark.parametrize("skew", list(SKEWS), ids=list(SKEWS))
+async def test_events_taken_under_a_wrong_clock_survive_its_correction_and_flow(
+        make_agent: Any, fake_nucleus: FakeNucleus, clock: Clock, skew: str) -> None:
+    clock.wall_shift_ms = SKEWS[skew]()
+    first = await make_agent()                    # no upstream: the events stay queued
+    await post(first.port, "app1", range(6))
+    await post(first.port, "parked", range(100, 102))
+    await first.stop()
+    clock.wall_shift_ms = 0                       # the clock is corrected, the agent restarts
+    agent = await make_agent(upstreams=[upstream(fake_nucleus)])
+    assert await expired_after_prune(agent) == 0
+    started = time.monotonic()
+    snap = await status(agent.port)
+    assert snap["oldest_event_age_s"] is not None and snap["oldest_event_age_s"] >= 0
+    assert snap["drops"]["expired"] == 0
+    await wait_for(lambda: set(range(6)) <= set(fake_nucleus.ids()), timeout=FLUSH_S + 2)
+    assert time.monotonic() - started < FLUSH_S + 2
+    assert fake_nucleus.ids() == list(range(6))   # once each, in order
+    assert agent.spool.streams["parked"].depth == 2
+
+
+async def test_a_clock_set_back_while_events_wait_does_not_stall_their_queue(
+        make_agent: Any, fake_nucleus: FakeNucleus, clock: Clock) -> None:
+    agent = await make_agent(upstreams=[upstream(fake_nucleus)])
+    clock.wall_shift_ms = SKEWS["10y-ahead"]()
+    await post(agent.port, "app1", range(3))
+    await post(agent.port, "parked", range(100, 101))
+    clock.wall_shift_ms = 0                       # corrected while the batch waits
+    assert (await status(agent.port))["oldest_event_age_s"] >= 0
+    await wait_for(lambda: fake_nucleus.ids() == [0, 1, 2], timeout=FLUSH_S + 2)
+
+
+async def test_a_clock_jumping_ahead_while_running_expires_nothing(
+        make_agent: Any, clock: Clock) -> None:
+    agent = await make_agent()
+    await post(agent.port, "app1", range(3))
+    clock.wall_shift_ms = 31 * DAY_MS             # the wall clock jumps; no time has passed
+    assert await expired_after_prune(agent) == 0
+    assert agent.spool.depth == 3
+    clock.passed_ms = 31 * DAY_MS                 # now a month really passes: both agree
+    assert await expired_after_prune(agent) == 3
+
+
+async def test_a_device_offline_with_a_right_clock_still_expires_at_max_age(
+        make_agent: Any, clock: Clock) -> None:
+    """Running, clock right, no upstream for a month: max_age_days (30) still holds, and
+    the time the agent saw pass is kept across a restart."""
+    agent = await make_agent()
+    await post(agent.port, "app1", range(3))
+    for _ in range(20):                           # 20 days, with the prune loop's checks
+        clock.passed_ms += DAY_MS
+        assert await expired_after_prune(agent) == 0
+    await agent.stop()
+    agent = await make_agent()
+    clock.passed_ms += 9 * DAY_MS
+    assert await expired_after_prune(agent) == 0  # 29 days: kept
+    clock.passed_ms += DAY_MS + 60_000
+    assert await expired_after_prune(agent) == 3  # past 30 days: expired, counted
+    assert (await status(agent.port))["drops"]["expired"] == 3
+
+
+async def test_a_delivered_events_resend_is_still_known_after_a_clock_correction(
+        make_agent: Any, fake_nucleus: FakeNucleus, clock: Clock) -> None:
+    """Delivered events' dedupe keys are kept dedupe_window_h (24 h): a clock corrected
+    from 1970 must not make the agent forget them, or an app's resend is delivered twice."""
+    clock.wall_shift_ms = SKEWS["1970"]()
+    agent = await make_agent(upstreams=[upstream(fake_nucleus)])
+    await post(agent.port, "app1", range(1))
+    await wait_for(lambda: fake_nucleus.ids() == [0] and agent.spool.depth == 0)
+    clock.wall_shift_ms = 0
+    await agent.spool.prune()
+    await post(agent.port, "app1", range(1))      # the app resends it
+    assert agent.spool.counters["duplicates"] == 1 and agent.spool.depth == 0
+
+
+async def test_events_queued_before_the_agent_kept_time_expire_by_the_wall_clock(
+        tmp_path: Path, clock: Clock) -> None:
+    """A spool left by an agent that did not count time yet: its events are judged by the
+    wall clock alone, as that agent would have; events after the upgrade by both clocks."""
+    cfg = StorageConfig(path=str(tmp_path / "spool.db"), max_age_days=1)
+    spool = await Spool.open(cfg)
+    await spool.append([Event("k", NUCLEUS, i, b'{"id":%d}' % i) for i in range(2)])
+    await spool.close()
+    with contextlib.closing(sqlite3.connect(tmp_path / "spool.db")) as db, db:
+        db.execute("DROP TABLE clock_marks")
+    spool = await Spool.open(cfg)
+    try:
+        await spool.append([Event("k", NUCLEUS, 2, b'{"id":2}')])
+        clock.wall_shift_ms = 2 * DAY_MS          # two days by the wall clock only
+        assert await spool.prune() == 2
+        assert spool.depth == 1
+    finally:
+        await spool.close()
