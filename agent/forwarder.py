@@ -72,10 +72,15 @@ class StreamForwarder:
         self._acking: set[asyncio.Task[None]] = set()  # spool deletes of upstream-acked rows
         self._failed: SendResult | None = None
         self._attempt = 0
+        # Set by routing.py: end run() once the queue has stayed empty this long, so that
+        # an idle key holds no task, uplink or connection (any local app can invent keys).
+        self.idle_release_s: float | None = None
+        self.released = False
+        self._pokes = 0  # new-data signals so far: one since a read means it may be stale
 
     async def run(self) -> None:
         try:
-            while not self.stopping:
+            while not self.stopping and not self.released:
                 await self._step()
         finally:
             await self._settle(timeout=5.0)
@@ -91,10 +96,14 @@ class StreamForwarder:
             await asyncio.wait(self._tasks, return_when=asyncio.FIRST_COMPLETED)
             return
         limit = self.cfg.batch_max_events * FETCH_FACTOR
+        pokes = self._pokes
         rows = await self.spool.fetch(self.stream.id, self._cursor, limit)
         if not rows:
             if not self._tasks:  # everything sent and answered: a flush is complete
                 self.flush_now = False
+                if self.idle_release_s is not None:
+                    await self._release_when_idle(pokes)
+                    return
             await self._idle(None)
             return
         if len(rows) < self.cfg.batch_max_events and not self._due(rows[0]):
@@ -137,6 +146,18 @@ class StreamForwarder:
             for w in waits:
                 if w not in self._tasks:
                     w.cancel()
+
+    async def _release_when_idle(self, pokes: int) -> None:
+        """Mark the loop released if nothing arrives within idle_release_s.
+
+        Decided without an await after the wait, so routing.py sees ``released`` before
+        any later poke and starts a fresh loop for that data; a poke since the read
+        that found the queue empty means the read may be stale, so the loop goes on.
+        """
+        await self._idle(self.idle_release_s)
+        if (self._pokes == pokes and not self._tasks and not self._acking
+                and self._failed is None and self.stream.depth == 0):
+            self.released = True
 
     async def _deliver(self, batch: list[Row]) -> None:
         self.state.state = "sending"
@@ -231,6 +252,7 @@ class StreamForwarder:
             await asyncio.wait_for(self.interrupt.wait(), delay)
 
     def poke(self) -> None:
+        self._pokes += 1
         self.wake.set()
 
     def flush(self) -> None:
