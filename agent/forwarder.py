@@ -76,7 +76,6 @@ class StreamForwarder:
         # an idle key holds no task, uplink or connection (any local app can invent keys).
         self.idle_release_s: float | None = None
         self.released = False
-        self._pokes = 0  # new-data signals so far: one since a read means it may be stale
 
     async def run(self) -> None:
         try:
@@ -96,13 +95,12 @@ class StreamForwarder:
             await asyncio.wait(self._tasks, return_when=asyncio.FIRST_COMPLETED)
             return
         limit = self.cfg.batch_max_events * FETCH_FACTOR
-        pokes = self._pokes
         rows = await self.spool.fetch(self.stream.id, self._cursor, limit)
         if not rows:
             if not self._tasks:  # everything sent and answered: a flush is complete
                 self.flush_now = False
                 if self.idle_release_s is not None:
-                    await self._release_when_idle(pokes)
+                    await self._release_when_idle()
                     return
             await self._idle(None)
             return
@@ -147,16 +145,17 @@ class StreamForwarder:
                 if w not in self._tasks:
                     w.cancel()
 
-    async def _release_when_idle(self, pokes: int) -> None:
-        """Mark the loop released if nothing arrives within idle_release_s.
+    async def _release_when_idle(self) -> None:
+        """Mark the loop released if its queue is still empty after idle_release_s.
 
-        Decided without an await after the wait, so routing.py sees ``released`` before
-        any later poke and starts a fresh loop for that data; a poke since the read
-        that found the queue empty means the read may be stale, so the loop goes on.
+        The key's depth is updated by each commit before its apps are answered, and so
+        before routing.py is told of new data: at 0, nothing is queued, however stale
+        the last read. Decided without an await after that check, so routing.py sees
+        ``released`` before any later data and starts a fresh loop for it.
         """
         await self._idle(self.idle_release_s)
-        if (self._pokes == pokes and not self._tasks and not self._acking
-                and self._failed is None and self.stream.depth == 0):
+        if not self._tasks and not self._acking and self._failed is None \
+                and self.stream.depth == 0:
             self.released = True
 
     async def _deliver(self, batch: list[Row]) -> None:
@@ -252,7 +251,6 @@ class StreamForwarder:
             await asyncio.wait_for(self.interrupt.wait(), delay)
 
     def poke(self) -> None:
-        self._pokes += 1
         self.wake.set()
 
     def flush(self) -> None:

@@ -9,13 +9,16 @@ from __future__ import annotations
 
 import asyncio
 import base64
+import random
 import re
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
+import aiohttp
 import orjson
 import psutil
+from aiohttp import WSMsgType, web
 
 from tests.conftest import AgentProcess, free_port, write_config
 from tests.fakes.nucleus_upstream import FakeNucleus
@@ -131,14 +134,130 @@ async def test_20k_segment_write_keys_cost_flat_memory_and_cpu(
     check_costs(samples, agent.log.read_text())
 
 
-async def test_5k_nucleus_app_ids_release_their_websockets(
+async def test_3k_nucleus_app_ids_release_their_websockets(
         tmp_path: Path, agent_process: Callable[..., AgentProcess],
         fake_nucleus: FakeNucleus) -> None:
     cfg, port = agent_config(tmp_path, {"protocol": "nucleus-ws", "url": fake_nucleus.url})
     agent = agent_process(cfg, port).start()
-    samples = await feed_and_measure(agent, 5_000, lambda: len(fake_nucleus.events),
+    samples = await feed_and_measure(agent, 3_000, lambda: len(fake_nucleus.events),
                                      nucleus_request)
     # An idle key keeps no connection open upstream.
     await wait_for(lambda: fake_nucleus.open_connections == 0)
     agent.terminate()
     check_costs(samples, agent.log.read_text())
+
+
+class HeldCloseUpstream:
+    """A Nucleus websocket upstream that acks every event but, once told to, holds
+    each close handshake open: the agent's released loop is then still closing."""
+
+    def __init__(self) -> None:
+        self.ids: list[Any] = []
+        self.connections = 0
+        self.closes_held = 0
+        self.hold = asyncio.Event()
+        self.let_go = asyncio.Event()
+        self._runner: web.AppRunner | None = None
+        self._sockets: set[web.WebSocketResponse] = set()
+        self.port = 0
+
+    async def _ws(self, request: web.Request) -> web.WebSocketResponse:
+        ws = web.WebSocketResponse(autoclose=False)
+        await ws.prepare(request)
+        self.connections += 1
+        self._sockets.add(ws)
+        while True:
+            msg = await ws.receive()
+            if msg.type == WSMsgType.TEXT:
+                ids = [ev["id"] for ev in orjson.loads(msg.data)["data"] if "id" in ev]
+                self.ids += ids
+                await ws.send_str(orjson.dumps({"reportedIds": ids}).decode())
+                continue
+            if msg.type == WSMsgType.CLOSE and self.hold.is_set():
+                self.closes_held += 1
+                await self.let_go.wait()
+            await ws.close()
+            return ws
+
+    async def start(self) -> HeldCloseUpstream:
+        app = web.Application()
+        app.add_routes([web.get("/app/{appId}/track", self._ws)])
+        self._runner = web.AppRunner(app, handle_signals=False)
+        await self._runner.setup()
+        await web.TCPSite(self._runner, "127.0.0.1", 0).start()
+        self.port = int(self._runner.addresses[0][1])
+        return self
+
+    async def stop(self) -> None:
+        self.let_go.set()
+        for ws in list(self._sockets):
+            await ws.close()
+        if self._runner is not None:
+            await self._runner.cleanup()
+
+
+async def post_event(port: int, key: str, event_id: int) -> None:
+    async with aiohttp.ClientSession() as s, s.post(
+            f"http://127.0.0.1:{port}/app/{key}/track",
+            json={"data": [{"type": "event", "name": "e", "id": event_id, "sessionId": 1}]}) as r:
+        assert r.status == 200, await r.text()
+
+
+async def test_data_for_a_key_whose_loop_is_still_closing_starts_a_fresh_loop(
+        make_agent: Callable[..., Any]) -> None:
+    upstream = await HeldCloseUpstream().start()
+    try:
+        agent = await make_agent(upstreams=[{
+            "name": "up", "protocol": "nucleus-ws", "url": f"ws://127.0.0.1:{upstream.port}",
+            "flush_interval_s": 0.05}])
+        upstream.hold.set()
+        await post_event(agent.port, "app-one", 1)
+        # Delivered, then idle: the loop is released and waits on its close handshake.
+        await wait_for(lambda: upstream.closes_held == 1)
+        await post_event(agent.port, "app-one", 2)
+        # Not lost to the ending loop: a fresh one delivers it over a new connection.
+        await wait_for(lambda: upstream.ids == [1, 2])
+        assert upstream.connections == 2
+        upstream.let_go.set()
+        await wait_for(lambda: not agent.forwarding.loops and agent.spool.depth == 0)
+    finally:
+        await upstream.stop()
+
+
+async def test_data_during_the_idle_wait_keeps_the_loop_and_its_connection(
+        make_agent: Callable[..., Any]) -> None:
+    upstream = await HeldCloseUpstream().start()
+    try:
+        # One event is a full batch: sent at once, while the idle wait before a release
+        # (flush_interval_s) is long enough for the next post to land inside it.
+        agent = await make_agent(upstreams=[{
+            "name": "up", "protocol": "nucleus-ws", "url": f"ws://127.0.0.1:{upstream.port}",
+            "flush_interval_s": 5, "batch_max_events": 1}])
+        await post_event(agent.port, "app-one", 1)
+        await wait_for(lambda: upstream.ids == [1] and agent.spool.depth == 0)
+        await post_event(agent.port, "app-one", 2)
+        await wait_for(lambda: upstream.ids == [1, 2])
+        assert upstream.connections == 1
+    finally:
+        await upstream.stop()
+
+
+async def test_events_at_the_moment_loops_release_are_all_delivered(
+        make_agent: Callable[..., Any], fake_segment: FakeSegment) -> None:
+    """Posts spaced around the idle time, so that many land while a loop is deciding to
+    end, is ending, or has just ended (bounded: 200 events, ~2 s)."""
+    agent = await make_agent(upstreams=[{"name": "up", "protocol": "segment-http",
+                                         "url": fake_segment.url, "flush_interval_s": 0.01}])
+    rng = random.Random(9)
+    keys = [key_of(i) for i in range(3)]
+    async with aiohttp.ClientSession() as s:
+        for i in range(200):
+            auth = base64.b64encode(f"{rng.choice(keys)}:".encode()).decode()
+            async with s.post(f"http://127.0.0.1:{agent.port}/v1/track",
+                              json={"event": "e", "userId": "u", "messageId": f"m{i}"},
+                              headers={"Authorization": f"Basic {auth}"}) as r:
+                assert r.status == 200
+            await asyncio.sleep(rng.uniform(0, 0.02))  # pacing the load, not a wait
+    await wait_for(lambda: len(fake_segment.events) >= 200)
+    assert sorted(fake_segment.message_ids()) == sorted(f"m{i}" for i in range(200))
+    await wait_for(lambda: not agent.forwarding.loops and agent.spool.depth == 0)
