@@ -20,6 +20,7 @@ import orjson
 import psutil
 from aiohttp import WSMsgType, web
 
+from agent.spool_schema import read_offline
 from tests.conftest import AgentProcess, free_port, write_config
 from tests.fakes.nucleus_upstream import FakeNucleus
 from tests.fakes.segment_upstream import FakeSegment
@@ -130,6 +131,11 @@ async def test_20k_segment_write_keys_cost_flat_memory_and_cpu(
     samples = await feed_and_measure(agent, 20_000, lambda: len(fake_segment.events),
                                      segment_request)
     assert {r.write_key for r in fake_segment.requests} == {key_of(i) for i in range(20_000)}
+    # Status aggregates per upstream and skips idle keys: nothing in it grows per key.
+    await wait_for(lambda: read_offline(tmp_path / "spool.db")["depth"] == 0)
+    async with aiohttp.ClientSession() as s, s.get(f"{agent.url}/status") as r:
+        snap = await r.json()
+    assert [(u["name"], u["keys"], u["queue_depth"]) for u in snap["upstreams"]] == [("up", 0, 0)]
     agent.terminate()
     check_costs(samples, agent.log.read_text())
 
