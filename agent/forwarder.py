@@ -73,10 +73,14 @@ class StreamForwarder:
         self._acking: set[asyncio.Task[None]] = set()  # spool deletes of upstream-acked rows
         self._failed: SendResult | None = None
         self._attempt = 0
+        # Set by routing.py: end run() once the queue has stayed empty this long, so that
+        # an idle key holds no task, uplink or connection (any local app can invent keys).
+        self.idle_release_s: float | None = None
+        self.released = False
 
     async def run(self) -> None:
         try:
-            while not self.stopping:
+            while not self.stopping and not self.released:
                 await self._step()
         finally:
             await self._settle(timeout=5.0)
@@ -96,6 +100,9 @@ class StreamForwarder:
         if not rows:
             if not self._tasks:  # everything sent and answered: a flush is complete
                 self.flush_now = False
+                if self.idle_release_s is not None:
+                    await self._release_when_idle()
+                    return
             await self._idle(None)
             return
         if len(rows) < self.cfg.batch_max_events and not self._due(rows[0]):
@@ -140,6 +147,19 @@ class StreamForwarder:
             for w in waits:
                 if w not in self._tasks:
                     w.cancel()
+
+    async def _release_when_idle(self) -> None:
+        """Mark the loop released if its queue is still empty after idle_release_s.
+
+        The key's depth is updated by each commit before its apps are answered, and so
+        before routing.py is told of new data: at 0, nothing is queued, however stale
+        the last read. Decided without an await after that check, so routing.py sees
+        ``released`` before any later data and starts a fresh loop for it.
+        """
+        await self._idle(self.idle_release_s)
+        if not self._tasks and not self._acking and self._failed is None \
+                and self.stream.depth == 0:
+            self.released = True
 
     async def _deliver(self, batch: list[Row]) -> None:
         self.state.state = "sending"

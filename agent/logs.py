@@ -50,37 +50,64 @@ _GENERIC_SECRETS = (
 
 
 class SecretRegistry:
-    """The secret values (write keys, upstream keys) that logs must never show."""
+    """The secret values (write keys, upstream keys) that logs must never show.
+
+    Secrets are indexed by their first ``MIN_SECRET_LEN`` characters rather than
+    joined into one regex: with any local app able to invent keys, that regex was
+    rebuilt for each new key (quadratic CPU; re's cache held hundreds of copies,
+    about 100 KB per key) and every log line was matched against every key. Here
+    a line costs one dict lookup per character, plus one set lookup per distinct
+    length of the secrets sharing a prefix found in it, however many keys exist.
+    """
 
     def __init__(self) -> None:
         self._secrets: set[str] = set()
-        self._pattern: re.Pattern[str] | None = None
+        # First MIN_SECRET_LEN characters -> lengths of the secrets that start so, longest
+        # first, so that a secret containing another is redacted whole.
+        self._lengths: dict[str, tuple[int, ...]] = {}
         self._lock = threading.Lock()
 
     def add(self, value: str) -> None:
         """Redact ``value`` from now on; too-short values are ignored."""
         value = value.strip()
-        if len(value) < MIN_SECRET_LEN:
+        # Keys are registered again after every commit: a known one is one set lookup.
+        if len(value) < MIN_SECRET_LEN or value in self._secrets:
             return
         # Segment clients send the key as HTTP Basic credentials "key:".
         basic = base64.b64encode(f"{value}:".encode()).decode()
         with self._lock:
-            # Keys are registered again on every reload; recompiling is the cost.
-            if value in self._secrets:
-                return
-            self._secrets |= {value, basic}
-            # Longest first, so a secret containing another is redacted whole.
-            ordered = sorted(self._secrets, key=len, reverse=True)
-            self._pattern = re.compile("|".join(map(re.escape, ordered)))
+            for secret in (value, basic):
+                self._secrets.add(secret)
+                head = secret[:MIN_SECRET_LEN]
+                lengths = self._lengths.get(head, ())
+                if len(secret) not in lengths:
+                    self._lengths[head] = tuple(sorted((*lengths, len(secret)), reverse=True))
 
     def redact(self, text: str) -> str:
         """``text`` with every registered secret and generic credential replaced."""
-        pattern = self._pattern
-        if pattern is not None:
-            text = pattern.sub(REDACTED, text)
+        if self._lengths:
+            text = self._redact_registered(text)
         for generic, replacement in _GENERIC_SECRETS:
             text = generic.sub(replacement, text)
         return text
+
+    def _redact_registered(self, text: str) -> str:
+        lengths_of, secrets = self._lengths, self._secrets
+        parts: list[str] = []
+        start = i = 0
+        last = len(text) - MIN_SECRET_LEN
+        while i <= last:
+            for n in lengths_of.get(text[i:i + MIN_SECRET_LEN], ()):
+                if text[i:i + n] in secrets:
+                    parts += (text[start:i], REDACTED)
+                    i = start = i + n
+                    break
+            else:
+                i += 1
+        if not parts:
+            return text
+        parts.append(text[start:])
+        return "".join(parts)
 
 
 _registry = SecretRegistry()

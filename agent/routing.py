@@ -1,8 +1,16 @@
-"""Runs one StreamForwarder per (upstream, key), starting loops as new keys appear."""
+"""Runs one StreamForwarder per (upstream, key) with queued events.
+
+A loop starts when its key has data and ends once its queue has stayed empty
+for the upstream's ``flush_interval_s`` (``StreamForwarder.released``): with
+``accept_keys = []`` any local process can invent keys, and an idle key must
+not keep a task, an uplink and a connection. New data for a key whose loop has
+ended, or is ending, starts a fresh one.
+"""
 
 from __future__ import annotations
 
 import asyncio
+import functools
 import logging
 
 import aiohttp
@@ -27,9 +35,10 @@ class Forwarding:
         self.facts = facts
         self.metrics = metrics
         self.states = {u.name: UpstreamState(u.name, u.protocol) for u in cfg.upstreams}
-        self.loops: dict[str, StreamForwarder] = {}   # by local key
-        self._tasks: dict[str, asyncio.Task[None]] = {}
+        self.loops: dict[str, StreamForwarder] = {}   # by local key: keys with data only
+        self._tasks: set[asyncio.Task[None]] = set()   # with loops still closing their uplink
         self._session: aiohttp.ClientSession | None = None
+        self._stopping = False
 
     async def start(self) -> None:
         self._session = client_session()
@@ -38,21 +47,33 @@ class Forwarding:
 
     def on_new_data(self, keys: set[str]) -> None:
         for key in keys:
-            loop = self.loops.get(key) or self._ensure(key)
+            loop = self.loops.get(key)
+            if loop is None or loop.released:
+                loop = self._ensure(key)
             if loop is not None:
                 loop.poke()
 
     def _ensure(self, key: str) -> StreamForwarder | None:
         up = self.cfg.route(key)
         stream = self.spool.streams.get(key)
-        if up is None or stream is None or self._session is None:
+        # An empty queue needs no loop (a start with 100,000 idle keys starts none).
+        if up is None or stream is None or stream.depth == 0 or self._session is None \
+                or self._stopping:
             return None
         uplink = make_uplink(up, key, self._session, self.facts.machineId)
         loop = StreamForwarder(up, stream, self.spool, uplink, self.states[up.name],
                                self.metrics, window(up))
+        loop.idle_release_s = up.flush_interval_s
         self.loops[key] = loop
-        self._tasks[key] = asyncio.create_task(self._run(key, loop), name=f"forward-{up.name}")
+        task = asyncio.create_task(self._run(key, loop), name=f"forward-{up.name}")
+        self._tasks.add(task)
+        task.add_done_callback(functools.partial(self._ended, key, loop))
         return loop
+
+    def _ended(self, key: str, loop: StreamForwarder, task: asyncio.Task[None]) -> None:
+        self._tasks.discard(task)
+        if self.loops.get(key) is loop:  # not yet replaced by a loop for newer data
+            del self.loops[key]
 
     async def _run(self, key: str, loop: StreamForwarder) -> None:
         try:
@@ -66,10 +87,11 @@ class Forwarding:
             loop.flush()
 
     async def stop(self) -> None:
+        self._stopping = True  # data committed from now on is the next Forwarding's
         for loop in self.loops.values():
             loop.stop()
         if self._tasks:
-            await asyncio.gather(*self._tasks.values(), return_exceptions=True)
+            await asyncio.gather(*self._tasks, return_exceptions=True)
         self._tasks.clear()
         self.loops.clear()
         if self._session is not None:

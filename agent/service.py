@@ -11,6 +11,7 @@ import dataclasses
 import logging
 import signal
 import sys
+from collections.abc import Iterable
 
 from aiohttp import web
 
@@ -54,7 +55,6 @@ class Agent:
         self._prune: asyncio.Task[None] | None = None
         self._watchdog: asyncio.Task[None] | None = None
         self.notifier = Notifier.from_env()
-        self._keys_registered = 0
         self.port = cfg.listen.port
         self._stop = asyncio.Event()
         self._reload = asyncio.Event()
@@ -62,7 +62,7 @@ class Agent:
     async def start(self) -> None:
         _register_secrets(self.cfg)
         self.spool = spool = await Spool.open(self.cfg.storage)
-        self._register_stream_keys()
+        _register_keys(spool.streams)
         self.forwarding = Forwarding(self.cfg, spool, self.facts, self.metrics)
         self.sink = Sink(self.cfg.listen.accept_keys, spool, self.facts, self.metrics)
         self.sink.on_new_data = self._new_data
@@ -97,19 +97,10 @@ class Agent:
                  self.cfg.listen.host, self.port, spool.path, spool.depth)
 
     def _new_data(self, keys: set[str]) -> None:
-        # Runs after every commit: only a new stream (a key never seen) costs more
-        # than this length check.
-        if self.spool is not None and len(self.spool.streams) != self._keys_registered:
-            self._register_stream_keys()
+        # Runs after every commit; a key already registered costs one set lookup.
+        _register_keys(keys)
         if self.forwarding is not None:
             self.forwarding.on_new_data(keys)
-
-    def _register_stream_keys(self) -> None:
-        """App keys reach the logs (e.g. in upstream paths); never show them."""
-        assert self.spool is not None
-        for key in list(self.spool.streams):
-            logs.register_secret(key)
-        self._keys_registered = len(self.spool.streams)
 
     async def _watchdog_loop(self, interval: float) -> None:
         # Pinging from the event loop proves the loop itself is not stuck.
@@ -213,6 +204,12 @@ def _register_secrets(cfg: Config) -> None:
         for key in (up.key, *up.keys):
             if key and key != "*":
                 logs.register_secret(key)
+
+
+def _register_keys(keys: Iterable[str]) -> None:
+    """App keys reach the logs (e.g. in upstream paths); never show them."""
+    for key in keys:
+        logs.register_secret(key)
 
 
 def _carry_states(old: Forwarding, new: Forwarding) -> None:

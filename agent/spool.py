@@ -68,6 +68,7 @@ class Spool(SpoolReads):
         self.counters: dict[str, int] = {}
         self._unsaved: dict[str, int] = {}  # counted on the loop, saved with the next commit
         self._by_id: dict[int, Stream] = {}
+        self._top_stream_id = 0  # a new key's id; max(_by_id) made each new key O(keys)
         self._db: SqliteThread | None = None
         self._reader: SqliteThread | None = None
         self._next_seq = 1
@@ -145,6 +146,7 @@ class Spool(SpoolReads):
         self._next_seq = next_seq
         self.streams.clear()
         self._by_id.clear()
+        self._top_stream_id = 0
         self._new_streams = []
         for sid, key, depth, nbytes in streams:
             self._add_stream(Stream(sid, key, depth, nbytes))
@@ -156,6 +158,7 @@ class Spool(SpoolReads):
     def _add_stream(self, stream: Stream) -> None:
         self.streams[stream.key] = stream
         self._by_id[stream.id] = stream
+        self._top_stream_id = max(self._top_stream_id, stream.id)
 
     async def _recover(self, exc: BaseException) -> None:
         """Never a crash loop: move a corrupt spool aside, start afresh, and salvage into
@@ -389,7 +392,7 @@ class Spool(SpoolReads):
     def _stream_for(self, key: str) -> Stream:
         stream = self.streams.get(key)
         if stream is None:
-            stream = Stream(max(self._by_id, default=0) + 1, key)
+            stream = Stream(self._top_stream_id + 1, key)
             self._add_stream(stream)
             self._new_streams.append(stream)
         return stream

@@ -40,10 +40,14 @@ def drops(counters: Mapping[str, int]) -> dict[str, int]:
 
 
 def _queues(cfg: Config, streams: Mapping[str, tuple[int, int]]) -> dict[str | None, list[int]]:
-    """(events, bytes, keys) queued per upstream name; None for keys no upstream takes."""
+    """(events, bytes, keys with events) queued per upstream name; None for keys no
+    upstream takes. Keys with nothing queued are skipped: any local app can invent
+    keys, and routing 100,000 idle ones took a quarter of a second per snapshot."""
     out: dict[str | None, list[int]] = {up.name: [0, 0, 0] for up in cfg.upstreams}
     out[None] = [0, 0, 0]
     for key, (depth, nbytes) in streams.items():
+        if not depth:
+            continue
         up = cfg.route(key)
         q = out[up.name if up is not None else None]
         q[0] += depth

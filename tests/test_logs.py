@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import base64
 import io
 import logging
 import os
@@ -229,3 +230,13 @@ def test_without_stderr_logs_go_to_a_file(tmp_path: Path, monkeypatch: pytest.Mo
     logging.getLogger().handlers[-1].flush()
     (log_file,) = tmp_path.glob("**/outpost.log")
     assert log_file.read_text().rstrip().endswith("agent.x: to the file")
+
+
+def test_redaction_among_many_keys_sharing_prefixes() -> None:
+    registry = SecretRegistry()
+    for i in range(20_000):  # prefix-indexed: adding a key costs the same at any count
+        registry.add(f"app-{i}")
+    registry.add("app-7-long")
+    text = "app-7app-7 /app/app-7-long/track app-19999. app-20000 ap c2VnbWVudEtleTEyMzo="
+    assert registry.redact(text) == "****** /app/***/track ***. ***0 ap c2VnbWVudEtleTEyMzo="
+    assert registry.redact(base64.b64encode(b"app-123:").decode()) == "***"

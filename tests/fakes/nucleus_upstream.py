@@ -108,5 +108,9 @@ class FakeNucleus:
     async def stop(self) -> None:
         await self.go_down()
 
+    @property
+    def open_connections(self) -> int:
+        return len(self._sockets)
+
     def ids(self) -> list[Any]:
         return [ev.get("id") for ev in self.events]

@@ -1,0 +1,269 @@
+"""Many distinct keys: each costs the agent little memory and a flat amount of CPU.
+
+With the default ``accept_keys = []`` any local process can invent keys; an agent
+that kept a forwarder, a connection and a growing redaction regex per key swelled
+by about 100 KB and spent ever more CPU on each new one.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import base64
+import random
+import re
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import aiohttp
+import orjson
+import psutil
+from aiohttp import WSMsgType, web
+
+from agent.spool_schema import read_offline
+from tests.conftest import AgentProcess, free_port, write_config
+from tests.fakes.nucleus_upstream import FakeNucleus
+from tests.fakes.segment_upstream import FakeSegment
+from tests.waiting import wait_for
+
+CHUNK = 1_000
+CONNECTIONS = 16
+IDLE_KEY_BYTES = 2 * 1024
+CHUNK_TIMEOUT_S = 20.0   # a chunk takes ~1 s; the O(n²) code took 40 s for the first one
+
+
+def key_of(i: int) -> str:
+    return f"mk{i:06d}x7Qz"
+
+
+KEY_IN_TEXT = re.compile(r"mk\d{6}x7Qz")
+
+
+def segment_request(port: int, i: int) -> bytes:
+    body = orjson.dumps({"event": "e", "userId": "u", "messageId": f"m{i}"})
+    auth = base64.b64encode(f"{key_of(i)}:".encode()).decode()
+    return (f"POST /v1/track HTTP/1.1\r\nHost: 127.0.0.1:{port}\r\n"
+            f"Authorization: Basic {auth}\r\nContent-Type: application/json\r\n"
+            f"Content-Length: {len(body)}\r\n\r\n").encode() + body
+
+
+def nucleus_request(port: int, i: int) -> bytes:
+    body = orjson.dumps({"data": [{"type": "event", "name": "e", "id": i, "sessionId": 1}]})
+    return (f"POST /app/{key_of(i)}/track HTTP/1.1\r\nHost: 127.0.0.1:{port}\r\n"
+            f"Content-Type: application/json\r\nContent-Length: {len(body)}\r\n\r\n"
+            ).encode() + body
+
+
+async def post_all(port: int, requests: range, build: Callable[[int, int], bytes]) -> None:
+    """One request per key over keep-alive connections: a raw client, so that the test
+    process spends little of the machine's CPU next to the agent it measures."""
+    numbers = iter(requests)
+
+    async def connection() -> None:
+        reader, writer = await asyncio.open_connection("127.0.0.1", port)
+        try:
+            for i in numbers:
+                writer.write(build(port, i))
+                head = await reader.readuntil(b"\r\n\r\n")
+                status = int(head.split(b" ", 2)[1])
+                length = int(re.search(rb"(?i)content-length: *(\d+)", head)[1])  # type: ignore[index]
+                body = await reader.readexactly(length)
+                assert status < 300, (status, body)
+        finally:
+            writer.close()
+
+    await asyncio.gather(*(connection() for _ in range(CONNECTIONS)))
+
+
+def cpu_seconds(proc: psutil.Process) -> float:
+    times = proc.cpu_times()
+    return float(times.user + times.system)
+
+
+def reached(count: Callable[[], int], n: int) -> Callable[[], bool]:
+    return lambda: count() >= n
+
+
+async def feed_and_measure(agent: AgentProcess, keys: int, delivered: Callable[[], int],
+                           build: Callable[[int, int], bytes]) -> list[tuple[int, int, float]]:
+    """Feed ``keys`` distinct keys in chunks; after each chunk is delivered upstream,
+    (keys so far, agent RSS, agent CPU seconds the chunk took)."""
+    assert agent.proc is not None
+    proc = psutil.Process(agent.proc.pid)
+    samples = []
+    for start in range(0, keys, CHUNK):
+        before = cpu_seconds(proc)
+        try:
+            await asyncio.wait_for(post_all(agent.port, range(start, start + CHUNK), build),
+                                   CHUNK_TIMEOUT_S)
+        except TimeoutError:
+            raise AssertionError(f"keys {start} to {start + CHUNK} not accepted within "
+                                 f"{CHUNK_TIMEOUT_S} s") from None
+        await wait_for(reached(delivered, start + CHUNK), timeout=CHUNK_TIMEOUT_S)
+        samples.append((start + CHUNK, proc.memory_info().rss, cpu_seconds(proc) - before))
+    return samples
+
+
+def check_costs(samples: list[tuple[int, int, float]], log: str) -> None:
+    (n1, rss1, _), (_, _, first_cpu) = samples[0], samples[1]
+    n2, rss2, last_cpu = samples[-1]
+    per_key = (rss2 - rss1) / (n2 - n1)
+    assert per_key <= IDLE_KEY_BYTES, (
+        f"{per_key:.0f} bytes of RSS per idle key (between {n1} and {n2} keys)")
+    # The second chunk, not the first: the first also pays for warming up.
+    assert last_cpu <= 2 * first_cpu + 0.2, (
+        f"the last {CHUNK} keys took {last_cpu:.2f} s of CPU, the second {CHUNK} {first_cpu:.2f} s")
+    assert not KEY_IN_TEXT.search(log), KEY_IN_TEXT.search(log)
+
+
+def agent_config(tmp_path: Path, upstream: dict[str, Any]) -> tuple[Path, int]:
+    port = free_port()
+    up = {"name": "up", "flush_interval_s": 0.05, **upstream}
+    return write_config(tmp_path / "agent.toml", tmp_path / "spool.db", port=port,
+                        storage={"sync": "normal"}, upstreams=[up]), port
+
+
+async def test_20k_segment_write_keys_cost_flat_memory_and_cpu(
+        tmp_path: Path, agent_process: Callable[..., AgentProcess],
+        fake_segment: FakeSegment) -> None:
+    cfg, port = agent_config(tmp_path, {"protocol": "segment-http", "url": fake_segment.url})
+    agent = agent_process(cfg, port).start()
+    samples = await feed_and_measure(agent, 20_000, lambda: len(fake_segment.events),
+                                     segment_request)
+    assert {r.write_key for r in fake_segment.requests} == {key_of(i) for i in range(20_000)}
+    # Status aggregates per upstream and skips idle keys: nothing in it grows per key.
+    await wait_for(lambda: read_offline(tmp_path / "spool.db")["depth"] == 0)
+    async with aiohttp.ClientSession() as s, s.get(f"{agent.url}/status") as r:
+        snap = await r.json()
+    assert [(u["name"], u["keys"], u["queue_depth"]) for u in snap["upstreams"]] == [("up", 0, 0)]
+    agent.terminate()
+    check_costs(samples, agent.log.read_text())
+
+
+async def test_3k_nucleus_app_ids_release_their_websockets(
+        tmp_path: Path, agent_process: Callable[..., AgentProcess],
+        fake_nucleus: FakeNucleus) -> None:
+    cfg, port = agent_config(tmp_path, {"protocol": "nucleus-ws", "url": fake_nucleus.url})
+    agent = agent_process(cfg, port).start()
+    samples = await feed_and_measure(agent, 3_000, lambda: len(fake_nucleus.events),
+                                     nucleus_request)
+    # An idle key keeps no connection open upstream.
+    await wait_for(lambda: fake_nucleus.open_connections == 0)
+    agent.terminate()
+    check_costs(samples, agent.log.read_text())
+
+
+class HeldCloseUpstream:
+    """A Nucleus websocket upstream that acks every event but, once told to, holds
+    each close handshake open: the agent's released loop is then still closing."""
+
+    def __init__(self) -> None:
+        self.ids: list[Any] = []
+        self.connections = 0
+        self.closes_held = 0
+        self.hold = asyncio.Event()
+        self.let_go = asyncio.Event()
+        self._runner: web.AppRunner | None = None
+        self._sockets: set[web.WebSocketResponse] = set()
+        self.port = 0
+
+    async def _ws(self, request: web.Request) -> web.WebSocketResponse:
+        ws = web.WebSocketResponse(autoclose=False)
+        await ws.prepare(request)
+        self.connections += 1
+        self._sockets.add(ws)
+        while True:
+            msg = await ws.receive()
+            if msg.type == WSMsgType.TEXT:
+                ids = [ev["id"] for ev in orjson.loads(msg.data)["data"] if "id" in ev]
+                self.ids += ids
+                await ws.send_str(orjson.dumps({"reportedIds": ids}).decode())
+                continue
+            if msg.type == WSMsgType.CLOSE and self.hold.is_set():
+                self.closes_held += 1
+                await self.let_go.wait()
+            await ws.close()
+            return ws
+
+    async def start(self) -> HeldCloseUpstream:
+        app = web.Application()
+        app.add_routes([web.get("/app/{appId}/track", self._ws)])
+        self._runner = web.AppRunner(app, handle_signals=False)
+        await self._runner.setup()
+        await web.TCPSite(self._runner, "127.0.0.1", 0).start()
+        self.port = int(self._runner.addresses[0][1])
+        return self
+
+    async def stop(self) -> None:
+        self.let_go.set()
+        for ws in list(self._sockets):
+            await ws.close()
+        if self._runner is not None:
+            await self._runner.cleanup()
+
+
+async def post_event(port: int, key: str, event_id: int) -> None:
+    async with aiohttp.ClientSession() as s, s.post(
+            f"http://127.0.0.1:{port}/app/{key}/track",
+            json={"data": [{"type": "event", "name": "e", "id": event_id, "sessionId": 1}]}) as r:
+        assert r.status == 200, await r.text()
+
+
+async def test_data_for_a_key_whose_loop_is_still_closing_starts_a_fresh_loop(
+        make_agent: Callable[..., Any]) -> None:
+    upstream = await HeldCloseUpstream().start()
+    try:
+        agent = await make_agent(upstreams=[{
+            "name": "up", "protocol": "nucleus-ws", "url": f"ws://127.0.0.1:{upstream.port}",
+            "flush_interval_s": 0.05}])
+        upstream.hold.set()
+        await post_event(agent.port, "app-one", 1)
+        # Delivered, then idle: the loop is released and waits on its close handshake.
+        await wait_for(lambda: upstream.closes_held == 1)
+        await post_event(agent.port, "app-one", 2)
+        # Not lost to the ending loop: a fresh one delivers it over a new connection.
+        await wait_for(lambda: upstream.ids == [1, 2])
+        assert upstream.connections == 2
+        upstream.let_go.set()
+        await wait_for(lambda: not agent.forwarding.loops and agent.spool.depth == 0)
+    finally:
+        await upstream.stop()
+
+
+async def test_data_during_the_idle_wait_keeps_the_loop_and_its_connection(
+        make_agent: Callable[..., Any]) -> None:
+    upstream = await HeldCloseUpstream().start()
+    try:
+        # One event is a full batch: sent at once, while the idle wait before a release
+        # (flush_interval_s) is long enough for the next post to land inside it.
+        agent = await make_agent(upstreams=[{
+            "name": "up", "protocol": "nucleus-ws", "url": f"ws://127.0.0.1:{upstream.port}",
+            "flush_interval_s": 5, "batch_max_events": 1}])
+        await post_event(agent.port, "app-one", 1)
+        await wait_for(lambda: upstream.ids == [1] and agent.spool.depth == 0)
+        await post_event(agent.port, "app-one", 2)
+        await wait_for(lambda: upstream.ids == [1, 2])
+        assert upstream.connections == 1
+    finally:
+        await upstream.stop()
+
+
+async def test_events_at_the_moment_loops_release_are_all_delivered(
+        make_agent: Callable[..., Any], fake_segment: FakeSegment) -> None:
+    """Posts spaced around the idle time, so that many land while a loop is deciding to
+    end, is ending, or has just ended (bounded: 200 events, ~2 s)."""
+    agent = await make_agent(upstreams=[{"name": "up", "protocol": "segment-http",
+                                         "url": fake_segment.url, "flush_interval_s": 0.01}])
+    rng = random.Random(9)
+    keys = [key_of(i) for i in range(3)]
+    async with aiohttp.ClientSession() as s:
+        for i in range(200):
+            auth = base64.b64encode(f"{rng.choice(keys)}:".encode()).decode()
+            async with s.post(f"http://127.0.0.1:{agent.port}/v1/track",
+                              json={"event": "e", "userId": "u", "messageId": f"m{i}"},
+                              headers={"Authorization": f"Basic {auth}"}) as r:
+                assert r.status == 200
+            await asyncio.sleep(rng.uniform(0, 0.02))  # pacing the load, not a wait
+    await wait_for(lambda: len(fake_segment.events) >= 200)
+    assert sorted(fake_segment.message_ids()) == sorted(f"m{i}" for i in range(200))
+    await wait_for(lambda: not agent.forwarding.loops and agent.spool.depth == 0)
