@@ -3,9 +3,11 @@
 Each request (HTTP) or frame (websocket) takes the next Fault from ``script``;
 once the script is used up every request is answered properly. A ``poison``
 predicate makes any batch holding a matching event fail with 400, as an
-upstream that validates events would. Every request is logged with its
-arrival and reply times, so tests measure the agent's waits from the
-upstream's side instead of sleeping.
+upstream that validates events would. ``flap_every = N`` makes every Nth
+websocket frame a ``close``, ``flap_delay`` seconds after the frame arrived
+(a connection that keeps dropping, at a moment the agent does not choose).
+Every request is logged with its arrival and reply times, so tests measure
+the agent's waits from the upstream's side instead of sleeping.
 """
 
 from __future__ import annotations
@@ -24,7 +26,7 @@ from aiohttp import WSMsgType, web
 #   timeout    hold the reply for `delay` seconds (longer than the agent waits)
 #   slow       hold the reply for `delay` seconds, then answer properly
 #   reset      cut the connection before answering (HTTP: mid-request, body half read)
-#   close      websocket: acknowledge the first half of the frame, then close
+#   close      websocket: acknowledge the first half of the frame (after `delay`), then close
 #   partial    acknowledge only the first half of the ids
 #   unknown    acknowledge every id plus ids that were never sent (and a `true`)
 #   bogus      acknowledge only ids that were never sent
@@ -67,6 +69,9 @@ class FaultyUpstream:
     def __init__(self) -> None:
         self.script: list[Fault] = []
         self.poison: Callable[[dict[str, Any]], bool] = lambda ev: False
+        self.flap_every = 0
+        self.flap_delay = 0.0
+        self._frames = 0
         self.requests: list[Request] = []
         self.port = 0
         self._runner: web.AppRunner | None = None
@@ -164,8 +169,11 @@ class FaultyUpstream:
             rec = Request(time.monotonic(), request.path, events)
             self.requests.append(rec)
             fault = self._next(events)
+            self._frames += 1
+            if fault is None and self.flap_every and self._frames % self.flap_every == 0:
+                fault = Fault("close", delay=self.flap_delay)
             rec.fault = fault.kind if fault else "ok"
-            if fault is not None and fault.kind in ("timeout", "slow"):
+            if fault is not None and fault.kind in ("timeout", "slow", "close"):
                 await asyncio.sleep(fault.delay)
             if fault is not None and fault.kind == "malformed":
                 await ws.send_str(fault.body.decode())
