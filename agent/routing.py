@@ -1,4 +1,11 @@
-"""Runs one StreamForwarder per (upstream, key), starting loops as new keys appear."""
+"""Runs one StreamForwarder per (upstream, key), starting loops as new keys appear.
+
+``_run`` is the one supervision point: whatever a forwarder, its delivery
+tasks or its uplink's own tasks raise unexpectedly ends up there, is logged
+with its traceback, counted (``crashes`` in /status and /metrics), shown as
+``last_error``, and the loop starts again with a fresh uplink after a
+jittered, capped backoff that a stop cuts short.
+"""
 
 from __future__ import annotations
 
@@ -7,14 +14,18 @@ import logging
 
 import aiohttp
 
-from .config import Config
+from .config import Config, UpstreamConfig
 from .device import DeviceFacts
-from .forwarder import StreamForwarder, UpstreamState
+from .forwarder import StreamForwarder, UpstreamState, backoff_delay
+from .logs import log_limited, redact
 from .metrics import Metrics
 from .spool import Spool
+from .uplinks.base import Uplink
 from .uplinks.factory import make_uplink, window
 
 log = logging.getLogger("outpost.routing")
+# A loop that ran this long before crashing starts again from the first backoff step.
+STABLE_S = 60.0
 
 
 class Forwarding:
@@ -29,6 +40,7 @@ class Forwarding:
         self.loops: dict[str, StreamForwarder] = {}   # by local key
         self._tasks: dict[str, asyncio.Task[None]] = {}
         self._session: aiohttp.ClientSession | None = None
+        self.make_uplink = make_uplink   # the uplink factory (tests wrap it to inject faults)
 
     async def start(self) -> None:
         self._session = aiohttp.ClientSession(auto_decompress=True)
@@ -46,19 +58,43 @@ class Forwarding:
         stream = self.spool.streams.get(key)
         if up is None or stream is None or self._session is None:
             return None
-        uplink = make_uplink(up, key, self._session, self.facts.machineId)
-        loop = StreamForwarder(up, stream, self.spool, uplink, self.states[up.name],
-                               self.metrics, window(up))
+        loop = StreamForwarder(up, stream, self.spool, self._uplink(up, key),
+                               self.states[up.name], self.metrics, window(up))
         self.loops[key] = loop
         self._tasks[key] = asyncio.create_task(self._run(key, loop), name=f"forward-{up.name}")
         return loop
 
+    def _uplink(self, up: UpstreamConfig, key: str) -> Uplink:
+        assert self._session is not None
+        return self.make_uplink(up, key, self._session, self.facts.machineId)
+
     async def _run(self, key: str, loop: StreamForwarder) -> None:
-        try:
-            await loop.run()
-        except Exception:  # a bug in one loop must not stop the others
-            log.exception("forwarder for upstream %s stopped unexpectedly", loop.cfg.name)
-            loop.state.state = "stopped"
+        """Run ``loop`` until it stops; restart it after anything it raises."""
+        attempt = 0
+        clock = asyncio.get_running_loop().time
+        while True:
+            started = clock()
+            try:
+                await loop.run()
+                return
+            except Exception as exc:  # noqa: BLE001 - a bug must stop neither this loop nor others
+                attempt = 0 if clock() - started > STABLE_S else attempt
+                delay = backoff_delay(attempt)
+                attempt += 1
+                self._crashed(loop, exc, delay)
+            await loop.pause(delay)
+            if loop.stopping or self._session is None:
+                return
+            loop.uplink = self._uplink(loop.cfg, key)
+
+    def _crashed(self, loop: StreamForwarder, exc: Exception, delay: float) -> None:
+        name = loop.cfg.name
+        loop.state.crashes += 1
+        loop.state.state = "restarting"
+        loop.state.error(redact(f"internal error: {type(exc).__name__}: {exc}")[:300])
+        log_limited(log, logging.ERROR, f"crash:{name}:{type(exc).__name__}",
+                    "forwarder for upstream %s crashed; restarting in %.1fs", name, delay,
+                    exc_info=exc)
 
     def flush(self) -> None:
         for loop in self.loops.values():
