@@ -32,6 +32,9 @@ from .nucleus_frame import FrameBuilder
 
 log = logging.getLogger("outpost.uplink.nucleus_ws")
 HEARTBEAT_S = 60.0
+# How long a close waits for the upstream's half of the handshake: one that has
+# stopped answering is not worth more (the connection is then simply cut).
+CLOSE_GRACE_S = 1.0
 LOST = "connection lost before all acks arrived"
 
 
@@ -39,8 +42,10 @@ class _Link:
     """One connection attempt: its websocket, the acks that came on it, and whether
     frames may still go on it."""
 
-    def __init__(self, ws: aiohttp.ClientWebSocketResponse | None, lost: str | None = None):
+    def __init__(self, ws: aiohttp.ClientWebSocketResponse | None, grace: float,
+                 lost: str | None = None):
         self.ws = ws
+        self.grace = grace
         self.lost = lost          # why no more frames may go on it
         self.failed = lost is not None  # a batch sent on it was not wholly acknowledged
         self.sending = 0          # sends on it that have not returned yet
@@ -67,10 +72,15 @@ class _Link:
             self.lost = reason
         self.notify()
 
+    async def close_ws(self) -> None:
+        if self.ws is not None and not self.ws.closed:
+            with contextlib.suppress(asyncio.TimeoutError):
+                # Cancelling aiohttp's close() aborts the connection.
+                await asyncio.wait_for(self.ws.close(), self.grace)
+
     async def close(self) -> None:
         self.lose("closed")
-        if self.ws is not None:
-            await self.ws.close()
+        await self.close_ws()
         for task in self.tasks:
             task.cancel()
         for task in self.tasks:
@@ -110,7 +120,7 @@ class NucleusWsUplink:
                 try:
                     await _send_text(link.ws, self.frames.frame(batch))
                     self._last_sent = asyncio.get_running_loop().time()
-                except (aiohttp.ClientError, OSError, asyncio.TimeoutError, RuntimeError) as exc:
+                except (aiohttp.ClientError, OSError, TimeoutError, RuntimeError) as exc:
                     link.lose(f"send failed: {_describe(exc)}")
         try:
             error = await self._wait_acks(link, wanted)
@@ -124,8 +134,7 @@ class NucleusWsUplink:
             link.lose(error)
             # Ids are only unique per connection: a late ack on this one could match
             # a different event that reuses the id after the resend, so start afresh.
-            if link.ws is not None and not link.ws.closed:
-                await link.ws.close()
+            await link.close_ws()
         return SendResult(acked=acked, failed=failed, error=error)
 
     async def _wait_acks(self, link: _Link, wanted: set[int]) -> str | None:
@@ -156,9 +165,9 @@ class NucleusWsUplink:
             ws = await asyncio.wait_for(self.session.ws_connect(
                     self.url, timeout=aiohttp.ClientWSTimeout(ws_close=5),
                     max_msg_size=0, autoping=True, heartbeat=None), self.cfg.timeout_s)
-        except (aiohttp.ClientError, OSError, asyncio.TimeoutError, RuntimeError) as exc:
-            return _Link(None, lost=f"connect failed: {_describe(exc)}")
-        link = _Link(ws)
+        except (aiohttp.ClientError, OSError, TimeoutError, RuntimeError) as exc:
+            return _Link(None, 0, lost=f"connect failed: {_describe(exc)}")
+        link = _Link(ws, min(CLOSE_GRACE_S, self.cfg.timeout_s))
         link.tasks = [asyncio.create_task(self._guard(link, self._read(link, ws)),
                                           name=f"ws-read-{self.name}"),
                       asyncio.create_task(self._guard(link, self._heartbeats(ws)),
@@ -174,8 +183,7 @@ class NucleusWsUplink:
         except Exception as exc:  # noqa: BLE001 - handed to the supervisor
             link.lose(f"uplink error: {type(exc).__name__}")
             self.on_crash(exc)
-            if link.ws is not None:
-                await link.ws.close()
+            await link.close_ws()
 
     async def _read(self, link: _Link, ws: aiohttp.ClientWebSocketResponse) -> None:
         try:
