@@ -6,6 +6,9 @@ predicate makes any batch holding a matching event fail with 400, as an
 upstream that validates events would. ``flap_every = N`` makes every Nth
 websocket frame a ``close``, ``flap_delay`` seconds after the frame arrived
 (a connection that keeps dropping, at a moment the agent does not choose).
+Each websocket handshake takes the next Fault from ``connect_script``: a
+``status`` fault answers the upgrade request with that status (5xx, 429 +
+Retry-After, a 3xx redirect), a ``timeout`` holds it for ``delay`` seconds.
 Every request is logged with its arrival and reply times, so tests measure
 the agent's waits from the upstream's side instead of sleeping.
 """
@@ -69,6 +72,7 @@ class FaultyUpstream:
     def __init__(self) -> None:
         self.script: list[Fault] = []
         self.poison: Callable[[dict[str, Any]], bool] = lambda ev: False
+        self.connect_script: list[Fault] = []
         self.flap_every = 0
         self.flap_delay = 0.0
         self._frames = 0
@@ -155,7 +159,14 @@ class FaultyUpstream:
         finally:
             rec.answered = time.monotonic()
 
-    async def _nucleus_ws(self, request: web.Request) -> web.WebSocketResponse:
+    async def _nucleus_ws(self, request: web.Request) -> web.StreamResponse:
+        fault = self.connect_script.pop(0) if self.connect_script else None
+        if fault is not None:
+            self.requests.append(Request(time.monotonic(), request.path, [],
+                                         f"connect-{fault.kind}", fault.status))
+            if fault.kind == "status":
+                return web.Response(status=fault.status, headers=_headers(fault))
+            await asyncio.sleep(fault.delay)
         ws = web.WebSocketResponse(max_msg_size=0)
         await ws.prepare(request)
         self._sockets.add(ws)
@@ -178,9 +189,13 @@ class FaultyUpstream:
             if fault is not None and fault.kind == "malformed":
                 await ws.send_str(fault.body.decode())
             elif fault is None or fault.kind not in ("status", "reset"):
-                rec.acked = self._ack(fault, self._ids(events))
-                if rec.acked:
-                    await ws.send_str(orjson.dumps({"reportedIds": rec.acked}).decode())
+                acked = self._ack(fault, self._ids(events))
+                if acked:
+                    try:
+                        await ws.send_str(orjson.dumps({"reportedIds": acked}).decode())
+                    except ConnectionResetError:  # the agent gave up on this connection
+                        break
+                rec.acked = acked
             rec.answered = time.monotonic()
             if fault is not None and fault.kind in ("close", "reset"):
                 await ws.close()
