@@ -43,7 +43,7 @@ class UpstreamState:
 
     name: str
     protocol: str
-    state: str = "idle"          # idle | sending | backoff | restarting | stopped
+    state: str = "idle"          # idle | sending | backoff | restarting (after a crash)
     last_ack: float | None = None
     last_error: str | None = None
     last_error_at: float | None = None
