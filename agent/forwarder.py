@@ -82,7 +82,7 @@ class StreamForwarder:
         self._tasks: set[asyncio.Task[None]] = set()
         self._acking: set[asyncio.Task[None]] = set()  # spool deletes of upstream-acked rows
         self._failed: SendResult | None = None
-        self._crash: BaseException | None = None  # a bug in a delivery: the supervisor's
+        self._crash: BaseException | None = None  # unexpected: raised to the supervisor
         self._attempt = 0
 
     async def run(self) -> None:
