@@ -15,10 +15,15 @@ from __future__ import annotations
 from collections.abc import AsyncIterator
 from typing import Any
 
+import aiohttp
 import pytest
 
 from agent import forwarder
+from agent.config import UpstreamConfig
+from agent.uplinks.nucleus_ws import NucleusWsUplink
 from tests.fakes.faulty_upstream import FaultyUpstream
+from tests.fakes.nucleus_upstream import FakeNucleus
+from tests.test_uplink_nucleus import row
 from tests.test_upstream_faults import event, send, upstream
 from tests.waiting import wait_for
 
@@ -78,3 +83,19 @@ async def test_no_inversions_over_a_flapping_websocket(make_agent: Any,
     firsts = {(rec.path, ev["id"]) for rec in flapping.requests for ev in rec.events}
     assert len(firsts) == total   # every event arrived, none is missing
     assert await agent.spool.dead_letters() == []
+
+
+async def test_an_idle_drop_reconnects_without_a_failure() -> None:
+    """A connection the upstream closed while every batch on it was acknowledged holds
+    nothing that could be overtaken: the next batch opens a new one, with no failure."""
+    fake = await FakeNucleus().start()
+    cfg = UpstreamConfig(name="n", protocol="nucleus-ws", url=fake.url, timeout_s=2)
+    async with aiohttp.ClientSession() as session:
+        up = NucleusWsUplink(cfg, "app", session, "m")
+        assert (await up.send(up.take([row(1, {"id": 1})]))).acked == [1]
+        await fake.go_down()      # closes the websocket; returns once the agent answered
+        await fake.come_back()
+        again = await up.send(up.take([row(2, {"id": 2})]))
+        assert again.acked == [2] and again.error is None and fake.connections == 2
+        await up.close()
+    await fake.stop()

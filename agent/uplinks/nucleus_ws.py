@@ -152,6 +152,8 @@ class NucleusWsUplink:
     async def _usable_link(self) -> _Link:
         """The connection for the next frame (a dead one, if it must not be replaced yet)."""
         link = self._link
+        if link is not None and link.ws is not None and link.ws.closed:
+            link.lose(LOST)   # its reader may not have run since the close
         if link is not None and link.lost is not None and not link.failed and not link.sending:
             await link.close()  # every batch sent on it was acknowledged: none can be overtaken
             link = None
