@@ -2,9 +2,14 @@
 
 One StreamForwarder runs for each (upstream, local key) pair, so FIFO per key
 is natural. Rows are leased only in memory (a cursor plus the uplink's
-in-flight set): after any failure every in-flight batch settles, the cursor
-goes back to the start of the key's queue, and all unacknowledged rows are
-sent again with the same ids.
+in-flight set): after any failure every in-flight batch settles, the uplink is
+closed (a new connection is opened only now, so no later batch can overtake an
+earlier unacknowledged one), the cursor goes back to the start of the key's
+queue, and all unacknowledged rows are sent again with the same ids.
+
+Every wait in the loop is on one event, ``wake``, cleared at the start of each
+step before any state is read: whatever happens after that (a batch finishing
+or failing, new data, a flush, a stop) sets it, so no wait can miss it.
 """
 
 from __future__ import annotations
@@ -14,8 +19,9 @@ import contextlib
 import logging
 import random
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Coroutine
 from dataclasses import dataclass
+from typing import Any
 
 from .clock import until_due
 from .config import UpstreamConfig
@@ -38,13 +44,18 @@ class UpstreamState:
 
     name: str
     protocol: str
-    state: str = "idle"          # idle | sending | backoff | stopped
+    state: str = "idle"          # idle | sending | backoff | restarting (after a crash)
     last_ack: float | None = None
     last_error: str | None = None
     last_error_at: float | None = None
     retries: int = 0
     acked: int = 0
     dead_lettered: int = 0
+    crashes: int = 0             # unexpected exceptions caught by the supervisor
+
+    def error(self, text: str) -> None:
+        self.last_error = text
+        self.last_error_at = time.time()
 
 
 def backoff_delay(attempt: int, rng: Callable[[], float] = random.random) -> float:
@@ -64,7 +75,7 @@ class StreamForwarder:
         self.state = state
         self.metrics = metrics
         self.window = window
-        self.wake = asyncio.Event()       # new data for this key
+        self.wake = asyncio.Event()       # anything the loop may be waiting for happened
         self.interrupt = asyncio.Event()  # a flush or stop: also cuts a backoff short
         self.stopping = False
         self.flush_now = False
@@ -72,6 +83,7 @@ class StreamForwarder:
         self._tasks: set[asyncio.Task[None]] = set()
         self._acking: set[asyncio.Task[None]] = set()  # spool deletes of upstream-acked rows
         self._failed: SendResult | None = None
+        self._crash: BaseException | None = None  # unexpected: raised to the supervisor
         self._attempt = 0
         # Set by routing.py: end run() once the queue has stayed empty this long, so that
         # an idle key holds no task, uplink or connection (any local app can invent keys).
@@ -79,6 +91,10 @@ class StreamForwarder:
         self.released = False
 
     async def run(self) -> None:
+        """One life of the loop. Raises what it did not expect; the supervisor (routing)
+        counts it and calls ``run`` again, with a fresh uplink, after a backoff."""
+        self._cursor, self._failed, self._crash = 0, None, None
+        self.uplink.on_crash = self._crashed
         try:
             while not self.stopping and not self.released:
                 await self._step()
@@ -87,16 +103,24 @@ class StreamForwarder:
             await self.uplink.close()
 
     async def _step(self) -> None:
+        self.wake.clear()      # before reading any state: see the module docstring
+        self.interrupt.clear()
+        if self._crash is not None:
+            raise self._crash
         if self._failed is not None:
             await self._settle()
             await self._back_off()
+            # Only now, with nothing in flight, may a new connection start.
+            await self.uplink.close()
             self._cursor = 0
             return
         if len(self._tasks) >= self.window:
-            await asyncio.wait(self._tasks, return_when=asyncio.FIRST_COMPLETED)
+            await self._idle(None)
             return
         limit = self.cfg.batch_max_events * FETCH_FACTOR
         rows = await self.spool.fetch(self.stream.id, self._cursor, limit)
+        if self._failed is not None or self._crash is not None:
+            return  # a batch failed during the read: nothing new goes out before the resend
         if not rows:
             if not self._tasks:  # everything sent and answered: a flush is complete
                 self.flush_now = False
@@ -110,6 +134,8 @@ class StreamForwarder:
             return
         batch = self.uplink.take(rows)
         if not batch:  # the first row's id is still in flight: wait for its ack
+            if not self._tasks:  # ...but nothing is: waiting would be forever
+                raise RuntimeError(f"uplink {self.uplink.name} took no row, none in flight")
             await self._idle(None)
             return
         # One read feeds as many batches as the window allows: reading FETCH_FACTOR
@@ -117,36 +143,41 @@ class StreamForwarder:
         # it then dropped) the drain's bottleneck.
         while batch:
             self._cursor = batch[-1].seq
-            task = asyncio.create_task(self._deliver(batch))
-            self._tasks.add(task)
-            task.add_done_callback(self._tasks.discard)
+            self._track(self._tasks, self._deliver(batch))
             rows = rows[len(batch):]
             if len(self._tasks) >= self.window or not rows or (
                     len(rows) < self.cfg.batch_max_events and not self._due(rows[0])):
                 return
             batch = self.uplink.take(rows)
 
+    def _track(self, tasks: set[asyncio.Task[None]], work: Coroutine[Any, Any, None]) -> None:
+        """Run ``work`` as a task in ``tasks``; when it ends, wake the loop, and hand
+        anything it raised to the loop, which raises it to the supervisor."""
+        task = asyncio.create_task(work)
+        tasks.add(task)
+
+        def done(t: asyncio.Task[None]) -> None:
+            tasks.discard(t)
+            exc = None if t.cancelled() else t.exception()
+            if exc is not None:
+                self._crashed(exc)
+            self.wake.set()
+        task.add_done_callback(done)
+
+    def _crashed(self, exc: BaseException) -> None:
+        """A bug in a delivery or in the uplink: the loop raises it at its next step."""
+        if self._crash is None:
+            self._crash = exc
+        self.wake.set()
+
     def _due(self, first: Row) -> bool:
         return self.flush_now or until_due(first.received, self.cfg.flush_interval_s) <= 0
 
     async def _idle(self, timeout: float | None) -> None:
         """Wait for new data, a finished batch, a flush or stop (or ``timeout``)."""
-        if self.stopping:  # a stop that came while we read must not be cleared below
-            return
-        if self._failed is not None:  # a batch failed while we read: back off, don't idle
-            return
-        self.wake.clear()
-        self.interrupt.clear()
-        waits: set[asyncio.Future[object]] = {asyncio.ensure_future(self.wake.wait()),
-                                              asyncio.ensure_future(self.interrupt.wait())}
-        waits |= set(self._tasks)  # type: ignore[arg-type]
-        try:
-            await asyncio.wait(waits, timeout=max(timeout, 0.0) if timeout is not None else None,
-                               return_when=asyncio.FIRST_COMPLETED)
-        finally:
-            for w in waits:
-                if w not in self._tasks:
-                    w.cancel()
+        with contextlib.suppress(asyncio.TimeoutError):
+            await asyncio.wait_for(self.wake.wait(),
+                                   max(timeout, 0.0) if timeout is not None else None)
 
     async def _release_when_idle(self) -> None:
         """Mark the loop released if its queue is still empty after idle_release_s.
@@ -158,7 +189,7 @@ class StreamForwarder:
         """
         await self._idle(self.idle_release_s)
         if not self._tasks and not self._acking and self._failed is None \
-                and self.stream.depth == 0:
+                and self._crash is None and self.stream.depth == 0:
             self.released = True
 
     async def _deliver(self, batch: list[Row]) -> None:
@@ -198,9 +229,7 @@ class StreamForwarder:
             # upstream has answered, and the acks of several batches share one spool
             # commit (the drain was bounded by one commit per batch). _settle waits for
             # these before any resend, so an acked row is never fetched again.
-            task = asyncio.create_task(self.spool.ack(result.acked))
-            self._acking.add(task)
-            task.add_done_callback(self._acking.discard)
+            self._track(self._acking, self.spool.ack(result.acked))
             self.state.acked += len(result.acked)
             self.state.last_ack = time.time()
             self.metrics.observe_acked(len(result.acked))
@@ -240,17 +269,17 @@ class StreamForwarder:
         self._attempt += 1
         self.state.state = "backoff"
         self.state.retries += 1
-        self.state.last_error = failed.error
-        self.state.last_error_at = time.time()
+        self.state.error(failed.error or "failed")
         self.metrics.observe_retry(self.cfg.name)
         # Every key's loop backs off on its own: once a minute per upstream, counted.
         log_limited(log, logging.WARNING, f"upstream-down:{self.cfg.name}",
                     "upstream %s: %s; retrying in %.1fs", self.cfg.name, failed.error, delay)
-        if self.stopping:  # a stop that came while batches settled must not be cleared
-            return
-        self.interrupt.clear()
+        await self.pause(delay)
+
+    async def pause(self, delay: float) -> None:
+        """Sleep ``delay`` s; a stop or `outpost flush` cuts it short, new data does not.
+        ``interrupt`` is cleared only at the start of a step, so one set meanwhile counts."""
         with contextlib.suppress(asyncio.TimeoutError):
-            # Shutdown or `outpost flush` interrupts the wait; new data does not.
             await asyncio.wait_for(self.interrupt.wait(), delay)
 
     def poke(self) -> None:
@@ -260,7 +289,9 @@ class StreamForwarder:
         self.flush_now = True
         self._attempt = 0
         self.interrupt.set()
+        self.wake.set()
 
     def stop(self) -> None:
         self.stopping = True
         self.interrupt.set()
+        self.wake.set()

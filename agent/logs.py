@@ -118,6 +118,11 @@ def register_secret(value: str) -> None:
     _registry.add(value)
 
 
+def redact(text: str) -> str:
+    """``text`` without registered secrets or credentials, for status output."""
+    return _registry.redact(text)
+
+
 class RedactingFilter(logging.Filter):
     """Replaces secrets in the rendered message, exception and stack text.
 

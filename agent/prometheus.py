@@ -16,7 +16,7 @@ from .metrics import Histogram
 CONTENT_TYPE = "text/plain; version=0.0.4; charset=utf-8"
 # UpstreamState.state's values: each upstream exports all of them, 1 for the
 # current one, so that a state that is not current reads 0 instead of vanishing.
-UPSTREAM_STATES = ("idle", "sending", "backoff", "stopped")
+UPSTREAM_STATES = ("idle", "sending", "backoff", "restarting")
 
 Labels = dict[str, str]
 Sample = tuple[str, Labels, float]  # (name suffix, labels, value)
@@ -127,8 +127,13 @@ def _upstreams(out: Exposition, ups: list[dict[str, Any]]) -> None:
     out.family("upstream_retries_total", "counter",
                "Backoffs after a failed send to each upstream since the agent started.",
                per("retries"))
+    out.family("upstream_crashes_total", "counter",
+               "Unexpected errors in each upstream's forwarders (each one logged with its "
+               "traceback; the forwarder restarts) since the agent started.",
+               [("", {"upstream": u["name"]}, u.get("crashes", 0)) for u in ups])
     out.family("upstream_state", "gauge",
-               "1 for each upstream's current state (idle, sending, backoff, stopped), else 0.",
+               "1 for each upstream's current state (idle, sending, backoff, restarting), "
+               "else 0.",
                [("", {"upstream": u["name"], "state": s}, 1 if u["state"] == s else 0)
                 for u in ups for s in _states(u["state"])])
     out.family("upstream_last_ack_timestamp_seconds", "gauge",

@@ -5,6 +5,12 @@ for the upstream's ``flush_interval_s`` (``StreamForwarder.released``): with
 ``accept_keys = []`` any local process can invent keys, and an idle key must
 not keep a task, an uplink and a connection. New data for a key whose loop has
 ended, or is ending, starts a fresh one.
+
+``_run`` is the one supervision point: whatever a forwarder, its delivery
+tasks or its uplink's own tasks raise unexpectedly ends up there, is logged
+with its traceback, counted (``crashes`` in /status and /metrics), shown as
+``last_error``, and the loop starts again with a fresh uplink after a
+jittered, capped backoff that a stop cuts short.
 """
 
 from __future__ import annotations
@@ -15,15 +21,19 @@ import logging
 
 import aiohttp
 
-from .config import Config
+from .config import Config, UpstreamConfig
 from .device import DeviceFacts
-from .forwarder import StreamForwarder, UpstreamState
+from .forwarder import StreamForwarder, UpstreamState, backoff_delay
+from .logs import log_limited, redact
 from .metrics import Metrics
 from .spool import Spool
+from .uplinks.base import Uplink
 from .uplinks.factory import make_uplink, window
 from .uplinks.http_common import client_session
 
 log = logging.getLogger("outpost.routing")
+# A loop that ran this long before crashing starts again from the first backoff step.
+STABLE_S = 60.0
 
 
 class Forwarding:
@@ -39,6 +49,7 @@ class Forwarding:
         self._tasks: set[asyncio.Task[None]] = set()   # with loops still closing their uplink
         self._session: aiohttp.ClientSession | None = None
         self._stopping = False
+        self.make_uplink = make_uplink   # the uplink factory (tests wrap it to inject faults)
 
     async def start(self) -> None:
         self._session = client_session()
@@ -60,9 +71,8 @@ class Forwarding:
         if up is None or stream is None or stream.depth == 0 or self._session is None \
                 or self._stopping:
             return None
-        uplink = make_uplink(up, key, self._session, self.facts.machineId)
-        loop = StreamForwarder(up, stream, self.spool, uplink, self.states[up.name],
-                               self.metrics, window(up))
+        loop = StreamForwarder(up, stream, self.spool, self._uplink(up, key),
+                               self.states[up.name], self.metrics, window(up))
         loop.idle_release_s = up.flush_interval_s
         self.loops[key] = loop
         task = asyncio.create_task(self._run(key, loop), name=f"forward-{up.name}")
@@ -75,12 +85,37 @@ class Forwarding:
         if self.loops.get(key) is loop:  # not yet replaced by a loop for newer data
             del self.loops[key]
 
+    def _uplink(self, up: UpstreamConfig, key: str) -> Uplink:
+        assert self._session is not None
+        return self.make_uplink(up, key, self._session, self.facts.machineId)
+
     async def _run(self, key: str, loop: StreamForwarder) -> None:
-        try:
-            await loop.run()
-        except Exception:  # a bug in one loop must not stop the others
-            log.exception("forwarder for upstream %s stopped unexpectedly", loop.cfg.name)
-            loop.state.state = "stopped"
+        """Run ``loop`` until it stops; restart it after anything it raises."""
+        attempt = 0
+        clock = asyncio.get_running_loop().time
+        while True:
+            started = clock()
+            try:
+                await loop.run()
+                return
+            except Exception as exc:  # noqa: BLE001 - a bug must stop neither this loop nor others
+                attempt = 0 if clock() - started > STABLE_S else attempt
+                delay = backoff_delay(attempt)
+                attempt += 1
+                self._crashed(loop, exc, delay)
+            await loop.pause(delay)
+            if loop.stopping or self._session is None:
+                return
+            loop.uplink = self._uplink(loop.cfg, key)
+
+    def _crashed(self, loop: StreamForwarder, exc: Exception, delay: float) -> None:
+        name = loop.cfg.name
+        loop.state.crashes += 1
+        loop.state.state = "restarting"
+        loop.state.error(redact(f"internal error: {type(exc).__name__}: {exc}")[:300])
+        log_limited(log, logging.ERROR, f"crash:{name}:{type(exc).__name__}",
+                    "forwarder for upstream %s crashed; restarting in %.1fs", name, delay,
+                    exc_info=exc)
 
     def flush(self) -> None:
         for loop in self.loops.values():

@@ -138,7 +138,7 @@ async def test_metrics_match_status(make_agent: Any) -> None:
         assert one("upstream_retries_total", upstream=name) == u["retries"]
         assert one("upstream_acked_total", upstream=name) == u["acked"]
         states = {s: one("upstream_state", upstream=name, state=s)
-                  for s in ("idle", "sending", "backoff", "stopped")}
+                  for s in ("idle", "sending", "backoff", "restarting")}
         assert states[u["state"]] == 1 and sum(states.values()) == 1
     assert one("upstream_queue_events", upstream="down") == QUEUED
     assert one("upstream_retries_total", upstream="down") == 1

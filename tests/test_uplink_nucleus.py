@@ -68,6 +68,11 @@ async def test_ws_uplink_heartbeats_when_idle_and_recovers_from_a_drop() -> None
         lost = await up.send(up.take([row(3, {"id": 3})]))
         assert lost.acked == [] and lost.error is not None
         fake.drop_after_frames = None
+        # Until the forwarder has settled and closed, nothing opens a new connection:
+        # a later batch must not overtake the one that failed (FIFO).
+        early = await up.send(up.take([row(4, {"id": 4})]))
+        assert early.error is not None and fake.connections == 1
+        await up.close()
         again = await up.send(up.take([row(3, {"id": 3})]))   # same id, new connection
         assert again.acked == [3] and fake.connections == 2
         await up.close()
@@ -83,6 +88,7 @@ async def test_ws_uplink_times_out_on_missing_acks_and_ignores_junk() -> None:
         result = await up.send(up.take([row(1, {"id": 1})]))
         assert result.acked == [] and "no reportedIds" in (result.error or "")
         fake.reply_raw = None
+        await up.close()   # as the forwarder does after a failure, before sending again
         assert (await up.send(up.take([row(1, {"id": 1})]))).acked == [1]
         await up.close()
     await fake.stop()

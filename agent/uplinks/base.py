@@ -6,6 +6,7 @@ it: the forwarder alone decides about backoff, dead letters and acks.
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Protocol
 
@@ -29,10 +30,17 @@ class SendResult:
     rejected: str | None = None   # the batch as a whole was refused (400/413): split it
 
 
+def ignore_crash(exc: BaseException) -> None:
+    """``Uplink.on_crash`` until a forwarder supervises the uplink."""
+
+
 class Uplink(Protocol):
     """One connection to one upstream, for one local key."""
 
     name: str
+    # The forwarder sets this: an uplink hands it anything its own background tasks
+    # (a websocket reader, say) raise unexpectedly, for the forwarder's supervisor.
+    on_crash: Callable[[BaseException], None]
 
     def take(self, rows: list[Row]) -> list[Row]:
         """Reserve the longest prefix of ``rows`` that may go in the next batch.
@@ -47,4 +55,9 @@ class Uplink(Protocol):
         ...
 
     async def close(self) -> None:
+        """End the connection, if any; a later ``send`` may open a new one.
+
+        The forwarder calls it only with no batch in flight: after a failure, before
+        sending again, so that no later batch can overtake an earlier one that failed.
+        """
         ...

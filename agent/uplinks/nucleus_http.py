@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from typing import Any
 
 import aiohttp
@@ -9,7 +10,7 @@ import orjson
 
 from ..config import UpstreamConfig
 from ..spool import Row
-from .base import REJECTED_STATUSES, SendResult
+from .base import REJECTED_STATUSES, SendResult, ignore_crash
 from .http_common import html_instead_of_reply, is_retryable, post
 from .nucleus_frame import FrameBuilder
 
@@ -19,6 +20,7 @@ class NucleusHttpUplink:
 
     def __init__(self, cfg: UpstreamConfig, app_key: str, session: aiohttp.ClientSession) -> None:
         self.name = cfg.name
+        self.on_crash: Callable[[BaseException], None] = ignore_crash  # no tasks of its own
         self.cfg = cfg
         self.url = f"{cfg.url.rstrip('/')}/app/{cfg.key or app_key}/track"
         self.session = session

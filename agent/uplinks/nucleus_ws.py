@@ -1,9 +1,16 @@
 """Nucleus over a websocket: frames out, `reportedIds` back, several batches in flight.
 
 The connection is opened on first use and kept; a heartbeat goes out after
-60 s without traffic, as the official modules do. When the connection drops,
-every waiting batch returns what was acked so far plus an error, and the
-forwarder sends the rest again.
+60 s without traffic, as the official modules do.
+
+FIFO across drops (DESIGN §2.7). Frames leave in the order the forwarder took
+their batches (one lock, acquired in that order). Once a batch on a connection
+fails (the connection drops, or its acks do not come in time), that connection
+is done: every later send fails at once, without connecting, because a later
+batch must not reach the upstream before the earlier one is sent again. Only
+``close()``, which the forwarder calls once every in-flight batch has settled,
+lets the next send open a new connection. A connection that dropped while every
+batch sent on it was acknowledged (an idle drop) is replaced without a failure.
 """
 
 from __future__ import annotations
@@ -11,6 +18,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+from collections.abc import Awaitable, Callable
 from typing import Any
 from urllib.parse import urlsplit
 
@@ -19,12 +27,66 @@ import orjson
 
 from ..config import UpstreamConfig
 from ..spool import Row
-from .base import SendResult
+from .base import SendResult, ignore_crash
 from .http_common import html_instead_of_reply
 from .nucleus_frame import FrameBuilder
 
 log = logging.getLogger("outpost.uplink.nucleus_ws")
 HEARTBEAT_S = 60.0
+# How long a close waits for the upstream's half of the handshake: one that has
+# stopped answering is not worth more (the connection is then simply cut).
+CLOSE_GRACE_S = 1.0
+LOST = "connection lost before all acks arrived"
+
+
+class _Link:
+    """One connection attempt: its websocket, the acks that came on it, and whether
+    frames may still go on it."""
+
+    def __init__(self, ws: aiohttp.ClientWebSocketResponse | None, grace: float,
+                 lost: str | None = None):
+        self.ws = ws
+        self.grace = grace
+        self.lost = lost          # why no more frames may go on it
+        self.failed = lost is not None  # a batch sent on it was not wholly acknowledged
+        self.sending = 0          # sends on it that have not returned yet
+        self.acked: set[int] = set()
+        self.tasks: list[asyncio.Task[None]] = []
+        self._waiters: list[asyncio.Future[None]] = []
+
+    def notify(self) -> None:
+        for fut in self._waiters:
+            if not fut.done():
+                fut.set_result(None)
+        self._waiters.clear()
+
+    async def changed(self, timeout: float) -> None:
+        """Wait for an ack or the loss. Callers check their condition first, then call
+        this without yielding in between, so a change cannot slip through."""
+        fut = asyncio.get_running_loop().create_future()
+        self._waiters.append(fut)
+        with contextlib.suppress(asyncio.TimeoutError):
+            await asyncio.wait_for(fut, timeout)
+
+    def lose(self, reason: str) -> None:
+        if self.lost is None:
+            self.lost = reason
+        self.notify()
+
+    async def close_ws(self) -> None:
+        if self.ws is not None and not self.ws.closed:
+            with contextlib.suppress(asyncio.TimeoutError):
+                # Cancelling aiohttp's close() aborts the connection.
+                await asyncio.wait_for(self.ws.close(), self.grace)
+
+    async def close(self) -> None:
+        self.lose("closed")
+        await self.close_ws()
+        for task in self.tasks:
+            task.cancel()
+        for task in self.tasks:
+            with contextlib.suppress(asyncio.CancelledError):
+                await task
 
 
 class NucleusWsUplink:
@@ -38,12 +100,10 @@ class NucleusWsUplink:
         self.session = session
         self.machine_id = machine_id
         self.heartbeat_s = heartbeat_s
+        self.on_crash: Callable[[BaseException], None] = ignore_crash
         self.frames = FrameBuilder(cfg.batch_max_events, cfg.batch_max_bytes)
-        self._ws: aiohttp.ClientWebSocketResponse | None = None
-        self._reader: asyncio.Task[None] | None = None
-        self._connect_lock = asyncio.Lock()
-        self._acked = asyncio.Event()
-        self._acked_seqs: set[int] = set()
+        self._link: _Link | None = None
+        self._send_lock = asyncio.Lock()
         self._last_sent = 0.0
 
     def take(self, rows: list[Row]) -> list[Row]:
@@ -54,64 +114,93 @@ class NucleusWsUplink:
         wanted = {r.seq for r in batch} - failed.keys()
         if not wanted:
             return SendResult(failed=failed)
+        async with self._send_lock:  # FIFO: batches start in the order they were taken
+            link = await self._usable_link()
+            link.sending += 1
+            if link.ws is not None and link.lost is None:
+                try:
+                    await _send_text(link.ws, self.frames.frame(batch))
+                    self._last_sent = asyncio.get_running_loop().time()
+                except (aiohttp.ClientError, OSError, TimeoutError, RuntimeError) as exc:
+                    link.lose(f"send failed: {_describe(exc)}")
         try:
-            ws = await self._connection()
-            await _send_text(ws, self.frames.frame(batch))
-            self._last_sent = asyncio.get_running_loop().time()
-        except (aiohttp.ClientError, OSError, asyncio.TimeoutError, RuntimeError) as exc:
-            self.frames.release(batch)
-            return SendResult(failed=failed, error=f"connect/send failed: {_describe(exc)}")
-        error = await self._wait_acks(wanted)
-        acked = [s for s in wanted if s in self._acked_seqs]
-        self._acked_seqs.difference_update(acked)
+            error = await self._wait_acks(link, wanted)
+        finally:
+            link.sending -= 1
+        acked = sorted(wanted & link.acked)
+        link.acked.difference_update(acked)
         if error:
             self.frames.release(batch)
+            link.failed = True
+            link.lose(error)
             # Ids are only unique per connection: a late ack on this one could match
             # a different event that reuses the id after the resend, so start afresh.
-            if self._ws is not None and not self._ws.closed:
-                await self._ws.close()
-        return SendResult(acked=sorted(acked), failed=failed, error=error)
+            await link.close_ws()
+        return SendResult(acked=acked, failed=failed, error=error)
 
-    async def _wait_acks(self, wanted: set[int]) -> str | None:
+    async def _wait_acks(self, link: _Link, wanted: set[int]) -> str | None:
         loop = asyncio.get_running_loop()
         deadline = loop.time() + self.cfg.timeout_s
-        while not wanted <= self._acked_seqs:
-            if self._ws is None or self._ws.closed:
-                return "connection lost before all acks arrived"
+        while not wanted <= link.acked:
+            if link.lost is not None:
+                return link.lost if link.lost != "closed" else LOST
             remaining = deadline - loop.time()
             if remaining <= 0:
-                return f"no reportedIds for {len(wanted - self._acked_seqs)} events within {self.cfg.timeout_s:g}s"
-            self._acked.clear()
-            with contextlib.suppress(asyncio.TimeoutError):
-                await asyncio.wait_for(self._acked.wait(), remaining)
+                return f"no reportedIds for {len(wanted - link.acked)} events within {self.cfg.timeout_s:g}s"
+            await link.changed(remaining)
         return None
 
-    async def _connection(self) -> aiohttp.ClientWebSocketResponse:
-        async with self._connect_lock:
-            if self._ws is None or self._ws.closed:
-                # A redirect raises UpstreamRedirect: the session never follows one.
-                try:
-                    self._ws = await self.session.ws_connect(
-                        self.url, timeout=aiohttp.ClientWSTimeout(ws_close=5),
-                        max_msg_size=0, autoping=True, heartbeat=None)
-                except aiohttp.WSServerHandshakeError as exc:
-                    # Its text holds the URL, and so the key in its path: keep the status.
-                    raise aiohttp.ClientError(_handshake_refused(exc)) from None
-                self._reader = asyncio.create_task(self._read(self._ws), name=f"ws-read-{self.name}")
-                log.info("connected to %s (%s)", self.name, _redact(self.url))
-            return self._ws
+    async def _usable_link(self) -> _Link:
+        """The connection for the next frame (a dead one, if it must not be replaced yet)."""
+        link = self._link
+        if link is not None and link.ws is not None and link.ws.closed:
+            link.lose(LOST)   # its reader may not have run since the close
+        if link is not None and link.lost is not None and not link.failed and not link.sending:
+            await link.close()  # every batch sent on it was acknowledged: none can be overtaken
+            link = None
+        if link is None:
+            link = self._link = await self._open()
+        return link
 
-    async def _read(self, ws: aiohttp.ClientWebSocketResponse) -> None:
-        heartbeat = asyncio.create_task(self._heartbeats(ws))
+    async def _open(self) -> _Link:
+        try:
+            # ws_connect's own timeouts do not cover the handshake: bound it here.
+            ws = await asyncio.wait_for(self.session.ws_connect(
+                    self.url, timeout=aiohttp.ClientWSTimeout(ws_close=5),
+                    max_msg_size=0, autoping=True, heartbeat=None), self.cfg.timeout_s)
+        except aiohttp.WSServerHandshakeError as exc:
+            # Its text holds the URL, and so the key in its path: keep the status.
+            return _Link(None, 0, lost=f"connect failed: {_handshake_refused(exc)}")
+        except (aiohttp.ClientError, OSError, TimeoutError, RuntimeError) as exc:
+            # A redirect is an UpstreamRedirect here: the session never follows one.
+            return _Link(None, 0, lost=f"connect failed: {_describe(exc)}")
+        link = _Link(ws, min(CLOSE_GRACE_S, self.cfg.timeout_s))
+        link.tasks = [asyncio.create_task(self._guard(link, self._read(link, ws)),
+                                          name=f"ws-read-{self.name}"),
+                      asyncio.create_task(self._guard(link, self._heartbeats(ws)),
+                                          name=f"ws-heartbeat-{self.name}")]
+        log.info("connected to %s (%s)", self.name, _redact(self.url))
+        return link
+
+    async def _guard(self, link: _Link, work: Awaitable[None]) -> None:
+        """Run one of a connection's own tasks. A bug in it goes to the forwarder's
+        supervisor (``on_crash``) and ends the connection; waiting sends fail."""
+        try:
+            await work
+        except Exception as exc:  # noqa: BLE001 - handed to the supervisor
+            link.lose(f"uplink error: {type(exc).__name__}")
+            self.on_crash(exc)
+            await link.close_ws()
+
+    async def _read(self, link: _Link, ws: aiohttp.ClientWebSocketResponse) -> None:
         try:
             async for msg in ws:
                 if msg.type in (aiohttp.WSMsgType.TEXT, aiohttp.WSMsgType.BINARY):
-                    self._on_message(msg.data)
+                    self._on_message(link, msg.data)
         finally:
-            heartbeat.cancel()
-            self._acked.set()  # wake waiters so they see the drop
+            link.lose(LOST)
 
-    def _on_message(self, data: str | bytes) -> None:
+    def _on_message(self, link: _Link, data: str | bytes) -> None:
         try:
             reply: Any = orjson.loads(data)
         except orjson.JSONDecodeError:
@@ -120,8 +209,8 @@ class NucleusWsUplink:
         if isinstance(reply, dict) and "reportedIds" in reply:
             acked = self.frames.match(reply["reportedIds"])
             if acked:
-                self._acked_seqs.update(acked)
-                self._acked.set()
+                link.acked.update(acked)
+                link.notify()
 
     async def _heartbeats(self, ws: aiohttp.ClientWebSocketResponse) -> None:
         loop = asyncio.get_running_loop()
@@ -136,11 +225,11 @@ class NucleusWsUplink:
             await asyncio.sleep(self.heartbeat_s - idle)
 
     async def close(self) -> None:
-        if self._ws is not None:
-            await self._ws.close()
-        if self._reader is not None:
-            with contextlib.suppress(asyncio.CancelledError):
-                await self._reader
+        """End the connection; the next send opens a new one, and a new set of ids."""
+        link, self._link = self._link, None
+        if link is not None:
+            await link.close()
+        self.frames = FrameBuilder(self.cfg.batch_max_events, self.cfg.batch_max_bytes)
 
 
 async def _send_text(ws: aiohttp.ClientWebSocketResponse, frame: bytes) -> None:

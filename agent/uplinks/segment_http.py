@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import base64
 import gzip
+from collections.abc import Callable
 from typing import Any
 
 import aiohttp
@@ -30,7 +31,7 @@ from .. import mapping
 from ..config import UpstreamConfig
 from ..events import NUCLEUS, iso_ms, now_ms
 from ..spool import Row
-from .base import REJECTED_STATUSES, SendResult
+from .base import REJECTED_STATUSES, SendResult, ignore_crash
 from .http_common import html_instead_of_reply, is_retryable, post
 
 _SENT_AT = len(b'"sentAt":"2026-01-01T00:00:00.000Z",')
@@ -42,6 +43,7 @@ class SegmentHttpUplink:
 
     def __init__(self, cfg: UpstreamConfig, app_key: str, session: aiohttp.ClientSession) -> None:
         self.name = cfg.name
+        self.on_crash: Callable[[BaseException], None] = ignore_crash  # no tasks of its own
         self.cfg = cfg
         self.url = f"{cfg.url.rstrip('/')}/v1/batch"
         token = base64.b64encode(f"{cfg.key or app_key}:".encode()).decode()

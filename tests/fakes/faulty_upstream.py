@@ -3,9 +3,14 @@
 Each request (HTTP) or frame (websocket) takes the next Fault from ``script``;
 once the script is used up every request is answered properly. A ``poison``
 predicate makes any batch holding a matching event fail with 400, as an
-upstream that validates events would. Every request is logged with its
-arrival and reply times, so tests measure the agent's waits from the
-upstream's side instead of sleeping.
+upstream that validates events would. ``flap_every = N`` makes every Nth
+websocket frame a ``close``, ``flap_delay`` seconds after the frame arrived
+(a connection that keeps dropping, at a moment the agent does not choose).
+Each websocket handshake takes the next Fault from ``connect_script``: a
+``status`` fault answers the upgrade request with that status (5xx, 429 +
+Retry-After, a 3xx redirect), a ``timeout`` holds it for ``delay`` seconds.
+Every request is logged with its arrival and reply times, so tests measure
+the agent's waits from the upstream's side instead of sleeping.
 """
 
 from __future__ import annotations
@@ -24,7 +29,7 @@ from aiohttp import WSMsgType, web
 #   timeout    hold the reply for `delay` seconds (longer than the agent waits)
 #   slow       hold the reply for `delay` seconds, then answer properly
 #   reset      cut the connection before answering (HTTP: mid-request, body half read)
-#   close      websocket: acknowledge the first half of the frame, then close
+#   close      websocket: acknowledge the first half of the frame (after `delay`), then close
 #   partial    acknowledge only the first half of the ids
 #   unknown    acknowledge every id plus ids that were never sent (and a `true`)
 #   bogus      acknowledge only ids that were never sent
@@ -67,6 +72,10 @@ class FaultyUpstream:
     def __init__(self) -> None:
         self.script: list[Fault] = []
         self.poison: Callable[[dict[str, Any]], bool] = lambda ev: False
+        self.connect_script: list[Fault] = []
+        self.flap_every = 0
+        self.flap_delay = 0.0
+        self._frames = 0
         self.requests: list[Request] = []
         self.port = 0
         self._runner: web.AppRunner | None = None
@@ -150,7 +159,14 @@ class FaultyUpstream:
         finally:
             rec.answered = time.monotonic()
 
-    async def _nucleus_ws(self, request: web.Request) -> web.WebSocketResponse:
+    async def _nucleus_ws(self, request: web.Request) -> web.StreamResponse:
+        fault = self.connect_script.pop(0) if self.connect_script else None
+        if fault is not None:
+            self.requests.append(Request(time.monotonic(), request.path, [],
+                                         f"connect-{fault.kind}", fault.status))
+            if fault.kind == "status":
+                return web.Response(status=fault.status, headers=_headers(fault))
+            await asyncio.sleep(fault.delay)
         ws = web.WebSocketResponse(max_msg_size=0)
         await ws.prepare(request)
         self._sockets.add(ws)
@@ -164,15 +180,22 @@ class FaultyUpstream:
             rec = Request(time.monotonic(), request.path, events)
             self.requests.append(rec)
             fault = self._next(events)
+            self._frames += 1
+            if fault is None and self.flap_every and self._frames % self.flap_every == 0:
+                fault = Fault("close", delay=self.flap_delay)
             rec.fault = fault.kind if fault else "ok"
-            if fault is not None and fault.kind in ("timeout", "slow"):
+            if fault is not None and fault.kind in ("timeout", "slow", "close"):
                 await asyncio.sleep(fault.delay)
             if fault is not None and fault.kind == "malformed":
                 await ws.send_str(fault.body.decode())
             elif fault is None or fault.kind not in ("status", "reset"):
-                rec.acked = self._ack(fault, self._ids(events))
-                if rec.acked:
-                    await ws.send_str(orjson.dumps({"reportedIds": rec.acked}).decode())
+                acked = self._ack(fault, self._ids(events))
+                if acked:
+                    try:
+                        await ws.send_str(orjson.dumps({"reportedIds": acked}).decode())
+                    except ConnectionResetError:  # the agent gave up on this connection
+                        break
+                rec.acked = acked
             rec.answered = time.monotonic()
             if fault is not None and fault.kind in ("close", "reset"):
                 await ws.close()

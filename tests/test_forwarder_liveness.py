@@ -1,0 +1,330 @@
+"""A forwarder never dies or stalls silently (DESIGN §2.6).
+
+Liveness: a queue whose upstream is reachable makes progress within
+``flush_interval_s + timeout_s`` (plus the backoff after a failure); when it
+cannot, status says why. Agents run in process against real fake upstreams on
+127.0.0.1, with real spool files.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import http.client
+import logging
+import shutil
+import tempfile
+import threading
+from collections import Counter
+from collections.abc import AsyncIterator, Coroutine
+from pathlib import Path
+from typing import Any, TypeVar
+
+import aiohttp
+import orjson
+import pytest
+from hypothesis import HealthCheck, settings
+from hypothesis import strategies as st
+from hypothesis.stateful import RuleBasedStateMachine, rule, run_state_machine_as_test
+
+from agent import config as config_mod
+from agent import forwarder
+from agent.service import Agent
+from agent.uplinks.factory import make_uplink
+from agent.uplinks.nucleus_ws import NucleusWsUplink
+from tests.conftest import write_config
+from tests.fakes.faulty_upstream import Fault, FaultyUpstream
+from tests.test_upstream_faults import delivered, drained, event, send, upstream
+from tests.waiting import wait_for
+
+T = TypeVar("T")
+
+
+@pytest.fixture
+def fast_backoff(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(forwarder, "BACKOFF_BASE_S", 0.02)
+    monkeypatch.setattr(forwarder, "BACKOFF_CAP_S", 0.2)
+
+
+@pytest.fixture
+async def faulty(fast_backoff: None) -> AsyncIterator[FaultyUpstream]:
+    fake = await FaultyUpstream().start()
+    yield fake
+    await fake.stop()
+
+
+KEYS, ROUNDS = 10, 10
+
+
+async def test_a_failure_during_a_spool_read_is_not_lost(make_agent: Any,
+                                                          faulty: FaultyUpstream) -> None:
+    """Many keys, and the websocket closes after a partial ack on each one's first frame.
+
+    Right after sending, each key's forwarder reads the spool again; the close often lands
+    during that read. Before the fix the forwarder then waited for new data without
+    looking at the failure, and the key's unacknowledged half stayed queued until the app
+    sent more (most rounds stalled a key here; 10 rounds make that near certain).
+    Liveness bound: flush_interval_s + timeout_s + backoff is about 1 s; 5 s allowed.
+    """
+    agent = await make_agent(upstreams=[upstream(faulty, "nucleus-ws", timeout_s=0.6)])
+    for r in range(ROUNDS):
+        faulty.script = [Fault("close") for _ in range(KEYS)]
+        keys = range(r * KEYS, (r + 1) * KEYS)
+        for k in keys:
+            await send(agent, [event(1000 * k + i) for i in range(10)], key=f"app{k}")
+        await wait_for(lambda want=frozenset(1000 * k + i for k in keys for i in range(10)):
+                       agent.spool.depth == 0 and set(delivered(faulty)) >= want, timeout=5)
+    assert await agent.spool.dead_letters() == []
+
+
+# -- supervision: one point catches, logs, counts, shows and restarts ---------------------------
+
+
+async def get(agent: Any, path: str) -> Any:
+    async with aiohttp.ClientSession() as s, s.get(f"http://127.0.0.1:{agent.port}{path}") as r:
+        assert r.status == 200
+        return await (r.json() if path == "/status" else r.text())
+
+
+def crash_records(caplog: pytest.LogCaptureFixture) -> list[logging.LogRecord]:
+    return [r for r in caplog.records if r.levelno >= logging.ERROR]
+
+
+async def test_a_crash_in_a_delivery_is_logged_counted_shown_and_restarted(
+        make_agent: Any, faulty: FaultyUpstream, caplog: pytest.LogCaptureFixture) -> None:
+    """A real code path that raises: a `Retry-After: ²` header (`"²".isdigit()` is True,
+    `float("²")` raises ValueError) escapes the HTTP uplink as an unexpected exception.
+    Before the fix the delivery task died unseen and the key's events stayed queued."""
+    caplog.set_level(logging.INFO)
+    faulty.script = [Fault("status", 503, {"Retry-After": "\u00b2"})]
+    # A name of its own: crash logs are rate-limited per upstream, process-wide.
+    agent = await make_agent(upstreams=[upstream(faulty, "nucleus-http", name="crashy")])
+    await send(agent, [event(i) for i in range(5)])
+    await drained(agent, faulty, 5)
+    state = agent.forwarding.states["crashy"]
+    assert state.crashes == 1 and state.retries == 0
+    assert "ValueError" in (state.last_error or "")
+    (status,) = (await get(agent, "/status"))["upstreams"]
+    assert status["crashes"] == 1 and "ValueError" in status["last_error"]
+    assert 'outpost_upstream_crashes_total{upstream="crashy"} 1' in await get(agent, "/metrics")
+    # Logged once, with its traceback, at the supervision point; nothing else complains
+    # (no "Task exception was never retrieved").
+    (record,) = crash_records(caplog)
+    assert record.name == "outpost.routing" and "crashy" in record.getMessage()
+    assert record.exc_info is not None and record.exc_info[0] is ValueError
+
+
+class _BrokenReader(NucleusWsUplink):
+    """INJECTED FAULT (factory level): no reply an upstream can send breaks the websocket
+    reader, so this uplink's reader raises on its first reply, standing in for any bug
+    in an uplink's own background task."""
+
+    broke = False
+
+    def _on_message(self, link: Any, data: str | bytes) -> None:
+        if not self.broke:
+            self.broke = True
+            raise KeyError("injected reader fault")
+        super()._on_message(link, data)
+
+
+async def test_a_crash_in_an_uplink_task_is_supervised(
+        make_agent: Any, faulty: FaultyUpstream, caplog: pytest.LogCaptureFixture) -> None:
+    caplog.set_level(logging.INFO)
+    agent = await make_agent(upstreams=[upstream(faulty, "nucleus-ws", name="crashy-ws")])
+    made: list[Any] = []
+
+    def factory(cfg: Any, key: str, session: aiohttp.ClientSession, machine_id: str) -> Any:
+        uplink = (_BrokenReader(cfg, key, session, machine_id) if not made
+                  else make_uplink(cfg, key, session, machine_id))
+        made.append(uplink)
+        return uplink
+
+    agent.forwarding.make_uplink = factory
+    await send(agent, [event(i) for i in range(5)])
+    await drained(agent, faulty, 5)
+    assert made[0].broke and len(made) == 2   # restarted with a fresh uplink
+    state = agent.forwarding.states["crashy-ws"]
+    assert state.crashes == 1 and "injected reader fault" in (state.last_error or "")
+    (record,) = crash_records(caplog)
+    assert record.exc_info is not None and record.exc_info[0] is KeyError
+
+
+async def test_stop_cuts_the_restart_backoff_short(make_agent: Any, faulty: FaultyUpstream,
+                                                   monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(forwarder, "BACKOFF_BASE_S", 300.0)   # restart in 150 to 300 s
+    monkeypatch.setattr(forwarder, "BACKOFF_CAP_S", 600.0)
+    faulty.script = [Fault("status", 503, {"Retry-After": "\u00b2"})]
+    agent = await make_agent(upstreams=[upstream(faulty, "nucleus-http", name="crashy-stop")])
+    await send(agent, [event(i) for i in range(3)])
+    state = agent.forwarding.states["crashy-stop"]
+    await wait_for(lambda: state.state == "restarting")
+    assert state.crashes == 1
+    await asyncio.wait_for(agent.stop(), 3)
+
+
+# -- the stateful property: ingest interleaved with every upstream behaviour ------------------
+
+TIMEOUT_S = 0.3       # the agent's timeout_s: a hang costs this, plus the close grace
+HANG_S = 0.8          # how long a hung upstream holds a request or frame
+# One fault's worst cost: the timeout, the close grace, then the backoff (capped at 0.2 s).
+FAULT_COST_S = 2 * TIMEOUT_S + 0.2 + 0.1
+SETTLED_S = 3.0       # flush_interval_s + timeout_s + backoff, with room for a loaded machine
+
+
+def _fault(kind: str, retry_after: str) -> tuple[str, Fault]:
+    """(where it applies: "frame" or "connect", the fault) for a behaviour name."""
+    return {
+        "partial": ("frame", Fault("partial")),
+        "unknown": ("frame", Fault("unknown")),
+        "close": ("frame", Fault("close")),
+        "reset": ("frame", Fault("reset")),
+        "hang": ("frame", Fault("timeout", delay=HANG_S)),
+        "5xx": ("connect", Fault("status", 503)),
+        "429": ("connect", Fault("status", 429, {"Retry-After": retry_after})),
+        "redirect": ("connect", Fault("status", 302, {"Location": "/elsewhere"})),
+    }[kind]
+
+
+class _Scene:
+    """A FaultyUpstream and an in-process agent on one event loop thread, so that the
+    synchronous state machine can drive them over real sockets."""
+
+    def __init__(self, tmp: Path, protocol: str) -> None:
+        self.protocol = protocol
+        self.loop = asyncio.new_event_loop()
+        self.thread = threading.Thread(target=self.loop.run_forever, daemon=True)
+        self.thread.start()
+        self.fake = self.call(FaultyUpstream().start())
+        cfg = write_config(tmp / "agent.toml", tmp / "spool.db", upstreams=[upstream(
+            self.fake, protocol, timeout_s=TIMEOUT_S, batch_max_events=4, max_in_flight=3)])
+        self.agent = Agent(config_mod.load_file(cfg), str(cfg))
+        self.call(self.agent.start())
+
+    def call(self, coro: Coroutine[Any, Any, T], timeout: float = 60.0) -> T:
+        return asyncio.run_coroutine_threadsafe(coro, self.loop).result(timeout)
+
+    def script(self, where: str, fault: Fault) -> None:
+        # HTTP upstreams have no handshake: there, every fault answers a request.
+        queue = self.fake.connect_script if where == "connect" and \
+            self.protocol == "nucleus-ws" else self.fake.script
+        self.loop.call_soon_threadsafe(queue.append, fault)
+
+    def post(self, key: str, events: list[dict[str, Any]]) -> None:
+        conn = http.client.HTTPConnection("127.0.0.1", self.agent.port, timeout=10)
+        try:
+            conn.request("POST", f"/app/{key}/track", body=orjson.dumps({"data": events}),
+                         headers={"Content-Type": "application/json"})
+            resp = conn.getresponse()
+            assert resp.status == 200, resp.read()
+        finally:
+            conn.close()
+
+    def close(self) -> None:
+        try:
+            self.call(self.agent.stop())
+            self.call(self.fake.stop())
+        finally:
+            self.loop.call_soon_threadsafe(self.loop.stop)
+            self.thread.join(10)
+            self.loop.close()
+
+
+class ForwardingMachine(RuleBasedStateMachine):
+    """Apps post events for a few keys while the upstream acks, acks in part, acks
+    unknown ids, closes mid-batch, resets, hangs, answers 5xx, 429 + Retry-After or a
+    redirect. At every drain point: every event was delivered, the agent processed each
+    ack once, first arrivals are in order per key, and the queue emptied within the
+    liveness bound (the faults' own costs, then flush_interval_s + timeout_s + backoff)."""
+
+    protocol = "nucleus-ws"
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.tmp = Path(tempfile.mkdtemp(prefix="outpost-sm-"))
+        self.scene = _Scene(self.tmp, self.protocol)
+        self.sent: dict[str, int] = {}
+        self.cost = 0.0   # worst-case seconds the faults scripted since the last drain add
+
+    @rule(key=st.sampled_from(["a", "b", "c"]), n=st.integers(1, 12))
+    def ingest(self, key: str, n: int) -> None:
+        first = self.sent.get(key, 0)
+        self.scene.post(key, [event(i) for i in range(first, first + n)])
+        self.sent[key] = first + n
+
+    @rule(kind=st.sampled_from(["partial", "unknown", "close", "reset", "hang", "5xx", "429",
+                                "redirect"]),
+          retry_after=st.sampled_from(["0", "1"]))
+    def misbehave(self, kind: str, retry_after: str) -> None:
+        where, fault = _fault(kind, retry_after)
+        self.scene.script(where, fault)
+        self.cost += FAULT_COST_S + (float(retry_after) if kind == "429" else 0.0)
+
+    @rule()
+    def drain(self) -> None:
+        self._check_drained()
+
+    def teardown(self) -> None:
+        try:
+            self._check_drained()
+        finally:
+            self.scene.close()
+            shutil.rmtree(self.tmp, ignore_errors=True)
+
+    def _check_drained(self) -> None:
+        agent, fake = self.scene.agent, self.scene.fake
+        want = {(k, i) for k, n in self.sent.items() for i in range(n)}
+        bound = self.cost + SETTLED_S
+        try:
+            self.scene.call(wait_for(lambda: agent.spool.depth == 0 and
+                                     _acked_upstream(fake) >= want, bound))
+        except AssertionError:
+            raise AssertionError(f"stalled: {agent.spool.depth} events still queued after "
+                                 f"{bound:.1f}s; status: {agent.forwarding.states}") from None
+        # Faults no request has met yet (a handshake fault on a connection that stayed up)
+        # still lie ahead.
+        self.cost = (len(fake.script) + len(fake.connect_script)) * (FAULT_COST_S + 1.0)
+        assert self.scene.call(agent.spool.dead_letters()) == []
+        assert agent.forwarding.states["up"].acked == len(want)   # each ack processed once
+        assert agent.forwarding.states["up"].crashes == 0
+        assert _first_arrival_inversions(fake) == []
+        if self.protocol != "nucleus-ws":   # request/reply: an ack cannot be lost on the way
+            assert all(n == 1 for n in _ack_counts(fake).values())
+
+
+def _keyed(fake: FaultyUpstream) -> list[tuple[str, Any, bool]]:
+    """(key, event id, acked in that reply) for every event the upstream received."""
+    return [(rec.path.split("/")[2], ev["id"], any(a == ev["id"] and type(a) is type(ev["id"])
+                                                   for a in rec.acked))
+            for rec in list(fake.requests) for ev in rec.events]
+
+
+def _acked_upstream(fake: FaultyUpstream) -> set[tuple[str, Any]]:
+    return {(k, i) for k, i, acked in _keyed(fake) if acked}
+
+
+def _ack_counts(fake: FaultyUpstream) -> Counter[tuple[str, Any]]:
+    return Counter((k, i) for k, i, acked in _keyed(fake) if acked)
+
+
+def _first_arrival_inversions(fake: FaultyUpstream) -> list[tuple[str, Any, Any]]:
+    latest: dict[str, int] = {}
+    seen: set[tuple[str, Any]] = set()
+    found = []
+    for key, i, _ in _keyed(fake):
+        if (key, i) in seen:
+            continue
+        seen.add((key, i))
+        if i < latest.get(key, -1):
+            found.append((key, i, latest[key]))
+        latest[key] = max(latest.get(key, -1), i)
+    return found
+
+
+@pytest.mark.parametrize("protocol", ["nucleus-ws", "nucleus-http"])
+def test_every_event_is_delivered_once_in_order_and_nothing_stalls(
+        protocol: str, fast_backoff: None) -> None:
+    machine = type(f"Machine_{protocol.replace('-', '_')}", (ForwardingMachine,),
+                   {"protocol": protocol})
+    run_state_machine_as_test(machine, settings=settings(
+        max_examples=15, stateful_step_count=15, deadline=None,
+        suppress_health_check=list(HealthCheck)))
