@@ -89,6 +89,7 @@ class StreamForwarder:
         # an idle key holds no task, uplink or connection (any local app can invent keys).
         self.idle_release_s: float | None = None
         self.released = False
+        self._empty_since: float | None = None  # loop time the queue was first seen empty
 
     async def run(self) -> None:
         """One life of the loop. Raises what it did not expect; the supervisor (routing)
@@ -129,6 +130,7 @@ class StreamForwarder:
                     return
             await self._idle(None)
             return
+        self._empty_since = None
         if len(rows) < self.cfg.batch_max_events and not self._due(rows[0]):
             await self._idle(until_due(rows[0].received, self.cfg.flush_interval_s))
             return
@@ -180,16 +182,24 @@ class StreamForwarder:
                                    max(timeout, 0.0) if timeout is not None else None)
 
     async def _release_when_idle(self) -> None:
-        """Mark the loop released if its queue is still empty after idle_release_s.
+        """Mark the loop released once its queue has stayed empty for idle_release_s.
 
         The key's depth is updated by each commit before its apps are answered, and so
         before routing.py is told of new data: at 0, nothing is queued, however stale
         the last read. Decided without an await after that check, so routing.py sees
-        ``released`` before any later data and starts a fresh loop for it.
+        ``released`` before any later data and starts a fresh loop for it. Wakes that
+        bring no data (an ack's spool delete finishing) do not restart the count.
         """
-        await self._idle(self.idle_release_s)
-        if not self._tasks and not self._acking and self._failed is None \
-                and self._crash is None and self.stream.depth == 0:
+        assert self.idle_release_s is not None
+        now = asyncio.get_running_loop().time()
+        if self._empty_since is None:
+            self._empty_since = now
+        remaining = self._empty_since + self.idle_release_s - now
+        if remaining > 0:
+            await self._idle(remaining)
+        elif self._acking:  # its completion wakes us
+            await self._idle(None)
+        elif self._crash is None and self.stream.depth == 0:
             self.released = True
 
     async def _deliver(self, batch: list[Row]) -> None:

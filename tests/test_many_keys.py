@@ -29,6 +29,11 @@ from tests.waiting import wait_for
 CHUNK = 1_000
 CONNECTIONS = 16
 IDLE_KEY_BYTES = 2 * 1024
+# Over the 2,000 keys the websocket test can afford, allocator noise alone moves the
+# slope by about 1.5 KB per key; the 2 KB target is held over 19,000 keys by the
+# Segment test, and `python -m bench.many_keys` measures 100,000. The old cost was
+# about 100 KB per key, so this bound still catches a per-key connection or loop.
+NOISY_IDLE_KEY_BYTES = 8 * 1024
 CHUNK_TIMEOUT_S = 20.0   # a chunk takes ~1 s; the O(n²) code took 40 s for the first one
 
 
@@ -85,9 +90,12 @@ def reached(count: Callable[[], int], n: int) -> Callable[[], bool]:
 
 
 async def feed_and_measure(agent: AgentProcess, keys: int, delivered: Callable[[], int],
-                           build: Callable[[int, int], bytes]) -> list[tuple[int, int, float]]:
-    """Feed ``keys`` distinct keys in chunks; after each chunk is delivered upstream,
-    (keys so far, agent RSS, agent CPU seconds the chunk took)."""
+                           build: Callable[[int, int], bytes],
+                           settled: Callable[[], bool] = lambda: True,
+                           ) -> list[tuple[int, int, float]]:
+    """Feed ``keys`` distinct keys in chunks; after each chunk is delivered upstream and
+    ``settled`` (its keys' connections closed), (keys so far, agent RSS, agent CPU
+    seconds the chunk took)."""
     assert agent.proc is not None
     proc = psutil.Process(agent.proc.pid)
     samples = []
@@ -100,15 +108,18 @@ async def feed_and_measure(agent: AgentProcess, keys: int, delivered: Callable[[
             raise AssertionError(f"keys {start} to {start + CHUNK} not accepted within "
                                  f"{CHUNK_TIMEOUT_S} s") from None
         await wait_for(reached(delivered, start + CHUNK), timeout=CHUNK_TIMEOUT_S)
+        # RSS is compared between chunks: measure each with no key's loop still ending.
+        await wait_for(settled, timeout=CHUNK_TIMEOUT_S)
         samples.append((start + CHUNK, proc.memory_info().rss, cpu_seconds(proc) - before))
     return samples
 
 
-def check_costs(samples: list[tuple[int, int, float]], log: str) -> None:
+def check_costs(samples: list[tuple[int, int, float]], log: str,
+                per_key_bound: int = IDLE_KEY_BYTES) -> None:
     (n1, rss1, _), (_, _, first_cpu) = samples[0], samples[1]
     n2, rss2, last_cpu = samples[-1]
     per_key = (rss2 - rss1) / (n2 - n1)
-    assert per_key <= IDLE_KEY_BYTES, (
+    assert per_key <= per_key_bound, (
         f"{per_key:.0f} bytes of RSS per idle key (between {n1} and {n2} keys)")
     # The second chunk, not the first: the first also pays for warming up.
     assert last_cpu <= 2 * first_cpu + 0.2, (
@@ -145,12 +156,11 @@ async def test_3k_nucleus_app_ids_release_their_websockets(
         fake_nucleus: FakeNucleus) -> None:
     cfg, port = agent_config(tmp_path, {"protocol": "nucleus-ws", "url": fake_nucleus.url})
     agent = agent_process(cfg, port).start()
-    samples = await feed_and_measure(agent, 3_000, lambda: len(fake_nucleus.events),
-                                     nucleus_request)
     # An idle key keeps no connection open upstream.
-    await wait_for(lambda: fake_nucleus.open_connections == 0)
+    samples = await feed_and_measure(agent, 3_000, lambda: len(fake_nucleus.events),
+                                     nucleus_request, lambda: fake_nucleus.open_connections == 0)
     agent.terminate()
-    check_costs(samples, agent.log.read_text())
+    check_costs(samples, agent.log.read_text(), NOISY_IDLE_KEY_BYTES)
 
 
 class HeldCloseUpstream:

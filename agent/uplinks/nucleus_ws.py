@@ -179,7 +179,8 @@ class NucleusWsUplink:
                                           name=f"ws-read-{self.name}"),
                       asyncio.create_task(self._guard(link, self._heartbeats(ws)),
                                           name=f"ws-heartbeat-{self.name}")]
-        log.info("connected to %s (%s)", self.name, _redact(self.url))
+        # Debug: a key's loop ends when idle, so an app sending now and then reconnects often.
+        log.debug("connected to %s (%s)", self.name, _redact(self.url))
         return link
 
     async def _guard(self, link: _Link, work: Awaitable[None]) -> None:
