@@ -48,8 +48,11 @@ async def test_batch_routes_refuse_nonfinite(make_agent: Any, route: str, value:
     reply = await call(agent.port, route, f"{{'batch': [{good}, {bad}]}}", headers=AUTH)
     assert reply.status == 400, reply.body
     body = reply.json()
-    assert body["Success"] is False and len(body["Errors"]) == 1
-    err = body["Errors"][0]
+    if route.startswith("/v1/w"):  # an unreadable webhook body cannot say it was a batch
+        err = body
+    else:
+        assert body["Success"] is False and len(body["Errors"]) == 1
+        err = body["Errors"][0]
     assert set(err) == {"Error", "Message", "Details"}
     text = err["Message"] + " " + err["Details"]
     assert "batch[1].properties.n[1]" in text and named in text, body
