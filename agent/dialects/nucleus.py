@@ -14,7 +14,7 @@ import orjson
 from aiohttp import WSCloseCode, WSMsgType, web
 
 from ..enrich import fill_nucleus
-from ..events import NUCLEUS, Event, dedupe_key, iso_ms, now_ms
+from ..events import NUCLEUS, Event, compact_json, dedupe_key, iso_ms, now_ms
 from ..logs import log_limited
 from ..sink import Sink
 from ..spool import SpoolFull
@@ -73,7 +73,7 @@ def parse_message(msg: Any, key: str, sink: Sink) -> tuple[list[Event], list[Any
             if ev.get("date") is None:
                 received = received or iso_ms(now_ms())
                 ev["date"] = received
-            events.append(Event(key, NUCLEUS, ident, orjson.dumps(ev)))
+            events.append(Event(key, NUCLEUS, ident, compact_json(ev)))
         except orjson.JSONEncodeError as exc:  # nested deeper than orjson writes (255)
             raise BodyError(400, f"data[{i}] cannot be stored", str(exc)) from exc
     return events, acks

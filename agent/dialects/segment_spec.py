@@ -26,7 +26,7 @@ from typing import Any
 import orjson
 from aiohttp import web
 
-from ..events import SEGMENT, Event, dedupe_key, iso_ms, now_ms
+from ..events import SEGMENT, Event, compact_json, dedupe_key, iso_ms, now_ms
 from ..spool import SpoolFull
 from .body import BodyError
 
@@ -128,7 +128,7 @@ def received_now() -> str:
 
 def dump(ev: Any) -> bytes:
     try:
-        return orjson.dumps(ev)
+        return compact_json(ev)
     except orjson.JSONEncodeError as exc:  # nested deeper than orjson writes (255)
         raise Invalid(f"message cannot be stored: {exc}") from exc
 
