@@ -27,6 +27,10 @@ class ListenConfig:
     port: int = 8765
     accept_keys: tuple[str, ...] = ()
     allowed_origins: tuple[str, ...] = ()
+    # Extension: MiB of request bodies being read, parsed or committed at once; past
+    # it apps get 503/429 + Retry-After. The default keeps the agent's peak RSS under
+    # 150 MB with eight maximum-size posts at once on any route (docs/operations.md).
+    max_inflight_mb: int = 6
 
 
 @dataclass(frozen=True)
@@ -162,6 +166,7 @@ def _listen(t: dict[str, Any]) -> ListenConfig:
         accept_keys=tuple(_take(t, w, "accept_keys", list, [], _str_list(w, "accept_keys"))),
         allowed_origins=tuple(_take(t, w, "allowed_origins", list, [],
                                     _str_list(w, "allowed_origins"))),
+        max_inflight_mb=_take(t, w, "max_inflight_mb", int, 6, _positive),
     )
     _no_leftovers(t, w)
     return out

@@ -48,6 +48,12 @@ class Metrics:
         self.retries: dict[str, int] = {}
         self.history: deque[Minute] = deque(maxlen=HISTORY_MINUTES)
         self.started = clock()
+        # Admission control (agent/admission.py): request bodies in flight, the budget,
+        # requests refused as busy, and heap trims after bursts.
+        self.inflight_bytes = 0
+        self.inflight_budget = 0
+        self.busy_refusals = 0
+        self.memory_trims = 0
 
     def _bucket(self) -> Minute:
         minute = int(self.clock() // 60)

@@ -83,6 +83,10 @@ async def snapshot(cfg: Config, spool: Spool, forwarding: Forwarding,
         "oldest_event_age_s": round(time.time() - oldest / 1000, 1) if oldest else None,
         "upstreams": upstreams,
         "history": metrics.series(),
+        "ingest": {"inflight_bytes": metrics.inflight_bytes,
+                   "inflight_budget": metrics.inflight_budget,
+                   "busy_refusals": metrics.busy_refusals,
+                   "memory_trims": metrics.memory_trims},
     }
 
 
