@@ -10,28 +10,23 @@ peak stays bounded however many apps post at once. A request larger than the
 whole budget is still taken when nothing else is in flight: it is refused only
 while others are.
 
-After a burst, freed memory sits in the C allocator's free lists and RSS stays
-at the peak; once nothing is in flight, ``malloc_trim`` hands it back to the OS
-(see memory.py).
+Once a burst is over, memory.Trimmer hands the freed memory back to the OS.
 """
 
 from __future__ import annotations
 
-import asyncio
 import logging
 from types import TracebackType
 from typing import Self
 
 from .dialects.body import Busy
 from .logs import log_limited
-from .memory import malloc_trim
+from .memory import Trimmer
 from .metrics import Metrics
 
 log = logging.getLogger("outpost.admission")
 
 RETRY_AFTER_S = 1  # in-flight bodies clear within a commit or two
-TRIM_AFTER_BYTES = 4 * 1024 * 1024  # trimming after small traffic would gain nothing
-TRIM_DELAY_S = 1.0  # let replies go out and the commit's rows be freed first
 
 
 class Admission:
@@ -41,17 +36,13 @@ class Admission:
         self.budget = budget
         self.metrics = metrics
         metrics.inflight_budget = budget
-        self._since_trim = 0
-        self._trim = malloc_trim()
-        self._trim_timer: asyncio.TimerHandle | None = None
-        self._trimming: asyncio.Future[int] | None = None
-
-    @property
-    def in_flight(self) -> int:
-        return self.metrics.inflight_bytes
+        self.trimmer = Trimmer(metrics)
 
     def take(self, n: int) -> None:
         held = self.metrics.inflight_bytes
+        # Refused or not, the body was, or was about to be, in memory (a websocket
+        # frame is read whole before it can be refused).
+        self.trimmer.activity(n)
         if held and held + n > self.budget:
             self.metrics.busy_refusals += 1
             log_limited(log, logging.WARNING, "busy",
@@ -60,39 +51,17 @@ class Admission:
             raise Busy(f"{held + n} bytes of request bodies would be in flight, over the "
                        f"{self.budget} byte budget", RETRY_AFTER_S)
         self.metrics.inflight_bytes = held + n
-        self._since_trim += n
 
     def give(self, n: int) -> None:
         self.metrics.inflight_bytes -= n
-        if self.metrics.inflight_bytes == 0 and self._since_trim >= TRIM_AFTER_BYTES:
-            self._schedule_trim()
+        if self.metrics.inflight_bytes == 0:
+            self.trimmer.idle()
 
     def ticket(self) -> Ticket:
         return Ticket(self)
 
-    def _schedule_trim(self) -> None:
-        if self._trim is None or self._trim_timer is not None:
-            return
-        self._trim_timer = asyncio.get_running_loop().call_later(TRIM_DELAY_S, self._trim_now)
-
-    def _trim_now(self) -> None:
-        self._trim_timer = None
-        if self._trim is None or self.in_flight or self._trimming is not None:
-            return  # still busy: the next time nothing is in flight schedules it again
-        self._since_trim = 0
-        # Off the loop: trimming a large heap walks every free chunk.
-        self._trimming = asyncio.get_running_loop().run_in_executor(None, self._trim, 0)
-        self._trimming.add_done_callback(self._trimmed)
-
-    def _trimmed(self, fut: asyncio.Future[int]) -> None:
-        self._trimming = None
-        if not fut.cancelled() and fut.exception() is None:
-            self.metrics.memory_trims += 1
-
     def close(self) -> None:
-        if self._trim_timer is not None:
-            self._trim_timer.cancel()
-            self._trim_timer = None
+        self.trimmer.close()
 
 
 class Ticket:

@@ -47,6 +47,7 @@ def cmd_run(args: argparse.Namespace) -> int:
     memory.use_c_allocator()  # re-executes this process once, on glibc (see memory.py)
     logs.setup_logging(cfg.log.level)
     from .service import Agent
+    memory.freeze_imports()
 
     async def main() -> int:
         return await Agent(cfg, getattr(args, "config", None)).serve()

@@ -15,6 +15,7 @@ import threading
 import time
 from collections.abc import Callable
 from pathlib import Path
+from typing import Self
 
 import aiohttp
 
@@ -48,7 +49,7 @@ class Prober:
         finally:
             conn.close()
 
-    def __enter__(self) -> Prober:
+    def __enter__(self) -> Self:
         self._thread.start()
         return self
 
