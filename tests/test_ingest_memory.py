@@ -14,11 +14,12 @@ from typing import Any
 import aiohttp
 import orjson
 import psutil
+import pytest
 from aiohttp import WSCloseCode, WSMsgType
 
 from tests.conftest import AgentProcess, free_port, write_config
 from tests.load_bodies import KEY, ROUTES, Route, nucleus_body
-from tests.waiting import wait_for
+from tests.waiting import run_outpost, wait_for
 
 MB = 1024 * 1024
 PEAK_LIMIT = 150 * MB
@@ -196,3 +197,12 @@ def events_in(body: bytes) -> int:
     doc = orjson.loads(body)
     items = doc.get("data", doc.get("batch"))
     return len(items) if isinstance(items, list) else 1
+
+
+@pytest.mark.parametrize("value,problem", [("0", "must be greater than 0"), ("-1", "must be greater than 0"),
+                                           ("true", "got a boolean"), ('"8"', "expected")])
+async def test_budget_is_validated_at_startup(tmp_path: Path, value: str, problem: str) -> None:
+    cfg = tmp_path / "agent.toml"
+    cfg.write_text(f"[listen]\nmax_inflight_mb = {value}\n")
+    code, out = await run_outpost("check-config", str(cfg))
+    assert code != 0 and "listen.max_inflight_mb" in out and problem in out, out
