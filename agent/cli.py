@@ -46,8 +46,10 @@ def cmd_run(args: argparse.Namespace) -> int:
         return 2
     memory.use_c_allocator()  # re-executes this process once, on glibc (see memory.py)
     logs.setup_logging(cfg.log.level)
+    from .dialects import offload
     from .service import Agent
     memory.freeze_imports()
+    offload.favour_the_loop()
 
     async def main() -> int:
         return await Agent(cfg, getattr(args, "config", None)).serve()

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import asyncio
 import gc
+import sys
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from typing import TypeVar
@@ -21,6 +22,7 @@ from typing import TypeVar
 T = TypeVar("T")
 
 INLINE_MAX = 64 * 1024  # bytes; orjson parses this in well under a millisecond
+SWITCH_INTERVAL_S = 0.001
 _worker = ThreadPoolExecutor(max_workers=1, thread_name_prefix="ingest-parse")
 
 
@@ -45,3 +47,14 @@ def _without_gc(work: Callable[[], T]) -> T:
     finally:
         if was_enabled:
             gc.enable()
+
+
+def favour_the_loop() -> None:
+    """Hand the GIL over every millisecond instead of every 5 (Python's default).
+
+    While the worker parses, the event loop thread waits for the GIL after every
+    poll, up to one switch interval each time, and a request needs several polls.
+    Measured with `python -m bench.large` (8 concurrent 4 MiB Nucleus posts),
+    /healthz p99 went from 68-73 ms to 47-54 ms. Called by ``outpost run``.
+    """
+    sys.setswitchinterval(SWITCH_INTERVAL_S)
