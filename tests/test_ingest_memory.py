@@ -4,6 +4,7 @@ memory handed back once the load is over."""
 from __future__ import annotations
 
 import asyncio
+import gzip
 import re
 import threading
 from collections.abc import Callable, Iterator
@@ -206,3 +207,24 @@ async def test_budget_is_validated_at_startup(tmp_path: Path, value: str, proble
     cfg.write_text(f"[listen]\nmax_inflight_mb = {value}\n")
     code, out = await run_outpost("check-config", str(cfg))
     assert code != 0 and "listen.max_inflight_mb" in out and problem in out, out
+
+
+async def test_a_lone_post_over_the_budget_is_taken_gzipped_or_chunked(make_agent: Any) -> None:
+    """The budget refuses posts only while others are in flight: a lone post larger
+    than it is taken, however it arrives (its own reservations do not count against it)."""
+    agent = await make_agent(listen={"max_inflight_mb": 1})
+    body = nucleus_body(1, limit=2 * MB)
+    base = f"http://127.0.0.1:{agent.port}/app/{KEY}/track"
+
+    async def chunks() -> Any:
+        for at in range(0, len(body), 65536):
+            yield body[at:at + 65536]
+
+    async with aiohttp.ClientSession(auto_decompress=False) as s:
+        async with s.post(base, data=gzip.compress(body),
+                          headers={"Content-Encoding": "gzip"}) as r:
+            assert r.status == 200, await r.text()
+        async with s.post(base, data=chunks()) as r:  # no Content-Length: chunked
+            assert r.status == 200, await r.text()
+    assert agent.spool.depth == events_in(body)  # the second post is all resends
+    assert agent.metrics.busy_refusals == 0
