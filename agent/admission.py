@@ -38,12 +38,14 @@ class Admission:
         metrics.inflight_budget = budget
         self.trimmer = Trimmer(metrics)
 
-    def take(self, n: int) -> None:
+    def take(self, n: int, own: int = 0) -> None:
+        """Reserve ``n`` more bytes for a request already holding ``own``; raises Busy
+        when they would pass the budget while other requests are in flight."""
         held = self.metrics.inflight_bytes
         # Refused or not, the body was, or was about to be, in memory (a websocket
         # frame is read whole before it can be refused).
         self.trimmer.activity(n)
-        if held and held + n > self.budget:
+        if held > own and held + n > self.budget:
             self.metrics.busy_refusals += 1
             log_limited(log, logging.WARNING, "busy",
                         "refusing a request: %d bytes in flight, %d more would pass the "
@@ -72,7 +74,7 @@ class Ticket:
         self.held = 0
 
     def take(self, n: int) -> None:
-        self._admission.take(n)
+        self._admission.take(n, self.held)
         self.held += n
 
     def give(self, n: int) -> None:
