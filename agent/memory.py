@@ -56,7 +56,10 @@ def use_c_allocator() -> None:
     if "PYTHONMALLOC" in os.environ or malloc_trim() is None:
         return
     env = {**os.environ, "PYTHONMALLOC": "malloc"}
-    os.execve(sys.executable, [sys.executable, *sys.orig_argv[1:]], env)
+    try:
+        os.execve(sys.executable, [sys.executable, *sys.orig_argv[1:]], env)
+    except OSError:
+        pass  # run on as we are: only the memory hand-back is less thorough
 
 
 def freeze_imports() -> None:

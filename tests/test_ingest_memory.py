@@ -5,7 +5,10 @@ from __future__ import annotations
 
 import asyncio
 import gzip
+import os
+import platform
 import re
+import sys
 import threading
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
@@ -228,3 +231,22 @@ async def test_a_lone_post_over_the_budget_is_taken_gzipped_or_chunked(make_agen
             assert r.status == 200, await r.text()
     assert agent.spool.depth == events_in(body)  # the second post is all resends
     assert agent.metrics.busy_refusals == 0
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux") or platform.libc_ver()[0] != "glibc",
+                    reason="the C allocator switch is for glibc")
+def test_outpost_run_switches_to_the_c_allocator_unless_told_otherwise(
+        tmp_path: Path, agent_process: Callable[..., AgentProcess]) -> None:
+    """Same pid (a service manager sees nothing), PYTHONMALLOC=malloc; an explicit
+    PYTHONMALLOC is kept."""
+    cases = [({"PYTHONMALLOC": "pymalloc"}, "pymalloc")]
+    if "PYTHONMALLOC" not in os.environ:
+        cases.append(({}, "malloc"))
+    for env, expected in cases:
+        port = free_port()
+        cfg = write_config(tmp_path / f"{expected}.toml", tmp_path / f"{expected}.db", port=port)
+        agent = agent_process(cfg, port, env=env)
+        agent.start()
+        assert agent.proc is not None
+        assert psutil.Process(agent.proc.pid).environ().get("PYTHONMALLOC") == expected
+        assert agent.terminate() == 0
