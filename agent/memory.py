@@ -22,13 +22,17 @@ import asyncio
 import ctypes
 import ctypes.util
 import gc
+import logging
 import os
 import platform
 import sys
 import time
 from collections.abc import Callable
 
+from .logs import log_limited
 from .metrics import Metrics
+
+log = logging.getLogger("outpost.memory")
 
 TRIM_AFTER_BYTES = 4 * 1024 * 1024  # trimming after light traffic would gain nothing
 TRIM_QUIET_S = 1.0  # after the last request of a burst: replies sent, connections closed
@@ -120,8 +124,12 @@ class Trimmer:
 
     def _done(self, fut: asyncio.Future[int]) -> None:
         self._running = None
-        if not fut.cancelled() and fut.exception() is None:
-            self.metrics.memory_trims += 1
+        if fut.cancelled():
+            return
+        if (exc := fut.exception()) is not None:
+            log_limited(log, logging.WARNING, "trim", "malloc_trim failed: %s", exc)
+            return
+        self.metrics.memory_trims += 1
         if not self.metrics.inflight_bytes:
             self._arm(TRIM_QUIET_S)  # a burst that came and went during this trim
 
