@@ -15,7 +15,7 @@ from pathlib import Path
 from typing import Any
 from urllib.parse import urlsplit
 
-from . import __version__, logs, paths, service_install
+from . import __version__, logs, memory, paths, service_install
 from . import config as config_mod
 from .config import Config, ConfigError
 from .device import detect
@@ -44,8 +44,12 @@ def cmd_run(args: argparse.Namespace) -> int:
     cfg = _load(args)
     if cfg is None:
         return 2
+    memory.use_c_allocator()  # re-executes this process once, on glibc (see memory.py)
     logs.setup_logging(cfg.log.level)
+    from .dialects import offload
     from .service import Agent
+    memory.freeze_imports()
+    offload.favour_the_loop()
 
     async def main() -> int:
         return await Agent(cfg, getattr(args, "config", None)).serve()

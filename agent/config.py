@@ -34,6 +34,10 @@ class ListenConfig:
     header_timeout_s: float = 10.0
     body_timeout_s: float = 30.0
     max_connections: int = 1024
+    # Extension: MiB of request bodies being read, parsed or committed at once; past
+    # it apps get 503/429 + Retry-After. The default keeps the agent's peak RSS under
+    # 150 MB with eight maximum-size posts at once on any route (docs/operations.md).
+    max_inflight_mb: int = 6
 
 
 @dataclass(frozen=True)
@@ -173,6 +177,7 @@ def _listen(t: dict[str, Any]) -> ListenConfig:
         header_timeout_s=float(_take(t, w, "header_timeout_s", (int, float), 10.0, _positive)),
         body_timeout_s=float(_take(t, w, "body_timeout_s", (int, float), 30.0, _positive)),
         max_connections=_take(t, w, "max_connections", int, 1024, _positive),
+        max_inflight_mb=_take(t, w, "max_inflight_mb", int, 6, _positive),
     )
     _no_leftovers(t, w)
     return out

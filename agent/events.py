@@ -30,6 +30,17 @@ class Event:
     body: bytes     # compact JSON of the event, enriched, as it will be forwarded
 
 
+def compact_json(obj: Any) -> bytes:
+    """``orjson.dumps(obj)``, copied into a right-sized buffer, for bytes that are kept.
+
+    orjson (3.12 on) hands back its whole working buffer, 4 KiB or more, however short
+    the JSON: a 100-byte event body held 4 KiB until its commit, so one 4 MiB Nucleus
+    post of 38,000 events held 150 MB, and the freed holes fragmented the heap after.
+    The copy costs well under a microsecond.
+    """
+    return memoryview(orjson.dumps(obj)).tobytes()
+
+
 def dedupe_key(*parts: Any) -> int:
     """A stable signed 64-bit hash of ``parts`` (fits an SQLite INTEGER)."""
     raw = orjson.dumps(parts, option=orjson.OPT_SORT_KEYS)

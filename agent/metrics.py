@@ -52,6 +52,12 @@ class Metrics:
         self.connections_open = 0
         self.connections_cap = 0
         self.connections_closed: dict[str, int] = {}
+        # Admission control (agent/admission.py): request bodies in flight, the budget,
+        # requests refused as busy, and heap trims after bursts.
+        self.inflight_bytes = 0
+        self.inflight_budget = 0
+        self.busy_refusals = 0
+        self.memory_trims = 0
 
     def _bucket(self) -> Minute:
         minute = int(self.clock() // 60)

@@ -108,10 +108,24 @@ def render(snap: dict[str, Any], latency: Histogram) -> str:
     out.family("connections_closed_total", "counter",
                "Client connections the agent closed, by reason (idle, slow_head, evicted, "
                "refused).", [("", {"reason": r}, n) for r, n in conns["closed"].items()])
+    _ingest(out, snap["ingest"])
     out.histogram("ingest_latency_seconds",
                   "Time to commit one ingest request's events (the group commit and fsync).",
                   latency)
     return out.text()
+
+
+def _ingest(out: Exposition, ingest: dict[str, int]) -> None:
+    out.gauge("ingest_inflight_bytes",
+              "Bytes of request bodies being read, parsed or committed right now.",
+              ingest["inflight_bytes"])
+    out.gauge("ingest_inflight_budget_bytes", "listen.max_inflight_mb, in bytes.",
+              ingest["inflight_budget"])
+    out.counter("ingest_busy_total",
+                "Requests answered busy (503/429 + Retry-After): the in-flight budget was full.",
+                ingest["busy_refusals"])
+    out.counter("memory_trims_total", "Times freed heap memory was handed back to the OS "
+                "after a burst of ingest.", ingest["memory_trims"])
 
 
 def _upstreams(out: Exposition, ups: list[dict[str, Any]]) -> None:

@@ -64,7 +64,8 @@ class Agent:
         self.spool = spool = await Spool.open(self.cfg.storage)
         _register_keys(spool.streams)
         self.forwarding = Forwarding(self.cfg, spool, self.facts, self.metrics)
-        self.sink = Sink(self.cfg.listen.accept_keys, spool, self.facts, self.metrics)
+        self.sink = Sink(self.cfg.listen.accept_keys, spool, self.facts, self.metrics,
+                         inflight_budget=self.cfg.listen.max_inflight_mb * 1024 * 1024)
         self.sink.on_new_data = self._new_data
         # A spool that could not be opened at start (full disk) brings its queues later.
         spool.on_reopen = lambda: self._new_data(set(spool.streams))

@@ -5,6 +5,7 @@ from __future__ import annotations
 import time
 from collections.abc import Callable
 
+from .admission import Admission
 from .device import DeviceFacts
 from .events import Event
 from .metrics import Metrics
@@ -15,11 +16,12 @@ class Sink:
     """Key policy plus durable store: what every dialect calls after parsing."""
 
     def __init__(self, accept_keys: tuple[str, ...], spool: Spool, facts: DeviceFacts,
-                 metrics: Metrics) -> None:
+                 metrics: Metrics, inflight_budget: int) -> None:
         self.spool = spool
         self.facts = facts
         self.metrics = metrics
         self._accept = frozenset(accept_keys)
+        self.admission = Admission(inflight_budget, metrics)
         # Called with the keys that got new events after each commit (wakes forwarders).
         self.on_new_data: Callable[[set[str]], None] = lambda keys: None
 
@@ -37,7 +39,12 @@ class Sink:
         if not events:
             return 0
         started = time.perf_counter()
-        stored = await self.spool.append(events)
+        # The spool's writer keeps its last group commit referenced until the next one:
+        # hand it a list of its own and empty it once committed, so that a burst's events
+        # are freed now, not at the next commit (whenever the next app posts).
+        handed = list(events)
+        stored = await self.spool.append(handed)
+        handed.clear()
         self.metrics.observe_ingest(time.perf_counter() - started, len(events))
         if stored:
             self.on_new_data({ev.key for ev in events})

@@ -90,6 +90,10 @@ async def snapshot(cfg: Config, spool: Spool, forwarding: Forwarding,
         "history": metrics.series(),
         "connections": {"open": metrics.connections_open, "max": metrics.connections_cap,
                         "closed": dict(sorted(metrics.connections_closed.items()))},
+        "ingest": {"inflight_bytes": metrics.inflight_bytes,
+                   "inflight_budget": metrics.inflight_budget,
+                   "busy_refusals": metrics.busy_refusals,
+                   "memory_trims": metrics.memory_trims},
     }
 
 

@@ -8,7 +8,8 @@ from __future__ import annotations
 
 import asyncio
 import zlib
-from typing import Any
+from contextvars import ContextVar
+from typing import Any, Protocol
 
 import orjson
 from aiohttp import web
@@ -21,6 +22,8 @@ BODY_TIMEOUT_S = web.AppKey("body_timeout_s", float)
 class BodyError(Exception):
     """A client mistake in the body; each dialect renders it in its own shape."""
 
+    retry_after: int | None = None
+
     def __init__(self, status: int, message: str, details: str = "") -> None:
         super().__init__(message)
         self.status = status
@@ -28,35 +31,74 @@ class BodyError(Exception):
         self.details = details
 
 
+class Busy(BodyError):
+    """Not the client's mistake: in-flight bodies are at their budget. Each dialect
+    answers its own "retry later" status (503, or 429 where that is the API's) with
+    Retry-After."""
+
+    def __init__(self, details: str, retry_after: int) -> None:
+        super().__init__(503, "agent busy, retry later", details)
+        self.retry_after = retry_after
+
+
+class Reservation(Protocol):
+    def take(self, n: int) -> None:
+        """Count ``n`` more bytes as in flight; raises Busy when they do not fit."""
+
+    def give(self, n: int) -> None:
+        """Stop counting ``n`` of the bytes taken."""
+
+
+# The running request's reservation against the in-flight body budget
+# (agent/admission.py), set by the ingest middleware for the handler's task;
+# read_raw charges every body byte to it.
+TICKET: ContextVar[Reservation | None] = ContextVar("outpost_ticket", default=None)
+
+
 async def read_raw(request: web.Request, limit: int) -> bytes:
-    """The body, decoded per Content-Encoding, refused past ``limit`` bytes."""
+    """The body, decoded per Content-Encoding, refused past ``limit`` bytes.
+
+    Every byte is reserved against the in-flight budget before it is read (the
+    declared Content-Length at once), so a busy agent refuses without reading.
+    """
     length = request.content_length
     if length is not None and length > limit:
         raise BodyError(413, "request body too large", f"{length} bytes, limit {limit}")
     encoding = request.headers.get("Content-Encoding", "identity").strip().lower()
     if encoding not in ("identity", "", "gzip", "x-gzip", "deflate"):
         raise BodyError(415, f"unsupported Content-Encoding {encoding!r}")
+    ticket = TICKET.get()
+    if ticket is not None and length:
+        ticket.take(length)
     if request.content.is_eof():  # the whole body came with the head: the usual case
-        raw = await _read(request, limit)
+        raw = await _read(request, limit, ticket, length)
     else:
         seconds = request.app[BODY_TIMEOUT_S]
         try:
             async with asyncio.timeout(seconds):
-                raw = await _read(request, limit)
+                raw = await _read(request, limit, ticket, length)
         except TimeoutError:
             raise BodyError(408, "request body not received in time",
                             f"incomplete after {seconds:g} s (listen.body_timeout_s)") from None
     if encoding in ("gzip", "x-gzip", "deflate"):
-        return _inflate(bytes(raw), encoding, limit)
+        if ticket is None:
+            return _inflate(bytes(raw), encoding, limit)
+        ticket.take(limit)  # the worst case, before inflating; the rest is given back
+        out = _inflate(bytes(raw), encoding, limit)
+        ticket.give(limit - len(out))
+        return out
     return bytes(raw)
 
 
-async def _read(request: web.Request, limit: int) -> bytearray:
+async def _read(request: web.Request, limit: int, ticket: Reservation | None,
+                length: int | None) -> bytearray:
     raw = bytearray()
     while chunk := await request.content.read(CHUNK):
         raw += chunk
         if len(raw) > limit:
             raise BodyError(413, "request body too large", f"over {limit} bytes")
+        if ticket is not None and length is None:  # chunked: reserve as it comes
+            ticket.take(len(chunk))
     return raw
 
 

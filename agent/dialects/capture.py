@@ -12,7 +12,9 @@ from __future__ import annotations
 
 from aiohttp import web
 
+from ..events import Event
 from ..sink import Sink
+from . import offload
 from . import segment_spec as spec
 from .body import parse_json, read_raw
 
@@ -35,11 +37,17 @@ class CaptureHandlers:
             return error(401, "missing or invalid X-Write-Key")
 
         async def work() -> None:
-            raw = await read_raw(request, spec.MAX_BATCH_BYTES)
-            await self.sink.store(spec.accept_all(parse_json(raw), key, TYPES, len(raw)))
+            await self.sink.store(await _events(await read_raw(request, spec.MAX_BATCH_BYTES),
+                                                key))
 
         return await spec.settle(work(), error, full_status=429) or spec.json_reply(
             {"status": "success"}, 201)
+
+
+async def _events(raw: bytes, key: str) -> list[Event]:
+    # Parsed off the loop when large; the body is not kept while the commit is awaited.
+    return await offload.parse(len(raw), lambda: spec.accept_all(parse_json(raw), key, TYPES,
+                                                                 len(raw)))
 
 
 def routes(sink: Sink) -> list[web.RouteDef]:

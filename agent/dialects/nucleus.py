@@ -14,11 +14,12 @@ import orjson
 from aiohttp import WSCloseCode, WSMsgType, web
 
 from ..enrich import fill_nucleus
-from ..events import NUCLEUS, Event, dedupe_key, iso_ms, now_ms
+from ..events import NUCLEUS, Event, compact_json, dedupe_key, iso_ms, now_ms
 from ..logs import log_limited
 from ..sink import Sink
 from ..spool import SpoolFull
-from .body import BodyError, parse_json, read_raw
+from . import offload
+from .body import BodyError, Busy, parse_json, read_raw
 
 log = logging.getLogger("outpost.nucleus")
 
@@ -73,7 +74,7 @@ def parse_message(msg: Any, key: str, sink: Sink) -> tuple[list[Event], list[Any
             if ev.get("date") is None:
                 received = received or iso_ms(now_ms())
                 ev["date"] = received
-            events.append(Event(key, NUCLEUS, ident, orjson.dumps(ev)))
+            events.append(Event(key, NUCLEUS, ident, compact_json(ev)))
         except orjson.JSONEncodeError as exc:  # nested deeper than orjson writes (255)
             raise BodyError(400, f"data[{i}] cannot be stored", str(exc)) from exc
     return events, acks
@@ -116,18 +117,22 @@ class NucleusHandlers:
     def __init__(self, sink: Sink) -> None:
         self.sink = sink
 
+    async def _parse(self, raw: str | bytes, key: str) -> tuple[list[Event], list[Any]]:
+        # The body and its parsed dicts are gone before the commit is awaited: with 32
+        # batches waiting on a group commit they were most of the agent's peak memory.
+        return await offload.parse(len(raw), lambda: parse_message(parse_json(raw), key,
+                                                                   self.sink))
+
     async def http_track(self, request: web.Request) -> web.StreamResponse:
         key = request.match_info["appId"]
         if not self.sink.key_allowed(key):
             return _error(401, f"unknown appId {key!r}")
         try:
-            events, acks = parse_message(parse_json(await read_raw(request, MAX_MESSAGE)),
-                                         key, self.sink)
-            # The parsed dicts are gone before the commit is awaited: with 32 batches
-            # waiting on a group commit they were most of the agent's peak memory.
+            events, acks = await self._parse(await read_raw(request, MAX_MESSAGE), key)
             await self.sink.store(events)
         except BodyError as exc:
-            return _error(exc.status, exc.message + (f": {exc.details}" if exc.details else ""))
+            return _error(exc.status, exc.message + (f": {exc.details}" if exc.details else ""),
+                          exc.retry_after)
         except SpoolFull as exc:
             return _error(503, exc.reason, exc.retry_after)
         return web.Response(body=_reply(acks), content_type="application/json")
@@ -149,8 +154,14 @@ class NucleusHandlers:
     async def _frame(self, ws: web.WebSocketResponse, key: str, data: str | bytes) -> bool:
         """Handle one frame; False when the connection was closed for it."""
         try:
-            events, acks = parse_message(parse_json(data), key, self.sink)
-            await self.sink.store(events)
+            with self.sink.admission.ticket() as ticket:
+                ticket.take(len(data))
+                events, acks = await self._parse(data, key)
+                await self.sink.store(events)
+        except Busy:
+            # The websocket's "retry later": the module reconnects and resends its queue.
+            await ws.close(code=WSCloseCode.TRY_AGAIN_LATER, message=b"agent busy, retry later")
+            return False
         except BodyError as exc:
             # A bad message closes only this connection, with a reason the app can log.
             await ws.close(code=WSCloseCode.INVALID_TEXT, message=exc.message.encode()[:120])

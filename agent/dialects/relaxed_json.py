@@ -6,6 +6,10 @@ JSON by hand: 'single quotes', Python's True/False/None, bare words such as
 app that copies them must still be served (the seed examples are the
 contract), so the Segment single-event routes fall back to this reader.
 Anything it cannot read is still a 400, and nesting is bounded.
+
+Bare words are kept as strings, but never the ones that spell a number JSON
+does not have (NaN, Infinity, Python's nan/inf) nor a number too large for a
+double: those are a 400 naming the field, never a value silently changed.
 """
 
 from __future__ import annotations
@@ -23,9 +27,11 @@ _TOKEN = re.compile(r"""
       (?P<punct>[{}\[\]:,])
     | (?P<dq>"(?:[^"\\]|\\.)*")
     | (?P<sq>'(?:[^'\\]|\\.)*')
+    | (?P<nonfinite>[-+]?(?i:nan|inf(?:inity)?)(?![\w$.\-/@]))
     | (?P<num>-?(?:0|[1-9]\d*)(?:\.\d+)?(?:[eE][+-]?\d+)?(?![\w.$-]))
     | (?P<word>[A-Za-z_$][\w$.\-/@]*)
     )""", re.VERBOSE | re.DOTALL)
+_NONFINITE = "nonfinite"
 _WORDS = {"true": True, "True": True, "false": False, "False": False, "null": None,
           "None": None}
 
@@ -47,12 +53,32 @@ def _tokens(text: str) -> list[tuple[str, Any]]:
             inner = re.sub(r"\\'", "'", raw[1:-1]).replace('"', '\\"')
             out.append(("value", orjson.loads(f'"{inner}"')))
         elif kind == "num":
-            out.append(("value", orjson.loads(raw)))
+            try:
+                out.append(("value", orjson.loads(raw)))
+            except orjson.JSONDecodeError:  # past a double's range: it would be infinity
+                out.append((_NONFINITE, raw))
+        elif kind == _NONFINITE:
+            out.append((_NONFINITE, raw))
         elif kind == "word":
             out.append(("value", _WORDS.get(raw, raw)))
         else:
             out.append((raw, None))
     return out
+
+
+class _NonFinite(Exception):
+    """A value JSON cannot hold; ``where`` collects the path as the parser unwinds, so
+    well-formed bodies pay nothing for path tracking."""
+
+    def __init__(self, raw: str) -> None:
+        super().__init__(raw)
+        self.raw = raw
+        self.where: list[str] = []
+
+    def error(self) -> BodyError:
+        field = "".join(reversed(self.where)).lstrip(".") or "the body"
+        return BodyError(400, "invalid JSON", f"{field}: {self.raw} is not a JSON value "
+                         "(JSON has no NaN or Infinity)")
 
 
 class _Parser:
@@ -76,6 +102,8 @@ class _Parser:
         kind, val = self.next()
         if kind == "value":
             return val
+        if kind == _NONFINITE:
+            raise _NonFinite(val)
         if kind in ("{", "["):
             return self.container(kind, depth)
         raise BodyError(400, "invalid JSON", f"unexpected {kind!r}")
@@ -91,14 +119,22 @@ class _Parser:
                 self.next()
                 return obj if opener == "{" else arr
             if opener == "[":
-                arr.append(self.value(depth + 1))
+                try:
+                    arr.append(self.value(depth + 1))
+                except _NonFinite as exc:
+                    exc.where.append(f"[{len(arr)}]")
+                    raise
                 continue
             kind, name = self.next()
             if kind != "value" or not isinstance(name, str):
                 raise BodyError(400, "invalid JSON", "expected a member name")
             if self.next()[0] != ":":
                 raise BodyError(400, "invalid JSON", f"expected ':' after {name!r}")
-            obj[name] = self.value(depth + 1)
+            try:
+                obj[name] = self.value(depth + 1)
+            except _NonFinite as exc:
+                exc.where.append(f".{name}")
+                raise
 
 
 def loads(raw: bytes) -> dict[str, Any]:
@@ -114,6 +150,8 @@ def loads(raw: bytes) -> dict[str, Any]:
         result = parser.value(0)
     except orjson.JSONDecodeError as exc:
         raise BodyError(400, "invalid JSON", str(exc)) from exc
+    except _NonFinite as exc:
+        raise exc.error() from None
     if parser.peek() != "end":
         raise BodyError(400, "invalid JSON", "data after the object")
     assert isinstance(result, dict)

@@ -25,8 +25,9 @@ from aiohttp import web
 from ..events import Event
 from ..sink import Sink
 from ..spool import SpoolFull
+from . import offload
 from . import segment_spec as spec
-from .body import BodyError, read_raw
+from .body import BodyError, Busy, read_raw
 from .relaxed_json import parse_lenient
 
 log = logging.getLogger("outpost.segment")
@@ -44,6 +45,13 @@ class Collected(NamedTuple):
     events: list[Event]
     errors: list[dict[str, str]]
     statuses: set[int]
+
+
+class Single(NamedTuple):
+    """A webhook body that is one message, parsed."""
+
+    body: Any
+    size: int
 
 
 def _read(raw: bytes) -> tuple[Any, int]:
@@ -101,7 +109,7 @@ class SegmentHandlers:
         try:
             body = parse_lenient(await read_raw(request, spec.MAX_EVENT_BYTES))
         except BodyError as exc:
-            return single_error(exc.status, exc.message, exc.details)
+            return single_error(exc.status, exc.message, exc.details, exc.retry_after)
         return await self._single(body, kind, spec.basic_user(request.headers.get("Authorization")))
 
     async def _single(self, body: Any, kind: str | None, header_key: str | None,
@@ -136,13 +144,20 @@ class SegmentHandlers:
         if header_key is not None and not self.sink.key_allowed(header_key):
             return batch_error(401, [error_object(401, INVALID_KEY)])
         try:
-            collected = self._collect(*_read(await read_raw(request, spec.MAX_BATCH_BYTES)),
-                                      header_key)
+            collected = await self._parse_batch(
+                await read_raw(request, spec.MAX_BATCH_BYTES), header_key)
+        except Busy as exc:
+            return batch_error(exc.status, [error_object(exc.status, exc.message, exc.details)],
+                               exc.retry_after)
         except BodyError as exc:
             detail = "HTTP request too large" if exc.status == 413 else exc.details
             return batch_error(exc.status, [error_object(
                 exc.status, "Error reading request body", detail)])
         return await self._store(collected)
+
+    async def _parse_batch(self, raw: bytes, forced_key: str | None) -> Collected | web.Response:
+        # Off the loop when large; the body is not kept while the commit is awaited.
+        return await offload.parse(len(raw), lambda: self._collect(*_read(raw), forced_key))
 
     def _collect(self, body: Any, raw_size: int, forced_key: str | None) -> Collected | web.Response:
         """Validate a batch into events and per-message errors (no await: the raw
@@ -185,12 +200,22 @@ class SegmentHandlers:
         forced = request.query.get("writeKey") or spec.basic_user(
             request.headers.get("Authorization"))
         try:
-            body, size = _read(await read_raw(request, spec.MAX_BATCH_BYTES))
+            parsed = await self._parse_webhook(await read_raw(request, spec.MAX_BATCH_BYTES),
+                                               forced)
         except BodyError as exc:
-            return single_error(exc.status, exc.message, exc.details)
-        if isinstance(body, dict) and "batch" in body:
-            return await self._store(self._collect(body, size, forced))
-        return await self._single(body, None, forced, size)
+            return single_error(exc.status, exc.message, exc.details, exc.retry_after)
+        if isinstance(parsed, Single):
+            return await self._single(parsed.body, None, forced, parsed.size)
+        return await self._store(parsed)
+
+    async def _parse_webhook(self, raw: bytes,
+                             forced_key: str | None) -> Single | Collected | web.Response:
+        def work() -> Single | Collected | web.Response:
+            body, size = _read(raw)
+            if isinstance(body, dict) and "batch" in body:
+                return self._collect(body, size, forced_key)
+            return Single(body, size)
+        return await offload.parse(len(raw), work)
 
     async def pixel(self, request: web.Request) -> web.StreamResponse:
         """Always a 200 GIF (an <img> cannot act on errors); valid messages are stored."""

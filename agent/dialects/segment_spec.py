@@ -26,9 +26,9 @@ from typing import Any
 import orjson
 from aiohttp import web
 
-from ..events import SEGMENT, Event, dedupe_key, iso_ms, now_ms
+from ..events import SEGMENT, Event, compact_json, dedupe_key, iso_ms, now_ms
 from ..spool import SpoolFull
-from .body import BodyError
+from .body import BodyError, Busy
 
 TYPES = frozenset({"track", "identify", "page", "screen", "group", "alias"})
 REQUIRED = {"track": "event", "group": "groupId", "alias": "previousId"}
@@ -128,7 +128,7 @@ def received_now() -> str:
 
 def dump(ev: Any) -> bytes:
     try:
-        return orjson.dumps(ev)
+        return compact_json(ev)
     except orjson.JSONEncodeError as exc:  # nested deeper than orjson writes (255)
         raise Invalid(f"message cannot be stored: {exc}") from exc
 
@@ -214,11 +214,13 @@ async def settle(work: Awaitable[object], error: ErrorReply, *, full_status: int
     """Await ``work`` (read, parse, store): None when done, else the error reply.
 
     Client mistakes get their own status (or ``client_status`` for APIs with one
-    status for every client error); a full spool gets ``full_status`` and
-    Retry-After, never a 500.
+    status for every client error); a full spool or a busy agent gets
+    ``full_status`` and Retry-After, never a 500.
     """
     try:
         await work
+    except Busy as exc:
+        return error(full_status, describe(exc), exc.retry_after)
     except BodyError as exc:
         return error(client_status or exc.status, describe(exc), None)
     except Invalid as exc:

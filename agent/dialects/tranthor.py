@@ -19,6 +19,7 @@ from aiohttp import web
 
 from ..events import Event
 from ..sink import Sink
+from . import offload
 from . import segment_spec as spec
 from .body import parse_json, read_raw
 
@@ -78,10 +79,15 @@ class TranthorHandlers:
         assert key is not None
 
         async def work() -> None:
-            body = parse_json(await read_raw(request, MAX_BODY))
-            await self.sink.store(parse(body, request.match_info["call"], key))
+            await self.sink.store(await _events(await read_raw(request, MAX_BODY),
+                                                request.match_info["call"], key))
 
         return await spec.settle(work(), error) or web.Response(status=204)
+
+
+async def _events(raw: bytes, call: str, key: str) -> list[Event]:
+    # Parsed off the loop when large; the body is not kept while the commit is awaited.
+    return await offload.parse(len(raw), lambda: parse(parse_json(raw), call, key))
 
 
 def routes(sink: Sink) -> list[web.RouteDef]:

@@ -1,0 +1,139 @@
+"""Handing freed memory back to the OS after a burst of ingest (glibc only).
+
+Two things kept RSS at its peak long after a burst had been committed:
+
+- Python's small-object allocator takes memory from the OS in 1 MiB arenas and
+  returns an arena only once every object in it is freed. A burst fills dozens
+  of arenas with short-lived events, and the few long-lived objects created
+  meanwhile (a forwarder's batch, a log record) pin them: measured, RSS crept
+  up by 4 to 7 MB with each burst of 4 MiB Nucleus posts and never came back.
+  ``outpost run`` therefore re-executes itself with ``PYTHONMALLOC=malloc`` on
+  glibc, so that objects come from the C allocator, which can hand back any
+  free page; measured, the same bursts then leave RSS within 6 MB of idle, at
+  no measurable cost in throughput (bench/RESULTS.md). An explicit
+  ``PYTHONMALLOC`` in the environment is left alone.
+- The C allocator keeps freed memory in its free lists; ``malloc_trim`` returns
+  it. ``Trimmer`` calls it once a burst is over.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import ctypes
+import ctypes.util
+import gc
+import logging
+import os
+import platform
+import sys
+import time
+from collections.abc import Callable
+
+from .logs import log_limited
+from .metrics import Metrics
+
+log = logging.getLogger("outpost.memory")
+
+TRIM_AFTER_BYTES = 4 * 1024 * 1024  # trimming after light traffic would gain nothing
+TRIM_QUIET_S = 1.0  # after the last request of a burst: replies sent, connections closed
+
+
+def malloc_trim() -> Callable[[int], int] | None:
+    """glibc's ``malloc_trim``, or None where there is none (musl, macOS, Windows)."""
+    if not sys.platform.startswith("linux") or platform.libc_ver()[0] != "glibc":
+        return None
+    try:
+        fn = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6").malloc_trim
+    except (OSError, AttributeError):
+        return None
+    fn.argtypes = [ctypes.c_size_t]
+    fn.restype = ctypes.c_int
+    return fn
+
+
+def use_c_allocator() -> None:
+    """Re-execute this process with ``PYTHONMALLOC=malloc`` (glibc, when not set).
+
+    Called by ``outpost run`` before anything starts: the process keeps its pid,
+    arguments and environment (a service manager sees no difference).
+    """
+    if "PYTHONMALLOC" in os.environ or malloc_trim() is None:
+        return
+    env = {**os.environ, "PYTHONMALLOC": "malloc"}
+    try:
+        os.execve(sys.executable, [sys.executable, *sys.orig_argv[1:]], env)
+    except OSError:
+        pass  # run on as we are: only the memory hand-back is less thorough
+
+
+def freeze_imports() -> None:
+    """Exempt everything imported so far from the cyclic GC's full collections.
+
+    A burst of ingest creates enough objects to trigger full collections, each of
+    which walked the 40,000 objects of the imported modules too, holding the GIL
+    for 35 to 140 ms (measured, PYTHONMALLOC=malloc): /healthz waited that long.
+    Module-level objects live as long as the process; their cycles never need
+    collecting. Called by ``outpost run`` once everything is imported.
+    """
+    gc.collect()
+    gc.freeze()
+
+
+class Trimmer:
+    """Calls ``malloc_trim`` (off the loop) once ingest has been quiet for a second after
+    at least TRIM_AFTER_BYTES of bodies: a burst's memory goes back to the OS, and
+    steady light traffic never pays for a trim."""
+
+    def __init__(self, metrics: Metrics) -> None:
+        self.metrics = metrics
+        self._trim = malloc_trim()
+        self._since = 0          # body bytes seen since the last trim started
+        self._last = 0.0         # monotonic time of the last ingest activity
+        self._timer: asyncio.TimerHandle | None = None
+        self._running: asyncio.Future[int] | None = None
+
+    def activity(self, n: int) -> None:
+        """``n`` body bytes arrived (taken or refused)."""
+        self._since += n
+        self._last = time.monotonic()
+
+    def idle(self) -> None:
+        """Nothing is in flight any more."""
+        self._last = time.monotonic()
+        self._arm(TRIM_QUIET_S)
+
+    def _arm(self, delay: float) -> None:
+        if (self._trim is None or self._timer is not None or self._running is not None
+                or self._since < TRIM_AFTER_BYTES):
+            return
+        self._timer = asyncio.get_running_loop().call_later(delay, self._fire)
+
+    def _fire(self) -> None:
+        self._timer = None
+        if self.metrics.inflight_bytes:
+            return  # busy again: the next idle() re-arms
+        quiet = time.monotonic() - self._last
+        if quiet < TRIM_QUIET_S:
+            self._arm(TRIM_QUIET_S - quiet)
+            return
+        assert self._trim is not None
+        self._since = 0
+        # Off the loop: trimming a large heap walks every free chunk.
+        self._running = asyncio.get_running_loop().run_in_executor(None, self._trim, 0)
+        self._running.add_done_callback(self._done)
+
+    def _done(self, fut: asyncio.Future[int]) -> None:
+        self._running = None
+        if fut.cancelled():
+            return
+        if (exc := fut.exception()) is not None:
+            log_limited(log, logging.WARNING, "trim", "malloc_trim failed: %s", exc)
+            return
+        self.metrics.memory_trims += 1
+        if not self.metrics.inflight_bytes:
+            self._arm(TRIM_QUIET_S)  # a burst that came and went during this trim
+
+    def close(self) -> None:
+        if self._timer is not None:
+            self._timer.cancel()
+            self._timer = None

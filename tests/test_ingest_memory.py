@@ -1,0 +1,252 @@
+"""Memory under the largest posts each API allows: bounded peak, admission control, and
+memory handed back once the load is over."""
+
+from __future__ import annotations
+
+import asyncio
+import gzip
+import os
+import platform
+import re
+import sys
+import threading
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Any
+
+import aiohttp
+import orjson
+import psutil
+import pytest
+from aiohttp import WSCloseCode, WSMsgType
+
+from tests.conftest import AgentProcess, free_port, write_config
+from tests.load_bodies import KEY, ROUTES, Route, nucleus_body
+from tests.waiting import run_outpost, wait_for
+
+MB = 1024 * 1024
+PEAK_LIMIT = 150 * MB
+SETTLED_OVER_IDLE = 15 * MB
+CONCURRENT = 8
+
+
+class RssSampler:
+    """The agent's resident set size, sampled every 5 ms on a thread of its own (the
+    test's event loop is busy building bodies and reading replies)."""
+
+    def __init__(self, pid: int) -> None:
+        self.proc = psutil.Process(pid)
+        self.peak = 0
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, daemon=True)
+
+    def rss(self) -> int:
+        return int(self.proc.memory_info().rss)
+
+    def _run(self) -> None:
+        while not self._stop.wait(0.005):
+            self.peak = max(self.peak, self.rss())
+
+    @contextmanager
+    def running(self) -> Iterator[RssSampler]:
+        self._thread.start()
+        try:
+            yield self
+        finally:
+            self._stop.set()
+            self._thread.join(5)
+
+
+def offline_agent(tmp_path: Path, agent_process: Callable[..., AgentProcess],
+                  **listen: Any) -> AgentProcess:
+    """An `outpost run` subprocess whose upstream is down: pure ingest."""
+    port = free_port()
+    cfg = write_config(tmp_path / "agent.toml", tmp_path / "spool.db", port=port,
+                       listen=listen, upstreams=[{
+                           "name": "n", "protocol": "nucleus-ws",
+                           "url": f"ws://127.0.0.1:{free_port()}"}])
+    return agent_process(cfg, port).start()
+
+
+async def metric(s: aiohttp.ClientSession, base: str, name: str) -> float:
+    async with s.get(base + "/metrics") as r:
+        text = await r.text()
+    found = re.search(rf"^outpost_{name} (\S+)$", text, re.MULTILINE)
+    assert found, f"no {name} in /metrics"
+    return float(found.group(1))
+
+
+async def post_all(s: aiohttp.ClientSession, base: str, route: Route,
+                   bodies: list[bytes]) -> list[tuple[int, Any, str | None]]:
+    async def one(body: bytes) -> tuple[int, Any, str | None]:
+        async with s.post(base + route.path, data=body, headers=route.headers) as r:
+            raw = await r.read()
+            return r.status, orjson.loads(raw) if raw else None, r.headers.get("Retry-After")
+    return list(await asyncio.gather(*(one(b) for b in bodies)))
+
+
+def check_replies(route: Route, replies: list[tuple[int, Any, str | None]]) -> int:
+    """Every reply is a success or the API's own busy answer; returns the successes."""
+    ok = 0
+    for status, body, retry_after in replies:
+        if status == route.ok:
+            ok += 1
+            continue
+        assert status == route.busy, (route.name, status, body)
+        assert retry_after is not None and int(retry_after) >= 1, (route.name, body)
+        assert route.busy_shape(body), (route.name, body)
+    assert ok >= 1, f"{route.name}: not one of {len(replies)} posts was admitted"
+    return ok
+
+
+async def ws_all(s: aiohttp.ClientSession, base: str, frames: list[bytes]) -> int:
+    """One max-size frame per connection; each is acknowledged or closed 'try again later'."""
+    async def one(frame: bytes) -> int:
+        async with s.ws_connect(base + f"/app/{KEY}/track", max_msg_size=0) as ws:
+            await ws.send_bytes(frame)
+            msg = await ws.receive(timeout=60)
+            if msg.type == WSMsgType.TEXT:
+                assert len(orjson.loads(msg.data)["reportedIds"]) == frame.count(b'"id"')
+                return 1
+            assert msg.type in (WSMsgType.CLOSE, WSMsgType.CLOSED), msg
+            assert ws.close_code == WSCloseCode.TRY_AGAIN_LATER, (ws.close_code, msg)
+            return 0
+    return sum(await asyncio.gather(*(one(f) for f in frames)))
+
+
+async def test_peak_rss_with_eight_max_size_posts_on_every_route(
+        tmp_path: Path, agent_process: Callable[..., AgentProcess]) -> None:
+    agent = offline_agent(tmp_path, agent_process)
+    assert agent.proc is not None
+    base = agent.url
+    sampler = RssSampler(agent.proc.pid)
+    async with aiohttp.ClientSession() as s:
+        # Idle: serving, warmed by a small request, no load.
+        async with s.post(base + f"/app/{KEY}/track", json={"data": [{"id": 1}]}) as r:
+            assert r.status == 200
+        idle = sampler.rss()
+        admitted = 0
+        peaks = {}
+        with sampler.running():
+            for n, route in enumerate(ROUTES):
+                bodies = [route.body(n * 100 + i) for i in range(CONCURRENT)]
+                admitted += check_replies(route, await post_all(s, base, route, bodies))
+                peaks[route.name] = sampler.peak
+            frames = [nucleus_body(900 + i) for i in range(CONCURRENT)]
+            admitted += await ws_all(s, base, frames)
+            peaks["nucleus-ws"] = sampler.peak
+        print(f"idle {idle / MB:.0f} MB, running peak after each route (MB): "
+              + ", ".join(f"{k} {v / MB:.0f}" for k, v in peaks.items())
+              + f"; {admitted} of {CONCURRENT * (len(ROUTES) + 1)} posts admitted")
+        assert sampler.peak <= PEAK_LIMIT, f"peak RSS {sampler.peak / MB:.0f} MB"
+        # Once nothing is in flight the agent hands the freed memory back (malloc_trim).
+        assert await metric(s, base, "ingest_inflight_bytes") == 0
+        settled = await settles(sampler, idle + SETTLED_OVER_IDLE)
+        trims = await metric(s, base, "memory_trims_total")
+        print(f"settled at {settled / MB:.0f} MB (idle {idle / MB:.0f} MB) after {trims:.0f} "
+              "trims")
+        assert settled <= idle + SETTLED_OVER_IDLE, (
+            f"RSS stayed at {settled / MB:.0f} MB, idle was {idle / MB:.0f} MB")
+
+
+async def settles(sampler: RssSampler, target: int, timeout: float = 10.0) -> int:
+    """The agent's RSS once it is at most ``target``, or after ``timeout`` seconds."""
+    deadline = asyncio.get_running_loop().time() + timeout
+    while (rss := sampler.rss()) > target and asyncio.get_running_loop().time() < deadline:
+        await asyncio.sleep(0.05)
+    return rss
+
+
+async def test_admission_refuses_in_each_api_shape_once_over_budget(make_agent: Any) -> None:
+    """A post that would take in-flight bodies over [listen] max_inflight_mb is refused
+    before its body is read, with the API's busy status, shape and Retry-After; nothing
+    of it is stored, and once the budget frees the same post is taken."""
+    agent = await make_agent(listen={"max_inflight_mb": 1})
+    # Hold the whole budget: a post that declares 1 MiB and sends only its first bytes.
+    _reader, writer = await asyncio.open_connection("127.0.0.1", agent.port)
+    writer.write((f"POST /app/{KEY}/track HTTP/1.1\r\nHost: 127.0.0.1\r\n"
+                  f"Content-Length: {MB}\r\n\r\n").encode() + b'{"data": [')
+    await writer.drain()
+    await wait_for(lambda: agent.metrics.inflight_bytes == MB)
+    base = f"http://127.0.0.1:{agent.port}"
+    async with aiohttp.ClientSession() as s:
+        for n, route in enumerate(ROUTES):
+            body = route.body(n)
+            replies = await post_all(s, base, route, [body])
+            status, reply, retry_after = replies[0]
+            assert status == route.busy, (route.name, status, reply)
+            assert retry_after == "1" and route.busy_shape(reply), (route.name, reply)
+        async with s.ws_connect(base + f"/app/{KEY}/track") as ws:
+            await ws.send_str('{"data": [{"type": "event", "name": "e", "id": 1}]}')
+            msg = await ws.receive(timeout=10)
+            assert msg.type == WSMsgType.CLOSE and ws.close_code == WSCloseCode.TRY_AGAIN_LATER
+        assert agent.spool.depth == 0, "a refused post left events behind"
+        assert agent.metrics.busy_refusals == len(ROUTES) + 1
+        # The client that held the budget goes away: its reservation goes with it.
+        writer.close()
+        await wait_for(lambda: agent.metrics.inflight_bytes == 0)
+        # Posts larger than the whole budget (4 MiB Nucleus) are taken when alone.
+        expected = 0
+        for n, route in enumerate(ROUTES):
+            body = route.body(50 + n)
+            status, reply, _ = (await post_all(s, base, route, [body]))[0]
+            assert status == route.ok, (route.name, status, reply)
+            expected += events_in(body)
+    assert agent.spool.depth == expected  # each post stored whole
+    assert agent.metrics.inflight_bytes == 0
+
+
+def events_in(body: bytes) -> int:
+    doc = orjson.loads(body)
+    items = doc.get("data", doc.get("batch"))
+    return len(items) if isinstance(items, list) else 1
+
+
+@pytest.mark.parametrize("value,problem", [("0", "must be greater than 0"), ("-1", "must be greater than 0"),
+                                           ("true", "got a boolean"), ('"8"', "expected")])
+async def test_budget_is_validated_at_startup(tmp_path: Path, value: str, problem: str) -> None:
+    cfg = tmp_path / "agent.toml"
+    cfg.write_text(f"[listen]\nmax_inflight_mb = {value}\n")
+    code, out = await run_outpost("check-config", str(cfg))
+    assert code != 0 and "listen.max_inflight_mb" in out and problem in out, out
+
+
+async def test_a_lone_post_over_the_budget_is_taken_gzipped_or_chunked(make_agent: Any) -> None:
+    """The budget refuses posts only while others are in flight: a lone post larger
+    than it is taken, however it arrives (its own reservations do not count against it)."""
+    agent = await make_agent(listen={"max_inflight_mb": 1})
+    body = nucleus_body(1, limit=2 * MB)
+    base = f"http://127.0.0.1:{agent.port}/app/{KEY}/track"
+
+    async def chunks() -> Any:
+        for at in range(0, len(body), 65536):
+            yield body[at:at + 65536]
+
+    async with aiohttp.ClientSession(auto_decompress=False) as s:
+        async with s.post(base, data=gzip.compress(body),
+                          headers={"Content-Encoding": "gzip"}) as r:
+            assert r.status == 200, await r.text()
+        async with s.post(base, data=chunks()) as r:  # no Content-Length: chunked
+            assert r.status == 200, await r.text()
+    assert agent.spool.depth == events_in(body)  # the second post is all resends
+    assert agent.metrics.busy_refusals == 0
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux") or platform.libc_ver()[0] != "glibc",
+                    reason="the C allocator switch is for glibc")
+def test_outpost_run_switches_to_the_c_allocator_unless_told_otherwise(
+        tmp_path: Path, agent_process: Callable[..., AgentProcess]) -> None:
+    """Same pid (a service manager sees nothing), PYTHONMALLOC=malloc; an explicit
+    PYTHONMALLOC is kept."""
+    cases = [({"PYTHONMALLOC": "pymalloc"}, "pymalloc")]
+    if "PYTHONMALLOC" not in os.environ:
+        cases.append(({}, "malloc"))
+    for env, expected in cases:
+        port = free_port()
+        cfg = write_config(tmp_path / f"{expected}.toml", tmp_path / f"{expected}.db", port=port)
+        agent = agent_process(cfg, port, env=env)
+        agent.start()
+        assert agent.proc is not None
+        assert psutil.Process(agent.proc.pid).environ().get("PYTHONMALLOC") == expected
+        assert agent.terminate() == 0

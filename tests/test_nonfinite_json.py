@@ -1,0 +1,82 @@
+"""NaN and Infinity: JSON has no such values, so every route that reads lenient JSON
+refuses them with a 400 naming the field, in its API's error shape; nothing is stored."""
+
+from __future__ import annotations
+
+import base64
+from typing import Any
+
+import pytest
+
+from tests.segment_helpers import basic, call
+
+AUTH = {"Authorization": basic("k")}
+# (value as written, how the reply names it)
+VALUES = [("NaN", "NaN"), ("Infinity", "Infinity"), ("-Infinity", "-Infinity"),
+          ("nan", "nan"), ("inf", "inf"), ("1e999", "1e999")]
+
+
+def _single(value: str, quote: str) -> str:
+    q = quote
+    return (f"{{{q}type{q}: {q}track{q}, {q}userId{q}: {q}u{q}, {q}event{q}: {q}e{q}, "
+            f"{q}messageId{q}: {q}m1{q}, {q}properties{q}: {{{q}price{q}: {value}}}}}")
+
+
+@pytest.mark.parametrize("value,named", VALUES)
+@pytest.mark.parametrize("quote", ['"', "'"])  # strict JSON but for the value; hand-written
+@pytest.mark.parametrize("route", ["/v1/track", "/v1/t", "/v1/webhook?writeKey=k"])
+async def test_single_routes_refuse_nonfinite(make_agent: Any, route: str, quote: str,
+                                              value: str, named: str) -> None:
+    agent = await make_agent()
+    reply = await call(agent.port, route, _single(value, quote), headers=AUTH)
+    assert reply.status == 400, reply.body
+    body = reply.json()
+    assert set(body) == {"Error", "Message", "Details"}
+    assert body["Error"] == "Bad Request"
+    text = body["Message"] + " " + body["Details"]
+    assert "properties.price" in text and named in text, body
+    assert agent.spool.depth == 0
+
+
+@pytest.mark.parametrize("value,named", VALUES)
+@pytest.mark.parametrize("route", ["/v1/batch", "/v1/import", "/v1/w?writeKey=k"])
+async def test_batch_routes_refuse_nonfinite(make_agent: Any, route: str, value: str,
+                                             named: str) -> None:
+    agent = await make_agent()
+    good = "{'type': 'track', 'userId': 'u', 'event': 'e', 'messageId': 'ok'}"
+    bad = f"{{'type': 'track', 'userId': 'u', 'event': 'e', 'properties': {{'n': [1, {value}]}}}}"
+    reply = await call(agent.port, route, f"{{'batch': [{good}, {bad}]}}", headers=AUTH)
+    assert reply.status == 400, reply.body
+    body = reply.json()
+    if route.startswith("/v1/w"):  # an unreadable webhook body cannot say it was a batch
+        err = body
+    else:
+        assert body["Success"] is False and len(body["Errors"]) == 1
+        err = body["Errors"][0]
+    assert set(err) == {"Error", "Message", "Details"}
+    text = err["Message"] + " " + err["Details"]
+    assert "batch[1].properties.n[1]" in text and named in text, body
+    # The whole body is refused: not even the good message is stored.
+    assert agent.spool.depth == 0
+
+
+@pytest.mark.parametrize("value,named", VALUES)
+async def test_pixel_refuses_nonfinite(make_agent: Any, value: str, named: str) -> None:
+    agent = await make_agent()
+    data = base64.urlsafe_b64encode(_single(value, "'").replace(
+        "'userId'", "'writeKey': 'k', 'userId'").encode()).decode()
+    reply = await call(agent.port, f"/v1/pixel/track?data={data}", method="GET")
+    assert reply.status == 200 and reply.headers["Content-Type"] == "image/gif"
+    problem = reply.headers.get("X-Outpost-Error", "")
+    assert "properties.price" in problem and named in problem, problem
+    assert agent.spool.depth == 0
+
+
+async def test_words_that_merely_start_like_nonfinite_are_still_words(make_agent: Any) -> None:
+    """The hand-written seed style keeps bare words as strings: `infinite`, `Nancy`."""
+    agent = await make_agent()
+    body = ("{'userId': 'u', 'event': 'e', 'messageId': 'w1', "
+            "'properties': {'a': infinite, 'b': Nancy, 'c': Information}}")
+    reply = await call(agent.port, "/v1/track", body, headers=AUTH)
+    assert reply.status == 200, reply.body
+    assert agent.spool.depth == 1
