@@ -1,4 +1,4 @@
-"""Command line: run, status, doctor, check-config, flush (DESIGN §1)."""
+"""Command line: run, status, doctor, check-config, flush."""
 
 from __future__ import annotations
 

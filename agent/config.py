@@ -101,7 +101,7 @@ class Config:
     source: str = "<defaults>"
 
     def route(self, app_key: str) -> UpstreamConfig | None:
-        """The first upstream whose keys match ``app_key`` (DESIGN §1)."""
+        """The first upstream whose keys match ``app_key``."""
         for up in self.upstreams:
             if up.matches(app_key):
                 return up
@@ -302,7 +302,7 @@ def load_file(path: Path) -> Config:
 
 
 def find_config_file(explicit: str | None = None) -> Path | None:
-    """DESIGN §1 lookup order: --config, $OUTPOST_CONFIG, ./agent.toml, platformdirs."""
+    """Lookup order: --config, $OUTPOST_CONFIG, ./agent.toml, platformdirs."""
     if explicit:
         return Path(explicit)
     env = os.environ.get("OUTPOST_CONFIG")

@@ -1,4 +1,4 @@
-"""Fill the device facts that init and error events must carry (DESIGN §2.8).
+"""Fill the device facts that init and error events must carry.
 
 Only missing fields are filled: what the app sent always wins.
 """

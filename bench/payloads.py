@@ -2,7 +2,7 @@
 
 Every request carries new ids, because Outpost stores a resend only once:
 a generator that repeated one body would measure the dedupe path, not ingest.
-Shapes follow WIRE-NOTES.md (nucleus-nodejs events, analytics-python track calls).
+Shapes follow what real clients send (nucleus-nodejs events, analytics-python track calls).
 """
 
 from __future__ import annotations

@@ -1,4 +1,4 @@
-"""A wrong device clock never expires, stalls or reorders fresh events (DESIGN §2.9).
+"""A wrong device clock never expires, stalls or reorders fresh events.
 
 The agent reads time through ``agent.clock.CLOCK``: these tests set its wall clock
 wrong (1970, ten years ahead) and correct it, or let days pass, without sleeping and

@@ -1,6 +1,6 @@
 """kill -9 the agent process under concurrent load: nothing acknowledged is ever lost.
 
-DESIGN §2.1-2.4. The agent is a real ``python -m agent run`` subprocess; the
+The agent is a real ``python -m agent run`` subprocess; the
 fake Nucleus upstream and the apps run in the test process, the upstream on a
 fixed port so that it can go down and come back. Every event carries a unique
 mark (tests/fakes/clients.py), so the upstream side can check each

@@ -1,4 +1,4 @@
-"""Disk trouble: a full spool, a full disk, a corrupt spool file, a corrupt row (DESIGN §2.5, §2.6).
+"""Disk trouble: a full spool, a full disk, a corrupt spool file, a corrupt row.
 
 - max_size_mb with when_full = "reject": apps get 503 + Retry-After, nothing partial is stored,
   and the agent takes events again once the upstream drains the spool;

@@ -1,5 +1,5 @@
 """A full disk must not flood the log: one "spool commit failed" line per interval, while
-every refused event is still counted (DESIGN §2.5, §2.6)."""
+every refused event is still counted."""
 
 from __future__ import annotations
 

@@ -1,4 +1,4 @@
-"""A forwarder never dies or stalls silently (DESIGN §2.6).
+"""A forwarder never dies or stalls silently.
 
 Liveness: a queue whose upstream is reachable makes progress within
 ``flush_interval_s + timeout_s`` (plus the backoff after a failure); when it

@@ -177,7 +177,7 @@ def test_nucleus_parser_takes_any_json(msg: Any) -> None:
         assert exc.status == 400 and exc.message
         return
     data = original["data"]
-    # Every id is echoed, with the JSON type it arrived with (WIRE-NOTES: the ack).
+    # Every id is echoed, with the JSON type it arrived with (as real upstreams ack).
     assert orjson.dumps(acks) == orjson.dumps([ev["id"] for ev in data
                                                if ev.get("id") is not None])
     stored = [ev for ev in data if not _is_heartbeat(ev)]

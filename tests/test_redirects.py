@@ -1,4 +1,4 @@
-"""Redirects and captive portals delete nothing (DESIGN §2.3: only the configured URL acks).
+"""Redirects and captive portals delete nothing (only the configured URL acks).
 
 A hotel Wi-Fi or a kiosk behind a login page answers every request with a
 redirect to its portal, or with the portal's HTML page itself. Either way no

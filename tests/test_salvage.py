@@ -1,4 +1,4 @@
-"""A corrupt spool is moved aside, its readable rows salvaged, the rest counted (DESIGN §2.6).
+"""A corrupt spool is moved aside, its readable rows salvaged, the rest counted.
 
 Real spool files with queued events are damaged (cut in half, a header overwritten,
 pages zeroed in the middle, among small rows or in large rows' overflow pages); a real agent is started on them and forwards to a

@@ -1,4 +1,4 @@
-"""A misbehaving upstream loses nothing (DESIGN §2.2, §2.3; style §4: backoff, Retry-After).
+"""A misbehaving upstream loses nothing (backoff, Retry-After).
 
 The agent runs in process; tests/fakes/faulty_upstream.py answers each request
 or frame from a script of faults. Waits are measured from the upstream's side

@@ -1,4 +1,4 @@
-"""FIFO per key over a websocket upstream that keeps dropping (DESIGN §2.7).
+"""FIFO per key over a websocket upstream that keeps dropping.
 
 Several batches are in flight on one websocket. When the connection drops,
 none of a key's later batches may reach the upstream before an earlier one

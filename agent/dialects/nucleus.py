@@ -2,7 +2,7 @@
 
 Real modules resend their whole unacknowledged queue every few seconds, send
 small integer ids that collide across sessions, and crash on any reply other
-than ``{"reportedIds": [...]}`` (the Swift module). See WIRE-NOTES.md.
+than ``{"reportedIds": [...]}`` (the Swift module).
 """
 
 from __future__ import annotations
@@ -81,7 +81,7 @@ def parse_message(msg: Any, key: str, sink: Sink) -> tuple[list[Event], list[Any
 
 
 def _identity(key: str, ev: dict[str, Any], kind: str) -> tuple[Any, ...]:
-    """What makes a resend the same event (WIRE-NOTES: Deduplication)."""
+    """What makes a resend the same event (as real modules resend)."""
     device = ev.get("machineId") or ev.get("deviceId") or ev.get("anonId")
     if ev.get("id") is None:
         # No id to go on: the whole event, as sent, is its identity.

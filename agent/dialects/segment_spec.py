@@ -10,7 +10,7 @@ and completes it the same way for all of them:
 - `messageId` is a string under 100 characters, generated (uuid4) when absent;
 - batch-level `context` and `integrations` are merged in (the event's own keys win);
 - `writeKey` and `sentAt` are transport fields: the key becomes the Event's key,
-  and `sentAt` is set afresh at every send (DESIGN §2.9), so neither is stored;
+  and `sentAt` is set afresh at every send, so neither is stored;
 - `receivedAt` is set at ingest, and `timestamp` too when the client sent neither
   `timestamp` nor `originalTimestamp`, so an event forwarded days later keeps its time.
 """
@@ -35,7 +35,7 @@ REQUIRED = {"track": "event", "group": "groupId", "alias": "previousId"}
 OBJECT_FIELDS = ("properties", "traits", "context", "integrations")
 TIME_FIELDS = ("timestamp", "originalTimestamp")
 TRANSPORT_FIELDS = ("writeKey", "sentAt")
-# Segment's limits, which real clients are written against (WIRE-NOTES): 32 KB
+# Segment's limits, which real clients are written against (as seen on the wire): 32 KB
 # per event; 500 KB per batch, plus room for the event that crosses a client's
 # 475 KB flush threshold (analytics-python) and for `sentAt`/`writeKey`.
 MAX_EVENT_BYTES = 32 * 1024

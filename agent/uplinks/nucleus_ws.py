@@ -3,7 +3,7 @@
 The connection is opened on first use and kept; a heartbeat goes out after
 60 s without traffic, as the official modules do.
 
-FIFO across drops (DESIGN §2.7). Frames leave in the order the forwarder took
+FIFO across drops. Frames leave in the order the forwarder took
 their batches (one lock, acquired in that order). Once a batch on a connection
 fails (the connection drops, or its acks do not come in time), that connection
 is done: every later send fails at once, without connecting, because a later
