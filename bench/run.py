@@ -22,8 +22,20 @@ from typing import Any
 from . import loadgen, report
 from .loadgen import Load
 from .payloads import APP_ID, BASIC_AUTH, body, raw_event_bytes
-from .procs import (ROOT, Proc, RssSampler, agent_proc, free_port, fsync_latency, http_get,
-                    http_post, read_rss, ref_proc, upstream_proc, write_agent_config)
+from .procs import (
+    ROOT,
+    Proc,
+    RssSampler,
+    agent_proc,
+    free_port,
+    fsync_latency,
+    http_get,
+    http_post,
+    read_rss,
+    ref_proc,
+    upstream_proc,
+    write_agent_config,
+)
 
 # "normal": Outpost with sync = "normal" (no fsync per commit), to show what durability costs.
 SERVERS = ("hello", "naive", "normal", "agent")

@@ -34,8 +34,8 @@ from agent.guard import is_loopback_name
 from tests.conftest import AgentProcess, free_port, write_config
 from tests.fakes.faulty_upstream import Fault, FaultyUpstream
 from tests.fakes.threaded_agent import ThreadedAgent
-from tests.waiting import wait_for
 from tests.test_fuzz import concrete_routes
+from tests.waiting import wait_for
 
 GOOD, BAD = "goodWriteKey1", "badWriteKey2"
 ALLOWED = "https://app.example"

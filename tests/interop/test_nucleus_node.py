@@ -17,7 +17,7 @@ from typing import Any
 
 import pytest
 
-from tests.conftest import write_config, free_port
+from tests.conftest import free_port, write_config
 from tests.fakes.nucleus_upstream import FakeNucleus
 
 NODE_DIR = Path(__file__).parent / "node"
