@@ -12,6 +12,7 @@ import asyncio
 import http.client
 import logging
 import shutil
+import sqlite3
 import tempfile
 import threading
 from collections import Counter
@@ -328,3 +329,35 @@ def test_every_event_is_delivered_once_in_order_and_nothing_stalls(
     run_state_machine_as_test(machine, settings=settings(
         max_examples=15, stateful_step_count=15, deadline=None,
         suppress_health_check=list(HealthCheck)))
+
+
+# -- an ack whose spool delete failed -----------------------------------------------------------
+
+async def test_rows_whose_ack_delete_failed_are_sent_again_not_left_queued(
+        make_agent: Any, faulty: FaultyUpstream, tmp_path: Path,
+        caplog: pytest.LogCaptureFixture) -> None:
+    """Another process holds the spool's write lock while the upstream acks a batch.
+
+    The ack's delete then fails (SQLite busy past its 5 s timeout), so the rows stay
+    queued behind the forwarder's cursor. Before the fix the key's loop read past them
+    forever: its queue never drained (and it spun on the spool, once idle). Now a loop
+    with nothing in flight and rows still queued that it cannot see resends from the
+    start of its queue.
+    """
+    caplog.set_level(logging.ERROR, logger="outpost.spool")
+    agent = await make_agent(upstreams=[upstream(faulty, "nucleus-http", flush_interval_s=1)])
+    lock = sqlite3.connect(tmp_path / "spool.db", isolation_level=None)
+    try:
+        await send(agent, [event(i) for i in range(3)])
+        # Taken at once: the batch goes out only after flush_interval_s.
+        lock.execute("BEGIN IMMEDIATE")
+        await wait_for(lambda: sum(delivered(faulty).values()) == 3)
+        await wait_for(lambda: any("spool commit failed" in r.getMessage()
+                                   for r in caplog.records), timeout=15)
+        assert agent.spool.depth == 3  # the delete did not happen
+    finally:
+        lock.execute("ROLLBACK")
+        lock.close()
+    # Liveness bound: flush_interval_s (the resent rows' batch) plus an ack.
+    await wait_for(lambda: agent.spool.depth == 0, timeout=5)
+    assert set(delivered(faulty)) == {0, 1, 2}
