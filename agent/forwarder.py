@@ -125,6 +125,11 @@ class StreamForwarder:
         if not rows:
             if not self._tasks:  # everything sent and answered: a flush is complete
                 self.flush_now = False
+                if self._cursor and not self._acking and self.stream.depth:
+                    # Rows behind the cursor are still queued: an ack's delete did not
+                    # commit (a locked or full disk). Send them again.
+                    self._cursor = 0
+                    return
                 if self.idle_release_s is not None:
                     await self._release_when_idle()
                     return
@@ -201,6 +206,8 @@ class StreamForwarder:
             await self._idle(None)
         elif self._crash is None and self.stream.depth == 0:
             self.released = True
+        else:  # queued rows the spool cannot show now (a recovery): new data or a reopen wakes us
+            await self._idle(None)
 
     async def _deliver(self, batch: list[Row]) -> None:
         self.state.state = "sending"
