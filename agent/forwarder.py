@@ -25,7 +25,7 @@ from typing import Any
 
 from .clock import until_due
 from .config import UpstreamConfig
-from .logs import log_limited
+from .logs import log_limited, redact
 from .metrics import Metrics
 from .spool import Row, Spool, Stream
 from .uplinks.base import SendResult, Uplink
@@ -54,7 +54,9 @@ class UpstreamState:
     crashes: int = 0             # unexpected exceptions caught by the supervisor
 
     def error(self, text: str) -> None:
-        self.last_error = text
+        # Upstream replies and exceptions can echo a key: status, the page and
+        # /metrics show this, so it is redacted (and bounded) here, once.
+        self.last_error = redact(text)[:300]
         self.last_error_at = time.time()
 
 

@@ -24,7 +24,7 @@ import aiohttp
 from .config import Config, UpstreamConfig
 from .device import DeviceFacts
 from .forwarder import StreamForwarder, UpstreamState, backoff_delay
-from .logs import log_limited, redact
+from .logs import log_limited
 from .metrics import Metrics
 from .spool import Spool
 from .uplinks.base import Uplink
@@ -107,12 +107,14 @@ class Forwarding:
             if loop.stopping or self._session is None:
                 return
             loop.uplink = self._uplink(loop.cfg, key)
+            if loop.state.state == "restarting":  # a loop that finds nothing to send says so
+                loop.state.state = "idle"
 
     def _crashed(self, loop: StreamForwarder, exc: Exception, delay: float) -> None:
         name = loop.cfg.name
         loop.state.crashes += 1
         loop.state.state = "restarting"
-        loop.state.error(redact(f"internal error: {type(exc).__name__}: {exc}")[:300])
+        loop.state.error(f"internal error: {type(exc).__name__}: {exc}")
         log_limited(log, logging.ERROR, f"crash:{name}:{type(exc).__name__}",
                     "forwarder for upstream %s crashed; restarting in %.1fs", name, delay,
                     exc_info=exc)

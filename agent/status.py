@@ -73,7 +73,7 @@ async def snapshot(cfg: Config, spool: Spool, forwarding: Forwarding,
                    metrics: Metrics) -> dict[str, Any]:
     """The running agent's state."""
     oldest = await spool.oldest_received()
-    queues = _queues(cfg, {k: (s.depth, s.bytes) for k, s in spool.streams.items()})
+    queues = _queues(cfg, {k: (s.depth, s.bytes) for k, s in spool.streams.items() if s.depth})
     upstreams = []
     for up in cfg.upstreams:
         depth, nbytes, keys = queues[up.name]

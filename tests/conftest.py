@@ -16,8 +16,9 @@ from typing import Any
 import pytest
 
 from agent import config as config_mod
-from agent import logs
+from agent import forwarder, logs
 from agent.service import Agent
+from tests.fakes.faulty_upstream import FaultyUpstream
 from tests.fakes.nucleus_upstream import FakeNucleus
 from tests.fakes.segment_upstream import FakeSegment
 
@@ -71,6 +72,21 @@ async def fake_nucleus() -> AsyncIterator[FakeNucleus]:
 @pytest.fixture
 async def fake_segment() -> AsyncIterator[FakeSegment]:
     fake = await FakeSegment().start()
+    yield fake
+    await fake.stop()
+
+
+@pytest.fixture
+def fast_backoff(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Retries in milliseconds: tests about what is sent, not how long it waits."""
+    monkeypatch.setattr(forwarder, "BACKOFF_BASE_S", 0.02)
+    monkeypatch.setattr(forwarder, "BACKOFF_CAP_S", 0.2)
+
+
+@pytest.fixture
+async def faulty(fast_backoff: None) -> AsyncIterator[FaultyUpstream]:
+    """A scripted, misbehaving upstream (tests/fakes/faulty_upstream.py)."""
+    fake = await FaultyUpstream().start()
     yield fake
     await fake.stop()
 

@@ -16,7 +16,7 @@ import sqlite3
 import tempfile
 import threading
 from collections import Counter
-from collections.abc import AsyncIterator, Coroutine
+from collections.abc import Coroutine
 from pathlib import Path
 from typing import Any, TypeVar
 
@@ -38,19 +38,6 @@ from tests.test_upstream_faults import delivered, drained, event, send, upstream
 from tests.waiting import wait_for
 
 T = TypeVar("T")
-
-
-@pytest.fixture
-def fast_backoff(monkeypatch: pytest.MonkeyPatch) -> None:
-    monkeypatch.setattr(forwarder, "BACKOFF_BASE_S", 0.02)
-    monkeypatch.setattr(forwarder, "BACKOFF_CAP_S", 0.2)
-
-
-@pytest.fixture
-async def faulty(fast_backoff: None) -> AsyncIterator[FaultyUpstream]:
-    fake = await FaultyUpstream().start()
-    yield fake
-    await fake.stop()
 
 
 KEYS, ROUNDS = 10, 10

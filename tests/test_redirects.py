@@ -20,7 +20,7 @@ import aiohttp
 import pytest
 from yarl import URL
 
-from agent import forwarder, logs
+from agent import logs
 from agent.config import StorageConfig, UpstreamConfig
 from agent.events import NUCLEUS, Event
 from agent.forwarder import StreamForwarder, UpstreamState
@@ -39,9 +39,7 @@ SECRETS = ("guest", "hunter22", "sess-4411", "/login")
 
 
 @pytest.fixture(autouse=True)
-def fast_backoff(monkeypatch: pytest.MonkeyPatch) -> None:
-    monkeypatch.setattr(forwarder, "BACKOFF_BASE_S", 0.02)
-    monkeypatch.setattr(forwarder, "BACKOFF_CAP_S", 0.2)
+def quick_and_fresh_logs(fast_backoff: None, monkeypatch: pytest.MonkeyPatch) -> None:
     # Each test must see its own "upstream down" line, not one rate-limited by the last test.
     monkeypatch.setattr(logs, "_default_limiter", logs.RateLimiter())
 

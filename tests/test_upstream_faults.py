@@ -16,7 +16,6 @@ import random
 import re
 import time
 from collections import Counter
-from collections.abc import AsyncIterator
 from typing import Any
 
 import aiohttp
@@ -31,20 +30,6 @@ from tests.waiting import wait_for
 
 NUCLEUS = ("nucleus-http", "nucleus-ws")
 MARK = re.compile(rb"mk-(\d+)-")
-
-
-@pytest.fixture
-def fast_backoff(monkeypatch: pytest.MonkeyPatch) -> None:
-    """Retries in milliseconds: these tests are about what is sent, not how long it waits."""
-    monkeypatch.setattr(forwarder, "BACKOFF_BASE_S", 0.02)
-    monkeypatch.setattr(forwarder, "BACKOFF_CAP_S", 0.2)
-
-
-@pytest.fixture
-async def faulty(fast_backoff: None) -> AsyncIterator[FaultyUpstream]:
-    fake = await FaultyUpstream().start()
-    yield fake
-    await fake.stop()
 
 
 def upstream(fake: FaultyUpstream, protocol: str, **kw: Any) -> dict[str, Any]:

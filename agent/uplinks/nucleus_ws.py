@@ -20,7 +20,6 @@ import contextlib
 import logging
 from collections.abc import Awaitable, Callable
 from typing import Any
-from urllib.parse import urlsplit
 
 import aiohttp
 import orjson
@@ -180,7 +179,7 @@ class NucleusWsUplink:
                       asyncio.create_task(self._guard(link, self._heartbeats(ws)),
                                           name=f"ws-heartbeat-{self.name}")]
         # Debug: a key's loop ends when idle, so an app sending now and then reconnects often.
-        log.debug("connected to %s (%s)", self.name, _redact(self.url))
+        log.debug("connected to %s", self.name)
         return link
 
     async def _guard(self, link: _Link, work: Awaitable[None]) -> None:
@@ -251,15 +250,3 @@ def _handshake_refused(exc: aiohttp.WSServerHandshakeError) -> str:
 
 def _describe(exc: BaseException) -> str:
     return str(exc) or type(exc).__name__
-
-
-def _redact(url: str) -> str:
-    """The key is in the path; keep only its first characters in logs. No URL password."""
-    password = urlsplit(url).password
-    if password:
-        url = url.replace(f":{password}@", ":***@", 1)
-    head, sep, tail = url.rpartition("/app/")
-    if not sep:
-        return url
-    key, _, rest = tail.partition("/")
-    return f"{head}/app/{key[:3]}***/{rest}"
