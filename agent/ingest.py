@@ -3,12 +3,12 @@
 from __future__ import annotations
 
 from aiohttp import web
-from aiohttp.typedefs import Handler
 
+from .admission import Admission
 from .config import Config
 from .dialects import capture, nucleus, segment, segmentstream, tranthor
 from .dialects.body import BODY_TIMEOUT_S, TICKET
-from .guard import Guard
+from .guard import Guard, Handler
 from .ops import Ops
 from .sink import Sink
 
@@ -20,26 +20,37 @@ def build_app(cfg: Config, sink: Sink, ops: Ops) -> web.Application:
     guard = Guard(cfg.listen.host, cfg.listen.allowed_origins)
     admission = sink.admission
 
-    @web.middleware
-    async def admit(request: web.Request, handler: Handler) -> web.StreamResponse:
-        # The body budget each request's reads are charged to, all given back once the
-        # handler is done (its events committed, or refused).
+    async def stop_trims(app: web.Application) -> None:
+        admission.close()
+
+    app = web.Application(client_max_size=CLIENT_MAX_SIZE)
+    app.on_cleanup.append(stop_trims)
+    app[BODY_TIMEOUT_S] = cfg.listen.body_timeout_s
+    # Order matters: Nucleus' catch-all `/{appId}` websocket route comes last.
+    app.add_routes(guard.routes(ops.routes(), navigable=True))
+    for dialect in (segment, capture, tranthor, segmentstream):
+        app.add_routes(guard.routes(admitted(dialect.routes(sink), admission)))
+    app.add_routes(guard.routes(admitted(nucleus.routes(sink), admission)))
+    return app
+
+
+def admitted(routes: list[web.RouteDef], admission: Admission) -> list[web.RouteDef]:
+    """``routes`` with each request's body reads charged to a ticket of its own.
+
+    A handler wrapper on the ingest routes only, not an aiohttp middleware: that would
+    cost every request (/healthz included) its machinery (see Guard.routes).
+    """
+    return [web.RouteDef(r.method, r.path, _ticketed(r.handler, admission), r.kwargs)
+            for r in routes]
+
+
+def _ticketed(handler: Handler, admission: Admission) -> Handler:
+    async def ticketed(request: web.Request) -> web.StreamResponse:
+        # All given back once the handler is done (its events committed, or refused).
         with admission.ticket() as ticket:
             token = TICKET.set(ticket)
             try:
                 return await handler(request)
             finally:
                 TICKET.reset(token)
-
-    async def stop_trims(app: web.Application) -> None:
-        admission.close()
-
-    app = web.Application(client_max_size=CLIENT_MAX_SIZE, middlewares=[admit])
-    app.on_cleanup.append(stop_trims)
-    app[BODY_TIMEOUT_S] = cfg.listen.body_timeout_s
-    # Order matters: Nucleus' catch-all `/{appId}` websocket route comes last.
-    app.add_routes(guard.routes(ops.routes(), navigable=True))
-    for dialect in (segment, capture, tranthor, segmentstream):
-        app.add_routes(guard.routes(dialect.routes(sink)))
-    app.add_routes(guard.routes(nucleus.routes(sink)))
-    return app
+    return ticketed

@@ -50,7 +50,7 @@ class Reservation(Protocol):
 
 
 # The running request's reservation against the in-flight body budget
-# (agent/admission.py), set by the ingest middleware for the handler's task;
+# (agent/admission.py), set around each ingest handler (agent/ingest.py);
 # read_raw charges every body byte to it.
 TICKET: ContextVar[Reservation | None] = ContextVar("outpost_ticket", default=None)
 
