@@ -39,12 +39,7 @@ class Sink:
         if not events:
             return 0
         started = time.perf_counter()
-        # The spool's writer keeps its last group commit referenced until the next one:
-        # hand it a list of its own and empty it once committed, so that a burst's events
-        # are freed now, not at the next commit (whenever the next app posts).
-        handed = list(events)
-        stored = await self.spool.append(handed)
-        handed.clear()
+        stored = await self.spool.append(events)
         self.metrics.observe_ingest(time.perf_counter() - started, len(events))
         if stored:
             self.on_new_data({ev.key for ev in events})

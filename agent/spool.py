@@ -268,6 +268,9 @@ class Spool(SpoolReads):
                 for fut in batch.waiters:
                     if not fut.done():
                         fut.set_result(None)
+            # Not kept while waiting for the next wake: every request's events would stay
+            # in memory until the next commit (whenever the next app posts).
+            del batch
             if self._closing and not self._batch:
                 return
 
