@@ -12,11 +12,9 @@ from __future__ import annotations
 
 from aiohttp import web
 
-from ..events import Event
 from ..sink import Sink
-from . import offload
 from . import segment_spec as spec
-from .body import parse_json, read_raw
+from .body import parse_body, parse_json, read_raw
 
 TYPES = frozenset({"track", "page", "identify"})
 
@@ -37,17 +35,12 @@ class CaptureHandlers:
             return error(401, "missing or invalid X-Write-Key")
 
         async def work() -> None:
-            await self.sink.store(await _events(await read_raw(request, spec.MAX_BATCH_BYTES),
-                                                key))
+            await self.sink.store(await parse_body(
+                await read_raw(request, spec.MAX_BATCH_BYTES), parse_json,
+                lambda doc, size: spec.accept_all(doc, key, TYPES, size)))
 
         return await spec.settle(work(), error, full_status=429) or spec.json_reply(
             {"status": "success"}, 201)
-
-
-async def _events(raw: bytes, key: str) -> list[Event]:
-    # Parsed off the loop when large; the body is not kept while the commit is awaited.
-    return await offload.parse(len(raw), lambda: spec.accept_all(parse_json(raw), key, TYPES,
-                                                                 len(raw)))
 
 
 def routes(sink: Sink) -> list[web.RouteDef]:

@@ -18,8 +18,7 @@ from ..events import NUCLEUS, Event, compact_json, dedupe_key, iso_ms, now_ms
 from ..logs import log_limited
 from ..sink import Sink
 from ..spool import SpoolFull
-from . import offload
-from .body import BodyError, Busy, parse_json, read_raw
+from .body import BodyError, Busy, parse_body, parse_json, read_raw
 
 log = logging.getLogger("outpost.nucleus")
 
@@ -118,10 +117,8 @@ class NucleusHandlers:
         self.sink = sink
 
     async def _parse(self, raw: str | bytes, key: str) -> tuple[list[Event], list[Any]]:
-        # The body and its parsed dicts are gone before the commit is awaited: with 32
-        # batches waiting on a group commit they were most of the agent's peak memory.
-        return await offload.parse(len(raw), lambda: parse_message(parse_json(raw), key,
-                                                                   self.sink))
+        return await parse_body(raw, parse_json,
+                                lambda doc, _size: parse_message(doc, key, self.sink))
 
     async def http_track(self, request: web.Request) -> web.StreamResponse:
         key = request.match_info["appId"]

@@ -25,9 +25,8 @@ from aiohttp import web
 from ..events import Event
 from ..sink import Sink
 from ..spool import SpoolFull
-from . import offload
 from . import segment_spec as spec
-from .body import BodyError, Busy, read_raw
+from .body import BodyError, Busy, parse_body, read_raw
 from .relaxed_json import parse_lenient
 
 log = logging.getLogger("outpost.segment")
@@ -52,10 +51,6 @@ class Single(NamedTuple):
 
     body: Any
     size: int
-
-
-def _read(raw: bytes) -> tuple[Any, int]:
-    return parse_lenient(raw), len(raw)
 
 
 class Failure(NamedTuple):
@@ -156,8 +151,8 @@ class SegmentHandlers:
         return await self._store(collected)
 
     async def _parse_batch(self, raw: bytes, forced_key: str | None) -> Collected | web.Response:
-        # Off the loop when large; the body is not kept while the commit is awaited.
-        return await offload.parse(len(raw), lambda: self._collect(*_read(raw), forced_key))
+        return await parse_body(raw, parse_lenient,
+                                lambda body, size: self._collect(body, size, forced_key))
 
     def _collect(self, body: Any, raw_size: int, forced_key: str | None) -> Collected | web.Response:
         """Validate a batch into events and per-message errors (no await: the raw
@@ -210,12 +205,11 @@ class SegmentHandlers:
 
     async def _parse_webhook(self, raw: bytes,
                              forced_key: str | None) -> Single | Collected | web.Response:
-        def work() -> Single | Collected | web.Response:
-            body, size = _read(raw)
+        def build(body: Any, size: int) -> Single | Collected | web.Response:
             if isinstance(body, dict) and "batch" in body:
                 return self._collect(body, size, forced_key)
             return Single(body, size)
-        return await offload.parse(len(raw), work)
+        return await parse_body(raw, parse_lenient, build)
 
     async def pixel(self, request: web.Request) -> web.StreamResponse:
         """Always a 200 GIF (an <img> cannot act on errors); valid messages are stored."""

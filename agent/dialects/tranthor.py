@@ -19,9 +19,8 @@ from aiohttp import web
 
 from ..events import Event
 from ..sink import Sink
-from . import offload
 from . import segment_spec as spec
-from .body import parse_json, read_raw
+from .body import parse_body, parse_json, read_raw
 
 TYPES = frozenset({"track", "identify", "page", "screen"})
 MAX_BODY = 1024 * 1024
@@ -78,16 +77,14 @@ class TranthorHandlers:
             return error(401, "missing or invalid write key")
         assert key is not None
 
+        call = request.match_info["call"]
+
         async def work() -> None:
-            await self.sink.store(await _events(await read_raw(request, MAX_BODY),
-                                                request.match_info["call"], key))
+            await self.sink.store(await parse_body(
+                await read_raw(request, MAX_BODY), parse_json,
+                lambda doc, _size: parse(doc, call, key)))
 
         return await spec.settle(work(), error) or web.Response(status=204)
-
-
-async def _events(raw: bytes, call: str, key: str) -> list[Event]:
-    # Parsed off the loop when large; the body is not kept while the commit is awaited.
-    return await offload.parse(len(raw), lambda: parse(parse_json(raw), call, key))
 
 
 def routes(sink: Sink) -> list[web.RouteDef]:
