@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import asyncio
 import os
 import re
+import shutil
 import signal
 import socket
 import subprocess
@@ -23,6 +25,12 @@ from tests.fakes.nucleus_upstream import FakeNucleus
 from tests.fakes.segment_upstream import FakeSegment
 
 ROOT = Path(__file__).resolve().parent.parent
+CHROMIUM = shutil.which("chromium") or shutil.which("chromium-browser")
+# Flags known to work as root in a container; a fresh profile per run.
+CHROMIUM_FLAGS = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-quic",
+                  "--no-first-run", "--disable-background-networking",
+                  "--disable-component-update", "--disable-sync", "--hide-scrollbars",
+                  "--force-device-scale-factor=1"]
 
 
 def toml_value(v: Any) -> str:
@@ -173,3 +181,22 @@ def agent_process(tmp_path: Path) -> Iterator[Callable[..., AgentProcess]]:
         if p.proc is not None and p.proc.poll() is None:
             p.proc.kill()
             p.proc.wait(10)
+
+
+@pytest.fixture
+def chromium() -> str:
+    """The browser binary for tests that load pages in a real browser."""
+    if CHROMIUM is None:
+        if os.environ.get("CI"):
+            pytest.fail("chromium is not installed, and CI must run the browser tests")
+        pytest.skip("chromium is not installed (apt-get install chromium)")
+    return CHROMIUM
+
+
+async def run_chromium(binary: str, profile: Path, *args: str) -> str:
+    proc = await asyncio.create_subprocess_exec(
+        binary, *CHROMIUM_FLAGS, f"--user-data-dir={profile}", *args,
+        stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE)
+    out, err = await asyncio.wait_for(proc.communicate(), 90)
+    assert proc.returncode == 0, err.decode(errors="replace")[-2000:]
+    return out.decode()

@@ -17,7 +17,6 @@ the page (and so the image) has loaded.
 from __future__ import annotations
 
 import base64
-import os
 import uuid
 from collections.abc import AsyncIterator, Callable, Iterator
 from pathlib import Path
@@ -27,10 +26,10 @@ import orjson
 import pytest
 from aiohttp import web
 
+from tests.conftest import run_chromium
 from tests.fakes.threaded_agent import ThreadedAgent
 from tests.test_fuzz import concrete_routes
 from tests.test_security import ALLOWED, GOOD, OPS, ingest_request
-from tests.test_status_page import CHROMIUM, run_chromium
 
 CROSS_SITE_IMAGE = {"Sec-Fetch-Site": "cross-site", "Sec-Fetch-Mode": "no-cors",
                     "Sec-Fetch-Dest": "image", "Referer": "https://evil.example/page"}
@@ -118,15 +117,6 @@ def test_a_cross_site_navigation_to_the_pixel_stores_nothing(guarded: ThreadedAg
 
 
 # -- a real browser ------------------------------------------------------------------------------
-
-@pytest.fixture
-def chromium() -> str:
-    if CHROMIUM is None:
-        if os.environ.get("CI"):
-            pytest.fail("chromium is not installed, and CI must run the browser tests")
-        pytest.skip("chromium is not installed (apt-get install chromium)")
-    return CHROMIUM
-
 
 @pytest.fixture
 async def page_server() -> AsyncIterator[Callable[[str], str]]:

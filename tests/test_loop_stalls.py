@@ -18,6 +18,7 @@ from pathlib import Path
 from typing import Self
 
 import aiohttp
+import pytest
 
 from tests.conftest import AgentProcess
 from tests.load_bodies import ROUTES, Route, lenient_batch, nucleus_body
@@ -76,19 +77,13 @@ def report(name: str, latencies: list[float]) -> float:
     return ordered[-1]
 
 
-async def test_healthz_prompt_during_large_lenient_batches(
-        tmp_path: Path, agent_process: Callable[..., AgentProcess]) -> None:
+@pytest.mark.parametrize("route_name,body", [("batch", lenient_batch), ("nucleus", nucleus_body)],
+                         ids=["lenient", "nucleus"])
+async def test_healthz_prompt_during_large_posts(
+        tmp_path: Path, agent_process: Callable[..., AgentProcess], route_name: str,
+        body: Callable[[int], bytes]) -> None:
     agent = offline_agent(tmp_path, agent_process)
-    batch = next(r for r in ROUTES if r.name == "batch")
-    bodies = [lenient_batch(i) for i in range(CONCURRENT)]
-    worst = report("lenient", await healthz_during(agent, batch, bodies))
-    assert worst < STALL_LIMIT_S
-
-
-async def test_healthz_prompt_during_large_nucleus_posts(
-        tmp_path: Path, agent_process: Callable[..., AgentProcess]) -> None:
-    agent = offline_agent(tmp_path, agent_process)
-    route = next(r for r in ROUTES if r.name == "nucleus")
-    bodies = [nucleus_body(i) for i in range(CONCURRENT)]
-    worst = report("nucleus", await healthz_during(agent, route, bodies))
+    route = next(r for r in ROUTES if r.name == route_name)
+    bodies = [body(i) for i in range(CONCURRENT)]
+    worst = report(route_name, await healthz_during(agent, route, bodies))
     assert worst < STALL_LIMIT_S

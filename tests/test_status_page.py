@@ -8,7 +8,6 @@ Set OUTPOST_DOCS_SCREENSHOT=1 to refresh docs/status-page.png.
 
 from __future__ import annotations
 
-import asyncio
 import base64
 import hashlib
 import os
@@ -22,33 +21,10 @@ from typing import Any
 import aiohttp
 import pytest
 
-from tests.conftest import ROOT
+from tests.conftest import ROOT, run_chromium
 from tests.fakes.ops_scene import LIVE, QUEUED, REFUSED, Scene, populate, settled
 
-CHROMIUM = shutil.which("chromium") or shutil.which("chromium-browser")
-# Flags known to work as root in a container; a fresh profile per run.
-FLAGS = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
-         "--disable-background-networking", "--disable-component-update", "--disable-sync",
-         "--hide-scrollbars", "--force-device-scale-factor=1"]
 WIDTH, HEIGHT = 1280, 900
-
-
-@pytest.fixture
-def chromium() -> str:
-    if CHROMIUM is None:
-        if os.environ.get("CI"):
-            pytest.fail("chromium is not installed, and CI must run the status page test")
-        pytest.skip("chromium is not installed (apt-get install chromium)")
-    return CHROMIUM
-
-
-async def run_chromium(binary: str, profile: Path, *args: str) -> str:
-    proc = await asyncio.create_subprocess_exec(
-        binary, *FLAGS, f"--user-data-dir={profile}", *args,
-        stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE)
-    out, err = await asyncio.wait_for(proc.communicate(), 90)
-    assert proc.returncode == 0, err.decode(errors="replace")[-2000:]
-    return out.decode()
 
 
 class Figures(HTMLParser):
