@@ -30,8 +30,15 @@ class SendResult:
     rejected: str | None = None   # the batch as a whole was refused (400/413): split it
 
 
-def ignore_crash(exc: BaseException) -> None:
+def _ignore_crash(exc: BaseException) -> None:
     """``Uplink.on_crash`` until a forwarder supervises the uplink."""
+
+
+class UplinkBase:
+    """What every uplink shares: a default ``on_crash``, which the forwarder replaces."""
+
+    # staticmethod: a plain function here would be bound to the instance when read.
+    on_crash: Callable[[BaseException], None] = staticmethod(_ignore_crash)
 
 
 class Uplink(Protocol):

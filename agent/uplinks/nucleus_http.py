@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-from collections.abc import Callable
 from typing import Any
 
 import aiohttp
@@ -10,17 +9,16 @@ import orjson
 
 from ..config import UpstreamConfig
 from ..spool import Row
-from .base import REJECTED_STATUSES, SendResult, ignore_crash
+from .base import REJECTED_STATUSES, SendResult, UplinkBase
 from .http_common import html_instead_of_reply, is_retryable, post
 from .nucleus_frame import FrameBuilder
 
 
-class NucleusHttpUplink:
+class NucleusHttpUplink(UplinkBase):
     """One request per batch; ids need only be unique within a request."""
 
     def __init__(self, cfg: UpstreamConfig, app_key: str, session: aiohttp.ClientSession) -> None:
         self.name = cfg.name
-        self.on_crash: Callable[[BaseException], None] = ignore_crash  # no tasks of its own
         self.cfg = cfg
         self.url = f"{cfg.url.rstrip('/')}/app/{cfg.key or app_key}/track"
         self.session = session

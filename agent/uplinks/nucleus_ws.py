@@ -18,7 +18,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable
 from typing import Any
 
 import aiohttp
@@ -26,7 +26,7 @@ import orjson
 
 from ..config import UpstreamConfig
 from ..spool import Row
-from .base import SendResult, ignore_crash
+from .base import SendResult, UplinkBase
 from .http_common import html_instead_of_reply
 from .nucleus_frame import FrameBuilder
 
@@ -88,7 +88,7 @@ class _Link:
                 await task
 
 
-class NucleusWsUplink:
+class NucleusWsUplink(UplinkBase):
     """One websocket to `{url}/app/{key}/track`."""
 
     def __init__(self, cfg: UpstreamConfig, app_key: str, session: aiohttp.ClientSession,
@@ -99,7 +99,6 @@ class NucleusWsUplink:
         self.session = session
         self.machine_id = machine_id
         self.heartbeat_s = heartbeat_s
-        self.on_crash: Callable[[BaseException], None] = ignore_crash
         self.frames = FrameBuilder(cfg.batch_max_events, cfg.batch_max_bytes)
         self._link: _Link | None = None
         self._send_lock = asyncio.Lock()

@@ -21,7 +21,6 @@ from __future__ import annotations
 
 import base64
 import gzip
-from collections.abc import Callable
 from typing import Any
 
 import aiohttp
@@ -31,19 +30,18 @@ from .. import mapping
 from ..config import UpstreamConfig
 from ..events import NUCLEUS, iso_ms, now_ms
 from ..spool import Row
-from .base import REJECTED_STATUSES, SendResult, ignore_crash
+from .base import REJECTED_STATUSES, SendResult, UplinkBase
 from .http_common import html_instead_of_reply, is_retryable, post
 
 _SENT_AT = len(b'"sentAt":"2026-01-01T00:00:00.000Z",')
 _ENVELOPE = len(b'{"batch":[],"sentAt":"2026-01-01T00:00:00.000Z"}')
 
 
-class SegmentHttpUplink:
+class SegmentHttpUplink(UplinkBase):
     """One request per batch; the whole batch is acknowledged or not."""
 
     def __init__(self, cfg: UpstreamConfig, app_key: str, session: aiohttp.ClientSession) -> None:
         self.name = cfg.name
-        self.on_crash: Callable[[BaseException], None] = ignore_crash  # no tasks of its own
         self.cfg = cfg
         self.url = f"{cfg.url.rstrip('/')}/v1/batch"
         token = base64.b64encode(f"{cfg.key or app_key}:".encode()).decode()
