@@ -117,10 +117,12 @@ class Forwarding:
 
     def _retry(self) -> None:
         now = asyncio.get_running_loop().time()
-        while self._retries and self._retries[0][0] <= now:
-            _, key = heapq.heappop(self._retries)
-            self._ensure(key, self._parked.pop(key))
-        self._set_timer()
+        try:
+            while self._retries and self._retries[0][0] <= now:
+                _, key = heapq.heappop(self._retries)
+                self._ensure(key, self._parked.pop(key))
+        finally:  # one timer serves every parked key: a bug with one must not strand the rest
+            self._set_timer()
 
     def _uplink(self, up: UpstreamConfig, key: str) -> Uplink:
         assert self._session is not None
