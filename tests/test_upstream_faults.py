@@ -453,3 +453,32 @@ async def test_a_stop_while_batches_settle_does_not_wait_out_the_backoff() -> No
     fwd.stop()
     uplink.release.set()
     await asyncio.wait_for(task, 2)
+
+
+class _CrashingUplink(_GatedUplink):
+    """As _GatedUplink, but sending row 2 raises once released: a bug in a delivery."""
+
+    async def send(self, batch: list[Any]) -> Any:
+        result = await super().send(batch)
+        if batch[0].seq == 2:
+            raise ValueError("injected delivery fault")
+        return result
+
+
+async def test_a_crash_while_batches_settle_before_a_backoff_reaches_the_supervisor() -> None:
+    """Row 1 fails, so the loop settles row 2 before backing off, and row 2's delivery
+    raises: that must be raised to the supervisor (logged, counted, restarted), not lost
+    with the loop as it ends to wait out its backoff."""
+    from agent.spool import Row
+    spool = _GatedSpool([Row(1, 1, 0, 0, b"{}"), Row(2, 1, 0, 0, b"{}")])
+    spool.gate.set()
+    uplink = _CrashingUplink()
+    fwd = _forwarder(spool, uplink, 2)
+    parked: list[float] = []
+    fwd.park = lambda delay, attempt: parked.append(delay)
+    task = asyncio.create_task(fwd.run())
+    await asyncio.wait_for(uplink.sending.wait(), 5)   # row 1 failed, row 2 in flight
+    uplink.release.set()
+    with pytest.raises(ValueError, match="injected delivery fault"):
+        await asyncio.wait_for(task, 2)
+    assert parked == []
