@@ -117,6 +117,8 @@ class StreamForwarder:
             raise self._crash
         if self._failed is not None:
             await self._settle()
+            if self._crash is not None:  # raised by a batch that was settling
+                raise self._crash
             delay = self._back_off()
             if self.park is not None:
                 self.released = True
