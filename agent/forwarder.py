@@ -5,7 +5,9 @@ is natural. Rows are leased only in memory (a cursor plus the uplink's
 in-flight set): after any failure every in-flight batch settles, the uplink is
 closed (a new connection is opened only now, so no later batch can overtake an
 earlier unacknowledged one), the cursor goes back to the start of the key's
-queue, and all unacknowledged rows are sent again with the same ids.
+queue, and all unacknowledged rows are sent again with the same ids. Run by
+routing.py, a loop does not sleep out a backoff: it ends, and routing starts
+the key's next loop (fresh uplink, cursor at the start) when the time comes.
 
 Every wait in the loop is on one event, ``wake``, cleared at the start of each
 step before any state is read: whatever happens after that (a batch finishing
@@ -86,7 +88,10 @@ class StreamForwarder:
         self._acking: set[asyncio.Task[None]] = set()  # spool deletes of upstream-acked rows
         self._failed: SendResult | None = None
         self._crash: BaseException | None = None  # unexpected: raised to the supervisor
-        self._attempt = 0
+        self.attempt = 0  # failures in a row: the next backoff's step
+        # Set by routing.py: called with (delay, attempt) instead of sleeping out a backoff,
+        # so that a key waiting for a retry holds no task, uplink or connection.
+        self.park: Callable[[float, int], None] | None = None
         # Set by routing.py: end run() once the queue has stayed empty this long, so that
         # an idle key holds no task, uplink or connection (any local app can invent keys).
         self.idle_release_s: float | None = None
@@ -112,7 +117,14 @@ class StreamForwarder:
             raise self._crash
         if self._failed is not None:
             await self._settle()
-            await self._back_off()
+            if self._crash is not None:  # raised by a batch that was settling
+                raise self._crash
+            delay = self._back_off()
+            if self.park is not None:
+                self.released = True
+                self.park(delay, self.attempt)
+                return
+            await self.pause(delay)
             # Only now, with nothing in flight, may a new connection start.
             await self.uplink.close()
             self._cursor = 0
@@ -263,7 +275,7 @@ class StreamForwarder:
             if self._failed is None or result.retry_after is not None:
                 self._failed = result
         elif result.acked or result.failed:  # the upstream answered, even if only to refuse
-            self._attempt = 0
+            self.attempt = 0
             # This batch's own task is still in _tasks: it is removed once it returns.
             self.state.state = "idle" if len(self._tasks) <= 1 else "sending"
 
@@ -278,14 +290,15 @@ class StreamForwarder:
             with contextlib.suppress(asyncio.CancelledError):
                 await task
 
-    async def _back_off(self) -> None:
+    def _back_off(self) -> float:
+        """Count and report the failure; the delay before the next try."""
         failed, self._failed = self._failed, None
         assert failed is not None
         if failed.retry_after is not None:
             delay = min(failed.retry_after, RETRY_AFTER_CAP_S)
         else:
-            delay = backoff_delay(self._attempt)
-        self._attempt += 1
+            delay = backoff_delay(self.attempt)
+        self.attempt += 1
         self.state.state = "backoff"
         self.state.retries += 1
         self.state.error(failed.error or "failed")
@@ -293,7 +306,7 @@ class StreamForwarder:
         # Every key's loop backs off on its own: once a minute per upstream, counted.
         log_limited(log, logging.WARNING, f"upstream-down:{self.cfg.name}",
                     "upstream %s: %s; retrying in %.1fs", self.cfg.name, failed.error, delay)
-        await self.pause(delay)
+        return delay
 
     async def pause(self, delay: float) -> None:
         """Sleep ``delay`` s; a stop or `outpost flush` cuts it short, new data does not.
@@ -306,7 +319,7 @@ class StreamForwarder:
 
     def flush(self) -> None:
         self.flush_now = True
-        self._attempt = 0
+        self.attempt = 0
         self.interrupt.set()
         self.wake.set()
 

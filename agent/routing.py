@@ -6,6 +6,13 @@ for the upstream's ``flush_interval_s`` (``StreamForwarder.released``): with
 not keep a task, an uplink and a connection. New data for a key whose loop has
 ended, or is ending, starts a fresh one.
 
+A loop that must back off (the upstream is down, or refuses an invented key)
+ends too, and its key is parked: its retry time and backoff step wait in a
+heap, under one timer for all keys, until the timer starts a fresh loop. New
+data for a parked key waits with it (a failing upstream is not hammered
+sooner); a flush starts every parked key at once; a stop just forgets them.
+So a key waiting for a retry costs a few hundred bytes, not a loop (~10 KB).
+
 ``_run`` is the one supervision point: whatever a forwarder, its delivery
 tasks or its uplink's own tasks raise unexpectedly ends up there, is logged
 with its traceback, counted (``crashes`` in /status and /metrics), shown as
@@ -17,6 +24,7 @@ from __future__ import annotations
 
 import asyncio
 import functools
+import heapq
 import logging
 
 import aiohttp
@@ -47,6 +55,9 @@ class Forwarding:
         self.states = {u.name: UpstreamState(u.name, u.protocol) for u in cfg.upstreams}
         self.loops: dict[str, StreamForwarder] = {}   # by local key: keys with data only
         self._tasks: set[asyncio.Task[None]] = set()   # with loops still closing their uplink
+        self._parked: dict[str, int] = {}   # keys waiting to retry: their backoff step
+        self._retries: list[tuple[float, str]] = []   # heap of the parked keys' retry times
+        self._timer: asyncio.TimerHandle | None = None
         self._session: aiohttp.ClientSession | None = None
         self._stopping = False
         self.make_uplink = make_uplink   # the uplink factory (tests wrap it to inject faults)
@@ -58,13 +69,15 @@ class Forwarding:
 
     def on_new_data(self, keys: set[str]) -> None:
         for key in keys:
+            if key in self._parked:  # its retry will send this too
+                continue
             loop = self.loops.get(key)
             if loop is None or loop.released:
                 loop = self._ensure(key)
             if loop is not None:
                 loop.poke()
 
-    def _ensure(self, key: str) -> StreamForwarder | None:
+    def _ensure(self, key: str, attempt: int = 0) -> StreamForwarder | None:
         up = self.cfg.route(key)
         stream = self.spool.streams.get(key)
         # An empty queue needs no loop (a start with 100,000 idle keys starts none).
@@ -74,6 +87,8 @@ class Forwarding:
         loop = StreamForwarder(up, stream, self.spool, self._uplink(up, key),
                                self.states[up.name], self.metrics, window(up))
         loop.idle_release_s = up.flush_interval_s
+        loop.attempt = attempt
+        loop.park = functools.partial(self._park, key)
         self.loops[key] = loop
         task = asyncio.create_task(self._run(key, loop), name=f"forward-{up.name}")
         self._tasks.add(task)
@@ -84,6 +99,30 @@ class Forwarding:
         self._tasks.discard(task)
         if self.loops.get(key) is loop:  # not yet replaced by a loop for newer data
             del self.loops[key]
+
+    def _park(self, key: str, delay: float, attempt: int) -> None:
+        if self._stopping:
+            return
+        self._parked[key] = attempt
+        heapq.heappush(self._retries, (asyncio.get_running_loop().time() + delay, key))
+        if self._timer is None or self._retries[0][0] < self._timer.when():
+            self._set_timer()
+
+    def _set_timer(self) -> None:
+        if self._timer is not None:
+            self._timer.cancel()
+        self._timer = None
+        if self._retries:
+            self._timer = asyncio.get_running_loop().call_at(self._retries[0][0], self._retry)
+
+    def _retry(self) -> None:
+        now = asyncio.get_running_loop().time()
+        try:
+            while self._retries and self._retries[0][0] <= now:
+                _, key = heapq.heappop(self._retries)
+                self._ensure(key, self._parked.pop(key))
+        finally:  # one timer serves every parked key: a bug with one must not strand the rest
+            self._set_timer()
 
     def _uplink(self, up: UpstreamConfig, key: str) -> Uplink:
         assert self._session is not None
@@ -120,11 +159,18 @@ class Forwarding:
                     exc_info=exc)
 
     def flush(self) -> None:
+        parked, self._parked, self._retries = self._parked, {}, []
+        self._set_timer()
+        for key in parked:
+            self._ensure(key)
         for loop in self.loops.values():
             loop.flush()
 
     async def stop(self) -> None:
         self._stopping = True  # data committed from now on is the next Forwarding's
+        self._parked.clear()   # nothing runs for them: their events wait in the spool
+        self._retries.clear()
+        self._set_timer()
         for loop in self.loops.values():
             loop.stop()
         if self._tasks:

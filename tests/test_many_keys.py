@@ -24,7 +24,7 @@ from agent.spool_schema import read_offline
 from tests.conftest import AgentProcess, free_port, write_config
 from tests.fakes.nucleus_upstream import FakeNucleus
 from tests.fakes.segment_upstream import FakeSegment
-from tests.waiting import wait_for
+from tests.waiting import run_outpost, wait_for
 
 CHUNK = 1_000
 CONNECTIONS = 16
@@ -161,6 +161,36 @@ async def test_3k_nucleus_app_ids_release_their_websockets(
                                      nucleus_request, lambda: fake_nucleus.open_connections == 0)
     agent.terminate()
     check_costs(samples, agent.log.read_text(), NOISY_IDLE_KEY_BYTES)
+
+
+async def test_8k_keys_waiting_out_an_outage_cost_little_and_are_all_delivered(
+        tmp_path: Path, agent_process: Callable[..., AgentProcess],
+        fake_segment: FakeSegment) -> None:
+    """Keys whose events are queued while the upstream refuses them (down, or 401 for
+    invented keys) must cost no more than idle ones: each used to keep its forwarding
+    loop, sleeping out its backoff, until its events were delivered."""
+    keys = 8_000
+    # A long Retry-After: each key is refused once, then waits while RSS is measured.
+    fake_segment.outage = (503, "3600")
+    cfg, port = agent_config(tmp_path, {"protocol": "segment-http", "url": fake_segment.url})
+    agent = agent_process(cfg, port).start()
+    samples = await feed_and_measure(agent, keys, lambda: len(fake_segment.requests),
+                                     segment_request)
+    assert not fake_segment.events
+    async with aiohttp.ClientSession() as s, s.get(f"{agent.url}/status") as r:
+        snap = await r.json()
+    assert [(u["state"], u["keys"], u["queue_depth"]) for u in snap["upstreams"]] == [
+        ("backoff", keys, keys)]
+    assert "503" in snap["upstreams"][0]["last_error"]
+    # The upstream is back; `outpost flush` cuts every key's wait short at once.
+    fake_segment.outage = None
+    code, out = await run_outpost("flush", "--config", str(cfg))
+    assert code == 0, out
+    await wait_for(lambda: len(fake_segment.events) >= keys, timeout=CHUNK_TIMEOUT_S)
+    assert sorted(fake_segment.message_ids()) == sorted(f"m{i}" for i in range(keys))
+    await wait_for(lambda: read_offline(tmp_path / "spool.db")["depth"] == 0)
+    agent.terminate()
+    check_costs(samples, agent.log.read_text())
 
 
 class HeldCloseUpstream:

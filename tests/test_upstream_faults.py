@@ -158,6 +158,34 @@ async def test_429_retry_after_seconds_is_honoured(make_agent: Any,
     assert "429" in (agent.forwarding.states["up"].last_error or "")
 
 
+async def test_new_events_for_a_key_in_backoff_wait_with_it(make_agent: Any,
+                                                            faulty: FaultyUpstream) -> None:
+    """A key waiting out a backoff holds no loop: its new events must neither start one
+    before the retry time (trying a failing upstream sooner) nor be left behind then."""
+    faulty.script = [Fault("status", 429, {"Retry-After": "1"})]
+    agent = await make_agent(upstreams=[upstream(faulty, "nucleus-http")])
+    await send(agent, [event(0), event(1)])
+    await wait_for(lambda: agent.forwarding.states["up"].state == "backoff")
+    await send(agent, [event(2)])
+    await drained(agent, faulty, 3)
+    refused, retried = faulty.requests[0], faulty.requests[1]
+    assert refused.answered is not None
+    assert retried.arrived - refused.answered >= 0.95
+    assert resent_after(faulty, refused) == [0, 1, 2]
+
+
+async def test_a_stop_does_not_wait_for_keys_in_backoff(make_agent: Any,
+                                                        faulty: FaultyUpstream) -> None:
+    faulty.script = [Fault("status", 503, {"Retry-After": "3000"}) for _ in range(3)]
+    agent = await make_agent(upstreams=[upstream(faulty, "nucleus-http")])
+    for i, key in enumerate(("app1", "app2", "app3")):
+        await send(agent, [event(i)], key=key)
+    await wait_for(lambda: len(faulty.requests) == 3
+                   and agent.forwarding.states["up"].retries == 3)
+    await asyncio.wait_for(agent.stop(), 3)
+    assert agent.spool.depth == 3
+
+
 async def test_429_retry_after_http_date_is_honoured(make_agent: Any,
                                                      faulty: FaultyUpstream) -> None:
     # HTTP-dates have whole seconds: two seconds from the reply is 1 to 2 s away.
@@ -425,3 +453,32 @@ async def test_a_stop_while_batches_settle_does_not_wait_out_the_backoff() -> No
     fwd.stop()
     uplink.release.set()
     await asyncio.wait_for(task, 2)
+
+
+class _CrashingUplink(_GatedUplink):
+    """As _GatedUplink, but sending row 2 raises once released: a bug in a delivery."""
+
+    async def send(self, batch: list[Any]) -> Any:
+        result = await super().send(batch)
+        if batch[0].seq == 2:
+            raise ValueError("injected delivery fault")
+        return result
+
+
+async def test_a_crash_while_batches_settle_before_a_backoff_reaches_the_supervisor() -> None:
+    """Row 1 fails, so the loop settles row 2 before backing off, and row 2's delivery
+    raises: that must be raised to the supervisor (logged, counted, restarted), not lost
+    with the loop as it ends to wait out its backoff."""
+    from agent.spool import Row
+    spool = _GatedSpool([Row(1, 1, 0, 0, b"{}"), Row(2, 1, 0, 0, b"{}")])
+    spool.gate.set()
+    uplink = _CrashingUplink()
+    fwd = _forwarder(spool, uplink, 2)
+    parked: list[float] = []
+    fwd.park = lambda delay, attempt: parked.append(delay)
+    task = asyncio.create_task(fwd.run())
+    await asyncio.wait_for(uplink.sending.wait(), 5)   # row 1 failed, row 2 in flight
+    uplink.release.set()
+    with pytest.raises(ValueError, match="injected delivery fault"):
+        await asyncio.wait_for(task, 2)
+    assert parked == []

@@ -1,8 +1,9 @@
 """A scriptable fake Segment collector: `POST /v1/batch` on 127.0.0.1, port 0.
 
 Scripts: accept everything (default, 200 `{"success": true}`); fail the next
-N requests with a status (and optional Retry-After); refuse with 400 any
-batch holding a poison messageId, naming it; refuse batches over a size.
+N requests with a status (and optional Retry-After), or every request during
+an outage; refuse with 400 any batch holding a poison messageId, naming it;
+refuse batches over a size.
 Every request is recorded with its auth, encoding and time; accepted events
 are recorded in order.
 """
@@ -42,6 +43,7 @@ class FakeSegment:
     requests: list[Request] = field(default_factory=list)
     poison: set[str] = field(default_factory=set)                   # messageIds -> 400
     failures: list[tuple[int, str | None]] = field(default_factory=list)  # (status, Retry-After)
+    outage: tuple[int, str | None] | None = None    # while set, every request gets this
     max_bytes: int | None = None                                    # larger bodies -> 413
     port: int = 0
     _runner: web.AppRunner | None = None
@@ -78,8 +80,9 @@ class FakeSegment:
                             content_type="application/json")
 
     def _verdict(self, rec: Request, size: int) -> tuple[int, dict[str, Any], dict[str, str]]:
-        if self.failures:
-            status, wait = self.failures.pop(0)
+        fault = self.failures.pop(0) if self.failures else self.outage
+        if fault is not None:
+            status, wait = fault
             return status, {"code": "failure"}, {"Retry-After": wait} if wait else {}
         if self.max_bytes is not None and size > self.max_bytes:
             return 413, {"code": "too_large", "message": f"{size} bytes"}, {}
