@@ -65,9 +65,11 @@ def free_port() -> int:
 
 
 @pytest.fixture(autouse=True)
-def fresh_secret_registry(monkeypatch: pytest.MonkeyPatch) -> None:
+def fresh_log_state(monkeypatch: pytest.MonkeyPatch) -> None:
     """Keys registered for redaction by one test's agent must not leak into the next."""
     monkeypatch.setattr(logs, "_registry", logs.SecretRegistry())
+    # Nor may one test's rate-limited log line (once a minute) silence the next test's.
+    monkeypatch.setattr(logs, "_default_limiter", logs.RateLimiter())
 
 
 @pytest.fixture

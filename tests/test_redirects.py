@@ -20,7 +20,6 @@ import aiohttp
 import pytest
 from yarl import URL
 
-from agent import logs
 from agent.config import StorageConfig, UpstreamConfig
 from agent.events import NUCLEUS, Event
 from agent.forwarder import StreamForwarder, UpstreamState
@@ -39,9 +38,8 @@ SECRETS = ("guest", "hunter22", "sess-4411", "/login")
 
 
 @pytest.fixture(autouse=True)
-def quick_and_fresh_logs(fast_backoff: None, monkeypatch: pytest.MonkeyPatch) -> None:
-    # Each test must see its own "upstream down" line, not one rate-limited by the last test.
-    monkeypatch.setattr(logs, "_default_limiter", logs.RateLimiter())
+def quick_retries(fast_backoff: None) -> None:
+    """Retries in milliseconds (conftest gives each test fresh log rate limits)."""
 
 
 @pytest.fixture
