@@ -16,6 +16,8 @@ from typing import Any
 import orjson
 from aiohttp import WSMsgType, web
 
+from tests.fakes.loopback_server import LoopbackServer
+
 LOGIN_PAGE = (b"<!doctype html><html><head><title>Guest Wi-Fi</title></head><body>"
               b"<form method=post action=/login>Accept the terms to continue"
               b"<button>Connect</button></form></body></html>")
@@ -46,24 +48,14 @@ class Hit:
     intercepted: bool
 
 
-class CaptiveUpstream:
+class CaptiveUpstream(LoopbackServer):
     """aiohttp server on 127.0.0.1, port 0; ``await CaptiveUpstream(PORTAL).start()``."""
 
     def __init__(self, intercept: Answer | None = None) -> None:
+        super().__init__()
         self.intercept = intercept
         self.hits: list[Hit] = []
         self.delivered: list[dict[str, Any]] = []   # events acknowledged, in order
-        self.port = 0
-        self._runner: web.AppRunner | None = None
-        self._sockets: set[web.WebSocketResponse] = set()
-
-    @property
-    def http_url(self) -> str:
-        return f"http://127.0.0.1:{self.port}"
-
-    @property
-    def ws_url(self) -> str:
-        return f"ws://127.0.0.1:{self.port}"
 
     def url(self, protocol: str) -> str:
         return self.ws_url if protocol == "nucleus-ws" else self.http_url
@@ -105,15 +97,6 @@ class CaptiveUpstream:
     async def start(self) -> CaptiveUpstream:
         app = web.Application(client_max_size=16 * 1024 * 1024)
         app.router.add_route("*", "/{tail:.*}", self._any)
-        self._runner = web.AppRunner(app, handle_signals=False, shutdown_timeout=1.0)
-        await self._runner.setup()
-        await web.TCPSite(self._runner, "127.0.0.1", 0).start()
-        self.port = int(self._runner.addresses[0][1])
+        await self._serve(app)
         return self
 
-    async def stop(self) -> None:
-        for ws in list(self._sockets):
-            await ws.close()
-        if self._runner is not None:
-            await self._runner.cleanup()
-            self._runner = None

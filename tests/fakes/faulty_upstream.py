@@ -24,6 +24,8 @@ from typing import Any
 import orjson
 from aiohttp import WSMsgType, web
 
+from tests.fakes.loopback_server import LoopbackServer
+
 # Fault kinds:
 #   status     answer `status` with `headers` (500, 429 + Retry-After, 400...)
 #   timeout    hold the reply for `delay` seconds (longer than the agent waits)
@@ -66,10 +68,11 @@ class Request:
     answered: float | None = None
 
 
-class FaultyUpstream:
+class FaultyUpstream(LoopbackServer):
     """aiohttp server on 127.0.0.1; ``await FaultyUpstream().start()``."""
 
     def __init__(self) -> None:
+        super().__init__()
         self.script: list[Fault] = []
         self.poison: Callable[[dict[str, Any]], bool] = lambda ev: False
         self.connect_script: list[Fault] = []
@@ -77,19 +80,8 @@ class FaultyUpstream:
         self.flap_delay = 0.0
         self._frames = 0
         self.requests: list[Request] = []
-        self.port = 0
-        self._runner: web.AppRunner | None = None
-        self._sockets: set[web.WebSocketResponse] = set()
 
     # -- what the tests read ------------------------------------------------------
-
-    @property
-    def ws_url(self) -> str:
-        return f"ws://127.0.0.1:{self.port}"
-
-    @property
-    def http_url(self) -> str:
-        return f"http://127.0.0.1:{self.port}"
 
     def acked_ids(self) -> list[Any]:
         """Every id acknowledged upstream, once per acknowledgement."""
@@ -226,19 +218,9 @@ class FaultyUpstream:
         app.add_routes([web.get("/app/{appId}/track", self._nucleus_ws),
                         web.post("/app/{appId}/track", self._nucleus_http),
                         web.post("/v1/batch", self._segment_batch)])
-        self._runner = web.AppRunner(app, handle_signals=False, shutdown_timeout=1.0)
-        await self._runner.setup()
-        site = web.TCPSite(self._runner, "127.0.0.1", 0)
-        await site.start()
-        self.port = int(self._runner.addresses[0][1])
+        await self._serve(app)
         return self
 
-    async def stop(self) -> None:
-        for ws in list(self._sockets):
-            await ws.close()
-        if self._runner is not None:
-            await self._runner.cleanup()
-            self._runner = None
 
 
 def _echo(request: web.Request) -> bytes:
