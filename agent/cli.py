@@ -15,11 +15,14 @@ from pathlib import Path
 from typing import Any
 from urllib.parse import urlsplit
 
-from . import __version__, logs, memory, paths, service_install
-from . import config as config_mod
-from .config import Config, ConfigError
-from .device import detect
-from .status import offline_snapshot
+from agent import __version__, logs, paths
+from agent import config as config_mod
+from agent.config import ConfigError
+from agent.device import detect
+from agent.install import plan as service_install
+from agent.ops.status import offline_snapshot
+from agent.server import memory
+from agent.settings import Config
 
 
 def _load(args: argparse.Namespace) -> Config | None:
@@ -46,8 +49,8 @@ def cmd_run(args: argparse.Namespace) -> int:
         return 2
     memory.use_c_allocator()  # re-executes this process once, on glibc (see memory.py)
     logs.setup_logging(cfg.log.level)
-    from .dialects import offload
-    from .service import Agent
+    from agent.dialects import offload
+    from agent.service import Agent
     memory.freeze_imports()
     offload.favour_the_loop()
 
@@ -91,7 +94,7 @@ def cmd_status(args: argparse.Namespace) -> int:
     if args.json:
         print(json.dumps(data, indent=2))
     else:
-        from .status_table import render
+        from agent.ops.status_table import render
         print(render(data))
     return 0
 

@@ -8,104 +8,18 @@ from __future__ import annotations
 
 import os
 import tomllib
-from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable, TypeVar
 from urllib.parse import urlsplit
 
-from . import paths
+from agent import paths
+from agent.settings import Config, DeviceConfig, ListenConfig, LogConfig, StorageConfig, UpstreamConfig
 
 PROTOCOLS = ("nucleus-ws", "nucleus-http", "segment-http")
 
 
 class ConfigError(ValueError):
     """A config file problem; the message names the offending key."""
-
-
-@dataclass(frozen=True)
-class ListenConfig:
-    host: str = "127.0.0.1"
-    port: int = 8765
-    accept_keys: tuple[str, ...] = ()
-    allowed_origins: tuple[str, ...] = ()
-    # Extensions: deadlines and a cap, so idle or slow connections cannot use up the
-    # agent's file descriptors (agent/connections.py).
-    idle_timeout_s: float = 60.0
-    header_timeout_s: float = 10.0
-    body_timeout_s: float = 30.0
-    max_connections: int = 1024
-    # Extension: MiB of request bodies being read, parsed or committed at once; past
-    # it apps get 503/429 + Retry-After. The default keeps the agent's peak RSS under
-    # 150 MB with eight maximum-size posts at once on any route (docs/operations.md).
-    max_inflight_mb: int = 6
-
-
-@dataclass(frozen=True)
-class StorageConfig:
-    path: str = ""
-    max_size_mb: int = 512
-    when_full: str = "reject"
-    max_age_days: int = 30
-    sync: str = "full"
-    # Extension: how long acked dedupe keys are remembered, so a client
-    # resending after its reply was lost is still stored only once.
-    dedupe_window_h: int = 24
-
-    def resolved_path(self) -> Path:
-        return Path(self.path).expanduser() if self.path else paths.default_spool_path()
-
-
-@dataclass(frozen=True)
-class DeviceConfig:
-    platform: str = ""
-    osVersion: str = ""
-    totalRam: float = 0
-    language: str = ""
-    arch: str = ""
-    machineId: str = ""
-
-
-@dataclass(frozen=True)
-class UpstreamConfig:
-    name: str
-    protocol: str
-    url: str
-    keys: tuple[str, ...] = ("*",)
-    key: str = ""
-    batch_max_events: int = 100
-    batch_max_bytes: int = 500_000
-    flush_interval_s: float = 2.0
-    # Extensions.
-    gzip: bool = False
-    timeout_s: float = 30.0
-    max_in_flight: int = 4
-
-    def matches(self, app_key: str) -> bool:
-        return "*" in self.keys or app_key in self.keys
-
-
-@dataclass(frozen=True)
-class LogConfig:
-    level: str = "info"
-
-
-@dataclass(frozen=True)
-class Config:
-    """The whole agent configuration; passed into every component's constructor."""
-
-    listen: ListenConfig = field(default_factory=ListenConfig)
-    storage: StorageConfig = field(default_factory=StorageConfig)
-    device: DeviceConfig = field(default_factory=DeviceConfig)
-    upstreams: tuple[UpstreamConfig, ...] = ()
-    log: LogConfig = field(default_factory=LogConfig)
-    source: str = "<defaults>"
-
-    def route(self, app_key: str) -> UpstreamConfig | None:
-        """The first upstream whose keys match ``app_key``."""
-        for up in self.upstreams:
-            if up.matches(app_key):
-                return up
-        return None
 
 
 T = TypeVar("T")

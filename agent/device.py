@@ -12,30 +12,14 @@ import platform
 import subprocess
 import sys
 import uuid
-from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import Any
 
 import psutil
 
-from .config import DeviceConfig
+from agent.families.facts import DeviceFacts
+from agent.settings import DeviceConfig
 
 _SALT = b"outpost-machine-id:"
-
-
-@dataclass(frozen=True)
-class DeviceFacts:
-    """The facts filled into events that leave them out."""
-
-    platform: str
-    osVersion: str
-    totalRam: float
-    language: str
-    arch: str
-    machineId: str
-
-    def as_dict(self) -> dict[str, Any]:
-        return asdict(self)
 
 
 def _platform() -> str:

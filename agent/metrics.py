@@ -48,11 +48,11 @@ class Metrics:
         self.retries: dict[str, int] = {}
         self.history: deque[Minute] = deque(maxlen=HISTORY_MINUTES)
         self.started = clock()
-        # Client connections (agent/connections.py): open now, the cap, closes by reason.
+        # Client connections (agent/server/connections.py): open now, the cap, closes by reason.
         self.connections_open = 0
         self.connections_cap = 0
         self.connections_closed: dict[str, int] = {}
-        # Admission control (agent/admission.py): request bodies in flight, the budget,
+        # Admission control (agent/server/admission.py): request bodies in flight, the budget,
         # requests refused as busy, and heap trims after bursts.
         self.inflight_bytes = 0
         self.inflight_budget = 0

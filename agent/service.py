@@ -15,19 +15,21 @@ from collections.abc import Iterable
 
 from aiohttp import web
 
-from . import config as config_mod
-from . import logs
-from .config import Config, ConfigError
-from .connections import ConnectionLimits, fit_fd_limit
-from .device import DeviceFacts, detect
-from .guard import is_loopback_name
-from .ingest import build_app
-from .metrics import Metrics
-from .notify import Notifier
-from .ops import Ops
-from .routing import Forwarding
-from .sink import Sink
-from .spool import Spool
+from agent import config as config_mod
+from agent import logs
+from agent.config import ConfigError
+from agent.device import detect
+from agent.families.facts import DeviceFacts
+from agent.forwarder.supervisor import Supervisor
+from agent.metrics import Metrics
+from agent.ops.notify import Notifier
+from agent.ops.routes import Ops
+from agent.server.app import build_app
+from agent.server.connections import ConnectionLimits, fit_fd_limit
+from agent.server.guard import is_loopback_name
+from agent.server.intake import Sink
+from agent.settings import Config
+from agent.spool import Spool
 
 log = logging.getLogger("outpost")
 PRUNE_EVERY_S = 600.0
@@ -47,7 +49,7 @@ class Agent:
         self.metrics = Metrics()
         self.facts: DeviceFacts = detect(cfg.device)
         self.spool: Spool | None = None
-        self.forwarding: Forwarding | None = None
+        self.forwarding: Supervisor | None = None
         self.sink: Sink | None = None
         self.ops: Ops | None = None
         self._runner: web.AppRunner | None = None
@@ -63,7 +65,7 @@ class Agent:
         _register_secrets(self.cfg)
         self.spool = spool = await Spool.open(self.cfg.storage)
         _register_keys(spool.streams)
-        self.forwarding = Forwarding(self.cfg, spool, self.facts, self.metrics)
+        self.forwarding = Supervisor(self.cfg, spool, self.facts, self.metrics)
         self.sink = Sink(self.cfg.listen.accept_keys, spool, self.facts, self.metrics,
                          inflight_budget=self.cfg.listen.max_inflight_mb * 1024 * 1024)
         self.sink.on_new_data = self._new_data
@@ -138,7 +140,7 @@ class Agent:
         # In-flight batches settle before the new forwarders start: nothing sent twice.
         if old is not None:
             await old.stop()
-        self.forwarding = Forwarding(new, self.spool, self.facts, self.metrics)
+        self.forwarding = Supervisor(new, self.spool, self.facts, self.metrics)
         if old is not None:
             _carry_states(old, self.forwarding)
         self.sink.set_accept_keys(new.listen.accept_keys)
@@ -213,7 +215,7 @@ def _register_keys(keys: Iterable[str]) -> None:
         logs.register_secret(key)
 
 
-def _carry_states(old: Forwarding, new: Forwarding) -> None:
+def _carry_states(old: Supervisor, new: Supervisor) -> None:
     """Keep an upstream's last ack, last error and totals across a reload."""
     for name, state in new.states.items():
         if name in old.states:

@@ -18,7 +18,8 @@ from typing import Any
 import pytest
 
 from agent import config as config_mod
-from agent import forwarder, logs
+from agent import logs
+from agent.forwarder import backoff
 from agent.service import Agent
 from tests.fakes.faulty_upstream import FaultyUpstream
 from tests.fakes.nucleus_upstream import FakeNucleus
@@ -89,8 +90,8 @@ async def fake_segment() -> AsyncIterator[FakeSegment]:
 @pytest.fixture
 def fast_backoff(monkeypatch: pytest.MonkeyPatch) -> None:
     """Retries in milliseconds: tests about what is sent, not how long it waits."""
-    monkeypatch.setattr(forwarder, "BACKOFF_BASE_S", 0.02)
-    monkeypatch.setattr(forwarder, "BACKOFF_CAP_S", 0.2)
+    monkeypatch.setattr(backoff, "BACKOFF_BASE_S", 0.02)
+    monkeypatch.setattr(backoff, "BACKOFF_CAP_S", 0.2)
 
 
 @pytest.fixture

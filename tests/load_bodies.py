@@ -13,7 +13,8 @@ from typing import Any
 
 import orjson
 
-from agent.dialects import nucleus, segment_spec, segmentstream, tranthor
+from agent.dialects import nucleus, segmentstream, tranthor
+from agent.families import segment as segment_spec
 
 KEY = "k"
 BASIC = {"Authorization": "Basic " + base64.b64encode(f"{KEY}:".encode()).decode()}

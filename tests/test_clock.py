@@ -19,8 +19,8 @@ import aiohttp
 import pytest
 
 from agent.clock import CLOCK, Clock
-from agent.config import StorageConfig
-from agent.events import NUCLEUS, Event
+from agent.families.event import NUCLEUS, Event
+from agent.settings import StorageConfig
 from agent.spool import Spool
 from tests.fakes.nucleus_upstream import FakeNucleus
 from tests.waiting import wait_for

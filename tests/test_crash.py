@@ -26,8 +26,8 @@ from typing import Any
 import aiohttp
 import pytest
 
-from agent.config import StorageConfig
-from agent.events import NUCLEUS, Event
+from agent.families.event import NUCLEUS, Event
+from agent.settings import StorageConfig
 from agent.spool import Spool
 from tests.conftest import AgentProcess, free_port, write_config
 from tests.fakes.clients import Ledger, NucleusClient, upstream_marks

@@ -1,4 +1,4 @@
-"""Forwarding across APIs (docs/mapping.md): lossless within a family, mapped across,
+"""Supervisor across APIs (docs/mapping.md): lossless within a family, mapped across,
 FIFO per key whatever mix of APIs an app uses, and resends delivered once."""
 
 from __future__ import annotations

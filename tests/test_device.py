@@ -8,8 +8,8 @@ from pathlib import Path
 import pytest
 
 from agent import device
-from agent.config import DeviceConfig
-from agent.enrich import fill_nucleus
+from agent.families.enrich import fill_nucleus
+from agent.settings import DeviceConfig
 
 
 def test_detects_linux_facts() -> None:

@@ -207,8 +207,8 @@ async def test_full_disk_answers_503_and_recovers_when_space_is_freed(
 
 def make_spool(path: Path, n: int = 1500) -> None:
     """A real spool with ``n`` queued events, closed cleanly."""
-    from agent.config import StorageConfig
-    from agent.events import NUCLEUS, Event
+    from agent.families.event import NUCLEUS, Event
+    from agent.settings import StorageConfig
     from agent.spool import Spool
 
     async def fill() -> None:
@@ -320,8 +320,8 @@ async def test_recovery_while_running_keeps_stream_ids_and_rising_seqs(tmp_path:
     """Forwarders keep their Stream and a seq cursor across a runtime move-aside: the fresh
     spool must give the same key the same stream id, and seqs above every cursor. The
     readable queue is salvaged with its seqs and dedupe keys (here: all of it)."""
-    from agent.config import StorageConfig
-    from agent.events import NUCLEUS, Event
+    from agent.families.event import NUCLEUS, Event
+    from agent.settings import StorageConfig
     from agent.spool import Spool
 
     spool = await Spool.open(StorageConfig(path=str(tmp_path / "spool.db")))
@@ -352,10 +352,10 @@ async def test_corruption_found_by_a_commit_still_answers_the_app(
         tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     """The commit that finds the damage is run again on the fresh spool: its apps get their
     answer (no 5xx for an error that was recovered from), and their events are kept."""
-    from agent import spool_db
-    from agent.config import StorageConfig
-    from agent.events import NUCLEUS, Event
+    from agent.families.event import NUCLEUS, Event
+    from agent.settings import StorageConfig
     from agent.spool import Spool
+    from agent.spool import db as spool_db
 
     spool = await Spool.open(StorageConfig(path=str(tmp_path / "spool.db")))
     real_commit = spool_db.commit
@@ -368,7 +368,7 @@ async def test_corruption_found_by_a_commit_still_answers_the_app(
             raise sqlite3.DatabaseError("database disk image is malformed")
         return real_commit(conn, job)
 
-    # The whole group commit is one function on the writer thread (agent/spool_db.py).
+    # The whole group commit is one function on the writer thread (agent/spool/db.py).
     monkeypatch.setattr(spool_db, "commit", commit_once_corrupt)
     try:
         assert await spool.append([Event("k", NUCLEUS, 1, b'{"id":1}')]) == 1

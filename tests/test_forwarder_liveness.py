@@ -28,7 +28,7 @@ from hypothesis import strategies as st
 from hypothesis.stateful import RuleBasedStateMachine, rule, run_state_machine_as_test
 
 from agent import config as config_mod
-from agent import forwarder
+from agent.forwarder import backoff
 from agent.service import Agent
 from agent.uplinks.factory import make_uplink
 from agent.uplinks.nucleus_ws import NucleusWsUplink
@@ -139,8 +139,8 @@ async def test_a_crash_in_an_uplink_task_is_supervised(
 
 async def test_stop_cuts_the_restart_backoff_short(make_agent: Any, faulty: FaultyUpstream,
                                                    monkeypatch: pytest.MonkeyPatch) -> None:
-    monkeypatch.setattr(forwarder, "BACKOFF_BASE_S", 300.0)   # restart in 150 to 300 s
-    monkeypatch.setattr(forwarder, "BACKOFF_CAP_S", 600.0)
+    monkeypatch.setattr(backoff, "BACKOFF_BASE_S", 300.0)   # restart in 150 to 300 s
+    monkeypatch.setattr(backoff, "BACKOFF_CAP_S", 600.0)
     faulty.script = [Fault("status", 503, {"Retry-After": "\u00b2"})]
     agent = await make_agent(upstreams=[upstream(faulty, "nucleus-http", name="crashy-stop")])
     await send(agent, [event(i) for i in range(3)])

@@ -27,10 +27,10 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from agent.config import DeviceConfig
 from agent.device import detect
 from agent.dialects.body import BodyError, parse_json
 from agent.dialects.nucleus import MAX_MESSAGE, parse_message
+from agent.settings import DeviceConfig
 from tests.fakes.threaded_agent import ThreadedAgent
 
 KEY = "fuzzkey"

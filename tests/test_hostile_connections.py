@@ -31,7 +31,8 @@ import aiohttp
 import orjson
 import pytest
 
-from agent.config import ConfigError, ListenConfig, parse
+from agent.config import ConfigError, parse
+from agent.settings import ListenConfig
 from tests.conftest import AgentProcess, free_port, write_config
 from tests.waiting import wait_for
 

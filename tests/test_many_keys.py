@@ -20,7 +20,7 @@ import orjson
 import psutil
 from aiohttp import WSMsgType, web
 
-from agent.spool_schema import read_offline
+from agent.spool.schema import read_offline
 from tests.conftest import AgentProcess, free_port, write_config
 from tests.fakes.nucleus_upstream import FakeNucleus
 from tests.fakes.segment_upstream import FakeSegment

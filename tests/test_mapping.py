@@ -1,4 +1,4 @@
-"""agent/mapping.py on its own: the tables of docs/mapping.md, dates, round trips."""
+"""agent/families/mapping.py on its own: the tables of docs/mapping.md, dates, round trips."""
 
 from __future__ import annotations
 
@@ -7,7 +7,7 @@ from datetime import datetime, timezone
 
 import pytest
 
-from agent.mapping import nucleus_to_segment, segment_to_nucleus, to_iso
+from agent.families.mapping import nucleus_to_segment, segment_to_nucleus, to_iso
 
 RECEIVED = 1767225600000   # 2026-01-01T00:00:00.000Z
 

@@ -12,7 +12,7 @@ from pathlib import Path
 
 import pytest
 
-from agent.notify import Notifier
+from agent.ops.notify import Notifier
 
 pytestmark = pytest.mark.skipif(sys.platform == "win32", reason="no AF_UNIX datagrams")
 
@@ -89,7 +89,7 @@ def test_unsupported_address_disables() -> None:
 
 def test_send_failure_is_logged_not_raised(tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
     notifier = Notifier(str(tmp_path / "nobody-listens.sock"))
-    with caplog.at_level(logging.DEBUG, logger="agent.notify"):
+    with caplog.at_level(logging.DEBUG, logger="outpost.notify"):
         assert notifier.ready() is False
     assert "READY=1" in caplog.text
 

@@ -10,7 +10,7 @@ from pathlib import Path
 
 import pytest
 
-from agent import service_templates as tpl
+from agent.install import templates as tpl
 
 PACKAGING = Path(__file__).resolve().parent.parent / "packaging"
 PY = "/usr/bin/python3"

@@ -11,7 +11,7 @@ import aiohttp
 import pytest
 
 from agent.metrics import Histogram
-from agent.prometheus import Exposition
+from agent.ops.prometheus import Exposition
 from tests.fakes.ops_scene import LIVE, QUEUED, REFUSED, Scene, populate, settled
 
 NAME = r"[a-zA-Z_:][a-zA-Z0-9_:]*"

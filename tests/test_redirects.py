@@ -20,11 +20,13 @@ import aiohttp
 import pytest
 from yarl import URL
 
-from agent.config import StorageConfig, UpstreamConfig
-from agent.events import NUCLEUS, Event
-from agent.forwarder import StreamForwarder, UpstreamState
+from agent.families.event import NUCLEUS, Event
+from agent.forwarder.state import UpstreamState
+from agent.forwarder.stream import StreamForwarder
 from agent.metrics import Metrics
-from agent.spool import Row, Spool
+from agent.settings import StorageConfig, UpstreamConfig
+from agent.spool import Spool
+from agent.spool.types import Row
 from agent.uplinks.base import SendResult
 from agent.uplinks.http_common import location_host
 from tests.fakes.captive_portal import PORTAL, CaptiveUpstream, redirect

@@ -21,8 +21,8 @@ from typing import Any
 import aiohttp
 import pytest
 
-from agent.config import StorageConfig
-from agent.events import NUCLEUS, Event
+from agent.families.event import NUCLEUS, Event
+from agent.settings import StorageConfig
 from agent.spool import Spool
 from tests.fakes.nucleus_upstream import FakeNucleus
 from tests.test_disk import upstream

@@ -29,8 +29,8 @@ import aiohttp
 import orjson
 import pytest
 
-from agent.config import ListenConfig
-from agent.guard import is_loopback_name
+from agent.server.guard import is_loopback_name
+from agent.settings import ListenConfig
 from tests.conftest import AgentProcess, free_port, write_config
 from tests.fakes.faulty_upstream import Fault, FaultyUpstream
 from tests.fakes.threaded_agent import ThreadedAgent

@@ -11,9 +11,9 @@ from pathlib import Path
 
 import pytest
 
-from agent import service_install as si
-from agent import service_templates as tpl
-from agent.service_install import EnsureUser, MakeDir, Plan, RemoveFile, Run, Target, WriteFile
+from agent.install import plan as si
+from agent.install import templates as tpl
+from agent.install.plan import EnsureUser, MakeDir, Plan, RemoveFile, Run, Target, WriteFile
 
 PY = "/opt/outpost/venv/bin/python"
 
@@ -40,7 +40,7 @@ def test_linux_user_install() -> None:
     assert write.path == "/home/ada/.config/systemd/user/outpost.service"
     assert write.mode == 0o644
     assert f"ExecStart={PY} -m agent run\n" in write.content
-    # Room for listen.max_connections connections (agent/connections.py).
+    # Room for listen.max_connections connections (agent/server/connections.py).
     assert "\nLimitNOFILE=8192\n" in write.content
     assert write.content == tpl.systemd_unit(PY, system=False)
     assert commands(plan) == [

@@ -11,9 +11,10 @@ import orjson
 import pytest
 
 from agent.clock import CLOCK
-from agent.config import StorageConfig
-from agent.events import NUCLEUS, Event, dedupe_key
-from agent.spool import Spool, SpoolFull
+from agent.families.event import NUCLEUS, Event, dedupe_key
+from agent.settings import StorageConfig
+from agent.spool import Spool
+from agent.spool.types import SpoolFull
 
 
 def ev(key: str, n: int, size: int = 10) -> Event:

@@ -8,7 +8,7 @@ from typing import Any
 
 import aiohttp
 
-from agent.status_table import render
+from agent.ops.status_table import render
 from tests.conftest import free_port, write_config
 from tests.fakes.ops_scene import LIVE, QUEUED, REFUSED, Scene, populate, settled
 from tests.waiting import run_outpost

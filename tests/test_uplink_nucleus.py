@@ -8,9 +8,9 @@ from typing import Any
 import aiohttp
 import orjson
 
-from agent.config import UpstreamConfig
-from agent.events import NUCLEUS, SEGMENT
-from agent.spool import Row
+from agent.families.event import NUCLEUS, SEGMENT
+from agent.settings import UpstreamConfig
+from agent.spool.types import Row
 from agent.uplinks.nucleus_frame import FrameBuilder
 from agent.uplinks.nucleus_ws import NucleusWsUplink
 from tests.fakes.nucleus_upstream import FakeNucleus

@@ -22,8 +22,8 @@ import aiohttp
 import orjson
 import pytest
 
-from agent import forwarder
-from agent.forwarder import BACKOFF_BASE_S, BACKOFF_CAP_S, backoff_delay
+from agent.forwarder import backoff
+from agent.forwarder.backoff import BACKOFF_BASE_S, BACKOFF_CAP_S, backoff_delay
 from agent.uplinks.http_common import retry_after
 from tests.fakes.faulty_upstream import NEVER_SENT, Fault, FaultyUpstream, Request
 from tests.waiting import wait_for
@@ -202,7 +202,7 @@ async def test_429_retry_after_http_date_is_honoured(make_agent: Any,
 
 async def test_huge_retry_after_is_capped(make_agent: Any, faulty: FaultyUpstream,
                                           monkeypatch: pytest.MonkeyPatch) -> None:
-    monkeypatch.setattr(forwarder, "RETRY_AFTER_CAP_S", 0.3)
+    monkeypatch.setattr(backoff, "RETRY_AFTER_CAP_S", 0.3)
     faulty.script = [Fault("status", 503, {"Retry-After": "999999999"})]
     agent = await make_agent(upstreams=[upstream(faulty, "nucleus-http")])
     await send(agent, [event(i) for i in range(5)])
@@ -418,10 +418,11 @@ class _GatedUplink:
 
 
 def _forwarder(spool: Any, uplink: Any, window: int) -> Any:
-    from agent.config import UpstreamConfig
-    from agent.forwarder import StreamForwarder, UpstreamState
+    from agent.forwarder.state import UpstreamState
+    from agent.forwarder.stream import StreamForwarder
     from agent.metrics import Metrics
-    from agent.spool import Stream
+    from agent.settings import UpstreamConfig
+    from agent.spool.types import Stream
     cfg = UpstreamConfig(name="up", protocol="nucleus-http", url="http://127.0.0.1:9",
                          flush_interval_s=0.01)
     return StreamForwarder(cfg, Stream(1, "k"), spool, uplink, UpstreamState("up", "x"),
@@ -442,7 +443,7 @@ async def test_a_stop_during_a_read_is_not_lost() -> None:
 async def test_a_stop_while_batches_settle_does_not_wait_out_the_backoff() -> None:
     """stop() while in-flight batches settle before a backoff: it must cut that backoff
     (here a 3000 s Retry-After) short, as a stop during the backoff does."""
-    from agent.spool import Row
+    from agent.spool.types import Row
     spool = _GatedSpool([Row(1, 1, 0, 0, b"{}"), Row(2, 1, 0, 0, b"{}")])
     spool.gate.set()
     uplink = _GatedUplink()
@@ -469,7 +470,7 @@ async def test_a_crash_while_batches_settle_before_a_backoff_reaches_the_supervi
     """Row 1 fails, so the loop settles row 2 before backing off, and row 2's delivery
     raises: that must be raised to the supervisor (logged, counted, restarted), not lost
     with the loop as it ends to wait out its backoff."""
-    from agent.spool import Row
+    from agent.spool.types import Row
     spool = _GatedSpool([Row(1, 1, 0, 0, b"{}"), Row(2, 1, 0, 0, b"{}")])
     spool.gate.set()
     uplink = _CrashingUplink()

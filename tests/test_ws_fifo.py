@@ -18,8 +18,8 @@ from typing import Any
 import aiohttp
 import pytest
 
-from agent import forwarder
-from agent.config import UpstreamConfig
+from agent.forwarder import backoff
+from agent.settings import UpstreamConfig
 from agent.uplinks.nucleus_ws import NucleusWsUplink
 from tests.fakes.faulty_upstream import FaultyUpstream
 from tests.fakes.nucleus_upstream import FakeNucleus
@@ -38,8 +38,8 @@ FLAP_DELAY_S = 0.003
 
 @pytest.fixture
 async def flapping(monkeypatch: pytest.MonkeyPatch) -> AsyncIterator[FaultyUpstream]:
-    monkeypatch.setattr(forwarder, "BACKOFF_BASE_S", 0.005)
-    monkeypatch.setattr(forwarder, "BACKOFF_CAP_S", 0.02)
+    monkeypatch.setattr(backoff, "BACKOFF_BASE_S", 0.005)
+    monkeypatch.setattr(backoff, "BACKOFF_CAP_S", 0.02)
     fake = await FaultyUpstream().start()
     fake.flap_every = FLAP_EVERY
     fake.flap_delay = FLAP_DELAY_S

@@ -15,7 +15,7 @@ from typing import Any, Protocol, TypeVar
 import orjson
 from aiohttp import web
 
-from . import offload
+from agent.dialects import offload
 
 T = TypeVar("T")
 R = TypeVar("R", bound=bytes | str)
@@ -56,7 +56,7 @@ class Reservation(Protocol):
 
 
 # The running request's reservation against the in-flight body budget
-# (agent/admission.py), set around each ingest handler (agent/ingest.py);
+# (agent/server/admission.py), set around each ingest handler (agent/server/app.py);
 # read_raw charges every body byte to it.
 TICKET: ContextVar[Reservation | None] = ContextVar("outpost_ticket", default=None)
 

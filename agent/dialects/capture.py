@@ -12,15 +12,16 @@ from __future__ import annotations
 
 from aiohttp import web
 
-from ..sink import Sink
-from . import segment_spec as spec
-from .body import parse_body, parse_json, read_raw
+from agent.dialects import replies
+from agent.dialects.body import parse_body, parse_json, read_raw
+from agent.families import segment as spec
+from agent.server.intake import Sink
 
 TYPES = frozenset({"track", "page", "identify"})
 
 
 def error(status: int, message: str, retry_after: int | None = None) -> web.Response:
-    return spec.json_reply({"status": "error", "message": message}, status, retry_after)
+    return replies.json_reply({"status": "error", "message": message}, status, retry_after)
 
 
 class CaptureHandlers:
@@ -39,7 +40,7 @@ class CaptureHandlers:
                 await read_raw(request, spec.MAX_BATCH_BYTES), parse_json,
                 lambda doc, size: spec.accept_all(doc, key, TYPES, size)))
 
-        return await spec.settle(work(), error, full_status=429) or spec.json_reply(
+        return await replies.settle(work(), error, full_status=429) or replies.json_reply(
             {"status": "success"}, 201)
 
 

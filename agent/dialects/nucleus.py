@@ -13,31 +13,20 @@ from typing import Any
 import orjson
 from aiohttp import WSCloseCode, WSMsgType, web
 
-from ..enrich import fill_nucleus
-from ..events import NUCLEUS, Event, compact_json, dedupe_key, iso_ms, now_ms
-from ..logs import log_limited
-from ..sink import Sink
-from ..spool import SpoolFull
-from .body import BodyError, Busy, parse_body, parse_json, read_raw
+from agent.dialects.body import BodyError, Busy, parse_body, parse_json, read_raw
+from agent.families.enrich import fill_nucleus
+from agent.families.event import NUCLEUS, Event, compact_json, dedupe_key, iso_ms, now_ms
+from agent.families.nucleus import event_type, identity
+from agent.logs import log_limited
+from agent.server.intake import Sink
+from agent.spool.types import SpoolFull
 
 log = logging.getLogger("outpost.nucleus")
 
 # Modules send their whole unacknowledged queue in one message; after a long
 # outage of the agent itself that queue can be large.
 MAX_MESSAGE = 4 * 1024 * 1024
-KNOWN_TYPES = frozenset({"init", "event", "error", "userid", "props", "heartbeat", "nucleus:view"})
 _ID_TYPES = (int, float, str)
-
-
-def event_type(ev: dict[str, Any]) -> str:
-    """`type`, or the old modules' `event` key when it names a type."""
-    kind = ev.get("type")
-    if isinstance(kind, str) and kind:
-        return kind
-    old = ev.get("event")
-    if isinstance(old, str) and old in KNOWN_TYPES:
-        return old
-    return "event"
 
 
 def parse_message(msg: Any, key: str, sink: Sink) -> tuple[list[Event], list[Any]]:
@@ -68,7 +57,7 @@ def parse_message(msg: Any, key: str, sink: Sink) -> tuple[list[Event], list[Any
         if kind == "heartbeat":
             continue  # keeps the connection alive; not analytics
         try:
-            ident = dedupe_key(*_identity(key, ev, kind))
+            ident = dedupe_key(*identity(key, ev, kind))
             fill_nucleus(ev, sink.facts, kind)
             if ev.get("date") is None:
                 received = received or iso_ms(now_ms())
@@ -77,16 +66,6 @@ def parse_message(msg: Any, key: str, sink: Sink) -> tuple[list[Event], list[Any
         except orjson.JSONEncodeError as exc:  # nested deeper than orjson writes (255)
             raise BodyError(400, f"data[{i}] cannot be stored", str(exc)) from exc
     return events, acks
-
-
-def _identity(key: str, ev: dict[str, Any], kind: str) -> tuple[Any, ...]:
-    """What makes a resend the same event (as real modules resend)."""
-    device = ev.get("machineId") or ev.get("deviceId") or ev.get("anonId")
-    if ev.get("id") is None:
-        # No id to go on: the whole event, as sent, is its identity.
-        return ("nucleus", key, orjson.dumps(ev, option=orjson.OPT_SORT_KEYS).decode())
-    return ("nucleus", key, device, ev.get("sessionId"), ev.get("id"), ev.get("date"),
-            kind, ev.get("name"))
 
 
 def _masked(key: str) -> str:

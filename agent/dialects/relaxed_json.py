@@ -19,7 +19,7 @@ from typing import Any
 
 import orjson
 
-from .body import BodyError
+from agent.dialects.body import BodyError
 
 MAX_DEPTH = 64
 _TOKEN = re.compile(r"""

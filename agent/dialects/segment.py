@@ -9,7 +9,7 @@ answered exactly 200: legacy Segment clients resend on 201/202/204.
 Keys: Basic auth (username = write key, with or without the colon), else a
 `writeKey` in the message (or at the batch level); the webhook's `?writeKey=`
 overrides both. Limits are Segment's, which real clients are built for
-(32 KB per message, ~500 KB per batch; see segment_spec), not the seed's 15 KB.
+(32 KB per message, ~500 KB per batch; see agent/families/segment.py), not the seed's 15 KB.
 """
 
 from __future__ import annotations
@@ -22,12 +22,13 @@ from typing import Any, NamedTuple
 
 from aiohttp import web
 
-from ..events import Event
-from ..sink import Sink
-from ..spool import SpoolFull
-from . import segment_spec as spec
-from .body import BodyError, Busy, parse_body, read_raw
-from .relaxed_json import parse_lenient
+from agent.dialects import replies
+from agent.dialects.body import BodyError, Busy, parse_body, read_raw
+from agent.dialects.relaxed_json import parse_lenient
+from agent.families import segment as spec
+from agent.families.event import Event
+from agent.server.intake import Sink
+from agent.spool.types import SpoolFull
 
 log = logging.getLogger("outpost.segment")
 
@@ -66,12 +67,12 @@ def error_object(status: int, message: str, details: str = "") -> dict[str, str]
 
 def single_error(status: int, message: str, details: str = "",
                  retry_after: int | None = None) -> web.Response:
-    return spec.json_reply(error_object(status, message, details), status, retry_after)
+    return replies.json_reply(error_object(status, message, details), status, retry_after)
 
 
 def batch_error(status: int, errors: list[dict[str, str]],
                 retry_after: int | None = None) -> web.Response:
-    return spec.json_reply({"Success": False, "Errors": errors}, status, retry_after)
+    return replies.json_reply({"Success": False, "Errors": errors}, status, retry_after)
 
 
 def _body_key(body: Any) -> str | None:
@@ -87,7 +88,7 @@ def _where(i: int, ev: Any) -> str:
 def _verdict(errors: list[dict[str, str]], statuses: set[int], stored: int) -> web.Response:
     """200, 207 for part of a batch, or the one status every message failed with."""
     if not errors:
-        return spec.json_reply({"Success": True}, 200)
+        return replies.json_reply({"Success": True}, 200)
     if stored:
         return batch_error(207, errors)
     return batch_error(statuses.pop() if len(statuses) == 1 else 400, errors)
@@ -111,7 +112,7 @@ class SegmentHandlers:
                       raw_size: int = 0) -> web.StreamResponse:
         failure = await self._one(body, kind, header_key, raw_size)
         if failure is None:
-            return spec.json_reply({"Success": True}, 200)
+            return replies.json_reply({"Success": True}, 200)
         return single_error(*failure)
 
     async def _one(self, body: Any, kind: str | None, header_key: str | None,

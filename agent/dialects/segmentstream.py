@@ -18,9 +18,10 @@ from typing import Any
 
 from aiohttp import web
 
-from ..sink import Sink
-from . import segment_spec as spec
-from .body import parse_json, read_raw
+from agent.dialects import replies
+from agent.dialects.body import parse_json, read_raw
+from agent.families import segment as spec
+from agent.server.intake import Sink
 
 MAX_BODY = 64 * 1024
 TYPES = frozenset({"track"})
@@ -28,7 +29,7 @@ _IDS = ("userId", "anonymousId")
 
 
 def error(status: int, message: str, retry_after: int | None = None) -> web.Response:
-    return spec.json_reply({"error": message}, status, retry_after)
+    return replies.json_reply({"error": message}, status, retry_after)
 
 
 def to_segment(body: Any) -> dict[str, Any]:
@@ -81,7 +82,7 @@ class SegmentStreamHandlers:
             await self.sink.store([spec.accept(to_segment(body), key, TYPES, spec.received_now())])
 
         # The seed documents 400 for every client mistake, a body over 64 KB included.
-        return await spec.settle(work(), error, client_status=400) or web.Response(status=204)
+        return await replies.settle(work(), error, client_status=400) or web.Response(status=204)
 
 
 def routes(sink: Sink) -> list[web.RouteDef]:

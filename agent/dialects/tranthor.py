@@ -17,17 +17,18 @@ from typing import Any
 
 from aiohttp import web
 
-from ..events import Event
-from ..sink import Sink
-from . import segment_spec as spec
-from .body import parse_body, parse_json, read_raw
+from agent.dialects import replies
+from agent.dialects.body import parse_body, parse_json, read_raw
+from agent.families import segment as spec
+from agent.families.event import Event
+from agent.server.intake import Sink
 
 TYPES = frozenset({"track", "identify", "page", "screen"})
 MAX_BODY = 1024 * 1024
 
 
 def error(status: int, message: str, retry_after: int | None = None) -> web.Response:
-    return spec.json_reply({"statusCode": status, "error": HTTPStatus(status).phrase,
+    return replies.json_reply({"statusCode": status, "error": HTTPStatus(status).phrase,
                             "message": message}, status, retry_after)
 
 
@@ -84,7 +85,7 @@ class TranthorHandlers:
                 await read_raw(request, MAX_BODY), parse_json,
                 lambda doc, _size: parse(doc, call, key)))
 
-        return await spec.settle(work(), error) or web.Response(status=204)
+        return await replies.settle(work(), error) or web.Response(status=204)
 
 
 def routes(sink: Sink) -> list[web.RouteDef]:

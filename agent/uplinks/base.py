@@ -10,7 +10,7 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Protocol
 
-from ..spool import Row
+from agent.spool.types import Row
 
 # Statuses worth retrying as they are (and any 5xx).
 RETRYABLE_STATUSES = frozenset({408, 425, 429, 500, 502, 503, 504})

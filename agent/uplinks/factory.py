@@ -4,11 +4,11 @@ from __future__ import annotations
 
 import aiohttp
 
-from ..config import UpstreamConfig
-from .base import Uplink
-from .nucleus_http import NucleusHttpUplink
-from .nucleus_ws import NucleusWsUplink
-from .segment_http import SegmentHttpUplink
+from agent.settings import UpstreamConfig
+from agent.uplinks.base import Uplink
+from agent.uplinks.nucleus_http import NucleusHttpUplink
+from agent.uplinks.nucleus_ws import NucleusWsUplink
+from agent.uplinks.segment_http import SegmentHttpUplink
 
 
 def make_uplink(cfg: UpstreamConfig, app_key: str, session: aiohttp.ClientSession,

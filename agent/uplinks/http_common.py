@@ -16,7 +16,7 @@ from dataclasses import dataclass
 import aiohttp
 from yarl import URL
 
-from .base import RETRYABLE_STATUSES
+from agent.uplinks.base import RETRYABLE_STATUSES
 
 
 def retry_after(value: str | None, now: float | None = None) -> float | None:

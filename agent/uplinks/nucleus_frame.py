@@ -12,9 +12,9 @@ from typing import Any
 
 import orjson
 
-from .. import mapping
-from ..events import NUCLEUS
-from ..spool import Row
+from agent.families import mapping
+from agent.families.event import NUCLEUS
+from agent.spool.types import Row
 
 
 class FrameBuilder:

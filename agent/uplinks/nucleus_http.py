@@ -7,11 +7,11 @@ from typing import Any
 import aiohttp
 import orjson
 
-from ..config import UpstreamConfig
-from ..spool import Row
-from .base import REJECTED_STATUSES, SendResult, UplinkBase
-from .http_common import html_instead_of_reply, is_retryable, post
-from .nucleus_frame import FrameBuilder
+from agent.settings import UpstreamConfig
+from agent.spool.types import Row
+from agent.uplinks.base import REJECTED_STATUSES, SendResult, UplinkBase
+from agent.uplinks.http_common import html_instead_of_reply, is_retryable, post
+from agent.uplinks.nucleus_frame import FrameBuilder
 
 
 class NucleusHttpUplink(UplinkBase):

@@ -24,11 +24,11 @@ from typing import Any
 import aiohttp
 import orjson
 
-from ..config import UpstreamConfig
-from ..spool import Row
-from .base import SendResult, UplinkBase
-from .http_common import html_instead_of_reply
-from .nucleus_frame import FrameBuilder
+from agent.settings import UpstreamConfig
+from agent.spool.types import Row
+from agent.uplinks.base import SendResult, UplinkBase
+from agent.uplinks.http_common import html_instead_of_reply
+from agent.uplinks.nucleus_frame import FrameBuilder
 
 log = logging.getLogger("outpost.uplink.nucleus_ws")
 HEARTBEAT_S = 60.0

@@ -26,12 +26,12 @@ from typing import Any
 import aiohttp
 import orjson
 
-from .. import mapping
-from ..config import UpstreamConfig
-from ..events import NUCLEUS, iso_ms, now_ms
-from ..spool import Row
-from .base import REJECTED_STATUSES, SendResult, UplinkBase
-from .http_common import html_instead_of_reply, is_retryable, post
+from agent.families import mapping
+from agent.families.event import NUCLEUS, iso_ms, now_ms
+from agent.settings import UpstreamConfig
+from agent.spool.types import Row
+from agent.uplinks.base import REJECTED_STATUSES, SendResult, UplinkBase
+from agent.uplinks.http_common import html_instead_of_reply, is_retryable, post
 
 _SENT_AT = len(b'"sentAt":"2026-01-01T00:00:00.000Z",')
 _ENVELOPE = len(b'{"batch":[],"sentAt":"2026-01-01T00:00:00.000Z"}')

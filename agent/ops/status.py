@@ -12,13 +12,13 @@ import time
 from collections.abc import Mapping
 from typing import Any
 
-from . import __version__
-from .clock import age_s
-from .config import Config
-from .metrics import Metrics
-from .routing import Forwarding
-from .spool import Spool
-from .spool_schema import read_offline
+from agent import __version__
+from agent.clock import age_s
+from agent.forwarder.supervisor import Supervisor
+from agent.metrics import Metrics
+from agent.settings import Config
+from agent.spool import Spool
+from agent.spool.schema import read_offline
 
 # The spool's counters that are not events lost: successes, corrupt-spool
 # incidents (counted per incident, not per event), and dedupe keys forgotten to
@@ -69,7 +69,7 @@ def _common(cfg: Config, queues: dict[str | None, list[int]], depth: int,
     }
 
 
-async def snapshot(cfg: Config, spool: Spool, forwarding: Forwarding,
+async def snapshot(cfg: Config, spool: Spool, forwarding: Supervisor,
                    metrics: Metrics) -> dict[str, Any]:
     """The running agent's state."""
     oldest = await spool.oldest_received()

@@ -19,10 +19,10 @@ import logging
 from types import TracebackType
 from typing import Self
 
-from .dialects.body import Busy
-from .logs import log_limited
-from .memory import Trimmer
-from .metrics import Metrics
+from agent.dialects.body import Busy
+from agent.logs import log_limited
+from agent.metrics import Metrics
+from agent.server.memory import Trimmer
 
 log = logging.getLogger("outpost.admission")
 

@@ -19,8 +19,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from .events import NUCLEUS, SEGMENT
-from .spool_db import mark, transaction
+from agent.families.event import NUCLEUS, SEGMENT
+from agent.spool.db import mark, transaction
 
 EVENT_COLS = "seq, stream, family, received, dkey, body, acked"
 EVENT_TYPES = (int, int, int, int, int, bytes, (int, type(None)))

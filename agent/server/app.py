@@ -4,13 +4,13 @@ from __future__ import annotations
 
 from aiohttp import web
 
-from .admission import Admission
-from .config import Config
-from .dialects import capture, nucleus, segment, segmentstream, tranthor
-from .dialects.body import BODY_TIMEOUT_S, TICKET
-from .guard import Guard, Handler
-from .ops import Ops
-from .sink import Sink
+from agent.dialects import capture, nucleus, segment, segmentstream, tranthor
+from agent.dialects.body import BODY_TIMEOUT_S, TICKET
+from agent.ops.routes import Ops
+from agent.server.admission import Admission
+from agent.server.guard import Guard, Handler
+from agent.server.intake import Sink
+from agent.settings import Config
 
 # Above every dialect's own limit; those are enforced while reading.
 CLIENT_MAX_SIZE = 8 * 1024 * 1024

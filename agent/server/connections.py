@@ -32,9 +32,9 @@ from typing import Any, cast
 
 from aiohttp import web
 
-from .config import ListenConfig
-from .logs import log_limited
-from .metrics import Metrics
+from agent.logs import log_limited
+from agent.metrics import Metrics
+from agent.settings import ListenConfig
 
 log = logging.getLogger("outpost")
 IDLE, HEAD, BUSY, WEBSOCKET = 0, 1, 2, 3

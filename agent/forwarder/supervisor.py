@@ -29,22 +29,24 @@ import logging
 
 import aiohttp
 
-from .config import Config, UpstreamConfig
-from .device import DeviceFacts
-from .forwarder import StreamForwarder, UpstreamState, backoff_delay
-from .logs import log_limited
-from .metrics import Metrics
-from .spool import Spool
-from .uplinks.base import Uplink
-from .uplinks.factory import make_uplink, window
-from .uplinks.http_common import client_session
+from agent.families.facts import DeviceFacts
+from agent.forwarder.backoff import backoff_delay
+from agent.forwarder.state import UpstreamState
+from agent.forwarder.stream import StreamForwarder
+from agent.logs import log_limited
+from agent.metrics import Metrics
+from agent.settings import Config, UpstreamConfig
+from agent.spool import Spool
+from agent.uplinks.base import Uplink
+from agent.uplinks.factory import make_uplink, window
+from agent.uplinks.http_common import client_session
 
-log = logging.getLogger("outpost.routing")
+log = logging.getLogger("outpost.supervisor")
 # A loop that ran this long before crashing starts again from the first backoff step.
 STABLE_S = 60.0
 
 
-class Forwarding:
+class Supervisor:
     """Owns the forwarders and the HTTP client session they share."""
 
     def __init__(self, cfg: Config, spool: Spool, facts: DeviceFacts, metrics: Metrics) -> None:
@@ -167,7 +169,7 @@ class Forwarding:
             loop.flush()
 
     async def stop(self) -> None:
-        self._stopping = True  # data committed from now on is the next Forwarding's
+        self._stopping = True  # data committed from now on is the next Supervisor's
         self._parked.clear()   # nothing runs for them: their events wait in the spool
         self._retries.clear()
         self._set_timer()

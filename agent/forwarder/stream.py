@@ -6,7 +6,7 @@ in-flight set): after any failure every in-flight batch settles, the uplink is
 closed (a new connection is opened only now, so no later batch can overtake an
 earlier unacknowledged one), the cursor goes back to the start of the key's
 queue, and all unacknowledged rows are sent again with the same ids. Run by
-routing.py, a loop does not sleep out a backoff: it ends, and routing starts
+supervisor.py, a loop does not sleep out a backoff: it ends, and the supervisor starts
 the key's next loop (fresh uplink, cursor at the start) when the time comes.
 
 Every wait in the loop is on one event, ``wake``, cleared at the start of each
@@ -19,52 +19,23 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
-import random
 import time
 from collections.abc import Callable, Coroutine
-from dataclasses import dataclass
 from typing import Any
 
-from .clock import until_due
-from .config import UpstreamConfig
-from .logs import log_limited, redact
-from .metrics import Metrics
-from .spool import Row, Spool, Stream
-from .uplinks.base import SendResult, Uplink
+from agent.clock import until_due
+from agent.forwarder import backoff
+from agent.forwarder.state import UpstreamState
+from agent.logs import log_limited
+from agent.metrics import Metrics
+from agent.settings import UpstreamConfig
+from agent.spool import Spool
+from agent.spool.types import Row, Stream
+from agent.uplinks.base import SendResult, Uplink
 
 log = logging.getLogger("outpost.forwarder")
 
-BACKOFF_BASE_S = 0.5
-BACKOFF_CAP_S = 60.0
-RETRY_AFTER_CAP_S = 3600.0
 FETCH_FACTOR = 4  # rows fetched per spool read, in batches
-
-
-@dataclass
-class UpstreamState:
-    """What status and metrics show for one upstream (shared by its key loops)."""
-
-    name: str
-    protocol: str
-    state: str = "idle"          # idle | sending | backoff | restarting (after a crash)
-    last_ack: float | None = None
-    last_error: str | None = None
-    last_error_at: float | None = None
-    retries: int = 0
-    acked: int = 0
-    dead_lettered: int = 0
-    crashes: int = 0             # unexpected exceptions caught by the supervisor
-
-    def error(self, text: str) -> None:
-        # Upstream replies and exceptions can echo a key: status, the page and
-        # /metrics show this, so it is redacted (and bounded) here, once.
-        self.last_error = redact(text)[:300]
-        self.last_error_at = time.time()
-
-
-def backoff_delay(attempt: int, rng: Callable[[], float] = random.random) -> float:
-    """`base * 2**attempt`, capped, times a jitter in [0.5, 1)."""
-    return float(min(BACKOFF_CAP_S, BACKOFF_BASE_S * 2 ** min(attempt, 16)) * (0.5 + rng() / 2))
 
 
 class StreamForwarder:
@@ -89,17 +60,17 @@ class StreamForwarder:
         self._failed: SendResult | None = None
         self._crash: BaseException | None = None  # unexpected: raised to the supervisor
         self.attempt = 0  # failures in a row: the next backoff's step
-        # Set by routing.py: called with (delay, attempt) instead of sleeping out a backoff,
+        # Set by supervisor.py: called with (delay, attempt) instead of sleeping out a backoff,
         # so that a key waiting for a retry holds no task, uplink or connection.
         self.park: Callable[[float, int], None] | None = None
-        # Set by routing.py: end run() once the queue has stayed empty this long, so that
+        # Set by supervisor.py: end run() once the queue has stayed empty this long, so that
         # an idle key holds no task, uplink or connection (any local app can invent keys).
         self.idle_release_s: float | None = None
         self.released = False
         self._empty_since: float | None = None  # loop time the queue was first seen empty
 
     async def run(self) -> None:
-        """One life of the loop. Raises what it did not expect; the supervisor (routing)
+        """One life of the loop. Raises what it did not expect; the supervisor
         counts it and calls ``run`` again, with a fresh uplink, after a backoff."""
         self._cursor, self._failed, self._crash = 0, None, None
         self.uplink.on_crash = self._crashed
@@ -204,8 +175,8 @@ class StreamForwarder:
         """Mark the loop released once its queue has stayed empty for idle_release_s.
 
         The key's depth is updated by each commit before its apps are answered, and so
-        before routing.py is told of new data: at 0, nothing is queued, however stale
-        the last read. Decided without an await after that check, so routing.py sees
+        before supervisor.py is told of new data: at 0, nothing is queued, however stale
+        the last read. Decided without an await after that check, so supervisor.py sees
         ``released`` before any later data and starts a fresh loop for it. Wakes that
         bring no data (an ack's spool delete finishing) do not restart the count.
         """
@@ -295,9 +266,9 @@ class StreamForwarder:
         failed, self._failed = self._failed, None
         assert failed is not None
         if failed.retry_after is not None:
-            delay = min(failed.retry_after, RETRY_AFTER_CAP_S)
+            delay = backoff.retry_after_delay(failed.retry_after)
         else:
-            delay = backoff_delay(self.attempt)
+            delay = backoff.backoff_delay(self.attempt)
         self.attempt += 1
         self.state.state = "backoff"
         self.state.retries += 1

@@ -29,8 +29,8 @@ import sys
 import time
 from collections.abc import Callable
 
-from .logs import log_limited
-from .metrics import Metrics
+from agent.logs import log_limited
+from agent.metrics import Metrics
 
 log = logging.getLogger("outpost.memory")
 

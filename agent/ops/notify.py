@@ -17,7 +17,7 @@ import sys
 import time
 from collections.abc import Callable, Mapping
 
-log = logging.getLogger(__name__)
+log = logging.getLogger("outpost.notify")
 
 # A blocked send means systemd's queue is full; waiting briefly is better than
 # dropping READY=1, but the event loop must not stall for long.

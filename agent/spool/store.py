@@ -3,7 +3,7 @@
 Ingest appends go through one writer task that folds every request waiting
 at that moment into a single transaction (group commit), so one fsync covers
 many apps; the whole transaction is one call on the writer's thread (see
-spool_db.py). Forwarders read from a second connection, which WAL lets run
+spool/db.py). Forwarders read from a second connection, which WAL lets run
 beside the writer. Rows are deleted only when an upstream acknowledges them;
 leases are kept in the forwarder's memory, so a crash simply makes every
 unacknowledged row eligible again.
@@ -20,18 +20,17 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from . import spool_db
-from .clock import CLOCK
-from .config import StorageConfig
-from .events import Event, now_ms
-from .logs import log_limited
-from .paths import ensure_private_dir
-from .spool_db import ROW_OVERHEAD, Job, Outcome, SqliteThread
-from .spool_reads import RETRY_AFTER_FULL_S, Row, SpoolFull, SpoolReads, Stream, is_corruption
-from .spool_salvage import Carry, Salvaged, salvage, salvage_counters
-from .spool_schema import SCHEMA, move_aside
-
-__all__ = ["ROW_OVERHEAD", "RETRY_AFTER_FULL_S", "Row", "Spool", "SpoolFull", "Stream"]
+from agent.clock import CLOCK
+from agent.families.event import Event, now_ms
+from agent.logs import log_limited
+from agent.paths import ensure_private_dir
+from agent.settings import StorageConfig
+from agent.spool import db as spool_db
+from agent.spool.db import ROW_OVERHEAD, Job, Outcome, SqliteThread
+from agent.spool.reads import SpoolReads, is_corruption
+from agent.spool.salvage import Carry, Salvaged, salvage, salvage_counters
+from agent.spool.schema import SCHEMA, move_aside
+from agent.spool.types import SpoolFull, Stream
 
 log = logging.getLogger("outpost.spool")
 # How often commits record the agent-observed time (clock_marks): an event expires at
@@ -162,7 +161,7 @@ class Spool(SpoolReads):
 
     async def _recover(self, exc: BaseException) -> None:
         """Never a crash loop: move a corrupt spool aside, start afresh, and salvage into
-        the fresh spool every row that can still be read (agent/spool_salvage.py)."""
+        the fresh spool every row that can still be read (agent/spool/salvage.py)."""
         carry = Carry(streams={s.id: s.key for s in self.streams.values()},
                       counters=dict(self.counters), observed=self.observed_ms(),
                       next_seq=self._next_seq,

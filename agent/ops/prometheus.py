@@ -11,7 +11,7 @@ import math
 from collections.abc import Iterable
 from typing import Any
 
-from .metrics import Histogram
+from agent.metrics import Histogram
 
 CONTENT_TYPE = "text/plain; version=0.0.4; charset=utf-8"
 # UpstreamState.state's values: each upstream exports all of them, 1 for the

@@ -20,15 +20,11 @@ from __future__ import annotations
 import base64
 import binascii
 import uuid
-from collections.abc import Awaitable, Callable
 from typing import Any
 
 import orjson
-from aiohttp import web
 
-from ..events import SEGMENT, Event, compact_json, dedupe_key, iso_ms, now_ms
-from ..spool import SpoolFull
-from .body import BodyError, Busy
+from agent.families.event import SEGMENT, Event, compact_json, dedupe_key, iso_ms, now_ms
 
 TYPES = frozenset({"track", "identify", "page", "screen", "group", "alias"})
 REQUIRED = {"track": "event", "group": "groupId", "alias": "previousId"}
@@ -194,37 +190,3 @@ def basic_user(header: str | None) -> str | None:
         return decoded.decode("utf-8").partition(":")[0] or None
     except (binascii.Error, ValueError):
         return None
-
-
-def json_reply(body: Any, status: int, retry_after: int | None = None) -> web.Response:
-    headers = {"Retry-After": str(retry_after)} if retry_after else None
-    return web.Response(body=orjson.dumps(body), status=status, headers=headers,
-                        content_type="application/json")
-
-
-def describe(exc: BodyError) -> str:
-    return exc.message + (f": {exc.details}" if exc.details else "")
-
-
-ErrorReply = Callable[[int, str, int | None], web.Response]
-
-
-async def settle(work: Awaitable[object], error: ErrorReply, *, full_status: int = 503,
-                 client_status: int | None = None) -> web.Response | None:
-    """Await ``work`` (read, parse, store): None when done, else the error reply.
-
-    Client mistakes get their own status (or ``client_status`` for APIs with one
-    status for every client error); a full spool or a busy agent gets
-    ``full_status`` and Retry-After, never a 500.
-    """
-    try:
-        await work
-    except Busy as exc:
-        return error(full_status, describe(exc), exc.retry_after)
-    except BodyError as exc:
-        return error(client_status or exc.status, describe(exc), None)
-    except Invalid as exc:
-        return error(client_status or exc.status, exc.message, None)
-    except SpoolFull as exc:
-        return error(full_status, f"spool full, retry later: {exc.reason}", exc.retry_after)
-    return None

@@ -22,7 +22,7 @@ from typing import TypeAlias
 
 import platformdirs
 
-from agent import service_templates as tpl
+from agent.install import templates as tpl
 
 
 @dataclass(frozen=True)

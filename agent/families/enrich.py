@@ -7,7 +7,7 @@ from __future__ import annotations
 
 from typing import Any
 
-from .device import DeviceFacts
+from agent.families.facts import DeviceFacts
 
 NEEDS_FACTS = frozenset({"init", "error"})
 

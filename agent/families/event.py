@@ -2,7 +2,7 @@
 
 An Event keeps the body in its own API family's shape (Nucleus or Segment):
 forwarding within a family is then lossless, and mapping across families
-happens once, at send time (see ``agent/mapping.py``).
+happens once, at send time (see ``agent/families/mapping.py``).
 """
 
 from __future__ import annotations
@@ -14,7 +14,7 @@ from typing import Any
 
 import orjson
 
-from .clock import CLOCK
+from agent.clock import CLOCK
 
 NUCLEUS = 0
 SEGMENT = 1

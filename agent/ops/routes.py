@@ -10,12 +10,12 @@ import re
 import orjson
 from aiohttp import web
 
-from . import prometheus
-from .config import Config
-from .metrics import Metrics
-from .routing import Forwarding
-from .spool import Spool
-from .status import snapshot
+from agent.forwarder.supervisor import Supervisor
+from agent.metrics import Metrics
+from agent.ops import prometheus
+from agent.ops.status import snapshot
+from agent.settings import Config
+from agent.spool import Spool
 
 _INLINE = re.compile(r"<(script|style)>(.*?)</\1>", re.DOTALL)
 
@@ -39,7 +39,7 @@ def _csp(page: str) -> str:
 class Ops:
     """Handlers over the running agent's parts."""
 
-    def __init__(self, cfg: Config, spool: Spool, forwarding: Forwarding, metrics: Metrics) -> None:
+    def __init__(self, cfg: Config, spool: Spool, forwarding: Supervisor, metrics: Metrics) -> None:
         self.cfg = cfg
         self.spool = spool
         self.forwarding = forwarding

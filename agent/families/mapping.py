@@ -18,9 +18,9 @@ from typing import Any
 
 import orjson
 
-from . import __version__
-from .dialects.nucleus import event_type
-from .events import iso_ms
+from agent import __version__
+from agent.families.event import iso_ms
+from agent.families.nucleus import event_type
 
 OPENED = "Application Opened"   # Segment's lifecycle event, Nucleus' `init`
 ERROR = "Application Error"

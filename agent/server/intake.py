@@ -5,11 +5,11 @@ from __future__ import annotations
 import time
 from collections.abc import Callable
 
-from .admission import Admission
-from .device import DeviceFacts
-from .events import Event
-from .metrics import Metrics
-from .spool import Spool
+from agent.families.event import Event
+from agent.families.facts import DeviceFacts
+from agent.metrics import Metrics
+from agent.server.admission import Admission
+from agent.spool import Spool
 
 
 class Sink:

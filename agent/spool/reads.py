@@ -1,50 +1,18 @@
 """The spool's public types and its read side (forwarders' fetches, status reads).
 
 Reads run on their own connection and thread (WAL lets them run beside the
-writer); Spool (spool.py) inherits them.
+writer); Spool (store.py) inherits them.
 """
 
 from __future__ import annotations
 
 import asyncio
 import sqlite3
-from dataclasses import dataclass
 from typing import Any
 
-from . import spool_db
-from .spool_db import SqliteThread
-
-RETRY_AFTER_FULL_S = 30
-
-
-class SpoolFull(Exception):
-    """The spool cannot take these events now; the app should retry later."""
-
-    def __init__(self, reason: str, retry_after: int = RETRY_AFTER_FULL_S) -> None:
-        super().__init__(reason)
-        self.reason = reason
-        self.retry_after = retry_after
-
-
-@dataclass(slots=True)
-class Row:
-    """One stored event as a forwarder sees it."""
-
-    seq: int
-    stream: int
-    family: int
-    received: int
-    body: bytes
-
-
-@dataclass(slots=True)
-class Stream:
-    """One key's queue: its id and in-memory depth counters (persisted per commit)."""
-
-    id: int
-    key: str
-    depth: int = 0
-    bytes: int = 0
+from agent.spool import db as spool_db
+from agent.spool.db import SqliteThread
+from agent.spool.types import Row
 
 
 class SpoolReads:

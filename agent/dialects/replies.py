@@ -1,0 +1,47 @@
+"""Reply helpers the Segment-like dialects share: JSON replies, and one error funnel."""
+
+from __future__ import annotations
+
+from collections.abc import Awaitable, Callable
+from typing import Any
+
+import orjson
+from aiohttp import web
+
+from agent.dialects.body import BodyError, Busy
+from agent.families.segment import Invalid
+from agent.spool.types import SpoolFull
+
+
+def json_reply(body: Any, status: int, retry_after: int | None = None) -> web.Response:
+    headers = {"Retry-After": str(retry_after)} if retry_after else None
+    return web.Response(body=orjson.dumps(body), status=status, headers=headers,
+                        content_type="application/json")
+
+
+def describe(exc: BodyError) -> str:
+    return exc.message + (f": {exc.details}" if exc.details else "")
+
+
+ErrorReply = Callable[[int, str, int | None], web.Response]
+
+
+async def settle(work: Awaitable[object], error: ErrorReply, *, full_status: int = 503,
+                 client_status: int | None = None) -> web.Response | None:
+    """Await ``work`` (read, parse, store): None when done, else the error reply.
+
+    Client mistakes get their own status (or ``client_status`` for APIs with one
+    status for every client error); a full spool or a busy agent gets
+    ``full_status`` and Retry-After, never a 500.
+    """
+    try:
+        await work
+    except Busy as exc:
+        return error(full_status, describe(exc), exc.retry_after)
+    except BodyError as exc:
+        return error(client_status or exc.status, describe(exc), None)
+    except Invalid as exc:
+        return error(client_status or exc.status, exc.message, None)
+    except SpoolFull as exc:
+        return error(full_status, f"spool full, retry later: {exc.reason}", exc.retry_after)
+    return None

@@ -1,0 +1,1 @@
+"""Supervisor: one loop per (upstream, key), batching, backoff, supervision."""

@@ -1,0 +1,30 @@
+"""What status and metrics show for one upstream, shared by its key loops."""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass
+
+from agent.logs import redact
+
+
+@dataclass
+class UpstreamState:
+    """What status and metrics show for one upstream (shared by its key loops)."""
+
+    name: str
+    protocol: str
+    state: str = "idle"          # idle | sending | backoff | restarting (after a crash)
+    last_ack: float | None = None
+    last_error: str | None = None
+    last_error_at: float | None = None
+    retries: int = 0
+    acked: int = 0
+    dead_lettered: int = 0
+    crashes: int = 0             # unexpected exceptions caught by the supervisor
+
+    def error(self, text: str) -> None:
+        # Upstream replies and exceptions can echo a key: status, the page and
+        # /metrics show this, so it is redacted (and bounded) here, once.
+        self.last_error = redact(text)[:300]
+        self.last_error_at = time.time()

@@ -1,0 +1,1 @@
+"""`outpost service install|uninstall`: plans for systemd, launchd and Windows."""

@@ -1,0 +1,1 @@
+"""Operations: the status snapshot, /metrics, the status page, `outpost status`, sd_notify."""
