@@ -355,10 +355,10 @@ async def test_corruption_found_by_a_commit_still_answers_the_app(
     from agent.families.event import NUCLEUS, Event
     from agent.settings import StorageConfig
     from agent.spool import Spool
-    from agent.spool import db as spool_db
+    from agent.spool import commit as spool_commit
 
     spool = await Spool.open(StorageConfig(path=str(tmp_path / "spool.db")))
-    real_commit = spool_db.commit
+    real_commit = spool_commit.commit
     calls = 0
 
     def commit_once_corrupt(conn: Any, job: Any) -> Any:
@@ -369,7 +369,7 @@ async def test_corruption_found_by_a_commit_still_answers_the_app(
         return real_commit(conn, job)
 
     # The whole group commit is one function on the writer thread (agent/spool/db.py).
-    monkeypatch.setattr(spool_db, "commit", commit_once_corrupt)
+    monkeypatch.setattr(spool_commit, "commit", commit_once_corrupt)
     try:
         assert await spool.append([Event("k", NUCLEUS, 1, b'{"id":1}')]) == 1
         assert spool.counters["spool_corrupt"] == 1 and spool.depth == 1

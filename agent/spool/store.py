@@ -1,9 +1,8 @@
 """The durable queue: SQLite in WAL mode, each connection on its own thread.
 
 Ingest appends go through one writer task that folds every request waiting
-at that moment into a single transaction (group commit), so one fsync covers
-many apps; the whole transaction is one call on the writer's thread (see
-spool/db.py). Forwarders read from a second connection, which WAL lets run
+at that moment into a single transaction (group commit, writer.py), so one
+fsync covers many apps. Forwarders read from a second connection, which WAL lets run
 beside the writer. Rows are deleted only when an upstream acknowledges them;
 leases are kept in the forwarder's memory, so a crash simply makes every
 unacknowledged row eligible again.
@@ -16,48 +15,31 @@ import logging
 import os
 import sqlite3
 import sys
-from collections.abc import Callable, Sequence
-from dataclasses import dataclass, field
+from collections.abc import Callable
 from pathlib import Path
 
 from agent.clock import CLOCK
-from agent.families.event import Event, now_ms
-from agent.logs import log_limited
+from agent.families.event import now_ms
 from agent.paths import ensure_private_dir
 from agent.settings import StorageConfig
+from agent.spool import commit as spool_commit
 from agent.spool import db as spool_db
-from agent.spool.db import ROW_OVERHEAD, Job, Outcome, SqliteThread
+from agent.spool.db import SqliteThread
 from agent.spool.reads import SpoolReads, is_corruption
 from agent.spool.salvage import Carry, Salvaged, salvage, salvage_counters
 from agent.spool.schema import SCHEMA, move_aside
 from agent.spool.types import SpoolFull, Stream
+from agent.spool.writer import Batch, SpoolWrites
 
 log = logging.getLogger("outpost.spool")
-# How often commits record the agent-observed time (clock_marks): an event expires at
-# most this much later than max_age_days says, plus any time the device was off.
-MARK_EVERY_MS = 60_000
 
 
-@dataclass(slots=True)
-class _Pending:
-    events: list[Event]
-    received: int
-    done: asyncio.Future[int]
+class Spool(SpoolWrites, SpoolReads):
+    """The durable queue. Create with ``await Spool.open(cfg)``.
 
-
-@dataclass(slots=True)
-class _Batch:
-    appends: list[_Pending] = field(default_factory=list)
-    acks: list[int] = field(default_factory=list)
-    dead: list[tuple[int, str, str]] = field(default_factory=list)
-    waiters: list[asyncio.Future[None]] = field(default_factory=list)
-
-    def __bool__(self) -> bool:
-        return bool(self.appends or self.acks or self.dead)
-
-
-class Spool(SpoolReads):
-    """The durable queue. Create with ``await Spool.open(cfg)``."""
+    This module holds its state, lifecycle, recovery and expiry; writer.py its
+    group commit, reads.py its reads.
+    """
 
     def __init__(self, cfg: StorageConfig, path: Path) -> None:
         self.cfg = cfg
@@ -72,7 +54,7 @@ class Spool(SpoolReads):
         self._reader: SqliteThread | None = None
         self._next_seq = 1
         self._used_bytes = 0
-        self._batch = _Batch()
+        self._batch = Batch()
         self._wake = asyncio.Event()
         self._lock = asyncio.Lock()
         self._writer: asyncio.Task[None] | None = None
@@ -219,148 +201,6 @@ class Spool(SpoolReads):
             if conn is not None:
                 await conn.close()
 
-    # -- writes (group commit) ---------------------------------------------
-
-    async def append(self, events: list[Event]) -> int:
-        """Commit ``events``; returns how many were new (the rest were resends).
-
-        Raises SpoolFull when they do not fit and ``when_full = "reject"``,
-        or when the disk itself is full.
-        """
-        if not events:
-            return 0
-        if self._closing:
-            raise SpoolFull("agent is shutting down", retry_after=5)
-        fut: asyncio.Future[int] = asyncio.get_running_loop().create_future()
-        self._batch.appends.append(_Pending(events, now_ms(), fut))
-        self._wake.set()
-        return await fut
-
-    async def ack(self, seqs: Sequence[int]) -> None:
-        """Delete acknowledged rows; returns once that is committed."""
-        self._batch.acks.extend(seqs)
-        await self._settled()
-
-    async def dead_letter(self, rows: Sequence[tuple[int, str, str]]) -> None:
-        """Move (seq, upstream, reason) rows the upstream refused for good to dead letters."""
-        self._batch.dead.extend(rows)
-        await self._settled()
-
-    def _settled(self) -> asyncio.Future[None]:
-        fut: asyncio.Future[None] = asyncio.get_running_loop().create_future()
-        self._batch.waiters.append(fut)
-        self._wake.set()
-        return fut
-
-    async def _write_loop(self) -> None:
-        while True:
-            await self._wake.wait()
-            self._wake.clear()
-            batch, self._batch = self._batch, _Batch()
-            try:
-                if batch:
-                    await self._commit(batch)
-            except Exception:  # the writer must outlive any one bad commit
-                log.exception("spool commit failed")
-            finally:
-                # Ack/dead-letter callers only wait; a failed delete is retried by resending.
-                for fut in batch.waiters:
-                    if not fut.done():
-                        fut.set_result(None)
-            # Not kept while waiting for the next wake: every request's events would stay
-            # in memory until the next commit (whenever the next app posts).
-            del batch
-            if self._closing and not self._batch:
-                return
-
-    async def _commit(self, batch: _Batch) -> None:
-        try:
-            async with self._lock:
-                await self._run_batch(batch)
-        except sqlite3.DatabaseError as exc:
-            if not is_corruption(exc):
-                raise
-            async with self._lock:
-                try:
-                    await self._recover(exc)
-                    await self._run_batch(batch)
-                except BaseException:
-                    _fail(batch.appends, SpoolFull("spool storage is failing", retry_after=5))
-                    raise
-
-    def _job(self, batch: _Batch) -> Job:
-        """Number the events and name their streams: the loop-side half of a commit."""
-        rows: list[tuple[int, int, int, int, int, bytes]] = []
-        totals: dict[int, list[int]] = {}
-        seq = self._next_seq
-        incoming = 0
-        streams = self.streams
-        for p in batch.appends:
-            received = p.received
-            key, sid, total = "", 0, [0, 0]
-            for ev in p.events:
-                if ev.key != key:  # requests are nearly always one key: look it up once
-                    key = ev.key
-                    sid = (streams.get(key) or self._stream_for(key)).id
-                    total = totals.setdefault(sid, [0, 0])
-                nbytes = len(ev.body)
-                rows.append((seq, sid, ev.family, received, ev.dedupe, ev.body))
-                seq += 1
-                total[0] += 1
-                total[1] += nbytes
-                incoming += nbytes
-        self._next_seq = seq
-        counters, self._unsaved = self._unsaved, {}
-        observed = self.observed_ms()
-        mark = None
-        if rows and (self._last_mark is None or observed - self._last_mark >= MARK_EVERY_MS):
-            mark = (observed, seq)
-        return Job(rows=rows, sizes=[len(p.events) for p in batch.appends], totals=totals,
-                   new_streams=[(s.id, s.key) for s in self._new_streams],
-                   acks=batch.acks, dead=batch.dead,
-                   room=self.max_bytes - self._used_bytes,
-                   incoming=incoming + ROW_OVERHEAD * len(rows),
-                   reject_when_full=self.cfg.when_full == "reject",
-                   remember=self.cfg.dedupe_window_h > 0, counters=counters, now=now_ms(),
-                   mark=mark)
-
-    async def _run_batch(self, batch: _Batch) -> None:
-        if self._db is None and not await self._reopen():
-            self.count("rejected_storage_error", sum(len(p.events) for p in batch.appends))
-            _fail(batch.appends, SpoolFull("spool cannot be opened", retry_after=5))
-            return
-        db = self._require_db()
-        appends = batch.appends
-        job = self._job(batch)
-        try:
-            out = await db.run(spool_db.commit, job)
-        except sqlite3.OperationalError as exc:
-            self._unsave(job.counters)
-            reason = "disk full" if "full" in str(exc) else f"storage error: {exc}"
-            # Every app retrying against a full disk fails a commit: count each refused
-            # event, but log once a minute (a flood of identical lines helps nobody).
-            log_limited(log, logging.ERROR, "commit-failed", "spool commit failed: %s", reason)
-            self.count("rejected_storage_error", len(job.rows))
-            _fail(appends, SpoolFull(reason))
-            return
-        except BaseException as exc:
-            self._unsave(job.counters)
-            if not (isinstance(exc, sqlite3.DatabaseError) and is_corruption(exc)):
-                _fail(appends, exc)  # corruption: _commit runs them again on a fresh spool
-            raise
-        self.commits += 1
-        if job.mark is not None:
-            self._last_mark = job.mark[0]
-        if job.new_streams:
-            self._new_streams = self._new_streams[len(job.new_streams):]
-        self._apply(out)
-        if out.stored is None:
-            _fail(appends, SpoolFull("spool is full (storage.max_size_mb)"))
-            return
-        for pending, n in zip(appends, out.stored):
-            if not pending.done.done():
-                pending.done.set_result(n)
-
     async def _reopen(self) -> bool:
         """Open a spool that could not be opened before (the disk may have space again)."""
         unsaved = self._unsaved
@@ -373,31 +213,6 @@ class Spool(SpoolReads):
         log.warning("spool %s is open again (%d events queued)", self.path, self.depth)
         self.on_reopen()
         return True
-
-    def _apply(self, out: Outcome) -> None:
-        """Bring the in-memory depths and counters up to what was just committed."""
-        for sid, (depth, nbytes) in out.streams.items():
-            stream = self._by_id.get(sid)
-            if stream is not None:
-                stream.depth += depth
-                stream.bytes += nbytes
-        counters = self.counters
-        for name, n in out.counters.items():
-            counters[name] = counters.get(name, 0) + n
-        self._used_bytes = out.used_bytes
-
-    def _unsave(self, counters: dict[str, int]) -> None:
-        """A failed commit did not save these counts: keep them for the next one."""
-        for name, n in counters.items():
-            self._unsaved[name] = self._unsaved.get(name, 0) + n
-
-    def _stream_for(self, key: str) -> Stream:
-        stream = self.streams.get(key)
-        if stream is None:
-            stream = Stream(self._top_stream_id + 1, key)
-            self._add_stream(stream)
-            self._new_streams.append(stream)
-        return stream
 
     # -- maintenance -------------------------------------------------------
 
@@ -413,14 +228,14 @@ class Spool(SpoolReads):
         db = self._db
         max_age = self.cfg.max_age_days * 86_400_000
         async with self._lock:
-            exp = spool_db.Expiry(wall_cutoff=now_ms() - max_age,
+            exp = spool_commit.Expiry(wall_cutoff=now_ms() - max_age,
                                   forget=now_ms() - self.cfg.dedupe_window_h * 3_600_000,
                                   observed=self.observed_ms(), max_age_ms=max_age,
                                   window_ms=self.cfg.dedupe_window_h * 3_600_000,
                                   next_seq=self._next_seq)
             counters, self._unsaved = self._unsaved, {}
             try:
-                out = await db.run(spool_db.prune, exp, counters)
+                out = await db.run(spool_commit.prune, exp, counters)
             except sqlite3.Error as exc:
                 self._unsave(counters)
                 log.error("spool prune failed: %s", exc)
@@ -453,9 +268,3 @@ class Spool(SpoolReads):
         if self._db is None:
             raise SpoolFull("spool is not open", retry_after=5)
         return self._db
-
-
-def _fail(pendings: list[_Pending], exc: BaseException) -> None:
-    for p in pendings:
-        if not p.done.done():
-            p.done.set_exception(exc)
