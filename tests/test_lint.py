@@ -1,12 +1,21 @@
-"""The code style the project holds itself to: mypy --strict and ruff, as configured
-in pyproject.toml, over the whole tree."""
+"""The code style the project holds itself to: mypy --strict, ruff and the import-linter
+contracts, as configured in pyproject.toml, over the whole tree; and an import graph at most
+eight floors deep. .pre-commit-config.yaml runs the same three commands."""
 
 from __future__ import annotations
 
+import shutil
 import subprocess
 import sys
+import tomllib
+from pathlib import Path
+
+import grimp
+import pytest
 
 from tests.conftest import ROOT
+
+MAX_FLOORS = 8
 
 
 def run(*args: str) -> subprocess.CompletedProcess[str]:
@@ -22,3 +31,81 @@ def test_mypy_strict_is_clean() -> None:
 def test_ruff_is_clean() -> None:
     out = run("ruff", "check", "agent", "tests", "bench")
     assert out.returncode == 0, out.stdout + out.stderr
+
+
+def test_import_contracts_are_kept() -> None:
+    # import-linter has no `python -m` entry point: run the script installed next to python.
+    exe = shutil.which("lint-imports", path=str(Path(sys.executable).parent))
+    assert exe is not None, "lint-imports is missing: pip install -e '.[test]'"
+    out = subprocess.run([exe, "--no-cache"], cwd=ROOT, capture_output=True, text=True,
+                         timeout=300, check=False)
+    assert out.returncode == 0, out.stdout + out.stderr
+
+
+def floor(module: str) -> str:
+    """The floor a module lives on: its top-level module or package under agent."""
+    return ".".join(module.split(".")[:2])
+
+
+def known_violations() -> set[tuple[str, str]]:
+    """The imports the contracts still ignore: issue 10's other changes remove them, and the
+    lead deletes them from pyproject.toml, so this test then measures the real graph."""
+    config = tomllib.loads((ROOT / "pyproject.toml").read_text())
+    pairs = set()
+    for contract in config["tool"]["importlinter"]["contracts"]:
+        for expression in contract.get("ignore_imports", []):
+            importer, imported = expression.split(" -> ")
+            pairs.add((importer, imported))
+    return pairs
+
+
+def deepest_chain(graph: grimp.ImportGraph, skip: set[tuple[str, str]]) -> tuple[int, list[str]]:
+    """The runtime import chain that crosses the most floors (consecutive modules of one
+    package are one floor, re-entering a package is another), as (floors, modules)."""
+    best: dict[str, tuple[int, list[str]]] = {}
+    visiting: list[str] = []
+
+    def walk(module: str) -> tuple[int, list[str]]:
+        if module in best:
+            return best[module]
+        assert module not in visiting, "import cycle: " + " -> ".join(
+            visiting[visiting.index(module):] + [module])
+        visiting.append(module)
+        result = (1, [module])
+        for imported in sorted(graph.find_modules_directly_imported_by(module)):
+            if (module, imported) in skip:
+                continue
+            floors, chain = walk(imported)
+            floors += floor(imported) != floor(module)
+            if floors > result[0]:
+                result = (floors, [module, *chain])
+        visiting.pop()
+        best[module] = result
+        return result
+
+    return max((walk(module) for module in sorted(graph.modules)), key=lambda found: found[0])
+
+
+def test_import_graph_is_at_most_eight_floors_deep() -> None:
+    # Imports made only for type checking cost nothing at run time and are left out.
+    graph = grimp.build_graph("agent", exclude_type_checking_imports=True, cache_dir=None)
+    floors, chain = deepest_chain(graph, known_violations())
+    assert floors <= MAX_FLOORS, (
+        f"{floors} floors (at most {MAX_FLOORS}): " + " -> ".join(chain))
+
+
+def test_depth_check_sees_a_deep_chain() -> None:
+    # The measure itself: a chain down through every floor of a made-up graph, re-entering one.
+    graph = grimp.ImportGraph()
+    chain = ["agent.__main__", "agent.cli", "agent.service", "agent.server.app", "agent.dialects.x",
+             "agent.server.intake", "agent.spool", "agent.spool.store", "agent.families.event",
+             "agent.clock"]
+    for importer, imported in zip(chain, chain[1:]):
+        graph.add_import(importer=importer, imported=imported)
+    graph.add_import(importer="agent.cli", imported="agent.clock")
+    assert deepest_chain(graph, set()) == (9, chain)
+    assert deepest_chain(graph, {("agent.dialects.x", "agent.server.intake")}) == (
+        5, ["agent.__main__", "agent.cli", "agent.service", "agent.server.app", "agent.dialects.x"])
+    graph.add_import(importer="agent.clock", imported="agent.cli")
+    with pytest.raises(AssertionError, match="import cycle: agent.cli -> agent.clock -> agent.cli"):
+        deepest_chain(graph, set())
