@@ -33,13 +33,43 @@ def test_ruff_is_clean() -> None:
     assert out.returncode == 0, out.stdout + out.stderr
 
 
-def test_import_contracts_are_kept() -> None:
+def lint_imports(cwd: Path) -> subprocess.CompletedProcess[str]:
     # import-linter has no `python -m` entry point: run the script installed next to python.
+    # It puts its working directory first on sys.path, so it checks the `agent` found there.
     exe = shutil.which("lint-imports", path=str(Path(sys.executable).parent))
     assert exe is not None, "lint-imports is missing: pip install -e '.[test]'"
-    out = subprocess.run([exe, "--no-cache"], cwd=ROOT, capture_output=True, text=True,
-                         timeout=300, check=False)
+    return subprocess.run([exe, "--no-cache", "--no-logo"], cwd=cwd, capture_output=True,
+                          text=True, timeout=300, check=False)
+
+
+def test_import_contracts_are_kept() -> None:
+    out = lint_imports(ROOT)
     assert out.returncode == 0, out.stdout + out.stderr
+
+
+@pytest.mark.parametrize(("module", "bad_import", "contract"), [
+    ("agent/families/event.py", "from agent.spool import types", "Layers, top to bottom"),
+    ("agent/uplinks/base.py", "from agent.dialects import body", "Layers, top to bottom"),
+    ("agent/server/intake.py", "from agent.ops import notify", "Layers, top to bottom"),
+    ("agent/families/facts.py", "import aiohttp", "No HTTP below the APIs"),
+    ("agent/logs.py", "import yarl", "No HTTP below the APIs"),
+    ("agent/families/facts.py", "import sqlite3", "No storage in families"),
+    ("agent/server/guard.py", "from agent.forwarder import backoff", "Ingest does not know delivery"),
+    ("agent/ops/notify.py", "from agent.forwarder import supervisor", "Ops has narrow inputs"),
+    ("agent/dialects/capture.py", "from agent.dialects import tranthor", "One file per local API"),
+    ("agent/uplinks/segment_http.py", "from agent.uplinks import nucleus_ws",
+     "One file per upstream protocol"),
+])
+def test_each_contract_catches_a_wrong_import(
+        tmp_path: Path, module: str, bad_import: str, contract: str) -> None:
+    shutil.copytree(ROOT / "agent", tmp_path / "agent", ignore=shutil.ignore_patterns("__pycache__"))
+    shutil.copy(ROOT / "pyproject.toml", tmp_path)
+    with open(tmp_path / module, "a") as source:
+        source.write(f"\n{bad_import}  # a wrong import\n")
+    out = lint_imports(tmp_path)
+    broken = [line for line in out.stdout.splitlines() if " BROKEN" in line]
+    assert out.returncode == 1 and broken and all(line.startswith(contract) for line in broken), (
+        out.stdout + out.stderr)
 
 
 def floor(module: str) -> str:
