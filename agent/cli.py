@@ -19,7 +19,7 @@ from agent import __version__, logs, paths
 from agent import config as config_mod
 from agent.config import ConfigError
 from agent.device import detect
-from agent.install import plan as service_install
+from agent.install import command as service_install
 from agent.ops.status import offline_snapshot
 from agent.server import memory
 from agent.settings import Config

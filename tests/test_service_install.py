@@ -11,9 +11,10 @@ from pathlib import Path
 
 import pytest
 
-from agent.install import plan as si
+from agent.install import command
 from agent.install import templates as tpl
-from agent.install.plan import EnsureUser, MakeDir, Plan, RemoveFile, Run, Target, WriteFile
+from agent.install.execute import describe, execute, first_free_id
+from agent.install.plan import EnsureUser, MakeDir, Plan, RemoveFile, Run, Target, WriteFile, build_plan
 
 PY = "/opt/outpost/venv/bin/python"
 
@@ -25,7 +26,7 @@ def linux(system: bool) -> Target:
 
 def parse(argv: list[str]) -> argparse.Namespace:
     parser = argparse.ArgumentParser(prog="outpost")
-    si.add_parser(parser.add_subparsers(dest="command", required=True))
+    command.add_parser(parser.add_subparsers(dest="command", required=True))
     return parser.parse_args(argv)
 
 
@@ -34,7 +35,7 @@ def commands(plan: Plan) -> list[tuple[str, ...]]:
 
 
 def test_linux_user_install() -> None:
-    plan = si.build_plan("install", linux(system=False))
+    plan = build_plan("install", linux(system=False))
     write = plan.steps[0]
     assert isinstance(write, WriteFile)
     assert write.path == "/home/ada/.config/systemd/user/outpost.service"
@@ -52,7 +53,7 @@ def test_linux_user_install() -> None:
 
 
 def test_linux_system_install_creates_the_user_first() -> None:
-    plan = si.build_plan("install", linux(system=True))
+    plan = build_plan("install", linux(system=True))
     assert plan.steps[0] == EnsureUser("outpost")
     write = plan.steps[1]
     assert isinstance(write, WriteFile)
@@ -63,7 +64,7 @@ def test_linux_system_install_creates_the_user_first() -> None:
 
 
 def test_linux_uninstall_keeps_going_when_the_unit_is_not_loaded() -> None:
-    plan = si.build_plan("uninstall", linux(system=False))
+    plan = build_plan("uninstall", linux(system=False))
     assert plan.steps == (
         Run(("systemctl", "--user", "disable", "--now", "outpost.service"), check=False),
         RemoveFile("/home/ada/.config/systemd/user/outpost.service"),
@@ -74,10 +75,10 @@ def test_linux_uninstall_keeps_going_when_the_unit_is_not_loaded() -> None:
 def test_system_install_from_a_home_directory_warns() -> None:
     target = Target("linux", True, "/home/ada/.venv/bin/python", "/home/ada",
                     package_dir="/home/ada/src/outpost/agent")
-    warnings = si.build_plan("install", target).warnings
+    warnings = build_plan("install", target).warnings
     assert len(warnings) == 2
     assert "/home/ada/.venv/bin/python is inside a home directory" in warnings[0]
-    assert si.build_plan("install", Target("linux", False, "/home/ada/.venv/bin/python", "/home/ada")).warnings == ()
+    assert build_plan("install", Target("linux", False, "/home/ada/.venv/bin/python", "/home/ada")).warnings == ()
 
 
 def test_exec_start_quotes_awkward_paths() -> None:
@@ -86,7 +87,7 @@ def test_exec_start_quotes_awkward_paths() -> None:
 
 
 def test_macos_user_install() -> None:
-    plan = si.build_plan("install", Target("darwin", False, PY, "/Users/ada", uid=501))
+    plan = build_plan("install", Target("darwin", False, PY, "/Users/ada", uid=501))
     assert plan.steps[0] == MakeDir("/Users/ada/Library/Logs/outpost", 0o700, None)
     write = plan.steps[1]
     assert isinstance(write, WriteFile)
@@ -102,7 +103,7 @@ def test_macos_user_install() -> None:
 
 def test_macos_system_install_and_uninstall() -> None:
     target = Target("darwin", True, PY, "/Users/ada", uid=501)
-    plan = si.build_plan("install", target)
+    plan = build_plan("install", target)
     assert plan.steps[:3] == (
         EnsureUser("outpost"),
         MakeDir("/Library/Application Support/outpost", 0o700, "outpost"),
@@ -110,7 +111,7 @@ def test_macos_system_install_and_uninstall() -> None:
     )
     plist_path = "/Library/LaunchDaemons/sh.outpost.daemon.plist"
     assert commands(plan)[-1] == ("launchctl", "bootstrap", "system", plist_path)
-    assert si.build_plan("uninstall", target).steps == (
+    assert build_plan("uninstall", target).steps == (
         Run(("launchctl", "bootout", "system/sh.outpost.daemon"), check=False),
         RemoveFile(plist_path),
     )
@@ -119,7 +120,7 @@ def test_macos_system_install_and_uninstall() -> None:
 def test_windows_user_task() -> None:
     target = Target("win32", False, r"C:\Outpost\venv\Scripts\pythonw.exe", r"C:\Users\ada",
                     user=r"PC\ada", config_home=r"C:\Users\ada\AppData\Local")
-    plan = si.build_plan("install", target)
+    plan = build_plan("install", target)
     write = plan.steps[0]
     assert isinstance(write, WriteFile)
     assert write.path == r"C:\Users\ada\AppData\Local\outpost\outpost-task.xml"
@@ -131,7 +132,7 @@ def test_windows_user_task() -> None:
         ("schtasks", "/Create", "/TN", "Outpost", "/XML", write.path, "/F"),
         ("schtasks", "/Run", "/TN", "Outpost"),
     ]
-    assert si.describe(plan, "win32").count("[run] schtasks") == 3
+    assert describe(plan, "win32").count("[run] schtasks") == 3
 
 
 def test_windows_system_task_runs_as_system_at_boot() -> None:
@@ -153,21 +154,21 @@ def test_windows_task_xml_is_well_formed() -> None:
 
 def test_unknown_action_or_os() -> None:
     with pytest.raises(ValueError):
-        si.build_plan("reinstall", linux(system=False))
+        build_plan("reinstall", linux(system=False))
     with pytest.raises(ValueError):
-        si.build_plan("install", Target("aix", False, PY, "/home/ada"))
+        build_plan("install", Target("aix", False, PY, "/home/ada"))
 
 
 def test_first_free_id() -> None:
     users = "root 0\n_www 70\noutsider 200\nx 201\nnobody -2\n"
     groups = "wheel 0\ng 202\n"
-    assert si.first_free_id([users, groups]) == 203
+    assert first_free_id([users, groups]) == 203
 
 
 def test_parser() -> None:
     args = parse(["service", "install", "--user", "--dry-run"])
     assert (args.command, args.service_action, args.user, args.dry_run) == ("service", "install", True, True)
-    assert args.func is si.run
+    assert args.func is command.run
     args = parse(["service", "uninstall"])
     assert (args.service_action, args.user, args.dry_run) == ("uninstall", False, False)
     with pytest.raises(SystemExit):
@@ -180,7 +181,7 @@ def test_dry_run_prints_everything_and_changes_nothing(
 ) -> None:
     monkeypatch.setenv("HOME", str(tmp_path))
     monkeypatch.setenv("XDG_CONFIG_HOME", str(tmp_path / "config"))
-    assert si.run(parse(["service", "install", "--user", "--dry-run"])) == 0
+    assert command.run(parse(["service", "install", "--user", "--dry-run"])) == 0
     out = capsys.readouterr().out
     unit_path = tmp_path / "config/systemd/user/outpost.service"
     unit = tpl.systemd_unit(os.path.abspath(sys.executable), system=False)
@@ -193,14 +194,14 @@ def test_dry_run_prints_everything_and_changes_nothing(
     )
     assert not any(tmp_path.iterdir())
 
-    assert si.run(parse(["service", "uninstall", "--user", "--dry-run"])) == 0
+    assert command.run(parse(["service", "uninstall", "--user", "--dry-run"])) == 0
     out = capsys.readouterr().out
     assert "[run] systemctl --user disable --now outpost.service   (failure ignored)\n" in out
     assert f"[remove] {unit_path}\n" in out
 
 
 def test_dry_run_describes_user_creation() -> None:
-    text = si.describe(si.build_plan("install", linux(system=True)), "linux")
+    text = describe(build_plan("install", linux(system=True)), "linux")
     assert "[create user outpost unless it exists]\n[run] useradd --system --user-group" in text
     assert "[write] /etc/systemd/system/outpost.service (mode 0644)\n# Outpost as a system service." in text
 
@@ -218,7 +219,7 @@ def test_executor(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
         Run(("false",), check=False),
         Run(("true",)),
     ))
-    assert si.execute(plan, "linux") == 0
+    assert execute(plan, "linux") == 0
     assert target.read_text() == "[Unit]\n"
     assert stat.S_IMODE(target.stat().st_mode) == 0o644
     assert stat.S_IMODE((tmp_path / "logs").stat().st_mode) == 0o700
@@ -231,7 +232,7 @@ def test_executor(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
 def test_executor_stops_at_the_first_failure(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
     after = tmp_path / "after"
     plan = Plan((Run(("false",)), WriteFile(str(after), "x")))
-    assert si.execute(plan, "linux") == 1
+    assert execute(plan, "linux") == 1
     assert not after.exists()
-    assert si.execute(Plan((Run(("outpost-no-such-command",)),)), "linux") == 1
+    assert execute(Plan((Run(("outpost-no-such-command",)),)), "linux") == 1
     assert "outpost service:" in capsys.readouterr().err

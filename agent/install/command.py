@@ -1,0 +1,90 @@
+"""`outpost service install|uninstall [--user] [--dry-run]`: this machine's target,
+the preflight checks, then the plan carried out or printed."""
+
+from __future__ import annotations
+
+import argparse
+import getpass
+import importlib.metadata
+import os
+import sys
+from pathlib import Path
+
+import platformdirs
+
+from agent.install.execute import describe, execute
+from agent.install.plan import Target, build_plan
+
+
+def current_target(system: bool) -> Target:
+    """The target for this machine, this user and this interpreter."""
+    import agent
+
+    os_name = "linux" if sys.platform.startswith("linux") else sys.platform
+    # Not resolved: a venv's bin/python is a symlink, and resolving it would
+    # escape the venv and lose its site-packages.
+    python = os.path.abspath(sys.executable)
+    if os_name == "win32":
+        # pythonw has no console window; agent.logs then writes to a file.
+        gui = Path(python).with_name("pythonw.exe")
+        python = str(gui) if gui.exists() else python
+    domain = os.environ.get("USERDOMAIN")
+    return Target(
+        os=os_name,
+        system=system,
+        python=python,
+        home=str(Path.home()),
+        uid=os.getuid() if hasattr(os, "getuid") else 0,
+        user=f"{domain}\\{getpass.getuser()}" if domain else getpass.getuser(),
+        config_home=platformdirs.user_config_dir() if os_name in ("linux", "win32") else "",
+        package_dir=str(Path(agent.__file__).parent),
+    )
+
+
+def add_parser(subparsers: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
+    """Add ``service install|uninstall [--user] [--dry-run]`` to the CLI."""
+    service = subparsers.add_parser("service", help="install or remove Outpost as a system service")
+    service.set_defaults(func=run)  # cli.main dispatches on args.func
+    actions = service.add_subparsers(dest="service_action", required=True, metavar="{install,uninstall}")
+    for name, text in (("install", "install, enable and start the service"),
+                       ("uninstall", "stop, disable and remove the service (data is kept)")):
+        sub = actions.add_parser(name, help=text)
+        sub.add_argument("--user", action="store_true",
+                         help="a per-user service instead of a machine-wide one")
+        sub.add_argument("--dry-run", action="store_true",
+                         help="print the files and commands, change nothing")
+
+
+def run(args: argparse.Namespace) -> int:
+    """Run ``outpost service ...``; returns the exit status."""
+    try:
+        target = current_target(system=not args.user)
+        plan = build_plan(args.service_action, target)
+    except ValueError as exc:
+        print(f"outpost service: {exc}", file=sys.stderr)
+        return 2
+    for warning in plan.warnings:
+        print(f"warning: {warning}", file=sys.stderr)
+    if args.dry_run:
+        print(describe(plan, target.os), end="")
+        print("dry run: nothing was changed")
+        return 0
+    problem = _preflight(args.service_action, target)
+    if problem:
+        print(f"outpost service: {problem}", file=sys.stderr)
+        return 1
+    return execute(plan, target.os)
+
+
+def _preflight(action: str, t: Target) -> str | None:
+    root = t.os == "win32" or os.geteuid() == 0
+    if t.system and not root:
+        return "a system service needs root: use sudo, or --user for a per-user service"
+    if not t.system and t.os != "win32" and os.geteuid() == 0:
+        return "--user installs for the invoking user; run it without sudo"
+    if action == "install":
+        try:
+            importlib.metadata.version("outpost-agent")
+        except importlib.metadata.PackageNotFoundError:
+            return f"outpost-agent is not installed for {t.python}; run `pip install .` first"
+    return None
