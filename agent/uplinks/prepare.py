@@ -85,18 +85,22 @@ def take_prefix(uplink: Encoder, rows: Sequence[Row],
     is in it or already earlier in the batch (the upstream's ack names only the id).
     """
     cfg, family = uplink.cfg, uplink.family
-    cap, overhead = cfg.batch_max_bytes, uplink.event_overhead
+    cap, overhead, envelope = cfg.batch_max_bytes, uplink.event_overhead, uplink.envelope_bytes
+    # Looked up once per batch, not per row: this loop is on the drain's hot path.
+    encode_stored, unique = uplink.encode_stored, in_flight is not None
+    busy: Container[Any] = () if in_flight is None else in_flight
+    oversize = cap - envelope if uplink.refuse_oversize else None
     seqs: list[int] = []
     bodies: list[bytes] = []
     ids: list[Any] = []
     refused: list[tuple[int, str]] = []
     seen: set[Any] = set()
-    size = uplink.envelope_bytes
+    size = envelope
     taken = 0
     for row in rows[: cfg.batch_max_events]:
         try:
             if row.family == family:
-                body, ack_id = uplink.encode_stored(row)
+                body, ack_id = encode_stored(row)
             else:
                 body, ack_id = uplink.encode_mapped(_convert(row, family), row)
         except CORRUPT as exc:
@@ -104,16 +108,16 @@ def take_prefix(uplink: Encoder, rows: Sequence[Row],
             taken += 1
             continue
         cost = len(body) + overhead
-        if uplink.refuse_oversize and uplink.envelope_bytes + cost > cap:
+        if oversize is not None and cost > oversize:
             refused.append((row.seq, f"event of {len(body)} bytes exceeds batch_max_bytes "
                                      f"({cap}) of {cfg.name}"))
             taken += 1
             continue
-        if in_flight is not None and (ack_id in in_flight or ack_id in seen):
+        if unique and (ack_id in busy or ack_id in seen):
             break
         if seqs and size + cost > cap:
             break
-        if in_flight is not None:
+        if unique:
             seen.add(ack_id)
         seqs.append(row.seq)
         bodies.append(body)
