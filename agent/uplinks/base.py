@@ -113,6 +113,8 @@ class UplinkBase(ABC):
 
     def __init__(self, cfg: UpstreamConfig, app_key: str, session: aiohttp.ClientSession,
                  machine_id: str) -> None:
+        """Every uplink class is built with these (registry.make_uplink): its upstream's
+        config, the local key it forwards, the shared client session, the device's id."""
         self.name = cfg.name
         self.cfg = cfg
         self.session = session

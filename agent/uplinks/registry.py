@@ -23,10 +23,12 @@ UPLINKS: tuple[type[UplinkBase], ...] = (
 
 
 def protocols() -> tuple[str, ...]:
+    """The `protocol` values agent.toml accepts."""
     return tuple(cls.protocol for cls in UPLINKS)
 
 
 def uplink_class(protocol: str) -> type[UplinkBase]:
+    """The class serving ``protocol`` (config has already refused unknown ones)."""
     for cls in UPLINKS:
         if cls.protocol == protocol:
             return cls
