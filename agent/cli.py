@@ -5,7 +5,6 @@ from __future__ import annotations
 import argparse
 import asyncio
 import json
-import socket
 import sqlite3
 import sys
 import urllib.error
@@ -13,7 +12,6 @@ import urllib.request
 from collections.abc import Coroutine
 from pathlib import Path
 from typing import Any
-from urllib.parse import urlsplit
 
 from agent import __version__, logs, paths
 from agent import config as config_mod
@@ -23,6 +21,7 @@ from agent.install import command as service_install
 from agent.ops.status import offline_snapshot
 from agent.server import memory
 from agent.settings import Config
+from agent.uplinks.registry import uplink_class
 
 
 def _load(args: argparse.Namespace) -> Config | None:
@@ -126,16 +125,6 @@ def cmd_check_config(args: argparse.Namespace) -> int:
     return 0
 
 
-def _reachable(url: str) -> str:
-    parts = urlsplit(url)
-    port = parts.port or (443 if parts.scheme in ("https", "wss") else 80)
-    try:
-        with socket.create_connection((parts.hostname or "", port), timeout=3):
-            return "reachable"
-    except OSError as exc:
-        return f"unreachable ({exc.strerror or exc})"
-
-
 def cmd_doctor(args: argparse.Namespace) -> int:
     cfg = _load(args)
     if cfg is None:
@@ -152,7 +141,7 @@ def cmd_doctor(args: argparse.Namespace) -> int:
     print(f"listen: {cfg.listen.host}:{cfg.listen.port}")
     print("upstreams:")
     for up in cfg.upstreams:
-        print(f"  {up.name:10} {up.protocol:13} {up.url}  {_reachable(up.url)}")
+        print(f"  {up.name:10} {up.protocol:13} {up.url}  {uplink_class(up.protocol).probe(up)}")
     if not cfg.upstreams:
         print("  (none: events are kept until an upstream is configured)")
     return 0

@@ -14,8 +14,7 @@ from urllib.parse import urlsplit
 
 from agent import paths
 from agent.settings import Config, DeviceConfig, ListenConfig, LogConfig, StorageConfig, UpstreamConfig
-
-PROTOCOLS = ("nucleus-ws", "nucleus-http", "segment-http")
+from agent.uplinks import registry
 
 
 class ConfigError(ValueError):
@@ -128,7 +127,7 @@ def _device(t: dict[str, Any]) -> DeviceConfig:
 
 
 def _url_check(protocol: str) -> Callable[[Any], str | None]:
-    schemes = ("ws://", "wss://") if protocol == "nucleus-ws" else ("http://", "https://")
+    schemes = tuple(f"{s}://" for s in registry.uplink_class(protocol).schemes)
 
     def check(value: Any) -> str | None:
         # Messages never quote the URL: it may hold a password.
@@ -156,7 +155,7 @@ def _upstream(t: dict[str, Any], i: int) -> UpstreamConfig:
         raise ConfigError(f"{w}.protocol: missing")
     if "url" not in t:
         raise ConfigError(f"{w}.url: missing")
-    protocol = _take(t, w, "protocol", str, "", _one_of(*PROTOCOLS))
+    protocol = _take(t, w, "protocol", str, "", _one_of(*registry.protocols()))
     out = UpstreamConfig(
         name=_take(t, w, "name", str, "", lambda v: None if v else "must not be empty"),
         protocol=protocol,

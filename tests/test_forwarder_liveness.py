@@ -30,8 +30,8 @@ from hypothesis.stateful import RuleBasedStateMachine, rule, run_state_machine_a
 from agent import config as config_mod
 from agent.forwarder import backoff
 from agent.service import Agent
-from agent.uplinks.factory import make_uplink
 from agent.uplinks.nucleus_ws import NucleusWsUplink
+from agent.uplinks.registry import make_uplink
 from tests.conftest import write_config
 from tests.fakes.faulty_upstream import Fault, FaultyUpstream
 from tests.test_upstream_faults import delivered, drained, event, send, upstream
@@ -97,7 +97,7 @@ async def test_a_crash_in_a_delivery_is_logged_counted_shown_and_restarted(
     # Logged once, with its traceback, at the supervision point; nothing else complains
     # (no "Task exception was never retrieved").
     (record,) = crash_records(caplog)
-    assert record.name == "outpost.routing" and "crashy" in record.getMessage()
+    assert record.name == "outpost.supervisor" and "crashy" in record.getMessage()
     assert record.exc_info is not None and record.exc_info[0] is ValueError
 
 

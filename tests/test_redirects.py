@@ -27,9 +27,11 @@ from agent.metrics import Metrics
 from agent.settings import StorageConfig, UpstreamConfig
 from agent.spool import Spool
 from agent.spool.types import Row
-from agent.uplinks.base import SendResult
+from agent.uplinks.base import Acked, Retry, SendResult
 from agent.uplinks.http_common import location_host
+from agent.uplinks.prepare import Prepared
 from tests.fakes.captive_portal import PORTAL, CaptiveUpstream, redirect
+from tests.fakes.uplinks import as_prepared
 from tests.waiting import wait_for
 
 HTTP_UPLINKS = ("segment-http", "nucleus-http")
@@ -195,14 +197,14 @@ class _FailsAtOnce:
         self.failures = failures
         self.sends = 0
 
-    def take(self, rows: list[Row]) -> list[Row]:
-        return rows
+    def prepare(self, rows: list[Row]) -> Prepared:
+        return as_prepared(rows)
 
-    async def send(self, batch: list[Row]) -> SendResult:
+    async def send(self, batch: Prepared) -> SendResult:
         self.sends += 1
         if self.sends <= self.failures:
-            return SendResult(error="HTTP 302 redirect to portal.example")
-        return SendResult(acked=[r.seq for r in batch])
+            return Retry("HTTP 302 redirect to portal.example")
+        return Acked(batch.seqs)
 
     async def close(self) -> None:
         return None

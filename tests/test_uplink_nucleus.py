@@ -11,7 +11,8 @@ import orjson
 from agent.families.event import NUCLEUS, SEGMENT
 from agent.settings import UpstreamConfig
 from agent.spool.types import Row
-from agent.uplinks.nucleus_frame import FrameBuilder
+from agent.uplinks.base import Acked, Retry
+from agent.uplinks.nucleus_frame import frame, match
 from agent.uplinks.nucleus_ws import NucleusWsUplink
 from tests.fakes.nucleus_upstream import FakeNucleus
 
@@ -21,34 +22,46 @@ def row(seq: int, body: dict[str, Any] | bytes, family: int = NUCLEUS) -> Row:
     return Row(seq, 1, family, 1_767_323_045_000, raw)
 
 
-def test_frame_builder_splices_bodies_and_keeps_ids_unique() -> None:
-    fb = FrameBuilder(max_events=10, max_bytes=10_000)
-    rows = [row(1, {"id": 7, "name": "a"}), row(2, {"name": "no id"}), row(3, {"id": 7})]
-    taken = fb.take(rows)
-    assert [r.seq for r in taken] == [1, 2]          # id 7 is in flight: stop before it
-    frame = orjson.loads(fb.frame(taken))
-    assert frame == {"data": [{"id": 7, "name": "a"}, {"name": "no id", "id": 2}]}
-    assert fb.take(rows[2:]) == []
-    assert fb.match([7, 999, {"x": 1}]) == [1]       # unknown and odd ids are ignored
-    assert [r.seq for r in fb.take(rows[2:])] == [3]
+def ws_config(**kw: Any) -> UpstreamConfig:
+    return UpstreamConfig(name="n", protocol="nucleus-ws", url="ws://127.0.0.1:9", **kw)
 
 
-def test_frame_builder_respects_byte_cap_and_flags_corrupt_rows() -> None:
-    fb = FrameBuilder(max_events=100, max_bytes=1024)
-    rows = [row(i, {"id": i, "pad": "x" * 300}) for i in range(1, 6)]
-    assert len(fb.take(rows)) == 3
-    fb2 = FrameBuilder(max_events=100, max_bytes=10_000)
-    taken = fb2.take([row(1, b"\xff\x00garbage"), row(2, {"id": 2})])
-    assert [r.seq for r in taken] == [1, 2]
-    assert "corrupt row" in fb2.pop_corrupt(taken)[1]
-    assert orjson.loads(fb2.frame(taken)) == {"data": [{"id": 2}]}
+async def test_ws_prepare_splices_bodies_and_keeps_ids_unique() -> None:
+    async with aiohttp.ClientSession() as session:
+        up = NucleusWsUplink(ws_config(batch_max_events=10, batch_max_bytes=10_000), "app",
+                             session, "m")
+        rows = [row(1, {"id": 7, "name": "a"}), row(2, {"name": "no id"}), row(3, {"id": 7})]
+        first = up.prepare(rows)
+        assert [r.seq for r in first.rows] == [1, 2]          # id 7 is in flight: stop before it
+        assert first.bodies[0] == rows[0].body               # spliced as stored
+        assert orjson.loads(frame(first)) == {"data": [{"id": 7, "name": "a"},
+                                                       {"name": "no id", "id": 2}]}
+        assert up.prepare(rows[2:]).rows == ()
+        assert match(up.in_flight, [7, 999, {"x": 1}]) == [1]   # unknown and odd ids are ignored
+        assert [r.seq for r in up.prepare(rows[2:]).rows] == [3]
 
 
-def test_segment_rows_are_mapped_with_seq_ids() -> None:
-    fb = FrameBuilder(max_events=10, max_bytes=10_000)
+async def test_ws_prepare_stops_before_an_id_repeated_within_the_rows() -> None:
+    async with aiohttp.ClientSession() as session:
+        up = NucleusWsUplink(ws_config(), "app", session, "m")
+        first = up.prepare([row(1, {"id": "a"}), row(2, {"id": "b"}), row(3, {"id": "a"})])
+        assert first.seqs == (1, 2) and up.in_flight == {"a": 1, "b": 2}
+
+
+async def test_ws_prepare_respects_the_byte_cap() -> None:
+    async with aiohttp.ClientSession() as session:
+        up = NucleusWsUplink(ws_config(batch_max_events=100, batch_max_bytes=1024), "app",
+                             session, "m")
+        prepared = up.prepare([row(i, {"id": i, "pad": "x" * 300}) for i in range(1, 6)])
+        assert len(prepared.rows) == 3 and len(frame(prepared)) <= 1024
+
+
+async def test_segment_rows_are_mapped_with_seq_ids() -> None:
     seg = row(5, {"type": "track", "event": "Bought", "userId": "u", "messageId": "m1",
                   "properties": {"p": 1}}, family=SEGMENT)
-    (ev,) = orjson.loads(fb.frame(fb.take([seg])))["data"]
+    async with aiohttp.ClientSession() as session:
+        up = NucleusWsUplink(ws_config(), "app", session, "m")
+        (ev,) = orjson.loads(frame(up.prepare([seg])))["data"]
     assert ev["id"] == 5 and ev["type"] == "event" and ev["name"] == "Bought"
     assert ev["payload"]["p"] == 1
 
@@ -58,23 +71,23 @@ async def test_ws_uplink_heartbeats_when_idle_and_recovers_from_a_drop() -> None
     cfg = UpstreamConfig(name="n", protocol="nucleus-ws", url=fake.url, timeout_s=2)
     async with aiohttp.ClientSession() as session:
         up = NucleusWsUplink(cfg, "app", session, "machine-1", heartbeat_s=0.2)
-        batch = up.take([row(1, {"id": 1}), row(2, {"id": 2})])
+        batch = up.prepare([row(1, {"id": 1}), row(2, {"id": 2})])
         result = await up.send(batch)
-        assert result.acked == [1, 2] and result.error is None
+        assert result == Acked((1, 2))
         await asyncio.sleep(0.7)
         assert fake.heartbeats and fake.heartbeats[0] == {"type": "heartbeat",
                                                           "machineId": "machine-1"}
         fake.drop_after_frames = fake.frames + 1     # the next frame kills the connection
-        lost = await up.send(up.take([row(3, {"id": 3})]))
-        assert lost.acked == [] and lost.error is not None
+        lost = await up.send(up.prepare([row(3, {"id": 3})]))
+        assert isinstance(lost, Retry) and lost.acked == ()
         fake.drop_after_frames = None
         # Until the forwarder has settled and closed, nothing opens a new connection:
         # a later batch must not overtake the one that failed (FIFO).
-        early = await up.send(up.take([row(4, {"id": 4})]))
-        assert early.error is not None and fake.connections == 1
+        early = await up.send(up.prepare([row(4, {"id": 4})]))
+        assert isinstance(early, Retry) and fake.connections == 1
         await up.close()
-        again = await up.send(up.take([row(3, {"id": 3})]))   # same id, new connection
-        assert again.acked == [3] and fake.connections == 2
+        again = await up.send(up.prepare([row(3, {"id": 3})]))   # same id, new connection
+        assert again == Acked((3,)) and fake.connections == 2
         await up.close()
     await fake.stop()
 
@@ -85,10 +98,11 @@ async def test_ws_uplink_times_out_on_missing_acks_and_ignores_junk() -> None:
     cfg = UpstreamConfig(name="n", protocol="nucleus-ws", url=fake.url, timeout_s=0.3)
     async with aiohttp.ClientSession() as session:
         up = NucleusWsUplink(cfg, "app", session, "m")
-        result = await up.send(up.take([row(1, {"id": 1})]))
-        assert result.acked == [] and "no reportedIds" in (result.error or "")
+        result = await up.send(up.prepare([row(1, {"id": 1})]))
+        assert isinstance(result, Retry) and result.acked == ()
+        assert "no reportedIds" in result.error
         fake.reply_raw = None
         await up.close()   # as the forwarder does after a failure, before sending again
-        assert (await up.send(up.take([row(1, {"id": 1})]))).acked == [1]
+        assert await up.send(up.prepare([row(1, {"id": 1})])) == Acked((1,))
         await up.close()
     await fake.stop()

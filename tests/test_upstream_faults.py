@@ -403,15 +403,16 @@ class _GatedUplink:
         self.release = asyncio.Event()
         self.sending = asyncio.Event()
 
-    def take(self, rows: list[Any]) -> list[Any]:
-        return rows[:1]
+    def prepare(self, rows: list[Any]) -> Any:
+        from tests.fakes.uplinks import as_prepared
+        return as_prepared(rows[:1])
 
-    async def send(self, batch: list[Any]) -> Any:
-        from agent.uplinks.base import SendResult
-        if batch[0].seq == 2:
+    async def send(self, batch: Any) -> Any:
+        from agent.uplinks.base import Retry
+        if batch.seqs[0] == 2:
             self.sending.set()
             await self.release.wait()
-        return SendResult(error="down", retry_after=3000)
+        return Retry("down", retry_after=3000)
 
     async def close(self) -> None:
         return None
@@ -459,9 +460,9 @@ async def test_a_stop_while_batches_settle_does_not_wait_out_the_backoff() -> No
 class _CrashingUplink(_GatedUplink):
     """As _GatedUplink, but sending row 2 raises once released: a bug in a delivery."""
 
-    async def send(self, batch: list[Any]) -> Any:
+    async def send(self, batch: Any) -> Any:
         result = await super().send(batch)
-        if batch[0].seq == 2:
+        if batch.seqs[0] == 2:
             raise ValueError("injected delivery fault")
         return result
 

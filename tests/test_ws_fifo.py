@@ -20,6 +20,7 @@ import pytest
 
 from agent.forwarder import backoff
 from agent.settings import UpstreamConfig
+from agent.uplinks.base import Acked
 from agent.uplinks.nucleus_ws import NucleusWsUplink
 from tests.fakes.faulty_upstream import FaultyUpstream
 from tests.fakes.nucleus_upstream import FakeNucleus
@@ -92,10 +93,10 @@ async def test_an_idle_drop_reconnects_without_a_failure() -> None:
     cfg = UpstreamConfig(name="n", protocol="nucleus-ws", url=fake.url, timeout_s=2)
     async with aiohttp.ClientSession() as session:
         up = NucleusWsUplink(cfg, "app", session, "m")
-        assert (await up.send(up.take([row(1, {"id": 1})]))).acked == [1]
+        assert await up.send(up.prepare([row(1, {"id": 1})])) == Acked((1,))
         await fake.go_down()      # closes the websocket; returns once the agent answered
         await fake.come_back()
-        again = await up.send(up.take([row(2, {"id": 2})]))
-        assert again.acked == [2] and again.error is None and fake.connections == 2
+        again = await up.send(up.prepare([row(2, {"id": 2})]))
+        assert again == Acked((2,)) and fake.connections == 2
         await up.close()
     await fake.stop()

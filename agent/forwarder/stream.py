@@ -20,7 +20,7 @@ import asyncio
 import contextlib
 import logging
 import time
-from collections.abc import Callable, Coroutine
+from collections.abc import Callable, Coroutine, Sequence
 from typing import Any
 
 from agent.clock import until_due
@@ -31,7 +31,8 @@ from agent.metrics import Metrics
 from agent.settings import UpstreamConfig
 from agent.spool import Spool
 from agent.spool.types import Row, Stream
-from agent.uplinks.base import SendResult, Uplink
+from agent.uplinks.base import Acked, Refused, Retry, SendResult, Uplink
+from agent.uplinks.prepare import Prepared
 
 log = logging.getLogger("outpost.forwarder")
 
@@ -57,7 +58,7 @@ class StreamForwarder:
         self._cursor = 0
         self._tasks: set[asyncio.Task[None]] = set()
         self._acking: set[asyncio.Task[None]] = set()  # spool deletes of upstream-acked rows
-        self._failed: SendResult | None = None
+        self._failed: Retry | None = None
         self._crash: BaseException | None = None  # unexpected: raised to the supervisor
         self.attempt = 0  # failures in a row: the next backoff's step
         # Set by supervisor.py: called with (delay, attempt) instead of sleeping out a backoff,
@@ -124,8 +125,8 @@ class StreamForwarder:
         if len(rows) < self.cfg.batch_max_events and not self._due(rows[0]):
             await self._idle(until_due(rows[0].received, self.cfg.flush_interval_s))
             return
-        batch = self.uplink.take(rows)
-        if not batch:  # the first row's id is still in flight: wait for its ack
+        batch = self.uplink.prepare(rows)
+        if not batch.rows:  # the first row's id is still in flight: wait for its ack
             if not self._tasks:  # ...but nothing is: waiting would be forever
                 raise RuntimeError(f"uplink {self.uplink.name} took no row, none in flight")
             await self._idle(None)
@@ -133,14 +134,14 @@ class StreamForwarder:
         # One read feeds as many batches as the window allows: reading FETCH_FACTOR
         # batches' worth of rows per batch sent kept the reader thread (building rows
         # it then dropped) the drain's bottleneck.
-        while batch:
-            self._cursor = batch[-1].seq
+        while batch.rows:
+            self._cursor = batch.rows[-1].seq
             self._track(self._tasks, self._deliver(batch))
-            rows = rows[len(batch):]
+            rows = rows[len(batch.rows):]
             if len(self._tasks) >= self.window or not rows or (
                     len(rows) < self.cfg.batch_max_events and not self._due(rows[0])):
                 return
-            batch = self.uplink.take(rows)
+            batch = self.uplink.prepare(rows)
 
     def _track(self, tasks: set[asyncio.Task[None]], work: Coroutine[Any, Any, None]) -> None:
         """Run ``work`` as a task in ``tasks``; when it ends, wake the loop, and hand
@@ -194,61 +195,58 @@ class StreamForwarder:
         else:  # queued rows the spool cannot show now (a recovery): new data or a reopen wakes us
             await self._idle(None)
 
-    async def _deliver(self, batch: list[Row]) -> None:
+    async def _deliver(self, batch: Prepared) -> None:
         self.state.state = "sending"
-        result = await self.uplink.send(batch)
-        if result.rejected is not None:
-            await self._split(batch, result)
-            return
-        await self._apply(result)
+        # No await before send: over a websocket, batches go out in the order they start.
+        result: SendResult = await self.uplink.send(batch) if batch.seqs else Acked(())
+        match result:
+            case Refused(reason=reason):
+                await self._apply(Acked(()), batch.refused)
+                await self._split(batch, reason)
+            case Acked() | Retry():
+                await self._apply(result, batch.refused)
 
-    async def _split(self, batch: list[Row], result: SendResult) -> None:
+    async def _split(self, batch: Prepared, reason: str) -> None:
         """Bisect a refused batch until the events that cause it are isolated."""
-        await self._apply(SendResult(failed=result.failed))
-        rest = [r for r in batch if r.seq not in result.failed]
-        if not rest:  # every row was already failed on its own: nothing left to send
+        if len(batch.seqs) == 1:
+            await self._apply(Acked(()), ((batch.seqs[0], reason),))
             return
-        if len(rest) == 1:
-            await self._apply(SendResult(failed={rest[0].seq: result.rejected or "rejected"}))
-            return
-        half = len(rest) // 2
-        for part in (rest[:half], rest[half:]):
-            taken = self.uplink.take(part)
-            if len(taken) != len(part):  # cannot happen for HTTP uplinks; be safe
-                self._failed = SendResult(error="could not re-split batch")
-                return
-            sub = await self.uplink.send(taken)
-            if sub.rejected is not None:
-                await self._split(taken, sub)
-            else:
-                await self._apply(sub)
+        for part in batch.halves():
+            match await self.uplink.send(part):
+                case Refused(reason=why):
+                    await self._split(part, why)
+                case Acked() | Retry() as result:
+                    await self._apply(result)
             if self._failed is not None:
                 return
 
-    async def _apply(self, result: SendResult) -> None:
-        if result.acked:
+    async def _apply(self, result: Acked | Retry, dead: Sequence[tuple[int, str]] = ()) -> None:
+        """Delete what the upstream acknowledged; dead-letter ``dead`` (seq, reason)."""
+        acked = result.seqs if isinstance(result, Acked) else result.acked
+        if acked:
             # Delete in the background: the batch's window slot frees as soon as the
             # upstream has answered, and the acks of several batches share one spool
             # commit (the drain was bounded by one commit per batch). _settle waits for
             # these before any resend, so an acked row is never fetched again.
-            self._track(self._acking, self.spool.ack(result.acked))
-            self.state.acked += len(result.acked)
+            self._track(self._acking, self.spool.ack(list(acked)))
+            self.state.acked += len(acked)
             self.state.last_ack = time.time()
-            self.metrics.observe_acked(len(result.acked))
-        if result.failed:
+            self.metrics.observe_acked(len(acked))
+        if dead:
             await self.spool.dead_letter(
-                [(seq, self.cfg.name, reason) for seq, reason in result.failed.items()])
-            self.state.dead_lettered += len(result.failed)
+                [(seq, self.cfg.name, reason) for seq, reason in dead])
+            self.state.dead_lettered += len(dead)
             log_limited(log, logging.WARNING, f"dead-letter:{self.cfg.name}",
                         "%s refused %d event(s) for good; moved to dead letters: %s",
-                        self.cfg.name, len(result.failed), next(iter(result.failed.values())))
-        if result.error is not None:
-            if self._failed is None or result.retry_after is not None:
-                self._failed = result
-        elif result.acked or result.failed:  # the upstream answered, even if only to refuse
-            self.attempt = 0
-            # This batch's own task is still in _tasks: it is removed once it returns.
-            self.state.state = "idle" if len(self._tasks) <= 1 else "sending"
+                        self.cfg.name, len(dead), dead[0][1])
+        match result:
+            case Retry(retry_after=wait):
+                if self._failed is None or wait is not None:
+                    self._failed = result
+            case Acked() if acked or dead:  # the upstream answered, even if only to refuse
+                self.attempt = 0
+                # This batch's own task is still in _tasks: it is removed once it returns.
+                self.state.state = "idle" if len(self._tasks) <= 1 else "sending"
 
     async def _settle(self, timeout: float | None = None) -> None:
         """Let every in-flight batch finish, so no row is sent twice concurrently."""

@@ -38,8 +38,8 @@ from agent.metrics import Metrics
 from agent.settings import Config, UpstreamConfig
 from agent.spool import Spool
 from agent.uplinks.base import Uplink
-from agent.uplinks.factory import make_uplink, window
 from agent.uplinks.http_common import client_session
+from agent.uplinks.registry import make_uplink, uplink_class
 
 log = logging.getLogger("outpost.supervisor")
 # A loop that ran this long before crashing starts again from the first backoff step.
@@ -87,7 +87,8 @@ class Supervisor:
                 or self._stopping:
             return None
         loop = StreamForwarder(up, stream, self.spool, self._uplink(up, key),
-                               self.states[up.name], self.metrics, window(up))
+                               self.states[up.name], self.metrics,
+                               uplink_class(up.protocol).window(up))
         loop.idle_release_s = up.flush_interval_s
         loop.attempt = attempt
         loop.park = functools.partial(self._park, key)

@@ -1,1 +1,2 @@
-"""One module per upstream protocol, all behind the small Uplink protocol in base.py."""
+"""One module per upstream protocol, all behind the small Uplink contract in base.py;
+registry.py lists them."""

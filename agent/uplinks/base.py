@@ -1,16 +1,30 @@
 """The contract between the forwarder and every upstream protocol.
 
-Like OpenTelemetry exporters, uplinks *return* their outcome and do not raise
-it: the forwarder alone decides about backoff, dead letters and acks.
+An uplink ``prepare``s a batch from queued rows (a ``Prepared`` value, see
+prepare.py), then ``send``s it. Like OpenTelemetry exporters, uplinks *return*
+their outcome and do not raise it: the forwarder alone decides about backoff,
+dead letters and acks.
+
+A new protocol is a subclass of ``UplinkBase`` in its own module plus one line in
+registry.py: the class says which protocol name and URL schemes it serves, which
+event family it speaks, how many batches may be in flight, and how ``outpost
+doctor`` checks that its upstream is reachable.
 """
 
 from __future__ import annotations
 
+import socket
+from abc import ABC, abstractmethod
 from collections.abc import Callable
-from dataclasses import dataclass, field
-from typing import Protocol
+from dataclasses import dataclass
+from typing import Any, ClassVar, Protocol
+from urllib.parse import urlsplit
 
+import aiohttp
+
+from agent.settings import UpstreamConfig
 from agent.spool.types import Row
+from agent.uplinks.prepare import Prepared, take_prefix
 
 # Statuses worth retrying as they are (and any 5xx).
 RETRYABLE_STATUSES = frozenset({408, 425, 429, 500, 502, 503, 504})
@@ -19,26 +33,35 @@ RETRYABLE_STATUSES = frozenset({408, 425, 429, 500, 502, 503, 504})
 REJECTED_STATUSES = frozenset({400, 413, 422})
 
 
-@dataclass
-class SendResult:
-    """What became of a batch."""
+@dataclass(frozen=True, slots=True)
+class Acked:
+    """The upstream confirmed every event of the batch."""
 
-    acked: list[int] = field(default_factory=list)          # seqs the upstream confirmed
-    failed: dict[int, str] = field(default_factory=dict)    # seq -> permanent rejection reason
-    error: str | None = None                                # transport/server problem: back off
-    retry_after: float | None = None                        # the upstream's own wait, seconds
-    rejected: str | None = None   # the batch as a whole was refused (400/413): split it
+    seqs: tuple[int, ...]
+
+
+@dataclass(frozen=True, slots=True)
+class Retry:
+    """Transport or server trouble: back off, then send the unacknowledged rows again."""
+
+    error: str
+    retry_after: float | None = None   # the upstream's own wait, seconds
+    acked: tuple[int, ...] = ()        # confirmed before the trouble
+
+
+@dataclass(frozen=True, slots=True)
+class Refused:
+    """The upstream refused the batch as a whole (400, 413, 422): split it to find the
+    events at fault."""
+
+    reason: str
+
+
+SendResult = Acked | Retry | Refused
 
 
 def _ignore_crash(exc: BaseException) -> None:
     """``Uplink.on_crash`` until a forwarder supervises the uplink."""
-
-
-class UplinkBase:
-    """What every uplink shares: a default ``on_crash``, which the forwarder replaces."""
-
-    # staticmethod: a plain function here would be bound to the instance when read.
-    on_crash: Callable[[BaseException], None] = staticmethod(_ignore_crash)
 
 
 class Uplink(Protocol):
@@ -49,16 +72,16 @@ class Uplink(Protocol):
     # (a websocket reader, say) raise unexpectedly, for the forwarder's supervisor.
     on_crash: Callable[[BaseException], None]
 
-    def take(self, rows: list[Row]) -> list[Row]:
-        """Reserve the longest prefix of ``rows`` that may go in the next batch.
+    def prepare(self, rows: list[Row]) -> Prepared:
+        """The next batch: the longest prefix of ``rows`` that may go in it, encoded.
 
         Called synchronously before ``send``; it may take fewer rows than given
         (size cap, or an id still unacknowledged on this connection).
         """
         ...
 
-    async def send(self, batch: list[Row]) -> SendResult:
-        """Deliver a batch that ``take`` returned; never raises for network trouble."""
+    async def send(self, prepared: Prepared) -> SendResult:
+        """Deliver a batch with rows to send; never raises for network trouble."""
         ...
 
     async def close(self) -> None:
@@ -68,3 +91,65 @@ class Uplink(Protocol):
         sending again, so that no later batch can overtake an earlier one that failed.
         """
         ...
+
+
+class UplinkBase(ABC):
+    """What every uplink class declares, and the defaults they share.
+
+    Subclasses set the class attributes, implement the two encoders that
+    prepare.py's take loop calls, and ``send``; a protocol with per-connection
+    state (acks by id) extends ``prepare``.
+    """
+
+    protocol: ClassVar[str]               # `protocol` in agent.toml
+    schemes: ClassVar[tuple[str, ...]]    # the URL schemes it accepts
+    family: ClassVar[int]                 # the event family it sends
+    envelope_bytes: ClassVar[int] = 0     # see prepare.Encoder
+    event_overhead: ClassVar[int] = 1
+    refuse_oversize: ClassVar[bool] = False
+
+    # staticmethod: a plain function here would be bound to the instance when read.
+    on_crash: Callable[[BaseException], None] = staticmethod(_ignore_crash)
+
+    def __init__(self, cfg: UpstreamConfig, app_key: str, session: aiohttp.ClientSession,
+                 machine_id: str) -> None:
+        """Every uplink class is built with these (registry.make_uplink): its upstream's
+        config, the local key it forwards, the shared client session, the device's id."""
+        self.name = cfg.name
+        self.cfg = cfg
+        self.session = session
+
+    @classmethod
+    def window(cls, cfg: UpstreamConfig) -> int:
+        """Batches in flight at once: one, so that batches reach the upstream in order
+        (FIFO per key); a protocol that keeps order itself may pipeline."""
+        return 1
+
+    @classmethod
+    def probe(cls, cfg: UpstreamConfig) -> str:
+        """For `outpost doctor`: whether the upstream's host accepts a TCP connection."""
+        parts = urlsplit(cfg.url)
+        port = parts.port or (443 if parts.scheme in ("https", "wss") else 80)
+        try:
+            with socket.create_connection((parts.hostname or "", port), timeout=3):
+                return "reachable"
+        except OSError as exc:
+            return f"unreachable ({exc.strerror or exc})"
+
+    def prepare(self, rows: list[Row]) -> Prepared:
+        return take_prefix(self, rows)
+
+    @abstractmethod
+    def encode_stored(self, row: Row) -> tuple[bytes, Any]:
+        """(body, ack id) of a row stored in the uplink's own family."""
+
+    @abstractmethod
+    def encode_mapped(self, event: dict[str, Any], row: Row) -> tuple[bytes, Any]:
+        """(body, ack id) of a row converted from another family into ``event``."""
+
+    @abstractmethod
+    async def send(self, prepared: Prepared) -> SendResult:
+        """Deliver a batch with rows to send; never raises for network trouble."""
+
+    async def close(self) -> None:
+        return None

@@ -2,64 +2,54 @@
 
 from __future__ import annotations
 
-from typing import Any
+from typing import Any, ClassVar
 
 import aiohttp
 import orjson
 
 from agent.settings import UpstreamConfig
 from agent.spool.types import Row
-from agent.uplinks.base import REJECTED_STATUSES, SendResult, UplinkBase
+from agent.uplinks.base import REJECTED_STATUSES, Acked, Refused, Retry, SendResult, UplinkBase
 from agent.uplinks.http_common import html_instead_of_reply, is_retryable, post
-from agent.uplinks.nucleus_frame import FrameBuilder
+from agent.uplinks.nucleus_frame import NucleusFraming, frame, match
+from agent.uplinks.prepare import Prepared, take_prefix
 
 
-class NucleusHttpUplink(UplinkBase):
+class NucleusHttpUplink(NucleusFraming, UplinkBase):
     """One request per batch; ids need only be unique within a request."""
 
-    def __init__(self, cfg: UpstreamConfig, app_key: str, session: aiohttp.ClientSession) -> None:
-        self.name = cfg.name
-        self.cfg = cfg
+    protocol: ClassVar[str] = "nucleus-http"
+    schemes: ClassVar[tuple[str, ...]] = ("http", "https")
+
+    def __init__(self, cfg: UpstreamConfig, app_key: str, session: aiohttp.ClientSession,
+                 machine_id: str) -> None:
+        super().__init__(cfg, app_key, session, machine_id)
         self.url = f"{cfg.url.rstrip('/')}/app/{cfg.key or app_key}/track"
-        self.session = session
-        self.frames = FrameBuilder(cfg.batch_max_events, cfg.batch_max_bytes)
 
-    def take(self, rows: list[Row]) -> list[Row]:
-        return self.frames.take(rows)
+    def prepare(self, rows: list[Row]) -> Prepared:
+        return take_prefix(self, rows, in_flight=())
 
-    async def send(self, batch: list[Row]) -> SendResult:
-        failed = self.frames.pop_corrupt(batch)
-        if not self.frames.sendable(batch):
-            return SendResult(failed=failed)
-        body = self.frames.frame(batch)
-        answer = await post(self.session, self.url, body, {"Content-Type": "application/json"},
-                            self.cfg.timeout_s)
+    async def send(self, prepared: Prepared) -> SendResult:
+        answer = await post(self.session, self.url, frame(prepared),
+                            {"Content-Type": "application/json"}, self.cfg.timeout_s)
         if isinstance(answer, str):
-            self.frames.release(batch)
-            return SendResult(failed=failed, error=answer)
+            return Retry(answer)
         status, raw, wait = answer.status, answer.body, answer.retry_after
         if portal := html_instead_of_reply(status, answer.content_type):
-            self.frames.release(batch)
-            return SendResult(failed=failed, error=portal)
+            return Retry(portal)
         if status != 200:
-            self.frames.release(batch)
             if is_retryable(status):
-                return SendResult(failed=failed, error=f"HTTP {status}", retry_after=wait)
+                return Retry(f"HTTP {status}", retry_after=wait)
             if status not in REJECTED_STATUSES:
-                return SendResult(failed=failed,
-                                  error=f"HTTP {status} (check the upstream's url and key)")
+                return Retry(f"HTTP {status} (check the upstream's url and key)")
             # No per-event verdict: the forwarder splits the batch to find the culprit.
-            return SendResult(failed=failed,
-                              rejected=f"HTTP {status}: {raw[:200].decode('utf-8', 'replace')}")
+            return Refused(f"HTTP {status}: {raw[:200].decode('utf-8', 'replace')}")
         try:
             reply: Any = orjson.loads(raw)
         except orjson.JSONDecodeError:
             reply = None
-        acked = self.frames.match(reply.get("reportedIds") if isinstance(reply, dict) else None)
-        self.frames.release(batch)
-        if len(acked) + len(failed) < len(batch):
-            return SendResult(acked=acked, failed=failed, error="reply did not acknowledge every event")
-        return SendResult(acked=acked, failed=failed)
-
-    async def close(self) -> None:
-        return None
+        acked = match(dict(zip(prepared.ids, prepared.seqs)),
+                      reply.get("reportedIds") if isinstance(reply, dict) else None)
+        if len(acked) < len(prepared.seqs):
+            return Retry("reply did not acknowledge every event", acked=tuple(acked))
+        return Acked(tuple(acked))

@@ -19,16 +19,17 @@ import asyncio
 import contextlib
 import logging
 from collections.abc import Awaitable
-from typing import Any
+from typing import Any, ClassVar
 
 import aiohttp
 import orjson
 
 from agent.settings import UpstreamConfig
 from agent.spool.types import Row
-from agent.uplinks.base import SendResult, UplinkBase
+from agent.uplinks.base import Acked, Retry, SendResult, UplinkBase
 from agent.uplinks.http_common import html_instead_of_reply
-from agent.uplinks.nucleus_frame import FrameBuilder
+from agent.uplinks.nucleus_frame import NucleusFraming, frame, match
+from agent.uplinks.prepare import Prepared, take_prefix
 
 log = logging.getLogger("outpost.uplink.nucleus_ws")
 HEARTBEAT_S = 60.0
@@ -88,36 +89,45 @@ class _Link:
                 await task
 
 
-class NucleusWsUplink(UplinkBase):
+class NucleusWsUplink(NucleusFraming, UplinkBase):
     """One websocket to `{url}/app/{key}/track`."""
+
+    protocol: ClassVar[str] = "nucleus-ws"
+    schemes: ClassVar[tuple[str, ...]] = ("ws", "wss")
 
     def __init__(self, cfg: UpstreamConfig, app_key: str, session: aiohttp.ClientSession,
                  machine_id: str, heartbeat_s: float = HEARTBEAT_S) -> None:
-        self.name = cfg.name
-        self.cfg = cfg
+        super().__init__(cfg, app_key, session, machine_id)
         self.url = f"{cfg.url.rstrip('/')}/app/{cfg.key or app_key}/track"
-        self.session = session
         self.machine_id = machine_id
         self.heartbeat_s = heartbeat_s
-        self.frames = FrameBuilder(cfg.batch_max_events, cfg.batch_max_bytes)
+        # Connection state: the ack id of every event sent or prepared on this
+        # connection and not yet acknowledged -> its seq (ids are unique among them).
+        self.in_flight: dict[Any, int] = {}
         self._link: _Link | None = None
         self._send_lock = asyncio.Lock()
         self._last_sent = 0.0
 
-    def take(self, rows: list[Row]) -> list[Row]:
-        return self.frames.take(rows)
+    @classmethod
+    def window(cls, cfg: UpstreamConfig) -> int:
+        """Pipelined: frames leave in order on one connection (see the module docstring)."""
+        return cfg.max_in_flight
 
-    async def send(self, batch: list[Row]) -> SendResult:
-        failed = self.frames.pop_corrupt(batch)
-        wanted = {r.seq for r in batch} - failed.keys()
-        if not wanted:
-            return SendResult(failed=failed)
-        async with self._send_lock:  # FIFO: batches start in the order they were taken
+    def prepare(self, rows: list[Row]) -> Prepared:
+        """As the shared take loop, stopping before an id still in flight; the batch's
+        ids are in flight from now on, so the next batch cannot reuse them."""
+        prepared = take_prefix(self, rows, self.in_flight)
+        self.in_flight.update(zip(prepared.ids, prepared.seqs))
+        return prepared
+
+    async def send(self, prepared: Prepared) -> SendResult:
+        wanted = set(prepared.seqs)
+        async with self._send_lock:  # FIFO: batches start in the order they were prepared
             link = await self._usable_link()
             link.sending += 1
             if link.ws is not None and link.lost is None:
                 try:
-                    await _send_text(link.ws, self.frames.frame(batch))
+                    await _send_text(link.ws, frame(prepared))
                     self._last_sent = asyncio.get_running_loop().time()
                 except (aiohttp.ClientError, OSError, TimeoutError, RuntimeError) as exc:
                     link.lose(f"send failed: {_describe(exc)}")
@@ -125,16 +135,19 @@ class NucleusWsUplink(UplinkBase):
             error = await self._wait_acks(link, wanted)
         finally:
             link.sending -= 1
-        acked = sorted(wanted & link.acked)
+        acked = tuple(sorted(wanted & link.acked))
         link.acked.difference_update(acked)
-        if error:
-            self.frames.release(batch)
-            link.failed = True
-            link.lose(error)
-            # Ids are only unique per connection: a late ack on this one could match
-            # a different event that reuses the id after the resend, so start afresh.
-            await link.close_ws()
-        return SendResult(acked=acked, failed=failed, error=error)
+        if error is None:
+            return Acked(acked)
+        for ack_id, seq in zip(prepared.ids, prepared.seqs):  # to be sent again later
+            if self.in_flight.get(ack_id) == seq:  # not since acked and reused by a later batch
+                del self.in_flight[ack_id]
+        link.failed = True
+        link.lose(error)
+        # Ids are only unique per connection: a late ack on this one could match
+        # a different event that reuses the id after the resend, so start afresh.
+        await link.close_ws()
+        return Retry(error, acked=acked)
 
     async def _wait_acks(self, link: _Link, wanted: set[int]) -> str | None:
         loop = asyncio.get_running_loop()
@@ -206,7 +219,7 @@ class NucleusWsUplink(UplinkBase):
             log.warning("%s sent a reply that is not JSON; ignored", self.name)
             return
         if isinstance(reply, dict) and "reportedIds" in reply:
-            acked = self.frames.match(reply["reportedIds"])
+            acked = match(self.in_flight, reply["reportedIds"])
             if acked:
                 link.acked.update(acked)
                 link.notify()
@@ -228,7 +241,7 @@ class NucleusWsUplink(UplinkBase):
         link, self._link = self._link, None
         if link is not None:
             await link.close()
-        self.frames = FrameBuilder(self.cfg.batch_max_events, self.cfg.batch_max_bytes)
+        self.in_flight = {}
 
 
 async def _send_text(ws: aiohttp.ClientWebSocketResponse, frame: bytes) -> None:

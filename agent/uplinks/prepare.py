@@ -1,0 +1,137 @@
+"""Turning queued rows into the next batch: the one take loop every uplink shares.
+
+``take_prefix`` reads rows in order, converts rows of the other family (the only
+place in uplinks/ that knows the mapping between families), hands each row to
+its uplink's encoder, refuses rows that can never be sent, and stops at the
+event and byte caps. The result is a ``Prepared`` value: the uplink keeps no
+per-row state between preparing a batch and sending it.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Container, Sequence
+from dataclasses import dataclass
+from typing import Any, ClassVar, Protocol
+
+import orjson
+
+from agent.families import mapping
+from agent.families.event import NUCLEUS, SEGMENT
+from agent.settings import UpstreamConfig
+from agent.spool.types import Row
+
+# What decoding, mapping or encoding a damaged row raises: orjson's JSONDecodeError is
+# a ValueError and its JSONEncodeError a TypeError. Anything else is a bug, for the
+# supervisor, not a reason to dead-letter the row.
+CORRUPT = (ValueError, TypeError)
+
+# (stored family, uplink family) -> the mapping from one to the other.
+CONVERSIONS: dict[tuple[int, int], Callable[[dict[str, Any], int], dict[str, Any]]] = {
+    (NUCLEUS, SEGMENT): mapping.nucleus_to_segment,
+    (SEGMENT, NUCLEUS): mapping.segment_to_nucleus,
+}
+
+
+@dataclass(frozen=True, slots=True)
+class Prepared:
+    """One batch, ready to send: a value, so it can be split or sent again as it is.
+
+    ``seqs``, ``bodies`` and ``ids`` are parallel: the rows to send, in order.
+    """
+
+    rows: tuple[Row, ...]                 # every row taken, in order (sent or refused)
+    seqs: tuple[int, ...]                 # the rows to send
+    bodies: tuple[bytes, ...]             # their encoded events
+    ids: tuple[Any, ...]                  # what the upstream acknowledges them by
+    refused: tuple[tuple[int, str], ...]  # (seq, why) for rows that can never be sent
+
+    def halves(self) -> tuple[Prepared, Prepared]:
+        """The rows to send, in two batches of about half each (to isolate a refusal)."""
+        half = len(self.seqs) // 2
+        return self._part(slice(None, half)), self._part(slice(half, None))
+
+    def _part(self, part: slice) -> Prepared:
+        seqs = self.seqs[part]
+        keep = set(seqs)
+        return Prepared(tuple(r for r in self.rows if r.seq in keep), seqs, self.bodies[part],
+                        self.ids[part], ())
+
+
+class Encoder(Protocol):
+    """What an uplink tells the take loop about its wire format."""
+
+    family: ClassVar[int]          # the family the upstream speaks (agent.families.event)
+    envelope_bytes: ClassVar[int]  # a request's size without its events
+    event_overhead: ClassVar[int]  # bytes each event adds besides its body (separators)
+    refuse_oversize: ClassVar[bool]  # an event over the byte cap on its own is refused
+    cfg: UpstreamConfig
+
+    def encode_stored(self, row: Row) -> tuple[bytes, Any]:
+        """(body, ack id) of a row stored in the uplink's own family."""
+        ...
+
+    def encode_mapped(self, event: dict[str, Any], row: Row) -> tuple[bytes, Any]:
+        """(body, ack id) of a row converted from another family into ``event``."""
+        ...
+
+
+def take_prefix(uplink: Encoder, rows: Sequence[Row],
+                in_flight: Container[Any] | None = None) -> Prepared:
+    """The longest prefix of ``rows`` within the uplink's caps, encoded.
+
+    A damaged row, or (with ``refuse_oversize``) one too big to ever fit, is taken
+    and refused, so that it goes to dead letters instead of sticking the queue.
+    With ``in_flight``, ack ids must be unique: the batch stops before an id that
+    is in it or already earlier in the batch (the upstream's ack names only the id).
+    """
+    cfg, family = uplink.cfg, uplink.family
+    cap, overhead, envelope = cfg.batch_max_bytes, uplink.event_overhead, uplink.envelope_bytes
+    # Looked up once per batch, not per row: this loop is on the drain's hot path.
+    encode_stored, unique = uplink.encode_stored, in_flight is not None
+    busy: Container[Any] = () if in_flight is None else in_flight
+    oversize = cap - envelope if uplink.refuse_oversize else None
+    seqs: list[int] = []
+    bodies: list[bytes] = []
+    ids: list[Any] = []
+    refused: list[tuple[int, str]] = []
+    seen: set[Any] = set()
+    size = envelope
+    taken = 0
+    for row in rows[: cfg.batch_max_events]:
+        try:
+            if row.family == family:
+                body, ack_id = encode_stored(row)
+            else:
+                body, ack_id = uplink.encode_mapped(_convert(row, family), row)
+        except CORRUPT as exc:
+            refused.append((row.seq, f"corrupt row: {exc}"))
+            taken += 1
+            continue
+        cost = len(body) + overhead
+        if oversize is not None and cost > oversize:
+            refused.append((row.seq, f"event of {len(body)} bytes exceeds batch_max_bytes "
+                                     f"({cap}) of {cfg.name}"))
+            taken += 1
+            continue
+        if unique and (ack_id in busy or ack_id in seen):
+            break
+        if seqs and size + cost > cap:
+            break
+        if unique:
+            seen.add(ack_id)
+        seqs.append(row.seq)
+        bodies.append(body)
+        ids.append(ack_id)
+        size += cost
+        taken += 1
+    return Prepared(tuple(rows[:taken]), tuple(seqs), tuple(bodies), tuple(ids), tuple(refused))
+
+
+def _convert(row: Row, family: int) -> dict[str, Any]:
+    event: Any = orjson.loads(row.body)
+    if not isinstance(event, dict):
+        raise ValueError("stored event is not an object")
+    convert = CONVERSIONS.get((row.family, family))
+    if convert is None:
+        raise ValueError(f"no mapping from family {row.family} to {family}")
+    return convert(event, row.received)
