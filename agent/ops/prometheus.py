@@ -12,6 +12,7 @@ from collections.abc import Iterable
 from typing import Any
 
 from agent.metrics import Histogram
+from agent.outcomes import Drop, Tally
 
 CONTENT_TYPE = "text/plain; version=0.0.4; charset=utf-8"
 # UpstreamState.state's values: each upstream exports all of them, 1 for the
@@ -87,19 +88,12 @@ def render(snap: dict[str, Any], latency: Histogram) -> str:
               "Queued events whose key no upstream takes (kept until one is configured).",
               snap["unrouted"]["queue_depth"])
     counters = snap["counters"]
-    out.counter("events_ingested_total", "New events committed to the spool.",
-                counters.get("ingested", 0))
-    out.counter("events_duplicate_total",
-                "Resent events already stored: acknowledged again, stored once.",
-                counters.get("duplicates", 0))
-    out.counter("events_acked_total", "Events deleted after an upstream acknowledged them.",
-                counters.get("acked", 0))
+    for tally in Tally:
+        out.counter(tally.metric, tally.help, counters[tally])
     out.family("events_dropped_total", "counter",
-               "Events lost or refused, by reason (dead_lettered, expired, dropped_full, "
-               "rejected_full, rejected_storage_error, dropped_corrupt).",
+               "Events lost or refused, by reason: "
+               + "; ".join(f"{reason} ({reason.help})" for reason in Drop) + ".",
                [("", {"reason": reason}, n) for reason, n in snap["drops"].items()])
-    out.counter("spool_corrupt_total", "Times a corrupt spool was moved aside.",
-                counters.get("spool_corrupt", 0))
     _upstreams(out, snap["upstreams"])
     conns = snap["connections"]
     out.gauge("connections_open", "Client connections open now.", conns["open"])

@@ -12,31 +12,13 @@ import time
 from collections.abc import Mapping
 from typing import Any
 
-from agent import __version__
+from agent import __version__, outcomes
 from agent.clock import age_s
 from agent.forwarder.supervisor import Supervisor
 from agent.metrics import Metrics
 from agent.settings import Config
 from agent.spool import Spool
 from agent.spool.schema import read_offline
-
-# The spool's counters that are not events lost: successes, corrupt-spool
-# incidents (counted per incident, not per event), and dedupe keys forgotten to
-# make room (keys of delivered events).  Every other counter is a drop reason
-# (sentry-python style), so a reason added to the spool shows up here, in
-# `outpost status` and in /metrics without further changes.
-NOT_DROPS = frozenset({"ingested", "duplicates", "acked", "spool_corrupt",
-                       "dedupe_forgotten"})
-# Reported as 0 before they first happen, so dashboards see every series.
-DROP_REASONS = ("dead_lettered", "expired", "dropped_full", "rejected_full",
-                "rejected_storage_error", "dropped_corrupt")
-
-
-def drops(counters: Mapping[str, int]) -> dict[str, int]:
-    """Events lost or refused, by reason."""
-    out = dict.fromkeys(DROP_REASONS, 0)
-    out.update({k: v for k, v in counters.items() if k not in NOT_DROPS})
-    return out
 
 
 def _queues(cfg: Config, streams: Mapping[str, tuple[int, int]]) -> dict[str | None, list[int]]:
@@ -57,15 +39,15 @@ def _queues(cfg: Config, streams: Mapping[str, tuple[int, int]]) -> dict[str | N
 
 
 def _common(cfg: Config, queues: dict[str | None, list[int]], depth: int,
-            counters: Mapping[str, int]) -> dict[str, Any]:
+            counts: outcomes.Counts) -> dict[str, Any]:
     unrouted = queues[None]
     return {
         "version": __version__,
         "time": round(time.time(), 3),
         "queue_depth": depth,
         "unrouted": {"keys": unrouted[2], "queue_depth": unrouted[0]},
-        "counters": dict(sorted(counters.items())),
-        "drops": drops(counters),
+        "counters": outcomes.totals(counts),
+        "drops": outcomes.drops(counts),
     }
 
 
@@ -108,7 +90,7 @@ def offline_snapshot(cfg: Config) -> dict[str, Any]:
                   "keys": queues[up.name][2], "last_ack": None, "last_error": None}
                  for up in cfg.upstreams]
     return {
-        **_common(cfg, queues, raw["depth"], raw["counters"]),
+        **_common(cfg, queues, raw["depth"], outcomes.from_names(raw["counters"].items())),
         "source": "spool, no agent running" if raw["exists"] else
                   "no agent running, no spool yet",
         "spool": {"path": str(path)},

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 from typing import Any
 
+from agent.outcomes import Tally
+
 # An upstream's error can be a long exception text; the table keeps one line per
 # upstream, and `--json` has it whole.
 ERROR_WIDTH = 72
@@ -84,10 +86,10 @@ def render(data: dict[str, Any]) -> str:
                      "no upstream")
     counters = data.get("counters") or {}
     lines.append("")
-    lines.append("events:   " + ", ".join(f"{name} {counters.get(name, 0)}"
-                                           for name in ("ingested", "duplicates", "acked")))
+    lines.append("events:   " + ", ".join(f"{name} {counters.get(name, 0)}" for name in
+                                           (Tally.INGESTED, Tally.DUPLICATES, Tally.ACKED)))
     dropped = {k: v for k, v in (data.get("drops") or {}).items() if v}
     lines.append("dropped:  " + (", ".join(f"{k} {v}" for k, v in dropped.items()) or "none"))
-    if counters.get("spool_corrupt"):
-        lines.append(f"corrupt spools moved aside: {counters['spool_corrupt']}")
+    if counters.get(Tally.SPOOL_CORRUPT):
+        lines.append(f"corrupt spools moved aside: {counters[Tally.SPOOL_CORRUPT]}")
     return "\n".join(lines)

@@ -20,6 +20,7 @@ from pathlib import Path
 
 from agent.clock import CLOCK
 from agent.families.event import now_ms
+from agent.outcomes import Counts, Drop, Outcome, record
 from agent.paths import ensure_private_dir
 from agent.settings import StorageConfig
 from agent.spool import commit as spool_commit
@@ -46,8 +47,8 @@ class Spool(SpoolWrites, SpoolReads):
         self.path = path
         self.max_bytes = cfg.max_size_mb * 1024 * 1024
         self.streams: dict[str, Stream] = {}
-        self.counters: dict[str, int] = {}
-        self._unsaved: dict[str, int] = {}  # counted on the loop, saved with the next commit
+        self.counters: Counts = {}
+        self._unsaved: Counts = {}  # counted on the loop, saved with the next commit
         self._by_id: dict[int, Stream] = {}
         self._top_stream_id = 0  # a new key's id; max(_by_id) made each new key O(keys)
         self._db: SqliteThread | None = None
@@ -158,8 +159,8 @@ class Spool(SpoolWrites, SpoolReads):
         except sqlite3.Error as why:  # e.g. no room for the copy: the fresh spool stays empty
             log.error("spool %s: could not salvage %s: %s", self.path, moved, why)
             got = Salvaged(known=carry.depth is not None, lost=carry.depth or 0)
-            for name, n in salvage_counters(None, carry.counters, got.lost).items():
-                self.count(name, n)  # into the empty fresh spool, with its next commit
+            for outcome, n in salvage_counters(None, carry.counters, got.lost).items():
+                self.count(outcome, n)  # into the empty fresh spool, with its next commit
             self._observed_base, self._elapsed_at_load = carry.observed, CLOCK.elapsed_ms()
         else:
             await self._load_state(db)
@@ -208,8 +209,8 @@ class Spool(SpoolWrites, SpoolReads):
             await self._connect()
         except (sqlite3.DatabaseError, OSError):
             return False
-        for name, n in unsaved.items():  # counted while closed: keep them
-            self.count(name, n)
+        for outcome, n in unsaved.items():  # counted while closed: keep them
+            self.count(outcome, n)
         log.warning("spool %s is open again (%d events queued)", self.path, self.depth)
         self.on_reopen()
         return True
@@ -241,7 +242,7 @@ class Spool(SpoolWrites, SpoolReads):
                 log.error("spool prune failed: %s", exc)
                 return 0
             self._apply(out)
-        expired = out.counters.get("expired", 0)
+        expired = out.counters.get(Drop.EXPIRED, 0)
         if expired:
             log.warning("dropped %d events older than %d days", expired, self.cfg.max_age_days)
         return expired
@@ -252,9 +253,10 @@ class Spool(SpoolWrites, SpoolReads):
 
     # -- accounting ----------------------------------------------------------
 
-    def count(self, name: str, n: int = 1) -> None:
-        self.counters[name] = self.counters.get(name, 0) + n
-        self._unsaved[name] = self._unsaved.get(name, 0) + n
+    def count(self, outcome: Outcome, n: int = 1) -> None:
+        """Count an outcome seen on the loop; saved with the next commit."""
+        record(self.counters, outcome, n)
+        record(self._unsaved, outcome, n)
 
     @property
     def depth(self) -> int:
