@@ -90,3 +90,6 @@ async def test_live_status_counts_dead_letters_as_offline_does(make_agent: Any) 
         await populate(agent.port)
         await settled(agent)
         assert (await get_status(agent.port))["dead_letters"] == REFUSED
+        await agent.stop()
+        agent = await make_agent(upstreams=scene.upstreams())  # counted again at open
+        assert (await get_status(agent.port))["dead_letters"] == REFUSED

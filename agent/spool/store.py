@@ -49,6 +49,7 @@ class Spool(SpoolWrites, SpoolReads):
         self.streams: dict[str, Stream] = {}
         self.counters: Counts = {}
         self._unsaved: Counts = {}  # counted on the loop, saved with the next commit
+        self.dead_count = 0  # rows in the dead letters table
         self._by_id: dict[int, Stream] = {}
         self._top_stream_id = 0  # a new key's id; max(_by_id) made each new key O(keys)
         self._db: SqliteThread | None = None
@@ -120,7 +121,7 @@ class Spool(SpoolWrites, SpoolReads):
             raise
 
     async def _load_state(self, db: SqliteThread) -> None:
-        next_seq, streams, counters, used, observed = await db.run(spool_db.load_state)
+        next_seq, streams, counters, dead, used, observed = await db.run(spool_db.load_state)
         if observed is None:
             await db.run(spool_db.start_clock, next_seq)
         self._observed_base, self._elapsed_at_load = observed or 0, CLOCK.elapsed_ms()
@@ -133,6 +134,7 @@ class Spool(SpoolWrites, SpoolReads):
         for sid, key, depth, nbytes in streams:
             self._add_stream(Stream(sid, key, depth, nbytes))
         self.counters = counters
+        self.dead_count = dead
         self._unsaved = {}
         self._used_bytes = used
         self._loaded = True

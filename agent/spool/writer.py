@@ -54,6 +54,7 @@ class SpoolWrites:
     cfg: StorageConfig
     streams: dict[str, Stream]
     counters: Counts
+    dead_count: int
     commits: int
     max_bytes: int
     _by_id: dict[int, Stream]
@@ -225,6 +226,7 @@ class SpoolWrites:
                 stream.depth += depth
                 stream.bytes += nbytes
         merge(self.counters, out.counters)
+        self.dead_count += out.counters.get(Drop.DEAD_LETTERED, 0)
         self._used_bytes = out.used_bytes
 
     def _unsave(self, counters: Counts) -> None:
