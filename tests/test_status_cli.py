@@ -84,6 +84,7 @@ def test_render_clips_long_errors_and_formats_ages() -> None:
                        "last_ack": 940.0, "last_error": "boom\n" + "x" * 200}],
         "unrouted": {"keys": 1, "queue_depth": 5},
         "counters": {"spool_corrupt": 1}, "drops": {"expired": 3, "rejected_full": 0},
+        "ingest": {"refused": {"capture": {"401": 1}, "nucleus": {"400": 2, "1007": 1}}},
     })
     assert "outpost 9: agent, up 2.0h" in text
     assert "queue:    2 events, oldest 1.0d old" in text
@@ -94,6 +95,7 @@ def test_render_clips_long_errors_and_formats_ages() -> None:
     assert "5 events of 1 key(s) match no upstream" in text
     assert "dropped:  expired 3" in text and "rejected_full" not in text
     assert "corrupt spools moved aside: 1" in text
+    assert "refused:  capture 401: 1, nucleus 400: 2, nucleus 1007: 1 (requests)" in text
 
 
 async def test_live_and_offline_snapshots_have_the_same_keys(make_agent: Any) -> None:

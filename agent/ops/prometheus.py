@@ -126,6 +126,11 @@ def _ingest(out: Exposition, ingest: Ingest) -> None:
                 ingest["busy_refusals"])
     out.counter("memory_trims_total", "Times freed heap memory was handed back to the OS "
                 "after a burst of ingest.", ingest["memory_trims"])
+    out.family("ingest_refused_total", "counter",
+               "Ingest requests refused, by API and HTTP status (a websocket's by its close "
+               "code; the pixel, always answered 200, by the status its problem has elsewhere).",
+               [("", {"api": api, "status": status}, n)
+                for api, by_status in ingest["refused"].items() for status, n in by_status.items()])
 
 
 def _upstreams(out: Exposition, ups: list[UpstreamStatus]) -> None:

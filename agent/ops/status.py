@@ -63,6 +63,7 @@ class Ingest(TypedDict):
     inflight_budget: int
     busy_refusals: int
     memory_trims: int
+    refused: dict[str, dict[str, int]]  # api -> HTTP status (or websocket close code) -> n
 
 
 class Snapshot(TypedDict):
@@ -151,7 +152,8 @@ async def snapshot(cfg: Config, spool: Spool, forwarding: Supervisor,
     snap["ingest"] = {"inflight_bytes": metrics.inflight_bytes,
                       "inflight_budget": metrics.inflight_budget,
                       "busy_refusals": metrics.busy_refusals,
-                      "memory_trims": metrics.memory_trims}
+                      "memory_trims": metrics.memory_trims,
+                      "refused": metrics.refusals()}
     return snap
 
 

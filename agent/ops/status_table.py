@@ -93,6 +93,11 @@ def render(data: Snapshot) -> str:
                                            (Tally.INGESTED, Tally.DUPLICATES, Tally.ACKED)))
     dropped = {k: v for k, v in (data.get("drops") or {}).items() if v}
     lines.append("dropped:  " + (", ".join(f"{k} {v}" for k, v in dropped.items()) or "none"))
+    ingest = data.get("ingest")
+    refused = ingest["refused"] if ingest else {}
+    if refused:
+        lines.append("refused:  " + ", ".join(f"{api} {status}: {n}" for api, by in refused.items()
+                                              for status, n in by.items()) + " (requests)")
     if counters.get(Tally.SPOOL_CORRUPT):
         lines.append(f"corrupt spools moved aside: {counters[Tally.SPOOL_CORRUPT]}")
     return "\n".join(lines)
