@@ -1,7 +1,7 @@
 """In-memory operational metrics: ingest latency, throughput per minute, retries.
 
-Durable counts (ingested, acked, dropped by reason) live in the spool's
-counters table; these are the process-lifetime figures around them.
+Durable counts (the tallies and drop reasons of agent/outcomes.py) live in the
+spool's counters table; these are the process-lifetime figures around them.
 """
 
 from __future__ import annotations

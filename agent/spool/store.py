@@ -178,8 +178,8 @@ class Spool(SpoolWrites, SpoolReads):
         how_many = (f"{got.lost} could not be read" if got.known else
                     "how many more it held is unknown (its queue table cannot be read)")
         log.error("spool %s is corrupt (%s); moved aside to %s and started afresh: salvaged "
-                  "%d queued events, %s (counted as dropped_corrupt: %d); %d damaged "
-                  "stretches skipped", self.path, exc, moved, got.queued, how_many, got.lost,
+                  "%d queued events, %s (counted as %s: %d); %d damaged stretches skipped",
+                  self.path, exc, moved, got.queued, how_many, Drop.DROPPED_CORRUPT, got.lost,
                   got.skipped)
         self.on_reopen()  # forwarders for the salvaged queues
 
