@@ -11,6 +11,8 @@ import aiohttp
 import orjson
 
 from agent.dialects.segment import GIF
+from agent.outcomes import Drop, Tally
+from tests.conftest import ROOT
 from tests.fakes.ops_scene import REFUSED, Scene, populate, post_events, settled
 from tests.test_prometheus import parse
 
@@ -93,3 +95,12 @@ async def test_live_status_counts_dead_letters_as_offline_does(make_agent: Any) 
         await agent.stop()
         agent = await make_agent(upstreams=scene.upstreams())  # counted again at open
         assert (await get_status(agent.port))["dead_letters"] == REFUSED
+
+
+def test_operations_doc_lists_every_outcome() -> None:
+    doc = (ROOT / "docs" / "operations.md").read_text()
+    for outcome in (*Drop, *Tally):
+        assert f"| `{outcome}` |" in doc, outcome
+    for tally in Tally:
+        assert f"`outpost_{tally.metric}`" in doc, tally.metric
+    assert "`outpost_ingest_refused_total{api,status}`" in doc
