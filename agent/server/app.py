@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from functools import partial
 
 from aiohttp import web
@@ -47,7 +48,7 @@ def counted(routes: list[web.RouteDef], api: str, metrics: Metrics) -> list[web.
             for r in routes]
 
 
-def _counting(handler: Handler, count: partial[None]) -> Handler:
+def _counting(handler: Handler, count: Callable[[int], None]) -> Handler:
     async def counting(request: web.Request) -> web.StreamResponse:
         token = REFUSALS.set(count)
         try:
