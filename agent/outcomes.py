@@ -82,13 +82,14 @@ def merge(into: Counts, deltas: Counts) -> None:
         record(into, outcome, n)
 
 
-def from_names(rows: Iterable[tuple[str, int]]) -> Counts:
+def from_names(rows: Iterable[tuple[object, object]]) -> Counts:
     """Counts read back by name (the counters table). A name this version does not know
-    (a newer agent's, after a downgrade) stays in the file but is not shown."""
+    (a newer agent's, after a downgrade) stays in the file but is not shown; a value
+    that is not an integer (a damaged spool being salvaged) is skipped."""
     counts: Counts = {}
     for name, n in rows:
-        outcome = _BY_NAME.get(name)
-        if outcome is not None:
+        outcome = _BY_NAME.get(name) if isinstance(name, str) else None
+        if outcome is not None and isinstance(n, int):
             record(counts, outcome, n)
     return counts
 

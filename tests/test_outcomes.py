@@ -5,6 +5,8 @@ from __future__ import annotations
 
 import asyncio
 import base64
+import sqlite3
+from pathlib import Path
 from typing import Any
 
 import aiohttp
@@ -104,3 +106,24 @@ def test_operations_doc_lists_every_outcome() -> None:
     for tally in Tally:
         assert f"`outpost_{tally.metric}`" in doc, tally.metric
     assert "`outpost_ingest_refused_total{api,status}`" in doc
+
+
+async def test_a_counter_this_version_does_not_know_is_kept_but_not_shown(
+        make_agent: Any, tmp_path: Path) -> None:
+    agent = await make_agent()
+    await post_events(agent.port, "k", range(2))
+    await agent.stop()
+    spool = tmp_path / "spool.db"
+    with sqlite3.connect(spool) as conn:  # as a newer agent might have left it
+        conn.execute("INSERT INTO counters(name, value) VALUES ('from_the_future', 7)")
+    conn.close()
+    agent = await make_agent()
+    await post_events(agent.port, "k", range(2, 3))
+    status = await get_status(agent.port)
+    assert "from_the_future" not in status["counters"]
+    assert status["counters"]["ingested"] == 3
+    await agent.stop()
+    with sqlite3.connect(spool) as conn:
+        names = dict(conn.execute("SELECT name, value FROM counters").fetchall())
+    conn.close()
+    assert names["from_the_future"] == 7 and names["ingested"] == 3
