@@ -1,7 +1,7 @@
 """In-memory operational metrics: ingest latency, throughput per minute, retries.
 
-Durable counts (ingested, acked, dropped by reason) live in the spool's
-counters table; these are the process-lifetime figures around them.
+Durable counts (the tallies and drop reasons of agent/outcomes.py) live in the
+spool's counters table; these are the process-lifetime figures around them.
 """
 
 from __future__ import annotations
@@ -58,6 +58,9 @@ class Metrics:
         self.inflight_budget = 0
         self.busy_refusals = 0
         self.memory_trims = 0
+        # Ingest requests refused (agent/server/app.py), by (API, HTTP status or websocket
+        # close code). Requests, not events: most are refused before their events are read.
+        self.refused: dict[tuple[str, int], int] = {}
 
     def _bucket(self) -> Minute:
         minute = int(self.clock() // 60)
@@ -71,6 +74,16 @@ class Metrics:
 
     def observe_acked(self, events: int) -> None:
         self._bucket().events_out += events
+
+    def refuse(self, api: str, status: int) -> None:
+        self.refused[(api, status)] = self.refused.get((api, status), 0) + 1
+
+    def refusals(self) -> dict[str, dict[str, int]]:
+        """Refused requests as {api: {status: n}}, sorted."""
+        out: dict[str, dict[str, int]] = {}
+        for (api, status), n in sorted(self.refused.items()):
+            out.setdefault(api, {})[str(status)] = n
+        return out
 
     def observe_retry(self, upstream: str) -> None:
         self.retries[upstream] = self.retries.get(upstream, 0) + 1

@@ -12,6 +12,7 @@ import pytest
 
 from agent.metrics import Histogram
 from agent.ops.prometheus import Exposition
+from agent.outcomes import Drop, Tally
 from tests.fakes.ops_scene import LIVE, QUEUED, REFUSED, Scene, populate, settled
 
 NAME = r"[a-zA-Z_:][a-zA-Z0-9_:]*"
@@ -150,3 +151,18 @@ async def test_metrics_match_status(make_agent: Any) -> None:
     assert latency.value("outpost_ingest_latency_seconds_count") == LIVE + REFUSED + QUEUED
     for fam in fams.values():
         assert fam.help and fam.kind in ("counter", "gauge", "histogram")
+
+
+async def test_every_outcome_is_exported_with_its_help(make_agent: Any) -> None:
+    agent = await make_agent()
+    async with aiohttp.ClientSession() as s:
+        async with s.get(f"http://127.0.0.1:{agent.port}/metrics") as r:
+            fams = parse(await r.text())
+    for tally in Tally:
+        fam = fams["outpost_" + tally.metric]
+        assert fam.kind == "counter" and fam.help == tally.help
+        assert fam.value("outpost_" + tally.metric) == 0
+    dropped = fams["outpost_events_dropped_total"]
+    for reason in Drop:
+        assert dropped.value("outpost_events_dropped_total", reason=reason) == 0
+        assert f"{reason} ({reason.help})" in dropped.help

@@ -84,6 +84,7 @@ def test_render_clips_long_errors_and_formats_ages() -> None:
                        "last_ack": 940.0, "last_error": "boom\n" + "x" * 200}],
         "unrouted": {"keys": 1, "queue_depth": 5},
         "counters": {"spool_corrupt": 1}, "drops": {"expired": 3, "rejected_full": 0},
+        "ingest": {"refused": {"capture": {"401": 1}, "nucleus": {"400": 2, "1007": 1}}},
     })
     assert "outpost 9: agent, up 2.0h" in text
     assert "queue:    2 events, oldest 1.0d old" in text
@@ -94,3 +95,31 @@ def test_render_clips_long_errors_and_formats_ages() -> None:
     assert "5 events of 1 key(s) match no upstream" in text
     assert "dropped:  expired 3" in text and "rejected_full" not in text
     assert "corrupt spools moved aside: 1" in text
+    assert "refused:  capture 401: 1, nucleus 400: 2, nucleus 1007: 1 (requests)" in text
+
+
+async def test_live_and_offline_snapshots_have_the_same_keys(make_agent: Any) -> None:
+    async with Scene() as scene:
+        agent = await make_agent(port=free_port(), upstreams=scene.upstreams())
+        await populate(agent.port)
+        await settled(agent)
+        async with aiohttp.ClientSession() as s:
+            async with s.get(f"http://127.0.0.1:{agent.port}/status") as r:
+                live = await r.json()
+        await agent.stop()
+    code, raw = await run_outpost("status", "--json", "--config", agent.config_path)
+    assert code == 0, raw
+    offline = json.loads(raw)
+    assert offline["source"] == "spool, no agent running"
+    assert live.keys() == offline.keys()
+    assert live["spool"].keys() == offline["spool"].keys()
+    assert [u.keys() for u in live["upstreams"]] == [u.keys() for u in offline["upstreams"]]
+    for key in ("counters", "drops", "dead_letters", "queue_depth", "unrouted"):
+        assert live[key] == offline[key], key
+    assert live["dead_letters"] == REFUSED
+    # What only a running agent knows is null offline, not missing.
+    for key in ("uptime_s", "oldest_event_age_s", "history", "connections", "ingest"):
+        assert live[key] is not None and offline[key] is None, key
+    assert offline["spool"]["used_bytes"] is None
+    assert {u["acked"] for u in offline["upstreams"]} == {None}
+    assert [u["state"] for u in offline["upstreams"]] == ["offline"] * 3

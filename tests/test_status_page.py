@@ -28,13 +28,15 @@ WIDTH, HEIGHT = 1280, 900
 
 
 class Figures(HTMLParser):
-    """data-value attributes: by element id, per upstream row and field, per drop reason."""
+    """data-value attributes: by element id, per upstream row and field, per drop reason,
+    per refused (API, status)."""
 
     def __init__(self) -> None:
         super().__init__()
         self.by_id: dict[str, str] = {}
         self.upstreams: dict[str, dict[str, str]] = {}
         self.drops: dict[str, str] = {}
+        self.refused: dict[str, str] = {}
         self._row: tuple[str, str] | None = None
 
     def handle_starttag(self, tag: str, attrs: list[tuple[str, str | None]]) -> None:
@@ -44,12 +46,14 @@ class Figures(HTMLParser):
             self.upstreams[a["data-upstream"]] = {}
         elif tag == "tr" and "data-reason" in a:
             self._row = ("drop", a["data-reason"])
+        elif tag == "tr" and "data-refused" in a:
+            self._row = ("refused", a["data-refused"])
         elif tag == "td" and "data-field" in a and self._row is not None:
             kind, name = self._row
             if kind == "upstream":
                 self.upstreams[name][a["data-field"]] = a["data-value"]
             else:
-                self.drops[name] = a["data-value"]
+                (self.drops if kind == "drop" else self.refused)[name] = a["data-value"]
         elif "id" in a and "data-value" in a:
             self.by_id[a["id"]] = a["data-value"]
 
@@ -73,6 +77,9 @@ async def test_page_in_chromium_matches_status(make_agent: Any, chromium: str,
         await populate(agent.port)
         await settled(agent)
         url = f"http://127.0.0.1:{agent.port}/"
+        async with aiohttp.ClientSession() as s:
+            async with s.post(url + "app/k/track", data=b"not json") as r:
+                assert r.status == 400
         dom = await run_chromium(chromium, tmp_path / "p1", "--virtual-time-budget=3000",
                                  "--dump-dom", url)
         shot = tmp_path / "status.png"
@@ -92,6 +99,9 @@ async def test_page_in_chromium_matches_status(make_agent: Any, chromium: str,
     assert page.by_id["hour-out"] == str(sum(m["out"] for m in status["history"])) == str(LIVE)
     assert page.drops == {k: str(v) for k, v in status["drops"].items()}
     assert page.drops["dead_lettered"] == str(REFUSED)
+    assert page.refused == {f"{api} {code}": str(n) for api, by in
+                            status["ingest"]["refused"].items() for code, n in by.items()}
+    assert page.refused == {"nucleus 400": "1"}
     assert list(page.upstreams) == [u["name"] for u in status["upstreams"]]
     for u in status["upstreams"]:
         shown = page.upstreams[u["name"]]

@@ -13,6 +13,7 @@ from typing import Any
 import orjson
 from aiohttp import WSCloseCode, WSMsgType, web
 
+from agent.dialects import replies
 from agent.dialects.body import BodyError, Busy, parse_body, parse_json, read_raw
 from agent.families.enrich import fill_nucleus
 from agent.families.event import NUCLEUS, Event, compact_json, dedupe_key, iso_ms, now_ms
@@ -136,15 +137,18 @@ class NucleusHandlers:
                 await self.sink.store(events)
         except Busy:
             # The websocket's "retry later": the module reconnects and resends its queue.
+            replies.refused(WSCloseCode.TRY_AGAIN_LATER)
             await ws.close(code=WSCloseCode.TRY_AGAIN_LATER, message=b"agent busy, retry later")
             return False
         except BodyError as exc:
             # A bad message closes only this connection, with a reason the app can log.
+            replies.refused(WSCloseCode.INVALID_TEXT)
             await ws.close(code=WSCloseCode.INVALID_TEXT, message=exc.message.encode()[:120])
             return False
         except SpoolFull as exc:
             # Nothing acked: the module keeps the events and resends them later (every
-            # few seconds, from every app: hence the rate limit).
+            # few seconds, from every app: hence the rate limit). Counted as its HTTP twin.
+            replies.refused(503)
             log_limited(log, logging.WARNING, "spool-full",
                         "spool full, not acknowledging %d events for %s: %s",
                         len(events), _masked(key), exc.reason)

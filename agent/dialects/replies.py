@@ -1,8 +1,9 @@
-"""Reply helpers the Segment-like dialects share: JSON replies, and one error funnel."""
+"""Reply helpers the dialects share: JSON replies, one error funnel, and counting refusals."""
 
 from __future__ import annotations
 
 from collections.abc import Awaitable, Callable
+from contextvars import ContextVar
 from typing import Any
 
 import orjson
@@ -11,6 +12,17 @@ from aiohttp import web
 from agent.dialects.body import BodyError, Busy
 from agent.families.segment import Invalid
 from agent.spool.types import SpoolFull
+
+# Counts an ingest refusal by status; set around each ingest handler (agent/server/app.py),
+# which counts every 4xx/5xx reply itself. Dialects call ``refused`` only for refusals
+# their reply does not show: the pixel's 200 GIF, a websocket closed or left unacked.
+REFUSALS: ContextVar[Callable[[int], None] | None] = ContextVar("outpost_refusals", default=None)
+
+
+def refused(status: int) -> None:
+    count = REFUSALS.get()
+    if count is not None:
+        count(status)
 
 
 def json_reply(body: Any, status: int, retry_after: int | None = None) -> web.Response:

@@ -217,23 +217,25 @@ class SegmentHandlers:
         problem = await self._pixel(request)
         headers = {"Cache-Control": "no-store"}
         if problem:
-            log.debug("pixel %s not stored: %s", request.path, problem)
+            # Counted as refused with the status the other routes would answer.
+            replies.refused(problem.status)
+            log.debug("pixel %s not stored: %s", request.path, problem.message)
             # Header-safe: ASCII only, no line breaks, whatever the request held.
-            headers["X-Outpost-Error"] = problem.encode("ascii", "backslashreplace").decode()[
-                :200].replace("\r", " ").replace("\n", " ")
+            headers["X-Outpost-Error"] = problem.message.encode(
+                "ascii", "backslashreplace").decode()[:200].replace("\r", " ").replace("\n", " ")
         return web.Response(body=GIF, content_type="image/gif", headers=headers)
 
-    async def _pixel(self, request: web.Request) -> str | None:
+    async def _pixel(self, request: web.Request) -> Failure | None:
         kind = ROUTE_TYPES.get(request.match_info["kind"])
         if kind is None:
-            return f"unknown pixel type {request.match_info['kind']!r}"
+            return Failure(400, f"unknown pixel type {request.match_info['kind']!r}")
         try:
             body = decode_pixel(request.query.get("data", ""))
         except BodyError as exc:
-            return f"{exc.message}: {exc.details}" if exc.details else exc.message
-        failure = await self._one(body, kind, spec.basic_user(
+            return Failure(exc.status, f"{exc.message}: {exc.details}" if exc.details
+                           else exc.message)
+        return await self._one(body, kind, spec.basic_user(
             request.headers.get("Authorization")) or request.query.get("writeKey"))
-        return None if failure is None else failure.message
 
 
 def decode_pixel(data: str) -> Any:

@@ -9,9 +9,10 @@ from __future__ import annotations
 
 import math
 from collections.abc import Iterable
-from typing import Any
 
 from agent.metrics import Histogram
+from agent.ops.status import Connections, Ingest, Snapshot, UpstreamStatus
+from agent.outcomes import Drop, Tally
 
 CONTENT_TYPE = "text/plain; version=0.0.4; charset=utf-8"
 # UpstreamState.state's values: each upstream exports all of them, 1 for the
@@ -71,51 +72,50 @@ class Exposition:
         return "\n".join(self.lines) + "\n"
 
 
-def render(snap: dict[str, Any], latency: Histogram) -> str:
+def render(snap: Snapshot, latency: Histogram) -> str:
     """The exposition for one status snapshot plus the ingest latency histogram."""
     out = Exposition()
     out.gauge("build_info", "Outpost version, as a label; always 1.", 1, version=snap["version"])
-    out.gauge("uptime_seconds", "Seconds since the agent started.", snap["uptime_s"])
+    # Rendered from a running agent's snapshot: the fields only it knows are not null.
+    out.gauge("uptime_seconds", "Seconds since the agent started.", snap["uptime_s"] or 0)
     out.gauge("queue_events", "Events in the spool waiting for an upstream acknowledgement.",
               snap["queue_depth"])
     out.gauge("oldest_event_age_seconds",
               "Age of the oldest queued event, by its receive time; 0 when the queue is empty.",
               snap["oldest_event_age_s"] or 0)
-    out.gauge("spool_bytes", "Bytes the spool file uses.", snap["spool"]["used_bytes"])
-    out.gauge("spool_max_bytes", "storage.max_size_mb, in bytes.", snap["spool"]["max_bytes"])
+    out.gauge("spool_bytes", "Bytes the spool file uses.", snap["spool"]["used_bytes"] or 0)
+    out.gauge("spool_max_bytes", "storage.max_size_mb, in bytes.", snap["spool"]["max_bytes"] or 0)
     out.gauge("unrouted_queue_events",
               "Queued events whose key no upstream takes (kept until one is configured).",
               snap["unrouted"]["queue_depth"])
     counters = snap["counters"]
-    out.counter("events_ingested_total", "New events committed to the spool.",
-                counters.get("ingested", 0))
-    out.counter("events_duplicate_total",
-                "Resent events already stored: acknowledged again, stored once.",
-                counters.get("duplicates", 0))
-    out.counter("events_acked_total", "Events deleted after an upstream acknowledged them.",
-                counters.get("acked", 0))
+    for tally in Tally:
+        out.counter(tally.metric, tally.help, counters[tally])
     out.family("events_dropped_total", "counter",
-               "Events lost or refused, by reason (dead_lettered, expired, dropped_full, "
-               "rejected_full, rejected_storage_error, dropped_corrupt).",
+               "Events lost or refused, by reason: "
+               + "; ".join(f"{reason} ({reason.help})" for reason in Drop) + ".",
                [("", {"reason": reason}, n) for reason, n in snap["drops"].items()])
-    out.counter("spool_corrupt_total", "Times a corrupt spool was moved aside.",
-                counters.get("spool_corrupt", 0))
     _upstreams(out, snap["upstreams"])
-    conns = snap["connections"]
-    out.gauge("connections_open", "Client connections open now.", conns["open"])
-    out.gauge("connections_max", "Client connections allowed at once (listen.max_connections, "
-              "lowered to fit the open-file limit).", conns["max"])
-    out.family("connections_closed_total", "counter",
-               "Client connections the agent closed, by reason (idle, slow_head, evicted, "
-               "refused).", [("", {"reason": r}, n) for r, n in conns["closed"].items()])
-    _ingest(out, snap["ingest"])
+    if snap["connections"] is not None:
+        _connections(out, snap["connections"])
+    if snap["ingest"] is not None:
+        _ingest(out, snap["ingest"])
     out.histogram("ingest_latency_seconds",
                   "Time to commit one ingest request's events (the group commit and fsync).",
                   latency)
     return out.text()
 
 
-def _ingest(out: Exposition, ingest: dict[str, int]) -> None:
+def _connections(out: Exposition, conns: Connections) -> None:
+    out.gauge("connections_open", "Client connections open now.", conns["open"])
+    out.gauge("connections_max", "Client connections allowed at once (listen.max_connections, "
+              "lowered to fit the open-file limit).", conns["max"])
+    out.family("connections_closed_total", "counter",
+               "Client connections the agent closed, by reason (idle, slow_head, evicted, "
+               "refused).", [("", {"reason": r}, n) for r, n in conns["closed"].items()])
+
+
+def _ingest(out: Exposition, ingest: Ingest) -> None:
     out.gauge("ingest_inflight_bytes",
               "Bytes of request bodies being read, parsed or committed right now.",
               ingest["inflight_bytes"])
@@ -126,25 +126,31 @@ def _ingest(out: Exposition, ingest: dict[str, int]) -> None:
                 ingest["busy_refusals"])
     out.counter("memory_trims_total", "Times freed heap memory was handed back to the OS "
                 "after a burst of ingest.", ingest["memory_trims"])
+    out.family("ingest_refused_total", "counter",
+               "Ingest requests refused, by API and HTTP status (a websocket's by its close "
+               "code; the pixel, always answered 200, by the status its problem has elsewhere).",
+               [("", {"api": api, "status": status}, n)
+                for api, by_status in ingest["refused"].items() for status, n in by_status.items()])
 
 
-def _upstreams(out: Exposition, ups: list[dict[str, Any]]) -> None:
-    def per(field: str) -> list[Sample]:
-        return [("", {"upstream": u["name"]}, u[field]) for u in ups]
+def _upstreams(out: Exposition, ups: list[UpstreamStatus]) -> None:
+    def per(values: Iterable[float | None]) -> list[Sample]:
+        return [("", {"upstream": u["name"]}, v or 0) for u, v in zip(ups, values)]
 
     out.family("upstream_queue_events", "gauge", "Events queued for each upstream.",
-               per("queue_depth"))
+               per(u["queue_depth"] for u in ups))
     out.family("upstream_queue_bytes", "gauge", "Bytes of events queued for each upstream.",
-               per("queue_bytes"))
+               per(u["queue_bytes"] for u in ups))
     out.family("upstream_acked_total", "counter",
-               "Events each upstream acknowledged since the agent started.", per("acked"))
+               "Events each upstream acknowledged since the agent started.",
+               per(u["acked"] for u in ups))
     out.family("upstream_retries_total", "counter",
                "Backoffs after a failed send to each upstream since the agent started.",
-               per("retries"))
+               per(u["retries"] for u in ups))
     out.family("upstream_crashes_total", "counter",
                "Unexpected errors in each upstream's forwarders (each one logged with its "
                "traceback; the forwarder restarts) since the agent started.",
-               [("", {"upstream": u["name"]}, u.get("crashes", 0)) for u in ups])
+               per(u["crashes"] for u in ups))
     out.family("upstream_state", "gauge",
                "1 for each upstream's current state (idle, sending, backoff, restarting), "
                "else 0.",

@@ -1,49 +1,99 @@
 """The status snapshot behind GET /status, GET /metrics, `outpost status` and the status page.
 
-One dict, built in one place, so that the table, the page and Prometheus
-can never disagree about a figure.  ``offline_snapshot`` gives the same
-shape read straight from the spool file when no agent is running.
+One typed structure, built in one place, so that the table, the page and Prometheus
+can never disagree about a figure. ``offline_snapshot`` gives the same keys read
+straight from the spool file when no agent is running; what only a running agent
+knows is null there.
 """
 
 from __future__ import annotations
 
-import dataclasses
 import time
 from collections.abc import Mapping
-from typing import Any
+from typing import TypedDict
 
-from agent import __version__
+from agent import __version__, outcomes
 from agent.clock import age_s
+from agent.forwarder.state import UpstreamState
 from agent.forwarder.supervisor import Supervisor
 from agent.metrics import Metrics
-from agent.settings import Config
+from agent.settings import Config, UpstreamConfig
 from agent.spool import Spool
 from agent.spool.schema import read_offline
 
-# The spool's counters that are not events lost: successes, corrupt-spool
-# incidents (counted per incident, not per event), and dedupe keys forgotten to
-# make room (keys of delivered events).  Every other counter is a drop reason
-# (sentry-python style), so a reason added to the spool shows up here, in
-# `outpost status` and in /metrics without further changes.
-NOT_DROPS = frozenset({"ingested", "duplicates", "acked", "spool_corrupt",
-                       "dedupe_forgotten"})
-# Reported as 0 before they first happen, so dashboards see every series.
-DROP_REASONS = ("dead_lettered", "expired", "dropped_full", "rejected_full",
-                "rejected_storage_error", "dropped_corrupt")
+
+class Unrouted(TypedDict):
+    keys: int
+    queue_depth: int
 
 
-def drops(counters: Mapping[str, int]) -> dict[str, int]:
-    """Events lost or refused, by reason."""
-    out = dict.fromkeys(DROP_REASONS, 0)
-    out.update({k: v for k, v in counters.items() if k not in NOT_DROPS})
-    return out
+class SpoolUse(TypedDict):
+    path: str
+    used_bytes: int | None
+    max_bytes: int | None
 
 
-def _queues(cfg: Config, streams: Mapping[str, tuple[int, int]]) -> dict[str | None, list[int]]:
+class UpstreamStatus(TypedDict):
+    """One upstream; the counts and the last error are the running agent's (null offline)."""
+
+    name: str
+    protocol: str
+    url: str
+    state: str                  # idle | sending | backoff | restarting; "offline" offline
+    queue_depth: int
+    queue_bytes: int
+    keys: int                   # keys with events queued for it
+    last_ack: float | None
+    last_error: str | None
+    last_error_at: float | None
+    retries: int | None
+    acked: int | None
+    dead_lettered: int | None
+    crashes: int | None
+
+
+class Connections(TypedDict):
+    open: int
+    max: int
+    closed: dict[str, int]      # by reason
+
+
+class Ingest(TypedDict):
+    inflight_bytes: int
+    inflight_budget: int
+    busy_refusals: int
+    memory_trims: int
+    refused: dict[str, dict[str, int]]  # api -> HTTP status (or websocket close code) -> n
+
+
+class Snapshot(TypedDict):
+    """GET /status's body, and `outpost status --json`'s with or without an agent."""
+
+    version: str
+    time: float
+    source: str
+    uptime_s: float | None
+    queue_depth: int
+    oldest_event_age_s: float | None
+    unrouted: Unrouted
+    spool: SpoolUse
+    dead_letters: int
+    counters: dict[str, int]    # every outcomes.Tally and outcomes.Drop, by name
+    drops: dict[str, int]       # every outcomes.Drop
+    upstreams: list[UpstreamStatus]
+    history: list[dict[str, int]] | None  # events in and out per minute, last hour
+    connections: Connections | None
+    ingest: Ingest | None
+
+
+Queues = dict[str | None, list[int]]
+
+
+def _queues(cfg: Config, streams: Mapping[str, tuple[int, int]]) -> Queues:
     """(events, bytes, keys with events) queued per upstream name; None for keys no
     upstream takes. Keys with nothing queued are skipped: any local app can invent
     keys, and routing 100,000 idle ones took a quarter of a second per snapshot."""
-    out: dict[str | None, list[int]] = {up.name: [0, 0, 0] for up in cfg.upstreams}
+    out: Queues = {up.name: [0, 0, 0] for up in cfg.upstreams}
     out[None] = [0, 0, 0]
     for key, (depth, nbytes) in streams.items():
         if not depth:
@@ -56,62 +106,63 @@ def _queues(cfg: Config, streams: Mapping[str, tuple[int, int]]) -> dict[str | N
     return out
 
 
-def _common(cfg: Config, queues: dict[str | None, list[int]], depth: int,
-            counters: Mapping[str, int]) -> dict[str, Any]:
-    unrouted = queues[None]
+def _upstream(up: UpstreamConfig, queues: Queues, live: UpstreamState | None) -> UpstreamStatus:
+    depth, nbytes, keys = queues[up.name]
+    return {"name": up.name, "protocol": up.protocol, "url": up.url,
+            "state": live.state if live else "offline",
+            "queue_depth": depth, "queue_bytes": nbytes, "keys": keys,
+            "last_ack": live.last_ack if live else None,
+            "last_error": live.last_error if live else None,
+            "last_error_at": live.last_error_at if live else None,
+            "retries": live.retries if live else None,
+            "acked": live.acked if live else None,
+            "dead_lettered": live.dead_lettered if live else None,
+            "crashes": live.crashes if live else None}
+
+
+def _snapshot(cfg: Config, source: str, depth: int, streams: Mapping[str, tuple[int, int]],
+              counts: outcomes.Counts, dead: int, spool: SpoolUse,
+              states: Mapping[str, UpstreamState]) -> Snapshot:
+    queues = _queues(cfg, streams)
     return {
-        "version": __version__,
-        "time": round(time.time(), 3),
-        "queue_depth": depth,
-        "unrouted": {"keys": unrouted[2], "queue_depth": unrouted[0]},
-        "counters": dict(sorted(counters.items())),
-        "drops": drops(counters),
+        "version": __version__, "time": round(time.time(), 3), "source": source,
+        "uptime_s": None, "queue_depth": depth, "oldest_event_age_s": None,
+        "unrouted": {"keys": queues[None][2], "queue_depth": queues[None][0]},
+        "spool": spool, "dead_letters": dead,
+        "counters": outcomes.totals(counts), "drops": outcomes.drops(counts),
+        "upstreams": [_upstream(up, queues, states.get(up.name)) for up in cfg.upstreams],
+        "history": None, "connections": None, "ingest": None,
     }
 
 
 async def snapshot(cfg: Config, spool: Spool, forwarding: Supervisor,
-                   metrics: Metrics) -> dict[str, Any]:
+                   metrics: Metrics) -> Snapshot:
     """The running agent's state."""
     oldest = await spool.oldest_received()
-    queues = _queues(cfg, {k: (s.depth, s.bytes) for k, s in spool.streams.items() if s.depth})
-    upstreams = []
-    for up in cfg.upstreams:
-        depth, nbytes, keys = queues[up.name]
-        upstreams.append({**dataclasses.asdict(forwarding.states[up.name]), "url": up.url,
-                          "queue_depth": depth, "queue_bytes": nbytes, "keys": keys})
-    return {
-        **_common(cfg, queues, spool.depth, spool.counters),
-        "source": "agent",
-        "uptime_s": round(max(0.0, time.time() - metrics.started), 1),
-        "spool": {"path": str(spool.path), "used_bytes": spool.used_bytes,
-                  "max_bytes": spool.max_bytes},
-        "oldest_event_age_s": round(age_s(oldest), 1) if oldest is not None else None,
-        "upstreams": upstreams,
-        "history": metrics.series(),
-        "connections": {"open": metrics.connections_open, "max": metrics.connections_cap,
-                        "closed": dict(sorted(metrics.connections_closed.items()))},
-        "ingest": {"inflight_bytes": metrics.inflight_bytes,
-                   "inflight_budget": metrics.inflight_budget,
-                   "busy_refusals": metrics.busy_refusals,
-                   "memory_trims": metrics.memory_trims},
-    }
+    snap = _snapshot(cfg, "agent", spool.depth,
+                     {k: (s.depth, s.bytes) for k, s in spool.streams.items() if s.depth},
+                     spool.counters, spool.dead_count,
+                     {"path": str(spool.path), "used_bytes": spool.used_bytes,
+                      "max_bytes": spool.max_bytes}, forwarding.states)
+    snap["uptime_s"] = round(max(0.0, time.time() - metrics.started), 1)
+    snap["oldest_event_age_s"] = round(age_s(oldest), 1) if oldest is not None else None
+    snap["history"] = metrics.series()
+    snap["connections"] = {"open": metrics.connections_open, "max": metrics.connections_cap,
+                           "closed": dict(sorted(metrics.connections_closed.items()))}
+    snap["ingest"] = {"inflight_bytes": metrics.inflight_bytes,
+                      "inflight_budget": metrics.inflight_budget,
+                      "busy_refusals": metrics.busy_refusals,
+                      "memory_trims": metrics.memory_trims,
+                      "refused": metrics.refusals()}
+    return snap
 
 
-def offline_snapshot(cfg: Config) -> dict[str, Any]:
+def offline_snapshot(cfg: Config) -> Snapshot:
     """What the spool file alone tells: queues and counters, no live upstream state."""
     path = cfg.storage.resolved_path()
     raw = read_offline(path)
-    streams = {k: (s["depth"], s["bytes"]) for k, s in raw["streams"].items()}
-    queues = _queues(cfg, streams)
-    upstreams = [{"name": up.name, "protocol": up.protocol, "url": up.url, "state": "offline",
-                  "queue_depth": queues[up.name][0], "queue_bytes": queues[up.name][1],
-                  "keys": queues[up.name][2], "last_ack": None, "last_error": None}
-                 for up in cfg.upstreams]
-    return {
-        **_common(cfg, queues, raw["depth"], raw["counters"]),
-        "source": "spool, no agent running" if raw["exists"] else
-                  "no agent running, no spool yet",
-        "spool": {"path": str(path)},
-        "dead_letters": raw.get("dead_letters", 0),
-        "upstreams": upstreams,
-    }
+    return _snapshot(cfg, "spool, no agent running" if raw["exists"] else
+                     "no agent running, no spool yet", raw["depth"],
+                     {k: (s["depth"], s["bytes"]) for k, s in raw["streams"].items()},
+                     outcomes.from_names(raw["counters"].items()), raw.get("dead_letters", 0),
+                     {"path": str(path), "used_bytes": None, "max_bytes": None}, {})

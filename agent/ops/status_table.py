@@ -2,7 +2,8 @@
 
 from __future__ import annotations
 
-from typing import Any
+from agent.ops.status import Snapshot
+from agent.outcomes import Tally
 
 # An upstream's error can be a long exception text; the table keeps one line per
 # upstream, and `--json` has it whole.
@@ -43,34 +44,38 @@ def _clip(text: str) -> str:
     return text if len(text) <= ERROR_WIDTH else text[:ERROR_WIDTH - 1] + "…"
 
 
-def _upstream_rows(data: dict[str, Any]) -> list[list[str]]:
+def _dash(value: object) -> str:
+    return "-" if value is None else str(value)
+
+
+def _upstream_rows(data: Snapshot) -> list[list[str]]:
     now = data.get("time")
     rows = []
     for u in data.get("upstreams") or []:
         last_ack = u.get("last_ack")
         rows.append([
             u["name"], u["protocol"], u["state"], str(u["queue_depth"]), size(u["queue_bytes"]),
-            str(u.get("acked", "-")), str(u.get("retries", "-")),
+            _dash(u.get("acked")), _dash(u.get("retries")),
             age(now - last_ack) + " ago" if last_ack and now else "-",
             _clip(u.get("last_error") or "-"),
         ])
     return rows
 
 
-def render(data: dict[str, Any]) -> str:
+def render(data: Snapshot) -> str:
     """The snapshot as text: summary lines, the upstream table, then counters."""
     source = data.get("source", "?")
-    if "uptime_s" in data:
+    if data.get("uptime_s") is not None:
         source += f", up {age(data['uptime_s'])}"
     lines = [f"outpost {data.get('version', '?')}: {source}"]
     queue = f"{data.get('queue_depth', 0)} events"
     if data.get("oldest_event_age_s") is not None:
         queue += f", oldest {age(data['oldest_event_age_s'])} old"
     lines.append(f"queue:    {queue}")
-    spool = data.get("spool") or {}
-    used = f"{size(spool['used_bytes'])} of {size(spool['max_bytes'])}, " \
-        if "used_bytes" in spool else ""
-    lines.append(f"spool:    {used}{spool.get('path', '?')}")
+    spool = data["spool"]
+    used, cap = spool.get("used_bytes"), spool.get("max_bytes")
+    room = f"{size(used)} of {size(cap)}, " if used is not None and cap is not None else ""
+    lines.append(f"spool:    {room}{spool.get('path', '?')}")
     rows = _upstream_rows(data)
     lines.append("")
     if rows:
@@ -84,10 +89,15 @@ def render(data: dict[str, Any]) -> str:
                      "no upstream")
     counters = data.get("counters") or {}
     lines.append("")
-    lines.append("events:   " + ", ".join(f"{name} {counters.get(name, 0)}"
-                                           for name in ("ingested", "duplicates", "acked")))
+    lines.append("events:   " + ", ".join(f"{name} {counters.get(name, 0)}" for name in
+                                           (Tally.INGESTED, Tally.DUPLICATES, Tally.ACKED)))
     dropped = {k: v for k, v in (data.get("drops") or {}).items() if v}
     lines.append("dropped:  " + (", ".join(f"{k} {v}" for k, v in dropped.items()) or "none"))
-    if counters.get("spool_corrupt"):
-        lines.append(f"corrupt spools moved aside: {counters['spool_corrupt']}")
+    ingest = data.get("ingest")
+    refused = ingest["refused"] if ingest else {}
+    if refused:
+        lines.append("refused:  " + ", ".join(f"{api} {status}: {n}" for api, by in refused.items()
+                                              for status, n in by.items()) + " (requests)")
+    if counters.get(Tally.SPOOL_CORRUPT):
+        lines.append(f"corrupt spools moved aside: {counters[Tally.SPOOL_CORRUPT]}")
     return "\n".join(lines)

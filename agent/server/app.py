@@ -2,10 +2,15 @@
 
 from __future__ import annotations
 
+from collections.abc import Callable
+from functools import partial
+
 from aiohttp import web
 
 from agent.dialects import capture, nucleus, segment, segmentstream, tranthor
 from agent.dialects.body import BODY_TIMEOUT_S, TICKET
+from agent.dialects.replies import REFUSALS
+from agent.metrics import Metrics
 from agent.ops.routes import Ops
 from agent.server.admission import Admission
 from agent.server.guard import Guard, Handler
@@ -28,10 +33,36 @@ def build_app(cfg: Config, sink: Sink, ops: Ops) -> web.Application:
     app[BODY_TIMEOUT_S] = cfg.listen.body_timeout_s
     # Order matters: Nucleus' catch-all `/{appId}` websocket route comes last.
     app.add_routes(guard.routes(ops.routes(), navigable=True))
-    for dialect in (segment, capture, tranthor, segmentstream):
-        app.add_routes(guard.routes(admitted(dialect.routes(sink), admission)))
-    app.add_routes(guard.routes(admitted(nucleus.routes(sink), admission)))
+    for dialect in (segment, capture, tranthor, segmentstream, nucleus):
+        api = dialect.__name__.rsplit(".", 1)[-1]
+        app.add_routes(counted(guard.routes(admitted(dialect.routes(sink), admission)),
+                               api, sink.metrics))
     return app
+
+
+def counted(routes: list[web.RouteDef], api: str, metrics: Metrics) -> list[web.RouteDef]:
+    """``routes`` with each refusal (a 4xx or 5xx reply, the guard's included) counted by
+    ``api`` and status, and ``replies.refused`` counting the ones a reply does not show."""
+    count = partial(metrics.refuse, api)
+    return [web.RouteDef(r.method, r.path, _counting(r.handler, count), r.kwargs)
+            for r in routes]
+
+
+def _counting(handler: Handler, count: Callable[[int], None]) -> Handler:
+    async def counting(request: web.Request) -> web.StreamResponse:
+        token = REFUSALS.set(count)
+        try:
+            resp = await handler(request)
+        except web.HTTPException as exc:
+            if exc.status >= 400:
+                count(exc.status)
+            raise
+        finally:
+            REFUSALS.reset(token)
+        if resp.status >= 400:
+            count(resp.status)
+        return resp
+    return counting
 
 
 def admitted(routes: list[web.RouteDef], admission: Admission) -> list[web.RouteDef]:

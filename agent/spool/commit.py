@@ -13,6 +13,7 @@ from typing import Any
 
 import orjson
 
+from agent.outcomes import Counts, Drop, Tally, record
 from agent.spool.db import mark, transaction, used_bytes
 
 # Per-row overhead (record header, index entries, page slack) used when
@@ -44,7 +45,7 @@ class Job:
     incoming: int                     # estimated bytes of ``rows``
     reject_when_full: bool
     remember: bool                    # keep acked dedupe keys (dedupe_window_h > 0)
-    counters: dict[str, int]          # deltas counted on the loop since the last commit
+    counters: Counts                  # deltas counted on the loop since the last commit
     now: int
     mark: tuple[int, int] | None = None  # (agent-observed ms, next seq): see clock_marks
 
@@ -55,7 +56,7 @@ class Outcome:
 
     stored: list[int] | None          # new events per request; None: refused, spool full
     streams: dict[int, list[int]] = field(default_factory=dict)  # id -> [depth, bytes] deltas
-    counters: dict[str, int] = field(default_factory=dict)       # deltas computed here
+    counters: Counts = field(default_factory=dict)               # deltas computed here
     used_bytes: int = 0
 
 
@@ -68,13 +69,13 @@ def commit(conn: sqlite3.Connection, job: Job) -> Outcome:
         if job.dead:
             _move_dead(conn, job, out)
         if job.acks:
-            _bump(out.counters, "acked", _delete(conn, job.acks, job.remember, job.now, out))
+            record(out.counters, Tally.ACKED, _delete(conn, job.acks, job.remember, job.now, out))
         if job.rows:
             excess = job.incoming - job.room
             if excess > 0:
                 excess -= _forget_dedupe(conn, out)
             if excess > 0 and job.reject_when_full:
-                _bump(out.counters, "rejected_full", len(job.rows))
+                record(out.counters, Drop.REJECTED_FULL, len(job.rows))
                 out.stored = None
             else:
                 if excess > 0:
@@ -119,8 +120,8 @@ def _insert(conn: sqlite3.Connection, job: Job, out: Outcome) -> list[int]:
                     d[1] += len(row[5])
             i += size
             stored.append(n)
-    _bump(out.counters, "ingested", n_inserted)
-    _bump(out.counters, "duplicates", len(rows) - n_inserted)
+    record(out.counters, Tally.INGESTED, n_inserted)
+    record(out.counters, Tally.DUPLICATES, len(rows) - n_inserted)
     return stored
 
 
@@ -156,7 +157,7 @@ def _move_dead(conn: sqlite3.Connection, job: Job, out: Outcome) -> None:
         "FROM events WHERE seq = ? AND acked IS NULL",
         [(up, reason, job.now, seq) for seq, up, reason in job.dead])
     n = _delete(conn, [seq for seq, _, _ in job.dead], job.remember, job.now, out)
-    _bump(out.counters, "dead_lettered", n)
+    record(out.counters, Drop.DEAD_LETTERED, n)
 
 
 def _forget_dedupe(conn: sqlite3.Connection, out: Outcome) -> int:
@@ -171,7 +172,7 @@ def _forget_dedupe(conn: sqlite3.Connection, out: Outcome) -> int:
     n = conn.execute("DELETE FROM events WHERE acked IS NOT NULL").rowcount  # tombstones
     if n <= 0:
         return 0
-    _bump(out.counters, "dedupe_forgotten", n)
+    record(out.counters, Tally.DEDUPE_FORGOTTEN, n)
     return before - used_bytes(conn)
 
 
@@ -187,7 +188,7 @@ def _drop_oldest(conn: sqlite3.Connection, excess: int, out: Outcome) -> None:
             break
         _uncount(out.streams, gone)
         freed += sum(n + ROW_OVERHEAD for _, n in gone)
-        _bump(out.counters, "dropped_full", len(gone))
+        record(out.counters, Drop.DROPPED_FULL, len(gone))
 
 
 @dataclass(slots=True)
@@ -202,7 +203,7 @@ class Expiry:
     next_seq: int      # every event with a lower seq is committed
 
 
-def prune(conn: sqlite3.Connection, exp: Expiry, counters: dict[str, int]) -> Outcome:
+def prune(conn: sqlite3.Connection, exp: Expiry, counters: Counts) -> Outcome:
     """Drop events old by both clocks; forget dedupe keys that both clocks say are past
     the dedupe window (acked before ``exp.forget``, received ``window_ms`` ago)."""
     out = Outcome(stored=None)
@@ -218,7 +219,7 @@ def prune(conn: sqlite3.Connection, exp: Expiry, counters: dict[str, int]) -> Ou
                             "stream, length(body), acked", (below, exp.wall_cutoff)).fetchall()
         gone = [(sid, n) for sid, n, acked in rows if acked is None]
         _uncount(out.streams, gone)
-        _bump(out.counters, "expired", len(gone))
+        record(out.counters, Drop.EXPIRED, len(gone))
         conn.execute("DELETE FROM events WHERE acked < ? AND seq < ?", (exp.forget, keys_below))
         _save(conn, out.streams, {**counters, **_sum(counters, out.counters)})
     out.used_bytes = used_bytes(conn)
@@ -232,8 +233,7 @@ def _received_by(conn: sqlite3.Connection, observed: int) -> int:
     return int(row[0]) if row is not None else 0
 
 
-def _save(conn: sqlite3.Connection, streams: dict[int, list[int]],
-          counters: dict[str, int]) -> None:
+def _save(conn: sqlite3.Connection, streams: dict[int, list[int]], counters: Counts) -> None:
     """Persist depth and counter *changes* in the same transaction as the rows they count."""
     if streams:
         conn.executemany("UPDATE streams SET depth = depth + ?, bytes = bytes + ? WHERE id = ?",
@@ -253,10 +253,6 @@ def _uncount(streams: dict[int, list[int]], gone: list[Any]) -> None:
         d[1] -= nbytes
 
 
-def _bump(counters: dict[str, int], name: str, n: int) -> None:
-    counters[name] = counters.get(name, 0) + n
-
-
-def _sum(a: dict[str, int], b: dict[str, int]) -> dict[str, int]:
+def _sum(a: Counts, b: Counts) -> Counts:
     """Keys of ``b``, each with a's value added (for saving both in one statement)."""
     return {k: a.get(k, 0) + v for k, v in b.items()}

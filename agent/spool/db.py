@@ -20,6 +20,8 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import Any, TypeVar
 
+from agent.outcomes import Counts, from_names
+
 T = TypeVar("T")
 
 PAST = -(1 << 62)  # an agent-observed time before any other
@@ -78,14 +80,16 @@ def start_clock(conn: sqlite3.Connection, next_seq: int) -> None:
 
 
 def load_state(conn: sqlite3.Connection) -> tuple[int, list[tuple[int, str, int, int]],
-                                                  dict[str, int], int, int | None]:
-    """(next seq, streams, counters, used bytes, agent-observed ms) of an opened spool."""
+                                                  Counts, int, int, int | None]:
+    """(next seq, streams, counters, dead letters, used bytes, agent-observed ms) of an
+    opened spool. Dead letters are counted once here, then kept up to date in memory."""
     # Scalar max() is NULL if either side is: coalesce each (an empty table is NULL).
     top = conn.execute("SELECT max(coalesce((SELECT max(seq) FROM events), 0), "
                        "coalesce((SELECT max(seq) FROM dead), 0))").fetchone()[0]
     streams = conn.execute("SELECT id, key, depth, bytes FROM streams").fetchall()
-    counters = dict(conn.execute("SELECT name, value FROM counters").fetchall())
-    return top + 1, streams, counters, used_bytes(conn), observed_ms(conn)
+    counters = from_names(conn.execute("SELECT name, value FROM counters").fetchall())
+    dead = conn.execute("SELECT count(*) FROM dead").fetchone()[0]
+    return top + 1, streams, counters, dead, used_bytes(conn), observed_ms(conn)
 
 
 def observed_ms(conn: sqlite3.Connection) -> int | None:

@@ -20,6 +20,7 @@ from pathlib import Path
 from typing import Any
 
 from agent.families.event import NUCLEUS, SEGMENT
+from agent.outcomes import Counts, Drop, Tally, from_names, record
 from agent.spool.db import mark, transaction
 
 EVENT_COLS = "seq, stream, family, received, dkey, body, acked"
@@ -35,7 +36,7 @@ class Carry:
     """What the agent knows of the lost spool from memory (nothing, at startup)."""
 
     streams: dict[int, str]           # stream id -> key
-    counters: dict[str, int]
+    counters: Counts
     observed: int                     # agent-observed ms (agent/clock.py)
     next_seq: int                     # the running agent's next seq (1 at startup)
     depth: int | None                 # queued events, if the spool had been loaded
@@ -186,15 +187,13 @@ def _carry_clock(old: sqlite3.Connection | None, fresh: sqlite3.Connection,
          max(carry.next_seq, top + 1))
 
 
-def salvage_counters(old: sqlite3.Connection | None, carried: dict[str, int],
-              lost: int) -> dict[str, int]:
+def salvage_counters(old: sqlite3.Connection | None, carried: Counts, lost: int) -> Counts:
     """The lost spool's counters (the running agent's, else the file's), plus this loss."""
-    counters = dict(_try(old, "SELECT name, value FROM counters NOT INDEXED") or [])
-    for name, n in carried.items():  # the running agent's are never behind the file's
-        counters[name] = max(counters.get(name, 0), n)
-    counters["spool_corrupt"] = counters.get("spool_corrupt", 0) + 1
-    if lost:
-        counters["dropped_corrupt"] = counters.get("dropped_corrupt", 0) + lost
+    counters = from_names(_try(old, "SELECT name, value FROM counters NOT INDEXED") or [])
+    for outcome, n in carried.items():  # the running agent's are never behind the file's
+        counters[outcome] = max(counters.get(outcome, 0), n)
+    record(counters, Tally.SPOOL_CORRUPT)
+    record(counters, Drop.DROPPED_CORRUPT, lost)
     return counters
 
 

@@ -20,6 +20,7 @@ from pathlib import Path
 
 from agent.clock import CLOCK
 from agent.families.event import now_ms
+from agent.outcomes import Counts, Drop, Outcome, record
 from agent.paths import ensure_private_dir
 from agent.settings import StorageConfig
 from agent.spool import commit as spool_commit
@@ -46,8 +47,9 @@ class Spool(SpoolWrites, SpoolReads):
         self.path = path
         self.max_bytes = cfg.max_size_mb * 1024 * 1024
         self.streams: dict[str, Stream] = {}
-        self.counters: dict[str, int] = {}
-        self._unsaved: dict[str, int] = {}  # counted on the loop, saved with the next commit
+        self.counters: Counts = {}
+        self._unsaved: Counts = {}  # counted on the loop, saved with the next commit
+        self.dead_count = 0  # rows in the dead letters table
         self._by_id: dict[int, Stream] = {}
         self._top_stream_id = 0  # a new key's id; max(_by_id) made each new key O(keys)
         self._db: SqliteThread | None = None
@@ -119,7 +121,7 @@ class Spool(SpoolWrites, SpoolReads):
             raise
 
     async def _load_state(self, db: SqliteThread) -> None:
-        next_seq, streams, counters, used, observed = await db.run(spool_db.load_state)
+        next_seq, streams, counters, dead, used, observed = await db.run(spool_db.load_state)
         if observed is None:
             await db.run(spool_db.start_clock, next_seq)
         self._observed_base, self._elapsed_at_load = observed or 0, CLOCK.elapsed_ms()
@@ -132,6 +134,7 @@ class Spool(SpoolWrites, SpoolReads):
         for sid, key, depth, nbytes in streams:
             self._add_stream(Stream(sid, key, depth, nbytes))
         self.counters = counters
+        self.dead_count = dead
         self._unsaved = {}
         self._used_bytes = used
         self._loaded = True
@@ -158,8 +161,8 @@ class Spool(SpoolWrites, SpoolReads):
         except sqlite3.Error as why:  # e.g. no room for the copy: the fresh spool stays empty
             log.error("spool %s: could not salvage %s: %s", self.path, moved, why)
             got = Salvaged(known=carry.depth is not None, lost=carry.depth or 0)
-            for name, n in salvage_counters(None, carry.counters, got.lost).items():
-                self.count(name, n)  # into the empty fresh spool, with its next commit
+            for outcome, n in salvage_counters(None, carry.counters, got.lost).items():
+                self.count(outcome, n)  # into the empty fresh spool, with its next commit
             self._observed_base, self._elapsed_at_load = carry.observed, CLOCK.elapsed_ms()
         else:
             await self._load_state(db)
@@ -175,8 +178,8 @@ class Spool(SpoolWrites, SpoolReads):
         how_many = (f"{got.lost} could not be read" if got.known else
                     "how many more it held is unknown (its queue table cannot be read)")
         log.error("spool %s is corrupt (%s); moved aside to %s and started afresh: salvaged "
-                  "%d queued events, %s (counted as dropped_corrupt: %d); %d damaged "
-                  "stretches skipped", self.path, exc, moved, got.queued, how_many, got.lost,
+                  "%d queued events, %s (counted as %s: %d); %d damaged stretches skipped",
+                  self.path, exc, moved, got.queued, how_many, Drop.DROPPED_CORRUPT, got.lost,
                   got.skipped)
         self.on_reopen()  # forwarders for the salvaged queues
 
@@ -208,8 +211,8 @@ class Spool(SpoolWrites, SpoolReads):
             await self._connect()
         except (sqlite3.DatabaseError, OSError):
             return False
-        for name, n in unsaved.items():  # counted while closed: keep them
-            self.count(name, n)
+        for outcome, n in unsaved.items():  # counted while closed: keep them
+            self.count(outcome, n)
         log.warning("spool %s is open again (%d events queued)", self.path, self.depth)
         self.on_reopen()
         return True
@@ -241,7 +244,7 @@ class Spool(SpoolWrites, SpoolReads):
                 log.error("spool prune failed: %s", exc)
                 return 0
             self._apply(out)
-        expired = out.counters.get("expired", 0)
+        expired = out.counters.get(Drop.EXPIRED, 0)
         if expired:
             log.warning("dropped %d events older than %d days", expired, self.cfg.max_age_days)
         return expired
@@ -252,9 +255,10 @@ class Spool(SpoolWrites, SpoolReads):
 
     # -- accounting ----------------------------------------------------------
 
-    def count(self, name: str, n: int = 1) -> None:
-        self.counters[name] = self.counters.get(name, 0) + n
-        self._unsaved[name] = self._unsaved.get(name, 0) + n
+    def count(self, outcome: Outcome, n: int = 1) -> None:
+        """Count an outcome seen on the loop; saved with the next commit."""
+        record(self.counters, outcome, n)
+        record(self._unsaved, outcome, n)
 
     @property
     def depth(self) -> int:

@@ -16,9 +16,10 @@ from typing import TYPE_CHECKING
 
 from agent.families.event import Event, now_ms
 from agent.logs import log_limited
+from agent.outcomes import Counts, Drop, Outcome, merge
 from agent.settings import StorageConfig
 from agent.spool import commit as spool_commit
-from agent.spool.commit import ROW_OVERHEAD, Job, Outcome
+from agent.spool.commit import ROW_OVERHEAD, Job
 from agent.spool.db import SqliteThread
 from agent.spool.reads import is_corruption
 from agent.spool.types import SpoolFull, Stream
@@ -52,11 +53,12 @@ class SpoolWrites:
     # Spool's state and methods, which the commits read and update.
     cfg: StorageConfig
     streams: dict[str, Stream]
-    counters: dict[str, int]
+    counters: Counts
+    dead_count: int
     commits: int
     max_bytes: int
     _by_id: dict[int, Stream]
-    _unsaved: dict[str, int]
+    _unsaved: Counts
     _new_streams: list[Stream]
     _top_stream_id: int
     _next_seq: int
@@ -73,7 +75,7 @@ class SpoolWrites:
         async def _recover(self, exc: BaseException) -> None: ...
         async def _reopen(self) -> bool: ...
         def _require_db(self) -> SqliteThread: ...
-        def count(self, name: str, n: int = 1) -> None: ...
+        def count(self, outcome: Outcome, n: int = 1) -> None: ...
         def observed_ms(self) -> int: ...
 
 
@@ -182,7 +184,7 @@ class SpoolWrites:
 
     async def _run_batch(self, batch: Batch) -> None:
         if self._db is None and not await self._reopen():
-            self.count("rejected_storage_error", sum(len(p.events) for p in batch.appends))
+            self.count(Drop.REJECTED_STORAGE_ERROR, sum(len(p.events) for p in batch.appends))
             _fail(batch.appends, SpoolFull("spool cannot be opened", retry_after=5))
             return
         db = self._require_db()
@@ -196,7 +198,7 @@ class SpoolWrites:
             # Every app retrying against a full disk fails a commit: count each refused
             # event, but log once a minute (a flood of identical lines helps nobody).
             log_limited(log, logging.ERROR, "commit-failed", "spool commit failed: %s", reason)
-            self.count("rejected_storage_error", len(job.rows))
+            self.count(Drop.REJECTED_STORAGE_ERROR, len(job.rows))
             _fail(appends, SpoolFull(reason))
             return
         except BaseException as exc:
@@ -216,22 +218,20 @@ class SpoolWrites:
         for pending, n in zip(appends, out.stored):
             if not pending.done.done():
                 pending.done.set_result(n)
-    def _apply(self, out: Outcome) -> None:
+    def _apply(self, out: spool_commit.Outcome) -> None:
         """Bring the in-memory depths and counters up to what was just committed."""
         for sid, (depth, nbytes) in out.streams.items():
             stream = self._by_id.get(sid)
             if stream is not None:
                 stream.depth += depth
                 stream.bytes += nbytes
-        counters = self.counters
-        for name, n in out.counters.items():
-            counters[name] = counters.get(name, 0) + n
+        merge(self.counters, out.counters)
+        self.dead_count += out.counters.get(Drop.DEAD_LETTERED, 0)
         self._used_bytes = out.used_bytes
 
-    def _unsave(self, counters: dict[str, int]) -> None:
+    def _unsave(self, counters: Counts) -> None:
         """A failed commit did not save these counts: keep them for the next one."""
-        for name, n in counters.items():
-            self._unsaved[name] = self._unsaved.get(name, 0) + n
+        merge(self._unsaved, counters)
 
     def _stream_for(self, key: str) -> Stream:
         stream = self.streams.get(key)
