@@ -97,7 +97,7 @@ async def test_a_crash_in_a_delivery_is_logged_counted_shown_and_restarted(
     # Logged once, with its traceback, at the supervision point; nothing else complains
     # (no "Task exception was never retrieved").
     (record,) = crash_records(caplog)
-    assert record.name == "outpost.routing" and "crashy" in record.getMessage()
+    assert record.name == "outpost.supervisor" and "crashy" in record.getMessage()
     assert record.exc_info is not None and record.exc_info[0] is ValueError
 
 
