@@ -39,6 +39,7 @@ MAX_REQUEST_LINE = 64 * 1024
 # client sees the reply rather than a reset. Over loopback the rest takes milliseconds;
 # aiohttp's 10 s default would let a stalled client hold its connection that much longer.
 LINGER_S = 2.0
+EXIT_FORCED = 130   # 128 + SIGINT, as shells report a process ended by an interrupt
 
 
 class StartError(Exception):
@@ -62,6 +63,7 @@ class Agent:
         self.port = cfg.listen.port
         self._stop = asyncio.Event()
         self._reload = asyncio.Event()
+        self._force = asyncio.Event()   # a second SIGINT during the graceful stop
 
     async def start(self) -> None:
         """Build and start every part. Each part's undo goes on one exit stack (aiohttp's
@@ -198,7 +200,7 @@ class Agent:
             assert self._stack is not None
             self._stack.callback(watchdog.cancel)
         if sys.platform != "win32":
-            loop.add_signal_handler(signal.SIGINT, self._stop.set)
+            loop.add_signal_handler(signal.SIGINT, self._interrupt)
             loop.add_signal_handler(signal.SIGTERM, self._stop.set)
             loop.add_signal_handler(signal.SIGHUP, self._reload.set)
         try:
@@ -215,11 +217,39 @@ class Agent:
                     self.notifier.ready()
         finally:
             self.notifier.stopping()
+            await self._drain()
             with contextlib.suppress(NotImplementedError):
                 for sig in (signal.SIGINT, signal.SIGTERM, signal.SIGHUP):
                     loop.remove_signal_handler(sig)
-            await self.stop()
         return 0
+
+    def _interrupt(self) -> None:
+        """SIGINT: the first starts the graceful stop, a second one during it forces exit
+        (as uvicorn's handler does). Only sets flags; ``_drain`` acts on them."""
+        if self._stop.is_set():
+            self._force.set()
+        self._stop.set()
+
+    async def _drain(self) -> None:
+        """``stop``, unless a second SIGINT comes first: then exit at once."""
+        stopping = asyncio.ensure_future(self.stop())
+        forced = asyncio.ensure_future(self._force.wait())
+        await asyncio.wait({stopping, forced}, return_when=asyncio.FIRST_COMPLETED)
+        forced.cancel()
+        if not stopping.done():
+            log.warning("second interrupt: exiting now without finishing the drain; events "
+                        "not yet forwarded stay in the spool")
+            _exit_now(EXIT_FORCED)
+        stopping.result()   # raises what the stop raised
+
+
+def _exit_now(code: int) -> None:
+    """Exit without unwinding, as a kill would: the spool commits every event before its
+    app is answered, so nothing answered is lost; requests still being read get no answer
+    and their apps send them again."""
+    logging.shutdown()   # the log line above is written out first
+    sys.stdout.flush()
+    os._exit(code)
 
 
 def _register_secrets(cfg: Config) -> None:
