@@ -12,7 +12,7 @@ import logging
 import os
 import signal
 import sys
-from collections.abc import Iterable
+from collections.abc import Iterable, Mapping
 
 from aiohttp import web
 
@@ -21,7 +21,8 @@ from agent import logs
 from agent.config import ConfigError
 from agent.device import detect
 from agent.families.facts import DeviceFacts
-from agent.forwarder.supervisor import Supervisor
+from agent.forwarder.state import UpstreamState
+from agent.forwarder.supervisor import Seams, Supervisor
 from agent.metrics import Metrics
 from agent.ops.notify import Notifier
 from agent.ops.routes import Ops
@@ -49,8 +50,10 @@ class StartError(Exception):
 class Agent:
     """The running agent; ``start`` then ``stop``, or ``serve`` until a signal."""
 
-    def __init__(self, cfg: Config, config_path: str | None = None) -> None:
+    def __init__(self, cfg: Config, config_path: str | None = None, *,
+                 seams: Seams = Seams()) -> None:
         self.cfg = cfg
+        self.seams = seams   # what every Supervisor is built with (tests replace parts)
         self.config_path = config_path
         self.metrics = Metrics()
         self.facts: DeviceFacts = detect(cfg.device)
@@ -58,6 +61,8 @@ class Agent:
         self.forwarding: Supervisor | None = None
         self.sink: Sink | None = None
         self.ops: Ops | None = None
+        self.app: web.Application | None = None
+        self.listener: asyncio.Server | None = None
         self._stack: contextlib.AsyncExitStack | None = None   # what stop() unwinds
         self.notifier = Notifier.from_env()
         self.port = cfg.listen.port
@@ -72,25 +77,24 @@ class Agent:
         async with contextlib.AsyncExitStack() as stack:
             stack.callback(self.notifier.close)
             _register_secrets(self.cfg)
-            self.spool = spool = await Spool.open(self.cfg.storage)
+            self.spool = spool = await Spool.open(self.cfg.storage, on_reopen=self._reopened)
             stack.push_async_callback(spool.close)
             _register_keys(spool.streams)
-            self.forwarding = Supervisor(self.cfg, spool, self.facts, self.metrics)
+            self.forwarding = Supervisor(self.cfg, spool, self.facts, self.metrics, self.seams)
             await self.forwarding.start()
             stack.push_async_callback(self._stop_forwarding)
             self.sink = Sink(self.cfg.listen.accept_keys, spool, self.facts, self.metrics,
-                             inflight_budget=self.cfg.listen.max_inflight_mb * 1024 * 1024)
-            self.sink.on_new_data = self._new_data
-            # A spool that could not be opened at start (full disk) brings its queues later.
-            spool.on_reopen = lambda: self._new_data(set(spool.streams))
-            self.ops = Ops(self.cfg, spool, self.forwarding, self.metrics)
-            runner = self._make_runner(build_app(self.cfg, self.sink, self.ops))
+                             inflight_budget=self.cfg.listen.max_inflight_mb * 1024 * 1024,
+                             on_new_data=self._new_data)
+            self.ops = Ops(spool, self.metrics, live=self._live, flush=self._flush)
+            self.app = build_app(self.cfg, self.sink, self.ops.routes())
+            runner = self._make_runner(self.app)
             await runner.setup()
             # Unwound after the listener closes: cleanup() drains the open connections, whose
             # requests still commit (and wake forwarders) before the forwarders stop.
             stack.push_async_callback(runner.cleanup)
-            listener = await self._listen(runner)
-            stack.callback(listener.close)   # stop accepting
+            self.listener = await self._listen(runner)
+            stack.callback(self.listener.close)   # stop accepting
             prune = asyncio.create_task(self._prune_loop(), name="prune")
             stack.callback(prune.cancel)
             self._stack = stack.pop_all()
@@ -132,6 +136,21 @@ class Agent:
         if self.forwarding is not None:
             await self.forwarding.stop()
 
+    def _reopened(self) -> None:
+        # A spool that could not be opened at start (full disk) brings its queues later;
+        # during Spool.open itself there is nothing to tell yet (start starts them all).
+        if self.spool is not None:
+            self._new_data(set(self.spool.streams))
+
+    def _live(self) -> tuple[Config, Mapping[str, UpstreamState]]:
+        # The Supervisor's own config: during a reload it stays the pair in force.
+        assert self.forwarding is not None
+        return self.forwarding.cfg, self.forwarding.states
+
+    def _flush(self) -> None:
+        assert self.forwarding is not None
+        self.forwarding.flush()
+
     def _new_data(self, keys: set[str]) -> None:
         # Runs after every commit; a key already registered costs one set lookup.
         _register_keys(keys)
@@ -166,18 +185,17 @@ class Agent:
             stale.append("[storage]")
         if stale:
             log.warning("reload: %s changed, which needs a restart", ", ".join(stale))
-        assert self.spool is not None and self.sink is not None and self.ops is not None
+        assert self.spool is not None and self.sink is not None
         _register_secrets(new)
         old = self.forwarding
         self.cfg = new
         # In-flight batches settle before the new forwarders start: nothing sent twice.
         if old is not None:
             await old.stop()
-        self.forwarding = Supervisor(new, self.spool, self.facts, self.metrics)
+        self.forwarding = Supervisor(new, self.spool, self.facts, self.metrics, self.seams)
         if old is not None:
             _carry_states(old, self.forwarding)
         self.sink.set_accept_keys(new.listen.accept_keys)
-        self.ops.cfg, self.ops.forwarding = new, self.forwarding
         await self.forwarding.start()
         log.info("configuration reloaded from %s", new.source)
 

@@ -22,8 +22,9 @@ import aiohttp
 import orjson
 import pytest
 
-from agent.forwarder import backoff
-from agent.forwarder.backoff import BACKOFF_BASE_S, BACKOFF_CAP_S, backoff_delay
+from agent.forwarder.backoff import BACKOFF, Backoff
+from agent.forwarder.stream import Release
+from agent.forwarder.supervisor import Seams
 from agent.uplinks.http_common import retry_after
 from tests.fakes.faulty_upstream import NEVER_SENT, Fault, FaultyUpstream, Request
 from tests.waiting import wait_for
@@ -93,28 +94,28 @@ def resent_after(fake: FaultyUpstream, first: Request) -> list[int]:
 
 
 def test_backoff_doubles_from_base_and_is_capped() -> None:
-    assert 30 <= BACKOFF_CAP_S <= 120  # issue 2: reconnects capped at about 60 s
+    assert 30 <= BACKOFF.cap_s <= 120  # issue 2: reconnects capped at about 60 s
     low, high = (lambda: 0.0), (lambda: 0.999999)
-    assert backoff_delay(0, low) == pytest.approx(BACKOFF_BASE_S * 0.5)
-    assert backoff_delay(1, low) == pytest.approx(BACKOFF_BASE_S)
-    assert backoff_delay(3, high) == pytest.approx(BACKOFF_BASE_S * 8, rel=1e-5)
+    assert BACKOFF.delay(0, low) == pytest.approx(BACKOFF.base_s * 0.5)
+    assert BACKOFF.delay(1, low) == pytest.approx(BACKOFF.base_s)
+    assert BACKOFF.delay(3, high) == pytest.approx(BACKOFF.base_s * 8, rel=1e-5)
     for attempt in range(200):
-        assert BACKOFF_CAP_S * 0.5 * (attempt > 10) <= backoff_delay(attempt, low)
-        assert backoff_delay(attempt, high) < BACKOFF_CAP_S
-    assert backoff_delay(10_000, high) == pytest.approx(BACKOFF_CAP_S, rel=1e-5)
-    delays = [backoff_delay(a, low) for a in range(30)]
+        assert BACKOFF.cap_s * 0.5 * (attempt > 10) <= BACKOFF.delay(attempt, low)
+        assert BACKOFF.delay(attempt, high) < BACKOFF.cap_s
+    assert BACKOFF.delay(10_000, high) == pytest.approx(BACKOFF.cap_s, rel=1e-5)
+    delays = [BACKOFF.delay(a, low) for a in range(30)]
     assert delays == sorted(delays)
 
 
 def test_backoff_is_jittered() -> None:
     rng = random.Random(7)
-    at_cap = [backoff_delay(20, rng.random) for _ in range(200)]
-    assert all(BACKOFF_CAP_S * 0.5 <= d < BACKOFF_CAP_S for d in at_cap)
+    at_cap = [BACKOFF.delay(20, rng.random) for _ in range(200)]
+    assert all(BACKOFF.cap_s * 0.5 <= d < BACKOFF.cap_s for d in at_cap)
     assert len(set(at_cap)) == 200
     # Spread over the whole jitter range, not clustered: no thundering herd.
-    assert min(at_cap) < BACKOFF_CAP_S * 0.6 and max(at_cap) > BACKOFF_CAP_S * 0.9
-    early = [backoff_delay(2, rng.random) for _ in range(50)]
-    assert max(early) - min(early) > BACKOFF_BASE_S
+    assert min(at_cap) < BACKOFF.cap_s * 0.6 and max(at_cap) > BACKOFF.cap_s * 0.9
+    early = [BACKOFF.delay(2, rng.random) for _ in range(50)]
+    assert max(early) - min(early) > BACKOFF.base_s
 
 
 def test_retry_after_seconds_and_http_dates() -> None:
@@ -200,11 +201,10 @@ async def test_429_retry_after_http_date_is_honoured(make_agent: Any,
     assert retried.arrived - refused.answered >= 0.9
 
 
-async def test_huge_retry_after_is_capped(make_agent: Any, faulty: FaultyUpstream,
-                                          monkeypatch: pytest.MonkeyPatch) -> None:
-    monkeypatch.setattr(backoff, "RETRY_AFTER_CAP_S", 0.3)
+async def test_huge_retry_after_is_capped(make_agent: Any, faulty: FaultyUpstream) -> None:
     faulty.script = [Fault("status", 503, {"Retry-After": "999999999"})]
-    agent = await make_agent(upstreams=[upstream(faulty, "nucleus-http")])
+    agent = await make_agent(upstreams=[upstream(faulty, "nucleus-http")],
+                             seams=Seams(backoff=Backoff(0.02, 0.2, retry_after_cap_s=0.3)))
     await send(agent, [event(i) for i in range(5)])
     await drained(agent, faulty, 5, timeout=5)
 
@@ -417,7 +417,7 @@ class _GatedUplink:
         return None
 
 
-def _forwarder(spool: Any, uplink: Any, window: int) -> Any:
+def _forwarder(spool: Any, uplink: Any, window: int, release: Release | None = None) -> Any:
     from agent.forwarder.state import UpstreamState
     from agent.forwarder.stream import StreamForwarder
     from agent.metrics import Metrics
@@ -426,7 +426,7 @@ def _forwarder(spool: Any, uplink: Any, window: int) -> Any:
     cfg = UpstreamConfig(name="up", protocol="nucleus-http", url="http://127.0.0.1:9",
                          flush_interval_s=0.01)
     return StreamForwarder(cfg, Stream(1, "k"), spool, uplink, UpstreamState("up", "x"),
-                           Metrics(), window)
+                           Metrics(), window, release=release)
 
 
 async def test_a_stop_during_a_read_is_not_lost() -> None:
@@ -474,9 +474,8 @@ async def test_a_crash_while_batches_settle_before_a_backoff_reaches_the_supervi
     spool = _GatedSpool([Row(1, 1, 0, 0, b"{}"), Row(2, 1, 0, 0, b"{}")])
     spool.gate.set()
     uplink = _CrashingUplink()
-    fwd = _forwarder(spool, uplink, 2)
     parked: list[float] = []
-    fwd.park = lambda delay, attempt: parked.append(delay)
+    fwd = _forwarder(spool, uplink, 2, Release(3600.0, lambda delay, attempt: parked.append(delay)))
     task = asyncio.create_task(fwd.run())
     await asyncio.wait_for(uplink.sending.wait(), 5)   # row 1 failed, row 2 in flight
     uplink.release.set()

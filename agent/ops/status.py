@@ -14,7 +14,7 @@ from typing import Any
 
 from agent import __version__
 from agent.clock import age_s
-from agent.forwarder.supervisor import Supervisor
+from agent.forwarder.state import UpstreamState
 from agent.metrics import Metrics
 from agent.settings import Config
 from agent.spool import Spool
@@ -69,7 +69,7 @@ def _common(cfg: Config, queues: dict[str | None, list[int]], depth: int,
     }
 
 
-async def snapshot(cfg: Config, spool: Spool, forwarding: Supervisor,
+async def snapshot(cfg: Config, spool: Spool, states: Mapping[str, UpstreamState],
                    metrics: Metrics) -> dict[str, Any]:
     """The running agent's state."""
     oldest = await spool.oldest_received()
@@ -77,7 +77,7 @@ async def snapshot(cfg: Config, spool: Spool, forwarding: Supervisor,
     upstreams = []
     for up in cfg.upstreams:
         depth, nbytes, keys = queues[up.name]
-        upstreams.append({**dataclasses.asdict(forwarding.states[up.name]), "url": up.url,
+        upstreams.append({**dataclasses.asdict(states[up.name]), "url": up.url,
                           "queue_depth": depth, "queue_bytes": nbytes, "keys": keys})
     return {
         **_common(cfg, queues, spool.depth, spool.counters),
