@@ -1,10 +1,11 @@
 """A misbehaving upstream loses nothing (backoff, Retry-After).
 
 The agent runs in process; tests/fakes/faulty_upstream.py answers each request
-or frame from a script of faults. Waits are measured from the upstream's side
-(arrival and reply times of each request). Backoff is shrunk with monkeypatch
-so that retries take milliseconds; the one place real seconds are spent is
-proving that a 1 to 2 s Retry-After is waited out.
+or frame from a script of faults. Backoff is shrunk (conftest's FAST_BACKOFF,
+through the forwarder's Seams) so that retries take milliseconds; the tests of
+how long a key waits (Retry-After, the backoff's growth) run the forwarder on a
+manual clock (tests/fakes/manual_timing.py) and read its pending waits, so no
+test waits out real seconds.
 """
 
 from __future__ import annotations
@@ -26,7 +27,9 @@ from agent.forwarder.backoff import BACKOFF, Backoff
 from agent.forwarder.stream import Release
 from agent.forwarder.supervisor import Seams
 from agent.uplinks.http_common import retry_after
+from tests.conftest import FAST_BACKOFF
 from tests.fakes.faulty_upstream import NEVER_SENT, Fault, FaultyUpstream, Request
+from tests.fakes.manual_timing import ManualTiming
 from tests.waiting import wait_for
 
 NUCLEUS = ("nucleus-http", "nucleus-ws")
@@ -146,16 +149,25 @@ async def test_500s_are_retried_until_delivered(make_agent: Any, faulty: FaultyU
     assert max(delivered(faulty).values()) == 1   # a 5xx delivers nothing: no duplicates
 
 
+def manual(backoff: Backoff = FAST_BACKOFF) -> tuple[ManualTiming, Seams]:
+    """A manual forwarder clock, and seams with it."""
+    timing = ManualTiming()
+    return timing, Seams(timing=timing, backoff=backoff)
+
+
 async def test_429_retry_after_seconds_is_honoured(make_agent: Any,
                                                    faulty: FaultyUpstream) -> None:
-    faulty.script = [Fault("status", 429, {"Retry-After": "1"})]
-    agent = await make_agent(upstreams=[upstream(faulty, "nucleus-http")])
+    faulty.script = [Fault("status", 429, {"Retry-After": "30"})]
+    timing, seams = manual()
+    agent = await make_agent(upstreams=[upstream(faulty, "nucleus-http")], seams=seams)
     await send(agent, [event(i) for i in range(5)])
+    # The key is parked for the upstream's 30 s (backoff alone would say 0.01 to 0.02 s).
+    await wait_for(lambda: timing.pending() == [30.0])
+    timing.advance(29.9)
+    assert timing.pending() == [pytest.approx(0.1)] and len(faulty.requests) == 1
+    timing.advance(0.1)
     await drained(agent, faulty, 5)
-    refused, retried = faulty.requests[0], faulty.requests[1]
-    assert refused.status == 429 and refused.answered is not None
-    # Backoff alone would retry after ~0.02 s here.
-    assert retried.arrived - refused.answered >= 0.95
+    assert [r.status for r in faulty.requests] == [429, 200]
     assert "429" in (agent.forwarding.states["up"].last_error or "")
 
 
@@ -163,15 +175,19 @@ async def test_new_events_for_a_key_in_backoff_wait_with_it(make_agent: Any,
                                                             faulty: FaultyUpstream) -> None:
     """A key waiting out a backoff holds no loop: its new events must neither start one
     before the retry time (trying a failing upstream sooner) nor be left behind then."""
-    faulty.script = [Fault("status", 429, {"Retry-After": "1"})]
-    agent = await make_agent(upstreams=[upstream(faulty, "nucleus-http")])
+    faulty.script = [Fault("status", 429, {"Retry-After": "30"})]
+    timing, seams = manual()
+    agent = await make_agent(upstreams=[upstream(faulty, "nucleus-http")], seams=seams)
     await send(agent, [event(0), event(1)])
-    await wait_for(lambda: agent.forwarding.states["up"].state == "backoff")
+    await wait_for(lambda: timing.pending() == [30.0])
     await send(agent, [event(2)])
+    # The agent answers only after telling the supervisor of the new data: had that
+    # started a loop for the parked key, it would be there now.
+    assert agent.forwarding.loops == {} and timing.pending() == [30.0]
+    timing.advance(30)
     await drained(agent, faulty, 3)
-    refused, retried = faulty.requests[0], faulty.requests[1]
-    assert refused.answered is not None
-    assert retried.arrived - refused.answered >= 0.95
+    refused, retried = faulty.requests
+    assert refused.status == 429 and retried.status == 200
     assert resent_after(faulty, refused) == [0, 1, 2]
 
 
@@ -189,35 +205,42 @@ async def test_a_stop_does_not_wait_for_keys_in_backoff(make_agent: Any,
 
 async def test_429_retry_after_http_date_is_honoured(make_agent: Any,
                                                      faulty: FaultyUpstream) -> None:
-    # HTTP-dates have whole seconds: two seconds from the reply is 1 to 2 s away.
+    # HTTP-dates have whole seconds: a minute from the reply is 59 to 60 s away.
     def when() -> str:
-        return email.utils.formatdate(math.floor(time.time()) + 2, usegmt=True)
+        return email.utils.formatdate(math.floor(time.time()) + 60, usegmt=True)
     faulty.script = [Fault("status", 429, {"Retry-After": when})]
-    agent = await make_agent(upstreams=[upstream(faulty, "nucleus-http")])
+    timing, seams = manual()
+    agent = await make_agent(upstreams=[upstream(faulty, "nucleus-http")], seams=seams)
     await send(agent, [event(i) for i in range(5)])
+    await wait_for(lambda: len(timing.pending()) == 1)
+    (delay,) = timing.pending()
+    assert 58.0 < delay <= 60.0
+    timing.advance(delay)
     await drained(agent, faulty, 5)
-    refused, retried = faulty.requests[0], faulty.requests[1]
-    assert refused.answered is not None
-    assert retried.arrived - refused.answered >= 0.9
+    assert [r.status for r in faulty.requests] == [429, 200]
 
 
 async def test_huge_retry_after_is_capped(make_agent: Any, faulty: FaultyUpstream) -> None:
     faulty.script = [Fault("status", 503, {"Retry-After": "999999999"})]
-    agent = await make_agent(upstreams=[upstream(faulty, "nucleus-http")],
-                             seams=Seams(backoff=Backoff(0.02, 0.2, retry_after_cap_s=0.3)))
+    timing, seams = manual()
+    agent = await make_agent(upstreams=[upstream(faulty, "nucleus-http")], seams=seams)
     await send(agent, [event(i) for i in range(5)])
-    await drained(agent, faulty, 5, timeout=5)
+    await wait_for(lambda: timing.pending() == [BACKOFF.retry_after_cap_s])   # an hour
+    timing.advance(BACKOFF.retry_after_cap_s)
+    await drained(agent, faulty, 5)
 
 
 async def test_flush_interrupts_a_long_retry_after(make_agent: Any,
                                                    faulty: FaultyUpstream) -> None:
     faulty.script = [Fault("status", 429, {"Retry-After": "3000"})]
-    agent = await make_agent(upstreams=[upstream(faulty, "nucleus-http")])
+    timing, seams = manual()
+    agent = await make_agent(upstreams=[upstream(faulty, "nucleus-http")], seams=seams)
     await send(agent, [event(i) for i in range(5)])
-    await wait_for(lambda: agent.forwarding.states["up"].state == "backoff")
+    await wait_for(lambda: timing.pending() == [3000.0])
     assert agent.spool.depth == 5
     agent.forwarding.flush()
     await drained(agent, faulty, 5, timeout=5)
+    assert timing.pending() == []   # the retry timer is gone with the parked key
 
 
 @pytest.mark.parametrize("protocol", NUCLEUS)
@@ -342,17 +365,24 @@ async def test_poison_event_is_dead_lettered_and_the_rest_delivered(
 
 async def test_backoff_grows_to_its_cap_between_failures(make_agent: Any,
                                                          faulty: FaultyUpstream) -> None:
+    """The agent's own policy (0.5 s doubling to 60 s), on a manual clock."""
     faulty.script = [Fault("status", 500) for _ in range(9)]
-    agent = await make_agent(upstreams=[upstream(faulty, "nucleus-http")])
+    timing, seams = manual(backoff=BACKOFF)
+    agent = await make_agent(upstreams=[upstream(faulty, "nucleus-http")], seams=seams)
     await send(agent, [event(i) for i in range(3)])
+    delays: list[float] = []
+    for _ in range(9):   # each failure parks the key; let its wait pass
+        await wait_for(lambda: len(timing.pending()) == 1)
+        (delay,) = timing.pending()
+        delays.append(delay)
+        timing.advance(delay)
     await drained(agent, faulty, 3)
-    reqs = faulty.requests
-    gaps = [b.arrived - (a.answered or a.arrived) for a, b in zip(reqs, reqs[1:])]
-    cap = 0.2  # fast_backoff: base 0.02, cap 0.2, jitter in [0.5, 1)
-    assert gaps[0] < min(gaps[5:9])              # 0.01 to 0.02 s, growing...
-    assert all(g >= cap * 0.5 * 0.95 for g in gaps[5:9])  # ...to the cap: 0.1 to 0.2 s
-    # Never beyond it (uncapped, the last waits would be 1.3 to 5 s).
-    assert all(g < cap + 1.0 for g in gaps), gaps
+    assert len(faulty.requests) == 10
+    jitter = (0.5, 1.0)   # [0.5, 1) times base * 2**attempt, capped
+    for attempt, delay in enumerate(delays):
+        step = min(BACKOFF.cap_s, BACKOFF.base_s * 2 ** attempt)
+        assert step * jitter[0] <= delay < step * jitter[1], (attempt, delays)
+    assert delays[-1] >= BACKOFF.cap_s * 0.5   # reached the cap, never beyond it
 
 
 @pytest.mark.parametrize("protocol", ["nucleus-http", "segment-http"])
