@@ -51,12 +51,8 @@ class Release:
 
 
 class StreamForwarder:
-    """Forwards one key's queue to one upstream.
-
-    ``release``: how a supervised loop ends early (supervisor.py); without it the loop
-    runs until stopped and sleeps out its backoffs itself. ``attempt``: failures in a
-    row so far, the next backoff's step.
-    """
+    """Forwards one key's queue to one upstream. Supervised (supervisor.py), it ends as
+    ``release`` says; without one it runs until stopped, sleeping out its backoffs."""
 
     def __init__(self, cfg: UpstreamConfig, stream: Stream, spool: Spool, uplink: Uplink,
                  state: UpstreamState, metrics: Metrics, window: int, *,
@@ -78,7 +74,7 @@ class StreamForwarder:
         self._acking: set[asyncio.Task[None]] = set()  # spool deletes of upstream-acked rows
         self._failed: SendResult | None = None
         self._crash: BaseException | None = None  # unexpected: raised to the supervisor
-        self.attempt = attempt
+        self.attempt = attempt  # failures in a row: the next backoff's step
         self.release = release
         self.timing = timing
         self.backoff = backoff
