@@ -123,7 +123,9 @@ class Agent:
                 limits.protocol_factory(runner.server), host, port, backlog=backlog,
                 reuse_address=True)
         except OSError as exc:
-            why = os.strerror(exc.errno) if exc.errno else str(exc)
+            # The loop's own text repeats the address; a lookup failure's errno is negative.
+            code = exc.errno or 0
+            why = os.strerror(code) if code > 0 else exc.strerror or str(exc)
             raise StartError(f"cannot listen on {host}:{port}: {why}") from exc
         self.port = int(listener.sockets[0].getsockname()[1])
         if not is_loopback_name(host):
