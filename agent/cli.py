@@ -49,12 +49,16 @@ def cmd_run(args: argparse.Namespace) -> int:
     memory.use_c_allocator()  # re-executes this process once, on glibc (see memory.py)
     logs.setup_logging(cfg.log.level)
     from agent.dialects import offload
-    from agent.service import Agent
+    from agent.service import Agent, StartError
     memory.freeze_imports()
     offload.favour_the_loop()
 
     async def main() -> int:
-        return await Agent(cfg, getattr(args, "config", None)).serve()
+        try:
+            return await Agent(cfg, getattr(args, "config", None)).serve()
+        except StartError as exc:
+            print(f"outpost: {exc}", file=sys.stderr)
+            return 2
     return run_async(main())
 
 

@@ -9,9 +9,10 @@ import asyncio
 import contextlib
 import dataclasses
 import logging
+import os
 import signal
 import sys
-from collections.abc import Iterable
+from collections.abc import Iterable, Mapping
 
 from aiohttp import web
 
@@ -20,7 +21,8 @@ from agent import logs
 from agent.config import ConfigError
 from agent.device import detect
 from agent.families.facts import DeviceFacts
-from agent.forwarder.supervisor import Supervisor
+from agent.forwarder.state import UpstreamState
+from agent.forwarder.supervisor import Seams, Supervisor
 from agent.metrics import Metrics
 from agent.ops.notify import Notifier
 from agent.ops.routes import Ops
@@ -38,13 +40,20 @@ MAX_REQUEST_LINE = 64 * 1024
 # client sees the reply rather than a reset. Over loopback the rest takes milliseconds;
 # aiohttp's 10 s default would let a stalled client hold its connection that much longer.
 LINGER_S = 2.0
+EXIT_FORCED = 130   # 128 + SIGINT, as shells report a process ended by an interrupt
+
+
+class StartError(Exception):
+    """The agent could not start; the message says why, in one line."""
 
 
 class Agent:
     """The running agent; ``start`` then ``stop``, or ``serve`` until a signal."""
 
-    def __init__(self, cfg: Config, config_path: str | None = None) -> None:
+    def __init__(self, cfg: Config, config_path: str | None = None, *,
+                 seams: Seams = Seams()) -> None:
         self.cfg = cfg
+        self.seams = seams   # what every Supervisor is built with (tests replace parts)
         self.config_path = config_path
         self.metrics = Metrics()
         self.facts: DeviceFacts = detect(cfg.device)
@@ -52,52 +61,97 @@ class Agent:
         self.forwarding: Supervisor | None = None
         self.sink: Sink | None = None
         self.ops: Ops | None = None
-        self._runner: web.AppRunner | None = None
-        self._listener: asyncio.Server | None = None
-        self._prune: asyncio.Task[None] | None = None
-        self._watchdog: asyncio.Task[None] | None = None
+        self.app: web.Application | None = None
+        self.listener: asyncio.Server | None = None
+        self._stack: contextlib.AsyncExitStack | None = None   # what stop() unwinds
         self.notifier = Notifier.from_env()
         self.port = cfg.listen.port
         self._stop = asyncio.Event()
         self._reload = asyncio.Event()
+        self._force = asyncio.Event()   # a second SIGINT during the graceful stop
 
     async def start(self) -> None:
-        _register_secrets(self.cfg)
-        self.spool = spool = await Spool.open(self.cfg.storage)
-        _register_keys(spool.streams)
-        self.forwarding = Supervisor(self.cfg, spool, self.facts, self.metrics)
-        self.sink = Sink(self.cfg.listen.accept_keys, spool, self.facts, self.metrics,
-                         inflight_budget=self.cfg.listen.max_inflight_mb * 1024 * 1024)
-        self.sink.on_new_data = self._new_data
-        # A spool that could not be opened at start (full disk) brings its queues later.
-        spool.on_reopen = lambda: self._new_data(set(spool.streams))
-        self.ops = Ops(self.cfg, spool, self.forwarding, self.metrics)
-        app = build_app(self.cfg, self.sink, self.ops)
+        """Build and start every part. Each part's undo goes on one exit stack (aiohttp's
+        cleanup_ctx idea): a start that fails part-way stops what it had started, in
+        reverse order, and ``stop`` is the same unwinding."""
+        async with contextlib.AsyncExitStack() as stack:
+            stack.callback(self.notifier.close)
+            _register_secrets(self.cfg)
+            self.spool = spool = await Spool.open(self.cfg.storage, on_reopen=self._reopened)
+            stack.push_async_callback(spool.close)
+            _register_keys(spool.streams)
+            self.forwarding = Supervisor(self.cfg, spool, self.facts, self.metrics, self.seams)
+            await self.forwarding.start()
+            stack.push_async_callback(self._stop_forwarding)
+            self.sink = Sink(self.cfg.listen.accept_keys, spool, self.facts, self.metrics,
+                             inflight_budget=self.cfg.listen.max_inflight_mb * 1024 * 1024,
+                             on_new_data=self._new_data)
+            self.ops = Ops(spool, self.metrics, live=self._live, flush=self._flush)
+            self.app = build_app(self.cfg, self.sink, self.ops.routes())
+            runner = self._make_runner(self.app)
+            await runner.setup()
+            # Unwound after the listener closes: cleanup() drains the open connections, whose
+            # requests still commit (and wake forwarders) before the forwarders stop.
+            stack.push_async_callback(runner.cleanup)
+            self.listener = await self._listen(runner)
+            stack.callback(self.listener.close)   # stop accepting
+            prune = asyncio.create_task(self._prune_loop(), name="prune")
+            stack.callback(prune.cancel)
+            self._stack = stack.pop_all()
+        log.info("outpost listening on %s:%d, spool %s (%d events queued)",
+                 self.cfg.listen.host, self.port, spool.path, spool.depth)
+
+    def _make_runner(self, app: web.Application) -> web.AppRunner:
         # auto_decompress=False: dialects/body.py inflates bodies itself, bounded by each
         # API's limit (a gzip bomb stops there); aiohttp would inflate them first, unbounded.
-        self._runner = web.AppRunner(app, handle_signals=False, access_log=None,
-                                     auto_decompress=False,
-                                     shutdown_timeout=5.0,
-                                     # A pixel carries its event (up to 32 KB) base64'd in
-                                     # the URL: over aiohttp's 8 KB request-line default.
-                                     max_line_size=MAX_REQUEST_LINE,
-                                     lingering_time=LINGER_S)
-        await self._runner.setup()
-        assert self._runner.server is not None
+        return web.AppRunner(app, handle_signals=False, access_log=None,
+                             auto_decompress=False,
+                             shutdown_timeout=5.0,
+                             # A pixel carries its event (up to 32 KB) base64'd in
+                             # the URL: over aiohttp's 8 KB request-line default.
+                             max_line_size=MAX_REQUEST_LINE,
+                             lingering_time=LINGER_S)
+
+    async def _listen(self, runner: web.AppRunner) -> asyncio.Server:
+        assert runner.server is not None
+        host, port = self.cfg.listen.host, self.cfg.listen.port
         # Not a TCPSite: every connection goes through ConnectionLimits' deadlines and cap.
         cap, backlog = fit_fd_limit(self.cfg.listen.max_connections)
         limits = ConnectionLimits(self.cfg.listen, cap, self.metrics)
-        self._listener = await asyncio.get_running_loop().create_server(
-            limits.protocol_factory(self._runner.server), self.cfg.listen.host,
-            self.cfg.listen.port, backlog=backlog, reuse_address=True)
-        self.port = int(self._listener.sockets[0].getsockname()[1])
-        if not is_loopback_name(self.cfg.listen.host):
+        try:
+            listener = await asyncio.get_running_loop().create_server(
+                limits.protocol_factory(runner.server), host, port, backlog=backlog,
+                reuse_address=True)
+        except OSError as exc:
+            # The loop's own text repeats the address; a lookup failure's errno is negative.
+            code = exc.errno or 0
+            why = os.strerror(code) if code > 0 else exc.strerror or str(exc)
+            raise StartError(f"cannot listen on {host}:{port}: {why}") from exc
+        self.port = int(listener.sockets[0].getsockname()[1])
+        if not is_loopback_name(host):
             log.warning("listening on %s, which is not loopback: other machines can send "
-                        "events to this agent", self.cfg.listen.host)
-        await self.forwarding.start()
-        self._prune = asyncio.create_task(self._prune_loop(), name="prune")
-        log.info("outpost listening on %s:%d, spool %s (%d events queued)",
-                 self.cfg.listen.host, self.port, spool.path, spool.depth)
+                        "events to this agent", host)
+        return listener
+
+    async def _stop_forwarding(self) -> None:
+        # The current Supervisor: a reload replaces the one start built.
+        if self.forwarding is not None:
+            await self.forwarding.stop()
+
+    def _reopened(self) -> None:
+        # A spool that could not be opened at start (full disk) brings its queues later;
+        # during Spool.open itself there is nothing to tell yet (start starts them all).
+        if self.spool is not None:
+            self._new_data(set(self.spool.streams))
+
+    def _live(self) -> tuple[Config, Mapping[str, UpstreamState]]:
+        # The Supervisor's own config: during a reload it stays the pair in force.
+        assert self.forwarding is not None
+        return self.forwarding.cfg, self.forwarding.states
+
+    def _flush(self) -> None:
+        assert self.forwarding is not None
+        self.forwarding.flush()
 
     def _new_data(self, keys: set[str]) -> None:
         # Runs after every commit; a key already registered costs one set lookup.
@@ -133,35 +187,25 @@ class Agent:
             stale.append("[storage]")
         if stale:
             log.warning("reload: %s changed, which needs a restart", ", ".join(stale))
-        assert self.spool is not None and self.sink is not None and self.ops is not None
+        assert self.spool is not None and self.sink is not None
         _register_secrets(new)
         old = self.forwarding
         self.cfg = new
         # In-flight batches settle before the new forwarders start: nothing sent twice.
         if old is not None:
             await old.stop()
-        self.forwarding = Supervisor(new, self.spool, self.facts, self.metrics)
+        self.forwarding = Supervisor(new, self.spool, self.facts, self.metrics, self.seams)
         if old is not None:
             _carry_states(old, self.forwarding)
         self.sink.set_accept_keys(new.listen.accept_keys)
-        self.ops.cfg, self.ops.forwarding = new, self.forwarding
         await self.forwarding.start()
         log.info("configuration reloaded from %s", new.source)
 
     async def stop(self) -> None:
         """Stop accepting, let running requests commit, then stop forwarders and the spool."""
-        for task in (self._prune, self._watchdog):
-            if task is not None:
-                task.cancel()
-        if self._listener is not None:
-            self._listener.close()  # stop accepting; cleanup() then drains the connections
-        if self._runner is not None:
-            await self._runner.cleanup()
-        if self.forwarding is not None:
-            await self.forwarding.stop()
-        if self.spool is not None:
-            await self.spool.close()
-        self.notifier.close()
+        stack, self._stack = self._stack, None
+        if stack is not None:
+            await stack.aclose()
         log.info("outpost stopped")
 
     async def serve(self) -> int:
@@ -172,9 +216,11 @@ class Agent:
                             f"{self.spool.depth} events queued")
         interval = self.notifier.watchdog_interval()
         if interval is not None:
-            self._watchdog = asyncio.create_task(self._watchdog_loop(interval), name="watchdog")
+            watchdog = asyncio.create_task(self._watchdog_loop(interval), name="watchdog")
+            assert self._stack is not None
+            self._stack.callback(watchdog.cancel)
         if sys.platform != "win32":
-            loop.add_signal_handler(signal.SIGINT, self._stop.set)
+            loop.add_signal_handler(signal.SIGINT, self._interrupt)
             loop.add_signal_handler(signal.SIGTERM, self._stop.set)
             loop.add_signal_handler(signal.SIGHUP, self._reload.set)
         try:
@@ -191,11 +237,39 @@ class Agent:
                     self.notifier.ready()
         finally:
             self.notifier.stopping()
+            await self._drain()
             with contextlib.suppress(NotImplementedError):
                 for sig in (signal.SIGINT, signal.SIGTERM, signal.SIGHUP):
                     loop.remove_signal_handler(sig)
-            await self.stop()
         return 0
+
+    def _interrupt(self) -> None:
+        """SIGINT: the first starts the graceful stop, a second one during it forces exit
+        (as uvicorn's handler does). Only sets flags; ``_drain`` acts on them."""
+        if self._stop.is_set():
+            self._force.set()
+        self._stop.set()
+
+    async def _drain(self) -> None:
+        """``stop``, unless a second SIGINT comes first: then exit at once."""
+        stopping = asyncio.ensure_future(self.stop())
+        forced = asyncio.ensure_future(self._force.wait())
+        await asyncio.wait({stopping, forced}, return_when=asyncio.FIRST_COMPLETED)
+        forced.cancel()
+        if not stopping.done():
+            log.warning("second interrupt: exiting now without finishing the drain; events "
+                        "not yet forwarded stay in the spool")
+            _exit_now(EXIT_FORCED)
+        stopping.result()   # raises what the stop raised
+
+
+def _exit_now(code: int) -> None:
+    """Exit without unwinding, as a kill would: the spool commits every event before its
+    app is answered, so nothing answered is lost; requests still being read get no answer
+    and their apps send them again."""
+    logging.shutdown()   # the log line above is written out first
+    sys.stdout.flush()
+    os._exit(code)
 
 
 def _register_secrets(cfg: Config) -> None:

@@ -19,7 +19,8 @@ import pytest
 
 from agent import config as config_mod
 from agent import logs
-from agent.forwarder import backoff
+from agent.forwarder.backoff import Backoff
+from agent.forwarder.supervisor import Seams
 from agent.service import Agent
 from tests.fakes.faulty_upstream import FaultyUpstream
 from tests.fakes.nucleus_upstream import FakeNucleus
@@ -87,15 +88,19 @@ async def fake_segment() -> AsyncIterator[FakeSegment]:
     await fake.stop()
 
 
-@pytest.fixture
-def fast_backoff(monkeypatch: pytest.MonkeyPatch) -> None:
-    """Retries in milliseconds: tests about what is sent, not how long it waits."""
-    monkeypatch.setattr(backoff, "BACKOFF_BASE_S", 0.02)
-    monkeypatch.setattr(backoff, "BACKOFF_CAP_S", 0.2)
+# Retries in milliseconds: for tests about what is sent, not how long it waits.
+FAST_BACKOFF = Backoff(base_s=0.02, cap_s=0.2)
 
 
 @pytest.fixture
-async def faulty(fast_backoff: None) -> AsyncIterator[FaultyUpstream]:
+def fast_backoff() -> Seams:
+    """The forwarder seams with FAST_BACKOFF: ``make_agent`` builds with these by default in a
+    test that asks for this fixture (directly or through ``faulty``)."""
+    return Seams(backoff=FAST_BACKOFF)
+
+
+@pytest.fixture
+async def faulty(fast_backoff: Seams) -> AsyncIterator[FaultyUpstream]:
     """A scripted, misbehaving upstream (tests/fakes/faulty_upstream.py)."""
     fake = await FaultyUpstream().start()
     yield fake
@@ -103,14 +108,18 @@ async def faulty(fast_backoff: None) -> AsyncIterator[FaultyUpstream]:
 
 
 @pytest.fixture
-async def make_agent(tmp_path: Path) -> AsyncIterator[Callable[..., Any]]:
-    """Start an in-process agent on port 0: ``agent = await make_agent(upstreams=[...])``."""
+async def make_agent(tmp_path: Path,
+                     request: pytest.FixtureRequest) -> AsyncIterator[Callable[..., Any]]:
+    """Start an in-process agent on port 0: ``agent = await make_agent(upstreams=[...])``;
+    ``seams=`` replaces the forwarder's uplink factory, clock or backoff."""
     started: list[Agent] = []
+    default = (request.getfixturevalue("fast_backoff") if "fast_backoff" in request.fixturenames
+               else Seams())
 
-    async def make(**kw: Any) -> Agent:
+    async def make(*, seams: Seams = default, **kw: Any) -> Agent:
         cfg_path = write_config(tmp_path / f"agent{len(started)}.toml",
                                 kw.pop("spool", tmp_path / "spool.db"), **kw)
-        agent = Agent(config_mod.load_file(cfg_path), str(cfg_path))
+        agent = Agent(config_mod.load_file(cfg_path), str(cfg_path), seams=seams)
         await agent.start()
         started.append(agent)
         return agent

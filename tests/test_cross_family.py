@@ -3,7 +3,6 @@ FIFO per key whatever mix of APIs an app uses, and resends delivered once."""
 
 from __future__ import annotations
 
-import asyncio
 import copy
 from typing import Any
 
@@ -169,7 +168,11 @@ async def test_resend_after_delivery_is_delivered_once(make_agent: Any,
     await wait_for(lambda: len(fake_segment.events) == 5 and agent.spool.depth == 0)
     for _ in range(2):   # the resends: answered 200 again, stored no more
         assert (await call(agent.port, "/v1/batch", batch, headers=auth)).status == 200
+    # A later message of the same key: the key's queue is FIFO, so once it is upstream,
+    # anything the resends had queued before it would be there too.
+    later = {"batch": [{"type": "track", "userId": "u", "event": "e", "messageId": "later"}]}
+    assert (await call(agent.port, "/v1/batch", later, headers=auth)).status == 200
     agent.forwarding.flush()
-    await asyncio.sleep(0.3)
-    assert fake_segment.message_ids() == [f"r{i}" for i in range(5)]
+    await wait_for(lambda: "later" in fake_segment.message_ids())
+    assert fake_segment.message_ids() == [f"r{i}" for i in range(5)] + ["later"]
     assert agent.spool.counters["duplicates"] == 10

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import asyncio
 from typing import Any
 
 import aiohttp
@@ -45,17 +44,23 @@ async def test_websocket_events_flow_upstream_with_acks(make_agent: Any,
 async def test_resend_is_acked_again_but_stored_once(make_agent: Any,
                                                      fake_nucleus: FakeNucleus) -> None:
     agent = await make_agent(upstreams=[upstream(fake_nucleus)])
-    msg = {"data": [{"type": "event", "name": "a", "id": 1, "sessionId": 5, "machineId": "m",
-                     "date": "2026-01-01T00:00:00Z"}]}
+
+    def msg(i: int) -> dict[str, Any]:
+        return {"data": [{"type": "event", "name": "a", "id": i, "sessionId": 5,
+                          "machineId": "m", "date": "2026-01-01T00:00:00Z"}]}
     async with aiohttp.ClientSession() as s:
         url = f"http://127.0.0.1:{agent.port}/app/k/track"
         for _ in range(3):
-            async with s.post(url, json=msg) as r:
+            async with s.post(url, json=msg(1)) as r:
                 assert r.status == 200
                 assert await r.json() == {"reportedIds": [1]}
-    await wait_for(lambda: len(fake_nucleus.events) >= 1)
-    await asyncio.sleep(0.3)
-    assert len(fake_nucleus.events) == 1
+        await wait_for(lambda: len(fake_nucleus.events) >= 1)
+        # A later event of the same key: the key's queue is FIFO, so once it is upstream,
+        # anything the resends had queued before it would be there too.
+        async with s.post(url, json=msg(2)) as r:
+            assert r.status == 200
+    await wait_for(lambda: 2 in fake_nucleus.ids())
+    assert fake_nucleus.ids() == [1, 2]
     assert agent.spool.counters["duplicates"] == 2
 
 

@@ -28,11 +28,12 @@ from hypothesis import strategies as st
 from hypothesis.stateful import RuleBasedStateMachine, rule, run_state_machine_as_test
 
 from agent import config as config_mod
-from agent.forwarder import backoff
+from agent.forwarder.backoff import Backoff
+from agent.forwarder.supervisor import Seams
 from agent.service import Agent
 from agent.uplinks.nucleus_ws import NucleusWsUplink
 from agent.uplinks.registry import make_uplink
-from tests.conftest import write_config
+from tests.conftest import FAST_BACKOFF, write_config
 from tests.fakes.faulty_upstream import Fault, FaultyUpstream
 from tests.test_upstream_faults import delivered, drained, event, send, upstream
 from tests.waiting import wait_for
@@ -118,7 +119,6 @@ class _BrokenReader(NucleusWsUplink):
 async def test_a_crash_in_an_uplink_task_is_supervised(
         make_agent: Any, faulty: FaultyUpstream, caplog: pytest.LogCaptureFixture) -> None:
     caplog.set_level(logging.INFO)
-    agent = await make_agent(upstreams=[upstream(faulty, "nucleus-ws", name="crashy-ws")])
     made: list[Any] = []
 
     def factory(cfg: Any, key: str, session: aiohttp.ClientSession, machine_id: str) -> Any:
@@ -127,7 +127,8 @@ async def test_a_crash_in_an_uplink_task_is_supervised(
         made.append(uplink)
         return uplink
 
-    agent.forwarding.make_uplink = factory
+    agent = await make_agent(upstreams=[upstream(faulty, "nucleus-ws", name="crashy-ws")],
+                             seams=Seams(make_uplink=factory, backoff=FAST_BACKOFF))
     await send(agent, [event(i) for i in range(5)])
     await drained(agent, faulty, 5)
     assert made[0].broke and len(made) == 2   # restarted with a fresh uplink
@@ -137,12 +138,11 @@ async def test_a_crash_in_an_uplink_task_is_supervised(
     assert record.exc_info is not None and record.exc_info[0] is KeyError
 
 
-async def test_stop_cuts_the_restart_backoff_short(make_agent: Any, faulty: FaultyUpstream,
-                                                   monkeypatch: pytest.MonkeyPatch) -> None:
-    monkeypatch.setattr(backoff, "BACKOFF_BASE_S", 300.0)   # restart in 150 to 300 s
-    monkeypatch.setattr(backoff, "BACKOFF_CAP_S", 600.0)
+async def test_stop_cuts_the_restart_backoff_short(make_agent: Any,
+                                                   faulty: FaultyUpstream) -> None:
     faulty.script = [Fault("status", 503, {"Retry-After": "\u00b2"})]
-    agent = await make_agent(upstreams=[upstream(faulty, "nucleus-http", name="crashy-stop")])
+    agent = await make_agent(upstreams=[upstream(faulty, "nucleus-http", name="crashy-stop")],
+                             seams=Seams(backoff=Backoff(base_s=300.0, cap_s=600.0)))  # 150-300 s
     await send(agent, [event(i) for i in range(3)])
     state = agent.forwarding.states["crashy-stop"]
     await wait_for(lambda: state.state == "restarting")
@@ -185,7 +185,7 @@ class _Scene:
         self.fake = self.call(FaultyUpstream().start())
         cfg = write_config(tmp / "agent.toml", tmp / "spool.db", upstreams=[upstream(
             self.fake, protocol, timeout_s=TIMEOUT_S, batch_max_events=4, max_in_flight=3)])
-        self.agent = Agent(config_mod.load_file(cfg), str(cfg))
+        self.agent = Agent(config_mod.load_file(cfg), str(cfg), seams=Seams(backoff=FAST_BACKOFF))
         self.call(self.agent.start())
 
     def call(self, coro: Coroutine[Any, Any, T], timeout: float = 60.0) -> T:
@@ -310,7 +310,7 @@ def _first_arrival_inversions(fake: FaultyUpstream) -> list[tuple[str, Any, Any]
 
 @pytest.mark.parametrize("protocol", ["nucleus-ws", "nucleus-http"])
 def test_every_event_is_delivered_once_in_order_and_nothing_stalls(
-        protocol: str, fast_backoff: None) -> None:
+        protocol: str) -> None:
     machine = type(f"Machine_{protocol.replace('-', '_')}", (ForwardingMachine,),
                    {"protocol": protocol})
     run_state_machine_as_test(machine, settings=settings(

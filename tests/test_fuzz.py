@@ -223,9 +223,9 @@ def served(tmp_path_factory: pytest.TempPathFactory) -> Iterator[ThreadedAgent]:
 def concrete_routes(agent: ThreadedAgent) -> list[tuple[str, str]]:
     """(method, path) for every route of the running app, each placeholder filled with
     every value its pattern allows (or a few plausible ones)."""
-    assert agent.agent is not None and agent.agent._runner is not None
+    assert agent.agent is not None and agent.agent.app is not None
     out = []
-    for route in agent.agent._runner.app.router.routes():
+    for route in agent.agent.app.router.routes():
         if route.method in ("HEAD", "OPTIONS") or route.resource is None:  # OPTIONS: CORS preflights
             continue
         info = route.resource.get_info()

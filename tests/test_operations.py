@@ -61,14 +61,17 @@ async def test_sighup_switches_upstream_without_loss_or_duplicates(
         await post_events(port, "k", range(40, 50))   # ingest carries on during the reload
         await wait_for(lambda: len(fake.events) >= 50, timeout=20)
         await wait_status(cfg, lambda s: s["queue_depth"] == 0)
-        await asyncio.sleep(0.5)                      # room for a duplicate to show up
+        # A later event of the same key: the key's queue is FIFO, so once it is upstream,
+        # any duplicate queued before it would be there too.
+        await post_events(port, "k", range(50, 51))
+        await wait_for(lambda: 50 in fake.ids(), timeout=20)
         ids = fake.ids()
     finally:
         await fake.stop()
-    assert sorted(ids) == list(range(50)), "every event exactly once"
+    assert sorted(ids) == list(range(51)), "every event exactly once"
     assert [i for i in ids if i < 40] == list(range(40)), "FIFO kept across the reload"
     final = await status(cfg)
-    assert final["upstreams"][0]["url"] == fake.url and final["counters"]["acked"] == 50
+    assert final["upstreams"][0]["url"] == fake.url and final["counters"]["acked"] == 51
     assert final["upstreams"][0]["retries"] >= 1, "upstream state survives a reload"
     assert agent.terminate() == 0
     assert "configuration reloaded" in agent.log.read_text()
@@ -80,17 +83,20 @@ async def test_flush_sends_now(tmp_path: Path, agent_process: Callable[..., Agen
     fake = await FakeNucleus().start()
     try:
         cfg = write_config(tmp_path / "agent.toml", tmp_path / "spool.db", port=port,
-                           upstreams=[upstream(fake.url, flush_interval_s=3600)])
+                           upstreams=[upstream(fake.url, flush_interval_s=3600,
+                                               batch_max_events=10)])
         agent = agent_process(cfg, port)
         await asyncio.to_thread(agent.start)
-        await post_events(port, "k", range(5))
-        await asyncio.sleep(0.5)
-        assert fake.events == [], "a partial batch waits for flush_interval_s"
+        await post_events(port, "k", range(10))   # the tenth fills a batch: sent at once
+        await wait_for(lambda: len(fake.events) == 10, timeout=5)
+        assert fake.batches == [list(range(10))], "a partial batch waits for flush_interval_s"
+        await wait_status(cfg, lambda s: s["queue_depth"] == 0)
+        await post_events(port, "k", range(10, 15))   # a partial batch again
         code, out = await run_outpost("flush", "--config", str(cfg))
         assert code == 0 and "flush requested; 5 events queued" in out, out
-        await wait_for(lambda: len(fake.events) == 5, timeout=5)
+        await wait_for(lambda: len(fake.events) == 15, timeout=5)
         await wait_status(cfg, lambda s: s["queue_depth"] == 0)
-        assert fake.ids() == [0, 1, 2, 3, 4]
+        assert fake.batches == [list(range(10)), list(range(10, 15))]
         assert agent.terminate() == 0
     finally:
         await fake.stop()

@@ -361,9 +361,9 @@ def test_the_default_listen_host_is_loopback() -> None:
 
 async def test_only_loopback_is_listened_on_by_default(make_agent: Any) -> None:
     agent = await make_agent()
-    assert agent._runner is not None
-    for address in agent._runner.addresses:
-        assert is_loopback_name(address[0]), address
+    assert agent.listener is not None and agent.listener.sockets
+    for sock in agent.listener.sockets:
+        assert is_loopback_name(sock.getsockname()[0]), sock
 
 
 async def test_a_non_loopback_listen_host_logs_a_warning(

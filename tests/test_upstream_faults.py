@@ -1,10 +1,11 @@
 """A misbehaving upstream loses nothing (backoff, Retry-After).
 
 The agent runs in process; tests/fakes/faulty_upstream.py answers each request
-or frame from a script of faults. Waits are measured from the upstream's side
-(arrival and reply times of each request). Backoff is shrunk with monkeypatch
-so that retries take milliseconds; the one place real seconds are spent is
-proving that a 1 to 2 s Retry-After is waited out.
+or frame from a script of faults. Backoff is shrunk (conftest's FAST_BACKOFF,
+through the forwarder's Seams) so that retries take milliseconds; the tests of
+how long a key waits (Retry-After, the backoff's growth) run the forwarder on a
+manual clock (tests/fakes/manual_timing.py) and read its pending waits, so no
+test waits out real seconds.
 """
 
 from __future__ import annotations
@@ -22,10 +23,13 @@ import aiohttp
 import orjson
 import pytest
 
-from agent.forwarder import backoff
-from agent.forwarder.backoff import BACKOFF_BASE_S, BACKOFF_CAP_S, backoff_delay
+from agent.forwarder.backoff import BACKOFF, Backoff
+from agent.forwarder.stream import Release
+from agent.forwarder.supervisor import Seams
 from agent.uplinks.http_common import retry_after
+from tests.conftest import FAST_BACKOFF
 from tests.fakes.faulty_upstream import NEVER_SENT, Fault, FaultyUpstream, Request
+from tests.fakes.manual_timing import ManualTiming
 from tests.waiting import wait_for
 
 NUCLEUS = ("nucleus-http", "nucleus-ws")
@@ -93,28 +97,28 @@ def resent_after(fake: FaultyUpstream, first: Request) -> list[int]:
 
 
 def test_backoff_doubles_from_base_and_is_capped() -> None:
-    assert 30 <= BACKOFF_CAP_S <= 120  # issue 2: reconnects capped at about 60 s
+    assert 30 <= BACKOFF.cap_s <= 120  # issue 2: reconnects capped at about 60 s
     low, high = (lambda: 0.0), (lambda: 0.999999)
-    assert backoff_delay(0, low) == pytest.approx(BACKOFF_BASE_S * 0.5)
-    assert backoff_delay(1, low) == pytest.approx(BACKOFF_BASE_S)
-    assert backoff_delay(3, high) == pytest.approx(BACKOFF_BASE_S * 8, rel=1e-5)
+    assert BACKOFF.delay(0, low) == pytest.approx(BACKOFF.base_s * 0.5)
+    assert BACKOFF.delay(1, low) == pytest.approx(BACKOFF.base_s)
+    assert BACKOFF.delay(3, high) == pytest.approx(BACKOFF.base_s * 8, rel=1e-5)
     for attempt in range(200):
-        assert BACKOFF_CAP_S * 0.5 * (attempt > 10) <= backoff_delay(attempt, low)
-        assert backoff_delay(attempt, high) < BACKOFF_CAP_S
-    assert backoff_delay(10_000, high) == pytest.approx(BACKOFF_CAP_S, rel=1e-5)
-    delays = [backoff_delay(a, low) for a in range(30)]
+        assert BACKOFF.cap_s * 0.5 * (attempt > 10) <= BACKOFF.delay(attempt, low)
+        assert BACKOFF.delay(attempt, high) < BACKOFF.cap_s
+    assert BACKOFF.delay(10_000, high) == pytest.approx(BACKOFF.cap_s, rel=1e-5)
+    delays = [BACKOFF.delay(a, low) for a in range(30)]
     assert delays == sorted(delays)
 
 
 def test_backoff_is_jittered() -> None:
     rng = random.Random(7)
-    at_cap = [backoff_delay(20, rng.random) for _ in range(200)]
-    assert all(BACKOFF_CAP_S * 0.5 <= d < BACKOFF_CAP_S for d in at_cap)
+    at_cap = [BACKOFF.delay(20, rng.random) for _ in range(200)]
+    assert all(BACKOFF.cap_s * 0.5 <= d < BACKOFF.cap_s for d in at_cap)
     assert len(set(at_cap)) == 200
     # Spread over the whole jitter range, not clustered: no thundering herd.
-    assert min(at_cap) < BACKOFF_CAP_S * 0.6 and max(at_cap) > BACKOFF_CAP_S * 0.9
-    early = [backoff_delay(2, rng.random) for _ in range(50)]
-    assert max(early) - min(early) > BACKOFF_BASE_S
+    assert min(at_cap) < BACKOFF.cap_s * 0.6 and max(at_cap) > BACKOFF.cap_s * 0.9
+    early = [BACKOFF.delay(2, rng.random) for _ in range(50)]
+    assert max(early) - min(early) > BACKOFF.base_s
 
 
 def test_retry_after_seconds_and_http_dates() -> None:
@@ -145,16 +149,25 @@ async def test_500s_are_retried_until_delivered(make_agent: Any, faulty: FaultyU
     assert max(delivered(faulty).values()) == 1   # a 5xx delivers nothing: no duplicates
 
 
+def manual(backoff: Backoff = FAST_BACKOFF) -> tuple[ManualTiming, Seams]:
+    """A manual forwarder clock, and seams with it."""
+    timing = ManualTiming()
+    return timing, Seams(timing=timing, backoff=backoff)
+
+
 async def test_429_retry_after_seconds_is_honoured(make_agent: Any,
                                                    faulty: FaultyUpstream) -> None:
-    faulty.script = [Fault("status", 429, {"Retry-After": "1"})]
-    agent = await make_agent(upstreams=[upstream(faulty, "nucleus-http")])
+    faulty.script = [Fault("status", 429, {"Retry-After": "30"})]
+    timing, seams = manual()
+    agent = await make_agent(upstreams=[upstream(faulty, "nucleus-http")], seams=seams)
     await send(agent, [event(i) for i in range(5)])
+    # The key is parked for the upstream's 30 s (backoff alone would say 0.01 to 0.02 s).
+    await wait_for(lambda: timing.pending() == [30.0])
+    timing.advance(29.9)
+    assert timing.pending() == [pytest.approx(0.1)] and len(faulty.requests) == 1
+    timing.advance(0.1)
     await drained(agent, faulty, 5)
-    refused, retried = faulty.requests[0], faulty.requests[1]
-    assert refused.status == 429 and refused.answered is not None
-    # Backoff alone would retry after ~0.02 s here.
-    assert retried.arrived - refused.answered >= 0.95
+    assert [r.status for r in faulty.requests] == [429, 200]
     assert "429" in (agent.forwarding.states["up"].last_error or "")
 
 
@@ -162,15 +175,19 @@ async def test_new_events_for_a_key_in_backoff_wait_with_it(make_agent: Any,
                                                             faulty: FaultyUpstream) -> None:
     """A key waiting out a backoff holds no loop: its new events must neither start one
     before the retry time (trying a failing upstream sooner) nor be left behind then."""
-    faulty.script = [Fault("status", 429, {"Retry-After": "1"})]
-    agent = await make_agent(upstreams=[upstream(faulty, "nucleus-http")])
+    faulty.script = [Fault("status", 429, {"Retry-After": "30"})]
+    timing, seams = manual()
+    agent = await make_agent(upstreams=[upstream(faulty, "nucleus-http")], seams=seams)
     await send(agent, [event(0), event(1)])
-    await wait_for(lambda: agent.forwarding.states["up"].state == "backoff")
+    await wait_for(lambda: timing.pending() == [30.0])
     await send(agent, [event(2)])
+    # The agent answers only after telling the supervisor of the new data: had that
+    # started a loop for the parked key, it would be there now.
+    assert agent.forwarding.loops == {} and timing.pending() == [30.0]
+    timing.advance(30)
     await drained(agent, faulty, 3)
-    refused, retried = faulty.requests[0], faulty.requests[1]
-    assert refused.answered is not None
-    assert retried.arrived - refused.answered >= 0.95
+    refused, retried = faulty.requests
+    assert refused.status == 429 and retried.status == 200
     assert resent_after(faulty, refused) == [0, 1, 2]
 
 
@@ -188,36 +205,42 @@ async def test_a_stop_does_not_wait_for_keys_in_backoff(make_agent: Any,
 
 async def test_429_retry_after_http_date_is_honoured(make_agent: Any,
                                                      faulty: FaultyUpstream) -> None:
-    # HTTP-dates have whole seconds: two seconds from the reply is 1 to 2 s away.
+    # HTTP-dates have whole seconds: a minute from the reply is 59 to 60 s away.
     def when() -> str:
-        return email.utils.formatdate(math.floor(time.time()) + 2, usegmt=True)
+        return email.utils.formatdate(math.floor(time.time()) + 60, usegmt=True)
     faulty.script = [Fault("status", 429, {"Retry-After": when})]
-    agent = await make_agent(upstreams=[upstream(faulty, "nucleus-http")])
+    timing, seams = manual()
+    agent = await make_agent(upstreams=[upstream(faulty, "nucleus-http")], seams=seams)
     await send(agent, [event(i) for i in range(5)])
+    await wait_for(lambda: len(timing.pending()) == 1)
+    (delay,) = timing.pending()
+    assert 58.0 < delay <= 60.0
+    timing.advance(delay)
     await drained(agent, faulty, 5)
-    refused, retried = faulty.requests[0], faulty.requests[1]
-    assert refused.answered is not None
-    assert retried.arrived - refused.answered >= 0.9
+    assert [r.status for r in faulty.requests] == [429, 200]
 
 
-async def test_huge_retry_after_is_capped(make_agent: Any, faulty: FaultyUpstream,
-                                          monkeypatch: pytest.MonkeyPatch) -> None:
-    monkeypatch.setattr(backoff, "RETRY_AFTER_CAP_S", 0.3)
+async def test_huge_retry_after_is_capped(make_agent: Any, faulty: FaultyUpstream) -> None:
     faulty.script = [Fault("status", 503, {"Retry-After": "999999999"})]
-    agent = await make_agent(upstreams=[upstream(faulty, "nucleus-http")])
+    timing, seams = manual()
+    agent = await make_agent(upstreams=[upstream(faulty, "nucleus-http")], seams=seams)
     await send(agent, [event(i) for i in range(5)])
-    await drained(agent, faulty, 5, timeout=5)
+    await wait_for(lambda: timing.pending() == [BACKOFF.retry_after_cap_s])   # an hour
+    timing.advance(BACKOFF.retry_after_cap_s)
+    await drained(agent, faulty, 5)
 
 
 async def test_flush_interrupts_a_long_retry_after(make_agent: Any,
                                                    faulty: FaultyUpstream) -> None:
     faulty.script = [Fault("status", 429, {"Retry-After": "3000"})]
-    agent = await make_agent(upstreams=[upstream(faulty, "nucleus-http")])
+    timing, seams = manual()
+    agent = await make_agent(upstreams=[upstream(faulty, "nucleus-http")], seams=seams)
     await send(agent, [event(i) for i in range(5)])
-    await wait_for(lambda: agent.forwarding.states["up"].state == "backoff")
+    await wait_for(lambda: timing.pending() == [3000.0])
     assert agent.spool.depth == 5
     agent.forwarding.flush()
     await drained(agent, faulty, 5, timeout=5)
+    assert timing.pending() == []   # the retry timer is gone with the parked key
 
 
 @pytest.mark.parametrize("protocol", NUCLEUS)
@@ -342,17 +365,24 @@ async def test_poison_event_is_dead_lettered_and_the_rest_delivered(
 
 async def test_backoff_grows_to_its_cap_between_failures(make_agent: Any,
                                                          faulty: FaultyUpstream) -> None:
+    """The agent's own policy (0.5 s doubling to 60 s), on a manual clock."""
     faulty.script = [Fault("status", 500) for _ in range(9)]
-    agent = await make_agent(upstreams=[upstream(faulty, "nucleus-http")])
+    timing, seams = manual(backoff=BACKOFF)
+    agent = await make_agent(upstreams=[upstream(faulty, "nucleus-http")], seams=seams)
     await send(agent, [event(i) for i in range(3)])
+    delays: list[float] = []
+    for _ in range(9):   # each failure parks the key; let its wait pass
+        await wait_for(lambda: len(timing.pending()) == 1)
+        (delay,) = timing.pending()
+        delays.append(delay)
+        timing.advance(delay)
     await drained(agent, faulty, 3)
-    reqs = faulty.requests
-    gaps = [b.arrived - (a.answered or a.arrived) for a, b in zip(reqs, reqs[1:])]
-    cap = 0.2  # fast_backoff: base 0.02, cap 0.2, jitter in [0.5, 1)
-    assert gaps[0] < min(gaps[5:9])              # 0.01 to 0.02 s, growing...
-    assert all(g >= cap * 0.5 * 0.95 for g in gaps[5:9])  # ...to the cap: 0.1 to 0.2 s
-    # Never beyond it (uncapped, the last waits would be 1.3 to 5 s).
-    assert all(g < cap + 1.0 for g in gaps), gaps
+    assert len(faulty.requests) == 10
+    jitter = (0.5, 1.0)   # [0.5, 1) times base * 2**attempt, capped
+    for attempt, delay in enumerate(delays):
+        step = min(BACKOFF.cap_s, BACKOFF.base_s * 2 ** attempt)
+        assert step * jitter[0] <= delay < step * jitter[1], (attempt, delays)
+    assert delays[-1] >= BACKOFF.cap_s * 0.5   # reached the cap, never beyond it
 
 
 @pytest.mark.parametrize("protocol", ["nucleus-http", "segment-http"])
@@ -418,7 +448,7 @@ class _GatedUplink:
         return None
 
 
-def _forwarder(spool: Any, uplink: Any, window: int) -> Any:
+def _forwarder(spool: Any, uplink: Any, window: int, release: Release | None = None) -> Any:
     from agent.forwarder.state import UpstreamState
     from agent.forwarder.stream import StreamForwarder
     from agent.metrics import Metrics
@@ -427,7 +457,7 @@ def _forwarder(spool: Any, uplink: Any, window: int) -> Any:
     cfg = UpstreamConfig(name="up", protocol="nucleus-http", url="http://127.0.0.1:9",
                          flush_interval_s=0.01)
     return StreamForwarder(cfg, Stream(1, "k"), spool, uplink, UpstreamState("up", "x"),
-                           Metrics(), window)
+                           Metrics(), window, release=release)
 
 
 async def test_a_stop_during_a_read_is_not_lost() -> None:
@@ -475,9 +505,8 @@ async def test_a_crash_while_batches_settle_before_a_backoff_reaches_the_supervi
     spool = _GatedSpool([Row(1, 1, 0, 0, b"{}"), Row(2, 1, 0, 0, b"{}")])
     spool.gate.set()
     uplink = _CrashingUplink()
-    fwd = _forwarder(spool, uplink, 2)
     parked: list[float] = []
-    fwd.park = lambda delay, attempt: parked.append(delay)
+    fwd = _forwarder(spool, uplink, 2, Release(3600.0, lambda delay, attempt: parked.append(delay)))
     task = asyncio.create_task(fwd.run())
     await asyncio.wait_for(uplink.sending.wait(), 5)   # row 1 failed, row 2 in flight
     uplink.release.set()

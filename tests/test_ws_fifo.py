@@ -18,7 +18,8 @@ from typing import Any
 import aiohttp
 import pytest
 
-from agent.forwarder import backoff
+from agent.forwarder.backoff import Backoff
+from agent.forwarder.supervisor import Seams
 from agent.settings import UpstreamConfig
 from agent.uplinks.base import Acked
 from agent.uplinks.nucleus_ws import NucleusWsUplink
@@ -38,9 +39,13 @@ FLAP_DELAY_S = 0.003
 
 
 @pytest.fixture
-async def flapping(monkeypatch: pytest.MonkeyPatch) -> AsyncIterator[FaultyUpstream]:
-    monkeypatch.setattr(backoff, "BACKOFF_BASE_S", 0.005)
-    monkeypatch.setattr(backoff, "BACKOFF_CAP_S", 0.02)
+def fast_backoff() -> Seams:
+    """Reconnects in milliseconds, faster than conftest's: make_agent builds with these."""
+    return Seams(backoff=Backoff(base_s=0.005, cap_s=0.02))
+
+
+@pytest.fixture
+async def flapping(fast_backoff: Seams) -> AsyncIterator[FaultyUpstream]:
     fake = await FaultyUpstream().start()
     fake.flap_every = FLAP_EVERY
     fake.flap_delay = FLAP_DELAY_S

@@ -21,11 +21,13 @@ import contextlib
 import logging
 import time
 from collections.abc import Callable, Coroutine, Sequence
+from dataclasses import dataclass
 from typing import Any
 
 from agent.clock import until_due
-from agent.forwarder import backoff
+from agent.forwarder.backoff import BACKOFF, Backoff
 from agent.forwarder.state import UpstreamState
+from agent.forwarder.timing import LOOP_TIMING, Timing
 from agent.logs import log_limited
 from agent.metrics import Metrics
 from agent.settings import UpstreamConfig
@@ -39,11 +41,24 @@ log = logging.getLogger("outpost.forwarder")
 FETCH_FACTOR = 4  # rows fetched per spool read, in batches
 
 
+@dataclass(frozen=True)
+class Release:
+    """How a supervised loop ends rather than hold a task, an uplink and a connection
+    (any local app can invent keys): once its queue has stayed empty ``idle_s``, and,
+    instead of sleeping out a backoff, by handing ``park`` its (delay, attempt)."""
+
+    idle_s: float
+    park: Callable[[float, int], None]
+
+
 class StreamForwarder:
-    """Forwards one key's queue to one upstream."""
+    """Forwards one key's queue to one upstream. Supervised (supervisor.py), it ends as
+    ``release`` says; without one it runs until stopped, sleeping out its backoffs."""
 
     def __init__(self, cfg: UpstreamConfig, stream: Stream, spool: Spool, uplink: Uplink,
-                 state: UpstreamState, metrics: Metrics, window: int) -> None:
+                 state: UpstreamState, metrics: Metrics, window: int, *,
+                 release: Release | None = None, attempt: int = 0,
+                 timing: Timing = LOOP_TIMING, backoff: Backoff = BACKOFF) -> None:
         self.cfg = cfg
         self.stream = stream
         self.spool = spool
@@ -60,13 +75,10 @@ class StreamForwarder:
         self._acking: set[asyncio.Task[None]] = set()  # spool deletes of upstream-acked rows
         self._failed: Retry | None = None
         self._crash: BaseException | None = None  # unexpected: raised to the supervisor
-        self.attempt = 0  # failures in a row: the next backoff's step
-        # Set by supervisor.py: called with (delay, attempt) instead of sleeping out a backoff,
-        # so that a key waiting for a retry holds no task, uplink or connection.
-        self.park: Callable[[float, int], None] | None = None
-        # Set by supervisor.py: end run() once the queue has stayed empty this long, so that
-        # an idle key holds no task, uplink or connection (any local app can invent keys).
-        self.idle_release_s: float | None = None
+        self.attempt = attempt  # failures in a row: the next backoff's step
+        self.release = release
+        self.timing = timing
+        self.backoff = backoff
         self.released = False
         self._empty_since: float | None = None  # loop time the queue was first seen empty
 
@@ -92,9 +104,9 @@ class StreamForwarder:
             if self._crash is not None:  # raised by a batch that was settling
                 raise self._crash
             delay = self._back_off()
-            if self.park is not None:
+            if self.release is not None:
                 self.released = True
-                self.park(delay, self.attempt)
+                self.release.park(delay, self.attempt)
                 return
             await self.pause(delay)
             # Only now, with nothing in flight, may a new connection start.
@@ -116,8 +128,8 @@ class StreamForwarder:
                     # commit (a locked or full disk). Send them again.
                     self._cursor = 0
                     return
-                if self.idle_release_s is not None:
-                    await self._release_when_idle()
+                if self.release is not None:
+                    await self._release_when_idle(self.release.idle_s)
                     return
             await self._idle(None)
             return
@@ -172,8 +184,8 @@ class StreamForwarder:
             await asyncio.wait_for(self.wake.wait(),
                                    max(timeout, 0.0) if timeout is not None else None)
 
-    async def _release_when_idle(self) -> None:
-        """Mark the loop released once its queue has stayed empty for idle_release_s.
+    async def _release_when_idle(self, idle_s: float) -> None:
+        """Mark the loop released once its queue has stayed empty for ``idle_s``.
 
         The key's depth is updated by each commit before its apps are answered, and so
         before supervisor.py is told of new data: at 0, nothing is queued, however stale
@@ -181,11 +193,10 @@ class StreamForwarder:
         ``released`` before any later data and starts a fresh loop for it. Wakes that
         bring no data (an ack's spool delete finishing) do not restart the count.
         """
-        assert self.idle_release_s is not None
         now = asyncio.get_running_loop().time()
         if self._empty_since is None:
             self._empty_since = now
-        remaining = self._empty_since + self.idle_release_s - now
+        remaining = self._empty_since + idle_s - now
         if remaining > 0:
             await self._idle(remaining)
         elif self._acking:  # its completion wakes us
@@ -264,9 +275,9 @@ class StreamForwarder:
         failed, self._failed = self._failed, None
         assert failed is not None
         if failed.retry_after is not None:
-            delay = backoff.retry_after_delay(failed.retry_after)
+            delay = self.backoff.retry_after(failed.retry_after)
         else:
-            delay = backoff.backoff_delay(self.attempt)
+            delay = self.backoff.delay(self.attempt)
         self.attempt += 1
         self.state.state = "backoff"
         self.state.retries += 1
@@ -280,8 +291,7 @@ class StreamForwarder:
     async def pause(self, delay: float) -> None:
         """Sleep ``delay`` s; a stop or `outpost flush` cuts it short, new data does not.
         ``interrupt`` is cleared only at the start of a step, so one set meanwhile counts."""
-        with contextlib.suppress(asyncio.TimeoutError):
-            await asyncio.wait_for(self.interrupt.wait(), delay)
+        await self.timing.wait(self.interrupt, delay)
 
     def poke(self) -> None:
         self.wake.set()

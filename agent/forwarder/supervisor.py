@@ -26,13 +26,16 @@ import asyncio
 import functools
 import heapq
 import logging
+from collections.abc import Callable
+from dataclasses import dataclass
 
 import aiohttp
 
 from agent.families.facts import DeviceFacts
-from agent.forwarder.backoff import backoff_delay
+from agent.forwarder.backoff import BACKOFF, Backoff
 from agent.forwarder.state import UpstreamState
-from agent.forwarder.stream import StreamForwarder
+from agent.forwarder.stream import Release, StreamForwarder
+from agent.forwarder.timing import LOOP_TIMING, Timer, Timing
 from agent.logs import log_limited
 from agent.metrics import Metrics
 from agent.settings import Config, UpstreamConfig
@@ -45,11 +48,25 @@ log = logging.getLogger("outpost.supervisor")
 # A loop that ran this long before crashing starts again from the first backoff step.
 STABLE_S = 60.0
 
+UplinkFactory = Callable[[UpstreamConfig, str, aiohttp.ClientSession, str], Uplink]
+
+
+@dataclass(frozen=True)
+class Seams:
+    """What the forwarders are built with besides config: how an uplink is made, the
+    time they wait by and their backoff policy. Tests replace these to inject faults
+    and to let time pass without waiting."""
+
+    make_uplink: UplinkFactory = make_uplink
+    timing: Timing = LOOP_TIMING
+    backoff: Backoff = BACKOFF
+
 
 class Supervisor:
     """Owns the forwarders and the HTTP client session they share."""
 
-    def __init__(self, cfg: Config, spool: Spool, facts: DeviceFacts, metrics: Metrics) -> None:
+    def __init__(self, cfg: Config, spool: Spool, facts: DeviceFacts, metrics: Metrics,
+                 seams: Seams = Seams()) -> None:
         self.cfg = cfg
         self.spool = spool
         self.facts = facts
@@ -59,10 +76,10 @@ class Supervisor:
         self._tasks: set[asyncio.Task[None]] = set()   # with loops still closing their uplink
         self._parked: dict[str, int] = {}   # keys waiting to retry: their backoff step
         self._retries: list[tuple[float, str]] = []   # heap of the parked keys' retry times
-        self._timer: asyncio.TimerHandle | None = None
+        self._timer: Timer | None = None
         self._session: aiohttp.ClientSession | None = None
         self._stopping = False
-        self.make_uplink = make_uplink   # the uplink factory (tests wrap it to inject faults)
+        self.seams = seams
 
     async def start(self) -> None:
         self._session = client_session()
@@ -88,10 +105,11 @@ class Supervisor:
             return None
         loop = StreamForwarder(up, stream, self.spool, self._uplink(up, key),
                                self.states[up.name], self.metrics,
-                               uplink_class(up.protocol).window(up))
-        loop.idle_release_s = up.flush_interval_s
-        loop.attempt = attempt
-        loop.park = functools.partial(self._park, key)
+                               uplink_class(up.protocol).window(up),
+                               release=Release(up.flush_interval_s,
+                                               functools.partial(self._park, key)),
+                               attempt=attempt, timing=self.seams.timing,
+                               backoff=self.seams.backoff)
         self.loops[key] = loop
         task = asyncio.create_task(self._run(key, loop), name=f"forward-{up.name}")
         self._tasks.add(task)
@@ -107,7 +125,7 @@ class Supervisor:
         if self._stopping:
             return
         self._parked[key] = attempt
-        heapq.heappush(self._retries, (asyncio.get_running_loop().time() + delay, key))
+        heapq.heappush(self._retries, (self.seams.timing.now() + delay, key))
         if self._timer is None or self._retries[0][0] < self._timer.when():
             self._set_timer()
 
@@ -116,10 +134,10 @@ class Supervisor:
             self._timer.cancel()
         self._timer = None
         if self._retries:
-            self._timer = asyncio.get_running_loop().call_at(self._retries[0][0], self._retry)
+            self._timer = self.seams.timing.call_at(self._retries[0][0], self._retry)
 
     def _retry(self) -> None:
-        now = asyncio.get_running_loop().time()
+        now = self.seams.timing.now()
         try:
             while self._retries and self._retries[0][0] <= now:
                 _, key = heapq.heappop(self._retries)
@@ -129,12 +147,12 @@ class Supervisor:
 
     def _uplink(self, up: UpstreamConfig, key: str) -> Uplink:
         assert self._session is not None
-        return self.make_uplink(up, key, self._session, self.facts.machineId)
+        return self.seams.make_uplink(up, key, self._session, self.facts.machineId)
 
     async def _run(self, key: str, loop: StreamForwarder) -> None:
         """Run ``loop`` until it stops; restart it after anything it raises."""
         attempt = 0
-        clock = asyncio.get_running_loop().time
+        clock = self.seams.timing.now
         while True:
             started = clock()
             try:
@@ -142,7 +160,7 @@ class Supervisor:
                 return
             except Exception as exc:  # noqa: BLE001 - a bug must stop neither this loop nor others
                 attempt = 0 if clock() - started > STABLE_S else attempt
-                delay = backoff_delay(attempt)
+                delay = self.seams.backoff.delay(attempt)
                 attempt += 1
                 self._crashed(loop, exc, delay)
             await loop.pause(delay)

@@ -6,18 +6,21 @@ import base64
 import hashlib
 import importlib.resources
 import re
+from collections.abc import Callable, Mapping
 
 import orjson
 from aiohttp import web
 
-from agent.forwarder.supervisor import Supervisor
+from agent.forwarder.state import UpstreamState
 from agent.metrics import Metrics
 from agent.ops import prometheus
-from agent.ops.status import snapshot
+from agent.ops.status import Snapshot, snapshot
 from agent.settings import Config
 from agent.spool import Spool
 
 _INLINE = re.compile(r"<(script|style)>(.*?)</\1>", re.DOTALL)
+# The config and upstream states in force: a reload replaces both.
+Live = Callable[[], tuple[Config, Mapping[str, UpstreamState]]]
 
 
 def _csp(page: str) -> str:
@@ -37,13 +40,15 @@ def _csp(page: str) -> str:
 
 
 class Ops:
-    """Handlers over the running agent's parts."""
+    """Handlers over the running agent's parts, given narrow inputs: ``live`` returns the
+    config and upstream states in force, ``flush`` asks every forwarder to send now."""
 
-    def __init__(self, cfg: Config, spool: Spool, forwarding: Supervisor, metrics: Metrics) -> None:
-        self.cfg = cfg
+    def __init__(self, spool: Spool, metrics: Metrics, live: Live,
+                 flush: Callable[[], None]) -> None:
         self.spool = spool
-        self.forwarding = forwarding
         self.metrics = metrics
+        self._live = live
+        self._flush = flush
         page = (importlib.resources.files("agent") / "static" / "status.html").read_text("utf-8")
         self._page = page.encode()
         self._page_headers = {
@@ -54,16 +59,20 @@ class Ops:
             "Cache-Control": "no-store",
         }
 
+    async def _snapshot(self) -> Snapshot:
+        cfg, states = self._live()
+        return await snapshot(cfg, self.spool, states, self.metrics)
+
     async def healthz(self, request: web.Request) -> web.Response:
         return web.json_response({"ok": True, "queue_depth": self.spool.depth})
 
     async def status(self, request: web.Request) -> web.Response:
-        body = await snapshot(self.cfg, self.spool, self.forwarding, self.metrics)
+        body = await self._snapshot()
         return web.Response(body=orjson.dumps(body), content_type="application/json",
                             headers={"Cache-Control": "no-store"})
 
     async def metrics_text(self, request: web.Request) -> web.Response:
-        snap = await snapshot(self.cfg, self.spool, self.forwarding, self.metrics)
+        snap = await self._snapshot()
         text = prometheus.render(snap, self.metrics.ingest_latency)
         return web.Response(body=text.encode(),
                             headers={"Content-Type": prometheus.CONTENT_TYPE})
@@ -73,7 +82,7 @@ class Ops:
                             headers=self._page_headers)
 
     async def flush(self, request: web.Request) -> web.Response:
-        self.forwarding.flush()
+        self._flush()
         return web.json_response({"flushing": True, "queue_depth": self.spool.depth})
 
     def routes(self) -> list[web.RouteDef]:

@@ -15,7 +15,6 @@ from typing import TypedDict
 from agent import __version__, outcomes
 from agent.clock import age_s
 from agent.forwarder.state import UpstreamState
-from agent.forwarder.supervisor import Supervisor
 from agent.metrics import Metrics
 from agent.settings import Config, UpstreamConfig
 from agent.spool import Spool
@@ -135,7 +134,7 @@ def _snapshot(cfg: Config, source: str, depth: int, streams: Mapping[str, tuple[
     }
 
 
-async def snapshot(cfg: Config, spool: Spool, forwarding: Supervisor,
+async def snapshot(cfg: Config, spool: Spool, states: Mapping[str, UpstreamState],
                    metrics: Metrics) -> Snapshot:
     """The running agent's state."""
     oldest = await spool.oldest_received()
@@ -143,7 +142,7 @@ async def snapshot(cfg: Config, spool: Spool, forwarding: Supervisor,
                      {k: (s.depth, s.bytes) for k, s in spool.streams.items() if s.depth},
                      spool.counters, spool.dead_count,
                      {"path": str(spool.path), "used_bytes": spool.used_bytes,
-                      "max_bytes": spool.max_bytes}, forwarding.states)
+                      "max_bytes": spool.max_bytes}, states)
     snap["uptime_s"] = round(max(0.0, time.time() - metrics.started), 1)
     snap["oldest_event_age_s"] = round(age_s(oldest), 1) if oldest is not None else None
     snap["history"] = metrics.series()

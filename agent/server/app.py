@@ -11,7 +11,6 @@ from agent.dialects import capture, nucleus, segment, segmentstream, tranthor
 from agent.dialects.body import BODY_TIMEOUT_S, TICKET
 from agent.dialects.replies import REFUSALS
 from agent.metrics import Metrics
-from agent.ops.routes import Ops
 from agent.server.admission import Admission
 from agent.server.guard import Guard, Handler
 from agent.server.intake import Sink
@@ -21,7 +20,9 @@ from agent.settings import Config
 CLIENT_MAX_SIZE = 8 * 1024 * 1024
 
 
-def build_app(cfg: Config, sink: Sink, ops: Ops) -> web.Application:
+def build_app(cfg: Config, sink: Sink, ops_routes: list[web.RouteDef]) -> web.Application:
+    """The app for ``sink``'s dialects, with ``ops_routes`` (the operations endpoints,
+    built by the composition root: ingest does not import ops) in front of them."""
     guard = Guard(cfg.listen.host, cfg.listen.allowed_origins)
     admission = sink.admission
 
@@ -32,7 +33,7 @@ def build_app(cfg: Config, sink: Sink, ops: Ops) -> web.Application:
     app.on_cleanup.append(stop_trims)
     app[BODY_TIMEOUT_S] = cfg.listen.body_timeout_s
     # Order matters: Nucleus' catch-all `/{appId}` websocket route comes last.
-    app.add_routes(guard.routes(ops.routes(), navigable=True))
+    app.add_routes(guard.routes(ops_routes, navigable=True))
     for dialect in (segment, capture, tranthor, segmentstream, nucleus):
         api = dialect.__name__.rsplit(".", 1)[-1]
         app.add_routes(counted(guard.routes(admitted(dialect.routes(sink), admission)),

@@ -16,14 +16,15 @@ class Sink:
     """Key policy plus durable store: what every dialect calls after parsing."""
 
     def __init__(self, accept_keys: tuple[str, ...], spool: Spool, facts: DeviceFacts,
-                 metrics: Metrics, inflight_budget: int) -> None:
+                 metrics: Metrics, inflight_budget: int,
+                 on_new_data: Callable[[set[str]], None]) -> None:
         self.spool = spool
         self.facts = facts
         self.metrics = metrics
         self._accept = frozenset(accept_keys)
         self.admission = Admission(inflight_budget, metrics)
         # Called with the keys that got new events after each commit (wakes forwarders).
-        self.on_new_data: Callable[[set[str]], None] = lambda keys: None
+        self.on_new_data = on_new_data
 
     def set_accept_keys(self, accept_keys: tuple[str, ...]) -> None:
         self._accept = frozenset(accept_keys)

@@ -42,7 +42,8 @@ class Spool(SpoolWrites, SpoolReads):
     group commit, reads.py its reads.
     """
 
-    def __init__(self, cfg: StorageConfig, path: Path) -> None:
+    def __init__(self, cfg: StorageConfig, path: Path,
+                 on_reopen: Callable[[], None] = lambda: None) -> None:
         self.cfg = cfg
         self.path = path
         self.max_bytes = cfg.max_size_mb * 1024 * 1024
@@ -71,13 +72,13 @@ class Spool(SpoolWrites, SpoolReads):
         self._loaded = False  # whether depths and counters were read from the file
         # Called when a spool that could not be opened is opened at last, or when rows
         # are salvaged from a corrupt one: their queues need forwarders.
-        self.on_reopen: Callable[[], None] = lambda: None
+        self.on_reopen = on_reopen
 
     # -- lifecycle ---------------------------------------------------------
 
     @classmethod
-    async def open(cls, cfg: StorageConfig) -> Spool:
-        spool = cls(cfg, cfg.resolved_path())
+    async def open(cls, cfg: StorageConfig, on_reopen: Callable[[], None] = lambda: None) -> Spool:
+        spool = cls(cfg, cfg.resolved_path(), on_reopen)
         ensure_private_dir(spool.path.parent)
         try:
             try:

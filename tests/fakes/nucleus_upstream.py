@@ -19,6 +19,7 @@ class FakeNucleus:
     def __init__(self) -> None:
         self.events: list[dict[str, Any]] = []     # data events, in arrival order
         self.heartbeats: list[dict[str, Any]] = []
+        self.batches: list[list[Any]] = []         # the ids of each frame or request with events
         self.frames = 0
         self.paths: list[str] = []
         self.ack: Callable[[Any], bool] = lambda ev_id: True
@@ -43,13 +44,17 @@ class FakeNucleus:
         self.frames += 1
         self.paths.append(path)
         ids = []
+        batch = []
         for ev in msg.get("data", []):
             if ev.get("type") == "heartbeat":
                 self.heartbeats.append(ev)
                 continue
             self.events.append(ev)
+            batch.append(ev.get("id"))
             if "id" in ev and self.ack(ev["id"]):
                 ids.append(ev["id"])
+        if batch:
+            self.batches.append(batch)
         return ids
 
     async def _ws(self, request: web.Request) -> web.WebSocketResponse:

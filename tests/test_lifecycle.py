@@ -1,0 +1,154 @@
+"""The agent's lifecycle: a failed start leaves nothing running, a second SIGINT forces exit."""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import signal
+import socket
+import subprocess
+import sys
+import threading
+import time
+from collections.abc import Callable, Iterator
+from pathlib import Path
+
+import pytest
+
+from agent import config as config_mod
+from agent.service import Agent
+from tests.conftest import ROOT, AgentProcess, free_port, write_config
+from tests.fakes.faulty_upstream import Fault, FaultyUpstream
+from tests.fakes.ops_scene import post_events
+from tests.waiting import wait_for
+
+
+def spool_threads() -> set[threading.Thread]:
+    return {t for t in threading.enumerate() if t.name.startswith(("spool-writer", "spool-reader"))}
+
+
+def open_files_under(directory: Path) -> list[str]:
+    """Files under ``directory`` this process holds open (Linux: /proc/self/fd)."""
+    held = []
+    for fd in os.listdir("/proc/self/fd"):
+        try:
+            target = os.readlink(f"/proc/self/fd/{fd}")
+        except OSError:  # the fd listing itself, closed meanwhile
+            continue
+        if target.startswith(str(directory)):
+            held.append(target)
+    return held
+
+
+@pytest.fixture
+def busy_port() -> Iterator[int]:
+    """A port on 127.0.0.1 that another socket is listening on."""
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        sock.listen()
+        yield int(sock.getsockname()[1])
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="/proc/self/fd")
+async def test_a_start_that_cannot_listen_fails_clearly_and_leaves_nothing_running(
+        tmp_path: Path, busy_port: int) -> None:
+    before = spool_threads()
+    cfg = write_config(tmp_path / "agent.toml", tmp_path / "spool.db", port=busy_port)
+    agent = Agent(config_mod.load_file(cfg), str(cfg))
+    with pytest.raises(Exception) as failed:
+        await agent.start()
+    # The spool was opened before the listen failed: its writer task, its two SQLite
+    # threads and its file must all be gone again.
+    assert not [t for t in asyncio.all_tasks() if t.get_name() == "spool-writer"]
+    await wait_for(lambda: not spool_threads() - before, timeout=5)
+    assert open_files_under(tmp_path) == []
+    assert f"cannot listen on 127.0.0.1:{busy_port}" in str(failed.value)
+
+
+def test_outpost_run_on_a_busy_port_exits_2_with_one_line(tmp_path: Path, busy_port: int) -> None:
+    cfg = write_config(tmp_path / "agent.toml", tmp_path / "spool.db", port=busy_port)
+    run = subprocess.run([sys.executable, "-m", "agent", "run", "--config", str(cfg)], cwd=ROOT,
+                         capture_output=True, text=True, timeout=30)
+    out = run.stdout + run.stderr
+    assert run.returncode == 2, out
+    assert "Traceback" not in out
+    lines = out.strip().splitlines()
+    assert len(lines) == 1 and f"cannot listen on 127.0.0.1:{busy_port}" in lines[0], out
+
+
+# -- a second SIGINT ---------------------------------------------------------------------------
+
+@pytest.fixture
+def notify_socket(tmp_path: Path) -> Iterator[tuple[socket.socket, str]]:
+    sock = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
+    path = str(tmp_path / "notify.sock")
+    sock.bind(path)
+    sock.settimeout(10)
+    yield sock, path
+    sock.close()
+
+
+async def stopping(sock: socket.socket) -> None:
+    """Return once the agent says (sd_notify) that its graceful stop has begun."""
+    while not (await asyncio.to_thread(sock.recv, 4096)).startswith(b"STOPPING=1"):
+        pass
+
+
+async def draining_agent(tmp_path: Path, faulty: FaultyUpstream, notify: str,
+                         agent_process: Callable[..., AgentProcess]) -> AgentProcess:
+    """An agent process whose graceful stop is held up: the upstream holds a batch in
+    flight without answering, so the forwarder's settle waits (up to its 5 s bound)."""
+    faulty.script = [Fault("timeout", delay=60)]
+    port = free_port()
+    cfg = write_config(tmp_path / "agent.toml", tmp_path / "spool.db", port=port,
+                       upstreams=[{"name": "up", "protocol": "nucleus-http",
+                                   "url": faulty.http_url, "flush_interval_s": 0.02,
+                                   "timeout_s": 60}])
+    agent = agent_process(cfg, port, env={"NOTIFY_SOCKET": notify})
+    await asyncio.to_thread(agent.start)
+    await post_events(port, "k", range(3))
+    await wait_for(lambda: len(faulty.requests) == 1)   # the batch is in flight
+    return agent
+
+
+async def exit_code(agent: AgentProcess, timeout: float) -> tuple[int, float]:
+    """Wait for the process to exit; its code and how long that took."""
+    assert agent.proc is not None
+    started = time.monotonic()
+    code = await asyncio.to_thread(agent.proc.wait, timeout)
+    return code, time.monotonic() - started
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(sys.platform == "win32", reason="signals and AF_UNIX datagrams")
+async def test_one_sigint_drains_gracefully(tmp_path: Path, faulty: FaultyUpstream,
+                                            notify_socket: tuple[socket.socket, str],
+                                            agent_process: Callable[..., AgentProcess]) -> None:
+    """The control for the next test: one SIGINT waits for the batch in flight."""
+    sock, notify = notify_socket
+    agent = await draining_agent(tmp_path, faulty, notify, agent_process)
+    assert agent.proc is not None
+    agent.proc.send_signal(signal.SIGINT)
+    await stopping(sock)
+    code, took = await exit_code(agent, 20)
+    assert code == 0
+    assert took > 3.0, "the drain waited for the batch in flight (its settle bound is 5 s)"
+    assert "outpost stopped" in agent.log.read_text()
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(sys.platform == "win32", reason="signals and AF_UNIX datagrams")
+async def test_a_second_sigint_exits_at_once(tmp_path: Path, faulty: FaultyUpstream,
+                                            notify_socket: tuple[socket.socket, str],
+                                            agent_process: Callable[..., AgentProcess]) -> None:
+    sock, notify = notify_socket
+    agent = await draining_agent(tmp_path, faulty, notify, agent_process)
+    assert agent.proc is not None
+    agent.proc.send_signal(signal.SIGINT)
+    await stopping(sock)
+    agent.proc.send_signal(signal.SIGINT)
+    code, took = await exit_code(agent, 20)
+    assert code != 0 and took < 2.0, (code, took)
+    log = agent.log.read_text()
+    assert "Traceback" not in log and "outpost stopped" not in log
+    assert log.count("second interrupt") == 1, log
