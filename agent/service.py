@@ -19,6 +19,7 @@ from agent import config as config_mod
 from agent import logs
 from agent.config import ConfigError
 from agent.device import detect
+from agent.families.enrich import Enrich
 from agent.families.facts import DeviceFacts
 from agent.forwarder.supervisor import Supervisor
 from agent.metrics import Metrics
@@ -66,7 +67,7 @@ class Agent:
         self.spool = spool = await Spool.open(self.cfg.storage)
         _register_keys(spool.streams)
         self.forwarding = Supervisor(self.cfg, spool, self.facts, self.metrics)
-        self.sink = Sink(self.cfg.listen.accept_keys, spool, self.facts, self.metrics,
+        self.sink = Sink(self.cfg.listen.accept_keys, spool, Enrich(self.facts), self.metrics,
                          inflight_budget=self.cfg.listen.max_inflight_mb * 1024 * 1024)
         self.sink.on_new_data = self._new_data
         # A spool that could not be opened at start (full disk) brings its queues later.

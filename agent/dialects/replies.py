@@ -1,4 +1,5 @@
-"""Reply helpers the Segment-like dialects share: JSON replies, and one error funnel."""
+"""Reply helpers the dialects share: JSON replies, the status of a family's Invalid, and
+one error funnel."""
 
 from __future__ import annotations
 
@@ -9,7 +10,7 @@ import orjson
 from aiohttp import web
 
 from agent.dialects.body import BodyError, Busy
-from agent.families.segment import Invalid
+from agent.families.errors import Invalid
 from agent.spool.types import SpoolFull
 
 
@@ -19,7 +20,12 @@ def json_reply(body: Any, status: int, retry_after: int | None = None) -> web.Re
                         content_type="application/json")
 
 
-def describe(exc: BodyError) -> str:
+def status_of(exc: Invalid) -> int:
+    """The HTTP status of a message the family rules refused."""
+    return 413 if exc.too_large else 400
+
+
+def describe(exc: BodyError | Invalid) -> str:
     return exc.message + (f": {exc.details}" if exc.details else "")
 
 
@@ -41,7 +47,7 @@ async def settle(work: Awaitable[object], error: ErrorReply, *, full_status: int
     except BodyError as exc:
         return error(client_status or exc.status, describe(exc), None)
     except Invalid as exc:
-        return error(client_status or exc.status, exc.message, None)
+        return error(client_status or status_of(exc), describe(exc), None)
     except SpoolFull as exc:
         return error(full_status, f"spool full, retry later: {exc.reason}", exc.retry_after)
     return None

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from aiohttp import web
 
-from agent.dialects import capture, nucleus, segment, segmentstream, tranthor
+from agent.dialects import registry
 from agent.dialects.body import BODY_TIMEOUT_S, TICKET
 from agent.ops.routes import Ops
 from agent.server.admission import Admission
@@ -26,11 +26,10 @@ def build_app(cfg: Config, sink: Sink, ops: Ops) -> web.Application:
     app = web.Application(client_max_size=CLIENT_MAX_SIZE)
     app.on_cleanup.append(stop_trims)
     app[BODY_TIMEOUT_S] = cfg.listen.body_timeout_s
-    # Order matters: Nucleus' catch-all `/{appId}` websocket route comes last.
     app.add_routes(guard.routes(ops.routes(), navigable=True))
-    for dialect in (segment, capture, tranthor, segmentstream):
+    # Looked up at each build, in the registry's order (route priority).
+    for dialect in registry.DIALECTS:
         app.add_routes(guard.routes(admitted(dialect.routes(sink), admission)))
-    app.add_routes(guard.routes(admitted(nucleus.routes(sink), admission)))
     return app
 
 
