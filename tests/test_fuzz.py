@@ -5,7 +5,7 @@
 - every route of the running app, found from its router (so dialects added later are
   fuzzed too), over a real socket: random JSON, wrong types, huge numbers, deep nesting,
   invalid UTF-8, giant arrays, truncated gzip; a refused request leaves the spool as it was;
-- the websocket routes with random frames: an ack, or this connection closed with a code;
+- the websocket routes (the registry's websocket examples) with random frames: an ack, or this connection closed with a code;
 - a body over the limit gets 413 from its Content-Length, before it is sent;
 - a websocket frame over the limit closes that connection with 1009, and no other.
 """
@@ -34,6 +34,7 @@ from agent.families import nucleus
 from agent.families.enrich import Enrich
 from agent.families.errors import Invalid
 from agent.settings import DeviceConfig
+from tests.dialect_examples import examples
 from tests.fakes.threaded_agent import ThreadedAgent
 
 KEY = "fuzzkey"
@@ -293,15 +294,9 @@ def test_get_routes_survive_bad_queries(served: ThreadedAgent) -> None:
     assert served.errors.tracebacks() == []
 
 
-def ws_routes(served: ThreadedAgent) -> list[str]:
-    posts = set(_post_routes(served))
-    return [p for m, p in concrete_routes(served) if m == "GET" and "/pixel/" not in p
-            and p not in ("/", "/healthz", "/status", "/metrics") and p not in posts] or \
-        [f"/app/{KEY}/track"]
-
-
 def test_websocket_routes_survive_bad_frames(served: ThreadedAgent) -> None:
-    routes = ws_routes(served)
+    routes = [ex.path for ex in examples(KEY) if ex.websocket]
+    assert routes
 
     probes = iter(range(10**9))
 

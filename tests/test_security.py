@@ -24,7 +24,6 @@ import base64
 import logging
 import os
 import stat
-import uuid
 from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
@@ -33,6 +32,7 @@ import aiohttp
 import pytest
 
 from agent.dialects import registry
+from agent.dialects.auth import basic
 from agent.dialects.base import Dialect, Example
 from agent.server.guard import is_loopback_name
 from agent.settings import ListenConfig
@@ -45,16 +45,6 @@ from tests.waiting import wait_for
 GOOD, BAD = "goodWriteKey1", "badWriteKey2"
 ALLOWED = "https://app.example"
 Request = tuple[str, str, bytes | None, dict[str, str]]
-
-
-def basic(key: str) -> str:
-    return "Basic " + base64.b64encode(f"{key}:".encode()).decode()
-
-
-def segment_message(key: str, **extra: Any) -> dict[str, Any]:
-    return {"type": "track", "event": "e", "userId": "u", "anonymousId": "a", "groupId": "g",
-            "previousId": "p", "name": "n", "messageId": uuid.uuid4().hex, "writeKey": key,
-            **extra}
 
 
 @pytest.fixture
@@ -235,9 +225,8 @@ def test_spool_is_private_whatever_the_umask(tmp_path: Path) -> None:
 # -- secrets in logs ------------------------------------------------------------------------
 
 SECRETS = {
-    "nucleus": "nucleusAppSecret001", "segment": "segWriteKeySecret002",
-    "capture": "captureKeySecret003", "webhook": "webhookKeySecret004",
-    "tranthor": "tranthorKeySecret005", "stream": "streamTokenSecret006",
+    # One key per dialect, sent the ways its examples carry it.
+    **{d.name: f"{d.name}KeySecret{i:03d}" for i, d in enumerate(registry.DIALECTS)},
     "upstream": "upstreamKeySecret007", "refused": "refusedKeySecret009",
     "full": "spoolFullKeySecret010",
     "wsapp": "wsRoutedAppSecret012",
@@ -276,7 +265,6 @@ async def test_write_keys_never_reach_the_log(
     try:
         await asyncio.to_thread(agent.start)
         base = agent.url
-        seg = segment_message(s["segment"])
         async with aiohttp.ClientSession() as session:
             async def send(method: str, path: str, **kw: Any) -> int:
                 async with session.request(method, base + path, **kw) as r:
@@ -291,18 +279,16 @@ async def test_write_keys_never_reach_the_log(
                 await ws.receive_json(timeout=5)
                 await ws.send_str("not json")        # closed for a bad frame: logged?
                 await ws.receive(timeout=5)
-            await send("POST", "/v1/track", json=seg, headers={"Authorization":
-                                                                basic(s["segment"])})
-            await send("POST", "/v1/batch", json={"batch": [segment_message(s["segment"])]},
-                       headers={"Authorization": basic(s["segment"])})
-            await send("POST", "/v1/capture", json={"batch": [segment_message(s["capture"])]},
-                       headers={"X-Write-Key": s["capture"]})
-            await send("POST", f"/v1/webhook?writeKey={s['webhook']}", json=seg)
-            await send("POST", "/api/public/apps/track", json=segment_message(s["tranthor"]),
-                       headers={"authorization": s["tranthor"]})
-            await send("POST", "/track", json={"hitId": "h", "event": {
-                "category": "c", "name": "n", "user": {"anonymousId": "a"}}},
-                headers={"Authorization": basic(s["stream"])})
+            for dialect in registry.DIALECTS:
+                for ex in dialect.examples(s[dialect.name]):
+                    if not ex.websocket:
+                        assert 200 <= await send(ex.method, ex.path, data=ex.body,
+                                                 headers=ex.headers) < 300, ex.path
+                        continue
+                    async with session.ws_connect(base + ex.path, headers=ex.headers) as ws:
+                        assert ex.body is not None
+                        await ws.send_bytes(ex.body)
+                        await ws.receive(timeout=5)
             # Keys that are never stored (refused requests) must not be logged either.
             await send("POST", f"/app/{s['refused']}/track", data=b"{not json")
             await send("POST", "/v1/track", data=b"{bad", headers={
