@@ -20,6 +20,7 @@ from agent import config as config_mod
 from agent import logs
 from agent.config import ConfigError
 from agent.device import detect
+from agent.families.enrich import Enrich
 from agent.families.facts import DeviceFacts
 from agent.forwarder.state import UpstreamState
 from agent.forwarder.supervisor import Seams, Supervisor
@@ -83,7 +84,7 @@ class Agent:
             self.forwarding = Supervisor(self.cfg, spool, self.facts, self.metrics, self.seams)
             await self.forwarding.start()
             stack.push_async_callback(self._stop_forwarding)
-            self.sink = Sink(self.cfg.listen.accept_keys, spool, self.facts, self.metrics,
+            self.sink = Sink(self.cfg.listen.accept_keys, spool, Enrich(self.facts), self.metrics,
                              inflight_budget=self.cfg.listen.max_inflight_mb * 1024 * 1024,
                              on_new_data=self._new_data)
             self.ops = Ops(spool, self.metrics, live=self._live, flush=self._flush)

@@ -8,7 +8,7 @@ from pathlib import Path
 import pytest
 
 from agent import device
-from agent.families.enrich import fill_nucleus
+from agent.families.enrich import Enrich
 from agent.settings import DeviceConfig
 
 
@@ -47,14 +47,15 @@ def test_language_from_environment(monkeypatch: pytest.MonkeyPatch, env: str, ta
 
 def test_fill_never_overwrites_and_only_touches_init_and_error() -> None:
     facts = device.detect(DeviceConfig(language="en-GB"))
+    enrich = Enrich(facts)
     ev = {"type": "init", "platform": "Darwin", "locale": "fr-FR", "totalRam": None}
-    fill_nucleus(ev, facts, "init")
+    enrich.nucleus(ev, "init")
     assert ev["platform"] == "Darwin" and ev["locale"] == "fr-FR"
     assert ev["language"] == "fr-FR"            # the app's own locale, not the device's
     assert ev["totalRam"] == facts.totalRam and ev["machineId"] == facts.machineId
     plain = {"type": "event", "name": "x"}
-    fill_nucleus(plain, facts, "event")
+    enrich.nucleus(plain, "event")
     assert plain == {"type": "event", "name": "x"}
     newer = {"type": "error", "deviceId": "d1"}
-    fill_nucleus(newer, facts, "error")
+    enrich.nucleus(newer, "error")
     assert "machineId" not in newer              # deviceId already identifies the device

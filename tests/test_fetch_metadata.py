@@ -27,9 +27,9 @@ import pytest
 from aiohttp import web
 
 from tests.conftest import run_chromium
+from tests.dialect_examples import examples
 from tests.fakes.threaded_agent import ThreadedAgent
-from tests.test_fuzz import concrete_routes
-from tests.test_security import ALLOWED, GOOD, OPS, ingest_request
+from tests.test_security import ALLOWED, GOOD, Request, every_request
 
 CROSS_SITE_IMAGE = {"Sec-Fetch-Site": "cross-site", "Sec-Fetch-Mode": "no-cors",
                     "Sec-Fetch-Dest": "image", "Referer": "https://evil.example/page"}
@@ -50,21 +50,17 @@ def pixel_path(key: str, event: str) -> str:
     return "/v1/pixel/track?data=" + base64.urlsafe_b64encode(orjson.dumps(data)).decode()
 
 
-def request_for(method: str, path: str) -> tuple[str, bytes | None, dict[str, str]]:
-    if path in OPS:
-        return path, (b"{}" if method == "POST" else None), {}
-    if method == "GET" and "/pixel/" not in path:
-        return path, None, {}   # a websocket route, without the upgrade
-    return ingest_request(method, path, GOOD)
+def check_cross_site(agent: ThreadedAgent, requests: list[Request]) -> None:
+    before = agent.depth
+    for method, path, body, headers in requests:
+        status, _, reply = agent.request(method, path, body, {**headers, **CROSS_SITE_IMAGE})
+        assert status == 403, (method, path, status, reply[:200])
+        assert b"cross-site" in reply and b"listen.allowed_origins" in reply
+    assert agent.depth == before
 
 
 def test_a_cross_site_request_is_refused_on_every_route(guarded: ThreadedAgent) -> None:
-    for method, route in concrete_routes(guarded):
-        path, body, headers = request_for(method, route)
-        status, _, reply = guarded.request(method, path, body, {**headers, **CROSS_SITE_IMAGE})
-        assert status == 403, (method, path, status, reply[:200])
-        assert b"cross-site" in reply and b"listen.allowed_origins" in reply
-    assert guarded.depth == 0
+    check_cross_site(guarded, every_request(guarded, examples(GOOD)))
 
 
 @pytest.mark.parametrize("headers", [

@@ -1,11 +1,11 @@
 """Bad input, property-based (hypothesis): never a 5xx, never a crash, never a partial write.
 
-- the Nucleus parser on arbitrary JSON and bytes: only BodyError, acks echo ids with their
-  JSON type, resends get the same dedupe keys (§2.4), app fields are never overwritten (§2.8);
+- the Nucleus family rules on arbitrary JSON and bytes: only Invalid (and BodyError for
+  bytes), acks echo ids with their JSON type, resends get the same dedupe keys (§2.4), app fields are never overwritten (§2.8);
 - every route of the running app, found from its router (so dialects added later are
   fuzzed too), over a real socket: random JSON, wrong types, huge numbers, deep nesting,
   invalid UTF-8, giant arrays, truncated gzip; a refused request leaves the spool as it was;
-- the websocket routes with random frames: an ack, or this connection closed with a code;
+- the websocket routes (the registry's websocket examples) with random frames: an ack, or this connection closed with a code;
 - a body over the limit gets 413 from its Content-Length, before it is sent;
 - a websocket frame over the limit closes that connection with 1009, and no other.
 """
@@ -29,8 +29,12 @@ from hypothesis import strategies as st
 
 from agent.device import detect
 from agent.dialects.body import BodyError, parse_json
-from agent.dialects.nucleus import MAX_MESSAGE, parse_message
+from agent.dialects.nucleus import MAX_MESSAGE
+from agent.families import nucleus
+from agent.families.enrich import Enrich
+from agent.families.errors import Invalid
 from agent.settings import DeviceConfig
+from tests.dialect_examples import examples
 from tests.fakes.threaded_agent import ThreadedAgent
 
 KEY = "fuzzkey"
@@ -39,12 +43,7 @@ FUZZ = settings(deadline=None, max_examples=60, derandomize=True,
                 suppress_health_check=[HealthCheck.function_scoped_fixture,
                                        HealthCheck.too_slow, HealthCheck.data_too_large])
 
-
-class _Sink:
-    facts = detect(DeviceConfig())
-
-
-SINK: Any = _Sink()
+ENRICH = Enrich(detect(DeviceConfig()))
 
 # -- strategies ------------------------------------------------------------------------------
 
@@ -172,9 +171,9 @@ def bodies(draw: st.DrawFn) -> tuple[bytes, dict[str, str], str]:
 def test_nucleus_parser_takes_any_json(msg: Any) -> None:
     original = orjson.loads(orjson.dumps(msg))
     try:
-        events, acks = parse_message(orjson.loads(orjson.dumps(msg)), "k", SINK)
-    except BodyError as exc:
-        assert exc.status == 400 and exc.message
+        events, acks = nucleus.accept(orjson.loads(orjson.dumps(msg)), "k", ENRICH)
+    except Invalid as exc:
+        assert not exc.too_large and exc.message
         return
     data = original["data"]
     # Every id is echoed, with the JSON type it arrived with (as real upstreams ack).
@@ -189,7 +188,7 @@ def test_nucleus_parser_takes_any_json(msg: Any) -> None:
             if value is not None:
                 assert body[field] == value, field
     # A resend gets the same dedupe keys, so it is stored once (§2.4).
-    again, _ = parse_message(orjson.loads(orjson.dumps(msg)), "k", SINK)
+    again, _ = nucleus.accept(orjson.loads(orjson.dumps(msg)), "k", ENRICH)
     assert [e.dedupe for e in again] == [e.dedupe for e in events]
 
 
@@ -205,9 +204,11 @@ def _is_heartbeat(ev: dict[str, Any]) -> bool:
                  bodies().map(lambda b: b[0])))
 def test_nucleus_parser_takes_any_bytes(raw: bytes) -> None:
     try:
-        parse_message(parse_json(raw), "k", SINK)
+        nucleus.accept(parse_json(raw), "k", ENRICH)
     except BodyError as exc:
         assert 400 <= exc.status < 500
+    except Invalid as exc:
+        assert not exc.too_large
 
 
 # -- every route, over a socket ----------------------------------------------------------------
@@ -293,15 +294,9 @@ def test_get_routes_survive_bad_queries(served: ThreadedAgent) -> None:
     assert served.errors.tracebacks() == []
 
 
-def ws_routes(served: ThreadedAgent) -> list[str]:
-    posts = set(_post_routes(served))
-    return [p for m, p in concrete_routes(served) if m == "GET" and "/pixel/" not in p
-            and p not in ("/", "/healthz", "/status", "/metrics") and p not in posts] or \
-        [f"/app/{KEY}/track"]
-
-
 def test_websocket_routes_survive_bad_frames(served: ThreadedAgent) -> None:
-    routes = ws_routes(served)
+    routes = [ex.path for ex in examples(KEY) if ex.websocket]
+    assert routes
 
     probes = iter(range(10**9))
 

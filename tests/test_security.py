@@ -1,12 +1,16 @@
 """No one gets in: Host (DNS rebinding), Origin (CORS), accept_keys, file modes, secrets in logs,
 loopback-only listening (docs/security.md says what each refusal looks like).
 
+Every ingest route is reached through the dialect registry's example requests
+(agent/dialects/registry.py): each dialect's examples must reach every one of its routes,
+so a new dialect or route is checked here without this file knowing it.
+
 - a Host that is not a loopback name is refused with 421 Misdirected Request on every
   route, websocket upgrades included, and stores nothing;
-- a browser Origin not in listen.allowed_origins is refused with 403, preflights included;
-  an allowed Origin gets the CORS headers;
-- listen.accept_keys is enforced on every ingest route (found from the router; a new
-  route without a known key carrier fails the test), websocket included;
+- a browser Origin not in listen.allowed_origins is refused with 403 on every route,
+  preflights included; an allowed Origin gets the CORS headers;
+- listen.accept_keys is enforced on every ingest route, websockets included;
+- a dialect added to the registry (one module, one line) is served, guarded and keyed;
 - the spool directory is 0700 and its files 0600, whatever the umask;
 - the agent's log, across requests carrying write keys every way the APIs allow and an
   upstream that fails and echoes its request, shows none of the keys;
@@ -20,78 +24,27 @@ import base64
 import logging
 import os
 import stat
-import uuid
 from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
 import aiohttp
-import orjson
 import pytest
 
+from agent.dialects import registry
+from agent.dialects.auth import basic
+from agent.dialects.base import Dialect, Example
 from agent.server.guard import is_loopback_name
 from agent.settings import ListenConfig
 from tests.conftest import AgentProcess, free_port, write_config
+from tests.dialect_examples import as_http, examples, other_routes, served_by_examples
 from tests.fakes.faulty_upstream import Fault, FaultyUpstream
 from tests.fakes.threaded_agent import ThreadedAgent
-from tests.test_fuzz import concrete_routes
 from tests.waiting import wait_for
 
 GOOD, BAD = "goodWriteKey1", "badWriteKey2"
 ALLOWED = "https://app.example"
-
-
-def basic(key: str) -> str:
-    return "Basic " + base64.b64encode(f"{key}:".encode()).decode()
-
-
-def segment_message(key: str, **extra: Any) -> dict[str, Any]:
-    return {"type": "track", "event": "e", "userId": "u", "anonymousId": "a", "groupId": "g",
-            "previousId": "p", "name": "n", "messageId": uuid.uuid4().hex, "writeKey": key,
-            **extra}
-
-
-def ingest_request(method: str, path: str, key: str) -> tuple[str, bytes | None, dict[str, str]]:
-    """A valid request for ``path`` carrying ``key`` the way that API carries it."""
-    one = segment_message(key)
-    del one["type"]                     # the route says which call it is
-    if path.startswith("/app/"):
-        parts = path.split("/")
-        parts[2] = key
-        return "/".join(parts), orjson.dumps({"data": [{"name": "e", "id": uuid.uuid4().hex,
-                                                        "sessionId": 1}]}), {}
-    if path.startswith("/v1/pixel/"):
-        data = base64.urlsafe_b64encode(orjson.dumps(one)).decode()
-        return f"{path}?data={data}", None, {}
-    if path == "/v1/capture":
-        return path, orjson.dumps({"batch": [segment_message(key)]}), {"X-Write-Key": key}
-    if path in ("/v1/batch", "/v1/import"):
-        return path, orjson.dumps({"batch": [segment_message(key)]}), {
-            "Authorization": basic(key)}
-    if path in ("/v1/webhook", "/v1/w"):
-        return f"{path}?writeKey={key}", orjson.dumps(segment_message(key)), {}
-    if path.startswith("/v1/"):
-        return path, orjson.dumps(one), {"Authorization": basic(key)}
-    if path.startswith("/api/public/apps/"):
-        body = {"batch": [segment_message(key)]} if path.endswith("/batch") else one
-        return path, orjson.dumps(body), {"authorization": key}
-    if path == "/track":
-        return path, orjson.dumps({"hitId": uuid.uuid4().hex, "event": {
-            "category": "c", "name": "n", "user": {"anonymousId": "a"}}}), {
-            "Authorization": basic(key)}
-    raise AssertionError(f"{method} {path}: a new ingest route; teach this test its key carrier")
-
-
-OPS = ("/", "/healthz", "/status", "/metrics", "/flush")
-
-
-def ingest_routes(agent: ThreadedAgent) -> list[tuple[str, str]]:
-    routes = concrete_routes(agent)
-    posts = {p for m, p in routes if m == "POST"}
-    out = [(m, p) for m, p in routes if p not in OPS and (m == "POST" or "/pixel/" in p)
-           and not (m == "GET" and p in posts)]
-    # Placeholders are filled with a few candidates; keep the ones that name a real call.
-    return [(m, p) for m, p in out if p.startswith("/app/") or "fuzzkey" not in p]
+Request = tuple[str, str, bytes | None, dict[str, str]]
 
 
 @pytest.fixture
@@ -99,6 +52,17 @@ def guarded(tmp_path: Path) -> Iterator[ThreadedAgent]:
     with ThreadedAgent(tmp_path, listen={"accept_keys": [GOOD], "allowed_origins": [ALLOWED]}) \
             as agent:
         yield agent
+
+
+def test_every_route_of_every_dialect_has_an_example(guarded: ThreadedAgent) -> None:
+    """The checks below send the registry's examples: a route without one would go
+    unchecked, so a new route must come with its example."""
+    assert guarded.agent is not None and guarded.agent.sink is not None
+    assert len(registry.DIALECTS) >= 5
+    for dialect in registry.DIALECTS:
+        every, reached = served_by_examples(dialect, guarded.agent.sink)
+        assert every and every == reached, (dialect.name, every - reached)
+    assert ("GET", "/healthz") in other_routes(guarded)
 
 
 # -- Host: DNS rebinding ------------------------------------------------------------------------
@@ -114,122 +78,129 @@ def test_loopback_names() -> None:
     assert not any(is_loopback_name(h) for h in EVIL_HOSTS if h)
 
 
-def test_a_non_loopback_host_is_refused_with_421_on_every_route(guarded: ThreadedAgent) -> None:
-    routes = concrete_routes(guarded)
+def every_request(agent: ThreadedAgent, examples: list[Example]) -> list[Request]:
+    """The examples as plain HTTP requests, then every other route of the app (operations)."""
+    return [as_http(ex) for ex in examples] + [
+        (method, path, b"{}" if method == "POST" else None, {})
+        for method, path in other_routes(agent)]
+
+
+def check_hosts(agent: ThreadedAgent, requests: list[Request]) -> None:
     for host in EVIL_HOSTS:
-        for method, path in routes:
-            if method == "POST":
-                path, body, headers = ingest_request(method, path, GOOD) \
-                    if path not in OPS else (path, b"{}", {})
-            else:
-                body, headers = None, {}
-            before = guarded.depth
-            status, _, reply = guarded.request(method, path, body, {**headers, "Host": host})
+        for method, path, body, headers in requests:
+            before = agent.depth
+            status, _, reply = agent.request(method, path, body, {**headers, "Host": host})
             assert status == 421, (host, method, path, status)
             assert b"loopback" in reply
-            assert guarded.depth == before
+            assert agent.depth == before
+
+
+def test_a_non_loopback_host_is_refused_with_421_on_every_route(guarded: ThreadedAgent) -> None:
+    check_hosts(guarded, every_request(guarded, examples(GOOD)))
     for host in GOOD_HOSTS:
         assert guarded.request("GET", "/healthz", headers={"Host": host})[0] == 200
 
 
+async def ws_status(agent: ThreadedAgent, ex: Example, headers: dict[str, str] | None = None,
+                    origin: str | None = None) -> int:
+    """101 once the frame of websocket example ``ex`` is stored, else the handshake's
+    refusal status."""
+    before = agent.depth
+    async with aiohttp.ClientSession() as s:
+        try:
+            async with s.ws_connect(f"http://127.0.0.1:{agent.port}{ex.path}",
+                                    headers={**ex.headers, **(headers or {})},
+                                    origin=origin) as ws:
+                assert ex.body is not None
+                await ws.send_bytes(ex.body)
+                await wait_for(lambda: agent.depth == before + 1)
+                return 101
+        except aiohttp.WSServerHandshakeError as exc:
+            assert agent.depth == before
+            return exc.status
+
+
 def test_a_websocket_upgrade_with_a_foreign_host_is_refused(guarded: ThreadedAgent) -> None:
-    async def connect(host: str) -> int:
-        async with aiohttp.ClientSession() as s:
-            try:
-                async with s.ws_connect(f"http://127.0.0.1:{guarded.port}/app/{GOOD}/track",
-                                        headers={"Host": host}):
-                    return 101
-            except aiohttp.WSServerHandshakeError as exc:
-                return exc.status
-    assert asyncio.run(connect("evil.example:80")) == 421
-    assert asyncio.run(connect("localhost")) == 101
+    for ex in examples(GOOD):
+        if ex.websocket:
+            assert asyncio.run(ws_status(guarded, ex, headers={"Host": "evil.example:80"})) \
+                == 421, ex.path
+            assert asyncio.run(ws_status(guarded, ex, headers={"Host": "localhost"})) == 101
 
 
 # -- Origin: CORS --------------------------------------------------------------------------------
 
+FOREIGN_ORIGINS = ["https://evil.example", "null", "https://app.example.evil.example",
+                   "http://app.example", "https://app.example:8443"]
 
-def test_origins_not_allowed_are_refused_with_403_preflight_included(
+
+def check_origins(agent: ThreadedAgent, examples: list[Example]) -> None:
+    """Foreign origins are refused, preflights included; an allowed one gets CORS headers."""
+    for ex in examples:
+        method, path, body, headers = as_http(ex)
+        for origin in FOREIGN_ORIGINS:
+            before = agent.depth
+            status, h, _ = agent.request(method, path, body, {**headers, "Origin": origin})
+            assert status == 403 and "access-control-allow-origin" not in h, (path, origin)
+            assert agent.depth == before
+            status, h, _ = agent.request("OPTIONS", path, None, {
+                "Origin": origin, "Access-Control-Request-Method": method,
+                "Access-Control-Request-Headers": "content-type"})
+            assert status == 403 and "access-control-allow-origin" not in h, (path, origin)
+        if ex.websocket:
+            continue    # CORS does not apply: test_a_websocket_from_a_foreign_origin_...
+        for origin in (ALLOWED, ALLOWED + "/", "HTTPS://APP.EXAMPLE"):
+            status, h, _ = agent.request("OPTIONS", path, None, {
+                "Origin": origin, "Access-Control-Request-Method": method,
+                "Access-Control-Request-Headers": "content-type, authorization"})
+            assert status == 204, (path, origin)
+            assert h["access-control-allow-origin"] == origin
+            assert method in h["access-control-allow-methods"]
+            assert "content-type" in h["access-control-allow-headers"].lower()
+            assert "origin" in h["vary"].lower()
+        status, h, _ = agent.request(method, path, body, {**headers, "Origin": ALLOWED})
+        assert 200 <= status < 300 and h["access-control-allow-origin"] == ALLOWED, path
+
+
+def test_origins_not_allowed_are_refused_with_403_allowed_ones_get_cors_headers(
         guarded: ThreadedAgent) -> None:
-    path, body, headers = ingest_request("POST", f"/app/{GOOD}/track", GOOD)
-    for origin in ["https://evil.example", "null", "https://app.example.evil.example",
-                   "http://app.example", "https://app.example:8443"]:
-        before = guarded.depth
-        status, h, _ = guarded.request("POST", path, body, {**headers, "Origin": origin})
-        assert status == 403 and "access-control-allow-origin" not in h, origin
-        assert guarded.depth == before
-        status, h, _ = guarded.request("OPTIONS", path, None, {
-            "Origin": origin, "Access-Control-Request-Method": "POST",
-            "Access-Control-Request-Headers": "content-type"})
-        assert status == 403 and "access-control-allow-origin" not in h, origin
-
-
-def test_an_allowed_origin_gets_cors_headers(guarded: ThreadedAgent) -> None:
-    path, body, headers = ingest_request("POST", f"/app/{GOOD}/track", GOOD)
-    for origin in (ALLOWED, ALLOWED + "/", "HTTPS://APP.EXAMPLE"):
-        status, h, _ = guarded.request("OPTIONS", path, None, {
-            "Origin": origin, "Access-Control-Request-Method": "POST",
-            "Access-Control-Request-Headers": "content-type, authorization"})
-        assert status == 204, origin
-        assert h["access-control-allow-origin"] == origin
-        assert "POST" in h["access-control-allow-methods"]
-        assert "content-type" in h["access-control-allow-headers"].lower()
-        assert "origin" in h["vary"].lower()
-        status, h, _ = guarded.request("POST", path, body, {**headers, "Origin": origin})
-        assert status == 200 and h["access-control-allow-origin"] == origin
+    check_origins(guarded, examples(GOOD))
 
 
 def test_a_websocket_from_a_foreign_origin_is_refused(guarded: ThreadedAgent) -> None:
     """Cross-site websocket hijacking: browsers send Origin on upgrades, and CORS does not
     apply to websockets, so the Origin check is the only guard."""
-    async def connect(origin: str) -> int:
-        async with aiohttp.ClientSession() as s:
-            try:
-                async with s.ws_connect(f"http://127.0.0.1:{guarded.port}/app/{GOOD}/track",
-                                        origin=origin):
-                    return 101
-            except aiohttp.WSServerHandshakeError as exc:
-                return exc.status
-    assert asyncio.run(connect("https://evil.example")) == 403
-    assert asyncio.run(connect(ALLOWED)) == 101
+    for ex in examples(GOOD):
+        if ex.websocket:
+            assert asyncio.run(ws_status(guarded, ex, origin="https://evil.example")) == 403
+            assert asyncio.run(ws_status(guarded, ex, origin=ALLOWED)) == 101
 
 
 # -- accept_keys ----------------------------------------------------------------------------
 
 
+def check_keys(agent: ThreadedAgent, dialects: tuple[Dialect, ...]) -> None:
+    """Each example with a key not accepted stores nothing; with an accepted one it gets in,
+    so the refusal was the key's."""
+    for dialect in dialects:
+        for bad, good in zip(dialect.examples(BAD), dialect.examples(GOOD), strict=True):
+            before = agent.depth
+            if bad.websocket:
+                assert asyncio.run(ws_status(agent, bad)) == 401, bad.path
+                assert asyncio.run(ws_status(agent, good)) == 101, good.path
+                continue
+            status, headers, reply = agent.request(*as_http(bad))
+            # An API that must answer 200 whatever happens (the pixel) says why in a header.
+            assert status == 401 or "x-outpost-error" in headers, (bad.path, status, reply[:200])
+            assert agent.depth == before, bad.path
+            status, headers, reply = agent.request(*as_http(good))
+            assert 200 <= status < 300 and "x-outpost-error" not in headers, (
+                good.path, status, reply[:200], headers.get("x-outpost-error"))
+            assert agent.depth == before + 1, good.path
+
+
 def test_accept_keys_is_enforced_on_every_ingest_route(guarded: ThreadedAgent) -> None:
-    routes = ingest_routes(guarded)
-    assert len(routes) >= 2
-    for method, path in routes:
-        url, body, headers = ingest_request(method, path, BAD)
-        before = guarded.depth
-        status, _, reply = guarded.request(method, url, body, headers)
-        if "/pixel/" in path:
-            assert status == 200            # a pixel answers 200 whatever happens
-        else:
-            assert status == 401, (path, status, reply[:200])
-        assert guarded.depth == before, path
-        # The same request with an accepted key gets through: the refusal was the key's.
-        url, body, headers = ingest_request(method, path, GOOD)
-        status, _, reply = guarded.request(method, url, body, headers)
-        assert 200 <= status < 300, (path, status, reply[:200])
-        assert guarded.depth == before + 1, path
-
-
-def test_accept_keys_is_enforced_on_websockets(guarded: ThreadedAgent) -> None:
-    async def connect(path: str) -> int:
-        async with aiohttp.ClientSession() as s:
-            try:
-                async with s.ws_connect(f"http://127.0.0.1:{guarded.port}{path}") as ws:
-                    await ws.send_str('{"data":[{"name":"e","id":1}]}')
-                    assert await ws.receive_json(timeout=5) == {"reportedIds": [1]}
-                    return 101
-            except aiohttp.WSServerHandshakeError as exc:
-                return exc.status
-    for template in ("/app/{}/track", "/{}/track", "/{}"):
-        before = guarded.depth
-        assert asyncio.run(connect(template.format(BAD))) == 401
-        assert guarded.depth == before
-        assert asyncio.run(connect(template.format(GOOD))) == 101
+    check_keys(guarded, registry.DIALECTS)
 
 
 # -- files ----------------------------------------------------------------------------------------
@@ -254,9 +225,8 @@ def test_spool_is_private_whatever_the_umask(tmp_path: Path) -> None:
 # -- secrets in logs ------------------------------------------------------------------------
 
 SECRETS = {
-    "nucleus": "nucleusAppSecret001", "segment": "segWriteKeySecret002",
-    "capture": "captureKeySecret003", "webhook": "webhookKeySecret004",
-    "tranthor": "tranthorKeySecret005", "stream": "streamTokenSecret006",
+    # One key per dialect, sent the ways its examples carry it.
+    **{d.name: f"{d.name}KeySecret{i:03d}" for i, d in enumerate(registry.DIALECTS)},
     "upstream": "upstreamKeySecret007", "refused": "refusedKeySecret009",
     "full": "spoolFullKeySecret010",
     "wsapp": "wsRoutedAppSecret012",
@@ -295,7 +265,6 @@ async def test_write_keys_never_reach_the_log(
     try:
         await asyncio.to_thread(agent.start)
         base = agent.url
-        seg = segment_message(s["segment"])
         async with aiohttp.ClientSession() as session:
             async def send(method: str, path: str, **kw: Any) -> int:
                 async with session.request(method, base + path, **kw) as r:
@@ -310,18 +279,16 @@ async def test_write_keys_never_reach_the_log(
                 await ws.receive_json(timeout=5)
                 await ws.send_str("not json")        # closed for a bad frame: logged?
                 await ws.receive(timeout=5)
-            await send("POST", "/v1/track", json=seg, headers={"Authorization":
-                                                                basic(s["segment"])})
-            await send("POST", "/v1/batch", json={"batch": [segment_message(s["segment"])]},
-                       headers={"Authorization": basic(s["segment"])})
-            await send("POST", "/v1/capture", json={"batch": [segment_message(s["capture"])]},
-                       headers={"X-Write-Key": s["capture"]})
-            await send("POST", f"/v1/webhook?writeKey={s['webhook']}", json=seg)
-            await send("POST", "/api/public/apps/track", json=segment_message(s["tranthor"]),
-                       headers={"authorization": s["tranthor"]})
-            await send("POST", "/track", json={"hitId": "h", "event": {
-                "category": "c", "name": "n", "user": {"anonymousId": "a"}}},
-                headers={"Authorization": basic(s["stream"])})
+            for dialect in registry.DIALECTS:
+                for ex in dialect.examples(s[dialect.name]):
+                    if not ex.websocket:
+                        assert 200 <= await send(ex.method, ex.path, data=ex.body,
+                                                 headers=ex.headers) < 300, ex.path
+                        continue
+                    async with session.ws_connect(base + ex.path, headers=ex.headers) as ws:
+                        assert ex.body is not None
+                        await ws.send_bytes(ex.body)
+                        await ws.receive(timeout=5)
             # Keys that are never stored (refused requests) must not be logged either.
             await send("POST", f"/app/{s['refused']}/track", data=b"{not json")
             await send("POST", "/v1/track", data=b"{bad", headers={

@@ -1,1 +1,2 @@
-"""One module per local API: parse requests into Events, render replies and errors."""
+"""One module per local API: read its requests, hand the events to the sink, render its
+replies and errors. Each exports a ``DIALECT`` record (base.py) listed in registry.py."""

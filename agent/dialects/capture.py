@@ -10,12 +10,13 @@ later" status. Error bodies mirror the success shape:
 
 from __future__ import annotations
 
+import orjson
 from aiohttp import web
 
 from agent.dialects import replies
+from agent.dialects.base import JSON, Dialect, Example, IngestSink
 from agent.dialects.body import parse_body, parse_json, read_raw
 from agent.families import segment as spec
-from agent.server.intake import Sink
 
 TYPES = frozenset({"track", "page", "identify"})
 
@@ -27,7 +28,7 @@ def error(status: int, message: str, retry_after: int | None = None) -> web.Resp
 class CaptureHandlers:
     """Route handlers bound to the shared sink."""
 
-    def __init__(self, sink: Sink) -> None:
+    def __init__(self, sink: IngestSink) -> None:
         self.sink = sink
 
     async def capture(self, request: web.Request) -> web.StreamResponse:
@@ -44,5 +45,13 @@ class CaptureHandlers:
             {"status": "success"}, 201)
 
 
-def routes(sink: Sink) -> list[web.RouteDef]:
+def routes(sink: IngestSink) -> list[web.RouteDef]:
     return [web.post("/v1/capture", CaptureHandlers(sink).capture)]
+
+
+def examples(key: str) -> list[Example]:
+    batch = {"batch": [{"type": "track", "event": "e", "userId": "u"}]}
+    return [Example("POST", "/v1/capture", {**JSON, "X-Write-Key": key}, orjson.dumps(batch))]
+
+
+DIALECT = Dialect("capture", routes, examples)

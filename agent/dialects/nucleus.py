@@ -1,25 +1,27 @@
 """The Nucleus tracking API: websocket and HTTP, `{"data": [...]}` in, `reportedIds` out.
 
-Real modules resend their whole unacknowledged queue every few seconds, send
-small integer ids that collide across sessions, and crash on any reply other
-than ``{"reportedIds": [...]}`` (the Swift module).
+The message rules are the family's (agent/families/nucleus.py); this module is the
+transport. Real modules crash on any reply other than ``{"reportedIds": [...]}``
+(the Swift module), and resend their whole unacknowledged queue when not acked.
 """
 
 from __future__ import annotations
 
 import logging
+import uuid
 from typing import Any
 
 import orjson
 from aiohttp import WSCloseCode, WSMsgType, web
 
 from agent.dialects import replies
+from agent.dialects.base import JSON, Dialect, Example, IngestSink
 from agent.dialects.body import BodyError, Busy, parse_body, parse_json, read_raw
-from agent.families.enrich import fill_nucleus
-from agent.families.event import NUCLEUS, Event, compact_json, dedupe_key, iso_ms, now_ms
-from agent.families.nucleus import event_type, identity
+from agent.dialects.replies import describe, status_of
+from agent.families import nucleus as family
+from agent.families.errors import Invalid
+from agent.families.event import Event
 from agent.logs import log_limited
-from agent.server.intake import Sink
 from agent.spool.types import SpoolFull
 
 log = logging.getLogger("outpost.nucleus")
@@ -27,57 +29,12 @@ log = logging.getLogger("outpost.nucleus")
 # Modules send their whole unacknowledged queue in one message; after a long
 # outage of the agent itself that queue can be large.
 MAX_MESSAGE = 4 * 1024 * 1024
-_ID_TYPES = (int, float, str)
-
-
-def parse_message(msg: Any, key: str, sink: Sink) -> tuple[list[Event], list[Any]]:
-    """Validate one `{"data": [...]}` message; returns (events to store, ids to ack)."""
-    if not isinstance(msg, dict):
-        raise BodyError(400, "expected a JSON object with a `data` array")
-    data = msg.get("data")
-    if not isinstance(data, list):
-        raise BodyError(400, "`data` must be an array of events")
-    for i, ev in enumerate(data):
-        if not isinstance(ev, dict):
-            raise BodyError(400, f"data[{i}] must be an object, got {_json_type(ev)}")
-        if "id" in ev and ev["id"] is not None and (
-                isinstance(ev["id"], bool) or not isinstance(ev["id"], _ID_TYPES)):
-            raise BodyError(400, f"data[{i}].id must be a string or a number")
-        for field in ("type", "name"):
-            value = ev.get(field)
-            if value is not None and not isinstance(value, str):
-                raise BodyError(400, f"data[{i}].{field} must be a string")
-    events: list[Event] = []
-    acks: list[Any] = []
-    received = None
-    for i, ev in enumerate(data):
-        ev_id = ev.get("id")
-        if ev_id is not None:
-            acks.append(ev_id)
-        kind = event_type(ev)
-        if kind == "heartbeat":
-            continue  # keeps the connection alive; not analytics
-        try:
-            ident = dedupe_key(*identity(key, ev, kind))
-            fill_nucleus(ev, sink.facts, kind)
-            if ev.get("date") is None:
-                received = received or iso_ms(now_ms())
-                ev["date"] = received
-            events.append(Event(key, NUCLEUS, ident, compact_json(ev)))
-        except orjson.JSONEncodeError as exc:  # nested deeper than orjson writes (255)
-            raise BodyError(400, f"data[{i}] cannot be stored", str(exc)) from exc
-    return events, acks
 
 
 def _masked(key: str) -> str:
     """An app key for the log: keys are credentials, and one never stored is not in the
     log redaction registry yet."""
     return key[:3] + "***"
-
-
-def _json_type(value: Any) -> str:
-    return {list: "an array", str: "a string", bool: "a boolean", type(None): "null",
-            int: "a number", float: "a number"}.get(type(value), type(value).__name__)
 
 
 def _error(status: int, message: str, retry_after: int | None = None) -> web.Response:
@@ -93,12 +50,13 @@ def _reply(acks: list[Any]) -> bytes:
 class NucleusHandlers:
     """Route handlers bound to the shared sink."""
 
-    def __init__(self, sink: Sink) -> None:
+    def __init__(self, sink: IngestSink) -> None:
         self.sink = sink
 
     async def _parse(self, raw: str | bytes, key: str) -> tuple[list[Event], list[Any]]:
+        enrich = self.sink.enrich
         return await parse_body(raw, parse_json,
-                                lambda doc, _size: parse_message(doc, key, self.sink))
+                                lambda doc, _size: family.accept(doc, key, enrich))
 
     async def http_track(self, request: web.Request) -> web.StreamResponse:
         key = request.match_info["appId"]
@@ -108,8 +66,9 @@ class NucleusHandlers:
             events, acks = await self._parse(await read_raw(request, MAX_MESSAGE), key)
             await self.sink.store(events)
         except BodyError as exc:
-            return _error(exc.status, exc.message + (f": {exc.details}" if exc.details else ""),
-                          exc.retry_after)
+            return _error(exc.status, describe(exc), exc.retry_after)
+        except Invalid as exc:
+            return _error(status_of(exc), describe(exc))
         except SpoolFull as exc:
             return _error(503, exc.reason, exc.retry_after)
         return web.Response(body=_reply(acks), content_type="application/json")
@@ -131,7 +90,7 @@ class NucleusHandlers:
     async def _frame(self, ws: web.WebSocketResponse, key: str, data: str | bytes) -> bool:
         """Handle one frame; False when the connection was closed for it."""
         try:
-            with self.sink.admission.ticket() as ticket:
+            with self.sink.ticket() as ticket:
                 ticket.take(len(data))
                 events, acks = await self._parse(data, key)
                 await self.sink.store(events)
@@ -140,7 +99,7 @@ class NucleusHandlers:
             replies.refused(WSCloseCode.TRY_AGAIN_LATER)
             await ws.close(code=WSCloseCode.TRY_AGAIN_LATER, message=b"agent busy, retry later")
             return False
-        except BodyError as exc:
+        except (BodyError, Invalid) as exc:
             # A bad message closes only this connection, with a reason the app can log.
             replies.refused(WSCloseCode.INVALID_TEXT)
             await ws.close(code=WSCloseCode.INVALID_TEXT, message=exc.message.encode()[:120])
@@ -158,7 +117,7 @@ class NucleusHandlers:
         return True
 
 
-def routes(sink: Sink) -> list[web.RouteDef]:
+def routes(sink: IngestSink) -> list[web.RouteDef]:
     h = NucleusHandlers(sink)
     return [
         web.post("/app/{appId}/track", h.http_track),
@@ -166,3 +125,14 @@ def routes(sink: Sink) -> list[web.RouteDef]:
         web.get("/{appId}/track", h.websocket),
         web.get("/{appId}", h.websocket),
     ]
+
+
+def examples(key: str) -> list[Example]:
+    def message() -> bytes:
+        return orjson.dumps({"data": [{"name": "e", "id": uuid.uuid4().hex, "sessionId": 1}]})
+    return [Example("POST", f"/app/{key}/track", JSON, message()),
+            *(Example("GET", path, body=message(), websocket=True)
+              for path in (f"/app/{key}/track", f"/{key}/track", f"/{key}"))]
+
+
+DIALECT = Dialect("nucleus", routes, examples)

@@ -1,4 +1,5 @@
-"""Reply helpers the dialects share: JSON replies, one error funnel, and counting refusals."""
+"""Reply helpers the dialects share: JSON replies, the status of a family's Invalid, one
+error funnel, and counting refusals."""
 
 from __future__ import annotations
 
@@ -10,7 +11,7 @@ import orjson
 from aiohttp import web
 
 from agent.dialects.body import BodyError, Busy
-from agent.families.segment import Invalid
+from agent.families.errors import Invalid
 from agent.spool.types import SpoolFull
 
 # Counts an ingest refusal by status; set around each ingest handler (agent/server/app.py),
@@ -31,7 +32,12 @@ def json_reply(body: Any, status: int, retry_after: int | None = None) -> web.Re
                         content_type="application/json")
 
 
-def describe(exc: BodyError) -> str:
+def status_of(exc: Invalid) -> int:
+    """The HTTP status of a message the family rules refused."""
+    return 413 if exc.too_large else 400
+
+
+def describe(exc: BodyError | Invalid) -> str:
     return exc.message + (f": {exc.details}" if exc.details else "")
 
 
@@ -53,7 +59,7 @@ async def settle(work: Awaitable[object], error: ErrorReply, *, full_status: int
     except BodyError as exc:
         return error(client_status or exc.status, describe(exc), None)
     except Invalid as exc:
-        return error(client_status or exc.status, exc.message, None)
+        return error(client_status or status_of(exc), describe(exc), None)
     except SpoolFull as exc:
         return error(full_status, f"spool full, retry later: {exc.reason}", exc.retry_after)
     return None

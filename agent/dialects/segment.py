@@ -20,14 +20,17 @@ import logging
 from http import HTTPStatus
 from typing import Any, NamedTuple
 
+import orjson
 from aiohttp import web
 
 from agent.dialects import replies
+from agent.dialects.auth import basic, basic_user
+from agent.dialects.base import JSON, Dialect, Example, IngestSink
 from agent.dialects.body import BodyError, Busy, parse_body, read_raw
 from agent.dialects.relaxed_json import parse_lenient
 from agent.families import segment as spec
+from agent.families.errors import Invalid
 from agent.families.event import Event
-from agent.server.intake import Sink
 from agent.spool.types import SpoolFull
 
 log = logging.getLogger("outpost.segment")
@@ -97,7 +100,7 @@ def _verdict(errors: list[dict[str, str]], statuses: set[int], stored: int) -> w
 class SegmentHandlers:
     """Route handlers bound to the shared sink."""
 
-    def __init__(self, sink: Sink) -> None:
+    def __init__(self, sink: IngestSink) -> None:
         self.sink = sink
 
     async def single(self, request: web.Request) -> web.StreamResponse:
@@ -106,7 +109,7 @@ class SegmentHandlers:
             body = parse_lenient(await read_raw(request, spec.MAX_EVENT_BYTES))
         except BodyError as exc:
             return single_error(exc.status, exc.message, exc.details, exc.retry_after)
-        return await self._single(body, kind, spec.basic_user(request.headers.get("Authorization")))
+        return await self._single(body, kind, basic_user(request.headers.get("Authorization")))
 
     async def _single(self, body: Any, kind: str | None, header_key: str | None,
                       raw_size: int = 0) -> web.StreamResponse:
@@ -129,14 +132,14 @@ class SegmentHandlers:
         try:
             event = spec.accept(body, key, spec.TYPES, spec.received_now(), raw_size=raw_size)
             await self.sink.store([event])
-        except spec.Invalid as exc:
-            return Failure(exc.status, exc.message)
+        except Invalid as exc:
+            return Failure(replies.status_of(exc), exc.message)
         except SpoolFull as exc:
             return Failure(503, "spool full, retry later", exc.reason, exc.retry_after)
         return None
 
     async def batch(self, request: web.Request) -> web.StreamResponse:
-        header_key = spec.basic_user(request.headers.get("Authorization"))
+        header_key = basic_user(request.headers.get("Authorization"))
         if header_key is not None and not self.sink.key_allowed(header_key):
             return batch_error(401, [error_object(401, INVALID_KEY)])
         try:
@@ -160,8 +163,9 @@ class SegmentHandlers:
         body and parsed batch are freed before the commit is awaited)."""
         try:
             items = spec.batch_items(body)
-        except spec.Invalid as exc:
-            return batch_error(exc.status, [error_object(exc.status, exc.message)])
+        except Invalid as exc:
+            status = replies.status_of(exc)
+            return batch_error(status, [error_object(status, exc.message)])
         batch_key = _body_key(body)
         if not items:
             ok = self.sink.key_allowed(forced_key or batch_key)
@@ -170,15 +174,18 @@ class SegmentHandlers:
         out = Collected([], [], set())
         for i, ev in enumerate(items):
             key = forced_key or _body_key(ev) or batch_key
-            try:
-                if not self.sink.key_allowed(key):
-                    raise spec.Invalid(INVALID_KEY, 401)
+            if not self.sink.key_allowed(key):
+                status, message = 401, INVALID_KEY
+            else:
                 assert key is not None
-                out.events.append(spec.accept(ev, key, spec.TYPES, received, batch=body,
-                                              raw_size=raw_size))
-            except spec.Invalid as exc:
-                out.errors.append(error_object(exc.status, exc.message, _where(i, ev)))
-                out.statuses.add(exc.status)
+                try:
+                    out.events.append(spec.accept(ev, key, spec.TYPES, received, batch=body,
+                                                  raw_size=raw_size))
+                    continue
+                except Invalid as exc:
+                    status, message = replies.status_of(exc), exc.message
+            out.errors.append(error_object(status, message, _where(i, ev)))
+            out.statuses.add(status)
         return out
 
     async def _store(self, collected: Collected | web.Response) -> web.StreamResponse:
@@ -193,7 +200,7 @@ class SegmentHandlers:
 
     async def webhook(self, request: web.Request) -> web.StreamResponse:
         """Analytics.js-formatted data, one message or a batch; `?writeKey=` wins."""
-        forced = request.query.get("writeKey") or spec.basic_user(
+        forced = request.query.get("writeKey") or basic_user(
             request.headers.get("Authorization"))
         try:
             parsed = await self._parse_webhook(await read_raw(request, spec.MAX_BATCH_BYTES),
@@ -234,7 +241,7 @@ class SegmentHandlers:
         except BodyError as exc:
             return Failure(exc.status, f"{exc.message}: {exc.details}" if exc.details
                            else exc.message)
-        return await self._one(body, kind, spec.basic_user(
+        return await self._one(body, kind, basic_user(
             request.headers.get("Authorization")) or request.query.get("writeKey"))
 
 
@@ -253,7 +260,7 @@ def decode_pixel(data: str) -> Any:
     return parse_lenient(raw)
 
 
-def routes(sink: Sink) -> list[web.RouteDef]:
+def routes(sink: IngestSink) -> list[web.RouteDef]:
     h = SegmentHandlers(sink)
     kinds = "|".join(sorted(ROUTE_TYPES))
     return [
@@ -264,3 +271,22 @@ def routes(sink: Sink) -> list[web.RouteDef]:
         web.post("/v1/webhook", h.webhook),
         web.post("/v1/w", h.webhook),
     ]
+
+
+def examples(key: str) -> list[Example]:
+    # Valid for every call: each type ignores the fields it does not need.
+    one = {"event": "e", "userId": "u", "groupId": "g", "previousId": "p", "name": "n"}
+    auth = {**JSON, "Authorization": basic(key)}
+    pixel = base64.urlsafe_b64encode(orjson.dumps({**one, "writeKey": key})).decode()
+    batch = orjson.dumps({"batch": [{**one, "type": "track"}]})
+    return [*(Example("POST", f"/v1/{kind}", auth, orjson.dumps(one)) for kind in ROUTE_TYPES),
+            *(Example("GET", f"/v1/pixel/{kind}?data={pixel}") for kind in ROUTE_TYPES),
+            Example("POST", "/v1/batch", auth, batch),
+            Example("POST", "/v1/import", JSON, orjson.dumps(
+                {"batch": [{**one, "type": "identify"}], "writeKey": key})),
+            Example("POST", f"/v1/webhook?writeKey={key}", JSON,
+                    orjson.dumps({**one, "type": "track"})),
+            Example("POST", "/v1/w", JSON, orjson.dumps({**one, "type": "page", "writeKey": key}))]
+
+
+DIALECT = Dialect("segment", routes, examples)

@@ -16,12 +16,15 @@ from __future__ import annotations
 
 from typing import Any
 
+import orjson
 from aiohttp import web
 
 from agent.dialects import replies
+from agent.dialects.auth import basic, basic_user
+from agent.dialects.base import JSON, Dialect, Example, IngestSink
 from agent.dialects.body import parse_json, read_raw
 from agent.families import segment as spec
-from agent.server.intake import Sink
+from agent.families.errors import Invalid
 
 MAX_BODY = 64 * 1024
 TYPES = frozenset({"track"})
@@ -35,19 +38,19 @@ def error(status: int, message: str, retry_after: int | None = None) -> web.Resp
 def to_segment(body: Any) -> dict[str, Any]:
     """A SegmentStream hit as a Segment track message; raises Invalid."""
     if not isinstance(body, dict):
-        raise spec.Invalid("body must be a JSON object")
+        raise Invalid("body must be a JSON object")
     event = body.get("event")
     if not isinstance(event, dict):
-        raise spec.Invalid("`event` (an object) is required")
+        raise Invalid("`event` (an object) is required")
     user = event.get("user", {})
     if not isinstance(user, dict):
-        raise spec.Invalid("`event.user` must be an object")
+        raise Invalid("`event.user` must be an object")
     hit_id = body.get("hitId")
     if hit_id is not None and not isinstance(hit_id, str):
-        raise spec.Invalid("`hitId` must be a string")
+        raise Invalid("`hitId` must be a string")
     name = event.get("name") or event.get("category")
     if not isinstance(name, str) or not name:
-        raise spec.Invalid("`event.name` (or `event.category`) must be a non-empty string")
+        raise Invalid("`event.name` (or `event.category`) must be a non-empty string")
     out = {k: v for k, v in body.items() if k not in ("hitId", "sentAt", "event")}
     out.update(type="track", event=name,
                properties={k: v for k, v in event.items() if k not in ("name", "user")})
@@ -60,7 +63,7 @@ def to_segment(body: Any) -> dict[str, Any]:
     if traits:
         context = out.get("context")
         if context is not None and not isinstance(context, dict):
-            raise spec.Invalid("`context` must be an object")
+            raise Invalid("`context` must be an object")
         out["context"] = spec.merge({"traits": traits}, context or {})
     return out
 
@@ -68,11 +71,11 @@ def to_segment(body: Any) -> dict[str, Any]:
 class SegmentStreamHandlers:
     """Route handlers bound to the shared sink."""
 
-    def __init__(self, sink: Sink) -> None:
+    def __init__(self, sink: IngestSink) -> None:
         self.sink = sink
 
     async def track(self, request: web.Request) -> web.StreamResponse:
-        key = spec.basic_user(request.headers.get("Authorization"))
+        key = basic_user(request.headers.get("Authorization"))
         if not self.sink.key_allowed(key):
             return error(401, "missing or invalid API token")
         assert key is not None
@@ -85,5 +88,13 @@ class SegmentStreamHandlers:
         return await replies.settle(work(), error, client_status=400) or web.Response(status=204)
 
 
-def routes(sink: Sink) -> list[web.RouteDef]:
+def routes(sink: IngestSink) -> list[web.RouteDef]:
     return [web.post("/track", SegmentStreamHandlers(sink).track)]
+
+
+def examples(key: str) -> list[Example]:
+    hit = {"event": {"category": "c", "name": "n", "user": {"anonymousId": "a"}}}
+    return [Example("POST", "/track", {**JSON, "Authorization": basic(key)}, orjson.dumps(hit))]
+
+
+DIALECT = Dialect("segmentstream", routes, examples)

@@ -12,16 +12,19 @@ as sent, so there is no per-message size limit below the 1 MiB body limit
 
 from __future__ import annotations
 
+import uuid
 from http import HTTPStatus
 from typing import Any
 
+import orjson
 from aiohttp import web
 
 from agent.dialects import replies
+from agent.dialects.base import JSON, Dialect, Example, IngestSink
 from agent.dialects.body import parse_body, parse_json, read_raw
 from agent.families import segment as spec
+from agent.families.errors import Invalid
 from agent.families.event import Event
-from agent.server.intake import Sink
 
 TYPES = frozenset({"track", "identify", "page", "screen"})
 MAX_BODY = 1024 * 1024
@@ -46,7 +49,7 @@ def check_files(ev: Any) -> None:
     files = ev.get("files") if isinstance(ev, dict) else None
     if files is not None and (not isinstance(files, list)
                               or not all(isinstance(f, dict) for f in files)):
-        raise spec.Invalid("`files` must be an array of objects")
+        raise Invalid("`files` must be an array of objects")
 
 
 def parse(body: Any, call: str, key: str) -> list[Event]:
@@ -56,11 +59,11 @@ def parse(body: Any, call: str, key: str) -> list[Event]:
         for i, ev in enumerate(items):
             try:
                 check_files(ev)
-            except spec.Invalid as exc:
-                raise spec.Invalid(f"batch[{i}]: {exc.message}") from None
+            except Invalid as exc:
+                raise exc.within(f"batch[{i}]") from None
         return spec.accept_all(body, key, TYPES, 0, need_message_id=True)
     if not isinstance(body, dict):
-        raise spec.Invalid("body must be an object")
+        raise Invalid("body must be an object")
     check_files(body)
     body["type"] = call
     return [spec.accept(body, key, TYPES, spec.received_now(), need_message_id=True)]
@@ -69,7 +72,7 @@ def parse(body: Any, call: str, key: str) -> list[Event]:
 class TranthorHandlers:
     """Route handlers bound to the shared sink."""
 
-    def __init__(self, sink: Sink) -> None:
+    def __init__(self, sink: IngestSink) -> None:
         self.sink = sink
 
     async def call(self, request: web.Request) -> web.StreamResponse:
@@ -88,6 +91,19 @@ class TranthorHandlers:
         return await replies.settle(work(), error) or web.Response(status=204)
 
 
-def routes(sink: Sink) -> list[web.RouteDef]:
+def routes(sink: IngestSink) -> list[web.RouteDef]:
     calls = "|".join(sorted({*TYPES, "batch"}))
     return [web.post(f"/api/public/apps/{{call:(?:{calls})}}", TranthorHandlers(sink).call)]
+
+
+def examples(key: str) -> list[Example]:
+    def message(**extra: str) -> dict[str, str]:
+        return {"event": "e", "userId": "u", "messageId": uuid.uuid4().hex, **extra}
+    headers = {**JSON, "PublicWriteKey": key}
+    return [*(Example("POST", f"/api/public/apps/{call}", headers, orjson.dumps(message()))
+              for call in sorted(TYPES)),
+            Example("POST", "/api/public/apps/batch", {**JSON, "Authorization": key},
+                    orjson.dumps({"batch": [message(type="track")]}))]
+
+
+DIALECT = Dialect("tranthor", routes, examples)

@@ -1,4 +1,9 @@
-"""The Nucleus family's rules: event types, and what makes a resend the same event."""
+"""The Nucleus family's rules: event types, what makes a resend the same event, and what
+makes a `{"data": [...]}` message valid.
+
+Real modules resend their whole unacknowledged queue every few seconds and send
+small integer ids that collide across sessions: identity is built for that.
+"""
 
 from __future__ import annotations
 
@@ -6,7 +11,12 @@ from typing import Any
 
 import orjson
 
+from agent.families.enrich import Enrich
+from agent.families.errors import Invalid
+from agent.families.event import NUCLEUS, Event, compact_json, dedupe_key, iso_ms, now_ms
+
 KNOWN_TYPES = frozenset({"init", "event", "error", "userid", "props", "heartbeat", "nucleus:view"})
+_ID_TYPES = (int, float, str)
 
 
 def event_type(ev: dict[str, Any]) -> str:
@@ -28,3 +38,59 @@ def identity(key: str, ev: dict[str, Any], kind: str) -> tuple[Any, ...]:
         return ("nucleus", key, orjson.dumps(ev, option=orjson.OPT_SORT_KEYS).decode())
     return ("nucleus", key, device, ev.get("sessionId"), ev.get("id"), ev.get("date"),
             kind, ev.get("name"))
+
+
+def check(msg: Any) -> list[dict[str, Any]]:
+    """The events of message ``msg``, or Invalid naming the first problem (all or nothing)."""
+    if not isinstance(msg, dict):
+        raise Invalid("expected a JSON object with a `data` array")
+    data = msg.get("data")
+    if not isinstance(data, list):
+        raise Invalid("`data` must be an array of events")
+    for i, ev in enumerate(data):
+        if not isinstance(ev, dict):
+            raise Invalid(f"data[{i}] must be an object, got {_json_type(ev)}")
+        if "id" in ev and ev["id"] is not None and (
+                isinstance(ev["id"], bool) or not isinstance(ev["id"], _ID_TYPES)):
+            raise Invalid(f"data[{i}].id must be a string or a number")
+        for field in ("type", "name"):
+            value = ev.get(field)
+            if value is not None and not isinstance(value, str):
+                raise Invalid(f"data[{i}].{field} must be a string")
+    return data
+
+
+def accept(msg: Any, key: str, enrich: Enrich) -> tuple[list[Event], list[Any]]:
+    """One `{"data": [...]}` message of app ``key``: (events to store, ids to ack).
+
+    Every id is acked, heartbeats included (they keep a connection alive and are not
+    analytics, so they are not stored); each event is enriched, and gets the receive
+    time as its `date` when it has none. Raises Invalid.
+    """
+    data = check(msg)
+    events: list[Event] = []
+    acks: list[Any] = []
+    received = None
+    fill = enrich.nucleus
+    for i, ev in enumerate(data):
+        ev_id = ev.get("id")
+        if ev_id is not None:
+            acks.append(ev_id)
+        kind = event_type(ev)
+        if kind == "heartbeat":
+            continue
+        try:
+            ident = dedupe_key(*identity(key, ev, kind))
+            fill(ev, kind)
+            if ev.get("date") is None:
+                received = received or iso_ms(now_ms())
+                ev["date"] = received
+            events.append(Event(key, NUCLEUS, ident, compact_json(ev)))
+        except orjson.JSONEncodeError as exc:  # nested deeper than orjson writes (255)
+            raise Invalid(f"data[{i}] cannot be stored", str(exc)) from exc
+    return events, acks
+
+
+def _json_type(value: Any) -> str:
+    return {list: "an array", str: "a string", bool: "a boolean", type(None): "null",
+            int: "a number", float: "a number"}.get(type(value), type(value).__name__)

@@ -17,13 +17,12 @@ and completes it the same way for all of them:
 
 from __future__ import annotations
 
-import base64
-import binascii
 import uuid
 from typing import Any
 
 import orjson
 
+from agent.families.errors import Invalid
 from agent.families.event import SEGMENT, Event, compact_json, dedupe_key, iso_ms, now_ms
 
 TYPES = frozenset({"track", "identify", "page", "screen", "group", "alias"})
@@ -39,15 +38,6 @@ MAX_BATCH_BYTES = 512 * 1024
 MAX_BATCH_EVENTS = 2500
 MAX_MESSAGE_ID = 99
 MAX_MERGE_DEPTH = 16
-
-
-class Invalid(Exception):
-    """One message breaks the spec; ``status`` is 400, or 413 when it is too large."""
-
-    def __init__(self, message: str, status: int = 400) -> None:
-        super().__init__(message)
-        self.message = message
-        self.status = status
 
 
 def _is_id(value: Any) -> bool:
@@ -138,7 +128,7 @@ def accept(ev: Any, key: str, types: frozenset[str], received: str, *,
            need_message_id: bool = False) -> Event:
     """One message checked, completed and ready to store; raises Invalid."""
     if too_large(ev, raw_size):
-        raise Invalid(f"message over {MAX_EVENT_BYTES} bytes", 413)
+        raise Invalid(f"message over {MAX_EVENT_BYTES} bytes", too_large=True)
     check(ev, types, need_message_id=need_message_id)
     complete(ev, received, batch)
     return to_event(key, ev)
@@ -155,7 +145,7 @@ def accept_all(body: Any, key: str, types: frozenset[str], raw_size: int, *,
             events.append(accept(ev, key, types, received, batch=body, raw_size=raw_size,
                                  need_message_id=need_message_id))
         except Invalid as exc:
-            raise Invalid(f"batch[{i}]: {exc.message}", exc.status) from None
+            raise exc.within(f"batch[{i}]") from None
     return events
 
 
@@ -167,7 +157,8 @@ def batch_items(body: Any) -> list[Any]:
     if not isinstance(items, list):
         raise Invalid("`batch` must be an array of messages")
     if len(items) > MAX_BATCH_EVENTS:
-        raise Invalid(f"at most {MAX_BATCH_EVENTS} messages per batch, got {len(items)}", 413)
+        raise Invalid(f"at most {MAX_BATCH_EVENTS} messages per batch, got {len(items)}",
+                      too_large=True)
     return items
 
 
@@ -175,18 +166,3 @@ def too_large(ev: Any, raw_size: int) -> bool:
     """Whether one message of a request of ``raw_size`` bytes is over MAX_EVENT_BYTES."""
     # Only a request larger than the limit can hold an event larger than it.
     return raw_size > MAX_EVENT_BYTES and len(dump(ev)) > MAX_EVENT_BYTES
-
-
-def basic_user(header: str | None) -> str | None:
-    """The username of a Basic Authorization header, with or without the trailing colon."""
-    if not header:
-        return None
-    scheme, _, token = header.strip().partition(" ")
-    if scheme.lower() != "basic" or not token.strip():
-        return None
-    token = token.strip()
-    try:
-        decoded = base64.b64decode(token + "=" * (-len(token) % 4), validate=True)
-        return decoded.decode("utf-8").partition(":")[0] or None
-    except (binascii.Error, ValueError):
-        return None

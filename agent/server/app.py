@@ -7,7 +7,7 @@ from functools import partial
 
 from aiohttp import web
 
-from agent.dialects import capture, nucleus, segment, segmentstream, tranthor
+from agent.dialects import registry
 from agent.dialects.body import BODY_TIMEOUT_S, TICKET
 from agent.dialects.replies import REFUSALS
 from agent.metrics import Metrics
@@ -34,10 +34,10 @@ def build_app(cfg: Config, sink: Sink, ops_routes: list[web.RouteDef]) -> web.Ap
     app[BODY_TIMEOUT_S] = cfg.listen.body_timeout_s
     # Order matters: Nucleus' catch-all `/{appId}` websocket route comes last.
     app.add_routes(guard.routes(ops_routes, navigable=True))
-    for dialect in (segment, capture, tranthor, segmentstream, nucleus):
-        api = dialect.__name__.rsplit(".", 1)[-1]
+    # Looked up at each build, in the registry's order (route priority).
+    for dialect in registry.DIALECTS:
         app.add_routes(counted(guard.routes(admitted(dialect.routes(sink), admission)),
-                               api, sink.metrics))
+                               dialect.name, sink.metrics))
     return app
 
 

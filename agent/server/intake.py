@@ -1,25 +1,26 @@
-"""The ingest side's single entry into the spool, shared by every dialect."""
+"""The ingest side's single entry into the spool, shared by every dialect (it implements
+agent/dialects/base.py's IngestSink)."""
 
 from __future__ import annotations
 
 import time
 from collections.abc import Callable
 
+from agent.families.enrich import Enrich
 from agent.families.event import Event
-from agent.families.facts import DeviceFacts
 from agent.metrics import Metrics
-from agent.server.admission import Admission
+from agent.server.admission import Admission, Ticket
 from agent.spool import Spool
 
 
 class Sink:
-    """Key policy plus durable store: what every dialect calls after parsing."""
+    """Key policy, admission, enrichment and durable store: what every dialect calls."""
 
-    def __init__(self, accept_keys: tuple[str, ...], spool: Spool, facts: DeviceFacts,
+    def __init__(self, accept_keys: tuple[str, ...], spool: Spool, enrich: Enrich,
                  metrics: Metrics, inflight_budget: int,
                  on_new_data: Callable[[set[str]], None]) -> None:
         self.spool = spool
-        self.facts = facts
+        self.enrich = enrich
         self.metrics = metrics
         self._accept = frozenset(accept_keys)
         self.admission = Admission(inflight_budget, metrics)
@@ -34,6 +35,9 @@ class Sink:
         if not key:
             return False
         return not self._accept or key in self._accept
+
+    def ticket(self) -> Ticket:
+        return self.admission.ticket()
 
     async def store(self, events: list[Event]) -> int:
         """Commit ``events`` durably; returns how many were new. Raises SpoolFull."""

@@ -1,0 +1,63 @@
+"""What a dialect is given (an IngestSink) and what it exports (a Dialect record).
+
+A dialect is one module: it reads its API's requests, hands the events to the sink,
+and renders its API's replies. It sees the rest of the agent only through
+IngestSink, which agent/server/intake.py implements; it never imports agent.server.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Mapping
+from contextlib import AbstractContextManager
+from dataclasses import dataclass, field
+from typing import Protocol
+
+from aiohttp import web
+
+from agent.dialects.body import Reservation
+from agent.families.enrich import Enrich
+from agent.families.event import Event
+
+JSON = {"Content-Type": "application/json"}  # for examples' headers
+
+
+class IngestSink(Protocol):
+    """Everything a dialect needs from the agent: key policy, admission, enrichment, store."""
+
+    enrich: Enrich  # handed to each family's accept function
+
+    def key_allowed(self, key: str | None) -> bool:
+        """Whether events may be stored under ``key`` (listen.accept_keys)."""
+
+    def ticket(self) -> AbstractContextManager[Reservation]:
+        """A share of the in-flight body budget, given back on exit. HTTP handlers get one
+        already (see body.TICKET); a websocket takes one per frame."""
+
+    async def store(self, events: list[Event]) -> int:
+        """Commit ``events`` durably; how many were new. Raises SpoolFull."""
+
+
+@dataclass(frozen=True)
+class Example:
+    """A request that the dialect accepts and that stores one new event: answered 2xx or,
+    with ``websocket``, upgraded (101) and ``body``, sent as one frame, acknowledged."""
+
+    method: str
+    path: str
+    headers: Mapping[str, str] = field(default_factory=dict)
+    body: bytes | None = None
+    websocket: bool = False
+
+
+@dataclass(frozen=True)
+class Dialect:
+    """One local API, as the registry (agent/dialects/registry.py) lists it.
+
+    ``examples(key)`` gives requests carrying ``key`` the way the API carries it, at least
+    one per route, with fresh ids at every call; the security tests send them to prove
+    that every route is guarded and keyed.
+    """
+
+    name: str
+    routes: Callable[[IngestSink], list[web.RouteDef]]
+    examples: Callable[[str], list[Example]]
