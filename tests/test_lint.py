@@ -61,6 +61,8 @@ def test_import_contracts_are_kept() -> None:
      "One file per upstream protocol"),
     ("agent/forwarder/stream.py", "from agent.uplinks import nucleus_http",
      "Uplinks are reached through their registry"),
+    ("agent/server/app.py", "from agent.dialects import capture",
+     "Dialects are reached through their registry"),
 ])
 def test_each_contract_catches_a_wrong_import(
         tmp_path: Path, module: str, bad_import: str, contract: str) -> None:
