@@ -56,11 +56,11 @@ def served_by_examples(dialect: Dialect, sink: IngestSink) -> tuple[set[str], se
 def other_routes(agent: ThreadedAgent) -> list[tuple[str, str]]:
     """(method, path) of the running app's routes that no dialect serves (operations)."""
     assert agent.agent is not None and agent.agent.sink is not None
-    assert agent.agent._runner is not None
+    assert agent.agent.app is not None
     ingest = {f"{r.method} {r.resource.canonical}" for d in registry.DIALECTS
               for r in routes_of(d, agent.agent.sink).router.routes() if r.resource is not None}
     out = set()
-    for route in agent.agent._runner.app.router.routes():
+    for route in agent.agent.app.router.routes():
         if route.method in ("HEAD", "OPTIONS") or route.resource is None:
             continue
         path = route.resource.canonical
