@@ -112,11 +112,34 @@ def test_the_cap_forgets_the_oldest_bucket_first_and_counts_it() -> None:
     assert 2 not in index and 3 not in index and 4 in index and 100 in index
 
 
+@settings(max_examples=200)
+@given(st.lists(st.lists(st.integers(0, 40), max_size=12), max_size=30), st.integers(1, 20))
+def test_under_a_cap_no_key_is_ever_taken_for_a_resend_wrongly(calls: list[list[int]],
+                                                                 cap: int) -> None:
+    """Whatever the cap forgets, a key answered False was seen before, every key is
+    either remembered or counted as forgotten, and the index never holds more than the cap."""
+    index = DedupeIndex(WINDOW, max_keys=cap)
+    seen: set[int] = set()
+    news = 0
+    for n, keys in enumerate(calls):
+        flags = index.admit(keys, DAY0 + n, n)
+        for i, (key, new) in enumerate(zip(keys, flags)):
+            if not new:
+                assert key in seen or key in keys[:i]
+            news += new
+        seen.update(keys)
+        assert len(index) <= cap
+        assert len(index) + index.forgotten == news
+
+
 def test_more_keys_than_the_cap_in_one_call_keeps_the_newest() -> None:
     index = DedupeIndex(WINDOW, max_keys=4)
     assert index.admit(list(range(10)), DAY0, 0) == [True] * 10
     assert len(index) == 4 and index.forgotten == 6
     assert index.admit([5, 6, 9], DAY0, 1) == [True, False, False]
+    assert index.admit([20, 21, 20, 22, 23, 24, 21], DAY0, 2) == [True, True, False, True, True,
+                                                                   True, False]
+    assert len(index) == 4 and 20 not in index and 24 in index
 
 
 def test_load_then_admit_sees_the_loaded_keys() -> None:

@@ -126,8 +126,10 @@ class DedupeIndex:
         """Add keys absent from the index, first making room under ``max_keys``. Returns
         False if ``fresh`` held a key twice (it is remembered once)."""
         if len(fresh) > self.max_keys:  # more than the cap in one go: the newest are kept
-            self.forgotten += len(fresh) - self.max_keys
-            fresh = fresh[-self.max_keys:]
+            unique = array("q", dict.fromkeys(fresh))
+            self.forgotten += max(0, len(unique) - self.max_keys)
+            return self._remember(unique[-self.max_keys:], wall_ms, observed_ms) and \
+                len(unique) == len(fresh)
         while self._buckets and len(self._keys) + len(fresh) > self.max_keys:
             self.forgotten += self._forget(self._buckets.pop(0))
         bucket = self._buckets[-1] if self._buckets else None
