@@ -1,0 +1,162 @@
+"""The dedupe index (agent/spool/dedupe.py): exact within the window, both clocks to forget,
+a hard cap that forgets the oldest first and counts it, and a rebuild from stored keys."""
+
+from __future__ import annotations
+
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from agent.spool.dedupe import HOUR_MS, DedupeIndex, keys_to_bytes
+
+WINDOW = 24 * HOUR_MS
+DAY0 = 1_800_000_000_000  # a wall clock in 2027
+
+
+def test_new_keys_then_resends_and_repeats_within_a_call() -> None:
+    index = DedupeIndex(WINDOW, max_keys=1000)
+    assert index.admit([1, 2, 1, -(2**63), 2**63 - 1], DAY0, 0) == [True, True, False, True, True]
+    assert index.admit([2, 3, 3, -(2**63)], DAY0, 10) == [False, True, False, False]
+    assert len(index) == 5 and index.forgotten == 0
+
+
+key_st = st.integers(0, 30) | st.integers(-(2**63), 2**63 - 1)
+step_st = st.tuples(st.lists(key_st, max_size=12), st.integers(0, 3 * HOUR_MS))
+
+
+@settings(max_examples=200)
+@given(st.lists(step_st, max_size=40))
+def test_exact_within_the_window_against_a_model(steps: list[tuple[list[int], int]]) -> None:
+    """Both clocks move together; expire runs before each admit. A key first received less
+    than the window ago is a resend; one never seen, or a window plus a bucket ago, is new."""
+    index = DedupeIndex(WINDOW, max_keys=10**6)
+    first: dict[int, int] = {}  # key -> the time the index last answered True for it
+    now = 0
+    for keys, advance in steps:
+        now += advance
+        index.expire(DAY0 + now, now)
+        flags = index.admit(keys, DAY0 + now, now)
+        answered: set[int] = set()
+        for key, new in zip(keys, flags):
+            if key in answered:
+                assert not new  # repeated within the call
+                continue
+            answered.add(key)
+            age = now - first[key] if key in first else None
+            if age is None or age >= WINDOW + HOUR_MS:
+                assert new, (key, age)
+            elif age < WINDOW:
+                assert not new, (key, age)
+            if new:
+                first[key] = now
+    assert index.forgotten == 0
+    assert len(index) <= len(first)
+
+
+def test_forgetting_needs_both_clocks_past_the_window() -> None:
+    index = DedupeIndex(WINDOW, max_keys=1000)
+    index.admit([7], DAY0, 0)
+    # The wall clock jumps a year ahead (set wrong): the agent saw a minute pass.
+    assert index.expire(DAY0 + 365 * WINDOW, 60_000) == 0
+    # The agent saw two days pass, but the wall clock was set back a day.
+    assert index.expire(DAY0 - WINDOW, 2 * WINDOW) == 0
+    # Either clock one ms short of the window: kept.
+    assert index.expire(DAY0 + WINDOW - 1, WINDOW) == 0
+    assert index.expire(DAY0 + WINDOW, WINDOW - 1) == 0
+    assert index.admit([7], DAY0 + WINDOW - 1, WINDOW - 1) == [False]
+    # The resend did not refresh the key's first receipt... but it shares its bucket's expiry:
+    # both clocks a window past the bucket's newest receipt forget it.
+    assert index.expire(DAY0 + WINDOW, WINDOW) == 1
+    assert len(index) == 0 and index.admit([7], DAY0 + WINDOW, WINDOW) == [True]
+
+
+def test_a_bucket_is_kept_until_its_newest_key_is_past_the_window() -> None:
+    index = DedupeIndex(WINDOW, max_keys=1000)
+    index.admit([1], DAY0, 0)
+    index.admit([2], DAY0 + HOUR_MS // 2, HOUR_MS // 2)   # same hourly bucket
+    index.admit([3], DAY0 + HOUR_MS, HOUR_MS)             # the next bucket
+    assert index.expire(DAY0 + WINDOW + HOUR_MS // 2 - 1, WINDOW + HOUR_MS // 2 - 1) == 0
+    assert index.expire(DAY0 + WINDOW + HOUR_MS // 2, WINDOW + HOUR_MS // 2) == 2
+    assert index.admit([1, 2, 3], DAY0 + WINDOW + HOUR_MS // 2, WINDOW + HOUR_MS // 2) == [
+        True, True, False]
+
+
+def test_each_clock_counts_from_the_newest_key_of_the_bucket() -> None:
+    index = DedupeIndex(WINDOW, max_keys=1000)
+    index.admit([1], DAY0, 0)
+    # Half an hour later (same bucket) the wall clock reads 10 h later: it was corrected.
+    index.admit([2], DAY0 + 10 * HOUR_MS, HOUR_MS // 2)
+    later = WINDOW + HOUR_MS // 2
+    # Agent-observed time is past the window for both; the wall clock is not, for key 2.
+    assert index.expire(DAY0 + later, later) == 0
+    assert index.expire(DAY0 + 10 * HOUR_MS + WINDOW, later) == 2
+    # The other way round: the wall clock is a year past both, the agent saw the window
+    # pass for key 3 but not for key 4, received half an hour after it.
+    index.admit([3], DAY0, later)
+    index.admit([4], DAY0, later + HOUR_MS // 2)
+    assert index.expire(DAY0 + 365 * WINDOW, later + WINDOW) == 0
+    assert index.expire(DAY0 + 365 * WINDOW, later + WINDOW + HOUR_MS // 2) == 2
+
+
+def test_the_cap_forgets_the_oldest_bucket_first_and_counts_it() -> None:
+    index = DedupeIndex(WINDOW, max_keys=32)  # buckets of at most 2 keys
+    assert index.bucket_keys == 2
+    for n in range(16):
+        index.admit([2 * n, 2 * n + 1], DAY0 + n, n)
+    assert len(index) == 32 and index.forgotten == 0
+    index.admit([100], DAY0 + 16, 16)
+    assert index.forgotten == 2 and len(index) == 31
+    # The oldest bucket (0, 1) is forgotten; the next oldest (2, 3) is not, until room is
+    # needed for 0 and 1 again.
+    assert index.admit([0, 1, 2, 3], DAY0 + 17, 17) == [True, True, False, False]
+    assert index.forgotten == 4 and len(index) == 31
+    assert 2 not in index and 3 not in index and 4 in index and 100 in index
+
+
+@settings(max_examples=200)
+@given(st.lists(st.lists(st.integers(0, 40), max_size=12), max_size=30), st.integers(1, 20))
+def test_under_a_cap_no_key_is_ever_taken_for_a_resend_wrongly(calls: list[list[int]],
+                                                                 cap: int) -> None:
+    """Whatever the cap forgets, a key answered False was seen before, every key is
+    either remembered or counted as forgotten, and the index never holds more than the cap."""
+    index = DedupeIndex(WINDOW, max_keys=cap)
+    seen: set[int] = set()
+    news = 0
+    for n, keys in enumerate(calls):
+        flags = index.admit(keys, DAY0 + n, n)
+        for i, (key, new) in enumerate(zip(keys, flags)):
+            if not new:
+                assert key in seen or key in keys[:i]
+            news += new
+        seen.update(keys)
+        assert len(index) <= cap
+        assert len(index) + index.forgotten == news
+
+
+def test_more_keys_than_the_cap_in_one_call_keeps_the_newest() -> None:
+    index = DedupeIndex(WINDOW, max_keys=4)
+    assert index.admit(list(range(10)), DAY0, 0) == [True] * 10
+    assert len(index) == 4 and index.forgotten == 6
+    assert index.admit([5, 6, 9], DAY0, 1) == [True, False, False]
+    assert index.admit([20, 21, 20, 22, 23, 24, 21], DAY0, 2) == [True, True, False, True, True,
+                                                                   True, False]
+    assert len(index) == 4 and 20 not in index and 24 in index
+
+
+def test_load_then_admit_sees_the_loaded_keys() -> None:
+    index = DedupeIndex(WINDOW, max_keys=1000)
+    index.load(keys_to_bytes([10, -(2**63), 2**63 - 1]), DAY0, 0)
+    index.load([11, 10], DAY0 + HOUR_MS, HOUR_MS)
+    assert len(index) == 4
+    assert index.admit([10, 11, 12, -(2**63), 2**63 - 1], DAY0 + HOUR_MS, HOUR_MS) == [
+        False, False, True, False, False]
+    # Loaded keys expire by the receipt times they were loaded with.
+    assert index.expire(DAY0 + WINDOW, WINDOW) == 3
+    assert index.admit([10, -(2**63), 11], DAY0 + WINDOW, WINDOW) == [True, True, False]
+
+
+@given(st.lists(st.integers(-(2**63), 2**63 - 1), max_size=50))
+def test_stored_keys_load_back_exactly(keys: list[int]) -> None:
+    index = DedupeIndex(WINDOW, max_keys=1000)
+    index.load(keys_to_bytes(keys), DAY0, 0)
+    assert len(index) == len(set(keys))
+    assert all(k in index for k in keys)

@@ -1,0 +1,126 @@
+"""Packed records (agent/spool/records.py): exact round trips; any damage is DamagedRecord."""
+
+from __future__ import annotations
+
+import struct
+import threading
+import zlib
+
+import pytest
+import zstandard
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from agent.spool.records import MAX_RAW_BYTES, ZSTD, DamagedRecord, pack, unpack
+
+bodies_st = st.lists(st.binary(max_size=600) | st.sampled_from([b"", b"x" * 70_000]), max_size=40)
+SAMPLE = pack([b'{"type":"track","event":"a","n":%d}' % i for i in range(30)] + [b""])
+
+
+@given(bodies_st)
+def test_round_trip_is_exact(bodies: list[bytes]) -> None:
+    assert unpack(pack(bodies)) == bodies
+
+
+def test_repetitive_events_compress() -> None:
+    bodies = [b'{"type":"track","event":"Button Clicked","messageId":"m-%d"}' % i for i in range(100)]
+    assert len(pack(bodies)) < 0.5 * sum(map(len, bodies))
+
+
+@settings(max_examples=300)
+@given(st.data())
+def test_a_flipped_byte_is_damage(data: st.DataObject) -> None:
+    at = data.draw(st.integers(0, len(SAMPLE) - 1))
+    flip = data.draw(st.integers(1, 255))
+    damaged = SAMPLE[:at] + bytes([SAMPLE[at] ^ flip]) + SAMPLE[at + 1:]
+    with pytest.raises(DamagedRecord):
+        unpack(damaged)
+
+
+def test_every_single_bit_flip_is_damage() -> None:
+    for at in range(len(SAMPLE)):
+        for bit in range(8):
+            damaged = SAMPLE[:at] + bytes([SAMPLE[at] ^ (1 << bit)]) + SAMPLE[at + 1:]
+            with pytest.raises(DamagedRecord):
+                unpack(damaged)
+
+
+@given(st.integers(0, len(SAMPLE) - 1), st.binary(max_size=8))
+def test_a_truncated_or_extended_record_is_damage(cut: int, extra: bytes) -> None:
+    with pytest.raises(DamagedRecord):
+        unpack(SAMPLE[:cut])
+    if extra:
+        with pytest.raises(DamagedRecord):
+            unpack(SAMPLE + extra)
+
+
+@given(st.binary(max_size=200))
+def test_arbitrary_bytes_are_damage_or_a_record(data: bytes) -> None:
+    try:
+        bodies = unpack(data)
+    except DamagedRecord:
+        return
+    assert pack(bodies) == data  # only what pack writes is readable
+
+
+def _record(frame: bytes) -> bytes:
+    """A record around ``frame`` whose CRC matches: damage only the CRC would not catch."""
+    return bytes([ZSTD]) + struct.pack("<I", zlib.crc32(frame)) + frame
+
+
+def _frame(raw: bytes, checksum: bool = True, size: bool = True) -> bytes:
+    compressor = zstandard.ZstdCompressor(level=1, write_checksum=checksum, write_content_size=size)
+    return _record(compressor.compress(raw))
+
+
+@pytest.mark.parametrize(("record", "why"), [
+    (b"", "codec tag"),
+    (bytes([2]) + SAMPLE[1:], "codec tag"),
+    (bytes([ZSTD]) + b"\0\0\0", "CRC"),
+    (_record(b""), "frame parameters"),
+    (_record(b"not a zstd frame"), "frame"),
+    (_frame(struct.pack("<II", 1, 5) + b"abc"), "add up"),
+    (_frame(struct.pack("<II", 1, 2) + b"abc"), "add up"),
+    (_frame(struct.pack("<I", 1000) + b"abcd"), "do not fit"),
+    (_frame(b"ab"), "no event count"),
+    (_frame(struct.pack("<I", 0), checksum=False), "not one pack"),
+    (_frame(struct.pack("<I", 0), size=False), "content size"),
+], ids=["empty", "tag", "short", "no-frame", "not-zstd", "lengths-past-end", "left-over", "count",
+        "no-count", "no-checksum", "no-size"])
+def test_each_kind_of_bad_layout_is_damage(record: bytes, why: str) -> None:
+    with pytest.raises(DamagedRecord, match=why):
+        unpack(record)
+
+
+def test_a_huge_claimed_size_is_damage_without_allocating_it() -> None:
+    frame = zstandard.ZstdCompressor(level=1, write_checksum=True).compress(struct.pack("<I", 0))
+    assert unpack(_record(frame)) == []
+    # Frame header: magic(4), descriptor(1), then a 1-byte size (single segment, FCS_flag 0).
+    descriptor = frame[4]
+    assert descriptor & 0xC0 == 0 and descriptor & 0x20
+    # Switch to an 8-byte size field claiming 2^40 bytes.
+    huge = frame[:4] + bytes([descriptor | 0xC0]) + (1 << 40).to_bytes(8, "little") + frame[6:]
+    with pytest.raises(DamagedRecord, match="content size"):
+        unpack(_record(huge))
+
+
+def test_pack_refuses_what_unpack_would_refuse() -> None:
+    with pytest.raises(ValueError):
+        pack([b"\0" * (MAX_RAW_BYTES + 1)])
+
+
+def test_threads_pack_and_unpack_at_once() -> None:
+    bodies = [b"event %d " % i * 20 for i in range(50)]
+    wrong: list[int] = []
+
+    def work(n: int) -> None:
+        for _ in range(200):
+            if unpack(pack(bodies[n:])) != bodies[n:]:
+                wrong.append(n)
+
+    threads = [threading.Thread(target=work, args=(n,)) for n in range(4)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert wrong == []
