@@ -212,3 +212,14 @@ async def run_chromium(binary: str, profile: Path, *args: str) -> str:
     out, err = await asyncio.wait_for(proc.communicate(), 90)
     assert proc.returncode == 0, err.decode(errors="replace")[-2000:]
     return out.decode()
+
+
+@pytest.fixture
+def notify_socket(tmp_path: Path) -> Iterator[tuple[socket.socket, str]]:
+    """A bound AF_UNIX datagram socket for NOTIFY_SOCKET (sd_notify), and its path."""
+    sock = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
+    path = str(tmp_path / "notify.sock")
+    sock.bind(path)
+    sock.settimeout(10)
+    yield sock, path
+    sock.close()

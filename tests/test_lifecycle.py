@@ -78,26 +78,19 @@ def test_outpost_run_on_a_busy_port_exits_2_with_one_line(tmp_path: Path, busy_p
 
 # -- a second SIGINT ---------------------------------------------------------------------------
 
-@pytest.fixture
-def notify_socket(tmp_path: Path) -> Iterator[tuple[socket.socket, str]]:
-    sock = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
-    path = str(tmp_path / "notify.sock")
-    sock.bind(path)
-    sock.settimeout(10)
-    yield sock, path
-    sock.close()
-
-
 async def stopping(sock: socket.socket) -> None:
     """Return once the agent says (sd_notify) that its graceful stop has begun."""
     while not (await asyncio.to_thread(sock.recv, 4096)).startswith(b"STOPPING=1"):
         pass
 
 
-async def draining_agent(tmp_path: Path, faulty: FaultyUpstream, notify: str,
+async def draining_agent(tmp_path: Path, faulty: FaultyUpstream,
+                         notify_socket: tuple[socket.socket, str],
                          agent_process: Callable[..., AgentProcess]) -> AgentProcess:
-    """An agent process whose graceful stop is held up: the upstream holds a batch in
-    flight without answering, so the forwarder's settle waits (up to its 5 s bound)."""
+    """An agent process interrupted once (SIGINT, then STOPPING=1 seen) whose graceful stop
+    is held up: the upstream holds a batch in flight without answering, so the forwarder's
+    settle waits (up to its 5 s bound)."""
+    sock, notify = notify_socket
     faulty.script = [Fault("timeout", delay=60)]
     port = free_port()
     cfg = write_config(tmp_path / "agent.toml", tmp_path / "spool.db", port=port,
@@ -108,6 +101,9 @@ async def draining_agent(tmp_path: Path, faulty: FaultyUpstream, notify: str,
     await asyncio.to_thread(agent.start)
     await post_events(port, "k", range(3))
     await wait_for(lambda: len(faulty.requests) == 1)   # the batch is in flight
+    assert agent.proc is not None
+    agent.proc.send_signal(signal.SIGINT)
+    await stopping(sock)
     return agent
 
 
@@ -125,11 +121,7 @@ async def test_one_sigint_drains_gracefully(tmp_path: Path, faulty: FaultyUpstre
                                             notify_socket: tuple[socket.socket, str],
                                             agent_process: Callable[..., AgentProcess]) -> None:
     """The control for the next test: one SIGINT waits for the batch in flight."""
-    sock, notify = notify_socket
-    agent = await draining_agent(tmp_path, faulty, notify, agent_process)
-    assert agent.proc is not None
-    agent.proc.send_signal(signal.SIGINT)
-    await stopping(sock)
+    agent = await draining_agent(tmp_path, faulty, notify_socket, agent_process)
     code, took = await exit_code(agent, 20)
     assert code == 0
     assert took > 3.0, "the drain waited for the batch in flight (its settle bound is 5 s)"
@@ -141,11 +133,8 @@ async def test_one_sigint_drains_gracefully(tmp_path: Path, faulty: FaultyUpstre
 async def test_a_second_sigint_exits_at_once(tmp_path: Path, faulty: FaultyUpstream,
                                             notify_socket: tuple[socket.socket, str],
                                             agent_process: Callable[..., AgentProcess]) -> None:
-    sock, notify = notify_socket
-    agent = await draining_agent(tmp_path, faulty, notify, agent_process)
+    agent = await draining_agent(tmp_path, faulty, notify_socket, agent_process)
     assert agent.proc is not None
-    agent.proc.send_signal(signal.SIGINT)
-    await stopping(sock)
     agent.proc.send_signal(signal.SIGINT)
     code, took = await exit_code(agent, 20)
     assert code != 0 and took < 2.0, (code, took)

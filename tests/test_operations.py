@@ -10,7 +10,7 @@ import socket
 import subprocess
 import sys
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -102,16 +102,6 @@ async def test_flush_sends_now(tmp_path: Path, agent_process: Callable[..., Agen
         await fake.stop()
     code, out = await run_outpost("flush", "--config", str(cfg))
     assert code == 1 and "no agent answering" in out
-
-
-@pytest.fixture
-def notify_socket(tmp_path: Path) -> Iterator[tuple[socket.socket, str]]:
-    sock = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
-    path = str(tmp_path / "notify.sock")
-    sock.bind(path)
-    sock.settimeout(10)
-    yield sock, path
-    sock.close()
 
 
 def next_message(sock: socket.socket, prefix: str, seen: list[str]) -> str:
