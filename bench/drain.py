@@ -100,6 +100,7 @@ def _drain(h: Harness, agent: Proc, upstream: Proc, queued: int) -> dict[str, An
     return {"seconds": elapsed, "left": left, "events_per_s": drained / elapsed,
             "cpu_s_per_m": per_million(cpu.seconds, drained),
             "upstream_cpu_s_per_m": per_million(up.seconds, drained),
+            "upstream_busy": up.seconds / elapsed,
             "upstream_events": got["events"], "upstream_requests": got["frames"],
             "events_per_request": got["events"] / max(got["frames"], 1)}
 
@@ -118,8 +119,12 @@ def _ceiling(h: Harness, upstream: Proc, protocol: str, d: Path) -> dict[str, An
         load = Load(f"ws://{base}/app/{APP_ID}/track", "ws", events, h.args.connections,
                     body_file=body)
     result = h.loaded(upstream, load, d)
+    # How much of one core the sink used: near 100% it is the ceiling; well under, the load
+    # generator (sharing the 2 cores) limited it, and the figure is a floor under the ceiling.
+    busy = result["cpu_s"] / (result["raw"]["duration_us"] / 1e6)
     return {"events_per_s": result["events_per_s"], "events_per_request": events,
             "request_bytes": len(sample), "upstream_cpu_s_per_m": result["cpu_s_per_m"],
+            "upstream_busy": busy,
             "errors": result["errors"], "generator": result["raw"].get("generator", "")}
 
 

@@ -28,6 +28,10 @@ def ratio(a: float | None, b: float | None) -> str:
     return f"{a / b:.2f}×" if a and b else "n/a"
 
 
+def _pct(x: float | None) -> str:
+    return "n/a" if x is None else f"{100 * x:.0f}%"
+
+
 def _met(ok: bool) -> str:
     return "yes" if ok else "**no**"
 
@@ -104,8 +108,10 @@ def backlog_rows(b: dict[str, Any]) -> list[Row]:
                     fmt(d.get("cpu_s_per_m"), "cpu"),
                     f"sink ceiling {fmt(ceil)} ev/s ({ratio(ev, ceil)}), {c.get('events_per_request')}"
                     f"-event requests (the agent sent {d['events_per_request']:.0f} per request); "
-                    f"sink CPU {fmt(d.get('upstream_cpu_s_per_m'), 'cpu')} draining, "
-                    f"{fmt(c.get('upstream_cpu_s_per_m'), 'cpu')} at its ceiling",
+                    f"sink CPU {fmt(d.get('upstream_cpu_s_per_m'), 'cpu')} draining "
+                    f"({_pct(d.get('upstream_busy'))} of a core), "
+                    f"{fmt(c.get('upstream_cpu_s_per_m'), 'cpu')} at its ceiling "
+                    f"({_pct(c.get('upstream_busy'))})",
                     "≥ 0.5× ceiling, ≥ 150,000", _met(bool(ev and ceil) and ev >= 0.5 * ceil
                                                      and ev >= 150_000)))
         raw = r["raw_bytes_per_event"]
