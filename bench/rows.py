@@ -32,6 +32,11 @@ def _pct(x: float | None) -> str:
     return "n/a" if x is None else f"{100 * x:.0f}%"
 
 
+def _ge(a: float | None, k: float, b: float | None) -> bool:
+    """a ≥ k·b, both measured (a missing figure never meets a target)."""
+    return bool(a) and bool(b) and float(a or 0) >= k * float(b or 0)
+
+
 def _met(ok: bool) -> str:
     return "yes" if ok else "**no**"
 
@@ -53,14 +58,14 @@ def ingest_rows(ing: dict[str, Any]) -> list[Row]:
         ref = "; ".join(_ref(k, x, ev) for k, x in (("hello", h), ("naive", n), ("sync=normal", o))
                         if x)
         if name == "single":
-            target = ("≥ 0.70× hello", _met(bool(ev) and ev >= 0.7 * (h.get("events_per_s") or 1e12)))
+            target = ("≥ 0.70× hello", _met(_ge(ev, 0.7, h.get("events_per_s"))))
         else:
-            target = ("≥ 2.0× naive", _met(bool(ev) and ev >= 2.0 * (n.get("events_per_s") or 1e12)))
+            target = ("≥ 2.0× naive", _met(_ge(ev, 2.0, n.get("events_per_s"))))
         out.append((f"{label}: events/s", fmt(ev), fmt(cpu, "cpu"), ref, *target))
         if name != "single":
             out.append((f"{label}: CPU per million events vs naive", fmt(cpu, "cpu"), "",
                         f"naive {fmt(naive_cpu, 'cpu')} ({ratio(cpu, naive_cpu)})", "≤ 0.75× naive",
-                        _met(bool(cpu) and bool(naive_cpu) and cpu <= 0.75 * naive_cpu)))
+                        _met(_ge(0.75 * float(naive_cpu or 0), 1.0, cpu))))
         if name != "ws":
             p99 = a.get("p99_ms")
             out.append((f"{label}: p50 / p99", f"{fmt(a.get('p50_ms'), 'ms')} / {fmt(p99, 'ms')}",
@@ -100,8 +105,7 @@ def backlog_rows(b: dict[str, Any]) -> list[Row]:
             out.append((f"100-event batches with {full['depth_before']:,} queued: events/s",
                         fmt(ev), fmt(full.get("cpu_s_per_m"), "cpu"),
                         f"empty spool {fmt(ref)} ev/s, {fmt(empty.get('cpu_s_per_m'), 'cpu')} "
-                        f"({ratio(ev, ref)})", "≥ 0.9× empty", _met(bool(ev and ref) and
-                                                                    ev >= 0.9 * ref)))
+                        f"({ratio(ev, ref)})", "≥ 0.9× empty", _met(_ge(ev, 0.9, ref))))
         d, c = r["drain"], r["ceiling"]
         ev, ceil = d.get("events_per_s"), c.get("events_per_s")
         out.append((f"drain {r['depth']:,} to {proto}: events/s", fmt(ev),
@@ -112,8 +116,7 @@ def backlog_rows(b: dict[str, Any]) -> list[Row]:
                     f"({_pct(d.get('upstream_busy'))} of a core), "
                     f"{fmt(c.get('upstream_cpu_s_per_m'), 'cpu')} at its ceiling "
                     f"({_pct(c.get('upstream_busy'))})",
-                    "≥ 0.5× ceiling, ≥ 150,000", _met(bool(ev and ceil) and ev >= 0.5 * ceil
-                                                     and ev >= 150_000)))
+                    "≥ 0.5× ceiling, ≥ 150,000", _met(_ge(ev, 0.5, ceil) and _ge(ev, 1.0, 150_000))))
         raw = r["raw_bytes_per_event"]
         out.append((f"{proto}: spool file + -wal bytes per event, before the drain",
                     f"{r['disk_before_per_event']:.0f} B", "",
