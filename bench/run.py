@@ -64,6 +64,9 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         args.duration, args.warmup = 3.0, 1.0
         args.backlog, args.idle = min(args.backlog, 100_000), min(args.idle, 10.0)
     args.only = args.only.replace("drain", "backlog")
+    unknown = set(args.only.split(",")) - set(PHASES)
+    if unknown:
+        p.error(f"--only: unknown phase(s) {', '.join(sorted(unknown))}")
     return args
 
 
