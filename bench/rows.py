@@ -75,11 +75,11 @@ def ingest_rows(ing: dict[str, Any]) -> list[Row]:
                           else ("", ""))))
         on = w.get("online")
         if on:
-            out.append((f"{label}, upstream online ({on.get('uplink')}): events/s; CPU ingest "
-                        f"only / until delivered", fmt(on.get("events_per_s")),
+            out.append((f"{label}, upstream online ({on.get('uplink')}): events/s; CPU over "
+                        f"the load / until delivered", fmt(on.get("events_per_s")),
                         f"{fmt(on.get('cpu_s_per_m'), 'cpu')} / "
                         f"{fmt(on.get('cpu_s_per_m_delivered'), 'cpu')}",
-                        f"offline {fmt(ev)} ev/s, {fmt(cpu, 'cpu')} "
+                        f"offline (ingest only) {fmt(ev)} ev/s, {fmt(cpu, 'cpu')} "
                         f"({ratio(on.get('events_per_s'), ev)}); delivered "
                         f"{fmt(on.get('delivery_lag_s'), 's')} after the load, "
                         f"{on.get('left')} left", "", ""))

@@ -118,7 +118,8 @@ class Bench(Harness):
 
     def online(self, workload: str) -> dict[str, Any]:
         """The agent with its upstream online: ingest rate, and CPU per million events over
-        the measured load alone and until the queue it left is delivered."""
+        the measured load (ingest and the delivery running beside it) and until the queue
+        it left is delivered."""
         d = self.dir(f"online-{workload}")
         up_port = free_port()
         upstream = upstream_proc(up_port, d / "upstream.log").start()
