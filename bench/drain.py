@@ -92,12 +92,15 @@ def _drain(h: Harness, agent: Proc, upstream: Proc, queued: int) -> dict[str, An
     upstream.start()
     limit = max(300.0, queued / 5_000)
     with RssSampler(agent.pid) as rss, CpuWindow(agent.pid) as cpu, CpuWindow(upstream.pid) as up:
+        # The agent's own retry may have found the sink while it started: count from here.
+        at_start = depth(agent.port)
         http_post(f"http://127.0.0.1:{agent.port}/flush")
         elapsed, left = wait_empty(agent.port, limit)
     h.peak("drain", rss.take())
     got = json.loads(http_get(f"http://127.0.0.1:{upstream.port}/count"))
-    drained = queued - left
-    return {"seconds": elapsed, "left": left, "events_per_s": drained / elapsed,
+    drained = at_start - left
+    return {"seconds": elapsed, "left": left, "depth_at_start": at_start,
+            "events_per_s": drained / elapsed,
             "cpu_s_per_m": per_million(cpu.seconds, drained),
             "upstream_cpu_s_per_m": per_million(up.seconds, drained),
             "upstream_busy": up.seconds / elapsed,
