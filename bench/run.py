@@ -148,7 +148,7 @@ class Bench(Harness):
                       cpu_s_per_m=per_million(ingest.seconds, events),
                       cpu_s_per_m_delivered=per_million(until_delivered.seconds, events))
         print(f"  {workload:14s} online  {result['events_per_s']:>11,.0f} ev/s  "
-              f"p99 {result['p99_ms']:7.2f} ms  CPU {_cpu(result['cpu_s_per_m'])} s/M ingest, "
+              f"p99 {result['p99_ms']:7.2f} ms  CPU {_cpu(result['cpu_s_per_m'])} s/M over the load, "
               f"{_cpu(result['cpu_s_per_m_delivered'])} until delivered "
               f"({lag:.1f} s after the load, {left} left)", flush=True)
         return result
