@@ -38,8 +38,9 @@ class Load:
     events: int = 1
     connections: int = 32
     duration: float = 10.0
-    max_requests: int = 0     # Python client only: stop after this many requests
+    max_requests: int = 0     # stop after this many requests (wrk: replies, per thread)
     any_reply: bool = False   # ws: the reference server does not ack, count any reply
+    body_file: Path | None = None  # post this body as it is (a sink's ceiling), ``events`` each
 
 
 def _parse(out: str) -> dict[str, Any]:
@@ -52,11 +53,14 @@ def _parse(out: str) -> dict[str, Any]:
 
 def _wrk(load: Load, workdir: Path, threads: int) -> dict[str, Any]:
     script = workdir / f"wrk-{load.kind}.lua"
-    script.write_text(lua_for(load.kind))
+    script.write_text(lua_for(load.kind, bounded=load.max_requests > 0,
+                              fixed=load.body_file is not None))
     base, _, path = load.url.partition("://")[2].partition("/")
     env = {**os.environ, "BENCH_SEED": str(_next_seed()), "BENCH_EVENTS": str(load.events),
            "BENCH_PATH": "/" + path,
-           "BENCH_AUTH": BASIC_AUTH if load.kind.startswith("segment") else ""}
+           "BENCH_AUTH": BASIC_AUTH if load.kind.startswith("segment") else "",
+           "BENCH_MAX_REQUESTS": str(-(-load.max_requests // threads)),
+           "BENCH_BODY_FILE": str(load.body_file or "")}
     argv = ["wrk", f"-t{threads}", f"-c{load.connections}", f"-d{max(1, round(load.duration))}s",
             "--timeout", "10s", "-s", str(script), f"http://{base}/"]
     done = subprocess.run(argv, env=env, capture_output=True, text=True,
@@ -75,6 +79,8 @@ def _python(load: Load) -> dict[str, Any]:
             "--max-requests", str(load.max_requests), "--seed", str(_next_seed())]
     if load.any_reply:
         argv.append("--any-reply")
+    if load.body_file is not None:
+        argv += ["--body-file", str(load.body_file)]
     done = subprocess.run(argv, cwd=ROOT, capture_output=True, text=True,
                           timeout=load.duration + 120)
     if done.returncode != 0:
@@ -86,7 +92,7 @@ def _python(load: Load) -> dict[str, Any]:
 
 def run(load: Load, workdir: Path, use_wrk: bool, wrk_threads: int = 1) -> dict[str, Any]:
     """Run ``load``; returns events/s, latency percentiles in ms, and the raw figures."""
-    if load.kind != "ws" and use_wrk and load.max_requests == 0:
+    if load.kind != "ws" and use_wrk:
         raw = _wrk(load, workdir, wrk_threads)
     else:
         raw = _python(load)

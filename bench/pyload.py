@@ -36,7 +36,8 @@ async def _http_worker(session: aiohttp.ClientSession, args: argparse.Namespace,
     while time.monotonic() < deadline and (args.max_requests <= 0 or stats.sent < args.max_requests):
         stats.sent += 1
         counter += 1
-        data = body(args.kind, counter * args.events, args.events, args.seed * 1000 + wid)
+        data = args.fixed or body(args.kind, counter * args.events, args.events,
+                                  args.seed * 1000 + wid)
         started = time.perf_counter()
         try:
             async with session.post(args.url, data=data, headers=headers) as resp:
@@ -60,9 +61,11 @@ async def _ws_worker(session: aiohttp.ClientSession, args: argparse.Namespace, w
                     args.max_requests <= 0 or stats.sent < args.max_requests):
                 stats.sent += 1
                 counter += 1
-                data = body("nucleus", counter * args.events, args.events, args.seed * 1000 + wid)
+                # A fixed frame is decoded once: at a sink's ceiling the client's work counts.
+                text = args.fixed_text or body("nucleus", counter * args.events, args.events,
+                                               args.seed * 1000 + wid).decode()
                 started = time.perf_counter()
-                await ws.send_str(data.decode())
+                await ws.send_str(text)
                 msg = await ws.receive(timeout=max(1.0, deadline - time.monotonic() + 5))
                 if msg.type != aiohttp.WSMsgType.TEXT:
                     stats.errors += 1
@@ -109,7 +112,11 @@ def main() -> None:
     p.add_argument("--seed", type=int, default=1)
     p.add_argument("--any-reply", action="store_true",
                    help="ws: count a frame on any reply (the hello server acks nothing)")
+    p.add_argument("--body-file", help="send this body every time (a sink's ceiling); "
+                   "--events says how many events it holds")
     args = p.parse_args()
+    args.fixed = open(args.body_file, "rb").read() if args.body_file else b""
+    args.fixed_text = args.fixed.decode()
     try:
         import uvloop
         result = uvloop.run(run(args))

@@ -1,10 +1,14 @@
 """The one bench command: `python -m bench [--quick] [--duration S] ...`.
 
-Phases: (1) for each HTTP/ws workload, the hello-world ceiling, the naive
-baseline and Outpost are each started fresh as a subprocess and loaded the
-same way; (2) a backlog is ingested with the upstream offline, Outpost is
-restarted on it (startup time, spool size), then the fake upstream comes
-online and the drain is timed. Results: a table on stdout and JSON in bench/out/.
+Phases: (1) ingest: for each HTTP/ws workload, the hello-world ceiling, the
+naive baseline and Outpost are each started fresh as a subprocess and loaded
+the same way, with each one's CPU per million events (and Outpost again with
+its upstream online, for CPU until delivered); (2) backlog: the empty-spool
+batch rate, then per uplink a backlog filled with the upstream offline (the
+growing spool), its disk bytes and startup, the drain against the fake
+upstream beside that sink's own ceiling, and the refill (space reuse);
+(3) idle: wakeups of an agent with nothing to do. Results: a table on stdout
+and JSON in bench/out/.
 """
 
 from __future__ import annotations
@@ -12,33 +16,24 @@ from __future__ import annotations
 import argparse
 import json
 import shutil
-import statistics
 import sys
 import tempfile
 import time
 from pathlib import Path
 from typing import Any
 
-from . import loadgen, report
+from . import drain, idle, loadgen, report
+from .harness import Harness, wait_empty
 from .loadgen import Load
-from .payloads import APP_ID, BASIC_AUTH, body, raw_event_bytes
-from .procs import (
-    ROOT,
-    Proc,
-    RssSampler,
-    agent_proc,
-    free_port,
-    fsync_latency,
-    http_get,
-    http_post,
-    read_rss,
-    ref_proc,
-    upstream_proc,
-    write_agent_config,
-)
+from .meters import CpuWindow, per_million
+from .payloads import APP_ID, BASIC_AUTH, body
+from .procs import ROOT, Proc, free_port, fsync_latency, read_rss, upstream_proc
 
 # "normal": Outpost with sync = "normal" (no fsync per commit), to show what durability costs.
 SERVERS = ("hello", "naive", "normal", "agent")
+# Where ingest is also measured with the upstream online: CPU "until delivered".
+ONLINE_WORKLOADS = ("batch_nucleus", "batch_segment")
+PHASES = ("ingest", "backlog", "idle")
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
@@ -47,48 +42,46 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--duration", type=float, default=10.0, help="seconds per measurement")
     p.add_argument("--warmup", type=float, default=2.0, help="seconds of warm-up before each")
     p.add_argument("--connections", type=int, default=32)
-    p.add_argument("--backlog", type=int, default=1_000_000, help="events in the drain backlog")
+    p.add_argument("--backlog", type=int, default=1_000_000,
+                   help="events in the growing-spool fill and each drain backlog")
+    p.add_argument("--idle", type=float, default=60.0, help="seconds of the idle-wakeups window")
+    p.add_argument("--online-uplink", default="segment-http", choices=drain.UPLINKS,
+                   help="the upstream of the 'upstream online' ingest rows")
+    p.add_argument("--uplinks", default=",".join(drain.UPLINKS),
+                   help="comma list of the uplinks to drain the backlog to")
     p.add_argument("--repeat", type=int, default=1, help="runs per figure; the median is kept")
     p.add_argument("--loadgen", choices=["auto", "wrk", "python"], default="auto")
     p.add_argument("--wrk-threads", type=int, default=1)
-    p.add_argument("--only", default="ingest,drain", help="comma list of: ingest, drain")
+    p.add_argument("--only", default=",".join(PHASES),
+                   help="comma list of: " + ", ".join(PHASES) + " (drain: same as backlog)")
     p.add_argument("--workloads", default="single,batch_nucleus,batch_segment,ws")
     p.add_argument("--quick", action="store_true",
-                   help="3 s runs, 1 s warm-up, 100,000-event backlog")
+                   help="3 s runs, 1 s warm-up, 100,000-event backlog, 10 s idle window")
     p.add_argument("--out", type=Path, default=ROOT / "bench" / "out")
     p.add_argument("--keep", action="store_true", help="keep the temporary spools")
     args = p.parse_args(argv)
     if args.quick:
-        args.duration, args.warmup, args.backlog = 3.0, 1.0, min(args.backlog, 100_000)
+        args.duration, args.warmup = 3.0, 1.0
+        args.backlog, args.idle = min(args.backlog, 100_000), min(args.idle, 10.0)
+    args.only = args.only.replace("drain", "backlog")
+    unknown = set(args.only.split(",")) - set(PHASES)
+    if unknown:
+        p.error(f"--only: unknown phase(s) {', '.join(sorted(unknown))}")
     return args
 
 
-class Bench:
+class Bench(Harness):
+    """The ingest table's runs, the backlog phase and the idle window."""
+
     def __init__(self, args: argparse.Namespace, workdir: Path) -> None:
-        self.args = args
-        self.workdir = workdir
-        self.use_wrk = args.loadgen == "wrk" or (args.loadgen == "auto" and loadgen.have_wrk())
-        if args.loadgen == "wrk" and not loadgen.have_wrk():
-            raise SystemExit("wrk is not installed (apt-get install wrk), or use --loadgen python")
-        self.runs = 0
+        super().__init__(args, workdir)
         self.server = ""
         self.segment = False
-        self.memory: dict[str, Any] = {}
 
-    def _dir(self, name: str) -> Path:
-        self.runs += 1
-        d = self.workdir / f"{self.runs:02d}-{name}"
-        d.mkdir()
-        return d
-
-    def start(self, server: str, d: Path, upstream_port: int = 0) -> Proc:
-        port = free_port()
+    def start(self, server: str, d: Path) -> Proc:
         if server in ("agent", "normal"):
-            cfg = write_agent_config(d / "agent.toml", port, d / "spool.db",
-                                     upstream_port or free_port(),
-                                     sync="normal" if server == "normal" else "full")
-            return agent_proc(cfg, port, d / "agent.log").start()
-        return ref_proc(server, port, d / f"{server}.log", d / "naive.db").start()
+            return self.start_agent(d, sync="normal" if server == "normal" else "full")
+        return self.start_ref(server, d)
 
     def load_for(self, workload: str, port: int) -> Load:
         a, base = self.args, f"127.0.0.1:{port}"
@@ -105,34 +98,64 @@ class Bench:
                     any_reply=self.server == "hello")
 
     def measure(self, server: str, workload: str) -> dict[str, Any]:
-        d = self._dir(f"{server}-{workload}")
+        d = self.dir(f"{server}-{workload}")
         proc = self.start(server, d)
         self.server = server
         try:
             time.sleep(0.5)
-            idle = read_rss(proc.pid)
-            load = self.load_for(workload, proc.port)
-            with RssSampler(proc.pid) as rss:
-                load.duration = self.args.warmup
-                loadgen.run(load, d, self.use_wrk, self.args.wrk_threads)
-                rss.take()
-                load.duration = self.args.duration
-                result = loadgen.run(load, d, self.use_wrk, self.args.wrk_threads)
-                result["rss_peak"], result["rss_anon_peak"] = rss.take()
-            result["rss_idle"], result["rss_anon_idle"] = idle
+            idle_rss = read_rss(proc.pid)
+            result = self.loaded(proc, self.load_for(workload, proc.port), d)
+            result["rss_idle"], result["rss_anon_idle"] = idle_rss
         finally:
             proc.stop()
             if not self.args.keep:
                 shutil.rmtree(d, ignore_errors=True)
         print(f"  {workload:14s} {server:7s} {result['events_per_s']:>11,.0f} ev/s  "
               f"p50 {result['p50_ms']:7.2f} ms  p99 {result['p99_ms']:7.2f} ms  "
-              f"errors {result['errors']}  anon peak {result['rss_anon_peak'] / 1e6:.1f} MB",
-              flush=True)
+              f"errors {result['errors']}  anon peak {result['rss_anon_peak'] / 1e6:.1f} MB  "
+              f"CPU {_cpu(result['cpu_s_per_m'])} s/M", flush=True)
+        return result
+
+    def online(self, workload: str) -> dict[str, Any]:
+        """The agent with its upstream online: ingest rate, and CPU per million events over
+        the measured load (ingest and the delivery running beside it) and until the queue
+        it left is delivered."""
+        d = self.dir(f"online-{workload}")
+        up_port = free_port()
+        upstream = upstream_proc(up_port, d / "upstream.log").start()
+        self.server = "online"
+        limit = 120.0
+        try:
+            agent = self.start_agent(d, up_port, self.args.online_uplink)
+            try:
+                load = self.load_for(workload, agent.port)
+                load.duration = self.args.warmup
+                loadgen.run(load, d, self.use_wrk, self.args.wrk_threads)
+                wait_empty(agent.port, limit)
+                load.duration = self.args.duration
+                with CpuWindow(agent.pid) as until_delivered:
+                    with CpuWindow(agent.pid) as ingest:
+                        result = loadgen.run(load, d, self.use_wrk, self.args.wrk_threads)
+                    lag, left = wait_empty(agent.port, limit)
+            finally:
+                agent.stop()
+        finally:
+            upstream.stop()
+            if not self.args.keep:
+                shutil.rmtree(d, ignore_errors=True)
+        events = float(result["raw"]["events"])
+        result.update(uplink=self.args.online_uplink, events=events, delivery_lag_s=lag, left=left,
+                      cpu_s_per_m=per_million(ingest.seconds, events),
+                      cpu_s_per_m_delivered=per_million(until_delivered.seconds, events))
+        print(f"  {workload:14s} online  {result['events_per_s']:>11,.0f} ev/s  "
+              f"p99 {result['p99_ms']:7.2f} ms  CPU {_cpu(result['cpu_s_per_m'])} s/M over the load, "
+              f"{_cpu(result['cpu_s_per_m_delivered'])} until delivered "
+              f"({lag:.1f} s after the load, {left} left)", flush=True)
         return result
 
     def probe_segment(self) -> bool:
         """Use Segment routes when this checkout has them (another dialect may add them)."""
-        d = self._dir("probe")
+        d = self.dir("probe")
         proc = self.start("agent", d)
         try:
             import urllib.request
@@ -158,9 +181,12 @@ class Bench:
         out: dict[str, Any] = {}
         for workload in wanted:
             runs: dict[str, list[dict[str, Any]]] = {s: [] for s in SERVERS}
+            if workload in ONLINE_WORKLOADS:
+                runs["online"] = []
             for _ in range(self.args.repeat):
-                for server in SERVERS:
-                    runs[server].append(self.measure(server, workload))
+                for server in runs:
+                    runs[server].append(self.online(workload) if server == "online"
+                                        else self.measure(server, workload))
             out[workload] = {s: _median(r) for s, r in runs.items()}
         agent = [w["agent"] for w in out.values()]
         if agent:
@@ -171,72 +197,28 @@ class Bench:
             self.memory["hello_idle_anon"] = min(w["hello"]["rss_anon_idle"] for w in out.values())
         return out
 
-    def drain(self) -> dict[str, Any]:
-        n = self.args.backlog
-        d = self._dir("drain")
-        up_port = free_port()
-        result: dict[str, Any] = {"backlog": n}
-        agent = self.start("agent", d, up_port)
-        result["startup_empty_s"] = agent.ready_s
+    def backlog(self) -> dict[str, Any]:
+        """The empty-spool batch rate, then per uplink a backlog filled and drained (the first
+        uplink also measures the full-spool rate, the last one the refill)."""
+        d = self.dir("empty-spool")
+        agent = self.start_agent(d)
         try:
-            with RssSampler(agent.pid) as rss:
-                fill = loadgen.run(Load(f"http://127.0.0.1:{agent.port}/app/{APP_ID}/track",
-                                        "nucleus", 100, 8, duration=600, max_requests=n // 100),
-                                   d, use_wrk=False)
-                result["fill_events_per_s"] = fill["events_per_s"]
-                fill_peak = rss.take()
-            depth = json.loads(http_get(f"http://127.0.0.1:{agent.port}/healthz"))["queue_depth"]
-            result["depth"] = depth
-            print(f"  backlog: {depth:,} events stored at {fill['events_per_s']:,.0f} ev/s "
-                  f"(python client, 8 connections)", flush=True)
+            out: dict[str, Any] = {"empty_spool": self.loaded(
+                agent, self.load_for("batch_nucleus", agent.port), d)}
         finally:
             agent.stop()
-        files = [d / "spool.db", d / "spool.db-wal", d / "spool.db-shm"]
-        result["spool_bytes"] = sum(f.stat().st_size for f in files if f.exists())
-        result["spool_bytes_per_event"] = result["spool_bytes"] / max(depth, 1)
-        result["raw_bytes_per_event"] = raw_event_bytes()
-        starts = []
-        for _ in range(3):
-            agent = self.start("agent", d, up_port)
-            starts.append(agent.ready_s)
-            if len(starts) < 3:
-                agent.stop()
-        result["startup_backlog_s"] = statistics.median(starts)
-        result["startup_runs_s"] = starts
-        upstream = upstream_proc(up_port, d / "upstream.log")
-        try:
-            time.sleep(1.0)
-            idle_backlog = read_rss(agent.pid)
-            with RssSampler(agent.pid) as rss:
-                upstream.start()
-                started = time.perf_counter()
-                http_post(f"http://127.0.0.1:{agent.port}/flush")
-                deadline = started + max(300.0, n / 5_000)
-                while time.perf_counter() < deadline:
-                    left = json.loads(http_get(f"http://127.0.0.1:{agent.port}/healthz"))
-                    if left["queue_depth"] == 0:
-                        break
-                    time.sleep(0.05)
-                elapsed = time.perf_counter() - started
-                drain_peak = rss.take()
-            sent = json.loads(http_get(f"http://127.0.0.1:{upstream.port}/count"))["events"]
-        finally:
-            agent.stop()
-            upstream.stop()
-            if not self.args.keep:
-                shutil.rmtree(d, ignore_errors=True)
-        result.update(events_per_s=depth / elapsed, seconds=elapsed, upstream_received=sent,
-                      left=left["queue_depth"])
-        self.memory["fill"] = fill_peak
-        self.memory["idle_backlog"] = idle_backlog
-        self.memory["drain"] = drain_peak
-        prev = self.memory.get("ingest", (0, 0))
-        self.memory["ingest"] = (max(prev[0], fill_peak[0]), max(prev[1], fill_peak[1]))
-        print(f"  drain: {depth:,} events in {elapsed:.2f} s = {result['events_per_s']:,.0f} ev/s; "
-              f"upstream got {sent:,}; startup {result['startup_backlog_s']:.2f} s "
-              f"(empty {result['startup_empty_s']:.2f} s); anon peak {drain_peak[1] / 1e6:.1f} MB",
-              flush=True)
-        return result
+        print(f"  empty spool: {out['empty_spool']['events_per_s']:,.0f} ev/s, "
+              f"CPU {_cpu(out['empty_spool']['cpu_s_per_m'])} s/M", flush=True)
+        uplinks = [u for u in self.args.uplinks.split(",") if u]
+        for i, protocol in enumerate(uplinks):
+            out[protocol] = drain.backlog(self, protocol, full_rate=i == 0,
+                                          reuse=i == len(uplinks) - 1)
+        self.peak("ingest", self.memory.get("fill", (0, 0)))
+        return out
+
+
+def _cpu(value: float | None) -> str:
+    return "n/a" if value is None else f"{value:.1f}"
 
 
 def _median(runs: list[dict[str, Any]]) -> dict[str, Any]:
@@ -264,8 +246,10 @@ def main(argv: list[str] | None = None) -> int:
     try:
         if "ingest" in phases:
             results["ingest"] = bench.ingest()
-        if "drain" in phases:
-            results["drain"] = bench.drain()
+        if "backlog" in phases:
+            results["backlog"] = bench.backlog()
+        if "idle" in phases:
+            results["idle"] = idle.idle(bench, args.idle)
     finally:
         if not args.keep:
             shutil.rmtree(workdir, ignore_errors=True)

@@ -1,4 +1,5 @@
-"""The Lua script wrk runs: new ids in every request, and a JSON line of results at the end."""
+"""The Lua scripts wrk runs: new ids in every request (or one fixed body, for a sink's
+ceiling), an optional stop after a number of responses, and a JSON line of results at the end."""
 
 from __future__ import annotations
 
@@ -32,6 +33,7 @@ function request()
   return wrk.format("POST", path, headers, PREFIX .. table.concat(parts, ",") .. SUFFIX)
 end
 
+%(stop)s
 function done(summary, latency, requests)
   local e = summary.errors
   io.write(string.format(
@@ -44,6 +46,41 @@ end
 """
 
 
-def lua_for(kind: str) -> str:
+# Defined only when a run is bounded in count: a response() hook costs wrk a Lua call per reply.
+# The thread stops on the reply that reaches the count; requests still in flight on the other
+# connections are then abandoned (at most one per connection), as the fill's depth shows.
+# wrk's main thread sleeps for -d whatever its threads do, so a SIGINT to wrk (the shell's
+# parent) ends that sleep and wrk reports as at the end of -d. It is sent from the background
+# 10 ms later because system() ignores SIGINT in wrk until the shell returns.
+STOP = r"""
+local max_requests = tonumber(os.getenv("BENCH_MAX_REQUESTS") or "0")
+local replies = 0
+function response(status, headers, body)
+  replies = replies + 1
+  if replies == max_requests then
+    wrk.thread:stop()
+    os.execute("(sleep 0.01; kill -INT $PPID) &")
+  end
+end
+"""
+
+# One fixed body from BENCH_BODY_FILE: wrk's own request path, no Lua per request.
+FIXED = r"""
+local f = assert(io.open(os.getenv("BENCH_BODY_FILE"), "rb"))
+wrk.method = "POST"
+wrk.path = os.getenv("BENCH_PATH")
+wrk.body = f:read("*a")
+f:close()
+wrk.headers["Content-Type"] = "application/json"
+"""
+
+
+def lua_for(kind: str, bounded: bool = False, fixed: bool = False) -> str:
+    """The script for ``kind`` (payloads.KINDS); ``fixed``: post BENCH_BODY_FILE as it is."""
     event, prefix, suffix = KINDS[kind]
-    return LUA % {"event": event, "prefix": prefix, "suffix": suffix}
+    script = LUA % {"event": event, "prefix": prefix, "suffix": suffix,
+                    "stop": STOP if bounded else ""}
+    if fixed:
+        # Keep the results line; drop the generated request() so wrk sends its static request.
+        script = FIXED + script[script.index("function done"):]
+    return script

@@ -1,0 +1,81 @@
+"""What every phase of the bench shares: the run's settings, its directories, starting the
+servers under test, and one loaded measurement (warm-up, then a timed run with CPU and RSS)."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import time
+from pathlib import Path
+from typing import Any
+
+from . import loadgen
+from .loadgen import Load
+from .meters import CpuWindow, per_million
+from .procs import Proc, RssSampler, agent_proc, free_port, http_get, ref_proc, write_agent_config
+
+
+class Harness:
+    """The run's settings and work directory; starts agents and reference servers."""
+
+    def __init__(self, args: argparse.Namespace, workdir: Path) -> None:
+        self.args = args
+        self.workdir = workdir
+        self.use_wrk = args.loadgen == "wrk" or (args.loadgen == "auto" and loadgen.have_wrk())
+        if args.loadgen == "wrk" and not loadgen.have_wrk():
+            raise SystemExit("wrk is not installed (apt-get install wrk), or use --loadgen python")
+        self.runs = 0
+        self.memory: dict[str, Any] = {}
+
+    def dir(self, name: str) -> Path:
+        self.runs += 1
+        d = self.workdir / f"{self.runs:02d}-{name}"
+        d.mkdir()
+        return d
+
+    def peak(self, phase: str, rss: tuple[int, int]) -> None:
+        """Keep the highest (VmRSS, RssAnon) seen in ``phase`` (idle, ingest, fill, drain)."""
+        old = self.memory.get(phase, (0, 0))
+        self.memory[phase] = (max(old[0], rss[0]), max(old[1], rss[1]))
+
+    def start_agent(self, d: Path, upstream_port: int = 0, protocol: str = "nucleus-ws",
+                    sync: str = "full") -> Proc:
+        """An agent whose spool lives in ``d/spool/spool.db``; its upstream offline unless
+        something listens on ``upstream_port``."""
+        (d / "spool").mkdir(exist_ok=True)
+        port = free_port()
+        cfg = write_agent_config(d / "agent.toml", port, d / "spool" / "spool.db",
+                                 upstream_port or free_port(), protocol=protocol, sync=sync)
+        return agent_proc(cfg, port, d / "agent.log").start()
+
+    def start_ref(self, kind: str, d: Path) -> Proc:
+        return ref_proc(kind, free_port(), d / f"{kind}.log", d / "naive.db").start()
+
+    def loaded(self, proc: Proc, load: Load, d: Path) -> dict[str, Any]:
+        """``--warmup`` s of ``load``, then ``--duration`` s measured: events/s, latency, the
+        server's CPU seconds per million events over the measured run, and its RSS peak."""
+        with RssSampler(proc.pid) as rss:
+            load.duration = self.args.warmup
+            loadgen.run(load, d, self.use_wrk, self.args.wrk_threads)
+            rss.take()
+            load.duration = self.args.duration
+            with CpuWindow(proc.pid) as cpu:
+                result = loadgen.run(load, d, self.use_wrk, self.args.wrk_threads)
+            result["rss_peak"], result["rss_anon_peak"] = rss.take()
+        events = float(result["raw"]["events"])
+        result.update(cpu_s=cpu.seconds, events=events, cpu_s_per_m=per_million(cpu.seconds, events))
+        return result
+
+
+def depth(port: int) -> int:
+    return int(json.loads(http_get(f"http://127.0.0.1:{port}/healthz", timeout=5.0))["queue_depth"])
+
+
+def wait_empty(port: int, limit_s: float) -> tuple[float, int]:
+    """Poll /healthz until the queue is empty or ``limit_s`` passes: (seconds, depth left)."""
+    started = time.perf_counter()
+    left = depth(port)
+    while left and time.perf_counter() - started < limit_s:
+        time.sleep(0.02)
+        left = depth(port)
+    return time.perf_counter() - started, left
