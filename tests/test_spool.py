@@ -18,7 +18,9 @@ from agent.spool.types import SpoolFull
 
 
 def ev(key: str, n: int, size: int = 10) -> Event:
-    return Event(key, NUCLEUS, dedupe_key(key, n), orjson.dumps({"id": n, "pad": "x" * size}))
+    # Random padding: records are compressed, and a run of one letter would take no room.
+    pad = os.urandom(size // 2 + 1).hex()[:size]
+    return Event(key, NUCLEUS, dedupe_key(key, n), orjson.dumps({"id": n, "pad": pad}))
 
 
 async def open_spool(tmp_path: Path, **kw: object) -> Spool:
