@@ -97,7 +97,7 @@ async def test_reject_when_full(tmp_path: Path) -> None:
     with pytest.raises(SpoolFull):
         for i in range(200):
             stored += await spool.append([ev("k", i, big)])
-    assert 0 < stored < 60
+    assert 0 < stored < 120     # 1 MB of hex pads compressed about 2x: ~100 fit
     assert spool.counters["rejected_full"] >= 1
     assert os.path.getsize(tmp_path / "spool.db") <= 1024 * 1024 + 64 * 1024
     await spool.close()
