@@ -14,9 +14,8 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from agent.outcomes import Counts, Drop, Tally, record
-from agent.spool.db import mark, transaction, used_bytes
+from agent.spool.db import keys_from_bytes, mark, transaction, used_bytes
 from agent.spool.dedupe import keys_to_bytes
-from agent.spool.db import keys_from_bytes
 from agent.spool.records import DamagedRecord, pack, unpack
 
 # Per-record overhead (row header, index entry, page slack) used when estimating
