@@ -3,17 +3,22 @@ the dedupe index rebuilt at start, and a failed commit that must not dedupe a re
 
 from __future__ import annotations
 
+import asyncio
 import os
 import sqlite3
 from pathlib import Path
+from typing import Any
 
 import orjson
 import pytest
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
 
 from agent.families.event import NUCLEUS, SEGMENT, Event, dedupe_key
+from agent.outcomes import Drop, Tally
 from agent.settings import StorageConfig
 from agent.spool import Spool
-from agent.spool.types import Reason, SpoolFull
+from agent.spool.types import Reason, Row, SpoolFull
 
 
 def ev(key: str, n: int, size: int = 10, family: int = NUCLEUS) -> Event:
@@ -21,8 +26,8 @@ def ev(key: str, n: int, size: int = 10, family: int = NUCLEUS) -> Event:
     return Event(key, family, dedupe_key(key, n), orjson.dumps({"id": n, "pad": pad}))
 
 
-def ids(rows: list[object]) -> list[int]:
-    return [orjson.loads(r.body)["id"] for r in rows]  # type: ignore[attr-defined]
+def ids(rows: list[Row]) -> list[int]:
+    return [orjson.loads(r.body)["id"] for r in rows]
 
 
 async def open_spool(tmp_path: Path, **kw: object) -> Spool:
@@ -65,7 +70,7 @@ async def test_the_dedupe_index_is_rebuilt_from_queued_and_delivered_records(
     try:
         assert len(spool.index) == 6
         assert await spool.append([ev("k", i) for i in range(7)]) == 1   # only id 6 is new
-        assert spool.counters["duplicates"] == 6
+        assert spool.counters[Tally.DUPLICATES] == 6
     finally:
         await spool.close()
 
@@ -97,7 +102,7 @@ async def test_a_damaged_record_is_skipped_counted_and_the_rest_served(tmp_path:
         sid = spool.streams["k"].id
         assert ids(await spool.fetch(sid, 0, 100)) == list(range(10)) + list(range(20, 30))
         await spool.append([ev("other", 0)])                # the next commit deletes it
-        assert spool.counters["dropped_corrupt"] == 10 and spool.streams["k"].depth == 20
+        assert spool.counters[Drop.DROPPED_CORRUPT] == 10 and spool.streams["k"].depth == 20
         assert ids(await spool.fetch(sid, 0, 100)) == list(range(10)) + list(range(20, 30))
     finally:
         await spool.close()
@@ -143,3 +148,71 @@ async def test_a_commit_that_fails_does_not_make_the_retry_a_duplicate(tmp_path:
         assert spool.depth == 40
     finally:
         await spool.close()
+
+
+# One step: ("append", key index, first id, count, family), ("ack", picks), ("dead", picks),
+# or ("restart",). Picks choose among the queued events by position.
+_steps = st.lists(st.one_of(
+    st.tuples(st.just("append"), st.integers(0, 2), st.integers(0, 40), st.integers(1, 30),
+              st.sampled_from([NUCLEUS, SEGMENT])),
+    st.tuples(st.just("ack"), st.lists(st.integers(0, 200), max_size=40)),
+    st.tuples(st.just("dead"), st.lists(st.integers(0, 200), max_size=3)),
+    st.tuples(st.just("restart"))), min_size=1, max_size=12)
+
+
+@settings(max_examples=40, deadline=None,
+          suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(steps=_steps)
+def test_the_queue_matches_a_model_through_acks_dead_letters_and_restarts(
+        tmp_path_factory: pytest.TempPathFactory, steps: list[tuple[Any, ...]]) -> None:
+    """Per key: the queue is the events first received and not yet settled, in order;
+    a resend is never stored twice; depths, counters and dead letters agree."""
+    where = tmp_path_factory.mktemp("model")
+    keys = ("a", "b", "c")
+    queued: dict[str, list[int]] = {k: [] for k in keys}   # ids, in order
+    seen: set[tuple[str, int]] = set()
+    acked = dead = 0
+
+    async def run() -> None:
+        nonlocal acked, dead
+        spool = await open_spool(where)
+        try:
+            for step in steps:
+                if step[0] == "restart":
+                    await spool.close()
+                    spool = await open_spool(where)
+                    continue
+                if step[0] == "append":
+                    _, k, first, count, family = step
+                    key = keys[k]
+                    batch = [Event(key, family, dedupe_key(key, i), b'{"id":%d}' % i)
+                             for i in range(first, first + count)]
+                    new = [i for i in range(first, first + count) if (key, i) not in seen]
+                    assert await spool.append(batch) == len(new)
+                    seen.update((key, i) for i in new)
+                    queued[key] += new
+                    continue
+                rows = [r for k in keys if k in spool.streams
+                        for r in await spool.fetch(spool.streams[k].id, 0, 10_000)]
+                picked = {rows[p].seq: rows[p] for p in step[1] if p < len(rows)}
+                key_of = {s.id: k for k, s in spool.streams.items()}
+                for r in picked.values():
+                    queued[key_of[r.stream]].remove(orjson.loads(r.body)["id"])
+                if step[0] == "ack":
+                    await spool.ack(list(picked))
+                    acked += len(picked)
+                else:
+                    await spool.dead_letter([(s, "up", "bad") for s in picked])
+                    dead += len(picked)
+            for k in keys:
+                stream = spool.streams.get(k)
+                got = await spool.fetch(stream.id, 0, 10_000) if stream else []
+                assert [orjson.loads(r.body)["id"] for r in got] == queued[k]
+                assert (stream.depth if stream else 0) == len(queued[k])
+            assert spool.counters.get(Tally.ACKED, 0) == acked
+            assert spool.counters.get(Drop.DEAD_LETTERED, 0) == dead == spool.dead_count
+            assert len(await spool.dead_letters(1000)) == dead
+        finally:
+            await spool.close()
+
+    asyncio.run(run())
