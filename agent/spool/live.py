@@ -52,25 +52,29 @@ class LiveRecords:
                dead: Iterable[tuple[int, str, str]]) -> list[Settle]:
         """Group seqs by their record (seqs in no live record are left out)."""
         out: dict[int, Settle] = {}
-        for seq in acked:
-            s = self._find(seq, out)
-            if s is not None:
-                s.acked.append(seq - s.id)
+        # Acks come in runs of consecutive seqs: one lookup per record, not per seq.
+        rid, end, current = 0, 0, None
+        for seq in sorted(acked):
+            if not rid <= seq < end:
+                rid, end, current = self._find(seq, out)
+            if current is not None:
+                current.acked.append(seq - rid)
         for seq, upstream, reason in dead:
-            s = self._find(seq, out)
+            rid, end, s = self._find(seq, out)
             if s is not None:
-                s.dead.append((seq - s.id, upstream, reason))
+                s.dead.append((seq - rid, upstream, reason))
         return list(out.values())
 
-    def _find(self, seq: int, out: dict[int, Settle]) -> Settle | None:
+    def _find(self, seq: int, out: dict[int, Settle]) -> tuple[int, int, Settle | None]:
+        """(first seq, end, its Settle) of the record holding ``seq``; (0, 0, None) if none."""
         i = bisect_right(self._ids, seq) - 1
         if i < 0:
-            return None
+            return 0, 0, None
         rid = self._ids[i]
         rec = self._info[rid]
         if seq - rid >= rec.n:
-            return None
+            return 0, 0, None
         s = out.get(rid)
         if s is None:
             s = out[rid] = Settle(rid, rec.observed)
-        return s
+        return rid, rid + rec.n, s
