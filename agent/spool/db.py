@@ -96,7 +96,7 @@ class State:
     dead: int                                     # dead letters (then counted in memory)
     used_bytes: int
     observed: int | None                          # agent-observed ms; None: no clock marks
-    live: list[tuple[int, int, int, int]]         # live records: (id, stream, n, observed)
+    live: list[tuple[int, int, int]]              # live records: (id, n, observed)
     keys: list[tuple[bytes, int, int]]            # dedupe keys by receipt: (keys, wall, observed)
 
 
@@ -122,10 +122,10 @@ def load_state(conn: sqlite3.Connection, now_observed: int) -> State:
 
     live = []
     keys: list[tuple[int, bytes, int, int]] = []
-    for rid, stream, n, received, dkeys in conn.execute(
-            "SELECT id, stream, n, received, dkeys FROM records ORDER BY id"):
+    for rid, n, received, dkeys in conn.execute(
+            "SELECT id, n, received, dkeys FROM records ORDER BY id"):
         seen = receipt(rid)
-        live.append((rid, stream, n, seen))
+        live.append((rid, n, seen))
         keys.append((rid, dkeys, received, seen))
     keys += conn.execute("SELECT id, dkeys, received, observed FROM spent").fetchall()
     keys.sort(key=lambda k: k[0])

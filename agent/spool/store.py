@@ -166,8 +166,8 @@ class Spool:
         self.books.reset(state.streams, state.counters, state.next_seq, state.dead,
                          state.used_bytes)
         self.live.clear()
-        for rid, stream, n, observed in state.live:
-            self.live.add(rid, stream, n, observed)
+        for rid, n, observed in state.live:
+            self.live.add(rid, n, observed)
         self.index = self.writer.index = DedupeIndex(self.index.window_ms, self.index.max_keys)
         for keys, wall, observed in state.keys:
             self.index.load(keys, wall, observed)

@@ -252,7 +252,7 @@ class Writer:
         forgotten = self.index.forgotten
         for g in job.groups:  # committed: from now on a resend is a duplicate
             self.index.admit(g.keys, wall, observed)
-            self.live.add(g.id, g.stream, len(g.bodies), observed)
+            self.live.add(g.id, len(g.bodies), observed)
         if self.index.forgotten > forgotten:
             books.count(Tally.DEDUPE_FORGOTTEN, self.index.forgotten - forgotten)
         for pending, n in zip(appends, stored):
