@@ -22,7 +22,8 @@ from agent.spool.writer import is_corruption
 
 # Unpacked records kept for the next fetch: a forwarder's batch usually ends inside a
 # record, and its next fetch starts there. Records are immutable (only ``gone`` changes,
-# and that is read each time), and their ids are never reused.
+# and that is read each time); keyed by id, size and data length, so that a record
+# rewritten under the same id (a salvage into a fresh spool) is never served stale.
 CACHED_RECORDS = 8
 
 
@@ -43,7 +44,7 @@ class Reader:
 
     def __init__(self, host: ReadHost) -> None:
         self.host = host
-        self._cache: OrderedDict[int, list[bytes]] = OrderedDict()  # used on the reader thread
+        self._cache: OrderedDict[tuple[int, int, int], list[bytes]] = OrderedDict()  # used on the reader thread
 
     async def fetch(self, stream: int, after: int, limit: int) -> list[Row]:
         """Up to ``limit`` rows of one key's queue with seq > ``after``, oldest first."""
@@ -106,9 +107,10 @@ class Reader:
         return rows, damaged
 
     def _unpack(self, rid: int, data: bytes, n: int) -> list[bytes] | None:
-        bodies = self._cache.get(rid)
+        key = (rid, n, len(data))
+        bodies = self._cache.get(key)
         if bodies is not None:
-            self._cache.move_to_end(rid)
+            self._cache.move_to_end(key)
             return bodies
         try:
             bodies = unpack(data)
@@ -116,7 +118,7 @@ class Reader:
             return None
         if len(bodies) != n:
             return None
-        self._cache[rid] = bodies
+        self._cache[key] = bodies
         if len(self._cache) > CACHED_RECORDS:
             self._cache.popitem(last=False)
         return bodies
