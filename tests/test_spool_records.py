@@ -14,6 +14,7 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
+from agent.clock import CLOCK
 from agent.families.event import NUCLEUS, SEGMENT, Event, dedupe_key
 from agent.outcomes import Drop, Tally
 from agent.settings import StorageConfig
@@ -216,3 +217,22 @@ def test_the_queue_matches_a_model_through_acks_dead_letters_and_restarts(
             await spool.close()
 
     asyncio.run(run())
+
+
+async def test_past_the_window_delivered_keys_are_forgotten_on_disk_and_in_memory(
+        tmp_path: Path) -> None:
+    spool = await open_spool(tmp_path, dedupe_window_h=1)
+    try:
+        await spool.append([ev("k", i) for i in range(5)])
+        await spool.ack([r.seq for r in await spool.fetch(spool.streams["k"].id, 0, 10)])
+        await spool.prune()                                # within the window: kept
+        assert await spool.append([ev("k", 0)]) == 0 and len(spool.index) == 5
+        CLOCK.passed_ms = 2 * 3_600_000                    # two hours pass (both clocks)
+        await spool.prune()
+        assert len(spool.index) == 0
+        with sqlite3.connect(tmp_path / "spool.db") as db:
+            assert db.execute("SELECT count(*) FROM spent").fetchone()[0] == 0
+        assert await spool.append([ev("k", 0)]) == 1       # at-least-once beyond the window
+    finally:
+        CLOCK.passed_ms = 0
+        await spool.close()
