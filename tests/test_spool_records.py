@@ -236,3 +236,19 @@ async def test_past_the_window_delivered_keys_are_forgotten_on_disk_and_in_memor
     finally:
         CLOCK.passed_ms = 0
         await spool.close()
+
+
+async def test_a_spool_from_a_newer_agent_is_refused_and_left_untouched(tmp_path: Path) -> None:
+    with sqlite3.connect(tmp_path / "spool.db") as db:
+        db.execute("CREATE TABLE future(x)")
+        db.execute("PRAGMA user_version = 2")
+    before = (tmp_path / "spool.db").read_bytes()
+    spool = await open_spool(tmp_path)
+    try:
+        with pytest.raises(SpoolFull) as refused:
+            await spool.append([ev("k", 1)])
+        assert refused.value.reason is Reason.NOT_OPEN
+    finally:
+        await spool.close()
+    assert (tmp_path / "spool.db").read_bytes() == before
+    assert not list(tmp_path.glob("spool.db.corrupt-*"))

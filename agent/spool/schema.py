@@ -45,15 +45,21 @@ class SpoolVersionError(sqlite3.DatabaseError):
     no migration here. The file is left untouched."""
 
 
-def ensure(conn: sqlite3.Connection) -> None:
-    """Create the v1 schema in an empty file, or bring an older spool up to it
-    (``agent.spool.migrate``, when present); refuse a newer one."""
+def refuse_newer(conn: sqlite3.Connection) -> None:
+    """A spool written by a newer agent: refused before anything (even a pragma) writes."""
     version = int(conn.execute("PRAGMA user_version").fetchone()[0])
-    if version == VERSION:
-        return
     if version > VERSION:
         raise SpoolVersionError(f"spool format v{version} is newer than this agent's "
                                 f"(v{VERSION}): upgrade the agent, or move the file away")
+
+
+def ensure(conn: sqlite3.Connection) -> None:
+    """Create the v1 schema in an empty file, or bring an older spool up to it
+    (``agent.spool.migrate``, when present); refuse a newer one."""
+    refuse_newer(conn)
+    version = int(conn.execute("PRAGMA user_version").fetchone()[0])
+    if version == VERSION:
+        return
     if not conn.execute("SELECT count(*) FROM sqlite_master").fetchone()[0]:
         conn.executescript(SCHEMA)
         return

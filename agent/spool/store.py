@@ -33,7 +33,7 @@ from agent.spool.dedupe import DedupeIndex
 from agent.spool.live import LiveRecords
 from agent.spool.reads import Reader
 from agent.spool.salvage import Carry, Salvaged, salvage, salvage_counters
-from agent.spool.schema import ensure, move_aside
+from agent.spool.schema import ensure, move_aside, refuse_newer
 from agent.spool.types import Row, Stream
 from agent.spool.writer import Writer, is_corruption
 
@@ -140,10 +140,16 @@ class Spool:
         self._db = SqliteThread("spool-writer")
         try:
             # auto_vacuum before WAL: both must precede the first table of a new file.
-            await self._db.open(self.path, "PRAGMA auto_vacuum=INCREMENTAL; PRAGMA "
-                                f"journal_mode=WAL; PRAGMA synchronous={sync};"
-                                "PRAGMA busy_timeout=5000; PRAGMA journal_size_limit=67108864;",
-                                ensure)
+            pragmas = ("PRAGMA auto_vacuum=INCREMENTAL; PRAGMA journal_mode=WAL; "
+                       f"PRAGMA synchronous={sync}; PRAGMA busy_timeout=5000; "
+                       "PRAGMA journal_size_limit=67108864;")
+
+            def prepare(conn: sqlite3.Connection) -> None:
+                refuse_newer(conn)
+                conn.executescript(pragmas)
+                ensure(conn)
+
+            await self._db.open(self.path, "", prepare)
             await self._load_state(self._db)
             # Published only once open: a status read in between would take a reader
             # with no connection for a failure of its own (a 500).
