@@ -252,3 +252,20 @@ async def test_a_spool_from_a_newer_agent_is_refused_and_left_untouched(tmp_path
         await spool.close()
     assert (tmp_path / "spool.db").read_bytes() == before
     assert not list(tmp_path.glob("spool.db.corrupt-*"))
+
+
+async def test_a_key_repeated_within_a_request_or_a_commit_is_stored_once(
+        tmp_path: Path) -> None:
+    spool = await open_spool(tmp_path)
+    try:
+        one, two = ev("k", 1), ev("k", 2)
+        assert await spool.append([one, two, one, one]) == 2
+        # Concurrent requests share one commit: the repeat is caught within it.
+        got = await asyncio.gather(*(spool.append([ev("k", 3), ev("k", i)])
+                                     for i in range(4, 8)))
+        assert sorted(got) == [1, 1, 1, 2] and spool.depth == 7
+        assert spool.counters[Tally.DUPLICATES] == 2 + 3
+        rows = await spool.fetch(spool.streams["k"].id, 0, 100)
+        assert ids(rows) == [1, 2, *sorted(ids(rows)[2:])] and len(set(ids(rows))) == 7
+    finally:
+        await spool.close()
