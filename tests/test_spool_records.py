@@ -269,3 +269,22 @@ async def test_a_key_repeated_within_a_request_or_a_commit_is_stored_once(
         assert ids(rows) == [1, 2, *sorted(ids(rows)[2:])] and len(set(ids(rows))) == 7
     finally:
         await spool.close()
+
+
+async def test_records_hold_about_a_thousand_events_or_256_kib(tmp_path: Path) -> None:
+    spool = await open_spool(tmp_path)
+    try:
+        assert await spool.append([ev("k", i) for i in range(2500)]) == 2500
+        assert await spool.append([ev("big", i, size=3000) for i in range(200)]) == 200
+        with sqlite3.connect(tmp_path / "spool.db") as db:
+            small = [n for (n,) in db.execute("SELECT n FROM records WHERE stream = ? "
+                                              "ORDER BY id", (spool.streams["k"].id,))]
+            big = db.execute("SELECT max(bytes), sum(n), count(*) FROM records "
+                             "WHERE stream = ?", (spool.streams["big"].id,)).fetchone()
+        assert small == [1000, 1000, 500]
+        # ~600 KB in records of about 256 KiB (cut by the events' average size)
+        assert big[1] == 200 and big[2] == 3 and big[0] < 270 * 1024
+        rows = await spool.fetch(spool.streams["k"].id, 0, 10_000)
+        assert ids(rows) == list(range(2500))
+    finally:
+        await spool.close()

@@ -171,26 +171,36 @@ class Writer:
         here: set[int] = set()          # keys new in this commit: a repeat is a resend
         stored: list[int] = []
         for p in batch.appends:
-            key, sid, new = "", 0, 0
-            for ev in p.events:
-                k = ev.dedupe
-                if k in here or k in index:
-                    continue
-                here.add(k)
-                if ev.key != key:  # requests are nearly always one key: look it up once
-                    key = ev.key
-                    sid = (books.streams.get(key) or books.stream_for(key)).id
+            fresh = [ev for ev in p.events if ev.dedupe not in index]
+            keys = [ev.dedupe for ev in fresh]
+            if (not fresh or not here.isdisjoint(keys) or len(set(keys)) != len(keys)
+                    or len({ev.key for ev in fresh}) != 1
+                    or len({ev.family for ev in fresh}) != 1):
+                stored.append(self._each(p, index, here, latest, groups))
+                continue
+            # The usual request: one key, one family, no repeat. No loop per event here.
+            here.update(keys)
+            first = fresh[0]
+            sid = (books.streams.get(first.key) or books.stream_for(first.key)).id
+            bodies = [ev.body for ev in fresh]
+            sizes = list(map(len, bodies))
+            start = 0
+            while start < len(bodies):
                 g = latest.get(sid)
-                # A new record at a change of family keeps the key's events in order.
-                if (g is None or g.family != ev.family or len(g.bodies) >= RECORD_EVENTS
+                if (g is None or g.family != first.family or len(g.bodies) >= RECORD_EVENTS
                         or g.nbytes >= RECORD_BYTES):
-                    g = latest[sid] = Group(0, sid, ev.family, p.received, [], [])
+                    g = latest[sid] = Group(0, sid, first.family, p.received, [], [])
                     groups.append(g)
-                g.bodies.append(ev.body)
-                g.keys.append(k)
-                g.nbytes += len(ev.body)
-                new += 1
-            stored.append(new)
+                take = min(RECORD_EVENTS - len(g.bodies), len(bodies) - start)
+                # Bytes: about the cap, going by these events' average size.
+                avg = max(1.0, sum(sizes[start:start + take]) / take)
+                take = max(1, min(take, int((RECORD_BYTES - g.nbytes) / avg)))
+                end = start + take
+                g.bodies += bodies[start:end]
+                g.keys += keys[start:end]
+                g.nbytes += sum(sizes[start:end])
+                start = end
+            stored.append(len(fresh))
         seq = books.next_seq
         for g in groups:  # each record's events are numbered consecutively
             g.id = seq
@@ -209,6 +219,31 @@ class Writer:
                   remember=self.cfg.dedupe_window_h > 0, counters=books.take_unsaved(),
                   now=now_ms(), mark=mark)
         return job, stored
+
+    def _each(self, p: Pending, index: DedupeIndex, here: set[int],
+              latest: dict[int, Group], groups: list[Group]) -> int:
+        """One request event by event (several keys or families, or a repeat): returns
+        how many of its events are new."""
+        key, sid, new = "", 0, 0
+        for ev in p.events:
+            k = ev.dedupe
+            if k in here or k in index:
+                continue
+            here.add(k)
+            if ev.key != key:
+                key = ev.key
+                sid = (self.books.streams.get(key) or self.books.stream_for(key)).id
+            g = latest.get(sid)
+            # A new record at a change of family keeps the key's events in order.
+            if (g is None or g.family != ev.family or len(g.bodies) >= RECORD_EVENTS
+                    or g.nbytes >= RECORD_BYTES):
+                g = latest[sid] = Group(0, sid, ev.family, p.received, [], [])
+                groups.append(g)
+            g.bodies.append(ev.body)
+            g.keys.append(k)
+            g.nbytes += len(ev.body)
+            new += 1
+        return new
 
     async def _run_batch(self, batch: Batch) -> None:
         books = self.books
