@@ -102,29 +102,23 @@ def spool_mb(path: Path) -> float:
 
 
 def dedupe_share(path: Path) -> tuple[float, int]:
-    """Bytes and count of the spool's dedupe memory, read-only: tombstones of delivered
-    events (their share of the events table and its dedupe index, and the index that
-    expires them)."""
+    """Bytes and count of the spool's stored dedupe keys of delivered events, read-only
+    (the ``spent`` table: 8 bytes a key plus its rows' share of their pages). The running
+    agent also holds every key of the window in memory (docs/operations.md)."""
     try:
         conn = sqlite3.connect(f"file:{path}?mode=ro", uri=True, timeout=2)
     except sqlite3.Error:
         return 0.0, 0
     try:
-        tombs = conn.execute("SELECT count(*) FROM events WHERE acked IS NOT NULL").fetchone()[0]
-        live = conn.execute("SELECT count(*) FROM events WHERE acked IS NULL").fetchone()[0]
+        keys, nbytes = conn.execute(
+            "SELECT coalesce(sum(length(dkeys)) / 8, 0), coalesce(sum(length(dkeys)), 0) "
+            "FROM spent").fetchone()
         try:
-            pages = {name: (size, unused) for name, size, unused in conn.execute(
-                "SELECT name, sum(pgsize), sum(unused) FROM dbstat GROUP BY name")}
-        except sqlite3.Error:  # no dbstat in this SQLite build: estimate
-            return tombs * 40 / 1e6, int(tombs)
-        # A tombstone keeps its ~40-byte record, its dedupe index entry and its expiry
-        # index entry; its emptied body stays as free space inside the events pages
-        # (released when tombstones are pruned), so that free space is counted here.
-        by_rows = tombs / (tombs + live) if tombs + live else 0.0
-        size = (tombs * 40 + (pages.get("events", (0, 0))[1] if tombs else 0)
-                + by_rows * pages.get("events_dkey", (0, 0))[0]
-                + pages.get("events_acked", (0, 0))[0])
-        return size / 1e6, int(tombs)
+            (size,) = conn.execute("SELECT coalesce(sum(pgsize), 0) FROM dbstat "
+                                   "WHERE name = 'spent'").fetchone()
+        except sqlite3.Error:  # no dbstat in this SQLite build: the keys alone
+            size = nbytes
+        return size / 1e6, int(keys)
     except sqlite3.Error:
         return 0.0, 0
     finally:

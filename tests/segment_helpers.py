@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import base64
 import gzip
+import os
 from dataclasses import dataclass
 from typing import Any
 
@@ -62,10 +63,11 @@ async def call(port: int, path: str, body: Any = None, *, method: str = "POST",
 
 
 async def fill_spool(port: int) -> None:
-    """Fill an agent's spool (start it with max_size_mb = 1) until a small track is refused."""
+    """Fill an agent's spool (start it with max_size_mb = 1) until a small track is refused.
+    Random properties: records are compressed, and repeated letters would take no room."""
     auth = {"Authorization": basic("filler")}
     big = {"batch": [{"type": "track", "userId": "u", "event": "e",
-                      "properties": {"x": "y" * 30_000}} for _ in range(15)]}
+                      "properties": {"x": os.urandom(15_000).hex()}} for _ in range(15)]}
     for _ in range(10):
         if (await call(port, "/v1/batch", big, headers=auth)).status == 503:
             break

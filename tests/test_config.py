@@ -19,6 +19,7 @@ def test_default_agent_toml_is_valid_and_matches_the_contract() -> None:
     assert cfg.listen.host == "127.0.0.1" and cfg.listen.port == 8765
     assert cfg.storage.when_full == "reject" and cfg.storage.sync == "full"
     assert cfg.storage.max_size_mb == 512 and cfg.storage.max_age_days == 30
+    assert cfg.storage.dedupe_max_keys == 1_000_000
     (up,) = cfg.upstreams
     assert (up.name, up.protocol, up.url, up.keys) == ("nucleus", "nucleus-ws",
                                                         "wss://app.nucleus.sh", ("*",))
@@ -34,6 +35,7 @@ def test_default_agent_toml_is_valid_and_matches_the_contract() -> None:
     ({"storage": {"sync": "off"}}, "storage.sync"),
     ({"storage": {"max_size_mb": 0}}, "storage.max_size_mb"),
     ({"storage": {"max_size_mb": True}}, "storage.max_size_mb"),
+    ({"storage": {"dedupe_max_keys": 0}}, "storage.dedupe_max_keys"),
     ({"device": {"ram": 4}}, "device.ram"),
     ({"upstream": [{"name": "a", "protocol": "carrier-pigeon", "url": "http://x"}]},
      "upstream[0].protocol"),

@@ -62,8 +62,11 @@ def offline_agent(tmp_path: Path, agent_process: Callable[..., AgentProcess],
                   **listen: Any) -> AgentProcess:
     """An `outpost run` subprocess whose upstream is down: pure ingest."""
     port = free_port()
+    # The dedupe index is kept by design (78 B per key received in the window, up to
+    # storage.dedupe_max_keys: docs/operations.md); bounded small here, so that what is
+    # measured is the memory of ingest itself, which must be handed back.
     cfg = write_config(tmp_path / "agent.toml", tmp_path / "spool.db", port=port,
-                       listen=listen, upstreams=[{
+                       listen=listen, storage={"dedupe_max_keys": 10_000}, upstreams=[{
                            "name": "n", "protocol": "nucleus-ws",
                            "url": f"ws://127.0.0.1:{free_port()}"}])
     return agent_process(cfg, port).start()

@@ -1,0 +1,72 @@
+"""Which records hold live events, in seq order: an ack finds its record without SQL."""
+
+from __future__ import annotations
+
+from array import array
+from bisect import bisect_right
+from collections.abc import Iterable
+
+from agent.spool.commit import Settle
+
+
+class LiveRecords:
+    """The live records' first seqs (sorted), sizes and receipt times; kept on the loop.
+
+    Records are numbered in seq order, so a new one goes at the end; most leave from
+    the front (acked in FIFO order). Three int64 arrays: 24 bytes per record, not per
+    event (an agent with thousands of idle keys holds a record or two for each).
+    """
+
+    def __init__(self) -> None:
+        self._ids = array("q")
+        self._ns = array("q")
+        self._observed = array("q")  # agent-observed ms of each record's receipt
+
+    def __len__(self) -> int:
+        return len(self._ids)
+
+    def add(self, rid: int, n: int, observed: int) -> None:
+        i = bisect_right(self._ids, rid)
+        if i and self._ids[i - 1] == rid:
+            return
+        self._ids.insert(i, rid)
+        self._ns.insert(i, n)
+        self._observed.insert(i, observed)
+
+    def remove(self, rids: Iterable[int]) -> None:
+        for rid in rids:
+            i = bisect_right(self._ids, rid) - 1
+            if i >= 0 and self._ids[i] == rid:
+                del self._ids[i], self._ns[i], self._observed[i]
+
+    def clear(self) -> None:
+        for a in (self._ids, self._ns, self._observed):
+            del a[:]
+
+    def settle(self, acked: Iterable[int],
+               dead: Iterable[tuple[int, str, str]]) -> list[Settle]:
+        """Group seqs by their record (seqs in no live record are left out)."""
+        out: dict[int, Settle] = {}
+        # Acks come in runs of consecutive seqs: one lookup per record, not per seq.
+        rid, end, current = 0, 0, None
+        for seq in sorted(acked):
+            if not rid <= seq < end:
+                rid, end, current = self._find(seq, out)
+            if current is not None:
+                current.acked.append(seq - rid)
+        for seq, upstream, reason in dead:
+            rid, end, s = self._find(seq, out)
+            if s is not None:
+                s.dead.append((seq - rid, upstream, reason))
+        return list(out.values())
+
+    def _find(self, seq: int, out: dict[int, Settle]) -> tuple[int, int, Settle | None]:
+        """(first seq, end, its Settle) of the record holding ``seq``; (0, 0, None) if none."""
+        i = bisect_right(self._ids, seq) - 1
+        if i < 0 or seq - self._ids[i] >= self._ns[i]:
+            return 0, 0, None
+        rid = self._ids[i]
+        s = out.get(rid)
+        if s is None:
+            s = out[rid] = Settle(rid, self._observed[i])
+        return rid, rid + self._ns[i], s

@@ -1,0 +1,290 @@
+"""The spool's packed records (v1): partial acks, damaged records, space handed back,
+the dedupe index rebuilt at start, and a failed commit that must not dedupe a retry."""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import sqlite3
+from pathlib import Path
+from typing import Any
+
+import orjson
+import pytest
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+
+from agent.clock import CLOCK
+from agent.families.event import NUCLEUS, SEGMENT, Event, dedupe_key
+from agent.outcomes import Drop, Tally
+from agent.settings import StorageConfig
+from agent.spool import Spool
+from agent.spool.types import Reason, Row, SpoolFull
+
+
+def ev(key: str, n: int, size: int = 10, family: int = NUCLEUS) -> Event:
+    pad = os.urandom(size // 2 + 1).hex()[:size]
+    return Event(key, family, dedupe_key(key, n), orjson.dumps({"id": n, "pad": pad}))
+
+
+def ids(rows: list[Row]) -> list[int]:
+    return [orjson.loads(r.body)["id"] for r in rows]
+
+
+async def open_spool(tmp_path: Path, **kw: object) -> Spool:
+    return await Spool.open(StorageConfig(path=str(tmp_path / "spool.db"), **kw))  # type: ignore[arg-type]
+
+
+async def test_partial_acks_survive_a_restart_and_a_full_record_becomes_spent(
+        tmp_path: Path) -> None:
+    spool = await open_spool(tmp_path)
+    await spool.append([ev("k", i) for i in range(10)])
+    sid = spool.streams["k"].id
+    rows = await spool.fetch(sid, 0, 100)
+    await spool.ack([rows[i].seq for i in (0, 3, 9)])
+    assert ids(await spool.fetch(sid, 0, 100)) == [1, 2, 4, 5, 6, 7, 8]
+    assert ids(await spool.fetch(sid, rows[4].seq, 2)) == [5, 6]   # a cursor inside a record
+    await spool.close()
+    spool = await open_spool(tmp_path)
+    try:
+        assert spool.depth == 7 and spool.streams["k"].depth == 7
+        left = await spool.fetch(sid, 0, 100)
+        assert ids(left) == [1, 2, 4, 5, 6, 7, 8]
+        await spool.ack([r.seq for r in left])
+        assert spool.depth == 0 and spool.streams["k"].bytes == 0
+        with sqlite3.connect(tmp_path / "spool.db") as db:
+            assert db.execute("SELECT count(*) FROM records").fetchone()[0] == 0
+            assert db.execute("SELECT count(*) FROM spent").fetchone()[0] == 1
+    finally:
+        await spool.close()
+
+
+async def test_the_dedupe_index_is_rebuilt_from_queued_and_delivered_records(
+        tmp_path: Path) -> None:
+    spool = await open_spool(tmp_path)
+    await spool.append([ev("k", i) for i in range(3)])
+    await spool.append([ev("k", i) for i in range(3, 6)])
+    rows = await spool.fetch(spool.streams["k"].id, 0, 3)
+    await spool.ack([r.seq for r in rows])                 # the first record: delivered
+    await spool.close()
+    spool = await open_spool(tmp_path)
+    try:
+        assert len(spool.index) == 6
+        assert await spool.append([ev("k", i) for i in range(7)]) == 1   # only id 6 is new
+        assert spool.counters[Tally.DUPLICATES] == 6
+    finally:
+        await spool.close()
+
+
+async def test_a_key_keeps_its_order_across_families_in_one_commit(tmp_path: Path) -> None:
+    spool = await open_spool(tmp_path)
+    try:
+        await spool.append([ev("k", i, family=(NUCLEUS, SEGMENT)[i % 3 == 1]) for i in range(7)])
+        rows = await spool.fetch(spool.streams["k"].id, 0, 100)
+        assert ids(rows) == list(range(7))
+        assert [r.family for r in rows] == [(NUCLEUS, SEGMENT)[i % 3 == 1] for i in range(7)]
+        assert [r.seq for r in rows] == list(range(rows[0].seq, rows[0].seq + 7))
+    finally:
+        await spool.close()
+
+
+async def test_a_damaged_record_is_skipped_counted_and_the_rest_served(tmp_path: Path) -> None:
+    spool = await open_spool(tmp_path)
+    for b in range(3):
+        await spool.append([ev("k", b * 10 + i) for i in range(10)])
+    await spool.close()
+    with sqlite3.connect(tmp_path / "spool.db") as db:
+        rid, data = db.execute("SELECT id, data FROM records ORDER BY id LIMIT 1 OFFSET 1"
+                               ).fetchone()
+        db.execute("UPDATE records SET data = ? WHERE id = ?",
+                   (data[:20] + bytes([data[20] ^ 0xFF]) + data[21:], rid))
+    spool = await open_spool(tmp_path)
+    try:
+        sid = spool.streams["k"].id
+        assert ids(await spool.fetch(sid, 0, 100)) == list(range(10)) + list(range(20, 30))
+        await spool.append([ev("other", 0)])                # the next commit deletes it
+        assert spool.counters[Drop.DROPPED_CORRUPT] == 10 and spool.streams["k"].depth == 20
+        assert ids(await spool.fetch(sid, 0, 100)) == list(range(10)) + list(range(20, 30))
+    finally:
+        await spool.close()
+
+
+async def test_a_drained_spool_hands_its_space_back(tmp_path: Path) -> None:
+    spool = await open_spool(tmp_path)
+    try:
+        for b in range(40):
+            await spool.append([ev("k", b * 500 + i, size=300) for i in range(500)])
+        await spool.close()   # checkpoints the WAL: the file holds the peak
+        peak = os.path.getsize(tmp_path / "spool.db")
+        spool = await open_spool(tmp_path)
+        sid = spool.streams["k"].id
+        while rows := await spool.fetch(sid, 0, 1000):
+            await spool.ack([r.seq for r in rows])
+        assert spool.depth == 0
+        await spool.close()
+        after = os.path.getsize(tmp_path / "spool.db")
+        assert after <= peak // 10, (after, peak)
+        spool = await open_spool(tmp_path)
+    finally:
+        await spool.close()
+
+
+async def test_a_commit_that_fails_does_not_make_the_retry_a_duplicate(tmp_path: Path) -> None:
+    """A full disk (here: SQLite's own page limit, the same SQLITE_FULL) fails the commit:
+    the app retries the same events, and they must be stored, not taken for resends."""
+    spool = await open_spool(tmp_path)
+    try:
+        await spool.append([ev("k", 0)])
+        db = spool.db
+        assert db is not None
+        pages = await db.run(lambda c: c.execute("PRAGMA page_count").fetchone()[0])
+        await db.run(lambda c: c.execute(f"PRAGMA max_page_count={pages}").fetchone())
+        batch = [ev("k", i, size=4000) for i in range(1, 40)]
+        with pytest.raises(SpoolFull) as refused:
+            await spool.append(batch)
+        assert refused.value.reason is Reason.DISK_ERROR and "full" in str(refused.value)
+        assert spool.depth == 1 and len(spool.index) == 1
+        await db.run(lambda c: c.execute("PRAGMA max_page_count=1073741823").fetchone())
+        assert await spool.append(batch) == 39
+        assert spool.depth == 40
+    finally:
+        await spool.close()
+
+
+# One step: ("append", key index, first id, count, family), ("ack", picks), ("dead", picks),
+# or ("restart",). Picks choose among the queued events by position.
+_steps = st.lists(st.one_of(
+    st.tuples(st.just("append"), st.integers(0, 2), st.integers(0, 40), st.integers(1, 30),
+              st.sampled_from([NUCLEUS, SEGMENT])),
+    st.tuples(st.just("ack"), st.lists(st.integers(0, 200), max_size=40)),
+    st.tuples(st.just("dead"), st.lists(st.integers(0, 200), max_size=3)),
+    st.tuples(st.just("restart"))), min_size=1, max_size=12)
+
+
+@settings(max_examples=40, deadline=None,
+          suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(steps=_steps)
+def test_the_queue_matches_a_model_through_acks_dead_letters_and_restarts(
+        tmp_path_factory: pytest.TempPathFactory, steps: list[tuple[Any, ...]]) -> None:
+    """Per key: the queue is the events first received and not yet settled, in order;
+    a resend is never stored twice; depths, counters and dead letters agree."""
+    where = tmp_path_factory.mktemp("model")
+    keys = ("a", "b", "c")
+    queued: dict[str, list[int]] = {k: [] for k in keys}   # ids, in order
+    seen: set[tuple[str, int]] = set()
+    acked = dead = 0
+
+    async def run() -> None:
+        nonlocal acked, dead
+        spool = await open_spool(where)
+        try:
+            for step in steps:
+                if step[0] == "restart":
+                    await spool.close()
+                    spool = await open_spool(where)
+                    continue
+                if step[0] == "append":
+                    _, k, first, count, family = step
+                    key = keys[k]
+                    batch = [Event(key, family, dedupe_key(key, i), b'{"id":%d}' % i)
+                             for i in range(first, first + count)]
+                    new = [i for i in range(first, first + count) if (key, i) not in seen]
+                    assert await spool.append(batch) == len(new)
+                    seen.update((key, i) for i in new)
+                    queued[key] += new
+                    continue
+                rows = [r for k in keys if k in spool.streams
+                        for r in await spool.fetch(spool.streams[k].id, 0, 10_000)]
+                picked = {rows[p].seq: rows[p] for p in step[1] if p < len(rows)}
+                key_of = {s.id: k for k, s in spool.streams.items()}
+                for r in picked.values():
+                    queued[key_of[r.stream]].remove(orjson.loads(r.body)["id"])
+                if step[0] == "ack":
+                    await spool.ack(list(picked))
+                    acked += len(picked)
+                else:
+                    await spool.dead_letter([(s, "up", "bad") for s in picked])
+                    dead += len(picked)
+            for k in keys:
+                stream = spool.streams.get(k)
+                got = await spool.fetch(stream.id, 0, 10_000) if stream else []
+                assert [orjson.loads(r.body)["id"] for r in got] == queued[k]
+                assert (stream.depth if stream else 0) == len(queued[k])
+            assert spool.counters.get(Tally.ACKED, 0) == acked
+            assert spool.counters.get(Drop.DEAD_LETTERED, 0) == dead == spool.dead_count
+            assert len(await spool.dead_letters(1000)) == dead
+        finally:
+            await spool.close()
+
+    asyncio.run(run())
+
+
+async def test_past_the_window_delivered_keys_are_forgotten_on_disk_and_in_memory(
+        tmp_path: Path) -> None:
+    spool = await open_spool(tmp_path, dedupe_window_h=1)
+    try:
+        await spool.append([ev("k", i) for i in range(5)])
+        await spool.ack([r.seq for r in await spool.fetch(spool.streams["k"].id, 0, 10)])
+        await spool.prune()                                # within the window: kept
+        assert await spool.append([ev("k", 0)]) == 0 and len(spool.index) == 5
+        CLOCK.passed_ms = 2 * 3_600_000                    # two hours pass (both clocks)
+        await spool.prune()
+        assert len(spool.index) == 0
+        with sqlite3.connect(tmp_path / "spool.db") as db:
+            assert db.execute("SELECT count(*) FROM spent").fetchone()[0] == 0
+        assert await spool.append([ev("k", 0)]) == 1       # at-least-once beyond the window
+    finally:
+        CLOCK.passed_ms = 0
+        await spool.close()
+
+
+async def test_a_spool_from_a_newer_agent_is_refused_and_left_untouched(tmp_path: Path) -> None:
+    with sqlite3.connect(tmp_path / "spool.db") as db:
+        db.execute("CREATE TABLE future(x)")
+        db.execute("PRAGMA user_version = 2")
+    before = (tmp_path / "spool.db").read_bytes()
+    spool = await open_spool(tmp_path)
+    try:
+        with pytest.raises(SpoolFull) as refused:
+            await spool.append([ev("k", 1)])
+        assert refused.value.reason is Reason.NOT_OPEN
+    finally:
+        await spool.close()
+    assert (tmp_path / "spool.db").read_bytes() == before
+    assert not list(tmp_path.glob("spool.db.corrupt-*"))
+
+
+async def test_a_key_repeated_within_a_request_or_a_commit_is_stored_once(
+        tmp_path: Path) -> None:
+    spool = await open_spool(tmp_path)
+    try:
+        one, two = ev("k", 1), ev("k", 2)
+        assert await spool.append([one, two, one, one]) == 2
+        # Concurrent requests share one commit: the repeat is caught within it.
+        got = await asyncio.gather(*(spool.append([ev("k", 3), ev("k", i)])
+                                     for i in range(4, 8)))
+        assert sorted(got) == [1, 1, 1, 2] and spool.depth == 7
+        assert spool.counters[Tally.DUPLICATES] == 2 + 3
+        rows = await spool.fetch(spool.streams["k"].id, 0, 100)
+        assert ids(rows) == [1, 2, *sorted(ids(rows)[2:])] and len(set(ids(rows))) == 7
+    finally:
+        await spool.close()
+
+
+async def test_records_hold_about_a_thousand_events_or_256_kib(tmp_path: Path) -> None:
+    spool = await open_spool(tmp_path)
+    try:
+        assert await spool.append([ev("k", i) for i in range(2500)]) == 2500
+        assert await spool.append([ev("big", i, size=3000) for i in range(200)]) == 200
+        with sqlite3.connect(tmp_path / "spool.db") as db:
+            small = [n for (n,) in db.execute("SELECT n FROM records WHERE stream = ? "
+                                              "ORDER BY id", (spool.streams["k"].id,))]
+            big = db.execute("SELECT max(bytes), sum(n), count(*) FROM records "
+                             "WHERE stream = ?", (spool.streams["big"].id,)).fetchone()
+        assert small == [1000, 1000, 500]
+        # ~600 KB in records of about 256 KiB (cut by the events' average size)
+        assert big[1] == 200 and big[2] == 3 and big[0] < 270 * 1024
+        rows = await spool.fetch(spool.streams["k"].id, 0, 10_000)
+        assert ids(rows) == list(range(2500))
+    finally:
+        await spool.close()
