@@ -1,0 +1,261 @@
+"""A spool written by an older agent is migrated on first start with nothing lost; a spool
+written by a newer agent is refused and left byte-identical.
+
+The v0 file, tests/data/spool-v0.db, was written by the pre-issue-11 code
+(tests/data/make_v0.py): 60 events over a Nucleus key and a Segment key, 5 resends,
+20 acked (tombstones), 2 dead letters (tombstones too), counters and clock marks.
+"""
+
+from __future__ import annotations
+
+import shutil
+import sqlite3
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+
+from agent.families.event import NUCLEUS, SEGMENT, dedupe_key
+from agent.spool.db import PAST
+from agent.spool.migrate import RECORD_MAX, SpoolTooNew, upgrade
+from agent.spool.schema import SCHEMA, VERSION
+from tests.conftest import write_config
+from tests.spool_files import Stored, build_v0, connect, covering, keys_of, read_v1
+
+FIXTURE = Path(__file__).parent / "data" / "spool-v0.db"
+ROOT = Path(__file__).parent.parent
+
+
+@pytest.fixture
+def v0(tmp_path: Path) -> Path:
+    path = tmp_path / "spool.db"
+    shutil.copy(FIXTURE, path)
+    return path
+
+
+def read_v0(path: Path) -> tuple[list[tuple[Stored, int | None]], list[tuple[int, int]]]:
+    with connect(path) as db:
+        rows = db.execute("SELECT seq, stream, family, received, dkey, body, acked "
+                          "FROM events ORDER BY seq").fetchall()
+        marks = db.execute("SELECT observed, next_seq FROM clock_marks").fetchall()
+    return [(Stored(*r[:6]), r[6]) for r in rows], marks
+
+
+def table(path: Path, sql: str) -> list[tuple[object, ...]]:
+    with connect(path) as db:
+        return db.execute(sql).fetchall()
+
+
+def upgrade_file(path: Path) -> None:
+    with connect(path) as db:
+        upgrade(db)
+
+
+def test_the_v0_fixture_is_migrated_with_nothing_lost(v0: Path) -> None:
+    events, marks = read_v0(v0)
+    dead = table(v0, "SELECT * FROM dead ORDER BY seq")
+    counters = table(v0, "SELECT * FROM counters ORDER BY name")
+    streams = table(v0, "SELECT id, key FROM streams ORDER BY id")
+    queued = [e for e, acked in events if acked is None]
+    assert (len(events), len(queued), len(dead)) == (60, 38, 2)  # as make_v0.py made it
+
+    upgrade_file(v0)
+
+    assert table(v0, "PRAGMA user_version") == [(VERSION,)]
+    assert table(v0, "PRAGMA auto_vacuum") == [(2,)]  # INCREMENTAL: took effect (VACUUM)
+    assert table(v0, "PRAGMA integrity_check") == [("ok",)]
+    assert not table(v0, "SELECT name FROM sqlite_master WHERE name LIKE '%events%' "
+                         "OR name LIKE 'v0_%'")
+    got = read_v1(v0)
+    for sid, family in ((1, NUCLEUS), (2, SEGMENT)):   # each key's queue, in order
+        mine = [e for e in queued if e.stream == sid]
+        assert [(e.body, e.dkey, e.family, e.received) for e in got[sid]] == \
+            [(e.body, e.dkey, e.family, e.received) for e in mine]
+        assert {e.family for e in got[sid]} == {family}
+    new_seqs = [e.seq for es in got.values() for e in es]
+    assert min(new_seqs) > max(e.seq for e, _ in events) and len(set(new_seqs)) == 38
+    assert table(v0, "SELECT * FROM dead ORDER BY seq") == dead
+    assert table(v0, "SELECT * FROM counters ORDER BY name") == counters
+    assert table(v0, "SELECT id, key, depth, bytes FROM streams ORDER BY id") == [
+        (sid, key, len(got[sid]), sum(len(e.body) for e in got[sid])) for sid, key in streams]
+    assert table(v0, "SELECT id, key, depth, bytes FROM streams") == [
+        (1, "app-nucleus", 19, 2261), (2, "seg-key", 19, 3211)]   # as v0 counted them
+    # Each event is received by the same agent-observed time as before.
+    new_marks = table(v0, "SELECT observed, next_seq FROM clock_marks")
+    by_key = {e.dkey: e.seq for es in got.values() for e in es}
+    for e in queued:
+        assert covering(new_marks, by_key[e.dkey]) == covering(marks, e.seq) == 10
+
+
+def test_resends_and_delivered_keys_still_dedupe(v0: Path) -> None:
+    """The 5 resent events and the 20 delivered ones (with the 2 dead letters: 22
+    tombstones) keep their keys, in ``spent``, dated by their ack and their clock mark."""
+    events, _ = read_v0(v0)
+    upgrade_file(v0)
+    spent = table(v0, "SELECT id, received, observed, dkeys FROM spent")
+    spent_keys = [k for *_, blob in spent for k in keys_of(blob)]  # type: ignore[arg-type]
+    assert sorted(spent_keys) == sorted(e.dkey for e, acked in events if acked is not None)
+    assert len(spent_keys) == 22
+    resent = {dedupe_key("nucleus", "app-nucleus", i) for i in range(5)}
+    delivered = resent | {dedupe_key("nucleus", "app-nucleus", i) for i in range(10)} | \
+        {dedupe_key("segment", "seg-key", f"m-{i}") for i in range(10)}
+    assert len(delivered) == 20 and delivered < set(spent_keys)
+    acked_at = {e.dkey: acked for e, acked in events}
+    for sid, received, observed, blob in spent:
+        assert observed == 10               # the mark that covers seqs 1..60
+        assert {acked_at[k] for k in keys_of(blob)} == {received}  # type: ignore[arg-type]
+    queued_keys = {k for (blob,) in table(v0, "SELECT dkeys FROM records")
+                   for k in keys_of(blob)}  # type: ignore[arg-type]
+    assert queued_keys | set(spent_keys) == {e.dkey for e, _ in events}   # all 60
+
+
+@pytest.mark.parametrize("fault", ["disk full", "refused at the last step"])
+def test_a_failure_mid_migration_leaves_the_v0_file_as_it_was(v0: Path, fault: str) -> None:
+    before = v0.read_bytes()
+    with connect(v0) as db:
+        if fault == "disk full":   # no page past the file's own: the first new table fails
+            db.execute(f"PRAGMA max_page_count = {len(before) // 4096}")
+        else:                      # everything copied, then dropping the v0 tables fails
+            db.set_authorizer(lambda action, *_: sqlite3.SQLITE_DENY
+                              if action == sqlite3.SQLITE_DROP_TABLE else sqlite3.SQLITE_OK)
+        with pytest.raises(sqlite3.DatabaseError):
+            upgrade(db)
+    assert v0.read_bytes() == before
+    assert not list(v0.parent.glob("spool.db-*")), "a journal was left behind"
+    upgrade_file(v0)                           # and the next start migrates it
+    assert table(v0, "PRAGMA user_version") == [(VERSION,)]
+
+
+def newer(path: Path) -> bytes:
+    with connect(path) as db:
+        db.execute("CREATE TABLE future(x)")
+        db.execute("INSERT INTO future VALUES ('kept')")
+        db.execute(f"PRAGMA user_version = {VERSION + 1}")
+    return path.read_bytes()
+
+
+def test_a_newer_spool_is_refused_and_left_byte_identical(tmp_path: Path) -> None:
+    path = tmp_path / "spool.db"
+    before = newer(path)
+    with connect(path) as db, pytest.raises(SpoolTooNew) as refused:
+        upgrade(db)
+    assert (refused.value.found, refused.value.supported) == (VERSION + 1, VERSION)
+    assert str(path) in str(refused.value) and f"v{VERSION + 1}" in str(refused.value)
+    assert path.read_bytes() == before
+    assert [p.name for p in tmp_path.iterdir()] == ["spool.db"]
+
+
+def test_an_empty_file_and_a_current_one_are_left_alone(tmp_path: Path) -> None:
+    empty = tmp_path / "empty.db"
+    upgrade_file(empty)
+    assert table(empty, "SELECT * FROM sqlite_master") == []
+    assert table(empty, "PRAGMA user_version") == [(0,)]
+    current = tmp_path / "current.db"
+    with connect(current) as db:
+        db.executescript(SCHEMA)
+    before = current.read_bytes()
+    upgrade_file(current)
+    assert current.read_bytes() == before
+
+
+def test_a_long_queue_is_packed_in_records_of_at_most_the_cap(tmp_path: Path) -> None:
+    """One group commit's run is split at RECORD_MAX; runs with another receipt time or
+    family start a new record; each key's order is kept across all of them."""
+    path = tmp_path / "spool.db"
+    events = [(Stored(seq, 1 + seq % 2, NUCLEUS if seq < 2200 else SEGMENT,
+                      1000 if seq < 2600 else 2000, seq * 7919, b"e%d" % seq), None)
+              for seq in range(1, 3001)]
+    build_v0(path, events, marks=[(5, 3001)], streams=[(1, "a"), (2, "b")])
+    upgrade_file(path)
+    got = read_v1(path)
+    for sid in (1, 2):
+        assert [e.body for e in got[sid]] == [e.body for e, _ in events if e.stream == sid]
+        assert [(e.family, e.received) for e in got[sid]] == \
+            [(e.family, e.received) for e, _ in events if e.stream == sid]
+    sizes = table(path, "SELECT stream, n FROM records ORDER BY id")
+    assert max(n for _, n in sizes) == RECORD_MAX  # type: ignore[type-var]
+    assert sorted(n for _, n in sizes) == sorted([1000, 100, 200, 200] * 2)  # type: ignore[type-var]
+
+
+# -- any v0 spool --------------------------------------------------------------------------
+
+@st.composite
+def v0_spools(draw: st.DrawFn) -> tuple[list[tuple[Stored, int | None]], list[tuple[int, int]],
+                                        list[tuple[Stored, str, str, int]]]:
+    """Events over 3 keys and both families, some acked, some dead-lettered, with clock
+    marks at random seqs (some past the last event: the agent stopped after a mark)."""
+    n = draw(st.integers(0, 80))
+    events: list[tuple[Stored, int | None]] = []
+    dead = []
+    received = 1_000
+    for seq in range(1, n + 1):
+        received += draw(st.sampled_from([0, 0, 0, 5]))
+        e = Stored(seq, draw(st.integers(1, 3)), draw(st.sampled_from([NUCLEUS, SEGMENT])),
+                   received, dedupe_key(seq), b'{"i":%d}' % seq)
+        fate = draw(st.sampled_from(["queued", "queued", "acked", "dead"]))
+        events.append((e, None if fate == "queued" else received + draw(st.integers(1, 3))))
+        if fate == "dead":
+            dead.append((e, "up", "HTTP 400", received + 9))
+    cuts = sorted(draw(st.sets(st.integers(1, n + 3), max_size=5)))
+    marks = [(PAST, cuts[0])] if cuts and draw(st.booleans()) else []
+    marks += [(100 * (i + 1), cut) for i, cut in enumerate(cuts[len(marks):])]
+    return events, marks, dead
+
+
+@settings(max_examples=60, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(spool=v0_spools())
+def test_any_v0_spool_keeps_every_event_its_order_and_its_receipt_time(
+        spool: tuple[list[tuple[Stored, int | None]], list[tuple[int, int]],
+                     list[tuple[Stored, str, str, int]]],
+        tmp_path_factory: pytest.TempPathFactory) -> None:
+    events, marks, dead = spool
+    path = tmp_path_factory.mktemp("v0") / "spool.db"
+    build_v0(path, events, marks, streams=[(1, "a"), (2, "b"), (3, "c")], dead=dead,
+             counters=[("ingested", len(events))])
+    upgrade_file(path)
+    got = read_v1(path)
+    new_marks = table(path, "SELECT observed, next_seq FROM clock_marks")
+    latest = max((o for o, _ in marks), default=None)
+    by_key = {e.dkey: e for es in got.values() for e in es}
+    for sid in (1, 2, 3):
+        assert [(e.dkey, e.family, e.received, e.body) for e in got.get(sid, [])] == \
+            [(e.dkey, e.family, e.received, e.body) for e, a in events
+             if e.stream == sid and a is None]
+    for e, acked in events:
+        if acked is None:  # received by the same agent-observed time (the tail: the last mark)
+            old = covering(marks, e.seq)
+            assert covering(new_marks, by_key[e.dkey].seq) == (latest if old is None else old)
+    if by_key and not marks:
+        assert new_marks == [(PAST, max(e.seq for e in by_key.values()) + 1)]
+    acked_at = {e.dkey: (a, covering(marks, e.seq) or latest or PAST) for e, a in events}
+    spent = table(path, "SELECT received, observed, dkeys FROM spent")
+    assert sorted(k for *_, b in spent for k in keys_of(b)) == \
+        sorted(e.dkey for e, a in events if a is not None)  # type: ignore[arg-type]
+    for received, observed, blob in spent:
+        assert {acked_at[k] for k in keys_of(blob)} == {(received, observed)}  # type: ignore[arg-type]
+    records = table(path, "SELECT id, n FROM records")
+    for rid, n in records:    # no record straddles a mark
+        assert len({covering(new_marks, s) for s in range(rid, rid + n)}) == 1  # type: ignore[operator]
+    dead_seqs = {e.seq for e, *_ in dead}
+    assert table(path, "SELECT seq FROM dead ORDER BY seq") == [(s,) for s in sorted(dead_seqs)]
+    assert not dead_seqs & set(s.seq for s in by_key.values())
+
+
+# -- through the agent ---------------------------------------------------------------------
+
+def test_outpost_run_on_a_newer_spool_exits_2_with_one_line(tmp_path: Path) -> None:
+    spool = tmp_path / "spool.db"
+    before = newer(spool)
+    cfg = write_config(tmp_path / "agent.toml", spool)
+    run = subprocess.run([sys.executable, "-m", "agent", "run", "--config", str(cfg)], cwd=ROOT,
+                         capture_output=True, text=True, timeout=30)
+    out = run.stdout + run.stderr
+    assert run.returncode == 2, out
+    assert "Traceback" not in out
+    lines = out.strip().splitlines()
+    assert len(lines) == 1, out
+    assert str(spool) in lines[0] and f"v{VERSION + 1}" in lines[0] and f"v{VERSION}" in lines[0]
+    assert spool.read_bytes() == before
