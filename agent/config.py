@@ -106,6 +106,7 @@ def _storage(t: dict[str, Any]) -> StorageConfig:
         sync=_take(t, w, "sync", str, "full", _one_of("full", "normal")),
         dedupe_window_h=_take(t, w, "dedupe_window_h", int, 24,
                               lambda v: None if v >= 0 else "must be 0 or more"),
+        dedupe_max_keys=_take(t, w, "dedupe_max_keys", int, 1_000_000, _positive),
     )
     _no_leftovers(t, w)
     return out

@@ -70,7 +70,7 @@ class NucleusHandlers:
         except Invalid as exc:
             return _error(status_of(exc), describe(exc))
         except SpoolFull as exc:
-            return _error(503, exc.reason, exc.retry_after)
+            return _error(503, str(exc), exc.retry_after)
         return web.Response(body=_reply(acks), content_type="application/json")
 
     async def websocket(self, request: web.Request) -> web.StreamResponse:
@@ -110,7 +110,7 @@ class NucleusHandlers:
             replies.refused(503)
             log_limited(log, logging.WARNING, "spool-full",
                         "spool full, not acknowledging %d events for %s: %s",
-                        len(events), _masked(key), exc.reason)
+                        len(events), _masked(key), str(exc))
             return True
         if acks and not ws.closed:
             await ws.send_str(_reply(acks).decode())

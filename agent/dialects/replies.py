@@ -61,5 +61,5 @@ async def settle(work: Awaitable[object], error: ErrorReply, *, full_status: int
     except Invalid as exc:
         return error(client_status or status_of(exc), describe(exc), None)
     except SpoolFull as exc:
-        return error(full_status, f"spool full, retry later: {exc.reason}", exc.retry_after)
+        return error(full_status, f"spool full, retry later: {exc}", exc.retry_after)
     return None

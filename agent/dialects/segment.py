@@ -135,7 +135,7 @@ class SegmentHandlers:
         except Invalid as exc:
             return Failure(replies.status_of(exc), exc.message)
         except SpoolFull as exc:
-            return Failure(503, "spool full, retry later", exc.reason, exc.retry_after)
+            return Failure(503, "spool full, retry later", str(exc), exc.retry_after)
         return None
 
     async def batch(self, request: web.Request) -> web.StreamResponse:
@@ -194,7 +194,7 @@ class SegmentHandlers:
         try:
             await self.sink.store(collected.events)
         except SpoolFull as exc:
-            return batch_error(503, [error_object(503, "spool full, retry later", exc.reason)],
+            return batch_error(503, [error_object(503, "spool full, retry later", str(exc))],
                                exc.retry_after)
         return _verdict(collected.errors, collected.statuses, len(collected.events))
 

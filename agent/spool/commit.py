@@ -2,49 +2,68 @@
 
 A whole group commit (dead letters, acks, size cap, inserts, depth and counter
 updates, COMMIT) is one call there: see db.py for why one hop, not one per statement.
+Events are stored packed, one record per commit group per (stream, family)
+(records.py); an ack sets bits in the record's ``gone`` bitmap rather than rewriting
+events, and a record is deleted once none of its events is live (Vector's disk buffer).
 """
 
 from __future__ import annotations
 
 import sqlite3
 from dataclasses import dataclass, field
-from itertools import chain
 from typing import Any
-
-import orjson
 
 from agent.outcomes import Counts, Drop, Tally, record
 from agent.spool.db import mark, transaction, used_bytes
+from agent.spool.dedupe import keys_to_bytes
+from agent.spool.db import keys_from_bytes
+from agent.spool.records import DamagedRecord, pack, unpack
 
-# Per-row overhead (record header, index entries, page slack) used when
-# estimating whether a group still fits under max_size_mb.
+# Per-record overhead (row header, index entry, page slack) used when estimating
+# whether a group still fits under max_size_mb.
 ROW_OVERHEAD = 64
-DROP_CHUNK = 500
-# Rows go in as multi-row VALUES statements of power-of-two sizes up to CHUNK: a few
-# statements per commit (each compiled once and cached), instead of executemany's one
-# sqlite3_step per row, each of which drops the GIL and then waits to get it back from
-# the busy event loop thread.
-CHUNK = 512
-EXACT = 64  # up to this many rows (every single-event group commit): one statement
-_INSERT = ("INSERT OR IGNORE INTO events(seq, stream, family, received, dkey, body) "
-           "SELECT column1, column2, column3, column4, column5, column6 FROM (VALUES {})")
-_INSERTS: dict[int, str] = {}
+DROP_CHUNK = 64  # records per statement when dropping the oldest
+# Free pages handed back to the file system (PRAGMA incremental_vacuum) once they are
+# both this many and a quarter of the file: a drained spool shrinks, a busy one does
+# not pay for moving pages at every ack.
+VACUUM_MIN_PAGES = 256
+
+
+@dataclass(slots=True)
+class Group:
+    """New events of one (stream, family), numbered ``id`` .. ``id + len(bodies) - 1``."""
+
+    id: int
+    stream: int
+    family: int
+    received: int
+    bodies: list[bytes]
+    keys: list[int]
+    nbytes: int = 0
+
+
+@dataclass(slots=True)
+class Settle:
+    """Events of one record leaving the queue: acked, or dead-lettered with a reason."""
+
+    id: int                           # the record
+    observed: int                     # agent-observed ms of its receipt (for ``spent``)
+    acked: list[int] = field(default_factory=list)                      # offsets
+    dead: list[tuple[int, str, str]] = field(default_factory=list)      # (offset, upstream, reason)
 
 
 @dataclass(slots=True)
 class Job:
     """One group commit, as plain data prepared on the event loop."""
 
-    rows: list[tuple[int, int, int, int, int, bytes]]  # (seq, stream, family, received, dkey, body)
-    sizes: list[int]                  # events per waiting request, in order
-    totals: dict[int, list[int]]      # stream id -> [events, body bytes] in ``rows``
+    groups: list[Group]
+    duplicates: int                   # resends left out of ``groups``
     new_streams: list[tuple[int, str]]
-    acks: list[int]
-    dead: list[tuple[int, str, str]]  # (seq, upstream, reason)
+    settle: list[Settle]
+    corrupt: list[int]                # records the reader could not unpack
     room: int                         # bytes left under max_size_mb before this commit
-    incoming: int                     # estimated bytes of ``rows``
     reject_when_full: bool
-    remember: bool                    # keep acked dedupe keys (dedupe_window_h > 0)
+    remember: bool                    # keep delivered records' dedupe keys (``spent``)
     counters: Counts                  # deltas counted on the loop since the last commit
     now: int
     mark: tuple[int, int] | None = None  # (agent-observed ms, next seq): see clock_marks
@@ -54,141 +73,165 @@ class Job:
 class Outcome:
     """What a commit changed, for the loop to apply to its in-memory state."""
 
-    stored: list[int] | None          # new events per request; None: refused, spool full
+    stored: bool = True               # False: refused, spool full
     streams: dict[int, list[int]] = field(default_factory=dict)  # id -> [depth, bytes] deltas
     counters: Counts = field(default_factory=dict)               # deltas computed here
+    deleted: list[int] = field(default_factory=list)             # records no longer live
     used_bytes: int = 0
 
 
 def commit(conn: sqlite3.Connection, job: Job) -> Outcome:
     """Run one group commit; rolls back and re-raises on any error."""
-    out = Outcome(stored=[])
+    out = Outcome()
+    # Compressing is the costly part: done before BEGIN, so the write lock is held less.
+    packed = [(g, pack(g.bodies), keys_to_bytes(g.keys)) for g in job.groups]
     with transaction(conn):
         if job.mark is not None:
             mark(conn, *job.mark)
-        if job.dead:
-            _move_dead(conn, job, out)
-        if job.acks:
-            record(out.counters, Tally.ACKED, _delete(conn, job.acks, job.remember, job.now, out))
-        if job.rows:
-            excess = job.incoming - job.room
+        if job.new_streams:
+            conn.executemany("INSERT OR IGNORE INTO streams(id, key) VALUES (?, ?)",
+                             job.new_streams)
+        for s in job.settle:
+            _settle(conn, s, job, out)
+        if job.corrupt:
+            _drop(conn, "id IN (SELECT value FROM json_each(?))",
+                  (str(job.corrupt).replace(" ", ""),), Drop.DROPPED_CORRUPT, out)
+        if packed:
+            excess = sum(len(d) + len(k) + ROW_OVERHEAD for _, d, k in packed) - job.room
             if excess > 0:
-                excess -= _forget_dedupe(conn, out)
+                excess -= _forget_spent(conn, out)
             if excess > 0 and job.reject_when_full:
-                record(out.counters, Drop.REJECTED_FULL, len(job.rows))
-                out.stored = None
+                record(out.counters, Drop.REJECTED_FULL, sum(len(g.bodies) for g in job.groups))
+                out.stored = False
             else:
                 if excess > 0:
                     _drop_oldest(conn, excess, out)
-                out.stored = _insert(conn, job, out)
+                _insert(conn, packed, out)
+        if out.stored and job.duplicates:
+            record(out.counters, Tally.DUPLICATES, job.duplicates)
         _save(conn, out.streams, {**job.counters, **_sum(job.counters, out.counters)})
+        if out.deleted:
+            _hand_back(conn)
     out.used_bytes = used_bytes(conn)
     return out
 
 
-def _insert(conn: sqlite3.Connection, job: Job, out: Outcome) -> list[int]:
-    if job.new_streams:
-        conn.executemany("INSERT OR IGNORE INTO streams(id, key) VALUES (?, ?)", job.new_streams)
-    rows = job.rows
-    n_inserted = 0
-    start = 0
-    while start < len(rows):
-        left = len(rows) - start
-        size = left if left <= EXACT else min(CHUNK, 1 << (left.bit_length() - 1))
-        chunk = rows[start:start + size]
-        n_inserted += conn.execute(_insert_sql(size), tuple(chain.from_iterable(chunk))).rowcount
-        start += size
-    deltas = out.streams
-    if n_inserted == len(rows):  # the usual case: no resends, totals known in advance
-        for sid, (n, nbytes) in job.totals.items():
-            d = deltas.setdefault(sid, [0, 0])
-            d[0] += n
-            d[1] += nbytes
-        stored = list(job.sizes)
-    else:  # some were resends: find which seqs made it
-        inserted = {r[0] for r in conn.execute(
-            "SELECT seq FROM events WHERE seq BETWEEN ? AND ?", (rows[0][0], rows[-1][0]))}
-        stored = []
-        i = 0
-        for size in job.sizes:
-            n = 0
-            for row in rows[i:i + size]:
-                if row[0] in inserted:
-                    n += 1
-                    d = deltas.setdefault(row[1], [0, 0])
-                    d[0] += 1
-                    d[1] += len(row[5])
-            i += size
-            stored.append(n)
-    record(out.counters, Tally.INGESTED, n_inserted)
-    record(out.counters, Tally.DUPLICATES, len(rows) - n_inserted)
-    return stored
-
-
-def _insert_sql(size: int) -> str:
-    sql = _INSERTS.get(size)
-    if sql is None:
-        sql = _INSERTS[size] = _INSERT.format(",".join(["(?,?,?,?,?,?)"] * size))
-    return sql
-
-
-def _delete(conn: sqlite3.Connection, seqs: list[int], remember: bool, now: int,
-            out: Outcome) -> int:
-    """Take rows out of the queue by seq; ``remember`` leaves tombstones (acked ones)."""
-    arg = orjson.dumps(seqs).decode()
-    if remember:
-        gone = conn.execute("SELECT stream, length(body) FROM events WHERE seq IN "
-                            "(SELECT value FROM json_each(?)) AND acked IS NULL",
-                            (arg,)).fetchall()
-        conn.execute("UPDATE events SET body = x'', acked = ? WHERE seq IN "
-                     "(SELECT value FROM json_each(?)) AND acked IS NULL", (now, arg))
-    else:
-        gone = conn.execute("DELETE FROM events WHERE seq IN (SELECT value FROM json_each(?)) "
-                            "AND acked IS NULL RETURNING stream, length(body)",
-                            (arg,)).fetchall()
-    _uncount(out.streams, gone)
-    return len(gone)
-
-
-def _move_dead(conn: sqlite3.Connection, job: Job, out: Outcome) -> None:
+def _insert(conn: sqlite3.Connection, packed: list[tuple[Group, bytes, bytes]],
+            out: Outcome) -> None:
     conn.executemany(
-        "INSERT OR IGNORE INTO dead(seq, stream, family, received, dkey, body, upstream, "
-        "reason, at) SELECT seq, stream, family, received, dkey, body, ?, ?, ? "
-        "FROM events WHERE seq = ? AND acked IS NULL",
-        [(up, reason, job.now, seq) for seq, up, reason in job.dead])
-    n = _delete(conn, [seq for seq, _, _ in job.dead], job.remember, job.now, out)
-    record(out.counters, Drop.DEAD_LETTERED, n)
+        "INSERT INTO records(id, stream, family, n, received, live, bytes, dkeys, data) "
+        "VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?)",
+        [(g.id, g.stream, g.family, len(g.bodies), g.received, len(g.bodies), g.nbytes, k, d)
+         for g, d, k in packed])
+    n = 0
+    for g, _, _ in packed:
+        d = out.streams.setdefault(g.stream, [0, 0])
+        d[0] += len(g.bodies)
+        d[1] += g.nbytes
+        n += len(g.bodies)
+    record(out.counters, Tally.INGESTED, n)
 
 
-def _forget_dedupe(conn: sqlite3.Connection, out: Outcome) -> int:
-    """At max_size_mb, forget the dedupe keys of delivered events; returns the bytes freed.
+def _settle(conn: sqlite3.Connection, s: Settle, job: Job, out: Outcome) -> None:
+    """Mark events of one record gone; delete the record once none is live."""
+    row = conn.execute("SELECT stream, family, n, received, live, gone, bytes, dkeys, data "
+                       "FROM records WHERE id = ?", (s.id,)).fetchone()
+    if row is None:  # already gone (a repeated ack, or dropped meanwhile)
+        return
+    stream, family, n, received, live, gone_blob, nbytes, dkeys, data = row
+    gone = bytearray(gone_blob or bytes((n + 7) // 8))
+    dead = {off: (up, why) for off, up, why in s.dead if 0 <= off < n}
+    offsets = sorted(set(s.acked).union(dead).intersection(range(n)))
+    new = [o for o in offsets if not gone[o >> 3] & (1 << (o & 7))]
+    if not new:
+        return
+    for o in new:
+        gone[o >> 3] |= 1 << (o & 7)
+    left = live - len(new)
+    bodies: list[bytes] | None = None
+    freed = nbytes
+    try:
+        if dead or left:
+            bodies = unpack(data)
+    except DamagedRecord:
+        # Unreadable: what is still queued in it is lost, counted, and the record goes.
+        _drop(conn, "id = ?", (s.id,), Drop.DROPPED_CORRUPT, out)
+        return
+    if bodies is not None:
+        keys = keys_from_bytes(dkeys)
+        dead_rows = [(s.id + o, stream, family, received, keys[o], bodies[o], *dead[o], job.now)
+                     for o in new if o in dead]
+        if dead_rows:
+            conn.executemany("INSERT OR IGNORE INTO dead(seq, stream, family, received, dkey, "
+                             "body, upstream, reason, at) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?)",
+                             dead_rows)
+            record(out.counters, Drop.DEAD_LETTERED, len(dead_rows))
+        if left:
+            freed = sum(len(bodies[o]) for o in new)
+    record(out.counters, Tally.ACKED, sum(1 for o in new if o not in dead))
+    if left:
+        conn.execute("UPDATE records SET live = ?, gone = ?, bytes = ? WHERE id = ?",
+                     (left, bytes(gone), nbytes - freed, s.id))
+    else:
+        conn.execute("DELETE FROM records WHERE id = ?", (s.id,))
+        if job.remember:
+            conn.execute("INSERT OR REPLACE INTO spent(id, received, observed, dkeys) "
+                         "VALUES (?, ?, ?, ?)", (s.id, received, s.observed, dkeys))
+        out.deleted.append(s.id)
+    d = out.streams.setdefault(stream, [0, 0])
+    d[0] -= len(new)
+    d[1] -= freed
 
-    They are kept for dedupe_window_h and take space under the same cap: left alone they
-    would keep new events out (or push the queue out) on a busy agent with an empty queue.
-    Forgotten all at once, since keys are spread over every page by their hash; the cost
-    is that a late resend of an already delivered event may be delivered again.
-    """
+
+def _drop(conn: sqlite3.Connection, where: str, params: tuple[Any, ...], why: Drop,
+          out: Outcome) -> int:
+    """Delete whole records, counting their live events as ``why``; returns the bytes
+    their rows took (roughly: payload plus overhead)."""
+    rows = conn.execute(f"DELETE FROM records WHERE {where} RETURNING id, stream, live, bytes, "
+                        "length(data) + length(dkeys)", params).fetchall()
+    freed = 0
+    for rid, stream, live, nbytes, size in rows:
+        d = out.streams.setdefault(stream, [0, 0])
+        d[0] -= live
+        d[1] -= nbytes
+        record(out.counters, why, live)
+        out.deleted.append(rid)
+        freed += size + ROW_OVERHEAD
+    return freed
+
+
+def _forget_spent(conn: sqlite3.Connection, out: Outcome) -> int:
+    """At max_size_mb, forget the stored dedupe keys of delivered events; returns the
+    bytes freed. Left alone they would keep new events out (or push the queue out) on a
+    busy agent with an empty queue. The keys stay in memory (the index) until their
+    window ends; only a restart within the window forgets them."""
     before = used_bytes(conn)
-    n = conn.execute("DELETE FROM events WHERE acked IS NOT NULL").rowcount  # tombstones
-    if n <= 0:
+    rows = conn.execute("DELETE FROM spent RETURNING length(dkeys)").fetchall()
+    if not rows:
         return 0
-    record(out.counters, Tally.DEDUPE_FORGOTTEN, n)
-    return before - used_bytes(conn)
+    record(out.counters, Tally.DEDUPE_FORGOTTEN, sum(n for (n,) in rows) // 8)
+    return max(0, before - used_bytes(conn))
 
 
 def _drop_oldest(conn: sqlite3.Connection, excess: int, out: Outcome) -> None:
-    """when_full = "drop_oldest": delete the oldest events until ``excess`` bytes are free
-    (tombstones are gone by then: _forget_dedupe runs first)."""
+    """when_full = "drop_oldest": delete the oldest records until ``excess`` bytes are free."""
     freed = 0
     while freed < excess:
-        gone = conn.execute(
-            "DELETE FROM events WHERE seq IN (SELECT seq FROM events ORDER BY seq LIMIT ?) "
-            "RETURNING stream, length(body)", (DROP_CHUNK,)).fetchall()
-        if not gone:
+        ids = conn.execute("SELECT id FROM records ORDER BY id LIMIT ?", (DROP_CHUNK,)).fetchall()
+        if not ids:
             break
-        _uncount(out.streams, gone)
-        freed += sum(n + ROW_OVERHEAD for _, n in gone)
-        record(out.counters, Drop.DROPPED_FULL, len(gone))
+        for (rid,) in ids:
+            freed += _drop(conn, "id = ?", (rid,), Drop.DROPPED_FULL, out)
+            if freed >= excess:
+                break
+
+
+def _hand_back(conn: sqlite3.Connection) -> None:
+    """Give free pages back to the file system once they are many (see VACUUM_MIN_PAGES)."""
+    free, pages = conn.execute("SELECT (SELECT freelist_count FROM pragma_freelist_count()), "
+                               "(SELECT page_count FROM pragma_page_count())").fetchone()
+    if free >= VACUUM_MIN_PAGES and free * 4 >= pages:
+        conn.execute("PRAGMA incremental_vacuum").fetchall()
 
 
 @dataclass(slots=True)
@@ -196,7 +239,7 @@ class Expiry:
     """What prune drops: events older than ``max_age_ms`` by both clocks (agent/clock.py)."""
 
     wall_cutoff: int   # wall-clock ms: events received before it are old by the wall clock
-    forget: int        # wall-clock ms: dedupe keys of events acked before it are forgotten
+    forget: int        # wall-clock ms: dedupe keys of events received before it may go
     observed: int      # agent-observed ms now
     max_age_ms: int
     window_ms: int     # dedupe_window_h
@@ -204,24 +247,21 @@ class Expiry:
 
 
 def prune(conn: sqlite3.Connection, exp: Expiry, counters: Counts) -> Outcome:
-    """Drop events old by both clocks; forget dedupe keys that both clocks say are past
-    the dedupe window (acked before ``exp.forget``, received ``window_ms`` ago)."""
-    out = Outcome(stored=None)
+    """Drop records old by both clocks; forget delivered records' dedupe keys that both
+    clocks say are past the dedupe window."""
+    out = Outcome()
     with transaction(conn):
         mark(conn, exp.observed, exp.next_seq)
         below = _received_by(conn, exp.observed - exp.max_age_ms)
-        keys_below = _received_by(conn, exp.observed - exp.window_ms)
-        # Marks older than the one each of those needs are never needed again.
+        # Marks older than the one expiry needs are never needed again.
         conn.execute("DELETE FROM clock_marks WHERE observed < (SELECT max(observed) FROM "
-                     "clock_marks WHERE observed <= ?)",
-                     (exp.observed - max(exp.max_age_ms, exp.window_ms),))
-        rows = conn.execute("DELETE FROM events WHERE seq < ? AND received < ? RETURNING "
-                            "stream, length(body), acked", (below, exp.wall_cutoff)).fetchall()
-        gone = [(sid, n) for sid, n, acked in rows if acked is None]
-        _uncount(out.streams, gone)
-        record(out.counters, Drop.EXPIRED, len(gone))
-        conn.execute("DELETE FROM events WHERE acked < ? AND seq < ?", (exp.forget, keys_below))
+                     "clock_marks WHERE observed <= ?)", (exp.observed - exp.max_age_ms,))
+        # A record never straddles a mark: each is written in the commit that marks it.
+        _drop(conn, "id < ? AND received < ?", (below, exp.wall_cutoff), Drop.EXPIRED, out)
+        conn.execute("DELETE FROM spent WHERE received < ? AND observed <= ?",
+                     (exp.forget, exp.observed - exp.window_ms))
         _save(conn, out.streams, {**counters, **_sum(counters, out.counters)})
+        _hand_back(conn)
     out.used_bytes = used_bytes(conn)
     return out
 
@@ -242,15 +282,6 @@ def _save(conn: sqlite3.Connection, streams: dict[int, list[int]], counters: Cou
         conn.executemany("INSERT INTO counters(name, value) VALUES (?, ?) ON CONFLICT(name) "
                          "DO UPDATE SET value = value + excluded.value",
                          [(k, v) for k, v in counters.items() if v])
-
-
-def _uncount(streams: dict[int, list[int]], gone: list[Any]) -> None:
-    for sid, nbytes in gone:
-        d = streams.get(sid)
-        if d is None:
-            d = streams[sid] = [0, 0]
-        d[0] -= 1
-        d[1] -= nbytes
 
 
 def _sum(a: Counts, b: Counts) -> Counts:

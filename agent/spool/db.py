@@ -14,9 +14,13 @@ from __future__ import annotations
 
 import asyncio
 import sqlite3
+import sys
+from array import array
+from bisect import bisect_right
 from collections.abc import Callable, Iterator
 from concurrent.futures import ThreadPoolExecutor
 from contextlib import contextmanager
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, TypeVar
 
@@ -38,11 +42,14 @@ class SqliteThread:
         self._pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix=name)
         self._conn: sqlite3.Connection | None = None
 
-    async def open(self, path: Path, script: str) -> None:
+    async def open(self, path: Path, script: str,
+                   setup: Callable[[sqlite3.Connection], None] | None = None) -> None:
         def connect() -> sqlite3.Connection:
             conn = sqlite3.connect(path, isolation_level=None)
             try:
                 conn.executescript(script)
+                if setup is not None:
+                    setup(conn)
             except BaseException:
                 conn.close()
                 raise
@@ -79,17 +86,60 @@ def start_clock(conn: sqlite3.Connection, next_seq: int) -> None:
         mark(conn, PAST, next_seq)
 
 
-def load_state(conn: sqlite3.Connection) -> tuple[int, list[tuple[int, str, int, int]],
-                                                  Counts, int, int, int | None]:
-    """(next seq, streams, counters, dead letters, used bytes, agent-observed ms) of an
-    opened spool. Dead letters are counted once here, then kept up to date in memory."""
-    # Scalar max() is NULL if either side is: coalesce each (an empty table is NULL).
-    top = conn.execute("SELECT max(coalesce((SELECT max(seq) FROM events), 0), "
-                       "coalesce((SELECT max(seq) FROM dead), 0))").fetchone()[0]
+@dataclass(slots=True)
+class State:
+    """What an opened spool holds, read at startup on the writer's thread."""
+
+    next_seq: int
+    streams: list[tuple[int, str, int, int]]     # (id, key, depth, bytes)
+    counters: Counts
+    dead: int                                     # dead letters (then counted in memory)
+    used_bytes: int
+    observed: int | None                          # agent-observed ms; None: no clock marks
+    live: list[tuple[int, int, int, int]]         # live records: (id, stream, n, observed)
+    keys: list[tuple[bytes, int, int]]            # dedupe keys by receipt: (keys, wall, observed)
+
+
+def load_state(conn: sqlite3.Connection, now_observed: int) -> State:
+    """The state of an opened spool. ``now_observed`` stands for the receipt time of
+    records newer than the last clock mark (later than it was: kept, not forgotten, early)."""
+    top = conn.execute(
+        "SELECT max(coalesce((SELECT max(id + n - 1) FROM records), 0), "
+        "coalesce((SELECT max(seq) FROM dead), 0), "
+        "coalesce((SELECT max(id + length(dkeys) / 8 - 1) FROM spent), 0), "
+        "coalesce((SELECT max(next_seq) - 1 FROM clock_marks), 0))").fetchone()[0]
     streams = conn.execute("SELECT id, key, depth, bytes FROM streams").fetchall()
     counters = from_names(conn.execute("SELECT name, value FROM counters").fetchall())
     dead = conn.execute("SELECT count(*) FROM dead").fetchone()[0]
-    return top + 1, streams, counters, dead, used_bytes(conn), observed_ms(conn)
+    observed = observed_ms(conn)
+    marks = conn.execute("SELECT next_seq, observed FROM clock_marks ORDER BY next_seq").fetchall()
+    bounds = [m[0] for m in marks]
+    latest = now_observed if observed is None else max(observed, now_observed)
+
+    def receipt(rid: int) -> int:  # the first mark after the record: received by then
+        i = bisect_right(bounds, rid)
+        return int(marks[i][1]) if i < len(marks) else latest
+
+    live = []
+    keys: list[tuple[int, bytes, int, int]] = []
+    for rid, stream, n, received, dkeys in conn.execute(
+            "SELECT id, stream, n, received, dkeys FROM records ORDER BY id"):
+        seen = receipt(rid)
+        live.append((rid, stream, n, seen))
+        keys.append((rid, dkeys, received, seen))
+    keys += conn.execute("SELECT id, dkeys, received, observed FROM spent").fetchall()
+    keys.sort(key=lambda k: k[0])
+    return State(top + 1, streams, counters, dead, used_bytes(conn), observed, live,
+                 [(k, wall, seen) for _, k, wall, seen in keys])
+
+
+def keys_from_bytes(data: bytes) -> array[int]:
+    """Dedupe keys as stored beside a record (dedupe.keys_to_bytes)."""
+    keys = array("q")
+    keys.frombytes(data)
+    if sys.byteorder != "little":
+        keys.byteswap()
+    return keys
 
 
 def observed_ms(conn: sqlite3.Connection) -> int | None:

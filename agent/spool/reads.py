@@ -1,90 +1,149 @@
-"""The spool's public types and its read side (forwarders' fetches, status reads).
+"""The spool's read half: forwarders' fetches and status reads, on their own connection.
 
 Reads run on their own connection and thread (WAL lets them run beside the
-writer); Spool (store.py) inherits them.
+writer), and records are unpacked there, off the event loop. A record that
+cannot be unpacked is skipped and handed to the writer to delete, its events
+counted ``dropped_corrupt``: the rest of the queue is served (Vector's disk buffer).
 """
 
 from __future__ import annotations
 
 import asyncio
 import sqlite3
-from typing import Any
+from collections import OrderedDict
+from collections.abc import Sequence
+from typing import Any, Protocol
 
 from agent.spool import db as spool_db
 from agent.spool.db import SqliteThread
+from agent.spool.records import DamagedRecord, unpack
 from agent.spool.types import Row
+from agent.spool.writer import is_corruption
+
+# Unpacked records kept for the next fetch: a forwarder's batch usually ends inside a
+# record, and its next fetch starts there. Records are immutable (only ``gone`` changes,
+# and that is read each time), and their ids are never reused.
+CACHED_RECORDS = 8
 
 
-class SpoolReads:
-    """The read half of Spool: everything here goes through the reader connection."""
+class ReadHost(Protocol):
+    """What the reader needs of the spool that owns the connections."""
 
-    _reader: SqliteThread | None
-    _lock: asyncio.Lock
+    @property
+    def reader(self) -> SqliteThread | None: ...
+    @property
+    def lock(self) -> asyncio.Lock: ...
+    async def recover(self, exc: BaseException) -> None: ...
+    def discard(self, records: Sequence[int]) -> None: ...
 
-    async def _recover(self, exc: BaseException) -> None:
-        raise NotImplementedError
+
+class Reader:
+    """Reads through the reader connection; damage it meets goes to ``host.recover``
+    (a damaged file) or ``host.discard`` (a damaged record)."""
+
+    def __init__(self, host: ReadHost) -> None:
+        self.host = host
+        self._cache: OrderedDict[int, list[bytes]] = OrderedDict()  # used on the reader thread
 
     async def fetch(self, stream: int, after: int, limit: int) -> list[Row]:
         """Up to ``limit`` rows of one key's queue with seq > ``after``, oldest first."""
-        reader = self._reader
+        reader = self.host.reader
         if reader is None:
             return []
         try:
-            return await reader.run(_fetch_rows, stream, after, limit)
+            return await self._fetch(reader, stream, after, limit)
         except sqlite3.DatabaseError as exc:
             # Damage the header check missed at open shows up here; left alone it
             # would stop this key's forwarder for good.
-            if self._reader is reader and not is_corruption(exc):
+            if self.host.reader is reader and not is_corruption(exc):
                 raise
-            async with self._lock:  # also waits out a recovery that closed this reader
-                if self._reader is reader:  # not already recovered by another reader
-                    await self._recover(exc)
+            async with self.host.lock:  # also waits out a recovery that closed this reader
+                if self.host.reader is reader:  # not already recovered by another reader
+                    await self.host.recover(exc)
         # Read the salvaged queue now: the wake-up sent when it was salvaged may be missed
         # by a forwarder that is about to wait for new data.
-        reader = self._reader
+        reader = self.host.reader
         if reader is None:
             return []
         try:
-            return await reader.run(_fetch_rows, stream, after, limit)
+            return await self._fetch(reader, stream, after, limit)
         except sqlite3.DatabaseError:
             return []  # read again at the next step
 
+    async def _fetch(self, reader: SqliteThread, stream: int, after: int,
+                     limit: int) -> list[Row]:
+        rows, damaged = await reader.run(self._fetch_rows, stream, after, limit)
+        if damaged:
+            self._cache.clear()
+            self.host.discard(damaged)
+        return rows
+
+    def _fetch_rows(self, conn: sqlite3.Connection, stream: int, after: int,
+                    limit: int) -> tuple[list[Row], list[int]]:
+        # From the record holding ``after`` (a cursor may stop inside a record).
+        start = conn.execute("SELECT max(id) FROM records WHERE stream = ? AND id <= ?",
+                             (stream, after)).fetchone()[0] or 0
+        rows: list[Row] = []
+        damaged: list[int] = []
+        cur = conn.execute("SELECT id, family, n, received, gone, data FROM records "
+                           "WHERE stream = ? AND id >= ? ORDER BY id", (stream, start))
+        for rid, family, n, received, gone, data in cur:
+            if rid + n <= after + 1:
+                continue
+            bodies = self._unpack(rid, data, n)
+            if bodies is None:
+                damaged.append(rid)
+                continue
+            for o in range(max(0, after + 1 - rid), n):
+                if gone is not None and gone[o >> 3] & (1 << (o & 7)):
+                    continue
+                rows.append(Row(rid + o, stream, family, received, bodies[o]))
+                if len(rows) >= limit:
+                    break
+            if len(rows) >= limit:
+                break
+        cur.close()
+        return rows, damaged
+
+    def _unpack(self, rid: int, data: bytes, n: int) -> list[bytes] | None:
+        bodies = self._cache.get(rid)
+        if bodies is not None:
+            self._cache.move_to_end(rid)
+            return bodies
+        try:
+            bodies = unpack(data)
+        except DamagedRecord:
+            return None
+        if len(bodies) != n:
+            return None
+        self._cache[rid] = bodies
+        if len(self._cache) > CACHED_RECORDS:
+            self._cache.popitem(last=False)
+        return bodies
+
     async def oldest_received(self) -> int | None:
-        # The head of each key's queue (the live index), not a scan past tombstones.
-        rows = await self._read(
-            "SELECT min((SELECT received FROM events WHERE stream = s.id AND acked IS NULL "
-            "ORDER BY seq LIMIT 1)) FROM streams s")
+        # The head of each key's queue (records_stream), not a scan of every record.
+        rows = await self.read(
+            "SELECT min((SELECT received FROM records WHERE stream = s.id ORDER BY id "
+            "LIMIT 1)) FROM streams s")
         return int(rows[0][0]) if rows and rows[0][0] is not None else None
 
     async def dead_letters(self, limit: int = 100) -> list[dict[str, Any]]:
-        rows = await self._read(
+        rows = await self.read(
             "SELECT seq, s.key, upstream, reason, at, body FROM dead JOIN streams s "
             "ON s.id = dead.stream ORDER BY seq DESC LIMIT ?", (limit,))
         return [{"seq": r[0], "key": r[1], "upstream": r[2], "reason": r[3], "at": r[4],
                  "body": bytes(r[5]).decode("utf-8", "replace")} for r in rows]
 
-    async def _read(self, sql: str, params: Any = ()) -> list[Any]:
+    async def read(self, sql: str, params: Any = ()) -> list[Any]:
         """A read for status and operations. A spool closed under it (a recovery) or damaged
         reads as empty: a 500 would not help, and the forwarders' reads move it aside."""
-        reader = self._reader
+        reader = self.host.reader
         if reader is None:
             return []
         try:
             return await reader.run(spool_db.fetch_all, sql, params)
         except sqlite3.DatabaseError as exc:
-            if self._reader is not reader or is_corruption(exc):
+            if self.host.reader is not reader or is_corruption(exc):
                 return []
             raise
-
-
-def _fetch_rows(conn: sqlite3.Connection, stream: int, after: int, limit: int) -> list[Row]:
-    # Rows are built on the reader thread, off the event loop.
-    return [Row(*r) for r in conn.execute(
-        "SELECT seq, stream, family, received, body FROM events "
-        "WHERE stream = ? AND seq > ? AND acked IS NULL ORDER BY seq LIMIT ?",
-        (stream, after, limit))]
-
-
-def is_corruption(exc: sqlite3.DatabaseError) -> bool:
-    text = str(exc).lower()
-    return "malformed" in text or "not a database" in text or "corrupt" in text

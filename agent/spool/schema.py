@@ -1,56 +1,68 @@
-"""The spool's SQLite schema, moving a corrupt file aside, and offline reads."""
+"""The spool's SQLite schema (v1), its version check, moving a corrupt file aside, offline reads."""
 
 from __future__ import annotations
 
+import importlib
 import sqlite3
 import time
 from pathlib import Path
 from typing import Any
 
+VERSION = 1
+# v1 (issue 11): events packed per commit group into compressed records (records.py);
+# an ack sets a bit in ``gone`` instead of rewriting the event, and a record whose
+# events are all gone is deleted, its dedupe keys kept in ``spent`` for the window.
 SCHEMA = """
-CREATE TABLE IF NOT EXISTS streams(
-    id INTEGER PRIMARY KEY,
-    key TEXT NOT NULL UNIQUE,
-    depth INTEGER NOT NULL DEFAULT 0,
-    bytes INTEGER NOT NULL DEFAULT 0
-);
--- seq is the FIFO order; family 0/1 costs no payload bytes in SQLite records.
--- An acknowledged event stays as a tombstone (body emptied, acked = the time) for
--- dedupe_window_h, so a late resend is not stored again: marking rows in seq order
--- touches pages in order, where deleting them and inserting their keys elsewhere
--- dirtied a random page of two hash-ordered B-trees per event (8x slower drain).
-CREATE TABLE IF NOT EXISTS events(
-    seq INTEGER PRIMARY KEY,
-    stream INTEGER NOT NULL,
-    family INTEGER NOT NULL,
-    received INTEGER NOT NULL,
-    dkey INTEGER NOT NULL,
-    body BLOB NOT NULL,
-    acked INTEGER
-);
-CREATE UNIQUE INDEX IF NOT EXISTS events_dkey ON events(dkey);
--- Each forwarder reads one key's queue in order; without this it would scan
--- past every other key's backlog (and past tombstones).
-CREATE INDEX IF NOT EXISTS events_live ON events(stream, seq) WHERE acked IS NULL;
--- Tombstones in the order they expire.
-CREATE INDEX IF NOT EXISTS events_acked ON events(acked) WHERE acked IS NOT NULL;
-CREATE TABLE IF NOT EXISTS dead(
-    seq INTEGER PRIMARY KEY,
-    stream INTEGER NOT NULL,
-    family INTEGER NOT NULL,
-    received INTEGER NOT NULL,
-    dkey INTEGER NOT NULL,
-    body BLOB NOT NULL,
-    upstream TEXT NOT NULL,
-    reason TEXT NOT NULL,
-    at INTEGER NOT NULL
-);
-CREATE TABLE IF NOT EXISTS counters(name TEXT PRIMARY KEY, value INTEGER NOT NULL);
+PRAGMA auto_vacuum = INCREMENTAL;   -- set before the first table: space is handed back after a drain
+CREATE TABLE streams(id INTEGER PRIMARY KEY, key TEXT NOT NULL UNIQUE,
+                     depth INTEGER NOT NULL DEFAULT 0, bytes INTEGER NOT NULL DEFAULT 0);
+-- One row per commit group per (stream, family): events seq = id .. id+n-1, FIFO by id.
+CREATE TABLE records(id INTEGER PRIMARY KEY, stream INTEGER NOT NULL, family INTEGER NOT NULL,
+                     n INTEGER NOT NULL, received INTEGER NOT NULL,
+                     live INTEGER NOT NULL,      -- events not yet acked or dead-lettered
+                     gone BLOB,                  -- n-bit bitmap (LSB first) of acked/dead events; NULL: none
+                     bytes INTEGER NOT NULL,     -- raw body bytes of the live events (depth accounting)
+                     dkeys BLOB NOT NULL,        -- n little-endian int64 dedupe keys, in seq order
+                     data BLOB NOT NULL);        -- records.pack(bodies)
+CREATE INDEX records_stream ON records(stream, id);
+-- Dedupe keys of fully delivered records, kept for dedupe_window_h (rebuilds the index at start).
+CREATE TABLE spent(id INTEGER PRIMARY KEY, received INTEGER NOT NULL, observed INTEGER NOT NULL,
+                   dkeys BLOB NOT NULL);
+CREATE TABLE dead(seq INTEGER PRIMARY KEY, stream INTEGER NOT NULL, family INTEGER NOT NULL,
+                  received INTEGER NOT NULL, dkey INTEGER NOT NULL, body BLOB NOT NULL,
+                  upstream TEXT NOT NULL, reason TEXT NOT NULL, at INTEGER NOT NULL);
+CREATE TABLE counters(name TEXT PRIMARY KEY, value INTEGER NOT NULL);
 -- Every event with seq < next_seq was received by agent-observed time ``observed`` (the
 -- time the agent has seen pass, over all its runs: agent/clock.py); the latest mark is
 -- where that time resumes. With the wall clock, this is what expiry goes by.
-CREATE TABLE IF NOT EXISTS clock_marks(observed INTEGER PRIMARY KEY, next_seq INTEGER NOT NULL);
+CREATE TABLE clock_marks(observed INTEGER PRIMARY KEY, next_seq INTEGER NOT NULL);
+PRAGMA user_version = 1;
 """
+
+
+class SpoolVersionError(sqlite3.DatabaseError):
+    """A spool this code cannot serve: written by a newer version, or an older one with
+    no migration here. The file is left untouched."""
+
+
+def ensure(conn: sqlite3.Connection) -> None:
+    """Create the v1 schema in an empty file, or bring an older spool up to it
+    (``agent.spool.migrate``, when present); refuse a newer one."""
+    version = int(conn.execute("PRAGMA user_version").fetchone()[0])
+    if version == VERSION:
+        return
+    if version > VERSION:
+        raise SpoolVersionError(f"spool format v{version} is newer than this agent's "
+                                f"(v{VERSION}): upgrade the agent, or move the file away")
+    if not conn.execute("SELECT count(*) FROM sqlite_master").fetchone()[0]:
+        conn.executescript(SCHEMA)
+        return
+    try:
+        migrate = importlib.import_module("agent.spool.migrate")
+    except ImportError:
+        raise SpoolVersionError(f"spool format v{version} cannot be read by this agent "
+                                "(no migration to v1)") from None
+    migrate.upgrade(conn)
 
 
 def move_aside(path: Path) -> Path:

@@ -1,11 +1,12 @@
 """The durable queue: SQLite in WAL mode, each connection on its own thread.
 
-Ingest appends go through one writer task that folds every request waiting
-at that moment into a single transaction (group commit, writer.py), so one
-fsync covers many apps. Forwarders read from a second connection, which WAL lets run
-beside the writer. Rows are deleted only when an upstream acknowledges them;
-leases are kept in the forwarder's memory, so a crash simply makes every
-unacknowledged row eligible again.
+Spool composes a writer (group commit, writer.py), a reader (reads.py), the
+in-memory dedupe index (dedupe.py), the live records' index (live.py) and its
+accounts (books.py); this module holds its lifecycle, recovery and expiry.
+Events are packed per commit group into compressed records (records.py); a
+record is deleted once an upstream has acknowledged all its events. Leases are
+kept in the forwarder's memory, so a crash makes every unacknowledged event
+eligible again.
 """
 
 from __future__ import annotations
@@ -15,64 +16,98 @@ import logging
 import os
 import sqlite3
 import sys
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from pathlib import Path
+from typing import Any
 
 from agent.clock import CLOCK
-from agent.families.event import now_ms
-from agent.outcomes import Counts, Drop, Outcome, record
+from agent.families.event import Event, now_ms
+from agent.outcomes import Counts, Drop, Outcome, Tally
 from agent.paths import ensure_private_dir
 from agent.settings import StorageConfig
 from agent.spool import commit as spool_commit
 from agent.spool import db as spool_db
+from agent.spool.books import Books
 from agent.spool.db import SqliteThread
-from agent.spool.reads import SpoolReads, is_corruption
+from agent.spool.dedupe import DedupeIndex
+from agent.spool.live import LiveRecords
+from agent.spool.reads import Reader
 from agent.spool.salvage import Carry, Salvaged, salvage, salvage_counters
-from agent.spool.schema import SCHEMA, move_aside
-from agent.spool.types import SpoolFull, Stream
-from agent.spool.writer import Batch, SpoolWrites
+from agent.spool.schema import ensure, move_aside
+from agent.spool.types import Row, Stream
+from agent.spool.writer import Writer, is_corruption
 
 log = logging.getLogger("outpost.spool")
+HOUR_MS = 3_600_000
 
 
-class Spool(SpoolWrites, SpoolReads):
-    """The durable queue. Create with ``await Spool.open(cfg)``.
-
-    This module holds its state, lifecycle, recovery and expiry; writer.py its
-    group commit, reads.py its reads.
-    """
+class Spool:
+    """The durable queue. Create with ``await Spool.open(cfg)``."""
 
     def __init__(self, cfg: StorageConfig, path: Path,
                  on_reopen: Callable[[], None] = lambda: None) -> None:
         self.cfg = cfg
         self.path = path
-        self.max_bytes = cfg.max_size_mb * 1024 * 1024
-        self.streams: dict[str, Stream] = {}
-        self.counters: Counts = {}
-        self._unsaved: Counts = {}  # counted on the loop, saved with the next commit
-        self.dead_count = 0  # rows in the dead letters table
-        self._by_id: dict[int, Stream] = {}
-        self._top_stream_id = 0  # a new key's id; max(_by_id) made each new key O(keys)
+        self.books = Books()
+        self.index = DedupeIndex(cfg.dedupe_window_h * HOUR_MS, cfg.dedupe_max_keys)
+        self.live = LiveRecords()
+        self.writer = Writer(cfg, self.books, self.index, self.live, self)
+        self.reader_side = Reader(self)
         self._db: SqliteThread | None = None
         self._reader: SqliteThread | None = None
-        self._next_seq = 1
-        self._used_bytes = 0
-        self._batch = Batch()
-        self._wake = asyncio.Event()
-        self._lock = asyncio.Lock()
-        self._writer: asyncio.Task[None] | None = None
-        self._closing = False
-        self._new_streams: list[Stream] = []
-        self.commits = 0  # transactions this process ran: shows group commit at work
         # Agent-observed time (agent/clock.py): the spool's count, plus what this process
         # has seen pass since it was read.
         self._observed_base = 0
         self._elapsed_at_load = CLOCK.elapsed_ms()
-        self._last_mark: int | None = None
         self._loaded = False  # whether depths and counters were read from the file
         # Called when a spool that could not be opened is opened at last, or when rows
         # are salvaged from a corrupt one: their queues need forwarders.
         self.on_reopen = on_reopen
+
+    # -- what the writer and reader use --------------------------------------
+
+    @property
+    def db(self) -> SqliteThread | None:
+        return self._db
+
+    @property
+    def reader(self) -> SqliteThread | None:
+        return self._reader
+
+    @property
+    def lock(self) -> asyncio.Lock:
+        return self.writer.lock
+
+    def discard(self, records: Sequence[int]) -> None:
+        self.writer.discard(records)
+
+    # -- the queue -----------------------------------------------------------
+
+    async def append(self, events: list[Event]) -> int:
+        """Commit ``events``; returns how many were new (the rest were resends).
+
+        Raises SpoolFull when they do not fit and ``when_full = "reject"``,
+        or when the disk itself is full.
+        """
+        return await self.writer.append(events)
+
+    async def ack(self, seqs: Sequence[int]) -> None:
+        """Take acknowledged events out of the queue; returns once that is committed."""
+        await self.writer.ack(seqs)
+
+    async def dead_letter(self, rows: Sequence[tuple[int, str, str]]) -> None:
+        """Move (seq, upstream, reason) events the upstream refused for good to dead letters."""
+        await self.writer.dead_letter(rows)
+
+    async def fetch(self, stream: int, after: int, limit: int) -> list[Row]:
+        """Up to ``limit`` rows of one key's queue with seq > ``after``, oldest first."""
+        return await self.reader_side.fetch(stream, after, limit)
+
+    async def oldest_received(self) -> int | None:
+        return await self.reader_side.oldest_received()
+
+    async def dead_letters(self, limit: int = 100) -> list[dict[str, Any]]:
+        return await self.reader_side.dead_letters(limit)
 
     # -- lifecycle ---------------------------------------------------------
 
@@ -86,13 +121,13 @@ class Spool(SpoolWrites, SpoolReads):
             except sqlite3.DatabaseError as exc:
                 if not is_corruption(exc):
                     raise
-                await spool._recover(exc)
+                await spool.recover(exc)
         except (sqlite3.DatabaseError, OSError) as exc:
-            # Not corrupt (a full disk, an I/O error): keep the file, refuse events with
-            # 503 and try again at each commit, rather than exit into a crash loop.
+            # Not corrupt (a full disk, an I/O error, a newer format): keep the file, refuse
+            # events with 503 and try again at each commit, rather than exit into a crash loop.
             log.error("spool %s cannot be opened (%s); refusing events until it can",
                       spool.path, exc)
-        spool._writer = asyncio.create_task(spool._write_loop(), name="spool-writer")
+        spool.writer.start()
         return spool
 
     async def _connect(self) -> None:
@@ -104,9 +139,11 @@ class Spool(SpoolWrites, SpoolReads):
         sync = "FULL" if self.cfg.sync == "full" else "NORMAL"
         self._db = SqliteThread("spool-writer")
         try:
-            await self._db.open(self.path, f"PRAGMA journal_mode=WAL; PRAGMA synchronous={sync};"
-                                "PRAGMA busy_timeout=5000; PRAGMA journal_size_limit=67108864;"
-                                + SCHEMA)
+            # auto_vacuum before WAL: both must precede the first table of a new file.
+            await self._db.open(self.path, "PRAGMA auto_vacuum=INCREMENTAL; PRAGMA "
+                                f"journal_mode=WAL; PRAGMA synchronous={sync};"
+                                "PRAGMA busy_timeout=5000; PRAGMA journal_size_limit=67108864;",
+                                ensure)
             await self._load_state(self._db)
             # Published only once open: a status read in between would take a reader
             # with no connection for a failure of its own (a 500).
@@ -122,41 +159,37 @@ class Spool(SpoolWrites, SpoolReads):
             raise
 
     async def _load_state(self, db: SqliteThread) -> None:
-        next_seq, streams, counters, dead, used, observed = await db.run(spool_db.load_state)
-        if observed is None:
-            await db.run(spool_db.start_clock, next_seq)
-        self._observed_base, self._elapsed_at_load = observed or 0, CLOCK.elapsed_ms()
-        self._last_mark = None
-        self._next_seq = next_seq
-        self.streams.clear()
-        self._by_id.clear()
-        self._top_stream_id = 0
-        self._new_streams = []
-        for sid, key, depth, nbytes in streams:
-            self._add_stream(Stream(sid, key, depth, nbytes))
-        self.counters = counters
-        self.dead_count = dead
-        self._unsaved = {}
-        self._used_bytes = used
+        state = await db.run(spool_db.load_state, self.observed_ms())
+        if state.observed is None:
+            await db.run(spool_db.start_clock, state.next_seq)
+        self._observed_base, self._elapsed_at_load = state.observed or 0, CLOCK.elapsed_ms()
+        self.books.reset(state.streams, state.counters, state.next_seq, state.dead,
+                         state.used_bytes)
+        self.live.clear()
+        for rid, stream, n, observed in state.live:
+            self.live.add(rid, stream, n, observed)
+        self.index = self.writer.index = DedupeIndex(self.index.window_ms, self.index.max_keys)
+        for keys, wall, observed in state.keys:
+            self.index.load(keys, wall, observed)
+        if self.index.forgotten:
+            self.count(Tally.DEDUPE_FORGOTTEN, self.index.forgotten)
+            self.index.forgotten = 0
         self._loaded = True
 
-    def _add_stream(self, stream: Stream) -> None:
-        self.streams[stream.key] = stream
-        self._by_id[stream.id] = stream
-        self._top_stream_id = max(self._top_stream_id, stream.id)
-
-    async def _recover(self, exc: BaseException) -> None:
+    async def recover(self, exc: BaseException) -> None:
         """Never a crash loop: move a corrupt spool aside, start afresh, and salvage into
         the fresh spool every row that can still be read (agent/spool/salvage.py)."""
-        carry = Carry(streams={s.id: s.key for s in self.streams.values()},
-                      counters=dict(self.counters), observed=self.observed_ms(),
-                      next_seq=self._next_seq,
+        books = self.books
+        carry = Carry(streams={s.id: s.key for s in books.streams.values()},
+                      counters=dict(books.counters), observed=self.observed_ms(),
+                      next_seq=books.next_seq,
                       depth=self.depth if self._loaded else None)
-        held, next_seq = list(self.streams.values()), self._next_seq
+        held, next_seq = list(books.streams.values()), books.next_seq
         await self._close_connections()
         moved = move_aside(self.path)
         await self._connect()
-        db = self._require_db()
+        db = self._db
+        assert db is not None
         try:
             got = await db.run(salvage, moved, carry)
         except sqlite3.Error as why:  # e.g. no room for the copy: the fresh spool stays empty
@@ -169,13 +202,13 @@ class Spool(SpoolWrites, SpoolReads):
             await self._load_state(db)
         # Running forwarders hold these streams and a seq cursor: keep the objects, and
         # keep seqs rising, or new events would hide behind the cursors.
-        self._next_seq = max(self._next_seq, next_seq)
+        books.next_seq = max(books.next_seq, next_seq)
         for stream in held:
-            now = self._by_id.get(stream.id)
+            now = books.by_id.get(stream.id)
             stream.depth, stream.bytes = (now.depth, now.bytes) if now else (0, 0)
             if now is None:
-                self._new_streams.append(stream)
-            self._add_stream(stream)
+                books.new_streams.append(stream)
+            books.add_stream(stream)
         how_many = (f"{got.lost} could not be read" if got.known else
                     "how many more it held is unknown (its queue table cannot be read)")
         log.error("spool %s is corrupt (%s); moved aside to %s and started afresh: salvaged "
@@ -184,15 +217,14 @@ class Spool(SpoolWrites, SpoolReads):
                   got.skipped)
         self.on_reopen()  # forwarders for the salvaged queues
 
+    _recover = recover  # the name tests and older callers use
+
     async def close(self) -> None:
         """Finish pending commits, then close."""
-        self._closing = True
-        self._wake.set()
-        if self._writer is not None:
-            await self._writer
+        await self.writer.close()
         if self._db is not None:  # keep the time this run saw pass
             try:
-                await self._db.run(spool_db.mark, self.observed_ms(), self._next_seq)
+                await self._db.run(spool_db.mark, self.observed_ms(), self.books.next_seq)
             except sqlite3.Error as exc:
                 log.warning("spool %s: could not save the agent's clock: %s", self.path, exc)
         await self._close_connections()
@@ -205,9 +237,9 @@ class Spool(SpoolWrites, SpoolReads):
             if conn is not None:
                 await conn.close()
 
-    async def _reopen(self) -> bool:
+    async def reopen(self) -> bool:
         """Open a spool that could not be opened before (the disk may have space again)."""
-        unsaved = self._unsaved
+        unsaved = self.books.unsaved
         try:
             await self._connect()
         except (sqlite3.DatabaseError, OSError):
@@ -221,7 +253,7 @@ class Spool(SpoolWrites, SpoolReads):
     # -- maintenance -------------------------------------------------------
 
     async def prune(self) -> int:
-        """Drop events older than max_age_days and forget old dedupe keys.
+        """Drop events older than max_age_days and forget dedupe keys past the window.
 
         An event is old only when both its wall-clock age and the time the agent has seen
         pass since it was received exceed max_age_days: a device clock that is wrong, or
@@ -231,20 +263,22 @@ class Spool(SpoolWrites, SpoolReads):
             return 0
         db = self._db
         max_age = self.cfg.max_age_days * 86_400_000
-        async with self._lock:
-            exp = spool_commit.Expiry(wall_cutoff=now_ms() - max_age,
-                                  forget=now_ms() - self.cfg.dedupe_window_h * 3_600_000,
-                                  observed=self.observed_ms(), max_age_ms=max_age,
-                                  window_ms=self.cfg.dedupe_window_h * 3_600_000,
-                                  next_seq=self._next_seq)
-            counters, self._unsaved = self._unsaved, {}
+        window = self.cfg.dedupe_window_h * HOUR_MS
+        async with self.lock:
+            observed = self.observed_ms()
+            exp = spool_commit.Expiry(wall_cutoff=now_ms() - max_age, forget=now_ms() - window,
+                                      observed=observed, max_age_ms=max_age, window_ms=window,
+                                      next_seq=self.books.next_seq)
+            counters = self.books.take_unsaved()
             try:
                 out = await db.run(spool_commit.prune, exp, counters)
             except sqlite3.Error as exc:
-                self._unsave(counters)
+                self.books.unsave(counters)
                 log.error("spool prune failed: %s", exc)
                 return 0
-            self._apply(out)
+            self.books.apply(out)
+            self.live.remove(out.deleted)
+            self.index.expire(now_ms(), observed)
         expired = out.counters.get(Drop.EXPIRED, 0)
         if expired:
             log.warning("dropped %d events older than %d days", expired, self.cfg.max_age_days)
@@ -258,18 +292,32 @@ class Spool(SpoolWrites, SpoolReads):
 
     def count(self, outcome: Outcome, n: int = 1) -> None:
         """Count an outcome seen on the loop; saved with the next commit."""
-        record(self.counters, outcome, n)
-        record(self._unsaved, outcome, n)
+        self.books.count(outcome, n)
+
+    @property
+    def streams(self) -> dict[str, Stream]:
+        return self.books.streams
+
+    @property
+    def counters(self) -> Counts:
+        return self.books.counters
+
+    @property
+    def dead_count(self) -> int:
+        return self.books.dead_count
+
+    @property
+    def commits(self) -> int:
+        return self.writer.commits
+
+    @property
+    def max_bytes(self) -> int:
+        return self.writer.max_bytes
 
     @property
     def depth(self) -> int:
-        return sum(s.depth for s in self.streams.values())
+        return self.books.depth
 
     @property
     def used_bytes(self) -> int:
-        return self._used_bytes
-
-    def _require_db(self) -> SqliteThread:
-        if self._db is None:
-            raise SpoolFull("spool is not open", retry_after=5)
-        return self._db
+        return self.books.used_bytes

@@ -1,17 +1,32 @@
-"""The spool's public types: what forwarders read, and the "full" refusal."""
+"""The spool's public types: what forwarders read, and the one refusal, SpoolFull."""
 
 from __future__ import annotations
 
 from dataclasses import dataclass
+from enum import Enum
 
 RETRY_AFTER_FULL_S = 30
 
 
-class SpoolFull(Exception):
-    """The spool cannot take these events now; the app should retry later."""
+class Reason(Enum):
+    """Why the spool refused events; each with the message apps and logs see by default."""
 
-    def __init__(self, reason: str, retry_after: int = RETRY_AFTER_FULL_S) -> None:
-        super().__init__(reason)
+    FULL = "spool is full (storage.max_size_mb)"
+    SHUTTING_DOWN = "agent is shutting down"
+    NOT_OPEN = "spool is not open"
+    DISK_ERROR = "disk full"
+    CORRUPT = "spool storage is failing"
+
+
+class SpoolFull(Exception):
+    """The spool cannot take these events now; the app should retry later.
+
+    ``reason`` says why; ``str()`` is the message (a disk error carries SQLite's own).
+    """
+
+    def __init__(self, reason: Reason, retry_after: int = RETRY_AFTER_FULL_S,
+                 message: str | None = None) -> None:
+        super().__init__(message or reason.value)
         self.reason = reason
         self.retry_after = retry_after
 

@@ -2,7 +2,10 @@
 
 Appends, acks and dead letters queue on the loop; the writer task turns whatever
 is waiting into one Job (spool/commit.py) and runs it on the writer's thread, so
-one fsync covers many apps (group commit). Spool (store.py) inherits this.
+one fsync covers many apps (group commit). Dedupe is decided here, on the loop,
+against the in-memory index, but keys join the index only once their COMMIT
+succeeded: a commit that fails (a full disk) must not make the app's retry look
+like a resend, or the events would be lost.
 """
 
 from __future__ import annotations
@@ -12,22 +15,29 @@ import logging
 import sqlite3
 from collections.abc import Sequence
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING
+from typing import Protocol
 
 from agent.families.event import Event, now_ms
 from agent.logs import log_limited
-from agent.outcomes import Counts, Drop, Outcome, merge
+from agent.outcomes import Drop, Tally
 from agent.settings import StorageConfig
 from agent.spool import commit as spool_commit
-from agent.spool.commit import ROW_OVERHEAD, Job
+from agent.spool.books import Books
+from agent.spool.commit import Group, Job
 from agent.spool.db import SqliteThread
-from agent.spool.reads import is_corruption
-from agent.spool.types import SpoolFull, Stream
+from agent.spool.dedupe import DedupeIndex
+from agent.spool.live import LiveRecords
+from agent.spool.types import Reason, SpoolFull
 
 log = logging.getLogger("outpost.spool")
 # How often commits record the agent-observed time (clock_marks): an event expires at
 # most this much later than max_age_days says, plus any time the device was off.
 MARK_EVERY_MS = 60_000
+# A record holds at most about this much (Sentry Relay packs ~10 KiB rows; bigger ones
+# compress better, and a drain reads fewer; this bounds what one read unpacks).
+RECORD_EVENTS = 1000
+RECORD_BYTES = 256 * 1024
+
 
 @dataclass(slots=True)
 class Pending:
@@ -41,68 +51,74 @@ class Batch:
     appends: list[Pending] = field(default_factory=list)
     acks: list[int] = field(default_factory=list)
     dead: list[tuple[int, str, str]] = field(default_factory=list)
+    corrupt: list[int] = field(default_factory=list)  # records the reader found damaged
     waiters: list[asyncio.Future[None]] = field(default_factory=list)
 
     def __bool__(self) -> bool:
-        return bool(self.appends or self.acks or self.dead)
+        return bool(self.appends or self.acks or self.dead or self.corrupt)
 
 
-class SpoolWrites:
-    """The group commit; state and recovery live in Spool (store.py)."""
+class Host(Protocol):
+    """What the writer needs of the spool that owns the connections."""
 
-    # Spool's state and methods, which the commits read and update.
-    cfg: StorageConfig
-    streams: dict[str, Stream]
-    counters: Counts
-    dead_count: int
-    commits: int
-    max_bytes: int
-    _by_id: dict[int, Stream]
-    _unsaved: Counts
-    _new_streams: list[Stream]
-    _top_stream_id: int
-    _next_seq: int
-    _used_bytes: int
-    _last_mark: int | None
-    _db: SqliteThread | None
-    _lock: asyncio.Lock
-    _wake: asyncio.Event
-    _batch: Batch
-    _closing: bool
+    @property
+    def db(self) -> SqliteThread | None: ...
+    async def recover(self, exc: BaseException) -> None: ...
+    async def reopen(self) -> bool: ...
+    def observed_ms(self) -> int: ...
 
-    if TYPE_CHECKING:
-        def _add_stream(self, stream: Stream) -> None: ...
-        async def _recover(self, exc: BaseException) -> None: ...
-        async def _reopen(self) -> bool: ...
-        def _require_db(self) -> SqliteThread: ...
-        def count(self, outcome: Outcome, n: int = 1) -> None: ...
-        def observed_ms(self) -> int: ...
 
+class Writer:
+    """The group commit: numbers events, dedupes them, commits, then updates the books."""
+
+    def __init__(self, cfg: StorageConfig, books: Books, index: DedupeIndex,
+                 live: LiveRecords, host: Host) -> None:
+        self.cfg = cfg
+        self.max_bytes = cfg.max_size_mb * 1024 * 1024
+        self.books = books
+        self.index = index
+        self.live = live
+        self.host = host
+        self.lock = asyncio.Lock()  # one commit, prune or recovery at a time
+        self.commits = 0  # transactions this process ran: shows group commit at work
+        self.closing = False
+        self._batch = Batch()
+        self._wake = asyncio.Event()
+        self._task: asyncio.Task[None] | None = None
+
+    def start(self) -> None:
+        self._task = asyncio.create_task(self._write_loop(), name="spool-writer")
+
+    async def close(self) -> None:
+        """Finish pending commits."""
+        self.closing = True
+        self._wake.set()
+        if self._task is not None:
+            await self._task
 
     async def append(self, events: list[Event]) -> int:
-        """Commit ``events``; returns how many were new (the rest were resends).
-
-        Raises SpoolFull when they do not fit and ``when_full = "reject"``,
-        or when the disk itself is full.
-        """
+        """Commit ``events``; returns how many were new (the rest were resends)."""
         if not events:
             return 0
-        if self._closing:
-            raise SpoolFull("agent is shutting down", retry_after=5)
+        if self.closing:
+            raise SpoolFull(Reason.SHUTTING_DOWN, retry_after=5)
         fut: asyncio.Future[int] = asyncio.get_running_loop().create_future()
         self._batch.appends.append(Pending(events, now_ms(), fut))
         self._wake.set()
         return await fut
 
     async def ack(self, seqs: Sequence[int]) -> None:
-        """Delete acknowledged rows; returns once that is committed."""
         self._batch.acks.extend(seqs)
         await self._settled()
 
     async def dead_letter(self, rows: Sequence[tuple[int, str, str]]) -> None:
-        """Move (seq, upstream, reason) rows the upstream refused for good to dead letters."""
         self._batch.dead.extend(rows)
         await self._settled()
+
+    def discard(self, records: Sequence[int]) -> None:
+        """Delete damaged records with the next commit (their events: dropped_corrupt)."""
+        self._batch.corrupt.extend(records)
+        self._wake.set()
 
     def _settled(self) -> asyncio.Future[None]:
         fut: asyncio.Future[None] = asyncio.get_running_loop().create_future()
@@ -128,118 +144,125 @@ class SpoolWrites:
             # Not kept while waiting for the next wake: every request's events would stay
             # in memory until the next commit (whenever the next app posts).
             del batch
-            if self._closing and not self._batch:
+            if self.closing and not self._batch:
                 return
 
     async def _commit(self, batch: Batch) -> None:
         try:
-            async with self._lock:
+            async with self.lock:
                 await self._run_batch(batch)
         except sqlite3.DatabaseError as exc:
             if not is_corruption(exc):
                 raise
-            async with self._lock:
+            async with self.lock:
                 try:
-                    await self._recover(exc)
+                    await self.host.recover(exc)
                     await self._run_batch(batch)
                 except BaseException:
-                    _fail(batch.appends, SpoolFull("spool storage is failing", retry_after=5))
+                    _fail(batch.appends, SpoolFull(Reason.CORRUPT, retry_after=5))
                     raise
 
-    def _job(self, batch: Batch) -> Job:
-        """Number the events and name their streams: the loop-side half of a commit."""
-        rows: list[tuple[int, int, int, int, int, bytes]] = []
-        totals: dict[int, list[int]] = {}
-        seq = self._next_seq
-        incoming = 0
-        streams = self.streams
+    def _job(self, batch: Batch) -> tuple[Job, list[int]]:
+        """Dedupe, group and number the events: the loop-side half of a commit. Returns
+        the job and how many events of each request are new."""
+        books, index = self.books, self.index
+        groups: list[Group] = []
+        latest: dict[int, Group] = {}   # stream id -> its open group
+        here: set[int] = set()          # keys new in this commit: a repeat is a resend
+        stored: list[int] = []
         for p in batch.appends:
-            received = p.received
-            key, sid, total = "", 0, [0, 0]
+            key, sid, new = "", 0, 0
             for ev in p.events:
+                k = ev.dedupe
+                if k in here or k in index:
+                    continue
+                here.add(k)
                 if ev.key != key:  # requests are nearly always one key: look it up once
                     key = ev.key
-                    sid = (streams.get(key) or self._stream_for(key)).id
-                    total = totals.setdefault(sid, [0, 0])
-                nbytes = len(ev.body)
-                rows.append((seq, sid, ev.family, received, ev.dedupe, ev.body))
-                seq += 1
-                total[0] += 1
-                total[1] += nbytes
-                incoming += nbytes
-        self._next_seq = seq
-        counters, self._unsaved = self._unsaved, {}
-        observed = self.observed_ms()
+                    sid = (books.streams.get(key) or books.stream_for(key)).id
+                g = latest.get(sid)
+                # A new record at a change of family keeps the key's events in order.
+                if (g is None or g.family != ev.family or len(g.bodies) >= RECORD_EVENTS
+                        or g.nbytes >= RECORD_BYTES):
+                    g = latest[sid] = Group(0, sid, ev.family, p.received, [], [])
+                    groups.append(g)
+                g.bodies.append(ev.body)
+                g.keys.append(k)
+                g.nbytes += len(ev.body)
+                new += 1
+            stored.append(new)
+        seq = books.next_seq
+        for g in groups:  # each record's events are numbered consecutively
+            g.id = seq
+            seq += len(g.bodies)
+        books.next_seq = seq
+        observed = self.host.observed_ms()
         mark = None
-        if rows and (self._last_mark is None or observed - self._last_mark >= MARK_EVERY_MS):
+        if groups and (books.last_mark is None or observed - books.last_mark >= MARK_EVERY_MS):
             mark = (observed, seq)
-        return Job(rows=rows, sizes=[len(p.events) for p in batch.appends], totals=totals,
-                   new_streams=[(s.id, s.key) for s in self._new_streams],
-                   acks=batch.acks, dead=batch.dead,
-                   room=self.max_bytes - self._used_bytes,
-                   incoming=incoming + ROW_OVERHEAD * len(rows),
-                   reject_when_full=self.cfg.when_full == "reject",
-                   remember=self.cfg.dedupe_window_h > 0, counters=counters, now=now_ms(),
-                   mark=mark)
+        total = sum(len(p.events) for p in batch.appends)
+        job = Job(groups=groups, duplicates=total - sum(stored),
+                  new_streams=[(s.id, s.key) for s in books.new_streams],
+                  settle=self.live.settle(batch.acks, batch.dead), corrupt=batch.corrupt,
+                  room=self.max_bytes - books.used_bytes,
+                  reject_when_full=self.cfg.when_full == "reject",
+                  remember=self.cfg.dedupe_window_h > 0, counters=books.take_unsaved(),
+                  now=now_ms(), mark=mark)
+        return job, stored
 
     async def _run_batch(self, batch: Batch) -> None:
-        if self._db is None and not await self._reopen():
-            self.count(Drop.REJECTED_STORAGE_ERROR, sum(len(p.events) for p in batch.appends))
-            _fail(batch.appends, SpoolFull("spool cannot be opened", retry_after=5))
+        books = self.books
+        if self.host.db is None and not await self.host.reopen():
+            books.count(Drop.REJECTED_STORAGE_ERROR, sum(len(p.events) for p in batch.appends))
+            _fail(batch.appends, SpoolFull(Reason.NOT_OPEN, 5, "spool cannot be opened"))
             return
-        db = self._require_db()
+        db = self.host.db
+        if db is None:
+            raise SpoolFull(Reason.NOT_OPEN, retry_after=5)
         appends = batch.appends
-        job = self._job(batch)
+        job, stored = self._job(batch)
+        observed = self.host.observed_ms()
         try:
             out = await db.run(spool_commit.commit, job)
         except sqlite3.OperationalError as exc:
-            self._unsave(job.counters)
+            books.unsave(job.counters)
             reason = "disk full" if "full" in str(exc) else f"storage error: {exc}"
             # Every app retrying against a full disk fails a commit: count each refused
             # event, but log once a minute (a flood of identical lines helps nobody).
             log_limited(log, logging.ERROR, "commit-failed", "spool commit failed: %s", reason)
-            self.count(Drop.REJECTED_STORAGE_ERROR, len(job.rows))
-            _fail(appends, SpoolFull(reason))
+            books.count(Drop.REJECTED_STORAGE_ERROR, sum(len(p.events) for p in appends))
+            _fail(appends, SpoolFull(Reason.DISK_ERROR, message=reason))
             return
         except BaseException as exc:
-            self._unsave(job.counters)
+            books.unsave(job.counters)
             if not (isinstance(exc, sqlite3.DatabaseError) and is_corruption(exc)):
                 _fail(appends, exc)  # corruption: _commit runs them again on a fresh spool
             raise
         self.commits += 1
         if job.mark is not None:
-            self._last_mark = job.mark[0]
+            books.last_mark = job.mark[0]
         if job.new_streams:
-            self._new_streams = self._new_streams[len(job.new_streams):]
-        self._apply(out)
-        if out.stored is None:
-            _fail(appends, SpoolFull("spool is full (storage.max_size_mb)"))
+            books.new_streams = books.new_streams[len(job.new_streams):]
+        books.apply(out)
+        self.live.remove(out.deleted)
+        if not out.stored:
+            _fail(appends, SpoolFull(Reason.FULL))
             return
-        for pending, n in zip(appends, out.stored):
+        wall = now_ms()
+        forgotten = self.index.forgotten
+        for g in job.groups:  # committed: from now on a resend is a duplicate
+            self.index.admit(g.keys, wall, observed)
+            self.live.add(g.id, g.stream, len(g.bodies), observed)
+        if self.index.forgotten > forgotten:
+            books.count(Tally.DEDUPE_FORGOTTEN, self.index.forgotten - forgotten)
+        for pending, n in zip(appends, stored):
             if not pending.done.done():
                 pending.done.set_result(n)
-    def _apply(self, out: spool_commit.Outcome) -> None:
-        """Bring the in-memory depths and counters up to what was just committed."""
-        for sid, (depth, nbytes) in out.streams.items():
-            stream = self._by_id.get(sid)
-            if stream is not None:
-                stream.depth += depth
-                stream.bytes += nbytes
-        merge(self.counters, out.counters)
-        self.dead_count += out.counters.get(Drop.DEAD_LETTERED, 0)
-        self._used_bytes = out.used_bytes
 
-    def _unsave(self, counters: Counts) -> None:
-        """A failed commit did not save these counts: keep them for the next one."""
-        merge(self._unsaved, counters)
 
-    def _stream_for(self, key: str) -> Stream:
-        stream = self.streams.get(key)
-        if stream is None:
-            stream = Stream(self._top_stream_id + 1, key)
-            self._add_stream(stream)
-            self._new_streams.append(stream)
-        return stream
+def is_corruption(exc: sqlite3.DatabaseError) -> bool:
+    text = str(exc).lower()
+    return "malformed" in text or "not a database" in text or "corrupt" in text
 
 
 def _fail(pendings: list[Pending], exc: BaseException) -> None:

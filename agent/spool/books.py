@@ -1,0 +1,85 @@
+"""The spool's in-memory accounts: keys and their depths, counters, the next seq."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+from agent.outcomes import Counts, Drop, Outcome, merge, record
+from agent.spool.commit import Outcome as Committed
+from agent.spool.types import Stream
+
+
+@dataclass
+class Books:
+    """What the spool knows on the event loop, brought up to date after each commit.
+
+    Counts seen on the loop wait in ``unsaved`` until a commit saves them.
+    """
+
+    streams: dict[str, Stream] = field(default_factory=dict)
+    by_id: dict[int, Stream] = field(default_factory=dict)
+    counters: Counts = field(default_factory=dict)
+    unsaved: Counts = field(default_factory=dict)
+    new_streams: list[Stream] = field(default_factory=list)  # not yet in the file
+    top_stream_id: int = 0   # a new key's id; max(by_id) made each new key O(keys)
+    next_seq: int = 1
+    dead_count: int = 0      # rows in the dead letters table
+    used_bytes: int = 0
+    last_mark: int | None = None  # agent-observed ms of the last clock mark written
+
+    def reset(self, streams: list[tuple[int, str, int, int]], counters: Counts,
+              next_seq: int, dead: int, used: int) -> None:
+        """Take the state just read from the file."""
+        self.streams.clear()
+        self.by_id.clear()
+        self.top_stream_id = 0
+        self.new_streams = []
+        for sid, key, depth, nbytes in streams:
+            self.add_stream(Stream(sid, key, depth, nbytes))
+        self.counters = counters
+        self.unsaved = {}
+        self.next_seq = next_seq
+        self.dead_count = dead
+        self.used_bytes = used
+        self.last_mark = None
+
+    def add_stream(self, stream: Stream) -> None:
+        self.streams[stream.key] = stream
+        self.by_id[stream.id] = stream
+        self.top_stream_id = max(self.top_stream_id, stream.id)
+
+    def stream_for(self, key: str) -> Stream:
+        stream = self.streams.get(key)
+        if stream is None:
+            stream = Stream(self.top_stream_id + 1, key)
+            self.add_stream(stream)
+            self.new_streams.append(stream)
+        return stream
+
+    def count(self, outcome: Outcome, n: int = 1) -> None:
+        """Count an outcome seen on the loop; saved with the next commit."""
+        record(self.counters, outcome, n)
+        record(self.unsaved, outcome, n)
+
+    def take_unsaved(self) -> Counts:
+        counts, self.unsaved = self.unsaved, {}
+        return counts
+
+    def unsave(self, counters: Counts) -> None:
+        """A failed commit did not save these counts: keep them for the next one."""
+        merge(self.unsaved, counters)
+
+    def apply(self, out: Committed) -> None:
+        """Bring depths and counters up to what was just committed."""
+        for sid, (depth, nbytes) in out.streams.items():
+            stream = self.by_id.get(sid)
+            if stream is not None:
+                stream.depth += depth
+                stream.bytes += nbytes
+        merge(self.counters, out.counters)
+        self.dead_count += out.counters.get(Drop.DEAD_LETTERED, 0)
+        self.used_bytes = out.used_bytes
+
+    @property
+    def depth(self) -> int:
+        return sum(s.depth for s in self.streams.values())
