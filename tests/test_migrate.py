@@ -98,7 +98,7 @@ def test_resends_and_delivered_keys_still_dedupe(v0: Path) -> None:
     events, _ = read_v0(v0)
     upgrade_file(v0)
     spent = table(v0, "SELECT id, received, observed, dkeys FROM spent")
-    spent_keys = [k for *_, blob in spent for k in keys_of(blob)]  # type: ignore[arg-type]
+    spent_keys = [k for *_, blob in spent for k in keys_of(blob)]
     assert sorted(spent_keys) == sorted(e.dkey for e, acked in events if acked is not None)
     assert len(spent_keys) == 22
     resent = {dedupe_key("nucleus", "app-nucleus", i) for i in range(5)}
@@ -108,9 +108,9 @@ def test_resends_and_delivered_keys_still_dedupe(v0: Path) -> None:
     acked_at = {e.dkey: acked for e, acked in events}
     for sid, received, observed, blob in spent:
         assert observed == 10               # the mark that covers seqs 1..60
-        assert {acked_at[k] for k in keys_of(blob)} == {received}  # type: ignore[arg-type]
+        assert {acked_at[k] for k in keys_of(blob)} == {received}
     queued_keys = {k for (blob,) in table(v0, "SELECT dkeys FROM records")
-                   for k in keys_of(blob)}  # type: ignore[arg-type]
+                   for k in keys_of(blob)}
     assert queued_keys | set(spent_keys) == {e.dkey for e, _ in events}   # all 60
 
 
@@ -178,9 +178,9 @@ def test_a_long_queue_is_packed_in_records_of_at_most_the_cap(tmp_path: Path) ->
         assert [(e.family, e.received) for e in got[sid]] == \
             [(e.family, e.received) for e, _ in events if e.stream == sid]
     sizes = table(path, "SELECT stream, n FROM records ORDER BY id")
-    assert max(n for _, n in sizes) == RECORD_MAX  # type: ignore[type-var]
+    assert max(n for _, n in sizes) == RECORD_MAX
     assert sorted(n for _, n in sizes) == sorted([1000, 99, 200, 201,      # key a: even seqs
-                                                  1000, 100, 200, 200])   # key b  # type: ignore[type-var]
+                                                  1000, 100, 200, 200])   # key b
 
 
 # -- any v0 spool --------------------------------------------------------------------------
@@ -234,12 +234,12 @@ def test_any_v0_spool_keeps_every_event_its_order_and_its_receipt_time(
     acked_at = {e.dkey: (a, covering(marks, e.seq) or latest or PAST) for e, a in events}
     spent = table(path, "SELECT received, observed, dkeys FROM spent")
     assert sorted(k for *_, b in spent for k in keys_of(b)) == \
-        sorted(e.dkey for e, a in events if a is not None)  # type: ignore[arg-type]
+        sorted(e.dkey for e, a in events if a is not None)
     for received, observed, blob in spent:
-        assert {acked_at[k] for k in keys_of(blob)} == {(received, observed)}  # type: ignore[arg-type]
+        assert {acked_at[k] for k in keys_of(blob)} == {(received, observed)}
     records = table(path, "SELECT id, n FROM records")
     for rid, n in records:    # no record straddles a mark
-        assert len({covering(new_marks, s) for s in range(rid, rid + n)}) == 1  # type: ignore[operator]
+        assert len({covering(new_marks, s) for s in range(rid, rid + n)}) == 1
     dead_seqs = {e.seq for e, *_ in dead}
     assert table(path, "SELECT seq FROM dead ORDER BY seq") == [(s,) for s in sorted(dead_seqs)]
     assert not dead_seqs & set(s.seq for s in by_key.values())
@@ -255,7 +255,7 @@ def test_outpost_run_on_a_newer_spool_exits_2_with_one_line(tmp_path: Path) -> N
     before = newer(spool)
     cfg = write_config(tmp_path / "agent.toml", spool)
     run = subprocess.run([sys.executable, "-m", "agent", "run", "--config", str(cfg)], cwd=ROOT,
-                         capture_output=True, text=True, timeout=30)
+                         capture_output=True, text=True, timeout=15)
     out = run.stdout + run.stderr
     assert run.returncode == 2, out
     assert "Traceback" not in out

@@ -37,7 +37,7 @@ from __future__ import annotations
 import logging
 import sqlite3
 from array import array
-from collections.abc import Iterator
+from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import dataclass, field
 
 from agent.spool import records
@@ -50,6 +50,7 @@ log = logging.getLogger("outpost.spool")
 RECORD_MAX = 1000     # events per migrated record (the writer's own cap)
 SPENT_MAX = 65_536    # dedupe keys per spent row: 512 KiB blobs at most
 V0_TABLES = ("streams", "events", "dead", "counters", "clock_marks")
+V0_COLS = "seq, stream, family, received, dkey, body, acked"
 DEAD_COLS = "seq, stream, family, received, dkey, body, upstream, reason, at"
 
 
@@ -77,10 +78,10 @@ def upgrade(conn: sqlite3.Connection) -> None:
         # Checked again under the write lock: another process may have migrated it.
         if user_version(conn) != 0 or not _has_table(conn, "events"):
             return
-        moved = _migrate_v0(conn)
+        packed = _migrate_v0(conn)
     log.warning("spool migrated to format v%d: %d queued events in %d records, "
-                "%d dedupe keys of delivered events kept", VERSION, moved.events,
-                moved.records, moved.spent)
+                "%d dedupe keys of delivered events kept", VERSION, packed.events,
+                packed.records, packed.spent)
     try:
         conn.execute("PRAGMA auto_vacuum = INCREMENTAL")
         conn.execute("VACUUM")
@@ -112,7 +113,9 @@ def ddl_statements(script: str) -> Iterator[str]:
 
 
 @dataclass(slots=True)
-class _Moved:
+class Packed:
+    """What ``pack_v0`` wrote: queued events, their records, dedupe keys kept."""
+
     events: int = 0
     records: int = 0
     spent: int = 0
@@ -131,10 +134,10 @@ class _Run:
 class _Renumber:
     """Packs queued events into records under new seqs, starting at ``next_seq``."""
 
-    def __init__(self, conn: sqlite3.Connection, next_seq: int, moved: _Moved) -> None:
+    def __init__(self, conn: sqlite3.Connection, next_seq: int, packed: Packed) -> None:
         self.conn = conn
         self.next_seq = next_seq
-        self.moved = moved
+        self.packed = packed
         self.runs: dict[int, _Run] = {}  # stream -> its open run
 
     def add(self, stream: int, family: int, received: int, key: int, body: bytes) -> None:
@@ -163,11 +166,11 @@ class _Renumber:
             (self.next_seq, stream, run.family, n, run.received, n,
              sum(map(len, run.bodies)), keys_to_bytes(run.keys), records.pack(run.bodies)))
         self.next_seq += n
-        self.moved.events += n
-        self.moved.records += 1
+        self.packed.events += n
+        self.packed.records += 1
 
 
-def _migrate_v0(conn: sqlite3.Connection) -> _Moved:
+def _migrate_v0(conn: sqlite3.Connection) -> Packed:
     for table in V0_TABLES:
         conn.execute(f"ALTER TABLE {table} RENAME TO v0_{table}")
     for statement in ddl_statements(SCHEMA):
@@ -175,22 +178,36 @@ def _migrate_v0(conn: sqlite3.Connection) -> _Moved:
     conn.execute("INSERT INTO streams(id, key) SELECT id, key FROM v0_streams")
     conn.execute(f"INSERT INTO dead({DEAD_COLS}) SELECT {DEAD_COLS} FROM v0_dead")
     conn.execute("INSERT INTO counters(name, value) SELECT name, value FROM v0_counters")
-    moved = _Moved()
     top = conn.execute("SELECT max(coalesce((SELECT max(seq) FROM v0_events), 0), "
                        "coalesce((SELECT max(seq) FROM v0_dead), 0))").fetchone()[0]
-    renumber = _Renumber(conn, top + 1, moved)
-    marks = conn.execute("SELECT observed, next_seq FROM v0_clock_marks "
-                         "ORDER BY observed").fetchall()
+    packed = pack_v0(conn, conn.execute(f"SELECT {V0_COLS} FROM v0_events ORDER BY seq"),
+                     conn.execute("SELECT observed, next_seq FROM v0_clock_marks").fetchall(),
+                     top + 1)
+    recount_streams(conn)
+    for table in V0_TABLES:
+        conn.execute(f"DROP TABLE v0_{table}")
+    conn.execute(f"PRAGMA user_version = {VERSION}")
+    return packed
+
+
+V0Row = tuple[int, int, int, int, int, bytes, int | None]  # V0_COLS
+
+
+def pack_v0(conn: sqlite3.Connection, rows: Iterable[V0Row], marks: Sequence[tuple[int, int]],
+            first_seq: int) -> Packed:
+    """Write v0 event rows (``V0_COLS``, in seq order, every seq below ``first_seq``) into
+    the v1 tables: queued ones as records from ``first_seq`` on, tombstones as ``spent``,
+    and ``marks`` (the v0 clock marks) rewritten for the new seqs."""
+    packed = Packed()
+    renumber = _Renumber(conn, first_seq, packed)
     # Each event's mark is the earliest one whose next_seq is above its seq; with
     # next_seq made non-decreasing (a running max), that is a pointer moving forward.
-    bounds = []
-    for observed, next_seq in marks:
+    bounds: list[tuple[int, int]] = []
+    for observed, next_seq in sorted(marks):
         bounds.append((observed, max(next_seq, bounds[-1][1] if bounds else next_seq)))
     new_marks: list[tuple[int, int]] = []
     spent: dict[tuple[int, int], tuple[array[int], array[int]]] = {}  # -> (seqs, keys)
-    for seq, stream, family, received, dkey, body, acked in conn.execute(
-            "SELECT seq, stream, family, received, dkey, body, acked FROM v0_events "
-            "ORDER BY seq"):
+    for seq, stream, family, received, dkey, body, acked in rows:
         # Past a mark's bound: its interval is complete (the last mark takes the rest).
         while len(new_marks) < len(bounds) - 1 and seq >= bounds[len(new_marks)][1]:
             new_marks.append((bounds[len(new_marks)][0], renumber.flush()))
@@ -203,20 +220,22 @@ def _migrate_v0(conn: sqlite3.Connection) -> _Moved:
             keys.append(dkey)
     end = renumber.flush()
     new_marks += [(observed, end) for observed, _ in bounds[len(new_marks):]]
-    if not new_marks and end > top + 1:  # no marks (as db.start_clock): wall clock alone
+    if not new_marks and end > first_seq:  # no marks (as db.start_clock): wall clock alone
         new_marks.append((PAST, end))
-    conn.executemany("INSERT INTO clock_marks(observed, next_seq) VALUES (?, ?)", new_marks)
+    conn.executemany("INSERT OR REPLACE INTO clock_marks(observed, next_seq) VALUES (?, ?)",
+                     new_marks)
     for (observed, acked), (seqs, keys) in spent.items():
         for i in range(0, len(keys), SPENT_MAX):  # id: its first event's seq, as the spool's
             conn.execute("INSERT INTO spent(id, received, observed, dkeys) VALUES (?, ?, ?, ?)",
                          (seqs[i], acked, observed, keys_to_bytes(keys[i:i + SPENT_MAX])))
-        moved.spent += len(keys)
+        packed.spent += len(keys)
+    return packed
+
+
+def recount_streams(conn: sqlite3.Connection) -> None:
+    """Set each stream's depth and bytes from its records."""
     conn.execute("UPDATE streams SET "
                  "depth = (SELECT coalesce(sum(live), 0) FROM records r "
                  "WHERE r.stream = streams.id), "
                  "bytes = (SELECT coalesce(sum(bytes), 0) FROM records r "
                  "WHERE r.stream = streams.id)")
-    for table in V0_TABLES:
-        conn.execute(f"DROP TABLE v0_{table}")
-    conn.execute(f"PRAGMA user_version = {VERSION}")
-    return moved
