@@ -1,9 +1,11 @@
-"""A corrupt spool is moved aside, its readable rows salvaged, the rest counted.
+"""A corrupt spool is moved aside, its readable records salvaged, the rest counted.
 
 Real spool files with queued events are damaged (cut in half, a header overwritten,
-pages zeroed in the middle, among small rows or in large rows' overflow pages); a real agent is started on them and forwards to a
-fake upstream. What could be read must be delivered, in order, once; the rest must be
-counted as ``dropped_corrupt`` in /status and /metrics.
+pages zeroed in the middle, among small records or in large records' overflow pages,
+records garbled); a real agent is started on them and forwards to a fake upstream.
+What could be read must be delivered, in order, once; the rest must be counted as
+``dropped_corrupt`` in /status and /metrics. A v0 file (one row per event, written by
+the agent before issue 11) damaged before its migration is salvaged row by row.
 """
 
 from __future__ import annotations
@@ -12,6 +14,7 @@ import asyncio
 import contextlib
 import logging
 import os
+import random
 import re
 import sqlite3
 from collections.abc import Callable
@@ -25,24 +28,37 @@ from agent.families.event import NUCLEUS, Event
 from agent.settings import StorageConfig
 from agent.spool import Spool
 from tests.fakes.nucleus_upstream import FakeNucleus
+from tests.spool_files import Stored, build_v0
 from tests.test_disk import upstream
 from tests.waiting import wait_for
 
 N = 1500
 
 
+def body(i: int, pad: int) -> bytes:
+    """Event ``i`` padded with ``pad`` hex digits of noise: records that zstd cannot
+    shrink much, so that they fill pages (and overflow pages) as a real queue does."""
+    return b'{"id":%d,"pad":"%s"}' % (i, random.Random(i).randbytes(pad // 2).hex().encode())
+
+
 def build(path: Path, n: int, pad: int, keys: tuple[str, ...]) -> None:
-    """A real spool with ``n`` queued events: ids 0..n-1 in that order, key by id in turn.
-    With a pad of 10 KB each row spills onto overflow pages, so damage there leaves the
-    row findable but unreadable."""
+    """A real spool with ``n`` queued events: ids 0..n-1 in that order, key by id in turn,
+    committed 100 at a time (a record per key each). Records span overflow pages, so
+    damage there leaves the record findable but unreadable."""
     async def fill() -> None:
         spool = await Spool.open(StorageConfig(path=str(path)))
         for b in range(0, n, 100):
-            await spool.append([Event(keys[i % len(keys)], NUCLEUS, i,
-                                      b'{"id":%d,"pad":"%s"}' % (i, b"y" * pad))
+            await spool.append([Event(keys[i % len(keys)], NUCLEUS, i, body(i, pad))
                                 for i in range(b, min(b + 100, n))])
         await spool.close()
     asyncio.run(fill())
+
+
+def build_old(path: Path, n: int, pad: int, keys: tuple[str, ...]) -> None:
+    """The same queue in a v0 spool, as the agent before issue 11 wrote it (row per event)."""
+    build_v0(path, [(Stored(i + 1, 1 + i % len(keys), NUCLEUS, 1_000, i, body(i, pad)), None)
+                    for i in range(n)],
+             marks=[(1_000, n + 1)], streams=list(enumerate(keys, start=1)))
 
 
 def truncated(path: Path) -> None:
@@ -50,11 +66,15 @@ def truncated(path: Path) -> None:
 
 
 def garbled_then_truncated(path: Path) -> None:
-    """Two records garbled into values of the wrong type (damage can do that), then the
-    file cut in half: found at startup, so salvage is the first to read them."""
+    """Three records garbled (damage can do that): a value of the wrong type, an unknown
+    family, a flipped bit in the packed events; then the file cut in half: found at
+    startup, so salvage is the first to read them."""
     with contextlib.closing(sqlite3.connect(path)) as db, db:
-        db.execute("UPDATE events SET received = 'garbage' WHERE seq = 4")   # id 3
-        db.execute("UPDATE events SET family = 9 WHERE seq = 5")             # id 4
+        db.execute("UPDATE records SET received = 'garbage' WHERE id = 1")   # ids 0-99
+        db.execute("UPDATE records SET family = 9 WHERE id = 101")           # ids 100-199
+        data = bytearray(db.execute("SELECT data FROM records WHERE id = 201").fetchone()[0])
+        data[len(data) // 2] ^= 0x10
+        db.execute("UPDATE records SET data = ? WHERE id = 201", (bytes(data),))  # 200-299
     truncated(path)
 
 
@@ -86,18 +106,22 @@ def dropped_metric(metrics: str) -> int:
     return int(found.group(1))
 
 
-@pytest.mark.parametrize(("n", "pad", "keys", "damage"), [
-    (N, 500, ("app1",), truncated),
-    (N, 500, ("app1",), scribbled),
-    (300, 10_000, ("app1",), scribbled),
-    (N, 500, ("app1", "app2"), scribbled),
-    (N, 500, ("app1",), garbled_then_truncated),
-], ids=["truncated", "scribbled", "scribbled-large-rows", "scribbled-two-keys", "garbled"])
-async def test_readable_rows_are_delivered_and_the_rest_counted(
-        make_agent: Any, fake_nucleus: FakeNucleus, tmp_path: Path, n: int, pad: int,
+@pytest.mark.parametrize(("make", "n", "pad", "keys", "damage"), [
+    (build, N, 500, ("app1",), truncated),
+    (build, N, 500, ("app1",), scribbled),
+    (build, 300, 10_000, ("app1",), scribbled),
+    (build, N, 500, ("app1", "app2"), scribbled),
+    (build, N, 500, ("app1",), garbled_then_truncated),
+    (build_old, N, 500, ("app1", "app2"), truncated),
+    (build_old, N, 500, ("app1", "app2"), scribbled),
+], ids=["truncated", "scribbled", "scribbled-large-records", "scribbled-two-keys", "garbled",
+        "v0-truncated", "v0-scribbled"])
+async def test_readable_records_are_delivered_and_the_rest_counted(
+        make_agent: Any, fake_nucleus: FakeNucleus, tmp_path: Path,
+        make: Callable[[Path, int, int, tuple[str, ...]], None], n: int, pad: int,
         keys: tuple[str, ...], damage: Callable[[Path], None]) -> None:
     spool_path = tmp_path / "spool.db"
-    await asyncio.to_thread(build, spool_path, n, pad, keys)
+    await asyncio.to_thread(make, spool_path, n, pad, keys)
     await asyncio.to_thread(damage, spool_path)
     agent = await make_agent(upstreams=[upstream(fake_nucleus)])
     # Truncation is found at startup; scribbled pages when the forwarder reads them.
@@ -117,8 +141,8 @@ async def test_readable_rows_are_delivered_and_the_rest_counted(
     assert status["drops"]["dropped_corrupt"] == lost == dropped_metric(metrics)
     if damage is scribbled:                      # rows past the damage were read too
         assert n - 1 in got
-    if damage is garbled_then_truncated:         # garbled rows are not sent, but counted
-        assert 3 not in got and 4 not in got and {0, 1, 2, 5} <= set(got)
+    if damage is garbled_then_truncated:         # garbled records are not sent, but counted
+        assert not set(range(300)) & set(got) and set(range(300, 400)) <= set(got)
     assert list(tmp_path.glob("spool.db.corrupt-*")), "the corrupt file was not kept"
 
 
