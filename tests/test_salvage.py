@@ -27,6 +27,8 @@ import pytest
 from agent.families.event import NUCLEUS, Event
 from agent.settings import StorageConfig
 from agent.spool import Spool
+from agent.spool.salvage import Carry, salvage
+from agent.spool.schema import SCHEMA
 from tests.fakes.nucleus_upstream import FakeNucleus
 from tests.spool_files import Stored, build_v0
 from tests.test_disk import upstream
@@ -166,3 +168,56 @@ async def test_a_destroyed_header_is_survived_and_the_unknown_loss_is_said(
                             "machineId": "m"}]}) as r:
         assert r.status == 200
     await wait_for(lambda: fake_nucleus.ids() == [7])
+
+
+async def test_salvage_keeps_acked_bits_and_delivered_keys(tmp_path: Path) -> None:
+    """Straight from a damaged v1 file into a fresh one: a half-acked record keeps its
+    acked bits (only its live events are sent), a fully delivered record's keys still
+    dedupe, and a record whose packed events are damaged is counted, not copied."""
+    moved, fresh = tmp_path / "moved.db", tmp_path / "spool.db"
+    spool = await Spool.open(StorageConfig(path=str(moved)))
+    for b in range(0, 300, 100):
+        await spool.append([Event("app1", NUCLEUS, i, body(i, 50)) for i in range(b, b + 100)])
+    rows = await spool.fetch(spool.streams["app1"].id, 0, 150)
+    await spool.ack([r.seq for r in rows])
+    await spool.close()
+    with contextlib.closing(sqlite3.connect(moved)) as db, db:
+        assert [r[0] for r in db.execute("SELECT id FROM records ORDER BY id")] == [101, 201]
+        gone = db.execute("SELECT gone FROM records WHERE id = 101").fetchone()[0]
+        data = bytearray(db.execute("SELECT data FROM records WHERE id = 201").fetchone()[0])
+        data[-3] ^= 1
+        db.execute("UPDATE records SET data = ? WHERE id = 201", (bytes(data),))
+    spool = await Spool.open(StorageConfig(path=str(fresh)))   # an empty v1 spool
+    await spool.close()
+    with contextlib.closing(sqlite3.connect(fresh, isolation_level=None)) as db:
+        got = salvage(db, moved, Carry(streams={}, counters={}, observed=0, next_seq=1,
+                                       depth=None))
+        assert (got.queued, got.lost, got.known) == (50, 100, True)
+        assert db.execute("SELECT id, live, gone FROM records").fetchall() == [(101, 50, gone)]
+        counters = dict(db.execute("SELECT name, value FROM counters").fetchall())
+        assert counters["dropped_corrupt"] == 100 and counters["spool_corrupt"] == 1
+        assert db.execute("SELECT depth FROM streams").fetchall() == [(50,)]
+    spool = await Spool.open(StorageConfig(path=str(fresh)))
+    try:
+        assert spool.depth == 50
+        assert [r.body for r in await spool.fetch(spool.streams["app1"].id, 0, 100)] == \
+            [body(i, 50) for i in range(150, 200)]
+        # Delivered before the damage: still a duplicate.
+        assert await spool.append([Event("app1", NUCLEUS, 7, body(7, 50))]) == 0
+    finally:
+        await spool.close()
+
+
+def test_salvage_of_a_sound_v0_file_keeps_everything(tmp_path: Path) -> None:
+    """The v0 path, without damage: the 38 queued events, the 22 delivered keys and the
+    2 dead letters of tests/data/spool-v0.db, as the migration would keep them."""
+    fresh = tmp_path / "spool.db"
+    with contextlib.closing(sqlite3.connect(fresh, isolation_level=None)) as db:
+        db.executescript(SCHEMA)
+        got = salvage(db, Path(__file__).parent / "data" / "spool-v0.db",
+                      Carry(streams={}, counters={}, observed=0, next_seq=1, depth=None))
+        assert (got.queued, got.lost, got.skipped) == (38, 0, 0)
+        assert sum(len(k) // 8 for (k,) in db.execute("SELECT dkeys FROM spent")) == 22
+        assert db.execute("SELECT count(*) FROM dead").fetchone()[0] == 2
+        assert db.execute("SELECT key, depth FROM streams ORDER BY id").fetchall() == \
+            [("app-nucleus", 19), ("seg-key", 19)]
