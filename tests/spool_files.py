@@ -59,11 +59,11 @@ def build_v0(path: Path, events: Iterable[tuple[Stored, int | None]],
         db.execute("BEGIN")
         db.executemany("INSERT INTO streams(id, key) VALUES (?, ?)", streams)
         db.executemany("INSERT INTO events VALUES (?, ?, ?, ?, ?, ?, ?)",
-                       [(e.seq, e.stream, e.family, e.received, e.dkey, e.body, acked)
-                        for e, acked in events])
+                       ((e.seq, e.stream, e.family, e.received, e.dkey, e.body, acked)
+                        for e, acked in events))
         db.executemany("INSERT INTO dead VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?)",
-                       [(e.seq, e.stream, e.family, e.received, e.dkey, e.body, up, why, at)
-                        for e, up, why, at in dead])
+                       ((e.seq, e.stream, e.family, e.received, e.dkey, e.body, up, why, at)
+                        for e, up, why, at in dead))
         db.executemany("INSERT INTO counters VALUES (?, ?)", counters)
         db.executemany("INSERT INTO clock_marks VALUES (?, ?)", marks)
         db.execute("UPDATE streams SET depth = (SELECT count(*) FROM events e WHERE "

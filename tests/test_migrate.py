@@ -56,7 +56,10 @@ def upgrade_file(path: Path) -> None:
         upgrade(db)
 
 
-def test_the_v0_fixture_is_migrated_with_nothing_lost(v0: Path) -> None:
+@pytest.mark.parametrize("journal", ["delete", "wal"])  # a running agent's spool is in WAL
+def test_the_v0_fixture_is_migrated_with_nothing_lost(v0: Path, journal: str) -> None:
+    with connect(v0) as db:
+        db.execute(f"PRAGMA journal_mode = {journal}")
     events, marks = read_v0(v0)
     dead = table(v0, "SELECT * FROM dead ORDER BY seq")
     counters = table(v0, "SELECT * FROM counters ORDER BY name")
