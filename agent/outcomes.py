@@ -60,8 +60,9 @@ class Tally(StrEnum):
                      "Times a corrupt spool was moved aside.")
     # Keys of delivered events, not events.
     DEDUPE_FORGOTTEN = ("dedupe_forgotten", "dedupe_keys_forgotten_total",
-                        "Dedupe keys of delivered events forgotten early to make room at "
-                        "storage.max_size_mb (a late resend of one may be delivered again).")
+                        "Dedupe keys forgotten early, to make room at storage.max_size_mb or "
+                        "past storage.dedupe_max_keys (a late resend of one may be delivered "
+                        "again).")
 
 
 Outcome = Drop | Tally

@@ -27,15 +27,18 @@ from typing import Any
 import aiohttp
 import pytest
 
+from agent.spool.records import pack, unpack
 from tests.conftest import AgentProcess, free_port, write_config
 from tests.fakes.faulty_upstream import FaultyUpstream
 from tests.fakes.nucleus_upstream import FakeNucleus
 from tests.waiting import wait_for
 
-PAD = "x" * 1500
+PAD = 1500  # characters of random hex: records are compressed, about 2x for hex
 
 
-def event(i: int, pad: str = PAD) -> dict[str, Any]:
+def event(i: int, pad: str | None = None) -> dict[str, Any]:
+    if pad is None:
+        pad = os.urandom(PAD // 2).hex()
     return {"type": "event", "name": "e", "id": i, "sessionId": 1, "machineId": "m",
             "date": "2026-01-01T00:00:00.000Z", "payload": {"pad": pad}}
 
@@ -66,9 +69,10 @@ def integrity(path: Path) -> str:
 
 
 def rows(path: Path) -> int:
+    """Queued events in a spool file."""
     conn = sqlite3.connect(path)
     try:
-        return int(conn.execute("SELECT count(*) FROM events").fetchone()[0])
+        return int(conn.execute("SELECT coalesce(sum(live), 0) FROM records").fetchone()[0])
     finally:
         conn.close()
 
@@ -84,7 +88,7 @@ async def test_full_spool_rejects_with_503_and_recovers_when_drained(
     accepted: list[int] = []
     async with aiohttp.ClientSession() as s:
         refused = None
-        for n in range(200):                    # ~1.6 MB offered to a 1 MB spool
+        for n in range(400):                    # ~1.6 MB compressed offered to a 1 MB spool
             batch = [event(n * 5 + j) for j in range(5)]
             depth = agent.spool.depth
             r = await post(s, agent.port, batch)
@@ -297,9 +301,11 @@ async def test_a_corrupt_row_is_dead_lettered_and_the_queue_flows(
         assert (await post(s, first.port, [event(i, pad="") for i in range(10)])).status == 200
     await first.stop()
     conn = sqlite3.connect(tmp_path / "spool.db")
-    with conn:
-        conn.execute("UPDATE events SET body = ? WHERE seq = (SELECT seq FROM events "
-                     "ORDER BY seq LIMIT 1 OFFSET 4)", (bad,))
+    with conn:                                   # the 5th event's body, in its packed record
+        rid, data = conn.execute("SELECT id, data FROM records ORDER BY id LIMIT 1").fetchone()
+        bodies = unpack(data)
+        bodies[4] = bad
+        conn.execute("UPDATE records SET data = ? WHERE id = ?", (pack(bodies), rid))
     conn.close()
     fake = await FaultyUpstream().start()
     try:
@@ -387,7 +393,7 @@ async def test_remembered_dedupe_keys_never_keep_new_events_out(
                                          "batch_max_events": 1000}],
                              storage={"max_size_mb": 1, "when_full": "reject"})
     async with aiohttp.ClientSession() as s:
-        for n in range(60):                     # 60k events: ~1.4 MB of dedupe keys
+        for n in range(160):                    # 160k events: ~1.3 MB of dedupe keys (8 B each)
             r = await post(s, agent.port, [event(n * 1000 + i, pad="") for i in range(1000)])
             assert r.status == 200, (n, await r.text())
             await wait_for(lambda: agent.spool.depth == 0)

@@ -14,9 +14,8 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from agent.outcomes import Counts, Drop, Tally, record
-from agent.spool.db import mark, transaction, used_bytes
+from agent.spool.db import keys_from_bytes, mark, transaction, used_bytes
 from agent.spool.dedupe import keys_to_bytes
-from agent.spool.db import keys_from_bytes
 from agent.spool.records import DamagedRecord, pack, unpack
 
 # Per-record overhead (row header, index entry, page slack) used when estimating
@@ -26,7 +25,7 @@ DROP_CHUNK = 64  # records per statement when dropping the oldest
 # Free pages handed back to the file system (PRAGMA incremental_vacuum) once they are
 # both this many and a quarter of the file: a drained spool shrinks, a busy one does
 # not pay for moving pages at every ack.
-VACUUM_MIN_PAGES = 256
+VACUUM_MIN_PAGES = 32
 
 
 @dataclass(slots=True)
@@ -110,8 +109,8 @@ def commit(conn: sqlite3.Connection, job: Job) -> Outcome:
         if out.stored and job.duplicates:
             record(out.counters, Tally.DUPLICATES, job.duplicates)
         _save(conn, out.streams, {**job.counters, **_sum(job.counters, out.counters)})
-        if out.deleted:
-            _hand_back(conn)
+    if out.deleted:
+        _hand_back(conn)
     out.used_bytes = used_bytes(conn)
     return out
 
@@ -227,11 +226,14 @@ def _drop_oldest(conn: sqlite3.Connection, excess: int, out: Outcome) -> None:
 
 
 def _hand_back(conn: sqlite3.Connection) -> None:
-    """Give free pages back to the file system once they are many (see VACUUM_MIN_PAGES)."""
+    """Give free pages back to the file system once they are many (see VACUUM_MIN_PAGES).
+
+    Its own transaction, after the commit: through ``execute`` the pragma frees one page
+    per step, and only ``executescript`` (sqlite3_exec) runs it to the end."""
     free, pages = conn.execute("SELECT (SELECT freelist_count FROM pragma_freelist_count()), "
                                "(SELECT page_count FROM pragma_page_count())").fetchone()
     if free >= VACUUM_MIN_PAGES and free * 4 >= pages:
-        conn.execute("PRAGMA incremental_vacuum").fetchall()
+        conn.executescript("PRAGMA incremental_vacuum;")
 
 
 @dataclass(slots=True)
@@ -261,7 +263,7 @@ def prune(conn: sqlite3.Connection, exp: Expiry, counters: Counts) -> Outcome:
         conn.execute("DELETE FROM spent WHERE received < ? AND observed <= ?",
                      (exp.forget, exp.observed - exp.window_ms))
         _save(conn, out.streams, {**counters, **_sum(counters, out.counters)})
-        _hand_back(conn)
+    _hand_back(conn)
     out.used_bytes = used_bytes(conn)
     return out
 
