@@ -69,14 +69,14 @@ class SpoolTooNew(Exception):
 def upgrade(conn: sqlite3.Connection) -> None:
     """Migrate an older spool to ``VERSION`` in place; SpoolTooNew for a newer one.
     ``conn`` is in autocommit mode (isolation_level=None) and has no statement open."""
-    found = user_version(conn)
+    found = _user_version(conn)
     if found > VERSION:
         raise SpoolTooNew(conn.execute("PRAGMA database_list").fetchone()[2], found, VERSION)
     if found != 0 or not _has_table(conn, "events"):
         return
     with transaction(conn):
         # Checked again under the write lock: another process may have migrated it.
-        if user_version(conn) != 0 or not _has_table(conn, "events"):
+        if _user_version(conn) != 0 or not _has_table(conn, "events"):
             return
         packed = _migrate_v0(conn)
     log.warning("spool migrated to format v%d: %d queued events in %d records, "
@@ -90,7 +90,7 @@ def upgrade(conn: sqlite3.Connection) -> None:
                     "is reused, not handed back to the disk", exc)
 
 
-def user_version(conn: sqlite3.Connection) -> int:
+def _user_version(conn: sqlite3.Connection) -> int:
     return int(conn.execute("PRAGMA user_version").fetchone()[0])
 
 
@@ -99,7 +99,7 @@ def _has_table(conn: sqlite3.Connection, name: str) -> bool:
                         (name,)).fetchone() is not None
 
 
-def ddl_statements(script: str) -> Iterator[str]:
+def _ddl_statements(script: str) -> Iterator[str]:
     """``script``'s statements one by one: ``executescript`` would COMMIT the migration's
     transaction first."""
     pending = ""
@@ -173,7 +173,7 @@ class _Renumber:
 def _migrate_v0(conn: sqlite3.Connection) -> Packed:
     for table in V0_TABLES:
         conn.execute(f"ALTER TABLE {table} RENAME TO v0_{table}")
-    for statement in ddl_statements(SCHEMA):
+    for statement in _ddl_statements(SCHEMA):
         conn.execute(statement)
     conn.execute("INSERT INTO streams(id, key) SELECT id, key FROM v0_streams")
     conn.execute(f"INSERT INTO dead({DEAD_COLS}) SELECT {DEAD_COLS} FROM v0_dead")
