@@ -134,6 +134,42 @@ def test_a_failure_mid_migration_leaves_the_v0_file_as_it_was(v0: Path, fault: s
     assert table(v0, "PRAGMA user_version") == [(VERSION,)]
 
 
+# Run in a child: migrate, but stop inside the transaction at its last step (dropping
+# the v0 tables: everything copied, the journal at its largest), say so, and wait to die.
+_KILLED_CHILD = """
+import sqlite3, sys, time
+from agent.spool.migrate import upgrade
+def hold(action, *_):
+    if action == sqlite3.SQLITE_DROP_TABLE:
+        print("copied", flush=True)
+        time.sleep(60)
+    return sqlite3.SQLITE_OK
+db = sqlite3.connect(sys.argv[1], isolation_level=None)
+db.set_authorizer(hold)
+upgrade(db)
+"""
+
+
+@pytest.mark.parametrize("journal", ["delete", "wal"])
+def test_a_kill_mid_migration_leaves_the_v0_file_as_it_was(v0: Path, journal: str) -> None:
+    with connect(v0) as db:
+        db.execute(f"PRAGMA journal_mode = {journal}")
+        before = list(db.iterdump())
+    child = subprocess.Popen([sys.executable, "-c", _KILLED_CHILD, str(v0)], cwd=ROOT,
+                             stdout=subprocess.PIPE, text=True)
+    try:
+        assert child.stdout is not None and child.stdout.readline() == "copied\n"
+    finally:
+        child.kill()
+        child.wait(timeout=10)
+    assert list(v0.parent.glob("spool.db-*")), "no journal: the kill came too late"
+    with connect(v0) as db:                    # the next open rolls the journal back
+        assert list(db.iterdump()) == before
+        assert db.execute("PRAGMA user_version").fetchone() == (0,)
+    upgrade_file(v0)
+    assert len([e for es in read_v1(v0).values() for e in es]) == 38
+
+
 def newer(path: Path) -> bytes:
     with connect(path) as db:
         db.execute("CREATE TABLE future(x)")
