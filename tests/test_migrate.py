@@ -18,6 +18,7 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
+from agent.clock import CLOCK
 from agent.families.event import NUCLEUS, SEGMENT, Event, dedupe_key
 from agent.settings import StorageConfig
 from agent.spool import Spool
@@ -332,3 +333,41 @@ async def test_a_migrated_spool_delivers_everything_once_and_still_dedupes(v0: P
         assert await spool.append([Event("app-nucleus", NUCLEUS, dedupe_key("new"), b"{}")]) == 1
     finally:
         await spool.close()
+
+
+async def test_migrated_events_and_keys_expire_when_they_did_before(tmp_path: Path) -> None:
+    """Expiry after the migration goes by each event's own clock mark, as before it.
+    Both groups were received 40 days ago by the wall clock; by the agent's own count,
+    group A 21 days ago, group B one day ago. With max_age_days = 30, A expires once 9
+    more days pass, B 20 days later: mapping every record to the latest mark would keep
+    A 20 days too long. A key delivered 2 days ago by the wall clock, but just before
+    the agent stopped by its own count, stays known until 24 h have passed by both."""
+    path, day, hour = tmp_path / "spool.db", 86_400_000, 3_600_000
+    wall = CLOCK.wall_ms() - 40 * day
+    observed = 100 * day
+    events = [(Stored(seq, 1 + seq % 2, NUCLEUS, wall, seq, b'{"id":%d}' % seq), None)
+              for seq in range(1, 41)]
+    events += [(Stored(41, 1, NUCLEUS, wall, 41, b'{"id":41}'), CLOCK.wall_ms() - 2 * day)]
+    build_v0(path, events, marks=[(observed - 21 * day, 21), (observed - day, 41),
+                                  (observed, 42)], streams=[(1, "a"), (2, "b")])
+    resend = [Event("a", NUCLEUS, 41, b'{"id":41}')]
+
+    async def after(passed: int) -> int:
+        CLOCK.passed_ms = passed
+        return await spool.prune()
+    spool = await Spool.open(StorageConfig(path=str(path)))
+    try:
+        assert spool.depth == 40
+        assert await after(23 * hour) == 0
+        assert await spool.append(resend) == 0      # the wall clock alone says forget
+        assert await after(25 * hour) == 0
+        assert await spool.append(resend) == 1      # now both do
+        assert await after(9 * day - 60_000) == 0
+        assert await after(9 * day + 60_000) == 20  # group A: seqs 1..20
+        left = [r.body for sid in (1, 2) for r in await spool.fetch(sid, 0, 100)]
+        assert sorted(left) == sorted([b'{"id":%d}' % s for s in range(21, 42)])
+        assert await after(29 * day - 60_000) == 0
+        assert await after(29 * day + 60_000) == 20  # group B
+    finally:
+        await spool.close()
+        CLOCK.passed_ms = 0
