@@ -50,13 +50,14 @@ def cmd_run(args: argparse.Namespace) -> int:
     logs.setup_logging(cfg.log.level)
     from agent.dialects import offload
     from agent.service import Agent, StartError
+    from agent.spool.migrate import SpoolTooNew
     memory.freeze_imports()
     offload.favour_the_loop()
 
     async def main() -> int:
         try:
             return await Agent(cfg, getattr(args, "config", None)).serve()
-        except StartError as exc:
+        except (StartError, SpoolTooNew) as exc:
             print(f"outpost: {exc}", file=sys.stderr)
             return 2
     return run_async(main())

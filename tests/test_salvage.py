@@ -1,9 +1,11 @@
-"""A corrupt spool is moved aside, its readable rows salvaged, the rest counted.
+"""A corrupt spool is moved aside, its readable records salvaged, the rest counted.
 
 Real spool files with queued events are damaged (cut in half, a header overwritten,
-pages zeroed in the middle, among small rows or in large rows' overflow pages); a real agent is started on them and forwards to a
-fake upstream. What could be read must be delivered, in order, once; the rest must be
-counted as ``dropped_corrupt`` in /status and /metrics.
+pages zeroed in the middle, among small records or in large records' overflow pages,
+records garbled); a real agent is started on them and forwards to a fake upstream.
+What could be read must be delivered, in order, once; the rest must be counted as
+``dropped_corrupt`` in /status and /metrics. A v0 file (one row per event, written by
+the agent before issue 11) damaged before its migration is salvaged row by row.
 """
 
 from __future__ import annotations
@@ -12,6 +14,7 @@ import asyncio
 import contextlib
 import logging
 import os
+import random
 import re
 import sqlite3
 from collections.abc import Callable
@@ -24,25 +27,40 @@ import pytest
 from agent.families.event import NUCLEUS, Event
 from agent.settings import StorageConfig
 from agent.spool import Spool
+from agent.spool.salvage import Carry, salvage
+from agent.spool.schema import SCHEMA
 from tests.fakes.nucleus_upstream import FakeNucleus
+from tests.spool_files import Stored, build_v0
 from tests.test_disk import upstream
 from tests.waiting import wait_for
 
 N = 1500
 
 
+def body(i: int, pad: int) -> bytes:
+    """Event ``i`` padded with ``pad`` hex digits of noise: records that zstd cannot
+    shrink much, so that they fill pages (and overflow pages) as a real queue does."""
+    return b'{"id":%d,"pad":"%s"}' % (i, random.Random(i).randbytes(pad // 2).hex().encode())
+
+
 def build(path: Path, n: int, pad: int, keys: tuple[str, ...]) -> None:
-    """A real spool with ``n`` queued events: ids 0..n-1 in that order, key by id in turn.
-    With a pad of 10 KB each row spills onto overflow pages, so damage there leaves the
-    row findable but unreadable."""
+    """A real spool with ``n`` queued events: ids 0..n-1 in that order, key by id in turn,
+    committed 100 at a time (a record per key each). Records span overflow pages, so
+    damage there leaves the record findable but unreadable."""
     async def fill() -> None:
         spool = await Spool.open(StorageConfig(path=str(path)))
         for b in range(0, n, 100):
-            await spool.append([Event(keys[i % len(keys)], NUCLEUS, i,
-                                      b'{"id":%d,"pad":"%s"}' % (i, b"y" * pad))
+            await spool.append([Event(keys[i % len(keys)], NUCLEUS, i, body(i, pad))
                                 for i in range(b, min(b + 100, n))])
         await spool.close()
     asyncio.run(fill())
+
+
+def build_old(path: Path, n: int, pad: int, keys: tuple[str, ...]) -> None:
+    """The same queue in a v0 spool, as the agent before issue 11 wrote it (row per event)."""
+    build_v0(path, [(Stored(i + 1, 1 + i % len(keys), NUCLEUS, 1_000, i, body(i, pad)), None)
+                    for i in range(n)],
+             marks=[(1_000, n + 1)], streams=list(enumerate(keys, start=1)))
 
 
 def truncated(path: Path) -> None:
@@ -50,11 +68,15 @@ def truncated(path: Path) -> None:
 
 
 def garbled_then_truncated(path: Path) -> None:
-    """Two records garbled into values of the wrong type (damage can do that), then the
-    file cut in half: found at startup, so salvage is the first to read them."""
+    """Three records garbled (damage can do that): a value of the wrong type, an unknown
+    family, a flipped bit in the packed events; then the file cut in half: found at
+    startup, so salvage is the first to read them."""
     with contextlib.closing(sqlite3.connect(path)) as db, db:
-        db.execute("UPDATE events SET received = 'garbage' WHERE seq = 4")   # id 3
-        db.execute("UPDATE events SET family = 9 WHERE seq = 5")             # id 4
+        db.execute("UPDATE records SET received = 'garbage' WHERE id = 1")   # ids 0-99
+        db.execute("UPDATE records SET family = 9 WHERE id = 101")           # ids 100-199
+        data = bytearray(db.execute("SELECT data FROM records WHERE id = 201").fetchone()[0])
+        data[len(data) // 2] ^= 0x10
+        db.execute("UPDATE records SET data = ? WHERE id = 201", (bytes(data),))  # 200-299
     truncated(path)
 
 
@@ -86,18 +108,22 @@ def dropped_metric(metrics: str) -> int:
     return int(found.group(1))
 
 
-@pytest.mark.parametrize(("n", "pad", "keys", "damage"), [
-    (N, 500, ("app1",), truncated),
-    (N, 500, ("app1",), scribbled),
-    (300, 10_000, ("app1",), scribbled),
-    (N, 500, ("app1", "app2"), scribbled),
-    (N, 500, ("app1",), garbled_then_truncated),
-], ids=["truncated", "scribbled", "scribbled-large-rows", "scribbled-two-keys", "garbled"])
-async def test_readable_rows_are_delivered_and_the_rest_counted(
-        make_agent: Any, fake_nucleus: FakeNucleus, tmp_path: Path, n: int, pad: int,
+@pytest.mark.parametrize(("make", "n", "pad", "keys", "damage"), [
+    (build, N, 500, ("app1",), truncated),
+    (build, N, 500, ("app1",), scribbled),
+    (build, 300, 10_000, ("app1",), scribbled),
+    (build, N, 500, ("app1", "app2"), scribbled),
+    (build, N, 500, ("app1",), garbled_then_truncated),
+    (build_old, N, 500, ("app1", "app2"), truncated),
+    (build_old, N, 500, ("app1", "app2"), scribbled),
+], ids=["truncated", "scribbled", "scribbled-large-records", "scribbled-two-keys", "garbled",
+        "v0-truncated", "v0-scribbled"])
+async def test_readable_records_are_delivered_and_the_rest_counted(
+        make_agent: Any, fake_nucleus: FakeNucleus, tmp_path: Path,
+        make: Callable[[Path, int, int, tuple[str, ...]], None], n: int, pad: int,
         keys: tuple[str, ...], damage: Callable[[Path], None]) -> None:
     spool_path = tmp_path / "spool.db"
-    await asyncio.to_thread(build, spool_path, n, pad, keys)
+    await asyncio.to_thread(make, spool_path, n, pad, keys)
     await asyncio.to_thread(damage, spool_path)
     agent = await make_agent(upstreams=[upstream(fake_nucleus)])
     # Truncation is found at startup; scribbled pages when the forwarder reads them.
@@ -117,8 +143,8 @@ async def test_readable_rows_are_delivered_and_the_rest_counted(
     assert status["drops"]["dropped_corrupt"] == lost == dropped_metric(metrics)
     if damage is scribbled:                      # rows past the damage were read too
         assert n - 1 in got
-    if damage is garbled_then_truncated:         # garbled rows are not sent, but counted
-        assert 3 not in got and 4 not in got and {0, 1, 2, 5} <= set(got)
+    if damage is garbled_then_truncated:         # garbled records are not sent, but counted
+        assert not set(range(300)) & set(got) and set(range(300, 400)) <= set(got)
     assert list(tmp_path.glob("spool.db.corrupt-*")), "the corrupt file was not kept"
 
 
@@ -142,3 +168,56 @@ async def test_a_destroyed_header_is_survived_and_the_unknown_loss_is_said(
                             "machineId": "m"}]}) as r:
         assert r.status == 200
     await wait_for(lambda: fake_nucleus.ids() == [7])
+
+
+async def test_salvage_keeps_acked_bits_and_delivered_keys(tmp_path: Path) -> None:
+    """Straight from a damaged v1 file into a fresh one: a half-acked record keeps its
+    acked bits (only its live events are sent), a fully delivered record's keys still
+    dedupe, and a record whose packed events are damaged is counted, not copied."""
+    moved, fresh = tmp_path / "moved.db", tmp_path / "spool.db"
+    spool = await Spool.open(StorageConfig(path=str(moved)))
+    for b in range(0, 300, 100):
+        await spool.append([Event("app1", NUCLEUS, i, body(i, 50)) for i in range(b, b + 100)])
+    rows = await spool.fetch(spool.streams["app1"].id, 0, 150)
+    await spool.ack([r.seq for r in rows])
+    await spool.close()
+    with contextlib.closing(sqlite3.connect(moved)) as db, db:
+        assert [r[0] for r in db.execute("SELECT id FROM records ORDER BY id")] == [101, 201]
+        gone = db.execute("SELECT gone FROM records WHERE id = 101").fetchone()[0]
+        data = bytearray(db.execute("SELECT data FROM records WHERE id = 201").fetchone()[0])
+        data[-3] ^= 1
+        db.execute("UPDATE records SET data = ? WHERE id = 201", (bytes(data),))
+    spool = await Spool.open(StorageConfig(path=str(fresh)))   # an empty v1 spool
+    await spool.close()
+    with contextlib.closing(sqlite3.connect(fresh, isolation_level=None)) as db:
+        got = salvage(db, moved, Carry(streams={}, counters={}, observed=0, next_seq=1,
+                                       depth=None))
+        assert (got.queued, got.lost, got.known) == (50, 100, True)
+        assert db.execute("SELECT id, live, gone FROM records").fetchall() == [(101, 50, gone)]
+        counters = dict(db.execute("SELECT name, value FROM counters").fetchall())
+        assert counters["dropped_corrupt"] == 100 and counters["spool_corrupt"] == 1
+        assert db.execute("SELECT depth FROM streams").fetchall() == [(50,)]
+    spool = await Spool.open(StorageConfig(path=str(fresh)))
+    try:
+        assert spool.depth == 50
+        assert [r.body for r in await spool.fetch(spool.streams["app1"].id, 0, 100)] == \
+            [body(i, 50) for i in range(150, 200)]
+        # Delivered before the damage: still a duplicate.
+        assert await spool.append([Event("app1", NUCLEUS, 7, body(7, 50))]) == 0
+    finally:
+        await spool.close()
+
+
+def test_salvage_of_a_sound_v0_file_keeps_everything(tmp_path: Path) -> None:
+    """The v0 path, without damage: the 38 queued events, the 22 delivered keys and the
+    2 dead letters of tests/data/spool-v0.db, as the migration would keep them."""
+    fresh = tmp_path / "spool.db"
+    with contextlib.closing(sqlite3.connect(fresh, isolation_level=None)) as db:
+        db.executescript(SCHEMA)
+        got = salvage(db, Path(__file__).parent / "data" / "spool-v0.db",
+                      Carry(streams={}, counters={}, observed=0, next_seq=1, depth=None))
+        assert (got.queued, got.lost, got.skipped) == (38, 0, 0)
+        assert sum(len(k) // 8 for (k,) in db.execute("SELECT dkeys FROM spent")) == 22
+        assert db.execute("SELECT count(*) FROM dead").fetchone()[0] == 2
+        assert db.execute("SELECT key, depth FROM streams ORDER BY id").fetchall() == \
+            [("app-nucleus", 19), ("seg-key", 19)]

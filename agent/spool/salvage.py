@@ -1,13 +1,19 @@
-"""Salvage a corrupt spool: copy every readable row into the fresh one, count the rest.
+"""Salvage a corrupt spool: copy every readable record into the fresh one, count the rest.
 
 As Vector's disk buffer does (rather than drop the whole file, as Fluent Bit
 drops a chunk): the damaged file, already moved aside, is opened read-only and
-read in seq order; a read that hits a damaged page skips past it to the next
-readable row. Rows keep their seq (FIFO order, and the cursors and in-flight
-acks of running forwarders), stream, receipt time and dedupe key. What could
-not be read is counted as ``dropped_corrupt``: exactly, when the queue's size is
-known (the running agent's own count, or the old file's streams table), else
-only the rows read without a key, and the log says the count is unknown.
+read in id order; a read that hits a damaged page skips past it to the next
+readable row. Each record must also unpack (records.py checks its CRC and layout):
+one that does not is skipped, its live events lost. Records keep their id (the seq
+of their first event: FIFO order, and the cursors and in-flight acks of running
+forwarders), stream, receipt time, dedupe keys and acked bits; ``spent`` dedupe
+keys, dead letters and clock marks are copied too. What could not be read is
+counted as ``dropped_corrupt``: exactly, when the queue's size is known (the running
+agent's own count, or the old file's streams table), else only the events read
+but not kept, and the log says the count is unknown.
+
+A v0 file (one row per event: only found at startup, when its migration meets the
+damage) has its readable rows packed as the migration packs them (migrate.pack_v0).
 Runs on the writer's thread, the copy in one transaction.
 """
 
@@ -22,11 +28,16 @@ from typing import Any
 from agent.families.event import NUCLEUS, SEGMENT
 from agent.outcomes import Counts, Drop, Tally, from_names, record
 from agent.spool.db import mark, transaction
+from agent.spool.migrate import V0_COLS, V0Row, pack_v0, recount_streams
+from agent.spool.records import DamagedRecord, unpack
 
-EVENT_COLS = "seq, stream, family, received, dkey, body, acked"
-EVENT_TYPES = (int, int, int, int, int, bytes, (int, type(None)))
+RECORD_COLS = "id, stream, family, n, received, live, gone, bytes, dkeys, data"
+RECORD_TYPES = (int, int, int, int, int, int, (bytes, type(None)), int, bytes, bytes)
+SPENT_COLS = "id, received, observed, dkeys"
+SPENT_TYPES = (int, int, int, bytes)
 DEAD_COLS = "seq, stream, family, received, dkey, body, upstream, reason, at"
 DEAD_TYPES = (int, int, int, int, int, bytes, str, str, int)
+V0_TYPES = (int, int, int, int, int, bytes, (int, type(None)))
 CHUNK = 500
 TOP = 1 << 62  # above any seq
 
@@ -48,6 +59,7 @@ class Salvaged:
     lost: int = 0                     # counted as dropped_corrupt
     known: bool = True                # whether ``lost`` is the whole loss
     skipped: int = 0                  # damaged stretches skipped
+    unsendable: int = 0               # queued events read but not kept
 
 
 def salvage(fresh: sqlite3.Connection, moved: Path, carry: Carry) -> Salvaged:
@@ -68,21 +80,25 @@ def salvage(fresh: sqlite3.Connection, moved: Path, carry: Carry) -> Salvaged:
         if depth is None:
             queued = _try(old, "SELECT sum(depth) FROM streams NOT INDEXED")
             depth = int(queued[0][0] or 0) if queued else None
+        v0 = bool(_try(old, "SELECT 1 FROM sqlite_master WHERE name = 'events'"))
         with transaction(fresh):
             # The running agent's map first: where the file disagrees, it is the damaged one.
             fresh.executemany("INSERT OR IGNORE INTO streams(id, key) VALUES (?, ?)",
                               sorted(carry.streams.items()) + sorted(file_streams))
             streams = {sid for (sid,) in fresh.execute("SELECT id FROM streams")}
-            unsendable = _copy(old, fresh, streams, out)
-            out.queued = fresh.execute("SELECT count(*) FROM events WHERE acked IS NULL"
-                                       ).fetchone()[0]
-            fresh.execute("UPDATE streams SET "
-                          "depth = (SELECT count(*) FROM events e "
-                          "WHERE e.stream = streams.id AND e.acked IS NULL), "
-                          "bytes = (SELECT coalesce(sum(length(body)), 0) FROM events e "
-                          "WHERE e.stream = streams.id AND e.acked IS NULL)")
+            if old is not None:
+                for rows in _scan(old, "dead", "seq", DEAD_COLS, out):
+                    fresh.executemany(f"INSERT OR IGNORE INTO dead({DEAD_COLS}) "
+                                      "VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?)",
+                                      [r for r in rows if _sound(r, DEAD_TYPES)])
+                if v0:
+                    _copy_v0(old, fresh, streams, carry, out)
+                else:
+                    _copy_v1(old, fresh, streams, out)
+            recount_streams(fresh)
+            out.queued = fresh.execute("SELECT coalesce(sum(live), 0) FROM records").fetchone()[0]
             out.known = depth is not None
-            out.lost = max(depth - out.queued, 0) if depth is not None else unsendable
+            out.lost = max(depth - out.queued, 0) if depth is not None else out.unsendable
             _carry_clock(old, fresh, carry)
             counters = salvage_counters(old, carry.counters, out.lost)
             fresh.executemany("INSERT OR REPLACE INTO counters(name, value) VALUES (?, ?)",
@@ -93,35 +109,82 @@ def salvage(fresh: sqlite3.Connection, moved: Path, carry: Carry) -> Salvaged:
     return out
 
 
-def _copy(old: sqlite3.Connection | None, fresh: sqlite3.Connection, streams: set[int],
-          out: Salvaged) -> int:
-    """Copy readable events and dead letters; returns how many events were read but not
-    kept: garbled by the damage, or of an unknown stream (nowhere to send them)."""
-    if old is None:
-        return 0
-    dropped = 0
-    for rows in _scan(old, "events", EVENT_COLS, out):
-        keep = [r for r in rows if _sound(r, EVENT_TYPES) and r[1] in streams]
-        dropped += sum(1 for r in rows if r[6] is None) - sum(1 for r in keep if r[6] is None)
-        fresh.executemany(f"INSERT OR IGNORE INTO events({EVENT_COLS}) "
-                          "VALUES (?, ?, ?, ?, ?, ?, ?)", keep)
-    for rows in _scan(old, "dead", DEAD_COLS, out):
-        fresh.executemany(f"INSERT OR IGNORE INTO dead({DEAD_COLS}) "
-                          "VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?)",
-                          [r for r in rows if _sound(r, DEAD_TYPES)])
-    return dropped
+def _copy_v1(old: sqlite3.Connection, fresh: sqlite3.Connection, streams: set[int],
+             out: Salvaged) -> None:
+    """Copy the records that unpack whole, and the spent dedupe keys."""
+    for rows in _scan(old, "records", "id", RECORD_COLS, out):
+        keep = []
+        for row in rows:
+            kept = _readable(row, streams)
+            if kept is None:
+                out.unsendable += _live_of(row)
+            else:
+                keep.append(kept)
+        fresh.executemany(f"INSERT OR IGNORE INTO records({RECORD_COLS}) "
+                          "VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?)", keep)
+    for rows in _scan(old, "spent", "id", SPENT_COLS, out):
+        fresh.executemany(f"INSERT OR IGNORE INTO spent({SPENT_COLS}) VALUES (?, ?, ?, ?)",
+                          [r for r in rows
+                           if _sound(r, SPENT_TYPES, family=False) and len(r[3]) % 8 == 0])
 
 
-def _sound(row: tuple[Any, ...], types: tuple[Any, ...]) -> bool:
+def _readable(row: tuple[Any, ...], streams: set[int]) -> tuple[Any, ...] | None:
+    """The record to keep, its live count and bytes recounted from what unpacks; None
+    when it is damaged, or of an unknown stream (nowhere to send it)."""
+    if not _sound(row, RECORD_TYPES) or row[1] not in streams:
+        return None
+    rid, stream, family, n, received, _, gone, _, dkeys, data = row
+    try:
+        bodies = unpack(data)
+    except DamagedRecord:
+        return None
+    if len(bodies) != n or len(dkeys) != 8 * n or (gone is not None and len(gone) != (n + 7) // 8):
+        return None
+    alive = [i for i in range(n) if gone is None or not gone[i // 8] >> (i % 8) & 1]
+    if not alive:
+        return None
+    return (rid, stream, family, n, received, len(alive), gone,
+            sum(len(bodies[i]) for i in alive), dkeys, data)
+
+
+def _live_of(row: tuple[Any, ...]) -> int:
+    """A lost record's live events, as far as its row says."""
+    live = row[5] if len(row) > 5 else None
+    return live if isinstance(live, int) and 0 <= live <= (1 << 20) else 0
+
+
+def _copy_v0(old: sqlite3.Connection, fresh: sqlite3.Connection, streams: set[int],
+             carry: Carry, out: Salvaged) -> None:
+    """Pack the readable v0 rows as the migration does, under new seqs above every old one."""
+    top = max((r[-1][0] for r in _scan(old, "events", "seq", "seq", Salvaged())), default=0)
+    dead = fresh.execute("SELECT coalesce(max(seq), 0) FROM dead").fetchone()[0]
+    # A file whose marks cannot be read: its events count their age from now (kept longer).
+    marks = _try(old, "SELECT observed, next_seq FROM clock_marks NOT INDEXED") or \
+        [(carry.observed, TOP)]
+
+    def sound() -> Iterator[V0Row]:
+        for rows in _scan(old, "events", "seq", V0_COLS, out):
+            for row in rows:
+                if _sound(row, V0_TYPES) and row[1] in streams:
+                    yield row
+                elif row[-1] is None:
+                    out.unsendable += 1
+    pack_v0(fresh, sound(), marks, max(top, dead, carry.next_seq - 1) + 1)
+
+
+def _sound(row: tuple[Any, ...], types: tuple[Any, ...], family: bool = True) -> bool:
     """Whether every value has its column's type (damage can garble a record into other
-    types, or NULL) and the family is one the forwarders know."""
-    return all(isinstance(v, t) for v, t in zip(row, types)) and row[2] in (NUCLEUS, SEGMENT)
+    types, or NULL) and the family (third column) is one the forwarders know."""
+    return all(isinstance(v, t) for v, t in zip(row, types)) and \
+        (not family or row[2] in (NUCLEUS, SEGMENT))
 
 
-def _scan(old: sqlite3.Connection, table: str, cols: str, out: Salvaged) -> Iterator[list[Any]]:
-    """Rows of ``table`` in seq order, in chunks, skipping damaged stretches."""
-    sql = f"SELECT {cols} FROM {table} NOT INDEXED WHERE seq > ? ORDER BY seq LIMIT {CHUNK}"
-    after = 0
+def _scan(old: sqlite3.Connection, table: str, key: str, cols: str,
+          out: Salvaged) -> Iterator[list[Any]]:
+    """Rows of ``table`` in ``key`` order (its first column), in chunks, skipping damaged
+    stretches."""
+    sql = f"SELECT {cols} FROM {table} NOT INDEXED WHERE {key} > ? ORDER BY {key} LIMIT {CHUNK}"
+    after = -TOP
     while True:
         rows: list[Any] = []
         try:
@@ -135,8 +198,14 @@ def _scan(old: sqlite3.Connection, table: str, cols: str, out: Salvaged) -> Iter
             yield rows
             after = rows[-1][0]
         if damaged:
-            out.skipped += 1
-            nxt = _past_damage(old, table, after)
+            nxt = _past_damage(old, table, key, after)
+            # sqlite3 steps a row ahead: the row found there may be sound, the damage past it.
+            one = None if nxt is None else _try(old, f"SELECT {cols} FROM {table} NOT INDEXED "
+                                                f"WHERE {key} = ?", (nxt,))
+            if one:
+                yield one
+            else:
+                out.skipped += 1
             if nxt is None:
                 return
             after = nxt
@@ -144,19 +213,19 @@ def _scan(old: sqlite3.Connection, table: str, cols: str, out: Salvaged) -> Iter
             return
 
 
-def _past_damage(old: sqlite3.Connection, table: str, after: int) -> int | None:
-    """A seq past the damage met reading rows after ``after``: reading on from it reads
+def _past_damage(old: sqlite3.Connection, table: str, key: str, after: int) -> int | None:
+    """A key past the damage met reading rows after ``after``: reading on from it reads
     again; None when nothing past it can be read."""
-    def readable(seq: int) -> bool:  # can the row after ``seq`` be found?
-        return _try(old, f"SELECT seq FROM {table} NOT INDEXED WHERE seq > ? "
-                    "ORDER BY seq LIMIT 1", (seq,)) is not None
-    first = _try(old, f"SELECT seq FROM {table} NOT INDEXED WHERE seq > ? "
-                 "ORDER BY seq LIMIT 1", (after,))
+    find = f"SELECT {key} FROM {table} NOT INDEXED WHERE {key} > ? ORDER BY {key} LIMIT 1"
+
+    def readable(at: int) -> bool:  # can the row after ``at`` be found?
+        return _try(old, find, (at,)) is not None
+    first = _try(old, find, (after,))
     if first:  # the row is found but cannot be read (its overflow pages): skip that row
         return int(first[0][0])
     # The page holding the next row is damaged. Probe further and further ahead for a
     # row that can be found, then narrow down to the end of the damage.
-    lo, step = after, 1
+    lo, step = max(after, 0), 1
     while True:
         hi = lo + step
         if hi >= TOP:
@@ -176,13 +245,15 @@ def _past_damage(old: sqlite3.Connection, table: str, after: int) -> int | None:
 def _carry_clock(old: sqlite3.Connection | None, fresh: sqlite3.Connection,
                  carry: Carry) -> None:
     """Keep the agent-observed time and the file's clock marks, and mark every salvaged
-    row as received by now (a row whose own mark is lost counts its age from now: kept
-    longer, never expired early)."""
+    event as received by now (an event whose own mark is lost counts its age from now:
+    kept longer, never expired early)."""
     marks = _try(old, "SELECT observed, next_seq FROM clock_marks NOT INDEXED") or []
-    fresh.executemany("INSERT OR REPLACE INTO clock_marks(observed, next_seq) VALUES (?, ?)",
+    fresh.executemany("INSERT OR IGNORE INTO clock_marks(observed, next_seq) VALUES (?, ?)",
                       marks)
-    top = fresh.execute("SELECT max(coalesce((SELECT max(seq) FROM events), 0), "
-                        "coalesce((SELECT max(seq) FROM dead), 0))").fetchone()[0]
+    top = fresh.execute(
+        "SELECT max(coalesce((SELECT max(id + n - 1) FROM records), 0), "
+        "coalesce((SELECT max(seq) FROM dead), 0), "
+        "coalesce((SELECT max(id + length(dkeys) / 8 - 1) FROM spent), 0))").fetchone()[0]
     mark(fresh, max([carry.observed, *(int(o) for o, _ in marks)]),
          max(carry.next_seq, top + 1))
 

@@ -1,0 +1,241 @@
+"""Bring a spool written by an older agent up to this one's schema; refuse a newer one.
+
+``upgrade`` runs first at open, on the writer's connection. By ``PRAGMA user_version``:
+
+- newer than this code: ``SpoolTooNew``, before anything is written (the file stays
+  byte-identical: an older agent must never damage what a newer one wrote);
+- 0 with today's v0 tables (one row per event, acked rows kept as tombstones): migrated
+  to v1 in one transaction, so a failure part-way (a full disk, a crash) leaves the v0
+  file as it was, and the next start tries again;
+- anything else: nothing to do (an empty file gets v1 from the spool's open).
+
+v0 -> v1, nothing lost:
+
+- Queued events (``acked IS NULL``) become records, per stream in seq order, one record
+  per run of events with the same family and receipt time (a v0 group commit), at most
+  ``RECORD_MAX`` events. Their seqs are renumbered above every old one (dead letters
+  keep theirs), contiguous within a record, FIFO per stream kept.
+- Tombstones (acked, kept for dedupe) become ``spent`` rows: received = the acked time
+  (as v0 dated them), observed = the clock mark covering them, so they still dedupe for
+  the rest of their window and are forgotten after it, by both clocks.
+- Clock marks are *rewritten*, not carried: a mark (observed, next_seq) says every event
+  below next_seq was received by ``observed``. Renumbering would break that, so records
+  never straddle two marks' intervals, and each mark's next_seq becomes the first new seq
+  after its interval: expiry by agent-observed time stays exactly what it was. Events
+  past the last mark (an agent killed between marks) join its interval, since that mark
+  is where agent-observed time resumes: their age counts from then, never early.
+  (Mapping every record to the latest mark instead would be simpler, but would keep a
+  week-old backlog a week longer than ``max_age_days`` says.)
+- ``streams`` (depth and bytes recomputed from the records), ``dead``, ``counters``.
+
+Then ``VACUUM``, once, outside the transaction, so that the file takes v1's
+``auto_vacuum = INCREMENTAL`` (it can only be changed by rebuilding the file).
+"""
+
+from __future__ import annotations
+
+import logging
+import sqlite3
+from array import array
+from collections.abc import Iterable, Iterator, Sequence
+from dataclasses import dataclass, field
+
+from agent.spool import records
+from agent.spool.db import PAST, transaction
+from agent.spool.dedupe import keys_to_bytes
+from agent.spool.schema import SCHEMA, VERSION
+
+log = logging.getLogger("outpost.spool")
+
+RECORD_MAX = 1000     # events per migrated record (the writer's own cap)
+SPENT_MAX = 65_536    # dedupe keys per spent row: 512 KiB blobs at most
+V0_TABLES = ("streams", "events", "dead", "counters", "clock_marks")
+V0_COLS = "seq, stream, family, received, dkey, body, acked"
+DEAD_COLS = "seq, stream, family, received, dkey, body, upstream, reason, at"
+
+
+class SpoolTooNew(Exception):
+    """The spool was written by a newer agent (a higher schema version): refused untouched."""
+
+    def __init__(self, path: str, found: int, supported: int) -> None:
+        super().__init__(f"spool {path} is format v{found}, newer than this agent reads "
+                         f"(v{supported}); it was left untouched: run a newer agent, "
+                         "or move the file away to start an empty spool")
+        self.path = path
+        self.found = found
+        self.supported = supported
+
+
+def upgrade(conn: sqlite3.Connection) -> None:
+    """Migrate an older spool to ``VERSION`` in place; SpoolTooNew for a newer one.
+    ``conn`` is in autocommit mode (isolation_level=None) and has no statement open."""
+    found = _user_version(conn)
+    if found > VERSION:
+        raise SpoolTooNew(conn.execute("PRAGMA database_list").fetchone()[2], found, VERSION)
+    if found != 0 or not _has_table(conn, "events"):
+        return
+    with transaction(conn):
+        # Checked again under the write lock: another process may have migrated it.
+        if _user_version(conn) != 0 or not _has_table(conn, "events"):
+            return
+        packed = _migrate_v0(conn)
+    log.warning("spool migrated to format v%d: %d queued events in %d records, "
+                "%d dedupe keys of delivered events kept", VERSION, packed.events,
+                packed.records, packed.spent)
+    try:
+        conn.execute("PRAGMA auto_vacuum = INCREMENTAL")
+        conn.execute("VACUUM")
+    except sqlite3.OperationalError as exc:  # e.g. no room for the copy VACUUM makes
+        log.warning("spool migrated, but not compacted (%s): space freed by deliveries "
+                    "is reused, not handed back to the disk", exc)
+
+
+def _user_version(conn: sqlite3.Connection) -> int:
+    return int(conn.execute("PRAGMA user_version").fetchone()[0])
+
+
+def _has_table(conn: sqlite3.Connection, name: str) -> bool:
+    return conn.execute("SELECT 1 FROM sqlite_master WHERE type = 'table' AND name = ?",
+                        (name,)).fetchone() is not None
+
+
+def _ddl_statements(script: str) -> Iterator[str]:
+    """``script``'s statements one by one: ``executescript`` would COMMIT the migration's
+    transaction first."""
+    pending = ""
+    for line in script.splitlines(keepends=True):
+        pending += line
+        if sqlite3.complete_statement(pending):
+            yield pending
+            pending = ""
+    if pending.strip():
+        yield pending
+
+
+@dataclass(slots=True)
+class Packed:
+    """What ``pack_v0`` wrote: queued events, their records, dedupe keys kept."""
+
+    events: int = 0
+    records: int = 0
+    spent: int = 0
+
+
+@dataclass(slots=True)
+class _Run:
+    """Consecutive queued events of one stream, with one family and receipt time."""
+
+    family: int
+    received: int
+    keys: list[int] = field(default_factory=list)
+    bodies: list[bytes] = field(default_factory=list)
+
+
+class _Renumber:
+    """Packs queued events into records under new seqs, starting at ``next_seq``."""
+
+    def __init__(self, conn: sqlite3.Connection, next_seq: int, packed: Packed) -> None:
+        self.conn = conn
+        self.next_seq = next_seq
+        self.packed = packed
+        self.runs: dict[int, _Run] = {}  # stream -> its open run
+
+    def add(self, stream: int, family: int, received: int, key: int, body: bytes) -> None:
+        run = self.runs.get(stream)
+        if run is not None and (run.family != family or run.received != received
+                                or len(run.keys) >= RECORD_MAX):
+            self._write(stream, run)
+            run = None
+        if run is None:
+            run = self.runs[stream] = _Run(family, received)
+        run.keys.append(key)
+        run.bodies.append(body)
+
+    def flush(self) -> int:
+        """Write every open run; returns the next free seq (every event below it is written)."""
+        for stream, run in self.runs.items():
+            self._write(stream, run)
+        self.runs.clear()
+        return self.next_seq
+
+    def _write(self, stream: int, run: _Run) -> None:
+        n = len(run.keys)
+        self.conn.execute(
+            "INSERT INTO records(id, stream, family, n, received, live, gone, bytes, dkeys, "
+            "data) VALUES (?, ?, ?, ?, ?, ?, NULL, ?, ?, ?)",
+            (self.next_seq, stream, run.family, n, run.received, n,
+             sum(map(len, run.bodies)), keys_to_bytes(run.keys), records.pack(run.bodies)))
+        self.next_seq += n
+        self.packed.events += n
+        self.packed.records += 1
+
+
+def _migrate_v0(conn: sqlite3.Connection) -> Packed:
+    for table in V0_TABLES:
+        conn.execute(f"ALTER TABLE {table} RENAME TO v0_{table}")
+    for statement in _ddl_statements(SCHEMA):
+        conn.execute(statement)
+    conn.execute("INSERT INTO streams(id, key) SELECT id, key FROM v0_streams")
+    conn.execute(f"INSERT INTO dead({DEAD_COLS}) SELECT {DEAD_COLS} FROM v0_dead")
+    conn.execute("INSERT INTO counters(name, value) SELECT name, value FROM v0_counters")
+    top = conn.execute("SELECT max(coalesce((SELECT max(seq) FROM v0_events), 0), "
+                       "coalesce((SELECT max(seq) FROM v0_dead), 0))").fetchone()[0]
+    packed = pack_v0(conn, conn.execute(f"SELECT {V0_COLS} FROM v0_events ORDER BY seq"),
+                     conn.execute("SELECT observed, next_seq FROM v0_clock_marks").fetchall(),
+                     top + 1)
+    recount_streams(conn)
+    for table in V0_TABLES:
+        conn.execute(f"DROP TABLE v0_{table}")
+    conn.execute(f"PRAGMA user_version = {VERSION}")
+    return packed
+
+
+V0Row = tuple[int, int, int, int, int, bytes, int | None]  # V0_COLS
+
+
+def pack_v0(conn: sqlite3.Connection, rows: Iterable[V0Row], marks: Sequence[tuple[int, int]],
+            first_seq: int) -> Packed:
+    """Write v0 event rows (``V0_COLS``, in seq order, every seq below ``first_seq``) into
+    the v1 tables: queued ones as records from ``first_seq`` on, tombstones as ``spent``,
+    and ``marks`` (the v0 clock marks) rewritten for the new seqs."""
+    packed = Packed()
+    renumber = _Renumber(conn, first_seq, packed)
+    # Each event's mark is the earliest one whose next_seq is above its seq; with
+    # next_seq made non-decreasing (a running max), that is a pointer moving forward.
+    bounds: list[tuple[int, int]] = []
+    for observed, next_seq in sorted(marks):
+        bounds.append((observed, max(next_seq, bounds[-1][1] if bounds else next_seq)))
+    new_marks: list[tuple[int, int]] = []
+    spent: dict[tuple[int, int], tuple[array[int], array[int]]] = {}  # -> (seqs, keys)
+    for seq, stream, family, received, dkey, body, acked in rows:
+        # Past a mark's bound: its interval is complete (the last mark takes the rest).
+        while len(new_marks) < len(bounds) - 1 and seq >= bounds[len(new_marks)][1]:
+            new_marks.append((bounds[len(new_marks)][0], renumber.flush()))
+        if acked is None:
+            renumber.add(stream, family, received, dkey, body)
+        else:
+            observed = bounds[len(new_marks)][0] if bounds else PAST
+            seqs, keys = spent.setdefault((observed, acked), (array("q"), array("q")))
+            seqs.append(seq)
+            keys.append(dkey)
+    end = renumber.flush()
+    new_marks += [(observed, end) for observed, _ in bounds[len(new_marks):]]
+    if not new_marks and end > first_seq:  # no marks (as db.start_clock): wall clock alone
+        new_marks.append((PAST, end))
+    conn.executemany("INSERT OR REPLACE INTO clock_marks(observed, next_seq) VALUES (?, ?)",
+                     new_marks)
+    for (observed, acked), (seqs, keys) in spent.items():
+        for i in range(0, len(keys), SPENT_MAX):  # id: its first event's seq, as the spool's
+            conn.execute("INSERT INTO spent(id, received, observed, dkeys) VALUES (?, ?, ?, ?)",
+                         (seqs[i], acked, observed, keys_to_bytes(keys[i:i + SPENT_MAX])))
+        packed.spent += len(keys)
+    return packed
+
+
+def recount_streams(conn: sqlite3.Connection) -> None:
+    """Set each stream's depth and bytes from its records."""
+    conn.execute("UPDATE streams SET "
+                 "depth = (SELECT coalesce(sum(live), 0) FROM records r "
+                 "WHERE r.stream = streams.id), "
+                 "bytes = (SELECT coalesce(sum(bytes), 0) FROM records r "
+                 "WHERE r.stream = streams.id)")

@@ -1,0 +1,102 @@
+"""Spool files written and read straight with SQLite, for the migration and salvage tests.
+
+``V0_SCHEMA`` is the pre-issue-11 schema (agent/spool/schema.py at 4a6f75f), kept here
+because the code no longer has it; ``read_v1`` reads a v1 file the way the schema
+documents it (records.py, dedupe.keys_to_bytes), independently of the spool's reader.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import sqlite3
+from array import array
+from collections.abc import Iterable
+from dataclasses import dataclass
+from pathlib import Path
+
+from agent.spool import records
+
+V0_SCHEMA = """
+CREATE TABLE IF NOT EXISTS streams(id INTEGER PRIMARY KEY, key TEXT NOT NULL UNIQUE,
+    depth INTEGER NOT NULL DEFAULT 0, bytes INTEGER NOT NULL DEFAULT 0);
+CREATE TABLE IF NOT EXISTS events(seq INTEGER PRIMARY KEY, stream INTEGER NOT NULL,
+    family INTEGER NOT NULL, received INTEGER NOT NULL, dkey INTEGER NOT NULL,
+    body BLOB NOT NULL, acked INTEGER);
+CREATE UNIQUE INDEX IF NOT EXISTS events_dkey ON events(dkey);
+CREATE INDEX IF NOT EXISTS events_live ON events(stream, seq) WHERE acked IS NULL;
+CREATE INDEX IF NOT EXISTS events_acked ON events(acked) WHERE acked IS NOT NULL;
+CREATE TABLE IF NOT EXISTS dead(seq INTEGER PRIMARY KEY, stream INTEGER NOT NULL,
+    family INTEGER NOT NULL, received INTEGER NOT NULL, dkey INTEGER NOT NULL,
+    body BLOB NOT NULL, upstream TEXT NOT NULL, reason TEXT NOT NULL, at INTEGER NOT NULL);
+CREATE TABLE IF NOT EXISTS counters(name TEXT PRIMARY KEY, value INTEGER NOT NULL);
+CREATE TABLE IF NOT EXISTS clock_marks(observed INTEGER PRIMARY KEY, next_seq INTEGER NOT NULL);
+"""
+
+
+@dataclass(frozen=True, slots=True)
+class Stored:
+    """One event as a spool file holds it."""
+
+    seq: int
+    stream: int
+    family: int
+    received: int
+    dkey: int
+    body: bytes
+
+
+def connect(path: Path) -> contextlib.closing[sqlite3.Connection]:
+    return contextlib.closing(sqlite3.connect(path, isolation_level=None))
+
+
+def build_v0(path: Path, events: Iterable[tuple[Stored, int | None]],
+             marks: Iterable[tuple[int, int]] = (), streams: Iterable[tuple[int, str]] = (),
+             dead: Iterable[tuple[Stored, str, str, int]] = (),
+             counters: Iterable[tuple[str, int]] = ()) -> None:
+    """A v0 spool file: ``events`` as (event, acked time or None for a queued one)."""
+    with connect(path) as db:
+        db.executescript(V0_SCHEMA)
+        db.execute("BEGIN")
+        db.executemany("INSERT INTO streams(id, key) VALUES (?, ?)", streams)
+        db.executemany("INSERT INTO events VALUES (?, ?, ?, ?, ?, ?, ?)",
+                       ((e.seq, e.stream, e.family, e.received, e.dkey, e.body, acked)
+                        for e, acked in events))
+        db.executemany("INSERT INTO dead VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?)",
+                       ((e.seq, e.stream, e.family, e.received, e.dkey, e.body, up, why, at)
+                        for e, up, why, at in dead))
+        db.executemany("INSERT INTO counters VALUES (?, ?)", counters)
+        db.executemany("INSERT INTO clock_marks VALUES (?, ?)", marks)
+        db.execute("UPDATE streams SET depth = (SELECT count(*) FROM events e WHERE "
+                   "e.stream = streams.id AND acked IS NULL), bytes = (SELECT "
+                   "coalesce(sum(length(body)), 0) FROM events e WHERE e.stream = streams.id "
+                   "AND acked IS NULL)")
+        db.execute("COMMIT")
+
+
+def keys_of(blob: bytes) -> list[int]:
+    keys = array("q")
+    keys.frombytes(blob)
+    return keys.tolist()
+
+
+def read_v1(path: Path) -> dict[int, list[Stored]]:
+    """Every queued event of a v1 file, by stream, in record (FIFO) order."""
+    out: dict[int, list[Stored]] = {}
+    with connect(path) as db:
+        for rid, stream, family, n, received, gone, dkeys, data in db.execute(
+                "SELECT id, stream, family, n, received, gone, dkeys, data FROM records "
+                "ORDER BY id"):
+            bodies, keys = records.unpack(data), keys_of(dkeys)
+            assert len(bodies) == len(keys) == n
+            for i in range(n):
+                if gone is None or not gone[i // 8] >> (i % 8) & 1:
+                    out.setdefault(stream, []).append(
+                        Stored(rid + i, stream, family, received, keys[i], bodies[i]))
+    return out
+
+
+def covering(marks: list[tuple[int, int]], seq: int) -> int | None:
+    """The agent-observed time by which ``seq`` was received, by the file's clock marks:
+    the earliest mark whose next_seq is above it."""
+    found = [observed for observed, next_seq in marks if next_seq > seq]
+    return min(found) if found else None
