@@ -287,9 +287,6 @@ def test_any_v0_spool_keeps_every_event_its_order_and_its_receipt_time(
 
 # -- through the agent ---------------------------------------------------------------------
 
-@pytest.mark.xfail(strict=True, reason="fix11-s2's open sets journal_mode=WAL before its "
-                   "setup hook, and turns a newer spool into SpoolVersionError, a DatabaseError "
-                   "that Spool.open logs and serves on: it must call migrate.upgrade first")
 def test_outpost_run_on_a_newer_spool_exits_2_with_one_line(tmp_path: Path) -> None:
     spool = tmp_path / "spool.db"
     before = newer(spool)

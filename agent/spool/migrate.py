@@ -66,13 +66,30 @@ class SpoolTooNew(Exception):
         self.supported = supported
 
 
-def upgrade(conn: sqlite3.Connection) -> None:
-    """Migrate an older spool to ``VERSION`` in place; SpoolTooNew for a newer one.
-    ``conn`` is in autocommit mode (isolation_level=None) and has no statement open."""
+def refuse_newer(conn: sqlite3.Connection) -> None:
+    """SpoolTooNew for a spool a newer agent wrote: called before anything, even a pragma,
+    writes to the file (journal_mode=WAL would rewrite its header)."""
     found = _user_version(conn)
     if found > VERSION:
         raise SpoolTooNew(conn.execute("PRAGMA database_list").fetchone()[2], found, VERSION)
-    if found != 0 or not _has_table(conn, "events"):
+
+
+def ensure(conn: sqlite3.Connection) -> None:
+    """Create the current schema in an empty file, or bring an older spool up to it."""
+    refuse_newer(conn)
+    if _user_version(conn) == VERSION:
+        return
+    if not conn.execute("SELECT count(*) FROM sqlite_master").fetchone()[0]:
+        conn.executescript(SCHEMA)
+        return
+    upgrade(conn)
+
+
+def upgrade(conn: sqlite3.Connection) -> None:
+    """Migrate an older spool to ``VERSION`` in place; SpoolTooNew for a newer one.
+    ``conn`` is in autocommit mode (isolation_level=None) and has no statement open."""
+    refuse_newer(conn)
+    if _user_version(conn) != 0 or not _has_table(conn, "events"):
         return
     with transaction(conn):
         # Checked again under the write lock: another process may have migrated it.

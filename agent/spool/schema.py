@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import importlib
 import sqlite3
 import time
 from pathlib import Path
@@ -38,37 +37,6 @@ CREATE TABLE counters(name TEXT PRIMARY KEY, value INTEGER NOT NULL);
 CREATE TABLE clock_marks(observed INTEGER PRIMARY KEY, next_seq INTEGER NOT NULL);
 PRAGMA user_version = 1;
 """
-
-
-class SpoolVersionError(sqlite3.DatabaseError):
-    """A spool this code cannot serve: written by a newer version, or an older one with
-    no migration here. The file is left untouched."""
-
-
-def refuse_newer(conn: sqlite3.Connection) -> None:
-    """A spool written by a newer agent: refused before anything (even a pragma) writes."""
-    version = int(conn.execute("PRAGMA user_version").fetchone()[0])
-    if version > VERSION:
-        raise SpoolVersionError(f"spool format v{version} is newer than this agent's "
-                                f"(v{VERSION}): upgrade the agent, or move the file away")
-
-
-def ensure(conn: sqlite3.Connection) -> None:
-    """Create the v1 schema in an empty file, or bring an older spool up to it
-    (``agent.spool.migrate``, when present); refuse a newer one."""
-    refuse_newer(conn)
-    version = int(conn.execute("PRAGMA user_version").fetchone()[0])
-    if version == VERSION:
-        return
-    if not conn.execute("SELECT count(*) FROM sqlite_master").fetchone()[0]:
-        conn.executescript(SCHEMA)
-        return
-    try:
-        migrate = importlib.import_module("agent.spool.migrate")
-    except ImportError:
-        raise SpoolVersionError(f"spool format v{version} cannot be read by this agent "
-                                "(no migration to v1)") from None
-    migrate.upgrade(conn)
 
 
 def move_aside(path: Path) -> Path:

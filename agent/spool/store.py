@@ -31,9 +31,10 @@ from agent.spool.books import Books
 from agent.spool.db import SqliteThread
 from agent.spool.dedupe import DedupeIndex
 from agent.spool.live import LiveRecords
+from agent.spool.migrate import ensure, refuse_newer
 from agent.spool.reads import Reader
 from agent.spool.salvage import Carry, Salvaged, salvage, salvage_counters
-from agent.spool.schema import ensure, move_aside, refuse_newer
+from agent.spool.schema import move_aside
 from agent.spool.types import Row, Stream
 from agent.spool.writer import Writer, is_corruption
 
@@ -123,7 +124,7 @@ class Spool:
                     raise
                 await spool.recover(exc)
         except (sqlite3.DatabaseError, OSError) as exc:
-            # Not corrupt (a full disk, an I/O error, a newer format): keep the file, refuse
+            # Not corrupt (a full disk, an I/O error): keep the file, refuse
             # events with 503 and try again at each commit, rather than exit into a crash loop.
             log.error("spool %s cannot be opened (%s); refusing events until it can",
                       spool.path, exc)
