@@ -116,7 +116,11 @@ class StreamForwarder:
         if len(self._tasks) >= self.window:
             await self._idle(None)
             return
-        limit = self.cfg.batch_max_events * FETCH_FACTOR
+        # As many batches' worth of rows as the window has room for (at most FETCH_FACTOR):
+        # rows read beyond them were built, then dropped and read again at the next step,
+        # four times over with one batch in flight (segment-http).
+        free = min(FETCH_FACTOR, self.window - len(self._tasks))
+        limit = self.cfg.batch_max_events * free
         rows = await self.spool.fetch(self.stream.id, self._cursor, limit)
         if self._failed is not None or self._crash is not None:
             return  # a batch failed during the read: nothing new goes out before the resend
