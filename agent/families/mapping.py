@@ -145,9 +145,9 @@ def nucleus_context(ev: dict[str, Any], kind: str) -> dict[str, Any]:
 def _context(ev: dict[str, Any], kind: str, machine: Any) -> dict[str, Any]:
     get = ev.get
     ctx: dict[str, Any] = {"library": dict(LIBRARY)}
-    part = _pair("name", get("platform"), "version", get("osVersion"))
-    if part:
-        ctx["os"] = part
+    name, version = get("platform"), get("osVersion")
+    if (name is not None and name != {}) or (version is not None and version != {}):
+        ctx["os"] = _pair("name", name, "version", version)
     version = get("version")
     if version is not None and version != {}:
         ctx["app"] = {"version": version}
@@ -206,6 +206,7 @@ def to_iso(value: Any, received: int) -> str:
 # emptied when full (a backlog's events come from a few seconds at a time).
 _SECONDS: dict[int, str] = {}
 _SECONDS_MAX = 4096
+_MILLIS = tuple(f"{ms:03d}Z" for ms in range(1000))
 
 
 def iso_ms_fast(ms: int) -> str:
@@ -218,4 +219,4 @@ def iso_ms_fast(ms: int) -> str:
         if len(_SECONDS) >= _SECONDS_MAX:
             _SECONDS.clear()
         _SECONDS[second] = prefix
-    return f"{prefix}{ms % 1000:03d}Z"
+    return prefix + _MILLIS[ms % 1000]
