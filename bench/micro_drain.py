@@ -1,0 +1,151 @@
+"""The drain's Python work per event, stage by stage, without a spool or a network.
+
+`python -m bench.micro_drain [--events 20000] [--rounds 5] [--profile]`
+
+Rows shaped as the bench's Nucleus events are stored (bench/payloads.py) go
+through what a forwarder does with them between the spool read and the
+socket: each uplink's ``prepare`` (the shared take loop: decode, map across
+families, encode) and its request builder (Segment's payload, the Nucleus
+frame), in 100-event batches. Printed as µs per event, the median of
+``--rounds`` runs, beside the same-run reference of ``orjson.loads`` +
+``orjson.dumps`` of each body (the cost of touching every event once).
+``--profile`` adds a cProfile of the Segment path. Bounded: stops by itself.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import cProfile
+import pstats
+import statistics
+import time
+from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
+
+import aiohttp
+import orjson
+
+from agent.families import mapping
+from agent.families.event import NUCLEUS
+from agent.settings import UpstreamConfig
+from agent.spool.types import Row
+from agent.uplinks.nucleus_frame import frame
+from agent.uplinks.nucleus_ws import NucleusWsUplink
+from agent.uplinks.prepare import Prepared
+from agent.uplinks.segment_http import SegmentHttpUplink
+
+from .payloads import NUCLEUS_EVENT
+
+RECEIVED = 1_768_472_431_000
+SENT_AT = "2026-01-15T10:20:31.000Z"
+
+
+def rows(n: int) -> list[Row]:
+    return [Row(seq, 1, NUCLEUS, RECEIVED + seq, (NUCLEUS_EVENT % (seq, 42)).encode())
+            for seq in range(1, n + 1)]
+
+
+def per_event(work: Callable[[], int], rounds: int) -> float:
+    """Median µs per event of ``work`` (which returns how many events it handled)."""
+    times = []
+    for _ in range(rounds):
+        start = time.perf_counter()
+        n = work()
+        times.append((time.perf_counter() - start) * 1e6 / n)
+    return statistics.median(times)
+
+
+def map_part(part: list[Row]) -> None:
+    for r in part:
+        orjson.dumps(mapping.nucleus_to_segment(orjson.loads(r.body), r.received))
+
+
+def batches(prepare: Callable[[list[Row]], Prepared], queued: list[Row]) -> list[Prepared]:
+    out = []
+    i = 0
+    while i < len(queued):
+        p = prepare(queued[i:i + 400])
+        out.append(p)
+        i += len(p.rows)
+    return out
+
+
+async def main(args: argparse.Namespace) -> None:
+    queued = rows(args.events)
+    async with aiohttp.ClientSession() as session:
+        seg = SegmentHttpUplink(UpstreamConfig("s", "segment-http", "http://127.0.0.1:9"),
+                                "benchapp", session, "machine")
+        ws = NucleusWsUplink(UpstreamConfig("n", "nucleus-ws", "ws://127.0.0.1:9"),
+                             "benchapp", session, "machine")
+
+        def ws_prepare(part: list[Row]) -> Prepared:
+            p = ws.prepare(part)
+            ws.in_flight.clear()  # acked at once: ids may recur across rounds
+            return p
+
+        def touch() -> int:
+            for r in queued:
+                orjson.dumps(orjson.loads(r.body))
+            return len(queued)
+
+        def segment_map() -> int:
+            for r in queued:
+                mapping.nucleus_to_segment(orjson.loads(r.body), r.received)
+            return len(queued)
+
+        def segment_prepare() -> int:
+            return sum(len(p.rows) for p in batches(seg.prepare, queued))
+
+        def segment_all() -> int:
+            done = batches(seg.prepare, queued)
+            for p in done:
+                seg.payload(p, SENT_AT)
+            return sum(len(p.rows) for p in done)
+
+        def ws_all() -> int:
+            done = batches(ws_prepare, queued)
+            for p in done:
+                frame(p)
+            return sum(len(p.rows) for p in done)
+
+        def mapped_in_threads() -> int:
+            # Off the loop: the same mapping split over two threads at once (wall time).
+            half = len(queued) // 2
+            with ThreadPoolExecutor(2) as pool:
+                for f in [pool.submit(map_part, queued[:half]), pool.submit(map_part, queued[half:])]:
+                    f.result()
+            return len(queued)
+
+        stages = {
+            "reference: orjson loads + dumps": touch,
+            "segment: nucleus_to_segment (with loads)": segment_map,
+            "segment-http: prepare": segment_prepare,
+            "segment-http: prepare + payload": segment_all,
+            "nucleus-ws: prepare + frame": ws_all,
+            "segment: the mapping over 2 threads, wall": mapped_in_threads,
+        }
+        for name, work in stages.items():
+            print(f"{name:45s} {per_event(work, args.rounds):7.2f} µs/event", flush=True)
+        stored = sum(len(r.body) for r in queued) / len(queued)
+        as_segment = sum(len(orjson.dumps(mapping.nucleus_to_segment(orjson.loads(r.body),
+                                                                       r.received)))
+                         for r in queued) / len(queued)
+        print(f"stored Nucleus event {stored:.0f} B; mapped to Segment {as_segment:.0f} B "
+              f"({as_segment / stored:.2f}x: what storing it mapped at ingest would keep)")
+        if args.profile:
+            prof = cProfile.Profile()
+            prof.runcall(segment_all)
+            pstats.Stats(prof).sort_stats("tottime").print_stats(15)
+
+
+def cli() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--events", type=int, default=20_000)
+    parser.add_argument("--rounds", type=int, default=5)
+    parser.add_argument("--profile", action="store_true")
+    asyncio.run(main(parser.parse_args()))
+
+
+if __name__ == "__main__":
+    cli()
