@@ -12,41 +12,31 @@ for a 1M fill's first 100k events, coarse for a small one.
 from __future__ import annotations
 
 import json
-import threading
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, Self
 
 from . import loadgen
 from .loadgen import Load
 from .meters import cpu_seconds, per_million
 from .payloads import APP_ID
 from .procs import http_get
+from .sampling import Sampler
 
 
 @dataclass
-class DepthTrace:
+class DepthTrace(Sampler):
     """(time, queue depth, agent CPU seconds) samples, taken in a thread until the block ends."""
 
     pid: int
     port: int
     interval: float = 0.025
     samples: list[tuple[float, int, float]] = field(default_factory=list)
-    _stop: threading.Event = field(default_factory=threading.Event)
-    _thread: threading.Thread | None = None
 
-    def __enter__(self) -> DepthTrace:
-        self.sample()
-        self._thread = threading.Thread(target=self._run, daemon=True)
-        self._thread.start()
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        self._stop.set()
-        if self._thread is not None:
-            self._thread.join(5)
-        self.sample()
+    def __enter__(self) -> Self:
+        self.sample()  # the depth before the load: where its first tenth starts
+        return super().__enter__()
 
     def sample(self) -> None:
         started = time.perf_counter()
@@ -58,10 +48,6 @@ class DepthTrace:
             return  # a slow answer under load: the next sample covers it
         # The depth was read somewhere inside the request: stamp it at the midpoint.
         self.samples.append(((started + time.perf_counter()) / 2, depth, cpu))
-
-    def _run(self) -> None:
-        while not self._stop.wait(self.interval):
-            self.sample()
 
     def at_depth(self, level: float) -> tuple[float, float] | None:
         """(time, CPU) when the depth first reached ``level``, linearly interpolated."""

@@ -8,12 +8,13 @@ on Linux, so both are kept); spool bytes are the spool file plus its -wal.
 
 from __future__ import annotations
 
-import threading
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from types import TracebackType
 
 import psutil
+
+from .sampling import Sampler
 
 
 def cpu_seconds(pid: int) -> float:
@@ -77,25 +78,12 @@ def spool_bytes(spool: Path) -> int:
 
 
 @dataclass
-class DiskSampler:
+class DiskSampler(Sampler):
     """Samples the spool's bytes (file + -wal) every ``interval`` s in a thread; keeps the peak."""
 
     spool: Path
     interval: float = 0.1
     peak: int = 0
-    _stop: threading.Event = field(default_factory=threading.Event)
-    _thread: threading.Thread | None = None
-
-    def __enter__(self) -> DiskSampler:
-        self._thread = threading.Thread(target=self._run, daemon=True)
-        self._thread.start()
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        self._stop.set()
-        if self._thread is not None:
-            self._thread.join(2)
-        self.sample()
 
     def sample(self) -> int:
         try:
@@ -104,7 +92,3 @@ class DiskSampler:
             return self.peak  # a file rotated away between exists() and stat()
         self.peak = max(self.peak, now)
         return now
-
-    def _run(self) -> None:
-        while not self._stop.wait(self.interval):
-            self.sample()

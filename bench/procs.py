@@ -7,11 +7,12 @@ import signal
 import socket
 import subprocess
 import sys
-import threading
 import time
 import urllib.request
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
+
+from .sampling import Sampler
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -156,31 +157,18 @@ def read_rss(pid: int) -> tuple[int, int]:
 
 
 @dataclass
-class RssSampler:
+class RssSampler(Sampler):
     """Samples a process's RSS every ``interval`` s; ``take()`` returns and resets the peaks."""
 
     pid: int
     interval: float = 0.05
     peak_rss: int = 0
     peak_anon: int = 0
-    _stop: threading.Event = field(default_factory=threading.Event)
-    _thread: threading.Thread | None = None
 
-    def __enter__(self) -> RssSampler:
-        self._thread = threading.Thread(target=self._run, daemon=True)
-        self._thread.start()
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        self._stop.set()
-        if self._thread is not None:
-            self._thread.join(2)
-
-    def _run(self) -> None:
-        while not self._stop.wait(self.interval):
-            rss, anon = read_rss(self.pid)
-            self.peak_rss = max(self.peak_rss, rss)
-            self.peak_anon = max(self.peak_anon, anon)
+    def sample(self) -> None:
+        rss, anon = read_rss(self.pid)
+        self.peak_rss = max(self.peak_rss, rss)
+        self.peak_anon = max(self.peak_anon, anon)
 
     def take(self) -> tuple[int, int]:
         peaks = (self.peak_rss, self.peak_anon)
