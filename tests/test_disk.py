@@ -25,8 +25,12 @@ from pathlib import Path
 from typing import Any
 
 import aiohttp
+import orjson
 import pytest
 
+from agent.families.event import NUCLEUS, Event, dedupe_key
+from agent.settings import StorageConfig
+from agent.spool import Spool
 from agent.spool.records import pack, unpack
 from tests.conftest import AgentProcess, free_port, write_config
 from tests.fakes.faulty_upstream import FaultyUpstream
@@ -153,11 +157,19 @@ async def test_drop_oldest_keeps_the_newest_and_counts_drops(
 @pytest.fixture
 def small_fs(tmp_path: Path) -> Iterator[Path]:
     """A 2 MB tmpfs, or a skip where this process may not mount."""
-    where = tmp_path / "small"
+    yield from _tmpfs(tmp_path / "small", "2m")
+
+
+@pytest.fixture
+def six_mb_fs(tmp_path: Path) -> Iterator[Path]:
+    yield from _tmpfs(tmp_path / "six", "6m")
+
+
+def _tmpfs(where: Path, size: str) -> Iterator[Path]:
     where.mkdir()
     if not sys.platform.startswith("linux") or shutil.which("mount") is None:
         pytest.skip("needs Linux mount(8) for a size-limited tmpfs")
-    done = subprocess.run(["mount", "-t", "tmpfs", "-o", "size=2m,mode=0700", "tmpfs",
+    done = subprocess.run(["mount", "-t", "tmpfs", "-o", f"size={size},mode=0700", "tmpfs",
                            str(where)], capture_output=True, text=True)
     if done.returncode != 0:
         pytest.skip(f"cannot mount a tmpfs here (needs root or CAP_SYS_ADMIN): "
@@ -440,3 +452,32 @@ async def test_a_full_disk_at_startup_is_a_503_not_a_crash_nor_a_lost_spool(
     finally:
         await asyncio.to_thread(agent.terminate)
         await fake.stop()
+
+
+async def test_a_commit_that_succeeded_is_not_reported_failed_when_the_disk_is_nearly_full(
+        six_mb_fs: Path) -> None:
+    """After acks free the front of the file, handing those pages back to the file system
+    writes to the WAL; on a nearly full disk that fails. The commit before it (the acks
+    and an app's new event) is durable: the app must hear so, and the agent's view of its
+    queue must stay the disk's (it reported 503 and kept 1,200 events in mind, not 401)."""
+    def event(n: int) -> Event:
+        body = orjson.dumps({"id": n, "pad": os.urandom(1500).hex()})
+        return Event("a", NUCLEUS, dedupe_key("a", n), body)
+
+    spool = await Spool.open(StorageConfig(path=str(six_mb_fs / "spool.db")))
+    try:
+        for batch in range(12):
+            await spool.append([event(batch * 100 + i) for i in range(100)])
+        await spool.db.run(lambda c: c.execute("PRAGMA wal_checkpoint(TRUNCATE)").fetchall())
+        rows = await spool.fetch(spool.streams["a"].id, 0, 100_000)
+        free = os.statvfs(six_mb_fs).f_bavail * os.statvfs(six_mb_fs).f_frsize
+        (six_mb_fs / "filler").write_bytes(b"\0" * (free - 1_500_000))
+        acking = asyncio.create_task(spool.ack([r.seq for r in rows[:800]]))
+        stored = await spool.append([event(99_999)])   # one commit with the acks
+        await acking
+        assert stored == 1
+        with contextlib.closing(sqlite3.connect(six_mb_fs / "spool.db")) as db:
+            live = db.execute("SELECT sum(live) FROM records").fetchone()[0]
+        assert spool.depth == live == 401
+    finally:
+        await spool.close()
