@@ -9,6 +9,7 @@ events, and a record is deleted once none of its events is live (Vector's disk b
 
 from __future__ import annotations
 
+import logging
 import sqlite3
 from dataclasses import dataclass, field
 from typing import Any
@@ -26,6 +27,8 @@ DROP_CHUNK = 64  # records per statement when dropping the oldest
 # both this many and a quarter of the file: a drained spool shrinks, a busy one does
 # not pay for moving pages at every ack.
 VACUUM_MIN_PAGES = 32
+
+log = logging.getLogger("outpost.spool")
 
 
 @dataclass(slots=True)
@@ -233,7 +236,12 @@ def _hand_back(conn: sqlite3.Connection) -> None:
     free, pages = conn.execute("SELECT (SELECT freelist_count FROM pragma_freelist_count()), "
                                "(SELECT page_count FROM pragma_page_count())").fetchone()
     if free >= VACUUM_MIN_PAGES and free * 4 >= pages:
-        conn.executescript("PRAGMA incremental_vacuum;")
+        try:
+            conn.executescript("PRAGMA incremental_vacuum;")
+        except sqlite3.Error as exc:
+            # The commit before it is durable and must be reported so: moving pages writes
+            # to the WAL, which a nearly full disk refuses. The pages stay free for reuse.
+            log.warning("spool: could not hand free pages back to the file system: %s", exc)
 
 
 @dataclass(slots=True)
