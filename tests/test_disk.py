@@ -349,7 +349,7 @@ async def test_recovery_while_running_keeps_stream_ids_and_rising_seqs(tmp_path:
         b = spool.streams["b"]
         cursor = max(r.seq for r in await spool.fetch(b.id, 0, 100))
         observed = spool.observed_ms()             # the time the agent saw pass carries over
-        await spool._recover(sqlite3.DatabaseError("database disk image is malformed"))
+        await spool.recover(sqlite3.DatabaseError("database disk image is malformed"))
         assert spool.observed_ms() >= observed
         assert spool.streams["b"] is b and spool.depth == 10 and b.depth == 5
         assert spool.counters["spool_corrupt"] == 1
@@ -479,5 +479,38 @@ async def test_a_commit_that_succeeded_is_not_reported_failed_when_the_disk_is_n
         with contextlib.closing(sqlite3.connect(six_mb_fs / "spool.db")) as db:
             live = db.execute("SELECT sum(live) FROM records").fetchone()[0]
         assert spool.depth == live == 401
+    finally:
+        await spool.close()
+
+
+async def test_a_recovery_that_cannot_create_the_fresh_spool_finishes_once_it_can(
+        six_mb_fs: Path) -> None:
+    """A corrupt spool is moved aside, but the fresh one cannot be created (the disk is
+    full). Once there is room, the next commit must finish that recovery (salvage the
+    moved file, keep stream ids and seqs rising), not open an empty spool: that one
+    handed key b the stream id and seqs key a's forwarder still held, so a's late acks
+    deleted b's unsent events, and a's queue was lost uncounted."""
+    def event(key: str, n: int) -> Event:
+        return Event(key, NUCLEUS, dedupe_key(key, n), orjson.dumps({"id": n, "key": key}))
+
+    spool = await Spool.open(StorageConfig(path=str(six_mb_fs / "spool.db")))
+    try:
+        await spool.append([event("a", n) for n in range(5)])
+        held = spool.streams["a"]
+        a_seqs = [r.seq for r in await spool.fetch(held.id, 0, 100)]
+        filler = six_mb_fs / "filler"
+        free = os.statvfs(six_mb_fs).f_bavail * os.statvfs(six_mb_fs).f_frsize
+        filler.write_bytes(b"\0" * free)
+        with pytest.raises(sqlite3.Error):
+            await spool.recover(sqlite3.DatabaseError("database disk image is malformed"))
+        filler.unlink()
+        await spool.append([event("b", n) for n in range(5)])
+        b = spool.streams["b"]
+        assert b.id != held.id and spool.streams["a"] is held
+        b_rows = await spool.fetch(b.id, 0, 100)
+        assert min(r.seq for r in b_rows) > max(a_seqs)
+        await spool.ack(a_seqs)   # the late acks of a's forwarder
+        assert [orjson.loads(r.body)["key"] for r in await spool.fetch(b.id, 0, 100)] == ["b"] * 5
+        assert spool.depth == 5
     finally:
         await spool.close()
