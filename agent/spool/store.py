@@ -17,6 +17,7 @@ import os
 import sqlite3
 import sys
 from collections.abc import Callable, Sequence
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -39,6 +40,17 @@ from agent.spool.types import Row, Stream
 from agent.spool.writer import Writer, is_corruption
 
 log = logging.getLogger("outpost.spool")
+
+
+@dataclass(slots=True)
+class _Salvage:
+    """A recovery under way: the corrupt file moved aside, and what the fresh spool keeps."""
+
+    moved: Path
+    carry: Carry
+    held: list[Stream]   # the Stream objects running forwarders hold
+    next_seq: int
+    why: str
 HOUR_MS = 3_600_000
 
 
@@ -61,6 +73,7 @@ class Spool:
         self._observed_base = 0
         self._elapsed_at_load = CLOCK.elapsed_ms()
         self._loaded = False  # whether depths and counters were read from the file
+        self._salvaging: _Salvage | None = None
         # Called when a spool that could not be opened is opened at last, or when rows
         # are salvaged from a corrupt one: their queues need forwarders.
         self.on_reopen = on_reopen
@@ -191,14 +204,21 @@ class Spool:
                       counters=dict(books.counters), observed=self.observed_ms(),
                       next_seq=books.next_seq,
                       depth=self.depth if self._loaded else None)
-        held, next_seq = list(books.streams.values()), books.next_seq
         await self._close_connections()
-        moved = move_aside(self.path)
+        # Kept until the fresh spool is open: if it cannot be created now (a full disk),
+        # reopen() finishes the salvage, rather than start an empty spool that would hand
+        # out stream ids and seqs the running forwarders still hold.
+        self._salvaging = _Salvage(move_aside(self.path), carry, list(books.streams.values()),
+                                   books.next_seq, str(exc))
         await self._connect()
-        db = self._db
-        assert db is not None
+        await self._finish_recovery()
+
+    async def _finish_recovery(self) -> None:
+        pending, self._salvaging = self._salvaging, None
+        assert pending is not None and self._db is not None
+        books, carry, moved = self.books, pending.carry, pending.moved
         try:
-            got = await db.run(salvage, moved, carry)
+            got = await self._db.run(salvage, moved, carry)
         except sqlite3.Error as why:  # e.g. no room for the copy: the fresh spool stays empty
             log.error("spool %s: could not salvage %s: %s", self.path, moved, why)
             got = Salvaged(known=carry.depth is not None, lost=carry.depth or 0)
@@ -206,11 +226,11 @@ class Spool:
                 self.count(outcome, n)  # into the empty fresh spool, with its next commit
             self._observed_base, self._elapsed_at_load = carry.observed, CLOCK.elapsed_ms()
         else:
-            await self._load_state(db)
+            await self._load_state(self._db)
         # Running forwarders hold these streams and a seq cursor: keep the objects, and
         # keep seqs rising, or new events would hide behind the cursors.
-        books.next_seq = max(books.next_seq, next_seq)
-        for stream in held:
+        books.next_seq = max(books.next_seq, pending.next_seq)
+        for stream in pending.held:
             now = books.by_id.get(stream.id)
             stream.depth, stream.bytes = (now.depth, now.bytes) if now else (0, 0)
             if now is None:
@@ -220,11 +240,9 @@ class Spool:
                     "how many more it held is unknown (its queue table cannot be read)")
         log.error("spool %s is corrupt (%s); moved aside to %s and started afresh: salvaged "
                   "%d queued events, %s (counted as %s: %d); %d damaged stretches skipped",
-                  self.path, exc, moved, got.queued, how_many, Drop.DROPPED_CORRUPT, got.lost,
-                  got.skipped)
+                  self.path, pending.why, moved, got.queued, how_many, Drop.DROPPED_CORRUPT,
+                  got.lost, got.skipped)
         self.on_reopen()  # forwarders for the salvaged queues
-
-    _recover = recover  # the name tests and older callers use
 
     async def close(self) -> None:
         """Finish pending commits, then close."""
@@ -253,6 +271,9 @@ class Spool:
             return False
         for outcome, n in unsaved.items():  # counted while closed: keep them
             self.count(outcome, n)
+        if self._salvaging is not None:  # a recovery that could not open the fresh spool
+            await self._finish_recovery()
+            return True
         log.warning("spool %s is open again (%d events queued)", self.path, self.depth)
         self.on_reopen()
         return True
