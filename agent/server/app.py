@@ -35,16 +35,13 @@ def build_app(cfg: Config, sink: Sink, ops_routes: list[web.RouteDef]) -> web.Ap
     app[BODY_TIMEOUT_S] = cfg.listen.body_timeout_s
     # Order matters: Nucleus' catch-all `/{appId}` websocket route comes last.
     app.add_routes(guard.routes(ops_routes, navigable=True))
-    unrouted = Unrouted(sink.metrics)
+    unrouted = Unrouted(sink.metrics, guard)
     # Looked up at each build, in the registry's order (route priority).
     for dialect in registry.DIALECTS:
         raw = dialect.routes(sink)
         app.add_routes(unrouted.gate(raw, counted(guard.routes(admitted(raw, admission)),
                                                   dialect.name, sink.metrics)))
-    # Last: what no route serves. Guarded, so a page on an allowed Origin passes the
-    # preflight and can read the 404 (a CORS error would hide it), and others get 403.
-    unrouted.fallback = guard.wrap(unrouted.reply)
-    app.router.add_route("*", CATCH_ALL, unrouted.fallback)
+    app.router.add_route("*", CATCH_ALL, unrouted.fallback)  # last: what no route serves
     return app
 
 

@@ -16,7 +16,7 @@ from aiohttp import web
 
 from agent.dialects.base import WebSocketRoute
 from agent.metrics import Metrics
-from agent.server.guard import Handler
+from agent.server.guard import Guard, Handler
 
 log = logging.getLogger("outpost.server")
 
@@ -32,10 +32,12 @@ def is_upgrade(request: web.Request) -> bool:
 class Unrouted:
     """The catch-all reply, and the gate in front of websocket endpoints."""
 
-    def __init__(self, metrics: Metrics) -> None:
+    def __init__(self, metrics: Metrics, guard: Guard) -> None:
         self.metrics = metrics
         self.websockets: set[str] = set()  # paths whose GET is a websocket upgrade
-        self.fallback: Handler = self.reply  # the guarded reply, once the app is built
+        # Guarded, so a page on an allowed Origin passes the preflight and can read the
+        # 404 (a CORS error would hide it from the client), and other Origins get 403.
+        self.fallback: Handler = guard.wrap(self.reply)
 
     def gate(self, raw: list[web.RouteDef], routes: list[web.RouteDef]) -> list[web.RouteDef]:
         """``routes`` (``raw``, wrapped) with each websocket GET passing plain GETs on."""
