@@ -81,8 +81,14 @@ NUCLEUS = HEAD + '<script src="/nm/nucleus-analytics/dist/browser.js"></script>'
     """Nucleus.setUserId(CFG.user);
   Nucleus.track("Clicked", CFG.props);""")
 
+# A client posting JSON (so the browser sends a preflight) to a route the agent lacks.
+UNKNOWN = HEAD + _run(
+    """const r = await fetch(CFG.agent + "/v2/nowhere", {method: "POST",
+      headers: {"Content-Type": "application/json"}, body: JSON.stringify({a: 1})});""",
+    """window.RESULT = {status: r.status, body: await r.json()};""")
+
 PAGES = {"segment": SEGMENT, "rudderstack": RUDDERSTACK, "dittofeed": DITTOFEED,
-         "nucleus": NUCLEUS}
+         "nucleus": NUCLEUS, "unknown": UNKNOWN}
 
 
 def segment_settings(agent: str, strategy: dict[str, Any] | None) -> dict[str, Any]:

@@ -158,3 +158,22 @@ async def test_nucleus_analytics_browser_build(make_agent: Any, fake_nucleus: Fa
     assert clicked["payload"] == PROPS and clicked["userId"] == USER, clicked
     assert [e["type"] for e in fake_nucleus.events][:1] == ["init"], fake_nucleus.events
     assert set(fake_nucleus.paths) == {f"/app/{KEY}/track"}
+
+
+async def test_a_page_posting_to_an_unknown_route_reads_the_404(make_agent: Any, site: Site,
+                                                                chromium: str,
+                                                                tmp_path: Path) -> None:
+    """Not a CORS error, which a client cannot tell from the agent being down: the
+    preflight passes, the page reads the JSON 404, and the agent counts it."""
+    agent = await make_agent(listen={"allowed_origins": [site.url]})
+    site.agent = f"http://127.0.0.1:{agent.port}"
+    async with Chromium(chromium, tmp_path / "profile") as browser:
+        page = await browser.open(f"{site.url}/page/unknown")
+        await until(lambda: agent.sink.metrics.refusals() != {}, page)
+        result = await page.evaluate(
+            "new Promise((ok) => { const t = setInterval(() => { if (window.RESULT) {"
+            " clearInterval(t); ok(window.RESULT); } }, 10); })")
+    assert result == {"status": 404, "body": {"error": "no route for POST /v2/nowhere"}}
+    assert agent.sink.metrics.refusals() == {"unrouted": {"404": 1}}
+    assert sorted(page.requests[1:]) == [f"OPTIONS {site.agent}/v2/nowhere",  # preflight
+                                         f"POST {site.agent}/v2/nowhere"], page.report()
