@@ -1,0 +1,89 @@
+"""Lossless mapping and device facts as a user sees them (docs/mapping.md): events posted
+to a running agent and read back from fake upstreams of the other family or the same one."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from tests.fakes.nucleus_upstream import FakeNucleus
+from tests.fakes.segment_upstream import FakeSegment
+from tests.segment_helpers import basic, call, nucleus_up, segment_up, wait_for
+
+AUTH = {"Authorization": basic("k")}
+
+
+def ws_up(fake: FakeNucleus) -> dict[str, Any]:
+    return {**nucleus_up(fake), "protocol": "nucleus-ws", "url": fake.url}
+
+
+async def test_segment_application_opened_reaches_nucleus_with_device_facts(
+        make_agent: Any, fake_nucleus: FakeNucleus) -> None:
+    agent = await make_agent(upstreams=[ws_up(fake_nucleus)])
+    opened = {"userId": "u", "event": "Application Opened", "messageId": "o1"}
+    error = {"userId": "u", "event": "Application Error", "messageId": "e1",
+             "properties": {"name": "TypeError"}, "context": {"os": {"name": "Windows"}}}
+    for body in (opened, error):
+        assert (await call(agent.port, "/v1/track", body, headers=AUTH)).status == 200
+    await wait_for(lambda: len(fake_nucleus.events) == 2)
+    init, err = fake_nucleus.events
+    facts = agent.facts
+    assert (init["type"], err["type"]) == ("init", "error")
+    assert (init["platform"], init["osVersion"], init["totalRam"]) == (
+        facts.platform, facts.osVersion, facts.totalRam)
+    assert (init["language"], init["locale"], init["machineId"]) == (
+        facts.language, facts.language, facts.machineId)
+    assert err["platform"] == "Windows"          # what the app sent is never overwritten
+    assert err["osVersion"] == facts.osVersion
+
+
+async def test_segment_application_opened_to_segment_gets_device_facts(
+        make_agent: Any, fake_segment: FakeSegment) -> None:
+    agent = await make_agent(upstreams=[segment_up(fake_segment)])
+    opened = {"userId": "u", "event": "Application Opened", "messageId": "o1",
+              "context": {"locale": "de-AT", "device": {"model": "x"}}}
+    clicked = {"userId": "u", "event": "Clicked", "messageId": "c1"}
+    for body in (opened, clicked):
+        assert (await call(agent.port, "/v1/track", body, headers=AUTH)).status == 200
+    await wait_for(lambda: len(fake_segment.events) == 2)
+    got, plain = fake_segment.events
+    facts = agent.facts
+    ctx = got["context"]
+    assert ctx["os"] == {"name": facts.platform, "version": facts.osVersion}
+    assert ctx["locale"] == "de-AT"              # the app's own, kept
+    assert ctx["device"] == {"model": "x", "id": facts.machineId, "totalRam": facts.totalRam,
+                             "arch": facts.arch}
+    assert "context" not in plain                # only init and error events get facts
+
+
+async def test_nucleus_fields_without_a_segment_place_travel_in_context_nucleus(
+        make_agent: Any, fake_segment: FakeSegment) -> None:
+    agent = await make_agent(upstreams=[segment_up(fake_segment)])
+    # nucleus-analytics 4.x: deviceId and anonId, no machineId; an old module's `language`
+    # beside `locale`; a name on an init; a field no table knows.
+    ev = {"type": "init", "id": 9, "name": "boot", "deviceId": "d1", "anonId": "a1",
+          "sessionId": 5, "locale": "fr-FR", "language": "fr", "platform": "Linux",
+          "osVersion": "6", "totalRam": 8, "arch": "x64", "version": "1.0",
+          "date": 1767225600123, "custom": {"x": [1]}, "payload": {"p": 1}}
+    assert (await call(agent.port, "/app/k/track", {"data": [ev]})).status == 200
+    await wait_for(lambda: len(fake_segment.events) == 1)
+    got = fake_segment.events[0]
+    kept = got["context"]["nucleus"]
+    assert (kept["name"], kept["deviceId"], kept["anonId"]) == ("boot", "d1", "a1")
+    assert (kept["language"], kept["custom"]) == ("fr", {"x": [1]})
+    assert got["context"]["device"]["id"] == "d1" and got["context"]["locale"] == "fr-FR"
+    assert got["properties"] == {"p": 1}
+
+
+async def test_segment_context_and_unknown_fields_reach_nucleus_in_the_payload(
+        make_agent: Any, fake_nucleus: FakeNucleus) -> None:
+    agent = await make_agent(upstreams=[ws_up(fake_nucleus)])
+    ev = {"userId": "u", "event": "Clicked", "messageId": "c1", "properties": {"x": 1},
+          "context": {"page": {"url": "https://a.example/"}, "ip": "1.2.3.4"},
+          "integrations": {"All": False}, "section": "top"}
+    assert (await call(agent.port, "/v1/track", ev, headers=AUTH)).status == 200
+    await wait_for(lambda: len(fake_nucleus.events) == 1)
+    got = fake_nucleus.events[0]
+    assert got["payload"]["x"] == 1
+    kept = got["payload"]["$segment"]
+    assert kept["context"] == ev["context"] and kept["integrations"] == {"All": False}
+    assert (kept["section"], kept["messageId"]) == ("top", "c1")
