@@ -87,3 +87,39 @@ async def test_segment_context_and_unknown_fields_reach_nucleus_in_the_payload(
     kept = got["payload"]["$segment"]
     assert kept["context"] == ev["context"] and kept["integrations"] == {"All": False}
     assert (kept["section"], kept["messageId"]) == ("top", "c1")
+
+
+async def test_a_resent_mapped_event_keeps_its_messageid(
+        make_agent: Any, fake_segment: FakeSegment, fast_backoff: Any) -> None:
+    fake_segment.fail(1, 500)
+    agent = await make_agent(upstreams=[segment_up(fake_segment)])
+    data = [{"type": "init", "id": 1, "deviceId": "d", "anonId": "a", "date": 1767225600123},
+            {"type": "event", "name": "click", "id": 2, "deviceId": "d", "payload": {"x": 1}}]
+    assert (await call(agent.port, "/app/k/track", {"data": data})).status == 200
+    await wait_for(lambda: len(fake_segment.accepted()) == 1)
+    refused, delivered = fake_segment.requests[0], fake_segment.accepted()[0]
+    assert refused.status == 500
+    for first, again in zip(refused.events, delivered.events, strict=True):
+        assert first.pop("sentAt") and again.pop("sentAt")   # set afresh at each send
+        assert first == again and first["messageId"].startswith("nucleus-")
+
+
+async def test_a_resent_mapped_event_keeps_its_nucleus_id(
+        make_agent: Any, fake_nucleus: FakeNucleus, fast_backoff: Any) -> None:
+    refused: set[Any] = set()
+
+    def ack_the_second_time(ev_id: Any) -> bool:
+        if ev_id in refused:
+            return True
+        refused.add(ev_id)
+        return False
+
+    fake_nucleus.ack = ack_the_second_time
+    agent = await make_agent(upstreams=[ws_up(fake_nucleus)])
+    ev = {"userId": "u", "event": "Application Opened", "messageId": "o1",
+          "context": {"page": {"path": "/"}}}
+    assert (await call(agent.port, "/v1/track", ev, headers=AUTH)).status == 200
+    await wait_for(lambda: agent.spool.depth == 0)
+    first, again = fake_nucleus.events[:2]
+    assert first == again and isinstance(first["id"], int)
+    assert first["payload"]["$segment"]["messageId"] == "o1"
