@@ -123,3 +123,21 @@ async def test_a_resent_mapped_event_keeps_its_nucleus_id(
     first, again = fake_nucleus.events[:2]
     assert first == again and isinstance(first["id"], int)
     assert first["payload"]["$segment"]["messageId"] == "o1"
+
+
+async def test_facts_fill_only_the_lifecycle_event_of_a_batch_sharing_a_context(
+        make_agent: Any, fake_segment: FakeSegment) -> None:
+    agent = await make_agent(upstreams=[segment_up(fake_segment)])
+    batch = {"context": {"device": {"model": "x"}}, "batch": [
+        {"type": "track", "event": "Application Opened", "userId": "u", "messageId": "o"},
+        {"type": "track", "event": "Clicked", "userId": "u", "messageId": "c"},
+        {"type": "track", "event": "Application Error", "userId": "u", "messageId": "e",
+         "context": {"os": "a string the app chose", "device": ["kept"]}}]}
+    assert (await call(agent.port, "/v1/batch", batch, headers=AUTH)).status == 200
+    await wait_for(lambda: len(fake_segment.events) == 3)
+    opened, clicked, error = fake_segment.events
+    assert opened["context"]["device"]["id"] == agent.facts.machineId
+    assert clicked["context"] == {"device": {"model": "x"}}   # the shared object, untouched
+    assert error["context"]["os"] == "a string the app chose"  # never overwritten
+    assert error["context"]["device"] == ["kept"]
+    assert error["context"]["locale"] == agent.facts.language
