@@ -121,38 +121,39 @@ def _to_segment(ev: dict[str, Any], received: int) -> dict[str, Any]:
     return out
 
 
+# (Nucleus field, Segment context object, key in it), in the order they are written.
+_PLACES = (("platform", "os", "name"), ("osVersion", "os", "version"),
+           ("version", "app", "version"), ("arch", "device", "arch"),
+           ("totalRam", "device", "totalRam"))
+
+
 def _context(ev: dict[str, Any], machine: Any, moved: set[str]) -> dict[str, Any]:
     """Device facts in Segment's context objects (the `nucleus` key is added after)."""
     get = ev.get
+    parts: dict[str, dict[str, Any]] = {}
+    if _has(machine):
+        parts["device"] = {"id": machine}
+    for field, part, place in _PLACES:
+        value = get(field)
+        if value is not None and value != {}:
+            found = parts.get(part)
+            if found is None:
+                found = parts[part] = {}
+            found[place] = value
+            moved.add(field)
     ctx: dict[str, Any] = {"library": dict(LIBRARY)}
-    part = _places(ev, (("platform", "name"), ("osVersion", "version")), moved)
-    if part:
-        ctx["os"] = part
-    part = _places(ev, (("version", "version"),), moved)
-    if part:
-        ctx["app"] = part
+    for part in ("os", "app"):
+        if part in parts:
+            ctx[part] = parts[part]
     locale = get("locale")
     if locale and "language" not in ev:
         moved.add("locale")
     locale = locale or get("language")
     if _has(locale):
         ctx["locale"] = locale
-    part = {"id": machine} if _has(machine) else {}
-    part.update(_places(ev, (("arch", "arch"), ("totalRam", "totalRam")), moved))
-    if part:
-        ctx["device"] = part
+    if "device" in parts:
+        ctx["device"] = parts["device"]
     return ctx
-
-
-def _places(ev: dict[str, Any], pairs: tuple[tuple[str, str], ...],
-            moved: set[str]) -> dict[str, Any]:
-    out = {}
-    for field, place in pairs:
-        value = ev.get(field)
-        if _has(value):
-            out[place] = value
-            moved.add(field)
-    return out
 
 
 def _nucleus_back(ev: dict[str, Any], ctx: dict[str, Any], kept: dict[str, Any],
