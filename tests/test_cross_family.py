@@ -69,6 +69,8 @@ async def test_segment_apps_to_a_nucleus_upstream(make_agent: Any,
     assert opened["machineId"] == "dev-1" and opened["anonId"] == "a1"
     assert (clicked["type"], clicked["name"], clicked["date"]) == (
         "event", "Clicked", "2026-01-01T00:00:00.000Z")
+    assert clicked["payload"]["$segment"]["context"] == ctx   # docs/mapping.md: the rest
+    del clicked["payload"]["$segment"]
     assert clicked["payload"] == {"x": 1, "messageId": "t"} and clicked["userId"] == "u1"
     assert props["type"] == "props" and props["payload"]["plan"] == "pro"
     assert userid["type"] == "userid"
@@ -104,7 +106,9 @@ async def test_nucleus_apps_to_a_segment_upstream(make_agent: Any,
     assert init["context"]["app"] == {"version": "1.2.3"} and init["context"]["locale"] == "fr-FR"
     assert init["context"]["device"] == {"id": "m1", "arch": "arm64", "totalRam": 16}
     assert init["context"]["nucleus"] == {"type": "init", "id": 1, "sessionId": 4242,
-                                          "client": "nodejs", "moduleVersion": "3.0.9"}
+                                          "client": "nodejs", "moduleVersion": "3.0.9",
+                                          "language": "fr-FR", "locale": "fr-FR",
+                                          "date": "2026-01-01T00:00:00Z"}
     assert init["timestamp"] == "2026-01-01T00:00:00.000Z" and init["anonymousId"] == "m1"
     assert (click["event"], click["properties"]) == ("click", {"x": 1})
     assert click["timestamp"] == "2026-01-01T00:00:00.000Z"   # epoch ms -> ISO

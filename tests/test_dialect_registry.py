@@ -31,7 +31,8 @@ def routes(sink: IngestSink) -> list[web.RouteDef]:
             return web.json_response({"error": "unknown key"}, status=401)
         assert key is not None
         doc = parse_json(await read_raw(request, 4096))
-        await sink.store([segment.accept(doc, key, segment.TYPES, segment.received_now())])
+        await sink.store([segment.accept(doc, key, segment.TYPES, segment.received_now(),
+                                         enrich=sink.enrich)])
         return web.Response(status=204)
     return [web.post("/trivial/ingest", ingest)]
 

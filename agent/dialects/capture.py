@@ -39,7 +39,8 @@ class CaptureHandlers:
         async def work() -> None:
             await self.sink.store(await parse_body(
                 await read_raw(request, spec.MAX_BATCH_BYTES), parse_json,
-                lambda doc, size: spec.accept_all(doc, key, TYPES, size)))
+                lambda doc, size: spec.accept_all(doc, key, TYPES, size,
+                                                  enrich=self.sink.enrich)))
 
         return await replies.settle(work(), error, full_status=429) or replies.json_reply(
             {"status": "success"}, 201)

@@ -136,7 +136,8 @@ class SegmentHandlers:
         if kind is not None:
             body["type"] = kind  # the route names the call, as in Segment's API
         try:
-            event = spec.accept(body, key, spec.TYPES, spec.received_now(), raw_size=raw_size)
+            event = spec.accept(body, key, spec.TYPES, spec.received_now(),
+                                 enrich=self.sink.enrich, raw_size=raw_size)
             await self.sink.store([event])
         except Invalid as exc:
             return Failure(replies.status_of(exc), exc.message)
@@ -187,7 +188,7 @@ class SegmentHandlers:
                 assert key is not None
                 try:
                     out.events.append(spec.accept(ev, key, spec.TYPES, received, batch=body,
-                                                  raw_size=raw_size))
+                                                  raw_size=raw_size, enrich=self.sink.enrich))
                     continue
                 except Invalid as exc:
                     status, message = replies.status_of(exc), exc.message

@@ -82,7 +82,8 @@ class SegmentStreamHandlers:
 
         async def work() -> None:
             body = parse_json(await read_raw(request, MAX_BODY))
-            await self.sink.store([spec.accept(to_segment(body), key, TYPES, spec.received_now())])
+            await self.sink.store([spec.accept(to_segment(body), key, TYPES, spec.received_now(),
+                                                  enrich=self.sink.enrich)])
 
         # The seed documents 400 for every client mistake, a body over 64 KB included.
         return await replies.settle(work(), error, client_status=400) or web.Response(status=204)

@@ -23,6 +23,7 @@ from agent.dialects import replies
 from agent.dialects.base import JSON, Dialect, Example, IngestSink
 from agent.dialects.body import parse_body, parse_json, read_raw
 from agent.families import segment as spec
+from agent.families.enrich import Enrich
 from agent.families.errors import Invalid
 from agent.families.event import Event
 
@@ -52,7 +53,7 @@ def check_files(ev: Any) -> None:
         raise Invalid("`files` must be an array of objects")
 
 
-def parse(body: Any, call: str, key: str) -> list[Event]:
+def parse(body: Any, call: str, key: str, enrich: Enrich) -> list[Event]:
     """The events of one request to ``/api/public/apps/{call}``; raises Invalid."""
     if call == "batch":
         items = spec.batch_items(body)
@@ -61,12 +62,13 @@ def parse(body: Any, call: str, key: str) -> list[Event]:
                 check_files(ev)
             except Invalid as exc:
                 raise exc.within(f"batch[{i}]") from None
-        return spec.accept_all(body, key, TYPES, 0, need_message_id=True)
+        return spec.accept_all(body, key, TYPES, 0, enrich=enrich, need_message_id=True)
     if not isinstance(body, dict):
         raise Invalid("body must be an object")
     check_files(body)
     body["type"] = call
-    return [spec.accept(body, key, TYPES, spec.received_now(), need_message_id=True)]
+    return [spec.accept(body, key, TYPES, spec.received_now(), enrich=enrich,
+                        need_message_id=True)]
 
 
 class TranthorHandlers:
@@ -86,7 +88,7 @@ class TranthorHandlers:
         async def work() -> None:
             await self.sink.store(await parse_body(
                 await read_raw(request, MAX_BODY), parse_json,
-                lambda doc, _size: parse(doc, call, key)))
+                lambda doc, _size: parse(doc, call, key, self.sink.enrich)))
 
         return await replies.settle(work(), error) or web.Response(status=204)
 

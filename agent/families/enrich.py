@@ -1,6 +1,9 @@
-"""The enrichment stage: device facts filled into the events that leave them out.
+"""The enrichment stage: device facts filled into the events that are, or become, init
+and error events, in the places of the family they are stored in (docs/mapping.md).
 
-Only missing fields are filled: what the app sent always wins.
+Only missing fields are filled: what the app sent always wins. Events are enriched at
+ingest, so an event forwarded as stored and one mapped to the other family carry the
+same facts: the mapping moves each Segment place to its Nucleus place and back.
 """
 
 from __future__ import annotations
@@ -10,6 +13,9 @@ from typing import Any
 from agent.families.facts import DeviceFacts
 
 NEEDS_FACTS = frozenset({"init", "error"})
+OPENED = "Application Opened"   # Segment's lifecycle event, Nucleus' `init`
+ERROR = "Application Error"     # Segment's name for what Nucleus calls `error`
+SEGMENT_NEEDS_FACTS = frozenset({OPENED, ERROR})
 
 
 class Enrich:
@@ -18,8 +24,7 @@ class Enrich:
     Built once from the detected facts by the composition root (agent/service.py) and
     handed to the ingest side, which passes it to each family's accept function: that
     function applies it to every event it builds, the one place events of its family are
-    made. Today only Nucleus init and error events are filled; a family with facts of
-    its own to fill gets a method here.
+    made.
     """
 
     __slots__ = ("facts",)
@@ -45,3 +50,36 @@ class Enrich:
         # Newer modules identify the device by deviceId instead of machineId.
         if event.get("machineId") is None and event.get("deviceId") is None:
             event["machineId"] = facts.machineId
+
+    def segment(self, event: dict[str, Any]) -> None:
+        """Add `context.os.name`/`.version`, `context.locale` and `context.device.id`,
+        `.totalRam`, `.arch` to a Segment track that becomes a Nucleus init or error
+        ("Application Opened", "Application Error"), where absent.
+
+        An object the app sent as something else than an object (a string
+        `context.os`, say) is left as it is: filling it would overwrite it.
+        """
+        if event.get("type") != "track" or event.get("event") not in SEGMENT_NEEDS_FACTS:
+            return
+        ctx = event.get("context")
+        if ctx is not None and not isinstance(ctx, dict):
+            return
+        # Copies, never changes in place: a batch's context objects are shared by
+        # all of its messages (agent/families/segment.py merge).
+        ctx = event["context"] = dict(ctx or {})
+        facts = self.facts
+        if ctx.get("locale") is None:
+            ctx["locale"] = facts.language
+        _fill(ctx, "os", (("name", facts.platform), ("version", facts.osVersion)))
+        _fill(ctx, "device", (("id", facts.machineId), ("totalRam", facts.totalRam),
+                              ("arch", facts.arch)))
+
+
+def _fill(ctx: dict[str, Any], name: str, pairs: tuple[tuple[str, Any], ...]) -> None:
+    part = ctx.get(name)
+    if part is not None and not isinstance(part, dict):
+        return
+    part = ctx[name] = dict(part or {})
+    for key, value in pairs:
+        if part.get(key) is None:
+            part[key] = value

@@ -1,41 +1,220 @@
-"""Mapping events between the Nucleus and Segment families (docs/mapping.md).
+"""Mapping events between the Nucleus and Segment families, losing nothing (docs/mapping.md).
 
-Used only when an event's family differs from its upstream's protocol;
-within one family events are forwarded exactly as stored. Both directions
-are pure functions of the stored event and its receive time, so a batch
-sent again after a failure carries the same ids.
+Used only when an event's family differs from its upstream's protocol; within one
+family events are forwarded exactly as stored. Both directions are pure functions of
+the stored event and its receive time, so a batch sent again carries the same ids.
 
-What has no place in the other family is kept where it can be: Nucleus'
-type, id, sessionId and appId travel in `context.nucleus` of a Segment
-event, and come back from there when that event returns to Nucleus.
+Every field has a place in the other family. Nucleus -> Segment: the fields with a
+Segment place of their own go there, and every other one travels verbatim in
+`context.nucleus`. Segment -> Nucleus: the fields with a Nucleus place go there, the
+properties (or traits) become the payload, and the rest of the event travels verbatim
+in `payload.$segment`. Mapping back reads those and gives the original event again
+(but for `receivedAt`, the receive time of the row being mapped): an event is given
+back only when mapping the result again gives exactly the event in hand, messageId
+included, so an app's own `context.nucleus` or `$segment` is never mistaken for one.
 """
 
 from __future__ import annotations
 
-from datetime import datetime, timezone
 from hashlib import blake2b
 from typing import Any
 
 import orjson
 
 from agent import __version__
-from agent.families.event import iso_ms
+from agent.families.dates import iso_ms_fast, read_date, to_iso
+from agent.families.enrich import ERROR, OPENED
 from agent.families.nucleus import event_type
 
-OPENED = "Application Opened"   # Segment's lifecycle event, Nucleus' `init`
-ERROR = "Application Error"
+__all__ = ["ERROR", "OPENED", "SEGMENT_KEY", "nucleus_to_segment", "segment_to_nucleus",
+           "to_iso", "iso_ms_fast"]
+
 LIBRARY = {"name": "outpost", "version": __version__}
-_NUCLEUS_KEPT = ("id", "sessionId", "appId", "client", "moduleVersion")
+SEGMENT_KEY = "$segment"   # the Nucleus payload key holding the rest of a Segment event
+_NAMED_APART = frozenset({"init", "error", "userid", "props", "nucleus:view"})
+_RECEIVED = ("receivedAt",)   # set from the receive time by each mapping
+_FROM_RECEIVED = ("receivedAt", "timestamp")   # ... and timestamp, for an unreadable date
 
 
 def _obj(value: Any) -> dict[str, Any]:
     return value if isinstance(value, dict) else {}
 
 
+def _has(value: Any) -> bool:
+    """A value that goes to its place in the other family (None and {} are kept apart)."""
+    return value is not None and value != {}
+
+
+# -- Nucleus -> Segment -------------------------------------------------------
+# On the drain's hot path (every Nucleus row sent to a Segment upstream).
+
+def nucleus_to_segment(ev: dict[str, Any], received: int) -> dict[str, Any]:
+    """A Nucleus event as a Segment-spec event, with a messageId stable across sends."""
+    payload = ev.get("payload")
+    if isinstance(payload, dict) and isinstance(payload.get(SEGMENT_KEY), dict):
+        back = _segment_back(ev, payload, received)
+        if back is not None:
+            return back
+    return _to_segment(ev, received)
+
+
+def _to_segment(ev: dict[str, Any], received: int) -> dict[str, Any]:
+    get = ev.get
+    kind = event_type(ev)
+    moved: set[str] = set()   # fields given a Segment place of their own
+    date = read_date(get("date"))
+    if date is not None and date == get("date"):
+        moved.add("date")   # already in the form of `timestamp`: given back from there
+    out: dict[str, Any] = {
+        "messageId": "nucleus-" + blake2b(
+            orjson.dumps(ev, option=orjson.OPT_SORT_KEYS), digest_size=12).hexdigest(),
+        "timestamp": date or iso_ms_fast(received),
+        "receivedAt": iso_ms_fast(received),
+    }
+    machine = get("machineId")
+    if machine and "deviceId" not in ev:
+        moved.add("machineId")
+    machine = machine or get("deviceId")
+    anon = machine or get("anonId")
+    user = get("userId")
+    if anon is None and user is None:
+        anon = "nucleus-anonymous"  # Segment needs one of the two
+    if anon is not None:
+        out["anonymousId"] = anon
+    if user is not None:
+        out["userId"] = user
+        moved.add("userId")
+    ctx = out["context"] = _context(ev, machine, moved)
+    name = get("name")
+    raw = get("payload")
+    body = raw if isinstance(raw, dict) else None if raw is None else {"payload": raw}
+    if "payload" in ev and isinstance(raw, dict) and kind not in ("error", "userid"):
+        moved.add("payload")
+    if kind == "props":
+        out["type"] = "identify"
+        if body is not None:
+            out["traits"] = body
+    elif kind == "userid":
+        out["type"] = "identify"
+    elif kind == "nucleus:view":
+        out["type"] = "screen"
+        if isinstance(name, str):
+            out["name"] = name
+            moved.add("name")
+        if body is not None:
+            out["properties"] = body
+    else:
+        out["type"] = "track"
+        if kind == "init":
+            out["event"] = OPENED
+        elif kind == "error":
+            out["event"] = ERROR
+            body = {"name": name, **(body or {})}
+        elif isinstance(name, str) and name and name != kind:
+            out["event"] = name
+            moved.add("name")
+        else:
+            out["event"] = kind
+        if body is not None:
+            out["properties"] = body
+    ctx["nucleus"] = {k: v for k, v in ev.items() if k not in moved}
+    return out
+
+
+# (Nucleus field, Segment context object, key in it), in the order they are written.
+_PLACES = (("platform", "os", "name"), ("osVersion", "os", "version"),
+           ("version", "app", "version"), ("arch", "device", "arch"),
+           ("totalRam", "device", "totalRam"))
+
+
+def _context(ev: dict[str, Any], machine: Any, moved: set[str]) -> dict[str, Any]:
+    """Device facts in Segment's context objects (the `nucleus` key is added after)."""
+    get = ev.get
+    parts: dict[str, dict[str, Any]] = {}
+    if _has(machine):
+        parts["device"] = {"id": machine}
+    for field, part, place in _PLACES:
+        value = get(field)
+        if value is not None and value != {}:
+            found = parts.get(part)
+            if found is None:
+                found = parts[part] = {}
+            found[place] = value
+            moved.add(field)
+    ctx: dict[str, Any] = {"library": dict(LIBRARY)}
+    for part in ("os", "app"):
+        if part in parts:
+            ctx[part] = parts[part]
+    locale = get("locale")
+    if locale and "language" not in ev:
+        moved.add("locale")
+    locale = locale or get("language")
+    if _has(locale):
+        ctx["locale"] = locale
+    if "device" in parts:
+        ctx["device"] = parts["device"]
+    return ctx
+
+
+def _nucleus_back(ev: dict[str, Any], ctx: dict[str, Any], kept: dict[str, Any],
+                  received: int) -> dict[str, Any] | None:
+    """The Nucleus event ``ev`` was mapped from, or None if it was not mapped from one."""
+    msg = ev.get("messageId")
+    if not (isinstance(msg, str) and msg.startswith("nucleus-")):
+        return None
+    out = dict(kept)
+    os_, device = _obj(ctx.get("os")), _obj(ctx.get("device"))
+    for field, value in (("userId", ev.get("userId")), ("platform", os_.get("name")),
+                         ("osVersion", os_.get("version")),
+                         ("version", _obj(ctx.get("app")).get("version")),
+                         ("arch", device.get("arch")), ("totalRam", device.get("totalRam"))):
+        if value is not None and field not in kept:
+            out[field] = value
+    if "machineId" not in kept and "deviceId" not in kept and "id" in device:
+        out["machineId"] = device["id"]
+    if "locale" not in kept and "language" not in kept and "locale" in ctx:
+        out["locale"] = ctx["locale"]
+    if "date" not in kept:
+        out["date"] = ev.get("timestamp")
+    kind = event_type(kept)
+    if "name" not in kept:
+        if kind == "nucleus:view" and "name" in ev:
+            out["name"] = ev["name"]
+        elif kind not in _NAMED_APART and ev.get("event") != kind:
+            out["name"] = ev.get("event")
+    body = ev.get("traits" if kind == "props" else "properties")
+    if "payload" not in kept and kind not in ("error", "userid") and body is not None:
+        out["payload"] = body
+    # Times the mapping takes from the receive time are not compared: `receivedAt`,
+    # and `timestamp` when the date cannot be read.
+    skip = _RECEIVED if "date" not in kept or read_date(kept["date"]) else _FROM_RECEIVED
+    mapped = _to_segment(out, received)
+    same = ({k: v for k, v in mapped.items() if k not in skip}
+            == {k: v for k, v in ev.items() if k not in skip})
+    return out if same else None
+
+
 # -- Segment -> Nucleus -------------------------------------------------------
 
 def segment_to_nucleus(ev: dict[str, Any], received: int) -> dict[str, Any]:
     """A Segment-spec event as a Nucleus event (the uplink supplies its `id`)."""
+    ctx = _obj(ev.get("context"))
+    kept = ctx.get("nucleus")
+    if isinstance(kept, dict):
+        back = _nucleus_back(ev, ctx, kept, received)
+        if back is not None:
+            return back
+    return _to_nucleus(ev, received)
+
+
+def _body_key(kind: Any) -> str | None:
+    """The Segment field that becomes the Nucleus payload of an event of type ``kind``."""
+    if kind == "identify":
+        return "traits"
+    return None if kind in ("group", "alias") else "properties"
+
+
+def _to_nucleus(ev: dict[str, Any], received: int) -> dict[str, Any]:
     kind = ev.get("type")
     ctx = _obj(ev.get("context"))
     kept = _obj(ctx.get("nucleus"))
@@ -59,11 +238,18 @@ def segment_to_nucleus(ev: dict[str, Any], received: int) -> dict[str, Any]:
         out = {"type": "userid", "payload": {"previousId": ev.get("previousId")}}
     else:
         out = {"type": "event", "name": str(kind), "payload": props}
-    if isinstance(kept.get("type"), str) and kind == "track" and out["type"] == "event":
-        out["type"] = kept["type"]  # a Nucleus event coming back home
-    out["payload"] = dict(out["payload"])
+    # The body leaves the rest only when the payload gives it back exactly: an
+    # object that is not empty and holds neither key the mapping adds to the payload.
+    body_key = _body_key(kind)
+    body = ev.get(body_key) if body_key is not None else None
+    payload = out["payload"] = dict(out["payload"])
+    if isinstance(body, dict) and body and "messageId" not in body and SEGMENT_KEY not in body:
+        rest = {k: v for k, v in ev.items() if k != body_key}
+    else:
+        rest = ev
     if ev.get("messageId") is not None:
-        out["payload"].setdefault("messageId", ev["messageId"])
+        payload.setdefault("messageId", ev["messageId"])
+    payload[SEGMENT_KEY] = rest
     os_ctx, device, app = _obj(ctx.get("os")), _obj(ctx.get("device")), _obj(ctx.get("app"))
     user_id = ev.get("userId")
     out.update({
@@ -84,139 +270,17 @@ def segment_to_nucleus(ev: dict[str, Any], received: int) -> dict[str, Any]:
     return {k: v for k, v in out.items() if v is not None}
 
 
-# -- Nucleus -> Segment -------------------------------------------------------
-# On the drain's hot path (every Nucleus row sent to a Segment upstream), so written
-# for speed: keys are added in the order the mapping defines, only when not None,
-# instead of building and filtering dicts; the output is byte-identical to the plain
-# version (tests/test_mapping_equivalence.py holds it to that).
-
-def nucleus_to_segment(ev: dict[str, Any], received: int) -> dict[str, Any]:
-    """A Nucleus event as a Segment-spec event, with a messageId stable across sends."""
-    get = ev.get
-    kind = event_type(ev)
-    raw_payload = get("payload")
-    payload = raw_payload if isinstance(raw_payload, dict) else (
-        {} if raw_payload is None else {"payload": raw_payload})
-    name = get("name")
-    if not isinstance(name, str):
-        name = None
-    machine = get("machineId") or get("deviceId")
-    anon = machine or get("anonId")
-    user = get("userId")
-    out: dict[str, Any] = {
-        "messageId": "nucleus-" + blake2b(
-            orjson.dumps(ev, option=orjson.OPT_SORT_KEYS), digest_size=12).hexdigest(),
-        "timestamp": to_iso(get("date"), received),
-        "receivedAt": iso_ms_fast(received),
-    }
-    if anon is None and user is None:
-        anon = "nucleus-anonymous"  # Segment needs one of the two
-    if anon is not None:
-        out["anonymousId"] = anon
-    if user is not None:
-        out["userId"] = user
-    out["context"] = _context(ev, kind, machine)
-    if kind == "props":
-        out["type"] = "identify"
-        out["traits"] = payload
-    elif kind == "userid":
-        out["type"] = "identify"
-    elif kind == "nucleus:view":
-        out["type"] = "screen"
-        if name is not None:
-            out["name"] = name
-        out["properties"] = payload
-    else:
-        out["type"] = "track"
-        if kind == "init":
-            out["event"], out["properties"] = OPENED, payload
-        elif kind == "error":
-            out["event"], out["properties"] = ERROR, {"name": name, **payload}
-        else:
-            out["event"], out["properties"] = name or kind, payload
-    return out
-
-
-def nucleus_context(ev: dict[str, Any], kind: str) -> dict[str, Any]:
-    """Device facts in Segment's context objects; Nucleus ids in `context.nucleus`."""
-    return _context(ev, kind, ev.get("machineId") or ev.get("deviceId"))
-
-
-def _context(ev: dict[str, Any], kind: str, machine: Any) -> dict[str, Any]:
-    get = ev.get
-    ctx: dict[str, Any] = {"library": dict(LIBRARY)}
-    name, version = get("platform"), get("osVersion")
-    if (name is not None and name != {}) or (version is not None and version != {}):
-        ctx["os"] = _pair("name", name, "version", version)
-    version = get("version")
-    if version is not None and version != {}:
-        ctx["app"] = {"version": version}
-    locale = get("locale") or get("language")
-    if locale is not None and locale != {}:
-        ctx["locale"] = locale
-    part = _pair("id", machine, "arch", get("arch"))
-    ram = get("totalRam")
-    if ram is not None and ram != {}:
-        part["totalRam"] = ram
-    if part:
-        ctx["device"] = part
-    kept: dict[str, Any] = {"type": kind}
-    for key in _NUCLEUS_KEPT:
-        value = get(key)
-        if value is not None and value != {}:
-            kept[key] = value
-    ctx["nucleus"] = kept
-    return ctx
-
-
-def _pair(k1: str, v1: Any, k2: str, v2: Any) -> dict[str, Any]:
-    """``{k1: v1, k2: v2}`` without the values that are None or ``{}``."""
-    out = {}
-    if v1 is not None and v1 != {}:
-        out[k1] = v1
-    if v2 is not None and v2 != {}:
-        out[k2] = v2
-    return out
-
-
-def to_iso(value: Any, received: int) -> str:
-    """A Nucleus `date` as ISO 8601 UTC.
-
-    Modules send an ISO string with a zone, a naive ISO string in the device's
-    local time (python), epoch milliseconds (JS) or seconds (Swift, a float),
-    or nothing; anything unreadable becomes the receive time.
-    """
-    if isinstance(value, str) and value.strip().lstrip("-").replace(".", "", 1).isdigit():
-        value = float(value)
-    try:
-        if isinstance(value, (int, float)) and not isinstance(value, bool):
-            ms = value * 1000 if abs(value) < 1e11 else value
-            return iso_ms_fast(int(ms))
-        if isinstance(value, str) and value:
-            when = datetime.fromisoformat(value.strip())
-            if when.tzinfo is None:
-                when = when.astimezone()  # naive: the device's local time (the agent's too)
-            return iso_ms_fast(int(when.astimezone(timezone.utc).timestamp() * 1000))
-    except (ValueError, OverflowError, OSError):
-        pass
-    return iso_ms_fast(received)
-
-
-# Seconds formatted by iso_ms_fast: epoch second -> "YYYY-mm-ddTHH:MM:SS.". Bounded:
-# emptied when full (a backlog's events come from a few seconds at a time).
-_SECONDS: dict[int, str] = {}
-_SECONDS_MAX = 4096
-_MILLIS = tuple(f"{ms:03d}Z" for ms in range(1000))
-
-
-def iso_ms_fast(ms: int) -> str:
-    """``iso_ms(ms)``, formatting each second's date and time once: a mapped event
-    needs two (its date and its receive time), and strftime was a third of the mapping."""
-    second = ms // 1000
-    prefix = _SECONDS.get(second)
-    if prefix is None:
-        prefix = iso_ms(ms)[:-4]  # raises for the same values iso_ms does
-        if len(_SECONDS) >= _SECONDS_MAX:
-            _SECONDS.clear()
-        _SECONDS[second] = prefix
-    return prefix + _MILLIS[ms % 1000]
+def _segment_back(ev: dict[str, Any], payload: dict[str, Any],
+                  received: int) -> dict[str, Any] | None:
+    """The Segment event ``ev`` was mapped from, or None if it was not mapped from one."""
+    rest = payload[SEGMENT_KEY]
+    out = dict(rest)
+    body_key = _body_key(rest.get("type"))
+    if body_key is not None and body_key not in rest:
+        body = {k: v for k, v in payload.items() if k != SEGMENT_KEY
+                and not (k == "messageId" and "messageId" in rest)}
+        if ev.get("type") == "error":
+            out[body_key] = {"name": ev.get("name"), **body}
+        elif body:
+            out[body_key] = body
+    return out if _to_nucleus(out, received) == ev else None

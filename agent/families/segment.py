@@ -22,6 +22,7 @@ from typing import Any
 
 import orjson
 
+from agent.families.enrich import Enrich
 from agent.families.errors import Invalid
 from agent.families.event import SEGMENT, Event, compact_json, dedupe_key, iso_ms, now_ms
 
@@ -123,18 +124,19 @@ def to_event(key: str, ev: dict[str, Any]) -> Event:
     return Event(key, SEGMENT, dedupe_key("segment", key, ev["messageId"]), dump(ev))
 
 
-def accept(ev: Any, key: str, types: frozenset[str], received: str, *,
+def accept(ev: Any, key: str, types: frozenset[str], received: str, *, enrich: Enrich,
            batch: dict[str, Any] | None = None, raw_size: int = 0,
            need_message_id: bool = False) -> Event:
-    """One message checked, completed and ready to store; raises Invalid."""
+    """One message checked, completed, enriched and ready to store; raises Invalid."""
     if too_large(ev, raw_size):
         raise Invalid(f"message over {MAX_EVENT_BYTES} bytes", too_large=True)
     check(ev, types, need_message_id=need_message_id)
     complete(ev, received, batch)
+    enrich.segment(ev)
     return to_event(key, ev)
 
 
-def accept_all(body: Any, key: str, types: frozenset[str], raw_size: int, *,
+def accept_all(body: Any, key: str, types: frozenset[str], raw_size: int, *, enrich: Enrich,
                need_message_id: bool = False) -> list[Event]:
     """Every message of a batch, or Invalid naming the first bad one (all or nothing)."""
     items = batch_items(body)
@@ -142,8 +144,8 @@ def accept_all(body: Any, key: str, types: frozenset[str], raw_size: int, *,
     events = []
     for i, ev in enumerate(items):
         try:
-            events.append(accept(ev, key, types, received, batch=body, raw_size=raw_size,
-                                 need_message_id=need_message_id))
+            events.append(accept(ev, key, types, received, enrich=enrich, batch=body,
+                                 raw_size=raw_size, need_message_id=need_message_id))
         except Invalid as exc:
             raise exc.within(f"batch[{i}]") from None
     return events

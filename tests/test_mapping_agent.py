@@ -1,0 +1,143 @@
+"""Lossless mapping and device facts as a user sees them (docs/mapping.md): events posted
+to a running agent and read back from fake upstreams of the other family or the same one."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from tests.fakes.nucleus_upstream import FakeNucleus
+from tests.fakes.segment_upstream import FakeSegment
+from tests.segment_helpers import basic, call, nucleus_up, segment_up, wait_for
+
+AUTH = {"Authorization": basic("k")}
+
+
+def ws_up(fake: FakeNucleus) -> dict[str, Any]:
+    return {**nucleus_up(fake), "protocol": "nucleus-ws", "url": fake.url}
+
+
+async def test_segment_application_opened_reaches_nucleus_with_device_facts(
+        make_agent: Any, fake_nucleus: FakeNucleus) -> None:
+    agent = await make_agent(upstreams=[ws_up(fake_nucleus)])
+    opened = {"userId": "u", "event": "Application Opened", "messageId": "o1"}
+    error = {"userId": "u", "event": "Application Error", "messageId": "e1",
+             "properties": {"name": "TypeError"}, "context": {"os": {"name": "Windows"}}}
+    for body in (opened, error):
+        assert (await call(agent.port, "/v1/track", body, headers=AUTH)).status == 200
+    await wait_for(lambda: len(fake_nucleus.events) == 2)
+    init, err = fake_nucleus.events
+    facts = agent.facts
+    assert (init["type"], err["type"]) == ("init", "error")
+    assert (init["platform"], init["osVersion"], init["totalRam"]) == (
+        facts.platform, facts.osVersion, facts.totalRam)
+    assert (init["language"], init["locale"], init["machineId"]) == (
+        facts.language, facts.language, facts.machineId)
+    assert err["platform"] == "Windows"          # what the app sent is never overwritten
+    assert err["osVersion"] == facts.osVersion
+
+
+async def test_segment_application_opened_to_segment_gets_device_facts(
+        make_agent: Any, fake_segment: FakeSegment) -> None:
+    agent = await make_agent(upstreams=[segment_up(fake_segment)])
+    opened = {"userId": "u", "event": "Application Opened", "messageId": "o1",
+              "context": {"locale": "de-AT", "device": {"model": "x"}}}
+    clicked = {"userId": "u", "event": "Clicked", "messageId": "c1"}
+    for body in (opened, clicked):
+        assert (await call(agent.port, "/v1/track", body, headers=AUTH)).status == 200
+    await wait_for(lambda: len(fake_segment.events) == 2)
+    got, plain = fake_segment.events
+    facts = agent.facts
+    ctx = got["context"]
+    assert ctx["os"] == {"name": facts.platform, "version": facts.osVersion}
+    assert ctx["locale"] == "de-AT"              # the app's own, kept
+    assert ctx["device"] == {"model": "x", "id": facts.machineId, "totalRam": facts.totalRam,
+                             "arch": facts.arch}
+    assert "context" not in plain                # only init and error events get facts
+
+
+async def test_nucleus_fields_without_a_segment_place_travel_in_context_nucleus(
+        make_agent: Any, fake_segment: FakeSegment) -> None:
+    agent = await make_agent(upstreams=[segment_up(fake_segment)])
+    # nucleus-analytics 4.x: deviceId and anonId, no machineId; an old module's `language`
+    # beside `locale`; a name on an init; a field no table knows.
+    ev = {"type": "init", "id": 9, "name": "boot", "deviceId": "d1", "anonId": "a1",
+          "sessionId": 5, "locale": "fr-FR", "language": "fr", "platform": "Linux",
+          "osVersion": "6", "totalRam": 8, "arch": "x64", "version": "1.0",
+          "date": 1767225600123, "custom": {"x": [1]}, "payload": {"p": 1}}
+    assert (await call(agent.port, "/app/k/track", {"data": [ev]})).status == 200
+    await wait_for(lambda: len(fake_segment.events) == 1)
+    got = fake_segment.events[0]
+    kept = got["context"]["nucleus"]
+    assert (kept["name"], kept["deviceId"], kept["anonId"]) == ("boot", "d1", "a1")
+    assert (kept["language"], kept["custom"]) == ("fr", {"x": [1]})
+    assert got["context"]["device"]["id"] == "d1" and got["context"]["locale"] == "fr-FR"
+    assert got["properties"] == {"p": 1}
+
+
+async def test_segment_context_and_unknown_fields_reach_nucleus_in_the_payload(
+        make_agent: Any, fake_nucleus: FakeNucleus) -> None:
+    agent = await make_agent(upstreams=[ws_up(fake_nucleus)])
+    ev = {"userId": "u", "event": "Clicked", "messageId": "c1", "properties": {"x": 1},
+          "context": {"page": {"url": "https://a.example/"}, "ip": "1.2.3.4"},
+          "integrations": {"All": False}, "section": "top"}
+    assert (await call(agent.port, "/v1/track", ev, headers=AUTH)).status == 200
+    await wait_for(lambda: len(fake_nucleus.events) == 1)
+    got = fake_nucleus.events[0]
+    assert got["payload"]["x"] == 1
+    kept = got["payload"]["$segment"]
+    assert kept["context"] == ev["context"] and kept["integrations"] == {"All": False}
+    assert (kept["section"], kept["messageId"]) == ("top", "c1")
+
+
+async def test_a_resent_mapped_event_keeps_its_messageid(
+        make_agent: Any, fake_segment: FakeSegment, fast_backoff: Any) -> None:
+    fake_segment.fail(1, 500)
+    agent = await make_agent(upstreams=[segment_up(fake_segment)])
+    data = [{"type": "init", "id": 1, "deviceId": "d", "anonId": "a", "date": 1767225600123},
+            {"type": "event", "name": "click", "id": 2, "deviceId": "d", "payload": {"x": 1}}]
+    assert (await call(agent.port, "/app/k/track", {"data": data})).status == 200
+    await wait_for(lambda: len(fake_segment.accepted()) == 1)
+    refused, delivered = fake_segment.requests[0], fake_segment.accepted()[0]
+    assert refused.status == 500
+    for first, again in zip(refused.events, delivered.events, strict=True):
+        assert first.pop("sentAt") and again.pop("sentAt")   # set afresh at each send
+        assert first == again and first["messageId"].startswith("nucleus-")
+
+
+async def test_a_resent_mapped_event_keeps_its_nucleus_id(
+        make_agent: Any, fake_nucleus: FakeNucleus, fast_backoff: Any) -> None:
+    refused: set[Any] = set()
+
+    def ack_the_second_time(ev_id: Any) -> bool:
+        if ev_id in refused:
+            return True
+        refused.add(ev_id)
+        return False
+
+    fake_nucleus.ack = ack_the_second_time
+    agent = await make_agent(upstreams=[ws_up(fake_nucleus)])
+    ev = {"userId": "u", "event": "Application Opened", "messageId": "o1",
+          "context": {"page": {"path": "/"}}}
+    assert (await call(agent.port, "/v1/track", ev, headers=AUTH)).status == 200
+    await wait_for(lambda: agent.spool.depth == 0)
+    first, again = fake_nucleus.events[:2]
+    assert first == again and isinstance(first["id"], int)
+    assert first["payload"]["$segment"]["messageId"] == "o1"
+
+
+async def test_facts_fill_only_the_lifecycle_event_of_a_batch_sharing_a_context(
+        make_agent: Any, fake_segment: FakeSegment) -> None:
+    agent = await make_agent(upstreams=[segment_up(fake_segment)])
+    batch = {"context": {"device": {"model": "x"}}, "batch": [
+        {"type": "track", "event": "Application Opened", "userId": "u", "messageId": "o"},
+        {"type": "track", "event": "Clicked", "userId": "u", "messageId": "c"},
+        {"type": "track", "event": "Application Error", "userId": "u", "messageId": "e",
+         "context": {"os": "a string the app chose", "device": ["kept"]}}]}
+    assert (await call(agent.port, "/v1/batch", batch, headers=AUTH)).status == 200
+    await wait_for(lambda: len(fake_segment.events) == 3)
+    opened, clicked, error = fake_segment.events
+    assert opened["context"]["device"]["id"] == agent.facts.machineId
+    assert clicked["context"] == {"device": {"model": "x"}}   # the shared object, untouched
+    assert error["context"]["os"] == "a string the app chose"  # never overwritten
+    assert error["context"]["device"] == ["kept"]
+    assert error["context"]["locale"] == agent.facts.language
