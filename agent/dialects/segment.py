@@ -8,7 +8,8 @@ answered exactly 200: legacy Segment clients resend on 201/202/204.
 
 Keys: Basic auth (username = write key, with or without the colon), else a
 `writeKey` in the message (or at the batch level); the webhook's `?writeKey=`
-overrides both. Limits are Segment's, which real clients are built for
+overrides both. With none of them, the key is ``NO_KEY`` (auth is optional in seed 003).
+Limits are Segment's, which real clients are built for
 (32 KB per message, ~500 KB per batch; see agent/families/segment.py), not the seed's 15 KB.
 """
 
@@ -40,6 +41,9 @@ ROUTE_TYPES = {**SHORT, **{kind: kind for kind in spec.TYPES}}
 # A transparent 1x1 GIF.
 GIF = base64.b64decode("R0lGODlhAQABAIAAAAAAAP///yH5BAEAAAAALAAAAAABAAEAAAIBRAA7")
 INVALID_KEY = "Invalid or missing writekey"
+# Seed 003 makes auth optional: a message with no key at all is taken under this key
+# when `listen.accept_keys` accepts it (empty: any key), and routed like any other.
+NO_KEY = "anonymous"
 
 
 class Collected(NamedTuple):
@@ -123,7 +127,7 @@ class SegmentHandlers:
         """Validate and store one message; None when it was stored."""
         if not isinstance(body, dict):
             return Failure(400, "expected a JSON object")
-        key = header_key or _body_key(body)
+        key = header_key or _body_key(body) or NO_KEY
         if not self.sink.key_allowed(key):
             return Failure(401, INVALID_KEY)
         assert key is not None
@@ -168,12 +172,12 @@ class SegmentHandlers:
             return batch_error(status, [error_object(status, exc.message)])
         batch_key = _body_key(body)
         if not items:
-            ok = self.sink.key_allowed(forced_key or batch_key)
+            ok = self.sink.key_allowed(forced_key or batch_key or NO_KEY)
             return _verdict([] if ok else [error_object(401, INVALID_KEY)], {401}, 0)
         received = spec.received_now()
         out = Collected([], [], set())
         for i, ev in enumerate(items):
-            key = forced_key or _body_key(ev) or batch_key
+            key = forced_key or _body_key(ev) or batch_key or NO_KEY
             if not self.sink.key_allowed(key):
                 status, message = 401, INVALID_KEY
             else:
