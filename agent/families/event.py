@@ -52,6 +52,16 @@ def now_ms() -> int:
     return CLOCK.wall_ms()
 
 
+def is_iso_date(value: str) -> bool:
+    """Whether ``value`` reads as an ISO 8601 date or date-time (what Segment-spec APIs
+    take for `timestamp`, `sentAt`, `originalTimestamp`). Only checked, never rewritten."""
+    try:
+        datetime.fromisoformat(value)
+    except ValueError:
+        return False
+    return True
+
+
 def iso_ms(ms: int) -> str:
     """Epoch milliseconds as an ISO 8601 UTC string with millisecond precision."""
     dt = datetime.fromtimestamp(ms / 1000, tz=timezone.utc)
