@@ -183,11 +183,18 @@ class SegmentHandlers:
             else:
                 assert key is not None
                 try:
-                    out.events.append(spec.accept(ev, key, spec.TYPES, received, batch=body,
-                                                  raw_size=raw_size))
-                    continue
+                    event = spec.accept(ev, key, spec.TYPES, received, batch=body,
+                                        raw_size=raw_size)
                 except Invalid as exc:
                     status, message = replies.status_of(exc), exc.message
+                else:
+                    # Too large for its upstream (the batch context grew it, say): this
+                    # message alone is refused, as the store would refuse the request.
+                    why = self.sink.oversize(event)
+                    if why is None:
+                        out.events.append(event)
+                        continue
+                    status, message = 413, why
             out.errors.append(error_object(status, message, _where(i, ev)))
             out.statuses.add(status)
         return out

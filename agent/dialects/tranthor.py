@@ -84,9 +84,14 @@ class TranthorHandlers:
         call = request.match_info["call"]
 
         async def work() -> None:
-            await self.sink.store(await parse_body(
-                await read_raw(request, MAX_BODY), parse_json,
-                lambda doc, _size: parse(doc, call, key)))
+            events = await parse_body(await read_raw(request, MAX_BODY), parse_json,
+                                      lambda doc, _size: parse(doc, call, key))
+            for i, event in enumerate(events):
+                why = self.sink.oversize(event)
+                if why is not None:
+                    exc = Invalid(why, too_large=True)
+                    raise exc.within(f"batch[{i}]") if call == "batch" else exc
+            await self.sink.store(events)
 
         return await replies.settle(work(), error) or web.Response(status=204)
 

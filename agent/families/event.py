@@ -10,7 +10,7 @@ from __future__ import annotations
 import hashlib
 from dataclasses import dataclass
 from datetime import datetime, timezone
-from typing import Any
+from typing import Any, NamedTuple
 
 import orjson
 
@@ -28,6 +28,15 @@ class Event:
     family: int     # NUCLEUS or SEGMENT: the shape of ``body``
     dedupe: int     # signed 64-bit hash identifying resends of the same event
     body: bytes     # compact JSON of the event, enriched, as it will be forwarded
+
+
+class Limit(NamedTuple):
+    """The largest event an upstream can ever carry: ``max_bytes`` of its body in
+    ``family``'s shape, and what sets that limit (said in the refusal)."""
+
+    family: int
+    max_bytes: int
+    source: str
 
 
 def compact_json(obj: Any) -> bytes:
