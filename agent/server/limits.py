@@ -1,6 +1,6 @@
 """What each key's upstream can carry: an event it never could is refused at ingest, with
 the app's own API's "too large" reply, instead of being accepted and dead-lettered at
-its first send (docs/operations.md, "Size limits")."""
+its first send (docs/mapping.md, §5)."""
 
 from __future__ import annotations
 
