@@ -194,6 +194,8 @@ class Agent:
         _register_secrets(new)
         old = self.forwarding
         self.cfg = new
+        # Requests from now on are held to the new routes' limits (docs/mapping.md §5).
+        self.sink.set_limits(_limits(new))
         # In-flight batches settle before the new forwarders start: nothing sent twice.
         if old is not None:
             await old.stop()
@@ -201,7 +203,6 @@ class Agent:
         if old is not None:
             _carry_states(old, self.forwarding)
         self.sink.set_accept_keys(new.listen.accept_keys)
-        self.sink.set_limits(_limits(new))
         await self.forwarding.start()
         log.info("configuration reloaded from %s", new.source)
 
