@@ -9,8 +9,10 @@ import os
 from pathlib import Path
 from typing import Any
 
+import aiohttp
 import orjson
 import pytest
+from aiohttp import WSCloseCode, WSMsgType
 
 from agent.uplinks.segment_http import SegmentHttpUplink
 from tests.conftest import write_config
@@ -164,3 +166,19 @@ async def test_a_reload_changes_the_limit_at_once(make_agent: Any, tmp_path: Pat
     reply = await call(agent.port, f"{APPS}/track", tranthor("m", 100_000),
                        headers={"PublicWriteKey": "k"})
     assert reply.status == (413 if to_segment else 204), reply.body
+
+
+async def test_over_the_nucleus_websocket_the_message_is_refused_with_the_limit_named(
+        make_agent: Any, fake_segment: FakeSegment) -> None:
+    """The websocket has no status: the connection is closed with 1007 and the reason,
+    as for any message refused; nothing of it is acknowledged or stored."""
+    agent = await make_agent(upstreams=[segment_up(fake_segment)])
+    msg = {"data": [{"type": "event", "name": "e", "id": 1, "sessionId": 1, "machineId": "m",
+                     "payload": {"p": "x" * 40_000}}]}
+    async with aiohttp.ClientSession() as s, \
+            s.ws_connect(f"http://127.0.0.1:{agent.port}/app/k/track") as ws:
+        await ws.send_bytes(orjson.dumps(msg))
+        reply = await ws.receive(timeout=5)
+    assert reply.type == WSMsgType.CLOSE and reply.data == WSCloseCode.INVALID_TEXT
+    assert SEGMENT_LIMIT in reply.extra
+    assert agent.spool.depth == 0

@@ -67,5 +67,6 @@ class RouteLimits:
             size = len(orjson.dumps(_MAPPED[event.family](orjson.loads(event.body), now_ms())))
         if size <= limit.max_bytes:
             return None
-        return (f"event of {size} bytes is too large for upstream {name!r}, which can carry "
-                f"{limit.max_bytes} ({limit.source})")
+        # The limit first: a websocket close carries only 123 bytes of reason.
+        return (f"event too large for upstream {name!r} ({limit.source}): {size} bytes, "
+                f"{limit.max_bytes} fit")
