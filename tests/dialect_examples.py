@@ -11,6 +11,7 @@ from aiohttp.test_utils import make_mocked_request
 
 from agent.dialects import registry
 from agent.dialects.base import Dialect, Example, IngestSink
+from agent.server.unrouted import CATCH_ALL_CANONICAL
 from tests.fakes.threaded_agent import ThreadedAgent
 
 UPGRADE = {"Upgrade": "websocket", "Connection": "Upgrade", "Sec-WebSocket-Version": "13",
@@ -54,7 +55,8 @@ def served_by_examples(dialect: Dialect, sink: IngestSink) -> tuple[set[str], se
 
 
 def other_routes(agent: ThreadedAgent) -> list[tuple[str, str]]:
-    """(method, path) of the running app's routes that no dialect serves (operations)."""
+    """(method, path) of the running app's routes that no dialect serves (operations, and
+    two paths for the catch-all that answers what no route serves)."""
     assert agent.agent is not None and agent.agent.sink is not None
     assert agent.agent.app is not None
     ingest = {f"{r.method} {r.resource.canonical}" for d in registry.DIALECTS
@@ -64,7 +66,9 @@ def other_routes(agent: ThreadedAgent) -> list[tuple[str, str]]:
         if route.method in ("HEAD", "OPTIONS") or route.resource is None:
             continue
         path = route.resource.canonical
-        if f"{route.method} {path}" not in ingest:
+        if path == CATCH_ALL_CANONICAL:   # what no route serves: guarded all the same
+            out |= {("GET", "/no-such-route"), ("POST", "/no/such/route")}
+        elif f"{route.method} {path}" not in ingest:
             assert "{" not in path, f"{path}: an operations route with a placeholder"
             out.add((route.method, path))
     return sorted(out)

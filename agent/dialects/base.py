@@ -7,7 +7,7 @@ IngestSink, which agent/server/intake.py implements; it never imports agent.serv
 
 from __future__ import annotations
 
-from collections.abc import Callable, Mapping
+from collections.abc import Awaitable, Callable, Mapping
 from contextlib import AbstractContextManager
 from dataclasses import dataclass, field
 from typing import Protocol
@@ -41,6 +41,17 @@ class IngestSink(Protocol):
 
     async def store(self, events: list[Event]) -> int:
         """Commit ``events`` durably; how many were new. Raises SpoolFull."""
+
+
+class WebSocketRoute(web.RouteDef):
+    """A websocket endpoint: a GET that upgrades. The app answers a plain GET to its
+    path (a browser tab, a mistyped URL) as a path no route serves."""
+
+
+def websocket(path: str, handler: Callable[[web.Request], Awaitable[web.StreamResponse]]
+              ) -> web.RouteDef:
+    """The route of a websocket endpoint at ``path`` (GET only: no HEAD)."""
+    return WebSocketRoute("GET", path, handler, {"allow_head": False})
 
 
 @dataclass(frozen=True)

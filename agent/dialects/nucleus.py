@@ -15,7 +15,7 @@ import orjson
 from aiohttp import WSCloseCode, WSMsgType, web
 
 from agent.dialects import replies
-from agent.dialects.base import JSON, Dialect, Example, IngestSink
+from agent.dialects.base import JSON, Dialect, Example, IngestSink, websocket
 from agent.dialects.body import BodyError, Busy, parse_body, parse_json, read_raw
 from agent.dialects.replies import describe, status_of
 from agent.families import nucleus as family
@@ -123,9 +123,10 @@ def routes(sink: IngestSink) -> list[web.RouteDef]:
     h = NucleusHandlers(sink)
     return [
         web.post("/app/{appId}/track", h.http_track),
-        web.get("/app/{appId}/track", h.websocket),
-        web.get("/{appId}/track", h.websocket),
-        web.get("/{appId}", h.websocket),
+        websocket("/app/{appId}/track", h.websocket),
+        websocket("/{appId}/track", h.websocket),
+        websocket("/{appId}", h.websocket),
+        websocket("/{appId}/", h.websocket),  # the seed's literal form
     ]
 
 
@@ -134,7 +135,7 @@ def examples(key: str) -> list[Example]:
         return orjson.dumps({"data": [{"name": "e", "id": uuid.uuid4().hex, "sessionId": 1}]})
     return [Example("POST", f"/app/{key}/track", JSON, message()),
             *(Example("GET", path, body=message(), websocket=True)
-              for path in (f"/app/{key}/track", f"/{key}/track", f"/{key}"))]
+              for path in (f"/app/{key}/track", f"/{key}/track", f"/{key}", f"/{key}/"))]
 
 
 DIALECT = Dialect("nucleus", routes, examples)

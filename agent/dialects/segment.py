@@ -6,10 +6,14 @@ the tracking pixel and the webhook. Error bodies follow the seed:
 ``{"Success": false, "Errors": [...]}`` for batches. A successful batch is
 answered exactly 200: legacy Segment clients resend on 201/202/204.
 
+Browser SDKs add two batch routes: `/v1/b` (analytics.js 2.0 batching, text/plain
+`{writeKey, batch, sentAt}`) and `/beacon/v1/batch` (RudderStack's sendBeacon, the key
+only in the query).
+
 Keys: Basic auth (username = write key, with or without the colon), else a
-`writeKey` in the message (or at the batch level); the webhook's `?writeKey=`
-overrides both. With none of them, the key is ``NO_KEY`` (auth is optional in seed 003).
-Limits are Segment's, which real clients are built for
+`writeKey` in the message (or at the batch level); a `?writeKey=` on a batch route
+or the webhook overrides the body's. With none of them, the key is ``NO_KEY`` (auth is
+optional in seed 003). Limits are Segment's, which real clients are built for
 (32 KB per message, ~500 KB per batch; see agent/families/segment.py), not the seed's 15 KB.
 """
 
@@ -44,6 +48,8 @@ INVALID_KEY = "Invalid or missing writekey"
 # Seed 003 makes auth optional: a message with no key at all is taken under this key
 # when `listen.accept_keys` accepts it (empty: any key), and routed like any other.
 NO_KEY = "anonymous"
+TEXT = {"Content-Type": "text/plain;charset=UTF-8"}  # how browsers avoid a preflight
+SENT_AT = "2026-01-01T00:00:00.000Z"
 
 
 class Collected(NamedTuple):
@@ -130,7 +136,6 @@ class SegmentHandlers:
         key = header_key or _body_key(body) or NO_KEY
         if not self.sink.key_allowed(key):
             return Failure(401, INVALID_KEY)
-        assert key is not None
         if kind is not None:
             body["type"] = kind  # the route names the call, as in Segment's API
         try:
@@ -143,12 +148,13 @@ class SegmentHandlers:
         return None
 
     async def batch(self, request: web.Request) -> web.StreamResponse:
-        header_key = basic_user(request.headers.get("Authorization"))
-        if header_key is not None and not self.sink.key_allowed(header_key):
+        given = [k for k in (basic_user(request.headers.get("Authorization")),
+                             query_key(request)) if k is not None]
+        if not all(self.sink.key_allowed(k) for k in given):
             return batch_error(401, [error_object(401, INVALID_KEY)])
         try:
             collected = await self._parse_batch(
-                await read_raw(request, spec.MAX_BATCH_BYTES), header_key)
+                await read_raw(request, spec.MAX_BATCH_BYTES), given[0] if given else None)
         except Busy as exc:
             return batch_error(exc.status, [error_object(exc.status, exc.message, exc.details)],
                                exc.retry_after)
@@ -181,7 +187,6 @@ class SegmentHandlers:
             if not self.sink.key_allowed(key):
                 status, message = 401, INVALID_KEY
             else:
-                assert key is not None
                 try:
                     event = spec.accept(ev, key, spec.TYPES, received, batch=body,
                                         raw_size=raw_size)
@@ -211,8 +216,7 @@ class SegmentHandlers:
 
     async def webhook(self, request: web.Request) -> web.StreamResponse:
         """Analytics.js-formatted data, one message or a batch; `?writeKey=` wins."""
-        forced = request.query.get("writeKey") or basic_user(
-            request.headers.get("Authorization"))
+        forced = query_key(request) or basic_user(request.headers.get("Authorization"))
         try:
             parsed = await self._parse_webhook(await read_raw(request, spec.MAX_BATCH_BYTES),
                                                forced)
@@ -253,7 +257,12 @@ class SegmentHandlers:
             return Failure(exc.status, f"{exc.message}: {exc.details}" if exc.details
                            else exc.message)
         return await self._one(body, kind, basic_user(
-            request.headers.get("Authorization")) or request.query.get("writeKey"))
+            request.headers.get("Authorization")) or query_key(request))
+
+
+def query_key(request: web.Request) -> str | None:
+    """A `?writeKey=` (sendBeacon cannot set headers); an empty one is no key."""
+    return request.query.get("writeKey") or None
 
 
 def decode_pixel(data: str) -> Any:
@@ -278,6 +287,8 @@ def routes(sink: IngestSink) -> list[web.RouteDef]:
         web.post(f"/v1/{{kind:(?:{kinds})}}", h.single),
         web.post("/v1/batch", h.batch),
         web.post("/v1/import", h.batch),
+        web.post("/v1/b", h.batch),
+        web.post("/beacon/v1/batch", h.batch),
         web.get("/v1/pixel/{kind}", h.pixel),
         web.post("/v1/webhook", h.webhook),
         web.post("/v1/w", h.webhook),
@@ -295,6 +306,10 @@ def examples(key: str) -> list[Example]:
             Example("POST", "/v1/batch", auth, batch),
             Example("POST", "/v1/import", JSON, orjson.dumps(
                 {"batch": [{**one, "type": "identify"}], "writeKey": key})),
+            Example("POST", "/v1/b", TEXT, orjson.dumps(
+                {"batch": [{**one, "type": "page"}], "writeKey": key, "sentAt": SENT_AT})),
+            Example("POST", f"/beacon/v1/batch?writeKey={key}", TEXT, orjson.dumps(
+                {"batch": [{**one, "type": "screen"}], "sentAt": SENT_AT})),
             Example("POST", f"/v1/webhook?writeKey={key}", JSON,
                     orjson.dumps({**one, "type": "track"})),
             Example("POST", "/v1/w", JSON, orjson.dumps({**one, "type": "page", "writeKey": key}))]

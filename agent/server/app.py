@@ -14,6 +14,7 @@ from agent.metrics import Metrics
 from agent.server.admission import Admission
 from agent.server.guard import Guard, Handler
 from agent.server.intake import Sink
+from agent.server.unrouted import CATCH_ALL, Unrouted
 from agent.settings import Config
 
 # Above every dialect's own limit; those are enforced while reading.
@@ -34,10 +35,13 @@ def build_app(cfg: Config, sink: Sink, ops_routes: list[web.RouteDef]) -> web.Ap
     app[BODY_TIMEOUT_S] = cfg.listen.body_timeout_s
     # Order matters: Nucleus' catch-all `/{appId}` websocket route comes last.
     app.add_routes(guard.routes(ops_routes, navigable=True))
+    unrouted = Unrouted(sink.metrics, guard)
     # Looked up at each build, in the registry's order (route priority).
     for dialect in registry.DIALECTS:
-        app.add_routes(counted(guard.routes(admitted(dialect.routes(sink), admission)),
-                               dialect.name, sink.metrics))
+        raw = dialect.routes(sink)
+        app.add_routes(unrouted.gate(raw, counted(guard.routes(admitted(raw, admission)),
+                                                  dialect.name, sink.metrics)))
+    app.router.add_route("*", CATCH_ALL, unrouted.fallback)  # last: what no route serves
     return app
 
 

@@ -1,0 +1,103 @@
+"""Requests no route serves: a JSON 404 (or a 405 naming what the path allows), logged at
+debug and counted as `unrouted` in /status and /metrics, never handed to the Nucleus
+websocket route; and the websocket path in the seed's literal form, `/{appId}/`."""
+
+from __future__ import annotations
+
+import logging
+from typing import Any
+
+import aiohttp
+import pytest
+
+from tests.segment_helpers import call
+
+ALLOWED = "https://app.example"
+
+
+async def status_of(port: int) -> Any:
+    async with aiohttp.ClientSession() as s:
+        async with s.get(f"http://127.0.0.1:{port}/status") as r:
+            return await r.json()
+
+
+async def metrics_of(port: int) -> str:
+    async with aiohttp.ClientSession() as s:
+        async with s.get(f"http://127.0.0.1:{port}/metrics") as r:
+            return await r.text()
+
+
+@pytest.mark.parametrize("method,path", [
+    ("GET", "/metric"), ("GET", "/favicon.ico"), ("POST", "/v1/b2"), ("POST", "/a/b/c/d"),
+    ("GET", "/app/k/track/extra"), ("HEAD", "/metric"), ("POST", "/metric"),
+])
+async def test_unknown_paths_get_a_json_404(make_agent: Any, method: str, path: str,
+                                           caplog: pytest.LogCaptureFixture) -> None:
+    agent = await make_agent()
+    with caplog.at_level(logging.DEBUG, logger="outpost"):
+        reply = await call(agent.port, path, b"{}" if method == "POST" else None, method=method)
+    assert reply.status == 404, reply.body
+    assert reply.headers["Content-Type"].startswith("application/json")
+    if method != "HEAD":
+        assert path in reply.json()["error"]
+    assert any(path in r.getMessage() and r.levelno == logging.DEBUG for r in caplog.records)
+    status = await status_of(agent.port)
+    assert status["ingest"]["refused"] == {"unrouted": {"404": 1}}
+    assert 'outpost_ingest_refused_total{api="unrouted",status="404"} 1' in \
+        await metrics_of(agent.port)
+
+
+@pytest.mark.parametrize("method,path,allowed", [
+    ("GET", "/v1/track", {"POST", "OPTIONS"}),
+    ("GET", "/track", {"POST", "OPTIONS"}),
+    ("GET", "/v1/batch", {"POST", "OPTIONS"}),
+    ("PUT", "/app/k/track", {"POST", "OPTIONS"}),
+    ("POST", "/healthz", {"GET", "HEAD", "OPTIONS"}),
+])
+async def test_wrong_method_on_a_known_path_is_405_with_allow(make_agent: Any, method: str,
+                                                              path: str, allowed: set[str]) -> None:
+    agent = await make_agent()
+    reply = await call(agent.port, path, b"{}" if method != "GET" else None, method=method)
+    assert reply.status == 405, reply.body
+    assert {m.strip() for m in reply.headers["Allow"].split(",")} == allowed
+    assert method in reply.json()["error"]
+    status = await status_of(agent.port)
+    assert status["ingest"]["refused"] == {"unrouted": {"405": 1}}
+
+
+async def test_unknown_path_from_an_allowed_page_is_readable_there(make_agent: Any) -> None:
+    """A browser must see the 404, not a CORS error: the preflight passes and the 404
+    carries the CORS headers, so the client can report it (and the agent counts it)."""
+    agent = await make_agent(listen={"allowed_origins": [ALLOWED]})
+    pre = await call(agent.port, "/v2/nowhere", method="OPTIONS", headers={
+        "Origin": ALLOWED, "Access-Control-Request-Method": "POST",
+        "Access-Control-Request-Headers": "content-type"})
+    assert pre.status == 204
+    assert pre.headers["Access-Control-Allow-Origin"] == ALLOWED
+    assert "POST" in pre.headers["Access-Control-Allow-Methods"]
+    reply = await call(agent.port, "/v2/nowhere", {"a": 1}, headers={"Origin": ALLOWED})
+    assert reply.status == 404
+    assert reply.headers["Access-Control-Allow-Origin"] == ALLOWED
+    refused = await call(agent.port, "/v2/nowhere", {"a": 1},
+                         headers={"Origin": "https://evil.example"})
+    assert refused.status == 403
+
+
+async def test_websocket_path_with_a_trailing_slash_is_served(make_agent: Any) -> None:
+    agent = await make_agent()
+    async with aiohttp.ClientSession() as s:
+        async with s.ws_connect(f"http://127.0.0.1:{agent.port}/slashKey/") as ws:
+            await ws.send_str('{"data":[{"type":"event","name":"e","id":"m1","sessionId":1,'
+                              '"date":"2026-01-01T00:00:00Z"}]}')
+            reply = await ws.receive_json(timeout=10)
+    assert reply == {"reportedIds": ["m1"]}
+
+
+async def test_websocket_routes_still_upgrade(make_agent: Any) -> None:
+    agent = await make_agent()
+    for path in ("/wsKey", "/wsKey/track", "/app/wsKey/track"):
+        async with aiohttp.ClientSession() as s:
+            async with s.ws_connect(f"http://127.0.0.1:{agent.port}{path}") as ws:
+                await ws.send_str('{"data":[{"type":"event","name":"e","id":"x","sessionId":1,'
+                                  '"date":"2026-01-01T00:00:00Z"}]}')
+                assert await ws.receive_json(timeout=10) == {"reportedIds": ["x"]}
