@@ -31,8 +31,10 @@ from agent.server.app import build_app
 from agent.server.connections import ConnectionLimits, fit_fd_limit
 from agent.server.guard import is_loopback_name
 from agent.server.intake import Sink
+from agent.server.limits import RouteLimits
 from agent.settings import Config
 from agent.spool import Spool
+from agent.uplinks.registry import uplink_class
 
 log = logging.getLogger("outpost")
 PRUNE_EVERY_S = 600.0
@@ -86,7 +88,7 @@ class Agent:
             stack.push_async_callback(self._stop_forwarding)
             self.sink = Sink(self.cfg.listen.accept_keys, spool, Enrich(self.facts), self.metrics,
                              inflight_budget=self.cfg.listen.max_inflight_mb * 1024 * 1024,
-                             on_new_data=self._new_data)
+                             on_new_data=self._new_data, limits=_limits(self.cfg))
             self.ops = Ops(spool, self.metrics, live=self._live, flush=self._flush)
             self.app = build_app(self.cfg, self.sink, self.ops.routes())
             runner = self._make_runner(self.app)
@@ -192,6 +194,8 @@ class Agent:
         _register_secrets(new)
         old = self.forwarding
         self.cfg = new
+        # Requests from now on are held to the new routes' limits (docs/mapping.md §5).
+        self.sink.set_limits(_limits(new))
         # In-flight batches settle before the new forwarders start: nothing sent twice.
         if old is not None:
             await old.stop()
@@ -282,6 +286,10 @@ def _register_secrets(cfg: Config) -> None:
         for key in (up.key, *up.keys):
             if key and key != "*":
                 logs.register_secret(key)
+
+
+def _limits(cfg: Config) -> RouteLimits:
+    return RouteLimits(cfg, lambda up: uplink_class(up.protocol).event_limit(up))
 
 
 def _register_keys(keys: Iterable[str]) -> None:

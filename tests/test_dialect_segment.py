@@ -153,7 +153,7 @@ async def test_all_invalid_batch_is_400(make_agent: Any) -> None:
     ("/v1/group", {"userId": "u"}, "`groupId`"),
     ("/v1/identify", {"userId": {"id": 1}}, "`userId` must be a string"),
     ("/v1/identify", {"userId": "u", "traits": []}, "`traits` must be an object"),
-    ("/v1/page", {"userId": "u", "timestamp": 1700000000}, "`timestamp` must be a string"),
+    ("/v1/page", {"userId": "u", "timestamp": 1700000000}, "`timestamp` must be an ISO 8601 date string"),
     ("/v1/track", {"userId": "u", "event": "e", "messageId": "x" * 100}, "`messageId`"),
     ("/v1/track", [1, 2], "JSON object"),
 ])

@@ -68,6 +68,13 @@ def msg(**kw: Any) -> dict[str, Any]:
     return {"messageId": "m", "event": "e", "userId": "u", **kw}
 
 
+def file(**kw: Any) -> dict[str, Any]:
+    """A file as the seed documents it; ``kw`` replaces fields (None removes one)."""
+    out = {"type": "Base64Encoded", "name": "a.png", "mimeType": "image/png",
+           "data": "aGVsbG8=", **kw}
+    return {k: v for k, v in out.items() if v is not None}
+
+
 @pytest.mark.parametrize("path,body,status,fragment", [
     ("track", b'{"messageId": "m",', 400, "invalid JSON"),
     ("track", {"event": "e", "userId": "u"}, 400, "`messageId` is required"),
@@ -76,6 +83,13 @@ def msg(**kw: Any) -> dict[str, Any]:
     ("track", msg(event=5), 400, "`event`"),
     ("track", msg(messageId=7), 400, "`messageId`"),
     ("track", msg(files="aGVsbG8="), 400, "`files`"),
+    ("track", msg(files=[file(data=5)]), 400, "`files[0].data`"),
+    ("track", msg(files=[file(), file(data=["aGVsbG8="])]), 400, "`files[1].data`"),
+    ("track", msg(files=[file(name=None)]), 400, "`files[0].name`"),
+    ("track", msg(files=[file(mimeType=3)]), 400, "`files[0].mimeType`"),
+    ("track", msg(files=[file(type="Url")]), 400, "`files[0].type`"),
+    ("batch", {"batch": [{**msg(files=[file(data=False)]), "type": "track"}]}, 400,
+     "batch[0]: `files[0].data`"),
     ("identify", msg(traits="x"), 400, "`traits`"),
     ("batch", {"batch": [{**msg(), "type": "track"}, {**msg(), "type": "alias"}]}, 400,
      "batch[1]"),

@@ -22,12 +22,18 @@ JSON = {"Content-Type": "application/json"}  # for examples' headers
 
 
 class IngestSink(Protocol):
-    """Everything a dialect needs from the agent: key policy, admission, enrichment, store."""
+    """Everything a dialect needs from the agent: key policy, admission, enrichment, limits,
+    store."""
 
     enrich: Enrich  # handed to each family's accept function
 
     def key_allowed(self, key: str | None) -> bool:
         """Whether events may be stored under ``key`` (listen.accept_keys)."""
+
+    def oversize(self, event: Event) -> str | None:
+        """Why ``event`` is larger than the upstream its key is routed to can ever carry,
+        or None. ``store`` refuses such events too; a batch API that answers per message
+        asks first."""
 
     def ticket(self) -> AbstractContextManager[Reservation]:
         """A share of the in-flight body budget, given back on exit. HTTP handlers get one

@@ -112,7 +112,9 @@ class NucleusHandlers:
                         "spool full, not acknowledging %d events for %s: %s",
                         len(events), _masked(key), str(exc))
             return True
-        if acks and not ws.closed:
+        # Answered even with no id to echo, as the HTTP form is: a message is acknowledged
+        # the same way whichever transport it came by.
+        if not ws.closed:
             await ws.send_str(_reply(acks).decode())
         return True
 

@@ -12,7 +12,8 @@ only in the query).
 
 Keys: Basic auth (username = write key, with or without the colon), else a
 `writeKey` in the message (or at the batch level); a `?writeKey=` on a batch route
-or the webhook overrides the body's. Limits are Segment's, which real clients are built for
+or the webhook overrides the body's. With none of them, the key is ``NO_KEY`` (auth is
+optional in seed 003). Limits are Segment's, which real clients are built for
 (32 KB per message, ~500 KB per batch; see agent/families/segment.py), not the seed's 15 KB.
 """
 
@@ -44,6 +45,9 @@ ROUTE_TYPES = {**SHORT, **{kind: kind for kind in spec.TYPES}}
 # A transparent 1x1 GIF.
 GIF = base64.b64decode("R0lGODlhAQABAIAAAAAAAP///yH5BAEAAAAALAAAAAABAAEAAAIBRAA7")
 INVALID_KEY = "Invalid or missing writekey"
+# Seed 003 makes auth optional: a message with no key at all is taken under this key
+# when `listen.accept_keys` accepts it (empty: any key), and routed like any other.
+NO_KEY = "anonymous"
 TEXT = {"Content-Type": "text/plain;charset=UTF-8"}  # how browsers avoid a preflight
 SENT_AT = "2026-01-01T00:00:00.000Z"
 
@@ -129,10 +133,9 @@ class SegmentHandlers:
         """Validate and store one message; None when it was stored."""
         if not isinstance(body, dict):
             return Failure(400, "expected a JSON object")
-        key = header_key or _body_key(body)
+        key = header_key or _body_key(body) or NO_KEY
         if not self.sink.key_allowed(key):
             return Failure(401, INVALID_KEY)
-        assert key is not None
         if kind is not None:
             body["type"] = kind  # the route names the call, as in Segment's API
         try:
@@ -176,22 +179,28 @@ class SegmentHandlers:
             return batch_error(status, [error_object(status, exc.message)])
         batch_key = _body_key(body)
         if not items:
-            ok = self.sink.key_allowed(forced_key or batch_key)
+            ok = self.sink.key_allowed(forced_key or batch_key or NO_KEY)
             return _verdict([] if ok else [error_object(401, INVALID_KEY)], {401}, 0)
         received = spec.received_now()
         out = Collected([], [], set())
         for i, ev in enumerate(items):
-            key = forced_key or _body_key(ev) or batch_key
+            key = forced_key or _body_key(ev) or batch_key or NO_KEY
             if not self.sink.key_allowed(key):
                 status, message = 401, INVALID_KEY
             else:
-                assert key is not None
                 try:
-                    out.events.append(spec.accept(ev, key, spec.TYPES, received, batch=body,
-                                                  raw_size=raw_size, enrich=self.sink.enrich))
-                    continue
+                    event = spec.accept(ev, key, spec.TYPES, received, batch=body,
+                                        raw_size=raw_size, enrich=self.sink.enrich)
                 except Invalid as exc:
                     status, message = replies.status_of(exc), exc.message
+                else:
+                    # Too large for its upstream (the batch context grew it, say): this
+                    # message alone is refused, as the store would refuse the request.
+                    why = self.sink.oversize(event)
+                    if why is None:
+                        out.events.append(event)
+                        continue
+                    status, message = 413, why
             out.errors.append(error_object(status, message, _where(i, ev)))
             out.statuses.add(status)
         return out

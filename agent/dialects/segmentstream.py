@@ -45,6 +45,7 @@ def to_segment(body: Any) -> dict[str, Any]:
     user = event.get("user", {})
     if not isinstance(user, dict):
         raise Invalid("`event.user` must be an object")
+    spec.check_dates(body)   # before `sentAt` becomes `timestamp`: the error names it
     hit_id = body.get("hitId")
     if hit_id is not None and not isinstance(hit_id, str):
         raise Invalid("`hitId` must be a string")

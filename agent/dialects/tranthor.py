@@ -4,9 +4,10 @@ Single calls (track, identify, page, screen) and `batch` (`{"batch": [...]}`,
 each message with its `type`), all answered 204. The key is the
 `PublicWriteKey` header, else `authorization`, taken verbatim (the Dittofeed
 SDK sends its write key as the whole header) or without a `Bearer ` prefix.
-`messageId` is required: it is the idempotency key. Base64 `files` are kept
-as sent, so there is no per-message size limit below the 1 MiB body limit
-(Fastify's default, which Dittofeed keeps). Errors use Fastify's shape,
+`messageId` is required: it is the idempotency key. Base64 `files` are checked
+(type, and name, mimeType and data strings) and kept as sent; a message is limited by the
+1 MiB body limit (Fastify's default, which Dittofeed keeps) and by what the upstream
+its key is routed to can carry (413 naming that limit). Errors use Fastify's shape,
 `{"statusCode", "error", "message"}`; a batch is taken whole or refused whole.
 """
 
@@ -29,6 +30,7 @@ from agent.families.event import Event
 
 TYPES = frozenset({"track", "identify", "page", "screen"})
 MAX_BODY = 1024 * 1024
+FILE_TYPE = "Base64Encoded"
 
 
 def error(status: int, message: str, retry_after: int | None = None) -> web.Response:
@@ -47,10 +49,20 @@ def request_key(request: web.Request) -> str | None:
 
 
 def check_files(ev: Any) -> None:
+    """Files shaped as the seed's schema has them, or Invalid naming the field. `data`
+    is not decoded: the API's schema says only "string" (its own example sends
+    "<string>"). Files are kept as sent (docs/mapping.md, "Tranthor files")."""
     files = ev.get("files") if isinstance(ev, dict) else None
-    if files is not None and (not isinstance(files, list)
-                              or not all(isinstance(f, dict) for f in files)):
+    if files is None:
+        return
+    if not isinstance(files, list) or not all(isinstance(f, dict) for f in files):
         raise Invalid("`files` must be an array of objects")
+    for i, f in enumerate(files):
+        if f.get("type") != FILE_TYPE:
+            raise Invalid(f"`files[{i}].type` must be {FILE_TYPE!r}, the only type the API has")
+        for name in ("name", "mimeType", "data"):
+            if not isinstance(f.get(name), str):
+                raise Invalid(f"`files[{i}].{name}` must be a string")
 
 
 def parse(body: Any, call: str, key: str, enrich: Enrich) -> list[Event]:
@@ -86,9 +98,14 @@ class TranthorHandlers:
         call = request.match_info["call"]
 
         async def work() -> None:
-            await self.sink.store(await parse_body(
-                await read_raw(request, MAX_BODY), parse_json,
-                lambda doc, _size: parse(doc, call, key, self.sink.enrich)))
+            events = await parse_body(await read_raw(request, MAX_BODY), parse_json,
+                                      lambda doc, _size: parse(doc, call, key, self.sink.enrich))
+            for i, event in enumerate(events):
+                why = self.sink.oversize(event)
+                if why is not None:
+                    exc = Invalid(why, too_large=True)
+                    raise exc.within(f"batch[{i}]") if call == "batch" else exc
+            await self.sink.store(events)
 
         return await replies.settle(work(), error) or web.Response(status=204)
 

@@ -10,7 +10,7 @@ from __future__ import annotations
 import hashlib
 from dataclasses import dataclass
 from datetime import datetime, timezone
-from typing import Any
+from typing import Any, NamedTuple
 
 import orjson
 
@@ -28,6 +28,15 @@ class Event:
     family: int     # NUCLEUS or SEGMENT: the shape of ``body``
     dedupe: int     # signed 64-bit hash identifying resends of the same event
     body: bytes     # compact JSON of the event, enriched, as it will be forwarded
+
+
+class Limit(NamedTuple):
+    """The largest event an upstream can ever carry: ``max_bytes`` of its body in
+    ``family``'s shape, and what sets that limit (said in the refusal)."""
+
+    family: int
+    max_bytes: int
+    source: str
 
 
 def compact_json(obj: Any) -> bytes:
@@ -50,6 +59,16 @@ def dedupe_key(*parts: Any) -> int:
 def now_ms() -> int:
     """The wall clock in epoch milliseconds (possibly wrong: see agent/clock.py)."""
     return CLOCK.wall_ms()
+
+
+def is_iso_date(value: str) -> bool:
+    """Whether ``value`` reads as an ISO 8601 date or date-time (what Segment-spec APIs
+    take for `timestamp`, `sentAt`, `originalTimestamp`). Only checked, never rewritten."""
+    try:
+        datetime.fromisoformat(value)
+    except ValueError:
+        return False
+    return True
 
 
 def iso_ms(ms: int) -> str:

@@ -8,7 +8,11 @@ and completes it the same way for all of them:
 - `userId` or `anonymousId` is required (JSON null or "" counts as missing);
 - track needs `event`, group `groupId`, alias `previousId`;
 - `messageId` is a string under 100 characters, generated (uuid4) when absent;
-- batch-level `context` and `integrations` are merged in (the event's own keys win);
+- `timestamp`, `originalTimestamp` and `sentAt` must read as ISO 8601 dates, in a message
+  or at the batch level: a message is refused naming the field, never forwarded as sent
+  for the upstream to drop later, and never rewritten;
+- batch-level `context` and `integrations` are merged in (the event's own keys win), and a
+  batch-level `timestamp` is the `timestamp` of each message that has no time of its own;
 - `writeKey` and `sentAt` are transport fields: the key becomes the Event's key,
   and `sentAt` is set afresh at every send, so neither is stored;
 - `receivedAt` is set at ingest, and `timestamp` too when the client sent neither
@@ -24,12 +28,21 @@ import orjson
 
 from agent.families.enrich import Enrich
 from agent.families.errors import Invalid
-from agent.families.event import SEGMENT, Event, compact_json, dedupe_key, iso_ms, now_ms
+from agent.families.event import (
+    SEGMENT,
+    Event,
+    compact_json,
+    dedupe_key,
+    is_iso_date,
+    iso_ms,
+    now_ms,
+)
 
 TYPES = frozenset({"track", "identify", "page", "screen", "group", "alias"})
 REQUIRED = {"track": "event", "group": "groupId", "alias": "previousId"}
 OBJECT_FIELDS = ("properties", "traits", "context", "integrations")
 TIME_FIELDS = ("timestamp", "originalTimestamp")
+DATE_FIELDS = (*TIME_FIELDS, "sentAt")
 TRANSPORT_FIELDS = ("writeKey", "sentAt")
 # Segment's limits, which real clients are written against (as seen on the wire): 32 KB
 # per event; 500 KB per batch, plus room for the event that crosses a client's
@@ -69,15 +82,26 @@ def check(ev: Any, types: frozenset[str], *, need_message_id: bool = False) -> N
     for name in OBJECT_FIELDS:
         if ev.get(name) is not None and not isinstance(ev[name], dict):
             raise Invalid(f"`{name}` must be an object")
-    for name in (*TIME_FIELDS, "name"):
-        if ev.get(name) is not None and not isinstance(ev[name], str):
-            raise Invalid(f"`{name}` must be a string")
+    if ev.get("name") is not None and not isinstance(ev["name"], str):
+        raise Invalid("`name` must be a string")
+    check_dates(ev)
     message_id = ev.get("messageId")
     if message_id is None:
         if need_message_id:
             raise Invalid("`messageId` is required")
     elif not isinstance(message_id, str) or not 0 < len(message_id) <= MAX_MESSAGE_ID:
         raise Invalid(f"`messageId` must be a string of 1 to {MAX_MESSAGE_ID} characters")
+
+
+def check_dates(obj: dict[str, Any]) -> None:
+    """Raise Invalid naming the first of `timestamp`, `originalTimestamp`, `sentAt` in
+    ``obj`` (a message or a batch) that is not an ISO 8601 date string (null is absent)."""
+    for name in DATE_FIELDS:
+        value = obj.get(name)
+        if value is not None and (not isinstance(value, str) or not is_iso_date(value)):
+            shown = orjson.dumps(value).decode()
+            raise Invalid(f"`{name}` must be an ISO 8601 date string, got "
+                          f"{shown[:40] + '...' if len(shown) > 40 else shown}")
 
 
 def merge(base: dict[str, Any], own: dict[str, Any], depth: int = 0) -> dict[str, Any]:
@@ -105,7 +129,10 @@ def complete(ev: dict[str, Any], received: str, batch: dict[str, Any] | None = N
     if ev.get("messageId") is None:
         ev["messageId"] = str(uuid.uuid4())
     if ev.get("timestamp") is None and ev.get("originalTimestamp") is None:
-        ev["timestamp"] = received
+        # Seed 003: timestamps are injected from the top level; else the receive time,
+        # so that an event forwarded days later keeps the time it happened.
+        shared = batch.get("timestamp") if batch is not None else None
+        ev["timestamp"] = shared if isinstance(shared, str) else received
     ev["receivedAt"] = received
 
 
@@ -158,6 +185,7 @@ def batch_items(body: Any) -> list[Any]:
     items = body.get("batch")
     if not isinstance(items, list):
         raise Invalid("`batch` must be an array of messages")
+    check_dates(body)
     if len(items) > MAX_BATCH_EVENTS:
         raise Invalid(f"at most {MAX_BATCH_EVENTS} messages per batch, got {len(items)}",
                       too_large=True)

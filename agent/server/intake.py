@@ -7,19 +7,23 @@ import time
 from collections.abc import Callable
 
 from agent.families.enrich import Enrich
+from agent.families.errors import Invalid
 from agent.families.event import Event
 from agent.metrics import Metrics
 from agent.server.admission import Admission, Ticket
+from agent.server.limits import RouteLimits
 from agent.spool import Spool
 
 
 class Sink:
-    """Key policy, admission, enrichment and durable store: what every dialect calls."""
+    """Key policy, admission, enrichment, route limits and durable store: what every
+    dialect calls."""
 
     def __init__(self, accept_keys: tuple[str, ...], spool: Spool, enrich: Enrich,
                  metrics: Metrics, inflight_budget: int,
-                 on_new_data: Callable[[set[str]], None]) -> None:
+                 on_new_data: Callable[[set[str]], None], limits: RouteLimits) -> None:
         self.spool = spool
+        self.limits = limits
         self.enrich = enrich
         self.metrics = metrics
         self._accept = frozenset(accept_keys)
@@ -29,6 +33,13 @@ class Sink:
 
     def set_accept_keys(self, accept_keys: tuple[str, ...]) -> None:
         self._accept = frozenset(accept_keys)
+
+    def set_limits(self, limits: RouteLimits) -> None:
+        """The routes of a reloaded config: they apply from the next request on."""
+        self.limits = limits
+
+    def oversize(self, event: Event) -> str | None:
+        return self.limits.oversize(event)
 
     def key_allowed(self, key: str | None) -> bool:
         """accept_keys empty means any non-empty key."""
@@ -40,9 +51,15 @@ class Sink:
         return self.admission.ticket()
 
     async def store(self, events: list[Event]) -> int:
-        """Commit ``events`` durably; returns how many were new. Raises SpoolFull."""
+        """Commit ``events`` durably; returns how many were new. Raises SpoolFull, or
+        Invalid (too large) for an event its upstream can never carry, storing none."""
         if not events:
             return 0
+        if self.limits.active:
+            for ev in events:
+                why = self.limits.oversize(ev)
+                if why is not None:
+                    raise Invalid(why, too_large=True)
         started = time.perf_counter()
         stored = await self.spool.append(events)
         self.metrics.observe_ingest(time.perf_counter() - started, len(events))

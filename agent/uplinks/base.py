@@ -22,6 +22,7 @@ from urllib.parse import urlsplit
 
 import aiohttp
 
+from agent.families.event import Limit
 from agent.settings import UpstreamConfig
 from agent.spool.types import Row
 from agent.uplinks.prepare import Prepared, take_prefix
@@ -107,6 +108,9 @@ class UplinkBase(ABC):
     envelope_bytes: ClassVar[int] = 0     # see prepare.Encoder
     event_overhead: ClassVar[int] = 1
     refuse_oversize: ClassVar[bool] = False
+    # The upstream API's own limit on one event as sent (its body and its event_overhead
+    # but the separator), when it has one: the agent refuses larger events at ingest.
+    max_event_bytes: ClassVar[int | None] = None
 
     # staticmethod: a plain function here would be bound to the instance when read.
     on_crash: Callable[[BaseException], None] = staticmethod(_ignore_crash)
@@ -135,6 +139,23 @@ class UplinkBase(ABC):
                 return "reachable"
         except OSError as exc:
             return f"unreachable ({exc.strerror or exc})"
+
+    @classmethod
+    def event_limit(cls, cfg: UpstreamConfig) -> Limit | None:
+        """The largest event body this upstream can ever carry, or None when it sets no
+        limit: what ingest refuses past (agent/server/limits.py), so that nothing is
+        accepted only to be dead-lettered at its first send."""
+        limits = []
+        if cls.max_event_bytes is not None:
+            limits.append(Limit(cls.family, cls.max_event_bytes - (cls.event_overhead - 1),
+                                f"{cls.protocol} takes at most {cls.max_event_bytes} bytes "
+                                "per event"))
+        if cls.refuse_oversize:
+            # What take_prefix refuses: an event that fills a batch on its own.
+            limits.append(Limit(cls.family,
+                                cfg.batch_max_bytes - cls.envelope_bytes - cls.event_overhead,
+                                f"batch_max_bytes = {cfg.batch_max_bytes}"))
+        return min(limits, key=lambda limit: limit.max_bytes, default=None)
 
     def prepare(self, rows: list[Row]) -> Prepared:
         return take_prefix(self, rows)

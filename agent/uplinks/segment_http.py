@@ -45,6 +45,7 @@ class SegmentHttpUplink(UplinkBase):
     event_overhead: ClassVar[int] = len(b'"sentAt":"2026-01-01T00:00:00.000Z",') + 1
     # The collector's limit: an event over it alone can never be delivered.
     refuse_oversize: ClassVar[bool] = True
+    max_event_bytes: ClassVar[int | None] = 32 * 1024   # Segment's limit per event
 
     def __init__(self, cfg: UpstreamConfig, app_key: str, session: aiohttp.ClientSession,
                  machine_id: str) -> None:
