@@ -11,14 +11,13 @@ from __future__ import annotations
 import asyncio
 import sqlite3
 from collections import OrderedDict
-from collections.abc import Iterable, Sequence
-from itertools import repeat
+from collections.abc import Sequence
 from typing import Any, Protocol
 
 from agent.spool import db as spool_db
 from agent.spool.db import SqliteThread
 from agent.spool.records import DamagedRecord, unpack
-from agent.spool.types import Row, new_row
+from agent.spool.types import Row
 from agent.spool.writer import is_corruption
 
 # Unpacked records kept for the next fetch: a forwarder's batch usually ends inside a
@@ -96,19 +95,12 @@ class Reader:
             if bodies is None:
                 damaged.append(rid)
                 continue
-            first = max(0, after + 1 - rid)
-            room = limit - len(rows)
-            if gone is None:
-                seqs: Iterable[int] = range(rid + first, rid + min(n, first + room))
-                kept: Iterable[bytes] = bodies[first:first + room]
-            else:  # some of its events are acked: skip them
-                offsets = [o for o in range(first, n) if not gone[o >> 3] & (1 << (o & 7))]
-                offsets = offsets[:room]
-                seqs, kept = [rid + o for o in offsets], [bodies[o] for o in offsets]
-            # Rows built by map() and zip(), without a Python call per event: this runs
-            # for every event a drain sends.
-            rows += map(new_row, zip(seqs, repeat(stream), repeat(family), repeat(received),
-                                     kept))
+            for o in range(max(0, after + 1 - rid), n):
+                if gone is not None and gone[o >> 3] & (1 << (o & 7)):
+                    continue
+                rows.append(Row(rid + o, stream, family, received, bodies[o]))
+                if len(rows) >= limit:
+                    break
             if len(rows) >= limit:
                 break
         cur.close()
