@@ -487,6 +487,70 @@ async def test_a_stop_while_batches_settle_does_not_wait_out_the_backoff() -> No
     await asyncio.wait_for(task, 2)
 
 
+class _AckingSpool(_GatedSpool):
+    """Open gate; an ack deletes the rows, as the spool does."""
+
+    async def ack(self, seqs: Any) -> None:
+        gone = set(seqs)
+        self.rows = [r for r in self.rows if r.seq not in gone]
+
+
+class _SecondBatchFails:
+    """5 rows a batch. The first batch waits until released (meanwhile the loop reads the
+    next batches); the second fails once; every batch sent is recorded."""
+
+    name = "up"
+
+    def __init__(self) -> None:
+        self.release = asyncio.Event()
+        self.sent: list[tuple[int, ...]] = []
+
+    def prepare(self, rows: list[Any]) -> Any:
+        from tests.fakes.uplinks import as_prepared
+        return as_prepared(rows[:5])
+
+    async def send(self, batch: Any) -> Any:
+        from agent.uplinks.base import Acked, Retry
+        self.sent.append(batch.seqs)
+        if len(self.sent) == 1:
+            await self.release.wait()
+        if len(self.sent) == 2:
+            return Retry("down")
+        return Acked(batch.seqs)
+
+    async def close(self) -> None:
+        return None
+
+
+async def test_rows_read_ahead_go_out_again_after_the_failed_batch() -> None:
+    """While a batch is in flight the loop reads the next ones. When the batch after it
+    fails, the rows read ahead of the failure go out after the resend, never before."""
+    from agent.forwarder.state import UpstreamState
+    from agent.forwarder.stream import StreamForwarder
+    from agent.metrics import Metrics
+    from agent.settings import UpstreamConfig
+    from agent.spool.types import Row, Stream
+    spool = _AckingSpool([Row(seq, 1, 0, 0, b"{}") for seq in range(1, 21)])
+    spool.gate.set()
+    uplink = _SecondBatchFails()
+    cfg = UpstreamConfig(name="up", protocol="nucleus-http", url="http://127.0.0.1:9",
+                         flush_interval_s=0.0, batch_max_events=5)
+    fakes: tuple[Any, Any] = (spool, uplink)  # the parts of a Spool and an Uplink it uses
+    fwd = StreamForwarder(cfg, Stream(1, "k", depth=20), *fakes, UpstreamState("up", "x"),
+                          Metrics(), 1, backoff=FAST_BACKOFF)
+    task = asyncio.create_task(fwd.run())
+    try:
+        await wait_for(lambda: len(fwd._ahead) == 15, 5)  # rows 6-20, read while 1-5 is out
+        uplink.release.set()
+        await wait_for(lambda: not spool.rows, 5)
+    finally:
+        fwd.stop()
+        await asyncio.wait_for(task, 5)
+    batches = [(1, 2, 3, 4, 5), (6, 7, 8, 9, 10), (6, 7, 8, 9, 10), (11, 12, 13, 14, 15),
+               (16, 17, 18, 19, 20)]
+    assert uplink.sent == batches
+
+
 class _CrashingUplink(_GatedUplink):
     """As _GatedUplink, but sending row 2 raises once released: a bug in a delivery."""
 
