@@ -73,7 +73,6 @@ class StreamForwarder:
         self.flush_now = False
         self._cursor = 0  # the last row put in a batch
         self._ahead: list[Row] = []  # rows read past the cursor, in order, not yet in a batch
-        self._at_end = False  # the last read reached the end of the queue; no new data since
         self._tasks: set[asyncio.Task[None]] = set()
         self._acking: set[asyncio.Task[None]] = set()  # spool deletes of upstream-acked rows
         self._held: list[int] = []  # upstream-acked rows not yet handed to spool.ack
@@ -89,8 +88,7 @@ class StreamForwarder:
     async def run(self) -> None:
         """One life of the loop. Raises what it did not expect; the supervisor
         counts it and calls ``run`` again, with a fresh uplink, after a backoff."""
-        self._rewind()
-        self._failed, self._crash = None, None
+        self._cursor, self._ahead, self._failed, self._crash = 0, [], None, None
         self.uplink.on_crash = self._crashed
         try:
             while not self.stopping and not self.released:
@@ -121,10 +119,8 @@ class StreamForwarder:
         if len(self._tasks) >= self.window:
             # The window is full: read the next batches now, while the upstream works,
             # instead of after its answer (segment-http has one batch in flight: its
-            # drain alternated between reading and sending). Only when less than a batch
-            # is left, and not at the end of the queue: each read has a fixed cost.
-            if len(self._ahead) < self.cfg.batch_max_events and not self._at_end:
-                await self._read_ahead(FETCH_FACTOR)
+            # drain alternated between reading and sending).
+            await self._read_ahead(FETCH_FACTOR)
             await self._idle(None)  # returns at once if a batch ended during the read
             return
         if len(self._ahead) < self.cfg.batch_max_events:
@@ -177,15 +173,11 @@ class StreamForwarder:
         # Only _step reads, rewinds and takes from _ahead, one at a time: it is unchanged
         # across this await.
         after = self._ahead[-1].seq if self._ahead else self._cursor
-        rows = await self.spool.fetch(self.stream.id, after, want)
-        # (A poke during the read is lost here: that only skips one early read, as the
-        # next step with room in the window reads in any case.)
-        self._at_end = len(rows) < want
-        self._ahead.extend(rows)
+        self._ahead.extend(await self.spool.fetch(self.stream.id, after, want))
 
     def _rewind(self) -> None:
         """Read again from the head of the queue: every unacknowledged row is sent again."""
-        self._cursor, self._ahead, self._at_end = 0, [], False
+        self._cursor, self._ahead = 0, []
 
     def _track(self, tasks: set[asyncio.Task[None]], work: Coroutine[Any, Any, None]) -> None:
         """Run ``work`` as a task in ``tasks``; when it ends, wake the loop, and hand
@@ -339,8 +331,6 @@ class StreamForwarder:
         await self.timing.wait(self.interrupt, delay)
 
     def poke(self) -> None:
-        """New data for this key."""
-        self._at_end = False
         self.wake.set()
 
     def flush(self) -> None:
