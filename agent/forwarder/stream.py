@@ -71,8 +71,7 @@ class StreamForwarder:
         self.interrupt = asyncio.Event()  # a flush or stop: also cuts a backoff short
         self.stopping = False
         self.flush_now = False
-        self._cursor = 0  # the last row put in a batch
-        self._ahead: list[Row] = []  # rows read past the cursor, in order, not yet in a batch
+        self._cursor = 0
         self._tasks: set[asyncio.Task[None]] = set()
         self._acking: set[asyncio.Task[None]] = set()  # spool deletes of upstream-acked rows
         self._held: list[int] = []  # upstream-acked rows not yet handed to spool.ack
@@ -88,7 +87,7 @@ class StreamForwarder:
     async def run(self) -> None:
         """One life of the loop. Raises what it did not expect; the supervisor
         counts it and calls ``run`` again, with a fresh uplink, after a backoff."""
-        self._cursor, self._ahead, self._failed, self._crash = 0, [], None, None
+        self._cursor, self._failed, self._crash = 0, None, None
         self.uplink.on_crash = self._crashed
         try:
             while not self.stopping and not self.released:
@@ -114,20 +113,18 @@ class StreamForwarder:
             await self.pause(delay)
             # Only now, with nothing in flight, may a new connection start.
             await self.uplink.close()
-            self._rewind()
+            self._cursor = 0
             return
         if len(self._tasks) >= self.window:
-            # The window is full: read the next batches now, while the upstream works,
-            # instead of after its answer (segment-http has one batch in flight: its
-            # drain alternated between reading and sending).
-            await self._read_ahead(FETCH_FACTOR)
-            await self._idle(None)  # returns at once if a batch ended during the read
+            await self._idle(None)
             return
-        if len(self._ahead) < self.cfg.batch_max_events:
-            await self._read_ahead(FETCH_FACTOR)
+        # Only what the window has room for: with one batch in flight (segment-http), rows
+        # read beyond it were built, dropped and read again, four times over.
+        free = min(FETCH_FACTOR, self.window - len(self._tasks))
+        limit = self.cfg.batch_max_events * free
+        rows = await self.spool.fetch(self.stream.id, self._cursor, limit)
         if self._failed is not None or self._crash is not None:
             return  # a batch failed during the read: nothing new goes out before the resend
-        rows = self._ahead
         if not rows:
             self._ack_held()
             if not self._tasks:  # everything sent and answered: a flush is complete
@@ -135,7 +132,7 @@ class StreamForwarder:
                 if self._cursor and not self._acking and self.stream.depth:
                     # Rows behind the cursor are still queued: an ack's delete did not
                     # commit (a locked or full disk). Send them again.
-                    self._rewind()
+                    self._cursor = 0
                     return
                 if self.release is not None:
                     await self._release_when_idle(self.release.idle_s)
@@ -153,31 +150,17 @@ class StreamForwarder:
                 raise RuntimeError(f"uplink {self.uplink.name} took no row, none in flight")
             await self._idle(None)
             return
-        # One read feeds as many batches as the window allows; rows left over wait in
-        # _ahead for the next step (dropping them kept the reader thread, building rows
-        # again, the drain's bottleneck).
+        # One read feeds as many batches as the window allows: reading FETCH_FACTOR
+        # batches' worth of rows per batch sent kept the reader thread (building rows
+        # it then dropped) the drain's bottleneck.
         while batch.rows:
             self._cursor = batch.rows[-1].seq
             self._track(self._tasks, self._deliver(batch))
-            rows = self._ahead = rows[len(batch.rows):]
+            rows = rows[len(batch.rows):]
             if len(self._tasks) >= self.window or not rows or (
                     len(rows) < self.cfg.batch_max_events and not self._due(rows[0])):
                 return
             batch = self.uplink.prepare(rows)
-
-    async def _read_ahead(self, batches: int) -> None:
-        """Read rows past those already read, up to ``batches`` batches' worth in _ahead."""
-        want = self.cfg.batch_max_events * batches - len(self._ahead)
-        if want <= 0:
-            return
-        # Only _step reads, rewinds and takes from _ahead, one at a time: it is unchanged
-        # across this await.
-        after = self._ahead[-1].seq if self._ahead else self._cursor
-        self._ahead.extend(await self.spool.fetch(self.stream.id, after, want))
-
-    def _rewind(self) -> None:
-        """Read again from the head of the queue: every unacknowledged row is sent again."""
-        self._cursor, self._ahead = 0, []
 
     def _track(self, tasks: set[asyncio.Task[None]], work: Coroutine[Any, Any, None]) -> None:
         """Run ``work`` as a task in ``tasks``; when it ends, wake the loop, and hand
