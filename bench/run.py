@@ -4,7 +4,8 @@ Phases: (1) ingest: for each HTTP/ws workload, the hello-world ceiling, the
 naive baseline and Outpost are each started fresh as a subprocess and loaded
 the same way, with each one's CPU per million events (and Outpost again with
 its upstream online, for CPU until delivered); (2) backlog: the empty-spool
-batch rate, then per uplink a backlog filled with the upstream offline (the
+batch rate, then per drain (an uplink and the family of the events queued for
+it) a backlog filled with the upstream offline (the
 growing spool), its disk bytes and startup, the drain against the fake
 upstream beside that sink's own ceiling, and the refill (space reuse);
 (3) idle: wakeups of an agent with nothing to do. Results: a table on stdout
