@@ -164,7 +164,7 @@ def _upstream(t: dict[str, Any], i: int) -> UpstreamConfig:
         keys=tuple(_take(t, w, "keys", list, ["*"], lambda v: _str_list(w, "keys")(v)
                          or (None if v else "must not be empty"))),
         key=_take(t, w, "key", str, ""),
-        batch_max_events=_take(t, w, "batch_max_events", int, 100,
+        batch_max_events=_take(t, w, "batch_max_events", int, 500,
                                lambda v: None if 1 <= v <= 2500 else "must be 1..2500"),
         batch_max_bytes=_take(t, w, "batch_max_bytes", int, 500_000,
                               lambda v: None if 1024 <= v <= 500_000 else "must be 1024..500000"),

@@ -64,7 +64,7 @@ class UpstreamConfig:
     url: str
     keys: tuple[str, ...] = ("*",)
     key: str = ""
-    batch_max_events: int = 100
+    batch_max_events: int = 500
     batch_max_bytes: int = 500_000
     flush_interval_s: float = 2.0
     # Extensions.

@@ -1,7 +1,8 @@
 """The backlog: fill, disk, startup, drain to one uplink, the sink's own ceiling, space reuse.
 
-For one upstream protocol, on a fresh agent with that upstream offline:
-1. fill ``--backlog`` events (bench/growing.py: the first and last 10%);
+For one drain of ``DRAINS`` (an upstream protocol, and the family of the events queued
+for it), on a fresh agent with that upstream offline:
+1. fill ``--backlog`` events of that family (bench/growing.py: the first and last 10%);
    optionally then the 100-event batch rate with the spool that full;
 2. stop it: spool file + -wal bytes per queued event (before the drain);
 3. start it three times on the backlog (startup, median);
@@ -33,14 +34,21 @@ from .payloads import APP_ID, raw_event_bytes
 from .procs import Proc, RssSampler, free_port, http_get, http_post, upstream_proc
 
 UPLINKS = ("nucleus-ws", "segment-http")
+# name -> (upstream protocol, the events queued for it: bench/payloads.py KINDS). The
+# common case is an upstream of the events' own family; the last one maps every event
+# (Nucleus to Segment) at send time.
+DRAINS = {"nucleus-ws": ("nucleus-ws", "nucleus"), "segment-http": ("segment-http", "segment"),
+          "segment-http-mapped": ("segment-http", "nucleus")}
 
 
-def backlog(h: Harness, protocol: str, full_rate: bool, reuse: bool) -> dict[str, Any]:
+def backlog(h: Harness, name: str, full_rate: bool, reuse: bool) -> dict[str, Any]:
+    protocol, kind = DRAINS[name]
     n = h.args.backlog
-    d = h.dir(f"drain-{protocol}")
+    d = h.dir(f"drain-{name}")
     spool = d / "spool" / "spool.db"
     up_port = free_port()
-    r: dict[str, Any] = {"protocol": protocol, "backlog": n, "raw_bytes_per_event": raw_event_bytes()}
+    r: dict[str, Any] = {"protocol": protocol, "events": kind, "backlog": n,
+                         "raw_bytes_per_event": raw_event_bytes(kind)}
     agent = h.start_agent(d, up_port, protocol)
     r["startup_empty_s"] = agent.ready_s
     upstream = upstream_proc(up_port, d / "upstream.log")
@@ -48,7 +56,7 @@ def backlog(h: Harness, protocol: str, full_rate: bool, reuse: bool) -> dict[str
         try:
             with RssSampler(agent.pid) as rss:
                 r["fill"] = growing.fill(agent.pid, agent.port, n, h.args.connections, d,
-                                         h.use_wrk, h.args.wrk_threads)
+                                         h.use_wrk, h.args.wrk_threads, kind)
                 h.peak("fill", rss.take())
             disk.sample()
             r["disk_peak_fill"] = disk.peak
@@ -79,7 +87,7 @@ def backlog(h: Harness, protocol: str, full_rate: bool, reuse: bool) -> dict[str
             upstream.stop()
     r["disk_peak"] = disk.peak
     if reuse:
-        r["reuse"] = _refill(h, d, up_port, protocol, r["disk_peak"])
+        r["reuse"] = _refill(h, d, up_port, protocol, kind, r["disk_peak"])
     print(_line(r), flush=True)
     return r
 
@@ -131,7 +139,8 @@ def _ceiling(h: Harness, upstream: Proc, protocol: str, d: Path) -> dict[str, An
             "errors": result["errors"], "generator": result["raw"].get("generator", "")}
 
 
-def _refill(h: Harness, d: Path, up_port: int, protocol: str, peak: int) -> dict[str, Any]:
+def _refill(h: Harness, d: Path, up_port: int, protocol: str, kind: str,
+            peak: int) -> dict[str, Any]:
     """Fill the drained spool again with as many events, upstream offline: does the file grow
     past the ``peak`` it reached before (fill and drain)?"""
     spool = d / "spool" / "spool.db"
@@ -140,7 +149,7 @@ def _refill(h: Harness, d: Path, up_port: int, protocol: str, peak: int) -> dict
     try:
         with DiskSampler(spool) as disk:
             fill = growing.fill(agent.pid, agent.port, h.args.backlog, h.args.connections, d,
-                                h.use_wrk, h.args.wrk_threads)
+                                h.use_wrk, h.args.wrk_threads, kind)
             queued = depth(agent.port)
     finally:
         agent.stop()
@@ -153,7 +162,7 @@ def _refill(h: Harness, d: Path, up_port: int, protocol: str, peak: int) -> dict
 def _line(r: dict[str, Any]) -> str:
     f, dr, c = r["fill"], r["drain"], r["ceiling"]
     first, last = f["first_10pct"]["events_per_s"] or 0, f["last_10pct"]["events_per_s"] or 0
-    return (f"  {r['protocol']}: fill {f['events_per_s']:,.0f} ev/s (first 10% {first:,.0f}, "
+    return (f"  {r['protocol']} ({r['events']} events): fill {f['events_per_s']:,.0f} ev/s (first 10% {first:,.0f}, "
             f"last 10% {last:,.0f}); {r['disk_before_per_event']:.0f} B/event; drain "
             f"{r['depth']:,} in {dr['seconds']:.2f} s = {dr['events_per_s']:,.0f} ev/s, sink "
             f"ceiling {c.get('events_per_s') or 0:,.0f} ev/s; disk after "

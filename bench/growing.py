@@ -73,9 +73,11 @@ def _span(trace: DepthTrace, lo: float, hi: float) -> dict[str, Any]:
 
 
 def fill(pid: int, port: int, n: int, connections: int, workdir: Path, use_wrk: bool,
-         wrk_threads: int = 1) -> dict[str, Any]:
-    """Fill the agent's spool with ``n`` more events; the whole fill, and its first and last 10%."""
-    load = Load(f"http://127.0.0.1:{port}/app/{APP_ID}/track", "nucleus", 100, connections,
+         wrk_threads: int = 1, kind: str = "nucleus") -> dict[str, Any]:
+    """Fill the agent's spool with ``n`` more events of ``kind`` (Nucleus HTTP batches, or
+    Segment ``/v1/batch``); the whole fill, and its first and last 10%."""
+    path = f"/app/{APP_ID}/track" if kind == "nucleus" else "/v1/batch"
+    load = Load(f"http://127.0.0.1:{port}{path}", kind, 100, connections,
                 duration=max(600.0, n / 2_000), max_requests=max(1, n // 100))
     with DepthTrace(pid, port) as trace:
         result = loadgen.run(load, workdir, use_wrk, wrk_threads)

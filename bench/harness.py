@@ -44,8 +44,11 @@ class Harness:
         something listens on ``upstream_port``."""
         (d / "spool").mkdir(exist_ok=True)
         port = free_port()
+        extra = "".join(f"{name} = {value}\n" for name, value in
+                        (("batch_max_events", self.args.batch_max_events),) if value)
         cfg = write_agent_config(d / "agent.toml", port, d / "spool" / "spool.db",
-                                 upstream_port or free_port(), protocol=protocol, sync=sync)
+                                 upstream_port or free_port(), protocol=protocol, sync=sync,
+                                 upstream_extra=extra)
         return agent_proc(cfg, port, d / "agent.log").start()
 
     def start_ref(self, kind: str, d: Path) -> Proc:

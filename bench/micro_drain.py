@@ -1,6 +1,6 @@
-"""The drain's Python work per event, stage by stage, without a spool or a network.
+"""The drain's Python work per event, stage by stage, without a network.
 
-`python -m bench.micro_drain [--events 20000] [--rounds 5] [--profile]`
+`python -m bench.micro_drain [--events 20000] [--rounds 5] [--batch 100] [--profile]`
 
 Rows shaped as the bench's Nucleus events are stored (bench/payloads.py) go
 through what a forwarder does with them between the spool read and the
@@ -9,7 +9,15 @@ families, encode) and its request builder (Segment's payload, the Nucleus
 frame), in 100-event batches. Printed as µs per event, the median of
 ``--rounds`` runs, beside the same-run reference of ``orjson.loads`` +
 ``orjson.dumps`` of each body (the cost of touching every event once).
-``--profile`` adds a cProfile of the Segment path. Bounded: stops by itself.
+``--profile`` adds a cProfile of the Segment path.
+
+Then the same stages on a real spool (bench/out/micro_drain, ``sync = "full"``):
+``--events`` Nucleus and as many Segment events appended in 100-event requests,
+then each queue read as a forwarder reads it (fetch: the read, decompression and
+split into rows, on the reader thread), prepared in ``--batch``-event
+batches, each batch's frame or request body built, and finally every row acked
+``ACK_GROUP`` batches per spool call (the writer's commit): CPU µs per event of
+the whole process. Bounded: stops by itself.
 """
 
 from __future__ import annotations
@@ -18,6 +26,7 @@ import argparse
 import asyncio
 import cProfile
 import pstats
+import shutil
 import statistics
 import time
 from collections.abc import Callable
@@ -27,15 +36,18 @@ import aiohttp
 import orjson
 
 from agent.families import mapping
-from agent.families.event import NUCLEUS
-from agent.settings import UpstreamConfig
+from agent.families.event import NUCLEUS, SEGMENT, Event, dedupe_key
+from agent.forwarder.stream import ACK_GROUP, FETCH_FACTOR
+from agent.settings import StorageConfig, UpstreamConfig
+from agent.spool import Spool
 from agent.spool.types import Row
 from agent.uplinks.nucleus_frame import frame
 from agent.uplinks.nucleus_ws import NucleusWsUplink
 from agent.uplinks.prepare import Prepared
 from agent.uplinks.segment_http import SegmentHttpUplink
 
-from .payloads import NUCLEUS_EVENT
+from .payloads import NUCLEUS_EVENT, SEGMENT_EVENT
+from .procs import ROOT
 
 RECEIVED = 1_768_472_431_000
 SENT_AT = "2026-01-15T10:20:31.000Z"
@@ -137,12 +149,78 @@ async def main(args: argparse.Namespace) -> None:
             prof = cProfile.Profile()
             prof.runcall(segment_all)
             pstats.Stats(prof).sort_stats("tottime").print_stats(15)
+        await spool_stages(args, session)
+
+
+async def spool_stages(args: argparse.Namespace, session: aiohttp.ClientSession) -> None:
+    """µs per event of each stage of a drain from a real spool (see the module docstring)."""
+    where = ROOT / "bench" / "out" / "micro_drain"
+    shutil.rmtree(where, ignore_errors=True)
+    where.mkdir(parents=True)
+    spool = await Spool.open(StorageConfig(path=str(where / "spool.db"), max_size_mb=4096))
+    try:
+        for key, family, template in (("n", NUCLEUS, NUCLEUS_EVENT), ("s", SEGMENT, SEGMENT_EVENT)):
+            for first in range(0, args.events, 3200):  # 32 concurrent 100-event requests
+                await asyncio.gather(*(spool.append(
+                    [Event(key, family, dedupe_key(key, i), (template % (i, 7)).encode())
+                     for i in range(start, min(start + 100, args.events))])
+                    for start in range(first, min(first + 3200, args.events), 100)))
+        print(f"from a spool, {args.batch}-event batches (CPU µs/event):")
+        for key, protocol in (("n", "nucleus-ws"), ("s", "segment-http"), ("n", "segment-http")):
+            stages = await _drain_stages(spool, key, protocol, args.batch, session)
+            label = f"{'Nucleus' if key == 'n' else 'Segment'} events to {protocol}"
+            print(f"  {label:32s} " + ", ".join(f"{k} {v:5.2f}" for k, v in stages.items()),
+                  flush=True)
+        seqs = [r.seq for r in await spool.fetch(spool.streams["n"].id, 0, args.events)]
+        group = ACK_GROUP * args.batch
+        start = time.process_time()
+        for i in range(0, len(seqs), group):
+            await spool.ack(seqs[i:i + group])
+        print(f"  ack, {group} rows per spool call: "
+              f"{(time.process_time() - start) * 1e6 / len(seqs):5.2f} (the writer's commit)")
+    finally:
+        await spool.close()
+
+
+async def _drain_stages(spool: Spool, key: str, protocol: str, batch: int,
+                        session: aiohttp.ClientSession) -> dict[str, float]:
+    cfg = UpstreamConfig("u", protocol, ("ws" if protocol == "nucleus-ws" else "http")
+                         + "://127.0.0.1:9", batch_max_events=batch)
+    seg = SegmentHttpUplink(cfg, "benchapp", session, "machine")
+    ws = NucleusWsUplink(cfg, "benchapp", session, "machine")
+    took = {"fetch": 0.0, "prepare": 0.0, "encode": 0.0}
+    cursor = done = 0
+    # CPU time of the whole process (the reader thread's too): steadier than wall time on
+    # a shared machine.
+    clock = time.process_time
+    while True:
+        t0 = clock()
+        rows = await spool.fetch(spool.streams[key].id, cursor, batch * FETCH_FACTOR)
+        took["fetch"] += clock() - t0
+        if not rows:
+            break
+        while rows:
+            t0 = clock()
+            p = ws.prepare(rows) if protocol == "nucleus-ws" else seg.prepare(rows)
+            t1 = clock()
+            if protocol == "nucleus-ws":
+                frame(p)
+                ws.in_flight.clear()  # acked at once
+            else:
+                seg.payload(p, SENT_AT)
+            took["prepare"] += t1 - t0
+            took["encode"] += clock() - t1
+            done += len(p.rows)
+            cursor = p.rows[-1].seq
+            rows = rows[len(p.rows):]
+    return {k: v * 1e6 / max(done, 1) for k, v in took.items()}
 
 
 def cli() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--events", type=int, default=20_000)
     parser.add_argument("--rounds", type=int, default=5)
+    parser.add_argument("--batch", type=int, default=100, help="events per batch, from the spool")
     parser.add_argument("--profile", action="store_true")
     asyncio.run(main(parser.parse_args()))
 

@@ -24,7 +24,9 @@ def free_port() -> int:
 
 
 def write_agent_config(path: Path, port: int, spool: Path, upstream_port: int,
-                       protocol: str = "nucleus-ws", sync: str = "full") -> Path:
+                       protocol: str = "nucleus-ws", sync: str = "full",
+                       upstream_extra: str = "") -> Path:
+    """The agent's config; ``upstream_extra`` is appended to its [[upstream]] table."""
     scheme = "ws" if protocol == "nucleus-ws" else "http"
     path.write_text(f"""[listen]
 host = "127.0.0.1"
@@ -43,7 +45,7 @@ name = "bench"
 protocol = "{protocol}"
 url = "{scheme}://127.0.0.1:{upstream_port}"
 keys = ["*"]
-""")
+{upstream_extra}""")
     return path
 
 

@@ -89,9 +89,13 @@ def ingest_rows(ing: dict[str, Any]) -> list[Row]:
 def backlog_rows(b: dict[str, Any]) -> list[Row]:
     out: list[Row] = []
     empty = b.get("empty_spool") or {}
-    for proto, r in b.items():
-        if proto == "empty_spool":
+    for name, r in b.items():
+        if name == "empty_spool":
             continue
+        # Older results have no "events": their drains were all of Nucleus events.
+        kind = r.get("events", "nucleus")
+        mapped = r["protocol"] == "segment-http" and kind == "nucleus"
+        proto = f"{r['protocol']} ({kind} events{', mapped' if mapped else ''})"
         f = r["fill"]
         first, last = f["first_10pct"], f["last_10pct"]
         out.append((f"{proto} backlog: fill {r['backlog']:,} (batches, offline), first / last "

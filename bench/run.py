@@ -4,7 +4,8 @@ Phases: (1) ingest: for each HTTP/ws workload, the hello-world ceiling, the
 naive baseline and Outpost are each started fresh as a subprocess and loaded
 the same way, with each one's CPU per million events (and Outpost again with
 its upstream online, for CPU until delivered); (2) backlog: the empty-spool
-batch rate, then per uplink a backlog filled with the upstream offline (the
+batch rate, then per drain (an uplink and the family of the events queued for
+it) a backlog filled with the upstream offline (the
 growing spool), its disk bytes and startup, the drain against the fake
 upstream beside that sink's own ceiling, and the refill (space reuse);
 (3) idle: wakeups of an agent with nothing to do. Results: a table on stdout
@@ -47,8 +48,11 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--idle", type=float, default=60.0, help="seconds of the idle-wakeups window")
     p.add_argument("--online-uplink", default="segment-http", choices=drain.UPLINKS,
                    help="the upstream of the 'upstream online' ingest rows")
-    p.add_argument("--uplinks", default=",".join(drain.UPLINKS),
-                   help="comma list of the uplinks to drain the backlog to")
+    p.add_argument("--uplinks", default=",".join(drain.DRAINS),
+                   help="comma list of the drains: " + ", ".join(drain.DRAINS)
+                   + " (segment-http-mapped: Nucleus events to segment-http)")
+    p.add_argument("--batch-max-events", type=int, default=0,
+                   help="the upstream's batch_max_events in every agent (default: the agent's)")
     p.add_argument("--repeat", type=int, default=1, help="runs per figure; the median is kept")
     p.add_argument("--loadgen", choices=["auto", "wrk", "python"], default="auto")
     p.add_argument("--wrk-threads", type=int, default=1)
@@ -67,6 +71,9 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     unknown = set(args.only.split(",")) - set(PHASES)
     if unknown:
         p.error(f"--only: unknown phase(s) {', '.join(sorted(unknown))}")
+    unknown = set(args.uplinks.split(",")) - set(drain.DRAINS) - {""}
+    if unknown:
+        p.error(f"--uplinks: unknown drain(s) {', '.join(sorted(unknown))}")
     return args
 
 
@@ -198,8 +205,8 @@ class Bench(Harness):
         return out
 
     def backlog(self) -> dict[str, Any]:
-        """The empty-spool batch rate, then per uplink a backlog filled and drained (the first
-        uplink also measures the full-spool rate, the last one the refill)."""
+        """The empty-spool batch rate, then per drain a backlog filled and drained (the first
+        of Nucleus events also measures the full-spool rate, the last one the refill)."""
         d = self.dir("empty-spool")
         agent = self.start_agent(d)
         try:
@@ -209,10 +216,13 @@ class Bench(Harness):
             agent.stop()
         print(f"  empty spool: {out['empty_spool']['events_per_s']:,.0f} ev/s, "
               f"CPU {_cpu(out['empty_spool']['cpu_s_per_m'])} s/M", flush=True)
-        uplinks = [u for u in self.args.uplinks.split(",") if u]
-        for i, protocol in enumerate(uplinks):
-            out[protocol] = drain.backlog(self, protocol, full_rate=i == 0,
-                                          reuse=i == len(uplinks) - 1)
+        drains = [u for u in self.args.uplinks.split(",") if u]
+        # The full-spool rate is the empty-spool load (Nucleus batches) on the first spool
+        # of Nucleus events, so that every drain's queue holds one family.
+        full = next((n for n in drains if drain.DRAINS[n][1] == "nucleus"), None)
+        for i, name in enumerate(drains):
+            out[name] = drain.backlog(self, name, full_rate=name == full,
+                                      reuse=i == len(drains) - 1)
         self.peak("ingest", self.memory.get("fill", (0, 0)))
         return out
 

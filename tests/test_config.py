@@ -23,7 +23,7 @@ def test_default_agent_toml_is_valid_and_matches_the_contract() -> None:
     (up,) = cfg.upstreams
     assert (up.name, up.protocol, up.url, up.keys) == ("nucleus", "nucleus-ws",
                                                         "wss://app.nucleus.sh", ("*",))
-    assert up.batch_max_events == 100 and up.batch_max_bytes == 500_000
+    assert up.batch_max_events == 500 and up.batch_max_bytes == 500_000
 
 
 @pytest.mark.parametrize("raw, key", [

@@ -74,8 +74,9 @@ def inversions(fake: FaultyUpstream) -> dict[str, list[tuple[int, int]]]:
 
 async def test_no_inversions_over_a_flapping_websocket(make_agent: Any,
                                                        flapping: FaultyUpstream) -> None:
+    # 100-event frames: enough of them for the connection to flap 20 times.
     agent = await make_agent(upstreams=[upstream(flapping, "nucleus-ws", timeout_s=2.0,
-                                                 max_in_flight=4)])
+                                                 max_in_flight=4, batch_max_events=100)])
     for p in range(POSTS):
         for k in range(KEYS):
             await send(agent, [event(p * PER_POST + i) for i in range(PER_POST)],
