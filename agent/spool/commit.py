@@ -15,7 +15,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from agent.outcomes import Counts, Drop, Tally, record
-from agent.spool.db import keys_from_bytes, mark, transaction, used_bytes
+from agent.spool.db import advance_mark, keys_from_bytes, mark, transaction, used_bytes
 from agent.spool.dedupe import keys_to_bytes
 from agent.spool.records import DamagedRecord, pack, unpack
 
@@ -69,6 +69,9 @@ class Job:
     counters: Counts                  # deltas counted on the loop since the last commit
     now: int
     mark: tuple[int, int] | None = None  # (agent-observed ms, next seq): see clock_marks
+    # Where the latest mark moves to when this commit deletes records or spent keys and
+    # writes no mark of its own (see advance_mark).
+    tail: tuple[int, int] = (0, 0)
 
 
 @dataclass(slots=True)
@@ -98,10 +101,12 @@ def commit(conn: sqlite3.Connection, job: Job) -> Outcome:
         if job.corrupt:
             _drop(conn, "id IN (SELECT value FROM json_each(?))",
                   (str(job.corrupt).replace(" ", ""),), Drop.DROPPED_CORRUPT, out)
+        forgot = 0
         if packed:
             excess = sum(len(d) + len(k) + ROW_OVERHEAD for _, d, k in packed) - job.room
             if excess > 0:
-                excess -= _forget_spent(conn, out)
+                forgot = _forget_spent(conn, out)
+                excess -= forgot
             if excess > 0 and job.reject_when_full:
                 record(out.counters, Drop.REJECTED_FULL, sum(len(g.bodies) for g in job.groups))
                 out.stored = False
@@ -111,6 +116,8 @@ def commit(conn: sqlite3.Connection, job: Job) -> Outcome:
                 _insert(conn, packed, out)
         if out.stored and job.duplicates:
             record(out.counters, Tally.DUPLICATES, job.duplicates)
+        if job.mark is None and (out.deleted or forgot):
+            advance_mark(conn, *job.tail)
         _save(conn, out.streams, {**job.counters, **_sum(job.counters, out.counters)})
     if out.deleted:
         _hand_back(conn)

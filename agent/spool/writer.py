@@ -31,7 +31,8 @@ from agent.spool.types import Reason, SpoolFull
 
 log = logging.getLogger("outpost.spool")
 # How often commits record the agent-observed time (clock_marks): an event expires at
-# most this much later than max_age_days says, plus any time the device was off.
+# most this much later than max_age_days says, plus any time the device was off. Between
+# two marks, a commit that deletes records moves the latest one (db.advance_mark).
 MARK_EVERY_MS = 60_000
 # A record holds at most about this much (Sentry Relay packs ~10 KiB rows; bigger ones
 # compress better, and a drain reads fewer; this bounds what one read unpacks).
@@ -207,17 +208,19 @@ class Writer:
             seq += len(g.bodies)
         books.next_seq = seq
         observed = self.host.observed_ms()
+        settle = self.live.settle(batch.acks, batch.dead)
         mark = None
-        if groups and (books.last_mark is None or observed - books.last_mark >= MARK_EVERY_MS):
+        if ((groups or settle or batch.corrupt)
+                and (books.last_mark is None or observed - books.last_mark >= MARK_EVERY_MS)):
             mark = (observed, seq)
         total = sum(len(p.events) for p in batch.appends)
         job = Job(groups=groups, duplicates=total - sum(stored),
                   new_streams=[(s.id, s.key) for s in books.new_streams],
-                  settle=self.live.settle(batch.acks, batch.dead), corrupt=batch.corrupt,
+                  settle=settle, corrupt=batch.corrupt,
                   room=self.max_bytes - books.used_bytes,
                   reject_when_full=self.cfg.when_full == "reject",
                   remember=self.cfg.dedupe_window_h > 0, counters=books.take_unsaved(),
-                  now=now_ms(), mark=mark)
+                  now=now_ms(), mark=mark, tail=(observed, seq))
         return job, stored
 
     def _each(self, p: Pending, index: DedupeIndex, here: set[int],
