@@ -64,6 +64,7 @@ class Job:
     settle: list[Settle]
     corrupt: list[int]                # records the reader could not unpack
     room: int                         # bytes left under max_size_mb before this commit
+    max_bytes: int                    # max_size_mb: the room once this commit's deletes ran
     reject_when_full: bool
     remember: bool                    # keep delivered records' dedupe keys (``spent``)
     counters: Counts                  # deltas counted on the loop since the last commit
@@ -103,7 +104,11 @@ def commit(conn: sqlite3.Connection, job: Job) -> Outcome:
                   (str(job.corrupt).replace(" ", ""),), Drop.DROPPED_CORRUPT, out)
         forgot = 0
         if packed:
-            excess = sum(len(d) + len(k) + ROW_OVERHEAD for _, d, k in packed) - job.room
+            # Records this commit deleted (acks, dead letters, damage) made room for its
+            # inserts: measured, or a full spool refuses the events that the acks ahead of
+            # them in the same commit made room for (or forgets dedupe keys for it).
+            room = job.max_bytes - used_bytes(conn) if out.deleted else job.room
+            excess = sum(len(d) + len(k) + ROW_OVERHEAD for _, d, k in packed) - room
             if excess > 0:
                 forgot = _forget_spent(conn, out)
                 excess -= forgot

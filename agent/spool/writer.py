@@ -217,7 +217,7 @@ class Writer:
         job = Job(groups=groups, duplicates=total - sum(stored),
                   new_streams=[(s.id, s.key) for s in books.new_streams],
                   settle=settle, corrupt=batch.corrupt,
-                  room=self.max_bytes - books.used_bytes,
+                  room=self.max_bytes - books.used_bytes, max_bytes=self.max_bytes,
                   reject_when_full=self.cfg.when_full == "reject",
                   remember=self.cfg.dedupe_window_h > 0, counters=books.take_unsaved(),
                   now=now_ms(), mark=mark, tail=(observed, seq))
