@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import logging
 import sqlite3
+from array import array
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -83,6 +84,9 @@ class Outcome:
     streams: dict[int, list[int]] = field(default_factory=dict)  # id -> [depth, bytes] deltas
     counters: Counts = field(default_factory=dict)               # deltas computed here
     deleted: list[int] = field(default_factory=list)             # records no longer live
+    # Dedupe keys of events dropped undelivered (full, expired, damaged): a resend of one
+    # is a new chance to deliver it, not a duplicate, so the index lets them go.
+    undelivered: list[array[int]] = field(default_factory=list)
     used_bytes: int = 0
 
 
@@ -202,9 +206,13 @@ def _drop(conn: sqlite3.Connection, where: str, params: tuple[Any, ...], why: Dr
     """Delete whole records, counting their live events as ``why``; returns the bytes
     their rows took (roughly: payload plus overhead)."""
     rows = conn.execute(f"DELETE FROM records WHERE {where} RETURNING id, stream, live, bytes, "
-                        "length(data) + length(dkeys)", params).fetchall()
+                        "length(data) + length(dkeys), dkeys, gone", params).fetchall()
     freed = 0
-    for rid, stream, live, nbytes, size in rows:
+    for rid, stream, live, nbytes, size, dkeys, gone in rows:
+        keys = keys_from_bytes(dkeys)
+        if gone is not None:  # acked or dead-lettered ones stay known
+            keys = array("q", (k for i, k in enumerate(keys) if not gone[i >> 3] >> (i & 7) & 1))
+        out.undelivered.append(keys)
         d = out.streams.setdefault(stream, [0, 0])
         d[0] -= live
         d[1] -= nbytes

@@ -310,6 +310,8 @@ class Spool:
                 return 0
             self.books.apply(out)
             self.live.remove(out.deleted)
+            for keys in out.undelivered:
+                self.index.discard(keys)
             self.index.expire(now_ms(), observed)
         expired = out.counters.get(Drop.EXPIRED, 0)
         if expired:

@@ -283,6 +283,8 @@ class Writer:
             books.new_streams = books.new_streams[len(job.new_streams):]
         books.apply(out)
         self.live.remove(out.deleted)
+        for keys in out.undelivered:
+            self.index.discard(keys)
         if not out.stored:
             _fail(appends, SpoolFull(Reason.FULL))
             return
