@@ -28,6 +28,10 @@ DROP_CHUNK = 64  # records per statement when dropping the oldest
 # both this many and a quarter of the file: a drained spool shrinks, a busy one does
 # not pay for moving pages at every ack.
 VACUUM_MIN_PAGES = 32
+# The file's size is measured (a query: one more time the writer lets go of the GIL and
+# waits for a busy loop to give it back) only within this much of max_size_mb, after
+# deletes, or when the writer asks; otherwise the last size plus what was inserted.
+MEASURE_WITHIN = 4 * 1024 * 1024
 
 log = logging.getLogger("outpost.spool")
 
@@ -43,6 +47,7 @@ class Group:
     bodies: list[bytes]
     keys: list[int]
     nbytes: int = 0
+    data: bytes | None = None         # records.pack(bodies), when packed on the loop
 
 
 @dataclass(slots=True)
@@ -71,6 +76,7 @@ class Job:
     counters: Counts                  # deltas counted on the loop since the last commit
     now: int
     mark: tuple[int, int] | None = None  # (agent-observed ms, next seq): see clock_marks
+    measure: bool = True              # measure the file's size (see MEASURE_WITHIN)
     # Where the latest mark moves to when this commit deletes records or spent keys and
     # writes no mark of its own (see advance_mark).
     tail: tuple[int, int] = (0, 0)
@@ -93,8 +99,10 @@ class Outcome:
 def commit(conn: sqlite3.Connection, job: Job) -> Outcome:
     """Run one group commit; rolls back and re-raises on any error."""
     out = Outcome()
-    # Compressing is the costly part: done before BEGIN, so the write lock is held less.
-    packed = [(g, pack(g.bodies), keys_to_bytes(g.keys)) for g in job.groups]
+    # Compressing is the costly part: done before BEGIN, so the write lock is held less
+    # (small groups come packed from the loop: see writer.PACK_ON_LOOP_BYTES).
+    packed = [(g, pack(g.bodies) if g.data is None else g.data, keys_to_bytes(g.keys))
+              for g in job.groups]
     with transaction(conn):
         if job.mark is not None:
             mark(conn, *job.mark)
@@ -106,13 +114,14 @@ def commit(conn: sqlite3.Connection, job: Job) -> Outcome:
         if job.corrupt:
             _drop(conn, "id IN (SELECT value FROM json_each(?))",
                   (str(job.corrupt).replace(" ", ""),), Drop.DROPPED_CORRUPT, out)
-        forgot = 0
+        forgot = inserted = 0
         if packed:
             # Records this commit deleted (acks, dead letters, damage) made room for its
             # inserts: measured, or a full spool refuses the events that the acks ahead of
             # them in the same commit made room for (or forgets dedupe keys for it).
             room = job.max_bytes - used_bytes(conn) if out.deleted else job.room
-            excess = sum(len(d) + len(k) + ROW_OVERHEAD for _, d, k in packed) - room
+            inserted = sum(len(d) + len(k) + ROW_OVERHEAD for _, d, k in packed)
+            excess = inserted - room
             if excess > 0:
                 forgot = _forget_spent(conn, out)
                 excess -= forgot
@@ -130,7 +139,11 @@ def commit(conn: sqlite3.Connection, job: Job) -> Outcome:
         _save(conn, out.streams, {**job.counters, **_sum(job.counters, out.counters)})
     if out.deleted:
         _hand_back(conn)
-    out.used_bytes = used_bytes(conn)
+    guess = job.max_bytes - job.room + (inserted if out.stored else 0)
+    if job.measure or out.deleted or forgot or job.max_bytes - guess < MEASURE_WITHIN:
+        out.used_bytes = used_bytes(conn)
+    else:
+        out.used_bytes = guess
     return out
 
 
