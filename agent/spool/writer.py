@@ -39,9 +39,10 @@ MARK_EVERY_MS = 60_000
 # compress better, and a drain reads fewer; this bounds what one read unpacks).
 RECORD_EVENTS = 1000
 RECORD_BYTES = 256 * 1024
-# Groups up to this size are compressed on the loop, not the writer's thread: zstd lets
-# go of the GIL, and getting it back from a busy loop cost the writer ~0.2 ms a commit
-# (single-event load: 16 events, ~5 µs of compressing), on the path of every reply.
+# Up to this many bytes of a commit's groups are compressed on the loop, not the writer's
+# thread: zstd lets go of the GIL, and getting it back from a busy loop cost the writer
+# ~0.2 ms a commit (single-event load: 16 events, ~5 µs of compressing), on the path of
+# every reply. Bounded per commit, so a big batch or many keys never hold the loop long.
 PACK_ON_LOOP_BYTES = 16 * 1024
 MEASURE_EVERY = 32  # commits: the file's size is estimated in between (commit.MEASURE_WITHIN)
 
@@ -209,11 +210,13 @@ class Writer:
                 start = end
             stored.append(len(fresh))
         seq = books.next_seq
+        on_loop = PACK_ON_LOOP_BYTES
         for g in groups:  # each record's events are numbered consecutively
             g.id = seq
             seq += len(g.bodies)
-            if g.nbytes <= PACK_ON_LOOP_BYTES:
+            if g.nbytes <= on_loop:
                 g.data = pack(g.bodies)
+                on_loop -= g.nbytes
         books.next_seq = seq
         observed = self.host.observed_ms()
         settle = self.live.settle(batch.acks, batch.dead)
