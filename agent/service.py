@@ -34,6 +34,7 @@ from agent.server.intake import Sink
 from agent.server.limits import RouteLimits
 from agent.settings import Config
 from agent.spool import Spool
+from agent.spool.migrate import ALIVE_EVERY_S
 from agent.uplinks.registry import uplink_class
 
 log = logging.getLogger("outpost")
@@ -43,6 +44,9 @@ MAX_REQUEST_LINE = 64 * 1024
 # client sees the reply rather than a reset. Over loopback the rest takes milliseconds;
 # aiohttp's 10 s default would let a stalled client hold its connection that much longer.
 LINGER_S = 2.0
+# Start time asked of systemd per sign of life from a migration: six beats, so one
+# late beat does not get a slow but working migration killed.
+EXTEND_START_USEC = int(ALIVE_EVERY_S * 6 * 1_000_000)
 EXIT_FORCED = 130   # 128 + SIGINT, as shells report a process ended by an interrupt
 
 
@@ -80,7 +84,8 @@ class Agent:
         async with contextlib.AsyncExitStack() as stack:
             stack.callback(self.notifier.close)
             _register_secrets(self.cfg)
-            self.spool = spool = await Spool.open(self.cfg.storage, on_reopen=self._reopened)
+            self.spool = spool = await Spool.open(self.cfg.storage, on_reopen=self._reopened,
+                                                  on_migrating=self._migrating)
             stack.push_async_callback(spool.close)
             _register_keys(spool.streams)
             self.forwarding = Supervisor(self.cfg, spool, self.facts, self.metrics, self.seams)
@@ -146,6 +151,11 @@ class Agent:
         # during Spool.open itself there is nothing to tell yet (start starts them all).
         if self.spool is not None:
             self._new_data(set(self.spool.streams))
+
+    def _migrating(self) -> None:
+        # From the spool's writer thread, every few seconds of a migration at start: a
+        # large one (8.6 s per million events) would outrun systemd's 90 s start timeout.
+        self.notifier.notify(f"EXTEND_TIMEOUT_USEC={EXTEND_START_USEC}")
 
     def _live(self) -> tuple[Config, Mapping[str, UpstreamState]]:
         # The Supervisor's own config: during a reload it stays the pair in force.

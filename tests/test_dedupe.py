@@ -160,3 +160,32 @@ def test_stored_keys_load_back_exactly(keys: list[int]) -> None:
     index.load(keys_to_bytes(keys), DAY0, 0)
     assert len(index) == len(set(keys))
     assert all(k in index for k in keys)
+
+
+@settings(max_examples=200)
+@given(st.lists(st.tuples(st.lists(st.integers(0, 30), max_size=8),
+                          st.lists(st.integers(0, 30), max_size=4),
+                          st.integers(0, 3 * HOUR_MS)), max_size=30))
+def test_discarded_keys_are_new_again_and_keep_their_own_window(
+        steps: list[tuple[list[int], list[int], int]]) -> None:
+    """Keys of events dropped undelivered are discarded: the next admit of one is new, and
+    counts its window from then (an older bucket that held it must not forget it early)."""
+    index = DedupeIndex(WINDOW, max_keys=10**6)
+    first: dict[int, int] = {}  # key -> the time of its latest True, while remembered
+    now = 0
+    for keys, dropped, advance in steps:
+        now += advance
+        index.expire(DAY0 + now, now)
+        for key, new in zip(keys, index.admit(keys, DAY0 + now, now)):
+            if key in first and now - first[key] < WINDOW:
+                assert not new, (key, now - first[key])
+            if new:
+                first[key] = now
+        index.discard(dropped)
+        for key in dropped:
+            assert key not in index
+            first.pop(key, None)
+    # Each remembered key is in exactly one bucket: expiring them all counts each once.
+    held = len(index)
+    assert index.expire(DAY0 + now + WINDOW + HOUR_MS, now + WINDOW + HOUR_MS) == held
+    assert len(index) == 0

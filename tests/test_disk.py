@@ -151,6 +151,39 @@ async def test_drop_oldest_keeps_the_newest_and_counts_drops(
     assert got == sent[dropped:]                # the newest, in order; the oldest dropped
 
 
+@pytest.mark.parametrize("window_h", [0, 24])
+async def test_space_freed_by_acks_in_the_same_commit_makes_room_for_its_events(
+        make_agent: Any, fake_nucleus: FakeNucleus, window_h: int) -> None:
+    """A full spool (when_full = "reject") whose upstream is back: an app's event that
+    shares its commit with the acks that free the space is stored, not refused with 503,
+    and the delivered events' dedupe keys are kept (not forgotten to make room)."""
+    await fake_nucleus.go_down()
+    agent = await make_agent(upstreams=[upstream(fake_nucleus, "nucleus-http")],
+                             storage={"max_size_mb": 1, "when_full": "reject",
+                                      "dedupe_window_h": window_h})
+    writer = agent.spool.writer
+    async with aiohttp.ClientSession() as s:
+        for n in range(2000):                   # full: even one event is refused
+            if (await post(s, agent.port, [event(n)])).status == 503:
+                break
+        else:
+            raise AssertionError("the spool never filled")
+        # Holding the commit lock lines commits up: the writer takes X's request and waits
+        # for the lock; the upstream's acks and Y's request then wait for the next commit.
+        async with agent.spool.lock:
+            x = asyncio.create_task(post(s, agent.port, [event(10**6)]))
+            await wait_for(lambda: bool(agent.spool.lock._waiters))  # X taken, waiting
+            await fake_nucleus.come_back()
+            agent.forwarding.flush()
+            y = asyncio.create_task(post(s, agent.port, [event(10**6 + 1)]))
+            # The writer's queue: what the next commit takes.
+            await wait_for(lambda: bool(writer._batch.acks and writer._batch.appends))
+        assert (await x).status == 503          # nothing acked yet: still full
+        assert (await y).status == 200          # the acks before it freed the space
+    assert agent.spool.counters.get("dedupe_forgotten", 0) == 0
+    await wait_for(lambda: 10**6 + 1 in fake_nucleus.ids())
+
+
 # -- a real full disk --------------------------------------------------------------------------
 
 

@@ -9,9 +9,11 @@ The v0 file, tests/data/spool-v0.db, was written by the pre-issue-11 code
 from __future__ import annotations
 
 import shutil
+import socket
 import sqlite3
 import subprocess
 import sys
+from collections.abc import Callable
 from pathlib import Path
 
 import pytest
@@ -25,7 +27,7 @@ from agent.spool import Spool
 from agent.spool.db import PAST
 from agent.spool.migrate import RECORD_MAX, SpoolTooNew, upgrade
 from agent.spool.schema import SCHEMA, VERSION
-from tests.conftest import write_config
+from tests.conftest import AgentProcess, free_port, write_config
 from tests.spool_files import Stored, build_v0, connect, covering, keys_of, read_v1
 
 FIXTURE = Path(__file__).parent / "data" / "spool-v0.db"
@@ -368,3 +370,22 @@ async def test_migrated_events_and_keys_expire_when_they_did_before(tmp_path: Pa
     finally:
         await spool.close()
         CLOCK.passed_ms = 0
+
+
+@pytest.mark.skipif(sys.platform == "win32", reason="no AF_UNIX datagrams")
+def test_a_migration_at_start_extends_the_systemd_start_timeout(
+        v0: Path, notify_socket: tuple[socket.socket, str],
+        agent_process: Callable[..., AgentProcess]) -> None:
+    """Under Type=notify a long migration (8.6 s per million v0 events) must not outrun
+    systemd's start timeout (90 s): the agent asks for more time while it migrates."""
+    sock, path = notify_socket
+    port = free_port()
+    cfg = write_config(v0.parent / "agent.toml", v0, port=port)
+    agent_process(cfg, port, env={"NOTIFY_SOCKET": path}).start()
+    seen: list[str] = []
+    while not seen or not seen[-1].startswith("READY=1"):
+        seen.append(sock.recv(4096).decode())
+    extends = [m for m in seen[:-1] if m.startswith("EXTEND_TIMEOUT_USEC=")]
+    assert extends, f"no EXTEND_TIMEOUT_USEC before READY=1: {seen}"
+    assert all(int(m.split("=", 1)[1]) >= 10_000_000 for m in extends), extends
+    assert table(v0, "PRAGMA user_version") == [(VERSION,)]

@@ -3,6 +3,7 @@ agent/dialects/base.py's IngestSink)."""
 
 from __future__ import annotations
 
+import asyncio
 import time
 from collections.abc import Callable
 
@@ -30,6 +31,7 @@ class Sink:
         self.admission = Admission(inflight_budget, metrics)
         # Called with the keys that got new events after each commit (wakes forwarders).
         self.on_new_data = on_new_data
+        self._fresh: set[str] = set()  # keys with new events, not yet announced
 
     def set_accept_keys(self, accept_keys: tuple[str, ...]) -> None:
         self._accept = frozenset(accept_keys)
@@ -64,5 +66,14 @@ class Sink:
         stored = await self.spool.append(events)
         self.metrics.observe_ingest(time.perf_counter() - started, len(events))
         if stored:
-            self.on_new_data({ev.key for ev in events})
+            # Once per commit, not per request: a commit's requests all resume in the same
+            # turn of the loop, and the announcement runs in the next.
+            if not self._fresh:
+                asyncio.get_running_loop().call_soon(self._announce)
+            for ev in events:
+                self._fresh.add(ev.key)
         return stored
+
+    def _announce(self) -> None:
+        fresh, self._fresh = self._fresh, set()
+        self.on_new_data(fresh)

@@ -11,11 +11,12 @@ from __future__ import annotations
 
 import logging
 import sqlite3
+from array import array
 from dataclasses import dataclass, field
 from typing import Any
 
 from agent.outcomes import Counts, Drop, Tally, record
-from agent.spool.db import keys_from_bytes, mark, transaction, used_bytes
+from agent.spool.db import advance_mark, keys_from_bytes, mark, transaction, used_bytes
 from agent.spool.dedupe import keys_to_bytes
 from agent.spool.records import DamagedRecord, pack, unpack
 
@@ -27,6 +28,10 @@ DROP_CHUNK = 64  # records per statement when dropping the oldest
 # both this many and a quarter of the file: a drained spool shrinks, a busy one does
 # not pay for moving pages at every ack.
 VACUUM_MIN_PAGES = 32
+# The file's size is measured (a query: one more time the writer lets go of the GIL and
+# waits for a busy loop to give it back) only within this much of max_size_mb, after
+# deletes, or when the writer asks; otherwise the last size plus what was inserted.
+MEASURE_WITHIN = 4 * 1024 * 1024
 
 log = logging.getLogger("outpost.spool")
 
@@ -42,6 +47,7 @@ class Group:
     bodies: list[bytes]
     keys: list[int]
     nbytes: int = 0
+    data: bytes | None = None         # records.pack(bodies), when packed on the loop
 
 
 @dataclass(slots=True)
@@ -64,11 +70,16 @@ class Job:
     settle: list[Settle]
     corrupt: list[int]                # records the reader could not unpack
     room: int                         # bytes left under max_size_mb before this commit
+    max_bytes: int                    # max_size_mb: the room once this commit's deletes ran
     reject_when_full: bool
     remember: bool                    # keep delivered records' dedupe keys (``spent``)
     counters: Counts                  # deltas counted on the loop since the last commit
     now: int
     mark: tuple[int, int] | None = None  # (agent-observed ms, next seq): see clock_marks
+    measure: bool = True              # measure the file's size (see MEASURE_WITHIN)
+    # Where the latest mark moves to when this commit deletes records or spent keys and
+    # writes no mark of its own (see advance_mark).
+    tail: tuple[int, int] = (0, 0)
 
 
 @dataclass(slots=True)
@@ -79,14 +90,19 @@ class Outcome:
     streams: dict[int, list[int]] = field(default_factory=dict)  # id -> [depth, bytes] deltas
     counters: Counts = field(default_factory=dict)               # deltas computed here
     deleted: list[int] = field(default_factory=list)             # records no longer live
+    # Dedupe keys of events dropped undelivered (full, expired, damaged): a resend of one
+    # is a new chance to deliver it, not a duplicate, so the index lets them go.
+    undelivered: list[array[int]] = field(default_factory=list)
     used_bytes: int = 0
 
 
 def commit(conn: sqlite3.Connection, job: Job) -> Outcome:
     """Run one group commit; rolls back and re-raises on any error."""
     out = Outcome()
-    # Compressing is the costly part: done before BEGIN, so the write lock is held less.
-    packed = [(g, pack(g.bodies), keys_to_bytes(g.keys)) for g in job.groups]
+    # Compressing is the costly part: done before BEGIN, so the write lock is held less
+    # (small groups come packed from the loop: see writer.PACK_ON_LOOP_BYTES).
+    packed = [(g, pack(g.bodies) if g.data is None else g.data, keys_to_bytes(g.keys))
+              for g in job.groups]
     with transaction(conn):
         if job.mark is not None:
             mark(conn, *job.mark)
@@ -98,10 +114,17 @@ def commit(conn: sqlite3.Connection, job: Job) -> Outcome:
         if job.corrupt:
             _drop(conn, "id IN (SELECT value FROM json_each(?))",
                   (str(job.corrupt).replace(" ", ""),), Drop.DROPPED_CORRUPT, out)
+        forgot = inserted = 0
         if packed:
-            excess = sum(len(d) + len(k) + ROW_OVERHEAD for _, d, k in packed) - job.room
+            # Records this commit deleted (acks, dead letters, damage) made room for its
+            # inserts: measured, or a full spool refuses the events that the acks ahead of
+            # them in the same commit made room for (or forgets dedupe keys for it).
+            room = job.max_bytes - used_bytes(conn) if out.deleted else job.room
+            inserted = sum(len(d) + len(k) + ROW_OVERHEAD for _, d, k in packed)
+            excess = inserted - room
             if excess > 0:
-                excess -= _forget_spent(conn, out)
+                forgot = _forget_spent(conn, out)
+                excess -= forgot
             if excess > 0 and job.reject_when_full:
                 record(out.counters, Drop.REJECTED_FULL, sum(len(g.bodies) for g in job.groups))
                 out.stored = False
@@ -111,10 +134,16 @@ def commit(conn: sqlite3.Connection, job: Job) -> Outcome:
                 _insert(conn, packed, out)
         if out.stored and job.duplicates:
             record(out.counters, Tally.DUPLICATES, job.duplicates)
+        if job.mark is None and (out.deleted or forgot):
+            advance_mark(conn, *job.tail)
         _save(conn, out.streams, {**job.counters, **_sum(job.counters, out.counters)})
     if out.deleted:
         _hand_back(conn)
-    out.used_bytes = used_bytes(conn)
+    guess = job.max_bytes - job.room + (inserted if out.stored else 0)
+    if job.measure or out.deleted or forgot or job.max_bytes - guess < MEASURE_WITHIN:
+        out.used_bytes = used_bytes(conn)
+    else:
+        out.used_bytes = guess
     return out
 
 
@@ -190,9 +219,13 @@ def _drop(conn: sqlite3.Connection, where: str, params: tuple[Any, ...], why: Dr
     """Delete whole records, counting their live events as ``why``; returns the bytes
     their rows took (roughly: payload plus overhead)."""
     rows = conn.execute(f"DELETE FROM records WHERE {where} RETURNING id, stream, live, bytes, "
-                        "length(data) + length(dkeys)", params).fetchall()
+                        "length(data) + length(dkeys), dkeys, gone", params).fetchall()
     freed = 0
-    for rid, stream, live, nbytes, size in rows:
+    for rid, stream, live, nbytes, size, dkeys, gone in rows:
+        keys = keys_from_bytes(dkeys)
+        if gone is not None:  # acked or dead-lettered ones stay known
+            keys = array("q", (k for i, k in enumerate(keys) if not gone[i >> 3] >> (i & 7) & 1))
+        out.undelivered.append(keys)
         d = out.streams.setdefault(stream, [0, 0])
         d[0] -= live
         d[1] -= nbytes

@@ -79,6 +79,23 @@ def mark(conn: sqlite3.Connection, observed: int, next_seq: int) -> None:
                  (observed, next_seq))
 
 
+def advance_mark(conn: sqlite3.Connection, observed: int, next_seq: int) -> None:
+    """Move the latest clock mark up to (``observed``, ``next_seq``), or write it if none.
+
+    Seqs must never go back (a Nucleus uplink sends an event without an id under its
+    seq): the next start numbers from above every seq still in the file, and a commit
+    that deletes the last trace of the newest seqs (records delivered with no keys kept
+    in ``spent``, dropped, or spent keys forgotten) records them here. Moving the mark,
+    rather than adding one, keeps one row per minute (MARK_EVERY_MS); it still says
+    something true, only later: events since the mark before it count as received by
+    ``observed``, at most a minute late, so they never expire early.
+    """
+    if not conn.execute("UPDATE clock_marks SET observed = max(observed, ?), next_seq = "
+                        "max(next_seq, ?) WHERE observed = (SELECT max(observed) FROM "
+                        "clock_marks) AND observed > ?", (observed, next_seq, PAST)).rowcount:
+        mark(conn, observed, next_seq)
+
+
 def start_clock(conn: sqlite3.Connection, next_seq: int) -> None:
     """First open of a spool without clock marks (new, or from before them): events
     already queued are judged by the wall clock alone, as they were when received."""

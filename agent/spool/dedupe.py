@@ -108,6 +108,25 @@ class DedupeIndex:
         if stored:
             self._remember(stored, wall_ms, observed_ms)
 
+    def discard(self, keys: Sequence[int]) -> None:
+        """Forget ``keys`` now (events dropped undelivered: a resend must be stored).
+
+        They leave their buckets too, or a resend admitted later would be forgotten with
+        the old bucket, early. They are the oldest keys (drop_oldest, expiry): the scan
+        stops at the bucket holding the last of them."""
+        left = self._keys.intersection(keys)
+        if not left:
+            return
+        self._keys.difference_update(left)
+        for bucket in self._buckets:
+            if left.isdisjoint(bucket.keys):
+                continue
+            kept = array("q", (k for k in bucket.keys if k not in left))
+            left.difference_update(bucket.keys)
+            bucket.keys = kept
+            if not left:
+                break
+
     def expire(self, wall_ms: int, observed_ms: int) -> int:
         """Forget the buckets whose newest key both clocks say is past the window;
         returns how many keys were forgotten."""

@@ -33,7 +33,9 @@ CREATE TABLE dead(seq INTEGER PRIMARY KEY, stream INTEGER NOT NULL, family INTEG
 CREATE TABLE counters(name TEXT PRIMARY KEY, value INTEGER NOT NULL);
 -- Every event with seq < next_seq was received by agent-observed time ``observed`` (the
 -- time the agent has seen pass, over all its runs: agent/clock.py); the latest mark is
--- where that time resumes. With the wall clock, this is what expiry goes by.
+-- where that time resumes, and (kept up to date by commits that delete records: see
+-- db.advance_mark) the seq above which the next start numbers. With the wall clock,
+-- this is what expiry goes by.
 CREATE TABLE clock_marks(observed INTEGER PRIMARY KEY, next_seq INTEGER NOT NULL);
 PRAGMA user_version = 1;
 """

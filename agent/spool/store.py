@@ -58,7 +58,8 @@ class Spool:
     """The durable queue. Create with ``await Spool.open(cfg)``."""
 
     def __init__(self, cfg: StorageConfig, path: Path,
-                 on_reopen: Callable[[], None] = lambda: None) -> None:
+                 on_reopen: Callable[[], None] = lambda: None,
+                 on_migrating: Callable[[], None] | None = None) -> None:
         self.cfg = cfg
         self.path = path
         self.books = Books()
@@ -77,6 +78,8 @@ class Spool:
         # Called when a spool that could not be opened is opened at last, or when rows
         # are salvaged from a corrupt one: their queues need forwarders.
         self.on_reopen = on_reopen
+        # Called from the writer's thread while an older spool is migrated (migrate.py).
+        self.on_migrating = on_migrating
 
     # -- what the writer and reader use --------------------------------------
 
@@ -126,8 +129,9 @@ class Spool:
     # -- lifecycle ---------------------------------------------------------
 
     @classmethod
-    async def open(cls, cfg: StorageConfig, on_reopen: Callable[[], None] = lambda: None) -> Spool:
-        spool = cls(cfg, cfg.resolved_path(), on_reopen)
+    async def open(cls, cfg: StorageConfig, on_reopen: Callable[[], None] = lambda: None,
+                   on_migrating: Callable[[], None] | None = None) -> Spool:
+        spool = cls(cfg, cfg.resolved_path(), on_reopen, on_migrating)
         ensure_private_dir(spool.path.parent)
         try:
             try:
@@ -161,7 +165,7 @@ class Spool:
             def prepare(conn: sqlite3.Connection) -> None:
                 refuse_newer(conn)
                 conn.executescript(pragmas)
-                ensure(conn)
+                ensure(conn, self.on_migrating)
 
             await self._db.open(self.path, "", prepare)
             await self._load_state(self._db)
@@ -306,6 +310,8 @@ class Spool:
                 return 0
             self.books.apply(out)
             self.live.remove(out.deleted)
+            for keys in out.undelivered:
+                self.index.discard(keys)
             self.index.expire(now_ms(), observed)
         expired = out.counters.get(Drop.EXPIRED, 0)
         if expired:

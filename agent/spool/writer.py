@@ -27,16 +27,24 @@ from agent.spool.commit import Group, Job
 from agent.spool.db import SqliteThread
 from agent.spool.dedupe import DedupeIndex
 from agent.spool.live import LiveRecords
+from agent.spool.records import pack
 from agent.spool.types import Reason, SpoolFull
 
 log = logging.getLogger("outpost.spool")
 # How often commits record the agent-observed time (clock_marks): an event expires at
-# most this much later than max_age_days says, plus any time the device was off.
+# most this much later than max_age_days says, plus any time the device was off. Between
+# two marks, a commit that deletes records moves the latest one (db.advance_mark).
 MARK_EVERY_MS = 60_000
 # A record holds at most about this much (Sentry Relay packs ~10 KiB rows; bigger ones
 # compress better, and a drain reads fewer; this bounds what one read unpacks).
 RECORD_EVENTS = 1000
 RECORD_BYTES = 256 * 1024
+# Up to this many bytes of a commit's groups are compressed on the loop, not the writer's
+# thread: zstd lets go of the GIL, and getting it back from a busy loop cost the writer
+# ~0.2 ms a commit (single-event load: 16 events, ~5 µs of compressing), on the path of
+# every reply. Bounded per commit, so a big batch or many keys never hold the loop long.
+PACK_ON_LOOP_BYTES = 16 * 1024
+MEASURE_EVERY = 32  # commits: the file's size is estimated in between (commit.MEASURE_WITHIN)
 
 
 @dataclass(slots=True)
@@ -202,22 +210,29 @@ class Writer:
                 start = end
             stored.append(len(fresh))
         seq = books.next_seq
+        on_loop = PACK_ON_LOOP_BYTES
         for g in groups:  # each record's events are numbered consecutively
             g.id = seq
             seq += len(g.bodies)
+            if g.nbytes <= on_loop:
+                g.data = pack(g.bodies)
+                on_loop -= g.nbytes
         books.next_seq = seq
         observed = self.host.observed_ms()
+        settle = self.live.settle(batch.acks, batch.dead)
         mark = None
-        if groups and (books.last_mark is None or observed - books.last_mark >= MARK_EVERY_MS):
+        if ((groups or settle or batch.corrupt)
+                and (books.last_mark is None or observed - books.last_mark >= MARK_EVERY_MS)):
             mark = (observed, seq)
         total = sum(len(p.events) for p in batch.appends)
         job = Job(groups=groups, duplicates=total - sum(stored),
                   new_streams=[(s.id, s.key) for s in books.new_streams],
-                  settle=self.live.settle(batch.acks, batch.dead), corrupt=batch.corrupt,
-                  room=self.max_bytes - books.used_bytes,
+                  settle=settle, corrupt=batch.corrupt,
+                  room=self.max_bytes - books.used_bytes, max_bytes=self.max_bytes,
                   reject_when_full=self.cfg.when_full == "reject",
                   remember=self.cfg.dedupe_window_h > 0, counters=books.take_unsaved(),
-                  now=now_ms(), mark=mark)
+                  now=now_ms(), mark=mark, tail=(observed, seq),
+                  measure=self.commits % MEASURE_EVERY == 0 or bool(settle or batch.corrupt))
         return job, stored
 
     def _each(self, p: Pending, index: DedupeIndex, here: set[int],
@@ -280,6 +295,8 @@ class Writer:
             books.new_streams = books.new_streams[len(job.new_streams):]
         books.apply(out)
         self.live.remove(out.deleted)
+        for keys in out.undelivered:
+            self.index.discard(keys)
         if not out.stored:
             _fail(appends, SpoolFull(Reason.FULL))
             return

@@ -1,0 +1,74 @@
+"""An event the spool dropped undelivered (full, or expired) is not a duplicate when resent.
+
+Dedupe exists so that an event is delivered once (DESIGN §2.4). An event dropped by
+``when_full = "drop_oldest"`` or by ``max_age_days`` was never delivered: an app's
+resend of it is a new chance to deliver it, and is stored, not answered as a resend.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Iterator
+from typing import Any
+
+import aiohttp
+import pytest
+
+from agent.clock import CLOCK, Clock
+from tests.fakes.nucleus_upstream import FakeNucleus
+from tests.waiting import wait_for
+
+DAY_MS = 86_400_000
+
+
+@pytest.fixture
+def clock() -> Iterator[Clock]:
+    yield CLOCK
+    CLOCK.wall_shift_ms = CLOCK.passed_ms = 0
+
+
+def event(i: int, pad: int = 0) -> dict[str, Any]:
+    return {"type": "event", "name": "e", "id": i, "sessionId": 1, "machineId": "m",
+            "date": "2026-01-01T00:00:00.000Z", "payload": {"pad": os.urandom(pad).hex()}}
+
+
+async def post(s: aiohttp.ClientSession, port: int, events: list[dict[str, Any]]) -> None:
+    async with s.post(f"http://127.0.0.1:{port}/app/app1/track", json={"data": events}) as r:
+        assert r.status == 200, await r.text()
+
+
+async def test_a_resend_of_events_dropped_at_the_cap_is_stored_and_delivered(
+        make_agent: Any, fake_nucleus: FakeNucleus) -> None:
+    await fake_nucleus.go_down()
+    agent = await make_agent(upstreams=[{"name": "up", "protocol": "nucleus-http",
+                                         "url": fake_nucleus.http_url,
+                                         "flush_interval_s": 0.02, "timeout_s": 2}],
+                             storage={"max_size_mb": 1, "when_full": "drop_oldest"})
+    async with aiohttp.ClientSession() as s:
+        n = 0
+        while not agent.spool.counters.get("dropped_full", 0):
+            assert n < 5000, "the spool never filled"
+            await post(s, agent.port, [event(n + j, pad=750) for j in range(5)])
+            n += 5
+        dropped = agent.spool.counters["dropped_full"]
+        resent = list(range(dropped))
+        ingested = agent.spool.counters["ingested"]
+        await post(s, agent.port, [event(i) for i in resent])   # (they may push more out)
+        assert agent.spool.counters.get("duplicates", 0) == 0
+        assert agent.spool.counters["ingested"] == ingested + len(resent)
+    await fake_nucleus.come_back()
+    agent.forwarding.flush()
+    await wait_for(lambda: set(resent) <= set(fake_nucleus.ids()), timeout=20)
+
+
+async def test_a_resend_of_expired_events_is_stored(make_agent: Any, clock: Clock) -> None:
+    """max_age_days below the dedupe window: expired keys would otherwise still dedupe."""
+    agent = await make_agent(storage={"max_age_days": 1, "dedupe_window_h": 72})
+    async with aiohttp.ClientSession() as s:
+        await post(s, agent.port, [event(i) for i in range(3)])
+        clock.passed_ms = DAY_MS + 60_000
+        await agent.spool.prune()
+        assert agent.spool.counters["expired"] == 3 and agent.spool.depth == 0
+        await post(s, agent.port, [event(i) for i in range(3)])
+    assert agent.spool.counters.get("duplicates", 0) == 0
+    assert agent.spool.depth == 3
