@@ -33,6 +33,9 @@ from agent.server.guard import is_loopback_name
 from agent.server.intake import Sink
 from agent.settings import Config
 from agent.spool import Spool
+from agent.sync.metered import source_for
+from agent.sync.monitor import SyncMonitor, SyncView
+from agent.sync.power import BatterySensor, read_battery
 
 log = logging.getLogger("outpost")
 PRUNE_EVERY_S = 600.0
@@ -52,14 +55,16 @@ class Agent:
     """The running agent; ``start`` then ``stop``, or ``serve`` until a signal."""
 
     def __init__(self, cfg: Config, config_path: str | None = None, *,
-                 seams: Seams = Seams()) -> None:
+                 seams: Seams = Seams(), battery: BatterySensor = read_battery) -> None:
         self.cfg = cfg
         self.seams = seams   # what every Supervisor is built with (tests replace parts)
+        self.battery = battery   # the one seam the battery is read through
         self.config_path = config_path
         self.metrics = Metrics()
         self.facts: DeviceFacts = detect(cfg.device)
         self.spool: Spool | None = None
         self.forwarding: Supervisor | None = None
+        self.sync: SyncMonitor | None = None
         self.sink: Sink | None = None
         self.ops: Ops | None = None
         self.app: web.Application | None = None
@@ -81,13 +86,19 @@ class Agent:
             self.spool = spool = await Spool.open(self.cfg.storage, on_reopen=self._reopened)
             stack.push_async_callback(spool.close)
             _register_keys(spool.streams)
-            self.forwarding = Supervisor(self.cfg, spool, self.facts, self.metrics, self.seams)
+            self.sync = SyncMonitor(self.cfg.sync, source_for(self.cfg.sync), self.battery,
+                                    spool.oldest_received, self.seams.timing, self._regate)
+            await self.sync.start()
+            stack.push_async_callback(self.sync.stop)
+            self.forwarding = Supervisor(self.cfg, spool, self.facts, self.metrics, self.seams,
+                                         self.sync.may_send)
             await self.forwarding.start()
             stack.push_async_callback(self._stop_forwarding)
             self.sink = Sink(self.cfg.listen.accept_keys, spool, Enrich(self.facts), self.metrics,
                              inflight_budget=self.cfg.listen.max_inflight_mb * 1024 * 1024,
                              on_new_data=self._new_data)
-            self.ops = Ops(spool, self.metrics, live=self._live, flush=self._flush)
+            self.ops = Ops(spool, self.metrics, live=self._live, flush=self._flush,
+                           sync=self._sync_view)
             self.app = build_app(self.cfg, self.sink, self.ops.routes())
             runner = self._make_runner(self.app)
             await runner.setup()
@@ -150,6 +161,14 @@ class Agent:
         assert self.forwarding is not None
         return self.forwarding.cfg, self.forwarding.states
 
+    def _regate(self) -> None:
+        if self.forwarding is not None:
+            self.forwarding.regate()
+
+    def _sync_view(self) -> SyncView:
+        assert self.sync is not None
+        return self.sync.view()
+
     def _flush(self) -> None:
         assert self.forwarding is not None
         self.forwarding.flush()
@@ -157,6 +176,8 @@ class Agent:
     def _new_data(self, keys: set[str]) -> None:
         # Runs after every commit; a key already registered costs one set lookup.
         _register_keys(keys)
+        if self.sync is not None:
+            self.sync.on_new_data()
         if self.forwarding is not None:
             self.forwarding.on_new_data(keys)
 
@@ -186,16 +207,19 @@ class Agent:
                  and getattr(new.listen, f.name) != getattr(self.cfg.listen, f.name)]
         if new.storage != self.cfg.storage:
             stale.append("[storage]")
+        if new.sync != self.cfg.sync:
+            stale.append("[sync]")
         if stale:
             log.warning("reload: %s changed, which needs a restart", ", ".join(stale))
-        assert self.spool is not None and self.sink is not None
+        assert self.spool is not None and self.sink is not None and self.sync is not None
         _register_secrets(new)
         old = self.forwarding
         self.cfg = new
         # In-flight batches settle before the new forwarders start: nothing sent twice.
         if old is not None:
             await old.stop()
-        self.forwarding = Supervisor(new, self.spool, self.facts, self.metrics, self.seams)
+        self.forwarding = Supervisor(new, self.spool, self.facts, self.metrics, self.seams,
+                                     self.sync.may_send)
         if old is not None:
             _carry_states(old, self.forwarding)
         self.sink.set_accept_keys(new.listen.accept_keys)
