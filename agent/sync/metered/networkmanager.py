@@ -53,7 +53,7 @@ class NetworkManagerSource:
                     await self._session(conn, report)
                     why = "D-Bus connection closed"
                 except (EOFError, OSError) as exc:
-                    why = f"D-Bus connection lost: {exc or type(exc).__name__}"
+                    why = f"D-Bus connection lost: {str(exc) or type(exc).__name__}"
                 finally:
                     await conn.close()
             report(MeteredReading(Metered.UNKNOWN, why))
