@@ -34,7 +34,7 @@ from agent.server.intake import Sink
 from agent.settings import Config
 from agent.spool import Spool
 from agent.sync.metered import source_for
-from agent.sync.monitor import SyncMonitor, SyncView
+from agent.sync.monitor import SyncMonitor
 from agent.sync.power import BatterySensor, read_battery
 
 log = logging.getLogger("outpost")
@@ -98,7 +98,7 @@ class Agent:
                              inflight_budget=self.cfg.listen.max_inflight_mb * 1024 * 1024,
                              on_new_data=self._new_data)
             self.ops = Ops(spool, self.metrics, live=self._live, flush=self._flush,
-                           sync=self._sync_view)
+                           sync=self.sync.view)
             self.app = build_app(self.cfg, self.sink, self.ops.routes())
             runner = self._make_runner(self.app)
             await runner.setup()
@@ -164,10 +164,6 @@ class Agent:
     def _regate(self) -> None:
         if self.forwarding is not None:
             self.forwarding.regate()
-
-    def _sync_view(self) -> SyncView:
-        assert self.sync is not None
-        return self.sync.view()
 
     def _flush(self) -> None:
         assert self.forwarding is not None

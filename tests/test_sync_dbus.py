@@ -16,10 +16,11 @@ import pytest
 
 from agent.clock import CLOCK, Clock
 from agent.forwarder.supervisor import Seams
+from tests.conftest import write_config
 from tests.fakes.manual_timing import ManualTiming
 from tests.fakes.nm_bus import FakeNetworkManager, PrivateBus
 from tests.fakes.nucleus_upstream import FakeNucleus
-from tests.waiting import wait_for
+from tests.waiting import run_outpost, wait_for
 
 YES, NO = 1, 2   # NMMetered
 
@@ -179,3 +180,19 @@ async def test_max_hold_h_sends_everything_once_the_oldest_held_event_is_that_ol
     await wait_for(lambda: not agent.forwarding.loops)
     await post(agent.port, range(4, 6))
     assert not agent.forwarding.loops and agent.spool.depth == 2
+
+
+async def test_doctor_reads_networkmanager_and_says_what_it_means(
+        bus: PrivateBus, nm: FakeNetworkManager, tmp_path: Path) -> None:
+    await nm.set_metered(YES)
+    config = write_config(tmp_path / "doctor.toml", tmp_path / "doctor.db",
+                          sync={"on_metered": "hold", "dbus_address": bus.address})
+    code, out = await run_outpost("doctor", "--config", str(config))
+    assert code == 0, out
+    assert "  metered        yes (NetworkManager: yes)\n" in out, out
+    assert "  profile now    hold (metered network)\n" in out, out
+
+    await nm.stop()
+    code, out = await run_outpost("doctor", "--config", str(config))
+    assert "  metered        unknown (NetworkManager not reachable: " \
+           "org.freedesktop.DBus.Error.ServiceUnknown), treated as not metered\n" in out, out

@@ -2,6 +2,10 @@
 
 from __future__ import annotations
 
+import re
+import tomllib
+from pathlib import Path
+
 import pytest
 from hypothesis import given
 from hypothesis import strategies as st
@@ -63,8 +67,7 @@ def test_reasons_read_as_status_shows_them() -> None:
     assert decide(both, MeteredReading(Metered.YES, "x"), Battery(14.2, False)).reason == \
         "metered network, battery 14%"
     unknown = MeteredReading(Metered.UNKNOWN, "no metered-network source on macOS yet")
-    assert decide(both, unknown, None).reason == (
-        "metered unknown (no metered-network source on macOS yet): treated as not metered")
+    assert decide(both, unknown, None).reason == "metered unknown: treated as not metered"
 
 
 @pytest.mark.parametrize(("value", "state"), [(0, Metered.UNKNOWN), (1, Metered.YES),
@@ -90,3 +93,14 @@ def test_linux_asks_networkmanager_on_the_configured_bus() -> None:
     assert isinstance(source, NetworkManagerSource) and source.bus == "unix:path=/tmp/x"
     default = source_for(SyncConfig(), "linux")
     assert isinstance(default, NetworkManagerSource) and default.bus == "SYSTEM"
+
+
+def test_the_operations_examples_are_valid_config() -> None:
+    doc = (Path(__file__).resolve().parent.parent / "docs" / "operations.md").read_text()
+    section = doc[doc.index("## Sync policy"):doc.index("## Many apps and keys")]
+    blocks = re.findall(r"```toml\n(.*?)```", section, re.DOTALL)
+    assert len(blocks) == 3
+    for block in blocks:
+        parse(tomllib.loads(block))
+    kiosk = parse(tomllib.loads(blocks[2]))
+    assert kiosk.sync.on_metered == "hold" and kiosk.sync.max_hold_h == 1

@@ -110,6 +110,8 @@ class SyncMonitor:
                 "on_battery": (not b.plugged) if b else None, "releases": self.releases}
 
     def _metered(self, reading: MeteredReading) -> None:
+        if reading != self.metered:
+            log.info("metered network: %s (%s)", reading.state.value, reading.detail)
         self.metered = reading
         self._first.set()
         self._update()

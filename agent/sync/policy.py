@@ -69,5 +69,5 @@ def _why_normal(cfg: SyncConfig, metered: MeteredReading, battery: Battery | Non
     if cfg.on_metered == NORMAL and cfg.on_low_battery == NORMAL:
         return "no [sync] rule set"
     if cfg.on_metered != NORMAL and metered.state is Metered.UNKNOWN:
-        return f"metered unknown ({metered.detail}): treated as not metered"
+        return "metered unknown: treated as not metered"
     return "no rule applies"

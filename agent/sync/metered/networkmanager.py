@@ -9,17 +9,15 @@ in one loop, so a closed bus ends the watch (and it reconnects) instead of hangi
 from __future__ import annotations
 
 import asyncio
-import logging
 from collections.abc import Callable
 
 from jeepney import DBusAddress, HeaderFields, MatchRule, Message, MessageType, Properties
+from jeepney.bus import get_bus
 from jeepney.bus_messages import message_bus
 from jeepney.io.asyncio import DBusConnection, open_dbus_connection
 
-from agent.logs import log_limited
 from agent.sync.policy import Metered, MeteredReading
 
-log = logging.getLogger("outpost.sync")
 NM = DBusAddress("/org/freedesktop/NetworkManager", bus_name="org.freedesktop.NetworkManager",
                  interface="org.freedesktop.NetworkManager")
 RECONNECT_S = 60.0   # a missing bus is retried this often: it costs nothing meanwhile
@@ -47,7 +45,7 @@ class NetworkManagerSource:
             try:
                 conn = await open_dbus_connection(self.bus)
             except Exception as exc:  # noqa: BLE001 - no bus, refused auth: the cost is unknown
-                why = f"no D-Bus: {type(exc).__name__}: {exc}"
+                why = f"no D-Bus at {self._where()}: {getattr(exc, 'strerror', None) or exc}"
             else:
                 try:
                     await self._session(conn, report)
@@ -56,10 +54,14 @@ class NetworkManagerSource:
                     why = f"D-Bus connection lost: {str(exc) or type(exc).__name__}"
                 finally:
                     await conn.close()
-            report(MeteredReading(Metered.UNKNOWN, why))
-            log_limited(log, logging.WARNING, "sync:dbus", "metered network unknown (%s); "
-                        "retrying in %.0fs", why, self.reconnect_s)
+            report(MeteredReading(Metered.UNKNOWN, f"{why}; retried every {self.reconnect_s:g}s"))
             await asyncio.sleep(self.reconnect_s)
+
+    def _where(self) -> str:
+        try:
+            return str(get_bus(self.bus))
+        except Exception:  # noqa: BLE001 - only for the message: an address jeepney cannot parse
+            return self.bus
 
     async def _session(self, conn: DBusConnection, report: Callable[[MeteredReading], None]) -> None:
         changed = MatchRule(type="signal", interface="org.freedesktop.DBus.Properties",
