@@ -196,3 +196,28 @@ async def test_doctor_reads_networkmanager_and_says_what_it_means(
     code, out = await run_outpost("doctor", "--config", str(config))
     assert "  metered        unknown (NetworkManager not reachable: " \
            "org.freedesktop.DBus.Error.ServiceUnknown), treated as not metered\n" in out, out
+
+
+async def test_events_no_upstream_takes_are_not_held_or_timed(
+        make_agent: Any, fake_nucleus: FakeNucleus, bus: PrivateBus,
+        nm: FakeNetworkManager, clock: Clock) -> None:
+    timing = ManualTiming()
+    await nm.set_metered(YES)
+    agent = await make_agent(upstreams=[upstream(fake_nucleus)], seams=Seams(timing=timing),
+                             sync={"on_metered": "hold", "max_hold_h": 0.5,
+                                   "dbus_address": bus.address})
+    async with aiohttp.ClientSession() as s, s.post(
+            f"http://127.0.0.1:{agent.port}/app/nobody/track", json={"data": [event(99)]}) as r:
+        assert r.status == 200    # "nobody" matches no upstream: kept until one does
+    clock.passed_ms += 1000_000
+    timing.advance(1000)
+    await post(agent.port, range(1, 3))
+    # Timed from app1's events, half an hour from now, not from "nobody"'s.
+    await wait_for(lambda: len(timing.pending()) == 1 and timing.pending()[0] > 1799)
+    assert agent.spool.depth == 3
+    assert (await fetch(agent.port, "/status"))["sync"]["held_events"] == 2
+
+    clock.passed_ms += 1800_000
+    timing.advance(1800)
+    await wait_for(lambda: [ev["id"] for ev in fake_nucleus.events] == [1, 2])
+    assert agent.sync.releases == 1
