@@ -33,6 +33,7 @@ from agent.server.guard import is_loopback_name
 from agent.server.intake import Sink
 from agent.settings import Config
 from agent.spool import Spool
+from agent.sync.held import oldest_routed
 from agent.sync.metered import source_for
 from agent.sync.monitor import SyncMonitor
 from agent.sync.power import BatterySensor, read_battery
@@ -87,7 +88,7 @@ class Agent:
             stack.push_async_callback(spool.close)
             _register_keys(spool.streams)
             self.sync = SyncMonitor(self.cfg.sync, source_for(self.cfg.sync), self.battery,
-                                    spool.oldest_received, self.seams.timing, self._regate)
+                                    self._oldest_routed, self.seams.timing, self._regate)
             await self.sync.start()
             stack.push_async_callback(self.sync.stop)
             self.forwarding = Supervisor(self.cfg, spool, self.facts, self.metrics, self.seams,
@@ -160,6 +161,10 @@ class Agent:
         # The Supervisor's own config: during a reload it stays the pair in force.
         assert self.forwarding is not None
         return self.forwarding.cfg, self.forwarding.states
+
+    async def _oldest_routed(self) -> int | None:
+        assert self.spool is not None
+        return await oldest_routed(self.cfg, self.spool)
 
     def _regate(self) -> None:
         if self.forwarding is not None:

@@ -162,8 +162,9 @@ async def snapshot(cfg: Config, spool: Spool, states: Mapping[str, UpstreamState
                       "memory_trims": metrics.memory_trims,
                       "refused": metrics.refusals()}
     if sync is not None:
-        # Until priority lanes, a hold holds every queued event alike.
-        snap["sync"] = {**sync, "held_events": spool.depth if sync["profile"] == "hold" else 0}
+        # Until priority lanes, a hold holds every routed event alike.
+        routed = sum(u["queue_depth"] for u in snap["upstreams"])
+        snap["sync"] = {**sync, "held_events": routed if sync["profile"] == "hold" else 0}
     return snap
 
 
