@@ -16,7 +16,7 @@ import pytest
 
 from agent.clock import CLOCK, Clock
 from agent.forwarder.supervisor import Seams
-from tests.conftest import write_config
+from tests.conftest import free_port, write_config
 from tests.fakes.manual_timing import ManualTiming
 from tests.fakes.nm_bus import FakeNetworkManager, PrivateBus
 from tests.fakes.nucleus_upstream import FakeNucleus
@@ -75,7 +75,7 @@ def delivered(fake: FakeNucleus) -> list[int]:
 async def test_a_metered_network_holds_events_and_releases_them_when_it_is_not(
         make_agent: Any, fake_nucleus: FakeNucleus, bus: PrivateBus,
         nm: FakeNetworkManager) -> None:
-    agent = await make_agent(upstreams=[upstream(fake_nucleus)],
+    agent = await make_agent(port=free_port(), upstreams=[upstream(fake_nucleus)],
                              sync={"on_metered": "hold", "dbus_address": bus.address})
     sync = (await fetch(agent.port, "/status"))["sync"]
     assert (sync["profile"], sync["metered"]) == ("normal", "no"), sync
@@ -94,6 +94,9 @@ async def test_a_metered_network_holds_events_and_releases_them_when_it_is_not(
     metrics = await fetch(agent.port, "/metrics")
     assert 'outpost_sync_profile{profile="hold",reason="metered network"} 1' in metrics
     assert "outpost_sync_held_events 5" in metrics
+    code, out = await run_outpost("status", "--config", agent.config_path)
+    assert code == 0 and "\nsync:     hold (metered network), 5 events held; metered yes " \
+        "(NetworkManager: yes)\n" in out, out
 
     await nm.set_metered(NO)
     await wait_for(lambda: delivered(fake_nucleus) == list(range(1, 9)))
