@@ -224,3 +224,12 @@ async def test_events_no_upstream_takes_are_not_held_or_timed(
     timing.advance(1800)
     await wait_for(lambda: [ev["id"] for ev in fake_nucleus.events] == [1, 2])
     assert agent.sync.releases == 1
+
+
+async def test_without_dbus_address_the_standard_variable_names_the_system_bus(
+        make_agent: Any, fake_nucleus: FakeNucleus, bus: PrivateBus, nm: FakeNetworkManager,
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    await nm.set_metered(YES)
+    monkeypatch.setenv("DBUS_SYSTEM_BUS_ADDRESS", bus.address)
+    agent = await make_agent(upstreams=[upstream(fake_nucleus)], sync={"on_metered": "hold"})
+    assert agent.sync.profile.mode == "hold" and nm.gets == 1
