@@ -10,6 +10,7 @@ import sys
 import urllib.error
 import urllib.request
 from collections.abc import Coroutine
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
 
@@ -160,7 +161,9 @@ def cmd_doctor(args: argparse.Namespace) -> int:
 
 def _doctor_sync(cfg: SyncConfig) -> None:
     """The [sync] rules, what this machine reports now, and the profile that gives."""
-    metered = asyncio.run(read_once(source_for(cfg), DOCTOR_DBUS_S))
+    # On a thread with its own loop: doctor may be called where a loop runs already.
+    with ThreadPoolExecutor(1) as pool:
+        metered = pool.submit(lambda: asyncio.run(read_once(source_for(cfg), DOCTOR_DBUS_S))).result()
     battery = read_battery()
     print("sync:")
     print(f"  on_metered     {cfg.on_metered}")
