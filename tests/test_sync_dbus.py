@@ -118,6 +118,8 @@ async def test_a_hold_stops_a_loop_that_is_sending(
     await nm.set_metered(YES)
     await wait_for(lambda: not agent.forwarding.loops)
     assert agent.spool.depth == 2   # unacked events stay queued, held
+    # Nothing is sending any more: status must not say so.
+    assert (await fetch(agent.port, "/status"))["upstreams"][0]["state"] == "idle"
 
     fake_nucleus.ack = lambda ev_id: True
     await nm.set_metered(NO)
