@@ -126,6 +126,9 @@ class Supervisor:
         if self.loops.get(key) is loop:  # not yet replaced by a loop for newer data
             del self.loops[key]
             if loop.stopping:  # stopped by regate, which may have let the key go again since
+                if loop.state.state == "sending" and all(
+                        other.state is not loop.state for other in self.loops.values()):
+                    loop.state.state = "idle"   # held: none of the upstream's loops sends now
                 self._ensure(key)
 
     def regate(self) -> None:
