@@ -10,6 +10,7 @@ import sys
 import urllib.error
 import urllib.request
 from collections.abc import Coroutine
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
 
@@ -20,7 +21,10 @@ from agent.device import detect
 from agent.install import command as service_install
 from agent.ops.status import offline_snapshot
 from agent.server import memory
-from agent.settings import Config
+from agent.settings import Config, SyncConfig
+from agent.sync.metered import read_once, source_for
+from agent.sync.policy import Metered, decide
+from agent.sync.power import read_battery
 from agent.uplinks.registry import uplink_class
 
 
@@ -71,6 +75,8 @@ def _agent_url(cfg: Config, path: str) -> str:
 
 
 # The agent is on loopback: an $http_proxy meant for the internet must not be used.
+# doctor waits this long for NetworkManager to say whether the network is metered.
+DOCTOR_DBUS_S = 2.0
 _DIRECT = urllib.request.build_opener(urllib.request.ProxyHandler({}))
 
 
@@ -149,7 +155,26 @@ def cmd_doctor(args: argparse.Namespace) -> int:
         print(f"  {up.name:10} {up.protocol:13} {up.url}  {uplink_class(up.protocol).probe(up)}")
     if not cfg.upstreams:
         print("  (none: events are kept until an upstream is configured)")
+    _doctor_sync(cfg.sync)
     return 0
+
+
+def _doctor_sync(cfg: SyncConfig) -> None:
+    """The [sync] rules, what this machine reports now, and the profile that gives."""
+    # On a thread with its own loop: doctor may be called where a loop runs already.
+    with ThreadPoolExecutor(1) as pool:
+        metered = pool.submit(lambda: asyncio.run(read_once(source_for(cfg), DOCTOR_DBUS_S))).result()
+    battery = read_battery()
+    print("sync:")
+    print(f"  on_metered     {cfg.on_metered}")
+    print(f"  on_low_battery {cfg.on_low_battery} (below {cfg.low_battery_pct}%)")
+    print(f"  max_hold_h     {cfg.max_hold_h:g}")
+    unknown = ", treated as not metered" if metered.state is Metered.UNKNOWN else ""
+    print(f"  metered        {metered.state.value} ({metered.detail}){unknown}")
+    print("  battery        " + (f"{battery.percent:.0f}%, {'on mains' if battery.plugged else 'on battery'}"
+                                 if battery else "none"))
+    profile = decide(cfg, metered, battery)
+    print(f"  profile now    {profile.mode} ({profile.reason})")
 
 
 def build_parser() -> argparse.ArgumentParser:

@@ -13,7 +13,15 @@ from typing import Any, Callable, TypeVar
 from urllib.parse import urlsplit
 
 from agent import paths
-from agent.settings import Config, DeviceConfig, ListenConfig, LogConfig, StorageConfig, UpstreamConfig
+from agent.settings import (
+    Config,
+    DeviceConfig,
+    ListenConfig,
+    LogConfig,
+    StorageConfig,
+    SyncConfig,
+    UpstreamConfig,
+)
 from agent.uplinks import registry
 
 
@@ -127,6 +135,27 @@ def _device(t: dict[str, Any]) -> DeviceConfig:
     return out
 
 
+def _rule(value: Any) -> str | None:
+    if value == "priority_only":
+        # Without priority lanes it could only mean "normal" or "hold": refused, not guessed.
+        return "'priority_only' is not yet supported (it needs priority lanes); use 'normal' or 'hold'"
+    return _one_of("normal", "hold")(value)
+
+
+def _sync(t: dict[str, Any]) -> SyncConfig:
+    w = "sync"
+    out = SyncConfig(
+        on_metered=_take(t, w, "on_metered", str, "normal", _rule),
+        on_low_battery=_take(t, w, "on_low_battery", str, "normal", _rule),
+        low_battery_pct=_take(t, w, "low_battery_pct", int, 20,
+                              lambda v: None if 1 <= v <= 100 else f"must be 1..100, got {v}"),
+        max_hold_h=float(_take(t, w, "max_hold_h", (int, float), 24.0, _positive)),
+        dbus_address=_take(t, w, "dbus_address", str, ""),
+    )
+    _no_leftovers(t, w)
+    return out
+
+
 def _url_check(protocol: str) -> Callable[[Any], str | None]:
     schemes = tuple(f"{s}://" for s in registry.uplink_class(protocol).schemes)
 
@@ -188,6 +217,7 @@ def parse(raw: dict[str, Any], source: str = "<string>") -> Config:
     log = LogConfig(level=_take(log_t, "log", "level", str, "info",
                                 _one_of("debug", "info", "warning", "error")))
     _no_leftovers(log_t, "log")
+    sync = _sync(_table(raw, "sync"))
     ups_raw = raw.pop("upstream", [])
     if not isinstance(ups_raw, list) or not all(isinstance(u, dict) for u in ups_raw):
         raise ConfigError("upstream: expected an array of tables ([[upstream]])")
@@ -198,7 +228,7 @@ def parse(raw: dict[str, Any], source: str = "<string>") -> Config:
             raise ConfigError(f"upstream[{i}].name: duplicate name {name!r}")
     _no_leftovers(raw, "")
     return Config(listen=listen, storage=storage, device=device, upstreams=upstreams,
-                  log=log, source=source)
+                  log=log, sync=sync, source=source)
 
 
 def load_file(path: Path) -> Config:

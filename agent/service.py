@@ -35,6 +35,10 @@ from agent.server.limits import RouteLimits
 from agent.settings import Config
 from agent.spool import Spool
 from agent.spool.migrate import ALIVE_EVERY_S
+from agent.sync.held import oldest_routed
+from agent.sync.metered import source_for
+from agent.sync.monitor import SyncMonitor
+from agent.sync.power import BatterySensor, read_battery
 from agent.uplinks.registry import uplink_class
 
 log = logging.getLogger("outpost")
@@ -58,14 +62,16 @@ class Agent:
     """The running agent; ``start`` then ``stop``, or ``serve`` until a signal."""
 
     def __init__(self, cfg: Config, config_path: str | None = None, *,
-                 seams: Seams = Seams()) -> None:
+                 seams: Seams = Seams(), battery: BatterySensor = read_battery) -> None:
         self.cfg = cfg
         self.seams = seams   # what every Supervisor is built with (tests replace parts)
+        self.battery = battery   # the one seam the battery is read through
         self.config_path = config_path
         self.metrics = Metrics()
         self.facts: DeviceFacts = detect(cfg.device)
         self.spool: Spool | None = None
         self.forwarding: Supervisor | None = None
+        self.sync: SyncMonitor | None = None
         self.sink: Sink | None = None
         self.ops: Ops | None = None
         self.app: web.Application | None = None
@@ -88,13 +94,19 @@ class Agent:
                                                   on_migrating=self._migrating)
             stack.push_async_callback(spool.close)
             _register_keys(spool.streams)
-            self.forwarding = Supervisor(self.cfg, spool, self.facts, self.metrics, self.seams)
+            self.sync = SyncMonitor(self.cfg.sync, source_for(self.cfg.sync), self.battery,
+                                    self._oldest_routed, self.seams.timing, self._regate)
+            await self.sync.start()
+            stack.push_async_callback(self.sync.stop)
+            self.forwarding = Supervisor(self.cfg, spool, self.facts, self.metrics, self.seams,
+                                         self.sync.may_send)
             await self.forwarding.start()
             stack.push_async_callback(self._stop_forwarding)
             self.sink = Sink(self.cfg.listen.accept_keys, spool, Enrich(self.facts), self.metrics,
                              inflight_budget=self.cfg.listen.max_inflight_mb * 1024 * 1024,
                              on_new_data=self._new_data, limits=_limits(self.cfg))
-            self.ops = Ops(spool, self.metrics, live=self._live, flush=self._flush)
+            self.ops = Ops(spool, self.metrics, live=self._live, flush=self._flush,
+                           sync=self.sync.view)
             self.app = build_app(self.cfg, self.sink, self.ops.routes())
             runner = self._make_runner(self.app)
             await runner.setup()
@@ -162,6 +174,14 @@ class Agent:
         assert self.forwarding is not None
         return self.forwarding.cfg, self.forwarding.states
 
+    async def _oldest_routed(self) -> int | None:
+        assert self.spool is not None
+        return await oldest_routed(self.cfg, self.spool)
+
+    def _regate(self) -> None:
+        if self.forwarding is not None:
+            self.forwarding.regate()
+
     def _flush(self) -> None:
         assert self.forwarding is not None
         self.forwarding.flush()
@@ -169,6 +189,8 @@ class Agent:
     def _new_data(self, keys: set[str]) -> None:
         # Runs after every commit; a key already registered costs one set lookup.
         _register_keys(keys)
+        if self.sync is not None:
+            self.sync.on_new_data()
         if self.forwarding is not None:
             self.forwarding.on_new_data(keys)
 
@@ -198,9 +220,11 @@ class Agent:
                  and getattr(new.listen, f.name) != getattr(self.cfg.listen, f.name)]
         if new.storage != self.cfg.storage:
             stale.append("[storage]")
+        if new.sync != self.cfg.sync:
+            stale.append("[sync]")
         if stale:
             log.warning("reload: %s changed, which needs a restart", ", ".join(stale))
-        assert self.spool is not None and self.sink is not None
+        assert self.spool is not None and self.sink is not None and self.sync is not None
         _register_secrets(new)
         old = self.forwarding
         self.cfg = new
@@ -209,7 +233,8 @@ class Agent:
         # In-flight batches settle before the new forwarders start: nothing sent twice.
         if old is not None:
             await old.stop()
-        self.forwarding = Supervisor(new, self.spool, self.facts, self.metrics, self.seams)
+        self.forwarding = Supervisor(new, self.spool, self.facts, self.metrics, self.seams,
+                                     self.sync.may_send)
         if old is not None:
             _carry_states(old, self.forwarding)
         self.sink.set_accept_keys(new.listen.accept_keys)

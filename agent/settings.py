@@ -82,6 +82,23 @@ class LogConfig:
 
 
 @dataclass(frozen=True)
+class SyncConfig:
+    """Transmit profiles: what forwarding does on a metered network and on a low battery.
+
+    Each rule is "normal" or "hold" ("priority_only" waits for priority lanes and is
+    refused by config.py). ``max_hold_h`` sends everything held once the oldest queued
+    event is that old, so a hold never outlives it.
+    """
+
+    on_metered: str = "normal"
+    on_low_battery: str = "normal"
+    low_battery_pct: int = 20
+    max_hold_h: float = 24.0
+    # NetworkManager's bus: "" means $DBUS_SYSTEM_BUS_ADDRESS, else the system bus.
+    dbus_address: str = ""
+
+
+@dataclass(frozen=True)
 class Config:
     """The whole agent configuration; passed into every component's constructor."""
 
@@ -90,6 +107,7 @@ class Config:
     device: DeviceConfig = field(default_factory=DeviceConfig)
     upstreams: tuple[UpstreamConfig, ...] = ()
     log: LogConfig = field(default_factory=LogConfig)
+    sync: SyncConfig = field(default_factory=SyncConfig)
     source: str = "<defaults>"
 
     def route(self, app_key: str) -> UpstreamConfig | None:

@@ -22,6 +22,7 @@ from agent import logs
 from agent.forwarder.backoff import Backoff
 from agent.forwarder.supervisor import Seams
 from agent.service import Agent
+from agent.sync.power import BatterySensor, read_battery
 from tests.fakes.faulty_upstream import FaultyUpstream
 from tests.fakes.nucleus_upstream import FakeNucleus
 from tests.fakes.segment_upstream import FakeSegment
@@ -47,12 +48,15 @@ def toml_value(v: Any) -> str:
 
 def write_config(path: Path, spool: Path, *, port: int = 0, listen: dict[str, Any] | None = None,
                  storage: dict[str, Any] | None = None,
-                 upstreams: list[dict[str, Any]] | None = None) -> Path:
+                 upstreams: list[dict[str, Any]] | None = None,
+                 sync: dict[str, Any] | None = None) -> Path:
     """Write an agent.toml; tables as dicts, upstreams as a list of dicts."""
     lines = ["[listen]", f"port = {port}"]
     lines += [f"{k} = {toml_value(v)}" for k, v in (listen or {}).items()]
     lines += ["[storage]", f"path = {toml_value(str(spool))}"]
     lines += [f"{k} = {toml_value(v)}" for k, v in (storage or {}).items()]
+    if sync:
+        lines += ["[sync]", *(f"{k} = {toml_value(v)}" for k, v in sync.items())]
     for up in upstreams or []:
         lines.append("[[upstream]]")
         lines += [f"{k} = {toml_value(v)}" for k, v in up.items()]
@@ -111,15 +115,17 @@ async def faulty(fast_backoff: Seams) -> AsyncIterator[FaultyUpstream]:
 async def make_agent(tmp_path: Path,
                      request: pytest.FixtureRequest) -> AsyncIterator[Callable[..., Any]]:
     """Start an in-process agent on port 0: ``agent = await make_agent(upstreams=[...])``;
-    ``seams=`` replaces the forwarder's uplink factory, clock or backoff."""
+    ``seams=`` replaces the forwarder's uplink factory, clock or backoff; ``battery=`` the
+    battery sensor (agent/sync/power.py)."""
     started: list[Agent] = []
     default = (request.getfixturevalue("fast_backoff") if "fast_backoff" in request.fixturenames
                else Seams())
 
-    async def make(*, seams: Seams = default, **kw: Any) -> Agent:
+    async def make(*, seams: Seams = default, battery: BatterySensor = read_battery,
+                   **kw: Any) -> Agent:
         cfg_path = write_config(tmp_path / f"agent{len(started)}.toml",
                                 kw.pop("spool", tmp_path / "spool.db"), **kw)
-        agent = Agent(config_mod.load_file(cfg_path), str(cfg_path), seams=seams)
+        agent = Agent(config_mod.load_file(cfg_path), str(cfg_path), seams=seams, battery=battery)
         await agent.start()
         started.append(agent)
         return agent

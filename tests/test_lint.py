@@ -63,6 +63,10 @@ def test_import_contracts_are_kept() -> None:
      "Uplinks are reached through their registry"),
     ("agent/server/app.py", "from agent.dialects import capture",
      "Dialects are reached through their registry"),
+    ("agent/sync/policy.py", "import psutil", "The transmit policy is pure"),
+    ("agent/sync/power.py", "from agent.sync.metered import none", "One job each in sync"),
+    ("agent/sync/metered/none.py", "from agent.sync.metered import networkmanager",
+     "One file per metered source"),
 ])
 def test_each_contract_catches_a_wrong_import(
         tmp_path: Path, module: str, bad_import: str, contract: str) -> None:

@@ -95,6 +95,7 @@ async def test_page_in_chromium_matches_status(make_agent: Any, chromium: str,
     assert page.by_id["acked"] == str(status["counters"]["acked"]) == str(LIVE)
     assert page.by_id["spool-used"] == str(status["spool"]["used_bytes"])
     assert float(page.by_id["oldest-age"]) >= 0
+    assert page.by_id["sync-profile"] == status["sync"]["profile"] == "normal"
     assert page.by_id["hour-in"] == str(sum(m["in"] for m in status["history"]))
     assert page.by_id["hour-out"] == str(sum(m["out"] for m in status["history"])) == str(LIVE)
     assert page.drops == {k: str(v) for k, v in status["drops"].items()}

@@ -13,6 +13,10 @@ data for a parked key waits with it (a failing upstream is not hammered
 sooner); a flush starts every parked key at once; a stop just forgets them.
 So a key waiting for a retry costs a few hundred bytes, not a loop (~10 KB).
 
+A loop starts only if ``may_send(key)`` (the transmit profile, agent/sync/) says so;
+``regate`` runs when that answer may have changed: it stops the loops now held
+(their in-flight batches settle) and starts every key with data it lets go.
+
 ``_run`` is the one supervision point: whatever a forwarder, its delivery
 tasks or its uplink's own tasks raise unexpectedly ends up there, is logged
 with its traceback, counted (``crashes`` in /status and /metrics), shown as
@@ -66,8 +70,9 @@ class Supervisor:
     """Owns the forwarders and the HTTP client session they share."""
 
     def __init__(self, cfg: Config, spool: Spool, facts: DeviceFacts, metrics: Metrics,
-                 seams: Seams = Seams()) -> None:
+                 seams: Seams = Seams(), may_send: Callable[[str], bool] = lambda key: True) -> None:
         self.cfg = cfg
+        self.may_send = may_send
         self.spool = spool
         self.facts = facts
         self.metrics = metrics
@@ -101,7 +106,7 @@ class Supervisor:
         stream = self.spool.streams.get(key)
         # An empty queue needs no loop (a start with 100,000 idle keys starts none).
         if up is None or stream is None or stream.depth == 0 or self._session is None \
-                or self._stopping:
+                or self._stopping or not self.may_send(key):
             return None
         loop = StreamForwarder(up, stream, self.spool, self._uplink(up, key),
                                self.states[up.name], self.metrics,
@@ -120,6 +125,21 @@ class Supervisor:
         self._tasks.discard(task)
         if self.loops.get(key) is loop:  # not yet replaced by a loop for newer data
             del self.loops[key]
+            if loop.stopping:  # stopped by regate, which may have let the key go again since
+                if loop.state.state == "sending" and all(
+                        other.state is not loop.state for other in self.loops.values()):
+                    loop.state.state = "idle"   # held: none of the upstream's loops sends now
+                self._ensure(key)
+
+    def regate(self) -> None:
+        """``may_send`` may have changed: stop the loops it holds, start the keys it lets go."""
+        for key, loop in list(self.loops.items()):
+            if not loop.stopping and not loop.released and not self.may_send(key):
+                loop.stop()
+        for key, stream in self.spool.streams.items():
+            running = self.loops.get(key)
+            if stream.depth and key not in self._parked and (running is None or running.released):
+                self._ensure(key)
 
     def _park(self, key: str, delay: float, attempt: int) -> None:
         if self._stopping:

@@ -11,7 +11,7 @@ import math
 from collections.abc import Iterable
 
 from agent.metrics import Histogram
-from agent.ops.status import Connections, Ingest, Snapshot, UpstreamStatus
+from agent.ops.status import Connections, Ingest, Snapshot, SyncStatus, UpstreamStatus
 from agent.outcomes import Drop, Tally
 
 CONTENT_TYPE = "text/plain; version=0.0.4; charset=utf-8"
@@ -100,10 +100,26 @@ def render(snap: Snapshot, latency: Histogram) -> str:
         _connections(out, snap["connections"])
     if snap["ingest"] is not None:
         _ingest(out, snap["ingest"])
+    if snap["sync"] is not None:
+        _sync(out, snap["sync"])
     out.histogram("ingest_latency_seconds",
                   "Time to commit one ingest request's events (the group commit and fsync).",
                   latency)
     return out.text()
+
+
+def _sync(out: Exposition, sync: SyncStatus) -> None:
+    out.family("sync_profile", "gauge",
+               "1 for the transmit profile in force (normal, hold), else 0; the reason as a label.",
+               [("", {"profile": p, "reason": sync["reason"] if p == sync["profile"] else ""},
+                 1 if p == sync["profile"] else 0) for p in ("normal", "hold")])
+    out.gauge("sync_held_events", "Queued events the transmit profile holds back now.",
+              sync["held_events"])
+    out.counter("sync_max_hold_releases_total",
+                "Times sync.max_hold_h sent everything held, since the agent started.",
+                sync["releases"])
+    out.gauge("sync_metered", "1 on a metered network, 0 on an unmetered or unknown one.",
+              1 if sync["metered"] == "yes" else 0, source=sync["metered_detail"])
 
 
 def _connections(out: Exposition, conns: Connections) -> None:

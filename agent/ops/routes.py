@@ -17,6 +17,7 @@ from agent.ops import prometheus
 from agent.ops.status import Snapshot, snapshot
 from agent.settings import Config
 from agent.spool import Spool
+from agent.sync.monitor import SyncView
 
 _INLINE = re.compile(r"<(script|style)>(.*?)</\1>", re.DOTALL)
 # The config and upstream states in force: a reload replaces both.
@@ -41,11 +42,13 @@ def _csp(page: str) -> str:
 
 class Ops:
     """Handlers over the running agent's parts, given narrow inputs: ``live`` returns the
-    config and upstream states in force, ``flush`` asks every forwarder to send now."""
+    config and upstream states in force, ``flush`` asks every forwarder to send now, and
+    ``sync`` tells the transmit profile."""
 
     def __init__(self, spool: Spool, metrics: Metrics, live: Live,
-                 flush: Callable[[], None]) -> None:
+                 flush: Callable[[], None], sync: Callable[[], SyncView] | None = None) -> None:
         self.spool = spool
+        self._sync = sync
         self.metrics = metrics
         self._live = live
         self._flush = flush
@@ -61,7 +64,8 @@ class Ops:
 
     async def _snapshot(self) -> Snapshot:
         cfg, states = self._live()
-        return await snapshot(cfg, self.spool, states, self.metrics)
+        return await snapshot(cfg, self.spool, states, self.metrics,
+                              self._sync() if self._sync is not None else None)
 
     async def healthz(self, request: web.Request) -> web.Response:
         return web.json_response({"ok": True, "queue_depth": self.spool.depth})

@@ -19,6 +19,7 @@ from agent.metrics import Metrics
 from agent.settings import Config, UpstreamConfig
 from agent.spool import Spool
 from agent.spool.schema import read_offline
+from agent.sync.monitor import SyncView
 
 
 class Unrouted(TypedDict):
@@ -65,6 +66,12 @@ class Ingest(TypedDict):
     refused: dict[str, dict[str, int]]  # api -> HTTP status (or websocket close code) -> n
 
 
+class SyncStatus(SyncView):
+    """The transmit profile (agent/sync/), and the events it holds back now."""
+
+    held_events: int
+
+
 class Snapshot(TypedDict):
     """GET /status's body, and `outpost status --json`'s with or without an agent."""
 
@@ -83,6 +90,7 @@ class Snapshot(TypedDict):
     history: list[dict[str, int]] | None  # events in and out per minute, last hour
     connections: Connections | None
     ingest: Ingest | None
+    sync: SyncStatus | None     # null offline: only a running agent reads network and battery
 
 
 Queues = dict[str | None, list[int]]
@@ -130,12 +138,12 @@ def _snapshot(cfg: Config, source: str, depth: int, streams: Mapping[str, tuple[
         "spool": spool, "dead_letters": dead,
         "counters": outcomes.totals(counts), "drops": outcomes.drops(counts),
         "upstreams": [_upstream(up, queues, states.get(up.name)) for up in cfg.upstreams],
-        "history": None, "connections": None, "ingest": None,
+        "history": None, "connections": None, "ingest": None, "sync": None,
     }
 
 
 async def snapshot(cfg: Config, spool: Spool, states: Mapping[str, UpstreamState],
-                   metrics: Metrics) -> Snapshot:
+                   metrics: Metrics, sync: SyncView | None = None) -> Snapshot:
     """The running agent's state."""
     oldest = await spool.oldest_received()
     snap = _snapshot(cfg, "agent", spool.depth,
@@ -153,6 +161,10 @@ async def snapshot(cfg: Config, spool: Spool, states: Mapping[str, UpstreamState
                       "busy_refusals": metrics.busy_refusals,
                       "memory_trims": metrics.memory_trims,
                       "refused": metrics.refusals()}
+    if sync is not None:
+        # Until priority lanes, a hold holds every routed event alike.
+        routed = sum(u["queue_depth"] for u in snap["upstreams"])
+        snap["sync"] = {**sync, "held_events": routed if sync["profile"] == "hold" else 0}
     return snap
 
 

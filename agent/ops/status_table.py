@@ -76,6 +76,11 @@ def render(data: Snapshot) -> str:
     used, cap = spool.get("used_bytes"), spool.get("max_bytes")
     room = f"{size(used)} of {size(cap)}, " if used is not None and cap is not None else ""
     lines.append(f"spool:    {room}{spool.get('path', '?')}")
+    sync = data.get("sync")
+    if sync is not None:
+        held = f", {sync['held_events']} events held" if sync["profile"] == "hold" else ""
+        lines.append(f"sync:     {sync['profile']} ({sync['reason']}){held}; "
+                     f"metered {sync['metered']} ({sync['metered_detail']})")
     rows = _upstream_rows(data)
     lines.append("")
     if rows:

@@ -1,0 +1,162 @@
+"""Runs the sources the [sync] rules need, keeps the transmit profile, and gates sending.
+
+The forwarders ask ``may_send`` before a key's loop starts, and ``on_change`` (the
+supervisor's re-gating) runs whenever the answer may have changed. Sources run
+only for rules that are set: with the defaults, nothing is watched or polled.
+
+``max_hold_h`` is kept by one waiter: while holding, it sleeps until the oldest
+queued event is that old, then opens the gate for one moment (every key with
+data starts a loop, which sends until its queue is empty) and closes it again.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+from collections.abc import Awaitable, Callable
+from typing import Protocol, TypedDict
+
+from agent.clock import age_s
+from agent.settings import SyncConfig
+from agent.sync.metered import MeteredSource
+from agent.sync.policy import HOLD, NORMAL, Battery, Metered, MeteredReading, decide
+from agent.sync.power import BatterySensor
+
+log = logging.getLogger("outpost.sync")
+BATTERY_POLL_S = 60.0   # levels move by minutes; one wakeup a minute, only with the rule set
+FIRST_READING_S = 2.0   # start waits this long for the network's cost before sending
+RELEASE_RECHECK_S = 60.0   # after a release, before the oldest event is looked at again
+
+
+class Waits(Protocol):
+    """The clock the monitor waits by (the forwarders' Timing fits): tests move it."""
+
+    async def wait(self, event: asyncio.Event, timeout: float) -> None: ...
+
+
+class SyncView(TypedDict):
+    """The profile as status shows it."""
+
+    profile: str          # normal | hold
+    reason: str
+    metered: str          # yes | no | unknown
+    metered_detail: str
+    battery_percent: float | None
+    on_battery: bool | None
+    releases: int         # times max_hold_h sent everything held
+
+
+class SyncMonitor:
+    """The transmit profile in force, and the gate the forwarders ask."""
+
+    def __init__(self, cfg: SyncConfig, metered: MeteredSource, battery: BatterySensor,
+                 oldest: Callable[[], Awaitable[int | None]], waits: Waits,
+                 on_change: Callable[[], None]) -> None:
+        self.cfg = cfg
+        self._source = metered
+        self._sensor = battery
+        self._oldest = oldest
+        self._waits = waits
+        self.on_change = on_change
+        watched = "not read yet" if cfg.on_metered != NORMAL else "not watched (sync.on_metered)"
+        self.metered = MeteredReading(Metered.UNKNOWN, watched)
+        self.battery: Battery | None = None
+        self.profile = decide(cfg, self.metered, None)
+        self.releases = 0
+        self._releasing = False
+        self._first = asyncio.Event()
+        self._changed = asyncio.Event()   # the profile changed, or data came to an empty hold
+        self._poll = asyncio.Event()      # never set: the battery poll's wait only times out
+        self._empty = False               # holding with nothing queued: new data wakes the waiter
+        self._tasks: list[asyncio.Task[None]] = []
+
+    async def start(self) -> None:
+        """Start the sources; wait briefly for the first metered reading, so a hold on a
+        metered network holds from the first send."""
+        if self.cfg.on_low_battery != NORMAL:
+            self._tasks.append(asyncio.create_task(self._poll_battery(), name="sync-battery"))
+        if self.cfg.on_metered != NORMAL:
+            self._tasks.append(asyncio.create_task(self._source.watch(self._metered),
+                                                   name="sync-metered"))
+            with contextlib.suppress(asyncio.TimeoutError):
+                await asyncio.wait_for(self._first.wait(), FIRST_READING_S)
+        if self.cfg.on_metered != NORMAL or self.cfg.on_low_battery != NORMAL:
+            self._tasks.append(asyncio.create_task(self._keep_max_hold(), name="sync-max-hold"))
+
+    async def stop(self) -> None:
+        for task in self._tasks:
+            task.cancel()
+        for task in self._tasks:
+            with contextlib.suppress(asyncio.CancelledError):
+                await task
+        self._tasks.clear()
+
+    def may_send(self, key: str) -> bool:
+        """Whether ``key``'s loop may start now (every key alike until priority lanes)."""
+        return self.profile.mode == NORMAL or self._releasing
+
+    def on_new_data(self) -> None:
+        """After a commit: a hold with nothing queued now has an oldest event to time."""
+        if self._empty:
+            self._empty = False
+            self._changed.set()
+
+    def view(self) -> SyncView:
+        b = self.battery
+        return {"profile": self.profile.mode, "reason": self.profile.reason,
+                "metered": self.metered.state.value, "metered_detail": self.metered.detail,
+                "battery_percent": b.percent if b else None,
+                "on_battery": (not b.plugged) if b else None, "releases": self.releases}
+
+    def _metered(self, reading: MeteredReading) -> None:
+        if reading != self.metered:
+            log.info("metered network: %s (%s)", reading.state.value, reading.detail)
+        self.metered = reading
+        self._first.set()
+        self._update()
+
+    async def _poll_battery(self) -> None:
+        while True:
+            self.battery = self._sensor()
+            self._update()
+            await self._waits.wait(self._poll, BATTERY_POLL_S)
+
+    def _update(self) -> None:
+        profile = decide(self.cfg, self.metered, self.battery)
+        if profile == self.profile:
+            return
+        log.info("transmit profile: %s (%s)", profile.mode, profile.reason)
+        self.profile = profile
+        self._changed.set()
+        self.on_change()
+
+    async def _keep_max_hold(self) -> None:
+        limit_s = self.cfg.max_hold_h * 3600
+        while True:
+            self._changed.clear()
+            if self.profile.mode != HOLD:
+                await self._changed.wait()
+                continue
+            oldest = await self._oldest()
+            if oldest is None:
+                self._empty = True
+                await self._changed.wait()
+                continue
+            left = limit_s - age_s(oldest)
+            if left > 0:
+                # Rechecked at least hourly: the wall clock the age is read by can be set.
+                await self._waits.wait(self._changed, min(left, 3600.0))
+                continue
+            self._release()
+            await self._waits.wait(self._changed, RELEASE_RECHECK_S)
+
+    def _release(self) -> None:
+        log.info("holding (%s), but the oldest queued event is %g h old (sync.max_hold_h): "
+                 "sending everything queued", self.profile.reason, self.cfg.max_hold_h)
+        self.releases += 1
+        self._releasing = True
+        try:
+            self.on_change()
+        finally:
+            self._releasing = False

@@ -1,0 +1,128 @@
+"""A private D-Bus bus (a real dbus-daemon) and a NetworkManager-shaped service on it.
+
+``PrivateBus`` runs ``dbus-daemon`` with its own config and socket in a temporary
+directory; ``FakeNetworkManager`` owns ``org.freedesktop.NetworkManager`` on it and
+exports the manager object's ``Metered`` property (Get, GetAll, PropertiesChanged),
+which a test sets with ``set_metered``. It stands in for NetworkManager only:
+the agent's side (agent/sync/metered/networkmanager.py) talks to it over the real bus.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import shutil
+import subprocess
+from pathlib import Path
+
+from jeepney import DBusAddress, HeaderFields, MessageType, new_error, new_method_return, new_signal
+from jeepney.bus_messages import message_bus
+from jeepney.io.asyncio import DBusConnection, open_dbus_connection
+
+NM_NAME = "org.freedesktop.NetworkManager"
+NM_PATH = "/org/freedesktop/NetworkManager"
+PROPS = "org.freedesktop.DBus.Properties"
+
+CONFIG = """<!DOCTYPE busconfig PUBLIC "-//freedesktop//DTD D-Bus Bus Configuration 1.0//EN"
+ "http://www.freedesktop.org/standards/dbus/1.0/busconfig.dtd">
+<busconfig>
+  <type>session</type>
+  <listen>unix:path={socket}</listen>
+  <auth>EXTERNAL</auth>
+  <policy context="default">
+    <allow send_destination="*" eavesdrop="true"/>
+    <allow eavesdrop="true"/>
+    <allow own="*"/>
+  </policy>
+</busconfig>
+"""
+
+
+class PrivateBus:
+    """A dbus-daemon of the test's own; ``address`` is what the agent's config names."""
+
+    def __init__(self, directory: Path) -> None:
+        self.socket = directory / "bus"
+        self.config = directory / "bus.conf"
+        self.log = directory / "bus.log"
+        self.proc: subprocess.Popen[bytes] | None = None
+
+    @property
+    def address(self) -> str:
+        return f"unix:path={self.socket}"
+
+    def start(self) -> PrivateBus:
+        daemon = shutil.which("dbus-daemon")
+        if daemon is None:
+            raise RuntimeError("dbus-daemon is missing: install Debian's dbus package (.ci/run does)")
+        self.config.write_text(CONFIG.format(socket=self.socket))
+        with open(self.log, "ab") as log:
+            self.proc = subprocess.Popen([daemon, f"--config-file={self.config}", "--nofork",
+                                          "--print-address=1"], stdout=subprocess.PIPE, stderr=log)
+        assert self.proc.stdout is not None
+        # The address is printed once the socket listens: no polling for it.
+        if not self.proc.stdout.readline():
+            raise RuntimeError("dbus-daemon exited before listening")
+        return self
+
+    def stop(self) -> None:
+        if self.proc is not None:
+            self.proc.terminate()
+            self.proc.wait(timeout=10)
+            if self.proc.stdout is not None:
+                self.proc.stdout.close()
+            self.proc = None
+
+
+class FakeNetworkManager:
+    """Owns NetworkManager's name on ``address`` and answers for its ``Metered``."""
+
+    def __init__(self, address: str, metered: int = 0) -> None:
+        self.address = address
+        self.metered = metered
+        self.gets = 0   # Get/GetAll calls answered: the agent reads once, then watches
+        self._conn: DBusConnection | None = None
+        self._task: asyncio.Task[None] | None = None
+
+    async def start(self) -> FakeNetworkManager:
+        self._conn = conn = await open_dbus_connection(self.address)
+        await conn.send(message_bus.RequestName(NM_NAME))
+        # The name is ours once its reply arrives (the only message we have asked for).
+        while (await conn.receive()).header.message_type is not MessageType.method_return:
+            pass
+        self._task = asyncio.create_task(self._serve(conn))
+        return self
+
+    async def stop(self) -> None:
+        """Leave the bus, as NetworkManager exiting would (its name loses its owner)."""
+        if self._task is not None:
+            self._task.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._task
+        if self._conn is not None:
+            await self._conn.close()
+        self._conn = self._task = None
+
+    async def set_metered(self, value: int) -> None:
+        """Change ``Metered`` and announce it, as NetworkManager does."""
+        assert self._conn is not None
+        self.metered = value
+        where = DBusAddress(NM_PATH, interface=PROPS)
+        await self._conn.send(new_signal(where, "PropertiesChanged", "sa{sv}as",
+                                         (NM_NAME, {"Metered": ("u", value)}, [])))
+
+    async def _serve(self, conn: DBusConnection) -> None:
+        while True:
+            msg = await conn.receive()
+            if msg.header.message_type is not MessageType.method_call:
+                continue
+            fields = msg.header.fields
+            member, path = fields.get(HeaderFields.member), fields.get(HeaderFields.path)
+            if path == NM_PATH and member == "Get" and tuple(msg.body) == (NM_NAME, "Metered"):
+                self.gets += 1
+                await conn.send(new_method_return(msg, "v", (("u", self.metered),)))
+            elif path == NM_PATH and member == "GetAll" and tuple(msg.body) == (NM_NAME,):
+                self.gets += 1
+                await conn.send(new_method_return(msg, "a{sv}", ({"Metered": ("u", self.metered)},)))
+            else:
+                await conn.send(new_error(msg, "org.freedesktop.DBus.Error.UnknownMethod"))

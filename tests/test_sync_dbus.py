@@ -1,0 +1,237 @@
+"""Transmit profiles against a real D-Bus: a private dbus-daemon, a NetworkManager-shaped
+service on it (tests/fakes/nm_bus.py), and a real agent that reads and watches ``Metered``.
+
+Holding is proved by the gate, not by waiting: a held key has no forwarding loop, so
+nothing can be sent until the profile changes; max_hold_h by an injected clock.
+"""
+
+from __future__ import annotations
+
+from collections.abc import AsyncIterator, Iterator
+from pathlib import Path
+from typing import Any
+
+import aiohttp
+import pytest
+
+from agent.clock import CLOCK, Clock
+from agent.forwarder.supervisor import Seams
+from tests.conftest import free_port, write_config
+from tests.fakes.manual_timing import ManualTiming
+from tests.fakes.nm_bus import FakeNetworkManager, PrivateBus
+from tests.fakes.nucleus_upstream import FakeNucleus
+from tests.waiting import run_outpost, wait_for
+
+YES, NO = 1, 2   # NMMetered
+
+
+@pytest.fixture
+def bus(tmp_path: Path) -> Iterator[PrivateBus]:
+    private = PrivateBus(tmp_path).start()
+    yield private
+    private.stop()
+
+
+@pytest.fixture
+async def nm(bus: PrivateBus) -> AsyncIterator[FakeNetworkManager]:
+    service = await FakeNetworkManager(bus.address, metered=NO).start()
+    yield service
+    await service.stop()
+
+
+@pytest.fixture
+def clock() -> Iterator[Clock]:
+    yield CLOCK
+    CLOCK.wall_shift_ms = CLOCK.passed_ms = 0
+
+
+def event(i: int) -> dict[str, Any]:
+    return {"type": "event", "name": "e", "id": i, "sessionId": 1, "machineId": "m",
+            "date": "2026-01-01T00:00:00.000Z"}
+
+
+async def post(port: int, ids: range) -> None:
+    async with aiohttp.ClientSession() as s, s.post(
+            f"http://127.0.0.1:{port}/app/app1/track",
+            json={"data": [event(i) for i in ids]}) as r:
+        assert r.status == 200, await r.text()
+
+
+async def fetch(port: int, path: str) -> Any:
+    async with aiohttp.ClientSession() as s, s.get(f"http://127.0.0.1:{port}{path}") as r:
+        assert r.status == 200
+        return await r.json() if path == "/status" else await r.text()
+
+
+def upstream(fake: FakeNucleus) -> dict[str, Any]:
+    return {"name": "up", "protocol": "nucleus-ws", "url": fake.url, "keys": ["app1"],
+            "flush_interval_s": 0.05}
+
+
+def delivered(fake: FakeNucleus) -> list[int]:
+    return [ev["id"] for ev in fake.events]
+
+
+async def test_a_metered_network_holds_events_and_releases_them_when_it_is_not(
+        make_agent: Any, fake_nucleus: FakeNucleus, bus: PrivateBus,
+        nm: FakeNetworkManager) -> None:
+    agent = await make_agent(port=free_port(), upstreams=[upstream(fake_nucleus)],
+                             sync={"on_metered": "hold", "dbus_address": bus.address})
+    sync = (await fetch(agent.port, "/status"))["sync"]
+    assert (sync["profile"], sync["metered"]) == ("normal", "no"), sync
+    await post(agent.port, range(1, 4))
+    await wait_for(lambda: delivered(fake_nucleus) == [1, 2, 3])
+
+    await nm.set_metered(YES)
+    await wait_for(lambda: agent.sync.profile.mode == "hold")
+    await post(agent.port, range(4, 9))
+    # Held: the key has no loop, and none starts while the profile holds.
+    assert not agent.forwarding.loops and agent.spool.depth == 5
+    status = await fetch(agent.port, "/status")
+    assert status["sync"] == {"profile": "hold", "reason": "metered network", "metered": "yes",
+                              "metered_detail": "NetworkManager: yes", "battery_percent": None,
+                              "on_battery": None, "releases": 0, "held_events": 5}
+    metrics = await fetch(agent.port, "/metrics")
+    assert 'outpost_sync_profile{profile="hold",reason="metered network"} 1' in metrics
+    assert "outpost_sync_held_events 5" in metrics
+    code, out = await run_outpost("status", "--config", agent.config_path)
+    assert code == 0 and "\nsync:     hold (metered network), 5 events held; metered yes " \
+        "(NetworkManager: yes)\n" in out, out
+
+    await nm.set_metered(NO)
+    await wait_for(lambda: delivered(fake_nucleus) == list(range(1, 9)))
+    await wait_for(lambda: agent.spool.depth == 0)
+    sync = (await fetch(agent.port, "/status"))["sync"]
+    assert (sync["profile"], sync["held_events"]) == ("normal", 0), sync
+    assert nm.gets == 1   # read once, then watched: no polling
+
+
+async def test_a_hold_stops_a_loop_that_is_sending(
+        make_agent: Any, fake_nucleus: FakeNucleus, bus: PrivateBus,
+        nm: FakeNetworkManager) -> None:
+    fake_nucleus.ack = lambda ev_id: False   # nothing acked: the loop stays busy
+    agent = await make_agent(upstreams=[upstream(fake_nucleus)],
+                             sync={"on_metered": "hold", "dbus_address": bus.address})
+    await post(agent.port, range(1, 3))
+    await wait_for(lambda: delivered(fake_nucleus) == [1, 2])
+    assert agent.forwarding.loops
+    await nm.set_metered(YES)
+    await wait_for(lambda: not agent.forwarding.loops)
+    assert agent.spool.depth == 2   # unacked events stay queued, held
+    # Nothing is sending any more: status must not say so.
+    assert (await fetch(agent.port, "/status"))["upstreams"][0]["state"] == "idle"
+
+    fake_nucleus.ack = lambda ev_id: True
+    await nm.set_metered(NO)
+    await wait_for(lambda: agent.spool.depth == 0)
+
+
+async def test_networkmanager_appearing_later_is_noticed(
+        make_agent: Any, fake_nucleus: FakeNucleus, bus: PrivateBus) -> None:
+    agent = await make_agent(upstreams=[upstream(fake_nucleus)],
+                             sync={"on_metered": "hold", "dbus_address": bus.address})
+    sync = (await fetch(agent.port, "/status"))["sync"]
+    assert sync["metered"] == "unknown" and "ServiceUnknown" in sync["metered_detail"], sync
+    assert sync["profile"] == "normal" and "treated as not metered" in sync["reason"], sync
+
+    service = await FakeNetworkManager(bus.address, metered=YES).start()
+    try:
+        await wait_for(lambda: agent.sync.profile.mode == "hold")
+        await service.stop()   # NetworkManager exits: unknown again, which sends
+        await wait_for(lambda: agent.sync.metered.detail == "NetworkManager is not running")
+        assert agent.sync.profile.mode == "normal"
+    finally:
+        await service.stop()
+
+
+async def test_no_bus_means_unknown_and_normal(
+        make_agent: Any, fake_nucleus: FakeNucleus, tmp_path: Path) -> None:
+    agent = await make_agent(upstreams=[upstream(fake_nucleus)],
+                             sync={"on_metered": "hold",
+                                   "dbus_address": f"unix:path={tmp_path / 'no-bus'}"})
+    sync = (await fetch(agent.port, "/status"))["sync"]
+    assert sync["metered"] == "unknown" and sync["metered_detail"].startswith("no D-Bus"), sync
+    await post(agent.port, range(1, 3))
+    await wait_for(lambda: delivered(fake_nucleus) == [1, 2])
+
+
+async def test_max_hold_h_sends_everything_once_the_oldest_held_event_is_that_old(
+        make_agent: Any, fake_nucleus: FakeNucleus, bus: PrivateBus,
+        nm: FakeNetworkManager, clock: Clock) -> None:
+    timing = ManualTiming()
+    await nm.set_metered(YES)
+    agent = await make_agent(upstreams=[upstream(fake_nucleus)], seams=Seams(timing=timing),
+                             sync={"on_metered": "hold", "max_hold_h": 0.5,
+                                   "dbus_address": bus.address})
+    assert agent.sync.profile.mode == "hold"
+    await post(agent.port, range(1, 4))
+    # The waiter times the oldest held event: half an hour from its receipt.
+    await wait_for(lambda: len(timing.pending()) == 1 and 1799 < timing.pending()[0] <= 1800)
+    clock.passed_ms += 1799_000
+    timing.advance(1799)
+    # Still held at 29m59s: the waiter's timer has not fired (advance runs what is due).
+    assert len(timing.pending()) == 1 and 0 < timing.pending()[0] < 1
+    assert not agent.forwarding.loops and agent.spool.depth == 3
+
+    clock.passed_ms += 1000
+    timing.advance(1)
+    await wait_for(lambda: agent.spool.depth == 0)
+    assert delivered(fake_nucleus) == [1, 2, 3]
+    status = await fetch(agent.port, "/status")
+    assert (status["sync"]["profile"], status["sync"]["releases"]) == ("hold", 1)
+
+    # Released once: the loops it started end once their queue stays empty, and what
+    # comes after is held again, for its own half hour.
+    await wait_for(lambda: not agent.forwarding.loops)
+    await post(agent.port, range(4, 6))
+    assert not agent.forwarding.loops and agent.spool.depth == 2
+
+
+async def test_doctor_reads_networkmanager_and_says_what_it_means(
+        bus: PrivateBus, nm: FakeNetworkManager, tmp_path: Path) -> None:
+    await nm.set_metered(YES)
+    config = write_config(tmp_path / "doctor.toml", tmp_path / "doctor.db",
+                          sync={"on_metered": "hold", "dbus_address": bus.address})
+    code, out = await run_outpost("doctor", "--config", str(config))
+    assert code == 0, out
+    assert "  metered        yes (NetworkManager: yes)\n" in out, out
+    assert "  profile now    hold (metered network)\n" in out, out
+
+    await nm.stop()
+    code, out = await run_outpost("doctor", "--config", str(config))
+    assert "  metered        unknown (NetworkManager not reachable: " \
+           "org.freedesktop.DBus.Error.ServiceUnknown), treated as not metered\n" in out, out
+
+
+async def test_events_no_upstream_takes_are_not_held_or_timed(
+        make_agent: Any, fake_nucleus: FakeNucleus, bus: PrivateBus,
+        nm: FakeNetworkManager, clock: Clock) -> None:
+    timing = ManualTiming()
+    await nm.set_metered(YES)
+    agent = await make_agent(upstreams=[upstream(fake_nucleus)], seams=Seams(timing=timing),
+                             sync={"on_metered": "hold", "max_hold_h": 0.5,
+                                   "dbus_address": bus.address})
+    async with aiohttp.ClientSession() as s, s.post(
+            f"http://127.0.0.1:{agent.port}/app/nobody/track", json={"data": [event(99)]}) as r:
+        assert r.status == 200    # "nobody" matches no upstream: kept until one does
+    clock.passed_ms += 1000_000
+    timing.advance(1000)
+    await post(agent.port, range(1, 3))
+    # Timed from app1's events, half an hour from now, not from "nobody"'s.
+    await wait_for(lambda: len(timing.pending()) == 1 and timing.pending()[0] > 1799)
+    assert agent.spool.depth == 3
+    assert (await fetch(agent.port, "/status"))["sync"]["held_events"] == 2
+
+    clock.passed_ms += 1800_000
+    timing.advance(1800)
+    await wait_for(lambda: [ev["id"] for ev in fake_nucleus.events] == [1, 2])
+    assert agent.sync.releases == 1
+
+
+async def test_without_dbus_address_the_standard_variable_names_the_system_bus(
+        make_agent: Any, fake_nucleus: FakeNucleus, bus: PrivateBus, nm: FakeNetworkManager,
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    await nm.set_metered(YES)
+    monkeypatch.setenv("DBUS_SYSTEM_BUS_ADDRESS", bus.address)
+    agent = await make_agent(upstreams=[upstream(fake_nucleus)], sync={"on_metered": "hold"})
+    assert agent.sync.profile.mode == "hold" and nm.gets == 1
