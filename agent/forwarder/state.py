@@ -22,6 +22,8 @@ class UpstreamState:
     acked: int = 0
     dead_lettered: int = 0
     crashes: int = 0             # unexpected exceptions caught by the supervisor
+    unreachable_since: float | None = None  # wall time a probe first failed to connect
+    probing: bool = False        # unreachable, so probed every few seconds (probe.py)
 
     def error(self, text: str) -> None:
         # Upstream replies and exceptions can echo a key: status, the page and
