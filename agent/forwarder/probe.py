@@ -95,6 +95,7 @@ class Prober:
             log.exception("probing %s failed", self.state.name)
             why = f"probe error: {type(exc).__name__}"
         self._probe = None
+        self.state.probes += 1
         self._settle(why)
 
     def _settle(self, why: str | None) -> None:

@@ -15,6 +15,7 @@ class UpstreamState:
     name: str
     protocol: str
     state: str = "idle"          # idle | sending | backoff | restarting (after a crash)
+    # Status shows "unreachable" instead while unreachable_since is set.
     last_ack: float | None = None
     last_error: str | None = None
     last_error_at: float | None = None
@@ -24,6 +25,7 @@ class UpstreamState:
     crashes: int = 0             # unexpected exceptions caught by the supervisor
     unreachable_since: float | None = None  # wall time a probe first failed to connect
     probing: bool = False        # unreachable, so probed every few seconds (probe.py)
+    probes: int = 0              # TCP probes finished
 
     def error(self, text: str) -> None:
         # Upstream replies and exceptions can echo a key: status, the page and
