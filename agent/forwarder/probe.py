@@ -131,11 +131,10 @@ class Prober:
                         self.state.name, why, self._interval)
         elif why is None and self._lost_at is not None:
             if not quiet:
-                log.warning("upstream %s reachable again after %.0fs", self.state.name,
+                log.info("upstream %s reachable again after %.0fs", self.state.name,
                             now - self._lost_at)
             self._lost_at = None
             self.state.unreachable_since = None
-        self.state.probing = why is not None
 
     def _cancel_timer(self) -> None:
         if self._timer is not None:

@@ -23,8 +23,8 @@ class UpstreamState:
     acked: int = 0
     dead_lettered: int = 0
     crashes: int = 0             # unexpected exceptions caught by the supervisor
-    unreachable_since: float | None = None  # wall time a probe first failed to connect
-    probing: bool = False        # unreachable, so probed every few seconds (probe.py)
+    # Wall time a probe first failed to connect; while set, probed every 2 s (probe.py).
+    unreachable_since: float | None = None
     probes: int = 0              # TCP probes finished
 
     def error(self, text: str) -> None:

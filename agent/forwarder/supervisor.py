@@ -163,8 +163,13 @@ class Supervisor:
             self._timer = self.seams.timing.call_at(when, self._retry)
 
     def _retry(self) -> None:
+        # A timer can fire within the clock's resolution before its time (asyncio's loop
+        # does): what it was set for is due, or it would be set again for that instant.
+        now = self.seams.timing.now()
+        if self._timer is not None:
+            now = max(now, self._timer.when())
         try:
-            for key, attempt in self._lot.due(self.seams.timing.now()):
+            for key, attempt in self._lot.due(now):
                 self._ensure(key, attempt)
         finally:  # one timer serves every parked key: a bug with one must not strand the rest
             self._set_timer()
