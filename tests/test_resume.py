@@ -31,6 +31,7 @@ from agent.forwarder.backoff import BACKOFF, Backoff
 from agent.forwarder.probe import PROBE_S
 from agent.forwarder.state import UpstreamState
 from agent.forwarder.supervisor import NET_GAP_S, Seams
+from agent.forwarder.timing import LOOP_TIMING
 from agent.netwatch import NetWatch
 from tests.fakes.faulty_upstream import Fault, FaultyUpstream
 from tests.fakes.manual_timing import ManualTiming
@@ -239,3 +240,23 @@ async def test_a_retry_timer_that_fires_a_hair_early_still_retries(make_agent: A
         timing.advance(0.1)
     await drained(agent, faulty, 5)
     assert [r.status for r in faulty.requests] == [503, 200]
+
+
+def test_the_loop_clock_timers_know_their_time_on_uvloop() -> None:
+    """The agent runs on uvloop, whose ``call_at`` for a time already past returns a plain
+    Handle without ``when()``; the supervisor's retry timer reads it (a park compares
+    retry times with it, and a retry that fires early is due at its time)."""
+    uvloop = pytest.importorskip("uvloop")
+
+    async def main() -> list[float]:
+        loop = asyncio.get_running_loop()
+        fired = asyncio.Event()
+        past = LOOP_TIMING.call_at(loop.time() - 1.0, fired.set)
+        future = LOOP_TIMING.call_at(loop.time() + 60.0, fired.set)
+        future.cancel()
+        await asyncio.wait_for(fired.wait(), 5)
+        return [past.when(), future.when()]
+
+    with asyncio.Runner(loop_factory=uvloop.new_event_loop) as runner:
+        past_when, future_when = runner.run(main())
+    assert past_when < future_when
