@@ -506,7 +506,7 @@ async def test_a_crash_while_batches_settle_before_a_backoff_reaches_the_supervi
     spool.gate.set()
     uplink = _CrashingUplink()
     parked: list[float] = []
-    fwd = _forwarder(spool, uplink, 2, Release(3600.0, lambda delay, attempt: parked.append(delay)))
+    fwd = _forwarder(spool, uplink, 2, Release(3600.0, lambda delay, attempt, told: parked.append(delay)))
     task = asyncio.create_task(fwd.run())
     await asyncio.wait_for(uplink.sending.wait(), 5)   # row 1 failed, row 2 in flight
     uplink.release.set()

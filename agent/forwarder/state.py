@@ -15,6 +15,7 @@ class UpstreamState:
     name: str
     protocol: str
     state: str = "idle"          # idle | sending | backoff | restarting (after a crash)
+    # Status shows "unreachable" instead while unreachable_since is set.
     last_ack: float | None = None
     last_error: str | None = None
     last_error_at: float | None = None
@@ -22,6 +23,9 @@ class UpstreamState:
     acked: int = 0
     dead_lettered: int = 0
     crashes: int = 0             # unexpected exceptions caught by the supervisor
+    # Wall time a probe first failed to connect; while set, probed every 2 s (probe.py).
+    unreachable_since: float | None = None
+    probes: int = 0              # TCP probes finished
 
     def error(self, text: str) -> None:
         # Upstream replies and exceptions can echo a key: status, the page and

@@ -46,10 +46,11 @@ ACK_GROUP = 20  # batches' worth of acked rows deleted per spool call while rows
 class Release:
     """How a supervised loop ends rather than hold a task, an uplink and a connection
     (any local app can invent keys): once its queue has stayed empty ``idle_s``, and,
-    instead of sleeping out a backoff, by handing ``park`` its (delay, attempt)."""
+    instead of sleeping out a backoff, by handing ``park`` its (delay, attempt, told):
+    told if the delay is the upstream's own Retry-After."""
 
     idle_s: float
-    park: Callable[[float, int], None]
+    park: Callable[[float, int, bool], None]
 
 
 class StreamForwarder:
@@ -105,10 +106,11 @@ class StreamForwarder:
             await self._settle()
             if self._crash is not None:  # raised by a batch that was settling
                 raise self._crash
+            told = self._failed is not None and self._failed.retry_after is not None
             delay = self._back_off()
             if self.release is not None:
                 self.released = True
-                self.release.park(delay, self.attempt)
+                self.release.park(delay, self.attempt, told)
                 return
             await self.pause(delay)
             # Only now, with nothing in flight, may a new connection start.

@@ -7,11 +7,16 @@ not keep a task, an uplink and a connection. New data for a key whose loop has
 ended, or is ending, starts a fresh one.
 
 A loop that must back off (the upstream is down, or refuses an invented key)
-ends too, and its key is parked: its retry time and backoff step wait in a
-heap, under one timer for all keys, until the timer starts a fresh loop. New
-data for a parked key waits with it (a failing upstream is not hammered
-sooner); a flush starts every parked key at once; a stop just forgets them.
-So a key waiting for a retry costs a few hundred bytes, not a loop (~10 KB).
+ends too, and its key is parked (parking.py): its retry time and backoff step
+wait in a heap, under one timer for all keys, until the timer starts a fresh
+loop. New data for a parked key waits with it (a failing upstream is not
+hammered sooner); a flush starts every parked key at once; a stop just forgets
+them. So a key waiting for a retry costs a few hundred bytes, not a loop (~10 KB).
+
+A backoff grows to a minute, but an upstream that comes back is used within
+seconds: each upstream's prober (probe.py) probes it while it is unreachable and
+retries its parked keys the moment it answers, and a network change
+(``network_changed``, from agent/netwatch.py) probes them all at once.
 
 A loop starts only if ``may_send(key)`` (the transmit profile, agent/sync/) says so;
 ``regate`` runs when that answer may have changed: it stops the loops now held
@@ -28,8 +33,8 @@ from __future__ import annotations
 
 import asyncio
 import functools
-import heapq
 import logging
+from collections import Counter
 from collections.abc import Callable
 from dataclasses import dataclass
 
@@ -37,11 +42,14 @@ import aiohttp
 
 from agent.families.facts import DeviceFacts
 from agent.forwarder.backoff import BACKOFF, Backoff
+from agent.forwarder.parking import Parked, ParkingLot
+from agent.forwarder.probe import PROBE_TIMEOUT_S, Prober
 from agent.forwarder.state import UpstreamState
 from agent.forwarder.stream import Release, StreamForwarder
 from agent.forwarder.timing import LOOP_TIMING, Timer, Timing
 from agent.logs import log_limited
 from agent.metrics import Metrics
+from agent.netwatch import NetWatch, watch
 from agent.settings import Config, UpstreamConfig
 from agent.spool import Spool
 from agent.uplinks.base import Uplink
@@ -51,19 +59,25 @@ from agent.uplinks.registry import make_uplink, uplink_class
 log = logging.getLogger("outpost.supervisor")
 # A loop that ran this long before crashing starts again from the first backoff step.
 STABLE_S = 60.0
+# Network changes come in bursts (a link, then its addresses, then routes): the first
+# probes at once, the rest of a burst in one more probe this long after it.
+NET_GAP_S = 2.0
 
 UplinkFactory = Callable[[UpstreamConfig, str, aiohttp.ClientSession, str], Uplink]
+NetWatcher = Callable[[Callable[[], None]], NetWatch | None]
 
 
 @dataclass(frozen=True)
 class Seams:
     """What the forwarders are built with besides config: how an uplink is made, the
-    time they wait by and their backoff policy. Tests replace these to inject faults
-    and to let time pass without waiting."""
+    time they wait by, their backoff policy and what tells them the network changed.
+    Tests replace these to inject faults, to let time pass without waiting, and to
+    keep other processes' network changes out of a test about probing."""
 
     make_uplink: UplinkFactory = make_uplink
     timing: Timing = LOOP_TIMING
     backoff: Backoff = BACKOFF
+    watch_network: NetWatcher = watch
 
 
 class Supervisor:
@@ -79,21 +93,27 @@ class Supervisor:
         self.states = {u.name: UpstreamState(u.name, u.protocol) for u in cfg.upstreams}
         self.loops: dict[str, StreamForwarder] = {}   # by local key: keys with data only
         self._tasks: set[asyncio.Task[None]] = set()   # with loops still closing their uplink
-        self._parked: dict[str, int] = {}   # keys waiting to retry: their backoff step
-        self._retries: list[tuple[float, str]] = []   # heap of the parked keys' retry times
+        self._running: Counter[str] = Counter()   # loop tasks per upstream
+        self._lot = ParkingLot()   # keys waiting to retry
         self._timer: Timer | None = None
         self._session: aiohttp.ClientSession | None = None
         self._stopping = False
         self.seams = seams
+        self.probers: dict[str, Prober] = {}   # built by start: after a reload's _carry_states
+        self._netwatch: NetWatch | None = None
+        self._net_timer: Timer | None = None
+        self._last_kick: float | None = None
 
     async def start(self) -> None:
         self._session = client_session()
+        self.probers = {u.name: self._prober(u) for u in self.cfg.upstreams}
+        self._netwatch = self.seams.watch_network(self.network_changed)
         for key in list(self.spool.streams):
             self._ensure(key)
 
     def on_new_data(self, keys: set[str]) -> None:
         for key in keys:
-            if key in self._parked:  # its retry will send this too
+            if key in self._lot:  # its retry will send this too
                 continue
             loop = self.loops.get(key)
             if loop is None or loop.released:
@@ -118,11 +138,13 @@ class Supervisor:
         self.loops[key] = loop
         task = asyncio.create_task(self._run(key, loop), name=f"forward-{up.name}")
         self._tasks.add(task)
+        self._running[up.name] += 1
         task.add_done_callback(functools.partial(self._ended, key, loop))
         return loop
 
     def _ended(self, key: str, loop: StreamForwarder, task: asyncio.Task[None]) -> None:
         self._tasks.discard(task)
+        self._running[loop.cfg.name] -= 1
         if self.loops.get(key) is loop:  # not yet replaced by a loop for newer data
             del self.loops[key]
             if loop.stopping:  # stopped by regate, which may have let the key go again since
@@ -138,32 +160,72 @@ class Supervisor:
                 loop.stop()
         for key, stream in self.spool.streams.items():
             running = self.loops.get(key)
-            if stream.depth and key not in self._parked and (running is None or running.released):
+            if stream.depth and key not in self._lot and (running is None or running.released):
                 self._ensure(key)
 
-    def _park(self, key: str, delay: float, attempt: int) -> None:
-        if self._stopping:
+    def _park(self, key: str, delay: float, attempt: int, told: bool) -> None:
+        up = self.cfg.route(key)
+        if self._stopping or up is None:
             return
-        self._parked[key] = attempt
-        heapq.heappush(self._retries, (self.seams.timing.now() + delay, key))
-        if self._timer is None or self._retries[0][0] < self._timer.when():
+        when = self.seams.timing.now() + delay
+        self._lot.park(key, Parked(when, attempt, up.name, told))
+        if self._timer is None or when < self._timer.when():
             self._set_timer()
+        if not told:  # the upstream's own Retry-After says it is up: nothing to probe
+            self.probers[up.name].suspect()
 
     def _set_timer(self) -> None:
         if self._timer is not None:
             self._timer.cancel()
         self._timer = None
-        if self._retries:
-            self._timer = self.seams.timing.call_at(self._retries[0][0], self._retry)
+        when = self._lot.next_due()
+        if when is not None:
+            self._timer = self.seams.timing.call_at(when, self._retry)
 
     def _retry(self) -> None:
+        # A timer can fire within the clock's resolution before its time (asyncio's loop
+        # does): what it was set for is due, or it would be set again for that instant.
         now = self.seams.timing.now()
+        if self._timer is not None:
+            now = max(now, self._timer.when())
         try:
-            while self._retries and self._retries[0][0] <= now:
-                _, key = heapq.heappop(self._retries)
-                self._ensure(key, self._parked.pop(key))
+            for key, attempt in self._lot.due(now):
+                self._ensure(key, attempt)
         finally:  # one timer serves every parked key: a bug with one must not strand the rest
             self._set_timer()
+
+    def _prober(self, up: UpstreamConfig) -> Prober:
+        check = functools.partial(uplink_class(up.protocol).reach, up,
+                                  min(PROBE_TIMEOUT_S, up.timeout_s))
+        return Prober(self.states[up.name], check, self.seams.timing,
+                      wanted=lambda: self._lot.count(up.name) + self._running[up.name] > 0,
+                      back=functools.partial(self._resume, up.name))
+
+    def _resume(self, upstream: str) -> None:
+        """``upstream`` answers again: retry its parked keys now, each at its backoff step
+        (a send that fails again backs off further). Keys under a Retry-After wait on."""
+        try:
+            for key, attempt in self._lot.take(upstream):
+                self._ensure(key, attempt)
+        finally:
+            self._set_timer()
+
+    def network_changed(self) -> None:
+        """A link, address or route changed: every upstream with keys waiting is probed
+        now, and retried if it answers. A burst of changes costs one more probe, later."""
+        if self._net_timer is not None or self._stopping:
+            return   # the burst's trailing kick is due
+        now = self.seams.timing.now()
+        if self._last_kick is not None and now - self._last_kick < NET_GAP_S:
+            self._net_timer = self.seams.timing.call_at(self._last_kick + NET_GAP_S, self._kick)
+        else:
+            self._kick()
+
+    def _kick(self) -> None:
+        self._net_timer = None
+        self._last_kick = self.seams.timing.now()
+        for prober in self.probers.values():
+            prober.kick()
 
     def _uplink(self, up: UpstreamConfig, key: str) -> Uplink:
         assert self._session is not None
@@ -200,7 +262,7 @@ class Supervisor:
                     exc_info=exc)
 
     def flush(self) -> None:
-        parked, self._parked, self._retries = self._parked, {}, []
+        parked = self._lot.clear()
         self._set_timer()
         for key in parked:
             self._ensure(key)
@@ -209,9 +271,16 @@ class Supervisor:
 
     async def stop(self) -> None:
         self._stopping = True  # data committed from now on is the next Supervisor's
-        self._parked.clear()   # nothing runs for them: their events wait in the spool
-        self._retries.clear()
+        self._lot.clear()   # nothing runs for them: their events wait in the spool
         self._set_timer()
+        if self._net_timer is not None:
+            self._net_timer.cancel()
+            self._net_timer = None
+        for prober in self.probers.values():
+            prober.stop()
+        if self._netwatch is not None:
+            self._netwatch.close()
+            self._netwatch = None
         for loop in self.loops.values():
             loop.stop()
         if self._tasks:

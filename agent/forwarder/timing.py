@@ -33,6 +33,23 @@ class Timing(Protocol):
     def call_at(self, when: float, callback: Callable[[], None]) -> Timer: ...
 
 
+class _LoopTimer:
+    """A loop timer that knows its time: uvloop's ``call_at`` for a time already past
+    returns a plain Handle, which has no ``when()``."""
+
+    __slots__ = ("_when", "_handle")
+
+    def __init__(self, when: float, handle: asyncio.Handle) -> None:
+        self._when = when
+        self._handle = handle
+
+    def when(self) -> float:
+        return self._when
+
+    def cancel(self) -> None:
+        self._handle.cancel()
+
+
 class LoopTiming:
     """The running event loop's monotonic clock."""
 
@@ -44,7 +61,7 @@ class LoopTiming:
             await asyncio.wait_for(event.wait(), timeout)
 
     def call_at(self, when: float, callback: Callable[[], None]) -> Timer:
-        return asyncio.get_running_loop().call_at(when, callback)
+        return _LoopTimer(when, asyncio.get_running_loop().call_at(when, callback))
 
 
 LOOP_TIMING = LoopTiming()

@@ -17,7 +17,7 @@ from agent.outcomes import Drop, Tally
 CONTENT_TYPE = "text/plain; version=0.0.4; charset=utf-8"
 # UpstreamState.state's values: each upstream exports all of them, 1 for the
 # current one, so that a state that is not current reads 0 instead of vanishing.
-UPSTREAM_STATES = ("idle", "sending", "backoff", "restarting")
+UPSTREAM_STATES = ("idle", "sending", "backoff", "restarting", "unreachable")
 
 Labels = dict[str, str]
 Sample = tuple[str, Labels, float]  # (name suffix, labels, value)
@@ -168,10 +168,17 @@ def _upstreams(out: Exposition, ups: list[UpstreamStatus]) -> None:
                "traceback; the forwarder restarts) since the agent started.",
                per(u["crashes"] for u in ups))
     out.family("upstream_state", "gauge",
-               "1 for each upstream's current state (idle, sending, backoff, restarting), "
+               "1 for each upstream's current state (idle, sending, backoff, restarting, "
+               "unreachable: probed every few seconds), "
                "else 0.",
                [("", {"upstream": u["name"], "state": s}, 1 if u["state"] == s else 0)
                 for u in ups for s in _states(u["state"])])
+    out.family("upstream_unreachable_seconds", "gauge",
+               "Seconds since each upstream was found unreachable (a TCP connect failed); "
+               "0 while reachable.", per(u["unreachable_for_s"] for u in ups))
+    out.family("upstream_probes_total", "counter",
+               "TCP connects that probed each upstream's reachability since the agent started.",
+               per(u["probes"] for u in ups))
     out.family("upstream_last_ack_timestamp_seconds", "gauge",
                "Unix time of each upstream's last acknowledgement (absent before the first).",
                [("", {"upstream": u["name"]}, u["last_ack"]) for u in ups

@@ -39,7 +39,9 @@ class UpstreamStatus(TypedDict):
     name: str
     protocol: str
     url: str
-    state: str                  # idle | sending | backoff | restarting; "offline" offline
+    # idle | sending | backoff | restarting | unreachable (probed: agent/forwarder/probe.py);
+    # "offline" offline
+    state: str
     queue_depth: int
     queue_bytes: int
     keys: int                   # keys with events queued for it
@@ -50,6 +52,8 @@ class UpstreamStatus(TypedDict):
     acked: int | None
     dead_lettered: int | None
     crashes: int | None
+    unreachable_for_s: float | None  # since a probe first failed to connect; null if reachable
+    probes: int | None          # TCP probes of the upstream since start
 
 
 class Connections(TypedDict):
@@ -115,8 +119,10 @@ def _queues(cfg: Config, streams: Mapping[str, tuple[int, int]]) -> Queues:
 
 def _upstream(up: UpstreamConfig, queues: Queues, live: UpstreamState | None) -> UpstreamStatus:
     depth, nbytes, keys = queues[up.name]
+    lost = live.unreachable_since if live else None
     return {"name": up.name, "protocol": up.protocol, "url": up.url,
-            "state": live.state if live else "offline",
+            "state": ("offline" if live is None else "unreachable" if lost is not None
+                      else live.state),
             "queue_depth": depth, "queue_bytes": nbytes, "keys": keys,
             "last_ack": live.last_ack if live else None,
             "last_error": live.last_error if live else None,
@@ -124,7 +130,10 @@ def _upstream(up: UpstreamConfig, queues: Queues, live: UpstreamState | None) ->
             "retries": live.retries if live else None,
             "acked": live.acked if live else None,
             "dead_lettered": live.dead_lettered if live else None,
-            "crashes": live.crashes if live else None}
+            "crashes": live.crashes if live else None,
+            "unreachable_for_s": round(max(0.0, time.time() - lost), 1) if lost is not None
+            else None,
+            "probes": live.probes if live else None}
 
 
 def _snapshot(cfg: Config, source: str, depth: int, streams: Mapping[str, tuple[int, int]],

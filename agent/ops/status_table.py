@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from agent.ops.status import Snapshot
+from agent.ops.status import Snapshot, UpstreamStatus
 from agent.outcomes import Tally
 
 # An upstream's error can be a long exception text; the table keeps one line per
@@ -48,13 +48,18 @@ def _dash(value: object) -> str:
     return "-" if value is None else str(value)
 
 
+def _state(u: UpstreamStatus) -> str:
+    lost = u.get("unreachable_for_s")
+    return f"unreachable {age(lost)}, probing" if lost is not None else u["state"]
+
+
 def _upstream_rows(data: Snapshot) -> list[list[str]]:
     now = data.get("time")
     rows = []
     for u in data.get("upstreams") or []:
         last_ack = u.get("last_ack")
         rows.append([
-            u["name"], u["protocol"], u["state"], str(u["queue_depth"]), size(u["queue_bytes"]),
+            u["name"], u["protocol"], _state(u), str(u["queue_depth"]), size(u["queue_bytes"]),
             _dash(u.get("acked")), _dash(u.get("retries")),
             age(now - last_ack) + " ago" if last_ack and now else "-",
             _clip(u.get("last_error") or "-"),

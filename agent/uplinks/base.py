@@ -13,6 +13,7 @@ doctor`` checks that its upstream is reachable.
 
 from __future__ import annotations
 
+import asyncio
 import socket
 from abc import ABC, abstractmethod
 from collections.abc import Callable
@@ -132,10 +133,8 @@ class UplinkBase(ABC):
     @classmethod
     def probe(cls, cfg: UpstreamConfig) -> str:
         """For `outpost doctor`: whether the upstream's host accepts a TCP connection."""
-        parts = urlsplit(cfg.url)
-        port = parts.port or (443 if parts.scheme in ("https", "wss") else 80)
         try:
-            with socket.create_connection((parts.hostname or "", port), timeout=3):
+            with socket.create_connection(_address(cfg), timeout=3):
                 return "reachable"
         except OSError as exc:
             return f"unreachable ({exc.strerror or exc})"
@@ -157,6 +156,21 @@ class UplinkBase(ABC):
                                 f"batch_max_bytes = {cfg.batch_max_bytes}"))
         return min(limits, key=lambda limit: limit.max_bytes, default=None)
 
+    @classmethod
+    async def reach(cls, cfg: UpstreamConfig, timeout_s: float) -> str | None:
+        """For the forwarder, while the upstream is unreachable: None once its host accepts
+        a TCP connection, else why not. A connect and a close, no request: cheap enough to
+        repeat every few seconds, and it tells a dead network from a live upstream that
+        answers 5xx (which must keep its backoff)."""
+        try:
+            _, writer = await asyncio.wait_for(asyncio.open_connection(*_address(cfg)),
+                                               timeout_s)
+        except (OSError, TimeoutError) as exc:
+            return (exc.strerror if isinstance(exc, OSError) and exc.strerror
+                    else str(exc) or type(exc).__name__)
+        writer.close()
+        return None
+
     def prepare(self, rows: list[Row]) -> Prepared:
         return take_prefix(self, rows)
 
@@ -174,3 +188,8 @@ class UplinkBase(ABC):
 
     async def close(self) -> None:
         return None
+
+
+def _address(cfg: UpstreamConfig) -> tuple[str, int]:
+    parts = urlsplit(cfg.url)
+    return parts.hostname or "", parts.port or (443 if parts.scheme in ("https", "wss") else 80)

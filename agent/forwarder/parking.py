@@ -1,0 +1,79 @@
+"""The keys waiting out a backoff: what the supervisor keeps instead of a loop per key.
+
+A parked key costs an entry here and one in a heap of retry times, which one timer
+serves. A key can leave before its time (its upstream is back, a flush), so a heap
+entry counts only while it matches the key's current park; stale ones are skipped.
+"""
+
+from __future__ import annotations
+
+import heapq
+from collections import Counter
+from dataclasses import dataclass
+
+
+@dataclass(frozen=True, slots=True)
+class Parked:
+    """One key's park: when it retries, at which backoff step, for which upstream."""
+
+    when: float
+    attempt: int
+    upstream: str
+    told: bool   # the wait is the upstream's own Retry-After: nothing may cut it short
+
+
+class ParkingLot:
+    """Parked keys, by key, by retry time and counted by upstream."""
+
+    def __init__(self) -> None:
+        self._keys: dict[str, Parked] = {}
+        self._heap: list[tuple[float, str]] = []
+        self._by_upstream: Counter[str] = Counter()
+
+    def __contains__(self, key: str) -> bool:
+        return key in self._keys
+
+    def count(self, upstream: str) -> int:
+        return self._by_upstream[upstream]
+
+    def park(self, key: str, parked: Parked) -> None:
+        self._drop(key)
+        self._keys[key] = parked
+        self._by_upstream[parked.upstream] += 1
+        heapq.heappush(self._heap, (parked.when, key))
+
+    def next_due(self) -> float | None:
+        while self._heap:
+            when, key = self._heap[0]
+            p = self._keys.get(key)
+            if p is not None and p.when == when:
+                return when
+            heapq.heappop(self._heap)   # the key left, or parked again since
+        return None
+
+    def due(self, now: float) -> list[tuple[str, int]]:
+        """Take the keys whose time has come: (key, attempt), soonest first."""
+        out = []
+        while (when := self.next_due()) is not None and when <= now:
+            _, key = heapq.heappop(self._heap)
+            out.append((key, self._drop(key)))
+        return out
+
+    def take(self, upstream: str) -> list[tuple[str, int]]:
+        """Take ``upstream``'s keys that wait on our backoff, not on its Retry-After."""
+        keys = [k for k, p in self._keys.items() if p.upstream == upstream and not p.told]
+        return [(k, self._drop(k)) for k in keys]
+
+    def clear(self) -> list[str]:
+        keys = list(self._keys)
+        self._keys.clear()
+        self._heap.clear()
+        self._by_upstream.clear()
+        return keys
+
+    def _drop(self, key: str) -> int:
+        p = self._keys.pop(key, None)
+        if p is None:
+            return 0
+        self._by_upstream[p.upstream] -= 1
+        return p.attempt

@@ -1,0 +1,142 @@
+"""One prober per upstream: finds out, cheaply, the moment an unreachable upstream is back.
+
+A key whose send fails parks for its backoff, which grows to a minute; an upstream
+that comes back after a long outage would wait that minute. So each failure without
+the upstream's own Retry-After makes the upstream *suspect*, and its prober tries a
+TCP connect (``UplinkBase.reach``) at once:
+
+- it fails: the network or the host is down. The upstream is marked unreachable
+  (status shows it, and since when) and probed every ``PROBE_S`` while it has
+  anything queued; the first probe that connects calls ``back``, which retries the
+  upstream's parked keys at once, and logs the recovery once.
+- it connects: the upstream is up and answered badly (a 5xx, a timeout, a captive
+  portal). Its backoff holds: a failing upstream is not hammered with batches.
+
+Real sends keep their backoff either way; only the probes run every few seconds,
+and only while something waits for the upstream. ``kick`` (a network change)
+probes at once, and a connect then retries the parked keys whatever the upstream
+was marked: a new network can cure a captive portal as well as an outage.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+from collections.abc import Awaitable, Callable
+
+from agent.forwarder.state import UpstreamState
+from agent.forwarder.timing import Timer, Timing
+
+log = logging.getLogger("outpost.probe")
+
+PROBE_S = 2.0  # between probes of an unreachable upstream
+PROBE_TIMEOUT_S = 3.0  # a connect that takes longer counts as unreachable
+
+Check = Callable[[], Awaitable[str | None]]  # None: reachable; else why not
+
+
+class Prober:
+    """Probes one upstream while it is unreachable and something waits for it."""
+
+    def __init__(self, state: UpstreamState, check: Check, timing: Timing,
+                 wanted: Callable[[], bool], back: Callable[[], None],
+                 interval_s: float = PROBE_S) -> None:
+        self.state = state
+        self._check = check
+        self._timing = timing
+        self._wanted = wanted      # anything queued for the upstream (parked or in a loop)
+        self._back = back          # retry its parked keys now
+        self._interval = interval_s
+        self._lost_at: float | None = None   # timing clock: when a probe first failed
+        self._timer: Timer | None = None
+        self._probe: asyncio.Task[None] | None = None
+        self._live_at: float | None = None   # timing clock: the last probe that connected
+        self._kicked = False                 # the probe running now follows a network change
+
+    @property
+    def unreachable(self) -> bool:
+        return self._lost_at is not None
+
+    def suspect(self) -> None:
+        """A send failed without a Retry-After: probe now, unless a probe is running or
+        scheduled, or one connected less than a probe interval ago (a live upstream
+        failing many keys' sends is probed once, not once per key)."""
+        if self._probe is not None or self._timer is not None:
+            return
+        if self._live_at is not None and self._timing.now() - self._live_at < self._interval:
+            return
+        self._start(kicked=False)
+
+    def kick(self) -> None:
+        """The network changed: probe now if anything waits for the upstream."""
+        if self._wanted():
+            if self._probe is None:
+                self._start(kicked=True)
+            else:
+                self._kicked = True   # the running probe's connect counts as the kick's
+
+    def stop(self) -> None:
+        self._cancel_timer()
+        if self._probe is not None:
+            self._probe.cancel()
+            self._probe = None
+        self._mark(None, quiet=True)
+
+    def _start(self, *, kicked: bool) -> None:
+        self._cancel_timer()
+        self._kicked = kicked
+        self._probe = asyncio.create_task(self._run(), name=f"probe-{self.state.name}")
+
+    async def _run(self) -> None:
+        try:
+            why = await self._check()
+        except Exception as exc:  # noqa: BLE001 - a bug here must not stop the probing
+            log.exception("probing %s failed", self.state.name)
+            why = f"probe error: {type(exc).__name__}"
+        self._probe = None
+        self.state.probes += 1
+        self._settle(why)
+
+    def _settle(self, why: str | None) -> None:
+        kicked, self._kicked = self._kicked, False
+        if why is None:
+            self._live_at = self._timing.now()
+            was_lost = self.unreachable
+            self._mark(None)
+            if was_lost or kicked:
+                self._back()
+        elif self._wanted():
+            self._mark(why)
+            self._timer = self._timing.call_at(self._timing.now() + self._interval, self._tick)
+        else:  # nothing waits for the upstream: no reason to know, no probing
+            self._mark(None, quiet=True)
+
+    def _tick(self) -> None:
+        self._timer = None
+        if self._probe is not None:
+            return
+        if self._wanted():
+            self._start(kicked=False)
+        else:
+            self._mark(None, quiet=True)
+
+    def _mark(self, why: str | None, *, quiet: bool = False) -> None:
+        """Record reachability in the upstream's state; log the loss and the recovery once."""
+        now = self._timing.now()
+        if why is not None and self._lost_at is None:
+            self._lost_at = now
+            self.state.unreachable_since = time.time()
+            log.warning("upstream %s unreachable (%s); probing every %gs",
+                        self.state.name, why, self._interval)
+        elif why is None and self._lost_at is not None:
+            if not quiet:
+                log.info("upstream %s reachable again after %.0fs", self.state.name,
+                            now - self._lost_at)
+            self._lost_at = None
+            self.state.unreachable_since = None
+
+    def _cancel_timer(self) -> None:
+        if self._timer is not None:
+            self._timer.cancel()
+            self._timer = None

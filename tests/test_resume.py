@@ -1,0 +1,262 @@
+"""Delivery resumes within seconds after an outage of any length (issue 13 §1).
+
+A key's backoff grows to a minute; its upstream's prober (agent/forwarder/probe.py)
+probes an unreachable upstream every 2 s and retries the parked keys the moment it
+answers, and a network change probes at once. A live upstream that answers badly
+keeps its backoff, and a Retry-After holds.
+
+The agents run in process on a manual forwarder clock (tests/fakes/manual_timing.py):
+the backoff's real policy reaches its cap without waiting, and because time moves only
+when a test says so, a delivery that happens while a key's own retry is still 30 s
+away can only have come from a probe or a network change. The network watcher is
+left out (``NO_NETWATCH``) except in the netlink test: a network change made by
+another process on this machine would probe too.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import functools
+import logging
+import os
+import random
+import shutil
+import sys
+from typing import Any
+
+import aiohttp
+import pytest
+
+from agent.forwarder.backoff import BACKOFF, Backoff
+from agent.forwarder.probe import PROBE_S
+from agent.forwarder.state import UpstreamState
+from agent.forwarder.supervisor import NET_GAP_S, Seams
+from agent.forwarder.timing import LOOP_TIMING
+from agent.netwatch import NetWatch
+from tests.fakes.faulty_upstream import Fault, FaultyUpstream
+from tests.fakes.manual_timing import ManualTiming
+from tests.fakes.nucleus_upstream import FakeNucleus
+from tests.test_upstream_faults import drained, event, send, upstream
+from tests.waiting import wait_for
+
+
+def no_netwatch(on_change: Any) -> NetWatch | None:
+    return None
+
+
+NO_NETWATCH = no_netwatch
+
+
+def seams(timing: ManualTiming, backoff: Backoff = BACKOFF, **kw: Any) -> Seams:
+    return Seams(timing=timing, backoff=backoff, **{"watch_network": NO_NETWATCH, **kw})
+
+
+def nucleus_upstream(fake: FakeNucleus, protocol: str) -> dict[str, Any]:
+    return {"name": "up", "protocol": protocol,
+            "url": fake.url if protocol == "nucleus-ws" else fake.http_url,
+            "flush_interval_s": 0.02, "timeout_s": 0.6}
+
+
+async def quiet(agent: Any, timing: ManualTiming, timers: int) -> None:
+    """Wait until no key's loop runs and no probe is in flight: ``timers`` timers wait."""
+    await wait_for(lambda: not agent.forwarding.loops and len(timing.pending()) == timers)
+
+
+async def get_json(agent: Any, path: str) -> Any:
+    async with aiohttp.ClientSession() as s, s.get(f"http://127.0.0.1:{agent.port}{path}") as r:
+        return await (r.json() if path == "/status" else r.text())
+
+
+def probed_failures(state: UpstreamState, n: int) -> bool:
+    """``n`` sends failed and ``n`` probes finished."""
+    return state.retries == n and state.probes == n
+
+
+@pytest.fixture
+async def down_nucleus() -> Any:
+    """A FakeNucleus whose port refuses connections until ``come_back``."""
+    fake = await FakeNucleus().start()
+    await fake.go_down()
+    yield fake
+    await fake.stop()
+
+
+@pytest.mark.parametrize("protocol", ["nucleus-http", "nucleus-ws"])
+async def test_delivery_resumes_within_3s_after_an_outage_that_took_the_backoff_to_its_cap(
+        make_agent: Any, down_nucleus: FakeNucleus, protocol: str,
+        caplog: pytest.LogCaptureFixture) -> None:
+    caplog.set_level(logging.INFO, logger="outpost.probe")
+    timing = ManualTiming()
+    agent = await make_agent(upstreams=[nucleus_upstream(down_nucleus, protocol)],
+                             seams=seams(timing))
+    state = agent.forwarding.states["up"]
+    posted = list(range(5))
+    await send(agent, [event(i) for i in posted])
+    # Fail until the key waits out a capped backoff: the 8th wait is [30, 60) s. The app
+    # keeps posting meanwhile; its events wait with the parked key.
+    while state.retries < 8:
+        await quiet(agent, timing, 2)   # the key's retry and the prober's next probe
+        timing.advance(timing.pending()[0])
+        if state.retries % 2:
+            posted.append(len(posted))
+            await send(agent, [event(posted[-1])])
+    await quiet(agent, timing, 2)
+    probe_in, retry_in = timing.pending()
+    assert probe_in <= PROBE_S and retry_in >= BACKOFF.cap_s / 2
+    status = (await get_json(agent, "/status"))["upstreams"][0]
+    assert status["state"] == "unreachable" and status["probes"] >= 8
+    assert status["unreachable_for_s"] is not None
+    assert 'outpost_upstream_state{upstream="up",state="unreachable"} 1' in \
+        await get_json(agent, "/metrics")
+
+    await down_nucleus.come_back()
+    back_at = timing.now()
+    timing.advance(probe_in)   # the next probe; the key's own retry is 30 s or more away
+    await wait_for(lambda: agent.spool.depth == 0)
+    assert timing.now() - back_at <= 3.0
+    assert down_nucleus.ids() == posted   # each event once, in order
+    assert state.unreachable_since is None
+    assert (await get_json(agent, "/status"))["upstreams"][0]["state"] != "unreachable"
+    recovered = [r.getMessage() for r in caplog.records if "reachable again" in r.getMessage()]
+    assert len(recovered) == 1 and recovered[0].startswith("upstream up reachable again after")
+
+
+async def test_a_live_upstream_answering_503_keeps_its_backoff(make_agent: Any,
+                                                                faulty: FaultyUpstream) -> None:
+    """A 503 comes from an upstream that is up: the probe after each failure connects, so
+    the upstream is not marked unreachable, not probed again, and its key retries only
+    when its own backoff says (a failing upstream is not hammered with batches)."""
+    faulty.script = [Fault("status", 503) for _ in range(4)]
+    timing = ManualTiming()
+    backoff = Backoff(base_s=8.0)  # waits of 4 s and more: each failure gets its own probe
+    agent = await make_agent(upstreams=[upstream(faulty, "nucleus-http")],
+                             seams=seams(timing, backoff))
+    state = agent.forwarding.states["up"]
+    await send(agent, [event(i) for i in range(5)])
+    for failure in range(1, 5):
+        await wait_for(functools.partial(probed_failures, state, failure))
+        await quiet(agent, timing, 1)   # the key's retry only: no probe is scheduled
+        assert state.unreachable_since is None
+        (delay,) = timing.pending()
+        assert delay >= backoff.delay(failure - 1, rng=lambda: 0.0)
+        timing.advance(delay - 0.01)
+        assert timing.pending() == [pytest.approx(0.01)]
+        assert len(faulty.requests) == failure
+        timing.advance(0.01)
+    await drained(agent, faulty, 5)
+    assert [r.status for r in faulty.requests] == [503, 503, 503, 503, 200]
+
+
+async def test_retry_after_holds_through_a_network_change(make_agent: Any,
+                                                          faulty: FaultyUpstream) -> None:
+    """The upstream's own wait is not probed at all, and a network change, which retries
+    other parked keys at once, leaves it alone."""
+    faulty.script = [Fault("status", 503, {"Retry-After": "30"})]
+    timing = ManualTiming()
+    agent = await make_agent(upstreams=[upstream(faulty, "nucleus-http")], seams=seams(timing))
+    state = agent.forwarding.states["up"]
+    await send(agent, [event(i) for i in range(5)])
+    await quiet(agent, timing, 1)
+    assert timing.pending() == [30.0] and state.probes == 0
+    agent.forwarding.network_changed()
+    await wait_for(lambda: state.probes == 1)   # the change's probe connected...
+    await quiet(agent, timing, 1)
+    assert timing.pending() == [30.0]           # ...and the key still waits the 30 s
+    timing.advance(29.9)
+    assert len(faulty.requests) == 1 and timing.pending() == [pytest.approx(0.1)]
+    timing.advance(0.1)
+    await drained(agent, faulty, 5)
+    assert [r.status for r in faulty.requests] == [503, 200]
+
+
+async def test_a_network_change_retries_waiting_keys_at_once(make_agent: Any,
+                                                             faulty: FaultyUpstream) -> None:
+    """A reachable upstream that failed (a captive portal's page, a 5xx) may work on the
+    new network: a change probes it, and retries its keys when the probe connects. A
+    burst of changes probes once now and once ``NET_GAP_S`` later."""
+    faulty.script = [Fault("status", 503)]
+    timing = ManualTiming()
+    agent = await make_agent(upstreams=[upstream(faulty, "nucleus-http")],
+                             seams=seams(timing, Backoff(base_s=60.0)))
+    state = agent.forwarding.states["up"]
+    await send(agent, [event(i) for i in range(5)])
+    await wait_for(lambda: state.retries == 1 and state.probes == 1)
+    await quiet(agent, timing, 1)
+    assert timing.pending()[0] >= 30.0
+    for _ in range(3):
+        agent.forwarding.network_changed()
+    await drained(agent, faulty, 5)
+    assert timing.now() == 0.0 and state.probes == 2
+    assert timing.pending() == [NET_GAP_S]   # the burst's one trailing probe
+
+
+def _can_change_addresses() -> bool:
+    return sys.platform.startswith("linux") and os.geteuid() == 0 and bool(shutil.which("ip"))
+
+
+async def _ip(*args: str) -> None:
+    proc = await asyncio.create_subprocess_exec("ip", *args)
+    assert await asyncio.wait_for(proc.wait(), 10) == 0
+
+
+@pytest.mark.skipif(not _can_change_addresses(), reason="needs Linux, root and iproute2 "
+                    "(CI runs as root)")
+async def test_a_real_network_change_retries_at_once(make_agent: Any,
+                                                     down_nucleus: FakeNucleus) -> None:
+    """Netlink: an address added to ``lo`` tells the agent at once. No forwarder time
+    passes, so neither the key's retry (30 s or more away) nor the next probe (2 s) can
+    be what delivers the events."""
+    timing = ManualTiming()
+    agent = await make_agent(upstreams=[nucleus_upstream(down_nucleus, "nucleus-http")],
+                             seams=Seams(timing=timing, backoff=Backoff(base_s=60.0)))
+    state = agent.forwarding.states["up"]
+    await send(agent, [event(i) for i in range(5)])
+    await wait_for(lambda: state.retries == 1
+                   and state.unreachable_since is not None)
+    await quiet(agent, timing, 2)
+    assert min(timing.pending()) == PROBE_S and max(timing.pending()) >= 30.0
+    await down_nucleus.come_back()
+    address = f"127.{random.randrange(64, 250)}.{random.randrange(256)}.77/32"
+    await _ip("addr", "add", address, "dev", "lo")
+    try:
+        await wait_for(lambda: agent.spool.depth == 0, timeout=5)
+    finally:
+        await _ip("addr", "del", address, "dev", "lo")
+    assert timing.now() == 0.0 and down_nucleus.ids() == list(range(5))
+
+
+async def test_a_retry_timer_that_fires_a_hair_early_still_retries(make_agent: Any,
+                                                                   faulty: FaultyUpstream) -> None:
+    """Timers may fire within the clock's resolution of their time (asyncio's loop runs a
+    callback up to its clock resolution early; ManualTiming allows 1e-9 s). Time that
+    arrives in parts (ten times 0.1 is 0.9999999999999999) must still retry the key."""
+    faulty.script = [Fault("status", 503, {"Retry-After": "1"})]
+    timing = ManualTiming()
+    agent = await make_agent(upstreams=[upstream(faulty, "nucleus-http")], seams=seams(timing))
+    await send(agent, [event(i) for i in range(5)])
+    await quiet(agent, timing, 1)
+    assert timing.pending() == [1.0]
+    for _ in range(10):
+        timing.advance(0.1)
+    await drained(agent, faulty, 5)
+    assert [r.status for r in faulty.requests] == [503, 200]
+
+
+def test_the_loop_clock_timers_know_their_time_on_uvloop() -> None:
+    """The agent runs on uvloop, whose ``call_at`` for a time already past returns a plain
+    Handle without ``when()``; the supervisor's retry timer reads it (a park compares
+    retry times with it, and a retry that fires early is due at its time)."""
+    uvloop = pytest.importorskip("uvloop")
+
+    async def main() -> list[float]:
+        loop = asyncio.get_running_loop()
+        fired = asyncio.Event()
+        past = LOOP_TIMING.call_at(loop.time() - 1.0, fired.set)
+        future = LOOP_TIMING.call_at(loop.time() + 60.0, fired.set)
+        future.cancel()
+        await asyncio.wait_for(fired.wait(), 5)
+        return [past.when(), future.when()]
+
+    with asyncio.Runner(loop_factory=uvloop.new_event_loop) as runner:
+        past_when, future_when = runner.run(main())
+    assert past_when < future_when

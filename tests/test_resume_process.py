@@ -1,0 +1,89 @@
+"""The real agent process resumes within 3 s after an outage long enough for its backoff to
+reach the cap (issue 13 §1: "down for 3 minutes while apps post").
+
+What makes a long outage slow to recover from is the backoff at its cap: a key waits
+30 to 60 s between tries. It gets there after 8 failures, about 50 s of real time
+(the waits before are 0.5 s doubling, each times a jitter in [0.5, 1)); a longer
+outage only repeats capped waits. So instead of three minutes the upstream stays
+down until the agent's `/status` counts the first key's 8th failure, whose wait is
+at least 30 s; it then comes back at once, and every event must arrive within 3 s,
+in order per key. A second app starts posting only then, so its failures cannot be
+mistaken for the first key's.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import aiohttp
+import pytest
+
+from tests.conftest import AgentProcess, free_port, write_config
+from tests.fakes.nucleus_upstream import FakeNucleus
+from tests.test_upstream_faults import event
+
+pytestmark = pytest.mark.slow
+
+CAPPED_FAILURES = 8   # the 8th backoff is 0.5 * 2**7 s, capped at 60, times [0.5, 1): >= 30 s
+
+
+async def post(session: aiohttp.ClientSession, agent: AgentProcess, key: str,
+               ids: list[int]) -> None:
+    async with session.post(f"{agent.url}/app/{key}/track",
+                            json={"data": [event(i) for i in ids]}) as r:
+        assert r.status == 200, await r.text()
+
+
+async def upstream_status(session: aiohttp.ClientSession, agent: AgentProcess) -> Any:
+    async with session.get(f"{agent.url}/status") as r:
+        return (await r.json())["upstreams"][0]
+
+
+def by_key(fake: FakeNucleus) -> dict[str, list[Any]]:
+    out: dict[str, list[Any]] = {}
+    for path, ids in zip(fake.paths, fake.batches):
+        out.setdefault(path.split("/")[2], []).extend(ids)
+    return out
+
+
+async def test_after_an_outage_at_the_backoff_cap_everything_arrives_within_3s(
+        tmp_path: Path, agent_process: Callable[..., AgentProcess],
+        record_property: Callable[[str, object], None]) -> None:
+    fake = await FakeNucleus().start(free_port())
+    await fake.go_down()
+    port = free_port()
+    config = write_config(tmp_path / "agent.toml", tmp_path / "spool.db", port=port, upstreams=[
+        {"name": "up", "protocol": "nucleus-ws", "url": fake.url, "flush_interval_s": 0.05,
+         "timeout_s": 5}])
+    agent = agent_process(config, port)
+    await asyncio.to_thread(agent.start)
+    posted: dict[str, list[int]] = {"app1": [], "app2": []}
+    try:
+        async with aiohttp.ClientSession() as s:
+            deadline = time.monotonic() + 120   # 8 failures take 32 to 64 s
+            while (up := await upstream_status(s, agent))["retries"] < CAPPED_FAILURES:
+                assert time.monotonic() < deadline, up
+                posted["app1"].append(len(posted["app1"]))   # the app keeps posting
+                await post(s, agent, "app1", posted["app1"][-1:])
+                await asyncio.sleep(2)
+            assert up["state"] == "unreachable" and up["probes"] > 0, up
+            posted["app2"] = list(range(1000, 1010))
+            await post(s, agent, "app2", posted["app2"])
+            await fake.come_back()
+            back = time.monotonic()
+            want = {i for ids in posted.values() for i in ids}
+            while not want <= set(fake.ids()) and time.monotonic() - back < 10:
+                await asyncio.sleep(0.02)
+            took = time.monotonic() - back
+        record_property("resumed_after_s", round(took, 2))
+        print(f"resumed {took:.2f}s after the upstream came back")
+        assert took <= 3.0, f"delivery resumed {took:.1f}s after the upstream came back"
+        assert by_key(fake) == posted   # everything, once, in order per key
+        assert agent.terminate() == 0
+        assert agent.log.read_text().count("upstream up reachable again after") == 1
+    finally:
+        await fake.stop()
