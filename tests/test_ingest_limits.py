@@ -28,6 +28,10 @@ def b64(size: int) -> str:
     return base64.b64encode(os.urandom(size * 3 // 4)).decode()
 
 
+def nucleus_event(i: int) -> dict[str, Any]:
+    return {"type": "event", "name": "e", "id": i, "sessionId": 1, "machineId": "m"}
+
+
 def tranthor(mid: str, file_bytes: int) -> dict[str, Any]:
     return {"messageId": mid, "event": "Uploaded", "userId": "u",
             "files": [{"type": "Base64Encoded", "name": "a.png", "mimeType": "image/png",
@@ -106,10 +110,33 @@ async def test_a_segment_batch_message_grown_over_the_limit_by_batch_context_is_
     assert fake_segment.message_ids() == ["ok"]
 
 
-async def test_a_nucleus_event_mapped_over_segments_limit_is_413(
+async def test_a_nucleus_event_mapped_over_segments_limit_is_left_unacknowledged(
         make_agent: Any, fake_segment: FakeSegment) -> None:
+    """A module resends its whole unacknowledged queue in every message: refusing the
+    message would refuse every later event of the app too. The oversize event alone is
+    left out of `reportedIds` (the module keeps it) and the rest is stored and delivered."""
     agent = await make_agent(upstreams=[segment_up(fake_segment)])
-    msg = {"data": [{"type": "event", "name": "e", "id": 1, "sessionId": 1, "machineId": "m",
+    big = {"type": "error", "name": "TypeError", "id": 2, "sessionId": 1, "machineId": "m",
+           "payload": {"stack": "x" * 20_000}}   # ~40 KB once mapped to Segment
+    queue = [nucleus_event(1), big]
+    for i in (3, 4, 5):   # the module's later sends: its unacknowledged queue, and more
+        queue.append(nucleus_event(i))
+        reply = await call(agent.port, "/app/k/track", orjson.dumps({"data": queue}))
+        assert reply.status == 200, reply.body
+        reported = reply.json()["reportedIds"]
+        assert 2 not in reported and i in reported
+        queue = [ev for ev in queue if ev["id"] not in reported]
+    assert [ev["id"] for ev in queue] == [2]
+    await wait_for(lambda: len(fake_segment.events) == 4)
+    assert agent.metrics.refused[("nucleus", 413)] == 3   # each refusal is counted
+    assert not agent.spool.counters.get("dead_lettered")
+
+
+async def test_an_oversize_nucleus_event_without_an_id_refuses_its_message(
+        make_agent: Any, fake_segment: FakeSegment) -> None:
+    """Without an id there is nothing to leave unacknowledged: the message is refused."""
+    agent = await make_agent(upstreams=[segment_up(fake_segment)])
+    msg = {"data": [{"type": "event", "name": "e", "sessionId": 1, "machineId": "m",
                      "payload": {"p": "x" * 40_000}}]}
     reply = await call(agent.port, "/app/k/track", orjson.dumps(msg))
     assert reply.status == 413 and SEGMENT_LIMIT in reply.json()["error"]
@@ -168,17 +195,13 @@ async def test_a_reload_changes_the_limit_at_once(make_agent: Any, tmp_path: Pat
     assert reply.status == (413 if to_segment else 204), reply.body
 
 
-async def test_over_the_nucleus_websocket_the_message_is_refused_with_the_limit_named(
+async def test_over_the_nucleus_websocket_the_oversize_event_alone_is_left_unacknowledged(
         make_agent: Any, fake_segment: FakeSegment) -> None:
-    """The websocket has no status: the connection is closed with 1007 and the reason,
-    as for any message refused; nothing of it is acknowledged or stored."""
     agent = await make_agent(upstreams=[segment_up(fake_segment)])
-    msg = {"data": [{"type": "event", "name": "e", "id": 1, "sessionId": 1, "machineId": "m",
-                     "payload": {"p": "x" * 40_000}}]}
+    msg = {"data": [nucleus_event(1), {**nucleus_event(2), "payload": {"p": "x" * 40_000}}]}
     async with aiohttp.ClientSession() as s, \
             s.ws_connect(f"http://127.0.0.1:{agent.port}/app/k/track") as ws:
         await ws.send_bytes(orjson.dumps(msg))
         reply = await ws.receive(timeout=5)
-    assert reply.type == WSMsgType.CLOSE and reply.data == WSCloseCode.INVALID_TEXT
-    assert SEGMENT_LIMIT in reply.extra
-    assert agent.spool.depth == 0
+    assert reply.type == WSMsgType.TEXT and orjson.loads(reply.data) == {"reportedIds": [1]}
+    await wait_for(lambda: len(fake_segment.events) == 1)
