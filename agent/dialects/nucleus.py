@@ -55,8 +55,38 @@ class NucleusHandlers:
 
     async def _parse(self, raw: str | bytes, key: str) -> tuple[list[Event], list[Any]]:
         enrich = self.sink.enrich
-        return await parse_body(raw, parse_json,
-                                lambda doc, _size: family.accept(doc, key, enrich))
+        events, acks = await parse_body(raw, parse_json,
+                                        lambda doc, _size: family.accept(doc, key, enrich))
+        return self._carried(events, acks, key)
+
+    def _carried(self, events: list[Event], acks: list[Any], key: str
+                 ) -> tuple[list[Event], list[Any]]:
+        """The events the key's upstream can carry, and the acks without the others' ids.
+
+        A module resends its whole unacknowledged queue in every message, so refusing a
+        message for one event would refuse every later event of the app too. An event
+        too large for its upstream is left unacknowledged instead: the module keeps it,
+        nothing of it is stored, and the refusal is logged and counted. One without an
+        id cannot be left out of the acks, so its message is refused (Invalid)."""
+        refused: list[Any] = []
+        for ev in events:
+            why = self.sink.oversize(ev)
+            if why is None:
+                continue
+            ev_id = orjson.loads(ev.body).get("id")
+            if ev_id is None:
+                raise Invalid(why, too_large=True)
+            refused.append(ev_id)
+            replies.refused(413)
+            log_limited(log, logging.WARNING, f"oversize:{key}",
+                        "event id %r of app %s left unacknowledged: %s", ev_id, _masked(key), why)
+        if not refused:
+            return events, acks
+
+        def kept(ev_id: Any) -> bool:  # ids compare type-strictly, as the modules do
+            return not any(ev_id == r and type(ev_id) is type(r) for r in refused)
+        return ([ev for ev in events if kept(orjson.loads(ev.body).get("id"))],
+                [a for a in acks if kept(a)])
 
     async def http_track(self, request: web.Request) -> web.StreamResponse:
         key = request.match_info["appId"]
