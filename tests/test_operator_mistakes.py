@@ -8,6 +8,7 @@ import os
 import re
 import shutil
 import signal
+import site
 import stat
 import subprocess
 import sys
@@ -120,8 +121,10 @@ def test_service_install_from_an_interpreter_under_tmp_is_refused_before_writing
     python = tmp_path / "python"
     python.symlink_to(sys.executable)
     config_home = tmp_path / "config"
+    # The symlink is outside the venv, so the venv's packages come by PYTHONPATH.
     code, out = outpost("service", "install", *scope, python=str(python),
-                        env={"PYTHONPATH": str(ROOT), "XDG_CONFIG_HOME": str(config_home)})
+                        env={"PYTHONPATH": os.pathsep.join([str(ROOT), *site.getsitepackages()]),
+                             "XDG_CONFIG_HOME": str(config_home)})
     line = one_line(out)
     assert code == EXIT_CONFIG, out
     assert str(python) in line and "/tmp" in line and "/opt/outpost" in line, line

@@ -198,6 +198,8 @@ TASK_XML = """\
     <AllowStartOnDemand>true</AllowStartOnDemand>
     <Enabled>true</Enabled>
     <ExecutionTimeLimit>PT0S</ExecutionTimeLimit>
+    <!-- 7 (below normal) is Task Scheduler's default; 5 is a normal process's. -->
+    <Priority>5</Priority>
     <RestartOnFailure>
       <Interval>PT1M</Interval>
       <Count>999</Count>
@@ -207,6 +209,7 @@ TASK_XML = """\
     <Exec>
       <Command>{command}</Command>
       <Arguments>{arguments}</Arguments>
+      <WorkingDirectory>{workdir}</WorkingDirectory>
     </Exec>
   </Actions>
 </Task>
@@ -258,7 +261,15 @@ def task_xml(python: str, *, system: bool, user: str) -> str:
         principal=principal,
         command=escape(python),
         arguments=escape(arguments),
+        # The agent's own data directory: a stray agent.toml elsewhere cannot be picked up.
+        workdir=r"%ProgramData%\outpost" if system else r"%LOCALAPPDATA%\outpost",
     )
+
+
+def icacls_argv(directory: str) -> tuple[str, ...]:
+    """Windows: ``directory`` for SYSTEM and Administrators only (by SID: names are localised)."""
+    return ("icacls", directory, "/inheritance:r",
+            "/grant:r", "*S-1-5-18:(OI)(CI)F", "/grant:r", "*S-1-5-32-544:(OI)(CI)F")
 
 
 def useradd_argv(name: str) -> tuple[str, ...]:
