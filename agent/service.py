@@ -163,8 +163,12 @@ class Agent:
     async def _watchdog_loop(self, interval: float) -> None:
         # Pinging from the event loop proves the loop itself is not stuck.
         while True:
-            self.notifier.watchdog()
+            self.notifier.watchdog(self._status_line())
             await asyncio.sleep(interval)
+
+    def _status_line(self) -> str:
+        depth = self.spool.depth if self.spool is not None else 0
+        return f"listening on {self.cfg.listen.host}:{self.port}, {depth} events queued"
 
     async def _prune_loop(self) -> None:
         assert self.spool is not None
@@ -213,8 +217,7 @@ class Agent:
         loop = asyncio.get_running_loop()
         await self.start()
         assert self.spool is not None
-        self.notifier.ready(f"listening on {self.cfg.listen.host}:{self.port}, "
-                            f"{self.spool.depth} events queued")
+        self.notifier.ready(self._status_line())
         interval = self.notifier.watchdog_interval()
         if interval is not None:
             watchdog = asyncio.create_task(self._watchdog_loop(interval), name="watchdog")

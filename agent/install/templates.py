@@ -28,7 +28,11 @@ SYSTEMD_SERVICE_COMMON = """\
 Type=notify
 NotifyAccess=main
 ExecStart={exec_start}
-ExecReload=/bin/kill -HUP $MAINPID
+# Validate first: a bad config makes `systemctl reload` fail (and say why) instead of
+# reporting success while the agent refuses it and keeps the running config.
+ExecReload={exec_reload}
+# journalctl -t outpost; without it the lines are tagged python3.
+SyslogIdentifier=outpost
 Restart=on-failure
 RestartSec=2
 WatchdogSec=30
@@ -71,6 +75,12 @@ ProtectKernelLogs=true
 ProtectControlGroups=true
 ProtectClock=true
 ProtectHostname=true
+# Other processes are invisible, and /proc shows only them: agent/device.py reads
+# the RAM size with sysconf when /proc/meminfo is hidden.
+ProtectProc=invisible
+ProcSubset=pid
+RemoveIPC=yes
+PrivateUsers=yes
 RestrictAddressFamilies=AF_UNIX AF_INET AF_INET6
 RestrictNamespaces=true
 RestrictRealtime=true
@@ -228,8 +238,9 @@ def systemd_unit(python: str, *, system: bool) -> str:
     """The systemd unit running ``python -m agent run``."""
     template = SYSTEMD_SYSTEM_UNIT if system else SYSTEMD_USER_UNIT
     exec_start = f"{_systemd_exec_path(python)} -m agent run"
-    return template.format(python=python, exec_start=exec_start,
-                           service_common=SYSTEMD_SERVICE_COMMON.format(exec_start=exec_start))
+    exec_reload = f"{_systemd_exec_path(python)} -m agent check-config --reload $MAINPID"
+    common = SYSTEMD_SERVICE_COMMON.format(exec_start=exec_start, exec_reload=exec_reload)
+    return template.format(python=python, exec_start=exec_start, service_common=common)
 
 
 def launchd_plist(python: str, *, system: bool, log_dir: str) -> str:
