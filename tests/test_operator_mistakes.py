@@ -212,7 +212,7 @@ def test_the_shipped_agent_toml_does_not_call_the_example_upstream_a_default() -
     text = (ROOT / "agent.toml").read_text()
     head = text[:text.index("[listen]")]
     assert "these are the defaults" not in head
-    above = text[:text.index("[[upstream]]")].rsplit("\n\n", 1)[-1]
+    above = text[:text.index("\n[[upstream]]")].rsplit("\n\n", 1)[-1]
     assert "example" in above.lower() and "no upstream" in text.lower()
 
 
