@@ -21,9 +21,8 @@ from collections.abc import Coroutine
 from pathlib import Path
 from typing import Any
 
-from agent import __version__, logs, paths
+from agent import __version__, logs, paths, preflight
 from agent import config as config_mod
-from agent import preflight
 from agent.config import ConfigError
 from agent.device import detect
 from agent.install import command as service_install
@@ -32,7 +31,6 @@ from agent.ops.status import offline_snapshot
 from agent.server import memory
 from agent.settings import Config
 from agent.uplinks.registry import uplink_class
-
 
 EXIT_FAILED = 1   # a runtime failure: no agent answering, a service step failed
 EXIT_CONFIG = 2   # the config or the environment is wrong; the message names the fix
