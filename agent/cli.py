@@ -92,10 +92,12 @@ def cmd_run(args: argparse.Namespace) -> int:
             print(f"outpost: {exc}", file=sys.stderr)
             return EXIT_CONFIG
         except OSError as exc:
-            # The preflight passed but the system said no (a race, a mount changed): still
-            # one line rather than a traceback and a restart loop.
-            ro = exc.errno == errno.EROFS and (problem := preflight.storage_problem(cfg))
-            print(f"outpost: {problem if ro else f'cannot start: {exc}'}", file=sys.stderr)
+            # The preflight passed but the system refused anyway (a mount or a mode changed
+            # since): still one line, not a traceback and a restart loop. Other errors are bugs.
+            if exc.errno not in (errno.EROFS, errno.EACCES, errno.EPERM):
+                raise
+            problem = preflight.storage_problem(cfg) or f"cannot start: {exc}"
+            print(f"outpost: {problem}", file=sys.stderr)
             return EXIT_CONFIG
     return run_async(main())
 
