@@ -10,7 +10,6 @@ import argparse
 import asyncio
 import errno
 import json
-import logging
 import os
 import signal
 import sqlite3
@@ -47,18 +46,6 @@ def _load(args: argparse.Namespace) -> Config | None:
         return None
 
 
-def _announce_config(cfg: Config) -> None:
-    """Tell a newcomer what the agent is running with, when that is only the defaults."""
-    log = logging.getLogger("outpost")
-    if cfg.source == "<defaults>":
-        log.warning("no config file found (looked for $OUTPOST_CONFIG, ./agent.toml and %s); "
-                    "running with the built-in defaults; `outpost config init` writes one",
-                    paths.config_dir() / "agent.toml")
-    if not cfg.upstreams:
-        log.warning("no upstream is configured: events are kept in the spool until one is "
-                    "(add an [[upstream]] to the config, then reload)")
-
-
 def run_async(coro: Coroutine[Any, Any, int]) -> int:
     """Run on uvloop where the platform has it, else the default loop."""
     try:
@@ -78,7 +65,6 @@ def cmd_run(args: argparse.Namespace) -> int:
         return EXIT_CONFIG
     memory.use_c_allocator()  # re-executes this process once, on glibc (see memory.py)
     logs.setup_logging(cfg.log.level)
-    _announce_config(cfg)
     from agent.dialects import offload
     from agent.service import Agent, StartError
     from agent.spool.migrate import SpoolTooNew

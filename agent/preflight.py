@@ -1,7 +1,8 @@
 """Operator mistakes caught before the agent starts, each as one line naming the problem
 and the fix (issue 14): a spool location this user cannot write, a read-only filesystem
 (systemd's ProtectSystem=strict outside the state directory), a listen.host that does not
-resolve. The checks change nothing on disk, so `check-config` can run them too."""
+resolve; and, once started, what a newcomer on the defaults should know. The checks change
+nothing on disk, so `check-config` can run them too."""
 
 from __future__ import annotations
 
@@ -11,6 +12,7 @@ import socket
 import sys
 from pathlib import Path
 
+from agent import paths
 from agent.settings import Config
 
 _FIX = "set storage.path to a file in a directory this user can write"
@@ -19,6 +21,19 @@ _FIX = "set storage.path to a file in a directory this user can write"
 def problems(cfg: Config) -> list[str]:
     """Every problem found, one line each; empty when the agent can start."""
     return [p for p in (host_problem(cfg.listen.host), storage_problem(cfg)) if p]
+
+
+def notices(cfg: Config) -> list[str]:
+    """What a newcomer running on the defaults should be told at startup."""
+    out = []
+    if cfg.source == "<defaults>":
+        out.append(f"no config file found (looked for $OUTPOST_CONFIG, ./agent.toml and "
+                   f"{paths.config_dir() / 'agent.toml'}); running with the built-in defaults; "
+                   "`outpost config init` writes one")
+    if not cfg.upstreams:
+        out.append("no upstream is configured: events are kept in the spool until one is "
+                   "(add an [[upstream]] to the config, then reload)")
+    return out
 
 
 def host_problem(host: str) -> str | None:

@@ -17,7 +17,7 @@ from collections.abc import Iterable, Mapping
 from aiohttp import web
 
 from agent import config as config_mod
-from agent import logs
+from agent import logs, preflight
 from agent.config import ConfigError
 from agent.device import detect
 from agent.families.enrich import Enrich
@@ -101,6 +101,8 @@ class Agent:
             self._stack = stack.pop_all()
         log.info("outpost listening on %s:%d, spool %s (%d events queued)",
                  self.cfg.listen.host, self.port, spool.path, spool.depth)
+        for notice in preflight.notices(self.cfg):   # after a start, so a failed one is one line
+            log.warning("%s", notice)
 
     def _make_runner(self, app: web.Application) -> web.AppRunner:
         # auto_decompress=False: dialects/body.py inflates bodies itself, bounded by each
