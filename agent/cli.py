@@ -1,10 +1,17 @@
-"""Command line: run, status, doctor, check-config, flush."""
+"""Outpost, the local analytics buffering agent: apps post events to it on 127.0.0.1, it keeps
+them on disk and forwards them upstream.
+
+Exit status: 0 ok; 1 a runtime failure (no agent answering, a service step failed);
+2 the config or the environment is wrong (the one-line message names the fix)."""
 
 from __future__ import annotations
 
 import argparse
 import asyncio
+import errno
 import json
+import os
+import signal
 import sqlite3
 import sys
 import urllib.error
@@ -14,11 +21,12 @@ from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
 
-from agent import __version__, logs, paths
+from agent import __version__, logs, paths, preflight
 from agent import config as config_mod
 from agent.config import ConfigError
 from agent.device import detect
 from agent.install import command as service_install
+from agent.install import config_file
 from agent.ops.status import offline_snapshot
 from agent.server import memory
 from agent.settings import Config, SyncConfig
@@ -26,6 +34,12 @@ from agent.sync.metered import read_once, source_for
 from agent.sync.policy import Metered, decide
 from agent.sync.power import read_battery
 from agent.uplinks.registry import uplink_class
+
+EXIT_FAILED = 1   # a runtime failure: no agent answering, a service step failed
+EXIT_CONFIG = 2   # the config or the environment is wrong; the message names the fix
+
+CONFIG_HELP = ("the config file (default: $OUTPOST_CONFIG, else ./agent.toml, else agent.toml in "
+               "the config directory `outpost doctor` shows, else the built-in defaults)")
 
 
 def _load(args: argparse.Namespace) -> Config | None:
@@ -49,7 +63,10 @@ def run_async(coro: Coroutine[Any, Any, int]) -> int:
 def cmd_run(args: argparse.Namespace) -> int:
     cfg = _load(args)
     if cfg is None:
-        return 2
+        return EXIT_CONFIG
+    if found := preflight.problems(cfg):
+        print(f"outpost: {found[0]}", file=sys.stderr)
+        return EXIT_CONFIG
     memory.use_c_allocator()  # re-executes this process once, on glibc (see memory.py)
     logs.setup_logging(cfg.log.level)
     from agent.dialects import offload
@@ -63,7 +80,15 @@ def cmd_run(args: argparse.Namespace) -> int:
             return await Agent(cfg, getattr(args, "config", None)).serve()
         except (StartError, SpoolTooNew) as exc:
             print(f"outpost: {exc}", file=sys.stderr)
-            return 2
+            return EXIT_CONFIG
+        except OSError as exc:
+            # The preflight passed but the system refused anyway (a mount or a mode changed
+            # since): still one line, not a traceback and a restart loop. Other errors are bugs.
+            if exc.errno not in (errno.EROFS, errno.EACCES, errno.EPERM):
+                raise
+            problem = preflight.storage_problem(cfg) or f"cannot start: {exc}"
+            print(f"outpost: {problem}", file=sys.stderr)
+            return EXIT_CONFIG
     return run_async(main())
 
 
@@ -90,7 +115,7 @@ def _http(cfg: Config, path: str, method: str = "GET") -> Any:
 def cmd_status(args: argparse.Namespace) -> int:
     cfg = _load(args)
     if cfg is None:
-        return 2
+        return EXIT_CONFIG
     try:
         data = _http(cfg, "/status")
         data["source"] = f"agent at {_agent_url(cfg, '')}"
@@ -100,7 +125,7 @@ def cmd_status(args: argparse.Namespace) -> int:
         except sqlite3.Error as exc:
             print(f"outpost: no agent answering, and cannot read the spool "
                   f"{cfg.storage.resolved_path()}: {exc}", file=sys.stderr)
-            return 1
+            return EXIT_FAILED
     if args.json:
         print(json.dumps(data, indent=2))
     else:
@@ -112,34 +137,42 @@ def cmd_status(args: argparse.Namespace) -> int:
 def cmd_flush(args: argparse.Namespace) -> int:
     cfg = _load(args)
     if cfg is None:
-        return 2
+        return EXIT_CONFIG
     try:
         data = _http(cfg, "/flush", method="POST")
     except (urllib.error.URLError, OSError, ValueError) as exc:
         print(f"outpost: no agent answering at {_agent_url(cfg, '')}: {exc}", file=sys.stderr)
-        return 1
+        return EXIT_FAILED
     print(f"flush requested; {data.get('queue_depth', 0)} events queued")
     return 0
 
 
 def cmd_check_config(args: argparse.Namespace) -> int:
+    refused = "reload refused, the running config is kept: " if args.reload else ""
     target = args.file or (str(p) if (p := config_mod.find_config_file(None)) else None)
+    try:
+        cfg = config_mod.load_file(Path(target)) if target else Config()
+    except ConfigError as exc:
+        print(f"outpost: {refused}{exc}", file=sys.stderr)
+        return EXIT_CONFIG
+    if found := preflight.problems(cfg):
+        print(f"outpost: {refused}{found[0]}", file=sys.stderr)
+        return EXIT_CONFIG
     if target is None:
         print("no config file found; the built-in defaults are valid")
-        return 0
-    try:
-        cfg = config_mod.load_file(Path(target))
-    except ConfigError as exc:
-        print(f"outpost: {exc}", file=sys.stderr)
-        return 1
-    print(f"{target}: ok ({len(cfg.upstreams)} upstream(s))")
+    else:
+        print(f"{target}: ok ({len(cfg.upstreams)} upstream(s))")
+    if args.reload:
+        # systemd's ExecReload: a config that fails here makes `systemctl reload` fail,
+        # instead of the agent refusing it after systemd has reported success.
+        os.kill(args.reload, signal.SIGHUP)
     return 0
 
 
 def cmd_doctor(args: argparse.Namespace) -> int:
     cfg = _load(args)
     if cfg is None:
-        return 2
+        return EXIT_CONFIG
     print(f"outpost {__version__}, python {sys.version.split()[0]}")
     print("device facts:")
     for name, value in detect(cfg.device).as_dict().items():
@@ -178,21 +211,29 @@ def _doctor_sync(cfg: SyncConfig) -> None:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="outpost", description=__doc__)
+    parser = argparse.ArgumentParser(prog="outpost", description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--version", action="version", version=f"outpost {__version__}")
-    sub = parser.add_subparsers(dest="command", required=True)
-    for name, func, help_text in (("run", cmd_run, "run the agent in the foreground"),
-                                  ("status", cmd_status, "show queue and upstream state"),
-                                  ("doctor", cmd_doctor, "show device facts, config, reachability"),
-                                  ("flush", cmd_flush, "ask the running agent to send everything now")):
-        p = sub.add_parser(name, help=help_text)
-        p.add_argument("--config", help="path to agent.toml")
+    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+    for name, func, help_text in (
+            ("run", cmd_run, "run the agent in the foreground (what the service runs)"),
+            ("status", cmd_status, "show queue and upstream state (offline: from the spool)"),
+            ("doctor", cmd_doctor, "show device facts, config and spool paths, upstream reachability"),
+            ("flush", cmd_flush, "ask the running agent to send everything now")):
+        p = sub.add_parser(name, help=help_text, description=help_text)
+        p.add_argument("--config", metavar="FILE", help=CONFIG_HELP)
         p.set_defaults(func=func)
         if name == "status":
             p.add_argument("--json", action="store_true", help="print JSON")
-    p = sub.add_parser("check-config", help="validate a config file")
-    p.add_argument("file", nargs="?")
+    p = sub.add_parser("check-config", help="validate a config file",
+                       description="Validate a config file: every key, and that listen.host "
+                       "resolves and storage.path is writable. Exit status 0 valid, 2 not (one "
+                       "line names the key and the fix).")
+    p.add_argument("file", nargs="?", help=CONFIG_HELP)
+    p.add_argument("--reload", type=int, metavar="PID",
+                   help="if valid, send SIGHUP to PID (the systemd unit's ExecReload)")
     p.set_defaults(func=cmd_check_config)
+    config_file.add_parser(sub)
     service_install.add_parser(sub)
     return parser
 

@@ -39,7 +39,15 @@ def _os_version() -> str:
 
 def _total_ram_gb() -> int:
     # Integer GB as the doc asks; python modules send int(total/1e9).
-    return int(round(psutil.virtual_memory().total / 1024**3))
+    try:
+        total = psutil.virtual_memory().total
+    except (OSError, RuntimeError, AttributeError):
+        # /proc/meminfo hidden (systemd's ProcSubset=pid): the kernel's page count still answers.
+        try:
+            total = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+        except (OSError, ValueError, AttributeError):
+            return 0
+    return int(round(total / 1024**3))
 
 
 def _language() -> str:

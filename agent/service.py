@@ -17,7 +17,7 @@ from collections.abc import Iterable, Mapping
 from aiohttp import web
 
 from agent import config as config_mod
-from agent import logs
+from agent import logs, preflight
 from agent.config import ConfigError
 from agent.device import detect
 from agent.families.enrich import Enrich
@@ -120,6 +120,8 @@ class Agent:
             self._stack = stack.pop_all()
         log.info("outpost listening on %s:%d, spool %s (%d events queued)",
                  self.cfg.listen.host, self.port, spool.path, spool.depth)
+        for notice in preflight.notices(self.cfg):   # after a start, so a failed one is one line
+            log.warning("%s", notice)
 
     def _make_runner(self, app: web.Application) -> web.AppRunner:
         # auto_decompress=False: dialects/body.py inflates bodies itself, bounded by each
@@ -197,8 +199,12 @@ class Agent:
     async def _watchdog_loop(self, interval: float) -> None:
         # Pinging from the event loop proves the loop itself is not stuck.
         while True:
-            self.notifier.watchdog()
+            self.notifier.watchdog(self._status_line())
             await asyncio.sleep(interval)
+
+    def _status_line(self) -> str:
+        depth = self.spool.depth if self.spool is not None else 0
+        return f"listening on {self.cfg.listen.host}:{self.port}, {depth} events queued"
 
     async def _prune_loop(self) -> None:
         assert self.spool is not None
@@ -252,8 +258,7 @@ class Agent:
         loop = asyncio.get_running_loop()
         await self.start()
         assert self.spool is not None
-        self.notifier.ready(f"listening on {self.cfg.listen.host}:{self.port}, "
-                            f"{self.spool.depth} events queued")
+        self.notifier.ready(self._status_line())
         interval = self.notifier.watchdog_interval()
         if interval is not None:
             watchdog = asyncio.create_task(self._watchdog_loop(interval), name="watchdog")

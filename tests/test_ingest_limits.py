@@ -12,7 +12,7 @@ from typing import Any
 import aiohttp
 import orjson
 import pytest
-from aiohttp import WSCloseCode, WSMsgType
+from aiohttp import WSMsgType
 
 from agent.uplinks.segment_http import SegmentHttpUplink
 from tests.conftest import write_config

@@ -127,7 +127,8 @@ def test_agent_speaks_sd_notify(tmp_path: Path, notify_socket: tuple[socket.sock
     assert f"STATUS=listening on 127.0.0.1:{port}" in ready
     started = time.monotonic()
     for _ in range(3):
-        assert next_message(sock, "WATCHDOG=1", seen) == "WATCHDOG=1"
+        assert next_message(sock, "WATCHDOG=1", seen) == (
+            f"WATCHDOG=1\nSTATUS=listening on 127.0.0.1:{port}, 0 events queued")
     assert time.monotonic() - started < 2.0
     assert agent.proc is not None
     agent.proc.send_signal(signal.SIGHUP)
@@ -148,7 +149,8 @@ def test_service_install_user_dry_run_through_the_cli(tmp_path: Path) -> None:
                           "--dry-run"], cwd=ROOT, env=env, capture_output=True, text=True,
                          timeout=30)
     assert run.returncode == 0, run.stderr
-    out = run.stdout
+    config, out = run.stdout.split("\n", 1)
+    assert config.startswith(f"config: {home / '.config' / 'outpost' / 'agent.toml'} (not found: ")
     assert out.startswith(f"[write] {unit} (mode 0644)\n")
     assert f"ExecStart={sys.executable} -m agent run\n" in out
     assert "Type=notify\n" in out and "WatchdogSec=30\n" in out

@@ -25,7 +25,8 @@ RENDERED = {
 
 COMMON = {
     "Type": "notify", "NotifyAccess": "main", "ExecStart": f"{PY} -m agent run",
-    "ExecReload": "/bin/kill -HUP $MAINPID", "Restart": "on-failure", "RestartSec": "2",
+    "ExecReload": f"{PY} -m agent check-config --reload $MAINPID", "SyslogIdentifier": "outpost",
+    "Restart": "on-failure", "RestartSec": "2",
     "WatchdogSec": "30", "TimeoutStopSec": "30", "LimitNOFILE": "8192", "UMask": "0077", "NoNewPrivileges": "true",
     "RestrictAddressFamilies": "AF_UNIX AF_INET AF_INET6", "LockPersonality": "true",
     "SystemCallArchitectures": "native",

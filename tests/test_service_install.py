@@ -72,13 +72,14 @@ def test_linux_uninstall_keeps_going_when_the_unit_is_not_loaded() -> None:
     )
 
 
-def test_system_install_from_a_home_directory_warns() -> None:
+def test_system_install_from_a_home_directory_is_refused() -> None:
     target = Target("linux", True, "/home/ada/.venv/bin/python", "/home/ada",
                     package_dir="/home/ada/src/outpost/agent")
-    warnings = build_plan("install", target).warnings
-    assert len(warnings) == 2
-    assert "/home/ada/.venv/bin/python is inside a home directory" in warnings[0]
+    with pytest.raises(ValueError, match="/home/ada/.venv/bin/python is under /home"):
+        build_plan("install", target)
+    # A user service may run from home; uninstalling is never refused.
     assert build_plan("install", Target("linux", False, "/home/ada/.venv/bin/python", "/home/ada")).warnings == ()
+    assert build_plan("uninstall", target).steps
 
 
 def test_exec_start_quotes_awkward_paths() -> None:
@@ -185,6 +186,9 @@ def test_dry_run_prints_everything_and_changes_nothing(
     out = capsys.readouterr().out
     unit_path = tmp_path / "config/systemd/user/outpost.service"
     unit = tpl.systemd_unit(os.path.abspath(sys.executable), system=False)
+    config = tmp_path / "config/outpost/agent.toml"
+    assert out.startswith(f"config: {config} (not found: ")
+    out = out.split("\n", 1)[1]
     assert out == (
         f"[write] {unit_path} (mode 0644)\n{unit}"
         "[run] systemctl --user daemon-reload\n"

@@ -12,6 +12,7 @@ from pathlib import Path
 
 import platformdirs
 
+from agent import paths
 from agent.install.execute import describe, execute
 from agent.install.plan import Target, build_plan
 
@@ -38,6 +39,7 @@ def current_target(system: bool) -> Target:
         user=f"{domain}\\{getpass.getuser()}" if domain else getpass.getuser(),
         config_home=platformdirs.user_config_dir() if os_name in ("linux", "win32") else "",
         package_dir=str(Path(agent.__file__).parent),
+        program_data=os.environ.get("PROGRAMDATA", r"C:\ProgramData"),
     )
 
 
@@ -65,18 +67,43 @@ def run(args: argparse.Namespace) -> int:
         return 2
     for warning in plan.warnings:
         print(f"warning: {warning}", file=sys.stderr)
+    problem = None if args.dry_run else _preflight(args.service_action, target)
+    if problem:
+        print(f"outpost service: {problem}", file=sys.stderr)
+        return 2
+    if args.service_action == "install":
+        print(_config_line(target))
     if args.dry_run:
         print(describe(plan, target.os), end="")
         print("dry run: nothing was changed")
         return 0
-    problem = _preflight(args.service_action, target)
-    if problem:
-        print(f"outpost service: {problem}", file=sys.stderr)
-        return 1
     return execute(plan, target.os)
 
 
+def _config_line(t: Target) -> str:
+    """Which config the service will read, and whether it is there yet."""
+    path = paths.config_dir(system=t.system) / "agent.toml"
+    if path.is_file():
+        return f"config: {path} (exists; check it with `outpost check-config {path}`)"
+    init = "sudo outpost config init" if t.system and t.os != "win32" else "outpost config init"
+    return (f"config: {path} (not found: the service starts with the built-in defaults and no "
+            f"upstream, keeping events until one is configured; `{init}` writes one)")
+
+
+def _session_bus_missing() -> bool:
+    """`systemctl --user` talks to the user manager over the session bus; `su` and
+    `sudo -u` give a shell without one."""
+    if os.environ.get("DBUS_SESSION_BUS_ADDRESS"):
+        return False
+    runtime = os.environ.get("XDG_RUNTIME_DIR")
+    return not (runtime and (Path(runtime) / "bus").exists())
+
+
 def _preflight(action: str, t: Target) -> str | None:
+    if not t.system and t.os == "linux" and _session_bus_missing():
+        return ("--user needs a user session bus and there is none (su and sudo -u do not start "
+                "one): log in as that user directly (ssh, a desktop) or use `sudo machinectl "
+                "shell USER@`, then run this again")
     root = t.os == "win32" or os.geteuid() == 0
     if t.system and not root:
         return "a system service needs root: use sudo, or --user for a per-user service"

@@ -27,6 +27,7 @@ class Target:
     user: str = ""  # Windows account (DOMAIN\\name) whose logon starts the task
     config_home: str = ""  # XDG_CONFIG_HOME on Linux, %LOCALAPPDATA% on Windows
     package_dir: str = ""  # where `import agent` resolves for ``python``
+    program_data: str = r"C:\ProgramData"  # %ProgramData% on Windows
 
 
 @dataclass(frozen=True)
@@ -80,8 +81,9 @@ def build_plan(action: str, target: Target) -> Plan:
     builders = {"linux": _linux_plan, "darwin": _macos_plan, "win32": _windows_plan}
     if target.os not in builders:
         raise ValueError(f"no service support for {target.os!r}")
-    plan = builders[target.os](action == "install", target)
-    return Plan(plan.steps, plan.warnings + _unreachable_warnings(action, target))
+    if action == "install" and (problem := _unreachable(target)):
+        raise ValueError(problem)
+    return builders[target.os](action == "install", target)
 
 
 def _linux_plan(install: bool, t: Target) -> Plan:
@@ -145,24 +147,49 @@ def _windows_plan(install: bool, t: Target) -> Plan:
     if not install:
         delete = Run(("schtasks", "/Delete", "/TN", tpl.TASK_NAME, "/F"), check=False)
         return Plan((end, delete, RemoveFile(str(xml))))
+    lockdown: tuple[Step, ...] = ()
+    warnings: tuple[str, ...] = ()
+    if t.system:
+        # %ProgramData%\outpost would inherit an ACL every local user can read: the spool
+        # and config are for SYSTEM and Administrators only.
+        data = str(PureWindowsPath(t.program_data, "outpost"))
+        lockdown = (MakeDir(data), Run(tpl.icacls_argv(data)))
+        if not _under_program_files(t.python):
+            warnings = (f"{t.python} is outside Program Files: SYSTEM will run code from a "
+                        "directory other users may be able to change; install Outpost into a "
+                        r"venv under C:\Program Files\Outpost instead",)
     return Plan((
+        *lockdown,
         # schtasks reads task XML reliably only as UTF-16.
         WriteFile(str(xml), tpl.task_xml(t.python, system=t.system, user=t.user), 0o600, "utf-16"),
         end,
         Run(("schtasks", "/Create", "/TN", tpl.TASK_NAME, "/XML", str(xml), "/F")),
         Run(("schtasks", "/Run", "/TN", tpl.TASK_NAME)),
-    ))
+    ), warnings)
 
 
-def _unreachable_warnings(action: str, t: Target) -> tuple[str, ...]:
-    """A system service runs as `outpost`, which cannot read into people's homes."""
-    if action != "install" or not t.system or t.os == "win32":
-        return ()
-    homes = [PurePosixPath(h) for h in ("/home", "/root", "/Users", t.home) if h not in ("", "/")]
-    found = [p for p in (t.python, t.package_dir)
-             if p and any(PurePosixPath(p).is_relative_to(h) for h in homes)]
-    return tuple(
-        f"{p} is inside a home directory, which the outpost user cannot read; "
-        "install Outpost into a system location (e.g. a venv in /opt/outpost) first"
-        for p in found
-    )
+def _under_program_files(python: str) -> bool:
+    parts = PureWindowsPath(python).parts
+    return len(parts) > 1 and parts[1].lower() in ("program files", "program files (x86)")
+
+
+def _unreachable(t: Target) -> str | None:
+    """An interpreter the service cannot start from: refused before anything is written.
+
+    /tmp is cleared at reboot (and the system unit's PrivateTmp= hides it); a system
+    service's ProtectHome= hides /home and /root, which the outpost user cannot read anyway.
+    """
+    if t.os == "win32":
+        return None
+    fix = "install Outpost into a lasting system location first, e.g. a venv in /opt/outpost"
+    hidden = [("/tmp", "cleared at reboot and hidden from the system service (PrivateTmp=)"),
+              ("/var/tmp", "cleared by tmpfiles and hidden from the system service (PrivateTmp=)")]
+    if t.system:
+        homes = {h for h in ("/home", "/root", "/Users", t.home) if h not in ("", "/")}
+        hidden += [(h, "a home directory, hidden from the system service (ProtectHome=) and "
+                       "unreadable by the outpost user") for h in sorted(homes)]
+    for path in (t.python, t.package_dir):
+        for root, why in hidden:
+            if path and PurePosixPath(path).is_relative_to(root):
+                return f"{path} is under {root}, {why}: the service could not start; {fix}"
+    return None

@@ -28,7 +28,11 @@ SYSTEMD_SERVICE_COMMON = """\
 Type=notify
 NotifyAccess=main
 ExecStart={exec_start}
-ExecReload=/bin/kill -HUP $MAINPID
+# Validate first: a bad config makes `systemctl reload` fail (and say why) instead of
+# reporting success while the agent refuses it and keeps the running config.
+ExecReload={exec_reload}
+# journalctl -t outpost; without it the lines are tagged python3.
+SyslogIdentifier=outpost
 Restart=on-failure
 RestartSec=2
 WatchdogSec=30
@@ -71,6 +75,12 @@ ProtectKernelLogs=true
 ProtectControlGroups=true
 ProtectClock=true
 ProtectHostname=true
+# Other processes are invisible, and /proc shows only them: agent/device.py reads
+# the RAM size with sysconf when /proc/meminfo is hidden.
+ProtectProc=invisible
+ProcSubset=pid
+RemoveIPC=yes
+PrivateUsers=yes
 RestrictAddressFamilies=AF_UNIX AF_INET AF_INET6
 RestrictNamespaces=true
 RestrictRealtime=true
@@ -198,6 +208,8 @@ TASK_XML = """\
     <AllowStartOnDemand>true</AllowStartOnDemand>
     <Enabled>true</Enabled>
     <ExecutionTimeLimit>PT0S</ExecutionTimeLimit>
+    <!-- 7 (below normal) is Task Scheduler's default; 5 is a normal process's. -->
+    <Priority>5</Priority>
     <RestartOnFailure>
       <Interval>PT1M</Interval>
       <Count>999</Count>
@@ -207,6 +219,7 @@ TASK_XML = """\
     <Exec>
       <Command>{command}</Command>
       <Arguments>{arguments}</Arguments>
+      <WorkingDirectory>{workdir}</WorkingDirectory>
     </Exec>
   </Actions>
 </Task>
@@ -225,8 +238,9 @@ def systemd_unit(python: str, *, system: bool) -> str:
     """The systemd unit running ``python -m agent run``."""
     template = SYSTEMD_SYSTEM_UNIT if system else SYSTEMD_USER_UNIT
     exec_start = f"{_systemd_exec_path(python)} -m agent run"
-    return template.format(python=python, exec_start=exec_start,
-                           service_common=SYSTEMD_SERVICE_COMMON.format(exec_start=exec_start))
+    exec_reload = f"{_systemd_exec_path(python)} -m agent check-config --reload $MAINPID"
+    common = SYSTEMD_SERVICE_COMMON.format(exec_start=exec_start, exec_reload=exec_reload)
+    return template.format(python=python, exec_start=exec_start, service_common=common)
 
 
 def launchd_plist(python: str, *, system: bool, log_dir: str) -> str:
@@ -258,7 +272,15 @@ def task_xml(python: str, *, system: bool, user: str) -> str:
         principal=principal,
         command=escape(python),
         arguments=escape(arguments),
+        # The agent's own data directory: a stray agent.toml elsewhere cannot be picked up.
+        workdir=r"%ProgramData%\outpost" if system else r"%LOCALAPPDATA%\outpost",
     )
+
+
+def icacls_argv(directory: str) -> tuple[str, ...]:
+    """Windows: ``directory`` for SYSTEM and Administrators only (by SID: names are localised)."""
+    return ("icacls", directory, "/inheritance:r",
+            "/grant:r", "*S-1-5-18:(OI)(CI)F", "/grant:r", "*S-1-5-32-544:(OI)(CI)F")
 
 
 def useradd_argv(name: str) -> tuple[str, ...]:

@@ -74,9 +74,12 @@ class Notifier:
         """Graceful shutdown has begun."""
         return self.notify("STOPPING=1")
 
-    def watchdog(self) -> bool:
-        """Keep-alive ping; send one every :meth:`watchdog_interval` seconds."""
-        return self.notify("WATCHDOG=1")
+    def watchdog(self, status: str | None = None) -> bool:
+        """Keep-alive ping; send one every :meth:`watchdog_interval` seconds.
+
+        ``status`` rides along, so `systemctl status` stays current (e.g. the queue depth).
+        """
+        return self.notify("WATCHDOG=1", *([_status(status)] if status else []))
 
     def status(self, text: str) -> bool:
         """Free-form one-line status, shown by ``systemctl status``."""

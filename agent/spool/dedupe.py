@@ -1,7 +1,7 @@
 """The dedupe index: which event keys arrived within the dedupe window, exactly, in memory.
 
 A resend that arrives within ``window_ms`` of its event's first receipt is stored
-once (DESIGN §2.4): the spool asks ``admit`` about each request's keys before it
+once (docs/operations.md, "Dedupe memory"): the spool asks ``admit`` about each request's keys before it
 stores them. Beyond the window, or past ``max_keys``, delivery is at-least-once.
 
 Keys are the events' signed 64-bit dedupe keys, in one Python ``set`` (at 1M keys,

@@ -8,12 +8,12 @@
     `python -m agent run` with the interpreter Outpost was installed into.
 
     This is the by-hand equivalent of `outpost service install [--user]`,
-    which registers the same task from agent/service_templates.py.
+    which registers the same task from agent/install/templates.py.
 
 .EXAMPLE
-    .\install.ps1 -Python C:\outpost\venv\Scripts\pythonw.exe
+    .\install.ps1 -Python "$env:LOCALAPPDATA\outpost\venv\Scripts\pythonw.exe"
 .EXAMPLE
-    .\install.ps1 -System -Python C:\outpost\venv\Scripts\pythonw.exe
+    .\install.ps1 -System -Python "C:\Program Files\Outpost\venv\Scripts\pythonw.exe"
 #>
 [CmdletBinding()]
 param(
@@ -42,11 +42,21 @@ if ($System) {
 '@
     $trigger = New-ScheduledTaskTrigger -AtStartup
     $principal = New-ScheduledTaskPrincipal -UserId "S-1-5-18" -LogonType ServiceAccount -RunLevel Limited
+    # %ProgramData% is readable by every user: the spool and config are for SYSTEM and
+    # Administrators only (by SID: account names are localised).
+    $workdir = Join-Path $env:ProgramData "outpost"
+    New-Item -ItemType Directory -Force $workdir | Out-Null
+    icacls $workdir /inheritance:r /grant:r "*S-1-5-18:(OI)(CI)F" /grant:r "*S-1-5-32-544:(OI)(CI)F" | Out-Null
+    if (-not $Python.StartsWith($env:ProgramFiles, [StringComparison]::OrdinalIgnoreCase)) {
+        Write-Warning "$Python is outside Program Files: SYSTEM will run code from a directory other users may be able to change."
+    }
 } else {
     $arguments = "-m agent run"
     $me = [System.Security.Principal.WindowsIdentity]::GetCurrent().Name
     $trigger = New-ScheduledTaskTrigger -AtLogOn -User $me
     $principal = New-ScheduledTaskPrincipal -UserId $me -LogonType Interactive -RunLevel Limited
+    $workdir = Join-Path $env:LOCALAPPDATA "outpost"
+    New-Item -ItemType Directory -Force $workdir | Out-Null
 }
 
 # Task Scheduler's restart-on-failure covers only a failure to launch, not a
@@ -59,9 +69,10 @@ $settings = New-ScheduledTaskSettingsSet `
     -AllowStartIfOnBatteries -DontStopIfGoingOnBatteries `
     -StartWhenAvailable `
     -ExecutionTimeLimit ([TimeSpan]::Zero) `
-    -RestartCount 999 -RestartInterval (New-TimeSpan -Minutes 1)
+    -RestartCount 999 -RestartInterval (New-TimeSpan -Minutes 1) `
+    -Priority 5   # a normal process's priority; a task's default, 7, is below normal
 
-$action = New-ScheduledTaskAction -Execute $Python -Argument $arguments.Trim()
+$action = New-ScheduledTaskAction -Execute $Python -Argument $arguments.Trim() -WorkingDirectory $workdir
 
 Stop-ScheduledTask -TaskName $TaskName -ErrorAction SilentlyContinue
 Register-ScheduledTask -TaskName $TaskName -Action $action -Trigger $trigger `

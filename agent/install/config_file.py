@@ -1,0 +1,132 @@
+"""`outpost config init`: write a commented agent.toml that `check-config` accepts.
+
+The file holds upstream keys, so it is written private (0600); for the machine-wide
+service's own config it is 0640 root:outpost, so that the service user can read it.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import shutil
+import sys
+import tomllib
+from pathlib import Path
+
+from agent import paths
+from agent.config import ConfigError, parse
+from agent.uplinks import registry
+
+HEADER = """\
+# Outpost configuration, written by `outpost config init`.
+# Every key is optional: a commented-out line shows the built-in default.
+# Validate changes with `outpost check-config`, then apply them with a reload
+# (`systemctl reload outpost`, or `kill -HUP <pid>`).
+
+[listen]
+# host = "127.0.0.1"        # loopback only; a non-loopback address logs a warning
+# port = 8765
+# accept_keys = []          # appIds / write keys accepted; empty = any
+# allowed_origins = []      # browser Origins allowed to post, e.g. "https://app.example"
+
+[storage]
+# path = ""                 # empty: spool.db in the data directory `outpost doctor` shows
+# max_size_mb = 512
+# when_full = "reject"      # "reject" (apps get 503 + Retry-After) | "drop_oldest"
+# max_age_days = 30
+
+[log]
+# level = "info"            # debug | info | warning | error
+"""
+
+NO_UPSTREAM = """
+# No upstream yet: events are kept in the spool until one is configured. For example:
+# [[upstream]]
+# name = "segment"
+# protocol = "segment-http"   # {protocols}
+# url = "https://api.segment.io"
+# key = "YOUR_WRITE_KEY"      # the key to use upstream; default: each app's own key
+# keys = ["*"]                # local keys routed here; "*" = all
+"""
+
+UPSTREAM = """
+[[upstream]]
+name = {name}
+protocol = {protocol}
+url = {url}
+{key}keys = ["*"]                # local keys routed here; "*" = all
+"""
+
+
+def add_parser(subparsers: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
+    """Add ``config init [--path P] [--force] [--upstream PROTO --url U [--write-key K]]``."""
+    config = subparsers.add_parser("config", help="write a starting config file",
+                                   description="Write a commented agent.toml.")
+    actions = config.add_subparsers(dest="config_action", required=True, metavar="{init}")
+    init = actions.add_parser("init", help="write a commented agent.toml (mode 0600)",
+                              description="Write a commented agent.toml that check-config accepts.")
+    init.add_argument("--path", metavar="FILE",
+                      help="where to write it (default: agent.toml in the config directory)")
+    init.add_argument("--force", action="store_true", help="replace an existing file")
+    init.add_argument("--upstream", choices=registry.protocols(), metavar="PROTOCOL",
+                      help=f"add an upstream: {', '.join(registry.protocols())}")
+    init.add_argument("--url", help="the upstream's URL (with --upstream)")
+    init.add_argument("--write-key", metavar="KEY",
+                      help="the key to send upstream (default: each app's own key)")
+    init.add_argument("--name", help="the upstream's name (default: from the protocol)")
+    init.set_defaults(func=run)
+
+
+def render(protocol: str | None, url: str | None, key: str | None, name: str | None) -> str:
+    """The file's text; without ``protocol`` it has a commented-out example upstream."""
+    if protocol is None:
+        return HEADER + NO_UPSTREAM.format(protocols=" | ".join(registry.protocols()))
+    q = json.dumps   # a JSON string is a valid TOML basic string
+    key_line = f"key = {q(key)}\n" if key else "# key = \"...\"              # default: each app's own key\n"
+    return HEADER + UPSTREAM.format(name=q(name or protocol.split("-")[0]), protocol=q(protocol),
+                                    url=q(url or ""), key=key_line)
+
+
+def run(args: argparse.Namespace) -> int:
+    """Run ``outpost config init``; returns the exit status."""
+    if args.upstream and not args.url:
+        return _fail("--upstream needs --url, e.g. --url https://api.segment.io")
+    if args.url and not args.upstream:
+        return _fail(f"--url needs --upstream ({', '.join(registry.protocols())})")
+    text = render(args.upstream, args.url, args.write_key, args.name)
+    try:
+        parse(tomllib.loads(text))
+    except ConfigError as exc:
+        return _fail(str(exc))
+    default = paths.config_dir() / "agent.toml"
+    target = Path(args.path) if args.path else default
+    if target.exists() and not args.force:
+        return _fail(f"{target} exists; pass --force to replace it")
+    target.parent.mkdir(parents=True, exist_ok=True)
+    tmp = target.with_name(target.name + ".tmp")
+    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+    with os.fdopen(fd, "w", encoding="utf-8") as fh:
+        fh.write(text)
+    os.chmod(tmp, 0o600)
+    shared = _share_with_service(tmp) if target == default and paths.is_system_service() else ""
+    os.replace(tmp, target)
+    print(f"wrote {target}{shared}; check it with `outpost check-config {target}`")
+    return 0
+
+
+def _share_with_service(path: Path) -> str:
+    """The system service runs as `outpost`: let that group read its config (0640 root:outpost)."""
+    if sys.platform == "win32":
+        return ""
+    try:
+        shutil.chown(path, "root", paths.APP)
+    except (LookupError, OSError):
+        return " (mode 0600: create the outpost user with `outpost service install` to share it)"
+    os.chmod(path, 0o640)
+    return " (mode 0640, root:outpost)"
+
+
+def _fail(message: str) -> int:
+    print(f"outpost config: {message}", file=sys.stderr)
+    return 2

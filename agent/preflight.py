@@ -1,0 +1,93 @@
+"""Operator mistakes caught before the agent starts, each as one line naming the problem
+and the fix (issue 14): a spool location this user cannot write, a read-only filesystem
+(systemd's ProtectSystem=strict outside the state directory), a listen.host that does not
+resolve; and, once started, what a newcomer on the defaults should know. The checks change
+nothing on disk, so `check-config` can run them too."""
+
+from __future__ import annotations
+
+import getpass
+import os
+import socket
+import sys
+from pathlib import Path
+
+from agent import paths
+from agent.settings import Config
+
+_FIX = "set storage.path to a file in a directory this user can write"
+
+
+def problems(cfg: Config) -> list[str]:
+    """Every problem found, one line each; empty when the agent can start."""
+    return [p for p in (host_problem(cfg.listen.host), storage_problem(cfg)) if p]
+
+
+def notices(cfg: Config) -> list[str]:
+    """What a newcomer running on the defaults should be told at startup."""
+    out = []
+    if cfg.source == "<defaults>":
+        out.append(f"no config file found (looked for $OUTPOST_CONFIG, ./agent.toml and "
+                   f"{paths.config_dir() / 'agent.toml'}); running with the built-in defaults; "
+                   "`outpost config init` writes one")
+    if not cfg.upstreams:
+        out.append("no upstream is configured: events are kept in the spool until one is "
+                   "(add an [[upstream]] to the config, then reload)")
+    return out
+
+
+def host_problem(host: str) -> str | None:
+    """listen.host must resolve, or the agent cannot bind it."""
+    try:
+        socket.getaddrinfo(host, None, type=socket.SOCK_STREAM)
+    except (socket.gaierror, UnicodeError) as exc:
+        why = exc.strerror if isinstance(exc, socket.gaierror) else str(exc)
+        return (f"listen.host {host!r} does not resolve ({why}); set it to an address "
+                "such as 127.0.0.1, or to a name the resolver knows")
+    return None
+
+
+def storage_problem(cfg: Config) -> str | None:
+    """The spool's directory must exist or be creatable, writable, on a writable filesystem."""
+    spool = cfg.storage.resolved_path()
+    where = f"storage.path {spool}"
+    existing = spool.parent
+    while not existing.exists() and existing.parent != existing:
+        existing = existing.parent   # where the first mkdir would write
+    if not existing.is_dir():
+        return f"{where}: cannot create {spool.parent}: {existing} is not a directory; {_FIX}"
+    if _read_only(existing):
+        return f"{where}: {existing} is on a read-only filesystem; {_read_only_fix(spool.parent)}"
+    writable = os.access(existing, os.W_OK | os.X_OK)
+    if writable and spool.exists():
+        writable = os.access(spool, os.R_OK | os.W_OK)
+    if not writable:
+        return (f"{where}: cannot write to {spool if spool.exists() else existing} as user "
+                f"{_user()}; {_FIX}, or give that user write access")
+    return None
+
+
+def _read_only(path: Path) -> bool:
+    if not hasattr(os, "statvfs"):
+        return False
+    try:
+        return bool(os.statvfs(path).f_flag & os.ST_RDONLY)
+    except OSError:
+        return False
+
+
+def _read_only_fix(directory: Path) -> str:
+    if not sys.platform.startswith("linux"):
+        return _FIX
+    # The system unit has ProtectSystem=strict: only its StateDirectory is writable.
+    return (f"under the systemd unit, allow it with a drop-in: `sudo systemctl edit outpost`, add "
+            f"the lines `[Service]` and `ReadWritePaths={directory}` (create the directory first, "
+            f"owned by outpost), then `sudo systemctl restart outpost`; or leave storage.path empty "
+            f"to use /var/lib/outpost")
+
+
+def _user() -> str:
+    try:
+        return getpass.getuser()
+    except (KeyError, OSError):
+        return str(os.getuid()) if hasattr(os, "getuid") else "?"

@@ -1,0 +1,243 @@
+"""Issue 14 §1, §5, §6: every operator mistake is one line naming the problem and the fix, with
+the exit code docs/operations.md documents (2: the config or the environment is wrong; 1: a
+runtime failure; 0: ok). Each runs the real `python -m agent` command."""
+
+from __future__ import annotations
+
+import os
+import re
+import shutil
+import signal
+import site
+import stat
+import subprocess
+import sys
+import time
+import tomllib
+from pathlib import Path
+
+import pytest
+
+from tests.conftest import ROOT, write_config
+
+EXIT_CONFIG = 2
+
+
+def outpost(*args: str, env: dict[str, str] | None = None, cwd: Path = ROOT,
+            python: str = sys.executable, timeout: float = 30) -> tuple[int, str]:
+    run = subprocess.run([python, "-m", "agent", *args], cwd=cwd, capture_output=True, text=True,
+                         timeout=timeout, env={**os.environ, **(env or {})})
+    return run.returncode, run.stdout + run.stderr
+
+
+def one_line(out: str) -> str:
+    assert "Traceback" not in out, out
+    lines = out.strip().splitlines()
+    assert len(lines) == 1, out
+    return lines[0]
+
+
+# -- §1 storage --------------------------------------------------------------------------------
+
+def test_an_unwritable_storage_path_is_one_line_from_run_and_check_config(tmp_path: Path) -> None:
+    blocker = tmp_path / "not-a-dir"
+    blocker.write_text("a file where the spool directory should be")
+    cfg = write_config(tmp_path / "agent.toml", blocker / "spool" / "spool.db")
+    for command in (("run", "--config", str(cfg)), ("check-config", str(cfg))):
+        code, out = outpost(*command)
+        line = one_line(out)
+        assert code == EXIT_CONFIG, out
+        assert "storage.path" in line and str(blocker) in line, line
+        assert "cannot" in line and "set storage.path" in line, line
+
+
+@pytest.mark.skipif(os.geteuid() == 0, reason="root writes through file modes")
+def test_a_read_only_directory_is_refused(tmp_path: Path) -> None:
+    locked = tmp_path / "locked"
+    locked.mkdir()
+    locked.chmod(stat.S_IRUSR | stat.S_IXUSR)
+    cfg = write_config(tmp_path / "agent.toml", locked / "spool.db")
+    code, out = outpost("run", "--config", str(cfg))
+    assert code == EXIT_CONFIG and "storage.path" in one_line(out), out
+
+
+def _unshare_works() -> bool:
+    if not shutil.which("unshare"):
+        return False
+    return subprocess.run(["unshare", "-rm", "true"], capture_output=True).returncode == 0
+
+
+@pytest.mark.skipif(not _unshare_works(), reason="needs unprivileged user and mount namespaces")
+def test_a_read_only_filesystem_says_a_readwritepaths_drop_in_is_needed(tmp_path: Path) -> None:
+    # What ProtectSystem=strict does to a storage.path outside /var/lib/outpost: a read-only mount.
+    ro = tmp_path / "ro"
+    ro.mkdir()
+    cfg = write_config(tmp_path / "agent.toml", ro / "outpost" / "spool.db")
+    script = (f"mount -t tmpfs -o ro tmpfs {ro} && "
+              f"exec {sys.executable} -m agent run --config {cfg}")
+    run = subprocess.run(["unshare", "-rm", "sh", "-c", script], cwd=ROOT, capture_output=True,
+                         text=True, timeout=30)
+    line = one_line(run.stdout + run.stderr)
+    assert run.returncode == EXIT_CONFIG, line
+    assert "read-only" in line and "ReadWritePaths=" in line and "systemctl edit outpost" in line, line
+
+
+# -- §1 listen.host ----------------------------------------------------------------------------
+
+def test_check_config_catches_an_unresolvable_listen_host(tmp_path: Path) -> None:
+    cfg = write_config(tmp_path / "agent.toml", tmp_path / "spool.db",
+                       listen={"host": "no-such-host.invalid"})
+    code, out = outpost("check-config", str(cfg))
+    line = one_line(out)
+    assert code == EXIT_CONFIG, out
+    assert "listen.host" in line and "no-such-host.invalid" in line and "127.0.0.1" in line, line
+
+
+# -- §1 exit codes -----------------------------------------------------------------------------
+
+@pytest.mark.parametrize("command", ["run", "status", "doctor", "flush", "check-config"])
+def test_a_bad_config_exits_2_from_every_command(tmp_path: Path, command: str) -> None:
+    cfg = tmp_path / "agent.toml"
+    cfg.write_text("[listen]\nport = \"eighty\"\n")
+    args = (command, str(cfg)) if command == "check-config" else (command, "--config", str(cfg))
+    code, out = outpost(*args)
+    assert code == EXIT_CONFIG, out
+    assert "listen.port" in one_line(out)
+
+
+def test_the_exit_codes_are_documented() -> None:
+    ops = (ROOT / "docs" / "operations.md").read_text()
+    section = ops[ops.index("## Exit codes"):]
+    for code in ("`0`", "`1`", "`2`"):
+        assert code in section
+
+
+# -- §1 service install ------------------------------------------------------------------------
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="systemd")
+@pytest.mark.parametrize("scope", [[], ["--user"]])
+def test_service_install_from_an_interpreter_under_tmp_is_refused_before_writing(
+        tmp_path: Path, scope: list[str]) -> None:
+    python = tmp_path / "python"
+    python.symlink_to(sys.executable)
+    config_home = tmp_path / "config"
+    # The symlink is outside the venv, so the venv's packages come by PYTHONPATH.
+    code, out = outpost("service", "install", *scope, python=str(python),
+                        env={"PYTHONPATH": os.pathsep.join([str(ROOT), *site.getsitepackages()]),
+                             "XDG_CONFIG_HOME": str(config_home)})
+    line = one_line(out)
+    assert code == EXIT_CONFIG, out
+    assert str(python) in line and "/tmp" in line and "/opt/outpost" in line, line
+    assert not config_home.exists()
+
+
+def test_a_system_service_from_a_home_directory_is_refused() -> None:
+    from agent.install.plan import Target, build_plan
+
+    target = Target("linux", True, "/home/ada/venv/bin/python", "/home/ada",
+                    package_dir="/home/ada/venv/lib/python3.11/site-packages/agent")
+    with pytest.raises(ValueError, match="ProtectHome"):
+        build_plan("install", target)
+    target = Target("linux", True, "/root/venv/bin/python", "/root")
+    with pytest.raises(ValueError, match="/root"):
+        build_plan("install", target)
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="systemd")
+def test_a_user_install_without_a_session_bus_is_refused_and_writes_nothing(tmp_path: Path) -> None:
+    config_home = tmp_path / "config"
+    env = {k: v for k, v in os.environ.items()
+           if k not in ("DBUS_SESSION_BUS_ADDRESS", "XDG_RUNTIME_DIR")}
+    env["XDG_CONFIG_HOME"] = str(config_home)
+    run = subprocess.run([sys.executable, "-m", "agent", "service", "install", "--user"], cwd=ROOT,
+                         capture_output=True, text=True, timeout=30, env=env)
+    line = one_line(run.stdout + run.stderr)
+    assert run.returncode == EXIT_CONFIG, line
+    assert "session bus" in line and "machinectl shell" in line, line
+    assert not config_home.exists()
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="systemd")
+def test_service_install_says_which_config_it_will_use(tmp_path: Path) -> None:
+    code, out = outpost("service", "install", "--dry-run")
+    assert code == 0, out
+    assert re.search(r"^config: /etc/outpost/agent\.toml \((exists|not found)", out, re.M), out
+
+
+# -- §5 newcomer config ------------------------------------------------------------------------
+
+def test_run_without_a_config_file_says_so(tmp_path: Path) -> None:
+    env = {"XDG_CONFIG_HOME": str(tmp_path / "c"), "XDG_DATA_HOME": str(tmp_path / "d"),
+           "OUTPOST_SYSTEM": "0", "PYTHONPATH": str(ROOT), "PYTHONUNBUFFERED": "1"}
+    env = {**{k: v for k, v in os.environ.items() if k != "OUTPOST_CONFIG"}, **env}
+    log = tmp_path / "run.log"
+    with open(log, "wb") as out:
+        proc = subprocess.Popen([sys.executable, "-m", "agent", "run"], cwd=tmp_path, env=env,
+                                stdout=out, stderr=subprocess.STDOUT)
+    try:
+        # Without a config the port is the default one, 8765.
+        deadline = time.monotonic() + 30
+        while time.monotonic() < deadline and proc.poll() is None \
+                and "listening on" not in log.read_text():
+            time.sleep(0.05)
+    finally:
+        proc.send_signal(signal.SIGTERM)
+        proc.wait(15)
+    seen = log.read_text()
+    if "cannot listen on 127.0.0.1:8765" in seen:
+        pytest.skip("port 8765 is taken on this machine")
+    assert "no config file found" in seen and str(tmp_path / "c" / "outpost") in seen, seen
+    assert "no upstream is configured" in seen and "kept in the spool until one is" in seen, seen
+
+
+def test_config_init_writes_a_private_commented_config_check_config_accepts(tmp_path: Path) -> None:
+    target = tmp_path / "agent.toml"
+    code, out = outpost("config", "init", "--path", str(target), "--upstream", "segment-http",
+                        "--url", "https://api.segment.io", "--write-key", "wk_123")
+    assert code == 0, out
+    assert stat.S_IMODE(target.stat().st_mode) == 0o600
+    text = target.read_text()
+    assert text.count("\n#") > 10
+    raw = tomllib.loads(text)
+    assert raw["upstream"] == [{"name": "segment", "protocol": "segment-http",
+                                "url": "https://api.segment.io", "key": "wk_123", "keys": ["*"]}]
+    code, out = outpost("check-config", str(target))
+    assert code == 0 and "ok (1 upstream(s))" in out, out
+    # Never overwritten without --force.
+    code, out = outpost("config", "init", "--path", str(target))
+    assert code == EXIT_CONFIG and "--force" in one_line(out), out
+    code, out = outpost("config", "init", "--path", str(target), "--force")
+    assert code == 0 and "ok (0 upstream(s))" in outpost("check-config", str(target))[1]
+
+
+def test_the_shipped_agent_toml_does_not_call_the_example_upstream_a_default() -> None:
+    text = (ROOT / "agent.toml").read_text()
+    head = text[:text.index("[listen]")]
+    assert "these are the defaults" not in head
+    above = text[:text.index("\n[[upstream]]")].rsplit("\n\n", 1)[-1]
+    assert "example" in above.lower() and "no upstream" in text.lower()
+
+
+# -- §6 help and docs --------------------------------------------------------------------------
+
+def test_help_lists_every_command_and_explains_the_options() -> None:
+    code, out = outpost("--help")
+    assert code == 0
+    for command in ("run", "status", "doctor", "flush", "check-config", "config", "service"):
+        assert re.search(rf"^\s+{command}\s+\S", out, re.M), (command, out)
+    code, out = outpost("run", "--help")
+    assert "--config" in out and "OUTPOST_CONFIG" in out and "agent.toml" in out, out
+    code, out = outpost("check-config", "--help")
+    assert "file" in out and "exit" in out.lower() and "OUTPOST_CONFIG" in out, out
+
+
+TEAM_ONLY = re.compile(r"\.\./shared|DESIGN(\.md| ?§)|WIRE-NOTES|WIRE NOTES")
+
+
+def test_no_product_doc_or_help_text_points_outside_the_repository() -> None:
+    files = [ROOT / "README.md", ROOT / "agent.toml", *(ROOT / "docs").glob("*.md"),
+             *(ROOT / "agent").rglob("*.py"), *(ROOT / "agent" / "static").glob("*")]
+    hits = [f"{f.relative_to(ROOT)}:{n}" for f in files if f.is_file()
+            for n, line in enumerate(f.read_text(errors="replace").splitlines(), 1)
+            if TEAM_ONLY.search(line)]
+    assert hits == []
