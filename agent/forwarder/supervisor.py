@@ -122,6 +122,11 @@ class Supervisor:
                 loop.poke()
 
     def _ensure(self, key: str, attempt: int = 0) -> StreamForwarder | None:
+        running = self.loops.get(key)
+        if running is not None and not running.released:
+            # One loop per key: a second would resend what the first has in flight. One
+            # still stopping (a hold) starts its successor itself when it ends (_ended).
+            return running
         up = self.cfg.route(key)
         stream = self.spool.streams.get(key)
         # An empty queue needs no loop (a start with 100,000 idle keys starts none).
@@ -147,7 +152,9 @@ class Supervisor:
         self._running[loop.cfg.name] -= 1
         if self.loops.get(key) is loop:  # not yet replaced by a loop for newer data
             del self.loops[key]
-            if loop.stopping:  # stopped by regate, which may have let the key go again since
+            # Stopped by regate, which may have let the key go again since; unless the
+            # loop parked the key on its way out: then its retry time starts the next.
+            if loop.stopping and key not in self._lot:
                 if loop.state.state == "sending" and all(
                         other.state is not loop.state for other in self.loops.values()):
                     loop.state.state = "idle"   # held: none of the upstream's loops sends now
