@@ -90,7 +90,8 @@ async def test_a_metered_network_holds_events_and_releases_them_when_it_is_not(
     status = await fetch(agent.port, "/status")
     assert status["sync"] == {"profile": "hold", "reason": "metered network", "metered": "yes",
                               "metered_detail": "NetworkManager: yes", "battery_percent": None,
-                              "on_battery": None, "releases": 0, "held_events": 5}
+                              "on_battery": None, "releases": 0, "held_events": 5,
+                              "errors": 0, "last_error": ""}
     metrics = await fetch(agent.port, "/metrics")
     assert 'outpost_sync_profile{profile="hold",reason="metered network"} 1' in metrics
     assert "outpost_sync_held_events 5" in metrics

@@ -118,6 +118,9 @@ def _sync(out: Exposition, sync: SyncStatus) -> None:
     out.counter("sync_max_hold_releases_total",
                 "Times sync.max_hold_h sent everything held, since the agent started.",
                 sync["releases"])
+    out.counter("sync_errors_total",
+                "Times a transmit-profile watcher failed (logged, and started again).",
+                sync["errors"])
     out.gauge("sync_metered", "1 on a metered network, 0 on an unmetered or unknown one.",
               1 if sync["metered"] == "yes" else 0, source=sync["metered_detail"])
 

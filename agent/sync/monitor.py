@@ -27,6 +27,7 @@ log = logging.getLogger("outpost.sync")
 BATTERY_POLL_S = 60.0   # levels move by minutes; one wakeup a minute, only with the rule set
 FIRST_READING_S = 2.0   # start waits this long for the network's cost before sending
 RELEASE_RECHECK_S = 60.0   # after a release, before the oldest event is looked at again
+RESTART_S = 30.0   # a watcher that failed is started again after this
 
 
 class Waits(Protocol):
@@ -45,6 +46,8 @@ class SyncView(TypedDict):
     battery_percent: float | None
     on_battery: bool | None
     releases: int         # times max_hold_h sent everything held
+    errors: int           # times a watcher failed (each logged, and started again)
+    last_error: str
 
 
 class SyncMonitor:
@@ -70,19 +73,40 @@ class SyncMonitor:
         self._poll = asyncio.Event()      # never set: the battery poll's wait only times out
         self._empty = False               # holding with nothing queued: new data wakes the waiter
         self._tasks: list[asyncio.Task[None]] = []
+        self.errors = 0
+        self.last_error = ""
+        self._never = asyncio.Event()   # the restart delay's wait only times out
 
     async def start(self) -> None:
         """Start the sources; wait briefly for the first metered reading, so a hold on a
         metered network holds from the first send."""
         if self.cfg.on_low_battery != NORMAL:
-            self._tasks.append(asyncio.create_task(self._poll_battery(), name="sync-battery"))
+            self._run("battery", self._poll_battery)
         if self.cfg.on_metered != NORMAL:
-            self._tasks.append(asyncio.create_task(self._source.watch(self._metered),
-                                                   name="sync-metered"))
+            self._run("metered network", lambda: self._source.watch(self._metered))
             with contextlib.suppress(asyncio.TimeoutError):
                 await asyncio.wait_for(self._first.wait(), FIRST_READING_S)
         if self.cfg.on_metered != NORMAL or self.cfg.on_low_battery != NORMAL:
-            self._tasks.append(asyncio.create_task(self._keep_max_hold(), name="sync-max-hold"))
+            self._run("max_hold_h", self._keep_max_hold)
+
+    def _run(self, what: str, work: Callable[[], Awaitable[None]]) -> None:
+        self._tasks.append(asyncio.create_task(self._supervise(what, work), name=f"sync-{what}"))
+
+    async def _supervise(self, what: str, work: Callable[[], Awaitable[None]]) -> None:
+        """Run ``work`` for good: whatever it raises is logged with its traceback, counted,
+        shown as ``last_error``, and it starts again (a bug must not freeze the profile)."""
+        while True:
+            try:
+                await work()
+                return
+            except Exception as exc:  # noqa: BLE001 - reported below, then restarted
+                self.errors += 1
+                self.last_error = f"{what}: {type(exc).__name__}: {exc}"
+                log.error("transmit profile: watching the %s failed; restarting in %gs",
+                          what, RESTART_S, exc_info=exc)
+                if what == "metered network":   # no reading now: unknown is normal
+                    self._metered(MeteredReading(Metered.UNKNOWN, self.last_error))
+            await self._waits.wait(self._never, RESTART_S)
 
     async def stop(self) -> None:
         for task in self._tasks:
@@ -107,7 +131,8 @@ class SyncMonitor:
         return {"profile": self.profile.mode, "reason": self.profile.reason,
                 "metered": self.metered.state.value, "metered_detail": self.metered.detail,
                 "battery_percent": b.percent if b else None,
-                "on_battery": (not b.plugged) if b else None, "releases": self.releases}
+                "on_battery": (not b.plugged) if b else None, "releases": self.releases,
+                "errors": self.errors, "last_error": self.last_error}
 
     def _metered(self, reading: MeteredReading) -> None:
         if reading != self.metered:
@@ -124,10 +149,12 @@ class SyncMonitor:
 
     def _update(self) -> None:
         profile = decide(self.cfg, self.metered, self.battery)
-        if profile == self.profile:
+        was, self.profile = self.profile, profile
+        # Only a change of mode re-gates: "battery 19%" becoming "battery 18%" must not
+        # stop the loops a max_hold_h release started.
+        if profile.mode == was.mode:
             return
         log.info("transmit profile: %s (%s)", profile.mode, profile.reason)
-        self.profile = profile
         self._changed.set()
         self.on_change()
 
