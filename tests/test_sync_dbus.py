@@ -7,18 +7,23 @@ nothing can be sent until the profile changes; max_hold_h by an injected clock.
 
 from __future__ import annotations
 
+import asyncio
 from collections.abc import AsyncIterator, Iterator
 from pathlib import Path
 from typing import Any
 
 import aiohttp
 import pytest
+from jeepney import DBusAddress, new_signal
+from jeepney.io.asyncio import open_dbus_connection
 
 from agent.clock import CLOCK, Clock
 from agent.forwarder.supervisor import Seams
+from agent.sync.metered.networkmanager import NetworkManagerSource
+from agent.sync.policy import Metered, MeteredReading
 from tests.conftest import free_port, write_config
 from tests.fakes.manual_timing import ManualTiming
-from tests.fakes.nm_bus import FakeNetworkManager, PrivateBus
+from tests.fakes.nm_bus import NM_NAME, NM_PATH, PROPS, FakeNetworkManager, PrivateBus
 from tests.fakes.nucleus_upstream import FakeNucleus
 from tests.waiting import run_outpost, wait_for
 
@@ -236,3 +241,25 @@ async def test_without_dbus_address_the_standard_variable_names_the_system_bus(
     monkeypatch.setenv("DBUS_SYSTEM_BUS_ADDRESS", bus.address)
     agent = await make_agent(upstreams=[upstream(fake_nucleus)], sync={"on_metered": "hold"})
     assert agent.sync.profile.mode == "hold" and nm.gets == 1
+
+
+async def test_only_networkmanager_itself_can_change_the_reading(
+        bus: PrivateBus, nm: FakeNetworkManager) -> None:
+    """Any local process may emit a signal on the bus: one shaped as NetworkManager's
+    PropertiesChanged, or a malformed one, must neither set a hold nor end the watch."""
+    readings: list[MeteredReading] = []
+    watch = asyncio.create_task(NetworkManagerSource(bus.address).watch(readings.append))
+    try:
+        await wait_for(lambda: [r.state for r in readings] == [Metered.NO])
+        other = await open_dbus_connection(bus.address)
+        where = DBusAddress(NM_PATH, interface=PROPS)
+        await other.send(new_signal(where, "PropertiesChanged", "sa{sv}as",
+                                    (NM_NAME, {"Metered": ("u", YES)}, [])))
+        await other.send(new_signal(where, "PropertiesChanged", "s", (NM_NAME,)))
+        await other.close()
+        await nm.set_metered(4)   # NetworkManager's own change, after the others
+        await wait_for(lambda: len(readings) >= 2)
+        assert [r.detail for r in readings] == ["NetworkManager: no", "NetworkManager: guess no"]
+        assert not watch.done()
+    finally:
+        watch.cancel()
