@@ -9,6 +9,7 @@ in one loop, so a closed bus ends the watch (and it reconnects) instead of hangi
 from __future__ import annotations
 
 import asyncio
+import logging
 from collections.abc import Callable
 
 from jeepney import DBusAddress, HeaderFields, MatchRule, Message, MessageType, Properties
@@ -18,6 +19,7 @@ from jeepney.io.asyncio import DBusConnection, open_dbus_connection
 
 from agent.sync.policy import Metered, MeteredReading
 
+log = logging.getLogger("outpost.sync")
 NM = DBusAddress("/org/freedesktop/NetworkManager", bus_name="org.freedesktop.NetworkManager",
                  interface="org.freedesktop.NetworkManager")
 RECONNECT_S = 60.0   # a missing bus is retried this often: it costs nothing meanwhile
@@ -64,29 +66,42 @@ class NetworkManagerSource:
             return self.bus
 
     async def _session(self, conn: DBusConnection, report: Callable[[MeteredReading], None]) -> None:
-        changed = MatchRule(type="signal", interface="org.freedesktop.DBus.Properties",
-                            member="PropertiesChanged", path=NM.object_path)
-        changed.add_arg_condition(0, NM.interface)
+        # The bus filters by NetworkManager's well-known name; locally, a signal counts
+        # only from the connection that owns it now (any local process may emit one).
+        changed, on_bus = (MatchRule(type="signal", sender=sender,
+                                     interface="org.freedesktop.DBus.Properties",
+                                     member="PropertiesChanged", path=NM.object_path)
+                           for sender in (None, NM.bus_name))
         owner = MatchRule(type="signal", sender="org.freedesktop.DBus",
                           interface="org.freedesktop.DBus", member="NameOwnerChanged")
-        owner.add_arg_condition(0, NM.bus_name)
-        for rule in (changed, owner):
+        for rule, name in ((changed, NM.interface), (on_bus, NM.interface), (owner, NM.bus_name)):
+            rule.add_arg_condition(0, name)
+        for rule in (on_bus, owner):
             await conn.send(message_bus.AddMatch(rule))
         asked = await self._ask(conn)
+        nm_owner: str | None = None   # NetworkManager's unique name, once known
         while True:
             msg = await conn.receive()
             kind = msg.header.message_type
-            if kind is MessageType.signal and owner.matches(msg):
-                if msg.body[2]:   # a new owner: NetworkManager (re)started
-                    asked = await self._ask(conn)
-                else:
-                    report(MeteredReading(Metered.UNKNOWN, "NetworkManager is not running"))
-            elif kind is MessageType.signal and changed.matches(msg):
-                props = msg.body[1]
-                if "Metered" in props:
-                    report(reading(props["Metered"][1]))
-            elif _reply_to(msg) == asked:
-                report(_answer(msg))
+            sender = msg.header.fields.get(HeaderFields.sender)
+            try:
+                if kind is MessageType.signal and owner.matches(msg):
+                    nm_owner = msg.body[2] or None
+                    if nm_owner:   # a new owner: NetworkManager (re)started
+                        asked = await self._ask(conn)
+                    else:
+                        report(MeteredReading(Metered.UNKNOWN, "NetworkManager is not running"))
+                elif changed.matches(msg) and sender is not None and sender == nm_owner:
+                    props = msg.body[1]
+                    if "Metered" in props:
+                        report(reading(props["Metered"][1]))
+                elif _reply_to(msg) == asked:
+                    if kind is MessageType.method_return:
+                        nm_owner = sender
+                    report(_answer(msg))
+            except (IndexError, KeyError, TypeError, ValueError) as exc:
+                # A malformed message is ignored, not allowed to end the watch.
+                log.warning("ignoring a malformed D-Bus message from %s: %s", sender, exc)
 
     async def _ask(self, conn: DBusConnection) -> int:
         """Send a Get of ``Metered``; the serial its reply will carry."""
