@@ -14,6 +14,7 @@ from hypothesis import strategies as st
 
 from agent.families.dates import iso_ms_fast, read_date
 from agent.families.mapping import ERROR, OPENED, SEGMENT_KEY, nucleus_to_segment, segment_to_nucleus
+from agent.server.limits import MAPPING_GROWTH_BYTES
 
 MIN_MS = int(datetime(1, 1, 2, tzinfo=timezone.utc).timestamp() * 1000)
 MAX_MS = int(datetime(9999, 12, 31, tzinfo=timezone.utc).timestamp() * 1000)
@@ -75,6 +76,12 @@ PLACES = {"userId": ("userId",), "platform": ("context", "os", "name"),
           "date": ("timestamp",)}
 
 
+def within_growth(original: dict[str, Any], out: dict[str, Any]) -> bool:
+    """The bound ingest's size check relies on (agent/server/limits.py): a mapped event
+    is at most three copies of the original and MAPPING_GROWTH_BYTES more."""
+    return len(orjson.dumps(out)) <= 3 * len(orjson.dumps(original)) + MAPPING_GROWTH_BYTES
+
+
 def at(ev: dict[str, Any], path: tuple[str, ...]) -> Any:
     for step in path:
         ev = ev[step]
@@ -104,6 +111,7 @@ def test_nucleus_to_segment_and_back(ev: dict[str, Any], at_ms: int) -> None:
     original = copy.deepcopy(ev)
     out = nucleus_to_segment(ev, at_ms)
     assert ev == original                                   # pure: the row is not changed
+    assert within_growth(original, out)
     for name, value in original.items():
         assert nucleus_field_is_placed(name, value, out), name
     assert out["timestamp"] == (read_date(original["date"]) or iso_ms_fast(at_ms))
@@ -182,6 +190,7 @@ def test_segment_to_nucleus_and_back(ev: dict[str, Any], at_ms: int) -> None:
     original = copy.deepcopy(ev)
     out = segment_to_nucleus(ev, at_ms)
     assert ev == original
+    assert within_growth(original, out)
     payload = out["payload"]
     rest = payload[SEGMENT_KEY]                              # every field, but the body
     for name, value in original.items():

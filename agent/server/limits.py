@@ -14,6 +14,8 @@ from agent.families.event import NUCLEUS, SEGMENT, Event, Limit, now_ms
 from agent.settings import Config, UpstreamConfig
 
 # The mapping each stored family goes through to reach an upstream of the other one.
+# What mapping to the other family may add besides copies of the event's own values.
+MAPPING_GROWTH_BYTES = 1024
 _MAPPED: dict[int, Callable[[dict[str, Any], int], dict[str, Any]]] = {
     NUCLEUS: mapping.nucleus_to_segment,
     SEGMENT: mapping.segment_to_nucleus,
@@ -60,9 +62,11 @@ class RouteLimits:
         name, limit = route
         size = len(event.body)
         if event.family != limit.family:
-            # Mapping adds a few hundred bytes and copies no value more than twice, so
-            # only an event over a quarter of the limit can map past it: measure those.
-            if size <= limit.max_bytes // 4:
+            # Mapping copies no value more than three times (a device id: anonymousId,
+            # context.device.id, context.nucleus) and adds at most MAPPING_GROWTH_BYTES
+            # (the property tests of the mapping hold it to that): only a larger event
+            # can map past the limit, so only those are mapped to be measured.
+            if 3 * size + MAPPING_GROWTH_BYTES <= limit.max_bytes:
                 return None
             size = len(orjson.dumps(_MAPPED[event.family](orjson.loads(event.body), now_ms())))
         if size <= limit.max_bytes:
