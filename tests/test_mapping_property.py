@@ -182,6 +182,7 @@ FROM_NUCLEUS = {"type": "track", "event": "x", "userId": "u", "messageId": "nucl
 @settings(max_examples=600, deadline=None)
 @given(segment_events, received)
 @example(OPENED_EVENT, 1767225600000)
+@example({**OPENED_EVENT, "timestamp": "²"}, 0)   # a digit to str.isdigit, not to float()
 @example(ERROR_EVENT, 1767225600000)
 @example(FROM_NUCLEUS, 1767225600000)
 @example(TRANTHOR, 1767225600000)

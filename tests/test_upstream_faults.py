@@ -128,7 +128,8 @@ def test_retry_after_seconds_and_http_dates() -> None:
     date = email.utils.formatdate(now + 30, usegmt=True)
     assert retry_after(date, now) == pytest.approx(30.0)
     assert retry_after(email.utils.formatdate(now - 30, usegmt=True), now) == 0.0
-    for junk in (None, "", "soon", "-5", "1.5e3", "Tue, 99 Foo 2026 00:00:00 GMT"):
+    for junk in (None, "", "soon", "-5", "1.5e3", "Tue, 99 Foo 2026 00:00:00 GMT",
+                 "²", "٣"):   # digits to str.isdigit, not to float()
         assert retry_after(junk, now) is None
 
 
