@@ -182,7 +182,9 @@ FROM_NUCLEUS = {"type": "track", "event": "x", "userId": "u", "messageId": "nucl
 @settings(max_examples=600, deadline=None)
 @given(segment_events, received)
 @example(OPENED_EVENT, 1767225600000)
-@example({**OPENED_EVENT, "timestamp": "²"}, 0)   # a digit to str.isdigit, not to float()
+@example({"type": "track", "messageId": "nucleus-0", "event": OPENED, "userId": "0",
+          "receivedAt": "1970-01-01T00:00:00.000Z", "originalTimestamp": "",
+          "timestamp": "²", "context": {"nucleus": {}}}, 0)   # isdigit, yet no float()
 @example(ERROR_EVENT, 1767225600000)
 @example(FROM_NUCLEUS, 1767225600000)
 @example(TRANTHOR, 1767225600000)
