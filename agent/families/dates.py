@@ -15,8 +15,10 @@ def read_date(value: Any) -> str | None:
     local time (python), epoch milliseconds (JS) or seconds (Swift, a float),
     or nothing.
     """
-    if isinstance(value, str) and value.strip().lstrip("-").replace(".", "", 1).isdigit():
-        value = float(value)
+    if isinstance(value, str):
+        digits = value.strip().lstrip("-").replace(".", "", 1)
+        if digits.isascii() and digits.isdigit():   # isdigit alone takes '²', float() not
+            value = float(value)
     try:
         if isinstance(value, (int, float)) and not isinstance(value, bool):
             ms = value * 1000 if abs(value) < 1e11 else value
