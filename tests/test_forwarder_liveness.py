@@ -31,7 +31,10 @@ from agent import config as config_mod
 from agent.forwarder.backoff import Backoff
 from agent.forwarder.supervisor import Seams
 from agent.service import Agent
+from agent.uplinks.base import SendResult
+from agent.uplinks.nucleus_http import NucleusHttpUplink
 from agent.uplinks.nucleus_ws import NucleusWsUplink
+from agent.uplinks.prepare import Prepared
 from agent.uplinks.registry import make_uplink
 from tests.conftest import FAST_BACKOFF, write_config
 from tests.fakes.faulty_upstream import Fault, FaultyUpstream
@@ -78,15 +81,33 @@ def crash_records(caplog: pytest.LogCaptureFixture) -> list[logging.LogRecord]:
     return [r for r in caplog.records if r.levelno >= logging.ERROR]
 
 
+class _BrokenSend(NucleusHttpUplink):
+    """INJECTED FAULT (factory level): the first send raises, standing in for any bug on
+    an uplink's delivery path (until issue 12 a `Retry-After: ²` did this for real)."""
+
+    async def send(self, prepared: Prepared) -> SendResult:
+        if not _BrokenSend.broke:
+            _BrokenSend.broke = True
+            raise ValueError("injected delivery fault")
+        return await super().send(prepared)
+
+    broke = False
+
+
+def breaks_first_send(cfg: Any, key: str, session: aiohttp.ClientSession,
+                      machine_id: str) -> Any:
+    return _BrokenSend(cfg, key, session, machine_id)
+
+
 async def test_a_crash_in_a_delivery_is_logged_counted_shown_and_restarted(
         make_agent: Any, faulty: FaultyUpstream, caplog: pytest.LogCaptureFixture) -> None:
-    """A real code path that raises: a `Retry-After: ²` header (`"²".isdigit()` is True,
-    `float("²")` raises ValueError) escapes the HTTP uplink as an unexpected exception.
-    Before the fix the delivery task died unseen and the key's events stayed queued."""
+    """A delivery that raises unexpectedly. Before the fix the delivery task died unseen
+    and the key's events stayed queued."""
     caplog.set_level(logging.INFO)
-    faulty.script = [Fault("status", 503, {"Retry-After": "\u00b2"})]
+    _BrokenSend.broke = False
     # A name of its own: crash logs are rate-limited per upstream, process-wide.
-    agent = await make_agent(upstreams=[upstream(faulty, "nucleus-http", name="crashy")])
+    agent = await make_agent(upstreams=[upstream(faulty, "nucleus-http", name="crashy")],
+                             seams=Seams(make_uplink=breaks_first_send))
     await send(agent, [event(i) for i in range(5)])
     await drained(agent, faulty, 5)
     state = agent.forwarding.states["crashy"]
@@ -140,9 +161,10 @@ async def test_a_crash_in_an_uplink_task_is_supervised(
 
 async def test_stop_cuts_the_restart_backoff_short(make_agent: Any,
                                                    faulty: FaultyUpstream) -> None:
-    faulty.script = [Fault("status", 503, {"Retry-After": "\u00b2"})]
+    _BrokenSend.broke = False
     agent = await make_agent(upstreams=[upstream(faulty, "nucleus-http", name="crashy-stop")],
-                             seams=Seams(backoff=Backoff(base_s=300.0, cap_s=600.0)))  # 150-300 s
+                             seams=Seams(make_uplink=breaks_first_send,
+                                         backoff=Backoff(base_s=300.0, cap_s=600.0)))  # 150-300 s
     await send(agent, [event(i) for i in range(3)])
     state = agent.forwarding.states["crashy-stop"]
     await wait_for(lambda: state.state == "restarting")

@@ -96,6 +96,13 @@ class StreamForwarder:
         finally:
             await self._settle(timeout=5.0)
             await self.uplink.close()
+            if self.stopping and self._failed is not None and self.release is not None \
+                    and not self.released:
+                # Stopped (a hold) before backing off from a failure: the key still waits
+                # out its backoff, a Retry-After included, before its next loop sends.
+                self.released = True
+                told = self._failed.retry_after is not None
+                self.release.park(self._back_off(), self.attempt, told)
 
     async def _step(self) -> None:
         self.wake.clear()      # before reading any state: see the module docstring
