@@ -1,4 +1,4 @@
-"""Command line: run, status, doctor, check-config, flush."""
+"""Command line: run, status, doctor, check-config, flush, dead."""
 
 from __future__ import annotations
 
@@ -18,6 +18,7 @@ from agent import config as config_mod
 from agent.config import ConfigError
 from agent.device import detect
 from agent.install import command as service_install
+from agent.ops import dead_cli
 from agent.ops.status import offline_snapshot
 from agent.server import memory
 from agent.settings import Config
@@ -169,6 +170,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("file", nargs="?")
     p.set_defaults(func=cmd_check_config)
     service_install.add_parser(sub)
+    dead_cli.add_parser(sub, _load, _agent_url)
     return parser
 
 

@@ -1,0 +1,110 @@
+"""Dead-letter endpoints of a running agent, for `outpost dead`.
+
+GET /dead (summary and entries), GET /dead/{id} (one, with its body), GET /dead/export
+(JSONL, with bodies), POST /dead/retry and POST /dead/purge (JSON {"reason": R} or
+{"all": true}). They sit behind the same Host/Origin guard as every route, and are
+stricter still: bodies are app data and these change the spool, so no web page of
+another origin may reach them, even one listed in listen.allowed_origins (that list is
+for apps sending events). Only local tools (no Origin, no Sec-Fetch-Site) and the
+agent's own page pass.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Awaitable, Callable
+from urllib.parse import urlsplit
+
+import orjson
+from aiohttp import web
+
+from agent.spool import Spool, dead, dead_live
+
+Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
+# Entries GET /dead lists at most (the summary counts all of them).
+LIST_LIMIT = 1000
+
+
+def _foreign(request: web.Request) -> str | None:
+    """Why a browser request is refused here; None for a local tool or our own page."""
+    origin = request.headers.get("Origin")
+    host = request.headers.get("Host")
+    if origin is not None and (host is None or urlsplit(origin.lower()).netloc != host.lower()):
+        return f"Origin {origin!r} may not use the dead-letter endpoints"
+    site = request.headers.get("Sec-Fetch-Site")
+    if site not in (None, "same-origin", "none"):
+        return f"a {site} browser request may not use the dead-letter endpoints"
+    return None
+
+
+def _error(status: int, message: str) -> web.Response:
+    return web.json_response({"error": message}, status=status)
+
+
+class DeadRoutes:
+    """The endpoints over ``spool``; ``wake`` asks the forwarders to send now (a retry)."""
+
+    def __init__(self, spool: Spool, wake: Callable[[], None]) -> None:
+        self.spool = spool
+        self.wake = wake
+
+    async def _which(self, request: web.Request) -> dead.Which:
+        # JSON only: a cross-site <form> cannot send it without a preflight.
+        if request.content_type != "application/json":
+            raise dead.DeadError("send JSON: {\"reason\": R} or {\"all\": true}")
+        try:
+            body = orjson.loads(await request.read())
+        except orjson.JSONDecodeError as exc:
+            raise dead.DeadError(f"body is not JSON: {exc}") from exc
+        if not isinstance(body, dict):
+            raise dead.DeadError("send a JSON object")
+        reason = body.get("reason")
+        which = dead.Which(reason if isinstance(reason, str) else None, body.get("all") is True)
+        which.where()  # refuses neither-nor here, before touching the spool
+        return which
+
+    async def listing(self, request: web.Request) -> web.Response:
+        reason = request.query.get("reason")
+        which = dead.Which(reason) if reason is not None else None
+        summary = await dead_live.read(self.spool, dead.summary)
+        summary["entries"] = await dead_live.read(self.spool, dead.entries, which, LIST_LIMIT)
+        return web.json_response(summary)
+
+    async def show(self, request: web.Request) -> web.Response:
+        seq = int(request.match_info["seq"])
+        return web.json_response(await dead_live.read(self.spool, dead.show, seq))
+
+    async def export(self, request: web.Request) -> web.Response:
+        lines = await dead_live.read(self.spool, lambda conn: b"".join(dead.export(conn)))
+        return web.Response(body=lines, content_type="application/x-ndjson",
+                            headers={"Cache-Control": "no-store"})
+
+    async def retry(self, request: web.Request) -> web.Response:
+        n = await dead_live.retry(self.spool, await self._which(request))
+        if n:
+            self.wake()
+        return web.json_response({"retried": n, "queue_depth": self.spool.depth})
+
+    async def purge(self, request: web.Request) -> web.Response:
+        n = await dead_live.purge(self.spool, await self._which(request))
+        return web.json_response({"purged": n, "dead_letters": self.spool.dead_count})
+
+    def routes(self) -> list[web.RouteDef]:
+        return [web.get("/dead", _strict(self.listing)),
+                web.get("/dead/export", _strict(self.export)),
+                web.get(r"/dead/{seq:\d+}", _strict(self.show)),
+                web.post("/dead/retry", _strict(self.retry)),
+                web.post("/dead/purge", _strict(self.purge))]
+
+
+def _strict(handler: Handler) -> Handler:
+    async def handle(request: web.Request) -> web.StreamResponse:
+        why = _foreign(request)
+        if why is not None:
+            return _error(403, why)
+        try:
+            return await handler(request)
+        except dead.NoSuchLetter as exc:
+            return _error(404, str(exc))
+        except dead.DeadError as exc:
+            return _error(409, str(exc))
+    return handle
