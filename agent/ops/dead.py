@@ -41,11 +41,10 @@ def _error(status: int, message: str) -> web.Response:
 
 
 class DeadRoutes:
-    """The endpoints over ``spool``; ``wake`` asks the forwarders to send now (a retry)."""
+    """The endpoints over ``spool``."""
 
-    def __init__(self, spool: Spool, wake: Callable[[], None]) -> None:
+    def __init__(self, spool: Spool) -> None:
         self.spool = spool
-        self.wake = wake
 
     async def _which(self, request: web.Request) -> dead.Which:
         # JSON only: a cross-site <form> cannot send it without a preflight.
@@ -80,8 +79,6 @@ class DeadRoutes:
 
     async def retry(self, request: web.Request) -> web.Response:
         n = await dead_live.retry(self.spool, await self._which(request))
-        if n:
-            self.wake()
         return web.json_response({"retried": n, "queue_depth": self.spool.depth})
 
     async def purge(self, request: web.Request) -> web.Response:

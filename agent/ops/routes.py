@@ -91,4 +91,4 @@ class Ops:
         return [web.get("/", self.page), web.get("/healthz", self.healthz),
                 web.get("/status", self.status), web.get("/metrics", self.metrics_text),
                 web.post("/flush", self.flush),
-                *DeadRoutes(self.spool, self._flush).routes()]
+                *DeadRoutes(self.spool).routes()]

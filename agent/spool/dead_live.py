@@ -52,8 +52,7 @@ async def purge(spool: Spool, which: dead.Which) -> int:
 
 
 async def retry(spool: Spool, which: dead.Which) -> int:
-    """Put the chosen dead letters back at the tail of their keys' queues; returns how many.
-    The caller wakes the forwarders."""
+    """Put the chosen dead letters back at the tail of their keys' queues; returns how many."""
     async with spool.lock:
         done, size = await _write(spool, dead.requeue, which, spool.books.next_seq)
         spool.books.next_seq = done.next_seq
@@ -64,6 +63,8 @@ async def retry(spool: Spool, which: dead.Which) -> int:
             # Already known unless the window passed: then known again from now on, as
             # a restart would load them from the record.
             spool.index.admit(keys, wall, observed)
+    if done.count:
+        spool.on_reopen()  # queues that need forwarders: the loops of idle keys have ended
     return done.count
 
 
