@@ -50,7 +50,8 @@ async def outpost(*args: str, config: str, code: int = 0) -> str:
 
 
 async def test_retry_on_running_agent_delivers_at_the_tail(make_agent: Any) -> None:
-    up = await RefusingNucleus().start()
+    up = RefusingNucleus()
+    await up.start()
     try:
         agent = await make_agent(port=free_port(), upstreams=[upstream("up", up, ["*"])])
         cfg = agent.config_path
