@@ -3,7 +3,9 @@ agent (its endpoints) and a stopped one (the spool file); a retry delivered end 
 
 from __future__ import annotations
 
+import asyncio
 import json
+import sqlite3
 import stat
 from pathlib import Path
 from typing import Any
@@ -190,5 +192,48 @@ async def test_browser_pages_cannot_reach_dead_letters(make_agent: Any) -> None:
         assert group["count"] == 2 and group["upstream"] == "up"
         assert group["reason"].startswith("HTTP 400") and "body" not in group
         assert "outpost_dead_letters 2" in metrics.splitlines()
+    finally:
+        await up.stop()
+
+
+def spool_books(path: Path) -> tuple[int, int, list[tuple[int, int]]]:
+    """(depth the streams table says, live events the records hold, each record's
+    (first seq, n)) of a closed spool, and its integrity check passed."""
+    conn = sqlite3.connect(path)
+    try:
+        assert conn.execute("PRAGMA integrity_check").fetchone()[0] == "ok"
+        depth = conn.execute("SELECT coalesce(sum(depth), 0) FROM streams").fetchone()[0]
+        live = conn.execute("SELECT coalesce(sum(live), 0) FROM records").fetchone()[0]
+        spans = conn.execute("SELECT id, n FROM records ORDER BY id").fetchall()
+    finally:
+        conn.close()
+    return depth, live, spans
+
+
+async def test_retry_beside_ingest_keeps_the_spool_whole(make_agent: Any) -> None:
+    """A retry while apps post: one writer, so seqs never overlap and depths add up."""
+    up = RefusingNucleus()
+    await up.start()
+    try:
+        # app-b has no upstream: its events stay queued, so every record stays to count.
+        agent = await make_agent(port=free_port(), upstreams=[upstream("up", up, ["app-a"])])
+        await post_events(agent.port, "app-a", range(20))
+        await dead_letters(agent, 20)
+        up.refuse = 503  # retried events stay queued too (backoff)
+        base = f"http://127.0.0.1:{agent.port}"
+        async with aiohttp.ClientSession() as s:
+            async def retry() -> int:
+                async with s.post(f"{base}/dead/retry", json={"all": True}) as r:
+                    assert r.status == 200, await r.text()
+                    return int((await r.json())["retried"])
+            got = await asyncio.gather(post_events(agent.port, "app-b", range(30)), retry(),
+                                       post_events(agent.port, "app-b", range(30, 60)))
+        assert got[1] == 20 and agent.spool.dead_count == 0
+        assert agent.spool.depth == 80
+        await agent.stop()
+        depth, live, spans = spool_books(agent.spool.path)
+        assert depth == live == 80
+        for (a, n), (b, _) in zip(spans, spans[1:]):
+            assert a + n <= b  # no two records share a seq
     finally:
         await up.stop()

@@ -23,6 +23,7 @@ import orjson
 
 from agent.outcomes import Tally, record
 from agent.spool.commit import Outcome
+from agent.spool.db import load_state
 from agent.spool.dedupe import keys_to_bytes
 from agent.spool.records import pack
 from agent.spool.writer import RECORD_EVENTS
@@ -170,13 +171,8 @@ def _count(conn: sqlite3.Connection, out: Outcome) -> None:
 
 
 def next_seq(conn: sqlite3.Connection) -> int:
-    """The first seq no event of this spool ever had (as ``db.load_state`` reckons it)."""
-    top = conn.execute(
-        "SELECT max(coalesce((SELECT max(id + n - 1) FROM records), 0), "
-        "coalesce((SELECT max(seq) FROM dead), 0), "
-        "coalesce((SELECT max(id + length(dkeys) / 8 - 1) FROM spent), 0), "
-        "coalesce((SELECT max(next_seq) - 1 FROM clock_marks), 0))").fetchone()[0]
-    return int(top) + 1
+    """The first seq no event of this spool ever had, as an agent opening it reckons."""
+    return load_state(conn, 0).next_seq
 
 
 def read_only(path: Path) -> sqlite3.Connection:
