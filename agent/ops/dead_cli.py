@@ -104,9 +104,10 @@ class _Cli:
         if not got["count"]:
             return 0
         print()
-        print("\n".join(table(["COUNT", "REASON", "UPSTREAM", "OLDEST", "NEWEST"], [
-            [str(g["count"]), g["reason"], g["upstream"], age(age_s(g["oldest"])),
-             age(age_s(g["newest"]))] for g in got["groups"]], right={0})))
+        # The reason last: it is the upstream's own text, of any length.
+        print("\n".join(table(["COUNT", "UPSTREAM", "OLDEST", "NEWEST", "REASON"], [
+            [str(g["count"]), g["upstream"], age(age_s(g["oldest"])), age(age_s(g["newest"])),
+             g["reason"]] for g in got["groups"]], right={0})))
         rows = got["entries"][:args.limit]
         if rows:
             print()

@@ -16,6 +16,7 @@ from typing import Any, TypedDict
 from agent import __version__, outcomes
 from agent.clock import age_s
 from agent.forwarder.state import UpstreamState
+from agent.logs import redact
 from agent.metrics import Metrics
 from agent.settings import Config, UpstreamConfig
 from agent.spool import Spool, dead, dead_live
@@ -136,6 +137,12 @@ def _snapshot(cfg: Config, source: str, depth: int, streams: Mapping[str, tuple[
     }
 
 
+def _redacted(groups: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """Reasons are an upstream's own words, which may echo a key from the request: /status
+    is readable by allowed web origins, so they pass the log's redaction first."""
+    return [{**g, "reason": redact(g["reason"])} for g in groups]
+
+
 async def snapshot(cfg: Config, spool: Spool, states: Mapping[str, UpstreamState],
                    metrics: Metrics) -> Snapshot:
     """The running agent's state."""
@@ -147,7 +154,7 @@ async def snapshot(cfg: Config, spool: Spool, states: Mapping[str, UpstreamState
                       "max_bytes": spool.max_bytes}, states)
     try:
         groups = await dead_live.read(spool, dead.summary, dead.NEWEST_REASONS)
-        snap["dead_reasons"] = groups["groups"]
+        snap["dead_reasons"] = _redacted(groups["groups"])
     except (dead.DeadError, sqlite3.Error):
         pass  # a spool closed or failing: status still answers, with the count it has
     snap["uptime_s"] = round(max(0.0, time.time() - metrics.started), 1)
@@ -172,5 +179,5 @@ def offline_snapshot(cfg: Config) -> Snapshot:
                      {k: (s["depth"], s["bytes"]) for k, s in raw["streams"].items()},
                      outcomes.from_names(raw["counters"].items()), raw.get("dead_letters", 0),
                      {"path": str(path), "used_bytes": None, "max_bytes": None}, {})
-    snap["dead_reasons"] = dead.newest_reasons(path)
+    snap["dead_reasons"] = _redacted(dead.newest_reasons(path))
     return snap
