@@ -53,7 +53,8 @@ async def outpost(*args: str, config: str, code: int = 0) -> str:
     return text
 
 
-async def test_retry_on_running_agent_delivers_at_the_tail(make_agent: Any) -> None:
+async def test_retry_on_running_agent_delivers_at_the_tail(make_agent: Any,
+                                                           tmp_path: Path) -> None:
     up = RefusingNucleus()
     await up.start()
     try:
@@ -75,6 +76,12 @@ async def test_retry_on_running_agent_delivers_at_the_tail(make_agent: Any) -> N
         assert shown["body"]["id"] == 0 and shown["key"] == "app-a"
         assert shown["upstream"] == "up" and shown["reason"].startswith("HTTP 400")
         await outpost("show", "999999", config=cfg, code=1)
+        out = tmp_path / "dead.jsonl"
+        out.write_text("old, readable by all")
+        out.chmod(0o644)
+        assert "exported 3 dead letters" in await outpost("export", str(out), config=cfg)
+        assert stat.S_IMODE(out.stat().st_mode) == 0o600
+        assert [json.loads(ln)["body"]["id"] for ln in out.read_text().splitlines()] == [0, 1, 2]
         await outpost("retry", config=cfg, code=2)  # neither --reason nor --all
         assert agent.spool.dead_count == 3
 

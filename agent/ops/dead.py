@@ -22,6 +22,7 @@ from agent.spool import Spool, dead, dead_live
 Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
 # Entries GET /dead lists at most (the summary counts all of them).
 LIST_LIMIT = 1000
+EXPORT_PAGE = 1000  # dead letters read at a time for GET /dead/export
 
 
 def _foreign(request: web.Request) -> str | None:
@@ -72,10 +73,17 @@ class DeadRoutes:
         seq = int(request.match_info["seq"])
         return web.json_response(await dead_live.read(self.spool, dead.show, seq))
 
-    async def export(self, request: web.Request) -> web.Response:
-        lines = await dead_live.read(self.spool, lambda conn: b"".join(dead.export(conn)))
-        return web.Response(body=lines, content_type="application/x-ndjson",
-                            headers={"Cache-Control": "no-store"})
+    async def export(self, request: web.Request) -> web.StreamResponse:
+        # A page at a time: dead letters can fill the spool, and the body is streamed.
+        lines, last = await dead_live.read(self.spool, dead.export, 0, EXPORT_PAGE)
+        resp = web.StreamResponse(headers={"Content-Type": "application/x-ndjson",
+                                           "Cache-Control": "no-store"})
+        await resp.prepare(request)
+        while lines:
+            await resp.write(lines)
+            lines, last = await dead_live.read(self.spool, dead.export, last, EXPORT_PAGE)
+        await resp.write_eof()
+        return resp
 
     async def retry(self, request: web.Request) -> web.Response:
         n = await dead_live.retry(self.spool, await self._which(request))

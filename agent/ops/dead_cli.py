@@ -9,6 +9,7 @@ refuses while an agent has the file open.
 from __future__ import annotations
 
 import argparse
+import http.client
 import json
 import os
 import sqlite3
@@ -18,9 +19,10 @@ import urllib.parse
 import urllib.request
 from collections.abc import Callable
 from pathlib import Path
-from typing import Any
+from typing import Any, BinaryIO
 
 from agent.clock import age_s
+from agent.ops.dead import EXPORT_PAGE
 from agent.ops.status_table import age, size, table
 from agent.outcomes import Tally
 from agent.settings import Config
@@ -71,6 +73,9 @@ class _Cli:
         except sqlite3.Error as exc:
             print(f"outpost: cannot read the spool {cfg.storage.resolved_path()}: {exc}",
                   file=sys.stderr)
+            return 1
+        except (OSError, http.client.HTTPException) as exc:  # e.g. FILE, or an agent gone
+            print(f"outpost: {exc}", file=sys.stderr)
             return 1
 
     def _read(self, cfg: Config, path: str, fn: Callable[..., Any], *a: Any) -> Any:
@@ -126,26 +131,41 @@ class _Cli:
         return 0
 
     def export(self, cfg: Config, args: argparse.Namespace) -> int:
-        try:
-            lines = self._ask(cfg, "/dead/export")
-        except _NoAgent:
-            conn = dead.read_only(cfg.storage.resolved_path())
-            try:
-                lines = b"".join(dead.export(conn))
-            finally:
-                conn.close()
         target = Path(args.file)
         # Bodies are app data: private, as the spool is (an existing file is made so too).
         fd = os.open(target, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
-        try:
+        with os.fdopen(fd, "wb") as out:
             if sys.platform != "win32":
                 os.fchmod(fd, 0o600)
-            os.write(fd, lines)
-        finally:
-            os.close(fd)
-        count = lines.count(b"\n")
+            count = self._export_to(cfg, out)
         print(f"exported {count} dead letters to {target}")
         return 0
+
+    def _export_to(self, cfg: Config, out: BinaryIO) -> int:
+        req = urllib.request.Request(self.url(cfg, "/dead/export"))
+        count = 0
+        try:
+            resp = _DIRECT.open(req, timeout=30)
+        except urllib.error.HTTPError as exc:
+            raise dead.DeadError(f"the agent refused the export: HTTP {exc.code}") from exc
+        except (urllib.error.URLError, OSError):
+            resp = None  # no agent: read the spool file
+        if resp is not None:
+            with resp:
+                for line in resp:
+                    out.write(line)
+                    count += 1
+            return count
+        conn = dead.read_only(cfg.storage.resolved_path())
+        try:
+            lines, last = dead.export(conn, 0, EXPORT_PAGE)
+            while lines:
+                out.write(lines)
+                count += lines.count(b"\n")
+                lines, last = dead.export(conn, last, EXPORT_PAGE)
+        finally:
+            conn.close()
+        return count
 
     def _change(self, cfg: Config, args: argparse.Namespace, what: str) -> int:
         which = dead.Which(args.reason, args.all)

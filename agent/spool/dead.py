@@ -14,7 +14,6 @@ itself goes through no dedupe (it is the same event, not a resend).
 from __future__ import annotations
 
 import sqlite3
-from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -102,19 +101,24 @@ def _body(raw: bytes) -> Any:
 
 def show(conn: sqlite3.Connection, seq: int) -> dict[str, Any]:
     """One dead letter with its body; DeadError if there is none with that id."""
-    row = conn.execute(f"{_ENTRY} WHERE seq = ?", (seq,)).fetchone()
+    row = conn.execute(f"{_ENTRY} WHERE seq = ?", (seq,)).fetchone() if seq < 2**63 else None
     if row is None:
         raise NoSuchLetter(f"no dead letter with id {seq}")
     body = conn.execute("SELECT body FROM dead WHERE seq = ?", (seq,)).fetchone()[0]
     return {**_entry(row), "body": _body(body)}
 
 
-def export(conn: sqlite3.Connection) -> Iterator[bytes]:
-    """Every dead letter as one JSON line (with its body), oldest first."""
+def export(conn: sqlite3.Connection, after: int = 0, limit: int = -1) -> tuple[bytes, int]:
+    """Dead letters with seq > ``after`` (at most ``limit``), oldest first, as JSON lines
+    with their bodies; and the last seq written (``after`` if none)."""
+    lines, last = [], after
     for *row, body in conn.execute(
             "SELECT seq, s.key, upstream, reason, at, received, length(body), body FROM dead "
-            "JOIN streams s ON s.id = dead.stream ORDER BY seq"):
-        yield orjson.dumps({**_entry(tuple(row)), "body": _body(body)}) + b"\n"
+            "JOIN streams s ON s.id = dead.stream WHERE seq > ? ORDER BY seq LIMIT ?",
+            (after, limit)):
+        lines.append(orjson.dumps({**_entry(tuple(row)), "body": _body(body)}))
+        last = row[0]
+    return b"".join(line + b"\n" for line in lines), last
 
 
 def purge(conn: sqlite3.Connection, which: Which) -> Outcome:
