@@ -1,7 +1,7 @@
 """Dead letters: summarise, list, show, export, retry and purge, each in one transaction.
 
 The SQL here runs two ways: on a running agent's writer thread under the writer's lock
-(``Live``), or on a stopped agent's spool file through ``Offline``, a connection in
+(dead_live.py), or on a stopped agent's spool file through ``Offline``, a connection in
 exclusive locking mode that SQLite refuses while any other connection (an agent) has
 the file open, and that keeps an agent from opening it meanwhile: never two writers.
 
