@@ -20,8 +20,8 @@ from aiohttp import web
 from agent.spool import Spool, dead, dead_live
 
 Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
-# Entries GET /dead lists at most (the summary counts all of them).
-LIST_LIMIT = 1000
+# Entries GET /dead lists at most, oldest first (the summary counts all of them).
+LIST_LIMIT = 10_000
 EXPORT_PAGE = 1000  # dead letters read at a time for GET /dead/export
 
 
@@ -65,8 +65,12 @@ class DeadRoutes:
     async def listing(self, request: web.Request) -> web.Response:
         reason = request.query.get("reason")
         which = dead.Which(reason) if reason is not None else None
+        try:
+            limit = min(LIST_LIMIT, max(0, int(request.query.get("limit", LIST_LIMIT))))
+        except ValueError:
+            raise dead.DeadError("limit is a number") from None
         summary = await dead_live.read(self.spool, dead.summary)
-        summary["entries"] = await dead_live.read(self.spool, dead.entries, which, LIST_LIMIT)
+        summary["entries"] = await dead_live.read(self.spool, dead.entries, which, limit)
         return web.json_response(summary)
 
     async def show(self, request: web.Request) -> web.Response:

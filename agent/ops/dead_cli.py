@@ -94,14 +94,15 @@ class _Cli:
         if not cfg.storage.resolved_path().exists():
             print(f"no dead letters (no spool yet at {cfg.storage.resolved_path()})")
             return 0
-        query = f"?reason={urllib.parse.quote(args.reason)}" if args.reason else ""
+        query = urllib.parse.urlencode({"limit": args.limit, **(
+            {"reason": args.reason} if args.reason else {})})
         which = dead.Which(args.reason) if args.reason else None
 
         def offline(conn: sqlite3.Connection) -> dict[str, Any]:
             got = dead.summary(conn)
             got["entries"] = dead.entries(conn, which, args.limit)
             return got
-        got, source = self._read(cfg, f"/dead{query}", offline)
+        got, source = self._read(cfg, f"/dead?{query}", offline)
         if args.json:
             print(json.dumps(got, indent=2))
             return 0
