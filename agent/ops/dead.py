@@ -22,7 +22,16 @@ from agent.spool import Spool, dead, dead_live
 Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
 # Entries GET /dead lists at most, oldest first (the summary counts all of them).
 LIST_LIMIT = 10_000
+BODY_LIMIT = 4096  # a retry or purge request: {"reason": ...}
 EXPORT_PAGE = 1000  # dead letters read at a time for GET /dead/export
+
+
+class _Refused(Exception):
+    """A request refused with ``status`` before the spool is touched."""
+
+    def __init__(self, status: int, message: str) -> None:
+        super().__init__(message)
+        self.status = status
 
 
 def _foreign(request: web.Request) -> str | None:
@@ -51,6 +60,11 @@ class DeadRoutes:
         # JSON only: a cross-site <form> cannot send it without a preflight.
         if request.content_type != "application/json":
             raise dead.DeadError("send JSON: {\"reason\": R} or {\"all\": true}")
+        # Refused before reading: a client announcing a huge body must not hold us.
+        if request.content_length is None:
+            raise _Refused(411, "send a Content-Length")
+        if request.content_length > BODY_LIMIT:
+            raise _Refused(413, f"body over {BODY_LIMIT} bytes")
         try:
             body = orjson.loads(await request.read())
         except orjson.JSONDecodeError as exc:
@@ -112,6 +126,8 @@ def _strict(handler: Handler) -> Handler:
             return _error(403, why)
         try:
             return await handler(request)
+        except _Refused as exc:
+            return _error(exc.status, str(exc))
         except dead.NoSuchLetter as exc:
             return _error(404, str(exc))
         except dead.DeadError as exc:
