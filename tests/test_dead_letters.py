@@ -251,3 +251,12 @@ async def test_retry_beside_ingest_keeps_the_spool_whole(make_agent: Any) -> Non
             assert a + n <= b  # no two records share a seq
     finally:
         await up.stop()
+
+
+async def test_no_agent_and_no_spool_yet(tmp_path: Path) -> None:
+    cfg = str(write_config(tmp_path / "a.toml", tmp_path / "none.db", port=free_port()))
+    assert "no dead letters (no agent answering, and no spool yet" in await outpost(
+        "list", config=cfg)
+    text = await outpost("retry", "--all", config=cfg, code=1)
+    assert text.startswith("outpost: no spool at") and len(text.splitlines()) == 1
+    assert not (tmp_path / "none.db").exists()  # nothing created

@@ -91,9 +91,6 @@ class _Cli:
                 conn.close()
 
     def list(self, cfg: Config, args: argparse.Namespace) -> int:
-        if not cfg.storage.resolved_path().exists():
-            print(f"no dead letters (no spool yet at {cfg.storage.resolved_path()})")
-            return 0
         query = urllib.parse.urlencode({"limit": args.limit, **(
             {"reason": args.reason} if args.reason else {})})
         which = dead.Which(args.reason) if args.reason else None
@@ -102,7 +99,11 @@ class _Cli:
             got = dead.summary(conn)
             got["entries"] = dead.entries(conn, which, args.limit)
             return got
-        got, source = self._read(cfg, f"/dead?{query}", offline)
+        try:
+            got, source = self._read(cfg, f"/dead?{query}", offline)
+        except dead.NoSpool as exc:
+            print(f"no dead letters ({exc})")
+            return 0
         if args.json:
             print(json.dumps(got, indent=2))
             return 0

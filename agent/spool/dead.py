@@ -39,6 +39,10 @@ class NoSuchLetter(DeadError):
     """No dead letter has that id."""
 
 
+class NoSpool(DeadError):
+    """No spool file yet (so no dead letters either)."""
+
+
 @dataclass(frozen=True, slots=True)
 class Which:
     """Which dead letters an operation takes: those of one ``reason``, or ``every`` one."""
@@ -182,7 +186,7 @@ def next_seq(conn: sqlite3.Connection) -> int:
 def read_only(path: Path) -> sqlite3.Connection:
     """A read-only connection to a spool file: safe beside a running agent (WAL)."""
     if not path.exists():
-        raise DeadError(f"no spool at {path}")
+        raise NoSpool(f"no agent answering, and no spool yet at {path}")
     return sqlite3.connect(f"file:{path}?mode=ro", uri=True)
 
 
