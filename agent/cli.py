@@ -27,6 +27,7 @@ from agent.config import ConfigError
 from agent.device import detect
 from agent.install import command as service_install
 from agent.install import config_file
+from agent.ops import dead_cli
 from agent.ops.status import offline_snapshot
 from agent.server import memory
 from agent.settings import Config, SyncConfig
@@ -235,6 +236,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(func=cmd_check_config)
     config_file.add_parser(sub)
     service_install.add_parser(sub)
+    dead_cli.add_parser(sub, _load, _agent_url)
     return parser
 
 

@@ -63,6 +63,11 @@ class Tally(StrEnum):
                         "Dedupe keys forgotten early, to make room at storage.max_size_mb or "
                         "past storage.dedupe_max_keys (a late resend of one may be delivered "
                         "again).")
+    # Dead letters an operator acted on (`outpost dead retry` / `outpost dead purge`).
+    DEAD_RETRIED = ("dead_retried", "dead_letters_retried_total",
+                    "Dead letters sent back to their key's queue by `outpost dead retry`.")
+    DEAD_PURGED = ("dead_purged", "dead_letters_purged_total",
+                   "Dead letters deleted by `outpost dead purge`.")
 
 
 Outcome = Drop | Tally

@@ -42,6 +42,9 @@ async def test_table_from_running_agent(make_agent: Any) -> None:
     assert down[6:] == ["0", "1", "-", "HTTP", "503"]
     assert f"events:   ingested {LIVE + REFUSED + QUEUED}, duplicates 0, acked {LIVE}" in text
     assert f"dropped:  dead_lettered {REFUSED}" in text
+    assert f"dead:     {REFUSED} kept" in text
+    [dead] = [ln.split() for ln in text.splitlines() if "strict" in ln and "HTTP" in ln]
+    assert dead[:2] == [str(REFUSED), "strict"] and dead[3:6] == ["ago", "HTTP", "400:"]
     data = json.loads(raw)
     for key in ("queue_depth", "counters", "drops"):
         assert data[key] == live_status[key]

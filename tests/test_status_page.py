@@ -29,7 +29,7 @@ WIDTH, HEIGHT = 1280, 900
 
 class Figures(HTMLParser):
     """data-value attributes: by element id, per upstream row and field, per drop reason,
-    per refused (API, status)."""
+    per refused (API, status), per dead-letter (reason, upstream)."""
 
     def __init__(self) -> None:
         super().__init__()
@@ -37,6 +37,7 @@ class Figures(HTMLParser):
         self.upstreams: dict[str, dict[str, str]] = {}
         self.drops: dict[str, str] = {}
         self.refused: dict[str, str] = {}
+        self.dead: dict[str, str] = {}
         self._row: tuple[str, str] | None = None
 
     def handle_starttag(self, tag: str, attrs: list[tuple[str, str | None]]) -> None:
@@ -48,12 +49,15 @@ class Figures(HTMLParser):
             self._row = ("drop", a["data-reason"])
         elif tag == "tr" and "data-refused" in a:
             self._row = ("refused", a["data-refused"])
+        elif tag == "tr" and "data-dead" in a:
+            self._row = ("dead", a["data-dead"])
         elif tag == "td" and "data-field" in a and self._row is not None:
             kind, name = self._row
             if kind == "upstream":
                 self.upstreams[name][a["data-field"]] = a["data-value"]
             else:
-                (self.drops if kind == "drop" else self.refused)[name] = a["data-value"]
+                {"drop": self.drops, "refused": self.refused, "dead": self.dead}[kind][name] = \
+                    a["data-value"]
         elif "id" in a and "data-value" in a:
             self.by_id[a["id"]] = a["data-value"]
 
@@ -103,6 +107,10 @@ async def test_page_in_chromium_matches_status(make_agent: Any, chromium: str,
     assert page.refused == {f"{api} {code}": str(n) for api, by in
                             status["ingest"]["refused"].items() for code, n in by.items()}
     assert page.refused == {"nucleus 400": "1"}
+    assert page.by_id["dead-count"] == str(status["dead_letters"]) == str(REFUSED)
+    assert page.dead == {f"{g['reason']} | {g['upstream']}": str(g["count"])
+                         for g in status["dead_reasons"]}
+    assert page.dead == {'HTTP 400: {"error": "refused by the test"} | strict': str(REFUSED)}
     assert list(page.upstreams) == [u["name"] for u in status["upstreams"]]
     for u in status["upstreams"]:
         shown = page.upstreams[u["name"]]

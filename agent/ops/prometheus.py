@@ -88,6 +88,8 @@ def render(snap: Snapshot, latency: Histogram) -> str:
     out.gauge("unrouted_queue_events",
               "Queued events whose key no upstream takes (kept until one is configured).",
               snap["unrouted"]["queue_depth"])
+    out.gauge("dead_letters", "Dead letters kept in the spool now (`outpost dead list`).",
+              snap["dead_letters"])
     counters = snap["counters"]
     for tally in Tally:
         out.counter(tally.metric, tally.help, counters[tally])

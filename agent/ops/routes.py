@@ -1,4 +1,5 @@
-"""Operations endpoints: /healthz, /status, /metrics, the status page at /, POST /flush."""
+"""Operations endpoints: /healthz, /status, /metrics, the status page at /, POST /flush,
+and the dead-letter endpoints (ops/dead.py)."""
 
 from __future__ import annotations
 
@@ -14,6 +15,7 @@ from aiohttp import web
 from agent.forwarder.state import UpstreamState
 from agent.metrics import Metrics
 from agent.ops import prometheus
+from agent.ops.dead import DeadRoutes
 from agent.ops.status import Snapshot, snapshot
 from agent.settings import Config
 from agent.spool import Spool
@@ -92,4 +94,5 @@ class Ops:
     def routes(self) -> list[web.RouteDef]:
         return [web.get("/", self.page), web.get("/healthz", self.healthz),
                 web.get("/status", self.status), web.get("/metrics", self.metrics_text),
-                web.post("/flush", self.flush)]
+                web.post("/flush", self.flush),
+                *DeadRoutes(self.spool).routes()]

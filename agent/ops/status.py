@@ -8,16 +8,18 @@ knows is null there.
 
 from __future__ import annotations
 
+import sqlite3
 import time
 from collections.abc import Mapping
-from typing import TypedDict
+from typing import Any, TypedDict
 
 from agent import __version__, outcomes
 from agent.clock import age_s
 from agent.forwarder.state import UpstreamState
+from agent.logs import redact
 from agent.metrics import Metrics
 from agent.settings import Config, UpstreamConfig
-from agent.spool import Spool
+from agent.spool import Spool, dead, dead_live
 from agent.spool.schema import read_offline
 from agent.sync.monitor import SyncView
 
@@ -88,6 +90,7 @@ class Snapshot(TypedDict):
     unrouted: Unrouted
     spool: SpoolUse
     dead_letters: int
+    dead_reasons: list[dict[str, Any]]  # newest (reason, upstream) groups: counts, no bodies
     counters: dict[str, int]    # every outcomes.Tally and outcomes.Drop, by name
     drops: dict[str, int]       # every outcomes.Drop
     upstreams: list[UpstreamStatus]
@@ -144,11 +147,17 @@ def _snapshot(cfg: Config, source: str, depth: int, streams: Mapping[str, tuple[
         "version": __version__, "time": round(time.time(), 3), "source": source,
         "uptime_s": None, "queue_depth": depth, "oldest_event_age_s": None,
         "unrouted": {"keys": queues[None][2], "queue_depth": queues[None][0]},
-        "spool": spool, "dead_letters": dead,
+        "spool": spool, "dead_letters": dead, "dead_reasons": [],
         "counters": outcomes.totals(counts), "drops": outcomes.drops(counts),
         "upstreams": [_upstream(up, queues, states.get(up.name)) for up in cfg.upstreams],
         "history": None, "connections": None, "ingest": None, "sync": None,
     }
+
+
+def _redacted(groups: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """Reasons are an upstream's own words, which may echo a key from the request: /status
+    is readable by allowed web origins, so they pass the log's redaction first."""
+    return [{**g, "reason": redact(g["reason"])} for g in groups]
 
 
 async def snapshot(cfg: Config, spool: Spool, states: Mapping[str, UpstreamState],
@@ -160,6 +169,11 @@ async def snapshot(cfg: Config, spool: Spool, states: Mapping[str, UpstreamState
                      spool.counters, spool.dead_count,
                      {"path": str(spool.path), "used_bytes": spool.used_bytes,
                       "max_bytes": spool.max_bytes}, states)
+    try:
+        groups = await dead_live.read(spool, dead.summary, dead.NEWEST_REASONS)
+        snap["dead_reasons"] = _redacted(groups["groups"])
+    except (dead.DeadError, sqlite3.Error):
+        pass  # a spool closed or failing: status still answers, with the count it has
     snap["uptime_s"] = round(max(0.0, time.time() - metrics.started), 1)
     snap["oldest_event_age_s"] = round(age_s(oldest), 1) if oldest is not None else None
     snap["history"] = metrics.series()
@@ -181,8 +195,10 @@ def offline_snapshot(cfg: Config) -> Snapshot:
     """What the spool file alone tells: queues and counters, no live upstream state."""
     path = cfg.storage.resolved_path()
     raw = read_offline(path)
-    return _snapshot(cfg, "spool, no agent running" if raw["exists"] else
+    snap = _snapshot(cfg, "spool, no agent running" if raw["exists"] else
                      "no agent running, no spool yet", raw["depth"],
                      {k: (s["depth"], s["bytes"]) for k, s in raw["streams"].items()},
                      outcomes.from_names(raw["counters"].items()), raw.get("dead_letters", 0),
                      {"path": str(path), "used_bytes": None, "max_bytes": None}, {})
+    snap["dead_reasons"] = _redacted(dead.newest_reasons(path))
+    return snap

@@ -67,6 +67,19 @@ def _upstream_rows(data: Snapshot) -> list[list[str]]:
     return rows
 
 
+def _dead_lines(data: Snapshot) -> list[str]:
+    """Dead letters kept, and their newest reasons (`outpost dead list` has the rest)."""
+    n = data.get("dead_letters") or 0
+    if not n:
+        return []
+    now = data.get("time") or 0
+    lines = [f"dead:     {n} kept (`outpost dead list`, `outpost dead retry`); newest:"]
+    for g in data.get("dead_reasons") or []:
+        when = age(now - g["newest"] / 1000) + " ago" if now else "-"
+        lines.append(f"  {g['count']:>6}  {g['upstream']}  {when}  {_clip(g['reason'])}")
+    return lines
+
+
 def render(data: Snapshot) -> str:
     """The snapshot as text: summary lines, the upstream table, then counters."""
     source = data.get("source", "?")
@@ -103,6 +116,7 @@ def render(data: Snapshot) -> str:
                                            (Tally.INGESTED, Tally.DUPLICATES, Tally.ACKED)))
     dropped = {k: v for k, v in (data.get("drops") or {}).items() if v}
     lines.append("dropped:  " + (", ".join(f"{k} {v}" for k, v in dropped.items()) or "none"))
+    lines += _dead_lines(data)
     ingest = data.get("ingest")
     refused = ingest["refused"] if ingest else {}
     if refused:

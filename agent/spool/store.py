@@ -75,8 +75,8 @@ class Spool:
         self._elapsed_at_load = CLOCK.elapsed_ms()
         self._loaded = False  # whether depths and counters were read from the file
         self._salvaging: _Salvage | None = None
-        # Called when a spool that could not be opened is opened at last, or when rows
-        # are salvaged from a corrupt one: their queues need forwarders.
+        # Called when a spool that could not be opened is opened at last, when rows are
+        # salvaged from a corrupt one, or dead letters retried: their queues need forwarders.
         self.on_reopen = on_reopen
         # Called from the writer's thread while an older spool is migrated (migrate.py).
         self.on_migrating = on_migrating

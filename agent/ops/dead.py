@@ -1,0 +1,135 @@
+"""Dead-letter endpoints of a running agent, for `outpost dead`.
+
+GET /dead (summary and entries), GET /dead/{id} (one, with its body), GET /dead/export
+(JSONL, with bodies), POST /dead/retry and POST /dead/purge (JSON {"reason": R} or
+{"all": true}). They sit behind the same Host/Origin guard as every route, and are
+stricter still: bodies are app data and these change the spool, so no web page of
+another origin may reach them, even one listed in listen.allowed_origins (that list is
+for apps sending events). Only local tools (no Origin, no Sec-Fetch-Site) and the
+agent's own page pass.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Awaitable, Callable
+from urllib.parse import urlsplit
+
+import orjson
+from aiohttp import web
+
+from agent.spool import Spool, dead, dead_live
+
+Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
+# Entries GET /dead lists at most, oldest first (the summary counts all of them).
+LIST_LIMIT = 10_000
+BODY_LIMIT = 4096  # a retry or purge request: {"reason": ...}
+EXPORT_PAGE = 1000  # dead letters read at a time for GET /dead/export
+
+
+class _Refused(Exception):
+    """A request refused with ``status`` before the spool is touched."""
+
+    def __init__(self, status: int, message: str) -> None:
+        super().__init__(message)
+        self.status = status
+
+
+def _foreign(request: web.Request) -> str | None:
+    """Why a browser request is refused here; None for a local tool or our own page."""
+    origin = request.headers.get("Origin")
+    host = request.headers.get("Host")
+    if origin is not None and (host is None or urlsplit(origin.lower()).netloc != host.lower()):
+        return f"Origin {origin!r} may not use the dead-letter endpoints"
+    site = request.headers.get("Sec-Fetch-Site")
+    if site not in (None, "same-origin", "none"):
+        return f"a {site} browser request may not use the dead-letter endpoints"
+    return None
+
+
+def _error(status: int, message: str) -> web.Response:
+    return web.json_response({"error": message}, status=status)
+
+
+class DeadRoutes:
+    """The endpoints over ``spool``."""
+
+    def __init__(self, spool: Spool) -> None:
+        self.spool = spool
+
+    async def _which(self, request: web.Request) -> dead.Which:
+        # JSON only: a cross-site <form> cannot send it without a preflight.
+        if request.content_type != "application/json":
+            raise dead.DeadError("send JSON: {\"reason\": R} or {\"all\": true}")
+        # Refused before reading: a client announcing a huge body must not hold us.
+        if request.content_length is None:
+            raise _Refused(411, "send a Content-Length")
+        if request.content_length > BODY_LIMIT:
+            raise _Refused(413, f"body over {BODY_LIMIT} bytes")
+        try:
+            body = orjson.loads(await request.read())
+        except orjson.JSONDecodeError as exc:
+            raise dead.DeadError(f"body is not JSON: {exc}") from exc
+        if not isinstance(body, dict):
+            raise dead.DeadError("send a JSON object")
+        reason = body.get("reason")
+        which = dead.Which(reason if isinstance(reason, str) else None, body.get("all") is True)
+        which.where()  # refuses neither-nor here, before touching the spool
+        return which
+
+    async def listing(self, request: web.Request) -> web.Response:
+        reason = request.query.get("reason")
+        which = dead.Which(reason) if reason is not None else None
+        try:
+            limit = min(LIST_LIMIT, max(0, int(request.query.get("limit", LIST_LIMIT))))
+        except ValueError:
+            raise dead.DeadError("limit is a number") from None
+        summary = await dead_live.read(self.spool, dead.summary)
+        summary["entries"] = await dead_live.read(self.spool, dead.entries, which, limit)
+        return web.json_response(summary)
+
+    async def show(self, request: web.Request) -> web.Response:
+        seq = int(request.match_info["seq"])
+        return web.json_response(await dead_live.read(self.spool, dead.show, seq))
+
+    async def export(self, request: web.Request) -> web.StreamResponse:
+        # A page at a time: dead letters can fill the spool, and the body is streamed.
+        lines, last = await dead_live.read(self.spool, dead.export, 0, EXPORT_PAGE)
+        resp = web.StreamResponse(headers={"Content-Type": "application/x-ndjson",
+                                           "Cache-Control": "no-store"})
+        await resp.prepare(request)
+        while lines:
+            await resp.write(lines)
+            lines, last = await dead_live.read(self.spool, dead.export, last, EXPORT_PAGE)
+        await resp.write_eof()
+        return resp
+
+    async def retry(self, request: web.Request) -> web.Response:
+        n = await dead_live.retry(self.spool, await self._which(request))
+        return web.json_response({"retried": n, "queue_depth": self.spool.depth})
+
+    async def purge(self, request: web.Request) -> web.Response:
+        n = await dead_live.purge(self.spool, await self._which(request))
+        return web.json_response({"purged": n, "dead_letters": self.spool.dead_count})
+
+    def routes(self) -> list[web.RouteDef]:
+        return [web.get("/dead", _strict(self.listing)),
+                web.get("/dead/export", _strict(self.export)),
+                web.get(r"/dead/{seq:\d+}", _strict(self.show)),
+                web.post("/dead/retry", _strict(self.retry)),
+                web.post("/dead/purge", _strict(self.purge))]
+
+
+def _strict(handler: Handler) -> Handler:
+    async def handle(request: web.Request) -> web.StreamResponse:
+        why = _foreign(request)
+        if why is not None:
+            return _error(403, why)
+        try:
+            return await handler(request)
+        except _Refused as exc:
+            return _error(exc.status, str(exc))
+        except dead.NoSuchLetter as exc:
+            return _error(404, str(exc))
+        except dead.DeadError as exc:
+            return _error(409, str(exc))
+    return handle

@@ -1,0 +1,225 @@
+"""`outpost dead list|show|retry|export|purge`: dead letters, seen and recovered.
+
+Each command asks the running agent first (its local endpoints, agent/ops/dead.py). With
+no agent answering, it works on the spool file: reads through a read-only connection,
+retry and purge through one exclusive transaction (agent/spool/dead.py), which SQLite
+refuses while an agent has the file open.
+"""
+
+from __future__ import annotations
+
+import argparse
+import http.client
+import json
+import os
+import sqlite3
+import sys
+import urllib.error
+import urllib.parse
+import urllib.request
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any, BinaryIO
+
+from agent.clock import age_s
+from agent.ops.dead import EXPORT_PAGE
+from agent.ops.status_table import age, size, table
+from agent.outcomes import Tally
+from agent.settings import Config
+from agent.spool import dead
+
+Load = Callable[[argparse.Namespace], Config | None]
+Url = Callable[[Config, str], str]
+# The agent is on loopback: an $http_proxy meant for the internet must not be used.
+_DIRECT = urllib.request.build_opener(urllib.request.ProxyHandler({}))
+LIST_ROWS = 50  # entries `dead list` prints under the summary; --limit changes it
+
+
+class _NoAgent(Exception):
+    """No agent answered at the configured address: work on the spool file."""
+
+
+class _Cli:
+    def __init__(self, load: Load, url: Url) -> None:
+        self.load, self.url = load, url
+
+    def _ask(self, cfg: Config, path: str, body: dict[str, Any] | None = None) -> bytes:
+        data = None if body is None else json.dumps(body).encode()
+        req = urllib.request.Request(self.url(cfg, path), data=data,
+                                     method="GET" if body is None else "POST",
+                                     headers={"Content-Type": "application/json"})
+        try:
+            with _DIRECT.open(req, timeout=30) as resp:
+                return bytes(resp.read())
+        except urllib.error.HTTPError as exc:  # the agent answered: say what it said
+            try:
+                why = json.loads(exc.read())["error"]
+            except (ValueError, KeyError, TypeError):
+                why = f"HTTP {exc.code}"
+            raise dead.DeadError(why) from exc
+        except (urllib.error.URLError, OSError) as exc:
+            raise _NoAgent(str(exc)) from exc
+
+    def run(self, args: argparse.Namespace) -> int:
+        cfg = self.load(args)
+        if cfg is None:
+            return 2
+        handler: Callable[[Config, argparse.Namespace], int] = getattr(self, args.dead_command)
+        try:
+            return handler(cfg, args)
+        except dead.DeadError as exc:
+            print(f"outpost: {exc}", file=sys.stderr)
+            return 1
+        except sqlite3.Error as exc:
+            print(f"outpost: cannot read the spool {cfg.storage.resolved_path()}: {exc}",
+                  file=sys.stderr)
+            return 1
+        except (OSError, http.client.HTTPException) as exc:  # e.g. FILE, or an agent gone
+            print(f"outpost: {exc}", file=sys.stderr)
+            return 1
+
+    def _read(self, cfg: Config, path: str, fn: Callable[..., Any], *a: Any) -> Any:
+        """(answer, source): from the agent, else from the spool file read-only."""
+        try:
+            return json.loads(self._ask(cfg, path)), self.url(cfg, "")
+        except _NoAgent:
+            spool = cfg.storage.resolved_path()
+            conn = dead.read_only(spool)
+            try:
+                return fn(conn, *a), f"{spool}, no agent running"
+            finally:
+                conn.close()
+
+    def list(self, cfg: Config, args: argparse.Namespace) -> int:
+        query = urllib.parse.urlencode({"limit": args.limit, **(
+            {"reason": args.reason} if args.reason else {})})
+        which = dead.Which(args.reason) if args.reason else None
+
+        def offline(conn: sqlite3.Connection) -> dict[str, Any]:
+            got = dead.summary(conn)
+            got["entries"] = dead.entries(conn, which, args.limit)
+            return got
+        try:
+            got, source = self._read(cfg, f"/dead?{query}", offline)
+        except dead.NoSpool as exc:
+            print(f"no dead letters ({exc})")
+            return 0
+        if args.json:
+            print(json.dumps(got, indent=2))
+            return 0
+        print(f"{got['count']} dead letters ({source})")
+        if not got["count"]:
+            return 0
+        print()
+        # The reason last: it is the upstream's own text, of any length.
+        print("\n".join(table(["COUNT", "UPSTREAM", "OLDEST", "NEWEST", "REASON"], [
+            [str(g["count"]), g["upstream"], age(age_s(g["oldest"])), age(age_s(g["newest"])),
+             g["reason"]] for g in got["groups"]], right={0})))
+        rows = got["entries"][:args.limit]
+        if rows:
+            print()
+            print("\n".join(table(["ID", "KEY", "UPSTREAM", "AGE", "SIZE", "REASON"], [
+                [str(e["id"]), e["key"], e["upstream"], age(age_s(e["at"])), size(e["bytes"]),
+                 e["reason"]] for e in rows], right={0, 4})))
+            more = (sum(g["count"] for g in got["groups"] if not args.reason
+                        or g["reason"] == args.reason) - len(rows))
+            if more > 0:
+                print(f"... and {more} more (--limit N, or `outpost dead export FILE`)")
+        return 0
+
+    def show(self, cfg: Config, args: argparse.Namespace) -> int:
+        got, _ = self._read(cfg, f"/dead/{args.id}", dead.show, args.id)
+        print(json.dumps(got, indent=2, ensure_ascii=False))
+        return 0
+
+    def export(self, cfg: Config, args: argparse.Namespace) -> int:
+        target = Path(args.file)
+        # Bodies are app data: private, as the spool is (an existing file is made so too).
+        fd = os.open(target, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+        with os.fdopen(fd, "wb") as out:
+            if sys.platform != "win32":
+                os.fchmod(fd, 0o600)
+            count = self._export_to(cfg, out)
+        print(f"exported {count} dead letters to {target}")
+        return 0
+
+    def _export_to(self, cfg: Config, out: BinaryIO) -> int:
+        req = urllib.request.Request(self.url(cfg, "/dead/export"))
+        count = 0
+        try:
+            resp = _DIRECT.open(req, timeout=30)
+        except urllib.error.HTTPError as exc:
+            raise dead.DeadError(f"the agent refused the export: HTTP {exc.code}") from exc
+        except (urllib.error.URLError, OSError):
+            resp = None  # no agent: read the spool file
+        if resp is not None:
+            with resp:
+                for line in resp:
+                    out.write(line)
+                    count += 1
+            return count
+        conn = dead.read_only(cfg.storage.resolved_path())
+        try:
+            lines, last = dead.export(conn, 0, EXPORT_PAGE)
+            while lines:
+                out.write(lines)
+                count += lines.count(b"\n")
+                lines, last = dead.export(conn, last, EXPORT_PAGE)
+        finally:
+            conn.close()
+        return count
+
+    def _change(self, cfg: Config, args: argparse.Namespace, what: str) -> int:
+        which = dead.Which(args.reason, args.all)
+        try:
+            got = json.loads(self._ask(cfg, f"/dead/{what}",
+                                       {"reason": args.reason, "all": args.all}))
+            n, where = got["retried" if what == "retry" else "purged"], "the running agent"
+        except _NoAgent:
+            spool = cfg.storage.resolved_path()
+            with dead.Offline(spool) as conn:
+                if what == "retry":
+                    n = dead.requeue(conn, which, dead.next_seq(conn)).count
+                else:
+                    n = dead.purge(conn, which).counters.get(Tally.DEAD_PURGED, 0)
+            where = f"{spool} (no agent running)"
+        if what == "retry":
+            print(f"re-queued {n} dead letters at the tail of their keys' queues ({where})")
+        else:
+            print(f"purged {n} dead letters ({where})")
+        return 0
+
+    def retry(self, cfg: Config, args: argparse.Namespace) -> int:
+        return self._change(cfg, args, "retry")
+
+    def purge(self, cfg: Config, args: argparse.Namespace) -> int:
+        return self._change(cfg, args, "purge")
+
+
+def add_parser(sub: Any, load: Load, url: Url) -> None:
+    """Register `outpost dead ...`; ``load`` reads the config, ``url`` makes the agent's URL."""
+    cli = _Cli(load, url)
+    top = sub.add_parser("dead", help="see, export, retry or purge dead letters",
+                         description="Events an upstream refused for good are kept as dead "
+                         "letters. Works on a running agent, or on the spool when none runs.")
+    top.set_defaults(func=cli.run)
+    cmds = top.add_subparsers(dest="dead_command", required=True)
+    helps = {"list": "count, reason, upstream and age, grouped by reason",
+             "show": "one dead letter, with its body", "export": "write them all as JSONL",
+             "retry": "send them again: back at the tail of their key's queue",
+             "purge": "delete them (needs --reason R or --all)"}
+    for name, text in helps.items():
+        p = cmds.add_parser(name, help=text, description=text)
+        p.add_argument("--config", help="path to agent.toml")
+        if name == "list":
+            p.add_argument("--reason", help="only this reason")
+            p.add_argument("--limit", type=int, default=LIST_ROWS, help="entries to print")
+            p.add_argument("--json", action="store_true", help="print JSON")
+        elif name == "show":
+            p.add_argument("id", type=int, help="its ID, from `outpost dead list`")
+        elif name == "export":
+            p.add_argument("file", help="where to write (created mode 0600)")
+        else:
+            pick = p.add_mutually_exclusive_group(required=True)
+            pick.add_argument("--reason", help="those refused with this reason")
+            pick.add_argument("--all", action="store_true", help="every dead letter")

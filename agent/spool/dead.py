@@ -1,0 +1,234 @@
+"""Dead letters: summarise, list, show, export, retry and purge, each in one transaction.
+
+The SQL here runs two ways: on a running agent's writer thread under the writer's lock
+(dead_live.py), or on a stopped agent's spool file through ``Offline``, a connection in
+exclusive locking mode that SQLite refuses while any other connection (an agent) has
+the file open, and that keeps an agent from opening it meanwhile: never two writers.
+
+A retry puts the dead letters back at the tail of their key's queue, with fresh seqs
+(after everything queued now), in their old order; each keeps its dedupe key, so an
+app's late resend of the same event is still a duplicate, while the retried event
+itself goes through no dedupe (it is the same event, not a resend).
+"""
+
+from __future__ import annotations
+
+import sqlite3
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import orjson
+
+from agent.outcomes import Tally, record
+from agent.spool.commit import Outcome
+from agent.spool.db import load_state
+from agent.spool.dedupe import keys_to_bytes
+from agent.spool.records import pack
+from agent.spool.writer import RECORD_EVENTS
+
+# Summaries on /status and the page: the newest reasons, not every one.
+NEWEST_REASONS = 5
+
+
+class DeadError(Exception):
+    """A dead-letter operation that cannot run (spool busy or closed, nothing chosen)."""
+
+
+class NoSuchLetter(DeadError):
+    """No dead letter has that id."""
+
+
+class NoSpool(DeadError):
+    """No spool file yet (so no dead letters either)."""
+
+
+@dataclass(frozen=True, slots=True)
+class Which:
+    """Which dead letters an operation takes: those of one ``reason``, or ``every`` one."""
+
+    reason: str | None = None
+    every: bool = False
+
+    def where(self) -> tuple[str, tuple[Any, ...]]:
+        if self.reason is not None:
+            return "reason = ?", (self.reason,)
+        if self.every:
+            return "1", ()
+        raise DeadError("name a reason (--reason R) or ask for all (--all)")
+
+
+@dataclass(slots=True)
+class Requeued:
+    """What a retry committed, for a running agent to bring its memory up to it."""
+
+    count: int
+    next_seq: int
+    records: list[tuple[int, int, list[int]]] = field(default_factory=list)  # (id, n, keys)
+    out: Outcome = field(default_factory=Outcome)
+
+
+_ENTRY = ("SELECT seq, s.key, upstream, reason, at, received, length(body) FROM dead "
+          "JOIN streams s ON s.id = dead.stream")
+
+
+def _entry(row: tuple[Any, ...]) -> dict[str, Any]:
+    seq, key, upstream, reason, at, received, size = row
+    return {"id": seq, "key": key, "upstream": upstream, "reason": reason, "at": at,
+            "received": received, "bytes": size}
+
+
+def summary(conn: sqlite3.Connection, newest: int | None = None) -> dict[str, Any]:
+    """Counts grouped by (reason, upstream), newest first; ``newest`` caps the groups."""
+    total = conn.execute("SELECT count(*) FROM dead").fetchone()[0]
+    groups = [{"reason": r, "upstream": u, "count": n, "oldest": lo, "newest": hi}
+              for r, u, n, lo, hi in conn.execute(
+                  "SELECT reason, upstream, count(*), min(at), max(at) FROM dead "
+                  "GROUP BY reason, upstream ORDER BY max(at) DESC, reason LIMIT ?",
+                  (-1 if newest is None else newest,))]
+    return {"count": total, "groups": groups}
+
+
+def entries(conn: sqlite3.Connection, which: Which | None, limit: int) -> list[dict[str, Any]]:
+    """Dead letters without their bodies, oldest first."""
+    where, params = which.where() if which else ("1", ())
+    rows = conn.execute(f"{_ENTRY} WHERE {where} ORDER BY seq LIMIT ?", (*params, limit))
+    return [_entry(r) for r in rows]
+
+
+def _body(raw: bytes) -> Any:
+    try:
+        return orjson.loads(raw)
+    except orjson.JSONDecodeError:
+        return bytes(raw).decode("utf-8", "replace")
+
+
+def show(conn: sqlite3.Connection, seq: int) -> dict[str, Any]:
+    """One dead letter with its body; DeadError if there is none with that id."""
+    row = conn.execute(f"{_ENTRY} WHERE seq = ?", (seq,)).fetchone() if seq < 2**63 else None
+    if row is None:
+        raise NoSuchLetter(f"no dead letter with id {seq}")
+    body = conn.execute("SELECT body FROM dead WHERE seq = ?", (seq,)).fetchone()[0]
+    return {**_entry(row), "body": _body(body)}
+
+
+def export(conn: sqlite3.Connection, after: int = 0, limit: int = -1) -> tuple[bytes, int]:
+    """Dead letters with seq > ``after`` (at most ``limit``), oldest first, as JSON lines
+    with their bodies; and the last seq written (``after`` if none)."""
+    lines, last = [], after
+    for *row, body in conn.execute(
+            "SELECT seq, s.key, upstream, reason, at, received, length(body), body FROM dead "
+            "JOIN streams s ON s.id = dead.stream WHERE seq > ? ORDER BY seq LIMIT ?",
+            (after, limit)):
+        lines.append(orjson.dumps({**_entry(tuple(row)), "body": _body(body)}))
+        last = row[0]
+    return b"".join(line + b"\n" for line in lines), last
+
+
+def purge(conn: sqlite3.Connection, which: Which) -> Outcome:
+    """Delete the chosen dead letters (inside the caller's transaction)."""
+    where, params = which.where()
+    n = conn.execute(f"DELETE FROM dead WHERE {where}", params).rowcount
+    out = Outcome()
+    record(out.counters, Tally.DEAD_PURGED, n)
+    _count(conn, out)
+    return out
+
+
+def requeue(conn: sqlite3.Connection, which: Which, next_seq: int) -> Requeued:
+    """Move the chosen dead letters back into their keys' queues from ``next_seq`` on
+    (inside the caller's transaction)."""
+    where, params = which.where()
+    rows = conn.execute(f"DELETE FROM dead WHERE {where} RETURNING seq, stream, family, "
+                        "received, dkey, body", params).fetchall()
+    rows.sort()  # RETURNING's order is not defined: keep the old FIFO order
+    done = Requeued(len(rows), next_seq)
+    groups: list[tuple[int, int, int, list[int], list[bytes]]] = []
+    for _, stream, family, received, dkey, body in rows:
+        g = groups[-1] if groups else None
+        # One record per run of one key and family received together (expiry reads a
+        # record's receipt time); the order of the old seqs is kept.
+        if g is None or g[:3] != (stream, family, received) or len(g[4]) >= RECORD_EVENTS:
+            g = (stream, family, received, [], [])
+            groups.append(g)
+        g[3].append(dkey)
+        g[4].append(bytes(body))
+    streams = done.out.streams
+    for stream, family, received, keys, bodies in groups:
+        rid, n, size = done.next_seq, len(bodies), sum(map(len, bodies))
+        conn.execute("INSERT INTO records(id, stream, family, n, received, live, bytes, dkeys, "
+                     "data) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?)",
+                     (rid, stream, family, n, received, n, size, keys_to_bytes(keys),
+                      pack(bodies)))
+        done.records.append((rid, n, keys))
+        done.next_seq += n
+        d = streams.setdefault(stream, [0, 0])
+        d[0] += n
+        d[1] += size
+    conn.executemany("UPDATE streams SET depth = depth + ?, bytes = bytes + ? WHERE id = ?",
+                     [(d, b, sid) for sid, (d, b) in streams.items()])
+    record(done.out.counters, Tally.DEAD_RETRIED, done.count)
+    _count(conn, done.out)
+    return done
+
+
+def _count(conn: sqlite3.Connection, out: Outcome) -> None:
+    conn.executemany("INSERT INTO counters(name, value) VALUES (?, ?) ON CONFLICT(name) "
+                     "DO UPDATE SET value = value + excluded.value",
+                     [(str(k), v) for k, v in out.counters.items() if v])
+
+
+def next_seq(conn: sqlite3.Connection) -> int:
+    """The first seq no event of this spool ever had, as an agent opening it reckons."""
+    return load_state(conn, 0).next_seq
+
+
+def read_only(path: Path) -> sqlite3.Connection:
+    """A read-only connection to a spool file: safe beside a running agent (WAL)."""
+    if not path.exists():
+        raise NoSpool(f"no agent answering, and no spool yet at {path}")
+    return sqlite3.connect(f"file:{path}?mode=ro", uri=True)
+
+
+def newest_reasons(path: Path) -> list[dict[str, Any]]:
+    """The newest reasons of a spool no agent is serving (none if there is no spool)."""
+    if not path.exists():
+        return []
+    conn = read_only(path)
+    try:
+        return list(summary(conn, NEWEST_REASONS)["groups"])
+    finally:
+        conn.close()
+
+
+class Offline:
+    """A stopped agent's spool, held exclusively: ``with Offline(path) as conn:`` runs one
+    transaction that no agent can share. DeadError if an agent has the file open."""
+
+    def __init__(self, path: Path, timeout_s: float = 0.5) -> None:
+        self.path = path
+        self.timeout_s = timeout_s
+        self.conn: sqlite3.Connection | None = None
+
+    def __enter__(self) -> sqlite3.Connection:
+        if not self.path.exists():
+            raise DeadError(f"no spool at {self.path}")
+        conn = sqlite3.connect(self.path, timeout=self.timeout_s, isolation_level=None)
+        try:
+            conn.execute("PRAGMA locking_mode=EXCLUSIVE")
+            conn.execute("BEGIN EXCLUSIVE")
+        except sqlite3.OperationalError as exc:
+            conn.close()
+            raise DeadError(f"the spool {self.path} is in use ({exc}): an agent has it open, "
+                            "but did not answer at the configured listen address") from exc
+        self.conn = conn
+        return conn
+
+    def __exit__(self, kind: object, exc: object, tb: object) -> None:
+        conn, self.conn = self.conn, None
+        if conn is None:
+            return
+        try:
+            conn.execute("COMMIT" if kind is None else "ROLLBACK")
+        finally:
+            conn.close()

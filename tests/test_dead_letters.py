@@ -1,0 +1,262 @@
+"""`outpost dead list|show|export|retry|purge`, run as the real command, against a running
+agent (its endpoints) and a stopped one (the spool file); a retry delivered end to end."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import sqlite3
+import stat
+from pathlib import Path
+from typing import Any
+
+import aiohttp
+from aiohttp import web
+
+from agent.service import Agent
+from tests.conftest import free_port, write_config
+from tests.fakes.nucleus_upstream import FakeNucleus
+from tests.fakes.ops_scene import post_events
+from tests.waiting import run_outpost, wait_for
+
+
+class RefusingNucleus(FakeNucleus):
+    """A Nucleus upstream that refuses every event for good (HTTP ``refuse``) until told
+    to accept (``refuse = None``); refused events are not recorded."""
+
+    def __init__(self, refuse: int | None = 400) -> None:
+        super().__init__()
+        self.refuse = refuse
+
+    async def _http(self, request: web.Request) -> web.Response:
+        if self.refuse is not None:
+            # Like real upstreams, it echoes part of the request (here its key).
+            return web.json_response({"error": f"bad event ({self.refuse}) at {request.path}"},
+                                     status=self.refuse)
+        return await super()._http(request)
+
+
+def upstream(name: str, fake: FakeNucleus, keys: list[str]) -> dict[str, Any]:
+    return {"name": name, "protocol": "nucleus-http", "url": fake.http_url, "keys": keys,
+            "flush_interval_s": 0.05, "timeout_s": 2}
+
+
+async def dead_letters(agent: Agent, n: int) -> None:
+    assert agent.spool is not None
+    spool = agent.spool
+    await wait_for(lambda: spool.dead_count == n)
+
+
+async def outpost(*args: str, config: str, code: int = 0) -> str:
+    got, text = await run_outpost("dead", *args, "--config", config)
+    assert got == code, text
+    return text
+
+
+async def test_retry_on_running_agent_delivers_at_the_tail(make_agent: Any,
+                                                           tmp_path: Path) -> None:
+    up = RefusingNucleus()
+    await up.start()
+    try:
+        agent = await make_agent(port=free_port(), upstreams=[upstream("up", up, ["*"])])
+        cfg = agent.config_path
+        await post_events(agent.port, "app-a", range(3))
+        await dead_letters(agent, 3)
+        listed = await outpost("list", config=cfg)
+        assert f"3 dead letters (http://127.0.0.1:{agent.port})" in listed
+        [group] = [ln.split() for ln in listed.splitlines() if "HTTP 400" in ln and
+                   ln.split()[1] == "up"]
+        assert group[0] == "3" and group[4:6] == ["HTTP", "400:"]
+        lines = listed.splitlines()
+        entries = [ln.split() for ln in lines[lines.index(next(
+            ln for ln in lines if ln.startswith("ID "))) + 1:]]
+        assert [e[1:3] for e in entries] == [["app-a", "up"]] * 3
+        first = int(entries[0][0])
+        shown = json.loads(await outpost("show", str(first), config=cfg))
+        assert shown["body"]["id"] == 0 and shown["key"] == "app-a"
+        assert shown["upstream"] == "up" and shown["reason"].startswith("HTTP 400")
+        await outpost("show", "999999", config=cfg, code=1)
+        out = tmp_path / "dead.jsonl"
+        out.write_text("old, readable by all")
+        out.chmod(0o644)
+        assert "exported 3 dead letters" in await outpost("export", str(out), config=cfg)
+        assert stat.S_IMODE(out.stat().st_mode) == 0o600
+        assert [json.loads(ln)["body"]["id"] for ln in out.read_text().splitlines()] == [0, 1, 2]
+        await outpost("retry", config=cfg, code=2)  # neither --reason nor --all
+        assert agent.spool.dead_count == 3
+
+        up.refuse = None
+        await post_events(agent.port, "app-a", range(10, 11))
+        await wait_for(lambda: up.ids() == [10])
+        text = await outpost("retry", "--all", config=cfg)
+        assert "re-queued 3 dead letters" in text and "running agent" in text
+        # Delivered once each, in their old order, after what was queued before them.
+        await wait_for(lambda: up.ids() == [10, 0, 1, 2])
+        await wait_for(lambda: agent.spool.depth == 0)
+        assert agent.spool.dead_count == 0
+        assert agent.spool.counters["dead_retried"] == 3
+        # Dedupe: an app's late resend of a retried event is still a resend.
+        await post_events(agent.port, "app-a", range(1))
+        assert agent.spool.counters["duplicates"] == 1 and agent.spool.depth == 0
+        assert "0 dead letters" in await outpost("list", config=cfg)
+    finally:
+        await up.stop()
+
+
+async def test_stopped_agent_list_export_purge_retry(make_agent: Any, tmp_path: Path) -> None:
+    bad, worse = await RefusingNucleus(400).start(), await RefusingNucleus(422).start()
+    try:
+        agent = await make_agent(port=free_port(), upstreams=[
+            upstream("bad", bad, ["app-a"]), upstream("worse", worse, ["app-b"])])
+        await post_events(agent.port, "app-a", range(2))
+        await post_events(agent.port, "app-b", range(5, 6))
+        await dead_letters(agent, 3)
+        await agent.stop()
+    finally:
+        await bad.stop()
+        await worse.stop()
+    cfg = agent.config_path
+    listed = await outpost("list", config=cfg)
+    assert "3 dead letters" in listed and "no agent running" in listed
+    assert {"bad", "worse"} <= set(listed.split())
+
+    out = tmp_path / "dead.jsonl"
+    assert "exported 3 dead letters" in await outpost("export", str(out), config=cfg)
+    assert stat.S_IMODE(out.stat().st_mode) == 0o600
+    rows = [json.loads(line) for line in out.read_text().splitlines()]
+    assert [(r["key"], r["body"]["id"]) for r in rows] == [("app-a", 0), ("app-a", 1),
+                                                          ("app-b", 5)]
+
+    await outpost("purge", config=cfg, code=2)
+    reason = rows[0]["reason"]
+    assert "purged 2 dead letters" in await outpost("purge", "--reason", reason, config=cfg)
+    listed = await outpost("list", "--json", config=cfg)
+    assert [e["key"] for e in json.loads(listed)["entries"]] == ["app-b"]
+
+    text = await outpost("retry", "--all", config=cfg)
+    assert "re-queued 1 dead letters" in text and "no agent running" in text
+    # The next agent sends it to a now accepting upstream.
+    good = await FakeNucleus().start()
+    try:
+        again = await make_agent(port=free_port(), upstreams=[upstream("worse", good, ["*"])])
+        await wait_for(lambda: good.ids() == [5])
+        await wait_for(lambda: again.spool.depth == 0)
+        assert again.spool.dead_count == 0
+        assert again.spool.counters["dead_purged"] == 2
+        assert again.spool.counters["dead_retried"] == 1
+    finally:
+        await good.stop()
+
+
+async def test_offline_change_refused_while_an_agent_holds_the_spool(
+        make_agent: Any, tmp_path: Path) -> None:
+    up = await RefusingNucleus().start()
+    try:
+        agent = await make_agent(port=free_port(), upstreams=[upstream("up", up, ["*"])])
+        await post_events(agent.port, "app-a", range(2))
+        await dead_letters(agent, 2)
+        # The same spool, but a listen port no agent answers on: the command falls back
+        # to the file, which the running agent holds.
+        other = write_config(tmp_path / "other.toml", agent.spool.path, port=free_port())
+        for cmd in ("purge", "retry"):
+            text = await outpost(cmd, "--all", config=str(other), code=1)
+            assert "in use" in text and "Traceback" not in text
+        assert agent.spool.dead_count == 2
+        assert "2 dead letters" in await outpost("list", config=str(other))
+        # The agent goes on committing: the refused attempt left nothing locked.
+        await post_events(agent.port, "app-a", range(7, 8))
+        await dead_letters(agent, 3)
+    finally:
+        await up.stop()
+
+
+async def test_browser_pages_cannot_reach_dead_letters(make_agent: Any) -> None:
+    up = await RefusingNucleus().start()
+    try:
+        agent = await make_agent(port=free_port(), upstreams=[upstream("up", up, ["*"])],
+                                 listen={"allowed_origins": ["https://app.example"]})
+        await post_events(agent.port, "app-a", range(2))
+        await dead_letters(agent, 2)
+        base = f"http://127.0.0.1:{agent.port}"
+        own = {"Origin": base, "Sec-Fetch-Site": "same-origin"}
+        async with aiohttp.ClientSession() as s:
+            # An origin allowed to send events still may not read or change dead letters.
+            for headers in ({"Origin": "https://app.example"},
+                            {"Origin": "https://evil.example"},
+                            {"Sec-Fetch-Site": "cross-site", "Referer": "https://app.example/"}):
+                async with s.post(f"{base}/dead/purge", json={"all": True},
+                                  headers=headers) as r:
+                    assert r.status == 403, await r.text()
+                async with s.get(f"{base}/dead/export", headers=headers) as r:
+                    assert r.status == 403, await r.text()
+            # A form post (no JSON) from anywhere changes nothing.
+            async with s.post(f"{base}/dead/purge", data={"all": "true"}) as r:
+                assert r.status == 409, await r.text()
+            assert agent.spool.dead_count == 2
+            async with s.get(f"{base}/dead", headers=own) as r:
+                assert r.status == 200
+                assert (await r.json())["count"] == 2
+            async with s.get(f"{base}/status") as r:
+                status = await r.json()
+            async with s.get(f"{base}/metrics") as r:
+                metrics = await r.text()
+        assert status["dead_letters"] == 2
+        [group] = status["dead_reasons"]
+        assert group["count"] == 2 and group["upstream"] == "up"
+        assert group["reason"].startswith("HTTP 400") and "body" not in group
+        assert "app-a" not in group["reason"]  # a key, echoed by the upstream: redacted
+        assert "outpost_dead_letters 2" in metrics.splitlines()
+    finally:
+        await up.stop()
+
+
+def spool_books(path: Path) -> tuple[int, int, list[tuple[int, int]]]:
+    """(depth the streams table says, live events the records hold, each record's
+    (first seq, n)) of a closed spool, and its integrity check passed."""
+    conn = sqlite3.connect(path)
+    try:
+        assert conn.execute("PRAGMA integrity_check").fetchone()[0] == "ok"
+        depth = conn.execute("SELECT coalesce(sum(depth), 0) FROM streams").fetchone()[0]
+        live = conn.execute("SELECT coalesce(sum(live), 0) FROM records").fetchone()[0]
+        spans = conn.execute("SELECT id, n FROM records ORDER BY id").fetchall()
+    finally:
+        conn.close()
+    return depth, live, spans
+
+
+async def test_retry_beside_ingest_keeps_the_spool_whole(make_agent: Any) -> None:
+    """A retry while apps post: one writer, so seqs never overlap and depths add up."""
+    up = RefusingNucleus()
+    await up.start()
+    try:
+        # app-b has no upstream: its events stay queued, so every record stays to count.
+        agent = await make_agent(port=free_port(), upstreams=[upstream("up", up, ["app-a"])])
+        await post_events(agent.port, "app-a", range(20))
+        await dead_letters(agent, 20)
+        up.refuse = 503  # retried events stay queued too (backoff)
+        base = f"http://127.0.0.1:{agent.port}"
+        async with aiohttp.ClientSession() as s:
+            async def retry() -> int:
+                async with s.post(f"{base}/dead/retry", json={"all": True}) as r:
+                    assert r.status == 200, await r.text()
+                    return int((await r.json())["retried"])
+            got = await asyncio.gather(post_events(agent.port, "app-b", range(30)), retry(),
+                                       post_events(agent.port, "app-b", range(30, 60)))
+        assert got[1] == 20 and agent.spool.dead_count == 0
+        assert agent.spool.depth == 80
+        await agent.stop()
+        depth, live, spans = spool_books(agent.spool.path)
+        assert depth == live == 80
+        for (a, n), (b, _) in zip(spans, spans[1:]):
+            assert a + n <= b  # no two records share a seq
+    finally:
+        await up.stop()
+
+
+async def test_no_agent_and_no_spool_yet(tmp_path: Path) -> None:
+    cfg = str(write_config(tmp_path / "a.toml", tmp_path / "none.db", port=free_port()))
+    assert "no dead letters (no agent answering, and no spool yet" in await outpost(
+        "list", config=cfg)
+    text = await outpost("retry", "--all", config=cfg, code=1)
+    assert text.startswith("outpost: no spool at") and len(text.splitlines()) == 1
+    assert not (tmp_path / "none.db").exists()  # nothing created

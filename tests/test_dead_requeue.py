@@ -1,0 +1,88 @@
+"""The SQL of a dead-letter retry and purge (agent/spool/dead.py) on a real spool file:
+any mix of keys, families and receipt times comes back in its old order, at the tail."""
+
+from __future__ import annotations
+
+import sqlite3
+from pathlib import Path
+
+import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from agent.spool import dead
+from agent.spool.db import keys_from_bytes, transaction
+from agent.spool.records import unpack
+from agent.spool.schema import SCHEMA
+
+Letter = tuple[int, int, int, bytes, str]  # stream, family, received, body, reason
+letters = st.lists(st.tuples(st.integers(1, 3), st.integers(0, 1), st.integers(1, 3),
+                             st.binary(min_size=1, max_size=40), st.sampled_from("ab")),
+                   max_size=40)
+
+
+def spool_with(path: Path, rows: list[Letter], queued: int) -> sqlite3.Connection:
+    """A fresh spool file: three keys, ``queued`` events' worth of seqs already taken by
+    one live record, then the dead letters (seqs after it, dedupe key = seq * 7)."""
+    path.unlink(missing_ok=True)
+    conn = sqlite3.connect(path, isolation_level=None)
+    conn.executescript(SCHEMA)
+    conn.executemany("INSERT INTO streams(id, key) VALUES (?, ?)",
+                     [(i, f"k{i}") for i in (1, 2, 3)])
+    conn.execute("INSERT INTO records(id, stream, family, n, received, live, bytes, dkeys, "
+                 "data) VALUES (1, 1, 0, ?, 0, ?, 0, x'', x'')", (queued, queued))
+    conn.executemany("INSERT INTO dead(seq, stream, family, received, dkey, body, upstream, "
+                     "reason, at) VALUES (?, ?, ?, ?, ?, ?, 'up', ?, 0)",
+                     [(queued + 1 + i, s, f, r, (queued + 1 + i) * 7, b, why)
+                      for i, (s, f, r, b, why) in enumerate(rows)])
+    return conn
+
+
+@settings(max_examples=40, deadline=None)
+@given(rows=letters, queued=st.integers(1, 5), reason=st.sampled_from(["a", None]))
+def test_retry_puts_letters_at_the_tail_in_their_order(
+        tmp_path_factory: pytest.TempPathFactory, rows: list[Letter], queued: int,
+        reason: str | None) -> None:
+    path = tmp_path_factory.mktemp("spool") / "spool.db"
+    conn = spool_with(path, rows, queued)
+    chosen = [(queued + 1 + i, r) for i, r in enumerate(rows) if reason in (None, r[4])]
+    start = dead.next_seq(conn)
+    assert start == queued + len(rows) + 1
+    with transaction(conn):
+        done = dead.requeue(conn, dead.Which(reason, reason is None), start)
+    assert done.count == len(chosen) and done.next_seq == start + len(chosen)
+    back = conn.execute("SELECT id, stream, family, received, n, live, bytes, dkeys, data "
+                        "FROM records WHERE id >= ? ORDER BY id", (start,)).fetchall()
+    got = []
+    expect_id = start
+    for rid, stream, family, received, n, live, nbytes, dkeys, data in back:
+        assert rid == expect_id and n == live  # contiguous seqs, all live
+        expect_id += n
+        bodies = unpack(data)
+        assert nbytes == sum(map(len, bodies))
+        got += [(stream, family, received, body, key)
+                for body, key in zip(bodies, keys_from_bytes(dkeys))]
+    assert got == [(s, f, r, b, seq * 7) for seq, (s, f, r, b, _) in chosen]
+    depth = dict(conn.execute("SELECT id, depth FROM streams").fetchall())
+    for sid in (1, 2, 3):
+        assert depth[sid] == sum(1 for _, r in chosen if r[0] == sid)
+    left = [seq for (seq,) in conn.execute("SELECT seq FROM dead ORDER BY seq")]
+    assert left == [queued + 1 + i for i, r in enumerate(rows) if reason not in (None, r[4])]
+    retried = conn.execute("SELECT value FROM counters WHERE name = 'dead_retried'").fetchone()
+    assert (retried[0] if retried else 0) == len(chosen)
+    conn.close()
+
+
+def test_purge_takes_one_reason_or_all_and_never_none(tmp_path: Path) -> None:
+    conn = spool_with(tmp_path / "spool.db", [(1, 0, 1, b"x", "a"), (2, 0, 1, b"y", "b"),
+                                              (1, 0, 1, b"z", "a")], 1)
+    with pytest.raises(dead.DeadError):
+        dead.Which().where()  # neither a reason nor all: nothing is purged by default
+    with transaction(conn):
+        assert dead.purge(conn, dead.Which("a")).counters == {"dead_purged": 2}
+    assert [r for (r,) in conn.execute("SELECT reason FROM dead")] == ["b"]
+    with transaction(conn):
+        dead.purge(conn, dead.Which(every=True))
+    assert conn.execute("SELECT count(*) FROM dead").fetchone()[0] == 0
+    assert conn.execute("SELECT value FROM counters WHERE name = 'dead_purged'").fetchone() == (3,)
+    conn.close()
