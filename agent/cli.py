@@ -13,7 +13,7 @@ from collections.abc import Coroutine
 from pathlib import Path
 from typing import Any
 
-from agent import __version__, logs, paths
+from agent import __version__, cli_tail, logs, paths
 from agent import config as config_mod
 from agent.config import ConfigError
 from agent.device import detect
@@ -169,6 +169,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("file", nargs="?")
     p.set_defaults(func=cmd_check_config)
     service_install.add_parser(sub)
+    cli_tail.add_parser(sub, _load, _agent_url)
     return parser
 
 

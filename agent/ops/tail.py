@@ -1,0 +1,178 @@
+"""The live event view (`outpost tail`, the status page's live panel): a bounded fan-out.
+
+Ingest and acks call ``TailHub.ingested`` / ``TailHub.acked`` (wired by the composition
+root). With nobody watching, each is one truth test. With viewers, each event is one
+deque append per interested viewer: what a viewer is shown is worked out later, on
+that viewer's own task (``Viewer.take``), never on the ingest path. A viewer that
+falls ``QUEUE`` messages behind loses the overflow, counted, and is told how many.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import hashlib
+from collections import deque
+from collections.abc import Sequence
+from typing import Any
+
+import orjson
+
+from agent import logs
+from agent.families.event import NUCLEUS, Event
+from agent.families.nucleus import KNOWN_TYPES as NUCLEUS_TYPES
+from agent.families.segment import TYPES as SEGMENT_TYPES
+from agent.metrics import Metrics
+
+QUEUE = 1000          # messages a viewer may fall behind before the overflow is dropped
+MAX_VIEWERS = 16      # a browser tab left open per operator; more is a leak, refused
+NAME_CHARS = 120      # enough to read an event name; the body itself is never shown
+
+# An item waiting in a viewer's queue: (kind, payload), summarised when taken.
+Item = tuple[str, Any]
+
+
+def fingerprint(key: str) -> str:
+    """What the tail shows of an app key: keys are credentials, and status and logs never
+    show them. A short hash tells keys apart, and `outpost tail --key K` hashes K
+    locally, so the key itself never travels in a URL either."""
+    return "k:" + hashlib.blake2b(key.encode(), digest_size=4).hexdigest()
+
+
+class Viewer:
+    """One watcher: its key filter (a fingerprint, or None for all) and bounded queue."""
+
+    def __init__(self, want: str | None) -> None:
+        self.want = want
+        self.queue: deque[Item] = deque()
+        self.dropped = 0          # dropped since the viewer was last told
+        self.wake = asyncio.Event()
+        self.closed = False
+
+    def offer(self, item: Item) -> bool:
+        """Queue ``item``; False (and counted) when the viewer is ``QUEUE`` behind."""
+        if len(self.queue) >= QUEUE:
+            self.dropped += 1
+            return False
+        self.queue.append(item)
+        self.wake.set()
+        return True
+
+    def take(self) -> list[dict[str, Any]] | None:
+        """What is queued, summarised, a drop notice first; None once the hub is closed.
+        The caller waits on ``wake`` first (and clears it)."""
+        if self.closed:
+            return None
+        out: list[dict[str, Any]] = []
+        if self.dropped:
+            out.append({"kind": "dropped", "count": self.dropped})
+            self.dropped = 0
+        while self.queue:
+            out.append(summarise(*self.queue.popleft()))
+        return out
+
+
+class TailHub:
+    """Every viewer, and the totals that /status and /metrics show."""
+
+    def __init__(self, metrics: Metrics) -> None:
+        self.viewers: set[Viewer] = set()
+        self.metrics = metrics   # tail_viewers, tail_dropped: shown in /status and /metrics
+        self.closed = False
+
+    def watch(self, key: str | None) -> Viewer | None:
+        """A new viewer of fingerprint ``key`` (None: every key); None when full or
+        closed."""
+        if self.closed or len(self.viewers) >= MAX_VIEWERS:
+            return None
+        viewer = Viewer(key)
+        self.viewers.add(viewer)
+        self.metrics.tail_viewers = len(self.viewers)
+        return viewer
+
+    def leave(self, viewer: Viewer) -> None:
+        self.viewers.discard(viewer)
+        self.metrics.tail_viewers = len(self.viewers)
+
+    def close(self) -> None:
+        """End every viewer's stream: at stop, open streams must not hold the server's
+        graceful shutdown for its whole timeout."""
+        self.closed = True
+        for viewer in self.viewers:
+            viewer.closed = True
+            viewer.wake.set()
+
+    def ingested(self, events: Sequence[Event], stored: int) -> None:
+        """Events committed by one request, ``stored`` of them new (the rest resends)."""
+        if not self.viewers:
+            return
+        for viewer in self.viewers:
+            want = viewer.want
+            for ev in events:
+                if (want is None or fingerprint(ev.key) == want) \
+                        and not viewer.offer(("ingested", ev)):
+                    self.metrics.tail_dropped += 1
+            if stored < len(events) and not viewer.offer(("resent", len(events) - stored)):
+                self.metrics.tail_dropped += 1
+
+    def acked(self, seqs: Sequence[int]) -> None:
+        """Events an upstream acknowledged, by spool sequence number, now deleted."""
+        if not self.viewers or not seqs:
+            return
+        item = ("acked", (len(seqs), min(seqs), max(seqs)))
+        for viewer in self.viewers:
+            if not viewer.offer(item):
+                self.metrics.tail_dropped += 1
+
+
+def summarise(kind: str, payload: Any) -> dict[str, Any]:
+    """What a viewer is shown of one queued item."""
+    if kind == "ingested":
+        return {"kind": kind, **describe(payload)}
+    if kind == "acked":
+        count, first, last = payload
+        return {"kind": kind, "count": count, "first_seq": first, "last_seq": last}
+    return {"kind": kind, "count": payload}
+
+
+def describe(ev: Event) -> dict[str, Any]:
+    """An event's API family, key fingerprint, type, name, id and warnings; never its
+    body, whose properties may hold anything an app sends."""
+    body = orjson.loads(ev.body)
+    if ev.family == NUCLEUS:
+        kind = body.get("type") or "event"
+        name, ident, known = body.get("name"), body.get("id"), NUCLEUS_TYPES
+    else:
+        kind = body.get("type")
+        name = body.get("event") if kind == "track" else body.get("name")
+        ident, known = body.get("messageId"), SEGMENT_TYPES
+    return {"api": "nucleus" if ev.family == NUCLEUS else "segment", "key": fingerprint(ev.key),
+            "type": _text(kind), "name": _text(name), "id": _text(ident),
+            "warnings": warnings(ev.family, body, kind, known)}
+
+
+def warnings(family: int, body: dict[str, Any], kind: Any, known: frozenset[str]) -> list[str]:
+    """What the agent accepted but an operator may want to fix in the app. Read off the
+    stored event (ingest completes events as the APIs do; the tail changes nothing)."""
+    out = []
+    if kind not in known:
+        out.append(f"unknown type {_text(kind)!r}")
+    if family == NUCLEUS:
+        if kind == "event" and not body.get("name"):
+            out.append("missing field `name`")
+    else:
+        if kind == "track" and not body.get("event"):
+            out.append("missing field `event`")
+        if not body.get("userId") and not body.get("anonymousId"):
+            out.append("missing field `userId` or `anonymousId`")
+        # Ingest gives an event with no time of its own the receive time (docs/mapping.md).
+        if body.get("originalTimestamp") is None and body.get("timestamp") == body.get(
+                "receivedAt"):
+            out.append("no `timestamp`: defaulted to the time it was received")
+    return out
+
+
+def _text(value: Any) -> str | None:
+    """A field as shown: clipped, and with any registered secret redacted."""
+    if value is None:
+        return None
+    return logs.redact(str(value)[:NAME_CHARS])
