@@ -194,13 +194,13 @@ async def test_slow_viewer_loses_tail_messages_counted_and_ingest_loses_none(
             break
     assert agent.metrics.tail_dropped > 0, "the slow viewer never fell behind"
     # Ingest lost nothing and was never refused.
-    async with session.get(f"http://127.0.0.1:{port}/status") as r:
-        status = await r.json()
+    async with session.get(f"http://127.0.0.1:{port}/status") as got:
+        status = await got.json()
     assert status["counters"]["ingested"] == posted and status["queue_depth"] == posted
     assert status["ingest"]["tail_dropped"] == agent.metrics.tail_dropped
     assert status["ingest"]["tail_viewers"] == 2
-    async with session.get(f"http://127.0.0.1:{port}/metrics") as r:
-        metrics = await r.text()
+    async with session.get(f"http://127.0.0.1:{port}/metrics") as got:
+        metrics = await got.text()
     assert f"outpost_tail_dropped_total {agent.metrics.tail_dropped}" in metrics
     # The fast viewer saw every event; the slow one, read at last, is told what it missed.
     await wait_for(lambda: sum(m["kind"] == "ingested" for m in fast_msgs) == posted)
