@@ -17,6 +17,7 @@ import aiohttp
 from agent.ops.tail import QUEUE, fingerprint
 from tests.conftest import ROOT, free_port, write_config
 from tests.fakes.segment_upstream import FakeSegment
+from tests.interop.browser.cdp import Chromium
 from tests.segment_helpers import basic, call, segment_up
 from tests.waiting import wait_for
 
@@ -219,3 +220,35 @@ async def test_slow_viewer_loses_tail_messages_counted_and_ingest_loses_none(
     fast.close()
     await session.close()
     writer.close()
+
+
+async def test_status_page_live_panel_shows_events_as_text(make_agent: Any, chromium: str,
+                                                          tmp_path: Path) -> None:
+    agent = await make_agent(port=free_port())
+    async with Chromium(chromium, tmp_path / "profile") as browser:
+        page = await browser.open(f"http://127.0.0.1:{agent.port}/")
+        await wait_for(lambda: agent.metrics.tail_viewers == 1)   # the page's EventSource
+        r = await call(agent.port, "/v1/batch", {"batch": [
+            {"type": "track", "event": "<img src=x onerror=alert(1)>", "userId": "u",
+             "messageId": "m-1"},
+            {"type": "identify", "userId": "u", "messageId": "m-2",
+             "timestamp": "2026-01-02T03:04:05Z"}]}, headers={"Authorization": basic(KEY_A)})
+        assert r.status == 200, r.body
+        rows: list[list[str]] = []
+        for _ in range(200):   # bounded: the rows arrive within moments
+            rows = await page.evaluate(
+                "[...document.querySelectorAll('#live tr[data-kind=ingested]')]"
+                ".map(tr => [tr.dataset.id, ...[...tr.cells].slice(1).map(td => td.textContent)])")
+            if len(rows) == 2:
+                break
+            await asyncio.sleep(0.05)
+        state = await page.evaluate("document.getElementById('live-state').textContent")
+        images = await page.evaluate("document.querySelectorAll('#live img').length")
+        report = page.report()
+    # Newest first, warnings under the name; the name is shown as text, never as markup.
+    assert rows == [["m-2", "in", "segment", fingerprint(KEY_A), "identify", "m-2"],
+                    ["m-1", "in", "segment", fingerprint(KEY_A),
+                     "track <img src=x onerror=alert(1)>"
+                     "! no `timestamp`: defaulted to the time it was received", "m-1"]], report
+    assert state == "live" and images == 0
+    assert KEY_A not in report
