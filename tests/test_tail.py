@@ -227,6 +227,13 @@ async def test_status_page_live_panel_shows_events_as_text(make_agent: Any, chro
     agent = await make_agent(port=free_port())
     async with Chromium(chromium, tmp_path / "profile") as browser:
         page = await browser.open(f"http://127.0.0.1:{agent.port}/")
+        for _ in range(200):   # bounded: until the page has loaded
+            if await page.evaluate("document.readyState === 'complete'"):
+                break
+            await asyncio.sleep(0.05)
+        # A page left open holds no viewer; "Watch live" opens one.
+        assert agent.metrics.tail_viewers == 0
+        await page.evaluate("document.getElementById('live-toggle').click()")
         await wait_for(lambda: agent.metrics.tail_viewers == 1)   # the page's EventSource
         r = await call(agent.port, "/v1/batch", {"batch": [
             {"type": "track", "event": "<img src=x onerror=alert(1)>", "userId": "u",
@@ -244,6 +251,8 @@ async def test_status_page_live_panel_shows_events_as_text(make_agent: Any, chro
             await asyncio.sleep(0.05)
         state = await page.evaluate("document.getElementById('live-state').textContent")
         images = await page.evaluate("document.querySelectorAll('#live img').length")
+        await page.evaluate("document.getElementById('live-toggle').click()")   # Pause
+        await wait_for(lambda: agent.metrics.tail_viewers == 0)
         report = page.report()
     # Newest first, warnings under the name; the name is shown as text, never as markup.
     assert rows == [["m-2", "in", "segment", fingerprint(KEY_A), "identify", "m-2"],
