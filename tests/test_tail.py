@@ -170,7 +170,7 @@ async def test_slow_viewer_loses_tail_messages_counted_and_ingest_loses_none(
     writer.write(b"GET /tail HTTP/1.0\r\nHost: 127.0.0.1\r\n\r\n")
     await writer.drain()
     seen = await reader.readuntil(b'"watching"')
-    # A viewer that keeps up, beside it.
+    # A viewer that reads, beside it.
     session = aiohttp.ClientSession()
     fast = await session.get(f"http://127.0.0.1:{port}/tail")
     assert b'"watching"' in await fast.content.readline()
@@ -203,10 +203,7 @@ async def test_slow_viewer_loses_tail_messages_counted_and_ingest_loses_none(
     async with session.get(f"http://127.0.0.1:{port}/metrics") as got:
         metrics = await got.text()
     assert f"outpost_tail_dropped_total {agent.metrics.tail_dropped}" in metrics
-    # The fast viewer saw every event; the slow one, read at last, is told what it missed.
-    await wait_for(lambda: sum(m["kind"] == "ingested" for m in fast_msgs) == posted)
-    assert not [m for m in fast_msgs if m["kind"] == "dropped"]
-    # One more event makes the hub tell the slow viewer what it missed, before it.
+    # One more event: the slow viewer, read at last, is told what it missed before it.
     r = await call(port, "/v1/track", {"event": "last", "userId": "u", "messageId": "z"},
                    headers=auth)
     assert r.status == 200
@@ -215,7 +212,19 @@ async def test_slow_viewer_loses_tail_messages_counted_and_ingest_loses_none(
         seen += await asyncio.wait_for(reader.read(65536), 20)
         shown = seen.count(b'"kind":"ingested"')
         missed = sum(int(n) for n in re.findall(rb'"kind":"dropped","count":(\d+)', seen))
-    assert shown + missed == posted + 1 and missed == agent.metrics.tail_dropped
+    assert shown + missed == posted + 1 and missed > 0 and shown >= QUEUE
+    # The other viewer, paced but reading, accounts for every event too; every message
+    # either viewer missed is in the total.
+    fast_shown = fast_missed = 0
+
+    def fast_accounted() -> bool:
+        nonlocal fast_shown, fast_missed
+        fast_shown = sum(m["kind"] == "ingested" for m in fast_msgs)
+        fast_missed = sum(m["count"] for m in fast_msgs if m["kind"] == "dropped")
+        return fast_shown + fast_missed == posted + 1
+
+    await wait_for(fast_accounted)
+    assert missed + fast_missed == agent.metrics.tail_dropped
     reading.cancel()
     fast.close()
     await session.close()

@@ -10,6 +10,7 @@ falls ``QUEUE`` messages behind loses the overflow, counted, and is told how man
 from __future__ import annotations
 
 import asyncio
+import functools
 import hashlib
 from collections import deque
 from collections.abc import Sequence
@@ -24,13 +25,18 @@ from agent.families.segment import TYPES as SEGMENT_TYPES
 from agent.metrics import Metrics
 
 QUEUE = 1000          # messages a viewer may fall behind before the overflow is dropped
-MAX_VIEWERS = 16      # a browser tab left open per operator; more is a leak, refused
+MAX_VIEWERS = 4       # a few terminals and tabs; with RATE, bounds what viewers cost the loop
 NAME_CHARS = 120      # enough to read an event name; the body itself is never shown
 
-# An item waiting in a viewer's queue: (kind, payload), summarised when taken.
-Item = tuple[str, Any]
+TAKE = 200            # messages summarised per write: a viewer's task yields between
+RATE = 2000.0         # messages per second a viewer's task summarises, at most (see routes)
+
+# An item waiting in a viewer's queue, summarised when taken: an ingested Event as it is
+# (queued in bulk, no per-event work on the ingest path), else (kind, payload).
+Item = Event | tuple[str, Any]
 
 
+@functools.lru_cache(maxsize=4096)   # a viewer filtering by key hashes each event's key
 def fingerprint(key: str) -> str:
     """What the tail shows of an app key: keys are credentials, and status and logs never
     show them. A short hash tells keys apart, and `outpost tail --key K` hashes K
@@ -48,26 +54,50 @@ class Viewer:
         self.wake = asyncio.Event()
         self.closed = False
 
-    def offer(self, item: Item) -> bool:
-        """Queue ``item``; False (and counted) when the viewer is ``QUEUE`` behind."""
+    def offer(self, item: Item) -> int:
+        """Queue ``item``; returns 1 if it was dropped (the viewer is ``QUEUE`` behind)."""
         if len(self.queue) >= QUEUE:
             self.dropped += 1
-            return False
+            return 1
         self.queue.append(item)
         self.wake.set()
-        return True
+        return 0
+
+    def offer_events(self, events: Sequence[Event]) -> int:
+        """Queue the events this viewer wants; returns how many were dropped."""
+        want = self.want
+        if want is not None:
+            keys = {ev.key for ev in events}   # one, for nearly every request
+            if len(keys) == 1:
+                events = events if fingerprint(keys.pop()) == want else ()
+            else:
+                events = [ev for ev in events if fingerprint(ev.key) == want]
+        room = QUEUE - len(self.queue)
+        if len(events) <= room:
+            self.queue.extend(events)
+            lost = 0
+        else:
+            self.queue.extend(events[:room])
+            lost = len(events) - room
+            self.dropped += lost
+        if events:
+            self.wake.set()
+        return lost
 
     def take(self) -> list[dict[str, Any]] | None:
-        """What is queued, summarised, a drop notice first; None once the hub is closed.
-        The caller waits on ``wake`` first (and clears it)."""
+        """Up to ``TAKE`` queued messages, summarised, a drop notice first; None once the
+        hub is closed. The caller waits on ``wake`` first, and clears it."""
         if self.closed:
             return None
         out: list[dict[str, Any]] = []
         if self.dropped:
             out.append({"kind": "dropped", "count": self.dropped})
             self.dropped = 0
-        while self.queue:
-            out.append(summarise(*self.queue.popleft()))
+        queue = self.queue
+        for _ in range(min(TAKE, len(queue))):
+            out.append(summarise(queue.popleft()))
+        if queue:
+            self.wake.set()   # more to take, after the caller has written these
         return out
 
 
@@ -105,29 +135,26 @@ class TailHub:
         """Events committed by one request, ``stored`` of them new (the rest resends)."""
         if not self.viewers:
             return
+        lost = 0
         for viewer in self.viewers:
-            want = viewer.want
-            for ev in events:
-                if (want is None or fingerprint(ev.key) == want) \
-                        and not viewer.offer(("ingested", ev)):
-                    self.metrics.tail_dropped += 1
-            if stored < len(events) and not viewer.offer(("resent", len(events) - stored)):
-                self.metrics.tail_dropped += 1
+            lost += viewer.offer_events(events)
+            if stored < len(events):
+                lost += viewer.offer(("resent", len(events) - stored))
+        self.metrics.tail_dropped += lost
 
     def acked(self, seqs: Sequence[int]) -> None:
         """Events an upstream acknowledged, by spool sequence number, now deleted."""
         if not self.viewers or not seqs:
             return
         item = ("acked", (len(seqs), min(seqs), max(seqs)))
-        for viewer in self.viewers:
-            if not viewer.offer(item):
-                self.metrics.tail_dropped += 1
+        self.metrics.tail_dropped += sum(viewer.offer(item) for viewer in self.viewers)
 
 
-def summarise(kind: str, payload: Any) -> dict[str, Any]:
+def summarise(item: Item) -> dict[str, Any]:
     """What a viewer is shown of one queued item."""
-    if kind == "ingested":
-        return {"kind": kind, **describe(payload)}
+    if isinstance(item, Event):
+        return {"kind": "ingested", **describe(item)}
+    kind, payload = item
     if kind == "acked":
         count, first, last = payload
         return {"kind": kind, "count": count, "first_seq": first, "last_seq": last}
@@ -145,8 +172,10 @@ def describe(ev: Event) -> dict[str, Any]:
         kind = body.get("type")
         name = body.get("event") if kind == "track" else body.get("name")
         ident, known = body.get("messageId"), SEGMENT_TYPES
+    # The type needs no redaction when it is one the API defines.
+    shown = kind if kind in known else _text(kind)
     return {"api": "nucleus" if ev.family == NUCLEUS else "segment", "key": fingerprint(ev.key),
-            "type": _text(kind), "name": _text(name), "id": _text(ident),
+            "type": shown, "name": _text(name), "id": _text(ident),
             "warnings": warnings(ev.family, body, kind, known)}
 
 

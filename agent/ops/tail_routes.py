@@ -14,7 +14,7 @@ from urllib.parse import urlsplit
 import orjson
 from aiohttp import web
 
-from agent.ops.tail import TailHub
+from agent.ops.tail import RATE, TailHub
 
 KEEPALIVE_S = 15.0    # a comment line, so proxies and clients see a live connection
 CHECK_S = 1.0         # how soon a viewer that left is noticed when nothing is sent
@@ -71,6 +71,10 @@ class TailRoutes:
                 if batch is None:   # the agent is stopping
                     return resp
                 await _send(resp, batch)
+                # Paced: a viewer's summaries share the event loop with ingest, so each
+                # viewer costs it at most RATE of them a second; past that its queue
+                # fills and the overflow is dropped (counted) at no cost to ingest.
+                await asyncio.sleep(len(batch) / RATE)
         except ConnectionResetError:   # the viewer went away
             return resp
         finally:
