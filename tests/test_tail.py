@@ -91,10 +91,15 @@ async def test_tail_command_shows_ingest_warnings_and_acks(tmp_path: Path,
         await human.until(lambda line: "defaulted" in line)
         await wait_for(lambda: len(fake.events) == 3)
         codes = [await t.stop() for t in (every, only_b, human)]
-        agent.terminate()
+        # A view still open when the agent stops ends at once, and holds up nothing.
+        left_open = await Tail.start("--config", str(cfg))
+        assert agent.terminate() == 0
+        out, _ = await asyncio.wait_for(left_open.proc.communicate(), 20)
     finally:
         await fake.stop()
     assert codes == [0, 0, 0]
+    assert left_open.proc.returncode == 1
+    assert out.decode().strip() == "outpost: the agent ended the live view (it is stopping)"
     msgs = kinds(every)
     ingested = {m["id"]: m for m in msgs if m["kind"] == "ingested"}
     assert set(ingested) == {"m-1", "m-2", "m-3"}
@@ -270,3 +275,23 @@ async def test_status_page_live_panel_shows_events_as_text(make_agent: Any, chro
                      "! no `timestamp`: defaulted to the time it was received", "m-1"]], report
     assert state == "live" and images == 0
     assert KEY_A not in report
+
+
+async def test_tail_without_an_agent_says_so_in_one_line(tmp_path: Path) -> None:
+    port = free_port()
+    cfg = write_config(tmp_path / "agent.toml", tmp_path / "spool.db", port=port)
+    proc = await asyncio.create_subprocess_exec(
+        sys.executable, "-m", "agent", "tail", "--config", str(cfg), cwd=ROOT,
+        stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.STDOUT)
+    out, _ = await asyncio.wait_for(proc.communicate(), 30)
+    lines = out.decode().splitlines()
+    assert proc.returncode == 1
+    assert len(lines) == 1 and lines[0].startswith(
+        f"outpost: no agent answering at http://127.0.0.1:{port}"), lines
+    bad = tmp_path / "bad.toml"
+    bad.write_text("[listen]\nport = 'x'\n")
+    proc = await asyncio.create_subprocess_exec(
+        sys.executable, "-m", "agent", "tail", "--config", str(bad), cwd=ROOT,
+        stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.STDOUT)
+    out, _ = await asyncio.wait_for(proc.communicate(), 30)
+    assert proc.returncode == 2 and out.decode().startswith("outpost: config error:"), out
