@@ -16,7 +16,7 @@ import urllib.request
 from collections.abc import Callable, Iterator
 from typing import IO, Any
 
-from agent.ops.tail import fingerprint
+from agent.ops.tail import FINGERPRINT, fingerprint
 from agent.settings import Config
 
 # The agent sends a keepalive every 15 s: four missed means it is gone.
@@ -34,8 +34,9 @@ def add_parser(subparsers: argparse._SubParsersAction[argparse.ArgumentParser],
                     "type, name, id, warnings) and each upstream acknowledgement. Keys are "
                     "shown as fingerprints (k:xxxxxxxx), never in full. Ctrl-C stops.")
     p.add_argument("--config", help="path to agent.toml")
-    p.add_argument("--key", help="only this app key's events (sent to the agent as its "
-                                 "fingerprint, never as the key)")
+    p.add_argument("--key", help="only this app key's events: the key (sent to the agent "
+                                 "as its fingerprint, never as the key) or a fingerprint "
+                                 "k:xxxxxxxx copied from the output")
     p.add_argument("--json", action="store_true", help="one JSON object per line")
     p.set_defaults(func=lambda args: run(args, load, agent_url))
 
@@ -45,7 +46,9 @@ def run(args: argparse.Namespace, load: Callable[[argparse.Namespace], Config | 
     cfg = load(args)
     if cfg is None:
         return 2
-    path = "/tail" + (f"?key={fingerprint(args.key)}" if args.key else "")
+    want = args.key if args.key is None or FINGERPRINT.fullmatch(args.key) \
+        else fingerprint(args.key)
+    path = "/tail" + (f"?key={want}" if want else "")
     url = agent_url(cfg, path)
     try:
         with _DIRECT.open(url, timeout=READ_TIMEOUT_S) as resp:

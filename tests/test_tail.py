@@ -72,6 +72,7 @@ async def test_tail_command_shows_ingest_warnings_and_acks(tmp_path: Path,
         agent = agent_process(cfg, port).start()
         every = await Tail.start("--json", "--config", str(cfg))
         only_b = await Tail.start("--json", "--key", KEY_B, "--config", str(cfg))
+        only_a = await Tail.start("--json", "--key", fingerprint(KEY_A), "--config", str(cfg))
         human = await Tail.start("--config", str(cfg))
         # A: a complete track, and an identify with no timestamp (ingest gives it one).
         r = await call(port, "/v1/batch", {"batch": [
@@ -88,16 +89,17 @@ async def test_tail_command_shows_ingest_warnings_and_acks(tmp_path: Path,
         await every.until(lambda line: '"acked"' in line and '"count": 1' in line
                           if '"m-3"' in "".join(every.lines) else False)
         await only_b.until(lambda line: '"m-3"' in line)
+        await only_a.until(lambda line: '"m-2"' in line)
         await human.until(lambda line: "defaulted" in line)
         await wait_for(lambda: len(fake.events) == 3)
-        codes = [await t.stop() for t in (every, only_b, human)]
+        codes = [await t.stop() for t in (every, only_b, only_a, human)]
         # A view still open when the agent stops ends at once, and holds up nothing.
         left_open = await Tail.start("--config", str(cfg))
         assert agent.terminate() == 0
         out, _ = await asyncio.wait_for(left_open.proc.communicate(), 20)
     finally:
         await fake.stop()
-    assert codes == [0, 0, 0]
+    assert codes == [0, 0, 0, 0]
     assert left_open.proc.returncode == 1
     assert out.decode().strip() == "outpost: the agent ended the live view (it is stopping)"
     msgs = kinds(every)
@@ -111,6 +113,7 @@ async def test_tail_command_shows_ingest_warnings_and_acks(tmp_path: Path,
     assert sum(m["count"] for m in msgs if m["kind"] == "acked") == 3
     # --key shows that key's events only; no output ever carries a key itself.
     assert [m["id"] for m in kinds(only_b) if m["kind"] == "ingested"] == ["m-3"]
+    assert [m["id"] for m in kinds(only_a) if m["kind"] == "ingested"] == ["m-1", "m-2"]
     everything = "\n".join(every.lines + only_b.lines + human.lines)
     assert KEY_A not in everything and KEY_B not in everything
     assert any(f"segment  {fingerprint(KEY_A)}  track 'Order Completed'  id=m-1" in line

@@ -12,6 +12,7 @@ from __future__ import annotations
 import asyncio
 import functools
 import hashlib
+import re
 from collections import deque
 from collections.abc import Sequence
 from typing import Any
@@ -34,6 +35,9 @@ RATE = 2000.0         # messages per second a viewer's task summarises, at most 
 # An item waiting in a viewer's queue, summarised when taken: an ingested Event as it is
 # (queued in bulk, no per-event work on the ingest path), else (kind, payload).
 Item = Event | tuple[str, Any]
+
+
+FINGERPRINT = re.compile(r"k:[0-9a-f]{8}")   # what ``fingerprint`` returns
 
 
 @functools.lru_cache(maxsize=4096)   # a viewer filtering by key hashes each event's key

@@ -8,17 +8,15 @@ app's events, and an app's allowed web origin has no business reading other apps
 from __future__ import annotations
 
 import asyncio
-import re
 from urllib.parse import urlsplit
 
 import orjson
 from aiohttp import web
 
-from agent.ops.tail import RATE, TailHub
+from agent.ops.tail import FINGERPRINT, RATE, TailHub
 
 KEEPALIVE_S = 15.0    # a comment line, so proxies and clients see a live connection
 CHECK_S = 1.0         # how soon a viewer that left is noticed when nothing is sent
-_FINGERPRINT = re.compile(r"k:[0-9a-f]{8}")
 
 
 class TailRoutes:
@@ -38,7 +36,7 @@ class TailRoutes:
                 {"error": "the live event view is readable only from the agent's own page"},
                 status=403)
         want = request.query.get("key") or None
-        if want is not None and not _FINGERPRINT.fullmatch(want):
+        if want is not None and not FINGERPRINT.fullmatch(want):
             # A raw key here would sit in URLs and histories: only its fingerprint is taken.
             return web.json_response(
                 {"error": "key must be a fingerprint (k:xxxxxxxx) as `outpost tail --key` "
