@@ -67,8 +67,9 @@ class Viewer:
         self.wake.set()
         return 0
 
-    def offer_events(self, events: Sequence[Event]) -> int:
-        """Queue the events this viewer wants; returns how many were dropped."""
+    def offer_events(self, events: Sequence[Event], resent: int) -> int:
+        """Queue the events this viewer wants, and a note that ``resent`` of the request's
+        events were already stored; returns how many messages were dropped."""
         want = self.want
         if want is not None:
             keys = {ev.key for ev in events}   # one, for nearly every request
@@ -76,6 +77,8 @@ class Viewer:
                 events = events if fingerprint(keys.pop()) == want else ()
             else:
                 events = [ev for ev in events if fingerprint(ev.key) == want]
+        if not events:
+            return 0
         room = QUEUE - len(self.queue)
         if len(events) <= room:
             self.queue.extend(events)
@@ -84,9 +87,8 @@ class Viewer:
             self.queue.extend(events[:room])
             lost = len(events) - room
             self.dropped += lost
-        if events:
-            self.wake.set()
-        return lost
+        self.wake.set()
+        return lost + (self.offer(("resent", resent)) if resent else 0)
 
     def take(self) -> list[dict[str, Any]] | None:
         """Up to ``TAKE`` queued messages, summarised, a drop notice first; None once the
@@ -139,12 +141,9 @@ class TailHub:
         """Events committed by one request, ``stored`` of them new (the rest resends)."""
         if not self.viewers:
             return
-        lost = 0
-        for viewer in self.viewers:
-            lost += viewer.offer_events(events)
-            if stored < len(events):
-                lost += viewer.offer(("resent", len(events) - stored))
-        self.metrics.tail_dropped += lost
+        resent = len(events) - stored
+        self.metrics.tail_dropped += sum(viewer.offer_events(events, resent)
+                                         for viewer in self.viewers)
 
     def acked(self, seqs: Sequence[int]) -> None:
         """Events an upstream acknowledged, by spool sequence number, now deleted."""
