@@ -58,6 +58,16 @@ class Tail:
         return self.proc.returncode or 0
 
 
+async def viewers_gone(port: int) -> None:
+    async with aiohttp.ClientSession() as s:
+        for _ in range(300):   # bounded: a viewer that left is noticed within a second
+            async with s.get(f"http://127.0.0.1:{port}/status") as r:
+                if (await r.json())["ingest"]["tail_viewers"] == 0:
+                    return
+            await asyncio.sleep(0.05)
+    raise AssertionError("viewers that left still count")
+
+
 def kinds(tail: Tail) -> list[dict[str, Any]]:
     return [json.loads(line) for line in tail.lines]
 
@@ -93,6 +103,7 @@ async def test_tail_command_shows_ingest_warnings_and_acks(tmp_path: Path,
         await human.until(lambda line: "defaulted" in line)
         await wait_for(lambda: len(fake.events) == 3)
         codes = [await t.stop() for t in (every, only_b, only_a, human)]
+        await viewers_gone(port)   # at most 4 at once: their places are free again
         # A view still open when the agent stops ends at once, and holds up nothing.
         left_open = await Tail.start("--config", str(cfg))
         assert agent.terminate() == 0
