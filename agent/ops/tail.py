@@ -1,10 +1,11 @@
 """The live event view (`outpost tail`, the status page's live panel): a bounded fan-out.
 
 Ingest and acks call ``TailHub.ingested`` / ``TailHub.acked`` (wired by the composition
-root). With nobody watching, each is one truth test. With viewers, each event is one
-deque append per interested viewer: what a viewer is shown is worked out later, on
-that viewer's own task (``Viewer.take``), never on the ingest path. A viewer that
-falls ``QUEUE`` messages behind loses the overflow, counted, and is told how many.
+root). With nobody watching, each is one truth test. With viewers, a request's events
+go into each interested viewer's queue in one bulk append: what a viewer is shown is
+worked out later, on that viewer's own task (``Viewer.take``), never on the ingest
+path. A viewer that falls ``QUEUE`` messages behind loses the overflow, counted, and
+is told how many.
 """
 
 from __future__ import annotations

@@ -13,7 +13,7 @@ from urllib.parse import urlsplit
 import orjson
 from aiohttp import web
 
-from agent.ops.tail import FINGERPRINT, RATE, TailHub
+from agent.ops.tail import FINGERPRINT, MAX_VIEWERS, RATE, TailHub
 
 KEEPALIVE_S = 15.0    # a comment line, so proxies and clients see a live connection
 CHECK_S = 1.0         # how soon a viewer that left is noticed when nothing is sent
@@ -43,7 +43,9 @@ class TailRoutes:
                           "sends it, never the key itself"}, status=400)
         viewer = self.hub.watch(want)
         if viewer is None:
-            return web.json_response({"error": "too many live viewers"}, status=503)
+            return web.json_response(
+                {"error": f"at most {MAX_VIEWERS} live views at once, or the agent is "
+                          "stopping"}, status=503)
         resp = web.StreamResponse(headers={
             "Content-Type": "text/event-stream", "Cache-Control": "no-store",
             "X-Content-Type-Options": "nosniff"})
@@ -69,6 +71,7 @@ class TailRoutes:
                 if batch is None:   # the agent is stopping
                     return resp
                 await _send(resp, batch)
+                quiet = 0.0
                 # Paced: a viewer's summaries share the event loop with ingest, so each
                 # viewer costs it at most RATE of them a second; past that its queue
                 # fills and the overflow is dropped (counted) at no cost to ingest.
