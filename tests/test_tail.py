@@ -168,6 +168,8 @@ async def test_tail_is_readable_only_from_the_agents_own_page(make_agent: Any) -
                 assert b"data:" not in await r.read()
         async with s.get(base + f"/tail?key={KEY_A}") as r:
             assert r.status == 400   # a raw key in a URL is refused, not matched
+        async with s.get(base + f"/tail?writeKey={KEY_A}") as r:
+            assert r.status == 400   # nor is anything but key taken
         async with s.get(base + "/tail", headers={"Origin": base}) as r:
             assert r.status == 200
             assert b'"watching"' in await r.content.readline()

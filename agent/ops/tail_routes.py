@@ -35,6 +35,12 @@ class TailRoutes:
             return web.json_response(
                 {"error": "the live event view is readable only from the agent's own page"},
                 status=403)
+        extra = sorted(set(request.query) - {"key"})
+        if extra:
+            # Nothing else is taken; a writeKey= here would be a secret in a URL.
+            return web.json_response(
+                {"error": f"unknown parameter(s) {', '.join(extra)}: only key is taken"},
+                status=400)
         want = request.query.get("key") or None
         if want is not None and not FINGERPRINT.fullmatch(want):
             # A raw key here would sit in URLs and histories: only its fingerprint is taken.
