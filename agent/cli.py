@@ -21,7 +21,7 @@ from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
 
-from agent import __version__, logs, paths, preflight
+from agent import __version__, cli_tail, logs, paths, preflight
 from agent import config as config_mod
 from agent.config import ConfigError
 from agent.device import detect
@@ -237,6 +237,7 @@ def build_parser() -> argparse.ArgumentParser:
     config_file.add_parser(sub)
     service_install.add_parser(sub)
     dead_cli.add_parser(sub, _load, _agent_url)
+    cli_tail.add_parser(sub, _load, _agent_url)
     return parser
 
 

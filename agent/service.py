@@ -27,6 +27,8 @@ from agent.forwarder.supervisor import Seams, Supervisor
 from agent.metrics import Metrics
 from agent.ops.notify import Notifier
 from agent.ops.routes import Ops
+from agent.ops.tail import TailHub
+from agent.ops.tail_routes import TailRoutes
 from agent.server.app import build_app
 from agent.server.connections import ConnectionLimits, fit_fd_limit
 from agent.server.guard import is_loopback_name
@@ -68,6 +70,7 @@ class Agent:
         self.battery = battery   # the one seam the battery is read through
         self.config_path = config_path
         self.metrics = Metrics()
+        self.tail = TailHub(self.metrics)   # the live event view's viewers
         self.facts: DeviceFacts = detect(cfg.device)
         self.spool: Spool | None = None
         self.forwarding: Supervisor | None = None
@@ -93,6 +96,7 @@ class Agent:
             self.spool = spool = await Spool.open(self.cfg.storage, on_reopen=self._reopened,
                                                   on_migrating=self._migrating)
             stack.push_async_callback(spool.close)
+            spool.on_ack = self.tail.acked
             _register_keys(spool.streams)
             self.sync = SyncMonitor(self.cfg.sync, source_for(self.cfg.sync), self.battery,
                                     self._oldest_routed, self.seams.timing, self._regate)
@@ -104,15 +108,18 @@ class Agent:
             stack.push_async_callback(self._stop_forwarding)
             self.sink = Sink(self.cfg.listen.accept_keys, spool, Enrich(self.facts), self.metrics,
                              inflight_budget=self.cfg.listen.max_inflight_mb * 1024 * 1024,
-                             on_new_data=self._new_data, limits=_limits(self.cfg))
+                             on_new_data=self._new_data, limits=_limits(self.cfg),
+                             on_stored=self.tail.ingested)
             self.ops = Ops(spool, self.metrics, live=self._live, flush=self._flush,
                            sync=self.sync.view)
-            self.app = build_app(self.cfg, self.sink, self.ops.routes())
+            self.app = build_app(self.cfg, self.sink,
+                                 self.ops.routes() + TailRoutes(self.tail).routes())
             runner = self._make_runner(self.app)
             await runner.setup()
             # Unwound after the listener closes: cleanup() drains the open connections, whose
             # requests still commit (and wake forwarders) before the forwarders stop.
             stack.push_async_callback(runner.cleanup)
+            stack.callback(self.tail.close)   # before cleanup: live views would hold it
             self.listener = await self._listen(runner)
             stack.callback(self.listener.close)   # stop accepting
             prune = asyncio.create_task(self._prune_loop(), name="prune")

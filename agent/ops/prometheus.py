@@ -147,6 +147,10 @@ def _ingest(out: Exposition, ingest: Ingest) -> None:
                 ingest["busy_refusals"])
     out.counter("memory_trims_total", "Times freed heap memory was handed back to the OS "
                 "after a burst of ingest.", ingest["memory_trims"])
+    out.gauge("tail_viewers", "Live event views open (`outpost tail`, the status page's panel).",
+              ingest["tail_viewers"])
+    out.counter("tail_dropped_total", "Live event view messages dropped because a viewer "
+                "fell behind (ingest never waits for a viewer).", ingest["tail_dropped"])
     out.family("ingest_refused_total", "counter",
                "Ingest requests refused, by API and HTTP status (a websocket's by its close "
                "code; the pixel, always answered 200, by the status its problem has elsewhere).",

@@ -70,6 +70,8 @@ class Ingest(TypedDict):
     busy_refusals: int
     memory_trims: int
     refused: dict[str, dict[str, int]]  # api -> HTTP status (or websocket close code) -> n
+    tail_viewers: int           # live event views open (`outpost tail`, the page's panel)
+    tail_dropped: int           # messages those views missed by falling behind
 
 
 class SyncStatus(SyncView):
@@ -183,7 +185,9 @@ async def snapshot(cfg: Config, spool: Spool, states: Mapping[str, UpstreamState
                       "inflight_budget": metrics.inflight_budget,
                       "busy_refusals": metrics.busy_refusals,
                       "memory_trims": metrics.memory_trims,
-                      "refused": metrics.refusals()}
+                      "refused": metrics.refusals(),
+                      "tail_viewers": metrics.tail_viewers,
+                      "tail_dropped": metrics.tail_dropped}
     if sync is not None:
         # Until priority lanes, a hold holds every routed event alike.
         routed = sum(u["queue_depth"] for u in snap["upstreams"])

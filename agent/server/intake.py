@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import asyncio
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 
 from agent.families.enrich import Enrich
 from agent.families.errors import Invalid
@@ -22,7 +22,9 @@ class Sink:
 
     def __init__(self, accept_keys: tuple[str, ...], spool: Spool, enrich: Enrich,
                  metrics: Metrics, inflight_budget: int,
-                 on_new_data: Callable[[set[str]], None], limits: RouteLimits) -> None:
+                 on_new_data: Callable[[set[str]], None], limits: RouteLimits,
+                 on_stored: Callable[[Sequence[Event], int], None] = lambda evs, n: None,
+                 ) -> None:
         self.spool = spool
         self.limits = limits
         self.enrich = enrich
@@ -32,6 +34,9 @@ class Sink:
         # Called with the keys that got new events after each commit (wakes forwarders).
         self.on_new_data = on_new_data
         self._fresh: set[str] = set()  # keys with new events, not yet announced
+        # Called with each request's committed events and how many were new (the live
+        # event view); cheap by contract, it runs on every request.
+        self.on_stored = on_stored
 
     def set_accept_keys(self, accept_keys: tuple[str, ...]) -> None:
         self._accept = frozenset(accept_keys)
@@ -65,6 +70,7 @@ class Sink:
         started = time.perf_counter()
         stored = await self.spool.append(events)
         self.metrics.observe_ingest(time.perf_counter() - started, len(events))
+        self.on_stored(events, stored)
         if stored:
             # Once per commit, not per request: a commit's requests all resume in the same
             # turn of the loop, and the announcement runs in the next.

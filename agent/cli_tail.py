@@ -1,0 +1,98 @@
+"""`outpost tail [--key K] [--json]`: what apps send, live, from the running agent.
+
+Reads the agent's GET /tail (Server-Sent Events) and prints one line per message.
+Exit codes: 0 when interrupted (Ctrl-C, the usual way to stop), 1 when no agent
+answers or the agent ends the stream (it is stopping), 2 for a config error.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import time
+import urllib.error
+import urllib.request
+from collections.abc import Callable, Iterator
+from typing import IO, Any
+
+from agent.ops.tail import FINGERPRINT, fingerprint
+from agent.settings import Config
+
+# The agent sends a keepalive every 15 s: four missed means it is gone.
+READ_TIMEOUT_S = 60.0
+_DIRECT = urllib.request.build_opener(urllib.request.ProxyHandler({}))
+
+
+def add_parser(subparsers: argparse._SubParsersAction[argparse.ArgumentParser],
+               load: Callable[[argparse.Namespace], Config | None],
+               agent_url: Callable[[Config, str], str]) -> None:
+    """Add ``tail`` to the CLI; ``load`` and ``agent_url`` are the CLI's own."""
+    p = subparsers.add_parser(
+        "tail", help="show events live as apps send them and upstreams acknowledge them",
+        description="Show each event as the running agent commits it (API, key fingerprint, "
+                    "type, name, id, warnings) and each upstream acknowledgement. Keys are "
+                    "shown as fingerprints (k:xxxxxxxx), never in full. Ctrl-C stops.")
+    p.add_argument("--config", help="path to agent.toml")
+    p.add_argument("--key", help="only this app key's events: the key (sent to the agent "
+                                 "as its fingerprint, never as the key) or a fingerprint "
+                                 "k:xxxxxxxx copied from the output")
+    p.add_argument("--json", action="store_true", help="one JSON object per line")
+    p.set_defaults(func=lambda args: run(args, load, agent_url))
+
+
+def run(args: argparse.Namespace, load: Callable[[argparse.Namespace], Config | None],
+        agent_url: Callable[[Config, str], str]) -> int:
+    cfg = load(args)
+    if cfg is None:
+        return 2
+    want = args.key if args.key is None or FINGERPRINT.fullmatch(args.key) \
+        else fingerprint(args.key)
+    path = "/tail" + (f"?key={want}" if want else "")
+    url = agent_url(cfg, path)
+    try:
+        with _DIRECT.open(url, timeout=READ_TIMEOUT_S) as resp:
+            for message in _messages(resp):
+                print(json.dumps(message) if args.json else line(message), flush=True)
+    except KeyboardInterrupt:
+        return 0
+    except urllib.error.HTTPError as exc:
+        print(f"outpost: the agent refused the live view: HTTP {exc.code} "
+              f"{exc.read().decode(errors='replace')}", file=sys.stderr)
+        return 1
+    except (urllib.error.URLError, OSError) as exc:
+        print(f"outpost: no agent answering at {agent_url(cfg, '')}: {exc}", file=sys.stderr)
+        return 1
+    print("outpost: the agent ended the live view (it is stopping)", file=sys.stderr)
+    return 1
+
+
+def _messages(stream: IO[bytes]) -> Iterator[dict[str, Any]]:
+    """The JSON of each `data:` line; comments (keepalives) and blank lines skipped."""
+    for raw in stream:
+        if raw.startswith(b"data: "):
+            yield json.loads(raw[6:])
+
+
+def line(m: dict[str, Any]) -> str:
+    """One message as a line of text."""
+    now = time.strftime("%H:%M:%S")
+    kind = m["kind"]
+    if kind == "ingested":
+        what = m["type"] or "?"
+        if m["name"]:
+            what += f" {m['name']!r}"
+        text = f"{now} in    {m['api']:<8} {m['key']}  {what}  id={m['id']}"
+        return text + "".join(f"\n         ! {w}" for w in m["warnings"])
+    if kind == "acked":
+        return (f"{now} acked {m['count']} event(s) upstream "
+                f"(seq {m['first_seq']}..{m['last_seq']})")
+    if kind == "resent":
+        return f"{now} in    {m['count']} resent event(s) above were already stored: not stored again"
+    if kind == "dropped":
+        return (f"{now} !     {m['count']} message(s) not shown: this view fell behind "
+                "(ingest is never slowed for it)")
+    if kind == "watching":
+        who = f"key {m['key']}" if m["key"] else "every key"
+        return f"{now} watching {who}; Ctrl-C to stop"
+    return f"{now} {json.dumps(m)}"

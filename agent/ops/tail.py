@@ -1,0 +1,211 @@
+"""The live event view (`outpost tail`, the status page's live panel): a bounded fan-out.
+
+Ingest and acks call ``TailHub.ingested`` / ``TailHub.acked`` (wired by the composition
+root). With nobody watching, each is one truth test. With viewers, a request's events
+go into each interested viewer's queue in one bulk append: what a viewer is shown is
+worked out later, on that viewer's own task (``Viewer.take``), never on the ingest
+path. A viewer that falls ``QUEUE`` messages behind loses the overflow, counted, and
+is told how many.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import functools
+import hashlib
+import re
+from collections import deque
+from collections.abc import Sequence
+from typing import Any
+
+import orjson
+
+from agent import logs
+from agent.families.event import NUCLEUS, Event
+from agent.families.nucleus import KNOWN_TYPES as NUCLEUS_TYPES
+from agent.families.segment import TYPES as SEGMENT_TYPES
+from agent.metrics import Metrics
+
+QUEUE = 1000          # messages a viewer may fall behind before the overflow is dropped
+MAX_VIEWERS = 4       # a few terminals and tabs; with RATE, bounds what viewers cost the loop
+NAME_CHARS = 120      # enough to read an event name; the body itself is never shown
+
+TAKE = 200            # messages summarised per write: a viewer's task yields between
+RATE = 2000.0         # messages per second a viewer's task summarises, at most (see routes)
+
+# An item waiting in a viewer's queue, summarised when taken: an ingested Event as it is
+# (queued in bulk, no per-event work on the ingest path), else (kind, payload).
+Item = Event | tuple[str, Any]
+
+
+FINGERPRINT = re.compile(r"k:[0-9a-f]{8}")   # what ``fingerprint`` returns
+
+
+@functools.lru_cache(maxsize=4096)   # a viewer filtering by key hashes each event's key
+def fingerprint(key: str) -> str:
+    """What the tail shows of an app key: keys are credentials, and status and logs never
+    show them. A short hash tells keys apart, and `outpost tail --key K` hashes K
+    locally, so the key itself never travels in a URL either."""
+    return "k:" + hashlib.blake2b(key.encode(), digest_size=4).hexdigest()
+
+
+class Viewer:
+    """One watcher: its key filter (a fingerprint, or None for all) and bounded queue."""
+
+    def __init__(self, want: str | None) -> None:
+        self.want = want
+        self.queue: deque[Item] = deque()
+        self.dropped = 0          # dropped since the viewer was last told
+        self.wake = asyncio.Event()
+        self.closed = False
+
+    def offer(self, item: Item) -> int:
+        """Queue ``item``; returns 1 if it was dropped (the viewer is ``QUEUE`` behind)."""
+        if len(self.queue) >= QUEUE:
+            self.dropped += 1
+            return 1
+        self.queue.append(item)
+        self.wake.set()
+        return 0
+
+    def offer_events(self, events: Sequence[Event], resent: int) -> int:
+        """Queue the events this viewer wants, and a note that ``resent`` of the request's
+        events were already stored; returns how many messages were dropped."""
+        want = self.want
+        if want is not None:
+            keys = {ev.key for ev in events}   # one, for nearly every request
+            if len(keys) == 1:
+                events = events if fingerprint(keys.pop()) == want else ()
+            else:
+                events = [ev for ev in events if fingerprint(ev.key) == want]
+        if not events:
+            return 0
+        room = QUEUE - len(self.queue)
+        if len(events) <= room:
+            self.queue.extend(events)
+            lost = 0
+        else:
+            self.queue.extend(events[:room])
+            lost = len(events) - room
+            self.dropped += lost
+        self.wake.set()
+        return lost + (self.offer(("resent", resent)) if resent else 0)
+
+    def take(self) -> list[dict[str, Any]] | None:
+        """Up to ``TAKE`` queued messages, summarised, a drop notice first; None once the
+        hub is closed. The caller waits on ``wake`` first, and clears it."""
+        if self.closed:
+            return None
+        out: list[dict[str, Any]] = []
+        if self.dropped:
+            out.append({"kind": "dropped", "count": self.dropped})
+            self.dropped = 0
+        queue = self.queue
+        for _ in range(min(TAKE, len(queue))):
+            out.append(summarise(queue.popleft()))
+        if queue:
+            self.wake.set()   # more to take, after the caller has written these
+        return out
+
+
+class TailHub:
+    """Every viewer, and the totals that /status and /metrics show."""
+
+    def __init__(self, metrics: Metrics) -> None:
+        self.viewers: set[Viewer] = set()
+        self.metrics = metrics   # tail_viewers, tail_dropped: shown in /status and /metrics
+        self.closed = False
+
+    def watch(self, key: str | None) -> Viewer | None:
+        """A new viewer of fingerprint ``key`` (None: every key); None when full or
+        closed."""
+        if self.closed or len(self.viewers) >= MAX_VIEWERS:
+            return None
+        viewer = Viewer(key)
+        self.viewers.add(viewer)
+        self.metrics.tail_viewers = len(self.viewers)
+        return viewer
+
+    def leave(self, viewer: Viewer) -> None:
+        self.viewers.discard(viewer)
+        self.metrics.tail_viewers = len(self.viewers)
+
+    def close(self) -> None:
+        """End every viewer's stream: at stop, open streams must not hold the server's
+        graceful shutdown for its whole timeout."""
+        self.closed = True
+        for viewer in self.viewers:
+            viewer.closed = True
+            viewer.wake.set()
+
+    def ingested(self, events: Sequence[Event], stored: int) -> None:
+        """Events committed by one request, ``stored`` of them new (the rest resends)."""
+        if not self.viewers:
+            return
+        resent = len(events) - stored
+        self.metrics.tail_dropped += sum(viewer.offer_events(events, resent)
+                                         for viewer in self.viewers)
+
+    def acked(self, seqs: Sequence[int]) -> None:
+        """Events an upstream acknowledged, by spool sequence number, now deleted."""
+        if not self.viewers or not seqs:
+            return
+        item = ("acked", (len(seqs), min(seqs), max(seqs)))
+        self.metrics.tail_dropped += sum(viewer.offer(item) for viewer in self.viewers)
+
+
+def summarise(item: Item) -> dict[str, Any]:
+    """What a viewer is shown of one queued item."""
+    if isinstance(item, Event):
+        return {"kind": "ingested", **describe(item)}
+    kind, payload = item
+    if kind == "acked":
+        count, first, last = payload
+        return {"kind": kind, "count": count, "first_seq": first, "last_seq": last}
+    return {"kind": kind, "count": payload}
+
+
+def describe(ev: Event) -> dict[str, Any]:
+    """An event's API family, key fingerprint, type, name, id and warnings; never its
+    body, whose properties may hold anything an app sends."""
+    body = orjson.loads(ev.body)
+    if ev.family == NUCLEUS:
+        kind = body.get("type") or "event"
+        name, ident, known = body.get("name"), body.get("id"), NUCLEUS_TYPES
+    else:
+        kind = body.get("type")
+        name = body.get("event") if kind == "track" else body.get("name")
+        ident, known = body.get("messageId"), SEGMENT_TYPES
+    # The type needs no redaction when it is one the API defines.
+    shown = kind if kind in known else _text(kind)
+    return {"api": "nucleus" if ev.family == NUCLEUS else "segment", "key": fingerprint(ev.key),
+            "type": shown, "name": _text(name), "id": _text(ident),
+            "warnings": warnings(ev.family, body, kind, known)}
+
+
+def warnings(family: int, body: dict[str, Any], kind: Any, known: frozenset[str]) -> list[str]:
+    """What the agent accepted but an operator may want to fix in the app. Read off the
+    stored event (ingest completes events as the APIs do; the tail changes nothing)."""
+    out = []
+    if kind not in known:
+        out.append(f"unknown type {_text(kind)!r}")
+    if family == NUCLEUS:
+        if kind == "event" and not body.get("name"):
+            out.append("missing field `name`")
+    else:
+        if kind == "track" and not body.get("event"):
+            out.append("missing field `event`")
+        if not body.get("userId") and not body.get("anonymousId"):
+            out.append("missing field `userId` or `anonymousId`")
+        # Ingest gives an event with no time of its own the receive time (docs/mapping.md).
+        if body.get("originalTimestamp") is None and body.get("timestamp") == body.get(
+                "receivedAt"):
+            out.append("no `timestamp`: defaulted to the time it was received")
+    return out
+
+
+def _text(value: Any) -> str | None:
+    """A field as shown: clipped, and with any registered secret redacted."""
+    if value is None:
+        return None
+    return logs.redact(str(value)[:NAME_CHARS])
