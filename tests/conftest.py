@@ -19,6 +19,7 @@ import pytest
 
 from agent import config as config_mod
 from agent import logs
+from agent.clock import CLOCK, Clock
 from agent.forwarder.backoff import Backoff
 from agent.forwarder.supervisor import Seams
 from agent.service import Agent
@@ -218,6 +219,13 @@ async def run_chromium(binary: str, profile: Path, *args: str) -> str:
     out, err = await asyncio.wait_for(proc.communicate(), 90)
     assert proc.returncode == 0, err.decode(errors="replace")[-2000:]
     return out.decode()
+
+
+@pytest.fixture
+def clock() -> Iterator[Clock]:
+    """The agent's clock (agent/clock.py), for tests that shift it; reset afterwards."""
+    yield CLOCK
+    CLOCK.wall_shift_ms = CLOCK.passed_ms = 0
 
 
 @pytest.fixture

@@ -11,14 +11,13 @@ from __future__ import annotations
 import contextlib
 import sqlite3
 import time
-from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
 import aiohttp
 import pytest
 
-from agent.clock import CLOCK, Clock
+from agent.clock import Clock
 from agent.families.event import NUCLEUS, Event
 from agent.settings import StorageConfig
 from agent.spool import Spool
@@ -29,12 +28,6 @@ DAY_MS = 86_400_000
 FLUSH_S = 1.0
 # Wall-clock settings a device can wake up with: 1970-01-02, and ten years ahead.
 SKEWS = {"1970": lambda: DAY_MS - time.time_ns() // 1_000_000, "10y-ahead": lambda: 3652 * DAY_MS}
-
-
-@pytest.fixture
-def clock() -> Iterator[Clock]:
-    yield CLOCK
-    CLOCK.wall_shift_ms = CLOCK.passed_ms = 0
 
 
 def event(i: int) -> dict[str, Any]:

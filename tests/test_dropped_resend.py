@@ -8,23 +8,15 @@ resend of it is a new chance to deliver it, and is stored, not answered as a res
 from __future__ import annotations
 
 import os
-from collections.abc import Iterator
 from typing import Any
 
 import aiohttp
-import pytest
 
-from agent.clock import CLOCK, Clock
+from agent.clock import Clock
 from tests.fakes.nucleus_upstream import FakeNucleus
 from tests.waiting import wait_for
 
 DAY_MS = 86_400_000
-
-
-@pytest.fixture
-def clock() -> Iterator[Clock]:
-    yield CLOCK
-    CLOCK.wall_shift_ms = CLOCK.passed_ms = 0
 
 
 def event(i: int, pad: int = 0) -> dict[str, Any]:

@@ -9,7 +9,6 @@ cannot, status says why. Agents run in process against real fake upstreams on
 from __future__ import annotations
 
 import asyncio
-import http.client
 import logging
 import shutil
 import sqlite3
@@ -21,7 +20,6 @@ from pathlib import Path
 from typing import Any, TypeVar
 
 import aiohttp
-import orjson
 import pytest
 from hypothesis import HealthCheck, settings
 from hypothesis import strategies as st
@@ -38,6 +36,7 @@ from agent.uplinks.prepare import Prepared
 from agent.uplinks.registry import make_uplink
 from tests.conftest import FAST_BACKOFF, write_config
 from tests.fakes.faulty_upstream import Fault, FaultyUpstream
+from tests.fakes.threaded_agent import post_nucleus
 from tests.test_upstream_faults import delivered, drained, event, send, upstream
 from tests.waiting import wait_for
 
@@ -220,14 +219,7 @@ class _Scene:
         self.loop.call_soon_threadsafe(queue.append, fault)
 
     def post(self, key: str, events: list[dict[str, Any]]) -> None:
-        conn = http.client.HTTPConnection("127.0.0.1", self.agent.port, timeout=10)
-        try:
-            conn.request("POST", f"/app/{key}/track", body=orjson.dumps({"data": events}),
-                         headers={"Content-Type": "application/json"})
-            resp = conn.getresponse()
-            assert resp.status == 200, resp.read()
-        finally:
-            conn.close()
+        post_nucleus(self.agent.port, key, events)
 
     def close(self) -> None:
         try:

@@ -17,7 +17,7 @@ import pytest
 from jeepney import DBusAddress, new_signal
 from jeepney.io.asyncio import open_dbus_connection
 
-from agent.clock import CLOCK, Clock
+from agent.clock import Clock
 from agent.forwarder.supervisor import Seams
 from agent.sync.metered.networkmanager import NetworkManagerSource
 from agent.sync.policy import Metered, MeteredReading
@@ -42,12 +42,6 @@ async def nm(bus: PrivateBus) -> AsyncIterator[FakeNetworkManager]:
     service = await FakeNetworkManager(bus.address, metered=NO).start()
     yield service
     await service.stop()
-
-
-@pytest.fixture
-def clock() -> Iterator[Clock]:
-    yield CLOCK
-    CLOCK.wall_shift_ms = CLOCK.passed_ms = 0
 
 
 def event(i: int) -> dict[str, Any]:

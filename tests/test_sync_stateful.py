@@ -13,7 +13,6 @@ passes by an injected clock. Invariants:
 from __future__ import annotations
 
 import asyncio
-import http.client
 import shutil
 import tempfile
 import threading
@@ -21,7 +20,6 @@ from collections.abc import Callable, Coroutine, Iterator
 from pathlib import Path
 from typing import Any, TypeVar
 
-import orjson
 import pytest
 from hypothesis import HealthCheck, settings
 from hypothesis import strategies as st
@@ -38,6 +36,7 @@ from tests.conftest import FAST_BACKOFF, write_config
 from tests.fakes.manual_timing import ManualTiming
 from tests.fakes.nm_bus import FakeNetworkManager, PrivateBus
 from tests.fakes.nucleus_upstream import FakeNucleus
+from tests.fakes.threaded_agent import post_nucleus
 
 T = TypeVar("T")
 MAX_HOLD_H = 0.5
@@ -87,16 +86,9 @@ class _Scene:
         self.timing.advance(seconds)
 
     def post(self, key: str, ids: range) -> None:
-        events = [{"type": "event", "name": "e", "id": i, "sessionId": 1, "machineId": "m",
-                   "date": "2026-01-01T00:00:00.000Z"} for i in ids]
-        conn = http.client.HTTPConnection("127.0.0.1", self.agent.port, timeout=10)
-        try:
-            conn.request("POST", f"/app/{key}/track", body=orjson.dumps({"data": events}),
-                         headers={"Content-Type": "application/json"})
-            resp = conn.getresponse()
-            assert resp.status == 200, resp.read()
-        finally:
-            conn.close()
+        post_nucleus(self.agent.port, key, [
+            {"type": "event", "name": "e", "id": i, "sessionId": 1, "machineId": "m",
+             "date": "2026-01-01T00:00:00.000Z"} for i in ids])
 
     def close(self) -> None:
         try:

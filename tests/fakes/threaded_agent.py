@@ -15,6 +15,7 @@ from collections.abc import Coroutine
 from pathlib import Path
 from typing import Any, TypeVar
 
+import orjson
 from aiohttp.http_exceptions import HttpProcessingError
 
 from agent import config as config_mod
@@ -22,6 +23,19 @@ from agent.service import Agent
 from tests.conftest import write_config
 
 T = TypeVar("T")
+
+
+def post_nucleus(port: int, key: str, events: list[dict[str, Any]]) -> None:
+    """POST a Nucleus message from a thread that is not the agent's loop (a hypothesis
+    rule); the agent must answer 200."""
+    conn = http.client.HTTPConnection("127.0.0.1", port, timeout=10)
+    try:
+        conn.request("POST", f"/app/{key}/track", body=orjson.dumps({"data": events}),
+                     headers={"Content-Type": "application/json"})
+        resp = conn.getresponse()
+        assert resp.status == 200, resp.read()
+    finally:
+        conn.close()
 
 
 class ErrorLog(logging.Handler):
