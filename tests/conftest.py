@@ -12,7 +12,7 @@ import subprocess
 import sys
 import time
 from collections.abc import AsyncIterator, Callable, Iterator
-from pathlib import Path
+from pathlib import Path, PurePosixPath
 from typing import Any
 
 import pytest
@@ -219,6 +219,20 @@ async def run_chromium(binary: str, profile: Path, *args: str) -> str:
     out, err = await asyncio.wait_for(proc.communicate(), 90)
     assert proc.returncode == 0, err.decode(errors="replace")[-2000:]
     return out.decode()
+
+
+def skip_unless_installable(system: bool) -> None:
+    """Skip a test that installs a service from this checkout where Outpost refuses to:
+    a clone (interpreter or package) under /tmp, or under a home directory for a system
+    service. That refusal has tests of its own (test_operator_mistakes.py)."""
+    import agent
+
+    roots = ["/tmp", "/var/tmp"] + (["/home", "/root", str(Path.home())] if system else [])
+    for path in (os.path.abspath(sys.executable), str(Path(agent.__file__).parent)):
+        for root in roots:
+            if PurePosixPath(path).is_relative_to(root):
+                pytest.skip(f"this checkout is under {root}, where Outpost refuses to install "
+                            "a service from")
 
 
 @pytest.fixture

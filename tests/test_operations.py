@@ -16,7 +16,7 @@ from typing import Any
 
 import pytest
 
-from tests.conftest import ROOT, AgentProcess, free_port, write_config
+from tests.conftest import ROOT, AgentProcess, free_port, skip_unless_installable, write_config
 from tests.fakes.nucleus_upstream import FakeNucleus
 from tests.fakes.ops_scene import post_events
 from tests.waiting import run_outpost, wait_for
@@ -142,6 +142,7 @@ def test_agent_speaks_sd_notify(tmp_path: Path, notify_socket: tuple[socket.sock
 
 @pytest.mark.skipif(not sys.platform.startswith("linux"), reason="systemd user units")
 def test_service_install_user_dry_run_through_the_cli(tmp_path: Path) -> None:
+    skip_unless_installable(system=False)
     home = tmp_path / "home"
     env = {**os.environ, "HOME": str(home), "XDG_CONFIG_HOME": str(home / ".config")}
     unit = home / ".config" / "systemd" / "user" / "outpost.service"

@@ -18,7 +18,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.conftest import ROOT, write_config
+from tests.conftest import ROOT, skip_unless_installable, write_config
 
 EXIT_CONFIG = 2
 
@@ -145,6 +145,7 @@ def test_a_system_service_from_a_home_directory_is_refused() -> None:
 
 @pytest.mark.skipif(not sys.platform.startswith("linux"), reason="systemd")
 def test_a_user_install_without_a_session_bus_is_refused_and_writes_nothing(tmp_path: Path) -> None:
+    skip_unless_installable(system=False)
     config_home = tmp_path / "config"
     env = {k: v for k, v in os.environ.items()
            if k not in ("DBUS_SESSION_BUS_ADDRESS", "XDG_RUNTIME_DIR")}
@@ -159,6 +160,7 @@ def test_a_user_install_without_a_session_bus_is_refused_and_writes_nothing(tmp_
 
 @pytest.mark.skipif(not sys.platform.startswith("linux"), reason="systemd")
 def test_service_install_says_which_config_it_will_use(tmp_path: Path) -> None:
+    skip_unless_installable(system=True)
     code, out = outpost("service", "install", "--dry-run")
     assert code == 0, out
     assert re.search(r"^config: /etc/outpost/agent\.toml \((exists|not found)", out, re.M), out

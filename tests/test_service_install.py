@@ -15,6 +15,7 @@ from agent.install import command
 from agent.install import templates as tpl
 from agent.install.execute import describe, execute, first_free_id
 from agent.install.plan import EnsureUser, MakeDir, Plan, RemoveFile, Run, Target, WriteFile, build_plan
+from tests.conftest import skip_unless_installable
 
 PY = "/opt/outpost/venv/bin/python"
 
@@ -180,6 +181,7 @@ def test_parser() -> None:
 def test_dry_run_prints_everything_and_changes_nothing(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
 ) -> None:
+    skip_unless_installable(system=False)
     monkeypatch.setenv("HOME", str(tmp_path))
     monkeypatch.setenv("XDG_CONFIG_HOME", str(tmp_path / "config"))
     assert command.run(parse(["service", "install", "--user", "--dry-run"])) == 0
