@@ -28,6 +28,7 @@ from agent.device import detect
 from agent.install import command as service_install
 from agent.install import config_file
 from agent.ops import dead_cli
+from agent.ops.local_agent import DIRECT, agent_url
 from agent.ops.status import offline_snapshot
 from agent.server import memory
 from agent.settings import Config, SyncConfig
@@ -93,23 +94,14 @@ def cmd_run(args: argparse.Namespace) -> int:
     return run_async(main())
 
 
-def _agent_url(cfg: Config, path: str) -> str:
-    host = cfg.listen.host
-    host = "127.0.0.1" if host in ("0.0.0.0", "") else ("[::1]" if host == "::" else host)
-    host = f"[{host}]" if ":" in host and not host.startswith("[") else host
-    return f"http://{host}:{cfg.listen.port}{path}"
-
-
-# The agent is on loopback: an $http_proxy meant for the internet must not be used.
 # doctor waits this long for NetworkManager to say whether the network is metered.
 DOCTOR_DBUS_S = 2.0
-_DIRECT = urllib.request.build_opener(urllib.request.ProxyHandler({}))
 
 
 def _http(cfg: Config, path: str, method: str = "GET") -> Any:
-    req = urllib.request.Request(_agent_url(cfg, path), method=method,
+    req = urllib.request.Request(agent_url(cfg, path), method=method,
                                  data=b"" if method == "POST" else None)
-    with _DIRECT.open(req, timeout=3) as resp:
+    with DIRECT.open(req, timeout=3) as resp:
         return json.loads(resp.read())
 
 
@@ -119,7 +111,7 @@ def cmd_status(args: argparse.Namespace) -> int:
         return EXIT_CONFIG
     try:
         data = _http(cfg, "/status")
-        data["source"] = f"agent at {_agent_url(cfg, '')}"
+        data["source"] = f"agent at {agent_url(cfg, '')}"
     except (urllib.error.URLError, OSError, ValueError):
         try:
             data = offline_snapshot(cfg)
@@ -142,7 +134,7 @@ def cmd_flush(args: argparse.Namespace) -> int:
     try:
         data = _http(cfg, "/flush", method="POST")
     except (urllib.error.URLError, OSError, ValueError) as exc:
-        print(f"outpost: no agent answering at {_agent_url(cfg, '')}: {exc}", file=sys.stderr)
+        print(f"outpost: no agent answering at {agent_url(cfg, '')}: {exc}", file=sys.stderr)
         return EXIT_FAILED
     print(f"flush requested; {data.get('queue_depth', 0)} events queued")
     return 0
@@ -236,8 +228,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(func=cmd_check_config)
     config_file.add_parser(sub)
     service_install.add_parser(sub)
-    dead_cli.add_parser(sub, _load, _agent_url)
-    cli_tail.add_parser(sub, _load, _agent_url)
+    dead_cli.add_parser(sub, _load)
+    cli_tail.add_parser(sub, _load)
     return parser
 
 

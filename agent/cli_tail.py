@@ -12,22 +12,20 @@ import json
 import sys
 import time
 import urllib.error
-import urllib.request
 from collections.abc import Callable, Iterator
 from typing import IO, Any
 
+from agent.ops.local_agent import DIRECT, agent_url
 from agent.ops.tail import FINGERPRINT, fingerprint
 from agent.settings import Config
 
 # The agent sends a keepalive every 15 s: four missed means it is gone.
 READ_TIMEOUT_S = 60.0
-_DIRECT = urllib.request.build_opener(urllib.request.ProxyHandler({}))
 
 
 def add_parser(subparsers: argparse._SubParsersAction[argparse.ArgumentParser],
-               load: Callable[[argparse.Namespace], Config | None],
-               agent_url: Callable[[Config, str], str]) -> None:
-    """Add ``tail`` to the CLI; ``load`` and ``agent_url`` are the CLI's own."""
+               load: Callable[[argparse.Namespace], Config | None]) -> None:
+    """Add ``tail`` to the CLI; ``load`` (reading the config) is the CLI's own."""
     p = subparsers.add_parser(
         "tail", help="show events live as apps send them and upstreams acknowledge them",
         description="Show each event as the running agent commits it (API, key fingerprint, "
@@ -38,11 +36,10 @@ def add_parser(subparsers: argparse._SubParsersAction[argparse.ArgumentParser],
                                  "as its fingerprint, never as the key) or a fingerprint "
                                  "k:xxxxxxxx copied from the output")
     p.add_argument("--json", action="store_true", help="one JSON object per line")
-    p.set_defaults(func=lambda args: run(args, load, agent_url))
+    p.set_defaults(func=lambda args: run(args, load))
 
 
-def run(args: argparse.Namespace, load: Callable[[argparse.Namespace], Config | None],
-        agent_url: Callable[[Config, str], str]) -> int:
+def run(args: argparse.Namespace, load: Callable[[argparse.Namespace], Config | None]) -> int:
     cfg = load(args)
     if cfg is None:
         return 2
@@ -51,7 +48,7 @@ def run(args: argparse.Namespace, load: Callable[[argparse.Namespace], Config | 
     path = "/tail" + (f"?key={want}" if want else "")
     url = agent_url(cfg, path)
     try:
-        with _DIRECT.open(url, timeout=READ_TIMEOUT_S) as resp:
+        with DIRECT.open(url, timeout=READ_TIMEOUT_S) as resp:
             for message in _messages(resp):
                 print(json.dumps(message) if args.json else line(message), flush=True)
     except KeyboardInterrupt:

@@ -23,15 +23,13 @@ from typing import Any, BinaryIO
 
 from agent.clock import age_s
 from agent.ops.dead import EXPORT_PAGE
+from agent.ops.local_agent import DIRECT, agent_url
 from agent.ops.status_table import age, size, table
 from agent.outcomes import Tally
 from agent.settings import Config
 from agent.spool import dead
 
 Load = Callable[[argparse.Namespace], Config | None]
-Url = Callable[[Config, str], str]
-# The agent is on loopback: an $http_proxy meant for the internet must not be used.
-_DIRECT = urllib.request.build_opener(urllib.request.ProxyHandler({}))
 LIST_ROWS = 50  # entries `dead list` prints under the summary; --limit changes it
 
 
@@ -40,16 +38,16 @@ class _NoAgent(Exception):
 
 
 class _Cli:
-    def __init__(self, load: Load, url: Url) -> None:
-        self.load, self.url = load, url
+    def __init__(self, load: Load) -> None:
+        self.load = load
 
     def _ask(self, cfg: Config, path: str, body: dict[str, Any] | None = None) -> bytes:
         data = None if body is None else json.dumps(body).encode()
-        req = urllib.request.Request(self.url(cfg, path), data=data,
+        req = urllib.request.Request(agent_url(cfg, path), data=data,
                                      method="GET" if body is None else "POST",
                                      headers={"Content-Type": "application/json"})
         try:
-            with _DIRECT.open(req, timeout=30) as resp:
+            with DIRECT.open(req, timeout=30) as resp:
                 return bytes(resp.read())
         except urllib.error.HTTPError as exc:  # the agent answered: say what it said
             try:
@@ -81,7 +79,7 @@ class _Cli:
     def _read(self, cfg: Config, path: str, fn: Callable[..., Any], *a: Any) -> Any:
         """(answer, source): from the agent, else from the spool file read-only."""
         try:
-            return json.loads(self._ask(cfg, path)), self.url(cfg, "")
+            return json.loads(self._ask(cfg, path)), agent_url(cfg, "")
         except _NoAgent:
             spool = cfg.storage.resolved_path()
             conn = dead.read_only(spool)
@@ -144,10 +142,10 @@ class _Cli:
         return 0
 
     def _export_to(self, cfg: Config, out: BinaryIO) -> int:
-        req = urllib.request.Request(self.url(cfg, "/dead/export"))
+        req = urllib.request.Request(agent_url(cfg, "/dead/export"))
         count = 0
         try:
-            resp = _DIRECT.open(req, timeout=30)
+            resp = DIRECT.open(req, timeout=30)
         except urllib.error.HTTPError as exc:
             raise dead.DeadError(f"the agent refused the export: HTTP {exc.code}") from exc
         except (urllib.error.URLError, OSError):
@@ -196,9 +194,9 @@ class _Cli:
         return self._change(cfg, args, "purge")
 
 
-def add_parser(sub: Any, load: Load, url: Url) -> None:
-    """Register `outpost dead ...`; ``load`` reads the config, ``url`` makes the agent's URL."""
-    cli = _Cli(load, url)
+def add_parser(sub: Any, load: Load) -> None:
+    """Register `outpost dead ...`; ``load`` reads the config."""
+    cli = _Cli(load)
     top = sub.add_parser("dead", help="see, export, retry or purge dead letters",
                          description="Events an upstream refused for good are kept as dead "
                          "letters. Works on a running agent, or on the spool when none runs.")

@@ -1,0 +1,19 @@
+"""How the commands reach the running agent: its URL from the config, and an opener
+that ignores $http_proxy (meant for the internet, never for loopback)."""
+
+from __future__ import annotations
+
+import urllib.request
+
+from agent.settings import Config
+
+DIRECT = urllib.request.build_opener(urllib.request.ProxyHandler({}))
+
+
+def agent_url(cfg: Config, path: str) -> str:
+    """The running agent's URL for ``path`` (a wildcard listen address is reached on
+    loopback)."""
+    host = cfg.listen.host
+    host = "127.0.0.1" if host in ("0.0.0.0", "") else ("[::1]" if host == "::" else host)
+    host = f"[{host}]" if ":" in host and not host.startswith("[") else host
+    return f"http://{host}:{cfg.listen.port}{path}"
