@@ -12,11 +12,11 @@ agent's own page pass.
 from __future__ import annotations
 
 from collections.abc import Awaitable, Callable
-from urllib.parse import urlsplit
 
 import orjson
 from aiohttp import web
 
+from agent.ops.own_origin import foreign
 from agent.spool import Spool, dead, dead_live
 
 Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
@@ -32,18 +32,6 @@ class _Refused(Exception):
     def __init__(self, status: int, message: str) -> None:
         super().__init__(message)
         self.status = status
-
-
-def _foreign(request: web.Request) -> str | None:
-    """Why a browser request is refused here; None for a local tool or our own page."""
-    origin = request.headers.get("Origin")
-    host = request.headers.get("Host")
-    if origin is not None and (host is None or urlsplit(origin.lower()).netloc != host.lower()):
-        return f"Origin {origin!r} may not use the dead-letter endpoints"
-    site = request.headers.get("Sec-Fetch-Site")
-    if site not in (None, "same-origin", "none"):
-        return f"a {site} browser request may not use the dead-letter endpoints"
-    return None
 
 
 def _error(status: int, message: str) -> web.Response:
@@ -121,7 +109,7 @@ class DeadRoutes:
 
 def _strict(handler: Handler) -> Handler:
     async def handle(request: web.Request) -> web.StreamResponse:
-        why = _foreign(request)
+        why = foreign(request, "the dead-letter endpoints")
         if why is not None:
             return _error(403, why)
         try:

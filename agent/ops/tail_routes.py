@@ -8,11 +8,11 @@ app's events, and an app's allowed web origin has no business reading other apps
 from __future__ import annotations
 
 import asyncio
-from urllib.parse import urlsplit
 
 import orjson
 from aiohttp import web
 
+from agent.ops.own_origin import foreign
 from agent.ops.tail import FINGERPRINT, MAX_VIEWERS, RATE, TailHub
 
 KEEPALIVE_S = 15.0    # a comment line, so proxies and clients see a live connection
@@ -29,12 +29,9 @@ class TailRoutes:
         return [web.get("/tail", self.stream)]
 
     async def stream(self, request: web.Request) -> web.StreamResponse:
-        origin = request.headers.get("Origin")
-        if origin is not None and urlsplit(origin.lower()).netloc != (
-                request.headers.get("Host") or "").lower():
-            return web.json_response(
-                {"error": "the live event view is readable only from the agent's own page"},
-                status=403)
+        why = foreign(request, "the live event view")
+        if why is not None:
+            return web.json_response({"error": why}, status=403)
         extra = sorted(set(request.query) - {"key"})
         if extra:
             # Nothing else is taken; a writeKey= here would be a secret in a URL.
