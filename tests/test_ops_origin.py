@@ -19,7 +19,7 @@ async def test_an_allowed_app_origin_cannot_flush(make_agent: Any) -> None:
     base = f"http://127.0.0.1:{agent.port}"
     async with aiohttp.ClientSession() as s:
         for headers in ({"Origin": "https://app.example"},
-                        {"Sec-Fetch-Site": "cross-site"}):
+                        {"Sec-Fetch-Site": "cross-site", "Referer": "https://app.example/"}):
             async with s.post(f"{base}/flush", headers=headers) as r:
                 assert r.status == 403, await r.text()
                 assert "/flush" in (await r.json())["error"]
