@@ -47,7 +47,9 @@ class Group:
     bodies: list[bytes]
     keys: list[int]
     nbytes: int = 0
-    data: bytes | None = None         # records.pack(bodies), when packed on the loop
+    data: bytes | None = None         # records.pack(bodies, ids), when packed on the loop
+    # Nucleus ack ids, one per body, when ingest read every one (records.ZSTD_IDS).
+    ids: list[Any] | None = None
 
 
 @dataclass(slots=True)
@@ -101,7 +103,7 @@ def commit(conn: sqlite3.Connection, job: Job) -> Outcome:
     out = Outcome()
     # Compressing is the costly part: done before BEGIN, so the write lock is held less
     # (small groups come packed from the loop: see writer.PACK_ON_LOOP_BYTES).
-    packed = [(g, pack(g.bodies) if g.data is None else g.data, keys_to_bytes(g.keys))
+    packed = [(g, pack(g.bodies, g.ids) if g.data is None else g.data, keys_to_bytes(g.keys))
               for g in job.groups]
     with transaction(conn):
         if job.mark is not None:
