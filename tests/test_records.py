@@ -11,8 +11,7 @@ import zstandard
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from agent.spool.records import (MAX_RAW_BYTES, ZSTD, ZSTD_IDS, DamagedRecord, pack, unpack,
-                                  unpack_ids)
+from agent.spool.records import MAX_RAW_BYTES, ZSTD, ZSTD_IDS, DamagedRecord, pack, unpack, unpack_ids
 
 bodies_st = st.lists(st.binary(max_size=600) | st.sampled_from([b"", b"x" * 70_000]), max_size=40)
 SAMPLE = pack([b'{"type":"track","event":"a","n":%d}' % i for i in range(30)] + [b""])

@@ -117,6 +117,12 @@ class Queued(Sequence[Row]):
             pos += n
         return Queued(runs)
 
+    def __add__(self, other: Queued) -> Queued:
+        return Queued(self.runs + other.runs)
+
+    def __repr__(self) -> str:
+        return f"Queued({self.runs!r})"
+
     def __iter__(self) -> Iterator[Row]:
         for run in self.runs:
             for i in range(len(run.bodies)):

@@ -32,7 +32,7 @@ from agent.spool.types import Row
 from agent.uplinks.base import REJECTED_STATUSES, Acked, Refused, Retry, SendResult, UplinkBase
 from agent.uplinks.http_common import html_instead_of_reply, is_retryable, post
 from agent.uplinks.prepare import Prepared
-from agent.uplinks.splice import SEP, joined_objects
+from agent.uplinks.splice import objects, stamped
 
 
 class SegmentHttpUplink(UplinkBase):
@@ -71,12 +71,8 @@ class SegmentHttpUplink(UplinkBase):
     def payload(prepared: Prepared, sent_at: str) -> bytes:
         """The request body: every event with `sentAt` spliced in first."""
         stamp = b'{"sentAt":"' + sent_at.encode() + b'"'
-        joined = joined_objects(prepared.bodies)
-        if joined is not None:
-            # Compact objects, one after the other: the stamp goes in at each separator,
-            # by two replaces over the whole batch (an empty object takes no comma).
-            events = (stamp + b"," + joined[1:]).replace(SEP + b"{", b"," + stamp + b",")
-            events = events.replace(stamp + b",}", stamp + b"}")
+        if objects(prepared.bodies):
+            events = stamped(prepared.bodies, stamp[1:])
         else:
             parts = []
             for body in prepared.bodies:

@@ -18,15 +18,12 @@ from __future__ import annotations
 from bisect import bisect_right
 from collections.abc import Sequence
 from itertools import accumulate, repeat
-from operator import add
+from operator import add, itemgetter
 from typing import Any
 
 from agent.families.event import NUCLEUS
 from agent.spool.types import Queued, Row
 from agent.uplinks.prepare import Encoder, Prepared
-
-# Bytes that never occur in a stored body: JSON is UTF-8, where 0xFF is never used.
-SEP = b"\xff"
 
 
 def take(uplink: Encoder, rows: Sequence[Row],
@@ -80,22 +77,26 @@ def take(uplink: Encoder, rows: Sequence[Row],
         room -= k
         if k < len(run.bodies):
             break
-    if not seqs or (not keyed and joined_objects(bodies) is None):
+    if not seqs or (not keyed and not objects(bodies)):
         return None
     sent = tuple(seqs)
     return Prepared(rows[:len(sent)], sent, tuple(bodies), tuple(ids) if keyed else sent, ())
 
 
-def joined_objects(bodies: Sequence[bytes]) -> bytes | None:
-    """The bodies joined by SEP when every one is a compact JSON object (`{` not followed
-    by a space), else None: checked by a few scans of the joined bytes, not per body."""
-    joined = SEP.join(bodies)
+def objects(bodies: Sequence[bytes]) -> bool:
+    """Whether every body is a JSON object with members, as stored (`{`, more, `}`): by
+    their first and last bytes, gathered at C speed (per-body checks cost more than the
+    rest of a spliced batch)."""
     n = len(bodies)
-    if (joined[:1] == b"{" and joined[-1:] == b"}" and joined.count(SEP) == n - 1
-            and joined.count(b"}" + SEP + b"{") == n - 1 and joined[1:2] not in _SPACE
-            and not any(SEP + b"{" + w in joined for w in _SPACE)):
-        return joined
-    return None
+    return (n > 0 and min(map(len, bodies)) > 2 and bytes(map(_FIRST, bodies)) == b"{" * n
+            and bytes(map(_LAST, bodies)) == b"}" * n)
 
 
-_SPACE = (b" ", b"\t", b"\n", b"\r")
+def stamped(bodies: Sequence[bytes], member: bytes) -> bytes:
+    """``bodies`` (each passing ``objects``) with ``member`` (`"key":value`) put first in
+    each, joined by commas: one slice per body and one join."""
+    head = b"{" + member + b","
+    return head + (b"," + head).join(map(_TAIL, bodies))
+
+
+_FIRST, _LAST, _TAIL = itemgetter(0), itemgetter(-1), itemgetter(slice(1, None))
