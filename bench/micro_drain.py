@@ -14,7 +14,7 @@ frame), in 100-event batches. Printed as µs per event, the median of
 Then the same stages on a real spool (bench/out/micro_drain, ``sync = "full"``):
 ``--events`` Nucleus and as many Segment events appended in 100-event requests,
 then each queue read as a forwarder reads it (fetch: the read, decompression and
-split into rows, on the reader thread), prepared in ``--batch``-event
+split into runs of records, on the reader thread), prepared in ``--batch``-event
 batches, each batch's frame or request body built, and finally every row acked
 ``ACK_GROUP`` batches per spool call (the writer's commit): CPU µs per event of
 the whole process. Bounded: stops by itself.
