@@ -50,22 +50,24 @@ def take(uplink: Encoder, rows: Sequence[Row],
         if not room or run.family != family or (keyed and run.ids is None):
             break
         part = run.bodies if len(run.bodies) <= room else run.bodies[:room]
-        # What each event adds to the request, summed: the byte cap by one bisect.
-        costs = list(accumulate(map(add, map(len, part), repeat(overhead))))
         if oversize is not None and max(map(len, part)) + overhead > oversize:
             break  # the take loop refuses it
-        k = bisect_right(costs, budget)
-        if not k:
-            break
-        if k < len(part):
-            part = part[:k]
+        k = len(part)
+        spent = sum(map(len, part)) + overhead * k
+        if spent > budget:
+            # What each event adds to the request, summed: the byte cap by one bisect.
+            costs = list(accumulate(map(add, map(len, part), repeat(overhead))))
+            k = bisect_right(costs, budget)
+            if not k:
+                break
+            part, spent = part[:k], costs[k - 1]
         if keyed:
             assert run.ids is not None
             keys = run.ids[:k]
-            if None in keys:
+            new = set(keys)
+            if None in new:
                 break
             if in_flight is not None:
-                new = set(keys)
                 if len(new) != k or not seen.isdisjoint(new) or (
                         busy is not None and not busy.keys().isdisjoint(new)):
                     break
@@ -73,7 +75,7 @@ def take(uplink: Encoder, rows: Sequence[Row],
             ids += keys
         seqs += range(run.first, run.first + k)
         bodies += part
-        budget -= costs[k - 1]
+        budget -= spent
         room -= k
         if k < len(run.bodies):
             break
