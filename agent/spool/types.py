@@ -5,6 +5,7 @@ from __future__ import annotations
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from enum import Enum
+from itertools import chain, repeat
 from typing import Any, overload
 
 RETRY_AFTER_FULL_S = 30
@@ -124,9 +125,10 @@ class Queued(Sequence[Row]):
         return f"Queued({self.runs!r})"
 
     def __iter__(self) -> Iterator[Row]:
-        for run in self.runs:
-            for i in range(len(run.bodies)):
-                yield run.row(i)
+        # Rows made by map at C speed: the take loop of another family iterates them.
+        return chain.from_iterable(
+            map(Row, range(r.first, r.first + len(r.bodies)), repeat(r.stream),
+                repeat(r.family), repeat(r.received), r.bodies) for r in self.runs)
 
 
 @dataclass(slots=True)
