@@ -27,6 +27,7 @@ def test_round_trip_is_exact(bodies: list[bytes]) -> None:
     assert unpack(pack(bodies)) == bodies
 
 
+@settings(deadline=None)
 @given(st.lists(st.tuples(st.binary(max_size=300), ids_st), max_size=40))
 def test_round_trip_with_ids_is_exact(events: list[tuple[bytes, object]]) -> None:
     bodies, ids = [b for b, _ in events], [i for _, i in events]
@@ -62,6 +63,7 @@ def test_every_single_bit_flip_of_a_record_with_ids_is_damage() -> None:
                 unpack_ids(damaged)
 
 
+@settings(deadline=None)
 @given(st.integers(0, len(WITH_IDS) - 1), st.binary(max_size=8))
 def test_a_truncated_or_extended_record_with_ids_is_damage(cut: int, extra: bytes) -> None:
     with pytest.raises(DamagedRecord):
@@ -76,7 +78,7 @@ def test_repetitive_events_compress() -> None:
     assert len(pack(bodies)) < 0.5 * sum(map(len, bodies))
 
 
-@settings(max_examples=300)
+@settings(max_examples=300, deadline=None)   # a loaded machine stalled one example 300 ms
 @given(st.data())
 def test_a_flipped_byte_is_damage(data: st.DataObject) -> None:
     at = data.draw(st.integers(0, len(SAMPLE) - 1))

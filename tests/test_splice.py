@@ -93,6 +93,7 @@ async def test_a_spliced_batch_is_what_the_take_loop_would_take(
             zip(spliced.ids, spliced.seqs))
 
 
+@settings(deadline=None)
 @given(runs(), st.integers(-40, 40), st.integers(-40, 40))
 def test_queued_is_the_sequence_of_its_rows(got: list[Run], a: int, b: int) -> None:
     queued = Queued(got)
