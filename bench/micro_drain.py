@@ -14,7 +14,7 @@ frame), in 100-event batches. Printed as µs per event, the median of
 Then the same stages on a real spool (bench/out/micro_drain, ``sync = "full"``):
 ``--events`` Nucleus and as many Segment events appended in 100-event requests,
 then each queue read as a forwarder reads it (fetch: the read, decompression and
-split into rows, on the reader thread), prepared in ``--batch``-event
+split into runs of records, on the reader thread), prepared in ``--batch``-event
 batches, each batch's frame or request body built, and finally every row acked
 ``ACK_GROUP`` batches per spool call (the writer's commit): CPU µs per event of
 the whole process. Bounded: stops by itself.
@@ -36,7 +36,7 @@ import aiohttp
 import orjson
 
 from agent.families import mapping
-from agent.families.event import NUCLEUS, SEGMENT, Event, dedupe_key
+from agent.families.event import NOT_READ, NUCLEUS, SEGMENT, Event, dedupe_key
 from agent.forwarder.stream import ACK_GROUP, FETCH_FACTOR
 from agent.settings import StorageConfig, UpstreamConfig
 from agent.spool import Spool
@@ -161,8 +161,10 @@ async def spool_stages(args: argparse.Namespace, session: aiohttp.ClientSession)
     try:
         for key, family, template in (("n", NUCLEUS, NUCLEUS_EVENT), ("s", SEGMENT, SEGMENT_EVENT)):
             for first in range(0, args.events, 3200):  # 32 concurrent 100-event requests
+                # Nucleus events carry the id ingest read (nucleus.accept), as stored.
                 await asyncio.gather(*(spool.append(
-                    [Event(key, family, dedupe_key(key, i), (template % (i, 7)).encode())
+                    [Event(key, family, dedupe_key(key, i), (template % (i, 7)).encode(),
+                           i if family == NUCLEUS else NOT_READ)
                      for i in range(start, min(start + 100, args.events))])
                     for start in range(first, min(first + 3200, args.events), 100)))
         print(f"from a spool, {args.batch}-event batches (CPU µs/event):")

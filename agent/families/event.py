@@ -18,6 +18,8 @@ from agent.clock import CLOCK
 
 NUCLEUS = 0
 SEGMENT = 1
+# Event.ack_id of an event whose id nobody read at ingest.
+NOT_READ: Any = object()
 
 
 @dataclass(slots=True)
@@ -28,6 +30,10 @@ class Event:
     family: int     # NUCLEUS or SEGMENT: the shape of ``body``
     dedupe: int     # signed 64-bit hash identifying resends of the same event
     body: bytes     # compact JSON of the event, enriched, as it will be forwarded
+    # Nucleus: the `id` its upstream acknowledges it by (None: it has none), read where
+    # ingest parsed the event, and stored beside the body (spool/records.py), so that
+    # sending it needs no second parse.
+    ack_id: Any = NOT_READ
 
 
 class Limit(NamedTuple):

@@ -39,7 +39,7 @@ class Prepared:
     ``seqs``, ``bodies`` and ``ids`` are parallel: the rows to send, in order.
     """
 
-    rows: tuple[Row, ...]                 # every row taken, in order (sent or refused)
+    rows: Sequence[Row]                   # every row taken, in order (sent or refused)
     seqs: tuple[int, ...]                 # the rows to send
     bodies: tuple[bytes, ...]             # their encoded events
     ids: tuple[Any, ...]                  # what the upstream acknowledges them by
