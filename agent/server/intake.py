@@ -58,10 +58,12 @@ class Sink:
         return self.admission.ticket()
 
     async def store(self, events: list[Event]) -> int:
-        """Commit ``events`` durably; returns how many were new. Raises SpoolFull, or
+        """Commit ``events`` durably, each in the shape its route stores it in
+        (``RouteLimits.as_stored``); returns how many were new. Raises SpoolFull, or
         Invalid (too large) for an event its upstream can never carry, storing none."""
         if not events:
             return 0
+        events = self.limits.as_stored(events)
         if self.limits.active:
             for ev in events:
                 why = self.limits.oversize(ev)

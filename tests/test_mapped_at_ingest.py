@@ -1,0 +1,93 @@
+"""Where mapping happens (docs/architecture.md): a Nucleus app's events routed to a
+Segment upstream are mapped once, at ingest, and stored mapped; what the upstream gets
+is what mapping at send time gives, and a reload that routes the key to a Nucleus
+upstream gives it the original events back."""
+
+from __future__ import annotations
+
+from datetime import datetime
+from pathlib import Path
+from typing import Any
+
+import orjson
+
+from agent.families.event import NUCLEUS, SEGMENT
+from agent.families.mapping import nucleus_to_segment
+from tests.conftest import free_port, write_config
+from tests.fakes.nucleus_upstream import FakeNucleus
+from tests.fakes.segment_upstream import FakeSegment
+from tests.segment_helpers import basic, call, nucleus_up, segment_up, wait_for
+
+EVENTS = [
+    {"type": "event", "name": "click", "id": 7, "date": "2026-01-15T10:20:30.123Z",
+     "machineId": "m1", "sessionId": 42, "userId": "u", "payload": {"x": [1, {"y": None}]},
+     "customField": {"kept": True}},
+    {"type": "nucleus:view", "name": "Settings", "id": "s-8", "date": 1767225600123,
+     "deviceId": "d", "anonId": "a", "sessionId": 42},
+    {"type": "props", "id": 9, "date": "2026-06-01T12:00:00", "machineId": "m1",
+     "payload": {"plan": "pro"}, "locale": "fr-FR"},
+]
+
+
+def offline_segment() -> dict[str, Any]:
+    return {"name": "segment", "protocol": "segment-http",
+            "url": f"http://127.0.0.1:{free_port()}", "flush_interval_s": 0.05, "timeout_s": 2}
+
+
+def without(ev: dict[str, Any], *fields: str) -> dict[str, Any]:
+    return {k: v for k, v in ev.items() if k not in fields}
+
+
+async def test_nucleus_events_routed_to_segment_are_stored_mapped(make_agent: Any) -> None:
+    agent = await make_agent(upstreams=[offline_segment()])
+    reply = await call(agent.port, "/app/k/track", {"data": EVENTS})
+    assert reply.json() == {"reportedIds": [7, "s-8", 9]}
+    rows = await agent.spool.fetch(agent.spool.streams["k"].id, 0, 10)
+    assert [r.family for r in rows] == [SEGMENT] * 3
+    for row, ev in zip(rows, EVENTS, strict=True):
+        stored = orjson.loads(row.body)
+        # What mapping at send time gives, but for receivedAt: the request's time, not
+        # the commit's (the same instant within the request's commit).
+        assert without(stored, "receivedAt") == without(
+            nucleus_to_segment(ev, row.received), "receivedAt")
+        assert abs(row.received - _ms(stored["receivedAt"])) < 5_000
+
+
+async def test_a_key_routed_to_nucleus_stores_nucleus_events_as_they_came(
+        make_agent: Any) -> None:
+    offline = {"name": "n", "protocol": "nucleus-http",
+               "url": f"http://127.0.0.1:{free_port()}", "flush_interval_s": 0.05}
+    agent = await make_agent(upstreams=[offline_segment() | {"keys": ["web"]}, offline])
+    assert (await call(agent.port, "/app/k/track", {"data": EVENTS[:1]})).status == 200
+    rows = await agent.spool.fetch(agent.spool.streams["k"].id, 0, 10)
+    assert [(r.family, orjson.loads(r.body)) for r in rows] == [(NUCLEUS, EVENTS[0])]
+
+
+async def test_stored_mapped_then_routed_to_nucleus_arrives_as_sent(
+        make_agent: Any, tmp_path: Path, fake_nucleus: FakeNucleus) -> None:
+    agent = await make_agent(upstreams=[offline_segment()])
+    assert (await call(agent.port, "/app/k/track", {"data": EVENTS})).status == 200
+    write_config(Path(agent.config_path), tmp_path / "spool.db",
+                 upstreams=[nucleus_up(fake_nucleus)])
+    await agent.reload()
+    await wait_for(lambda: len(fake_nucleus.events) == 3)
+    assert fake_nucleus.events == EVENTS   # ids, dates and unknown fields included
+
+
+async def test_stored_mapped_reaches_segment_once_in_order(
+        make_agent: Any, fake_segment: FakeSegment) -> None:
+    agent = await make_agent(upstreams=[segment_up(fake_segment, batch_max_events=2)])
+    for _ in range(2):   # a module resending its queue: stored once
+        assert (await call(agent.port, "/app/k/track", {"data": EVENTS})).status == 200
+    seg = {"type": "track", "userId": "u", "event": "after", "messageId": "after-1"}
+    assert (await call(agent.port, "/v1/track", seg,
+                       headers={"Authorization": basic("k")})).status == 200
+    await wait_for(lambda: agent.spool.depth == 0 and len(fake_segment.events) == 4)
+    got = fake_segment.events
+    assert [e["type"] for e in got] == ["track", "screen", "identify", "track"]
+    assert [e["context"]["nucleus"]["id"] for e in got[:3]] == [7, "s-8", 9]
+    assert got[3]["messageId"] == "after-1"
+
+
+def _ms(iso: str) -> int:
+    return int(datetime.fromisoformat(iso).timestamp() * 1000)
