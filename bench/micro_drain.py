@@ -11,13 +11,18 @@ frame), in 100-event batches. Printed as µs per event, the median of
 ``orjson.dumps`` of each body (the cost of touching every event once).
 ``--profile`` adds a cProfile of the Segment path.
 
+The Nucleus-to-Segment path is also split into its parts (parse, map, encode), and
+beside it what ingest pays to store such an event mapped (``RouteLimits.as_stored``:
+parse, map, encode, for a key routed to a Segment upstream).
+
 Then the same stages on a real spool (bench/out/micro_drain, ``sync = "full"``):
 ``--events`` Nucleus and as many Segment events appended in 100-event requests,
-then each queue read as a forwarder reads it (fetch: the read, decompression and
-split into rows, on the reader thread), prepared in ``--batch``-event
-batches, each batch's frame or request body built, and finally every row acked
-``ACK_GROUP`` batches per spool call (the writer's commit): CPU µs per event of
-the whole process. Bounded: stops by itself.
+and as many Nucleus events stored mapped, as ingest stores them for a key routed to
+a Segment upstream; then each queue read as a forwarder reads it (fetch: the read,
+decompression and split into rows, on the reader thread), prepared in
+``--batch``-event batches, each batch's frame or request body built, and finally
+every row acked ``ACK_GROUP`` batches per spool call (the writer's commit): CPU µs
+per event of the whole process. Bounded: stops by itself.
 """
 
 from __future__ import annotations
@@ -38,12 +43,14 @@ import orjson
 from agent.families import mapping
 from agent.families.event import NUCLEUS, SEGMENT, Event, dedupe_key
 from agent.forwarder.stream import ACK_GROUP, FETCH_FACTOR
-from agent.settings import StorageConfig, UpstreamConfig
+from agent.server.limits import RouteLimits
+from agent.settings import Config, StorageConfig, UpstreamConfig
 from agent.spool import Spool
 from agent.spool.types import Row
 from agent.uplinks.nucleus_frame import frame
 from agent.uplinks.nucleus_ws import NucleusWsUplink
 from agent.uplinks.prepare import Prepared
+from agent.uplinks.registry import uplink_class
 from agent.uplinks.segment_http import SegmentHttpUplink
 
 from .payloads import NUCLEUS_EVENT, SEGMENT_EVENT
@@ -56,6 +63,15 @@ SENT_AT = "2026-01-15T10:20:31.000Z"
 def rows(n: int) -> list[Row]:
     return [Row(seq, 1, NUCLEUS, RECEIVED + seq, (NUCLEUS_EVENT % (seq, 42)).encode())
             for seq in range(1, n + 1)]
+
+
+def routed_to_segment() -> RouteLimits:
+    """Ingest's routes with every key routed to a segment-http upstream (as service.py
+    builds them): Nucleus events are stored mapped."""
+    up = UpstreamConfig("s", "segment-http", "http://127.0.0.1:9")
+    return RouteLimits(Config(upstreams=(up,)),
+                       lambda cfg: uplink_class(cfg.protocol).event_limit(cfg),
+                       lambda cfg: uplink_class(cfg.protocol).family)
 
 
 def per_event(work: Callable[[], int], rounds: int) -> float:
@@ -106,6 +122,32 @@ async def main(args: argparse.Namespace) -> None:
                 mapping.nucleus_to_segment(orjson.loads(r.body), r.received)
             return len(queued)
 
+        parsed = [orjson.loads(r.body) for r in queued]
+        mapped = [mapping.nucleus_to_segment(ev, RECEIVED) for ev in parsed]
+
+        def parse_only() -> int:
+            for r in queued:
+                orjson.loads(r.body)
+            return len(queued)
+
+        def map_only() -> int:
+            for ev in parsed:
+                mapping.nucleus_to_segment(ev, RECEIVED)
+            return len(queued)
+
+        def encode_only() -> int:
+            for ev in mapped:
+                orjson.dumps(ev)
+            return len(queued)
+
+        routes = routed_to_segment()
+        events = [Event("benchapp", NUCLEUS, r.seq, r.body) for r in queued]
+
+        def at_ingest() -> int:
+            for start in range(0, len(events), 100):   # as 100-event requests
+                routes.as_stored(events[start:start + 100])
+            return len(events)
+
         def segment_prepare() -> int:
             return sum(len(p.rows) for p in batches(seg.prepare, queued))
 
@@ -132,6 +174,10 @@ async def main(args: argparse.Namespace) -> None:
         stages = {
             "reference: orjson loads + dumps": touch,
             "segment: nucleus_to_segment (with loads)": segment_map,
+            "  its parts: parse (orjson.loads)": parse_only,
+            "  its parts: map (nucleus_to_segment)": map_only,
+            "  its parts: encode (orjson.dumps)": encode_only,
+            "ingest: stored mapped (as_stored, 100/request)": at_ingest,
             "segment-http: prepare": segment_prepare,
             "segment-http: prepare + payload": segment_all,
             "nucleus-ws: prepare + frame": ws_all,
@@ -159,16 +205,23 @@ async def spool_stages(args: argparse.Namespace, session: aiohttp.ClientSession)
     where.mkdir(parents=True)
     spool = await Spool.open(StorageConfig(path=str(where / "spool.db"), max_size_mb=4096))
     try:
-        for key, family, template in (("n", NUCLEUS, NUCLEUS_EVENT), ("s", SEGMENT, SEGMENT_EVENT)):
+        routes = routed_to_segment()
+        for key, family, template in (("n", NUCLEUS, NUCLEUS_EVENT), ("s", SEGMENT, SEGMENT_EVENT),
+                                      ("m", NUCLEUS, NUCLEUS_EVENT)):
             for first in range(0, args.events, 3200):  # 32 concurrent 100-event requests
-                await asyncio.gather(*(spool.append(
+                await asyncio.gather(*(spool.append(routes.as_stored(
+                    [Event(key, family, dedupe_key(key, i), (template % (i, 7)).encode())
+                     for i in range(start, min(start + 100, args.events))])
+                    if key == "m" else
                     [Event(key, family, dedupe_key(key, i), (template % (i, 7)).encode())
                      for i in range(start, min(start + 100, args.events))])
                     for start in range(first, min(first + 3200, args.events), 100)))
         print(f"from a spool, {args.batch}-event batches (CPU µs/event):")
-        for key, protocol in (("n", "nucleus-ws"), ("s", "segment-http"), ("n", "segment-http")):
+        labels = {"n": "Nucleus events", "s": "Segment events", "m": "Nucleus, stored mapped,"}
+        for key, protocol in (("n", "nucleus-ws"), ("s", "segment-http"), ("n", "segment-http"),
+                              ("m", "segment-http")):
             stages = await _drain_stages(spool, key, protocol, args.batch, session)
-            label = f"{'Nucleus' if key == 'n' else 'Segment'} events to {protocol}"
+            label = f"{labels[key]} to {protocol}"
             print(f"  {label:32s} " + ", ".join(f"{k} {v:5.2f}" for k, v in stages.items()),
                   flush=True)
         seqs = [r.seq for r in await spool.fetch(spool.streams["n"].id, 0, args.events)]

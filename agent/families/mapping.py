@@ -1,7 +1,8 @@
 """Mapping events between the Nucleus and Segment families, losing nothing (docs/mapping.md).
 
-Used only when an event's family differs from its upstream's protocol; within one
-family events are forwarded exactly as stored. Both directions are pure functions of
+Used only when an event's family differs from its upstream's protocol (at ingest for
+a Nucleus event routed to a Segment upstream, else at send time); within one family
+events are forwarded exactly as stored. Both directions are pure functions of
 the stored event and its receive time, so a batch sent again carries the same ids.
 
 Every field has a place in the other family. Nucleus -> Segment: the fields with a
