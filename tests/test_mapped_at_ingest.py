@@ -5,10 +5,13 @@ upstream gives it the original events back."""
 
 from __future__ import annotations
 
+import asyncio
+import json
 from datetime import datetime
 from pathlib import Path
 from typing import Any
 
+import aiohttp
 import orjson
 
 from agent.families.event import NUCLEUS, SEGMENT
@@ -87,6 +90,25 @@ async def test_stored_mapped_reaches_segment_once_in_order(
     assert [e["type"] for e in got] == ["track", "screen", "identify", "track"]
     assert [e["context"]["nucleus"]["id"] for e in got[:3]] == [7, "s-8", 9]
     assert got[3]["messageId"] == "after-1"
+
+
+async def test_the_tail_shows_the_event_the_app_sent(make_agent: Any) -> None:
+    """`outpost tail` is what apps are sending: a Nucleus event, whatever it is stored as."""
+    agent = await make_agent(upstreams=[offline_segment()], port=free_port())
+    async with aiohttp.ClientSession() as s, s.get(f"http://127.0.0.1:{agent.port}/tail") as resp:
+        assert b'"watching"' in await resp.content.readline()
+        reply = await call(agent.port, "/app/k/track", {"data": [
+            {"type": "warp", "id": 1}, {"type": "event", "id": 2},
+            {"type": "event", "name": "ok", "id": 3}]})
+        assert reply.status == 200, reply.body
+        got: list[dict[str, Any]] = []
+        while len(got) < 3:
+            line = await asyncio.wait_for(resp.content.readline(), 20)
+            if line.startswith(b"data: "):
+                got.append(json.loads(line[6:]))
+    assert [(m["api"], m["id"], m["type"], m["warnings"]) for m in got] == [
+        ("nucleus", "1", "warp", ["unknown type 'warp'"]),
+        ("nucleus", "2", "event", ["missing field `name`"]), ("nucleus", "3", "event", [])]
 
 
 def _ms(iso: str) -> int:
