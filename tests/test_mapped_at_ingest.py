@@ -111,5 +111,23 @@ async def test_the_tail_shows_the_event_the_app_sent(make_agent: Any) -> None:
         ("nucleus", "2", "event", ["missing field `name`"]), ("nucleus", "3", "event", [])]
 
 
+async def test_an_event_that_cannot_be_mapped_is_stored_as_it_came_and_dead_lettered(
+        make_agent: Any, fake_segment: FakeSegment) -> None:
+    # An error's payload goes two levels deeper once mapped (context.nucleus.payload):
+    # past the 255 levels orjson writes. Spelled out: orjson would not write the request.
+    deep = '{"a":' * 252 + "1" + "}" * 252
+    error = ('{"type":"error","name":"Deep","id":1,"date":"2026-01-15T10:20:30.123Z",'
+             f'"payload":{deep}}}')
+    body = '{"data":[' + error + "," + orjson.dumps(EVENTS[0]).decode() + "]}"
+    agent = await make_agent(upstreams=[segment_up(fake_segment)])
+    reply = await call(agent.port, "/app/k/track", body)
+    assert reply.json() == {"reportedIds": [1, 7]}
+    await wait_for(lambda: agent.spool.dead_count == 1 and len(fake_segment.events) == 1)
+    assert fake_segment.events[0]["context"]["nucleus"]["id"] == 7
+    dead = await agent.spool.dead_letters()
+    assert "corrupt row" in dead[0]["reason"]
+    assert orjson.loads(dead[0]["body"])["name"] == "Deep"   # stored as the app sent it
+
+
 def _ms(iso: str) -> int:
     return int(datetime.fromisoformat(iso).timestamp() * 1000)
