@@ -20,7 +20,8 @@ Then the same stages on a real spool (bench/out/micro_drain, ``sync = "full"``):
 and as many Nucleus events stored mapped, as ingest stores them for a key routed to
 a Segment upstream; then each queue read as a forwarder reads it (fetch: the read,
 decompression and split into rows, on the reader thread), prepared in
-``--batch``-event batches, each batch's frame or request body built, and finally
+``--batch``-event batches, each batch's frame or request body built, each
+segment-http batch sent to bench/upstream.py (a process of its own), and finally
 every row acked ``ACK_GROUP`` batches per spool call (the writer's commit): CPU µs
 per event of the whole process. Bounded: stops by itself.
 """
@@ -47,6 +48,7 @@ from agent.server.limits import RouteLimits
 from agent.settings import Config, StorageConfig, UpstreamConfig
 from agent.spool import Spool
 from agent.spool.types import Row
+from agent.uplinks.base import Acked
 from agent.uplinks.nucleus_frame import frame
 from agent.uplinks.nucleus_ws import NucleusWsUplink
 from agent.uplinks.prepare import Prepared
@@ -54,7 +56,7 @@ from agent.uplinks.registry import uplink_class
 from agent.uplinks.segment_http import SegmentHttpUplink
 
 from .payloads import NUCLEUS_EVENT, SEGMENT_EVENT
-from .procs import ROOT
+from .procs import ROOT, free_port, upstream_proc
 
 RECEIVED = 1_768_472_431_000
 SENT_AT = "2026-01-15T10:20:31.000Z"
@@ -218,12 +220,20 @@ async def spool_stages(args: argparse.Namespace, session: aiohttp.ClientSession)
                     for start in range(first, min(first + 3200, args.events), 100)))
         print(f"from a spool, {args.batch}-event batches (CPU µs/event):")
         labels = {"n": "Nucleus events", "s": "Segment events", "m": "Nucleus, stored mapped,"}
-        for key, protocol in (("n", "nucleus-ws"), ("s", "segment-http"), ("n", "segment-http"),
-                              ("m", "segment-http")):
-            stages = await _drain_stages(spool, key, protocol, args.batch, session)
-            label = f"{labels[key]} to {protocol}"
-            print(f"  {label:32s} " + ", ".join(f"{k} {v:5.2f}" for k, v in stages.items()),
-                  flush=True)
+        # segment-http batches are also sent, to bench/upstream.py in its own process: its
+        # CPU is not counted, the agent side of the request is (`send`: the request body
+        # again, the POST and reading the reply).
+        sink = upstream_proc(free_port(), where / "upstream.log").start()
+        try:
+            for key, protocol in (("n", "nucleus-ws"), ("s", "segment-http"),
+                                  ("n", "segment-http"), ("m", "segment-http")):
+                stages = await _drain_stages(spool, key, protocol, args.batch, session,
+                                             f"http://127.0.0.1:{sink.port}")
+                label = f"{labels[key]} to {protocol}"
+                print(f"  {label:32s} " + ", ".join(f"{k} {v:5.2f}" for k, v in stages.items()),
+                      flush=True)
+        finally:
+            sink.stop()
         seqs = [r.seq for r in await spool.fetch(spool.streams["n"].id, 0, args.events)]
         group = ACK_GROUP * args.batch
         start = time.process_time()
@@ -236,12 +246,14 @@ async def spool_stages(args: argparse.Namespace, session: aiohttp.ClientSession)
 
 
 async def _drain_stages(spool: Spool, key: str, protocol: str, batch: int,
-                        session: aiohttp.ClientSession) -> dict[str, float]:
-    cfg = UpstreamConfig("u", protocol, ("ws" if protocol == "nucleus-ws" else "http")
-                         + "://127.0.0.1:9", batch_max_events=batch)
+                        session: aiohttp.ClientSession, sink: str) -> dict[str, float]:
+    cfg = UpstreamConfig("u", protocol, "ws://127.0.0.1:9" if protocol == "nucleus-ws" else sink,
+                         batch_max_events=batch)
     seg = SegmentHttpUplink(cfg, "benchapp", session, "machine")
     ws = NucleusWsUplink(cfg, "benchapp", session, "machine")
     took = {"fetch": 0.0, "prepare": 0.0, "encode": 0.0}
+    if protocol == "segment-http":
+        took["send"] = 0.0
     cursor = done = 0
     # CPU time of the whole process (the reader thread's too): steadier than wall time on
     # a shared machine.
@@ -261,8 +273,13 @@ async def _drain_stages(spool: Spool, key: str, protocol: str, batch: int,
                 ws.in_flight.clear()  # acked at once
             else:
                 seg.payload(p, SENT_AT)
+            t2 = clock()
+            if protocol == "segment-http":
+                sent = await seg.send(p)
+                assert isinstance(sent, Acked), sent
+                took["send"] += clock() - t2
             took["prepare"] += t1 - t0
-            took["encode"] += clock() - t1
+            took["encode"] += t2 - t1
             done += len(p.rows)
             cursor = p.rows[-1].seq
             rows = rows[len(p.rows):]
