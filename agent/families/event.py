@@ -1,8 +1,9 @@
 """The canonical stored event, dedupe keys and time helpers.
 
 An Event keeps the body in its own API family's shape (Nucleus or Segment):
-forwarding within a family is then lossless, and mapping across families
-happens once, at send time (see ``agent/families/mapping.py``).
+forwarding within a family is then lossless. Mapping across families happens
+once: at ingest for a Nucleus event routed to a Segment upstream (stored mapped,
+agent/server/limits.py), else at send time (see ``agent/families/mapping.py``).
 """
 
 from __future__ import annotations

@@ -38,6 +38,10 @@ class NucleusFraming:
         return orjson.dumps(ev), row.seq
 
     def encode_mapped(self, event: dict[str, Any], row: Row) -> tuple[bytes, Any]:
+        # A Nucleus event given back from its Segment form (stored mapped at ingest, then
+        # routed to a Nucleus upstream) keeps its own id, as it would stored as it came.
+        if event.get("id") is not None:
+            return orjson.dumps(event), event["id"]
         event["id"] = row.seq
         return orjson.dumps(event), row.seq
 
