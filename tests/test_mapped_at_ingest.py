@@ -14,8 +14,10 @@ from typing import Any
 import aiohttp
 import orjson
 
-from agent.families.event import NUCLEUS, SEGMENT
+from agent.config import parse
+from agent.families.event import NUCLEUS, SEGMENT, Event, dedupe_key
 from agent.families.mapping import nucleus_to_segment
+from agent.server.limits import RouteLimits
 from tests.conftest import free_port, write_config
 from tests.fakes.nucleus_upstream import FakeNucleus
 from tests.fakes.segment_upstream import FakeSegment
@@ -131,3 +133,15 @@ async def test_an_event_that_cannot_be_mapped_is_stored_as_it_came_and_dead_lett
 
 def _ms(iso: str) -> int:
     return int(datetime.fromisoformat(iso).timestamp() * 1000)
+
+
+def test_a_resend_the_spool_knows_is_not_mapped_again() -> None:
+    cfg = parse({"upstream": [offline_segment()]})
+    limits = RouteLimits(cfg, lambda up: None, lambda up: SEGMENT)
+    events = [Event("k", NUCLEUS, dedupe_key("k", i), orjson.dumps(ev))
+              for i, ev in enumerate(EVENTS)]
+    fresh = limits.as_stored(events)
+    assert [e.family for e in fresh] == [SEGMENT] * 3
+    # The first two are resends of stored events: kept as sent, the spool drops them.
+    again = limits.as_stored(events, {events[0].dedupe, events[1].dedupe})
+    assert again[:2] == events[:2] and again[2].family == SEGMENT

@@ -63,7 +63,7 @@ class Sink:
         Invalid (too large) for an event its upstream can never carry, storing none."""
         if not events:
             return 0
-        kept = self.limits.as_stored(events)
+        kept = self.limits.as_stored(events, self.spool.index)
         if self.limits.active:
             for ev in kept:
                 why = self.limits.oversize(ev)

@@ -6,7 +6,7 @@ the drain sends stored bytes (docs/architecture.md, "Where mapping happens")."""
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Container
 from typing import Any, NamedTuple
 
 import orjson
@@ -71,9 +71,12 @@ class RouteLimits:
         self._by_key[key] = found
         return found
 
-    def as_stored(self, events: list[Event]) -> list[Event]:
+    def as_stored(self, events: list[Event], known: Container[int] = ()) -> list[Event]:
         """``events`` in the shape they are stored in: a Nucleus event whose key is routed
-        to a Segment upstream mapped to Segment, the rest as they are.
+        to a Segment upstream mapped to Segment, the rest as they are. An event whose
+        dedupe key is ``known`` is a resend the spool will not store again: it is not
+        mapped (Nucleus modules resend their whole unacknowledged queue every few
+        seconds, so while the upstream is away most of what they post is resends).
 
         Mapped here, the drain sends the stored bytes as it sends Segment events, and
         pays no mapping (6-7 µs an event on the loop, at the drain's pace); the mapping
@@ -89,7 +92,7 @@ class RouteLimits:
         out = events
         received = None
         for i, ev in enumerate(events):
-            if ev.family != NUCLEUS:
+            if ev.family != NUCLEUS or ev.dedupe in known:
                 continue
             route = self._route(ev.key)
             if route is None or route.family != SEGMENT:
