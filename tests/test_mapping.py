@@ -4,6 +4,7 @@
 from __future__ import annotations
 
 import time
+from typing import Any
 from datetime import datetime, timezone
 
 import pytest
@@ -121,3 +122,34 @@ def test_read_date_fast_path_is_the_long_way(ms: int, prefix: str, tail: str) ->
     for _ in range(2):   # the epoch second computed, then from its cache
         assert dates.read_date(value) == _read_the_long_way(value)
         assert dates.read_date(value[:20] + tail[1:]) == _read_the_long_way(value[:20] + tail[1:])
+
+
+@settings(max_examples=400, deadline=None)
+@given(st.integers(-62_135_596_800_000 + 86_400_000, 253_402_214_399_999))
+def test_a_date_in_iso_ms_form_is_read_as_the_same_instant(ms: int) -> None:
+    # A module's date is the time the event happened: its Segment timestamp is that
+    # very millisecond, not one earlier by float rounding (never a silent change).
+    value = iso_ms(ms)
+    assert dates.read_date(value) == value
+    assert dates.read_date(value.replace("Z", "+00:00")) == value
+    assert dates.read_date(value[:-1]) is not None  # naive: local time, still read
+
+
+@pytest.mark.parametrize(("sent", "read"), [
+    (1767225600.123, "2026-01-01T00:00:00.123Z"),     # Swift: seconds as a float
+    (1767225600.001, "2026-01-01T00:00:00.001Z"),
+    ("1767225600.999", "2026-01-01T00:00:00.999Z"),
+    (1767225600123, "2026-01-01T00:00:00.123Z"),      # JS: epoch milliseconds
+    (1767225600123.0, "2026-01-01T00:00:00.123Z"),
+    (-0.001, "1969-12-31T23:59:59.999Z"),
+])
+def test_an_epoch_date_is_read_to_the_millisecond_it_names(sent: Any, read: str) -> None:
+    assert dates.read_date(sent) == read
+
+
+def test_a_mapped_event_keeps_its_own_millisecond() -> None:
+    for ms in range(132627000, 132627000 + 1000):
+        ev = {"type": "event", "name": "click", "id": 1, "date": iso_ms(ms), "sessionId": 1}
+        out = nucleus_to_segment(ev, ms + 5)
+        assert out["timestamp"] == iso_ms(ms)
+        assert "date" not in out.get("context", {}).get("nucleus", {}), ms
