@@ -4,8 +4,8 @@
 from __future__ import annotations
 
 import time
+from datetime import datetime, timedelta, timezone
 from typing import Any
-from datetime import datetime, timezone
 
 import pytest
 from hypothesis import given, settings
@@ -106,7 +106,8 @@ def _read_the_long_way(value: str) -> str | None:
         when = datetime.fromisoformat(value)
     except ValueError:
         return None
-    return iso_ms(int(when.astimezone(timezone.utc).timestamp() * 1000))
+    epoch = datetime(1970, 1, 1, tzinfo=timezone.utc)
+    return iso_ms((when.astimezone(timezone.utc) - epoch) // timedelta(milliseconds=1))
 
 
 @settings(max_examples=400, deadline=None)
@@ -116,8 +117,7 @@ def _read_the_long_way(value: str) -> str | None:
        st.sampled_from([".000Z", ".999Z", ".12²Z", ",123Z", ".123z", ".1234"]))
 def test_read_date_fast_path_is_the_long_way(ms: int, prefix: str, tail: str) -> None:
     # The dates mapping writes skip fromisoformat (dates._utc_ms); the answer must be the
-    # long way's to the millisecond, its float rounding included (about 1 in 10 such
-    # dates reads back a millisecond earlier, and is then kept in context.nucleus).
+    # long way's to the millisecond.
     value = iso_ms(ms) if not prefix else prefix + tail
     for _ in range(2):   # the epoch second computed, then from its cache
         assert dates.read_date(value) == _read_the_long_way(value)
@@ -125,7 +125,7 @@ def test_read_date_fast_path_is_the_long_way(ms: int, prefix: str, tail: str) ->
 
 
 @settings(max_examples=400, deadline=None)
-@given(st.integers(-62_135_596_800_000 + 86_400_000, 253_402_214_399_999))
+@given(st.integers(-30_610_224_000_000, 253_402_214_399_999))   # years 1000 to 9999
 def test_a_date_in_iso_ms_form_is_read_as_the_same_instant(ms: int) -> None:
     # A module's date is the time the event happened: its Segment timestamp is that
     # very millisecond, not one earlier by float rounding (never a silent change).

@@ -3,10 +3,14 @@
 from __future__ import annotations
 
 import re
-from datetime import datetime, timezone
+from datetime import datetime, timedelta, timezone
+from decimal import ROUND_FLOOR, Decimal
 from typing import Any
 
 from agent.families.event import iso_ms
+
+_EPOCH = datetime(1970, 1, 1, tzinfo=timezone.utc)
+_MS = timedelta(milliseconds=1)
 
 
 def read_date(value: Any) -> str | None:
@@ -22,18 +26,23 @@ def read_date(value: Any) -> str | None:
             if fast is not None:
                 return fast
         digits = value.strip().lstrip("-").replace(".", "", 1)
-        if digits.isascii() and digits.isdigit():   # isdigit alone takes '²', float() not
-            value = float(value)
+        if digits.isascii() and digits.isdigit():   # isdigit alone takes '²', Decimal not
+            value = Decimal(value.strip())
     try:
-        if isinstance(value, (int, float)) and not isinstance(value, bool):
-            ms = value * 1000 if abs(value) < 1e11 else value
-            return iso_ms_fast(int(ms))
+        if isinstance(value, float):
+            # The decimal the client wrote (the shortest repr), not the binary float:
+            # 1767225600.123 * 1000 is 1767225600122.9998.
+            value = Decimal(repr(value))
+        if isinstance(value, (int, Decimal)) and not isinstance(value, bool):
+            number = Decimal(value)
+            ms = number * 1000 if abs(number) < 10**11 else number   # seconds, else ms
+            return iso_ms_fast(int(ms.to_integral_value(ROUND_FLOOR)))
         if isinstance(value, str) and value:
             when = datetime.fromisoformat(value.strip())
             if when.tzinfo is None:
                 when = when.astimezone()  # naive: the device's local time (the agent's too)
-            return iso_ms_fast(int(when.astimezone(timezone.utc).timestamp() * 1000))
-    except (ValueError, OverflowError, OSError):
+            return iso_ms_fast((when - _EPOCH) // _MS)   # exact: no float seconds
+    except (ValueError, OverflowError, OSError, ArithmeticError):
         pass
     return None
 
@@ -71,8 +80,7 @@ _EPOCH_SECOND: dict[str, int] = {}   # "YYYY-mm-ddTHH:MM:SS" -> epoch second; bo
 
 def _utc_ms(value: str) -> str | None:
     """``read_date(value)`` for a 24-character value shaped as above, else None (the
-    caller then reads it the long way). The same arithmetic as the long way, float
-    rounding included: `datetime.timestamp()` is the exact microseconds over 10**6."""
+    caller then reads it the long way): the same millisecond the long way reads."""
     second = _EPOCH_SECOND.get(value[:19])
     if second is None:
         if _UTC_MS.fullmatch(value) is None:
@@ -88,5 +96,4 @@ def _utc_ms(value: str) -> str | None:
     elif not (value[19] == "." and value[23] == "Z" and value[20:23].isascii()
               and value[20:23].isdigit()):
         return None
-    micros = second * 1_000_000 + int(value[20:23]) * 1000
-    return iso_ms_fast(int(micros / 1_000_000 * 1000))
+    return iso_ms_fast(second * 1000 + int(value[20:23]))

@@ -74,7 +74,7 @@ class DedupeIndex:
     def __len__(self) -> int:
         return len(self._keys)
 
-    def __contains__(self, key: int) -> bool:
+    def __contains__(self, key: object) -> bool:
         return key in self._keys
 
     def admit(self, keys: Sequence[int], wall_ms: int, observed_ms: int) -> list[bool]:
