@@ -26,6 +26,7 @@ from typing import Any
 
 import orjson
 
+from agent.families.dates import iso_ms_fast
 from agent.families.enrich import Enrich
 from agent.families.errors import Invalid
 from agent.families.event import (
@@ -34,7 +35,6 @@ from agent.families.event import (
     compact_json,
     dedupe_key,
     is_iso_date,
-    iso_ms,
     now_ms,
 )
 
@@ -137,7 +137,8 @@ def complete(ev: dict[str, Any], received: str, batch: dict[str, Any] | None = N
 
 
 def received_now() -> str:
-    return iso_ms(now_ms())
+    # Every request asks: strftime each time was ~3 µs of a single-event request.
+    return iso_ms_fast(now_ms())
 
 
 def dump(ev: Any) -> bytes:
