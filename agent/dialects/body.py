@@ -76,8 +76,16 @@ async def read_raw(request: web.Request, limit: int) -> bytes:
     ticket = TICKET.get()
     if ticket is not None and length:
         ticket.take(length)
-    if request.content.is_eof():  # the whole body came with the head: the usual case
-        raw = await _read(request, limit, ticket, length)
+    content = request.content
+    raw: bytes | bytearray
+    if content.is_eof():  # the whole body came with the head: the usual case
+        # Taken as it is: no read loop, no copy (a few µs of every small request).
+        whole = content.read_nowait()
+        if len(whole) > limit:
+            raise BodyError(413, "request body too large", f"over {limit} bytes")
+        if ticket is not None and length is None:
+            ticket.take(len(whole))
+        raw = whole
     else:
         seconds = request.app[BODY_TIMEOUT_S]
         try:
@@ -93,7 +101,7 @@ async def read_raw(request: web.Request, limit: int) -> bytes:
         out = _inflate(bytes(raw), encoding, limit)
         ticket.give(limit - len(out))
         return out
-    return bytes(raw)
+    return raw if isinstance(raw, bytes) else bytes(raw)
 
 
 async def _read(request: web.Request, limit: int, ticket: Reservation | None,

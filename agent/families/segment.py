@@ -26,6 +26,7 @@ from typing import Any
 
 import orjson
 
+from agent.families.dates import iso_ms_fast
 from agent.families.enrich import Enrich
 from agent.families.errors import Invalid
 from agent.families.event import (
@@ -34,7 +35,6 @@ from agent.families.event import (
     compact_json,
     dedupe_key,
     is_iso_date,
-    iso_ms,
     now_ms,
 )
 
@@ -68,21 +68,27 @@ def check(ev: Any, types: frozenset[str], *, need_message_id: bool = False) -> N
     kind = ev.get("type")
     if not isinstance(kind, str) or kind not in types:
         raise Invalid(f"`type` must be one of {', '.join(sorted(types))}, got {kind!r}")
-    for name in ("userId", "anonymousId"):
-        value = ev.get(name)
-        if value is not None and value != "" and not _is_id(value):
-            raise Invalid(f"`{name}` must be a string")
-    if not _is_id(ev.get("userId")) and not _is_id(ev.get("anonymousId")):
-        raise Invalid("`userId` or `anonymousId` is required")
+    get = ev.get
+    user, anon = get("userId"), get("anonymousId")
+    # The usual message (a non-empty string userId, anonymousId absent or a string) passes
+    # both checks below: every message of a batch asks (bench/RESULTS.md, run 10).
+    if not (type(user) is str and user and (anon is None or type(anon) is str)):
+        for name, value in (("userId", user), ("anonymousId", anon)):
+            if value is not None and value != "" and not _is_id(value):
+                raise Invalid(f"`{name}` must be a string")
+        if not _is_id(user) and not _is_id(anon):
+            raise Invalid("`userId` or `anonymousId` is required")
     required = REQUIRED.get(kind)
     if required is not None:
-        value = ev.get(required)
+        value = get(required)
         if not _is_id(value) or (required == "event" and not isinstance(value, str)):
             raise Invalid(f"{kind} needs `{required}` (a non-empty string)")
     for name in OBJECT_FIELDS:
-        if ev.get(name) is not None and not isinstance(ev[name], dict):
+        value = get(name)
+        if value is not None and not isinstance(value, dict):
             raise Invalid(f"`{name}` must be an object")
-    if ev.get("name") is not None and not isinstance(ev["name"], str):
+    value = get("name")
+    if value is not None and not isinstance(value, str):
         raise Invalid("`name` must be a string")
     check_dates(ev)
     message_id = ev.get("messageId")
@@ -137,7 +143,8 @@ def complete(ev: dict[str, Any], received: str, batch: dict[str, Any] | None = N
 
 
 def received_now() -> str:
-    return iso_ms(now_ms())
+    # Every request asks: strftime each time was ~3 µs of a single-event request.
+    return iso_ms_fast(now_ms())
 
 
 def dump(ev: Any) -> bytes:

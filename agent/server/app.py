@@ -10,7 +10,6 @@ from aiohttp import web
 from agent.dialects import registry
 from agent.dialects.body import BODY_TIMEOUT_S, TICKET
 from agent.dialects.replies import REFUSALS
-from agent.metrics import Metrics
 from agent.server.admission import Admission
 from agent.server.guard import Guard, Handler
 from agent.server.intake import Sink
@@ -39,25 +38,44 @@ def build_app(cfg: Config, sink: Sink, ops_routes: list[web.RouteDef]) -> web.Ap
     # Looked up at each build, in the registry's order (route priority).
     for dialect in registry.DIALECTS:
         raw = dialect.routes(sink)
-        app.add_routes(unrouted.gate(raw, counted(guard.routes(admitted(raw, admission)),
-                                                  dialect.name, sink.metrics)))
+        app.add_routes(unrouted.gate(raw, ingest_routes(
+            raw, guard, admission, partial(sink.metrics.refuse, dialect.name))))
     app.router.add_route("*", CATCH_ALL, unrouted.fallback)  # last: what no route serves
     return app
 
 
-def counted(routes: list[web.RouteDef], api: str, metrics: Metrics) -> list[web.RouteDef]:
-    """``routes`` with each refusal (a 4xx or 5xx reply, the guard's included) counted by
-    ``api`` and status, and ``replies.refused`` counting the ones a reply does not show."""
-    count = partial(metrics.refuse, api)
-    return [web.RouteDef(r.method, r.path, _counting(r.handler, count), r.kwargs)
-            for r in routes]
+def ingest_routes(routes: list[web.RouteDef], guard: Guard, admission: Admission,
+                  count: Callable[[int], None]) -> list[web.RouteDef]:
+    """``routes`` guarded, each refusal (a 4xx or 5xx reply, the guard's included) passed
+    to ``count`` (with ``replies.refused`` for the ones a reply does not show), and each
+    request's body reads charged to a ticket of its own.
+
+    One wrapper, one coroutine, for the three: a coroutine per concern cost every request
+    its creation and, for each request waiting on a commit, its resumption (aiohttp
+    middlewares would cost every request, /healthz included, more: see Guard.routes).
+    """
+    def wrap(handler: Handler, navigable: bool) -> Handler:
+        return _ingest(handler, guard, navigable, admission, count)
+    return guard.routes(routes, wrap=wrap)
 
 
-def _counting(handler: Handler, count: Callable[[int], None]) -> Handler:
-    async def counting(request: web.Request) -> web.StreamResponse:
+def _ingest(handler: Handler, guard: Guard, navigable: bool, admission: Admission,
+            count: Callable[[int], None]) -> Handler:
+    passes, check = guard.passes, guard.check
+
+    async def ingest(request: web.Request) -> web.StreamResponse:
         token = REFUSALS.set(count)
         try:
-            resp = await handler(request)
+            # All given back once the handler is done (its events committed, or refused).
+            with admission.ticket() as ticket:
+                held = TICKET.set(ticket)
+                try:
+                    if passes(request):
+                        resp = await handler(request)
+                    else:
+                        resp = await check(request, handler, navigable)
+                finally:
+                    TICKET.reset(held)
         except web.HTTPException as exc:
             if exc.status >= 400:
                 count(exc.status)
@@ -67,26 +85,4 @@ def _counting(handler: Handler, count: Callable[[int], None]) -> Handler:
         if resp.status >= 400:
             count(resp.status)
         return resp
-    return counting
-
-
-def admitted(routes: list[web.RouteDef], admission: Admission) -> list[web.RouteDef]:
-    """``routes`` with each request's body reads charged to a ticket of its own.
-
-    A handler wrapper on the ingest routes only, not an aiohttp middleware: that would
-    cost every request (/healthz included) its machinery (see Guard.routes).
-    """
-    return [web.RouteDef(r.method, r.path, _ticketed(r.handler, admission), r.kwargs)
-            for r in routes]
-
-
-def _ticketed(handler: Handler, admission: Admission) -> Handler:
-    async def ticketed(request: web.Request) -> web.StreamResponse:
-        # All given back once the handler is done (its events committed, or refused).
-        with admission.ticket() as ticket:
-            token = TICKET.set(ticket)
-            try:
-                return await handler(request)
-            finally:
-                TICKET.reset(token)
-    return ticketed
+    return ingest

@@ -16,7 +16,7 @@ import logging
 import os
 import sqlite3
 import sys
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Coroutine, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -103,13 +103,14 @@ class Spool:
 
     # -- the queue -----------------------------------------------------------
 
-    async def append(self, events: list[Event]) -> int:
-        """Commit ``events``; returns how many were new (the rest were resends).
+    def append(self, events: list[Event]) -> Coroutine[Any, Any, int]:
+        """Commit ``events`` (await it); returns how many were new (the rest were resends).
 
         Raises SpoolFull when they do not fit and ``when_full = "reject"``,
-        or when the disk itself is full.
+        or when the disk itself is full. The writer's own coroutine: one frame less for
+        every request to create and to resume once its commit is done.
         """
-        return await self.writer.append(events)
+        return self.writer.append(events)
 
     async def ack(self, seqs: Sequence[int]) -> None:
         """Take acknowledged events out of the queue; returns once that is committed."""

@@ -179,6 +179,9 @@ class Writer:
         here: set[int] = set()          # keys new in this commit: a repeat is a resend
         stored: list[int] = []
         for p in batch.appends:
+            if len(p.events) == 1:  # a single call: the per-event path is the short one
+                stored.append(self._each(p, index, here, latest, groups))
+                continue
             fresh = [ev for ev in p.events if ev.dedupe not in index]
             keys = [ev.dedupe for ev in fresh]
             if (not fresh or not here.isdisjoint(keys) or len(set(keys)) != len(keys)
