@@ -18,11 +18,12 @@ from agent.uplinks.registry import make_uplink
 from tests.fakes.faulty_upstream import Fault, FaultyUpstream
 from tests.fakes.manual_timing import ManualTiming
 from tests.fakes.nucleus_upstream import FakeNucleus
-from tests.test_resume import down_nucleus, nucleus_upstream, quiet, seams  # noqa: F401
+from tests.test_resume import nucleus_upstream, quiet, seams
 from tests.test_upstream_faults import delivered, event, send, upstream
 from tests.waiting import wait_for
 
 KEYS = ("app1", "app2", "app3")
+BASE_S = 8.0   # a first backoff of 4-8 s: every key's retry is due after BASE_S
 
 
 class Factory:
@@ -53,13 +54,13 @@ async def test_a_retry_timer_that_raises_for_one_key_does_not_strand_the_others(
     timing = ManualTiming()
     factory = Factory()
     agent = await make_agent(upstreams=[upstream(faulty, "nucleus-http")],
-                             seams=seams(timing, Backoff(base_s=8.0), make_uplink=factory))
+                             seams=seams(timing, Backoff(base_s=BASE_S), make_uplink=factory))
     for n, key in enumerate(KEYS):
         await send(agent, [event(n)], key=key)
     await parked(agent, timing, 1)   # the one retry timer serves every key
     factory.armed = True
     with pytest.raises(RuntimeError, match="injected uplink factory fault"):
-        timing.advance(max(timing.pending()) + 1)   # every key's retry is due
+        timing.advance(BASE_S)   # every key's retry is due
     timing.advance(0)   # what the timer set again after the raise is due now
     others = {n for n, key in enumerate(KEYS) if key != factory.broke}
     # No new data comes: only the parked keys' retries can deliver these.
@@ -67,19 +68,20 @@ async def test_a_retry_timer_that_raises_for_one_key_does_not_strand_the_others(
 
 
 async def test_an_upstream_back_that_raises_for_one_key_does_not_strand_the_others(
-        make_agent: Any, down_nucleus: FakeNucleus) -> None:
+        make_agent: Any, fake_nucleus: FakeNucleus) -> None:
+    await fake_nucleus.go_down()
     timing = ManualTiming()
     factory = Factory()
-    agent = await make_agent(upstreams=[nucleus_upstream(down_nucleus, "nucleus-http")],
-                             seams=seams(timing, Backoff(base_s=8.0), make_uplink=factory))
+    agent = await make_agent(upstreams=[nucleus_upstream(fake_nucleus, "nucleus-http")],
+                             seams=seams(timing, Backoff(base_s=BASE_S), make_uplink=factory))
     for n, key in enumerate(KEYS):
         await send(agent, [event(n)], key=key)
     await parked(agent, timing, 2)   # the keys' retry timer and the next probe
     assert agent.forwarding.states["up"].unreachable_since is not None
     factory.armed = True
-    await down_nucleus.come_back()
+    await fake_nucleus.come_back()
     timing.advance(min(timing.pending()))   # the probe connects: its keys are taken
     await wait_for(lambda: factory.broke is not None)
-    timing.advance(max(timing.pending(), default=0) + 1)   # the rest keep their retry time
+    timing.advance(BASE_S)   # the rest keep their own retry times
     others = {n for n, key in enumerate(KEYS) if key != factory.broke}
-    await wait_for(lambda: others <= set(down_nucleus.ids()))
+    await wait_for(lambda: others <= set(fake_nucleus.ids()))
