@@ -185,8 +185,7 @@ def _settle(conn: sqlite3.Connection, s: Settle, job: Job, out: Outcome) -> None
         if dead or left:
             bodies = unpack(data)
     except DamagedRecord:
-        # Unreadable: what is still queued in it is lost, counted, and the record goes.
-        _drop(conn, "id = ?", (s.id,), Drop.DROPPED_CORRUPT, out)
+        _drop_damaged(conn, s, job, out, [o for o in new if o not in dead])
         return
     if bodies is not None:
         keys = keys_from_bytes(dkeys)
@@ -212,6 +211,30 @@ def _settle(conn: sqlite3.Connection, s: Settle, job: Job, out: Outcome) -> None
     d = out.streams.setdefault(stream, [0, 0])
     d[0] -= len(new)
     d[1] -= freed
+
+
+def _drop_damaged(conn: sqlite3.Connection, s: Settle, job: Job, out: Outcome,
+                  acked: list[int]) -> None:
+    """Settling found record ``s.id`` unreadable. The events just acked were delivered:
+    counted so, and their dedupe keys kept (a resend of one is a duplicate, across a
+    restart too). What is still queued in it is lost, counted, and the record goes."""
+    stream, n, received, live, gone_blob, dkeys = conn.execute(
+        "SELECT stream, n, received, live, gone, dkeys FROM records WHERE id = ?",
+        (s.id,)).fetchone()
+    gone = bytearray(gone_blob or bytes((n + 7) // 8))
+    for o in acked:
+        gone[o >> 3] |= 1 << (o & 7)
+    conn.execute("UPDATE records SET live = ?, gone = ? WHERE id = ?",
+                 (live - len(acked), bytes(gone), s.id))
+    record(out.counters, Tally.ACKED, len(acked))
+    out.streams.setdefault(stream, [0, 0])[0] -= len(acked)
+    if job.remember:
+        keys = keys_from_bytes(dkeys)
+        delivered = [k for i, k in enumerate(keys) if gone[i >> 3] >> (i & 7) & 1]
+        conn.execute("INSERT OR REPLACE INTO spent(id, received, observed, dkeys) "
+                     "VALUES (?, ?, ?, ?)", (s.id, received, s.observed,
+                                             keys_to_bytes(delivered)))
+    _drop(conn, "id = ?", (s.id,), Drop.DROPPED_CORRUPT, out)
 
 
 def _drop(conn: sqlite3.Connection, where: str, params: tuple[Any, ...], why: Drop,
