@@ -59,7 +59,8 @@ def nucleus_upstream(fake: FakeNucleus, protocol: str) -> dict[str, Any]:
 
 async def quiet(agent: Any, timing: ManualTiming, timers: int) -> None:
     """Wait until no key's loop runs and no probe is in flight: ``timers`` timers wait."""
-    await wait_for(lambda: not agent.forwarding.loops and len(timing.pending()) == timers)
+    await wait_for(lambda: not agent.forwarding.loops and len(timing.pending()) == timers
+                   and not any(p.probing for p in agent.forwarding.probers.values()))
 
 
 async def get_json(agent: Any, path: str) -> Any:
@@ -169,11 +170,12 @@ async def test_retry_after_holds_through_a_network_change(make_agent: Any,
     assert [r.status for r in faulty.requests] == [503, 200]
 
 
-async def test_a_network_change_retries_waiting_keys_at_once(make_agent: Any,
-                                                             faulty: FaultyUpstream) -> None:
-    """A reachable upstream that failed (a captive portal's page, a 5xx) may work on the
-    new network: a change probes it, and retries its keys when the probe connects. A
-    burst of changes probes once now and once ``NET_GAP_S`` later."""
+async def test_network_changes_do_not_cut_the_backoff_of_an_upstream_that_answered(
+        make_agent: Any, faulty: FaultyUpstream) -> None:
+    """An upstream that answered with an error (a 5xx) was reachable: a network change
+    ends only a *probe* wait. A noisy netlink feed (a flapping link, a VPN renewing its
+    routes) reporting a change every ``NET_GAP_S`` must not turn the key's minute of
+    backoff into a resend every 2 s, nor probe the upstream each time."""
     faulty.script = [Fault("status", 503)]
     timing = ManualTiming()
     agent = await make_agent(upstreams=[upstream(faulty, "nucleus-http")],
@@ -182,12 +184,36 @@ async def test_a_network_change_retries_waiting_keys_at_once(make_agent: Any,
     await send(agent, [event(i) for i in range(5)])
     await wait_for(lambda: state.retries == 1 and state.probes == 1)
     await quiet(agent, timing, 1)
-    assert timing.pending()[0] >= 30.0
+    (retry_in,) = timing.pending()
+    assert retry_in >= 30.0
+    while timing.now() + NET_GAP_S < retry_in:   # bounded: 30-60 s of changes
+        agent.forwarding.network_changed()
+        await quiet(agent, timing, 1)   # nothing started: no loop, no probe in flight
+        timing.advance(NET_GAP_S)
+    assert len(faulty.requests) == 1 and state.probes == 1
+    timing.advance(retry_in - timing.now())   # the key's own retry
+    await drained(agent, faulty, 5)
+    assert [r.status for r in faulty.requests] == [503, 200]
+
+
+async def test_a_network_change_ends_the_probe_wait_of_an_unreachable_upstream(
+        make_agent: Any, down_nucleus: FakeNucleus) -> None:
+    """In process, the same as the netlink test below: no forwarder time passes, so only
+    the change can be what delivers. A burst probes once now and once ``NET_GAP_S``
+    later."""
+    timing = ManualTiming()
+    agent = await make_agent(upstreams=[nucleus_upstream(down_nucleus, "nucleus-http")],
+                             seams=seams(timing, Backoff(base_s=60.0)))
+    state = agent.forwarding.states["up"]
+    await send(agent, [event(i) for i in range(5)])
+    await wait_for(lambda: state.retries == 1 and state.unreachable_since is not None)
+    await quiet(agent, timing, 2)   # the key's retry (30 s or more) and the next probe
+    await down_nucleus.come_back()
     for _ in range(3):
         agent.forwarding.network_changed()
-    await drained(agent, faulty, 5)
-    assert timing.now() == 0.0 and state.probes == 2
-    assert timing.pending() == [NET_GAP_S]   # the burst's one trailing probe
+    await wait_for(lambda: agent.spool.depth == 0)
+    assert timing.now() == 0.0 and down_nucleus.ids() == list(range(5))
+    assert state.probes == 2 and state.unreachable_since is None
 
 
 def _can_change_addresses() -> bool:

@@ -58,6 +58,11 @@ class Prober:
     def unreachable(self) -> bool:
         return self._lost_at is not None
 
+    @property
+    def probing(self) -> bool:
+        """A probe is in flight now."""
+        return self._probe is not None
+
     def suspect(self) -> None:
         """A send failed without a Retry-After: probe now, unless a probe is running or
         scheduled, or one connected less than a probe interval ago (a live upstream
