@@ -13,9 +13,10 @@ TCP connect (``UplinkBase.reach``) at once:
   portal). Its backoff holds: a failing upstream is not hammered with batches.
 
 Real sends keep their backoff either way; only the probes run every few seconds,
-and only while something waits for the upstream. ``kick`` (a network change)
-probes at once, and a connect then retries the parked keys whatever the upstream
-was marked: a new network can cure a captive portal as well as an outage.
+and only while something waits for the upstream. ``kick`` (a network change) ends
+a probe wait: an unreachable upstream is probed at once. It leaves alone an
+upstream that answered (with errors): its keys keep their backoff (at most a
+minute), or a noisy netlink feed, a change every 2 s, would resend every 2 s.
 """
 
 from __future__ import annotations
@@ -52,7 +53,6 @@ class Prober:
         self._timer: Timer | None = None
         self._probe: asyncio.Task[None] | None = None
         self._live_at: float | None = None   # timing clock: the last probe that connected
-        self._kicked = False                 # the probe running now follows a network change
 
     @property
     def unreachable(self) -> bool:
@@ -71,15 +71,13 @@ class Prober:
             return
         if self._live_at is not None and self._timing.now() - self._live_at < self._interval:
             return
-        self._start(kicked=False)
+        self._start()
 
     def kick(self) -> None:
-        """The network changed: probe now if anything waits for the upstream."""
-        if self._wanted():
-            if self._probe is None:
-                self._start(kicked=True)
-            else:
-                self._kicked = True   # the running probe's connect counts as the kick's
+        """The network changed: an unreachable upstream that something waits for is
+        probed now, instead of at its next probe (a probe in flight will do)."""
+        if self.unreachable and self._probe is None and self._wanted():
+            self._start()
 
     def stop(self) -> None:
         self._cancel_timer()
@@ -88,9 +86,8 @@ class Prober:
             self._probe = None
         self._mark(None, quiet=True)
 
-    def _start(self, *, kicked: bool) -> None:
+    def _start(self) -> None:
         self._cancel_timer()
-        self._kicked = kicked
         self._probe = asyncio.create_task(self._run(), name=f"probe-{self.state.name}")
 
     async def _run(self) -> None:
@@ -104,12 +101,11 @@ class Prober:
         self._settle(why)
 
     def _settle(self, why: str | None) -> None:
-        kicked, self._kicked = self._kicked, False
         if why is None:
             self._live_at = self._timing.now()
             was_lost = self.unreachable
             self._mark(None)
-            if was_lost or kicked:
+            if was_lost:
                 self._back()
         elif self._wanted():
             self._mark(why)
@@ -122,7 +118,7 @@ class Prober:
         if self._probe is not None:
             return
         if self._wanted():
-            self._start(kicked=False)
+            self._start()
         else:
             self._mark(None, quiet=True)
 

@@ -16,7 +16,7 @@ them. So a key waiting for a retry costs a few hundred bytes, not a loop (~10 KB
 A backoff grows to a minute, but an upstream that comes back is used within
 seconds: each upstream's prober (probe.py) probes it while it is unreachable and
 retries its parked keys the moment it answers, and a network change
-(``network_changed``, from agent/netwatch.py) probes them all at once.
+(``network_changed``, from agent/netwatch.py) probes the unreachable ones at once.
 
 A loop starts only if ``may_send(key)`` (the transmit profile, agent/sync/) says so;
 ``regate`` runs when that answer may have changed: it stops the loops now held
@@ -218,8 +218,9 @@ class Supervisor:
             self._set_timer()
 
     def network_changed(self) -> None:
-        """A link, address or route changed: every upstream with keys waiting is probed
-        now, and retried if it answers. A burst of changes costs one more probe, later."""
+        """A link, address or route changed: every unreachable upstream with keys waiting
+        is probed now, and retried if it answers (probe.py: one that answered with errors
+        keeps its backoff). A burst of changes costs one more probe, later."""
         if self._net_timer is not None or self._stopping:
             return   # the burst's trailing kick is due
         now = self.seams.timing.now()
