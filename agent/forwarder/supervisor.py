@@ -45,7 +45,7 @@ from agent.forwarder.backoff import BACKOFF, Backoff
 from agent.forwarder.parking import Parked, ParkingLot
 from agent.forwarder.probe import PROBE_TIMEOUT_S, Prober
 from agent.forwarder.state import UpstreamState
-from agent.forwarder.stream import Release, StreamForwarder
+from agent.forwarder.stream import AckHook, Release, StreamForwarder, ignore_acks
 from agent.forwarder.timing import LOOP_TIMING, Timer, Timing
 from agent.logs import log_limited
 from agent.metrics import Metrics
@@ -84,8 +84,10 @@ class Supervisor:
     """Owns the forwarders and the HTTP client session they share."""
 
     def __init__(self, cfg: Config, spool: Spool, facts: DeviceFacts, metrics: Metrics,
-                 seams: Seams = Seams(), may_send: Callable[[str], bool] = lambda key: True) -> None:
+                 seams: Seams = Seams(), may_send: Callable[[str], bool] = lambda key: True,
+                 on_acked: AckHook = ignore_acks) -> None:
         self.cfg = cfg
+        self.on_acked = on_acked   # each loop's upstream acks: the live event view
         self.may_send = may_send
         self.spool = spool
         self.facts = facts
@@ -139,7 +141,7 @@ class Supervisor:
                                release=Release(up.flush_interval_s,
                                                functools.partial(self._park, key)),
                                attempt=attempt, timing=self.seams.timing,
-                               backoff=self.seams.backoff)
+                               backoff=self.seams.backoff, on_acked=self.on_acked)
         self.loops[key] = loop
         task = asyncio.create_task(self._run(key, loop), name=f"forward-{up.name}")
         self._tasks.add(task)
