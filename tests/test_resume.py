@@ -20,6 +20,7 @@ import functools
 import logging
 import os
 import random
+import re
 import shutil
 import sys
 from typing import Any
@@ -118,8 +119,12 @@ async def test_delivery_resumes_within_3s_after_an_outage_that_took_the_backoff_
     assert down_nucleus.ids() == posted   # each event once, in order
     assert state.unreachable_since is None
     assert (await get_json(agent, "/status"))["upstreams"][0]["state"] != "unreachable"
-    recovered = [r.getMessage() for r in caplog.records if "reachable again" in r.getMessage()]
-    assert len(recovered) == 1 and recovered[0].startswith("upstream up reachable again after")
+    await wait_for(lambda: timing.pending() == [PROBE_S])   # the recovery report's check
+    timing.advance(PROBE_S)   # everything was delivered: it is logged
+    recovered = [r.getMessage() for r in caplog.records if "recovered" in r.getMessage()]
+    assert len(recovered) == 1, recovered
+    assert re.fullmatch(rf"upstream up recovered after \d+s; {len(posted)} events delivered",
+                        recovered[0]), recovered
 
 
 async def test_a_live_upstream_answering_503_keeps_its_backoff(make_agent: Any,

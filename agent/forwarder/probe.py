@@ -8,7 +8,8 @@ TCP connect (``UplinkBase.reach``) at once:
 - it fails: the network or the host is down. The upstream is marked unreachable
   (status shows it, and since when) and probed every ``PROBE_S`` while it has
   anything queued; the first probe that connects calls ``back``, which retries the
-  upstream's parked keys at once, and logs the recovery once.
+  upstream's parked keys at once, and starts the recovery's one log line
+  (recovery.py: logged once the backlog is delivered, with how many events).
 - it connects: the upstream is up and answered badly (a 5xx, a timeout, a captive
   portal). Its backoff holds: a failing upstream is not hammered with batches.
 
@@ -26,6 +27,7 @@ import logging
 import time
 from collections.abc import Awaitable, Callable
 
+from agent.forwarder.recovery import RecoveryReport
 from agent.forwarder.state import UpstreamState
 from agent.forwarder.timing import Timer, Timing
 
@@ -42,7 +44,7 @@ class Prober:
 
     def __init__(self, state: UpstreamState, check: Check, timing: Timing,
                  wanted: Callable[[], bool], back: Callable[[], None],
-                 interval_s: float = PROBE_S) -> None:
+                 queued: Callable[[], int], interval_s: float = PROBE_S) -> None:
         self.state = state
         self._check = check
         self._timing = timing
@@ -53,6 +55,8 @@ class Prober:
         self._timer: Timer | None = None
         self._probe: asyncio.Task[None] | None = None
         self._live_at: float | None = None   # timing clock: the last probe that connected
+        self._recovery = RecoveryReport(state, timing, queued, interval_s)
+        self._acked_at_loss = 0               # state.acked when it was found unreachable
 
     @property
     def unreachable(self) -> bool:
@@ -85,6 +89,7 @@ class Prober:
             self._probe.cancel()
             self._probe = None
         self._mark(None, quiet=True)
+        self._recovery.finish()
 
     def _start(self) -> None:
         self._cancel_timer()
@@ -123,17 +128,21 @@ class Prober:
             self._mark(None, quiet=True)
 
     def _mark(self, why: str | None, *, quiet: bool = False) -> None:
-        """Record reachability in the upstream's state; log the loss and the recovery once."""
+        """Record reachability in the upstream's state; log the loss once, and start the
+        recovery's report."""
         now = self._timing.now()
         if why is not None and self._lost_at is None:
+            self._recovery.finish()   # what its last return delivered, before this loss
             self._lost_at = now
+            self._acked_at_loss = self.state.acked
             self.state.unreachable_since = time.time()
             log.warning("upstream %s unreachable (%s); probing every %gs",
                         self.state.name, why, self._interval)
         elif why is None and self._lost_at is not None:
-            if not quiet:
-                log.info("upstream %s reachable again after %.0fs", self.state.name,
-                            now - self._lost_at)
+            # Quiet: nothing waits for the upstream any more. If it acknowledged events
+            # meanwhile, a key's own retry got through before the next probe: it is back.
+            if not quiet or self.state.acked > self._acked_at_loss:
+                self._recovery.start(now - self._lost_at, self._acked_at_loss)
             self._lost_at = None
             self.state.unreachable_since = None
 

@@ -208,7 +208,13 @@ class Supervisor:
                                   min(PROBE_TIMEOUT_S, up.timeout_s))
         return Prober(self.states[up.name], check, self.seams.timing,
                       wanted=lambda: self._lot.count(up.name) + self._running[up.name] > 0,
-                      back=functools.partial(self._resume, up.name))
+                      back=functools.partial(self._resume, up.name),
+                      queued=functools.partial(self._queued, up.name))
+
+    def _queued(self, upstream: str) -> int:
+        """Events queued for ``upstream`` (read by its recovery report only)."""
+        return sum(stream.depth for key, stream in self.spool.streams.items()
+                   if (up := self.cfg.route(key)) is not None and up.name == upstream)
 
     def _resume(self, upstream: str) -> None:
         """``upstream`` answers again: retry its parked keys now, each at its backoff step
