@@ -290,3 +290,28 @@ def test_the_loop_clock_timers_know_their_time_on_uvloop() -> None:
     with asyncio.Runner(loop_factory=uvloop.new_event_loop) as runner:
         past_when, future_when = runner.run(main())
     assert past_when < future_when
+
+
+async def test_a_recovery_that_stalls_is_logged_at_its_first_quiet_point(
+        make_agent: Any, down_nucleus: FakeNucleus, caplog: pytest.LogCaptureFixture) -> None:
+    """The upstream takes connections again but acknowledges nothing: its recovery line
+    does not wait for a backlog that is not moving. It is logged at the first check
+    without an ack while nothing is sent, with what is still queued."""
+    caplog.set_level(logging.INFO, logger="outpost.probe")
+    timing = ManualTiming()
+    agent = await make_agent(upstreams=[nucleus_upstream(down_nucleus, "nucleus-http")],
+                             seams=seams(timing, Backoff(base_s=60.0)))
+    state = agent.forwarding.states["up"]
+    await send(agent, [event(i) for i in range(5)])
+    await wait_for(lambda: state.retries == 1 and state.unreachable_since is not None)
+    await quiet(agent, timing, 2)   # the key's retry (30 s or more) and the next probe
+    down_nucleus.reply_raw = b'{"reportedIds": []}'
+    await down_nucleus.come_back()
+    timing.advance(PROBE_S)   # the probe connects: the key is retried, and fails again
+    await wait_for(lambda: state.retries == 2)
+    await quiet(agent, timing, 2)   # the key's retry, and the recovery report's check
+    assert not [r for r in caplog.records if "recovered" in r.getMessage()]
+    timing.advance(PROBE_S)
+    recovered = [r.getMessage() for r in caplog.records if "recovered" in r.getMessage()]
+    assert recovered == [f"upstream up recovered after {PROBE_S:.0f}s; 0 events delivered; "
+                         "5 events still queued"], recovered
