@@ -335,7 +335,8 @@ def _register_secrets(cfg: Config) -> None:
 
 
 def _limits(cfg: Config) -> RouteLimits:
-    return RouteLimits(cfg, lambda up: uplink_class(up.protocol).event_limit(up))
+    return RouteLimits(cfg, lambda up: uplink_class(up.protocol).event_limit(up),
+                       lambda up: uplink_class(up.protocol).family)
 
 
 def _register_keys(keys: Iterable[str]) -> None:

@@ -36,7 +36,7 @@ from .procs import Proc, RssSampler, free_port, http_get, http_post, upstream_pr
 UPLINKS = ("nucleus-ws", "segment-http")
 # name -> (upstream protocol, the events queued for it: bench/payloads.py KINDS). The
 # common case is an upstream of the events' own family; the last one maps every event
-# (Nucleus to Segment) at send time.
+# (Nucleus to Segment), at ingest (docs/architecture.md, "Where mapping happens").
 DRAINS = {"nucleus-ws": ("nucleus-ws", "nucleus"), "segment-http": ("segment-http", "segment"),
           "segment-http-mapped": ("segment-http", "nucleus")}
 

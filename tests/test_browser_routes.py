@@ -1,6 +1,6 @@
 """The routes browser SDKs post to, as they post: analytics.js 2.0 batching (`/v1/b`,
 text/plain `{writeKey, batch, sentAt}`), RudderStack's sendBeacon (`/beacon/v1/batch`,
-key only in the query), and `?writeKey=` on every batch route, held to the same key
+key only in the query), and `?writeKey=` on every batch and single-call route, held to the same key
 check as a header key. The browser interop tests (tests/interop/browser/) run the real
 SDKs; these pin each request's shape."""
 
@@ -77,6 +77,33 @@ async def test_query_write_key_is_checked_as_strictly_as_a_header_key(make_agent
         reply = await call(agent.port, route + query, good_in_body, headers={**TEXT, **headers})
         assert reply.status == 401, (route, query, reply.body)
         assert reply.json()["Success"] is False
+    assert agent.spool.depth == 0
+
+
+SINGLE_ROUTES = ("/v1/track", "/v1/t")
+
+
+@pytest.mark.parametrize("route", SINGLE_ROUTES)
+async def test_query_write_key_on_single_call_routes(make_agent: Any, fake_segment: FakeSegment,
+                                                     route: str) -> None:
+    agent = await make_agent(upstreams=[segment_up(fake_segment)],
+                             listen={"accept_keys": ["goodKey"]})
+    reply = await call(agent.port, f"{route}?writeKey=goodKey", orjson.dumps(track("one-1")),
+                       headers=TEXT)
+    assert reply.status == 200, reply.body
+    await wait_for(lambda: len(fake_segment.events) == 1)
+    assert fake_segment.requests[0].write_key == "goodKey"
+
+
+@pytest.mark.parametrize("route", SINGLE_ROUTES)
+async def test_query_write_key_on_a_single_call_is_checked(make_agent: Any, route: str) -> None:
+    agent = await make_agent(listen={"accept_keys": ["goodKey"]})
+    good_in_body = orjson.dumps(track("one-2", writeKey="goodKey"))
+    for headers, query in (({"Authorization": basic("badKey")}, "?writeKey=goodKey"),
+                           ({"Authorization": basic("goodKey")}, "?writeKey=badKey"),
+                           ({}, "?writeKey=badKey")):
+        reply = await call(agent.port, route + query, good_in_body, headers={**TEXT, **headers})
+        assert reply.status == 401, (route, headers, query, reply.body)
     assert agent.spool.depth == 0
 
 

@@ -11,10 +11,15 @@ import zstandard
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from agent.spool.records import MAX_RAW_BYTES, ZSTD, DamagedRecord, pack, unpack
+from agent.spool.records import MAX_RAW_BYTES, ZSTD, ZSTD_IDS, DamagedRecord, pack, unpack, unpack_ids
 
 bodies_st = st.lists(st.binary(max_size=600) | st.sampled_from([b"", b"x" * 70_000]), max_size=40)
 SAMPLE = pack([b'{"type":"track","event":"a","n":%d}' % i for i in range(30)] + [b""])
+# The layout with Nucleus ack ids (records.ZSTD_IDS): every kind of id, and none.
+WITH_IDS = pack([b'{"name":"e","id":%d}' % i for i in range(30)] + [b"{}"] * 4,
+                list(range(30)) + ["s-1", 2.5, None, "\u00e9"])
+ids_st = st.one_of(st.none(), st.integers(-(2 ** 63), 2 ** 64 - 1), st.text(max_size=20),
+                   st.floats(allow_nan=False, allow_infinity=False))
 
 
 @given(bodies_st)
@@ -22,12 +27,58 @@ def test_round_trip_is_exact(bodies: list[bytes]) -> None:
     assert unpack(pack(bodies)) == bodies
 
 
+@settings(deadline=None)
+@given(st.lists(st.tuples(st.binary(max_size=300), ids_st), max_size=40))
+def test_round_trip_with_ids_is_exact(events: list[tuple[bytes, object]]) -> None:
+    bodies, ids = [b for b, _ in events], [i for _, i in events]
+    assert unpack_ids(pack(bodies, ids)) == (bodies, ids)
+    assert unpack(pack(bodies, ids)) == bodies
+    assert unpack_ids(pack(bodies)) == (bodies, None)
+
+
+def test_ids_must_be_one_per_body() -> None:
+    with pytest.raises(ValueError):
+        pack([b"{}", b"{}"], ["a"])
+
+
+@pytest.mark.parametrize(("ids", "why"), [
+    (b"[1,2", "ids"), (b"[1]", "one string"), (b'{"a":1}', "one string"),
+    (b"[true,1]", "one string"), (b"[[1],2]", "one string"), (b"[{},2]", "one string"),
+])
+def test_ids_that_do_not_read_back_are_damage(ids: bytes, why: str) -> None:
+    bodies = [b"{}", b"{}"]
+    raw = struct.pack("<III", 2, len(ids), 2) + struct.pack("<I", 2) + b"".join(bodies) + ids
+    frame = zstandard.ZstdCompressor(level=1, write_checksum=True).compress(raw)
+    tag = bytes([ZSTD_IDS])
+    record = tag + struct.pack("<I", zlib.crc32(frame, zlib.crc32(tag))) + frame
+    with pytest.raises(DamagedRecord, match=why):
+        unpack_ids(record)
+
+
+def test_every_single_bit_flip_of_a_record_with_ids_is_damage() -> None:
+    for at in range(len(WITH_IDS)):
+        for bit in range(8):
+            damaged = WITH_IDS[:at] + bytes([WITH_IDS[at] ^ (1 << bit)]) + WITH_IDS[at + 1:]
+            with pytest.raises(DamagedRecord):
+                unpack_ids(damaged)
+
+
+@settings(deadline=None)
+@given(st.integers(0, len(WITH_IDS) - 1), st.binary(max_size=8))
+def test_a_truncated_or_extended_record_with_ids_is_damage(cut: int, extra: bytes) -> None:
+    with pytest.raises(DamagedRecord):
+        unpack_ids(WITH_IDS[:cut])
+    if extra:
+        with pytest.raises(DamagedRecord):
+            unpack_ids(WITH_IDS + extra)
+
+
 def test_repetitive_events_compress() -> None:
     bodies = [b'{"type":"track","event":"Button Clicked","messageId":"m-%d"}' % i for i in range(100)]
     assert len(pack(bodies)) < 0.5 * sum(map(len, bodies))
 
 
-@settings(max_examples=300)
+@settings(max_examples=300, deadline=None)   # a loaded machine stalled one example 300 ms
 @given(st.data())
 def test_a_flipped_byte_is_damage(data: st.DataObject) -> None:
     at = data.draw(st.integers(0, len(SAMPLE) - 1))
@@ -75,7 +126,9 @@ def _frame(raw: bytes, checksum: bool = True, size: bool = True) -> bytes:
 
 @pytest.mark.parametrize(("record", "why"), [
     (b"", "codec tag"),
-    (bytes([2]) + SAMPLE[1:], "codec tag"),
+    (bytes([3]) + SAMPLE[1:], "codec tag"),
+    (bytes([ZSTD_IDS]) + SAMPLE[1:], "CRC"),
+    (bytes([ZSTD]) + WITH_IDS[1:], "CRC"),
     (bytes([ZSTD]) + b"\0\0\0", "CRC"),
     (_record(b""), "frame parameters"),
     (_record(b"not a zstd frame"), "frame"),
@@ -85,7 +138,7 @@ def _frame(raw: bytes, checksum: bool = True, size: bool = True) -> bytes:
     (_frame(b"ab"), "no event count"),
     (_frame(struct.pack("<I", 0), checksum=False), "not one pack"),
     (_frame(struct.pack("<I", 0), size=False), "content size"),
-], ids=["empty", "tag", "short", "no-frame", "not-zstd", "lengths-past-end", "left-over", "count",
+], ids=["empty", "tag", "tag-1-to-2", "tag-2-to-1", "short", "no-frame", "not-zstd", "lengths-past-end", "left-over", "count",
         "no-count", "no-checksum", "no-size"])
 def test_each_kind_of_bad_layout_is_damage(record: bytes, why: str) -> None:
     with pytest.raises(DamagedRecord, match=why):

@@ -24,7 +24,7 @@ from typing import Any
 import aiohttp
 import pytest
 
-from agent.families.event import NUCLEUS, Event
+from agent.families.event import NOT_READ, NUCLEUS, Event
 from agent.settings import StorageConfig
 from agent.spool import Spool
 from agent.spool.salvage import Carry, salvage
@@ -46,11 +46,13 @@ def body(i: int, pad: int) -> bytes:
 def build(path: Path, n: int, pad: int, keys: tuple[str, ...]) -> None:
     """A real spool with ``n`` queued events: ids 0..n-1 in that order, key by id in turn,
     committed 100 at a time (a record per key each). Records span overflow pages, so
-    damage there leaves the record findable but unreadable."""
+    damage there leaves the record findable but unreadable. Every other commit holds the
+    ids ingest read (records.ZSTD_IDS), the others not (as an older agent wrote them)."""
     async def fill() -> None:
         spool = await Spool.open(StorageConfig(path=str(path)))
         for b in range(0, n, 100):
-            await spool.append([Event(keys[i % len(keys)], NUCLEUS, i, body(i, pad))
+            await spool.append([Event(keys[i % len(keys)], NUCLEUS, i, body(i, pad),
+                                      i if b // 100 % 2 else NOT_READ)
                                 for i in range(b, min(b + 100, n))])
         await spool.close()
     asyncio.run(fill())
@@ -177,7 +179,7 @@ async def test_salvage_keeps_acked_bits_and_delivered_keys(tmp_path: Path) -> No
     moved, fresh = tmp_path / "moved.db", tmp_path / "spool.db"
     spool = await Spool.open(StorageConfig(path=str(moved)))
     for b in range(0, 300, 100):
-        await spool.append([Event("app1", NUCLEUS, i, body(i, 50)) for i in range(b, b + 100)])
+        await spool.append([Event("app1", NUCLEUS, i, body(i, 50), i) for i in range(b, b + 100)])
     rows = await spool.fetch(spool.streams["app1"].id, 0, 150)
     await spool.ack([r.seq for r in rows])
     await spool.close()
@@ -200,8 +202,9 @@ async def test_salvage_keeps_acked_bits_and_delivered_keys(tmp_path: Path) -> No
     spool = await Spool.open(StorageConfig(path=str(fresh)))
     try:
         assert spool.depth == 50
-        assert [r.body for r in await spool.fetch(spool.streams["app1"].id, 0, 100)] == \
-            [body(i, 50) for i in range(150, 200)]
+        queued = await spool.fetch(spool.streams["app1"].id, 0, 100)
+        assert [r.body for r in queued] == [body(i, 50) for i in range(150, 200)]
+        assert [r.ids for r in queued.runs] == [list(range(150, 200))]   # kept with them
         # Delivered before the damage: still a duplicate.
         assert await spool.append([Event("app1", NUCLEUS, 7, body(7, 50))]) == 0
     finally:

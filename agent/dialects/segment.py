@@ -11,8 +11,8 @@ Browser SDKs add two batch routes: `/v1/b` (analytics.js 2.0 batching, text/plai
 only in the query).
 
 Keys: Basic auth (username = write key, with or without the colon), else a
-`writeKey` in the message (or at the batch level); a `?writeKey=` on a batch route
-or the webhook overrides the body's. With none of them, the key is ``NO_KEY`` (auth is
+`writeKey` in the message (or at the batch level); a `?writeKey=` on a batch route,
+a single call or the webhook overrides the body's. With none of them, the key is ``NO_KEY`` (auth is
 optional in seed 003). Limits are Segment's, which real clients are built for
 (32 KB per message, ~500 KB per batch; see agent/families/segment.py), not the seed's 15 KB.
 """
@@ -119,7 +119,10 @@ class SegmentHandlers:
             body = parse_lenient(await read_raw(request, spec.MAX_EVENT_BYTES))
         except BodyError as exc:
             return single_error(exc.status, exc.message, exc.details, exc.retry_after)
-        return await self._single(body, kind, basic_user(request.headers.get("Authorization")))
+        given = _given_keys(request)
+        if not all(self.sink.key_allowed(k) for k in given):
+            return single_error(401, INVALID_KEY)
+        return await self._single(body, kind, given[0] if given else None)
 
     async def _single(self, body: Any, kind: str | None, header_key: str | None,
                       raw_size: int = 0) -> web.StreamResponse:
@@ -149,8 +152,7 @@ class SegmentHandlers:
         return None
 
     async def batch(self, request: web.Request) -> web.StreamResponse:
-        given = [k for k in (basic_user(request.headers.get("Authorization")),
-                             query_key(request)) if k is not None]
+        given = _given_keys(request)
         if not all(self.sink.key_allowed(k) for k in given):
             return batch_error(401, [error_object(401, INVALID_KEY)])
         try:
@@ -259,6 +261,13 @@ class SegmentHandlers:
                            else exc.message)
         return await self._one(body, kind, basic_user(
             request.headers.get("Authorization")) or query_key(request))
+
+
+def _given_keys(request: web.Request) -> list[str]:
+    """The keys the request names outside its body: Basic auth, then `?writeKey=`.
+    Each must be accepted, so that neither can smuggle a refused key past the other."""
+    return [k for k in (basic_user(request.headers.get("Authorization")), query_key(request))
+            if k is not None]
 
 
 def query_key(request: web.Request) -> str | None:

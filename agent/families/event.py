@@ -1,8 +1,9 @@
 """The canonical stored event, dedupe keys and time helpers.
 
 An Event keeps the body in its own API family's shape (Nucleus or Segment):
-forwarding within a family is then lossless, and mapping across families
-happens once, at send time (see ``agent/families/mapping.py``).
+forwarding within a family is then lossless. Mapping across families happens
+once: at ingest for a Nucleus event routed to a Segment upstream (stored mapped,
+agent/server/limits.py), else at send time (see ``agent/families/mapping.py``).
 """
 
 from __future__ import annotations
@@ -18,6 +19,8 @@ from agent.clock import CLOCK
 
 NUCLEUS = 0
 SEGMENT = 1
+# Event.ack_id of an event whose id nobody read at ingest.
+NOT_READ: Any = object()
 
 
 @dataclass(slots=True)
@@ -28,6 +31,10 @@ class Event:
     family: int     # NUCLEUS or SEGMENT: the shape of ``body``
     dedupe: int     # signed 64-bit hash identifying resends of the same event
     body: bytes     # compact JSON of the event, enriched, as it will be forwarded
+    # Nucleus: the `id` its upstream acknowledges it by (None: it has none), read where
+    # ingest parsed the event, and stored beside the body (spool/records.py), so that
+    # sending it needs no second parse.
+    ack_id: Any = NOT_READ
 
 
 class Limit(NamedTuple):

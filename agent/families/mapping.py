@@ -1,7 +1,8 @@
 """Mapping events between the Nucleus and Segment families, losing nothing (docs/mapping.md).
 
-Used only when an event's family differs from its upstream's protocol; within one
-family events are forwarded exactly as stored. Both directions are pure functions of
+Used only when an event's family differs from its upstream's protocol (at ingest for
+a Nucleus event routed to a Segment upstream, else at send time); within one family
+events are forwarded exactly as stored. Both directions are pure functions of
 the stored event and its receive time, so a batch sent again carries the same ids.
 
 Every field has a place in the other family. Nucleus -> Segment: the fields with a
@@ -59,21 +60,26 @@ def nucleus_to_segment(ev: dict[str, Any], received: int) -> dict[str, Any]:
 
 
 def _to_segment(ev: dict[str, Any], received: int) -> dict[str, Any]:
+    # One pass, on the drain's hot path: `kept` starts as a shallow copy of the event and
+    # each field given a Segment place of its own is taken out of it; what is left goes
+    # to context.nucleus in the event's own order. Key order is part of the output.
     get = ev.get
     kind = event_type(ev)
-    moved: set[str] = set()   # fields given a Segment place of their own
-    date = read_date(get("date"))
-    if date is not None and date == get("date"):
-        moved.add("date")   # already in the form of `timestamp`: given back from there
+    kept = dict(ev)
+    raw_date = get("date")
+    date = read_date(raw_date)
+    if date is not None and date == raw_date:
+        del kept["date"]   # already in the form of `timestamp`: given back from there
+    at = iso_ms_fast(received)
     out: dict[str, Any] = {
         "messageId": "nucleus-" + blake2b(
             orjson.dumps(ev, option=orjson.OPT_SORT_KEYS), digest_size=12).hexdigest(),
-        "timestamp": date or iso_ms_fast(received),
-        "receivedAt": iso_ms_fast(received),
+        "timestamp": date or at,
+        "receivedAt": at,
     }
     machine = get("machineId")
     if machine and "deviceId" not in ev:
-        moved.add("machineId")
+        del kept["machineId"]
     machine = machine or get("deviceId")
     anon = machine or get("anonId")
     user = get("userId")
@@ -83,13 +89,14 @@ def _to_segment(ev: dict[str, Any], received: int) -> dict[str, Any]:
         out["anonymousId"] = anon
     if user is not None:
         out["userId"] = user
-        moved.add("userId")
-    ctx = out["context"] = _context(ev, machine, moved)
+        del kept["userId"]
+    ctx = out["context"] = _context(ev, machine, kept)
+    ctx["nucleus"] = kept   # still shrinking below: name and payload
     name = get("name")
     raw = get("payload")
     body = raw if isinstance(raw, dict) else None if raw is None else {"payload": raw}
-    if "payload" in ev and isinstance(raw, dict) and kind not in ("error", "userid"):
-        moved.add("payload")
+    if isinstance(raw, dict) and kind != "error" and kind != "userid":
+        del kept["payload"]
     if kind == "props":
         out["type"] = "identify"
         if body is not None:
@@ -100,7 +107,7 @@ def _to_segment(ev: dict[str, Any], received: int) -> dict[str, Any]:
         out["type"] = "screen"
         if isinstance(name, str):
             out["name"] = name
-            moved.add("name")
+            del kept["name"]
         if body is not None:
             out["properties"] = body
     else:
@@ -112,47 +119,52 @@ def _to_segment(ev: dict[str, Any], received: int) -> dict[str, Any]:
             body = {"name": name, **(body or {})}
         elif isinstance(name, str) and name and name != kind:
             out["event"] = name
-            moved.add("name")
+            del kept["name"]
         else:
             out["event"] = kind
         if body is not None:
             out["properties"] = body
-    ctx["nucleus"] = {k: v for k, v in ev.items() if k not in moved}
     return out
 
 
-# (Nucleus field, Segment context object, key in it), in the order they are written.
-_PLACES = (("platform", "os", "name"), ("osVersion", "os", "version"),
-           ("version", "app", "version"), ("arch", "device", "arch"),
-           ("totalRam", "device", "totalRam"))
-
-
-def _context(ev: dict[str, Any], machine: Any, moved: set[str]) -> dict[str, Any]:
-    """Device facts in Segment's context objects (the `nucleus` key is added after)."""
+def _context(ev: dict[str, Any], machine: Any, kept: dict[str, Any]) -> dict[str, Any]:
+    """Device facts in Segment's context objects, each taken out of ``kept`` (the
+    `nucleus` key is added after). Objects in the order os, app, locale, device."""
     get = ev.get
-    parts: dict[str, dict[str, Any]] = {}
-    if _has(machine):
-        parts["device"] = {"id": machine}
-    for field, part, place in _PLACES:
-        value = get(field)
-        if value is not None and value != {}:
-            found = parts.get(part)
-            if found is None:
-                found = parts[part] = {}
-            found[place] = value
-            moved.add(field)
     ctx: dict[str, Any] = {"library": dict(LIBRARY)}
-    for part in ("os", "app"):
-        if part in parts:
-            ctx[part] = parts[part]
+    os_: dict[str, Any] | None = None
+    value = get("platform")
+    if value is not None and value != {}:
+        os_ = {"name": value}
+        del kept["platform"]
+    value = get("osVersion")
+    if value is not None and value != {}:
+        if os_ is None:
+            os_ = {}
+        os_["version"] = value
+        del kept["osVersion"]
+    if os_ is not None:
+        ctx["os"] = os_
+    value = get("version")
+    if value is not None and value != {}:
+        ctx["app"] = {"version": value}
+        del kept["version"]
     locale = get("locale")
     if locale and "language" not in ev:
-        moved.add("locale")
+        del kept["locale"]
     locale = locale or get("language")
     if _has(locale):
         ctx["locale"] = locale
-    if "device" in parts:
-        ctx["device"] = parts["device"]
+    device: dict[str, Any] | None = {"id": machine} if _has(machine) else None
+    for field in ("arch", "totalRam"):
+        value = get(field)
+        if value is not None and value != {}:
+            if device is None:
+                device = {}
+            device[field] = value
+            del kept[field]
+    if device is not None:
+        ctx["device"] = device
     return ctx
 
 

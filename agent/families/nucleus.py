@@ -85,7 +85,7 @@ def accept(msg: Any, key: str, enrich: Enrich) -> tuple[list[Event], list[Any]]:
             if ev.get("date") is None:
                 received = received or iso_ms(now_ms())
                 ev["date"] = received
-            events.append(Event(key, NUCLEUS, ident, compact_json(ev)))
+            events.append(Event(key, NUCLEUS, ident, compact_json(ev), ev_id))
         except orjson.JSONEncodeError as exc:  # nested deeper than orjson writes (255)
             raise Invalid(f"data[{i}] cannot be stored", str(exc)) from exc
     return events, acks

@@ -1,4 +1,5 @@
-"""Endpoints for the agent's own page and local tools only (dead letters, the live view).
+"""Endpoints for the agent's own page and local tools only (dead letters, the live view,
+/flush).
 
 Stricter than the guard every route sits behind: a page on one of
 ``listen.allowed_origins`` (an app sending events) may not use them either.

@@ -16,6 +16,7 @@ from agent.forwarder.state import UpstreamState
 from agent.metrics import Metrics
 from agent.ops import prometheus
 from agent.ops.dead import DeadRoutes
+from agent.ops.own_origin import foreign
 from agent.ops.status import Snapshot, snapshot
 from agent.settings import Config
 from agent.spool import Spool
@@ -88,6 +89,10 @@ class Ops:
                             headers=self._page_headers)
 
     async def flush(self, request: web.Request) -> web.Response:
+        # It makes the agent act: for local tools and the own page, not an app's page.
+        why = foreign(request, "/flush")
+        if why is not None:
+            return web.json_response({"error": why}, status=403)
         self._flush()
         return web.json_response({"flushing": True, "queue_depth": self.spool.depth})
 

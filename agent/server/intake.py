@@ -58,18 +58,21 @@ class Sink:
         return self.admission.ticket()
 
     async def store(self, events: list[Event]) -> int:
-        """Commit ``events`` durably; returns how many were new. Raises SpoolFull, or
+        """Commit ``events`` durably, each in the shape its route stores it in
+        (``RouteLimits.as_stored``); returns how many were new. Raises SpoolFull, or
         Invalid (too large) for an event its upstream can never carry, storing none."""
         if not events:
             return 0
+        kept = self.limits.as_stored(events, self.spool.index)
         if self.limits.active:
-            for ev in events:
+            for ev in kept:
                 why = self.limits.oversize(ev)
                 if why is not None:
                     raise Invalid(why, too_large=True)
         started = time.perf_counter()
-        stored = await self.spool.append(events)
+        stored = await self.spool.append(kept)
         self.metrics.observe_ingest(time.perf_counter() - started, len(events))
+        # The live view shows what the app sent, not the shape it is stored in.
         self.on_stored(events, stored)
         if stored:
             # Once per commit, not per request: a commit's requests all resume in the same

@@ -1,16 +1,18 @@
 """What each key's upstream can carry: an event it never could is refused at ingest, with
 the app's own API's "too large" reply, instead of being accepted and dead-lettered at
-its first send (docs/mapping.md, §5)."""
+its first send (docs/mapping.md, §5). And the shape each key's events are stored in: a
+Nucleus event routed to a Segment upstream is mapped here, once, and stored mapped, so
+the drain sends stored bytes (docs/architecture.md, "Where mapping happens")."""
 
 from __future__ import annotations
 
-from collections.abc import Callable
-from typing import Any
+from collections.abc import Callable, Container
+from typing import Any, NamedTuple
 
 import orjson
 
 from agent.families import mapping
-from agent.families.event import NUCLEUS, SEGMENT, Event, Limit, now_ms
+from agent.families.event import NUCLEUS, SEGMENT, Event, Limit, compact_json, now_ms
 from agent.settings import Config, UpstreamConfig
 
 # The mapping each stored family goes through to reach an upstream of the other one.
@@ -20,6 +22,16 @@ _MAPPED: dict[int, Callable[[dict[str, Any], int], dict[str, Any]]] = {
     NUCLEUS: mapping.nucleus_to_segment,
     SEGMENT: mapping.segment_to_nucleus,
 }
+
+
+class _Route(NamedTuple):
+    """The upstream a key is routed to: its name, its limit, its family (None: unknown)."""
+
+    name: str
+    limit: Limit | None
+    family: int | None
+
+
 # Keys remembered with their route; local keys are few, but nothing bounds them when
 # accept_keys is empty, so the memo is emptied when full.
 _MAX_KEYS = 4096
@@ -27,39 +39,82 @@ _MAX_KEYS = 4096
 
 class RouteLimits:
     """The limit of the upstream each key is routed to (the first `[[upstream]]` whose
-    `keys` match it), built from one Config; a reload builds a new one.
+    `keys` match it), and that upstream's family, built from one Config; a reload builds
+    a new one.
 
     A key routed nowhere has no limit: its events wait for the upstream a reload may
-    route them to, which cannot be known yet.
+    route them to, which cannot be known yet, and are stored in their own family.
     """
 
-    def __init__(self, cfg: Config, limit_of: Callable[[UpstreamConfig], Limit | None]) -> None:
-        self._routes = [(up, limit_of(up)) for up in cfg.upstreams]
+    def __init__(self, cfg: Config, limit_of: Callable[[UpstreamConfig], Limit | None],
+                 family_of: Callable[[UpstreamConfig], int] | None = None) -> None:
+        self._routes = [(up, limit_of(up), None if family_of is None else family_of(up))
+                        for up in cfg.upstreams]
         # False when no upstream sets a limit: the usual case costs nothing per event.
-        self.active = any(limit is not None for _, limit in self._routes)
-        self._by_key: dict[str, tuple[str, Limit] | None] = {}
+        self.active = any(limit is not None for _, limit, _ in self._routes)
+        # False when no upstream speaks Segment: nothing is mapped at ingest.
+        self.maps = any(family == SEGMENT for _, _, family in self._routes)
+        self._by_key: dict[str, _Route | None] = {}
 
-    def _route(self, key: str) -> tuple[str, Limit] | None:
+    def _route(self, key: str) -> _Route | None:
         try:
             return self._by_key[key]
         except KeyError:
             pass
         found = None
-        for up, limit in self._routes:
+        for up, limit, family in self._routes:
             if up.matches(key):
-                found = None if limit is None else (up.name, limit)
+                found = _Route(up.name, limit, family)
                 break
         if len(self._by_key) >= _MAX_KEYS:
             self._by_key.clear()
         self._by_key[key] = found
         return found
 
+    def as_stored(self, events: list[Event], known: Container[int] = ()) -> list[Event]:
+        """``events`` in the shape they are stored in: a Nucleus event whose key is routed
+        to a Segment upstream mapped to Segment, the rest as they are. An event whose
+        dedupe key is ``known`` is a resend the spool will not store again: it is not
+        mapped (Nucleus modules resend their whole unacknowledged queue every few
+        seconds, so while the upstream is away most of what they post is resends).
+
+        Mapped here, the drain sends the stored bytes as it sends Segment events, and
+        pays no mapping (6-7 µs an event on the loop, at the drain's pace); the mapping
+        is a pure function of the event and its receive time, so the upstream gets what
+        mapping at send time would give it (its `receivedAt` a few ms earlier: the time of
+        the request, not of its commit). A reload that routes the key to a Nucleus
+        upstream maps the stored events back: the mapping gives the original event back
+        (docs/mapping.md, §7). Segment events routed to a Nucleus upstream are still
+        mapped at send time: their Nucleus `id` is their spool seq, not known yet.
+        """
+        if not self.maps:
+            return events
+        out = events
+        received = None
+        for i, ev in enumerate(events):
+            if ev.family != NUCLEUS or ev.dedupe in known:
+                continue
+            route = self._route(ev.key)
+            if route is None or route.family != SEGMENT:
+                continue
+            received = received or now_ms()
+            try:
+                body = compact_json(mapping.nucleus_to_segment(orjson.loads(ev.body), received))
+            except (ValueError, TypeError):
+                # Not mappable (nested too deep once mapped, say): stored as it came, it is
+                # dead-lettered at its first send, as before.
+                continue
+            if out is events:
+                out = list(events)
+            out[i] = Event(ev.key, SEGMENT, ev.dedupe, body)
+        return out
+
     def oversize(self, event: Event) -> str | None:
         """Why ``event`` can never be delivered on its route, or None when it can."""
         route = self._route(event.key) if self.active else None
-        if route is None:
+        if route is None or route.limit is None:
             return None
-        name, limit = route
+        name, limit = route.name, route.limit
         size = len(event.body)
         if event.family != limit.family:
             # Mapping copies no value more than three times (a device id: anonymousId,

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from array import array
-from bisect import bisect_right
+from bisect import bisect_left, bisect_right
 from collections.abc import Iterable
 
 from agent.spool.commit import Settle
@@ -45,15 +45,23 @@ class LiveRecords:
 
     def settle(self, acked: Iterable[int],
                dead: Iterable[tuple[int, str, str]]) -> list[Settle]:
-        """Group seqs by their record (seqs in no live record are left out)."""
+        """Group seqs by their record (seqs in no live record are left out); each
+        Settle's ``acked`` offsets are sorted, without repeats."""
         out: dict[int, Settle] = {}
-        # Acks come in runs of consecutive seqs: one lookup per record, not per seq.
-        rid, end, current = 0, 0, None
-        for seq in sorted(acked):
-            if not rid <= seq < end:
-                rid, end, current = self._find(seq, out)
-            if current is not None:
-                current.acked.append(seq - rid)
+        # Acks come in runs of consecutive seqs: one lookup per record, not per seq, and
+        # each record's offsets as a range when they are consecutive (the usual case).
+        seqs = sorted(set(acked))
+        i, total = 0, len(seqs)
+        while i < total:
+            rid, end, current = self._find(seqs[i], out)
+            if current is None:
+                i += 1
+                continue
+            j = bisect_left(seqs, end, i)
+            first, last = seqs[i] - rid, seqs[j - 1] - rid
+            current.acked = (range(first, last + 1) if last - first == j - 1 - i
+                             else [s - rid for s in seqs[i:j]])
+            i = j
         for seq, upstream, reason in dead:
             rid, end, s = self._find(seq, out)
             if s is not None:

@@ -16,8 +16,8 @@ from typing import Any, Protocol
 
 from agent.spool import db as spool_db
 from agent.spool.db import SqliteThread
-from agent.spool.records import DamagedRecord, unpack
-from agent.spool.types import Row
+from agent.spool.records import DamagedRecord, unpack_ids
+from agent.spool.types import Queued, Run
 from agent.spool.writer import is_corruption
 
 # Unpacked records kept for the next fetch: a forwarder's batch usually ends inside a
@@ -44,13 +44,15 @@ class Reader:
 
     def __init__(self, host: ReadHost) -> None:
         self.host = host
-        self._cache: OrderedDict[tuple[int, int, int], list[bytes]] = OrderedDict()  # used on the reader thread
+        # Used on the reader thread: (bodies, ids) by (id, n, data length).
+        self._cache: OrderedDict[tuple[int, int, int],
+                                 tuple[list[bytes], list[Any] | None]] = OrderedDict()
 
-    async def fetch(self, stream: int, after: int, limit: int) -> list[Row]:
-        """Up to ``limit`` rows of one key's queue with seq > ``after``, oldest first."""
+    async def fetch(self, stream: int, after: int, limit: int) -> Queued:
+        """Up to ``limit`` events of one key's queue with seq > ``after``, oldest first."""
         reader = self.host.reader
         if reader is None:
-            return []
+            return Queued([])
         try:
             return await self._fetch(reader, stream, after, limit)
         except sqlite3.DatabaseError as exc:
@@ -65,63 +67,73 @@ class Reader:
         # by a forwarder that is about to wait for new data.
         reader = self.host.reader
         if reader is None:
-            return []
+            return Queued([])
         try:
             return await self._fetch(reader, stream, after, limit)
         except sqlite3.DatabaseError:
-            return []  # read again at the next step
+            return Queued([])  # read again at the next step
 
     async def _fetch(self, reader: SqliteThread, stream: int, after: int,
-                     limit: int) -> list[Row]:
-        rows, damaged = await reader.run(self._fetch_rows, stream, after, limit)
+                     limit: int) -> Queued:
+        runs, damaged = await reader.run(self._fetch_runs, stream, after, limit)
         if damaged:
             self._cache.clear()
             self.host.discard(damaged)
-        return rows
+        return Queued(runs)
 
-    def _fetch_rows(self, conn: sqlite3.Connection, stream: int, after: int,
-                    limit: int) -> tuple[list[Row], list[int]]:
+    def _fetch_runs(self, conn: sqlite3.Connection, stream: int, after: int,
+                    limit: int) -> tuple[list[Run], list[int]]:
         # From the record holding ``after`` (a cursor may stop inside a record).
         start = conn.execute("SELECT max(id) FROM records WHERE stream = ? AND id <= ?",
                              (stream, after)).fetchone()[0] or 0
-        rows: list[Row] = []
+        runs: list[Run] = []
         damaged: list[int] = []
+        left = limit
         cur = conn.execute("SELECT id, family, n, received, gone, data FROM records "
                            "WHERE stream = ? AND id >= ? ORDER BY id", (stream, start))
         for rid, family, n, received, gone, data in cur:
             if rid + n <= after + 1:
                 continue
-            bodies = self._unpack(rid, data, n)
-            if bodies is None:
+            got = self._unpack(rid, data, n)
+            if got is None:
                 damaged.append(rid)
                 continue
-            for o in range(max(0, after + 1 - rid), n):
+            whole = Run(rid, stream, family, received, *got)
+            o = max(0, after + 1 - rid)
+            # Whole stretches of live events, not one object per event: runs end only at
+            # events already acked (a bit in ``gone``), or at the limit.
+            while o < n and left:
                 if gone is not None and gone[o >> 3] & (1 << (o & 7)):
+                    o += 1
                     continue
-                rows.append(Row(rid + o, stream, family, received, bodies[o]))
-                if len(rows) >= limit:
-                    break
-            if len(rows) >= limit:
+                end = min(n, o + left)
+                if gone is not None:
+                    end = next((e for e in range(o, end) if gone[e >> 3] & (1 << (e & 7))), end)
+                runs.append(whole if o == 0 and end == n else whole.part(o, end))
+                left -= end - o
+                o = end
+            if not left:
                 break
         cur.close()
-        return rows, damaged
+        return runs, damaged
 
-    def _unpack(self, rid: int, data: bytes, n: int) -> list[bytes] | None:
+    def _unpack(self, rid: int, data: bytes, n: int
+                ) -> tuple[list[bytes], list[Any] | None] | None:
         key = (rid, n, len(data))
-        bodies = self._cache.get(key)
-        if bodies is not None:
+        got = self._cache.get(key)
+        if got is not None:
             self._cache.move_to_end(key)
-            return bodies
+            return got
         try:
-            bodies = unpack(data)
+            got = unpack_ids(data)
         except DamagedRecord:
             return None
-        if len(bodies) != n:
+        if len(got[0]) != n:
             return None
-        self._cache[key] = bodies
+        self._cache[key] = got
         if len(self._cache) > CACHED_RECORDS:
             self._cache.popitem(last=False)
-        return bodies
+        return got
 
     async def oldest_received(self) -> int | None:
         # The head of each key's queue (records_stream), not a scan of every record.

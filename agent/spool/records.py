@@ -1,13 +1,20 @@
 """Packed records: many event bodies in one compressed, checksummed blob, and back.
 
-A record is a 1-byte codec tag, then (tag ``ZSTD``) the CRC-32 of the rest (u32), then
-one zstd frame, level 1, with a content checksum, of::
+A record is a 1-byte codec tag, then the CRC-32 of the rest (u32), then one zstd
+frame, level 1, with a content checksum, of (all little-endian)::
 
-    u32 count | count x u32 length | the bodies, concatenated      (all little-endian)
+    tag ZSTD:      u32 count |                count x u32 length | the bodies, concatenated
+    tag ZSTD_IDS:  u32 count | u32 ids bytes | count x u32 length | the bodies | the ids
 
-The CRC covers the compressed bytes: zstd's own checksum covers only the decoded
-content, and some flipped bits (an unused header flag, parts of an entropy table)
-decode to the same content, so without it damage could pass unseen.
+where the ids are a JSON array, one per body, of the Nucleus ``id`` each event is
+acknowledged by (null: it has none). Ingest has parsed every event already; keeping
+its id beside the bodies lets a Nucleus uplink splice the stored bytes into a frame
+without parsing each again at send time. Records of the ``ZSTD_IDS`` layout only
+hold bodies that ingest wrote as JSON objects (``unpack_ids``).
+
+The CRC covers the compressed bytes (and the ``ZSTD_IDS`` tag): zstd's own checksum
+covers only the decoded content, and some flipped bits (an unused header flag, parts
+of an entropy table) decode to the same content, so without it damage could pass unseen.
 
 One record per commit group rather than one row per event is what makes the spool
 cheap (Sentry Relay's packed rows): zstd sees the repetition across similar events
@@ -27,16 +34,22 @@ import threading
 import zlib
 from array import array
 from collections.abc import Sequence
+from typing import Any
 
+import orjson
 import zstandard
 
 ZSTD = 1
+ZSTD_IDS = 2
 # A claimed content size beyond this is damage, not data: decompressing it would try
 # to allocate that much. Far above any commit group the spool packs.
 MAX_RAW_BYTES = 256 * 1024 * 1024
 
 _U32 = struct.Struct("<I")
-_TAG = bytes([ZSTD])
+_TAGS = (ZSTD, ZSTD_IDS)
+# What an id may be (families/nucleus.check refuses any other); bool is an int to
+# isinstance, so the types are compared exactly.
+_ID_TYPES = frozenset({int, float, str, type(None)})
 _LITTLE = sys.byteorder == "little"
 
 
@@ -54,44 +67,75 @@ class _Contexts(threading.local):
 _ctx = _Contexts()
 
 
-def pack(bodies: Sequence[bytes]) -> bytes:
-    """One record holding ``bodies`` in order. ValueError past MAX_RAW_BYTES."""
+def pack(bodies: Sequence[bytes], ids: Sequence[Any] | None = None) -> bytes:
+    """One record holding ``bodies`` in order, and with ``ids`` (one per body, each a str,
+    number or None) the ``ZSTD_IDS`` layout. ValueError past MAX_RAW_BYTES."""
     lengths = array("I", map(len, bodies))
     if not _LITTLE:
         lengths.byteswap()
-    raw = b"".join((_U32.pack(len(bodies)), lengths.tobytes(), *bodies))
+    if ids is None:
+        head, tail, tag = _U32.pack(len(bodies)), b"", ZSTD
+    else:
+        if len(ids) != len(bodies):
+            raise ValueError(f"{len(ids)} ids for {len(bodies)} bodies")
+        tail = orjson.dumps(list(ids))
+        head, tag = _U32.pack(len(bodies)) + _U32.pack(len(tail)), ZSTD_IDS
+    raw = b"".join((head, lengths.tobytes(), *bodies, tail))
     if len(raw) > MAX_RAW_BYTES:
         raise ValueError(f"record of {len(raw)} bytes is over {MAX_RAW_BYTES}")
     frame = _ctx.compressor.compress(raw)
-    return b"".join((_TAG, _U32.pack(zlib.crc32(frame)), frame))
+    return b"".join((bytes([tag]), _U32.pack(_crc(tag, frame)), frame))
 
 
 def unpack(data: bytes) -> list[bytes]:
     """The bodies ``pack`` was given. DamagedRecord for anything else."""
-    raw = _decompress(data)
-    if len(raw) < 4:
+    return unpack_ids(data)[0]
+
+
+def unpack_ids(data: bytes) -> tuple[list[bytes], list[Any] | None]:
+    """The bodies and ids ``pack`` was given (ids None: a record without them).
+    DamagedRecord for anything else."""
+    tag, raw = _decompress(data)
+    head = 8 if tag == ZSTD_IDS else 4
+    if len(raw) < head:
         raise DamagedRecord("no event count")
     (count,) = _U32.unpack_from(raw)
-    start = 4 + 4 * count
+    tail = _U32.unpack_from(raw, 4)[0] if tag == ZSTD_IDS else 0
+    start = head + 4 * count
     if start > len(raw):
         raise DamagedRecord(f"{count} lengths do not fit in {len(raw)} bytes")
     lengths = array("I")
-    lengths.frombytes(raw[4:start])
+    lengths.frombytes(raw[head:start])
     if not _LITTLE:
         lengths.byteswap()
-    if start + sum(lengths) != len(raw):
+    end = start + sum(lengths)
+    if end + tail != len(raw):
         raise DamagedRecord("lengths do not add up to the record")
     bodies = []
     for n in lengths:
         bodies.append(raw[start:start + n])
         start += n
-    return bodies
+    if tag == ZSTD:
+        return bodies, None
+    try:
+        ids = orjson.loads(raw[end:])
+    except orjson.JSONDecodeError as exc:
+        raise DamagedRecord(f"ids: {exc}") from exc
+    if not isinstance(ids, list) or len(ids) != count or not _ID_TYPES.issuperset(map(type, ids)):
+        raise DamagedRecord("ids are not one string, number or null per event")
+    return bodies, ids
 
 
-def _decompress(data: bytes) -> bytes:
-    if data[:1] != _TAG:
+def _crc(tag: int, frame: bytes | memoryview) -> int:
+    # ZSTD_IDS's covers its tag too: a flip between the two layouts is caught here.
+    return zlib.crc32(frame) if tag == ZSTD else zlib.crc32(frame, zlib.crc32(bytes([tag])))
+
+
+def _decompress(data: bytes) -> tuple[int, bytes]:
+    tag = data[0] if data else -1
+    if tag not in _TAGS:
         raise DamagedRecord(f"unknown codec tag {data[:1]!r}")
-    if len(data) < 5 or _U32.unpack_from(data, 1)[0] != zlib.crc32(memoryview(data)[5:]):
+    if len(data) < 5 or _U32.unpack_from(data, 1)[0] != _crc(tag, memoryview(data)[5:]):
         raise DamagedRecord("CRC mismatch: damaged, cut short or extended")
     frame = data[5:]
     try:
@@ -106,4 +150,4 @@ def _decompress(data: bytes) -> bytes:
         raise DamagedRecord(str(exc)) from exc
     if len(raw) != params.content_size:
         raise DamagedRecord("frame decodes to a different size than it claims")
-    return raw
+    return tag, raw

@@ -36,7 +36,7 @@ from agent.spool.migrate import ensure, refuse_newer
 from agent.spool.reads import Reader
 from agent.spool.salvage import Carry, Salvaged, salvage, salvage_counters
 from agent.spool.schema import move_aside
-from agent.spool.types import Row, Stream
+from agent.spool.types import Queued, Stream
 from agent.spool.writer import Writer, is_corruption
 
 log = logging.getLogger("outpost.spool")
@@ -116,8 +116,9 @@ class Spool:
         """Move (seq, upstream, reason) events the upstream refused for good to dead letters."""
         await self.writer.dead_letter(rows)
 
-    async def fetch(self, stream: int, after: int, limit: int) -> list[Row]:
-        """Up to ``limit`` rows of one key's queue with seq > ``after``, oldest first."""
+    async def fetch(self, stream: int, after: int, limit: int) -> Queued:
+        """Up to ``limit`` events of one key's queue with seq > ``after``, oldest first:
+        a sequence of Rows, read as whole runs of records (types.Queued)."""
         return await self.reader_side.fetch(stream, after, limit)
 
     async def oldest_received(self) -> int | None:

@@ -2,8 +2,11 @@
 
 from __future__ import annotations
 
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from enum import Enum
+from itertools import chain, repeat
+from typing import Any, overload
 
 RETRY_AFTER_FULL_S = 30
 
@@ -40,6 +43,92 @@ class Row:
     family: int
     received: int
     body: bytes
+
+
+@dataclass(slots=True)
+class Run:
+    """Queued events of one record, consecutive: seqs ``first`` .. ``first + len(bodies) - 1``.
+
+    ``ids`` are their Nucleus ack ids, parallel to ``bodies``, when the record holds them
+    (records.ZSTD_IDS: ingest wrote every body as a JSON object and read its id); None
+    when it does not.
+    """
+
+    first: int
+    stream: int
+    family: int
+    received: int
+    bodies: list[bytes]
+    ids: list[Any] | None
+
+    def part(self, start: int, stop: int) -> Run:
+        return Run(self.first + start, self.stream, self.family, self.received,
+                   self.bodies[start:stop], None if self.ids is None else self.ids[start:stop])
+
+    def row(self, i: int) -> Row:
+        return Row(self.first + i, self.stream, self.family, self.received, self.bodies[i])
+
+
+class Queued(Sequence[Row]):
+    """What a fetch returns: a key's queued events as whole runs of records, oldest first.
+
+    A sequence of Rows to whoever wants rows, but each Row is made only when asked for:
+    a same-family drain splices the runs' stored bytes and never makes one per event.
+    """
+
+    __slots__ = ("runs", "_len")
+
+    def __init__(self, runs: list[Run]) -> None:
+        self.runs = runs
+        self._len = sum(len(r.bodies) for r in runs)
+
+    def __len__(self) -> int:
+        return self._len
+
+    @overload
+    def __getitem__(self, i: int) -> Row: ...
+    @overload
+    def __getitem__(self, i: slice) -> Queued: ...
+
+    def __getitem__(self, i: int | slice) -> Row | Queued:
+        if isinstance(i, slice):
+            start, stop, step = i.indices(self._len)
+            if step != 1:
+                raise ValueError("Queued slices take every row")
+            return self._slice(start, stop)
+        if i < 0:
+            i += self._len
+        if 0 <= i < self._len:
+            for run in self.runs:
+                if i < len(run.bodies):
+                    return run.row(i)
+                i -= len(run.bodies)
+        raise IndexError("Queued index out of range")
+
+    def _slice(self, start: int, stop: int) -> Queued:
+        runs: list[Run] = []
+        pos = 0
+        for run in self.runs:
+            if pos >= stop:
+                break
+            n = len(run.bodies)
+            a, b = max(start - pos, 0), min(stop - pos, n)
+            if a < b:
+                runs.append(run if a == 0 and b == n else run.part(a, b))
+            pos += n
+        return Queued(runs)
+
+    def __add__(self, other: Queued) -> Queued:
+        return Queued(self.runs + other.runs)
+
+    def __repr__(self) -> str:
+        return f"Queued({self.runs!r})"
+
+    def __iter__(self) -> Iterator[Row]:
+        # Rows made by map at C speed: the take loop of another family iterates them.
+        return chain.from_iterable(
+            map(Row, range(r.first, r.first + len(r.bodies)), repeat(r.stream),
+                repeat(r.family), repeat(r.received), r.bodies) for r in self.runs)
 
 
 @dataclass(slots=True)

@@ -15,9 +15,9 @@ import logging
 import sqlite3
 from collections.abc import Sequence
 from dataclasses import dataclass, field
-from typing import Protocol
+from typing import Any, Protocol
 
-from agent.families.event import Event, now_ms
+from agent.families.event import NOT_READ, NUCLEUS, Event, now_ms
 from agent.logs import log_limited
 from agent.outcomes import Drop, Tally
 from agent.settings import StorageConfig
@@ -191,13 +191,14 @@ class Writer:
             first = fresh[0]
             sid = (books.streams.get(first.key) or books.stream_for(first.key)).id
             bodies = [ev.body for ev in fresh]
+            ids = _ids(fresh)
             sizes = list(map(len, bodies))
             start = 0
             while start < len(bodies):
                 g = latest.get(sid)
                 if (g is None or g.family != first.family or len(g.bodies) >= RECORD_EVENTS
                         or g.nbytes >= RECORD_BYTES):
-                    g = latest[sid] = Group(0, sid, first.family, p.received, [], [])
+                    g = latest[sid] = _group(sid, first.family, p.received)
                     groups.append(g)
                 take = min(RECORD_EVENTS - len(g.bodies), len(bodies) - start)
                 # Bytes: about the cap, going by these events' average size.
@@ -206,6 +207,8 @@ class Writer:
                 end = start + take
                 g.bodies += bodies[start:end]
                 g.keys += keys[start:end]
+                if g.ids is not None:
+                    g.ids = None if ids is None else g.ids + ids[start:end]
                 g.nbytes += sum(sizes[start:end])
                 start = end
             stored.append(len(fresh))
@@ -215,7 +218,7 @@ class Writer:
             g.id = seq
             seq += len(g.bodies)
             if g.nbytes <= on_loop:
-                g.data = pack(g.bodies)
+                g.data = pack(g.bodies, g.ids)
                 on_loop -= g.nbytes
         books.next_seq = seq
         observed = self.host.observed_ms()
@@ -252,10 +255,15 @@ class Writer:
             # A new record at a change of family keeps the key's events in order.
             if (g is None or g.family != ev.family or len(g.bodies) >= RECORD_EVENTS
                     or g.nbytes >= RECORD_BYTES):
-                g = latest[sid] = Group(0, sid, ev.family, p.received, [], [])
+                g = latest[sid] = _group(sid, ev.family, p.received)
                 groups.append(g)
             g.bodies.append(ev.body)
             g.keys.append(k)
+            if g.ids is not None:
+                if ev.ack_id is NOT_READ:
+                    g.ids = None
+                else:
+                    g.ids.append(ev.ack_id)
             g.nbytes += len(ev.body)
             new += 1
         return new
@@ -310,6 +318,19 @@ class Writer:
         for pending, n in zip(appends, stored):
             if not pending.done.done():
                 pending.done.set_result(n)
+
+
+def _group(sid: int, family: int, received: int) -> Group:
+    """A new group; a Nucleus one keeps its events' ack ids while ingest read them all."""
+    return Group(0, sid, family, received, [], [], ids=[] if family == NUCLEUS else None)
+
+
+def _ids(events: list[Event]) -> list[Any] | None:
+    """The events' ack ids, or None when any was not read (or they are not Nucleus)."""
+    if events[0].family != NUCLEUS:
+        return None
+    ids = [ev.ack_id for ev in events]
+    return None if NOT_READ in ids else ids
 
 
 def is_corruption(exc: sqlite3.DatabaseError) -> bool:

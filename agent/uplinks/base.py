@@ -16,7 +16,7 @@ from __future__ import annotations
 import asyncio
 import socket
 from abc import ABC, abstractmethod
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Any, ClassVar, Protocol
 from urllib.parse import urlsplit
@@ -26,6 +26,7 @@ import aiohttp
 from agent.families.event import Limit
 from agent.settings import UpstreamConfig
 from agent.spool.types import Row
+from agent.uplinks import splice
 from agent.uplinks.prepare import Prepared, take_prefix
 
 # Statuses worth retrying as they are (and any 5xx).
@@ -74,7 +75,7 @@ class Uplink(Protocol):
     # (a websocket reader, say) raise unexpectedly, for the forwarder's supervisor.
     on_crash: Callable[[BaseException], None]
 
-    def prepare(self, rows: list[Row]) -> Prepared:
+    def prepare(self, rows: Sequence[Row]) -> Prepared:
         """The next batch: the longest prefix of ``rows`` that may go in it, encoded.
 
         Called synchronously before ``send``; it may take fewer rows than given
@@ -171,8 +172,8 @@ class UplinkBase(ABC):
         writer.close()
         return None
 
-    def prepare(self, rows: list[Row]) -> Prepared:
-        return take_prefix(self, rows)
+    def prepare(self, rows: Sequence[Row]) -> Prepared:
+        return splice.take(self, rows) or take_prefix(self, rows)
 
     @abstractmethod
     def encode_stored(self, row: Row) -> tuple[bytes, Any]:

@@ -8,6 +8,7 @@ their spool seq as id.
 
 from __future__ import annotations
 
+from itertools import repeat
 from typing import Any, ClassVar
 
 import orjson
@@ -15,6 +16,9 @@ import orjson
 from agent.families.event import NUCLEUS
 from agent.spool.types import Row
 from agent.uplinks.prepare import Prepared
+
+# Reported ids looked up as they are (a bool or a container never is: see match).
+_PLAIN = frozenset({int, float, str})
 
 
 class NucleusFraming:
@@ -34,6 +38,10 @@ class NucleusFraming:
         return orjson.dumps(ev), row.seq
 
     def encode_mapped(self, event: dict[str, Any], row: Row) -> tuple[bytes, Any]:
+        # A Nucleus event given back from its Segment form (stored mapped at ingest, then
+        # routed to a Nucleus upstream) keeps its own id, as it would stored as it came.
+        if event.get("id") is not None:
+            return orjson.dumps(event), event["id"]
         event["id"] = row.seq
         return orjson.dumps(event), row.seq
 
@@ -47,6 +55,9 @@ def match(in_flight: dict[Any, int], reported: Any) -> list[int]:
     seq); unknown ids are ignored."""
     if not isinstance(reported, list):
         return []
+    if _PLAIN.issuperset(map(type, reported)):
+        # The usual reply: every id a plain string or number, taken out at C speed.
+        return [s for s in map(in_flight.pop, reported, repeat(None)) if s is not None]
     acked = []
     for ack_id in reported:
         # No event has a boolean id (ingest refuses them), but `true == 1` in Python:

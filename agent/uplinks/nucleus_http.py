@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from typing import Any, ClassVar
 
 import aiohttp
@@ -9,6 +10,7 @@ import orjson
 
 from agent.settings import UpstreamConfig
 from agent.spool.types import Row
+from agent.uplinks import splice
 from agent.uplinks.base import REJECTED_STATUSES, Acked, Refused, Retry, SendResult, UplinkBase
 from agent.uplinks.http_common import html_instead_of_reply, is_retryable, post
 from agent.uplinks.nucleus_frame import NucleusFraming, frame, match
@@ -26,8 +28,8 @@ class NucleusHttpUplink(NucleusFraming, UplinkBase):
         super().__init__(cfg, app_key, session, machine_id)
         self.url = f"{cfg.url.rstrip('/')}/app/{cfg.key or app_key}/track"
 
-    def prepare(self, rows: list[Row]) -> Prepared:
-        return take_prefix(self, rows, in_flight=())
+    def prepare(self, rows: Sequence[Row]) -> Prepared:
+        return splice.take(self, rows, in_flight=()) or take_prefix(self, rows, in_flight=())
 
     async def send(self, prepared: Prepared) -> SendResult:
         answer = await post(self.session, self.url, frame(prepared),

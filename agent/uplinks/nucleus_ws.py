@@ -18,7 +18,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
-from collections.abc import Awaitable
+from collections.abc import Awaitable, Sequence
 from typing import Any, ClassVar
 
 import aiohttp
@@ -26,6 +26,7 @@ import orjson
 
 from agent.settings import UpstreamConfig
 from agent.spool.types import Row
+from agent.uplinks import splice
 from agent.uplinks.base import Acked, Retry, SendResult, UplinkBase
 from agent.uplinks.http_common import html_instead_of_reply
 from agent.uplinks.nucleus_frame import NucleusFraming, frame, match
@@ -113,10 +114,11 @@ class NucleusWsUplink(NucleusFraming, UplinkBase):
         """Pipelined: frames leave in order on one connection (see the module docstring)."""
         return cfg.max_in_flight
 
-    def prepare(self, rows: list[Row]) -> Prepared:
+    def prepare(self, rows: Sequence[Row]) -> Prepared:
         """As the shared take loop, stopping before an id still in flight; the batch's
         ids are in flight from now on, so the next batch cannot reuse them."""
-        prepared = take_prefix(self, rows, self.in_flight)
+        prepared = (splice.take(self, rows, self.in_flight)
+                    or take_prefix(self, rows, self.in_flight))
         self.in_flight.update(zip(prepared.ids, prepared.seqs))
         return prepared
 

@@ -1,7 +1,8 @@
 """Turning queued rows into the next batch: the one take loop every uplink shares.
 
 ``take_prefix`` reads rows in order, converts rows of the other family (the only
-place in uplinks/ that knows the mapping between families), hands each row to
+place in uplinks/ that knows the mapping between families; Nucleus events routed to
+a Segment upstream arrive mapped already, stored so at ingest), hands each row to
 its uplink's encoder, refuses rows that can never be sent, and stops at the
 event and byte caps. The result is a ``Prepared`` value: the uplink keeps no
 per-row state between preparing a batch and sending it.
@@ -39,7 +40,7 @@ class Prepared:
     ``seqs``, ``bodies`` and ``ids`` are parallel: the rows to send, in order.
     """
 
-    rows: tuple[Row, ...]                 # every row taken, in order (sent or refused)
+    rows: Sequence[Row]                   # every row taken, in order (sent or refused)
     seqs: tuple[int, ...]                 # the rows to send
     bodies: tuple[bytes, ...]             # their encoded events
     ids: tuple[Any, ...]                  # what the upstream acknowledges them by

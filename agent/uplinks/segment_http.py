@@ -32,6 +32,7 @@ from agent.spool.types import Row
 from agent.uplinks.base import REJECTED_STATUSES, Acked, Refused, Retry, SendResult, UplinkBase
 from agent.uplinks.http_common import html_instead_of_reply, is_retryable, post
 from agent.uplinks.prepare import Prepared
+from agent.uplinks.splice import objects, stamped
 
 
 class SegmentHttpUplink(UplinkBase):
@@ -70,12 +71,15 @@ class SegmentHttpUplink(UplinkBase):
     def payload(prepared: Prepared, sent_at: str) -> bytes:
         """The request body: every event with `sentAt` spliced in first."""
         stamp = b'{"sentAt":"' + sent_at.encode() + b'"'
-        events = []
-        for body in prepared.bodies:
-            rest = body[1:]
-            events.append(stamp + (rest if rest.lstrip().startswith(b"}") else b"," + rest))
-        return (b'{"batch":[' + b",".join(events) + b'],"sentAt":"' + sent_at.encode()
-                + b'"}')
+        if objects(prepared.bodies):
+            events = stamped(prepared.bodies, stamp[1:])
+        else:
+            parts = []
+            for body in prepared.bodies:
+                rest = body[1:]
+                parts.append(stamp + (rest if rest.lstrip().startswith(b"}") else b"," + rest))
+            events = b",".join(parts)
+        return b'{"batch":[' + events + b'],"sentAt":"' + sent_at.encode() + b'"}'
 
     async def send(self, prepared: Prepared) -> SendResult:
         body = self.payload(prepared, iso_ms(now_ms()))

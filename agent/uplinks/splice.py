@@ -1,0 +1,104 @@
+"""Same-family batches cut from the stored bytes: no parse, no re-encode, no Row per event.
+
+A fetch (``spool.types.Queued``) holds whole runs of records. While its leading runs
+are in the uplink's own family and can go as stored, the batch is cut from them with
+slices, sums and set operations, per run and not per event. Nucleus runs can go as
+stored when their record holds the ids ingest read (records.ZSTD_IDS), none missing:
+an event without an id is sent with its seq as id, re-encoded. Segment bodies go as
+stored (segment_http splices `sentAt` in); whether each is a JSON object is checked
+for the whole batch at once.
+
+Anything else is left to ``prepare.take_prefix``, one row at a time (it converts the
+other family, and refuses what can never be sent): this returns None when it cannot
+take even the first event, and stops early where the take loop would have to decide.
+"""
+
+from __future__ import annotations
+
+from bisect import bisect_right
+from collections.abc import Sequence
+from itertools import accumulate, repeat
+from operator import add, itemgetter
+from typing import Any
+
+from agent.families.event import NUCLEUS
+from agent.spool.types import Queued, Row
+from agent.uplinks.prepare import Encoder, Prepared
+
+
+def take(uplink: Encoder, rows: Sequence[Row],
+         in_flight: dict[Any, int] | tuple[()] | None = None) -> Prepared | None:
+    """The next batch spliced from ``rows``' runs, or None for the take loop to make.
+
+    ``in_flight`` as for take_prefix: given, ack ids are event ids, unique within the
+    batch and among those in flight (a tuple: none are in flight).
+    """
+    if not isinstance(rows, Queued):
+        return None
+    cfg, family = uplink.cfg, uplink.family
+    keyed = family == NUCLEUS
+    overhead = uplink.event_overhead
+    budget = cfg.batch_max_bytes - uplink.envelope_bytes
+    oversize = budget if uplink.refuse_oversize else None
+    busy = in_flight if isinstance(in_flight, dict) else None
+    room = cfg.batch_max_events
+    seqs: list[int] = []
+    bodies: list[bytes] = []
+    ids: list[Any] = []
+    seen: set[Any] = set()
+    for run in rows.runs:
+        if not room or run.family != family or (keyed and run.ids is None):
+            break
+        part = run.bodies if len(run.bodies) <= room else run.bodies[:room]
+        if oversize is not None and max(map(len, part)) + overhead > oversize:
+            break  # the take loop refuses it
+        k = len(part)
+        spent = sum(map(len, part)) + overhead * k
+        if spent > budget:
+            # What each event adds to the request, summed: the byte cap by one bisect.
+            costs = list(accumulate(map(add, map(len, part), repeat(overhead))))
+            k = bisect_right(costs, budget)
+            if not k:
+                break
+            part, spent = part[:k], costs[k - 1]
+        if keyed:
+            assert run.ids is not None
+            keys = run.ids[:k]
+            new = set(keys)
+            if None in new:
+                break
+            if in_flight is not None:
+                if len(new) != k or not seen.isdisjoint(new) or (
+                        busy is not None and not busy.keys().isdisjoint(new)):
+                    break
+                seen |= new
+            ids += keys
+        seqs += range(run.first, run.first + k)
+        bodies += part
+        budget -= spent
+        room -= k
+        if k < len(run.bodies):
+            break
+    if not seqs or (not keyed and not objects(bodies)):
+        return None
+    sent = tuple(seqs)
+    return Prepared(rows[:len(sent)], sent, tuple(bodies), tuple(ids) if keyed else sent, ())
+
+
+def objects(bodies: Sequence[bytes]) -> bool:
+    """Whether every body is a JSON object with members, as stored (`{`, more, `}`): by
+    their first and last bytes, gathered at C speed (per-body checks cost more than the
+    rest of a spliced batch)."""
+    n = len(bodies)
+    return (n > 0 and min(map(len, bodies)) > 2 and bytes(map(_FIRST, bodies)) == b"{" * n
+            and bytes(map(_LAST, bodies)) == b"}" * n)
+
+
+def stamped(bodies: Sequence[bytes], member: bytes) -> bytes:
+    """``bodies`` (each passing ``objects``) with ``member`` (`"key":value`) put first in
+    each, joined by commas: one slice per body and one join."""
+    head = b"{" + member + b","
+    return head + (b"," + head).join(map(_TAIL, bodies))
+
+
+_FIRST, _LAST, _TAIL = itemgetter(0), itemgetter(-1), itemgetter(slice(1, None))

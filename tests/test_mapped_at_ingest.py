@@ -1,0 +1,147 @@
+"""Where mapping happens (docs/architecture.md): a Nucleus app's events routed to a
+Segment upstream are mapped once, at ingest, and stored mapped; what the upstream gets
+is what mapping at send time gives, and a reload that routes the key to a Nucleus
+upstream gives it the original events back."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+from datetime import datetime
+from pathlib import Path
+from typing import Any
+
+import aiohttp
+import orjson
+
+from agent.config import parse
+from agent.families.event import NUCLEUS, SEGMENT, Event, dedupe_key
+from agent.families.mapping import nucleus_to_segment
+from agent.server.limits import RouteLimits
+from tests.conftest import free_port, write_config
+from tests.fakes.nucleus_upstream import FakeNucleus
+from tests.fakes.segment_upstream import FakeSegment
+from tests.segment_helpers import basic, call, nucleus_up, segment_up, wait_for
+
+EVENTS = [
+    {"type": "event", "name": "click", "id": 7, "date": "2026-01-15T10:20:30.123Z",
+     "machineId": "m1", "sessionId": 42, "userId": "u", "payload": {"x": [1, {"y": None}]},
+     "customField": {"kept": True}},
+    {"type": "nucleus:view", "name": "Settings", "id": "s-8", "date": 1767225600123,
+     "deviceId": "d", "anonId": "a", "sessionId": 42},
+    {"type": "props", "id": 9, "date": "2026-06-01T12:00:00", "machineId": "m1",
+     "payload": {"plan": "pro"}, "locale": "fr-FR"},
+]
+
+
+def offline_segment() -> dict[str, Any]:
+    return {"name": "segment", "protocol": "segment-http",
+            "url": f"http://127.0.0.1:{free_port()}", "flush_interval_s": 0.05, "timeout_s": 2}
+
+
+def without(ev: dict[str, Any], *fields: str) -> dict[str, Any]:
+    return {k: v for k, v in ev.items() if k not in fields}
+
+
+async def test_nucleus_events_routed_to_segment_are_stored_mapped(make_agent: Any) -> None:
+    agent = await make_agent(upstreams=[offline_segment()])
+    reply = await call(agent.port, "/app/k/track", {"data": EVENTS})
+    assert reply.json() == {"reportedIds": [7, "s-8", 9]}
+    rows = await agent.spool.fetch(agent.spool.streams["k"].id, 0, 10)
+    assert [r.family for r in rows] == [SEGMENT] * 3
+    for row, ev in zip(rows, EVENTS, strict=True):
+        stored = orjson.loads(row.body)
+        # What mapping at send time gives, but for receivedAt: the request's time, not
+        # the commit's (the same instant within the request's commit).
+        assert without(stored, "receivedAt") == without(
+            nucleus_to_segment(ev, row.received), "receivedAt")
+        assert abs(row.received - _ms(stored["receivedAt"])) < 5_000
+
+
+async def test_a_key_routed_to_nucleus_stores_nucleus_events_as_they_came(
+        make_agent: Any) -> None:
+    offline = {"name": "n", "protocol": "nucleus-http",
+               "url": f"http://127.0.0.1:{free_port()}", "flush_interval_s": 0.05}
+    agent = await make_agent(upstreams=[offline_segment() | {"keys": ["web"]}, offline])
+    assert (await call(agent.port, "/app/k/track", {"data": EVENTS[:1]})).status == 200
+    rows = await agent.spool.fetch(agent.spool.streams["k"].id, 0, 10)
+    assert [(r.family, orjson.loads(r.body)) for r in rows] == [(NUCLEUS, EVENTS[0])]
+
+
+async def test_stored_mapped_then_routed_to_nucleus_arrives_as_sent(
+        make_agent: Any, tmp_path: Path, fake_nucleus: FakeNucleus) -> None:
+    agent = await make_agent(upstreams=[offline_segment()])
+    assert (await call(agent.port, "/app/k/track", {"data": EVENTS})).status == 200
+    write_config(Path(agent.config_path), tmp_path / "spool.db",
+                 upstreams=[nucleus_up(fake_nucleus)])
+    await agent.reload()
+    await wait_for(lambda: len(fake_nucleus.events) == 3)
+    assert fake_nucleus.events == EVENTS   # ids, dates and unknown fields included
+
+
+async def test_stored_mapped_reaches_segment_once_in_order(
+        make_agent: Any, fake_segment: FakeSegment) -> None:
+    agent = await make_agent(upstreams=[segment_up(fake_segment, batch_max_events=2)])
+    for _ in range(2):   # a module resending its queue: stored once
+        assert (await call(agent.port, "/app/k/track", {"data": EVENTS})).status == 200
+    seg = {"type": "track", "userId": "u", "event": "after", "messageId": "after-1"}
+    assert (await call(agent.port, "/v1/track", seg,
+                       headers={"Authorization": basic("k")})).status == 200
+    await wait_for(lambda: agent.spool.depth == 0 and len(fake_segment.events) == 4)
+    got = fake_segment.events
+    assert [e["type"] for e in got] == ["track", "screen", "identify", "track"]
+    assert [e["context"]["nucleus"]["id"] for e in got[:3]] == [7, "s-8", 9]
+    assert got[3]["messageId"] == "after-1"
+
+
+async def test_the_tail_shows_the_event_the_app_sent(make_agent: Any) -> None:
+    """`outpost tail` is what apps are sending: a Nucleus event, whatever it is stored as."""
+    agent = await make_agent(upstreams=[offline_segment()], port=free_port())
+    async with aiohttp.ClientSession() as s, s.get(f"http://127.0.0.1:{agent.port}/tail") as resp:
+        assert b'"watching"' in await resp.content.readline()
+        reply = await call(agent.port, "/app/k/track", {"data": [
+            {"type": "warp", "id": 1}, {"type": "event", "id": 2},
+            {"type": "event", "name": "ok", "id": 3}]})
+        assert reply.status == 200, reply.body
+        got: list[dict[str, Any]] = []
+        while len(got) < 3:
+            line = await asyncio.wait_for(resp.content.readline(), 20)
+            if line.startswith(b"data: "):
+                got.append(json.loads(line[6:]))
+    assert [(m["api"], m["id"], m["type"], m["warnings"]) for m in got] == [
+        ("nucleus", "1", "warp", ["unknown type 'warp'"]),
+        ("nucleus", "2", "event", ["missing field `name`"]), ("nucleus", "3", "event", [])]
+
+
+async def test_an_event_that_cannot_be_mapped_is_stored_as_it_came_and_dead_lettered(
+        make_agent: Any, fake_segment: FakeSegment) -> None:
+    # An error's payload goes two levels deeper once mapped (context.nucleus.payload):
+    # past the 255 levels orjson writes. Spelled out: orjson would not write the request.
+    deep = '{"a":' * 252 + "1" + "}" * 252
+    error = ('{"type":"error","name":"Deep","id":1,"date":"2026-01-15T10:20:30.123Z",'
+             f'"payload":{deep}}}')
+    body = '{"data":[' + error + "," + orjson.dumps(EVENTS[0]).decode() + "]}"
+    agent = await make_agent(upstreams=[segment_up(fake_segment)])
+    reply = await call(agent.port, "/app/k/track", body)
+    assert reply.json() == {"reportedIds": [1, 7]}
+    await wait_for(lambda: agent.spool.dead_count == 1 and len(fake_segment.events) == 1)
+    assert fake_segment.events[0]["context"]["nucleus"]["id"] == 7
+    dead = await agent.spool.dead_letters()
+    assert "corrupt row" in dead[0]["reason"]
+    assert orjson.loads(dead[0]["body"])["name"] == "Deep"   # stored as the app sent it
+
+
+def _ms(iso: str) -> int:
+    return int(datetime.fromisoformat(iso).timestamp() * 1000)
+
+
+def test_a_resend_the_spool_knows_is_not_mapped_again() -> None:
+    cfg = parse({"upstream": [offline_segment()]})
+    limits = RouteLimits(cfg, lambda up: None, lambda up: SEGMENT)
+    events = [Event("k", NUCLEUS, dedupe_key("k", i), orjson.dumps(ev))
+              for i, ev in enumerate(EVENTS)]
+    fresh = limits.as_stored(events)
+    assert [e.family for e in fresh] == [SEGMENT] * 3
+    # The first two are resends of stored events: kept as sent, the spool drops them.
+    again = limits.as_stored(events, {events[0].dedupe, events[1].dedupe})
+    assert again[:2] == events[:2] and again[2].family == SEGMENT

@@ -1,0 +1,158 @@
+"""Same-family batches cut from stored bytes (agent/uplinks/splice.py) and the read view
+they are cut from (spool.types.Queued): the splice never takes what the one-row-at-a-time
+take loop would not, and a key's events reach the upstream exactly as stored, with the
+ids ingest read, old records (no ids) and new ones alike."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import aiohttp
+import orjson
+import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from agent.families.event import NUCLEUS, SEGMENT, Event, dedupe_key
+from agent.settings import StorageConfig, UpstreamConfig
+from agent.spool import Spool
+from agent.spool.records import ZSTD, ZSTD_IDS
+from agent.spool.types import Queued, Row, Run
+from agent.uplinks.base import UplinkBase
+from agent.uplinks.nucleus_http import NucleusHttpUplink
+from agent.uplinks.nucleus_ws import NucleusWsUplink
+from agent.uplinks.prepare import Prepared, take_prefix
+from agent.uplinks.segment_http import SegmentHttpUplink
+from tests.fakes.nucleus_upstream import FakeNucleus
+
+ID_POOL = ["a", "b", 1, 2, 2.5, None]
+
+
+@st.composite
+def runs(draw: st.DrawFn) -> list[Run]:
+    out: list[Run] = []
+    seq = draw(st.integers(1, 50))
+    for _ in range(draw(st.integers(0, 5))):
+        family = draw(st.sampled_from([NUCLEUS, SEGMENT]))
+        n = draw(st.integers(1, 6))
+        ids = [draw(st.sampled_from(ID_POOL)) for _ in range(n)]
+        # Ids are stored only as ingest read them from the events' own bodies.
+        stored_ids = ids if family == NUCLEUS and draw(st.booleans()) else None
+        bodies = []
+        for i in range(n):
+            pad = "x" * draw(st.integers(0, 120))
+            if family == NUCLEUS:
+                ev = {"name": "e", "p": pad} if ids[i] is None else {"id": ids[i], "p": pad}
+            else:
+                ev = {"type": "track", "messageId": f"m{seq + i}", "p": pad}
+            body = orjson.dumps(ev)
+            if stored_ids is None and draw(st.integers(0, 15)) == 0:
+                body = draw(st.sampled_from([b"{}", b"[1]", b'"s"', b"\xff"]))
+            bodies.append(body)
+        out.append(Run(seq, 1, family, 1_767_323_045_000, bodies, stored_ids))
+        seq += n + draw(st.integers(0, 2))   # a gap: events acked before
+    return out
+
+
+def config(cls: type[UplinkBase], events: int, nbytes: int) -> UpstreamConfig:
+    return UpstreamConfig(name="u", protocol=cls.protocol, url=f"{cls.schemes[0]}://127.0.0.1:9",
+                          batch_max_events=events, batch_max_bytes=nbytes)
+
+
+def prefix_of(part: Prepared, whole: Prepared) -> None:
+    """``part`` takes the first rows ``whole`` takes, each the same way."""
+    n = len(part.seqs)
+    assert part.seqs == whole.seqs[:n] and part.bodies == whole.bodies[:n]
+    assert part.ids == whole.ids[:n]
+    assert [r.seq for r in part.rows] == [r.seq for r in whole.rows][:len(part.rows)]
+
+
+@settings(max_examples=400, deadline=None)
+@given(runs(), st.sampled_from([NucleusWsUplink, NucleusHttpUplink, SegmentHttpUplink]),
+       st.integers(1, 12), st.integers(40, 1500), st.lists(st.sampled_from(ID_POOL[:5])))
+async def test_a_spliced_batch_is_what_the_take_loop_would_take(
+        got: list[Run], cls: type[UplinkBase], events: int, nbytes: int,
+        busy: list[Any]) -> None:
+    queued = Queued(got)
+    async with aiohttp.ClientSession() as session:
+        fast, slow = (cls(config(cls, events, nbytes), "app", session, "m") for _ in "ab")
+        for up in (fast, slow):
+            if isinstance(up, NucleusWsUplink):
+                up.in_flight = {i: -1 for i in busy}
+        spliced = fast.prepare(queued)
+        one_by_one = slow.prepare(list(queued))   # a list: the take loop alone
+    assert bool(spliced.rows) == bool(one_by_one.rows)
+    prefix_of(spliced, one_by_one)
+    if spliced.refused:
+        assert spliced == Prepared(tuple(spliced.rows), *(getattr(one_by_one, f) for f in
+                                                           ("seqs", "bodies", "ids", "refused")))
+    else:
+        assert [r.seq for r in spliced.rows] == list(spliced.seqs)
+    if isinstance(fast, NucleusWsUplink) and isinstance(slow, NucleusWsUplink):
+        assert {i: s for i, s in fast.in_flight.items() if s != -1} == dict(
+            zip(spliced.ids, spliced.seqs))
+
+
+@settings(deadline=None)
+@given(runs(), st.integers(-40, 40), st.integers(-40, 40))
+def test_queued_is_the_sequence_of_its_rows(got: list[Run], a: int, b: int) -> None:
+    queued = Queued(got)
+    rows = [Row(r.first + i, r.stream, r.family, r.received, body)
+            for r in got for i, body in enumerate(r.bodies)]
+    assert list(queued) == rows and len(queued) == len(rows)
+    assert list(queued[a:b]) == rows[a:b] and list(queued[a:]) == rows[a:]
+    if -len(rows) <= a < len(rows):
+        assert queued[a] == rows[a]
+    else:
+        with pytest.raises(IndexError):
+            queued[a]
+    assert list(queued[:a] + queued[a:]) == rows
+
+
+def test_splice_takes_whole_runs_without_making_rows() -> None:
+    """The common case, asserted outright: a record's events in one batch, as stored."""
+    bodies = [orjson.dumps({"id": f"e{i}", "n": i}) for i in range(5)]
+    queued = Queued([Run(10, 1, NUCLEUS, 0, bodies, [f"e{i}" for i in range(5)])])
+    up = NucleusHttpUplink.__new__(NucleusHttpUplink)
+    up.cfg = config(NucleusHttpUplink, 500, 500_000)
+    batch = up.prepare(queued)
+    assert batch.seqs == (10, 11, 12, 13, 14) and batch.bodies == tuple(bodies)
+    assert batch.ids == tuple(f"e{i}" for i in range(5)) and isinstance(batch.rows, Queued)
+    assert take_prefix(up, list(queued), in_flight=()).bodies == batch.bodies
+
+
+async def test_ids_ingest_read_are_stored_with_the_events_and_old_records_still_drain(
+        tmp_path: Any) -> None:
+    """Events of both layouts in one key's queue reach the upstream in order, each body as
+    stored and acknowledged by its own id; an event without an id goes with its seq."""
+    spool = await Spool.open(StorageConfig(path=str(tmp_path / "spool.db")))
+    fake = await FakeNucleus().start()
+    try:
+        def nucleus(i: int, read: bool, **extra: Any) -> Event:
+            ev = {"name": "e", "n": i, **extra}
+            kw = {"ack_id": extra.get("id")} if read else {}
+            return Event("k", NUCLEUS, dedupe_key("k", i), orjson.dumps(ev), **kw)
+
+        await spool.append([nucleus(i, False, id=f"old{i}") for i in range(3)])  # tag 1
+        await spool.append([nucleus(i, True, id=i) for i in range(3, 6)]
+                           + [nucleus(6, True)])                                 # ZSTD_IDS
+        tags = await spool.reader_side.read("SELECT substr(data, 1, 1) FROM records ORDER BY id")
+        assert [t[0] for t in tags] == [bytes([ZSTD]), bytes([ZSTD_IDS])]
+        queued = await spool.fetch(spool.streams["k"].id, 0, 100)
+        assert [r.ids for r in queued.runs] == [None, [3, 4, 5, None]]
+        cfg = UpstreamConfig(name="n", protocol="nucleus-ws", url=fake.url, timeout_s=5)
+        async with aiohttp.ClientSession() as session:
+            up = NucleusWsUplink(cfg, "k", session, "m")
+            sent: list[int] = []
+            while len(sent) < 7:
+                batch = up.prepare(queued[len(sent):])
+                result = await up.send(batch)
+                assert result.seqs == batch.seqs   # type: ignore[union-attr]
+                sent += batch.seqs
+            await up.close()
+        got = fake.events
+        assert [ev["n"] for ev in got] == list(range(7))
+        assert [ev["id"] for ev in got] == ["old0", "old1", "old2", 3, 4, 5, sent[6]]
+    finally:
+        await fake.stop()
+        await spool.close()
