@@ -329,3 +329,25 @@ async def test_tail_without_an_agent_says_so_in_one_line(tmp_path: Path) -> None
         stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.STDOUT)
     out, _ = await asyncio.wait_for(proc.communicate(), 30)
     assert proc.returncode == 2 and out.decode().startswith("outpost: config error:"), out
+
+
+async def test_an_acked_event_stored_mapped_shows_as_the_app_sent_it(
+        make_agent: Any, fake_segment: FakeSegment) -> None:
+    """A Nucleus app's key routed to a Segment upstream: its events are stored mapped to
+    Segment, and its acked lines show them as its ingest lines do, so the two match."""
+    agent = await make_agent(port=free_port(), upstreams=[segment_up(fake_segment, key="*")])
+    async with aiohttp.ClientSession() as s, s.get(f"http://127.0.0.1:{agent.port}/tail") as resp:
+        assert b'"watching"' in await resp.content.readline()
+        r = await call(agent.port, "/app/nucleus-app-1/track", {"data": [
+            {"type": "event", "name": "opened cart", "id": 7},
+            {"type": "event", "name": "paid", "id": 8}]})
+        assert r.status == 200, r.body
+        got: list[dict[str, Any]] = []
+        while sum(m["kind"] == "acked" for m in got) < 2:
+            line = await asyncio.wait_for(resp.content.readline(), 20)
+            if line.startswith(b"data: "):
+                got.append(json.loads(line[6:]))
+    seen = {(m["kind"], m["api"], m["type"], m["name"], m["id"]) for m in got}
+    assert seen == {(kind, "nucleus", "event", name, ident)
+                    for kind in ("ingested", "acked")
+                    for name, ident in (("opened cart", "7"), ("paid", "8"))}, got
