@@ -21,7 +21,8 @@ from typing import Any
 import orjson
 
 from agent import logs
-from agent.families.event import NUCLEUS, Event
+from agent.families.event import NUCLEUS, SEGMENT, Event
+from agent.families.mapping import segment_to_nucleus
 from agent.families.nucleus import KNOWN_TYPES as NUCLEUS_TYPES
 from agent.families.segment import TYPES as SEGMENT_TYPES
 from agent.metrics import Metrics
@@ -182,17 +183,32 @@ def summarise(item: Item) -> dict[str, Any]:
     kind, payload = item
     if kind == "acked":
         upstream, key, row = payload
-        shown = describe(Event(key, row.family, 0, row.body))
+        shown = _describe(*as_sent(row.family, orjson.loads(row.body), row.received), key)
         del shown["warnings"]   # shown once, when it came in
         return {"kind": kind, "upstream": upstream, **shown}
     return {"kind": kind, "count": payload}
 
 
+def as_sent(family: int, body: dict[str, Any], received: int) -> tuple[int, dict[str, Any]]:
+    """A stored event as its app sent it: a Nucleus event stored mapped to Segment (its
+    key routed to a Segment upstream) is the Nucleus event it was, as its ingest line
+    showed it. The mapping marks what it made (a ``nucleus-`` messageId, the Nucleus
+    fields kept in ``context.nucleus``) and gives the original back."""
+    if family == SEGMENT and str(body.get("messageId", "")).startswith("nucleus-"):
+        context = body.get("context")
+        if isinstance(context, dict) and isinstance(context.get("nucleus"), dict):
+            return NUCLEUS, segment_to_nucleus(body, received)
+    return family, body
+
+
 def describe(ev: Event) -> dict[str, Any]:
     """An event's API family, key fingerprint, type, name, id and warnings; never its
     body, whose properties may hold anything an app sends."""
-    body = orjson.loads(ev.body)
-    if ev.family == NUCLEUS:
+    return _describe(ev.family, orjson.loads(ev.body), ev.key)
+
+
+def _describe(family: int, body: dict[str, Any], key: str) -> dict[str, Any]:
+    if family == NUCLEUS:
         kind = body.get("type") or "event"
         name, ident, known = body.get("name"), body.get("id"), NUCLEUS_TYPES
     else:
@@ -201,9 +217,9 @@ def describe(ev: Event) -> dict[str, Any]:
         ident, known = body.get("messageId"), SEGMENT_TYPES
     # The type needs no redaction when it is one the API defines.
     shown = kind if kind in known else _text(kind)
-    return {"api": "nucleus" if ev.family == NUCLEUS else "segment", "key": fingerprint(ev.key),
+    return {"api": "nucleus" if family == NUCLEUS else "segment", "key": fingerprint(key),
             "type": shown, "name": _text(name), "id": _text(ident),
-            "warnings": warnings(ev.family, body, kind, known)}
+            "warnings": warnings(family, body, kind, known)}
 
 
 def warnings(family: int, body: dict[str, Any], kind: Any, known: frozenset[str]) -> list[str]:
