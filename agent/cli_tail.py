@@ -29,8 +29,9 @@ def add_parser(subparsers: argparse._SubParsersAction[argparse.ArgumentParser],
     p = subparsers.add_parser(
         "tail", help="show events live as apps send them and upstreams acknowledge them",
         description="Show each event as the running agent commits it (API, key fingerprint, "
-                    "type, name, id, warnings) and each upstream acknowledgement. Keys are "
-                    "shown as fingerprints (k:xxxxxxxx), never in full. Ctrl-C stops.")
+                    "type, name, id, warnings) and again as an upstream acknowledges it. "
+                    "Keys are shown as fingerprints (k:xxxxxxxx), never in full. Ctrl-C "
+                    "stops.")
     p.add_argument("--config", help="path to agent.toml")
     p.add_argument("--key", help="only this app key's events: the key (sent to the agent "
                                  "as its fingerprint, never as the key) or a fingerprint "
@@ -75,15 +76,15 @@ def line(m: dict[str, Any]) -> str:
     """One message as a line of text."""
     now = time.strftime("%H:%M:%S")
     kind = m["kind"]
-    if kind == "ingested":
+    if kind in ("ingested", "acked"):
         what = m["type"] or "?"
         if m["name"]:
             what += f" {m['name']!r}"
-        text = f"{now} in    {m['api']:<8} {m['key']}  {what}  id={m['id']}"
+        text = (f"{now} {'in' if kind == 'ingested' else kind:<5} {m['api']:<8} {m['key']}  "
+                f"{what}  id={m['id']}")
+        if kind == "acked":
+            return text + f"  by {m['upstream']}"
         return text + "".join(f"\n         ! {w}" for w in m["warnings"])
-    if kind == "acked":
-        return (f"{now} acked {m['count']} event(s) upstream "
-                f"(seq {m['first_seq']}..{m['last_seq']})")
     if kind == "resent":
         return f"{now} in    {m['count']} resent event(s) above were already stored: not stored again"
     if kind == "dropped":

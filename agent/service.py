@@ -96,14 +96,13 @@ class Agent:
             self.spool = spool = await Spool.open(self.cfg.storage, on_reopen=self._reopened,
                                                   on_migrating=self._migrating)
             stack.push_async_callback(spool.close)
-            spool.on_ack = self.tail.acked
             _register_keys(spool.streams)
             self.sync = SyncMonitor(self.cfg.sync, source_for(self.cfg.sync), self.battery,
                                     self._oldest_routed, self.seams.timing, self._regate)
             await self.sync.start()
             stack.push_async_callback(self.sync.stop)
             self.forwarding = Supervisor(self.cfg, spool, self.facts, self.metrics, self.seams,
-                                         self.sync.may_send)
+                                         self.sync.may_send, self.tail.acked)
             await self.forwarding.start()
             stack.push_async_callback(self._stop_forwarding)
             self.sink = Sink(self.cfg.listen.accept_keys, spool, Enrich(self.facts), self.metrics,
@@ -247,7 +246,7 @@ class Agent:
         if old is not None:
             await old.stop()
         self.forwarding = Supervisor(new, self.spool, self.facts, self.metrics, self.seams,
-                                     self.sync.may_send)
+                                     self.sync.may_send, self.tail.acked)
         if old is not None:
             _carry_states(old, self.forwarding)
         self.sink.set_accept_keys(new.listen.accept_keys)

@@ -32,7 +32,7 @@ class ParkingModel(RuleBasedStateMachine):
     def time_passes(self, step: int) -> None:
         self.now += step
         want = sorted((p.when, k) for k, p in self.model.items() if p.when <= self.now)
-        got = self.lot.due(self.now)
+        got = list(self.lot.due(self.now))
         assert [k for k, _ in got] == [k for _, k in want]
         for key, attempt in got:
             assert attempt == self.model.pop(key).attempt

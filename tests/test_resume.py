@@ -20,6 +20,7 @@ import functools
 import logging
 import os
 import random
+import re
 import shutil
 import sys
 from typing import Any
@@ -59,7 +60,8 @@ def nucleus_upstream(fake: FakeNucleus, protocol: str) -> dict[str, Any]:
 
 async def quiet(agent: Any, timing: ManualTiming, timers: int) -> None:
     """Wait until no key's loop runs and no probe is in flight: ``timers`` timers wait."""
-    await wait_for(lambda: not agent.forwarding.loops and len(timing.pending()) == timers)
+    await wait_for(lambda: not agent.forwarding.loops and len(timing.pending()) == timers
+                   and not any(p.probing for p in agent.forwarding.probers.values()))
 
 
 async def get_json(agent: Any, path: str) -> Any:
@@ -117,8 +119,12 @@ async def test_delivery_resumes_within_3s_after_an_outage_that_took_the_backoff_
     assert down_nucleus.ids() == posted   # each event once, in order
     assert state.unreachable_since is None
     assert (await get_json(agent, "/status"))["upstreams"][0]["state"] != "unreachable"
-    recovered = [r.getMessage() for r in caplog.records if "reachable again" in r.getMessage()]
-    assert len(recovered) == 1 and recovered[0].startswith("upstream up reachable again after")
+    await wait_for(lambda: timing.pending() == [PROBE_S])   # the recovery report's check
+    timing.advance(PROBE_S)   # everything was delivered: it is logged
+    recovered = [r.getMessage() for r in caplog.records if "recovered" in r.getMessage()]
+    assert len(recovered) == 1, recovered
+    assert re.fullmatch(rf"upstream up recovered after \d+s; {len(posted)} events delivered",
+                        recovered[0]), recovered
 
 
 async def test_a_live_upstream_answering_503_keeps_its_backoff(make_agent: Any,
@@ -149,8 +155,8 @@ async def test_a_live_upstream_answering_503_keeps_its_backoff(make_agent: Any,
 
 async def test_retry_after_holds_through_a_network_change(make_agent: Any,
                                                           faulty: FaultyUpstream) -> None:
-    """The upstream's own wait is not probed at all, and a network change, which retries
-    other parked keys at once, leaves it alone."""
+    """The upstream's own wait is not probed at all, and a network change, which ends
+    an unreachable upstream's probe wait, leaves it alone."""
     faulty.script = [Fault("status", 503, {"Retry-After": "30"})]
     timing = ManualTiming()
     agent = await make_agent(upstreams=[upstream(faulty, "nucleus-http")], seams=seams(timing))
@@ -159,9 +165,8 @@ async def test_retry_after_holds_through_a_network_change(make_agent: Any,
     await quiet(agent, timing, 1)
     assert timing.pending() == [30.0] and state.probes == 0
     agent.forwarding.network_changed()
-    await wait_for(lambda: state.probes == 1)   # the change's probe connected...
     await quiet(agent, timing, 1)
-    assert timing.pending() == [30.0]           # ...and the key still waits the 30 s
+    assert timing.pending() == [30.0] and state.probes == 0   # the key still waits the 30 s
     timing.advance(29.9)
     assert len(faulty.requests) == 1 and timing.pending() == [pytest.approx(0.1)]
     timing.advance(0.1)
@@ -169,11 +174,12 @@ async def test_retry_after_holds_through_a_network_change(make_agent: Any,
     assert [r.status for r in faulty.requests] == [503, 200]
 
 
-async def test_a_network_change_retries_waiting_keys_at_once(make_agent: Any,
-                                                             faulty: FaultyUpstream) -> None:
-    """A reachable upstream that failed (a captive portal's page, a 5xx) may work on the
-    new network: a change probes it, and retries its keys when the probe connects. A
-    burst of changes probes once now and once ``NET_GAP_S`` later."""
+async def test_network_changes_do_not_cut_the_backoff_of_an_upstream_that_answered(
+        make_agent: Any, faulty: FaultyUpstream) -> None:
+    """An upstream that answered with an error (a 5xx) was reachable: a network change
+    ends only a *probe* wait. A noisy netlink feed (a flapping link, a VPN renewing its
+    routes) reporting a change every ``NET_GAP_S`` must not turn the key's minute of
+    backoff into a resend every 2 s, nor probe the upstream each time."""
     faulty.script = [Fault("status", 503)]
     timing = ManualTiming()
     agent = await make_agent(upstreams=[upstream(faulty, "nucleus-http")],
@@ -182,12 +188,36 @@ async def test_a_network_change_retries_waiting_keys_at_once(make_agent: Any,
     await send(agent, [event(i) for i in range(5)])
     await wait_for(lambda: state.retries == 1 and state.probes == 1)
     await quiet(agent, timing, 1)
-    assert timing.pending()[0] >= 30.0
+    (retry_in,) = timing.pending()
+    assert retry_in >= 30.0
+    while timing.now() + NET_GAP_S < retry_in:   # bounded: 30-60 s of changes
+        agent.forwarding.network_changed()
+        await quiet(agent, timing, 1)   # nothing started: no loop, no probe in flight
+        timing.advance(NET_GAP_S)
+    assert len(faulty.requests) == 1 and state.probes == 1
+    timing.advance(retry_in - timing.now())   # the key's own retry
+    await drained(agent, faulty, 5)
+    assert [r.status for r in faulty.requests] == [503, 200]
+
+
+async def test_a_network_change_ends_the_probe_wait_of_an_unreachable_upstream(
+        make_agent: Any, down_nucleus: FakeNucleus) -> None:
+    """In process, the same as the netlink test below: no forwarder time passes, so only
+    the change can be what delivers. A burst probes once now and once ``NET_GAP_S``
+    later."""
+    timing = ManualTiming()
+    agent = await make_agent(upstreams=[nucleus_upstream(down_nucleus, "nucleus-http")],
+                             seams=seams(timing, Backoff(base_s=60.0)))
+    state = agent.forwarding.states["up"]
+    await send(agent, [event(i) for i in range(5)])
+    await wait_for(lambda: state.retries == 1 and state.unreachable_since is not None)
+    await quiet(agent, timing, 2)   # the key's retry (30 s or more) and the next probe
+    await down_nucleus.come_back()
     for _ in range(3):
         agent.forwarding.network_changed()
-    await drained(agent, faulty, 5)
-    assert timing.now() == 0.0 and state.probes == 2
-    assert timing.pending() == [NET_GAP_S]   # the burst's one trailing probe
+    await wait_for(lambda: agent.spool.depth == 0)
+    assert timing.now() == 0.0 and down_nucleus.ids() == list(range(5))
+    assert state.probes == 2 and state.unreachable_since is None
 
 
 def _can_change_addresses() -> bool:
@@ -260,3 +290,28 @@ def test_the_loop_clock_timers_know_their_time_on_uvloop() -> None:
     with asyncio.Runner(loop_factory=uvloop.new_event_loop) as runner:
         past_when, future_when = runner.run(main())
     assert past_when < future_when
+
+
+async def test_a_recovery_that_stalls_is_logged_at_its_first_quiet_point(
+        make_agent: Any, down_nucleus: FakeNucleus, caplog: pytest.LogCaptureFixture) -> None:
+    """The upstream takes connections again but acknowledges nothing: its recovery line
+    does not wait for a backlog that is not moving. It is logged at the first check
+    without an ack while nothing is sent, with what is still queued."""
+    caplog.set_level(logging.INFO, logger="outpost.probe")
+    timing = ManualTiming()
+    agent = await make_agent(upstreams=[nucleus_upstream(down_nucleus, "nucleus-http")],
+                             seams=seams(timing, Backoff(base_s=60.0)))
+    state = agent.forwarding.states["up"]
+    await send(agent, [event(i) for i in range(5)])
+    await wait_for(lambda: state.retries == 1 and state.unreachable_since is not None)
+    await quiet(agent, timing, 2)   # the key's retry (30 s or more) and the next probe
+    down_nucleus.reply_raw = b'{"reportedIds": []}'
+    await down_nucleus.come_back()
+    timing.advance(PROBE_S)   # the probe connects: the key is retried, and fails again
+    await wait_for(lambda: state.retries == 2)
+    await quiet(agent, timing, 2)   # the key's retry, and the recovery report's check
+    assert not [r for r in caplog.records if "recovered" in r.getMessage()]
+    timing.advance(PROBE_S)
+    recovered = [r.getMessage() for r in caplog.records if "recovered" in r.getMessage()]
+    assert recovered == [f"upstream up recovered after {PROBE_S:.0f}s; 0 events delivered; "
+                         "5 events still queued"], recovered

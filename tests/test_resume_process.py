@@ -84,6 +84,6 @@ async def test_after_an_outage_at_the_backoff_cap_everything_arrives_within_3s(
         assert took <= 3.0, f"delivery resumed {took:.1f}s after the upstream came back"
         assert by_key(fake) == posted   # everything, once, in order per key
         assert agent.terminate() == 0
-        assert agent.log.read_text().count("upstream up reachable again after") == 1
+        assert agent.log.read_text().count("upstream up recovered after") == 1
     finally:
         await fake.stop()

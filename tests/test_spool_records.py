@@ -306,3 +306,32 @@ async def test_the_size_is_estimated_between_measurements_and_never_drifts(
         assert measured() - start > 48 * 1024
     finally:
         await spool.close()
+
+
+@pytest.mark.parametrize("restart", [False, True])
+async def test_a_record_found_damaged_by_an_ack_keeps_the_acked_events_keys(
+        tmp_path: Path, restart: bool) -> None:
+    """An ack of part of a record reads the rest of it (to count what stays queued); if
+    that read finds the record damaged, the events just acknowledged were still
+    delivered: counted as acked, and a resend of one is a duplicate, across a restart
+    too. Only the events still queued in it are lost, counted as dropped_corrupt."""
+    spool = await open_spool(tmp_path)
+    try:
+        await spool.append([ev("k", i) for i in range(5)])
+        rows = await spool.fetch(spool.streams["k"].id, 0, 100)
+        with sqlite3.connect(tmp_path / "spool.db") as db:   # damaged after it was sent
+            rid, data = db.execute("SELECT id, data FROM records").fetchone()
+            db.execute("UPDATE records SET data = ? WHERE id = ?",
+                       (data[:20] + bytes([data[20] ^ 0xFF]) + data[21:], rid))
+        await spool.ack([r.seq for r in rows[:3]])       # ids 0-2 delivered, 3-4 queued
+        assert spool.counters[Tally.ACKED] == 3
+        assert spool.counters[Drop.DROPPED_CORRUPT] == 2
+        assert spool.depth == 0 and spool.streams["k"].depth == 0
+        if restart:
+            await spool.close()
+            spool = await open_spool(tmp_path)
+        # The delivered ones are resends; the lost ones are a new chance to deliver them.
+        assert await spool.append([ev("k", i) for i in range(5)]) == 2
+        assert spool.counters[Tally.DUPLICATES] == 3
+    finally:
+        await spool.close()

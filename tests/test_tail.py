@@ -96,11 +96,11 @@ async def test_tail_command_shows_ingest_warnings_and_acks(tmp_path: Path,
                        headers={"Authorization": basic(KEY_B)})
         assert r.status == 200, r.body
 
-        await every.until(lambda line: '"acked"' in line and '"count": 1' in line
-                          if '"m-3"' in "".join(every.lines) else False)
-        await only_b.until(lambda line: '"m-3"' in line)
-        await only_a.until(lambda line: '"m-2"' in line)
-        await human.until(lambda line: "defaulted" in line)
+        # Each acknowledged event is shown as ingest shows it, with the upstream's name.
+        acks_of = {every: 3, only_b: 1, only_a: 2, human: 3}
+        for tail, n in acks_of.items():
+            await tail.until(lambda line: sum(
+                ("acked" in seen) for seen in tail.lines) >= n)   # noqa: B023
         await wait_for(lambda: len(fake.events) == 3)
         codes = [await t.stop() for t in (every, only_b, only_a, human)]
         await viewers_gone(port)   # at most 4 at once: their places are free again
@@ -121,14 +121,25 @@ async def test_tail_command_shows_ingest_warnings_and_acks(tmp_path: Path,
                                "warnings": []}
     assert ingested["m-2"]["warnings"] == [
         "no `timestamp`: defaulted to the time it was received"]
-    assert sum(m["count"] for m in msgs if m["kind"] == "acked") == 3
+    acked = {m["id"]: m for m in msgs if m["kind"] == "acked"}
+    assert set(acked) == {"m-1", "m-2", "m-3"}
+    assert acked["m-1"] == {"kind": "acked", "upstream": "segment", "api": "segment",
+                            "key": fingerprint(KEY_A), "type": "track",
+                            "name": "Order Completed", "id": "m-1"}
+    assert acked["m-3"] == {"kind": "acked", "upstream": "segment", "api": "segment",
+                            "key": fingerprint(KEY_B), "type": "track", "name": "Signed Up",
+                            "id": "m-3"}
     # --key shows that key's events only; no output ever carries a key itself.
-    assert [m["id"] for m in kinds(only_b) if m["kind"] == "ingested"] == ["m-3"]
-    assert [m["id"] for m in kinds(only_a) if m["kind"] == "ingested"] == ["m-1", "m-2"]
+    for tail, ids in ((only_b, ["m-3"]), (only_a, ["m-1", "m-2"])):
+        for kind in ("ingested", "acked"):
+            assert [m["id"] for m in kinds(tail) if m["kind"] == kind] == ids, kind
     everything = "\n".join(every.lines + only_b.lines + human.lines)
     assert KEY_A not in everything and KEY_B not in everything
-    assert any(f"segment  {fingerprint(KEY_A)}  track 'Order Completed'  id=m-1" in line
-               for line in human.lines), human.lines
+    for what in ("in   ", "acked"):
+        assert any(f"{what} segment  {fingerprint(KEY_A)}  track 'Order Completed'  id=m-1"
+                   in line for line in human.lines), human.lines
+    assert any(line.endswith(f"acked segment  {fingerprint(KEY_A)}  identify  id=m-2  "
+                             "by segment") for line in human.lines), human.lines
 
 
 async def test_tail_warns_of_unknown_types_and_missing_names(make_agent: Any) -> None:
@@ -253,8 +264,9 @@ async def test_slow_viewer_loses_tail_messages_counted_and_ingest_loses_none(
 
 
 async def test_status_page_live_panel_shows_events_as_text(make_agent: Any, chromium: str,
-                                                          tmp_path: Path) -> None:
-    agent = await make_agent(port=free_port())
+                                                          tmp_path: Path,
+                                                          fake_segment: FakeSegment) -> None:
+    agent = await make_agent(port=free_port(), upstreams=[segment_up(fake_segment, key="*")])
     async with Chromium(chromium, tmp_path / "profile") as browser:
         page = await browser.open(f"http://127.0.0.1:{agent.port}/")
         for _ in range(200):   # bounded: until the page has loaded
@@ -272,11 +284,13 @@ async def test_status_page_live_panel_shows_events_as_text(make_agent: Any, chro
              "timestamp": "2026-01-02T03:04:05Z"}]}, headers={"Authorization": basic(KEY_A)})
         assert r.status == 200, r.body
         rows: list[list[str]] = []
+        acks: list[list[str]] = []
         for _ in range(200):   # bounded: the rows arrive within moments
-            rows = await page.evaluate(
-                "[...document.querySelectorAll('#live tr[data-kind=ingested]')]"
+            rows, acks = [await page.evaluate(
+                f"[...document.querySelectorAll('#live tr[data-kind={kind}]')]"
                 ".map(tr => [tr.dataset.id, ...[...tr.cells].slice(1).map(td => td.textContent)])")
-            if len(rows) == 2:
+                for kind in ("ingested", "acked")]
+            if len(rows) == 2 and len(acks) == 2:
                 break
             await asyncio.sleep(0.05)
         state = await page.evaluate("document.getElementById('live-state').textContent")
@@ -289,6 +303,10 @@ async def test_status_page_live_panel_shows_events_as_text(make_agent: Any, chro
                     ["m-1", "in", "segment", fingerprint(KEY_A),
                      "track <img src=x onerror=alert(1)>"
                      "! no `timestamp`: defaulted to the time it was received", "m-1"]], report
+    # Each acknowledged event too, with the upstream that acknowledged it.
+    assert acks == [["m-2", "acked by segment", "segment", fingerprint(KEY_A), "identify", "m-2"],
+                    ["m-1", "acked by segment", "segment", fingerprint(KEY_A),
+                     "track <img src=x onerror=alert(1)>", "m-1"]], report
     assert state == "live" and images == 0
     assert KEY_A not in report
 
@@ -311,3 +329,25 @@ async def test_tail_without_an_agent_says_so_in_one_line(tmp_path: Path) -> None
         stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.STDOUT)
     out, _ = await asyncio.wait_for(proc.communicate(), 30)
     assert proc.returncode == 2 and out.decode().startswith("outpost: config error:"), out
+
+
+async def test_an_acked_event_stored_mapped_shows_as_the_app_sent_it(
+        make_agent: Any, fake_segment: FakeSegment) -> None:
+    """A Nucleus app's key routed to a Segment upstream: its events are stored mapped to
+    Segment, and its acked lines show them as its ingest lines do, so the two match."""
+    agent = await make_agent(port=free_port(), upstreams=[segment_up(fake_segment, key="*")])
+    async with aiohttp.ClientSession() as s, s.get(f"http://127.0.0.1:{agent.port}/tail") as resp:
+        assert b'"watching"' in await resp.content.readline()
+        r = await call(agent.port, "/app/nucleus-app-1/track", {"data": [
+            {"type": "event", "name": "opened cart", "id": 7},
+            {"type": "event", "name": "paid", "id": 8}]})
+        assert r.status == 200, r.body
+        got: list[dict[str, Any]] = []
+        while sum(m["kind"] == "acked" for m in got) < 2:
+            line = await asyncio.wait_for(resp.content.readline(), 20)
+            if line.startswith(b"data: "):
+                got.append(json.loads(line[6:]))
+    seen = {(m["kind"], m["api"], m["type"], m["name"], m["id"]) for m in got}
+    assert seen == {(kind, "nucleus", "event", name, ident)
+                    for kind in ("ingested", "acked")
+                    for name, ident in (("opened cart", "7"), ("paid", "8"))}, got

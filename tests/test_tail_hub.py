@@ -1,5 +1,6 @@
-"""The live view's hub alone: whatever ingest offers and however viewers keep up, each
-viewer is shown or told of every message it wanted, and every drop is counted once."""
+"""The live view's hub alone: whatever ingest and upstream acks offer and however viewers
+keep up, each viewer is shown or told of every message it wanted, and every drop is
+counted once."""
 
 from __future__ import annotations
 
@@ -9,19 +10,23 @@ from hypothesis import strategies as st
 from agent.families.event import SEGMENT, Event
 from agent.metrics import Metrics
 from agent.ops.tail import QUEUE, TAKE, TailHub, fingerprint
+from agent.spool.types import Row
 
 KEYS = ("key-one-0001", "key-two-0002")
 
-# Steps: (True, key index, events, % of them new): a request; (False, viewer, 0, 0): a take.
+BODY = b'{"type":"track","event":"e","userId":"u","messageId":"m"}'
+# Steps: ("post", key index, events, % of them new): a request; ("ack", key index, rows
+# sent, % of them acked): an upstream's ack; ("take", viewer, 0, 0): a viewer's take.
 steps = st.lists(st.one_of(
-    st.tuples(st.just(True), st.integers(0, 1), st.integers(0, 1500), st.integers(0, 100)),
-    st.tuples(st.just(False), st.integers(0, 1), st.just(0), st.just(0))), max_size=30)
+    st.tuples(st.sampled_from(["post", "ack"]), st.integers(0, 1), st.integers(0, 1500),
+              st.integers(0, 100)),
+    st.tuples(st.just("take"), st.integers(0, 1), st.just(0), st.just(0))), max_size=30)
 
 
 @settings(max_examples=60, deadline=None)
 @given(steps)
 def test_every_wanted_message_is_shown_or_reported_dropped(
-        plan: list[tuple[bool, int, int, int]]) -> None:
+        plan: list[tuple[str, int, int, int]]) -> None:
     metrics = Metrics()
     hub = TailHub(metrics)
     every, only_two = hub.watch(None), hub.watch(fingerprint(KEYS[1]))
@@ -37,11 +42,18 @@ def test_every_wanted_message_is_shown_or_reported_dropped(
         shown[i] += sum(m["kind"] != "dropped" for m in out)
         missed[i] += sum(m["count"] for m in out if m["kind"] == "dropped")
 
-    for post, k, n, pct in plan:
-        if not post:
+    for step, k, n, pct in plan:
+        key = KEYS[k]
+        if step == "take":
             take(k)
             continue
-        key = KEYS[k]
+        if step == "ack":
+            rows = [Row(100 + i, k, SEGMENT, 0, BODY) for i in range(n)]
+            acked = [row.seq for row in rows][: n * pct // 100]
+            hub.acked("up", key, rows, acked)
+            wanted[0] += len(acked)
+            wanted[1] += len(acked) if k == 1 else 0
+            continue
         events = [Event(key, SEGMENT, i, b'{"type":"track","event":"e","userId":"u"}')
                   for i in range(n)]
         stored = n * pct // 100

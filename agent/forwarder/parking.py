@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import heapq
 from collections import Counter
+from collections.abc import Iterator
 from dataclasses import dataclass
 
 
@@ -51,18 +52,23 @@ class ParkingLot:
             heapq.heappop(self._heap)   # the key left, or parked again since
         return None
 
-    def due(self, now: float) -> list[tuple[str, int]]:
-        """Take the keys whose time has come: (key, attempt), soonest first."""
-        out = []
+    def due(self, now: float) -> Iterator[tuple[str, int]]:
+        """Take the keys whose time has come: (key, attempt), soonest first.
+
+        Lazily, one key per step: a caller that raises while starting one key leaves
+        the rest parked, for its re-armed timer, instead of taken and forgotten."""
         while (when := self.next_due()) is not None and when <= now:
             _, key = heapq.heappop(self._heap)
-            out.append((key, self._drop(key)))
-        return out
+            yield key, self._drop(key)
 
-    def take(self, upstream: str) -> list[tuple[str, int]]:
-        """Take ``upstream``'s keys that wait on our backoff, not on its Retry-After."""
+    def take(self, upstream: str) -> Iterator[tuple[str, int]]:
+        """Take ``upstream``'s keys that wait on our backoff, not on its Retry-After;
+        lazily, as ``due``."""
         keys = [k for k, p in self._keys.items() if p.upstream == upstream and not p.told]
-        return [(k, self._drop(k)) for k in keys]
+        for key in keys:
+            p = self._keys.get(key)
+            if p is not None and p.upstream == upstream and not p.told:  # still parked so
+                yield key, self._drop(key)
 
     def clear(self) -> list[str]:
         keys = list(self._keys)

@@ -8,14 +8,16 @@ TCP connect (``UplinkBase.reach``) at once:
 - it fails: the network or the host is down. The upstream is marked unreachable
   (status shows it, and since when) and probed every ``PROBE_S`` while it has
   anything queued; the first probe that connects calls ``back``, which retries the
-  upstream's parked keys at once, and logs the recovery once.
+  upstream's parked keys at once, and starts the recovery's one log line
+  (recovery.py: logged once the backlog is delivered, with how many events).
 - it connects: the upstream is up and answered badly (a 5xx, a timeout, a captive
   portal). Its backoff holds: a failing upstream is not hammered with batches.
 
 Real sends keep their backoff either way; only the probes run every few seconds,
-and only while something waits for the upstream. ``kick`` (a network change)
-probes at once, and a connect then retries the parked keys whatever the upstream
-was marked: a new network can cure a captive portal as well as an outage.
+and only while something waits for the upstream. ``kick`` (a network change) ends
+a probe wait: an unreachable upstream is probed at once. It leaves alone an
+upstream that answered (with errors): its keys keep their backoff (at most a
+minute), or a noisy netlink feed, a change every 2 s, would resend every 2 s.
 """
 
 from __future__ import annotations
@@ -25,6 +27,7 @@ import logging
 import time
 from collections.abc import Awaitable, Callable
 
+from agent.forwarder.recovery import RecoveryReport
 from agent.forwarder.state import UpstreamState
 from agent.forwarder.timing import Timer, Timing
 
@@ -41,7 +44,7 @@ class Prober:
 
     def __init__(self, state: UpstreamState, check: Check, timing: Timing,
                  wanted: Callable[[], bool], back: Callable[[], None],
-                 interval_s: float = PROBE_S) -> None:
+                 queued: Callable[[], int], interval_s: float = PROBE_S) -> None:
         self.state = state
         self._check = check
         self._timing = timing
@@ -52,11 +55,17 @@ class Prober:
         self._timer: Timer | None = None
         self._probe: asyncio.Task[None] | None = None
         self._live_at: float | None = None   # timing clock: the last probe that connected
-        self._kicked = False                 # the probe running now follows a network change
+        self._recovery = RecoveryReport(state, timing, queued, interval_s)
+        self._acked_at_loss = 0               # state.acked when it was found unreachable
 
     @property
     def unreachable(self) -> bool:
         return self._lost_at is not None
+
+    @property
+    def probing(self) -> bool:
+        """A probe is in flight now."""
+        return self._probe is not None
 
     def suspect(self) -> None:
         """A send failed without a Retry-After: probe now, unless a probe is running or
@@ -66,15 +75,13 @@ class Prober:
             return
         if self._live_at is not None and self._timing.now() - self._live_at < self._interval:
             return
-        self._start(kicked=False)
+        self._start()
 
     def kick(self) -> None:
-        """The network changed: probe now if anything waits for the upstream."""
-        if self._wanted():
-            if self._probe is None:
-                self._start(kicked=True)
-            else:
-                self._kicked = True   # the running probe's connect counts as the kick's
+        """The network changed: an unreachable upstream that something waits for is
+        probed now, instead of at its next probe (a probe in flight will do)."""
+        if self.unreachable and self._probe is None and self._wanted():
+            self._start()
 
     def stop(self) -> None:
         self._cancel_timer()
@@ -82,10 +89,10 @@ class Prober:
             self._probe.cancel()
             self._probe = None
         self._mark(None, quiet=True)
+        self._recovery.finish()
 
-    def _start(self, *, kicked: bool) -> None:
+    def _start(self) -> None:
         self._cancel_timer()
-        self._kicked = kicked
         self._probe = asyncio.create_task(self._run(), name=f"probe-{self.state.name}")
 
     async def _run(self) -> None:
@@ -99,12 +106,11 @@ class Prober:
         self._settle(why)
 
     def _settle(self, why: str | None) -> None:
-        kicked, self._kicked = self._kicked, False
         if why is None:
             self._live_at = self._timing.now()
             was_lost = self.unreachable
             self._mark(None)
-            if was_lost or kicked:
+            if was_lost:
                 self._back()
         elif self._wanted():
             self._mark(why)
@@ -117,22 +123,26 @@ class Prober:
         if self._probe is not None:
             return
         if self._wanted():
-            self._start(kicked=False)
+            self._start()
         else:
             self._mark(None, quiet=True)
 
     def _mark(self, why: str | None, *, quiet: bool = False) -> None:
-        """Record reachability in the upstream's state; log the loss and the recovery once."""
+        """Record reachability in the upstream's state; log the loss once, and start the
+        recovery's report."""
         now = self._timing.now()
         if why is not None and self._lost_at is None:
+            self._recovery.finish()   # what its last return delivered, before this loss
             self._lost_at = now
+            self._acked_at_loss = self.state.acked
             self.state.unreachable_since = time.time()
             log.warning("upstream %s unreachable (%s); probing every %gs",
                         self.state.name, why, self._interval)
         elif why is None and self._lost_at is not None:
-            if not quiet:
-                log.info("upstream %s reachable again after %.0fs", self.state.name,
-                            now - self._lost_at)
+            # Quiet: nothing waits for the upstream any more. If it acknowledged events
+            # meanwhile, a key's own retry got through before the next probe: it is back.
+            if not quiet or self.state.acked > self._acked_at_loss:
+                self._recovery.start(now - self._lost_at, self._acked_at_loss)
             self._lost_at = None
             self.state.unreachable_since = None
 

@@ -42,6 +42,15 @@ FETCH_FACTOR = 4  # rows fetched per spool read, in batches
 ACK_GROUP = 20  # batches' worth of acked rows deleted per spool call while rows keep coming
 
 
+# Told of each upstream ack: (upstream, key, the batch's rows, the seqs acked). The live
+# event view (ops/tail.py); cheap by contract: one truth test when nobody watches.
+AckHook = Callable[[str, str, Sequence[Row], Sequence[int]], None]
+
+
+def ignore_acks(upstream: str, key: str, rows: Sequence[Row], seqs: Sequence[int]) -> None:
+    pass
+
+
 @dataclass(frozen=True)
 class Release:
     """How a supervised loop ends rather than hold a task, an uplink and a connection
@@ -60,8 +69,10 @@ class StreamForwarder:
     def __init__(self, cfg: UpstreamConfig, stream: Stream, spool: Spool, uplink: Uplink,
                  state: UpstreamState, metrics: Metrics, window: int, *,
                  release: Release | None = None, attempt: int = 0,
-                 timing: Timing = LOOP_TIMING, backoff: Backoff = BACKOFF) -> None:
+                 timing: Timing = LOOP_TIMING, backoff: Backoff = BACKOFF,
+                 on_acked: AckHook = ignore_acks) -> None:
         self.cfg = cfg
+        self.on_acked = on_acked
         self.stream = stream
         self.spool = spool
         self.uplink = uplink
@@ -228,29 +239,32 @@ class StreamForwarder:
         result: SendResult = await self.uplink.send(batch) if batch.seqs else Acked(())
         match result:
             case Refused(reason=reason):
-                await self._apply(Acked(()), batch.refused)
+                await self._apply(Acked(()), batch, batch.refused)
                 await self._split(batch, reason)
             case Acked() | Retry():
-                await self._apply(result, batch.refused)
+                await self._apply(result, batch, batch.refused)
 
     async def _split(self, batch: Prepared, reason: str) -> None:
         """Bisect a refused batch until the events that cause it are isolated."""
         if len(batch.seqs) == 1:
-            await self._apply(Acked(()), ((batch.seqs[0], reason),))
+            await self._apply(Acked(()), batch, ((batch.seqs[0], reason),))
             return
         for part in batch.halves():
             match await self.uplink.send(part):
                 case Refused(reason=why):
                     await self._split(part, why)
                 case Acked() | Retry() as result:
-                    await self._apply(result)
+                    await self._apply(result, part)
             if self._failed is not None:
                 return
 
-    async def _apply(self, result: Acked | Retry, dead: Sequence[tuple[int, str]] = ()) -> None:
-        """Delete what the upstream acknowledged; dead-letter ``dead`` (seq, reason)."""
+    async def _apply(self, result: Acked | Retry, batch: Prepared,
+                     dead: Sequence[tuple[int, str]] = ()) -> None:
+        """Delete what the upstream acknowledged of ``batch``; dead-letter ``dead`` (seq,
+        reason)."""
         acked = result.seqs if isinstance(result, Acked) else result.acked
         if acked:
+            self.on_acked(self.cfg.name, self.stream.key, batch.rows, acked)
             # Deleted in the background, ACK_GROUP batches per spool call while rows keep
             # coming (each commit has a fixed cost; segment-http's drain, one session: ten
             # batches 39-42k events/s, twenty 43-50k, forty no better), else once the loop

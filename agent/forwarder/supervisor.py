@@ -16,7 +16,7 @@ them. So a key waiting for a retry costs a few hundred bytes, not a loop (~10 KB
 A backoff grows to a minute, but an upstream that comes back is used within
 seconds: each upstream's prober (probe.py) probes it while it is unreachable and
 retries its parked keys the moment it answers, and a network change
-(``network_changed``, from agent/netwatch.py) probes them all at once.
+(``network_changed``, from agent/netwatch.py) probes the unreachable ones at once.
 
 A loop starts only if ``may_send(key)`` (the transmit profile, agent/sync/) says so;
 ``regate`` runs when that answer may have changed: it stops the loops now held
@@ -45,7 +45,7 @@ from agent.forwarder.backoff import BACKOFF, Backoff
 from agent.forwarder.parking import Parked, ParkingLot
 from agent.forwarder.probe import PROBE_TIMEOUT_S, Prober
 from agent.forwarder.state import UpstreamState
-from agent.forwarder.stream import Release, StreamForwarder
+from agent.forwarder.stream import AckHook, Release, StreamForwarder, ignore_acks
 from agent.forwarder.timing import LOOP_TIMING, Timer, Timing
 from agent.logs import log_limited
 from agent.metrics import Metrics
@@ -84,8 +84,10 @@ class Supervisor:
     """Owns the forwarders and the HTTP client session they share."""
 
     def __init__(self, cfg: Config, spool: Spool, facts: DeviceFacts, metrics: Metrics,
-                 seams: Seams = Seams(), may_send: Callable[[str], bool] = lambda key: True) -> None:
+                 seams: Seams = Seams(), may_send: Callable[[str], bool] = lambda key: True,
+                 on_acked: AckHook = ignore_acks) -> None:
         self.cfg = cfg
+        self.on_acked = on_acked   # each loop's upstream acks: the live event view
         self.may_send = may_send
         self.spool = spool
         self.facts = facts
@@ -139,7 +141,7 @@ class Supervisor:
                                release=Release(up.flush_interval_s,
                                                functools.partial(self._park, key)),
                                attempt=attempt, timing=self.seams.timing,
-                               backoff=self.seams.backoff)
+                               backoff=self.seams.backoff, on_acked=self.on_acked)
         self.loops[key] = loop
         task = asyncio.create_task(self._run(key, loop), name=f"forward-{up.name}")
         self._tasks.add(task)
@@ -206,7 +208,13 @@ class Supervisor:
                                   min(PROBE_TIMEOUT_S, up.timeout_s))
         return Prober(self.states[up.name], check, self.seams.timing,
                       wanted=lambda: self._lot.count(up.name) + self._running[up.name] > 0,
-                      back=functools.partial(self._resume, up.name))
+                      back=functools.partial(self._resume, up.name),
+                      queued=functools.partial(self._queued, up.name))
+
+    def _queued(self, upstream: str) -> int:
+        """Events queued for ``upstream`` (read by its recovery report only)."""
+        return sum(stream.depth for key, stream in self.spool.streams.items()
+                   if (up := self.cfg.route(key)) is not None and up.name == upstream)
 
     def _resume(self, upstream: str) -> None:
         """``upstream`` answers again: retry its parked keys now, each at its backoff step
@@ -218,8 +226,9 @@ class Supervisor:
             self._set_timer()
 
     def network_changed(self) -> None:
-        """A link, address or route changed: every upstream with keys waiting is probed
-        now, and retried if it answers. A burst of changes costs one more probe, later."""
+        """A link, address or route changed: every unreachable upstream with keys waiting
+        is probed now, and retried if it answers (probe.py: one that answered with errors
+        keeps its backoff). A burst of changes costs one more probe, later."""
         if self._net_timer is not None or self._stopping:
             return   # the burst's trailing kick is due
         now = self.seams.timing.now()

@@ -1,11 +1,11 @@
 """The live event view (`outpost tail`, the status page's live panel): a bounded fan-out.
 
-Ingest and acks call ``TailHub.ingested`` / ``TailHub.acked`` (wired by the composition
-root). With nobody watching, each is one truth test. With viewers, a request's events
-go into each interested viewer's queue in one bulk append: what a viewer is shown is
-worked out later, on that viewer's own task (``Viewer.take``), never on the ingest
-path. A viewer that falls ``QUEUE`` messages behind loses the overflow, counted, and
-is told how many.
+Ingest and the forwarders' upstream acks call ``TailHub.ingested`` / ``TailHub.acked``
+(wired by the composition root). With nobody watching, each is one truth test. With
+viewers, a request's events (an ack's events) go into each interested viewer's queue in
+one bulk append: what a viewer is shown is worked out later, on that viewer's own task
+(``Viewer.take``), never on the ingest or forwarding path. A viewer that falls
+``QUEUE`` messages behind loses the overflow, counted, and is told how many.
 """
 
 from __future__ import annotations
@@ -21,10 +21,12 @@ from typing import Any
 import orjson
 
 from agent import logs
-from agent.families.event import NUCLEUS, Event
+from agent.families.event import NUCLEUS, SEGMENT, Event
+from agent.families.mapping import segment_to_nucleus
 from agent.families.nucleus import KNOWN_TYPES as NUCLEUS_TYPES
 from agent.families.segment import TYPES as SEGMENT_TYPES
 from agent.metrics import Metrics
+from agent.spool.types import Row
 
 QUEUE = 1000          # messages a viewer may fall behind before the overflow is dropped
 MAX_VIEWERS = 4       # a few terminals and tabs; with RATE, bounds what viewers cost the loop
@@ -34,7 +36,8 @@ TAKE = 200            # messages summarised per write: a viewer's task yields be
 RATE = 2000.0         # messages per second a viewer's task summarises, at most (see routes)
 
 # An item waiting in a viewer's queue, summarised when taken: an ingested Event as it is
-# (queued in bulk, no per-event work on the ingest path), else (kind, payload).
+# (queued in bulk, no per-event work on the ingest path), else (kind, payload); an acked
+# event's payload is (upstream, key, its stored row).
 Item = Event | tuple[str, Any]
 
 
@@ -80,16 +83,21 @@ class Viewer:
                 events = [ev for ev in events if fingerprint(ev.key) == want]
         if not events:
             return 0
+        return self.offer_many(events) + (self.offer(("resent", resent)) if resent else 0)
+
+    def offer_many(self, items: Sequence[Item], more: int = 0) -> int:
+        """Queue ``items`` in one bulk append, as many as there is room for, and ``more``
+        that were not even built (no viewer had room); returns how many were dropped."""
         room = QUEUE - len(self.queue)
-        if len(events) <= room:
-            self.queue.extend(events)
-            lost = 0
+        if len(items) <= room:
+            self.queue.extend(items)
+            lost = more
         else:
-            self.queue.extend(events[:room])
-            lost = len(events) - room
-            self.dropped += lost
+            self.queue.extend(items[:room])
+            lost = len(items) - room + more
+        self.dropped += lost
         self.wake.set()
-        return lost + (self.offer(("resent", resent)) if resent else 0)
+        return lost
 
     def take(self) -> list[dict[str, Any]] | None:
         """Up to ``TAKE`` queued messages, summarised, a drop notice first; None once the
@@ -146,12 +154,26 @@ class TailHub:
         self.metrics.tail_dropped += sum(viewer.offer_events(events, resent)
                                          for viewer in self.viewers)
 
-    def acked(self, seqs: Sequence[int]) -> None:
-        """Events an upstream acknowledged, by spool sequence number, now deleted."""
+    def acked(self, upstream: str, key: str, rows: Sequence[Row], seqs: Sequence[int]) -> None:
+        """``upstream`` acknowledged events ``seqs`` of key ``key``, taken from ``rows``
+        (the batch sent). Called by the forwarders on every ack: with nobody watching,
+        it must cost no more than this first test."""
         if not self.viewers or not seqs:
             return
-        item = ("acked", (len(seqs), min(seqs), max(seqs)))
-        self.metrics.tail_dropped += sum(viewer.offer(item) for viewer in self.viewers)
+        fp = fingerprint(key)
+        viewers = [v for v in self.viewers if v.want is None or v.want == fp]
+        if not viewers:
+            return
+        if len(seqs) == len(rows):   # the whole batch: nothing refused or left unacked
+            picked: Sequence[Row] = rows
+        else:
+            keep = set(seqs)
+            picked = [row for row in rows if row.seq in keep]
+        # Items only for what some viewer has room for: one far behind costs a count.
+        room = max(QUEUE - len(viewer.queue) for viewer in viewers)
+        items = [("acked", (upstream, key, row)) for row in picked[:room]]
+        more = len(picked) - len(items)
+        self.metrics.tail_dropped += sum(viewer.offer_many(items, more) for viewer in viewers)
 
 
 def summarise(item: Item) -> dict[str, Any]:
@@ -160,16 +182,33 @@ def summarise(item: Item) -> dict[str, Any]:
         return {"kind": "ingested", **describe(item)}
     kind, payload = item
     if kind == "acked":
-        count, first, last = payload
-        return {"kind": kind, "count": count, "first_seq": first, "last_seq": last}
+        upstream, key, row = payload
+        shown = _describe(*as_sent(row.family, orjson.loads(row.body), row.received), key)
+        del shown["warnings"]   # shown once, when it came in
+        return {"kind": kind, "upstream": upstream, **shown}
     return {"kind": kind, "count": payload}
+
+
+def as_sent(family: int, body: dict[str, Any], received: int) -> tuple[int, dict[str, Any]]:
+    """A stored event as its app sent it: a Nucleus event stored mapped to Segment (its
+    key routed to a Segment upstream) is the Nucleus event it was, as its ingest line
+    showed it. The mapping marks what it made (a ``nucleus-`` messageId, the Nucleus
+    fields kept in ``context.nucleus``) and gives the original back."""
+    if family == SEGMENT and str(body.get("messageId", "")).startswith("nucleus-"):
+        context = body.get("context")
+        if isinstance(context, dict) and isinstance(context.get("nucleus"), dict):
+            return NUCLEUS, segment_to_nucleus(body, received)
+    return family, body
 
 
 def describe(ev: Event) -> dict[str, Any]:
     """An event's API family, key fingerprint, type, name, id and warnings; never its
     body, whose properties may hold anything an app sends."""
-    body = orjson.loads(ev.body)
-    if ev.family == NUCLEUS:
+    return _describe(ev.family, orjson.loads(ev.body), ev.key)
+
+
+def _describe(family: int, body: dict[str, Any], key: str) -> dict[str, Any]:
+    if family == NUCLEUS:
         kind = body.get("type") or "event"
         name, ident, known = body.get("name"), body.get("id"), NUCLEUS_TYPES
     else:
@@ -178,9 +217,9 @@ def describe(ev: Event) -> dict[str, Any]:
         ident, known = body.get("messageId"), SEGMENT_TYPES
     # The type needs no redaction when it is one the API defines.
     shown = kind if kind in known else _text(kind)
-    return {"api": "nucleus" if ev.family == NUCLEUS else "segment", "key": fingerprint(ev.key),
+    return {"api": "nucleus" if family == NUCLEUS else "segment", "key": fingerprint(key),
             "type": shown, "name": _text(name), "id": _text(ident),
-            "warnings": warnings(ev.family, body, kind, known)}
+            "warnings": warnings(family, body, kind, known)}
 
 
 def warnings(family: int, body: dict[str, Any], kind: Any, known: frozenset[str]) -> list[str]:

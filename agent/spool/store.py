@@ -80,9 +80,6 @@ class Spool:
         self.on_reopen = on_reopen
         # Called from the writer's thread while an older spool is migrated (migrate.py).
         self.on_migrating = on_migrating
-        # Called with the seqs of each committed ack (the live event view); cheap by
-        # contract. Set by the composition root.
-        self.on_ack: Callable[[Sequence[int]], None] = lambda seqs: None
 
     # -- what the writer and reader use --------------------------------------
 
@@ -115,7 +112,6 @@ class Spool:
     async def ack(self, seqs: Sequence[int]) -> None:
         """Take acknowledged events out of the queue; returns once that is committed."""
         await self.writer.ack(seqs)
-        self.on_ack(seqs)
 
     async def dead_letter(self, rows: Sequence[tuple[int, str, str]]) -> None:
         """Move (seq, upstream, reason) events the upstream refused for good to dead letters."""

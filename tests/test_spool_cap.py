@@ -1,0 +1,89 @@
+"""The spool file never grows past `storage.max_size_mb`, filled to the cap with
+`when_full = "reject"`, whatever the rows' sizes (docs/operations.md: "The spool never
+grows past storage.max_size_mb").
+
+Between measurements of the file (a query), the writer estimates its size from what it
+inserted. SQLite keeps whole rows in a page: two rows just over half a page take a page
+each, so an estimate that counts bytes, not pages, lets the file pass the cap. The cap
+here is past ``commit.MEASURE_WITHIN``, so the estimate, not a measurement, is what
+decides most commits.
+"""
+
+from __future__ import annotations
+
+import os
+import random
+import sqlite3
+from collections.abc import Callable
+from pathlib import Path
+
+import orjson
+import pytest
+
+from agent.families.event import SEGMENT, Event, dedupe_key
+from agent.settings import StorageConfig
+from agent.spool import Spool
+from agent.spool.commit import MEASURE_WITHIN
+from agent.spool.types import SpoolFull
+
+MB = 1024 * 1024
+CAP_MB = 10
+assert CAP_MB * MB > 2 * MEASURE_WITHIN
+
+Request = list[Event]
+
+
+def track(rng: random.Random, key: str, n: int, noise: int) -> Event:
+    """A Segment track with ``noise`` bytes that do not compress (ids, tokens, hashes)."""
+    body = orjson.dumps({
+        "type": "track", "event": rng.choice(["Order Completed", "Page Viewed", "Signed Up"]),
+        "userId": f"user-{rng.randrange(10_000)}", "messageId": f"m-{n}",
+        "timestamp": "2026-11-30T12:00:00.000Z",
+        "properties": {"sku": rng.choice(["a-1", "b-22", "c-333"]), "price": rng.random(),
+                       "token": rng.randbytes(noise).hex()},
+        "context": {"library": {"name": "analytics.js", "version": "5.2.0"},
+                    "userAgent": "Mozilla/5.0 (X11; Linux x86_64) Chrome/120.0"}})
+    return Event(key, SEGMENT, dedupe_key(key, n), body)
+
+
+def half_page_rows(rng: random.Random, n: int) -> Request:
+    """A hundred keys (apps), one event each: every record is just over half a 4 KB page."""
+    return [track(rng, f"key-{i}", n + i, 1700) for i in range(100)]
+
+
+def mixed(rng: random.Random, n: int) -> Request:
+    """What apps send: single events and batches, of several keys, small and large."""
+    out = []
+    for k in range(rng.randint(1, 12)):
+        for j in range(rng.choice([1, 1, 1, 5, 20, 100])):
+            out.append(track(rng, f"app-{k}", n + len(out), rng.choice([16, 64, 300, 1000])))
+    return out
+
+
+@pytest.mark.parametrize("requests", [half_page_rows, mixed], ids=["half-page rows", "mixed"])
+async def test_a_spool_filled_to_the_cap_stays_within_it(
+        tmp_path: Path, requests: Callable[[random.Random, int], Request]) -> None:
+    path = tmp_path / "spool.db"
+    spool = await Spool.open(StorageConfig(path=str(path), max_size_mb=CAP_MB,
+                                           when_full="reject", sync="normal"))
+    rng = random.Random(11)
+    n = refused = 0
+    try:
+        for _ in range(20_000):   # bounded: refusals come long before
+            request = requests(rng, n)
+            n += len(request)
+            try:
+                await spool.append(request)
+            except SpoolFull:
+                refused += 1
+                if refused == 20:   # refused at the cap, not by one large request
+                    break
+        assert refused == 20, "the spool never filled"
+        # Filled, not refused early: within a few of the largest requests of the cap.
+        with sqlite3.connect(path) as db:
+            size = db.execute("SELECT page_count * page_size FROM pragma_page_count(), "
+                              "pragma_page_size()").fetchone()[0]
+        assert size >= CAP_MB * MB * 0.9, size
+    finally:
+        await spool.close()   # checkpoints the WAL into the file
+    assert os.path.getsize(path) <= CAP_MB * MB, os.path.getsize(path) / MB
