@@ -28,6 +28,7 @@ class Event:
     family: int     # NUCLEUS or SEGMENT: the shape of ``body``
     dedupe: int     # signed 64-bit hash identifying resends of the same event
     body: bytes     # compact JSON of the event, enriched, as it will be forwarded
+    lane: int = 1   # families/lanes.py: HIGH (0) goes before NORMAL (1), set at ingest
 
 
 class Limit(NamedTuple):

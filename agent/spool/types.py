@@ -40,13 +40,16 @@ class Row:
     family: int
     received: int
     body: bytes
+    lane: int = 1   # families/lanes.py
 
 
 @dataclass(slots=True)
 class Stream:
-    """One key's queue: its id and in-memory depth counters (persisted per commit)."""
+    """One key's queue: its id and in-memory depth counters (persisted per commit;
+    ``high``, the high lane's share of ``depth``, is counted from the records at start)."""
 
     id: int
     key: str
     depth: int = 0
     bytes: int = 0
+    high: int = 0
