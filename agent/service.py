@@ -185,9 +185,9 @@ class Agent:
         assert self.forwarding is not None
         return self.forwarding.cfg, self.forwarding.states
 
-    async def _oldest_routed(self) -> int | None:
+    async def _oldest_routed(self, lanes: tuple[int, ...]) -> int | None:
         assert self.spool is not None
-        return await oldest_routed(self.cfg, self.spool)
+        return await oldest_routed(self.cfg, self.spool, lanes)
 
     def _regate(self) -> None:
         if self.forwarding is not None:
