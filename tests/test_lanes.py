@@ -17,6 +17,7 @@ import orjson
 from agent.families.event import NUCLEUS, Event, dedupe_key
 from agent.families.lanes import HIGH, NORMAL
 from agent.forwarder.supervisor import Seams
+from agent.outcomes import Drop
 from agent.settings import StorageConfig
 from agent.spool import Spool, dead, dead_live
 from agent.sync.monitor import BATTERY_POLL_S
@@ -115,7 +116,7 @@ async def test_drop_oldest_drops_the_normal_lane_first(tmp_path: Path) -> None:
         for n in range(150):   # ~3 MB of normal events into a 1 MB spool
             await spool.append([Event("k", NUCLEUS, dedupe_key("n", n * 10 + j), orjson.dumps(
                 {"type": "event", "id": 1000 + n * 10 + j, "p": pad()})) for j in range(10)])
-        assert spool.counters["dropped_full"] > 0
+        assert spool.counters[Drop.DROPPED_FULL] > 0
         rows = await spool.fetch(spool.streams["k"].id, 0, 10_000)
         assert ids(rows)[:20] == list(range(20)) and spool.streams["k"].high == 20
         normal = ids(rows)[20:]
