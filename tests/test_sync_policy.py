@@ -130,8 +130,11 @@ def test_the_operations_examples_are_valid_config() -> None:
     doc = (Path(__file__).resolve().parent.parent / "docs" / "operations.md").read_text()
     section = doc[doc.index("## Sync policy"):doc.index("## Many apps and keys")]
     blocks = re.findall(r"```toml\n(.*?)```", section, re.DOTALL)
-    assert len(blocks) == 3
+    assert len(blocks) == 4   # the rules, an upstream's lane rules, a laptop, a kiosk
     for block in blocks:
         parse(tomllib.loads(block))
-    kiosk = parse(tomllib.loads(blocks[2]))
-    assert kiosk.sync.on_metered == "hold" and kiosk.sync.max_hold_h == 1
+    rules = parse(tomllib.loads(blocks[1])).upstreams[0]
+    assert rules.priority_types == ("identify",) and rules.priority_events
+    laptop, kiosk = (parse(tomllib.loads(b)) for b in blocks[2:])
+    assert (laptop.sync.on_metered, laptop.sync.on_low_battery) == ("priority_only", "hold")
+    assert kiosk.sync.on_metered == "priority_only" and kiosk.sync.max_hold_h == 1

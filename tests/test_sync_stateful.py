@@ -199,8 +199,12 @@ class SyncMachine(RuleBasedStateMachine):
             self.releases = agent.sync.releases
         elif agent.sync.profile.mode == "priority_only":
             if agent.sync.releases == self.releases:   # nothing released: high lanes only
-                assert all(loop.lanes == (HIGH,) for loop in agent.forwarding.loops.values()
-                           if not loop.released and not loop.stopping)
+                # A loop a release widened to every lane sends until its queue is empty
+                # (or parks): then only loops for the high lane are left.
+                sync, loops = agent.sync, agent.forwarding.loops
+                self.scene.call(poll(lambda: sync.releases != self.releases or all(
+                    loop.lanes == (HIGH,) for loop in loops.values()
+                    if not loop.released and not loop.stopping)))
                 if self.up:
                     streams = agent.spool.streams if agent.spool is not None else {}
                     self.scene.call(poll(lambda: all(s.high == 0 for s in streams.values()),

@@ -13,9 +13,7 @@ from __future__ import annotations
 
 from collections.abc import Iterable
 from dataclasses import dataclass
-from typing import Any
-
-from agent.settings import UpstreamConfig
+from typing import Any, Protocol
 
 HIGH = 0     # sorts first: a lane's number is its place in the send order
 NORMAL = 1
@@ -38,6 +36,18 @@ class Rule:
 NO_RULE = Rule()
 
 
+class Ruled(Protocol):
+    """What lanes read of an upstream's config (settings.UpstreamConfig): its keys and
+    rules. A protocol, so that the spool, which imports this module, needs no config."""
+
+    @property
+    def keys(self) -> tuple[str, ...]: ...
+    @property
+    def priority_types(self) -> tuple[str, ...]: ...
+    @property
+    def priority_events(self) -> tuple[str, ...]: ...
+
+
 class Lanes:
     """Classifies events by the rules of the upstream their key routes to.
 
@@ -48,7 +58,7 @@ class Lanes:
 
     __slots__ = ("_named", "_rest")
 
-    def __init__(self, upstreams: Iterable[UpstreamConfig] = ()) -> None:
+    def __init__(self, upstreams: Iterable[Ruled] = ()) -> None:
         self._named: dict[str, Rule] = {}
         self._rest = NO_RULE
         for up in upstreams:
