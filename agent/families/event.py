@@ -15,6 +15,7 @@ from typing import Any, NamedTuple
 import orjson
 
 from agent.clock import CLOCK
+from agent.families.lanes import NORMAL
 
 NUCLEUS = 0
 SEGMENT = 1
@@ -28,7 +29,7 @@ class Event:
     family: int     # NUCLEUS or SEGMENT: the shape of ``body``
     dedupe: int     # signed 64-bit hash identifying resends of the same event
     body: bytes     # compact JSON of the event, enriched, as it will be forwarded
-    lane: int = 1   # families/lanes.py: HIGH (0) goes before NORMAL (1), set at ingest
+    lane: int = NORMAL   # families/lanes.py: HIGH goes first; set at ingest
 
 
 class Limit(NamedTuple):

@@ -4,10 +4,13 @@
 
 - newer than this code: ``SpoolTooNew``, before anything is written (the file stays
   byte-identical: an older agent must never damage what a newer one wrote);
-- 0 with today's v0 tables (one row per event, acked rows kept as tombstones): migrated
-  to v1 in one transaction, so a failure part-way (a full disk, a crash) leaves the v0
+- 0 with the v0 tables (one row per event, acked rows kept as tombstones): migrated
+  to v1's layout (with v2's lanes, migrate_lanes.classify) in one transaction,
+  so a failure part-way (a full disk, a crash) leaves the v0
   file as it was, and the next start tries again;
-- anything else: nothing to do (an empty file gets v1 from the spool's open).
+- 1 (before priority lanes): a lane per record and dead letter, and the (stream, lane,
+  id) index, in one transaction (migrate_lanes.py);
+- anything else: nothing to do (an empty file gets v2 from the spool's open).
 
 v0 -> v1, nothing lost:
 

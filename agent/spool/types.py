@@ -5,6 +5,8 @@ from __future__ import annotations
 from dataclasses import dataclass
 from enum import Enum
 
+from agent.families.lanes import NORMAL
+
 RETRY_AFTER_FULL_S = 30
 
 
@@ -40,7 +42,7 @@ class Row:
     family: int
     received: int
     body: bytes
-    lane: int = 1   # families/lanes.py
+    lane: int = NORMAL   # families/lanes.py
 
 
 @dataclass(slots=True)
