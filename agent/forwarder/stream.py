@@ -28,7 +28,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from agent.clock import until_due
-from agent.families.lanes import HIGH, LANES
+from agent.families.lanes import LANES
 from agent.forwarder.backoff import BACKOFF, Backoff
 from agent.forwarder.state import UpstreamState
 from agent.forwarder.timing import LOOP_TIMING, Timing
@@ -207,9 +207,7 @@ class StreamForwarder:
 
     def queued(self) -> int:
         """Events queued in the lanes this loop may send (the key's depth counters)."""
-        stream = self.stream
-        return sum(stream.high if lane == HIGH else stream.depth - stream.high
-                   for lane in self.lanes)
+        return self.stream.queued(self.lanes)
 
     def _due(self, rows: Sequence[Row]) -> bool:
         # By the oldest row: a fresh high event at the front must not delay old normal ones.

@@ -43,7 +43,7 @@ from dataclasses import dataclass
 import aiohttp
 
 from agent.families.facts import DeviceFacts
-from agent.families.lanes import HIGH, LANES
+from agent.families.lanes import LANES
 from agent.forwarder.backoff import BACKOFF, Backoff
 from agent.forwarder.parking import Parked, ParkingLot
 from agent.forwarder.probe import PROBE_TIMEOUT_S, Prober
@@ -55,7 +55,6 @@ from agent.metrics import Metrics
 from agent.netwatch import NetWatch, watch
 from agent.settings import Config, UpstreamConfig
 from agent.spool import Spool
-from agent.spool.types import Stream
 from agent.uplinks.base import Uplink
 from agent.uplinks.http_common import client_session
 from agent.uplinks.registry import make_uplink, uplink_class
@@ -139,7 +138,7 @@ class Supervisor:
                 or self._stopping:
             return None
         lanes = self.may_send(key)
-        if not _queued(stream, lanes):
+        if not stream.queued(lanes):
             return None
         loop = StreamForwarder(up, stream, self.spool, self._uplink(up, key),
                                self.states[up.name], self.metrics,
@@ -314,7 +313,3 @@ class Supervisor:
             await self._session.close()
             self._session = None
 
-
-def _queued(stream: Stream, lanes: tuple[int, ...]) -> bool:
-    """Whether ``stream`` has events in any of ``lanes``."""
-    return any(stream.high if lane == HIGH else stream.depth - stream.high for lane in lanes)

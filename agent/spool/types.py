@@ -2,10 +2,11 @@
 
 from __future__ import annotations
 
+from collections.abc import Iterable
 from dataclasses import dataclass
 from enum import Enum
 
-from agent.families.lanes import NORMAL
+from agent.families.lanes import HIGH, NORMAL
 
 RETRY_AFTER_FULL_S = 30
 
@@ -55,3 +56,7 @@ class Stream:
     depth: int = 0
     bytes: int = 0
     high: int = 0
+
+    def queued(self, lanes: Iterable[int]) -> int:
+        """Events queued in ``lanes``."""
+        return sum(self.high if lane == HIGH else self.depth - self.high for lane in lanes)

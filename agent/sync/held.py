@@ -9,7 +9,7 @@ from __future__ import annotations
 
 from collections.abc import Iterable, Sequence
 
-from agent.families.lanes import HIGH, LANES, NAMES
+from agent.families.lanes import LANES, NAMES
 from agent.settings import Config
 from agent.spool import Spool
 from agent.spool.types import Stream
@@ -36,5 +36,5 @@ def held_by_lane(cfg: Config, streams: Iterable[Stream], lanes: Sequence[int]) -
     for stream in streams:
         if stream.depth and cfg.route(stream.key) is not None:
             for lane in lanes:
-                held[NAMES[lane]] += stream.high if lane == HIGH else stream.depth - stream.high
+                held[NAMES[lane]] += stream.queued((lane,))
     return held
