@@ -109,3 +109,13 @@ async def test_a_migrated_v1_spool_serves_each_lane_in_order_and_still_dedupes(
         assert (n.high, s.high) == (3, 4)
     finally:
         await spool.close()
+
+
+def test_an_offline_dead_letter_change_on_a_spool_not_yet_converted_says_so(v1: Path) -> None:
+    """`outpost dead retry` with no agent running, after an upgrade but before the agent
+    started (and converted the spool): one line saying what to do, the file untouched."""
+    before = v1.read_bytes()
+    with pytest.raises(dead.DeadError, match=r"format v1.*start the agent once"):
+        with dead.Offline(v1) as conn:
+            dead.requeue(conn, dead.Which(every=True), dead.next_seq(conn))
+    assert v1.read_bytes() == before
