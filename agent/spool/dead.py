@@ -26,6 +26,7 @@ from agent.spool.commit import Outcome
 from agent.spool.db import load_state
 from agent.spool.dedupe import keys_to_bytes
 from agent.spool.records import pack
+from agent.spool.schema import VERSION
 from agent.spool.writer import RECORD_EVENTS
 
 # Summaries on /status and the page: the newest reasons, not every one.
@@ -225,6 +226,13 @@ class Offline:
             conn.close()
             raise DeadError(f"the spool {self.path} is in use ({exc}): an agent has it open, "
                             "but did not answer at the configured listen address") from exc
+        found = conn.execute("PRAGMA user_version").fetchone()[0]
+        if found != VERSION:   # written by an older agent (not converted yet), or a newer one
+            conn.execute("ROLLBACK")
+            conn.close()
+            raise DeadError(f"the spool {self.path} is format v{found}, this agent's is "
+                            f"v{VERSION}: start the agent once (it converts an older spool, "
+                            "and refuses a newer one), then try again")
         self.conn = conn
         return conn
 
