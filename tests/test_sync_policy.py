@@ -15,6 +15,7 @@ from agent.settings import SyncConfig
 from agent.sync.metered import source_for
 from agent.sync.metered.networkmanager import NetworkManagerSource, reading
 from agent.sync.policy import Battery, Metered, MeteredReading, decide
+from tests.waiting import run_outpost
 
 
 @pytest.mark.parametrize(("table", "message"), [
@@ -138,3 +139,13 @@ def test_the_operations_examples_are_valid_config() -> None:
     laptop, kiosk = (parse(tomllib.loads(b)) for b in blocks[2:])
     assert (laptop.sync.on_metered, laptop.sync.on_low_battery) == ("priority_only", "hold")
     assert kiosk.sync.on_metered == "priority_only" and kiosk.sync.max_hold_h == 1
+
+
+async def test_a_bad_lane_rule_is_one_line_and_exit_code_2(tmp_path: Path) -> None:
+    cfg = tmp_path / "agent.toml"
+    cfg.write_text('[[upstream]]\nname = "u"\nprotocol = "segment-http"\nurl = "http://h"\n'
+                   'priority_types = ["Order Completed"]\n')
+    code, out = await run_outpost("check-config", str(cfg))
+    assert code == 2, out
+    assert out.strip().count("\n") == 0 and "upstream[0].priority_types: unknown event type " \
+        "'Order Completed'" in out, out
