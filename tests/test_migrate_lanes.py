@@ -9,6 +9,7 @@ key, resends (duplicates), counters and clock marks.
 
 from __future__ import annotations
 
+import contextlib
 import shutil
 import sqlite3
 from pathlib import Path
@@ -21,7 +22,8 @@ from agent.families.lanes import HIGH, NORMAL
 from agent.settings import StorageConfig
 from agent.spool import Spool, dead, dead_live
 from agent.spool.migrate import upgrade
-from agent.spool.schema import VERSION
+from agent.spool.salvage import Carry, salvage
+from agent.spool.schema import SCHEMA, VERSION
 from tests.spool_files import connect
 
 FIXTURE = Path(__file__).parent / "data" / "spool-v1.db"
@@ -119,3 +121,19 @@ def test_an_offline_dead_letter_change_on_a_spool_not_yet_converted_says_so(v1: 
         with dead.Offline(v1) as conn:
             dead.requeue(conn, dead.Which(every=True), dead.next_seq(conn))
     assert v1.read_bytes() == before
+
+
+def test_salvage_of_a_sound_v1_file_keeps_everything_and_classifies_it(tmp_path: Path) -> None:
+    """A v1 file moved aside as corrupt is salvaged into a v2 spool as the conversion
+    would have left it: every queued record, dead letter and spent key, with its lane."""
+    fresh = tmp_path / "fresh.db"
+    with contextlib.closing(sqlite3.connect(fresh, isolation_level=None)) as db:
+        db.executescript(SCHEMA)
+        got = salvage(db, FIXTURE, Carry(streams={}, counters={}, observed=0, next_seq=1,
+                                         depth=None))
+        assert (got.queued, got.lost, got.skipped) == (12, 0, 0)
+        assert db.execute("SELECT id, lane FROM records ORDER BY id").fetchall() == [
+            (1, NORMAL), (5, NORMAL), (8, HIGH), (11, HIGH), (18, NORMAL)]
+        assert db.execute("SELECT seq, lane FROM dead ORDER BY seq").fetchall() == [
+            (6, NORMAL), (17, HIGH)]
+        assert sum(len(k) // 8 for (k,) in db.execute("SELECT dkeys FROM spent")) == 4
