@@ -13,6 +13,7 @@ from typing import Any, Callable, TypeVar
 from urllib.parse import urlsplit
 
 from agent import paths
+from agent.families import nucleus, segment
 from agent.settings import (
     Config,
     DeviceConfig,
@@ -135,11 +136,18 @@ def _device(t: dict[str, Any]) -> DeviceConfig:
     return out
 
 
-def _rule(value: Any) -> str | None:
-    if value == "priority_only":
-        # Without priority lanes it could only mean "normal" or "hold": refused, not guessed.
-        return "'priority_only' is not yet supported (it needs priority lanes); use 'normal' or 'hold'"
-    return _one_of("normal", "hold")(value)
+_rule = _one_of("normal", "priority_only", "hold")
+# What an upstream's priority_types may name: a type of either family (an event of the
+# other family is mapped, but classified as it was stored).
+EVENT_TYPES = frozenset(nucleus.KNOWN_TYPES - {"heartbeat"}) | segment.TYPES
+
+
+def _event_types(value: Any) -> str | None:
+    bad = [v for v in value if v not in EVENT_TYPES]
+    if bad:
+        return (f"unknown event type {bad[0]!r}; one of "
+                f"{', '.join(sorted(EVENT_TYPES))}")
+    return None
 
 
 def _sync(t: dict[str, Any]) -> SyncConfig:
@@ -202,6 +210,11 @@ def _upstream(t: dict[str, Any], i: int) -> UpstreamConfig:
         timeout_s=float(_take(t, w, "timeout_s", (int, float), 30.0, _positive)),
         max_in_flight=_take(t, w, "max_in_flight", int, 4,
                             lambda v: None if 1 <= v <= 64 else "must be 1..64"),
+        priority_types=tuple(_take(t, w, "priority_types", list, [],
+                                   lambda v: _str_list(w, "priority_types")(v)
+                                   or _event_types(v))),
+        priority_events=tuple(_take(t, w, "priority_events", list, [],
+                                    _str_list(w, "priority_events"))),
     )
     _no_leftovers(t, w)
     return out

@@ -22,6 +22,7 @@ from agent.config import ConfigError
 from agent.device import detect
 from agent.families.enrich import Enrich
 from agent.families.facts import DeviceFacts
+from agent.families.lanes import Lanes
 from agent.forwarder.state import UpstreamState
 from agent.forwarder.supervisor import Seams, Supervisor
 from agent.metrics import Metrics
@@ -105,7 +106,8 @@ class Agent:
                                          self.sync.may_send, self.tail.acked)
             await self.forwarding.start()
             stack.push_async_callback(self._stop_forwarding)
-            self.sink = Sink(self.cfg.listen.accept_keys, spool, Enrich(self.facts), self.metrics,
+            self.sink = Sink(self.cfg.listen.accept_keys, spool,
+                             Enrich(self.facts, Lanes(self.cfg.upstreams)), self.metrics,
                              inflight_budget=self.cfg.listen.max_inflight_mb * 1024 * 1024,
                              on_new_data=self._new_data, limits=_limits(self.cfg),
                              on_stored=self.tail.ingested)
@@ -182,9 +184,9 @@ class Agent:
         assert self.forwarding is not None
         return self.forwarding.cfg, self.forwarding.states
 
-    async def _oldest_routed(self) -> int | None:
+    async def _oldest_routed(self, lanes: tuple[int, ...]) -> int | None:
         assert self.spool is not None
-        return await oldest_routed(self.cfg, self.spool)
+        return await oldest_routed(self.cfg, self.spool, lanes)
 
     def _regate(self) -> None:
         if self.forwarding is not None:
@@ -242,6 +244,7 @@ class Agent:
         self.cfg = new
         # Requests from now on are held to the new routes' limits (docs/mapping.md §5).
         self.sink.set_limits(_limits(new))
+        self.sink.enrich.lanes = Lanes(new.upstreams)   # and classified by the new rules
         # In-flight batches settle before the new forwarders start: nothing sent twice.
         if old is not None:
             await old.stop()

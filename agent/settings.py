@@ -71,6 +71,10 @@ class UpstreamConfig:
     gzip: bool = False
     timeout_s: float = 30.0
     max_in_flight: int = 4
+    # Priority lanes: what this upstream's keys send first, besides init and error
+    # (agent/families/lanes.py): event types, and event names.
+    priority_types: tuple[str, ...] = ()
+    priority_events: tuple[str, ...] = ()
 
     def matches(self, app_key: str) -> bool:
         return "*" in self.keys or app_key in self.keys
@@ -85,9 +89,9 @@ class LogConfig:
 class SyncConfig:
     """Transmit profiles: what forwarding does on a metered network and on a low battery.
 
-    Each rule is "normal" or "hold" ("priority_only" waits for priority lanes and is
-    refused by config.py). ``max_hold_h`` sends everything held once the oldest queued
-    event is that old, so a hold never outlives it.
+    Each rule is "normal", "priority_only" (only the high lane is sent) or "hold".
+    ``max_hold_h`` sends everything held once the oldest held event is that old, so a
+    hold never outlives it.
     """
 
     on_metered: str = "normal"

@@ -99,7 +99,8 @@ async def test_nucleus_apps_to_a_segment_upstream(make_agent: Any,
     reply = await call(agent.port, "/app/k/track", {"data": data})
     assert reply.json() == {"reportedIds": [1, 2, 3, 4, 5, 6]}
     await wait_for(lambda: len(fake_segment.events) == 6)
-    init, click, error, userid, props, view = fake_segment.events
+    # Queued together: the high lane (init, error) goes first, each lane in its order.
+    init, error, click, userid, props, view = fake_segment.events
     assert fake_segment.requests[0].write_key == "k"
     assert (init["type"], init["event"]) == ("track", "Application Opened")
     assert init["context"]["os"] == {"name": "Darwin", "version": "23.1"}

@@ -9,6 +9,7 @@ from typing import Any, ClassVar
 import orjson
 
 from agent.families.event import NUCLEUS
+from agent.families.lanes import LANES
 from agent.settings import UpstreamConfig
 from agent.spool.types import Row
 from agent.uplinks.base import Acked, Retry, SendResult, UplinkBase
@@ -74,7 +75,7 @@ async def test_a_gate_flip_while_a_loop_settles_never_runs_two_loops_for_a_key(
     await wait_for(lambda: len(script.sends) == 3)
     (task,) = sup._tasks
     gate = {"open": False}
-    sup.may_send = lambda key: gate["open"]
+    sup.may_send = lambda key: LANES if gate["open"] else ()
     sup.regate()            # a hold: the loop is told to stop, and settles
     gate["open"] = True
     sup.regate()            # let go before the loop has ended

@@ -135,7 +135,7 @@ async def test_facts_fill_only_the_lifecycle_event_of_a_batch_sharing_a_context(
          "context": {"os": "a string the app chose", "device": ["kept"]}}]}
     assert (await call(agent.port, "/v1/batch", batch, headers=AUTH)).status == 200
     await wait_for(lambda: len(fake_segment.events) == 3)
-    opened, clicked, error = fake_segment.events
+    opened, error, clicked = fake_segment.events   # the high lane first
     assert opened["context"]["device"]["id"] == agent.facts.machineId
     assert clicked["context"] == {"device": {"model": "x"}}   # the shared object, untouched
     assert error["context"]["os"] == "a string the app chose"  # never overwritten

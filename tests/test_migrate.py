@@ -22,6 +22,7 @@ from hypothesis import strategies as st
 
 from agent.clock import CLOCK
 from agent.families.event import NUCLEUS, SEGMENT, Event, dedupe_key
+from agent.families.lanes import NORMAL
 from agent.settings import StorageConfig
 from agent.spool import Spool
 from agent.spool.db import PAST
@@ -85,7 +86,7 @@ def test_the_v0_fixture_is_migrated_with_nothing_lost(v0: Path, journal: str) ->
         assert {e.family for e in got[sid]} == {family}
     new_seqs = [e.seq for es in got.values() for e in es]
     assert min(new_seqs) > max(e.seq for e, _ in events) and len(set(new_seqs)) == 38
-    assert table(v0, "SELECT * FROM dead ORDER BY seq") == dead
+    assert table(v0, "SELECT * FROM dead ORDER BY seq") == [(*d, NORMAL) for d in dead]
     assert table(v0, "SELECT * FROM counters ORDER BY name") == counters
     assert table(v0, "SELECT id, key, depth, bytes FROM streams ORDER BY id") == [
         (sid, key, len(got[sid]), sum(len(e.body) for e in got[sid])) for sid, key in streams]

@@ -54,7 +54,9 @@ async def test_every_path_and_frame_type_takes_every_variant(make_agent: Any, pa
     assert orjson.loads(reply.data) == {"reportedIds": [1, 2, 3, 4, "s5", 6]}
     assert agent.spool.depth == len(VARIANTS)       # the heartbeat is not stored
     rows = await agent.spool.fetch(agent.spool.streams["k"].id, 0, 100)
-    stored = [orjson.loads(r.body) for r in rows]
+    # Read lane by lane (init and error first): back in the order sent, by id.
+    sent = [v.get("id") for v in VARIANTS]
+    stored = sorted((orjson.loads(r.body) for r in rows), key=lambda ev: sent.index(ev.get("id")))
     assert stored[0]["totalRam"] == 23.54 and stored[0]["locale"] == "en-US"
     assert stored[1]["date"] == "2026-01-02T03:04:05.123456"   # kept as sent
     assert "osVersion" in stored[4]                              # old-style error enriched

@@ -7,8 +7,11 @@ What makes a long outage slow to recover from is the backoff at its cap: a key w
 outage only repeats capped waits. So instead of three minutes the upstream stays
 down until the agent's `/status` counts the first key's 8th failure, whose wait is
 at least 30 s; it then comes back at once, and every event must arrive within 3 s,
-in order per key. A second app starts posting only then, so its failures cannot be
-mistaken for the first key's.
+in order per (key, lane): every third event the first app posts is an ``error`` (the
+high lane), and the second app's last event is its session's ``init``, so each key's
+high events, all queued together, must arrive first, each lane in the order posted.
+A second app starts posting only then, so its failures cannot be mistaken for the first
+key's.
 """
 
 from __future__ import annotations
@@ -31,10 +34,16 @@ pytestmark = pytest.mark.slow
 CAPPED_FAILURES = 8   # the 8th backoff is 0.5 * 2**7 s, capped at 60, times [0.5, 1): >= 30 s
 
 
+def high(i: int) -> bool:
+    """Whether event ``i`` is posted as an ``error`` (app1) or ``init`` (app2)."""
+    return i % 3 == 2 if i < 1000 else i == 1009
+
+
 async def post(session: aiohttp.ClientSession, agent: AgentProcess, key: str,
                ids: list[int]) -> None:
-    async with session.post(f"{agent.url}/app/{key}/track",
-                            json={"data": [event(i) for i in ids]}) as r:
+    data = [{**event(i), "type": ("error" if i < 1000 else "init") if high(i) else "event"}
+            for i in ids]
+    async with session.post(f"{agent.url}/app/{key}/track", json={"data": data}) as r:
         assert r.status == 200, await r.text()
 
 
@@ -82,7 +91,9 @@ async def test_after_an_outage_at_the_backoff_cap_everything_arrives_within_3s(
         record_property("resumed_after_s", round(took, 2))
         print(f"resumed {took:.2f}s after the upstream came back")
         assert took <= 3.0, f"delivery resumed {took:.1f}s after the upstream came back"
-        assert by_key(fake) == posted   # everything, once, in order per key
+        # Everything, once, in order per (key, lane), the high lane first.
+        assert by_key(fake) == {key: [i for i in ids if high(i)] + [i for i in ids if not high(i)]
+                                for key, ids in posted.items()}
         assert agent.terminate() == 0
         assert agent.log.read_text().count("upstream up recovered after") == 1
     finally:

@@ -20,6 +20,7 @@ from agent.outcomes import Drop, Tally
 from agent.settings import StorageConfig
 from agent.spool import Spool
 from agent.spool.migrate import SpoolTooNew
+from agent.spool.schema import VERSION
 from agent.spool.types import Reason, Row, SpoolFull
 
 
@@ -242,9 +243,9 @@ async def test_past_the_window_delivered_keys_are_forgotten_on_disk_and_in_memor
 async def test_a_spool_from_a_newer_agent_is_refused_and_left_untouched(tmp_path: Path) -> None:
     with sqlite3.connect(tmp_path / "spool.db") as db:
         db.execute("CREATE TABLE future(x)")
-        db.execute("PRAGMA user_version = 2")
+        db.execute(f"PRAGMA user_version = {VERSION + 1}")
     before = (tmp_path / "spool.db").read_bytes()
-    with pytest.raises(SpoolTooNew, match="format v2, newer than this agent reads"):
+    with pytest.raises(SpoolTooNew, match=f"format v{VERSION + 1}, newer than this agent reads"):
         await open_spool(tmp_path)
     assert (tmp_path / "spool.db").read_bytes() == before
     assert not list(tmp_path.glob("spool.db.corrupt-*"))

@@ -90,12 +90,15 @@ async def test_a_metered_network_holds_events_and_releases_them_when_it_is_not(
     assert status["sync"] == {"profile": "hold", "reason": "metered network", "metered": "yes",
                               "metered_detail": "NetworkManager: yes", "battery_percent": None,
                               "on_battery": None, "releases": 0, "held_events": 5,
+                              "held_lanes": {"high": 0, "normal": 5},
                               "errors": 0, "last_error": ""}
     metrics = await fetch(agent.port, "/metrics")
     assert 'outpost_sync_profile{profile="hold",reason="metered network"} 1' in metrics
-    assert "outpost_sync_held_events 5" in metrics
+    assert 'outpost_sync_held_events{lane="high"} 0' in metrics
+    assert 'outpost_sync_held_events{lane="normal"} 5' in metrics
     code, out = await run_outpost("status", "--config", agent.config_path)
-    assert code == 0 and "\nsync:     hold (metered network), 5 events held; metered yes " \
+    assert code == 0 and "\nsync:     hold (metered network), 5 events held (high 0, " \
+        "normal 5); metered yes " \
         "(NetworkManager: yes)\n" in out, out
 
     await nm.set_metered(NO)

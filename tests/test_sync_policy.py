@@ -15,13 +15,14 @@ from agent.settings import SyncConfig
 from agent.sync.metered import source_for
 from agent.sync.metered.networkmanager import NetworkManagerSource, reading
 from agent.sync.policy import Battery, Metered, MeteredReading, decide
+from tests.waiting import run_outpost
 
 
 @pytest.mark.parametrize(("table", "message"), [
-    ({"on_metered": "pause"}, "sync.on_metered: must be one of 'normal', 'hold', got 'pause'"),
-    ({"on_low_battery": "priority_only"}, "sync.on_low_battery: 'priority_only' is not yet "
-     "supported (it needs priority lanes); use 'normal' or 'hold'"),
-    ({"on_metered": "priority_only"}, "sync.on_metered: 'priority_only' is not yet supported"),
+    ({"on_metered": "pause"},
+     "sync.on_metered: must be one of 'normal', 'priority_only', 'hold', got 'pause'"),
+    ({"on_low_battery": "priority"},
+     "sync.on_low_battery: must be one of 'normal', 'priority_only', 'hold', got 'priority'"),
     ({"low_battery_pct": 0}, "sync.low_battery_pct: must be 1..100, got 0"),
     ({"low_battery_pct": 20.5}, "sync.low_battery_pct: expected an integer, got float"),
     ({"max_hold_h": 0}, "sync.max_hold_h: must be greater than 0, got 0"),
@@ -42,21 +43,52 @@ def test_sync_defaults_are_normal_everywhere() -> None:
     assert parse({"sync": {"on_metered": "hold", "max_hold_h": 6}}).sync.max_hold_h == 6.0
 
 
-RULES = st.sampled_from(["normal", "hold"])
+@pytest.mark.parametrize(("upstream", "message"), [
+    ({"priority_types": ["trak"]}, "upstream[0].priority_types: unknown event type 'trak'; "
+     "one of alias, error, event, group, identify, init, nucleus:view, page, props, screen, "
+     "track, userid"),
+    ({"priority_types": ["heartbeat"]}, "upstream[0].priority_types: unknown event type"),
+    ({"priority_types": "track"}, "upstream[0].priority_types: expected an array, got str"),
+    ({"priority_events": ["ok", ""]}, "upstream[0].priority_events: every entry must be a "
+     "non-empty string, got ''"),
+    ({"priority_events": [3]}, "upstream[0].priority_events: every entry must be a non-empty"),
+])
+def test_lane_rules_errors_are_one_line_naming_the_field(upstream: dict[str, object],
+                                                        message: str) -> None:
+    raw = {"upstream": [{"name": "u", "protocol": "segment-http", "url": "http://h",
+                         **upstream}]}
+    with pytest.raises(ConfigError) as err:
+        parse(raw)
+    assert str(err.value).startswith(message) and "\n" not in str(err.value), str(err.value)
+
+
+def test_priority_only_and_lane_rules_are_taken() -> None:
+    cfg = parse({"sync": {"on_metered": "priority_only", "on_low_battery": "priority_only"},
+                 "upstream": [{"name": "u", "protocol": "segment-http", "url": "http://h",
+                               "priority_types": ["identify"],
+                               "priority_events": ["Order Completed"]}]})
+    assert (cfg.sync.on_metered, cfg.sync.on_low_battery) == ("priority_only",) * 2
+    up = cfg.upstreams[0]
+    assert (up.priority_types, up.priority_events) == (("identify",), ("Order Completed",))
+
+
+RULES = st.sampled_from(["normal", "priority_only", "hold"])
+STRICTNESS = ["normal", "priority_only", "hold"]
 METERED = st.builds(MeteredReading, st.sampled_from(list(Metered)), st.just("test"))
 BATTERY = st.none() | st.builds(Battery, st.floats(0, 100), st.booleans())
 
 
 @given(RULES, RULES, st.integers(1, 100), METERED, BATTERY)
-def test_hold_exactly_when_a_hold_rule_applies(on_metered: str, on_low: str, pct: int,
-                                               metered: MeteredReading,
-                                               battery: Battery | None) -> None:
+def test_the_strictest_rule_that_applies_is_the_profile(on_metered: str, on_low: str,
+                                                        pct: int, metered: MeteredReading,
+                                                        battery: Battery | None) -> None:
     cfg = SyncConfig(on_metered=on_metered, on_low_battery=on_low, low_battery_pct=pct)
     profile = decide(cfg, metered, battery)
-    metered_applies = on_metered == "hold" and metered.state is Metered.YES
-    low_applies = (on_low == "hold" and battery is not None and not battery.plugged
+    metered_applies = on_metered != "normal" and metered.state is Metered.YES
+    low_applies = (on_low != "normal" and battery is not None and not battery.plugged
                    and battery.percent < pct)
-    assert profile.mode == ("hold" if metered_applies or low_applies else "normal")
+    applying = [on_metered] * metered_applies + [on_low] * low_applies
+    assert profile.mode == max(applying, key=STRICTNESS.index, default="normal")
     # The reason names every condition that holds, and nothing else.
     assert ("metered network" in profile.reason) == metered_applies
     assert ("battery " in profile.reason and "%" in profile.reason) == low_applies
@@ -99,8 +131,21 @@ def test_the_operations_examples_are_valid_config() -> None:
     doc = (Path(__file__).resolve().parent.parent / "docs" / "operations.md").read_text()
     section = doc[doc.index("## Sync policy"):doc.index("## Many apps and keys")]
     blocks = re.findall(r"```toml\n(.*?)```", section, re.DOTALL)
-    assert len(blocks) == 3
+    assert len(blocks) == 4   # the rules, an upstream's lane rules, a laptop, a kiosk
     for block in blocks:
         parse(tomllib.loads(block))
-    kiosk = parse(tomllib.loads(blocks[2]))
-    assert kiosk.sync.on_metered == "hold" and kiosk.sync.max_hold_h == 1
+    rules = parse(tomllib.loads(blocks[1])).upstreams[0]
+    assert rules.priority_types == ("identify",) and rules.priority_events
+    laptop, kiosk = (parse(tomllib.loads(b)) for b in blocks[2:])
+    assert (laptop.sync.on_metered, laptop.sync.on_low_battery) == ("priority_only", "hold")
+    assert kiosk.sync.on_metered == "priority_only" and kiosk.sync.max_hold_h == 1
+
+
+async def test_a_bad_lane_rule_is_one_line_and_exit_code_2(tmp_path: Path) -> None:
+    cfg = tmp_path / "agent.toml"
+    cfg.write_text('[[upstream]]\nname = "u"\nprotocol = "segment-http"\nurl = "http://h"\n'
+                   'priority_types = ["Order Completed"]\n')
+    code, out = await run_outpost("check-config", str(cfg))
+    assert code == 2, out
+    assert out.strip().count("\n") == 0 and "upstream[0].priority_types: unknown event type " \
+        "'Order Completed'" in out, out

@@ -1,13 +1,19 @@
-"""Transmit profiles, stateful (hypothesis): apps post while the network turns metered and
-back, the battery drains and charges, the upstream goes down and comes back, and time
-passes by an injected clock. Invariants:
+"""Transmit profiles and priority lanes, stateful (hypothesis): apps post normal and
+high-priority events (Nucleus ``event``; ``init`` and ``error``) while the network turns
+metered (``priority_only``) and back, the battery drains and charges (``hold``), the
+upstream goes down and comes back, and time passes by an injected clock. Invariants:
 
 - while holding, no key has a forwarding loop unless ``max_hold_h`` released them;
+- under ``priority_only``, every loop sends the high lane alone (unless released), and
+  with the upstream reachable the high lane drains;
 - sending normally to a reachable upstream, the queue drains;
 - with the upstream reachable, no event outlives ``max_hold_h`` (plus the release's
   one-minute recheck) in the queue;
+- high before normal when both are queued: of the events a key had queued when its
+  upstream came back (the key parked, so its next loop reads from the start), every
+  high one first arrived before every normal one;
 - at the end, with the network unmetered and the upstream up: nothing lost, and each
-  key's events first arrived in the order they were posted.
+  key's events of each lane first arrived in the order they were posted.
 """
 
 from __future__ import annotations
@@ -27,6 +33,7 @@ from hypothesis.stateful import RuleBasedStateMachine, initialize, invariant, ru
 
 from agent import config as config_mod
 from agent.clock import CLOCK, age_s
+from agent.families.lanes import HIGH
 from agent.forwarder.supervisor import Seams
 from agent.service import Agent
 from agent.sync.held import oldest_routed
@@ -70,7 +77,7 @@ class _Scene:
         cfg = write_config(tmp / "agent.toml", tmp / "spool.db", upstreams=[{
             "name": "up", "protocol": "nucleus-ws", "url": self.fake.url, "keys": ["a", "b"],
             "flush_interval_s": 0.05, "timeout_s": 2}],
-            sync={"on_metered": "hold", "on_low_battery": "hold", "low_battery_pct": 20,
+            sync={"on_metered": "priority_only", "on_low_battery": "hold", "low_battery_pct": 20,
                   "max_hold_h": MAX_HOLD_H, "dbus_address": bus})
         self.agent = Agent(config_mod.load_file(cfg), str(cfg),
                            seams=Seams(timing=self.timing, backoff=FAST_BACKOFF),
@@ -85,10 +92,11 @@ class _Scene:
         CLOCK.passed_ms += int(seconds * 1000)
         self.timing.advance(seconds)
 
-    def post(self, key: str, ids: range) -> None:
+    def post(self, key: str, ids: range, high: frozenset[int]) -> None:
         post_nucleus(self.agent.port, key, [
-            {"type": "event", "name": "e", "id": i, "sessionId": 1, "machineId": "m",
-             "date": "2026-01-01T00:00:00.000Z"} for i in ids])
+            {"type": ("init", "error")[i % 2] if i in high else "event", "name": "e", "id": i,
+             "sessionId": 1, "machineId": "m", "date": "2026-01-01T00:00:00.000Z"}
+            for i in ids])
 
     def close(self) -> None:
         try:
@@ -109,6 +117,9 @@ class SyncMachine(RuleBasedStateMachine):
         self.tmp = Path(tempfile.mkdtemp(prefix="outpost-sync-"))
         self.scene = _Scene(self.tmp, self.bus)
         self.posted: dict[str, list[int]] = {"a": [], "b": []}
+        self.high: set[int] = set()   # ids posted as init or error: the high lane
+        # (events first arrived before the upstream came back, {key: ids queued then}).
+        self.resumes: list[tuple[int, dict[str, list[int]]]] = []
         self.next_id = 0
         self.up = True
         self.releases = 0   # the agent's count when the current hold was last checked
@@ -117,13 +128,17 @@ class SyncMachine(RuleBasedStateMachine):
     @initialize(metered=st.booleans())
     def start(self, metered: bool) -> None:
         self.network(metered)
-        self.post("a", 3)
-        self.post("b", 2)
+        self.post("a", 3, 1)
+        self.post("b", 2, 0)
 
-    @rule(key=st.sampled_from(["a", "b"]), n=st.integers(1, 5))
-    def post(self, key: str, n: int) -> None:
+    @rule(key=st.sampled_from(["a", "b"]), n=st.integers(1, 5),
+          high=st.integers(0, 2))
+    def post(self, key: str, n: int, high: int) -> None:
+        """``n`` events, ``high`` of them (at most) init or error, spread among the rest."""
         ids = range(self.next_id, self.next_id + n)
-        self.scene.post(key, ids)
+        chosen = frozenset(ids[::max(1, n // high)][:high]) if high else frozenset()
+        self.high |= chosen
+        self.scene.post(key, ids, chosen)
         agent = self.scene.agent
         assert agent.sync is not None and agent.forwarding is not None
         if self.quiet and agent.sync.profile.mode == "hold" and agent.sync.releases == self.releases:
@@ -154,6 +169,14 @@ class SyncMachine(RuleBasedStateMachine):
     @rule()
     def upstream_up(self) -> None:
         if not self.up:
+            fwd = self.scene.agent.forwarding
+            assert fwd is not None
+            # Only parked keys (their retry waits for the manual clock or a probe) are
+            # sure to have nothing in flight: their next loop reads from the start.
+            parked = [k for k in self.posted if k in fwd._lot]
+            got = set(self._first_arrivals())
+            self.resumes.append((len(self.scene.fake.events), {
+                k: [i for i in self.posted[k] if i not in got] for k in parked}))
             self.scene.call(self.scene.fake.come_back())
             self.up = True
 
@@ -174,6 +197,19 @@ class SyncMachine(RuleBasedStateMachine):
                 self.scene.call(poll(lambda: not forwarding.loops))
                 self.quiet = True
             self.releases = agent.sync.releases
+        elif agent.sync.profile.mode == "priority_only":
+            if agent.sync.releases == self.releases:   # nothing released: high lanes only
+                # A loop a release widened to every lane sends until its queue is empty
+                # (or parks): then only loops for the high lane are left.
+                sync, loops = agent.sync, agent.forwarding.loops
+                self.scene.call(poll(lambda: sync.releases != self.releases or all(
+                    loop.lanes == (HIGH,) for loop in loops.values()
+                    if not loop.released and not loop.stopping)))
+                if self.up:
+                    streams = agent.spool.streams if agent.spool is not None else {}
+                    self.scene.call(poll(lambda: all(s.high == 0 for s in streams.values()),
+                                         step=lambda: self.scene.advance(0.2)))
+            self.releases = agent.sync.releases
         elif self.up:
             spool = agent.spool
             assert spool is not None
@@ -187,15 +223,28 @@ class SyncMachine(RuleBasedStateMachine):
             self.network(False)
             self.power(90, True)
             self.held_or_sending()   # normal and up: drained
-            got = [ev["id"] for ev in self.scene.fake.events]
+            first = self._first_arrivals()
             for key, ids in self.posted.items():
                 mine = set(ids)
-                first = list(dict.fromkeys(i for i in got if i in mine))
-                assert first == ids, (key, first, ids)   # nothing lost, FIFO per key
+                assert set(first) >= mine, (key, mine - set(first))   # nothing lost
+                for lane in (True, False):   # FIFO per (key, lane)
+                    want = [i for i in ids if (i in self.high) == lane]
+                    got = [i for i in first if i in mine and (i in self.high) == lane]
+                    assert got == want, (key, lane, got, want)
+            arrived = [ev["id"] for ev in self.scene.fake.events]
+            for mark, queued in self.resumes:
+                after = list(dict.fromkeys(arrived[mark:]))
+                for key, ids in queued.items():   # high before normal when both are queued
+                    order = [i in self.high for i in after if i in set(ids)]
+                    assert order == sorted(order, reverse=True), (key, ids, after)
         finally:
             self.scene.close()
             shutil.rmtree(self.tmp, ignore_errors=True)
             CLOCK.passed_ms = 0
+
+    def _first_arrivals(self) -> list[int]:
+        """Event ids in the order they first reached the upstream."""
+        return list(dict.fromkeys(ev["id"] for ev in self.scene.fake.events))
 
     def _battery_read(self) -> bool:
         sync = self.scene.agent.sync

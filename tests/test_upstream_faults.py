@@ -17,12 +17,14 @@ import random
 import re
 import time
 from collections import Counter
+from collections.abc import Sequence
 from typing import Any
 
 import aiohttp
 import orjson
 import pytest
 
+from agent.families.lanes import LANES
 from agent.forwarder.backoff import BACKOFF, Backoff
 from agent.forwarder.stream import Release
 from agent.forwarder.supervisor import Seams
@@ -413,10 +415,12 @@ class _GatedSpool:
         self.gate = asyncio.Event()
         self.reading = asyncio.Event()
 
-    async def fetch(self, stream: int, after: int, limit: int) -> list[Any]:
+    async def fetch(self, stream: int, after: int | Sequence[int], limit: int,
+                    lanes: Sequence[int] = LANES) -> list[Any]:
         self.reading.set()
         await self.gate.wait()
-        return [r for r in self.rows if r.seq > after][:limit]
+        cursors = (after,) * len(LANES) if isinstance(after, int) else after
+        return [r for r in self.rows if r.lane in lanes and r.seq > cursors[r.lane]][:limit]
 
     async def ack(self, seqs: Any) -> None:
         return None

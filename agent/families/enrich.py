@@ -11,6 +11,7 @@ from __future__ import annotations
 from typing import Any
 
 from agent.families.facts import DeviceFacts
+from agent.families.lanes import Lanes
 
 NEEDS_FACTS = frozenset({"init", "error"})
 OPENED = "Application Opened"   # Segment's lifecycle event, Nucleus' `init`
@@ -19,7 +20,8 @@ SEGMENT_NEEDS_FACTS = frozenset({OPENED, ERROR})
 
 
 class Enrich:
-    """Fills device facts into events, with one method per family.
+    """Fills device facts into events, with one method per family; ``lanes`` classifies
+    them (priority lanes), at the same place.
 
     Built once from the detected facts by the composition root (agent/service.py) and
     handed to the ingest side, which passes it to each family's accept function: that
@@ -27,10 +29,11 @@ class Enrich:
     made.
     """
 
-    __slots__ = ("facts",)
+    __slots__ = ("facts", "lanes")
 
-    def __init__(self, facts: DeviceFacts) -> None:
+    def __init__(self, facts: DeviceFacts, lanes: Lanes | None = None) -> None:
         self.facts = facts
+        self.lanes = lanes or Lanes()   # replaced on a reload (the upstreams' rules)
 
     def nucleus(self, event: dict[str, Any], kind: str) -> None:
         """Add platform, osVersion, totalRam, language/locale, arch and machineId to an

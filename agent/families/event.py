@@ -16,6 +16,7 @@ from typing import Any, NamedTuple
 import orjson
 
 from agent.clock import CLOCK
+from agent.families.lanes import NORMAL
 
 NUCLEUS = 0
 SEGMENT = 1
@@ -35,6 +36,7 @@ class Event:
     # ingest parsed the event, and stored beside the body (spool/records.py), so that
     # sending it needs no second parse.
     ack_id: Any = NOT_READ
+    lane: int = NORMAL   # families/lanes.py: HIGH goes first; set at ingest
 
 
 class Limit(NamedTuple):

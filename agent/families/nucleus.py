@@ -72,6 +72,7 @@ def accept(msg: Any, key: str, enrich: Enrich) -> tuple[list[Event], list[Any]]:
     acks: list[Any] = []
     received = None
     fill = enrich.nucleus
+    lanes = enrich.lanes
     for i, ev in enumerate(data):
         ev_id = ev.get("id")
         if ev_id is not None:
@@ -85,7 +86,8 @@ def accept(msg: Any, key: str, enrich: Enrich) -> tuple[list[Event], list[Any]]:
             if ev.get("date") is None:
                 received = received or iso_ms(now_ms())
                 ev["date"] = received
-            events.append(Event(key, NUCLEUS, ident, compact_json(ev), ev_id))
+            events.append(Event(key, NUCLEUS, ident, compact_json(ev), ev_id,
+                                lanes.nucleus(key, kind, ev)))
         except orjson.JSONEncodeError as exc:  # nested deeper than orjson writes (255)
             raise Invalid(f"data[{i}] cannot be stored", str(exc)) from exc
     return events, acks

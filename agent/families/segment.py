@@ -167,7 +167,9 @@ def accept(ev: Any, key: str, types: frozenset[str], received: str, *, enrich: E
     check(ev, types, need_message_id=need_message_id)
     complete(ev, received, batch)
     enrich.segment(ev)
-    return to_event(key, ev)
+    event = to_event(key, ev)
+    event.lane = enrich.lanes.segment(key, ev)
+    return event
 
 
 def accept_all(body: Any, key: str, types: frozenset[str], raw_size: int, *, enrich: Enrich,

@@ -1,11 +1,14 @@
 """Per-key forwarding loops: batch on size or time, back off with jitter, ack, dead-letter.
 
-One StreamForwarder runs for each (upstream, local key) pair, so FIFO per key
-is natural. Rows are leased only in memory (a cursor plus the uplink's
-in-flight set): after any failure every in-flight batch settles, the uplink is
-closed (a new connection is opened only now, so no later batch can overtake an
-earlier unacknowledged one), the cursor goes back to the start of the key's
-queue, and all unacknowledged rows are sent again with the same ids. Run by
+One StreamForwarder runs for each (upstream, local key) pair, so FIFO per (key,
+lane) is natural: each read takes the high lane's rows first, then the normal
+lane's (agent/families/lanes.py), each lane in seq order from its own cursor, and
+only the lanes the transmit profile lets go (``lanes``). Rows are leased only in
+memory (the cursors plus the uplink's in-flight set): after any failure every
+in-flight batch settles, the uplink is closed (a new connection is opened only
+now, so no later batch can overtake an earlier unacknowledged one), the cursors go
+back to the start of the key's lanes, and all unacknowledged rows are sent again
+with the same ids. Run by
 supervisor.py, a loop does not sleep out a backoff: it ends, and the supervisor starts
 the key's next loop (fresh uplink, cursor at the start) when the time comes.
 
@@ -25,6 +28,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from agent.clock import until_due
+from agent.families.lanes import LANES
 from agent.forwarder.backoff import BACKOFF, Backoff
 from agent.forwarder.state import UpstreamState
 from agent.forwarder.timing import LOOP_TIMING, Timing
@@ -69,6 +73,7 @@ class StreamForwarder:
     def __init__(self, cfg: UpstreamConfig, stream: Stream, spool: Spool, uplink: Uplink,
                  state: UpstreamState, metrics: Metrics, window: int, *,
                  release: Release | None = None, attempt: int = 0,
+                 lanes: tuple[int, ...] = LANES,
                  timing: Timing = LOOP_TIMING, backoff: Backoff = BACKOFF,
                  on_acked: AckHook = ignore_acks) -> None:
         self.cfg = cfg
@@ -83,7 +88,8 @@ class StreamForwarder:
         self.interrupt = asyncio.Event()  # a flush or stop: also cuts a backoff short
         self.stopping = False
         self.flush_now = False
-        self._cursor = 0
+        self.lanes: tuple[int, ...] = lanes   # the lanes it may send (sync/monitor.py)
+        self._cursors = [0] * len(LANES)      # per lane: the last seq sent
         self._tasks: set[asyncio.Task[None]] = set()
         self._acking: set[asyncio.Task[None]] = set()  # spool deletes of upstream-acked rows
         self._held: list[int] = []  # upstream-acked rows not yet handed to spool.ack
@@ -99,7 +105,7 @@ class StreamForwarder:
     async def run(self) -> None:
         """One life of the loop. Raises what it did not expect; the supervisor
         counts it and calls ``run`` again, with a fresh uplink, after a backoff."""
-        self._cursor, self._failed, self._crash = 0, None, None
+        self._cursors, self._failed, self._crash = [0] * len(LANES), None, None
         self.uplink.on_crash = self._crashed
         try:
             while not self.stopping and not self.released:
@@ -133,7 +139,7 @@ class StreamForwarder:
             await self.pause(delay)
             # Only now, with nothing in flight, may a new connection start.
             await self.uplink.close()
-            self._cursor = 0
+            self._cursors = [0] * len(LANES)
             return
         if len(self._tasks) >= self.window:
             await self._idle(None)
@@ -142,17 +148,17 @@ class StreamForwarder:
         # read beyond it were built, dropped and read again, four times over.
         free = min(FETCH_FACTOR, self.window - len(self._tasks))
         limit = self.cfg.batch_max_events * free
-        rows = await self.spool.fetch(self.stream.id, self._cursor, limit)
+        rows = await self.spool.fetch(self.stream.id, self._cursors, limit, self.lanes)
         if self._failed is not None or self._crash is not None:
             return  # a batch failed during the read: nothing new goes out before the resend
         if not rows:
             self._ack_held()
             if not self._tasks:  # everything sent and answered: a flush is complete
                 self.flush_now = False
-                if self._cursor and not self._acking and self.stream.depth:
-                    # Rows behind the cursor are still queued: an ack's delete did not
+                if any(self._cursors) and not self._acking and self.queued():
+                    # Rows behind the cursors are still queued: an ack's delete did not
                     # commit (a locked or full disk). Send them again.
-                    self._cursor = 0
+                    self._cursors = [0] * len(LANES)
                     return
                 if self.release is not None:
                     await self._release_when_idle(self.release.idle_s)
@@ -160,9 +166,9 @@ class StreamForwarder:
             await self._idle(None)
             return
         self._empty_since = None
-        if len(rows) < self.cfg.batch_max_events and not self._due(rows[0]):
+        if len(rows) < self.cfg.batch_max_events and not self._due(rows):
             self._ack_held()
-            await self._idle(until_due(rows[0].received, self.cfg.flush_interval_s))
+            await self._idle(until_due(_oldest(rows), self.cfg.flush_interval_s))
             return
         batch = self.uplink.prepare(rows)
         if not batch.rows:  # the first row's id is still in flight: wait for its ack
@@ -174,11 +180,11 @@ class StreamForwarder:
         # batches' worth of rows per batch sent kept the reader thread (building rows
         # it then dropped) the drain's bottleneck.
         while batch.rows:
-            self._cursor = batch.rows[-1].seq
+            self._advance(batch.rows)
             self._track(self._tasks, self._deliver(batch))
             rows = rows[len(batch.rows):]
             if len(self._tasks) >= self.window or not rows or (
-                    len(rows) < self.cfg.batch_max_events and not self._due(rows[0])):
+                    len(rows) < self.cfg.batch_max_events and not self._due(rows)):
                 return
             batch = self.uplink.prepare(rows)
 
@@ -202,8 +208,21 @@ class StreamForwarder:
             self._crash = exc
         self.wake.set()
 
-    def _due(self, first: Row) -> bool:
-        return self.flush_now or until_due(first.received, self.cfg.flush_interval_s) <= 0
+    def _advance(self, sent: Sequence[Row]) -> None:
+        """Move each lane's cursor to its last row in ``sent`` (high rows, then normal)."""
+        last = sent[-1]
+        self._cursors[last.lane] = last.seq
+        if sent[0].lane != last.lane:   # the batch crosses from the high lane to the normal
+            self._cursors[sent[0].lane] = next(
+                r.seq for r in reversed(sent) if r.lane == sent[0].lane)
+
+    def queued(self) -> int:
+        """Events queued in the lanes this loop may send (the key's depth counters)."""
+        return self.stream.queued(self.lanes)
+
+    def _due(self, rows: Sequence[Row]) -> bool:
+        # By the oldest row: a fresh high event at the front must not delay old normal ones.
+        return self.flush_now or until_due(_oldest(rows), self.cfg.flush_interval_s) <= 0
 
     async def _idle(self, timeout: float | None) -> None:
         """Wait for new data, a finished batch, a flush or stop (or ``timeout``)."""
@@ -228,7 +247,7 @@ class StreamForwarder:
             await self._idle(remaining)
         elif self._acking:  # its completion wakes us
             await self._idle(None)
-        elif self._crash is None and self.stream.depth == 0:
+        elif self._crash is None and self.queued() == 0:
             self.released = True
         else:  # queued rows the spool cannot show now (a recovery): new data or a reopen wakes us
             await self._idle(None)
@@ -349,3 +368,11 @@ class StreamForwarder:
         self.stopping = True
         self.interrupt.set()
         self.wake.set()
+
+
+def _oldest(rows: Sequence[Row]) -> int:
+    """The receipt time of the oldest of ``rows`` (each lane's first row is its oldest)."""
+    first = rows[0]
+    if rows[-1].lane == first.lane:
+        return first.received
+    return min(first.received, next(r.received for r in rows if r.lane != first.lane))

@@ -18,9 +18,11 @@ seconds: each upstream's prober (probe.py) probes it while it is unreachable and
 retries its parked keys the moment it answers, and a network change
 (``network_changed``, from agent/netwatch.py) probes the unreachable ones at once.
 
-A loop starts only if ``may_send(key)`` (the transmit profile, agent/sync/) says so;
-``regate`` runs when that answer may have changed: it stops the loops now held
-(their in-flight batches settle) and starts every key with data it lets go.
+A loop starts only if ``may_send(key)`` (the transmit profile, agent/sync/) lets one
+of the key's lanes with events go (``priority_only``: the high lane alone); ``regate``
+runs when that answer may have changed: it stops the loops now held (their in-flight
+batches settle), tells running loops which lanes they may send, and starts every key
+with data it lets go.
 
 ``_run`` is the one supervision point: whatever a forwarder, its delivery
 tasks or its uplink's own tasks raise unexpectedly ends up there, is logged
@@ -41,6 +43,7 @@ from dataclasses import dataclass
 import aiohttp
 
 from agent.families.facts import DeviceFacts
+from agent.families.lanes import LANES
 from agent.forwarder.backoff import BACKOFF, Backoff
 from agent.forwarder.parking import Parked, ParkingLot
 from agent.forwarder.probe import PROBE_TIMEOUT_S, Prober
@@ -84,7 +87,8 @@ class Supervisor:
     """Owns the forwarders and the HTTP client session they share."""
 
     def __init__(self, cfg: Config, spool: Spool, facts: DeviceFacts, metrics: Metrics,
-                 seams: Seams = Seams(), may_send: Callable[[str], bool] = lambda key: True,
+                 seams: Seams = Seams(),
+                 may_send: Callable[[str], tuple[int, ...]] = lambda key: LANES,
                  on_acked: AckHook = ignore_acks) -> None:
         self.cfg = cfg
         self.on_acked = on_acked   # each loop's upstream acks: the live event view
@@ -133,14 +137,17 @@ class Supervisor:
         stream = self.spool.streams.get(key)
         # An empty queue needs no loop (a start with 100,000 idle keys starts none).
         if up is None or stream is None or stream.depth == 0 or self._session is None \
-                or self._stopping or not self.may_send(key):
+                or self._stopping:
+            return None
+        lanes = self.may_send(key)
+        if not stream.queued(lanes):
             return None
         loop = StreamForwarder(up, stream, self.spool, self._uplink(up, key),
                                self.states[up.name], self.metrics,
                                uplink_class(up.protocol).window(up),
                                release=Release(up.flush_interval_s,
                                                functools.partial(self._park, key)),
-                               attempt=attempt, timing=self.seams.timing,
+                               attempt=attempt, lanes=lanes, timing=self.seams.timing,
                                backoff=self.seams.backoff, on_acked=self.on_acked)
         self.loops[key] = loop
         task = asyncio.create_task(self._run(key, loop), name=f"forward-{up.name}")
@@ -165,8 +172,16 @@ class Supervisor:
     def regate(self) -> None:
         """``may_send`` may have changed: stop the loops it holds, start the keys it lets go."""
         for key, loop in list(self.loops.items()):
-            if not loop.stopping and not loop.released and not self.may_send(key):
+            if loop.stopping or loop.released:
+                continue
+            lanes = self.may_send(key)
+            if not lanes:
                 loop.stop()
+            elif lanes != loop.lanes:
+                # Fewer lanes: what is in flight settles, nothing more of the others is
+                # read. More: the next read takes them. Either way no resend is needed.
+                loop.lanes = lanes
+                loop.poke()
         for key, stream in self.spool.streams.items():
             running = self.loops.get(key)
             if stream.depth and key not in self._lot and (running is None or running.released):
@@ -306,3 +321,4 @@ class Supervisor:
         if self._session is not None:
             await self._session.close()
             self._session = None
+

@@ -112,11 +112,13 @@ def render(snap: Snapshot, latency: Histogram) -> str:
 
 def _sync(out: Exposition, sync: SyncStatus) -> None:
     out.family("sync_profile", "gauge",
-               "1 for the transmit profile in force (normal, hold), else 0; the reason as a label.",
+               "1 for the transmit profile in force (normal, priority_only, hold), else 0; "
+               "the reason as a label.",
                [("", {"profile": p, "reason": sync["reason"] if p == sync["profile"] else ""},
-                 1 if p == sync["profile"] else 0) for p in ("normal", "hold")])
-    out.gauge("sync_held_events", "Queued events the transmit profile holds back now.",
-              sync["held_events"])
+                 1 if p == sync["profile"] else 0) for p in ("normal", "priority_only", "hold")])
+    out.family("sync_held_events", "gauge",
+               "Queued events the transmit profile holds back now, by priority lane.",
+               [("", {"lane": lane}, n) for lane, n in sync["held_lanes"].items()])
     out.counter("sync_max_hold_releases_total",
                 "Times sync.max_hold_h sent everything held, since the agent started.",
                 sync["releases"])

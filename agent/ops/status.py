@@ -21,7 +21,9 @@ from agent.metrics import Metrics
 from agent.settings import Config, UpstreamConfig
 from agent.spool import Spool, dead, dead_live
 from agent.spool.schema import read_offline
+from agent.sync.held import held_by_lane
 from agent.sync.monitor import SyncView
+from agent.sync.policy import held_lanes
 
 
 class Unrouted(TypedDict):
@@ -75,9 +77,11 @@ class Ingest(TypedDict):
 
 
 class SyncStatus(SyncView):
-    """The transmit profile (agent/sync/), and the events it holds back now."""
+    """The transmit profile (agent/sync/), and the events it holds back now, in all and
+    per lane (``high``, ``normal``)."""
 
     held_events: int
+    held_lanes: dict[str, int]
 
 
 class Snapshot(TypedDict):
@@ -189,9 +193,8 @@ async def snapshot(cfg: Config, spool: Spool, states: Mapping[str, UpstreamState
                       "tail_viewers": metrics.tail_viewers,
                       "tail_dropped": metrics.tail_dropped}
     if sync is not None:
-        # Until priority lanes, a hold holds every routed event alike.
-        routed = sum(u["queue_depth"] for u in snap["upstreams"])
-        snap["sync"] = {**sync, "held_events": routed if sync["profile"] == "hold" else 0}
+        held = held_by_lane(cfg, spool.streams.values(), held_lanes(sync["profile"]))
+        snap["sync"] = {**sync, "held_events": sum(held.values()), "held_lanes": held}
     return snap
 
 

@@ -96,7 +96,10 @@ def render(data: Snapshot) -> str:
     lines.append(f"spool:    {room}{spool.get('path', '?')}")
     sync = data.get("sync")
     if sync is not None:
-        held = f", {sync['held_events']} events held" if sync["profile"] == "hold" else ""
+        lanes = sync.get("held_lanes") or {}
+        held = "" if sync["profile"] == "normal" else (
+            f", {sync['held_events']} events held"
+            + (f" (high {lanes.get('high', 0)}, normal {lanes.get('normal', 0)})" if lanes else ""))
         lines.append(f"sync:     {sync['profile']} ({sync['reason']}){held}; "
                      f"metered {sync['metered']} ({sync['metered_detail']})")
     rows = _upstream_rows(data)

@@ -106,7 +106,7 @@ class RouteLimits:
                 continue
             if out is events:
                 out = list(events)
-            out[i] = Event(ev.key, SEGMENT, ev.dedupe, body)
+            out[i] = Event(ev.key, SEGMENT, ev.dedupe, body, lane=ev.lane)
         return out
 
     def oversize(self, event: Event) -> str | None:

@@ -28,14 +28,14 @@ class Books:
     last_mark: int | None = None  # agent-observed ms of the last clock mark written
 
     def reset(self, streams: list[tuple[int, str, int, int]], counters: Counts,
-              next_seq: int, dead: int, used: int) -> None:
+              next_seq: int, dead: int, used: int, high: dict[int, int]) -> None:
         """Take the state just read from the file."""
         self.streams.clear()
         self.by_id.clear()
         self.top_stream_id = 0
         self.new_streams = []
         for sid, key, depth, nbytes in streams:
-            self.add_stream(Stream(sid, key, depth, nbytes))
+            self.add_stream(Stream(sid, key, depth, nbytes, high.get(sid, 0)))
         self.counters = counters
         self.unsaved = {}
         self.next_seq = next_seq
@@ -76,6 +76,10 @@ class Books:
             if stream is not None:
                 stream.depth += depth
                 stream.bytes += nbytes
+        for sid, n in out.high.items():
+            stream = self.by_id.get(sid)
+            if stream is not None:
+                stream.high += n
         merge(self.counters, out.counters)
         self.dead_count += out.counters.get(Drop.DEAD_LETTERED, 0)
         self.used_bytes = out.used_bytes

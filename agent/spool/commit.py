@@ -2,7 +2,7 @@
 
 A whole group commit (dead letters, acks, size cap, inserts, depth and counter
 updates, COMMIT) is one call there: see db.py for why one hop, not one per statement.
-Events are stored packed, one record per commit group per (stream, family)
+Events are stored packed, one record per commit group per (stream, lane, family)
 (records.py); an ack sets bits in the record's ``gone`` bitmap rather than rewriting
 events, and a record is deleted once none of its events is live (Vector's disk buffer).
 """
@@ -16,6 +16,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
+from agent.families.lanes import HIGH, NORMAL
 from agent.outcomes import Counts, Drop, Tally, record
 from agent.spool.db import advance_mark, keys_from_bytes, mark, transaction, used_bytes
 from agent.spool.dedupe import keys_to_bytes
@@ -44,7 +45,7 @@ log = logging.getLogger("outpost.spool")
 
 @dataclass(slots=True)
 class Group:
-    """New events of one (stream, family), numbered ``id`` .. ``id + len(bodies) - 1``."""
+    """New events of one (stream, lane, family), numbered ``id`` .. ``id + len(bodies) - 1``."""
 
     id: int
     stream: int
@@ -56,6 +57,7 @@ class Group:
     data: bytes | None = None         # records.pack(bodies, ids), when packed on the loop
     # Nucleus ack ids, one per body, when ingest read every one (records.ZSTD_IDS).
     ids: list[Any] | None = None
+    lane: int = NORMAL
 
 
 @dataclass(slots=True)
@@ -96,6 +98,7 @@ class Outcome:
 
     stored: bool = True               # False: refused, spool full
     streams: dict[int, list[int]] = field(default_factory=dict)  # id -> [depth, bytes] deltas
+    high: dict[int, int] = field(default_factory=dict)           # id -> high lane's depth delta
     counters: Counts = field(default_factory=dict)               # deltas computed here
     deleted: list[int] = field(default_factory=list)             # records no longer live
     # Dedupe keys of events dropped undelivered (full, expired, damaged): a resend of one
@@ -158,26 +161,28 @@ def commit(conn: sqlite3.Connection, job: Job) -> Outcome:
 def _insert(conn: sqlite3.Connection, packed: list[tuple[Group, bytes, bytes]],
             out: Outcome) -> None:
     conn.executemany(
-        "INSERT INTO records(id, stream, family, n, received, live, bytes, dkeys, data) "
-        "VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?)",
-        [(g.id, g.stream, g.family, len(g.bodies), g.received, len(g.bodies), g.nbytes, k, d)
-         for g, d, k in packed])
+        "INSERT INTO records(id, stream, family, n, received, live, bytes, dkeys, data, lane) "
+        "VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
+        [(g.id, g.stream, g.family, len(g.bodies), g.received, len(g.bodies), g.nbytes, k, d,
+          g.lane) for g, d, k in packed])
     n = 0
     for g, _, _ in packed:
         d = out.streams.setdefault(g.stream, [0, 0])
         d[0] += len(g.bodies)
         d[1] += g.nbytes
         n += len(g.bodies)
+        if g.lane == HIGH:
+            out.high[g.stream] = out.high.get(g.stream, 0) + len(g.bodies)
     record(out.counters, Tally.INGESTED, n)
 
 
 def _settle(conn: sqlite3.Connection, s: Settle, job: Job, out: Outcome) -> None:
     """Mark events of one record gone; delete the record once none is live."""
-    row = conn.execute("SELECT stream, family, n, received, live, gone, bytes, dkeys, data "
-                       "FROM records WHERE id = ?", (s.id,)).fetchone()
+    row = conn.execute("SELECT stream, family, n, received, live, gone, bytes, dkeys, data, "
+                       "lane FROM records WHERE id = ?", (s.id,)).fetchone()
     if row is None:  # already gone (a repeated ack, or dropped meanwhile)
         return
-    stream, family, n, received, live, gone_blob, nbytes, dkeys, data = row
+    stream, family, n, received, live, gone_blob, nbytes, dkeys, data, lane = row
     acked = s.acked
     if (not s.dead and gone_blob is None and len(acked) == live == n and acked[0] == 0
             and acked[-1] == n - 1):
@@ -187,6 +192,8 @@ def _settle(conn: sqlite3.Connection, s: Settle, job: Job, out: Outcome) -> None
         d = out.streams.setdefault(stream, [0, 0])
         d[0] -= n
         d[1] -= nbytes
+        if lane == HIGH:
+            out.high[stream] = out.high.get(stream, 0) - n
         return
     gone = bytearray(gone_blob or bytes((n + 7) // 8))
     dead = {off: (up, why) for off, up, why in s.dead if 0 <= off < n}
@@ -207,12 +214,12 @@ def _settle(conn: sqlite3.Connection, s: Settle, job: Job, out: Outcome) -> None
         return
     if bodies is not None:
         keys = keys_from_bytes(dkeys)
-        dead_rows = [(s.id + o, stream, family, received, keys[o], bodies[o], *dead[o], job.now)
-                     for o in new if o in dead]
+        dead_rows = [(s.id + o, stream, family, received, keys[o], bodies[o], *dead[o], job.now,
+                      lane) for o in new if o in dead]
         if dead_rows:
             conn.executemany("INSERT OR IGNORE INTO dead(seq, stream, family, received, dkey, "
-                             "body, upstream, reason, at) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?)",
-                             dead_rows)
+                             "body, upstream, reason, at, lane) "
+                             "VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?)", dead_rows)
             record(out.counters, Drop.DEAD_LETTERED, len(dead_rows))
         if left:
             freed = sum(len(bodies[o]) for o in new)
@@ -225,6 +232,8 @@ def _settle(conn: sqlite3.Connection, s: Settle, job: Job, out: Outcome) -> None
     d = out.streams.setdefault(stream, [0, 0])
     d[0] -= len(new)
     d[1] -= freed
+    if lane == HIGH:
+        out.high[stream] = out.high.get(stream, 0) - len(new)
 
 
 def _drop_damaged(conn: sqlite3.Connection, s: Settle, job: Job, out: Outcome,
@@ -232,8 +241,8 @@ def _drop_damaged(conn: sqlite3.Connection, s: Settle, job: Job, out: Outcome,
     """Settling found record ``s.id`` unreadable. The events just acked were delivered:
     counted so, and their dedupe keys kept (a resend of one is a duplicate, across a
     restart too). What is still queued in it is lost, counted, and the record goes."""
-    stream, n, received, live, gone_blob, dkeys = conn.execute(
-        "SELECT stream, n, received, live, gone, dkeys FROM records WHERE id = ?",
+    stream, n, received, live, gone_blob, dkeys, lane = conn.execute(
+        "SELECT stream, n, received, live, gone, dkeys, lane FROM records WHERE id = ?",
         (s.id,)).fetchone()
     gone = bytearray(gone_blob or bytes((n + 7) // 8))
     for o in acked:
@@ -242,6 +251,8 @@ def _drop_damaged(conn: sqlite3.Connection, s: Settle, job: Job, out: Outcome,
                  (live - len(acked), bytes(gone), s.id))
     record(out.counters, Tally.ACKED, len(acked))
     out.streams.setdefault(stream, [0, 0])[0] -= len(acked)
+    if lane == HIGH:
+        out.high[stream] = out.high.get(stream, 0) - len(acked)
     if job.remember:
         keys = keys_from_bytes(dkeys)
         delivered = [k for i, k in enumerate(keys) if gone[i >> 3] >> (i & 7) & 1]
@@ -266,9 +277,9 @@ def _drop(conn: sqlite3.Connection, where: str, params: tuple[Any, ...], why: Dr
     """Delete whole records, counting their live events as ``why``; returns the bytes
     their rows took (estimated: ``row_bytes``)."""
     rows = conn.execute(f"DELETE FROM records WHERE {where} RETURNING id, stream, live, bytes, "
-                        "length(data) + length(dkeys), dkeys, gone", params).fetchall()
+                        "length(data) + length(dkeys), dkeys, gone, lane", params).fetchall()
     freed = 0
-    for rid, stream, live, nbytes, size, dkeys, gone in rows:
+    for rid, stream, live, nbytes, size, dkeys, gone, lane in rows:
         keys = keys_from_bytes(dkeys)
         if gone is not None:  # acked or dead-lettered ones stay known
             keys = array("q", (k for i, k in enumerate(keys) if not gone[i >> 3] >> (i & 7) & 1))
@@ -276,6 +287,8 @@ def _drop(conn: sqlite3.Connection, where: str, params: tuple[Any, ...], why: Dr
         d = out.streams.setdefault(stream, [0, 0])
         d[0] -= live
         d[1] -= nbytes
+        if lane == HIGH:
+            out.high[stream] = out.high.get(stream, 0) - live
         record(out.counters, why, live)
         out.deleted.append(rid)
         freed += row_bytes(size)
@@ -312,10 +325,14 @@ def _forget_spent(conn: sqlite3.Connection, out: Outcome) -> int:
 
 
 def _drop_oldest(conn: sqlite3.Connection, excess: int, out: Outcome) -> None:
-    """when_full = "drop_oldest": delete the oldest records until ``excess`` bytes are free."""
+    """when_full = "drop_oldest": delete the oldest records until ``excess`` bytes are free:
+    the normal lane's first, the high lane's only once no normal event is left (an app's
+    error report outlives its page views). Each lane loses its oldest: FIFO is kept."""
     freed = 0
     while freed < excess:
-        ids = conn.execute("SELECT id FROM records ORDER BY id LIMIT ?", (DROP_CHUNK,)).fetchall()
+        ids = conn.execute("SELECT id FROM records WHERE lane = ? ORDER BY id LIMIT ?",
+                           (NORMAL, DROP_CHUNK)).fetchall() or conn.execute(
+            "SELECT id FROM records ORDER BY id LIMIT ?", (DROP_CHUNK,)).fetchall()
         if not ids:
             break
         for (rid,) in ids:

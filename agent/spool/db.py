@@ -24,6 +24,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, TypeVar
 
+from agent.families.lanes import HIGH
 from agent.outcomes import Counts, from_names
 
 T = TypeVar("T")
@@ -115,6 +116,7 @@ class State:
     observed: int | None                          # agent-observed ms; None: no clock marks
     live: list[tuple[int, int, int]]              # live records: (id, n, observed)
     keys: list[tuple[bytes, int, int]]            # dedupe keys by receipt: (keys, wall, observed)
+    high: dict[int, int]                          # stream id -> events queued in its high lane
 
 
 def load_state(conn: sqlite3.Connection, now_observed: int) -> State:
@@ -146,8 +148,10 @@ def load_state(conn: sqlite3.Connection, now_observed: int) -> State:
         keys.append((rid, dkeys, received, seen))
     keys += conn.execute("SELECT id, dkeys, received, observed FROM spent").fetchall()
     keys.sort(key=lambda k: k[0])
+    high = dict(conn.execute(f"SELECT stream, sum(live) FROM records WHERE lane = {HIGH} "
+                             "GROUP BY stream").fetchall())
     return State(top + 1, streams, counters, dead, used_bytes(conn), observed, live,
-                 [(k, wall, seen) for _, k, wall, seen in keys])
+                 [(k, wall, seen) for _, k, wall, seen in keys], high)
 
 
 def keys_from_bytes(data: bytes) -> array[int]:

@@ -20,11 +20,13 @@ from typing import Any
 
 import orjson
 
+from agent.families.lanes import HIGH
 from agent.outcomes import Tally, record
 from agent.spool.commit import Outcome
 from agent.spool.db import load_state
 from agent.spool.dedupe import keys_to_bytes
 from agent.spool.records import pack
+from agent.spool.schema import VERSION
 from agent.spool.writer import RECORD_EVENTS
 
 # Summaries on /status and the page: the newest reasons, not every one.
@@ -140,31 +142,34 @@ def requeue(conn: sqlite3.Connection, which: Which, next_seq: int) -> Requeued:
     (inside the caller's transaction)."""
     where, params = which.where()
     rows = conn.execute(f"DELETE FROM dead WHERE {where} RETURNING seq, stream, family, "
-                        "received, dkey, body", params).fetchall()
+                        "received, dkey, body, lane", params).fetchall()
     rows.sort()  # RETURNING's order is not defined: keep the old FIFO order
     done = Requeued(len(rows), next_seq)
-    groups: list[tuple[int, int, int, list[int], list[bytes]]] = []
-    for _, stream, family, received, dkey, body in rows:
+    groups: list[tuple[int, int, int, int, list[int], list[bytes]]] = []
+    for _, stream, family, received, dkey, body, lane in rows:
         g = groups[-1] if groups else None
-        # One record per run of one key and family received together (expiry reads a
-        # record's receipt time); the order of the old seqs is kept.
-        if g is None or g[:3] != (stream, family, received) or len(g[4]) >= RECORD_EVENTS:
-            g = (stream, family, received, [], [])
+        # One record per run of one key, lane and family received together (expiry reads
+        # a record's receipt time); the order of the old seqs is kept, so each lane's
+        # retried events are in their old order at the tail of that lane.
+        if g is None or g[:4] != (stream, lane, family, received) or len(g[5]) >= RECORD_EVENTS:
+            g = (stream, lane, family, received, [], [])
             groups.append(g)
-        g[3].append(dkey)
-        g[4].append(bytes(body))
+        g[4].append(dkey)
+        g[5].append(bytes(body))
     streams = done.out.streams
-    for stream, family, received, keys, bodies in groups:
+    for stream, lane, family, received, keys, bodies in groups:
         rid, n, size = done.next_seq, len(bodies), sum(map(len, bodies))
         conn.execute("INSERT INTO records(id, stream, family, n, received, live, bytes, dkeys, "
-                     "data) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?)",
+                     "data, lane) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
                      (rid, stream, family, n, received, n, size, keys_to_bytes(keys),
-                      pack(bodies)))
+                      pack(bodies), lane))
         done.records.append((rid, n, keys))
         done.next_seq += n
         d = streams.setdefault(stream, [0, 0])
         d[0] += n
         d[1] += size
+        if lane == HIGH:
+            done.out.high[stream] = done.out.high.get(stream, 0) + n
     conn.executemany("UPDATE streams SET depth = depth + ?, bytes = bytes + ? WHERE id = ?",
                      [(d, b, sid) for sid, (d, b) in streams.items()])
     record(done.out.counters, Tally.DEAD_RETRIED, done.count)
@@ -221,6 +226,13 @@ class Offline:
             conn.close()
             raise DeadError(f"the spool {self.path} is in use ({exc}): an agent has it open, "
                             "but did not answer at the configured listen address") from exc
+        found = conn.execute("PRAGMA user_version").fetchone()[0]
+        if found != VERSION:   # written by an older agent (not converted yet), or a newer one
+            conn.execute("ROLLBACK")
+            conn.close()
+            raise DeadError(f"the spool {self.path} is format v{found}, this agent's is "
+                            f"v{VERSION}: start the agent once (it converts an older spool, "
+                            "and refuses a newer one), then try again")
         self.conn = conn
         return conn
 

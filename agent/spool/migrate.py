@@ -4,10 +4,13 @@
 
 - newer than this code: ``SpoolTooNew``, before anything is written (the file stays
   byte-identical: an older agent must never damage what a newer one wrote);
-- 0 with today's v0 tables (one row per event, acked rows kept as tombstones): migrated
-  to v1 in one transaction, so a failure part-way (a full disk, a crash) leaves the v0
+- 0 with the v0 tables (one row per event, acked rows kept as tombstones): migrated
+  to v1's layout (with v2's lanes, migrate_lanes.classify) in one transaction,
+  so a failure part-way (a full disk, a crash) leaves the v0
   file as it was, and the next start tries again;
-- anything else: nothing to do (an empty file gets v1 from the spool's open).
+- 1 (before priority lanes): a lane per record and dead letter, and the (stream, lane,
+  id) index, in one transaction (migrate_lanes.py);
+- anything else: nothing to do (an empty file gets v2 from the spool's open).
 
 v0 -> v1, nothing lost:
 
@@ -46,7 +49,7 @@ from array import array
 from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import dataclass, field
 
-from agent.spool import records
+from agent.spool import migrate_lanes, records
 from agent.spool.db import PAST, transaction
 from agent.spool.dedupe import keys_to_bytes
 from agent.spool.schema import SCHEMA, VERSION
@@ -99,10 +102,15 @@ def upgrade(conn: sqlite3.Connection, alive: Callable[[], None] | None = None) -
     ``conn`` is in autocommit mode (isolation_level=None) and has no statement open;
     ``alive`` is called while the migration runs (see the module docstring)."""
     refuse_newer(conn)
-    if _user_version(conn) != 0 or not _has_table(conn, "events"):
+    found = _user_version(conn)
+    if found == 0 and _has_table(conn, "events"):
+        step = _upgrade_v0
+    elif found == 1:
+        step = _upgrade_v1
+    else:
         return
     if alive is None:
-        _upgrade_v0(conn)
+        step(conn)
         return
     alive()
     last = time.monotonic()
@@ -116,7 +124,7 @@ def upgrade(conn: sqlite3.Connection, alive: Callable[[], None] | None = None) -
 
     conn.set_progress_handler(progress, _PROGRESS_STEPS)
     try:
-        _upgrade_v0(conn)
+        step(conn)
     finally:
         conn.set_progress_handler(None, 0)
 
@@ -136,6 +144,16 @@ def _upgrade_v0(conn: sqlite3.Connection) -> None:
     except sqlite3.OperationalError as exc:  # e.g. no room for the copy VACUUM makes
         log.warning("spool migrated, but not compacted (%s): space freed by deliveries "
                     "is reused, not handed back to the disk", exc)
+
+
+def _upgrade_v1(conn: sqlite3.Connection) -> None:
+    with transaction(conn):
+        if _user_version(conn) != 1:  # checked again under the write lock, as for v0
+            return
+        high = migrate_lanes.to_v2(conn)
+        conn.execute(f"PRAGMA user_version = {VERSION}")
+    log.warning("spool migrated to format v%d (priority lanes): %d queued records and dead "
+                "letters put in the high lane", VERSION, high)
 
 
 def _user_version(conn: sqlite3.Connection) -> int:
@@ -234,6 +252,7 @@ def _migrate_v0(conn: sqlite3.Connection) -> Packed:
     recount_streams(conn)
     for table in V0_TABLES:
         conn.execute(f"DROP TABLE v0_{table}")
+    migrate_lanes.classify(conn)
     conn.execute(f"PRAGMA user_version = {VERSION}")
     return packed
 

@@ -14,6 +14,7 @@ from collections import OrderedDict
 from collections.abc import Sequence
 from typing import Any, Protocol
 
+from agent.families.lanes import LANES
 from agent.spool import db as spool_db
 from agent.spool.db import SqliteThread
 from agent.spool.records import DamagedRecord, unpack_ids
@@ -48,13 +49,17 @@ class Reader:
         self._cache: OrderedDict[tuple[int, int, int],
                                  tuple[list[bytes], list[Any] | None]] = OrderedDict()
 
-    async def fetch(self, stream: int, after: int, limit: int) -> Queued:
-        """Up to ``limit`` events of one key's queue with seq > ``after``, oldest first."""
+    async def fetch(self, stream: int, after: int | Sequence[int], limit: int,
+                    lanes: Sequence[int] = LANES) -> Queued:
+        """Up to ``limit`` events of one key's queue: each of ``lanes`` in turn (high first),
+        its rows with seq > ``after`` (one cursor, or one per lane, indexed by lane),
+        oldest first."""
         reader = self.host.reader
         if reader is None:
             return Queued([])
+        cursors = (after,) * len(LANES) if isinstance(after, int) else tuple(after)
         try:
-            return await self._fetch(reader, stream, after, limit)
+            return await self._fetch(reader, stream, cursors, lanes, limit)
         except sqlite3.DatabaseError as exc:
             # Damage the header check missed at open shows up here; left alone it
             # would stop this key's forwarder for good.
@@ -69,28 +74,39 @@ class Reader:
         if reader is None:
             return Queued([])
         try:
-            return await self._fetch(reader, stream, after, limit)
+            return await self._fetch(reader, stream, cursors, lanes, limit)
         except sqlite3.DatabaseError:
             return Queued([])  # read again at the next step
 
-    async def _fetch(self, reader: SqliteThread, stream: int, after: int,
-                     limit: int) -> Queued:
-        runs, damaged = await reader.run(self._fetch_runs, stream, after, limit)
+    async def _fetch(self, reader: SqliteThread, stream: int, cursors: tuple[int, ...],
+                     lanes: Sequence[int], limit: int) -> Queued:
+        runs, damaged = await reader.run(self._fetch_runs, stream, cursors, lanes, limit)
         if damaged:
             self._cache.clear()
             self.host.discard(damaged)
         return Queued(runs)
 
-    def _fetch_runs(self, conn: sqlite3.Connection, stream: int, after: int,
-                    limit: int) -> tuple[list[Run], list[int]]:
-        # From the record holding ``after`` (a cursor may stop inside a record).
-        start = conn.execute("SELECT max(id) FROM records WHERE stream = ? AND id <= ?",
-                             (stream, after)).fetchone()[0] or 0
+    def _fetch_runs(self, conn: sqlite3.Connection, stream: int, cursors: tuple[int, ...],
+                    lanes: Sequence[int], limit: int) -> tuple[list[Run], list[int]]:
         runs: list[Run] = []
         damaged: list[int] = []
         left = limit
+        for lane in sorted(lanes):   # high first
+            if not left:
+                break
+            left = self._lane_runs(conn, stream, lane, cursors[lane], left, runs, damaged)
+        return runs, damaged
+
+    def _lane_runs(self, conn: sqlite3.Connection, stream: int, lane: int, after: int,
+                   left: int, runs: list[Run], damaged: list[int]) -> int:
+        """Append up to ``left`` of one lane's events after ``after`` as runs: one range of
+        the (stream, lane, id) index. Returns how many more may be taken."""
+        # From the record holding ``after`` (a cursor may stop inside a record).
+        start = conn.execute("SELECT max(id) FROM records WHERE stream = ? AND lane = ? "
+                             "AND id <= ?", (stream, lane, after)).fetchone()[0] or 0
         cur = conn.execute("SELECT id, family, n, received, gone, data FROM records "
-                           "WHERE stream = ? AND id >= ? ORDER BY id", (stream, start))
+                           "WHERE stream = ? AND lane = ? AND id >= ? ORDER BY id",
+                           (stream, lane, start))
         for rid, family, n, received, gone, data in cur:
             if rid + n <= after + 1:
                 continue
@@ -98,7 +114,7 @@ class Reader:
             if got is None:
                 damaged.append(rid)
                 continue
-            whole = Run(rid, stream, family, received, *got)
+            whole = Run(rid, stream, family, received, *got, lane)
             o = max(0, after + 1 - rid)
             # Whole stretches of live events, not one object per event: runs end only at
             # events already acked (a bit in ``gone``), or at the limit.
@@ -115,7 +131,7 @@ class Reader:
             if not left:
                 break
         cur.close()
-        return runs, damaged
+        return left
 
     def _unpack(self, rid: int, data: bytes, n: int
                 ) -> tuple[list[bytes], list[Any] | None] | None:
@@ -135,11 +151,16 @@ class Reader:
             self._cache.popitem(last=False)
         return got
 
-    async def oldest_received(self) -> int | None:
-        # The head of each key's queue (records_stream), not a scan of every record.
-        rows = await self.read(
-            "SELECT min((SELECT received FROM records WHERE stream = s.id ORDER BY id "
-            "LIMIT 1)) FROM streams s")
+    async def oldest_received(self, lanes: Sequence[int] = LANES,
+                              stream: int | None = None) -> int | None:
+        """The receipt time of the oldest event queued in ``lanes`` (of one ``stream``, or
+        of every key): the head of each (key, lane) (records_lane), not a scan of every
+        record."""
+        heads = " UNION ALL ".join(
+            f"SELECT (SELECT received FROM records WHERE stream = s.id AND lane = {int(lane)} "
+            "ORDER BY id LIMIT 1) AS r FROM streams s"
+            + ("" if stream is None else f" WHERE s.id = {int(stream)}") for lane in lanes)
+        rows = await self.read(f"SELECT min(r) FROM ({heads})")
         return int(rows[0][0]) if rows and rows[0][0] is not None else None
 
     async def dead_letters(self, limit: int = 100) -> list[dict[str, Any]]:

@@ -26,17 +26,19 @@ from pathlib import Path
 from typing import Any
 
 from agent.families.event import NUCLEUS, SEGMENT
+from agent.families.lanes import LANES, NORMAL
 from agent.outcomes import Counts, Drop, Tally, from_names, record
+from agent.spool import migrate_lanes
 from agent.spool.db import mark, transaction
 from agent.spool.migrate import V0_COLS, V0Row, pack_v0, recount_streams
 from agent.spool.records import DamagedRecord, unpack
 
-RECORD_COLS = "id, stream, family, n, received, live, gone, bytes, dkeys, data"
-RECORD_TYPES = (int, int, int, int, int, int, (bytes, type(None)), int, bytes, bytes)
+RECORD_COLS = "id, stream, family, n, received, live, gone, bytes, dkeys, data, lane"
+RECORD_TYPES = (int, int, int, int, int, int, (bytes, type(None)), int, bytes, bytes, int)
 SPENT_COLS = "id, received, observed, dkeys"
 SPENT_TYPES = (int, int, int, bytes)
-DEAD_COLS = "seq, stream, family, received, dkey, body, upstream, reason, at"
-DEAD_TYPES = (int, int, int, int, int, bytes, str, str, int)
+DEAD_COLS = "seq, stream, family, received, dkey, body, upstream, reason, at, lane"
+DEAD_TYPES = (int, int, int, int, int, bytes, str, str, int, int)
 V0_TYPES = (int, int, int, int, int, bytes, (int, type(None)))
 CHUNK = 500
 TOP = 1 << 62  # above any seq
@@ -81,20 +83,27 @@ def salvage(fresh: sqlite3.Connection, moved: Path, carry: Carry) -> Salvaged:
             queued = _try(old, "SELECT sum(depth) FROM streams NOT INDEXED")
             depth = int(queued[0][0] or 0) if queued else None
         v0 = bool(_try(old, "SELECT 1 FROM sqlite_master WHERE name = 'events'"))
+        # A file from before lanes (v1): its rows are copied without theirs, then classified.
+        lanes = v0 or bool(_try(old, "SELECT 1 FROM pragma_table_info('records') "
+                                     "WHERE name = 'lane'"))
+        cols = (lambda c: c) if lanes and not v0 else _before_lanes
         with transaction(fresh):
             # The running agent's map first: where the file disagrees, it is the damaged one.
             fresh.executemany("INSERT OR IGNORE INTO streams(id, key) VALUES (?, ?)",
                               sorted(carry.streams.items()) + sorted(file_streams))
             streams = {sid for (sid,) in fresh.execute("SELECT id FROM streams")}
             if old is not None:
-                for rows in _scan(old, "dead", "seq", DEAD_COLS, out):
-                    fresh.executemany(f"INSERT OR IGNORE INTO dead({DEAD_COLS}) "
-                                      "VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?)",
-                                      [r for r in rows if _sound(r, DEAD_TYPES)])
+                for rows in _scan(old, "dead", "seq", cols(DEAD_COLS), out):
+                    fresh.executemany(f"INSERT OR IGNORE INTO dead({cols(DEAD_COLS)}) VALUES "
+                                      f"({_marks(cols(DEAD_COLS))})",
+                                      [(*r[:9], *map(_lane, r[9:])) for r in rows
+                                       if _sound(r, DEAD_TYPES)])
                 if v0:
                     _copy_v0(old, fresh, streams, carry, out)
                 else:
-                    _copy_v1(old, fresh, streams, out)
+                    _copy_v1(old, fresh, streams, out, cols(RECORD_COLS))
+                if v0 or not lanes:
+                    migrate_lanes.classify(fresh)
             recount_streams(fresh)
             out.queued = fresh.execute("SELECT coalesce(sum(live), 0) FROM records").fetchone()[0]
             out.known = depth is not None
@@ -109,10 +118,19 @@ def salvage(fresh: sqlite3.Connection, moved: Path, carry: Carry) -> Salvaged:
     return out
 
 
+def _before_lanes(cols: str) -> str:
+    """The columns of a v1 file: the same, without ``lane``."""
+    return cols.removesuffix(", lane")
+
+
+def _marks(cols: str) -> str:
+    return ", ".join("?" * (cols.count(",") + 1))
+
+
 def _copy_v1(old: sqlite3.Connection, fresh: sqlite3.Connection, streams: set[int],
-             out: Salvaged) -> None:
-    """Copy the records that unpack whole, and the spent dedupe keys."""
-    for rows in _scan(old, "records", "id", RECORD_COLS, out):
+             out: Salvaged, cols: str) -> None:
+    """Copy the records that unpack whole (v1 or v2: ``cols``), and the spent dedupe keys."""
+    for rows in _scan(old, "records", "id", cols, out):
         keep = []
         for row in rows:
             kept = _readable(row, streams)
@@ -120,8 +138,8 @@ def _copy_v1(old: sqlite3.Connection, fresh: sqlite3.Connection, streams: set[in
                 out.unsendable += _live_of(row)
             else:
                 keep.append(kept)
-        fresh.executemany(f"INSERT OR IGNORE INTO records({RECORD_COLS}) "
-                          "VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?)", keep)
+        fresh.executemany(f"INSERT OR IGNORE INTO records({cols}) VALUES ({_marks(cols)})",
+                          keep)
     for rows in _scan(old, "spent", "id", SPENT_COLS, out):
         fresh.executemany(f"INSERT OR IGNORE INTO spent({SPENT_COLS}) VALUES (?, ?, ?, ?)",
                           [r for r in rows
@@ -133,7 +151,7 @@ def _readable(row: tuple[Any, ...], streams: set[int]) -> tuple[Any, ...] | None
     when it is damaged, or of an unknown stream (nowhere to send it)."""
     if not _sound(row, RECORD_TYPES) or row[1] not in streams:
         return None
-    rid, stream, family, n, received, _, gone, _, dkeys, data = row
+    rid, stream, family, n, received, _, gone, _, dkeys, data = row[:10]
     try:
         bodies = unpack(data)
     except DamagedRecord:
@@ -144,7 +162,12 @@ def _readable(row: tuple[Any, ...], streams: set[int]) -> tuple[Any, ...] | None
     if not alive:
         return None
     return (rid, stream, family, n, received, len(alive), gone,
-            sum(len(bodies[i]) for i in alive), dkeys, data)
+            sum(len(bodies[i]) for i in alive), dkeys, data, *map(_lane, row[10:]))
+
+
+def _lane(value: int) -> int:
+    """A lane no forwarder reads would keep its events queued for good: normal instead."""
+    return value if value in LANES else NORMAL
 
 
 def _live_of(row: tuple[Any, ...]) -> int:

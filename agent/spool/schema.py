@@ -1,4 +1,4 @@
-"""The spool's SQLite schema (v1), its version check, moving a corrupt file aside, offline reads."""
+"""The spool's SQLite schema (v2), its version check, moving a corrupt file aside, offline reads."""
 
 from __future__ import annotations
 
@@ -7,29 +7,34 @@ import time
 from pathlib import Path
 from typing import Any
 
-VERSION = 1
+VERSION = 2
 # v1 (issue 11): events packed per commit group into compressed records (records.py);
 # an ack sets a bit in ``gone`` instead of rewriting the event, and a record whose
 # events are all gone is deleted, its dedupe keys kept in ``spent`` for the window.
+# v2 (issue 13): a ``lane`` per record and per dead letter (agent/families/lanes.py), and
+# records indexed by (stream, lane, id): each lane of a key is one sequential read.
 SCHEMA = """
 PRAGMA auto_vacuum = INCREMENTAL;   -- set before the first table: space is handed back after a drain
 CREATE TABLE streams(id INTEGER PRIMARY KEY, key TEXT NOT NULL UNIQUE,
                      depth INTEGER NOT NULL DEFAULT 0, bytes INTEGER NOT NULL DEFAULT 0);
--- One row per commit group per (stream, family): events seq = id .. id+n-1, FIFO by id.
+-- One row per commit group per (stream, lane, family): events seq = id .. id+n-1, FIFO by
+-- id within each (stream, lane).
 CREATE TABLE records(id INTEGER PRIMARY KEY, stream INTEGER NOT NULL, family INTEGER NOT NULL,
                      n INTEGER NOT NULL, received INTEGER NOT NULL,
                      live INTEGER NOT NULL,      -- events not yet acked or dead-lettered
                      gone BLOB,                  -- n-bit bitmap (LSB first) of acked/dead events; NULL: none
                      bytes INTEGER NOT NULL,     -- raw body bytes of the live events (depth accounting)
                      dkeys BLOB NOT NULL,        -- n little-endian int64 dedupe keys, in seq order
-                     data BLOB NOT NULL);        -- records.pack(bodies)
-CREATE INDEX records_stream ON records(stream, id);
+                     data BLOB NOT NULL,         -- records.pack(bodies)
+                     lane INTEGER NOT NULL DEFAULT 1);  -- 0 high, 1 normal (families/lanes.py)
+CREATE INDEX records_lane ON records(stream, lane, id);
 -- Dedupe keys of fully delivered records, kept for dedupe_window_h (rebuilds the index at start).
 CREATE TABLE spent(id INTEGER PRIMARY KEY, received INTEGER NOT NULL, observed INTEGER NOT NULL,
                    dkeys BLOB NOT NULL);
 CREATE TABLE dead(seq INTEGER PRIMARY KEY, stream INTEGER NOT NULL, family INTEGER NOT NULL,
                   received INTEGER NOT NULL, dkey INTEGER NOT NULL, body BLOB NOT NULL,
-                  upstream TEXT NOT NULL, reason TEXT NOT NULL, at INTEGER NOT NULL);
+                  upstream TEXT NOT NULL, reason TEXT NOT NULL, at INTEGER NOT NULL,
+                  lane INTEGER NOT NULL DEFAULT 1);
 CREATE TABLE counters(name TEXT PRIMARY KEY, value INTEGER NOT NULL);
 -- Every event with seq < next_seq was received by agent-observed time ``observed`` (the
 -- time the agent has seen pass, over all its runs: agent/clock.py); the latest mark is
@@ -37,7 +42,7 @@ CREATE TABLE counters(name TEXT PRIMARY KEY, value INTEGER NOT NULL);
 -- db.advance_mark) the seq above which the next start numbers. With the wall clock,
 -- this is what expiry goes by.
 CREATE TABLE clock_marks(observed INTEGER PRIMARY KEY, next_seq INTEGER NOT NULL);
-PRAGMA user_version = 1;
+PRAGMA user_version = 2;
 """
 
 

@@ -23,6 +23,7 @@ from typing import Any
 
 from agent.clock import CLOCK
 from agent.families.event import Event, now_ms
+from agent.families.lanes import LANES
 from agent.outcomes import Counts, Drop, Outcome, Tally
 from agent.paths import ensure_private_dir
 from agent.settings import StorageConfig
@@ -117,13 +118,16 @@ class Spool:
         """Move (seq, upstream, reason) events the upstream refused for good to dead letters."""
         await self.writer.dead_letter(rows)
 
-    async def fetch(self, stream: int, after: int, limit: int) -> Queued:
-        """Up to ``limit`` events of one key's queue with seq > ``after``, oldest first:
-        a sequence of Rows, read as whole runs of records (types.Queued)."""
-        return await self.reader_side.fetch(stream, after, limit)
+    async def fetch(self, stream: int, after: int | Sequence[int], limit: int,
+                    lanes: Sequence[int] = LANES) -> Queued:
+        """Up to ``limit`` events of one key's queue, lane by lane, high first: each lane's
+        with seq > ``after`` (or ``after[lane]``), oldest first; a sequence of Rows, read
+        as whole runs of records (types.Queued)."""
+        return await self.reader_side.fetch(stream, after, limit, lanes)
 
-    async def oldest_received(self) -> int | None:
-        return await self.reader_side.oldest_received()
+    async def oldest_received(self, lanes: Sequence[int] = LANES,
+                              stream: int | None = None) -> int | None:
+        return await self.reader_side.oldest_received(lanes, stream)
 
     async def dead_letters(self, limit: int = 100) -> list[dict[str, Any]]:
         return await self.reader_side.dead_letters(limit)
@@ -190,7 +194,7 @@ class Spool:
             await db.run(spool_db.start_clock, state.next_seq)
         self._observed_base, self._elapsed_at_load = state.observed or 0, CLOCK.elapsed_ms()
         self.books.reset(state.streams, state.counters, state.next_seq, state.dead,
-                         state.used_bytes)
+                         state.used_bytes, state.high)
         self.live.clear()
         for rid, n, observed in state.live:
             self.live.add(rid, n, observed)
@@ -238,7 +242,8 @@ class Spool:
         books.next_seq = max(books.next_seq, pending.next_seq)
         for stream in pending.held:
             now = books.by_id.get(stream.id)
-            stream.depth, stream.bytes = (now.depth, now.bytes) if now else (0, 0)
+            stream.depth, stream.bytes, stream.high = \
+                (now.depth, now.bytes, now.high) if now else (0, 0, 0)
             if now is None:
                 books.new_streams.append(stream)
             books.add_stream(stream)

@@ -2,11 +2,13 @@
 
 from __future__ import annotations
 
-from collections.abc import Iterator, Sequence
+from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import dataclass
 from enum import Enum
 from itertools import chain, repeat
 from typing import Any, overload
+
+from agent.families.lanes import HIGH, NORMAL
 
 RETRY_AFTER_FULL_S = 30
 
@@ -43,6 +45,7 @@ class Row:
     family: int
     received: int
     body: bytes
+    lane: int = NORMAL   # families/lanes.py
 
 
 @dataclass(slots=True)
@@ -60,13 +63,16 @@ class Run:
     received: int
     bodies: list[bytes]
     ids: list[Any] | None
+    lane: int = NORMAL
 
     def part(self, start: int, stop: int) -> Run:
         return Run(self.first + start, self.stream, self.family, self.received,
-                   self.bodies[start:stop], None if self.ids is None else self.ids[start:stop])
+                   self.bodies[start:stop], None if self.ids is None else self.ids[start:stop],
+                   self.lane)
 
     def row(self, i: int) -> Row:
-        return Row(self.first + i, self.stream, self.family, self.received, self.bodies[i])
+        return Row(self.first + i, self.stream, self.family, self.received, self.bodies[i],
+                   self.lane)
 
 
 class Queued(Sequence[Row]):
@@ -128,14 +134,21 @@ class Queued(Sequence[Row]):
         # Rows made by map at C speed: the take loop of another family iterates them.
         return chain.from_iterable(
             map(Row, range(r.first, r.first + len(r.bodies)), repeat(r.stream),
-                repeat(r.family), repeat(r.received), r.bodies) for r in self.runs)
+                repeat(r.family), repeat(r.received), r.bodies, repeat(r.lane))
+            for r in self.runs)
 
 
 @dataclass(slots=True)
 class Stream:
-    """One key's queue: its id and in-memory depth counters (persisted per commit)."""
+    """One key's queue: its id and in-memory depth counters (persisted per commit;
+    ``high``, the high lane's share of ``depth``, is counted from the records at start)."""
 
     id: int
     key: str
     depth: int = 0
     bytes: int = 0
+    high: int = 0
+
+    def queued(self, lanes: Iterable[int]) -> int:
+        """Events queued in ``lanes``."""
+        return sum(self.high if lane == HIGH else self.depth - self.high for lane in lanes)

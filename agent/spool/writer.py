@@ -175,7 +175,7 @@ class Writer:
         the job and how many events of each request are new."""
         books, index = self.books, self.index
         groups: list[Group] = []
-        latest: dict[int, Group] = {}   # stream id -> its open group
+        latest: dict[tuple[int, int], Group] = {}   # (stream id, lane) -> its open group
         here: set[int] = set()          # keys new in this commit: a repeat is a resend
         stored: list[int] = []
         for p in batch.appends:
@@ -186,22 +186,24 @@ class Writer:
             keys = [ev.dedupe for ev in fresh]
             if (not fresh or not here.isdisjoint(keys) or len(set(keys)) != len(keys)
                     or len({ev.key for ev in fresh}) != 1
-                    or len({ev.family for ev in fresh}) != 1):
+                    or len({ev.family for ev in fresh}) != 1
+                    or len({ev.lane for ev in fresh}) != 1):
                 stored.append(self._each(p, index, here, latest, groups))
                 continue
             # The usual request: one key, one family, no repeat. No loop per event here.
             here.update(keys)
             first = fresh[0]
             sid = (books.streams.get(first.key) or books.stream_for(first.key)).id
+            at = (sid, first.lane)
             bodies = [ev.body for ev in fresh]
             ids = _ids(fresh)
             sizes = list(map(len, bodies))
             start = 0
             while start < len(bodies):
-                g = latest.get(sid)
+                g = latest.get(at)
                 if (g is None or g.family != first.family or len(g.bodies) >= RECORD_EVENTS
                         or g.nbytes >= RECORD_BYTES):
-                    g = latest[sid] = _group(sid, first.family, p.received)
+                    g = latest[at] = _group(sid, first.family, p.received, first.lane)
                     groups.append(g)
                 take = min(RECORD_EVENTS - len(g.bodies), len(bodies) - start)
                 # Bytes: about the cap, going by these events' average size.
@@ -242,8 +244,8 @@ class Writer:
         return job, stored
 
     def _each(self, p: Pending, index: DedupeIndex, here: set[int],
-              latest: dict[int, Group], groups: list[Group]) -> int:
-        """One request event by event (several keys or families, or a repeat): returns
+              latest: dict[tuple[int, int], Group], groups: list[Group]) -> int:
+        """One request event by event (several keys, families or lanes, or a repeat): returns
         how many of its events are new."""
         key, sid, new = "", 0, 0
         for ev in p.events:
@@ -254,11 +256,11 @@ class Writer:
             if ev.key != key:
                 key = ev.key
                 sid = (self.books.streams.get(key) or self.books.stream_for(key)).id
-            g = latest.get(sid)
-            # A new record at a change of family keeps the key's events in order.
+            g = latest.get((sid, ev.lane))
+            # A new record at a change of family keeps each (key, lane)'s events in order.
             if (g is None or g.family != ev.family or len(g.bodies) >= RECORD_EVENTS
                     or g.nbytes >= RECORD_BYTES):
-                g = latest[sid] = _group(sid, ev.family, p.received)
+                g = latest[sid, ev.lane] = _group(sid, ev.family, p.received, ev.lane)
                 groups.append(g)
             g.bodies.append(ev.body)
             g.keys.append(k)
@@ -323,9 +325,10 @@ class Writer:
                 pending.done.set_result(n)
 
 
-def _group(sid: int, family: int, received: int) -> Group:
+def _group(sid: int, family: int, received: int, lane: int) -> Group:
     """A new group; a Nucleus one keeps its events' ack ids while ingest read them all."""
-    return Group(0, sid, family, received, [], [], ids=[] if family == NUCLEUS else None)
+    return Group(0, sid, family, received, [], [], ids=[] if family == NUCLEUS else None,
+                 lane=lane)
 
 
 def _ids(events: list[Event]) -> list[Any] | None:

@@ -4,9 +4,11 @@ The forwarders ask ``may_send`` before a key's loop starts, and ``on_change`` (t
 supervisor's re-gating) runs whenever the answer may have changed. Sources run
 only for rules that are set: with the defaults, nothing is watched or polled.
 
-``max_hold_h`` is kept by one waiter: while holding, it sleeps until the oldest
-queued event is that old, then opens the gate for one moment (every key with
-data starts a loop, which sends until its queue is empty) and closes it again.
+``max_hold_h`` is kept by one waiter: while holding (``hold``, or ``priority_only``
+for the normal lane), it sleeps until the oldest held event is that old, then
+opens the gate for one moment (every key with data starts a loop, or widens its
+running one to every lane, which sends until its queue is empty) and closes it
+again.
 """
 
 from __future__ import annotations
@@ -18,9 +20,10 @@ from collections.abc import Awaitable, Callable
 from typing import Protocol, TypedDict
 
 from agent.clock import age_s
+from agent.families.lanes import LANES
 from agent.settings import SyncConfig
 from agent.sync.metered import MeteredSource
-from agent.sync.policy import HOLD, NORMAL, Battery, Metered, MeteredReading, decide
+from agent.sync.policy import NORMAL, Battery, Metered, MeteredReading, decide, held_lanes, sent_lanes
 from agent.sync.power import BatterySensor
 
 log = logging.getLogger("outpost.sync")
@@ -39,7 +42,7 @@ class Waits(Protocol):
 class SyncView(TypedDict):
     """The profile as status shows it."""
 
-    profile: str          # normal | hold
+    profile: str          # normal | priority_only | hold
     reason: str
     metered: str          # yes | no | unknown
     metered_detail: str
@@ -54,7 +57,7 @@ class SyncMonitor:
     """The transmit profile in force, and the gate the forwarders ask."""
 
     def __init__(self, cfg: SyncConfig, metered: MeteredSource, battery: BatterySensor,
-                 oldest: Callable[[], Awaitable[int | None]], waits: Waits,
+                 oldest: Callable[[tuple[int, ...]], Awaitable[int | None]], waits: Waits,
                  on_change: Callable[[], None]) -> None:
         self.cfg = cfg
         self._source = metered
@@ -116,9 +119,9 @@ class SyncMonitor:
                 await task
         self._tasks.clear()
 
-    def may_send(self, key: str) -> bool:
-        """Whether ``key``'s loop may start now (every key alike until priority lanes)."""
-        return self.profile.mode == NORMAL or self._releasing
+    def may_send(self, key: str) -> tuple[int, ...]:
+        """The lanes of ``key`` that may be sent now (none: its loop may not run)."""
+        return LANES if self._releasing else sent_lanes(self.profile.mode)
 
     def on_new_data(self) -> None:
         """After a commit: a hold with nothing queued now has an oldest event to time."""
@@ -162,10 +165,11 @@ class SyncMonitor:
         limit_s = self.cfg.max_hold_h * 3600
         while True:
             self._changed.clear()
-            if self.profile.mode != HOLD:
+            held = held_lanes(self.profile.mode)
+            if not held:
                 await self._changed.wait()
                 continue
-            oldest = await self._oldest()
+            oldest = await self._oldest(held)
             if oldest is None:
                 self._empty = True
                 await self._changed.wait()

@@ -9,10 +9,14 @@ from __future__ import annotations
 from dataclasses import dataclass
 from enum import Enum
 
+from agent.families.lanes import HIGH, LANES
+from agent.families.lanes import NORMAL as NORMAL_LANE
 from agent.settings import SyncConfig
 
 NORMAL = "normal"
+PRIORITY_ONLY = "priority_only"   # only the high lane (agent/families/lanes.py) is sent
 HOLD = "hold"
+STRICTNESS = (NORMAL, PRIORITY_ONLY, HOLD)
 
 
 class Metered(Enum):
@@ -48,16 +52,28 @@ class Profile:
 
 
 def decide(cfg: SyncConfig, metered: MeteredReading, battery: Battery | None) -> Profile:
-    """The strictest rule that applies; "normal" when none does."""
-    active: list[str] = []
-    if cfg.on_metered == HOLD and metered.state is Metered.YES:
-        active.append("metered network")
-    if cfg.on_low_battery == HOLD and low_battery(cfg, battery):
+    """The strictest rule that applies, naming every rule that does; "normal" when none
+    does."""
+    active: list[tuple[str, str]] = []   # (mode, why)
+    if cfg.on_metered != NORMAL and metered.state is Metered.YES:
+        active.append((cfg.on_metered, "metered network"))
+    if cfg.on_low_battery != NORMAL and low_battery(cfg, battery):
         assert battery is not None
-        active.append(f"battery {battery.percent:.0f}%")
+        active.append((cfg.on_low_battery, f"battery {battery.percent:.0f}%"))
     if active:
-        return Profile(HOLD, ", ".join(active))
+        mode = max((m for m, _ in active), key=STRICTNESS.index)
+        return Profile(mode, ", ".join(why for _, why in active))
     return Profile(NORMAL, _why_normal(cfg, metered, battery))
+
+
+def sent_lanes(mode: str) -> tuple[int, ...]:
+    """The lanes a profile's ``mode`` lets go."""
+    return LANES if mode == NORMAL else (HIGH,) if mode == PRIORITY_ONLY else ()
+
+
+def held_lanes(mode: str) -> tuple[int, ...]:
+    """The lanes a profile's ``mode`` holds back."""
+    return LANES if mode == HOLD else (NORMAL_LANE,) if mode == PRIORITY_ONLY else ()
 
 
 def low_battery(cfg: SyncConfig, battery: Battery | None) -> bool:

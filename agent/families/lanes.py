@@ -1,0 +1,101 @@
+"""Priority lanes: which events go first when a backlog exists (docs/operations.md).
+
+An event is classified once, at ingest, where its family's accept function has it
+parsed, and its lane is stored with it. High: Nucleus ``init`` and ``error`` and
+their Segment equivalents ("Application Opened", "Application Error": docs/mapping.md
+§8), plus what the operator names per upstream (``priority_types``,
+``priority_events``). Everything else is normal. Rules only ever add to the high
+lane: a Nucleus session's ``init`` is always high, so it goes before that session's
+other events (FIFO within the high lane, and high before normal).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable
+from dataclasses import dataclass
+from typing import Any, Protocol
+
+HIGH = 0     # sorts first: a lane's number is its place in the send order
+NORMAL = 1
+LANES = (HIGH, NORMAL)
+NAMES = {HIGH: "high", NORMAL: "normal"}
+
+NUCLEUS_HIGH = frozenset({"init", "error"})
+SEGMENT_HIGH = frozenset({"Application Opened", "Application Error"})
+
+
+@dataclass(frozen=True, slots=True)
+class Rule:
+    """An upstream's own high classes: event types, and event names (a Nucleus event's
+    ``name``, a Segment track's ``event``)."""
+
+    types: frozenset[str] = frozenset()
+    events: frozenset[str] = frozenset()
+
+
+NO_RULE = Rule()
+
+
+class Ruled(Protocol):
+    """What lanes read of an upstream's config (settings.UpstreamConfig): its keys and
+    rules. A protocol, so that the spool, which imports this module, needs no config."""
+
+    @property
+    def keys(self) -> tuple[str, ...]: ...
+    @property
+    def priority_types(self) -> tuple[str, ...]: ...
+    @property
+    def priority_events(self) -> tuple[str, ...]: ...
+
+
+class Lanes:
+    """Classifies events by the rules of the upstream their key routes to.
+
+    Routing is the config's (the first upstream whose keys match): keys named before
+    the first ``"*"`` upstream are looked up, every other key takes that upstream's rule,
+    so a lookup is one dict access however many keys apps invent.
+    """
+
+    __slots__ = ("_named", "_rest")
+
+    def __init__(self, upstreams: Iterable[Ruled] = ()) -> None:
+        self._named: dict[str, Rule] = {}
+        self._rest = NO_RULE
+        for up in upstreams:
+            rule = Rule(frozenset(up.priority_types), frozenset(up.priority_events))
+            if "*" in up.keys:
+                self._rest = rule
+                break
+            for key in up.keys:
+                self._named.setdefault(key, rule)
+
+    def rule(self, key: str) -> Rule:
+        return self._named.get(key, self._rest)
+
+    def nucleus(self, key: str, kind: str, event: dict[str, Any]) -> int:
+        """The lane of a Nucleus event of type ``kind``."""
+        if kind in NUCLEUS_HIGH:
+            return HIGH
+        rule = self.rule(key)
+        if rule is NO_RULE:
+            return NORMAL
+        name = event.get("name")
+        if kind in rule.types or (isinstance(name, str) and name in rule.events):
+            return HIGH
+        return NORMAL
+
+    def segment(self, key: str, event: dict[str, Any]) -> int:
+        """The lane of a Segment-family message (checked: it has a string ``type``)."""
+        kind = event.get("type")
+        name = event.get("event") if kind == "track" else None
+        if not isinstance(name, str):  # an app may send anything; a list is unhashable
+            name = None
+        if name in SEGMENT_HIGH:
+            return HIGH
+        rule = self.rule(key)
+        if rule is NO_RULE:
+            return NORMAL
+        if kind in rule.types or (name is not None and name in rule.events):
+            return HIGH
+        return NORMAL
+

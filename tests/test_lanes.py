@@ -1,0 +1,166 @@
+"""Priority lanes (issue 13 §3): events classified once at ingest, stored per lane, sent
+high first with FIFO per (key, lane), and ``priority_only`` sending the high lane alone.
+
+Absence (normal events not sent under ``priority_only``) is proved by the gate: with
+its high lane empty, the key has no forwarding loop, so nothing can be sent.
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+from typing import Any
+
+import aiohttp
+import orjson
+
+from agent.families.event import NUCLEUS, Event, dedupe_key
+from agent.families.lanes import HIGH, NORMAL
+from agent.forwarder.supervisor import Seams
+from agent.outcomes import Drop
+from agent.settings import StorageConfig
+from agent.spool import Spool, dead, dead_live
+from agent.sync.monitor import BATTERY_POLL_S
+from agent.sync.policy import Battery
+from tests.conftest import FAST_BACKOFF
+from tests.fakes.manual_timing import ManualTiming
+from tests.fakes.nucleus_upstream import FakeNucleus
+from tests.fakes.segment_upstream import FakeSegment
+from tests.segment_helpers import basic, call, segment_up
+from tests.waiting import wait_for
+
+
+def track(i: int, name: str) -> dict[str, Any]:
+    return {"type": "track", "event": name, "messageId": f"m{i}", "anonymousId": "a"}
+
+
+async def test_segment_events_are_classified_at_ingest_and_a_backlog_sends_high_first(
+        make_agent: Any, fake_segment: FakeSegment) -> None:
+    fake_segment.outage = (503, None)   # a backlog builds up
+    agent = await make_agent(seams=Seams(backoff=FAST_BACKOFF), upstreams=[segment_up(
+        fake_segment, keys=["k"], priority_types=["identify"],
+        priority_events=["Order Completed"])])
+    batch = [track(0, "Viewed"), track(1, "Application Opened"),
+             {"type": "page", "name": "p", "messageId": "m2", "anonymousId": "a"},
+             {"type": "identify", "messageId": "m3", "userId": "u"},
+             track(4, "Order Completed"), track(5, "Application Error"), track(6, "Viewed")]
+    for key in ("k", "other"):   # "other": no upstream takes it, so no rule applies to it
+        reply = await call(agent.port, "/v1/batch", {"batch": batch},
+                           headers={"Authorization": basic(key)})
+        assert reply.status == 200, reply.body
+    other = await agent.spool.fetch(agent.spool.streams["other"].id, 0, 100)
+    assert [(orjson.loads(r.body)["messageId"], r.lane) for r in other] == [
+        ("m1", HIGH), ("m5", HIGH),
+        ("m0", NORMAL), ("m2", NORMAL), ("m3", NORMAL), ("m4", NORMAL), ("m6", NORMAL)]
+    assert agent.spool.streams["k"].high == 4 and agent.spool.streams["other"].high == 2
+    await wait_for(lambda: len(fake_segment.requests) >= 1)   # tried, refused: queued
+    fake_segment.outage = None
+    await wait_for(lambda: len(fake_segment.events) >= 7)
+    # The rules of k's upstream: identify and "Order Completed" go with the built-in ones.
+    assert fake_segment.message_ids() == ["m1", "m3", "m4", "m5", "m0", "m2", "m6"]
+    await wait_for(lambda: agent.spool.streams["k"].depth == 0)
+    assert agent.spool.streams["k"].high == 0
+
+
+def nucleus(i: int, kind: str, lane: int) -> Event:
+    body = {"type": kind, "id": i, "sessionId": 1}
+    return Event("k", NUCLEUS, dedupe_key("k", i), orjson.dumps(body), lane=lane)
+
+
+def ids(rows: list[Any]) -> list[int]:
+    return [orjson.loads(r.body)["id"] for r in rows]
+
+
+async def test_each_lane_is_fifo_across_commits_and_its_depth_is_kept(tmp_path: Path) -> None:
+    spool = await Spool.open(StorageConfig(path=str(tmp_path / "spool.db")))
+    try:
+        assert await spool.append([nucleus(0, "event", NORMAL), nucleus(1, "init", HIGH),
+                                   nucleus(2, "event", NORMAL), nucleus(3, "error", HIGH)]) == 4
+        assert await spool.append([nucleus(4, "error", HIGH), nucleus(5, "event", NORMAL)]) == 2
+        sid = spool.streams["k"].id
+        rows = await spool.fetch(sid, 0, 100)
+        assert ids(rows) == [1, 3, 4, 0, 2, 5]   # high first; each lane in its order
+        assert ids(await spool.fetch(sid, 0, 100, (NORMAL,))) == [0, 2, 5]
+        # One cursor per lane: a read goes on where each lane's last one stopped.
+        by_id = {orjson.loads(r.body)["id"]: r.seq for r in rows}
+        assert ids(await spool.fetch(sid, [by_id[3], by_id[0]], 100)) == [4, 2, 5]
+        assert ids(await spool.fetch(sid, 0, 4)) == [1, 3, 4, 0]
+        stream = spool.streams["k"]
+        assert (stream.depth, stream.high) == (6, 3)
+        await spool.ack([by_id[1], by_id[0]])
+        await spool.dead_letter([(by_id[3], "up", "HTTP 400: no")])
+        assert (stream.depth, stream.high) == (3, 1)
+    finally:
+        await spool.close()
+    spool = await Spool.open(StorageConfig(path=str(tmp_path / "spool.db")))
+    try:   # counted again from the records at start
+        stream = spool.streams["k"]
+        assert (stream.depth, stream.high) == (3, 1)
+        assert await dead_live.retry(spool, dead.Which(every=True)) == 1
+        assert (stream.depth, stream.high) == (4, 2)
+        assert ids(await spool.fetch(stream.id, 0, 100)) == [4, 3, 2, 5]   # retried: its lane's tail
+    finally:
+        await spool.close()
+
+
+async def test_drop_oldest_drops_the_normal_lane_first(tmp_path: Path) -> None:
+    spool = await Spool.open(StorageConfig(path=str(tmp_path / "spool.db"), max_size_mb=1,
+                                           when_full="drop_oldest"))
+    try:
+        def pad() -> str:   # incompressible: records are compressed
+            return os.urandom(1000).hex()
+        high = [Event("k", NUCLEUS, dedupe_key("h", i),
+                      orjson.dumps({"type": "error", "id": i, "p": pad()}), lane=HIGH)
+                for i in range(20)]
+        assert await spool.append(high) == 20
+        for n in range(150):   # ~3 MB of normal events into a 1 MB spool
+            await spool.append([Event("k", NUCLEUS, dedupe_key("n", n * 10 + j), orjson.dumps(
+                {"type": "event", "id": 1000 + n * 10 + j, "p": pad()})) for j in range(10)])
+        assert spool.counters[Drop.DROPPED_FULL] > 0
+        rows = await spool.fetch(spool.streams["k"].id, 0, 10_000)
+        assert ids(rows)[:20] == list(range(20)) and spool.streams["k"].high == 20
+        normal = ids(rows)[20:]
+        assert normal == list(range(normal[0], 2500))   # the newest, in order
+    finally:
+        await spool.close()
+
+
+def nucleus_up(fake: FakeNucleus) -> dict[str, Any]:
+    return {"name": "up", "protocol": "nucleus-ws", "url": fake.url, "keys": ["app1"],
+            "flush_interval_s": 0.05}
+
+
+async def post(port: int, events: list[tuple[int, str]]) -> None:
+    data = [{"type": kind, "name": "e", "id": i, "sessionId": 1, "machineId": "m",
+             "date": "2026-01-01T00:00:00.000Z"} for i, kind in events]
+    async with aiohttp.ClientSession() as s, s.post(
+            f"http://127.0.0.1:{port}/app/app1/track", json={"data": data}) as r:
+        assert r.status == 200, await r.text()
+
+
+async def test_priority_only_sends_the_high_lane_alone_until_the_rule_no_longer_applies(
+        make_agent: Any, fake_nucleus: FakeNucleus) -> None:
+    timing = ManualTiming()
+    battery = {"now": Battery(percent=9, plugged=False)}
+    agent = await make_agent(upstreams=[nucleus_up(fake_nucleus)], seams=Seams(timing=timing),
+                             battery=lambda: battery["now"],
+                             sync={"on_low_battery": "priority_only", "low_battery_pct": 20})
+    assert (agent.sync.profile.mode, agent.sync.profile.reason) == ("priority_only", "battery 9%")
+    await post(agent.port, [(1, "init"), (2, "event"), (3, "event"), (4, "error"), (5, "event")])
+    await wait_for(lambda: [ev["id"] for ev in fake_nucleus.events] == [1, 4])
+    stream = agent.spool.streams["app1"]
+    await wait_for(lambda: stream.high == 0 and "app1" not in agent.forwarding.loops)
+    assert stream.depth == 3   # held, with no loop to send them
+    async with aiohttp.ClientSession() as s, s.get(f"http://127.0.0.1:{agent.port}/status") as r:
+        sync = (await r.json())["sync"]
+    assert (sync["profile"], sync["held_events"], sync["held_lanes"]) == \
+        ("priority_only", 3, {"high": 0, "normal": 3})
+    await post(agent.port, [(6, "event"), (7, "error")])   # high goes, normal waits
+    await wait_for(lambda: [ev["id"] for ev in fake_nucleus.events] == [1, 4, 7])
+    await wait_for(lambda: "app1" not in agent.forwarding.loops)
+
+    battery["now"] = Battery(percent=9, plugged=True)
+    await wait_for(lambda: BATTERY_POLL_S in timing.pending())
+    timing.advance(BATTERY_POLL_S)
+    await wait_for(lambda: agent.spool.depth == 0)
+    assert [ev["id"] for ev in fake_nucleus.events] == [1, 4, 7, 2, 3, 5, 6]

@@ -1,0 +1,139 @@
+"""A v1 spool (from before priority lanes) becomes v2 with nothing lost, and its queue is
+served lane by lane.
+
+tests/data/spool-v1.db was written by the code of ca0bdb3 (tests/data/make_v1.py):
+records [1 init(acked) e1 e2 e3] [5 e4 e5(dead) e6] [8 error e8 e9] of a Nucleus key,
+[11 Opened t1 t2] [14 t3..t5 acked: spent] [17 Error: dead] [18 identify] of a Segment
+key, resends (duplicates), counters and clock marks.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import shutil
+import sqlite3
+from pathlib import Path
+
+import orjson
+import pytest
+
+from agent.families.event import NUCLEUS, SEGMENT, Event, dedupe_key
+from agent.families.lanes import HIGH, NORMAL
+from agent.settings import StorageConfig
+from agent.spool import Spool, dead, dead_live
+from agent.spool.migrate import upgrade
+from agent.spool.salvage import Carry, salvage
+from agent.spool.schema import SCHEMA, VERSION
+from tests.spool_files import connect
+
+FIXTURE = Path(__file__).parent / "data" / "spool-v1.db"
+TABLES = ("spent", "counters", "streams", "clock_marks")
+
+
+@pytest.fixture
+def v1(tmp_path: Path) -> Path:
+    path = tmp_path / "spool.db"
+    shutil.copy(FIXTURE, path)
+    return path
+
+
+def table(path: Path, sql: str) -> list[tuple[object, ...]]:
+    with connect(path) as db:
+        return db.execute(sql).fetchall()
+
+
+def test_the_v1_fixture_is_migrated_with_nothing_lost(v1: Path) -> None:
+    assert table(v1, "PRAGMA user_version") == [(1,)]
+    records = table(v1, "SELECT * FROM records ORDER BY id")
+    dead_rows = table(v1, "SELECT * FROM dead ORDER BY seq")
+    kept = {name: table(v1, f"SELECT * FROM {name} ORDER BY 1") for name in TABLES}
+    assert [r[0] for r in records] == [1, 5, 8, 11, 18] and len(dead_rows) == 2
+
+    with connect(v1) as db:
+        upgrade(db)
+
+    assert table(v1, "PRAGMA user_version") == [(VERSION,)] == [(2,)]
+    assert table(v1, "PRAGMA integrity_check") == [("ok",)]
+    # Every queued event, its seq, gone bits and dedupe keys: the same rows, with a lane.
+    # The init of record 1 is acked: no high event is left in it, so it stays normal.
+    lanes = {1: NORMAL, 5: NORMAL, 8: HIGH, 11: HIGH, 18: NORMAL}
+    assert table(v1, "SELECT * FROM records ORDER BY id") == [
+        (*r, lanes[int(str(r[0]))]) for r in records]
+    assert table(v1, "SELECT * FROM dead ORDER BY seq") == [
+        (*dead_rows[0], NORMAL), (*dead_rows[1], HIGH)]   # an event; "Application Error"
+    for name, rows in kept.items():
+        assert table(v1, f"SELECT * FROM {name} ORDER BY 1") == rows, name
+    assert table(v1, "SELECT name FROM sqlite_master WHERE type = 'index' "
+                     "AND tbl_name = 'records'") == [("records_lane",)]
+
+
+def test_a_failure_mid_migration_leaves_the_v1_file_as_it_was(v1: Path) -> None:
+    before = v1.read_bytes()
+    with connect(v1) as db:   # the columns are added, then the new index is refused
+        db.set_authorizer(lambda action, *_: sqlite3.SQLITE_DENY
+                          if action == sqlite3.SQLITE_CREATE_INDEX else sqlite3.SQLITE_OK)
+        with pytest.raises(sqlite3.DatabaseError):
+            upgrade(db)
+    assert v1.read_bytes() == before
+    with connect(v1) as db:   # and the next start migrates it
+        upgrade(db)
+    assert table(v1, "PRAGMA user_version") == [(VERSION,)]
+
+
+def _nucleus(i: int, kind: str) -> Event:
+    body = {"type": kind, "name": f"n{i}", "id": i, "date": "2026-11-01T00:00:00.000Z",
+            "sessionId": "s1", "machineId": "m1", "payload": {"i": i}}
+    return Event("app-nucleus", NUCLEUS, dedupe_key("nucleus", "app-nucleus", i),
+                 orjson.dumps(body))
+
+
+async def test_a_migrated_v1_spool_serves_each_lane_in_order_and_still_dedupes(
+        v1: Path) -> None:
+    spool = await Spool.open(StorageConfig(path=str(v1)))
+    try:
+        n, s = spool.streams["app-nucleus"], spool.streams["seg-key"]
+        assert (n.depth, n.high, s.depth, s.high) == (8, 3, 4, 3)
+        ids = [orjson.loads(r.body)["id"] for r in await spool.fetch(n.id, 0, 100)]
+        assert ids == [7, 8, 9, 1, 2, 3, 4, 6]   # the high record, then the normal ones
+        # Resends of queued, acked and delivered events are still duplicates.
+        assert await spool.append([_nucleus(i, "event") for i in (1, 2, 3)]
+                                  + [_nucleus(0, "init")]) == 0
+        seg = Event("seg-key", SEGMENT, dedupe_key("segment", "seg-key", "m-4"), b"{}")
+        assert await spool.append([seg]) == 0   # delivered: its key is in ``spent``
+        # Dead letters go back to the tail of their lane, in their old order.
+        assert await dead_live.retry(spool, dead.Which(every=True)) == 2
+        rows = await spool.fetch(s.id, 0, 100)
+        names = [orjson.loads(r.body).get("event", "identify") for r in rows]
+        assert names == ["Application Opened", "t1", "t2", "Application Error", "identify"]
+        assert [r.lane for r in rows] == [HIGH] * 4 + [NORMAL]
+        assert [orjson.loads(r.body)["id"] for r in await spool.fetch(n.id, 0, 100)] == \
+            [7, 8, 9, 1, 2, 3, 4, 6, 5]
+        assert (n.high, s.high) == (3, 4)
+    finally:
+        await spool.close()
+
+
+def test_an_offline_dead_letter_change_on_a_spool_not_yet_converted_says_so(v1: Path) -> None:
+    """`outpost dead retry` with no agent running, after an upgrade but before the agent
+    started (and converted the spool): one line saying what to do, the file untouched."""
+    before = v1.read_bytes()
+    with pytest.raises(dead.DeadError, match=r"format v1.*start the agent once"):
+        with dead.Offline(v1) as conn:
+            dead.requeue(conn, dead.Which(every=True), dead.next_seq(conn))
+    assert v1.read_bytes() == before
+
+
+def test_salvage_of_a_sound_v1_file_keeps_everything_and_classifies_it(tmp_path: Path) -> None:
+    """A v1 file moved aside as corrupt is salvaged into a v2 spool as the conversion
+    would have left it: every queued record, dead letter and spent key, with its lane."""
+    fresh = tmp_path / "fresh.db"
+    with contextlib.closing(sqlite3.connect(fresh, isolation_level=None)) as db:
+        db.executescript(SCHEMA)
+        got = salvage(db, FIXTURE, Carry(streams={}, counters={}, observed=0, next_seq=1,
+                                         depth=None))
+        assert (got.queued, got.lost, got.skipped) == (12, 0, 0)
+        assert db.execute("SELECT id, lane FROM records ORDER BY id").fetchall() == [
+            (1, NORMAL), (5, NORMAL), (8, HIGH), (11, HIGH), (18, NORMAL)]
+        assert db.execute("SELECT seq, lane FROM dead ORDER BY seq").fetchall() == [
+            (6, NORMAL), (17, HIGH)]
+        assert sum(len(k) // 8 for (k,) in db.execute("SELECT dkeys FROM spent")) == 4
