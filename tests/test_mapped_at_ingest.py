@@ -145,3 +145,19 @@ def test_a_resend_the_spool_knows_is_not_mapped_again() -> None:
     # The first two are resends of stored events: kept as sent, the spool drops them.
     again = limits.as_stored(events, {events[0].dedupe, events[1].dedupe})
     assert again[:2] == events[:2] and again[2].family == SEGMENT
+
+
+async def test_a_large_event_that_cannot_be_mapped_is_refused_not_a_500(
+        make_agent: Any, fake_segment: FakeSegment) -> None:
+    # Too large for the cheap bound (so it is mapped to be measured) and too deep to map:
+    # the module is told it was not taken (left out of reportedIds), and the rest is.
+    deep = '{"a":' * 252 + "1" + "}" * 252
+    error = ('{"type":"error","name":"Deep","id":1,"date":"2026-01-15T10:20:30.123Z",'
+             f'"pad":"{"x" * 12_000}","payload":{deep}}}')
+    body = '{"data":[' + error + "," + orjson.dumps(EVENTS[0]).decode() + "]}"
+    agent = await make_agent(upstreams=[segment_up(fake_segment)])
+    reply = await call(agent.port, "/app/k/track", body)
+    assert reply.status == 200, reply.body
+    assert reply.json() == {"reportedIds": [7]}
+    await wait_for(lambda: len(fake_segment.events) == 1)
+    assert agent.spool.dead_count == 0
