@@ -123,7 +123,11 @@ class RouteLimits:
             # can map past the limit, so only those are mapped to be measured.
             if 3 * size + MAPPING_GROWTH_BYTES <= limit.max_bytes:
                 return None
-            size = len(orjson.dumps(_MAPPED[event.family](orjson.loads(event.body), now_ms())))
+            try:
+                size = len(orjson.dumps(_MAPPED[event.family](orjson.loads(event.body),
+                                                              now_ms())))
+            except (ValueError, TypeError) as exc:   # nested too deep once mapped, say
+                return f"event cannot be sent to upstream {name!r}: it does not map ({exc})"
         if size <= limit.max_bytes:
             return None
         # The limit first: a websocket close carries only 123 bytes of reason.
