@@ -73,6 +73,16 @@ def test_nucleus_round_trip_gives_the_event_back(ev: dict[str, object]) -> None:
     assert segment_to_nucleus(nucleus_to_segment(dict(ev), RECEIVED), RECEIVED) == ev
 
 
+def test_an_event_stored_mapped_by_another_agent_version_comes_back() -> None:
+    # Stored mapped at ingest, then upgraded, then routed to a Nucleus upstream: the
+    # event its app sent, though the stored one names the older agent in context.library.
+    ev = {"type": "event", "name": "click", "id": 7, "machineId": "m", "sessionId": 7,
+          "payload": {"x": 1}, "date": "2026-01-01T00:00:00.000Z"}
+    stored = nucleus_to_segment(dict(ev), RECEIVED)
+    stored["context"]["library"] = {"name": "outpost", "version": "0.0.1"}
+    assert segment_to_nucleus(stored, RECEIVED) == ev
+
+
 def test_segment_without_time_uses_received_at() -> None:
     out = segment_to_nucleus({"type": "track", "event": "e", "userId": 5,
                               "receivedAt": "2026-01-01T00:00:01.000Z"}, int(time.time() * 1000))
