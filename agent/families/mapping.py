@@ -201,6 +201,11 @@ def _nucleus_back(ev: dict[str, Any], ctx: dict[str, Any], kept: dict[str, Any],
     # and `timestamp` when the date cannot be read.
     skip = _RECEIVED if "date" not in kept or read_date(kept["date"]) else _FROM_RECEIVED
     mapped = _to_segment(out, received)
+    lib = ctx.get("library")
+    if isinstance(lib, dict) and lib.get("name") == LIBRARY["name"]:
+        # Stored mapped by another version of the agent (ingest maps; the spool outlives
+        # an upgrade): its version is not part of the event.
+        mapped["context"]["library"] = lib
     same = ({k: v for k, v in mapped.items() if k not in skip}
             == {k: v for k, v in ev.items() if k not in skip})
     return out if same else None
