@@ -9,7 +9,7 @@ from hypothesis import strategies as st
 
 from agent.families.event import SEGMENT, Event
 from agent.metrics import Metrics
-from agent.ops.tail import QUEUE, TAKE, TailHub, fingerprint
+from agent.ops.tail import QUEUE, TAKE, TailHub, as_sent, fingerprint
 from agent.spool.types import Row
 
 KEYS = ("key-one-0001", "key-two-0002")
@@ -72,3 +72,11 @@ def test_every_wanted_message_is_shown_or_reported_dropped(
     assert metrics.tail_viewers == 2
     hub.close()
     assert every.take() is None and hub.watch(None) is None
+
+
+def test_a_segment_event_that_only_looks_mapped_is_shown_as_sent() -> None:
+    # A Segment app's event with a nucleus- messageId and a context.nucleus (relayed by
+    # another agent, say) is no mapping this agent can give back: shown as it is.
+    body = {"type": "track", "event": "Clicked", "messageId": "nucleus-abc",
+            "anonymousId": "a", "context": {"nucleus": {"sessionId": 3}}}
+    assert as_sent(SEGMENT, dict(body), 0) == (SEGMENT, body)
