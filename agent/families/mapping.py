@@ -215,13 +215,16 @@ def _nucleus_back(ev: dict[str, Any], ctx: dict[str, Any], kept: dict[str, Any],
 
 def segment_to_nucleus(ev: dict[str, Any], received: int) -> dict[str, Any]:
     """A Segment-spec event as a Nucleus event (the uplink supplies its `id`)."""
+    back = given_back(ev, received)
+    return back if back is not None else _to_nucleus(ev, received)
+
+
+def given_back(ev: dict[str, Any], received: int) -> dict[str, Any] | None:
+    """The Nucleus event that ``nucleus_to_segment`` mapped to ``ev``, exactly; None
+    when ``ev`` is not such a mapping."""
     ctx = _obj(ev.get("context"))
     kept = ctx.get("nucleus")
-    if isinstance(kept, dict):
-        back = _nucleus_back(ev, ctx, kept, received)
-        if back is not None:
-            return back
-    return _to_nucleus(ev, received)
+    return _nucleus_back(ev, ctx, kept, received) if isinstance(kept, dict) else None
 
 
 def _body_key(kind: Any) -> str | None:

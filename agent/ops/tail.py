@@ -22,7 +22,7 @@ import orjson
 
 from agent import logs
 from agent.families.event import NUCLEUS, SEGMENT, Event
-from agent.families.mapping import segment_to_nucleus
+from agent.families.mapping import given_back
 from agent.families.nucleus import KNOWN_TYPES as NUCLEUS_TYPES
 from agent.families.segment import TYPES as SEGMENT_TYPES
 from agent.metrics import Metrics
@@ -192,12 +192,12 @@ def summarise(item: Item) -> dict[str, Any]:
 def as_sent(family: int, body: dict[str, Any], received: int) -> tuple[int, dict[str, Any]]:
     """A stored event as its app sent it: a Nucleus event stored mapped to Segment (its
     key routed to a Segment upstream) is the Nucleus event it was, as its ingest line
-    showed it. The mapping marks what it made (a ``nucleus-`` messageId, the Nucleus
-    fields kept in ``context.nucleus``) and gives the original back."""
+    showed it: one the mapping gives back exactly (``mapping.given_back``), its
+    ``nucleus-`` messageId the cheap first test."""
     if family == SEGMENT and str(body.get("messageId", "")).startswith("nucleus-"):
-        context = body.get("context")
-        if isinstance(context, dict) and isinstance(context.get("nucleus"), dict):
-            return NUCLEUS, segment_to_nucleus(body, received)
+        back = given_back(body, received)
+        if back is not None:   # else a Segment app's event that only looks like one
+            return NUCLEUS, back
     return family, body
 
 
