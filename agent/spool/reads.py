@@ -82,7 +82,6 @@ class Reader:
                      lanes: Sequence[int], limit: int) -> Queued:
         runs, damaged = await reader.run(self._fetch_runs, stream, cursors, lanes, limit)
         if damaged:
-            self._cache.clear()
             self.host.discard(damaged)
         return Queued(runs)
 
@@ -95,6 +94,10 @@ class Reader:
             if not left:
                 break
             left = self._lane_runs(conn, stream, lane, cursors[lane], left, runs, damaged)
+        if damaged:
+            # Here, on the reader thread, which alone uses the cache: cleared from the
+            # loop, it could change under another key's fetch.
+            self._cache.clear()
         return runs, damaged
 
     def _lane_runs(self, conn: sqlite3.Connection, stream: int, lane: int, after: int,
