@@ -36,16 +36,6 @@ log = logging.getLogger("outpost.memory")
 
 TRIM_AFTER_BYTES = 4 * 1024 * 1024  # trimming after light traffic would gain nothing
 TRIM_QUIET_S = 1.0  # after the last request of a burst: replies sent, connections closed
-# Net new container objects before the cyclic GC's youngest generation is collected
-# (Python's default: 700). A 100-event batch parses into ~800 of them, so under batch load
-# the default ran a collection every request or so, and promoted the parsed batches in
-# flight to the older generations, whose collections then walked them too: with wrk at
-# 32 connections of /v1/batch, 500 young, 46 middle and 4 full collections in 5 s, 7% of
-# the loop's time, single pauses up to 48 ms (middle) and 68-115 ms (full), the batch
-# p99's tail. At 10,000, none ran under that load: request objects are freed by reference
-# counting long before 10,000 accumulate; only cycles wait for the collector, and 10,000
-# objects bound what they hold.
-GC_YOUNG = 10_000
 
 
 def malloc_trim() -> Callable[[int], int] | None:
@@ -77,8 +67,7 @@ def use_c_allocator() -> None:
 
 
 def freeze_imports() -> None:
-    """Exempt everything imported so far from the cyclic GC's full collections, and
-    collect the youngest generation less often (GC_YOUNG).
+    """Exempt everything imported so far from the cyclic GC's full collections.
 
     A burst of ingest creates enough objects to trigger full collections, each of
     which walked the 40,000 objects of the imported modules too, holding the GIL
@@ -88,7 +77,6 @@ def freeze_imports() -> None:
     """
     gc.collect()
     gc.freeze()
-    gc.set_threshold(GC_YOUNG, *gc.get_threshold()[1:])
 
 
 class Trimmer:
