@@ -124,9 +124,6 @@ class Queued(Sequence[Row]):
             pos += n
         return Queued(runs)
 
-    def __add__(self, other: Queued) -> Queued:
-        return Queued(self.runs + other.runs)
-
     def __repr__(self) -> str:
         return f"Queued({self.runs!r})"
 
