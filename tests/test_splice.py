@@ -106,7 +106,7 @@ def test_queued_is_the_sequence_of_its_rows(got: list[Run], a: int, b: int) -> N
     else:
         with pytest.raises(IndexError):
             queued[a]
-    assert list(queued[:a] + queued[a:]) == rows
+    assert [*queued[:a], *queued[a:]] == rows
 
 
 def test_splice_takes_whole_runs_without_making_rows() -> None:

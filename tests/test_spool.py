@@ -61,8 +61,8 @@ async def test_fifo_per_key_and_cursor_reads(tmp_path: Path) -> None:
     a, b = spool.streams["a"].id, spool.streams["b"].id
     first = await spool.fetch(a, 0, 4)
     rest = await spool.fetch(a, first[-1].seq, 100)
-    assert [orjson.loads(r.body)["id"] for r in first + rest] == list(range(10))
-    assert all(r.stream == a for r in first + rest)
+    assert [orjson.loads(r.body)["id"] for r in [*first, *rest]] == list(range(10))
+    assert all(r.stream == a for r in [*first, *rest])
     assert len(await spool.fetch(b, 0, 100)) == 10
     await spool.close()
 
