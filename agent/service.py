@@ -40,7 +40,7 @@ from agent.spool import Spool
 from agent.spool.migrate import ALIVE_EVERY_S
 from agent.sync.held import oldest_routed
 from agent.sync.metered import source_for
-from agent.sync.monitor import SyncMonitor
+from agent.sync.monitor import SyncMonitor, SyncView
 from agent.sync.power import BatterySensor, read_battery
 from agent.uplinks.registry import uplink_class
 
@@ -98,10 +98,9 @@ class Agent:
                                                   on_migrating=self._migrating)
             stack.push_async_callback(spool.close)
             _register_keys(spool.streams)
-            self.sync = SyncMonitor(self.cfg.sync, source_for(self.cfg.sync), self.battery,
-                                    self._oldest_routed, self.seams.timing, self._regate)
+            self.sync = self._monitor(self.cfg)
             await self.sync.start()
-            stack.push_async_callback(self.sync.stop)
+            stack.push_async_callback(self._stop_sync)
             self.forwarding = Supervisor(self.cfg, spool, self.facts, self.metrics, self.seams,
                                          self.sync.may_send, self.tail.acked)
             await self.forwarding.start()
@@ -112,7 +111,7 @@ class Agent:
                              on_new_data=self._new_data, limits=_limits(self.cfg),
                              on_stored=self.tail.ingested)
             self.ops = Ops(spool, self.metrics, live=self._live, flush=self._flush,
-                           sync=self.sync.view)
+                           sync=self._sync_view)
             self.app = build_app(self.cfg, self.sink,
                                  self.ops.routes() + TailRoutes(self.tail).routes())
             runner = self._make_runner(self.app)
@@ -162,6 +161,19 @@ class Agent:
             log.warning("listening on %s, which is not loopback: other machines can send "
                         "events to this agent", host)
         return listener
+
+    def _monitor(self, cfg: Config) -> SyncMonitor:
+        return SyncMonitor(cfg.sync, source_for(cfg.sync), self.battery, self._oldest_routed,
+                           self.seams.timing, self._regate)
+
+    async def _stop_sync(self) -> None:
+        # The current monitor: a reload that changes [sync] replaces the one start built.
+        if self.sync is not None:
+            await self.sync.stop()
+
+    def _sync_view(self) -> SyncView:
+        assert self.sync is not None
+        return self.sync.view()
 
     async def _stop_forwarding(self) -> None:
         # The current Supervisor: a reload replaces the one start built.
@@ -221,7 +233,8 @@ class Agent:
             await asyncio.sleep(PRUNE_EVERY_S)
 
     async def reload(self) -> None:
-        """SIGHUP: re-read the config; upstream changes take effect, the rest needs a restart."""
+        """SIGHUP: re-read the config; upstream and [sync] changes take effect, the rest
+        needs a restart."""
         try:
             new = config_mod.load(self.config_path)
         except ConfigError as exc:
@@ -234,13 +247,12 @@ class Agent:
                  and getattr(new.listen, f.name) != getattr(self.cfg.listen, f.name)]
         if new.storage != self.cfg.storage:
             stale.append("[storage]")
-        if new.sync != self.cfg.sync:
-            stale.append("[sync]")
         if stale:
             log.warning("reload: %s changed, which needs a restart", ", ".join(stale))
         assert self.spool is not None and self.sink is not None and self.sync is not None
         _register_secrets(new)
         old = self.forwarding
+        sync_changed = new.sync != self.cfg.sync
         self.cfg = new
         # Requests from now on are held to the new routes' limits (docs/mapping.md §5).
         self.sink.set_limits(_limits(new))
@@ -248,6 +260,12 @@ class Agent:
         # In-flight batches settle before the new forwarders start: nothing sent twice.
         if old is not None:
             await old.stop()
+        if sync_changed:   # the new rules' sources, read before the new loops ask them
+            await self.sync.stop()
+            self.sync = self._monitor(new)
+            await self.sync.start()
+            log.info("transmit profile now %s (%s)", self.sync.profile.mode,
+                     self.sync.profile.reason)
         self.forwarding = Supervisor(new, self.spool, self.facts, self.metrics, self.seams,
                                      self.sync.may_send, self.tail.acked)
         if old is not None:

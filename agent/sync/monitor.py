@@ -72,6 +72,7 @@ class SyncMonitor:
         self.releases = 0
         self._releasing = False
         self._first = asyncio.Event()
+        self._battery_read = asyncio.Event()
         self._changed = asyncio.Event()   # the profile changed, or data came to an empty hold
         self._poll = asyncio.Event()      # never set: the battery poll's wait only times out
         self._empty = False               # holding with nothing queued: new data wakes the waiter
@@ -85,6 +86,8 @@ class SyncMonitor:
         metered network holds from the first send."""
         if self.cfg.on_low_battery != NORMAL:
             self._run("battery", self._poll_battery)
+            with contextlib.suppress(asyncio.TimeoutError):   # a low battery holds at once too
+                await asyncio.wait_for(self._battery_read.wait(), FIRST_READING_S)
         if self.cfg.on_metered != NORMAL:
             self._run("metered network", lambda: self._source.watch(self._metered))
             with contextlib.suppress(asyncio.TimeoutError):
@@ -147,6 +150,7 @@ class SyncMonitor:
     async def _poll_battery(self) -> None:
         while True:
             self.battery = self._sensor()
+            self._battery_read.set()
             self._update()
             await self._waits.wait(self._poll, BATTERY_POLL_S)
 
