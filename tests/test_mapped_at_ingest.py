@@ -113,16 +113,20 @@ async def test_the_tail_shows_the_event_the_app_sent(make_agent: Any) -> None:
         ("nucleus", "2", "event", ["missing field `name`"]), ("nucleus", "3", "event", [])]
 
 
-async def test_an_event_that_cannot_be_mapped_is_stored_as_it_came_and_dead_lettered(
-        make_agent: Any, fake_segment: FakeSegment) -> None:
-    # An error's payload goes two levels deeper once mapped (context.nucleus.payload):
-    # past the 255 levels orjson writes. Spelled out: orjson would not write the request.
+def too_deep_to_map(pad: int = 0) -> str:
+    """A Nucleus message: an error whose payload goes two levels deeper once mapped
+    (context.nucleus.payload), past the 255 levels orjson writes (spelled out: orjson
+    would not write the request), padded by ``pad`` bytes; then EVENTS[0]."""
     deep = '{"a":' * 252 + "1" + "}" * 252
     error = ('{"type":"error","name":"Deep","id":1,"date":"2026-01-15T10:20:30.123Z",'
-             f'"payload":{deep}}}')
-    body = '{"data":[' + error + "," + orjson.dumps(EVENTS[0]).decode() + "]}"
+             f'"pad":"{"x" * pad}","payload":{deep}}}')
+    return '{"data":[' + error + "," + orjson.dumps(EVENTS[0]).decode() + "]}"
+
+
+async def test_an_event_that_cannot_be_mapped_is_stored_as_it_came_and_dead_lettered(
+        make_agent: Any, fake_segment: FakeSegment) -> None:
     agent = await make_agent(upstreams=[segment_up(fake_segment)])
-    reply = await call(agent.port, "/app/k/track", body)
+    reply = await call(agent.port, "/app/k/track", too_deep_to_map())
     assert reply.json() == {"reportedIds": [1, 7]}
     await wait_for(lambda: agent.spool.dead_count == 1 and len(fake_segment.events) == 1)
     assert fake_segment.events[0]["context"]["nucleus"]["id"] == 7
@@ -151,12 +155,8 @@ async def test_a_large_event_that_cannot_be_mapped_is_refused_not_a_500(
         make_agent: Any, fake_segment: FakeSegment) -> None:
     # Too large for the cheap bound (so it is mapped to be measured) and too deep to map:
     # the module is told it was not taken (left out of reportedIds), and the rest is.
-    deep = '{"a":' * 252 + "1" + "}" * 252
-    error = ('{"type":"error","name":"Deep","id":1,"date":"2026-01-15T10:20:30.123Z",'
-             f'"pad":"{"x" * 12_000}","payload":{deep}}}')
-    body = '{"data":[' + error + "," + orjson.dumps(EVENTS[0]).decode() + "]}"
     agent = await make_agent(upstreams=[segment_up(fake_segment)])
-    reply = await call(agent.port, "/app/k/track", body)
+    reply = await call(agent.port, "/app/k/track", too_deep_to_map(pad=12_000))
     assert reply.status == 200, reply.body
     assert reply.json() == {"reportedIds": [7]}
     await wait_for(lambda: len(fake_segment.events) == 1)
