@@ -158,14 +158,20 @@ async def test_no_bus_means_unknown_and_normal(
     await wait_for(lambda: delivered(fake_nucleus) == [1, 2])
 
 
+async def held_half_an_hour(make_agent: Any, fake_nucleus: FakeNucleus, bus: PrivateBus,
+                            nm: FakeNetworkManager, timing: ManualTiming) -> Any:
+    """An agent on a metered network that holds, with ``max_hold_h`` half an hour."""
+    await nm.set_metered(YES)
+    return await make_agent(upstreams=[upstream(fake_nucleus)], seams=Seams(timing=timing),
+                            sync={"on_metered": "hold", "max_hold_h": 0.5,
+                                  "dbus_address": bus.address})
+
+
 async def test_max_hold_h_sends_everything_once_the_oldest_held_event_is_that_old(
         make_agent: Any, fake_nucleus: FakeNucleus, bus: PrivateBus,
         nm: FakeNetworkManager, clock: Clock) -> None:
     timing = ManualTiming()
-    await nm.set_metered(YES)
-    agent = await make_agent(upstreams=[upstream(fake_nucleus)], seams=Seams(timing=timing),
-                             sync={"on_metered": "hold", "max_hold_h": 0.5,
-                                   "dbus_address": bus.address})
+    agent = await held_half_an_hour(make_agent, fake_nucleus, bus, nm, timing)
     assert agent.sync.profile.mode == "hold"
     await post(agent.port, range(1, 4))
     # The waiter times the oldest held event: half an hour from its receipt.
@@ -210,10 +216,7 @@ async def test_events_no_upstream_takes_are_not_held_or_timed(
         make_agent: Any, fake_nucleus: FakeNucleus, bus: PrivateBus,
         nm: FakeNetworkManager, clock: Clock) -> None:
     timing = ManualTiming()
-    await nm.set_metered(YES)
-    agent = await make_agent(upstreams=[upstream(fake_nucleus)], seams=Seams(timing=timing),
-                             sync={"on_metered": "hold", "max_hold_h": 0.5,
-                                   "dbus_address": bus.address})
+    agent = await held_half_an_hour(make_agent, fake_nucleus, bus, nm, timing)
     async with aiohttp.ClientSession() as s, s.post(
             f"http://127.0.0.1:{agent.port}/app/nobody/track", json={"data": [event(99)]}) as r:
         assert r.status == 200    # "nobody" matches no upstream: kept until one does
