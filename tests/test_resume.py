@@ -58,6 +58,19 @@ def nucleus_upstream(fake: FakeNucleus, protocol: str) -> dict[str, Any]:
             "flush_interval_s": 0.02, "timeout_s": 0.6}
 
 
+async def parked_while_down(make_agent: Any, down_nucleus: FakeNucleus,
+                            timing: ManualTiming) -> Any:
+    """An agent whose upstream is down, with 5 events queued, the key parked after one
+    failure (a backoff of a minute) and the upstream probed: nothing else runs."""
+    agent = await make_agent(upstreams=[nucleus_upstream(down_nucleus, "nucleus-http")],
+                             seams=seams(timing, Backoff(base_s=60.0)))
+    state = agent.forwarding.states["up"]
+    await send(agent, [event(i) for i in range(5)])
+    await wait_for(lambda: state.retries == 1 and state.unreachable_since is not None)
+    await quiet(agent, timing, 2)   # the key's retry (30 s or more) and the next probe
+    return agent
+
+
 async def quiet(agent: Any, timing: ManualTiming, timers: int) -> None:
     """Wait until no key's loop runs and no probe is in flight: ``timers`` timers wait."""
     await wait_for(lambda: not agent.forwarding.loops and len(timing.pending()) == timers
@@ -206,12 +219,8 @@ async def test_a_network_change_ends_the_probe_wait_of_an_unreachable_upstream(
     the change can be what delivers. A burst probes once now and once ``NET_GAP_S``
     later."""
     timing = ManualTiming()
-    agent = await make_agent(upstreams=[nucleus_upstream(down_nucleus, "nucleus-http")],
-                             seams=seams(timing, Backoff(base_s=60.0)))
+    agent = await parked_while_down(make_agent, down_nucleus, timing)
     state = agent.forwarding.states["up"]
-    await send(agent, [event(i) for i in range(5)])
-    await wait_for(lambda: state.retries == 1 and state.unreachable_since is not None)
-    await quiet(agent, timing, 2)   # the key's retry (30 s or more) and the next probe
     await down_nucleus.come_back()
     for _ in range(3):
         agent.forwarding.network_changed()
@@ -299,12 +308,8 @@ async def test_a_recovery_that_stalls_is_logged_at_its_first_quiet_point(
     without an ack while nothing is sent, with what is still queued."""
     caplog.set_level(logging.INFO, logger="outpost.probe")
     timing = ManualTiming()
-    agent = await make_agent(upstreams=[nucleus_upstream(down_nucleus, "nucleus-http")],
-                             seams=seams(timing, Backoff(base_s=60.0)))
+    agent = await parked_while_down(make_agent, down_nucleus, timing)
     state = agent.forwarding.states["up"]
-    await send(agent, [event(i) for i in range(5)])
-    await wait_for(lambda: state.retries == 1 and state.unreachable_since is not None)
-    await quiet(agent, timing, 2)   # the key's retry (30 s or more) and the next probe
     down_nucleus.reply_raw = b'{"reportedIds": []}'
     await down_nucleus.come_back()
     timing.advance(PROBE_S)   # the probe connects: the key is retried, and fails again
