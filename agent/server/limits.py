@@ -48,12 +48,15 @@ class RouteLimits:
 
     def __init__(self, cfg: Config, limit_of: Callable[[UpstreamConfig], Limit | None],
                  family_of: Callable[[UpstreamConfig], int] | None = None) -> None:
-        self._routes = [(up, limit_of(up), None if family_of is None else family_of(up))
-                        for up in cfg.upstreams]
+        self._cfg = cfg
+        # Upstream names are unique (config.py): each route's limit and family by name.
+        self._routes = {up.name: _Route(up.name, limit_of(up),
+                                        None if family_of is None else family_of(up))
+                        for up in cfg.upstreams}
         # False when no upstream sets a limit: the usual case costs nothing per event.
-        self.active = any(limit is not None for _, limit, _ in self._routes)
+        self.active = any(r.limit is not None for r in self._routes.values())
         # False when no upstream speaks Segment: nothing is mapped at ingest.
-        self.maps = any(family == SEGMENT for _, _, family in self._routes)
+        self.maps = any(r.family == SEGMENT for r in self._routes.values())
         self._by_key: dict[str, _Route | None] = {}
 
     def _route(self, key: str) -> _Route | None:
@@ -61,11 +64,8 @@ class RouteLimits:
             return self._by_key[key]
         except KeyError:
             pass
-        found = None
-        for up, limit, family in self._routes:
-            if up.matches(key):
-                found = _Route(up.name, limit, family)
-                break
+        up = self._cfg.route(key)   # the one routing rule
+        found = None if up is None else self._routes[up.name]
         if len(self._by_key) >= _MAX_KEYS:
             self._by_key.clear()
         self._by_key[key] = found
