@@ -21,13 +21,17 @@ from typing import Any
 
 import orjson
 
+from agent.device import detect
 from agent.families import segment as spec
+from agent.families.enrich import Enrich
 from agent.families.event import NUCLEUS, Event
 from agent.server.limits import RouteLimits
-from agent.settings import Config, UpstreamConfig
+from agent.settings import Config, DeviceConfig, UpstreamConfig
 from agent.uplinks.registry import uplink_class
 
 from .payloads import NUCLEUS_EVENT, SEGMENT_EVENT
+
+ENRICH = Enrich(detect(DeviceConfig()))
 
 
 def limits(protocol: str) -> RouteLimits:
@@ -37,7 +41,8 @@ def limits(protocol: str) -> RouteLimits:
 
 
 def segment_events(n: int) -> list[Event]:
-    return [spec.accept(orjson.loads(SEGMENT_EVENT % (i, 1)), "k", spec.TYPES, "2026-01-15T10:20:31.000Z")
+    return [spec.accept(orjson.loads(SEGMENT_EVENT % (i, 1)), "k", spec.TYPES, "2026-01-15T10:20:31.000Z",
+                        enrich=ENRICH)
             for i in range(n)]
 
 
@@ -74,7 +79,8 @@ def main() -> None:
         return lambda: [lim.oversize(ev) for ev in events]
 
     def reference() -> object:
-        return [spec.accept(dict(ev), "k", spec.TYPES, "2026-01-15T10:20:31.000Z") for ev in raw]
+        return [spec.accept(dict(ev), "k", spec.TYPES, "2026-01-15T10:20:31.000Z", enrich=ENRICH)
+                for ev in raw]
 
     rows = [
         ("reference: segment.accept per Segment event", per_event(reference, n, rounds)),

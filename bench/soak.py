@@ -168,7 +168,8 @@ async def soak(args: argparse.Namespace) -> int:
     out = Path(args.out or ROOT / "bench" / "out" / time.strftime("soak-%Y%m%dT%H%M%S"))
     out.mkdir(parents=True, exist_ok=True)
     work = Path(tempfile.mkdtemp(prefix="outpost-soak-"))
-    fake = await CountingNucleus().start(free_port())
+    fake = CountingNucleus()
+    await fake.start(free_port())
     port = free_port()
     spool = work / "spool.db"
     cfg = write_config(work / "agent.toml", spool, port=port, upstreams=[

@@ -55,7 +55,7 @@ class FakeSegment:
     def fail(self, times: int, status: int, retry_after: str | None = None) -> None:
         self.failures += [(status, retry_after)] * times
 
-    def message_ids(self) -> list[str]:
+    def message_ids(self) -> list[Any]:
         return [ev.get("messageId") for ev in self.events]
 
     def accepted(self) -> list[Request]:
