@@ -52,6 +52,7 @@ class Metrics:
         self.connections_open = 0
         self.connections_cap = 0
         self.connections_closed: dict[str, int] = {}
+        self.express_requests = 0  # answered by the express lane (agent/server/express.py)
         # Admission control (agent/server/admission.py): request bodies in flight, the budget,
         # requests refused as busy, and heap trims after bursts.
         self.inflight_bytes = 0

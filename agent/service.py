@@ -30,8 +30,9 @@ from agent.ops.notify import Notifier
 from agent.ops.routes import Ops
 from agent.ops.tail import TailHub
 from agent.ops.tail_routes import TailRoutes
-from agent.server.app import build_app
+from agent.server.app import EXPRESS, build_app
 from agent.server.connections import ConnectionLimits, fit_fd_limit
+from agent.server.express import ExpressLane
 from agent.server.guard import is_loopback_name
 from agent.server.intake import Sink
 from agent.server.limits import RouteLimits
@@ -51,6 +52,7 @@ MAX_REQUEST_LINE = 64 * 1024
 # client sees the reply rather than a reset. Over loopback the rest takes milliseconds;
 # aiohttp's 10 s default would let a stalled client hold its connection that much longer.
 LINGER_S = 2.0
+SHUTDOWN_S = 5.0  # for the requests being answered when a stop begins
 # Start time asked of systemd per sign of life from a migration: six beats, so one
 # late beat does not get a slow but working migration killed.
 EXTEND_START_USEC = int(ALIVE_EVERY_S * 6 * 1_000_000)
@@ -119,8 +121,10 @@ class Agent:
             # Unwound after the listener closes: cleanup() drains the open connections, whose
             # requests still commit (and wake forwarders) before the forwarders stop.
             stack.push_async_callback(runner.cleanup)
+            # Before cleanup closes the connections: express replies still go out.
+            stack.push_async_callback(self.app[EXPRESS].close, SHUTDOWN_S)
             stack.callback(self.tail.close)   # before cleanup: live views would hold it
-            self.listener = await self._listen(runner)
+            self.listener = await self._listen(runner, self.app[EXPRESS])
             stack.callback(self.listener.close)   # stop accepting
             prune = asyncio.create_task(self._prune_loop(), name="prune")
             stack.callback(prune.cancel)
@@ -135,13 +139,13 @@ class Agent:
         # API's limit (a gzip bomb stops there); aiohttp would inflate them first, unbounded.
         return web.AppRunner(app, handle_signals=False, access_log=None,
                              auto_decompress=False,
-                             shutdown_timeout=5.0,
+                             shutdown_timeout=SHUTDOWN_S,
                              # A pixel carries its event (up to 32 KB) base64'd in
                              # the URL: over aiohttp's 8 KB request-line default.
                              max_line_size=MAX_REQUEST_LINE,
                              lingering_time=LINGER_S)
 
-    async def _listen(self, runner: web.AppRunner) -> asyncio.Server:
+    async def _listen(self, runner: web.AppRunner, lane: ExpressLane) -> asyncio.Server:
         assert runner.server is not None
         host, port = self.cfg.listen.host, self.cfg.listen.port
         # Not a TCPSite: every connection goes through ConnectionLimits' deadlines and cap.
@@ -149,7 +153,8 @@ class Agent:
         limits = ConnectionLimits(self.cfg.listen, cap, self.metrics)
         try:
             listener = await asyncio.get_running_loop().create_server(
-                limits.protocol_factory(runner.server), host, port, backlog=backlog,
+                limits.protocol_factory(runner.server, lane), host, port,
+                backlog=backlog,
                 reuse_address=True)
         except OSError as exc:
             # The loop's own text repeats the address; a lookup failure's errno is negative.

@@ -43,6 +43,16 @@ class IngestSink(Protocol):
         """Commit ``events`` durably; how many were new. Raises SpoolFull."""
 
 
+# A route the server may answer itself, without aiohttp's request machinery, for a plain
+# request whose whole body came with its head (agent/server/express.py): called with that
+# body and the write keys the headers gave, it renders the same reply as the route.
+Express = Callable[[bytes, list[str]], Awaitable[web.Response]]
+
+
+def no_express(sink: IngestSink) -> Mapping[str, Express]:
+    return {}
+
+
 class WebSocketRoute(web.RouteDef):
     """A websocket endpoint: a GET that upgrades. The app answers a plain GET to its
     path (a browser tab, a mistyped URL) as a path no route serves."""
@@ -78,3 +88,5 @@ class Dialect:
     name: str
     routes: Callable[[IngestSink], list[web.RouteDef]]
     examples: Callable[[str], list[Example]]
+    # Paths (exact, no query) answered by the express lane as well as by ``routes``.
+    express: Callable[[IngestSink], Mapping[str, Express]] = no_express

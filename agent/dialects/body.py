@@ -61,6 +61,17 @@ class Reservation(Protocol):
 TICKET: ContextVar[Reservation | None] = ContextVar("outpost_ticket", default=None)
 
 
+def whole_body(raw: bytes, limit: int) -> bytes:
+    """A body that came whole with its head, as ``read_raw`` takes one: held to ``limit``
+    and charged to the request's ticket (the server's express lane, agent/server/express.py)."""
+    if len(raw) > limit:
+        raise BodyError(413, "request body too large", f"{len(raw)} bytes, limit {limit}")
+    ticket = TICKET.get()
+    if ticket is not None and raw:
+        ticket.take(len(raw))
+    return raw
+
+
 async def read_raw(request: web.Request, limit: int) -> bytes:
     """The body, decoded per Content-Encoding, refused past ``limit`` bytes.
 

@@ -22,6 +22,7 @@ from __future__ import annotations
 import base64
 import binascii
 import logging
+from functools import partial
 from http import HTTPStatus
 from typing import Any, NamedTuple
 
@@ -30,8 +31,8 @@ from aiohttp import web
 
 from agent.dialects import replies
 from agent.dialects.auth import basic, basic_user
-from agent.dialects.base import JSON, Dialect, Example, IngestSink
-from agent.dialects.body import BodyError, Busy, parse_body, read_raw
+from agent.dialects.base import JSON, Dialect, Example, Express, IngestSink
+from agent.dialects.body import BodyError, Busy, parse_body, read_raw, whole_body
 from agent.dialects.relaxed_json import parse_lenient
 from agent.families import segment as spec
 from agent.families.errors import Invalid
@@ -119,13 +120,23 @@ class SegmentHandlers:
             body = parse_lenient(await read_raw(request, spec.MAX_EVENT_BYTES))
         except BodyError as exc:
             return single_error(exc.status, exc.message, exc.details, exc.retry_after)
-        given = _given_keys(request)
+        return await self._keyed(body, kind, _given_keys(request))
+
+    async def express(self, kind: str, raw: bytes, given: list[str]) -> web.Response:
+        """``single`` for a body already in hand (agent/server/express.py)."""
+        try:
+            body = parse_lenient(whole_body(raw, spec.MAX_EVENT_BYTES))
+        except BodyError as exc:
+            return single_error(exc.status, exc.message, exc.details, exc.retry_after)
+        return await self._keyed(body, ROUTE_TYPES[kind], given)
+
+    async def _keyed(self, body: Any, kind: str, given: list[str]) -> web.Response:
         if not all(self.sink.key_allowed(k) for k in given):
             return single_error(401, INVALID_KEY)
         return await self._single(body, kind, given[0] if given else None)
 
     async def _single(self, body: Any, kind: str | None, header_key: str | None,
-                      raw_size: int = 0) -> web.StreamResponse:
+                      raw_size: int = 0) -> web.Response:
         failure = await self._one(body, kind, header_key, raw_size)
         if failure is None:
             return replies.json_reply({"Success": True}, 200)
@@ -305,6 +316,12 @@ def routes(sink: IngestSink) -> list[web.RouteDef]:
     ]
 
 
+def express(sink: IngestSink) -> dict[str, Express]:
+    """The single calls, for plain requests the server answers itself."""
+    h = SegmentHandlers(sink)
+    return {f"/v1/{kind}": partial(h.express, kind) for kind in ROUTE_TYPES}
+
+
 def examples(key: str) -> list[Example]:
     # Valid for every call: each type ignores the fields it does not need.
     one = {"event": "e", "userId": "u", "groupId": "g", "previousId": "p", "name": "n"}
@@ -325,4 +342,4 @@ def examples(key: str) -> list[Example]:
             Example("POST", "/v1/w", JSON, orjson.dumps({**one, "type": "page", "writeKey": key}))]
 
 
-DIALECT = Dialect("segment", routes, examples)
+DIALECT = Dialect("segment", routes, examples, express)

@@ -64,6 +64,7 @@ class Connections(TypedDict):
     open: int
     max: int
     closed: dict[str, int]      # by reason
+    express: int                # requests the express lane answered (agent/server/express.py)
 
 
 class Ingest(TypedDict):
@@ -184,7 +185,8 @@ async def snapshot(cfg: Config, spool: Spool, states: Mapping[str, UpstreamState
     snap["oldest_event_age_s"] = round(age_s(oldest), 1) if oldest is not None else None
     snap["history"] = metrics.series()
     snap["connections"] = {"open": metrics.connections_open, "max": metrics.connections_cap,
-                           "closed": dict(sorted(metrics.connections_closed.items()))}
+                           "closed": dict(sorted(metrics.connections_closed.items())),
+                           "express": metrics.express_requests}
     snap["ingest"] = {"inflight_bytes": metrics.inflight_bytes,
                       "inflight_budget": metrics.inflight_budget,
                       "busy_refusals": metrics.busy_refusals,

@@ -11,6 +11,7 @@ from agent.dialects import registry
 from agent.dialects.body import BODY_TIMEOUT_S, TICKET
 from agent.dialects.replies import REFUSALS
 from agent.server.admission import Admission
+from agent.server.express import ExpressLane, Routes
 from agent.server.guard import Guard, Handler
 from agent.server.intake import Sink
 from agent.server.unrouted import CATCH_ALL, Unrouted
@@ -18,11 +19,15 @@ from agent.settings import Config
 
 # Above every dialect's own limit; those are enforced while reading.
 CLIENT_MAX_SIZE = 8 * 1024 * 1024
+# The lane that answers plain single-event requests before aiohttp sees them; the
+# listener's connections (server/connections.py) take it from here.
+EXPRESS = web.AppKey("express", ExpressLane)
 
 
 def build_app(cfg: Config, sink: Sink, ops_routes: list[web.RouteDef]) -> web.Application:
     """The app for ``sink``'s dialects, with ``ops_routes`` (the operations endpoints,
-    built by the composition root: ingest does not import ops) in front of them."""
+    built by the composition root: ingest does not import ops) in front of them, and its
+    express lane (``app[EXPRESS]``) for the same dialects' plain single-event requests."""
     guard = Guard(cfg.listen.host, cfg.listen.allowed_origins)
     admission = sink.admission
 
@@ -41,6 +46,9 @@ def build_app(cfg: Config, sink: Sink, ops_routes: list[web.RouteDef]) -> web.Ap
         app.add_routes(unrouted.gate(raw, ingest_routes(
             raw, guard, admission, partial(sink.metrics.refuse, dialect.name))))
     app.router.add_route("*", CATCH_ALL, unrouted.fallback)  # last: what no route serves
+    app[EXPRESS] = ExpressLane(
+        [Routes(dialect.express(sink), partial(sink.metrics.refuse, dialect.name))
+         for dialect in registry.DIALECTS], guard, admission, sink.metrics)
     return app
 
 

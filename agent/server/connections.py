@@ -34,6 +34,7 @@ from aiohttp import web
 
 from agent.logs import log_limited
 from agent.metrics import Metrics
+from agent.server.express import MORE, ExpressLane
 from agent.settings import ListenConfig
 
 log = logging.getLogger("outpost")
@@ -45,6 +46,8 @@ FD_RESERVE = 256
 # connections in one go before any is handed to us to close: that many must fit on top
 # of the cap, or accept() fails with EMFILE (and uvloop then resets connections).
 MAX_BACKLOG = 1024
+# Bytes an express connection may send ahead of its replies before reading pauses.
+BUF_MAX = 64 * 1024
 
 Handler = Callable[[web.BaseRequest], Awaitable[web.StreamResponse]]
 
@@ -81,13 +84,25 @@ def fit_fd_limit(max_connections: int) -> tuple[int, int]:
 
 
 class _Conn(asyncio.Protocol):
-    """Wraps aiohttp's protocol for one connection; tracks its state and deadline."""
+    """Wraps aiohttp's protocol for one connection; tracks its state and deadline.
 
-    __slots__ = ("active", "deadline", "inner", "limits", "state", "timer", "transport")
+    A connection starts in the express lane (``lane``, server/express.py), which answers
+    the plain requests it can, one at a time (pipelined ones wait in ``buf``), and hands
+    the connection to aiohttp (``inner``) for good at the first request it cannot.
+    """
 
-    def __init__(self, limits: ConnectionLimits, inner: asyncio.Protocol) -> None:
+    __slots__ = ("active", "buf", "deadline", "eof", "inner", "lane", "limits", "serving",
+                 "state", "timer", "transport", "writable")
+
+    def __init__(self, limits: ConnectionLimits, inner: asyncio.Protocol,
+                 lane: ExpressLane | None) -> None:
         self.limits = limits
         self.inner = inner
+        self.lane = lane
+        self.buf = b""          # the express lane's unanswered bytes
+        self.serving = False    # an express reply is pending
+        self.eof = False        # the peer stopped sending while it was
+        self.writable = True    # the transport's buffer is below its high-water mark
         self.transport: asyncio.Transport | None = None
         self.state = IDLE
         self.deadline = 0.0
@@ -101,13 +116,66 @@ class _Conn(asyncio.Protocol):
         self.limits.opened(self)
 
     def data_received(self, data: bytes) -> None:
+        if self.lane is not None:
+            self.buf += data
+            if not self.serving and self.writable:
+                self._next()
+            elif len(self.buf) > BUF_MAX and self.transport is not None:
+                self.transport.pause_reading()  # resumed by _next, once the lane catches up
+            return
+        self._to_inner(data)
+
+    def _to_inner(self, data: bytes) -> None:
         if self.state == IDLE:
             self.limits.head_started(self)
         elif self.state == WEBSOCKET:
             self.active = self.limits.now()
         self.inner.data_received(data)
 
+    def _next(self) -> None:
+        """Answer the first request in ``buf`` in the express lane, or hand over."""
+        assert self.lane is not None and self.transport is not None
+        self.transport.resume_reading()  # paused while buf was full; a no-op otherwise
+        found = self.lane.match(self.buf)
+        if found == MORE:
+            if self.state == IDLE and self.buf:
+                self.limits.head_started(self)
+        elif found is None:
+            self._hand_over()
+        else:
+            assert not isinstance(found, str)
+            request, size = found
+            self.buf = self.buf[size:]
+            self.serving = True
+            self.state = BUSY
+            self.lane.serve(self, request)
+
+    def _hand_over(self) -> None:
+        """aiohttp's from now on, from the first byte of the request it is given."""
+        self.lane, buf, self.buf = None, self.buf, b""
+        if buf:
+            self._to_inner(buf)
+
+    def replied(self, reply: bytes) -> None:
+        self.serving = False
+        transport = self.transport
+        if transport is None or transport.is_closing():
+            return
+        transport.write(reply)
+        self.limits.done(self)
+        if self.eof:  # what is left will not grow into an express request
+            self._hand_over()
+            if self.inner.eof_received() is None:
+                transport.close()
+        elif self.buf and self.writable:
+            self._next()
+
     def eof_received(self) -> bool | None:
+        if self.lane is not None:
+            if self.serving:
+                self.eof = True
+                return True  # closed once the reply is written
+            self._hand_over()
         return self.inner.eof_received()
 
     def connection_lost(self, exc: Exception | None) -> None:
@@ -115,10 +183,14 @@ class _Conn(asyncio.Protocol):
         self.inner.connection_lost(exc)
 
     def pause_writing(self) -> None:
+        self.writable = False
         self.inner.pause_writing()
 
     def resume_writing(self) -> None:
+        self.writable = True
         self.inner.resume_writing()
+        if self.lane is not None and not self.serving and self.buf:
+            self._next()
 
 
 class ConnectionLimits:
@@ -135,11 +207,13 @@ class ConnectionLimits:
         # BUSY has been idle the longest. Keyed by aiohttp's protocol, which requests carry.
         self._conns: dict[Any, _Conn] = {}
 
-    def protocol_factory(self, server: web.Server) -> Callable[[], asyncio.Protocol]:
-        """What to pass to ``loop.create_server`` in place of ``server`` itself."""
+    def protocol_factory(self, server: web.Server,
+                         lane: ExpressLane | None = None) -> Callable[[], asyncio.Protocol]:
+        """What to pass to ``loop.create_server`` in place of ``server`` itself; ``lane``
+        answers the plain requests it can before aiohttp's server sees any."""
         # aiohttp's protocols copy the server's handler when created: wrap it first.
         server.request_handler = self._tracked(server.request_handler)
-        return lambda: _Conn(self, server())
+        return lambda: _Conn(self, server(), lane)
 
     def _tracked(self, handler: Handler) -> Handler:
         conns = self._conns
@@ -177,6 +251,10 @@ class ConnectionLimits:
             conn.timer = None
         self._conns.pop(conn.inner, None)
         self.metrics.connections_open = len(self._conns)
+
+    def done(self, conn: _Conn) -> None:
+        """An express request was answered: the connection is idle again."""
+        self._idle(conn)
 
     def _idle(self, conn: _Conn) -> None:
         if conn.transport is None:

@@ -1,0 +1,178 @@
+"""The express lane: plain local-app POSTs to single-event routes, answered without
+aiohttp's request machinery.
+
+aiohttp's request objects, router and response writer cost a 1-event request about
+200k instructions (its own hello-world takes 202k: `python -m bench.callgrind_ingest
+--ref hello`), more than the request's real work (parse, validate, commit). So every
+connection starts in this lane (server/connections.py). A request is answered here only
+when its head is a strict subset of HTTP/1.1 that nothing downstream treats specially:
+`POST` to a path a dialect offers here (dialects/base.py ``Express``), no query, one
+`Content-Length` and the whole body in hand, no browser headers (`Origin`, Fetch
+Metadata: the guard's CORS and cross-site checks stay aiohttp's), no `Transfer-Encoding`,
+`Content-Encoding`, `Expect` or `Upgrade`, no repeated field, a loopback `Host`. It then
+runs what app.py's wrapper runs around the same handler code: the body ticket, the
+refusal count, the handler's reply, written byte for byte as aiohttp writes it.
+
+Anything else hands the connection to aiohttp for good, from the first byte of that
+request: every byte is parsed by exactly one of the two parsers, so they cannot disagree
+on where a request ends (request smuggling), and whatever is odd gets aiohttp's
+handling and the documented error.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import re
+import time
+from collections.abc import Callable, Mapping
+from contextlib import suppress
+from email.utils import formatdate
+from typing import Final, NamedTuple, Protocol
+
+import orjson
+from aiohttp import web
+from aiohttp.http import SERVER_SOFTWARE
+
+from agent.dialects.auth import basic_user
+from agent.dialects.base import Express
+from agent.dialects.body import TICKET
+from agent.dialects.replies import REFUSALS
+from agent.metrics import Metrics
+from agent.server.admission import Admission
+from agent.server.guard import Guard
+
+log = logging.getLogger("outpost.server")
+
+HEAD_MAX = 8192  # aiohttp's own default limit for a request line and for each field
+BODY_MAX = 64 * 1024  # above every express route's limit: each route still applies its own
+_TOKEN = rb"[!#$%&'*+\-.^_`|~0-9A-Za-z]+"
+_VALUE = rb"[\t\x20-\x7e\x80-\xff]*"
+_HEAD = re.compile(rb"POST (/[^\x00-\x20?#%\x7f-\xff]*) HTTP/1\.1\r\n"
+                   rb"((?:" + _TOKEN + rb":" + _VALUE + rb"\r\n)*)\r\n")
+_FIELD = re.compile(rb"(" + _TOKEN + rb"):[ \t]*(" + _VALUE + rb"?)[ \t]*\r\n")
+# Fields whose handling is aiohttp's or the guard's: a request with one goes there.
+_ELSEWHERE = frozenset({b"origin", b"sec-fetch-site", b"transfer-encoding",
+                        b"content-encoding", b"expect", b"upgrade"})
+_LENGTH = re.compile(rb"[0-9]{1,6}")
+_SERVER = f"Server: {SERVER_SOFTWARE}\r\n\r\n".encode()
+MORE: Final = "more"  # the request is not all here yet
+
+
+class Request(NamedTuple):
+    route: Express
+    refuse: Callable[[int], None]
+    body: bytes
+    given: list[str]
+
+
+class Routes(NamedTuple):
+    """One dialect's express routes, and its refusal counter (as app.py passes it)."""
+
+    routes: Mapping[str, Express]
+    refuse: Callable[[int], None]
+
+
+class Connection(Protocol):
+    def replied(self, reply: bytes) -> None: ...
+
+
+class ExpressLane:
+    """Matches heads against the express routes and answers the requests that fit."""
+
+    def __init__(self, routes: list[Routes], guard: Guard, admission: Admission,
+                 metrics: Metrics) -> None:
+        self._routes = {path.encode(): (route, r.refuse)
+                        for r in routes for path, route in r.routes.items()}
+        self._guard = guard
+        self._admission = admission
+        self._metrics = metrics
+        self._tasks: set[asyncio.Task[None]] = set()
+        self._closing = False
+        self._date = (0, b"")
+
+    def match(self, buf: bytes) -> tuple[Request, int] | str | None:
+        """The first request in ``buf`` and its length in bytes; MORE when it may still
+        fit once more bytes come; None when it is aiohttp's."""
+        if self._closing or not self._routes:
+            return None
+        if not buf.startswith(b"POST /"):
+            return MORE if b"POST /".startswith(buf) else None
+        end = buf.find(b"\r\n\r\n", 0, HEAD_MAX)
+        if end < 0:
+            return MORE if len(buf) < HEAD_MAX else None
+        head = _HEAD.fullmatch(buf, 0, end + 4)
+        if head is None:
+            return None
+        found = self._routes.get(head[1])
+        if found is None:
+            return None
+        fields: dict[bytes, bytes] = {}
+        for name, value in _FIELD.findall(head[2]):
+            key = name.lower()
+            if key in fields or key in _ELSEWHERE:
+                return None
+            fields[key] = value
+        length = fields.get(b"content-length")
+        if length is None or not _LENGTH.fullmatch(length) or int(length) > BODY_MAX:
+            return None
+        connection = fields.get(b"connection")
+        if connection is not None and connection.lower() != b"keep-alive":
+            return None
+        host = fields.get(b"host")
+        if host is not None and not self._guard.host_ok(host.decode("latin-1")):
+            return None
+        total = end + 4 + int(length)
+        if len(buf) < total:
+            return None  # the body is still coming: aiohttp reads it, with its deadline
+        auth = fields.get(b"authorization")
+        user = basic_user(auth.decode("latin-1")) if auth is not None else None
+        return Request(found[0], found[1], buf[end + 4:total], [user] if user else []), total
+
+    def serve(self, conn: Connection, request: Request) -> None:
+        task = asyncio.get_running_loop().create_task(self._answer(conn, request))
+        self._tasks.add(task)
+        task.add_done_callback(self._tasks.discard)
+
+    async def _answer(self, conn: Connection, request: Request) -> None:
+        count = request.refuse
+        REFUSALS.set(count)  # this task's own context: nothing to reset
+        try:
+            with self._admission.ticket() as ticket:
+                TICKET.set(ticket)
+                resp = await request.route(request.body, request.given)
+            if resp.status >= 400:
+                count(resp.status)
+            reply = self.render(resp)
+        except Exception:
+            log.exception("an express request failed")
+            count(500)
+            reply = self.render(web.Response(
+                body=orjson.dumps({"error": "internal error, see the agent's log"}),
+                status=500, content_type="application/json"))
+        self._metrics.express_requests += 1
+        conn.replied(reply)
+
+    def render(self, resp: web.Response) -> bytes:
+        """``resp`` as aiohttp writes it on a keep-alive HTTP/1.1 connection."""
+        body = resp.body
+        if not isinstance(body, bytes):
+            raise TypeError(f"an express reply's body must be bytes, not {type(body)}")
+        head = [f"HTTP/1.1 {resp.status} {resp.reason}\r\n"]
+        head += [f"{name}: {value}\r\n" for name, value in resp.headers.items()]
+        head.append(f"Content-Length: {len(body)}\r\n")
+        return "".join(head).encode("latin-1") + self._http_date() + _SERVER + body
+
+    def _http_date(self) -> bytes:
+        now = int(time.time())
+        if now != self._date[0]:
+            self._date = (now, f"Date: {formatdate(now, usegmt=True)}\r\n".encode())
+        return self._date[1]
+
+    async def close(self, timeout: float) -> None:
+        """Take no more requests, and let those being answered finish (their events
+        commit and their replies go out before aiohttp closes the connections)."""
+        self._closing = True
+        if self._tasks:
+            with suppress(TimeoutError):
+                await asyncio.wait(list(self._tasks), timeout=timeout)
