@@ -129,6 +129,10 @@ class ExpressLane:
         user = basic_user(auth.decode("latin-1")) if auth is not None else None
         return Request(found[0], found[1], buf[end + 4:total], [user] if user else []), total
 
+    @property
+    def closing(self) -> bool:
+        return self._closing
+
     def serve(self, conn: Connection, request: Request) -> None:
         task = asyncio.get_running_loop().create_task(self._answer(conn, request))
         self._tasks.add(task)

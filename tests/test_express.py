@@ -1,0 +1,278 @@
+"""The express lane (agent/server/express.py): plain single-event requests answered
+without aiohttp's request machinery, with the reply aiohttp's route would give.
+
+Every test sends raw HTTP over a real socket to an in-process agent, so that what is
+sent (pipelining, split heads, odd fields) is exactly what the test says. Which lane
+answered is read from the agent's own counter (`connections.express` in /status).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import base64
+import random
+import re
+import socket
+import time
+import uuid
+from collections.abc import Callable
+from typing import Any
+
+import orjson
+import pytest
+
+from agent.families import segment as spec
+from agent.server.app import EXPRESS
+from tests.waiting import wait_for
+
+KEY = "expressKey1"
+AUTH = "Basic " + base64.b64encode(f"{KEY}:".encode()).decode()
+DATE = re.compile(rb"\r\nDate: [^\r]*\r\n")
+
+
+def track(**extra: Any) -> bytes:
+    return orjson.dumps({"type": "track", "event": "e", "userId": "u",
+                         "messageId": uuid.uuid4().hex, **extra})
+
+
+def post(path: str, body: bytes, *, auth: str | None = AUTH,
+         fields: tuple[tuple[str, str], ...] = ()) -> bytes:
+    head = [f"POST {path} HTTP/1.1", "Host: 127.0.0.1", "Content-Type: application/json"]
+    if auth is not None:
+        head.append(f"Authorization: {auth}")
+    head += [f"{name}: {value}" for name, value in fields]
+    head.append(f"Content-Length: {len(body)}")
+    return ("\r\n".join(head) + "\r\n\r\n").encode() + body
+
+
+GET_HEALTHZ = b"GET /healthz HTTP/1.1\r\nHost: 127.0.0.1\r\n\r\n"
+
+
+class Client:
+    """One raw keep-alive connection; reads whole replies by their Content-Length."""
+
+    def __init__(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        self.reader, self.writer = reader, writer
+
+    @classmethod
+    async def open(cls, port: int) -> Client:
+        return cls(*await asyncio.open_connection("127.0.0.1", port))
+
+    async def send(self, data: bytes) -> None:
+        self.writer.write(data)
+        await self.writer.drain()
+
+    async def reply(self) -> bytes:
+        head = await asyncio.wait_for(self.reader.readuntil(b"\r\n\r\n"), 10)
+        length = int(re.search(rb"Content-Length: (\d+)", head)[1])  # type: ignore[index]
+        return head + await asyncio.wait_for(self.reader.readexactly(length), 10)
+
+    async def close(self) -> None:
+        self.writer.close()
+        await self.writer.wait_closed()
+
+
+def undated(reply: bytes) -> bytes:
+    return DATE.sub(b"\r\nDate: -\r\n", reply)
+
+
+def express_count(agent: Any) -> int:
+    return int(agent.metrics.express_requests)
+
+
+CASES = {
+    "stored": lambda: track(),
+    "not json": lambda: b"{not json",
+    "not an object": lambda: b"[1, 2]",
+    "empty": lambda: b"",
+    "invalid message": lambda: orjson.dumps({"type": "track", "userId": "u"}),
+    "too large": lambda: track(pad="x" * (spec.MAX_EVENT_BYTES + 10)),
+}
+
+
+@pytest.mark.parametrize("case", sorted(CASES))
+async def test_express_reply_is_the_reply_aiohttp_gives(
+        make_agent: Callable[..., Any], case: str) -> None:
+    """The same request, once in the lane and once on aiohttp's route (a query string
+    sends it there), gets the same status, fields and body; only the lane's count moves
+    for the first."""
+    agent = await make_agent(listen={"accept_keys": [KEY]})
+    client = await Client.open(agent.port)
+    body = CASES[case]()
+    await client.send(post("/v1/track", body))
+    fast = await client.reply()
+    assert express_count(agent) == 1
+    other = await Client.open(agent.port)
+    await other.send(post("/v1/track?via=aiohttp", CASES[case]() if case == "stored" else body))
+    slow = await other.reply()
+    assert express_count(agent) == 1
+    assert undated(fast) == undated(slow)
+    await client.close()
+    await other.close()
+
+
+async def test_a_wrong_key_is_refused_and_counted_the_same_way(
+        make_agent: Callable[..., Any]) -> None:
+    agent = await make_agent(listen={"accept_keys": [KEY]})
+    wrong = "Basic " + base64.b64encode(b"notTheKey:").decode()
+    client = await Client.open(agent.port)
+    await client.send(post("/v1/track", track(), auth=wrong))
+    fast = await client.reply()
+    await client.send(post("/v1/track?via=aiohttp", track(), auth=wrong))
+    slow = await client.reply()
+    assert fast.startswith(b"HTTP/1.1 401 ") and undated(fast) == undated(slow)
+    assert agent.metrics.refused[("segment", 401)] == 2
+    assert agent.spool.depth == 0
+
+
+async def test_keep_alive_requests_all_go_through_the_lane(
+        make_agent: Callable[..., Any]) -> None:
+    agent = await make_agent()
+    client = await Client.open(agent.port)
+    for i in range(50):
+        await client.send(post("/v1/t" if i % 2 else "/v1/track", track()))
+        assert (await client.reply()).startswith(b"HTTP/1.1 200 ")
+    assert express_count(agent) == 50
+    assert agent.spool.depth == 50
+    await client.close()
+
+
+async def test_pipelined_requests_are_answered_in_order_across_the_hand_over(
+        make_agent: Callable[..., Any]) -> None:
+    """Two express requests, then one for aiohttp, then another express-shaped one, all
+    in one write: four replies in order; from the third on the connection is aiohttp's."""
+    agent = await make_agent()
+    client = await Client.open(agent.port)
+    ids = [uuid.uuid4().hex for _ in range(3)]
+    await client.send(post("/v1/track", track(messageId=ids[0]))
+                      + post("/v1/track", b"{broken")
+                      + GET_HEALTHZ
+                      + post("/v1/track", track(messageId=ids[1])))
+    replies = [await client.reply() for _ in range(4)]
+    assert [r.split(b" ", 2)[1] for r in replies] == [b"200", b"400", b"200", b"200"]
+    assert b"Success" in replies[3]
+    assert express_count(agent) == 2
+    assert agent.spool.depth == 2
+    await client.close()
+
+
+@pytest.mark.parametrize("fields", [
+    (("Transfer-Encoding", "chunked"),),
+    (("Content-Length", "5"),),                 # a second Content-Length
+    (("Content-Encoding", "identity"),),
+    (("Expect", "100-continue"),),
+    (("Connection", "close"),),
+    (("Origin", "http://127.0.0.1"),),
+    (("Sec-Fetch-Site", "same-origin"),),
+    (("X-Odd", "a\x01b"),),                     # a control character in a value
+])
+async def test_requests_the_lane_does_not_take_get_aiohttps_answer(
+        make_agent: Callable[..., Any], fields: tuple[tuple[str, str], ...]) -> None:
+    """Each of these is answered by aiohttp (its reply, whatever it is: a 400, a CORS
+    refusal, a 200 after a 100-continue), never by the lane."""
+    agent = await make_agent()
+    s = socket.create_connection(("127.0.0.1", agent.port))
+    s.sendall(post("/v1/track", track(), fields=fields))
+    s.settimeout(10)
+    reply = await asyncio.get_running_loop().run_in_executor(None, s.recv, 65536)
+    assert reply.startswith(b"HTTP/1."), reply  # aiohttp answers a head it refuses in 1.0
+    assert express_count(agent) == 0
+    s.close()
+
+
+async def test_a_field_name_with_a_space_before_its_colon_is_aiohttps_400(
+        make_agent: Callable[..., Any]) -> None:
+    agent = await make_agent()
+    client = await Client.open(agent.port)
+    body = track()
+    await client.send(b"POST /v1/track HTTP/1.1\r\nHost: 127.0.0.1\r\nContent-Length : "
+                      + str(len(body)).encode() + b"\r\n\r\n" + body)
+    assert (await asyncio.wait_for(client.reader.read(65536), 10)).startswith(b"HTTP/1.0 400 ")
+    assert express_count(agent) == 0 and agent.spool.depth == 0
+    await client.close()
+
+
+async def test_a_foreign_host_gets_the_guards_refusal(make_agent: Callable[..., Any]) -> None:
+    agent = await make_agent()
+    client = await Client.open(agent.port)
+    await client.send(post("/v1/track", track()).replace(
+        b"Host: 127.0.0.1", b"Host: evil.example"))
+    reply = await client.reply()
+    assert reply.startswith(b"HTTP/1.1 421 "), reply
+    assert express_count(agent) == 0 and agent.spool.depth == 0
+    await client.close()
+
+
+async def test_a_half_closed_connection_still_gets_its_reply(
+        make_agent: Callable[..., Any]) -> None:
+    agent = await make_agent()
+    client = await Client.open(agent.port)
+    await client.send(post("/v1/track", track()))
+    client.writer.write_eof()
+    reply = await client.reply()
+    assert reply.startswith(b"HTTP/1.1 200 ")
+    assert await asyncio.wait_for(client.reader.read(), 10) == b""  # then closed
+    assert agent.spool.depth == 1
+    await client.close()
+
+
+async def test_an_express_head_sent_a_byte_at_a_time_is_closed_at_the_header_timeout(
+        make_agent: Callable[..., Any]) -> None:
+    agent = await make_agent(listen={"header_timeout_s": 0.3, "idle_timeout_s": 60})
+    client = await Client.open(agent.port)
+    head = post("/v1/track", track())[:-40]
+    closed = asyncio.ensure_future(client.reader.read())
+    started = time.monotonic()
+    for i in range(len(head)):   # at most ~10 s of drip; the deadline is 0.3 s
+        if closed.done():
+            break
+        client.writer.write(head[i:i + 1])
+        await asyncio.wait({closed}, timeout=0.03)
+    assert await asyncio.wait_for(closed, 10) == b""
+    assert time.monotonic() - started < 10
+    assert agent.metrics.connections_closed.get("slow_head") == 1
+    await client.close()
+
+
+async def test_requests_being_answered_when_a_stop_begins_still_get_their_replies(
+        make_agent: Callable[..., Any]) -> None:
+    """Commits are held (the test holds the writer's lock) while 20 requests wait in the
+    lane; a stop begins, and only once the lane is closing are commits let go: every
+    request still gets its 200 before the connections close."""
+    agent = await make_agent()
+    clients = [await Client.open(agent.port) for _ in range(20)]
+    bodies = [track() for _ in clients]
+    async with agent.spool.writer.lock:
+        for c, body in zip(clients, bodies):
+            c.writer.write(post("/v1/track", body))
+        await wait_for(lambda: agent.metrics.inflight_bytes == sum(map(len, bodies)))
+        stopping = asyncio.ensure_future(agent.stop())
+        await wait_for(lambda: agent.app[EXPRESS].closing)
+    for c in clients:
+        reply = await asyncio.wait_for(c.reader.read(), 10)
+        assert reply.startswith(b"HTTP/1.1 200 "), reply
+    await stopping
+    assert express_count(agent) == 20
+
+
+async def test_however_the_bytes_are_split_the_replies_are_the_same(
+        make_agent: Callable[..., Any]) -> None:
+    """Requests written in pieces cut at random places (heads and bodies cut anywhere,
+    one cut pattern per round, seeded) get the replies they get written whole, in
+    order; every event is stored once."""
+    agent = await make_agent()
+    rng = random.Random(11)
+    for round_ in range(60):
+        ids = [uuid.uuid4().hex for _ in range(3)]
+        stream = (post("/v1/track", track(messageId=ids[0])) + post("/v1/track", b"[]")
+                  + post("/v1/identify", orjson.dumps({"userId": "u", "messageId": ids[1]}))
+                  + GET_HEALTHZ + post("/v1/track", track(messageId=ids[2])))
+        cuts = sorted(rng.sample(range(1, len(stream)), rng.randint(0, 12)))
+        client = await Client.open(agent.port)
+        for a, b in zip([0, *cuts], [*cuts, len(stream)]):
+            await client.send(stream[a:b])
+        statuses = [(await client.reply()).split(b" ", 2)[1] for _ in range(5)]
+        assert statuses == [b"200", b"400", b"200", b"200", b"200"], (round_, cuts)
+        assert agent.spool.depth == 3 * (round_ + 1), (round_, cuts)
+        await client.close()
+    assert express_count(agent) > 0  # the whole writes at least went through the lane
