@@ -46,16 +46,20 @@ log = logging.getLogger("outpost.server")
 
 HEAD_MAX = 8192  # aiohttp's own default limit for a request line and for each field
 BODY_MAX = 64 * 1024  # above every express route's limit: each route still applies its own
-_TOKEN = rb"[!#$%&'*+\-.^_`|~0-9A-Za-z]+"
-_VALUE = rb"[\t\x20-\x7e\x80-\xff]*"
-_HEAD = re.compile(rb"POST (/[^\x00-\x20?#%\x7f-\xff]*) HTTP/1\.1\r\n"
-                   rb"((?:" + _TOKEN + rb":" + _VALUE + rb"\r\n)*)\r\n")
-_FIELD = re.compile(rb"(" + _TOKEN + rb"):[ \t]*(" + _VALUE + rb"?)[ \t]*\r\n")
+_TOKEN = rb"[!#$%&'*+\-.^_`|~0-9A-Za-z]++"
+_VALUE = rb"[\t\x20-\x7e\x80-\xff]*+"
+# Possessive (*+, ++): a head either fits or not, with no backtracking to try.
+_HEAD = re.compile(rb"POST (/[^\x00-\x20?#%\x7f-\xff]*+) HTTP/1\.1\r\n"
+                   rb"((?:" + _TOKEN + rb":" + _VALUE + rb"\r\n)*+)\r\n")
+_FIELD = re.compile(rb"(" + _TOKEN + rb"):[ \t]*+(" + _VALUE + rb")\r\n")
+# The fields read here; a request that repeats one goes to aiohttp.
+_READ = frozenset({b"content-length", b"connection", b"host", b"authorization"})
 # Fields whose handling is aiohttp's or the guard's: a request with one goes there.
 _ELSEWHERE = frozenset({b"origin", b"sec-fetch-site", b"transfer-encoding",
                         b"content-encoding", b"expect", b"upgrade"})
 _LENGTH = re.compile(rb"[0-9]{1,6}")
 _SERVER = f"Server: {SERVER_SOFTWARE}\r\n\r\n".encode()
+HEADS_KEPT = 64
 MORE: Final = "more"  # the request is not all here yet
 
 
@@ -90,6 +94,7 @@ class ExpressLane:
         self._tasks: set[asyncio.Task[None]] = set()
         self._closing = False
         self._date = (0, b"")
+        self._heads: dict[tuple[object, ...], bytes] = {}
 
     def match(self, buf: bytes) -> tuple[Request, int] | str | None:
         """The first request in ``buf`` and its length in bytes; MORE when it may still
@@ -110,11 +115,17 @@ class ExpressLane:
         fields: dict[bytes, bytes] = {}
         for name, value in _FIELD.findall(head[2]):
             key = name.lower()
-            if key in fields or key in _ELSEWHERE:
+            if key in _READ:
+                if key in fields:
+                    return None
+                fields[key] = value.rstrip(b" \t")
+            elif key in _ELSEWHERE:
                 return None
-            fields[key] = value
         length = fields.get(b"content-length")
-        if length is None or not _LENGTH.fullmatch(length) or int(length) > BODY_MAX:
+        if length is None or not _LENGTH.fullmatch(length):
+            return None
+        size = int(length)
+        if size > BODY_MAX:
             return None
         connection = fields.get(b"connection")
         if connection is not None and connection.lower() != b"keep-alive":
@@ -122,7 +133,7 @@ class ExpressLane:
         host = fields.get(b"host")
         if host is not None and not self._guard.host_ok(host.decode("latin-1")):
             return None
-        total = end + 4 + int(length)
+        total = end + 4 + size
         if len(buf) < total:
             return None  # the body is still coming: aiohttp reads it, with its deadline
         auth = fields.get(b"authorization")
@@ -162,10 +173,17 @@ class ExpressLane:
         body = resp.body
         if not isinstance(body, bytes):
             raise TypeError(f"an express reply's body must be bytes, not {type(body)}")
-        head = [f"HTTP/1.1 {resp.status} {resp.reason}\r\n"]
-        head += [f"{name}: {value}\r\n" for name, value in resp.headers.items()]
-        head.append(f"Content-Length: {len(body)}\r\n")
-        return "".join(head).encode("latin-1") + self._http_date() + _SERVER + body
+        key = (resp.status, *resp.headers.items())
+        head = self._heads.get(key)
+        if head is None:  # a handful of distinct replies: each head is built once
+            lines = [f"HTTP/1.1 {resp.status} {resp.reason}\r\n"]
+            lines += [f"{name}: {value}\r\n" for name, value in resp.headers.items()]
+            head = "".join(lines).encode("latin-1")
+            if len(self._heads) >= HEADS_KEPT:
+                self._heads.clear()
+            self._heads[key] = head
+        return b"%sContent-Length: %d\r\n%s%s%s" % (head, len(body), self._http_date(),
+                                                    _SERVER, body)
 
     def _http_date(self) -> bytes:
         now = int(time.time())
