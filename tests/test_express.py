@@ -80,13 +80,23 @@ def express_count(agent: Any) -> int:
     return int(agent.metrics.express_requests)
 
 
-CASES = {
-    "stored": lambda: track(),
-    "not json": lambda: b"{not json",
-    "not an object": lambda: b"[1, 2]",
-    "empty": lambda: b"",
-    "invalid message": lambda: orjson.dumps({"type": "track", "userId": "u"}),
-    "too large": lambda: track(pad="x" * (spec.MAX_EVENT_BYTES + 10)),
+def batch(*messages: bytes) -> bytes:
+    return b'{"batch": [' + b",".join(messages) + b"]}"
+
+
+CASES = {  # name -> (path, a fresh body at each call)
+    "stored": ("/v1/track", lambda: track()),
+    "not json": ("/v1/track", lambda: b"{not json"),
+    "not an object": ("/v1/track", lambda: b"[1, 2]"),
+    "empty": ("/v1/track", lambda: b""),
+    "invalid message": ("/v1/track", lambda: orjson.dumps({"type": "track", "userId": "u"})),
+    "too large": ("/v1/track", lambda: track(pad="x" * (spec.MAX_EVENT_BYTES + 10))),
+    "batch stored": ("/v1/batch", lambda: batch(track(), track())),
+    "batch in part": ("/v1/batch", lambda: batch(track(), b'{"type": "track"}')),
+    "batch not json": ("/v1/batch", lambda: b'{"batch": ['),
+    "batch not a batch": ("/v1/batch", lambda: b'{"batch": 3}'),
+    "batch empty": ("/v1/import", lambda: b'{"batch": []}'),
+    "import stored": ("/v1/import", lambda: batch(track())),
 }
 
 
@@ -97,13 +107,13 @@ async def test_express_reply_is_the_reply_aiohttp_gives(
     sends it there), gets the same status, fields and body; only the lane's count moves
     for the first."""
     agent = await make_agent(listen={"accept_keys": [KEY]})
+    path, body = CASES[case]
     client = await Client.open(agent.port)
-    body = CASES[case]()
-    await client.send(post("/v1/track", body))
+    await client.send(post(path, body()))
     fast = await client.reply()
     assert express_count(agent) == 1
     other = await Client.open(agent.port)
-    await other.send(post("/v1/track?via=aiohttp", CASES[case]() if case == "stored" else body))
+    await other.send(post(path + "?via=aiohttp", body()))
     slow = await other.reply()
     assert express_count(agent) == 1
     assert undated(fast) == undated(slow)
@@ -111,17 +121,20 @@ async def test_express_reply_is_the_reply_aiohttp_gives(
     await other.close()
 
 
+@pytest.mark.parametrize("path", ["/v1/track", "/v1/batch"])
 async def test_a_wrong_key_is_refused_and_counted_the_same_way(
-        make_agent: Callable[..., Any]) -> None:
+        make_agent: Callable[..., Any], path: str) -> None:
     agent = await make_agent(listen={"accept_keys": [KEY]})
     wrong = "Basic " + base64.b64encode(b"notTheKey:").decode()
+    body = track() if path == "/v1/track" else batch(track())
     client = await Client.open(agent.port)
-    await client.send(post("/v1/track", track(), auth=wrong))
+    await client.send(post(path, body, auth=wrong))
     fast = await client.reply()
-    await client.send(post("/v1/track?via=aiohttp", track(), auth=wrong))
+    await client.send(post(path + "?via=aiohttp", body, auth=wrong))
     slow = await client.reply()
     assert fast.startswith(b"HTTP/1.1 401 ") and undated(fast) == undated(slow)
     assert agent.metrics.refused[("segment", 401)] == 2
+    assert express_count(agent) == 1
     assert agent.spool.depth == 0
 
 

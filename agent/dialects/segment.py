@@ -22,6 +22,7 @@ from __future__ import annotations
 import base64
 import binascii
 import logging
+from collections.abc import Awaitable, Callable
 from functools import partial
 from http import HTTPStatus
 from typing import Any, NamedTuple
@@ -163,12 +164,19 @@ class SegmentHandlers:
         return None
 
     async def batch(self, request: web.Request) -> web.StreamResponse:
-        given = _given_keys(request)
+        return await self._batch(_given_keys(request),
+                                 partial(read_raw, request, spec.MAX_BATCH_BYTES))
+
+    async def express_batch(self, raw: bytes, given: list[str]) -> web.Response:
+        """``batch`` for a body already in hand (agent/server/express.py)."""
+        return await self._batch(given, partial(_whole, raw, spec.MAX_BATCH_BYTES))
+
+    async def _batch(self, given: list[str], read: Callable[[], Awaitable[bytes]]
+                     ) -> web.Response:
         if not all(self.sink.key_allowed(k) for k in given):
             return batch_error(401, [error_object(401, INVALID_KEY)])
         try:
-            collected = await self._parse_batch(
-                await read_raw(request, spec.MAX_BATCH_BYTES), given[0] if given else None)
+            collected = await self._parse_batch(await read(), given[0] if given else None)
         except Busy as exc:
             return batch_error(exc.status, [error_object(exc.status, exc.message, exc.details)],
                                exc.retry_after)
@@ -218,7 +226,7 @@ class SegmentHandlers:
             out.statuses.add(status)
         return out
 
-    async def _store(self, collected: Collected | web.Response) -> web.StreamResponse:
+    async def _store(self, collected: Collected | web.Response) -> web.Response:
         if isinstance(collected, web.Response):
             return collected
         try:
@@ -316,10 +324,16 @@ def routes(sink: IngestSink) -> list[web.RouteDef]:
     ]
 
 
+async def _whole(raw: bytes, limit: int) -> bytes:
+    return whole_body(raw, limit)
+
+
 def express(sink: IngestSink) -> dict[str, Express]:
-    """The single calls, for plain requests the server answers itself."""
+    """The single calls and the SDKs' batch routes, for plain requests the server
+    answers itself."""
     h = SegmentHandlers(sink)
-    return {f"/v1/{kind}": partial(h.express, kind) for kind in ROUTE_TYPES}
+    single = {f"/v1/{kind}": partial(h.express, kind) for kind in ROUTE_TYPES}
+    return {**single, "/v1/batch": h.express_batch, "/v1/import": h.express_batch}
 
 
 def examples(key: str) -> list[Example]:

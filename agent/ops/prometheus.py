@@ -137,8 +137,9 @@ def _connections(out: Exposition, conns: Connections) -> None:
                "Client connections the agent closed, by reason (idle, slow_head, evicted, "
                "refused).", [("", {"reason": r}, n) for r, n in conns["closed"].items()])
     out.counter("http_express_requests_total",
-                "Plain single-event requests answered by the express lane rather than "
-                "the full HTTP stack (the same reply either way).", conns["express"])
+                "Plain requests to Segment's single-call and batch routes answered by the "
+                "express lane rather than the full HTTP stack (the same reply either way).",
+                conns["express"])
 
 
 def _ingest(out: Exposition, ingest: Ingest) -> None:

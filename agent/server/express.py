@@ -1,9 +1,10 @@
-"""The express lane: plain local-app POSTs to single-event routes, answered without
-aiohttp's request machinery.
+"""The express lane: plain local-app POSTs to the busiest ingest routes (Segment's single
+calls and SDK batches), answered without aiohttp's request machinery.
 
 aiohttp's request objects, router and response writer cost a 1-event request about
 200k instructions (its own hello-world takes 202k: `python -m bench.callgrind_ingest
---ref hello`), more than the request's real work (parse, validate, commit). So every
+--ref hello`), more than the request's real work (parse, validate, commit), and an SDK's
+batch of 15-20 events a sixth of its cost. So every
 connection starts in this lane (server/connections.py). A request is answered here only
 when its head is a strict subset of HTTP/1.1 that nothing downstream treats specially:
 `POST` to a path a dialect offers here (dialects/base.py ``Express``), no query, one
@@ -45,7 +46,9 @@ from agent.server.guard import Guard
 log = logging.getLogger("outpost.server")
 
 HEAD_MAX = 8192  # aiohttp's own default limit for a request line and for each field
-BODY_MAX = 64 * 1024  # above every express route's limit: each route still applies its own
+# Larger bodies rarely come whole in one read: aiohttp reads them. Each route still
+# applies its own limit (32 KB a Segment message).
+BODY_MAX = 64 * 1024
 _TOKEN = rb"[!#$%&'*+\-.^_`|~0-9A-Za-z]++"
 _VALUE = rb"[\t\x20-\x7e\x80-\xff]*+"
 # Possessive (*+, ++): a head either fits or not, with no backtracking to try.
