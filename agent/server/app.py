@@ -19,15 +19,15 @@ from agent.settings import Config
 
 # Above every dialect's own limit; those are enforced while reading.
 CLIENT_MAX_SIZE = 8 * 1024 * 1024
-# The lane that answers plain single-event requests before aiohttp sees them; the
-# listener's connections (server/connections.py) take it from here.
+# The lane that answers plain requests to the busiest ingest routes before aiohttp sees
+# them; the listener's connections (server/connections.py) take it from here.
 EXPRESS = web.AppKey("express", ExpressLane)
 
 
 def build_app(cfg: Config, sink: Sink, ops_routes: list[web.RouteDef]) -> web.Application:
     """The app for ``sink``'s dialects, with ``ops_routes`` (the operations endpoints,
     built by the composition root: ingest does not import ops) in front of them, and its
-    express lane (``app[EXPRESS]``) for the same dialects' plain single-event requests."""
+    express lane (``app[EXPRESS]``) for the plain requests the dialects offer it."""
     guard = Guard(cfg.listen.host, cfg.listen.allowed_origins)
     admission = sink.admission
 

@@ -101,7 +101,7 @@ class _Conn(asyncio.Protocol):
         self.lane = lane
         self.buf = b""          # the express lane's unanswered bytes
         self.serving = False    # an express reply is pending
-        self.eof = False        # the peer stopped sending while it was
+        self.eof = False        # the peer stopped sending while a reply was pending
         self.writable = True    # the transport's buffer is below its high-water mark
         self.transport: asyncio.Transport | None = None
         self.state = IDLE
