@@ -70,16 +70,16 @@ class SegmentHttpUplink(UplinkBase):
     @staticmethod
     def payload(prepared: Prepared, sent_at: str) -> bytes:
         """The request body: every event with `sentAt` spliced in first."""
-        stamp = b'{"sentAt":"' + sent_at.encode() + b'"'
+        member = b'"sentAt":"' + sent_at.encode() + b'"'
+        after = b'],' + member + b'}'
         if objects(prepared.bodies):
-            events = stamped(prepared.bodies, stamp[1:])
-        else:
-            parts = []
-            for body in prepared.bodies:
-                rest = body[1:]
-                parts.append(stamp + (rest if rest.lstrip().startswith(b"}") else b"," + rest))
-            events = b",".join(parts)
-        return b'{"batch":[' + events + b'],"sentAt":"' + sent_at.encode() + b'"}'
+            return stamped(prepared.bodies, member, b'{"batch":[', after)
+        stamp = b"{" + member
+        parts = []
+        for body in prepared.bodies:
+            rest = body[1:]
+            parts.append(stamp + (rest if rest.lstrip().startswith(b"}") else b"," + rest))
+        return b'{"batch":[' + b",".join(parts) + after
 
     async def send(self, prepared: Prepared) -> SendResult:
         body = self.payload(prepared, iso_ms(now_ms()))
