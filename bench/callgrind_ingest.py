@@ -5,8 +5,10 @@ counts move 1-3%. This starts an Outpost agent (or a reference server: `--ref he
 under `valgrind --tool=callgrind` with instrumentation off, warms it up with wrk (a tenth
 of the requests, at least 200), switches instrumentation on (`callgrind_control -i on`),
 sends `--requests` more requests at `--connections` connections with wrk (stopped by
-count, new ids in every request, as `python -m bench` does), switches it off and prints
-the instructions of every thread of the process per request and per event.
+count, new ids in every request, as `python -m bench` does), switches it off once the
+server is idle again and prints the instructions of every thread of the process per
+event and per request, counted by the events the agent stored meanwhile (its `/status`
+`ingested`; wrk's reply count for a reference server), not by wrk's replies.
 
 Workloads: `single` (one event per `/v1/track` POST), `batch_segment` (100-event
 `/v1/batch`), `batch_nucleus` (100-event Nucleus HTTP). The agent's upstream serves
@@ -20,6 +22,7 @@ compare). Needs valgrind and wrk. `--keep DIR` keeps the callgrind output for
 from __future__ import annotations
 
 import argparse
+import json
 import os
 import subprocess
 import sys
@@ -73,19 +76,52 @@ def measure(workdir: Path, workload: str, requests: int, connections: int,
         url = f"http://127.0.0.1:{port}{path}"
         run(Load(kind=kind, url=url, events=events, connections=connections, duration=300,
                  max_requests=max(200, requests // 10)), workdir, True)
+        # wrk stops by count and abandons the requests still in flight (up to one per
+        # connection: 15% of 200 batches), which the server still serves: counted only
+        # once served, and only those it served between the switches.
+        _quiet(proc.pid)
+        before = _ingested(port) if ref is None else 0
         subprocess.run(["callgrind_control", "-i", "on", str(proc.pid)], check=True,
                        capture_output=True, timeout=60)
         result = run(Load(kind=kind, url=url, events=events, connections=connections,
                           duration=900, max_requests=requests), workdir, True)
+        _quiet(proc.pid)
         subprocess.run(["callgrind_control", "-i", "off", str(proc.pid)], check=True,
                        capture_output=True, timeout=60)
+        stored = _ingested(port) - before if ref is None else 0
     finally:
         proc.terminate()
         proc.wait(300)
     total = sum(_totals(f) for f in workdir.glob("callgrind.out*"))
-    done = result["raw"]["requests"]
-    return {"requests": done, "errors": result["raw"]["errors_status"],
+    # The agent's own count of the events it stored; a reference server's, wrk's replies.
+    done = stored / events if stored else result["raw"]["requests"]
+    return {"requests": done, "replies": result["raw"]["requests"],
+            "errors": result["raw"]["errors_status"],
             "per_request": total / done, "per_event": total / done / events}
+
+
+def _cpu_ticks(pid: int) -> int:
+    fields = Path(f"/proc/{pid}/stat").read_text().rpartition(")")[2].split()
+    return int(fields[11]) + int(fields[12])  # utime + stime, in clock ticks
+
+
+def _quiet(pid: int) -> None:
+    """Return once the server has used under 2% of a core for a second (at most 60 s):
+    the requests in flight are served. Watched from outside, so nothing is counted."""
+    hz = os.sysconf("SC_CLK_TCK")
+    last = _cpu_ticks(pid)
+    for _ in range(60):
+        time.sleep(1.0)
+        now = _cpu_ticks(pid)
+        if now - last < 0.02 * hz:
+            return
+        last = now
+
+
+def _ingested(port: int) -> int:
+    """The agent's count of new events committed (/status), read while not counted."""
+    status = json.loads(http_get(f"http://127.0.0.1:{port}/status", timeout=30.0))
+    return int(status["counters"]["ingested"])
 
 
 def _totals(path: Path) -> int:
@@ -113,7 +149,8 @@ def main() -> None:
             workdir.mkdir(parents=True, exist_ok=True)
             r = measure(workdir, workload, n, args.connections, args.ref, args.malloc)
         print(f"{workload} ({args.ref or 'agent'}, PYTHONMALLOC={args.malloc}): "
-              f"{r['requests']:.0f} requests, {r['errors']:.0f} errors, "
+              f"{r['requests']:.0f} requests stored ({r['replies']:.0f} replies), "
+              f"{r['errors']:.0f} errors, "
               f"{r['per_request'] / 1000:,.1f}k instructions per request, "
               f"{r['per_event'] / 1000:,.2f}k per event")
 

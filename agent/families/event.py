@@ -59,25 +59,21 @@ def compact_json(obj: Any) -> bytes:
     return memoryview(orjson.dumps(obj)).tobytes()
 
 
+# Copied for each key: building a hasher (its keyword arguments parsed) cost more than
+# the hashing (callgrind: 8.5k instructions a key, 6.7k with the copy).
+_KEY_HASH = hashlib.blake2b(digest_size=8)
+
+
 def dedupe_key(*parts: Any) -> int:
     """A stable signed 64-bit hash of ``parts`` (fits an SQLite INTEGER)."""
-    raw = orjson.dumps(parts, option=orjson.OPT_SORT_KEYS)
-    return int.from_bytes(hashlib.blake2b(raw, digest_size=8).digest(), "big", signed=True)
+    h = _KEY_HASH.copy()
+    h.update(orjson.dumps(parts, option=orjson.OPT_SORT_KEYS))
+    return int.from_bytes(h.digest(), "big", signed=True)
 
 
 def now_ms() -> int:
     """The wall clock in epoch milliseconds (possibly wrong: see agent/clock.py)."""
     return CLOCK.wall_ms()
-
-
-def is_iso_date(value: str) -> bool:
-    """Whether ``value`` reads as an ISO 8601 date or date-time (what Segment-spec APIs
-    take for `timestamp`, `sentAt`, `originalTimestamp`). Only checked, never rewritten."""
-    try:
-        datetime.fromisoformat(value)
-    except ValueError:
-        return False
-    return True
 
 
 def iso_ms(ms: int) -> str:

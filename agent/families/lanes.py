@@ -92,7 +92,7 @@ class Lanes:
             name = None
         if name in SEGMENT_HIGH:
             return HIGH
-        rule = self.rule(key)
+        rule = self._named.get(key, self._rest)  # self.rule, without a call per message
         if rule is NO_RULE:
             return NORMAL
         if kind in rule.types or (name is not None and name in rule.events):

@@ -22,6 +22,7 @@ and completes it the same way for all of them:
 from __future__ import annotations
 
 import uuid
+from datetime import datetime
 from typing import Any
 
 import orjson
@@ -34,7 +35,6 @@ from agent.families.event import (
     Event,
     compact_json,
     dedupe_key,
-    is_iso_date,
     now_ms,
 )
 
@@ -81,7 +81,8 @@ def check(ev: Any, types: frozenset[str], *, need_message_id: bool = False) -> N
     required = REQUIRED.get(kind)
     if required is not None:
         value = get(required)
-        if not _is_id(value) or (required == "event" and not isinstance(value, str)):
+        if not (type(value) is str and value) and (  # the usual value passes at once
+                not _is_id(value) or (required == "event" and not isinstance(value, str))):
             raise Invalid(f"{kind} needs `{required}` (a non-empty string)")
     for name in OBJECT_FIELDS:
         value = get(name)
@@ -91,7 +92,7 @@ def check(ev: Any, types: frozenset[str], *, need_message_id: bool = False) -> N
     if value is not None and not isinstance(value, str):
         raise Invalid("`name` must be a string")
     check_dates(ev)
-    message_id = ev.get("messageId")
+    message_id = get("messageId")
     if message_id is None:
         if need_message_id:
             raise Invalid("`messageId` is required")
@@ -102,12 +103,18 @@ def check(ev: Any, types: frozenset[str], *, need_message_id: bool = False) -> N
 def check_dates(obj: dict[str, Any]) -> None:
     """Raise Invalid naming the first of `timestamp`, `originalTimestamp`, `sentAt` in
     ``obj`` (a message or a batch) that is not an ISO 8601 date string (null is absent)."""
+    get = obj.get
     for name in DATE_FIELDS:
-        value = obj.get(name)
-        if value is not None and (not isinstance(value, str) or not is_iso_date(value)):
+        value = get(name)
+        if value is None:
+            continue
+        try:
+            # Only checked, never rewritten. A value that is not a string: TypeError.
+            datetime.fromisoformat(value)
+        except (TypeError, ValueError):
             shown = orjson.dumps(value).decode()
             raise Invalid(f"`{name}` must be an ISO 8601 date string, got "
-                          f"{shown[:40] + '...' if len(shown) > 40 else shown}")
+                          f"{shown[:40] + '...' if len(shown) > 40 else shown}") from None
 
 
 def merge(base: dict[str, Any], own: dict[str, Any], depth: int = 0) -> dict[str, Any]:
@@ -162,7 +169,8 @@ def accept(ev: Any, key: str, types: frozenset[str], received: str, *, enrich: E
            batch: dict[str, Any] | None = None, raw_size: int = 0,
            need_message_id: bool = False) -> Event:
     """One message checked, completed, enriched and ready to store; raises Invalid."""
-    if too_large(ev, raw_size):
+    # Only a request larger than the limit can hold a message larger than it.
+    if raw_size > MAX_EVENT_BYTES and too_large(ev, raw_size):
         raise Invalid(f"message over {MAX_EVENT_BYTES} bytes", too_large=True)
     check(ev, types, need_message_id=need_message_id)
     complete(ev, received, batch)

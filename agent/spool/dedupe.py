@@ -28,6 +28,7 @@ from __future__ import annotations
 import sys
 from array import array
 from collections.abc import Sequence
+from collections.abc import Set as AbstractSet
 from dataclasses import dataclass, field
 from itertools import compress
 
@@ -77,12 +78,19 @@ class DedupeIndex:
     def __contains__(self, key: object) -> bool:
         return key in self._keys
 
+    @property
+    def keys(self) -> AbstractSet[int]:
+        """The keys remembered, to test many at once without a call per key (change them
+        only through admit, load, discard and expire)."""
+        return self._keys
+
     def admit(self, keys: Sequence[int], wall_ms: int, observed_ms: int) -> list[bool]:
         """For each key, True if it is new (it is remembered from now on), False if it was
         seen within the window, or earlier in ``keys``."""
         seen = self._keys
         flags = [k not in seen for k in keys]
-        fresh = array("q", compress(keys, flags))
+        # All new (the usual call): an array of keys is copied, not converted key by key.
+        fresh = array("q", keys if all(flags) else compress(keys, flags))
         if fresh and not self._remember(fresh, wall_ms, observed_ms):
             # A key repeated within the call: only its first occurrence is new.
             firsts: set[int] = set()

@@ -13,7 +13,9 @@ from __future__ import annotations
 import asyncio
 import logging
 import sqlite3
+from array import array
 from collections.abc import Sequence
+from collections.abc import Set as AbstractSet
 from dataclasses import dataclass, field
 from typing import Any, Protocol
 
@@ -173,22 +175,22 @@ class Writer:
     def _job(self, batch: Batch) -> tuple[Job, list[int]]:
         """Dedupe, group and number the events: the loop-side half of a commit. Returns
         the job and how many events of each request are new."""
-        books, index = self.books, self.index
+        books, seen = self.books, self.index.keys
         groups: list[Group] = []
         latest: dict[tuple[int, int], Group] = {}   # (stream id, lane) -> its open group
         here: set[int] = set()          # keys new in this commit: a repeat is a resend
         stored: list[int] = []
         for p in batch.appends:
             if len(p.events) == 1:  # a single call: the per-event path is the short one
-                stored.append(self._each(p, index, here, latest, groups))
+                stored.append(self._each(p, seen, here, latest, groups))
                 continue
-            fresh = [ev for ev in p.events if ev.dedupe not in index]
+            fresh = [ev for ev in p.events if ev.dedupe not in seen]
             keys = [ev.dedupe for ev in fresh]
             if (not fresh or not here.isdisjoint(keys) or len(set(keys)) != len(keys)
                     or len({ev.key for ev in fresh}) != 1
                     or len({ev.family for ev in fresh}) != 1
                     or len({ev.lane for ev in fresh}) != 1):
-                stored.append(self._each(p, index, here, latest, groups))
+                stored.append(self._each(p, seen, here, latest, groups))
                 continue
             # The usual request: one key, one family, no repeat. No loop per event here.
             here.update(keys)
@@ -211,7 +213,7 @@ class Writer:
                 take = max(1, min(take, int((RECORD_BYTES - g.nbytes) / avg)))
                 end = start + take
                 g.bodies += bodies[start:end]
-                g.keys += keys[start:end]
+                g.keys.extend(keys[start:end])
                 if g.ids is not None:
                     g.ids = None if ids is None else g.ids + ids[start:end]
                 g.nbytes += sum(sizes[start:end])
@@ -243,14 +245,14 @@ class Writer:
                   measure=self.commits % MEASURE_EVERY == 0 or bool(settle or batch.corrupt))
         return job, stored
 
-    def _each(self, p: Pending, index: DedupeIndex, here: set[int],
+    def _each(self, p: Pending, seen: AbstractSet[int], here: set[int],
               latest: dict[tuple[int, int], Group], groups: list[Group]) -> int:
         """One request event by event (several keys, families or lanes, or a repeat): returns
         how many of its events are new."""
         key, sid, new = "", 0, 0
         for ev in p.events:
             k = ev.dedupe
-            if k in here or k in index:
+            if k in here or k in seen:
                 continue
             here.add(k)
             if ev.key != key:
@@ -327,7 +329,7 @@ class Writer:
 
 def _group(sid: int, family: int, received: int, lane: int) -> Group:
     """A new group; a Nucleus one keeps its events' ack ids while ingest read them all."""
-    return Group(0, sid, family, received, [], [], ids=[] if family == NUCLEUS else None,
+    return Group(0, sid, family, received, [], array("q"), ids=[] if family == NUCLEUS else None,
                  lane=lane)
 
 

@@ -1,0 +1,104 @@
+"""The spool's database thread (agent/spool/db.py SqliteThread), on real SQLite files:
+calls run in order and answer their caller, close drains, and nothing runs after it."""
+
+from __future__ import annotations
+
+import sqlite3
+import subprocess
+import sys
+import threading
+from pathlib import Path
+
+import pytest
+
+from agent.spool.db import SqliteThread, fetch_all
+from tests.waiting import ROOT
+
+SCHEMA = "CREATE TABLE IF NOT EXISTS t(n INTEGER);"
+
+
+def insert(conn: sqlite3.Connection, n: int) -> int:
+    conn.execute("INSERT INTO t(n) VALUES (?)", (n,))
+    return n
+
+
+def fail(conn: sqlite3.Connection) -> None:
+    raise ValueError("not this one")
+
+
+def rows(path: Path) -> list[int]:
+    with sqlite3.connect(path) as conn:
+        return [n for (n,) in conn.execute("SELECT n FROM t ORDER BY rowid")]
+
+
+async def opened(path: Path) -> SqliteThread:
+    db = SqliteThread("spool-test")
+    await db.open(path, SCHEMA)
+    return db
+
+
+async def test_a_call_that_fails_raises_in_its_caller_and_the_next_call_runs(
+        tmp_path: Path) -> None:
+    db = await opened(tmp_path / "t.db")
+    with pytest.raises(sqlite3.OperationalError, match="no such table"):
+        await db.run(fetch_all, "SELECT * FROM missing")
+    with pytest.raises(ValueError, match="not this one"):
+        await db.run(fail)
+    assert await db.run(insert, 7) == 7
+    await db.close()
+    assert rows(tmp_path / "t.db") == [7]
+
+
+async def test_close_runs_every_call_queued_before_it_then_ends_its_thread(
+        tmp_path: Path) -> None:
+    db = await opened(tmp_path / "t.db")
+    [thread] = [t for t in threading.enumerate() if t.name == "spool-test"]
+    queued = [db.run(insert, n) for n in range(50)]
+    await db.close()
+    assert [fut.result() for fut in queued] == list(range(50))
+    assert not thread.is_alive()
+    with pytest.raises(sqlite3.ProgrammingError, match="closed"):
+        await db.run(insert, 50)
+    assert rows(tmp_path / "t.db") == list(range(50))
+
+
+async def test_a_call_cancelled_before_its_turn_is_not_run(tmp_path: Path) -> None:
+    db = await opened(tmp_path / "t.db")
+    release = threading.Event()
+    held = db.run(lambda conn: release.wait(30))  # bounded: the thread is freed below
+    cancelled = db.run(insert, 1)
+    cancelled.cancel()
+    release.set()
+    assert await held
+    assert await db.run(insert, 2) == 2
+    await db.close()
+    assert rows(tmp_path / "t.db") == [2]
+
+
+def test_a_thread_never_closed_does_not_hold_the_process_at_exit(tmp_path: Path) -> None:
+    script = (
+        "import asyncio, sys\n"
+        "from pathlib import Path\n"
+        "from agent.spool.db import SqliteThread\n"
+        "async def main():\n"
+        "    db = SqliteThread('spool-left-open')\n"
+        f"    await db.open(Path(sys.argv[1]), {SCHEMA!r})\n"
+        "asyncio.run(main())\n"
+        "print('done')\n")
+    # The bound only keeps a hang from stalling the suite: a thread that held the exit
+    # would never let the process end.
+    done = subprocess.run([sys.executable, "-c", script, str(tmp_path / "t.db")], cwd=ROOT,
+                          capture_output=True, text=True, timeout=60)
+    assert done.returncode == 0 and done.stdout == "done\n", done.stderr
+
+
+async def test_a_thread_whose_open_failed_ends_at_close(tmp_path: Path) -> None:
+    db = SqliteThread("spool-test-bad")
+    with pytest.raises(sqlite3.OperationalError):
+        await db.open(tmp_path / "t.db", "NOT SQL;")
+    [thread] = [t for t in threading.enumerate() if t.name == "spool-test-bad"]
+    await db.close()
+    assert not thread.is_alive()
+    with pytest.raises(sqlite3.ProgrammingError, match="closed"):
+        await db.run(insert, 1)
+
