@@ -20,9 +20,17 @@ from typing import Any
 
 import orjson
 import pytest
+from aiohttp import web
 
+from agent.dialects.replies import json_reply
 from agent.families import segment as spec
+from agent.metrics import Metrics
+from agent.server.admission import Admission
 from agent.server.app import EXPRESS
+from agent.server.connections import BUF_MAX, ConnectionLimits, _Conn
+from agent.server.express import ExpressLane, Routes
+from agent.server.guard import Guard
+from agent.settings import ListenConfig
 from tests.waiting import wait_for
 
 KEY = "expressKey1"
@@ -289,3 +297,58 @@ async def test_however_the_bytes_are_split_the_replies_are_the_same(
         assert agent.spool.depth == 3 * (round_ + 1), (round_, cuts)
         await client.close()
     assert express_count(agent) > 0  # the whole writes at least went through the lane
+
+
+class _Transport(asyncio.Transport):
+    """The socket side of one connection, as the loop drives it: takes writes, and
+    says whether reading is paused (a client can send only while it is not)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.reading = True
+        self.written = 0
+
+    def write(self, data: bytes | bytearray | memoryview) -> None:
+        self.written += 1
+
+    def pause_reading(self) -> None:
+        self.reading = False
+
+    def resume_reading(self) -> None:
+        self.reading = True
+
+    def is_closing(self) -> bool:
+        return False
+
+
+class _Aiohttp(asyncio.Protocol):
+    """Stands in for aiohttp's protocol, which a lane-only client never reaches."""
+
+    def data_received(self, data: bytes) -> None:
+        raise AssertionError("handed over")
+
+
+async def test_a_pipelining_client_cannot_grow_the_lanes_buffer_past_its_bound() -> None:
+    """A client that writes requests back to back as fast as reading lets it, 256 KB a
+    read (uvloop's read size), while it reads the replies: the bytes waiting in the
+    lane stay within BUF_MAX and one read, and every request is answered."""
+    metrics = Metrics()
+
+    async def ok(raw: bytes, given: list[str]) -> web.Response:
+        return json_reply({"Success": True}, 200)
+
+    lane = ExpressLane([Routes({"/v1/track": ok}, lambda status: None)],
+                       Guard("127.0.0.1", ()), Admission(1 << 30, metrics), metrics)
+    conn = _Conn(ConnectionLimits(ListenConfig(), 64, metrics), _Aiohttp(), lane)
+    transport = _Transport()
+    conn.connection_made(transport)
+    one = post("/v1/track", track())
+    stream = one * 6000
+    read, sent, most = 256 * 1024, 0, 0
+    while transport.written < 6000:
+        if transport.reading and sent < len(stream):
+            conn.data_received(stream[sent:sent + read])
+            sent += read
+        most = max(most, len(conn.buf))
+        await asyncio.sleep(0)
+    assert most <= BUF_MAX + read, most
