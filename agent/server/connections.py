@@ -91,15 +91,17 @@ class _Conn(asyncio.Protocol):
     the connection to aiohttp (``inner``) for good at the first request it cannot.
     """
 
-    __slots__ = ("active", "buf", "deadline", "eof", "inner", "lane", "limits", "serving",
-                 "state", "timer", "transport", "writable")
+    __slots__ = ("active", "buf", "deadline", "eof", "inner", "lane", "limits", "paused", "pos",
+                 "serving", "state", "timer", "transport", "writable")
 
     def __init__(self, limits: ConnectionLimits, inner: asyncio.Protocol,
                  lane: ExpressLane | None) -> None:
         self.limits = limits
         self.inner = inner
         self.lane = lane
-        self.buf = b""          # the express lane's unanswered bytes
+        self.buf = bytearray()  # the express lane's bytes; those before ``pos`` are answered
+        self.pos = 0
+        self.paused = False     # reading paused: more than BUF_MAX bytes wait in buf
         self.serving = False    # an express reply is pending
         self.eof = False        # the peer stopped sending while a reply was pending
         self.writable = True    # the transport's buffer is below its high-water mark
@@ -120,8 +122,7 @@ class _Conn(asyncio.Protocol):
             self.buf += data
             if not self.serving and self.writable:
                 self._next()
-            elif len(self.buf) > BUF_MAX and self.transport is not None:
-                self.transport.pause_reading()  # resumed by _next, once the lane catches up
+            self._bound()
             return
         self._to_inner(data)
 
@@ -132,29 +133,43 @@ class _Conn(asyncio.Protocol):
             self.active = self.limits.now()
         self.inner.data_received(data)
 
+    def _bound(self) -> None:
+        """Reading pauses while more than BUF_MAX bytes wait for the lane (a client
+        pipelining requests), and resumes once it has caught up."""
+        over = len(self.buf) - self.pos > BUF_MAX
+        if over != self.paused and self.transport is not None:
+            self.paused = over
+            if over:
+                self.transport.pause_reading()
+            else:
+                self.transport.resume_reading()
+
     def _next(self) -> None:
-        """Answer the first request in ``buf`` in the express lane, or hand over."""
+        """Answer the first request waiting in ``buf`` in the express lane, or hand over."""
         assert self.lane is not None and self.transport is not None
-        self.transport.resume_reading()  # paused while buf was full; a no-op otherwise
-        found = self.lane.match(self.buf)
+        found = self.lane.match(self.buf, self.pos)
         if found == MORE:
-            if self.state == IDLE and self.buf:
+            if self.state == IDLE and self.pos < len(self.buf):
                 self.limits.head_started(self)
         elif found is None:
             self._hand_over()
         else:
             assert not isinstance(found, str)
-            request, size = found
-            self.buf = self.buf[size:]
+            request, self.pos = found
+            if self.pos == len(self.buf) or self.pos > BUF_MAX:  # drop what was answered
+                del self.buf[:self.pos]
+                self.pos = 0
             self.serving = True
             self.state = BUSY
             self.lane.serve(self, request)
 
     def _hand_over(self) -> None:
         """aiohttp's from now on, from the first byte of the request it is given."""
-        self.lane, buf, self.buf = None, self.buf, b""
-        if buf:
-            self._to_inner(buf)
+        rest = bytes(self.buf[self.pos:])
+        self.lane, self.buf, self.pos = None, bytearray(), 0
+        self._bound()
+        if rest:
+            self._to_inner(rest)
 
     def replied(self, reply: bytes) -> None:
         self.serving = False
@@ -167,8 +182,9 @@ class _Conn(asyncio.Protocol):
             self._hand_over()
             if self.inner.eof_received() is None:
                 transport.close()
-        elif self.buf and self.writable:
+        elif self.pos < len(self.buf) and self.writable:
             self._next()
+        self._bound()
 
     def eof_received(self) -> bool | None:
         if self.lane is not None:
@@ -189,8 +205,9 @@ class _Conn(asyncio.Protocol):
     def resume_writing(self) -> None:
         self.writable = True
         self.inner.resume_writing()
-        if self.lane is not None and not self.serving and self.buf:
+        if self.lane is not None and not self.serving and self.pos < len(self.buf):
             self._next()
+            self._bound()
 
 
 class ConnectionLimits:

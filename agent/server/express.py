@@ -99,17 +99,17 @@ class ExpressLane:
         self._date = (0, b"")
         self._heads: dict[tuple[object, ...], bytes] = {}
 
-    def match(self, buf: bytes) -> tuple[Request, int] | str | None:
-        """The first request in ``buf`` and its length in bytes; MORE when it may still
-        fit once more bytes come; None when it is aiohttp's."""
+    def match(self, buf: bytearray, pos: int) -> tuple[Request, int] | str | None:
+        """The request that starts at ``buf[pos]`` and where it ends; MORE when it may
+        still fit once more bytes come; None when it is aiohttp's."""
         if self._closing or not self._routes:
             return None
-        if not buf.startswith(b"POST /"):
-            return MORE if b"POST /".startswith(buf) else None
-        end = buf.find(b"\r\n\r\n", 0, HEAD_MAX)
+        if not buf.startswith(b"POST /", pos):
+            return MORE if b"POST /".startswith(buf[pos:pos + 6]) else None
+        end = buf.find(b"\r\n\r\n", pos, pos + HEAD_MAX)
         if end < 0:
-            return MORE if len(buf) < HEAD_MAX else None
-        head = _HEAD.fullmatch(buf, 0, end + 4)
+            return MORE if len(buf) - pos < HEAD_MAX else None
+        head = _HEAD.fullmatch(buf, pos, end + 4)
         if head is None:
             return None
         found = self._routes.get(head[1])
@@ -141,7 +141,8 @@ class ExpressLane:
             return None  # the body is still coming: aiohttp reads it, with its deadline
         auth = fields.get(b"authorization")
         user = basic_user(auth.decode("latin-1")) if auth is not None else None
-        return Request(found[0], found[1], buf[end + 4:total], [user] if user else []), total
+        return Request(found[0], found[1], bytes(buf[end + 4:total]),
+                       [user] if user else []), total
 
     @property
     def closing(self) -> bool:
