@@ -237,6 +237,21 @@ async def test_a_half_closed_connection_still_gets_its_reply(
     await client.close()
 
 
+async def test_requests_pipelined_before_a_half_close_each_get_their_reply(
+        make_agent: Callable[..., Any]) -> None:
+    """Every request stored is answered: none is taken after the peer's EOF only to have
+    its reply cut off by the close."""
+    agent = await make_agent()
+    client = await Client.open(agent.port)
+    await client.send(post("/v1/track", track()) + post("/v1/track", track()))
+    client.writer.write_eof()
+    replies = [await client.reply() for _ in range(2)]
+    assert all(r.startswith(b"HTTP/1.1 200 ") for r in replies)
+    assert await asyncio.wait_for(client.reader.read(), 10) == b""
+    assert agent.spool.depth == 2
+    await client.close()
+
+
 async def test_an_express_head_sent_a_byte_at_a_time_is_closed_at_the_header_timeout(
         make_agent: Callable[..., Any]) -> None:
     agent = await make_agent(listen={"header_timeout_s": 0.3, "idle_timeout_s": 60})
