@@ -103,7 +103,9 @@ class _Conn(asyncio.Protocol):
         self.pos = 0
         self.paused = False     # reading paused: more than BUF_MAX bytes wait in buf
         self.serving = False    # an express reply is pending
-        self.eof = False        # the peer stopped sending while a reply was pending
+        # The peer stopped sending while a reply was pending: the requests it sent
+        # before are answered, then the connection closes.
+        self.eof = False
         self.writable = True    # the transport's buffer is below its high-water mark
         self.transport: asyncio.Transport | None = None
         self.state = IDLE
@@ -148,7 +150,12 @@ class _Conn(asyncio.Protocol):
         """Answer the first request waiting in ``buf`` in the express lane, or hand over."""
         assert self.lane is not None and self.transport is not None
         found = self.lane.match(self.buf, self.pos)
-        if found == MORE:
+        if (found == MORE or found is None) and (self.eof or self.lane.closing):
+            # The peer has stopped sending, or the agent is stopping: the connection is
+            # about to close, so what the lane cannot answer is left unread rather than
+            # handed to aiohttp, which would store it and have its reply cut off.
+            self.transport.close()
+        elif found == MORE:
             if self.state == IDLE and self.pos < len(self.buf):
                 self.limits.head_started(self)
         elif found is None:
@@ -178,13 +185,13 @@ class _Conn(asyncio.Protocol):
             return
         transport.write(reply)
         self.limits.done(self)
-        if self.eof:  # what is left will not grow into an express request
-            self._hand_over()
-            if self.inner.eof_received() is None:
-                transport.close()
-        elif self.pos < len(self.buf) and self.writable:
+        if self.writable and (self.eof or self.pos < len(self.buf)):
             self._next()
         self._bound()
+
+    def abort(self) -> None:
+        if self.transport is not None:
+            self.transport.abort()
 
     def eof_received(self) -> bool | None:
         if self.lane is not None:
@@ -205,7 +212,7 @@ class _Conn(asyncio.Protocol):
     def resume_writing(self) -> None:
         self.writable = True
         self.inner.resume_writing()
-        if self.lane is not None and not self.serving and self.pos < len(self.buf):
+        if self.lane is not None and not self.serving and (self.eof or self.pos < len(self.buf)):
             self._next()
             self._bound()
 

@@ -82,6 +82,7 @@ class Routes(NamedTuple):
 
 class Connection(Protocol):
     def replied(self, reply: bytes) -> None: ...
+    def abort(self) -> None: ...
 
 
 class ExpressLane:
@@ -170,7 +171,11 @@ class ExpressLane:
                 body=orjson.dumps({"error": "internal error, see the agent's log"}),
                 status=500, content_type="application/json"))
         self._metrics.express_requests += 1
-        conn.replied(reply)
+        try:
+            conn.replied(reply)
+        except Exception:  # the connection's own bookkeeping: never leave it hanging
+            log.exception("an express reply could not be written")
+            conn.abort()
 
     def render(self, resp: web.Response) -> bytes:
         """``resp`` as aiohttp writes it on a keep-alive HTTP/1.1 connection."""
