@@ -30,6 +30,8 @@ from tests.fakes.segment_upstream import FakeSegment
 from tests.segment_helpers import basic, call, segment_up
 from tests.waiting import wait_for
 
+FLUSH_S = 0.05
+
 
 def track(i: int, name: str) -> dict[str, Any]:
     return {"type": "track", "event": name, "messageId": f"m{i}", "anonymousId": "a"}
@@ -92,6 +94,42 @@ async def test_a_batch_read_while_one_is_in_flight_is_not_sent_once_its_lane_is_
     await wait_for(lambda: "k" not in agent.forwarding.loops)
     assert fake_segment.message_ids() == ["m0", "m1", "m9"]
     assert agent.spool.streams["k"].depth == 2   # m2, m3: held with their lane
+
+
+async def test_nucleus_ws_with_one_frame_in_flight_changes_lanes_without_a_crash(
+        make_agent: Any, fake_nucleus: FakeNucleus, caplog: Any) -> None:
+    """nucleus-ws with max_in_flight = 1 (a window of one, as HTTP has): its prepare
+    marks ids in flight on the connection, so no batch may be prepared ahead and then
+    dropped when the lanes change (its ids would stay marked, and the next read would
+    find nothing it may take: "took no row", a crash and a restart)."""
+    timing = ManualTiming()
+    battery = {"now": Battery(percent=9, plugged=False)}
+    agent = await make_agent(
+        upstreams=[{"name": "up", "protocol": "nucleus-ws", "url": fake_nucleus.url,
+                    "keys": ["app1"], "flush_interval_s": 0.05, "max_in_flight": 1,
+                    "batch_max_events": 2}],
+        seams=Seams(timing=timing), battery=lambda: battery["now"],
+        sync={"on_low_battery": "priority_only", "low_battery_pct": 20})
+    fake_nucleus.delay_s = 0.5
+    data = [{"type": kind, "name": "e", "id": i, "sessionId": 1, "machineId": "m",
+             "date": "2026-01-01T00:00:00.000Z"}
+            for i, kind in [(10, "event"), (1, "init"), (2, "error"), (3, "error"), (4, "error")]]
+    async with aiohttp.ClientSession() as s, s.post(
+            f"http://127.0.0.1:{agent.port}/app/app1/track", json={"data": data}) as r:
+        assert r.status == 200, await r.text()
+    await wait_for(lambda: len(fake_nucleus.batches) == 1)   # 1, 2: the high lane alone
+    loop = agent.forwarding.loops["app1"]
+    battery["now"] = Battery(percent=9, plugged=True)
+    await wait_for(lambda: BATTERY_POLL_S in timing.pending())
+    timing.advance(BATTERY_POLL_S)
+    await wait_for(lambda: loop.lanes == (HIGH, NORMAL))
+    await wait_for(lambda: len(fake_nucleus.batches) == 2)   # 3, 4
+    fake_nucleus.delay_s = 0.0
+    await wait_for(lambda: FLUSH_S in timing.pending())       # 10 alone waits its flush
+    timing.advance(FLUSH_S)
+    await wait_for(lambda: agent.spool.depth == 0)
+    assert fake_nucleus.batches == [[1, 2], [3, 4], [10]]
+    assert not [r.getMessage() for r in caplog.records if "crashed" in r.getMessage()]
 
 
 def nucleus(i: int, kind: str, lane: int) -> Event:
