@@ -102,7 +102,6 @@ class StreamForwarder:
         self.lanes: tuple[int, ...] = lanes   # the lanes it may send (sync/monitor.py)
         self._cursors = [0] * len(LANES)      # per lane: the last seq sent
         self.ahead: Ahead | None = None      # the next batch, prepared while one is in flight
-        self._looked_ahead = False           # a read ahead was tried for the batch in flight
         self._tasks: set[asyncio.Task[None]] = set()
         self._acking: set[asyncio.Task[None]] = set()  # spool deletes of upstream-acked rows
         self._held: list[int] = []  # upstream-acked rows not yet handed to spool.ack
@@ -156,9 +155,7 @@ class StreamForwarder:
             self._rewind()
             return
         if len(self._tasks) >= self.window:
-            if self.window == 1 and not self._looked_ahead and self.uplink.prepares_ahead:
-                # Once per batch in flight: each commit's wake-up would read again.
-                self._looked_ahead = True
+            if self.window == 1 and self.ahead is None and self.uplink.prepares_ahead:
                 await self._read_ahead()
             await self._idle(None)
             return
@@ -228,14 +225,13 @@ class StreamForwarder:
             self.ahead = Ahead(batch, lanes)
 
     def _launch(self, batch: Prepared) -> None:
-        self._looked_ahead = False
         self._advance(batch.rows)
         self._track(self._tasks, self._deliver(batch))
 
     def _rewind(self) -> None:
         """Send everything unacknowledged again, from the start of the key's lanes."""
         self._cursors = [0] * len(LANES)
-        self.ahead, self._looked_ahead = None, False
+        self.ahead = None
 
     def _track(self, tasks: set[asyncio.Task[None]], work: Coroutine[Any, Any, None]) -> None:
         """Run ``work`` as a task in ``tasks``; when it ends, wake the loop, and hand
