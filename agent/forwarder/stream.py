@@ -155,7 +155,7 @@ class StreamForwarder:
             self._rewind()
             return
         if len(self._tasks) >= self.window:
-            if self.window == 1 and self.ahead is None and self.uplink.prepares_ahead:
+            if self.window == 1 and self.ahead is None:
                 await self._read_ahead()
             await self._idle(None)
             return
@@ -211,8 +211,8 @@ class StreamForwarder:
         """With one request in flight (FIFO per key over HTTP), read and prepare the next
         batch now, so that between one reply and the next request only the request is
         built: the read on the reader thread and the take happen while the upstream works.
-        Only for an uplink whose prepare keeps no connection state (``prepares_ahead``),
-        so that a batch prepared here and dropped leaves nothing behind."""
+        A window of one means the uplink's prepare keeps no connection state (UplinkBase's),
+        so a batch prepared here and dropped leaves nothing behind."""
         lanes = self.lanes
         rows = await self.spool.fetch(self.stream.id, self._cursors,
                                       self.cfg.batch_max_events, lanes)

@@ -74,9 +74,6 @@ class Uplink(Protocol):
     # The forwarder sets this: an uplink hands it anything its own background tasks
     # (a websocket reader, say) raise unexpectedly, for the forwarder's supervisor.
     on_crash: Callable[[BaseException], None]
-    # Whether ``prepare`` keeps no connection state, so that a batch prepared while
-    # another is in flight may be dropped unsent (forwarder/stream.py reads ahead).
-    prepares_ahead: bool
 
     def prepare(self, rows: Sequence[Row]) -> Prepared:
         """The next batch: the longest prefix of ``rows`` that may go in it, encoded.
@@ -116,8 +113,6 @@ class UplinkBase(ABC):
     # The upstream API's own limit on one event as sent (its body and its event_overhead
     # but the separator), when it has one: the agent refuses larger events at ingest.
     max_event_bytes: ClassVar[int | None] = None
-    # prepare keeps no state: a protocol whose prepare marks ids in flight sets False.
-    prepares_ahead: bool = True
 
     # staticmethod: a plain function here would be bound to the instance when read.
     on_crash: Callable[[BaseException], None] = staticmethod(_ignore_crash)

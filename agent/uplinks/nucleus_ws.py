@@ -95,7 +95,6 @@ class NucleusWsUplink(NucleusFraming, UplinkBase):
 
     protocol: ClassVar[str] = "nucleus-ws"
     schemes: ClassVar[tuple[str, ...]] = ("ws", "wss")
-    prepares_ahead = False  # its prepare marks the batch's ids in flight on the connection
 
     def __init__(self, cfg: UpstreamConfig, app_key: str, session: aiohttp.ClientSession,
                  machine_id: str, heartbeat_s: float = HEARTBEAT_S) -> None:
