@@ -8,9 +8,7 @@ memory (the cursors plus the uplink's in-flight set): after any failure every
 in-flight batch settles, the uplink is closed (a new connection is opened only
 now, so no later batch can overtake an earlier unacknowledged one), the cursors go
 back to the start of the key's lanes, and all unacknowledged rows are sent again
-with the same ids. With a window of one batch (HTTP), the next batch is read and
-prepared while that one is in flight (``ahead``), so only the request is built between a
-reply and the next request. Run by
+with the same ids. Run by
 supervisor.py, a loop does not sleep out a backoff: it ends, and the supervisor starts
 the key's next loop (fresh uplink, cursor at the start) when the time comes.
 
@@ -68,15 +66,6 @@ class Release:
     park: Callable[[float, int, bool], None]
 
 
-@dataclass(frozen=True, slots=True)
-class Ahead:
-    """A batch read and prepared while the one before it was in flight, from the cursors
-    that batch left; sent next unless a failure rewinds the cursors or ``lanes`` changed."""
-
-    batch: Prepared
-    lanes: tuple[int, ...]
-
-
 class StreamForwarder:
     """Forwards one key's queue to one upstream. Supervised (supervisor.py), it ends as
     ``release`` says; without one it runs until stopped, sleeping out its backoffs."""
@@ -101,7 +90,6 @@ class StreamForwarder:
         self.flush_now = False
         self.lanes: tuple[int, ...] = lanes   # the lanes it may send (sync/monitor.py)
         self._cursors = [0] * len(LANES)      # per lane: the last seq sent
-        self.ahead: Ahead | None = None      # the next batch, prepared while one is in flight
         self._tasks: set[asyncio.Task[None]] = set()
         self._acking: set[asyncio.Task[None]] = set()  # spool deletes of upstream-acked rows
         self._held: list[int] = []  # upstream-acked rows not yet handed to spool.ack
@@ -117,8 +105,7 @@ class StreamForwarder:
     async def run(self) -> None:
         """One life of the loop. Raises what it did not expect; the supervisor
         counts it and calls ``run`` again, with a fresh uplink, after a backoff."""
-        self._rewind()
-        self._failed, self._crash = None, None
+        self._cursors, self._failed, self._crash = [0] * len(LANES), None, None
         self.uplink.on_crash = self._crashed
         try:
             while not self.stopping and not self.released:
@@ -152,18 +139,11 @@ class StreamForwarder:
             await self.pause(delay)
             # Only now, with nothing in flight, may a new connection start.
             await self.uplink.close()
-            self._rewind()
+            self._cursors = [0] * len(LANES)
             return
         if len(self._tasks) >= self.window:
-            if self.window == 1 and self.ahead is None:
-                await self._read_ahead()
             await self._idle(None)
             return
-        if self.ahead is not None:
-            ahead, self.ahead = self.ahead, None
-            if ahead.lanes == self.lanes:
-                self._launch(ahead.batch)
-                return
         # Only what the window has room for: with one batch in flight (segment-http), rows
         # read beyond it were built, dropped and read again, four times over.
         free = min(FETCH_FACTOR, self.window - len(self._tasks))
@@ -178,7 +158,7 @@ class StreamForwarder:
                 if any(self._cursors) and not self._acking and self.queued():
                     # Rows behind the cursors are still queued: an ack's delete did not
                     # commit (a locked or full disk). Send them again.
-                    self._rewind()
+                    self._cursors = [0] * len(LANES)
                     return
                 if self.release is not None:
                     await self._release_when_idle(self.release.idle_s)
@@ -200,38 +180,13 @@ class StreamForwarder:
         # batches' worth of rows per batch sent kept the reader thread (building rows
         # it then dropped) the drain's bottleneck.
         while batch.rows:
-            self._launch(batch)
+            self._advance(batch.rows)
+            self._track(self._tasks, self._deliver(batch))
             rows = rows[len(batch.rows):]
             if len(self._tasks) >= self.window or not rows or (
                     len(rows) < self.cfg.batch_max_events and not self._due(rows)):
                 return
             batch = self.uplink.prepare(rows)
-
-    async def _read_ahead(self) -> None:
-        """With one request in flight (FIFO per key over HTTP), read and prepare the next
-        batch now, so that between one reply and the next request only the request is
-        built: the read on the reader thread and the take happen while the upstream works.
-        A window of one means the uplink's prepare keeps no connection state (UplinkBase's),
-        so a batch prepared here and dropped leaves nothing behind."""
-        lanes = self.lanes
-        rows = await self.spool.fetch(self.stream.id, self._cursors,
-                                      self.cfg.batch_max_events, lanes)
-        if self._failed is not None or self._crash is not None or not rows:
-            return  # a failure rewinds the cursors: what was read here is sent again anyway
-        if len(rows) < self.cfg.batch_max_events and not self._due(rows):
-            return  # the step after the reply waits for more, as it would have
-        batch = self.uplink.prepare(rows)
-        if batch.rows:
-            self.ahead = Ahead(batch, lanes)
-
-    def _launch(self, batch: Prepared) -> None:
-        self._advance(batch.rows)
-        self._track(self._tasks, self._deliver(batch))
-
-    def _rewind(self) -> None:
-        """Send everything unacknowledged again, from the start of the key's lanes."""
-        self._cursors = [0] * len(LANES)
-        self.ahead = None
 
     def _track(self, tasks: set[asyncio.Task[None]], work: Coroutine[Any, Any, None]) -> None:
         """Run ``work`` as a task in ``tasks``; when it ends, wake the loop, and hand

@@ -3,14 +3,13 @@
 Scripts: accept everything (default, 200 `{"success": true}`); fail the next
 N requests with a status (and optional Retry-After), or every request during
 an outage; refuse with 400 any batch holding a poison messageId, naming it;
-refuse batches over a size; hold each request until a gate opens.
+refuse batches over a size.
 Every request is recorded with its auth, encoding and time; accepted events
 are recorded in order.
 """
 
 from __future__ import annotations
 
-import asyncio
 import base64
 import gzip
 import time
@@ -46,8 +45,6 @@ class FakeSegment:
     failures: list[tuple[int, str | None]] = field(default_factory=list)  # (status, Retry-After)
     outage: tuple[int, str | None] | None = None    # while set, every request gets this
     max_bytes: int | None = None                                    # larger bodies -> 413
-    gate: asyncio.Event | None = None   # while set and closed, requests wait here
-    arrived: int = 0                    # requests received, held ones included
     port: int = 0
     _runner: web.AppRunner | None = None
 
@@ -66,9 +63,6 @@ class FakeSegment:
 
     async def _batch(self, request: web.Request) -> web.Response:
         raw = await request.read()
-        self.arrived += 1
-        if self.gate is not None:
-            await self.gate.wait()
         size = len(raw)
         zipped = request.headers.get("Content-Encoding") == "gzip"
         if zipped:
