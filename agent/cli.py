@@ -69,7 +69,6 @@ def cmd_run(args: argparse.Namespace) -> int:
     if found := preflight.problems(cfg):
         print(f"outpost: {found[0]}", file=sys.stderr)
         return EXIT_CONFIG
-    memory.use_c_allocator()  # re-executes this process once, on glibc (see memory.py)
     logs.setup_logging(cfg.log.level)
     from agent.dialects import offload
     from agent.service import Agent, StartError

@@ -8,7 +8,7 @@ Two things kept RSS at its peak long after a burst had been committed:
   meanwhile (a forwarder's batch, a log record) pin them: measured, RSS crept
   up by 4 to 7 MB with each burst of 4 MiB Nucleus posts and never came back.
   ``outpost run`` therefore re-executes itself with ``PYTHONMALLOC=malloc`` on
-  glibc, so that objects come from the C allocator, which can hand back any
+  glibc (allocator.py), so that objects come from the C allocator, which can hand back any
   free page; measured, the same bursts then leave RSS within 6 MB of idle, at
   no measurable cost in throughput (bench/RESULTS.md). An explicit
   ``PYTHONMALLOC`` in the environment is left alone.
@@ -19,51 +19,18 @@ Two things kept RSS at its peak long after a burst had been committed:
 from __future__ import annotations
 
 import asyncio
-import ctypes
-import ctypes.util
 import gc
 import logging
-import os
-import platform
-import sys
 import time
-from collections.abc import Callable
 
 from agent.logs import log_limited
 from agent.metrics import Metrics
+from agent.server.allocator import malloc_trim
 
 log = logging.getLogger("outpost.memory")
 
 TRIM_AFTER_BYTES = 4 * 1024 * 1024  # trimming after light traffic would gain nothing
 TRIM_QUIET_S = 1.0  # after the last request of a burst: replies sent, connections closed
-
-
-def malloc_trim() -> Callable[[int], int] | None:
-    """glibc's ``malloc_trim``, or None where there is none (musl, macOS, Windows)."""
-    if not sys.platform.startswith("linux") or platform.libc_ver()[0] != "glibc":
-        return None
-    try:
-        fn = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6").malloc_trim
-    except (OSError, AttributeError):
-        return None
-    fn.argtypes = [ctypes.c_size_t]
-    fn.restype = ctypes.c_int
-    return fn
-
-
-def use_c_allocator() -> None:
-    """Re-execute this process with ``PYTHONMALLOC=malloc`` (glibc, when not set).
-
-    Called by ``outpost run`` before anything starts: the process keeps its pid,
-    arguments and environment (a service manager sees no difference).
-    """
-    if "PYTHONMALLOC" in os.environ or malloc_trim() is None:
-        return
-    env = {**os.environ, "PYTHONMALLOC": "malloc"}
-    try:
-        os.execve(sys.executable, [sys.executable, *sys.orig_argv[1:]], env)
-    except OSError:
-        pass  # run on as we are: only the memory hand-back is less thorough
 
 
 def freeze_imports() -> None:

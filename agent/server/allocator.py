@@ -1,0 +1,42 @@
+"""Which allocator ``outpost run`` runs on (glibc's, when there is one; see memory.py).
+
+Kept apart from memory.py so that the entry point can decide, and re-execute, before it
+imports anything else: the modules imported before an ``execve`` are paid for twice."""
+
+from __future__ import annotations
+
+import ctypes
+import os
+import platform
+import sys
+from collections.abc import Callable
+
+
+def malloc_trim() -> Callable[[int], int] | None:
+    """glibc's ``malloc_trim``, or None where there is none (musl, macOS, Windows)."""
+    if not sys.platform.startswith("linux") or platform.libc_ver()[0] != "glibc":
+        return None
+    try:
+        # glibc's soname; ctypes.util.find_library would run ldconfig in a subprocess
+        fn = ctypes.CDLL("libc.so.6").malloc_trim
+    except (OSError, AttributeError):
+        return None
+    fn.argtypes = [ctypes.c_size_t]
+    fn.restype = ctypes.c_int
+    return fn
+
+
+def use_c_allocator() -> None:
+    """Re-execute this process with ``PYTHONMALLOC=malloc`` (glibc, when not set).
+
+    Called by ``outpost run`` first thing, before the agent's modules are imported
+    (agent/__main__.py): the process keeps its pid, arguments and environment (a
+    service manager sees no difference).
+    """
+    if "PYTHONMALLOC" in os.environ or malloc_trim() is None:
+        return
+    env = {**os.environ, "PYTHONMALLOC": "malloc"}
+    try:
+        os.execve(sys.executable, [sys.executable, *sys.orig_argv[1:]], env)
+    except OSError:
+        pass  # run on as we are: only the memory hand-back is less thorough
