@@ -3,20 +3,27 @@
 from __future__ import annotations
 
 import asyncio
+import inspect
 import sys
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
 
 
-async def wait_for(cond: Callable[[], bool], timeout: float = 15.0) -> None:
-    """Return once ``cond()`` holds; fail the test after ``timeout`` seconds."""
+async def wait_for(cond: Callable[[], bool | Awaitable[bool]], timeout: float = 15.0) -> None:
+    """Return once ``cond()`` holds (awaited when it is a coroutine, e.g. a /status read);
+    fail the test after ``timeout`` seconds."""
     deadline = asyncio.get_running_loop().time() + timeout
-    while not cond():
+    while not await _holds(cond):
         if asyncio.get_running_loop().time() > deadline:
             raise AssertionError("condition not met in time")
         await asyncio.sleep(0.02)
+
+
+async def _holds(cond: Callable[[], bool | Awaitable[bool]]) -> bool:
+    held = cond()
+    return await held if inspect.isawaitable(held) else held
 
 
 async def run_outpost(*args: str, timeout: float = 30.0) -> tuple[int, str]:
