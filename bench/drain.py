@@ -23,6 +23,7 @@ from __future__ import annotations
 import json
 import statistics
 import urllib.request
+from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
@@ -133,10 +134,16 @@ def _ceiling(h: Harness, upstream: Proc, protocol: str, d: Path) -> dict[str, An
     # How much of one core the sink used: near 100% it is the ceiling; well under, the load
     # generator (sharing the 2 cores) limited it, and the figure is a floor under the ceiling.
     busy = result["cpu_s"] / (result["raw"]["duration_us"] / 1e6)
-    return {"events_per_s": result["events_per_s"], "events_per_request": events,
-            "request_bytes": len(sample), "upstream_cpu_s_per_m": result["cpu_s_per_m"],
-            "upstream_busy": busy,
-            "errors": result["errors"], "generator": result["raw"].get("generator", "")}
+    out = {"events_per_s": result["events_per_s"], "events_per_request": events,
+           "request_bytes": len(sample), "upstream_cpu_s_per_m": result["cpu_s_per_m"],
+           "upstream_busy": busy,
+           "errors": result["errors"], "generator": result["raw"].get("generator", "")}
+    if protocol == "segment-http":
+        # An HTTP uplink has one batch in flight per key (FIFO per key and lane): the sink
+        # at one request at a time bounds what a single key's drain can reach.
+        out["one_at_a_time_events_per_s"] = h.loaded(upstream, replace(load, connections=1),
+                                                     d)["events_per_s"]
+    return out
 
 
 def _refill(h: Harness, d: Path, up_port: int, protocol: str, kind: str,

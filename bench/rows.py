@@ -32,6 +32,12 @@ def _pct(x: float | None) -> str:
     return "n/a" if x is None else f"{100 * x:.0f}%"
 
 
+def _one_at_a_time(ev: float | None, ceiling: dict[str, Any]) -> str:
+    one = ceiling.get("one_at_a_time_events_per_s")
+    return "" if one is None else (f"; the sink at one request at a time (all one key's "
+                                   f"FIFO allows) {fmt(one)} ev/s ({ratio(ev, one)})")
+
+
 def _ge(a: float | None, k: float, b: float | None) -> bool:
     """a ≥ k·b, both measured (a missing figure never meets a target)."""
     return bool(a) and bool(b) and float(a or 0) >= k * float(b or 0)
@@ -119,7 +125,7 @@ def backlog_rows(b: dict[str, Any]) -> list[Row]:
                     f"sink CPU {fmt(d.get('upstream_cpu_s_per_m'), 'cpu')} draining "
                     f"({_pct(d.get('upstream_busy'))} of a core), "
                     f"{fmt(c.get('upstream_cpu_s_per_m'), 'cpu')} at its ceiling "
-                    f"({_pct(c.get('upstream_busy'))})",
+                    f"({_pct(c.get('upstream_busy'))})" + _one_at_a_time(ev, c),
                     "≥ 0.5× ceiling, ≥ 150,000", _met(_ge(ev, 0.5, ceil) and _ge(ev, 1.0, 150_000))))
         raw = r["raw_bytes_per_event"]
         out.append((f"{proto}: spool file + -wal bytes per event, before the drain",
