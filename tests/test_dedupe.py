@@ -189,3 +189,29 @@ def test_discarded_keys_are_new_again_and_keep_their_own_window(
     held = len(index)
     assert index.expire(DAY0 + now + WINDOW + HOUR_MS, now + WINDOW + HOUR_MS) == held
     assert len(index) == 0
+
+
+def _state(index: DedupeIndex) -> tuple[set[int], list[tuple[int, int, int, list[int]]], int]:
+    """What an index remembers: its keys, its buckets in order, what the cap forgot."""
+    return (set(index.keys), [(b.opened, b.wall, b.observed, list(b.keys))
+                              for b in index._buckets], index.forgotten)
+
+
+@settings(max_examples=300)
+@given(st.lists(st.tuples(st.lists(st.integers(0, 40) | st.integers(-(2**63), 2**63 - 1),
+                                   max_size=10), st.integers(0, 2 * HOUR_MS)), max_size=25),
+       st.integers(1, 120))
+def test_loading_every_record_at_once_is_loading_them_one_by_one(
+        records: list[tuple[list[int], int]], max_keys: int) -> None:
+    """The startup rebuild (load_all) takes one shortcut when no key repeats and all fit
+    under the cap; with repeats, or over the cap, it must still end as record-by-record."""
+    stored, now = [], 0
+    for keys, advance in records:
+        now += advance
+        stored.append((keys_to_bytes(keys), DAY0 + now, now))
+    one_by_one = DedupeIndex(WINDOW, max_keys, bucket_ms=HOUR_MS)
+    for keys, wall, observed in stored:
+        one_by_one.load(keys, wall, observed)
+    at_once = DedupeIndex(WINDOW, max_keys, bucket_ms=HOUR_MS)
+    at_once.load_all(stored)
+    assert _state(at_once) == _state(one_by_one)

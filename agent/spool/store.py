@@ -199,8 +199,7 @@ class Spool:
         for rid, n, observed in state.live:
             self.live.add(rid, n, observed)
         self.index = self.writer.index = DedupeIndex(self.index.window_ms, self.index.max_keys)
-        for keys, wall, observed in state.keys:
-            self.index.load(keys, wall, observed)
+        self.index.load_all(state.keys)
         if self.index.forgotten:
             self.count(Tally.DEDUPE_FORGOTTEN, self.index.forgotten)
             self.index.forgotten = 0
