@@ -215,3 +215,21 @@ def test_loading_every_record_at_once_is_loading_them_one_by_one(
     at_once = DedupeIndex(WINDOW, max_keys, bucket_ms=HOUR_MS)
     at_once.load_all(stored)
     assert _state(at_once) == _state(one_by_one)
+
+
+@given(st.lists(st.integers(0, 12), max_size=30), st.integers(1, 60),
+       st.integers(0, 2 * HOUR_MS))
+def test_loading_more_distinct_keys_than_the_cap_at_once_forgets_as_one_by_one(
+        sizes: list[int], max_keys: int, step: int) -> None:
+    """No key repeats, more than max_keys of them: load_all's count-only shortcut must
+    forget the same oldest buckets that loading record by record does."""
+    stored, first = [], 0
+    for i, size in enumerate(sizes):
+        stored.append((keys_to_bytes(range(first, first + size)), DAY0 + i * step, i * step))
+        first += size
+    one_by_one = DedupeIndex(WINDOW, max_keys)
+    for keys, wall, observed in stored:
+        one_by_one.load(keys, wall, observed)
+    at_once = DedupeIndex(WINDOW, max_keys)
+    at_once.load_all(stored)
+    assert _state(at_once) == _state(one_by_one)
