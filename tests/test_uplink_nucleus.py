@@ -14,6 +14,7 @@ from agent.spool.types import Row
 from agent.uplinks.base import Acked, Retry
 from agent.uplinks.nucleus_frame import frame, match
 from agent.uplinks.nucleus_ws import NucleusWsUplink
+from agent.uplinks.prepare import Prepared
 from tests.fakes.nucleus_upstream import FakeNucleus
 
 
@@ -39,6 +40,20 @@ async def test_ws_prepare_splices_bodies_and_keeps_ids_unique() -> None:
         assert up.prepare(rows[2:]).rows == ()
         assert match(up.in_flight, [7, 999, {"x": 1}]) == [1]   # unknown and odd ids are ignored
         assert [r.seq for r in up.prepare(rows[2:]).rows] == [3]
+
+
+def test_match_takes_out_known_ids_and_skips_unknown_or_repeated_ones() -> None:
+    in_flight: dict[Any, int] = {"a": 1, 2: 2, 3.5: 3, "d": 4}
+    assert match(in_flight, ["a", 2]) == [1, 2] and in_flight == {3.5: 3, "d": 4}
+    assert match(in_flight, [9, 3.5, "x", 3.5]) == [3]   # unknown, and a repeat of one taken
+    assert match(in_flight, ["d", True, [1]]) == [4] and in_flight == {}
+
+
+def test_frame_is_the_bodies_in_a_data_array() -> None:
+    for n in (0, 1, 3):
+        bodies = tuple(orjson.dumps({"id": i}) for i in range(n))
+        framed = frame(Prepared((), tuple(range(1, n + 1)), bodies, tuple(range(n)), ()))
+        assert orjson.loads(framed) == {"data": [{"id": i} for i in range(n)]}
 
 
 async def test_ws_prepare_stops_before_an_id_repeated_within_the_rows() -> None:

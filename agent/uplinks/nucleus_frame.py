@@ -9,7 +9,7 @@ their spool seq as id.
 from __future__ import annotations
 
 from itertools import repeat
-from typing import Any, ClassVar
+from typing import Any, ClassVar, cast
 
 import orjson
 
@@ -19,6 +19,7 @@ from agent.uplinks.prepare import Prepared
 
 # Reported ids looked up as they are (a bool or a container never is: see match).
 _PLAIN = frozenset({int, float, str})
+_HEAD, _TAIL = b'{"data":[', b"]}"
 
 
 class NucleusFraming:
@@ -47,7 +48,14 @@ class NucleusFraming:
 
 
 def frame(prepared: Prepared) -> bytes:
-    return b'{"data":[' + b",".join(prepared.bodies) + b"]}"
+    """`{"data":[...]}` around the bodies by one join: the only copy of the whole (each
+    ``+`` of a frame of a few hundred KB copied all of it again)."""
+    bodies = prepared.bodies
+    # head, body, comma, body, ..., tail (just head and tail when there are no bodies)
+    parts = [b","] * max(2 * len(bodies) + 1, 2)
+    parts[0], parts[-1] = _HEAD, _TAIL
+    parts[1:-1:2] = bodies
+    return b"".join(parts)
 
 
 def match(in_flight: dict[Any, int], reported: Any) -> list[int]:
@@ -56,8 +64,13 @@ def match(in_flight: dict[Any, int], reported: Any) -> list[int]:
     if not isinstance(reported, list):
         return []
     if _PLAIN.issuperset(map(type, reported)):
-        # The usual reply: every id a plain string or number, taken out at C speed.
-        return [s for s in map(in_flight.pop, reported, repeat(None)) if s is not None]
+        # The usual reply: every id a plain string or number, taken out at C speed; the
+        # filter for unknown ids (a miss leaves the dict as it was) only if there were any.
+        before = len(in_flight)
+        popped = list(map(in_flight.pop, reported, repeat(None)))
+        if before - len(in_flight) == len(popped):
+            return cast(list[int], popped)  # each pop took one out: no None among them
+        return [s for s in popped if s is not None]
     acked = []
     for ack_id in reported:
         # No event has a boolean id (ingest refuses them), but `true == 1` in Python:

@@ -123,7 +123,6 @@ class NucleusWsUplink(NucleusFraming, UplinkBase):
         return prepared
 
     async def send(self, prepared: Prepared) -> SendResult:
-        wanted = set(prepared.seqs)
         async with self._send_lock:  # FIFO: batches start in the order they were prepared
             link = await self._usable_link()
             link.sending += 1
@@ -134,13 +133,14 @@ class NucleusWsUplink(NucleusFraming, UplinkBase):
                 except (aiohttp.ClientError, OSError, TimeoutError, RuntimeError) as exc:
                     link.lose(f"send failed: {_describe(exc)}")
         try:
-            error = await self._wait_acks(link, wanted)
+            error = await self._wait_acks(link, prepared.seqs)
         finally:
             link.sending -= 1
-        acked = tuple(sorted(wanted & link.acked))
+        if error is None:  # every one acked: no per-event sorting or intersection
+            link.acked.difference_update(prepared.seqs)
+            return Acked(prepared.seqs)
+        acked = tuple(sorted(link.acked.intersection(prepared.seqs)))
         link.acked.difference_update(acked)
-        if error is None:
-            return Acked(acked)
         for ack_id, seq in zip(prepared.ids, prepared.seqs):  # to be sent again later
             if self.in_flight.get(ack_id) == seq:  # not since acked and reused by a later batch
                 del self.in_flight[ack_id]
@@ -151,15 +151,16 @@ class NucleusWsUplink(NucleusFraming, UplinkBase):
         await link.close_ws()
         return Retry(error, acked=acked)
 
-    async def _wait_acks(self, link: _Link, wanted: set[int]) -> str | None:
+    async def _wait_acks(self, link: _Link, wanted: tuple[int, ...]) -> str | None:
+        # issuperset walks the batch's seqs as they are: no set of them is built.
         loop = asyncio.get_running_loop()
         deadline = loop.time() + self.cfg.timeout_s
-        while not wanted <= link.acked:
+        while not link.acked.issuperset(wanted):
             if link.lost is not None:
                 return link.lost if link.lost != "closed" else LOST
             remaining = deadline - loop.time()
             if remaining <= 0:
-                return f"no reportedIds for {len(wanted - link.acked)} events within {self.cfg.timeout_s:g}s"
+                return f"no reportedIds for {len(set(wanted) - link.acked)} events within {self.cfg.timeout_s:g}s"
             await link.changed(remaining)
         return None
 

@@ -71,7 +71,10 @@ def take(uplink: Encoder, rows: Sequence[Row],
                 if len(new) != k or not seen.isdisjoint(new) or (
                         busy is not None and not busy.keys().isdisjoint(new)):
                     break
-                seen |= new
+                if seen:
+                    seen |= new
+                else:
+                    seen = new  # the first run's set as it is: no copy
             ids += keys
         seqs += range(run.first, run.first + k)
         bodies += part
