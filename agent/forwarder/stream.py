@@ -255,7 +255,7 @@ class StreamForwarder:
     async def _deliver(self, batch: Prepared) -> None:
         self.state.state = "sending"
         # No await before send: over a websocket, batches go out in the order they start.
-        result: SendResult = await self.uplink.send(batch) if batch.seqs else Acked(())
+        result: SendResult = await self._send(batch) if batch.seqs else Acked(())
         match result:
             case Refused(reason=reason):
                 await self._apply(Acked(()), batch, batch.refused)
@@ -263,13 +263,18 @@ class StreamForwarder:
             case Acked() | Retry():
                 await self._apply(result, batch, batch.refused)
 
+    def _send(self, batch: Prepared) -> Coroutine[Any, Any, SendResult]:
+        """The uplink's send of ``batch``, counted (``sent``: resends count again)."""
+        self.state.sent += len(batch.seqs)
+        return self.uplink.send(batch)
+
     async def _split(self, batch: Prepared, reason: str) -> None:
         """Bisect a refused batch until the events that cause it are isolated."""
         if len(batch.seqs) == 1:
             await self._apply(Acked(()), batch, ((batch.seqs[0], reason),))
             return
         for part in batch.halves():
-            match await self.uplink.send(part):
+            match await self._send(part):
                 case Refused(reason=why):
                     await self._split(part, why)
                 case Acked() | Retry() as result:
