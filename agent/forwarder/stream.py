@@ -170,6 +170,17 @@ class StreamForwarder:
             self._ack_held()
             await self._idle(until_due(_oldest(rows), self.cfg.flush_interval_s))
             return
+        if not self._tasks:
+            # A connection may open now: open it before preparing, or an upstream that
+            # is down costs every retry its batch (Segment events bound to nucleus-ws: a
+            # mapping each) before the connect fails.
+            lanes = self.lanes
+            error = await self.uplink.connect()
+            if error is not None:
+                self._failed = Retry(error)
+                return
+            if self._crash is not None or self.stopping or self.lanes != lanes:
+                return  # changed while it connected: read again (or end) before sending
         batch = self.uplink.prepare(rows)
         if not batch.rows:  # the first row's id is still in flight: wait for its ack
             if not self._tasks:  # ...but nothing is: waiting would be forever

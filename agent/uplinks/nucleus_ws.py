@@ -1,7 +1,9 @@
 """Nucleus over a websocket: frames out, `reportedIds` back, several batches in flight.
 
-The connection is opened on first use and kept; a heartbeat goes out after
-60 s without traffic, as the official modules do.
+The connection is opened by ``connect``, which the forwarder calls before it prepares
+a batch (so that a retry against an upstream that is down builds no batch), or else
+on first use, and kept; a heartbeat goes out after 60 s without traffic, as the
+official modules do.
 
 FIFO across drops. Frames leave in the order the forwarder took
 their batches (one lock, acquired in that order). Once a batch on a connection
@@ -121,6 +123,13 @@ class NucleusWsUplink(NucleusFraming, UplinkBase):
                     or take_prefix(self, rows, self.in_flight))
         self.in_flight.update(zip(prepared.ids, prepared.seqs))
         return prepared
+
+    async def connect(self) -> str | None:
+        """Open the websocket before a batch is prepared for it: with the upstream down,
+        a retry fails here, before its batch is built (Segment events: mapped)."""
+        async with self._send_lock:
+            link = await self._usable_link()
+        return link.lost
 
     async def send(self, prepared: Prepared) -> SendResult:
         wanted = set(prepared.seqs)
