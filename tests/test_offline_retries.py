@@ -66,3 +66,6 @@ async def test_a_websocket_upstream_that_does_not_listen_costs_its_retries_no_ba
     await wait_for(lambda: agent.spool.depth == 0)
     assert [ev["name"] for ev in fake_nucleus.events] == [f"e{i}" for i in range(5)]
     assert state.sent == 5   # prepared and sent once, on the connection
+    # The connection opened before the batch was prepared: that is traffic, not an idle
+    # minute, so no heartbeat went out ahead of the events.
+    assert fake_nucleus.heartbeats == [] and fake_nucleus.frames == 1
