@@ -13,6 +13,7 @@ comes when the test advances to it, none by waiting real seconds.
 
 from __future__ import annotations
 
+import asyncio
 from typing import Any
 
 from agent.forwarder.backoff import Backoff
@@ -69,3 +70,15 @@ async def test_a_websocket_upstream_that_does_not_listen_costs_its_retries_no_ba
     # The connection opened before the batch was prepared: that is traffic, not an idle
     # minute, so no heartbeat went out ahead of the events.
     assert fake_nucleus.heartbeats == [] and fake_nucleus.frames == 1
+
+
+async def test_a_stop_during_a_handshake_that_hangs_is_not_held_for_timeout_s(
+        make_agent: Any, faulty: FaultyUpstream) -> None:
+    """The connect now happens in the loop's own step, not in a delivery task that a stop
+    cancels after its grace: a stop (a shutdown, a hold) must still end it."""
+    faulty.connect_script = [Fault("timeout", delay=45.0)]   # longer than the bound below
+    agent = await make_agent(upstreams=[upstream(faulty, "nucleus-ws", timeout_s=40)])
+    await send(agent, [event(0)])
+    await wait_for(lambda: any(r.fault == "connect-timeout" for r in faulty.requests))
+    await asyncio.wait_for(agent.stop(), 15)   # the grace for batches in flight is 5 s
+    assert agent.spool.depth == 1   # nothing went out; the event waits in the spool
