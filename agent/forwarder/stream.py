@@ -94,6 +94,7 @@ class StreamForwarder:
         self._acking: set[asyncio.Task[None]] = set()  # spool deletes of upstream-acked rows
         self._held: list[int] = []  # upstream-acked rows not yet handed to spool.ack
         self._failed: Retry | None = None
+        self._connecting: asyncio.Future[str | None] | None = None  # see _connect
         self._crash: BaseException | None = None  # unexpected: raised to the supervisor
         self.attempt = attempt  # failures in a row: the next backoff's step
         self.release = release
@@ -175,7 +176,7 @@ class StreamForwarder:
             # is down costs every retry its batch (Segment events bound to nucleus-ws: a
             # mapping each) before the connect fails.
             lanes = self.lanes
-            error = await self.uplink.connect()
+            error = await self._connect()
             if error is not None:
                 self._failed = Retry(error)
                 return
@@ -198,6 +199,17 @@ class StreamForwarder:
                     len(rows) < self.cfg.batch_max_events and not self._due(rows)):
                 return
             batch = self.uplink.prepare(rows)
+
+    async def _connect(self) -> str | None:
+        """The uplink's connect, as a task that a stop cancels: a handshake that hangs
+        can take timeout_s, and a stop waits only a grace for the batches in flight."""
+        task = self._connecting = asyncio.ensure_future(self.uplink.connect())
+        try:
+            await asyncio.wait((task,))
+        finally:
+            self._connecting = None
+            task.cancel()   # done: a no-op; else this loop's own task was cancelled
+        return None if task.cancelled() else task.result()
 
     def _track(self, tasks: set[asyncio.Task[None]], work: Coroutine[Any, Any, None]) -> None:
         """Run ``work`` as a task in ``tasks``; when it ends, wake the loop, and hand
@@ -382,6 +394,8 @@ class StreamForwarder:
 
     def stop(self) -> None:
         self.stopping = True
+        if self._connecting is not None:
+            self._connecting.cancel()
         self.interrupt.set()
         self.wake.set()
 
