@@ -197,6 +197,9 @@ class _FailsAtOnce:
         self.failures = failures
         self.sends = 0
 
+    async def connect(self) -> str | None:
+        return None
+
     def prepare(self, rows: list[Row]) -> Prepared:
         return as_prepared(rows)
 

@@ -438,6 +438,9 @@ class _GatedUplink:
         self.release = asyncio.Event()
         self.sending = asyncio.Event()
 
+    async def connect(self) -> str | None:
+        return None
+
     def prepare(self, rows: list[Any]) -> Any:
         from tests.fakes.uplinks import as_prepared
         return as_prepared(rows[:1])

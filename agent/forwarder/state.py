@@ -20,6 +20,7 @@ class UpstreamState:
     last_error: str | None = None
     last_error_at: float | None = None
     retries: int = 0
+    sent: int = 0                # events in batches sent or tried, a resend counting again
     acked: int = 0
     dead_lettered: int = 0
     crashes: int = 0             # unexpected exceptions caught by the supervisor

@@ -94,6 +94,7 @@ class StreamForwarder:
         self._acking: set[asyncio.Task[None]] = set()  # spool deletes of upstream-acked rows
         self._held: list[int] = []  # upstream-acked rows not yet handed to spool.ack
         self._failed: Retry | None = None
+        self._connecting: asyncio.Future[str | None] | None = None  # see _connect
         self._crash: BaseException | None = None  # unexpected: raised to the supervisor
         self.attempt = attempt  # failures in a row: the next backoff's step
         self.release = release
@@ -170,6 +171,17 @@ class StreamForwarder:
             self._ack_held()
             await self._idle(until_due(_oldest(rows), self.cfg.flush_interval_s))
             return
+        if not self._tasks:
+            # A connection may open now: open it before preparing, or an upstream that
+            # is down costs every retry its batch (Segment events bound to nucleus-ws: a
+            # mapping each) before the connect fails.
+            lanes = self.lanes
+            error = await self._connect()
+            if error is not None:
+                self._failed = Retry(error)
+                return
+            if self._crash is not None or self.stopping or self.lanes != lanes:
+                return  # changed while it connected: read again (or end) before sending
         batch = self.uplink.prepare(rows)
         if not batch.rows:  # the first row's id is still in flight: wait for its ack
             if not self._tasks:  # ...but nothing is: waiting would be forever
@@ -187,6 +199,17 @@ class StreamForwarder:
                     len(rows) < self.cfg.batch_max_events and not self._due(rows)):
                 return
             batch = self.uplink.prepare(rows)
+
+    async def _connect(self) -> str | None:
+        """The uplink's connect, as a task that a stop cancels: a handshake that hangs
+        can take timeout_s, and a stop waits only a grace for the batches in flight."""
+        task = self._connecting = asyncio.ensure_future(self.uplink.connect())
+        try:
+            await asyncio.wait((task,))
+        finally:
+            self._connecting = None
+            task.cancel()   # done: a no-op; else this loop's own task was cancelled
+        return None if task.cancelled() else task.result()
 
     def _track(self, tasks: set[asyncio.Task[None]], work: Coroutine[Any, Any, None]) -> None:
         """Run ``work`` as a task in ``tasks``; when it ends, wake the loop, and hand
@@ -255,7 +278,7 @@ class StreamForwarder:
     async def _deliver(self, batch: Prepared) -> None:
         self.state.state = "sending"
         # No await before send: over a websocket, batches go out in the order they start.
-        result: SendResult = await self.uplink.send(batch) if batch.seqs else Acked(())
+        result: SendResult = await self._send(batch) if batch.seqs else Acked(())
         match result:
             case Refused(reason=reason):
                 await self._apply(Acked(()), batch, batch.refused)
@@ -263,13 +286,18 @@ class StreamForwarder:
             case Acked() | Retry():
                 await self._apply(result, batch, batch.refused)
 
+    def _send(self, batch: Prepared) -> Coroutine[Any, Any, SendResult]:
+        """The uplink's send of ``batch``, counted (``sent``: resends count again)."""
+        self.state.sent += len(batch.seqs)
+        return self.uplink.send(batch)
+
     async def _split(self, batch: Prepared, reason: str) -> None:
         """Bisect a refused batch until the events that cause it are isolated."""
         if len(batch.seqs) == 1:
             await self._apply(Acked(()), batch, ((batch.seqs[0], reason),))
             return
         for part in batch.halves():
-            match await self.uplink.send(part):
+            match await self._send(part):
                 case Refused(reason=why):
                     await self._split(part, why)
                 case Acked() | Retry() as result:
@@ -366,6 +394,8 @@ class StreamForwarder:
 
     def stop(self) -> None:
         self.stopping = True
+        if self._connecting is not None:
+            self._connecting.cancel()
         self.interrupt.set()
         self.wake.set()
 

@@ -175,6 +175,10 @@ def _upstreams(out: Exposition, ups: list[UpstreamStatus]) -> None:
     out.family("upstream_acked_total", "counter",
                "Events each upstream acknowledged since the agent started.",
                per(u["acked"] for u in ups))
+    out.family("upstream_sent_total", "counter",
+               "Events in the batches sent, or tried, to each upstream since the agent "
+               "started; a resend counts again (beside acked: what resends cost).",
+               per(u["sent"] for u in ups))
     out.family("upstream_retries_total", "counter",
                "Backoffs after a failed send to each upstream since the agent started.",
                per(u["retries"] for u in ups))

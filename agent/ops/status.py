@@ -53,6 +53,7 @@ class UpstreamStatus(TypedDict):
     last_error: str | None
     last_error_at: float | None
     retries: int | None
+    sent: int | None            # events in batches sent or tried (resends count again)
     acked: int | None
     dead_lettered: int | None
     crashes: int | None
@@ -138,6 +139,7 @@ def _upstream(up: UpstreamConfig, queues: Queues, live: UpstreamState | None) ->
             "last_error": live.last_error if live else None,
             "last_error_at": live.last_error_at if live else None,
             "retries": live.retries if live else None,
+            "sent": live.sent if live else None,
             "acked": live.acked if live else None,
             "dead_lettered": live.dead_lettered if live else None,
             "crashes": live.crashes if live else None,

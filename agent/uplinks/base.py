@@ -1,9 +1,9 @@
 """The contract between the forwarder and every upstream protocol.
 
-An uplink ``prepare``s a batch from queued rows (a ``Prepared`` value, see
-prepare.py), then ``send``s it. Like OpenTelemetry exporters, uplinks *return*
-their outcome and do not raise it: the forwarder alone decides about backoff,
-dead letters and acks.
+An uplink ``connect``s if it keeps a connection, ``prepare``s a batch from queued
+rows (a ``Prepared`` value, see prepare.py), then ``send``s it. Like OpenTelemetry
+exporters, uplinks *return* their outcome and do not raise it: the forwarder alone
+decides about backoff, dead letters and acks.
 
 A new protocol is a subclass of ``UplinkBase`` in its own module plus one line in
 registry.py: the class says which protocol name and URL schemes it serves, which
@@ -74,6 +74,15 @@ class Uplink(Protocol):
     # The forwarder sets this: an uplink hands it anything its own background tasks
     # (a websocket reader, say) raise unexpectedly, for the forwarder's supervisor.
     on_crash: Callable[[BaseException], None]
+
+    async def connect(self) -> str | None:
+        """Open what the next send needs, if it is not open: None, or why it cannot be.
+
+        The forwarder calls it with no batch in flight, before it prepares one, so that
+        an upstream that cannot be reached costs no batch's work on every retry; a
+        reason is a failed send (the forwarder backs off, then closes the uplink).
+        """
+        ...
 
     def prepare(self, rows: Sequence[Row]) -> Prepared:
         """The next batch: the longest prefix of ``rows`` that may go in it, encoded.
@@ -170,6 +179,10 @@ class UplinkBase(ABC):
             return (exc.strerror if isinstance(exc, OSError) and exc.strerror
                     else str(exc) or type(exc).__name__)
         writer.close()
+        return None
+
+    async def connect(self) -> str | None:
+        """Nothing to open: an HTTP request connects (or reuses a connection) as it goes."""
         return None
 
     def prepare(self, rows: Sequence[Row]) -> Prepared:

@@ -1,7 +1,9 @@
 """Nucleus over a websocket: frames out, `reportedIds` back, several batches in flight.
 
-The connection is opened on first use and kept; a heartbeat goes out after
-60 s without traffic, as the official modules do.
+The connection is opened by ``connect``, which the forwarder calls before it prepares
+a batch (so that a retry against an upstream that is down builds no batch), or else
+on first use, and kept; a heartbeat goes out after 60 s without traffic, as the
+official modules do.
 
 FIFO across drops. Frames leave in the order the forwarder took
 their batches (one lock, acquired in that order). Once a batch on a connection
@@ -122,6 +124,13 @@ class NucleusWsUplink(NucleusFraming, UplinkBase):
         self.in_flight.update(zip(prepared.ids, prepared.seqs))
         return prepared
 
+    async def connect(self) -> str | None:
+        """Open the websocket before a batch is prepared for it: with the upstream down,
+        a retry fails here, before its batch is built (Segment events: mapped)."""
+        async with self._send_lock:
+            link = await self._usable_link()
+        return link.lost
+
     async def send(self, prepared: Prepared) -> SendResult:
         async with self._send_lock:  # FIFO: batches start in the order they were prepared
             link = await self._usable_link()
@@ -189,6 +198,9 @@ class NucleusWsUplink(NucleusFraming, UplinkBase):
             # A redirect is an UpstreamRedirect here: the session never follows one.
             return _Link(None, 0, lost=f"connect failed: {_describe(exc)}")
         link = _Link(ws, min(CLOSE_GRACE_S, self.cfg.timeout_s))
+        # The handshake is traffic: the first heartbeat is due a minute after it, not now
+        # (``connect`` opens the link before the first frame is even prepared).
+        self._last_sent = asyncio.get_running_loop().time()
         link.tasks = [asyncio.create_task(self._guard(link, self._read(link, ws)),
                                           name=f"ws-read-{self.name}"),
                       asyncio.create_task(self._guard(link, self._heartbeats(ws)),
