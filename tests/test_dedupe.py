@@ -3,6 +3,8 @@ a hard cap that forgets the oldest first and counts it, and a rebuild from store
 
 from __future__ import annotations
 
+import tracemalloc
+
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
@@ -233,3 +235,26 @@ def test_loading_more_distinct_keys_than_the_cap_at_once_forgets_as_one_by_one(
     at_once = DedupeIndex(WINDOW, max_keys)
     at_once.load_all(stored)
     assert _state(at_once) == _state(one_by_one)
+
+
+def test_loading_far_over_the_cap_at_once_holds_no_more_than_the_cap() -> None:
+    """dedupe_max_keys bounds the rebuild's memory too, not only what it keeps: a spool
+    holding 40x the cap (an outage) must not cost a set of all its keys at startup."""
+    records = [(keys_to_bytes(range(i * 100, i * 100 + 100)), DAY0 + i, i) for i in range(2000)]
+
+    def peak(load: str) -> int:
+        tracemalloc.start()
+        try:
+            index = DedupeIndex(WINDOW, max_keys=5_000)
+            if load == "all":
+                index.load_all(records)
+            else:
+                for record in records:
+                    index.load(*record)
+            assert len(index) <= 5_000 and index.forgotten == 200_000 - len(index)
+            return tracemalloc.get_traced_memory()[1]
+        finally:
+            tracemalloc.stop()
+
+    one_by_one, at_once = peak("one"), peak("all")
+    assert at_once <= 2 * one_by_one, (at_once, one_by_one)
