@@ -14,11 +14,12 @@ ROOT = Path(__file__).resolve().parent.parent
 async def wait_for(cond: Callable[[], bool | Awaitable[bool]], timeout: float = 15.0) -> None:
     """Return once ``cond()`` holds (awaited when it is a coroutine, e.g. a /status read);
     fail the test after ``timeout`` seconds."""
-    deadline = asyncio.get_running_loop().time() + timeout
-    while not await _holds(cond):
-        if asyncio.get_running_loop().time() > deadline:
-            raise AssertionError("condition not met in time")
-        await asyncio.sleep(0.02)
+    try:
+        async with asyncio.timeout(timeout):  # a read that never answers is bounded too
+            while not await _holds(cond):
+                await asyncio.sleep(0.02)
+    except TimeoutError:
+        raise AssertionError("condition not met in time") from None
 
 
 async def _holds(cond: Callable[[], bool | Awaitable[bool]]) -> bool:
