@@ -141,8 +141,9 @@ def _ceiling(h: Harness, upstream: Proc, protocol: str, d: Path) -> dict[str, An
     if protocol == "segment-http":
         # An HTTP uplink has one batch in flight per key (FIFO per key and lane): the sink
         # at one request at a time bounds what a single key's drain can reach.
-        out["one_at_a_time_events_per_s"] = h.loaded(upstream, replace(load, connections=1),
-                                                     d)["events_per_s"]
+        one = h.loaded(upstream, replace(load, connections=1), d)
+        out["one_at_a_time_events_per_s"] = one["events_per_s"]
+        out["one_at_a_time_errors"] = one["errors"]
     return out
 
 

@@ -52,6 +52,7 @@ def _parse(out: str) -> dict[str, Any]:
 
 
 def _wrk(load: Load, workdir: Path, threads: int) -> dict[str, Any]:
+    threads = min(threads, load.connections)  # wrk refuses more threads than connections
     script = workdir / f"wrk-{load.kind}.lua"
     script.write_text(lua_for(load.kind, bounded=load.max_requests > 0,
                               fixed=load.body_file is not None))

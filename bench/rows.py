@@ -34,8 +34,11 @@ def _pct(x: float | None) -> str:
 
 def _one_at_a_time(ev: float | None, ceiling: dict[str, Any]) -> str:
     one = ceiling.get("one_at_a_time_events_per_s")
-    return "" if one is None else (f"; the sink at one request at a time (all one key's "
-                                   f"FIFO allows) {fmt(one)} ev/s ({ratio(ev, one)})")
+    if one is None:
+        return ""
+    errors = ceiling.get("one_at_a_time_errors")
+    return (f"; the sink at one request at a time (all one key's FIFO allows) {fmt(one)} "
+            f"ev/s ({ratio(ev, one)})" + (f", {errors} errors" if errors else ""))
 
 
 def _ge(a: float | None, k: float, b: float | None) -> bool:
