@@ -197,7 +197,7 @@ class _FailsAtOnce:
         self.failures = failures
         self.sends = 0
 
-    async def connect(self) -> str | None:
+    def connecting(self) -> None:
         return None
 
     def prepare(self, rows: list[Row]) -> Prepared:

@@ -438,7 +438,7 @@ class _GatedUplink:
         self.release = asyncio.Event()
         self.sending = asyncio.Event()
 
-    async def connect(self) -> str | None:
+    def connecting(self) -> None:
         return None
 
     def prepare(self, rows: list[Any]) -> Any:

@@ -149,7 +149,8 @@ class StreamForwarder:
         # read beyond it were built, dropped and read again, four times over.
         free = min(FETCH_FACTOR, self.window - len(self._tasks))
         limit = self.cfg.batch_max_events * free
-        rows = await self.spool.fetch(self.stream.id, self._cursors, limit, self.lanes)
+        lanes = self.lanes
+        rows = await self.spool.fetch(self.stream.id, self._cursors, limit, lanes)
         if self._failed is not None or self._crash is not None:
             return  # a batch failed during the read: nothing new goes out before the resend
         if not rows:
@@ -171,12 +172,11 @@ class StreamForwarder:
             self._ack_held()
             await self._idle(until_due(_oldest(rows), self.cfg.flush_interval_s))
             return
-        if not self._tasks:
+        if not self._tasks and (opening := self.uplink.connecting()) is not None:
             # A connection may open now: open it before preparing, or an upstream that
             # is down costs every retry its batch (Segment events bound to nucleus-ws: a
             # mapping each) before the connect fails.
-            lanes = self.lanes
-            error = await self._connect()
+            error = await self._connect(opening)
             if error is not None:
                 self._failed = Retry(error)
                 return
@@ -200,10 +200,10 @@ class StreamForwarder:
                 return
             batch = self.uplink.prepare(rows)
 
-    async def _connect(self) -> str | None:
+    async def _connect(self, opening: Coroutine[Any, Any, str | None]) -> str | None:
         """The uplink's connect, as a task that a stop cancels: a handshake that hangs
         can take timeout_s, and a stop waits only a grace for the batches in flight."""
-        task = self._connecting = asyncio.ensure_future(self.uplink.connect())
+        task = self._connecting = asyncio.ensure_future(opening)
         try:
             await asyncio.wait((task,))
         finally:

@@ -1,6 +1,6 @@
 """The contract between the forwarder and every upstream protocol.
 
-An uplink ``connect``s if it keeps a connection, ``prepare``s a batch from queued
+An uplink opens its connection (``connecting``) if it keeps one, ``prepare``s a batch from queued
 rows (a ``Prepared`` value, see prepare.py), then ``send``s it. Like OpenTelemetry
 exporters, uplinks *return* their outcome and do not raise it: the forwarder alone
 decides about backoff, dead letters and acks.
@@ -16,7 +16,7 @@ from __future__ import annotations
 import asyncio
 import socket
 from abc import ABC, abstractmethod
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Coroutine, Sequence
 from dataclasses import dataclass
 from typing import Any, ClassVar, Protocol
 from urllib.parse import urlsplit
@@ -75,8 +75,10 @@ class Uplink(Protocol):
     # (a websocket reader, say) raise unexpectedly, for the forwarder's supervisor.
     on_crash: Callable[[BaseException], None]
 
-    async def connect(self) -> str | None:
-        """Open what the next send needs, if it is not open: None, or why it cannot be.
+    def connecting(self) -> Coroutine[Any, Any, str | None] | None:
+        """None if the uplink keeps no connection (HTTP: a request connects as it goes),
+        else the opening of what the next send needs (resolving to None, or why it
+        cannot be opened).
 
         The forwarder calls it with no batch in flight, before it prepares one, so that
         an upstream that cannot be reached costs no batch's work on every retry; a
@@ -181,9 +183,8 @@ class UplinkBase(ABC):
         writer.close()
         return None
 
-    async def connect(self) -> str | None:
-        """Nothing to open: an HTTP request connects (or reuses a connection) as it goes."""
-        return None
+    def connecting(self) -> Coroutine[Any, Any, str | None] | None:
+        return None  # nothing kept open: an HTTP request connects (or reuses one) as it goes
 
     def prepare(self, rows: Sequence[Row]) -> Prepared:
         return splice.take(self, rows) or take_prefix(self, rows)

@@ -1,6 +1,6 @@
 """Nucleus over a websocket: frames out, `reportedIds` back, several batches in flight.
 
-The connection is opened by ``connect``, which the forwarder calls before it prepares
+The connection is opened by ``connecting``, which the forwarder calls before it prepares
 a batch (so that a retry against an upstream that is down builds no batch), or else
 on first use, and kept; a heartbeat goes out after 60 s without traffic, as the
 official modules do.
@@ -20,7 +20,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
-from collections.abc import Awaitable, Sequence
+from collections.abc import Awaitable, Coroutine, Sequence
 from typing import Any, ClassVar
 
 import aiohttp
@@ -124,7 +124,10 @@ class NucleusWsUplink(NucleusFraming, UplinkBase):
         self.in_flight.update(zip(prepared.ids, prepared.seqs))
         return prepared
 
-    async def connect(self) -> str | None:
+    def connecting(self) -> Coroutine[Any, Any, str | None]:
+        return self._connect()
+
+    async def _connect(self) -> str | None:
         """Open the websocket before a batch is prepared for it: with the upstream down,
         a retry fails here, before its batch is built (Segment events: mapped)."""
         async with self._send_lock:
