@@ -8,6 +8,7 @@ its high lane empty, the key has no forwarding loop, so nothing can be sent.
 from __future__ import annotations
 
 import os
+import threading
 from pathlib import Path
 from typing import Any
 
@@ -197,3 +198,39 @@ async def test_priority_only_sends_the_high_lane_alone_until_the_rule_no_longer_
     timing.advance(BATTERY_POLL_S)
     await wait_for(lambda: agent.spool.depth == 0)
     assert [ev["id"] for ev in fake_nucleus.events] == [1, 4, 7, 2, 3, 5, 6]
+
+
+async def test_a_lane_change_during_a_read_sends_nothing_read_under_the_old_lanes(
+        make_agent: Any, fake_nucleus: FakeNucleus) -> None:
+    """The lanes change to priority_only while the forwarder's read waits for the reader
+    thread (held here by a call queued ahead of it): the normal event that read took
+    under the old lanes must not go out with the high one."""
+    timing = ManualTiming()
+    battery = {"now": Battery(percent=9, plugged=True)}
+    # nucleus-http: no connection to open between the read and the batch; two events are
+    # a whole batch, due at once.
+    up = {**nucleus_up(fake_nucleus), "protocol": "nucleus-http", "url": fake_nucleus.http_url,
+          "batch_max_events": 2}
+    agent = await make_agent(upstreams=[up], seams=Seams(timing=timing),
+                             battery=lambda: battery["now"],
+                             sync={"on_low_battery": "priority_only", "low_battery_pct": 20})
+    reader = agent.spool.reader
+    assert reader is not None
+    release = threading.Event()
+    holding = reader.run(lambda conn: release.wait(30))
+    try:
+        await post(agent.port, [(1, "event"), (2, "init")])
+        await wait_for(lambda: reader._calls.qsize() >= 1)   # the forwarder's read, queued
+        loop = agent.forwarding.loops["app1"]
+        assert loop.lanes == (HIGH, NORMAL)
+        battery["now"] = Battery(percent=9, plugged=False)
+        await wait_for(lambda: BATTERY_POLL_S in timing.pending())
+        timing.advance(BATTERY_POLL_S)
+        await wait_for(lambda: loop.lanes == (HIGH,))
+    finally:
+        release.set()
+        await holding
+    await wait_for(lambda: agent.spool.streams["app1"].high == 0
+                   and "app1" not in agent.forwarding.loops)
+    assert [ev["id"] for ev in fake_nucleus.events] == [2]
+    assert agent.spool.streams["app1"].depth == 1   # 1, normal: held
