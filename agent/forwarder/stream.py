@@ -153,6 +153,8 @@ class StreamForwarder:
         rows = await self.spool.fetch(self.stream.id, self._cursors, limit, lanes)
         if self._failed is not None or self._crash is not None:
             return  # a batch failed during the read: nothing new goes out before the resend
+        if self.lanes != lanes:
+            return  # the lanes changed during the read: what it read may not go out
         if not rows:
             self._ack_held()
             if not self._tasks:  # everything sent and answered: a flush is complete
