@@ -17,8 +17,9 @@ def malloc_trim() -> Callable[[int], int] | None:
     if not sys.platform.startswith("linux") or platform.libc_ver()[0] != "glibc":
         return None
     try:
-        # glibc's soname; ctypes.util.find_library would run ldconfig in a subprocess
-        fn = ctypes.CDLL("libc.so.6").malloc_trim
+        # The running process's own symbols, glibc's among them, whatever its soname
+        # (libc.so.6.1 on some architectures); find_library would run ldconfig.
+        fn = ctypes.CDLL(None).malloc_trim
     except (OSError, AttributeError):
         return None
     fn.argtypes = [ctypes.c_size_t]
