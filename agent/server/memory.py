@@ -8,9 +8,9 @@ Two things kept RSS at its peak long after a burst had been committed:
   meanwhile (a forwarder's batch, a log record) pin them: measured, RSS crept
   up by 4 to 7 MB with each burst of 4 MiB Nucleus posts and never came back.
   ``outpost run`` therefore re-executes itself with ``PYTHONMALLOC=malloc`` on
-  glibc (allocator.py), so that objects come from the C allocator, which can hand back any
-  free page; measured, the same bursts then leave RSS within 6 MB of idle, at
-  no measurable cost in throughput (bench/RESULTS.md). An explicit
+  glibc (allocator.py), so that objects come from the C allocator, which can
+  hand back any free page; measured, the same bursts then leave RSS within 6 MB
+  of idle, at no measurable cost in throughput (bench/RESULTS.md). An explicit
   ``PYTHONMALLOC`` in the environment is left alone.
 - The C allocator keeps freed memory in its free lists; ``malloc_trim`` returns
   it. ``Trimmer`` calls it once a burst is over.

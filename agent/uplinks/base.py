@@ -1,9 +1,9 @@
 """The contract between the forwarder and every upstream protocol.
 
-An uplink opens its connection (``connecting``) if it keeps one, ``prepare``s a batch from queued
-rows (a ``Prepared`` value, see prepare.py), then ``send``s it. Like OpenTelemetry
-exporters, uplinks *return* their outcome and do not raise it: the forwarder alone
-decides about backoff, dead letters and acks.
+An uplink opens its connection (``connecting``) if it keeps one, ``prepare``s a
+batch from queued rows (a ``Prepared`` value, see prepare.py), then ``send``s it.
+Like OpenTelemetry exporters, uplinks *return* their outcome and do not raise it:
+the forwarder alone decides about backoff, dead letters and acks.
 
 A new protocol is a subclass of ``UplinkBase`` in its own module plus one line in
 registry.py: the class says which protocol name and URL schemes it serves, which

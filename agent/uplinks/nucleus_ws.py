@@ -202,7 +202,7 @@ class NucleusWsUplink(NucleusFraming, UplinkBase):
             return _Link(None, 0, lost=f"connect failed: {_describe(exc)}")
         link = _Link(ws, min(CLOSE_GRACE_S, self.cfg.timeout_s))
         # The handshake is traffic: the first heartbeat is due a minute after it, not now
-        # (``connect`` opens the link before the first frame is even prepared).
+        # (``connecting`` opens the link before the first frame is even prepared).
         self._last_sent = asyncio.get_running_loop().time()
         link.tasks = [asyncio.create_task(self._guard(link, self._read(link, ws)),
                                           name=f"ws-read-{self.name}"),
