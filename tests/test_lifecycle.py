@@ -141,3 +141,36 @@ async def test_a_second_sigint_exits_at_once(tmp_path: Path, faulty: FaultyUpstr
     log = agent.log.read_text()
     assert "Traceback" not in log and "outpost stopped" not in log
     assert log.count("second interrupt") == 1, log
+
+
+# -- a stop during the start -------------------------------------------------------------------
+
+@pytest.mark.skipif(sys.platform == "win32", reason="signals and AF_UNIX sockets")
+async def test_sigterm_during_the_start_stops_gracefully(
+        tmp_path: Path, agent_process: Callable[..., AgentProcess]) -> None:
+    """A service manager may stop the agent while it is still starting (a large spool, a
+    slow bus). The stop is graceful: exit 0, the stop logged, never the default SIGTERM
+    death. The start is held where it waits for the network's cost: on a bus that accepts
+    the connection and never answers."""
+    bus = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    bus.bind(str(tmp_path / "bus"))
+    bus.listen()
+    port = free_port()
+    cfg = write_config(tmp_path / "agent.toml", tmp_path / "spool.db", port=port,
+                       sync={"on_metered": "hold",
+                             "dbus_address": f"unix:path={tmp_path / 'bus'}"})
+    agent = agent_process(cfg, port)
+    env = {**os.environ, "PYTHONUNBUFFERED": "1"}
+    with open(agent.log, "ab") as log:
+        agent.proc = subprocess.Popen([sys.executable, "-m", "agent", "run", "--config", str(cfg)],
+                                      cwd=ROOT, env=env, stdout=log, stderr=subprocess.STDOUT)
+    conn, _ = await asyncio.to_thread(bus.accept)   # the start is waiting for the bus now
+    try:
+        agent.proc.send_signal(signal.SIGTERM)
+        code, _ = await exit_code(agent, 20)
+    finally:
+        conn.close()
+        bus.close()
+    log_text = agent.log.read_text()
+    assert code == 0, (code, log_text)
+    assert "outpost stopped" in log_text and "Traceback" not in log_text, log_text
