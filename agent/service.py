@@ -12,7 +12,8 @@ import logging
 import os
 import signal
 import sys
-from collections.abc import Iterable, Mapping
+from collections.abc import Coroutine, Iterable, Mapping
+from typing import Any
 
 from aiohttp import web
 
@@ -87,7 +88,7 @@ class Agent:
         self.port = cfg.listen.port
         self._stop = asyncio.Event()
         self._reload = asyncio.Event()
-        self._force = asyncio.Event()   # a second SIGINT during the graceful stop
+        self._force = asyncio.Event()   # a second SIGINT during the start or the graceful stop
 
     async def start(self) -> None:
         """Build and start every part. Each part's undo goes on one exit stack (aiohttp's
@@ -288,7 +289,22 @@ class Agent:
 
     async def serve(self) -> int:
         loop = asyncio.get_running_loop()
-        await self.start()
+        # Before the start: a service manager's stop during a slow start (a large spool, a
+        # slow bus) is graceful too, after the start, rather than the default SIGTERM death.
+        signals = (signal.SIGINT, signal.SIGTERM, signal.SIGHUP) if sys.platform != "win32" else ()
+        for sig, handler in zip(signals, (self._interrupt, self._stop.set, self._reload.set)):
+            loop.add_signal_handler(sig, handler)
+        try:
+            await self._unless_forced(self.start(), "during the start")
+            if self._stop.is_set():
+                log.info("a stop was asked for during the start: stopping now")
+            await self._serve_until_stopped()
+        finally:
+            for sig in signals:
+                loop.remove_signal_handler(sig)
+        return 0
+
+    async def _serve_until_stopped(self) -> None:
         assert self.spool is not None
         self.notifier.ready(self._status_line())
         interval = self.notifier.watchdog_interval()
@@ -296,10 +312,6 @@ class Agent:
             watchdog = asyncio.create_task(self._watchdog_loop(interval), name="watchdog")
             assert self._stack is not None
             self._stack.callback(watchdog.cancel)
-        if sys.platform != "win32":
-            loop.add_signal_handler(signal.SIGINT, self._interrupt)
-            loop.add_signal_handler(signal.SIGTERM, self._stop.set)
-            loop.add_signal_handler(signal.SIGHUP, self._reload.set)
         try:
             while not self._stop.is_set():
                 waiter = asyncio.ensure_future(self._reload.wait())
@@ -314,30 +326,27 @@ class Agent:
                     self.notifier.ready()
         finally:
             self.notifier.stopping()
-            await self._drain()
-            with contextlib.suppress(NotImplementedError):
-                for sig in (signal.SIGINT, signal.SIGTERM, signal.SIGHUP):
-                    loop.remove_signal_handler(sig)
-        return 0
+            await self._unless_forced(self.stop(), "without finishing the drain; events not "
+                                                   "yet forwarded stay in the spool")
 
     def _interrupt(self) -> None:
         """SIGINT: the first starts the graceful stop, a second one during it forces exit
-        (as uvicorn's handler does). Only sets flags; ``_drain`` acts on them."""
+        (as uvicorn's handler does). Only sets flags; ``_unless_forced`` acts on them."""
         if self._stop.is_set():
             self._force.set()
         self._stop.set()
 
-    async def _drain(self) -> None:
-        """``stop``, unless a second SIGINT comes first: then exit at once."""
-        stopping = asyncio.ensure_future(self.stop())
+    async def _unless_forced(self, work: Coroutine[Any, Any, None], when: str) -> None:
+        """Await ``work`` (the start, or the stop's drain), unless a second SIGINT comes
+        first: then exit at once."""
+        working = asyncio.ensure_future(work)
         forced = asyncio.ensure_future(self._force.wait())
-        await asyncio.wait({stopping, forced}, return_when=asyncio.FIRST_COMPLETED)
+        await asyncio.wait({working, forced}, return_when=asyncio.FIRST_COMPLETED)
         forced.cancel()
-        if not stopping.done():
-            log.warning("second interrupt: exiting now without finishing the drain; events "
-                        "not yet forwarded stay in the spool")
+        if not working.done():
+            log.warning("second interrupt: exiting now %s", when)
             _exit_now(EXIT_FORCED)
-        stopping.result()   # raises what the stop raised
+        working.result()   # raises what the work raised
 
 
 def _exit_now(code: int) -> None:
