@@ -82,3 +82,24 @@ async def test_a_stop_during_a_handshake_that_hangs_is_not_held_for_timeout_s(
     await wait_for(lambda: any(r.fault == "connect-timeout" for r in faulty.requests))
     await asyncio.wait_for(agent.stop(), 15)   # the grace for batches in flight is 5 s
     assert agent.spool.depth == 1   # nothing went out; the event waits in the spool
+
+
+async def test_an_upstream_that_closes_each_websocket_at_once_costs_one_handshake_a_retry(
+        make_agent: Any, faulty: FaultyUpstream) -> None:
+    """A connection the upstream closes before its first frame is not an idle drop to
+    replace at once: the retry fails on it, and the next waits out its backoff."""
+    faulty.connect_script = [Fault("close")] * (4 * RETRIES)   # more than any count below
+    timing = ManualTiming()
+    agent = await make_agent(upstreams=[upstream(faulty, "nucleus-ws")],
+                             seams=seams(timing, Backoff(base_s=8.0)))
+    state = agent.forwarding.states["up"]
+    await send(agent, [event(i) for i in range(3)])
+    await wait_for(lambda: state.retries == 1)
+    for n in range(2, RETRIES + 1):
+        await quiet(agent, timing, 1)   # the key's retry (the upstream answered: no probe waits)
+        timing.advance(timing.pending()[0])
+        await wait_for(lambda: state.retries == n)  # noqa: B023 - awaited in this iteration
+    await quiet(agent, timing, 1)
+    handshakes = [r for r in faulty.requests if r.fault == "connect-close"]
+    assert len(handshakes) == RETRIES, [r.fault for r in faulty.requests]
+    assert agent.spool.depth == 3

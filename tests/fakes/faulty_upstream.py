@@ -8,7 +8,8 @@ websocket frame a ``close``, ``flap_delay`` seconds after the frame arrived
 (a connection that keeps dropping, at a moment the agent does not choose).
 Each websocket handshake takes the next Fault from ``connect_script``: a
 ``status`` fault answers the upgrade request with that status (5xx, 429 +
-Retry-After, a 3xx redirect), a ``timeout`` holds it for ``delay`` seconds.
+Retry-After, a 3xx redirect), a ``timeout`` holds it for ``delay`` seconds, a
+``close`` accepts the handshake and closes the websocket at once.
 Every request is logged with its arrival and reply times, so tests measure
 the agent's waits from the upstream's side instead of sleeping.
 """
@@ -161,6 +162,9 @@ class FaultyUpstream(LoopbackServer):
             await asyncio.sleep(fault.delay)
         ws = web.WebSocketResponse(max_msg_size=0)
         await ws.prepare(request)
+        if fault is not None and fault.kind == "close":
+            await ws.close()
+            return ws
         self._sockets.add(ws)
         async for frame in ws:
             if frame.type not in (WSMsgType.TEXT, WSMsgType.BINARY):
