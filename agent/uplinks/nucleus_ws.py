@@ -12,7 +12,9 @@ is done: every later send fails at once, without connecting, because a later
 batch must not reach the upstream before the earlier one is sent again. Only
 ``close()``, which the forwarder calls once every in-flight batch has settled,
 lets the next send open a new connection. A connection that dropped while every
-batch sent on it was acknowledged (an idle drop) is replaced without a failure.
+batch sent on it was acknowledged (an idle drop) is replaced without a failure; one
+that dropped before its first frame (an upstream that closes each connection at once)
+fails the send, so that each retry costs one handshake, not two.
 """
 
 from __future__ import annotations
@@ -53,6 +55,7 @@ class _Link:
         self.lost = lost          # why no more frames may go on it
         self.failed = lost is not None  # a batch sent on it was not wholly acknowledged
         self.sending = 0          # sends on it that have not returned yet
+        self.carried = False      # a frame went out on it
         self.acked: set[int] = set()
         self.tasks: list[asyncio.Task[None]] = []
         self._waiters: list[asyncio.Future[None]] = []
@@ -131,15 +134,16 @@ class NucleusWsUplink(NucleusFraming, UplinkBase):
         """Open the websocket before a batch is prepared for it: with the upstream down,
         a retry fails here, before its batch is built (Segment events: mapped)."""
         async with self._send_lock:
-            link = await self._usable_link()
+            link = await self._usable_link(replace_unused=True)
         return link.lost
 
     async def send(self, prepared: Prepared) -> SendResult:
         async with self._send_lock:  # FIFO: batches start in the order they were prepared
-            link = await self._usable_link()
+            link = await self._usable_link(replace_unused=False)
             link.sending += 1
             if link.ws is not None and link.lost is None:
                 try:
+                    link.carried = True
                     await _send_text(link.ws, frame(prepared))
                     self._last_sent = asyncio.get_running_loop().time()
                 except (aiohttp.ClientError, OSError, TimeoutError, RuntimeError) as exc:
@@ -176,12 +180,17 @@ class NucleusWsUplink(NucleusFraming, UplinkBase):
             await link.changed(remaining)
         return None
 
-    async def _usable_link(self) -> _Link:
-        """The connection for the next frame (a dead one, if it must not be replaced yet)."""
+    async def _usable_link(self, replace_unused: bool) -> _Link:
+        """The connection for the next frame (a dead one, if it must not be replaced yet).
+
+        A dead one that never carried a frame is replaced only by ``connecting``, the
+        start of an attempt: lost between that and the send, the upstream closed it at
+        once, and the send fails on it."""
         link = self._link
         if link is not None and link.ws is not None and link.ws.closed:
             link.lose(LOST)   # its reader may not have run since the close
-        if link is not None and link.lost is not None and not link.failed and not link.sending:
+        if (link is not None and link.lost is not None and not link.failed and not link.sending
+                and (link.carried or replace_unused)):
             await link.close()  # every batch sent on it was acknowledged: none can be overtaken
             link = None
         if link is None:
