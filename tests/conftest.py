@@ -148,9 +148,10 @@ class AgentProcess:
         self.proc: subprocess.Popen[bytes] | None = None
         self.log = config.with_suffix(".log")
 
-    def start(self, timeout: float = 15.0) -> AgentProcess:
+    def spawn(self) -> int:
+        """Start the process without waiting for it; where its new output begins in the log
+        (appended to across restarts)."""
         env = {**os.environ, **(self.env or {}), "PYTHONUNBUFFERED": "1"}
-        # The log is appended to across restarts: look for the banner only in new output.
         offset = self.log.stat().st_size if self.log.exists() else 0
         with open(self.log, "ab") as log:
             self.proc = subprocess.Popen([sys.executable, "-m", "agent", "run", "--config",
@@ -158,6 +159,11 @@ class AgentProcess:
                                          stderr=subprocess.STDOUT,
                                          # Tests pass setrlimit only: nothing lock-taking.
                                          preexec_fn=self.preexec_fn)  # noqa: PLW1509
+        return offset
+
+    def start(self, timeout: float = 15.0) -> AgentProcess:
+        offset = self.spawn()   # the banner is looked for only in new output
+        assert self.proc is not None
         deadline = time.monotonic() + timeout
         while time.monotonic() < deadline:
             if self.proc.poll() is not None:

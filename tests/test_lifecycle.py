@@ -160,10 +160,8 @@ async def test_sigterm_during_the_start_stops_gracefully(
                        sync={"on_metered": "hold",
                              "dbus_address": f"unix:path={tmp_path / 'bus'}"})
     agent = agent_process(cfg, port)
-    env = {**os.environ, "PYTHONUNBUFFERED": "1"}
-    with open(agent.log, "ab") as log:
-        agent.proc = subprocess.Popen([sys.executable, "-m", "agent", "run", "--config", str(cfg)],
-                                      cwd=ROOT, env=env, stdout=log, stderr=subprocess.STDOUT)
+    agent.spawn()
+    assert agent.proc is not None
     conn, _ = await asyncio.to_thread(bus.accept)   # the start is waiting for the bus now
     try:
         agent.proc.send_signal(signal.SIGTERM)
