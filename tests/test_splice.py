@@ -156,3 +156,28 @@ async def test_ids_ingest_read_are_stored_with_the_events_and_old_records_still_
     finally:
         await fake.stop()
         await spool.close()
+
+
+@settings(max_examples=300, deadline=None)
+@given(runs(), st.integers(1, 12), st.integers(40, 1500))
+async def test_a_segment_request_body_stamps_every_event_as_stored_whichever_way_it_was_cut(
+        got: list[Run], events: int, nbytes: int) -> None:
+    """The request body holds each event sent, as stored, with `sentAt` put first; a batch
+    the splice checked (``objects``) gives the same bytes as one checked again per body."""
+    async with aiohttp.ClientSession() as session:
+        up = SegmentHttpUplink(config(SegmentHttpUplink, events, nbytes), "app", session, "m")
+        batch = up.prepare(Queued(got))
+    if not batch.seqs:
+        return
+    at = "2026-01-02T03:04:05.006Z"
+    body = up.payload(batch, at)
+    unchecked = Prepared(batch.rows, batch.seqs, batch.bodies, batch.ids, batch.refused)
+    assert body == up.payload(unchecked, at)
+    for half in batch.halves():
+        assert half.objects == batch.objects
+    sent = orjson.loads(body)
+    assert sent["sentAt"] == at
+    assert [list(ev) for ev in sent["batch"]] == [["sentAt", *orjson.loads(b)]
+                                                  for b in batch.bodies]
+    assert [ev.pop("sentAt") for ev in sent["batch"]] == [at] * len(batch.bodies)
+    assert sent["batch"] == [orjson.loads(b) for b in batch.bodies]

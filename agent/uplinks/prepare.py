@@ -45,6 +45,9 @@ class Prepared:
     bodies: tuple[bytes, ...]             # their encoded events
     ids: tuple[Any, ...]                  # what the upstream acknowledges them by
     refused: tuple[tuple[int, str], ...]  # (seq, why) for rows that can never be sent
+    # Every body is a JSON object with members (splice.objects), known when it was cut:
+    # segment_http then splices `sentAt` in without checking each body again.
+    objects: bool = False
 
     def halves(self) -> tuple[Prepared, Prepared]:
         """The rows to send, in two batches of about half each (to isolate a refusal)."""
@@ -55,7 +58,7 @@ class Prepared:
         seqs = self.seqs[part]
         keep = set(seqs)
         return Prepared(tuple(r for r in self.rows if r.seq in keep), seqs, self.bodies[part],
-                        self.ids[part], ())
+                        self.ids[part], (), self.objects)
 
 
 class Encoder(Protocol):
