@@ -173,8 +173,9 @@ async def test_a_segment_request_body_stamps_every_event_as_stored_whichever_way
     body = up.payload(batch, at)
     unchecked = Prepared(batch.rows, batch.seqs, batch.bodies, batch.ids, batch.refused)
     assert body == up.payload(unchecked, at)
-    for half in batch.halves():
+    for half in batch.halves():   # an empty half too (of a one-event batch)
         assert half.objects == batch.objects
+        assert len(orjson.loads(up.payload(half, at))["batch"]) == len(half.bodies)
     sent = orjson.loads(body)
     assert sent["sentAt"] == at
     assert [list(ev) for ev in sent["batch"]] == [["sentAt", *orjson.loads(b)]
