@@ -72,7 +72,7 @@ class SegmentHttpUplink(UplinkBase):
         """The request body: every event with `sentAt` spliced in first."""
         member = b'"sentAt":"' + sent_at.encode() + b'"'
         after = b'],' + member + b'}'
-        if prepared.objects or objects(prepared.bodies):
+        if (prepared.objects and prepared.bodies) or objects(prepared.bodies):
             return stamped(prepared.bodies, member, b'{"batch":[', after)
         stamp = b"{" + member
         parts = []
