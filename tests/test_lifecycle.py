@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import os
 import signal
 import socket
@@ -147,11 +148,13 @@ async def test_a_second_sigint_exits_at_once(tmp_path: Path, faulty: FaultyUpstr
 
 @pytest.mark.skipif(sys.platform == "win32", reason="signals and AF_UNIX sockets")
 async def test_sigterm_during_the_start_stops_gracefully(
-        tmp_path: Path, agent_process: Callable[..., AgentProcess]) -> None:
+        tmp_path: Path, agent_process: Callable[..., AgentProcess],
+        notify_socket: tuple[socket.socket, str]) -> None:
     """A service manager may stop the agent while it is still starting (a large spool, a
     slow bus). The stop is graceful: exit 0, the stop logged, never the default SIGTERM
-    death. The start is held where it waits for the network's cost: on a bus that accepts
-    the connection and never answers."""
+    death, and the service manager is told it is stopping, never that it is ready. The
+    start is held where it waits for the network's cost: on a bus that accepts the
+    connection and never answers."""
     bus = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
     bus.bind(str(tmp_path / "bus"))
     bus.listen()
@@ -159,7 +162,9 @@ async def test_sigterm_during_the_start_stops_gracefully(
     cfg = write_config(tmp_path / "agent.toml", tmp_path / "spool.db", port=port,
                        sync={"on_metered": "hold",
                              "dbus_address": f"unix:path={tmp_path / 'bus'}"})
-    agent = agent_process(cfg, port)
+    sock, notify = notify_socket
+    # A watchdog pinged every 50 ms: none may follow the stop.
+    agent = agent_process(cfg, port, env={"NOTIFY_SOCKET": notify, "WATCHDOG_USEC": "100000"})
     agent.spawn()
     assert agent.proc is not None
     conn, _ = await asyncio.to_thread(bus.accept)   # the start is waiting for the bus now
@@ -172,3 +177,10 @@ async def test_sigterm_during_the_start_stops_gracefully(
     log_text = agent.log.read_text()
     assert code == 0, (code, log_text)
     assert "outpost stopped" in log_text and "Traceback" not in log_text, log_text
+    assert "a stop was asked for during the start" in log_text, log_text
+    sock.setblocking(False)
+    told = []
+    with contextlib.suppress(BlockingIOError):
+        while True:
+            told.append(sock.recv(4096).split(b"\n")[0])
+    assert told == [b"STOPPING=1"], told
