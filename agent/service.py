@@ -296,9 +296,11 @@ class Agent:
             loop.add_signal_handler(sig, handler)
         try:
             await self._unless_forced(self.start(), "during the start")
-            if self._stop.is_set():
+            if self._stop.is_set():   # not ready, no watchdog: straight to the stop
                 log.info("a stop was asked for during the start: stopping now")
-            await self._serve_until_stopped()
+                await self._stop_serving()
+            else:
+                await self._serve_until_stopped()
         finally:
             for sig in signals:
                 loop.remove_signal_handler(sig)
@@ -325,9 +327,12 @@ class Agent:
                     await self.reload()
                     self.notifier.ready()
         finally:
-            self.notifier.stopping()
-            await self._unless_forced(self.stop(), "without finishing the drain; events not "
-                                                   "yet forwarded stay in the spool")
+            await self._stop_serving()
+
+    async def _stop_serving(self) -> None:
+        self.notifier.stopping()
+        await self._unless_forced(self.stop(), "without finishing the drain; events not "
+                                               "yet forwarded stay in the spool")
 
     def _interrupt(self) -> None:
         """SIGINT: the first starts the graceful stop, a second one during it forces exit
