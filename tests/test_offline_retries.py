@@ -103,3 +103,5 @@ async def test_an_upstream_that_closes_each_websocket_at_once_costs_one_handshak
     handshakes = [r for r in faulty.requests if r.fault == "connect-close"]
     assert len(handshakes) == RETRIES, [r.fault for r in faulty.requests]
     assert agent.spool.depth == 3
+    assert state.last_error.startswith("the upstream closed the connection right after the "
+                                       "handshake (close code 1000)"), state.last_error

@@ -188,7 +188,7 @@ class NucleusWsUplink(NucleusFraming, UplinkBase):
         once, and the send fails on it."""
         link = self._link
         if link is not None and link.ws is not None and link.ws.closed:
-            link.lose(LOST)   # its reader may not have run since the close
+            link.lose(_closed(link, link.ws))   # its reader may not have run since the close
         if (link is not None and link.lost is not None and not link.failed and not link.sending
                 and (link.carried or replace_unused)):
             await link.close()  # every batch sent on it was acknowledged: none can be overtaken
@@ -237,7 +237,7 @@ class NucleusWsUplink(NucleusFraming, UplinkBase):
                 if msg.type in (aiohttp.WSMsgType.TEXT, aiohttp.WSMsgType.BINARY):
                     self._on_message(link, msg.data)
         finally:
-            link.lose(LOST)
+            link.lose(_closed(link, ws))
 
     def _on_message(self, link: _Link, data: str | bytes) -> None:
         try:
@@ -278,6 +278,14 @@ async def _send_text(ws: aiohttp.ClientWebSocketResponse, frame: bytes) -> None:
         await send_frame(frame, aiohttp.WSMsgType.TEXT)
     else:
         await ws.send_str(frame.decode())
+
+
+def _closed(link: _Link, ws: aiohttp.ClientWebSocketResponse) -> str:
+    """Why a closed link is lost. Closed before a frame went out, the upstream refused the
+    connection itself (a key it rejects this way, a restart): a drop must not hide that."""
+    if link.carried:
+        return LOST
+    return f"the upstream closed the connection right after the handshake (close code {ws.close_code})"
 
 
 def _handshake_refused(exc: aiohttp.WSServerHandshakeError) -> str:
