@@ -202,22 +202,27 @@ class SegmentHandlers:
         if not items:
             ok = self.sink.key_allowed(forced_key or batch_key or NO_KEY)
             return _verdict([] if ok else [error_object(401, INVALID_KEY)], {401}, 0)
-        received = spec.received_now()
+        given = spec.shared(spec.received_now(), body)
+        enrich, allowed = self.sink.enrich, self.sink.key_allowed
+        oversize = self.sink.oversize
+        asked: dict[str, bool] = {}   # each key asked once a request
         out = Collected([], [], set())
         for i, ev in enumerate(items):
             key = forced_key or _body_key(ev) or batch_key or NO_KEY
-            if not self.sink.key_allowed(key):
+            known = asked.get(key)
+            if known is None:
+                known = asked[key] = allowed(key)
+            if not known:
                 status, message = 401, INVALID_KEY
             else:
                 try:
-                    event = spec.accept(ev, key, spec.TYPES, received, batch=body,
-                                        raw_size=raw_size, enrich=self.sink.enrich)
+                    event = spec.accept_in(ev, key, spec.TYPES, given, enrich, raw_size)
                 except Invalid as exc:
                     status, message = replies.status_of(exc), exc.message
                 else:
                     # Too large for its upstream (the batch context grew it, say): this
                     # message alone is refused, as the store would refuse the request.
-                    why = self.sink.oversize(event)
+                    why = oversize(event)
                     if why is None:
                         out.events.append(event)
                         continue

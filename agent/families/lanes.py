@@ -76,7 +76,7 @@ class Lanes:
         """The lane of a Nucleus event of type ``kind``."""
         if kind in NUCLEUS_HIGH:
             return HIGH
-        rule = self.rule(key)
+        rule = self._named.get(key, self._rest)  # self.rule, without a call per event
         if rule is NO_RULE:
             return NORMAL
         name = event.get("name")

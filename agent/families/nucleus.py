@@ -11,12 +11,13 @@ from typing import Any
 
 import orjson
 
-from agent.families.enrich import Enrich
+from agent.families.enrich import NEEDS_FACTS, Enrich
 from agent.families.errors import Invalid
 from agent.families.event import NUCLEUS, Event, compact_json, dedupe_key, iso_ms, now_ms
 
 KNOWN_TYPES = frozenset({"init", "event", "error", "userid", "props", "heartbeat", "nucleus:view"})
 _ID_TYPES = (int, float, str)
+_ID_OR_NONE = frozenset({int, float, str, type(None)})   # exact types: bool is not an id
 
 
 def event_type(ev: dict[str, Any]) -> str:
@@ -48,16 +49,27 @@ def check(msg: Any) -> list[dict[str, Any]]:
     if not isinstance(data, list):
         raise Invalid("`data` must be an array of events")
     for i, ev in enumerate(data):
-        if not isinstance(ev, dict):
-            raise Invalid(f"data[{i}] must be an object, got {_json_type(ev)}")
-        if "id" in ev and ev["id"] is not None and (
-                isinstance(ev["id"], bool) or not isinstance(ev["id"], _ID_TYPES)):
-            raise Invalid(f"data[{i}].id must be a string or a number")
-        for field in ("type", "name"):
-            value = ev.get(field)
-            if value is not None and not isinstance(value, str):
-                raise Invalid(f"data[{i}].{field} must be a string")
+        if type(ev) is dict:   # the usual event passes at once; _check names a problem
+            get = ev.get
+            kind, name = get("type"), get("name")
+            if (type(get("id")) in _ID_OR_NONE and (kind is None or type(kind) is str)
+                    and (name is None or type(name) is str)):
+                continue
+        _check(i, ev)
     return data
+
+
+def _check(i: int, ev: Any) -> None:
+    """Raise Invalid naming the first problem with event ``data[i]``."""
+    if not isinstance(ev, dict):
+        raise Invalid(f"data[{i}] must be an object, got {_json_type(ev)}")
+    if "id" in ev and ev["id"] is not None and (
+            isinstance(ev["id"], bool) or not isinstance(ev["id"], _ID_TYPES)):
+        raise Invalid(f"data[{i}].id must be a string or a number")
+    for field in ("type", "name"):
+        value = ev.get(field)
+        if value is not None and not isinstance(value, str):
+            raise Invalid(f"data[{i}].{field} must be a string")
 
 
 def accept(msg: Any, key: str, enrich: Enrich) -> tuple[list[Event], list[Any]]:
@@ -74,16 +86,23 @@ def accept(msg: Any, key: str, enrich: Enrich) -> tuple[list[Event], list[Any]]:
     fill = enrich.nucleus
     lanes = enrich.lanes
     for i, ev in enumerate(data):
-        ev_id = ev.get("id")
+        get = ev.get
+        ev_id = get("id")
         if ev_id is not None:
             acks.append(ev_id)
-        kind = event_type(ev)
+        kind = get("type")
+        if not (type(kind) is str and kind):   # checked: a string or None
+            kind = event_type(ev)
         if kind == "heartbeat":
             continue
         try:
-            ident = dedupe_key(*identity(key, ev, kind))
-            fill(ev, kind)
-            if ev.get("date") is None:
+            # identity(), without a call and a tuple to unpack for each event
+            ident = dedupe_key("nucleus", key, get("machineId") or get("deviceId") or get("anonId"),
+                               get("sessionId"), ev_id, get("date"), kind, get("name")
+                               ) if ev_id is not None else dedupe_key(*identity(key, ev, kind))
+            if kind in NEEDS_FACTS:
+                fill(ev, kind)
+            if get("date") is None:
                 received = received or iso_ms(now_ms())
                 ev["date"] = received
             events.append(Event(key, NUCLEUS, ident, compact_json(ev), ev_id,

@@ -23,14 +23,15 @@ from __future__ import annotations
 
 import uuid
 from datetime import datetime
-from typing import Any
+from typing import Any, NamedTuple
 
 import orjson
 
 from agent.families.dates import iso_ms_fast
-from agent.families.enrich import Enrich
+from agent.families.enrich import SEGMENT_NEEDS_FACTS, Enrich
 from agent.families.errors import Invalid
 from agent.families.event import (
+    NOT_READ,
     SEGMENT,
     Event,
     compact_json,
@@ -91,7 +92,13 @@ def check(ev: Any, types: frozenset[str], *, need_message_id: bool = False) -> N
     value = get("name")
     if value is not None and not isinstance(value, str):
         raise Invalid("`name` must be a string")
-    check_dates(ev)
+    for name in DATE_FIELDS:   # check_dates, without a call for each message
+        value = get(name)
+        if value is not None:
+            try:
+                datetime.fromisoformat(value)
+            except (TypeError, ValueError):
+                check_dates(ev)   # raises, naming this field
     message_id = get("messageId")
     if message_id is None:
         if need_message_id:
@@ -129,14 +136,33 @@ def merge(base: dict[str, Any], own: dict[str, Any], depth: int = 0) -> dict[str
     return out
 
 
-def complete(ev: dict[str, Any], received: str, batch: dict[str, Any] | None = None) -> None:
+class Shared(NamedTuple):
+    """What a request gives each of its messages, read once per request: the receive
+    time, and a batch's non-empty `context` and `integrations` (merged into each message)
+    and its `timestamp` (a string, or None)."""
+
+    received: str
+    merged: tuple[tuple[str, dict[str, Any]], ...] = ()
+    timestamp: str | None = None
+
+
+def shared(received: str, batch: dict[str, Any] | None = None) -> Shared:
+    if batch is None:
+        return Shared(received)
+    merged = []
+    for name in ("context", "integrations"):
+        value = batch.get(name)
+        if isinstance(value, dict) and value:
+            merged.append((name, value))
+    timestamp = batch.get("timestamp")
+    return Shared(received, tuple(merged), timestamp if isinstance(timestamp, str) else None)
+
+
+def complete(ev: dict[str, Any], given: Shared) -> None:
     """Fill in what the spec says the API sets; ``ev`` has passed ``check``."""
-    if batch is not None:
-        for name in ("context", "integrations"):
-            shared = batch.get(name)
-            if isinstance(shared, dict) and shared:
-                own = ev.get(name)
-                ev[name] = merge(shared, own) if isinstance(own, dict) else dict(shared)
+    for name, base in given.merged:
+        own = ev.get(name)
+        ev[name] = merge(base, own) if isinstance(own, dict) else dict(base)
     for name in TRANSPORT_FIELDS:
         ev.pop(name, None)
     if ev.get("messageId") is None:
@@ -144,14 +170,8 @@ def complete(ev: dict[str, Any], received: str, batch: dict[str, Any] | None = N
     if ev.get("timestamp") is None and ev.get("originalTimestamp") is None:
         # Seed 003: timestamps are injected from the top level; else the receive time,
         # so that an event forwarded days later keeps the time it happened.
-        shared = batch.get("timestamp") if batch is not None else None
-        ev["timestamp"] = shared if isinstance(shared, str) else received
-    ev["receivedAt"] = received
-
-
-def received_now() -> str:
-    # Every request asks: strftime each time was ~3 µs of a single-event request.
-    return iso_ms_fast(now_ms())
+        ev["timestamp"] = given.received if given.timestamp is None else given.timestamp
+    ev["receivedAt"] = given.received
 
 
 def dump(ev: Any) -> bytes:
@@ -161,35 +181,44 @@ def dump(ev: Any) -> bytes:
         raise Invalid(f"message cannot be stored: {exc}") from exc
 
 
-def to_event(key: str, ev: dict[str, Any]) -> Event:
-    return Event(key, SEGMENT, dedupe_key("segment", key, ev["messageId"]), dump(ev))
+def received_now() -> str:
+    # Every request asks: strftime each time was ~3 µs of a single-event request.
+    return iso_ms_fast(now_ms())
 
 
 def accept(ev: Any, key: str, types: frozenset[str], received: str, *, enrich: Enrich,
            batch: dict[str, Any] | None = None, raw_size: int = 0,
            need_message_id: bool = False) -> Event:
     """One message checked, completed, enriched and ready to store; raises Invalid."""
+    return accept_in(ev, key, types, shared(received, batch), enrich, raw_size,
+                     need_message_id)
+
+
+def accept_in(ev: Any, key: str, types: frozenset[str], given: Shared, enrich: Enrich,
+              raw_size: int = 0, need_message_id: bool = False) -> Event:
+    """``accept`` for each message of a request, with what the request gives them read
+    once (``shared``). Every message of a batch takes this path: what it calls is kept few."""
     # Only a request larger than the limit can hold a message larger than it.
     if raw_size > MAX_EVENT_BYTES and too_large(ev, raw_size):
         raise Invalid(f"message over {MAX_EVENT_BYTES} bytes", too_large=True)
     check(ev, types, need_message_id=need_message_id)
-    complete(ev, received, batch)
-    enrich.segment(ev)
-    event = to_event(key, ev)
-    event.lane = enrich.lanes.segment(key, ev)
-    return event
+    complete(ev, given)
+    # A checked track's `event` is a string.
+    if ev["type"] == "track" and ev["event"] in SEGMENT_NEEDS_FACTS:
+        enrich.segment(ev)
+    return Event(key, SEGMENT, dedupe_key("segment", key, ev["messageId"]), dump(ev), NOT_READ,
+                 enrich.lanes.segment(key, ev))
 
 
 def accept_all(body: Any, key: str, types: frozenset[str], raw_size: int, *, enrich: Enrich,
                need_message_id: bool = False) -> list[Event]:
     """Every message of a batch, or Invalid naming the first bad one (all or nothing)."""
     items = batch_items(body)
-    received = received_now()
+    given = shared(received_now(), body)
     events = []
     for i, ev in enumerate(items):
         try:
-            events.append(accept(ev, key, types, received, enrich=enrich, batch=body,
-                                 raw_size=raw_size, need_message_id=need_message_id))
+            events.append(accept_in(ev, key, types, given, enrich, raw_size, need_message_id))
         except Invalid as exc:
             raise exc.within(f"batch[{i}]") from None
     return events
