@@ -3,11 +3,16 @@ a hard cap that forgets the oldest first and counts it, and a rebuild from store
 
 from __future__ import annotations
 
+import copy
 import tracemalloc
 
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
+from agent.device import detect
+from agent.families import nucleus, segment
+from agent.families.enrich import Enrich
+from agent.settings import DeviceConfig
 from agent.spool.dedupe import HOUR_MS, DedupeIndex, keys_to_bytes
 
 WINDOW = 24 * HOUR_MS
@@ -258,3 +263,34 @@ def test_loading_far_over_the_cap_at_once_holds_no_more_than_the_cap() -> None:
 
     one_by_one, at_once = peak("one"), peak("all")
     assert at_once <= 2 * one_by_one, (at_once, one_by_one)
+
+
+# Events whose dedupe keys spools already hold (computed by the code of b9a0e70): an upgrade
+# that changed which fields make the key, or their order, would store every resend twice.
+PINNED_NUCLEUS = [
+    ({"type": "event", "name": "clicked", "id": 7, "sessionId": 3, "machineId": "m1",
+      "date": "2026-01-01T00:00:00.000Z"}, 6079006130505062738),
+    ({"type": "init", "id": "a-1", "sessionId": 3, "deviceId": "d1",
+      "date": "2026-01-01T00:00:00.000Z"}, 7380047621854246484),
+    ({"event": "error", "name": "boom", "id": 2.5, "anonId": "x"}, 1509523296067383750),
+    ({"type": "event", "name": "no id", "payload": {"b": 1, "a": [1, 2]},
+      "date": "2026-01-01T00:00:00.000Z"}, -4750389588273318933),
+]
+PINNED_SEGMENT = [
+    ({"type": "track", "event": "Order Completed", "userId": "u1", "messageId": "mid-1"},
+     -2484527768115438668),
+    ({"type": "identify", "userId": "u2", "messageId": "mid-2", "traits": {"a": 1}},
+     -8134002706745473776),
+    ({"type": "track", "event": "Application Opened", "anonymousId": "a", "messageId": "mid-3"},
+     54741570205308541),
+]
+
+
+def test_the_dedupe_keys_of_stored_events_never_change() -> None:
+    enrich = Enrich(detect(DeviceConfig()))
+    events, _ = nucleus.accept({"data": copy.deepcopy([ev for ev, _ in PINNED_NUCLEUS])},
+                               "appkey1", enrich)
+    assert [ev.dedupe for ev in events] == [key for _, key in PINNED_NUCLEUS]
+    assert [segment.accept(copy.deepcopy(msg), "wk1", segment.TYPES, "2026-01-01T00:00:00.000Z",
+                           enrich=enrich).dedupe
+            for msg, _ in PINNED_SEGMENT] == [key for _, key in PINNED_SEGMENT]

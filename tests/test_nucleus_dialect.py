@@ -78,6 +78,9 @@ async def test_http_form_replies_reported_ids(make_agent: Any) -> None:
     (b'{"data": [1, {"type": "event"}]}', "data[0] must be an object"),
     (b'{"data": [{"id": {"x": 1}}]}', "data[0].id must be a string or a number"),
     (b'{"data": [{"name": 5}]}', "data[0].name must be a string"),
+    (b'{"data": [{"id": true}]}', "data[0].id must be a string or a number"),  # bool: not an id
+    (b'{"data": [{"type": 5}]}', "data[0].type must be a string"),
+    (b'{"data": [{"id": 1}, {"id": "b"}, {"id": [2]}]}', "data[2].id must be a string or a number"),
     (b'[]', "expected a JSON object"),
     (b'', "empty body"),
 ])
