@@ -31,14 +31,15 @@ def event_type(ev: dict[str, Any]) -> str:
     return "event"
 
 
-def identity(key: str, ev: dict[str, Any], kind: str) -> tuple[Any, ...]:
-    """What makes a resend the same event (as real modules resend)."""
-    device = ev.get("machineId") or ev.get("deviceId") or ev.get("anonId")
-    if ev.get("id") is None:
+def identity_key(key: str, ev: dict[str, Any], kind: str, ev_id: Any) -> int:
+    """The dedupe key of what makes a resend the same event (as real modules resend).
+    Spools keep these keys across upgrades: tests/test_dedupe.py pins them."""
+    if ev_id is None:
         # No id to go on: the whole event, as sent, is its identity.
-        return ("nucleus", key, orjson.dumps(ev, option=orjson.OPT_SORT_KEYS).decode())
-    return ("nucleus", key, device, ev.get("sessionId"), ev.get("id"), ev.get("date"),
-            kind, ev.get("name"))
+        return dedupe_key("nucleus", key, orjson.dumps(ev, option=orjson.OPT_SORT_KEYS).decode())
+    get = ev.get
+    return dedupe_key("nucleus", key, get("machineId") or get("deviceId") or get("anonId"),
+                      get("sessionId"), ev_id, get("date"), kind, get("name"))
 
 
 def check(msg: Any) -> list[dict[str, Any]]:
@@ -96,10 +97,7 @@ def accept(msg: Any, key: str, enrich: Enrich) -> tuple[list[Event], list[Any]]:
         if kind == "heartbeat":
             continue
         try:
-            # identity(), without a call and a tuple to unpack for each event
-            ident = dedupe_key("nucleus", key, get("machineId") or get("deviceId") or get("anonId"),
-                               get("sessionId"), ev_id, get("date"), kind, get("name")
-                               ) if ev_id is not None else dedupe_key(*identity(key, ev, kind))
+            ident = identity_key(key, ev, kind, ev_id)
             if kind in NEEDS_FACTS:
                 fill(ev, kind)
             if get("date") is None:
