@@ -51,7 +51,7 @@ def take(uplink: Encoder, rows: Sequence[Row],
             break
         part = run.bodies if len(run.bodies) <= room else run.bodies[:room]
         k = len(part)
-        spent = sum(map(len, part)) + overhead * k   # a join costs a copy: large events
+        spent = sum(map(len, part)) + overhead * k   # not a join: it would copy every body
         if spent > budget:  # else no event alone can be over the budget either
             if oversize is not None and max(map(len, part)) + overhead > oversize:
                 break  # the take loop refuses it
