@@ -1,0 +1,93 @@
+"""Integers beyond 64 bits: JSON can write them, but the agent's parser would read them as
+floats and forward 1.8446744073709552e+19 for 18446744073709551616, a value silently
+changed. Every route refuses them with a 400 naming the field, as it does NaN; integers
+at the edges of the range, and long digit runs inside strings, are kept exactly."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import aiohttp
+import orjson
+import pytest
+from aiohttp import WSMsgType
+
+from tests.segment_helpers import basic, call
+
+AUTH = {"Authorization": basic("k")}
+# Just past each end of what is kept exactly (-2**63 .. 2**64 - 1), and far past.
+WIDE = ["18446744073709551616", "-9223372036854775809", "1" + "0" * 40]
+EDGES = ["18446744073709551615", "-9223372036854775808", "9999999999999999999"]
+
+
+def _track(value: str, quote: str = '"') -> str:
+    q = quote
+    return (f"{{{q}type{q}: {q}track{q}, {q}userId{q}: {q}u{q}, {q}event{q}: {q}e{q}, "
+            f"{q}messageId{q}: {q}m1{q}, {q}properties{q}: {{{q}order{q}: {value}}}}}")
+
+
+async def _stored(agent: Any, key: str) -> list[bytes]:
+    rows = await agent.spool.fetch(agent.spool.streams[key].id, 0, 100)
+    return [bytes(r.body) for r in rows]
+
+
+@pytest.mark.parametrize("value", WIDE)
+@pytest.mark.parametrize("quote", ['"', "'"])   # strict JSON, and the hand-written reader
+async def test_segment_single_event_refuses_a_wide_integer(make_agent: Any, value: str,
+                                                          quote: str) -> None:
+    agent = await make_agent()
+    reply = await call(agent.port, "/v1/track", _track(value, quote), headers=AUTH)
+    assert reply.status == 400, reply.body
+    body = orjson.loads(reply.body)
+    text = body["Message"] + " " + body["Details"]
+    assert "properties.order" in text and value in text and "64 bits" in text, body
+    assert agent.spool.depth == 0
+
+
+async def test_segment_batch_refuses_a_wide_integer_and_stores_nothing(make_agent: Any) -> None:
+    agent = await make_agent()
+    good = _track("1").replace('"m1"', '"ok"')
+    bad = _track(f"[1, {WIDE[0]}]")
+    reply = await call(agent.port, "/v1/batch", f'{{"batch": [{good}, {bad}]}}', headers=AUTH)
+    assert reply.status == 400, reply.body
+    err = orjson.loads(reply.body)["Errors"][0]
+    assert "batch[1].properties.order[1]" in err["Message"] + " " + err["Details"], err
+    assert agent.spool.depth == 0
+
+
+@pytest.mark.parametrize("value", EDGES)
+async def test_integers_at_the_edges_and_digit_strings_are_kept_exactly(
+        make_agent: Any, value: str) -> None:
+    agent = await make_agent()
+    digits = "12345678901234567890123456789"   # a long digit run, but in a string
+    body = _track(value).replace('"order"', f'"label": "{digits}", "order"')
+    reply = await call(agent.port, "/v1/track", body, headers=AUTH)
+    assert reply.status == 200, reply.body
+    [stored] = await _stored(agent, "k")
+    assert f'"order":{value}'.encode() in stored and f'"{digits}"'.encode() in stored
+
+
+@pytest.mark.parametrize("value", WIDE)
+async def test_nucleus_http_refuses_a_wide_id_or_property(make_agent: Any, value: str) -> None:
+    agent = await make_agent()
+    async with aiohttp.ClientSession() as s:
+        for event, field in ((f'{{"type": "event", "name": "e", "id": {value}}}', "data[0].id"),
+                             (f'{{"type": "event", "name": "e", "id": 1, '
+                              f'"payload": {{"n": {value}}}}}', "data[0].payload.n")):
+            async with s.post(f"http://127.0.0.1:{agent.port}/app/k/track",
+                              data=f'{{"data": [{event}]}}') as r:
+                assert r.status == 400
+                error = (await r.json())["error"]
+                assert field in error and value in error, error
+    assert agent.spool.depth == 0
+
+
+async def test_nucleus_websocket_closes_on_a_wide_id(make_agent: Any) -> None:
+    agent = await make_agent()
+    async with aiohttp.ClientSession() as s, \
+            s.ws_connect(f"http://127.0.0.1:{agent.port}/app/k/track") as ws:
+        await ws.send_str(f'{{"data": [{{"type": "event", "name": "e", "id": {WIDE[0]}}}]}}')
+        closed = await ws.receive(timeout=5)
+    assert closed.type == WSMsgType.CLOSE and closed.data == 1007
+    assert "data[0].id" in closed.extra and "64 bits" in closed.extra, closed.extra
+    assert agent.spool.depth == 0
