@@ -16,7 +16,8 @@ from aiohttp import web
 
 from agent.dialects import registry
 from agent.dialects.base import JSON, Dialect, Example, IngestSink
-from agent.dialects.body import parse_json, read_raw
+from agent.dialects.body import read_raw
+from agent.dialects.exact_json import parse_json
 from agent.families import segment
 from tests.dialect_examples import as_http, served_by_examples
 from tests.fakes.threaded_agent import ThreadedAgent

@@ -28,7 +28,8 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from agent.device import detect
-from agent.dialects.body import BodyError, parse_json
+from agent.dialects.body import BodyError
+from agent.dialects.exact_json import parse_json
 from agent.dialects.nucleus import MAX_MESSAGE
 from agent.families import nucleus
 from agent.families.enrich import Enrich

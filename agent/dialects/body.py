@@ -1,4 +1,4 @@
-"""Reading request bodies for every dialect: size limits, gzip, JSON.
+"""Reading request bodies for every dialect: size limits, gzip, parsing off the loop.
 
 Limits are enforced while reading, so an oversized body is refused without
 being read whole, and a gzip bomb is stopped at the same limit.
@@ -12,7 +12,6 @@ from collections.abc import Callable
 from contextvars import ContextVar
 from typing import Any, Protocol, TypeVar
 
-import orjson
 from aiohttp import web
 
 from agent.dialects import offload
@@ -139,15 +138,6 @@ def _inflate(data: bytes, encoding: str, limit: int) -> bytes:
     if not inflater.eof:
         raise BodyError(400, f"truncated {encoding} body")
     return out
-
-
-def parse_json(raw: bytes | str) -> Any:
-    if not raw:
-        raise BodyError(400, "empty body: expected JSON")
-    try:
-        return orjson.loads(raw)
-    except orjson.JSONDecodeError as exc:
-        raise BodyError(400, "invalid JSON", str(exc)) from exc
 
 
 async def parse_body(raw: R, read: Callable[[R], Any], build: Callable[[Any, int], T]) -> T:

@@ -16,7 +16,8 @@ from aiohttp import WSCloseCode, WSMsgType, web
 
 from agent.dialects import replies
 from agent.dialects.base import JSON, Dialect, Example, IngestSink, websocket
-from agent.dialects.body import BodyError, Busy, parse_body, parse_json, read_raw
+from agent.dialects.body import BodyError, Busy, parse_body, read_raw
+from agent.dialects.exact_json import parse_json
 from agent.dialects.replies import describe, status_of
 from agent.families import nucleus as family
 from agent.families.errors import Invalid

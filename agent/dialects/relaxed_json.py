@@ -8,8 +8,9 @@ contract), so the Segment single-event routes fall back to this reader.
 Anything it cannot read is still a 400, and nesting is bounded.
 
 Bare words are kept as strings, but never the ones that spell a number JSON
-does not have (NaN, Infinity, Python's nan/inf) nor a number too large for a
-double: those are a 400 naming the field, never a value silently changed.
+does not have (NaN, Infinity, Python's nan/inf), a number too large for a
+double, nor an integer beyond 64 bits (exact_json.py): those are a 400 naming
+the field, never a value silently changed.
 """
 
 from __future__ import annotations
@@ -20,6 +21,7 @@ from typing import Any
 import orjson
 
 from agent.dialects.body import BodyError
+from agent.dialects.exact_json import refuse_wide, wide_error
 
 MAX_DEPTH = 64
 _TOKEN = re.compile(r"""
@@ -32,6 +34,7 @@ _TOKEN = re.compile(r"""
     | (?P<word>[A-Za-z_$][\w$.\-/@]*)
     )""", re.VERBOSE | re.DOTALL)
 _NONFINITE = "nonfinite"
+_WIDE = "wide"   # an integer beyond 64 bits
 _WORDS = {"true": True, "True": True, "false": False, "False": False, "null": None,
           "None": None}
 
@@ -54,9 +57,15 @@ def _tokens(text: str) -> list[tuple[str, Any]]:
             out.append(("value", orjson.loads(f'"{inner}"')))
         elif kind == "num":
             try:
-                out.append(("value", orjson.loads(raw)))
-            except orjson.JSONDecodeError:  # past a double's range: it would be infinity
-                out.append((_NONFINITE, raw))
+                number = orjson.loads(raw)
+            except orjson.JSONDecodeError:  # past a double's range
+                number = None
+            if raw.lstrip("-").isdigit() and not isinstance(number, int):
+                out.append((_WIDE, raw))        # orjson made the integer a float
+            elif number is None:
+                out.append((_NONFINITE, raw))   # it would be infinity
+            else:
+                out.append(("value", number))
         elif kind == _NONFINITE:
             out.append((_NONFINITE, raw))
         elif kind == "word":
@@ -67,18 +76,22 @@ def _tokens(text: str) -> list[tuple[str, Any]]:
 
 
 class _NonFinite(Exception):
-    """A value JSON cannot hold; ``where`` collects the path as the parser unwinds, so
-    well-formed bodies pay nothing for path tracking."""
+    """A value that cannot be kept: not JSON (NaN), or an integer beyond 64 bits (wide).
+    ``where`` collects the path as the parser unwinds, so well-formed bodies pay nothing
+    for path tracking."""
 
-    def __init__(self, raw: str) -> None:
+    def __init__(self, raw: str, wide: bool) -> None:
         super().__init__(raw)
         self.raw = raw
+        self.wide = wide
         self.where: list[str] = []
 
     def error(self) -> BodyError:
-        field = "".join(reversed(self.where)).lstrip(".") or "the body"
-        return BodyError(400, "invalid JSON", f"{field}: {self.raw} is not a JSON value "
-                         "(JSON has no NaN or Infinity)")
+        field = "".join(reversed(self.where)).lstrip(".")
+        if self.wide:
+            return wide_error(field, self.raw)
+        return BodyError(400, "invalid JSON", f"{field or 'the body'}: {self.raw} is not a "
+                         "JSON value (JSON has no NaN or Infinity)")
 
 
 class _Parser:
@@ -102,8 +115,8 @@ class _Parser:
         kind, val = self.next()
         if kind == "value":
             return val
-        if kind == _NONFINITE:
-            raise _NonFinite(val)
+        if kind in (_NONFINITE, _WIDE):
+            raise _NonFinite(val, kind == _WIDE)
         if kind in ("{", "["):
             return self.container(kind, depth)
         raise BodyError(400, "invalid JSON", f"unexpected {kind!r}")
@@ -163,6 +176,8 @@ def parse_lenient(raw: bytes) -> Any:
     if not raw:
         raise BodyError(400, "empty body: expected JSON")
     try:
-        return orjson.loads(raw)
+        value = orjson.loads(raw)
     except orjson.JSONDecodeError:
         return loads(raw)
+    refuse_wide(raw)
+    return value

@@ -22,7 +22,8 @@ from aiohttp import web
 from agent.dialects import replies
 from agent.dialects.auth import basic, basic_user
 from agent.dialects.base import JSON, Dialect, Example, IngestSink
-from agent.dialects.body import parse_json, read_raw
+from agent.dialects.body import read_raw
+from agent.dialects.exact_json import parse_json
 from agent.families import segment as spec
 from agent.families.errors import Invalid
 

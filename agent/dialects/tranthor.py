@@ -22,7 +22,8 @@ from aiohttp import web
 
 from agent.dialects import replies
 from agent.dialects.base import JSON, Dialect, Example, IngestSink
-from agent.dialects.body import parse_body, parse_json, read_raw
+from agent.dialects.body import parse_body, read_raw
+from agent.dialects.exact_json import parse_json
 from agent.families import segment as spec
 from agent.families.enrich import Enrich
 from agent.families.errors import Invalid
