@@ -5,13 +5,19 @@ at the edges of the range, and long digit runs inside strings, are kept exactly.
 
 from __future__ import annotations
 
+import json
 from typing import Any
 
 import aiohttp
 import orjson
 import pytest
 from aiohttp import WSMsgType
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
+from agent.dialects.body import BodyError
+from agent.dialects.exact_json import parse_json
+from agent.dialects.relaxed_json import parse_lenient
 from tests.segment_helpers import basic, call
 
 AUTH = {"Authorization": basic("k")}
@@ -91,3 +97,40 @@ async def test_nucleus_websocket_closes_on_a_wide_id(make_agent: Any) -> None:
     assert closed.type == WSMsgType.CLOSE and closed.data == 1007
     assert "data[0].id" in closed.extra and "64 bits" in closed.extra, closed.extra
     assert agent.spool.depth == 0
+
+
+JSON_VALUES = st.recursive(
+    st.none() | st.booleans() | st.text(max_size=30)
+    | st.integers(min_value=-(2**70), max_value=2**70)
+    | st.from_regex(r"\A[1-9][0-9]{18,25}\Z").map(int),   # mostly near the edges
+    lambda inner: st.lists(inner, max_size=4) | st.dictionaries(st.text(max_size=8), inner,
+                                                                max_size=4),
+    max_leaves=12)
+
+
+def _wide(value: Any) -> bool:
+    if isinstance(value, bool):
+        return False
+    if isinstance(value, int):
+        return not -(2**63) <= value <= 2**64 - 1
+    if isinstance(value, list):
+        return any(map(_wide, value))
+    if isinstance(value, dict):
+        return any(map(_wide, value.values()))
+    return False
+
+
+@settings(max_examples=400, deadline=None)
+@given(JSON_VALUES, st.booleans())
+def test_a_body_is_read_exactly_or_refused(value: Any, lenient: bool) -> None:
+    """Whatever the integers, the reader returns exactly what was written (the standard
+    library's exact reading), or refuses the body naming an integer beyond 64 bits."""
+    raw = json.dumps({"v": value}).encode()
+    read = parse_lenient if lenient else parse_json
+    try:
+        got = read(raw)
+    except BodyError as exc:
+        assert _wide(value) and "beyond 64 bits" in exc.message, (raw, exc.message)
+        return
+    assert not _wide(value), raw
+    assert got == json.loads(raw)

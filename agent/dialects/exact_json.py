@@ -57,6 +57,8 @@ def refuse_wide(raw: bytes | str) -> None:
         # Past the interpreter's depth (orjson reads 1024 levels): no event that deep
         # could be stored anyway (orjson writes 255).
         raise BodyError(400, "invalid JSON", "nested too deeply") from None
+    except ValueError as exc:   # none known: orjson is the stricter reader
+        raise BodyError(400, "invalid JSON", str(exc)) from exc
     found = _first_wide(value)
     if found is not None:
         raise wide_error(*found)
