@@ -1,11 +1,14 @@
-"""Integers beyond 64 bits: JSON can write them, but the agent's parser would read them as
-floats and forward 1.8446744073709552e+19 for 18446744073709551616, a value silently
-changed. Every route refuses them with a 400 naming the field, as it does NaN; integers
-at the edges of the range, and long digit runs inside strings, are kept exactly."""
+"""Integers beyond 64 bits: JSON can write them, but the agent's parser reads them as
+doubles. That keeps the value of 2**64 and of what JavaScript writes (18446744073709552000:
+a double's shortest digits), but would forward Python's 2**64 + 1 as
+1.8446744073709552e+19, a value silently changed. Every route refuses those with a 400
+naming the field, as it does NaN; the others, integers at the edges of the 64-bit range,
+and long digit runs inside strings are kept."""
 
 from __future__ import annotations
 
 import json
+from decimal import Decimal
 from typing import Any
 
 import aiohttp
@@ -21,9 +24,14 @@ from agent.dialects.relaxed_json import parse_lenient
 from tests.segment_helpers import basic, call
 
 AUTH = {"Authorization": basic("k")}
-# Just past each end of what is kept exactly (-2**63 .. 2**64 - 1), and far past.
-WIDE = ["18446744073709551616", "-9223372036854775809", "1" + "0" * 40]
+# Just past each end of what is kept exactly (-2**63 .. 2**64 - 1), and far past: no
+# double has these values.
+WIDE = ["18446744073709551617", "-9223372036854775809", "1" * 41]
 EDGES = ["18446744073709551615", "-9223372036854775808", "9999999999999999999"]
+# Doubles' values: 2**64 exactly, and as JavaScript's JSON.stringify writes 2**64, 1e20,
+# -(2**63) - 4096 (node prints these).
+DOUBLES = ["18446744073709551616", "18446744073709552000", "100000000000000000000",
+           "-9223372036854780000"]
 
 
 def _track(value: str, quote: str = '"') -> str:
@@ -73,6 +81,16 @@ async def test_integers_at_the_edges_and_digit_strings_are_kept_exactly(
     assert f'"order":{value}'.encode() in stored and f'"{digits}"'.encode() in stored
 
 
+@pytest.mark.parametrize("value", DOUBLES)
+async def test_integers_that_are_a_doubles_value_are_kept_as_that_double(
+        make_agent: Any, value: str) -> None:
+    agent = await make_agent()
+    reply = await call(agent.port, "/v1/track", _track(value), headers=AUTH)
+    assert reply.status == 200, reply.body
+    [stored] = await _stored(agent, "k")
+    assert orjson.loads(stored)["properties"]["order"] == float(value)
+
+
 @pytest.mark.parametrize("value", WIDE)
 async def test_nucleus_http_refuses_a_wide_id_or_property(make_agent: Any, value: str) -> None:
     agent = await make_agent()
@@ -102,7 +120,8 @@ async def test_nucleus_websocket_closes_on_a_wide_id(make_agent: Any) -> None:
 JSON_VALUES = st.recursive(
     st.none() | st.booleans() | st.text(max_size=30)
     | st.integers(min_value=-(2**70), max_value=2**70)
-    | st.from_regex(r"\A[1-9][0-9]{18,25}\Z").map(int),   # mostly near the edges
+    | st.from_regex(r"\A[1-9][0-9]{18,25}\Z").map(int)   # mostly near the edges
+    | st.floats(min_value=-1e25, max_value=1e25).map(lambda f: int(Decimal(repr(f)))),
     lambda inner: st.lists(inner, max_size=4) | st.dictionaries(st.text(max_size=8), inner,
                                                                 max_size=4),
     max_leaves=12)
@@ -112,7 +131,8 @@ def _wide(value: Any) -> bool:
     if isinstance(value, bool):
         return False
     if isinstance(value, int):
-        return not -(2**63) <= value <= 2**64 - 1
+        return not -(2**63) <= value <= 2**64 - 1 and value != int(float(value)) \
+            and value != int(Decimal(repr(float(value))))
     if isinstance(value, list):
         return any(map(_wide, value))
     if isinstance(value, dict):
@@ -123,8 +143,9 @@ def _wide(value: Any) -> bool:
 @settings(max_examples=400, deadline=None)
 @given(JSON_VALUES, st.booleans())
 def test_a_body_is_read_exactly_or_refused(value: Any, lenient: bool) -> None:
-    """Whatever the integers, the reader returns exactly what was written (the standard
-    library's exact reading), or refuses the body naming an integer beyond 64 bits."""
+    """Whatever the integers, the reader returns what was written (the standard library's
+    exact reading, with a double for an integer that is a double's value), or refuses the
+    body naming an integer that a double would round."""
     raw = json.dumps({"v": value}).encode()
     read = parse_lenient if lenient else parse_json
     try:
@@ -133,4 +154,9 @@ def test_a_body_is_read_exactly_or_refused(value: Any, lenient: bool) -> None:
         assert _wide(value) and "beyond 64 bits" in exc.message, (raw, exc.message)
         return
     assert not _wide(value), raw
-    assert got == json.loads(raw)
+    assert got == json.loads(raw, parse_int=_as_read)
+
+
+def _as_read(text: str) -> int | float:
+    number = int(text)
+    return number if -(2**63) <= number <= 2**64 - 1 else float(text)

@@ -1,18 +1,23 @@
-"""Strict JSON, read so that every value is kept as written, or refused with a 400.
+"""Strict JSON, read so that no number's value is silently changed, or refused with a 400.
 
-orjson reads an integer outside -2**63 .. 2**64 - 1 as a float, so 18446744073709551616
-would be stored and forwarded as 1.8446744073709552e+19: a value silently changed. A
-body holding one is refused with a 400 naming the field, as NaN and Infinity are
-(relaxed_json.py).
+orjson reads an integer outside -2**63 .. 2**64 - 1 as a double. That keeps its value
+when the double is the number the literal means: exactly (2**64), or as JavaScript
+writes a Number, with the double's shortest digits padded with zeros
+(18446744073709552000 for 2**64; browsers can write no other kind). Any other such
+integer (Python's 2**64 + 1) would be rounded, and forwarded as 1.8446744073709552e+19:
+a body holding one is refused with a 400 naming the field, as NaN and Infinity are
+(relaxed_json.py). The upstream APIs read numbers as doubles too.
 
-Every such integer has at least 19 digits in a row, so a body without a 19-digit run
-(nearly all) costs one translate and one substring search, about 1 ns a byte (a regex
-took 17 ns); only a body with one is parsed again, exactly, to find the field.
+Every integer outside the range has at least 19 digits in a row, so a body without a
+19-digit run (nearly all) costs one translate and one substring search, about 1 ns a
+byte (a regex took 17 ns); only a body with one is parsed again, exactly, to check it.
 """
 
 from __future__ import annotations
 
 import json
+import math
+from decimal import Decimal
 from typing import Any
 
 import orjson
@@ -42,12 +47,12 @@ def wide_error(field: str, digits: str) -> BodyError:
     field = field or "the body"
     shown = digits if len(digits) <= 60 else f"{digits[:57]}..."
     return BodyError(400, f"{field} is an integer beyond 64 bits",
-                     f"{field}: {shown} would not be kept exactly; send it as a string")
+                     f"{field}: {shown} would be rounded to a double; send it as a string")
 
 
 def refuse_wide(raw: bytes | str) -> None:
     """BodyError(400) naming the first integer of ``raw`` (JSON that orjson has read)
-    that is out of range; nothing when there is none."""
+    that a double would round; nothing when there is none."""
     data = raw.encode() if isinstance(raw, str) else raw
     if _RUN not in data.translate(_DIGITS_ONLY):
         return
@@ -65,19 +70,32 @@ def refuse_wide(raw: bytes | str) -> None:
 
 
 class _Wide(str):
-    """An integer's text, out of range: what the exact parse leaves in its place."""
+    """An integer's text, out of range and no double's value: what the exact parse
+    leaves in its place."""
 
 
-def _exact(text: str) -> int | _Wide:
-    # By length first: int() of thousands of digits is slow, and refused past 4300.
-    if len(text.lstrip("-")) > 20:
-        return _Wide(text)
+def means_double(text: str) -> bool:
+    """Whether the integer literal ``text``, outside the 64-bit range, is a double's value:
+    equal to it, or its shortest round-trip digits (JavaScript's Number to string)."""
+    if len(text) > 400:   # past any double (1.8e308); and int() is slow on long digits
+        return False
+    double = float(text)
+    if math.isinf(double):
+        return False
     number = int(text)
-    return number if LOWEST <= number <= HIGHEST else _Wide(text)
+    return int(double) == number or int(Decimal(repr(double))) == number
+
+
+def _exact(text: str) -> int | float | _Wide:
+    if len(text) <= 20:
+        number = int(text)
+        if LOWEST <= number <= HIGHEST:
+            return number
+    return float(text) if means_double(text) else _Wide(text)
 
 
 def _first_wide(value: Any) -> tuple[str, str] | None:
-    """(path, digits) of the first out-of-range integer in ``value``, in document order."""
+    """(path, digits) of the first integer left as _Wide in ``value``, in document order."""
     stack: list[tuple[str, Any]] = [("", value)]
     while stack:
         path, item = stack.pop()

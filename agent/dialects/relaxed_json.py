@@ -9,8 +9,8 @@ Anything it cannot read is still a 400, and nesting is bounded.
 
 Bare words are kept as strings, but never the ones that spell a number JSON
 does not have (NaN, Infinity, Python's nan/inf), a number too large for a
-double, nor an integer beyond 64 bits (exact_json.py): those are a 400 naming
-the field, never a value silently changed.
+double, nor an integer beyond 64 bits that a double would round (exact_json.py):
+those are a 400 naming the field, never a value silently changed.
 """
 
 from __future__ import annotations
@@ -21,7 +21,7 @@ from typing import Any
 import orjson
 
 from agent.dialects.body import BodyError
-from agent.dialects.exact_json import refuse_wide, wide_error
+from agent.dialects.exact_json import means_double, refuse_wide, wide_error
 
 MAX_DEPTH = 64
 _TOKEN = re.compile(r"""
@@ -60,8 +60,9 @@ def _tokens(text: str) -> list[tuple[str, Any]]:
                 number = orjson.loads(raw)
             except orjson.JSONDecodeError:  # past a double's range
                 number = None
-            if raw.lstrip("-").isdigit() and not isinstance(number, int):
-                out.append((_WIDE, raw))        # orjson made the integer a float
+            if raw.lstrip("-").isdigit() and not isinstance(number, int) \
+                    and not means_double(raw):
+                out.append((_WIDE, raw))        # orjson would round the integer
             elif number is None:
                 out.append((_NONFINITE, raw))   # it would be infinity
             else:
