@@ -160,3 +160,10 @@ def test_a_body_is_read_exactly_or_refused(value: Any, lenient: bool) -> None:
 def _as_read(text: str) -> int | float:
     number = int(text)
     return number if -(2**63) <= number <= 2**64 - 1 else float(text)
+
+
+def test_a_wide_integer_overwritten_by_a_repeated_member_is_not_refused() -> None:
+    """The last of a repeated member counts (as orjson reads it): the wide one is gone."""
+    assert parse_json(b'{"a": 18446744073709551617, "a": 1}') == {"a": 1}
+    with pytest.raises(BodyError, match="beyond 64 bits"):
+        parse_json(b'{"a": 1, "a": 18446744073709551617}')

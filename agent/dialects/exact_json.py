@@ -56,15 +56,25 @@ def refuse_wide(raw: bytes | str) -> None:
     data = raw.encode() if isinstance(raw, str) else raw
     if _RUN not in data.translate(_DIGITS_ONLY):
         return
+    wide: list[_Wide] = []
+
+    def exact(text: str) -> int | float | _Wide:
+        number = _exact(text)
+        if isinstance(number, _Wide):
+            wide.append(number)
+        return number
+
     try:
-        value = json.loads(data, parse_int=_exact)
+        value = json.loads(data, parse_int=exact)
     except RecursionError:
         # Past the interpreter's depth (orjson reads 1024 levels): no event that deep
         # could be stored anyway (orjson writes 255).
         raise BodyError(400, "invalid JSON", "nested too deeply") from None
     except ValueError as exc:   # none known: orjson is the stricter reader
         raise BodyError(400, "invalid JSON", str(exc)) from exc
-    found = _first_wide(value)
+    # Walked for its path only now (long digit runs in strings are common); it may be
+    # gone, overwritten by a repeated member name (the last one counts, as for orjson).
+    found = _first_wide(value) if wide else None
     if found is not None:
         raise wide_error(*found)
 
