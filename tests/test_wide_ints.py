@@ -7,7 +7,9 @@ and long digit runs inside strings are kept."""
 
 from __future__ import annotations
 
+import base64
 import json
+import tracemalloc
 from decimal import Decimal
 from typing import Any
 
@@ -104,6 +106,95 @@ async def test_nucleus_http_refuses_a_wide_id_or_property(make_agent: Any, value
                 error = (await r.json())["error"]
                 assert field in error and value in error, error
     assert agent.spool.depth == 0
+
+
+W = int(WIDE[0])
+_TRACK = {"type": "track", "event": "e", "userId": "u", "messageId": "m1"}
+_ROUTES = [   # (path, headers, body, the field as named)
+    ("/api/public/apps/track", {"PublicWriteKey": "k"},
+     {**_TRACK, "properties": {"n": W}}, "properties.n"),
+    ("/api/public/apps/batch", {"PublicWriteKey": "k"},
+     {"batch": [{**_TRACK, "properties": {"n": W}}]}, "batch[0].properties.n"),
+    ("/v1/capture", {"X-Write-Key": "k"}, {"batch": [{**_TRACK, "properties": {"n": [W]}}]},
+     "batch[0].properties.n[0]"),
+    ("/track", {"Authorization": basic("k")},
+     {"hitId": "h1", "event": {"name": "n", "user": {"userId": "u"}, "value": W}},
+     "event.value"),
+    ("/v1/import", AUTH, {"batch": [{**_TRACK, "properties": {"n": W}}]},
+     "batch[0].properties.n"),
+    ("/v1/webhook?writeKey=k", {}, {**_TRACK, "properties": {"n": W}}, "properties.n"),
+    # Over 64 KB: parsed on the worker thread, not the loop (dialects/offload.py).
+    ("/v1/batch", AUTH, {"batch": [{**_TRACK, "messageId": f"m{i}", "properties": {
+        "pad": "x" * 1000, "n": W if i == 99 else i}} for i in range(100)]},
+     "batch[99].properties.n"),
+]
+
+
+@pytest.mark.parametrize("path,headers,body,field", _ROUTES)
+async def test_every_route_refuses_a_wide_integer_naming_it(
+        make_agent: Any, path: str, headers: dict[str, str], body: Any, field: str) -> None:
+    agent = await make_agent()
+    reply = await call(agent.port, path, json.dumps(body), headers=headers)
+    assert reply.status == 400, reply.body
+    assert field in reply.body.decode() and "64 bits" in reply.body.decode(), reply.body
+    assert agent.spool.depth == 0
+
+
+async def test_the_pixel_refuses_a_wide_integer_naming_it(make_agent: Any) -> None:
+    agent = await make_agent()
+    data = base64.urlsafe_b64encode(
+        json.dumps({**_TRACK, "writeKey": "k", "properties": {"n": W}}).encode()).decode()
+    reply = await call(agent.port, f"/v1/pixel/track?data={data}", method="GET")
+    assert reply.status == 200 and reply.headers["Content-Type"] == "image/gif"
+    problem = reply.headers.get("X-Outpost-Error", "")
+    assert "properties.n" in problem and "64 bits" in problem, problem
+    assert agent.spool.depth == 0
+
+
+@pytest.mark.parametrize("value", ["1.5", "-0.0", "1e30", "0.30000000000000004",
+                                   "3.14159265358979323846264338327950288"])
+async def test_floats_in_hand_written_json_are_kept(make_agent: Any, value: str) -> None:
+    agent = await make_agent()
+    reply = await call(agent.port, "/v1/track", _track(value, "'"), headers=AUTH)
+    assert reply.status == 200, reply.body
+    [stored] = await _stored(agent, "k")
+    assert orjson.loads(stored)["properties"]["order"] == float(value)
+
+
+async def test_a_long_field_name_still_gets_a_readable_close_reason(make_agent: Any) -> None:
+    """The reason is cut to a websocket's 123 bytes on a character boundary, the problem
+    first: cut inside a character it was invalid UTF-8, and the client saw an error
+    instead of the close."""
+    agent = await make_agent()
+    name = "x" + "\u00e9" * 200
+    async with aiohttp.ClientSession() as s, \
+            s.ws_connect(f"http://127.0.0.1:{agent.port}/app/k/track") as ws:
+        await ws.send_bytes(f'{{"data": [{{"type": "event", "id": 1, "p": {{"{name}": '
+                            f'{WIDE[0]}}}}}]}}'.encode())
+        closed = await ws.receive(timeout=5)
+    assert closed.type == WSMsgType.CLOSE and closed.data == 1007, closed
+    assert closed.extra.startswith("integer beyond 64 bits at data[0].p.x\u00e9"), closed.extra
+
+
+def test_a_wide_integer_is_found_in_bounded_memory() -> None:
+    """A long member name over a long list, and one integer to refuse: spelling a path
+    for every node took 400 MB for this 60 KB body."""
+    raw = json.dumps({"n" * 20_000: list(range(20_000)), "z": W}).encode()
+    tracemalloc.start()
+    try:
+        with pytest.raises(BodyError, match="64 bits"):
+            parse_json(raw)
+        peak = tracemalloc.get_traced_memory()[1]
+    finally:
+        tracemalloc.stop()
+    assert peak < 100 * len(raw), peak   # 6.5 MB here
+
+
+def test_too_deep_for_the_exact_reader_is_a_400() -> None:
+    raw = b"[" * 1000 + b'"1234567890123456789012"' + b"]" * 1000   # orjson reads 1024
+    with pytest.raises(BodyError) as refused:
+        parse_json(raw)
+    assert (refused.value.status, refused.value.details) == (400, "nested too deeply")
 
 
 async def test_nucleus_websocket_closes_on_a_wide_id(make_agent: Any) -> None:

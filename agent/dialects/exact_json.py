@@ -42,12 +42,16 @@ def parse_json(raw: bytes | str) -> Any:
 
 
 def wide_error(field: str, digits: str) -> BodyError:
-    # The field in both: a websocket's close reason carries the message alone, a Segment
-    # error the details under a fixed message.
-    field = field or "the body"
-    shown = digits if len(digits) <= 60 else f"{digits[:57]}..."
-    return BodyError(400, f"{field} is an integer beyond 64 bits",
-                     f"{field}: {shown} would be rounded to a double; send it as a string")
+    # The field in both: a websocket's close reason carries the message alone (cut at 123
+    # bytes, so the problem comes first), a Segment error the details under a fixed message.
+    field = _shortened(field or "the body", 100)
+    return BodyError(400, f"integer beyond 64 bits at {field}",
+                     f"{field}: {_shortened(digits, 60)} is beyond 64 bits, and a double "
+                     "would round it; send it as a string")
+
+
+def _shortened(text: str, most: int) -> str:
+    return text if len(text) <= most else f"{text[:most - 3]}..."
 
 
 def refuse_wide(raw: bytes | str) -> None:
@@ -68,10 +72,9 @@ def refuse_wide(raw: bytes | str) -> None:
         value = json.loads(data, parse_int=exact)
     except RecursionError:
         # Past the interpreter's depth (orjson reads 1024 levels): no event that deep
-        # could be stored anyway (orjson writes 255).
+        # could be stored anyway (orjson writes 255). orjson, the stricter reader, has
+        # already refused anything else the standard library would.
         raise BodyError(400, "invalid JSON", "nested too deeply") from None
-    except ValueError as exc:   # none known: orjson is the stricter reader
-        raise BodyError(400, "invalid JSON", str(exc)) from exc
     # Walked for its path only now (long digit runs in strings are common); it may be
     # gone, overwritten by a repeated member name (the last one counts, as for orjson).
     found = _first_wide(value) if wide else None
@@ -105,14 +108,28 @@ def _exact(text: str) -> int | float | _Wide:
 
 
 def _first_wide(value: Any) -> tuple[str, str] | None:
-    """(path, digits) of the first integer left as _Wide in ``value``, in document order."""
-    stack: list[tuple[str, Any]] = [("", value)]
+    """(path, digits) of the first integer left as _Wide in ``value``, in document order.
+
+    Each step is kept once, with its parent's index, and a path is spelled out only for
+    the hit: a path string per node grew as a long name times a long list under it
+    (review: 400 MB for a 60 KB body)."""
+    steps: list[tuple[int, str | int]] = []    # (parent step or -1, member name or index)
+    stack: list[tuple[Any, int]] = [(value, -1)]
     while stack:
-        path, item = stack.pop()
-        if isinstance(item, _Wide):
-            return path.lstrip("."), str(item)
-        if isinstance(item, dict):
-            stack.extend((f"{path}.{k}", v) for k, v in reversed(item.items()))
-        elif isinstance(item, list):
-            stack.extend((f"{path}[{i}]", v) for i, v in reversed(list(enumerate(item))))
+        item, at = stack.pop()
+        if type(item) is _Wide:
+            return _spelled(steps, at), str(item)
+        children = (item.items() if isinstance(item, dict)
+                    else enumerate(item) if isinstance(item, list) else ())
+        for step, child in reversed(list(children)):
+            steps.append((at, step))
+            stack.append((child, len(steps) - 1))
     return None
+
+
+def _spelled(steps: list[tuple[int, str | int]], at: int) -> str:
+    parts: list[str] = []
+    while at >= 0:
+        at, step = steps[at]
+        parts.append(f"[{step}]" if isinstance(step, int) else f".{step}")
+    return "".join(reversed(parts)).lstrip(".")
