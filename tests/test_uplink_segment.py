@@ -114,3 +114,23 @@ async def test_gzip(make_agent: Any, fake_segment: FakeSegment) -> None:
     await wait_for(lambda: len(fake_segment.events) == 50)
     req = fake_segment.requests[0]
     assert req.gzip and req.size < len(orjson.dumps(req.body)) / 4
+
+
+async def test_a_207_from_an_upstream_agent_isolates_the_refused_message(
+        make_agent: Any, fake_segment: FakeSegment, tmp_path: Path) -> None:
+    """Agent to agent: B answers 207 when it stores part of a batch (here it refuses an
+    event over its collector's limit). A took any 2xx as an ack of the whole batch and
+    deleted the refused event unsent and not dead-lettered: lost, with no error."""
+    b = await make_agent(spool=tmp_path / "b.db", upstreams=[
+        segment_up(fake_segment, batch_max_bytes=16_000)])
+    a = await make_agent(spool=tmp_path / "a.db", upstreams=[{
+        "name": "b", "protocol": "segment-http", "url": f"http://127.0.0.1:{b.port}",
+        "flush_interval_s": 0.05, "timeout_s": 2}])
+    batch = events(3)
+    batch["batch"][1]["properties"] = {"pad": "x" * 20_000}   # within A's 32 KB, over B's
+    await send(a.port, batch)
+    await wait_for(lambda: a.spool.depth == 0 and b.spool.depth == 0)
+    assert sorted(fake_segment.message_ids()) == ["m0", "m2"]   # each once
+    dead = await a.spool.dead_letters()
+    assert [orjson.loads(d["body"])["messageId"] for d in dead] == ["m1"]
+    assert dead[0]["upstream"] == "b" and "413" in dead[0]["reason"], dead[0]["reason"]
