@@ -7,8 +7,9 @@ bodies never carry `sentAt` (the dialects drop the client's), so it is
 spliced in front of each body without re-encoding it. Nucleus rows reach
 it already mapped (prepare.py).
 
-Any 2xx acknowledges the whole batch, unless its body is an HTML page: that
-is a captive portal's login page, never a collector's reply. A redirect is a
+Any 2xx acknowledges the whole batch, unless its body is an HTML page (that
+is a captive portal's login page, never a collector's reply) or it is a 207:
+some messages were refused, so the batch is split like a 400 to find them. A redirect is a
 failure, retried (see http_common). 408, 429 and 5xx are retried,
 honouring Retry-After. 400, 413 and 422 mean the batch itself is refused:
 the forwarder splits it to isolate the events at fault, which go to dead
@@ -33,6 +34,11 @@ from agent.uplinks.base import REJECTED_STATUSES, Acked, Refused, Retry, SendRes
 from agent.uplinks.http_common import html_instead_of_reply, is_retryable, post
 from agent.uplinks.prepare import Prepared
 from agent.uplinks.splice import objects, stamped
+
+
+# Part of the batch stored, part refused (an Outpost upstream answers so): split like a
+# refusal; the resent parts it stored are duplicates there, acknowledged again.
+MULTI_STATUS = 207
 
 
 class SegmentHttpUplink(UplinkBase):
@@ -91,10 +97,10 @@ class SegmentHttpUplink(UplinkBase):
         status, raw, wait = reply.status, reply.body, reply.retry_after
         if portal := html_instead_of_reply(status, reply.content_type):
             return Retry(portal)
-        if 200 <= status < 300:
+        if 200 <= status < 300 and status != MULTI_STATUS:
             return Acked(prepared.seqs)
         reason = f"HTTP {status}: {raw[:300].decode('utf-8', 'replace')}".rstrip(": ")
-        if status in REJECTED_STATUSES:
+        if status in REJECTED_STATUSES or status == MULTI_STATUS:
             return Refused(reason)
         if is_retryable(status):
             return Retry(reason, retry_after=wait)
