@@ -35,7 +35,6 @@ from agent.uplinks.http_common import html_instead_of_reply, is_retryable, post
 from agent.uplinks.prepare import Prepared
 from agent.uplinks.splice import objects, stamped
 
-
 # Part of the batch stored, part refused (an Outpost upstream answers so): split like a
 # refusal; the resent parts it stored are duplicates there, acknowledged again.
 MULTI_STATUS = 207
