@@ -87,3 +87,32 @@ async def test_a_spool_filled_to_the_cap_stays_within_it(
     finally:
         await spool.close()   # checkpoints the WAL into the file
     assert os.path.getsize(path) <= CAP_MB * MB, os.path.getsize(path) / MB
+
+
+async def test_dead_letters_stay_within_the_cap_and_make_way_for_queued_events(
+        tmp_path: Path) -> None:
+    """An upstream that refuses everything: every event moves from a compressed record to
+    an uncompressed dead letter, several times its stored size. The file must still stay
+    within the cap, the oldest dead letters going first (counted), and never before a
+    queued event: new events are still taken."""
+    path = tmp_path / "spool.db"
+    spool = await Spool.open(StorageConfig(path=str(path), max_size_mb=1, when_full="reject",
+                                           sync="normal"))
+    rng = random.Random(5)
+    try:
+        for n in range(0, 3000, 100):   # ~1 KB events, ~0.3 KB packed: 0.9 MB dead-lettered
+            await spool.append([Event("bad", SEGMENT, dedupe_key("bad", i), orjson.dumps(
+                {"messageId": f"m-{i}", "token": rng.randbytes(100).hex(), "text": "x" * 800}))
+                for i in range(n, n + 100)])
+        stream = spool.streams["bad"].id
+        while rows := await spool.fetch(stream, 0, 500):
+            await spool.dead_letter([(r.seq, "up", "HTTP 400: refused") for r in rows])
+        dropped = spool.counters.get("dead_dropped_full", 0)
+        assert dropped > 0 and spool.dead_count == 3000 - dropped
+        await spool.append([Event("good", SEGMENT, dedupe_key("good", 1), b'{"messageId":"g"}')])
+        assert spool.streams["good"].depth == 1
+        newest = await spool.dead_letters(1)
+        assert orjson.loads(newest[0]["body"])["messageId"] == "m-2999"   # the oldest went
+    finally:
+        await spool.close()
+    assert os.path.getsize(path) <= MB, os.path.getsize(path) / MB
