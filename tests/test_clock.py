@@ -154,3 +154,28 @@ async def test_events_queued_before_the_agent_kept_time_expire_by_the_wall_clock
         assert spool.depth == 1
     finally:
         await spool.close()
+
+
+async def test_dead_letters_expire_at_max_age_by_both_clocks(tmp_path: Path,
+                                                             clock: Clock) -> None:
+    """Dead letters wait for an operator max_age_days, then go (counted): kept forever,
+    they grew without bound. A wall clock set ahead alone expires none."""
+    spool = await Spool.open(StorageConfig(path=str(tmp_path / "spool.db"), max_age_days=2))
+    try:
+        await spool.append([Event("k", NUCLEUS, i, b'{"id":%d}' % i) for i in range(3)])
+        rows = await spool.fetch(spool.streams["k"].id, 0, 10)
+        await spool.dead_letter([(r.seq, "up", "HTTP 400") for r in rows])
+        assert spool.dead_count == 3
+        clock.wall_shift_ms = 3652 * DAY_MS       # ten years ahead, by the wall clock only
+        await spool.prune()
+        assert spool.dead_count == 3
+        clock.wall_shift_ms = 0
+        clock.passed_ms += DAY_MS                 # one day: kept
+        await spool.prune()
+        assert spool.dead_count == 3
+        clock.passed_ms += DAY_MS + 60_000        # past two days by both clocks
+        await spool.prune()
+        assert spool.dead_count == 0 and spool.counters["dead_expired"] == 3
+        assert await spool.dead_letters() == []
+    finally:
+        await spool.close()
