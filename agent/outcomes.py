@@ -68,6 +68,12 @@ class Tally(StrEnum):
                     "Dead letters sent back to their key's queue by `outpost dead retry`.")
     DEAD_PURGED = ("dead_purged", "dead_letters_purged_total",
                    "Dead letters deleted by `outpost dead purge`.")
+    # Dead letters the spool let go of on its own (already counted once as dead_lettered).
+    DEAD_DROPPED_FULL = ("dead_dropped_full", "dead_letters_dropped_full_total",
+                         "Dead letters deleted, oldest first, to keep the spool within "
+                         "storage.max_size_mb (before any queued event).")
+    DEAD_EXPIRED = ("dead_expired", "dead_letters_expired_total",
+                    "Dead letters deleted once kept longer than storage.max_age_days.")
 
 
 Outcome = Drop | Tally

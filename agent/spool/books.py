@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
-from agent.outcomes import Counts, Drop, Outcome, merge, record
+from agent.outcomes import Counts, Drop, Outcome, Tally, merge, record
 from agent.spool.commit import Outcome as Committed
 from agent.spool.types import Stream
 
@@ -81,7 +81,8 @@ class Books:
             if stream is not None:
                 stream.high += n
         merge(self.counters, out.counters)
-        self.dead_count += out.counters.get(Drop.DEAD_LETTERED, 0)
+        self.dead_count += out.counters.get(Drop.DEAD_LETTERED, 0) - out.counters.get(
+            Tally.DEAD_DROPPED_FULL, 0) - out.counters.get(Tally.DEAD_EXPIRED, 0)
         self.used_bytes = out.used_bytes
 
     @property

@@ -31,6 +31,8 @@ ROW_FIELDS = 30      # a record row's integers and its header, besides the two b
 CELL = 8             # a cell's pointer and its size and rowid varints, in a leaf page
 ROW_EXTRA = 24       # its records_stream index entry, and interior pages, per row
 DROP_CHUNK = 64  # records per statement when dropping the oldest
+DEAD_CHUNK = 256  # dead letters per statement when making room
+DEAD_FIELDS = 64  # a dead letter's columns besides its body, and its share of the page
 # Free pages handed back to the file system (PRAGMA incremental_vacuum) once they are
 # both this many and a quarter of the file: a drained spool shrinks, a busy one does
 # not pay for moving pages at every ack.
@@ -125,6 +127,9 @@ def commit(conn: sqlite3.Connection, job: Job) -> Outcome:
                              job.new_streams)
         for s in job.settle:
             _settle(conn, s, job, out)
+        moved = out.counters.get(Drop.DEAD_LETTERED, 0)
+        if moved and (over := used_bytes(conn) - job.max_bytes) > 0:
+            _trim_dead(conn, over, out)   # dead letters that alone pass the cap
         if job.corrupt:
             _drop(conn, "id IN (SELECT value FROM json_each(?))",
                   (str(job.corrupt).replace(" ", ""),), Drop.DROPPED_CORRUPT, out)
@@ -133,12 +138,15 @@ def commit(conn: sqlite3.Connection, job: Job) -> Outcome:
             # Records this commit deleted (acks, dead letters, damage) made room for its
             # inserts: measured, or a full spool refuses the events that the acks ahead of
             # them in the same commit made room for (or forgets dedupe keys for it).
-            room = job.max_bytes - used_bytes(conn) if out.deleted else job.room
+            room = job.max_bytes - used_bytes(conn) if out.deleted or moved else job.room
             inserted = sum(row_bytes(len(d) + len(k)) for _, d, k in packed)
             excess = inserted - room
             if excess > 0:
                 forgot = _forget_spent(conn, out)
                 excess -= forgot
+            if excess > 0:
+                # Refused for good, they wait only for an operator: they yield first.
+                excess -= _trim_dead(conn, excess, out)
             if excess > 0 and job.reject_when_full:
                 record(out.counters, Drop.REJECTED_FULL, sum(len(g.bodies) for g in job.groups))
                 out.stored = False
@@ -151,10 +159,12 @@ def commit(conn: sqlite3.Connection, job: Job) -> Outcome:
         if job.mark is None and (out.deleted or forgot):
             advance_mark(conn, *job.tail)
         _save(conn, out.streams, {**job.counters, **_sum(job.counters, out.counters)})
-    if out.deleted:
+    trimmed = out.counters.get(Tally.DEAD_DROPPED_FULL, 0)
+    if out.deleted or trimmed:
         _hand_back(conn)
     guess = job.max_bytes - job.room + (inserted if out.stored else 0)
-    if job.measure or out.deleted or forgot or job.max_bytes - guess < MEASURE_WITHIN:
+    if job.measure or out.deleted or forgot or moved or trimmed \
+            or job.max_bytes - guess < MEASURE_WITHIN:
         out.used_bytes = used_bytes(conn)
     else:
         out.used_bytes = guess
@@ -220,6 +230,12 @@ def _settle(conn: sqlite3.Connection, s: Settle, job: Job, out: Outcome) -> None
         dead_rows = [(s.id + o, stream, family, received, keys[o], bodies[o], *dead[o], job.now,
                       lane) for o in new if o in dead]
         if dead_rows:
+            # Unpacked, a dead letter takes several times its share of a record: room is
+            # made first, so the file stays within max_size_mb (the pages freed are reused).
+            incoming = sum(row_bytes(len(r[5]) + DEAD_FIELDS - ROW_FIELDS) for r in dead_rows)
+            over = used_bytes(conn) + incoming - job.max_bytes
+            if over > 0:
+                _trim_dead(conn, over, out)
             conn.executemany("INSERT OR IGNORE INTO dead(seq, stream, family, received, dkey, "
                              "body, upstream, reason, at, lane) "
                              "VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?)", dead_rows)
@@ -327,6 +343,20 @@ def _forget_spent(conn: sqlite3.Connection, out: Outcome) -> int:
     return max(0, before - used_bytes(conn))
 
 
+def _trim_dead(conn: sqlite3.Connection, excess: int, out: Outcome) -> int:
+    """Delete the oldest dead letters until ``excess`` bytes of the file are free (or none
+    is left); returns the bytes freed."""
+    before, freed = used_bytes(conn), 0
+    while freed < excess:
+        n = conn.execute("DELETE FROM dead WHERE seq IN (SELECT seq FROM dead ORDER BY seq "
+                         "LIMIT ?)", (DEAD_CHUNK,)).rowcount
+        if n <= 0:
+            break
+        record(out.counters, Tally.DEAD_DROPPED_FULL, n)
+        freed = before - used_bytes(conn)
+    return max(0, freed)
+
+
 def _drop_oldest(conn: sqlite3.Connection, excess: int, out: Outcome) -> None:
     """when_full = "drop_oldest": delete the oldest records until ``excess`` bytes are free:
     the normal lane's first, the high lane's only once no normal event is left (an app's
@@ -373,8 +403,8 @@ class Expiry:
 
 
 def prune(conn: sqlite3.Connection, exp: Expiry, counters: Counts) -> Outcome:
-    """Drop records old by both clocks; forget delivered records' dedupe keys that both
-    clocks say are past the dedupe window."""
+    """Drop records and dead letters old by both clocks; forget delivered records' dedupe
+    keys that both clocks say are past the dedupe window."""
     out = Outcome()
     with transaction(conn):
         mark(conn, exp.observed, exp.next_seq)
@@ -384,6 +414,11 @@ def prune(conn: sqlite3.Connection, exp: Expiry, counters: Counts) -> Outcome:
                      "clock_marks WHERE observed <= ?)", (exp.observed - exp.max_age_ms,))
         # A record never straddles a mark: each is written in the commit that marks it.
         _drop(conn, "id < ? AND received < ?", (below, exp.wall_cutoff), Drop.EXPIRED, out)
+        # Dead letters wait for an operator as long, by both clocks: received before
+        # ``below``, and dead-lettered before the wall-clock cutoff.
+        expired = conn.execute("DELETE FROM dead WHERE seq < ? AND at < ?",
+                               (below, exp.wall_cutoff)).rowcount
+        record(out.counters, Tally.DEAD_EXPIRED, expired)
         conn.execute("DELETE FROM spent WHERE received < ? AND observed <= ?",
                      (exp.forget, exp.observed - exp.window_ms))
         _save(conn, out.streams, {**counters, **_sum(counters, out.counters)})

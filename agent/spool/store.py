@@ -322,6 +322,9 @@ class Spool:
         expired = out.counters.get(Drop.EXPIRED, 0)
         if expired:
             log.warning("dropped %d events older than %d days", expired, self.cfg.max_age_days)
+        if dead := out.counters.get(Tally.DEAD_EXPIRED, 0):
+            log.warning("deleted %d dead letters kept longer than %d days", dead,
+                        self.cfg.max_age_days)
         return expired
 
     def observed_ms(self) -> int:

@@ -309,6 +309,10 @@ class Writer:
         if job.new_streams:
             books.new_streams = books.new_streams[len(job.new_streams):]
         books.apply(out)
+        if trimmed := out.counters.get(Tally.DEAD_DROPPED_FULL, 0):
+            log_limited(log, logging.WARNING, "dead-dropped-full",
+                        "spool at max_size_mb: deleted the %d oldest dead letters to make room",
+                        trimmed)
         self.live.remove(out.deleted)
         for keys in out.undelivered:
             self.index.discard(keys)
