@@ -1,0 +1,50 @@
+"""An event the upstream answers for, batch after batch, but never acknowledges: it is
+dead-lettered after a few answers, with the reason, and its key flows again. Left alone it
+was resent forever, and every answer counted as a failure, so the key's backoff climbed to
+its cap: one batch a minute. Another Outpost answers so for an event its own upstream
+cannot carry (docs/mapping.md); a JavaScript upstream would for an id it rounds."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import aiohttp
+import orjson
+
+OMITTED_LIMIT = 3
+from tests.fakes.segment_upstream import FakeSegment
+from tests.waiting import wait_for
+
+
+def nucleus(i: Any, **kw: Any) -> dict[str, Any]:
+    return {"type": "event", "name": "e", "id": i, "sessionId": 1, "machineId": "m", **kw}
+
+
+async def test_an_event_the_upstream_never_acknowledges_is_dead_lettered(
+        make_agent: Any, fake_segment: FakeSegment, fast_backoff: Any, tmp_path: Path) -> None:
+    # B takes Nucleus events and forwards them to Segment, whose limit is 32 KB an event.
+    b = await make_agent(spool=tmp_path / "b.db", upstreams=[{
+        "name": "seg", "protocol": "segment-http", "url": fake_segment.url,
+        "flush_interval_s": 0.05, "timeout_s": 2}])
+    # A sends to B over nucleus-http, which sets no limit of its own.
+    a = await make_agent(spool=tmp_path / "a.db", upstreams=[{
+        "name": "b", "protocol": "nucleus-http", "url": f"http://127.0.0.1:{b.port}",
+        "flush_interval_s": 0.05, "timeout_s": 2}])
+    big = nucleus("big", payload={"x": "y" * 40_000})
+    async with aiohttp.ClientSession() as s, s.post(
+            f"http://127.0.0.1:{a.port}/app/k/track",
+            json={"data": [big, *(nucleus(i) for i in range(5))]}) as r:
+        assert r.status == 200, await r.text()
+    await wait_for(lambda: a.spool.depth == 0, timeout=20)
+    dead = await a.spool.dead_letters()
+    assert [orjson.loads(d["body"])["id"] for d in dead] == ["big"]
+    assert dead[0]["upstream"] == "b" and "never acknowledged" in dead[0]["reason"], dead[0]
+    state = a.forwarding.states["b"]
+    assert state.dead_lettered == 1 and state.acked == 5
+    assert state.retries == OMITTED_LIMIT - 1   # answers that left it out, then it was let go
+    # And the key flows again: new events are delivered without a wait.
+    async with aiohttp.ClientSession() as s, s.post(
+            f"http://127.0.0.1:{a.port}/app/k/track", json={"data": [nucleus(9)]}) as r:
+        assert r.status == 200
+    await wait_for(lambda: a.spool.depth == 0 and a.forwarding.states["b"].acked == 6)
