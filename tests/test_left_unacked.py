@@ -11,8 +11,9 @@ from typing import Any
 
 import aiohttp
 import orjson
+import pytest
 
-OMITTED_LIMIT = 3
+from agent.forwarder.stream import OMITTED_LIMIT
 from tests.fakes.segment_upstream import FakeSegment
 from tests.waiting import wait_for
 
@@ -21,16 +22,20 @@ def nucleus(i: Any, **kw: Any) -> dict[str, Any]:
     return {"type": "event", "name": "e", "id": i, "sessionId": 1, "machineId": "m", **kw}
 
 
+@pytest.mark.parametrize("protocol", ["nucleus-http", "nucleus-ws"])
 async def test_an_event_the_upstream_never_acknowledges_is_dead_lettered(
-        make_agent: Any, fake_segment: FakeSegment, fast_backoff: Any, tmp_path: Path) -> None:
+        make_agent: Any, fake_segment: FakeSegment, fast_backoff: Any, tmp_path: Path,
+        protocol: str) -> None:
     # B takes Nucleus events and forwards them to Segment, whose limit is 32 KB an event.
     b = await make_agent(spool=tmp_path / "b.db", upstreams=[{
         "name": "seg", "protocol": "segment-http", "url": fake_segment.url,
         "flush_interval_s": 0.05, "timeout_s": 2}])
-    # A sends to B over nucleus-http, which sets no limit of its own.
+    # A sends to B over Nucleus, which sets no limit of its own. (Over the websocket, each
+    # answer without the id costs A a wait of timeout_s for it.)
+    scheme = "ws" if protocol == "nucleus-ws" else "http"
     a = await make_agent(spool=tmp_path / "a.db", upstreams=[{
-        "name": "b", "protocol": "nucleus-http", "url": f"http://127.0.0.1:{b.port}",
-        "flush_interval_s": 0.05, "timeout_s": 2}])
+        "name": "b", "protocol": protocol, "url": f"{scheme}://127.0.0.1:{b.port}",
+        "flush_interval_s": 0.05, "timeout_s": 0.5}])
     big = nucleus("big", payload={"x": "y" * 40_000})
     async with aiohttp.ClientSession() as s, s.post(
             f"http://127.0.0.1:{a.port}/app/k/track",

@@ -43,6 +43,10 @@ from agent.uplinks.prepare import Prepared
 log = logging.getLogger("outpost.forwarder")
 
 FETCH_FACTOR = 4  # rows fetched per spool read, in batches
+# Answers that left an event out (acknowledging the rest of its batch) before it is given
+# up to dead letters: the upstream will not take it, and it would hold its key forever.
+OMITTED_LIMIT = 3
+OMITTED_KEPT = 10_000  # counts kept per key; past it (seqs gone another way) they restart
 ACK_GROUP = 20  # batches' worth of acked rows deleted per spool call while rows keep coming
 
 
@@ -75,8 +79,11 @@ class StreamForwarder:
                  release: Release | None = None, attempt: int = 0,
                  lanes: tuple[int, ...] = LANES,
                  timing: Timing = LOOP_TIMING, backoff: Backoff = BACKOFF,
-                 on_acked: AckHook = ignore_acks) -> None:
+                 on_acked: AckHook = ignore_acks, omitted: dict[int, int] | None = None
+                 ) -> None:
         self.cfg = cfg
+        # seq -> answers that left it out; the supervisor keeps it across the key's loops.
+        self.omitted: dict[int, int] = {} if omitted is None else omitted
         self.on_acked = on_acked
         self.stream = stream
         self.spool = spool
@@ -311,6 +318,13 @@ class StreamForwarder:
                      dead: Sequence[tuple[int, str]] = ()) -> None:
         """Delete what the upstream acknowledged of ``batch``; dead-letter ``dead`` (seq,
         reason)."""
+        if isinstance(result, Retry) and result.omitted:
+            given_up = self._left_out(result, batch)
+            dead = [*dead, *given_up]
+            if len(given_up) == len(result.omitted):  # the rest was acknowledged: done
+                result = Acked(result.acked)
+            else:
+                self.attempt = 0   # it answered: progress, not an outage to back off from
         acked = result.seqs if isinstance(result, Acked) else result.acked
         if acked:
             self.on_acked(self.cfg.name, self.stream.key, batch.rows, acked)
@@ -339,6 +353,25 @@ class StreamForwarder:
                 self.attempt = 0
                 # This batch's own task is still in _tasks: it is removed once it returns.
                 self.state.state = "idle" if len(self._tasks) <= 1 else "sending"
+
+    def _left_out(self, result: Retry, batch: Prepared) -> list[tuple[int, str]]:
+        """Count the answers that left each of ``result.omitted`` out; those left out
+        OMITTED_LIMIT times are given up: (seq, why) for dead letters."""
+        counts = self.omitted
+        for seq in result.acked:
+            counts.pop(seq, None)
+        if len(counts) > OMITTED_KEPT:
+            counts.clear()
+        ids = dict(zip(batch.seqs, batch.ids))
+        given_up = []
+        for seq in result.omitted:
+            n = counts[seq] = counts.get(seq, 0) + 1
+            if n >= OMITTED_LIMIT:
+                del counts[seq]
+                given_up.append((seq, f"{self.cfg.name} never acknowledged it (id "
+                                      f"{ids.get(seq)!r}) in {n} answers that acknowledged "
+                                      "the rest of its batch"))
+        return given_up
 
     def _ack_held(self) -> None:
         if self._held:

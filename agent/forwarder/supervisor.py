@@ -101,6 +101,7 @@ class Supervisor:
         self._tasks: set[asyncio.Task[None]] = set()   # with loops still closing their uplink
         self._running: Counter[str] = Counter()   # loop tasks per upstream
         self._lot = ParkingLot()   # keys waiting to retry
+        self._omitted: dict[str, dict[int, int]] = {}   # by key: see StreamForwarder.omitted
         self._timer: Timer | None = None
         self._session: aiohttp.ClientSession | None = None
         self._stopping = False
@@ -148,7 +149,8 @@ class Supervisor:
                                release=Release(up.flush_interval_s,
                                                functools.partial(self._park, key)),
                                attempt=attempt, lanes=lanes, timing=self.seams.timing,
-                               backoff=self.seams.backoff, on_acked=self.on_acked)
+                               backoff=self.seams.backoff, on_acked=self.on_acked,
+                               omitted=self._omitted.setdefault(key, {}))
         self.loops[key] = loop
         task = asyncio.create_task(self._run(key, loop), name=f"forward-{up.name}")
         self._tasks.add(task)
@@ -159,6 +161,8 @@ class Supervisor:
     def _ended(self, key: str, loop: StreamForwarder, task: asyncio.Task[None]) -> None:
         self._tasks.discard(task)
         self._running[loop.cfg.name] -= 1
+        if not loop.omitted or not loop.stream.depth:
+            self._omitted.pop(key, None)
         if self.loops.get(key) is loop:  # not yet replaced by a loop for newer data
             del self.loops[key]
             # Stopped by regate, which may have let the key go again since; unless the

@@ -50,6 +50,9 @@ class Retry:
     error: str
     retry_after: float | None = None   # the upstream's own wait, seconds
     acked: tuple[int, ...] = ()        # confirmed before the trouble
+    # The rest of the batch, when the upstream answered for it but left these out (not a
+    # connection lost on the way): after a few such answers the forwarder gives them up.
+    omitted: tuple[int, ...] = ()
 
 
 @dataclass(frozen=True, slots=True)

@@ -50,8 +50,12 @@ class NucleusHttpUplink(NucleusFraming, UplinkBase):
             reply: Any = orjson.loads(raw)
         except orjson.JSONDecodeError:
             reply = None
-        acked = match(dict(zip(prepared.ids, prepared.seqs)),
-                      reply.get("reportedIds") if isinstance(reply, dict) else None)
+        ids = reply.get("reportedIds") if isinstance(reply, dict) else None
+        acked = match(dict(zip(prepared.ids, prepared.seqs)), ids)
         if len(acked) < len(prepared.seqs):
-            return Retry("reply did not acknowledge every event", acked=tuple(acked))
+            got = set(acked)
+            # A well-formed reply answered for the whole batch: the rest was left out.
+            return Retry("reply did not acknowledge every event", acked=tuple(acked),
+                         omitted=tuple(s for s in prepared.seqs if s not in got)
+                         if isinstance(ids, list) else ())
         return Acked(tuple(acked))

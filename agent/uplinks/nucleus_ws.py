@@ -56,6 +56,10 @@ class _Link:
         self.failed = lost is not None  # a batch sent on it was not wholly acknowledged
         self.sending = 0          # sends on it that have not returned yet
         self.carried = False      # a frame went out on it
+        # Frames sent on it (heartbeats too), and replies read: the upstream answers each
+        # frame, in order, so a frame whose reply came has been answered for.
+        self.frames = 0
+        self.replies = 0
         self.acked: set[int] = set()
         self.tasks: list[asyncio.Task[None]] = []
         self._waiters: list[asyncio.Future[None]] = []
@@ -141,10 +145,13 @@ class NucleusWsUplink(NucleusFraming, UplinkBase):
         async with self._send_lock:  # FIFO: batches start in the order they were prepared
             link = await self._usable_link(replace_unused=False)
             link.sending += 1
+            mine = 0   # this frame's number on the link, once sent
             if link.ws is not None and link.lost is None:
                 try:
                     link.carried = True
                     await _send_text(link.ws, frame(prepared))
+                    link.frames += 1
+                    mine = link.frames
                     self._last_sent = asyncio.get_running_loop().time()
                 except (aiohttp.ClientError, OSError, TimeoutError, RuntimeError) as exc:
                     link.lose(f"send failed: {_describe(exc)}")
@@ -157,6 +164,10 @@ class NucleusWsUplink(NucleusFraming, UplinkBase):
             return Acked(prepared.seqs)
         acked = tuple(sorted(link.acked.intersection(prepared.seqs)))
         link.acked.difference_update(acked)
+        # Timed out on a live connection that answered the frame: left out, not lost.
+        got = set(acked)
+        omitted = tuple(s for s in prepared.seqs if s not in got) \
+            if mine and link.lost is None and link.replies >= mine else ()
         for ack_id, seq in zip(prepared.ids, prepared.seqs):  # to be sent again later
             if self.in_flight.get(ack_id) == seq:  # not since acked and reused by a later batch
                 del self.in_flight[ack_id]
@@ -165,7 +176,7 @@ class NucleusWsUplink(NucleusFraming, UplinkBase):
         # Ids are only unique per connection: a late ack on this one could match
         # a different event that reuses the id after the resend, so start afresh.
         await link.close_ws()
-        return Retry(error, acked=acked)
+        return Retry(error, acked=acked, omitted=omitted)
 
     async def _wait_acks(self, link: _Link, wanted: tuple[int, ...]) -> str | None:
         # issuperset walks the batch's seqs as they are: no set of them is built.
@@ -215,7 +226,7 @@ class NucleusWsUplink(NucleusFraming, UplinkBase):
         self._last_sent = asyncio.get_running_loop().time()
         link.tasks = [asyncio.create_task(self._guard(link, self._read(link, ws)),
                                           name=f"ws-read-{self.name}"),
-                      asyncio.create_task(self._guard(link, self._heartbeats(ws)),
+                      asyncio.create_task(self._guard(link, self._heartbeats(link, ws)),
                                           name=f"ws-heartbeat-{self.name}")]
         # Debug: a key's loop ends when idle, so an app sending now and then reconnects often.
         log.debug("connected to %s", self.name)
@@ -246,12 +257,13 @@ class NucleusWsUplink(NucleusFraming, UplinkBase):
             log.warning("%s sent a reply that is not JSON; ignored", self.name)
             return
         if isinstance(reply, dict) and "reportedIds" in reply:
+            link.replies += 1
             acked = match(self.in_flight, reply["reportedIds"])
             if acked:
                 link.acked.update(acked)
                 link.notify()
 
-    async def _heartbeats(self, ws: aiohttp.ClientWebSocketResponse) -> None:
+    async def _heartbeats(self, link: _Link, ws: aiohttp.ClientWebSocketResponse) -> None:
         loop = asyncio.get_running_loop()
         frame = orjson.dumps({"data": [{"type": "heartbeat", "machineId": self.machine_id}]})
         while not ws.closed:
@@ -259,6 +271,7 @@ class NucleusWsUplink(NucleusFraming, UplinkBase):
             if idle >= self.heartbeat_s:
                 with contextlib.suppress(ConnectionError, RuntimeError):
                     await _send_text(ws, frame)
+                    link.frames += 1
                 self._last_sent = loop.time()
                 idle = 0
             await asyncio.sleep(self.heartbeat_s - idle)
