@@ -258,3 +258,16 @@ def test_a_wide_integer_overwritten_by_a_repeated_member_is_not_refused() -> Non
     assert parse_json(b'{"a": 18446744073709551617, "a": 1}') == {"a": 1}
     with pytest.raises(BodyError, match="beyond 64 bits"):
         parse_json(b'{"a": 1, "a": 18446744073709551617}')
+
+
+def test_nineteen_digit_values_are_not_parsed_twice(monkeypatch: pytest.MonkeyPatch) -> None:
+    """A nanosecond timestamp has 19 digits, and no 19-digit integer is out of range but a
+    negative one: such bodies skip the exact parse (the standard library's, several times
+    orjson's cost), which a longer run or a minus before one still gets."""
+    parsed: list[bytes] = []
+    real = json.loads
+    monkeypatch.setattr(json, "loads", lambda data, **kw: parsed.append(data) or real(data, **kw))
+    for body in (b'{"ns": 1701234567890123456, "s": "1701234567890123456"}',
+                 b'{"ns": 12345678901234567890}', b'{"ns": -1234567890123456789}'):
+        parse_json(body)
+    assert parsed == [b'{"ns": 12345678901234567890}', b'{"ns": -1234567890123456789}']
