@@ -78,7 +78,8 @@ def cmd_run(args: argparse.Namespace) -> int:
 
     async def main() -> int:
         try:
-            return await Agent(cfg, getattr(args, "config", None)).serve()
+            return await Agent(cfg, getattr(args, "config", None),
+                               on_spool_open=memory.freeze_index).serve()
         except (StartError, SpoolTooNew) as exc:
             print(f"outpost: {exc}", file=sys.stderr)
             return EXIT_CONFIG
