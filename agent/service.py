@@ -72,7 +72,7 @@ class Agent:
                  on_spool_open: Callable[[], None] = lambda: None) -> None:
         self.cfg = cfg
         # Called once the spool is open, its dedupe index rebuilt, before anything listens
-        # (``outpost run``: memory.freeze_index).
+        # (``outpost run``: memory.freeze_start).
         self.on_spool_open = on_spool_open
         self.seams = seams   # what every Supervisor is built with (tests replace parts)
         self.battery = battery   # the one seam the battery is read through
