@@ -73,12 +73,12 @@ def cmd_run(args: argparse.Namespace) -> int:
     from agent.dialects import offload
     from agent.service import Agent, StartError
     from agent.spool.migrate import SpoolTooNew
-    memory.freeze_imports()
     offload.favour_the_loop()
 
     async def main() -> int:
         try:
-            return await Agent(cfg, getattr(args, "config", None)).serve()
+            return await Agent(cfg, getattr(args, "config", None),
+                               on_spool_open=memory.freeze_start).serve()
         except (StartError, SpoolTooNew) as exc:
             print(f"outpost: {exc}", file=sys.stderr)
             return EXIT_CONFIG

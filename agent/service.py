@@ -12,7 +12,7 @@ import logging
 import os
 import signal
 import sys
-from collections.abc import Coroutine, Iterable, Mapping
+from collections.abc import Callable, Coroutine, Iterable, Mapping
 from typing import Any
 
 from aiohttp import web
@@ -68,8 +68,12 @@ class Agent:
     """The running agent; ``start`` then ``stop``, or ``serve`` until a signal."""
 
     def __init__(self, cfg: Config, config_path: str | None = None, *,
-                 seams: Seams = Seams(), battery: BatterySensor = read_battery) -> None:
+                 seams: Seams = Seams(), battery: BatterySensor = read_battery,
+                 on_spool_open: Callable[[], None] = lambda: None) -> None:
         self.cfg = cfg
+        # Called once the spool is open, its dedupe index rebuilt, before anything listens
+        # (``outpost run``: memory.freeze_start).
+        self.on_spool_open = on_spool_open
         self.seams = seams   # what every Supervisor is built with (tests replace parts)
         self.battery = battery   # the one seam the battery is read through
         self.config_path = config_path
@@ -100,6 +104,7 @@ class Agent:
             self.spool = spool = await Spool.open(self.cfg.storage, on_reopen=self._reopened,
                                                   on_migrating=self._migrating)
             stack.push_async_callback(spool.close)
+            self.on_spool_open()
             _register_keys(spool.streams)
             self.sync = self._monitor(self.cfg)
             await self.sync.start()

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import compileall
 import os
 import signal
 import socket
@@ -109,8 +110,19 @@ class Proc:
 
 
 def agent_proc(config: Path, port: int, log: Path) -> Proc:
+    """``outpost run`` from this checkout, its modules compiled to bytecode first."""
+    compile_agent()
     return Proc([sys.executable, "-m", "agent", "run", "--config", str(config)], port, log,
                 probe="/healthz")
+
+
+def compile_agent() -> None:
+    """Compile the agent's modules, as installing it does (pip, a distribution's package).
+
+    Under PYTHONDONTWRITEBYTECODE=1 (set where the bench has run) a checkout compiles its
+    ~110 modules again at every start: 0.15-0.3 s of each startup figure on the 2-core
+    machine, a cost no installed agent pays. Files already compiled are only stat'ed."""
+    compileall.compile_dir(ROOT / "agent", quiet=1)
 
 
 def ref_proc(kind: str, port: int, log: Path, db: Path | None = None) -> Proc:

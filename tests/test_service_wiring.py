@@ -1,7 +1,9 @@
-"""Service wiring: keys never logged, upstream state kept across a reload, system paths."""
+"""Service wiring: keys never logged, upstream state kept across a reload, system paths, the
+dedupe index out of the cyclic GC's walks."""
 
 from __future__ import annotations
 
+import gc
 import logging
 import sys
 from pathlib import Path
@@ -9,8 +11,12 @@ from typing import Any
 
 import pytest
 
+from agent import config as config_mod
 from agent import logs, paths
 from agent.logs import RedactingFilter
+from agent.server import memory
+from agent.service import Agent
+from agent.spool.dedupe import DedupeIndex
 from tests.conftest import write_config
 from tests.fakes.ops_scene import RefusingUpstream, post_events
 from tests.waiting import wait_for
@@ -75,3 +81,36 @@ def test_secret_registration_is_idempotent() -> None:
     logs.register_secret("idempotent-key-5")
     logs.register_secret("idempotent-key-5")
     assert redacted("k=idempotent-key-5") == "k=***"
+
+
+async def test_the_start_hands_over_the_rebuilt_index_before_it_listens(make_agent: Any,
+                                                                       tmp_path: Path) -> None:
+    """``outpost run`` freezes what the start built once the spool is open (memory.py
+    ``freeze_start``): the hook sees the whole index, and no listener yet."""
+    first = await make_agent(spool=tmp_path / "s.db")
+    await post_events(first.port, "k", range(5))
+    await first.stop()
+    seen: list[tuple[int, object]] = []
+    cfg_path = write_config(tmp_path / "again.toml", tmp_path / "s.db")
+    again = Agent(config_mod.load_file(cfg_path), str(cfg_path),
+                  on_spool_open=lambda: seen.append((len(again.spool.index), again.listener)))
+    await again.start()
+    try:
+        assert seen == [(5, None)]
+    finally:
+        await again.stop()
+
+
+def test_a_frozen_index_is_not_walked_by_the_collector() -> None:
+    """A set of 1M ints cost each collection of its generation ~90 ms (bench/RESULTS.md):
+    frozen, no generation holds it."""
+    index = DedupeIndex(3_600_000, 1000)
+    index.admit(list(range(100)), 0, 0)
+    assert gc.is_tracked(index.keys)
+    frozen = gc.get_freeze_count()
+    memory.freeze_start()
+    try:
+        assert gc.get_freeze_count() > frozen
+        assert all(o is not index.keys for o in gc.get_objects())
+    finally:
+        gc.unfreeze()
