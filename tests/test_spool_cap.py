@@ -116,3 +116,34 @@ async def test_dead_letters_stay_within_the_cap_and_make_way_for_queued_events(
     finally:
         await spool.close()
     assert os.path.getsize(path) <= MB, os.path.getsize(path) / MB
+
+
+async def test_a_refused_append_deletes_no_dead_letter(tmp_path: Path) -> None:
+    """when_full = "reject": dead letters yield to an append only when deleting them makes
+    room for it. One that is refused anyway must leave them all (review: it emptied the
+    dead letters, then was refused)."""
+    spool = await Spool.open(StorageConfig(path=str(tmp_path / "spool.db"), max_size_mb=1,
+                                           when_full="reject", sync="normal"))
+    rng = random.Random(5)
+
+    def event(key: str, i: int, noise: int) -> Event:
+        return Event(key, SEGMENT, dedupe_key(key, i), orjson.dumps(
+            {"messageId": f"{key}-{i}", "r": rng.randbytes(noise).hex()}))
+
+    try:
+        n = 0
+        while spool.used_bytes < 550_000:
+            await spool.append([event("q", n + k, 1000) for k in range(10)])
+            n += 10
+        await spool.append([event("bad", i, 400) for i in range(300)])
+        rows = await spool.fetch(spool.streams["bad"].id, 0, 500)
+        await spool.dead_letter([(r.seq, "up", "HTTP 400") for r in rows])
+        assert spool.dead_count == 300
+        with pytest.raises(SpoolFull):   # ~600 KB: more than the dead letters could free
+            await spool.append([event("big", k, 2000) for k in range(400)])
+        assert spool.dead_count == 300 and not spool.counters.get("dead_dropped_full")
+        await spool.append([event("small", k, 400) for k in range(50)])   # they make room
+        assert spool.streams["small"].depth == 50
+        assert 0 < spool.counters["dead_dropped_full"] < 300
+    finally:
+        await spool.close()
