@@ -142,8 +142,9 @@ async def test_a_refused_append_deletes_no_dead_letter(tmp_path: Path) -> None:
         with pytest.raises(SpoolFull):   # ~600 KB: more than the dead letters could free
             await spool.append([event("big", k, 2000) for k in range(400)])
         assert spool.dead_count == 300 and not spool.counters.get("dead_dropped_full")
-        await spool.append([event("small", k, 400) for k in range(50)])   # they make room
-        assert spool.streams["small"].depth == 50
+        # ~300 KB: more than was free, less than the dead letters could free.
+        await spool.append([event("more", k, 2000) for k in range(150)])
+        assert spool.streams["more"].depth == 150
         assert 0 < spool.counters["dead_dropped_full"] < 300
     finally:
         await spool.close()

@@ -31,7 +31,6 @@ ROW_FIELDS = 30      # a record row's integers and its header, besides the two b
 CELL = 8             # a cell's pointer and its size and rowid varints, in a leaf page
 ROW_EXTRA = 24       # its records_stream index entry, and interior pages, per row
 DROP_CHUNK = 64  # records per statement when dropping the oldest
-DEAD_CHUNK = 256  # dead letters per statement when making room
 DEAD_FIELDS = 64  # a dead letter's columns besides its body, and its share of the page
 # Free pages handed back to the file system (PRAGMA incremental_vacuum) once they are
 # both this many and a quarter of the file: a drained spool shrinks, a busy one does
@@ -144,8 +143,9 @@ def commit(conn: sqlite3.Connection, job: Job) -> Outcome:
             if excess > 0:
                 forgot = _forget_spent(conn, out)
                 excess -= forgot
-            if excess > 0:
-                # Refused for good, they wait only for an operator: they yield first.
+            if excess > 0 and (not job.reject_when_full or _dead_bytes(conn) >= excess):
+                # Refused for good, they wait only for an operator: they yield first (when
+                # refusing, only if that makes the room: else none goes for nothing).
                 excess -= _trim_dead(conn, excess, out)
             if excess > 0 and job.reject_when_full:
                 record(out.counters, Drop.REJECTED_FULL, sum(len(g.bodies) for g in job.groups))
@@ -343,15 +343,29 @@ def _forget_spent(conn: sqlite3.Connection, out: Outcome) -> int:
     return max(0, before - used_bytes(conn))
 
 
+def _dead_bytes(conn: sqlite3.Connection) -> int:
+    """About what deleting every dead letter would free."""
+    size: int = conn.execute("SELECT coalesce(sum(length(body)), 0) + count(*) * ? FROM dead",
+                             (DEAD_FIELDS,)).fetchone()[0]
+    return size
+
+
 def _trim_dead(conn: sqlite3.Connection, excess: int, out: Outcome) -> int:
     """Delete the oldest dead letters until ``excess`` bytes of the file are free (or none
-    is left); returns the bytes freed."""
+    is left): as many as their sizes say, then more while the pages they held stay in
+    use; returns the bytes freed."""
     before, freed = used_bytes(conn), 0
     while freed < excess:
-        n = conn.execute("DELETE FROM dead WHERE seq IN (SELECT seq FROM dead ORDER BY seq "
-                         "LIMIT ?)", (DEAD_CHUNK,)).rowcount
-        if n <= 0:
+        need, last = excess - freed, None
+        rows = conn.execute("SELECT seq, length(body) FROM dead ORDER BY seq")
+        for seq, size in rows:
+            last, need = seq, need - size - DEAD_FIELDS
+            if need <= 0:
+                break
+        rows.close()
+        if last is None:
             break
+        n = conn.execute("DELETE FROM dead WHERE seq <= ?", (last,)).rowcount
         record(out.counters, Tally.DEAD_DROPPED_FULL, n)
         freed = before - used_bytes(conn)
     return max(0, freed)
