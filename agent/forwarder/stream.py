@@ -101,6 +101,9 @@ class StreamForwarder:
         self._acking: set[asyncio.Task[None]] = set()  # spool deletes of upstream-acked rows
         self._held: list[int] = []  # upstream-acked rows not yet handed to spool.ack
         self._failed: Retry | None = None
+        # The uplink's connection ended with a batch that then completed by giving events
+        # up (see _left_out): reopened before the next send, with no backoff.
+        self._reopen = False
         self._connecting: asyncio.Future[str | None] | None = None  # see _connect
         self._crash: BaseException | None = None  # unexpected: raised to the supervisor
         self.attempt = attempt  # failures in a row: the next backoff's step
@@ -146,9 +149,14 @@ class StreamForwarder:
                 return
             await self.pause(delay)
             # Only now, with nothing in flight, may a new connection start.
+            self._reopen = False
             await self.uplink.close()
             self._cursors = [0] * len(LANES)
             return
+        if self._reopen and not self._tasks:
+            # As after a failure: nothing in flight, so nothing sent later can overtake.
+            self._reopen = False
+            await self.uplink.close()
         if len(self._tasks) >= self.window:
             await self._idle(None)
             return
@@ -323,6 +331,7 @@ class StreamForwarder:
             dead = [*dead, *given_up]
             if len(given_up) == len(result.omitted):  # the rest was acknowledged: done
                 result = Acked(result.acked)
+                self._reopen = True
             else:
                 self.attempt = 0   # it answered: progress, not an outage to back off from
         acked = result.seqs if isinstance(result, Acked) else result.acked

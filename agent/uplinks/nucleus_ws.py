@@ -149,9 +149,10 @@ class NucleusWsUplink(NucleusFraming, UplinkBase):
             if link.ws is not None and link.lost is None:
                 try:
                     link.carried = True
-                    await _send_text(link.ws, frame(prepared))
+                    # Numbered before the await: a heartbeat sent meanwhile comes after it.
                     link.frames += 1
                     mine = link.frames
+                    await _send_text(link.ws, frame(prepared))
                     self._last_sent = asyncio.get_running_loop().time()
                 except (aiohttp.ClientError, OSError, TimeoutError, RuntimeError) as exc:
                     link.lose(f"send failed: {_describe(exc)}")
@@ -270,8 +271,8 @@ class NucleusWsUplink(NucleusFraming, UplinkBase):
             idle = loop.time() - self._last_sent
             if idle >= self.heartbeat_s:
                 with contextlib.suppress(ConnectionError, RuntimeError):
-                    await _send_text(ws, frame)
                     link.frames += 1
+                    await _send_text(ws, frame)
                 self._last_sent = loop.time()
                 idle = 0
             await asyncio.sleep(self.heartbeat_s - idle)
