@@ -145,7 +145,7 @@ class NucleusWsUplink(NucleusFraming, UplinkBase):
         async with self._send_lock:  # FIFO: batches start in the order they were prepared
             link = await self._usable_link(replace_unused=False)
             link.sending += 1
-            mine = 0   # this frame's number on the link, once sent
+            mine = 0   # this frame's number on the link; 0: not sent
             if link.ws is not None and link.lost is None:
                 try:
                     link.carried = True
