@@ -44,7 +44,7 @@ def _error(status: int, message: str, retry_after: int | None = None) -> web.Res
                              dumps=lambda o: orjson.dumps(o).decode())
 
 
-def close_reason(message: str) -> bytes:
+def _close_reason(message: str) -> bytes:
     """A websocket close reason: at most 123 bytes, cut on a character boundary (cut inside
     one, it is invalid UTF-8, and the client fails the connection instead of reading it)."""
     return message.encode()[:123].decode("utf-8", "ignore").encode()
@@ -139,7 +139,7 @@ class NucleusHandlers:
         except (BodyError, Invalid) as exc:
             # A bad message closes only this connection, with a reason the app can log.
             replies.refused(WSCloseCode.INVALID_TEXT)
-            await ws.close(code=WSCloseCode.INVALID_TEXT, message=close_reason(exc.message))
+            await ws.close(code=WSCloseCode.INVALID_TEXT, message=_close_reason(exc.message))
             return False
         except SpoolFull as exc:
             # Nothing acked: the module keeps the events and resends them later (every

@@ -76,7 +76,7 @@ def _tokens(text: str) -> list[tuple[str, Any]]:
     return out
 
 
-class _NonFinite(Exception):
+class _Unkept(Exception):
     """A value that cannot be kept: not JSON (NaN), or an integer beyond 64 bits (wide).
     ``where`` collects the path as the parser unwinds, so well-formed bodies pay nothing
     for path tracking."""
@@ -117,7 +117,7 @@ class _Parser:
         if kind == "value":
             return val
         if kind in (_NONFINITE, _WIDE):
-            raise _NonFinite(val, kind == _WIDE)
+            raise _Unkept(val, kind == _WIDE)
         if kind in ("{", "["):
             return self.container(kind, depth)
         raise BodyError(400, "invalid JSON", f"unexpected {kind!r}")
@@ -135,7 +135,7 @@ class _Parser:
             if opener == "[":
                 try:
                     arr.append(self.value(depth + 1))
-                except _NonFinite as exc:
+                except _Unkept as exc:
                     exc.where.append(f"[{len(arr)}]")
                     raise
                 continue
@@ -146,7 +146,7 @@ class _Parser:
                 raise BodyError(400, "invalid JSON", f"expected ':' after {name!r}")
             try:
                 obj[name] = self.value(depth + 1)
-            except _NonFinite as exc:
+            except _Unkept as exc:
                 exc.where.append(f".{name}")
                 raise
 
@@ -164,7 +164,7 @@ def loads(raw: bytes) -> dict[str, Any]:
         result = parser.value(0)
     except orjson.JSONDecodeError as exc:
         raise BodyError(400, "invalid JSON", str(exc)) from exc
-    except _NonFinite as exc:
+    except _Unkept as exc:
         raise exc.error() from None
     if parser.peek() != "end":
         raise BodyError(400, "invalid JSON", "data after the object")
