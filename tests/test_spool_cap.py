@@ -148,3 +148,44 @@ async def test_a_refused_append_deletes_no_dead_letter(tmp_path: Path) -> None:
         assert 0 < spool.counters["dead_dropped_full"] < 300
     finally:
         await spool.close()
+
+
+async def test_a_refused_append_forgets_no_dedupe_key(tmp_path: Path) -> None:
+    """when_full = "reject": the stored dedupe keys of delivered events are forgotten to make
+    room for an append only when that makes the room. An append refused anyway must keep
+    them, or a restart within the window takes a resend of a delivered event for a new one
+    (audit: it forgot them all, then was refused)."""
+    cfg = StorageConfig(path=str(tmp_path / "spool.db"), max_size_mb=1, when_full="reject",
+                        sync="normal")
+    spool = await Spool.open(cfg)
+    rng = random.Random(6)
+
+    def event(key: str, i: int, noise: int) -> Event:
+        return Event(key, SEGMENT, dedupe_key(key, i), orjson.dumps(
+            {"messageId": f"{key}-{i}", "r": rng.randbytes(noise).hex()}))
+
+    try:
+        await spool.append([event("done", i, 8) for i in range(5000)])
+        rows = await spool.fetch(spool.streams["done"].id, 0, 5000)
+        await spool.ack([r.seq for r in rows])
+        assert spool.streams["done"].depth == 0
+        n = 0
+        while spool.used_bytes < 700_000:
+            await spool.append([event("q", n + k, 1000) for k in range(10)])
+            n += 10
+        with pytest.raises(SpoolFull):   # ~800 KB: far more than the spent keys could free
+            await spool.append([event("big", k, 2000) for k in range(400)])
+        assert not spool.counters.get("dedupe_forgotten")
+    finally:
+        await spool.close()
+    spool = await Spool.open(cfg)
+    try:
+        assert await spool.append([event("done", 17, 8)]) == 0   # a resend, kept out
+        assert spool.streams["done"].depth == 0
+        # Appends the forgotten keys make room for may forget them (documented).
+        while not spool.counters.get("dedupe_forgotten"):
+            await spool.append([event("q", n + k, 1000) for k in range(10)])
+            n += 10
+        assert spool.counters["dedupe_forgotten"] == 5000
+    finally:
+        await spool.close()

@@ -132,7 +132,7 @@ def commit(conn: sqlite3.Connection, job: Job) -> Outcome:
         if job.corrupt:
             _drop(conn, "id IN (SELECT value FROM json_each(?))",
                   (str(job.corrupt).replace(" ", ""),), Drop.DROPPED_CORRUPT, out)
-        forgot = inserted = 0
+        inserted = 0
         if packed:
             # Records this commit deleted (acks, dead letters, damage) made room for its
             # inserts: measured, or a full spool refuses the events that the acks ahead of
@@ -141,12 +141,7 @@ def commit(conn: sqlite3.Connection, job: Job) -> Outcome:
             inserted = sum(row_bytes(len(d) + len(k)) for _, d, k in packed)
             excess = inserted - room
             if excess > 0:
-                forgot = _forget_spent(conn, out)
-                excess -= forgot
-            if excess > 0 and (not job.reject_when_full or _dead_bytes(conn) >= excess):
-                # Refused for good, they wait only for an operator: they yield first (when
-                # refusing, only if that makes the room: else none goes for nothing).
-                excess -= _trim_dead(conn, excess, out)
+                excess = _make_room(conn, excess, job.reject_when_full, out)
             if excess > 0 and job.reject_when_full:
                 record(out.counters, Drop.REJECTED_FULL, sum(len(g.bodies) for g in job.groups))
                 out.stored = False
@@ -156,6 +151,7 @@ def commit(conn: sqlite3.Connection, job: Job) -> Outcome:
                 _insert(conn, packed, out)
         if out.stored and job.duplicates:
             record(out.counters, Tally.DUPLICATES, job.duplicates)
+        forgot = out.counters.get(Tally.DEDUPE_FORGOTTEN, 0)
         if job.mark is None and (out.deleted or forgot):
             advance_mark(conn, *job.tail)
         _save(conn, out.streams, {**job.counters, **_sum(job.counters, out.counters)})
@@ -330,6 +326,27 @@ def row_bytes(blobs: int) -> int:
     return -(-PAGE // per_page) + ROW_EXTRA
 
 
+def _make_room(conn: sqlite3.Connection, excess: int, refuse: bool, out: Outcome) -> int:
+    """Free ``excess`` bytes for an append at max_size_mb from what waits for no delivery:
+    delivered events' stored dedupe keys first, then the oldest dead letters (refused for
+    good, they wait only for an operator); returns the bytes still missing. When the append
+    will be refused (``refuse``) unless they make the room, none of them goes for nothing:
+    all is undone."""
+    before = dict(out.counters)
+    if refuse:
+        conn.execute("SAVEPOINT room")
+    excess -= _forget_spent(conn, out)
+    if excess > 0:
+        excess -= _trim_dead(conn, excess, out)
+    if refuse:
+        if excess > 0:
+            conn.execute("ROLLBACK TO room")
+            out.counters.clear()
+            out.counters.update(before)
+        conn.execute("RELEASE room")
+    return excess
+
+
 def _forget_spent(conn: sqlite3.Connection, out: Outcome) -> int:
     """At max_size_mb, forget the stored dedupe keys of delivered events; returns the
     bytes freed. Left alone they would keep new events out (or push the queue out) on a
@@ -341,13 +358,6 @@ def _forget_spent(conn: sqlite3.Connection, out: Outcome) -> int:
         return 0
     record(out.counters, Tally.DEDUPE_FORGOTTEN, sum(n for (n,) in rows) // 8)
     return max(0, before - used_bytes(conn))
-
-
-def _dead_bytes(conn: sqlite3.Connection) -> int:
-    """About what deleting every dead letter would free."""
-    size: int = conn.execute("SELECT coalesce(sum(length(body)), 0) + count(*) * ? FROM dead",
-                             (DEAD_FIELDS,)).fetchone()[0]
-    return size
 
 
 def _trim_dead(conn: sqlite3.Connection, excess: int, out: Outcome) -> int:
