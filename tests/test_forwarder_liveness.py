@@ -171,6 +171,80 @@ async def test_stop_cuts_the_restart_backoff_short(make_agent: Any,
     await asyncio.wait_for(agent.stop(), 3)
 
 
+async def test_a_crash_while_stopping_is_counted_and_logged(
+        make_agent: Any, faulty: FaultyUpstream, caplog: pytest.LogCaptureFixture) -> None:
+    """A delivery in flight when the agent stops, which then raises. Before the fix the
+    loop recorded the crash and returned: not logged, not counted, not shown (audit)."""
+    caplog.set_level(logging.INFO)
+    sending, gate = asyncio.Event(), asyncio.Event()
+
+    class FailsWhileStopping(NucleusHttpUplink):
+        """INJECTED FAULT (factory level): the send waits for the stop, then raises."""
+
+        async def send(self, prepared: Prepared) -> SendResult:
+            sending.set()
+            await gate.wait()
+            raise ValueError("injected fault while stopping")
+
+    agent = await make_agent(upstreams=[upstream(faulty, "nucleus-http", name="crashy-late")],
+                             seams=Seams(make_uplink=FailsWhileStopping))
+    await send(agent, [event(i) for i in range(3)])
+    await asyncio.wait_for(sending.wait(), 5)
+    (loop,) = agent.forwarding.loops.values()
+    stopping = asyncio.create_task(agent.stop())
+    await wait_for(lambda: loop.stopping)
+    gate.set()
+    await asyncio.wait_for(stopping, 10)
+    assert agent.forwarding.states["crashy-late"].crashes == 1
+    (record,) = crash_records(caplog)
+    assert record.exc_info is not None and record.exc_info[0] is ValueError
+    assert agent.spool.depth == 3   # nothing acked: all still queued for the next start
+
+
+async def test_an_ack_hook_that_raises_costs_no_resend(make_agent: Any,
+                                                       faulty: FaultyUpstream) -> None:
+    """The live event view is told of each ack. A bug there crashes the loop (supervised),
+    but must not undo the ack: before the fix the acked rows were not yet held for
+    deletion, so the restarted loop sent them all again (audit)."""
+    agent = await make_agent(upstreams=[upstream(faulty, "nucleus-http", name="hooked")])
+    told: list[int] = []
+
+    def hook(upstream: str, key: str, rows: Any, seqs: Any) -> None:
+        told.extend(seqs)
+        if len(told) == len(seqs):
+            raise RuntimeError("injected fault in the ack hook")
+
+    agent.forwarding.on_acked = hook
+    await send(agent, [event(i) for i in range(5)])
+    await drained(agent, faulty, 5)
+    state = agent.forwarding.states["hooked"]
+    assert state.crashes == 1 and "injected fault in the ack hook" in (state.last_error or "")
+    assert delivered(faulty) == Counter(range(5))   # each once
+
+
+async def test_a_key_whose_loop_cannot_be_built_is_retried(
+        make_agent: Any, faulty: FaultyUpstream, caplog: pytest.LogCaptureFixture) -> None:
+    """Building a key's loop raises (its uplink, here). Before the fix the error escaped
+    to whoever asked for the loop, unseen, and the key waited for new data (audit)."""
+    caplog.set_level(logging.INFO)
+    built: list[str] = []
+
+    def factory(cfg: Any, key: str, session: aiohttp.ClientSession, machine_id: str) -> Any:
+        built.append(key)
+        if len(built) == 1:
+            raise OSError("injected fault building the uplink")
+        return make_uplink(cfg, key, session, machine_id)
+
+    agent = await make_agent(upstreams=[upstream(faulty, "nucleus-http", name="crashy-build")],
+                             seams=Seams(make_uplink=factory, backoff=FAST_BACKOFF))
+    await send(agent, [event(i) for i in range(4)])
+    await drained(agent, faulty, 4)
+    state = agent.forwarding.states["crashy-build"]
+    assert state.crashes == 1 and "injected fault building the uplink" in (state.last_error or "")
+    (record,) = crash_records(caplog)
+    assert record.exc_info is not None and record.exc_info[0] is OSError
+
+
 # -- the stateful property: ingest interleaved with every upstream behaviour ------------------
 
 TIMEOUT_S = 0.3       # the agent's timeout_s: a hang costs this, plus the close grace

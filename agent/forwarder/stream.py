@@ -131,6 +131,8 @@ class StreamForwarder:
                 self.released = True
                 told = self._failed.retry_after is not None
                 self.release.park(self._back_off(), self.attempt, told)
+        if self._crash is not None:  # raised by a batch that settled as the loop ended
+            raise self._crash
 
     async def _step(self) -> None:
         self.wake.clear()      # before reading any state: see the module docstring
@@ -336,7 +338,6 @@ class StreamForwarder:
                 self.attempt = 0   # it answered: progress, not an outage to back off from
         acked = result.seqs if isinstance(result, Acked) else result.acked
         if acked:
-            self.on_acked(self.cfg.name, self.stream.key, batch.rows, acked)
             # Deleted in the background, ACK_GROUP batches per spool call while rows keep
             # coming (each commit has a fixed cost; segment-http's drain, one session: ten
             # batches 39-42k events/s, twenty 43-50k, forty no better), else once the loop
@@ -362,6 +363,8 @@ class StreamForwarder:
                 self.attempt = 0
                 # This batch's own task is still in _tasks: it is removed once it returns.
                 self.state.state = "idle" if len(self._tasks) <= 1 else "sending"
+        if acked:  # last: a hook that raises (a bug) must not undo the ack's bookkeeping
+            self.on_acked(self.cfg.name, self.stream.key, batch.rows, acked)
 
     def _left_out(self, result: Retry, batch: Prepared) -> list[tuple[int, str]]:
         """Count the answers that left each of ``result.omitted`` out; those left out

@@ -143,14 +143,21 @@ class Supervisor:
         lanes = self.may_send(key)
         if not stream.queued(lanes):
             return None
-        loop = StreamForwarder(up, stream, self.spool, self._uplink(up, key),
-                               self.states[up.name], self.metrics,
-                               uplink_class(up.protocol).window(up),
-                               release=Release(up.flush_interval_s,
-                                               functools.partial(self._park, key)),
-                               attempt=attempt, lanes=lanes, timing=self.seams.timing,
-                               backoff=self.seams.backoff, on_acked=self.on_acked,
-                               omitted=self._omitted.setdefault(key, {}))
+        try:
+            loop = StreamForwarder(up, stream, self.spool, self._uplink(up, key),
+                                   self.states[up.name], self.metrics,
+                                   uplink_class(up.protocol).window(up),
+                                   release=Release(up.flush_interval_s,
+                                                   functools.partial(self._park, key)),
+                                   attempt=attempt, lanes=lanes, timing=self.seams.timing,
+                                   backoff=self.seams.backoff, on_acked=self.on_acked,
+                                   omitted=self._omitted.setdefault(key, {}))
+        except Exception as exc:  # noqa: BLE001 - a bug: reported, and the key tried again
+            delay = self.seams.backoff.delay(attempt)
+            self._crashed(up.name, exc, delay)
+            # Told: the upstream is not suspect, so its prober leaves the key to the timer.
+            self._park(key, delay, attempt + 1, told=True)
+            return None
         self.loops[key] = loop
         task = asyncio.create_task(self._run(key, loop), name=f"forward-{up.name}")
         self._tasks.add(task)
@@ -279,7 +286,9 @@ class Supervisor:
                 attempt = 0 if clock() - started > STABLE_S else attempt
                 delay = self.seams.backoff.delay(attempt)
                 attempt += 1
-                self._crashed(loop, exc, delay)
+                self._crashed(loop.cfg.name, exc, delay)
+            if loop.stopping or loop.released:
+                return   # it crashed as it ended: reported; what follows is not this loop's
             await loop.pause(delay)
             if loop.stopping or self._session is None:
                 return
@@ -287,11 +296,11 @@ class Supervisor:
             if loop.state.state == "restarting":  # a loop that finds nothing to send says so
                 loop.state.state = "idle"
 
-    def _crashed(self, loop: StreamForwarder, exc: Exception, delay: float) -> None:
-        name = loop.cfg.name
-        loop.state.crashes += 1
-        loop.state.state = "restarting"
-        loop.state.error(f"internal error: {type(exc).__name__}: {exc}")
+    def _crashed(self, name: str, exc: Exception, delay: float) -> None:
+        state = self.states[name]
+        state.crashes += 1
+        state.state = "restarting"
+        state.error(f"internal error: {type(exc).__name__}: {exc}")
         log_limited(log, logging.ERROR, f"crash:{name}:{type(exc).__name__}",
                     "forwarder for upstream %s crashed; restarting in %.1fs", name, delay,
                     exc_info=exc)
