@@ -6,6 +6,7 @@ cannot carry (docs/mapping.md); a JavaScript upstream would for an id it rounds.
 
 from __future__ import annotations
 
+from collections import Counter
 from pathlib import Path
 from typing import Any
 
@@ -14,7 +15,9 @@ import orjson
 import pytest
 
 from agent.forwarder.stream import OMITTED_LIMIT
+from tests.fakes.faulty_upstream import Fault, FaultyUpstream
 from tests.fakes.segment_upstream import FakeSegment
+from tests.test_upstream_faults import delivered, drained, event, send, upstream
 from tests.waiting import wait_for
 
 
@@ -55,3 +58,19 @@ async def test_an_event_the_upstream_never_acknowledges_is_dead_lettered(
         assert r.status == 200
     await wait_for(lambda: a.spool.depth == 0 and a.forwarding.states["b"].acked == 6)
     assert state.retries == OMITTED_LIMIT - 1, state.last_error
+
+
+@pytest.mark.parametrize("protocol", ["nucleus-http", "nucleus-ws"])
+async def test_an_upstream_that_acknowledges_only_a_prefix_loses_no_event(
+        make_agent: Any, faulty: FaultyUpstream, protocol: str) -> None:
+    """An upstream that stores the first part of each batch and answers for that part (as
+    one running out of room or time does) has not passed the rest over: it never reached
+    it. Only an event left out while a later one of its batch was acknowledged may be
+    given up. Before the fix, four such answers in a row dead-lettered the tail of a
+    12-event batch (found by the forwarder's state machine)."""
+    agent = await make_agent(upstreams=[upstream(faulty, protocol)])
+    faulty.script = [Fault("partial") for _ in range(OMITTED_LIMIT + 1)]
+    await send(agent, [event(i) for i in range(12)])
+    await drained(agent, faulty, 12)   # and no dead letter
+    assert not faulty.script
+    assert delivered(faulty) == Counter(range(12))

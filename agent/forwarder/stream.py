@@ -334,7 +334,7 @@ class StreamForwarder:
             if len(given_up) == len(result.omitted):  # the rest was acknowledged: done
                 result = Acked(result.acked)
                 self._reopen = True
-            else:
+            elif result.acked:
                 self.attempt = 0   # it answered: progress, not an outage to back off from
         acked = result.seqs if isinstance(result, Acked) else result.acked
         if acked:
@@ -367,7 +367,9 @@ class StreamForwarder:
             self.on_acked(self.cfg.name, self.stream.key, batch.rows, acked)
 
     def _left_out(self, result: Retry, batch: Prepared) -> list[tuple[int, str]]:
-        """Count the answers that left each of ``result.omitted`` out; those left out
+        """Count the answers that left each of ``result.omitted`` out, from the first that
+        passed it over (acknowledged a later event of its batch: an upstream that stores
+        only a prefix never reached the rest, and may take it next time); those left out
         OMITTED_LIMIT times are given up: (seq, why) for dead letters."""
         counts = self.omitted
         for seq in result.acked:
@@ -375,14 +377,20 @@ class StreamForwarder:
         if len(counts) > OMITTED_KEPT:
             counts.clear()
         ids = dict(zip(batch.seqs, batch.ids))
+        # Batch order (the high lane first), not seq order, says what was passed over.
+        order = {seq: i for i, seq in enumerate(batch.seqs)}
+        last = max((order.get(seq, -1) for seq in result.acked), default=-1)
         given_up = []
         for seq in result.omitted:
-            n = counts[seq] = counts.get(seq, 0) + 1
+            n = counts.get(seq)
+            if n is None and order.get(seq, last) >= last:
+                continue   # not passed over (yet)
+            n = counts[seq] = (n or 0) + 1
             if n >= OMITTED_LIMIT:
                 del counts[seq]
                 given_up.append((seq, f"{self.cfg.name} never acknowledged it (id "
-                                      f"{ids.get(seq)!r}) in {n} answers that acknowledged "
-                                      "the rest of its batch"))
+                                      f"{ids.get(seq)!r}) in {n} answers, and acknowledged "
+                                      "events sent after it"))
         return given_up
 
     def _ack_held(self) -> None:
