@@ -6,6 +6,7 @@ from pathlib import Path
 from typing import Any
 
 import orjson
+from aiohttp import web
 
 from tests.conftest import write_config
 from tests.fakes.segment_upstream import FakeSegment
@@ -134,3 +135,44 @@ async def test_a_207_from_an_upstream_agent_isolates_the_refused_message(
     dead = await a.spool.dead_letters()
     assert [orjson.loads(d["body"])["messageId"] for d in dead] == ["m1"]
     assert dead[0]["upstream"] == "b" and "413" in dead[0]["reason"], dead[0]["reason"]
+    # B's 207 names the refused message by its place in the batch, and why: A acts on it
+    # at once. Splitting instead resent the parts B had stored (duplicates there, and at
+    # a collector that does not dedupe, delivered twice).
+    assert "batch[1]" in dead[0]["reason"] and "too large" in dead[0]["reason"], dead[0]["reason"]
+    assert not b.spool.counters.get("duplicates")
+    assert b.spool.counters["ingested"] == 2
+
+
+async def test_a_207_that_names_no_message_is_split(make_agent: Any, tmp_path: Path) -> None:
+    """A 207 from a collector whose body does not name each refused message by its place
+    in the batch: the batch is split to find them, as for a 400."""
+    seen: list[list[str]] = []
+
+    async def collector(request: web.Request) -> web.Response:
+        ids = [ev["messageId"] for ev in (await request.json())["batch"]]
+        seen.append(ids)
+        if "m1" not in ids:
+            return web.json_response({"success": True})
+        if len(ids) > 1:
+            return web.json_response({"errors": ["some messages failed"]}, status=207)
+        return web.json_response({"error": "bad message"}, status=400)
+
+    app = web.Application()
+    app.router.add_post("/v1/batch", collector)
+    runner = web.AppRunner(app)
+    await runner.setup()
+    site = web.TCPSite(runner, "127.0.0.1", 0)
+    await site.start()
+    try:
+        port = site._server.sockets[0].getsockname()[1]  # type: ignore[union-attr]
+        a = await make_agent(upstreams=[{
+            "name": "c", "protocol": "segment-http", "url": f"http://127.0.0.1:{port}",
+            "flush_interval_s": 0.05, "timeout_s": 2}])
+        await send(a.port, events(3))
+        await wait_for(lambda: a.spool.depth == 0)
+        dead = await a.spool.dead_letters()
+        assert [orjson.loads(d["body"])["messageId"] for d in dead] == ["m1"]
+        assert "bad message" in dead[0]["reason"]
+        assert seen[0] == ["m0", "m1", "m2"] and ["m1"] in seen
+    finally:
+        await runner.cleanup()

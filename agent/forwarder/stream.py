@@ -336,6 +336,8 @@ class StreamForwarder:
                 self._reopen = True
             elif result.acked:
                 self.attempt = 0   # it answered: progress, not an outage to back off from
+        if isinstance(result, Acked) and result.refused:
+            dead = [*dead, *result.refused]
         acked = result.seqs if isinstance(result, Acked) else result.acked
         if acked:
             # Deleted in the background, ACK_GROUP batches per spool call while rows keep

@@ -38,9 +38,11 @@ REJECTED_STATUSES = frozenset({400, 413, 422})
 
 @dataclass(frozen=True, slots=True)
 class Acked:
-    """The upstream confirmed every event of the batch."""
+    """The upstream answered for every event of the batch: it confirmed ``seqs`` and
+    refused the rest for good, each (seq, reason) in ``refused``."""
 
     seqs: tuple[int, ...]
+    refused: tuple[tuple[int, str], ...] = ()
 
 
 @dataclass(frozen=True, slots=True)

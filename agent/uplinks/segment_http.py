@@ -9,8 +9,10 @@ it already mapped (prepare.py).
 
 Any 2xx acknowledges the whole batch, unless its body is an HTML page (that
 is a captive portal's login page, never a collector's reply) or it is a 207:
-some messages were refused, so the batch is split like a 400 to find them. A redirect is a
-failure, retried (see http_common). 408, 429 and 5xx are retried,
+some messages were refused. Another Outpost's 207 names each by its place in the
+batch (`batch[i]`) with a 400, 413 or 422 of its own: those go to dead letters,
+the rest is acknowledged. Any other 207 is split like a 400 to find them. A
+redirect is a failure, retried (see http_common). 408, 429 and 5xx are retried,
 honouring Retry-After. 400, 413 and 422 mean the batch itself is refused:
 the forwarder splits it to isolate the events at fault, which go to dead
 letters with the upstream's reason. Other statuses (401, 403, 404: a wrong
@@ -22,6 +24,8 @@ from __future__ import annotations
 
 import base64
 import gzip
+import re
+from http import HTTPStatus
 from typing import Any, ClassVar
 
 import aiohttp
@@ -35,9 +39,10 @@ from agent.uplinks.http_common import html_instead_of_reply, is_retryable, post
 from agent.uplinks.prepare import Prepared
 from agent.uplinks.splice import objects, stamped
 
-# Part of the batch stored, part refused (an Outpost upstream answers so): split like a
-# refusal; the resent parts it stored are duplicates there, acknowledged again.
+# Part of the batch stored, part refused (an Outpost upstream answers so).
 MULTI_STATUS = 207
+_PLACE = re.compile(r"batch\[(\d+)\]")
+_STATUS_OF = {s.phrase: s.value for s in HTTPStatus}
 
 
 class SegmentHttpUplink(UplinkBase):
@@ -99,8 +104,36 @@ class SegmentHttpUplink(UplinkBase):
         if 200 <= status < 300 and status != MULTI_STATUS:
             return Acked(prepared.seqs)
         reason = f"HTTP {status}: {raw[:300].decode('utf-8', 'replace')}".rstrip(": ")
-        if status in REJECTED_STATUSES or status == MULTI_STATUS:
+        if status == MULTI_STATUS:
+            return _partly_stored(raw, prepared) or Refused(reason)
+        if status in REJECTED_STATUSES:
             return Refused(reason)
         if is_retryable(status):
             return Retry(reason, retry_after=wait)
         return Retry(f"{reason} (check the upstream's url and key)")
+
+
+def _partly_stored(raw: bytes, prepared: Prepared) -> Acked | None:
+    """A 207 that names every refused message by its place in the batch and refuses it
+    for good (Outpost's: `{"Errors": [{"Error", "Message", "Details": "batch[i] ..."}]}`):
+    the rest is acknowledged. None for any other, to be split like a 400."""
+    try:
+        reply = orjson.loads(raw)
+    except orjson.JSONDecodeError:
+        return None
+    errors = reply.get("Errors") if isinstance(reply, dict) else None
+    if not isinstance(errors, list) or not errors:
+        return None
+    seqs, refused = prepared.seqs, {}
+    for error in errors:
+        if not isinstance(error, dict):
+            return None
+        phrase, message, details = (error.get(k) for k in ("Error", "Message", "Details"))
+        place = _PLACE.match(details) if isinstance(details, str) else None
+        status = _STATUS_OF.get(phrase) if isinstance(phrase, str) else None
+        if place is None or int(place[1]) >= len(seqs) or not isinstance(message, str) \
+                or status not in REJECTED_STATUSES:
+            return None   # not for good (a key refused: the configuration's fault), or unplaced
+        refused[seqs[int(place[1])]] = \
+            f"HTTP 207: {status} {phrase} at {details}: {message}"[:300]
+    return Acked(tuple(s for s in seqs if s not in refused), tuple(refused.items()))
