@@ -464,7 +464,8 @@ def _forwarder(spool: Any, uplink: Any, window: int, release: Release | None = N
     from agent.spool.types import Stream
     cfg = UpstreamConfig(name="up", protocol="nucleus-http", url="http://127.0.0.1:9",
                          flush_interval_s=0.01)
-    return StreamForwarder(cfg, Stream(1, "k"), spool, uplink, UpstreamState("up", "x"),
+    # The depth counters say events are queued: the gated spool decides what a read returns.
+    return StreamForwarder(cfg, Stream(1, "k", depth=1), spool, uplink, UpstreamState("up", "x"),
                            Metrics(), window, release=release)
 
 

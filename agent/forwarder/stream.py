@@ -30,6 +30,7 @@ from typing import Any
 from agent.clock import until_due
 from agent.families.lanes import LANES
 from agent.forwarder.backoff import BACKOFF, Backoff
+from agent.forwarder.slots import Slots
 from agent.forwarder.state import UpstreamState
 from agent.forwarder.timing import LOOP_TIMING, Timing
 from agent.logs import log_limited
@@ -79,9 +80,13 @@ class StreamForwarder:
                  release: Release | None = None, attempt: int = 0,
                  lanes: tuple[int, ...] = LANES,
                  timing: Timing = LOOP_TIMING, backoff: Backoff = BACKOFF,
-                 on_acked: AckHook = ignore_acks, omitted: dict[int, int] | None = None
-                 ) -> None:
+                 on_acked: AckHook = ignore_acks, omitted: dict[int, int] | None = None,
+                 slots: Slots | None = None) -> None:
         self.cfg = cfg
+        # The upstream's batches in flight, shared by its keys' loops (slots.py).
+        self.slots = Slots() if slots is None else slots
+        self._granted = 0   # slots taken, not yet given to a batch
+        self._slot_wait: asyncio.Future[None] | None = None
         # seq -> answers that left it out; the supervisor keeps it across the key's loops.
         self.omitted: dict[int, int] = {} if omitted is None else omitted
         self.on_acked = on_acked
@@ -123,6 +128,7 @@ class StreamForwarder:
                 await self._step()
         finally:
             await self._settle(timeout=5.0)
+            self._leave_slots()
             await self.uplink.close()
             if self.stopping and self._failed is not None and self.release is not None \
                     and not self.released:
@@ -162,17 +168,36 @@ class StreamForwarder:
         if len(self._tasks) >= self.window:
             await self._idle(None)
             return
+        if not self.queued():   # nothing to read (rows in flight count as queued)
+            await self._after_read([])
+            return
         # Only what the window has room for: with one batch in flight (segment-http), rows
         # read beyond it were built, dropped and read again, four times over.
         free = min(FETCH_FACTOR, self.window - len(self._tasks))
-        limit = self.cfg.batch_max_events * free
+        if not self._hold_slots(free):
+            self._ack_held()
+            await self._idle(None)   # a slot given back wakes it
+            return
+        try:
+            await self._read(min(free, self._granted))
+        finally:
+            self._give_back()
+
+    async def _read(self, batches: int) -> None:
+        """Read and send up to ``batches`` batches of the key's queue (one slot each)."""
         lanes = self.lanes
-        rows = await self.spool.fetch(self.stream.id, self._cursors, limit, lanes)
+        rows = await self.spool.fetch(self.stream.id, self._cursors,
+                                      self.cfg.batch_max_events * batches, lanes)
         if self._failed is not None or self._crash is not None:
             return  # a batch failed during the read: nothing new goes out before the resend
         if self.lanes != lanes:
             return  # the lanes changed during the read: what it read may not go out
+        await self._after_read(rows)
+
+    async def _after_read(self, rows: Sequence[Row]) -> None:
+        lanes = self.lanes
         if not rows:
+            self._give_back()   # before any wait: an idle loop holds no slot
             self._ack_held()
             if not self._tasks:  # everything sent and answered: a flush is complete
                 self.flush_now = False
@@ -188,6 +213,7 @@ class StreamForwarder:
             return
         self._empty_since = None
         if len(rows) < self.cfg.batch_max_events and not self._due(rows):
+            self._give_back()
             self._ack_held()
             await self._idle(until_due(_oldest(rows), self.cfg.flush_interval_s))
             return
@@ -205,6 +231,7 @@ class StreamForwarder:
         if not batch.rows:  # the first row's id is still in flight: wait for its ack
             if not self._tasks:  # ...but nothing is: waiting would be forever
                 raise RuntimeError(f"uplink {self.uplink.name} took no row, none in flight")
+            self._give_back()
             await self._idle(None)
             return
         # One read feeds as many batches as the window allows: reading FETCH_FACTOR
@@ -212,12 +239,48 @@ class StreamForwarder:
         # it then dropped) the drain's bottleneck.
         while batch.rows:
             self._advance(batch.rows)
-            self._track(self._tasks, self._deliver(batch))
+            self._granted -= 1
+            self._track(self._tasks, self._deliver(batch)).add_done_callback(
+                lambda _: self.slots.give())
             rows = rows[len(batch.rows):]
-            if len(self._tasks) >= self.window or not rows or (
+            if len(self._tasks) >= self.window or not rows or not self._granted or (
                     len(rows) < self.cfg.batch_max_events and not self._due(rows)):
                 return
             batch = self.uplink.prepare(rows)
+
+    @property
+    def waiting_for_slot(self) -> bool:
+        return self._slot_wait is not None and not self._slot_wait.done()
+
+    def _hold_slots(self, want: int) -> bool:
+        """Hold slots for up to ``want`` batches; False while waiting for the first (its
+        arrival wakes the loop)."""
+        wait = self._slot_wait
+        if wait is not None:
+            if not wait.done():
+                return False
+            self._slot_wait = None
+            self._granted += 1
+        if self._granted < want:
+            self._granted += self.slots.take(want - self._granted)
+        if self._granted:
+            return True
+        self._slot_wait = wait = self.slots.wait()
+        wait.add_done_callback(lambda _: self.wake.set())
+        return False
+
+    def _give_back(self) -> None:
+        """Slots held but not given to a batch go back (an idle loop holds none)."""
+        if self._granted:
+            self.slots.give(self._granted)
+            self._granted = 0
+
+    def _leave_slots(self) -> None:
+        """The loop ends: stop waiting for a slot; one given meanwhile goes back."""
+        wait, self._slot_wait = self._slot_wait, None
+        if wait is not None and not wait.cancel():
+            self._granted += 1   # already given: it is ours to give back
+        self._give_back()
 
     async def _connect(self, opening: Coroutine[Any, Any, str | None]) -> str | None:
         """The uplink's connect, as a task that a stop cancels: a handshake that hangs
@@ -230,7 +293,8 @@ class StreamForwarder:
             task.cancel()   # done: a no-op; else this loop's own task was cancelled
         return None if task.cancelled() else task.result()
 
-    def _track(self, tasks: set[asyncio.Task[None]], work: Coroutine[Any, Any, None]) -> None:
+    def _track(self, tasks: set[asyncio.Task[None]],
+               work: Coroutine[Any, Any, None]) -> asyncio.Task[None]:
         """Run ``work`` as a task in ``tasks``; when it ends, wake the loop, and hand
         anything it raised to the loop, which raises it to the supervisor."""
         task = asyncio.create_task(work)
@@ -243,6 +307,7 @@ class StreamForwarder:
                 self._crashed(exc)
             self.wake.set()
         task.add_done_callback(done)
+        return task
 
     def _crashed(self, exc: BaseException) -> None:
         """A bug in a delivery or in the uplink: the loop raises it at its next step."""

@@ -24,6 +24,10 @@ runs when that answer may have changed: it stops the loops now held (their in-fl
 batches settle), tells running loops which lanes they may send, and starts every key
 with data it lets go.
 
+The loops of one upstream share its slots (slots.py): at most ``BATCHES_IN_FLIGHT``
+batches in flight from all its keys, so memory stays bounded however many keys have
+queues.
+
 ``_run`` is the one supervision point: whatever a forwarder, its delivery
 tasks or its uplink's own tasks raise unexpectedly ends up there, is logged
 with its traceback, counted (``crashes`` in /status and /metrics), shown as
@@ -47,6 +51,7 @@ from agent.families.lanes import LANES
 from agent.forwarder.backoff import BACKOFF, Backoff
 from agent.forwarder.parking import Parked, ParkingLot
 from agent.forwarder.probe import PROBE_TIMEOUT_S, Prober
+from agent.forwarder.slots import Slots
 from agent.forwarder.state import UpstreamState
 from agent.forwarder.stream import AckHook, Release, StreamForwarder, ignore_acks
 from agent.forwarder.timing import LOOP_TIMING, Timer, Timing
@@ -97,6 +102,7 @@ class Supervisor:
         self.facts = facts
         self.metrics = metrics
         self.states = {u.name: UpstreamState(u.name, u.protocol) for u in cfg.upstreams}
+        self._slots = {u.name: Slots() for u in cfg.upstreams}   # batches in flight
         self.loops: dict[str, StreamForwarder] = {}   # by local key: keys with data only
         self._tasks: set[asyncio.Task[None]] = set()   # with loops still closing their uplink
         self._running: Counter[str] = Counter()   # loop tasks per upstream
@@ -151,7 +157,8 @@ class Supervisor:
                                                    functools.partial(self._park, key)),
                                    attempt=attempt, lanes=lanes, timing=self.seams.timing,
                                    backoff=self.seams.backoff, on_acked=self.on_acked,
-                                   omitted=self._omitted.setdefault(key, {}))
+                                   omitted=self._omitted.setdefault(key, {}),
+                                   slots=self._slots[up.name])
         except Exception as exc:  # noqa: BLE001 - a bug: reported, and the key tried again
             delay = self.seams.backoff.delay(attempt)
             self._crashed(up.name, exc, delay)

@@ -1,0 +1,79 @@
+"""Memory while many keys drain is bounded, whatever clients send.
+
+Each batch in flight holds its rows and its request body (up to ``batch_max_bytes``,
+500 KB by default). With ``accept_keys = []`` any local process can invent keys, and
+every key with a queue had its loop read a batch and wait with it for the upstream:
+200 keys with 400 KB queued each held 200 MB while a slow upstream answered (scratch
+measurement, docs/operations.md). Now an upstream has at most
+``BATCHES_IN_FLIGHT`` batches in flight from all keys together, taken in turn.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import base64
+from collections import Counter
+from typing import Any
+
+import aiohttp
+import orjson
+from aiohttp import web
+
+from agent.forwarder.slots import BATCHES_IN_FLIGHT
+from tests.waiting import wait_for
+
+KEYS, EVENTS = 3 * BATCHES_IN_FLIGHT, 20
+
+
+class GatedUpstream:
+    """A Segment collector that holds every request until ``gate`` opens."""
+
+    def __init__(self) -> None:
+        self.gate = asyncio.Event()
+        self.pending = self.most = 0
+        self.ids: Counter[str] = Counter()
+
+    async def batch(self, request: web.Request) -> web.Response:
+        self.pending += 1
+        self.most = max(self.most, self.pending)
+        try:
+            body = orjson.loads(await request.read())
+            await self.gate.wait()
+        finally:
+            self.pending -= 1
+        self.ids.update(ev["messageId"] for ev in body["batch"])
+        return web.json_response({"success": True})
+
+
+async def test_an_upstream_has_a_bounded_number_of_batches_in_flight(make_agent: Any) -> None:
+    up = GatedUpstream()
+    app = web.Application(client_max_size=2**24)
+    app.router.add_post("/v1/batch", up.batch)
+    runner = web.AppRunner(app)
+    await runner.setup()
+    site = web.TCPSite(runner, "127.0.0.1", 0)
+    await site.start()
+    try:
+        port = site._server.sockets[0].getsockname()[1]  # type: ignore[union-attr]
+        agent = await make_agent(upstreams=[{
+            "name": "seg", "protocol": "segment-http", "url": f"http://127.0.0.1:{port}",
+            "flush_interval_s": 0.02, "timeout_s": 30}])
+        async with aiohttp.ClientSession() as s:
+            for k in range(KEYS):
+                auth = base64.b64encode(f"key{k}:".encode()).decode()
+                batch = [{"type": "track", "event": "e", "userId": "u", "messageId": f"{k}-{i}"}
+                         for i in range(EVENTS)]
+                async with s.post(f"http://127.0.0.1:{agent.port}/v1/batch",
+                                  json={"batch": batch},
+                                  headers={"Authorization": f"Basic {auth}"}) as r:
+                    assert r.status == 200, await r.text()
+        # Every slot is taken, and the keys beyond them wait without reading a batch.
+        await wait_for(lambda: up.pending == BATCHES_IN_FLIGHT, timeout=10)
+        waiting = [loop for loop in agent.forwarding.loops.values() if loop.waiting_for_slot]
+        assert len(waiting) == KEYS - BATCHES_IN_FLIGHT
+        up.gate.set()
+        await wait_for(lambda: agent.spool.depth == 0, timeout=30)
+        assert up.most == BATCHES_IN_FLIGHT
+        assert up.ids == Counter(f"{k}-{i}" for k in range(KEYS) for i in range(EVENTS))
+    finally:
+        await runner.cleanup()
