@@ -60,6 +60,33 @@ async def test_an_event_the_upstream_never_acknowledges_is_dead_lettered(
     assert state.retries == OMITTED_LIMIT - 1, state.last_error
 
 
+@pytest.mark.parametrize("limits,pad", [({"batch_max_events": 1}, 0),
+                                        ({"batch_max_bytes": 50_000}, 20_000)],
+                         ids=["one event a batch", "too large to share a batch"])
+async def test_an_event_always_sent_alone_is_dead_lettered_too(
+        make_agent: Any, fake_segment: FakeSegment, fast_backoff: Any, tmp_path: Path,
+        limits: dict[str, int], pad: int) -> None:
+    """An event sent alone cannot be passed over: an answer that leaves it out is the
+    upstream's word on it alone (review: it was never given up, and held its key, the
+    five events behind it and a backoff at its cap)."""
+    b = await make_agent(spool=tmp_path / "b.db", upstreams=[{
+        "name": "seg", "protocol": "segment-http", "url": fake_segment.url,
+        "flush_interval_s": 0.05, "timeout_s": 2}])
+    a = await make_agent(spool=tmp_path / "a.db", upstreams=[{
+        "name": "b", "protocol": "nucleus-http", "url": f"http://127.0.0.1:{b.port}",
+        "flush_interval_s": 0.05, "timeout_s": 0.5, **limits}])
+    big = nucleus("big", payload={"x": "y" * 40_000})
+    rest = [nucleus(i, payload={"x": "z" * pad}) for i in range(5)]
+    async with aiohttp.ClientSession() as s, s.post(
+            f"http://127.0.0.1:{a.port}/app/k/track", json={"data": [big, *rest]}) as r:
+        assert r.status == 200, await r.text()
+    await wait_for(lambda: a.spool.depth == 0, timeout=20)
+    dead = await a.spool.dead_letters()
+    assert [orjson.loads(d["body"])["id"] for d in dead] == ["big"]
+    state = a.forwarding.states["b"]
+    assert state.acked == 5 and state.retries == OMITTED_LIMIT - 1
+
+
 @pytest.mark.parametrize("protocol", ["nucleus-http", "nucleus-ws"])
 async def test_an_upstream_that_acknowledges_only_a_prefix_loses_no_event(
         make_agent: Any, faulty: FaultyUpstream, protocol: str) -> None:

@@ -436,8 +436,9 @@ class StreamForwarder:
     def _left_out(self, result: Retry, batch: Prepared) -> list[tuple[int, str]]:
         """Count the answers that left each of ``result.omitted`` out, from the first that
         passed it over (acknowledged a later event of its batch: an upstream that stores
-        only a prefix never reached the rest, and may take it next time); those left out
-        OMITTED_LIMIT times are given up: (seq, why) for dead letters."""
+        only a prefix never reached the rest, and may take it next time) or answered for
+        it alone; those left out OMITTED_LIMIT times are given up: (seq, why) for dead
+        letters."""
         counts = self.omitted
         for seq in result.acked:
             counts.pop(seq, None)
@@ -447,17 +448,17 @@ class StreamForwarder:
         # Batch order (the high lane first), not seq order, says what was passed over.
         order = {seq: i for i, seq in enumerate(batch.seqs)}
         last = max((order.get(seq, -1) for seq in result.acked), default=-1)
+        alone = len(order) == 1
         given_up = []
         for seq in result.omitted:
             n = counts.get(seq)
-            if n is None and order.get(seq, last) >= last:
-                continue   # not passed over (yet)
+            if n is None and not alone and order.get(seq, last) >= last:
+                continue   # neither passed over nor alone (yet)
             n = counts[seq] = (n or 0) + 1
             if n >= OMITTED_LIMIT:
                 del counts[seq]
                 given_up.append((seq, f"{self.cfg.name} never acknowledged it (id "
-                                      f"{ids.get(seq)!r}) in {n} answers, and acknowledged "
-                                      "events sent after it"))
+                                      f"{ids.get(seq)!r}) in {n} answers that left it out"))
         return given_up
 
     def _ack_held(self) -> None:

@@ -291,23 +291,38 @@ class Supervisor:
                 return
             except Exception as exc:  # noqa: BLE001 - a bug must stop neither this loop nor others
                 attempt = 0 if clock() - started > STABLE_S else attempt
-                delay = self.seams.backoff.delay(attempt)
+                # It crashed as it ended (stopped, or parked): what follows is not this loop's.
+                ending = loop.stopping or loop.released
+                delay = None if ending else self.seams.backoff.delay(attempt)
                 attempt += 1
                 self._crashed(loop.cfg.name, exc, delay)
-            if loop.stopping or loop.released:
-                return   # it crashed as it ended: reported; what follows is not this loop's
+            if delay is None:
+                return
             await loop.pause(delay)
             if loop.stopping or self._session is None:
                 return
-            loop.uplink = self._uplink(loop.cfg, key)
+            try:
+                loop.uplink = self._uplink(loop.cfg, key)
+            except Exception as exc:  # noqa: BLE001 - as in _ensure: reported, tried again
+                delay = self.seams.backoff.delay(attempt)
+                self._crashed(loop.cfg.name, exc, delay)
+                self._park(key, delay, attempt, told=True)
+                return
             if loop.state.state == "restarting":  # a loop that finds nothing to send says so
                 loop.state.state = "idle"
 
-    def _crashed(self, name: str, exc: Exception, delay: float) -> None:
+    def _crashed(self, name: str, exc: Exception, delay: float | None) -> None:
+        """Report a crash: counted, shown, logged with its traceback; ``delay`` is when
+        the key is tried again, None if the loop was ending anyway."""
         state = self.states[name]
         state.crashes += 1
-        state.state = "restarting"
         state.error(f"internal error: {type(exc).__name__}: {exc}")
+        if delay is None:
+            log_limited(log, logging.ERROR, f"crash:{name}:{type(exc).__name__}",
+                        "forwarder for upstream %s crashed as its loop ended", name,
+                        exc_info=exc)
+            return
+        state.state = "restarting"
         log_limited(log, logging.ERROR, f"crash:{name}:{type(exc).__name__}",
                     "forwarder for upstream %s crashed; restarting in %.1fs", name, delay,
                     exc_info=exc)

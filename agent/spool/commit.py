@@ -332,6 +332,8 @@ def _make_room(conn: sqlite3.Connection, excess: int, refuse: bool, out: Outcome
     good, they wait only for an operator); returns the bytes still missing. When the append
     will be refused (``refuse``) unless they make the room, none of them goes for nothing:
     all is undone."""
+    if refuse and _yields(conn) < excess:
+        return excess   # they cannot make it: not even tried (a spool over a lowered cap)
     before = dict(out.counters)
     if refuse:
         conn.execute("SAVEPOINT room")
@@ -345,6 +347,16 @@ def _make_room(conn: sqlite3.Connection, excess: int, refuse: bool, out: Outcome
             out.counters.update(before)
         conn.execute("RELEASE room")
     return excess
+
+
+def _yields(conn: sqlite3.Connection) -> int:
+    """About the most that forgetting the spent keys and deleting the dead letters frees:
+    their blobs and rows (length() reads no blob)."""
+    size: int = conn.execute(
+        "SELECT (SELECT coalesce(sum(length(dkeys)), 0) + count(*) * ? FROM spent) + "
+        "(SELECT coalesce(sum(length(body)), 0) + count(*) * ? FROM dead)",
+        (ROW_FIELDS + ROW_EXTRA, DEAD_FIELDS)).fetchone()[0]
+    return size
 
 
 def _forget_spent(conn: sqlite3.Connection, out: Outcome) -> int:

@@ -25,7 +25,6 @@ from __future__ import annotations
 import base64
 import gzip
 import re
-from http import HTTPStatus
 from typing import Any, ClassVar
 
 import aiohttp
@@ -42,7 +41,10 @@ from agent.uplinks.splice import objects, stamped
 # Part of the batch stored, part refused (an Outpost upstream answers so).
 MULTI_STATUS = 207
 _PLACE = re.compile(r"batch\[(\d+)\]")
-_STATUS_OF = {s.phrase: s.value for s in HTTPStatus}
+# A 207 item's status, by the phrase Outpost writes (Python's HTTPStatus: 3.13 renamed
+# 413 and 422, and Outposts on either side may run either).
+_STATUS_OF = {"Bad Request": 400, "Request Entity Too Large": 413, "Content Too Large": 413,
+              "Unprocessable Entity": 422, "Unprocessable Content": 422}
 
 
 class SegmentHttpUplink(UplinkBase):
