@@ -1,9 +1,10 @@
 """Parked keys are retried one by one: a retry that fails to start for one key (a bug,
-here an uplink factory that raises) must not strand the other keys parked with it.
+here an uplink factory that raises) must not strand the other keys parked with it, nor
+that key.
 
 The supervisor's one retry timer and ``_resume`` take keys from the parking lot
-(agent/forwarder/parking.py); a key is taken only as its loop is started, so the
-ones after a raise stay parked and the re-armed timer retries them.
+(agent/forwarder/parking.py); a key is taken only as its loop is started. A loop that
+cannot be built is reported as a crash and its key parked again, for its own retry.
 """
 
 from __future__ import annotations
@@ -11,7 +12,6 @@ from __future__ import annotations
 from typing import Any
 
 import aiohttp
-import pytest
 
 from agent.forwarder.backoff import Backoff
 from agent.uplinks.registry import make_uplink
@@ -59,12 +59,14 @@ async def test_a_retry_timer_that_raises_for_one_key_does_not_strand_the_others(
         await send(agent, [event(n)], key=key)
     await parked(agent, timing, 1)   # the one retry timer serves every key
     factory.armed = True
-    with pytest.raises(RuntimeError, match="injected uplink factory fault"):
-        timing.advance(BASE_S)   # every key's retry is due
-    timing.advance(0)   # what the timer set again after the raise is due now
+    timing.advance(BASE_S)   # every key's retry is due; one key's loop cannot be built
+    state = agent.forwarding.states["up"]
+    assert state.crashes == 1 and "injected uplink factory fault" in (state.last_error or "")
     others = {n for n, key in enumerate(KEYS) if key != factory.broke}
     # No new data comes: only the parked keys' retries can deliver these.
     await wait_for(lambda: set(delivered(faulty)) >= others)
+    timing.advance(max(timing.pending()))   # the broken key's own retry
+    await wait_for(lambda: set(delivered(faulty)) >= set(range(len(KEYS))))
 
 
 async def test_an_upstream_back_that_raises_for_one_key_does_not_strand_the_others(
@@ -82,6 +84,9 @@ async def test_an_upstream_back_that_raises_for_one_key_does_not_strand_the_othe
     await fake_nucleus.come_back()
     timing.advance(min(timing.pending()))   # the probe connects: its keys are taken
     await wait_for(lambda: factory.broke is not None)
-    timing.advance(BASE_S)   # the rest keep their own retry times
+    timing.advance(BASE_S)
     others = {n for n, key in enumerate(KEYS) if key != factory.broke}
     await wait_for(lambda: others <= set(fake_nucleus.ids()))
+    assert agent.forwarding.states["up"].crashes == 1
+    timing.advance(max(timing.pending()))   # the broken key's own retry
+    await wait_for(lambda: set(range(len(KEYS))) <= set(fake_nucleus.ids()))
