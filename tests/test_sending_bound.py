@@ -74,6 +74,9 @@ async def test_an_upstream_has_a_bounded_number_of_batches_in_flight(make_agent:
         up.gate.set()
         await wait_for(lambda: agent.spool.depth == 0, timeout=30)
         assert up.most == BATCHES_IN_FLIGHT
+        # Every slot is back, and no idle loop waits for one.
+        await wait_for(lambda: agent.forwarding._slots["seg"].free == BATCHES_IN_FLIGHT)
+        assert not any(loop.waiting_for_slot for loop in agent.forwarding.loops.values())
         assert up.ids == Counter(f"{k}-{i}" for k in range(KEYS) for i in range(EVENTS))
     finally:
         await runner.cleanup()

@@ -127,8 +127,8 @@ class StreamForwarder:
             while not self.stopping and not self.released:
                 await self._step()
         finally:
+            self._leave_slots()   # first: whatever the settle raises, none is kept
             await self._settle(timeout=5.0)
-            self._leave_slots()
             await self.uplink.close()
             if self.stopping and self._failed is not None and self.release is not None \
                     and not self.released:
@@ -173,7 +173,9 @@ class StreamForwarder:
             return
         # Only what the window has room for: with one batch in flight (segment-http), rows
         # read beyond it were built, dropped and read again, four times over.
-        free = min(FETCH_FACTOR, self.window - len(self._tasks))
+        # And no more slots than the queue has batches for (rows in flight count too).
+        free = min(FETCH_FACTOR, self.window - len(self._tasks),
+                   -(-self.queued() // self.cfg.batch_max_events))
         if not self._hold_slots(free):
             self._ack_held()
             await self._idle(None)   # a slot given back wakes it
@@ -197,7 +199,7 @@ class StreamForwarder:
     async def _after_read(self, rows: Sequence[Row]) -> None:
         lanes = self.lanes
         if not rows:
-            self._give_back()   # before any wait: an idle loop holds no slot
+            self._leave_slots()   # before any wait: an idle loop holds no slot, waits for none
             self._ack_held()
             if not self._tasks:  # everything sent and answered: a flush is complete
                 self.flush_now = False
@@ -213,14 +215,18 @@ class StreamForwarder:
             return
         self._empty_since = None
         if len(rows) < self.cfg.batch_max_events and not self._due(rows):
-            self._give_back()
+            self._leave_slots()
             self._ack_held()
             await self._idle(until_due(_oldest(rows), self.cfg.flush_interval_s))
             return
         if not self._tasks and (opening := self.uplink.connecting()) is not None:
             # A connection may open now: open it before preparing, or an upstream that
             # is down costs every retry its batch (Segment events bound to nucleus-ws: a
-            # mapping each) before the connect fails.
+            # mapping each) before the connect fails. One slot is enough for a handshake
+            # that may hang for timeout_s.
+            if self._granted > 1:
+                self.slots.give(self._granted - 1)
+                self._granted = 1
             error = await self._connect(opening)
             if error is not None:
                 self._failed = Retry(error)
@@ -231,7 +237,7 @@ class StreamForwarder:
         if not batch.rows:  # the first row's id is still in flight: wait for its ack
             if not self._tasks:  # ...but nothing is: waiting would be forever
                 raise RuntimeError(f"uplink {self.uplink.name} took no row, none in flight")
-            self._give_back()
+            self._leave_slots()
             await self._idle(None)
             return
         # One read feeds as many batches as the window allows: reading FETCH_FACTOR
