@@ -28,7 +28,7 @@ from hypothesis.stateful import RuleBasedStateMachine, rule, run_state_machine_a
 
 from agent import config as config_mod
 from agent.forwarder.backoff import Backoff
-from agent.forwarder.stream import OMITTED_LIMIT
+from agent.forwarder.stream import OMITTED_LIMIT, PASSED_OVER
 from agent.forwarder.supervisor import Seams
 from agent.service import Agent
 from agent.uplinks.base import SendResult
@@ -421,11 +421,11 @@ class ForwardingMachine(RuleBasedStateMachine):
         # Faults no request has met yet (a handshake fault on a connection that stayed up)
         # still lie ahead.
         self.cost = (len(fake.script) + len(fake.connect_script)) * (FAULT_COST_S + 1.0)
-        # Only an event the upstream answered for and left out, OMITTED_LIMIT times, may be
-        # given up (docs/operations.md); every other one is delivered.
+        # Only an event whose answers left it out, passed over or alone, may be given up
+        # (docs/operations.md); every other one is delivered.
         dead = {(d["key"], orjson.loads(d["body"])["id"])
                 for d in self.scene.call(agent.spool.dead_letters(10_000))}
-        left_out = _left_out(fake)
+        left_out = self.scene.call(_left_out(fake))
         assert all(left_out[e] >= OMITTED_LIMIT for e in dead), (dead, left_out)
         want -= dead
         assert _acked_upstream(fake) >= want
@@ -443,15 +443,23 @@ def _keyed(fake: FaultyUpstream) -> list[tuple[str, Any, bool]]:
             for rec in list(fake.requests) for ev in rec.events]
 
 
-def _left_out(fake: FaultyUpstream) -> Counter[tuple[str, Any]]:
-    """How many well-formed answers left each event out (the "partial" fault)."""
-    return Counter((k, i) for (k, i, acked), rec in zip(_keyed(fake), _each_event(fake))
-                   if not acked and rec.fault == "partial")
-
-
-def _each_event(fake: FaultyUpstream) -> list[Any]:
-    """The request or frame of each entry of ``_keyed``, in the same order."""
-    return [rec for rec in list(fake.requests) for _ in rec.events]
+async def _left_out(fake: FaultyUpstream) -> Counter[tuple[str, Any]]:
+    """What the well-formed answers that left each event out ("partial") weigh, by the
+    forwarder's rule (agent/forwarder/stream.py OMITTED_LIMIT): PASSED_OVER for one that
+    acknowledged a later event of its request, 1 for a request of that event alone. Read
+    on the upstream's loop: one consistent view of its records."""
+    weights: Counter[tuple[str, Any]] = Counter()
+    for rec in list(fake.requests):
+        events = [ev for ev in rec.events if ev.get("type") != "heartbeat"]
+        if rec.fault != "partial":
+            continue
+        acked = [any(a == ev["id"] and type(a) is type(ev["id"]) for a in rec.acked)
+                 for ev in events]
+        last = max((i for i, a in enumerate(acked) if a), default=-1)
+        for i, (ev, a) in enumerate(zip(events, acked)):
+            weight = 0 if a else 1 if len(events) == 1 else PASSED_OVER if i < last else 0
+            weights[(rec.path.split("/")[2], ev["id"])] += weight
+    return weights
 
 
 def _acked_upstream(fake: FaultyUpstream) -> set[tuple[str, Any]]:

@@ -14,7 +14,7 @@ import aiohttp
 import orjson
 import pytest
 
-from agent.forwarder.stream import OMITTED_LIMIT
+from agent.forwarder.stream import OMITTED_LIMIT, PASSED_OVER
 from tests.fakes.faulty_upstream import Fault, FaultyUpstream
 from tests.fakes.segment_upstream import FakeSegment
 from tests.test_upstream_faults import delivered, drained, event, send, upstream
@@ -50,14 +50,15 @@ async def test_an_event_the_upstream_never_acknowledges_is_dead_lettered(
     assert dead[0]["upstream"] == "b" and "never acknowledged" in dead[0]["reason"], dead[0]
     state = a.forwarding.states["b"]
     assert state.dead_lettered == 1 and state.acked == 5
-    assert state.retries == OMITTED_LIMIT - 1   # answers that left it out, then it was let go
+    # One answer passed it over, then it was sent alone until let go.
+    assert state.retries == OMITTED_LIMIT - PASSED_OVER
     # And the key flows again: new events are delivered with no failure (over the
     # websocket, not on the connection that timed out: review).
     async with aiohttp.ClientSession() as s, s.post(
             f"http://127.0.0.1:{a.port}/app/k/track", json={"data": [nucleus(9)]}) as r:
         assert r.status == 200
     await wait_for(lambda: a.spool.depth == 0 and a.forwarding.states["b"].acked == 6)
-    assert state.retries == OMITTED_LIMIT - 1, state.last_error
+    assert state.retries == OMITTED_LIMIT - PASSED_OVER, state.last_error
 
 
 @pytest.mark.parametrize("limits,pad", [({"batch_max_events": 1}, 0),
@@ -84,7 +85,41 @@ async def test_an_event_always_sent_alone_is_dead_lettered_too(
     dead = await a.spool.dead_letters()
     assert [orjson.loads(d["body"])["id"] for d in dead] == ["big"]
     state = a.forwarding.states["b"]
-    assert state.acked == 5 and state.retries == OMITTED_LIMIT - 1
+    assert state.acked == 5 and state.retries == OMITTED_LIMIT - 1   # alone each time
+
+
+async def test_a_batch_left_out_whole_is_sent_one_event_at_a_time_and_given_up(
+        make_agent: Any, fake_segment: FakeSegment, fast_backoff: Any, tmp_path: Path) -> None:
+    """Two events B cannot carry, alone in A's queue: B answers for the batch and
+    acknowledges neither. Neither is passed over nor alone, so (review) they were resent
+    together forever; now the head of such a batch is sent alone, and judged alone."""
+    b = await make_agent(spool=tmp_path / "b.db", upstreams=[{
+        "name": "seg", "protocol": "segment-http", "url": fake_segment.url,
+        "flush_interval_s": 0.05, "timeout_s": 2}])
+    a = await make_agent(spool=tmp_path / "a.db", upstreams=[{
+        "name": "b", "protocol": "nucleus-http", "url": f"http://127.0.0.1:{b.port}",
+        "flush_interval_s": 0.05, "timeout_s": 0.5}])
+    bigs = [nucleus(f"big{i}", payload={"x": "y" * 40_000}) for i in range(2)]
+    async with aiohttp.ClientSession() as s, s.post(
+            f"http://127.0.0.1:{a.port}/app/k/track", json={"data": [*bigs, nucleus(7)]}) as r:
+        assert r.status == 200, await r.text()
+    await wait_for(lambda: a.spool.depth == 0, timeout=30)
+    dead = await a.spool.dead_letters()
+    assert sorted(orjson.loads(d["body"])["id"] for d in dead) == ["big0", "big1"]
+    assert a.forwarding.states["b"].acked == 1
+
+
+async def test_a_lone_event_left_out_a_few_times_is_delivered(
+        make_agent: Any, faulty: FaultyUpstream) -> None:
+    """One event alone in its batch (a quiet key flushes one at a time), and an upstream
+    that answers three times without it, then takes it: a brief episode must not cost
+    it (review: three such answers dead-lettered it). Alone, an answer weighs half of
+    one that passed it over."""
+    agent = await make_agent(upstreams=[upstream(faulty, "nucleus-http")])
+    faulty.script = [Fault("partial") for _ in range(OMITTED_LIMIT // PASSED_OVER)]
+    await send(agent, [event(0)])
+    await drained(agent, faulty, 1)   # and no dead letter
+    assert not faulty.script
 
 
 @pytest.mark.parametrize("protocol", ["nucleus-http", "nucleus-ws"])

@@ -44,9 +44,14 @@ from agent.uplinks.prepare import Prepared
 log = logging.getLogger("outpost.forwarder")
 
 FETCH_FACTOR = 4  # rows fetched per spool read, in batches
-# Answers that left an event out (acknowledging the rest of its batch) before it is given
-# up to dead letters: the upstream will not take it, and it would hold its key forever.
-OMITTED_LIMIT = 3
+# An event the upstream answers for but leaves out is given up to dead letters once the
+# answers that left it out weigh OMITTED_LIMIT: the upstream will not take it, and it
+# would hold its key forever. An answer that passed it over (acknowledged a later event
+# of its batch) weighs PASSED_OVER; one for it alone, 1 (an upstream in a brief fault
+# answers so too); an unacknowledged tail (an upstream that stores only a prefix never
+# reached it), nothing.
+OMITTED_LIMIT = 6
+PASSED_OVER = 2
 OMITTED_KEPT = 10_000  # counts kept per key; past it (seqs gone another way) they restart
 ACK_GROUP = 20  # batches' worth of acked rows deleted per spool call while rows keep coming
 
@@ -214,7 +219,9 @@ class StreamForwarder:
             await self._idle(None)
             return
         self._empty_since = None
-        if len(rows) < self.cfg.batch_max_events and not self._due(rows):
+        if rows[0].seq in self.omitted:
+            rows = rows[:1]   # left out before, with no verdict on it alone yet: sent alone
+        elif len(rows) < self.cfg.batch_max_events and not self._due(rows):
             self._leave_slots()
             self._ack_held()
             await self._idle(until_due(_oldest(rows), self.cfg.flush_interval_s))
@@ -440,11 +447,10 @@ class StreamForwarder:
             self.on_acked(self.cfg.name, self.stream.key, batch.rows, acked)
 
     def _left_out(self, result: Retry, batch: Prepared) -> list[tuple[int, str]]:
-        """Count the answers that left each of ``result.omitted`` out, from the first that
-        passed it over (acknowledged a later event of its batch: an upstream that stores
-        only a prefix never reached the rest, and may take it next time) or answered for
-        it alone; those left out OMITTED_LIMIT times are given up: (seq, why) for dead
-        letters."""
+        """Weigh the answer against each of ``result.omitted`` (see OMITTED_LIMIT); those
+        whose answers weigh OMITTED_LIMIT are given up: (seq, why) for dead letters. When
+        a batch is left out whole, its head is marked to be sent alone next: else two
+        events the upstream will not take, resent together, were never judged."""
         counts = self.omitted
         for seq in result.acked:
             counts.pop(seq, None)
@@ -455,16 +461,18 @@ class StreamForwarder:
         order = {seq: i for i, seq in enumerate(batch.seqs)}
         last = max((order.get(seq, -1) for seq in result.acked), default=-1)
         alone = len(order) == 1
+        if not result.acked and not alone and batch.seqs:
+            counts.setdefault(batch.seqs[0], 0)
         given_up = []
         for seq in result.omitted:
-            n = counts.get(seq)
-            if n is None and not alone and order.get(seq, last) >= last:
-                continue   # neither passed over nor alone (yet)
-            n = counts[seq] = (n or 0) + 1
+            weight = 1 if alone else PASSED_OVER if order.get(seq, last) < last else 0
+            if not weight:
+                continue
+            n = counts[seq] = counts.get(seq, 0) + weight
             if n >= OMITTED_LIMIT:
                 del counts[seq]
                 given_up.append((seq, f"{self.cfg.name} never acknowledged it (id "
-                                      f"{ids.get(seq)!r}) in {n} answers that left it out"))
+                                      f"{ids.get(seq)!r}): its answers kept leaving it out"))
         return given_up
 
     def _ack_held(self) -> None:

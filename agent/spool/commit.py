@@ -350,13 +350,14 @@ def _make_room(conn: sqlite3.Connection, excess: int, refuse: bool, out: Outcome
 
 
 def _yields(conn: sqlite3.Connection) -> int:
-    """About the most that forgetting the spent keys and deleting the dead letters frees:
-    their blobs and rows (length() reads no blob)."""
+    """More than forgetting the spent keys and deleting the dead letters could free: their
+    columns, twice over (deletes free whole pages: measured up to 1.9x the bytes for
+    small dead letters). An overestimate costs only a try undone; length() reads no blob."""
     size: int = conn.execute(
         "SELECT (SELECT coalesce(sum(length(dkeys)), 0) + count(*) * ? FROM spent) + "
-        "(SELECT coalesce(sum(length(body)), 0) + count(*) * ? FROM dead)",
-        (ROW_FIELDS + ROW_EXTRA, DEAD_FIELDS)).fetchone()[0]
-    return size
+        "(SELECT coalesce(sum(length(body) + length(reason) + length(upstream)), 0) + "
+        "count(*) * ? FROM dead)", (ROW_FIELDS + ROW_EXTRA, DEAD_FIELDS)).fetchone()[0]
+    return 2 * size
 
 
 def _forget_spent(conn: sqlite3.Connection, out: Outcome) -> int:
