@@ -173,29 +173,44 @@ async def test_stop_cuts_the_restart_backoff_short(make_agent: Any,
     await asyncio.wait_for(agent.stop(), 3)
 
 
+class _FailsOnCue:
+    """INJECTED FAULT (factory level): every send waits for ``cue``, then raises."""
+
+    def __init__(self) -> None:
+        self.sending, self.cue = asyncio.Event(), asyncio.Event()
+
+    def uplink(self, cfg: Any, key: str, session: aiohttp.ClientSession,
+               machine_id: str) -> Any:
+        fault = self
+
+        class Uplink(NucleusHttpUplink):
+            async def send(self, prepared: Prepared) -> SendResult:
+                fault.sending.set()
+                await fault.cue.wait()
+                raise ValueError("injected fault on cue")
+
+        return Uplink(cfg, key, session, machine_id)
+
+    async def sending_in(self, make_agent: Any, faulty: FaultyUpstream, name: str) -> Any:
+        """An agent whose upstream ``name`` has a batch of three events in flight."""
+        agent = await make_agent(upstreams=[upstream(faulty, "nucleus-http", name=name)],
+                                 seams=Seams(make_uplink=self.uplink))
+        await send(agent, [event(i) for i in range(3)])
+        await asyncio.wait_for(self.sending.wait(), 5)
+        return agent
+
+
 async def test_a_crash_while_stopping_is_counted_and_logged(
         make_agent: Any, faulty: FaultyUpstream, caplog: pytest.LogCaptureFixture) -> None:
     """A delivery in flight when the agent stops, which then raises. Before the fix the
     loop recorded the crash and returned: not logged, not counted, not shown (audit)."""
     caplog.set_level(logging.INFO)
-    sending, gate = asyncio.Event(), asyncio.Event()
-
-    class FailsWhileStopping(NucleusHttpUplink):
-        """INJECTED FAULT (factory level): the send waits for the stop, then raises."""
-
-        async def send(self, prepared: Prepared) -> SendResult:
-            sending.set()
-            await gate.wait()
-            raise ValueError("injected fault while stopping")
-
-    agent = await make_agent(upstreams=[upstream(faulty, "nucleus-http", name="crashy-late")],
-                             seams=Seams(make_uplink=FailsWhileStopping))
-    await send(agent, [event(i) for i in range(3)])
-    await asyncio.wait_for(sending.wait(), 5)
+    fault = _FailsOnCue()
+    agent = await fault.sending_in(make_agent, faulty, "crashy-late")
     (loop,) = agent.forwarding.loops.values()
     stopping = asyncio.create_task(agent.stop())
     await wait_for(lambda: loop.stopping)
-    gate.set()
+    fault.cue.set()
     await asyncio.wait_for(stopping, 10)
     assert agent.forwarding.states["crashy-late"].crashes == 1
     (record,) = crash_records(caplog)
@@ -282,26 +297,14 @@ async def test_a_crash_as_a_held_loop_ends_is_not_shown_as_restarting(
     """A transmit profile holds a key while a send is in flight, and the send then
     raises: the crash is counted, but nothing restarts, so the upstream must not show
     "restarting" (review: it did, until the key's next loop)."""
-    sending, gate = asyncio.Event(), asyncio.Event()
-
-    class FailsWhileHeld(NucleusHttpUplink):
-        """INJECTED FAULT (factory level): the send waits for the hold, then raises."""
-
-        async def send(self, prepared: Prepared) -> SendResult:
-            sending.set()
-            await gate.wait()
-            raise ValueError("injected fault while held")
-
-    agent = await make_agent(upstreams=[upstream(faulty, "nucleus-http", name="held")],
-                             seams=Seams(make_uplink=FailsWhileHeld))
-    await send(agent, [event(i) for i in range(3)])
-    await asyncio.wait_for(sending.wait(), 5)
+    fault = _FailsOnCue()
+    agent = await fault.sending_in(make_agent, faulty, "held")
     supervisor = agent.forwarding
     (loop,) = supervisor.loops.values()
     supervisor.may_send = lambda key: ()   # what a transmit profile's hold does
     supervisor.regate()
     await wait_for(lambda: loop.stopping)
-    gate.set()
+    fault.cue.set()
     await wait_for(lambda: not supervisor.loops)
     state = supervisor.states["held"]
     assert state.crashes == 1 and state.state == "idle"

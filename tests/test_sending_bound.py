@@ -20,6 +20,7 @@ import orjson
 from aiohttp import web
 
 from agent.forwarder.slots import BATCHES_IN_FLIGHT
+from tests.fakes.loopback_server import serving
 from tests.waiting import wait_for
 
 KEYS, EVENTS = 3 * BATCHES_IN_FLIGHT, 20
@@ -47,16 +48,9 @@ class GatedUpstream:
 
 async def test_an_upstream_has_a_bounded_number_of_batches_in_flight(make_agent: Any) -> None:
     up = GatedUpstream()
-    app = web.Application(client_max_size=2**24)
-    app.router.add_post("/v1/batch", up.batch)
-    runner = web.AppRunner(app)
-    await runner.setup()
-    site = web.TCPSite(runner, "127.0.0.1", 0)
-    await site.start()
-    try:
-        port = site._server.sockets[0].getsockname()[1]  # type: ignore[union-attr]
+    async with serving("/v1/batch", up.batch) as url:
         agent = await make_agent(upstreams=[{
-            "name": "seg", "protocol": "segment-http", "url": f"http://127.0.0.1:{port}",
+            "name": "seg", "protocol": "segment-http", "url": url,
             "flush_interval_s": 0.02, "timeout_s": 30}])
         async with aiohttp.ClientSession() as s:
             for k in range(KEYS):
@@ -78,5 +72,3 @@ async def test_an_upstream_has_a_bounded_number_of_batches_in_flight(make_agent:
         await wait_for(lambda: agent.forwarding._slots["seg"].free == BATCHES_IN_FLIGHT)
         assert not any(loop.waiting_for_slot for loop in agent.forwarding.loops.values())
         assert up.ids == Counter(f"{k}-{i}" for k in range(KEYS) for i in range(EVENTS))
-    finally:
-        await runner.cleanup()

@@ -9,6 +9,7 @@ import orjson
 from aiohttp import web
 
 from tests.conftest import write_config
+from tests.fakes.loopback_server import serving
 from tests.fakes.segment_upstream import FakeSegment
 from tests.segment_helpers import basic, call, segment_up, wait_for
 
@@ -157,16 +158,9 @@ async def test_a_207_that_names_no_message_is_split(make_agent: Any, tmp_path: P
             return web.json_response({"errors": ["some messages failed"]}, status=207)
         return web.json_response({"error": "bad message"}, status=400)
 
-    app = web.Application()
-    app.router.add_post("/v1/batch", collector)
-    runner = web.AppRunner(app)
-    await runner.setup()
-    site = web.TCPSite(runner, "127.0.0.1", 0)
-    await site.start()
-    try:
-        port = site._server.sockets[0].getsockname()[1]  # type: ignore[union-attr]
+    async with serving("/v1/batch", collector) as url:
         a = await make_agent(upstreams=[{
-            "name": "c", "protocol": "segment-http", "url": f"http://127.0.0.1:{port}",
+            "name": "c", "protocol": "segment-http", "url": url,
             "flush_interval_s": 0.05, "timeout_s": 2}])
         await send(a.port, events(3))
         await wait_for(lambda: a.spool.depth == 0)
@@ -174,5 +168,3 @@ async def test_a_207_that_names_no_message_is_split(make_agent: Any, tmp_path: P
         assert [orjson.loads(d["body"])["messageId"] for d in dead] == ["m1"]
         assert "bad message" in dead[0]["reason"]
         assert seen[0] == ["m0", "m1", "m2"] and ["m1"] in seen
-    finally:
-        await runner.cleanup()

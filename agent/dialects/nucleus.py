@@ -143,12 +143,16 @@ class NucleusHandlers:
             return False
         except SpoolFull as exc:
             # Nothing acked: the module keeps the events and resends them later (every
-            # few seconds, from every app: hence the rate limit). Counted as its HTTP twin.
+            # few seconds, from every app: hence the rate limit). Closed as when busy: a
+            # frame left without a reply put the replies after it out of step with their
+            # frames (a sender counting them, such as another Outpost, read a later reply
+            # as this frame's). Counted as its HTTP twin.
             replies.refused(503)
             log_limited(log, logging.WARNING, "spool-full",
                         "spool full, not acknowledging %d events for %s: %s",
                         len(events), _masked(key), str(exc))
-            return True
+            await ws.close(code=WSCloseCode.TRY_AGAIN_LATER, message=b"spool full, retry later")
+            return False
         # Answered even with no id to echo, as the HTTP form is: a message is acknowledged
         # the same way whichever transport it came by.
         if not ws.closed:

@@ -24,7 +24,7 @@ import contextlib
 import logging
 import time
 from collections.abc import Callable, Coroutine, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 from agent.clock import until_due
@@ -65,6 +65,23 @@ def ignore_acks(upstream: str, key: str, rows: Sequence[Row], seqs: Sequence[int
     pass
 
 
+@dataclass
+class LeftOut:
+    """Events of one key the upstream answered for but left out: what its answers weigh
+    (see OMITTED_LIMIT), and the heads of batches left out whole, to be sent alone. The
+    supervisor keeps it across the key's loops."""
+
+    weights: dict[int, int] = field(default_factory=dict)
+    alone: set[int] = field(default_factory=set)
+
+    def __len__(self) -> int:
+        return len(self.weights)
+
+    def forget(self, seq: int) -> None:
+        self.weights.pop(seq, None)
+        self.alone.discard(seq)
+
+
 @dataclass(frozen=True)
 class Release:
     """How a supervised loop ends rather than hold a task, an uplink and a connection
@@ -85,15 +102,15 @@ class StreamForwarder:
                  release: Release | None = None, attempt: int = 0,
                  lanes: tuple[int, ...] = LANES,
                  timing: Timing = LOOP_TIMING, backoff: Backoff = BACKOFF,
-                 on_acked: AckHook = ignore_acks, omitted: dict[int, int] | None = None,
+                 on_acked: AckHook = ignore_acks, omitted: LeftOut | None = None,
                  slots: Slots | None = None) -> None:
         self.cfg = cfg
         # The upstream's batches in flight, shared by its keys' loops (slots.py).
         self.slots = Slots() if slots is None else slots
         self._granted = 0   # slots taken, not yet given to a batch
         self._slot_wait: asyncio.Future[None] | None = None
-        # seq -> answers that left it out; the supervisor keeps it across the key's loops.
-        self.omitted: dict[int, int] = {} if omitted is None else omitted
+        # What the upstream's answers left out (LeftOut), kept across the key's loops.
+        self.omitted = LeftOut() if omitted is None else omitted
         self.on_acked = on_acked
         self.stream = stream
         self.spool = spool
@@ -219,8 +236,8 @@ class StreamForwarder:
             await self._idle(None)
             return
         self._empty_since = None
-        if rows[0].seq in self.omitted:
-            rows = rows[:1]   # left out before, with no verdict on it alone yet: sent alone
+        if rows[0].seq in self.omitted.alone:
+            rows = rows[:1]   # the head of a batch left out whole: judged alone
         elif len(rows) < self.cfg.batch_max_events and not self._due(rows):
             self._leave_slots()
             self._ack_held()
@@ -417,6 +434,9 @@ class StreamForwarder:
         if isinstance(result, Acked) and result.refused:
             dead = [*dead, *result.refused]
         acked = result.seqs if isinstance(result, Acked) else result.acked
+        if self.omitted:   # an event left out before, now acknowledged: forgiven
+            for seq in acked:
+                self.omitted.forget(seq)
         if acked:
             # Deleted in the background, ACK_GROUP batches per spool call while rows keep
             # coming (each commit has a fixed cost; segment-http's drain, one session: ten
@@ -449,28 +469,30 @@ class StreamForwarder:
     def _left_out(self, result: Retry, batch: Prepared) -> list[tuple[int, str]]:
         """Weigh the answer against each of ``result.omitted`` (see OMITTED_LIMIT); those
         whose answers weigh OMITTED_LIMIT are given up: (seq, why) for dead letters. When
-        a batch is left out whole, its head is marked to be sent alone next: else two
-        events the upstream will not take, resent together, were never judged."""
-        counts = self.omitted
+        a batch is left out whole, its head is sent alone next: else two events the
+        upstream will not take, resent together, were never judged."""
+        left = self.omitted
         for seq in result.acked:
-            counts.pop(seq, None)
-        if len(counts) > OMITTED_KEPT:
-            counts.clear()
+            left.forget(seq)
+        if len(left) > OMITTED_KEPT:
+            left.weights.clear()
+            left.alone.clear()
         ids = dict(zip(batch.seqs, batch.ids))
         # Batch order (the high lane first), not seq order, says what was passed over.
         order = {seq: i for i, seq in enumerate(batch.seqs)}
         last = max((order.get(seq, -1) for seq in result.acked), default=-1)
         alone = len(order) == 1
         if not result.acked and not alone and batch.seqs:
-            counts.setdefault(batch.seqs[0], 0)
+            left.alone.add(batch.seqs[0])
+            left.weights.setdefault(batch.seqs[0], 0)
         given_up = []
         for seq in result.omitted:
             weight = 1 if alone else PASSED_OVER if order.get(seq, last) < last else 0
             if not weight:
                 continue
-            n = counts[seq] = counts.get(seq, 0) + weight
+            n = left.weights[seq] = left.weights.get(seq, 0) + weight
             if n >= OMITTED_LIMIT:
-                del counts[seq]
+                left.forget(seq)
                 given_up.append((seq, f"{self.cfg.name} never acknowledged it (id "
                                       f"{ids.get(seq)!r}): its answers kept leaving it out"))
         return given_up

@@ -53,7 +53,7 @@ from agent.forwarder.parking import Parked, ParkingLot
 from agent.forwarder.probe import PROBE_TIMEOUT_S, Prober
 from agent.forwarder.slots import Slots
 from agent.forwarder.state import UpstreamState
-from agent.forwarder.stream import AckHook, Release, StreamForwarder, ignore_acks
+from agent.forwarder.stream import AckHook, LeftOut, Release, StreamForwarder, ignore_acks
 from agent.forwarder.timing import LOOP_TIMING, Timer, Timing
 from agent.logs import log_limited
 from agent.metrics import Metrics
@@ -107,7 +107,7 @@ class Supervisor:
         self._tasks: set[asyncio.Task[None]] = set()   # with loops still closing their uplink
         self._running: Counter[str] = Counter()   # loop tasks per upstream
         self._lot = ParkingLot()   # keys waiting to retry
-        self._omitted: dict[str, dict[int, int]] = {}   # by key: see StreamForwarder.omitted
+        self._omitted: dict[str, LeftOut] = {}   # by key: see stream.LeftOut
         self._timer: Timer | None = None
         self._session: aiohttp.ClientSession | None = None
         self._stopping = False
@@ -157,7 +157,7 @@ class Supervisor:
                                                    functools.partial(self._park, key)),
                                    attempt=attempt, lanes=lanes, timing=self.seams.timing,
                                    backoff=self.seams.backoff, on_acked=self.on_acked,
-                                   omitted=self._omitted.setdefault(key, {}),
+                                   omitted=self._omitted.setdefault(key, LeftOut()),
                                    slots=self._slots[up.name])
         except Exception as exc:  # noqa: BLE001 - a bug: reported, and the key tried again
             delay = self.seams.backoff.delay(attempt)

@@ -186,7 +186,9 @@ class FaultyUpstream(LoopbackServer):
                 await ws.send_str(fault.body.decode())
             elif fault is None or fault.kind not in ("status", "reset"):
                 acked = self._ack(fault, self._ids(events))
-                if acked:
+                # A reply to every frame it answers, even one that acks nothing (a partial
+                # ack of one event), as Outpost does: the sender counts replies.
+                if acked or (fault is not None and fault.kind == "partial"):
                     try:
                         await ws.send_str(orjson.dumps({"reportedIds": acked}).decode())
                     except ConnectionResetError:  # the agent gave up on this connection

@@ -3,7 +3,12 @@ websockets are closed on stop."""
 
 from __future__ import annotations
 
+import contextlib
+from collections.abc import AsyncIterator, Awaitable, Callable
+
 from aiohttp import web
+
+Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
 
 
 class LoopbackServer:
@@ -34,3 +39,17 @@ class LoopbackServer:
         if self._runner is not None:
             await self._runner.cleanup()
             self._runner = None
+
+
+@contextlib.asynccontextmanager
+async def serving(path: str, handler: Handler, max_body: int = 2**24) -> AsyncIterator[str]:
+    """A one-route collector (POST ``path``) on 127.0.0.1 while the block runs; yields its
+    base URL."""
+    app = web.Application(client_max_size=max_body)
+    app.router.add_post(path, handler)
+    server = LoopbackServer()
+    await server._serve(app)
+    try:
+        yield server.http_url
+    finally:
+        await server.stop()
