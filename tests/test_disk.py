@@ -114,11 +114,12 @@ async def test_full_spool_rejects_with_503_and_recovers_when_drained(
         # A websocket app gets no ack (it keeps its events): the connection closes with
         # "try again later", as when the agent is busy. Left open without a reply, the
         # frame's silence put the replies that followed out of step with their frames.
+        depth = agent.spool.depth
         async with s.ws_connect(f"http://127.0.0.1:{agent.port}/app/app1/track") as ws:
             await ws.send_json({"data": [event(10**6)]})
             msg = await ws.receive(timeout=5)
             assert msg.type == aiohttp.WSMsgType.CLOSE and msg.data == 1013, msg
-            assert "spool full" in msg.extra
+            assert "spool is full" in msg.extra and agent.spool.depth == depth
         # The upstream comes back and drains the spool: apps are served again.
         await fake_nucleus.come_back()
         agent.forwarding.flush()

@@ -447,20 +447,22 @@ def _keyed(fake: FaultyUpstream) -> list[tuple[str, Any, bool]]:
 
 
 async def _left_out(fake: FaultyUpstream) -> Counter[tuple[str, Any]]:
-    """What the well-formed answers that left each event out ("partial") weigh, by the
+    """At most what the well-formed answers that left each event out weigh, by the
     forwarder's rule (agent/forwarder/stream.py OMITTED_LIMIT): PASSED_OVER for one that
-    acknowledged a later event of its request, 1 for a request of that event alone. Read
-    on the upstream's loop: one consistent view of its records."""
+    acknowledged a later event of its request, 1 for the head of a request it acked
+    none of (alone, or left out whole). Read on the upstream's loop: one consistent view
+    of its records. (A websocket "close" is a lost link, which the agent does not weigh:
+    counted here, it only makes the check more lenient.)"""
     weights: Counter[tuple[str, Any]] = Counter()
     for rec in list(fake.requests):
         events = [ev for ev in rec.events if ev.get("type") != "heartbeat"]
-        if rec.fault != "partial":
+        if rec.fault not in ("partial", "close"):   # answered, acking the first half
             continue
         acked = [any(a == ev["id"] and type(a) is type(ev["id"]) for a in rec.acked)
                  for ev in events]
         last = max((i for i, a in enumerate(acked) if a), default=-1)
         for i, (ev, a) in enumerate(zip(events, acked)):
-            weight = 0 if a else 1 if len(events) == 1 else PASSED_OVER if i < last else 0
+            weight = 0 if a else 1 if i == 0 and last < 0 else PASSED_OVER if i < last else 0
             weights[(rec.path.split("/")[2], ev["id"])] += weight
     return weights
 

@@ -88,6 +88,29 @@ async def test_an_event_always_sent_alone_is_dead_lettered_too(
     assert state.acked == 5 and state.retries == OMITTED_LIMIT - 1   # alone each time
 
 
+async def test_an_event_passed_over_rides_in_its_batches_and_is_given_up_in_three(
+        make_agent: Any, fake_segment: FakeSegment, fast_backoff: Any, tmp_path: Path) -> None:
+    """Good events behind a refused one: each answer passes it over, so three answers
+    give it up. Sent alone once passed over (review), it took six rounds, each a
+    backoff step (or over the websocket timeout_s) for the whole key."""
+    b = await make_agent(spool=tmp_path / "b.db", upstreams=[{
+        "name": "seg", "protocol": "segment-http", "url": fake_segment.url,
+        "flush_interval_s": 0.05, "timeout_s": 2}])
+    a = await make_agent(spool=tmp_path / "a.db", upstreams=[{
+        "name": "b", "protocol": "nucleus-http", "url": f"http://127.0.0.1:{b.port}",
+        "flush_interval_s": 0.05, "timeout_s": 0.5, "batch_max_events": 2}])
+    big = nucleus("big", payload={"x": "y" * 40_000})
+    async with aiohttp.ClientSession() as s, s.post(
+            f"http://127.0.0.1:{a.port}/app/k/track",
+            json={"data": [big, *(nucleus(i) for i in range(6))]}) as r:
+        assert r.status == 200, await r.text()
+    await wait_for(lambda: a.spool.depth == 0, timeout=20)
+    dead = await a.spool.dead_letters()
+    assert [orjson.loads(d["body"])["id"] for d in dead] == ["big"]
+    state = a.forwarding.states["b"]
+    assert state.acked == 6 and state.retries == OMITTED_LIMIT // PASSED_OVER - 1
+
+
 async def test_a_batch_left_out_whole_is_sent_one_event_at_a_time_and_given_up(
         make_agent: Any, fake_segment: FakeSegment, fast_backoff: Any, tmp_path: Path) -> None:
     """Two events B cannot carry, alone in A's queue: B answers for the batch and

@@ -151,7 +151,8 @@ class NucleusHandlers:
             log_limited(log, logging.WARNING, "spool-full",
                         "spool full, not acknowledging %d events for %s: %s",
                         len(events), _masked(key), str(exc))
-            await ws.close(code=WSCloseCode.TRY_AGAIN_LATER, message=b"spool full, retry later")
+            await ws.close(code=WSCloseCode.TRY_AGAIN_LATER,
+                           message=_close_reason(f"retry later: {exc}"))
             return False
         # Answered even with no id to echo, as the HTTP form is: a message is acknowledged
         # the same way whichever transport it came by.

@@ -481,13 +481,14 @@ class StreamForwarder:
         # Batch order (the high lane first), not seq order, says what was passed over.
         order = {seq: i for i, seq in enumerate(batch.seqs)}
         last = max((order.get(seq, -1) for seq in result.acked), default=-1)
-        alone = len(order) == 1
-        if not result.acked and not alone and batch.seqs:
-            left.alone.add(batch.seqs[0])
-            left.weights.setdefault(batch.seqs[0], 0)
+        # A batch left out whole: the upstream reached its head and did not take it, as
+        # if it had come alone (it is sent alone next); the rest it may not have reached.
+        head = batch.seqs[0] if batch.seqs and not result.acked else None
+        if head is not None and len(order) > 1:
+            left.alone.add(head)
         given_up = []
         for seq in result.omitted:
-            weight = 1 if alone else PASSED_OVER if order.get(seq, last) < last else 0
+            weight = 1 if seq == head else PASSED_OVER if order.get(seq, last) < last else 0
             if not weight:
                 continue
             n = left.weights[seq] = left.weights.get(seq, 0) + weight

@@ -175,9 +175,9 @@ class Supervisor:
     def _ended(self, key: str, loop: StreamForwarder, task: asyncio.Task[None]) -> None:
         self._tasks.discard(task)
         self._running[loop.cfg.name] -= 1
-        if not loop.omitted or not loop.stream.depth:
-            self._omitted.pop(key, None)
         if self.loops.get(key) is loop:  # not yet replaced by a loop for newer data
+            if not loop.omitted or not loop.stream.depth:
+                self._omitted.pop(key, None)   # (a successor shares the same LeftOut)
             del self.loops[key]
             # Stopped by regate, which may have let the key go again since; unless the
             # loop parked the key on its way out: then its retry time starts the next.
