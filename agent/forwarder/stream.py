@@ -190,14 +190,15 @@ class StreamForwarder:
         if len(self._tasks) >= self.window:
             await self._idle(None)
             return
-        if not self.queued():   # nothing to read (rows in flight count as queued)
+        queued = self.queued()
+        if not queued:   # nothing to read (rows in flight count as queued)
             await self._after_read([])
             return
         # Only what the window has room for: with one batch in flight (segment-http), rows
         # read beyond it were built, dropped and read again, four times over.
         # And no more slots than the queue has batches for (rows in flight count too).
         free = min(FETCH_FACTOR, self.window - len(self._tasks),
-                   -(-self.queued() // self.cfg.batch_max_events))
+                   -(-queued // self.cfg.batch_max_events))
         if not self._hold_slots(free):
             self._ack_held()
             await self._idle(None)   # a slot given back wakes it
@@ -471,9 +472,7 @@ class StreamForwarder:
         whose answers weigh OMITTED_LIMIT are given up: (seq, why) for dead letters. When
         a batch is left out whole, its head is sent alone next: else two events the
         upstream will not take, resent together, were never judged."""
-        left = self.omitted
-        for seq in result.acked:
-            left.forget(seq)
+        left = self.omitted   # (the acked ones _apply forgets)
         if len(left) > OMITTED_KEPT:
             left.weights.clear()
             left.alone.clear()

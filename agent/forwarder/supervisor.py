@@ -160,10 +160,7 @@ class Supervisor:
                                    omitted=self._omitted.setdefault(key, LeftOut()),
                                    slots=self._slots[up.name])
         except Exception as exc:  # noqa: BLE001 - a bug: reported, and the key tried again
-            delay = self.seams.backoff.delay(attempt)
-            self._crashed(up.name, exc, delay)
-            # Told: the upstream is not suspect, so its prober leaves the key to the timer.
-            self._park(key, delay, attempt + 1, told=True)
+            self._not_built(key, up.name, exc, attempt)
             return None
         self.loops[key] = loop
         task = asyncio.create_task(self._run(key, loop), name=f"forward-{up.name}")
@@ -304,12 +301,18 @@ class Supervisor:
             try:
                 loop.uplink = self._uplink(loop.cfg, key)
             except Exception as exc:  # noqa: BLE001 - as in _ensure: reported, tried again
-                delay = self.seams.backoff.delay(attempt)
-                self._crashed(loop.cfg.name, exc, delay)
-                self._park(key, delay, attempt, told=True)
+                self._not_built(key, loop.cfg.name, exc, attempt)
                 return
             if loop.state.state == "restarting":  # a loop that finds nothing to send says so
                 loop.state.state = "idle"
+
+    def _not_built(self, key: str, name: str, exc: Exception, attempt: int) -> None:
+        """Building ``key``'s loop or uplink raised (a bug): reported, and the key parked
+        for a retry. Told: the upstream is not suspect, so its prober leaves the key to
+        the timer."""
+        delay = self.seams.backoff.delay(attempt)
+        self._crashed(name, exc, delay)
+        self._park(key, delay, attempt + 1, told=True)
 
     def _crashed(self, name: str, exc: Exception, delay: float | None) -> None:
         """Report a crash: counted, shown, logged with its traceback; ``delay`` is when
