@@ -25,20 +25,26 @@ def nucleus(i: Any, **kw: Any) -> dict[str, Any]:
     return {"type": "event", "name": "e", "id": i, "sessionId": 1, "machineId": "m", **kw}
 
 
+async def chain(make_agent: Any, fake_segment: FakeSegment, tmp_path: Path,
+                protocol: str = "nucleus-http", **limits: int) -> Any:
+    """Agent A sending to agent B over Nucleus (which sets no limit of its own), B taking
+    Nucleus events to Segment, whose limit is 32 KB an event: B leaves a larger event out
+    of its answers. (Over the websocket, each answer without the id costs A a wait of
+    timeout_s for it.) Returns A."""
+    b = await make_agent(spool=tmp_path / "b.db", upstreams=[{
+        "name": "seg", "protocol": "segment-http", "url": fake_segment.url,
+        "flush_interval_s": 0.05, "timeout_s": 2}])
+    scheme = "ws" if protocol == "nucleus-ws" else "http"
+    return await make_agent(spool=tmp_path / "a.db", upstreams=[{
+        "name": "b", "protocol": protocol, "url": f"{scheme}://127.0.0.1:{b.port}",
+        "flush_interval_s": 0.05, "timeout_s": 0.5, **limits}])
+
+
 @pytest.mark.parametrize("protocol", ["nucleus-http", "nucleus-ws"])
 async def test_an_event_the_upstream_never_acknowledges_is_dead_lettered(
         make_agent: Any, fake_segment: FakeSegment, fast_backoff: Any, tmp_path: Path,
         protocol: str) -> None:
-    # B takes Nucleus events and forwards them to Segment, whose limit is 32 KB an event.
-    b = await make_agent(spool=tmp_path / "b.db", upstreams=[{
-        "name": "seg", "protocol": "segment-http", "url": fake_segment.url,
-        "flush_interval_s": 0.05, "timeout_s": 2}])
-    # A sends to B over Nucleus, which sets no limit of its own. (Over the websocket, each
-    # answer without the id costs A a wait of timeout_s for it.)
-    scheme = "ws" if protocol == "nucleus-ws" else "http"
-    a = await make_agent(spool=tmp_path / "a.db", upstreams=[{
-        "name": "b", "protocol": protocol, "url": f"{scheme}://127.0.0.1:{b.port}",
-        "flush_interval_s": 0.05, "timeout_s": 0.5}])
+    a = await chain(make_agent, fake_segment, tmp_path, protocol)
     big = nucleus("big", payload={"x": "y" * 40_000})
     async with aiohttp.ClientSession() as s, s.post(
             f"http://127.0.0.1:{a.port}/app/k/track",
@@ -70,12 +76,7 @@ async def test_an_event_always_sent_alone_is_dead_lettered_too(
     """An event sent alone cannot be passed over: an answer that leaves it out is the
     upstream's word on it alone (review: it was never given up, and held its key, the
     five events behind it and a backoff at its cap)."""
-    b = await make_agent(spool=tmp_path / "b.db", upstreams=[{
-        "name": "seg", "protocol": "segment-http", "url": fake_segment.url,
-        "flush_interval_s": 0.05, "timeout_s": 2}])
-    a = await make_agent(spool=tmp_path / "a.db", upstreams=[{
-        "name": "b", "protocol": "nucleus-http", "url": f"http://127.0.0.1:{b.port}",
-        "flush_interval_s": 0.05, "timeout_s": 0.5, **limits}])
+    a = await chain(make_agent, fake_segment, tmp_path, **limits)
     big = nucleus("big", payload={"x": "y" * 40_000})
     rest = [nucleus(i, payload={"x": "z" * pad}) for i in range(5)]
     async with aiohttp.ClientSession() as s, s.post(
@@ -93,12 +94,7 @@ async def test_an_event_passed_over_rides_in_its_batches_and_is_given_up_in_thre
     """Good events behind a refused one: each answer passes it over, so three answers
     give it up. Sent alone once passed over (review), it took six rounds, each a
     backoff step (or over the websocket timeout_s) for the whole key."""
-    b = await make_agent(spool=tmp_path / "b.db", upstreams=[{
-        "name": "seg", "protocol": "segment-http", "url": fake_segment.url,
-        "flush_interval_s": 0.05, "timeout_s": 2}])
-    a = await make_agent(spool=tmp_path / "a.db", upstreams=[{
-        "name": "b", "protocol": "nucleus-http", "url": f"http://127.0.0.1:{b.port}",
-        "flush_interval_s": 0.05, "timeout_s": 0.5, "batch_max_events": 2}])
+    a = await chain(make_agent, fake_segment, tmp_path, batch_max_events=2)
     big = nucleus("big", payload={"x": "y" * 40_000})
     async with aiohttp.ClientSession() as s, s.post(
             f"http://127.0.0.1:{a.port}/app/k/track",
@@ -116,12 +112,7 @@ async def test_a_batch_left_out_whole_is_sent_one_event_at_a_time_and_given_up(
     """Two events B cannot carry, alone in A's queue: B answers for the batch and
     acknowledges neither. Neither is passed over nor alone, so (review) they were resent
     together forever; now the head of such a batch is sent alone, and judged alone."""
-    b = await make_agent(spool=tmp_path / "b.db", upstreams=[{
-        "name": "seg", "protocol": "segment-http", "url": fake_segment.url,
-        "flush_interval_s": 0.05, "timeout_s": 2}])
-    a = await make_agent(spool=tmp_path / "a.db", upstreams=[{
-        "name": "b", "protocol": "nucleus-http", "url": f"http://127.0.0.1:{b.port}",
-        "flush_interval_s": 0.05, "timeout_s": 0.5}])
+    a = await chain(make_agent, fake_segment, tmp_path)
     bigs = [nucleus(f"big{i}", payload={"x": "y" * 40_000}) for i in range(2)]
     async with aiohttp.ClientSession() as s, s.post(
             f"http://127.0.0.1:{a.port}/app/k/track", json={"data": bigs}) as r:
