@@ -26,7 +26,7 @@ def nucleus(i: Any, **kw: Any) -> dict[str, Any]:
 
 
 async def chain(make_agent: Any, fake_segment: FakeSegment, tmp_path: Path,
-                protocol: str = "nucleus-http", **limits: int) -> Any:
+                protocol: str = "nucleus-http", limits: dict[str, int] | None = None) -> Any:
     """Agent A sending to agent B over Nucleus (which sets no limit of its own), B taking
     Nucleus events to Segment, whose limit is 32 KB an event: B leaves a larger event out
     of its answers. (Over the websocket, each answer without the id costs A a wait of
@@ -37,7 +37,24 @@ async def chain(make_agent: Any, fake_segment: FakeSegment, tmp_path: Path,
     scheme = "ws" if protocol == "nucleus-ws" else "http"
     return await make_agent(spool=tmp_path / "a.db", upstreams=[{
         "name": "b", "protocol": protocol, "url": f"{scheme}://127.0.0.1:{b.port}",
-        "flush_interval_s": 0.05, "timeout_s": 0.5, **limits}])
+        "flush_interval_s": 0.05, "timeout_s": 0.5, **(limits or {})}])
+
+
+async def post(a: Any, events: list[dict[str, Any]]) -> None:
+    async with aiohttp.ClientSession() as s, s.post(
+            f"http://127.0.0.1:{a.port}/app/k/track", json={"data": events}) as r:
+        assert r.status == 200, await r.text()
+
+
+async def dead_after(a: Any, events: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """Post ``events`` to A, wait until its queue is empty; its dead letters."""
+    await post(a, events)
+    await wait_for(lambda: a.spool.depth == 0, timeout=30)
+    return list(await a.spool.dead_letters())
+
+
+def ids(dead: list[dict[str, Any]]) -> list[Any]:
+    return sorted(orjson.loads(d["body"])["id"] for d in dead)
 
 
 @pytest.mark.parametrize("protocol", ["nucleus-http", "nucleus-ws"])
@@ -46,13 +63,8 @@ async def test_an_event_the_upstream_never_acknowledges_is_dead_lettered(
         protocol: str) -> None:
     a = await chain(make_agent, fake_segment, tmp_path, protocol)
     big = nucleus("big", payload={"x": "y" * 40_000})
-    async with aiohttp.ClientSession() as s, s.post(
-            f"http://127.0.0.1:{a.port}/app/k/track",
-            json={"data": [big, *(nucleus(i) for i in range(5))]}) as r:
-        assert r.status == 200, await r.text()
-    await wait_for(lambda: a.spool.depth == 0, timeout=20)
-    dead = await a.spool.dead_letters()
-    assert [orjson.loads(d["body"])["id"] for d in dead] == ["big"]
+    dead = await dead_after(a, [big, *(nucleus(i) for i in range(5))])
+    assert ids(dead) == ["big"]
     assert dead[0]["upstream"] == "b" and "never acknowledged" in dead[0]["reason"], dead[0]
     state = a.forwarding.states["b"]
     assert state.dead_lettered == 1 and state.acked == 5
@@ -60,9 +72,7 @@ async def test_an_event_the_upstream_never_acknowledges_is_dead_lettered(
     assert state.retries == OMITTED_LIMIT - PASSED_OVER
     # And the key flows again: new events are delivered with no failure (over the
     # websocket, not on the connection that timed out: review).
-    async with aiohttp.ClientSession() as s, s.post(
-            f"http://127.0.0.1:{a.port}/app/k/track", json={"data": [nucleus(9)]}) as r:
-        assert r.status == 200
+    await post(a, [nucleus(9)])
     await wait_for(lambda: a.spool.depth == 0 and a.forwarding.states["b"].acked == 6)
     assert state.retries == OMITTED_LIMIT - PASSED_OVER, state.last_error
 
@@ -76,15 +86,10 @@ async def test_an_event_always_sent_alone_is_dead_lettered_too(
     """An event sent alone cannot be passed over: an answer that leaves it out is the
     upstream's word on it alone (review: it was never given up, and held its key, the
     five events behind it and a backoff at its cap)."""
-    a = await chain(make_agent, fake_segment, tmp_path, **limits)
+    a = await chain(make_agent, fake_segment, tmp_path, limits=limits)
     big = nucleus("big", payload={"x": "y" * 40_000})
     rest = [nucleus(i, payload={"x": "z" * pad}) for i in range(5)]
-    async with aiohttp.ClientSession() as s, s.post(
-            f"http://127.0.0.1:{a.port}/app/k/track", json={"data": [big, *rest]}) as r:
-        assert r.status == 200, await r.text()
-    await wait_for(lambda: a.spool.depth == 0, timeout=20)
-    dead = await a.spool.dead_letters()
-    assert [orjson.loads(d["body"])["id"] for d in dead] == ["big"]
+    assert ids(await dead_after(a, [big, *rest])) == ["big"]
     state = a.forwarding.states["b"]
     assert state.acked == 5 and state.retries == OMITTED_LIMIT - 1   # alone each time
 
@@ -94,15 +99,9 @@ async def test_an_event_passed_over_rides_in_its_batches_and_is_given_up_in_thre
     """Good events behind a refused one: each answer passes it over, so three answers
     give it up. Sent alone once passed over (review), it took six rounds, each a
     backoff step (or over the websocket timeout_s) for the whole key."""
-    a = await chain(make_agent, fake_segment, tmp_path, batch_max_events=2)
+    a = await chain(make_agent, fake_segment, tmp_path, limits={"batch_max_events": 2})
     big = nucleus("big", payload={"x": "y" * 40_000})
-    async with aiohttp.ClientSession() as s, s.post(
-            f"http://127.0.0.1:{a.port}/app/k/track",
-            json={"data": [big, *(nucleus(i) for i in range(6))]}) as r:
-        assert r.status == 200, await r.text()
-    await wait_for(lambda: a.spool.depth == 0, timeout=20)
-    dead = await a.spool.dead_letters()
-    assert [orjson.loads(d["body"])["id"] for d in dead] == ["big"]
+    assert ids(await dead_after(a, [big, *(nucleus(i) for i in range(6))])) == ["big"]
     state = a.forwarding.states["b"]
     assert state.acked == 6 and state.retries == OMITTED_LIMIT // PASSED_OVER - 1
 
@@ -114,12 +113,7 @@ async def test_a_batch_left_out_whole_is_sent_one_event_at_a_time_and_given_up(
     together forever; now the head of such a batch is sent alone, and judged alone."""
     a = await chain(make_agent, fake_segment, tmp_path)
     bigs = [nucleus(f"big{i}", payload={"x": "y" * 40_000}) for i in range(2)]
-    async with aiohttp.ClientSession() as s, s.post(
-            f"http://127.0.0.1:{a.port}/app/k/track", json={"data": bigs}) as r:
-        assert r.status == 200, await r.text()
-    await wait_for(lambda: a.spool.depth == 0, timeout=30)
-    dead = await a.spool.dead_letters()
-    assert sorted(orjson.loads(d["body"])["id"] for d in dead) == ["big0", "big1"]
+    assert ids(await dead_after(a, bigs)) == ["big0", "big1"]
     assert a.forwarding.states["b"].acked == 0
 
 
