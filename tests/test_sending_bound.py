@@ -12,7 +12,10 @@ from __future__ import annotations
 
 import asyncio
 import base64
+import os
 from collections import Counter
+from collections.abc import Callable
+from pathlib import Path
 from typing import Any
 
 import aiohttp
@@ -20,7 +23,9 @@ import orjson
 from aiohttp import web
 
 from agent.forwarder.slots import BATCHES_IN_FLIGHT
+from tests.conftest import AgentProcess, free_port, write_config
 from tests.fakes.loopback_server import serving
+from tests.test_ingest_memory import RssSampler
 from tests.waiting import wait_for
 
 KEYS, EVENTS = 3 * BATCHES_IN_FLIGHT, 20
@@ -72,3 +77,47 @@ async def test_an_upstream_has_a_bounded_number_of_batches_in_flight(make_agent:
         await wait_for(lambda: agent.forwarding._slots["seg"].free == BATCHES_IN_FLIGHT)
         assert not any(loop.waiting_for_slot for loop in agent.forwarding.loops.values())
         assert up.ids == Counter(f"{k}-{i}" for k in range(KEYS) for i in range(EVENTS))
+
+
+LARGE_EVENTS, LARGE_BYTES = 240, 300_000   # each ~400 KB once base64: 96 MB queued
+READ_PEAK_LIMIT = 100 * 1024 * 1024   # ~55 MB read a few batches at a time; 146 MB before
+
+
+async def test_a_backlog_of_large_events_is_read_a_few_batches_at_a_time(
+        tmp_path: Path, agent_process: Callable[..., AgentProcess]) -> None:
+    """A batch is bounded by ``batch_max_bytes``, but a read was bounded by count only:
+    a forwarder read four batches' worth of events (2,000), whatever their size, at
+    every retry and for every batch it sent. A device back with a backlog of 400 KB
+    events held all of it in memory at once. The agent restarts on that backlog, its
+    upstream still down, and its peak RSS over the first retries is measured."""
+    port = free_port()
+    cfg = write_config(tmp_path / "agent.toml", tmp_path / "spool.db", port=port, upstreams=[{
+        "name": "n", "protocol": "nucleus-ws", "url": f"ws://127.0.0.1:{free_port()}",
+        "flush_interval_s": 0.05}])
+    first = agent_process(cfg, port).start()
+    async with aiohttp.ClientSession() as s:
+        for i in range(0, LARGE_EVENTS, 8):
+            data = [{"type": "event", "name": "blob", "id": n, "sessionId": 1,
+                     "data": {"blob": base64.b64encode(os.urandom(LARGE_BYTES)).decode()}}
+                    for n in range(i, i + 8)]
+            async with s.post(f"{first.url}/app/k/track", data=orjson.dumps({"data": data}),
+                              headers={"Content-Type": "application/json"}) as r:
+                assert r.status == 200, await r.text()
+    assert first.terminate() == 0
+    again = agent_process(cfg, port)
+    again.spawn()
+    assert again.proc is not None
+    sampler = RssSampler(again.proc.pid)
+    with sampler.running():
+        again.start()
+        async with aiohttp.ClientSession() as s:
+            async def retries() -> int:
+                async with s.get(f"{again.url}/status") as r:
+                    status = await r.json()
+                assert status["queue_depth"] == LARGE_EVENTS
+                return int(status["upstreams"][0]["retries"])
+            deadline = asyncio.get_running_loop().time() + 30
+            while await retries() < 2:
+                assert asyncio.get_running_loop().time() < deadline, "no retry in 30 s"
+                await asyncio.sleep(0.1)
+    assert sampler.peak < READ_PEAK_LIMIT, f"peak RSS {sampler.peak / 2**20:.0f} MB"
