@@ -25,7 +25,9 @@ from aiohttp import web
 from agent.forwarder.slots import BATCHES_IN_FLIGHT
 from tests.conftest import AgentProcess, free_port, write_config
 from tests.fakes.loopback_server import serving
+from tests.fakes.nucleus_upstream import FakeNucleus
 from tests.test_ingest_memory import RssSampler
+from tests.test_upstream_faults import event, send
 from tests.waiting import wait_for
 
 KEYS, EVENTS = 3 * BATCHES_IN_FLIGHT, 20
@@ -121,3 +123,16 @@ async def test_a_backlog_of_large_events_is_read_a_few_batches_at_a_time(
                 assert asyncio.get_running_loop().time() < deadline, "no retry in 30 s"
                 await asyncio.sleep(0.1)
     assert sampler.peak < READ_PEAK_LIMIT, f"peak RSS {sampler.peak / 2**20:.0f} MB"
+
+
+async def test_events_that_fill_a_batch_by_bytes_are_sent_without_waiting_for_the_flush(
+        make_agent: Any, fake_nucleus: FakeNucleus) -> None:
+    """A batch goes when it is full or when its oldest event is due; full was counted in
+    events only, so events too large for one batch waited out ``flush_interval_s``."""
+    agent = await make_agent(upstreams=[{"name": "up", "protocol": "nucleus-ws",
+                                         "url": fake_nucleus.url, "flush_interval_s": 3600}])
+    blob = "x" * 300_000   # two are more than the 500 KB a batch holds
+    await send(agent, [event(i, blob=blob) for i in range(3)])
+    # The first two each fill a batch; the third, alone, waits for the flush.
+    await wait_for(lambda: fake_nucleus.batches == [[0], [1]], timeout=10)
+    assert agent.spool.depth == 1

@@ -67,6 +67,28 @@ async def test_fifo_per_key_and_cursor_reads(tmp_path: Path) -> None:
     await spool.close()
 
 
+async def test_a_read_stops_at_the_event_that_reaches_its_bytes(tmp_path: Path) -> None:
+    spool = await open_spool(tmp_path)
+    # Ids of one width: every body the same size. Two records.
+    await spool.append([ev("k", i, size=1000) for i in range(100, 110)])
+    await spool.append([ev("k", i, size=1000) for i in range(110, 120)])
+    k = spool.streams["k"].id
+    every = await spool.fetch(k, 0, 100)
+    await spool.ack([every[3].seq])   # a hole: the read's runs go around it
+    size = len(every[0].body)
+    live = [i for i in range(100, 120) if i != 103]
+    for max_bytes, events in ((1, 1), (size, 1), (size + 1, 2), (size * 12 + 1, 13),
+                              (size * 100, 19)):
+        rows = await spool.fetch(k, 0, 100, max_bytes=max_bytes)
+        assert [orjson.loads(r.body)["id"] for r in rows] == live[:events], max_bytes
+    # From a cursor inside the first record; the count still a limit.
+    rows = await spool.fetch(k, every[4].seq, 3, max_bytes=size * 100)
+    assert [orjson.loads(r.body)["id"] for r in rows] == [105, 106, 107]
+    rows = await spool.fetch(k, every[4].seq, 100, max_bytes=size * 6 + 1)
+    assert [orjson.loads(r.body)["id"] for r in rows] == list(range(105, 112))
+    await spool.close()
+
+
 async def test_ack_deletes_exactly_the_acked_rows(tmp_path: Path) -> None:
     spool = await open_spool(tmp_path)
     await spool.append([ev("k", i) for i in range(5)])

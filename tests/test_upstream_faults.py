@@ -28,6 +28,7 @@ from agent.families.lanes import LANES
 from agent.forwarder.backoff import BACKOFF, Backoff
 from agent.forwarder.stream import Release
 from agent.forwarder.supervisor import Seams
+from agent.spool.types import Queued, Run
 from agent.uplinks.http_common import retry_after
 from tests.conftest import FAST_BACKOFF
 from tests.fakes.faulty_upstream import NEVER_SENT, Fault, FaultyUpstream, Request
@@ -416,11 +417,13 @@ class _GatedSpool:
         self.reading = asyncio.Event()
 
     async def fetch(self, stream: int, after: int | Sequence[int], limit: int,
-                    lanes: Sequence[int] = LANES) -> list[Any]:
+                    lanes: Sequence[int] = LANES, max_bytes: int | None = None) -> Queued:
         self.reading.set()
         await self.gate.wait()
         cursors = (after,) * len(LANES) if isinstance(after, int) else after
-        return [r for r in self.rows if r.lane in lanes and r.seq > cursors[r.lane]][:limit]
+        rows = [r for r in self.rows if r.lane in lanes and r.seq > cursors[r.lane]][:limit]
+        return Queued([Run(r.seq, r.stream, r.family, r.received, [r.body], None, r.lane)
+                       for r in rows])
 
     async def ack(self, seqs: Any) -> None:
         return None

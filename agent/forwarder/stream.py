@@ -37,7 +37,7 @@ from agent.logs import log_limited
 from agent.metrics import Metrics
 from agent.settings import UpstreamConfig
 from agent.spool import Spool
-from agent.spool.types import Row, Stream
+from agent.spool.types import Queued, Row, Stream
 from agent.uplinks.base import Acked, Refused, Retry, SendResult, Uplink
 from agent.uplinks.prepare import Prepared
 
@@ -192,7 +192,7 @@ class StreamForwarder:
             return
         queued = self.queued()
         if not queued:   # nothing to read (rows in flight count as queued)
-            await self._after_read([])
+            await self._after_read(Queued([]))
             return
         # Only what the window has room for: with one batch in flight (segment-http), rows
         # read beyond it were built, dropped and read again, four times over.
@@ -212,14 +212,15 @@ class StreamForwarder:
         """Read and send up to ``batches`` batches of the key's queue (one slot each)."""
         lanes = self.lanes
         rows = await self.spool.fetch(self.stream.id, self._cursors,
-                                      self.cfg.batch_max_events * batches, lanes)
+                                      self.cfg.batch_max_events * batches, lanes,
+                                      self.cfg.batch_max_bytes * batches)
         if self._failed is not None or self._crash is not None:
             return  # a batch failed during the read: nothing new goes out before the resend
         if self.lanes != lanes:
             return  # the lanes changed during the read: what it read may not go out
         await self._after_read(rows)
 
-    async def _after_read(self, rows: Sequence[Row]) -> None:
+    async def _after_read(self, rows: Queued) -> None:
         lanes = self.lanes
         if not rows:
             self._leave_slots()   # before any wait: an idle loop holds no slot, waits for none
@@ -239,7 +240,7 @@ class StreamForwarder:
         self._empty_since = None
         if rows[0].seq in self.omitted.alone:
             rows = rows[:1]   # the head of a batch left out whole: judged alone
-        elif len(rows) < self.cfg.batch_max_events and not self._due(rows):
+        elif not self._full(rows) and not self._due(rows):
             self._leave_slots()
             self._ack_held()
             await self._idle(until_due(_oldest(rows), self.cfg.flush_interval_s))
@@ -275,9 +276,15 @@ class StreamForwarder:
                 lambda _: self.slots.give())
             rows = rows[len(batch.rows):]
             if len(self._tasks) >= self.window or not rows or not self._granted or (
-                    len(rows) < self.cfg.batch_max_events and not self._due(rows)):
+                    not self._full(rows) and not self._due(rows)):
                 return
             batch = self.uplink.prepare(rows)
+
+    def _full(self, rows: Queued) -> bool:
+        """Whether ``rows`` fill a batch: in events, or in bytes (the stored bodies: an
+        estimate of what the uplink sends)."""
+        cfg = self.cfg
+        return len(rows) >= cfg.batch_max_events or rows.nbytes() >= cfg.batch_max_bytes
 
     @property
     def waiting_for_slot(self) -> bool:

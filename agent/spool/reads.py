@@ -50,16 +50,17 @@ class Reader:
                                  tuple[list[bytes], list[Any] | None]] = OrderedDict()
 
     async def fetch(self, stream: int, after: int | Sequence[int], limit: int,
-                    lanes: Sequence[int] = LANES) -> Queued:
+                    lanes: Sequence[int] = LANES, max_bytes: int | None = None) -> Queued:
         """Up to ``limit`` events of one key's queue: each of ``lanes`` in turn (high first),
         its rows with seq > ``after`` (one cursor, or one per lane, indexed by lane),
-        oldest first."""
+        oldest first. With ``max_bytes``, the read stops at the event that reaches it
+        (always one event at least): a count alone let 2,000 large events into memory."""
         reader = self.host.reader
         if reader is None:
             return Queued([])
         cursors = (after,) * len(LANES) if isinstance(after, int) else tuple(after)
         try:
-            return await self._fetch(reader, stream, cursors, lanes, limit)
+            return await self._fetch(reader, stream, cursors, lanes, limit, max_bytes)
         except sqlite3.DatabaseError as exc:
             # Damage the header check missed at open shows up here; left alone it
             # would stop this key's forwarder for good.
@@ -74,26 +75,29 @@ class Reader:
         if reader is None:
             return Queued([])
         try:
-            return await self._fetch(reader, stream, cursors, lanes, limit)
+            return await self._fetch(reader, stream, cursors, lanes, limit, max_bytes)
         except sqlite3.DatabaseError:
             return Queued([])  # read again at the next step
 
     async def _fetch(self, reader: SqliteThread, stream: int, cursors: tuple[int, ...],
-                     lanes: Sequence[int], limit: int) -> Queued:
-        runs, damaged = await reader.run(self._fetch_runs, stream, cursors, lanes, limit)
+                     lanes: Sequence[int], limit: int, max_bytes: int | None) -> Queued:
+        runs, damaged = await reader.run(self._fetch_runs, stream, cursors, lanes, limit,
+                                         max_bytes)
         if damaged:
             self.host.discard(damaged)
         return Queued(runs)
 
     def _fetch_runs(self, conn: sqlite3.Connection, stream: int, cursors: tuple[int, ...],
-                    lanes: Sequence[int], limit: int) -> tuple[list[Run], list[int]]:
+                    lanes: Sequence[int], limit: int, max_bytes: int | None
+                    ) -> tuple[list[Run], list[int]]:
         runs: list[Run] = []
         damaged: list[int] = []
-        left = limit
+        left, room = limit, max_bytes
         for lane in sorted(lanes):   # high first
             if not left:
                 break
-            left = self._lane_runs(conn, stream, lane, cursors[lane], left, runs, damaged)
+            left, room = self._lane_runs(conn, stream, lane, cursors[lane], left, room, runs,
+                                         damaged)
         if damaged:
             # Here, on the reader thread, which alone uses the cache: cleared from the
             # loop, it could change under another key's fetch.
@@ -101,9 +105,11 @@ class Reader:
         return runs, damaged
 
     def _lane_runs(self, conn: sqlite3.Connection, stream: int, lane: int, after: int,
-                   left: int, runs: list[Run], damaged: list[int]) -> int:
-        """Append up to ``left`` of one lane's events after ``after`` as runs: one range of
-        the (stream, lane, id) index. Returns how many more may be taken."""
+                   left: int, room: int | None, runs: list[Run], damaged: list[int]
+                   ) -> tuple[int, int | None]:
+        """Append up to ``left`` of one lane's events after ``after``, and while their
+        bytes have not filled ``room``, as runs: one range of the (stream, lane, id) index.
+        Returns how many more events, and bytes, may be taken."""
         # From the record holding ``after`` (a cursor may stop inside a record).
         start = conn.execute("SELECT max(id) FROM records WHERE stream = ? AND lane = ? "
                              "AND id <= ?", (stream, lane, after)).fetchone()[0] or 0
@@ -128,13 +134,17 @@ class Reader:
                 end = min(n, o + left)
                 if gone is not None:
                     end = next((e for e in range(o, end) if gone[e >> 3] & (1 << (e & 7))), end)
+                if room is not None:
+                    end, room = _within(whole.bodies, o, end, room)
+                    if room <= 0:
+                        left = end - o   # the last run of this read
                 runs.append(whole if o == 0 and end == n else whole.part(o, end))
                 left -= end - o
                 o = end
             if not left:
                 break
         cur.close()
-        return left
+        return left, room
 
     def _unpack(self, rid: int, data: bytes, n: int
                 ) -> tuple[list[bytes], list[Any] | None] | None:
@@ -185,3 +195,17 @@ class Reader:
             if self.host.reader is not reader or is_corruption(exc):
                 return []
             raise
+
+
+def _within(bodies: list[bytes], start: int, end: int, room: int) -> tuple[int, int]:
+    """Where bodies[start:end] stop once their bytes reach ``room`` (the body that reaches
+    it is taken: ``room`` is positive, so a read takes one event at least), and the room
+    left, zero or less once reached."""
+    size = sum(map(len, bodies[start:end]))
+    if size < room:
+        return end, room - size
+    stop = start
+    while room > 0:
+        room -= len(bodies[stop])
+        stop += 1
+    return stop, room

@@ -119,11 +119,12 @@ class Spool:
         await self.writer.dead_letter(rows)
 
     async def fetch(self, stream: int, after: int | Sequence[int], limit: int,
-                    lanes: Sequence[int] = LANES) -> Queued:
+                    lanes: Sequence[int] = LANES, max_bytes: int | None = None) -> Queued:
         """Up to ``limit`` events of one key's queue, lane by lane, high first: each lane's
-        with seq > ``after`` (or ``after[lane]``), oldest first; a sequence of Rows, read
-        as whole runs of records (types.Queued)."""
-        return await self.reader_side.fetch(stream, after, limit, lanes)
+        with seq > ``after`` (or ``after[lane]``), oldest first, and with ``max_bytes`` up
+        to the event whose bytes reach it; a sequence of Rows, read as whole runs of
+        records (types.Queued)."""
+        return await self.reader_side.fetch(stream, after, limit, lanes, max_bytes)
 
     async def oldest_received(self, lanes: Sequence[int] = LANES,
                               stream: int | None = None) -> int | None:

@@ -91,6 +91,10 @@ class Queued(Sequence[Row]):
     def __len__(self) -> int:
         return self._len
 
+    def nbytes(self) -> int:
+        """The bytes of the events' stored bodies."""
+        return sum(sum(map(len, r.bodies)) for r in self.runs)
+
     @overload
     def __getitem__(self, i: int) -> Row: ...
     @overload
