@@ -29,7 +29,7 @@ from agent.forwarder.backoff import BACKOFF, Backoff
 from agent.forwarder.stream import Release
 from agent.forwarder.supervisor import Seams
 from agent.spool.types import Queued, Run
-from agent.uplinks.http_common import retry_after
+from agent.uplinks.http_common import REPLY_MAX_BYTES, retry_after
 from tests.conftest import FAST_BACKOFF
 from tests.fakes.faulty_upstream import NEVER_SENT, Fault, FaultyUpstream, Request
 from tests.fakes.manual_timing import ManualTiming
@@ -332,6 +332,30 @@ async def test_malformed_acks_are_retried(make_agent: Any, faulty: FaultyUpstrea
     await send(agent, [event(i) for i in range(1, 6)])
     await drained(agent, faulty, range(1, 6), timeout=15)
     assert not faulty.script
+
+
+@pytest.mark.parametrize("protocol", [*NUCLEUS, "segment-http"])
+async def test_a_reply_too_long_to_be_an_answer_is_not_read_whole(
+        make_agent: Any, faulty: FaultyUpstream, protocol: str) -> None:
+    """An upstream's reply is read up to REPLY_MAX_BYTES: a 64 MiB one (valid JSON padded
+    with spaces, from a broken upstream or a proxy) was read into memory whole. Segment's
+    verdict is its status: the batch is acknowledged. A Nucleus reply cut short
+    acknowledges nothing: the batch is sent again."""
+    faulty.script = [Fault("huge", size=64 * 1024 * 1024)]
+    agent = await make_agent(upstreams=[upstream(faulty, protocol, timeout_s=10)])
+    await send(agent, [event(i) for i in range(5)])
+    await wait_for(lambda: agent.spool.depth == 0, timeout=20)
+    huge, *rest = faulty.requests
+    assert huge.fault == "huge"
+    state = agent.forwarding.states["up"]
+    if protocol != "nucleus-ws":
+        # What the agent read, and the socket buffers between: far from the whole reply.
+        assert huge.written < REPLY_MAX_BYTES + 16 * 1024 * 1024, huge.written
+    if protocol == "segment-http":
+        assert not rest and state.retries == 0
+        return
+    assert [r.fault for r in rest] == ["ok"] and sorted(marks(rest[0].events)) == list(range(5))
+    assert state.retries == 1 and str(REPLY_MAX_BYTES) in (state.last_error or "")
 
 
 async def test_slow_upstream_delivers_once_and_does_not_slow_ingest(

@@ -88,14 +88,19 @@ def html_instead_of_reply(status: int, content_type: str) -> str | None:
 
 
 NETWORK_ERRORS = (aiohttp.ClientError, OSError, TimeoutError)
+# The longest reply read from an upstream, HTTP or websocket: an answer to one batch is far
+# shorter (an Outpost's 207 for 2,500 refused messages is under 1 MiB), and a longer one
+# (a proxy's download, a broken upstream) must not be held in memory.
+REPLY_MAX_BYTES = 4 * 1024 * 1024
 
 
 @dataclass
 class HttpReply:
     status: int
-    body: bytes
+    body: bytes      # its first REPLY_MAX_BYTES
     retry_after: float | None
     content_type: str
+    cut: bool = False   # longer than REPLY_MAX_BYTES: the rest was not read
 
 
 async def post(session: aiohttp.ClientSession, url: str, body: bytes, headers: dict[str, str],
@@ -104,7 +109,22 @@ async def post(session: aiohttp.ClientSession, url: str, body: bytes, headers: d
     try:
         async with session.post(url, data=body, headers=headers,
                                 timeout=aiohttp.ClientTimeout(total=timeout_s)) as resp:
-            return HttpReply(resp.status, await resp.read(),
-                             retry_after(resp.headers.get("Retry-After")), resp.content_type)
+            raw, cut = await _read_at_most(resp, REPLY_MAX_BYTES)
+            return HttpReply(resp.status, raw, retry_after(resp.headers.get("Retry-After")),
+                             resp.content_type, cut)
     except NETWORK_ERRORS as exc:
         return f"request failed: {str(exc) or type(exc).__name__}"
+
+
+async def _read_at_most(resp: aiohttp.ClientResponse, most: int) -> tuple[bytes, bool]:
+    """The reply's body up to ``most`` bytes, and whether there was more: then the
+    connection is closed, the rest unread."""
+    chunks: list[bytes] = []
+    size = 0
+    async for chunk in resp.content.iter_any():
+        chunks.append(chunk)
+        size += len(chunk)
+        if size > most:
+            resp.close()
+            return b"".join(chunks)[:most], True
+    return b"".join(chunks), False

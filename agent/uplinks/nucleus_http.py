@@ -12,7 +12,12 @@ from agent.settings import UpstreamConfig
 from agent.spool.types import Row
 from agent.uplinks import splice
 from agent.uplinks.base import REJECTED_STATUSES, Acked, Refused, Retry, SendResult, UplinkBase
-from agent.uplinks.http_common import html_instead_of_reply, is_retryable, post
+from agent.uplinks.http_common import (
+    REPLY_MAX_BYTES,
+    html_instead_of_reply,
+    is_retryable,
+    post,
+)
 from agent.uplinks.nucleus_frame import NucleusFraming, frame, match
 from agent.uplinks.prepare import Prepared, take_prefix
 
@@ -39,6 +44,9 @@ class NucleusHttpUplink(NucleusFraming, UplinkBase):
         status, raw, wait = answer.status, answer.body, answer.retry_after
         if portal := html_instead_of_reply(status, answer.content_type):
             return Retry(portal)
+        if status == 200 and answer.cut:
+            return Retry(f"a reply over {REPLY_MAX_BYTES} bytes, not read (a batch's answer is "
+                         "its reportedIds)")
         if status != 200:
             if is_retryable(status):
                 return Retry(f"HTTP {status}", retry_after=wait)

@@ -32,7 +32,7 @@ from agent.settings import UpstreamConfig
 from agent.spool.types import Row
 from agent.uplinks import splice
 from agent.uplinks.base import Acked, Retry, SendResult, UplinkBase
-from agent.uplinks.http_common import html_instead_of_reply
+from agent.uplinks.http_common import REPLY_MAX_BYTES, html_instead_of_reply
 from agent.uplinks.nucleus_frame import NucleusFraming, frame, match
 from agent.uplinks.prepare import Prepared, take_prefix
 
@@ -214,7 +214,8 @@ class NucleusWsUplink(NucleusFraming, UplinkBase):
             # ws_connect's own timeouts do not cover the handshake: bound it here.
             ws = await asyncio.wait_for(self.session.ws_connect(
                     self.url, timeout=aiohttp.ClientWSTimeout(ws_close=5),
-                    max_msg_size=0, autoping=True, heartbeat=None), self.cfg.timeout_s)
+                    max_msg_size=REPLY_MAX_BYTES, autoping=True, heartbeat=None),
+                self.cfg.timeout_s)
         except aiohttp.WSServerHandshakeError as exc:
             # Its text holds the URL, and so the key in its path: keep the status.
             return _Link(None, 0, lost=f"connect failed: {_handshake_refused(exc)}")
@@ -248,6 +249,8 @@ class NucleusWsUplink(NucleusFraming, UplinkBase):
             async for msg in ws:
                 if msg.type in (aiohttp.WSMsgType.TEXT, aiohttp.WSMsgType.BINARY):
                     self._on_message(link, msg.data)
+                elif msg.type is aiohttp.WSMsgType.ERROR:   # a reply over REPLY_MAX_BYTES
+                    link.lose(f"the upstream's reply could not be read: {msg.data}")
         finally:
             link.lose(_closed(link, ws))
 

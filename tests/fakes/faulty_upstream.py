@@ -37,8 +37,11 @@ from tests.fakes.loopback_server import LoopbackServer
 #   unknown    acknowledge every id plus ids that were never sent (and a `true`)
 #   bogus      acknowledge only ids that were never sent
 #   malformed  answer 200 with `body` (default: truncated JSON)
+#   huge       acknowledge every id in a reply padded with spaces to `size` bytes (valid
+#              JSON, absurdly long); HTTP: streamed, and the bytes written before the
+#              agent stopped reading are kept in the Request's `written`
 KINDS = frozenset({"status", "timeout", "slow", "reset", "close", "partial", "unknown", "bogus",
-                   "malformed"})
+                   "malformed", "huge"})
 NEVER_SENT: list[Any] = [987654321, "never-sent", True, None, {"id": 1}, [1]]
 
 
@@ -51,6 +54,7 @@ class Fault:
     delay: float = 0.0
     body: bytes = b'{"reportedIds": [1, 2'
     echo: bool = False   # status: answer with the request line and headers (as some do)
+    size: int = 64 * 1024 * 1024   # huge: the reply's length
 
     def __post_init__(self) -> None:
         assert self.kind in KINDS, self.kind
@@ -67,6 +71,7 @@ class Request:
     status: int = 200
     acked: list[Any] = field(default_factory=list)
     answered: float | None = None
+    written: int = 0   # huge: reply bytes written before the agent stopped reading
 
 
 class FaultyUpstream(LoopbackServer):
@@ -106,7 +111,7 @@ class FaultyUpstream(LoopbackServer):
         return [ev["id"] for ev in events if "id" in ev and ev.get("type") != "heartbeat"]
 
     def _ack(self, fault: Fault | None, ids: list[Any]) -> list[Any]:
-        if fault is None or fault.kind == "slow":
+        if fault is None or fault.kind in ("slow", "huge"):
             return ids
         if fault.kind in ("partial", "close"):
             return ids[: len(ids) // 2]
@@ -147,8 +152,10 @@ class FaultyUpstream(LoopbackServer):
             if fault is not None and fault.kind == "malformed":
                 return web.Response(body=fault.body, content_type="application/json")
             rec.acked = self._ack(fault, self._ids(rec.events))
-            return web.Response(body=orjson.dumps({"reportedIds": rec.acked}),
-                                content_type="application/json")
+            reply = orjson.dumps({"reportedIds": rec.acked})
+            if fault is not None and fault.kind == "huge":
+                return await _huge(request, rec, reply, fault.size)
+            return web.Response(body=reply, content_type="application/json")
         finally:
             rec.answered = time.monotonic()
 
@@ -184,6 +191,12 @@ class FaultyUpstream(LoopbackServer):
                 await asyncio.sleep(fault.delay)
             if fault is not None and fault.kind == "malformed":
                 await ws.send_str(fault.body.decode())
+            elif fault is not None and fault.kind == "huge":
+                reply = orjson.dumps({"reportedIds": self._ids(events)})
+                try:
+                    await ws.send_str(reply.ljust(fault.size).decode())
+                except ConnectionResetError:  # the agent gave up on this connection
+                    break
             elif fault is None or fault.kind not in ("status", "reset"):
                 acked = self._ack(fault, self._ids(events))
                 # A reply to every frame it answers, even one that acks nothing (a partial
@@ -200,7 +213,7 @@ class FaultyUpstream(LoopbackServer):
                 break
         return ws
 
-    async def _segment_batch(self, request: web.Request) -> web.Response:
+    async def _segment_batch(self, request: web.Request) -> web.StreamResponse:
         if await self._reset(request):
             return web.Response(status=500)
         rec = Request(time.monotonic(), request.path, [])
@@ -217,6 +230,8 @@ class FaultyUpstream(LoopbackServer):
             return web.Response(status=fault.status, headers=_headers(fault),
                                 body=_echo(request) if fault.echo else fault.body)
         rec.acked = [ev.get("messageId") for ev in rec.events]
+        if fault is not None and fault.kind == "huge":
+            return await _huge(request, rec, b'{"success": true}', fault.size)
         return web.json_response({"success": True})
 
     async def start(self) -> FaultyUpstream:
@@ -227,6 +242,27 @@ class FaultyUpstream(LoopbackServer):
         await self._serve(app)
         return self
 
+
+
+async def _huge(request: web.Request, rec: Request, reply: bytes, size: int
+                ) -> web.StreamResponse:
+    """``reply`` padded with spaces to ``size`` bytes, streamed a MiB at a time until it
+    is all written or the agent stops reading (``rec.written``)."""
+    resp = web.StreamResponse(headers={"Content-Type": "application/json"})
+    resp.content_length = size
+    await resp.prepare(request)
+    chunk = b" " * (1024 * 1024)
+    try:
+        await resp.write(reply)
+        rec.written = len(reply)
+        while rec.written < size:
+            part = chunk[:size - rec.written]
+            await resp.write(part)
+            rec.written += len(part)
+        await resp.write_eof()
+    except (ConnectionResetError, ConnectionError):
+        pass   # the agent closed the connection
+    return resp
 
 
 def _echo(request: web.Request) -> bytes:
