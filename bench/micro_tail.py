@@ -54,6 +54,7 @@ def _hub_case(events: list[Event], viewers: list[Viewer | None]) -> tuple[TailHu
         for v in hub.viewers:
             if v.want is None and v.queue and len(v.queue) < QUEUE:
                 v.queue.clear()   # a viewer that keeps up: its task took them
+                v.held = 0
     return hub, call
 
 
@@ -69,6 +70,7 @@ def _ack_case(rows: list[Row], viewers: list[Viewer | None]) -> Callable[[], Non
         for v in hub.viewers:
             if v.want is None and v.queue and len(v.queue) < QUEUE:
                 v.queue.clear()   # a viewer that keeps up: its task took them
+                v.held = 0
     return call
 
 

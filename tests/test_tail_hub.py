@@ -7,9 +7,9 @@ from __future__ import annotations
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from agent.families.event import SEGMENT, Event
+from agent.families.event import NUCLEUS, SEGMENT, Event
 from agent.metrics import Metrics
-from agent.ops.tail import QUEUE, TAKE, TailHub, as_sent, fingerprint
+from agent.ops.tail import QUEUE, QUEUE_BYTES, TAKE, TailHub, as_sent, fingerprint
 from agent.spool.types import Row
 
 KEYS = ("key-one-0001", "key-two-0002")
@@ -47,15 +47,16 @@ def test_every_wanted_message_is_shown_or_reported_dropped(
         if step == "take":
             take(k)
             continue
+        # Bodies of up to 20 KB: a few steps fill a viewer's QUEUE_BYTES before its QUEUE.
+        body = BODY[:-1] + b',"pad":"' + b"x" * (pct * 200) + b'"}'
         if step == "ack":
-            rows = [Row(100 + i, k, SEGMENT, 0, BODY) for i in range(n)]
+            rows = [Row(100 + i, k, SEGMENT, 0, body) for i in range(n)]
             acked = [row.seq for row in rows][: n * pct // 100]
             hub.acked("up", key, rows, acked)
             wanted[0] += len(acked)
             wanted[1] += len(acked) if k == 1 else 0
             continue
-        events = [Event(key, SEGMENT, i, b'{"type":"track","event":"e","userId":"u"}')
-                  for i in range(n)]
+        events = [Event(key, SEGMENT, i, body) for i in range(n)]
         stored = n * pct // 100
         hub.ingested(events, stored)
         # A viewer is told of resends only with the request's events it wants.
@@ -63,7 +64,7 @@ def test_every_wanted_message_is_shown_or_reported_dropped(
         wanted[0] += n + note
         if k == 1:
             wanted[1] += n + note
-        assert all(len(v.queue) <= QUEUE for v in viewers)
+        assert all(len(v.queue) <= QUEUE and v.held <= QUEUE_BYTES for v in viewers)
     for i in (0, 1):   # drain: the viewer catches up at last
         while viewers[i].queue or viewers[i].dropped:
             take(i)
@@ -80,3 +81,32 @@ def test_a_segment_event_that_only_looks_mapped_is_shown_as_sent() -> None:
     body = {"type": "track", "event": "Clicked", "messageId": "nucleus-abc",
             "anonymousId": "a", "context": {"nucleus": {"sessionId": 3}}}
     assert as_sent(SEGMENT, dict(body), 0) == (SEGMENT, body)
+
+
+def test_a_viewer_that_falls_behind_holds_a_bounded_size_of_events() -> None:
+    """A viewer's queue was bounded by count alone: 1,000 events of up to 500 KB (a Nucleus
+    event as large as its upstream's batch) is 500 MB held for one stalled `outpost tail`,
+    which any local process can open. Past QUEUE_BYTES of bodies, the overflow is dropped
+    and counted like any other."""
+    metrics = Metrics()
+    hub = TailHub(metrics)
+    viewer = hub.watch(None)
+    assert viewer is not None
+    big = b'{"type":"event","name":"n","id":1,"blob":"' + b"x" * 300_000 + b'"}'
+    for i in range(40):
+        hub.ingested([Event("k", NUCLEUS, i, big)], 1)
+        hub.acked("up", "k", [Row(i, 1, NUCLEUS, 0, big)], [i])
+    hub.ingested([Event("k", NUCLEUS, i, big) for i in range(40)], 40)
+    held = sum(len(item.body) if isinstance(item, Event) else len(item[1][2].body)
+               for item in viewer.queue)
+    assert 0 < held == viewer.held <= QUEUE_BYTES
+    assert metrics.tail_dropped == viewer.dropped == 120 - len(viewer.queue)
+    # As the viewer catches up, room comes back.
+    shown = 0
+    while viewer.queue:
+        out = viewer.take()
+        assert out is not None
+        shown += sum(m["kind"] != "dropped" for m in out)
+    assert viewer.held == 0
+    hub.ingested([Event("k", NUCLEUS, 0, big)], 1)
+    assert len(viewer.queue) == 1 and shown + metrics.tail_dropped == 120

@@ -5,17 +5,21 @@ Ingest and the forwarders' upstream acks call ``TailHub.ingested`` / ``TailHub.a
 viewers, a request's events (an ack's events) go into each interested viewer's queue in
 one bulk append: what a viewer is shown is worked out later, on that viewer's own task
 (``Viewer.take``), never on the ingest or forwarding path. A viewer that falls
-``QUEUE`` messages behind loses the overflow, counted, and is told how many.
+``QUEUE`` messages (or ``QUEUE_BYTES`` of their bodies) behind loses the overflow,
+counted, and is told how many.
 """
 
 from __future__ import annotations
 
 import asyncio
+import bisect
 import functools
 import hashlib
+import operator
 import re
 from collections import deque
 from collections.abc import Sequence
+from itertools import accumulate
 from typing import Any
 
 import orjson
@@ -29,6 +33,7 @@ from agent.metrics import Metrics
 from agent.spool.types import Row
 
 QUEUE = 1000          # messages a viewer may fall behind before the overflow is dropped
+QUEUE_BYTES = 8 * 1024 * 1024   # and the event bodies they may hold (an event: 500 KB at most)
 MAX_VIEWERS = 4       # a few terminals and tabs; with RATE, bounds what viewers cost the loop
 NAME_CHARS = 120      # enough to read an event name; the body itself is never shown
 
@@ -58,12 +63,14 @@ class Viewer:
     def __init__(self, want: str | None) -> None:
         self.want = want
         self.queue: deque[Item] = deque()
+        self.held = 0             # bytes of the event bodies in ``queue``
         self.dropped = 0          # dropped since the viewer was last told
         self.wake = asyncio.Event()
         self.closed = False
 
     def offer(self, item: Item) -> int:
-        """Queue ``item``; returns 1 if it was dropped (the viewer is ``QUEUE`` behind)."""
+        """Queue ``item`` (a note, no body); returns 1 if it was dropped (the viewer is
+        ``QUEUE`` behind)."""
         if len(self.queue) >= QUEUE:
             self.dropped += 1
             return 1
@@ -83,18 +90,21 @@ class Viewer:
                 events = [ev for ev in events if fingerprint(ev.key) == want]
         if not events:
             return 0
-        return self.offer_many(events) + (self.offer(("resent", resent)) if resent else 0)
+        sizes = list(map(len, map(_BODY, events)))
+        return self.offer_many(events, sizes) + (self.offer(("resent", resent)) if resent else 0)
 
-    def offer_many(self, items: Sequence[Item], more: int = 0) -> int:
-        """Queue ``items`` in one bulk append, as many as there is room for, and ``more``
-        that were not even built (no viewer had room); returns how many were dropped."""
-        room = QUEUE - len(self.queue)
-        if len(items) <= room:
-            self.queue.extend(items)
-            lost = more
-        else:
-            self.queue.extend(items[:room])
-            lost = len(items) - room + more
+    def offer_many(self, items: Sequence[Item], sizes: list[int], more: int = 0) -> int:
+        """Queue ``items`` (their bodies ``sizes`` bytes) in one bulk append, as many as there
+        is room for in count and bytes, and ``more`` that were not even built (no viewer had
+        room); returns how many were dropped."""
+        room = min(len(items), QUEUE - len(self.queue))
+        nbytes = sum(sizes[:room])
+        if self.held + nbytes > QUEUE_BYTES:   # the longest prefix within the bytes left
+            room = bisect.bisect_right(list(accumulate(sizes[:room])), QUEUE_BYTES - self.held)
+            nbytes = sum(sizes[:room])
+        self.queue.extend(items[:room] if room < len(items) else items)
+        self.held += nbytes
+        lost = len(items) - room + more
         self.dropped += lost
         self.wake.set()
         return lost
@@ -110,7 +120,9 @@ class Viewer:
             self.dropped = 0
         queue = self.queue
         for _ in range(min(TAKE, len(queue))):
-            out.append(summarise(queue.popleft()))
+            item = queue.popleft()
+            self.held -= _size(item)
+            out.append(summarise(item))
         if queue:
             self.wake.set()   # more to take, after the caller has written these
         return out
@@ -171,9 +183,22 @@ class TailHub:
             picked = [row for row in rows if row.seq in keep]
         # Items only for what some viewer has room for: one far behind costs a count.
         room = max(QUEUE - len(viewer.queue) for viewer in viewers)
-        items = [("acked", (upstream, key, row)) for row in picked[:room]]
+        items: list[Item] = [("acked", (upstream, key, row)) for row in picked[:room]]
+        sizes = [len(row.body) for row in picked[:room]]
         more = len(picked) - len(items)
-        self.metrics.tail_dropped += sum(viewer.offer_many(items, more) for viewer in viewers)
+        self.metrics.tail_dropped += sum(viewer.offer_many(items, sizes, more)
+                                         for viewer in viewers)
+
+
+_BODY = operator.attrgetter("body")
+
+
+def _size(item: Item) -> int:
+    """The bytes of the event body a queued item holds (none for a note)."""
+    if isinstance(item, Event):
+        return len(item.body)
+    kind, payload = item
+    return len(payload[2].body) if kind == "acked" else 0
 
 
 def summarise(item: Item) -> dict[str, Any]:
