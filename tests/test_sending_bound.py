@@ -133,6 +133,6 @@ async def test_events_that_fill_a_batch_by_bytes_are_sent_without_waiting_for_th
                                          "url": fake_nucleus.url, "flush_interval_s": 3600}])
     blob = "x" * 300_000   # two are more than the 500 KB a batch holds
     await send(agent, [event(i, blob=blob) for i in range(3)])
-    # The first two each fill a batch; the third, alone, waits for the flush.
-    await wait_for(lambda: fake_nucleus.batches == [[0], [1]], timeout=10)
-    assert agent.spool.depth == 1
+    # The first two each fill a batch, acknowledged; the third, alone, waits for the flush.
+    await wait_for(lambda: fake_nucleus.batches == [[0], [1]] and agent.spool.depth == 1,
+                   timeout=10)

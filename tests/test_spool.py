@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import os
 import stat
+from dataclasses import replace
 from pathlib import Path
 
 import orjson
@@ -12,6 +13,7 @@ import pytest
 
 from agent.clock import CLOCK
 from agent.families.event import NUCLEUS, Event, dedupe_key
+from agent.families.lanes import HIGH
 from agent.settings import StorageConfig
 from agent.spool import Spool
 from agent.spool.types import SpoolFull
@@ -86,6 +88,10 @@ async def test_a_read_stops_at_the_event_that_reaches_its_bytes(tmp_path: Path) 
     assert [orjson.loads(r.body)["id"] for r in rows] == [105, 106, 107]
     rows = await spool.fetch(k, every[4].seq, 100, max_bytes=size * 6 + 1)
     assert [orjson.loads(r.body)["id"] for r in rows] == list(range(105, 112))
+    # The high lane is read first, and its bytes count against the normal lane's.
+    await spool.append([replace(ev("k", i, size=1000), lane=HIGH) for i in range(120, 123)])
+    rows = await spool.fetch(k, 0, 100, max_bytes=size * 4 + 1)
+    assert [orjson.loads(r.body)["id"] for r in rows] == [120, 121, 122, 100, 101]
     await spool.close()
 
 

@@ -196,9 +196,12 @@ class StreamForwarder:
             return
         # Only what the window has room for: with one batch in flight (segment-http), rows
         # read beyond it were built, dropped and read again, four times over.
-        # And no more slots than the queue has batches for (rows in flight count too).
+        # And no more slots than the queue has batches for, in events or bytes (rows in
+        # flight count too; bytes of every lane: at most a slot too many, given back).
+        cfg = self.cfg
         free = min(FETCH_FACTOR, self.window - len(self._tasks),
-                   -(-queued // self.cfg.batch_max_events))
+                   max(-(-queued // cfg.batch_max_events),
+                       -(-self.stream.bytes // cfg.batch_max_bytes)))
         if not self._hold_slots(free):
             self._ack_held()
             await self._idle(None)   # a slot given back wakes it

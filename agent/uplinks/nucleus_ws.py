@@ -249,7 +249,7 @@ class NucleusWsUplink(NucleusFraming, UplinkBase):
             async for msg in ws:
                 if msg.type in (aiohttp.WSMsgType.TEXT, aiohttp.WSMsgType.BINARY):
                     self._on_message(link, msg.data)
-                elif msg.type is aiohttp.WSMsgType.ERROR:   # a reply over REPLY_MAX_BYTES
+                elif msg.type is aiohttp.WSMsgType.ERROR:   # too long (REPLY_MAX_BYTES), garbled
                     link.lose(f"the upstream's reply could not be read: {msg.data}")
         finally:
             link.lose(_closed(link, ws))

@@ -260,7 +260,7 @@ async def _huge(request: web.Request, rec: Request, reply: bytes, size: int
             await resp.write(part)
             rec.written += len(part)
         await resp.write_eof()
-    except (ConnectionResetError, ConnectionError):
+    except ConnectionError:
         pass   # the agent closed the connection
     return resp
 
