@@ -4,9 +4,12 @@ agent (its endpoints) and a stopped one (the spool file); a retry delivered end 
 from __future__ import annotations
 
 import asyncio
+import base64
 import json
+import os
 import sqlite3
 import stat
+import tracemalloc
 from pathlib import Path
 from typing import Any
 
@@ -260,3 +263,47 @@ async def test_no_agent_and_no_spool_yet(tmp_path: Path) -> None:
     text = await outpost("retry", "--all", config=cfg, code=1)
     assert text.startswith("outpost: no spool at") and len(text.splitlines()) == 1
     assert not (tmp_path / "none.db").exists()  # nothing created
+
+
+LARGE_LETTERS, LARGE_LETTER_BYTES = 100, 300_000   # ~400 KB each once base64: 40 MB
+LETTERS_PEAK = 20 * 1024 * 1024
+
+
+async def test_large_dead_letters_are_exported_and_retried_a_few_megabytes_at_a_time(
+        make_agent: Any) -> None:
+    """A retry read every chosen dead letter at once, and an export read them 1,000 at a
+    time whatever their size: 40 MB of dead letters were 40 MB of memory and more at
+    once, and dead letters can fill the spool. Traced: the agent's Python allocations."""
+    up = RefusingNucleus()
+    await up.start()
+    try:
+        agent = await make_agent(port=free_port(), upstreams=[upstream("up", up, ["*"])])
+        base = f"http://127.0.0.1:{agent.port}"
+        async with aiohttp.ClientSession() as s:
+            for i in range(0, LARGE_LETTERS, 10):
+                data = [{"type": "event", "name": "blob", "id": n, "sessionId": 1,
+                         "blob": base64.b64encode(os.urandom(LARGE_LETTER_BYTES)).decode()}
+                        for n in range(i, i + 10)]
+                async with s.post(f"{base}/app/app-a/track", json={"data": data}) as r:
+                    assert r.status == 200, await r.text()
+            await dead_letters(agent, LARGE_LETTERS)
+            await up.stop()   # the retried letters wait: only the retry's memory is traced
+            tracemalloc.start()
+            try:
+                lines = 0
+                async with s.get(f"{base}/dead/export") as r:
+                    assert r.status == 200
+                    async for chunk in r.content.iter_chunked(64 * 1024):
+                        lines += chunk.count(b"\n")
+                _, exported = tracemalloc.get_traced_memory()
+                tracemalloc.reset_peak()
+                async with s.post(f"{base}/dead/retry", json={"all": True}) as r:
+                    assert (await r.json())["retried"] == LARGE_LETTERS
+                _, retried = tracemalloc.get_traced_memory()
+            finally:
+                tracemalloc.stop()
+        assert lines == LARGE_LETTERS
+        assert exported < LETTERS_PEAK and retried < LETTERS_PEAK, (exported, retried)
+        assert agent.spool.dead_count == 0 and agent.spool.depth == LARGE_LETTERS
+    finally:
+        await up.stop()

@@ -6,6 +6,7 @@ from __future__ import annotations
 import sqlite3
 from pathlib import Path
 
+import orjson
 import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
@@ -39,17 +40,26 @@ def spool_with(path: Path, rows: list[Letter], queued: int) -> sqlite3.Connectio
 
 
 @settings(max_examples=40, deadline=None)
-@given(rows=letters, queued=st.integers(1, 5), reason=st.sampled_from(["a", None]))
+@given(rows=letters, queued=st.integers(1, 5), reason=st.sampled_from(["a", None]),
+       step=st.sampled_from([1, 60, dead.STEP_BYTES]))
 def test_retry_puts_letters_at_the_tail_in_their_order(
         tmp_path_factory: pytest.TempPathFactory, rows: list[Letter], queued: int,
-        reason: str | None) -> None:
+        reason: str | None, step: int) -> None:
     path = tmp_path_factory.mktemp("spool") / "spool.db"
     conn = spool_with(path, rows, queued)
     chosen = [(queued + 1 + i, r) for i, r in enumerate(rows) if reason in (None, r[4])]
     start = dead.next_seq(conn)
     assert start == queued + len(rows) + 1
+    # An export in pages of ``step`` bytes: every letter once, in order.
+    exported: list[int] = []
+    after = 0
+    while (page := dead.export(conn, after, 1000, step))[1] != after:
+        exported += [orjson.loads(line)["id"] for line in page[0].splitlines()]
+        after = page[1]
+    assert exported == [queued + 1 + i for i in range(len(rows))]
     with transaction(conn):
-        done = dead.requeue(conn, dead.Which(reason, reason is None), start)
+        # In steps of ``step`` bytes of bodies: one letter at a time, a few, all at once.
+        done = dead.requeue(conn, dead.Which(reason, reason is None), start, step)
     assert done.count == len(chosen) and done.next_seq == start + len(chosen)
     back = conn.execute("SELECT id, stream, family, received, n, live, bytes, dkeys, data "
                         "FROM records WHERE id >= ? ORDER BY id", (start,)).fetchall()

@@ -31,6 +31,9 @@ from agent.spool.writer import RECORD_EVENTS
 
 # Summaries on /status and the page: the newest reasons, not every one.
 NEWEST_REASONS = 5
+# Dead letters' bodies read at a time by an export page or a retry's step: dead letters can
+# fill the spool, and a retry of all of them, or an export, must not hold them all at once.
+STEP_BYTES = 4 * 1024 * 1024
 
 
 class DeadError(Exception):
@@ -114,17 +117,36 @@ def show(conn: sqlite3.Connection, seq: int) -> dict[str, Any]:
     return {**_entry(row), "body": _body(body)}
 
 
-def export(conn: sqlite3.Connection, after: int = 0, limit: int = -1) -> tuple[bytes, int]:
-    """Dead letters with seq > ``after`` (at most ``limit``), oldest first, as JSON lines
-    with their bodies; and the last seq written (``after`` if none)."""
-    lines, last = [], after
+def export(conn: sqlite3.Connection, after: int = 0, limit: int = -1,
+           step_bytes: int = STEP_BYTES) -> tuple[bytes, int]:
+    """Dead letters with seq > ``after`` (at most ``limit``, and up to the one whose body
+    reaches ``step_bytes``), oldest first, as JSON lines with their bodies; and the last
+    seq written (``after`` if none)."""
+    last = _step(conn, "1", (), after, limit, step_bytes)
+    # Appended one line at a time: orjson hands back its whole working buffer, several
+    # times a large body's size, and a page of them held 40 MB for 4 MB of lines.
+    lines = bytearray()
     for *row, body in conn.execute(
             "SELECT seq, s.key, upstream, reason, at, received, length(body), body FROM dead "
-            "JOIN streams s ON s.id = dead.stream WHERE seq > ? ORDER BY seq LIMIT ?",
-            (after, limit)):
-        lines.append(orjson.dumps({**_entry(tuple(row)), "body": _body(body)}))
-        last = row[0]
-    return b"".join(line + b"\n" for line in lines), last
+            "JOIN streams s ON s.id = dead.stream WHERE seq > ? AND seq <= ? ORDER BY seq",
+            (after, last)):
+        lines += orjson.dumps({**_entry(tuple(row)), "body": _body(body)})
+        lines += b"\n"
+    return bytes(lines), last
+
+
+def _step(conn: sqlite3.Connection, where: str, params: tuple[Any, ...], after: int,
+          limit: int, step_bytes: int) -> int:
+    """The last seq of the next step through the dead letters ``where`` holds after
+    ``after``: at most ``limit`` of them, up to the one whose body reaches ``step_bytes``
+    (``after`` if there are none). Reads lengths only, not bodies."""
+    last, size = after, 0
+    for seq, nbytes in conn.execute(f"SELECT seq, length(body) FROM dead WHERE {where} "
+                                    "AND seq > ? ORDER BY seq LIMIT ?", (*params, after, limit)):
+        last, size = seq, size + nbytes
+        if size >= step_bytes:
+            break
+    return int(last)
 
 
 def purge(conn: sqlite3.Connection, which: Which) -> Outcome:
@@ -137,14 +159,28 @@ def purge(conn: sqlite3.Connection, which: Which) -> Outcome:
     return out
 
 
-def requeue(conn: sqlite3.Connection, which: Which, next_seq: int) -> Requeued:
+def requeue(conn: sqlite3.Connection, which: Which, next_seq: int,
+            step_bytes: int = STEP_BYTES) -> Requeued:
     """Move the chosen dead letters back into their keys' queues from ``next_seq`` on
-    (inside the caller's transaction)."""
+    (inside the caller's transaction), about ``step_bytes`` of their bodies at a time."""
     where, params = which.where()
-    rows = conn.execute(f"DELETE FROM dead WHERE {where} RETURNING seq, stream, family, "
-                        "received, dkey, body, lane", params).fetchall()
+    done = Requeued(0, next_seq)
+    after = 0
+    while (last := _step(conn, where, params, after, -1, step_bytes)) != after:
+        rows = conn.execute(f"DELETE FROM dead WHERE {where} AND seq > ? AND seq <= ? "
+                            "RETURNING seq, stream, family, received, dkey, body, lane",
+                            (*params, after, last)).fetchall()
+        after = last
+        _requeue_step(conn, rows, done)
+    record(done.out.counters, Tally.DEAD_RETRIED, done.count)
+    _count(conn, done.out)
+    return done
+
+
+def _requeue_step(conn: sqlite3.Connection, rows: list[Any], done: Requeued) -> None:
+    """Put one step's dead letters back as records from ``done.next_seq`` on."""
     rows.sort()  # RETURNING's order is not defined: keep the old FIFO order
-    done = Requeued(len(rows), next_seq)
+    done.count += len(rows)
     groups: list[tuple[int, int, int, int, list[int], list[bytes]]] = []
     for _, stream, family, received, dkey, body, lane in rows:
         g = groups[-1] if groups else None
@@ -172,9 +208,6 @@ def requeue(conn: sqlite3.Connection, which: Which, next_seq: int) -> Requeued:
             done.out.high[stream] = done.out.high.get(stream, 0) + n
     conn.executemany("UPDATE streams SET depth = depth + ?, bytes = bytes + ? WHERE id = ?",
                      [(d, b, sid) for sid, (d, b) in streams.items()])
-    record(done.out.counters, Tally.DEAD_RETRIED, done.count)
-    _count(conn, done.out)
-    return done
 
 
 def _count(conn: sqlite3.Connection, out: Outcome) -> None:
