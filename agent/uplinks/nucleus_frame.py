@@ -13,7 +13,7 @@ from typing import Any, ClassVar, cast
 
 import orjson
 
-from agent.families.event import NUCLEUS
+from agent.families.event import NUCLEUS, compact_json
 from agent.spool.types import Row
 from agent.uplinks.prepare import Prepared
 
@@ -36,15 +36,16 @@ class NucleusFraming:
         if ev.get("id") is not None:
             return bytes(row.body), ev["id"]
         ev["id"] = row.seq
-        return orjson.dumps(ev), row.seq
+        return compact_json(ev), row.seq
 
     def encode_mapped(self, event: dict[str, Any], row: Row) -> tuple[bytes, Any]:
         # A Nucleus event given back from its Segment form (stored mapped at ingest, then
         # routed to a Nucleus upstream) keeps its own id, as it would stored as it came.
+        # Right-sized bodies (compact_json): a batch keeps them until it is answered.
         if event.get("id") is not None:
-            return orjson.dumps(event), event["id"]
+            return compact_json(event), event["id"]
         event["id"] = row.seq
-        return orjson.dumps(event), row.seq
+        return compact_json(event), row.seq
 
 
 def frame(prepared: Prepared) -> bytes:

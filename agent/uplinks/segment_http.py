@@ -30,7 +30,7 @@ from typing import Any, ClassVar
 import aiohttp
 import orjson
 
-from agent.families.event import SEGMENT, iso_ms, now_ms
+from agent.families.event import SEGMENT, compact_json, iso_ms, now_ms
 from agent.settings import UpstreamConfig
 from agent.spool.types import Row
 from agent.uplinks.base import REJECTED_STATUSES, Acked, Refused, Retry, SendResult, UplinkBase
@@ -77,7 +77,8 @@ class SegmentHttpUplink(UplinkBase):
         return body, row.seq
 
     def encode_mapped(self, event: dict[str, Any], row: Row) -> tuple[bytes, Any]:
-        return orjson.dumps(event), row.seq
+        # Right-sized (compact_json): a batch keeps its bodies until it is answered.
+        return compact_json(event), row.seq
 
     @staticmethod
     def payload(prepared: Prepared, sent_at: str) -> bytes:
