@@ -17,6 +17,7 @@ import os
 import random
 import re
 import sqlite3
+import tracemalloc
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -224,3 +225,33 @@ def test_salvage_of_a_sound_v0_file_keeps_everything(tmp_path: Path) -> None:
         assert db.execute("SELECT count(*) FROM dead").fetchone()[0] == 2
         assert db.execute("SELECT key, depth FROM streams ORDER BY id").fetchall() == \
             [("app-nucleus", 19), ("seg-key", 19)]
+
+
+LARGE, LARGE_PAD = 60, 400_000   # events of ~400 KB: records of one each, ~200 KB packed
+SALVAGE_PEAK = 16 * 1024 * 1024
+
+
+async def test_salvage_reads_large_rows_a_few_megabytes_at_a_time(tmp_path: Path) -> None:
+    """Salvage read 500 rows at a time whatever their size: 60 records of ~200 KB and 60
+    dead letters of 400 KB were each read whole, 12 and 24 MB at once (up to 250 MB for
+    500 dead letters of the largest size). Traced: salvage's Python allocations."""
+    moved, fresh = tmp_path / "moved.db", tmp_path / "spool.db"
+    spool = await Spool.open(StorageConfig(path=str(moved)))
+    for i in range(2 * LARGE):
+        await spool.append([Event("app1", NUCLEUS, i, body(i, LARGE_PAD), i)])
+    queued = await spool.fetch(spool.streams["app1"].id, 0, LARGE)
+    await spool.dead_letter([(r.seq, "up", "HTTP 400") for r in queued])
+    await spool.close()
+    spool = await Spool.open(StorageConfig(path=str(fresh)))   # an empty spool
+    await spool.close()
+    with contextlib.closing(sqlite3.connect(fresh, isolation_level=None)) as db:
+        tracemalloc.start()
+        try:
+            got = salvage(db, moved, Carry(streams={}, counters={}, observed=0, next_seq=1,
+                                           depth=None))
+            _, peak = tracemalloc.get_traced_memory()
+        finally:
+            tracemalloc.stop()
+        assert (got.queued, got.lost) == (LARGE, 0)
+        assert db.execute("SELECT count(*) FROM dead").fetchone()[0] == LARGE
+    assert peak < SALVAGE_PEAK, f"{peak / 2**20:.1f} MB"

@@ -41,6 +41,9 @@ DEAD_COLS = "seq, stream, family, received, dkey, body, upstream, reason, at, la
 DEAD_TYPES = (int, int, int, int, int, bytes, str, str, int, int)
 V0_TYPES = (int, int, int, int, int, bytes, (int, type(None)))
 CHUNK = 500
+# And at most the row that reaches this many bytes of blobs: records and dead letters can
+# be hundreds of KB each, and 500 of them at once could be more than the device has.
+CHUNK_BYTES = 4 * 1024 * 1024
 TOP = 1 << 62  # above any seq
 
 
@@ -210,10 +213,15 @@ def _scan(old: sqlite3.Connection, table: str, key: str, cols: str,
     after = -TOP
     while True:
         rows: list[Any] = []
+        size, full = 0, False
         try:
             # Row by row: the rows read before the damage are kept.
             for row in old.execute(sql, (after,)):
-                rows.append(row)  # noqa: PERF402
+                rows.append(row)
+                size += sum(len(v) for v in row if isinstance(v, bytes))
+                if size >= CHUNK_BYTES:
+                    full = True   # more may follow: not the end of the table
+                    break
             damaged = False
         except sqlite3.DatabaseError:
             damaged = True
@@ -232,7 +240,7 @@ def _scan(old: sqlite3.Connection, table: str, key: str, cols: str,
             if nxt is None:
                 return
             after = nxt
-        elif len(rows) < CHUNK:
+        elif len(rows) < CHUNK and not full:
             return
 
 
