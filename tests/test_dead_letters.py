@@ -17,6 +17,7 @@ import aiohttp
 from aiohttp import web
 
 from agent.service import Agent
+from agent.spool.schema import read_offline
 from tests.conftest import free_port, write_config
 from tests.fakes.nucleus_upstream import FakeNucleus
 from tests.fakes.ops_scene import post_events
@@ -305,5 +306,10 @@ async def test_large_dead_letters_are_exported_and_retried_a_few_megabytes_at_a_
         assert lines == LARGE_LETTERS
         assert exported < LETTERS_PEAK and retried < LETTERS_PEAK, (exported, retried)
         assert agent.spool.dead_count == 0 and agent.spool.depth == LARGE_LETTERS
+        # The file agrees (a restart reads its depths): a retry in steps once wrote the
+        # running total at each step (review).
+        on_disk = read_offline(Path(agent.spool.cfg.path))["streams"]["app-a"]
+        assert on_disk == {"depth": LARGE_LETTERS,
+                           "bytes": agent.spool.streams["app-a"].bytes}
     finally:
         await up.stop()

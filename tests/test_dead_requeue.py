@@ -8,7 +8,7 @@ from pathlib import Path
 
 import orjson
 import pytest
-from hypothesis import given, settings
+from hypothesis import example, given, settings
 from hypothesis import strategies as st
 
 from agent.spool import dead
@@ -42,6 +42,8 @@ def spool_with(path: Path, rows: list[Letter], queued: int) -> sqlite3.Connectio
 @settings(max_examples=40, deadline=None)
 @given(rows=letters, queued=st.integers(1, 5), reason=st.sampled_from(["a", None]),
        step=st.sampled_from([1, 60, dead.STEP_BYTES]))
+# Two steps on one key: each wrote the running total of depth and bytes (review).
+@example(rows=[(1, 0, 1, b"x", "a"), (1, 0, 1, b"y", "a")], queued=1, reason=None, step=1)
 def test_retry_puts_letters_at_the_tail_in_their_order(
         tmp_path_factory: pytest.TempPathFactory, rows: list[Letter], queued: int,
         reason: str | None, step: int) -> None:
@@ -73,9 +75,10 @@ def test_retry_puts_letters_at_the_tail_in_their_order(
         got += [(stream, family, received, body, key)
                 for body, key in zip(bodies, keys_from_bytes(dkeys))]
     assert got == [(s, f, r, b, seq * 7) for seq, (s, f, r, b, _) in chosen]
-    depth = dict(conn.execute("SELECT id, depth FROM streams").fetchall())
+    depth = {sid: (d, b) for sid, d, b in conn.execute("SELECT id, depth, bytes FROM streams")}
     for sid in (1, 2, 3):
-        assert depth[sid] == sum(1 for _, r in chosen if r[0] == sid)
+        assert depth[sid] == (sum(1 for _, r in chosen if r[0] == sid),
+                              sum(len(r[3]) for _, r in chosen if r[0] == sid))
     left = [seq for (seq,) in conn.execute("SELECT seq FROM dead ORDER BY seq")]
     assert left == [queued + 1 + i for i, r in enumerate(rows) if reason not in (None, r[4])]
     retried = conn.execute("SELECT value FROM counters WHERE name = 'dead_retried'").fetchone()

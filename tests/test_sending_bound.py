@@ -155,10 +155,10 @@ async def test_batches_mapped_at_send_time_hold_their_bodies_right_sized(
 
     async def track(request: web.Request) -> web.Response:
         nonlocal pending
-        pending += 1
         # Only the ids are kept while it waits (request.read() would keep the body too):
         # what is traced is the agent's memory.
         ids = [ev["id"] for ev in orjson.loads(await request.content.read())["data"]]
+        pending += 1   # the whole request read: the agent holds only what it keeps
         await gate.wait()
         return web.json_response({"reportedIds": ids})
 

@@ -87,6 +87,7 @@ class DeadRoutes:
         await resp.prepare(request)
         while lines:
             await resp.write(lines)
+            del lines   # not held while the next page is read
             lines, last = await dead_live.read(self.spool, dead.export, last, EXPORT_PAGE)
         await resp.write_eof()
         return resp

@@ -90,13 +90,15 @@ class Viewer:
                 events = [ev for ev in events if fingerprint(ev.key) == want]
         if not events:
             return 0
-        sizes = list(map(len, map(_BODY, events)))
+        room = QUEUE - len(self.queue)   # sizes only of what may go in
+        sizes = list(map(len, map(_BODY, events[:room] if room < len(events) else events)))
         return self.offer_many(events, sizes) + (self.offer(("resent", resent)) if resent else 0)
 
     def offer_many(self, items: Sequence[Item], sizes: list[int], more: int = 0) -> int:
-        """Queue ``items`` (their bodies ``sizes`` bytes) in one bulk append, as many as there
-        is room for in count and bytes, and ``more`` that were not even built (no viewer had
-        room); returns how many were dropped."""
+        """Queue ``items`` (their bodies ``sizes`` bytes, given for as many as there is room
+        for) in one bulk append, as many as there is room for in count and bytes, and
+        ``more`` that were not even built (no viewer had room); returns how many were
+        dropped."""
         room = min(len(items), QUEUE - len(self.queue))
         nbytes = sum(sizes[:room])
         if self.held + nbytes > QUEUE_BYTES:   # the longest prefix within the bytes left

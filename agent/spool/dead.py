@@ -118,31 +118,34 @@ def show(conn: sqlite3.Connection, seq: int) -> dict[str, Any]:
 
 
 def export(conn: sqlite3.Connection, after: int = 0, limit: int = -1,
-           step_bytes: int = STEP_BYTES) -> tuple[bytes, int]:
+           step_bytes: int = STEP_BYTES) -> tuple[bytearray, int]:
     """Dead letters with seq > ``after`` (at most ``limit``, and up to the one whose body
     reaches ``step_bytes``), oldest first, as JSON lines with their bodies; and the last
     seq written (``after`` if none)."""
-    last = _step(conn, "1", (), after, limit, step_bytes)
-    # Appended one line at a time: orjson hands back its whole working buffer, several
-    # times a large body's size, and a page of them held 40 MB for 4 MB of lines.
-    lines = bytearray()
+    # One statement (one snapshot): letters deleted meanwhile (expiry, the size cap) are
+    # simply not there, and an empty page means none are left. Appended one line at a
+    # time: orjson hands back its whole working buffer, several times a large body's size.
+    lines, last, size = bytearray(), after, 0
     for *row, body in conn.execute(
             "SELECT seq, s.key, upstream, reason, at, received, length(body), body FROM dead "
-            "JOIN streams s ON s.id = dead.stream WHERE seq > ? AND seq <= ? ORDER BY seq",
-            (after, last)):
+            "JOIN streams s ON s.id = dead.stream WHERE seq > ? ORDER BY seq LIMIT ?",
+            (after, limit)):
         lines += orjson.dumps({**_entry(tuple(row)), "body": _body(body)})
         lines += b"\n"
-    return bytes(lines), last
+        last, size = row[0], size + len(body)
+        if size >= step_bytes:
+            break
+    return lines, last
 
 
 def _step(conn: sqlite3.Connection, where: str, params: tuple[Any, ...], after: int,
-          limit: int, step_bytes: int) -> int:
+          step_bytes: int) -> int:
     """The last seq of the next step through the dead letters ``where`` holds after
-    ``after``: at most ``limit`` of them, up to the one whose body reaches ``step_bytes``
-    (``after`` if there are none). Reads lengths only, not bodies."""
+    ``after``: up to the one whose body reaches ``step_bytes`` (``after`` if there are
+    none). Reads lengths, not bodies (inside the retry's transaction: one snapshot)."""
     last, size = after, 0
     for seq, nbytes in conn.execute(f"SELECT seq, length(body) FROM dead WHERE {where} "
-                                    "AND seq > ? ORDER BY seq LIMIT ?", (*params, after, limit)):
+                                    "AND seq > ? ORDER BY seq", (*params, after)):
         last, size = seq, size + nbytes
         if size >= step_bytes:
             break
@@ -165,13 +168,15 @@ def requeue(conn: sqlite3.Connection, which: Which, next_seq: int,
     (inside the caller's transaction), about ``step_bytes`` of their bodies at a time."""
     where, params = which.where()
     done = Requeued(0, next_seq)
-    after = 0
-    while (last := _step(conn, where, params, after, -1, step_bytes)) != after:
+    after = -(1 << 63)
+    while (last := _step(conn, where, params, after, step_bytes)) != after:
         rows = conn.execute(f"DELETE FROM dead WHERE {where} AND seq > ? AND seq <= ? "
                             "RETURNING seq, stream, family, received, dkey, body, lane",
                             (*params, after, last)).fetchall()
         after = last
         _requeue_step(conn, rows, done)
+    conn.executemany("UPDATE streams SET depth = depth + ?, bytes = bytes + ? WHERE id = ?",
+                     [(d, b, sid) for sid, (d, b) in done.out.streams.items()])
     record(done.out.counters, Tally.DEAD_RETRIED, done.count)
     _count(conn, done.out)
     return done
@@ -206,8 +211,6 @@ def _requeue_step(conn: sqlite3.Connection, rows: list[Any], done: Requeued) -> 
         d[1] += size
         if lane == HIGH:
             done.out.high[stream] = done.out.high.get(stream, 0) + n
-    conn.executemany("UPDATE streams SET depth = depth + ?, bytes = bytes + ? WHERE id = ?",
-                     [(d, b, sid) for sid, (d, b) in streams.items()])
 
 
 def _count(conn: sqlite3.Connection, out: Outcome) -> None:
