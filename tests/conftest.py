@@ -162,7 +162,11 @@ class AgentProcess:
         return offset
 
     def start(self, timeout: float = 15.0) -> AgentProcess:
-        offset = self.spawn()   # the banner is looked for only in new output
+        return self.ready(self.spawn(), timeout)
+
+    def ready(self, offset: int, timeout: float = 15.0) -> AgentProcess:
+        """Wait for the process ``spawn`` started to listen; ``offset`` is where its output
+        began (the banner is looked for only in new output)."""
         assert self.proc is not None
         deadline = time.monotonic() + timeout
         while time.monotonic() < deadline:

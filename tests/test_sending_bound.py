@@ -108,11 +108,11 @@ async def test_a_backlog_of_large_events_is_read_a_few_batches_at_a_time(
                 assert r.status == 200, await r.text()
     assert first.terminate() == 0
     again = agent_process(cfg, port)
-    again.spawn()
+    offset = again.spawn()   # sampled from its first moment: the first read comes at once
     assert again.proc is not None
     sampler = RssSampler(again.proc.pid)
     with sampler.running():
-        again.start()
+        again.ready(offset)
         async with aiohttp.ClientSession() as s:
             async def retries() -> int:
                 async with s.get(f"{again.url}/status") as r:
