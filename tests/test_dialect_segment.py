@@ -111,6 +111,63 @@ async def test_bad_or_missing_key_is_401(make_agent: Any, path: str) -> None:
     assert agent.spool.depth == 0
 
 
+# Authorization headers that are there but name no write key (audit): each was taken as
+# no key at all, and the message stored under `anonymous`, which a Segment upstream with
+# no `key` of its own refuses (401) for ever.
+UNREADABLE_AUTH = [
+    "Bearer secret",                                        # another scheme
+    "Basic %%%",                                            # not base64
+    "Basic ",                                               # no credentials
+    "Basic " + base64.b64encode(b":").decode(),             # an empty user
+    "Basic " + base64.b64encode(b"\xff\xfe:").decode(),     # not UTF-8
+]
+
+
+@pytest.mark.parametrize("path", ["/v1/track", "/v1/batch", "/v1/webhook"])
+@pytest.mark.parametrize("auth", UNREADABLE_AUTH)
+async def test_an_unreadable_authorization_header_is_401_not_anonymous(
+        make_agent: Any, path: str, auth: str) -> None:
+    agent = await make_agent()   # accept_keys = []: any key, `anonymous` included
+    msg: dict[str, Any] = {"type": "track", "userId": "u", "event": "e"}
+    body = {"batch": [msg]} if path == "/v1/batch" else msg
+    reply = await call(agent.port, path, body, headers={"Authorization": auth})
+    assert reply.status == 401, reply.body
+    err = reply.json()["Errors"][0] if path == "/v1/batch" else reply.json()
+    assert err["Message"] == "Invalid or missing writekey"
+    assert "Authorization" in err["Details"], err
+    assert agent.spool.depth == 0
+
+
+async def test_an_unreadable_authorization_header_on_the_pixel_stores_nothing(
+        make_agent: Any) -> None:
+    agent = await make_agent()
+    data = base64.b64encode(b'{"userId":"u","event":"e"}').decode()
+    reply = await call(agent.port, f"/v1/pixel/track?data={data}", method="GET",
+                       headers={"Authorization": "Bearer x"})
+    assert reply.status == 200 and reply.body == GIF
+    assert "Authorization" in reply.headers["X-Outpost-Error"]
+    assert agent.spool.depth == 0
+
+
+@pytest.mark.parametrize("path", ["/v1/track", "/v1/batch"])
+@pytest.mark.parametrize("key", [5, {}, ["k"], True])
+async def test_a_write_key_that_is_not_a_string_is_400(make_agent: Any, path: str,
+                                                        key: Any) -> None:
+    agent = await make_agent()
+    msg: dict[str, Any] = {"type": "track", "userId": "u", "event": "e", "writeKey": key}
+    body = {"batch": [msg]} if path == "/v1/batch" else msg
+    reply = await call(agent.port, path, body)
+    assert reply.status == 400, reply.body
+    err = reply.json()["Errors"][0] if path == "/v1/batch" else reply.json()
+    assert err["Message"] == "`writeKey` must be a string", err
+    if path == "/v1/batch":   # the same at the batch's level
+        reply = await call(agent.port, path, {"batch": [dict(msg, writeKey="k")],
+                                              "writeKey": key})
+        assert reply.status == 400, reply.body
+        assert reply.json()["Errors"][0]["Message"] == "`writeKey` must be a string"
+    assert agent.spool.depth == 0
+
+
 # -- 207, 400, 413 ------------------------------------------------------------
 
 async def test_partly_invalid_batch_is_207_with_the_error_list(make_agent: Any) -> None:

@@ -64,6 +64,17 @@ async def test_bad_or_missing_key_is_401(make_agent: Any, headers: dict[str, str
                             "message": "missing or invalid write key"}
 
 
+@pytest.mark.parametrize("value", ["Bearer ", "Bearer", "bearer  "])
+async def test_a_bearer_header_with_no_token_is_401_not_the_key_bearer(
+        make_agent: Any, value: str) -> None:
+    """With any key accepted, an empty bearer token was taken as the key "Bearer" (audit)."""
+    agent = await make_agent()
+    reply = await call(agent.port, f"{APPS}/track", seed.TRANTHOR_EXAMPLE_BODY,
+                       headers={"authorization": value})
+    assert reply.status == 401, reply.body
+    assert agent.spool.depth == 0
+
+
 def msg(**kw: Any) -> dict[str, Any]:
     return {"messageId": "m", "event": "e", "userId": "u", **kw}
 
