@@ -8,12 +8,18 @@ import binascii
 # Headers already decoded: an app sends the same one with every request (base64 and
 # UTF-8 decoding each time was ~1.5 µs of a single-event request). Bounded: emptied
 # when full, so odd headers cannot grow it.
-_USERS: dict[str, str | None] = {}
+_USERS: dict[str, str] = {}
 _USERS_MAX = 256
 
 
+class BadAuth(ValueError):
+    """An Authorization header that is there but names no write key. Refused (401), never
+    taken as no key at all: stored under `anonymous`, its events could never be sent."""
+
+
 def basic_user(header: str | None) -> str | None:
-    """The username of a Basic Authorization header, with or without the trailing colon."""
+    """The username of a Basic Authorization header, with or without the trailing colon;
+    None without one (absent or empty). Raises BadAuth for any other header."""
     if not header:
         return None
     try:
@@ -27,16 +33,20 @@ def basic_user(header: str | None) -> str | None:
     return user
 
 
-def _decode(header: str) -> str | None:
+def _decode(header: str) -> str:
     scheme, _, token = header.strip().partition(" ")
-    if scheme.lower() != "basic" or not token.strip():
-        return None
+    if scheme.lower() != "basic":
+        raise BadAuth("the Authorization header must be Basic auth with the write key")
     token = token.strip()
     try:
         decoded = base64.b64decode(token + "=" * (-len(token) % 4), validate=True)
-        return decoded.decode("utf-8").partition(":")[0] or None
+        user = decoded.decode("utf-8").partition(":")[0]
     except (binascii.Error, ValueError):
-        return None
+        raise BadAuth("the Authorization header's credentials are not base64 of UTF-8 "
+                      "text") from None
+    if not user:
+        raise BadAuth("the Authorization header names no write key")
+    return user
 
 
 def basic(key: str) -> str:

@@ -31,7 +31,7 @@ import orjson
 from aiohttp import web
 
 from agent.dialects import replies
-from agent.dialects.auth import basic, basic_user
+from agent.dialects.auth import BadAuth, basic, basic_user
 from agent.dialects.base import JSON, Dialect, Example, Express, IngestSink
 from agent.dialects.body import BodyError, Busy, parse_body, read_raw, whole_body
 from agent.dialects.relaxed_json import parse_lenient
@@ -91,8 +91,12 @@ def batch_error(status: int, errors: list[dict[str, str]],
 
 
 def _body_key(body: Any) -> str | None:
+    """The `writeKey` of a message or batch, or None (absent, null or ""); Invalid when it
+    is something else, rather than stored under `anonymous`."""
     key = body.get("writeKey") if isinstance(body, dict) else None
-    return key if isinstance(key, str) and key else None
+    if key is None or isinstance(key, str):
+        return key or None
+    raise Invalid("`writeKey` must be a string")
 
 
 def _where(i: int, ev: Any) -> str:
@@ -119,9 +123,12 @@ class SegmentHandlers:
         kind = ROUTE_TYPES[request.match_info["kind"]]
         try:
             body = parse_lenient(await read_raw(request, spec.MAX_EVENT_BYTES))
+            given = _given_keys(request)
         except BodyError as exc:
             return single_error(exc.status, exc.message, exc.details, exc.retry_after)
-        return await self._keyed(body, kind, _given_keys(request))
+        except BadAuth as exc:
+            return single_error(401, INVALID_KEY, str(exc))
+        return await self._keyed(body, kind, given)
 
     async def express(self, kind: str, raw: bytes, given: list[str]) -> web.Response:
         """``single`` for a body already in hand (agent/server/express.py)."""
@@ -148,7 +155,10 @@ class SegmentHandlers:
         """Validate and store one message; None when it was stored."""
         if not isinstance(body, dict):
             return Failure(400, "expected a JSON object")
-        key = header_key or _body_key(body) or NO_KEY
+        try:
+            key = header_key or _body_key(body) or NO_KEY
+        except Invalid as exc:
+            return Failure(replies.status_of(exc), exc.message)
         if not self.sink.key_allowed(key):
             return Failure(401, INVALID_KEY)
         if kind is not None:
@@ -164,8 +174,11 @@ class SegmentHandlers:
         return None
 
     async def batch(self, request: web.Request) -> web.StreamResponse:
-        return await self._batch(_given_keys(request),
-                                 partial(read_raw, request, spec.MAX_BATCH_BYTES))
+        try:
+            given = _given_keys(request)
+        except BadAuth as exc:
+            return batch_error(401, [error_object(401, INVALID_KEY, str(exc))])
+        return await self._batch(given, partial(read_raw, request, spec.MAX_BATCH_BYTES))
 
     async def express_batch(self, raw: bytes, given: list[str]) -> web.Response:
         """``batch`` for a body already in hand (agent/server/express.py)."""
@@ -195,10 +208,10 @@ class SegmentHandlers:
         body and parsed batch are freed before the commit is awaited)."""
         try:
             items = spec.batch_items(body)
+            batch_key = _body_key(body)
         except Invalid as exc:
             status = replies.status_of(exc)
             return batch_error(status, [error_object(status, exc.message)])
-        batch_key = _body_key(body)
         if not items:
             ok = self.sink.key_allowed(forced_key or batch_key or NO_KEY)
             return _verdict([] if ok else [error_object(401, INVALID_KEY)], {401}, 0)
@@ -208,25 +221,25 @@ class SegmentHandlers:
         asked: dict[str, bool] = {}   # each key asked once a request
         out = Collected([], [], set())
         for i, ev in enumerate(items):
-            key = forced_key or _body_key(ev) or batch_key or NO_KEY
-            known = asked.get(key)
-            if known is None:
-                known = asked[key] = allowed(key)
-            if not known:
-                status, message = 401, INVALID_KEY
-            else:
-                try:
+            try:
+                key = forced_key or _body_key(ev) or batch_key or NO_KEY
+                known = asked.get(key)
+                if known is None:
+                    known = asked[key] = allowed(key)
+                if known:
                     event = spec.accept_in(ev, key, spec.TYPES, given, enrich, raw_size)
-                except Invalid as exc:
-                    status, message = replies.status_of(exc), exc.message
-                else:
-                    # Too large for its upstream (the batch context grew it, say): this
-                    # message alone is refused, as the store would refuse the request.
-                    why = oversize(event)
-                    if why is None:
-                        out.events.append(event)
-                        continue
+            except Invalid as exc:
+                status, message = replies.status_of(exc), exc.message
+            else:
+                if not known:
+                    status, message = 401, INVALID_KEY
+                # Too large for its upstream (the batch context grew it, say): this
+                # message alone is refused, as the store would refuse the request.
+                elif (why := oversize(event)) is not None:
                     status, message = 413, why
+                else:
+                    out.events.append(event)
+                    continue
             out.errors.append(error_object(status, message, _where(i, ev)))
             out.statuses.add(status)
         return out
@@ -243,7 +256,11 @@ class SegmentHandlers:
 
     async def webhook(self, request: web.Request) -> web.StreamResponse:
         """Analytics.js-formatted data, one message or a batch; `?writeKey=` wins."""
-        forced = query_key(request) or basic_user(request.headers.get("Authorization"))
+        try:
+            header = basic_user(request.headers.get("Authorization"))
+        except BadAuth as exc:
+            return single_error(401, INVALID_KEY, str(exc))
+        forced = query_key(request) or header
         try:
             parsed = await self._parse_webhook(await read_raw(request, spec.MAX_BATCH_BYTES),
                                                forced)
@@ -283,8 +300,11 @@ class SegmentHandlers:
         except BodyError as exc:
             return Failure(exc.status, f"{exc.message}: {exc.details}" if exc.details
                            else exc.message)
-        return await self._one(body, kind, basic_user(
-            request.headers.get("Authorization")) or query_key(request))
+        try:
+            header = basic_user(request.headers.get("Authorization"))
+        except BadAuth as exc:
+            return Failure(401, f"{INVALID_KEY}: {exc}")
+        return await self._one(body, kind, header or query_key(request))
 
 
 def _given_keys(request: web.Request) -> list[str]:

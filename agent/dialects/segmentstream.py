@@ -20,7 +20,7 @@ import orjson
 from aiohttp import web
 
 from agent.dialects import replies
-from agent.dialects.auth import basic, basic_user
+from agent.dialects.auth import BadAuth, basic, basic_user
 from agent.dialects.base import JSON, Dialect, Example, IngestSink
 from agent.dialects.body import read_raw
 from agent.dialects.exact_json import parse_json
@@ -77,7 +77,10 @@ class SegmentStreamHandlers:
         self.sink = sink
 
     async def track(self, request: web.Request) -> web.StreamResponse:
-        key = basic_user(request.headers.get("Authorization"))
+        try:
+            key = basic_user(request.headers.get("Authorization"))
+        except BadAuth:
+            key = None   # refused as a missing token
         if not self.sink.key_allowed(key):
             return error(401, "missing or invalid API token")
         assert key is not None

@@ -42,8 +42,9 @@ def error(status: int, message: str, retry_after: int | None = None) -> web.Resp
 def request_key(request: web.Request) -> str | None:
     for header in ("PublicWriteKey", "Authorization"):
         value = request.headers.get(header, "").strip()
-        if value[:7].lower() == "bearer ":
-            value = value[7:].strip()
+        scheme, _, token = value.partition(" ")
+        if scheme.lower() == "bearer":   # with no token ("Bearer "), no key: not "Bearer"
+            value = token.strip()
         if value:
             return value
     return None

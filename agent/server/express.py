@@ -35,7 +35,7 @@ import orjson
 from aiohttp import web
 from aiohttp.http import SERVER_SOFTWARE
 
-from agent.dialects.auth import basic_user
+from agent.dialects.auth import BadAuth, basic_user
 from agent.dialects.base import Express
 from agent.dialects.body import TICKET
 from agent.dialects.replies import REFUSALS
@@ -141,7 +141,10 @@ class ExpressLane:
         if len(buf) < total:
             return None  # the body is still coming: aiohttp reads it, with its deadline
         auth = fields.get(b"authorization")
-        user = basic_user(auth.decode("latin-1")) if auth is not None else None
+        try:
+            user = basic_user(auth.decode("latin-1")) if auth is not None else None
+        except BadAuth:
+            return None   # aiohttp's route refuses it, with the reason
         return Request(found[0], found[1], bytes(buf[end + 4:total]),
                        [user] if user else []), total
 
