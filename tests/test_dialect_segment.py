@@ -168,6 +168,19 @@ async def test_a_write_key_that_is_not_a_string_is_400(make_agent: Any, path: st
     assert agent.spool.depth == 0
 
 
+@pytest.mark.parametrize("field,value", [("context", "x"), ("integrations", [1]),
+                                         ("context", 5)])
+async def test_a_batch_context_or_integrations_that_is_not_an_object_is_400(
+        make_agent: Any, field: str, value: Any) -> None:
+    """Refused as on a single message; it was dropped from every event silently (audit)."""
+    agent = await make_agent()
+    body = {field: value, "batch": [{"type": "track", "userId": "u", "event": "e"}]}
+    reply = await call(agent.port, "/v1/batch", body, headers={"Authorization": basic("k")})
+    assert reply.status == 400, reply.body
+    assert reply.json()["Errors"][0]["Message"] == f"`{field}` must be an object"
+    assert agent.spool.depth == 0
+
+
 # -- 207, 400, 413 ------------------------------------------------------------
 
 async def test_partly_invalid_batch_is_207_with_the_error_list(make_agent: Any) -> None:
