@@ -232,6 +232,10 @@ def batch_items(body: Any) -> list[Any]:
     if not isinstance(items, list):
         raise Invalid("`batch` must be an array of messages")
     check_dates(body)
+    for name in ("context", "integrations"):   # merged into each message (shared)
+        value = body.get(name)
+        if value is not None and not isinstance(value, dict):
+            raise Invalid(f"`{name}` must be an object")
     if len(items) > MAX_BATCH_EVENTS:
         raise Invalid(f"at most {MAX_BATCH_EVENTS} messages per batch, got {len(items)}",
                       too_large=True)
