@@ -68,7 +68,10 @@ def test_every_route_of_every_dialect_has_an_example(guarded: ThreadedAgent) -> 
 # -- Host: DNS rebinding ------------------------------------------------------------------------
 
 EVIL_HOSTS = ["evil.example", "evil.example:8765", "127.0.0.1.evil.example", "192.168.1.5",
-              "0.0.0.0", "[2001:db8::1]:80", "localhost.evil.example", "", "127.0.0.1 evil"]
+              "0.0.0.0", "[2001:db8::1]:80", "localhost.evil.example", "", "127.0.0.1 evil",
+              # Not a host and a port (audit: each was read as the loopback name before it).
+              "127.0.0.1:8765@evil.example", "localhost:abc", "localhost:99999", "[::1",
+              "[::1]x", "localhost:80:80"]
 GOOD_HOSTS = ["127.0.0.1", "127.0.0.1:8765", "localhost", "LOCALHOST:1", "[::1]:8765",
               "127.5.6.7", "app.localhost"]
 
