@@ -4,6 +4,7 @@ Fetch Metadata (a page on another site making the browser send requests, e.g. vi
 from __future__ import annotations
 
 import ipaddress
+import re
 from collections.abc import Awaitable, Callable
 from urllib.parse import urlsplit
 
@@ -15,12 +16,20 @@ CORS_MAX_AGE = "600"
 HOST_CACHE = 256
 
 
+# A Host header: a name or an address, then at most a port (RFC 9110 §7.2); a bare IPv6
+# address is taken too (an `agent.toml` listen host).
+_HOST = re.compile(r"(\[[0-9a-f:.]+\]|[^\[\]:@/\s]*)(?::(\d{0,5}))?|[0-9a-f:.]+")
+
+
 def _host_name(host: str) -> str:
-    """'[::1]:8765' -> '::1', 'LocalHost:80' -> 'localhost'."""
+    """'[::1]:8765' -> '::1', 'LocalHost:80' -> 'localhost'; '' for what is not a host and
+    an optional port ('127.0.0.1:80@evil.example', 'localhost:99999')."""
     host = host.strip().lower()
-    if host.startswith("["):
-        return host[1:].split("]", 1)[0]
-    return host.rsplit(":", 1)[0] if host.count(":") == 1 else host
+    match = _HOST.fullmatch(host)
+    if match is None or int(match[2] or 0) > 65535:
+        return ""
+    name = match[1] if match[1] is not None else host
+    return name[1:-1] if name.startswith("[") else name
 
 
 def is_loopback_name(host: str) -> bool:
