@@ -369,3 +369,17 @@ async def test_a_pipelining_client_cannot_grow_the_lanes_buffer_past_its_bound()
             most = max(most, len(conn.buf))
             await asyncio.sleep(0)
     assert most <= 2 * BUF_MAX + read, most
+
+
+async def test_a_head_with_bare_lf_line_ends_is_answered_not_left_waiting(
+        make_agent: Callable[..., Any]) -> None:
+    """The lane waited for CRLF CRLF, which such a head never has: the request was left
+    unanswered until the header timeout closed the connection (audit). aiohttp answers it."""
+    agent = await make_agent(listen={"header_timeout_s": 60})
+    body = track()
+    client = await Client.open(agent.port)
+    await client.send(b"POST /v1/track HTTP/1.1\nHost: 127.0.0.1\nContent-Length: "
+                      + str(len(body)).encode() + b"\nContent-Type: application/json\n\n" + body)
+    line = await asyncio.wait_for(client.reader.readline(), 10)
+    assert line.startswith(b"HTTP/1.1 "), line
+    await client.close()
