@@ -381,5 +381,5 @@ async def test_a_head_with_bare_lf_line_ends_is_answered_not_left_waiting(
     await client.send(b"POST /v1/track HTTP/1.1\nHost: 127.0.0.1\nContent-Length: "
                       + str(len(body)).encode() + b"\nContent-Type: application/json\n\n" + body)
     line = await asyncio.wait_for(client.reader.readline(), 10)
-    assert line.startswith(b"HTTP/1.1 "), line
+    assert re.match(rb"HTTP/1\.[01] 400 ", line), line   # aiohttp's parser refuses it
     await client.close()

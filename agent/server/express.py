@@ -109,6 +109,9 @@ class ExpressLane:
             return MORE if b"POST /".startswith(buf[pos:pos + 6]) else None
         end = buf.find(b"\r\n\r\n", pos, pos + HEAD_MAX)
         if end < 0:
+            # A head whose lines end in a bare LF never has CRLF CRLF: aiohttp's to answer.
+            if buf.find(b"\n\n", pos, pos + HEAD_MAX) >= 0:
+                return None
             return MORE if len(buf) - pos < HEAD_MAX else None
         head = _HEAD.fullmatch(buf, pos, end + 4)
         if head is None:
