@@ -263,6 +263,30 @@ class RateLimiter:
 _default_limiter = RateLimiter()
 
 
+class LimitedRecords(logging.Filter):
+    """Admits a library logger's records once per interval per message, counting the
+    rest in the next one admitted: aiohttp logs every request it cannot parse as an error
+    with its traceback, so any local process could flood the log."""
+
+    def __init__(self, limiter: RateLimiter = _default_limiter) -> None:
+        super().__init__()
+        self.limiter = limiter
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        suffix = self.limiter.admit((record.name, str(record.msg)))
+        if suffix:
+            record.msg = f"{record.msg}{suffix}"
+        return suffix is not None
+
+
+_LIBRARY_LIMIT = LimitedRecords()
+
+
+def limit_library_log(name: str) -> None:
+    """Rate-limit logger ``name`` (a library's) as log_limited does ours; idempotent."""
+    logging.getLogger(name).addFilter(_LIBRARY_LIMIT)
+
+
 def log_limited(
     logger: logging.Logger,
     level: int,

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import base64
 import io
 import logging
@@ -9,6 +10,7 @@ import os
 import re
 from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -240,3 +242,22 @@ def test_redaction_among_many_keys_sharing_prefixes() -> None:
     text = "app-7app-7 /app/app-7-long/track app-19999. app-20000 ap c2VnbWVudEtleTEyMzo="
     assert registry.redact(text) == "****** /app/***/track ***. ***0 ap c2VnbWVudEtleTEyMzo="
     assert registry.redact(base64.b64encode(b"app-123:").decode()) == "***"
+
+
+async def test_malformed_requests_log_aiohttp_s_traceback_once_a_minute(
+        make_agent: Any, caplog: pytest.LogCaptureFixture) -> None:
+    """aiohttp logs each request it cannot parse as an error with its traceback: any local
+    process could flood the log with them (audit). One a minute is logged, the rest counted."""
+    caplog.set_level(logging.INFO)
+    agent = await make_agent()
+    bad = (b"POST /v1/track HTTP/1.1\r\nHost: 127.0.0.1\r\nContent-Length: 2\r\n"
+           b"Content-Length: 3\r\n\r\n{}")
+    for _ in range(5):
+        reader, writer = await asyncio.open_connection("127.0.0.1", agent.port)
+        writer.write(bad)
+        assert (await asyncio.wait_for(reader.readline(), 10)).split(b" ")[1] == b"400"
+        writer.close()
+        await writer.wait_closed()
+    errors = [r for r in caplog.records if r.name == "aiohttp.server"]
+    # At most the first: an earlier test in this process may have had it logged already.
+    assert len(errors) <= 1, [r.getMessage() for r in errors]

@@ -10,6 +10,7 @@ from aiohttp import web
 from agent.dialects import registry
 from agent.dialects.body import BODY_TIMEOUT_S, TICKET
 from agent.dialects.replies import REFUSALS
+from agent.logs import limit_library_log
 from agent.server.admission import Admission
 from agent.server.express import ExpressLane, Routes
 from agent.server.guard import Guard, Handler
@@ -30,6 +31,8 @@ def build_app(cfg: Config, sink: Sink, ops_routes: list[web.RouteDef]) -> web.Ap
     express lane (``app[EXPRESS]``) for the plain requests the dialects offer it."""
     guard = Guard(cfg.listen.host, cfg.listen.allowed_origins)
     admission = sink.admission
+    # Each request aiohttp cannot parse is logged with a traceback: once a minute here.
+    limit_library_log("aiohttp.server")
 
     async def stop_trims(app: web.Application) -> None:
         admission.close()
