@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import base64
+import gzip
 import json
 from typing import Any
 
@@ -262,6 +263,23 @@ async def test_gzip_body_with_any_content_type(make_agent: Any, fake_segment: Fa
     assert reply.status == 200
     await wait_for(lambda: len(fake_segment.events) == 1)
     assert fake_segment.events[0]["event"] == "zipped"
+
+
+async def test_a_gzip_body_of_several_members_is_read_whole_and_trailing_data_refused(
+        make_agent: Any) -> None:
+    """`cat a.gz b.gz` is a valid gzip file (RFC 1952): only its first member was read
+    (400, "unexpected end"); bytes after the last member were ignored, unread (audit)."""
+    agent = await make_agent()
+    raw = orjson.dumps({"batch": [{"type": "track", "userId": "u", "event": "two"}]})
+    auth = {"Authorization": basic("k"), "Content-Encoding": "gzip"}
+    reply = await call(agent.port, "/v1/batch", gzip.compress(raw[:20]) + gzip.compress(raw[20:]),
+                       headers=auth)
+    assert reply.status == 200, reply.body
+    assert agent.spool.depth == 1
+    for tail in (b"garbage", gzip.compress(raw)[:12]):   # not gzip; a truncated member
+        reply = await call(agent.port, "/v1/batch", gzip.compress(raw) + tail, headers=auth)
+        assert reply.status == 400, reply.body
+    assert agent.spool.depth == 1
 
 
 async def test_pixel_always_answers_a_gif(make_agent: Any) -> None:
