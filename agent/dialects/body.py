@@ -127,17 +127,31 @@ async def _read(request: web.Request, limit: int, ticket: Reservation | None,
 
 
 def _inflate(data: bytes, encoding: str, limit: int) -> bytes:
+    """``data`` decompressed, at most ``limit`` bytes. A gzip body may be several members
+    one after the other (`cat a.gz b.gz`, RFC 1952); zero bytes may pad the last, as
+    gzip(1) allows; anything else after it is refused, never ignored."""
     wbits = 47 if encoding != "deflate" else 15  # 47: gzip or zlib header, auto-detected
-    inflater = zlib.decompressobj(wbits)
-    try:
-        out = inflater.decompress(data, limit + 1)
-    except zlib.error as exc:
-        raise BodyError(400, f"invalid {encoding} body", str(exc)) from exc
-    if len(out) > limit:
-        raise BodyError(413, "request body too large", f"over {limit} bytes once decompressed")
-    if not inflater.eof:
-        raise BodyError(400, f"truncated {encoding} body")
-    return out
+    parts: list[bytes] = []
+    size, rest = 0, data
+    while True:
+        inflater = zlib.decompressobj(wbits)
+        try:
+            part = inflater.decompress(rest, limit + 1 - size)
+        except zlib.error as exc:
+            raise BodyError(400, f"invalid {encoding} body", str(exc)) from exc
+        parts.append(part)
+        size += len(part)
+        if size > limit:
+            raise BodyError(413, "request body too large",
+                            f"over {limit} bytes once decompressed")
+        if not inflater.eof:
+            raise BodyError(400, f"truncated {encoding} body")
+        rest = inflater.unused_data
+        if not rest.strip(b"\0"):
+            return parts[0] if len(parts) == 1 else b"".join(parts)
+        if not rest.startswith(b"\x1f\x8b"):
+            raise BodyError(400, f"invalid {encoding} body",
+                            f"{len(rest)} bytes after the end of the compressed data")
 
 
 async def parse_body(raw: R, read: Callable[[R], Any], build: Callable[[Any, int], T]) -> T:
