@@ -206,6 +206,36 @@ def test_accept_keys_is_enforced_on_every_ingest_route(guarded: ThreadedAgent) -
     check_keys(guarded, registry.DIALECTS)
 
 
+@pytest.mark.parametrize("method,path,headers,body", [
+    ("POST", "/app/a%01b/track", {}, {"data": [{"name": "e", "id": 1}]}),
+    ("POST", "/app/a%0Ab/track", {}, {"data": [{"name": "e", "id": 1}]}),
+    ("POST", "/v1/track", {"Authorization": basic("a\x01b")}, None),
+    ("POST", "/v1/track?writeKey=a%0Ab", {}, None),
+    ("POST", "/v1/track", {}, {"userId": "u", "event": "e", "writeKey": "a\tb"}),
+    ("POST", "/v1/batch", {}, {"batch": [{"type": "track", "userId": "u", "event": "e",
+                                          "writeKey": "a\x7fb"}]}),
+])
+async def test_a_key_with_control_characters_is_refused(
+        make_agent: Any, method: str, path: str, headers: dict[str, str], body: Any) -> None:
+    """With any key accepted, keys holding control characters were stored and sent upstream
+    (audit): a line break in a key is a line of the key's own in every log line naming it."""
+    agent = await make_agent()
+    async with aiohttp.ClientSession() as s, s.request(
+            method, f"http://127.0.0.1:{agent.port}{path}", headers=headers,
+            json=body or {"userId": "u", "event": "e"}) as r:
+        assert r.status == 401, await r.text()
+    assert agent.spool.depth == 0
+
+
+async def test_a_nucleus_websocket_for_a_key_with_control_characters_is_refused(
+        make_agent: Any) -> None:
+    agent = await make_agent()
+    async with aiohttp.ClientSession() as s:
+        with pytest.raises(aiohttp.WSServerHandshakeError) as refused:
+            await s.ws_connect(f"http://127.0.0.1:{agent.port}/app/a%0Db/track")
+    assert refused.value.status == 401
+
+
 # -- files ----------------------------------------------------------------------------------------
 
 
