@@ -49,10 +49,11 @@ class Sink:
         return self.limits.oversize(event)
 
     def key_allowed(self, key: str | None) -> bool:
-        """accept_keys empty means any non-empty key."""
+        """accept_keys empty means any non-empty key without control characters (one
+        with a line break would split every log line that names it)."""
         if not key:
             return False
-        return not self._accept or key in self._accept
+        return key in self._accept if self._accept else key.isprintable()
 
     def ticket(self) -> Ticket:
         return self.admission.ticket()
