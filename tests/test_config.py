@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import subprocess
 import sys
 from pathlib import Path
@@ -100,3 +101,82 @@ def test_check_config_command(tmp_path: Path) -> None:
                           capture_output=True, text=True, cwd=ROOT)
     assert fail.returncode != 0
     assert "storage.when_full" in fail.stderr
+
+
+def check_config(*args: str) -> subprocess.CompletedProcess[str]:
+    return subprocess.run([sys.executable, "-m", "agent", "check-config", *args],
+                          capture_output=True, text=True, cwd=ROOT)
+
+
+def one_line(run: subprocess.CompletedProcess[str]) -> str:
+    """The operator's mistake as one line: never a traceback."""
+    assert "Traceback" not in run.stderr and run.stderr.count("\n") == 1, run.stderr
+    return run.stderr
+
+
+@pytest.mark.parametrize("group", [False, True])
+def test_check_config_reload_refuses_a_pid_that_names_no_one_process(
+        tmp_path: Path, group: bool) -> None:
+    """`--reload -N` sent SIGHUP to process group N (-1: every process on the machine), and
+    0 was taken as "no --reload" (audit). Both run in a session of their own, with a
+    process group of ours as -N, so that a regression signals nothing else."""
+    good = tmp_path / "good.toml"
+    good.write_text("[listen]\nport = 9000\n")
+    target = subprocess.Popen(["sleep", "30"], start_new_session=True)
+    try:
+        pid = f"-{target.pid}" if group else "0"
+        run = subprocess.run([sys.executable, "-m", "agent", "check-config", str(good),
+                              f"--reload={pid}"], capture_output=True, text=True, cwd=ROOT,
+                             start_new_session=True)
+        assert run.returncode == 2 and "PID" in one_line(run)
+        assert target.poll() is None   # not signalled
+    finally:
+        target.kill()
+        target.wait()
+
+
+def test_check_config_reload_of_a_process_that_is_gone_is_one_line(tmp_path: Path) -> None:
+    good = tmp_path / "good.toml"
+    good.write_text("[listen]\nport = 9000\n")
+    gone = subprocess.Popen([sys.executable, "-c", "pass"])
+    gone.wait()
+    run = check_config(str(good), "--reload", str(gone.pid))
+    assert run.returncode == 1 and str(gone.pid) in one_line(run)
+
+
+@pytest.mark.parametrize("text,fragment", [
+    (b"\xff\xfe[listen]\nport = 1\n", "not UTF-8"),
+    (b'[storage]\npath = "/tmp/a\\u0000b.db"\n', "storage.path"),
+    (b'[listen]\nhost = "127.0.0.1\\u0000x"\n', "listen.host"),
+    # /status answered 500 with a traceback in the log (orjson: beyond 64 bits).
+    (b"[storage]\nmax_size_mb = 99999999999999999999\n", "storage.max_size_mb"),
+    (b"[listen]\nbody_timeout_s = inf\n", "listen.body_timeout_s"),
+])
+def test_a_config_the_agent_cannot_use_is_one_line_and_exit_2(
+        tmp_path: Path, text: bytes, fragment: str) -> None:
+    """Each passed check-config and then failed `run` with a traceback, or failed
+    check-config with one (audit)."""
+    bad = tmp_path / "bad.toml"
+    bad.write_bytes(text)
+    run = check_config(str(bad))
+    assert run.returncode == 2 and fragment in one_line(run)
+
+
+def test_a_spool_path_that_is_a_directory_is_refused(tmp_path: Path) -> None:
+    """check-config said ok, and `run` started an agent refusing every event (audit)."""
+    bad = tmp_path / "bad.toml"
+    bad.write_text(f'[storage]\npath = "{tmp_path}"\n')
+    run = check_config(str(bad))
+    assert run.returncode == 2 and "storage.path" in one_line(run)
+
+
+def test_output_cut_short_by_a_closed_pipe_is_no_traceback(tmp_path: Path) -> None:
+    """`outpost ... | head -1`: a BrokenPipeError traceback once head had gone (audit)."""
+    good = tmp_path / "good.toml"
+    good.write_text("[listen]\nport = 9000\n")
+    reader, writer = os.pipe()
+    os.close(reader)   # the reader is gone before the first line is written
+    run = subprocess.run([sys.executable, "-m", "agent", "check-config", str(good)],
+                         stdout=writer, stderr=subprocess.PIPE, text=True, cwd=ROOT)
+    os.close(writer)
+    assert "Traceback" not in run.stderr and run.returncode == 141, run.stderr   # 128 + SIGPIPE
