@@ -39,6 +39,7 @@ from agent.uplinks.registry import uplink_class
 
 EXIT_FAILED = 1   # a runtime failure: no agent answering, a service step failed
 EXIT_CONFIG = 2   # the config or the environment is wrong; the message names the fix
+SIGPIPE_EXIT = 128 + signal.SIGPIPE   # what a shell shows for a command killed by it
 
 CONFIG_HELP = ("the config file (default: $OUTPOST_CONFIG, else ./agent.toml, else agent.toml in "
                "the config directory `outpost doctor` shows, else the built-in defaults)")
@@ -140,6 +141,11 @@ def cmd_flush(args: argparse.Namespace) -> int:
 
 
 def cmd_check_config(args: argparse.Namespace) -> int:
+    if args.reload is not None and args.reload <= 0:
+        # os.kill would signal a process group (-1: every process), or our own (0).
+        print(f"outpost: --reload needs the agent's PID, a number above 0, got {args.reload}",
+              file=sys.stderr)
+        return EXIT_CONFIG
     refused = "reload refused, the running config is kept: " if args.reload else ""
     target = args.file or (str(p) if (p := config_mod.find_config_file(None)) else None)
     try:
@@ -157,7 +163,12 @@ def cmd_check_config(args: argparse.Namespace) -> int:
     if args.reload:
         # systemd's ExecReload: a config that fails here makes `systemctl reload` fail,
         # instead of the agent refusing it after systemd has reported success.
-        os.kill(args.reload, signal.SIGHUP)
+        try:
+            os.kill(args.reload, signal.SIGHUP)
+        except OSError as exc:
+            print(f"outpost: cannot ask PID {args.reload} to reload: "
+                  f"{exc.strerror or exc}", file=sys.stderr)
+            return 1
     return 0
 
 
@@ -234,4 +245,12 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
-    return int(args.func(args))
+    try:
+        code = int(args.func(args))
+        sys.stdout.flush()
+    except BrokenPipeError:
+        # `outpost status | head -1`: the reader left; stop as a command killed by SIGPIPE
+        # would, without a traceback (and without flushing again at exit).
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        return SIGPIPE_EXIT
+    return code

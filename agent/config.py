@@ -6,6 +6,7 @@ stops startup instead of surfacing at the first request.
 
 from __future__ import annotations
 
+import math
 import os
 import tomllib
 from pathlib import Path
@@ -33,6 +34,9 @@ class ConfigError(ValueError):
 T = TypeVar("T")
 
 
+MAX_INT = 2**53   # the largest integer every JSON reader keeps exactly
+
+
 def _take(table: dict[str, Any], where: str, name: str, kind: type[T] | tuple[type, ...],
           default: T, check: Callable[[Any], str | None] | None = None) -> T:
     key = f"{where}.{name}" if where else name
@@ -45,9 +49,23 @@ def _take(table: dict[str, Any], where: str, name: str, kind: type[T] | tuple[ty
         raise ConfigError(f"{key}: expected {_kind_name(kinds)}, got a boolean")
     if not isinstance(value, kinds):
         raise ConfigError(f"{key}: expected {_kind_name(kinds)}, got {type(value).__name__}")
+    if problem := _unusable(value):
+        raise ConfigError(f"{key}: {problem}")
     if check is not None and (problem := check(value)):
         raise ConfigError(f"{key}: {problem}")
     return value  # type: ignore[return-value]
+
+
+def _unusable(value: Any) -> str | None:
+    """What no key takes: a NUL in a string (no path or host holds one), a number no JSON
+    reader keeps exactly (`/status` shows them), infinity."""
+    if isinstance(value, str) and "\0" in value:
+        return "must not contain a NUL character"
+    if isinstance(value, int) and not isinstance(value, bool) and abs(value) > MAX_INT:
+        return f"{value} is out of range (at most {MAX_INT})"
+    if isinstance(value, float) and not math.isfinite(value):
+        return f"expected a finite number, got {value}"
+    return None
 
 
 def _kind_name(kinds: tuple[type, ...]) -> str:
@@ -252,6 +270,9 @@ def load_file(path: Path) -> Config:
         raise ConfigError(f"{path}: cannot read: {exc.strerror or exc}") from exc
     except tomllib.TOMLDecodeError as exc:
         raise ConfigError(f"{path}: invalid TOML: {exc}") from exc
+    except UnicodeDecodeError as exc:
+        raise ConfigError(f"{path}: not UTF-8 text (byte {exc.start}); TOML files are "
+                          "UTF-8") from exc
     try:
         return parse(raw, str(path))
     except ConfigError as exc:

@@ -51,6 +51,8 @@ def storage_problem(cfg: Config) -> str | None:
     """The spool's directory must exist or be creatable, writable, on a writable filesystem."""
     spool = cfg.storage.resolved_path()
     where = f"storage.path {spool}"
+    if spool.is_dir():
+        return f"{where} is a directory; set it to a file, such as {spool / 'spool.db'}"
     existing = spool.parent
     while not existing.exists() and existing.parent != existing:
         existing = existing.parent   # where the first mkdir would write
