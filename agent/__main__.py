@@ -9,11 +9,20 @@ import sys
 from agent.server import allocator
 
 
+INTERRUPTED = 130   # 128 + SIGINT, as shells report it
+
+
 def main() -> int:
-    if sys.argv[1:2] == ["run"]:
-        allocator.use_c_allocator()
-    from agent.cli import main as cli_main
-    return cli_main()
+    try:
+        if sys.argv[1:2] == ["run"]:
+            allocator.use_c_allocator()
+        from agent.cli import main as cli_main
+        return cli_main()
+    except KeyboardInterrupt:
+        # Ctrl-C before `run` has its own handlers (while its modules load), or during
+        # any other command: nothing was started that needs stopping.
+        print("outpost: interrupted", file=sys.stderr)
+        return INTERRUPTED
 
 
 if __name__ == "__main__":
