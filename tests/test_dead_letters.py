@@ -313,3 +313,21 @@ async def test_large_dead_letters_are_exported_and_retried_a_few_megabytes_at_a_
                            "bytes": agent.spool.streams["app-a"].bytes}
     finally:
         await up.stop()
+
+
+async def test_an_export_that_fails_leaves_the_file_it_would_have_replaced(
+        tmp_path: Path) -> None:
+    """The file was emptied before the export knew it could read anything (audit): a
+    failed export to last week's file lost last week's export."""
+    spool = tmp_path / "spool.db"
+    spool.write_bytes(os.urandom(8192))   # not a database, and no agent running
+    cfg = str(write_config(tmp_path / "agent.toml", spool, port=free_port()))
+    previous = tmp_path / "letters.jsonl"
+    previous.write_text('{"previous": "export"}\n')
+    text = await outpost("export", str(previous), config=cfg, code=1)
+    assert "Traceback" not in text and text.count("\n") == 1, text
+    assert previous.read_text() == '{"previous": "export"}\n'
+    assert [p.name for p in tmp_path.iterdir() if p.name.startswith(".letters")] == []
+    text = await outpost("export", str(tmp_path / "no" / "such" / "dir.jsonl"), config=cfg,
+                         code=1)
+    assert "Traceback" not in text and "no/such" in text, text
