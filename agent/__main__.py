@@ -8,7 +8,6 @@ import sys
 
 from agent.server import allocator
 
-
 INTERRUPTED = 130   # 128 + SIGINT, as shells report it
 
 

@@ -14,6 +14,7 @@ import json
 import os
 import sqlite3
 import sys
+import tempfile
 import urllib.error
 import urllib.parse
 import urllib.request
@@ -132,12 +133,19 @@ class _Cli:
 
     def export(self, cfg: Config, args: argparse.Namespace) -> int:
         target = Path(args.file)
-        # Bodies are app data: private, as the spool is (an existing file is made so too).
-        fd = os.open(target, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
-        with os.fdopen(fd, "wb") as out:
-            if sys.platform != "win32":
-                os.fchmod(fd, 0o600)
-            count = self._export_to(cfg, out)
+        # Written beside the target and moved onto it once whole: a failed export leaves
+        # the file it would have replaced. Private (mkstemp's 0600): bodies are app data.
+        try:
+            fd, part = tempfile.mkstemp(prefix=f".{target.name}.", dir=target.parent)
+        except OSError as exc:
+            raise dead.DeadError(f"cannot write {target}: {exc.strerror or exc}") from exc
+        try:
+            with os.fdopen(fd, "wb") as out:
+                count = self._export_to(cfg, out)
+            os.replace(part, target)
+        except BaseException:
+            os.unlink(part)
+            raise
         print(f"exported {count} dead letters to {target}")
         return 0
 
