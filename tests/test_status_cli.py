@@ -7,6 +7,7 @@ from pathlib import Path
 from typing import Any
 
 import aiohttp
+import aiohttp.web
 
 from agent.ops.status_table import render
 from tests.conftest import free_port, write_config
@@ -126,3 +127,35 @@ async def test_live_and_offline_snapshots_have_the_same_keys(make_agent: Any) ->
     assert offline["spool"]["used_bytes"] is None
     assert {u["acked"] for u in offline["upstreams"]} == {None}
     assert [u["state"] for u in offline["upstreams"]] == ["offline"] * 3
+
+
+async def test_a_foreign_server_on_the_agent_s_port_is_no_traceback(tmp_path: Path) -> None:
+    """Something else answers at the configured address, with JSON of another shape or an
+    event stream of its own: status, flush and tail crashed with KeyError or TypeError
+    (audit). Each says so in one line; status reads the spool instead."""
+    app = aiohttp.web.Application()
+    replies: dict[str, bytes] = {"/status": b"[1, 2]", "/flush": b'"ok"'}
+
+    async def answer(request: aiohttp.web.Request) -> aiohttp.web.Response:
+        if request.path == "/tail":
+            return aiohttp.web.Response(body=b'data: {"kind": "ingested"}\n\n',
+                                        content_type="text/event-stream")
+        return aiohttp.web.Response(body=replies[request.path], content_type="application/json")
+    app.router.add_route("*", "/{tail:.*}", answer)
+    runner = aiohttp.web.AppRunner(app)
+    await runner.setup()
+    port = free_port()
+    await aiohttp.web.TCPSite(runner, "127.0.0.1", port).start()
+    try:
+        cfg = str(write_config(tmp_path / "agent.toml", tmp_path / "spool.db", port=port))
+        for status in (b"[1, 2]", b'{"x": 1}'):
+            replies["/status"] = status
+            code, text = await run_outpost("status", "--config", cfg)
+            assert code == 0 and "Traceback" not in text, text
+            assert "not an Outpost agent" in text and "no agent running" in text, text
+        for command in ("flush", "tail"):
+            code, text = await run_outpost(command, "--config", cfg)
+            assert code == 1 and "Traceback" not in text, text
+            assert "not an Outpost agent" in text and text.count("\n") == 1, text
+    finally:
+        await runner.cleanup()
