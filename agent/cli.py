@@ -98,11 +98,20 @@ def cmd_run(args: argparse.Namespace) -> int:
 DOCTOR_DBUS_S = 2.0
 
 
-def _http(cfg: Config, path: str, method: str = "GET") -> Any:
+class NotOutpost(ValueError):
+    """Something answered at the agent's address, but not as an Outpost agent would."""
+
+
+def _http(cfg: Config, path: str, expect: str, method: str = "GET") -> Any:
+    """The agent's JSON reply to ``path``, which holds ``expect``; NotOutpost if it does
+    not (another server holds the port)."""
     req = urllib.request.Request(agent_url(cfg, path), method=method,
                                  data=b"" if method == "POST" else None)
     with DIRECT.open(req, timeout=3) as resp:
-        return json.loads(resp.read())
+        data = json.loads(resp.read())
+    if not isinstance(data, dict) or expect not in data:
+        raise NotOutpost(f"{agent_url(cfg, '')} answered {path}, but not an Outpost agent")
+    return data
 
 
 def cmd_status(args: argparse.Namespace) -> int:
@@ -110,9 +119,11 @@ def cmd_status(args: argparse.Namespace) -> int:
     if cfg is None:
         return EXIT_CONFIG
     try:
-        data = _http(cfg, "/status")
+        data = _http(cfg, "/status", "spool")
         data["source"] = f"agent at {agent_url(cfg, '')}"
-    except (urllib.error.URLError, OSError, ValueError):
+    except (urllib.error.URLError, OSError, ValueError) as exc:
+        if isinstance(exc, NotOutpost):
+            print(f"outpost: {exc}; reading the spool", file=sys.stderr)
         try:
             data = offline_snapshot(cfg)
         except sqlite3.Error as exc:
@@ -132,11 +143,14 @@ def cmd_flush(args: argparse.Namespace) -> int:
     if cfg is None:
         return EXIT_CONFIG
     try:
-        data = _http(cfg, "/flush", method="POST")
+        data = _http(cfg, "/flush", "queue_depth", method="POST")
+    except NotOutpost as exc:
+        print(f"outpost: {exc}", file=sys.stderr)
+        return EXIT_FAILED
     except (urllib.error.URLError, OSError, ValueError) as exc:
         print(f"outpost: no agent answering at {agent_url(cfg, '')}: {exc}", file=sys.stderr)
         return EXIT_FAILED
-    print(f"flush requested; {data.get('queue_depth', 0)} events queued")
+    print(f"flush requested; {data['queue_depth']} events queued")
     return 0
 
 

@@ -61,6 +61,10 @@ def run(args: argparse.Namespace, load: Callable[[argparse.Namespace], Config | 
     except (urllib.error.URLError, OSError) as exc:
         print(f"outpost: no agent answering at {agent_url(cfg, '')}: {exc}", file=sys.stderr)
         return 1
+    except (KeyError, TypeError, ValueError) as exc:   # a message not of the agent's shape
+        print(f"outpost: {agent_url(cfg, '')} answered /tail, but not an Outpost agent "
+              f"({type(exc).__name__}: {exc})", file=sys.stderr)
+        return 1
     print("outpost: the agent ended the live view (it is stopping)", file=sys.stderr)
     return 1
 
