@@ -331,3 +331,44 @@ async def test_an_export_that_fails_leaves_the_file_it_would_have_replaced(
     text = await outpost("export", str(tmp_path / "no" / "such" / "dir.jsonl"), config=cfg,
                          code=1)
     assert "Traceback" not in text and "no/such" in text, text
+
+
+class EchoingSegment:
+    """A Segment upstream that refuses every batch for good, echoing the request's
+    Authorization header in its reason (some collectors echo the request)."""
+
+    async def start(self) -> str:
+        async def refuse(request: web.Request) -> web.Response:
+            return web.json_response(
+                {"error": f"bad batch, auth={request.headers.get('Authorization')}"}, status=400)
+        app = web.Application()
+        app.router.add_post("/v1/batch", refuse)
+        self.runner = web.AppRunner(app)
+        await self.runner.setup()
+        site = web.TCPSite(self.runner, "127.0.0.1", 0)
+        await site.start()
+        return f"http://127.0.0.1:{self.runner.addresses[0][1]}"
+
+
+async def test_a_dead_letter_s_reason_never_shows_a_key(make_agent: Any) -> None:
+    """The reason is the upstream's answer: one that echoed the request showed the upstream
+    key in `dead list`, `dead show`, export and GET /dead, where the log and /status had it
+    redacted (audit)."""
+    up = EchoingSegment()
+    url = await up.start()
+    try:
+        secret = "SECRET-XYZ-7"
+        agent = await make_agent(upstreams=[{"name": "seg", "protocol": "segment-http",
+                                             "url": url, "key": secret, "keys": ["*"],
+                                             "flush_interval_s": 0.05}])
+        async with aiohttp.ClientSession() as s, s.post(
+                f"http://127.0.0.1:{agent.port}/v1/track",
+                json={"userId": "u", "event": "e", "writeKey": "app-key-1"}) as r:
+            assert r.status == 200
+        await dead_letters(agent, 1)
+        [letter] = await agent.spool.dead_letters()
+        token = base64.b64encode(f"{secret}:".encode()).decode()
+        assert "auth=Basic" in letter["reason"], letter["reason"]
+        assert token not in letter["reason"] and secret not in letter["reason"], letter
+    finally:
+        await up.runner.cleanup()
