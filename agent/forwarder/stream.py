@@ -33,7 +33,7 @@ from agent.forwarder.backoff import BACKOFF, Backoff
 from agent.forwarder.slots import Slots
 from agent.forwarder.state import UpstreamState
 from agent.forwarder.timing import LOOP_TIMING, Timing
-from agent.logs import log_limited
+from agent.logs import log_limited, redact
 from agent.metrics import Metrics
 from agent.settings import UpstreamConfig
 from agent.spool import Spool
@@ -460,8 +460,10 @@ class StreamForwarder:
             self.state.last_ack = time.time()
             self.metrics.observe_acked(len(acked))
         if dead:
+            # Redacted once, as stored: the reason is the upstream's answer, which may echo
+            # the request's credentials, and every dead-letter view shows it.
             await self.spool.dead_letter(
-                [(seq, self.cfg.name, reason) for seq, reason in dead])
+                [(seq, self.cfg.name, redact(reason)) for seq, reason in dead])
             self.state.dead_lettered += len(dead)
             log_limited(log, logging.WARNING, f"dead-letter:{self.cfg.name}",
                         "%s refused %d event(s) for good; moved to dead letters: %s",
