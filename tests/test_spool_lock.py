@@ -1,0 +1,31 @@
+"""One agent per spool: a second `outpost run` on a spool in use refuses to start.
+
+Two agents forwarding one queue each send every event (duplicates upstream), and each
+keeps its own dedupe index and depths, so neither the window's exact dedupe nor the
+queue's counts hold (audit: a second agent on another port started without a word).
+"""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+from collections.abc import Callable
+from pathlib import Path
+
+from tests.conftest import ROOT, AgentProcess, free_port, write_config
+
+
+def test_a_second_agent_on_a_spool_in_use_refuses_to_start(
+        tmp_path: Path, agent_process: Callable[..., AgentProcess]) -> None:
+    spool = tmp_path / "spool.db"
+    port, other = free_port(), free_port()
+    first = agent_process(write_config(tmp_path / "a.toml", spool, port=port), port).start()
+    second = write_config(tmp_path / "b.toml", spool, port=other)
+    run = subprocess.run([sys.executable, "-m", "agent", "run", "--config", str(second)],
+                         capture_output=True, text=True, cwd=ROOT, timeout=30)
+    assert run.returncode == 2, (run.returncode, run.stderr)
+    assert "in use by another agent" in run.stderr and str(spool) in run.stderr, run.stderr
+    assert "Traceback" not in run.stderr and run.stderr.count("\n") == 1, run.stderr
+    first.kill9()   # the lock ends with its process, however it ends
+    again = agent_process(second, other).start()
+    assert again.terminate() == 0
