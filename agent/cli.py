@@ -21,6 +21,8 @@ from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
 
+from filelock import FileLock, Timeout
+
 from agent import __version__, cli_tail, logs, paths, preflight
 from agent import config as config_mod
 from agent.config import ConfigError
@@ -69,6 +71,17 @@ def cmd_run(args: argparse.Namespace) -> int:
         return EXIT_CONFIG
     if found := preflight.problems(cfg):
         print(f"outpost: {found[0]}", file=sys.stderr)
+        return EXIT_CONFIG
+    spool = cfg.storage.resolved_path()
+    paths.ensure_private_dir(spool.parent)
+    # One agent per spool: two would both forward its queue, each with its own dedupe
+    # index and depths. Held for the process's life; the OS drops it however that ends.
+    lock = FileLock(f"{spool}.lock", timeout=0, mode=0o600)
+    try:
+        lock.acquire()
+    except Timeout:
+        print(f"outpost: the spool {spool} is in use by another agent; stop that one, or "
+              "give this one another storage.path", file=sys.stderr)
         return EXIT_CONFIG
     logs.setup_logging(cfg.log.level)
     from agent.dialects import offload
