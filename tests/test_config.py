@@ -199,3 +199,24 @@ def test_an_interrupt_while_run_starts_is_no_traceback(tmp_path: Path) -> None:
     _, err = proc.communicate(timeout=60)
     assert b"Traceback" not in err, err.decode()
     assert proc.returncode in (0, 130, -signal.SIGINT), (proc.returncode, err.decode())
+
+
+@pytest.mark.parametrize("argv,fragment", [
+    (["check-config", ""], "config"),                  # no file named: not the defaults
+    (["status", "--config", ""], "config"),
+    (["dead", "list", "--limit", "-1"], "--limit"),
+    (["dead", "purge", "--reason", ""], "--reason"),
+    (["dead", "retry", "--reason", ""], "--reason"),
+])
+def test_an_empty_or_negative_argument_is_refused(tmp_path: Path, argv: list[str],
+                                                  fragment: str) -> None:
+    """An empty --config fell back to $OUTPOST_CONFIG, ./agent.toml or the defaults without a
+    word; `dead list --limit -1` listed all but one; an empty --reason was accepted (audit)."""
+    # What "" fell back to: its spool in tmp_path, should a refusal fail to come first.
+    (tmp_path / "agent.toml").write_text(
+        f'[listen]\nport = 9000\n[storage]\npath = "{tmp_path / "spool.db"}"\n')
+    run = subprocess.run([sys.executable, "-m", "agent", *argv], capture_output=True,
+                         text=True, cwd=tmp_path,
+                         env={**os.environ, "PYTHONPATH": str(ROOT), "OUTPOST_CONFIG": ""})
+    assert run.returncode == 2, (run.returncode, run.stdout, run.stderr)
+    assert "Traceback" not in run.stderr and fragment in run.stderr, run.stderr
