@@ -18,7 +18,6 @@ import urllib.error
 import urllib.request
 from collections.abc import Coroutine
 from concurrent.futures import ThreadPoolExecutor
-from pathlib import Path
 from typing import Any
 
 from filelock import FileLock, Timeout
@@ -174,9 +173,9 @@ def cmd_check_config(args: argparse.Namespace) -> int:
               file=sys.stderr)
         return EXIT_CONFIG
     refused = "reload refused, the running config is kept: " if args.reload else ""
-    target = args.file or (str(p) if (p := config_mod.find_config_file(None)) else None)
     try:
-        cfg = config_mod.load_file(Path(target)) if target else Config()
+        target = config_mod.find_config_file(args.file)
+        cfg = config_mod.load_file(target) if target is not None else Config()
     except ConfigError as exc:
         print(f"outpost: {refused}{exc}", file=sys.stderr)
         return EXIT_CONFIG
@@ -187,7 +186,7 @@ def cmd_check_config(args: argparse.Namespace) -> int:
         print("no config file found; the built-in defaults are valid")
     else:
         print(f"{target}: ok ({len(cfg.upstreams)} upstream(s))")
-    if args.reload:
+    if args.reload is not None:
         # systemd's ExecReload: a config that fails here makes `systemctl reload` fail,
         # instead of the agent refusing it after systemd has reported success.
         try:

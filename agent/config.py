@@ -281,6 +281,10 @@ def load_file(path: Path) -> Config:
 
 def find_config_file(explicit: str | None = None) -> Path | None:
     """Lookup order: --config, $OUTPOST_CONFIG, ./agent.toml, platformdirs."""
+    if explicit == "":
+        # A variable that expanded to nothing, say: never the defaults' lookup unsaid.
+        raise ConfigError("the config file named is empty (\"\"): name a file, or leave "
+                          "the option out to use the default lookup")
     if explicit:
         return Path(explicit)
     env = os.environ.get("OUTPOST_CONFIG")

@@ -202,6 +202,24 @@ class _Cli:
         return self._change(cfg, args, "purge")
 
 
+def _count(text: str) -> int:
+    """--limit: 0 or more."""
+    try:
+        n = int(text)
+    except ValueError:
+        n = -1
+    if n < 0:
+        raise argparse.ArgumentTypeError(f"expected a whole number, 0 or more, got {text!r}")
+    return n
+
+
+def _reason(text: str) -> str:
+    """--reason: a reason as `outpost dead list` shows it, never empty."""
+    if not text:
+        raise argparse.ArgumentTypeError("a reason is never empty (see `outpost dead list`)")
+    return text
+
+
 def add_parser(sub: Any, load: Load) -> None:
     """Register `outpost dead ...`; ``load`` reads the config."""
     cli = _Cli(load)
@@ -218,8 +236,8 @@ def add_parser(sub: Any, load: Load) -> None:
         p = cmds.add_parser(name, help=text, description=text)
         p.add_argument("--config", help="path to agent.toml")
         if name == "list":
-            p.add_argument("--reason", help="only this reason")
-            p.add_argument("--limit", type=int, default=LIST_ROWS, help="entries to print")
+            p.add_argument("--reason", type=_reason, help="only this reason")
+            p.add_argument("--limit", type=_count, default=LIST_ROWS, help="entries to print")
             p.add_argument("--json", action="store_true", help="print JSON")
         elif name == "show":
             p.add_argument("id", type=int, help="its ID, from `outpost dead list`")
@@ -227,5 +245,5 @@ def add_parser(sub: Any, load: Load) -> None:
             p.add_argument("file", help="where to write (created mode 0600)")
         else:
             pick = p.add_mutually_exclusive_group(required=True)
-            pick.add_argument("--reason", help="those refused with this reason")
+            pick.add_argument("--reason", type=_reason, help="those refused with this reason")
             pick.add_argument("--all", action="store_true", help="every dead letter")
