@@ -6,13 +6,12 @@ a 1.5 s startup."""
 
 import sys
 
-from agent.server import allocator
-
 INTERRUPTED = 130   # 128 + SIGINT, as shells report it
 
 
 def main() -> int:
     try:
+        from agent.server import allocator
         if sys.argv[1:2] == ["run"]:
             allocator.use_c_allocator()
         from agent.cli import main as cli_main

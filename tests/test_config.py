@@ -191,10 +191,13 @@ def test_an_interrupt_while_run_starts_is_no_traceback(tmp_path: Path) -> None:
     cfg.write_text(f'[listen]\nport = 0\n[storage]\npath = "{tmp_path / "spool.db"}"\n')
     proc = subprocess.Popen([sys.executable, "-m", "agent", "run", "--config", str(cfg)],
                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, cwd=ROOT)
-    # Once the interpreter runs our code (its own SIGINT handler is set by then), the
-    # imports take most of a second: the interrupt lands among them.
-    assert proc.stderr is not None
-    time.sleep(0.3)   # not a wait for a result: where in the start the interrupt lands
+    # Interrupted once the CLI's imports have begun (a C extension they load is mapped):
+    # before its handlers exist, unless the start was quicker than this poll.
+    maps = Path(f"/proc/{proc.pid}/maps")
+    deadline = time.monotonic() + 30
+    while "orjson" not in maps.read_text() and proc.poll() is None:
+        assert time.monotonic() < deadline, "the CLI's imports never began"
+        time.sleep(0.005)
     proc.send_signal(signal.SIGINT)
     _, err = proc.communicate(timeout=60)
     assert b"Traceback" not in err, err.decode()
