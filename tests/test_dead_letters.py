@@ -17,6 +17,8 @@ import aiohttp
 from aiohttp import web
 
 from agent.service import Agent
+from agent.settings import StorageConfig
+from agent.spool import Spool
 from agent.spool.schema import read_offline
 from tests.conftest import free_port, write_config
 from tests.fakes.nucleus_upstream import FakeNucleus
@@ -372,3 +374,22 @@ async def test_a_dead_letter_s_reason_never_shows_a_key(make_agent: Any) -> None
         assert token not in letter["reason"] and secret not in letter["reason"], letter
     finally:
         await up.runner.cleanup()
+
+
+async def test_an_export_to_a_symlink_or_a_pipe_writes_through_it(tmp_path: Path) -> None:
+    """The whole-then-move export replaced what the path named: a symlink became a file
+    (its target untouched), and as root `/dev/stdout` itself was replaced (review)."""
+    spool = tmp_path / "spool.db"
+    cfg = str(write_config(tmp_path / "agent.toml", spool, port=free_port()))
+    await (await Spool.open(StorageConfig(path=str(spool)))).close()   # empty, no agent
+    real = tmp_path / "real.jsonl"
+    real.write_text("old\n")
+    link = tmp_path / "link.jsonl"
+    link.symlink_to(real)
+    assert "exported 0 dead letters" in await outpost("export", str(link), config=cfg)
+    assert link.is_symlink() and real.read_text() == ""
+    fifo = tmp_path / "fifo"
+    os.mkfifo(fifo)
+    reader = asyncio.get_running_loop().run_in_executor(None, fifo.read_bytes)
+    assert "exported 0 dead letters" in await outpost("export", str(fifo), config=cfg)
+    assert await reader == b"" and stat.S_ISFIFO(os.lstat(fifo).st_mode)
