@@ -13,6 +13,7 @@ import http.client
 import json
 import os
 import sqlite3
+import stat
 import sys
 import tempfile
 import urllib.error
@@ -133,21 +134,36 @@ class _Cli:
 
     def export(self, cfg: Config, args: argparse.Namespace) -> int:
         target = Path(args.file)
-        # Written beside the target and moved onto it once whole: a failed export leaves
-        # the file it would have replaced. Private (mkstemp's 0600): bodies are app data.
+        real = Path(os.path.realpath(target))   # through symlinks: the link stays a link
         try:
-            fd, part = tempfile.mkstemp(prefix=f".{target.name}.", dir=target.parent)
+            regular = stat.S_ISREG(os.stat(real).st_mode)
+        except FileNotFoundError:
+            regular = True
+        except OSError as exc:
+            raise dead.DeadError(f"cannot write {target}: {exc.strerror or exc}") from exc
+        if not regular:   # a pipe or a device (/dev/stdout): written straight through
+            with open(real, "wb") as out:
+                count = self._export_to(cfg, out)
+        else:
+            count = self._export_replacing(cfg, real, target)
+        print(f"exported {count} dead letters to {target}")
+        return 0
+
+    def _export_replacing(self, cfg: Config, real: Path, target: Path) -> int:
+        """Written beside the file and moved onto it once whole: a failed export leaves the
+        file it would have replaced. Private (mkstemp's 0600): bodies are app data."""
+        try:
+            fd, part = tempfile.mkstemp(prefix=f".{real.name}.", dir=real.parent)
         except OSError as exc:
             raise dead.DeadError(f"cannot write {target}: {exc.strerror or exc}") from exc
         try:
             with os.fdopen(fd, "wb") as out:
                 count = self._export_to(cfg, out)
-            os.replace(part, target)
+            os.replace(part, real)
         except BaseException:
             os.unlink(part)
             raise
-        print(f"exported {count} dead letters to {target}")
-        return 0
+        return count
 
     def _export_to(self, cfg: Config, out: BinaryIO) -> int:
         req = urllib.request.Request(agent_url(cfg, "/dead/export"))
