@@ -126,14 +126,18 @@ async def _read(request: web.Request, limit: int, ticket: Reservation | None,
     return raw
 
 
+GZIP_MEMBERS = 64   # `cat a.gz b.gz` makes a few; 26,000 empty ones fit in 512 KB
+
+
 def _inflate(data: bytes, encoding: str, limit: int) -> bytes:
     """``data`` decompressed, at most ``limit`` bytes. A gzip body may be several members
-    one after the other (`cat a.gz b.gz`, RFC 1952); zero bytes may pad the last, as
-    gzip(1) allows; anything else after it is refused, never ignored."""
+    one after the other (`cat a.gz b.gz`, RFC 1952), up to GZIP_MEMBERS of them (each read
+    copies what is left after it); zero bytes may pad the last, as gzip(1) allows;
+    anything else after it is refused, never ignored."""
     wbits = 47 if encoding != "deflate" else 15  # 47: gzip or zlib header, auto-detected
     parts: list[bytes] = []
     size, rest = 0, data
-    while True:
+    while len(parts) < GZIP_MEMBERS:
         inflater = zlib.decompressobj(wbits)
         try:
             part = inflater.decompress(rest, limit + 1 - size)
@@ -152,6 +156,7 @@ def _inflate(data: bytes, encoding: str, limit: int) -> bytes:
         if not rest.startswith(b"\x1f\x8b"):
             raise BodyError(400, f"invalid {encoding} body",
                             f"{len(rest)} bytes after the end of the compressed data")
+    raise BodyError(400, f"invalid {encoding} body", f"more than {GZIP_MEMBERS} gzip members")
 
 
 async def parse_body(raw: R, read: Callable[[R], Any], build: Callable[[Any, int], T]) -> T:
