@@ -261,3 +261,13 @@ async def test_malformed_requests_log_aiohttp_s_traceback_once_a_minute(
     errors = [r for r in caplog.records if r.name == "aiohttp.server"]
     # At most the first: an earlier test in this process may have had it logged already.
     assert len(errors) <= 1, [r.getMessage() for r in errors]
+    # aiohttp logs a handler's crash (a 500: a bug of ours) with the same words: each one
+    # is logged, whatever came before (review: the limit hid them too).
+    for _ in range(2):
+        try:
+            raise ValueError("a handler's bug")
+        except ValueError:
+            logging.getLogger("aiohttp.server").exception("Error handling request from %s",
+                                                          "127.0.0.1")
+    crashes = [r for r in caplog.records if r.exc_info and r.exc_info[0] is ValueError]
+    assert len(crashes) == 2
