@@ -264,27 +264,33 @@ _default_limiter = RateLimiter()
 
 
 class LimitedRecords(logging.Filter):
-    """Admits a library logger's records once per interval per message, counting the
-    rest in the next one admitted: aiohttp logs every request it cannot parse as an error
-    with its traceback, so any local process could flood the log."""
+    """Admits a library logger's records for which ``only`` holds once per interval per
+    message and exception type, counting the rest in the next one admitted; others pass.
+    aiohttp logs every request it cannot parse as an error with its traceback, so any
+    local process could flood the log."""
 
-    def __init__(self, limiter: RateLimiter = _default_limiter) -> None:
+    def __init__(self, only: Callable[[logging.LogRecord], bool],
+                 limiter: RateLimiter = _default_limiter) -> None:
         super().__init__()
+        self.only = only
         self.limiter = limiter
 
     def filter(self, record: logging.LogRecord) -> bool:
-        suffix = self.limiter.admit((record.name, str(record.msg)))
+        if not self.only(record):
+            return True
+        kind = record.exc_info[0].__name__ if record.exc_info and record.exc_info[0] else ""
+        suffix = self.limiter.admit((record.name, f"{record.msg}:{kind}"))
         if suffix:
             record.msg = f"{record.msg}{suffix}"
         return suffix is not None
 
 
-_LIBRARY_LIMIT = LimitedRecords()
-
-
-def limit_library_log(name: str) -> None:
-    """Rate-limit logger ``name`` (a library's) as log_limited does ours; idempotent."""
-    logging.getLogger(name).addFilter(_LIBRARY_LIMIT)
+def limit_library_log(name: str, only: Callable[[logging.LogRecord], bool]) -> None:
+    """Rate-limit the records of logger ``name`` (a library's) for which ``only`` holds, as
+    log_limited does ours; once per logger, however often it is called."""
+    logger = logging.getLogger(name)
+    if not any(isinstance(f, LimitedRecords) for f in logger.filters):
+        logger.addFilter(LimitedRecords(only))
 
 
 def log_limited(

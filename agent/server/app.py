@@ -2,10 +2,12 @@
 
 from __future__ import annotations
 
+import logging
 from collections.abc import Callable
 from functools import partial
 
 from aiohttp import web
+from aiohttp.http_exceptions import HttpProcessingError
 
 from agent.dialects import registry
 from agent.dialects.body import BODY_TIMEOUT_S, TICKET
@@ -32,7 +34,8 @@ def build_app(cfg: Config, sink: Sink, ops_routes: list[web.RouteDef]) -> web.Ap
     guard = Guard(cfg.listen.host, cfg.listen.allowed_origins)
     admission = sink.admission
     # Each request aiohttp cannot parse is logged with a traceback: once a minute here.
-    limit_library_log("aiohttp.server")
+    # A handler's crash (a 500) is logged with the same words, and always.
+    limit_library_log("aiohttp.server", _unparsable)
 
     async def stop_trims(app: web.Application) -> None:
         admission.close()
@@ -53,6 +56,11 @@ def build_app(cfg: Config, sink: Sink, ops_routes: list[web.RouteDef]) -> web.Ap
         [Routes(dialect.express(sink), partial(sink.metrics.refuse, dialect.name))
          for dialect in registry.DIALECTS], guard, admission, sink.metrics)
     return app
+
+
+def _unparsable(record: logging.LogRecord) -> bool:
+    """A record of a request aiohttp could not parse: the client's mistake, not ours."""
+    return record.exc_info is not None and isinstance(record.exc_info[1], HttpProcessingError)
 
 
 def ingest_routes(routes: list[web.RouteDef], guard: Guard, admission: Admission,
