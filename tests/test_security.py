@@ -34,7 +34,7 @@ import pytest
 from agent.dialects import registry
 from agent.dialects.auth import basic
 from agent.dialects.base import Dialect, Example
-from agent.server.guard import is_loopback_name
+from agent.server.guard import Guard, is_loopback_name
 from agent.settings import ListenConfig
 from tests.conftest import AgentProcess, free_port, write_config
 from tests.dialect_examples import as_http, examples, other_routes, served_by_examples
@@ -79,6 +79,18 @@ GOOD_HOSTS = ["127.0.0.1", "127.0.0.1:8765", "localhost", "LOCALHOST:1", "[::1]:
 def test_loopback_names() -> None:
     assert all(is_loopback_name(h) for h in GOOD_HOSTS)
     assert not any(is_loopback_name(h) for h in EVIL_HOSTS if h)
+
+
+@pytest.mark.parametrize("listen", ["fe80::1%eth0", "[fe80::1%eth0]", "192.168.1.5"])
+def test_a_listen_host_lets_in_its_own_address_and_nothing_malformed(listen: str) -> None:
+    """A scoped IPv6 listen host was read as no host at all (''), which then matched every
+    malformed Host and made any IP literal one (review)."""
+    guard = Guard(listen, ())
+    own = "[fe80::1]:8765" if "fe80" in listen else "192.168.1.5:8765"
+    assert guard.host_ok(own) and guard.host_ok("localhost:8765")
+    for host in ("127.0.0.1:8765@evil.example", "evil.example:abc", "10.0.0.7", "[::1",
+                 "evil.example"):
+        assert not guard.host_ok(host), host
 
 
 def every_request(agent: ThreadedAgent, examples: list[Example]) -> list[Request]:
