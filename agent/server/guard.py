@@ -17,23 +17,30 @@ HOST_CACHE = 256
 
 
 # A Host header: a name or an address, then at most a port (RFC 9110 §7.2); a bare IPv6
-# address is taken too (an `agent.toml` listen host).
-_HOST = re.compile(r"(\[[0-9a-f:.]+\]|[^\[\]:@/\s]*)(?::(\d{0,5}))?|[0-9a-f:.]+")
+# address is taken too.
+_HOST = re.compile(r"(\[[0-9a-f:.]+\]|[^\[\]:@/\s]*)(?::([0-9]{0,5}))?|[0-9a-f:.]+")
 
 
-def _host_name(host: str) -> str:
-    """'[::1]:8765' -> '::1', 'LocalHost:80' -> 'localhost'; '' for what is not a host and
-    an optional port ('127.0.0.1:80@evil.example', 'localhost:99999')."""
+def _host_name(host: str) -> str | None:
+    """'[::1]:8765' -> '::1', 'LocalHost:80' -> 'localhost'; None for what is not a host
+    and an optional port ('127.0.0.1:80@evil.example', 'localhost:99999')."""
     host = host.strip().lower()
     match = _HOST.fullmatch(host)
     if match is None or int(match[2] or 0) > 65535:
-        return ""
+        return None
     name = match[1] if match[1] is not None else host
     return name[1:-1] if name.startswith("[") else name
 
 
+def _listen_name(host: str) -> str:
+    """An `agent.toml` listen host as a Host names it: no brackets, no IPv6 zone (%eth0)."""
+    return host.strip().lower().removeprefix("[").removesuffix("]").split("%", 1)[0]
+
+
 def is_loopback_name(host: str) -> bool:
     name = _host_name(host)
+    if name is None:
+        return False
     if name == "localhost" or name.endswith(".localhost"):
         return True
     try:
@@ -43,8 +50,9 @@ def is_loopback_name(host: str) -> bool:
 
 
 def _is_ip(host: str) -> bool:
+    name = _host_name(host)
     try:
-        ipaddress.ip_address(_host_name(host))
+        ipaddress.ip_address(name or "")
     except ValueError:
         return False
     return True
@@ -57,9 +65,9 @@ class Guard:
         # Binding a non-loopback address on purpose makes that address a valid Host too;
         # binding every address (for LAN devices) makes any IP literal one. Names stay
         # refused: a DNS rebinding attack always arrives under its own name.
-        self.extra_hosts = frozenset() if is_loopback_name(listen_host) else {
-            _host_name(listen_host)}
-        self.any_ip = _host_name(listen_host) in ("0.0.0.0", "::", "")
+        listen = _listen_name(listen_host)
+        self.extra_hosts = frozenset() if is_loopback_name(listen) else {listen}
+        self.any_ip = listen in ("0.0.0.0", "::", "")
         self.allowed_origins = frozenset(o.rstrip("/").lower() for o in allowed_origins)
         self._verdicts: dict[str, bool] = {}
 
