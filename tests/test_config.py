@@ -137,6 +137,14 @@ def test_check_config_reload_refuses_a_pid_that_names_no_one_process(
         target.wait()
 
 
+def test_check_config_reload_of_a_pid_beyond_any_is_one_line(tmp_path: Path) -> None:
+    """os.kill raised OverflowError, not an OSError: a traceback (review)."""
+    good = tmp_path / "good.toml"
+    good.write_text("[listen]\nport = 9000\n")
+    run = check_config(str(good), "--reload", str(2**40))
+    assert run.returncode in (1, 2) and str(2**40) in one_line(run)
+
+
 def test_check_config_reload_of_a_process_that_is_gone_is_one_line(tmp_path: Path) -> None:
     good = tmp_path / "good.toml"
     good.write_text("[listen]\nport = 9000\n")
@@ -147,6 +155,9 @@ def test_check_config_reload_of_a_process_that_is_gone_is_one_line(tmp_path: Pat
 
 
 @pytest.mark.parametrize("text,fragment", [
+    # A listed key with a line break would split every log line naming it (review).
+    (b'[listen]\naccept_keys = ["a\\nb"]\n', "listen.accept_keys"),
+    (b'[listen]\naccept_keys = ["a\\u0000b"]\n', "listen.accept_keys"),
     (b"\xff\xfe[listen]\nport = 1\n", "not UTF-8"),
     (b'[storage]\npath = "/tmp/a\\u0000b.db"\n', "storage.path"),
     (b'[listen]\nhost = "127.0.0.1\\u0000x"\n', "listen.host"),

@@ -29,3 +29,15 @@ def test_a_second_agent_on_a_spool_in_use_refuses_to_start(
     first.kill9()   # the lock ends with its process, however it ends
     again = agent_process(second, other).start()
     assert again.terminate() == 0
+
+
+def test_a_lock_file_that_cannot_be_opened_is_one_line(tmp_path: Path) -> None:
+    """A directory where the lock file goes (or one left unreadable by another user) gave
+    a traceback (review)."""
+    spool = tmp_path / "spool.db"
+    (tmp_path / "spool.db.lock").mkdir()
+    cfg = write_config(tmp_path / "a.toml", spool, port=free_port())
+    run = subprocess.run([sys.executable, "-m", "agent", "run", "--config", str(cfg)],
+                         capture_output=True, text=True, cwd=ROOT, timeout=30)
+    assert run.returncode == 2, (run.returncode, run.stderr)
+    assert "Traceback" not in run.stderr and "spool.db.lock" in run.stderr, run.stderr
