@@ -82,6 +82,10 @@ def cmd_run(args: argparse.Namespace) -> int:
         print(f"outpost: the spool {spool} is in use by another agent; stop that one, or "
               "give this one another storage.path", file=sys.stderr)
         return EXIT_CONFIG
+    except OSError as exc:   # a directory there, or a file another user left
+        print(f"outpost: cannot open the spool's lock file {spool}.lock: "
+              f"{exc.strerror or exc}; remove it, or give this user access", file=sys.stderr)
+        return EXIT_CONFIG
     logs.setup_logging(cfg.log.level)
     from agent.dialects import offload
     from agent.service import Agent, StartError
@@ -191,9 +195,9 @@ def cmd_check_config(args: argparse.Namespace) -> int:
         # instead of the agent refusing it after systemd has reported success.
         try:
             os.kill(args.reload, signal.SIGHUP)
-        except OSError as exc:
-            print(f"outpost: cannot ask PID {args.reload} to reload: "
-                  f"{exc.strerror or exc}", file=sys.stderr)
+        except (OSError, OverflowError) as exc:
+            why = exc.strerror if isinstance(exc, OSError) and exc.strerror else "no such PID"
+            print(f"outpost: cannot ask PID {args.reload} to reload: {why}", file=sys.stderr)
             return 1
     return 0
 

@@ -54,6 +54,8 @@ def run(args: argparse.Namespace, load: Callable[[argparse.Namespace], Config | 
                 print(json.dumps(message) if args.json else line(message), flush=True)
     except KeyboardInterrupt:
         return 0
+    except BrokenPipeError:
+        raise   # the reader left (`outpost tail | head`): the CLI ends as SIGPIPE would
     except urllib.error.HTTPError as exc:
         print(f"outpost: the agent refused the live view: HTTP {exc.code} "
               f"{exc.read().decode(errors='replace')}", file=sys.stderr)
