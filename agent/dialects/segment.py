@@ -208,7 +208,8 @@ class SegmentHandlers:
         body and parsed batch are freed before the commit is awaited)."""
         try:
             items = spec.batch_items(body)
-            batch_key = _body_key(body)
+            # Checked only where it would be used, as a message's own writeKey is.
+            batch_key = None if forced_key else _body_key(body)
         except Invalid as exc:
             status = replies.status_of(exc)
             return batch_error(status, [error_object(status, exc.message)])
