@@ -6,19 +6,25 @@ a 1.5 s startup."""
 
 import sys
 
+from agent import startup_signals
+
 INTERRUPTED = 130   # 128 + SIGINT, as shells report it
 
 
 def main() -> int:
+    startup_signals.defer()   # until the modules are loaded: see startup_signals
     try:
         from agent.server import allocator
         if sys.argv[1:2] == ["run"]:
             allocator.use_c_allocator()
         from agent.cli import main as cli_main
+        # `run` loads more before its own handlers exist, and takes the interrupt then.
+        if sys.argv[1:2] != ["run"] and startup_signals.taken():
+            raise KeyboardInterrupt
         return cli_main()
     except KeyboardInterrupt:
-        # Ctrl-C before `run` has its own handlers (while its modules load), or during
-        # any other command: nothing was started that needs stopping.
+        # Ctrl-C before `run` has its own handlers, or during any other command: nothing
+        # was started that needs stopping.
         print("outpost: interrupted", file=sys.stderr)
         return INTERRUPTED
 

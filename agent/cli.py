@@ -22,7 +22,7 @@ from typing import Any
 
 from filelock import FileLock, Timeout
 
-from agent import __version__, cli_tail, logs, paths, preflight
+from agent import __version__, cli_tail, logs, paths, preflight, startup_signals
 from agent import config as config_mod
 from agent.config import ConfigError
 from agent.device import detect
@@ -90,6 +90,8 @@ def cmd_run(args: argparse.Namespace) -> int:
     from agent.dialects import offload
     from agent.service import Agent, StartError
     from agent.spool.migrate import SpoolTooNew
+    if startup_signals.taken():   # Ctrl-C while those loaded: nothing started yet
+        raise KeyboardInterrupt
     offload.favour_the_loop()
 
     async def main() -> int:
