@@ -76,10 +76,13 @@ def _kind_name(kinds: tuple[type, ...]) -> str:
 
 def _str_list(where: str, name: str) -> Callable[[Any], str | None]:
     def check(value: Any) -> str | None:
-        # Printable: a key with a line break would split every log line naming it.
-        bad = [v for v in value if not isinstance(v, str) or not v or not v.isprintable()]
-        return (f"every entry must be a non-empty string of printable characters, got "
-                f"{bad[0]!r}") if bad else None
+        bad = [v for v in value if not isinstance(v, str) or not v]
+        if bad:
+            return f"every entry must be a non-empty string, got {bad[0]!r}"
+        # A key with a line break would split every log line naming it.
+        odd = [v for v in value if not v.isprintable()]
+        return (f"every entry must be printable (no line breaks or control characters), "
+                f"got {odd[0]!r}") if odd else None
     return check
 
 
