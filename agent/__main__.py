@@ -13,13 +13,14 @@ INTERRUPTED = 130   # 128 + SIGINT, as shells report it
 
 def main() -> int:
     startup_signals.defer()   # until the modules are loaded: see startup_signals
+    run = sys.argv[1:2] == ["run"]
     try:
         from agent.server import allocator
-        if sys.argv[1:2] == ["run"]:
+        if run:
             allocator.use_c_allocator()
         from agent.cli import main as cli_main
         # `run` loads more before its own handlers exist, and takes the interrupt then.
-        if sys.argv[1:2] != ["run"] and startup_signals.taken():
+        if not run and startup_signals.taken():
             raise KeyboardInterrupt
         return cli_main()
     except KeyboardInterrupt:

@@ -220,13 +220,9 @@ class _Cli:
 
 def _count(text: str) -> int:
     """--limit: 0 or more."""
-    try:
-        n = int(text)
-    except ValueError:
-        n = -1
-    if n < 0:
+    if not text.isdigit():
         raise argparse.ArgumentTypeError(f"expected a whole number, 0 or more, got {text!r}")
-    return n
+    return int(text)
 
 
 def _reason(text: str) -> str:
