@@ -305,6 +305,26 @@ def test_outpost_run_on_a_newer_spool_exits_2_with_one_line(tmp_path: Path) -> N
     assert spool.read_bytes() == before
 
 
+@pytest.mark.parametrize("command", [["status"], ["dead", "list"], ["dead", "show", "1"],
+                                     ["dead", "export", "-"], ["dead", "purge", "--all"]])
+def test_offline_commands_on_a_newer_spool_say_so_in_one_line(tmp_path: Path,
+                                                               command: list[str]) -> None:
+    """No agent runs; the commands that read or change the spool file itself. Before the
+    fix the reads said "no such table" (of the newer layout), and the writes told the
+    operator to start the agent, which refuses such a spool."""
+    spool = tmp_path / "spool.db"
+    before = newer(spool)
+    cfg = write_config(tmp_path / "agent.toml", spool, port=free_port())
+    run = subprocess.run([sys.executable, "-m", "agent", *command, "--config", str(cfg)],
+                         cwd=ROOT, capture_output=True, text=True, timeout=15)
+    out = run.stdout + run.stderr
+    assert run.returncode == 1 and "Traceback" not in out, out
+    (line,) = out.strip().splitlines()
+    assert f"v{VERSION + 1}, newer than this agent reads (v{VERSION})" in line, line
+    assert "start the agent" not in line
+    assert spool.read_bytes() == before
+
+
 async def test_a_migrated_spool_delivers_everything_once_and_still_dedupes(v0: Path) -> None:
     """The real spool opens the v0 file: every queued event is fetched in order, with its
     receipt time; once all are acked, a resend of any of the 60 is a counted duplicate."""

@@ -267,6 +267,24 @@ def test_spool_is_private_whatever_the_umask(tmp_path: Path) -> None:
         os.umask(old)
 
 
+def test_directories_made_for_a_new_spool_are_private(tmp_path: Path) -> None:
+    """A storage.path whose directories do not exist yet: each one the agent makes is
+    0700, not only the last (the XDG rule). Before the fix the outer ones were made with
+    the umask's 0755. A directory that already existed is left as it was."""
+    tmp_path.chmod(0o755)
+    old = os.umask(0o022)
+    try:
+        with ThreadedAgent(tmp_path, spool=tmp_path / "new" / "deeper" / "spool.db") as agent:
+            status, _, _ = agent.request("POST", "/app/k1/track",
+                                         b'{"data":[{"name":"e","id":1}]}')
+            assert status == 200
+    finally:
+        os.umask(old)
+    for made in (tmp_path / "new", tmp_path / "new" / "deeper"):
+        assert stat.S_IMODE(made.stat().st_mode) == 0o700, made
+    assert stat.S_IMODE(tmp_path.stat().st_mode) == 0o755
+
+
 # -- secrets in logs ------------------------------------------------------------------------
 
 SECRETS = {
