@@ -33,6 +33,7 @@ from agent.ops.local_agent import DIRECT, agent_url
 from agent.ops.status import offline_snapshot
 from agent.server import memory
 from agent.settings import Config, SyncConfig
+from agent.spool.schema import SpoolTooNew
 from agent.sync.metered import read_once, source_for
 from agent.sync.policy import Metered, decide
 from agent.sync.power import read_battery
@@ -89,7 +90,6 @@ def cmd_run(args: argparse.Namespace) -> int:
     logs.setup_logging(cfg.log.level)
     from agent.dialects import offload
     from agent.service import Agent, StartError
-    from agent.spool.migrate import SpoolTooNew
     if startup_signals.taken():   # Ctrl-C while those loaded: nothing started yet
         raise KeyboardInterrupt
     offload.favour_the_loop()
@@ -144,6 +144,9 @@ def cmd_status(args: argparse.Namespace) -> int:
             print(f"outpost: {exc}; reading the spool", file=sys.stderr)
         try:
             data = offline_snapshot(cfg)
+        except SpoolTooNew as exc:
+            print(f"outpost: no agent answering, and the {exc}", file=sys.stderr)
+            return EXIT_FAILED
         except sqlite3.Error as exc:
             print(f"outpost: no agent answering, and cannot read the spool "
                   f"{cfg.storage.resolved_path()}: {exc}", file=sys.stderr)

@@ -58,8 +58,12 @@ def default_spool_path() -> Path:
 
 
 def ensure_private_dir(path: Path) -> Path:
-    """Create ``path`` (and parents) and make the leaf 0700: the spool holds user data."""
-    path.mkdir(parents=True, exist_ok=True)
+    """Create ``path`` and any missing parents, each one made 0700 (the XDG rule), and
+    make the leaf 0700: the spool holds user data. Parents that exist are left alone."""
+    missing = [p for p in (path, *path.parents) if not p.exists()]
+    for made in reversed(missing):
+        # mkdir -p would make the parents with the umask's mode (often 0755).
+        made.mkdir(mode=0o700, exist_ok=True)
     if sys.platform != "win32":
         os.chmod(path, 0o700)
     return path

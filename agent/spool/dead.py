@@ -26,7 +26,7 @@ from agent.spool.commit import Outcome
 from agent.spool.db import load_state
 from agent.spool.dedupe import keys_to_bytes
 from agent.spool.records import pack
-from agent.spool.schema import VERSION
+from agent.spool.schema import VERSION, SpoolTooNew, open_read_only
 from agent.spool.writer import RECORD_EVENTS
 
 # Summaries on /status and the page: the newest reasons, not every one.
@@ -228,7 +228,10 @@ def read_only(path: Path) -> sqlite3.Connection:
     """A read-only connection to a spool file: safe beside a running agent (WAL)."""
     if not path.exists():
         raise NoSpool(f"no agent answering, and no spool yet at {path}")
-    return sqlite3.connect(f"file:{path}?mode=ro", uri=True)
+    try:
+        return open_read_only(path)
+    except SpoolTooNew as exc:
+        raise DeadError(str(exc)) from exc
 
 
 def newest_reasons(path: Path) -> list[dict[str, Any]]:
@@ -266,9 +269,11 @@ class Offline:
         if found != VERSION:   # written by an older agent (not converted yet), or a newer one
             conn.execute("ROLLBACK")
             conn.close()
-            raise DeadError(f"the spool {self.path} is format v{found}, this agent's is "
-                            f"v{VERSION}: start the agent once (it converts an older spool, "
-                            "and refuses a newer one), then try again")
+            if found > VERSION:
+                raise DeadError(str(SpoolTooNew(str(self.path), found, VERSION)))
+            raise DeadError(f"the spool {self.path} is format v{found}, older than this "
+                            f"agent's (v{VERSION}): start the agent once (it converts it), "
+                            "then try again")
         self.conn = conn
         return conn
 

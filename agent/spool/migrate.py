@@ -52,7 +52,7 @@ from dataclasses import dataclass, field
 from agent.spool import migrate_lanes, records
 from agent.spool.db import PAST, transaction
 from agent.spool.dedupe import keys_to_bytes
-from agent.spool.schema import SCHEMA, VERSION
+from agent.spool.schema import SCHEMA, VERSION, SpoolTooNew
 
 log = logging.getLogger("outpost.spool")
 
@@ -64,18 +64,6 @@ DEAD_COLS = "seq, stream, family, received, dkey, body, upstream, reason, at"
 ALIVE_EVERY_S = 5.0
 # SQLite VM instructions between two looks at the clock (about a millisecond's work).
 _PROGRESS_STEPS = 100_000
-
-
-class SpoolTooNew(Exception):
-    """The spool was written by a newer agent (a higher schema version): refused untouched."""
-
-    def __init__(self, path: str, found: int, supported: int) -> None:
-        super().__init__(f"spool {path} is format v{found}, newer than this agent reads "
-                         f"(v{supported}); it was left untouched: run a newer agent, "
-                         "or move the file away to start an empty spool")
-        self.path = path
-        self.found = found
-        self.supported = supported
 
 
 def refuse_newer(conn: sqlite3.Connection) -> None:

@@ -57,11 +57,38 @@ def move_aside(path: Path) -> Path:
     return target
 
 
+class SpoolTooNew(Exception):
+    """The spool was written by a newer agent (a higher schema version): refused untouched."""
+
+    def __init__(self, path: str, found: int, supported: int) -> None:
+        super().__init__(f"spool {path} is format v{found}, newer than this agent reads "
+                         f"(v{supported}); it was left untouched: run a newer agent, "
+                         "or move the file away to start an empty spool")
+        self.path = path
+        self.found = found
+        self.supported = supported
+
+
+def open_read_only(path: Path) -> sqlite3.Connection:
+    """A read-only connection to a spool file (safe beside a running agent: WAL);
+    SpoolTooNew for one a newer agent wrote, whose tables this code cannot read."""
+    conn = sqlite3.connect(f"file:{path}?mode=ro", uri=True)
+    try:
+        found = conn.execute("PRAGMA user_version").fetchone()[0]
+    except BaseException:
+        conn.close()
+        raise
+    if found > VERSION:
+        conn.close()
+        raise SpoolTooNew(str(path), found, VERSION)
+    return conn
+
+
 def read_offline(path: Path) -> dict[str, Any]:
     """Queue depth and counters straight from a spool no agent is serving."""
     if not path.exists():
         return {"spool": str(path), "exists": False, "depth": 0, "streams": {}, "counters": {}}
-    conn = sqlite3.connect(f"file:{path}?mode=ro", uri=True)
+    conn = open_read_only(path)
     try:
         streams = {key: {"depth": depth, "bytes": nbytes} for key, depth, nbytes in
                    conn.execute("SELECT key, depth, bytes FROM streams")}
