@@ -41,6 +41,7 @@ class Load:
     max_requests: int = 0     # stop after this many requests (wrk: replies, per thread)
     any_reply: bool = False   # ws: the reference server does not ack, count any reply
     body_file: Path | None = None  # post this body as it is (a sink's ceiling), ``events`` each
+    rate: float = 0.0         # events/s offered on a schedule (open loop: the Python client)
 
 
 def _parse(out: str) -> dict[str, Any]:
@@ -82,18 +83,21 @@ def _python(load: Load) -> dict[str, Any]:
         argv.append("--any-reply")
     if load.body_file is not None:
         argv += ["--body-file", str(load.body_file)]
+    if load.rate:
+        argv += ["--rate", str(load.rate)]
     done = subprocess.run(argv, cwd=ROOT, capture_output=True, text=True,
                           timeout=load.duration + 120)
     if done.returncode != 0:
         raise RuntimeError(f"python load generator failed:\n{done.stderr[-3000:]}")
     result = _parse(done.stdout)
-    result["generator"] = "python (aiohttp, closed loop)"
+    result["generator"] = (f"python (aiohttp, open loop at {load.rate:,.0f} events/s)"
+                           if load.rate else "python (aiohttp, closed loop)")
     return result
 
 
 def run(load: Load, workdir: Path, use_wrk: bool, wrk_threads: int = 1) -> dict[str, Any]:
     """Run ``load``; returns events/s, latency percentiles in ms, and the raw figures."""
-    if load.kind != "ws" and use_wrk:
+    if load.kind != "ws" and use_wrk and not load.rate:
         raw = _wrk(load, workdir, wrk_threads)
     else:
         raw = _python(load)

@@ -2,8 +2,12 @@
 
 It stands in for wrk when wrk is missing (HTTP), and drives the websocket
 workload, which wrk cannot. Every connection sends, waits for the reply, then
-sends again (closed loop, not pipelined). It stops by itself at the deadline
-or after ``--max-requests``, and prints one ``BENCHJSON {...}`` line.
+sends again (closed loop, not pipelined). With ``--rate`` (HTTP) it is an open
+loop instead: requests start on a fixed schedule, whether or not earlier ones
+were answered, and each latency counts from the request's scheduled start (so
+a server that stalls is charged for every request it held up, not only the
+first). It stops by itself at the deadline or after ``--max-requests``, and
+prints one ``BENCHJSON {...}`` line.
 """
 
 from __future__ import annotations
@@ -52,6 +56,44 @@ async def _http_worker(session: aiohttp.ClientSession, args: argparse.Namespace,
             stats.errors += 1
 
 
+async def _open_loop(session: aiohttp.ClientSession, args: argparse.Namespace,
+                     deadline: float, stats: Stats) -> None:
+    """Start a request every ``events / rate`` seconds until the deadline, each on its own."""
+    headers = {"Content-Type": "application/json"}
+    if args.kind.startswith("segment"):
+        headers["Authorization"] = BASIC_AUTH
+    interval = args.events / args.rate
+    tasks: set[asyncio.Task[None]] = set()
+
+    async def one(n: int, due: float) -> None:
+        data = body(args.kind, n * args.events, args.events, args.seed * 1000)
+        try:
+            async with session.post(args.url, data=data, headers=headers) as resp:
+                await resp.read()
+                ok = resp.status < 300
+        except (aiohttp.ClientError, OSError, asyncio.TimeoutError):
+            ok = False
+        if ok:
+            stats.latencies.append(time.perf_counter() - due)
+            stats.events += args.events
+        else:
+            stats.errors += 1
+
+    start, n = time.perf_counter(), 0
+    end = start + (deadline - time.monotonic())
+    while (due := start + n * interval) < end and (
+            args.max_requests <= 0 or stats.sent < args.max_requests):
+        if (wait := due - time.perf_counter()) > 0:
+            await asyncio.sleep(wait)
+        n += 1
+        stats.sent += 1
+        task = asyncio.create_task(one(n, due))
+        tasks.add(task)
+        task.add_done_callback(tasks.discard)
+    if tasks:
+        await asyncio.wait(tasks)
+
+
 async def _ws_worker(session: aiohttp.ClientSession, args: argparse.Namespace, wid: int,
                      deadline: float, stats: Stats) -> None:
     counter = 0
@@ -87,9 +129,12 @@ async def run(args: argparse.Namespace) -> dict[str, Any]:
     timeout = aiohttp.ClientTimeout(total=args.duration + 10)
     conn = aiohttp.TCPConnector(limit=args.connections)
     async with aiohttp.ClientSession(connector=conn, timeout=timeout) as session:
-        worker = _ws_worker if args.mode == "ws" else _http_worker
-        await asyncio.gather(*(worker(session, args, i, deadline, stats)
-                               for i in range(args.connections)))
+        if args.rate > 0:
+            await _open_loop(session, args, deadline, stats)
+        else:
+            worker = _ws_worker if args.mode == "ws" else _http_worker
+            await asyncio.gather(*(worker(session, args, i, deadline, stats)
+                                   for i in range(args.connections)))
     elapsed = time.monotonic() - started
     lat = sorted(stats.latencies)
 
@@ -110,6 +155,9 @@ def main() -> None:
     p.add_argument("--duration", type=float, default=10.0)
     p.add_argument("--max-requests", type=int, default=0)
     p.add_argument("--seed", type=int, default=1)
+    p.add_argument("--rate", type=float, default=0.0,
+                   help="HTTP: events/s offered on a fixed schedule (open loop); "
+                   "--connections then caps the connections, not the requests in flight")
     p.add_argument("--any-reply", action="store_true",
                    help="ws: count a frame on any reply (the hello server acks nothing)")
     p.add_argument("--body-file", help="send this body every time (a sink's ceiling); "

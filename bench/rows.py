@@ -155,6 +155,22 @@ def backlog_rows(b: dict[str, Any]) -> list[Row]:
     return out
 
 
+def latency_rows(lat: dict[str, Any]) -> list[Row]:
+    """Batch latency at a fixed offered rate, Outpost beside naive at the same rate."""
+    out: list[Row] = []
+    for name, w in lat.items():
+        a, n = w.get("agent") or {}, w.get("naive") or {}
+        p99 = a.get("p99_ms")
+        out.append((f"{WORKLOADS[name]}: p50 / p99 at {fmt(w['offered'])} events/s offered "
+                    "(open loop)", f"{fmt(a.get('p50_ms'), 'ms')} / {fmt(p99, 'ms')}",
+                    fmt(a.get("cpu_s_per_m"), "cpu"),
+                    f"naive {fmt(n.get('p50_ms'), 'ms')} / {fmt(n.get('p99_ms'), 'ms')}, "
+                    f"{fmt(n.get('cpu_s_per_m'), 'cpu')}; taken {fmt(a.get('events_per_s'))} / "
+                    f"{fmt(n.get('events_per_s'))} ev/s", "< 50 ms",
+                    _met(p99 is not None and p99 < 50)))
+    return out
+
+
 def other_rows(r: dict[str, Any]) -> list[Row]:
     out: list[Row] = []
     i = r.get("idle")
@@ -179,4 +195,5 @@ def other_rows(r: dict[str, Any]) -> list[Row]:
 
 def rows(r: dict[str, Any]) -> list[Row]:
     """(figure, Outpost, Outpost's CPU s per million events, reference, target, met) rows."""
-    return ingest_rows(r.get("ingest", {})) + backlog_rows(r.get("backlog", {})) + other_rows(r)
+    return (ingest_rows(r.get("ingest", {})) + latency_rows(r.get("latency", {}))
+            + backlog_rows(r.get("backlog", {})) + other_rows(r))

@@ -3,7 +3,8 @@
 Phases: (1) ingest: for each HTTP/ws workload, the hello-world ceiling, the
 naive baseline and Outpost are each started fresh as a subprocess and loaded
 the same way, with each one's CPU per million events (and Outpost again with
-its upstream online, for CPU until delivered); (2) backlog: the empty-spool
+its upstream online, for CPU until delivered); (1b) latency: the batch
+workloads offered at a fixed rate (open loop), naive and Outpost; (2) backlog: the empty-spool
 batch rate, then per drain (an uplink and the family of the events queued for
 it) a backlog filled with the upstream offline (the
 growing spool), its disk bytes and startup, the drain against the fake
@@ -34,7 +35,8 @@ from .procs import ROOT, Proc, free_port, fsync_latency, read_rss, upstream_proc
 SERVERS = ("hello", "naive", "normal", "agent")
 # Where ingest is also measured with the upstream online: CPU "until delivered".
 ONLINE_WORKLOADS = ("batch_nucleus", "batch_segment")
-PHASES = ("ingest", "backlog", "idle")
+PHASES = ("ingest", "latency", "backlog", "idle")
+LATENCY_WORKLOADS = ("batch_nucleus", "batch_segment")
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
@@ -51,6 +53,9 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--uplinks", default=",".join(drain.DRAINS),
                    help="comma list of the drains: " + ", ".join(drain.DRAINS)
                    + " (segment-http-mapped: Nucleus events to segment-http)")
+    p.add_argument("--open-rate", type=float, default=20_000.0,
+                   help="latency phase: events/s offered in 100-event batches on a schedule "
+                   "(open loop), below both servers' closed-loop rates")
     p.add_argument("--batch-max-events", type=int, default=0,
                    help="the upstream's batch_max_events in every agent (default: the agent's)")
     p.add_argument("--repeat", type=int, default=1, help="runs per figure; the median is kept")
@@ -104,14 +109,17 @@ class Bench(Harness):
         return Load(f"ws://{base}/app/{APP_ID}/track", "ws", 100, a.connections,
                     any_reply=self.server == "hello")
 
-    def measure(self, server: str, workload: str) -> dict[str, Any]:
+    def measure(self, server: str, workload: str, rate: float = 0.0) -> dict[str, Any]:
+        """``workload`` on a fresh ``server``: closed loop, or offered at ``rate`` events/s."""
         d = self.dir(f"{server}-{workload}")
         proc = self.start(server, d)
         self.server = server
         try:
             time.sleep(0.5)
             idle_rss = read_rss(proc.pid)
-            result = self.loaded(proc, self.load_for(workload, proc.port), d)
+            load = self.load_for(workload, proc.port)
+            load.rate = rate
+            result = self.loaded(proc, load, d)
             result["rss_idle"], result["rss_anon_idle"] = idle_rss
         finally:
             proc.stop()
@@ -204,6 +212,21 @@ class Bench(Harness):
             self.memory["hello_idle_anon"] = min(w["hello"]["rss_anon_idle"] for w in out.values())
         return out
 
+    def latency(self) -> dict[str, Any]:
+        """Batch latency at a fixed offered rate (open loop), Outpost and naive alike: what
+        a server adds to a request below saturation. At 32 closed-loop connections the
+        latency is the queue the connections make (p99 follows the rate, Little's law)."""
+        self.segment = self.segment or self.probe_segment()
+        rate = self.args.open_rate
+        print(f"latency: {rate:,.0f} events/s offered (open loop)", flush=True)
+        out: dict[str, Any] = {}
+        for workload in LATENCY_WORKLOADS:
+            if workload == "batch_segment" and not self.segment:
+                continue
+            out[workload] = {"offered": rate,
+                             **{s: self.measure(s, workload, rate) for s in ("naive", "agent")}}
+        return out
+
     def backlog(self) -> dict[str, Any]:
         """The empty-spool batch rate, then per drain a backlog filled and drained (the first
         of Nucleus events also measures the full-spool rate, the last one the refill)."""
@@ -256,6 +279,8 @@ def main(argv: list[str] | None = None) -> int:
     try:
         if "ingest" in phases:
             results["ingest"] = bench.ingest()
+        if "latency" in phases:
+            results["latency"] = bench.latency()
         if "backlog" in phases:
             results["backlog"] = bench.backlog()
         if "idle" in phases:
