@@ -31,6 +31,9 @@ from tests.fakes.loopback_server import LoopbackServer
 #   status     answer `status` with `headers` (500, 429 + Retry-After, 400...)
 #   timeout    hold the reply for `delay` seconds (longer than the agent waits)
 #   slow       hold the reply for `delay` seconds, then answer properly
+#   stall      acknowledge every id, but write only the first half of the reply before
+#              holding the rest for `delay` seconds (HTTP; a websocket holds the whole
+#              reply): an ack the agent, waiting less, never reads
 #   reset      cut the connection before answering (HTTP: mid-request, body half read)
 #   close      websocket: acknowledge the first half of the frame (after `delay`), then close
 #   partial    acknowledge only the first half of the ids
@@ -40,8 +43,8 @@ from tests.fakes.loopback_server import LoopbackServer
 #   huge       acknowledge every id in a reply padded with spaces to `size` bytes (valid
 #              JSON, absurdly long); HTTP: streamed, and the bytes written before the
 #              agent stopped reading are kept in the Request's `written`
-KINDS = frozenset({"status", "timeout", "slow", "reset", "close", "partial", "unknown", "bogus",
-                   "malformed", "huge"})
+KINDS = frozenset({"status", "timeout", "slow", "stall", "reset", "close", "partial", "unknown",
+                   "bogus", "malformed", "huge"})
 NEVER_SENT: list[Any] = [987654321, "never-sent", True, None, {"id": 1}, [1]]
 
 
@@ -111,7 +114,7 @@ class FaultyUpstream(LoopbackServer):
         return [ev["id"] for ev in events if "id" in ev and ev.get("type") != "heartbeat"]
 
     def _ack(self, fault: Fault | None, ids: list[Any]) -> list[Any]:
-        if fault is None or fault.kind in ("slow", "huge"):
+        if fault is None or fault.kind in ("slow", "stall", "huge"):
             return ids
         if fault.kind in ("partial", "close"):
             return ids[: len(ids) // 2]
@@ -155,6 +158,8 @@ class FaultyUpstream(LoopbackServer):
             reply = orjson.dumps({"reportedIds": rec.acked})
             if fault is not None and fault.kind == "huge":
                 return await _huge(request, rec, reply, fault.size)
+            if fault is not None and fault.kind == "stall":
+                return await _stalled(request, reply, fault.delay)
             return web.Response(body=reply, content_type="application/json")
         finally:
             rec.answered = time.monotonic()
@@ -187,7 +192,7 @@ class FaultyUpstream(LoopbackServer):
             if fault is None and self.flap_every and self._frames % self.flap_every == 0:
                 fault = Fault("close", delay=self.flap_delay)
             rec.fault = fault.kind if fault else "ok"
-            if fault is not None and fault.kind in ("timeout", "slow", "close"):
+            if fault is not None and fault.kind in ("timeout", "slow", "stall", "close"):
                 await asyncio.sleep(fault.delay)
             if fault is not None and fault.kind == "malformed":
                 await ws.send_str(fault.body.decode())
@@ -262,6 +267,21 @@ async def _huge(request: web.Request, rec: Request, reply: bytes, size: int
         await resp.write_eof()
     except ConnectionError:
         pass   # the agent closed the connection
+    return resp
+
+
+async def _stalled(request: web.Request, reply: bytes, delay: float) -> web.StreamResponse:
+    """``reply`` in two halves, the second ``delay`` seconds after the first."""
+    resp = web.StreamResponse(headers={"Content-Type": "application/json"})
+    resp.content_length = len(reply)
+    await resp.prepare(request)
+    try:
+        await resp.write(reply[: len(reply) // 2])
+        await asyncio.sleep(delay)
+        await resp.write(reply[len(reply) // 2:])
+        await resp.write_eof()
+    except ConnectionError:
+        pass   # the agent stopped waiting and closed the connection
     return resp
 
 
