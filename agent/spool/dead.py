@@ -257,6 +257,9 @@ class Offline:
     def __enter__(self) -> sqlite3.Connection:
         if not self.path.exists():
             raise DeadError(f"no spool at {self.path}")
+        # Read-only first: closing a read-write connection to a newer agent's file would
+        # checkpoint the WAL it left behind (read_only raises DeadError for such a file).
+        read_only(self.path).close()
         conn = sqlite3.connect(self.path, timeout=self.timeout_s, isolation_level=None)
         try:
             conn.execute("PRAGMA locking_mode=EXCLUSIVE")
@@ -269,7 +272,7 @@ class Offline:
         if found != VERSION:   # written by an older agent (not converted yet), or a newer one
             conn.execute("ROLLBACK")
             conn.close()
-            if found > VERSION:
+            if found > VERSION:   # made newer since read_only looked
                 raise DeadError(str(SpoolTooNew(str(self.path), found, VERSION)))
             raise DeadError(f"the spool {self.path} is format v{found}, older than this "
                             f"agent's (v{VERSION}): start the agent once (it converts it), "

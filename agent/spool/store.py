@@ -36,7 +36,7 @@ from agent.spool.live import LiveRecords
 from agent.spool.migrate import ensure, refuse_newer
 from agent.spool.reads import Reader
 from agent.spool.salvage import Carry, Salvaged, salvage, salvage_counters
-from agent.spool.schema import move_aside
+from agent.spool.schema import move_aside, open_read_only
 from agent.spool.types import Queued, Stream
 from agent.spool.writer import Writer, is_corruption
 
@@ -161,6 +161,9 @@ class Spool:
             os.close(os.open(self.path, os.O_CREAT | os.O_WRONLY, 0o600))
         if sys.platform != "win32":
             os.chmod(self.path, 0o600)
+        # Read-only first: a newer agent's file is refused before a connection that could
+        # write to it exists (closing one checkpoints a WAL the newer agent left behind).
+        open_read_only(self.path).close()
         sync = "FULL" if self.cfg.sync == "full" else "NORMAL"
         self._db = SqliteThread("spool-writer")
         try:
