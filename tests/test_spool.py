@@ -167,6 +167,18 @@ async def test_files_are_private(tmp_path: Path) -> None:
     await spool.close()
 
 
+async def test_a_file_where_the_spool_directory_should_be_is_refused_untouched(
+        tmp_path: Path) -> None:
+    """Review: the directory helper took an existing regular file for the directory and
+    made it 0700 (executable), then went on."""
+    (tmp_path / "d").write_bytes(b"notes")
+    (tmp_path / "d").chmod(0o644)
+    with pytest.raises(OSError):
+        await Spool.open(StorageConfig(path=str(tmp_path / "d" / "spool.db")))
+    assert stat.S_IMODE(os.stat(tmp_path / "d").st_mode) == 0o644
+    assert (tmp_path / "d").read_bytes() == b"notes"
+
+
 async def test_garbage_spool_is_moved_aside(tmp_path: Path) -> None:
     (tmp_path / "spool.db").write_bytes(b"this is not sqlite" * 100)
     spool = await open_spool(tmp_path)
