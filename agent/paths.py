@@ -60,10 +60,10 @@ def default_spool_path() -> Path:
 def ensure_private_dir(path: Path) -> Path:
     """Create ``path`` and any missing parents, each one made 0700 (the XDG rule), and
     make the leaf 0700: the spool holds user data. Parents that exist are left alone."""
-    missing = [p for p in (path, *path.parents) if not p.exists()]
-    for made in reversed(missing):
-        # mkdir -p would make the parents with the umask's mode (often 0755).
+    # mkdir -p would make the parents with the umask's mode (often 0755).
+    for made in reversed([p for p in path.parents if not p.exists()]):
         made.mkdir(mode=0o700, exist_ok=True)
+    path.mkdir(mode=0o700, exist_ok=True)   # a file in its place raises, as mkdir -p does
     if sys.platform != "win32":
         os.chmod(path, 0o700)
     return path
