@@ -306,7 +306,8 @@ def test_outpost_run_on_a_newer_spool_exits_2_with_one_line(tmp_path: Path) -> N
 
 
 @pytest.mark.parametrize("command", [["status"], ["dead", "list"], ["dead", "show", "1"],
-                                     ["dead", "export", "-"], ["dead", "purge", "--all"]])
+                                     ["dead", "export", "{tmp}/out.jsonl"],
+                                     ["dead", "purge", "--all"]])
 def test_offline_commands_on_a_newer_spool_say_so_in_one_line(tmp_path: Path,
                                                                command: list[str]) -> None:
     """No agent runs; the commands that read or change the spool file itself. Before the
@@ -315,6 +316,7 @@ def test_offline_commands_on_a_newer_spool_say_so_in_one_line(tmp_path: Path,
     spool = tmp_path / "spool.db"
     before = newer(spool)
     cfg = write_config(tmp_path / "agent.toml", spool, port=free_port())
+    command = [c.format(tmp=tmp_path) for c in command]
     run = subprocess.run([sys.executable, "-m", "agent", *command, "--config", str(cfg)],
                          cwd=ROOT, capture_output=True, text=True, timeout=15)
     out = run.stdout + run.stderr
