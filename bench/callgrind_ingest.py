@@ -11,9 +11,14 @@ event and per request, counted by the events the agent stored meanwhile (its `/s
 `ingested`; wrk's reply count for a reference server), not by wrk's replies.
 
 Workloads: `single` (one event per `/v1/track` POST), `batch_segment` (100-event
-`/v1/batch`), `batch_nucleus` (100-event Nucleus HTTP). The agent's upstream serves
-another key than the bench's, so no forwarder runs: its retries against an offline
-upstream come at times that depend on valgrind's slowdown, and would blur the count.
+`/v1/batch`), `batch_nucleus` (100-event Nucleus HTTP), `batch_nucleus_mapped` (the
+same, its key routed to a `segment-http` upstream: mapped to Segment at ingest). The
+agent's upstream serves another key than the bench's, so no forwarder runs: its retries
+against an offline upstream come at times that depend on valgrind's slowdown, and would
+blur the count. For `batch_nucleus_mapped` it must serve the key; it is offline (a port
+nothing listens on): its forwarder probes the port every 2 s and, at each backoff's end,
+prepares one read's batches (Segment events stored mapped, spliced as stored: no
+mapping) and fails to connect, a few times in the measured window (backoff doubling).
 `PYTHONMALLOC` is `malloc`, as `outpost run` chooses on glibc (`--malloc pymalloc` to
 compare). Needs valgrind and wrk. `--keep DIR` keeps the callgrind output for
 `callgrind_annotate`. Bounded: wrk stops by count, every wait has a timeout.
@@ -37,6 +42,7 @@ WORKLOADS = {  # name -> (wrk payload kind, path, events per request)
     "single": ("segment1", "/v1/track", 1),
     "batch_segment": ("segment", "/v1/batch", 100),
     "batch_nucleus": ("nucleus", "/app/benchapp/track", 100),
+    "batch_nucleus_mapped": ("nucleus", "/app/benchapp/track", 100),
 }
 START_S = 240.0  # python under callgrind starts in 10-60 s
 
@@ -48,9 +54,11 @@ def measure(workdir: Path, workload: str, requests: int, connections: int,
     port = free_port()
     out = workdir / "callgrind.out"
     if ref is None:
+        mapped = workload == "batch_nucleus_mapped"
         cfg = write_agent_config(workdir / "agent.toml", port, workdir / "spool" / "spool.db",
-                                 free_port())
-        cfg.write_text(cfg.read_text().replace('keys = ["*"]', 'keys = ["not-the-bench-key"]'))
+                                 free_port(), "segment-http" if mapped else "nucleus-ws")
+        if not mapped:
+            cfg.write_text(cfg.read_text().replace('keys = ["*"]', 'keys = ["not-the-bench-key"]'))
         server = ["-m", "agent", "run", "--config", str(cfg)]
         probe = "/healthz"
     else:

@@ -83,7 +83,8 @@ async def _open_loop(session: aiohttp.ClientSession, args: argparse.Namespace,
     end = start + (deadline - time.monotonic())
     while (due := start + n * interval) < end and (
             args.max_requests <= 0 or stats.sent < args.max_requests):
-        if (wait := due - time.perf_counter()) > 0:
+        # The loop's timers may fire up to a millisecond early: never send before due.
+        while (wait := due - time.perf_counter()) > 0:
             await asyncio.sleep(wait)
         n += 1
         stats.sent += 1

@@ -166,8 +166,9 @@ def latency_rows(lat: dict[str, Any]) -> list[Row]:
                     fmt(a.get("cpu_s_per_m"), "cpu"),
                     f"naive {fmt(n.get('p50_ms'), 'ms')} / {fmt(n.get('p99_ms'), 'ms')}, "
                     f"{fmt(n.get('cpu_s_per_m'), 'cpu')}; taken {fmt(a.get('events_per_s'))} / "
-                    f"{fmt(n.get('events_per_s'))} ev/s", "< 50 ms",
-                    _met(p99 is not None and p99 < 50)))
+                    f"{fmt(n.get('events_per_s'))} ev/s; failed requests {a.get('errors')} / "
+                    f"{n.get('errors')}", "< 50 ms at this rate",
+                    _met(p99 is not None and p99 < 50 and not a.get("errors"))))
     return out
 
 
