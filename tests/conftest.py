@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import os
+import random
 import re
 import shutil
 import signal
@@ -65,8 +66,30 @@ def write_config(path: Path, spool: Path, *, port: int = 0, listen: dict[str, An
     return path
 
 
+_EPHEMERAL = Path("/proc/sys/net/ipv4/ip_local_port_range")
+_PORTS = random.Random()   # seeded by the OS: concurrent test runs draw different ports
+_given: set[int] = set()
+
+
 def free_port() -> int:
-    with socket.socket() as s:
+    """A port free now, for an agent started later (a subprocess binds it a second or so
+    on). Drawn below the kernel's ephemeral range on Linux, from which every port-0 bind
+    and outgoing connection on the machine takes its port, so none of those takes it in
+    that second; and never the same one twice in a run."""
+    low = int(_EPHEMERAL.read_text().split()[0]) if _EPHEMERAL.exists() else 0
+    if low > 11_000:
+        for _ in range(1000):
+            port = _PORTS.randrange(10_000, low)
+            if port in _given:
+                continue
+            with socket.socket() as s:
+                try:
+                    s.bind(("127.0.0.1", port))
+                except OSError:
+                    continue
+            _given.add(port)
+            return port
+    with socket.socket() as s:   # elsewhere: the kernel's choice
         s.bind(("127.0.0.1", 0))
         return int(s.getsockname()[1])
 
