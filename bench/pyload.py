@@ -31,54 +31,48 @@ class Stats:
         self.sent = 0
 
 
-async def _http_worker(session: aiohttp.ClientSession, args: argparse.Namespace, wid: int,
-                       deadline: float, stats: Stats) -> None:
+def _headers(args: argparse.Namespace) -> dict[str, str]:
     headers = {"Content-Type": "application/json"}
     if args.kind.startswith("segment"):
         headers["Authorization"] = BASIC_AUTH
+    return headers
+
+
+async def _post(session: aiohttp.ClientSession, args: argparse.Namespace,
+                headers: dict[str, str], data: bytes, since: float, stats: Stats) -> None:
+    """POST ``data``; a success's latency counts from ``since`` (perf_counter)."""
+    try:
+        async with session.post(args.url, data=data, headers=headers) as resp:
+            await resp.read()
+            ok = resp.status < 300
+    except (aiohttp.ClientError, OSError, asyncio.TimeoutError):
+        ok = False
+    if ok:
+        stats.latencies.append(time.perf_counter() - since)
+        stats.events += args.events
+    else:
+        stats.errors += 1
+
+
+async def _http_worker(session: aiohttp.ClientSession, args: argparse.Namespace, wid: int,
+                       deadline: float, stats: Stats) -> None:
+    headers = _headers(args)
     counter = 0
     while time.monotonic() < deadline and (args.max_requests <= 0 or stats.sent < args.max_requests):
         stats.sent += 1
         counter += 1
         data = args.fixed or body(args.kind, counter * args.events, args.events,
                                   args.seed * 1000 + wid)
-        started = time.perf_counter()
-        try:
-            async with session.post(args.url, data=data, headers=headers) as resp:
-                await resp.read()
-                ok = resp.status < 300
-        except (aiohttp.ClientError, OSError, asyncio.TimeoutError):
-            ok = False
-        if ok:
-            stats.latencies.append(time.perf_counter() - started)
-            stats.events += args.events
-        else:
-            stats.errors += 1
+        await _post(session, args, headers, data, time.perf_counter(), stats)
 
 
 async def _open_loop(session: aiohttp.ClientSession, args: argparse.Namespace,
                      deadline: float, stats: Stats) -> None:
-    """Start a request every ``events / rate`` seconds until the deadline, each on its own."""
-    headers = {"Content-Type": "application/json"}
-    if args.kind.startswith("segment"):
-        headers["Authorization"] = BASIC_AUTH
+    """Start a request every ``events / rate`` seconds until the deadline, each on its own,
+    its latency counted from when it was due."""
+    headers = _headers(args)
     interval = args.events / args.rate
     tasks: set[asyncio.Task[None]] = set()
-
-    async def one(n: int, due: float) -> None:
-        data = body(args.kind, n * args.events, args.events, args.seed * 1000)
-        try:
-            async with session.post(args.url, data=data, headers=headers) as resp:
-                await resp.read()
-                ok = resp.status < 300
-        except (aiohttp.ClientError, OSError, asyncio.TimeoutError):
-            ok = False
-        if ok:
-            stats.latencies.append(time.perf_counter() - due)
-            stats.events += args.events
-        else:
-            stats.errors += 1
-
     start, n = time.perf_counter(), 0
     end = start + (deadline - time.monotonic())
     while (due := start + n * interval) < end and (
@@ -88,7 +82,8 @@ async def _open_loop(session: aiohttp.ClientSession, args: argparse.Namespace,
             await asyncio.sleep(wait)
         n += 1
         stats.sent += 1
-        task = asyncio.create_task(one(n, due))
+        data = body(args.kind, n * args.events, args.events, args.seed * 1000)
+        task = asyncio.create_task(_post(session, args, headers, data, due, stats))
         tasks.add(task)
         task.add_done_callback(tasks.discard)
     if tasks:
