@@ -207,6 +207,9 @@ def check_keys(agent: ThreadedAgent, dialects: tuple[Dialect, ...]) -> None:
             status, headers, reply = agent.request(*as_http(bad))
             # An API that must answer 200 whatever happens (the pixel) says why in a header.
             assert status == 401 or "x-outpost-error" in headers, (bad.path, status, reply[:200])
+            # ...and the refusal says why (review: "unknown", "invalid", nothing more).
+            why = reply if status == 401 else headers["x-outpost-error"].encode()
+            assert b"listen.accept_keys" in why, (bad.path, why[:300])
             assert agent.depth == before, bad.path
             status, headers, reply = agent.request(*as_http(good))
             assert 200 <= status < 300 and "x-outpost-error" not in headers, (
@@ -226,6 +229,12 @@ def test_accept_keys_is_enforced_on_every_ingest_route(guarded: ThreadedAgent) -
     ("POST", "/v1/track", {}, {"userId": "u", "event": "e", "writeKey": "a\tb"}),
     ("POST", "/v1/batch", {}, {"batch": [{"type": "track", "userId": "u", "event": "e",
                                           "writeKey": "a\x7fb"}]}),
+    ("POST", "/v1/capture", {"X-Write-Key": "a\x01b"},
+     {"batch": [{"event": "e", "distinct_id": "u"}]}),
+    ("POST", "/track", {"Authorization": basic("a\x01b")},
+     {"hitId": "h", "event": {"name": "e"}}),
+    ("POST", "/api/public/apps/track", {"PublicWriteKey": "a\x01b"},
+     {"type": "track", "userId": "u", "event": "e", "messageId": "m"}),
 ])
 async def test_a_key_with_control_characters_is_refused(
         make_agent: Any, method: str, path: str, headers: dict[str, str], body: Any) -> None:
@@ -235,7 +244,9 @@ async def test_a_key_with_control_characters_is_refused(
     async with aiohttp.ClientSession() as s, s.request(
             method, f"http://127.0.0.1:{agent.port}{path}", headers=headers,
             json=body or {"userId": "u", "event": "e"}) as r:
-        assert r.status == 401, await r.text()
+        reply = await r.text()
+        assert r.status == 401, reply
+    assert "control character" in reply, reply   # says why (review)
     assert agent.spool.depth == 0
 
 
