@@ -28,8 +28,8 @@ from tests.test_security import ALLOWED, GOOD, check_hosts, check_keys, check_or
 def routes(sink: IngestSink) -> list[web.RouteDef]:
     async def ingest(request: web.Request) -> web.StreamResponse:
         key = request.headers.get("X-Trivial-Key")
-        if not sink.key_allowed(key):
-            return web.json_response({"error": "unknown key"}, status=401)
+        if (why := sink.key_refusal(key)) is not None:
+            return web.json_response({"error": f"refused: {why}"}, status=401)
         assert key is not None
         doc = parse_json(await read_raw(request, 4096))
         await sink.store([segment.accept(doc, key, segment.TYPES, segment.received_now(),

@@ -60,8 +60,9 @@ async def test_bad_or_missing_key_is_401(make_agent: Any, headers: dict[str, str
     agent = await make_agent(listen={"accept_keys": ["good"]})
     reply = await call(agent.port, f"{APPS}/track", seed.TRANTHOR_EXAMPLE_BODY, headers=headers)
     assert reply.status == 401
+    why = "not one of listen.accept_keys" if headers else "no key given"
     assert reply.json() == {"statusCode": 401, "error": "Unauthorized",
-                            "message": "missing or invalid write key"}
+                            "message": f"missing or invalid write key: {why}"}
 
 
 @pytest.mark.parametrize("value", ["Bearer ", "Bearer", "bearer  "])

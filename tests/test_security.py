@@ -229,12 +229,10 @@ def test_accept_keys_is_enforced_on_every_ingest_route(guarded: ThreadedAgent) -
     ("POST", "/v1/track", {}, {"userId": "u", "event": "e", "writeKey": "a\tb"}),
     ("POST", "/v1/batch", {}, {"batch": [{"type": "track", "userId": "u", "event": "e",
                                           "writeKey": "a\x7fb"}]}),
-    ("POST", "/v1/capture", {"X-Write-Key": "a\x01b"},
-     {"batch": [{"event": "e", "distinct_id": "u"}]}),
+    # (Keys in plain headers, as capture and Tranthor take them, cannot carry control
+    # characters from aiohttp's client; their refusals say why in check_keys.)
     ("POST", "/track", {"Authorization": basic("a\x01b")},
      {"hitId": "h", "event": {"name": "e"}}),
-    ("POST", "/api/public/apps/track", {"PublicWriteKey": "a\x01b"},
-     {"type": "track", "userId": "u", "event": "e", "messageId": "m"}),
 ])
 async def test_a_key_with_control_characters_is_refused(
         make_agent: Any, method: str, path: str, headers: dict[str, str], body: Any) -> None:

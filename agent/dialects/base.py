@@ -30,6 +30,9 @@ class IngestSink(Protocol):
     def key_allowed(self, key: str | None) -> bool:
         """Whether events may be stored under ``key`` (listen.accept_keys)."""
 
+    def key_refusal(self, key: str | None) -> str | None:
+        """Why events may not be stored under ``key``, for the 401; None if they may."""
+
     def oversize(self, event: Event) -> str | None:
         """Why ``event`` is larger than the upstream its key is routed to can ever carry,
         or None. ``store`` refuses such events too; a batch API that answers per message

@@ -34,8 +34,8 @@ class CaptureHandlers:
 
     async def capture(self, request: web.Request) -> web.StreamResponse:
         key = request.headers.get("X-Write-Key", "").strip()
-        if not self.sink.key_allowed(key):
-            return error(401, "missing or invalid X-Write-Key")
+        if (why := self.sink.key_refusal(key)) is not None:
+            return error(401, f"missing or invalid X-Write-Key: {why}")
 
         async def work() -> None:
             await self.sink.store(await parse_body(

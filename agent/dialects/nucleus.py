@@ -97,8 +97,8 @@ class NucleusHandlers:
 
     async def http_track(self, request: web.Request) -> web.StreamResponse:
         key = request.match_info["appId"]
-        if not self.sink.key_allowed(key):
-            return _error(401, f"unknown appId {key!r}")
+        if (why := self.sink.key_refusal(key)) is not None:
+            return _error(401, f"appId {key!r} refused: {why}")
         try:
             events, acks = await self._parse(await read_raw(request, MAX_MESSAGE), key)
             await self.sink.store(events)
@@ -112,8 +112,8 @@ class NucleusHandlers:
 
     async def websocket(self, request: web.Request) -> web.StreamResponse:
         key = request.match_info["appId"]
-        if not self.sink.key_allowed(key):
-            return _error(401, f"unknown appId {key!r}")
+        if (why := self.sink.key_refusal(key)) is not None:
+            return _error(401, f"appId {key!r} refused: {why}")
         ws = web.WebSocketResponse(max_msg_size=MAX_MESSAGE, autoping=True)
         await ws.prepare(request)
         async for frame in ws:

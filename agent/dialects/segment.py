@@ -47,6 +47,7 @@ ROUTE_TYPES = {**SHORT, **{kind: kind for kind in spec.TYPES}}
 # A transparent 1x1 GIF.
 GIF = base64.b64decode("R0lGODlhAQABAIAAAAAAAP///yH5BAEAAAAALAAAAAABAAEAAAIBRAA7")
 INVALID_KEY = "Invalid or missing writekey"
+_UNASKED = "\0"   # not a refusal: a key not yet asked about (see _collect)
 # Seed 003 makes auth optional: a message with no key at all is taken under this key
 # when `listen.accept_keys` accepts it (empty: any key), and routed like any other.
 NO_KEY = "anonymous"
@@ -139,9 +140,13 @@ class SegmentHandlers:
         return await self._keyed(body, ROUTE_TYPES[kind], given)
 
     async def _keyed(self, body: Any, kind: str, given: list[str]) -> web.Response:
-        if not all(self.sink.key_allowed(k) for k in given):
-            return single_error(401, INVALID_KEY)
+        if (why := self._refusal(given)) is not None:
+            return single_error(401, INVALID_KEY, why)
         return await self._single(body, kind, given[0] if given else None)
+
+    def _refusal(self, given: list[str]) -> str | None:
+        """Why the first of the request's keys that is refused is, or None."""
+        return next((why for k in given if (why := self.sink.key_refusal(k)) is not None), None)
 
     async def _single(self, body: Any, kind: str | None, header_key: str | None,
                       raw_size: int = 0) -> web.Response:
@@ -159,8 +164,8 @@ class SegmentHandlers:
             key = header_key or _body_key(body) or NO_KEY
         except Invalid as exc:
             return Failure(replies.status_of(exc), exc.message)
-        if not self.sink.key_allowed(key):
-            return Failure(401, INVALID_KEY)
+        if (why := self.sink.key_refusal(key)) is not None:
+            return Failure(401, INVALID_KEY, why)
         if kind is not None:
             body["type"] = kind  # the route names the call, as in Segment's API
         try:
@@ -186,8 +191,8 @@ class SegmentHandlers:
 
     async def _batch(self, given: list[str], read: Callable[[], Awaitable[bytes]]
                      ) -> web.Response:
-        if not all(self.sink.key_allowed(k) for k in given):
-            return batch_error(401, [error_object(401, INVALID_KEY)])
+        if (why := self._refusal(given)) is not None:
+            return batch_error(401, [error_object(401, INVALID_KEY, why)])
         try:
             collected = await self._parse_batch(await read(), given[0] if given else None)
         except Busy as exc:
@@ -214,34 +219,36 @@ class SegmentHandlers:
             status = replies.status_of(exc)
             return batch_error(status, [error_object(status, exc.message)])
         if not items:
-            ok = self.sink.key_allowed(forced_key or batch_key or NO_KEY)
-            return _verdict([] if ok else [error_object(401, INVALID_KEY)], {401}, 0)
+            why = self.sink.key_refusal(forced_key or batch_key or NO_KEY)
+            return _verdict([] if why is None else [error_object(401, INVALID_KEY, why)],
+                            {401}, 0)
         given = spec.shared(spec.received_now(), body)
-        enrich, allowed = self.sink.enrich, self.sink.key_allowed
+        enrich, refusal = self.sink.enrich, self.sink.key_refusal
         oversize = self.sink.oversize
-        asked: dict[str, bool] = {}   # each key asked once a request
+        asked: dict[str, str | None] = {}   # each key asked once a request: why refused
         out = Collected([], [], set())
         for i, ev in enumerate(items):
             try:
                 key = forced_key or _body_key(ev) or batch_key or NO_KEY
-                known = asked.get(key)
-                if known is None:
-                    known = asked[key] = allowed(key)
-                if known:
+                refused = asked.get(key, _UNASKED)
+                if refused is _UNASKED:
+                    refused = asked[key] = refusal(key)
+                if refused is None:
                     event = spec.accept_in(ev, key, spec.TYPES, given, enrich, raw_size)
             except Invalid as exc:
-                status, message = replies.status_of(exc), exc.message
+                status, message, why = replies.status_of(exc), exc.message, ""
             else:
-                if not known:
-                    status, message = 401, INVALID_KEY
+                if refused is not None:
+                    status, message, why = 401, INVALID_KEY, refused
                 # Too large for its upstream (the batch context grew it, say): this
                 # message alone is refused, as the store would refuse the request.
-                elif (why := oversize(event)) is not None:
-                    status, message = 413, why
+                elif (too := oversize(event)) is not None:
+                    status, message, why = 413, too, ""
                 else:
                     out.events.append(event)
                     continue
-            out.errors.append(error_object(status, message, _where(i, ev)))
+            where = _where(i, ev)
+            out.errors.append(error_object(status, message, f"{where}: {why}" if why else where))
             out.statuses.add(status)
         return out
 
@@ -286,9 +293,10 @@ class SegmentHandlers:
         if problem:
             # Counted as refused with the status the other routes would answer.
             replies.refused(problem.status)
-            log.debug("pixel %s not stored: %s", request.path, problem.message)
+            why = f"{problem.message}: {problem.details}" if problem.details else problem.message
+            log.debug("pixel %s not stored: %s", request.path, why)
             # Header-safe: ASCII only, no line breaks, whatever the request held.
-            headers["X-Outpost-Error"] = problem.message.encode(
+            headers["X-Outpost-Error"] = why.encode(
                 "ascii", "backslashreplace").decode()[:200].replace("\r", " ").replace("\n", " ")
         return web.Response(body=GIF, content_type="image/gif", headers=headers)
 

@@ -81,8 +81,8 @@ class SegmentStreamHandlers:
             key = basic_user(request.headers.get("Authorization"))
         except BadAuth:
             key = None   # refused as a missing token
-        if not self.sink.key_allowed(key):
-            return error(401, "missing or invalid API token")
+        if (why := self.sink.key_refusal(key)) is not None:
+            return error(401, f"missing or invalid API token: {why}")
         assert key is not None
 
         async def work() -> None:

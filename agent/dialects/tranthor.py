@@ -93,8 +93,8 @@ class TranthorHandlers:
 
     async def call(self, request: web.Request) -> web.StreamResponse:
         key = request_key(request)
-        if not self.sink.key_allowed(key):
-            return error(401, "missing or invalid write key")
+        if (why := self.sink.key_refusal(key)) is not None:
+            return error(401, f"missing or invalid write key: {why}")
         assert key is not None
 
         call = request.match_info["call"]

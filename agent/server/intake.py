@@ -49,11 +49,16 @@ class Sink:
         return self.limits.oversize(event)
 
     def key_allowed(self, key: str | None) -> bool:
+        return self.key_refusal(key) is None
+
+    def key_refusal(self, key: str | None) -> str | None:
         """accept_keys empty means any non-empty key without control characters (one
         with a line break would split every log line that names it)."""
         if not key:
-            return False
-        return key in self._accept if self._accept else key.isprintable()
+            return "no key given"
+        if self._accept:
+            return None if key in self._accept else "not one of listen.accept_keys"
+        return None if key.isprintable() else "the key holds a control character"
 
     def ticket(self) -> Ticket:
         return self.admission.ticket()
