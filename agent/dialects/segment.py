@@ -146,7 +146,10 @@ class SegmentHandlers:
 
     def _refusal(self, given: list[str]) -> str | None:
         """Why the first of the request's keys that is refused is, or None."""
-        return next((why for k in given if (why := self.sink.key_refusal(k)) is not None), None)
+        for key in given:   # a loop, not a generator: this runs for every single call
+            if (why := self.sink.key_refusal(key)) is not None:
+                return why
+        return None
 
     async def _single(self, body: Any, kind: str | None, header_key: str | None,
                       raw_size: int = 0) -> web.Response:
