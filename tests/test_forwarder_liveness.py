@@ -408,9 +408,10 @@ class _Scene:
 class ForwardingMachine(RuleBasedStateMachine):
     """Apps post events for a few keys while the upstream acks, acks in part, acks
     unknown ids, closes mid-batch, resets, hangs, acks after the agent stopped waiting,
-    answers 5xx, 429 + Retry-After or a redirect. At every drain point: every event was delivered, the agent processed each
-    ack once, first arrivals are in order per key, and the queue emptied within the
-    liveness bound (the faults' own costs, then flush_interval_s + timeout_s + backoff)."""
+    answers 5xx, 429 + Retry-After or a redirect. At every drain point: every event was
+    delivered, the agent processed each ack once, first arrivals are in order per key,
+    and the queue emptied within the liveness bound (the faults' own costs, then
+    flush_interval_s + timeout_s + backoff)."""
 
     protocol = "nucleus-ws"
 
