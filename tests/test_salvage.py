@@ -231,7 +231,8 @@ def saved_counters(path: Path) -> dict[str, int]:
 
 
 async def test_a_salvage_without_room_counts_the_queue_the_file_says_it_held(
-        make_agent: Any, six_mb_fs: Path, caplog: pytest.LogCaptureFixture) -> None:
+        make_agent: Any, six_mb_fs: Path,  # noqa: F811
+        caplog: pytest.LogCaptureFixture) -> None:
     """A corrupt spool found at startup on a nearly full disk: the fresh spool is created,
     the copy fails for room. The moved file's table of queues can be read: its events were
     counted as 0 and the log said the loss was unknown. They must be counted, the log must
