@@ -155,17 +155,20 @@ async def test_readable_records_are_delivered_and_the_rest_counted(
     assert list(tmp_path.glob("spool.db.corrupt-*")), "the corrupt file was not kept"
 
 
-# Run in a child: open the damaged spool, but stop inside the salvage's transaction at its
-# last step (every readable record copied into the fresh spool, the streams recounted:
-# nothing committed yet), say so, and wait to die.
+# Run in a child: open the damaged spool, but stop at a point of the salvage (argv[2]),
+# say so, and wait to die. "copied": inside its transaction, at its last step (every
+# readable record copied into the fresh spool, the streams recounted: nothing committed).
+# "committed": right after its commit, as the connection's sync setting is put back.
 _KILLED_CHILD = """
 import asyncio, sqlite3, sys, time
 from agent.settings import StorageConfig
 from agent.spool import Spool
 connect = sqlite3.connect
-def hold(action, table, *_):
-    if action == sqlite3.SQLITE_UPDATE and table == "streams":
-        print("copied", flush=True)
+def hold(action, name, value, *_):
+    if (sys.argv[2] == "copied" and action == sqlite3.SQLITE_UPDATE and name == "streams"
+            or sys.argv[2] == "committed" and action == sqlite3.SQLITE_PRAGMA
+            and name == "synchronous" and value is not None and value.isdigit()):
+        print(sys.argv[2], flush=True)
         time.sleep(60)
     return sqlite3.SQLITE_OK
 def held(*args, **kwargs):
@@ -187,12 +190,15 @@ async def salvaged_ids(path: Path) -> tuple[list[int], int]:
         await spool.close()
 
 
+@pytest.mark.parametrize("point", ["copied", "committed"])
 async def test_a_kill_inside_the_salvage_is_finished_at_the_next_start(
-        make_agent: Any, fake_nucleus: FakeNucleus, tmp_path: Path) -> None:
+        make_agent: Any, fake_nucleus: FakeNucleus, tmp_path: Path, point: str,
+        caplog: pytest.LogCaptureFixture) -> None:
     """A power cut while the readable records are copied into the fresh spool: the next
     start found a healthy, empty spool and never looked at the moved file again; the
     whole queue was lost, uncounted. It must finish the salvage: every readable event
-    delivered once, the rest counted once, as if nothing had interrupted it."""
+    delivered once, the rest counted once, as if nothing had interrupted it; and a cut
+    once the copy has committed must not salvage (and report) it twice."""
     spool_path = tmp_path / "spool.db"
     await asyncio.to_thread(build, spool_path, 600, 500, ("app1",))
     await asyncio.to_thread(truncated, spool_path)
@@ -200,15 +206,18 @@ async def test_a_kill_inside_the_salvage_is_finished_at_the_next_start(
     shutil.copy(spool_path, tmp_path / "ref" / "spool.db")
     want, lost = await salvaged_ids(tmp_path / "ref" / "spool.db")
     assert 0 < len(want) < N and lost > 0
-    child = subprocess.Popen([sys.executable, "-c", _KILLED_CHILD, str(spool_path)], cwd=ROOT,
-                             stdout=subprocess.PIPE, text=True)
+    child = subprocess.Popen([sys.executable, "-c", _KILLED_CHILD, str(spool_path), point],
+                             cwd=ROOT, stdout=subprocess.PIPE, text=True)
     try:
-        assert child.stdout is not None and child.stdout.readline() == "copied\n"
+        assert child.stdout is not None and child.stdout.readline() == f"{point}\n"
     finally:
         child.kill()
         child.wait(timeout=10)
+    caplog.clear()
     agent = await make_agent(upstreams=[upstream(fake_nucleus)])
     assert agent.spool.counters.get("spool_corrupt") == 1, "the salvage was not finished"
+    assert ("is corrupt" in caplog.text) == (point == "copied"), caplog.text
+    assert not (tmp_path / "spool.db.salvaging").exists()
     await wait_for(lambda: agent.spool.depth == 0 and
                    len(fake_nucleus.ids()) + agent.spool.counters.get("dead_lettered", 0)
                    >= len(want), timeout=15)
