@@ -229,6 +229,58 @@ async def test_a_kill_inside_the_salvage_is_finished_at_the_next_start(
     assert status["drops"]["dropped_corrupt"] == lost == dropped_metric(metrics)
 
 
+async def test_a_cut_between_the_renames_moves_the_wal_with_its_file(
+        make_agent: Any, fake_nucleus: FakeNucleus, tmp_path: Path) -> None:
+    """A power cut after the corrupt file was renamed but before its -wal was: the -wal
+    left at the spool's path holds the file's last commits. The next start must move it
+    after its file (then salvage them), never apply it to the fresh spool."""
+    hot, spool_path = tmp_path / "hot", tmp_path / "spool.db"
+    hot.mkdir()
+    await asyncio.to_thread(build, spool_path, 600, 500, ("app1",))
+    spool = await Spool.open(StorageConfig(path=str(spool_path)))
+    try:   # 100 more events, in the WAL only: the files as a crash leaves them
+        await spool.append([Event("app1", NUCLEUS, i, body(i, 500), i) for i in range(600, 700)])
+        for suffix in ("", "-wal", "-shm"):
+            shutil.copy(f"{spool_path}{suffix}", hot / f"spool.db{suffix}")
+    finally:
+        await spool.close()
+    await asyncio.to_thread(truncated, hot / "spool.db")
+    (tmp_path / "ref").mkdir()
+    for suffix in ("", "-wal", "-shm"):
+        shutil.copy(hot / f"spool.db{suffix}", tmp_path / "ref" / f"spool.db{suffix}")
+        shutil.copy(hot / f"spool.db{suffix}", f"{spool_path}{suffix}")
+    want, lost = await salvaged_ids(tmp_path / "ref" / "spool.db")
+    assert set(range(600, 700)) <= set(want)
+    moved = tmp_path / "spool.db.corrupt-20260101T000000"
+    (tmp_path / "spool.db.salvaging").write_text(f"{moved.name}\n")
+    spool_path.rename(moved)       # and the power cut: spool.db-wal and -shm left behind
+    agent = await make_agent(upstreams=[upstream(fake_nucleus)])
+    assert Path(f"{moved}-wal").exists(), "the -wal was not moved after its file"
+    assert agent.spool.counters.get("spool_corrupt") == 1, "the salvage was not finished"
+    await wait_for(lambda: agent.spool.depth == 0 and
+                   len(fake_nucleus.ids()) + agent.spool.counters.get("dead_lettered", 0)
+                   >= len(want), timeout=15)
+    got = fake_nucleus.ids()
+    assert len(got) == len(set(got)) and set(got) <= set(want)
+    assert len(got) + agent.spool.counters.get("dead_lettered", 0) == len(want)
+    assert agent.spool.counters["dropped_corrupt"] == lost
+
+
+@pytest.mark.parametrize("marker", ["spool.db.corrupt-20260101T000000\n", "spool.db"],
+                         ids=["before-the-move", "torn"])
+async def test_a_stale_salvage_marker_leaves_a_sound_spool_alone(
+        make_agent: Any, fake_nucleus: FakeNucleus, tmp_path: Path, marker: str) -> None:
+    """A power cut after the marker was written but before the move (the file it names
+    does not exist), or while it was written: the spool at the path is the one to open."""
+    await asyncio.to_thread(build, tmp_path / "spool.db", 300, 50, ("app1",))
+    (tmp_path / "spool.db.salvaging").write_text(marker)
+    agent = await make_agent(upstreams=[upstream(fake_nucleus)])
+    assert not (tmp_path / "spool.db.salvaging").exists()
+    await wait_for(lambda: sorted(fake_nucleus.ids()) == list(range(300)))
+    assert "spool_corrupt" not in agent.spool.counters
+    assert not list(tmp_path.glob("spool.db.corrupt-*"))
+
+
 def queued_in(path: Path) -> int:
     with contextlib.closing(sqlite3.connect(f"file:{path}?mode=ro", uri=True)) as db:
         return int(db.execute("SELECT sum(depth) FROM streams").fetchone()[0] or 0)

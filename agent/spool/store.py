@@ -146,8 +146,9 @@ class Spool:
             if (moved := pending(spool.path)) is not None:
                 # The last run stopped inside a salvage: the spool at the path is its fresh
                 # one, with nothing committed but that salvage, if it got that far.
-                spool._salvaging = _Salvage(moved, spool._carry(), [], 1,
-                                            "found by the last run, stopped before its salvage was done", True)
+                spool._salvaging = _Salvage(
+                    moved, spool._carry(), [], 1,
+                    "found by the last run, stopped before its salvage was done", True)
             try:
                 await spool._connect()
             except sqlite3.DatabaseError as exc:
