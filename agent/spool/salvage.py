@@ -14,7 +14,8 @@ but not kept, and the log says the count is unknown.
 
 A v0 file (one row per event: only found at startup, when its migration meets the
 damage) has its readable rows packed as the migration packs them (migrate.pack_v0).
-Runs on the writer's thread, the copy in one transaction.
+Runs on the writer's thread, the copy in one transaction, durable once committed; a
+crash before that commit leaves it for the next start to finish (aside.py).
 """
 
 from __future__ import annotations
