@@ -16,13 +16,17 @@ import logging
 import os
 import random
 import re
+import shutil
 import sqlite3
+import subprocess
+import sys
 import tracemalloc
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
 import aiohttp
+import orjson
 import pytest
 
 from agent.families.event import NOT_READ, NUCLEUS, Event
@@ -32,8 +36,8 @@ from agent.spool.salvage import Carry, salvage
 from agent.spool.schema import SCHEMA
 from tests.fakes.nucleus_upstream import FakeNucleus
 from tests.spool_files import Stored, build_v0
-from tests.test_disk import upstream
-from tests.waiting import wait_for
+from tests.test_disk import six_mb_fs, upstream  # noqa: F401  (six_mb_fs: a fixture)
+from tests.waiting import ROOT, wait_for
 
 N = 1500
 
@@ -149,6 +153,169 @@ async def test_readable_records_are_delivered_and_the_rest_counted(
     if damage is garbled_then_truncated:         # garbled records are not sent, but counted
         assert not set(range(300)) & set(got) and set(range(300, 400)) <= set(got)
     assert list(tmp_path.glob("spool.db.corrupt-*")), "the corrupt file was not kept"
+
+
+# Run in a child: open the damaged spool, but stop at a point of the salvage (argv[2]),
+# say so, and wait to die. "copied": inside its transaction, at its last step (every
+# readable record copied into the fresh spool, the streams recounted: nothing committed).
+# "committed": right after its commit, as the connection's sync setting is put back.
+_KILLED_CHILD = """
+import asyncio, sqlite3, sys, time
+from agent.settings import StorageConfig
+from agent.spool import Spool
+connect = sqlite3.connect
+def hold(action, name, value, *_):
+    if (sys.argv[2] == "copied" and action == sqlite3.SQLITE_UPDATE and name == "streams"
+            or sys.argv[2] == "committed" and action == sqlite3.SQLITE_PRAGMA
+            and name == "synchronous" and value is not None and value.isdigit()):
+        print(sys.argv[2], flush=True)
+        time.sleep(60)
+    return sqlite3.SQLITE_OK
+def held(*args, **kwargs):
+    conn = connect(*args, **kwargs)
+    conn.set_authorizer(hold)
+    return conn
+sqlite3.connect = held
+asyncio.run(Spool.open(StorageConfig(path=sys.argv[1])))
+"""
+
+
+async def salvaged_ids(path: Path) -> tuple[list[int], int]:
+    """What an uninterrupted salvage of ``path`` keeps: the ids queued, and the loss."""
+    spool = await Spool.open(StorageConfig(path=str(path)))
+    try:
+        rows = await spool.fetch(spool.streams["app1"].id, 0, N)
+        return [orjson.loads(r.body)["id"] for r in rows], spool.counters["dropped_corrupt"]
+    finally:
+        await spool.close()
+
+
+@pytest.mark.parametrize("point", ["copied", "committed"])
+async def test_a_kill_inside_the_salvage_is_finished_at_the_next_start(
+        make_agent: Any, fake_nucleus: FakeNucleus, tmp_path: Path, point: str,
+        caplog: pytest.LogCaptureFixture) -> None:
+    """A power cut while the readable records are copied into the fresh spool: the next
+    start found a healthy, empty spool and never looked at the moved file again; the
+    whole queue was lost, uncounted. It must finish the salvage: every readable event
+    delivered once, the rest counted once, as if nothing had interrupted it; and a cut
+    once the copy has committed must not salvage (and report) it twice."""
+    spool_path = tmp_path / "spool.db"
+    await asyncio.to_thread(build, spool_path, 600, 500, ("app1",))
+    await asyncio.to_thread(truncated, spool_path)
+    (tmp_path / "ref").mkdir()
+    shutil.copy(spool_path, tmp_path / "ref" / "spool.db")
+    want, lost = await salvaged_ids(tmp_path / "ref" / "spool.db")
+    assert 0 < len(want) < N and lost > 0
+    child = subprocess.Popen([sys.executable, "-c", _KILLED_CHILD, str(spool_path), point],
+                             cwd=ROOT, stdout=subprocess.PIPE, text=True)
+    try:
+        assert child.stdout is not None and child.stdout.readline() == f"{point}\n"
+    finally:
+        child.kill()
+        child.wait(timeout=10)
+    caplog.clear()
+    agent = await make_agent(upstreams=[upstream(fake_nucleus)])
+    assert agent.spool.counters.get("spool_corrupt") == 1, "the salvage was not finished"
+    assert ("is corrupt" in caplog.text) == (point == "copied"), caplog.text
+    assert not (tmp_path / "spool.db.salvaging").exists()
+    await wait_for(lambda: agent.spool.depth == 0 and
+                   len(fake_nucleus.ids()) + agent.spool.counters.get("dead_lettered", 0)
+                   >= len(want), timeout=15)
+    got = fake_nucleus.ids()
+    status, metrics = await snapshot(agent.port)
+    assert len(got) == len(set(got)) and set(got) <= set(want)
+    assert len(got) + status["drops"]["dead_lettered"] == len(want)
+    assert status["counters"]["spool_corrupt"] == 1
+    assert status["drops"]["dropped_corrupt"] == lost == dropped_metric(metrics)
+
+
+async def test_a_cut_between_the_renames_moves_the_wal_with_its_file(
+        make_agent: Any, fake_nucleus: FakeNucleus, tmp_path: Path) -> None:
+    """A power cut after the corrupt file was renamed but before its -wal was: the -wal
+    left at the spool's path holds the file's last commits. The next start must move it
+    after its file (then salvage them), never apply it to the fresh spool."""
+    hot, spool_path = tmp_path / "hot", tmp_path / "spool.db"
+    hot.mkdir()
+    await asyncio.to_thread(build, spool_path, 600, 500, ("app1",))
+    spool = await Spool.open(StorageConfig(path=str(spool_path)))
+    try:   # 100 more events, in the WAL only: the files as a crash leaves them
+        await spool.append([Event("app1", NUCLEUS, i, body(i, 500), i) for i in range(600, 700)])
+        for suffix in ("", "-wal", "-shm"):
+            shutil.copy(f"{spool_path}{suffix}", hot / f"spool.db{suffix}")
+    finally:
+        await spool.close()
+    await asyncio.to_thread(truncated, hot / "spool.db")
+    (tmp_path / "ref").mkdir()
+    for suffix in ("", "-wal", "-shm"):
+        shutil.copy(hot / f"spool.db{suffix}", tmp_path / "ref" / f"spool.db{suffix}")
+        shutil.copy(hot / f"spool.db{suffix}", f"{spool_path}{suffix}")
+    want, lost = await salvaged_ids(tmp_path / "ref" / "spool.db")
+    assert set(range(600, 700)) <= set(want)
+    moved = tmp_path / "spool.db.corrupt-20260101T000000"
+    (tmp_path / "spool.db.salvaging").write_text(f"{moved.name}\n")
+    spool_path.rename(moved)       # and the power cut: spool.db-wal and -shm left behind
+    agent = await make_agent(upstreams=[upstream(fake_nucleus)])
+    assert Path(f"{moved}-wal").exists(), "the -wal was not moved after its file"
+    assert agent.spool.counters.get("spool_corrupt") == 1, "the salvage was not finished"
+    await wait_for(lambda: agent.spool.depth == 0 and
+                   len(fake_nucleus.ids()) + agent.spool.counters.get("dead_lettered", 0)
+                   >= len(want), timeout=15)
+    got = fake_nucleus.ids()
+    assert len(got) == len(set(got)) and set(got) <= set(want)
+    assert len(got) + agent.spool.counters.get("dead_lettered", 0) == len(want)
+    assert agent.spool.counters["dropped_corrupt"] == lost
+
+
+@pytest.mark.parametrize("marker", ["spool.db.corrupt-20260101T000000\n", "spool.db"],
+                         ids=["before-the-move", "torn"])
+async def test_a_stale_salvage_marker_leaves_a_sound_spool_alone(
+        make_agent: Any, fake_nucleus: FakeNucleus, tmp_path: Path, marker: str) -> None:
+    """A power cut after the marker was written but before the move (the file it names
+    does not exist), or while it was written: the spool at the path is the one to open."""
+    await asyncio.to_thread(build, tmp_path / "spool.db", 300, 50, ("app1",))
+    (tmp_path / "spool.db.salvaging").write_text(marker)
+    agent = await make_agent(upstreams=[upstream(fake_nucleus)])
+    assert not (tmp_path / "spool.db.salvaging").exists()
+    await wait_for(lambda: sorted(fake_nucleus.ids()) == list(range(300)))
+    assert "spool_corrupt" not in agent.spool.counters
+    assert not list(tmp_path.glob("spool.db.corrupt-*"))
+
+
+def queued_in(path: Path) -> int:
+    with contextlib.closing(sqlite3.connect(f"file:{path}?mode=ro", uri=True)) as db:
+        return int(db.execute("SELECT sum(depth) FROM streams").fetchone()[0] or 0)
+
+
+def saved_counters(path: Path) -> dict[str, int]:
+    with contextlib.closing(sqlite3.connect(f"file:{path}?mode=ro", uri=True)) as db:
+        return dict(db.execute("SELECT name, value FROM counters").fetchall())
+
+
+async def test_a_salvage_without_room_counts_the_queue_the_file_says_it_held(
+        make_agent: Any, six_mb_fs: Path,  # noqa: F811
+        caplog: pytest.LogCaptureFixture) -> None:
+    """A corrupt spool found at startup on a nearly full disk: the fresh spool is created,
+    the copy fails for room. The moved file's table of queues can be read: its events were
+    counted as 0 and the log said the loss was unknown. They must be counted, the log must
+    say where they are kept, and the counts must be saved before any commit (a stop then
+    lost them)."""
+    spool_path = six_mb_fs / "spool.db"
+    await asyncio.to_thread(build, spool_path, N, 500, ("app1",))
+    queued = queued_in(spool_path)
+    await asyncio.to_thread(truncated, spool_path)
+    free = os.statvfs(six_mb_fs).f_bavail * os.statvfs(six_mb_fs).f_frsize
+    (six_mb_fs / "filler").write_bytes(b"\0" * (free - 160 * 1024))
+    caplog.set_level(logging.INFO)
+    agent = await make_agent(spool=spool_path)
+    assert "could not salvage" in caplog.text, "the copy did not fail for room"
+    assert agent.spool.counters.get("spool_corrupt") == 1
+    assert agent.spool.counters.get("dropped_corrupt") == queued == N
+    [moved] = [p for p in six_mb_fs.glob("spool.db.corrupt-*") if p.name[-4:] not in ("-wal", "-shm")]
+    assert f"kept in {moved} with its {N} queued events" in caplog.text
+    assert "unknown" not in caplog.text
+    await agent.stop()
+    counters = saved_counters(spool_path)
+    assert (counters.get("spool_corrupt"), counters.get("dropped_corrupt")) == (1, N)
 
 
 async def test_a_destroyed_header_is_survived_and_the_unknown_loss_is_said(

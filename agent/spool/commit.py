@@ -18,7 +18,7 @@ from typing import Any
 
 from agent.families.lanes import HIGH, NORMAL
 from agent.outcomes import Counts, Drop, Tally, record
-from agent.spool.db import advance_mark, keys_from_bytes, mark, transaction, used_bytes
+from agent.spool.db import add_counters, advance_mark, keys_from_bytes, mark, transaction, used_bytes
 from agent.spool.dedupe import keys_to_bytes
 from agent.spool.records import DamagedRecord, pack, unpack
 
@@ -477,9 +477,7 @@ def _save(conn: sqlite3.Connection, streams: dict[int, list[int]], counters: Cou
         conn.executemany("UPDATE streams SET depth = depth + ?, bytes = bytes + ? WHERE id = ?",
                          [(d, b, sid) for sid, (d, b) in streams.items() if d or b])
     if counters:
-        conn.executemany("INSERT INTO counters(name, value) VALUES (?, ?) ON CONFLICT(name) "
-                         "DO UPDATE SET value = value + excluded.value",
-                         [(k, v) for k, v in counters.items() if v])
+        add_counters(conn, counters)
 
 
 def _sum(a: Counts, b: Counts) -> Counts:

@@ -138,6 +138,13 @@ def mark(conn: sqlite3.Connection, observed: int, next_seq: int) -> None:
                  (observed, next_seq))
 
 
+def add_counters(conn: sqlite3.Connection, counters: Counts) -> None:
+    """Add counts to the file's (in the caller's transaction)."""
+    conn.executemany("INSERT INTO counters(name, value) VALUES (?, ?) ON CONFLICT(name) "
+                     "DO UPDATE SET value = value + excluded.value",
+                     [(k, v) for k, v in counters.items() if v])
+
+
 def advance_mark(conn: sqlite3.Connection, observed: int, next_seq: int) -> None:
     """Move the latest clock mark up to (``observed``, ``next_seq``), or write it if none.
 

@@ -14,7 +14,8 @@ but not kept, and the log says the count is unknown.
 
 A v0 file (one row per event: only found at startup, when its migration meets the
 damage) has its readable rows packed as the migration packs them (migrate.pack_v0).
-Runs on the writer's thread, the copy in one transaction.
+Runs on the writer's thread, the copy in one transaction, durable once committed; a
+crash before that commit leaves it for the next start to finish (aside.py).
 """
 
 from __future__ import annotations
@@ -29,7 +30,7 @@ from agent.families.event import NUCLEUS, SEGMENT
 from agent.families.lanes import LANES, NORMAL
 from agent.outcomes import Counts, Drop, Tally, from_names, record
 from agent.spool import migrate_lanes
-from agent.spool.db import mark, transaction
+from agent.spool.db import add_counters, mark, transaction
 from agent.spool.migrate import V0_COLS, V0Row, pack_v0, recount_streams
 from agent.spool.records import DamagedRecord, unpack
 
@@ -70,54 +71,102 @@ class Salvaged:
 def salvage(fresh: sqlite3.Connection, moved: Path, carry: Carry) -> Salvaged:
     """Copy what can be read of ``moved`` into ``fresh``, with the counters (plus one
     ``spool_corrupt`` and the ``dropped_corrupt`` loss) and the agent-observed time."""
-    out = Salvaged()
+    # Durable once committed, whatever storage.sync says: the marker that would have the
+    # next start finish this salvage is removed next (aside.py).
+    sync = fresh.execute("PRAGMA synchronous").fetchone()[0]
+    fresh.execute("PRAGMA synchronous = FULL")
+    old = _open_old(moved)
     try:
-        old = sqlite3.connect(f"file:{moved}?mode=ro", uri=True)
-    except sqlite3.Error:
-        old = None
-    try:
-        if old is not None:
-            # A truncated file's schema names pages past its end: without this every
-            # query fails, even on the pages that are still there.
-            _try(old, "PRAGMA writable_schema = ON")
-        file_streams = _try(old, "SELECT id, key FROM streams NOT INDEXED") or []
-        depth = carry.depth
-        if depth is None:
-            queued = _try(old, "SELECT sum(depth) FROM streams NOT INDEXED")
-            depth = int(queued[0][0] or 0) if queued else None
-        v0 = bool(_try(old, "SELECT 1 FROM sqlite_master WHERE name = 'events'"))
-        # A file from before lanes (v1): its rows are copied without theirs, then classified.
-        lanes = v0 or bool(_try(old, "SELECT 1 FROM pragma_table_info('records') "
-                                     "WHERE name = 'lane'"))
-        cols = (lambda c: c) if lanes and not v0 else _before_lanes
-        with transaction(fresh):
-            # The running agent's map first: where the file disagrees, it is the damaged one.
-            fresh.executemany("INSERT OR IGNORE INTO streams(id, key) VALUES (?, ?)",
-                              sorted(carry.streams.items()) + sorted(file_streams))
-            streams = {sid for (sid,) in fresh.execute("SELECT id FROM streams")}
-            if old is not None:
-                for rows in _scan(old, "dead", "seq", cols(DEAD_COLS), out):
-                    fresh.executemany(f"INSERT OR IGNORE INTO dead({cols(DEAD_COLS)}) VALUES "
-                                      f"({_marks(cols(DEAD_COLS))})",
-                                      [(*r[:9], *map(_lane, r[9:])) for r in rows
-                                       if _sound(r, DEAD_TYPES)])
-                if v0:
-                    _copy_v0(old, fresh, streams, carry, out)
-                else:
-                    _copy_v1(old, fresh, streams, out, cols(RECORD_COLS))
-                if v0 or not lanes:
-                    migrate_lanes.classify(fresh)
-            recount_streams(fresh)
-            out.queued = fresh.execute("SELECT coalesce(sum(live), 0) FROM records").fetchone()[0]
-            out.known = depth is not None
-            out.lost = max(depth - out.queued, 0) if depth is not None else out.unsendable
-            _carry_clock(old, fresh, carry)
-            counters = salvage_counters(old, carry.counters, out.lost)
-            fresh.executemany("INSERT OR REPLACE INTO counters(name, value) VALUES (?, ?)",
-                              sorted(counters.items()))
+        return _salvage(old, fresh, carry)
     finally:
         if old is not None:
             old.close()
+        fresh.execute(f"PRAGMA synchronous = {int(sync)}")
+
+
+def salvaged(fresh: sqlite3.Connection) -> bool:
+    """Whether a salvage has committed into ``fresh``: a fresh spool has no counters
+    before it (nothing commits until the salvage is done), and every salvage, and every
+    commit after one that failed, saves ``spool_corrupt``."""
+    return fresh.execute("SELECT 1 FROM counters WHERE name = ?",
+                         (Tally.SPOOL_CORRUPT.value,)).fetchone() is not None
+
+
+def unsalvaged(_: sqlite3.Connection, moved: Path, carry: Carry) -> tuple[Salvaged, Counts]:
+    """The copy failed (no room): the whole queue is lost, as far as its size is known
+    (the running agent's count, else the file's table of queues); and the counters to
+    keep, plus that loss."""
+    old = _open_old(moved)
+    try:
+        depth = _depth(old, carry)
+        got = Salvaged(known=depth is not None, lost=depth or 0)
+        return got, salvage_counters(old, carry.counters, got.lost)
+    finally:
+        if old is not None:
+            old.close()
+
+
+def keep_counters(fresh: sqlite3.Connection, counters: Counts) -> None:
+    """Save counts at once (added to the file's): a stop before the next commit would
+    lose them."""
+    with transaction(fresh):
+        add_counters(fresh, counters)
+
+
+def _open_old(moved: Path) -> sqlite3.Connection | None:
+    try:
+        old = sqlite3.connect(f"file:{moved}?mode=ro", uri=True)
+    except sqlite3.Error:
+        return None
+    # A truncated file's schema names pages past its end: without this every query
+    # fails, even on the pages that are still there.
+    _try(old, "PRAGMA writable_schema = ON")
+    return old
+
+
+def _depth(old: sqlite3.Connection | None, carry: Carry) -> int | None:
+    """The queue's size: the running agent's count, else the file's; None if unknown."""
+    if carry.depth is not None:
+        return carry.depth
+    queued = _try(old, "SELECT sum(depth) FROM streams NOT INDEXED")
+    return int(queued[0][0] or 0) if queued else None
+
+
+def _salvage(old: sqlite3.Connection | None, fresh: sqlite3.Connection,
+             carry: Carry) -> Salvaged:
+    out = Salvaged()
+    file_streams = _try(old, "SELECT id, key FROM streams NOT INDEXED") or []
+    depth = _depth(old, carry)
+    v0 = bool(_try(old, "SELECT 1 FROM sqlite_master WHERE name = 'events'"))
+    # A file from before lanes (v1): its rows are copied without theirs, then classified.
+    lanes = v0 or bool(_try(old, "SELECT 1 FROM pragma_table_info('records') "
+                                 "WHERE name = 'lane'"))
+    cols = (lambda c: c) if lanes and not v0 else _before_lanes
+    with transaction(fresh):
+        # The running agent's map first: where the file disagrees, it is the damaged one.
+        fresh.executemany("INSERT OR IGNORE INTO streams(id, key) VALUES (?, ?)",
+                          sorted(carry.streams.items()) + sorted(file_streams))
+        streams = {sid for (sid,) in fresh.execute("SELECT id FROM streams")}
+        if old is not None:
+            for rows in _scan(old, "dead", "seq", cols(DEAD_COLS), out):
+                fresh.executemany(f"INSERT OR IGNORE INTO dead({cols(DEAD_COLS)}) VALUES "
+                                  f"({_marks(cols(DEAD_COLS))})",
+                                  [(*r[:9], *map(_lane, r[9:])) for r in rows
+                                   if _sound(r, DEAD_TYPES)])
+            if v0:
+                _copy_v0(old, fresh, streams, carry, out)
+            else:
+                _copy_v1(old, fresh, streams, out, cols(RECORD_COLS))
+            if v0 or not lanes:
+                migrate_lanes.classify(fresh)
+        recount_streams(fresh)
+        out.queued = fresh.execute("SELECT coalesce(sum(live), 0) FROM records").fetchone()[0]
+        out.known = depth is not None
+        out.lost = max(depth - out.queued, 0) if depth is not None else out.unsendable
+        _carry_clock(old, fresh, carry)
+        counters = salvage_counters(old, carry.counters, out.lost)
+        fresh.executemany("INSERT OR REPLACE INTO counters(name, value) VALUES (?, ?)",
+                          sorted(counters.items()))
     return out
 
 

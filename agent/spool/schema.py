@@ -1,9 +1,8 @@
-"""The spool's SQLite schema (v2), its version check, moving a corrupt file aside, offline reads."""
+"""The spool's SQLite schema (v2), its version check, offline reads."""
 
 from __future__ import annotations
 
 import sqlite3
-import time
 from pathlib import Path
 from typing import Any
 
@@ -44,17 +43,6 @@ CREATE TABLE counters(name TEXT PRIMARY KEY, value INTEGER NOT NULL);
 CREATE TABLE clock_marks(observed INTEGER PRIMARY KEY, next_seq INTEGER NOT NULL);
 PRAGMA user_version = 2;
 """
-
-
-def move_aside(path: Path) -> Path:
-    """Rename a spool and its WAL/SHM files to ``<name>.corrupt-<ts>``."""
-    stamp = time.strftime("%Y%m%dT%H%M%S")
-    target = path.with_name(f"{path.name}.corrupt-{stamp}")
-    for suffix in ("", "-wal", "-shm"):
-        src = Path(str(path) + suffix)
-        if src.exists():
-            src.rename(Path(str(target) + suffix))
-    return target
 
 
 class SpoolTooNew(Exception):

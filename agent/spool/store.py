@@ -29,14 +29,15 @@ from agent.paths import ensure_private_dir
 from agent.settings import StorageConfig
 from agent.spool import commit as spool_commit
 from agent.spool import db as spool_db
+from agent.spool.aside import done, move_aside, note, pending, target
 from agent.spool.books import Books
 from agent.spool.db import SqliteThread
 from agent.spool.dedupe import DedupeIndex
 from agent.spool.live import LiveRecords
 from agent.spool.migrate import ensure, refuse_newer
 from agent.spool.reads import Reader
-from agent.spool.salvage import Carry, Salvaged, salvage, salvage_counters
-from agent.spool.schema import move_aside, open_read_only
+from agent.spool.salvage import Carry, keep_counters, salvage, salvaged, unsalvaged
+from agent.spool.schema import open_read_only
 from agent.spool.types import Queued, Stream
 from agent.spool.writer import Writer, is_corruption
 
@@ -52,6 +53,7 @@ class _Salvage:
     held: list[Stream]   # the Stream objects running forwarders hold
     next_seq: int
     why: str
+    noted: bool          # whether the marker that has a crash finish it is written
 HOUR_MS = 3_600_000
 
 
@@ -141,12 +143,21 @@ class Spool:
         spool = cls(cfg, cfg.resolved_path(), on_reopen, on_migrating)
         ensure_private_dir(spool.path.parent)
         try:
+            if (moved := pending(spool.path)) is not None:
+                # The last run stopped inside a salvage: the spool at the path is its fresh
+                # one, with nothing committed but that salvage, if it got that far.
+                spool._salvaging = _Salvage(
+                    moved, spool._carry(), [], 1,
+                    "found by the last run, stopped before its salvage was done", True)
             try:
                 await spool._connect()
             except sqlite3.DatabaseError as exc:
                 if not is_corruption(exc):
                     raise
                 await spool.recover(exc)
+            else:
+                if spool._salvaging is not None:
+                    await spool._finish_recovery()
         except (sqlite3.DatabaseError, OSError) as exc:
             # Not corrupt (a full disk, an I/O error): keep the file, refuse
             # events with 503 and try again at each commit, rather than exit into a crash loop.
@@ -211,34 +222,55 @@ class Spool:
 
     async def recover(self, exc: BaseException) -> None:
         """Never a crash loop: move a corrupt spool aside, start afresh, and salvage into
-        the fresh spool every row that can still be read (agent/spool/salvage.py)."""
+        the fresh spool every row that can still be read (agent/spool/salvage.py).
+        Called under the writer's lock (or before the writer starts): nothing commits to
+        the fresh spool before the salvage, which a crash leaves for the next start to
+        finish (agent/spool/aside.py)."""
         books = self.books
-        carry = Carry(streams={s.id: s.key for s in books.streams.values()},
-                      counters=dict(books.counters), observed=self.observed_ms(),
-                      next_seq=books.next_seq,
-                      depth=self.depth if self._loaded else None)
+        carry = self._carry()
         await self._close_connections()
         # Kept until the fresh spool is open: if it cannot be created now (a full disk),
         # reopen() finishes the salvage, rather than start an empty spool that would hand
         # out stream ids and seqs the running forwarders still hold.
-        self._salvaging = _Salvage(move_aside(self.path), carry, list(books.streams.values()),
-                                   books.next_seq, str(exc))
+        moved = target(self.path)
+        if (why := note(self.path, moved)) is not None:  # tried again once the fresh spool is open
+            log.error("spool %s: cannot write %s's salvage marker (%s)", self.path, moved, why)
+        move_aside(self.path, moved)
+        self._salvaging = _Salvage(moved, carry, list(books.streams.values()), books.next_seq,
+                                   str(exc), why is None)
         await self._connect()
         await self._finish_recovery()
+
+    def _carry(self) -> Carry:
+        books = self.books
+        return Carry(streams={s.id: s.key for s in books.streams.values()},
+                     counters=dict(books.counters), observed=self.observed_ms(),
+                     next_seq=books.next_seq, depth=self.depth if self._loaded else None)
 
     async def _finish_recovery(self) -> None:
         pending, self._salvaging = self._salvaging, None
         assert pending is not None and self._db is not None
         books, carry, moved = self.books, pending.carry, pending.moved
+        if not pending.noted:  # the disk had no room for it then (its error is logged)
+            note(self.path, moved)
+        if await self._db.run(salvaged):
+            done(self.path)  # the last run stopped after the salvage's commit
+            log.warning("spool %s: the salvage of %s had finished before the last stop",
+                        self.path, moved)
+            return
+        failed = None
         try:
             got = await self._db.run(salvage, moved, carry)
         except sqlite3.Error as why:  # e.g. no room for the copy: the fresh spool stays empty
-            log.error("spool %s: could not salvage %s: %s", self.path, moved, why)
-            got = Salvaged(known=carry.depth is not None, lost=carry.depth or 0)
-            for outcome, n in salvage_counters(None, carry.counters, got.lost).items():
-                self.count(outcome, n)  # into the empty fresh spool, with its next commit
+            failed = why
+            got, counters = await self._db.run(unsalvaged, moved, carry)
+            for outcome, n in counters.items():
+                self.count(outcome, n)  # into the empty fresh spool
             self._observed_base, self._elapsed_at_load = carry.observed, CLOCK.elapsed_ms()
+            if await self._save_counts():  # else a crash before the next commit retries it
+                done(self.path)
         else:
+            done(self.path)
             await self._load_state(self._db)
         # Running forwarders hold these streams and a seq cursor: keep the objects, and
         # keep seqs rising, or new events would hide behind the cursors.
@@ -250,13 +282,33 @@ class Spool:
             if now is None:
                 books.new_streams.append(stream)
             books.add_stream(stream)
-        how_many = (f"{got.lost} could not be read" if got.known else
-                    "how many more it held is unknown (its queue table cannot be read)")
-        log.error("spool %s is corrupt (%s); moved aside to %s and started afresh: salvaged "
-                  "%d queued events, %s (counted as %s: %d); %d damaged stretches skipped",
-                  self.path, pending.why, moved, got.queued, how_many, Drop.DROPPED_CORRUPT,
-                  got.lost, got.skipped)
+        unknown = "how many %s held is unknown (its queue table cannot be read)"
+        if failed is not None:
+            kept = (f"with its {got.lost} queued events" if got.known else
+                    "; " + unknown % "events it")
+            log.error("spool %s is corrupt (%s); moved aside to %s and started afresh, but "
+                      "could not salvage it (%s): kept in %s %s (counted as %s: %d)",
+                      self.path, pending.why, moved, failed, moved, kept, Drop.DROPPED_CORRUPT,
+                      got.lost)
+        else:
+            how_many = f"{got.lost} could not be read" if got.known else unknown % "more it"
+            log.error("spool %s is corrupt (%s); moved aside to %s and started afresh: "
+                      "salvaged %d queued events, %s (counted as %s: %d); %d damaged "
+                      "stretches skipped", self.path, pending.why, moved, got.queued,
+                      how_many, Drop.DROPPED_CORRUPT, got.lost, got.skipped)
         self.on_reopen()  # forwarders for the salvaged queues
+
+    async def _save_counts(self) -> bool:
+        """Save the counts not yet saved, now rather than with the next commit."""
+        assert self._db is not None
+        counts = self.books.take_unsaved()
+        try:
+            await self._db.run(keep_counters, counts)
+        except sqlite3.Error as exc:
+            self.books.unsave(counts)
+            log.error("spool %s: could not save its counters: %s", self.path, exc)
+            return False
+        return True
 
     async def close(self) -> None:
         """Finish pending commits, then close."""

@@ -1,0 +1,95 @@
+"""Move a corrupt spool aside so that a salvage cut short is finished at the next start.
+
+A marker beside the spool (``<name>.salvaging``) names the file moved aside. It is made
+durable before the move and removed only once the salvage has committed into the fresh
+spool (or, when the copy failed, once its loss is counted there). At the next start a
+marker whose file exists means "finish that salvage"; one whose file does not exist is
+stale: the crash came before the move, and the corrupt file is still at the spool's path.
+"""
+
+from __future__ import annotations
+
+import os
+import sys
+import time
+from pathlib import Path
+
+_SUFFIXES = ("", "-wal", "-shm")
+
+
+def marker(path: Path) -> Path:
+    return path.with_name(f"{path.name}.salvaging")
+
+
+def target(path: Path) -> Path:
+    """Where a corrupt spool is moved: ``<name>.corrupt-<ts>``."""
+    return path.with_name(f"{path.name}.corrupt-{time.strftime('%Y%m%dT%H%M%S')}")
+
+
+def note(path: Path, moved: Path) -> OSError | None:
+    """Write the marker naming ``moved``, durably; the error when it cannot (a full disk)."""
+    try:
+        fd = os.open(marker(path), os.O_CREAT | os.O_TRUNC | os.O_WRONLY, 0o600)
+        try:
+            # The newline ends the name: a marker cut short by a crash names no file.
+            os.write(fd, f"{moved.name}\n".encode())
+            os.fsync(fd)
+        finally:
+            os.close(fd)
+        _sync_dir(path.parent)
+    except OSError as exc:
+        return exc
+    return None
+
+
+def move_aside(path: Path, moved: Path) -> None:
+    """Rename a spool and its WAL/SHM files to ``moved`` (noted first)."""
+    _rename(path, moved)
+    _sync_dir(path.parent)
+
+
+def pending(path: Path) -> Path | None:
+    """The file moved aside by a salvage that did not finish, its move completed; None
+    when there is none (a stale marker is removed)."""
+    try:
+        text = marker(path).read_text(encoding="utf-8", errors="replace")
+    except FileNotFoundError:
+        return None
+    name = text.removesuffix("\n")
+    moved = path.with_name(name) if text.endswith("\n") and \
+        name.startswith(f"{path.name}.corrupt-") and "/" not in name else None
+    if moved is None or not moved.exists():
+        done(path)
+        return None
+    if not path.exists():
+        # Cut between the renames: the -wal and -shm still at the path are the moved
+        # file's. Applied to the fresh spool, its WAL would garble it.
+        _rename(path, moved)
+        _sync_dir(path.parent)
+    return moved
+
+
+def done(path: Path) -> None:
+    """The salvage has committed: forget its marker (the fresh spool made durable first)."""
+    _sync_dir(path.parent)
+    marker(path).unlink(missing_ok=True)
+    _sync_dir(path.parent)
+
+
+def _rename(path: Path, target: Path) -> None:
+    # The file first: while it is still at the path, its -wal and -shm must stay with it.
+    for suffix in _SUFFIXES:
+        src = Path(f"{path}{suffix}")
+        if src.exists():
+            src.rename(Path(f"{target}{suffix}"))
+
+
+def _sync_dir(directory: Path) -> None:
+    """Make renames, creations and removals in ``directory`` durable."""
+    if sys.platform == "win32":  # no directory handles to fsync; NTFS journals them
+        return
+    fd = os.open(directory, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
