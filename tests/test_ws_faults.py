@@ -7,15 +7,24 @@ the scripted tests/fakes/faulty_upstream.py.
 
 from __future__ import annotations
 
+import asyncio
+import socket
+from collections.abc import AsyncIterator
 from typing import Any
 
 import aiohttp
+import pytest
 
 from agent.forwarder.supervisor import Seams
+from agent.settings import UpstreamConfig
+from agent.uplinks.nucleus_ws import NucleusWsUplink
+from tests.conftest import FAST_BACKOFF
 from tests.fakes.deaf_upstream import DeafUpstream
 from tests.fakes.nucleus_upstream import FakeNucleus
 from tests.test_upstream_faults import event, send
 from tests.waiting import wait_for
+
+PAD = "x" * 8000   # an event of about 8 KB
 
 
 async def status(agent: Any) -> dict[str, Any]:
@@ -27,34 +36,78 @@ async def status(agent: Any) -> dict[str, Any]:
         return dict(up)
 
 
-async def test_an_upstream_that_stops_reading_fails_the_send_and_is_retried(
-        make_agent: Any, fast_backoff: Seams, fake_nucleus: FakeNucleus) -> None:
+@pytest.fixture
+async def deaf(fake_nucleus: FakeNucleus) -> AsyncIterator[DeafUpstream]:
+    """Deaf until the test clears ``deaf``; then a relay to ``fake_nucleus``."""
+    upstream = await DeafUpstream(fake_nucleus.port).start()
+    yield upstream
+    await upstream.stop()
+
+
+def deaf_upstream(deaf: DeafUpstream, **kw: Any) -> dict[str, Any]:
+    return {"name": "up", "protocol": "nucleus-ws", "url": deaf.ws_url,
+            "flush_interval_s": 0.02, "timeout_s": 0.5, **kw}
+
+
+async def stalls_then_delivers(agent: Any, deaf: DeafUpstream, fake: FakeNucleus,
+                               events: int, error: str) -> None:
+    """Send ``events`` events; wait for `/status` to show the failure (``error``) and a
+    retry; then let the upstream read, and wait for every event to be delivered."""
+    for p in range(0, events, 100):
+        await send(agent, [event(i, pad=PAD) for i in range(p, min(p + 100, events))])
+    last: dict[str, Any] = {}
+
+    async def failed_and_retried() -> bool:
+        last.update(await status(agent))
+        return last["retries"] >= 1 and error in (last["last_error"] or "")
+    try:
+        await wait_for(failed_and_retried, 4)
+    except AssertionError:
+        raise AssertionError(f"no failure shown: {last}") from None
+    assert deaf.deaf_connections >= 1
+    deaf.deaf = False   # the next connection reaches a good upstream
+    await wait_for(lambda: agent.spool.depth == 0, 5)
+    assert set(fake.ids()) == set(range(events))
+    assert await agent.spool.dead_letters() == []
+
+
+async def test_an_upstream_that_stops_reading_fails_the_batches_in_flight(
+        make_agent: Any, fast_backoff: Seams, deaf: DeafUpstream,
+        fake_nucleus: FakeNucleus) -> None:
     """It takes the handshake, then reads nothing: the agent's frames fill the TCP window
     and its own buffers, and a send waits for room. Before the fix that send waited
     forever, and with it the key: `/status` said `sending`, with no error and no retry."""
-    deaf = await DeafUpstream(fake_nucleus.port).start()
-    try:
-        agent = await make_agent(upstreams=[{
-            "name": "up", "protocol": "nucleus-ws", "url": deaf.ws_url,
-            "flush_interval_s": 0.02, "timeout_s": 0.5, "max_in_flight": 16}])
-        # 5.6 MB in up to 16 frames of 500 KB in flight: more than the path between them
-        # holds (on loopback the agent's socket takes up to 4 MB, tcp_wmem).
-        pad = "x" * 8000
-        for p in range(7):
-            await send(agent, [event(p * 100 + i, pad=pad) for i in range(100)])
-        last: dict[str, Any] = {}
+    # 5.6 MB in up to 16 frames of 500 KB in flight: more than the path between them
+    # holds (on loopback the agent's socket takes up to 4 MB, tcp_wmem).
+    agent = await make_agent(upstreams=[deaf_upstream(deaf, max_in_flight=16)])
+    await stalls_then_delivers(agent, deaf, fake_nucleus, 700,
+                               "upstream stopped reading: no reportedIds for")
 
-        async def failed_and_retried() -> bool:
-            last.update(await status(agent))
-            return last["retries"] >= 1 and "stopped reading" in (last["last_error"] or "")
-        try:
-            await wait_for(failed_and_retried, 4)
-        except AssertionError:
-            raise AssertionError(f"no failure shown: {last}") from None
-        assert deaf.deaf_connections >= 1
-        deaf.deaf = False   # the next connection reaches a good upstream
-        await wait_for(lambda: agent.spool.depth == 0, 5)
-        assert set(fake_nucleus.ids()) == set(range(700))
-        assert await agent.spool.dead_letters() == []
-    finally:
-        await deaf.stop()
+
+async def test_a_frame_that_cannot_leave_fails_its_send(
+        make_agent: Any, deaf: DeafUpstream, fake_nucleus: FakeNucleus) -> None:
+    """One frame in flight, larger than the path holds: its send itself must fail, there
+    being no earlier frame whose acks could time out. On loopback a connection's send
+    buffer takes megabytes, so the agent's uplinks get sockets with a small one, as a
+    real network's connection starts with."""
+    connector = aiohttp.TCPConnector(socket_factory=_small_send_buffer)
+    # Bounded: a connection closed gracefully with a frame stuck in it holds up the
+    # session's close (before the fix, forever).
+    async with asyncio.timeout(10), aiohttp.ClientSession(connector=connector) as session:
+        def uplink(cfg: UpstreamConfig, key: str, _: aiohttp.ClientSession,
+                   machine_id: str) -> NucleusWsUplink:
+            return NucleusWsUplink(cfg, key, session, machine_id)
+        agent = await make_agent(upstreams=[deaf_upstream(deaf, max_in_flight=1)],
+                                 seams=Seams(make_uplink=uplink, backoff=FAST_BACKOFF))
+        # 60 events of 8 KB: one 480 KB frame.
+        await stalls_then_delivers(agent, deaf, fake_nucleus, 60,
+                                   "upstream stopped reading: a frame could not be sent "
+                                   "within 0.5s")
+        await agent.stop()   # before its session closes
+
+
+def _small_send_buffer(addr: Any) -> socket.socket:
+    family, kind, proto, _, _ = addr
+    sock = socket.socket(family, kind, proto)
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, 4096)
+    return sock
