@@ -15,6 +15,12 @@ lets the next send open a new connection. A connection that dropped while every
 batch sent on it was acknowledged (an idle drop) is replaced without a failure; one
 that dropped before its first frame (an upstream that closes each connection at once)
 fails the send, so that each retry costs one handshake, not two.
+
+An upstream that stops reading (a wedged server or proxy: its TCP window closes) leaves
+a send waiting for room in the buffers. A send is given ``timeout_s``; one that cannot
+finish in it fails its connection, which is then cut (aborted, not closed gracefully:
+a graceful close waits for those same buffers to drain), and that releases every send
+waiting on it.
 """
 
 from __future__ import annotations
@@ -42,6 +48,7 @@ HEARTBEAT_S = 60.0
 # stopped answering is not worth more (the connection is then simply cut).
 CLOSE_GRACE_S = 1.0
 LOST = "connection lost before all acks arrived"
+STOPPED_READING = "upstream stopped reading"
 
 
 class _Link:
@@ -55,6 +62,7 @@ class _Link:
         self.lost = lost          # why no more frames may go on it
         self.failed = lost is not None  # a batch sent on it was not wholly acknowledged
         self.sending = 0          # sends on it that have not returned yet
+        self.writing = 0          # frames (heartbeats too) waiting for room in its buffers
         self.carried = False      # a frame went out on it
         # Frames sent on it (heartbeats too), and replies read: the upstream answers each
         # frame, in order, so a frame whose reply came has been answered for.
@@ -83,11 +91,40 @@ class _Link:
             self.lost = reason
         self.notify()
 
+    async def send(self, data: bytes, timeout: float) -> None:
+        """Send a frame; one that finds no room within ``timeout`` (the upstream stopped
+        reading) loses the link, and cuts it."""
+        assert self.ws is not None
+        self.writing += 1
+        timer = asyncio.timeout(timeout)
+        try:
+            async with timer:
+                await _send_text(self.ws, data)
+        except TimeoutError:
+            if timer.expired():
+                self.lose(f"{STOPPED_READING}: a frame could not be sent within {timeout:g}s")
+                self.abort()
+            raise
+        finally:
+            self.writing -= 1
+
+    def abort(self) -> None:
+        """Cut the connection now, which releases every send waiting for room in its
+        buffers. aiohttp's close, even cancelled, closes the transport gracefully: that
+        waits for the same buffers to drain, and the sends with it."""
+        if self.ws is not None:
+            self.ws._writer.transport.abort()   # aiohttp has no public abort
+
     async def close_ws(self) -> None:
-        if self.ws is not None and not self.ws.closed:
-            with contextlib.suppress(asyncio.TimeoutError):
-                # Cancelling aiohttp's close() aborts the connection.
-                await asyncio.wait_for(self.ws.close(), self.grace)
+        if self.ws is None or self.ws.closed:
+            return
+        if self.writing:   # a close frame would wait behind the frame that cannot go
+            self.abort()
+            return
+        try:
+            await asyncio.wait_for(self.ws.close(), self.grace)
+        except TimeoutError:   # no answer to the close, or no room to send it in
+            self.abort()
 
     async def close(self) -> None:
         self.lose("closed")
@@ -152,7 +189,7 @@ class NucleusWsUplink(NucleusFraming, UplinkBase):
                     # Numbered before the await: a heartbeat sent meanwhile comes after it.
                     link.frames += 1
                     mine = link.frames
-                    await _send_text(link.ws, frame(prepared))
+                    await link.send(frame(prepared), self.cfg.timeout_s)
                     self._last_sent = asyncio.get_running_loop().time()
                 except (aiohttp.ClientError, OSError, TimeoutError, RuntimeError) as exc:
                     link.lose(f"send failed: {_describe(exc)}")
@@ -188,7 +225,10 @@ class NucleusWsUplink(NucleusFraming, UplinkBase):
                 return link.lost if link.lost != "closed" else LOST
             remaining = deadline - loop.time()
             if remaining <= 0:
-                return f"no reportedIds for {len(set(wanted) - link.acked)} events within {self.cfg.timeout_s:g}s"
+                error = (f"no reportedIds for {len(set(wanted) - link.acked)} events within "
+                         f"{self.cfg.timeout_s:g}s")
+                # A frame still waits for room: the upstream reads nothing, so never answers.
+                return f"{STOPPED_READING}: {error}" if link.writing else error
             await link.changed(remaining)
         return None
 
@@ -273,9 +313,9 @@ class NucleusWsUplink(NucleusFraming, UplinkBase):
         while not ws.closed:
             idle = loop.time() - self._last_sent
             if idle >= self.heartbeat_s:
-                with contextlib.suppress(ConnectionError, RuntimeError):
+                with contextlib.suppress(ConnectionError, RuntimeError, TimeoutError):
                     link.frames += 1
-                    await _send_text(ws, frame)
+                    await link.send(frame, self.cfg.timeout_s)
                 self._last_sent = loop.time()
                 idle = 0
             await asyncio.sleep(self.heartbeat_s - idle)
