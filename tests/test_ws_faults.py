@@ -20,14 +20,15 @@ from agent.settings import UpstreamConfig
 from agent.uplinks.nucleus_ws import NucleusWsUplink
 from tests.conftest import FAST_BACKOFF
 from tests.fakes.deaf_upstream import DeafUpstream
+from tests.fakes.faulty_upstream import Fault, FaultyUpstream
 from tests.fakes.nucleus_upstream import FakeNucleus
-from tests.test_upstream_faults import event, send
+from tests.test_upstream_faults import drained, event, manual, send, upstream
 from tests.waiting import wait_for
 
 PAD = "x" * 8000   # an event of about 8 KB
 
 
-async def status(agent: Any) -> dict[str, Any]:
+async def status_of(agent: Any) -> dict[str, Any]:
     """The one upstream's entry in GET /status."""
     async with aiohttp.ClientSession() as s, \
             s.get(f"http://127.0.0.1:{agent.port}/status") as r:
@@ -58,7 +59,7 @@ async def stalls_then_delivers(agent: Any, deaf: DeafUpstream, fake: FakeNucleus
     last: dict[str, Any] = {}
 
     async def failed_and_retried() -> bool:
-        last.update(await status(agent))
+        last.update(await status_of(agent))
         return last["retries"] >= 1 and error in (last["last_error"] or "")
     try:
         await wait_for(failed_and_retried, 4)
@@ -111,3 +112,21 @@ def _small_send_buffer(addr: Any) -> socket.socket:
     sock = socket.socket(family, kind, proto)
     sock.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, 4096)
     return sock
+
+
+@pytest.mark.parametrize("status", [429, 503])
+async def test_a_refused_handshake_s_retry_after_is_honoured(
+        make_agent: Any, faulty: FaultyUpstream, status: int) -> None:
+    """As over HTTP: the upstream's Retry-After, not the backoff (0.01 to 0.02 s here),
+    says when the key tries again. Before the fix it was ignored."""
+    faulty.connect_script = [Fault("status", status, {"Retry-After": "30"})]
+    timing, seams = manual()
+    agent = await make_agent(upstreams=[upstream(faulty, "nucleus-ws")], seams=seams)
+    await send(agent, [event(i) for i in range(5)])
+    await wait_for(lambda: agent.forwarding.states["up"].retries == 1)
+    assert timing.pending() == [30.0]
+    assert f"HTTP {status}" in ((await status_of(agent))["last_error"] or "")
+    timing.advance(29.9)
+    assert len(faulty.requests) == 1   # the refused handshake alone
+    timing.advance(0.1)
+    await drained(agent, faulty, 5)
