@@ -80,14 +80,14 @@ class Uplink(Protocol):
     # (a websocket reader, say) raise unexpectedly, for the forwarder's supervisor.
     on_crash: Callable[[BaseException], None]
 
-    def connecting(self) -> Coroutine[Any, Any, str | None] | None:
+    def connecting(self) -> Coroutine[Any, Any, Retry | None] | None:
         """None if the uplink keeps no connection (HTTP: a request connects as it goes),
-        else the opening of what the next send needs (resolving to None, or why it
-        cannot be opened).
+        else the opening of what the next send needs (resolving to None, or a Retry
+        saying why it cannot be opened, with the upstream's Retry-After if it gave one).
 
         The forwarder calls it with no batch in flight, before it prepares one, so that
         an upstream that cannot be reached costs no batch's work on every retry; a
-        reason is a failed send (the forwarder backs off, then closes the uplink).
+        Retry is a failed send (the forwarder backs off, then closes the uplink).
         """
         ...
 
@@ -188,7 +188,7 @@ class UplinkBase(ABC):
         writer.close()
         return None
 
-    def connecting(self) -> Coroutine[Any, Any, str | None] | None:
+    def connecting(self) -> Coroutine[Any, Any, Retry | None] | None:
         return None  # nothing kept open: an HTTP request connects (or reuses one) as it goes
 
     def prepare(self, rows: Sequence[Row]) -> Prepared:

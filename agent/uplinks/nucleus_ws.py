@@ -38,7 +38,7 @@ from agent.settings import UpstreamConfig
 from agent.spool.types import Row
 from agent.uplinks import splice
 from agent.uplinks.base import Acked, Retry, SendResult, UplinkBase
-from agent.uplinks.http_common import REPLY_MAX_BYTES, html_instead_of_reply
+from agent.uplinks.http_common import REPLY_MAX_BYTES, html_instead_of_reply, is_retryable, retry_after
 from agent.uplinks.nucleus_frame import NucleusFraming, frame, match
 from agent.uplinks.prepare import Prepared, take_prefix
 
@@ -56,10 +56,11 @@ class _Link:
     frames may still go on it."""
 
     def __init__(self, ws: aiohttp.ClientWebSocketResponse | None, grace: float,
-                 lost: str | None = None):
+                 lost: str | None = None, retry_after: float | None = None):
         self.ws = ws
         self.grace = grace
         self.lost = lost          # why no more frames may go on it
+        self.retry_after = retry_after   # the Retry-After of a refused handshake
         self.failed = lost is not None  # a batch sent on it was not wholly acknowledged
         self.sending = 0          # sends on it that have not returned yet
         self.writing = 0          # frames (heartbeats too) waiting for room in its buffers
@@ -168,15 +169,15 @@ class NucleusWsUplink(NucleusFraming, UplinkBase):
         self.in_flight.update(zip(prepared.ids, prepared.seqs))
         return prepared
 
-    def connecting(self) -> Coroutine[Any, Any, str | None]:
+    def connecting(self) -> Coroutine[Any, Any, Retry | None]:
         return self._connect()
 
-    async def _connect(self) -> str | None:
+    async def _connect(self) -> Retry | None:
         """Open the websocket before a batch is prepared for it: with the upstream down,
         a retry fails here, before its batch is built (Segment events: mapped)."""
         async with self._send_lock:
             link = await self._usable_link(replace_unused=True)
-        return link.lost
+        return None if link.lost is None else Retry(link.lost, retry_after=link.retry_after)
 
     async def send(self, prepared: Prepared) -> SendResult:
         async with self._send_lock:  # FIFO: batches start in the order they were prepared
@@ -214,7 +215,7 @@ class NucleusWsUplink(NucleusFraming, UplinkBase):
         # Ids are only unique per connection: a late ack on this one could match
         # a different event that reuses the id after the resend, so start afresh.
         await link.close_ws()
-        return Retry(error, acked=acked, omitted=omitted)
+        return Retry(error, retry_after=link.retry_after, acked=acked, omitted=omitted)
 
     async def _wait_acks(self, link: _Link, wanted: tuple[int, ...]) -> str | None:
         # issuperset walks the batch's seqs as they are: no set of them is built.
@@ -258,7 +259,10 @@ class NucleusWsUplink(NucleusFraming, UplinkBase):
                 self.cfg.timeout_s)
         except aiohttp.WSServerHandshakeError as exc:
             # Its text holds the URL, and so the key in its path: keep the status.
-            return _Link(None, 0, lost=f"connect failed: {_handshake_refused(exc)}")
+            wait = exc.headers.get("Retry-After") if exc.headers else None
+            # As the HTTP uplinks: an upstream's wait counts with a status worth retrying.
+            return _Link(None, 0, lost=f"connect failed: {_handshake_refused(exc)}",
+                         retry_after=retry_after(wait) if is_retryable(exc.status) else None)
         except (aiohttp.ClientError, OSError, TimeoutError, RuntimeError) as exc:
             # A redirect is an UpstreamRedirect here: the session never follows one.
             return _Link(None, 0, lost=f"connect failed: {_describe(exc)}")
