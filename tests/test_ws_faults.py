@@ -8,6 +8,7 @@ the scripted tests/fakes/faulty_upstream.py.
 from __future__ import annotations
 
 import asyncio
+import logging
 import socket
 from collections.abc import AsyncIterator
 from typing import Any
@@ -130,3 +131,17 @@ async def test_a_refused_handshake_s_retry_after_is_honoured(
     assert len(faulty.requests) == 1   # the refused handshake alone
     timing.advance(0.1)
     await drained(agent, faulty, 5)
+
+
+async def test_a_flood_of_replies_that_are_not_json_is_logged_once_and_counted(
+        make_agent: Any, faulty: FaultyUpstream, caplog: pytest.LogCaptureFixture) -> None:
+    """Each is ignored, as before; but any upstream (or a proxy before it) could send
+    them by the thousand, and each wrote a warning of its own."""
+    faulty.script = [Fault("noise", times=500)]
+    caplog.set_level(logging.WARNING)
+    agent = await make_agent(upstreams=[upstream(faulty, "nucleus-ws")])
+    await send(agent, [event(i) for i in range(3)])
+    await drained(agent, faulty, 3)
+    lines = [r.getMessage() for r in caplog.records if "not JSON" in r.getMessage()]
+    assert len(lines) == 1, lines[:3]   # once a minute
+    assert (await status_of(agent))["unreadable_replies"] == 500
