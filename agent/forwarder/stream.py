@@ -145,6 +145,7 @@ class StreamForwarder:
         counts it and calls ``run`` again, with a fresh uplink, after a backoff."""
         self._cursors, self._failed, self._crash = [0] * len(LANES), None, None
         self.uplink.on_crash = self._crashed
+        self.uplink.on_unreadable = self.state.unreadable_reply
         try:
             while not self.stopping and not self.released:
                 await self._step()

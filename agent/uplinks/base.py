@@ -72,6 +72,10 @@ def _ignore_crash(exc: BaseException) -> None:
     """``Uplink.on_crash`` until a forwarder supervises the uplink."""
 
 
+def _uncounted() -> None:
+    """``Uplink.on_unreadable`` until a forwarder supervises the uplink."""
+
+
 class Uplink(Protocol):
     """One connection to one upstream, for one local key."""
 
@@ -79,6 +83,9 @@ class Uplink(Protocol):
     # The forwarder sets this: an uplink hands it anything its own background tasks
     # (a websocket reader, say) raise unexpectedly, for the forwarder's supervisor.
     on_crash: Callable[[BaseException], None]
+    # And this: an uplink calls it for each message of the upstream's that it could not
+    # read and ignored (websocket text that is not JSON), for the upstream's count.
+    on_unreadable: Callable[[], None]
 
     def connecting(self) -> Coroutine[Any, Any, Retry | None] | None:
         """None if the uplink keeps no connection (HTTP: a request connects as it goes),
@@ -132,6 +139,7 @@ class UplinkBase(ABC):
 
     # staticmethod: a plain function here would be bound to the instance when read.
     on_crash: Callable[[BaseException], None] = staticmethod(_ignore_crash)
+    on_unreadable: Callable[[], None] = staticmethod(_uncounted)
 
     def __init__(self, cfg: UpstreamConfig, app_key: str, session: aiohttp.ClientSession,
                  machine_id: str) -> None:

@@ -34,6 +34,7 @@ from typing import Any, ClassVar
 import aiohttp
 import orjson
 
+from agent.logs import log_limited
 from agent.settings import UpstreamConfig
 from agent.spool.types import Row
 from agent.uplinks import splice
@@ -302,7 +303,10 @@ class NucleusWsUplink(NucleusFraming, UplinkBase):
         try:
             reply: Any = orjson.loads(data)
         except orjson.JSONDecodeError:
-            log.warning("%s sent a reply that is not JSON; ignored", self.name)
+            self.on_unreadable()
+            # The upstream, or a proxy before it, may send thousands: a line a minute.
+            log_limited(log, logging.WARNING, f"not-json:{self.name}",
+                        "%s sent a reply that is not JSON; ignored", self.name)
             return
         if isinstance(reply, dict) and "reportedIds" in reply:
             link.replies += 1
