@@ -116,7 +116,7 @@ def _small_send_buffer(addr: Any) -> socket.socket:
 
 
 @pytest.mark.parametrize("status", [429, 503])
-async def test_a_refused_handshake_s_retry_after_is_honoured(
+async def test_retry_after_on_a_refused_handshake_is_honoured(
         make_agent: Any, faulty: FaultyUpstream, status: int) -> None:
     """As over HTTP: the upstream's Retry-After, not the backoff (0.01 to 0.02 s here),
     says when the key tries again. Before the fix it was ignored."""
