@@ -24,9 +24,13 @@ class UpstreamState:
     acked: int = 0
     dead_lettered: int = 0
     crashes: int = 0             # unexpected exceptions caught by the supervisor
+    unreadable_replies: int = 0  # upstream messages ignored as unreadable (websocket: not JSON)
     # Wall time a probe first failed to connect; while set, probed every 2 s (probe.py).
     unreachable_since: float | None = None
     probes: int = 0              # TCP probes finished
+
+    def unreadable_reply(self) -> None:
+        self.unreadable_replies += 1
 
     def error(self, text: str) -> None:
         # Upstream replies and exceptions can echo a key: status, the page and

@@ -131,7 +131,7 @@ class StreamForwarder:
         # The uplink's connection ended with a batch that then completed by giving events
         # up (see _left_out): reopened before the next send, with no backoff.
         self._reopen = False
-        self._connecting: asyncio.Future[str | None] | None = None  # see _connect
+        self._connecting: asyncio.Future[Retry | None] | None = None  # see _connect
         self._crash: BaseException | None = None  # unexpected: raised to the supervisor
         self.attempt = attempt  # failures in a row: the next backoff's step
         self.release = release
@@ -145,6 +145,7 @@ class StreamForwarder:
         counts it and calls ``run`` again, with a fresh uplink, after a backoff."""
         self._cursors, self._failed, self._crash = [0] * len(LANES), None, None
         self.uplink.on_crash = self._crashed
+        self.uplink.on_unreadable = self.state.unreadable_reply
         try:
             while not self.stopping and not self.released:
                 await self._step()
@@ -256,9 +257,9 @@ class StreamForwarder:
             if self._granted > 1:
                 self.slots.give(self._granted - 1)
                 self._granted = 1
-            error = await self._connect(opening)
-            if error is not None:
-                self._failed = Retry(error)
+            failed = await self._connect(opening)
+            if failed is not None:
+                self._failed = failed
                 return
             if self._crash is not None or self.stopping or self.lanes != lanes:
                 return  # changed while it connected: read again (or end) before sending
@@ -323,7 +324,7 @@ class StreamForwarder:
             self._granted += 1   # already given: it is ours to give back
         self._give_back()
 
-    async def _connect(self, opening: Coroutine[Any, Any, str | None]) -> str | None:
+    async def _connect(self, opening: Coroutine[Any, Any, Retry | None]) -> Retry | None:
         """The uplink's connect, as a task that a stop cancels: a handshake that hangs
         can take timeout_s, and a stop waits only a grace for the batches in flight."""
         task = self._connecting = asyncio.ensure_future(opening)

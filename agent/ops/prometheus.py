@@ -186,6 +186,10 @@ def _upstreams(out: Exposition, ups: list[UpstreamStatus]) -> None:
                "Unexpected errors in each upstream's forwarders (each one logged with its "
                "traceback; the forwarder restarts) since the agent started.",
                per(u["crashes"] for u in ups))
+    out.family("upstream_unreadable_replies_total", "counter",
+               "Messages from each upstream that were not a reply the agent could read "
+               "(websocket text that is not JSON), ignored, since the agent started.",
+               per(u["unreadable_replies"] for u in ups))
     out.family("upstream_state", "gauge",
                "1 for each upstream's current state (idle, sending, backoff, restarting, "
                "unreachable: probed every few seconds), "

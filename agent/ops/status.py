@@ -57,6 +57,7 @@ class UpstreamStatus(TypedDict):
     acked: int | None
     dead_lettered: int | None
     crashes: int | None
+    unreadable_replies: int | None  # upstream messages ignored as unreadable (not JSON)
     unreachable_for_s: float | None  # since a probe first failed to connect; null if reachable
     probes: int | None          # TCP probes of the upstream since start
 
@@ -143,6 +144,7 @@ def _upstream(up: UpstreamConfig, queues: Queues, live: UpstreamState | None) ->
             "acked": live.acked if live else None,
             "dead_lettered": live.dead_lettered if live else None,
             "crashes": live.crashes if live else None,
+            "unreadable_replies": live.unreadable_replies if live else None,
             "unreachable_for_s": round(max(0.0, time.time() - lost), 1) if lost is not None
             else None,
             "probes": live.probes if live else None}

@@ -72,6 +72,10 @@ def _ignore_crash(exc: BaseException) -> None:
     """``Uplink.on_crash`` until a forwarder supervises the uplink."""
 
 
+def _uncounted() -> None:
+    """``Uplink.on_unreadable`` until a forwarder supervises the uplink."""
+
+
 class Uplink(Protocol):
     """One connection to one upstream, for one local key."""
 
@@ -79,15 +83,18 @@ class Uplink(Protocol):
     # The forwarder sets this: an uplink hands it anything its own background tasks
     # (a websocket reader, say) raise unexpectedly, for the forwarder's supervisor.
     on_crash: Callable[[BaseException], None]
+    # And this: an uplink calls it for each message of the upstream's that it could not
+    # read and ignored (websocket text that is not JSON), for the upstream's count.
+    on_unreadable: Callable[[], None]
 
-    def connecting(self) -> Coroutine[Any, Any, str | None] | None:
+    def connecting(self) -> Coroutine[Any, Any, Retry | None] | None:
         """None if the uplink keeps no connection (HTTP: a request connects as it goes),
-        else the opening of what the next send needs (resolving to None, or why it
-        cannot be opened).
+        else the opening of what the next send needs (resolving to None, or a Retry
+        saying why it cannot be opened, with the upstream's Retry-After if it gave one).
 
         The forwarder calls it with no batch in flight, before it prepares one, so that
         an upstream that cannot be reached costs no batch's work on every retry; a
-        reason is a failed send (the forwarder backs off, then closes the uplink).
+        Retry is a failed send (the forwarder backs off, then closes the uplink).
         """
         ...
 
@@ -132,6 +139,7 @@ class UplinkBase(ABC):
 
     # staticmethod: a plain function here would be bound to the instance when read.
     on_crash: Callable[[BaseException], None] = staticmethod(_ignore_crash)
+    on_unreadable: Callable[[], None] = staticmethod(_uncounted)
 
     def __init__(self, cfg: UpstreamConfig, app_key: str, session: aiohttp.ClientSession,
                  machine_id: str) -> None:
@@ -188,7 +196,7 @@ class UplinkBase(ABC):
         writer.close()
         return None
 
-    def connecting(self) -> Coroutine[Any, Any, str | None] | None:
+    def connecting(self) -> Coroutine[Any, Any, Retry | None] | None:
         return None  # nothing kept open: an HTTP request connects (or reuses one) as it goes
 
     def prepare(self, rows: Sequence[Row]) -> Prepared:

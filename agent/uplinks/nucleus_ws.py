@@ -15,6 +15,12 @@ lets the next send open a new connection. A connection that dropped while every
 batch sent on it was acknowledged (an idle drop) is replaced without a failure; one
 that dropped before its first frame (an upstream that closes each connection at once)
 fails the send, so that each retry costs one handshake, not two.
+
+An upstream that stops reading (a wedged server or proxy: its TCP window closes) leaves
+a send waiting for room in the buffers. A send is given ``timeout_s``; one that cannot
+finish in it fails its connection, which is then cut (aborted, not closed gracefully:
+a graceful close waits for those same buffers to drain), and that releases every send
+waiting on it.
 """
 
 from __future__ import annotations
@@ -28,11 +34,12 @@ from typing import Any, ClassVar
 import aiohttp
 import orjson
 
+from agent.logs import log_limited
 from agent.settings import UpstreamConfig
 from agent.spool.types import Row
 from agent.uplinks import splice
 from agent.uplinks.base import Acked, Retry, SendResult, UplinkBase
-from agent.uplinks.http_common import REPLY_MAX_BYTES, html_instead_of_reply
+from agent.uplinks.http_common import REPLY_MAX_BYTES, html_instead_of_reply, is_retryable, retry_after
 from agent.uplinks.nucleus_frame import NucleusFraming, frame, match
 from agent.uplinks.prepare import Prepared, take_prefix
 
@@ -42,6 +49,7 @@ HEARTBEAT_S = 60.0
 # stopped answering is not worth more (the connection is then simply cut).
 CLOSE_GRACE_S = 1.0
 LOST = "connection lost before all acks arrived"
+STOPPED_READING = "upstream stopped reading"
 
 
 class _Link:
@@ -49,12 +57,14 @@ class _Link:
     frames may still go on it."""
 
     def __init__(self, ws: aiohttp.ClientWebSocketResponse | None, grace: float,
-                 lost: str | None = None):
+                 lost: str | None = None, retry_after: float | None = None):
         self.ws = ws
         self.grace = grace
         self.lost = lost          # why no more frames may go on it
+        self.retry_after = retry_after   # the Retry-After of a refused handshake
         self.failed = lost is not None  # a batch sent on it was not wholly acknowledged
         self.sending = 0          # sends on it that have not returned yet
+        self.writing = 0          # frames (heartbeats too) waiting for room in its buffers
         self.carried = False      # a frame went out on it
         # Frames sent on it (heartbeats too), and replies read: the upstream answers each
         # frame, in order, so a frame whose reply came has been answered for.
@@ -83,11 +93,40 @@ class _Link:
             self.lost = reason
         self.notify()
 
+    async def send(self, data: bytes, timeout: float) -> None:
+        """Send a frame; one that finds no room within ``timeout`` (the upstream stopped
+        reading) loses the link, and cuts it."""
+        assert self.ws is not None
+        self.writing += 1
+        timer = asyncio.timeout(timeout)
+        try:
+            async with timer:
+                await _send_text(self.ws, data)
+        except TimeoutError:
+            if timer.expired():
+                self.lose(f"{STOPPED_READING}: a frame could not be sent within {timeout:g}s")
+                self.abort()
+            raise
+        finally:
+            self.writing -= 1
+
+    def abort(self) -> None:
+        """Cut the connection now, which releases every send waiting for room in its
+        buffers. aiohttp's close, even cancelled, closes the transport gracefully: that
+        waits for the same buffers to drain, and the sends with it."""
+        if self.ws is not None:
+            self.ws._writer.transport.abort()   # aiohttp has no public abort
+
     async def close_ws(self) -> None:
-        if self.ws is not None and not self.ws.closed:
-            with contextlib.suppress(asyncio.TimeoutError):
-                # Cancelling aiohttp's close() aborts the connection.
-                await asyncio.wait_for(self.ws.close(), self.grace)
+        if self.ws is None or self.ws.closed:
+            return
+        if self.writing:   # a close frame would wait behind the frame that cannot go
+            self.abort()
+            return
+        try:
+            await asyncio.wait_for(self.ws.close(), self.grace)
+        except TimeoutError:   # no answer to the close, or no room to send it in
+            self.abort()
 
     async def close(self) -> None:
         self.lose("closed")
@@ -131,15 +170,15 @@ class NucleusWsUplink(NucleusFraming, UplinkBase):
         self.in_flight.update(zip(prepared.ids, prepared.seqs))
         return prepared
 
-    def connecting(self) -> Coroutine[Any, Any, str | None]:
+    def connecting(self) -> Coroutine[Any, Any, Retry | None]:
         return self._connect()
 
-    async def _connect(self) -> str | None:
+    async def _connect(self) -> Retry | None:
         """Open the websocket before a batch is prepared for it: with the upstream down,
         a retry fails here, before its batch is built (Segment events: mapped)."""
         async with self._send_lock:
             link = await self._usable_link(replace_unused=True)
-        return link.lost
+        return None if link.lost is None else Retry(link.lost, retry_after=link.retry_after)
 
     async def send(self, prepared: Prepared) -> SendResult:
         async with self._send_lock:  # FIFO: batches start in the order they were prepared
@@ -152,7 +191,7 @@ class NucleusWsUplink(NucleusFraming, UplinkBase):
                     # Numbered before the await: a heartbeat sent meanwhile comes after it.
                     link.frames += 1
                     mine = link.frames
-                    await _send_text(link.ws, frame(prepared))
+                    await link.send(frame(prepared), self.cfg.timeout_s)
                     self._last_sent = asyncio.get_running_loop().time()
                 except (aiohttp.ClientError, OSError, TimeoutError, RuntimeError) as exc:
                     link.lose(f"send failed: {_describe(exc)}")
@@ -177,7 +216,7 @@ class NucleusWsUplink(NucleusFraming, UplinkBase):
         # Ids are only unique per connection: a late ack on this one could match
         # a different event that reuses the id after the resend, so start afresh.
         await link.close_ws()
-        return Retry(error, acked=acked, omitted=omitted)
+        return Retry(error, retry_after=link.retry_after, acked=acked, omitted=omitted)
 
     async def _wait_acks(self, link: _Link, wanted: tuple[int, ...]) -> str | None:
         # issuperset walks the batch's seqs as they are: no set of them is built.
@@ -188,7 +227,10 @@ class NucleusWsUplink(NucleusFraming, UplinkBase):
                 return link.lost if link.lost != "closed" else LOST
             remaining = deadline - loop.time()
             if remaining <= 0:
-                return f"no reportedIds for {len(set(wanted) - link.acked)} events within {self.cfg.timeout_s:g}s"
+                error = (f"no reportedIds for {len(set(wanted) - link.acked)} events within "
+                         f"{self.cfg.timeout_s:g}s")
+                # A frame still waits for room: the upstream reads nothing, so never answers.
+                return f"{STOPPED_READING}: {error}" if link.writing else error
             await link.changed(remaining)
         return None
 
@@ -218,7 +260,10 @@ class NucleusWsUplink(NucleusFraming, UplinkBase):
                 self.cfg.timeout_s)
         except aiohttp.WSServerHandshakeError as exc:
             # Its text holds the URL, and so the key in its path: keep the status.
-            return _Link(None, 0, lost=f"connect failed: {_handshake_refused(exc)}")
+            wait = exc.headers.get("Retry-After") if exc.headers else None
+            # As the HTTP uplinks: an upstream's wait counts with a status worth retrying.
+            return _Link(None, 0, lost=f"connect failed: {_handshake_refused(exc)}",
+                         retry_after=retry_after(wait) if is_retryable(exc.status) else None)
         except (aiohttp.ClientError, OSError, TimeoutError, RuntimeError) as exc:
             # A redirect is an UpstreamRedirect here: the session never follows one.
             return _Link(None, 0, lost=f"connect failed: {_describe(exc)}")
@@ -258,7 +303,10 @@ class NucleusWsUplink(NucleusFraming, UplinkBase):
         try:
             reply: Any = orjson.loads(data)
         except orjson.JSONDecodeError:
-            log.warning("%s sent a reply that is not JSON; ignored", self.name)
+            self.on_unreadable()
+            # The upstream, or a proxy before it, may send thousands: a line a minute.
+            log_limited(log, logging.WARNING, f"not-json:{self.name}",
+                        "%s sent a reply that is not JSON; ignored", self.name)
             return
         if isinstance(reply, dict) and "reportedIds" in reply:
             link.replies += 1
@@ -273,9 +321,9 @@ class NucleusWsUplink(NucleusFraming, UplinkBase):
         while not ws.closed:
             idle = loop.time() - self._last_sent
             if idle >= self.heartbeat_s:
-                with contextlib.suppress(ConnectionError, RuntimeError):
+                with contextlib.suppress(ConnectionError, RuntimeError, TimeoutError):
                     link.frames += 1
-                    await _send_text(ws, frame)
+                    await link.send(frame, self.cfg.timeout_s)
                 self._last_sent = loop.time()
                 idle = 0
             await asyncio.sleep(self.heartbeat_s - idle)

@@ -40,11 +40,13 @@ from tests.fakes.loopback_server import LoopbackServer
 #   unknown    acknowledge every id plus ids that were never sent (and a `true`)
 #   bogus      acknowledge only ids that were never sent
 #   malformed  answer 200 with `body` (default: truncated JSON)
+#   noise      websocket: `times` messages that are not JSON (a proxy's error page), then
+#              the proper ack
 #   huge       acknowledge every id in a reply padded with spaces to `size` bytes (valid
 #              JSON, absurdly long); HTTP: streamed, and the bytes written before the
 #              agent stopped reading are kept in the Request's `written`
 KINDS = frozenset({"status", "timeout", "slow", "stall", "reset", "close", "partial", "unknown",
-                   "bogus", "malformed", "huge"})
+                   "bogus", "malformed", "huge", "noise"})
 NEVER_SENT: list[Any] = [987654321, "never-sent", True, None, {"id": 1}, [1]]
 
 
@@ -58,6 +60,7 @@ class Fault:
     body: bytes = b'{"reportedIds": [1, 2'
     echo: bool = False   # status: answer with the request line and headers (as some do)
     size: int = 64 * 1024 * 1024   # huge: the reply's length
+    times: int = 1   # noise: how many messages
 
     def __post_init__(self) -> None:
         assert self.kind in KINDS, self.kind
@@ -194,6 +197,9 @@ class FaultyUpstream(LoopbackServer):
             rec.fault = fault.kind if fault else "ok"
             if fault is not None and fault.kind in ("timeout", "slow", "stall", "close"):
                 await asyncio.sleep(fault.delay)
+            if fault is not None and fault.kind == "noise":
+                for _ in range(fault.times):
+                    await ws.send_str("<html>502 Bad Gateway</html>")
             if fault is not None and fault.kind == "malformed":
                 await ws.send_str(fault.body.decode())
             elif fault is not None and fault.kind == "huge":

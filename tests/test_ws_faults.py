@@ -1,0 +1,147 @@
+"""A websocket upstream that misbehaves after its handshake, or refuses the handshake.
+
+The agent runs in process against real upstreams on 127.0.0.1: a deaf one
+(tests/fakes/deaf_upstream.py) that takes the handshake and then reads nothing, and
+the scripted tests/fakes/faulty_upstream.py.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import socket
+from collections.abc import AsyncIterator
+from typing import Any
+
+import aiohttp
+import pytest
+
+from agent.forwarder.supervisor import Seams
+from agent.settings import UpstreamConfig
+from agent.uplinks.nucleus_ws import NucleusWsUplink
+from tests.conftest import FAST_BACKOFF
+from tests.fakes.deaf_upstream import DeafUpstream
+from tests.fakes.faulty_upstream import Fault, FaultyUpstream
+from tests.fakes.nucleus_upstream import FakeNucleus
+from tests.test_upstream_faults import drained, event, manual, send, upstream
+from tests.waiting import wait_for
+
+PAD = "x" * 8000   # an event of about 8 KB
+
+
+async def status_of(agent: Any) -> dict[str, Any]:
+    """The one upstream's entry in GET /status."""
+    async with aiohttp.ClientSession() as s, \
+            s.get(f"http://127.0.0.1:{agent.port}/status") as r:
+        assert r.status == 200
+        (up,) = (await r.json())["upstreams"]
+        return dict(up)
+
+
+@pytest.fixture
+async def deaf(fake_nucleus: FakeNucleus) -> AsyncIterator[DeafUpstream]:
+    """Deaf until the test clears ``deaf``; then a relay to ``fake_nucleus``."""
+    upstream = await DeafUpstream(fake_nucleus.port).start()
+    yield upstream
+    await upstream.stop()
+
+
+def deaf_upstream(deaf: DeafUpstream, **kw: Any) -> dict[str, Any]:
+    return {"name": "up", "protocol": "nucleus-ws", "url": deaf.ws_url,
+            "flush_interval_s": 0.02, "timeout_s": 0.5, **kw}
+
+
+async def stalls_then_delivers(agent: Any, deaf: DeafUpstream, fake: FakeNucleus,
+                               events: int, error: str) -> None:
+    """Send ``events`` events; wait for `/status` to show the failure (``error``) and a
+    retry; then let the upstream read, and wait for every event to be delivered."""
+    for p in range(0, events, 100):
+        await send(agent, [event(i, pad=PAD) for i in range(p, min(p + 100, events))])
+    last: dict[str, Any] = {}
+
+    async def failed_and_retried() -> bool:
+        last.update(await status_of(agent))
+        return last["retries"] >= 1 and error in (last["last_error"] or "")
+    try:
+        await wait_for(failed_and_retried, 4)
+    except AssertionError:
+        raise AssertionError(f"no failure shown: {last}") from None
+    assert deaf.deaf_connections >= 1
+    deaf.deaf = False   # the next connection reaches a good upstream
+    await wait_for(lambda: agent.spool.depth == 0, 5)
+    assert set(fake.ids()) == set(range(events))
+    assert await agent.spool.dead_letters() == []
+
+
+async def test_an_upstream_that_stops_reading_fails_the_batches_in_flight(
+        make_agent: Any, fast_backoff: Seams, deaf: DeafUpstream,
+        fake_nucleus: FakeNucleus) -> None:
+    """It takes the handshake, then reads nothing: the agent's frames fill the TCP window
+    and its own buffers, and a send waits for room. Before the fix that send waited
+    forever, and with it the key: `/status` said `sending`, with no error and no retry."""
+    # 5.6 MB in up to 16 frames of 500 KB in flight: more than the path between them
+    # holds (on loopback the agent's socket takes up to 4 MB, tcp_wmem).
+    agent = await make_agent(upstreams=[deaf_upstream(deaf, max_in_flight=16)])
+    await stalls_then_delivers(agent, deaf, fake_nucleus, 700,
+                               "upstream stopped reading: no reportedIds for")
+
+
+async def test_a_frame_that_cannot_leave_fails_its_send(
+        make_agent: Any, deaf: DeafUpstream, fake_nucleus: FakeNucleus) -> None:
+    """One frame in flight, larger than the path holds: its send itself must fail, there
+    being no earlier frame whose acks could time out. On loopback a connection's send
+    buffer takes megabytes, so the agent's uplinks get sockets with a small one, as a
+    real network's connection starts with."""
+    connector = aiohttp.TCPConnector(socket_factory=_small_send_buffer)
+    # Bounded: a connection closed gracefully with a frame stuck in it holds up the
+    # session's close (before the fix, forever).
+    async with asyncio.timeout(10), aiohttp.ClientSession(connector=connector) as session:
+        def uplink(cfg: UpstreamConfig, key: str, _: aiohttp.ClientSession,
+                   machine_id: str) -> NucleusWsUplink:
+            return NucleusWsUplink(cfg, key, session, machine_id)
+        agent = await make_agent(upstreams=[deaf_upstream(deaf, max_in_flight=1)],
+                                 seams=Seams(make_uplink=uplink, backoff=FAST_BACKOFF))
+        # 60 events of 8 KB: one 480 KB frame.
+        await stalls_then_delivers(agent, deaf, fake_nucleus, 60,
+                                   "upstream stopped reading: a frame could not be sent "
+                                   "within 0.5s")
+        await agent.stop()   # before its session closes
+
+
+def _small_send_buffer(addr: Any) -> socket.socket:
+    family, kind, proto, _, _ = addr
+    sock = socket.socket(family, kind, proto)
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, 4096)
+    return sock
+
+
+@pytest.mark.parametrize("status", [429, 503])
+async def test_retry_after_on_a_refused_handshake_is_honoured(
+        make_agent: Any, faulty: FaultyUpstream, status: int) -> None:
+    """As over HTTP: the upstream's Retry-After, not the backoff (0.01 to 0.02 s here),
+    says when the key tries again. Before the fix it was ignored."""
+    faulty.connect_script = [Fault("status", status, {"Retry-After": "30"})]
+    timing, seams = manual()
+    agent = await make_agent(upstreams=[upstream(faulty, "nucleus-ws")], seams=seams)
+    await send(agent, [event(i) for i in range(5)])
+    await wait_for(lambda: agent.forwarding.states["up"].retries == 1)
+    assert timing.pending() == [30.0]
+    assert f"HTTP {status}" in ((await status_of(agent))["last_error"] or "")
+    timing.advance(29.9)
+    assert len(faulty.requests) == 1   # the refused handshake alone
+    timing.advance(0.1)
+    await drained(agent, faulty, 5)
+
+
+async def test_a_flood_of_replies_that_are_not_json_is_logged_once_and_counted(
+        make_agent: Any, faulty: FaultyUpstream, caplog: pytest.LogCaptureFixture) -> None:
+    """Each is ignored, as before; but any upstream (or a proxy before it) could send
+    them by the thousand, and each wrote a warning of its own."""
+    faulty.script = [Fault("noise", times=500)]
+    caplog.set_level(logging.WARNING)
+    agent = await make_agent(upstreams=[upstream(faulty, "nucleus-ws")])
+    await send(agent, [event(i) for i in range(3)])
+    await drained(agent, faulty, 3)
+    lines = [r.getMessage() for r in caplog.records if "not JSON" in r.getMessage()]
+    assert len(lines) == 1, lines[:3]   # once a minute
+    assert (await status_of(agent))["unreadable_replies"] == 500
