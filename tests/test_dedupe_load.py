@@ -40,3 +40,21 @@ async def test_opening_a_backlog_reads_the_dedupe_keys_the_cap_keeps(tmp_path: P
         assert peak < 200_000, peak   # the backlog's keys alone are 480 KB
     finally:
         await spool.close()
+
+
+async def test_keys_past_the_cap_are_counted_forgotten_once_not_at_each_restart(
+        tmp_path: Path) -> None:
+    """Audit: the keys the index trims at load were counted in dedupe_forgotten again at
+    every restart, though the run that stored them had counted them already."""
+    cfg = StorageConfig(path=str(tmp_path / "spool.db"), dedupe_max_keys=CAP, sync="normal")
+    spool = await Spool.open(cfg)
+    for b in range(3):
+        await spool.append([event(b, i) for i in range(1000)])
+    await spool.close()
+    counts = []
+    for _ in range(3):
+        spool = await Spool.open(cfg)
+        counts.append(spool.counters.get("dedupe_forgotten", 0))
+        assert await spool.append([event(2, 999)]) == 0   # a commit: saves what was counted
+        await spool.close()
+    assert counts[0] >= 1000 and counts == [counts[0]] * 3, counts   # pre-fix: +2000 a time
