@@ -14,6 +14,7 @@ import sqlite3
 from array import array
 from collections.abc import Sequence
 from dataclasses import dataclass, field
+from itertools import compress
 from typing import Any
 
 from agent.families.lanes import HIGH, NORMAL
@@ -141,8 +142,12 @@ def commit(conn: sqlite3.Connection, job: Job) -> Outcome:
         if moved and (over := used_bytes(conn) - job.max_bytes) > 0:
             _trim_dead(conn, over, out)   # dead letters that alone pass the cap
         if job.corrupt:
+            # Their delivered events' keys are kept, as _drop_damaged keeps them; received
+            # now, by the agent's clock, for want of the records' own time: kept longer,
+            # never forgotten early.
             _drop(conn, "id IN (SELECT value FROM json_each(?))",
-                  (str(job.corrupt).replace(" ", ""),), Drop.DROPPED_CORRUPT, out)
+                  (str(job.corrupt).replace(" ", ""),), Drop.DROPPED_CORRUPT, out,
+                  spent=job.tail[0] if job.remember else None)
         inserted = 0
         if packed:
             # Records this commit deleted (acks, dead letters, damage) made room for its
@@ -396,16 +401,23 @@ def _delete(conn: sqlite3.Connection, s: Settle, job: Job, received: int, dkeys:
 
 
 def _drop(conn: sqlite3.Connection, where: str, params: tuple[Any, ...], why: Drop,
-          out: Outcome) -> int:
+          out: Outcome, spent: int | None = None) -> int:
     """Delete whole records, counting their live events as ``why``; returns the bytes
-    their rows took (estimated: ``row_bytes``)."""
+    their rows took (estimated: ``row_bytes``). With ``spent`` (an agent-observed ms), the
+    keys of their events already gone are kept in ``spent`` as received then."""
     rows = conn.execute(f"DELETE FROM records WHERE {where} RETURNING id, stream, live, bytes, "
-                        "length(data) + length(dkeys), dkeys, gone, lane", params).fetchall()
+                        "length(data) + length(dkeys), dkeys, gone, lane, received",
+                        params).fetchall()
     freed = 0
-    for rid, stream, live, nbytes, size, dkeys, gone, lane in rows:
+    for rid, stream, live, nbytes, size, dkeys, gone, lane, received in rows:
         keys = keys_from_bytes(dkeys)
         if gone is not None:  # acked or dead-lettered ones stay known
-            keys = array("q", (k for i, k in enumerate(keys) if not gone[i >> 3] >> (i & 7) & 1))
+            queued = [not gone[i >> 3] >> (i & 7) & 1 for i in range(len(keys))]
+            if spent is not None:
+                conn.execute("INSERT OR REPLACE INTO spent(id, received, observed, dkeys) "
+                             "VALUES (?, ?, ?, ?)", (rid, received, spent, keys_to_bytes(
+                                 [k for k, q in zip(keys, queued) if not q])))
+            keys = array("q", compress(keys, queued))
         out.undelivered.append(keys)
         d = out.streams.setdefault(stream, [0, 0])
         d[0] -= live
