@@ -181,10 +181,14 @@ def _store(conn: sqlite3.Connection, job: Job, packed: list[tuple[Group, bytes, 
     ``when_full`` says; returns the bytes estimated for what was inserted. A request that
     does not fit is refused whole (``out.refused``), the largest first, and nothing it
     made room for is deleted: the others are stored."""
+    inserted = sum(row_bytes(len(d) + len(k)) for _, d, k in packed)
+    if room - inserted >= MEASURE_WITHIN:   # far from the cap: nothing can go wrong
+        _insert(conn, packed)
+        _count_inserted(packed, out)
+        return inserted
     kept = list(range(len(job.parts)))
     share = {id(g): row_bytes(len(d) + len(k)) / max(1, len(g.bodies)) for g, d, k in packed}
     while True:
-        inserted = sum(row_bytes(len(d) + len(k)) for _, d, k in packed)
         undo = _checkpoint(out)
         conn.execute("SAVEPOINT store")
         missing = _fit(conn, job, packed, room, inserted, out)
@@ -204,6 +208,7 @@ def _store(conn: sqlite3.Connection, job: Job, packed: list[tuple[Group, bytes, 
             return 0
         packed = _regroup(job, kept)
         out.groups = [g for g, _, _ in packed]
+        inserted = sum(row_bytes(len(d) + len(k)) for _, d, k in packed)
         room = job.max_bytes - used_bytes(conn)
 
 
@@ -222,11 +227,7 @@ def _fit(conn: sqlite3.Connection, job: Job, packed: list[tuple[Group, bytes, by
             if excess > 0:
                 return excess
         conn.execute("SAVEPOINT rows")
-        conn.executemany(
-            "INSERT INTO records(id, stream, family, n, received, live, bytes, dkeys, data, "
-            "lane) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
-            [(g.id, g.stream, g.family, len(g.bodies), g.received, len(g.bodies), g.nbytes, k,
-              d, g.lane) for g, d, k in packed])
+        _insert(conn, packed)
         over = used_bytes(conn) - job.max_bytes if measure else 0
         if over <= 0:
             conn.execute("RELEASE rows")
@@ -235,6 +236,14 @@ def _fit(conn: sqlite3.Connection, job: Job, packed: list[tuple[Group, bytes, by
         conn.execute("ROLLBACK TO rows")
         conn.execute("RELEASE rows")
         excess = over
+
+
+def _insert(conn: sqlite3.Connection, packed: list[tuple[Group, bytes, bytes]]) -> None:
+    conn.executemany(
+        "INSERT INTO records(id, stream, family, n, received, live, bytes, dkeys, data, lane) "
+        "VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
+        [(g.id, g.stream, g.family, len(g.bodies), g.received, len(g.bodies), g.nbytes, k, d,
+          g.lane) for g, d, k in packed])
 
 
 def _count_inserted(packed: list[tuple[Group, bytes, bytes]], out: Outcome) -> None:
