@@ -9,7 +9,9 @@ platformdirs' XDG fallbacks (/etc/xdg/outpost, /usr/local/share/outpost).
 
 from __future__ import annotations
 
+import logging
 import os
+import stat
 import sys
 from collections.abc import Callable
 from pathlib import Path
@@ -19,6 +21,8 @@ import platformdirs
 APP = "outpost"
 LINUX_SYSTEM_CONFIG = Path("/etc") / APP
 LINUX_SYSTEM_DATA = Path("/var/lib") / APP
+
+log = logging.getLogger("outpost")
 
 
 def is_system_service() -> bool:
@@ -58,12 +62,21 @@ def default_spool_path() -> Path:
 
 
 def ensure_private_dir(path: Path) -> Path:
-    """Create ``path`` and any missing parents, each one made 0700 (the XDG rule), and
-    make the leaf 0700: the spool holds user data. Parents that exist are left alone."""
+    """Create ``path`` and any missing parents, each one made 0700 (the XDG rule): the
+    spool holds user data. Directories that exist keep their modes (storage.path =
+    "~/outpost.db" must not change the home directory's): the files in them are 0600,
+    and one that others can list is logged."""
     # mkdir -p would make the parents with the umask's mode (often 0755).
     for made in reversed([p for p in path.parents if not p.exists()]):
         made.mkdir(mode=0o700, exist_ok=True)
+    existed = path.exists()
     path.mkdir(mode=0o700, exist_ok=True)   # a file in its place raises, as mkdir -p does
-    if sys.platform != "win32":
-        os.chmod(path, 0o700)
+    if sys.platform == "win32":
+        return path
+    if not existed:
+        os.chmod(path, 0o700)   # whatever the umask
+    elif (mode := stat.S_IMODE(path.stat().st_mode)) & 0o044:
+        log.warning("%s is readable by other users (mode %o): they can list the names of "
+                    "the files in it, not read them (0600); chmod 700 it to hide them",
+                    path, mode)
     return path

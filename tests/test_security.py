@@ -260,20 +260,28 @@ async def test_a_nucleus_websocket_for_a_key_with_control_characters_is_refused(
 # -- files ----------------------------------------------------------------------------------------
 
 
-def test_spool_is_private_whatever_the_umask(tmp_path: Path) -> None:
+def test_spool_is_private_whatever_the_umask(tmp_path: Path,
+                                             caplog: pytest.LogCaptureFixture) -> None:
+    """The spool's files are 0600 whatever the umask. The directory holding them already
+    existed: it keeps its mode, as documented (audit: it was made 0700, so that
+    storage.path = "~/outpost.db" changed the home directory's mode), and the log says
+    that others can list it."""
     where = tmp_path / "data"
     where.mkdir(mode=0o755)
+    caplog.set_level(logging.WARNING)
     old = os.umask(0)
     try:
         with ThreadedAgent(tmp_path, spool=where / "spool.db") as agent:
             status, _, _ = agent.request("POST", "/app/k1/track",
                                          b'{"data":[{"name":"e","id":1}]}')
             assert status == 200
-            assert stat.S_IMODE(where.stat().st_mode) == 0o700
+            assert stat.S_IMODE(where.stat().st_mode) == 0o755
             for name in ("spool.db", "spool.db-wal", "spool.db-shm"):
                 assert stat.S_IMODE((where / name).stat().st_mode) == 0o600, name
     finally:
         os.umask(old)
+    assert any(str(where) in r.getMessage() and "other users" in r.getMessage()
+               for r in caplog.records), [r.getMessage() for r in caplog.records]
 
 
 def test_directories_made_for_a_new_spool_are_private(tmp_path: Path) -> None:

@@ -336,3 +336,37 @@ async def test_a_record_found_damaged_by_an_ack_keeps_the_acked_events_keys(
         assert spool.counters[Tally.DUPLICATES] == 3
     finally:
         await spool.close()
+
+
+async def test_a_record_found_damaged_by_a_read_keeps_its_delivered_events_keys(
+        tmp_path: Path) -> None:
+    """Half a record delivered (acked), then the rest found damaged by the next read: the
+    reader discards the record. The delivered half's resends are duplicates across a
+    restart too, as when an ack finds the damage (audit: their keys were kept only in
+    memory, and after a restart a resend was stored and sent again)."""
+    spool = await open_spool(tmp_path)
+    try:
+        await spool.append([ev("k", i) for i in range(100)])
+        rows = await spool.fetch(spool.streams["k"].id, 0, 50)
+        await spool.ack([r.seq for r in rows])           # ids 0-49 delivered
+    finally:
+        await spool.close()
+    with sqlite3.connect(tmp_path / "spool.db") as db:
+        data = db.execute("SELECT data FROM records").fetchone()[0]
+        db.execute("UPDATE records SET data = ?",
+                   (data[:20] + bytes([data[20] ^ 0xFF]) + data[21:],))
+    spool = await open_spool(tmp_path)
+    try:
+        assert not await spool.fetch(spool.streams["k"].id, 0, 100)   # meets the damage
+        await spool.ack([])                               # the discard is committed with it
+        assert spool.counters[Drop.DROPPED_CORRUPT] == 50
+        assert spool.streams["k"].depth == 0
+    finally:
+        await spool.close()
+    spool = await open_spool(tmp_path)
+    try:
+        # The delivered ones are resends; the lost ones are a new chance to deliver them.
+        assert await spool.append([ev("k", i) for i in range(100)]) == 50
+        assert spool.streams["k"].depth == 50
+    finally:
+        await spool.close()

@@ -14,6 +14,7 @@ import sqlite3
 from array import array
 from collections.abc import Sequence
 from dataclasses import dataclass, field
+from itertools import compress
 from typing import Any
 
 from agent.families.lanes import HIGH, NORMAL
@@ -65,6 +66,15 @@ class Group:
 
 
 @dataclass(slots=True)
+class Part:
+    """One request's new events, as runs (group, start, end) of the groups' positions: a
+    request that does not fit under max_size_mb is refused alone."""
+
+    duplicates: int                   # its resends, left out of the groups
+    slices: list[tuple[Group, int, int]] = field(default_factory=list)
+
+
+@dataclass(slots=True)
 class Settle:
     """Events of one record leaving the queue: acked, or dead-lettered with a reason."""
 
@@ -79,7 +89,7 @@ class Job:
     """One group commit, as plain data prepared on the event loop."""
 
     groups: list[Group]
-    duplicates: int                   # resends left out of ``groups``
+    parts: list[Part]                 # the requests, in arrival order
     new_streams: list[tuple[int, str]]
     settle: list[Settle]
     corrupt: list[int]                # records the reader could not unpack
@@ -109,6 +119,8 @@ class Outcome:
     # is a new chance to deliver it, not a duplicate, so the index lets them go.
     undelivered: list[array[int]] = field(default_factory=list)
     used_bytes: int = 0
+    refused: list[int] = field(default_factory=list)             # requests refused: full
+    groups: list[Group] | None = None  # what was stored, when not all of ``Job.groups``
 
 
 def commit(conn: sqlite3.Connection, job: Job) -> Outcome:
@@ -130,34 +142,30 @@ def commit(conn: sqlite3.Connection, job: Job) -> Outcome:
         if moved and (over := used_bytes(conn) - job.max_bytes) > 0:
             _trim_dead(conn, over, out)   # dead letters that alone pass the cap
         if job.corrupt:
+            # Their delivered events' keys are kept, as _drop_damaged keeps them; received
+            # now, by the agent's clock, for want of the records' own time: kept longer,
+            # never forgotten early.
             _drop(conn, "id IN (SELECT value FROM json_each(?))",
-                  (str(job.corrupt).replace(" ", ""),), Drop.DROPPED_CORRUPT, out)
+                  (str(job.corrupt).replace(" ", ""),), Drop.DROPPED_CORRUPT, out,
+                  spent=job.tail[0] if job.remember else None)
         inserted = 0
         if packed:
             # Records this commit deleted (acks, dead letters, damage) made room for its
             # inserts: measured, or a full spool refuses the events that the acks ahead of
             # them in the same commit made room for (or forgets dedupe keys for it).
             room = job.max_bytes - used_bytes(conn) if out.deleted or moved else job.room
-            inserted = sum(row_bytes(len(d) + len(k)) for _, d, k in packed)
-            excess = inserted - room
-            if excess > 0:
-                excess = _make_room(conn, excess, job.reject_when_full, out)
-            if excess > 0 and job.reject_when_full:
-                record(out.counters, Drop.REJECTED_FULL, sum(len(g.bodies) for g in job.groups))
-                out.stored = False
-            else:
-                if excess > 0:
-                    _drop_oldest(conn, excess, out)
-                _insert(conn, packed, out)
-        if out.stored and job.duplicates:
-            record(out.counters, Tally.DUPLICATES, job.duplicates)
+            inserted = _store(conn, job, packed, room, out)
+        if out.stored:
+            refused = set(out.refused)
+            if dups := sum(p.duplicates for i, p in enumerate(job.parts) if i not in refused):
+                record(out.counters, Tally.DUPLICATES, dups)
         forgot = out.counters.get(Tally.DEDUPE_FORGOTTEN, 0)
         if job.mark is None and (out.deleted or forgot):
             advance_mark(conn, *job.tail)
         _save(conn, out.streams, {**job.counters, **_sum(job.counters, out.counters)})
     trimmed = out.counters.get(Tally.DEAD_DROPPED_FULL, 0)
-    if out.deleted or trimmed:
-        _hand_back(conn)
+    if out.deleted or trimmed or job.settle:
+        _hand_back(conn, job.max_bytes)
     guess = job.max_bytes - job.room + (inserted if out.stored else 0)
     if job.measure or out.deleted or forgot or moved or trimmed \
             or job.max_bytes - guess < MEASURE_WITHIN:
@@ -167,13 +175,78 @@ def commit(conn: sqlite3.Connection, job: Job) -> Outcome:
     return out
 
 
-def _insert(conn: sqlite3.Connection, packed: list[tuple[Group, bytes, bytes]],
-            out: Outcome) -> None:
+def _store(conn: sqlite3.Connection, job: Job, packed: list[tuple[Group, bytes, bytes]],
+           room: int, out: Outcome) -> int:
+    """Insert the requests' groups that fit under max_size_mb, making room as
+    ``when_full`` says; returns the bytes estimated for what was inserted. A request that
+    does not fit is refused whole (``out.refused``), the largest first, and nothing it
+    made room for is deleted: the others are stored."""
+    inserted = sum(row_bytes(len(d) + len(k)) for _, d, k in packed)
+    if room - inserted >= MEASURE_WITHIN:   # far from the cap: nothing can go wrong
+        _insert(conn, packed)
+        _count_inserted(packed, out)
+        return inserted
+    kept = list(range(len(job.parts)))
+    share = {id(g): row_bytes(len(d) + len(k)) / max(1, len(g.bodies)) for g, d, k in packed}
+    while True:
+        undo = _checkpoint(out)
+        conn.execute("SAVEPOINT store")
+        missing = _fit(conn, job, packed, room, inserted, out)
+        if missing <= 0:
+            conn.execute("RELEASE store")
+            return inserted
+        conn.execute("ROLLBACK TO store")
+        conn.execute("RELEASE store")
+        _restore(out, undo)
+        refuse = _largest(job, kept, share, missing)
+        kept = [i for i in kept if i not in refuse]
+        out.refused = sorted([*out.refused, *refuse])
+        record(out.counters, Drop.REJECTED_FULL,
+               sum(e - s for i in refuse for _, s, e in job.parts[i].slices))
+        if not kept:
+            out.stored = False
+            return 0
+        packed = _regroup(job, kept)
+        out.groups = [g for g, _, _ in packed]
+        inserted = sum(row_bytes(len(d) + len(k)) for _, d, k in packed)
+        room = job.max_bytes - used_bytes(conn)
+
+
+def _fit(conn: sqlite3.Connection, job: Job, packed: list[tuple[Group, bytes, bytes]],
+         room: int, inserted: int, out: Outcome) -> int:
+    """Make room for ``packed`` and insert it; returns the bytes still missing (then the
+    caller rolls back). Near the cap, the file is measured after the insert, not trusted
+    to the estimate: deleting rows from partly used pages frees less than they took."""
+    measure = room - inserted < MEASURE_WITHIN
+    excess = inserted - room
+    while True:
+        if excess > 0:
+            excess = _make_room(conn, excess, job.reject_when_full, out)
+            if excess > 0 and not job.reject_when_full:
+                excess = _drop_oldest(conn, excess, out)
+            if excess > 0:
+                return excess
+        conn.execute("SAVEPOINT rows")
+        _insert(conn, packed)
+        over = used_bytes(conn) - job.max_bytes if measure else 0
+        if over <= 0:
+            conn.execute("RELEASE rows")
+            _count_inserted(packed, out)
+            return 0
+        conn.execute("ROLLBACK TO rows")
+        conn.execute("RELEASE rows")
+        excess = over
+
+
+def _insert(conn: sqlite3.Connection, packed: list[tuple[Group, bytes, bytes]]) -> None:
     conn.executemany(
         "INSERT INTO records(id, stream, family, n, received, live, bytes, dkeys, data, lane) "
         "VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
         [(g.id, g.stream, g.family, len(g.bodies), g.received, len(g.bodies), g.nbytes, k, d,
           g.lane) for g, d, k in packed])
+
+
+def _count_inserted(packed: list[tuple[Group, bytes, bytes]], out: Outcome) -> None:
     n = 0
     for g, _, _ in packed:
         d = out.streams.setdefault(g.stream, [0, 0])
@@ -183,6 +256,55 @@ def _insert(conn: sqlite3.Connection, packed: list[tuple[Group, bytes, bytes]],
         if g.lane == HIGH:
             out.high[g.stream] = out.high.get(g.stream, 0) + len(g.bodies)
     record(out.counters, Tally.INGESTED, n)
+
+
+_Undo = tuple[dict[int, list[int]], dict[int, int], Counts, int, int]
+
+
+def _checkpoint(out: Outcome) -> _Undo:
+    """What ``_restore`` needs to undo an attempt rolled back to a savepoint."""
+    return ({k: list(v) for k, v in out.streams.items()}, dict(out.high), dict(out.counters),
+            len(out.deleted), len(out.undelivered))
+
+
+def _restore(out: Outcome, undo: _Undo) -> None:
+    out.streams, out.high, out.counters = undo[0], undo[1], undo[2]
+    del out.deleted[undo[3]:]
+    del out.undelivered[undo[4]:]
+
+
+def _largest(job: Job, kept: list[int], share: dict[int, float], missing: int) -> set[int]:
+    """The largest requests still kept whose estimated bytes (``share``: each group's row
+    per event) add up to ``missing``: the ones to refuse."""
+    size = {i: sum((e - s) * share[id(g)] for g, s, e in job.parts[i].slices)
+            for i in kept}
+    refuse: set[int] = set()
+    for i in sorted(kept, key=lambda i: -size[i]):
+        refuse.add(i)
+        missing -= int(size[i])
+        if missing <= 0:
+            break
+    return refuse
+
+
+def _regroup(job: Job, kept: list[int]) -> list[tuple[Group, bytes, bytes]]:
+    """The groups of the requests ``kept`` only, packed. A group keeps its first seq: its
+    events are numbered from it, within the seqs it was given."""
+    picks: dict[int, list[int]] = {id(g): [] for g in job.groups}
+    for i in kept:
+        for g, s, e in job.parts[i].slices:
+            picks[id(g)].extend(range(s, e))
+    packed = []
+    for g in job.groups:
+        if not (at := sorted(picks[id(g)])):
+            continue
+        bodies = [g.bodies[i] for i in at]
+        ids = None if g.ids is None else [g.ids[i] for i in at]
+        new = Group(g.id, g.stream, g.family, g.received, bodies,
+                    array("q", [g.keys[i] for i in at]), sum(map(len, bodies)), None, ids,
+                    g.lane)
+        packed.append((new, pack(bodies, ids), keys_to_bytes(new.keys)))
+    return packed
 
 
 def _settle(conn: sqlite3.Connection, s: Settle, job: Job, out: Outcome) -> None:
@@ -288,16 +410,23 @@ def _delete(conn: sqlite3.Connection, s: Settle, job: Job, received: int, dkeys:
 
 
 def _drop(conn: sqlite3.Connection, where: str, params: tuple[Any, ...], why: Drop,
-          out: Outcome) -> int:
+          out: Outcome, spent: int | None = None) -> int:
     """Delete whole records, counting their live events as ``why``; returns the bytes
-    their rows took (estimated: ``row_bytes``)."""
+    their rows took (estimated: ``row_bytes``). With ``spent`` (an agent-observed ms), the
+    keys of their events already gone are kept in ``spent`` as received then."""
     rows = conn.execute(f"DELETE FROM records WHERE {where} RETURNING id, stream, live, bytes, "
-                        "length(data) + length(dkeys), dkeys, gone, lane", params).fetchall()
+                        "length(data) + length(dkeys), dkeys, gone, lane, received",
+                        params).fetchall()
     freed = 0
-    for rid, stream, live, nbytes, size, dkeys, gone, lane in rows:
+    for rid, stream, live, nbytes, size, dkeys, gone, lane, received in rows:
         keys = keys_from_bytes(dkeys)
         if gone is not None:  # acked or dead-lettered ones stay known
-            keys = array("q", (k for i, k in enumerate(keys) if not gone[i >> 3] >> (i & 7) & 1))
+            queued = [not gone[i >> 3] >> (i & 7) & 1 for i in range(len(keys))]
+            if spent is not None:
+                conn.execute("INSERT OR REPLACE INTO spent(id, received, observed, dkeys) "
+                             "VALUES (?, ?, ?, ?)", (rid, received, spent, keys_to_bytes(
+                                 [k for k, q in zip(keys, queued) if not q])))
+            keys = array("q", compress(keys, queued))
         out.undelivered.append(keys)
         d = out.streams.setdefault(stream, [0, 0])
         d[0] -= live
@@ -394,10 +523,11 @@ def _trim_dead(conn: sqlite3.Connection, excess: int, out: Outcome) -> int:
     return max(0, freed)
 
 
-def _drop_oldest(conn: sqlite3.Connection, excess: int, out: Outcome) -> None:
+def _drop_oldest(conn: sqlite3.Connection, excess: int, out: Outcome) -> int:
     """when_full = "drop_oldest": delete the oldest records until ``excess`` bytes are free:
     the normal lane's first, the high lane's only once no normal event is left (an app's
-    error report outlives its page views). Each lane loses its oldest: FIFO is kept."""
+    error report outlives its page views). Each lane loses its oldest: FIFO is kept.
+    Returns the bytes still missing once none is left (estimated: the caller measures)."""
     freed = 0
     while freed < excess:
         ids = conn.execute("SELECT id FROM records WHERE lane = ? ORDER BY id LIMIT ?",
@@ -409,16 +539,23 @@ def _drop_oldest(conn: sqlite3.Connection, excess: int, out: Outcome) -> None:
             freed += _drop(conn, "id = ?", (rid,), Drop.DROPPED_FULL, out)
             if freed >= excess:
                 break
+    return excess - freed
 
 
-def _hand_back(conn: sqlite3.Connection) -> None:
-    """Give free pages back to the file system once they are many (see VACUUM_MIN_PAGES).
+def _hand_back(conn: sqlite3.Connection, max_bytes: int) -> None:
+    """Give free pages back to the file system once they are many (see VACUUM_MIN_PAGES),
+    or any once the file is past ``max_bytes`` (0: no cap): an ack rewrites its record's
+    row, and SQLite writes the new row's pages before it frees the old ones, so the file
+    can grow past max_size_mb by a record, with that much of it free.
 
     Its own transaction, after the commit: through ``execute`` the pragma frees one page
     per step, and only ``executescript`` (sqlite3_exec) runs it to the end."""
-    free, pages = conn.execute("SELECT (SELECT freelist_count FROM pragma_freelist_count()), "
-                               "(SELECT page_count FROM pragma_page_count())").fetchone()
-    if free >= VACUUM_MIN_PAGES and free * 4 >= pages:
+    free, pages, size = conn.execute(
+        "SELECT (SELECT freelist_count FROM pragma_freelist_count()), "
+        "(SELECT page_count FROM pragma_page_count()), "
+        "(SELECT page_size FROM pragma_page_size())").fetchone()
+    if (free >= VACUUM_MIN_PAGES and free * 4 >= pages) or (
+            free and 0 < max_bytes < pages * size):
         try:
             conn.executescript("PRAGMA incremental_vacuum;")
         except sqlite3.Error as exc:
@@ -459,7 +596,7 @@ def prune(conn: sqlite3.Connection, exp: Expiry, counters: Counts) -> Outcome:
         conn.execute("DELETE FROM spent WHERE received < ? AND observed <= ?",
                      (exp.forget, exp.observed - exp.window_ms))
         _save(conn, out.streams, {**counters, **_sum(counters, out.counters)})
-    _hand_back(conn)
+    _hand_back(conn, 0)
     out.used_bytes = used_bytes(conn)
     return out
 

@@ -180,13 +180,14 @@ class State:
     used_bytes: int
     observed: int | None                          # agent-observed ms; None: no clock marks
     live: list[tuple[int, int, int]]              # live records: (id, n, observed)
-    keys: list[tuple[bytes, int, int]]            # dedupe keys by receipt: (keys, wall, observed)
+    keys: list[tuple[bytes, int, int]]            # newest dedupe keys by receipt: (keys, wall, observed)
     high: dict[int, int]                          # stream id -> events queued in its high lane
 
 
-def load_state(conn: sqlite3.Connection, now_observed: int) -> State:
-    """The state of an opened spool. ``now_observed`` stands for the receipt time of
-    records newer than the last clock mark (later than it was: kept, not forgotten, early)."""
+def load_state(conn: sqlite3.Connection, now_observed: int, max_keys: int) -> State:
+    """The state of an opened spool, with the newest ``max_keys`` dedupe keys (or a record
+    more). ``now_observed`` stands for the receipt time of records newer than the last
+    clock mark (later than it was: kept, not forgotten, early)."""
     top = conn.execute(
         "SELECT max(coalesce((SELECT max(id + n - 1) FROM records), 0), "
         "coalesce((SELECT max(seq) FROM dead), 0), "
@@ -204,19 +205,24 @@ def load_state(conn: sqlite3.Connection, now_observed: int) -> State:
         i = bisect_right(bounds, rid)
         return int(marks[i][1]) if i < len(marks) else latest
 
-    live = []
-    keys: list[tuple[int, bytes, int, int]] = []
-    for rid, n, received, dkeys in conn.execute(
-            "SELECT id, n, received, dkeys FROM records ORDER BY id"):
-        seen = receipt(rid)
-        live.append((rid, n, seen))
-        keys.append((rid, dkeys, received, seen))
-    keys += conn.execute("SELECT id, dkeys, received, observed FROM spent").fetchall()
-    keys.sort(key=lambda k: k[0])
+    live = [(rid, n, receipt(rid)) for rid, n in conn.execute(
+        "SELECT id, n FROM records ORDER BY id")]
+    # Only the newest keys that the index keeps (dedupe_max_keys), read newest first: a
+    # backlog's keys all at once would take memory the cap is there to bound.
+    keys: list[tuple[bytes, int, int]] = []
+    held = 0
+    rows = conn.execute("SELECT id, dkeys, received, NULL FROM records UNION ALL "
+                        "SELECT id, dkeys, received, observed FROM spent ORDER BY 1 DESC")
+    for rid, dkeys, wall, seen in rows:
+        if held >= max_keys:
+            break
+        keys.append((dkeys, wall, receipt(rid) if seen is None else seen))
+        held += len(dkeys) // 8
+    rows.close()
+    keys.reverse()
     high = dict(conn.execute(f"SELECT stream, sum(live) FROM records WHERE lane = {HIGH} "
                              "GROUP BY stream").fetchall())
-    return State(top + 1, streams, counters, dead, used_bytes(conn), observed, live,
-                 [(k, wall, seen) for _, k, wall, seen in keys], high)
+    return State(top + 1, streams, counters, dead, used_bytes(conn), observed, live, keys, high)
 
 
 def keys_from_bytes(data: bytes) -> array[int]:

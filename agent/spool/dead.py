@@ -221,7 +221,7 @@ def _count(conn: sqlite3.Connection, out: Outcome) -> None:
 
 def next_seq(conn: sqlite3.Connection) -> int:
     """The first seq no event of this spool ever had, as an agent opening it reckons."""
-    return load_state(conn, 0).next_seq
+    return load_state(conn, 0, 0).next_seq
 
 
 def read_only(path: Path) -> sqlite3.Connection:

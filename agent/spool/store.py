@@ -204,7 +204,7 @@ class Spool:
             raise
 
     async def _load_state(self, db: SqliteThread) -> None:
-        state = await db.run(spool_db.load_state, self.observed_ms())
+        state = await db.run(spool_db.load_state, self.observed_ms(), self.index.max_keys)
         if state.observed is None:
             await db.run(spool_db.start_clock, state.next_seq)
         self._observed_base, self._elapsed_at_load = state.observed or 0, CLOCK.elapsed_ms()
@@ -214,10 +214,9 @@ class Spool:
         for rid, n, observed in state.live:
             self.live.add(rid, n, observed)
         self.index = self.writer.index = DedupeIndex(self.index.window_ms, self.index.max_keys)
+        # Keys past the cap are not counted as forgotten here: the run that stored them
+        # counted them when its index let them go (dedupe_forgotten), at every restart.
         self.index.load_all(state.keys)
-        if self.index.forgotten:
-            self.count(Tally.DEDUPE_FORGOTTEN, self.index.forgotten)
-            self.index.forgotten = 0
         self._loaded = True
 
     async def recover(self, exc: BaseException) -> None:

@@ -25,7 +25,7 @@ from agent.outcomes import Drop, Tally
 from agent.settings import StorageConfig
 from agent.spool import commit as spool_commit
 from agent.spool.books import Books
-from agent.spool.commit import Group, Job
+from agent.spool.commit import Group, Job, Part
 from agent.spool.db import SqliteThread
 from agent.spool.dedupe import DedupeIndex
 from agent.spool.live import LiveRecords
@@ -180,9 +180,13 @@ class Writer:
         latest: dict[tuple[int, int], Group] = {}   # (stream id, lane) -> its open group
         here: set[int] = set()          # keys new in this commit: a repeat is a resend
         stored: list[int] = []
+        parts: list[Part] = []
         for p in batch.appends:
+            part = Part(0)
+            parts.append(part)
             if len(p.events) == 1:  # a single call: the per-event path is the short one
-                stored.append(self._each(p, seen, here, latest, groups))
+                stored.append(self._each(p, seen, here, latest, groups, part))
+                part.duplicates = 1 - stored[-1]
                 continue
             fresh = [ev for ev in p.events if ev.dedupe not in seen]
             keys = [ev.dedupe for ev in fresh]
@@ -190,7 +194,8 @@ class Writer:
                     or len({ev.key for ev in fresh}) != 1
                     or len({ev.family for ev in fresh}) != 1
                     or len({ev.lane for ev in fresh}) != 1):
-                stored.append(self._each(p, seen, here, latest, groups))
+                stored.append(self._each(p, seen, here, latest, groups, part))
+                part.duplicates = len(p.events) - stored[-1]
                 continue
             # The usual request: one key, one family, no repeat. No loop per event here.
             here.update(keys)
@@ -212,6 +217,7 @@ class Writer:
                 avg = max(1.0, sum(sizes[start:start + take]) / take)
                 take = max(1, min(take, int((RECORD_BYTES - g.nbytes) / avg)))
                 end = start + take
+                part.slices.append((g, len(g.bodies), len(g.bodies) + take))
                 g.bodies += bodies[start:end]
                 g.keys.extend(keys[start:end])
                 if g.ids is not None:
@@ -219,6 +225,7 @@ class Writer:
                 g.nbytes += sum(sizes[start:end])
                 start = end
             stored.append(len(fresh))
+            part.duplicates = len(p.events) - len(fresh)
         seq = books.next_seq
         on_loop = PACK_ON_LOOP_BYTES
         for g in groups:  # each record's events are numbered consecutively
@@ -234,8 +241,7 @@ class Writer:
         if ((groups or settle or batch.corrupt)
                 and (books.last_mark is None or observed - books.last_mark >= MARK_EVERY_MS)):
             mark = (observed, seq)
-        total = sum(len(p.events) for p in batch.appends)
-        job = Job(groups=groups, duplicates=total - sum(stored),
+        job = Job(groups=groups, parts=parts,
                   new_streams=[(s.id, s.key) for s in books.new_streams],
                   settle=settle, corrupt=batch.corrupt,
                   room=self.max_bytes - books.used_bytes, max_bytes=self.max_bytes,
@@ -246,9 +252,10 @@ class Writer:
         return job, stored
 
     def _each(self, p: Pending, seen: AbstractSet[int], here: set[int],
-              latest: dict[tuple[int, int], Group], groups: list[Group]) -> int:
+              latest: dict[tuple[int, int], Group], groups: list[Group], part: Part) -> int:
         """One request event by event (several keys, families or lanes, or a repeat): returns
-        how many of its events are new."""
+        how many of its events are new; ``part`` gets where they went."""
+        runs = part.slices
         key, sid, new = "", 0, 0
         for ev in p.events:
             k = ev.dedupe
@@ -264,6 +271,11 @@ class Writer:
                     or g.nbytes >= RECORD_BYTES):
                 g = latest[sid, ev.lane] = _group(sid, ev.family, p.received, ev.lane)
                 groups.append(g)
+            at = len(g.bodies)
+            if runs and runs[-1][0] is g and runs[-1][2] == at:
+                runs[-1] = (g, runs[-1][1], at + 1)
+            else:
+                runs.append((g, at, at + 1))
             g.bodies.append(ev.body)
             g.keys.append(k)
             if g.ids is not None:
@@ -321,13 +333,19 @@ class Writer:
             return
         wall = now_ms()
         forgotten = self.index.forgotten
-        for g in job.groups:  # committed: from now on a resend is a duplicate
+        # committed: from now on a resend is a duplicate
+        for g in job.groups if out.groups is None else out.groups:
             self.index.admit(g.keys, wall, observed)
             self.live.add(g.id, len(g.bodies), observed)
         if self.index.forgotten > forgotten:
             books.count(Tally.DEDUPE_FORGOTTEN, self.index.forgotten - forgotten)
-        for pending, n in zip(appends, stored):
-            if not pending.done.done():
+        refused = set(out.refused)
+        for i, (pending, n) in enumerate(zip(appends, stored)):
+            if pending.done.done():
+                continue
+            if i in refused:   # it alone does not fit under max_size_mb
+                pending.done.set_exception(SpoolFull(Reason.FULL))
+            else:
                 pending.done.set_result(n)
 
 
