@@ -301,3 +301,27 @@ async def test_reject_refuses_only_the_request_that_does_not_fit(tmp_path: Path)
         assert used(path) <= MB
     finally:
         await spool.close()
+
+
+@pytest.mark.parametrize("when_full", ["reject", "drop_oldest"])
+async def test_a_request_that_shares_an_event_with_a_refused_one_is_not_answered_stored(
+        tmp_path: Path, when_full: str) -> None:
+    """Two requests in one group commit carry the same event (an SDK's retry beside its
+    first try): the second is a resend of the first. When the first does not fit and is
+    refused, the second must not be answered as stored (a resend of an event that is
+    not stored): it is stored, or refused too, never acknowledged and lost."""
+    path = tmp_path / "spool.db"
+    spool = await Spool.open(StorageConfig(path=str(path), max_size_mb=1, when_full=when_full,
+                                           sync="normal"))
+    try:
+        shared = incompressible("app", 0, 40)
+        big = [shared, *(incompressible("app", i, 8000) for i in range(1, 300))]
+        replies = await asyncio.gather(spool.append(big), spool.append([shared]),
+                                       return_exceptions=True)
+        assert isinstance(replies[0], SpoolFull), replies
+        if not isinstance(replies[1], SpoolFull):   # answered stored: it must be there
+            assert spool.streams["app"].depth == 1, replies
+            rows = await spool.fetch(spool.streams["app"].id, 0, 10)
+            assert [r.body for r in rows] == [shared.body]
+    finally:
+        await spool.close()
