@@ -72,6 +72,9 @@ class Part:
 
     duplicates: int                   # its resends, left out of the groups
     slices: list[tuple[Group, int, int]] = field(default_factory=list)
+    # Some of its resends are of events new in this same commit (another request's, say),
+    # stored only if that request is: it is refused with any request that is.
+    leans: bool = False
 
 
 @dataclass(slots=True)
@@ -199,10 +202,13 @@ def _store(conn: sqlite3.Connection, job: Job, packed: list[tuple[Group, bytes, 
         conn.execute("RELEASE store")
         _restore(out, undo)
         refuse = _largest(job, kept, share, missing)
+        # Answered as resends, they would be acknowledged, and nothing stored.
+        refuse.update(i for i in kept if job.parts[i].leans)
         kept = [i for i in kept if i not in refuse]
         out.refused = sorted([*out.refused, *refuse])
         record(out.counters, Drop.REJECTED_FULL,
-               sum(e - s for i in refuse for _, s, e in job.parts[i].slices))
+               sum(e - s for i in refuse for _, s, e in job.parts[i].slices)
+               + sum(job.parts[i].duplicates for i in refuse))
         if not kept:
             out.stored = False
             return 0

@@ -259,7 +259,10 @@ class Writer:
         key, sid, new = "", 0, 0
         for ev in p.events:
             k = ev.dedupe
-            if k in here or k in seen:
+            if k in here:
+                part.leans = True
+                continue
+            if k in seen:
                 continue
             here.add(k)
             if ev.key != key:
