@@ -7,8 +7,9 @@ bodies never carry `sentAt` (the dialects drop the client's), so it is
 spliced in front of each body without re-encoding it. Nucleus rows reach
 it already mapped (prepare.py).
 
-Any 2xx acknowledges the whole batch, unless its body is an HTML page (that
-is a captive portal's login page, never a collector's reply) or it is a 207:
+An HTML page, whatever the status, is a captive portal's login page or a proxy's
+error page, never a collector's reply: retried with backoff. Any other 2xx
+acknowledges the whole batch, unless it is a 207:
 some messages were refused. Another Outpost's 207 names each by its place in the
 batch (`batch[i]`) with a 400, 413 or 422 of its own: those go to dead letters,
 the rest is acknowledged. Any other 207 is split like a 400 to find them. A
@@ -102,8 +103,8 @@ class SegmentHttpUplink(UplinkBase):
         if isinstance(reply, str):
             return Retry(reply)
         status, raw, wait = reply.status, reply.body, reply.retry_after
-        if portal := html_instead_of_reply(status, reply.content_type):
-            return Retry(portal)
+        if page := html_instead_of_reply(status, reply.content_type, raw):
+            return Retry(page, retry_after=wait)
         if 200 <= status < 300 and status != MULTI_STATUS:
             return Acked(prepared.seqs)
         reason = f"HTTP {status}: {raw[:300].decode('utf-8', 'replace')}".rstrip(": ")
