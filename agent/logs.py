@@ -65,6 +65,7 @@ class SecretRegistry:
         # First MIN_SECRET_LEN characters -> lengths of the secrets that start so, longest
         # first, so that a secret containing another is redacted whole.
         self._lengths: dict[str, tuple[int, ...]] = {}
+        self._longest = 0
         self._lock = threading.Lock()
 
     def add(self, value: str) -> None:
@@ -82,6 +83,7 @@ class SecretRegistry:
                 lengths = self._lengths.get(head, ())
                 if len(secret) not in lengths:
                     self._lengths[head] = tuple(sorted((*lengths, len(secret)), reverse=True))
+                self._longest = max(self._longest, len(secret))
 
     def redact(self, text: str) -> str:
         """``text`` with every registered secret and generic credential replaced."""
@@ -90,6 +92,19 @@ class SecretRegistry:
         for generic, replacement in _GENERIC_SECRETS:
             text = generic.sub(replacement, text)
         return text
+
+    def redacted_head(self, text: str, most: int) -> str:
+        """The first ``most`` characters of ``text`` redacted: redacted before the cut, so
+        that a secret the cut falls in is still found whole, yet only as much of ``text``
+        as that needs (an upstream's reply may be megabytes)."""
+        n = most + self._longest
+        while True:
+            head = self.redact(text[:n])
+            # A secret cut at n lies in the last _longest characters of head (redaction
+            # only shortens what it matched, before it): none of it is kept.
+            if n >= len(text) or len(head) >= most + self._longest:
+                return head[:most]
+            n *= 2
 
     def _redact_registered(self, text: str) -> str:
         lengths_of, secrets = self._lengths, self._secrets
@@ -121,6 +136,11 @@ def register_secret(value: str) -> None:
 def redact(text: str) -> str:
     """``text`` without registered secrets or credentials, for status output."""
     return _registry.redact(text)
+
+
+def redacted_head(text: str, most: int) -> str:
+    """The first ``most`` characters of ``redact(text)``, for a reason kept short."""
+    return _registry.redacted_head(text, most)
 
 
 class RedactingFilter(logging.Filter):

@@ -244,6 +244,17 @@ def test_redaction_among_many_keys_sharing_prefixes() -> None:
     assert registry.redact(base64.b64encode(b"app-123:").decode()) == "***"
 
 
+def test_a_head_is_redacted_before_it_is_cut() -> None:
+    registry = SecretRegistry()
+    key = "sk_live_0123456789abcdef"
+    registry.add(key)
+    assert registry.redacted_head("x" * 195 + key + "y" * 10**6, 200) == "x" * 195 + "***yy"
+    # Keys redacted shorten the text: a key the first look cut in half moves into the head.
+    assert registry.redacted_head(key * 11, 20) == "*" * 20
+    assert registry.redacted_head("Authorization: Bearer abc123def456", 25) == \
+        "Authorization: Bearer ***"
+
+
 async def test_malformed_requests_log_aiohttp_s_traceback_once_a_minute(
         make_agent: Any, caplog: pytest.LogCaptureFixture) -> None:
     """aiohttp logs each request it cannot parse as an error with its traceback: any local

@@ -18,6 +18,7 @@ from dataclasses import dataclass
 import aiohttp
 from yarl import URL
 
+from agent.logs import redacted_head
 from agent.uplinks.base import RETRYABLE_STATUSES
 
 
@@ -35,6 +36,13 @@ def retry_after(value: str | None, now: float | None = None) -> float | None:
     if when is None:
         return None
     return max(0.0, when.timestamp() - (time.time() if now is None else now))
+
+
+def excerpt(raw: bytes, most: int) -> str:
+    """The start of a reply, at most ``most`` characters, for a dead letter's reason: redacted
+    before it is cut (an upstream may echo the request's key, and half a key is not
+    recognised)."""
+    return redacted_head(raw.decode("utf-8", "replace"), most)
 
 
 def is_retryable(status: int) -> bool:

@@ -14,6 +14,7 @@ from agent.uplinks import splice
 from agent.uplinks.base import REJECTED_STATUSES, Acked, Refused, Retry, SendResult, UplinkBase
 from agent.uplinks.http_common import (
     REPLY_MAX_BYTES,
+    excerpt,
     html_instead_of_reply,
     is_retryable,
     post,
@@ -57,7 +58,7 @@ class NucleusHttpUplink(NucleusFraming, UplinkBase):
             if status not in REJECTED_STATUSES:
                 return Retry(f"HTTP {status} (check the upstream's url and key)")
             # No per-event verdict: the forwarder splits the batch to find the culprit.
-            return Refused(f"HTTP {status}: {raw[:200].decode('utf-8', 'replace')}")
+            return Refused(f"HTTP {status}: {excerpt(raw, 200)}")
         acked = match(dict(zip(prepared.ids, prepared.seqs)), ids)
         if len(acked) < len(prepared.seqs):
             got = set(acked)

@@ -32,10 +32,11 @@ import aiohttp
 import orjson
 
 from agent.families.event import SEGMENT, compact_json, iso_ms, now_ms
+from agent.logs import redacted_head
 from agent.settings import UpstreamConfig
 from agent.spool.types import Row
 from agent.uplinks.base import REJECTED_STATUSES, Acked, Refused, Retry, SendResult, UplinkBase
-from agent.uplinks.http_common import html_instead_of_reply, is_retryable, post
+from agent.uplinks.http_common import excerpt, html_instead_of_reply, is_retryable, post
 from agent.uplinks.prepare import Prepared
 from agent.uplinks.splice import objects, stamped
 
@@ -107,7 +108,7 @@ class SegmentHttpUplink(UplinkBase):
             return Retry(page, retry_after=wait)
         if 200 <= status < 300 and status != MULTI_STATUS:
             return Acked(prepared.seqs)
-        reason = f"HTTP {status}: {raw[:300].decode('utf-8', 'replace')}".rstrip(": ")
+        reason = f"HTTP {status}: {excerpt(raw, 300)}".rstrip(": ")
         if status == MULTI_STATUS:
             return _partly_stored(raw, prepared) or Refused(reason)
         if status in REJECTED_STATUSES:
@@ -139,5 +140,5 @@ def _partly_stored(raw: bytes, prepared: Prepared) -> Acked | None:
                 or status not in REJECTED_STATUSES:
             return None   # not for good (a key refused: the configuration's fault), or unplaced
         refused[seqs[int(place[1])]] = \
-            f"HTTP 207: {status} {phrase} at {details}: {message}"[:300]
+            redacted_head(f"HTTP 207: {status} {phrase} at {details}: {message}", 300)
     return Acked(tuple(s for s in seqs if s not in refused), tuple(refused.items()))
