@@ -18,6 +18,7 @@ import threading
 import time
 from collections.abc import Callable, Mapping
 from typing import IO, Any
+from urllib.parse import quote
 
 from agent import paths
 
@@ -35,6 +36,9 @@ _DEBUG_PRIORITY = 7
 # Registering a very short secret would garble every log line containing it.
 MIN_SECRET_LEN = 4
 REDACTED = "***"
+# What an HTTP client (yarl) leaves unencoded in a URL's path: a key in an upstream's path
+# shows percent-encoded in the client's errors (`Sekrit%20Key`).
+_PATH_SAFE = "!$&'()*+,;=:@/"
 
 _GENERIC_SECRETS = (
     # Authorization headers, raw or in a dict repr, with or without a scheme.
@@ -74,10 +78,12 @@ class SecretRegistry:
         # Keys are registered again after every commit: a known one is one set lookup.
         if len(value) < MIN_SECRET_LEN or value in self._secrets:
             return
-        # Segment clients send the key as HTTP Basic credentials "key:".
+        # Segment clients send the key as HTTP Basic credentials "key:"; in a URL it is
+        # percent-encoded, as a path segment or as any component.
         basic = base64.b64encode(f"{value}:".encode()).decode()
+        forms = {value, basic, quote(value, safe=_PATH_SAFE), quote(value, safe="")}
         with self._lock:
-            for secret in (value, basic):
+            for secret in forms:
                 self._secrets.add(secret)
                 head = secret[:MIN_SECRET_LEN]
                 lengths = self._lengths.get(head, ())

@@ -125,6 +125,14 @@ def test_filter_handles_basic_auth_form_of_a_key() -> None:
     assert registry.redact("creds c2VnbWVudEtleTEyMzo= rejected") == "creds *** rejected"
 
 
+def test_percent_encoded_forms_of_a_key_are_redacted() -> None:
+    registry = SecretRegistry()
+    registry.add("team/key é")
+    # As a URL's path holds it, and as any other component does.
+    assert registry.redact("/app/team/key%20%C3%A9/track ?k=team%2Fkey%20%C3%A9") == \
+        "/app/***/track ?k=***"
+
+
 def test_longest_secret_wins_and_short_ones_are_ignored() -> None:
     registry = SecretRegistry()
     registry.add("abcd")
