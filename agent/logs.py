@@ -18,6 +18,7 @@ import threading
 import time
 from collections.abc import Callable, Mapping
 from typing import IO, Any
+from urllib.parse import quote
 
 from agent import paths
 
@@ -35,6 +36,9 @@ _DEBUG_PRIORITY = 7
 # Registering a very short secret would garble every log line containing it.
 MIN_SECRET_LEN = 4
 REDACTED = "***"
+# What an HTTP client (yarl) leaves unencoded in a URL's path: a key in an upstream's path
+# shows percent-encoded in the client's errors (`Sekrit%20Key`).
+_PATH_SAFE = "!$&'()*+,;=:@/"
 
 _GENERIC_SECRETS = (
     # Authorization headers, raw or in a dict repr, with or without a scheme.
@@ -65,6 +69,7 @@ class SecretRegistry:
         # First MIN_SECRET_LEN characters -> lengths of the secrets that start so, longest
         # first, so that a secret containing another is redacted whole.
         self._lengths: dict[str, tuple[int, ...]] = {}
+        self._longest = 0
         self._lock = threading.Lock()
 
     def add(self, value: str) -> None:
@@ -73,15 +78,18 @@ class SecretRegistry:
         # Keys are registered again after every commit: a known one is one set lookup.
         if len(value) < MIN_SECRET_LEN or value in self._secrets:
             return
-        # Segment clients send the key as HTTP Basic credentials "key:".
+        # Segment clients send the key as HTTP Basic credentials "key:"; in a URL it is
+        # percent-encoded, as a path segment or as any component.
         basic = base64.b64encode(f"{value}:".encode()).decode()
+        forms = {value, basic, quote(value, safe=_PATH_SAFE), quote(value, safe="")}
         with self._lock:
-            for secret in (value, basic):
+            for secret in forms:
                 self._secrets.add(secret)
                 head = secret[:MIN_SECRET_LEN]
                 lengths = self._lengths.get(head, ())
                 if len(secret) not in lengths:
                     self._lengths[head] = tuple(sorted((*lengths, len(secret)), reverse=True))
+                self._longest = max(self._longest, len(secret))
 
     def redact(self, text: str) -> str:
         """``text`` with every registered secret and generic credential replaced."""
@@ -90,6 +98,19 @@ class SecretRegistry:
         for generic, replacement in _GENERIC_SECRETS:
             text = generic.sub(replacement, text)
         return text
+
+    def redacted_head(self, text: str, most: int) -> str:
+        """The first ``most`` characters of ``text`` redacted: redacted before the cut, so
+        that a secret the cut falls in is still found whole, yet only as much of ``text``
+        as that needs (an upstream's reply may be megabytes)."""
+        n = most + self._longest
+        while True:
+            head = self.redact(text[:n])
+            # A secret cut at n lies in the last _longest characters of head (redaction
+            # only shortens what it matched, before it): none of it is kept.
+            if n >= len(text) or len(head) >= most + self._longest:
+                return head[:most]
+            n *= 2
 
     def _redact_registered(self, text: str) -> str:
         lengths_of, secrets = self._lengths, self._secrets
@@ -121,6 +142,11 @@ def register_secret(value: str) -> None:
 def redact(text: str) -> str:
     """``text`` without registered secrets or credentials, for status output."""
     return _registry.redact(text)
+
+
+def redacted_head(text: str, most: int) -> str:
+    """The first ``most`` characters of ``redact(text)``, for a reason kept short."""
+    return _registry.redacted_head(text, most)
 
 
 class RedactingFilter(logging.Filter):

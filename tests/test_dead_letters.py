@@ -14,6 +14,7 @@ from pathlib import Path
 from typing import Any
 
 import aiohttp
+import pytest
 from aiohttp import web
 
 from agent.service import Agent
@@ -21,6 +22,7 @@ from agent.settings import StorageConfig
 from agent.spool import Spool
 from agent.spool.schema import read_offline
 from tests.conftest import free_port, write_config
+from tests.fakes.loopback_server import serving
 from tests.fakes.nucleus_upstream import FakeNucleus
 from tests.fakes.ops_scene import post_events
 from tests.waiting import run_outpost, wait_for
@@ -374,6 +376,36 @@ async def test_a_dead_letter_s_reason_never_shows_a_key(make_agent: Any) -> None
         assert token not in letter["reason"] and secret not in letter["reason"], letter
     finally:
         await up.runner.cleanup()
+
+
+@pytest.mark.parametrize(("protocol", "cut"), [("nucleus-http", 200), ("segment-http", 300)])
+async def test_a_key_the_reason_s_cut_falls_in_is_redacted_whole(make_agent: Any,
+                                                                 protocol: str, cut: int) -> None:
+    """The reason keeps the start of the upstream's answer (200 or 300 characters): cut
+    before it was redacted, a key the cut fell in was not recognised, and its first half
+    stayed in the reason (audit)."""
+    secret = "sk_live_0123456789abcdef"
+    token = base64.b64encode(f"{secret}:".encode()).decode()   # segment-http's Basic auth
+
+    async def refuse(request: web.Request) -> web.Response:
+        # An answer echoing the request, the key (or its token) astride the cut.
+        echoed = secret if protocol == "nucleus-http" else token
+        assert echoed in (request.path + request.headers.get("Authorization", ""))
+        return web.Response(status=400, text="x" * (cut - 10) + echoed + " is refused")
+
+    path = "/app/{key}/track" if protocol == "nucleus-http" else "/v1/batch"
+    async with serving(path, refuse) as url:
+        agent = await make_agent(upstreams=[{"name": "up", "protocol": protocol, "url": url,
+                                             "key": secret, "flush_interval_s": 0.05}])
+        await post_events(agent.port, "app1", range(1))
+        await dead_letters(agent, 1)
+        [letter] = await agent.spool.dead_letters()
+        async with aiohttp.ClientSession() as s, \
+                s.get(f"http://127.0.0.1:{agent.port}/status") as r:
+            [group] = (await r.json())["dead_reasons"]
+    for reason in (letter["reason"], group["reason"]):
+        assert reason.startswith("HTTP 400: xxx") and "***" in reason, reason
+        assert secret[:8] not in reason and token[:8] not in reason, reason
 
 
 async def test_an_export_to_a_symlink_or_a_pipe_writes_through_it(tmp_path: Path) -> None:

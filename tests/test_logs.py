@@ -125,6 +125,14 @@ def test_filter_handles_basic_auth_form_of_a_key() -> None:
     assert registry.redact("creds c2VnbWVudEtleTEyMzo= rejected") == "creds *** rejected"
 
 
+def test_percent_encoded_forms_of_a_key_are_redacted() -> None:
+    registry = SecretRegistry()
+    registry.add("team/key é")
+    # As a URL's path holds it, and as any other component does.
+    assert registry.redact("/app/team/key%20%C3%A9/track ?k=team%2Fkey%20%C3%A9") == \
+        "/app/***/track ?k=***"
+
+
 def test_longest_secret_wins_and_short_ones_are_ignored() -> None:
     registry = SecretRegistry()
     registry.add("abcd")
@@ -242,6 +250,17 @@ def test_redaction_among_many_keys_sharing_prefixes() -> None:
     text = "app-7app-7 /app/app-7-long/track app-19999. app-20000 ap c2VnbWVudEtleTEyMzo="
     assert registry.redact(text) == "****** /app/***/track ***. ***0 ap c2VnbWVudEtleTEyMzo="
     assert registry.redact(base64.b64encode(b"app-123:").decode()) == "***"
+
+
+def test_a_head_is_redacted_before_it_is_cut() -> None:
+    registry = SecretRegistry()
+    key = "sk_live_0123456789abcdef"
+    registry.add(key)
+    assert registry.redacted_head("x" * 195 + key + "y" * 10**6, 200) == "x" * 195 + "***yy"
+    # Keys redacted shorten the text: a key the first look cut in half moves into the head.
+    assert registry.redacted_head(key * 11, 20) == "*" * 20
+    assert registry.redacted_head("Authorization: Bearer abc123def456", 25) == \
+        "Authorization: Bearer ***"
 
 
 async def test_malformed_requests_log_aiohttp_s_traceback_once_a_minute(

@@ -30,7 +30,7 @@ from agent.spool.types import Row
 from agent.uplinks.base import Acked, Retry, SendResult
 from agent.uplinks.http_common import location_host
 from agent.uplinks.prepare import Prepared
-from tests.fakes.captive_portal import PORTAL, CaptiveUpstream, redirect
+from tests.fakes.captive_portal import LOGIN_PAGE, PORTAL, Answer, CaptiveUpstream, redirect
 from tests.fakes.uplinks import as_prepared
 from tests.waiting import wait_for
 
@@ -173,6 +173,57 @@ async def test_captive_portal_on_every_path_deletes_nothing(make_agent: Any,
     assert "HTTP 200" in up["last_error"] and "HTML" in up["last_error"]
     assert "app1" not in up["last_error"]   # the handshake URL (and its key) is not shown
     await delivered_once_let_through(agent, gateway)
+
+
+# nginx's answer to http:// sent to its https port; a proxy's error page looks alike.
+NGINX_400 = (b"<html><head><title>400 The plain HTTP request was sent to HTTPS port</title>"
+             b"</head><body><center><h1>400 Bad Request</h1></center></body></html>")
+
+
+@pytest.mark.parametrize("status", (400, 413, 403))
+@pytest.mark.parametrize("protocol", HTTP_UPLINKS)
+async def test_an_html_error_page_is_the_network_s_fault_not_a_refusal(
+        make_agent: Any, gateway: CaptiveUpstream, protocol: str, status: int) -> None:
+    """No analytics API answers with an HTML page: a 400 with one refuses no event (it
+    dead-lettered the whole queue in seconds, split down to single events). It is retried
+    with backoff, and last_error says what the page's title says."""
+    gateway.intercept = Answer(status, body=NGINX_400)
+    agent = await start(make_agent, gateway, protocol)
+    up = await held_while_failing(agent)
+    assert await agent.spool.dead_letters() == []
+    assert f"HTTP {status}" in up["last_error"] and "HTML" in up["last_error"]
+    assert "The plain HTTP request was sent to HTTPS port" in up["last_error"]
+    await delivered_once_let_through(agent, gateway)
+
+
+@pytest.mark.parametrize(("content_type", "page"), [
+    ("application/xhtml+xml", LOGIN_PAGE),
+    ("text/plain", b"\r\n  <HTML><HEAD><TITLE>Guest Wi-Fi</TITLE></HEAD><BODY>Log in</BODY></HTML>"),
+    (None, LOGIN_PAGE),   # no type at all
+], ids=["xhtml", "text-plain", "no-type"])
+@pytest.mark.parametrize("protocol", HTTP_UPLINKS)
+async def test_a_login_page_is_known_by_its_body_whatever_its_type(
+        make_agent: Any, gateway: CaptiveUpstream, protocol: str, content_type: str | None,
+        page: bytes) -> None:
+    """A portal's 200 login page served as other than text/html was a segment-http ack:
+    the events were deleted."""
+    gateway.intercept = Answer(body=page, content_type=content_type)
+    agent = await start(make_agent, gateway, protocol)
+    up = await held_while_failing(agent)
+    assert "HTTP 200" in up["last_error"] and "HTML" in up["last_error"]
+    await delivered_once_let_through(agent, gateway)
+
+
+async def test_a_nucleus_ack_labelled_text_html_is_an_ack(make_agent: Any,
+                                                          gateway: CaptiveUpstream) -> None:
+    """Express's `res.send(JSON.stringify({reportedIds}))` labels the reply text/html: a
+    body that is a valid reply is one, whatever its label (it was refused forever)."""
+    gateway.ack_type = "text/html"
+    agent = await start(make_agent, gateway, "nucleus-http")
+    await wait_for(lambda: agent.spool.depth == 0, timeout=5)
+    state = agent.forwarding.states["up"]
+    assert state.retries == 0 and state.last_error is None
+    assert {ev["payload"]["mark"] for ev in gateway.delivered} == {f"mk-{i}" for i in range(N)}
 
 
 @pytest.mark.parametrize(("loc", "shown"), [

@@ -224,6 +224,32 @@ async def test_429_retry_after_http_date_is_honoured(make_agent: Any,
     assert [r.status for r in faulty.requests] == [429, 200]
 
 
+@pytest.mark.parametrize("header", ["0", "past"])
+async def test_a_retry_after_shorter_than_the_backoff_does_not_shorten_it(
+        make_agent: Any, faulty: FaultyUpstream, header: str) -> None:
+    """`Retry-After: 0`, or an HTTP-date already past (the device's clock ahead of the
+    upstream's), asks for relief: it must not turn the backoff into a tight loop (audit:
+    ~630 requests/s). The agent waits the larger of the two."""
+    def value() -> str:
+        return email.utils.formatdate(time.time() - 3600, usegmt=True) if header == "past" \
+            else header
+    faulty.script = [Fault("status", 503, {"Retry-After": value}) for _ in range(4)]
+    timing, seams = manual(backoff=BACKOFF)
+    agent = await make_agent(upstreams=[upstream(faulty, "segment-http")], seams=seams)
+    await send(agent, [event(i) for i in range(3)])
+    delays: list[float] = []
+    for _ in range(4):
+        await wait_for(lambda: len(timing.pending()) == 1)
+        (delay,) = timing.pending()
+        delays.append(delay)
+        timing.advance(delay)
+    await drained(agent, faulty, 3)
+    assert [r.status for r in faulty.requests] == [503] * 4 + [200]
+    for attempt, delay in enumerate(delays):   # the backoff's own waits, growing
+        step = min(BACKOFF.cap_s, BACKOFF.base_s * 2 ** attempt)
+        assert step * 0.5 <= delay < step, (attempt, delays)
+
+
 async def test_huge_retry_after_is_capped(make_agent: Any, faulty: FaultyUpstream) -> None:
     faulty.script = [Fault("status", 503, {"Retry-After": "999999999"})]
     timing, seams = manual()

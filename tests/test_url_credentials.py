@@ -11,7 +11,9 @@ The upstream's credential belongs in `key`.
 from __future__ import annotations
 
 import asyncio
+import io
 import json
+import logging
 import signal
 import sys
 from collections.abc import Callable
@@ -21,6 +23,7 @@ from typing import Any
 import aiohttp
 import pytest
 
+from agent.logs import RedactingFilter
 from tests.conftest import ROOT, AgentProcess, free_port, write_config
 from tests.waiting import run_outpost, wait_for
 
@@ -133,3 +136,55 @@ async def test_no_secret_anywhere_and_reload_keeps_the_running_config(
     shown["log"] = agent.log.read_text()
     leaks = [where for where, text in shown.items() if SECRET in text]
     assert leaks == []
+
+
+# -- a key in the URL's path, percent-encoded by the HTTP client -------------------------------
+
+
+async def _garbage_server() -> asyncio.Server:
+    """Answers every request with a reply aiohttp cannot parse: its error names the URL."""
+    async def answer(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        try:
+            await reader.readuntil(b"\r\n\r\n")
+            writer.write(b"HTTP/1.1 200 OK\r\nContent-Length: banana\r\n\r\n{}")
+            await writer.drain()
+        finally:
+            writer.close()
+    return await asyncio.start_server(answer, "127.0.0.1", 0)
+
+
+@pytest.mark.parametrize("protocol", ["nucleus-http", "nucleus-ws"])
+@pytest.mark.parametrize(("key", "encoded"), [("Sekrit Key 2026", "Sekrit%20Key%202026"),
+                                              ("ключ-2026", "%D0%BA%D0%BB%D1%8E%D1%87-2026")])
+async def test_a_key_needing_percent_encoding_is_never_shown(
+        make_agent: Any, protocol: str, key: str, encoded: str) -> None:
+    """The key is in the upstream URL's path, and the client's errors show that URL as
+    sent, percent-encoded: a form the redaction did not know (audit)."""
+    server = await _garbage_server()
+    port = server.sockets[0].getsockname()[1]
+    scheme = "ws" if protocol == "nucleus-ws" else "http"
+    seen = io.StringIO()
+    handler = logging.StreamHandler(seen)   # as the agent's own log handler redacts
+    handler.addFilter(RedactingFilter())
+    logging.getLogger("outpost").addHandler(handler)
+    try:
+        agent = await make_agent(upstreams=[{"name": "up", "protocol": protocol,
+                                             "url": f"{scheme}://127.0.0.1:{port}", "key": key,
+                                             "flush_interval_s": 0.02, "timeout_s": 2}])
+        base = f"http://127.0.0.1:{agent.port}"
+        async with aiohttp.ClientSession() as s:
+            async with s.post(f"{base}/app/app1/track", json={"data": [
+                    {"type": "event", "name": "e", "id": 1, "sessionId": 1}]}) as r:
+                assert r.status == 200
+            state = agent.forwarding.states["up"]
+            await wait_for(lambda: state.last_error is not None, 10)
+            async with s.get(f"{base}/status") as r:
+                status = await r.text()
+            async with s.get(f"{base}/metrics") as r:
+                metrics = await r.text()
+    finally:
+        logging.getLogger("outpost").removeHandler(handler)
+        server.close()
+    assert "127.0.0.1" in (state.last_error or "")   # the error names the URL ...
+    for text in (status, metrics, seen.getvalue()):
+        assert key not in text and encoded not in text, text   # ... but never its key

@@ -537,7 +537,7 @@ class StreamForwarder:
         failed, self._failed = self._failed, None
         assert failed is not None
         if failed.retry_after is not None:
-            delay = self.backoff.retry_after(failed.retry_after)
+            delay = self.backoff.retry_after(failed.retry_after, self.attempt)
         else:
             delay = self.backoff.delay(self.attempt)
         self.attempt += 1

@@ -3,19 +3,22 @@
 Only the configured URL may acknowledge events. A redirect is never followed:
 a captive portal (hotel Wi-Fi, a kiosk behind a login page) answers with one,
 and aiohttp would otherwise turn the POST into a GET whose 200 looks like an
-ack (301/302/303), or send the whole batch to the portal (307/308). Likewise a
-200 carrying an HTML page is a portal's login page, not an upstream's reply.
+ack (301/302/303), or send the whole batch to the portal (307/308). Likewise an
+HTML page, whatever the status, is a portal's login page or a proxy's or web
+server's error page, never an upstream's reply.
 """
 
 from __future__ import annotations
 
 import email.utils
+import re
 import time
 from dataclasses import dataclass
 
 import aiohttp
 from yarl import URL
 
+from agent.logs import redacted_head
 from agent.uplinks.base import RETRYABLE_STATUSES
 
 
@@ -33,6 +36,13 @@ def retry_after(value: str | None, now: float | None = None) -> float | None:
     if when is None:
         return None
     return max(0.0, when.timestamp() - (time.time() if now is None else now))
+
+
+def excerpt(raw: bytes, most: int) -> str:
+    """The start of a reply, at most ``most`` characters, for a dead letter's reason: redacted
+    before it is cut (an upstream may echo the request's key, and half a key is not
+    recognised)."""
+    return redacted_head(raw.decode("utf-8", "replace"), most)
 
 
 def is_retryable(status: int) -> bool:
@@ -78,13 +88,27 @@ def client_session() -> aiohttp.ClientSession:
     return aiohttp.ClientSession(auto_decompress=True, middlewares=(refuse_redirects,))
 
 
-def html_instead_of_reply(status: int, content_type: str) -> str | None:
-    """The error for a 2xx whose body is an HTML page: no upstream protocol answers
-    with HTML, but every captive portal's login page does."""
-    if 200 <= status < 300 and content_type == "text/html":
-        return (f"HTTP {status} with an HTML page instead of the upstream's reply "
-                "(a captive portal or proxy login?)")
-    return None
+_HTML_TYPES = frozenset({"text/html", "application/xhtml+xml"})
+# A page served as text/plain or with no type at all (a portal's, say) is known by its start.
+_HTML_START = re.compile(rb"(?:\xef\xbb\xbf)?\s*<(?:!doctype\s+html|html)", re.IGNORECASE)
+_TITLE = re.compile(rb"<title[^>]*>([^<]+)", re.IGNORECASE)
+_TITLE_SEARCHED = 4096   # bytes of the page searched for its title
+_TITLE_SHOWN = 100
+
+
+def html_instead_of_reply(status: int, content_type: str, body: bytes = b"") -> str | None:
+    """The error for an HTML page, whatever the status: no upstream protocol answers with
+    HTML, but a captive portal's login page does (2xx), and so does a proxy or a web server
+    in the way (4xx: nginx's answer to http:// sent to its https port). Retried, never a
+    refusal of the batch, which would dead-letter the whole queue."""
+    if content_type not in _HTML_TYPES and not _HTML_START.match(body):
+        return None
+    found = _TITLE.search(body, 0, _TITLE_SEARCHED)
+    title = " ".join(found[1].decode("utf-8", "replace").split())[:_TITLE_SHOWN] if found else ""
+    guess = ("a captive portal or proxy login?" if 200 <= status < 300
+             else "a proxy or web server in the way? check the upstream's url")
+    return (f"HTTP {status} with an HTML page{f' ({title!r})' if title else ''} instead of "
+            f"the upstream's reply ({guess})")
 
 
 NETWORK_ERRORS = (aiohttp.ClientError, OSError, TimeoutError)

@@ -14,6 +14,7 @@ from agent.uplinks import splice
 from agent.uplinks.base import REJECTED_STATUSES, Acked, Refused, Retry, SendResult, UplinkBase
 from agent.uplinks.http_common import (
     REPLY_MAX_BYTES,
+    excerpt,
     html_instead_of_reply,
     is_retryable,
     post,
@@ -42,8 +43,12 @@ class NucleusHttpUplink(NucleusFraming, UplinkBase):
         if isinstance(answer, str):
             return Retry(answer)
         status, raw, wait = answer.status, answer.body, answer.retry_after
-        if portal := html_instead_of_reply(status, answer.content_type):
-            return Retry(portal)
+        ids = _reported_ids(raw) if status == 200 and not answer.cut else None
+        # A valid reply is one whatever its label (Express's `res.send(string)` says
+        # text/html); anything else that is an HTML page is a portal's or a proxy's.
+        if not isinstance(ids, list) and (
+                page := html_instead_of_reply(status, answer.content_type, raw)):
+            return Retry(page, retry_after=wait)
         if status == 200 and answer.cut:
             return Retry(f"a reply over {REPLY_MAX_BYTES} bytes, not read (a batch's answer is "
                          "its reportedIds)")
@@ -53,12 +58,7 @@ class NucleusHttpUplink(NucleusFraming, UplinkBase):
             if status not in REJECTED_STATUSES:
                 return Retry(f"HTTP {status} (check the upstream's url and key)")
             # No per-event verdict: the forwarder splits the batch to find the culprit.
-            return Refused(f"HTTP {status}: {raw[:200].decode('utf-8', 'replace')}")
-        try:
-            reply: Any = orjson.loads(raw)
-        except orjson.JSONDecodeError:
-            reply = None
-        ids = reply.get("reportedIds") if isinstance(reply, dict) else None
+            return Refused(f"HTTP {status}: {excerpt(raw, 200)}")
         acked = match(dict(zip(prepared.ids, prepared.seqs)), ids)
         if len(acked) < len(prepared.seqs):
             got = set(acked)
@@ -67,3 +67,12 @@ class NucleusHttpUplink(NucleusFraming, UplinkBase):
                          omitted=tuple(s for s in prepared.seqs if s not in got)
                          if isinstance(ids, list) else ())
         return Acked(tuple(acked))
+
+
+def _reported_ids(raw: bytes) -> Any:
+    """The reply's `reportedIds` as sent (None when it is no JSON object)."""
+    try:
+        reply = orjson.loads(raw)
+    except orjson.JSONDecodeError:
+        return None
+    return reply.get("reportedIds") if isinstance(reply, dict) else None

@@ -7,8 +7,9 @@ bodies never carry `sentAt` (the dialects drop the client's), so it is
 spliced in front of each body without re-encoding it. Nucleus rows reach
 it already mapped (prepare.py).
 
-Any 2xx acknowledges the whole batch, unless its body is an HTML page (that
-is a captive portal's login page, never a collector's reply) or it is a 207:
+An HTML page, whatever the status, is a captive portal's login page or a proxy's
+error page, never a collector's reply: retried with backoff. Any other 2xx
+acknowledges the whole batch, unless it is a 207:
 some messages were refused. Another Outpost's 207 names each by its place in the
 batch (`batch[i]`) with a 400, 413 or 422 of its own: those go to dead letters,
 the rest is acknowledged. Any other 207 is split like a 400 to find them. A
@@ -31,10 +32,11 @@ import aiohttp
 import orjson
 
 from agent.families.event import SEGMENT, compact_json, iso_ms, now_ms
+from agent.logs import redacted_head
 from agent.settings import UpstreamConfig
 from agent.spool.types import Row
 from agent.uplinks.base import REJECTED_STATUSES, Acked, Refused, Retry, SendResult, UplinkBase
-from agent.uplinks.http_common import html_instead_of_reply, is_retryable, post
+from agent.uplinks.http_common import excerpt, html_instead_of_reply, is_retryable, post
 from agent.uplinks.prepare import Prepared
 from agent.uplinks.splice import objects, stamped
 
@@ -102,11 +104,11 @@ class SegmentHttpUplink(UplinkBase):
         if isinstance(reply, str):
             return Retry(reply)
         status, raw, wait = reply.status, reply.body, reply.retry_after
-        if portal := html_instead_of_reply(status, reply.content_type):
-            return Retry(portal)
+        if page := html_instead_of_reply(status, reply.content_type, raw):
+            return Retry(page, retry_after=wait)
         if 200 <= status < 300 and status != MULTI_STATUS:
             return Acked(prepared.seqs)
-        reason = f"HTTP {status}: {raw[:300].decode('utf-8', 'replace')}".rstrip(": ")
+        reason = f"HTTP {status}: {excerpt(raw, 300)}".rstrip(": ")
         if status == MULTI_STATUS:
             return _partly_stored(raw, prepared) or Refused(reason)
         if status in REJECTED_STATUSES:
@@ -138,5 +140,5 @@ def _partly_stored(raw: bytes, prepared: Prepared) -> Acked | None:
                 or status not in REJECTED_STATUSES:
             return None   # not for good (a key refused: the configuration's fault), or unplaced
         refused[seqs[int(place[1])]] = \
-            f"HTTP 207: {status} {phrase} at {details}: {message}"[:300]
+            redacted_head(f"HTTP 207: {status} {phrase} at {details}: {message}", 300)
     return Acked(tuple(s for s in seqs if s not in refused), tuple(refused.items()))

@@ -30,7 +30,7 @@ class Answer:
     status: int = 200
     headers: dict[str, str] = field(default_factory=dict)
     body: bytes = LOGIN_PAGE
-    content_type: str = "text/html"
+    content_type: str | None = "text/html"   # None: an empty Content-Type header
 
 
 PORTAL = Answer()
@@ -56,6 +56,8 @@ class CaptiveUpstream(LoopbackServer):
         self.intercept = intercept
         self.hits: list[Hit] = []
         self.delivered: list[dict[str, Any]] = []   # events acknowledged, in order
+        # The Content-Type of a Nucleus HTTP ack (Express's `res.send(string)`: text/html).
+        self.ack_type = "application/json"
 
     def url(self, protocol: str) -> str:
         return self.ws_url if protocol == "nucleus-ws" else self.http_url
@@ -66,13 +68,17 @@ class CaptiveUpstream(LoopbackServer):
         answer = self.intercept
         self.hits.append(Hit(request.method, request.path, body, answer is not None))
         if answer is not None:
+            if answer.content_type is None:
+                return web.Response(status=answer.status, body=answer.body,
+                                    headers={**answer.headers, "Content-Type": ""})
             return web.Response(status=answer.status, headers=answer.headers, body=answer.body,
                                 content_type=answer.content_type)
         nucleus = request.path.startswith("/app/") and request.path.endswith("/track")
         if upgrade and nucleus:
             return await self._websocket(request)
         if request.method == "POST" and nucleus:
-            return web.json_response({"reportedIds": self._take(orjson.loads(body)["data"])})
+            return web.Response(body=orjson.dumps({"reportedIds": self._take(
+                orjson.loads(body)["data"])}), content_type=self.ack_type)
         if request.method == "POST" and request.path == "/v1/batch":
             self.delivered += orjson.loads(body)["batch"]
             return web.json_response({"success": True})
