@@ -187,3 +187,19 @@ async def test_garbage_spool_is_moved_aside(tmp_path: Path) -> None:
     aside = list(tmp_path.glob("spool.db.corrupt-*"))
     assert aside and aside[0].read_bytes().startswith(b"this is not sqlite")
     await spool.close()
+
+
+async def test_counts_made_after_the_last_commit_survive_a_clean_stop(tmp_path: Path) -> None:
+    """Keys past dedupe_max_keys are counted as forgotten once their commit is done, so
+    after it: a clean stop right then must still save the count (it was lost: only the
+    next commit would have saved it)."""
+    spool = await open_spool(tmp_path, dedupe_max_keys=100)
+    await spool.append([ev("k", i) for i in range(300)])
+    forgotten = spool.counters["dedupe_forgotten"]
+    assert forgotten > 0
+    await spool.close()
+    again = await open_spool(tmp_path, dedupe_max_keys=100)
+    try:
+        assert again.counters.get("dedupe_forgotten", 0) == forgotten
+    finally:
+        await again.close()
