@@ -313,6 +313,8 @@ class Spool:
         """Finish pending commits, then close."""
         await self.writer.close()
         if self._db is not None:  # keep the time this run saw pass
+            if self.books.unsaved:   # counted after the last commit (keys forgotten by it)
+                await self._save_counts()
             try:
                 await self._db.run(spool_db.mark, self.observed_ms(), self.books.next_seq)
             except sqlite3.Error as exc:
