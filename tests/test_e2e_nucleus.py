@@ -3,9 +3,12 @@
 from __future__ import annotations
 
 from typing import Any
+from urllib.parse import quote
 
 import aiohttp
 import orjson
+import pytest
+from yarl import URL
 
 from tests.fakes.nucleus_upstream import FakeNucleus
 from tests.waiting import wait_for
@@ -121,3 +124,21 @@ async def test_colliding_ids_wait_for_the_first_ack(make_agent: Any,
                 assert r.status == 200
     await wait_for(lambda: agent.spool.depth == 0)
     assert [e["sessionId"] for e in fake_nucleus.events] == [1, 2, 3]
+
+
+@pytest.mark.parametrize("protocol", ["nucleus-ws", "nucleus-http"])
+async def test_an_app_id_that_needs_escaping_reaches_its_own_upstream_path(
+        make_agent: Any, fake_nucleus: FakeNucleus, protocol: str) -> None:
+    """The app id goes into the upstream's path as one segment, escaped: an id holding `?`,
+    `#` or `/` must not cut the path short (its events sent to another app's path, or
+    to none) nor add segments to it."""
+    agent = await make_agent(upstreams=[upstream(fake_nucleus, protocol=protocol)])
+    app_id = "shop?x=1#frag/../other"
+    async with aiohttp.ClientSession() as s:
+        async with s.post(URL(f"http://127.0.0.1:{agent.port}/app/{quote(app_id, safe='')}"
+                              "/track", encoded=True), json={"data": [
+                {"name": "e", "id": i, "sessionId": 1, "machineId": "m"} for i in range(3)]}) as r:
+            assert r.status == 200, await r.text()
+    await wait_for(lambda: agent.spool.depth == 0)
+    assert fake_nucleus.ids() == [0, 1, 2]
+    assert set(fake_nucleus.paths) == {f"/app/{app_id}/track"}
