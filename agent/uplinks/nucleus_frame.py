@@ -10,6 +10,7 @@ from __future__ import annotations
 
 from itertools import repeat
 from typing import Any, ClassVar, cast
+from urllib.parse import quote
 
 import orjson
 
@@ -20,6 +21,12 @@ from agent.uplinks.prepare import Prepared
 # Reported ids looked up as they are (a bool or a container never is: see match).
 _PLAIN = frozenset({int, float, str})
 _HEAD, _TAIL = b'{"data":[', b"]}"
+
+
+def track_url(base: str, key: str) -> str:
+    """`{base}/app/{key}/track`, the key one escaped path segment: an app id holding `?`,
+    `#` or `/` (any printable key is accepted) must not cut the path short or add to it."""
+    return f"{base.rstrip('/')}/app/{quote(key, safe='')}/track"
 
 
 class NucleusFraming:

@@ -19,7 +19,7 @@ from agent.uplinks.http_common import (
     is_retryable,
     post,
 )
-from agent.uplinks.nucleus_frame import NucleusFraming, frame, match
+from agent.uplinks.nucleus_frame import NucleusFraming, frame, match, track_url
 from agent.uplinks.prepare import Prepared, take_prefix
 
 
@@ -32,7 +32,7 @@ class NucleusHttpUplink(NucleusFraming, UplinkBase):
     def __init__(self, cfg: UpstreamConfig, app_key: str, session: aiohttp.ClientSession,
                  machine_id: str) -> None:
         super().__init__(cfg, app_key, session, machine_id)
-        self.url = f"{cfg.url.rstrip('/')}/app/{cfg.key or app_key}/track"
+        self.url = track_url(cfg.url, cfg.key or app_key)
 
     def prepare(self, rows: Sequence[Row]) -> Prepared:
         return splice.take(self, rows, in_flight=()) or take_prefix(self, rows, in_flight=())

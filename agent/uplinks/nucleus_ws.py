@@ -40,7 +40,7 @@ from agent.spool.types import Row
 from agent.uplinks import splice
 from agent.uplinks.base import Acked, Retry, SendResult, UplinkBase
 from agent.uplinks.http_common import REPLY_MAX_BYTES, html_instead_of_reply, is_retryable, retry_after
-from agent.uplinks.nucleus_frame import NucleusFraming, frame, match
+from agent.uplinks.nucleus_frame import NucleusFraming, frame, match, track_url
 from agent.uplinks.prepare import Prepared, take_prefix
 
 log = logging.getLogger("outpost.uplink.nucleus_ws")
@@ -147,7 +147,7 @@ class NucleusWsUplink(NucleusFraming, UplinkBase):
     def __init__(self, cfg: UpstreamConfig, app_key: str, session: aiohttp.ClientSession,
                  machine_id: str, heartbeat_s: float = HEARTBEAT_S) -> None:
         super().__init__(cfg, app_key, session, machine_id)
-        self.url = f"{cfg.url.rstrip('/')}/app/{cfg.key or app_key}/track"
+        self.url = track_url(cfg.url, cfg.key or app_key)
         self.machine_id = machine_id
         self.heartbeat_s = heartbeat_s
         # Connection state: the ack id of every event sent or prepared on this
