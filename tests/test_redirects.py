@@ -214,6 +214,36 @@ async def test_a_login_page_is_known_by_its_body_whatever_its_type(
     await delivered_once_let_through(agent, gateway)
 
 
+NGINX_413 = (b"<html>\r\n<head><title>413 Request Entity Too Large</title></head>\r\n<body>"
+             b"<center><h1>413 Request Entity Too Large</h1></center>\r\n</body>\r\n</html>\r\n")
+
+
+@pytest.mark.parametrize("protocol", HTTP_UPLINKS)
+async def test_a_proxy_s_413_page_for_a_large_batch_splits_it(
+        make_agent: Any, gateway: CaptiveUpstream, protocol: str) -> None:
+    """nginx before the collector with a client_max_body_size under a full batch: its 413
+    is an HTML page, and a smaller batch gets through. The batch is split and delivered,
+    as for the collector's own 413 (retried whole, it was stuck for good)."""
+    gateway.intercept = Answer(413, body=NGINX_413, over=600)
+    agent = await start(make_agent, gateway, protocol)
+    await wait_for(lambda: agent.spool.depth == 0)
+    marks = {ev.get("payload", ev.get("properties", {})).get("mark") for ev in gateway.delivered}
+    assert marks == {f"mk-{i}" for i in range(N)}
+    assert await agent.spool.dead_letters() == []
+
+
+@pytest.mark.parametrize("protocol", HTTP_UPLINKS)
+async def test_an_ack_labelled_text_html_is_an_ack(make_agent: Any, gateway: CaptiveUpstream,
+                                                    protocol: str) -> None:
+    """Express's `res.send(string)` labels a collector's JSON reply text/html: a JSON body
+    is no login page, whatever its label (Segment's was retried, and resent, forever)."""
+    gateway.ack_type = "text/html"
+    agent = await start(make_agent, gateway, protocol)
+    await wait_for(lambda: agent.spool.depth == 0, timeout=5)
+    state = agent.forwarding.states["up"]
+    assert state.retries == 0 and state.last_error is None
+
+
 async def test_a_nucleus_ack_labelled_text_html_is_an_ack(make_agent: Any,
                                                           gateway: CaptiveUpstream) -> None:
     """Express's `res.send(JSON.stringify({reportedIds}))` labels the reply text/html: a

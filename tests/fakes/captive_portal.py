@@ -31,6 +31,7 @@ class Answer:
     headers: dict[str, str] = field(default_factory=dict)
     body: bytes = LOGIN_PAGE
     content_type: str | None = "text/html"   # None: an empty Content-Type header
+    over: int = -1   # only requests with a longer body (a proxy's body size limit)
 
 
 PORTAL = Answer()
@@ -56,7 +57,7 @@ class CaptiveUpstream(LoopbackServer):
         self.intercept = intercept
         self.hits: list[Hit] = []
         self.delivered: list[dict[str, Any]] = []   # events acknowledged, in order
-        # The Content-Type of a Nucleus HTTP ack (Express's `res.send(string)`: text/html).
+        # The Content-Type of an ack (Express's `res.send(string)`: text/html).
         self.ack_type = "application/json"
 
     def url(self, protocol: str) -> str:
@@ -66,6 +67,8 @@ class CaptiveUpstream(LoopbackServer):
         upgrade = request.headers.get("Upgrade", "").lower() == "websocket"
         body = b"" if upgrade else await request.read()
         answer = self.intercept
+        if answer is not None and len(body) <= answer.over:
+            answer = None
         self.hits.append(Hit(request.method, request.path, body, answer is not None))
         if answer is not None:
             if answer.content_type is None:
@@ -81,7 +84,7 @@ class CaptiveUpstream(LoopbackServer):
                 orjson.loads(body)["data"])}), content_type=self.ack_type)
         if request.method == "POST" and request.path == "/v1/batch":
             self.delivered += orjson.loads(body)["batch"]
-            return web.json_response({"success": True})
+            return web.Response(body=b'{"success":true}', content_type=self.ack_type)
         return web.Response(status=404)
 
     def _take(self, events: list[dict[str, Any]]) -> list[Any]:
