@@ -19,7 +19,7 @@ import aiohttp
 from yarl import URL
 
 from agent.logs import redacted_head
-from agent.uplinks.base import RETRYABLE_STATUSES
+from agent.uplinks.base import REJECTED_STATUSES, RETRYABLE_STATUSES
 
 
 def retry_after(value: str | None, now: float | None = None) -> float | None:
@@ -91,17 +91,23 @@ def client_session() -> aiohttp.ClientSession:
 _HTML_TYPES = frozenset({"text/html", "application/xhtml+xml"})
 # A page served as text/plain or with no type at all (a portal's, say) is known by its start.
 _HTML_START = re.compile(rb"(?:\xef\xbb\xbf)?\s*<(?:!doctype\s+html|html)", re.IGNORECASE)
+# A JSON reply labelled text/html (Express's `res.send(string)`) is a collector's, no page.
+_JSON_START = re.compile(rb"\s*[{\[]")
 _TITLE = re.compile(rb"<title[^>]*>([^<]+)", re.IGNORECASE)
 _TITLE_SEARCHED = 4096   # bytes of the page searched for its title
 _TITLE_SHOWN = 100
 
 
-def html_instead_of_reply(status: int, content_type: str, body: bytes = b"") -> str | None:
-    """The error for an HTML page, whatever the status: no upstream protocol answers with
-    HTML, but a captive portal's login page does (2xx), and so does a proxy or a web server
-    in the way (4xx: nginx's answer to http:// sent to its https port). Retried, never a
-    refusal of the batch, which would dead-letter the whole queue."""
-    if content_type not in _HTML_TYPES and not _HTML_START.match(body):
+def html_instead_of_reply(status: int, content_type: str, body: bytes = b"",
+                          events: int = 1) -> str | None:
+    """The error for an HTML page: no upstream protocol answers with HTML, but a captive
+    portal's login page does (2xx), and so does a proxy or a web server in the way (4xx:
+    nginx's answer to http:// sent to its https port, or to a body over its size limit).
+    Retried, never a dead letter; except that a refusal (400, 413, 422) of a batch of
+    ``events`` > 1 is None here, to be split as any refusal is: a proxy's 413 lets the
+    halves through, and split down to one event, the page is retried."""
+    page = content_type in _HTML_TYPES or _HTML_START.match(body) is not None
+    if not page or _JSON_START.match(body) or (events > 1 and status in REJECTED_STATUSES):
         return None
     found = _TITLE.search(body, 0, _TITLE_SEARCHED)
     title = " ".join(found[1].decode("utf-8", "replace").split())[:_TITLE_SHOWN] if found else ""

@@ -47,7 +47,8 @@ class NucleusHttpUplink(NucleusFraming, UplinkBase):
         # A valid reply is one whatever its label (Express's `res.send(string)` says
         # text/html); anything else that is an HTML page is a portal's or a proxy's.
         if not isinstance(ids, list) and (
-                page := html_instead_of_reply(status, answer.content_type, raw)):
+                page := html_instead_of_reply(status, answer.content_type, raw,
+                                              len(prepared.seqs))):
             return Retry(page, retry_after=wait)
         if status == 200 and answer.cut:
             return Retry(f"a reply over {REPLY_MAX_BYTES} bytes, not read (a batch's answer is "
