@@ -281,6 +281,27 @@ async def test_a_stale_salvage_marker_leaves_a_sound_spool_alone(
     assert not list(tmp_path.glob("spool.db.corrupt-*"))
 
 
+async def test_a_marker_beside_a_spool_that_is_not_fresh_salvages_nothing_into_it(
+        make_agent: Any, fake_nucleus: FakeNucleus, tmp_path: Path) -> None:
+    """A marker names a moved file, but the spool at the path holds a queue of its own:
+    it is not the fresh spool of that salvage (a marker left by hand, or planted beside
+    the spool), so nothing is copied into it, its counters stay, and the marker goes (the
+    named file's records were added to the queue, its counters replaced theirs)."""
+    await asyncio.to_thread(build, tmp_path / "spool.db", 300, 50, ("app1",))
+    other = tmp_path / "other.db"
+    await asyncio.to_thread(build, other, 600, 50, ("app1",))
+    with contextlib.closing(sqlite3.connect(other)) as db, db:   # ids past the queue's
+        db.execute("UPDATE records SET id = id + 1000000")
+    other.rename(tmp_path / "spool.db.corrupt-20260101T000000")
+    before = saved_counters(tmp_path / "spool.db")
+    (tmp_path / "spool.db.salvaging").write_text("spool.db.corrupt-20260101T000000\n")
+    agent = await make_agent(upstreams=[upstream(fake_nucleus)])
+    assert not (tmp_path / "spool.db.salvaging").exists()
+    assert agent.spool.depth <= 300 and "spool_corrupt" not in agent.spool.counters
+    await wait_for(lambda: sorted(fake_nucleus.ids()) == list(range(300)))
+    assert {k: v for k, v in agent.spool.counters.items() if k in before} == before
+
+
 def queued_in(path: Path) -> int:
     with contextlib.closing(sqlite3.connect(f"file:{path}?mode=ro", uri=True)) as db:
         return int(db.execute("SELECT sum(depth) FROM streams").fetchone()[0] or 0)
