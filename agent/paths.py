@@ -75,7 +75,11 @@ def ensure_private_dir(path: Path) -> Path:
         return path
     if not existed:
         os.chmod(path, 0o700)   # whatever the umask
-    elif (mode := stat.S_IMODE(path.stat().st_mode)) & 0o044:
+    elif (mode := stat.S_IMODE(path.stat().st_mode)) & 0o022:
+        log.warning("%s is writable by other users (mode %o): they can delete, rename or "
+                    "plant files beside the spool; chmod 700 it, or give storage.path a "
+                    "private directory", path, mode)
+    elif mode & 0o044:
         log.warning("%s is readable by other users (mode %o): they can list the names of "
                     "the files in it, not read them (0600); chmod 700 it to hide them",
                     path, mode)

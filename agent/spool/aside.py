@@ -56,8 +56,9 @@ def pending(path: Path) -> Path | None:
     except FileNotFoundError:
         return None
     name = text.removesuffix("\n")
-    moved = path.with_name(name) if text.endswith("\n") and \
-        name.startswith(f"{path.name}.corrupt-") and "/" not in name else None
+    # A name of this directory only (Path(name).name splits it at the OS's separators).
+    moved = path.with_name(name) if text.endswith("\n") and "\0" not in name and \
+        name.startswith(f"{path.name}.corrupt-") and Path(name).name == name else None
     if moved is None or not moved.exists():
         done(path)
         return None

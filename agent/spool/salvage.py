@@ -84,12 +84,22 @@ def salvage(fresh: sqlite3.Connection, moved: Path, carry: Carry) -> Salvaged:
         fresh.execute(f"PRAGMA synchronous = {int(sync)}")
 
 
-def salvaged(fresh: sqlite3.Connection) -> bool:
-    """Whether a salvage has committed into ``fresh``: a fresh spool has no counters
+def salvaged(spool: sqlite3.Connection) -> bool:
+    """Whether a salvage has committed into ``spool``: a fresh spool has no counters
     before it (nothing commits until the salvage is done), and every salvage, and every
     commit after one that failed, saves ``spool_corrupt``."""
-    return fresh.execute("SELECT 1 FROM counters WHERE name = ?",
+    return spool.execute("SELECT 1 FROM counters WHERE name = ?",
                          (Tally.SPOOL_CORRUPT.value,)).fetchone() is not None
+
+
+def fresh(spool: sqlite3.Connection) -> bool:
+    """Whether ``spool`` is as a recovery creates it: no queue, dead letters, dedupe keys
+    or counters. Only into such a spool does a salvage that a marker names go."""
+    empty: int = spool.execute(
+        "SELECT NOT EXISTS (SELECT 1 FROM records) AND NOT EXISTS (SELECT 1 FROM streams) "
+        "AND NOT EXISTS (SELECT 1 FROM dead) AND NOT EXISTS (SELECT 1 FROM spent) "
+        "AND NOT EXISTS (SELECT 1 FROM counters)").fetchone()[0]
+    return empty == 1
 
 
 def unsalvaged(_: sqlite3.Connection, moved: Path, carry: Carry) -> tuple[Salvaged, Counts]:

@@ -29,14 +29,21 @@ from agent.paths import ensure_private_dir
 from agent.settings import StorageConfig
 from agent.spool import commit as spool_commit
 from agent.spool import db as spool_db
-from agent.spool.aside import done, move_aside, note, pending, target
+from agent.spool.aside import done, marker, move_aside, note, pending, target
 from agent.spool.books import Books
 from agent.spool.db import SqliteThread
 from agent.spool.dedupe import DedupeIndex
 from agent.spool.live import LiveRecords
 from agent.spool.migrate import ensure, refuse_newer
 from agent.spool.reads import Reader
-from agent.spool.salvage import Carry, keep_counters, salvage, salvaged, unsalvaged
+from agent.spool.salvage import (
+    Carry,
+    fresh,
+    keep_counters,
+    salvage,
+    salvaged,
+    unsalvaged,
+)
 from agent.spool.schema import open_read_only
 from agent.spool.types import Queued, Stream
 from agent.spool.writer import Writer, is_corruption
@@ -256,6 +263,12 @@ class Spool:
             done(self.path)  # the last run stopped after the salvage's commit
             log.warning("spool %s: the salvage of %s had finished before the last stop",
                         self.path, moved)
+            return
+        if not await self._db.run(fresh):   # not the spool that salvage made: not its marker
+            done(self.path)
+            log.warning("spool %s: ignored %s, which names %s for a salvage: the spool "
+                        "holds its own data, so it is not that salvage's", self.path,
+                        marker(self.path), moved)
             return
         failed = None
         try:
