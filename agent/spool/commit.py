@@ -167,7 +167,8 @@ def commit(conn: sqlite3.Connection, job: Job) -> Outcome:
             advance_mark(conn, *job.tail)
         _save(conn, out.streams, {**job.counters, **_sum(job.counters, out.counters)})
     trimmed = out.counters.get(Tally.DEAD_DROPPED_FULL, 0)
-    if out.deleted or trimmed or job.settle:
+    # A partial ack rewrites its record's row: near the cap, its freed pages are handed back.
+    if out.deleted or trimmed or (job.settle and job.room < MEASURE_WITHIN):
         _hand_back(conn, job.max_bytes)
     guess = job.max_bytes - job.room + (inserted if out.stored else 0)
     if job.measure or out.deleted or forgot or moved or trimmed \

@@ -257,6 +257,8 @@ class Writer:
         how many of its events are new; ``part`` gets where they went."""
         runs = part.slices
         key, sid, new = "", 0, 0
+        run: Group | None = None   # the group this request's events go to now
+        start = 0                  # where in it they began
         for ev in p.events:
             k = ev.dedupe
             if k in here:
@@ -274,11 +276,10 @@ class Writer:
                     or g.nbytes >= RECORD_BYTES):
                 g = latest[sid, ev.lane] = _group(sid, ev.family, p.received, ev.lane)
                 groups.append(g)
-            at = len(g.bodies)
-            if runs and runs[-1][0] is g and runs[-1][2] == at:
-                runs[-1] = (g, runs[-1][1], at + 1)
-            else:
-                runs.append((g, at, at + 1))
+            if g is not run:
+                if run is not None:
+                    runs.append((run, start, len(run.bodies)))
+                run, start = g, len(g.bodies)
             g.bodies.append(ev.body)
             g.keys.append(k)
             if g.ids is not None:
@@ -288,6 +289,8 @@ class Writer:
                     g.ids.append(ev.ack_id)
             g.nbytes += len(ev.body)
             new += 1
+        if run is not None:
+            runs.append((run, start, len(run.bodies)))
         return new
 
     async def _run_batch(self, batch: Batch) -> None:

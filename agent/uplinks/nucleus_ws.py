@@ -114,8 +114,11 @@ class _Link:
         """Cut the connection now, which releases every send waiting for room in its
         buffers. aiohttp's close, even cancelled, closes the transport gracefully: that
         waits for the same buffers to drain, and the sends with it."""
-        if self.ws is not None:
-            self.ws._writer.transport.abort()   # aiohttp has no public abort
+        # aiohttp has no public abort: its writer's transport (3.x). Were it gone in some
+        # version, the link is lost all the same, and the blocked send ends with the session.
+        transport = getattr(getattr(self.ws, "_writer", None), "transport", None)
+        if transport is not None:
+            transport.abort()
 
     async def close_ws(self) -> None:
         if self.ws is None or self.ws.closed:
