@@ -325,3 +325,23 @@ async def test_a_request_that_shares_an_event_with_a_refused_one_is_not_answered
             assert [r.body for r in rows] == [shared.body]
     finally:
         await spool.close()
+
+
+async def test_a_request_repeating_its_own_event_is_not_refused_with_another(
+        tmp_path: Path) -> None:
+    """A request that repeats one of its own events (an SDK's batch holding a retry of its
+    own message) leans on no other request: when another request of the same commit is
+    refused, it is stored, not refused with it."""
+    path = tmp_path / "spool.db"
+    spool = await Spool.open(StorageConfig(path=str(path), max_size_mb=1, when_full="reject",
+                                           sync="normal"))
+    try:
+        big = [incompressible("big", i, 8000) for i in range(300)]
+        twice = incompressible("app", 0, 40)
+        replies = await asyncio.gather(spool.append(big), spool.append([twice, twice]),
+                                       spool.append([incompressible("app", 1, 40)]),
+                                       return_exceptions=True)
+        assert isinstance(replies[0], SpoolFull) and replies[1:] == [1, 1], replies
+        assert spool.streams["app"].depth == 2
+    finally:
+        await spool.close()
