@@ -259,14 +259,19 @@ class Writer:
         key, sid, new = "", 0, 0
         run: Group | None = None   # the group this request's events go to now
         start = 0                  # where in it they began
+        # Its own new keys: a repeat of one of them leans on no other request.
+        own: set[int] | None = set() if len(p.events) > 1 else None
         for ev in p.events:
             k = ev.dedupe
             if k in here:
-                part.leans = True
+                if own is None or k not in own:
+                    part.leans = True
                 continue
             if k in seen:
                 continue
             here.add(k)
+            if own is not None:
+                own.add(k)
             if ev.key != key:
                 key = ev.key
                 sid = (self.books.streams.get(key) or self.books.stream_for(key)).id
