@@ -220,16 +220,19 @@ NGINX_413 = (b"<html>\r\n<head><title>413 Request Entity Too Large</title></head
 
 @pytest.mark.parametrize("protocol", HTTP_UPLINKS)
 async def test_a_proxy_s_413_page_for_a_large_batch_splits_it(
-        make_agent: Any, gateway: CaptiveUpstream, protocol: str) -> None:
+        make_agent: Any, gateway: CaptiveUpstream, protocol: str,
+        caplog: pytest.LogCaptureFixture) -> None:
     """nginx before the collector with a client_max_body_size under a full batch: its 413
     is an HTML page, and a smaller batch gets through. The batch is split and delivered,
-    as for the collector's own 413 (retried whole, it was stuck for good)."""
+    as for the collector's own 413 (retried whole, it was stuck for good); and the log says
+    so, since every full batch will cost three requests until the limits agree."""
     gateway.intercept = Answer(413, body=NGINX_413, over=600)
     agent = await start(make_agent, gateway, protocol)
     await wait_for(lambda: agent.spool.depth == 0)
     marks = {ev.get("payload", ev.get("properties", {})).get("mark") for ev in gateway.delivered}
     assert marks == {f"mk-{i}" for i in range(N)}
     assert await agent.spool.dead_letters() == []
+    assert "took them in smaller batches" in caplog.text and "batch_max_bytes" in caplog.text
 
 
 @pytest.mark.parametrize("protocol", HTTP_UPLINKS)
