@@ -408,7 +408,17 @@ class StreamForwarder:
         match result:
             case Refused(reason=reason):
                 await self._apply(Acked(()), batch, batch.refused)
+                dead, acked = self.state.dead_lettered, self.state.acked
                 await self._split(batch, reason)
+                if self.state.dead_lettered == dead and self.state.acked - acked == len(
+                        batch.seqs):
+                    # Refused together, taken apart, none refused alone: a proxy's body size
+                    # limit, say, which every full batch will pay for until the limits agree.
+                    log_limited(log, logging.WARNING, f"split:{self.cfg.name}",
+                                "upstream %s refused %d events together (%s) but took them "
+                                "in smaller batches: if this repeats, lower batch_max_bytes "
+                                "or batch_max_events to what it takes", self.cfg.name,
+                                len(batch.seqs), reason)
             case Acked() | Retry():
                 await self._apply(result, batch, batch.refused)
 

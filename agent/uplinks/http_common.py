@@ -16,6 +16,7 @@ import time
 from dataclasses import dataclass
 
 import aiohttp
+import orjson
 from yarl import URL
 
 from agent.logs import redacted_head
@@ -91,8 +92,6 @@ def client_session() -> aiohttp.ClientSession:
 _HTML_TYPES = frozenset({"text/html", "application/xhtml+xml"})
 # A page served as text/plain or with no type at all (a portal's, say) is known by its start.
 _HTML_START = re.compile(rb"(?:\xef\xbb\xbf)?\s*<(?:!doctype\s+html|html)", re.IGNORECASE)
-# A JSON reply labelled text/html (Express's `res.send(string)`) is a collector's, no page.
-_JSON_START = re.compile(rb"\s*[{\[]")
 _TITLE = re.compile(rb"<title[^>]*>([^<]+)", re.IGNORECASE)
 _TITLE_SEARCHED = 4096   # bytes of the page searched for its title
 _TITLE_SHOWN = 100
@@ -107,7 +106,7 @@ def html_instead_of_reply(status: int, content_type: str, body: bytes = b"",
     ``events`` > 1 is None here, to be split as any refusal is: a proxy's 413 lets the
     halves through, and split down to one event, the page is retried."""
     page = content_type in _HTML_TYPES or _HTML_START.match(body) is not None
-    if not page or _JSON_START.match(body) or (events > 1 and status in REJECTED_STATUSES):
+    if not page or (events > 1 and status in REJECTED_STATUSES) or _is_json(body):
         return None
     found = _TITLE.search(body, 0, _TITLE_SEARCHED)
     title = " ".join(found[1].decode("utf-8", "replace").split())[:_TITLE_SHOWN] if found else ""
@@ -115,6 +114,15 @@ def html_instead_of_reply(status: int, content_type: str, body: bytes = b"",
              else "a proxy or web server in the way? check the upstream's url")
     return (f"HTTP {status} with an HTML page{f' ({title!r})' if title else ''} instead of "
             f"the upstream's reply ({guess})")
+
+
+def _is_json(body: bytes) -> bool:
+    """A JSON reply labelled text/html (Express's `res.send(string)`) is a collector's."""
+    try:
+        orjson.loads(body)
+    except orjson.JSONDecodeError:
+        return False
+    return True
 
 
 NETWORK_ERRORS = (aiohttp.ClientError, OSError, TimeoutError)
