@@ -92,7 +92,7 @@ def salvaged(spool: sqlite3.Connection) -> bool:
                          (Tally.SPOOL_CORRUPT.value,)).fetchone() is not None
 
 
-def fresh(spool: sqlite3.Connection) -> bool:
+def is_fresh(spool: sqlite3.Connection) -> bool:
     """Whether ``spool`` is as a recovery creates it: no queue, dead letters, dedupe keys
     or counters. Only into such a spool does a salvage that a marker names go."""
     empty: int = spool.execute(

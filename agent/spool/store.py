@@ -38,7 +38,7 @@ from agent.spool.migrate import ensure, refuse_newer
 from agent.spool.reads import Reader
 from agent.spool.salvage import (
     Carry,
-    fresh,
+    is_fresh,
     keep_counters,
     salvage,
     salvaged,
@@ -264,7 +264,7 @@ class Spool:
             log.warning("spool %s: the salvage of %s had finished before the last stop",
                         self.path, moved)
             return
-        if not await self._db.run(fresh):   # not the spool that salvage made: not its marker
+        if not await self._db.run(is_fresh):   # not the spool that salvage made: not its marker
             done(self.path)
             log.warning("spool %s: ignored %s, which names %s for a salvage: the spool "
                         "holds its own data, so it is not that salvage's", self.path,

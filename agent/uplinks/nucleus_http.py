@@ -43,13 +43,10 @@ class NucleusHttpUplink(NucleusFraming, UplinkBase):
         if isinstance(answer, str):
             return Retry(answer)
         status, raw, wait = answer.status, answer.body, answer.retry_after
-        ids = _reported_ids(raw) if status == 200 and not answer.cut else None
-        # A valid reply is one whatever its label (Express's `res.send(string)` says
-        # text/html); anything else that is an HTML page is a portal's or a proxy's.
-        if not isinstance(ids, list) and (
-                page := html_instead_of_reply(status, answer.content_type, raw,
-                                              len(prepared.seqs))):
+        # A JSON reply is one whatever its label (Express's `res.send(string)` says text/html).
+        if page := html_instead_of_reply(status, answer.content_type, raw, len(prepared.seqs)):
             return Retry(page, retry_after=wait)
+        ids = _reported_ids(raw) if status == 200 and not answer.cut else None
         if status == 200 and answer.cut:
             return Retry(f"a reply over {REPLY_MAX_BYTES} bytes, not read (a batch's answer is "
                          "its reportedIds)")
