@@ -14,6 +14,7 @@ import contextlib
 import shutil
 import subprocess
 from pathlib import Path
+from typing import Any
 
 from jeepney import DBusAddress, HeaderFields, MessageType, new_error, new_method_return, new_signal
 from jeepney.bus_messages import message_bus
@@ -81,6 +82,9 @@ class FakeNetworkManager:
         self.address = address
         self.metered = metered
         self.gets = 0   # Get/GetAll calls answered: the agent reads once, then watches
+        # Get's reply as (signature, body) instead of the variant of ``metered``: an odd one.
+        self.reply: tuple[str, tuple[Any, ...]] | None = None
+        self.silent = False   # Get is never answered, as by a NetworkManager that hangs
         self._conn: DBusConnection | None = None
         self._task: asyncio.Task[None] | None = None
 
@@ -105,11 +109,14 @@ class FakeNetworkManager:
 
     async def set_metered(self, value: int) -> None:
         """Change ``Metered`` and announce it, as NetworkManager does."""
-        assert self._conn is not None
         self.metered = value
+        await self.announce("sa{sv}as", (NM_NAME, {"Metered": ("u", value)}, []))
+
+    async def announce(self, signature: str, body: tuple[Any, ...]) -> None:
+        """Send a PropertiesChanged signal with this body, well-formed or not."""
+        assert self._conn is not None
         where = DBusAddress(NM_PATH, interface=PROPS)
-        await self._conn.send(new_signal(where, "PropertiesChanged", "sa{sv}as",
-                                         (NM_NAME, {"Metered": ("u", value)}, [])))
+        await self._conn.send(new_signal(where, "PropertiesChanged", signature, body))
 
     async def _serve(self, conn: DBusConnection) -> None:
         while True:
@@ -120,7 +127,9 @@ class FakeNetworkManager:
             member, path = fields.get(HeaderFields.member), fields.get(HeaderFields.path)
             if path == NM_PATH and member == "Get" and tuple(msg.body) == (NM_NAME, "Metered"):
                 self.gets += 1
-                await conn.send(new_method_return(msg, "v", (("u", self.metered),)))
+                if not self.silent:
+                    signature, body = self.reply or ("v", (("u", self.metered),))
+                    await conn.send(new_method_return(msg, signature, body))
             elif path == NM_PATH and member == "GetAll" and tuple(msg.body) == (NM_NAME,):
                 self.gets += 1
                 await conn.send(new_method_return(msg, "a{sv}", ({"Metered": ("u", self.metered)},)))

@@ -1,0 +1,174 @@
+"""What NetworkManager and the bus may do wrong, against a real dbus-daemon and a real
+agent: odd values, huge strings, floods of signals, silence, a bus that goes away.
+Each is one clear line, counted in the sync's ``errors`` and ``last_error``, and never
+a traceback; what status shows of a value is cut short.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import socket
+from collections.abc import AsyncIterator, Iterator
+from pathlib import Path
+from typing import Any
+
+import aiohttp
+import pytest
+
+from agent.forwarder.supervisor import Seams
+from agent.sync.metered import networkmanager
+from tests.fakes.manual_timing import ManualTiming
+from tests.fakes.nm_bus import NM_NAME, FakeNetworkManager, PrivateBus
+from tests.fakes.nucleus_upstream import FakeNucleus
+from tests.waiting import wait_for
+
+YES, NO, GUESS_NO = 1, 2, 4   # NMMetered
+TIMEOUT_S = 0.2   # the D-Bus timeout these tests give the agent
+
+
+@pytest.fixture
+def bus(tmp_path: Path) -> Iterator[PrivateBus]:
+    private = PrivateBus(tmp_path).start()
+    yield private
+    private.stop()
+
+
+@pytest.fixture
+async def nm(bus: PrivateBus) -> AsyncIterator[FakeNetworkManager]:
+    service = await FakeNetworkManager(bus.address, metered=NO).start()
+    yield service
+    await service.stop()
+
+
+@pytest.fixture
+def short_timeout(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(networkmanager, "TIMEOUT_S", TIMEOUT_S, raising=False)
+
+
+async def sync_status(port: int) -> Any:
+    async with aiohttp.ClientSession() as s, s.get(f"http://127.0.0.1:{port}/status") as r:
+        assert r.status == 200
+        return (await r.json())["sync"]
+
+
+async def watching(make_agent: Any, fake: FakeNucleus, address: str, **kw: Any) -> Any:
+    up = {"name": "up", "protocol": "nucleus-ws", "url": fake.url, "keys": ["app1"]}
+    return await make_agent(upstreams=[up], sync={"on_metered": "hold", "dbus_address": address},
+                            **kw)
+
+
+def lines(caplog: pytest.LogCaptureFixture, text: str) -> list[logging.LogRecord]:
+    return [r for r in caplog.records if r.name == "outpost.sync" and text in r.getMessage()]
+
+
+def no_traceback(caplog: pytest.LogCaptureFixture) -> bool:
+    return not any(r.exc_info for r in caplog.records)
+
+
+@pytest.mark.parametrize(("reply", "shown"), [
+    (("v", (("d", math.inf),)), "d inf"),
+    (("v", (("d", math.nan),)), "d nan"),
+    (("v", (("s", "1"),)), "s '1'"),
+    (("s", ("x",)), "signature 's'"),
+    (("", ()), "signature ''"),
+])
+async def test_an_odd_reply_says_what_was_wrong_counted_and_without_a_traceback(
+        make_agent: Any, fake_nucleus: FakeNucleus, bus: PrivateBus, nm: FakeNetworkManager,
+        caplog: pytest.LogCaptureFixture, reply: tuple[str, tuple[Any, ...]], shown: str) -> None:
+    nm.reply = reply
+    agent = await watching(make_agent, fake_nucleus, bus.address)
+    await wait_for(lambda: agent.sync.errors >= 1)
+    sync = await sync_status(agent.port)
+    assert (sync["profile"], sync["metered"], sync["errors"]) == ("normal", "unknown", 1), sync
+    assert shown in sync["metered_detail"] and "NetworkManager" in sync["metered_detail"], sync
+    assert sync["last_error"] == f"metered network: {sync['metered_detail']}", sync
+    assert len(lines(caplog, shown)) == 1 and no_traceback(caplog)
+
+
+async def test_a_huge_value_is_cut_and_a_flood_of_malformed_signals_is_one_line(
+        make_agent: Any, fake_nucleus: FakeNucleus, bus: PrivateBus, nm: FakeNetworkManager,
+        caplog: pytest.LogCaptureFixture) -> None:
+    agent = await watching(make_agent, fake_nucleus, bus.address)
+    await nm.announce("sa{sv}as", (NM_NAME, {"Metered": ("s", "x" * 1_000_000)}, []))
+    await wait_for(lambda: agent.sync.errors == 1)
+    sync = await sync_status(agent.port)
+    assert len(sync["metered_detail"]) < 200 and "(cut)" in sync["metered_detail"], sync
+    assert len(sync["last_error"]) < 250, sync
+
+    for _ in range(300):
+        await nm.announce("s", (NM_NAME,))
+    await nm.set_metered(GUESS_NO)   # after the flood on the same connection: all were read
+    await wait_for(lambda: agent.sync.metered.detail == "NetworkManager: guess no")
+    assert agent.sync.errors == 301
+    warnings = [r for r in caplog.records if r.levelno >= logging.WARNING]
+    assert len(warnings) == 1 and no_traceback(caplog), [r.getMessage()[:200] for r in warnings]
+    assert all(len(r.getMessage()) < 300 for r in caplog.records)
+
+
+async def test_a_flapping_network_logs_the_first_change_and_then_a_summary_of_the_latest(
+        make_agent: Any, fake_nucleus: FakeNucleus, bus: PrivateBus, nm: FakeNetworkManager,
+        caplog: pytest.LogCaptureFixture) -> None:
+    caplog.set_level(logging.INFO, "outpost.sync")
+    timing = ManualTiming()
+    agent = await watching(make_agent, fake_nucleus, bus.address, seams=Seams(timing=timing))
+    for i in range(200):   # yes, no, ..., no: 200 profile changes
+        await nm.set_metered(YES if i % 2 == 0 else NO)
+    await nm.set_metered(GUESS_NO)
+    await wait_for(lambda: agent.sync.metered.detail == "NetworkManager: guess no")
+    assert [r.getMessage() for r in lines(caplog, "transmit profile:")] == \
+        ["transmit profile: hold (metered network)"]
+    assert [r.getMessage() for r in lines(caplog, "metered network: ")] == \
+        ["metered network: no (NetworkManager: no)"]   # the first reading, at start
+    assert (await sync_status(agent.port))["profile"] == "normal"
+
+    timing.advance(60)   # the summary: the state in force now, and how often it changed
+    profile = [r.getMessage() for r in lines(caplog, "transmit profile:")]
+    assert len(profile) == 2 and profile[1].startswith("transmit profile: normal ("), profile
+    assert profile[1].endswith("(199 more changes in the last 60s)"), profile
+    metered = [r.getMessage() for r in lines(caplog, "metered network: ")]
+    assert metered[1:] == ["metered network: no (NetworkManager: guess no) "
+                           "(201 more changes in the last 60s)"], metered
+
+
+async def test_a_networkmanager_that_never_answers_times_out_as_an_error(
+        make_agent: Any, fake_nucleus: FakeNucleus, bus: PrivateBus, nm: FakeNetworkManager,
+        short_timeout: None, caplog: pytest.LogCaptureFixture) -> None:
+    nm.silent = True
+    agent = await watching(make_agent, fake_nucleus, bus.address)
+    await wait_for(lambda: agent.sync.errors == 1, timeout=3)
+    sync = await sync_status(agent.port)
+    assert sync["metered"] == "unknown" and sync["profile"] == "normal", sync
+    assert f"no answer from NetworkManager in {TIMEOUT_S:g}s" in sync["metered_detail"], sync
+    assert sync["last_error"].startswith("metered network: no answer"), sync
+    assert len(lines(caplog, "no answer")) == 1 and no_traceback(caplog)
+
+
+async def test_a_bus_that_accepts_and_never_speaks_times_out_as_an_error(
+        make_agent: Any, fake_nucleus: FakeNucleus, tmp_path: Path, short_timeout: None,
+        caplog: pytest.LogCaptureFixture) -> None:
+    with socket.socket(socket.AF_UNIX) as mute:
+        mute.bind(str(tmp_path / "mute"))
+        mute.listen()
+        agent = await watching(make_agent, fake_nucleus, f"unix:path={tmp_path / 'mute'}")
+        await wait_for(lambda: agent.sync.errors == 1, timeout=3)
+        sync = await sync_status(agent.port)
+    assert sync["metered_detail"].startswith("no D-Bus at ") and \
+        f"no answer in {TIMEOUT_S:g}s" in sync["metered_detail"], sync
+    assert sync["last_error"] == f"metered network: {sync['metered_detail']}", sync
+    assert len(lines(caplog, "no D-Bus at")) == 1 and no_traceback(caplog)
+
+
+async def test_losing_the_bus_is_a_counted_failure(
+        make_agent: Any, fake_nucleus: FakeNucleus, bus: PrivateBus, nm: FakeNetworkManager,
+        caplog: pytest.LogCaptureFixture) -> None:
+    agent = await watching(make_agent, fake_nucleus, bus.address)
+    assert agent.sync.metered.detail == "NetworkManager: no" and agent.sync.errors == 0
+    await nm.stop()   # NetworkManager goes first, as when the system shuts down
+    bus.stop()
+    await wait_for(lambda: agent.sync.errors == 1)
+    sync = await sync_status(agent.port)
+    assert sync["metered"] == "unknown" and sync["last_error"].startswith(
+        "metered network: D-Bus connection "), sync
+    failed = [r for r in lines(caplog, "D-Bus connection ") if r.levelno == logging.WARNING]
+    assert len(failed) == 1, caplog.records
