@@ -21,7 +21,9 @@ from typing import Protocol, TypedDict
 
 from agent.clock import age_s
 from agent.families.lanes import LANES
+from agent.logs import log_limited
 from agent.settings import SyncConfig
+from agent.sync.changes import Changes, Timers
 from agent.sync.metered import MeteredSource
 from agent.sync.policy import NORMAL, Battery, Metered, MeteredReading, decide, held_lanes, sent_lanes
 from agent.sync.power import BatterySensor
@@ -33,8 +35,8 @@ RELEASE_RECHECK_S = 60.0   # after a release, before the oldest event is looked 
 RESTART_S = 30.0   # a watcher that failed is started again after this
 
 
-class Waits(Protocol):
-    """The clock the monitor waits by (the forwarders' Timing fits): tests move it."""
+class Waits(Timers, Protocol):
+    """The clock the monitor waits and times by (the forwarders' Timing fits): tests move it."""
 
     async def wait(self, event: asyncio.Event, timeout: float) -> None: ...
 
@@ -49,7 +51,7 @@ class SyncView(TypedDict):
     battery_percent: float | None
     on_battery: bool | None
     releases: int         # times max_hold_h sent everything held
-    errors: int           # times a watcher failed (each logged, and started again)
+    errors: int           # times a watcher or the metered source failed (each logged)
     last_error: str
 
 
@@ -80,6 +82,8 @@ class SyncMonitor:
         self.errors = 0
         self.last_error = ""
         self._never = asyncio.Event()   # the restart delay's wait only times out
+        self._metered_lines = Changes(log, waits)   # a flapping network is summed up
+        self._profile_lines = Changes(log, waits)
 
     async def start(self) -> None:
         """Start the sources; wait briefly for the first metered reading, so a hold on a
@@ -121,6 +125,8 @@ class SyncMonitor:
             with contextlib.suppress(asyncio.CancelledError):
                 await task
         self._tasks.clear()
+        self._metered_lines.close()
+        self._profile_lines.close()
 
     def may_send(self, key: str) -> tuple[int, ...]:
         """The lanes of ``key`` that may be sent now (none: its loop may not run)."""
@@ -141,8 +147,12 @@ class SyncMonitor:
                 "errors": self.errors, "last_error": self.last_error}
 
     def _metered(self, reading: MeteredReading) -> None:
-        if reading != self.metered:
-            log.info("metered network: %s (%s)", reading.state.value, reading.detail)
+        if reading.failed:   # the source could not read: unknown, as for a watcher that failed
+            self.errors += 1
+            self.last_error = f"metered network: {reading.detail}"
+            log_limited(log, logging.WARNING, "metered-failed", "%s", self.last_error)
+        elif reading != self.metered:
+            self._metered_lines.log("metered network: %s (%s)", reading.state.value, reading.detail)
         self.metered = reading
         self._first.set()
         self._update()
@@ -161,7 +171,7 @@ class SyncMonitor:
         # stop the loops a max_hold_h release started.
         if profile.mode == was.mode:
             return
-        log.info("transmit profile: %s (%s)", profile.mode, profile.reason)
+        self._profile_lines.log("transmit profile: %s (%s)", profile.mode, profile.reason)
         self._changed.set()
         self.on_change()
 

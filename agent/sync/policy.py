@@ -29,10 +29,12 @@ class Metered(Enum):
 
 @dataclass(frozen=True)
 class MeteredReading:
-    """A metered-network source's latest answer, and where it came from (or why none)."""
+    """A metered-network source's latest answer, and where it came from (or why none);
+    ``failed``: the source could not read (no bus, a timeout, an odd value), an error."""
 
     state: Metered
     detail: str
+    failed: bool = False
 
 
 @dataclass(frozen=True)

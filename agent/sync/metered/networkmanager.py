@@ -3,13 +3,15 @@
 One plain connection: subscribe to PropertiesChanged on the manager object and to
 NetworkManager's name changing owner, then read the property once, so no change
 between the read and the subscription can be missed. Replies and signals are read
-in one loop, so a closed bus ends the watch (and it reconnects) instead of hanging.
+in one loop, so a closed bus ends the watch (and it reconnects) instead of hanging;
+connecting and each call are bounded by ``TIMEOUT_S``, so a bus or a NetworkManager
+that hangs does too. What the bus sends is checked against its signature, never
+trusted: an odd value is a failed reading, shown cut to ``SHOWN`` characters.
 """
 
 from __future__ import annotations
 
 import asyncio
-import logging
 from collections.abc import Callable
 
 from jeepney import DBusAddress, HeaderFields, MatchRule, Message, MessageType, Properties
@@ -19,10 +21,12 @@ from jeepney.io.asyncio import DBusConnection, open_dbus_connection
 
 from agent.sync.policy import Metered, MeteredReading
 
-log = logging.getLogger("outpost.sync")
 NM = DBusAddress("/org/freedesktop/NetworkManager", bus_name="org.freedesktop.NetworkManager",
                  interface="org.freedesktop.NetworkManager")
 RECONNECT_S = 60.0   # a missing bus is retried this often: it costs nothing meanwhile
+TIMEOUT_S = 10.0     # for connecting, and for each call's reply (tests shorten it)
+SHOWN = 100          # characters of a value from the bus that status and the log show
+_INTEGERS = frozenset("ynqiuxt")   # D-Bus integer types; NMMetered is a "u"
 # NMMetered: 0 unknown, 1 yes, 2 no, 3 guess-yes, 4 guess-no.
 _VALUES = {1: Metered.YES, 3: Metered.YES, 2: Metered.NO, 4: Metered.NO}
 _WORDS = {0: "unknown", 1: "yes", 2: "no", 3: "guess yes", 4: "guess no"}
@@ -45,18 +49,23 @@ class NetworkManagerSource:
     async def watch(self, report: Callable[[MeteredReading], None]) -> None:
         while True:
             try:
-                conn = await open_dbus_connection(self.bus)
+                conn = await asyncio.wait_for(open_dbus_connection(self.bus), TIMEOUT_S)
+            except TimeoutError:
+                why = f"no D-Bus at {self._where()}: no answer in {TIMEOUT_S:g}s"
             except Exception as exc:  # noqa: BLE001 - no bus, refused auth: the cost is unknown
                 why = f"no D-Bus at {self._where()}: {getattr(exc, 'strerror', None) or exc}"
             else:
                 try:
                     await self._session(conn, report)
                     why = "D-Bus connection closed"
+                except TimeoutError:
+                    why = f"no answer from NetworkManager in {TIMEOUT_S:g}s"
                 except (EOFError, OSError) as exc:
                     why = f"D-Bus connection lost: {str(exc) or type(exc).__name__}"
                 finally:
                     await conn.close()
-            report(MeteredReading(Metered.UNKNOWN, f"{why}; retried every {self.reconnect_s:g}s"))
+            report(MeteredReading(Metered.UNKNOWN, f"{why}; retried every {self.reconnect_s:g}s",
+                                  failed=True))
             await asyncio.sleep(self.reconnect_s)
 
     def _where(self) -> str:
@@ -76,32 +85,35 @@ class NetworkManagerSource:
                           interface="org.freedesktop.DBus", member="NameOwnerChanged")
         for rule, name in ((changed, NM.interface), (on_bus, NM.interface), (owner, NM.bus_name)):
             rule.add_arg_condition(0, name)
-        for rule in (on_bus, owner):
-            await conn.send(message_bus.AddMatch(rule))
-        asked = await self._ask(conn)
+        loop = asyncio.get_running_loop()
+        deadline: float | None = loop.time() + TIMEOUT_S   # while a reply is awaited
+        async with asyncio.timeout_at(deadline):
+            for rule in (on_bus, owner):
+                await conn.send(message_bus.AddMatch(rule))
+            asked = await self._ask(conn)
         nm_owner: str | None = None   # NetworkManager's unique name, once known
         while True:
-            msg = await conn.receive()
+            async with asyncio.timeout_at(deadline):   # a timeout ends the session
+                msg = await conn.receive()
             kind = msg.header.message_type
             sender = msg.header.fields.get(HeaderFields.sender)
-            try:
-                if kind is MessageType.signal and owner.matches(msg):
-                    nm_owner = msg.body[2] or None
-                    if nm_owner:   # a new owner: NetworkManager (re)started
-                        asked = await self._ask(conn)
-                    else:
-                        report(MeteredReading(Metered.UNKNOWN, "NetworkManager is not running"))
-                elif changed.matches(msg) and sender is not None and sender == nm_owner:
-                    props = msg.body[1]
-                    if "Metered" in props:
-                        report(reading(props["Metered"][1]))
-                elif _reply_to(msg) == asked:
-                    if kind is MessageType.method_return:
-                        nm_owner = sender
-                    report(_answer(msg))
-            except (IndexError, KeyError, TypeError, ValueError) as exc:
-                # A malformed message is ignored, not allowed to end the watch.
-                log.warning("ignoring a malformed D-Bus message from %s: %s", sender, exc)
+            signature = msg.header.fields.get(HeaderFields.signature, "")
+            if kind is MessageType.signal and owner.matches(msg):   # from the bus itself
+                nm_owner = msg.body[2] or None
+                if nm_owner:   # a new owner: NetworkManager (re)started
+                    asked, deadline = await self._ask(conn), loop.time() + TIMEOUT_S
+                else:
+                    report(MeteredReading(Metered.UNKNOWN, "NetworkManager is not running"))
+            elif changed.matches(msg) and sender is not None and sender == nm_owner:
+                if signature != "sa{sv}as":
+                    report(_failed(f"a PropertiesChanged of signature {signature!r}"))
+                elif "Metered" in msg.body[1]:
+                    report(_from_variant(msg.body[1]["Metered"]))
+            elif _reply_to(msg) == asked:
+                deadline = None
+                if kind is MessageType.method_return:
+                    nm_owner = sender
+                report(_answer(msg, signature))
 
     async def _ask(self, conn: DBusConnection) -> int:
         """Send a Get of ``Metered``; the serial its reply will carry."""
@@ -115,9 +127,29 @@ def _reply_to(msg: Message) -> int | None:
     return value if isinstance(value, int) else None
 
 
-def _answer(msg: Message) -> MeteredReading:
+def _answer(msg: Message, signature: str) -> MeteredReading:
     if msg.header.message_type is MessageType.error:
         name = msg.header.fields.get(HeaderFields.error_name, "an error")
-        return MeteredReading(Metered.UNKNOWN, f"NetworkManager not reachable: {name}")
-    _signature, value = msg.body[0]
-    return reading(int(value))
+        return MeteredReading(Metered.UNKNOWN, f"NetworkManager not reachable: {_shown(name)}")
+    if signature != "v":
+        return _failed(f"a reply to Get(Metered) of signature {signature!r}")
+    return _from_variant(msg.body[0])
+
+
+def _from_variant(variant: tuple[str, object]) -> MeteredReading:
+    """The reading a ``Metered`` variant gives: NMMetered is an integer, anything else
+    (a double, infinity, a string) is NetworkManager misbehaving."""
+    signature, value = variant
+    if signature in _INTEGERS and isinstance(value, int):
+        return reading(value)
+    return _failed(f"an unexpected Metered value: {_shown(f'{signature} {value!r}')}")
+
+
+def _failed(what: str) -> MeteredReading:
+    return MeteredReading(Metered.UNKNOWN, f"NetworkManager sent {what}", failed=True)
+
+
+def _shown(value: object) -> str:
+    """``value`` as status and the log show it: at most SHOWN characters, marked if cut."""
+    text = str(value)
+    return text if len(text) <= SHOWN else f"{text[:SHOWN]}… (cut)"
