@@ -150,7 +150,8 @@ class SyncMonitor:
         if reading.failed:   # the source could not read: unknown, as for a watcher that failed
             self.errors += 1
             self.last_error = f"metered network: {reading.detail}"
-            log_limited(log, logging.WARNING, "metered-failed", "%s", self.last_error)
+            if reading != self.metered:   # the same failure again (a bus still gone): counted
+                log_limited(log, logging.WARNING, "metered-failed", "%s", self.last_error)
         elif reading != self.metered:
             self._metered_lines.log("metered network: %s (%s)", reading.state.value, reading.detail)
         self.metered = reading
