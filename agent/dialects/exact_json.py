@@ -41,9 +41,44 @@ def parse_json(raw: bytes | str) -> Any:
     try:
         value = orjson.loads(raw)
     except orjson.JSONDecodeError as exc:
-        raise BodyError(400, "invalid JSON", str(exc)) from exc
+        raise _unread(raw, str(exc)) from None
     refuse_wide(raw)
     return value
+
+
+class NonFinite(str):
+    """NaN, Infinity or a number past a double, as written: JSON has no such value.
+    What ``read_marked`` leaves in its place."""
+
+
+def _float(text: str) -> float | NonFinite:
+    value = float(text)
+    return NonFinite(text) if math.isinf(value) else value
+
+
+def read_marked(data: bytes) -> Any:
+    """``data`` read by the standard library, which also reads what orjson refuses (lone
+    surrogates, NaN, Infinity) or would round (wide integers), each of the last two left
+    as a marker (NonFinite, Wide) to be named. Raises ValueError (not JSON even so) or
+    RecursionError."""
+    return json.loads(data, parse_int=exact_int, parse_float=_float, parse_constant=NonFinite)
+
+
+def nonfinite_error(field: str, text: str) -> str:
+    return f"{field or 'the body'}: {text} is not a JSON value (JSON has no NaN or Infinity)"
+
+
+def _unread(raw: bytes | str, why: str) -> BodyError:
+    """The 400 for a body orjson refused: naming the field of a NaN or Infinity (an app's
+    json.dumps writes them) when that is what it holds, else orjson's words."""
+    try:
+        value = read_marked(raw.encode() if isinstance(raw, str) else raw)
+    except (ValueError, RecursionError):
+        return BodyError(400, "invalid JSON", why)
+    found = first_hit(value, NonFinite, 2**31)
+    if found is None:   # a lone surrogate, say
+        return BodyError(400, "invalid JSON", why)
+    return BodyError(400, "invalid JSON", nonfinite_error(*found))
 
 
 def wide_error(field: str, digits: str) -> BodyError:

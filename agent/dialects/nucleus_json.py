@@ -12,27 +12,22 @@ that is not JSON even so is still refused whole.
 
 from __future__ import annotations
 
-import json
-import math
 from typing import Any
 
 import orjson
 
 from agent.dialects.body import BodyError
-from agent.dialects.exact_json import Wide, exact_int, may_be_wide, wide_error
+from agent.dialects.exact_json import (
+    NonFinite,
+    Wide,
+    may_be_wide,
+    nonfinite_error,
+    read_marked,
+    wide_error,
+)
 from agent.families.depth import first_hit
 
-
-class _NonFinite(str):
-    """NaN, Infinity or a number past a double, as written: JSON has no such value."""
-
-
-_UNKEPT = (Wide, _NonFinite)
-
-
-def _float(text: str) -> float | _NonFinite:
-    value = float(text)
-    return _NonFinite(text) if math.isinf(value) else value
+_UNKEPT = (Wide, NonFinite)
 
 
 def read(raw: bytes | str) -> tuple[Any, dict[int, str]]:
@@ -52,8 +47,7 @@ def read(raw: bytes | str) -> tuple[Any, dict[int, str]]:
 
 def _reread(data: bytes, why: str) -> tuple[Any, dict[int, str]]:
     try:
-        msg = json.loads(data, parse_int=exact_int, parse_float=_float,
-                         parse_constant=_NonFinite)
+        msg = read_marked(data)
     except RecursionError:
         raise BodyError(400, "invalid JSON", "nested too deeply") from None
     except ValueError:   # not JSON at all (UnicodeDecodeError is one too): orjson's words
@@ -76,7 +70,7 @@ def _fault(where: str, ev: Any) -> str | None:
         if isinstance(value, Wide):   # the problem first, as in a close reason
             refused = wide_error(field, value)
             return f"{refused.message}: {refused.details}"
-        return f"{field}: {value} is not a JSON value (JSON has no NaN or Infinity)"
+        return nonfinite_error(field, value)
     try:
         orjson.dumps(ev)
     except orjson.JSONEncodeError as exc:   # a lone surrogate, say
