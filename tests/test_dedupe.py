@@ -288,8 +288,8 @@ PINNED_SEGMENT = [
 
 def test_the_dedupe_keys_of_stored_events_never_change() -> None:
     enrich = Enrich(detect(DeviceConfig()))
-    events, _ = nucleus.accept({"data": copy.deepcopy([ev for ev, _ in PINNED_NUCLEUS])},
-                               "appkey1", enrich)
+    events = nucleus.accept({"data": copy.deepcopy([ev for ev, _ in PINNED_NUCLEUS])},
+                            "appkey1", enrich).events
     assert [ev.dedupe for ev in events] == [key for _, key in PINNED_NUCLEUS]
     assert [segment.accept(copy.deepcopy(msg), "wk1", segment.TYPES, "2026-01-01T00:00:00.000Z",
                            enrich=enrich).dedupe

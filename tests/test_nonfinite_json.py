@@ -80,3 +80,30 @@ async def test_words_that_merely_start_like_nonfinite_are_still_words(make_agent
     reply = await call(agent.port, "/v1/track", body, headers=AUTH)
     assert reply.status == 200, reply.body
     assert agent.spool.depth == 1
+
+
+# (route, headers, body, how the route's reply names it) for the strict-JSON routes
+STRICT = [
+    ("/v1/capture", {"X-Write-Key": "k"},
+     '{"batch":[{"type":"track","event":"e","userId":"u","properties":{"price":NaN}}]}',
+     "batch[0].properties.price"),
+    ("/api/public/apps/batch", {"authorization": "k"},
+     '{"batch":[{"type":"track","event":"e","userId":"u","messageId":"m",'
+     '"properties":{"price":Infinity}}]}', "batch[0].properties.price"),
+    ("/track", AUTH, '{"event":{"name":"n","price":-Infinity,"user":{"userId":"u"}}}',
+     "event.price"),
+    ("/app/k/track", {}, '{"data":[{"type":"event","name":"n","payload":{"price":NaN}}]}',
+     "data[0].payload.price"),
+]
+
+
+@pytest.mark.parametrize("route,headers,body,named", STRICT, ids=[s[0] for s in STRICT])
+async def test_strict_routes_name_the_nonfinite_field(make_agent: Any, route: str,
+                                                      headers: dict[str, str], body: str,
+                                                      named: str) -> None:
+    """Python's json.dumps writes NaN: the 400 says where, as the Segment routes do."""
+    agent = await make_agent()
+    reply = await call(agent.port, route, body, headers=headers)
+    assert reply.status == 400, reply.body
+    assert named in reply.body.decode() and "JSON has no NaN" in reply.body.decode(), reply.body
+    assert agent.spool.depth == 0

@@ -25,6 +25,7 @@ from typing import Any
 import orjson
 
 from agent.dialects.body import BodyError
+from agent.families.depth import first_hit, shortened
 
 LOWEST, HIGHEST = -(2**63), 2**64 - 1
 # Digits kept as "0", minus signs as they are, every other byte blanked: a 19-digit run
@@ -40,36 +41,73 @@ def parse_json(raw: bytes | str) -> Any:
     try:
         value = orjson.loads(raw)
     except orjson.JSONDecodeError as exc:
-        raise BodyError(400, "invalid JSON", str(exc)) from exc
+        raise _unread(raw, str(exc)) from None
     refuse_wide(raw)
     return value
+
+
+class NonFinite(str):
+    """NaN, Infinity or a number past a double, as written: JSON has no such value.
+    What ``read_marked`` leaves in its place."""
+
+
+def _float(text: str) -> float | NonFinite:
+    value = float(text)
+    return NonFinite(text) if math.isinf(value) else value
+
+
+def read_marked(data: bytes) -> Any:
+    """``data`` read by the standard library, which also reads what orjson refuses (lone
+    surrogates, NaN, Infinity) or would round (wide integers), each of the last two left
+    as a marker (NonFinite, Wide) to be named. Raises ValueError (not JSON even so) or
+    RecursionError."""
+    return json.loads(data, parse_int=exact_int, parse_float=_float, parse_constant=NonFinite)
+
+
+def nonfinite_error(field: str, text: str) -> str:
+    return f"{field or 'the body'}: {text} is not a JSON value (JSON has no NaN or Infinity)"
+
+
+def _unread(raw: bytes | str, why: str) -> BodyError:
+    """The 400 for a body orjson refused: naming the field of a NaN or Infinity (an app's
+    json.dumps writes them) when that is what it holds, else orjson's words."""
+    try:
+        value = read_marked(raw.encode() if isinstance(raw, str) else raw)
+    except (ValueError, RecursionError):
+        return BodyError(400, "invalid JSON", why)
+    found = first_hit(value, NonFinite, 2**31)
+    if found is None:   # a lone surrogate, say
+        return BodyError(400, "invalid JSON", why)
+    return BodyError(400, "invalid JSON", nonfinite_error(*found))
 
 
 def wide_error(field: str, digits: str) -> BodyError:
     # The field in both: a websocket's close reason carries the message alone (cut at 123
     # bytes, so the problem comes first), a Segment error the details under a fixed message.
-    field = _shortened(field or "the body", 100)
+    field = shortened(field or "the body", 100)
     return BodyError(400, f"integer beyond 64 bits at {field}",
-                     f"{field}: {_shortened(digits, 60)} is beyond 64 bits, and a double "
+                     f"{field}: {shortened(digits, 60)} is beyond 64 bits, and a double "
                      "would round it; send it as a string")
 
 
-def _shortened(text: str, most: int) -> str:
-    return text if len(text) <= most else f"{text[:most - 3]}..."
+def may_be_wide(data: bytes) -> bool:
+    """Whether JSON ``data`` may hold an integer outside the 64-bit range: it has a run
+    of 20 digits, or a minus and 19."""
+    digits = data.translate(_DIGITS_ONLY)
+    return _RUN in digits and (_LONG_RUN in digits or _NEGATIVE_RUN in digits)
 
 
 def refuse_wide(raw: bytes | str) -> None:
     """BodyError(400) naming the first integer of ``raw`` (JSON that orjson has read)
     that a double would round; nothing when there is none."""
     data = raw.encode() if isinstance(raw, str) else raw
-    digits = data.translate(_DIGITS_ONLY)
-    if _RUN not in digits or (_LONG_RUN not in digits and _NEGATIVE_RUN not in digits):
+    if not may_be_wide(data):
         return
-    wide: list[_Wide] = []
+    wide: list[Wide] = []
 
-    def exact(text: str) -> int | float | _Wide:
-        number = _exact(text)
-        if isinstance(number, _Wide):
+    def exact(text: str) -> int | float | Wide:
+        number = exact_int(text)
+        if isinstance(number, Wide):
             wide.append(number)
         return number
 
@@ -82,12 +120,12 @@ def refuse_wide(raw: bytes | str) -> None:
         raise BodyError(400, "invalid JSON", "nested too deeply") from None
     # Walked for its path only now (long digit runs in strings are common); it may be
     # gone, overwritten by a repeated member name (the last one counts, as for orjson).
-    found = _first_wide(value) if wide else None
+    found = first_hit(value, Wide, 2**31) if wide else None
     if found is not None:
-        raise wide_error(*found)
+        raise wide_error(found[0], found[1])
 
 
-class _Wide(str):
+class Wide(str):
     """An integer's text, out of range and no double's value: what the exact parse
     leaves in its place."""
 
@@ -104,37 +142,11 @@ def means_double(text: str) -> bool:
     return int(double) == number or int(Decimal(repr(double))) == number
 
 
-def _exact(text: str) -> int | float | _Wide:
+def exact_int(text: str) -> int | float | Wide:
+    """An integer literal's value: an int in the 64-bit range, else the double it
+    means, else Wide: a json.loads ``parse_int``."""
     if len(text) <= 20:
         number = int(text)
         if LOWEST <= number <= HIGHEST:
             return number
-    return float(text) if means_double(text) else _Wide(text)
-
-
-def _first_wide(value: Any) -> tuple[str, str] | None:
-    """(path, digits) of the first integer left as _Wide in ``value``, in document order.
-
-    Each step is kept once, with its parent's index, and a path is spelled out only for
-    the hit: a path string per node grew as a long name times a long list under it
-    (review: 400 MB for a 60 KB body)."""
-    steps: list[tuple[int, str | int]] = []    # (parent step or -1, member name or index)
-    stack: list[tuple[Any, int]] = [(value, -1)]
-    while stack:
-        item, at = stack.pop()
-        if type(item) is _Wide:
-            return _spelled(steps, at), str(item)
-        children = (item.items() if isinstance(item, dict)
-                    else enumerate(item) if isinstance(item, list) else ())
-        for step, child in reversed(list(children)):
-            steps.append((at, step))
-            stack.append((child, len(steps) - 1))
-    return None
-
-
-def _spelled(steps: list[tuple[int, str | int]], at: int) -> str:
-    parts: list[str] = []
-    while at >= 0:
-        at, step = steps[at]
-        parts.append(f"[{step}]" if isinstance(step, int) else f".{step}")
-    return "".join(reversed(parts)).lstrip(".")
+    return float(text) if means_double(text) else Wide(text)

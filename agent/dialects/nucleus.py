@@ -14,10 +14,9 @@ from typing import Any
 import orjson
 from aiohttp import WSCloseCode, WSMsgType, web
 
-from agent.dialects import replies
+from agent.dialects import nucleus_json, replies
 from agent.dialects.base import JSON, Dialect, Example, IngestSink, websocket
 from agent.dialects.body import BodyError, Busy, parse_body, read_raw
-from agent.dialects.exact_json import parse_json
 from agent.dialects.replies import describe, status_of
 from agent.families import nucleus as family
 from agent.families.errors import Invalid
@@ -62,38 +61,38 @@ class NucleusHandlers:
 
     async def _parse(self, raw: str | bytes, key: str) -> tuple[list[Event], list[Any]]:
         enrich = self.sink.enrich
-        events, acks = await parse_body(raw, parse_json,
-                                        lambda doc, _size: family.accept(doc, key, enrich))
-        return self._carried(events, acks, key)
 
-    def _carried(self, events: list[Event], acks: list[Any], key: str
-                 ) -> tuple[list[Event], list[Any]]:
-        """The events the key's upstream can carry, and the acks without the others' ids.
+        def build(read: tuple[Any, dict[int, str]], _size: int) -> family.Accepted:
+            return family.accept(read[0], key, enrich, read[1])
+        return self._carried(await parse_body(raw, nucleus_json.read, build), key)
 
-        A module resends its whole unacknowledged queue in every message, so refusing a
-        message for one event would refuse every later event of the app too. An event
-        too large for its upstream is left unacknowledged instead: the module keeps it,
-        nothing of it is stored, and the refusal is logged and counted. One without an
-        id cannot be left out of the acks, so its message is refused (Invalid)."""
-        refused: list[Any] = []
-        for ev in events:
-            why = self.sink.oversize(ev)
-            if why is None:
+    def _carried(self, got: family.Accepted, key: str) -> tuple[list[Event], list[Any]]:
+        """The events the key's upstream can carry, and the acks without the ids of the
+        events left out: for a problem of their own (the family's), or too large for that
+        upstream. Each is left unacknowledged: the module keeps it, nothing of it is
+        stored, and the refusal is logged and counted. An oversize event without an id
+        cannot be left out of the acks, so its message is refused (Invalid)."""
+        for ev_id, why in got.left_out:
+            replies.refused(400)
+            log_limited(log, logging.WARNING, f"bad-event:{key}",
+                        "event id %r of app %s left unacknowledged: %s", ev_id, _masked(key), why)
+        refused: set[int] = set()    # places in the acks, not ids: ids collide
+        kept: list[Event] = []
+        for ev, at in zip(got.events, got.ack_at, strict=True):
+            too = self.sink.oversize(ev)
+            if too is None:
+                kept.append(ev)
                 continue
-            ev_id = orjson.loads(ev.body).get("id")
-            if ev_id is None:
-                raise Invalid(why, too_large=True)
-            refused.append(ev_id)
+            if at < 0:
+                raise Invalid(too, too_large=True)
+            refused.add(at)
             replies.refused(413)
             log_limited(log, logging.WARNING, f"oversize:{key}",
-                        "event id %r of app %s left unacknowledged: %s", ev_id, _masked(key), why)
+                        "event id %r of app %s left unacknowledged: %s", ev.ack_id,
+                        _masked(key), too)
         if not refused:
-            return events, acks
-
-        def kept(ev_id: Any) -> bool:  # ids compare type-strictly, as the modules do
-            return not any(ev_id == r and type(ev_id) is type(r) for r in refused)
-        return ([ev for ev in events if kept(orjson.loads(ev.body).get("id"))],
-                [a for a in acks if kept(a)])
+            return got.events, got.acks
+        return kept, [a for n, a in enumerate(got.acks) if n not in refused]
 
     async def http_track(self, request: web.Request) -> web.StreamResponse:
         key = request.match_info["appId"]

@@ -21,7 +21,7 @@ from typing import Any
 import orjson
 
 from agent.dialects.body import BodyError
-from agent.dialects.exact_json import means_double, refuse_wide, wide_error
+from agent.dialects.exact_json import means_double, nonfinite_error, refuse_wide, wide_error
 
 MAX_DEPTH = 64
 _TOKEN = re.compile(r"""
@@ -91,8 +91,7 @@ class _Unkept(Exception):
         field = "".join(reversed(self.where)).lstrip(".")
         if self.wide:
             return wide_error(field, self.raw)
-        return BodyError(400, "invalid JSON", f"{field or 'the body'}: {self.raw} is not a "
-                         "JSON value (JSON has no NaN or Infinity)")
+        return BodyError(400, "invalid JSON", nonfinite_error(field, self.raw))
 
 
 class _Parser:

@@ -7,10 +7,13 @@ small integer ids that collide across sessions: identity is built for that.
 
 from __future__ import annotations
 
-from typing import Any
+from collections.abc import Mapping
+from types import MappingProxyType
+from typing import Any, NamedTuple
 
 import orjson
 
+from agent.families.depth import may_be_too_deep, too_deep
 from agent.families.enrich import NEEDS_FACTS, Enrich
 from agent.families.errors import Invalid
 from agent.families.event import NUCLEUS, Event, compact_json, dedupe_key, iso_ms, now_ms
@@ -18,6 +21,7 @@ from agent.families.event import NUCLEUS, Event, compact_json, dedupe_key, iso_m
 KNOWN_TYPES = frozenset({"init", "event", "error", "userid", "props", "heartbeat", "nucleus:view"})
 _ID_TYPES = (int, float, str)
 _ID_OR_NONE = frozenset({int, float, str, type(None)})   # exact types: bool is not an id
+EMPTY: Mapping[int, str] = MappingProxyType({})
 
 
 def event_type(ev: dict[str, Any]) -> str:
@@ -42,72 +46,105 @@ def identity_key(key: str, ev: dict[str, Any], kind: str, ev_id: Any) -> int:
                       get("sessionId"), ev_id, get("date"), kind, get("name"))
 
 
-def check(msg: Any) -> list[dict[str, Any]]:
-    """The events of message ``msg``, or Invalid naming the first problem (all or nothing)."""
+def check(msg: Any) -> list[Any]:
+    """The events of message ``msg``, or Invalid naming why the message as a whole is not
+    one; each event is judged alone (``fault``)."""
     if not isinstance(msg, dict):
         raise Invalid("expected a JSON object with a `data` array")
     data = msg.get("data")
     if not isinstance(data, list):
         raise Invalid("`data` must be an array of events")
-    for i, ev in enumerate(data):
-        if type(ev) is dict:   # the usual event passes at once; _check names a problem
-            get = ev.get
-            kind, name = get("type"), get("name")
-            if (type(get("id")) in _ID_OR_NONE and (kind is None or type(kind) is str)
-                    and (name is None or type(name) is str)):
-                continue
-        _check(i, ev)
     return data
 
 
-def _check(i: int, ev: Any) -> None:
-    """Raise Invalid naming the first problem with event ``data[i]``."""
+def fault(i: int, ev: Any) -> str | None:
+    """What is wrong with event ``data[i]`` by the family's rules, or None."""
+    if type(ev) is dict:   # the usual event passes at once
+        get = ev.get
+        kind, name = get("type"), get("name")
+        if (type(get("id")) in _ID_OR_NONE and (kind is None or type(kind) is str)
+                and (name is None or type(name) is str)):
+            return None
     if not isinstance(ev, dict):
-        raise Invalid(f"data[{i}] must be an object, got {_json_type(ev)}")
+        return f"data[{i}] must be an object, got {_json_type(ev)}"
     if "id" in ev and ev["id"] is not None and (
             isinstance(ev["id"], bool) or not isinstance(ev["id"], _ID_TYPES)):
-        raise Invalid(f"data[{i}].id must be a string or a number")
+        return f"data[{i}].id must be a string or a number"
     for field in ("type", "name"):
         value = ev.get(field)
         if value is not None and not isinstance(value, str):
-            raise Invalid(f"data[{i}].{field} must be a string")
+            return f"data[{i}].{field} must be a string"
+    return None
 
 
-def accept(msg: Any, key: str, enrich: Enrich) -> tuple[list[Event], list[Any]]:
-    """One `{"data": [...]}` message of app ``key``: (events to store, ids to ack).
+class Accepted(NamedTuple):
+    """What one message gives: the events to store; the ids to ack; for each event, the
+    index of its id in ``acks`` (-1: it has none), so that one left out later is left
+    out by its place, never by an id another event may share; and (id, why) of each
+    event left out, unacknowledged, for a problem of its own."""
+
+    events: list[Event]
+    acks: list[Any]
+    ack_at: list[int]
+    left_out: list[tuple[Any, str]]
+
+
+def accept(msg: Any, key: str, enrich: Enrich, faults: Mapping[int, str] = EMPTY
+           ) -> Accepted:
+    """One `{"data": [...]}` message of app ``key``.
 
     Every id is acked, heartbeats included (they keep a connection alive and are not
     analytics, so they are not stored); each event is enriched, and gets the receive
-    time as its `date` when it has none. Raises Invalid.
+    time as its `date` when it has none. An event with a problem of its own (``fault``,
+    nesting too deep, what the reader found: ``faults`` by index) is left out, never
+    acked: a module resends its whole unacknowledged queue in every message, so refusing
+    the message would refuse every later event of the app too. One without an id cannot
+    be left out of the acks: its message is refused (Invalid), as is a message that is
+    not one.
     """
     data = check(msg)
-    events: list[Event] = []
-    acks: list[Any] = []
+    out = Accepted([], [], [], [])
+    events, acks = out.events, out.acks
     received = None
     fill = enrich.nucleus
     lanes = enrich.lanes
     for i, ev in enumerate(data):
-        get = ev.get
-        ev_id = get("id")
-        if ev_id is not None:
-            acks.append(ev_id)
-        kind = get("type")
-        if not (type(kind) is str and kind):   # checked: a string or None
-            kind = event_type(ev)
-        if kind == "heartbeat":
-            continue
-        try:
-            ident = identity_key(key, ev, kind, ev_id)
-            if kind in NEEDS_FACTS:
-                fill(ev, kind)
-            if get("date") is None:
-                received = received or iso_ms(now_ms())
-                ev["date"] = received
-            events.append(Event(key, NUCLEUS, ident, compact_json(ev), ev_id,
-                                lanes.nucleus(key, kind, ev)))
-        except orjson.JSONEncodeError as exc:  # nested deeper than orjson writes (255)
-            raise Invalid(f"data[{i}] cannot be stored", str(exc)) from exc
-    return events, acks
+        why = (faults.get(i) if faults else None) or fault(i, ev)
+        if why is None:
+            get = ev.get
+            ev_id = get("id")
+            kind = get("type")
+            if not (type(kind) is str and kind):   # checked: a string or None
+                kind = event_type(ev)
+            if kind == "heartbeat":
+                if ev_id is not None:
+                    acks.append(ev_id)
+                continue
+            try:
+                ident = identity_key(key, ev, kind, ev_id)
+                if kind in NEEDS_FACTS:
+                    fill(ev, kind)
+                if get("date") is None:
+                    received = received or iso_ms(now_ms())
+                    ev["date"] = received
+                body = compact_json(ev)
+            except orjson.JSONEncodeError as exc:  # read on the fast path: not looked at
+                deep = too_deep(ev)
+                why = f"data[{i}].{deep}" if deep else f"data[{i}] cannot be stored: {exc}"
+            else:
+                if not may_be_too_deep(body) or (deep := too_deep(ev)) is None:
+                    out.ack_at.append(-1 if ev_id is None else len(acks))
+                    if ev_id is not None:
+                        acks.append(ev_id)
+                    events.append(Event(key, NUCLEUS, ident, body, ev_id,
+                                        lanes.nucleus(key, kind, ev)))
+                    continue
+                why = f"data[{i}].{deep}"
+        ev_id = ev.get("id") if isinstance(ev, dict) else None
+        if ev_id is None:   # nothing to leave unacknowledged
+            raise Invalid(why)
+        out.left_out.append((ev_id, why))
+    return out
 
 
 def _json_type(value: Any) -> str:

@@ -28,6 +28,7 @@ from typing import Any, NamedTuple
 import orjson
 
 from agent.families.dates import iso_ms_fast
+from agent.families.depth import may_be_too_deep, too_deep
 from agent.families.enrich import SEGMENT_NEEDS_FACTS, Enrich
 from agent.families.errors import Invalid
 from agent.families.event import (
@@ -175,10 +176,15 @@ def complete(ev: dict[str, Any], given: Shared) -> None:
 
 
 def dump(ev: Any) -> bytes:
+    """``ev`` as stored; Invalid if it cannot be, or nests too deep to be written once
+    mapped to Nucleus (depth.py)."""
     try:
-        return compact_json(ev)
-    except orjson.JSONEncodeError as exc:  # nested deeper than orjson writes (255)
-        raise Invalid(f"message cannot be stored: {exc}") from exc
+        body = compact_json(ev)
+    except orjson.JSONEncodeError as exc:
+        raise Invalid(too_deep(ev) or f"message cannot be stored: {exc}") from exc
+    if may_be_too_deep(body) and (deep := too_deep(ev)) is not None:
+        raise Invalid(deep)
+    return body
 
 
 def received_now() -> str:

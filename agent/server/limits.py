@@ -101,8 +101,8 @@ class RouteLimits:
             try:
                 body = compact_json(mapping.nucleus_to_segment(orjson.loads(ev.body), received))
             except (ValueError, TypeError):
-                # Not mappable (nested too deep once mapped, say): stored as it came, it is
-                # dead-lettered at its first send, as before.
+                # Not mappable: ingest refuses what nests too deep to be (families/depth.py),
+                # so nothing known; stored as it came, it would be dead-lettered at send.
                 continue
             if out is events:
                 out = list(events)
@@ -126,7 +126,7 @@ class RouteLimits:
             try:
                 size = len(orjson.dumps(_MAPPED[event.family](orjson.loads(event.body),
                                                               now_ms())))
-            except (ValueError, TypeError) as exc:   # nested too deep once mapped, say
+            except (ValueError, TypeError) as exc:   # not mappable (see as_stored)
                 return f"event cannot be sent to upstream {name!r}: it does not map ({exc})"
         if size <= limit.max_bytes:
             return None

@@ -47,7 +47,7 @@ MAX_RAW_BYTES = 256 * 1024 * 1024
 
 _U32 = struct.Struct("<I")
 _TAGS = (ZSTD, ZSTD_IDS)
-# What an id may be (families/nucleus.check refuses any other); bool is an int to
+# What an id may be (families/nucleus.fault refuses any other); bool is an int to
 # isinstance, so the types are compared exactly.
 _ID_TYPES = frozenset({int, float, str, type(None)})
 _LITTLE = sys.byteorder == "little"
