@@ -107,6 +107,18 @@ async def test_nucleus_ids_segment_refuses_travel_in_context_nucleus(
         "machineId": {}, "deviceId": "", "anonId": [2]}
 
 
+async def test_a_nucleus_date_before_the_year_1000_reaches_segment_as_iso_8601(
+        make_agent: Any, fake_segment: FakeSegment) -> None:
+    agent = await make_agent(upstreams=[segment_up(fake_segment)])
+    ev = {"type": "event", "name": "old", "id": 1, "machineId": "m",
+          "date": "0999-12-31T23:59:59.5+00:00"}
+    assert (await call(agent.port, "/app/k/track", {"data": [ev]})).status == 200
+    await wait_for(lambda: len(fake_segment.events) == 1)
+    got = fake_segment.events[0]
+    assert got["timestamp"] == "0999-12-31T23:59:59.500Z"
+    spec.check(got, spec.TYPES)
+
+
 async def test_segment_context_and_unknown_fields_reach_nucleus_in_the_payload(
         make_agent: Any, fake_nucleus: FakeNucleus) -> None:
     agent = await make_agent(upstreams=[ws_up(fake_nucleus)])
