@@ -119,6 +119,21 @@ async def test_a_nucleus_date_before_the_year_1000_reaches_segment_as_iso_8601(
     spec.check(got, spec.TYPES)
 
 
+async def test_a_nucleus_error_keeps_its_type_in_properties_name(
+        make_agent: Any, fake_segment: FakeSegment) -> None:
+    # docs/mapping.md §8: the error's type in properties.name, as the mapping from Segment
+    # reads it; a payload's own `name` travels with the whole payload in context.nucleus.
+    agent = await make_agent(upstreams=[segment_up(fake_segment)])
+    ev = {"type": "error", "name": "TypeError", "id": 1, "machineId": "m",
+          "date": "2026-01-01T00:00:00.000Z", "payload": {"stack": "s", "name": "own"}}
+    assert (await call(agent.port, "/app/k/track", {"data": [ev]})).status == 200
+    await wait_for(lambda: len(fake_segment.events) == 1)
+    got = fake_segment.events[0]
+    assert (got["event"], got["properties"]) == ("Application Error",
+                                                 {"name": "TypeError", "stack": "s"})
+    assert got["context"]["nucleus"]["payload"] == {"stack": "s", "name": "own"}
+
+
 async def test_segment_context_and_unknown_fields_reach_nucleus_in_the_payload(
         make_agent: Any, fake_nucleus: FakeNucleus) -> None:
     agent = await make_agent(upstreams=[ws_up(fake_nucleus)])
