@@ -123,7 +123,11 @@ def _to_segment(ev: dict[str, Any], received: int) -> dict[str, Any]:
             out["event"] = OPENED
         elif kind == "error":
             out["event"] = ERROR
+            # The error's type in properties.name (§8), else the payload's own `name`; the
+            # error's payload and name both travel in context.nucleus too.
             body = {"name": name, **(body or {})}
+            if name is not None:
+                body["name"] = name
         elif isinstance(name, str) and name and name != kind:
             out["event"] = name
             del kept["name"]

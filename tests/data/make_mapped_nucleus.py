@@ -4,9 +4,11 @@ tests/test_mapping_golden.py, which keeps that output byte-identical (a mapped e
 messageId and content must not change across versions, or upstreams would not dedupe a
 resend across an upgrade).
 
-Made with the mapping of 3df3e33: ``python tests/data/make_mapped_nucleus.py
-tests/data/mapped-nucleus.json``. Each entry: [event, receive time in ms, mapped JSON]; `agent_version` is the
-version in each mapped event's `context.library`.
+Made with the mapping of 3df3e33 (``python tests/data/make_mapped_nucleus.py
+tests/data/mapped-nucleus.json``), then again once an error's name won over its payload's
+own `name` in `properties.name` (docs/mapping.md §8): that changed those four entries alone.
+Each entry: [event, receive time in ms, mapped JSON]; `agent_version` is the version in
+each mapped event's `context.library`.
 """
 import random
 import sys
