@@ -77,3 +77,56 @@ async def test_full_spool_is_503_with_retry_after(make_agent: Any) -> None:
     await fill_spool(agent.port)
     reply = await call(agent.port, "/track", hit(), headers=AUTH)
     assert reply.status == 503 and int(reply.headers["Retry-After"]) > 0
+
+
+async def test_top_level_fields_the_hit_replaces_are_kept_in_context_segmentstream(
+        make_agent: Any, fake_segment: FakeSegment) -> None:
+    # The hit's own fields take their documented places (docs/mapping.md, SegmentStream
+    # hits); a top-level value of the app's in one of those places is kept, verbatim, in
+    # context.segmentstream, and nothing the app sent is lost.
+    agent = await make_agent(upstreams=[segment_up(fake_segment)])
+    body = {"hitId": "hit-1", "sentAt": "2019-02-21T10:56:10.723Z",
+            "timestamp": "2019-02-21T10:50:00.000Z", "userId": "top-user",
+            "anonymousId": "top-anon", "properties": {"top": 1}, "messageId": "top-mid",
+            "type": "page",
+            "event": {"category": "Auth", "name": "", "label": "l",
+                      "user": {"userId": "u1", "anonymousId": None, "emailHash": "e",
+                               "plan": "pro"}},
+            "context": {"ip": "1.2.3.4", "traits": {"plan": "free"}}}
+    reply = await call(agent.port, "/track", body, headers=AUTH)
+    assert reply.status == 204, reply.body
+    await wait_for(lambda: len(fake_segment.events) == 1)
+    ev = fake_segment.events[0]
+    assert (ev["type"], ev["event"], ev["messageId"]) == ("track", "Auth", "hit-1")
+    assert ev["timestamp"] == "2019-02-21T10:56:10.723Z"     # sentAt: this API's event time
+    assert (ev["userId"], ev["anonymousId"]) == ("u1", "top-anon")
+    assert ev["properties"] == {"category": "Auth", "name": "", "label": "l"}
+    assert ev["context"] == {
+        "ip": "1.2.3.4", "traits": {"plan": "free", "emailHash": "e"},
+        "segmentstream": {"type": "page", "properties": {"top": 1}, "messageId": "top-mid",
+                          "userId": "top-user", "timestamp": "2019-02-21T10:50:00.000Z",
+                          "traits": {"plan": "pro"}}}
+
+
+async def test_a_hit_agreeing_with_its_top_level_fields_sets_nothing_aside(
+        make_agent: Any, fake_segment: FakeSegment) -> None:
+    agent = await make_agent(upstreams=[segment_up(fake_segment)])
+    body = {"hitId": "h2", "messageId": "h2", "type": "track", "userId": "u",
+            "event": {"name": "n", "user": {"userId": "u"}}}
+    assert (await call(agent.port, "/track", body, headers=AUTH)).status == 204
+    await wait_for(lambda: len(fake_segment.events) == 1)
+    ev = fake_segment.events[0]
+    assert "context" not in ev and (ev["messageId"], ev["userId"]) == ("h2", "u")
+    assert ev["properties"] == {}
+
+
+async def test_a_hit_with_its_own_context_segmentstream_and_a_clash_is_400(
+        make_agent: Any) -> None:
+    # No place left to keep the replaced value in: refused, never overwritten.
+    agent = await make_agent()
+    body = {**hit(), "type": "page", "context": {"segmentstream": {"mine": 1}}}
+    reply = await call(agent.port, "/track", body, headers=AUTH)
+    assert reply.status == 400 and "context.segmentstream" in reply.json()["error"]
+    assert agent.spool.depth == 0
+    fine = {**hit(), "context": {"segmentstream": {"mine": 1}}}   # no clash: kept as sent
+    assert (await call(agent.port, "/track", fine, headers=AUTH)).status == 204

@@ -12,6 +12,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from agent.families import dates
+from agent.families import segment as spec
 from agent.families.event import iso_ms
 from agent.families.mapping import nucleus_to_segment, segment_to_nucleus, to_iso
 
@@ -28,6 +29,8 @@ RECEIVED = 1767225600000   # 2026-01-01T00:00:00.000Z
     ("yesterday", "2026-01-01T00:00:00.000Z"),              # unreadable: the receive time
     (True, "2026-01-01T00:00:00.000Z"),
     (1e30, "2026-01-01T00:00:00.000Z"),                     # out of range
+    ("0999-06-01T00:00:00Z", "0999-06-01T00:00:00.000Z"),   # four digits, as ISO 8601 has it
+    (-40_000_000_000_000, "0702-06-15T00:53:20.000Z"),
 ])
 def test_nucleus_dates(date: object, expected: str) -> None:
     assert to_iso(date, RECEIVED) == expected
@@ -71,6 +74,31 @@ def test_odd_nucleus_events() -> None:
 ])
 def test_nucleus_round_trip_gives_the_event_back(ev: dict[str, object]) -> None:
     assert segment_to_nucleus(nucleus_to_segment(dict(ev), RECEIVED), RECEIVED) == ev
+
+
+@pytest.mark.parametrize(("ids", "user", "anon"), [
+    ({"userId": ""}, None, "nucleus-anonymous"),
+    ({"userId": {"a": 1}}, None, "nucleus-anonymous"),
+    ({"userId": [1], "machineId": "m"}, None, "m"),
+    ({"userId": True, "anonId": 0}, None, 0),
+    ({"machineId": True}, None, "nucleus-anonymous"),
+    ({"machineId": ["m"], "deviceId": "d"}, None, "d"),
+    ({"machineId": "", "deviceId": {}, "anonId": "a"}, None, "a"),
+    ({"anonId": "", "userId": "u"}, "u", None),
+    ({"deviceId": False, "userId": 5}, 5, None),
+])
+def test_an_id_segment_refuses_stays_in_context_nucleus(
+        ids: dict[str, Any], user: Any, anon: Any) -> None:
+    # `userId` / `anonymousId` get only what Segment takes as an id; anonymousId falls back
+    # to the next id, then to "nucleus-anonymous"; each id is in context.nucleus verbatim.
+    ev = {"type": "event", "name": "e", "id": 1, "date": "2026-01-01T00:00:00.000Z", **ids}
+    out = nucleus_to_segment(dict(ev), RECEIVED)
+    spec.check(out, spec.TYPES)
+    assert (out.get("userId"), out.get("anonymousId")) == (user, anon)
+    for name, value in ids.items():
+        if value not in (user, anon) or isinstance(value, bool):
+            assert out["context"]["nucleus"][name] == value, name
+    assert segment_to_nucleus(out, RECEIVED) == ev
 
 
 def test_an_event_stored_mapped_by_another_agent_version_comes_back() -> None:

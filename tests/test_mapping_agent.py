@@ -5,6 +5,7 @@ from __future__ import annotations
 
 from typing import Any
 
+from agent.families import segment as spec
 from tests.fakes.nucleus_upstream import FakeNucleus
 from tests.fakes.segment_upstream import FakeSegment
 from tests.segment_helpers import basic, call, nucleus_up, segment_up, wait_for
@@ -72,6 +73,65 @@ async def test_nucleus_fields_without_a_segment_place_travel_in_context_nucleus(
     assert (kept["language"], kept["custom"]) == ("fr", {"x": [1]})
     assert got["context"]["device"]["id"] == "d1" and got["context"]["locale"] == "fr-FR"
     assert got["properties"] == {"p": 1}
+
+
+async def test_nucleus_ids_segment_refuses_travel_in_context_nucleus(
+        make_agent: Any, fake_segment: FakeSegment) -> None:
+    # Ids no Segment collector takes as `userId` / `anonymousId` (agent/families/segment.py
+    # check, as another Outpost checks them): the event is delivered, and each id arrives
+    # verbatim in context.nucleus.
+    agent = await make_agent(upstreams=[segment_up(fake_segment)])
+    date = "2026-01-01T00:00:00.000Z"
+    data = [{"type": "event", "name": "empty-user", "id": 1, "userId": "", "date": date},
+            {"type": "event", "name": "obj-user", "id": 2, "userId": {"a": 1}, "date": date},
+            {"type": "event", "name": "bool-machine", "id": 3, "machineId": True, "date": date},
+            {"type": "event", "name": "list-user", "id": 4, "userId": [1], "machineId": "m",
+             "date": date},
+            {"type": "event", "name": "odd-ids", "id": 5, "machineId": {}, "deviceId": "",
+             "anonId": [2], "userId": 7, "date": date}]
+    reply = await call(agent.port, "/app/k/track", {"data": data})
+    assert reply.status == 200 and reply.json() == {"reportedIds": [1, 2, 3, 4, 5]}
+    await wait_for(lambda: len(fake_segment.events) == 5)
+    got = {ev["event"]: ev for ev in fake_segment.events}
+    for ev in got.values():
+        spec.check(ev, spec.TYPES)       # raises Invalid, naming the id, for a refused one
+    empty, obj, flag, listed, odd = (got[ev["name"]] for ev in data)
+    assert "userId" not in empty and empty["anonymousId"] == "nucleus-anonymous"
+    assert empty["context"]["nucleus"]["userId"] == ""
+    assert "userId" not in obj and obj["context"]["nucleus"]["userId"] == {"a": 1}
+    assert flag["anonymousId"] == "nucleus-anonymous"
+    assert flag["context"]["nucleus"]["machineId"] is True
+    assert (listed["anonymousId"], listed["context"]["nucleus"]["userId"]) == ("m", [1])
+    assert (odd["userId"], "anonymousId" in odd) == (7, False)
+    assert {k: odd["context"]["nucleus"][k] for k in ("machineId", "deviceId", "anonId")} == {
+        "machineId": {}, "deviceId": "", "anonId": [2]}
+
+
+async def test_a_nucleus_date_before_the_year_1000_reaches_segment_as_iso_8601(
+        make_agent: Any, fake_segment: FakeSegment) -> None:
+    agent = await make_agent(upstreams=[segment_up(fake_segment)])
+    ev = {"type": "event", "name": "old", "id": 1, "machineId": "m",
+          "date": "0999-12-31T23:59:59.5+00:00"}
+    assert (await call(agent.port, "/app/k/track", {"data": [ev]})).status == 200
+    await wait_for(lambda: len(fake_segment.events) == 1)
+    got = fake_segment.events[0]
+    assert got["timestamp"] == "0999-12-31T23:59:59.500Z"
+    spec.check(got, spec.TYPES)
+
+
+async def test_a_nucleus_error_keeps_its_type_in_properties_name(
+        make_agent: Any, fake_segment: FakeSegment) -> None:
+    # docs/mapping.md §8: the error's type in properties.name, as the mapping from Segment
+    # reads it; a payload's own `name` travels with the whole payload in context.nucleus.
+    agent = await make_agent(upstreams=[segment_up(fake_segment)])
+    ev = {"type": "error", "name": "TypeError", "id": 1, "machineId": "m",
+          "date": "2026-01-01T00:00:00.000Z", "payload": {"stack": "s", "name": "own"}}
+    assert (await call(agent.port, "/app/k/track", {"data": [ev]})).status == 200
+    await wait_for(lambda: len(fake_segment.events) == 1)
+    got = fake_segment.events[0]
+    assert (got["event"], got["properties"]) == ("Application Error",
+                                                 {"name": "TypeError", "stack": "s"})
+    assert got["context"]["nucleus"]["payload"] == {"stack": "s", "name": "own"}
 
 
 async def test_segment_context_and_unknown_fields_reach_nucleus_in_the_payload(

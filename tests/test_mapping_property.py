@@ -12,6 +12,7 @@ import orjson
 from hypothesis import example, given, settings
 from hypothesis import strategies as st
 
+from agent.families import segment as spec
 from agent.families.dates import iso_ms_fast, read_date
 from agent.families.mapping import ERROR, OPENED, SEGMENT_KEY, nucleus_to_segment, segment_to_nucleus
 from agent.server.limits import MAPPING_GROWTH_BYTES
@@ -107,10 +108,14 @@ def nucleus_field_is_placed(name: str, value: Any, out: dict[str, Any]) -> bool:
 @example(PYTHON, 1767225600000)
 @example(OLD, 1767225600000)
 @example(SEED_000, 1767225600000)
+@example({"type": "event", "userId": "", "date": "2024-01-01T00:00:00.000Z"}, 0)
+@example({"userId": {"a": 1}, "machineId": True, "deviceId": [1], "anonId": "", "date": 0}, 0)
+@example({"date": "0999-01-01T00:00:00Z"}, 0)   # a year of three digits: "0999"
 def test_nucleus_to_segment_and_back(ev: dict[str, Any], at_ms: int) -> None:
     original = copy.deepcopy(ev)
     out = nucleus_to_segment(ev, at_ms)
     assert ev == original                                   # pure: the row is not changed
+    spec.check(out, spec.TYPES)                 # a message every Segment collector takes
     assert within_growth(original, out)
     for name, value in original.items():
         assert nucleus_field_is_placed(name, value, out), name

@@ -10,6 +10,10 @@ over 64 KB. Each hit is stored as a Segment `track` (docs/mapping.md):
 - `user.userId` / `user.anonymousId` go to the top level, the rest of
   `user` to `context.traits`;
 - `sentAt`, which this API defines as the time the hit happened, becomes `timestamp`.
+
+Those places win; a value of the app's that one of them replaces (a top-level
+`properties`, `type`, ...; a `user` field that `context.traits` holds too) is kept
+verbatim in `context.segmentstream`, so nothing the app sent is lost.
 """
 
 from __future__ import annotations
@@ -30,6 +34,7 @@ from agent.families.errors import Invalid
 MAX_BODY = 64 * 1024
 TYPES = frozenset({"track"})
 _IDS = ("userId", "anonymousId")
+SET_ASIDE = "segmentstream"   # context key of the app's values the hit's own replaced
 
 
 def error(status: int, message: str, retry_after: int | None = None) -> web.Response:
@@ -54,20 +59,42 @@ def to_segment(body: Any) -> dict[str, Any]:
     if not isinstance(name, str) or not name:
         raise Invalid("`event.name` (or `event.category`) must be a non-empty string")
     out = {k: v for k, v in body.items() if k not in ("hitId", "sentAt", "event")}
-    out.update(type="track", event=name,
-               properties={k: v for k, v in event.items() if k not in ("name", "user")})
-    out.update({k: user[k] for k in _IDS if user.get(k) is not None})
+    # `event.name` leaves the properties only when it is the `event` (not "" beside a category).
+    placed: dict[str, Any] = {"type": "track", "event": name, "properties": {
+        k: v for k, v in event.items() if k != "user" and not (k == "name" and v == name)}}
+    placed.update({k: user[k] for k in _IDS if user.get(k) is not None})
     if hit_id is not None:
-        out["messageId"] = hit_id
-    if out.get("timestamp") is None and isinstance(body.get("sentAt"), str):
-        out["timestamp"] = body["sentAt"]
+        placed["messageId"] = hit_id
+    if body.get("sentAt") is not None:   # checked above: a date string
+        placed["timestamp"] = body["sentAt"]
+    aside = {k: out[k] for k, v in placed.items() if k in out and _differs(out[k], v)}
+    out.update(placed)
+    context = out.get("context")
+    if context is not None and not isinstance(context, dict):
+        raise Invalid("`context` must be an object")
     traits = {k: v for k, v in user.items() if k not in _IDS}
     if traits:
-        context = out.get("context")
-        if context is not None and not isinstance(context, dict):
-            raise Invalid("`context` must be an object")
-        out["context"] = spec.merge({"traits": traits}, context or {})
+        if context and "traits" in context:   # the hit's own context.traits win
+            own = context["traits"]
+            clash = {k: v for k, v in traits.items() if k in own and _differs(own[k], v)} \
+                if isinstance(own, dict) else traits
+            if clash:
+                aside["traits"] = clash
+        context = out["context"] = spec.merge({"traits": traits}, context or {})
+    if aside:
+        if context is not None and SET_ASIDE in context:
+            raise Invalid(f"`context.{SET_ASIDE}` is where the hit's replaced fields are kept "
+                          f"({', '.join(aside)}): send yours under another name")
+        out["context"] = {**(context or {}), SET_ASIDE: aside}
     return out
+
+
+def _differs(a: Any, b: Any) -> bool:
+    """Whether two values are not the same JSON (1, 1.0 and true are three values)."""
+    try:
+        return orjson.dumps(a) != orjson.dumps(b)
+    except orjson.JSONEncodeError:   # nested past orjson's depth: storing it will say so
+        return True
 
 
 class SegmentStreamHandlers:

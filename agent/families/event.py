@@ -84,4 +84,5 @@ def now_ms() -> int:
 def iso_ms(ms: int) -> str:
     """Epoch milliseconds as an ISO 8601 UTC string with millisecond precision."""
     dt = datetime.fromtimestamp(ms / 1000, tz=timezone.utc)
-    return dt.strftime("%Y-%m-%dT%H:%M:%S.") + f"{ms % 1000:03d}Z"
+    # %Y does not pad a year before 1000 to four digits: "999-01-01" is no ISO 8601 date.
+    return f"{dt.year:04d}" + dt.strftime("-%m-%dT%H:%M:%S.") + f"{ms % 1000:03d}Z"

@@ -26,6 +26,7 @@ from agent import __version__
 from agent.families.dates import iso_ms_fast, read_date, to_iso
 from agent.families.enrich import ERROR, OPENED
 from agent.families.nucleus import event_type
+from agent.families.segment import is_id
 
 __all__ = ["ERROR", "OPENED", "SEGMENT_KEY", "nucleus_to_segment", "segment_to_nucleus",
            "to_iso", "iso_ms_fast"]
@@ -77,17 +78,23 @@ def _to_segment(ev: dict[str, Any], received: int) -> dict[str, Any]:
         "timestamp": date or at,
         "receivedAt": at,
     }
+    # Only an id Segment takes (segment.is_id) goes to an id place (userId, anonymousId,
+    # context.device.id); any other value stays in context.nucleus alone, so that no
+    # acknowledged event maps to a message its upstream refuses.
     machine = get("machineId")
-    if machine and "deviceId" not in ev:
+    if not (machine and is_id(machine)):
+        machine = get("deviceId")
+        if not is_id(machine):
+            machine = None
+    elif "deviceId" not in ev:
         del kept["machineId"]
-    machine = machine or get("deviceId")
     anon = machine or get("anonId")
     user = get("userId")
-    if anon is None and user is None:
-        anon = "nucleus-anonymous"  # Segment needs one of the two
+    if not is_id(anon):
+        anon = None if is_id(user) else "nucleus-anonymous"  # Segment needs one of the two
     if anon is not None:
         out["anonymousId"] = anon
-    if user is not None:
+    if is_id(user):
         out["userId"] = user
         del kept["userId"]
     ctx = out["context"] = _context(ev, machine, kept)
@@ -116,7 +123,11 @@ def _to_segment(ev: dict[str, Any], received: int) -> dict[str, Any]:
             out["event"] = OPENED
         elif kind == "error":
             out["event"] = ERROR
+            # The error's type in properties.name (§8), else the payload's own `name`; the
+            # error's payload and name both travel in context.nucleus too.
             body = {"name": name, **(body or {})}
+            if name is not None:
+                body["name"] = name
         elif isinstance(name, str) and name and name != kind:
             out["event"] = name
             del kept["name"]

@@ -56,7 +56,7 @@ MAX_MESSAGE_ID = 99
 MAX_MERGE_DEPTH = 16
 
 
-def _is_id(value: Any) -> bool:
+def is_id(value: Any) -> bool:
     """A usable id: a non-empty string or a number (clients stringify inconsistently)."""
     if isinstance(value, str):
         return bool(value)
@@ -76,15 +76,15 @@ def check(ev: Any, types: frozenset[str], *, need_message_id: bool = False) -> N
     # both checks below: every message of a batch asks (bench/RESULTS.md, run 10).
     if not (type(user) is str and user and (anon is None or type(anon) is str)):
         for name, value in (("userId", user), ("anonymousId", anon)):
-            if value is not None and value != "" and not _is_id(value):
+            if value is not None and value != "" and not is_id(value):
                 raise Invalid(f"`{name}` must be a string")
-        if not _is_id(user) and not _is_id(anon):
+        if not is_id(user) and not is_id(anon):
             raise Invalid("`userId` or `anonymousId` is required")
     required = REQUIRED.get(kind)
     if required is not None:
         value = get(required)
         if not (type(value) is str and value) and (  # the usual value passes at once
-                not _is_id(value) or (required == "event" and not isinstance(value, str))):
+                not is_id(value) or (required == "event" and not isinstance(value, str))):
             raise Invalid(f"{kind} needs `{required}` (a non-empty string)")
     for name in OBJECT_FIELDS:
         value = get(name)
