@@ -1,0 +1,188 @@
+"""``max_hold_h``: what a release sends, and what it leaves held; its age by either clock;
+and the sources that feed the profile failing. An agent with the tests' battery source
+(agent/sync/power.py's seam), a fake Nucleus recording what arrives, and the injected
+clocks (agent/clock.py CLOCK, ManualTiming): hours pass without sleeping."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from typing import Any
+
+import aiohttp
+import pytest
+
+from agent.clock import Clock
+from agent.families.lanes import HIGH
+from agent.forwarder.supervisor import Seams
+from agent.settings import SyncConfig
+from agent.sync.metered.none import NoSource
+from agent.sync.monitor import BATTERY_POLL_S, SyncMonitor
+from agent.sync.policy import Battery
+from tests.fakes.manual_timing import ManualTiming
+from tests.fakes.nucleus_upstream import FakeNucleus
+from tests.test_sync_battery import Sensor, upstream
+from tests.waiting import wait_for
+
+HALF_HOUR = 1800.0
+YEAR_MS = 365 * 86400 * 1000
+LOW = Battery(percent=10, plugged=False)
+
+
+async def post(port: int, ids: range, kind: str = "event") -> None:
+    """Nucleus events of ``kind``: ``event`` goes to the normal lane, ``error`` the high."""
+    events = [{"type": kind, "name": "e", "id": i, "sessionId": 1, "machineId": "m",
+               "date": "2026-01-01T00:00:00.000Z"} for i in ids]
+    async with aiohttp.ClientSession() as s, s.post(
+            f"http://127.0.0.1:{port}/app/app1/track", json={"data": events}) as r:
+        assert r.status == 200, await r.text()
+
+
+def sent(fake: FakeNucleus) -> list[int]:
+    return [ev["id"] for ev in fake.events]
+
+
+async def held_agent(make_agent: Any, fake: FakeNucleus, timing: ManualTiming,
+                     mode: str = "hold", flush_interval_s: float = 0.05) -> Any:
+    """An agent on a low battery whose rule is ``mode``, max_hold_h half an hour."""
+    up = {**upstream(fake), "flush_interval_s": flush_interval_s}
+    return await make_agent(upstreams=[up], seams=Seams(timing=timing), battery=Sensor(LOW),
+                            sync={"on_low_battery": mode, "low_battery_pct": 20,
+                                  "max_hold_h": HALF_HOUR / 3600})
+
+
+async def let_pass(clock: Clock, timing: ManualTiming, seconds: float) -> None:
+    """Let ``seconds`` pass on both clocks, once the max_hold_h waiter is timing a wait
+    (the battery poll's one-minute wait is always pending too)."""
+    await wait_for(lambda: any(p != BATTERY_POLL_S for p in timing.pending()))
+    clock.passed_ms += int(seconds * 1000)
+    timing.advance(seconds)
+
+
+async def test_after_a_release_new_events_are_held_again(
+        make_agent: Any, fake_nucleus: FakeNucleus, clock: Clock) -> None:
+    """A release sends what was queued then; an app that keeps posting (more often than
+    flush_interval_s, which kept the released loop alive) is held again, and its events
+    get their own max_hold_h."""
+    timing = ManualTiming()
+    agent = await held_agent(make_agent, fake_nucleus, timing, flush_interval_s=30)
+    await post(agent.port, range(1, 4))
+    await let_pass(clock, timing, HALF_HOUR)
+    await wait_for(lambda: agent.spool.depth == 0)
+    assert sent(fake_nucleus) == [1, 2, 3] and agent.sync.releases == 1
+    # What the release sent is sent: the key's loop ends, though the app goes on posting.
+    await post(agent.port, range(4, 6))
+    await wait_for(lambda: not agent.forwarding.loops, timeout=4)
+    await post(agent.port, range(6, 8))
+    assert not agent.forwarding.loops and agent.spool.depth == 4
+    assert sent(fake_nucleus) == [1, 2, 3]
+    await let_pass(clock, timing, HALF_HOUR)   # their own max_hold_h
+    await wait_for(lambda: agent.spool.depth == 0)
+    assert sent(fake_nucleus) == list(range(1, 8)) and agent.sync.releases == 2
+    assert agent.sync.profile.mode == "hold"
+
+
+async def test_after_a_release_under_priority_only_the_normal_lane_waits_again(
+        make_agent: Any, fake_nucleus: FakeNucleus, clock: Clock) -> None:
+    timing = ManualTiming()
+    agent = await held_agent(make_agent, fake_nucleus, timing, mode="priority_only",
+                             flush_interval_s=30)
+    await post(agent.port, range(1, 4))
+    await let_pass(clock, timing, HALF_HOUR)
+    await wait_for(lambda: agent.spool.depth == 0)
+    await post(agent.port, range(4, 6))   # normal: held again
+    # The key's loop goes back to the high lane alone.
+    loops = agent.forwarding.loops
+    await wait_for(lambda: all(loop.lanes == (HIGH,) for loop in loops.values()), timeout=4)
+    await post(agent.port, range(6, 7), kind="error")   # high: sent as ever
+    clock.passed_ms += 30_000   # its batch is due (flush_interval_s)
+    await wait_for(lambda: 6 in sent(fake_nucleus))
+    assert sent(fake_nucleus) == [1, 2, 3, 6] and agent.spool.depth == 2
+    assert all(loop.lanes == (HIGH,) for loop in loops.values())
+
+
+async def test_a_clock_set_back_does_not_defeat_max_hold_h(
+        make_agent: Any, fake_nucleus: FakeNucleus, clock: Clock) -> None:
+    """The age is the agent's own too: a clock set back a year after the events arrived
+    (NTP, an operator) must not hold them for a year."""
+    timing = ManualTiming()
+    agent = await held_agent(make_agent, fake_nucleus, timing)
+    await post(agent.port, range(1, 4))
+    await let_pass(clock, timing, 60)   # the waiter has timed them by the right clock
+    clock.wall_shift_ms = -YEAR_MS
+    for _ in range(3):   # up to an hour and a half: the waiter looks at least hourly
+        if agent.spool.depth == 0:
+            break
+        await let_pass(clock, timing, HALF_HOUR)
+    await wait_for(lambda: agent.spool.depth == 0, timeout=4)
+    assert sent(fake_nucleus) == [1, 2, 3] and agent.sync.releases == 1
+
+
+class Looks:
+    """The monitor's look for the oldest held event, answered when the test says."""
+
+    def __init__(self) -> None:
+        self.calls = 0
+        self.asked = asyncio.Event()
+        self.answer = asyncio.Event()
+        self.oldest: float | None = None   # age in seconds; None: nothing held
+
+    async def __call__(self, lanes: tuple[int, ...]) -> float | None:
+        self.calls += 1
+        found = self.oldest
+        self.asked.set()
+        await self.answer.wait()
+        return found
+
+
+async def test_a_commit_while_the_hold_looks_for_its_oldest_event_is_timed() -> None:
+    """The look finds nothing; an app commits before it returns: the commit must not be
+    lost, or nothing is released until the next commit (possibly never)."""
+    timing = ManualTiming()
+    looks = Looks()
+    monitor = SyncMonitor(SyncConfig(on_low_battery="hold", max_hold_h=0.5), NoSource("none"),
+                          lambda: LOW, looks, timing, lambda: None)
+    await monitor.start()
+    try:
+        await asyncio.wait_for(looks.asked.wait(), 5)   # reading: nothing is held yet
+        looks.oldest = 0.0
+        monitor.on_new_data()   # an app's commit, while the read is on its way back
+        looks.answer.set()
+        await wait_for(lambda: looks.calls == 2, timeout=4)
+        await wait_for(lambda: HALF_HOUR in timing.pending())
+    finally:
+        await monitor.stop()
+
+
+class Failing:
+    """A battery sensor that reads low once, then raises (a driver gone)."""
+
+    def __init__(self) -> None:
+        self.fail = False
+
+    def __call__(self) -> Battery | None:
+        if self.fail:
+            raise ValueError("battery sensor gone")
+        return LOW
+
+
+async def test_a_battery_sensor_that_fails_reads_as_unknown(
+        make_agent: Any, fake_nucleus: FakeNucleus, caplog: pytest.LogCaptureFixture) -> None:
+    """As a failing metered source does: a failed reading keeps no hold."""
+    timing = ManualTiming()
+    sensor = Failing()
+    agent = await make_agent(upstreams=[upstream(fake_nucleus)], seams=Seams(timing=timing),
+                             battery=sensor, sync={"on_low_battery": "hold", "low_battery_pct": 20})
+    assert agent.sync.profile.mode == "hold"
+    await post(agent.port, range(1, 3))
+    sensor.fail = True
+    with caplog.at_level(logging.ERROR, logger="outpost.sync"):
+        await wait_for(lambda: BATTERY_POLL_S in timing.pending())
+        timing.advance(BATTERY_POLL_S)
+        await wait_for(lambda: agent.sync.errors == 1)
+    view = agent.sync.view()
+    assert "battery sensor gone" in view["last_error"]
+    assert "battery sensor gone" in caplog.text
+    assert view["battery_percent"] is None and view["profile"] == "normal"
+    await wait_for(lambda: agent.spool.depth == 0)
+    assert sent(fake_nucleus) == [1, 2]
