@@ -40,7 +40,7 @@ from agent.server.limits import RouteLimits
 from agent.settings import Config
 from agent.spool import Spool
 from agent.spool.migrate import ALIVE_EVERY_S
-from agent.sync.held import oldest_routed
+from agent.sync.held import held_age_s
 from agent.sync.metered import source_for
 from agent.sync.monitor import SyncMonitor, SyncView
 from agent.sync.power import BatterySensor, read_battery
@@ -174,8 +174,8 @@ class Agent:
         return listener
 
     def _monitor(self, cfg: Config) -> SyncMonitor:
-        return SyncMonitor(cfg.sync, source_for(cfg.sync), self.battery, self._oldest_routed,
-                           self.seams.timing, self._regate)
+        return SyncMonitor(cfg.sync, source_for(cfg.sync), self.battery, self._held_age_s,
+                           self.seams.timing, self._regate, self._release)
 
     async def _stop_sync(self) -> None:
         # The current monitor: a reload that changes [sync] replaces the one start built.
@@ -207,13 +207,17 @@ class Agent:
         assert self.forwarding is not None
         return self.forwarding.cfg, self.forwarding.states
 
-    async def _oldest_routed(self, lanes: tuple[int, ...]) -> int | None:
+    async def _held_age_s(self, lanes: tuple[int, ...]) -> float | None:
         assert self.spool is not None
-        return await oldest_routed(self.cfg, self.spool, lanes)
+        return await held_age_s(self.cfg, self.spool, lanes)
 
     def _regate(self) -> None:
         if self.forwarding is not None:
             self.forwarding.regate()
+
+    def _release(self) -> None:
+        if self.forwarding is not None:
+            self.forwarding.release()
 
     def _flush(self) -> None:
         assert self.forwarding is not None

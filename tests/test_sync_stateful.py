@@ -199,8 +199,8 @@ class SyncMachine(RuleBasedStateMachine):
             self.releases = agent.sync.releases
         elif agent.sync.profile.mode == "priority_only":
             if agent.sync.releases == self.releases:   # nothing released: high lanes only
-                # A loop a release widened to every lane sends until its queue is empty
-                # (or parks): then only loops for the high lane are left.
+                # A loop a release widened to every lane sends what was queued then (or
+                # parks): then only loops for the high lane are left.
                 sync, loops = agent.sync, agent.forwarding.loops
                 self.scene.call(poll(lambda: sync.releases != self.releases or all(
                     loop.lanes == (HIGH,) for loop in loops.values()

@@ -3,7 +3,8 @@
 One StreamForwarder runs for each (upstream, local key) pair, so FIFO per (key,
 lane) is natural: each read takes the high lane's rows first, then the normal
 lane's (agent/families/lanes.py), each lane in seq order from its own cursor, and
-only the lanes the transmit profile lets go (``lanes``). Rows are leased only in
+only the lanes the transmit profile lets go (``lanes``; a ``max_hold_h`` release adds
+the others up to a seq, ``until``). Rows are leased only in
 memory (the cursors plus the uplink's in-flight set): after any failure every
 in-flight batch settles, the uplink is closed (a new connection is opened only
 now, so no later batch can overtake an earlier unacknowledged one), the cursors go
@@ -123,6 +124,9 @@ class StreamForwarder:
         self.stopping = False
         self.flush_now = False
         self.lanes: tuple[int, ...] = lanes   # the lanes it may send (sync/monitor.py)
+        # A max_hold_h release (supervisor.py): per lane, the last seq it lets go; None for
+        # the profile's own lanes. Once sent, the loop goes back to those lanes alone.
+        self.until: tuple[int | None, ...] | None = None
         self._cursors = [0] * len(LANES)      # per lane: the last seq sent
         self._tasks: set[asyncio.Task[None]] = set()
         self._acking: set[asyncio.Task[None]] = set()  # spool deletes of upstream-acked rows
@@ -217,7 +221,7 @@ class StreamForwarder:
         lanes = self.lanes
         rows = await self.spool.fetch(self.stream.id, self._cursors,
                                       self.cfg.batch_max_events * batches, lanes,
-                                      self.cfg.batch_max_bytes * batches)
+                                      self.cfg.batch_max_bytes * batches, self.until)
         if self._failed is not None or self._crash is not None:
             return  # a batch failed during the read: nothing new goes out before the resend
         if self.lanes != lanes:
@@ -235,6 +239,9 @@ class StreamForwarder:
                     # Rows behind the cursors are still queued: an ack's delete did not
                     # commit (a locked or full disk). Send them again.
                     self._cursors = [0] * len(LANES)
+                    return
+                if self.until is not None and not self._acking:
+                    self._released_sent()
                     return
                 if self.release is not None:
                     await self._release_when_idle(self.release.idle_s)
@@ -283,6 +290,16 @@ class StreamForwarder:
                     not self._full(rows) and not self._due(rows)):
                 return
             batch = self.uplink.prepare(rows)
+
+    def _released_sent(self) -> None:
+        """What a max_hold_h release let go is sent and answered: back to the profile's
+        lanes, and events that came after it are held as the profile says (hold: the
+        loop ends)."""
+        assert self.until is not None
+        self.lanes = tuple(lane for lane in self.lanes if self.until[lane] is None)
+        self.until = None
+        if not self.lanes:
+            self.stop()
 
     def _full(self, rows: Queued) -> bool:
         """Whether ``rows`` fill a batch: in events, or in bytes (the stored bodies: an

@@ -22,7 +22,8 @@ A loop starts only if ``may_send(key)`` (the transmit profile, agent/sync/) lets
 of the key's lanes with events go (``priority_only``: the high lane alone); ``regate``
 runs when that answer may have changed: it stops the loops now held (their in-flight
 batches settle), tells running loops which lanes they may send, and starts every key
-with data it lets go.
+with data it lets go. ``release`` (``max_hold_h``) lets every key send every lane up to
+the last seq received then; each loop then goes back to what ``may_send`` lets go.
 
 The loops of one upstream share its slots (slots.py): at most ``BATCHES_IN_FLIGHT``
 batches in flight from all its keys, so memory stays bounded however many keys have
@@ -134,7 +135,8 @@ class Supervisor:
             if loop is not None:
                 loop.poke()
 
-    def _ensure(self, key: str, attempt: int = 0) -> StreamForwarder | None:
+    def _ensure(self, key: str, attempt: int = 0,
+                until: int | None = None) -> StreamForwarder | None:
         running = self.loops.get(key)
         if running is not None and not running.released:
             # One loop per key: a second would resend what the first has in flight. One
@@ -146,7 +148,7 @@ class Supervisor:
         if up is None or stream is None or stream.depth == 0 or self._session is None \
                 or self._stopping:
             return None
-        lanes = self.may_send(key)
+        lanes, bounds = self._lanes(key, until)
         if not stream.queued(lanes):
             return None
         try:
@@ -162,12 +164,22 @@ class Supervisor:
         except Exception as exc:  # noqa: BLE001 - a bug: reported, and the key tried again
             self._not_built(key, up.name, exc, attempt)
             return None
+        loop.until = bounds
         self.loops[key] = loop
         task = asyncio.create_task(self._run(key, loop), name=f"forward-{up.name}")
         self._tasks.add(task)
         self._running[up.name] += 1
         task.add_done_callback(functools.partial(self._ended, key, loop))
         return loop
+
+    def _lanes(self, key: str, until: int | None
+               ) -> tuple[tuple[int, ...], tuple[int | None, ...] | None]:
+        """The lanes ``key``'s loop may send, and a release's bounds (StreamForwarder.until):
+        with ``until``, every lane, those the profile holds up to that seq."""
+        sent = self.may_send(key)
+        if until is None:
+            return sent, None
+        return LANES, tuple(None if lane in sent else until for lane in LANES)
 
     def _ended(self, key: str, loop: StreamForwarder, task: asyncio.Task[None]) -> None:
         self._tasks.discard(task)
@@ -192,15 +204,31 @@ class Supervisor:
             lanes = self.may_send(key)
             if not lanes:
                 loop.stop()
-            elif lanes != loop.lanes:
+            elif lanes != loop.lanes or loop.until is not None:
                 # Fewer lanes: what is in flight settles, nothing more of the others is
                 # read. More: the next read takes them. Either way no resend is needed.
-                loop.lanes = lanes
+                # A release under way ends: the new profile says what goes.
+                loop.lanes, loop.until = lanes, None
                 loop.poke()
+        self._start_all()
+
+    def release(self) -> None:
+        """``max_hold_h``: send every key's events queued now, in every lane; then each
+        loop goes back to what ``may_send`` lets go, and what comes later is held as the
+        profile says (with its own max_hold_h)."""
+        until = self.spool.last_seq
+        for key, loop in list(self.loops.items()):
+            if not loop.stopping and not loop.released:
+                loop.lanes, loop.until = self._lanes(key, until)
+                loop.poke()
+        self._start_all(until)
+
+    def _start_all(self, until: int | None = None) -> None:
+        """Start a loop for every key with data that has none (parked keys wait)."""
         for key, stream in self.spool.streams.items():
             running = self.loops.get(key)
             if stream.depth and key not in self._lot and (running is None or running.released):
-                self._ensure(key)
+                self._ensure(key, until=until)
 
     def _park(self, key: str, delay: float, attempt: int, told: bool) -> None:
         up = self.cfg.route(key)

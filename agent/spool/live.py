@@ -43,6 +43,13 @@ class LiveRecords:
         for a in (self._ids, self._ns, self._observed):
             del a[:]
 
+    def observed(self, seq: int) -> int | None:
+        """The agent-observed receipt time of the live record holding ``seq``."""
+        i = bisect_right(self._ids, seq) - 1
+        if i < 0 or seq - self._ids[i] >= self._ns[i]:
+            return None
+        return self._observed[i]
+
     def settle(self, acked: Iterable[int],
                dead: Iterable[tuple[int, str, str]]) -> list[Settle]:
         """Group seqs by their record (seqs in no live record are left out); each

@@ -50,17 +50,20 @@ class Reader:
                                  tuple[list[bytes], list[Any] | None]] = OrderedDict()
 
     async def fetch(self, stream: int, after: int | Sequence[int], limit: int,
-                    lanes: Sequence[int] = LANES, max_bytes: int | None = None) -> Queued:
+                    lanes: Sequence[int] = LANES, max_bytes: int | None = None,
+                    until: Sequence[int | None] | None = None) -> Queued:
         """Up to ``limit`` events of one key's queue: each of ``lanes`` in turn (high first),
         its rows with seq > ``after`` (one cursor, or one per lane, indexed by lane),
-        oldest first. With ``max_bytes``, the read stops at the event that reaches it
-        (always one event at least): a count alone let 2,000 large events into memory."""
+        oldest first, and with ``until`` (per lane) none past ``until[lane]``. With
+        ``max_bytes``, the read stops at the event that reaches it (always one event at
+        least): a count alone let 2,000 large events into memory."""
         reader = self.host.reader
         if reader is None:
             return Queued([])
         cursors = (after,) * len(LANES) if isinstance(after, int) else tuple(after)
+        bounds = tuple(until) if until is not None else (None,) * len(LANES)
         try:
-            return await self._fetch(reader, stream, cursors, lanes, limit, max_bytes)
+            return await self._fetch(reader, stream, cursors, bounds, lanes, limit, max_bytes)
         except sqlite3.DatabaseError as exc:
             # Damage the header check missed at open shows up here; left alone it
             # would stop this key's forwarder for good.
@@ -75,29 +78,30 @@ class Reader:
         if reader is None:
             return Queued([])
         try:
-            return await self._fetch(reader, stream, cursors, lanes, limit, max_bytes)
+            return await self._fetch(reader, stream, cursors, bounds, lanes, limit, max_bytes)
         except sqlite3.DatabaseError:
             return Queued([])  # read again at the next step
 
     async def _fetch(self, reader: SqliteThread, stream: int, cursors: tuple[int, ...],
-                     lanes: Sequence[int], limit: int, max_bytes: int | None) -> Queued:
-        runs, damaged = await reader.run(self._fetch_runs, stream, cursors, lanes, limit,
-                                         max_bytes)
+                     bounds: tuple[int | None, ...], lanes: Sequence[int], limit: int,
+                     max_bytes: int | None) -> Queued:
+        runs, damaged = await reader.run(self._fetch_runs, stream, cursors, bounds, lanes,
+                                         limit, max_bytes)
         if damaged:
             self.host.discard(damaged)
         return Queued(runs)
 
     def _fetch_runs(self, conn: sqlite3.Connection, stream: int, cursors: tuple[int, ...],
-                    lanes: Sequence[int], limit: int, max_bytes: int | None
-                    ) -> tuple[list[Run], list[int]]:
+                    bounds: tuple[int | None, ...], lanes: Sequence[int], limit: int,
+                    max_bytes: int | None) -> tuple[list[Run], list[int]]:
         runs: list[Run] = []
         damaged: list[int] = []
         left, room = limit, max_bytes
         for lane in sorted(lanes):   # high first
             if not left:
                 break
-            left, room = self._lane_runs(conn, stream, lane, cursors[lane], left, room, runs,
-                                         damaged)
+            left, room = self._lane_runs(conn, stream, lane, cursors[lane], bounds[lane], left,
+                                         room, runs, damaged)
         if damaged:
             # Here, on the reader thread, which alone uses the cache: cleared from the
             # loop, it could change under another key's fetch.
@@ -105,11 +109,11 @@ class Reader:
         return runs, damaged
 
     def _lane_runs(self, conn: sqlite3.Connection, stream: int, lane: int, after: int,
-                   left: int, room: int | None, runs: list[Run], damaged: list[int]
-                   ) -> tuple[int, int | None]:
-        """Append up to ``left`` of one lane's events after ``after``, and while their
-        bytes have not filled ``room``, as runs: one range of the (stream, lane, id) index.
-        Returns how many more events, and bytes, may be taken."""
+                   until: int | None, left: int, room: int | None, runs: list[Run],
+                   damaged: list[int]) -> tuple[int, int | None]:
+        """Append up to ``left`` of one lane's events after ``after`` (up to ``until``),
+        and while their bytes have not filled ``room``, as runs: one range of the
+        (stream, lane, id) index. Returns how many more events, and bytes, may be taken."""
         # From the record holding ``after`` (a cursor may stop inside a record).
         start = conn.execute("SELECT max(id) FROM records WHERE stream = ? AND lane = ? "
                              "AND id <= ?", (stream, lane, after)).fetchone()[0] or 0
@@ -117,6 +121,8 @@ class Reader:
                            "WHERE stream = ? AND lane = ? AND id >= ? ORDER BY id",
                            (stream, lane, start))
         for rid, family, n, received, gone, data in cur:
+            if until is not None and rid > until:
+                break
             if rid + n <= after + 1:
                 continue
             got = self._unpack(rid, data, n)
@@ -125,13 +131,14 @@ class Reader:
                 continue
             whole = Run(rid, stream, family, received, *got, lane)
             o = max(0, after + 1 - rid)
+            stop = n if until is None else min(n, until + 1 - rid)
             # Whole stretches of live events, not one object per event: runs end only at
             # events already acked (a bit in ``gone``), or at the limit.
-            while o < n and left:
+            while o < stop and left:
                 if gone is not None and gone[o >> 3] & (1 << (o & 7)):
                     o += 1
                     continue
-                end = min(n, o + left)
+                end = min(stop, o + left)
                 if gone is not None:
                     end = next((e for e in range(o, end) if gone[e >> 3] & (1 << (e & 7))), end)
                 if room is not None:
@@ -169,11 +176,14 @@ class Reader:
         """The receipt time of the oldest event queued in ``lanes`` (of one ``stream``, or
         of every key): the head of each (key, lane) (records_lane), not a scan of every
         record."""
-        heads = " UNION ALL ".join(
-            f"SELECT (SELECT received FROM records WHERE stream = s.id AND lane = {int(lane)} "
-            "ORDER BY id LIMIT 1) AS r FROM streams s"
-            + ("" if stream is None else f" WHERE s.id = {int(stream)}") for lane in lanes)
-        rows = await self.read(f"SELECT min(r) FROM ({heads})")
+        rows = await self.read(f"SELECT min(r) FROM ({_heads(lanes, stream, 'received')})")
+        return int(rows[0][0]) if rows and rows[0][0] is not None else None
+
+    async def oldest_seq(self, lanes: Sequence[int] = LANES,
+                         stream: int | None = None) -> int | None:
+        """The first seq of the earliest record queued in ``lanes`` (as oldest_received):
+        received first, whatever the wall clock said then."""
+        rows = await self.read(f"SELECT min(r) FROM ({_heads(lanes, stream, 'id')})")
         return int(rows[0][0]) if rows and rows[0][0] is not None else None
 
     async def dead_letters(self, limit: int = 100) -> list[dict[str, Any]]:
@@ -195,6 +205,15 @@ class Reader:
             if self.host.reader is not reader or is_corruption(exc):
                 return []
             raise
+
+
+def _heads(lanes: Sequence[int], stream: int | None, column: str) -> str:
+    """SQL for ``column`` of the head record of each (key, lane), as ``r``: one index
+    lookup each (records_lane)."""
+    return " UNION ALL ".join(
+        f"SELECT (SELECT {column} FROM records WHERE stream = s.id AND lane = {int(lane)} "
+        "ORDER BY id LIMIT 1) AS r FROM streams s"
+        + ("" if stream is None else f" WHERE s.id = {int(stream)}") for lane in lanes)
 
 
 def _within(bodies: list[bytes], start: int, end: int, room: int) -> tuple[int, int]:

@@ -31,7 +31,7 @@ from agent.spool import commit as spool_commit
 from agent.spool import db as spool_db
 from agent.spool.aside import done, marker, move_aside, note, pending, target
 from agent.spool.books import Books
-from agent.spool.db import SqliteThread
+from agent.spool.db import PAST, SqliteThread
 from agent.spool.dedupe import DedupeIndex
 from agent.spool.live import LiveRecords
 from agent.spool.migrate import ensure, refuse_newer
@@ -128,16 +128,29 @@ class Spool:
         await self.writer.dead_letter(rows)
 
     async def fetch(self, stream: int, after: int | Sequence[int], limit: int,
-                    lanes: Sequence[int] = LANES, max_bytes: int | None = None) -> Queued:
+                    lanes: Sequence[int] = LANES, max_bytes: int | None = None,
+                    until: Sequence[int | None] | None = None) -> Queued:
         """Up to ``limit`` events of one key's queue, lane by lane, high first: each lane's
-        with seq > ``after`` (or ``after[lane]``), oldest first, and with ``max_bytes`` up
-        to the event whose bytes reach it; a sequence of Rows, read as whole runs of
-        records (types.Queued)."""
-        return await self.reader_side.fetch(stream, after, limit, lanes, max_bytes)
+        with seq > ``after`` (or ``after[lane]``) and, with ``until``, none past
+        ``until[lane]``, oldest first, and with ``max_bytes`` up to the event whose bytes
+        reach it; a sequence of Rows, read as whole runs of records (types.Queued)."""
+        return await self.reader_side.fetch(stream, after, limit, lanes, max_bytes, until)
 
     async def oldest_received(self, lanes: Sequence[int] = LANES,
                               stream: int | None = None) -> int | None:
         return await self.reader_side.oldest_received(lanes, stream)
+
+    async def oldest_seq(self, lanes: Sequence[int] = LANES,
+                         stream: int | None = None) -> int | None:
+        return await self.reader_side.oldest_seq(lanes, stream)
+
+    def observed_age_ms(self, seq: int) -> int | None:
+        """How long ago, in agent-observed time, the live event ``seq`` was received (at
+        most a minute short); None if unknown (queued before the agent counted it)."""
+        received = self.live.observed(seq)
+        if received is None or received <= PAST:
+            return None
+        return max(0, self.observed_ms() - received)
 
     async def dead_letters(self, limit: int = 100) -> list[dict[str, Any]]:
         return await self.reader_side.dead_letters(limit)
@@ -430,6 +443,11 @@ class Spool:
     @property
     def depth(self) -> int:
         return self.books.depth
+
+    @property
+    def last_seq(self) -> int:
+        """The seq of the last event received (committed, or being committed)."""
+        return self.books.next_seq - 1
 
     @property
     def used_bytes(self) -> int:

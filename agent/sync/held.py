@@ -7,8 +7,9 @@ for events no release can send.
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Sequence
+from collections.abc import Awaitable, Callable, Iterable, Sequence
 
+from agent.clock import age_s
 from agent.families.lanes import LANES, NAMES
 from agent.settings import Config
 from agent.spool import Spool
@@ -18,16 +19,35 @@ from agent.spool.types import Stream
 async def oldest_routed(cfg: Config, spool: Spool, lanes: Sequence[int] = LANES) -> int | None:
     """The receipt time of the oldest event of ``lanes`` an upstream takes; None if there
     is none."""
+    return await _least(cfg, spool, lanes, spool.oldest_received)
+
+
+async def held_age_s(cfg: Config, spool: Spool, lanes: Sequence[int] = LANES) -> float | None:
+    """How long the oldest event of ``lanes`` an upstream takes has waited, in seconds, by
+    the wall clock or by the time the agent saw pass, whichever says longer: a clock set
+    back after the events arrived must not hold them for good. None if there is none."""
+    received = await oldest_routed(cfg, spool, lanes)
+    if received is None:
+        return None
+    seq = await _least(cfg, spool, lanes, spool.oldest_seq)
+    observed = spool.observed_age_ms(seq) if seq is not None else None
+    return max(age_s(received), (observed or 0) / 1000)
+
+
+async def _least(cfg: Config, spool: Spool, lanes: Sequence[int],
+                 read: Callable[[Sequence[int], int | None], Awaitable[int | None]]
+                 ) -> int | None:
+    """The least of ``read``'s answers for the heads of the routed keys."""
     if any("*" in up.keys for up in cfg.upstreams):
-        return await spool.oldest_received(lanes)   # every key is routed: the heads
+        return await read(lanes, None)   # every key is routed: the heads
     # Only keys named in the config are routed: a handful of heads, one read each.
-    oldest: int | None = None
+    least: int | None = None
     for key, stream in list(spool.streams.items()):
         if stream.depth and cfg.route(key) is not None:
-            head = await spool.oldest_received(lanes, stream.id)
-            if head is not None and (oldest is None or head < oldest):
-                oldest = head
-    return oldest
+            head = await read(lanes, stream.id)
+            if head is not None and (least is None or head < least):
+                least = head
+    return least
 
 
 def held_by_lane(cfg: Config, streams: Iterable[Stream], lanes: Sequence[int]) -> dict[str, int]:

@@ -5,10 +5,10 @@ supervisor's re-gating) runs whenever the answer may have changed. Sources run
 only for rules that are set: with the defaults, nothing is watched or polled.
 
 ``max_hold_h`` is kept by one waiter: while holding (``hold``, or ``priority_only``
-for the normal lane), it sleeps until the oldest held event is that old, then
-opens the gate for one moment (every key with data starts a loop, or widens its
-running one to every lane, which sends until its queue is empty) and closes it
-again.
+for the normal lane), it sleeps until the oldest held event is that old (by the
+wall clock or by the time the agent saw pass: a clock set back must not hold events
+for good), then releases (``on_release``): every key sends what it has queued then,
+and holds again what comes after.
 """
 
 from __future__ import annotations
@@ -19,8 +19,6 @@ import logging
 from collections.abc import Awaitable, Callable
 from typing import Protocol, TypedDict
 
-from agent.clock import age_s
-from agent.families.lanes import LANES
 from agent.logs import log_limited
 from agent.settings import SyncConfig
 from agent.sync.changes import Changes, Timers
@@ -59,20 +57,20 @@ class SyncMonitor:
     """The transmit profile in force, and the gate the forwarders ask."""
 
     def __init__(self, cfg: SyncConfig, metered: MeteredSource, battery: BatterySensor,
-                 oldest: Callable[[tuple[int, ...]], Awaitable[int | None]], waits: Waits,
-                 on_change: Callable[[], None]) -> None:
+                 oldest: Callable[[tuple[int, ...]], Awaitable[float | None]], waits: Waits,
+                 on_change: Callable[[], None], on_release: Callable[[], None]) -> None:
         self.cfg = cfg
         self._source = metered
         self._sensor = battery
         self._oldest = oldest
         self._waits = waits
         self.on_change = on_change
+        self.on_release = on_release
         watched = "not read yet" if cfg.on_metered != NORMAL else "not watched (sync.on_metered)"
         self.metered = MeteredReading(Metered.UNKNOWN, watched)
         self.battery: Battery | None = None
         self.profile = decide(cfg, self.metered, None)
         self.releases = 0
-        self._releasing = False
         self._first = asyncio.Event()
         self._battery_read = asyncio.Event()
         self._changed = asyncio.Event()   # the profile changed, or data came to an empty hold
@@ -130,7 +128,7 @@ class SyncMonitor:
 
     def may_send(self, key: str) -> tuple[int, ...]:
         """The lanes of ``key`` that may be sent now (none: its loop may not run)."""
-        return LANES if self._releasing else sent_lanes(self.profile.mode)
+        return sent_lanes(self.profile.mode)
 
     def on_new_data(self) -> None:
         """After a commit: a hold with nothing queued now has an oldest event to time."""
@@ -184,12 +182,12 @@ class SyncMonitor:
             if not held:
                 await self._changed.wait()
                 continue
-            oldest = await self._oldest(held)
-            if oldest is None:
+            age = await self._oldest(held)
+            if age is None:
                 self._empty = True
                 await self._changed.wait()
                 continue
-            left = limit_s - age_s(oldest)
+            left = limit_s - age
             if left > 0:
                 # Rechecked at least hourly: the wall clock the age is read by can be set.
                 await self._waits.wait(self._changed, min(left, 3600.0))
@@ -201,8 +199,4 @@ class SyncMonitor:
         log.info("holding (%s), but the oldest queued event is %g h old (sync.max_hold_h): "
                  "sending everything queued", self.profile.reason, self.cfg.max_hold_h)
         self.releases += 1
-        self._releasing = True
-        try:
-            self.on_change()
-        finally:
-            self._releasing = False
+        self.on_release()
