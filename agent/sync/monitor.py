@@ -182,11 +182,13 @@ class SyncMonitor:
             if not held:
                 await self._changed.wait()
                 continue
+            # Before the look: a commit while it reads then wakes the wait below.
+            self._empty = True
             age = await self._oldest(held)
             if age is None:
-                self._empty = True
                 await self._changed.wait()
                 continue
+            self._empty = False
             left = limit_s - age
             if left > 0:
                 # Rechecked at least hourly: the wall clock the age is read by can be set.
