@@ -87,22 +87,28 @@ class SyncMonitor:
         """Start the sources; wait briefly for the first metered reading, so a hold on a
         metered network holds from the first send."""
         if self.cfg.on_low_battery != NORMAL:
-            self._run("battery", self._poll_battery)
+            self._run("battery", self._poll_battery, self._battery_lost)
             with contextlib.suppress(asyncio.TimeoutError):   # a low battery holds at once too
                 await asyncio.wait_for(self._battery_read.wait(), FIRST_READING_S)
         if self.cfg.on_metered != NORMAL:
-            self._run("metered network", lambda: self._source.watch(self._metered))
+            self._run("metered network", lambda: self._source.watch(self._metered),
+                      lambda: self._metered(MeteredReading(Metered.UNKNOWN, self.last_error)))
             with contextlib.suppress(asyncio.TimeoutError):
                 await asyncio.wait_for(self._first.wait(), FIRST_READING_S)
         if self.cfg.on_metered != NORMAL or self.cfg.on_low_battery != NORMAL:
             self._run("max_hold_h", self._keep_max_hold)
 
-    def _run(self, what: str, work: Callable[[], Awaitable[None]]) -> None:
-        self._tasks.append(asyncio.create_task(self._supervise(what, work), name=f"sync-{what}"))
+    def _run(self, what: str, work: Callable[[], Awaitable[None]],
+             lost: Callable[[], None] = lambda: None) -> None:
+        self._tasks.append(asyncio.create_task(self._supervise(what, work, lost),
+                                               name=f"sync-{what}"))
 
-    async def _supervise(self, what: str, work: Callable[[], Awaitable[None]]) -> None:
+    async def _supervise(self, what: str, work: Callable[[], Awaitable[None]],
+                         lost: Callable[[], None]) -> None:
         """Run ``work`` for good: whatever it raises is logged with its traceback, counted,
-        shown as ``last_error``, and it starts again (a bug must not freeze the profile)."""
+        shown as ``last_error``, ``lost`` forgets its reading (a failed source reads as
+        unknown: it must not keep a hold), and it starts again (a bug must not freeze the
+        profile)."""
         while True:
             try:
                 await work()
@@ -112,8 +118,7 @@ class SyncMonitor:
                 self.last_error = f"{what}: {type(exc).__name__}: {exc}"
                 log.error("transmit profile: watching the %s failed; restarting in %gs",
                           what, RESTART_S, exc_info=exc)
-                if what == "metered network":   # no reading now: unknown is normal
-                    self._metered(MeteredReading(Metered.UNKNOWN, self.last_error))
+                lost()
             await self._waits.wait(self._never, RESTART_S)
 
     async def stop(self) -> None:
@@ -154,6 +159,11 @@ class SyncMonitor:
             self._metered_lines.log("metered network: %s (%s)", reading.state.value, reading.detail)
         self.metered = reading
         self._first.set()
+        self._update()
+
+    def _battery_lost(self) -> None:
+        self.battery = None   # as no battery: never low
+        self._battery_read.set()   # start need not wait for a reading that failed
         self._update()
 
     async def _poll_battery(self) -> None:
