@@ -15,6 +15,7 @@ from typing import Any
 import aiohttp
 import orjson
 
+from agent.clock import Clock
 from agent.families.event import NUCLEUS, Event, dedupe_key
 from agent.families.lanes import HIGH, NORMAL
 from agent.forwarder.supervisor import Seams
@@ -234,3 +235,26 @@ async def test_a_lane_change_during_a_read_sends_nothing_read_under_the_old_lane
                    and "app1" not in agent.forwarding.loops)
     assert [ev["id"] for ev in fake_nucleus.events] == [2]
     assert agent.spool.streams["app1"].depth == 1   # 1, normal: held
+
+
+async def test_a_busy_high_lane_leaves_the_normal_lane_a_share(
+        make_agent: Any, fake_nucleus: FakeNucleus, clock: Clock) -> None:
+    """An app in an error loop keeps the high lane full: normal events must still go (a
+    batch of them after every few high batches), each lane FIFO."""
+    timing = ManualTiming()
+    battery = {"now": Battery(percent=9, plugged=False)}   # holds while the backlog is posted
+    agent = await make_agent(upstreams=[{**nucleus_up(fake_nucleus), "batch_max_events": 5}],
+                             seams=Seams(timing=timing), battery=lambda: battery["now"],
+                             sync={"on_low_battery": "hold", "low_battery_pct": 20})
+    await post(agent.port, [(i, "event") for i in range(1, 11)])
+    await post(agent.port, [(i, "error") for i in range(100, 160)])   # high: 12 batches
+    clock.passed_ms += 1000   # every queued event is due
+    battery["now"] = Battery(percent=9, plugged=True)
+    await wait_for(lambda: BATTERY_POLL_S in timing.pending())
+    timing.advance(BATTERY_POLL_S)
+    await wait_for(lambda: agent.spool.depth == 0)
+    ids = [ev["id"] for ev in fake_nucleus.events]
+    normal = [i for i in ids if i < 100]
+    assert normal == list(range(1, 11))
+    assert [i for i in ids if i >= 100] == list(range(100, 160))
+    assert ids.index(1) < 30, ids   # not after the whole high lane
