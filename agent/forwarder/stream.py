@@ -2,7 +2,9 @@
 
 One StreamForwarder runs for each (upstream, local key) pair, so FIFO per (key,
 lane) is natural: each read takes the high lane's rows first, then the normal
-lane's (agent/families/lanes.py), each lane in seq order from its own cursor, and
+lane's (agent/families/lanes.py; after NORMAL_SHARE high batches in a row with normal
+events waiting, one read takes a batch of the normal lane alone), each lane in seq
+order from its own cursor, and
 only the lanes the transmit profile lets go (``lanes``; a ``max_hold_h`` release adds
 the others up to a seq, ``until``). Rows are leased only in
 memory (the cursors plus the uplink's in-flight set): after any failure every
@@ -29,7 +31,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from agent.clock import until_due
-from agent.families.lanes import LANES
+from agent.families.lanes import HIGH, LANES, NORMAL
 from agent.forwarder.backoff import BACKOFF, Backoff
 from agent.forwarder.slots import Slots
 from agent.forwarder.state import UpstreamState
@@ -55,6 +57,9 @@ OMITTED_LIMIT = 6
 PASSED_OVER = 2
 OMITTED_KEPT = 10_000  # counts kept per key; past it (seqs gone another way) they restart
 ACK_GROUP = 20  # batches' worth of acked rows deleted per spool call while rows keep coming
+# The high lane goes first, but not for ever: after this many high batches in a row with
+# normal events waiting (an app in an error loop), one batch of the normal lane goes.
+NORMAL_SHARE = 4
 
 
 # Told of each upstream ack: (upstream, key, the batch's rows, the seqs acked). The live
@@ -128,6 +133,7 @@ class StreamForwarder:
         # the profile's own lanes. Once sent, the loop goes back to those lanes alone.
         self.until: tuple[int | None, ...] | None = None
         self._cursors = [0] * len(LANES)      # per lane: the last seq sent
+        self._high_run = 0   # high batches sent in a row with normal events waiting
         self._tasks: set[asyncio.Task[None]] = set()
         self._acking: set[asyncio.Task[None]] = set()  # spool deletes of upstream-acked rows
         self._held: list[int] = []  # upstream-acked rows not yet handed to spool.ack
@@ -219,13 +225,19 @@ class StreamForwarder:
     async def _read(self, batches: int) -> None:
         """Read and send up to ``batches`` batches of the key's queue (one slot each)."""
         lanes = self.lanes
+        share = self._high_run >= NORMAL_SHARE and NORMAL in lanes   # see NORMAL_SHARE
+        if share:
+            self._high_run, batches = 0, 1
         rows = await self.spool.fetch(self.stream.id, self._cursors,
-                                      self.cfg.batch_max_events * batches, lanes,
+                                      self.cfg.batch_max_events * batches,
+                                      (NORMAL,) if share else lanes,
                                       self.cfg.batch_max_bytes * batches, self.until)
         if self._failed is not None or self._crash is not None:
             return  # a batch failed during the read: nothing new goes out before the resend
         if self.lanes != lanes:
             return  # the lanes changed during the read: what it read may not go out
+        if share and not (rows and (self._full(rows) or self._due(rows))):
+            return  # none of it to send yet (in flight, or not due): the high lane goes on
         await self._after_read(rows)
 
     async def _after_read(self, rows: Queued) -> None:
@@ -282,6 +294,7 @@ class StreamForwarder:
         # it then dropped) the drain's bottleneck.
         while batch.rows:
             self._advance(batch.rows)
+            self._count_high(batch.rows)
             self._granted -= 1
             self._track(self._tasks, self._deliver(batch)).add_done_callback(
                 lambda _: self.slots.give())
@@ -290,6 +303,13 @@ class StreamForwarder:
                     not self._full(rows) and not self._due(rows)):
                 return
             batch = self.uplink.prepare(rows)
+
+    def _count_high(self, sent: Sequence[Row]) -> None:
+        """Count a batch of the high lane alone sent while normal events wait."""
+        if sent[-1].lane == HIGH and NORMAL in self.lanes and self.stream.queued((NORMAL,)):
+            self._high_run += 1
+        else:
+            self._high_run = 0
 
     def _released_sent(self) -> None:
         """What a max_hold_h release let go is sent and answered: back to the profile's
