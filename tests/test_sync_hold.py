@@ -95,8 +95,8 @@ async def test_after_a_release_under_priority_only_the_normal_lane_waits_again(
     # The key's loop goes back to the high lane alone.
     loops = agent.forwarding.loops
     await wait_for(lambda: all(loop.lanes == (HIGH,) for loop in loops.values()), timeout=4)
-    await post(agent.port, range(6, 7), kind="error")   # high: sent as ever
-    clock.passed_ms += 30_000   # its batch is due (flush_interval_s)
+    await post(agent.port, range(6, 7), kind="error")   # high: sent as ever...
+    agent.forwarding.flush()   # ...now, not after flush_interval_s (real seconds)
     await wait_for(lambda: 6 in sent(fake_nucleus))
     assert sent(fake_nucleus) == [1, 2, 3, 6] and agent.spool.depth == 2
     assert all(loop.lanes == (HIGH,) for loop in loops.values())
