@@ -52,6 +52,8 @@ FETCH_FACTOR = 4  # rows fetched per spool read, in batches
 # reached it), nothing.
 OMITTED_LIMIT = 6
 PASSED_OVER = 2
+# How long a stop (a shutdown, a reload, a hold) waits for the batches in flight.
+STOP_GRACE_S = 5.0
 OMITTED_KEPT = 10_000  # counts kept per key; past it (seqs gone another way) they restart
 ACK_GROUP = 20  # batches' worth of acked rows deleted per spool call while rows keep coming
 
@@ -103,8 +105,9 @@ class StreamForwarder:
                  lanes: tuple[int, ...] = LANES,
                  timing: Timing = LOOP_TIMING, backoff: Backoff = BACKOFF,
                  on_acked: AckHook = ignore_acks, omitted: LeftOut | None = None,
-                 slots: Slots | None = None) -> None:
+                 slots: Slots | None = None, grace_s: float = STOP_GRACE_S) -> None:
         self.cfg = cfg
+        self.grace_s = grace_s   # a stop's wait for the batches in flight
         # The upstream's batches in flight, shared by its keys' loops (slots.py).
         self.slots = Slots() if slots is None else slots
         self._granted = 0   # slots taken, not yet given to a batch
@@ -151,7 +154,7 @@ class StreamForwarder:
                 await self._step()
         finally:
             self._leave_slots()   # first: whatever the settle raises, none is kept
-            await self._settle(timeout=5.0)
+            await self._settle(timeout=self.grace_s)
             await self.uplink.close()
             if self.stopping and self._failed is not None and self.release is not None \
                     and not self.released:

@@ -53,7 +53,14 @@ from agent.forwarder.parking import Parked, ParkingLot
 from agent.forwarder.probe import PROBE_TIMEOUT_S, Prober
 from agent.forwarder.slots import Slots
 from agent.forwarder.state import UpstreamState
-from agent.forwarder.stream import AckHook, LeftOut, Release, StreamForwarder, ignore_acks
+from agent.forwarder.stream import (
+    STOP_GRACE_S,
+    AckHook,
+    LeftOut,
+    Release,
+    StreamForwarder,
+    ignore_acks,
+)
 from agent.forwarder.timing import LOOP_TIMING, Timer, Timing
 from agent.logs import log_limited
 from agent.metrics import Metrics
@@ -78,14 +85,16 @@ NetWatcher = Callable[[Callable[[], None]], NetWatch | None]
 @dataclass(frozen=True)
 class Seams:
     """What the forwarders are built with besides config: how an uplink is made, the
-    time they wait by, their backoff policy and what tells them the network changed.
-    Tests replace these to inject faults, to let time pass without waiting, and to
-    keep other processes' network changes out of a test about probing."""
+    time they wait by, their backoff policy, what tells them the network changed and
+    how long a stop waits for batches in flight. Tests replace these to inject faults,
+    to let time pass without waiting, to keep other processes' network changes out of
+    a test about probing, and to cut a batch short without waiting 5 s."""
 
     make_uplink: UplinkFactory = make_uplink
     timing: Timing = LOOP_TIMING
     backoff: Backoff = BACKOFF
     watch_network: NetWatcher = watch
+    grace_s: float = STOP_GRACE_S
 
 
 class Supervisor:
@@ -158,7 +167,7 @@ class Supervisor:
                                    attempt=attempt, lanes=lanes, timing=self.seams.timing,
                                    backoff=self.seams.backoff, on_acked=self.on_acked,
                                    omitted=self._omitted.setdefault(key, LeftOut()),
-                                   slots=self._slots[up.name])
+                                   slots=self._slots[up.name], grace_s=self.seams.grace_s)
         except Exception as exc:  # noqa: BLE001 - a bug: reported, and the key tried again
             self._not_built(key, up.name, exc, attempt)
             return None
