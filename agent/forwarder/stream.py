@@ -108,6 +108,7 @@ class StreamForwarder:
                  slots: Slots | None = None, grace_s: float = STOP_GRACE_S) -> None:
         self.cfg = cfg
         self.grace_s = grace_s   # a stop's wait for the batches in flight
+        self.cut_short = 0       # sends a stop cancelled after that wait
         # The upstream's batches in flight, shared by its keys' loops (slots.py).
         self.slots = Slots() if slots is None else slots
         self._granted = 0   # slots taken, not yet given to a batch
@@ -425,10 +426,20 @@ class StreamForwarder:
             case Acked() | Retry():
                 await self._apply(result, batch, batch.refused)
 
-    def _send(self, batch: Prepared) -> Coroutine[Any, Any, SendResult]:
-        """The uplink's send of ``batch``, counted (``sent``: resends count again)."""
+    async def _send(self, batch: Prepared) -> SendResult:
+        """The uplink's send of ``batch``, counted (``sent``: resends count again). A stop
+        that cuts it short (``grace_s`` ran out) keeps what the upstream acknowledged of it
+        meanwhile (a websocket acknowledges a frame's events as replies come): only the
+        rest is sent again."""
         self.state.sent += len(batch.seqs)
-        return self.uplink.send(batch)
+        try:
+            return await self.uplink.send(batch)
+        except asyncio.CancelledError:
+            self.cut_short += 1
+            acked = self.uplink.acknowledged(batch)
+            if acked:
+                await self._apply(Acked(acked), batch)
+            raise
 
     async def _split(self, batch: Prepared, reason: str) -> None:
         """Bisect a refused batch until the events that cause it are isolated."""
@@ -530,15 +541,14 @@ class StreamForwarder:
 
     async def _settle(self, timeout: float | None = None) -> None:
         """Let every in-flight batch finish, so no row is sent twice concurrently, then
-        the deletes of the rows they acked (held ones included)."""
-        loop = asyncio.get_running_loop()
-        deadline = None if timeout is None else loop.time() + timeout
+        the deletes of the rows they acked (held ones included). With a ``timeout`` (a
+        stop), each gets that long before it is cut short: the deletes too, or what a
+        batch cut short had acknowledged would be sent again."""
         for tasks in (self._tasks, self._acking):
             self._ack_held()
             if not tasks:
                 continue
-            left = None if deadline is None else max(deadline - loop.time(), 0.0)
-            done, pending = await asyncio.wait(set(tasks), timeout=left)
+            done, pending = await asyncio.wait(set(tasks), timeout=timeout)
             for task in pending:
                 task.cancel()
             for task in pending:

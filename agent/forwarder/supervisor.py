@@ -359,12 +359,18 @@ class Supervisor:
         if self._netwatch is not None:
             self._netwatch.close()
             self._netwatch = None
-        for loop in self.loops.values():
+        loops = list(self.loops.values())
+        for loop in loops:
             loop.stop()
         if self._tasks:
             await asyncio.gather(*self._tasks, return_exceptions=True)
         self._tasks.clear()
         self.loops.clear()
+        cut = sum(loop.cut_short for loop in loops)
+        if cut:
+            log.warning("stopping the forwarders: %d batch(es) still unanswered after %gs were "
+                        "cut short; what the upstream did not acknowledge of them will be "
+                        "sent again", cut, self.seams.grace_s)
         if self._session is not None:
             await self._session.close()
             self._session = None
