@@ -270,7 +270,7 @@ class Agent:
         self.sink.enrich.lanes = Lanes(new.upstreams)   # and classified by the new rules
         # In-flight batches settle before the new forwarders start: nothing sent twice.
         if old is not None:
-            await old.stop()
+            await old.stop(handover=True)
         if sync_changed:   # the new rules' sources, read before the new loops ask them
             await self.sync.stop()
             self.sync = self._monitor(new)
@@ -281,6 +281,7 @@ class Agent:
                                      self.sync.may_send, self.tail.acked)
         if old is not None:
             _carry_states(old, self.forwarding)
+            self.forwarding.take_over(old)
         self.sink.set_accept_keys(new.listen.accept_keys)
         await self.forwarding.start()
         log.info("configuration reloaded from %s", new.source)
