@@ -542,13 +542,14 @@ class StreamForwarder:
     async def _settle(self, timeout: float | None = None) -> None:
         """Let every in-flight batch finish, so no row is sent twice concurrently, then
         the deletes of the rows they acked (held ones included). With a ``timeout`` (a
-        stop), each gets that long before it is cut short: the deletes too, or what a
-        batch cut short had acknowledged would be sent again."""
-        for tasks in (self._tasks, self._acking):
+        stop), the batches get that long before they are cut short; the deletes are
+        waited for in full (local, as the spool's own close waits for its commits): one
+        cancelled might commit only after the next loop read its rows, and send them."""
+        for tasks, limit in ((self._tasks, timeout), (self._acking, None)):
             self._ack_held()
             if not tasks:
                 continue
-            done, pending = await asyncio.wait(set(tasks), timeout=timeout)
+            done, pending = await asyncio.wait(set(tasks), timeout=limit)
             for task in pending:
                 task.cancel()
             for task in pending:
