@@ -1,7 +1,7 @@
 """A reload (SIGHUP) with work under way (docs/operations.md "Reload (SIGHUP)"): what the
 upstream acknowledged of a batch the reload cut short is never sent again; a key whose
-upstream is unchanged keeps its Retry-After, and the upstream its outage; the log names
-every section a reload does not apply.
+upstream is unchanged keeps its Retry-After and backoff step, and the upstream its
+outage; the log names every section a reload does not apply.
 
 In-process agents; ``Agent.reload`` is what SIGHUP runs. Where a wait matters the
 forwarder clock is manual (tests/fakes/manual_timing.py): a wait is proved by the timers
@@ -18,15 +18,17 @@ from typing import Any, cast
 
 import pytest
 
+from agent.forwarder.backoff import Backoff
 from agent.forwarder.probe import PROBE_S
 from agent.forwarder.supervisor import Seams
 from agent.uplinks.nucleus_ws import NucleusWsUplink
 from tests.conftest import write_config
+from tests.fakes.faulty_upstream import Fault, FaultyUpstream
 from tests.fakes.manual_timing import ManualTiming
 from tests.fakes.nucleus_upstream import FakeNucleus
 from tests.fakes.ops_scene import RefusingUpstream
 from tests.test_resume import NO_NETWATCH, down_nucleus, parked_while_down, quiet, seams
-from tests.test_upstream_faults import event, send
+from tests.test_upstream_faults import event, send, upstream
 from tests.waiting import wait_for
 
 __all__ = ["down_nucleus"]   # the fixture, used below
@@ -76,6 +78,23 @@ async def test_a_reload_keeps_an_unchanged_upstreams_retry_after(
         assert fake_nucleus.ids() == [0, 1]
     finally:
         await busy.stop()
+
+
+async def test_a_retry_under_way_at_a_reload_keeps_its_backoff_step(
+        make_agent: Any, faulty: FaultyUpstream) -> None:
+    faulty.script = [Fault("status", 503), Fault("timeout", delay=30.0), Fault("status", 503)]
+    timing = ManualTiming()
+    agent = await make_agent(upstreams=[upstream(faulty, "nucleus-http", timeout_s=20)],
+                             seams=seams(timing, Backoff(base_s=8.0), grace_s=0.1))
+    await send(agent, [event(0)])
+    await quiet(agent, timing, 1)   # parked after the 503: a backoff of 4-8 s
+    timing.advance(timing.pending()[0])
+    await wait_for(lambda: len(faulty.requests) == 2)   # the retry, which the upstream holds
+    await agent.reload()   # the same config: the retry is cut short, and sent again
+    await wait_for(lambda: len(faulty.requests) == 3)
+    await quiet(agent, timing, 1)
+    # Its 503 is the second failure in a row: 8-16 s, not the first step's 4-8 s again.
+    assert timing.pending()[0] >= 8.0, timing.pending()
 
 
 async def test_a_reload_during_an_outage_keeps_when_it_began(
