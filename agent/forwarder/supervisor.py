@@ -130,8 +130,9 @@ class Supervisor:
     def take_over(self, old: Supervisor) -> None:
         """A reload, before ``start``: an upstream whose name, url, protocol and key are
         unchanged keeps its outage (probe.py), and each of its parked keys still routed
-        to it its retry time and backoff step: a Retry-After is waited out in full. A
-        changed upstream starts afresh. ``old`` has stopped, with ``handover``."""
+        to it its retry time and backoff step (a retry the stop cut short: its step, and
+        no wait): a Retry-After is waited out in full. A changed upstream starts afresh.
+        ``old`` has stopped, with ``handover``."""
         kept = {u.name for u in self.cfg.upstreams
                 if (was := _named(old.cfg, u.name)) is not None and _same(was, u)}
         self._handed = {name: old.probers[name] for name in kept if name in old.probers}
@@ -151,7 +152,7 @@ class Supervisor:
             else:   # a new or changed upstream: an outage of what it was is not its own
                 self.states[up.name].unreachable_since = None
         self._netwatch = self.seams.watch_network(self.network_changed)
-        self._set_timer()   # keys parked before a reload (take_over)
+        self._retry()   # keys parked before a reload (take_over): those due start now
         for key in list(self.spool.streams):
             if key not in self._lot:
                 self._ensure(key)
@@ -387,14 +388,19 @@ class Supervisor:
         if self._netwatch is not None:
             self._netwatch.close()
             self._netwatch = None
-        loops = list(self.loops.values())
-        for loop in loops:
+        loops = list(self.loops.items())
+        for _, loop in loops:
             loop.stop()
         if self._tasks:
             await asyncio.gather(*self._tasks, return_exceptions=True)
         self._tasks.clear()
         self.loops.clear()
-        cut = sum(loop.cut_short for loop in loops)
+        now = self.seams.timing.now()
+        for key, loop in loops:
+            if loop.attempt and key not in self._lot:
+                # A retry under way, cut short: the next goes on from its backoff step.
+                self._lot.park(key, Parked(now, loop.attempt, loop.cfg.name, told=False))
+        cut = sum(loop.cut_short for _, loop in loops)
         if cut:
             log.warning("stopping the forwarders: %d batch(es) still unanswered after %gs were "
                         "cut short; what the upstream did not acknowledge of them will be "
