@@ -260,8 +260,10 @@ class Agent:
         stale = [f"listen.{f.name}" for f in dataclasses.fields(new.listen)
                  if f.name != "accept_keys"
                  and getattr(new.listen, f.name) != getattr(self.cfg.listen, f.name)]
-        if new.storage != self.cfg.storage:
-            stale.append("[storage]")
+        # Of the other sections, only the upstreams and [sync]: [storage], [device] (its
+        # facts are read at start), [log] and any section to come are named.
+        stale += [f"[{f.name}]" for f in dataclasses.fields(new)
+                  if f.name not in _RELOADED and getattr(new, f.name) != getattr(self.cfg, f.name)]
         if stale:
             log.warning("reload: %s changed, which needs a restart", ", ".join(stale))
         assert self.spool is not None and self.sink is not None and self.sync is not None
@@ -274,7 +276,7 @@ class Agent:
         self.sink.enrich.lanes = Lanes(new.upstreams)   # and classified by the new rules
         # In-flight batches settle before the new forwarders start: nothing sent twice.
         if old is not None:
-            await old.stop()
+            await old.stop(handover=True)
         if sync_changed:   # the new rules' sources, read before the new loops ask them
             await self.sync.stop()
             self.sync = self._monitor(new)
@@ -285,6 +287,7 @@ class Agent:
                                      self.sync.may_send, self.tail.acked)
         if old is not None:
             _carry_states(old, self.forwarding)
+            self.forwarding.take_over(old)
         self.sink.set_accept_keys(new.listen.accept_keys)
         await self.forwarding.start()
         log.info("configuration reloaded from %s", new.source)
@@ -392,6 +395,10 @@ def _register_keys(keys: Iterable[str]) -> None:
     """App keys reach the logs (e.g. in upstream paths); never show them."""
     for key in keys:
         logs.register_secret(key)
+
+
+# Config fields a reload applies (or, [listen], names field by field).
+_RELOADED = frozenset({"listen", "upstreams", "sync", "source"})
 
 
 def _carry_states(old: Supervisor, new: Supervisor) -> None:

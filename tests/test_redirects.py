@@ -284,6 +284,9 @@ class _FailsAtOnce:
     def connecting(self) -> None:
         return None
 
+    def acknowledged(self, batch: Prepared) -> tuple[int, ...]:
+        return ()
+
     def prepare(self, rows: list[Row]) -> Prepared:
         return as_prepared(rows)
 

@@ -494,6 +494,9 @@ class _GatedUplink:
     def connecting(self) -> None:
         return None
 
+    def acknowledged(self, batch: Any) -> tuple[int, ...]:
+        return ()
+
     def prepare(self, rows: list[Any]) -> Any:
         from tests.fakes.uplinks import as_prepared
         return as_prepared(rows[:1])

@@ -70,6 +70,9 @@ class ParkingLot:
             if p is not None and p.upstream == upstream and not p.told:  # still parked so
                 yield key, self._drop(key)
 
+    def items(self) -> Iterator[tuple[str, Parked]]:
+        return iter(list(self._keys.items()))
+
     def clear(self) -> list[str]:
         keys = list(self._keys)
         self._keys.clear()

@@ -83,13 +83,26 @@ class Prober:
         if self.unreachable and self._probe is None and self._wanted():
             self._start()
 
-    def stop(self) -> None:
+    def stop(self, handover: bool = False) -> None:
+        """Stop probing. ``handover`` (a reload): the outage is not over, and the next
+        supervisor's prober of the same upstream ``adopt``s it."""
         self._cancel_timer()
         if self._probe is not None:
             self._probe.cancel()
             self._probe = None
-        self._mark(None, quiet=True)
+        if not handover:
+            self._mark(None, quiet=True)
         self._recovery.finish()
+
+    def adopt(self, old: Prober) -> None:
+        """Go on with ``old``'s outage (a reload that left the upstream as it was): its
+        start, for status and the recovery line, and its probing, from a probe interval
+        on; the loss is not logged again."""
+        self._lost_at, self._acked_at_loss, self._live_at = \
+            old._lost_at, old._acked_at_loss, old._live_at
+        self.state.unreachable_since = old.state.unreachable_since if self.unreachable else None
+        if self.unreachable:
+            self._timer = self._timing.call_at(self._timing.now() + self._interval, self._tick)
 
     def _start(self) -> None:
         self._cancel_timer()

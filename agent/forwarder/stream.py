@@ -55,6 +55,8 @@ FETCH_FACTOR = 4  # rows fetched per spool read, in batches
 # reached it), nothing.
 OMITTED_LIMIT = 6
 PASSED_OVER = 2
+# How long a stop (a shutdown, a reload, a hold) waits for the batches in flight.
+STOP_GRACE_S = 5.0
 OMITTED_KEPT = 10_000  # counts kept per key; past it (seqs gone another way) they restart
 ACK_GROUP = 20  # batches' worth of acked rows deleted per spool call while rows keep coming
 # The high lane goes first, but not for ever: after this many high batches in a row with
@@ -109,8 +111,10 @@ class StreamForwarder:
                  lanes: tuple[int, ...] = LANES,
                  timing: Timing = LOOP_TIMING, backoff: Backoff = BACKOFF,
                  on_acked: AckHook = ignore_acks, omitted: LeftOut | None = None,
-                 slots: Slots | None = None) -> None:
+                 slots: Slots | None = None, grace_s: float = STOP_GRACE_S) -> None:
         self.cfg = cfg
+        self.grace_s = grace_s   # a stop's wait for the batches in flight
+        self.cut_short = 0       # sends a stop cancelled after that wait
         # The upstream's batches in flight, shared by its keys' loops (slots.py).
         self.slots = Slots() if slots is None else slots
         self._granted = 0   # slots taken, not yet given to a batch
@@ -161,7 +165,7 @@ class StreamForwarder:
                 await self._step()
         finally:
             self._leave_slots()   # first: whatever the settle raises, none is kept
-            await self._settle(timeout=5.0)
+            await self._settle(timeout=self.grace_s)
             await self.uplink.close()
             if self.stopping and self._failed is not None and self.release is not None \
                     and not self.released:
@@ -459,10 +463,20 @@ class StreamForwarder:
             case Acked() | Retry():
                 await self._apply(result, batch, batch.refused)
 
-    def _send(self, batch: Prepared) -> Coroutine[Any, Any, SendResult]:
-        """The uplink's send of ``batch``, counted (``sent``: resends count again)."""
+    async def _send(self, batch: Prepared) -> SendResult:
+        """The uplink's send of ``batch``, counted (``sent``: resends count again). A stop
+        that cuts it short (``grace_s`` ran out) keeps what the upstream acknowledged of it
+        meanwhile (a websocket acknowledges a frame's events as replies come): only the
+        rest is sent again."""
         self.state.sent += len(batch.seqs)
-        return self.uplink.send(batch)
+        try:
+            return await self.uplink.send(batch)
+        except asyncio.CancelledError:
+            self.cut_short += 1
+            acked = self.uplink.acknowledged(batch)
+            if acked:
+                await self._apply(Acked(acked), batch)
+            raise
 
     async def _split(self, batch: Prepared, reason: str) -> None:
         """Bisect a refused batch until the events that cause it are isolated."""
@@ -564,15 +578,15 @@ class StreamForwarder:
 
     async def _settle(self, timeout: float | None = None) -> None:
         """Let every in-flight batch finish, so no row is sent twice concurrently, then
-        the deletes of the rows they acked (held ones included)."""
-        loop = asyncio.get_running_loop()
-        deadline = None if timeout is None else loop.time() + timeout
-        for tasks in (self._tasks, self._acking):
+        the deletes of the rows they acked (held ones included). With a ``timeout`` (a
+        stop), the batches get that long before they are cut short; the deletes are
+        waited for in full (local, as the spool's own close waits for its commits): one
+        cancelled might commit only after the next loop read its rows, and send them."""
+        for tasks, limit in ((self._tasks, timeout), (self._acking, None)):
             self._ack_held()
             if not tasks:
                 continue
-            left = None if deadline is None else max(deadline - loop.time(), 0.0)
-            done, pending = await asyncio.wait(set(tasks), timeout=left)
+            done, pending = await asyncio.wait(set(tasks), timeout=limit)
             for task in pending:
                 task.cancel()
             for task in pending:

@@ -54,7 +54,14 @@ from agent.forwarder.parking import Parked, ParkingLot
 from agent.forwarder.probe import PROBE_TIMEOUT_S, Prober
 from agent.forwarder.slots import Slots
 from agent.forwarder.state import UpstreamState
-from agent.forwarder.stream import AckHook, LeftOut, Release, StreamForwarder, ignore_acks
+from agent.forwarder.stream import (
+    STOP_GRACE_S,
+    AckHook,
+    LeftOut,
+    Release,
+    StreamForwarder,
+    ignore_acks,
+)
 from agent.forwarder.timing import LOOP_TIMING, Timer, Timing
 from agent.logs import log_limited
 from agent.metrics import Metrics
@@ -79,14 +86,16 @@ NetWatcher = Callable[[Callable[[], None]], NetWatch | None]
 @dataclass(frozen=True)
 class Seams:
     """What the forwarders are built with besides config: how an uplink is made, the
-    time they wait by, their backoff policy and what tells them the network changed.
-    Tests replace these to inject faults, to let time pass without waiting, and to
-    keep other processes' network changes out of a test about probing."""
+    time they wait by, their backoff policy, what tells them the network changed and
+    how long a stop waits for batches in flight. Tests replace these to inject faults,
+    to let time pass without waiting, to keep other processes' network changes out of
+    a test about probing, and to cut a batch short without waiting 5 s."""
 
     make_uplink: UplinkFactory = make_uplink
     timing: Timing = LOOP_TIMING
     backoff: Backoff = BACKOFF
     watch_network: NetWatcher = watch
+    grace_s: float = STOP_GRACE_S
 
 
 class Supervisor:
@@ -114,16 +123,40 @@ class Supervisor:
         self._stopping = False
         self.seams = seams
         self.probers: dict[str, Prober] = {}   # built by start: after a reload's _carry_states
+        self._handed: dict[str, Prober] = {}   # a reload's: see take_over
         self._netwatch: NetWatch | None = None
         self._net_timer: Timer | None = None
         self._last_kick: float | None = None
 
+    def take_over(self, old: Supervisor) -> None:
+        """A reload, before ``start``: an upstream whose name, url, protocol and key are
+        unchanged keeps its outage (probe.py), and each of its parked keys still routed
+        to it its retry time and backoff step (a retry the stop cut short: its step, and
+        no wait): a Retry-After is waited out in full. A changed upstream starts afresh.
+        ``old`` has stopped, with ``handover``."""
+        kept = {u.name for u in self.cfg.upstreams
+                if (was := _named(old.cfg, u.name)) is not None and _same(was, u)}
+        self._handed = {name: old.probers[name] for name in kept if name in old.probers}
+        for key, parked in old._lot.items():
+            up = self.cfg.route(key)
+            if up is not None and up.name == parked.upstream and up.name in kept:
+                self._lot.park(key, parked)
+
     async def start(self) -> None:
         self._session = client_session()
-        self.probers = {u.name: self._prober(u) for u in self.cfg.upstreams}
+        self.probers = {}
+        for up in self.cfg.upstreams:
+            prober = self.probers[up.name] = self._prober(up)
+            handed = self._handed.pop(up.name, None)
+            if handed is not None:
+                prober.adopt(handed)
+            else:   # a new or changed upstream: an outage of what it was is not its own
+                self.states[up.name].unreachable_since = None
         self._netwatch = self.seams.watch_network(self.network_changed)
+        self._retry()   # keys parked before a reload (take_over): those due start now
         for key in list(self.spool.streams):
-            self._ensure(key)
+            if key not in self._lot:
+                self._ensure(key)
 
     def on_new_data(self, keys: set[str]) -> None:
         for key in keys:
@@ -160,7 +193,7 @@ class Supervisor:
                                    attempt=attempt, lanes=lanes, timing=self.seams.timing,
                                    backoff=self.seams.backoff, on_acked=self.on_acked,
                                    omitted=self._omitted.setdefault(key, LeftOut()),
-                                   slots=self._slots[up.name])
+                                   slots=self._slots[up.name], grace_s=self.seams.grace_s)
         except Exception as exc:  # noqa: BLE001 - a bug: reported, and the key tried again
             self._not_built(key, up.name, exc, attempt)
             return None
@@ -232,10 +265,12 @@ class Supervisor:
 
     def _park(self, key: str, delay: float, attempt: int, told: bool) -> None:
         up = self.cfg.route(key)
-        if self._stopping or up is None:
+        if up is None:
             return
         when = self.seams.timing.now() + delay
         self._lot.park(key, Parked(when, attempt, up.name, told))
+        if self._stopping:
+            return   # parked for a reload's next supervisor only (take_over)
         if self._timer is None or when < self._timer.when():
             self._set_timer()
         if not told:  # the upstream's own Retry-After says it is up: nothing to probe
@@ -366,25 +401,48 @@ class Supervisor:
         for loop in self.loops.values():
             loop.flush()
 
-    async def stop(self) -> None:
+    async def stop(self, handover: bool = False) -> None:
+        """Stop every loop; ``handover`` (a reload): the parked keys and the probers'
+        outages stay, for the next supervisor's ``take_over``."""
         self._stopping = True  # data committed from now on is the next Supervisor's
-        self._lot.clear()   # nothing runs for them: their events wait in the spool
-        self._set_timer()
+        if self._timer is not None:   # nothing runs for parked keys: their events wait
+            self._timer.cancel()      # in the spool
+            self._timer = None
         if self._net_timer is not None:
             self._net_timer.cancel()
             self._net_timer = None
         for prober in self.probers.values():
-            prober.stop()
+            prober.stop(handover)
         if self._netwatch is not None:
             self._netwatch.close()
             self._netwatch = None
-        for loop in self.loops.values():
+        loops = list(self.loops.items())
+        for _, loop in loops:
             loop.stop()
         if self._tasks:
             await asyncio.gather(*self._tasks, return_exceptions=True)
         self._tasks.clear()
         self.loops.clear()
+        now = self.seams.timing.now()
+        for key, loop in loops:
+            if loop.attempt and key not in self._lot:
+                # A retry under way, cut short: the next goes on from its backoff step.
+                self._lot.park(key, Parked(now, loop.attempt, loop.cfg.name, told=False))
+        cut = sum(loop.cut_short for _, loop in loops)
+        if cut:
+            log.warning("stopping the forwarders: %d batch(es) still unanswered after %gs were "
+                        "cut short; what the upstream did not acknowledge of them will be "
+                        "sent again", cut, self.seams.grace_s)
         if self._session is not None:
             await self._session.close()
             self._session = None
 
+
+def _named(cfg: Config, name: str) -> UpstreamConfig | None:
+    return next((u for u in cfg.upstreams if u.name == name), None)
+
+
+def _same(a: UpstreamConfig, b: UpstreamConfig) -> bool:
+    """Whether a reload left the upstream itself as it was (its batch sizes, timeouts
+    and routes may change): its waits and its outage still hold."""
+    return (a.name, a.url, a.protocol, a.key) == (b.name, b.url, b.protocol, b.key)

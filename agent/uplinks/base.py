@@ -110,6 +110,11 @@ class Uplink(Protocol):
         """Deliver a batch with rows to send; never raises for network trouble."""
         ...
 
+    def acknowledged(self, prepared: Prepared) -> tuple[int, ...]:
+        """The seqs of ``prepared``, still being sent, that the upstream has acknowledged
+        so far: read when a stop cuts its send short, so they are not sent again."""
+        ...
+
     async def close(self) -> None:
         """End the connection, if any; a later ``send`` may open a new one.
 
@@ -195,6 +200,9 @@ class UplinkBase(ABC):
                     else str(exc) or type(exc).__name__)
         writer.close()
         return None
+
+    def acknowledged(self, prepared: Prepared) -> tuple[int, ...]:
+        return ()   # an HTTP reply acknowledges a batch whole, or nothing of it
 
     def connecting(self) -> Coroutine[Any, Any, Retry | None] | None:
         return None  # nothing kept open: an HTTP request connects (or reuses one) as it goes

@@ -173,6 +173,14 @@ class NucleusWsUplink(NucleusFraming, UplinkBase):
         self.in_flight.update(zip(prepared.ids, prepared.seqs))
         return prepared
 
+    def acknowledged(self, prepared: Prepared) -> tuple[int, ...]:
+        """A frame's events are acknowledged as replies come (``_on_message``), before
+        its send returns: these must survive a stop that cuts the send short."""
+        link = self._link
+        if link is None:
+            return ()
+        return tuple(sorted(link.acked.intersection(prepared.seqs)))
+
     def connecting(self) -> Coroutine[Any, Any, Retry | None]:
         return self._connect()
 
