@@ -184,10 +184,13 @@ class _Cli:
         req = urllib.request.Request(agent_url(cfg, "/dead/export"))
         count = 0
         try:
-            resp = DIRECT.open(req, timeout=30)
+            resp = DIRECT.open(req, timeout=ASK_TIMEOUT_S)
         except urllib.error.HTTPError as exc:
             raise dead.DeadError(f"the agent refused the export: HTTP {exc.code}") from exc
-        except (urllib.error.URLError, OSError):
+        except (urllib.error.URLError, OSError) as exc:
+            if timed_out(exc):
+                raise dead.DeadError(f"the agent at {agent_url(cfg, '')} is busy: no answer "
+                                     f"in {ASK_TIMEOUT_S:.0f} s; try again") from exc
             resp = None  # no agent: read the spool file
         if resp is not None:
             with resp:
