@@ -80,9 +80,12 @@ async def retry(spool: Spool, which: dead.Which) -> int:
     """Put the chosen dead letters back at the tail of their keys' queues; returns how many."""
     # Retried letters refused again meanwhile have seqs from here on: not taken twice.
     below, total = spool.books.next_seq, 0
-    while n := await _whole(_retry_chunk(spool, which, below)):
-        total += n
-        spool.on_reopen()  # queues that need forwarders: the loops of idle keys have ended
+    try:
+        while n := await _whole(_retry_chunk(spool, which, below)):
+            total += n
+    finally:
+        if total:  # queues that need forwarders: the loops of idle keys have ended
+            spool.on_reopen()
     return total
 
 
