@@ -62,7 +62,8 @@ async def _whole(chunk: Awaitable[T]) -> T:
 
 async def purge(spool: Spool, which: dead.Which) -> int:
     """Delete the chosen dead letters; returns how many."""
-    below, total = spool.books.next_seq, 0   # later ones: dead since the purge began
+    # Events received since the purge began, refused meanwhile, are not taken.
+    below, total = spool.books.next_seq, 0
     while n := await _whole(_purge_chunk(spool, which, below)):
         total += n
     return total
