@@ -176,11 +176,12 @@ def requeue(conn: sqlite3.Connection, which: Which, next_seq: int,
     of their bodies at a time: at most ``letters`` of them in at most ``steps`` steps
     (no bound if negative)."""
     where, params = which.where()
-    where, params = f"{where} AND seq < ?", (*params, below)
     done = Requeued(0, next_seq)
     after = -(1 << 63)
     while steps and (letters < 0 or done.count < letters):
-        last = _step(conn, where, params, after, step_bytes,
+        # ``below`` bounds the step only: on the DELETE, SQLite would take it for the
+        # seq range's end and read every dead letter up to it, a chunk at a time.
+        last = _step(conn, f"{where} AND seq < ?", (*params, below), after, step_bytes,
                      -1 if letters < 0 else letters - done.count)
         if last == after:
             break

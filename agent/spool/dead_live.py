@@ -24,7 +24,7 @@ from agent.spool.store import Spool
 
 T = TypeVar("T")
 # Dead letters a retry or purge takes per transaction: what a group commit may wait for.
-CHUNK_LETTERS = 10_000
+CHUNK_LETTERS = 2_000
 
 
 async def read(spool: Spool, fn: Callable[..., T], *args: Any) -> T:
