@@ -29,7 +29,7 @@ from agent.device import detect
 from agent.install import command as service_install
 from agent.install import config_file
 from agent.ops import dead_cli
-from agent.ops.local_agent import DIRECT, agent_url
+from agent.ops.local_agent import DIRECT, agent_url, timed_out
 from agent.ops.status import offline_snapshot
 from agent.server import memory
 from agent.settings import Config, SyncConfig
@@ -114,6 +114,9 @@ def cmd_run(args: argparse.Namespace) -> int:
 
 # doctor waits this long for NetworkManager to say whether the network is metered.
 DOCTOR_DBUS_S = 2.0
+# `status` and `flush` wait this long for the agent's answer; one that took the connection
+# but answers later is busy, not absent (a /status costs milliseconds when it is not).
+STATUS_TIMEOUT_S = 10.0
 
 
 class NotOutpost(ValueError):
@@ -125,7 +128,7 @@ def _http(cfg: Config, path: str, expect: str, method: str = "GET") -> Any:
     not (another server holds the port)."""
     req = urllib.request.Request(agent_url(cfg, path), method=method,
                                  data=b"" if method == "POST" else None)
-    with DIRECT.open(req, timeout=3) as resp:
+    with DIRECT.open(req, timeout=STATUS_TIMEOUT_S) as resp:
         data = json.loads(resp.read())
     if not isinstance(data, dict) or expect not in data:
         raise NotOutpost(f"{agent_url(cfg, '')} answered {path}, but not an Outpost agent")
@@ -140,6 +143,10 @@ def cmd_status(args: argparse.Namespace) -> int:
         data = _http(cfg, "/status", "spool")
         data["source"] = f"agent at {agent_url(cfg, '')}"
     except (urllib.error.URLError, OSError, ValueError) as exc:
+        if timed_out(exc):   # an agent holds the spool: its figures would be stale
+            print(f"outpost: the agent at {agent_url(cfg, '')} is busy: no answer to /status "
+                  f"in {STATUS_TIMEOUT_S:.0f} s; try again", file=sys.stderr)
+            return EXIT_FAILED
         if isinstance(exc, NotOutpost):
             print(f"outpost: {exc}; reading the spool", file=sys.stderr)
         try:
@@ -169,7 +176,9 @@ def cmd_flush(args: argparse.Namespace) -> int:
         print(f"outpost: {exc}", file=sys.stderr)
         return EXIT_FAILED
     except (urllib.error.URLError, OSError, ValueError) as exc:
-        print(f"outpost: no agent answering at {agent_url(cfg, '')}: {exc}", file=sys.stderr)
+        print(f"outpost: the agent at {agent_url(cfg, '')} is busy: no answer in "
+              f"{STATUS_TIMEOUT_S:.0f} s; try again" if timed_out(exc) else
+              f"outpost: no agent answering at {agent_url(cfg, '')}: {exc}", file=sys.stderr)
         return EXIT_FAILED
     print(f"flush requested; {data['queue_depth']} events queued")
     return 0

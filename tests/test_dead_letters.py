@@ -199,7 +199,7 @@ async def test_browser_pages_cannot_reach_dead_letters(make_agent: Any) -> None:
                     assert r.status == 403, await r.text()
             # A form post (no JSON) from anywhere changes nothing.
             async with s.post(f"{base}/dead/purge", data={"all": "true"}) as r:
-                assert r.status == 409, await r.text()
+                assert r.status == 415, await r.text()
             assert agent.spool.dead_count == 2
             async with s.get(f"{base}/dead", headers=own) as r:
                 assert r.status == 200
@@ -216,6 +216,27 @@ async def test_browser_pages_cannot_reach_dead_letters(make_agent: Any) -> None:
         assert "outpost_dead_letters 2" in metrics.splitlines()
     finally:
         await up.stop()
+
+
+async def test_a_malformed_dead_letter_request_is_a_client_error(make_agent: Any) -> None:
+    """A wrong Content-Type, bad JSON, a reason that is no string or a limit that is no
+    number was answered 409 Conflict, as if the spool were busy: 415 and 400, as every
+    other route answers a malformed request, with the same clear words."""
+    agent = await make_agent(port=free_port())
+    base = f"http://127.0.0.1:{agent.port}"
+    json_type = {"Content-Type": "application/json"}
+    async with aiohttp.ClientSession() as s:
+        for what in ("retry", "purge"):
+            async with s.post(f"{base}/dead/{what}", data="{}",
+                              headers={"Content-Type": "text/plain"}) as r:
+                assert r.status == 415 and "send JSON" in (await r.json())["error"]
+            for body, says in (("{", "not JSON"), ("[]", "JSON object"),
+                               ('{"reason": 5}', "name a reason"), ("{}", "name a reason")):
+                async with s.post(f"{base}/dead/{what}", data=body, headers=json_type) as r:
+                    assert r.status == 400, (what, body, r.status)
+                    assert says in (await r.json())["error"]
+        async with s.get(f"{base}/dead?limit=abc") as r:
+            assert r.status == 400 and (await r.json())["error"] == "limit is a number"
 
 
 def spool_books(path: Path) -> tuple[int, int, list[tuple[int, int]]]:

@@ -27,7 +27,8 @@ EXPORT_PAGE = 1000  # dead letters read at a time for GET /dead/export
 
 
 class _Refused(Exception):
-    """A request refused with ``status`` before the spool is touched."""
+    """A request refused with ``status`` before the spool is touched: 4xx for the client's
+    own mistake (409 is kept for a spool that cannot take the operation now)."""
 
     def __init__(self, status: int, message: str) -> None:
         super().__init__(message)
@@ -47,7 +48,7 @@ class DeadRoutes:
     async def _which(self, request: web.Request) -> dead.Which:
         # JSON only: a cross-site <form> cannot send it without a preflight.
         if request.content_type != "application/json":
-            raise dead.DeadError("send JSON: {\"reason\": R} or {\"all\": true}")
+            raise _Refused(415, "send JSON: {\"reason\": R} or {\"all\": true}")
         # Refused before reading: a client announcing a huge body must not hold us.
         if request.content_length is None:
             raise _Refused(411, "send a Content-Length")
@@ -56,12 +57,15 @@ class DeadRoutes:
         try:
             body = orjson.loads(await request.read())
         except orjson.JSONDecodeError as exc:
-            raise dead.DeadError(f"body is not JSON: {exc}") from exc
+            raise _Refused(400, f"body is not JSON: {exc}") from exc
         if not isinstance(body, dict):
-            raise dead.DeadError("send a JSON object")
+            raise _Refused(400, "send a JSON object")
         reason = body.get("reason")
         which = dead.Which(reason if isinstance(reason, str) else None, body.get("all") is True)
-        which.where()  # refuses neither-nor here, before touching the spool
+        try:
+            which.where()  # refuses neither-nor here, before touching the spool
+        except dead.DeadError as exc:
+            raise _Refused(400, str(exc)) from exc
         return which
 
     async def listing(self, request: web.Request) -> web.Response:
@@ -70,7 +74,7 @@ class DeadRoutes:
         try:
             limit = min(LIST_LIMIT, max(0, int(request.query.get("limit", LIST_LIMIT))))
         except ValueError:
-            raise dead.DeadError("limit is a number") from None
+            raise _Refused(400, "limit is a number") from None
         summary = await dead_live.read(self.spool, dead.summary)
         summary["entries"] = await dead_live.read(self.spool, dead.entries, which, limit)
         return web.json_response(summary)

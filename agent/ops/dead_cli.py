@@ -25,7 +25,7 @@ from typing import Any, BinaryIO
 
 from agent.clock import age_s
 from agent.ops.dead import EXPORT_PAGE
-from agent.ops.local_agent import DIRECT, agent_url
+from agent.ops.local_agent import DIRECT, agent_url, timed_out
 from agent.ops.status_table import age, size, table
 from agent.outcomes import Tally
 from agent.settings import Config
@@ -33,6 +33,10 @@ from agent.spool import dead
 
 Load = Callable[[argparse.Namespace], Config | None]
 LIST_ROWS = 50  # entries `dead list` prints under the summary; --limit changes it
+# How long a command waits for the agent's answer. A retry or purge of every dead letter
+# answers once done: 700k letters took about a minute in chunks beside ingest.
+ASK_TIMEOUT_S = 30.0
+CHANGE_TIMEOUT_S = 600.0
 
 
 class _NoAgent(Exception):
@@ -48,8 +52,9 @@ class _Cli:
         req = urllib.request.Request(agent_url(cfg, path), data=data,
                                      method="GET" if body is None else "POST",
                                      headers={"Content-Type": "application/json"})
+        timeout = ASK_TIMEOUT_S if body is None else CHANGE_TIMEOUT_S
         try:
-            with DIRECT.open(req, timeout=30) as resp:
+            with DIRECT.open(req, timeout=timeout) as resp:
                 return bytes(resp.read())
         except urllib.error.HTTPError as exc:  # the agent answered: say what it said
             try:
@@ -58,7 +63,17 @@ class _Cli:
                 why = f"HTTP {exc.code}"
             raise dead.DeadError(why) from exc
         except (urllib.error.URLError, OSError) as exc:
-            raise _NoAgent(str(exc)) from exc
+            if not timed_out(exc):
+                raise _NoAgent(str(exc)) from exc
+            # An agent is there: never the spool file (it holds it), never "no agent".
+            url = agent_url(cfg, "")
+            if body is None:
+                raise dead.DeadError(f"the agent at {url} is busy: no answer in "
+                                     f"{timeout:.0f} s; try again") from exc
+            raise dead.DeadError(
+                f"the agent at {url} took the request but has not answered in "
+                f"{timeout:.0f} s: it is still working on it. `outpost status` shows the "
+                "dead letters left; once it is done, the same command takes any left") from exc
 
     def run(self, args: argparse.Namespace) -> int:
         cfg = self.load(args)
@@ -169,10 +184,13 @@ class _Cli:
         req = urllib.request.Request(agent_url(cfg, "/dead/export"))
         count = 0
         try:
-            resp = DIRECT.open(req, timeout=30)
+            resp = DIRECT.open(req, timeout=ASK_TIMEOUT_S)
         except urllib.error.HTTPError as exc:
             raise dead.DeadError(f"the agent refused the export: HTTP {exc.code}") from exc
-        except (urllib.error.URLError, OSError):
+        except (urllib.error.URLError, OSError) as exc:
+            if timed_out(exc):
+                raise dead.DeadError(f"the agent at {agent_url(cfg, '')} is busy: no answer "
+                                     f"in {ASK_TIMEOUT_S:.0f} s; try again") from exc
             resp = None  # no agent: read the spool file
         if resp is not None:
             with resp:

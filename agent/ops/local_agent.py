@@ -17,3 +17,11 @@ def agent_url(cfg: Config, path: str) -> str:
     host = "127.0.0.1" if host in ("0.0.0.0", "") else ("[::1]" if host == "::" else host)
     host = f"[{host}]" if ":" in host and not host.startswith("[") else host
     return f"http://{host}:{cfg.listen.port}{path}"
+
+
+def timed_out(exc: BaseException) -> bool:
+    """Whether a request failed by waiting too long, not by finding no agent: something
+    took the connection (the kernel accepts for an agent whose loop is busy) but did not
+    answer in time. urllib raises a read's timeout bare, a connect's inside a URLError."""
+    return isinstance(exc, TimeoutError) or isinstance(getattr(exc, "reason", None),
+                                                       TimeoutError)

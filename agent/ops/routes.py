@@ -16,6 +16,7 @@ from agent.forwarder.state import UpstreamState
 from agent.metrics import Metrics
 from agent.ops import prometheus
 from agent.ops.dead import DeadRoutes
+from agent.ops.dead_reasons import NewestReasons
 from agent.ops.own_origin import foreign
 from agent.ops.status import Snapshot, snapshot
 from agent.settings import Config
@@ -55,6 +56,7 @@ class Ops:
         self.metrics = metrics
         self._live = live
         self._flush = flush
+        self._reasons = NewestReasons()
         page = (importlib.resources.files("agent") / "static" / "status.html").read_text("utf-8")
         self._page = page.encode()
         self._page_headers = {
@@ -67,7 +69,7 @@ class Ops:
 
     async def _snapshot(self) -> Snapshot:
         cfg, states = self._live()
-        return await snapshot(cfg, self.spool, states, self.metrics,
+        return await snapshot(cfg, self.spool, states, self.metrics, self._reasons,
                               self._sync() if self._sync is not None else None)
 
     async def healthz(self, request: web.Request) -> web.Response:

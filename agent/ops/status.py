@@ -8,7 +8,6 @@ knows is null there.
 
 from __future__ import annotations
 
-import sqlite3
 import time
 from collections.abc import Mapping
 from typing import Any, TypedDict
@@ -16,10 +15,10 @@ from typing import Any, TypedDict
 from agent import __version__, outcomes
 from agent.clock import age_s
 from agent.forwarder.state import UpstreamState
-from agent.logs import redact
 from agent.metrics import Metrics
+from agent.ops.dead_reasons import NewestReasons, redacted
 from agent.settings import Config, UpstreamConfig
-from agent.spool import Spool, dead, dead_live
+from agent.spool import Spool, dead
 from agent.spool.schema import read_offline
 from agent.sync.held import held_by_lane
 from agent.sync.monitor import SyncView
@@ -165,26 +164,17 @@ def _snapshot(cfg: Config, source: str, depth: int, streams: Mapping[str, tuple[
     }
 
 
-def _redacted(groups: list[dict[str, Any]]) -> list[dict[str, Any]]:
-    """Reasons are an upstream's own words, which may echo a key from the request: /status
-    is readable by allowed web origins, so they pass the log's redaction first."""
-    return [{**g, "reason": redact(g["reason"])} for g in groups]
-
-
 async def snapshot(cfg: Config, spool: Spool, states: Mapping[str, UpstreamState],
-                   metrics: Metrics, sync: SyncView | None = None) -> Snapshot:
-    """The running agent's state."""
+                   metrics: Metrics, reasons: NewestReasons,
+                   sync: SyncView | None = None) -> Snapshot:
+    """The running agent's state; ``reasons`` keeps its dead letters' summary."""
     oldest = await spool.oldest_received()
     snap = _snapshot(cfg, "agent", spool.depth,
                      {k: (s.depth, s.bytes) for k, s in spool.streams.items() if s.depth},
                      spool.counters, spool.dead_count,
                      {"path": str(spool.path), "used_bytes": spool.used_bytes,
                       "max_bytes": spool.max_bytes}, states)
-    try:
-        groups = await dead_live.read(spool, dead.summary, dead.NEWEST_REASONS)
-        snap["dead_reasons"] = _redacted(groups["groups"])
-    except (dead.DeadError, sqlite3.Error):
-        pass  # a spool closed or failing: status still answers, with the count it has
+    snap["dead_reasons"] = await reasons.get(spool)
     snap["uptime_s"] = round(max(0.0, time.time() - metrics.started), 1)
     snap["oldest_event_age_s"] = round(age_s(oldest), 1) if oldest is not None else None
     snap["history"] = metrics.series()
@@ -213,5 +203,5 @@ def offline_snapshot(cfg: Config) -> Snapshot:
                      {k: (s["depth"], s["bytes"]) for k, s in raw["streams"].items()},
                      outcomes.from_names(raw["counters"].items()), raw.get("dead_letters", 0),
                      {"path": str(path), "used_bytes": None, "max_bytes": None}, {})
-    snap["dead_reasons"] = _redacted(dead.newest_reasons(path))
+    snap["dead_reasons"] = redacted(dead.newest_reasons(path))
     return snap

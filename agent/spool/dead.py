@@ -34,6 +34,7 @@ NEWEST_REASONS = 5
 # Dead letters' bodies read at a time by an export page or a retry's step: dead letters can
 # fill the spool, and a retry of all of them, or an export, must not hold them all at once.
 STEP_BYTES = 4 * 1024 * 1024
+END = (1 << 63) - 1  # above every seq: no bound
 
 
 class DeadError(Exception):
@@ -139,23 +140,28 @@ def export(conn: sqlite3.Connection, after: int = 0, limit: int = -1,
 
 
 def _step(conn: sqlite3.Connection, where: str, params: tuple[Any, ...], after: int,
-          step_bytes: int) -> int:
+          step_bytes: int, letters: int) -> int:
     """The last seq of the next step through the dead letters ``where`` holds after
-    ``after``: up to the one whose body reaches ``step_bytes`` (``after`` if there are
-    none). Reads lengths, not bodies (inside the retry's transaction: one snapshot)."""
+    ``after``: at most ``letters`` of them (all if negative), up to the one whose body
+    reaches ``step_bytes`` (``after`` if there are none). Reads lengths, not bodies
+    (inside the retry's transaction: one snapshot)."""
     last, size = after, 0
     for seq, nbytes in conn.execute(f"SELECT seq, length(body) FROM dead WHERE {where} "
-                                    "AND seq > ? ORDER BY seq", (*params, after)):
+                                    "AND seq > ? ORDER BY seq LIMIT ?",
+                                    (*params, after, letters)):
         last, size = seq, size + nbytes
         if size >= step_bytes:
             break
     return int(last)
 
 
-def purge(conn: sqlite3.Connection, which: Which) -> Outcome:
-    """Delete the chosen dead letters (inside the caller's transaction)."""
+def purge(conn: sqlite3.Connection, which: Which, below: int = END,
+          letters: int = -1) -> Outcome:
+    """Delete the chosen dead letters with seq < ``below``, the oldest ``letters`` of them
+    (all if negative), inside the caller's transaction."""
     where, params = which.where()
-    n = conn.execute(f"DELETE FROM dead WHERE {where}", params).rowcount
+    n = conn.execute(f"DELETE FROM dead WHERE seq IN (SELECT seq FROM dead WHERE {where} "
+                     "AND seq < ? ORDER BY seq LIMIT ?)", (*params, below, letters)).rowcount
     out = Outcome()
     record(out.counters, Tally.DEAD_PURGED, n)
     _count(conn, out)
@@ -163,17 +169,26 @@ def purge(conn: sqlite3.Connection, which: Which) -> Outcome:
 
 
 def requeue(conn: sqlite3.Connection, which: Which, next_seq: int,
-            step_bytes: int = STEP_BYTES) -> Requeued:
-    """Move the chosen dead letters back into their keys' queues from ``next_seq`` on
-    (inside the caller's transaction), about ``step_bytes`` of their bodies at a time."""
+            step_bytes: int = STEP_BYTES, below: int = END, letters: int = -1,
+            steps: int = -1) -> Requeued:
+    """Move the chosen dead letters with seq < ``below`` back into their keys' queues from
+    ``next_seq`` on (inside the caller's transaction), oldest first, about ``step_bytes``
+    of their bodies at a time: at most ``letters`` of them in at most ``steps`` steps
+    (no bound if negative)."""
     where, params = which.where()
     done = Requeued(0, next_seq)
     after = -(1 << 63)
-    while (last := _step(conn, where, params, after, step_bytes)) != after:
+    while steps and (letters < 0 or done.count < letters):
+        # ``below`` bounds the step only: on the DELETE, SQLite would take it for the
+        # seq range's end and read every dead letter up to it, a chunk at a time.
+        last = _step(conn, f"{where} AND seq < ?", (*params, below), after, step_bytes,
+                     -1 if letters < 0 else letters - done.count)
+        if last == after:
+            break
         rows = conn.execute(f"DELETE FROM dead WHERE {where} AND seq > ? AND seq <= ? "
                             "RETURNING seq, stream, family, received, dkey, body, lane",
                             (*params, after, last)).fetchall()
-        after = last
+        after, steps = last, steps - 1
         _requeue_step(conn, rows, done)
     conn.executemany("UPDATE streams SET depth = depth + ?, bytes = bytes + ? WHERE id = ?",
                      [(d, b, sid) for sid, (d, b) in done.out.streams.items()])

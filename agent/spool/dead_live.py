@@ -1,14 +1,19 @@
 """Dead-letter operations on a running agent's spool (agent/spool/dead.py holds the SQL).
 
-A retry or purge takes the writer's lock and runs on the writer's thread, so it is one
-more transaction of the single writer: no commit runs beside it, and seqs are handed
-out from the same count as new events'. Reads go through the reader thread.
+A retry or purge goes in chunks (``CHUNK_LETTERS`` letters, and for a retry up to about
+``dead.STEP_BYTES`` of bodies), each a transaction of the single writer on its thread
+under the writer's lock: group commits run between chunks, so apps' requests are not
+held for the whole of it (700k letters in one transaction held ingest 30 s), and seqs
+are handed out from the same count as new events'. Each chunk is committed and booked
+before the next: one stopped midway (cancelled, or the agent killed) leaves the rest
+dead letters, for a second retry. Reads go through the reader thread.
 """
 
 from __future__ import annotations
 
+import asyncio
 import sqlite3
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable
 from typing import Any, TypeVar
 
 from agent.families.event import now_ms
@@ -18,6 +23,8 @@ from agent.spool.db import SqliteThread, transaction, used_bytes
 from agent.spool.store import Spool
 
 T = TypeVar("T")
+# Dead letters a retry or purge takes per transaction: what a group commit may wait for.
+CHUNK_LETTERS = 2_000
 
 
 async def read(spool: Spool, fn: Callable[..., T], *args: Any) -> T:
@@ -42,10 +49,29 @@ async def _write(spool: Spool, fn: Callable[..., T], *args: Any) -> tuple[T, int
     return out, await db.run(used_bytes)
 
 
+async def _whole(chunk: Awaitable[T]) -> T:
+    """A chunk is committed and booked in memory together: cancelled (the request's task,
+    the agent stopping), it still finishes, and the cancellation holds from there."""
+    task = asyncio.ensure_future(chunk)
+    try:
+        return await asyncio.shield(task)
+    except asyncio.CancelledError:
+        await task
+        raise
+
+
 async def purge(spool: Spool, which: dead.Which) -> int:
     """Delete the chosen dead letters; returns how many."""
+    # Events received since the purge began, refused meanwhile, are not taken.
+    below, total = spool.books.next_seq, 0
+    while n := await _whole(_purge_chunk(spool, which, below)):
+        total += n
+    return total
+
+
+async def _purge_chunk(spool: Spool, which: dead.Which, below: int) -> int:
     async with spool.lock:
-        out, size = await _write(spool, dead.purge, which)
+        out, size = await _write(spool, dead.purge, which, below, CHUNK_LETTERS)
         n = sum(out.counters.values())
         _settle_books(spool, out, size, n)
     return n
@@ -53,8 +79,21 @@ async def purge(spool: Spool, which: dead.Which) -> int:
 
 async def retry(spool: Spool, which: dead.Which) -> int:
     """Put the chosen dead letters back at the tail of their keys' queues; returns how many."""
+    # Retried letters refused again meanwhile have seqs from here on: not taken twice.
+    below, total = spool.books.next_seq, 0
+    try:
+        while n := await _whole(_retry_chunk(spool, which, below)):
+            total += n
+    finally:
+        if total:  # queues that need forwarders: the loops of idle keys have ended
+            spool.on_reopen()
+    return total
+
+
+async def _retry_chunk(spool: Spool, which: dead.Which, below: int) -> int:
     async with spool.lock:
-        done, size = await _write(spool, dead.requeue, which, spool.books.next_seq)
+        done, size = await _write(spool, dead.requeue, which, spool.books.next_seq,
+                                  dead.STEP_BYTES, below, CHUNK_LETTERS, 1)
         spool.books.next_seq = done.next_seq
         _settle_books(spool, done.out, size, done.count)
         observed, wall = spool.observed_ms(), now_ms()
@@ -63,8 +102,6 @@ async def retry(spool: Spool, which: dead.Which) -> int:
             # Already known unless the window passed: then known again from now on, as
             # a restart would load them from the record.
             spool.index.admit(keys, wall, observed)
-    if done.count:
-        spool.on_reopen()  # queues that need forwarders: the loops of idle keys have ended
     return done.count
 
 
