@@ -77,11 +77,9 @@ class NucleusHandlers:
             log_limited(log, logging.WARNING, f"bad-event:{key}",
                         "event id %r of app %s left unacknowledged: %s", ev_id, _masked(key), why)
         refused: set[int] = set()    # places in the acks, not ids: ids collide
-        kept: list[Event] = []
         for ev, at in zip(got.events, got.ack_at, strict=True):
             too = self.sink.oversize(ev)
             if too is None:
-                kept.append(ev)
                 continue
             if at < 0:
                 raise Invalid(too, too_large=True)
@@ -92,7 +90,8 @@ class NucleusHandlers:
                         _masked(key), too)
         if not refused:
             return got.events, got.acks
-        return kept, [a for n, a in enumerate(got.acks) if n not in refused]
+        return ([ev for ev, at in zip(got.events, got.ack_at, strict=True) if at not in refused],
+                [a for n, a in enumerate(got.acks) if n not in refused])
 
     async def http_track(self, request: web.Request) -> web.StreamResponse:
         key = request.match_info["appId"]
