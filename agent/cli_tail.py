@@ -15,8 +15,8 @@ import urllib.error
 from collections.abc import Callable, Iterator
 from typing import IO, Any
 
+from agent.logs import FINGERPRINT, fingerprint
 from agent.ops.local_agent import DIRECT, agent_url
-from agent.ops.tail import FINGERPRINT, fingerprint
 from agent.settings import Config
 
 # The agent sends a keepalive every 15 s: four missed means it is gone.

@@ -15,8 +15,8 @@ import aiohttp
 import pytest
 from aiohttp import web
 
+from agent.logs import fingerprint
 from agent.ops import tail_routes
-from agent.ops.tail import fingerprint
 from tests.conftest import ROOT, free_port, write_config
 from tests.fakes.loopback_server import serving
 from tests.segment_helpers import basic, call
