@@ -31,6 +31,7 @@ from agent.install import config_file
 from agent.ops import dead_cli
 from agent.ops.local_agent import DIRECT, agent_url, timed_out
 from agent.ops.status import offline_snapshot
+from agent.ops.terminal import printable_json
 from agent.server import memory
 from agent.settings import Config, SyncConfig
 from agent.spool.schema import SpoolTooNew
@@ -159,7 +160,7 @@ def cmd_status(args: argparse.Namespace) -> int:
                   f"{cfg.storage.resolved_path()}: {exc}", file=sys.stderr)
             return EXIT_FAILED
     if args.json:
-        print(json.dumps(data, indent=2))
+        print(printable_json(json.dumps(data, indent=2)))
     else:
         from agent.ops.status_table import render
         print(render(data))

@@ -9,14 +9,16 @@ from __future__ import annotations
 
 import argparse
 import json
+import select
 import sys
 import time
 import urllib.error
 from collections.abc import Callable, Iterator
 from typing import IO, Any
 
+from agent.logs import FINGERPRINT, fingerprint
 from agent.ops.local_agent import DIRECT, agent_url
-from agent.ops.tail import FINGERPRINT, fingerprint
+from agent.ops.terminal import printable, printable_json
 from agent.settings import Config
 
 # The agent sends a keepalive every 15 s: four missed means it is gone.
@@ -41,6 +43,12 @@ def add_parser(subparsers: argparse._SubParsersAction[argparse.ArgumentParser],
 
 
 def run(args: argparse.Namespace, load: Callable[[argparse.Namespace], Config | None]) -> int:
+    if args.key is not None and args.key.startswith("k:") and not FINGERPRINT.fullmatch(args.key):
+        # A mistyped fingerprint hashed as a key would watch a key no app has, silently.
+        print(f"outpost: --key {printable(args.key)} is not a fingerprint: k:xxxxxxxx is k: "
+              "and 8 hex digits (0-9, a-f) as the tail shows it; or give the key itself",
+              file=sys.stderr)
+        return 2
     cfg = load(args)
     if cfg is None:
         return 2
@@ -50,53 +58,73 @@ def run(args: argparse.Namespace, load: Callable[[argparse.Namespace], Config | 
     url = agent_url(cfg, path)
     try:
         with DIRECT.open(url, timeout=READ_TIMEOUT_S) as resp:
-            for message in _messages(resp):
-                print(json.dumps(message) if args.json else line(message), flush=True)
+            for message in _messages(resp, sys.stdout):
+                print(printable_json(json.dumps(message)) if args.json else line(message),
+                      flush=True)
     except KeyboardInterrupt:
         return 0
     except BrokenPipeError:
         raise   # the reader left (`outpost tail | head`): the CLI ends as SIGPIPE would
     except urllib.error.HTTPError as exc:
         print(f"outpost: the agent refused the live view: HTTP {exc.code} "
-              f"{exc.read().decode(errors='replace')}", file=sys.stderr)
+              f"{printable(exc.read().decode(errors='replace'))}", file=sys.stderr)
         return 1
     except (urllib.error.URLError, OSError) as exc:
         print(f"outpost: no agent answering at {agent_url(cfg, '')}: {exc}", file=sys.stderr)
         return 1
     except (KeyError, TypeError, ValueError) as exc:   # a message not of the agent's shape
         print(f"outpost: {agent_url(cfg, '')} answered /tail, but not an Outpost agent "
-              f"({type(exc).__name__}: {exc})", file=sys.stderr)
+              f"({type(exc).__name__}: {printable(str(exc))})", file=sys.stderr)
         return 1
     print("outpost: the agent ended the live view (it is stopping)", file=sys.stderr)
     return 1
 
 
-def _messages(stream: IO[bytes]) -> Iterator[dict[str, Any]]:
-    """The JSON of each `data:` line; comments (keepalives) and blank lines skipped."""
+def _messages(stream: IO[bytes], out: IO[str]) -> Iterator[dict[str, Any]]:
+    """The JSON of each `data:` line; comments (keepalives) and blank lines skipped. At a
+    keepalive, BrokenPipeError if the program reading ``out`` has left (`outpost tail |
+    head -1`): with no event coming, nothing written would tell."""
     for raw in stream:
         if raw.startswith(b"data: "):
             yield json.loads(raw[6:])
+        elif raw.startswith(b":") and _reader_left(out):
+            raise BrokenPipeError("the program reading the output has left")
+
+
+def _reader_left(out: IO[str]) -> bool:
+    """Whether ``out`` is a pipe (or terminal) whose other end is gone: poll reports an
+    error or hang-up then, whatever it is asked. Nothing is written to find out."""
+    if not hasattr(select, "poll"):   # Windows: the next event's write tells instead
+        return False
+    try:
+        fd = out.fileno()
+    except (OSError, ValueError):     # not a file (redirected in-process)
+        return False
+    poller = select.poll()
+    poller.register(fd, 0)
+    return any(events & (select.POLLERR | select.POLLHUP) for _, events in poller.poll(0))
 
 
 def line(m: dict[str, Any]) -> str:
-    """One message as a line of text."""
+    """One message as a line of text; what an app sent is shown with its control
+    characters escaped (an id may hold a terminal's escape sequences)."""
     now = time.strftime("%H:%M:%S")
     kind = m["kind"]
     if kind in ("ingested", "acked"):
-        what = m["type"] or "?"
+        what = printable(m["type"] or "?")
         if m["name"]:
-            what += f" {m['name']!r}"
-        text = (f"{now} {'in' if kind == 'ingested' else kind:<5} {m['api']:<8} {m['key']}  "
-                f"{what}  id={m['id']}")
+            what += f" {m['name']!r}"   # repr escapes control characters too
+        text = (f"{now} {'in' if kind == 'ingested' else kind:<5} {printable(m['api']):<8} "
+                f"{printable(m['key'])}  {what}  id={printable(str(m['id']))}")
         if kind == "acked":
-            return text + f"  by {m['upstream']}"
-        return text + "".join(f"\n         ! {w}" for w in m["warnings"])
+            return text + f"  by {printable(m['upstream'])}"
+        return text + "".join(f"\n         ! {printable(w)}" for w in m["warnings"])
     if kind == "resent":
         return f"{now} in    {m['count']} resent event(s) above were already stored: not stored again"
     if kind == "dropped":
         return (f"{now} !     {m['count']} message(s) not shown: this view fell behind "
                 "(ingest is never slowed for it)")
     if kind == "watching":
-        who = f"key {m['key']}" if m["key"] else "every key"
+        who = f"key {printable(m['key'])}" if m["key"] else "every key"
         return f"{now} watching {who}; Ctrl-C to stop"
-    return f"{now} {json.dumps(m)}"
+    return f"{now} {printable_json(json.dumps(m))}"

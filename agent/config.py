@@ -204,6 +204,11 @@ def _url_check(protocol: str) -> Callable[[Any], str | None]:
             # (segment-http sends it as Basic auth, and aiohttp refuses both at once).
             return ('must not contain a user name or password (user:password@); '
                     'put the upstream\'s credential in "key"')
+        if "?" in value or "#" in value:
+            # No protocol takes anything there (each adds its own path to the url), and
+            # /status and the page show the url: a credential there would be shown.
+            return ('must not contain a query or fragment (?... or #...); '
+                    'put the upstream\'s credential in "key"')
         return None if host else "has no host"
     return check
 

@@ -9,6 +9,8 @@ upstream that flaps must not flood one.
 from __future__ import annotations
 
 import base64
+import functools
+import hashlib
 import logging
 import logging.handlers
 import os
@@ -147,6 +149,17 @@ def redact(text: str) -> str:
 def redacted_head(text: str, most: int) -> str:
     """The first ``most`` characters of ``redact(text)``, for a reason kept short."""
     return _registry.redacted_head(text, most)
+
+
+FINGERPRINT = re.compile(r"k:[0-9a-f]{8}")   # what ``fingerprint`` returns
+
+
+@functools.lru_cache(maxsize=4096)   # a tail viewer filtering by key hashes each event's key
+def fingerprint(key: str) -> str:
+    """What an operator's tool shows of an app key (the tail, dead letters): keys are
+    credentials, and status and logs never show them. A short hash tells keys apart, and
+    `outpost tail --key K` hashes K locally, so the key itself never travels in a URL."""
+    return "k:" + hashlib.blake2b(key.encode(), digest_size=4).hexdigest()
 
 
 class RedactingFilter(logging.Filter):

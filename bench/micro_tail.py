@@ -27,8 +27,9 @@ from collections.abc import Callable
 from pathlib import Path
 
 from agent.families.event import SEGMENT, Event, dedupe_key
+from agent.logs import fingerprint
 from agent.metrics import Metrics
-from agent.ops.tail import QUEUE, TailHub, Viewer, fingerprint, summarise
+from agent.ops.tail import QUEUE, TailHub, Viewer, summarise
 from agent.settings import StorageConfig
 from agent.spool import Spool
 from agent.spool.types import Row

@@ -17,6 +17,7 @@ import aiohttp
 import pytest
 from aiohttp import web
 
+from agent.logs import fingerprint
 from agent.service import Agent
 from agent.settings import StorageConfig
 from agent.spool import Spool
@@ -78,10 +79,10 @@ async def test_retry_on_running_agent_delivers_at_the_tail(make_agent: Any,
         lines = listed.splitlines()
         entries = [ln.split() for ln in lines[lines.index(next(
             ln for ln in lines if ln.startswith("ID "))) + 1:]]
-        assert [e[1:3] for e in entries] == [["app-a", "up"]] * 3
+        assert [e[1:3] for e in entries] == [[fingerprint("app-a"), "up"]] * 3
         first = int(entries[0][0])
         shown = json.loads(await outpost("show", str(first), config=cfg))
-        assert shown["body"]["id"] == 0 and shown["key"] == "app-a"
+        assert shown["body"]["id"] == 0 and shown["key"] == fingerprint("app-a")
         assert shown["upstream"] == "up" and shown["reason"].startswith("HTTP 400")
         await outpost("show", "999999", config=cfg, code=1)
         out = tmp_path / "dead.jsonl"
@@ -132,14 +133,14 @@ async def test_stopped_agent_list_export_purge_retry(make_agent: Any, tmp_path: 
     assert "exported 3 dead letters" in await outpost("export", str(out), config=cfg)
     assert stat.S_IMODE(out.stat().st_mode) == 0o600
     rows = [json.loads(line) for line in out.read_text().splitlines()]
-    assert [(r["key"], r["body"]["id"]) for r in rows] == [("app-a", 0), ("app-a", 1),
-                                                          ("app-b", 5)]
+    a, b = fingerprint("app-a"), fingerprint("app-b")
+    assert [(r["key"], r["body"]["id"]) for r in rows] == [(a, 0), (a, 1), (b, 5)]
 
     await outpost("purge", config=cfg, code=2)
     reason = rows[0]["reason"]
     assert "purged 2 dead letters" in await outpost("purge", "--reason", reason, config=cfg)
     listed = await outpost("list", "--json", config=cfg)
-    assert [e["key"] for e in json.loads(listed)["entries"]] == ["app-b"]
+    assert [e["key"] for e in json.loads(listed)["entries"]] == [b]
 
     text = await outpost("retry", "--all", config=cfg)
     assert "re-queued 1 dead letters" in text and "no agent running" in text

@@ -14,7 +14,8 @@ from typing import Any
 
 import aiohttp
 
-from agent.ops.tail import QUEUE, fingerprint
+from agent.logs import fingerprint
+from agent.ops.tail import QUEUE
 from tests.conftest import ROOT, free_port, write_config
 from tests.fakes.segment_upstream import FakeSegment
 from tests.interop.browser.cdp import Chromium

@@ -8,8 +8,9 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from agent.families.event import NUCLEUS, SEGMENT, Event
+from agent.logs import fingerprint
 from agent.metrics import Metrics
-from agent.ops.tail import QUEUE, QUEUE_BYTES, TAKE, TailHub, as_sent, fingerprint
+from agent.ops.tail import QUEUE, QUEUE_BYTES, TAKE, TailHub, as_sent
 from agent.spool.types import Row
 
 KEYS = ("key-one-0001", "key-two-0002")

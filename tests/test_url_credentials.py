@@ -65,6 +65,27 @@ async def test_check_config_refuses_credentials_in_url(tmp_path: Path, protocol:
     assert secret not in out
 
 
+# A credential in the query (`?api_key=`): no upstream protocol takes one there (each
+# appends its own path to the url), and /status showed it (audit L5).
+QUERY_CASES = [
+    ("segment-http", f"http://127.0.0.1:9/v1?api_key={SECRET}"),
+    ("nucleus-http", f"https://nucleus.example/base?token={SECRET}"),
+    ("nucleus-ws", f"wss://app.nucleus.example/?{SECRET}"),
+    ("segment-http", f"https://collector.example/#{SECRET}"),
+]
+
+
+@pytest.mark.parametrize(("protocol", "url"), QUERY_CASES,
+                         ids=["segment", "nucleus-http", "websocket", "fragment"])
+async def test_check_config_refuses_a_query_in_url(tmp_path: Path, protocol: str,
+                                                   url: str) -> None:
+    code, out = await run_outpost("check-config", str(config_with(tmp_path, protocol, url)))
+    assert code != 0
+    line = one_line(out)
+    assert "upstream[0].url" in line and "query" in line and '"key"' in line
+    assert SECRET not in out
+
+
 async def test_the_message_names_the_upstream_at_fault(tmp_path: Path) -> None:
     code, out = await run_outpost("check-config", str(config_with(
         tmp_path, "segment-http", f"http://u:{SECRET}@h.example", index=1)))

@@ -27,6 +27,7 @@ from agent.clock import age_s
 from agent.ops.dead import EXPORT_PAGE
 from agent.ops.local_agent import DIRECT, agent_url, timed_out
 from agent.ops.status_table import age, size, table
+from agent.ops.terminal import printable, printable_json
 from agent.outcomes import Tally
 from agent.settings import Config
 from agent.spool import dead
@@ -83,14 +84,16 @@ class _Cli:
         try:
             return handler(cfg, args)
         except dead.DeadError as exc:
-            print(f"outpost: {exc}", file=sys.stderr)
+            print(f"outpost: {printable(str(exc))}", file=sys.stderr)
             return 1
         except sqlite3.Error as exc:
             print(f"outpost: cannot read the spool {cfg.storage.resolved_path()}: {exc}",
                   file=sys.stderr)
             return 1
+        except BrokenPipeError:
+            raise   # the reader left (`outpost dead list | head -1`): main exits 141
         except (OSError, http.client.HTTPException) as exc:  # e.g. FILE, or an agent gone
-            print(f"outpost: {exc}", file=sys.stderr)
+            print(f"outpost: {printable(str(exc))}", file=sys.stderr)
             return 1
 
     def _read(self, cfg: Config, path: str, fn: Callable[..., Any], *a: Any) -> Any:
@@ -120,22 +123,24 @@ class _Cli:
             print(f"no dead letters ({exc})")
             return 0
         if args.json:
-            print(json.dumps(got, indent=2))
+            print(printable_json(json.dumps(got, indent=2)))
             return 0
         print(f"{got['count']} dead letters ({source})")
         if not got["count"]:
             return 0
         print()
-        # The reason last: it is the upstream's own text, of any length.
+        # The reason last: it is the upstream's own text, of any length. What the spool
+        # holds is printed with control characters escaped (an upstream's may be escapes).
         print("\n".join(table(["COUNT", "UPSTREAM", "OLDEST", "NEWEST", "REASON"], [
-            [str(g["count"]), g["upstream"], age(age_s(g["oldest"])), age(age_s(g["newest"])),
-             g["reason"]] for g in got["groups"]], right={0})))
+            [str(g["count"]), printable(g["upstream"]), age(age_s(g["oldest"])),
+             age(age_s(g["newest"])), printable(g["reason"])] for g in got["groups"]],
+            right={0})))
         rows = got["entries"][:args.limit]
         if rows:
             print()
             print("\n".join(table(["ID", "KEY", "UPSTREAM", "AGE", "SIZE", "REASON"], [
-                [str(e["id"]), e["key"], e["upstream"], age(age_s(e["at"])), size(e["bytes"]),
-                 e["reason"]] for e in rows], right={0, 4})))
+                [str(e["id"]), printable(e["key"]), printable(e["upstream"]), age(age_s(e["at"])),
+                 size(e["bytes"]), printable(e["reason"])] for e in rows], right={0, 4})))
             more = (sum(g["count"] for g in got["groups"] if not args.reason
                         or g["reason"] == args.reason) - len(rows))
             if more > 0:
@@ -144,7 +149,7 @@ class _Cli:
 
     def show(self, cfg: Config, args: argparse.Namespace) -> int:
         got, _ = self._read(cfg, f"/dead/{args.id}", dead.show, args.id)
-        print(json.dumps(got, indent=2, ensure_ascii=False))
+        print(printable_json(json.dumps(got, indent=2, ensure_ascii=False)))
         return 0
 
     def export(self, cfg: Config, args: argparse.Namespace) -> int:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from agent.ops.status import Snapshot, UpstreamStatus
+from agent.ops.terminal import printable
 from agent.outcomes import Tally
 
 # An upstream's error can be a long exception text; the table keeps one line per
@@ -40,7 +41,8 @@ def table(header: list[str], rows: list[list[str]], right: set[int]) -> list[str
 
 
 def _clip(text: str) -> str:
-    text = " ".join(text.split())
+    """An upstream's text on one line, its control characters escaped, cut short."""
+    text = printable(" ".join(text.split()))
     return text if len(text) <= ERROR_WIDTH else text[:ERROR_WIDTH - 1] + "…"
 
 

@@ -13,10 +13,7 @@ from __future__ import annotations
 
 import asyncio
 import bisect
-import functools
-import hashlib
 import operator
-import re
 from collections import deque
 from collections.abc import Sequence
 from itertools import accumulate
@@ -29,6 +26,7 @@ from agent.families.event import NUCLEUS, SEGMENT, Event
 from agent.families.mapping import given_back
 from agent.families.nucleus import KNOWN_TYPES as NUCLEUS_TYPES
 from agent.families.segment import TYPES as SEGMENT_TYPES
+from agent.logs import fingerprint
 from agent.metrics import Metrics
 from agent.spool.types import Row
 
@@ -44,17 +42,6 @@ RATE = 2000.0         # messages per second a viewer's task summarises, at most 
 # (queued in bulk, no per-event work on the ingest path), else (kind, payload); an acked
 # event's payload is (upstream, key, its stored row).
 Item = Event | tuple[str, Any]
-
-
-FINGERPRINT = re.compile(r"k:[0-9a-f]{8}")   # what ``fingerprint`` returns
-
-
-@functools.lru_cache(maxsize=4096)   # a viewer filtering by key hashes each event's key
-def fingerprint(key: str) -> str:
-    """What the tail shows of an app key: keys are credentials, and status and logs never
-    show them. A short hash tells keys apart, and `outpost tail --key K` hashes K
-    locally, so the key itself never travels in a URL either."""
-    return "k:" + hashlib.blake2b(key.encode(), digest_size=4).hexdigest()
 
 
 class Viewer:

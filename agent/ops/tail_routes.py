@@ -12,8 +12,9 @@ import asyncio
 import orjson
 from aiohttp import web
 
+from agent.logs import FINGERPRINT
 from agent.ops.own_origin import foreign
-from agent.ops.tail import FINGERPRINT, MAX_VIEWERS, RATE, TailHub
+from agent.ops.tail import MAX_VIEWERS, RATE, TailHub
 
 KEEPALIVE_S = 15.0    # a comment line, so proxies and clients see a live connection
 CHECK_S = 1.0         # how soon a viewer that left is noticed when nothing is sent

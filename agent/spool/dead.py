@@ -21,6 +21,7 @@ from typing import Any
 import orjson
 
 from agent.families.lanes import HIGH
+from agent.logs import fingerprint
 from agent.outcomes import Tally, record
 from agent.spool.commit import Outcome
 from agent.spool.db import load_state
@@ -79,8 +80,10 @@ _ENTRY = ("SELECT seq, s.key, upstream, reason, at, received, length(body) FROM 
 
 
 def _entry(row: tuple[Any, ...]) -> dict[str, Any]:
+    """A dead letter as every reader (list, show, export) shows it: its key as a
+    fingerprint, as the tail shows keys (keys are credentials)."""
     seq, key, upstream, reason, at, received, size = row
-    return {"id": seq, "key": key, "upstream": upstream, "reason": reason, "at": at,
+    return {"id": seq, "key": fingerprint(key), "upstream": upstream, "reason": reason, "at": at,
             "received": received, "bytes": size}
 
 

@@ -1,0 +1,165 @@
+"""What the operator's commands print, as run for real against an agent: app keys only as
+fingerprints, an app's or upstream's control characters escaped, a reader that leaves
+ending the command (141), a mistyped fingerprint refused."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import os
+import sys
+from pathlib import Path
+from typing import Any
+
+import aiohttp
+import pytest
+from aiohttp import web
+
+from agent.logs import fingerprint
+from agent.ops import tail_routes
+from tests.conftest import ROOT, free_port, write_config
+from tests.fakes.loopback_server import serving
+from tests.segment_helpers import basic, call
+from tests.test_dead_letters import RefusingNucleus, dead_letters, outpost, upstream
+from tests.test_tail import Tail
+from tests.waiting import run_outpost
+
+APP_KEY = "app-key-secret-7"
+# What a terminal obeys: clear the screen, set the window title, ring, CSI as one C1 byte.
+HOSTILE = "\x1b[2J\x1b]0;TITLE-HIJACK\x07\x9b31m"
+RAW = ("\x1b", "\x07", "\x9b")
+
+
+def no_control(text: str) -> None:
+    assert not any(c in text for c in RAW), repr(text)
+
+
+async def test_dead_letters_show_the_key_s_fingerprint_never_the_key(
+        make_agent: Any, tmp_path: Path) -> None:
+    up = await RefusingNucleus().start()
+    try:
+        agent = await make_agent(port=free_port(), upstreams=[upstream("up", up, ["*"])])
+        cfg = agent.config_path
+        async with aiohttp.ClientSession() as s, s.post(
+                f"http://127.0.0.1:{agent.port}/app/{APP_KEY}/track",
+                json={"data": [{"type": "event", "name": "e", "id": 1, "sessionId": 1,
+                                "machineId": "m"}]}) as r:
+            assert r.status == 200
+        await dead_letters(agent, 1)
+        async with aiohttp.ClientSession() as s:
+            async with s.get(f"http://127.0.0.1:{agent.port}/dead") as r:
+                endpoint = await r.text()
+        [letter] = json.loads(endpoint)["entries"]
+        shown = json.loads(await outpost("show", str(letter["id"]), config=cfg))
+        out = tmp_path / "dead.jsonl"
+        await outpost("export", str(out), config=cfg)
+        await agent.stop()
+        listed = await outpost("list", config=cfg)   # from the spool file: the same
+    finally:
+        await up.stop()
+    want = fingerprint(APP_KEY)
+    assert letter["key"] == shown["key"] == json.loads(out.read_text())["key"] == want
+    assert f" {want}  up " in listed, listed
+    for text in (listed, endpoint, json.dumps(shown), out.read_text()):
+        assert APP_KEY not in text, text
+
+
+async def test_tail_escapes_an_app_s_control_characters(make_agent: Any) -> None:
+    agent = await make_agent(port=free_port())
+    tail = await Tail.start("--config", agent.config_path)
+    r = await call(agent.port, "/v1/track", {"event": f"E{HOSTILE}", "userId": "u",
+                                             "messageId": f"m{HOSTILE}1"},
+                   headers={"Authorization": basic(APP_KEY)})
+    assert r.status == 200, r.body
+    # Nucleus takes a type it does not know (the tail warns of it).
+    r = await call(agent.port, f"/app/{APP_KEY}/track", {"data": [
+        {"type": f"warp{HOSTILE}", "id": f"n{HOSTILE}2"}]})
+    assert r.status == 200, r.body
+    await tail.until(lambda line: "unknown type" in line)
+    assert await tail.stop() == 0
+    text = "\n".join(tail.lines)
+    no_control(text)
+    assert "id=m\\x1b[2J\\x1b]0;TITLE-HIJACK\\x07\\x9b31m1" in text, text
+
+
+async def refuse_with_escapes(request: web.Request) -> web.Response:
+    """A Segment upstream refusing every batch with terminal escapes in its answer."""
+    return web.Response(status=400, text=f"{HOSTILE} reason")
+
+
+async def test_dead_list_and_status_escape_an_upstream_s_control_characters(
+        make_agent: Any) -> None:
+    async with serving("/v1/batch", refuse_with_escapes) as url:
+        agent = await make_agent(port=free_port(), upstreams=[{
+            "name": "seg", "protocol": "segment-http", "url": url, "keys": ["*"],
+            "flush_interval_s": 0.05}])
+        r = await call(agent.port, "/v1/track", {"event": "e", "userId": "u"},
+                       headers={"Authorization": basic(APP_KEY)})
+        assert r.status == 200, r.body
+        await dead_letters(agent, 1)
+        listed = await outpost("list", config=agent.config_path)
+        [letter] = await agent.spool.dead_letters()
+        shown = await outpost("show", str(letter["seq"]), config=agent.config_path)
+        code, status = await run_outpost("status", "--config", agent.config_path)
+    assert code == 0, status
+    assert json.loads(shown)["reason"] == f"HTTP 400: {HOSTILE} reason"   # still JSON
+    for text in (listed, status, shown):
+        no_control(text)
+    for text in (listed, status):
+        assert "\\x1b]0;TITLE-HIJACK\\x07" in text, text
+
+
+def closed_pipe() -> int:
+    """A pipe's write end whose reader has already left."""
+    r, w = os.pipe()
+    os.close(r)
+    return w
+
+
+@pytest.mark.parametrize("command", [["dead", "list", "--config"], ["status", "--config"],
+                                     ["check-config"]])
+async def test_a_reader_that_left_ends_a_command_with_141(tmp_path: Path,
+                                                          command: list[str]) -> None:
+    cfg = write_config(tmp_path / "agent.toml", tmp_path / "spool.db")
+    w = closed_pipe()
+    try:
+        proc = await asyncio.create_subprocess_exec(
+            sys.executable, "-m", "agent", *command, str(cfg), cwd=ROOT, stdout=w,
+            stderr=asyncio.subprocess.PIPE)
+    finally:
+        os.close(w)
+    _, err = await asyncio.wait_for(proc.communicate(), 30)
+    assert (proc.returncode, err.decode()) == (141, "")
+
+
+async def test_tail_ends_once_its_reader_left_with_no_event_coming(
+        make_agent: Any, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(tail_routes, "KEEPALIVE_S", 0.1)
+    monkeypatch.setattr(tail_routes, "CHECK_S", 0.05)
+    agent = await make_agent(port=free_port())
+    r, w = os.pipe()
+    try:
+        proc = await asyncio.create_subprocess_exec(
+            sys.executable, "-m", "agent", "tail", "--config", agent.config_path, cwd=ROOT,
+            stdout=w, stderr=asyncio.subprocess.PIPE)
+    finally:
+        os.close(w)
+    try:
+        with os.fdopen(r, "rb") as reader:
+            first = await asyncio.to_thread(reader.readline)
+        assert b"watching" in first   # the reader leaves (`| head -1`): no event follows
+        _, err = await asyncio.wait_for(proc.communicate(), 4)
+    finally:
+        if proc.returncode is None:
+            proc.kill()
+            await proc.wait()
+    assert (proc.returncode, err.decode()) == (141, "")
+
+
+async def test_tail_refuses_a_mistyped_fingerprint(tmp_path: Path) -> None:
+    cfg = write_config(tmp_path / "agent.toml", tmp_path / "spool.db")
+    for bad in ("k:XYZ", "k:23d572f", "k:23d572fbb"):
+        code, out = await run_outpost("tail", "--key", bad, "--config", str(cfg))
+        assert code == 2, out
+        [line] = out.splitlines()
+        assert "k:xxxxxxxx" in line and bad in line, line
