@@ -16,6 +16,7 @@ import pytest
 
 from agent import cli
 from agent.ops import dead_cli
+from agent.outcomes import Tally
 from agent.service import Agent
 from agent.spool import dead, dead_live
 from tests.conftest import free_port, write_config
@@ -221,3 +222,47 @@ async def test_cli_says_the_agent_is_busy_not_absent(
             assert "still working" in text and "outpost status" in text, text
             assert "in use" not in text and "no agent" not in text, text
     assert not spool.exists()   # the CLI never turned to the spool file
+
+
+async def test_a_purge_by_reason_does_not_read_again_the_letters_before_each_chunk(
+        make_agent: Any) -> None:
+    """Each chunk of `dead purge --reason B` scanned every dead letter of other reasons in
+    front of its own, holding the writer each time (review: 0.3 s a chunk behind 600k
+    letters). Counted in SQLite's own steps, chunk by chunk: the work of a chunk must not
+    grow with the letters of other reasons before the ones it deletes."""
+    up = RefusingNucleus()
+    await up.start()
+    try:
+        agent = await agent_with_many(make_agent, up, 4000)
+        path = agent.spool.path
+        await agent.stop()
+    finally:
+        await up.stop()
+    conn = sqlite3.connect(path, isolation_level=None)
+    try:
+        seqs = [s for (s,) in conn.execute("SELECT seq FROM dead ORDER BY seq")]
+        conn.execute("UPDATE dead SET reason = 'A' WHERE seq <= ?", (seqs[3499],))
+        conn.execute("UPDATE dead SET reason = 'B' WHERE seq > ?", (seqs[3499],))
+        steps = 0
+
+        def count() -> int:
+            nonlocal steps
+            steps += 1
+            return 0
+        conn.set_progress_handler(count, 100)
+        work, after = [], dead.FIRST
+        while True:
+            steps = 0
+            conn.execute("BEGIN IMMEDIATE")
+            done = dead.purge(conn, dead.Which(reason="B"), dead.END, 100, after)
+            conn.execute("COMMIT")
+            if not done.out.counters.get(Tally.DEAD_PURGED):
+                break
+            after = done.last
+            work.append(steps)
+        assert len(work) == 5   # 500 letters of B, 100 a chunk
+        # The first chunk finds where B begins; the later ones start where the last ended.
+        assert max(work[1:]) * 5 < work[0], work
+        assert conn.execute("SELECT count(*) FROM dead WHERE reason = 'A'").fetchone()[0] == 3500
+    finally:
+        conn.close()
