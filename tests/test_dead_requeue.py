@@ -92,7 +92,7 @@ def test_purge_takes_one_reason_or_all_and_never_none(tmp_path: Path) -> None:
     with pytest.raises(dead.DeadError):
         dead.Which().where()  # neither a reason nor all: nothing is purged by default
     with transaction(conn):
-        assert dead.purge(conn, dead.Which("a")).counters == {"dead_purged": 2}
+        assert dead.purge(conn, dead.Which("a")).out.counters == {"dead_purged": 2}
     assert [r for (r,) in conn.execute("SELECT reason FROM dead")] == ["b"]
     with transaction(conn):
         dead.purge(conn, dead.Which(every=True))

@@ -226,7 +226,7 @@ class _Cli:
                 if what == "retry":
                     n = dead.requeue(conn, which, dead.next_seq(conn)).count
                 else:
-                    n = dead.purge(conn, which).counters.get(Tally.DEAD_PURGED, 0)
+                    n = dead.purge(conn, which).out.counters.get(Tally.DEAD_PURGED, 0)
             where = f"{spool} (no agent running)"
         if what == "retry":
             print(f"re-queued {n} dead letters at the tail of their keys' queues ({where})")

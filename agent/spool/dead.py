@@ -16,7 +16,7 @@ from __future__ import annotations
 import sqlite3
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, NamedTuple
 
 import orjson
 
@@ -36,6 +36,7 @@ NEWEST_REASONS = 5
 # fill the spool, and a retry of all of them, or an export, must not hold them all at once.
 STEP_BYTES = 4 * 1024 * 1024
 END = (1 << 63) - 1  # above every seq: no bound
+FIRST = -(1 << 63)  # below every seq
 
 
 class DeadError(Exception):
@@ -73,6 +74,7 @@ class Requeued:
     next_seq: int
     records: list[tuple[int, int, list[int]]] = field(default_factory=list)  # (id, n, keys)
     out: Outcome = field(default_factory=Outcome)
+    last: int = FIRST   # the last seq taken: a next chunk need not read what is before it
 
 
 _ENTRY = ("SELECT seq, s.key, upstream, reason, at, received, length(body) FROM dead "
@@ -158,29 +160,39 @@ def _step(conn: sqlite3.Connection, where: str, params: tuple[Any, ...], after: 
     return int(last)
 
 
+class Purged(NamedTuple):
+    out: Outcome
+    last: int   # the last seq deleted (``after`` if none): where the next chunk begins
+
+
 def purge(conn: sqlite3.Connection, which: Which, below: int = END,
-          letters: int = -1) -> Outcome:
-    """Delete the chosen dead letters with seq < ``below``, the oldest ``letters`` of them
-    (all if negative), inside the caller's transaction."""
+          letters: int = -1, after: int = FIRST) -> Purged:
+    """Delete the chosen dead letters with ``after`` < seq < ``below``, the oldest
+    ``letters`` of them (all if negative), inside the caller's transaction. The range is
+    found first and the delete bounded by it: a chunk must not read again the letters of
+    other reasons in front of its own."""
     where, params = which.where()
-    n = conn.execute(f"DELETE FROM dead WHERE seq IN (SELECT seq FROM dead WHERE {where} "
-                     "AND seq < ? ORDER BY seq LIMIT ?)", (*params, below, letters)).rowcount
+    last = conn.execute(f"SELECT max(seq) FROM (SELECT seq FROM dead WHERE {where} "
+                        "AND seq > ? AND seq < ? ORDER BY seq LIMIT ?)",
+                        (*params, after, below, letters)).fetchone()[0]
+    n = 0 if last is None else conn.execute(
+        f"DELETE FROM dead WHERE {where} AND seq > ? AND seq <= ?",
+        (*params, after, last)).rowcount
     out = Outcome()
     record(out.counters, Tally.DEAD_PURGED, n)
     _count(conn, out)
-    return out
+    return Purged(out, after if last is None else last)
 
 
 def requeue(conn: sqlite3.Connection, which: Which, next_seq: int,
             step_bytes: int = STEP_BYTES, below: int = END, letters: int = -1,
-            steps: int = -1) -> Requeued:
-    """Move the chosen dead letters with seq < ``below`` back into their keys' queues from
-    ``next_seq`` on (inside the caller's transaction), oldest first, about ``step_bytes``
-    of their bodies at a time: at most ``letters`` of them in at most ``steps`` steps
-    (no bound if negative)."""
+            steps: int = -1, after: int = FIRST) -> Requeued:
+    """Move the chosen dead letters with ``after`` < seq < ``below`` back into their keys'
+    queues from ``next_seq`` on (inside the caller's transaction), oldest first, about
+    ``step_bytes`` of their bodies at a time: at most ``letters`` of them in at most
+    ``steps`` steps (no bound if negative). ``done.last`` is where a next chunk begins."""
     where, params = which.where()
-    done = Requeued(0, next_seq)
-    after = -(1 << 63)
+    done = Requeued(0, next_seq, last=after)
     while steps and (letters < 0 or done.count < letters):
         # ``below`` bounds the step only: on the DELETE, SQLite would take it for the
         # seq range's end and read every dead letter up to it, a chunk at a time.
@@ -192,6 +204,7 @@ def requeue(conn: sqlite3.Connection, which: Which, next_seq: int,
                             "RETURNING seq, stream, family, received, dkey, body, lane",
                             (*params, after, last)).fetchall()
         after, steps = last, steps - 1
+        done.last = last
         _requeue_step(conn, rows, done)
     conn.executemany("UPDATE streams SET depth = depth + ?, bytes = bytes + ? WHERE id = ?",
                      [(d, b, sid) for sid, (d, b) in done.out.streams.items()])

@@ -63,26 +63,32 @@ async def _whole(chunk: Awaitable[T]) -> T:
 async def purge(spool: Spool, which: dead.Which) -> int:
     """Delete the chosen dead letters; returns how many."""
     # Events received since the purge began, refused meanwhile, are not taken.
-    below, total = spool.books.next_seq, 0
-    while n := await _whole(_purge_chunk(spool, which, below)):
+    below, total, after = spool.books.next_seq, 0, dead.FIRST
+    while True:
+        n, after = await _whole(_purge_chunk(spool, which, below, after))
+        if not n:
+            return total
         total += n
-    return total
 
 
-async def _purge_chunk(spool: Spool, which: dead.Which, below: int) -> int:
+async def _purge_chunk(spool: Spool, which: dead.Which, below: int,
+                       after: int) -> tuple[int, int]:
     async with spool.lock:
-        out, size = await _write(spool, dead.purge, which, below, CHUNK_LETTERS)
-        n = sum(out.counters.values())
-        _settle_books(spool, out, size, n)
-    return n
+        done, size = await _write(spool, dead.purge, which, below, CHUNK_LETTERS, after)
+        n = sum(done.out.counters.values())
+        _settle_books(spool, done.out, size, n)
+    return n, done.last
 
 
 async def retry(spool: Spool, which: dead.Which) -> int:
     """Put the chosen dead letters back at the tail of their keys' queues; returns how many."""
     # Retried letters refused again meanwhile have seqs from here on: not taken twice.
-    below, total = spool.books.next_seq, 0
+    below, total, after = spool.books.next_seq, 0, dead.FIRST
     try:
-        while n := await _whole(_retry_chunk(spool, which, below)):
+        while True:
+            n, after = await _whole(_retry_chunk(spool, which, below, after))
+            if not n:
+                break
             total += n
     finally:
         if total:  # queues that need forwarders: the loops of idle keys have ended
@@ -90,10 +96,11 @@ async def retry(spool: Spool, which: dead.Which) -> int:
     return total
 
 
-async def _retry_chunk(spool: Spool, which: dead.Which, below: int) -> int:
+async def _retry_chunk(spool: Spool, which: dead.Which, below: int,
+                       after: int) -> tuple[int, int]:
     async with spool.lock:
         done, size = await _write(spool, dead.requeue, which, spool.books.next_seq,
-                                  dead.STEP_BYTES, below, CHUNK_LETTERS, 1)
+                                  dead.STEP_BYTES, below, CHUNK_LETTERS, 1, after)
         spool.books.next_seq = done.next_seq
         _settle_books(spool, done.out, size, done.count)
         observed, wall = spool.observed_ms(), now_ms()
@@ -102,7 +109,7 @@ async def _retry_chunk(spool: Spool, which: dead.Which, below: int) -> int:
             # Already known unless the window passed: then known again from now on, as
             # a restart would load them from the record.
             spool.index.admit(keys, wall, observed)
-    return done.count
+    return done.count, done.last
 
 
 def _settle_books(spool: Spool, out: Outcome, size: int, gone: int) -> None:
