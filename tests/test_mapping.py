@@ -191,3 +191,17 @@ def test_a_mapped_event_keeps_its_own_millisecond() -> None:
         out = nucleus_to_segment(ev, ms + 5)
         assert out["timestamp"] == iso_ms(ms)
         assert "date" not in out.get("context", {}).get("nucleus", {}), ms
+
+
+def test_an_error_stored_mapped_by_the_previous_version_is_given_back_whole() -> None:
+    """Until this version a payload's own `name` won `properties.name` over the error's
+    type; the spool outlives an upgrade, so such an event, stored mapped, routed later to a
+    Nucleus upstream, is still the Nucleus error it was (review17 M2), not a Segment event
+    with its type lost."""
+    error = {"type": "error", "name": "TypeError", "id": 7, "machineId": "m1",
+             "date": "2026-01-15T10:20:30.123Z",
+             "payload": {"name": "boom", "message": "x is undefined", "stack": "at f"}}
+    stored = nucleus_to_segment(dict(error), 1768472431000)
+    assert stored["properties"]["name"] == "TypeError"
+    stored["properties"]["name"] = "boom"   # as the previous version stored it
+    assert segment_to_nucleus(stored, 1768472431000) == error
