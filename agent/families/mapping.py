@@ -217,8 +217,14 @@ def _nucleus_back(ev: dict[str, Any], ctx: dict[str, Any], kept: dict[str, Any],
         # Stored mapped by another version of the agent (ingest maps; the spool outlives
         # an upgrade): its version is not part of the event.
         mapped["context"]["library"] = lib
-    same = ({k: v for k, v in mapped.items() if k not in skip}
-            == {k: v for k, v in ev.items() if k not in skip})
+    theirs = {k: v for k, v in ev.items() if k not in skip}
+    same = {k: v for k, v in mapped.items() if k not in skip} == theirs
+    payload = out.get("payload")
+    if not same and kind == "error" and isinstance(payload, dict) and "name" in payload:
+        # Stored by a version whose error put the payload's own `name` in properties.name
+        # (the type now wins it, §8): still this event.
+        mapped["properties"]["name"] = payload["name"]
+        same = {k: v for k, v in mapped.items() if k not in skip} == theirs
     return out if same else None
 
 
