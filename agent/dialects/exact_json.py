@@ -60,8 +60,10 @@ def read_marked(data: bytes) -> Any:
     """``data`` read by the standard library, which also reads what orjson refuses (lone
     surrogates, NaN, Infinity) or would round (wide integers), each of the last two left
     as a marker (NonFinite, Wide) to be named. Raises ValueError (not JSON even so) or
-    RecursionError."""
-    return json.loads(data, parse_int=exact_int, parse_float=_float, parse_constant=NonFinite)
+    RecursionError. UTF-8 only, as orjson: given bytes, the standard library would guess
+    UTF-16 or UTF-32, or skip a BOM; a surrogate's bytes pass, to be named."""
+    return json.loads(data.decode("utf-8", "surrogatepass"), parse_int=exact_int,
+                      parse_float=_float, parse_constant=NonFinite)
 
 
 def nonfinite_error(field: str, text: str) -> str:
