@@ -249,7 +249,8 @@ def _count(text: str) -> int:
 
 
 def _reason(text: str) -> str:
-    """--reason: a reason as `outpost dead list` shows it, never empty."""
+    """--reason: a reason exactly as `outpost dead list --json` shows it (the table escapes
+    control characters), never empty."""
     if not text:
         raise argparse.ArgumentTypeError("a reason is never empty (see `outpost dead list`)")
     return text
