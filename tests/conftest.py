@@ -26,6 +26,7 @@ from agent.forwarder.supervisor import Seams
 from agent.service import Agent
 from agent.sync.power import BatterySensor, read_battery
 from tests.fakes.faulty_upstream import FaultyUpstream
+from tests.fakes.nm_bus import FakeNetworkManager, PrivateBus
 from tests.fakes.nucleus_upstream import FakeNucleus
 from tests.fakes.segment_upstream import FakeSegment
 
@@ -284,3 +285,19 @@ def notify_socket(tmp_path: Path) -> Iterator[tuple[socket.socket, str]]:
     sock.settimeout(10)
     yield sock, path
     sock.close()
+
+
+@pytest.fixture
+def bus(tmp_path: Path) -> Iterator[PrivateBus]:
+    """A private dbus-daemon, for the sync tests' fake services."""
+    private = PrivateBus(tmp_path).start()
+    yield private
+    private.stop()
+
+
+@pytest.fixture
+async def nm(bus: PrivateBus) -> AsyncIterator[FakeNetworkManager]:
+    """A fake NetworkManager on ``bus`` that says the network is not metered."""
+    service = await FakeNetworkManager(bus.address, metered=2).start()   # NMMetered NO
+    yield service
+    await service.stop()

@@ -47,6 +47,15 @@ def multiply_dead(path: Path, n: int) -> None:
         conn.close()
 
 
+@pytest.fixture
+async def up() -> AsyncIterator[RefusingNucleus]:
+    """The dead letters' upstream: it refuses every event (see agent_with_many)."""
+    upstream = RefusingNucleus()
+    await upstream.start()
+    yield upstream
+    await upstream.stop()
+
+
 async def agent_with_many(make_agent: Any, up: RefusingNucleus, n: int = MANY) -> Agent:
     """An agent on a spool of ``n`` dead letters, its upstream refusing with 503 (retried
     letters stay queued)."""
@@ -63,64 +72,54 @@ async def agent_with_many(make_agent: Any, up: RefusingNucleus, n: int = MANY) -
 
 @pytest.mark.parametrize("what", ["retry", "purge"])
 async def test_ingest_commits_while_a_retry_or_purge_is_still_running(
-        make_agent: Any, monkeypatch: pytest.MonkeyPatch, what: str) -> None:
+        make_agent: Any, up: RefusingNucleus, monkeypatch: pytest.MonkeyPatch, what: str) -> None:
     """A retry held the writer's lock over every letter at once: 300k letters held an app's
     request 13 s (audit). In chunks, a request posted after the first chunk is answered
     while letters are still dead."""
     monkeypatch.setattr(dead_live, "CHUNK_LETTERS", CHUNK, raising=False)
-    up = RefusingNucleus()
-    await up.start()
-    try:
-        agent = await agent_with_many(make_agent, up)
-        spool = agent.spool
-        base = f"http://127.0.0.1:{agent.port}"
-        async with aiohttp.ClientSession() as s:
-            async def change() -> dict[str, Any]:
-                async with s.post(f"{base}/dead/{what}", json={"all": True}) as r:
-                    assert r.status == 200, await r.text()
-                    got: dict[str, Any] = await r.json()
-                    return got
-            task = asyncio.create_task(change())
-            await wait_for(lambda: spool.dead_count < MANY or task.done())
-            await post_events(agent.port, "app-b", range(1))   # app-b: no upstream, stays
-            # Answered, and committed, with the retry or purge not done yet.
-            assert spool.dead_count > 0 and not task.done()
-            assert spool.streams["app-b"].depth == 1
-            got = await task
-        assert got == ({"retried": MANY, "queue_depth": MANY + 1} if what == "retry"
-                       else {"purged": MANY, "dead_letters": 0})
-        assert spool.dead_count == 0
-        assert spool.counters[f"dead_{what}d" if what == "purge" else "dead_retried"] == MANY
-    finally:
-        await up.stop()
+    agent = await agent_with_many(make_agent, up)
+    spool = agent.spool
+    base = f"http://127.0.0.1:{agent.port}"
+    async with aiohttp.ClientSession() as s:
+        async def change() -> dict[str, Any]:
+            async with s.post(f"{base}/dead/{what}", json={"all": True}) as r:
+                assert r.status == 200, await r.text()
+                got: dict[str, Any] = await r.json()
+                return got
+        task = asyncio.create_task(change())
+        await wait_for(lambda: spool.dead_count < MANY or task.done())
+        await post_events(agent.port, "app-b", range(1))   # app-b: no upstream, stays
+        # Answered, and committed, with the retry or purge not done yet.
+        assert spool.dead_count > 0 and not task.done()
+        assert spool.streams["app-b"].depth == 1
+        got = await task
+    assert got == ({"retried": MANY, "queue_depth": MANY + 1} if what == "retry"
+                   else {"purged": MANY, "dead_letters": 0})
+    assert spool.dead_count == 0
+    assert spool.counters[f"dead_{what}d" if what == "purge" else "dead_retried"] == MANY
 
 
 async def test_a_retry_interrupted_leaves_the_rest_dead_and_a_second_one_finishes(
-        make_agent: Any, monkeypatch: pytest.MonkeyPatch) -> None:
+        make_agent: Any, up: RefusingNucleus, monkeypatch: pytest.MonkeyPatch) -> None:
     """A retry stopped between chunks (the agent stopping) kept what it committed; the
     rest are still dead letters, and `dead retry` again sends them."""
     monkeypatch.setattr(dead_live, "CHUNK_LETTERS", CHUNK, raising=False)
-    up = RefusingNucleus()
-    await up.start()
-    try:
-        agent = await agent_with_many(make_agent, up)
-        spool = agent.spool
-        task = asyncio.create_task(dead_live.retry(spool, dead.Which(every=True)))
-        await wait_for(lambda: spool.dead_count < MANY or task.done())
-        task.cancel()
-        with pytest.raises(asyncio.CancelledError):
-            await task
-        left = spool.dead_count
-        assert 0 < left < MANY and spool.depth == MANY - left
-        await agent.stop()
-        again = await make_agent(port=free_port(), upstreams=[upstream("up", up, ["app-a"])])
-        assert again.spool.dead_count == left and again.spool.depth == MANY - left
-        text = await outpost_in_thread("dead", "retry", "--all", "--config",
-                                       str(again.config_path))
-        assert f"re-queued {left} dead letters" in text[1], text
-        assert again.spool.dead_count == 0 and again.spool.depth == MANY
-    finally:
-        await up.stop()
+    agent = await agent_with_many(make_agent, up)
+    spool = agent.spool
+    task = asyncio.create_task(dead_live.retry(spool, dead.Which(every=True)))
+    await wait_for(lambda: spool.dead_count < MANY or task.done())
+    task.cancel()
+    with pytest.raises(asyncio.CancelledError):
+        await task
+    left = spool.dead_count
+    assert 0 < left < MANY and spool.depth == MANY - left
+    await agent.stop()
+    again = await make_agent(port=free_port(), upstreams=[upstream("up", up, ["app-a"])])
+    assert again.spool.dead_count == left and again.spool.depth == MANY - left
+    text = await outpost_in_thread("dead", "retry", "--all", "--config",
+                                   str(again.config_path))
+    assert f"re-queued {left} dead letters" in text[1], text
+    assert again.spool.dead_count == 0 and again.spool.depth == MANY
 
 
 class SummaryQueries:
@@ -136,38 +135,33 @@ class SummaryQueries:
 
 
 async def test_status_polls_do_not_summarise_every_dead_letter_each_time(
-        make_agent: Any) -> None:
+        make_agent: Any, up: RefusingNucleus) -> None:
     """Every /status grouped the whole dead-letter table on the reader thread the
     forwarders read batches on: 700k letters and three open status pages took a 20,000
     event drain from 2 s to over 100 s (audit). Summarised once until they change."""
-    up = RefusingNucleus()
-    await up.start()
-    try:
-        agent = await agent_with_many(make_agent, up, 500)
-        spool = agent.spool
-        assert spool.reader is not None
-        queries = SummaryQueries()
-        await spool.reader.run(lambda conn: conn.set_trace_callback(queries))
-        base = f"http://127.0.0.1:{agent.port}"
-        async with aiohttp.ClientSession() as s:
-            async def reasons() -> list[dict[str, Any]]:
-                async with s.get(f"{base}/status") as r:
-                    got: list[dict[str, Any]] = (await r.json())["dead_reasons"]
-                    return got
-            first = [await reasons() for _ in range(5)]
-            assert first[0][0]["count"] == 500 and all(f == first[0] for f in first)
-            assert queries.count == 1
-            async with s.post(f"{base}/dead/purge", json={"all": True}) as r:
-                assert r.status == 200
-            assert await reasons() == [] and await reasons() == []
-            assert queries.count == 2
-            up.refuse = 400   # new dead letters show at once
-            await post_events(agent.port, "app-a", range(10, 12))
-            await dead_letters(agent, 2)
-            [group] = await reasons()
-            assert group["count"] == 2
-    finally:
-        await up.stop()
+    agent = await agent_with_many(make_agent, up, 500)
+    spool = agent.spool
+    assert spool.reader is not None
+    queries = SummaryQueries()
+    await spool.reader.run(lambda conn: conn.set_trace_callback(queries))
+    base = f"http://127.0.0.1:{agent.port}"
+    async with aiohttp.ClientSession() as s:
+        async def reasons() -> list[dict[str, Any]]:
+            async with s.get(f"{base}/status") as r:
+                got: list[dict[str, Any]] = (await r.json())["dead_reasons"]
+                return got
+        first = [await reasons() for _ in range(5)]
+        assert first[0][0]["count"] == 500 and all(f == first[0] for f in first)
+        assert queries.count == 1
+        async with s.post(f"{base}/dead/purge", json={"all": True}) as r:
+            assert r.status == 200
+        assert await reasons() == [] and await reasons() == []
+        assert queries.count == 2
+        up.refuse = 400   # new dead letters show at once
+        await post_events(agent.port, "app-a", range(10, 12))
+        await dead_letters(agent, 2)
+        [group] = await reasons()
+        assert group["count"] == 2
 
 
 @asynccontextmanager
@@ -226,19 +220,14 @@ async def test_cli_says_the_agent_is_busy_not_absent(
 
 @pytest.mark.parametrize("what", ["purge", "retry"])
 async def test_a_chunk_by_reason_does_not_read_again_the_letters_before_it(
-        make_agent: Any, what: str) -> None:
+        make_agent: Any, up: RefusingNucleus, what: str) -> None:
     """Each chunk of `dead purge --reason B` (and of a retry) scanned every dead letter of
     other reasons in front of its own, holding the writer each time (review: 0.3 s a chunk
     behind 600k letters). Counted in SQLite's own steps, chunk by chunk: the work of a chunk
     must not grow with the letters of other reasons before the ones it takes."""
-    up = RefusingNucleus()
-    await up.start()
-    try:
-        agent = await agent_with_many(make_agent, up, 4000)
-        path = agent.spool.path
-        await agent.stop()
-    finally:
-        await up.stop()
+    agent = await agent_with_many(make_agent, up, 4000)
+    path = agent.spool.path
+    await agent.stop()
     conn = sqlite3.connect(path, isolation_level=None)
     try:
         seqs = [s for (s,) in conn.execute("SELECT seq FROM dead ORDER BY seq")]

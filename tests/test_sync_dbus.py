@@ -8,7 +8,6 @@ nothing can be sent until the profile changes; max_hold_h by an injected clock.
 from __future__ import annotations
 
 import asyncio
-from collections.abc import AsyncIterator, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -28,20 +27,6 @@ from tests.fakes.nucleus_upstream import FakeNucleus
 from tests.waiting import run_outpost, wait_for
 
 YES, NO = 1, 2   # NMMetered
-
-
-@pytest.fixture
-def bus(tmp_path: Path) -> Iterator[PrivateBus]:
-    private = PrivateBus(tmp_path).start()
-    yield private
-    private.stop()
-
-
-@pytest.fixture
-async def nm(bus: PrivateBus) -> AsyncIterator[FakeNetworkManager]:
-    service = await FakeNetworkManager(bus.address, metered=NO).start()
-    yield service
-    await service.stop()
 
 
 def event(i: int) -> dict[str, Any]:

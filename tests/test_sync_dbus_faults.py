@@ -9,7 +9,6 @@ from __future__ import annotations
 import logging
 import math
 import socket
-from collections.abc import AsyncIterator, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -25,20 +24,6 @@ from tests.waiting import wait_for
 
 YES, NO, GUESS_NO = 1, 2, 4   # NMMetered
 TIMEOUT_S = 0.2   # the D-Bus timeout these tests give the agent
-
-
-@pytest.fixture
-def bus(tmp_path: Path) -> Iterator[PrivateBus]:
-    private = PrivateBus(tmp_path).start()
-    yield private
-    private.stop()
-
-
-@pytest.fixture
-async def nm(bus: PrivateBus) -> AsyncIterator[FakeNetworkManager]:
-    service = await FakeNetworkManager(bus.address, metered=NO).start()
-    yield service
-    await service.stop()
 
 
 @pytest.fixture

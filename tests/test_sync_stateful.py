@@ -22,11 +22,10 @@ import asyncio
 import shutil
 import tempfile
 import threading
-from collections.abc import Callable, Coroutine, Iterator
+from collections.abc import Callable, Coroutine
 from pathlib import Path
 from typing import Any, TypeVar
 
-import pytest
 from hypothesis import HealthCheck, settings
 from hypothesis import strategies as st
 from hypothesis.stateful import RuleBasedStateMachine, initialize, invariant, rule, run_state_machine_as_test
@@ -271,13 +270,6 @@ class SyncMachine(RuleBasedStateMachine):
                 await asyncio.sleep(0.01)
             raise AssertionError(f"an event outlived max_hold_h: {agent.spool.depth} queued")
         self.scene.call(settle())
-
-
-@pytest.fixture
-def bus(tmp_path: Path) -> Iterator[PrivateBus]:
-    private = PrivateBus(tmp_path).start()
-    yield private
-    private.stop()
 
 
 def test_holds_release_and_nothing_is_lost(bus: PrivateBus) -> None:
