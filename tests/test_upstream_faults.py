@@ -467,11 +467,14 @@ class _GatedSpool:
         self.reading = asyncio.Event()
 
     async def fetch(self, stream: int, after: int | Sequence[int], limit: int,
-                    lanes: Sequence[int] = LANES, max_bytes: int | None = None) -> Queued:
+                    lanes: Sequence[int] = LANES, max_bytes: int | None = None,
+                    until: Sequence[int | None] | None = None) -> Queued:
         self.reading.set()
         await self.gate.wait()
         cursors = (after,) * len(LANES) if isinstance(after, int) else after
-        rows = [r for r in self.rows if r.lane in lanes and r.seq > cursors[r.lane]][:limit]
+        ends = until or (None,) * len(LANES)
+        rows = [r for r in self.rows if r.lane in lanes and r.seq > cursors[r.lane]
+                and (ends[r.lane] is None or r.seq <= ends[r.lane])][:limit]
         return Queued([Run(r.seq, r.stream, r.family, r.received, [r.body], None, r.lane)
                        for r in rows])
 
