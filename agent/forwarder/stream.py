@@ -232,9 +232,9 @@ class StreamForwarder:
         share = self._high_run >= NORMAL_SHARE and NORMAL in lanes   # see NORMAL_SHARE
         if share:
             self._high_run, batches = 0, 1
-        elif NORMAL in lanes and self.stream.queued((NORMAL,)):
-            # Normal events wait: a read of several high batches would pass the share by
-            # up to the window (so the normal batch came after 4 to 8 high ones).
+        elif self._high_run:
+            # Normal events wait (_count_high): a read of several high batches would pass
+            # the share by up to FETCH_FACTOR (the normal batch came after 4 to 7 high ones).
             batches = min(batches, NORMAL_SHARE - self._high_run)
         rows = await self.spool.fetch(self.stream.id, self._cursors,
                                       self.cfg.batch_max_events * batches,
