@@ -7,6 +7,8 @@ from __future__ import annotations
 import asyncio
 import json
 import os
+import socket
+import struct
 import sys
 from pathlib import Path
 from typing import Any
@@ -206,6 +208,41 @@ async def test_tail_ends_once_its_reader_left_with_no_event_coming(
             proc.kill()
             await proc.wait()
     assert (proc.returncode, err.decode()) == (141, "")
+
+
+async def test_tail_cut_off_mid_stream_says_so_not_that_no_agent_answers(
+        tmp_path: Path) -> None:
+    """A view's connection reset after it began (the agent closed a view that read
+    nothing, and its reader came back too late) is not "no agent answering"."""
+    shown = asyncio.Event()   # the tail has printed the stream's first message
+
+    async def cut_off(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        await reader.readuntil(b"\r\n\r\n")
+        body = b'data: {"kind":"watching","key":null,"viewers":1}\n\n'
+        writer.write(b"HTTP/1.1 200 OK\r\nContent-Type: text/event-stream\r\n"
+                     b"Transfer-Encoding: chunked\r\n\r\n%x\r\n%s\r\n" % (len(body), body))
+        await writer.drain()
+        await shown.wait()
+        writer.get_extra_info("socket").setsockopt(   # closed with a reset, not a FIN
+            socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
+        writer.transport.abort()
+
+    server = await asyncio.start_server(cut_off, "127.0.0.1", 0)
+    port = server.sockets[0].getsockname()[1]
+    cfg = write_config(tmp_path / "agent.toml", tmp_path / "spool.db", port=port)
+    try:
+        proc = await asyncio.create_subprocess_exec(
+            sys.executable, "-m", "agent", "tail", "--config", str(cfg), cwd=ROOT,
+            stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.STDOUT)
+        assert proc.stdout is not None
+        assert b"watching" in await asyncio.wait_for(proc.stdout.readline(), 20)
+        shown.set()
+        out, _ = await asyncio.wait_for(proc.communicate(), 20)
+    finally:
+        server.close()
+    assert proc.returncode == 1
+    [line] = out.decode().splitlines()
+    assert line.startswith("outpost: the live view was cut off (ConnectionResetError"), line
 
 
 async def test_tail_refuses_a_mistyped_fingerprint(tmp_path: Path) -> None:
