@@ -17,7 +17,7 @@ import pytest
 from agent.clock import Clock
 from agent.logs import fingerprint
 from agent.ops import tail_routes
-from agent.ops.tail import MAX_VIEWERS
+from agent.ops.tail import MAX_VIEWERS, STALL_S
 from tests.conftest import free_port
 from tests.interop.browser.cdp import Chromium
 from tests.segment_helpers import basic, call
@@ -115,6 +115,7 @@ async def test_views_that_read_nothing_cannot_lock_the_operator_out(make_agent: 
 async def test_a_view_that_stops_reading_is_closed_and_an_idle_one_is_not(
         make_agent: Any, clock: Clock, monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setattr(tail_routes, "CHECK_S", 0.05)   # how often a stall is looked for
+    monkeypatch.setattr(tail_routes, "RATE", 1e6)   # unpaced: its stream backs up sooner
     agent = await make_agent(port=free_port())
     port = agent.port
     # A view of key B, reading, to which nothing is sent for (the clock's) ages.
@@ -128,14 +129,14 @@ async def test_a_view_that_stops_reading_is_closed_and_an_idle_one_is_not(
     auth = {"Authorization": basic(KEY_A)}
     for i in range(200):   # bounded: until its stream waits for a reader that never comes
         r = await call(port, "/v1/batch", {"batch": [
-            {"type": "track", "event": "n" * 100, "userId": "u", "messageId": f"{i}-{j}"}
-            for j in range(200)]}, headers=auth)
+            {"type": "track", "event": "n" * 120, "userId": "u",
+             "messageId": f"{i}-{j}-" + "m" * 80} for j in range(200)]}, headers=auth)
         assert r.status == 200, r.body
         if view.writing_since is not None:
             break
     assert view.writing_since is not None, "the stuck view's stream never backed up"
     assert agent.metrics.tail_closed == {"replaced": 0, "stalled": 0}
-    clock.passed_ms += int(tail_routes.STALL_S * 1000)
+    clock.passed_ms += int(STALL_S * 1000)
     await wait_for(lambda: agent.metrics.tail_closed["stalled"] == 1)
     assert agent.metrics.tail_viewers == 1
     # The idle view is still open (idle is not stalled): the next event of key B reaches it.
@@ -149,7 +150,7 @@ async def test_a_view_that_stops_reading_is_closed_and_an_idle_one_is_not(
     data = await stuck.rest()
     assert closed_messages(data) == [{"kind": "closed", "reason": "stalled",
                                       "detail": f"it read nothing for "
-                                                f"{tail_routes.STALL_S:g} s"}], data[-300:]
+                                                f"{STALL_S:g} s"}], data[-300:]
     assert (await status(port))["ingest"]["tail_closed"] == {"replaced": 0, "stalled": 1}
     idle.close()
     await session.close()
