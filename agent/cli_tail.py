@@ -2,12 +2,14 @@
 
 Reads the agent's GET /tail (Server-Sent Events) and prints one line per message.
 Exit codes: 0 when interrupted (Ctrl-C, the usual way to stop), 1 when no agent
-answers or the agent ends the stream (it is stopping), 2 for a config error.
+answers or the agent ends the stream (it is stopping, a newer view took this one's
+place, or this one read nothing for too long), 2 for a config error.
 """
 
 from __future__ import annotations
 
 import argparse
+import http.client
 import json
 import select
 import sys
@@ -18,6 +20,7 @@ from typing import IO, Any
 
 from agent.logs import FINGERPRINT, fingerprint
 from agent.ops.local_agent import DIRECT, agent_url
+from agent.ops.tail import STALL_S
 from agent.ops.terminal import printable, printable_json
 from agent.settings import Config
 
@@ -57,20 +60,36 @@ def run(args: argparse.Namespace, load: Callable[[argparse.Namespace], Config | 
     path = "/tail" + (f"?key={want}" if want else "")
     url = agent_url(cfg, path)
     try:
-        with DIRECT.open(url, timeout=READ_TIMEOUT_S) as resp:
-            for message in _messages(resp, sys.stdout):
-                print(printable_json(json.dumps(message)) if args.json else line(message),
-                      flush=True)
+        resp = DIRECT.open(url, timeout=READ_TIMEOUT_S)
     except KeyboardInterrupt:
         return 0
-    except BrokenPipeError:
-        raise   # the reader left (`outpost tail | head`): the CLI ends as SIGPIPE would
     except urllib.error.HTTPError as exc:
         print(f"outpost: the agent refused the live view: HTTP {exc.code} "
               f"{printable(exc.read().decode(errors='replace'))}", file=sys.stderr)
         return 1
     except (urllib.error.URLError, OSError) as exc:
         print(f"outpost: no agent answering at {agent_url(cfg, '')}: {exc}", file=sys.stderr)
+        return 1
+    try:
+        with resp:
+            for message in _messages(resp, sys.stdout):
+                if args.json:
+                    print(printable_json(json.dumps(message)), flush=True)
+                if message["kind"] == "closed":   # the agent says why it ends the stream
+                    print(f"outpost: the agent ended the live view "
+                          f"({printable(message['detail'])})", file=sys.stderr)
+                    return 1
+                if not args.json:
+                    print(line(message), flush=True)
+    except KeyboardInterrupt:
+        return 0
+    except BrokenPipeError:
+        raise   # the reader left (`outpost tail | head`): the CLI ends as SIGPIPE would
+    except (OSError, http.client.HTTPException) as exc:
+        print(f"outpost: the live view was cut off ({type(exc).__name__}: "
+              f"{printable(str(exc))}): the agent stopped, or closed this view for reading "
+              f"nothing for {STALL_S:g} s (was this command suspended, or its output "
+              "paused?)", file=sys.stderr)
         return 1
     except (KeyError, TypeError, ValueError) as exc:   # a message not of the agent's shape
         print(f"outpost: {agent_url(cfg, '')} answered /tail, but not an Outpost agent "

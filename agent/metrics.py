@@ -62,9 +62,11 @@ class Metrics:
         # Ingest requests refused (agent/server/app.py), by (API, HTTP status or websocket
         # close code). Requests, not events: most are refused before their events are read.
         self.refused: dict[tuple[str, int], int] = {}
-        # The live event view (agent/ops/tail.py): viewers now, messages dropped for slow ones.
+        # The live event view (agent/ops/tail.py): viewers now, messages dropped for slow ones,
+        # viewers closed by reason (their place taken by a new one, or not reading).
         self.tail_viewers = 0
         self.tail_dropped = 0
+        self.tail_closed: dict[str, int] = {}
 
     def _bucket(self) -> Minute:
         minute = int(self.clock() // 60)

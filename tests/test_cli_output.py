@@ -7,6 +7,8 @@ from __future__ import annotations
 import asyncio
 import json
 import os
+import socket
+import struct
 import sys
 from pathlib import Path
 from typing import Any
@@ -28,6 +30,11 @@ APP_KEY = "app-key-secret-7"
 # What a terminal obeys: clear the screen, set the window title, ring, CSI as one C1 byte.
 HOSTILE = "\x1b[2J\x1b]0;TITLE-HIJACK\x07\x9b31m"
 RAW = ("\x1b", "\x07", "\x9b")
+# What a terminal does not show but obeys all the same: bidi overrides, embeddings,
+# isolates and marks reorder what follows them ("txt.exe" shown as "exe.txt"), and the
+# other format characters (Cf), line and paragraph separators hide or split text.
+INVISIBLE = ("\u202a\u202b\u202c\u202d\u202e\u2066\u2067\u2068\u2069\u200e\u200f\u061c"
+             "\u200b\u00ad\ufeff\u2028\u2029\U000e0041")
 
 
 def no_control(text: str) -> None:
@@ -109,6 +116,53 @@ async def test_dead_list_and_status_escape_an_upstream_s_control_characters(
         assert "\\x1b]0;TITLE-HIJACK\\x07" in text, text
 
 
+async def test_tail_escapes_an_app_s_bidi_and_format_characters(make_agent: Any) -> None:
+    agent = await make_agent(port=free_port())
+    tail = await Tail.start("--config", agent.config_path)
+    r = await call(agent.port, "/v1/track", {"event": f"Pay{INVISIBLE}ment", "userId": "u",
+                                             "messageId": f"m{INVISIBLE}1"},
+                   headers={"Authorization": basic(APP_KEY)})
+    assert r.status == 200, r.body
+    r = await call(agent.port, f"/app/{APP_KEY}/track", {"data": [
+        {"type": f"warp{INVISIBLE}", "name": f"n{INVISIBLE}", "id": 2}]})
+    assert r.status == 200, r.body
+    await tail.until(lambda line: "unknown type" in line)
+    assert await tail.stop() == 0
+    text = "\n".join(tail.lines)
+    assert not any(c in text for c in INVISIBLE), ascii(text)
+    assert "id=m\\u202a\\u202b" in text and "\\U000e00411" in text, ascii(text)
+    assert "warp\\u202a" in text, ascii(text)
+
+
+async def refuse_echoing_the_event(request: web.Request) -> web.Response:
+    """A Segment upstream refusing every batch, its answer echoing the event's name."""
+    batch = (await request.json())["batch"]
+    return web.Response(status=400, text=f"bad event name {batch[0]['event']}")
+
+
+async def test_dead_letters_and_status_escape_bidi_and_format_characters(
+        make_agent: Any) -> None:
+    async with serving("/v1/batch", refuse_echoing_the_event) as url:
+        agent = await make_agent(port=free_port(), upstreams=[{
+            "name": "seg", "protocol": "segment-http", "url": url, "keys": ["*"],
+            "flush_interval_s": 0.05}])
+        r = await call(agent.port, "/v1/track", {"event": f"txt{INVISIBLE}.exe", "userId": "u"},
+                       headers={"Authorization": basic(APP_KEY)})
+        assert r.status == 200, r.body
+        await dead_letters(agent, 1)
+        [letter] = await agent.spool.dead_letters()
+        assert INVISIBLE in letter["reason"]   # stored as the upstream said it
+        listed = await outpost("list", config=agent.config_path)
+        shown = await outpost("show", str(letter["seq"]), config=agent.config_path)
+        code, status = await run_outpost("status", "--config", agent.config_path)
+    assert code == 0, status
+    assert json.loads(shown)["reason"] == letter["reason"]   # still the same JSON
+    for text in (listed, status, shown):
+        assert not any(c in text for c in INVISIBLE), ascii(text)
+    for text in (listed, status):
+        assert "bad event name txt\\u202a\\u202b" in text, ascii(text)
+
+
 def closed_pipe() -> int:
     """A pipe's write end whose reader has already left."""
     r, w = os.pipe()
@@ -154,6 +208,41 @@ async def test_tail_ends_once_its_reader_left_with_no_event_coming(
             proc.kill()
             await proc.wait()
     assert (proc.returncode, err.decode()) == (141, "")
+
+
+async def test_tail_cut_off_mid_stream_says_so_not_that_no_agent_answers(
+        tmp_path: Path) -> None:
+    """A view's connection reset after it began (the agent closed a view that read
+    nothing, and its reader came back too late) is not "no agent answering"."""
+    shown = asyncio.Event()   # the tail has printed the stream's first message
+
+    async def cut_off(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        await reader.readuntil(b"\r\n\r\n")
+        body = b'data: {"kind":"watching","key":null,"viewers":1}\n\n'
+        writer.write(b"HTTP/1.1 200 OK\r\nContent-Type: text/event-stream\r\n"
+                     b"Transfer-Encoding: chunked\r\n\r\n%x\r\n%s\r\n" % (len(body), body))
+        await writer.drain()
+        await shown.wait()
+        writer.get_extra_info("socket").setsockopt(   # closed with a reset, not a FIN
+            socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
+        writer.transport.abort()
+
+    server = await asyncio.start_server(cut_off, "127.0.0.1", 0)
+    port = server.sockets[0].getsockname()[1]
+    cfg = write_config(tmp_path / "agent.toml", tmp_path / "spool.db", port=port)
+    try:
+        proc = await asyncio.create_subprocess_exec(
+            sys.executable, "-m", "agent", "tail", "--config", str(cfg), cwd=ROOT,
+            stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.STDOUT)
+        assert proc.stdout is not None
+        assert b"watching" in await asyncio.wait_for(proc.stdout.readline(), 20)
+        shown.set()
+        out, _ = await asyncio.wait_for(proc.communicate(), 20)
+    finally:
+        server.close()
+    assert proc.returncode == 1
+    [line] = out.decode().splitlines()
+    assert line.startswith("outpost: the live view was cut off (ConnectionResetError"), line
 
 
 async def test_tail_refuses_a_mistyped_fingerprint(tmp_path: Path) -> None:

@@ -10,7 +10,7 @@ from hypothesis import strategies as st
 from agent.families.event import NUCLEUS, SEGMENT, Event
 from agent.logs import fingerprint
 from agent.metrics import Metrics
-from agent.ops.tail import QUEUE, QUEUE_BYTES, TAKE, TailHub, as_sent
+from agent.ops.tail import MAX_VIEWERS, QUEUE, QUEUE_BYTES, TAKE, TailHub, as_sent
 from agent.spool.types import Row
 
 KEYS = ("key-one-0001", "key-two-0002")
@@ -111,3 +111,24 @@ def test_a_viewer_that_falls_behind_holds_a_bounded_size_of_events() -> None:
     assert viewer.held == 0
     hub.ingested([Event("k", NUCLEUS, 0, big)], 1)
     assert len(viewer.queue) == 1 and shown + metrics.tail_dropped == 120
+
+
+def test_a_new_viewer_takes_the_place_of_the_longest_stalled_else_of_the_oldest() -> None:
+    metrics = Metrics()
+    hub = TailHub(metrics)
+    first, second, third, fourth = (hub.watch(None) for _ in range(MAX_VIEWERS))
+    assert first and second and third and fourth
+    second.writing_since, third.writing_since = 500, 100   # both wait for their reader
+    fourth.writing_since = None
+    order = []
+    for _ in range(3):
+        new = hub.watch(None)
+        assert new is not None and len(hub.viewers) == MAX_VIEWERS
+        [gone] = [v for v in (first, second, third, fourth) if v.ended and v not in order]
+        order.append(gone)
+    assert order == [third, second, first]
+    assert all(v.ended == "replaced" and v.take() is None for v in order)
+    assert metrics.tail_closed == {"replaced": 3, "stalled": 0}
+    assert metrics.tail_viewers == MAX_VIEWERS and fourth in hub.viewers
+    hub.close()   # stopping ends every view, and is no drop
+    assert fourth.ended == "stopping" and metrics.tail_closed["replaced"] == 3

@@ -157,6 +157,10 @@ def _ingest(out: Exposition, ingest: Ingest) -> None:
               ingest["tail_viewers"])
     out.counter("tail_dropped_total", "Live event view messages dropped because a viewer "
                 "fell behind (ingest never waits for a viewer).", ingest["tail_dropped"])
+    out.family("tail_closed_total", "counter",
+               "Live event views the agent closed, by reason (replaced: a newer view took "
+               "its place; stalled: its stream waited too long for it to read).",
+               [("", {"reason": r}, n) for r, n in ingest["tail_closed"].items()])
     out.family("ingest_refused_total", "counter",
                "Ingest requests refused, by API and HTTP status (a websocket's by its close "
                "code; the pixel, always answered 200, by the status its problem has elsewhere).",

@@ -76,6 +76,7 @@ class Ingest(TypedDict):
     refused: dict[str, dict[str, int]]  # api -> HTTP status (or websocket close code) -> n
     tail_viewers: int           # live event views open (`outpost tail`, the page's panel)
     tail_dropped: int           # messages those views missed by falling behind
+    tail_closed: dict[str, int]  # views the agent closed, by reason (replaced, stalled)
 
 
 class SyncStatus(SyncView):
@@ -187,7 +188,8 @@ async def snapshot(cfg: Config, spool: Spool, states: Mapping[str, UpstreamState
                       "memory_trims": metrics.memory_trims,
                       "refused": metrics.refusals(),
                       "tail_viewers": metrics.tail_viewers,
-                      "tail_dropped": metrics.tail_dropped}
+                      "tail_dropped": metrics.tail_dropped,
+                      "tail_closed": dict(metrics.tail_closed)}
     if sync is not None:
         held = held_by_lane(cfg, spool.streams.values(), held_lanes(sync["profile"]))
         snap["sync"] = {**sync, "held_events": sum(held.values()), "held_lanes": held}

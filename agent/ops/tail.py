@@ -7,6 +7,13 @@ one bulk append: what a viewer is shown is worked out later, on that viewer's ow
 (``Viewer.take``), never on the ingest or forwarding path. A viewer that falls
 ``QUEUE`` messages (or ``QUEUE_BYTES`` of their bodies) behind loses the overflow,
 counted, and is told how many.
+
+At most ``MAX_VIEWERS`` are open at once, and a new viewer always gets a place: when
+all are taken, it takes the place of the viewer whose stream has waited for its reader
+the longest, else of the oldest (``TailHub.watch``). A place cannot tell a view that
+reads from one that never will while nothing is sent, so a first-come rule let views
+left open, or opened and never read, refuse the operator's next one for good; taking
+the oldest's place is what the server does with connections (server/connections.py).
 """
 
 from __future__ import annotations
@@ -16,7 +23,7 @@ import bisect
 import operator
 from collections import deque
 from collections.abc import Sequence
-from itertools import accumulate
+from itertools import accumulate, count
 from typing import Any
 
 import orjson
@@ -33,10 +40,19 @@ from agent.spool.types import Row
 QUEUE = 1000          # messages a viewer may fall behind before the overflow is dropped
 QUEUE_BYTES = 8 * 1024 * 1024   # and the event bodies they may hold (an event: 500 KB at most)
 MAX_VIEWERS = 4       # a few terminals and tabs; with RATE, bounds what viewers cost the loop
+# A viewer whose stream has waited this long (by CLOCK) for it to read is closed: its
+# client is suspended (Ctrl-Z), its output paused (a pager, Ctrl-S), or it never reads.
+# A slow reader still reads: its writes complete, and it loses only the overflow.
+STALL_S = 30.0
 NAME_CHARS = 120      # enough to read an event name; the body itself is never shown
 
 TAKE = 200            # messages summarised per write: a viewer's task yields between
 RATE = 2000.0         # messages per second a viewer's task summarises, at most (see routes)
+
+# Why a viewer's stream ends; the first two are counted (Metrics.tail_closed).
+REPLACED = "replaced"   # a new viewer took its place
+STALLED = "stalled"     # its stream waited too long for its reader (see routes)
+STOPPING = "stopping"   # the agent is stopping
 
 # An item waiting in a viewer's queue, summarised when taken: an ingested Event as it is
 # (queued in bulk, no per-event work on the ingest path), else (kind, payload); an acked
@@ -47,13 +63,25 @@ Item = Event | tuple[str, Any]
 class Viewer:
     """One watcher: its key filter (a fingerprint, or None for all) and bounded queue."""
 
-    def __init__(self, want: str | None) -> None:
+    def __init__(self, want: str | None, opened: int = 0) -> None:
         self.want = want
+        self.opened = opened      # the order viewers were opened in
         self.queue: deque[Item] = deque()
         self.held = 0             # bytes of the event bodies in ``queue``
         self.dropped = 0          # dropped since the viewer was last told
         self.wake = asyncio.Event()
-        self.closed = False
+        # Why its stream is to end (REPLACED, STALLED, STOPPING); None while it is open.
+        self.ended: str | None = None
+        # Since when (CLOCK.elapsed_ms) a write to it waits for its reader; None when
+        # none waits. Set by its stream (ops/tail_routes.py).
+        self.writing_since: int | None = None
+
+    def seniority(self) -> tuple[int, int]:
+        """The order places are taken in: streams waiting for their reader first, the
+        longest waiting first; then the oldest."""
+        if self.writing_since is not None:
+            return (0, self.writing_since)
+        return (1, self.opened)
 
     def offer(self, item: Item) -> int:
         """Queue ``item`` (a note, no body); returns 1 if it was dropped (the viewer is
@@ -100,8 +128,8 @@ class Viewer:
 
     def take(self) -> list[dict[str, Any]] | None:
         """Up to ``TAKE`` queued messages, summarised, a drop notice first; None once the
-        hub is closed. The caller waits on ``wake`` first, and clears it."""
-        if self.closed:
+        viewer has ended. The caller waits on ``wake`` first, and clears it."""
+        if self.ended is not None:
             return None
         out: list[dict[str, Any]] = []
         if self.dropped:
@@ -122,18 +150,33 @@ class TailHub:
 
     def __init__(self, metrics: Metrics) -> None:
         self.viewers: set[Viewer] = set()
-        self.metrics = metrics   # tail_viewers, tail_dropped: shown in /status and /metrics
+        # tail_viewers, tail_dropped, tail_closed: shown in /status and /metrics
+        self.metrics = metrics
+        for reason in (REPLACED, STALLED):   # 0 until one is: a counter from the start
+            metrics.tail_closed.setdefault(reason, 0)
         self.closed = False
+        self._opened = count()
 
     def watch(self, key: str | None) -> Viewer | None:
-        """A new viewer of fingerprint ``key`` (None: every key); None when full or
-        closed."""
-        if self.closed or len(self.viewers) >= MAX_VIEWERS:
+        """A new viewer of fingerprint ``key`` (None: every key), in the place of the
+        most senior one when all are taken; None once the hub is closed."""
+        if self.closed:
             return None
-        viewer = Viewer(key)
+        if len(self.viewers) >= MAX_VIEWERS:
+            self.end(min(self.viewers, key=Viewer.seniority), REPLACED)
+        viewer = Viewer(key, next(self._opened))
         self.viewers.add(viewer)
         self.metrics.tail_viewers = len(self.viewers)
         return viewer
+
+    def end(self, viewer: Viewer, reason: str) -> None:
+        """Close ``viewer`` for ``reason`` (REPLACED, STALLED), counted: its place is
+        free at once, and its stream says why and ends."""
+        self.leave(viewer)
+        if viewer.ended is None:
+            viewer.ended = reason
+            viewer.wake.set()
+            self.metrics.tail_closed[reason] += 1
 
     def leave(self, viewer: Viewer) -> None:
         self.viewers.discard(viewer)
@@ -144,7 +187,7 @@ class TailHub:
         graceful shutdown for its whole timeout."""
         self.closed = True
         for viewer in self.viewers:
-            viewer.closed = True
+            viewer.ended = STOPPING
             viewer.wake.set()
 
     def ingested(self, events: Sequence[Event], stored: int) -> None:

@@ -1,31 +1,62 @@
 """Text from apps and upstreams, made safe to print on an operator's terminal.
 
 An app's event id or an upstream's error text may hold escape sequences that a terminal
-obeys (clear the screen, set the window title, recolour what follows): every command
-prints such values through ``printable``, or its JSON through ``printable_json``.
+obeys (clear the screen, set the window title, recolour what follows), or characters it
+obeys without showing them (a bidi override shows ``txt\\u202eexe.js`` as ``txtsj.exe``):
+every command prints such values through ``printable``, or its JSON through
+``printable_json``.
 """
 
 from __future__ import annotations
 
 import re
+import unicodedata
 
-# C0, DEL and C1 (Unicode category Cc): a terminal acts on them instead of showing them.
-_CONTROL = re.compile(r"[\x00-\x1f\x7f-\x9f]")
-# What JSON leaves unescaped of them: DEL and C1 (json.dumps escapes C0 itself).
-_JSON_CONTROL = re.compile(r"[\x7f-\x9f]")
+# Shown escaped: controls (Cc: C0, DEL, C1), which a terminal acts on; format characters
+# (Cf: bidi overrides, embeddings, isolates and marks, zero-width ones), and line and
+# paragraph separators (Zl, Zp), which change or hide what is shown around them; lone
+# surrogates (Cs), which have no glyph and would not even encode.
+_HIDDEN = frozenset({"Cc", "Cf", "Cs", "Zl", "Zp"})
+# Where to look for them: everything else is printable ASCII. JSON text may hold C0
+# only as the whitespace between its tokens (json.dumps escapes them in strings).
+_SUSPECT = re.compile(r"[^\x20-\x7e]")
+_JSON_SUSPECT = re.compile(r"[^\x00-\x7e]")
 _NAMED = {"\n": "\\n", "\r": "\\r", "\t": "\\t"}
 
 
+def _hidden(c: str) -> bool:
+    return unicodedata.category(c) in _HIDDEN
+
+
 def _escape(match: re.Match[str]) -> str:
+    """As Python's repr escapes it (``\\x1b``, ``\\u202e``, ``\\U000e0041``), so a name
+    shown by repr and an id shown by ``printable`` read alike."""
     c = match.group()
-    return _NAMED.get(c) or f"\\x{ord(c):02x}"
+    if not _hidden(c):
+        return c
+    if c in _NAMED:
+        return _NAMED[c]
+    n = ord(c)
+    return f"\\x{n:02x}" if n < 0x100 else f"\\u{n:04x}" if n < 0x10000 else f"\\U{n:08x}"
+
+
+def _json_escape(match: re.Match[str]) -> str:
+    c = match.group()
+    if not _hidden(c):
+        return c
+    n = ord(c)
+    if n < 0x10000:
+        return f"\\u{n:04x}"
+    n -= 0x10000   # JSON spells a character past the BMP as a surrogate pair
+    return f"\\u{0xD800 + (n >> 10):04x}\\u{0xDC00 + (n & 0x3FF):04x}"
 
 
 def printable(text: str) -> str:
-    """``text`` with each control character shown as an escape (``\\x1b``, ``\\n``)."""
-    return _CONTROL.sub(_escape, text)
+    """``text`` with each hidden character shown as an escape (``\\x1b``, ``\\n``,
+    ``\\u202e``)."""
+    return _SUSPECT.sub(_escape, text)
 
 
 def printable_json(text: str) -> str:
-    """JSON text with DEL and C1 characters as ``\\u00XX`` escapes: still the same JSON."""
-    return _JSON_CONTROL.sub(lambda m: f"\\u{ord(m.group()):04x}", text)
+    """JSON text with its hidden characters as ``\\uXXXX`` escapes: still the same JSON."""
+    return _JSON_SUSPECT.sub(_json_escape, text)
