@@ -55,6 +55,8 @@ def test_the_v2_fixture_is_migrated_with_nothing_lost(v2: Path) -> None:
     kept = {name: table(v2, f"SELECT * FROM {name} ORDER BY 1") for name in KEPT}
     groups = counted(v2)
     assert len(groups) == 6 and sum(int(str(g[2])) for g in groups) == 20
+    # Read-only before an agent converts it (`outpost dead list`, `outpost status`).
+    assert summarised(v2) == groups
 
     with connect(v2) as db:
         upgrade(db)

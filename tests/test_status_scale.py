@@ -125,7 +125,7 @@ def groups(path: Path) -> list[dict[str, Any]]:
         return [{"reason": r, "upstream": u, "count": n, "oldest": lo, "newest": hi}
                 for r, u, n, lo, hi in conn.execute(
                     "SELECT reason, upstream, count(*), min(at), max(at) FROM dead "
-                    "GROUP BY reason, upstream ORDER BY max(at) DESC, reason")]
+                    "GROUP BY reason, upstream ORDER BY max(at) DESC, reason, upstream")]
 
 
 async def get(port: int, route: str) -> Any:
