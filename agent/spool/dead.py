@@ -103,14 +103,16 @@ _COUNTED = ("SELECT count(*) FROM dead",
 def summary(conn: sqlite3.Connection, newest: int | None = None) -> dict[str, Any]:
     """Counts grouped by (reason, upstream), newest first; ``newest`` caps the groups."""
     total, groups = _COUNTED if _user_version(conn) < VERSION else _KEPT
-    return {"count": conn.execute(total).fetchone()[0],
-            "groups": newest_groups(conn, newest, groups)}
+    return {"count": conn.execute(total).fetchone()[0], "groups": _groups(conn, groups, newest)}
 
 
-def newest_groups(conn: sqlite3.Connection, newest: int | None,
-                  sql: str = _KEPT[1]) -> list[dict[str, Any]]:
-    """The ``newest`` (reason, upstream) groups (all if None), newest first: a few rows
-    of a running agent's spool whatever the letters (/status reads them at each change)."""
+def newest_groups(conn: sqlite3.Connection, newest: int) -> list[dict[str, Any]]:
+    """The ``newest`` (reason, upstream) groups of a running agent's spool, newest first:
+    a few rows however many letters there are (/status reads them after each change)."""
+    return _groups(conn, _KEPT[1], newest)
+
+
+def _groups(conn: sqlite3.Connection, sql: str, newest: int | None) -> list[dict[str, Any]]:
     return [{"reason": r, "upstream": u, "count": n, "oldest": lo, "newest": hi}
             for r, u, n, lo, hi in conn.execute(sql, (-1 if newest is None else newest,))]
 
