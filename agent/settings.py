@@ -120,3 +120,8 @@ class Config:
             if up.matches(app_key):
                 return up
         return None
+
+    def route_name(self, app_key: str) -> str | None:
+        """The name of the upstream that takes ``app_key``; None if none does."""
+        up = self.route(app_key)
+        return up.name if up is not None else None

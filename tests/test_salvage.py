@@ -325,7 +325,7 @@ async def test_a_salvage_without_room_counts_the_queue_the_file_says_it_held(
     queued = queued_in(spool_path)
     await asyncio.to_thread(truncated, spool_path)
     free = os.statvfs(six_mb_fs).f_bavail * os.statvfs(six_mb_fs).f_frsize
-    (six_mb_fs / "filler").write_bytes(b"\0" * (free - 160 * 1024))
+    (six_mb_fs / "filler").write_bytes(b"\0" * (free - 224 * 1024))
     caplog.set_level(logging.INFO)
     agent = await make_agent(spool=spool_path)
     assert "could not salvage" in caplog.text, "the copy did not fail for room"

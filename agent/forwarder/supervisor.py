@@ -112,6 +112,9 @@ class Supervisor:
         self.facts = facts
         self.metrics = metrics
         self.states = {u.name: UpstreamState(u.name, u.protocol) for u in cfg.upstreams}
+        # The queues summed per upstream of this config, kept by each commit from now on:
+        # what status and the probers' recovery reports read (one pass over the keys here).
+        spool.books.regroup(cfg.route_name)
         self._slots = {u.name: Slots() for u in cfg.upstreams}   # batches in flight
         self.loops: dict[str, StreamForwarder] = {}   # by local key: keys with data only
         self._tasks: set[asyncio.Task[None]] = set()   # with loops still closing their uplink
@@ -306,8 +309,8 @@ class Supervisor:
 
     def _queued(self, upstream: str) -> int:
         """Events queued for ``upstream`` (read by its recovery report only)."""
-        return sum(stream.depth for key, stream in self.spool.streams.items()
-                   if (up := self.cfg.route(key)) is not None and up.name == upstream)
+        totals = self.spool.books.groups.get(upstream)
+        return totals.depth if totals is not None else 0
 
     def _resume(self, upstream: str) -> None:
         """``upstream`` answers again: retry its parked keys now, each at its backoff step

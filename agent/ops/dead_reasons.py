@@ -1,11 +1,11 @@
-"""The newest dead-letter reasons on /status: summarised once, kept until the dead letters
-change.
+"""The newest dead-letter reasons on /status: read once, kept until the dead letters change.
 
-The summary groups every dead letter (agent/spool/dead.py ``summary``): 2.5 s for 700k
-of them, on the reader thread the forwarders read their batches on. Run on every
-/status, three open status pages took a 20,000 event drain from 2 s to over 100 s.
-The books count every change to the dead letters (dead-lettered, retried, purged,
-dropped for room, expired), so the summary is run again only when those counts moved,
+The spool keeps its dead letters summarised as they come and go (agent/spool/schema.py
+``DEAD_SUMMARY``): the newest groups are a few rows, however many letters there are
+(grouping every letter again, as it once did, took 2.5 s for 700k of them). They are
+still read on the reader thread the forwarders read their batches on, so not at every
+poll: the books count every change to the dead letters (dead-lettered, retried, purged,
+dropped for room, expired), and the groups are read again only when those counts moved,
 once however many polls ask meanwhile.
 """
 
@@ -54,8 +54,8 @@ class NewestReasons:
         # Counts read before the summary: a change committed meanwhile moves them again,
         # so the next poll summarises again rather than keep a summary without it.
         try:
-            got = await dead_live.read(spool, dead.summary, dead.NEWEST_REASONS)
+            got = await dead_live.read(spool, dead.newest_groups, dead.NEWEST_REASONS)
         except (dead.DeadError, sqlite3.Error):
             return self._groups   # a spool closed or failing: not kept, tried next time
-        self._seen, self._groups = seen, redacted(got["groups"])
+        self._seen, self._groups = seen, redacted(got)
         return self._groups

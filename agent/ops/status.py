@@ -19,7 +19,9 @@ from agent.metrics import Metrics
 from agent.ops.dead_reasons import NewestReasons, redacted
 from agent.settings import Config, UpstreamConfig
 from agent.spool import Spool, dead
+from agent.spool.books import group
 from agent.spool.schema import read_offline
+from agent.spool.types import Stream, Totals
 from agent.sync.held import held_by_lane
 from agent.sync.monitor import SyncView
 from agent.sync.policy import held_lanes
@@ -109,33 +111,17 @@ class Snapshot(TypedDict):
     sync: SyncStatus | None     # null offline: only a running agent reads network and battery
 
 
-Queues = dict[str | None, list[int]]
+Groups = Mapping[str | None, Totals]
+_EMPTY = Totals()
 
 
-def _queues(cfg: Config, streams: Mapping[str, tuple[int, int]]) -> Queues:
-    """(events, bytes, keys with events) queued per upstream name; None for keys no
-    upstream takes. Keys with nothing queued are skipped: any local app can invent
-    keys, and routing 100,000 idle ones took a quarter of a second per snapshot."""
-    out: Queues = {up.name: [0, 0, 0] for up in cfg.upstreams}
-    out[None] = [0, 0, 0]
-    for key, (depth, nbytes) in streams.items():
-        if not depth:
-            continue
-        up = cfg.route(key)
-        q = out[up.name if up is not None else None]
-        q[0] += depth
-        q[1] += nbytes
-        q[2] += 1
-    return out
-
-
-def _upstream(up: UpstreamConfig, queues: Queues, live: UpstreamState | None) -> UpstreamStatus:
-    depth, nbytes, keys = queues[up.name]
+def _upstream(up: UpstreamConfig, groups: Groups, live: UpstreamState | None) -> UpstreamStatus:
+    queued = groups.get(up.name, _EMPTY)
     lost = live.unreachable_since if live else None
     return {"name": up.name, "protocol": up.protocol, "url": up.url,
             "state": ("offline" if live is None else "unreachable" if lost is not None
                       else live.state),
-            "queue_depth": depth, "queue_bytes": nbytes, "keys": keys,
+            "queue_depth": queued.depth, "queue_bytes": queued.bytes, "keys": queued.keys,
             "last_ack": live.last_ack if live else None,
             "last_error": live.last_error if live else None,
             "last_error_at": live.last_error_at if live else None,
@@ -150,17 +136,19 @@ def _upstream(up: UpstreamConfig, queues: Queues, live: UpstreamState | None) ->
             "probes": live.probes if live else None}
 
 
-def _snapshot(cfg: Config, source: str, depth: int, streams: Mapping[str, tuple[int, int]],
-              counts: outcomes.Counts, dead: int, spool: SpoolUse,
-              states: Mapping[str, UpstreamState]) -> Snapshot:
-    queues = _queues(cfg, streams)
+def _snapshot(cfg: Config, source: str, groups: Groups, counts: outcomes.Counts, dead: int,
+              spool: SpoolUse, states: Mapping[str, UpstreamState]) -> Snapshot:
+    """``groups``: the queues summed per upstream name of ``cfg`` (None: keys no upstream
+    takes), as the spool's books keep them; never a pass over the keys."""
+    unrouted = groups.get(None, _EMPTY)
     return {
         "version": __version__, "time": round(time.time(), 3), "source": source,
-        "uptime_s": None, "queue_depth": depth, "oldest_event_age_s": None,
-        "unrouted": {"keys": queues[None][2], "queue_depth": queues[None][0]},
+        "uptime_s": None, "queue_depth": sum(t.depth for t in groups.values()),
+        "oldest_event_age_s": None,
+        "unrouted": {"keys": unrouted.keys, "queue_depth": unrouted.depth},
         "spool": spool, "dead_letters": dead, "dead_reasons": [],
         "counters": outcomes.totals(counts), "drops": outcomes.drops(counts),
-        "upstreams": [_upstream(up, queues, states.get(up.name)) for up in cfg.upstreams],
+        "upstreams": [_upstream(up, groups, states.get(up.name)) for up in cfg.upstreams],
         "history": None, "connections": None, "ingest": None, "sync": None,
     }
 
@@ -168,16 +156,16 @@ def _snapshot(cfg: Config, source: str, depth: int, streams: Mapping[str, tuple[
 async def snapshot(cfg: Config, spool: Spool, states: Mapping[str, UpstreamState],
                    metrics: Metrics, reasons: NewestReasons,
                    sync: SyncView | None = None) -> Snapshot:
-    """The running agent's state; ``reasons`` keeps its dead letters' summary."""
-    oldest = await spool.oldest_received()
-    snap = _snapshot(cfg, "agent", spool.depth,
-                     {k: (s.depth, s.bytes) for k, s in spool.streams.items() if s.depth},
-                     spool.counters, spool.dead_count,
+    """The running agent's state; ``reasons`` keeps its dead letters' summary. Its cost
+    does not grow with the keys: the books sum the queues per upstream of ``cfg`` (the
+    forwarders' config, which groups them: agent/forwarder/supervisor.py)."""
+    first = await spool.first_received()
+    snap = _snapshot(cfg, "agent", spool.books.groups, spool.counters, spool.dead_count,
                      {"path": str(spool.path), "used_bytes": spool.used_bytes,
                       "max_bytes": spool.max_bytes}, states)
     snap["dead_reasons"] = await reasons.get(spool)
     snap["uptime_s"] = round(max(0.0, time.time() - metrics.started), 1)
-    snap["oldest_event_age_s"] = round(age_s(oldest), 1) if oldest is not None else None
+    snap["oldest_event_age_s"] = round(age_s(first), 1) if first is not None else None
     snap["history"] = metrics.series()
     snap["connections"] = {"open": metrics.connections_open, "max": metrics.connections_cap,
                            "closed": dict(sorted(metrics.connections_closed.items())),
@@ -191,7 +179,7 @@ async def snapshot(cfg: Config, spool: Spool, states: Mapping[str, UpstreamState
                       "tail_dropped": metrics.tail_dropped,
                       "tail_closed": dict(metrics.tail_closed)}
     if sync is not None:
-        held = held_by_lane(cfg, spool.streams.values(), held_lanes(sync["profile"]))
+        held = held_by_lane(spool.books.groups, held_lanes(sync["profile"]))
         snap["sync"] = {**sync, "held_events": sum(held.values()), "held_lanes": held}
     return snap
 
@@ -200,9 +188,9 @@ def offline_snapshot(cfg: Config) -> Snapshot:
     """What the spool file alone tells: queues and counters, no live upstream state."""
     path = cfg.storage.resolved_path()
     raw = read_offline(path)
+    streams = (Stream(0, key, s["depth"], s["bytes"]) for key, s in raw["streams"].items())
     snap = _snapshot(cfg, "spool, no agent running" if raw["exists"] else
-                     "no agent running, no spool yet", raw["depth"],
-                     {k: (s["depth"], s["bytes"]) for k, s in raw["streams"].items()},
+                     "no agent running, no spool yet", group(streams, cfg.route_name),
                      outcomes.from_names(raw["counters"].items()), raw.get("dead_letters", 0),
                      {"path": str(path), "used_bytes": None, "max_bytes": None}, {})
     snap["dead_reasons"] = redacted(dead.newest_reasons(path))

@@ -2,18 +2,51 @@
 
 from __future__ import annotations
 
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 
 from agent.outcomes import Counts, Drop, Outcome, Tally, merge, record
 from agent.spool.commit import Outcome as Committed
-from agent.spool.types import Stream
+from agent.spool.types import Stream, Totals
+
+# A key's group (the upstream that takes it, say); None is a group too.
+Grouping = Callable[[str], str | None]
+
+
+def _ungrouped(key: str) -> str | None:
+    return None
+
+
+def group(streams: Iterable[Stream], grouping: Grouping) -> dict[str | None, Totals]:
+    """The Totals of ``streams`` by ``grouping``; each stream joins its group's."""
+    groups: dict[str | None, Totals] = {}
+    for stream in streams:
+        _join(groups, grouping(stream.key), stream)
+    return groups
+
+
+def _join(groups: dict[str | None, Totals], label: str | None, stream: Stream) -> None:
+    totals = groups.get(label)
+    if totals is None:
+        totals = groups[label] = Totals()
+    stream.totals = totals
+    _add(totals, stream, 1)
+
+
+def _add(totals: Totals, stream: Stream, sign: int) -> None:
+    totals.depth += sign * stream.depth
+    totals.bytes += sign * stream.bytes
+    totals.high += sign * stream.high
+    totals.keys += sign * (stream.depth != 0)
 
 
 @dataclass
 class Books:
     """What the spool knows on the event loop, brought up to date after each commit.
 
-    Counts seen on the loop wait in ``unsaved`` until a commit saves them.
+    Counts seen on the loop wait in ``unsaved`` until a commit saves them. ``groups``
+    sums the keys' queues by ``grouping`` (the upstreams of the config in force: see
+    ``regroup``), moved with each commit, so that status reads a few sums, not every key.
     """
 
     streams: dict[str, Stream] = field(default_factory=dict)
@@ -26,12 +59,15 @@ class Books:
     dead_count: int = 0      # rows in the dead letters table
     used_bytes: int = 0
     last_mark: int | None = None  # agent-observed ms of the last clock mark written
+    grouping: Grouping = _ungrouped
+    groups: dict[str | None, Totals] = field(default_factory=dict)
 
     def reset(self, streams: list[tuple[int, str, int, int]], counters: Counts,
               next_seq: int, dead: int, used: int, high: dict[int, int]) -> None:
         """Take the state just read from the file."""
         self.streams.clear()
         self.by_id.clear()
+        self.groups = {}
         self.top_stream_id = 0
         self.new_streams = []
         for sid, key, depth, nbytes in streams:
@@ -43,10 +79,21 @@ class Books:
         self.used_bytes = used
         self.last_mark = None
 
+    def regroup(self, grouping: Grouping) -> None:
+        """Sum the queues by ``grouping`` from now on: once per config, a pass over the keys."""
+        self.grouping = grouping
+        self.groups = group(self.streams.values(), grouping)
+
     def add_stream(self, stream: Stream) -> None:
+        replaced = self.streams.get(stream.key)
+        if replaced is stream:
+            return
+        if replaced is not None:   # a recovery's held object takes the place of the file's
+            _add(replaced.totals, replaced, -1)
         self.streams[stream.key] = stream
         self.by_id[stream.id] = stream
         self.top_stream_id = max(self.top_stream_id, stream.id)
+        _join(self.groups, self.grouping(stream.key), stream)
 
     def stream_for(self, key: str) -> Stream:
         stream = self.streams.get(key)
@@ -70,16 +117,25 @@ class Books:
         merge(self.unsaved, counters)
 
     def apply(self, out: Committed) -> None:
-        """Bring depths and counters up to what was just committed."""
+        """Bring depths, their groups' sums and counters up to what was just committed."""
         for sid, (depth, nbytes) in out.streams.items():
             stream = self.by_id.get(sid)
             if stream is not None:
-                stream.depth += depth
+                was = stream.depth
+                stream.depth = now = was + depth
                 stream.bytes += nbytes
+                totals = stream.totals
+                totals.depth += depth
+                totals.bytes += nbytes
+                if not was:   # the key's queue filled, or emptied
+                    totals.keys += now != 0
+                elif not now:
+                    totals.keys -= 1
         for sid, n in out.high.items():
             stream = self.by_id.get(sid)
             if stream is not None:
                 stream.high += n
+                stream.totals.high += n
         merge(self.counters, out.counters)
         self.dead_count += out.counters.get(Drop.DEAD_LETTERED, 0) - out.counters.get(
             Tally.DEAD_DROPPED_FULL, 0) - out.counters.get(Tally.DEAD_EXPIRED, 0)
@@ -87,4 +143,4 @@ class Books:
 
     @property
     def depth(self) -> int:
-        return sum(s.depth for s in self.streams.values())
+        return sum(t.depth for t in self.groups.values())

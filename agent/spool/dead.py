@@ -89,15 +89,36 @@ def _entry(row: tuple[Any, ...]) -> dict[str, Any]:
             "received": received, "bytes": size}
 
 
+# The summary the spool keeps (schema.DEAD_SUMMARY): the newest groups are the first rows
+# of its index, however many letters there are.
+_KEPT = ("SELECT coalesce(sum(letters), 0) FROM dead_groups",
+         "SELECT reason, upstream, letters, oldest, newest FROM dead_groups "
+         "ORDER BY newest DESC, reason, upstream LIMIT ?")
+# A spool an older agent wrote, read before an agent converts it (read-only): every letter.
+_COUNTED = ("SELECT count(*) FROM dead",
+            "SELECT reason, upstream, count(*), min(at), max(at) FROM dead "
+            "GROUP BY reason, upstream ORDER BY max(at) DESC, reason, upstream LIMIT ?")
+
+
 def summary(conn: sqlite3.Connection, newest: int | None = None) -> dict[str, Any]:
     """Counts grouped by (reason, upstream), newest first; ``newest`` caps the groups."""
-    total = conn.execute("SELECT count(*) FROM dead").fetchone()[0]
-    groups = [{"reason": r, "upstream": u, "count": n, "oldest": lo, "newest": hi}
-              for r, u, n, lo, hi in conn.execute(
-                  "SELECT reason, upstream, count(*), min(at), max(at) FROM dead "
-                  "GROUP BY reason, upstream ORDER BY max(at) DESC, reason LIMIT ?",
-                  (-1 if newest is None else newest,))]
-    return {"count": total, "groups": groups}
+    total, groups = _COUNTED if _user_version(conn) < VERSION else _KEPT
+    return {"count": conn.execute(total).fetchone()[0], "groups": _groups(conn, groups, newest)}
+
+
+def newest_groups(conn: sqlite3.Connection, newest: int) -> list[dict[str, Any]]:
+    """The ``newest`` (reason, upstream) groups of a running agent's spool, newest first:
+    a few rows however many letters there are (/status reads them after each change)."""
+    return _groups(conn, _KEPT[1], newest)
+
+
+def _groups(conn: sqlite3.Connection, sql: str, newest: int | None) -> list[dict[str, Any]]:
+    return [{"reason": r, "upstream": u, "count": n, "oldest": lo, "newest": hi}
+            for r, u, n, lo, hi in conn.execute(sql, (-1 if newest is None else newest,))]
+
+
+def _user_version(conn: sqlite3.Connection) -> int:
+    return int(conn.execute("PRAGMA user_version").fetchone()[0])
 
 
 def entries(conn: sqlite3.Connection, which: Which | None, limit: int) -> list[dict[str, Any]]:

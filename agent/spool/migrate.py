@@ -5,12 +5,15 @@
 - newer than this code: ``SpoolTooNew``, before anything is written (the file stays
   byte-identical: an older agent must never damage what a newer one wrote);
 - 0 with the v0 tables (one row per event, acked rows kept as tombstones): migrated
-  to v1's layout (with v2's lanes, migrate_lanes.classify) in one transaction,
-  so a failure part-way (a full disk, a crash) leaves the v0
-  file as it was, and the next start tries again;
+  to v1's layout (with v2's lanes, migrate_lanes.classify, and v3's dead-letter summary,
+  which its triggers fill as the letters are copied) in one transaction, so a failure
+  part-way (a full disk, a crash) leaves the v0 file as it was, and the next start tries
+  again;
 - 1 (before priority lanes): a lane per record and dead letter, and the (stream, lane,
-  id) index, in one transaction (migrate_lanes.py);
-- anything else: nothing to do (an empty file gets v2 from the spool's open).
+  id) index (migrate_lanes.py), then as 2, in one transaction;
+- 2 (before the kept dead-letter summary): its tables and triggers, filled from the dead
+  letters (migrate_dead.py), in one transaction;
+- anything else: nothing to do (an empty file gets v3 from the spool's open).
 
 v0 -> v1, nothing lost:
 
@@ -42,6 +45,7 @@ thread, so that the service can ask systemd for more start time.
 
 from __future__ import annotations
 
+import functools
 import logging
 import sqlite3
 import time
@@ -49,7 +53,7 @@ from array import array
 from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import dataclass, field
 
-from agent.spool import migrate_lanes, records
+from agent.spool import migrate_dead, migrate_lanes, records
 from agent.spool.db import PAST, transaction
 from agent.spool.dedupe import keys_to_bytes
 from agent.spool.schema import SCHEMA, VERSION, SpoolTooNew
@@ -93,8 +97,8 @@ def upgrade(conn: sqlite3.Connection, alive: Callable[[], None] | None = None) -
     found = _user_version(conn)
     if found == 0 and _has_table(conn, "events"):
         step = _upgrade_v0
-    elif found == 1:
-        step = _upgrade_v1
+    elif found in (1, 2):
+        step = functools.partial(_upgrade_from, found)
     else:
         return
     if alive is None:
@@ -134,14 +138,19 @@ def _upgrade_v0(conn: sqlite3.Connection) -> None:
                     "is reused, not handed back to the disk", exc)
 
 
-def _upgrade_v1(conn: sqlite3.Connection) -> None:
+def _upgrade_from(found: int, conn: sqlite3.Connection) -> None:
+    """v1 or v2 to ``VERSION``, each step after the other, in one transaction."""
     with transaction(conn):
-        if _user_version(conn) != 1:  # checked again under the write lock, as for v0
+        if _user_version(conn) != found:  # checked again under the write lock, as for v0
             return
-        high = migrate_lanes.to_v2(conn)
+        high = migrate_lanes.to_v2(conn) if found == 1 else None
+        groups = migrate_dead.to_v3(conn)
         conn.execute(f"PRAGMA user_version = {VERSION}")
-    log.warning("spool migrated to format v%d (priority lanes): %d queued records and dead "
-                "letters put in the high lane", VERSION, high)
+    if high is not None:
+        log.warning("spool migrated to format v2 (priority lanes): %d queued records and "
+                    "dead letters put in the high lane", high)
+    log.warning("spool migrated to format v%d (dead letters summarised as they come and go): "
+                "%d (reason, upstream) groups", VERSION, groups)
 
 
 def _user_version(conn: sqlite3.Connection) -> int:

@@ -179,6 +179,12 @@ class Reader:
         rows = await self.read(f"SELECT min(r) FROM ({_heads(lanes, stream, 'received')})")
         return int(rows[0][0]) if rows and rows[0][0] is not None else None
 
+    async def first_received(self) -> int | None:
+        """The receipt time of the event queued first (the lowest seq): one step of the
+        records' own key, however many keys have queues (status reads it at every poll)."""
+        rows = await self.read("SELECT received FROM records ORDER BY id LIMIT 1")
+        return int(rows[0][0]) if rows else None
+
     async def oldest_seq(self, lanes: Sequence[int] = LANES,
                          stream: int | None = None) -> int | None:
         """The first seq of the earliest record queued in ``lanes`` (as oldest_received):

@@ -1,4 +1,4 @@
-"""The spool's SQLite schema (v2), its version check, offline reads."""
+"""The spool's SQLite schema (v3), its version check, offline reads."""
 
 from __future__ import annotations
 
@@ -6,12 +6,51 @@ import sqlite3
 from pathlib import Path
 from typing import Any
 
-VERSION = 2
+VERSION = 3
 # v1 (issue 11): events packed per commit group into compressed records (records.py);
 # an ack sets a bit in ``gone`` instead of rewriting the event, and a record whose
 # events are all gone is deleted, its dedupe keys kept in ``spent`` for the window.
 # v2 (issue 13): a ``lane`` per record and per dead letter (agent/families/lanes.py), and
 # records indexed by (stream, lane, id): each lane of a key is one sequential read.
+# v3: the dead letters' summary (``DEAD_SUMMARY``), kept as letters come and go: grouping
+# every letter again after each change took 2.5 s at 700k letters.
+
+# Per (reason, upstream) group of dead letters: how many, and the first and last time one
+# was dead-lettered; per group and time, how many then (what a delete needs to find the
+# group's new first and last time in one step). Kept by the triggers, so every writer
+# (commits, retries, purges, expiry, the size cap, a salvage) keeps it: letters are
+# inserted and deleted, never changed in these columns.
+DEAD_SUMMARY = (
+    """CREATE TABLE dead_groups(id INTEGER PRIMARY KEY, reason TEXT NOT NULL,
+                            upstream TEXT NOT NULL, letters INTEGER NOT NULL,
+                            oldest INTEGER NOT NULL, newest INTEGER NOT NULL,
+                            UNIQUE(reason, upstream))""",
+    "CREATE INDEX dead_groups_newest ON dead_groups(newest DESC, reason, upstream)",
+    """CREATE TABLE dead_times(grp INTEGER NOT NULL, at INTEGER NOT NULL, n INTEGER NOT NULL,
+                           PRIMARY KEY(grp, at)) WITHOUT ROWID""",
+    """CREATE TRIGGER dead_in AFTER INSERT ON dead BEGIN
+    INSERT INTO dead_groups(reason, upstream, letters, oldest, newest)
+        VALUES (NEW.reason, NEW.upstream, 1, NEW.at, NEW.at)
+        ON CONFLICT(reason, upstream) DO UPDATE SET letters = letters + 1,
+            oldest = min(oldest, excluded.oldest), newest = max(newest, excluded.newest);
+    INSERT INTO dead_times(grp, at, n)
+        SELECT id, NEW.at, 1 FROM dead_groups
+        WHERE reason = NEW.reason AND upstream = NEW.upstream
+        ON CONFLICT(grp, at) DO UPDATE SET n = n + 1;
+END""",
+    """CREATE TRIGGER dead_out AFTER DELETE ON dead BEGIN
+    DELETE FROM dead_times WHERE n = 1 AND at = OLD.at AND grp = (
+        SELECT id FROM dead_groups WHERE reason = OLD.reason AND upstream = OLD.upstream);
+    UPDATE dead_times SET n = n - 1 WHERE at = OLD.at AND grp = (
+        SELECT id FROM dead_groups WHERE reason = OLD.reason AND upstream = OLD.upstream);
+    DELETE FROM dead_groups
+        WHERE reason = OLD.reason AND upstream = OLD.upstream AND letters = 1;
+    UPDATE dead_groups SET letters = letters - 1,
+        oldest = (SELECT min(at) FROM dead_times WHERE grp = dead_groups.id),
+        newest = (SELECT max(at) FROM dead_times WHERE grp = dead_groups.id)
+        WHERE reason = OLD.reason AND upstream = OLD.upstream;
+END""",
+)
 SCHEMA = """
 PRAGMA auto_vacuum = INCREMENTAL;   -- set before the first table: space is handed back after a drain
 CREATE TABLE streams(id INTEGER PRIMARY KEY, key TEXT NOT NULL UNIQUE,
@@ -41,8 +80,7 @@ CREATE TABLE counters(name TEXT PRIMARY KEY, value INTEGER NOT NULL);
 -- db.advance_mark) the seq above which the next start numbers. With the wall clock,
 -- this is what expiry goes by.
 CREATE TABLE clock_marks(observed INTEGER PRIMARY KEY, next_seq INTEGER NOT NULL);
-PRAGMA user_version = 2;
-"""
+""" + "".join(f"{statement};\n" for statement in DEAD_SUMMARY) + f"PRAGMA user_version = {VERSION};\n"
 
 
 class SpoolTooNew(Exception):

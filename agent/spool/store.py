@@ -140,6 +140,9 @@ class Spool:
                               stream: int | None = None) -> int | None:
         return await self.reader_side.oldest_received(lanes, stream)
 
+    async def first_received(self) -> int | None:
+        return await self.reader_side.first_received()
+
     async def oldest_seq(self, lanes: Sequence[int] = LANES,
                          stream: int | None = None) -> int | None:
         return await self.reader_side.oldest_seq(lanes, stream)

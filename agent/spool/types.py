@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from collections.abc import Iterable, Iterator, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from enum import Enum
 from itertools import chain, repeat
 from typing import Any, overload
@@ -139,17 +139,43 @@ class Queued(Sequence[Row]):
             for r in self.runs)
 
 
+def in_lanes(depth: int, high: int, lanes: Iterable[int]) -> int:
+    """Of ``depth`` queued events, ``high`` of them in the high lane: those in ``lanes``."""
+    return sum(high if lane == HIGH else depth - high for lane in lanes)
+
+
+@dataclass(slots=True, eq=False)
+class Totals:
+    """The queues of a group of keys (those one upstream takes), summed: kept up to date
+    as each key's are (books.py), so that status reads them without visiting a key."""
+
+    depth: int = 0
+    bytes: int = 0
+    high: int = 0
+    keys: int = 0   # keys with events queued
+
+    def queued(self, lanes: Iterable[int]) -> int:
+        """Events queued in ``lanes``."""
+        return in_lanes(self.depth, self.high, lanes)
+
+
+# A Stream's group until Books puts it in one: only the streams Books holds are counted.
+UNGROUPED = Totals()
+
+
 @dataclass(slots=True)
 class Stream:
     """One key's queue: its id and in-memory depth counters (persisted per commit;
-    ``high``, the high lane's share of ``depth``, is counted from the records at start)."""
+    ``high``, the high lane's share of ``depth``, is counted from the records at start),
+    and the Totals of its group, which Books moves with them."""
 
     id: int
     key: str
     depth: int = 0
     bytes: int = 0
     high: int = 0
+    totals: Totals = field(default=UNGROUPED, repr=False, compare=False)
 
     def queued(self, lanes: Iterable[int]) -> int:
         """Events queued in ``lanes``."""
-        return sum(self.high if lane == HIGH else self.depth - self.high for lane in lanes)
+        return in_lanes(self.depth, self.high, lanes)

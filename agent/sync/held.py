@@ -7,13 +7,13 @@ for events no release can send.
 
 from __future__ import annotations
 
-from collections.abc import Awaitable, Callable, Iterable, Sequence
+from collections.abc import Awaitable, Callable, Mapping, Sequence
 
 from agent.clock import age_s
 from agent.families.lanes import LANES, NAMES
 from agent.settings import Config
 from agent.spool import Spool
-from agent.spool.types import Stream
+from agent.spool.types import Totals
 
 
 async def oldest_routed(cfg: Config, spool: Spool, lanes: Sequence[int] = LANES) -> int | None:
@@ -40,21 +40,25 @@ async def _least(cfg: Config, spool: Spool, lanes: Sequence[int],
     """The least of ``read``'s answers for the heads of the routed keys."""
     if any("*" in up.keys for up in cfg.upstreams):
         return await read(lanes, None)   # every key is routed: the heads
-    # Only keys named in the config are routed: a handful of heads, one read each.
+    # Only keys named in the config are routed: a handful of heads, one read each (the
+    # config's keys, not the spool's: those can be any number).
     least: int | None = None
-    for key, stream in list(spool.streams.items()):
-        if stream.depth and cfg.route(key) is not None:
+    for key in dict.fromkeys(key for up in cfg.upstreams for key in up.keys):
+        stream = spool.streams.get(key)
+        if stream is not None and stream.depth:
             head = await read(lanes, stream.id)
             if head is not None and (least is None or head < least):
                 least = head
     return least
 
 
-def held_by_lane(cfg: Config, streams: Iterable[Stream], lanes: Sequence[int]) -> dict[str, int]:
-    """Events held back now in each lane (of ``lanes``, the held ones), of routed keys."""
+def held_by_lane(groups: Mapping[str | None, Totals], lanes: Sequence[int]) -> dict[str, int]:
+    """Events held back now in each lane (of ``lanes``, the held ones), of routed keys:
+    from the queues summed per upstream (``groups``, by upstream name; None for the keys
+    no upstream takes), whatever the number of keys."""
     held = {NAMES[lane]: 0 for lane in LANES}
-    for stream in streams:
-        if stream.depth and cfg.route(stream.key) is not None:
+    for upstream, totals in groups.items():
+        if upstream is not None:
             for lane in lanes:
-                held[NAMES[lane]] += stream.queued((lane,))
+                held[NAMES[lane]] += totals.queued((lane,))
     return held
