@@ -105,4 +105,4 @@ async def test_nucleus_nodejs_with_a_trailing_slash_on_its_endpoint(
     sent, acked = await run_app(f"ws://127.0.0.1:{agent.port}/", "slash-app", 3, 4, tmp_path)
     assert len(sent) == 5  # init + 3 events + error
     assert set(sent) == acked, "the agent acknowledged every event the module sent"
-    await wait_for(lambda: sorted(fake_nucleus.ids) == sorted(sent))
+    await wait_for(lambda: sorted(fake_nucleus.ids()) == sorted(sent))
