@@ -16,6 +16,7 @@ import aiohttp
 import orjson
 from aiohttp import WSMsgType
 
+from agent.families.mapping import nucleus_to_segment, segment_to_nucleus
 from tests.fakes.nucleus_upstream import FakeNucleus
 from tests.fakes.segment_upstream import FakeSegment
 from tests.segment_helpers import call, nucleus_up, segment_up, wait_for
@@ -64,6 +65,15 @@ async def test_old_module_events_reach_segment_as_what_they_are(
     assert (got[5]["type"], got[5]["traits"]) == ("identify", {"plan": "pro"})
 
 
+def test_an_old_event_stored_mapped_by_an_earlier_version_is_still_given_back() -> None:
+    """Earlier versions stored it mapped with `event: "event"` (the spool outlives an
+    upgrade); sent to a Nucleus upstream after all, it is still the event the app sent."""
+    ev = {**old("PLAYED_TRACK", 2), "date": 1767225600.5}
+    earlier = {**nucleus_to_segment(ev, 1767225600000), "event": "event"}
+    assert segment_to_nucleus(earlier, 1767225600001) == ev
+    assert segment_to_nucleus({**earlier, "event": "other"}, 1767225600001) != ev
+
+
 async def test_an_old_event_goes_to_a_nucleus_upstream_as_the_app_sent_it(
         make_agent: Any, fake_nucleus: FakeNucleus) -> None:
     agent = await make_agent(upstreams=[nucleus_up(fake_nucleus)])
@@ -97,3 +107,4 @@ async def test_an_old_heartbeat_is_acknowledged_and_never_stored(
     await wait_for(lambda: len(fake_nucleus.events) == 1 and len(fake_segment.events) == 1)
     assert fake_nucleus.events[0]["event"] == "after" and fake_nucleus.heartbeats == []
     assert [ev["event"] for ev in fake_segment.events] == ["after"]
+
