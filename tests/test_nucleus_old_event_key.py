@@ -10,6 +10,8 @@ stored and forwarded as an analytics event to every upstream.
 
 from __future__ import annotations
 
+import asyncio
+import json
 from typing import Any
 
 import aiohttp
@@ -19,6 +21,7 @@ from aiohttp import WSMsgType
 from agent.families.mapping import nucleus_to_segment, segment_to_nucleus
 from tests.fakes.nucleus_upstream import FakeNucleus
 from tests.fakes.segment_upstream import FakeSegment
+from tests.conftest import free_port
 from tests.segment_helpers import call, nucleus_up, segment_up, wait_for
 
 # The seed's example event, as written there (`"event": String, // Name of the event`).
@@ -108,3 +111,18 @@ async def test_an_old_heartbeat_is_acknowledged_and_never_stored(
     assert fake_nucleus.events[0]["event"] == "after" and fake_nucleus.heartbeats == []
     assert [ev["event"] for ev in fake_segment.events] == ["after"]
 
+
+async def test_the_live_view_shows_the_type_and_name_an_old_event_has(make_agent: Any) -> None:
+    agent = await make_agent(port=free_port())
+    async with aiohttp.ClientSession() as s, s.get(f"http://127.0.0.1:{agent.port}/tail") as resp:
+        assert b'"watching"' in await resp.content.readline()
+        reply = await call(agent.port, "/app/k/track", {"data": [
+            old("PLAYED_TRACK", 1), old("error:windowError", 2), old("init", 3)]})
+        assert reply.status == 200, reply.body
+        got: list[dict[str, Any]] = []
+        while len(got) < 3:
+            line = await asyncio.wait_for(resp.content.readline(), 20)
+            if line.startswith(b"data: "):
+                got.append(json.loads(line[6:]))
+    assert [(m["type"], m["name"], m["warnings"]) for m in got] == [
+        ("event", "PLAYED_TRACK", []), ("error", "windowError", []), ("init", None, [])]
