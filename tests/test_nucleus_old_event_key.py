@@ -19,9 +19,9 @@ import orjson
 from aiohttp import WSMsgType
 
 from agent.families.mapping import nucleus_to_segment, segment_to_nucleus
+from tests.conftest import free_port
 from tests.fakes.nucleus_upstream import FakeNucleus
 from tests.fakes.segment_upstream import FakeSegment
-from tests.conftest import free_port
 from tests.segment_helpers import call, nucleus_up, segment_up, wait_for
 
 # The seed's example event, as written there (`"event": String, // Name of the event`).
