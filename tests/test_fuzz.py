@@ -58,7 +58,8 @@ FIELDS = ["type", "event", "name", "id", "date", "machineId", "deviceId", "sessi
           "payload", "platform", "osVersion", "totalRam", "locale", "language", "appId"]
 nucleus_events = st.dictionaries(
     st.sampled_from(FIELDS) | st.text(max_size=6),
-    st.one_of(json_values, st.sampled_from(["init", "error", "heartbeat", "event", "props"]),
+    st.one_of(json_values, st.sampled_from(["init", "error", "heartbeat", "event", "props",
+                                            "nucleus:heartbeat", "error:TypeError"]),
               st.integers(0, 10**6)), max_size=8)
 nucleus_messages = st.one_of(
     json_values,
@@ -201,7 +202,7 @@ def _is_heartbeat(ev: dict[str, Any]) -> bool:
     kind = ev.get("type")
     if isinstance(kind, str) and kind:
         return kind == "heartbeat"
-    return ev.get("event") == "heartbeat"
+    return ev.get("event") in ("heartbeat", "nucleus:heartbeat")   # old modules' key
 
 
 @settings(deadline=None, max_examples=200, derandomize=True)

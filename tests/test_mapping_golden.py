@@ -10,7 +10,7 @@ from pathlib import Path
 import orjson
 
 from agent import __version__
-from agent.families.mapping import nucleus_to_segment
+from agent.families.mapping import nucleus_to_segment, segment_to_nucleus
 
 GOLDEN = Path(__file__).parent / "data" / "mapped-nucleus.json"
 
@@ -23,3 +23,11 @@ def test_ordinary_nucleus_events_map_as_they_always_have() -> None:
     for ev, received, mapped in golden["events"]:
         got = orjson.dumps(nucleus_to_segment(ev, received)).decode()
         assert got == mapped.replace(library, now), ev
+
+
+def test_each_pinned_mapping_is_given_back_exactly() -> None:
+    """An event stored mapped (ingest maps for a Segment upstream) and later sent to a
+    Nucleus upstream is the event the app sent."""
+    golden = orjson.loads(GOLDEN.read_bytes())
+    for ev, received, mapped in golden["events"]:
+        assert segment_to_nucleus(orjson.loads(mapped), received + 1) == ev

@@ -49,7 +49,8 @@ nucleus_events = st.builds(
     st.fixed_dictionaries({"date": dates}),
     st.fixed_dictionaries({}, optional={
         "type": nucleus_types, "name": st.text(max_size=8), "id": ids,
-        "event": st.sampled_from(["init", "error", "props", "other"]),  # old modules
+        "event": st.sampled_from(["init", "error", "props", "other", "error:TypeError",  # old
+                                  "nucleus:userid", "nucleus:props", "nucleus:view", ""]),
         **{k: json_values for k in NUCLEUS_FIELDS}, "payload": st.one_of(objects, json_values)}),
     st.dictionaries(st.text(max_size=8), json_values, max_size=2))
 

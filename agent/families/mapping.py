@@ -25,7 +25,7 @@ import orjson
 from agent import __version__
 from agent.families.dates import iso_ms_fast, read_date, to_iso
 from agent.families.enrich import ERROR, OPENED
-from agent.families.nucleus import event_type
+from agent.families.nucleus import event_type, old_name
 from agent.families.segment import is_id
 
 __all__ = ["ERROR", "OPENED", "SEGMENT_KEY", "nucleus_to_segment", "segment_to_nucleus",
@@ -100,6 +100,8 @@ def _to_segment(ev: dict[str, Any], received: int) -> dict[str, Any]:
     ctx = out["context"] = _context(ev, machine, kept)
     ctx["nucleus"] = kept   # still shrinking below: name and payload
     name = get("name")
+    if name is None and "event" in ev:
+        name = old_name(ev)   # an old module's `event` key, itself kept in context.nucleus
     raw = get("payload")
     body = raw if isinstance(raw, dict) else None if raw is None else {"payload": raw}
     if isinstance(raw, dict) and kind != "error" and kind != "userid":
@@ -130,7 +132,7 @@ def _to_segment(ev: dict[str, Any], received: int) -> dict[str, Any]:
                 body["name"] = name
         elif isinstance(name, str) and name and name != kind:
             out["event"] = name
-            del kept["name"]
+            kept.pop("name", None)   # absent when an old module's `event` key gave it
         else:
             out["event"] = kind
         if body is not None:
@@ -203,7 +205,7 @@ def _nucleus_back(ev: dict[str, Any], ctx: dict[str, Any], kept: dict[str, Any],
     if "name" not in kept:
         if kind == "nucleus:view" and "name" in ev:
             out["name"] = ev["name"]
-        elif kind not in _NAMED_APART and ev.get("event") != kind:
+        elif kind not in _NAMED_APART and ev.get("event") not in (kind, old_name(kept)):
             out["name"] = ev.get("event")
     body = ev.get("traits" if kind == "props" else "properties")
     if "payload" not in kept and kind not in ("error", "userid") and body is not None:
@@ -224,6 +226,11 @@ def _nucleus_back(ev: dict[str, Any], ctx: dict[str, Any], kept: dict[str, Any],
         # Stored by a version whose error put the payload's own `name` in properties.name
         # (the type now wins it, §8): still this event.
         mapped["properties"]["name"] = payload["name"]
+        same = {k: v for k, v in mapped.items() if k not in skip} == theirs
+    if not same and kind == "event" and ev.get("event") == kind and old_name(kept):
+        # Stored by a version that sent an old module's event name as `event: "event"`
+        # (the name is the name now): still this event.
+        mapped["event"] = kind
         same = {k: v for k, v in mapped.items() if k not in skip} == theirs
     return out if same else None
 

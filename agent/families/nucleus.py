@@ -24,15 +24,40 @@ _ID_OR_NONE = frozenset({int, float, str, type(None)})   # exact types: bool is 
 EMPTY: Mapping[int, str] = MappingProxyType({})
 
 
+# Old modules (electron-nucleus 1-2, nucleus-python 0.3) sent one key, `event`: the app's
+# event name (the Tracking API's example: "Name of the event"), or a type in one of these
+# spellings; `error:<kind>` is an error named <kind>.
+_OLD_TYPES = {"nucleus:userid": "userid", "nucleus:props": "props",
+              "nucleus:heartbeat": "heartbeat"}
+_OLD_ERROR = "error:"
+
+
 def event_type(ev: dict[str, Any]) -> str:
-    """`type`, or the old modules' `event` key when it names a type."""
+    """`type`, or the type an old module's `event` key names (`event` when it names the
+    app's event: ``event_name``)."""
     kind = ev.get("type")
     if isinstance(kind, str) and kind:
         return kind
     old = ev.get("event")
-    if isinstance(old, str) and old in KNOWN_TYPES:
-        return old
+    if isinstance(old, str):
+        if old in KNOWN_TYPES:
+            return old
+        if old.startswith(_OLD_ERROR):
+            return "error"
+        return _OLD_TYPES.get(old, "event")
     return "event"
+
+
+def old_name(ev: dict[str, Any]) -> str | None:
+    """The name an old module's `event` key gives an event with no `type` or `name` key:
+    the app's event name, or an error's kind; None when it names a type alone, and for
+    every event of a current module."""
+    old, kind = ev.get("event"), ev.get("type")
+    if not isinstance(old, str) or "name" in ev or (isinstance(kind, str) and kind):
+        return None
+    if old.startswith(_OLD_ERROR):
+        return old[len(_OLD_ERROR):]
+    return None if old in KNOWN_TYPES or old in _OLD_TYPES else old
 
 
 def identity_key(key: str, ev: dict[str, Any], kind: str, ev_id: Any) -> int:

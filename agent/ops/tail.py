@@ -32,6 +32,7 @@ from agent import logs
 from agent.families.event import NUCLEUS, SEGMENT, Event
 from agent.families.mapping import given_back
 from agent.families.nucleus import KNOWN_TYPES as NUCLEUS_TYPES
+from agent.families.nucleus import event_type, old_name
 from agent.families.segment import TYPES as SEGMENT_TYPES
 from agent.logs import fingerprint
 from agent.metrics import Metrics
@@ -265,9 +266,12 @@ def describe(ev: Event) -> dict[str, Any]:
 
 
 def _describe(family: int, body: dict[str, Any], key: str) -> dict[str, Any]:
+    kind: Any
     if family == NUCLEUS:
-        kind = body.get("type") or "event"
+        kind = event_type(body)
         name, ident, known = body.get("name"), body.get("id"), NUCLEUS_TYPES
+        if name is None:
+            name = old_name(body)
     else:
         kind = body.get("type")
         name = body.get("event") if kind == "track" else body.get("name")
@@ -276,20 +280,22 @@ def _describe(family: int, body: dict[str, Any], key: str) -> dict[str, Any]:
     shown = kind if kind in known else _text(kind)
     return {"api": "nucleus" if family == NUCLEUS else "segment", "key": fingerprint(key),
             "type": shown, "name": _text(name), "id": _text(ident),
-            "warnings": warnings(family, body, kind, known)}
+            "warnings": warnings(family, body, kind, name, known)}
 
 
-def warnings(family: int, body: dict[str, Any], kind: Any, known: frozenset[str]) -> list[str]:
-    """What the agent accepted but an operator may want to fix in the app. Read off the
-    stored event (ingest completes events as the APIs do; the tail changes nothing)."""
+def warnings(family: int, body: dict[str, Any], kind: Any, name: Any,
+             known: frozenset[str]) -> list[str]:
+    """What the agent accepted but an operator may want to fix in the app, its type and
+    name given. Read off the stored event (ingest completes events as the APIs do; the
+    tail changes nothing)."""
     out = []
     if kind not in known:
         out.append(f"unknown type {_text(kind)!r}")
     if family == NUCLEUS:
-        if kind == "event" and not body.get("name"):
+        if kind == "event" and not name:
             out.append("missing field `name`")
     else:
-        if kind == "track" and not body.get("event"):
+        if kind == "track" and not name:
             out.append("missing field `event`")
         if not body.get("userId") and not body.get("anonymousId"):
             out.append("missing field `userId` or `anonymousId`")

@@ -51,7 +51,7 @@ def build_app(cfg: Config, sink: Sink, ops_routes: list[web.RouteDef]) -> web.Ap
         raw = dialect.routes(sink)
         app.add_routes(unrouted.gate(raw, ingest_routes(
             raw, guard, admission, partial(sink.metrics.refuse, dialect.name))))
-    app.router.add_route("*", CATCH_ALL, unrouted.fallback)  # last: what no route serves
+    app.router.add_route("*", CATCH_ALL, unrouted.catch_all)  # last: what no route serves
     app[EXPRESS] = ExpressLane(
         [Routes(dialect.express(sink), partial(sink.metrics.refuse, dialect.name))
          for dialect in registry.DIALECTS], guard, admission, sink.metrics)

@@ -5,11 +5,18 @@ A client posting to a route Outpost lacks then shows up in the log, in /status a
 /metrics, not only on its own side. Websocket endpoints serve upgrades only: a plain GET
 to `/{appId}` (`/metric`, `/favicon.ico`) or `/{appId}/track` (`GET /v1/track`) is
 answered here, as a path that no route serves that way.
+
+A path with a run of slashes or a trailing one (`//app/{appId}/track`, `/v1/batch/`) is
+served as its plain form first: clients join a configured endpoint and a path as strings,
+so `ws://127.0.0.1:8765/` gives `//app/...`. No redirect: a POST body or a websocket
+handshake does not survive one well. Only paths no route serves get here, so the usual
+request pays nothing for it.
 """
 
 from __future__ import annotations
 
 import logging
+import re
 
 import orjson
 from aiohttp import web
@@ -23,10 +30,18 @@ log = logging.getLogger("outpost.server")
 API = "unrouted"
 CATCH_ALL, CATCH_ALL_CANONICAL = "/{tail:.*}", "/{tail}"
 LOGGED_PATH = 200  # characters of a path in the log
+_SLASHES = re.compile("//+")
 
 
 def is_upgrade(request: web.Request) -> bool:
     return request.headers.get("Upgrade", "").lower() == "websocket"
+
+
+def _plain_path(raw_path: str) -> str:
+    """``raw_path`` (encoded: a `%2F` is not a slash) with each run of slashes one, and no
+    trailing slash but the root's."""
+    path = _SLASHES.sub("/", raw_path)
+    return path[:-1] if len(path) > 1 and path.endswith("/") else path
 
 
 class Unrouted:
@@ -39,6 +54,16 @@ class Unrouted:
         # 404 (a CORS error would hide it from the client), and other Origins get 403.
         self.fallback: Handler = guard.wrap(self.reply)
 
+    async def catch_all(self, request: web.Request) -> web.StreamResponse:
+        """The handler of what no route serves: the route of the path's plain form, whose
+        own guard checks Host and Origin, else the 404 or 405."""
+        plain = await _plain(request)
+        if plain is not None:
+            resource = plain.match_info.route.resource
+            if resource is not None and resource.canonical != CATCH_ALL_CANONICAL:
+                return await plain.match_info.handler(plain)
+        return await self.fallback(request)
+
     def gate(self, raw: list[web.RouteDef], routes: list[web.RouteDef]) -> list[web.RouteDef]:
         """``routes`` (``raw``, wrapped) with each websocket GET passing plain GETs on."""
         paths = {r.path for r in raw if isinstance(r, WebSocketRoute)}
@@ -50,7 +75,8 @@ class Unrouted:
         async def upgrade_only(request: web.Request) -> web.StreamResponse:
             if is_upgrade(request):
                 return await handler(request)
-            return await self.fallback(request)
+            # `/status/` matches `/{appId}/`: served as `/status`.
+            return await self.catch_all(request)
         return upgrade_only
 
     async def allowed(self, request: web.Request) -> set[str]:
@@ -68,7 +94,7 @@ class Unrouted:
         return out if out - {"OPTIONS"} else set()
 
     async def reply(self, request: web.Request) -> web.StreamResponse:
-        allowed = await self.allowed(request)
+        allowed = await self.allowed(await _plain(request) or request)
         path = request.rel_url.path  # never the query: it may carry a write key
         if allowed:
             status, message = 405, f"method {request.method} not allowed on {path}"
@@ -79,3 +105,20 @@ class Unrouted:
         headers = {"Allow": ", ".join(sorted(allowed))} if allowed else None
         return web.Response(body=orjson.dumps({"error": message}), status=status,
                             headers=headers, content_type="application/json")
+
+
+async def _plain(request: web.Request) -> web.Request | None:
+    """``request`` at its path's plain form, routed; None when the path is already plain.
+
+    Routed as aiohttp's own normalize_path_middleware routes the form it redirects to
+    (a clone given its match): one request, its body unread, its query kept."""
+    url = request.rel_url
+    path = _plain_path(url.raw_path)
+    if path == url.raw_path:
+        return None
+    plain = request.clone(rel_url=url.with_path(path, encoded=True, keep_query=True))
+    match = await request.app.router.resolve(plain)
+    match.add_app(request.app)
+    match.freeze()
+    plain._match_info = match
+    return plain

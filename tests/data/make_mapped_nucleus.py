@@ -6,7 +6,9 @@ resend across an upgrade).
 
 Made with the mapping of 3df3e33 (``python tests/data/make_mapped_nucleus.py
 tests/data/mapped-nucleus.json``), then again once an error's name won over its payload's
-own `name` in `properties.name` (docs/mapping.md §8): that changed those four entries alone.
+own `name` in `properties.name` (docs/mapping.md §8): that changed those four entries alone;
+and once an old module's `event` key, naming the app's event, became the Segment `event`
+(it was `"event"`): that changed the two entries of `{"event": "other"}` with no `name`.
 Each entry: [event, receive time in ms, mapped JSON]; `agent_version` is the version in
 each mapped event's `context.library`.
 """

@@ -19,6 +19,7 @@ import pytest
 
 from tests.conftest import free_port, write_config
 from tests.fakes.nucleus_upstream import FakeNucleus
+from tests.waiting import wait_for
 
 NODE_DIR = Path(__file__).parent / "node"
 pytestmark = [pytest.mark.interop,
@@ -92,3 +93,16 @@ async def test_nucleus_nodejs_offline_restart_then_delivered(tmp_path: Path,
             assert not added, f"non-init events gain nothing, got {added}"
     # Ids are small random integers; echoed back as integers (type-strict filter).
     assert all(isinstance(i, int) for i in acked)
+
+
+async def test_nucleus_nodejs_with_a_trailing_slash_on_its_endpoint(
+        tmp_path: Path, make_agent: Any, fake_nucleus: FakeNucleus) -> None:
+    """`endpoint: 'ws://127.0.0.1:PORT/'` makes the module open `//app/{appId}/track`:
+    served as `/app/{appId}/track`, not a 404 it retries forever."""
+    agent = await make_agent(upstreams=[{
+        "name": "nucleus", "protocol": "nucleus-ws", "url": fake_nucleus.url,
+        "flush_interval_s": 0.2, "timeout_s": 5}])
+    sent, acked = await run_app(f"ws://127.0.0.1:{agent.port}/", "slash-app", 3, 4, tmp_path)
+    assert len(sent) == 5  # init + 3 events + error
+    assert set(sent) == acked, "the agent acknowledged every event the module sent"
+    await wait_for(lambda: sorted(fake_nucleus.ids()) == sorted(sent))

@@ -1,0 +1,43 @@
+"""`Origin: null` (a `file://` page, an Electron renderer showing one, a sandboxed iframe)
+is refused like any Origin not listed, and listing `"null"` in listen.allowed_origins lets
+it post, open the Nucleus websocket and read what an allowed Origin may read
+(docs/security.md, "Pages with Origin: null")."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import aiohttp
+import pytest
+
+from tests.segment_helpers import basic, call
+
+TRACK = {"userId": "u", "event": "Clicked"}
+NULL = {"Origin": "null", "Authorization": basic("k")}
+
+
+async def ws_status(port: int) -> int:
+    async with aiohttp.ClientSession() as s:
+        try:
+            async with s.ws_connect(f"http://127.0.0.1:{port}/app/k/track", origin="null") as ws:
+                await ws.send_str('{"data":[{"type":"event","name":"e","id":1}]}')
+                assert await ws.receive_json(timeout=10) == {"reportedIds": [1]}
+                return 101
+        except aiohttp.WSServerHandshakeError as exc:
+            return exc.status
+
+
+@pytest.mark.parametrize("listed", [False, True])
+async def test_origin_null_is_served_only_when_listed(make_agent: Any, listed: bool) -> None:
+    agent = await make_agent(listen={"allowed_origins": ["null"] if listed else []})
+    reply = await call(agent.port, "/v1/track", TRACK, headers=NULL)
+    status = await call(agent.port, "/status", method="GET", headers={"Origin": "null"})
+    if not listed:
+        assert reply.status == 403 and b"not in listen.allowed_origins" in reply.body
+        assert status.status == 403 and await ws_status(agent.port) == 403
+        assert agent.spool.depth == 0
+        return
+    assert reply.status == 200, reply.body
+    assert reply.headers["Access-Control-Allow-Origin"] == "null"
+    assert status.status == 200 and status.headers["Access-Control-Allow-Origin"] == "null"
+    assert await ws_status(agent.port) == 101
