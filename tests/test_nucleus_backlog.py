@@ -151,7 +151,8 @@ async def test_a_large_message_that_is_not_json_is_refused_whole(make_agent: Any
     JSON is refused whole (1007), as a small one is, and nothing of it is stored."""
     agent = await make_agent()
     good = json.dumps({"data": module_queue(11_000)})
-    broken = good[:-100] + "}{" + good[-100:]
+    last = good.rindex("}, {")
+    broken = good[:last] + "} {" + good[last + 4:]   # a comma missing near the end
     url = f"http://127.0.0.1:{agent.port}/app/{KEY}/track"
     async with aiohttp.ClientSession() as s, s.ws_connect(url, max_msg_size=0) as ws:
         await ws.send_str(broken)
@@ -187,6 +188,25 @@ async def test_a_large_message_is_charged_to_the_in_flight_budget(make_agent: An
             await ws.send_str(frame)
             reply = await ws.receive(timeout=30)
             assert reply.type == WSMsgType.TEXT, reply
+    assert agent.spool.depth > 0
+    await wait_for(lambda: agent.metrics.inflight_bytes == 0)
+
+
+async def test_a_large_message_is_charged_from_its_first_byte_and_freed_if_cut_short(
+        make_agent: Any) -> None:
+    """The events a large message may keep are charged as soon as its header is in; a
+    module that goes away mid-message leaves nothing charged, and the agent serves on."""
+    agent = await make_agent()
+    reader, writer = await raw_websocket(agent.port, f"/app/{KEY}/track")
+    writer.write(frame_head(10 * MB) + b'{"data":[')
+    await writer.drain()
+    await wait_for(lambda: agent.metrics.inflight_bytes == 4 * MB)
+    writer.close()
+    await wait_for(lambda: agent.metrics.inflight_bytes == 0)
+    url = f"http://127.0.0.1:{agent.port}/app/{KEY}/track"
+    async with aiohttp.ClientSession() as s, s.ws_connect(url, max_msg_size=0) as ws:
+        acked = await send_queue(ws, module_queue(11_000), json.dumps)
+        assert acked
     assert agent.spool.depth > 0
     await wait_for(lambda: agent.metrics.inflight_bytes == 0)
 
