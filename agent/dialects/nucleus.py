@@ -35,12 +35,14 @@ log = logging.getLogger("outpost.nucleus")
 # outage of the agent itself that queue can be large.
 MAX_MESSAGE = 4 * 1024 * 1024
 # A websocket message over MAX_MESSAGE is taken up to MAX_FRAME: its first KEEP bytes of
-# events stored and acknowledged, the rest left for the module's next message, so each
-# tick shrinks its queue with the agent's memory bounded by KEEP, not by the message.
-# MAX_FRAME bounds the time one message takes to read (about 10 ms a MiB); a module whose
-# queue is past it has kept it for days, and is told so in the log.
+# events stored and acknowledged (the first event alone up to MAX_MESSAGE), the rest left
+# for the module's next message, so each tick shrinks its queue with the agent's memory
+# bounded by what it keeps, not by the message. KEEP: storing 2 MiB of events peaks at
+# about 15 MB (4 MiB: 30). MAX_FRAME bounds the time one message takes to read (about
+# 15 ms a MiB); a module whose queue is past it has kept it for days, and is told so in
+# the log.
 MAX_FRAME = 64 * 1024 * 1024
-KEEP = MAX_MESSAGE
+KEEP = 2 * 1024 * 1024
 
 
 def _masked(key: str) -> str:
@@ -151,8 +153,8 @@ class NucleusHandlers:
         return acks
 
     async def _large(self, key: str, taken: Taken) -> list[Any]:
-        """One large message, read as it came (nucleus_frames.py): its first events
-        stored; their acks but the ids withheld (nucleus_queue.py)."""
+        """One large message, read as it came (nucleus_frames.py): the events it kept
+        (nucleus_queue.py) stored; their acks."""
         with taken.hold:
             if taken.error is not None:
                 raise taken.error
@@ -161,13 +163,10 @@ class NucleusHandlers:
             events, acks = await self._parse(split.message, key)
             await self.sink.store(events)
         log_limited(log, logging.INFO, f"queue:{key}",
-                    "app %s sent %d events in one %.1f MiB message: took the first %d, %d "
-                    "acknowledged later (ids shared with events not taken); its module "
-                    "resends the rest", _masked(key), split.total, taken.size / 2**20,
-                    split.kept, len(split.withheld))
-        if not split.withheld:
-            return acks
-        return [a for a in acks if a not in split.withheld]
+                    "app %s sent its queue of %d events in one %.1f MiB message: took %d; "
+                    "its module resends the rest", _masked(key), split.total,
+                    taken.size / 2**20, split.kept)
+        return acks
 
     async def _answer(self, ws: web.WebSocketResponse, key: str,
                       work: Awaitable[list[Any]]) -> bool:
@@ -187,7 +186,8 @@ class NucleusHandlers:
                         "queue in every message and never caps it, so none of the app's "
                         "events will arrive until that queue is cleared: delete the module's "
                         "saved queue (nucleus-nodejs: `nucleus-queue` in its `nucleus` config "
-                        "file), losing those events", _masked(key), exc)
+                        "file; nucleus-python: `queue` in its `nucleus-<appId>` cache file), "
+                        "losing those events", _masked(key), exc)
             await ws.close(code=WSCloseCode.MESSAGE_TOO_BIG, message=_close_reason(str(exc)))
             return False
         except (BodyError, Invalid) as exc:

@@ -6,15 +6,17 @@ into a copy). A module sends its whole queue in one message, tens of MiB after a
 absence of the agent. So on each Nucleus connection a thin reader sits in front of
 aiohttp's: it follows the frames' headers and hands aiohttp every frame but a large one (a
 whole text or binary message in one frame, over ``large`` bytes), which it reads itself as
-it arrives into a QueueReader (nucleus_queue.py: the first ``keep`` bytes of events kept,
-the rest only looked at). In its place aiohttp is handed a small stand-in frame, so the
-handler meets the result in the message's place among the others (``QueueSocket.taken``).
+it arrives into a QueueReader (nucleus_queue.py: some events kept, at most ``large``
+bytes, the rest only looked at). In its place aiohttp is handed a small stand-in frame, so
+the handler meets the result in the message's place among the others
+(``QueueSocket.taken``). Reading one costs a few ms a chunk: after each, the connection
+yields to the others (``breathe``).
 
-A large message is charged to the in-flight budget (agent/server/admission.py) for the
-events it keeps, from its first byte: one that does not fit while other bodies are in
-flight is read to its end without keeping anything and refused busy. One over ``cap`` is
-refused at its header, without reading it. A message in several frames is rare (the
-modules send one frame) and is left to aiohttp, which takes it up to ``large`` bytes.
+A large message is charged ``large`` bytes, the most it keeps, to the in-flight budget
+(agent/server/admission.py) from its first byte: one that does not fit while other bodies
+are in flight is read to its end without keeping anything and refused busy. One over
+``cap`` is refused at its header, without reading it. A message in several frames is rare
+(the modules send one frame) and is left to aiohttp, which takes it up to ``large`` bytes.
 
 The hook is aiohttp's (3.14) parser slot on the connection's protocol, which a websocket
 fills once upgraded: the thin reader takes the place of aiohttp's own reader there and
@@ -23,6 +25,7 @@ passes it the frames it does not keep for itself, byte for byte.
 
 from __future__ import annotations
 
+import asyncio
 import os
 import struct
 from collections import deque
@@ -76,6 +79,7 @@ class QueueSocket(web.WebSocketResponse):
         self._stand_in = os.urandom(16)
         self._results: deque[Taken] = deque()
         self._dropped = False
+        self._transport: asyncio.Transport | None = None
 
     def taken(self, data: str | bytes) -> Taken | None:
         """The result a binary message of ``data`` stands for, or None: a message of its own."""
@@ -92,12 +96,27 @@ class QueueSocket(web.WebSocketResponse):
     def _post_start(self, request: web.BaseRequest, protocol: str | None,
                     writer: WebSocketWriter) -> None:
         proto: Any = request.protocol
+        self._transport = request.transport
         early, proto._message_tail = proto._message_tail, b""   # frames sent ahead of the 101
         super()._post_start(request, protocol, writer)
         gate = _Gate(proto._payload_parser, self, *self._limits)
         proto._payload_parser = gate
         if early:
             gate.feed_data(early)
+
+    def breathe(self) -> None:
+        """Let the event loop serve others before this connection is read again: the
+        event loop (libuv's, in uvloop) reads a connection up to 32 times in a row when
+        data keeps coming, and each read of a large message costs a few ms here."""
+        transport = self._transport
+        if transport is not None and transport.is_reading():
+            transport.pause_reading()
+            asyncio.get_running_loop().call_soon(self._read_on, transport)
+
+    @staticmethod
+    def _read_on(transport: asyncio.Transport) -> None:
+        if not transport.is_closing() and not transport.is_reading():
+            transport.resume_reading()
 
     def stand_in(self, taken: Taken) -> bytes:
         """A frame standing in for ``taken``: final, binary, unmasked."""
@@ -111,15 +130,16 @@ class QueueSocket(web.WebSocketResponse):
 class _Large:
     """One large message being read: its payload unmasked and fed to a QueueReader."""
 
-    def __init__(self, size: int, mask: bytes | None, keep: int, ticket: Ticket) -> None:
+    def __init__(self, size: int, mask: bytes | None, keep: int, most: int,
+                 ticket: Ticket) -> None:
         self.size = size
         self.mask = mask
         self.offset = 0
         self.hold = ExitStack()
         self.error: Exception | None = None
-        self.reader: QueueReader | None = QueueReader(keep)
-        try:
-            self.hold.enter_context(ticket()).take(min(size, keep))
+        self.reader: QueueReader | None = QueueReader(keep, most)
+        try:   # the most it may keep (one event up to ``most``)
+            self.hold.enter_context(ticket()).take(most)
         except Busy as exc:   # read to its end, nothing kept: then refused
             self.error, self.reader = exc, None
 
@@ -201,7 +221,8 @@ class _Gate:
                         Taken(None, OverCap(length, self._cap), length, ExitStack())))
                 else:
                     mask = head[size - 4:size] if head[1] & 0x80 else None
-                    self._large = _Large(length, mask, self._keep, self._sock.ticket)
+                    self._large = _Large(length, mask, self._keep, self._large_min - 1,
+                                         self._sock.ticket)
                 continue
             if held:   # pos == run == 0: the header's start precedes this read
                 out.append(held)
@@ -213,7 +234,10 @@ class _Gate:
             pos += used
         out.append(data[run:pos])
         whole = b"".join(out)
-        return self._inner.feed_data(whole) if whole else (False, b"")
+        done = self._inner.feed_data(whole) if whole else (False, b"")
+        if self._large is not None and self._large.reader is not None:
+            self._sock.breathe()
+        return done
 
     def feed_eof(self) -> None:
         if self._large is not None:   # cut short: never a result

@@ -1,18 +1,20 @@
-"""Reading a large Nucleus message as it arrives, keeping only its first events.
+"""Reading a large Nucleus message as it arrives, keeping only some of its events.
 
 A module sends its whole unacknowledged queue in every message and keeps that queue with
 no cap, so after the agent was away one message can hold tens of MiB. Held whole and
 parsed, it would take several times its size in memory. Read here chunk by chunk instead:
-the events that fit in ``keep`` bytes are kept as the text they came as (the usual reader,
-nucleus_json, and the family's rules then take them as any message); of each later event
-only the id is looked at, and nothing of it is kept. The module resends what was not
-acknowledged at its next tick, so each tick shrinks its queue.
+the first events, up to ``keep`` bytes, are kept as the text they came as (the usual
+reader, nucleus_json, and the family's rules then take them as any message); of the
+others only the id is looked at. The module resends what was not acknowledged at its
+next tick, so each tick shrinks its queue.
 
 A module drops every queued event whose id comes back in `reportedIds`, and ids are small
-numbers that collide, so the id of a kept event that a later event carries too is
-withheld: acknowledged, it would take that later event out of the queue, never stored. The
-kept event is stored (the spool's dedupe keeps it once however often it comes) and its id
-is acknowledged at a later tick, once no event left behind carries it.
+numbers that collide (1 to 10,000 for nucleus-python, whose queue then holds each id many
+times), so an id may be acknowledged only if every event of the message carrying it is
+stored. So a later event carrying the id of a kept one is kept too, up to ``most`` bytes
+in all; when one does not fit, the ids taken last are given up (their events are not kept,
+none is acknowledged) until it does: the first ids of the queue are kept whole, and each
+tick acknowledges some.
 
 The whole message is still read, to its end: one that is not JSON is refused whole, as a
 small one is.
@@ -22,6 +24,7 @@ from __future__ import annotations
 
 import codecs
 import json
+import re
 from typing import Any, NamedTuple
 
 from agent.dialects.body import BodyError
@@ -34,46 +37,49 @@ _ID_TYPES = (int, float, str)   # exact types: others are never acknowledged (fa
 # being cut there (`tru`, `1e`, `"\u00`) rather than a mistake: read again with more.
 _CUT = 16
 _RETRY_MIN = 64 * 1024
+_SCALAR = re.compile(r"[-+.0-9A-Za-z]*")   # what a number or a literal is written with
 
 # Where the reader is in `{"data": [...]}`.
 _START, _FIRST_KEY, _KEY, _AFTER_MEMBER, _FIRST_EVENT, _EVENT, _AFTER_EVENT, _END = range(8)
 
 
 class Split(NamedTuple):
-    """A large message, read: ``message`` holds its first ``kept`` events as
-    `{"data": [...]}`, of ``total``; ``withheld``, the ids of kept events that a later
-    event carries too."""
+    """A large message, read: ``message`` holds ``kept`` of its ``total`` events, in their
+    order, as `{"data": [...]}`; every event carrying the id of one of them is one of them."""
 
     message: bytes
     kept: int
     total: int
-    withheld: frozenset[Any]
 
 
 class TooLarge(BodyError):
-    """A value too large to be kept, which no later message can take either: the
-    websocket's 1009."""
+    """A value too large to read as it arrives (over ``most`` characters), or no event
+    that can be kept: the message is refused (the websocket's 1009)."""
 
     def __init__(self, what: str, keep: int) -> None:
         super().__init__(413, f"{what} is over {keep // 2**20} MiB: too large to store")
 
 
 class QueueReader:
-    """Fed a message's bytes in order (``feed``), then ``finish``: its Split. Both raise
-    BodyError (not JSON; TooLarge) or families.errors.Invalid (no `data` array)."""
+    """Fed a message's bytes in order (``feed``), then ``finish``: its Split, holding its
+    first events up to ``keep`` bytes (the first event alone up to ``most``, the most a
+    message may be) and the later ones sharing their ids, up to ``most`` (module doc).
+    Both raise BodyError (not JSON; TooLarge: a value over ``most``, or no event to keep)
+    or families.errors.Invalid (no `data` array)."""
 
-    def __init__(self, keep: int) -> None:
+    def __init__(self, keep: int, most: int) -> None:
         self._keep = keep
+        self._most = most     # the most kept in all, and of the first event alone
         self._utf8 = codecs.getincrementaldecoder("utf-8")()
         self._text = ""       # read, not yet taken: at most an unfinished value and a chunk
         self._retry = 0       # length ``_text`` must reach before an unfinished value is read again
         self._state = _START
-        self._kept = bytearray(b'{"data":[')
-        self._n_kept = 0
         self._total = 0
-        self._keeping = True
-        self._ids: set[Any] = set()
-        self._withheld: set[Any] = set()
+        self._size = 0        # bytes kept, a comma each
+        self._open = True     # events with an id not seen yet are still kept
+        self._groups: dict[Any, list[tuple[int, bytes]]] = {}   # kept (index, text) by id
+        self._loose: list[tuple[int, bytes]] = []   # kept events with no id to acknowledge
+        self._given_up: set[Any] = set()
         self._has_data = False
 
     def feed(self, chunk: bytes | bytearray) -> None:
@@ -86,10 +92,11 @@ class QueueReader:
         self._read(final=True)
         if not self._has_data:
             family.check({})   # raises Invalid, in the family's words
-        if self._total and not self._n_kept:
-            raise TooLarge("data[0]", self._keep)
-        self._kept += b"]}"
-        return Split(bytes(self._kept), self._n_kept, self._total, frozenset(self._withheld))
+        kept = sorted([*self._loose, *(ev for group in self._groups.values() for ev in group)])
+        if self._total and not kept:
+            raise TooLarge("data[0], with the events sharing its id,", self._most)
+        message = b'{"data":[' + b",".join(text for _, text in kept) + b"]}"
+        return Split(message, len(kept), self._total)
 
     def _decode(self, chunk: bytes | bytearray, final: bool) -> str:
         try:
@@ -109,9 +116,10 @@ class QueueReader:
         except json.JSONDecodeError as exc:
             if final or not (exc.pos >= len(text) - _CUT or exc.msg.startswith("Unterminated")):
                 raise BodyError(400, "invalid JSON", exc.msg) from None
-        if len(text) - pos > self._keep:
-            event = self._state in (_FIRST_EVENT, _EVENT)
-            raise TooLarge(f"data[{self._total}]" if event else "a value", self._keep)
+        pos = _skip(text, pos)   # what is left is the start of a value (or a member)
+        member = self._state in (_FIRST_KEY, _KEY)   # a key, ":" and its value
+        if len(text) - pos > (2 * self._most + _CUT if member else self._most):
+            raise TooLarge("a value" if member else f"data[{self._total}]", self._most)
         self._text = text[pos:]
         # Read again once a quarter more is in: a value cut by many chunks then costs
         # reads in proportion to its size, not to its size times its chunks.
@@ -149,9 +157,9 @@ class QueueReader:
             self._state = _AFTER_MEMBER
             return pos + 1
         if state in (_FIRST_EVENT, _EVENT):
+            if not final and _cut(text, pos):
+                return None
             value, end = _DECODER.raw_decode(text, pos)
-            if end == n and not final:
-                return None   # a number may go on in the next chunk
             self._event(value, text, pos, end)
             self._state = _AFTER_EVENT
             return end
@@ -168,6 +176,8 @@ class QueueReader:
             raise json.JSONDecodeError("Expecting property name enclosed in double quotes",
                                        text, pos)
         key, end = _DECODER.raw_decode(text, pos)   # a string: text[pos] is its quote
+        if end - pos > self._most:
+            raise TooLarge("a key", self._most)
         colon = _skip(text, end)
         if colon == len(text):
             return None
@@ -184,30 +194,53 @@ class QueueReader:
             self._has_data = True
             self._state = _FIRST_EVENT
             return at + 1
-        _value, end = _DECODER.raw_decode(text, at)   # another key's: not kept
-        if end == len(text) and not final:
+        if not final and _cut(text, at):
             return None
+        _value, end = _DECODER.raw_decode(text, at)   # another key's: not kept
+        if end - at > self._most:
+            raise TooLarge(f"`{key}`", self._most)
         self._state = _AFTER_MEMBER
         return end
 
     def _event(self, value: Any, text: str, start: int, end: int) -> None:
+        index = self._total
+        if end - start > self._most:   # never kept, nor could it be read as it arrives
+            raise TooLarge(f"data[{index}]", self._most)
         self._total += 1
         ev_id = value.get("id") if type(value) is dict else None
-        if type(ev_id) not in _ID_TYPES:
+        if type(ev_id) not in _ID_TYPES:   # no id the module could be sent back
             ev_id = None
-        if self._keeping:
-            piece = text[start:end].encode()
-            if len(self._kept) + len(piece) + 3 <= self._keep:   # with "," and "]}"
-                if self._n_kept:
-                    self._kept += b","
-                self._kept += piece
-                self._n_kept += 1
-                if ev_id is not None:
-                    self._ids.add(ev_id)
+        group = None if ev_id is None else self._groups.get(ev_id)
+        if group is None:   # an id not seen yet (or none): kept while the first events are
+            if not self._open or ev_id in self._given_up:
                 return
-            self._keeping = False   # the events kept are the first ones, in order
-        if ev_id is not None and ev_id in self._ids:
-            self._withheld.add(ev_id)
+            piece = text[start:end].encode()
+            if self._size + len(piece) + 1 > (self._keep if index else self._most):
+                self._open = False
+                return
+            self._size += len(piece) + 1
+            if ev_id is None:
+                self._loose.append((index, piece))
+            else:
+                self._groups[ev_id] = [(index, piece)]
+            return
+        piece = text[start:end].encode()   # its id's events must all be kept
+        while self._size + len(piece) + 1 > self._most:
+            self._open = False
+            last, dropped = self._groups.popitem()   # the id taken last is given up
+            self._given_up.add(last)
+            self._size -= sum(len(t) + 1 for _, t in dropped)
+            if last == ev_id:
+                return
+        self._size += len(piece) + 1
+        group.append((index, piece))
+
+
+def _cut(text: str, pos: int) -> bool:
+    """Whether the number or literal at ``pos`` may go on past the end of ``text`` (`10.`
+    would read as 10, `tru` as an error)."""
+    scalar = _SCALAR.match(text, pos)
+    return text[pos] not in '{["' and scalar is not None and scalar.end() == len(text)
 
 
 def _skip(text: str, pos: int) -> int:
