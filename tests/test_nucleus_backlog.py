@@ -117,14 +117,15 @@ async def test_a_queue_headed_by_an_event_larger_than_what_a_tick_keeps_drains(
     assert agent.spool.depth == 11_000
 
 
-async def raw_websocket(port: int, path: str) -> tuple[asyncio.StreamReader,
-                                                        asyncio.StreamWriter]:
-    """A websocket opened by hand, to send a frame header alone."""
+async def raw_websocket(port: int, path: str, ahead: bytes = b""
+                        ) -> tuple[asyncio.StreamReader, asyncio.StreamWriter]:
+    """A websocket opened by hand, to send a frame header alone; ``ahead``: bytes sent
+    with the upgrade request, before its answer."""
     reader, writer = await asyncio.open_connection("127.0.0.1", port)
     key = base64.b64encode(os.urandom(16)).decode()
     writer.write((f"GET {path} HTTP/1.1\r\nHost: 127.0.0.1\r\nUpgrade: websocket\r\n"
                   f"Connection: Upgrade\r\nSec-WebSocket-Key: {key}\r\n"
-                  "Sec-WebSocket-Version: 13\r\n\r\n").encode())
+                  "Sec-WebSocket-Version: 13\r\n\r\n").encode() + ahead)
     head = await reader.readuntil(b"\r\n\r\n")
     assert head.startswith(b"HTTP/1.1 101"), head
     return reader, writer
@@ -168,6 +169,25 @@ async def test_a_message_over_the_hard_cap_is_closed_1009_counted_and_logged(
     logged = [r.getMessage() for r in caplog.records if "64 MiB" in r.getMessage()]
     assert len(logged) == 1, logged
     assert "k***" in logged[0] and "queue" in logged[0], logged
+
+
+async def test_a_message_sent_ahead_of_the_upgrade_answer_is_read_as_any(
+        make_agent: Any) -> None:
+    """Frames that come with the upgrade request, before its 101, are read by the same
+    reader as the later ones: a small one is acknowledged, a large one taken apart."""
+    agent = await make_agent()
+    small = b'{"data":[{"type":"event","name":"ahead","id":7}]}'
+    reader, writer = await raw_websocket(agent.port, f"/app/{KEY}/track",
+                                         ahead=bytes([0x81, 0x80 | len(small)]) + b"\0" * 4
+                                         + small)
+    first, length = await asyncio.wait_for(reader.readexactly(2), 10)
+    assert orjson.loads(await reader.readexactly(length)) == {"reportedIds": [7]}
+    writer.close()
+    reader, writer = await raw_websocket(agent.port, f"/app/{KEY}/track",
+                                         ahead=frame_head(HARD_CAP + 1) + b'{"data":[')
+    code, reason = await read_close(reader)
+    writer.close()
+    assert code == WSCloseCode.MESSAGE_TOO_BIG and "64 MiB" in reason, (code, reason)
 
 
 async def test_a_large_message_that_is_not_json_is_refused_whole(make_agent: Any) -> None:
