@@ -9,9 +9,11 @@ Reported: idle and peak RssAnon and VmRSS, the time to the reply, events acknowl
 /healthz p99 and max.
 
 Scenarios: `one-6mb` (11,000 events, 5.9 MB, the audit's repro), `one-30mb` (56,000
-events), `four-30mb` (four 30 MB messages at once on four connections: the in-flight
-budget admits one at a time, the others are closed 1013), `drain-30mb` (a module's
-loop: the queue resent, minus what was acknowledged, until empty).
+events), `one-30mb-ids10k` (the same with ids 1..10000, as nucleus-python draws them:
+each id repeats through the queue, so up to 4 MiB of events are kept), `four-30mb` (four
+30 MB messages at once on four connections: the in-flight budget admits one at a time,
+the others are closed 1013), `drain-30mb` (a module's loop: the queue resent, minus what
+was acknowledged, until empty).
 """
 
 from __future__ import annotations
@@ -38,11 +40,12 @@ MB = 1024 * 1024
 KEY = "benchapp"
 
 
-def queue(n: int, seed: int) -> list[dict[str, Any]]:
-    """``n`` events as nucleus-nodejs queues them (ids 1..1e6, collisions and all)."""
+def queue(n: int, seed: int, ids: int = 1_000_000) -> list[dict[str, Any]]:
+    """``n`` events as nucleus-nodejs queues them (ids 1..1e6, collisions and all; 1..10000
+    as nucleus-python draws them: then each id repeats through a long queue)."""
     rng = random.Random(seed)
     return [{"type": "event", "name": f"evt-{i}", "date": "2026-12-01T08:00:00.000Z",
-             "appId": KEY, "id": rng.randint(1, 1_000_000), "userId": None,
+             "appId": KEY, "id": rng.randint(1, ids), "userId": None,
              "machineId": "m" * 64, "sessionId": seed, "payload": {"i": i, "label": "x" * 300}}
             for i in range(n)]
 
@@ -97,8 +100,9 @@ def probe(port: int) -> None:
 
 def measure(name: str, workdir: Path) -> dict[str, Any]:
     n, count = {"one-6mb": (11_000, 1), "one-30mb": (56_000, 1), "four-30mb": (56_000, 4),
-                "drain-30mb": (56_000, 1)}[name]
-    queues = [queue(n, seed) for seed in range(count)]
+                "drain-30mb": (56_000, 1), "one-30mb-ids10k": (56_000, 1)}[name]
+    ids = 10_000 if name.endswith("ids10k") else 1_000_000
+    queues = [queue(n, seed, ids) for seed in range(count)]
     frames = [encode(q) for q in queues]
     row: dict[str, Any] = {"size_mb": len(frames[0]) / MB}
     d = workdir / name
@@ -127,7 +131,7 @@ def measure(name: str, workdir: Path) -> dict[str, Any]:
                 "idle_rss_mb": idle_rss / MB, "peak_rss_mb": peak_rss / MB, "seconds": took,
                 "healthz_p99_ms": lat[max(0, int(len(lat) * 0.99) - 1)] * 1000,
                 "healthz_max_ms": lat[-1] * 1000})
-    print(f"  {name:11s} RssAnon idle {row['idle_anon_mb']:4.0f} peak {row['peak_anon_mb']:4.0f}"
+    print(f"  {name:15s} RssAnon idle {row['idle_anon_mb']:4.0f} peak {row['peak_anon_mb']:4.0f}"
           f"  VmRSS idle {row['idle_rss_mb']:4.0f} peak {row['peak_rss_mb']:4.0f} MB"
           f"  {took:5.2f} s  /healthz p99 {row['healthz_p99_ms']:5.1f} max "
           f"{row['healthz_max_ms']:5.1f} ms  "
@@ -137,7 +141,7 @@ def measure(name: str, workdir: Path) -> dict[str, Any]:
     return row
 
 
-SCENARIOS = ["one-6mb", "one-30mb", "four-30mb", "drain-30mb"]
+SCENARIOS = ["one-6mb", "one-30mb", "one-30mb-ids10k", "four-30mb", "drain-30mb"]
 
 
 def main(argv: list[str] | None = None) -> int:

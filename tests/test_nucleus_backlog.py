@@ -258,10 +258,13 @@ async def test_a_large_message_is_charged_from_its_first_byte_and_freed_if_cut_s
 async def test_a_30_mb_message_is_taken_without_being_held_whole(
         tmp_path: Path, agent_process: Any) -> None:
     """The agent's memory does not grow with the message: a 30 MB queue is read as it
-    arrives, keeping only the events it stores (an `outpost run` process)."""
+    arrives, keeping only the events it stores (an `outpost run` process). Ids drawn as
+    nucleus-nodejs draws them (1..1e6): 2 MiB of events are kept (where ids repeat
+    through the queue, up to 4 MiB: as much as a 4 MiB message takes)."""
     agent = offline_agent(tmp_path, agent_process)
     assert agent.proc is not None
-    frame = json.dumps({"data": module_queue(60_000, label=400)}, ensure_ascii=False)
+    frame = json.dumps({"data": module_queue(60_000, label=400, ids=1_000_000)},
+                       ensure_ascii=False)
     assert len(frame) > 30 * MB
     sampler = RssSampler(agent.proc.pid)
     url = agent.url + f"/app/{KEY}/track"

@@ -4,7 +4,7 @@ The message rules are the family's (agent/families/nucleus.py); this module is t
 transport. Real modules crash on any reply other than ``{"reportedIds": [...]}``
 (the Swift module), and resend their whole unacknowledged queue when not acked.
 A websocket message larger than MAX_MESSAGE (a module's queue after a long absence of
-the agent) is read as it arrives (nucleus_frames.py) and only its first events taken.
+the agent) is read as it arrives (nucleus_frames.py) and only some of its events taken.
 """
 
 from __future__ import annotations
@@ -34,13 +34,14 @@ log = logging.getLogger("outpost.nucleus")
 # Modules send their whole unacknowledged queue in one message; after a long
 # outage of the agent itself that queue can be large.
 MAX_MESSAGE = 4 * 1024 * 1024
-# A websocket message over MAX_MESSAGE is taken up to MAX_FRAME: its first KEEP bytes of
-# events stored and acknowledged (the first event alone up to MAX_MESSAGE), the rest left
-# for the module's next message, so each tick shrinks its queue with the agent's memory
-# bounded by what it keeps, not by the message. KEEP: storing 2 MiB of events peaks at
-# about 15 MB (4 MiB: 30). MAX_FRAME bounds the time one message takes to read (about
-# 15 ms a MiB); a module whose queue is past it has kept it for days, and is told so in
-# the log.
+# A websocket message over MAX_MESSAGE is taken up to MAX_FRAME: the events of its first
+# KEEP bytes, with the later ones sharing their ids (up to MAX_MESSAGE in all), stored and
+# acknowledged, the rest left for the module's next message (nucleus_queue.py), so each
+# tick shrinks its queue with the agent's memory bounded by what it keeps, not by the
+# message. KEEP: storing 2 MiB of events peaks about 15 MB over idle (4 MiB: 25;
+# `python -m bench.nucleus_backlog`). MAX_FRAME bounds the time one message takes to read
+# (about 15 ms a MiB); a module whose queue is past it has kept it for days, and is told
+# so in the log.
 MAX_FRAME = 64 * 1024 * 1024
 KEEP = 2 * 1024 * 1024
 
