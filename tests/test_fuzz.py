@@ -30,7 +30,7 @@ from hypothesis import strategies as st
 from agent.device import detect
 from agent.dialects.body import BodyError
 from agent.dialects.exact_json import parse_json
-from agent.dialects.nucleus import MAX_MESSAGE
+from agent.dialects.nucleus import MAX_FRAME, MAX_MESSAGE
 from agent.families import nucleus
 from agent.families.enrich import Enrich
 from agent.families.errors import Invalid
@@ -384,7 +384,7 @@ def test_a_websocket_frame_over_the_limit_is_closed_with_1009_before_it_is_sent(
     agent waiting for (or buffering) the payload."""
     with socket.create_connection(("127.0.0.1", served.port), timeout=5) as sock:
         _ws_handshake(sock, f"/app/{KEY}/track")
-        header = bytes([0x81, 0x80 | 127]) + (MAX_MESSAGE + 1).to_bytes(8, "big") + b"mask"
+        header = bytes([0x81, 0x80 | 127]) + (MAX_FRAME + 1).to_bytes(8, "big") + b"mask"
         sock.sendall(header + b"\x16" * 100)
         started = time.monotonic()
         frame = sock.recv(4096)

@@ -3,20 +3,25 @@
 The message rules are the family's (agent/families/nucleus.py); this module is the
 transport. Real modules crash on any reply other than ``{"reportedIds": [...]}``
 (the Swift module), and resend their whole unacknowledged queue when not acked.
+A websocket message larger than MAX_MESSAGE (a module's queue after a long absence of
+the agent) is read as it arrives (nucleus_frames.py) and only some of its events taken.
 """
 
 from __future__ import annotations
 
 import logging
 import uuid
+from collections.abc import Awaitable
 from typing import Any
 
 import orjson
-from aiohttp import WSCloseCode, WSMsgType, web
+from aiohttp import WebSocketError, WSCloseCode, WSMsgType, web
 
 from agent.dialects import nucleus_json, replies
 from agent.dialects.base import JSON, Dialect, Example, IngestSink, websocket
 from agent.dialects.body import BodyError, Busy, parse_body, read_raw
+from agent.dialects.nucleus_frames import OverCap, QueueSocket, Taken
+from agent.dialects.nucleus_queue import TooLarge
 from agent.dialects.replies import describe, status_of
 from agent.families import nucleus as family
 from agent.families.errors import Invalid
@@ -29,6 +34,16 @@ log = logging.getLogger("outpost.nucleus")
 # Modules send their whole unacknowledged queue in one message; after a long
 # outage of the agent itself that queue can be large.
 MAX_MESSAGE = 4 * 1024 * 1024
+# A websocket message over MAX_MESSAGE is taken up to MAX_FRAME: the events of its first
+# KEEP bytes, with the later ones sharing their ids (up to MAX_MESSAGE in all), stored and
+# acknowledged, the rest left for the module's next message (nucleus_queue.py), so each
+# tick shrinks its queue with the agent's memory bounded by what it keeps, not by the
+# message. KEEP: storing 2 MiB of events peaks about 15 MB over idle (4 MiB: 25;
+# `python -m bench.nucleus_backlog`). MAX_FRAME bounds the time one message takes to read
+# (about 15 ms a MiB); a module whose queue is past it has kept it for days, and is told
+# so in the log.
+MAX_FRAME = 64 * 1024 * 1024
+KEEP = 2 * 1024 * 1024
 
 
 def _masked(key: str) -> str:
@@ -112,43 +127,87 @@ class NucleusHandlers:
         key = request.match_info["appId"]
         if (why := self.sink.key_refusal(key)) is not None:
             return _error(401, f"appId {key!r} refused: {why}")
-        ws = web.WebSocketResponse(max_msg_size=MAX_MESSAGE, autoping=True)
+        ws = QueueSocket(large=MAX_MESSAGE, cap=MAX_FRAME, keep=KEEP, ticket=self.sink.ticket)
         await ws.prepare(request)
-        async for frame in ws:
-            if frame.type == WSMsgType.TEXT or frame.type == WSMsgType.BINARY:
-                if not await self._frame(ws, key, frame.data):
-                    break
-            elif frame.type == WSMsgType.ERROR:
-                log.info("websocket for %s closed: %s", _masked(key), ws.exception())
+        try:
+            async for frame in ws:
+                if frame.type == WSMsgType.TEXT or frame.type == WSMsgType.BINARY:
+                    taken = ws.taken(frame.data) if frame.type == WSMsgType.BINARY else None
+                    work = self._small(key, frame.data) if taken is None else self._large(key, taken)
+                    if not await self._answer(ws, key, work):
+                        break
+                elif frame.type == WSMsgType.ERROR:
+                    exc = ws.exception()
+                    if isinstance(exc, WebSocketError):   # the client's: 1009, 1002...
+                        replies.refused(exc.code)
+                    log.info("websocket for %s closed: %s", _masked(key), exc)
+        finally:
+            ws.drop()
         return ws
 
-    async def _frame(self, ws: web.WebSocketResponse, key: str, data: str | bytes) -> bool:
-        """Handle one frame; False when the connection was closed for it."""
+    async def _small(self, key: str, data: str | bytes) -> list[Any]:
+        """One message as aiohttp read it: stored; its acks."""
+        with self.sink.ticket() as ticket:
+            ticket.take(len(data))
+            events, acks = await self._parse(data, key)
+            await self.sink.store(events)
+        return acks
+
+    async def _large(self, key: str, taken: Taken) -> list[Any]:
+        """One large message, read as it came (nucleus_frames.py): the events it kept
+        (nucleus_queue.py) stored; their acks."""
+        with taken.hold:
+            if taken.error is not None:
+                raise taken.error
+            assert taken.split is not None
+            split = taken.split
+            events, acks = await self._parse(split.message, key)
+            await self.sink.store(events)
+        log_limited(log, logging.INFO, f"queue:{key}",
+                    "app %s sent its queue of %d events in one %.1f MiB message: took %d; "
+                    "its module resends the rest", _masked(key), split.total,
+                    taken.size / 2**20, split.kept)
+        return acks
+
+    async def _answer(self, ws: web.WebSocketResponse, key: str,
+                      work: Awaitable[list[Any]]) -> bool:
+        """Await ``work`` (one message read, parsed and stored: its acks) and answer it;
+        False when the connection was closed for it."""
         try:
-            with self.sink.ticket() as ticket:
-                ticket.take(len(data))
-                events, acks = await self._parse(data, key)
-                await self.sink.store(events)
+            acks = await work
         except Busy:
             # The websocket's "retry later": the module reconnects and resends its queue.
             replies.refused(WSCloseCode.TRY_AGAIN_LATER)
             await ws.close(code=WSCloseCode.TRY_AGAIN_LATER, message=b"agent busy, retry later")
             return False
+        except OverCap as exc:
+            replies.refused(WSCloseCode.MESSAGE_TOO_BIG)
+            log_limited(log, logging.WARNING, f"over-cap:{key}",
+                        "app %s: %s, closed (1009). Its Nucleus module sends its whole unsent "
+                        "queue in every message and never caps it, so none of the app's "
+                        "events will arrive until that queue is cleared: delete the module's "
+                        "saved queue (nucleus-nodejs: `nucleus-queue` in its `nucleus` config "
+                        "file; nucleus-python: `queue` in its `nucleus-<appId>` cache file), "
+                        "losing those events", _masked(key), exc)
+            await ws.close(code=WSCloseCode.MESSAGE_TOO_BIG, message=_close_reason(str(exc)))
+            return False
         except (BodyError, Invalid) as exc:
             # A bad message closes only this connection, with a reason the app can log.
-            replies.refused(WSCloseCode.INVALID_TEXT)
-            await ws.close(code=WSCloseCode.INVALID_TEXT, message=_close_reason(exc.message))
+            code = (WSCloseCode.MESSAGE_TOO_BIG if isinstance(exc, TooLarge)
+                    else WSCloseCode.INVALID_TEXT)
+            replies.refused(code)
+            await ws.close(code=code, message=_close_reason(exc.message))
             return False
         except SpoolFull as exc:
             # Nothing acked: the module keeps the events and resends them later (every
             # few seconds, from every app: hence the rate limit). Closed as when busy: a
-            # frame left without a reply put the replies after it out of step with their
-            # frames (a sender counting them, such as another Outpost, read a later reply
-            # as this frame's). Counted as its HTTP twin.
+            # message left without a reply put the replies after it out of step with their
+            # messages (a sender counting them, such as another Outpost, read a later reply
+            # as this one's). Counted as its HTTP twin.
             replies.refused(503)
             log_limited(log, logging.WARNING, "spool-full",
-                        "spool full, not acknowledging %d events for %s: %s",
-                        len(events), _masked(key), str(exc))
+                        "spool full, not acknowledging a message of %s: %s", _masked(key),
+                        str(exc))
             await ws.close(code=WSCloseCode.TRY_AGAIN_LATER,
                            message=_close_reason(f"retry later: {exc}"))
             return False

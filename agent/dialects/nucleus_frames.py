@@ -1,0 +1,264 @@
+"""The Nucleus websocket: a large message read as it arrives, never held whole.
+
+aiohttp reads a websocket message whole before handing it over, and at its peak that
+takes about three times the message's size (the pieces received, joined, then unmasked
+into a copy). A module sends its whole queue in one message, tens of MiB after a long
+absence of the agent. So on each Nucleus connection a thin reader sits in front of
+aiohttp's: it follows the frames' headers and hands aiohttp every frame but a large one (a
+whole text or binary message in one frame, over ``large`` bytes), which it reads itself as
+it arrives into a QueueReader (nucleus_queue.py: some events kept, at most ``large``
+bytes, the rest only looked at). In its place aiohttp is handed a small stand-in frame, so
+the handler meets the result in the message's place among the others
+(``QueueSocket.taken``). Reading one costs a few ms a chunk: after each, the connection
+yields to the others (``breathe``).
+
+A large message is charged ``large`` bytes, the most it keeps, to the in-flight budget
+(agent/server/admission.py) from its first byte: one that does not fit while other bodies
+are in flight is read to its end without keeping anything and refused busy. One over
+``cap`` is refused at its header, without reading it. A message in several frames is rare
+(the modules send one frame) and is left to aiohttp, which takes it up to ``large`` bytes.
+
+The hook is aiohttp's (3.14) parser slot on the connection's protocol, which a websocket
+fills once upgraded: the thin reader takes the place of aiohttp's own reader there and
+passes it the frames it does not keep for itself, byte for byte.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import struct
+from collections import deque
+from collections.abc import Callable
+from contextlib import AbstractContextManager, ExitStack
+from typing import Any, NamedTuple
+
+from aiohttp import web
+from aiohttp.http_websocket import WebSocketWriter
+
+from agent.dialects.body import BodyError, Busy, Reservation
+from agent.dialects.nucleus_queue import QueueReader, Split
+from agent.families.errors import Invalid
+
+_CONTINUATION, _TEXT, _BINARY = 0x0, 0x1, 0x2
+_XOR = [bytes(a ^ b for a in range(256)) for b in range(256)]
+Ticket = Callable[[], AbstractContextManager[Reservation]]
+
+
+class OverCap(Exception):
+    """A message over the cap, refused at its header (the websocket's 1009)."""
+
+    def __init__(self, size: int, cap: int) -> None:
+        super().__init__(f"a {size / 2**20:.1f} MiB message is over the {cap // 2**20} MiB "
+                         "a Nucleus websocket message may be")
+        self.size = size
+
+
+class Taken(NamedTuple):
+    """What became of one large message: its Split, or why it is refused (BodyError,
+    Invalid, Busy, OverCap); ``hold`` keeps its share of the in-flight budget until
+    closed. ``size``: its bytes."""
+
+    split: Split | None
+    error: Exception | None
+    size: int
+    hold: ExitStack
+
+
+class QueueSocket(web.WebSocketResponse):
+    """A Nucleus websocket whose large messages are read as they arrive (module doc).
+
+    Messages up to ``large`` bytes come as aiohttp gives them; for each larger one, a
+    binary stand-in frame that ``taken`` turns into its Taken. The handler must call
+    ``drop`` when it ends (the results' shares of the budget are given back)."""
+
+    def __init__(self, *, large: int, cap: int, keep: int, ticket: Ticket) -> None:
+        super().__init__(max_msg_size=large, autoping=True, compress=False)
+        self._limits = (large, cap, keep)
+        self.ticket = ticket
+        self._stand_in = os.urandom(16)
+        self._results: deque[Taken] = deque()
+        self._dropped = False
+        self._transport: asyncio.Transport | None = None
+
+    def taken(self, data: str | bytes) -> Taken | None:
+        """The result a binary message of ``data`` stands for, or None: a message of its own."""
+        if data == self._stand_in and self._results:
+            return self._results.popleft()
+        return None
+
+    def drop(self) -> None:
+        """The handler is done: give back what results not taken, or yet to come, hold."""
+        self._dropped = True
+        while self._results:
+            self._results.popleft().hold.close()
+
+    def _post_start(self, request: web.BaseRequest, protocol: str | None,
+                    writer: WebSocketWriter) -> None:
+        proto: Any = request.protocol
+        self._transport = request.transport
+        early, proto._message_tail = proto._message_tail, b""   # frames sent ahead of the 101
+        super()._post_start(request, protocol, writer)
+        gate = _Gate(proto._payload_parser, self, *self._limits)
+        proto._payload_parser = gate
+        if early:
+            gate.feed_data(early)
+
+    def breathe(self) -> None:
+        """Let the event loop serve others before this connection is read again: the
+        event loop (libuv's, in uvloop) reads a connection up to 32 times in a row when
+        data keeps coming, and each read of a large message costs a few ms here."""
+        transport = self._transport
+        if transport is not None and transport.is_reading():
+            transport.pause_reading()
+            asyncio.get_running_loop().call_soon(self._read_on, transport)
+
+    @staticmethod
+    def _read_on(transport: asyncio.Transport) -> None:
+        if not transport.is_closing() and not transport.is_reading():
+            transport.resume_reading()
+
+    def stand_in(self, taken: Taken) -> bytes:
+        """A frame standing in for ``taken``: final, binary, unmasked."""
+        if self._dropped:   # read during the closing handshake: nothing will take it
+            taken.hold.close()
+        else:
+            self._results.append(taken)
+        return bytes([0x80 | _BINARY, len(self._stand_in)]) + self._stand_in
+
+
+class _Large:
+    """One large message being read: its payload unmasked and fed to a QueueReader."""
+
+    def __init__(self, size: int, mask: bytes | None, keep: int, most: int,
+                 ticket: Ticket) -> None:
+        self.size = size
+        self.mask = mask
+        self.offset = 0
+        self.hold = ExitStack()
+        self.error: Exception | None = None
+        self.reader: QueueReader | None = QueueReader(keep, most)
+        try:   # the most it may keep (one event up to ``most``)
+            self.hold.enter_context(ticket()).take(most)
+        except Busy as exc:   # read to its end, nothing kept: then refused
+            self.error, self.reader = exc, None
+
+    def feed(self, piece: memoryview) -> None:
+        if self.reader is None:
+            return
+        data = bytearray(piece)
+        if self.mask is not None:
+            for i in range(4):
+                data[i::4] = data[i::4].translate(_XOR[self.mask[(self.offset + i) % 4]])
+        self.offset += len(data)
+        try:
+            self.reader.feed(data)
+        except (BodyError, Invalid) as exc:
+            self.error, self.reader = exc, None
+
+    def finish(self) -> Taken:
+        split = None
+        if self.reader is not None:
+            try:
+                split = self.reader.finish()
+            except (BodyError, Invalid) as exc:
+                self.error = exc
+            self.reader = None
+        return Taken(split, self.error, self.size, self.hold)
+
+
+class _Gate:
+    """In aiohttp's parser slot: follows the frames and hands aiohttp all but the large
+    ones, which ``_Large`` reads (module doc). Called by aiohttp's protocol as its reader."""
+
+    def __init__(self, inner: Any, sock: QueueSocket, large: int, cap: int, keep: int) -> None:
+        self._inner = inner
+        self._sock = sock
+        self._large_min, self._cap, self._keep = large + 1, cap, keep
+        self._head = b""        # a frame header cut by the end of a read
+        self._left = 0          # payload bytes of the current frame still to come
+        self._large: _Large | None = None
+        self._skip = False      # the current frame's payload is dropped (over the cap)
+        self._fragmented = False
+
+    def feed_data(self, data: bytes) -> tuple[bool, bytes]:
+        out: list[bytes] = []   # for aiohttp's reader, in order
+        run = pos = 0           # data[run:pos]: bytes for aiohttp not yet in ``out``
+        n = len(data)
+        while pos < n:
+            if self._left:
+                take = min(self._left, n - pos)
+                if self._large is not None or self._skip:
+                    out.append(data[run:pos])
+                    if self._large is not None:
+                        self._large.feed(memoryview(data)[pos:pos + take])
+                    run = pos + take
+                pos += take
+                self._left -= take
+                if not self._left:
+                    if self._large is not None:
+                        out.append(self._sock.stand_in(self._large.finish()))
+                    self._large, self._skip = None, False
+                continue
+            head = self._head + data[pos:pos + 14 - len(self._head)]
+            size = _head_size(head)
+            if size is None or len(head) < size:   # the read ends inside a header
+                out.append(data[run:pos])
+                self._head, run, pos = head, n, n
+                break
+            used, held = size - len(self._head), self._head
+            self._head = b""
+            first, length = head[0], _length(head)
+            opcode = first & 0x0F
+            if (opcode in (_TEXT, _BINARY) and first & 0x80 and not first & 0x70
+                    and not self._fragmented and length >= self._large_min):
+                out.append(data[run:pos])
+                pos = run = pos + used
+                self._left = length
+                if length > self._cap:
+                    self._skip = True
+                    out.append(self._sock.stand_in(
+                        Taken(None, OverCap(length, self._cap), length, ExitStack())))
+                else:
+                    mask = head[size - 4:size] if head[1] & 0x80 else None
+                    self._large = _Large(length, mask, self._keep, self._large_min - 1,
+                                         self._sock.ticket)
+                continue
+            if held:   # pos == run == 0: the header's start precedes this read
+                out.append(held)
+            if opcode in (_TEXT, _BINARY):
+                self._fragmented = not first & 0x80
+            elif opcode == _CONTINUATION and first & 0x80:
+                self._fragmented = False
+            self._left = length
+            pos += used
+        out.append(data[run:pos])
+        whole = b"".join(out)
+        done = self._inner.feed_data(whole) if whole else (False, b"")
+        if self._large is not None and self._large.reader is not None:
+            self._sock.breathe()
+        return done
+
+    def feed_eof(self) -> None:
+        if self._large is not None:   # cut short: never a result
+            self._large.hold.close()
+            self._large = None
+        self._inner.feed_eof()
+
+
+def _head_size(head: bytes) -> int | None:
+    """A frame header's length in bytes, once its first two bytes are in."""
+    if len(head) < 2:
+        return None
+    flag = head[1] & 0x7F
+    return 2 + (2 if flag == 126 else 8 if flag == 127 else 0) + (4 if head[1] & 0x80 else 0)
+
+
+def _length(head: bytes) -> int:
+    flag = head[1] & 0x7F
+    if flag == 126:
+        return int(struct.unpack_from("!H", head, 2)[0])
+    if flag == 127:
+        return int(struct.unpack_from("!Q", head, 2)[0])
+    return flag
+

@@ -1,0 +1,250 @@
+"""Reading a large Nucleus message as it arrives, keeping only some of its events.
+
+A module sends its whole unacknowledged queue in every message and keeps that queue with
+no cap, so after the agent was away one message can hold tens of MiB. Held whole and
+parsed, it would take several times its size in memory. Read here chunk by chunk instead:
+the first events, up to ``keep`` bytes, are kept as the text they came as (the usual
+reader, nucleus_json, and the family's rules then take them as any message); of the
+others only the id is looked at. The module resends what was not acknowledged at its
+next tick, so each tick shrinks its queue.
+
+A module drops every queued event whose id comes back in `reportedIds`, and ids are small
+numbers that collide (1 to 10,000 for nucleus-python, whose queue then holds each id many
+times), so an id may be acknowledged only if every event of the message carrying it is
+stored. So a later event carrying the id of a kept one is kept too, up to ``most`` bytes
+in all; when one does not fit, the ids taken last are given up (their events are not kept,
+none is acknowledged) until it does: the first ids of the queue are kept whole, and each
+tick acknowledges some.
+
+The whole message is still read, to its end: one that is not JSON is refused whole, as a
+small one is.
+"""
+
+from __future__ import annotations
+
+import codecs
+import json
+import re
+from typing import Any, NamedTuple
+
+from agent.dialects.body import BodyError
+from agent.families import nucleus as family
+
+_DECODER = json.JSONDecoder()
+_SPACE = " \t\n\r"
+_ID_TYPES = (int, float, str)   # exact types: others are never acknowledged (family.fault)
+# How near the end of the text read so far a JSON error may be and still be the text
+# being cut there (`tru`, `1e`, `"\u00`) rather than a mistake: read again with more.
+_CUT = 16
+_RETRY_MIN = 64 * 1024
+_SCALAR = re.compile(r"[-+.0-9A-Za-z]*")   # what a number or a literal is written with
+
+# Where the reader is in `{"data": [...]}`.
+_START, _FIRST_KEY, _KEY, _AFTER_MEMBER, _FIRST_EVENT, _EVENT, _AFTER_EVENT, _END = range(8)
+
+
+class Split(NamedTuple):
+    """A large message, read: ``message`` holds ``kept`` of its ``total`` events, in their
+    order, as `{"data": [...]}`; every event carrying the id of one of them is one of them."""
+
+    message: bytes
+    kept: int
+    total: int
+
+
+class TooLarge(BodyError):
+    """A value too large to read as it arrives (over ``most`` characters), or no event
+    that can be kept: the message is refused (the websocket's 1009)."""
+
+    def __init__(self, what: str, keep: int) -> None:
+        super().__init__(413, f"{what} is over {keep // 2**20} MiB: too large to store")
+
+
+class QueueReader:
+    """Fed a message's bytes in order (``feed``), then ``finish``: its Split, holding its
+    first events up to ``keep`` bytes (the first event alone up to ``most``, the most a
+    message may be) and the later ones sharing their ids, up to ``most`` (module doc).
+    Both raise BodyError (not JSON; TooLarge: a value over ``most``, or no event to keep)
+    or families.errors.Invalid (no `data` array)."""
+
+    def __init__(self, keep: int, most: int) -> None:
+        self._keep = keep
+        self._most = most     # the most kept in all, and of the first event alone
+        self._utf8 = codecs.getincrementaldecoder("utf-8")()
+        self._text = ""       # read, not yet taken: at most an unfinished value and a chunk
+        self._retry = 0       # length ``_text`` must reach before an unfinished value is read again
+        self._state = _START
+        self._total = 0
+        self._size = 0        # bytes kept, a comma each
+        self._open = True     # events with an id not seen yet are still kept
+        self._groups: dict[Any, list[tuple[int, bytes]]] = {}   # kept (index, text) by id
+        self._loose: list[tuple[int, bytes]] = []   # kept events with no id to acknowledge
+        self._given_up: set[Any] = set()
+        self._has_data = False
+
+    def feed(self, chunk: bytes | bytearray) -> None:
+        self._text += self._decode(chunk, final=False)
+        if len(self._text) >= self._retry:
+            self._read(final=False)
+
+    def finish(self) -> Split:
+        self._text += self._decode(b"", final=True)
+        self._read(final=True)
+        if not self._has_data:
+            family.check({})   # raises Invalid, in the family's words
+        kept = sorted([*self._loose, *(ev for group in self._groups.values() for ev in group)])
+        if self._total and not kept:
+            raise TooLarge("data[0], with the events sharing its id,", self._most)
+        message = b'{"data":[' + b",".join(text for _, text in kept) + b"]}"
+        return Split(message, len(kept), self._total)
+
+    def _decode(self, chunk: bytes | bytearray, final: bool) -> str:
+        try:
+            return self._utf8.decode(chunk, final)
+        except UnicodeDecodeError as exc:
+            raise BodyError(400, "invalid JSON", f"not UTF-8: {exc.reason}") from None
+
+    def _read(self, final: bool) -> None:
+        """Take what ``_text`` holds, up to a value it cuts short (all of it when
+        ``final``); that value is read again, whole, once more text is in."""
+        text, pos = self._text, 0
+        try:
+            while (after := self._step(text, pos, final)) is not None:
+                pos = after
+        except RecursionError:
+            raise BodyError(400, "invalid JSON", "nested too deeply") from None
+        except json.JSONDecodeError as exc:
+            if final or not (exc.pos >= len(text) - _CUT or exc.msg.startswith("Unterminated")):
+                raise BodyError(400, "invalid JSON", exc.msg) from None
+        pos = _skip(text, pos)   # what is left is the start of a value (or a member)
+        member = self._state in (_FIRST_KEY, _KEY)   # a key, ":" and its value
+        if len(text) - pos > (2 * self._most + _CUT if member else self._most):
+            raise TooLarge("a value" if member else f"data[{self._total}]", self._most)
+        self._text = text[pos:]
+        # Read again once a quarter more is in: a value cut by many chunks then costs
+        # reads in proportion to its size, not to its size times its chunks.
+        self._retry = len(self._text) + max(len(self._text) // 4, _RETRY_MIN)
+
+    def _step(self, text: str, pos: int, final: bool) -> int | None:
+        """Take the token or value at ``pos`` (after blanks): the position after it, or
+        None when ``text`` ends first. Changes nothing unless it takes something."""
+        n = len(text)
+        while pos < n and text[pos] in _SPACE:
+            pos += 1
+        if pos == n:
+            if final and self._state != _END:
+                raise json.JSONDecodeError("Unexpected end of message", text, pos)
+            return None
+        state, c = self._state, text[pos]
+        if state == _START:
+            if c != "{":
+                if c in '["-0123456789tfnNI':
+                    family.check(None)   # JSON, but not an object: the family's words
+                raise json.JSONDecodeError("Expecting value", text, pos)
+            self._state = _FIRST_KEY
+            return pos + 1
+        if state in (_FIRST_KEY, _KEY):
+            if c == "}" and state == _FIRST_KEY:
+                self._state = _END
+                return pos + 1
+            return self._member(text, pos, final)
+        if state == _AFTER_MEMBER:
+            if c not in ",}":
+                raise json.JSONDecodeError("Expecting ',' delimiter", text, pos)
+            self._state = _KEY if c == "," else _END
+            return pos + 1
+        if state == _FIRST_EVENT and c == "]":
+            self._state = _AFTER_MEMBER
+            return pos + 1
+        if state in (_FIRST_EVENT, _EVENT):
+            if not final and _cut(text, pos):
+                return None
+            value, end = _DECODER.raw_decode(text, pos)
+            self._event(value, text, pos, end)
+            self._state = _AFTER_EVENT
+            return end
+        if state == _AFTER_EVENT:
+            if c not in ",]":
+                raise json.JSONDecodeError("Expecting ',' delimiter", text, pos)
+            self._state = _EVENT if c == "," else _AFTER_MEMBER
+            return pos + 1
+        raise json.JSONDecodeError("Extra data", text, pos)   # _END
+
+    def _member(self, text: str, pos: int, final: bool) -> int | None:
+        """A `"key": value` of the message object, at ``pos``; for `data`, up to its `[`."""
+        if text[pos] != '"':
+            raise json.JSONDecodeError("Expecting property name enclosed in double quotes",
+                                       text, pos)
+        key, end = _DECODER.raw_decode(text, pos)   # a string: text[pos] is its quote
+        if end - pos > self._most:
+            raise TooLarge("a key", self._most)
+        colon = _skip(text, end)
+        if colon == len(text):
+            return None
+        if text[colon] != ":":
+            raise json.JSONDecodeError("Expecting ':' delimiter", text, colon)
+        at = _skip(text, colon + 1)
+        if at == len(text):
+            return None
+        if key == "data":
+            if self._has_data:
+                raise json.JSONDecodeError("`data` given twice", text, pos)
+            if text[at] != "[":
+                family.check({"data": None})   # raises Invalid, in the family's words
+            self._has_data = True
+            self._state = _FIRST_EVENT
+            return at + 1
+        if not final and _cut(text, at):
+            return None
+        _value, end = _DECODER.raw_decode(text, at)   # another key's: not kept
+        if end - at > self._most:
+            raise TooLarge(f"`{key}`", self._most)
+        self._state = _AFTER_MEMBER
+        return end
+
+    def _event(self, value: Any, text: str, start: int, end: int) -> None:
+        index = self._total
+        if end - start > self._most:   # never kept, nor could it be read as it arrives
+            raise TooLarge(f"data[{index}]", self._most)
+        self._total += 1
+        ev_id = value.get("id") if type(value) is dict else None
+        if type(ev_id) not in _ID_TYPES:   # no id the module could be sent back
+            ev_id = None
+        group = None if ev_id is None else self._groups.get(ev_id)
+        if group is None:   # an id not seen yet (or none): kept while the first events are
+            if not self._open or ev_id in self._given_up:
+                return
+            piece = text[start:end].encode()
+            if self._size + len(piece) + 1 > (self._keep if index else self._most):
+                self._open = False
+                return
+            self._size += len(piece) + 1
+            if ev_id is None:
+                self._loose.append((index, piece))
+            else:
+                self._groups[ev_id] = [(index, piece)]
+            return
+        piece = text[start:end].encode()   # its id's events must all be kept
+        while self._size + len(piece) + 1 > self._most:
+            self._open = False
+            last, dropped = self._groups.popitem()   # the id taken last is given up
+            self._given_up.add(last)
+            self._size -= sum(len(t) + 1 for _, t in dropped)
+            if last == ev_id:
+                return
+        self._size += len(piece) + 1
+        group.append((index, piece))
+
+
+def _cut(text: str, pos: int) -> bool:
+    """Whether the number or literal at ``pos`` may go on past the end of ``text`` (`10.`
+    would read as 10, `tru` as an error)."""
+    scalar = _SCALAR.match(text, pos)
+    return text[pos] not in '{["' and scalar is not None and scalar.end() == len(text)
+
+
+def _skip(text: str, pos: int) -> int:
+    n = len(text)
+    while pos < n and text[pos] in _SPACE:
+        pos += 1
+    return pos
