@@ -1,12 +1,14 @@
-"""The legacy `analytics-python` 1.4 (rudder-sdk-python 1.x and 2.x post the same way)
-pointed at the agent.
+"""The real `rudder-sdk-python` 1.0.5 pointed at the agent: a fork of the legacy
+`analytics-python` 1.x, posting and reading replies as it does (rudder-sdk-python 2.x
+too). analytics-python 1.4 itself cannot be a test dependency: its wheel also installs
+`segment/analytics/`, over segment-analytics-python 2.4.0's files.
 
 These clients count only an exact 200 as success, and read `code` and `message` from any
 other reply: without them, a KeyError, taken for a network error, retried a refused batch
-up to 10 times with backoff (~17 minutes) while the client's single consumer thread
-blocked and its queue overflowed. A refused batch is now given up at once and reported
-through `on_error`, and a batch stored in part is answered 200 (listing what was refused):
-the client has nothing to resend.
+with backoff (analytics-python 1.x: 10 times, ~17 minutes) while the client's single
+consumer thread blocked and its queue overflowed. A refused batch is now given up at once
+and reported through `on_error`, and a batch stored in part is answered 200 (listing what
+was refused): the client has nothing to resend.
 """
 
 from __future__ import annotations
@@ -19,7 +21,7 @@ import pytest
 from tests.fakes.segment_upstream import FakeSegment
 from tests.segment_helpers import segment_up, wait_for
 
-analytics = pytest.importorskip("analytics")   # analytics-python 1.x: its module name
+rudder = pytest.importorskip("rudder_analytics")
 pytestmark = pytest.mark.interop
 
 
@@ -33,8 +35,8 @@ class LegacyRun:
     def __init__(self, port: int, key: str) -> None:
         self.errors: list[tuple[int, str, str]] = []
         # max_retries=3: a retried batch takes 1 + 2 + 4 s of backoff, every retry a request.
-        client = analytics.Client(key, host=f"http://127.0.0.1:{port}", max_retries=3,
-                                  upload_interval=0.05, on_error=self._on_error)
+        client = rudder.Client(key, host=f"http://127.0.0.1:{port}", max_retries=3,
+                               flush_interval=0.05, on_error=self._on_error)
         [self.consumer] = client.consumers
         self.consumer.pause()
         self.consumer.join()
@@ -72,7 +74,7 @@ async def test_a_refused_batch_is_reported_once_and_not_resent(
 
 async def test_a_batch_stored_in_part_is_not_resent(make_agent: Any,
                                                     fake_segment: FakeSegment) -> None:
-    """The audit's repro: one of 5 messages with a 120-character messageId; and Python's
+    """The audit's repros: one of 5 messages with a 120-character messageId; and Python's
     NaN in one of 50 (0 of 50 were stored)."""
     agent = await make_agent(upstreams=[segment_up(fake_segment)])
     run = LegacyRun(agent.port, "py-key")
