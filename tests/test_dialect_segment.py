@@ -241,7 +241,8 @@ async def test_single_call_errors_are_400_in_the_seed_shape(
     reply = await call(agent.port, path, body, headers={"Authorization": basic("k")})
     assert reply.status == 400
     err = reply.json()
-    assert set(err) == {"Error", "Message", "Details"} and err["Error"] == "Bad Request"
+    assert set(err) == {"Error", "Message", "Details", "code", "message"}
+    assert err["Error"] == "Bad Request"
     assert fragment in err["Message"] + err["Details"]
 
 
@@ -256,7 +257,8 @@ async def test_size_limits_are_413(make_agent: Any) -> None:
     assert reply.status == 413
     assert reply.json() == {"Success": False, "Errors": [{
         "Error": "Request Entity Too Large", "Message": "Error reading request body",
-        "Details": "HTTP request too large"}]}
+        "Details": "HTTP request too large"}], "code": "request_entity_too_large",
+        "message": "Error reading request body: HTTP request too large"}
     # A real client's largest batch: ~475 KB plus the event that crosses it, is taken.
     near = {"batch": [{**big, "type": "track", "properties": {"x": "y" * 31_000}}] * 16}
     assert (await call(agent.port, "/v1/batch", near, headers=auth)).status == 200

@@ -3,27 +3,43 @@
 `{"batch": [...]}` of track, page and identify messages in the Segment spec,
 answered 201 `{"status": "success"}`. The seed documents no partial success,
 so a batch is taken whole or refused whole (400 naming the first bad
-message). A full spool answers 429 with Retry-After, the seed's "retry
+message), but for a message holding what JSON cannot carry (Python's NaN, a string
+cut inside an emoji: batch_json.py), refused alone: the rest is stored and the
+reply is 207 `{"status": "partial", "message", "errors": [{"status": "error",
+"message"}]}`. A full spool answers 429 with Retry-After, the seed's "retry
 later" status. Error bodies mirror the success shape:
 `{"status": "error", "message": ...}`.
 """
 
 from __future__ import annotations
 
+import logging
+from functools import partial
+
 import orjson
 from aiohttp import web
 
-from agent.dialects import replies
+from agent.dialects import batch_json, replies
 from agent.dialects.base import JSON, Dialect, Example, IngestSink
 from agent.dialects.body import parse_body, read_raw
-from agent.dialects.exact_json import parse_json
 from agent.families import segment as spec
 
+log = logging.getLogger("outpost.capture")
 TYPES = frozenset({"track", "page", "identify"})
+_read = partial(batch_json.read, field="batch")
 
 
 def error(status: int, message: str, retry_after: int | None = None) -> web.Response:
     return replies.json_reply({"status": "error", "message": message}, status, retry_after)
+
+
+def partial_reply(key: str, faults: dict[int, str], stored: int) -> web.Response:
+    """207: the messages in ``faults`` refused, the ``stored`` others taken."""
+    total = stored + len(faults)
+    replies.refused_items(log, key, [(400, why) for why in faults.values()], total)
+    return replies.json_reply({
+        "status": "partial", "message": f"{len(faults)} of {total} messages refused",
+        "errors": [{"status": "error", "message": why} for why in faults.values()]}, 207)
 
 
 class CaptureHandlers:
@@ -37,14 +53,18 @@ class CaptureHandlers:
         if (why := self.sink.key_refusal(key)) is not None:
             return error(401, f"missing or invalid X-Write-Key: {why}")
 
-        async def work() -> None:
-            await self.sink.store(await parse_body(
-                await read_raw(request, spec.MAX_BATCH_BYTES), parse_json,
-                lambda doc, size: spec.accept_all(doc, key, TYPES, size,
-                                                  enrich=self.sink.enrich)))
+        async def work() -> web.Response:
+            events, faults = await parse_body(
+                await read_raw(request, spec.MAX_BATCH_BYTES), _read,
+                lambda read, size: (spec.accept_all(read.body, key, TYPES, size,
+                                                    enrich=self.sink.enrich,
+                                                    faults=read.faults), read.faults))
+            await self.sink.store(events)
+            if faults:
+                return partial_reply(key, faults, len(events))
+            return replies.json_reply({"status": "success"}, 201)
 
-        return await replies.settle(work(), error, full_status=429) or replies.json_reply(
-            {"status": "success"}, 201)
+        return await replies.settle(work(), error, full_status=429)
 
 
 def routes(sink: IngestSink) -> list[web.RouteDef]:

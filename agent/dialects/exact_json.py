@@ -41,7 +41,9 @@ def parse_json(raw: bytes | str) -> Any:
     try:
         value = orjson.loads(raw)
     except orjson.JSONDecodeError as exc:
-        raise _unread(raw, str(exc)) from None
+        # Named when it holds what JSON cannot carry (an app's json.dumps writes NaN).
+        refuse_unkept(reread(raw.encode() if isinstance(raw, str) else raw, str(exc)))
+        raise BodyError(400, "invalid JSON", str(exc)) from None
     refuse_wide(raw)
     return value
 
@@ -51,36 +53,112 @@ class NonFinite(str):
     What ``read_marked`` leaves in its place."""
 
 
+class Unpaired(str):
+    """A string holding a lone surrogate ("\\ud83d": JavaScript's slice cut inside an
+    emoji), or a member name holding one: UTF-8 cannot write it. What ``read_marked``
+    leaves in its place."""
+
+
 def _float(text: str) -> float | NonFinite:
     value = float(text)
     return NonFinite(text) if math.isinf(value) else value
 
 
+def _unpaired(text: str) -> bool:
+    if text.isascii():
+        return False
+    try:
+        text.encode()
+    except UnicodeEncodeError:
+        return True
+    return False
+
+
+def _mark_list(items: list[Any]) -> list[Any]:
+    for i, value in enumerate(items):
+        if type(value) is str:
+            if _unpaired(value):
+                items[i] = Unpaired(value)
+        elif type(value) is list:
+            _mark_list(value)   # an object inside was marked as it was read
+    return items
+
+
+def _mark_pairs(pairs: list[tuple[str, Any]]) -> dict[str, Any]:
+    out = {}
+    for name, value in pairs:
+        if _unpaired(name):
+            value = Unpaired(name)
+        elif type(value) is str:
+            if _unpaired(value):
+                value = Unpaired(value)
+        elif type(value) is list:
+            _mark_list(value)
+        out[name] = value
+    return out
+
+
 def read_marked(data: bytes) -> Any:
     """``data`` read by the standard library, which also reads what orjson refuses (lone
-    surrogates, NaN, Infinity) or would round (wide integers), each of the last two left
-    as a marker (NonFinite, Wide) to be named. Raises ValueError (not JSON even so) or
-    RecursionError. UTF-8 only, as orjson: given bytes, the standard library would guess
-    UTF-16 or UTF-32, or skip a BOM; a surrogate's bytes pass, to be named."""
-    return json.loads(data.decode("utf-8", "surrogatepass"), parse_int=exact_int,
-                      parse_float=_float, parse_constant=NonFinite)
+    surrogates, NaN, Infinity) or would round (wide integers), each left as a marker
+    (Unpaired, NonFinite, Wide) to be named (``unkept``). Raises ValueError (not JSON
+    even so) or RecursionError. UTF-8 only, as orjson: given bytes, the standard library
+    would guess UTF-16 or UTF-32, or skip a BOM; a surrogate's bytes pass, to be named."""
+    value = json.loads(data.decode("utf-8", "surrogatepass"), parse_int=exact_int,
+                       parse_float=_float, parse_constant=NonFinite,
+                       object_pairs_hook=_mark_pairs)
+    return _mark_list(value) if type(value) is list else value
 
 
 def nonfinite_error(field: str, text: str) -> str:
     return f"{field or 'the body'}: {text} is not a JSON value (JSON has no NaN or Infinity)"
 
 
-def _unread(raw: bytes | str, why: str) -> BodyError:
-    """The 400 for a body orjson refused: naming the field of a NaN or Infinity (an app's
-    json.dumps writes them) when that is what it holds, else orjson's words."""
+def unkept(value: Any) -> tuple[str, Unpaired | NonFinite | Wide] | None:
+    """(path, marker) of the first value of ``value`` (read by ``read_marked`` or
+    relaxed_json) that cannot be kept as sent, in document order; None when none."""
+    return first_hit(value, _UNKEPT, 2**31)
+
+
+def unkept_error(field: str, marker: Unpaired | NonFinite | Wide) -> str:
+    """Why the value ``marker`` at ``field`` cannot be kept, the problem first (a close
+    reason is cut at 123 bytes), written so that any reply or log can carry it: a lone
+    surrogate, in the value or in the field's names, is spelled as its escape."""
+    if isinstance(marker, Wide):
+        refused = wide_error(field, marker)
+        text = f"{refused.message}: {refused.details}"
+    elif isinstance(marker, NonFinite):
+        text = nonfinite_error(field, marker)
+    else:
+        text = (f"{field or 'the body'}: {shortened(marker, 40)!r} holds a lone surrogate "
+                "(a string cut inside a character, such as an emoji), which JSON text "
+                "cannot carry")
+    return text.encode("utf-8", "backslashreplace").decode()
+
+
+def refuse_unkept(value: Any) -> None:
+    """BodyError(400) naming the first value of ``value`` that cannot be kept as sent;
+    nothing when there is none."""
+    found = unkept(value)
+    if found is None:
+        return
+    field, marker = found
+    if isinstance(marker, Wide):
+        raise wide_error(field, marker)
+    raise BodyError(400, "invalid JSON", unkept_error(field, marker))
+
+
+def reread(data: bytes, why: str) -> Any:
+    """``read_marked``, for a body orjson refused (``why``, its words) or that may hold a
+    wide integer; BodyError(400) when it is not JSON even so."""
     try:
-        value = read_marked(raw.encode() if isinstance(raw, str) else raw)
-    except (ValueError, RecursionError):
-        return BodyError(400, "invalid JSON", why)
-    found = first_hit(value, NonFinite, 2**31)
-    if found is None:   # a lone surrogate, say
-        return BodyError(400, "invalid JSON", why)
-    return BodyError(400, "invalid JSON", nonfinite_error(*found))
+        return read_marked(data)
+    except RecursionError:
+        # Past the interpreter's depth (orjson reads 1024 levels): no event that deep
+        # could be stored anyway (orjson writes 255).
+        raise BodyError(400, "invalid JSON", "nested too deeply") from None
+    except ValueError:   # not JSON at all (UnicodeDecodeError is one too): orjson's words
+        raise BodyError(400, "invalid JSON", why) from None
 
 
 def wide_error(field: str, digits: str) -> BodyError:
@@ -130,6 +208,9 @@ def refuse_wide(raw: bytes | str) -> None:
 class Wide(str):
     """An integer's text, out of range and no double's value: what the exact parse
     leaves in its place."""
+
+
+_UNKEPT = (Unpaired, NonFinite, Wide)
 
 
 def means_double(text: str) -> bool:

@@ -9,19 +9,30 @@ Anything it cannot read is still a 400, and nesting is bounded.
 
 Bare words are kept as strings, but never the ones that spell a number JSON
 does not have (NaN, Infinity, Python's nan/inf), a number too large for a
-double, nor an integer beyond 64 bits that a double would round (exact_json.py):
-those are a 400 naming the field, never a value silently changed.
+double, nor an integer beyond 64 bits that a double would round (exact_json.py), nor
+a string holding a lone surrogate: each is left as exact_json's marker, to be named,
+never a value silently changed (a 400 for a single call, the message alone in a batch:
+batch_json.py).
 """
 
 from __future__ import annotations
 
+import json
 import re
 from typing import Any
 
 import orjson
 
 from agent.dialects.body import BodyError
-from agent.dialects.exact_json import means_double, nonfinite_error, refuse_wide, wide_error
+from agent.dialects.exact_json import (
+    NonFinite,
+    Unpaired,
+    Wide,
+    means_double,
+    read_marked,
+    refuse_unkept,
+    refuse_wide,
+)
 
 MAX_DEPTH = 64
 _TOKEN = re.compile(r"""
@@ -51,10 +62,10 @@ def _tokens(text: str) -> list[tuple[str, Any]]:
         kind = m.lastgroup
         raw = m.group(kind or "")
         if kind == "dq":
-            out.append(("value", orjson.loads(raw)))
+            out.append(("value", _string(raw)))
         elif kind == "sq":
             inner = re.sub(r"\\'", "'", raw[1:-1]).replace('"', '\\"')
-            out.append(("value", orjson.loads(f'"{inner}"')))
+            out.append(("value", _string(f'"{inner}"')))
         elif kind == "num":
             try:
                 number = orjson.loads(raw)
@@ -76,22 +87,15 @@ def _tokens(text: str) -> list[tuple[str, Any]]:
     return out
 
 
-class _Unkept(Exception):
-    """A value that cannot be kept: not JSON (NaN), or an integer beyond 64 bits (wide).
-    ``where`` collects the path as the parser unwinds, so well-formed bodies pay nothing
-    for path tracking."""
-
-    def __init__(self, raw: str, wide: bool) -> None:
-        super().__init__(raw)
-        self.raw = raw
-        self.wide = wide
-        self.where: list[str] = []
-
-    def error(self) -> BodyError:
-        field = "".join(reversed(self.where)).lstrip(".")
-        if self.wide:
-            return wide_error(field, self.raw)
-        return BodyError(400, "invalid JSON", nonfinite_error(field, self.raw))
+def _string(quoted: str) -> str:
+    try:
+        return str(orjson.loads(quoted))
+    except orjson.JSONDecodeError as exc:   # a lone surrogate ("\\ud83d"), or not a string
+        try:
+            text = json.loads(quoted)
+        except ValueError:
+            raise BodyError(400, "invalid JSON", str(exc)) from None
+        return Unpaired(text)   # orjson reads every other string the standard library does
 
 
 class _Parser:
@@ -115,8 +119,10 @@ class _Parser:
         kind, val = self.next()
         if kind == "value":
             return val
-        if kind in (_NONFINITE, _WIDE):
-            raise _Unkept(val, kind == _WIDE)
+        if kind == _NONFINITE:
+            return NonFinite(val)
+        if kind == _WIDE:
+            return Wide(val)
         if kind in ("{", "["):
             return self.container(kind, depth)
         raise BodyError(400, "invalid JSON", f"unexpected {kind!r}")
@@ -132,52 +138,59 @@ class _Parser:
                 self.next()
                 return obj if opener == "{" else arr
             if opener == "[":
-                try:
-                    arr.append(self.value(depth + 1))
-                except _Unkept as exc:
-                    exc.where.append(f"[{len(arr)}]")
-                    raise
+                arr.append(self.value(depth + 1))
                 continue
             kind, name = self.next()
             if kind != "value" or not isinstance(name, str):
                 raise BodyError(400, "invalid JSON", "expected a member name")
             if self.next()[0] != ":":
                 raise BodyError(400, "invalid JSON", f"expected ':' after {name!r}")
-            try:
-                obj[name] = self.value(depth + 1)
-            except _Unkept as exc:
-                exc.where.append(f".{name}")
-                raise
+            value = self.value(depth + 1)
+            # A name with a lone surrogate is marked where a path can find it: its value.
+            obj[name] = value if type(name) is str else name
 
 
 def loads(raw: bytes) -> dict[str, Any]:
-    """Read a hand-written JSON object; raises BodyError(400) if it is not one."""
+    """Read a hand-written JSON object, what JSON cannot carry left as a marker (as
+    exact_json.read_marked leaves it); raises BodyError(400) if it is not one."""
     try:
         text = raw.decode("utf-8")
     except UnicodeDecodeError as exc:
         raise BodyError(400, "invalid JSON", "body is not UTF-8") from exc
-    try:
-        parser = _Parser(_tokens(text))
-        if parser.peek() != "{":
-            raise BodyError(400, "invalid JSON", "expected an object")
-        result = parser.value(0)
-    except orjson.JSONDecodeError as exc:
-        raise BodyError(400, "invalid JSON", str(exc)) from exc
-    except _Unkept as exc:
-        raise exc.error() from None
+    parser = _Parser(_tokens(text))
+    if parser.peek() != "{":
+        raise BodyError(400, "invalid JSON", "expected an object")
+    result = parser.value(0)
     if parser.peek() != "end":
         raise BodyError(400, "invalid JSON", "data after the object")
     assert isinstance(result, dict)
     return result
 
 
+def reread(data: bytes) -> Any:
+    """A body orjson refused, or that may hold a wide integer, read
+    with each value JSON cannot carry left as a marker: strict JSON by the standard
+    library, else as written by hand (``loads``)."""
+    try:
+        return read_marked(data)
+    except RecursionError:
+        raise BodyError(400, "invalid JSON", "nested too deeply") from None
+    except UnicodeDecodeError:
+        raise BodyError(400, "invalid JSON", "body is not UTF-8") from None
+    except ValueError:
+        return loads(data)
+
+
 def parse_lenient(raw: bytes) -> Any:
-    """Strict JSON first (the fast path every real client takes), then ``loads``."""
+    """Strict JSON first (the fast path every real client takes), then ``reread``; a
+    value JSON cannot carry is a 400 naming its field."""
     if not raw:
         raise BodyError(400, "empty body: expected JSON")
     try:
         value = orjson.loads(raw)
     except orjson.JSONDecodeError:
-        return loads(raw)
+        value = reread(raw)
+        refuse_unkept(value)
+        return value
     refuse_wide(raw)
     return value

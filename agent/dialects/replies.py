@@ -3,15 +3,18 @@ error funnel, and counting refusals."""
 
 from __future__ import annotations
 
-from collections.abc import Awaitable, Callable
+import logging
+from collections.abc import Awaitable, Callable, Sequence
 from contextvars import ContextVar
-from typing import Any
+from typing import Any, TypeVar
 
 import orjson
 from aiohttp import web
 
 from agent.dialects.body import BodyError, Busy
+from agent.families.depth import shortened
 from agent.families.errors import Invalid
+from agent.logs import log_limited
 from agent.spool.types import SpoolFull
 
 # Counts an ingest refusal by status; set around each ingest handler (agent/server/app.py),
@@ -24,6 +27,34 @@ def refused(status: int) -> None:
     count = REFUSALS.get()
     if count is not None:
         count(status)
+
+
+def masked(key: str) -> str:
+    """A key for the log: keys are credentials, and one never stored is not in the log
+    redaction registry yet."""
+    return printable(key[:3]) + "***"
+
+
+def printable(text: str) -> str:
+    """``text`` for a log line: a control character (a line break could forge a line)
+    written as its escape."""
+    if text.isprintable():
+        return text
+    return "".join(c if c.isprintable() else repr(c)[1:-1] for c in text)
+
+
+def refused_items(log: logging.Logger, key: str, refusals: Sequence[tuple[int, str]],
+                  total: int) -> None:
+    """Count and log the messages of a batch refused while the rest of it was stored:
+    an SDK reads the 2xx as success, so nothing else shows them. Each (status, why) is
+    counted under its own status; logged at most once a minute per logger and key."""
+    for status, _ in refusals:
+        refused(status)
+    more = f" (and {len(refusals) - 1} more)" if len(refusals) > 1 else ""
+    log_limited(log, logging.WARNING, f"refused-items:{key}",
+                "%d of %d messages of a batch for key %s refused, the rest stored: %s%s",
+                len(refusals), total, masked(key), printable(shortened(refusals[0][1], 300)),
+                more)
 
 
 def json_reply(body: Any, status: int, retry_after: int | None = None) -> web.Response:
@@ -42,18 +73,19 @@ def describe(exc: BodyError | Invalid) -> str:
 
 
 ErrorReply = Callable[[int, str, int | None], web.Response]
+R = TypeVar("R")
 
 
-async def settle(work: Awaitable[object], error: ErrorReply, *, full_status: int = 503,
-                 client_status: int | None = None) -> web.Response | None:
-    """Await ``work`` (read, parse, store): None when done, else the error reply.
+async def settle(work: Awaitable[R], error: ErrorReply, *, full_status: int = 503,
+                 client_status: int | None = None) -> R | web.Response:
+    """Await ``work`` (read, parse, store): its result when done, else the error reply.
 
     Client mistakes get their own status (or ``client_status`` for APIs with one
     status for every client error); a full spool or a busy agent gets
     ``full_status`` and Retry-After, never a 500.
     """
     try:
-        await work
+        return await work
     except Busy as exc:
         return error(full_status, describe(exc), exc.retry_after)
     except BodyError as exc:
@@ -62,4 +94,3 @@ async def settle(work: Awaitable[object], error: ErrorReply, *, full_status: int
         return error(client_status or status_of(exc), describe(exc), None)
     except SpoolFull as exc:
         return error(full_status, f"spool full, retry later: {exc}", exc.retry_after)
-    return None

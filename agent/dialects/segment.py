@@ -3,8 +3,8 @@
 Routes: single calls (long and short forms), `/v1/batch` and `/v1/import`,
 the tracking pixel and the webhook. Error bodies follow the seed:
 ``{"Error","Message","Details"}`` for single calls and
-``{"Success": false, "Errors": [...]}`` for batches. A successful batch is
-answered exactly 200: legacy Segment clients resend on 201/202/204.
+``{"Success": false, "Errors": [...]}`` for batches (segment_replies.py). A successful
+batch is answered exactly 200: legacy Segment clients resend on 201/202/204.
 
 Browser SDKs add two batch routes: `/v1/b` (analytics.js 2.0 batching, text/plain
 `{writeKey, batch, sentAt}`) and `/beacon/v1/batch` (RudderStack's sendBeacon, the key
@@ -24,17 +24,24 @@ import binascii
 import logging
 from collections.abc import Awaitable, Callable
 from functools import partial
-from http import HTTPStatus
 from typing import Any, NamedTuple
 
 import orjson
 from aiohttp import web
 
-from agent.dialects import replies
+from agent.dialects import batch_json, replies
 from agent.dialects.auth import BadAuth, basic, basic_user
 from agent.dialects.base import JSON, Dialect, Example, Express, IngestSink
 from agent.dialects.body import BodyError, Busy, parse_body, read_raw, whole_body
 from agent.dialects.relaxed_json import parse_lenient
+from agent.dialects.segment_replies import (
+    batch_error,
+    error_object,
+    partial_status,
+    single_error,
+    verdict,
+    where,
+)
 from agent.families import segment as spec
 from agent.families.errors import Invalid
 from agent.families.event import Event
@@ -56,11 +63,14 @@ SENT_AT = "2026-01-01T00:00:00.000Z"
 
 
 class Collected(NamedTuple):
-    """A validated batch: the events to store and the messages refused."""
+    """A validated batch: the events to store, the messages refused (with the status of
+    each), the request's key, for the log, and the status when both lists hold some."""
 
     events: list[Event]
     errors: list[dict[str, str]]
-    statuses: set[int]
+    statuses: list[int]
+    key: str
+    partial: int = 207
 
 
 class Single(NamedTuple):
@@ -77,20 +87,6 @@ class Failure(NamedTuple):
     retry_after: int | None = None
 
 
-def error_object(status: int, message: str, details: str = "") -> dict[str, str]:
-    return {"Error": HTTPStatus(status).phrase, "Message": message, "Details": details}
-
-
-def single_error(status: int, message: str, details: str = "",
-                 retry_after: int | None = None) -> web.Response:
-    return replies.json_reply(error_object(status, message, details), status, retry_after)
-
-
-def batch_error(status: int, errors: list[dict[str, str]],
-                retry_after: int | None = None) -> web.Response:
-    return replies.json_reply({"Success": False, "Errors": errors}, status, retry_after)
-
-
 def _body_key(body: Any) -> str | None:
     """The `writeKey` of a message or batch, or None (absent, null or ""); Invalid when it
     is something else, rather than stored under `anonymous`."""
@@ -100,18 +96,9 @@ def _body_key(body: Any) -> str | None:
     raise Invalid("`writeKey` must be a string")
 
 
-def _where(i: int, ev: Any) -> str:
-    mid = ev.get("messageId") if isinstance(ev, dict) else None
-    return f"batch[{i}]" + (f" messageId={mid}" if isinstance(mid, str) else "")
-
-
-def _verdict(errors: list[dict[str, str]], statuses: set[int], stored: int) -> web.Response:
-    """200, 207 for part of a batch, or the one status every message failed with."""
-    if not errors:
-        return replies.json_reply({"Success": True}, 200)
-    if stored:
-        return batch_error(207, errors)
-    return batch_error(statuses.pop() if len(statuses) == 1 else 400, errors)
+# A Segment batch as real clients send it, or as people write it by hand; a message
+# holding what JSON cannot carry (Python's NaN, JavaScript's cut emoji) refused alone.
+_read_batch = partial(batch_json.read, field="batch", lenient=True)
 
 
 class SegmentHandlers:
@@ -208,12 +195,14 @@ class SegmentHandlers:
         return await self._store(collected)
 
     async def _parse_batch(self, raw: bytes, forced_key: str | None) -> Collected | web.Response:
-        return await parse_body(raw, parse_lenient,
-                                lambda body, size: self._collect(body, size, forced_key))
+        return await parse_body(raw, _read_batch,
+                                lambda read, size: self._collect(read, size, forced_key))
 
-    def _collect(self, body: Any, raw_size: int, forced_key: str | None) -> Collected | web.Response:
+    def _collect(self, read: batch_json.Read, raw_size: int,
+                 forced_key: str | None) -> Collected | web.Response:
         """Validate a batch into events and per-message errors (no await: the raw
         body and parsed batch are freed before the commit is awaited)."""
+        body, faults = read
         try:
             items = spec.batch_items(body)
             # Checked only where it would be used, as a message's own writeKey is.
@@ -223,14 +212,18 @@ class SegmentHandlers:
             return batch_error(status, [error_object(status, exc.message)])
         if not items:
             why = self.sink.key_refusal(forced_key or batch_key or NO_KEY)
-            return _verdict([] if why is None else [error_object(401, INVALID_KEY, why)],
-                            {401}, 0)
+            return verdict([] if why is None else [error_object(401, INVALID_KEY, why)],
+                            [401], 0)
         given = spec.shared(spec.received_now(), body)
         enrich, refusal = self.sink.enrich, self.sink.key_refusal
         oversize = self.sink.oversize
         asked: dict[str, str | None] = {}   # each key asked once a request: why refused
-        out = Collected([], [], set())
+        out = Collected([], [], [], forced_key or batch_key or NO_KEY)
         for i, ev in enumerate(items):
+            if faults and i in faults:   # read, but not as sent: refused alone
+                out.errors.append(error_object(400, faults[i], where(i, ev)))
+                out.statuses.append(400)
+                continue
             try:
                 key = forced_key or _body_key(ev) or batch_key or NO_KEY
                 refused = asked.get(key, _UNASKED)
@@ -250,9 +243,11 @@ class SegmentHandlers:
                 else:
                     out.events.append(event)
                     continue
-            where = _where(i, ev)
-            out.errors.append(error_object(status, message, f"{where}: {why}" if why else where))
-            out.statuses.add(status)
+            at = where(i, ev)
+            out.errors.append(error_object(status, message, f"{at}: {why}" if why else at))
+            out.statuses.append(status)
+        if out.errors and out.events:
+            return out._replace(partial=partial_status(items[0]))
         return out
 
     async def _store(self, collected: Collected | web.Response) -> web.Response:
@@ -263,7 +258,13 @@ class SegmentHandlers:
         except SpoolFull as exc:
             return batch_error(503, [error_object(503, "spool full, retry later", str(exc))],
                                exc.retry_after)
-        return _verdict(collected.errors, collected.statuses, len(collected.events))
+        if collected.errors and collected.events:
+            replies.refused_items(log, collected.key, [
+                (status, f"{error['Details']}: {error['Message']}")
+                for status, error in zip(collected.statuses, collected.errors, strict=True)],
+                len(collected.events) + len(collected.errors))
+        return verdict(collected.errors, collected.statuses, len(collected.events),
+                        collected.partial)
 
     async def webhook(self, request: web.Request) -> web.StreamResponse:
         """Analytics.js-formatted data, one message or a batch; `?writeKey=` wins."""
@@ -283,11 +284,13 @@ class SegmentHandlers:
 
     async def _parse_webhook(self, raw: bytes,
                              forced_key: str | None) -> Single | Collected | web.Response:
-        def build(body: Any, size: int) -> Single | Collected | web.Response:
-            if isinstance(body, dict) and "batch" in body:
-                return self._collect(body, size, forced_key)
-            return Single(body, size)
-        return await parse_body(raw, parse_lenient, build)
+        def build(read: batch_json.Read, size: int) -> Single | Collected | web.Response:
+            # Without `batch`, the body is one message: any value JSON cannot carry in it
+            # was refused as outside the batch.
+            if isinstance(read.body, dict) and "batch" in read.body:
+                return self._collect(read, size, forced_key)
+            return Single(read.body, size)
+        return await parse_body(raw, _read_batch, build)
 
     async def pixel(self, request: web.Request) -> web.StreamResponse:
         """Always a 200 GIF (an <img> cannot act on errors); valid messages are stored."""

@@ -8,19 +8,26 @@ SDK sends its write key as the whole header) or without a `Bearer ` prefix.
 (type, and name, mimeType and data strings) and kept as sent; a message is limited by the
 1 MiB body limit (Fastify's default, which Dittofeed keeps) and by what the upstream
 its key is routed to can carry (413 naming that limit). Errors use Fastify's shape,
-`{"statusCode", "error", "message"}`; a batch is taken whole or refused whole.
+`{"statusCode", "error", "message"}`; a batch is taken whole or refused whole, but for a
+message holding what JSON cannot carry (a string cut inside an emoji, which the Dittofeed
+SDK writes as a lone surrogate; NaN: batch_json.py), refused alone: the rest is stored
+and the reply is 207 `{"statusCode": 207, "error": "Multi-Status", "message",
+"errors": [...]}`, each item in the error shape (the SDK drops any batch not answered 2xx).
 """
 
 from __future__ import annotations
 
+import logging
 import uuid
+from collections.abc import Mapping
+from functools import partial
 from http import HTTPStatus
 from typing import Any
 
 import orjson
 from aiohttp import web
 
-from agent.dialects import replies
+from agent.dialects import batch_json, replies
 from agent.dialects.base import JSON, Dialect, Example, IngestSink
 from agent.dialects.body import parse_body, read_raw
 from agent.dialects.exact_json import parse_json
@@ -29,14 +36,34 @@ from agent.families.enrich import Enrich
 from agent.families.errors import Invalid
 from agent.families.event import Event
 
+log = logging.getLogger("outpost.tranthor")
 TYPES = frozenset({"track", "identify", "page", "screen"})
 MAX_BODY = 1024 * 1024
 FILE_TYPE = "Base64Encoded"
 
 
+def _error_body(status: int, message: str) -> dict[str, Any]:
+    return {"statusCode": status, "error": HTTPStatus(status).phrase, "message": message}
+
+
 def error(status: int, message: str, retry_after: int | None = None) -> web.Response:
-    return replies.json_reply({"statusCode": status, "error": HTTPStatus(status).phrase,
-                            "message": message}, status, retry_after)
+    return replies.json_reply(_error_body(status, message), status, retry_after)
+
+
+def partial_reply(key: str, faults: Mapping[int, str], stored: int) -> web.Response:
+    """207: the messages in ``faults`` refused, the ``stored`` others taken."""
+    total = stored + len(faults)
+    replies.refused_items(log, key, [(400, why) for why in faults.values()], total)
+    return replies.json_reply({
+        **_error_body(207, f"{len(faults)} of {total} messages refused"),
+        "errors": [_error_body(400, why) for why in faults.values()]}, 207)
+
+
+_read_batch = partial(batch_json.read, field="batch")
+
+
+def _read_single(raw: bytes) -> batch_json.Read:
+    return batch_json.Read(parse_json(raw), {})
 
 
 def request_key(request: web.Request) -> str | None:
@@ -67,16 +94,21 @@ def check_files(ev: Any) -> None:
                 raise Invalid(f"`files[{i}].{name}` must be a string")
 
 
-def parse(body: Any, call: str, key: str, enrich: Enrich) -> list[Event]:
-    """The events of one request to ``/api/public/apps/{call}``; raises Invalid."""
+def parse(body: Any, call: str, key: str, enrich: Enrich,
+          faults: Mapping[int, str] = spec.EMPTY) -> list[Event]:
+    """The events of one request to ``/api/public/apps/{call}``, but for a batch's messages
+    in ``faults`` (refused alone); raises Invalid."""
     if call == "batch":
         items = spec.batch_items(body)
         for i, ev in enumerate(items):
+            if i in faults:
+                continue
             try:
                 check_files(ev)
             except Invalid as exc:
                 raise exc.within(f"batch[{i}]") from None
-        return spec.accept_all(body, key, TYPES, 0, enrich=enrich, need_message_id=True)
+        return spec.accept_all(body, key, TYPES, 0, enrich=enrich, need_message_id=True,
+                               faults=faults)
     if not isinstance(body, dict):
         raise Invalid("body must be an object")
     check_files(body)
@@ -99,17 +131,23 @@ class TranthorHandlers:
 
         call = request.match_info["call"]
 
-        async def work() -> None:
-            events = await parse_body(await read_raw(request, MAX_BODY), parse_json,
-                                      lambda doc, _size: parse(doc, call, key, self.sink.enrich))
-            for i, event in enumerate(events):
+        async def work() -> web.Response:
+            events, faults = await parse_body(
+                await read_raw(request, MAX_BODY),
+                _read_batch if call == "batch" else _read_single,
+                lambda read, _size: (parse(read.body, call, key, self.sink.enrich,
+                                           read.faults), read.faults))
+            kept = [i for i in range(len(events) + len(faults)) if i not in faults]
+            for n, event in enumerate(events):
                 why = self.sink.oversize(event)
                 if why is not None:
                     exc = Invalid(why, too_large=True)
-                    raise exc.within(f"batch[{i}]") if call == "batch" else exc
+                    raise exc.within(f"batch[{kept[n]}]") if call == "batch" else exc
             await self.sink.store(events)
+            return partial_reply(key, faults, len(events)) if faults else web.Response(
+                status=204)
 
-        return await replies.settle(work(), error) or web.Response(status=204)
+        return await replies.settle(work(), error)
 
 
 def routes(sink: IngestSink) -> list[web.RouteDef]:

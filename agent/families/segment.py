@@ -22,7 +22,9 @@ and completes it the same way for all of them:
 from __future__ import annotations
 
 import uuid
+from collections.abc import Mapping
 from datetime import datetime
+from types import MappingProxyType
 from typing import Any, NamedTuple
 
 import orjson
@@ -54,6 +56,7 @@ MAX_BATCH_BYTES = 512 * 1024
 MAX_BATCH_EVENTS = 2500
 MAX_MESSAGE_ID = 99
 MAX_MERGE_DEPTH = 16
+EMPTY: Mapping[int, str] = MappingProxyType({})
 
 
 def is_id(value: Any) -> bool:
@@ -217,12 +220,19 @@ def accept_in(ev: Any, key: str, types: frozenset[str], given: Shared, enrich: E
 
 
 def accept_all(body: Any, key: str, types: frozenset[str], raw_size: int, *, enrich: Enrich,
-               need_message_id: bool = False) -> list[Event]:
-    """Every message of a batch, or Invalid naming the first bad one (all or nothing)."""
+               need_message_id: bool = False, faults: Mapping[int, str] = EMPTY) -> list[Event]:
+    """Every message of a batch but those in ``faults`` (by index: what the reader could
+    not keep as sent, each refused alone), or Invalid naming the first other bad one (all
+    or nothing); Invalid too when every message is in ``faults``."""
     items = batch_items(body)
+    if faults and len(faults) == len(items):
+        more = f" (and {len(faults) - 1} more)" if len(faults) > 1 else ""
+        raise Invalid(next(iter(faults.values())) + more)
     given = shared(received_now(), body)
     events = []
     for i, ev in enumerate(items):
+        if faults and i in faults:
+            continue
         try:
             events.append(accept_in(ev, key, types, given, enrich, raw_size, need_message_id))
         except Invalid as exc:

@@ -68,3 +68,20 @@ async def test_every_event_arrives_at_a_nucleus_upstream(make_agent: Any,
         f"node-{i}" for i in range(COUNT)]
     assert [e["name"] for e in fake_nucleus.events[:COUNT]] == ["Node Event"] * COUNT
     assert set(fake_nucleus.paths) == {"/app/node-key/track"}
+
+
+async def test_a_string_cut_inside_an_emoji_refuses_its_message_alone(
+        make_agent: Any, fake_segment: FakeSegment) -> None:
+    """One lone surrogate refused the whole batch, and the SDK dropped it (0 of 10 stored).
+    Now the other 9 arrive, and the SDK takes the 207 as done: no resend, no error."""
+    agent = await make_agent(upstreams=[segment_up(fake_segment)])
+    proc = await asyncio.create_subprocess_exec(
+        "node", str(NODE_DIR / "segment_surrogate.mjs"), f"http://127.0.0.1:{agent.port}",
+        "node-key", "10", cwd=NODE_DIR, stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
+    out, _ = await asyncio.wait_for(proc.communicate(), 60)
+    lines = out.decode().splitlines()
+    assert proc.returncode == 0 and lines[-1] == 'DONE {"errors":0}', "\n".join(lines[-30:])
+    assert [line for line in lines if line.startswith("RESPONSE ")] == ["RESPONSE 207"]
+    await wait_for(lambda: len(fake_segment.events) == 9)
+    assert "sur-3" not in fake_segment.message_ids()
+    assert agent.metrics.refused == {("segment", 400): 1}

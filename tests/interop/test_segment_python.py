@@ -134,3 +134,20 @@ async def test_resend_after_sdk_timeout_is_delivered_once(make_agent: Any,
     ids = fake_segment.message_ids()
     assert len(ids) == len(set(ids)) == N_EVENTS + 2    # each delivered once
     assert agent.spool.counters["duplicates"] >= 2
+
+
+async def test_one_nan_refuses_its_message_alone(make_agent: Any,
+                                                 fake_segment: FakeSegment) -> None:
+    """Python's json.dumps writes NaN: one NaN among 50 events refused the whole batch,
+    and the SDK dropped it (0 of 50 stored). Now 49 arrive, the NaN one is counted."""
+    agent = await make_agent(upstreams=[segment_up(fake_segment)])
+    run = SdkRun(f"http://127.0.0.1:{agent.port}", "py-key")
+    for i in range(50):
+        run.client.track(user_id="u", event="Ev", message_id=f"nan-{i}",
+                         properties={"i": i, "r": float("nan") if i == 7 else 0.5})
+    await asyncio.to_thread(run.client.flush)
+    await asyncio.to_thread(run.client.join)
+    assert run.errors == []
+    await wait_for(lambda: len(fake_segment.events) == 49)
+    assert "nan-7" not in fake_segment.message_ids()
+    assert agent.metrics.refused == {("segment", 400): 1}

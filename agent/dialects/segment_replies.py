@@ -1,0 +1,83 @@
+"""The Segment API's replies (seed 003): error bodies and a batch's verdict.
+
+Error bodies are the seed's, ``{"Error","Message","Details"}`` for single calls and
+``{"Success": false, "Errors": [...]}`` for batches, each with `code` and `message`
+beside them for the clients that read those (``legible``). A batch stored in part is a
+207 listing each refused message, `batch[i]` first in its `Details` (another Outpost's
+uplink reads that), but 200 for the clients that count nothing else as success.
+"""
+
+from __future__ import annotations
+
+from http import HTTPStatus
+from typing import Any
+
+from aiohttp import web
+
+from agent.dialects import replies
+
+
+def error_object(status: int, message: str, details: str = "") -> dict[str, str]:
+    return {"Error": HTTPStatus(status).phrase, "Message": message, "Details": details}
+
+
+def legible(status: int, message: str) -> dict[str, str]:
+    """`code` and `message`: what analytics-python 1.x and rudder-sdk-python read from any
+    reply but a 200 (a KeyError without them: taken for a network error, the refused batch
+    was resent ten times with backoff). The code is the status in words."""
+    return {"code": HTTPStatus(status).phrase.lower().replace(" ", "_").replace("-", "_"),
+            "message": message}
+
+
+def _text(error: dict[str, str]) -> str:
+    return f"{error['Message']}: {error['Details']}" if error["Details"] else error["Message"]
+
+
+def single_error(status: int, message: str, details: str = "",
+                 retry_after: int | None = None) -> web.Response:
+    error = error_object(status, message, details)
+    return replies.json_reply({**error, **legible(status, _text(error))}, status, retry_after)
+
+
+def batch_error(status: int, errors: list[dict[str, str]],
+                retry_after: int | None = None) -> web.Response:
+    more = f" (and {len(errors) - 1} more)" if len(errors) > 1 else ""
+    return replies.json_reply({"Success": False, "Errors": errors,
+                               **legible(status, _text(errors[0]) + more)},
+                              status, retry_after)
+
+
+def where(i: int, ev: Any) -> str:
+    mid = ev.get("messageId") if isinstance(ev, dict) else None
+    # Exactly a str: a value the reader marked (a lone surrogate) is named by the error.
+    return f"batch[{i}]" + (f" messageId={mid}" if type(mid) is str else "")
+
+
+def verdict(errors: list[dict[str, str]], statuses: list[int], stored: int,
+            partial: int = 207) -> web.Response:
+    """200, ``partial`` (``partial_status``) for part of a batch, or the one status every
+    message failed with."""
+    if not errors:
+        return replies.json_reply({"Success": True}, 200)
+    if stored:
+        reply = batch_error(207, errors)
+        reply.set_status(partial)
+        return reply
+    common = set(statuses)
+    return batch_error(common.pop() if len(common) == 1 else 400, errors)
+
+
+# Python SDKs count only an exact 200 as success: analytics-python 1.x and rudder-sdk-python
+# (named in each message's `context.library`) retried a 207 as a failure, up to 10 times
+# over ~17 minutes, their one consumer thread blocked. Their batch stored in part is
+# answered 200, with the 207's body; segment-analytics-python 2.x, also
+# "analytics-python", reads both as success.
+_ONLY_200 = frozenset({"analytics-python", "rudder-analytics-python"})
+
+
+def partial_status(first: Any) -> int:
+    """The status of a batch stored in part, by the client its ``first`` message names."""
+    context = first.get("context") if isinstance(first, dict) else None
+    library = context.get("library") if isinstance(context, dict) else None
+    name = library.get("name") if isinstance(library, dict) else None
+    return 200 if type(name) is str and name in _ONLY_200 else 207

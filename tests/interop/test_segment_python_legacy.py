@@ -1,0 +1,86 @@
+"""The real `rudder-sdk-python` 1.0.5 pointed at the agent: a fork of the legacy
+`analytics-python` 1.x, posting and reading replies as it does (rudder-sdk-python 2.x
+too). analytics-python 1.4 itself cannot be a test dependency: its wheel also installs
+`segment/analytics/`, over segment-analytics-python 2.4.0's files.
+
+These clients count only an exact 200 as success, and read `code` and `message` from any
+other reply: without them, a KeyError, taken for a network error, retried a refused batch
+with backoff (analytics-python 1.x: 10 times, ~17 minutes) while the client's single
+consumer thread blocked and its queue overflowed. A refused batch is now given up at once
+and reported through `on_error`, and a batch stored in part is answered 200 (listing what
+was refused): the client has nothing to resend.
+"""
+
+from __future__ import annotations
+
+import asyncio
+from typing import Any
+
+import pytest
+
+from tests.fakes.segment_upstream import FakeSegment
+from tests.segment_helpers import segment_up, wait_for
+
+rudder = pytest.importorskip("rudder_analytics")
+pytestmark = pytest.mark.interop
+
+
+class LegacyRun:
+    """One legacy client; what it reported to `on_error`, as (status, code, message).
+
+    Its consumer thread is stopped at once and its loop stepped by hand (``upload``, the
+    thread's own step): the thread would cut a batch wherever its upload_interval
+    ended, and each test needs its messages in one batch."""
+
+    def __init__(self, port: int, key: str) -> None:
+        self.errors: list[tuple[int, str, str]] = []
+        # max_retries=3: a retried batch takes 1 + 2 + 4 s of backoff, every retry a request.
+        client = rudder.Client(key, host=f"http://127.0.0.1:{port}", max_retries=3,
+                               flush_interval=0.05, on_error=self._on_error)
+        [self.consumer] = client.consumers
+        self.consumer.pause()
+        self.consumer.join()
+        self.client = client
+
+    def _on_error(self, error: Any, batch: Any) -> None:
+        self.errors.append((getattr(error, "status", 0), getattr(error, "code", ""),
+                            getattr(error, "message", repr(error))))
+
+    async def send(self, properties: list[dict[str, Any]], prefix: str = "legacy",
+                   **ids: str) -> None:
+        """One batch, posted as the client posts it; ``id<i>=`` sets message i's id."""
+        for i, props in enumerate(properties):
+            self.client.track("u1", "Ev", props, message_id=ids.get(f"id{i}", f"{prefix}-{i}"))
+        await asyncio.to_thread(self.consumer.upload)
+        assert self.client.queue.empty()
+
+
+@pytest.mark.parametrize("status,code", [(401, "unauthorized"), (400, "bad_request"),
+                                         (413, "request_entity_too_large")])
+async def test_a_refused_batch_is_reported_once_and_not_resent(
+        make_agent: Any, fake_segment: FakeSegment, status: int, code: str) -> None:
+    # 401: a key not accepted; 400: every message holds NaN (Python's json.dumps writes
+    # it); 413: every message larger than the upstream its key is routed to can carry.
+    agent = await make_agent(listen={"accept_keys": ["py-key"]},
+                             upstreams=[segment_up(fake_segment, batch_max_bytes=2000)])
+    run = LegacyRun(agent.port, "other-key" if status == 401 else "py-key")
+    value: Any = {400: float("nan"), 413: "x" * 3000}.get(status, 1)
+    await run.send([{"v": value}] * 3)
+    assert [(s, c) for s, c, _ in run.errors] == [(status, code)], run.errors
+    assert run.errors[0][2]   # a message the app can log
+    assert agent.metrics.refused == {("segment", status): 1}   # one request: no resend
+    assert agent.spool.depth == 0
+
+
+async def test_a_batch_stored_in_part_is_not_resent(make_agent: Any,
+                                                    fake_segment: FakeSegment) -> None:
+    """The audit's repros: one of 5 messages with a 120-character messageId; and Python's
+    NaN in one of 50 (0 of 50 were stored)."""
+    agent = await make_agent(upstreams=[segment_up(fake_segment)])
+    run = LegacyRun(agent.port, "py-key")
+    await run.send([{"i": i} for i in range(5)], id2="x" * 120)
+    await run.send([{"i": i, "r": float("nan") if i == 7 else 0.5} for i in range(50)], "nan")
+    assert run.errors == []
+    assert agent.metrics.refused == {("segment", 400): 2}   # counted, once each
+    await wait_for(lambda: len(fake_segment.events) == 4 + 49)
+    assert all(e["properties"].get("r", 0.5) == 0.5 for e in fake_segment.events)
