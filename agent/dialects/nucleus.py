@@ -22,7 +22,7 @@ from agent.dialects.base import JSON, Dialect, Example, IngestSink, websocket
 from agent.dialects.body import BodyError, Busy, parse_body, read_raw
 from agent.dialects.nucleus_frames import OverCap, QueueSocket, Taken
 from agent.dialects.nucleus_queue import TooLarge
-from agent.dialects.replies import describe, status_of
+from agent.dialects.replies import describe, masked, status_of
 from agent.families import nucleus as family
 from agent.families.errors import Invalid
 from agent.families.event import Event
@@ -44,12 +44,6 @@ MAX_MESSAGE = 4 * 1024 * 1024
 # so in the log.
 MAX_FRAME = 64 * 1024 * 1024
 KEEP = 2 * 1024 * 1024
-
-
-def _masked(key: str) -> str:
-    """An app key for the log: keys are credentials, and one never stored is not in the
-    log redaction registry yet."""
-    return key[:3] + "***"
 
 
 def _error(status: int, message: str, retry_after: int | None = None) -> web.Response:
@@ -90,7 +84,7 @@ class NucleusHandlers:
         for ev_id, why in got.left_out:
             replies.refused(400)
             log_limited(log, logging.WARNING, f"bad-event:{key}",
-                        "event id %r of app %s left unacknowledged: %s", ev_id, _masked(key), why)
+                        "event id %r of app %s left unacknowledged: %s", ev_id, masked(key), why)
         refused: set[int] = set()    # places in the acks, not ids: ids collide
         for ev, at in zip(got.events, got.ack_at, strict=True):
             too = self.sink.oversize(ev)
@@ -102,7 +96,7 @@ class NucleusHandlers:
             replies.refused(413)
             log_limited(log, logging.WARNING, f"oversize:{key}",
                         "event id %r of app %s left unacknowledged: %s", ev.ack_id,
-                        _masked(key), too)
+                        masked(key), too)
         if not refused:
             return got.events, got.acks
         return ([ev for ev, at in zip(got.events, got.ack_at, strict=True) if at not in refused],
@@ -140,7 +134,7 @@ class NucleusHandlers:
                     exc = ws.exception()
                     if isinstance(exc, WebSocketError):   # the client's: 1009, 1002...
                         replies.refused(exc.code)
-                    log.info("websocket for %s closed: %s", _masked(key), exc)
+                    log.info("websocket for %s closed: %s", masked(key), exc)
         finally:
             ws.drop()
         return ws
@@ -165,7 +159,7 @@ class NucleusHandlers:
             await self.sink.store(events)
         log_limited(log, logging.INFO, f"queue:{key}",
                     "app %s sent its queue of %d events in one %.1f MiB message: took %d; "
-                    "its module resends the rest", _masked(key), split.total,
+                    "its module resends the rest", masked(key), split.total,
                     taken.size / 2**20, split.kept)
         return acks
 
@@ -188,7 +182,7 @@ class NucleusHandlers:
                         "events will arrive until that queue is cleared: delete the module's "
                         "saved queue (nucleus-nodejs: `nucleus-queue` in its `nucleus` config "
                         "file; nucleus-python: `queue` in its `nucleus-<appId>` cache file), "
-                        "losing those events", _masked(key), exc)
+                        "losing those events", masked(key), exc)
             await ws.close(code=WSCloseCode.MESSAGE_TOO_BIG, message=_close_reason(str(exc)))
             return False
         except (BodyError, Invalid) as exc:
@@ -206,7 +200,7 @@ class NucleusHandlers:
             # as this one's). Counted as its HTTP twin.
             replies.refused(503)
             log_limited(log, logging.WARNING, "spool-full",
-                        "spool full, not acknowledging a message of %s: %s", _masked(key),
+                        "spool full, not acknowledging a message of %s: %s", masked(key),
                         str(exc))
             await ws.close(code=WSCloseCode.TRY_AGAIN_LATER,
                            message=_close_reason(f"retry later: {exc}"))
