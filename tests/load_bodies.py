@@ -88,12 +88,23 @@ class Route:
     busy_shape: Callable[[Any], bool]
 
 
-def _segment_single(b: Any) -> bool:
+def _segment_error(b: Any) -> bool:
     return set(b) == {"Error", "Message", "Details"} and b["Error"] == "Service Unavailable"
 
 
+def _legacy_code(b: Any) -> bool:
+    """The `code` and `message` legacy Python clients read from any reply but a 200."""
+    return b.get("code") == "service_unavailable" and isinstance(b.get("message"), str)
+
+
+def _segment_single(b: Any) -> bool:
+    return (_segment_error({k: b[k] for k in b if k not in ("code", "message")})
+            and _legacy_code(b))
+
+
 def _segment_batch(b: Any) -> bool:
-    return b["Success"] is False and all(_segment_single(e) for e in b["Errors"])
+    return (b["Success"] is False and all(_segment_error(e) for e in b["Errors"])
+            and _legacy_code(b))
 
 
 def _error_string(b: Any) -> bool:
