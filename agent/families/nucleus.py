@@ -67,6 +67,11 @@ def identity_key(key: str, ev: dict[str, Any], kind: str, ev_id: Any) -> int:
         # No id to go on: the whole event, as sent, is its identity.
         return dedupe_key("nucleus", key, orjson.dumps(ev, option=orjson.OPT_SORT_KEYS).decode())
     get = ev.get
+    if kind != get("type"):
+        # No `type`: the type the previous release read from `event`, so that a resend
+        # across the upgrade (its ack lost) keeps its key.
+        old = get("event")
+        kind = old if isinstance(old, str) and old in KNOWN_TYPES else "event"
     return dedupe_key("nucleus", key, get("machineId") or get("deviceId") or get("anonId"),
                       get("sessionId"), ev_id, get("date"), kind, get("name"))
 
