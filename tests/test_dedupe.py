@@ -275,6 +275,18 @@ PINNED_NUCLEUS = [
     ({"event": "error", "name": "boom", "id": 2.5, "anonId": "x"}, 1509523296067383750),
     ({"type": "event", "name": "no id", "payload": {"b": 1, "a": [1, 2]},
       "date": "2026-01-01T00:00:00.000Z"}, -4750389588273318933),
+    # Old modules' `event` key: the keys the release before it was read as a type (82ec193)
+    # gave, so that a resend across the upgrade is known.
+    ({"event": "error:TypeError", "id": 4, "sessionId": 3, "machineId": "m1",
+      "date": "2026-01-01T00:00:00.000Z", "payload": {"message": "x"}}, -8688377711842411052),
+    ({"event": "nucleus:userid", "id": 5, "sessionId": 3, "machineId": "m1",
+      "date": "2026-01-01T00:00:00.000Z", "payload": "u-1"}, 8079274261567275780),
+    ({"event": "nucleus:props", "id": 6, "sessionId": 3, "machineId": "m1",
+      "date": "2026-01-01T00:00:00.000Z", "payload": {"a": 1}}, -5590520909465075713),
+    ({"event": "Clicked", "id": 8, "sessionId": 3, "machineId": "m1",
+      "date": "2026-01-01T00:00:00.000Z"}, 2809624747977751002),
+    ({"type": "", "event": "error:RangeError", "id": 9, "sessionId": 3, "machineId": "m1",
+      "date": "2026-01-01T00:00:00.000Z"}, 3820323936778001082),
 ]
 PINNED_SEGMENT = [
     ({"type": "track", "event": "Order Completed", "userId": "u1", "messageId": "mid-1"},

@@ -10,12 +10,14 @@ pending, never by sleeping.
 
 from __future__ import annotations
 
+import asyncio
 import logging
 import re
 from collections import Counter
 from pathlib import Path
 from typing import Any, cast
 
+import aiohttp
 import pytest
 
 from agent.forwarder.backoff import Backoff
@@ -51,6 +53,34 @@ async def test_a_reload_never_resends_what_the_upstream_acknowledged_of_a_batch_
     seen = Counter(fake_nucleus.ids())
     assert seen == {**dict.fromkeys(range(1, 5), 1), **dict.fromkeys(range(5, 11), 2)}, seen
     assert re.search(r"1 batch\(es\) .*cut short.*sent again", caplog.text), caplog.text
+
+
+async def test_status_during_a_reload_sums_the_queues_under_the_names_they_were_grouped_by(
+        make_agent: Any, fake_nucleus: FakeNucleus) -> None:
+    """While the old forwarders settle a batch in flight, /status shows one config: the
+    queues grouped for the old names under the old names, never under a renamed one."""
+    fake_nucleus.ack = lambda i: False   # the batch stays in flight: the reload waits on it
+    ws = {"name": "a", "protocol": "nucleus-ws", "url": fake_nucleus.url, "timeout_s": 30}
+    agent = await make_agent(upstreams=[ws], seams=Seams(grace_s=30, watch_network=NO_NETWATCH))
+    await send(agent, [event(i) for i in range(1, 6)])
+    await wait_for(lambda: len(fake_nucleus.ids()) == 5)
+    assert agent.config_path is not None
+    write_config(Path(agent.config_path), agent.spool.path, upstreams=[{**ws, "name": "b"}])
+    reload = asyncio.create_task(agent.reload())
+    try:
+        await wait_for(lambda: agent.cfg.upstreams[0].name == "b")   # in the old stop now
+        assert not reload.done()
+        async with aiohttp.ClientSession() as s:
+            async with s.get(f"http://127.0.0.1:{agent.port}/status") as r:
+                ups = (await r.json())["upstreams"]
+        assert [(u["name"], u["queue_depth"]) for u in ups] in ([("a", 5)], [("b", 5)]), ups
+    finally:
+        await fake_nucleus.go_down()   # the batch in flight fails: the old stop ends
+        await reload
+    async with aiohttp.ClientSession() as s:
+        async with s.get(f"http://127.0.0.1:{agent.port}/status") as r:
+            ups = (await r.json())["upstreams"]
+    assert [(u["name"], u["queue_depth"]) for u in ups] == [("b", 5)], ups
 
 
 async def test_a_reload_keeps_an_unchanged_upstreams_retry_after(

@@ -156,11 +156,20 @@ async def test_a_view_that_stops_reading_is_closed_and_an_idle_one_is_not(
     await session.close()
 
 
+# Every EventSource the page makes, kept where the test can read its readyState.
+KEEP_SOURCES = """
+window.sources = [];
+window.EventSource = class extends window.EventSource {
+  constructor(...args) { super(...args); window.sources.push(this); }
+};
+"""
+
+
 async def test_the_page_s_panel_whose_place_is_taken_says_so_and_stays_closed(
         make_agent: Any, chromium: str, tmp_path: Path) -> None:
     agent = await make_agent(port=free_port())
     async with Chromium(chromium, tmp_path / "profile") as browser:
-        page = await browser.open(f"http://127.0.0.1:{agent.port}/")
+        page = await browser.open(f"http://127.0.0.1:{agent.port}/", init_script=KEEP_SOURCES)
         for _ in range(200):   # bounded: until the page has loaded
             if await page.evaluate("document.readyState === 'complete'"):
                 break
@@ -175,9 +184,13 @@ async def test_the_page_s_panel_whose_place_is_taken_says_so_and_stays_closed(
                 break
             await asyncio.sleep(0.05)
         toggle = await page.evaluate("document.getElementById('live-toggle').textContent")
+        # Read at once, so an EventSource left open is seen before its reconnect (~3 s):
+        # it is still OPEN, or CONNECTING again, never CLOSED (2).
+        sources = await page.evaluate("window.sources.map(s => s.readyState)")
         report = page.report()
     # Closed for good (an EventSource left open would reconnect and take another's place).
     assert state == f"closed: {REPLACED}", report
+    assert sources == [2], report
     assert toggle == "Watch live"
     assert agent.metrics.tail_closed == {"replaced": 1, "stalled": 0}
     for view in stuck:

@@ -60,9 +60,18 @@ def old_name(ev: dict[str, Any]) -> str | None:
     return None if old in KNOWN_TYPES or old in _OLD_TYPES else old
 
 
+def keyed_type(ev: dict[str, Any]) -> str:
+    """The type an event without `type` has in its dedupe key: its `event` key when that
+    names a type as is, else `event`, as the previous release read it (before the other
+    spellings ``event_type`` reads), so that a resend across the upgrade keeps its key."""
+    old = ev.get("event")
+    return old if isinstance(old, str) and old in KNOWN_TYPES else "event"
+
+
 def identity_key(key: str, ev: dict[str, Any], kind: str, ev_id: Any) -> int:
-    """The dedupe key of what makes a resend the same event (as real modules resend).
-    Spools keep these keys across upgrades: tests/test_dedupe.py pins them."""
+    """The dedupe key of what makes a resend the same event (as real modules resend);
+    ``kind``: its `type`, or ``keyed_type``. Spools keep these keys across upgrades:
+    tests/test_dedupe.py pins them."""
     if ev_id is None:
         # No id to go on: the whole event, as sent, is its identity.
         return dedupe_key("nucleus", key, orjson.dumps(ev, option=orjson.OPT_SORT_KEYS).decode())
@@ -138,15 +147,15 @@ def accept(msg: Any, key: str, enrich: Enrich, faults: Mapping[int, str] = EMPTY
         if why is None:
             get = ev.get
             ev_id = get("id")
-            kind = get("type")
+            keyed = kind = get("type")
             if not (type(kind) is str and kind):   # checked: a string or None
-                kind = event_type(ev)
+                kind, keyed = event_type(ev), keyed_type(ev)
             if kind == "heartbeat":
                 if ev_id is not None:
                     acks.append(ev_id)
                 continue
             try:
-                ident = identity_key(key, ev, kind, ev_id)
+                ident = identity_key(key, ev, keyed, ev_id)
                 if kind in NEEDS_FACTS:
                     fill(ev, kind)
                 if get("date") is None:

@@ -114,8 +114,9 @@ class Chromium:
             listening.set_exception(AssertionError(
                 "chromium exited: " + "\n".join(self.stderr[-30:])))
 
-    async def open(self, url: str) -> Page:
-        """A new tab with the network and runtime recorded, navigated to ``url``."""
+    async def open(self, url: str, init_script: str | None = None) -> Page:
+        """A new tab with the network and runtime recorded, navigated to ``url``;
+        ``init_script`` runs in the page before its own scripts (to watch what they make)."""
         assert self.session is not None
         http = self.browser_url.replace("ws://", "http://").split("/devtools/")[0]
         async with self.session.put(f"{http}/json/new?about:blank") as r:
@@ -125,6 +126,8 @@ class Chromium:
         self._tasks.append(asyncio.create_task(self._listen(page)))
         for domain in ("Network", "Runtime", "Page"):
             await page.send(f"{domain}.enable")
+        if init_script is not None:
+            await page.send("Page.addScriptToEvaluateOnNewDocument", source=init_script)
         await page.send("Page.navigate", url=url)
         return page
 
