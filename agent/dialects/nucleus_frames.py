@@ -197,6 +197,7 @@ class _Gate:
         self._large_min, self._cap, self._keep = large + 1, cap, keep
         self._values, self._deadline = values, deadline
         self._pending = b""     # the rest of a read, for the next turns (module doc)
+        self._paced = False     # a next turn is due (``_next``), the connection paused
         self._timer: asyncio.TimerHandle | None = None   # the large message's deadline
         self._head = b""        # a frame header cut by the end of a read
         self._left = 0          # payload bytes of the current frame still to come
@@ -211,10 +212,10 @@ class _Gate:
         return self._turn(data)
 
     def _next(self) -> None:
-        data, self._pending = self._pending, b""
+        data, self._pending, self._paced = self._pending, b"", False
         if data and self._turn(data)[0]:
             self._close()
-        elif not self._pending:
+        elif not self._paced:   # nothing left for a later turn: read the connection on
             self._sock.read_on()
 
     def _turn(self, data: bytes) -> tuple[bool, bytes]:
@@ -283,6 +284,7 @@ class _Gate:
         whole = b"".join(out)
         done = self._inner.feed_data(whole) if whole else (False, b"")
         if self._pending or (self._large is not None and self._large.reader is not None):
+            self._paced = True
             self._sock.breathe(self._next)
         return done
 
