@@ -12,7 +12,7 @@ the handler meets the result in the message's place among the others
 (``QueueSocket.taken``). Its values are read in Python, a few ms a chunk for real events
 but ~0.7 s a MiB of tiny ones (`0,`): so at most ``SLICE`` bytes of it are read in one turn
 of the event loop, the connection's reading paused until the rest of the socket read is
-done, a slice a turn (``breathe``), and the reader stops reading after ``values`` values
+done, a slice a turn (``_Gate._next``), and the reader stops reading after ``values`` values
 (nucleus_queue.py). Like an HTTP body, a large message has ``deadline`` seconds
 (listen.body_timeout_s) to arrive whole: a stalled sender would hold its share of the
 in-flight budget as long as it stayed connected.
@@ -121,15 +121,13 @@ class QueueSocket(web.WebSocketResponse):
         if early:
             gate.feed_data(early)
 
-    def breathe(self, then: Callable[[], None]) -> None:
-        """Let the event loop serve others before this connection is read on: ``then``
-        in its next turn, the connection's reading paused until it calls ``read_on`` (the
-        event loop, libuv's in uvloop, reads a connection up to 32 times in a row when
-        data keeps coming, and each slice of a large message costs up to ~10 ms here)."""
+    def pause(self) -> None:
+        """Read no more of this connection until ``read_on``: the event loop (libuv's, in
+        uvloop) reads a connection up to 32 times in a row when data keeps coming, and
+        each slice of a large message costs up to ~10 ms here."""
         transport = self._transport
         if transport is not None and transport.is_reading():
             transport.pause_reading()
-        asyncio.get_running_loop().call_soon(then)
 
     def read_on(self) -> None:
         transport = self._transport
@@ -197,7 +195,7 @@ class _Gate:
         self._large_min, self._cap, self._keep = large + 1, cap, keep
         self._values, self._deadline = values, deadline
         self._pending = b""     # the rest of a read, for the next turns (module doc)
-        self._paced = False     # a next turn is due (``_next``), the connection paused
+        self._paced = False     # a next turn is due (``_next``, one at a time), reading paused
         self._timer: asyncio.TimerHandle | None = None   # the large message's deadline
         self._head = b""        # a frame header cut by the end of a read
         self._left = 0          # payload bytes of the current frame still to come
@@ -206,8 +204,9 @@ class _Gate:
         self._fragmented = False
 
     def feed_data(self, data: bytes) -> tuple[bool, bytes]:
-        if self._pending:   # read on while earlier bytes wait: after them
+        if self._paced:   # read on (aiohttp resumed reading) while a turn is due: after it
             self._pending += data
+            self._sock.pause()
             return False, b""
         return self._turn(data)
 
@@ -284,8 +283,9 @@ class _Gate:
         whole = b"".join(out)
         done = self._inner.feed_data(whole) if whole else (False, b"")
         if self._pending or (self._large is not None and self._large.reader is not None):
+            self._sock.pause()   # the others served before this connection is read on
             self._paced = True
-            self._sock.breathe(self._next)
+            asyncio.get_running_loop().call_soon(self._next)
         return done
 
     def _expire(self) -> None:
