@@ -131,10 +131,10 @@ async def raw_websocket(port: int, path: str, ahead: bytes = b""
     return reader, writer
 
 
-async def read_close(reader: asyncio.StreamReader) -> tuple[int, str]:
+async def read_close(reader: asyncio.StreamReader, timeout: float = 10) -> tuple[int, str]:
     """The close frame the server sends: (code, reason)."""
     while True:
-        first, second = await asyncio.wait_for(reader.readexactly(2), 10)
+        first, second = await asyncio.wait_for(reader.readexactly(2), timeout)
         payload = await reader.readexactly(second & 0x7F)
         if first & 0x0F == 0x8:
             return struct.unpack("!H", payload[:2])[0], payload[2:].decode()

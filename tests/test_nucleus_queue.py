@@ -33,7 +33,7 @@ def id_of(ev: Any) -> Any:
 
 
 def read(raw: bytes, cuts: list[int], keep: int, most: int) -> Any:
-    reader = QueueReader(keep, most)
+    reader = QueueReader(keep, most, 10**9)
     start = 0
     for cut in sorted({c % (len(raw) + 1) for c in cuts}):
         reader.feed(raw[start:cut])

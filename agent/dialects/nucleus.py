@@ -19,9 +19,9 @@ from aiohttp import WebSocketError, WSCloseCode, WSMsgType, web
 
 from agent.dialects import nucleus_json, replies
 from agent.dialects.base import JSON, Dialect, Example, IngestSink, websocket
-from agent.dialects.body import BodyError, Busy, parse_body, read_raw
-from agent.dialects.nucleus_frames import OverCap, QueueSocket, Taken
-from agent.dialects.nucleus_queue import TooLarge
+from agent.dialects.body import BODY_TIMEOUT_S, BodyError, Busy, parse_body, read_raw
+from agent.dialects.nucleus_frames import Late, OverCap, QueueSocket, Taken
+from agent.dialects.nucleus_queue import TooLarge, TooMany
 from agent.dialects.replies import describe, masked, status_of
 from agent.families import nucleus as family
 from agent.families.errors import Invalid
@@ -44,6 +44,10 @@ MAX_MESSAGE = 4 * 1024 * 1024
 # so in the log.
 MAX_FRAME = 64 * 1024 * 1024
 KEEP = 2 * 1024 * 1024
+# The most values (events, members of the message) of a message over MAX_MESSAGE read: each
+# costs ~1 µs of Python, so no message costs more than about a second of CPU (64 MiB of
+# real events hold ~150,000; of `0,`, 33 million). Over it: refused (1009), logged.
+MAX_VALUES = 1_000_000
 
 
 def _error(status: int, message: str, retry_after: int | None = None) -> web.Response:
@@ -121,7 +125,8 @@ class NucleusHandlers:
         key = request.match_info["appId"]
         if (why := self.sink.key_refusal(key)) is not None:
             return _error(401, f"appId {key!r} refused: {why}")
-        ws = QueueSocket(large=MAX_MESSAGE, cap=MAX_FRAME, keep=KEEP, ticket=self.sink.ticket)
+        ws = QueueSocket(large=MAX_MESSAGE, cap=MAX_FRAME, keep=KEEP, values=MAX_VALUES,
+                         deadline=request.app[BODY_TIMEOUT_S], ticket=self.sink.ticket)
         await ws.prepare(request)
         try:
             async for frame in ws:
@@ -185,10 +190,22 @@ class NucleusHandlers:
                         "losing those events", masked(key), exc)
             await ws.close(code=WSCloseCode.MESSAGE_TOO_BIG, message=_close_reason(str(exc)))
             return False
+        except Late as exc:
+            # A stalled sender (stopped, a debugger) holds its share of the in-flight
+            # budget: cut as a stalled HTTP body is (408).
+            replies.refused(WSCloseCode.POLICY_VIOLATION)
+            log_limited(log, logging.WARNING, f"late:{key}", "app %s: large %s, closed (1008)",
+                        masked(key), exc)
+            await ws.close(code=WSCloseCode.POLICY_VIOLATION, message=_close_reason(str(exc)))
+            return False
         except (BodyError, Invalid) as exc:
             # A bad message closes only this connection, with a reason the app can log.
-            code = (WSCloseCode.MESSAGE_TOO_BIG if isinstance(exc, TooLarge)
+            code = (WSCloseCode.MESSAGE_TOO_BIG if isinstance(exc, (TooLarge, TooMany))
                     else WSCloseCode.INVALID_TEXT)
+            if isinstance(exc, TooMany):
+                log_limited(log, logging.WARNING, f"too-many:{key}",
+                            "app %s: %s, closed (1009)", masked(key),
+                            exc.message)
             replies.refused(code)
             await ws.close(code=code, message=_close_reason(exc.message))
             return False

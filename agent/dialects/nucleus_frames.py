@@ -9,8 +9,13 @@ whole text or binary message in one frame, over ``large`` bytes), which it reads
 it arrives into a QueueReader (nucleus_queue.py: some events kept, at most ``large``
 bytes, the rest only looked at). In its place aiohttp is handed a small stand-in frame, so
 the handler meets the result in the message's place among the others
-(``QueueSocket.taken``). Reading one costs a few ms a chunk: after each, the connection
-yields to the others (``breathe``).
+(``QueueSocket.taken``). Its values are read in Python, a few ms a chunk for real events
+but ~0.7 s a MiB of tiny ones (`0,`): so at most ``SLICE`` bytes of it are read in one turn
+of the event loop, the connection's reading paused until the rest of the socket read is
+done, a slice a turn (``_Gate._next``), and the reader stops reading after ``values`` values
+(nucleus_queue.py). Like an HTTP body, a large message has ``deadline`` seconds
+(listen.body_timeout_s) to arrive whole: a stalled sender would hold its share of the
+in-flight budget as long as it stayed connected.
 
 A large message is charged ``large`` bytes, the most it keeps, to the in-flight budget
 (agent/server/admission.py) from its first byte: one that does not fit while other bodies
@@ -43,6 +48,8 @@ from agent.families.errors import Invalid
 _CONTINUATION, _TEXT, _BINARY = 0x0, 0x1, 0x2
 _XOR = [bytes(a ^ b for a in range(256)) for b in range(256)]
 Ticket = Callable[[], AbstractContextManager[Reservation]]
+# Bytes of a large message read in one turn of the event loop: ~10 ms of `0,` values.
+SLICE = 16 * 1024
 
 
 class OverCap(Exception):
@@ -54,10 +61,18 @@ class OverCap(Exception):
         self.size = size
 
 
+class Late(Exception):
+    """A large message not received whole within its deadline (listen.body_timeout_s)."""
+
+    def __init__(self, seconds: float) -> None:
+        super().__init__(f"message not received whole within {seconds:g} s "
+                         "(listen.body_timeout_s)")
+
+
 class Taken(NamedTuple):
     """What became of one large message: its Split, or why it is refused (BodyError,
     Invalid, Busy, OverCap); ``hold`` keeps its share of the in-flight budget until
-    closed. ``size``: its bytes."""
+    closed. ``size``: its bytes. ``error`` may also be Late."""
 
     split: Split | None
     error: Exception | None
@@ -72,9 +87,11 @@ class QueueSocket(web.WebSocketResponse):
     binary stand-in frame that ``taken`` turns into its Taken. The handler must call
     ``drop`` when it ends (the results' shares of the budget are given back)."""
 
-    def __init__(self, *, large: int, cap: int, keep: int, ticket: Ticket) -> None:
-        super().__init__(max_msg_size=large, autoping=True, compress=False)
-        self._limits = (large, cap, keep)
+    def __init__(self, *, large: int, cap: int, keep: int, values: int, deadline: float,
+                 ticket: Ticket) -> None:
+        # aiohttp refuses a frame of max_msg_size bytes or more: one of ``large`` is its.
+        super().__init__(max_msg_size=large + 1, autoping=True, compress=False)
+        self._limits = (large, cap, keep, values, deadline)
         self.ticket = ticket
         self._stand_in = os.urandom(16)
         self._results: deque[Taken] = deque()
@@ -99,23 +116,22 @@ class QueueSocket(web.WebSocketResponse):
         self._transport = request.transport
         early, proto._message_tail = proto._message_tail, b""   # frames sent ahead of the 101
         super()._post_start(request, protocol, writer)
-        gate = _Gate(proto._payload_parser, self, *self._limits)
+        gate = _Gate(proto._payload_parser, self, proto.close, *self._limits)
         proto._payload_parser = gate
         if early:
             gate.feed_data(early)
 
-    def breathe(self) -> None:
-        """Let the event loop serve others before this connection is read again: the
-        event loop (libuv's, in uvloop) reads a connection up to 32 times in a row when
-        data keeps coming, and each read of a large message costs a few ms here."""
+    def pause(self) -> None:
+        """Read no more of this connection until ``read_on``: the event loop (libuv's, in
+        uvloop) reads a connection up to 32 times in a row when data keeps coming, and
+        each slice of a large message costs up to ~10 ms here."""
         transport = self._transport
         if transport is not None and transport.is_reading():
             transport.pause_reading()
-            asyncio.get_running_loop().call_soon(self._read_on, transport)
 
-    @staticmethod
-    def _read_on(transport: asyncio.Transport) -> None:
-        if not transport.is_closing() and not transport.is_reading():
+    def read_on(self) -> None:
+        transport = self._transport
+        if transport is not None and not transport.is_closing() and not transport.is_reading():
             transport.resume_reading()
 
     def stand_in(self, taken: Taken) -> bytes:
@@ -130,14 +146,14 @@ class QueueSocket(web.WebSocketResponse):
 class _Large:
     """One large message being read: its payload unmasked and fed to a QueueReader."""
 
-    def __init__(self, size: int, mask: bytes | None, keep: int, most: int,
+    def __init__(self, size: int, mask: bytes | None, keep: int, most: int, values: int,
                  ticket: Ticket) -> None:
         self.size = size
         self.mask = mask
         self.offset = 0
         self.hold = ExitStack()
         self.error: Exception | None = None
-        self.reader: QueueReader | None = QueueReader(keep, most)
+        self.reader: QueueReader | None = QueueReader(keep, most, values)
         try:   # the most it may keep (one event up to ``most``)
             self.hold.enter_context(ticket()).take(most)
         except Busy as exc:   # read to its end, nothing kept: then refused
@@ -171,10 +187,16 @@ class _Gate:
     """In aiohttp's parser slot: follows the frames and hands aiohttp all but the large
     ones, which ``_Large`` reads (module doc). Called by aiohttp's protocol as its reader."""
 
-    def __init__(self, inner: Any, sock: QueueSocket, large: int, cap: int, keep: int) -> None:
+    def __init__(self, inner: Any, sock: QueueSocket, close: Callable[[], None], large: int,
+                 cap: int, keep: int, values: int, deadline: float) -> None:
         self._inner = inner
         self._sock = sock
+        self._close = close     # the connection's, when aiohttp's reader is done with it
         self._large_min, self._cap, self._keep = large + 1, cap, keep
+        self._values, self._deadline = values, deadline
+        self._pending = b""     # the rest of a read, for the next turns (module doc)
+        self._paced = False     # a next turn is due (``_next``, one at a time), reading paused
+        self._timer: asyncio.TimerHandle | None = None   # the large message's deadline
         self._head = b""        # a frame header cut by the end of a read
         self._left = 0          # payload bytes of the current frame still to come
         self._large: _Large | None = None
@@ -182,13 +204,34 @@ class _Gate:
         self._fragmented = False
 
     def feed_data(self, data: bytes) -> tuple[bool, bytes]:
+        if self._paced:   # read on (aiohttp resumed reading) while a turn is due: after it
+            self._pending += data
+            self._sock.pause()
+            return False, b""
+        return self._turn(data)
+
+    def _next(self) -> None:
+        data, self._pending, self._paced = self._pending, b"", False
+        if data and self._turn(data)[0]:
+            self._close()
+        elif not self._paced:   # nothing left for a later turn: read the connection on
+            self._sock.read_on()
+
+    def _turn(self, data: bytes) -> tuple[bool, bytes]:
+        """Read ``data`` up to SLICE bytes of a large message; the rest in later turns."""
         out: list[bytes] = []   # for aiohttp's reader, in order
         run = pos = 0           # data[run:pos]: bytes for aiohttp not yet in ``out``
         n = len(data)
+        budget = SLICE
         while pos < n:
             if self._left:
                 take = min(self._left, n - pos)
                 if self._large is not None or self._skip:
+                    if self._large is not None and self._large.reader is not None:
+                        if not budget:
+                            break
+                        take = min(take, budget)
+                        budget -= take
                     out.append(data[run:pos])
                     if self._large is not None:
                         self._large.feed(memoryview(data)[pos:pos + take])
@@ -197,6 +240,7 @@ class _Gate:
                 self._left -= take
                 if not self._left:
                     if self._large is not None:
+                        self._end_deadline()
                         out.append(self._sock.stand_in(self._large.finish()))
                     self._large, self._skip = None, False
                 continue
@@ -222,7 +266,9 @@ class _Gate:
                 else:
                     mask = head[size - 4:size] if head[1] & 0x80 else None
                     self._large = _Large(length, mask, self._keep, self._large_min - 1,
-                                         self._sock.ticket)
+                                         self._values, self._sock.ticket)
+                    self._timer = asyncio.get_running_loop().call_later(self._deadline,
+                                                                        self._expire)
                 continue
             if held:   # pos == run == 0: the header's start precedes this read
                 out.append(held)
@@ -233,13 +279,34 @@ class _Gate:
             self._left = length
             pos += used
         out.append(data[run:pos])
+        self._pending = data[pos:]
         whole = b"".join(out)
         done = self._inner.feed_data(whole) if whole else (False, b"")
-        if self._large is not None and self._large.reader is not None:
-            self._sock.breathe()
+        if self._pending or (self._large is not None and self._large.reader is not None):
+            self._sock.pause()   # the others served before this connection is read on
+            self._paced = True
+            asyncio.get_running_loop().call_soon(self._next)
         return done
 
+    def _expire(self) -> None:
+        """The large message's deadline passed: its result is Late, the rest of it skipped."""
+        self._timer = None
+        large, self._large = self._large, None
+        if large is None:
+            return
+        self._skip = True
+        late = Taken(None, Late(self._deadline), large.size, large.hold)
+        if self._inner.feed_data(self._sock.stand_in(late))[0]:
+            self._close()
+
+    def _end_deadline(self) -> None:
+        if self._timer is not None:
+            self._timer.cancel()
+            self._timer = None
+
     def feed_eof(self) -> None:
+        self._end_deadline()
+        self._pending = b""
         if self._large is not None:   # cut short: never a result
             self._large.hold.close()
             self._large = None

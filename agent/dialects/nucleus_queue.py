@@ -17,7 +17,9 @@ none is acknowledged) until it does: the first ids of the queue are kept whole, 
 tick acknowledges some.
 
 The whole message is still read, to its end: one that is not JSON is refused whole, as a
-small one is.
+small one is. Each value (an event, or a member of the message object) is read in Python,
+~1 µs even when it is a bare `0`: a message of more than ``values`` of them is refused
+(TooMany) and the rest of it not read, bounding what one message costs.
 """
 
 from __future__ import annotations
@@ -31,12 +33,15 @@ from agent.dialects.body import BodyError
 from agent.families import nucleus as family
 
 _DECODER = json.JSONDecoder()
-_SPACE = " \t\n\r"
 _ID_TYPES = (int, float, str)   # exact types: others are never acknowledged (family.fault)
 # How near the end of the text read so far a JSON error may be and still be the text
 # being cut there (`tru`, `1e`, `"\u00`) rather than a mistake: read again with more.
 _CUT = 16
-_RETRY_MIN = 64 * 1024
+_RETRY_MIN = 16 * 1024   # as much as nucleus_frames.py feeds in one turn of the event loop
+_NOT_BLANK = re.compile(r"[^ \t\n\r]")
+# Bytes a kept event is charged at least, its first excepted: bounds the events kept (to
+# keep/32, ~65,000) whose list is sorted, joined and freed in one go (1M tiny ones: ~0.1 s).
+_ENTRY = 32
 _SCALAR = re.compile(r"[-+.0-9A-Za-z]*")   # what a number or a literal is written with
 
 # Where the reader is in `{"data": [...]}`.
@@ -60,22 +65,31 @@ class TooLarge(BodyError):
         super().__init__(413, f"{what} is over {keep // 2**20} MiB: too large to store")
 
 
+class TooMany(BodyError):
+    """More values in one message than may be read (the websocket's 1009)."""
+
+    def __init__(self, values: int) -> None:
+        super().__init__(413, f"over {values:,} values in one message: too many to read")
+
+
 class QueueReader:
     """Fed a message's bytes in order (``feed``), then ``finish``: its Split, holding its
     first events up to ``keep`` bytes (the first event alone up to ``most``, the most a
     message may be) and the later ones sharing their ids, up to ``most`` (module doc).
-    Both raise BodyError (not JSON; TooLarge: a value over ``most``, or no event to keep)
-    or families.errors.Invalid (no `data` array)."""
+    Both raise BodyError (not JSON; TooLarge: a value over ``most``, or no event to keep;
+    TooMany: over ``values`` values) or families.errors.Invalid (no `data` array)."""
 
-    def __init__(self, keep: int, most: int) -> None:
+    def __init__(self, keep: int, most: int, values: int) -> None:
         self._keep = keep
         self._most = most     # the most kept in all, and of the first event alone
+        self._values = values   # the most values read: events and members of the message
+        self._read_values = 0
         self._utf8 = codecs.getincrementaldecoder("utf-8")()
         self._text = ""       # read, not yet taken: at most an unfinished value and a chunk
         self._retry = 0       # length ``_text`` must reach before an unfinished value is read again
         self._state = _START
         self._total = 0
-        self._size = 0        # bytes kept, a comma each
+        self._size = 0        # bytes charged for the events kept (_cost)
         self._open = True     # events with an id not seen yet are still kept
         self._groups: dict[Any, list[tuple[int, bytes]]] = {}   # kept (index, text) by id
         self._loose: list[tuple[int, bytes]] = []   # kept events with no id to acknowledge
@@ -129,8 +143,7 @@ class QueueReader:
         """Take the token or value at ``pos`` (after blanks): the position after it, or
         None when ``text`` ends first. Changes nothing unless it takes something."""
         n = len(text)
-        while pos < n and text[pos] in _SPACE:
-            pos += 1
+        pos = _skip(text, pos)
         if pos == n:
             if final and self._state != _END:
                 raise json.JSONDecodeError("Unexpected end of message", text, pos)
@@ -176,6 +189,7 @@ class QueueReader:
             raise json.JSONDecodeError("Expecting property name enclosed in double quotes",
                                        text, pos)
         key, end = _DECODER.raw_decode(text, pos)   # a string: text[pos] is its quote
+        self._count()
         if end - pos > self._most:
             raise TooLarge("a key", self._most)
         colon = _skip(text, end)
@@ -204,6 +218,7 @@ class QueueReader:
 
     def _event(self, value: Any, text: str, start: int, end: int) -> None:
         index = self._total
+        self._count()
         if end - start > self._most:   # never kept, nor could it be read as it arrives
             raise TooLarge(f"data[{index}]", self._most)
         self._total += 1
@@ -215,25 +230,38 @@ class QueueReader:
             if not self._open or ev_id in self._given_up:
                 return
             piece = text[start:end].encode()
-            if self._size + len(piece) + 1 > (self._keep if index else self._most):
+            cost = _cost(index, piece)
+            if self._size + cost > (self._keep if index else self._most):
                 self._open = False
                 return
-            self._size += len(piece) + 1
+            self._size += cost
             if ev_id is None:
                 self._loose.append((index, piece))
             else:
                 self._groups[ev_id] = [(index, piece)]
             return
         piece = text[start:end].encode()   # its id's events must all be kept
-        while self._size + len(piece) + 1 > self._most:
+        cost = _cost(index, piece)
+        while self._size + cost > self._most:
             self._open = False
             last, dropped = self._groups.popitem()   # the id taken last is given up
             self._given_up.add(last)
-            self._size -= sum(len(t) + 1 for _, t in dropped)
+            self._size -= sum(_cost(i, t) for i, t in dropped)
             if last == ev_id:
                 return
-        self._size += len(piece) + 1
+        self._size += cost
         group.append((index, piece))
+
+
+    def _count(self) -> None:
+        self._read_values += 1
+        if self._read_values > self._values:
+            raise TooMany(self._values)
+
+
+def _cost(index: int, piece: bytes) -> int:
+    """What a kept event is charged: its bytes and a comma, at least _ENTRY but the first."""
+    return len(piece) + 1 if not index else max(len(piece) + 1, _ENTRY)
 
 
 def _cut(text: str, pos: int) -> bool:
@@ -244,7 +272,6 @@ def _cut(text: str, pos: int) -> bool:
 
 
 def _skip(text: str, pos: int) -> int:
-    n = len(text)
-    while pos < n and text[pos] in _SPACE:
-        pos += 1
-    return pos
+    """The position after the blanks at ``pos`` (a regex: a long run of them costs C time)."""
+    found = _NOT_BLANK.search(text, pos)
+    return len(text) if found is None else found.start()
