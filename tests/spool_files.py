@@ -49,6 +49,12 @@ def connect(path: Path) -> contextlib.closing[sqlite3.Connection]:
     return contextlib.closing(sqlite3.connect(path, isolation_level=None))
 
 
+def table(path: Path, sql: str) -> list[tuple[object, ...]]:
+    """The rows ``sql`` reads from the spool file at ``path``."""
+    with connect(path) as db:
+        return db.execute(sql).fetchall()
+
+
 def build_v0(path: Path, events: Iterable[tuple[Stored, int | None]],
              marks: Iterable[tuple[int, int]] = (), streams: Iterable[tuple[int, str]] = (),
              dead: Iterable[tuple[Stored, str, str, int]] = (),

@@ -19,7 +19,7 @@ from agent.settings import StorageConfig
 from agent.spool import Spool, dead, dead_live
 from agent.spool.migrate import upgrade
 from agent.spool.schema import VERSION
-from tests.spool_files import connect
+from tests.spool_files import connect, table
 
 FIXTURE = Path(__file__).parent / "data" / "spool-v2.db"
 KEPT = ("records", "dead", "spent", "counters", "streams", "clock_marks")
@@ -30,11 +30,6 @@ def v2(tmp_path: Path) -> Path:
     path = tmp_path / "spool.db"
     shutil.copy(FIXTURE, path)
     return path
-
-
-def table(path: Path, sql: str) -> list[tuple[object, ...]]:
-    with connect(path) as db:
-        return db.execute(sql).fetchall()
 
 
 def counted(path: Path) -> list[tuple[object, ...]]:

@@ -24,7 +24,7 @@ from agent.spool import Spool, dead, dead_live
 from agent.spool.migrate import upgrade
 from agent.spool.salvage import Carry, salvage
 from agent.spool.schema import SCHEMA, VERSION
-from tests.spool_files import connect
+from tests.spool_files import connect, table
 
 FIXTURE = Path(__file__).parent / "data" / "spool-v1.db"
 TABLES = ("spent", "counters", "streams", "clock_marks")
@@ -35,11 +35,6 @@ def v1(tmp_path: Path) -> Path:
     path = tmp_path / "spool.db"
     shutil.copy(FIXTURE, path)
     return path
-
-
-def table(path: Path, sql: str) -> list[tuple[object, ...]]:
-    with connect(path) as db:
-        return db.execute(sql).fetchall()
 
 
 def test_the_v1_fixture_is_migrated_with_nothing_lost(v1: Path) -> None:
