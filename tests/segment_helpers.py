@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import asyncio
 import base64
 import gzip
+import json
 import os
 from dataclasses import dataclass
 from typing import Any
@@ -76,3 +78,13 @@ async def fill_spool(port: int) -> None:
         if (await call(port, "/v1/track", small, headers=auth)).status == 503:
             return
     raise AssertionError("the spool never filled")
+
+
+async def tail_messages(resp: Any, n: int) -> list[dict[str, Any]]:
+    """The next ``n`` data messages of an open live view (GET /tail) stream."""
+    got: list[dict[str, Any]] = []
+    while len(got) < n:
+        line = await asyncio.wait_for(resp.content.readline(), 20)
+        if line.startswith(b"data: "):
+            got.append(json.loads(line[6:]))
+    return got

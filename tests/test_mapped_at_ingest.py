@@ -5,8 +5,6 @@ upstream gives it the original events back."""
 
 from __future__ import annotations
 
-import asyncio
-import json
 from datetime import datetime
 from pathlib import Path
 from typing import Any
@@ -21,7 +19,7 @@ from agent.server.limits import RouteLimits
 from tests.conftest import free_port, write_config
 from tests.fakes.nucleus_upstream import FakeNucleus
 from tests.fakes.segment_upstream import FakeSegment
-from tests.segment_helpers import basic, call, nucleus_up, segment_up, wait_for
+from tests.segment_helpers import basic, call, nucleus_up, segment_up, tail_messages, wait_for
 
 EVENTS = [
     {"type": "event", "name": "click", "id": 7, "date": "2026-01-15T10:20:30.123Z",
@@ -103,11 +101,7 @@ async def test_the_tail_shows_the_event_the_app_sent(make_agent: Any) -> None:
             {"type": "warp", "id": 1}, {"type": "event", "id": 2},
             {"type": "event", "name": "ok", "id": 3}]})
         assert reply.status == 200, reply.body
-        got: list[dict[str, Any]] = []
-        while len(got) < 3:
-            line = await asyncio.wait_for(resp.content.readline(), 20)
-            if line.startswith(b"data: "):
-                got.append(json.loads(line[6:]))
+        got = await tail_messages(resp, 3)
     assert [(m["api"], m["id"], m["type"], m["warnings"]) for m in got] == [
         ("nucleus", "1", "warp", ["unknown type 'warp'"]),
         ("nucleus", "2", "event", ["missing field `name`"]), ("nucleus", "3", "event", [])]

@@ -10,8 +10,6 @@ stored and forwarded as an analytics event to every upstream.
 
 from __future__ import annotations
 
-import asyncio
-import json
 from typing import Any
 
 import aiohttp
@@ -22,7 +20,7 @@ from agent.families.mapping import nucleus_to_segment, segment_to_nucleus
 from tests.conftest import free_port
 from tests.fakes.nucleus_upstream import FakeNucleus
 from tests.fakes.segment_upstream import FakeSegment
-from tests.segment_helpers import call, nucleus_up, segment_up, wait_for
+from tests.segment_helpers import call, nucleus_up, segment_up, tail_messages, wait_for
 
 # The seed's example event, as written there (`"event": String, // Name of the event`).
 SEED = {"event": "Clicked", "id": "e1", "userId": "u", "machineId": "m", "sessionId": 1234,
@@ -119,10 +117,6 @@ async def test_the_live_view_shows_the_type_and_name_an_old_event_has(make_agent
         reply = await call(agent.port, "/app/k/track", {"data": [
             old("PLAYED_TRACK", 1), old("error:windowError", 2), old("init", 3)]})
         assert reply.status == 200, reply.body
-        got: list[dict[str, Any]] = []
-        while len(got) < 3:
-            line = await asyncio.wait_for(resp.content.readline(), 20)
-            if line.startswith(b"data: "):
-                got.append(json.loads(line[6:]))
+        got = await tail_messages(resp, 3)
     assert [(m["type"], m["name"], m["warnings"]) for m in got] == [
         ("event", "PLAYED_TRACK", []), ("error", "windowError", []), ("init", None, [])]
