@@ -31,13 +31,13 @@ from agent.install import config_file
 from agent.ops import dead_cli
 from agent.ops.local_agent import DIRECT, agent_url, timed_out
 from agent.ops.status import offline_snapshot
-from agent.ops.terminal import printable_json
 from agent.server import memory
 from agent.settings import Config, SyncConfig
 from agent.spool.schema import SpoolTooNew
 from agent.sync.metered import read_once, source_for
 from agent.sync.policy import Metered, decide
 from agent.sync.power import read_battery
+from agent.terminal import printable_json
 from agent.uplinks.registry import uplink_class
 
 EXIT_FAILED = 1   # a runtime failure: no agent answering, a service step failed

@@ -21,8 +21,8 @@ from typing import IO, Any
 from agent.logs import FINGERPRINT, fingerprint
 from agent.ops.local_agent import DIRECT, agent_url
 from agent.ops.tail import STALL_S
-from agent.ops.terminal import printable, printable_json
 from agent.settings import Config
+from agent.terminal import printable, printable_json
 
 # The agent sends a keepalive every 15 s: four missed means it is gone.
 READ_TIMEOUT_S = 60.0

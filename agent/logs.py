@@ -18,11 +18,14 @@ import re
 import sys
 import threading
 import time
-from collections.abc import Callable, Mapping
+import traceback
+from collections.abc import Callable, Mapping, Sequence
+from types import TracebackType
 from typing import IO, Any
 from urllib.parse import quote
 
 from agent import paths
+from agent.terminal import printable, printable_lines
 
 _LEVELS = {
     "debug": logging.DEBUG,
@@ -35,6 +38,7 @@ _LEVELS = {
 # sd-daemon.h: SD_CRIT, SD_ERR, SD_WARNING, SD_INFO, SD_DEBUG.
 _PRIORITIES = ((logging.CRITICAL, 2), (logging.ERROR, 3), (logging.WARNING, 4), (logging.INFO, 6))
 _DEBUG_PRIORITY = 7
+_ExcInfo = tuple[type[BaseException], BaseException, TracebackType | None] | tuple[None, None, None]
 # Registering a very short secret would garble every log line containing it.
 MIN_SECRET_LEN = 4
 REDACTED = "***"
@@ -163,7 +167,11 @@ def fingerprint(key: str) -> str:
 
 
 class RedactingFilter(logging.Filter):
-    """Replaces secrets in the rendered message, exception and stack text.
+    """Replaces secrets in the rendered message, exception and stack text, then shows the
+    characters a terminal obeys escaped (agent/terminal.py): app and upstream text in a
+    message could otherwise forge a log line with a line break, or rewrite or hide what
+    `journalctl` or `tail -f` shows (``\\x1b[2J``, a bidi override). A traceback keeps
+    Python's line breaks; its exceptions' own text is escaped like a message.
 
     It is attached to the handler, not a logger, because logger filters do
     not see records propagated from child loggers.
@@ -172,21 +180,43 @@ class RedactingFilter(logging.Filter):
     def __init__(self, registry: SecretRegistry | None = None) -> None:
         super().__init__()
         self._registry = registry or _registry
-        self._exc_formatter = logging.Formatter()
 
     def filter(self, record: logging.LogRecord) -> bool:
         try:
             message = record.getMessage()
         except Exception:  # bad args: leave the record for the handler to report
             return True
-        record.msg, record.args = self._registry.redact(message), None
-        if record.exc_info and not record.exc_text:
-            record.exc_text = self._exc_formatter.formatException(record.exc_info)
-        if record.exc_text:
-            record.exc_text = self._registry.redact(record.exc_text)
+        redact = self._registry.redact
+        record.msg, record.args = printable(redact(message)), None
+        # From exc_info even if a handler before this one set exc_text: that is unescaped.
+        if record.exc_info:
+            record.exc_text = _traceback(record.exc_info, redact)
+        elif record.exc_text:
+            record.exc_text = printable_lines(redact(record.exc_text))
         if record.stack_info:
-            record.stack_info = self._registry.redact(record.stack_info)
+            record.stack_info = printable_lines(redact(record.stack_info))
         return True
+
+
+def _traceback(exc_info: _ExcInfo, redact: Callable[[str], str]) -> str:
+    """As logging.Formatter.formatException writes it, redacted and escaped: each line break
+    of Python's kept, but those in an exception's text (its str and notes, often a peer's
+    words: an upstream's reply, a D-Bus error) escaped, as they would forge a line. (In an
+    exception group's members, Python starts each line with the group's margin, `| `: those
+    line breaks are kept, as they cannot start a line of their own.)"""
+    shown = traceback.TracebackException(*exc_info, compact=True)
+    theirs: set[str] = set()
+    todo = [shown]
+    while todo:   # the chain and groups, each once (TracebackException breaks cycles)
+        exc = todo.pop()
+        notes = exc.__notes__   # Python writes each of a note's lines as one line
+        if isinstance(notes, Sequence):
+            exc.__notes__ = [printable(n) if isinstance(n, str) else n for n in notes]
+        theirs.update(exc.format_exception_only())
+        todo += [e for e in (exc.__cause__, exc.__context__, *(exc.exceptions or ()))
+                 if e is not None]
+    return "".join(printable(redact(chunk[:-1])) + "\n" if chunk in theirs
+                   else printable_lines(redact(chunk)) for chunk in shown.format()).rstrip("\n")
 
 
 class JournalFormatter(logging.Formatter):

@@ -27,10 +27,10 @@ from agent.clock import age_s
 from agent.ops.dead import EXPORT_PAGE
 from agent.ops.local_agent import DIRECT, agent_url, timed_out
 from agent.ops.status_table import age, size, table
-from agent.ops.terminal import printable, printable_json
 from agent.outcomes import Tally
 from agent.settings import Config
 from agent.spool import dead
+from agent.terminal import printable, printable_json
 
 Load = Callable[[argparse.Namespace], Config | None]
 LIST_ROWS = 50  # entries `dead list` prints under the summary; --limit changes it

@@ -3,8 +3,8 @@
 from __future__ import annotations
 
 from agent.ops.status import Snapshot, UpstreamStatus
-from agent.ops.terminal import printable
 from agent.outcomes import Tally
+from agent.terminal import printable
 
 # An upstream's error can be a long exception text; the table keeps one line per
 # upstream, and `--json` has it whole.

@@ -4,7 +4,8 @@ An app's event id or an upstream's error text may hold escape sequences that a t
 obeys (clear the screen, set the window title, recolour what follows), or characters it
 obeys without showing them (a bidi override shows ``txt\\u202eexe.js`` as ``txtsj.exe``):
 every command prints such values through ``printable``, or its JSON through
-``printable_json``.
+``printable_json``; the agent's log (agent/logs.py), read on a terminal too, shows each
+record's message through ``printable`` and a traceback through ``printable_lines``.
 """
 
 from __future__ import annotations
@@ -55,6 +56,11 @@ def printable(text: str) -> str:
     """``text`` with each hidden character shown as an escape (``\\x1b``, ``\\n``,
     ``\\u202e``)."""
     return _SUSPECT.sub(_escape, text)
+
+
+def printable_lines(text: str) -> str:
+    """``text`` as ``printable`` shows it, but for its ``\\n`` line breaks: kept."""
+    return "\n".join(printable(line) for line in text.split("\n"))
 
 
 def printable_json(text: str) -> str:

@@ -1,0 +1,127 @@
+"""Text from apps and upstreams in the agent's own log: one line per record, and nothing a
+terminal obeys. A line break in a field name or an upstream's error body would forge a
+whole log line; an escape sequence (clear the screen) or a bidi override (U+202E) would
+rewrite or hide what `journalctl` or `tail -f` shows. Such characters are shown escaped
+(`\\n`, `\\x1b`, `\\u202e`); a traceback keeps Python's own lines, with the exception's
+text escaped."""
+
+from __future__ import annotations
+
+import asyncio
+import io
+import json
+import logging
+import re
+from collections.abc import Callable, Iterator
+from pathlib import Path
+
+import aiohttp
+import pytest
+
+from agent.logs import setup_logging
+from tests.conftest import AgentProcess, free_port, write_config
+from tests.fakes.faulty_upstream import Fault, FaultyUpstream
+from tests.waiting import wait_for
+
+# A whole forged record, then a screen clear, a carriage return and a bidi override.
+FORGED = "2030-01-01T00:00:00Z WARNING outpost.forwarder: FAKE LINE"
+HOSTILE = f"\n{FORGED} \x1b[2J\r\u202egnp.exe"
+SHOWN = f"\\n{FORGED} \\x1b[2J\\r\\u202egnp.exe"
+RECORD = re.compile(r"\d{4}-\d\d-\d\dT\d\d:\d\d:\d\dZ (DEBUG|INFO|WARNING|ERROR|CRITICAL) [\w.]+: ")
+KEY = "app-logesc"
+
+
+def assert_nothing_hidden(text: str) -> None:
+    assert not re.search(r"[\x00-\x09\x0b-\x1f\x7f-\x9f\u2028\u2029\u202a-\u202e\u2066-\u2069]",
+                         text), [line for line in text.splitlines() if not line.isprintable()]
+
+
+async def test_app_and_upstream_text_cannot_forge_or_hide_log_lines(
+        tmp_path: Path, agent_process: Callable[..., AgentProcess]) -> None:
+    upstream = await FaultyUpstream().start()
+    # Its error body holds the hostile text: the event is dead-lettered with it as reason.
+    upstream.script = [Fault("status", 400, body=HOSTILE.encode())]
+    port = free_port()
+    config = write_config(tmp_path / "agent.toml", tmp_path / "spool.db", port=port, upstreams=[
+        {"name": "up", "protocol": "nucleus-http", "url": upstream.http_url, "keys": [KEY],
+         "flush_interval_s": 0.05, "timeout_s": 2}])
+    agent = agent_process(config, port)
+    await asyncio.to_thread(agent.start)
+    try:
+        async with aiohttp.ClientSession() as s:
+            async with s.post(f"{agent.url}/app/{KEY}/track", json={"data": [
+                    {"id": "e1", "type": "track", "name": "signup"}]}) as r:
+                assert r.status == 200, await r.text()
+            # A field whose name holds it, and whose value (NaN) is refused: the event is
+            # left unacknowledged and logged, naming the field.
+            name = json.dumps(HOSTILE)
+            body = f'{{"data": [{{"id": "e2", "type": "track", "properties": {{{name}: NaN}}}}]}}'
+            async with s.post(f"{agent.url}/app/{KEY}/track", data=body,
+                              headers={"Content-Type": "application/json"}) as r:
+                assert r.status == 200, await r.text()
+            await wait_for(lambda: all(w in agent.log.read_text() for w in (
+                "moved to dead letters", "left unacknowledged")), timeout=20)
+            async with s.get(f"{agent.url}/status") as r:
+                status = await r.json()
+        assert agent.terminate() == 0
+    finally:
+        await upstream.stop()
+    log = agent.log.read_text()
+    lines = log.splitlines()
+    assert [line for line in lines if not RECORD.match(line) or line.startswith(FORGED)] == [], log
+    assert_nothing_hidden(log)
+    dead = [line for line in lines if "moved to dead letters" in line]
+    refused = [line for line in lines if "left unacknowledged" in line]
+    assert len(dead) == 1 and dead[0].endswith(f"HTTP 400: {SHOWN}"), log
+    assert len(refused) == 1 and f"data[0].properties.{SHOWN}: NaN" in refused[0], log
+    # /status is JSON: the reason is there exactly, as JSON escapes it.
+    assert status["dead_reasons"][0]["reason"] == f"HTTP 400: {HOSTILE}", status
+
+
+@pytest.fixture
+def stream() -> Iterator[Callable[[bool], io.StringIO]]:
+    root = logging.getLogger()
+    handlers, level = list(root.handlers), root.level
+
+    def install(journald: bool) -> io.StringIO:
+        buf = io.StringIO()
+        setup_logging("info", stream=buf, journald=journald)
+        return buf
+
+    yield install
+    for handler in root.handlers:
+        if handler not in handlers:
+            root.removeHandler(handler)
+            handler.close()
+    root.setLevel(level)
+
+
+@pytest.mark.parametrize("journald", [False, True])
+def test_a_traceback_keeps_its_lines_and_escapes_the_exceptions_text(
+        stream: Callable[[bool], io.StringIO], journald: bool) -> None:
+    """A traceback's line breaks are Python's, and stay; an exception's message and notes
+    (an upstream's or a D-Bus peer's words) are escaped like a message."""
+    buf = stream(journald)
+    try:
+        try:
+            raise ValueError(HOSTILE)
+        except ValueError as inner:
+            outer = RuntimeError(f"reading failed:{HOSTILE}")
+            outer.add_note(HOSTILE)
+            raise outer from inner
+    except RuntimeError:
+        logging.getLogger("agent.x").exception("watching failed: %s", HOSTILE)
+    text = buf.getvalue()
+    assert_nothing_hidden(text)
+    lines = [line.removeprefix("<3>") for line in text.splitlines()]
+    if journald:
+        assert all(line.startswith("<3>") for line in text.splitlines()), text
+    else:
+        assert RECORD.match(lines[0]), text
+    assert lines[0].endswith(f"agent.x: watching failed: {SHOWN}"), text
+    assert f"ValueError: {SHOWN}" in lines, text
+    assert lines[-2:] == [f"RuntimeError: reading failed:{SHOWN}", SHOWN], text
+    assert "The above exception was the direct cause of the following exception:" in lines
+    assert sum(line == "Traceback (most recent call last):" for line in lines) == 2, text
+    assert any(line.startswith('  File "') for line in lines), text
+    assert not any(line.startswith(FORGED) for line in lines), text
