@@ -12,6 +12,7 @@ from __future__ import annotations
 import contextlib
 import shutil
 import sqlite3
+from array import array
 from pathlib import Path
 
 import orjson
@@ -20,7 +21,7 @@ import pytest
 from agent.families.event import NUCLEUS, SEGMENT, Event, dedupe_key
 from agent.families.lanes import HIGH, NORMAL
 from agent.settings import StorageConfig
-from agent.spool import Spool, dead, dead_live
+from agent.spool import Spool, dead, dead_live, records
 from agent.spool.migrate import upgrade
 from agent.spool.salvage import Carry, salvage
 from agent.spool.schema import SCHEMA, VERSION
@@ -63,6 +64,37 @@ def test_the_v1_fixture_is_migrated_with_nothing_lost(v1: Path) -> None:
         assert table(v1, f"SELECT * FROM {name} ORDER BY 1") == rows, name
     assert table(v1, "SELECT name FROM sqlite_master WHERE type = 'index' "
                      "AND tbl_name = 'records'") == [("records_lane",)]
+
+
+def _old(event: str, ev_id: int) -> bytes:
+    """An event of an old Nucleus module (one `event` key), as a v1 spool stored it."""
+    return orjson.dumps({"event": event, "id": ev_id, "machineId": "m1", "sessionId": "s1",
+                         "date": "2026-11-01T00:00:00.000Z"})
+
+
+def test_an_old_module_error_goes_high_as_at_ingest(v1: Path) -> None:
+    """`{"event": "error:<kind>"}` is an error (agent/families/nucleus.py ``event_type``),
+    high at ingest: the conversion put it in the normal lane, its quick test looking for
+    `"error"` only."""
+    queued = [[_old("Viewed", 10), _old("error:TypeError", 11)], [_old("Clicked", 12)]]
+    letter = _old("error:RangeError", 13)
+    with connect(v1) as db:
+        db.execute("BEGIN")
+        for rid, bodies in ((19, queued[0]), (21, queued[1])):
+            size = sum(map(len, bodies))
+            db.execute("INSERT INTO records VALUES (?, 1, ?, ?, 1796055407090, ?, NULL, ?, ?, ?)",
+                       (rid, NUCLEUS, len(bodies), len(bodies), size,
+                        array("q", range(rid, rid + len(bodies))).tobytes(),
+                        records.pack(bodies)))
+            db.execute("UPDATE streams SET depth = depth + ?, bytes = bytes + ? WHERE id = 1",
+                       (len(bodies), size))
+        db.execute("INSERT INTO dead VALUES (22, 1, ?, 1796055407090, 22, ?, 'up', 'HTTP 400: bad',"
+                   " 1796055407091)", (NUCLEUS, letter))
+        db.execute("COMMIT")
+        upgrade(db)
+    assert table(v1, "SELECT id, lane FROM records WHERE id > 18 ORDER BY id") == [
+        (19, HIGH), (21, NORMAL)]
+    assert table(v1, "SELECT seq, lane FROM dead WHERE seq = 22") == [(22, HIGH)]
 
 
 def test_a_failure_mid_migration_leaves_the_v1_file_as_it_was(v1: Path) -> None:

@@ -82,7 +82,8 @@ async def read_raw(request: web.Request, limit: int) -> bytes:
         raise BodyError(413, "request body too large", f"{length} bytes, limit {limit}")
     encoding = request.headers.get("Content-Encoding", "identity").strip().lower()
     if encoding not in ("identity", "", "gzip", "x-gzip", "deflate"):
-        raise BodyError(415, f"unsupported Content-Encoding {encoding!r}")
+        raise BodyError(415, f"unsupported Content-Encoding {encoding!r}",
+                        "accepted: gzip (or x-gzip), deflate (zlib-wrapped), or none (identity)")
     ticket = TICKET.get()
     if ticket is not None and length:
         ticket.take(length)

@@ -189,7 +189,7 @@ class SegmentHandlers:
             return batch_error(exc.status, [error_object(exc.status, exc.message, exc.details)],
                                exc.retry_after)
         except BodyError as exc:
-            detail = "HTTP request too large" if exc.status == 413 else exc.details
+            detail = "HTTP request too large" if exc.status == 413 else replies.describe(exc)
             return batch_error(exc.status, [error_object(
                 exc.status, "Error reading request body", detail)])
         return await self._store(collected)

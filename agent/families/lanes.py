@@ -72,15 +72,14 @@ class Lanes:
     def rule(self, key: str) -> Rule:
         return self._named.get(key, self._rest)
 
-    def nucleus(self, key: str, kind: str, event: dict[str, Any]) -> int:
-        """The lane of a Nucleus event of type ``kind``."""
+    def nucleus(self, key: str, kind: str, name: str | None) -> int:
+        """The lane of a checked Nucleus event of type ``kind`` and ``name``."""
         if kind in NUCLEUS_HIGH:
             return HIGH
         rule = self._named.get(key, self._rest)  # self.rule, without a call per event
         if rule is NO_RULE:
             return NORMAL
-        name = event.get("name")
-        if kind in rule.types or (isinstance(name, str) and name in rule.events):
+        if kind in rule.types or (name is not None and name in rule.events):
             return HIGH
         return NORMAL
 

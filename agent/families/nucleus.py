@@ -148,8 +148,11 @@ def accept(msg: Any, key: str, enrich: Enrich, faults: Mapping[int, str] = EMPTY
             get = ev.get
             ev_id = get("id")
             keyed = kind = get("type")
+            name = get("name")
             if not (type(kind) is str and kind):   # checked: a string or None
                 kind, keyed = event_type(ev), keyed_type(ev)
+                if name is None:   # the name it is forwarded under: its lane's too
+                    name = old_name(ev)
             if kind == "heartbeat":
                 if ev_id is not None:
                     acks.append(ev_id)
@@ -171,7 +174,7 @@ def accept(msg: Any, key: str, enrich: Enrich, faults: Mapping[int, str] = EMPTY
                     if ev_id is not None:
                         acks.append(ev_id)
                     events.append(Event(key, NUCLEUS, ident, body, ev_id,
-                                        lanes.nucleus(key, kind, ev)))
+                                        lanes.nucleus(key, kind, name)))
                     continue
                 why = f"data[{i}].{deep}"
         ev_id = ev.get("id") if isinstance(ev, dict) else None

@@ -61,7 +61,9 @@ def classify(conn: sqlite3.Connection) -> int:
 def _is_high(family: int, body: bytes) -> bool:
     """Whether a stored body is a built-in high event (agent/families/lanes.py)."""
     if family == NUCLEUS:
-        if b'"init"' not in body and b'"error"' not in body:  # most events: no parse
+        # Most events: no parse. `"error` without its closing quote: an old module's
+        # `{"event": "error:<kind>"}` is an error too (nucleus.event_type).
+        if b'"init"' not in body and b'"error' not in body:
             return False
     elif b"Application " not in body:
         return False
