@@ -45,8 +45,11 @@ class Sink:
         """The routes of a reloaded config: they apply from the next request on."""
         self.limits = limits
 
-    def oversize(self, event: Event) -> str | None:
-        return self.limits.oversize(event)
+    @property
+    def oversize(self) -> Callable[[Event], str | None]:
+        """The current routes' ``RouteLimits.oversize``, itself: the batch APIs ask for
+        every message, and a call of the sink's own around it cost a frame each."""
+        return self.limits.oversize
 
     def key_allowed(self, key: str | None) -> bool:
         return self.key_refusal(key) is None
