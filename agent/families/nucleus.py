@@ -92,13 +92,9 @@ def check(msg: Any) -> list[Any]:
 
 
 def fault(i: int, ev: Any) -> str | None:
-    """What is wrong with event ``data[i]`` by the family's rules, or None."""
-    if type(ev) is dict:   # the usual event passes at once
-        get = ev.get
-        kind, name = get("type"), get("name")
-        if (type(get("id")) in _ID_OR_NONE and (kind is None or type(kind) is str)
-                and (name is None or type(name) is str)):
-            return None
+    """What is wrong with event ``data[i]`` by the family's rules, or None. ``accept`` asks
+    only about an event that is not the usual one (an object whose `id`, `type` and
+    `name` are of the usual types)."""
     if not isinstance(ev, dict):
         return f"data[{i}] must be an object, got {_json_type(ev)}"
     if "id" in ev and ev["id"] is not None and (
@@ -143,11 +139,18 @@ def accept(msg: Any, key: str, enrich: Enrich, faults: Mapping[int, str] = EMPTY
     fill = enrich.nucleus
     lanes = enrich.lanes
     for i, ev in enumerate(data):
-        why = (faults.get(i) if faults else None) or fault(i, ev)
-        if why is None:
+        why = faults.get(i) if faults else None
+        if why is None and isinstance(ev, dict):
+            # Each field read once, here: the usual event is judged by its types alone.
             get = ev.get
-            ev_id = get("id")
-            keyed = kind = get("type")
+            ev_id, kind, name = get("id"), get("type"), get("name")
+            if not (type(ev_id) in _ID_OR_NONE and (kind is None or type(kind) is str)
+                    and (name is None or type(name) is str)):
+                why = fault(i, ev)
+        elif why is None:
+            why = fault(i, ev)
+        if why is None:
+            keyed = kind
             if not (type(kind) is str and kind):   # checked: a string or None
                 kind, keyed = event_type(ev), keyed_type(ev)
             if kind == "heartbeat":
@@ -171,7 +174,7 @@ def accept(msg: Any, key: str, enrich: Enrich, faults: Mapping[int, str] = EMPTY
                     if ev_id is not None:
                         acks.append(ev_id)
                     events.append(Event(key, NUCLEUS, ident, body, ev_id,
-                                        lanes.nucleus(key, kind, ev)))
+                                        lanes.nucleus(key, kind, name)))
                     continue
                 why = f"data[{i}].{deep}"
         ev_id = ev.get("id") if isinstance(ev, dict) else None
