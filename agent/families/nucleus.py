@@ -75,9 +75,9 @@ def identity_key(key: str, ev: dict[str, Any], kind: str, ev_id: Any) -> int:
     if ev_id is None:
         # No id to go on: the whole event, as sent, is its identity.
         return dedupe_key("nucleus", key, orjson.dumps(ev, option=orjson.OPT_SORT_KEYS).decode())
-    get = ev.get
-    return dedupe_key("nucleus", key, get("machineId") or get("deviceId") or get("anonId"),
-                      get("sessionId"), ev_id, get("date"), kind, get("name"))
+    return dedupe_key("nucleus", key,
+                      ev.get("machineId") or ev.get("deviceId") or ev.get("anonId"),
+                      ev.get("sessionId"), ev_id, ev.get("date"), kind, ev.get("name"))
 
 
 def check(msg: Any) -> list[Any]:
@@ -142,8 +142,7 @@ def accept(msg: Any, key: str, enrich: Enrich, faults: Mapping[int, str] = EMPTY
         why = faults.get(i) if faults else None
         if why is None and isinstance(ev, dict):
             # Each field read once, here: the usual event is judged by its types alone.
-            get = ev.get
-            ev_id, kind, name = get("id"), get("type"), get("name")
+            ev_id, kind, name = ev.get("id"), ev.get("type"), ev.get("name")
             if not (type(ev_id) in _ID_OR_NONE and (kind is None or type(kind) is str)
                     and (name is None or type(name) is str)):
                 why = fault(i, ev)
@@ -161,7 +160,7 @@ def accept(msg: Any, key: str, enrich: Enrich, faults: Mapping[int, str] = EMPTY
                 ident = identity_key(key, ev, keyed, ev_id)
                 if kind in NEEDS_FACTS:
                     fill(ev, kind)
-                if get("date") is None:
+                if ev.get("date") is None:
                     received = received or iso_ms(now_ms())
                     ev["date"] = received
                 body = compact_json(ev)

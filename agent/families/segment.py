@@ -76,8 +76,7 @@ def check(ev: Any, types: frozenset[str], *, need_message_id: bool = False) -> N
     kind = ev.get("type")
     if not isinstance(kind, str) or kind not in types:
         raise Invalid(f"`type` must be one of {', '.join(sorted(types))}, got {kind!r}")
-    get = ev.get
-    user, anon = get("userId"), get("anonymousId")
+    user, anon = ev.get("userId"), ev.get("anonymousId")
     # The usual message (a non-empty string userId, anonymousId absent or a string) passes
     # both checks below: every message of a batch asks (bench/RESULTS.md, run 10).
     if not (type(user) is str and user and (anon is None or type(anon) is str)):
@@ -88,23 +87,24 @@ def check(ev: Any, types: frozenset[str], *, need_message_id: bool = False) -> N
             raise Invalid("`userId` or `anonymousId` is required")
     required = REQUIRED.get(kind)
     if required is not None:
-        value = get(required)
+        value = ev.get(required)
         if not (type(value) is str and value) and (  # the usual value passes at once
                 not is_id(value) or (required == "event" and not isinstance(value, str))):
             raise Invalid(f"{kind} needs `{required}` (a non-empty string)")
     # Fields by name, not by a loop over the names: a loop's iterator is a malloc for
     # every message (callgrind). The usual objects (absent, or objects) pass at once.
-    if not (type(get("properties")) in _OBJECT_OR_NONE and type(get("traits")) in _OBJECT_OR_NONE
-            and type(get("context")) in _OBJECT_OR_NONE
-            and type(get("integrations")) in _OBJECT_OR_NONE):
+    if not (type(ev.get("properties")) in _OBJECT_OR_NONE
+            and type(ev.get("traits")) in _OBJECT_OR_NONE
+            and type(ev.get("context")) in _OBJECT_OR_NONE
+            and type(ev.get("integrations")) in _OBJECT_OR_NONE):
         for name in OBJECT_FIELDS:
-            value = get(name)
+            value = ev.get(name)
             if value is not None and not isinstance(value, dict):
                 raise Invalid(f"`{name}` must be an object")
-    value = get("name")
+    value = ev.get("name")
     if value is not None and not isinstance(value, str):
         raise Invalid("`name` must be a string")
-    timestamp, original, sent = get("timestamp"), get("originalTimestamp"), get("sentAt")
+    timestamp, original, sent = ev.get("timestamp"), ev.get("originalTimestamp"), ev.get("sentAt")
     try:   # check_dates, without a call for each message
         if timestamp is not None:
             _read_date(timestamp)
@@ -114,7 +114,7 @@ def check(ev: Any, types: frozenset[str], *, need_message_id: bool = False) -> N
             _read_date(sent)
     except (TypeError, ValueError):
         check_dates(ev)   # raises, naming the first that is no date
-    message_id = get("messageId")
+    message_id = ev.get("messageId")
     if message_id is None:
         if need_message_id:
             raise Invalid("`messageId` is required")
