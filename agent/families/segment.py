@@ -113,7 +113,7 @@ def check(ev: Any, types: frozenset[str], *, need_message_id: bool = False) -> N
         if sent is not None:
             _read_date(sent)
     except (TypeError, ValueError):
-        check_dates(ev)   # raises, naming the first that is no date
+        check_dates(ev)   # raises, naming the first that is not a date
     message_id = ev.get("messageId")
     if message_id is None:
         if need_message_id:
