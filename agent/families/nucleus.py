@@ -149,8 +149,9 @@ def accept(msg: Any, key: str, enrich: Enrich, faults: Mapping[int, str] = EMPTY
         elif why is None:
             why = fault(i, ev)
         if why is None:
-            keyed = kind
-            if not (type(kind) is str and kind):   # checked: a string or None
+            if type(kind) is str and kind:
+                keyed = kind
+            else:   # checked: None or ""
                 kind, keyed = event_type(ev), keyed_type(ev)
             if kind == "heartbeat":
                 if ev_id is not None:
