@@ -221,9 +221,15 @@ async def test_a_reload_while_a_large_batch_is_read_leaves_it_to_the_routes_it_w
     batch = {"batch": [{"type": "track", "event": "e", "userId": "u", "messageId": f"m{i}",
                         "properties": {"p": "x" * 10_000}} for i in range(8)]}
     headers = {"Authorization": basic("k")}
-    go, read = threading.Event(), threading.Event()
+    held, go, read = threading.Event(), threading.Event(), threading.Event()
+
+    def hold() -> None:
+        held.set()
+        go.wait(30)
+
     worker = offload._worker   # one thread, first come first served
-    worker.submit(go.wait, 30)   # holds it: the batch's reading queues behind
+    worker.submit(hold)   # holds it: the batch's reading queues behind
+    assert held.wait(30)   # taken off the queue: what is queued next is the batch
     sent = asyncio.create_task(call(agent.port, "/v1/batch", batch, headers=headers))
     await wait_for(lambda: worker._work_queue.qsize() == 1)
     worker.submit(read.set)   # runs once the batch is read
