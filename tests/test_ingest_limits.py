@@ -4,8 +4,10 @@ instead of a 2xx and a dead letter."""
 
 from __future__ import annotations
 
+import asyncio
 import base64
 import os
+import threading
 from pathlib import Path
 from typing import Any
 
@@ -14,6 +16,7 @@ import orjson
 import pytest
 from aiohttp import WSMsgType
 
+from agent.dialects import offload
 from agent.uplinks.segment_http import SegmentHttpUplink
 from tests.conftest import write_config
 from tests.fakes.nucleus_upstream import FakeNucleus
@@ -205,3 +208,39 @@ async def test_over_the_nucleus_websocket_the_oversize_event_alone_is_left_unack
         reply = await ws.receive(timeout=5)
     assert reply.type == WSMsgType.TEXT and orjson.loads(reply.data) == {"reportedIds": [1]}
     await wait_for(lambda: len(fake_segment.events) == 1)
+
+
+async def test_a_reload_while_a_large_batch_is_read_leaves_it_to_the_routes_it_was_read_by(
+        make_agent: Any, tmp_path: Path, fake_segment: FakeSegment) -> None:
+    """A batch over 64 KB is read on the parse worker, and a reload applies its routes to
+    the next request. One landing after the reading but before the commit held the
+    commit to the new routes: a message they refuse was a 500 for the whole batch."""
+    agent = await make_agent(upstreams=[segment_up(fake_segment)])
+    write_config(Path(agent.config_path), tmp_path / "spool.db",
+                 upstreams=[segment_up(fake_segment, batch_max_bytes=8192)])
+    batch = {"batch": [{"type": "track", "event": "e", "userId": "u", "messageId": f"m{i}",
+                        "properties": {"p": "x" * 10_000}} for i in range(8)]}
+    headers = {"Authorization": basic("k")}
+    held, go, read = threading.Event(), threading.Event(), threading.Event()
+
+    def hold() -> None:
+        held.set()
+        go.wait(30)
+
+    worker = offload._worker   # one thread, first come first served
+    worker.submit(hold)   # holds it: the batch's reading queues behind
+    assert held.wait(30)   # taken off the queue: what is queued next is the batch
+    sent = asyncio.create_task(call(agent.port, "/v1/batch", batch, headers=headers))
+    await wait_for(lambda: worker._work_queue.qsize() == 1)
+    worker.submit(read.set)   # runs once the batch is read
+    go.set()
+    # The loop held until the batch is read: its commit resumes only after the reload's
+    # first step, which sets the new routes.
+    assert read.wait(30)
+    reloaded = asyncio.ensure_future(agent.reload())
+    reply = await sent
+    await reloaded
+    assert reply.status == 200, reply.body
+    assert agent.spool.depth == 8
+    again = await call(agent.port, "/v1/batch", batch, headers=headers)   # the next request
+    assert again.status == 413 and "batch_max_bytes" in again.json()["Errors"][0]["Message"]

@@ -7,7 +7,7 @@ IngestSink, which agent/server/intake.py implements; it never imports agent.serv
 
 from __future__ import annotations
 
-from collections.abc import Awaitable, Callable, Mapping
+from collections.abc import Awaitable, Callable, Container, Mapping
 from contextlib import AbstractContextManager
 from dataclasses import dataclass, field
 from typing import Protocol
@@ -19,6 +19,23 @@ from agent.families.enrich import Enrich
 from agent.families.event import Event
 
 JSON = {"Content-Type": "application/json"}  # for examples' headers
+
+
+class Routes(Protocol):
+    """The upstream routes of one config (agent/server/limits.py): what each key's upstream
+    can carry, and the shape its events are stored in. A reload makes new ones for the next
+    request; a request that asks them before its commit hands the same ones to ``store``."""
+
+    @property
+    def active(self) -> bool:
+        """False when no route sets a limit."""
+
+    def oversize(self, event: Event) -> str | None:
+        """Why ``event`` is larger than the upstream its key is routed to can ever carry,
+        or None."""
+
+    def as_stored(self, events: list[Event], known: Container[int] = ()) -> list[Event]:
+        """``events`` in the shape their routes store them in."""
 
 
 class IngestSink(Protocol):
@@ -33,17 +50,18 @@ class IngestSink(Protocol):
     def key_refusal(self, key: str | None) -> str | None:
         """Why events may not be stored under ``key``, for the 401; None if they may."""
 
-    def oversize(self, event: Event) -> str | None:
-        """Why ``event`` is larger than the upstream its key is routed to can ever carry,
-        or None. ``store`` refuses such events too; a batch API that answers per message
-        asks first."""
+    @property
+    def limits(self) -> Routes:
+        """The routes in force. ``store`` refuses an event too large for its upstream; a
+        batch API that answers per message asks ``oversize`` first."""
 
     def ticket(self) -> AbstractContextManager[Reservation]:
         """A share of the in-flight body budget, given back on exit. HTTP handlers get one
         already (see body.TICKET); a websocket takes one per frame."""
 
-    async def store(self, events: list[Event]) -> int:
-        """Commit ``events`` durably; how many were new. Raises SpoolFull."""
+    async def store(self, events: list[Event], limits: Routes | None = None) -> int:
+        """Commit ``events`` durably, held to ``limits`` (None: those in force); how many
+        were new. Raises SpoolFull, or Invalid (too large), storing none."""
 
 
 # A route the server may answer itself, without aiohttp's request machinery, for a plain

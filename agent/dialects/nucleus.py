@@ -90,8 +90,9 @@ class NucleusHandlers:
             log_limited(log, logging.WARNING, f"bad-event:{key}",
                         "event id %r of app %s left unacknowledged: %s", ev_id, masked(key), why)
         refused: set[int] = set()    # places in the acks, not ids: ids collide
+        oversize = self.sink.limits.oversize
         for ev, at in zip(got.events, got.ack_at, strict=True):
-            too = self.sink.oversize(ev)
+            too = oversize(ev)
             if too is None:
                 continue
             if at < 0:

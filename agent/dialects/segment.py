@@ -31,7 +31,7 @@ from aiohttp import web
 
 from agent.dialects import batch_json, replies
 from agent.dialects.auth import BadAuth, basic, basic_user
-from agent.dialects.base import JSON, Dialect, Example, Express, IngestSink
+from agent.dialects.base import JSON, Dialect, Example, Express, IngestSink, Routes
 from agent.dialects.body import BodyError, Busy, parse_body, read_raw, whole_body
 from agent.dialects.relaxed_json import parse_lenient
 from agent.dialects.segment_replies import (
@@ -70,6 +70,7 @@ class Collected(NamedTuple):
     errors: list[dict[str, str]]
     statuses: list[int]
     key: str
+    limits: Routes   # those the messages were judged by: the commit is held to them too
     partial: int = 207
 
 
@@ -216,9 +217,10 @@ class SegmentHandlers:
                             [401], 0)
         given = spec.shared(spec.received_now(), body)
         enrich, refusal = self.sink.enrich, self.sink.key_refusal
-        oversize = self.sink.oversize
+        limits = self.sink.limits   # read once: a reload applies to the next request
+        oversize = limits.oversize
         asked: dict[str, str | None] = {}   # each key asked once a request: why refused
-        out = Collected([], [], [], forced_key or batch_key or NO_KEY)
+        out = Collected([], [], [], forced_key or batch_key or NO_KEY, limits)
         for i, ev in enumerate(items):
             if faults and i in faults:   # read, but not as sent: refused alone
                 out.errors.append(error_object(400, faults[i], where(i, ev)))
@@ -254,7 +256,7 @@ class SegmentHandlers:
         if isinstance(collected, web.Response):
             return collected
         try:
-            await self.sink.store(collected.events)
+            await self.sink.store(collected.events, collected.limits)
         except SpoolFull as exc:
             return batch_error(503, [error_object(503, "spool full, retry later", str(exc))],
                                exc.retry_after)

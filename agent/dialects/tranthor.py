@@ -139,7 +139,7 @@ class TranthorHandlers:
                                            read.faults), read.faults))
             kept = [i for i in range(len(events) + len(faults)) if i not in faults]
             for n, event in enumerate(events):
-                why = self.sink.oversize(event)
+                why = self.sink.limits.oversize(event)
                 if why is not None:
                     exc = Invalid(why, too_large=True)
                     raise exc.within(f"batch[{kept[n]}]") if call == "batch" else exc

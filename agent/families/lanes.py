@@ -13,7 +13,7 @@ from __future__ import annotations
 
 from collections.abc import Iterable
 from dataclasses import dataclass
-from typing import Any, Protocol
+from typing import Protocol
 
 HIGH = 0     # sorts first: a lane's number is its place in the send order
 NORMAL = 1
@@ -83,12 +83,9 @@ class Lanes:
             return HIGH
         return NORMAL
 
-    def segment(self, key: str, event: dict[str, Any]) -> int:
-        """The lane of a Segment-family message (checked: it has a string ``type``)."""
-        kind = event.get("type")
-        name = event.get("event") if kind == "track" else None
-        if not isinstance(name, str):  # an app may send anything; a list is unhashable
-            name = None
+    def segment(self, key: str, kind: str, name: str | None) -> int:
+        """The lane of a checked Segment-family message of type ``kind``; ``name`` is a
+        track's `event` (None for other types)."""
         if name in SEGMENT_HIGH:
             return HIGH
         rule = self._named.get(key, self._rest)  # self.rule, without a call per message

@@ -75,9 +75,9 @@ def identity_key(key: str, ev: dict[str, Any], kind: str, ev_id: Any) -> int:
     if ev_id is None:
         # No id to go on: the whole event, as sent, is its identity.
         return dedupe_key("nucleus", key, orjson.dumps(ev, option=orjson.OPT_SORT_KEYS).decode())
-    get = ev.get
-    return dedupe_key("nucleus", key, get("machineId") or get("deviceId") or get("anonId"),
-                      get("sessionId"), ev_id, get("date"), kind, get("name"))
+    return dedupe_key("nucleus", key,
+                      ev.get("machineId") or ev.get("deviceId") or ev.get("anonId"),
+                      ev.get("sessionId"), ev_id, ev.get("date"), kind, ev.get("name"))
 
 
 def check(msg: Any) -> list[Any]:
@@ -92,13 +92,9 @@ def check(msg: Any) -> list[Any]:
 
 
 def fault(i: int, ev: Any) -> str | None:
-    """What is wrong with event ``data[i]`` by the family's rules, or None."""
-    if type(ev) is dict:   # the usual event passes at once
-        get = ev.get
-        kind, name = get("type"), get("name")
-        if (type(get("id")) in _ID_OR_NONE and (kind is None or type(kind) is str)
-                and (name is None or type(name) is str)):
-            return None
+    """What is wrong with event ``data[i]`` by the family's rules, or None. ``accept`` asks
+    only about an event that is not the usual one (an object whose `id`, `type` and
+    `name` are of the usual types)."""
     if not isinstance(ev, dict):
         return f"data[{i}] must be an object, got {_json_type(ev)}"
     if "id" in ev and ev["id"] is not None and (
@@ -143,13 +139,19 @@ def accept(msg: Any, key: str, enrich: Enrich, faults: Mapping[int, str] = EMPTY
     fill = enrich.nucleus
     lanes = enrich.lanes
     for i, ev in enumerate(data):
-        why = (faults.get(i) if faults else None) or fault(i, ev)
+        why = faults.get(i) if faults else None
+        if why is None and isinstance(ev, dict):
+            # Each field read once, here: the usual event is judged by its types alone.
+            ev_id, kind, name = ev.get("id"), ev.get("type"), ev.get("name")
+            if not (type(ev_id) in _ID_OR_NONE and (kind is None or type(kind) is str)
+                    and (name is None or type(name) is str)):
+                why = fault(i, ev)
+        elif why is None:
+            why = fault(i, ev)
         if why is None:
-            get = ev.get
-            ev_id = get("id")
-            keyed = kind = get("type")
-            name = get("name")
-            if not (type(kind) is str and kind):   # checked: a string or None
+            if type(kind) is str and kind:
+                keyed = kind
+            else:   # checked: None or ""
                 kind, keyed = event_type(ev), keyed_type(ev)
                 if name is None:   # the name it is forwarded under: its lane's too
                     name = old_name(ev)
@@ -161,7 +163,7 @@ def accept(msg: Any, key: str, enrich: Enrich, faults: Mapping[int, str] = EMPTY
                 ident = identity_key(key, ev, keyed, ev_id)
                 if kind in NEEDS_FACTS:
                     fill(ev, kind)
-                if get("date") is None:
+                if ev.get("date") is None:
                     received = received or iso_ms(now_ms())
                     ev["date"] = received
                 body = compact_json(ev)

@@ -7,6 +7,7 @@ import asyncio
 import time
 from collections.abc import Callable, Sequence
 
+from agent.dialects.base import Routes
 from agent.families.enrich import Enrich
 from agent.families.errors import Invalid
 from agent.families.event import Event
@@ -45,9 +46,6 @@ class Sink:
         """The routes of a reloaded config: they apply from the next request on."""
         self.limits = limits
 
-    def oversize(self, event: Event) -> str | None:
-        return self.limits.oversize(event)
-
     def key_allowed(self, key: str | None) -> bool:
         return self.key_refusal(key) is None
 
@@ -63,16 +61,20 @@ class Sink:
     def ticket(self) -> Ticket:
         return self.admission.ticket()
 
-    async def store(self, events: list[Event]) -> int:
+    async def store(self, events: list[Event], limits: Routes | None = None) -> int:
         """Commit ``events`` durably, each in the shape its route stores it in
         (``RouteLimits.as_stored``); returns how many were new. Raises SpoolFull, or
-        Invalid (too large) for an event its upstream can never carry, storing none."""
+        Invalid (too large) for an event its upstream can never carry, storing none.
+        ``limits``: the routes the request judged its events by, when a reload may have
+        come since (a large body is judged on the parse worker); None: those in force."""
         if not events:
             return 0
-        kept = self.limits.as_stored(events, self.spool.index)
-        if self.limits.active:
+        if limits is None:
+            limits = self.limits
+        kept = limits.as_stored(events, self.spool.index)
+        if limits.active:
             for ev in kept:
-                why = self.limits.oversize(ev)
+                why = limits.oversize(ev)
                 if why is not None:
                     raise Invalid(why, too_large=True)
         started = time.perf_counter()
