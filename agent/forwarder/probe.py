@@ -12,6 +12,10 @@ TCP connect (``UplinkBase.reach``) at once:
   (recovery.py: logged once the backlog is delivered, with how many events).
 - it connects: the upstream is up and answered badly (a 5xx, a timeout, a captive
   portal). Its backoff holds: a failing upstream is not hammered with batches.
+  Except right after a return: a send that fails less than ``PROBE_S`` after the
+  probe that found the upstream back may mean it went away again (it flapped), so
+  it is probed once that interval ends; else the keys ``back`` just retried would
+  wait out their backoff, up to a minute, while it is unreachable.
 
 Real sends keep their backoff either way; only the probes run every few seconds,
 and only while something waits for the upstream. ``kick`` (a network change) ends
@@ -55,6 +59,7 @@ class Prober:
         self._timer: Timer | None = None
         self._probe: asyncio.Task[None] | None = None
         self._live_at: float | None = None   # timing clock: the last probe that connected
+        self._returned = False   # that probe found the upstream back after an outage
         self._recovery = RecoveryReport(state, timing, queued, interval_s)
         self._acked_at_loss = 0               # state.acked when it was found unreachable
 
@@ -70,10 +75,13 @@ class Prober:
     def suspect(self) -> None:
         """A send failed without a Retry-After: probe now, unless a probe is running or
         scheduled, or one connected less than a probe interval ago (a live upstream
-        failing many keys' sends is probed once, not once per key)."""
+        failing many keys' sends is probed once, not once per key); if that probe found
+        the upstream back, probe when the interval ends (see the module docstring)."""
         if self._probe is not None or self._timer is not None:
             return
         if self._live_at is not None and self._timing.now() - self._live_at < self._interval:
+            if self._returned:
+                self._timer = self._timing.call_at(self._live_at + self._interval, self._tick)
             return
         self._start()
 
@@ -98,8 +106,8 @@ class Prober:
         """Go on with ``old``'s outage (a reload that left the upstream as it was): its
         start, for status and the recovery line, and its probing, from a probe interval
         on; the loss is not logged again."""
-        self._lost_at, self._acked_at_loss, self._live_at = \
-            old._lost_at, old._acked_at_loss, old._live_at
+        self._lost_at, self._acked_at_loss, self._live_at, self._returned = \
+            old._lost_at, old._acked_at_loss, old._live_at, old._returned
         self.state.unreachable_since = old.state.unreachable_since if self.unreachable else None
         if self.unreachable:
             self._timer = self._timing.call_at(self._timing.now() + self._interval, self._tick)
@@ -121,7 +129,7 @@ class Prober:
     def _settle(self, why: str | None) -> None:
         if why is None:
             self._live_at = self._timing.now()
-            was_lost = self.unreachable
+            was_lost = self._returned = self.unreachable
             self._mark(None)
             if was_lost:
                 self._back()
