@@ -17,7 +17,6 @@ key's.
 from __future__ import annotations
 
 import asyncio
-import socket
 import time
 from collections.abc import Callable
 from pathlib import Path
@@ -65,12 +64,6 @@ async def test_after_an_outage_at_the_backoff_cap_everything_arrives_within_3s(
         record_property: Callable[[str, object], None]) -> None:
     fake = await FakeNucleus().start(free_port())
     await fake.go_down()
-    # Down, its port is free: another process's free_port may hand it to an agent or a
-    # fake of its own, which the probe would take for the upstream back (and which may
-    # take our events). Bound without SO_REUSEADDR and not listening, it is held: binds
-    # fail, connects are refused, as when nothing listens.
-    held = socket.socket()
-    held.bind(("127.0.0.1", fake.port))
     port = free_port()
     config = write_config(tmp_path / "agent.toml", tmp_path / "spool.db", port=port, upstreams=[
         {"name": "up", "protocol": "nucleus-ws", "url": fake.url, "flush_interval_s": 0.05,
@@ -89,7 +82,6 @@ async def test_after_an_outage_at_the_backoff_cap_everything_arrives_within_3s(
             assert up["state"] == "unreachable" and up["probes"] > 0, up
             posted["app2"] = list(range(1000, 1010))
             await post(s, agent, "app2", posted["app2"])
-            held.close()
             await fake.come_back()
             back = time.monotonic()
             want = {i for ids in posted.values() for i in ids}
@@ -105,5 +97,4 @@ async def test_after_an_outage_at_the_backoff_cap_everything_arrives_within_3s(
         assert agent.terminate() == 0
         assert agent.log.read_text().count("upstream up recovered after") == 1
     finally:
-        held.close()
         await fake.stop()

@@ -8,6 +8,7 @@ Every received event is recorded in order.
 from __future__ import annotations
 
 import asyncio
+import socket
 from collections.abc import Callable
 from typing import Any
 
@@ -31,6 +32,7 @@ class FakeNucleus:
         self._site: web.TCPSite | None = None
         self.connections = 0
         self._sockets: set[web.WebSocketResponse] = set()
+        self._held: socket.socket | None = None   # the port, while down
 
     @property
     def url(self) -> str:
@@ -100,18 +102,33 @@ class FakeNucleus:
         return self
 
     async def go_down(self) -> None:
-        """Stop listening and cut every open websocket (the port stays reserved to us)."""
+        """Stop listening and cut every open websocket. The port stays ours, bound and not
+        listening (connects are refused, as when nothing listens): free, another process's
+        ``free_port`` could hand it to a server of its own, which an agent's probe would
+        take for the upstream back, and which might take the agent's events."""
         for ws in list(self._sockets):
             await ws.close()
         if self._runner is not None:
             await self._runner.cleanup()
             self._runner = None
+            self._held = socket.socket()
+            # Its closed connections may linger in TIME_WAIT on the port; a plain bind,
+            # as free_port's, still fails while this one holds it.
+            self._held.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+            self._held.bind(("127.0.0.1", self.port))
 
     async def come_back(self) -> None:
+        self._release()
         await self.start(self.port)
 
     async def stop(self) -> None:
         await self.go_down()
+        self._release()
+
+    def _release(self) -> None:
+        if self._held is not None:
+            self._held.close()
+            self._held = None
 
     @property
     def open_connections(self) -> int:
