@@ -13,6 +13,7 @@ import json
 import logging
 import re
 from collections.abc import Callable, Iterator
+from typing import Any
 from pathlib import Path
 
 import aiohttp
@@ -151,3 +152,22 @@ def test_a_secret_is_redacted_in_the_escaped_forms_the_log_shows_it_in(
     assert "upstream refused key '***'" in text, text
     assert "KeyError: '***'" in text, text
     assert "its reply: unknown key ***" in text, text
+
+
+async def test_a_batch_stored_in_part_logs_its_refusal_on_one_escaped_line(
+        make_agent: Callable[..., Any], stream: Callable[[bool], io.StringIO]) -> None:
+    """The warning for a batch stored in part quotes the first refusal, a message's
+    `messageId` included: the log's own escaping shows it, as it shows every message."""
+    buf = stream(False)
+    agent = await make_agent()
+    hostile = HOSTILE.replace(FORGED, "FAKE LINE")   # a messageId is at most 99 characters
+    batch = {"batch": [{"type": "track", "event": "ok", "userId": "u"},
+                       {"type": "track", "userId": "u", "messageId": hostile}]}
+    async with aiohttp.ClientSession() as s, s.post(
+            f"http://127.0.0.1:{agent.port}/v1/batch", json=batch,
+            auth=aiohttp.BasicAuth(KEY, "")) as r:
+        assert r.status == 207, await r.text()
+    lines = [line for line in buf.getvalue().splitlines() if "the rest stored" in line]
+    shown = SHOWN.replace(FORGED, "FAKE LINE")
+    assert len(lines) == 1 and f"messageId={shown}: track needs" in lines[0], buf.getvalue()
+    assert_nothing_hidden(buf.getvalue())
