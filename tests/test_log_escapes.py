@@ -13,8 +13,8 @@ import json
 import logging
 import re
 from collections.abc import Callable, Iterator
-from typing import Any
 from pathlib import Path
+from typing import Any
 
 import aiohttp
 import pytest
