@@ -8,7 +8,6 @@ text escaped."""
 from __future__ import annotations
 
 import asyncio
-import base64
 import io
 import json
 import logging
@@ -157,19 +156,20 @@ def test_a_secret_is_redacted_in_the_escaped_forms_the_log_shows_it_in(
 
 async def test_a_batch_stored_in_part_logs_its_refusal_on_one_escaped_line(
         make_agent: Callable[..., Any], stream: Callable[[bool], io.StringIO]) -> None:
-    """The warning for a batch stored in part quotes the first refusal, a message's
-    `messageId` included: the log's own escaping shows it, as it shows every message."""
+    """The warning for a batch stored in part names the batch's key (its first three
+    characters) and quotes the first refusal, a message's `messageId` included: both come
+    from the client, and the log's own escaping shows them as it shows every message."""
     buf = stream(False)
     agent = await make_agent()
     hostile = HOSTILE.replace(FORGED, "FAKE LINE")   # a messageId is at most 99 characters
-    batch = {"batch": [{"type": "track", "event": "ok", "userId": "u"},
-                       {"type": "track", "userId": "u", "messageId": hostile}]}
+    batch = {"writeKey": "\nk", "batch": [
+        {"type": "track", "event": "ok", "userId": "u", "writeKey": KEY},
+        {"type": "track", "userId": "u", "messageId": hostile, "writeKey": KEY}]}
     async with aiohttp.ClientSession() as s, s.post(
-            f"http://127.0.0.1:{agent.port}/v1/batch", json=batch,
-            headers={"Authorization": "Basic " + base64.b64encode(f"{KEY}:".encode()).decode()}
-            ) as r:
+            f"http://127.0.0.1:{agent.port}/v1/batch", json=batch) as r:
         assert r.status == 207, await r.text()
     lines = [line for line in buf.getvalue().splitlines() if "the rest stored" in line]
     shown = SHOWN.replace(FORGED, "FAKE LINE")
-    assert len(lines) == 1 and f"messageId={shown}: track needs" in lines[0], buf.getvalue()
+    assert len(lines) == 1 and "for key \\nk*** refused" in lines[0], buf.getvalue()
+    assert f"messageId={shown}: track needs" in lines[0], buf.getvalue()
     assert_nothing_hidden(buf.getvalue())
