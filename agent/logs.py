@@ -85,9 +85,12 @@ class SecretRegistry:
         if len(value) < MIN_SECRET_LEN or value in self._secrets:
             return
         # Segment clients send the key as HTTP Basic credentials "key:"; in a URL it is
-        # percent-encoded, as a path segment or as any component.
+        # percent-encoded, as a path segment or as any component. A key holding a hidden
+        # character (a zero-width space pasted with it) reaches the log escaped too: by a
+        # repr (a %r argument, a KeyError), or by the log's own escaping of a traceback.
         basic = base64.b64encode(f"{value}:".encode()).decode()
-        forms = {value, basic, quote(value, safe=_PATH_SAFE), quote(value, safe="")}
+        forms = {value, basic, quote(value, safe=_PATH_SAFE), quote(value, safe=""),
+                 printable(value), repr(value)[1:-1]}
         with self._lock:
             for secret in forms:
                 self._secrets.add(secret)

@@ -231,16 +231,3 @@ async def test_segment_items_are_counted_by_their_own_status(make_agent: Any,
     assert agent.metrics.refused == {("segment", 400): 1, ("segment", 413): 1}
     logged = [r.getMessage() for r in caplog.records if "refused" in r.getMessage()]
     assert logged and "messageId" in logged[0], logged
-
-
-async def test_a_logged_refusal_cannot_forge_a_log_line(make_agent: Any, caplog: Any) -> None:
-    """What the log names comes from the client (a messageId, the batch's key): a line
-    break is escaped."""
-    agent = await make_agent()
-    body = {"writeKey": "\nk", "batch": [
-        {"type": "track", "event": "e", "userId": "u", "messageId": "ok", "writeKey": KEY},
-        {"type": "track", "userId": "u", "messageId": "x\nFORGED", "writeKey": KEY}]}
-    reply = await call(agent.port, "/v1/batch", body)
-    assert reply.status == 207, reply.body
-    [logged] = [r.getMessage() for r in caplog.records if "refused" in r.getMessage()]
-    assert "\n" not in logged and "x\\nFORGED" in logged and "\\nk***" in logged, logged

@@ -14,11 +14,12 @@ import logging
 import re
 from collections.abc import Callable, Iterator
 from pathlib import Path
+from typing import Any
 
 import aiohttp
 import pytest
 
-from agent.logs import setup_logging
+from agent.logs import register_secret, setup_logging
 from tests.conftest import AgentProcess, free_port, write_config
 from tests.fakes.faulty_upstream import Fault, FaultyUpstream
 from tests.waiting import wait_for
@@ -125,3 +126,50 @@ def test_a_traceback_keeps_its_lines_and_escapes_the_exceptions_text(
     assert sum(line == "Traceback (most recent call last):" for line in lines) == 2, text
     assert any(line.startswith('  File "') for line in lines), text
     assert not any(line.startswith(FORGED) for line in lines), text
+
+
+def test_a_secret_is_redacted_in_the_escaped_forms_the_log_shows_it_in(
+        stream: Callable[[bool], io.StringIO]) -> None:
+    """An upstream key pasted from a web console with a zero-width space in it: the log
+    shows that character escaped (an exception's note is escaped before its redaction, a
+    repr escapes it before the log sees the text), and the key is still redacted."""
+    secret = "upkey-\u200b7f3a9c2d"
+    register_secret(secret)
+    buf = stream(False)
+    log = logging.getLogger("agent.x")
+    log.warning("upstream refused key %r", secret)
+    try:
+        try:
+            raise KeyError(secret)   # its str is a repr: escaped by Python
+        except KeyError as inner:
+            outer = RuntimeError("upstream refused")
+            outer.add_note(f"its reply: unknown key {secret}")
+            raise outer from inner
+    except RuntimeError:
+        log.exception("sending failed")
+    text = buf.getvalue()
+    assert "7f3a9c2d" not in text, text
+    assert "upstream refused key '***'" in text, text
+    assert "KeyError: '***'" in text, text
+    assert "its reply: unknown key ***" in text, text
+
+
+async def test_a_batch_stored_in_part_logs_its_refusal_on_one_escaped_line(
+        make_agent: Callable[..., Any], stream: Callable[[bool], io.StringIO]) -> None:
+    """The warning for a batch stored in part names the batch's key (its first three
+    characters) and quotes the first refusal, a message's `messageId` included: both come
+    from the client, and the log's own escaping shows them as it shows every message."""
+    buf = stream(False)
+    agent = await make_agent()
+    hostile = HOSTILE.replace(FORGED, "FAKE LINE")   # a messageId is at most 99 characters
+    batch = {"writeKey": "\nk", "batch": [
+        {"type": "track", "event": "ok", "userId": "u", "writeKey": KEY},
+        {"type": "track", "userId": "u", "messageId": hostile, "writeKey": KEY}]}
+    async with aiohttp.ClientSession() as s, s.post(
+            f"http://127.0.0.1:{agent.port}/v1/batch", json=batch) as r:
+        assert r.status == 207, await r.text()
+    lines = [line for line in buf.getvalue().splitlines() if "the rest stored" in line]
+    shown = SHOWN.replace(FORGED, "FAKE LINE")
+    assert len(lines) == 1 and "for key \\nk*** refused" in lines[0], buf.getvalue()
+    assert f"messageId={shown}: track needs" in lines[0], buf.getvalue()
+    assert_nothing_hidden(buf.getvalue())

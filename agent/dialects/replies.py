@@ -31,16 +31,8 @@ def refused(status: int) -> None:
 
 def masked(key: str) -> str:
     """A key for the log: keys are credentials, and one never stored is not in the log
-    redaction registry yet."""
-    return printable(key[:3]) + "***"
-
-
-def printable(text: str) -> str:
-    """``text`` for a log line: a control character (a line break could forge a line)
-    written as its escape."""
-    if text.isprintable():
-        return text
-    return "".join(c if c.isprintable() else repr(c)[1:-1] for c in text)
+    redaction registry yet. (The log shows what a terminal obeys escaped: agent/logs.py.)"""
+    return key[:3] + "***"
 
 
 def refused_items(log: logging.Logger, key: str, refusals: Sequence[tuple[int, str]],
@@ -53,7 +45,7 @@ def refused_items(log: logging.Logger, key: str, refusals: Sequence[tuple[int, s
     more = f" (and {len(refusals) - 1} more)" if len(refusals) > 1 else ""
     log_limited(log, logging.WARNING, f"refused-items:{key}",
                 "%d of %d messages of a batch for key %s refused, the rest stored: %s%s",
-                len(refusals), total, masked(key), printable(shortened(refusals[0][1], 300)),
+                len(refusals), total, masked(key), shortened(refusals[0][1], 300),
                 more)
 
 
