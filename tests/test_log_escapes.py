@@ -17,9 +17,13 @@ from pathlib import Path
 from typing import Any
 
 import aiohttp
+import orjson
 import pytest
 
+from agent.dialects.replies import refused_items
+from agent.families.event import SEGMENT, Event
 from agent.logs import register_secret, setup_logging
+from agent.ops.tail import NAME_CHARS, describe
 from tests.conftest import AgentProcess, free_port, write_config
 from tests.fakes.faulty_upstream import Fault, FaultyUpstream
 from tests.waiting import wait_for
@@ -173,3 +177,21 @@ async def test_a_batch_stored_in_part_logs_its_refusal_on_one_escaped_line(
     assert len(lines) == 1 and "for key \\nk*** refused" in lines[0], buf.getvalue()
     assert f"messageId={shown}: track needs" in lines[0], buf.getvalue()
     assert_nothing_hidden(buf.getvalue())
+
+
+def test_a_secret_cut_by_a_shortened_text_is_still_redacted(
+        stream: Callable[[bool], io.StringIO]) -> None:
+    """A batch refusal quoted in the log, and an event name in the live view, are cut short;
+    a key the cut falls in must be redacted whole first, not shown in part (a part of a
+    key is most of a key)."""
+    secret = "wk-5e1f0c4b9a7d2e63"
+    register_secret(secret)
+    buf = stream(False)
+    text = "x" * 290 + secret + " and more"   # the cut at 300 falls inside the key
+    refused_items(logging.getLogger("agent.x"), "app-key", [(400, text)], 10)
+    name = "n" * (NAME_CHARS - 5) + secret   # the live view shows NAME_CHARS of a name
+    shown = describe(Event("app-key", SEGMENT, 1, orjson.dumps(
+        {"type": "track", "event": name, "messageId": "m1", "userId": "u"})))
+    assert "5e1f0c" not in buf.getvalue() and "wk-5e1" not in buf.getvalue(), buf.getvalue()
+    assert "***" in buf.getvalue(), buf.getvalue()
+    assert "wk-5e" not in shown["name"] and shown["name"].endswith("***"), shown
