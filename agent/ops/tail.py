@@ -310,4 +310,4 @@ def _text(value: Any) -> str | None:
     """A field as shown: clipped, and with any registered secret redacted."""
     if value is None:
         return None
-    return logs.redact(str(value)[:NAME_CHARS])
+    return logs.redacted_head(str(value), NAME_CHARS)
