@@ -133,6 +133,14 @@ def test_percent_encoded_forms_of_a_key_are_redacted() -> None:
         "/app/***/track ?k=***"
 
 
+def test_a_key_that_is_another_keys_encoded_form_gets_its_own_forms() -> None:
+    registry = SecretRegistry()
+    registry.add("team key")      # registers its URL form "team%20key" too
+    registry.add("team%20key")    # another app's key, spelled as that form
+    basic = base64.b64encode(b"team%20key:").decode()
+    assert registry.redact(f"creds {basic} rejected") == "creds *** rejected"
+
+
 def test_longest_secret_wins_and_short_ones_are_ignored() -> None:
     registry = SecretRegistry()
     registry.add("abcd")
