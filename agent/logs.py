@@ -71,7 +71,10 @@ class SecretRegistry:
     """
 
     def __init__(self) -> None:
-        self._secrets: set[str] = set()
+        self._secrets: set[str] = set()   # every form of every key
+        # The keys themselves: one may equal another's form (a key "a%20b" beside "a b")
+        # and still needs its own forms.
+        self._keys: set[str] = set()
         # First MIN_SECRET_LEN characters -> lengths of the secrets that start so, longest
         # first, so that a secret containing another is redacted whole.
         self._lengths: dict[str, tuple[int, ...]] = {}
@@ -82,7 +85,7 @@ class SecretRegistry:
         """Redact ``value`` from now on; too-short values are ignored."""
         value = value.strip()
         # Keys are registered again after every commit: a known one is one set lookup.
-        if len(value) < MIN_SECRET_LEN or value in self._secrets:
+        if len(value) < MIN_SECRET_LEN or value in self._keys:
             return
         # Segment clients send the key as HTTP Basic credentials "key:"; in a URL it is
         # percent-encoded, as a path segment or as any component. A key holding a hidden
@@ -92,6 +95,7 @@ class SecretRegistry:
         forms = {value, basic, quote(value, safe=_PATH_SAFE), quote(value, safe=""),
                  printable(value), repr(value)[1:-1]}
         with self._lock:
+            self._keys.add(value)
             for secret in forms:
                 self._secrets.add(secret)
                 head = secret[:MIN_SECRET_LEN]
