@@ -74,14 +74,17 @@ async def test_routing_is_by_key(make_agent: Any, fake_segment: FakeSegment,
     assert set(agent.spool.streams) == {"desktop"}
 
 
-async def test_a_tranthor_batch_holding_one_event_too_large_is_refused_whole(
+async def test_a_tranthor_batch_holding_one_event_too_large_refuses_it_alone(
         make_agent: Any, fake_segment: FakeSegment) -> None:
     agent = await make_agent(upstreams=[segment_up(fake_segment)])
     batch = {"batch": [{**tranthor("small", 100), "type": "track"},
                        {**tranthor("big", 40_000), "type": "track"}]}
     reply = await call(agent.port, f"{APPS}/batch", batch, headers={"PublicWriteKey": "k"})
-    assert reply.status == 413 and "batch[1]" in reply.json()["message"]
-    assert agent.spool.depth == 0
+    assert reply.status == 207, reply.body
+    [item] = reply.json()["errors"]
+    assert item["statusCode"] == 413 and item["message"].startswith("batch[1]: ")
+    assert SEGMENT_LIMIT in item["message"]
+    assert agent.spool.depth == 1
 
 
 async def test_segmentstream_hit_over_segments_limit_gets_segmentstreams_400(

@@ -1,19 +1,20 @@
 """The capture batch API (seed 004): `POST /v1/capture` with `X-Write-Key`.
 
 `{"batch": [...]}` of track, page and identify messages in the Segment spec,
-answered 201 `{"status": "success"}`. The seed documents no partial success,
-so a batch is taken whole or refused whole (400 naming the first bad
-message), but for a message holding what JSON cannot carry (Python's NaN, a string
-cut inside an emoji: batch_json.py), refused alone: the rest is stored and the
-reply is 207 `{"status": "partial", "message", "errors": [{"status": "error",
-"message"}]}`. A full spool answers 429 with Retry-After, the seed's "retry
-later" status. Error bodies mirror the success shape:
-`{"status": "error", "message": ...}`.
+answered 201 `{"status": "success"}`. The seed documents no partial success, but
+SDKs drop a batch refused whole, and the good messages with it: a message the rules
+refuse (one holding what JSON cannot carry, such as Python's NaN or a string cut inside an
+emoji: batch_json.py; one too large) is refused alone, the rest is stored and the reply is
+207 `{"status": "partial", "message", "errors": [{"status": "error", "message"}]}`, each
+message naming its place. A batch whose every message is refused is refused whole (400 or
+413 naming the first). A full spool answers 429 with Retry-After, the seed's "retry
+later" status. Error bodies mirror the success shape: `{"status": "error", "message": ...}`.
 """
 
 from __future__ import annotations
 
 import logging
+from collections.abc import Mapping
 from functools import partial
 
 import orjson
@@ -23,6 +24,7 @@ from agent.dialects import batch_json, replies
 from agent.dialects.base import JSON, Dialect, Example, IngestSink
 from agent.dialects.body import parse_body, read_raw
 from agent.families import segment as spec
+from agent.families.errors import Invalid
 
 log = logging.getLogger("outpost.capture")
 TYPES = frozenset({"track", "page", "identify"})
@@ -33,13 +35,14 @@ def error(status: int, message: str, retry_after: int | None = None) -> web.Resp
     return replies.json_reply({"status": "error", "message": message}, status, retry_after)
 
 
-def partial_reply(key: str, faults: dict[int, str], stored: int) -> web.Response:
-    """207: the messages in ``faults`` refused, the ``stored`` others taken."""
-    total = stored + len(faults)
-    replies.refused_items(log, key, [(400, why) for why in faults.values()], total)
+def partial_reply(key: str, refused: Mapping[int, Invalid], stored: int) -> web.Response:
+    """207: the messages in ``refused`` refused, the ``stored`` others taken."""
+    total = stored + len(refused)
+    items = [(replies.status_of(exc), replies.describe(exc)) for exc in refused.values()]
+    replies.refused_items(log, key, items, total)
     return replies.json_reply({
-        "status": "partial", "message": f"{len(faults)} of {total} messages refused",
-        "errors": [{"status": "error", "message": why} for why in faults.values()]}, 207)
+        "status": "partial", "message": f"{len(refused)} of {total} messages refused",
+        "errors": [{"status": "error", "message": why} for _, why in items]}, 207)
 
 
 class CaptureHandlers:
@@ -54,14 +57,16 @@ class CaptureHandlers:
             return error(401, f"missing or invalid X-Write-Key: {why}")
 
         async def work() -> web.Response:
-            events, faults = await parse_body(
+            limits = self.sink.limits   # read once: the commit is held to them too
+            events, refused = await parse_body(
                 await read_raw(request, spec.MAX_BATCH_BYTES), _read,
-                lambda read, size: (spec.accept_all(read.body, key, TYPES, size,
+                lambda read, size: spec.accept_each(read.body, key, TYPES, size,
                                                     enrich=self.sink.enrich,
-                                                    faults=read.faults), read.faults))
-            await self.sink.store(events)
-            if faults:
-                return partial_reply(key, faults, len(events))
+                                                    faults=read.faults,
+                                                    oversize=limits.oversize))
+            await self.sink.store(events, limits)
+            if refused:
+                return partial_reply(key, refused, len(events))
             return replies.json_reply({"status": "success"}, 201)
 
         return await replies.settle(work(), error, full_status=429)

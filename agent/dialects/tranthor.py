@@ -8,18 +8,19 @@ SDK sends its write key as the whole header) or without a `Bearer ` prefix.
 (type, and name, mimeType and data strings) and kept as sent; a message is limited by the
 1 MiB body limit (Fastify's default, which Dittofeed keeps) and by what the upstream
 its key is routed to can carry (413 naming that limit). Errors use Fastify's shape,
-`{"statusCode", "error", "message"}`; a batch is taken whole or refused whole, but for a
-message holding what JSON cannot carry (a string cut inside an emoji, which the Dittofeed
-SDK writes as a lone surrogate; NaN: batch_json.py), refused alone: the rest is stored
-and the reply is 207 `{"statusCode": 207, "error": "Multi-Status", "message",
-"errors": [...]}`, each item in the error shape (the SDK drops any batch not answered 2xx).
+`{"statusCode", "error", "message"}`. A message of a batch the rules refuse (one
+holding what JSON cannot carry, such as a string cut inside an emoji, which the Dittofeed
+SDK writes as a lone surrogate: batch_json.py; one too large) is refused alone: the rest is
+stored and the reply is 207 `{"statusCode": 207, "error": "Multi-Status", "message",
+"errors": [...]}`, each item in the error shape naming its place (the SDK drops any batch
+not answered 2xx). A batch whose every message is refused is refused whole.
 """
 
 from __future__ import annotations
 
 import logging
 import uuid
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from functools import partial
 from http import HTTPStatus
 from typing import Any
@@ -50,13 +51,14 @@ def error(status: int, message: str, retry_after: int | None = None) -> web.Resp
     return replies.json_reply(_error_body(status, message), status, retry_after)
 
 
-def partial_reply(key: str, faults: Mapping[int, str], stored: int) -> web.Response:
-    """207: the messages in ``faults`` refused, the ``stored`` others taken."""
-    total = stored + len(faults)
-    replies.refused_items(log, key, [(400, why) for why in faults.values()], total)
+def partial_reply(key: str, refused: Mapping[int, Invalid], stored: int) -> web.Response:
+    """207: the messages in ``refused`` refused, the ``stored`` others taken."""
+    total = stored + len(refused)
+    items = [(replies.status_of(exc), replies.describe(exc)) for exc in refused.values()]
+    replies.refused_items(log, key, items, total)
     return replies.json_reply({
-        **_error_body(207, f"{len(faults)} of {total} messages refused"),
-        "errors": [_error_body(400, why) for why in faults.values()]}, 207)
+        **_error_body(207, f"{len(refused)} of {total} messages refused"),
+        "errors": [_error_body(status, why) for status, why in items]}, 207)
 
 
 _read_batch = partial(batch_json.read, field="batch")
@@ -95,26 +97,21 @@ def check_files(ev: Any) -> None:
 
 
 def parse(body: Any, call: str, key: str, enrich: Enrich,
-          faults: Mapping[int, str] = spec.EMPTY) -> list[Event]:
-    """The events of one request to ``/api/public/apps/{call}``, but for a batch's messages
-    in ``faults`` (refused alone); raises Invalid."""
+          faults: Mapping[int, str] = spec.EMPTY,
+          oversize: Callable[[Event], str | None] | None = None) -> spec.Accepted:
+    """The events of one request to ``/api/public/apps/{call}``, and a batch's messages
+    refused alone (those in ``faults``, those the rules refuse, those ``oversize`` names);
+    raises Invalid for a request refused whole."""
     if call == "batch":
-        items = spec.batch_items(body)
-        for i, ev in enumerate(items):
-            if i in faults:
-                continue
-            try:
-                check_files(ev)
-            except Invalid as exc:
-                raise exc.within(f"batch[{i}]") from None
-        return spec.accept_all(body, key, TYPES, 0, enrich=enrich, need_message_id=True,
-                               faults=faults)
+        return spec.accept_each(body, key, TYPES, 0, enrich=enrich, need_message_id=True,
+                                faults=faults, also=check_files, oversize=oversize)
     if not isinstance(body, dict):
         raise Invalid("body must be an object")
     check_files(body)
     body["type"] = call
-    return [spec.accept(body, key, TYPES, spec.received_now(), enrich=enrich,
-                        need_message_id=True)]
+    # Too large for its upstream: ``store`` refuses it (413).
+    return spec.Accepted([spec.accept(body, key, TYPES, spec.received_now(), enrich=enrich,
+                                      need_message_id=True)], {})
 
 
 class TranthorHandlers:
@@ -132,19 +129,14 @@ class TranthorHandlers:
         call = request.match_info["call"]
 
         async def work() -> web.Response:
-            events, faults = await parse_body(
+            limits = self.sink.limits   # read once: the commit is held to them too
+            events, refused = await parse_body(
                 await read_raw(request, MAX_BODY),
                 _read_batch if call == "batch" else _read_single,
-                lambda read, _size: (parse(read.body, call, key, self.sink.enrich,
-                                           read.faults), read.faults))
-            kept = [i for i in range(len(events) + len(faults)) if i not in faults]
-            for n, event in enumerate(events):
-                why = self.sink.limits.oversize(event)
-                if why is not None:
-                    exc = Invalid(why, too_large=True)
-                    raise exc.within(f"batch[{kept[n]}]") if call == "batch" else exc
-            await self.sink.store(events)
-            return partial_reply(key, faults, len(events)) if faults else web.Response(
+                lambda read, _size: parse(read.body, call, key, self.sink.enrich,
+                                          read.faults, limits.oversize))
+            await self.sink.store(events, limits)
+            return partial_reply(key, refused, len(events)) if refused else web.Response(
                 status=204)
 
         return await replies.settle(work(), error)

@@ -22,7 +22,7 @@ and completes it the same way for all of them:
 from __future__ import annotations
 
 import uuid
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from datetime import datetime
 from types import MappingProxyType
 from typing import Any, NamedTuple
@@ -237,25 +237,47 @@ def accept_in(ev: Any, key: str, types: frozenset[str], given: Shared, enrich: E
                  enrich.lanes.segment(key, kind, name))
 
 
-def accept_all(body: Any, key: str, types: frozenset[str], raw_size: int, *, enrich: Enrich,
-               need_message_id: bool = False, faults: Mapping[int, str] = EMPTY) -> list[Event]:
-    """Every message of a batch but those in ``faults`` (by index: what the reader could
-    not keep as sent, each refused alone), or Invalid naming the first other bad one (all
-    or nothing); Invalid too when every message is in ``faults``."""
+class Accepted(NamedTuple):
+    """A batch's messages, each judged alone: the events to store, and the error of each
+    message refused, by its place in the batch, naming it (``batch[3]: ...``)."""
+
+    events: list[Event]
+    refused: dict[int, Invalid]
+
+
+def accept_each(body: Any, key: str, types: frozenset[str], raw_size: int, *, enrich: Enrich,
+                need_message_id: bool = False, faults: Mapping[int, str] = EMPTY,
+                also: Callable[[Any], None] | None = None,
+                oversize: Callable[[Event], str | None] | None = None) -> Accepted:
+    """Every message of a batch, each refused alone: those in ``faults`` (by index: what
+    the reader could not keep as sent), those ``also`` (a dialect's own rules) or the
+    family rules raise Invalid for, and those ``oversize`` names (too large for their
+    upstream). An SDK drops a batch refused whole, and the good messages with it. Raises
+    Invalid for the batch as a whole (``batch_items``), and when every message is refused:
+    the first one's error."""
     items = batch_items(body)
-    if faults and len(faults) == len(items):
-        more = f" (and {len(faults) - 1} more)" if len(faults) > 1 else ""
-        raise Invalid(next(iter(faults.values())) + more)
     given = shared(received_now(), body)
-    events = []
+    events: list[Event] = []
+    refused: dict[int, Invalid] = {}
     for i, ev in enumerate(items):
         if faults and i in faults:
+            refused[i] = Invalid(faults[i])   # names its place already
             continue
         try:
-            events.append(accept_in(ev, key, types, given, enrich, raw_size, need_message_id))
+            if also is not None:
+                also(ev)
+            event = accept_in(ev, key, types, given, enrich, raw_size, need_message_id)
+            if oversize is not None and (too := oversize(event)) is not None:
+                raise Invalid(too, too_large=True)
         except Invalid as exc:
-            raise exc.within(f"batch[{i}]") from None
-    return events
+            refused[i] = exc.within(f"batch[{i}]")
+        else:
+            events.append(event)
+    if refused and not events:
+        first = next(iter(refused.values()))
+        more = f" (and {len(refused) - 1} more)" if len(refused) > 1 else ""
+        raise Invalid(first.message + more, first.details, too_large=first.too_large)
+    return Accepted(events, refused)
 
 
 def batch_items(body: Any) -> list[Any]:
