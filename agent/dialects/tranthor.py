@@ -13,7 +13,8 @@ holding what JSON cannot carry, such as a string cut inside an emoji, which the 
 SDK writes as a lone surrogate: batch_json.py; one too large) is refused alone: the rest is
 stored and the reply is 207 `{"statusCode": 207, "error": "Multi-Status", "message",
 "errors": [...]}`, each item in the error shape naming its place (the SDK drops any batch
-not answered 2xx). A batch whose every message is refused is refused whole.
+not answered 2xx). A batch whose every message is refused is refused whole, naming the
+first (413 if every one is too large, else 400).
 """
 
 from __future__ import annotations
