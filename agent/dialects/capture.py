@@ -37,11 +37,9 @@ def error(status: int, message: str, retry_after: int | None = None) -> web.Resp
 
 def partial_reply(key: str, refused: Mapping[int, Invalid], stored: int) -> web.Response:
     """207: the messages in ``refused`` refused, the ``stored`` others taken."""
-    total = stored + len(refused)
-    items = [(replies.status_of(exc), replies.describe(exc)) for exc in refused.values()]
-    replies.refused_items(log, key, items, total)
+    summary, items = replies.stored_in_part(log, key, refused, stored)
     return replies.json_reply({
-        "status": "partial", "message": f"{len(refused)} of {total} messages refused",
+        "status": "partial", "message": summary,
         "errors": [{"status": "error", "message": why} for _, why in items]}, 207)
 
 
