@@ -17,7 +17,7 @@ from typing import Any
 import orjson
 
 from tests.fakes.segment_upstream import FakeSegment
-from tests.segment_helpers import call, segment_up
+from tests.segment_helpers import basic, call, segment_up
 
 KEY = "items-secret-key"
 TRANTHOR = ("/api/public/apps/batch", {"authorization": KEY})
@@ -135,4 +135,21 @@ async def test_a_single_tranthor_call_keeps_its_400(make_agent: Any) -> None:
                        headers=TRANTHOR[1])
     assert reply.status == 400, reply.body
     assert reply.json()["message"] == "`userId` or `anonymousId` is required"
+    assert agent.spool.depth == 0
+
+
+async def test_a_batch_refused_for_mixed_reasons_is_400_as_on_v1_batch(
+        make_agent: Any, fake_segment: FakeSegment) -> None:
+    """Every message refused, for different reasons: the status is their common one,
+    else 400, on all three batch APIs (it was the first message's on Tranthor and capture:
+    413 here, where `/v1/batch` answers 400)."""
+    agent = await make_agent(upstreams=[segment_up(fake_segment)])
+    big = {"x": "y" * 33_000}   # over 32 KB: the message limit, and segment-http's
+    segment = ("/v1/batch", {"Authorization": basic(KEY)})
+    for batch, status in (([message(0, properties=big), message(1, userId=None)], 400),
+                          ([message(0, userId=None), message(1, properties=big)], 400),
+                          ([message(0, properties=big), message(1, properties=big)], 413)):
+        for route, headers in (segment, TRANTHOR, CAPTURE):
+            reply = await call(agent.port, route, {"batch": batch}, headers=headers)
+            assert reply.status == status, (route, batch[0].keys(), reply.body)
     assert agent.spool.depth == 0

@@ -6,8 +6,8 @@ SDKs drop a batch refused whole, and the good messages with it: a message the ru
 refuse (one holding what JSON cannot carry, such as Python's NaN or a string cut inside an
 emoji: batch_json.py; one too large) is refused alone, the rest is stored and the reply is
 207 `{"status": "partial", "message", "errors": [{"status": "error", "message"}]}`, each
-message naming its place. A batch whose every message is refused is refused whole (400 or
-413 naming the first). A full spool answers 429 with Retry-After, the seed's "retry
+message naming its place. A batch whose every message is refused is refused whole, naming
+the first (413 if every one is too large, else 400). A full spool answers 429 with Retry-After, the seed's "retry
 later" status. Error bodies mirror the success shape: `{"status": "error", "message": ...}`.
 """
 
@@ -37,11 +37,9 @@ def error(status: int, message: str, retry_after: int | None = None) -> web.Resp
 
 def partial_reply(key: str, refused: Mapping[int, Invalid], stored: int) -> web.Response:
     """207: the messages in ``refused`` refused, the ``stored`` others taken."""
-    total = stored + len(refused)
-    items = [(replies.status_of(exc), replies.describe(exc)) for exc in refused.values()]
-    replies.refused_items(log, key, items, total)
+    summary, items = replies.stored_in_part(log, key, refused, stored)
     return replies.json_reply({
-        "status": "partial", "message": f"{len(refused)} of {total} messages refused",
+        "status": "partial", "message": summary,
         "errors": [{"status": "error", "message": why} for _, why in items]}, 207)
 
 

@@ -4,7 +4,7 @@ error funnel, and counting refusals."""
 from __future__ import annotations
 
 import logging
-from collections.abc import Awaitable, Callable, Sequence
+from collections.abc import Awaitable, Callable, Mapping, Sequence
 from contextvars import ContextVar
 from typing import Any, TypeVar
 
@@ -49,6 +49,17 @@ def refused_items(log: logging.Logger, key: str, refusals: Sequence[tuple[int, s
                 # Redacted before the cut: a key the cut falls in is found whole.
                 shortened(redacted_head(refusals[0][1], 301), 300),
                 more)
+
+
+def stored_in_part(log: logging.Logger, key: str, refused: Mapping[int, Invalid],
+                   stored: int) -> tuple[str, list[tuple[int, str]]]:
+    """A batch whose ``stored`` messages were taken and those in ``refused`` were not:
+    the refused ones counted and logged (``refused_items``); returns the 207's summary and
+    each refused message's (status, error text), in order, for the API's own shape."""
+    items = [(status_of(exc), describe(exc)) for exc in refused.values()]
+    total = stored + len(items)
+    refused_items(log, key, items, total)
+    return f"{len(items)} of {total} messages refused", items
 
 
 def json_reply(body: Any, status: int, retry_after: int | None = None) -> web.Response:

@@ -13,7 +13,8 @@ holding what JSON cannot carry, such as a string cut inside an emoji, which the 
 SDK writes as a lone surrogate: batch_json.py; one too large) is refused alone: the rest is
 stored and the reply is 207 `{"statusCode": 207, "error": "Multi-Status", "message",
 "errors": [...]}`, each item in the error shape naming its place (the SDK drops any batch
-not answered 2xx). A batch whose every message is refused is refused whole.
+not answered 2xx). A batch whose every message is refused is refused whole, naming the
+first (413 if every one is too large, else 400).
 """
 
 from __future__ import annotations
@@ -53,11 +54,9 @@ def error(status: int, message: str, retry_after: int | None = None) -> web.Resp
 
 def partial_reply(key: str, refused: Mapping[int, Invalid], stored: int) -> web.Response:
     """207: the messages in ``refused`` refused, the ``stored`` others taken."""
-    total = stored + len(refused)
-    items = [(replies.status_of(exc), replies.describe(exc)) for exc in refused.values()]
-    replies.refused_items(log, key, items, total)
+    summary, items = replies.stored_in_part(log, key, refused, stored)
     return replies.json_reply({
-        **_error_body(207, f"{len(refused)} of {total} messages refused"),
+        **_error_body(207, summary),
         "errors": [_error_body(status, why) for status, why in items]}, 207)
 
 

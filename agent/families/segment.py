@@ -254,7 +254,8 @@ def accept_each(body: Any, key: str, types: frozenset[str], raw_size: int, *, en
     family rules raise Invalid for, and those ``oversize`` names (too large for their
     upstream). An SDK drops a batch refused whole, and the good messages with it. Raises
     Invalid for the batch as a whole (``batch_items``), and when every message is refused:
-    the first one's error."""
+    the first one's error, too large only if every one is (their common status, else 400,
+    as on ``/v1/batch``)."""
     items = batch_items(body)
     given = shared(received_now(), body)
     events: list[Event] = []
@@ -276,7 +277,8 @@ def accept_each(body: Any, key: str, types: frozenset[str], raw_size: int, *, en
     if refused and not events:
         first = next(iter(refused.values()))
         more = f" (and {len(refused) - 1} more)" if len(refused) > 1 else ""
-        raise Invalid(first.message + more, first.details, too_large=first.too_large)
+        raise Invalid(first.message + more, first.details,
+                      too_large=all(exc.too_large for exc in refused.values()))
     return Accepted(events, refused)
 
 
