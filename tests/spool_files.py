@@ -14,7 +14,11 @@ from collections.abc import Iterable
 from dataclasses import dataclass
 from pathlib import Path
 
+import pytest
+
 from agent.spool import records
+from agent.spool.migrate import upgrade
+from agent.spool.schema import VERSION
 
 V0_SCHEMA = """
 CREATE TABLE IF NOT EXISTS streams(id INTEGER PRIMARY KEY, key TEXT NOT NULL UNIQUE,
@@ -106,3 +110,19 @@ def covering(marks: list[tuple[int, int]], seq: int) -> int | None:
     the earliest mark whose next_seq is above it."""
     found = [observed for observed, next_seq in marks if next_seq > seq]
     return min(found) if found else None
+
+
+def failed_midway_changes_nothing(path: Path, refused: int) -> None:
+    """Upgrading ``path`` while SQLite refuses the authorizer action ``refused`` (a step
+    midway through the migration) fails and leaves the file byte for byte as it was; the
+    next start migrates it."""
+    before = path.read_bytes()
+    with connect(path) as db:
+        db.set_authorizer(lambda action, *_: sqlite3.SQLITE_DENY
+                          if action == refused else sqlite3.SQLITE_OK)
+        with pytest.raises(sqlite3.DatabaseError):
+            upgrade(db)
+    assert path.read_bytes() == before
+    with connect(path) as db:
+        upgrade(db)
+    assert table(path, "PRAGMA user_version") == [(VERSION,)]
