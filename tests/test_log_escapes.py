@@ -195,3 +195,12 @@ def test_a_secret_cut_by_a_shortened_text_is_still_redacted(
     assert "5e1f0c" not in buf.getvalue() and "wk-5e1" not in buf.getvalue(), buf.getvalue()
     assert "***" in buf.getvalue(), buf.getvalue()
     assert "wk-5e" not in shown["name"] and shown["name"].endswith("***"), shown
+
+
+def test_exc_info_outside_an_exception_reads_as_pythons(
+        stream: Callable[[bool], io.StringIO]) -> None:
+    """`exc_info=True` where no exception is being handled: the line Python's logging
+    writes (`NoneType: None`), as before the log escaped tracebacks."""
+    buf = stream(False)
+    logging.getLogger("agent.x").error("nothing raised", exc_info=True)
+    assert buf.getvalue().splitlines()[1:] == ["NoneType: None"], buf.getvalue()
