@@ -196,7 +196,8 @@ class RedactingFilter(logging.Filter):
         redact = self._registry.redact
         record.msg, record.args = printable(redact(message)), None
         # From exc_info even if a handler before this one set exc_text: that is unescaped.
-        if record.exc_info:
+        # (None, None, None), exc_info=True with nothing raised, is left to logging.
+        if record.exc_info and record.exc_info[0] is not None:
             record.exc_text = _traceback(record.exc_info, redact)
         elif record.exc_text:
             record.exc_text = printable_lines(redact(record.exc_text))
