@@ -7,8 +7,9 @@ refuse (one holding what JSON cannot carry, such as Python's NaN or a string cut
 emoji: batch_json.py; one too large) is refused alone, the rest is stored and the reply is
 207 `{"status": "partial", "message", "errors": [{"status": "error", "message"}]}`, each
 message naming its place. A batch whose every message is refused is refused whole, naming
-the first (413 if every one is too large, else 400). A full spool answers 429 with Retry-After, the seed's "retry
-later" status. Error bodies mirror the success shape: `{"status": "error", "message": ...}`.
+the first (413 if every one is too large, else 400). A full spool answers 429 with
+Retry-After, the seed's "retry later" status. Error bodies mirror the success shape:
+`{"status": "error", "message": ...}`.
 """
 
 from __future__ import annotations
