@@ -161,17 +161,23 @@ async def settles(sampler: RssSampler, target: int, timeout: float = 10.0) -> in
     return rss
 
 
-async def test_admission_refuses_in_each_api_shape_once_over_budget(make_agent: Any) -> None:
-    """A post that would take in-flight bodies over [listen] max_inflight_mb is refused
-    before its body is read, with the API's busy status, shape and Retry-After; nothing
-    of it is stored, and once the budget frees the same post is taken."""
-    agent = await make_agent(listen={"max_inflight_mb": 1})
-    # Hold the whole budget: a post that declares 1 MiB and sends only its first bytes.
+async def hold_budget(agent: Any) -> asyncio.StreamWriter:
+    """Hold an agent's whole in-flight budget of 1 MiB: a post that declares 1 MiB and sends
+    only its first bytes. Closing the writer gives it back."""
     _reader, writer = await asyncio.open_connection("127.0.0.1", agent.port)
     writer.write((f"POST /app/{KEY}/track HTTP/1.1\r\nHost: 127.0.0.1\r\n"
                   f"Content-Length: {MB}\r\n\r\n").encode() + b'{"data": [')
     await writer.drain()
     await wait_for(lambda: agent.metrics.inflight_bytes == MB)
+    return writer
+
+
+async def test_admission_refuses_in_each_api_shape_once_over_budget(make_agent: Any) -> None:
+    """A post that would take in-flight bodies over [listen] max_inflight_mb is refused
+    before its body is read, with the API's busy status, shape and Retry-After; nothing
+    of it is stored, and once the budget frees the same post is taken."""
+    agent = await make_agent(listen={"max_inflight_mb": 1})
+    writer = await hold_budget(agent)
     base = f"http://127.0.0.1:{agent.port}"
     async with aiohttp.ClientSession() as s:
         for n, route in enumerate(ROUTES):

@@ -30,7 +30,7 @@ from aiohttp import WSCloseCode, WSMsgType
 
 from tests.fakes.nucleus_upstream import FakeNucleus
 from tests.segment_helpers import nucleus_up, wait_for
-from tests.test_ingest_memory import RssSampler, offline_agent
+from tests.test_ingest_memory import RssSampler, hold_budget, offline_agent
 
 MB = 1024 * 1024
 HARD_CAP = 64 * MB   # the largest Nucleus websocket message taken (docs/design-extensions.md)
@@ -211,11 +211,7 @@ async def test_a_large_message_is_charged_to_the_in_flight_budget(make_agent: An
     """While other bodies hold [listen] max_inflight_mb, a large message is refused busy
     (1013: the module resends it next tick) without being kept; alone, it is taken."""
     agent = await make_agent(listen={"max_inflight_mb": 1})
-    _reader, holder = await asyncio.open_connection("127.0.0.1", agent.port)
-    holder.write((f"POST /app/{KEY}/track HTTP/1.1\r\nHost: 127.0.0.1\r\n"
-                  f"Content-Length: {MB}\r\n\r\n").encode() + b'{"data": [')
-    await holder.drain()
-    await wait_for(lambda: agent.metrics.inflight_bytes == MB)
+    holder = await hold_budget(agent)
     frame = json.dumps({"data": module_queue(11_000)})
     url = f"http://127.0.0.1:{agent.port}/app/{KEY}/track"
     async with aiohttp.ClientSession() as s:
