@@ -51,7 +51,7 @@ async def test_a_tranthor_message_without_user_id_is_a_207_item(make_agent: Any,
     assert body["message"] == "1 of 5 messages refused", body
     [item] = body["errors"]
     assert item == {"statusCode": 400, "error": "Bad Request",
-                    "message": "batch[3]: `userId` or `anonymousId` is required"}, item
+                    "message": "batch[3] messageId=m3: `userId` or `anonymousId` is required"}, item
     assert await stored_ids(agent) == ["m0", "m1", "m2", "m4"]
     assert agent.metrics.refused == {("tranthor", 400): 1}
     assert "batch[3]" in caplog.text and KEY not in caplog.text
@@ -65,7 +65,7 @@ async def test_a_capture_message_of_an_unknown_type_is_a_207_item(make_agent: An
     assert body["status"] == "partial" and body["message"] == "1 of 5 messages refused", body
     [item] = body["errors"]
     assert item["status"] == "error", item
-    assert item["message"].startswith("batch[1]: `type` must be one of"), item
+    assert item["message"].startswith("batch[1] messageId=m1: `type` must be one of"), item
     assert await stored_ids(agent) == ["m0", "m2", "m3", "m4"]
     assert agent.metrics.refused == {("capture", 400): 1}
 
@@ -77,7 +77,7 @@ async def test_several_bad_messages_are_each_an_item_in_order(make_agent: Any) -
     reply = await call(agent.port, TRANTHOR[0], batch, headers=TRANTHOR[1])
     assert reply.status == 207, reply.body
     assert [e["message"] for e in reply.json()["errors"]] == [
-        "batch[1]: track needs `event` (a non-empty string)",
+        "batch[1] messageId=m1: track needs `event` (a non-empty string)",
         "batch[3]: `messageId` is required"]
     assert await stored_ids(agent) == ["m0", "m2"]
 
@@ -92,7 +92,7 @@ async def test_a_tranthor_message_too_large_for_its_upstream_is_a_413_item(
     assert reply.status == 207, reply.body
     [item] = reply.json()["errors"]
     assert item["statusCode"] == 413 and item["error"] == "Request Entity Too Large", item
-    assert item["message"].startswith("batch[2]: ") and str(32 * 1024) in item["message"]
+    assert item["message"].startswith("batch[2] messageId=m2: ") and str(32 * 1024) in item["message"]
     assert await stored_ids(agent) == ["m0", "m1", "m3", "m4"]
     assert agent.metrics.refused == {("tranthor", 413): 1}
 
@@ -103,7 +103,7 @@ async def test_a_capture_message_over_32_kb_is_an_item(make_agent: Any) -> None:
                        headers=CAPTURE[1])
     assert reply.status == 207, reply.body
     [item] = reply.json()["errors"]
-    assert item["status"] == "error" and item["message"].startswith("batch[4]: "), item
+    assert item["status"] == "error" and item["message"].startswith("batch[4] messageId=m4: "), item
     assert "bytes" in item["message"], item
     assert await stored_ids(agent) == ["m0", "m1", "m2", "m3"]
     assert agent.metrics.refused == {("capture", 413): 1}
