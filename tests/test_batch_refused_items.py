@@ -115,7 +115,7 @@ async def test_a_batch_of_only_bad_messages_is_still_refused_whole(make_agent: A
     for route, headers in (TRANTHOR, CAPTURE):
         reply = await call(agent.port, route, batch, headers=headers)
         assert reply.status == 400, (route, reply.body)
-        assert "batch[0]: `userId`" in reply.json()["message"], reply.body
+        assert "batch[0] messageId=m0: `userId`" in reply.json()["message"], reply.body
         assert "(and 1 more)" in reply.json()["message"], reply.body
     assert agent.spool.depth == 0
 
@@ -125,7 +125,7 @@ async def test_a_batch_of_only_oversize_messages_is_still_413(make_agent: Any) -
     batch = {"batch": [message(0, properties={"x": "y" * 33_000})]}
     reply = await call(agent.port, CAPTURE[0], batch, headers=CAPTURE[1])
     assert reply.status == 413, reply.body
-    assert reply.json()["message"].startswith("batch[0]: "), reply.body
+    assert reply.json()["message"].startswith("batch[0] messageId=m0: "), reply.body
     assert agent.spool.depth == 0
 
 

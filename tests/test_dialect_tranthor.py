@@ -101,9 +101,9 @@ def file(**kw: Any) -> dict[str, Any]:
     ("track", msg(files=[file(mimeType=3)]), 400, "`files[0].mimeType`"),
     ("track", msg(files=[file(type="Url")]), 400, "`files[0].type`"),
     ("batch", {"batch": [{**msg(files=[file(data=False)]), "type": "track"}]}, 400,
-     "batch[0]: `files[0].data`"),
+     "batch[0] messageId=m: `files[0].data`"),
     ("identify", msg(traits="x"), 400, "`traits`"),
-    ("batch", {"batch": [{**msg(), "type": "alias"}]}, 400, "batch[0]: `type`"),
+    ("batch", {"batch": [{**msg(), "type": "alias"}]}, 400, "batch[0] messageId=m: `type`"),
     ("batch", {"batch": [{"type": "track", "event": "e", "userId": "u"}]}, 400, "messageId"),
     ("track", msg(files=[{"data": "A" * 1_100_000}]), 413, "too large"),
 ])

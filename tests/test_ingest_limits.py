@@ -82,7 +82,7 @@ async def test_a_tranthor_batch_holding_one_event_too_large_refuses_it_alone(
     reply = await call(agent.port, f"{APPS}/batch", batch, headers={"PublicWriteKey": "k"})
     assert reply.status == 207, reply.body
     [item] = reply.json()["errors"]
-    assert item["statusCode"] == 413 and item["message"].startswith("batch[1]: ")
+    assert item["statusCode"] == 413 and item["message"].startswith("batch[1] messageId=big: ")
     assert SEGMENT_LIMIT in item["message"]
     assert agent.spool.depth == 1
 

@@ -40,7 +40,6 @@ from agent.dialects.segment_replies import (
     partial_status,
     single_error,
     verdict,
-    where,
 )
 from agent.families import segment as spec
 from agent.families.errors import Invalid
@@ -223,7 +222,7 @@ class SegmentHandlers:
         out = Collected([], [], [], forced_key or batch_key or NO_KEY, limits)
         for i, ev in enumerate(items):
             if faults and i in faults:   # read, but not as sent: refused alone
-                out.errors.append(error_object(400, faults[i], where(i, ev)))
+                out.errors.append(error_object(400, faults[i], spec.where(i, ev)))
                 out.statuses.append(400)
                 continue
             try:
@@ -245,7 +244,7 @@ class SegmentHandlers:
                 else:
                     out.events.append(event)
                     continue
-            at = where(i, ev)
+            at = spec.where(i, ev)
             out.errors.append(error_object(status, message, f"{at}: {why}" if why else at))
             out.statuses.append(status)
         if out.errors and out.events:

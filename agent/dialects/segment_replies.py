@@ -47,12 +47,6 @@ def batch_error(status: int, errors: list[dict[str, str]],
                               status, retry_after)
 
 
-def where(i: int, ev: Any) -> str:
-    mid = ev.get("messageId") if isinstance(ev, dict) else None
-    # Exactly a str: a value the reader marked (a lone surrogate) is named by the error.
-    return f"batch[{i}]" + (f" messageId={mid}" if type(mid) is str else "")
-
-
 def verdict(errors: list[dict[str, str]], statuses: list[int], stored: int,
             partial: int = 207) -> web.Response:
     """200, ``partial`` (``partial_status``) for part of a batch, or the one status every

@@ -237,9 +237,16 @@ def accept_in(ev: Any, key: str, types: frozenset[str], given: Shared, enrich: E
                  enrich.lanes.segment(key, kind, name))
 
 
+def where(i: int, ev: Any) -> str:
+    """Message ``i`` of a batch, by its place and its `messageId` when it has one."""
+    mid = ev.get("messageId") if isinstance(ev, dict) else None
+    # Exactly a str: a value the reader marked (a lone surrogate) is named by the error.
+    return f"batch[{i}]" + (f" messageId={mid}" if type(mid) is str else "")
+
+
 class Accepted(NamedTuple):
     """A batch's messages, each judged alone: the events to store, and the error of each
-    message refused, by its place in the batch, naming it (``batch[3]: ...``)."""
+    message refused, by its place in the batch, naming it (``batch[3] messageId=m3: ...``)."""
 
     events: list[Event]
     refused: dict[int, Invalid]
@@ -271,7 +278,7 @@ def accept_each(body: Any, key: str, types: frozenset[str], raw_size: int, *, en
             if oversize is not None and (too := oversize(event)) is not None:
                 raise Invalid(too, too_large=True)
         except Invalid as exc:
-            refused[i] = exc.within(f"batch[{i}]")
+            refused[i] = exc.within(where(i, ev))
         else:
             events.append(event)
     if refused and not events:
