@@ -1,0 +1,46 @@
+"""A module's next message, sent before the agent answered its last one, is not "busy".
+
+Nucleus modules send their whole queue every tick, whether or not the last message was
+answered. When a large message (over 4 MiB, charged 4 MiB of the in-flight budget from its
+first byte) came in while the same connection's previous message still held its share, the
+two were counted against each other and the later one refused with 1013 ("agent busy"),
+though no other app held anything: the connection was closed and the module had to
+reconnect and send its queue again (seen with nucleus-nodejs and an 11,000-event backlog on
+a loaded machine). A connection's messages are taken one at a time: the next one waits,
+unread, for the previous one's answer.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import orjson
+import pytest
+
+from agent.dialects.nucleus import MAX_MESSAGE
+from tests.test_nucleus_backlog import KEY, raw_websocket
+from tests.test_nucleus_frames import frame, message_of, read_frame
+
+SMALL = 3 * 1024 * 1024   # taken whole by aiohttp, its share taken by the handler
+
+
+@pytest.mark.parametrize("first_size", [MAX_MESSAGE + 1000, SMALL],
+                         ids=["large-then-large", "small-then-large"])
+async def test_a_large_message_right_behind_another_is_acknowledged_not_busy(
+        make_agent: Any, first_size: int) -> None:
+    agent = await make_agent()
+    reader, writer = await raw_websocket(agent.port, f"/app/{KEY}/track")
+    first, second = message_of(first_size, first_id=1), message_of(MAX_MESSAGE + 1000,
+                                                                    first_id=50_000)
+    writer.write(frame(first) + frame(second))   # back to back, as a module's next tick can
+    await writer.drain()
+    replies = []
+    for _ in range(2):
+        opcode, payload = await read_frame(reader)
+        # A close (0x8) carries 1013 and "agent busy, retry later".
+        assert opcode == 0x1, (opcode, payload[:2].hex(), payload[2:].decode(errors="replace"))
+        replies.append(orjson.loads(payload)["reportedIds"])
+    writer.close()
+    assert replies[0][0] == 1 and replies[1][0] == 50_000, [r[:1] for r in replies]
+    assert agent.metrics.busy_refusals == 0
+    assert agent.metrics.refused == {}
