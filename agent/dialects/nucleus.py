@@ -136,7 +136,9 @@ class NucleusHandlers:
                     work = self._small(key, frame.data) if taken is None else self._large(key, taken)
                     if not await self._answer(ws, key, work):
                         break
+                    ws.answered()
                 elif frame.type == WSMsgType.ERROR:
+                    ws.answered()
                     exc = ws.exception()
                     if isinstance(exc, WebSocketError):   # the client's: 1009, 1002...
                         replies.refused(exc.code)

@@ -19,7 +19,11 @@ in-flight budget as long as it stayed connected.
 
 A large message is charged ``large`` bytes, the most it keeps, to the in-flight budget
 (agent/server/admission.py) from its first byte: one that does not fit while other bodies
-are in flight is read to its end without keeping anything and refused busy. One over
+are in flight is read to its end without keeping anything and refused busy. A module sends
+its queue every tick, answered or not, so a connection's messages are taken one at a time:
+a large one is not read while an earlier message of the connection waits for its answer
+(``QueueSocket.answered``), or the two would count against each other and the later one be
+refused busy with nothing else in flight. One over
 ``cap`` is refused at its header, without reading it. A message in several frames is rare
 (the modules send one frame) and is left to aiohttp, which takes it up to ``large`` bytes.
 
@@ -97,12 +101,24 @@ class QueueSocket(web.WebSocketResponse):
         self._results: deque[Taken] = deque()
         self._dropped = False
         self._transport: asyncio.Transport | None = None
+        self._gate: _Gate | None = None
+        self.handed = 0      # messages passed on toward the handler
+        self._answered = 0   # ... of which the handler is done with
 
     def taken(self, data: str | bytes) -> Taken | None:
         """The result a binary message of ``data`` stands for, or None: a message of its own."""
         if data == self._stand_in and self._results:
             return self._results.popleft()
         return None
+
+    def unanswered(self) -> bool:
+        return self._answered < self.handed
+
+    def answered(self) -> None:
+        """The handler is done with a message: a large one waiting behind it is read on."""
+        self._answered += 1
+        if self._gate is not None and not self.unanswered():
+            self._gate.go_on()
 
     def drop(self) -> None:
         """The handler is done: give back what results not taken, or yet to come, hold."""
@@ -116,7 +132,7 @@ class QueueSocket(web.WebSocketResponse):
         self._transport = request.transport
         early, proto._message_tail = proto._message_tail, b""   # frames sent ahead of the 101
         super()._post_start(request, protocol, writer)
-        gate = _Gate(proto._payload_parser, self, proto.close, *self._limits)
+        gate = self._gate = _Gate(proto._payload_parser, self, proto.close, *self._limits)
         proto._payload_parser = gate
         if early:
             gate.feed_data(early)
@@ -196,6 +212,7 @@ class _Gate:
         self._values, self._deadline = values, deadline
         self._pending = b""     # the rest of a read, for the next turns (module doc)
         self._paced = False     # a next turn is due (``_next``, one at a time), reading paused
+        self._waiting = False   # a large message's header is next, behind unanswered ones
         self._timer: asyncio.TimerHandle | None = None   # the large message's deadline
         self._head = b""        # a frame header cut by the end of a read
         self._left = 0          # payload bytes of the current frame still to come
@@ -204,11 +221,17 @@ class _Gate:
         self._fragmented = False
 
     def feed_data(self, data: bytes) -> tuple[bool, bytes]:
-        if self._paced:   # read on (aiohttp resumed reading) while a turn is due: after it
+        if self._paced or self._waiting:   # read on (aiohttp resumed it): after the turn due
             self._pending += data
             self._sock.pause()
             return False, b""
         return self._turn(data)
+
+    def go_on(self) -> None:
+        """Every message before the waiting large one is answered: read it now."""
+        if self._waiting:
+            self._waiting, self._paced = False, True   # what comes meanwhile waits for it
+            asyncio.get_running_loop().call_soon(self._next)
 
     def _next(self) -> None:
         data, self._pending, self._paced = self._pending, b"", False
@@ -257,6 +280,12 @@ class _Gate:
             if (opcode in (_TEXT, _BINARY) and first & 0x80 and not first & 0x70
                     and not self._fragmented and length >= self._large_min):
                 out.append(data[run:pos])
+                if self._sock.unanswered():   # read again, header and all, once answered
+                    self._waiting = True
+                    self._pending = held + data[pos:]
+                    run = pos = n
+                    break
+                self._sock.handed += 1
                 pos = run = pos + used
                 self._left = length
                 if length > self._cap:
@@ -276,13 +305,18 @@ class _Gate:
                 self._fragmented = not first & 0x80
             elif opcode == _CONTINUATION and first & 0x80:
                 self._fragmented = False
+            if opcode in (_TEXT, _BINARY, _CONTINUATION) and first & 0x80:
+                self._sock.handed += 1   # a message's last frame
             self._left = length
             pos += used
         out.append(data[run:pos])
-        self._pending = data[pos:]
+        if not self._waiting:
+            self._pending = data[pos:]
         whole = b"".join(out)
         done = self._inner.feed_data(whole) if whole else (False, b"")
-        if self._pending or (self._large is not None and self._large.reader is not None):
+        if self._waiting:
+            self._sock.pause()
+        elif self._pending or (self._large is not None and self._large.reader is not None):
             self._sock.pause()   # the others served before this connection is read on
             self._paced = True
             asyncio.get_running_loop().call_soon(self._next)
