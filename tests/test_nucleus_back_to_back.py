@@ -12,6 +12,8 @@ unread, for the previous one's answer.
 
 from __future__ import annotations
 
+import asyncio
+import logging
 from typing import Any
 
 import orjson
@@ -20,6 +22,7 @@ import pytest
 from agent.dialects.nucleus import MAX_MESSAGE
 from tests.test_nucleus_backlog import KEY, raw_websocket
 from tests.test_nucleus_frames import frame, message_of, read_frame
+from tests.waiting import wait_for
 
 SMALL = 3 * 1024 * 1024   # taken whole by aiohttp, its share taken by the handler
 
@@ -44,3 +47,26 @@ async def test_a_large_message_right_behind_another_is_acknowledged_not_busy(
     assert replies[0][0] == 1 and replies[1][0] == 50_000, [r[:1] for r in replies]
     assert agent.metrics.busy_refusals == 0
     assert agent.metrics.refused == {}
+
+
+@pytest.mark.parametrize("size", [100, MAX_MESSAGE + 1000], ids=["small", "large"])
+async def test_a_module_gone_before_its_answer_leaves_no_traceback(make_agent: Any,
+                                                                   caplog: Any, size: int) -> None:
+    """A module that sends its queue and quits (its process ending, the laptop sleeping)
+    before the answer: the events are stored and the answer has nowhere to go. That was an
+    unhandled ClientConnectionResetError, logged by aiohttp as an error with a traceback."""
+    agent = await make_agent()
+    before = asyncio.all_tasks()
+    reader, writer = await raw_websocket(agent.port, f"/app/{KEY}/track")
+    body = message_of(size, first_id=1) if size > 1000 else \
+        b'{"data":[{"type":"event","name":"e","id":1}]}'
+    writer.write(frame(body))
+    writer.close()   # gone at once: the answer is written to a closed connection
+    await writer.wait_closed()
+    me = asyncio.current_task()
+    # Every task the connection started (aiohttp's handler among them) has ended.
+    await wait_for(lambda: not {t for t in asyncio.all_tasks() - before if t is not me
+                                and not t.done()})
+    await wait_for(lambda: agent.spool.depth >= 1)
+    errors = [r for r in caplog.records if r.levelno >= logging.ERROR or r.exc_info]
+    assert not errors, [r.getMessage() for r in errors]
