@@ -228,7 +228,13 @@ class NucleusHandlers:
         # Answered even with no id to echo, as the HTTP form is: a message is acknowledged
         # the same way whichever transport it came by.
         if not ws.closed:
-            await ws.send_str(_reply(acks).decode())
+            try:
+                await ws.send_str(_reply(acks).decode())
+            except ConnectionError:
+                # The module went away first (quit, slept): nothing was acknowledged to it,
+                # so it resends these events, and the spool stores them once.
+                log.debug("websocket for %s gone before its answer", masked(key))
+                return False
         return True
 
 
