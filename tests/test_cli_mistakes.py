@@ -1,0 +1,168 @@
+"""Operator mistakes at the command line (audit): each is one line on stderr naming what is
+wrong and where, the documented exit code, no traceback, no secret, and nothing changed on
+disk. Each runs the real `python -m agent` command on real files."""
+
+from __future__ import annotations
+
+import os
+import resource
+import stat
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from agent.logs import fingerprint
+from tests.conftest import ROOT, write_config
+from tests.test_operator_mistakes import EXIT_CONFIG, one_line
+
+SECRET = "wk_live_SECRET42"
+# Enough for the CLI; a config read whole from /dev/zero or a sparse file passes it at once
+# (unbounded, it took the machine's memory until the OOM killer ended it).
+MEMORY_LIMIT = 1 << 30
+
+
+def _limit_memory() -> None:
+    resource.setrlimit(resource.RLIMIT_AS, (MEMORY_LIMIT, MEMORY_LIMIT))
+
+
+def outpost(*args: str, env: dict[str, str] | None = None,
+            cwd: Path = ROOT) -> subprocess.CompletedProcess[str]:
+    return subprocess.run([sys.executable, "-m", "agent", *args], cwd=cwd, capture_output=True,
+                          text=True, timeout=30, stdin=subprocess.DEVNULL,
+                          env={**os.environ, **(env or {})},
+                          preexec_fn=_limit_memory)  # noqa: PLW1509 (setrlimit only)
+
+
+def refused(run: subprocess.CompletedProcess[str], *fragments: str) -> str:
+    """The one line of a run that exited 2, holding each fragment and no secret."""
+    line = one_line(run.stdout + run.stderr)
+    assert run.returncode == EXIT_CONFIG, (run.returncode, line)
+    assert run.stderr.strip() == line, run.stdout
+    for fragment in fragments:
+        assert fragment in line, (fragment, line)
+    assert SECRET not in line, line
+    return line
+
+
+# -- the config file itself --------------------------------------------------------------------
+
+def test_a_config_that_is_a_fifo_is_refused_not_waited_on(tmp_path: Path) -> None:
+    fifo = tmp_path / "agent.toml"
+    os.mkfifo(fifo)   # nothing ever writes it: opened for reading, it would wait forever
+    for args in (("check-config", str(fifo)), ("status", "--config", str(fifo))):
+        refused(outpost(*args), str(fifo), "not a regular file")
+
+
+def test_a_config_that_is_a_device_is_refused_not_read_forever() -> None:
+    refused(outpost("check-config", "/dev/zero"), "/dev/zero", "not a regular file")
+
+
+def test_a_huge_config_file_is_refused_without_reading_it_whole(tmp_path: Path) -> None:
+    huge = tmp_path / "agent.toml"
+    with open(huge, "wb") as fh:
+        fh.truncate(4 * MEMORY_LIMIT)   # sparse: no disk used
+    refused(outpost("check-config", str(huge)), str(huge), "MiB")
+
+
+# -- secrets and values in the config ----------------------------------------------------------
+
+@pytest.mark.parametrize("table,key", [("listen", "accept_keys"), ("upstream", "keys")])
+def test_a_bad_key_in_a_key_list_is_named_by_fingerprint_not_shown(
+        tmp_path: Path, table: str, key: str) -> None:
+    bad = f'["{SECRET}\\nmore"]'
+    text = (f"[listen]\naccept_keys = {bad}\n" if table == "listen" else
+            '[[upstream]]\nname = "a"\nprotocol = "segment-http"\n'
+            f'url = "https://api.segment.io"\nkeys = {bad}\n')
+    cfg = tmp_path / "agent.toml"
+    cfg.write_text(text)
+    line = refused(outpost("check-config", str(cfg)), key, "line break")
+    assert fingerprint(f"{SECRET}\nmore") in line, line
+
+
+@pytest.mark.parametrize("url", [r"https://api.segment.io\nextra", r"https://api.\u001b[2Jsegment.io",
+                                 r"https://api.segment.io/v1\tx", "https://api.segment.io/v1 x"])
+def test_an_upstream_url_with_whitespace_or_control_characters_is_refused(
+        tmp_path: Path, url: str) -> None:
+    """urlsplit drops tabs and line breaks before it looks, so these passed as valid, and
+    `doctor` printed them raw to the terminal. ``url`` is TOML text: its escapes are TOML's."""
+    cfg = tmp_path / "agent.toml"
+    cfg.write_text(f'[[upstream]]\nname = "a"\nprotocol = "segment-http"\nurl = "{url}"\n')
+    refused(outpost("check-config", str(cfg)), "upstream[0].url", "whitespace")
+
+
+# -- outpost run -------------------------------------------------------------------------------
+
+def test_run_with_a_spool_directory_that_cannot_be_made_is_one_line(tmp_path: Path) -> None:
+    """The preflight asks access(2), which says yes to root everywhere; mkdir still fails."""
+    cfg = write_config(tmp_path / "agent.toml", Path("/proc/outpost-test/spool.db"))
+    refused(outpost("run", "--config", str(cfg)), "storage.path", "/proc/outpost-test")
+
+
+# -- outpost config init -----------------------------------------------------------------------
+
+def init(*args: str) -> subprocess.CompletedProcess[str]:
+    return outpost("config", "init", *args)
+
+
+def _leftovers(directory: Path) -> list[str]:
+    return sorted(p.name for p in directory.iterdir())
+
+
+def test_config_init_onto_a_directory_is_one_line_and_leaves_nothing(tmp_path: Path) -> None:
+    target = tmp_path / "agent.toml"
+    target.mkdir()
+    refused(init("--path", str(target), "--force"), str(target), "directory")
+    assert _leftovers(tmp_path) == ["agent.toml"] and target.is_dir()
+
+
+def test_config_init_under_a_file_is_one_line(tmp_path: Path) -> None:
+    (tmp_path / "afile").write_text("")
+    target = tmp_path / "afile" / "agent.toml"
+    refused(init("--path", str(target)), str(target))
+    assert _leftovers(tmp_path) == ["afile"]
+
+
+def test_config_init_where_nothing_can_be_written_is_one_line() -> None:
+    refused(init("--path", "/proc/outpost-test.toml"), "/proc/outpost-test.toml")
+
+
+def test_config_init_through_a_symlink_writes_the_file_it_points_at(tmp_path: Path) -> None:
+    """It replaced the link with a file of its own: --path /dev/stdout --force, as root,
+    replaced /dev/stdout itself."""
+    real = tmp_path / "real.toml"
+    real.write_text("# mine\n")
+    link = tmp_path / "agent.toml"
+    link.symlink_to(real)
+    run = init("--path", str(link), "--force")
+    assert run.returncode == 0, run.stderr
+    assert link.is_symlink() and "outpost config init" in real.read_text()
+    assert _leftovers(tmp_path) == ["agent.toml", "real.toml"]
+
+
+def test_config_init_onto_a_device_is_refused_and_the_device_kept(tmp_path: Path) -> None:
+    link = tmp_path / "agent.toml"
+    link.symlink_to("/dev/null")
+    refused(init("--path", str(link), "--force"), "not a regular file")
+    assert stat.S_ISCHR(os.stat("/dev/null").st_mode)
+
+
+def test_config_init_with_an_empty_path_is_not_the_default_location(tmp_path: Path) -> None:
+    config_home = tmp_path / "config"
+    run = outpost("config", "init", "--path", "",
+                  env={"XDG_CONFIG_HOME": str(config_home), "OUTPOST_SYSTEM": "0"})
+    refused(run, "--path")
+    assert not config_home.exists()
+
+
+@pytest.mark.parametrize("args,fragment", [
+    (("--write-key", SECRET), "--write-key needs --upstream"),
+    (("--name", "seg"), "--name needs --upstream"),
+    (("--upstream", "segment-http", "--url", "https://api.segment.io", "--name", ""), "name"),
+])
+def test_config_init_options_it_would_ignore_are_refused(
+        tmp_path: Path, args: tuple[str, ...], fragment: str) -> None:
+    target = tmp_path / "agent.toml"
+    refused(init("--path", str(target), *args), fragment)
+    assert not target.exists()
