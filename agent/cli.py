@@ -74,7 +74,12 @@ def cmd_run(args: argparse.Namespace) -> int:
         print(f"outpost: {found[0]}", file=sys.stderr)
         return EXIT_CONFIG
     spool = cfg.storage.resolved_path()
-    paths.ensure_private_dir(spool.parent)
+    try:
+        paths.ensure_private_dir(spool.parent)
+    except OSError as exc:   # the preflight asks access(2), which says yes to root anywhere
+        print(f"outpost: storage.path {spool}: cannot create {spool.parent}: "
+              f"{exc.strerror or exc}; {preflight.STORAGE_FIX}", file=sys.stderr)
+        return EXIT_CONFIG
     # One agent per spool: two would both forward its queue, each with its own dedupe
     # index and depths. Held for the process's life; the OS drops it however that ends.
     lock = FileLock(f"{spool}.lock", timeout=0, mode=0o600)
