@@ -287,6 +287,13 @@ _NOT_FILES = ((stat.S_ISDIR, "a directory"), (stat.S_ISFIFO, "a fifo"),
               (stat.S_ISCHR, "a device"), (stat.S_ISBLK, "a device"), (stat.S_ISSOCK, "a socket"))
 
 
+def not_a_file(mode: int) -> str | None:
+    """What a file of this st_mode is when it is not a regular file (\"a fifo\"), else None."""
+    if stat.S_ISREG(mode):
+        return None
+    return next((name for test, name in _NOT_FILES if test(mode)), "special")
+
+
 def _read(path: Path) -> bytes:
     """The file's bytes; ConfigError for what is not a config file: a fifo (nothing may
     ever write it, and a reload would wait on it too), a device (/dev/zero never ends), or
@@ -294,9 +301,7 @@ def _read(path: Path) -> bytes:
     # O_NONBLOCK: opening a fifo no one writes would wait there; it is refused below.
     fd = os.open(path, os.O_RDONLY | getattr(os, "O_NONBLOCK", 0))
     with os.fdopen(fd, "rb") as fh:
-        mode = os.fstat(fd).st_mode
-        if not stat.S_ISREG(mode):
-            kind = next((name for test, name in _NOT_FILES if test(mode)), "special")
+        if kind := not_a_file(os.fstat(fd).st_mode):
             raise ConfigError(f"{path}: not a regular file ({kind}); name the config file itself")
         data = fh.read(MAX_FILE_MIB * 2**20 + 1)
     if len(data) > MAX_FILE_MIB * 2**20:
