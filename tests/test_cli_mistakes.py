@@ -9,13 +9,19 @@ import resource
 import stat
 import subprocess
 import sys
+from collections.abc import AsyncIterator
 from pathlib import Path
 
 import pytest
+from aiohttp import web
 
 from agent.logs import fingerprint
+from agent.settings import StorageConfig
+from agent.spool import Spool
 from tests.conftest import ROOT, write_config
+from tests.fakes.loopback_server import LoopbackServer
 from tests.test_operator_mistakes import EXIT_CONFIG, one_line
+from tests.waiting import run_outpost
 
 SECRET = "wk_live_SECRET42"
 # Enough for the CLI; a config read whole from /dev/zero or a sparse file passes it at once
@@ -166,3 +172,68 @@ def test_config_init_options_it_would_ignore_are_refused(
     target = tmp_path / "agent.toml"
     refused(init("--path", str(target), *args), fragment)
     assert not target.exists()
+
+
+# -- another server at the agent's address -----------------------------------------------------
+
+class NotOutpost(LoopbackServer):
+    """A real server on the agent's port answering 200 to everything, not as Outpost would."""
+
+    async def start(self, text: str) -> NotOutpost:
+        async def anything(_: web.Request) -> web.Response:
+            return web.Response(text=text)
+        app = web.Application()
+        app.router.add_route("*", "/{tail:.*}", anything)
+        await self._serve(app)
+        return self
+
+
+@pytest.fixture(params=["<html>a router's page</html>", "[1, 2]"], ids=["html", "json-list"])
+async def not_outpost(request: pytest.FixtureRequest) -> AsyncIterator[int]:
+    server = await NotOutpost().start(request.param)
+    yield server.port
+    await server.stop()
+
+
+@pytest.mark.parametrize("args", [("dead", "list"), ("dead", "list", "--json"),
+                                  ("dead", "show", "1"), ("dead", "retry", "--all"),
+                                  ("dead", "purge", "--all"), ("flush",), ("tail",)])
+async def test_a_server_that_is_not_the_agent_is_named_not_used(
+        tmp_path: Path, not_outpost: int, args: tuple[str, ...]) -> None:
+    """The dead commands printed its answer as if an agent's, or a traceback; `flush`
+    called it no agent at all, `tail` an agent stopping."""
+    cfg = write_config(tmp_path / "agent.toml", tmp_path / "spool.db", port=not_outpost)
+    code, out = await run_outpost(*args, "--config", str(cfg))
+    line = one_line(out)
+    assert code == 1, (code, line)
+    assert f"http://127.0.0.1:{not_outpost}" in line and "not an Outpost agent" in line, line
+
+
+async def test_an_export_from_a_server_that_is_not_the_agent_writes_nothing(
+        tmp_path: Path, not_outpost: int) -> None:
+    """It wrote the server's page into the file as one dead letter."""
+    cfg = write_config(tmp_path / "agent.toml", tmp_path / "spool.db", port=not_outpost)
+    target = tmp_path / "dead.jsonl"
+    code, out = await run_outpost("dead", "export", str(target), "--config", str(cfg))
+    line = one_line(out)
+    assert code == 1 and "not an Outpost agent" in line, (code, line)
+    assert _leftovers(tmp_path) == ["agent.toml"]
+
+
+# -- dead-letter arguments ---------------------------------------------------------------------
+
+def test_dead_show_of_a_negative_id_is_a_usage_error(tmp_path: Path) -> None:
+    """The agent answered "no route for GET /dead/-1"."""
+    cfg = write_config(tmp_path / "agent.toml", tmp_path / "spool.db", port=1)
+    run = outpost("dead", "show", "-1", "--config", str(cfg))
+    assert run.returncode == EXIT_CONFIG and "-1" in run.stderr.splitlines()[-1], run.stderr
+    assert "Traceback" not in run.stderr
+
+
+async def test_dead_list_with_a_huge_limit_reads_the_spool_as_the_agent_would(tmp_path: Path) -> None:
+    """Offline, SQLite refused the number: an OverflowError traceback."""
+    spool = tmp_path / "spool.db"
+    await (await Spool.open(StorageConfig(path=str(spool)))).close()   # empty, no agent
+    cfg = write_config(tmp_path / "agent.toml", spool, port=1)   # nothing answers there
+    code, out = await run_outpost("dead", "list", "--limit", str(10**30), "--config", str(cfg))
+    assert code == 0 and "0 dead letters" in out and "no agent running" in out, out
