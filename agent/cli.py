@@ -29,7 +29,7 @@ from agent.device import detect
 from agent.install import command as service_install
 from agent.install import config_file
 from agent.ops import dead_cli
-from agent.ops.local_agent import DIRECT, agent_url, timed_out
+from agent.ops.local_agent import DIRECT, NotOutpost, agent_url, answer, timed_out
 from agent.ops.status import offline_snapshot
 from agent.server import memory
 from agent.settings import Config, SyncConfig
@@ -125,20 +125,13 @@ DOCTOR_DBUS_S = 2.0
 STATUS_TIMEOUT_S = 10.0
 
 
-class NotOutpost(ValueError):
-    """Something answered at the agent's address, but not as an Outpost agent would."""
-
-
 def _http(cfg: Config, path: str, expect: str, method: str = "GET") -> Any:
     """The agent's JSON reply to ``path``, which holds ``expect``; NotOutpost if it does
     not (another server holds the port)."""
     req = urllib.request.Request(agent_url(cfg, path), method=method,
                                  data=b"" if method == "POST" else None)
     with DIRECT.open(req, timeout=STATUS_TIMEOUT_S) as resp:
-        data = json.loads(resp.read())
-    if not isinstance(data, dict) or expect not in data:
-        raise NotOutpost(f"{agent_url(cfg, '')} answered {path}, but not an Outpost agent")
-    return data
+        return answer(cfg, path, resp.read(), expect)
 
 
 def cmd_status(args: argparse.Namespace) -> int:

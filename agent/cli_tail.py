@@ -19,7 +19,7 @@ from collections.abc import Callable, Iterator
 from typing import IO, Any
 
 from agent.logs import FINGERPRINT, fingerprint
-from agent.ops.local_agent import DIRECT, agent_url
+from agent.ops.local_agent import DIRECT, NotOutpost, agent_url
 from agent.ops.tail import STALL_S
 from agent.settings import Config
 from agent.terminal import printable, printable_json
@@ -69,6 +69,10 @@ def run(args: argparse.Namespace, load: Callable[[argparse.Namespace], Config | 
         return 1
     except (urllib.error.URLError, OSError) as exc:
         print(f"outpost: no agent answering at {agent_url(cfg, '')}: {exc}", file=sys.stderr)
+        return 1
+    if resp.headers.get_content_type() != "text/event-stream":   # not "the agent stopping"
+        resp.close()
+        print(f"outpost: {NotOutpost(cfg, '/tail')}", file=sys.stderr)
         return 1
     try:
         with resp:

@@ -24,8 +24,8 @@ from pathlib import Path
 from typing import Any, BinaryIO
 
 from agent.clock import age_s
-from agent.ops.dead import EXPORT_PAGE
-from agent.ops.local_agent import DIRECT, agent_url, timed_out
+from agent.ops.dead import EXPORT_PAGE, LIST_LIMIT
+from agent.ops.local_agent import DIRECT, NotOutpost, agent_url, answer, timed_out
 from agent.ops.status_table import age, size, table
 from agent.outcomes import Tally
 from agent.settings import Config
@@ -83,7 +83,7 @@ class _Cli:
         handler: Callable[[Config, argparse.Namespace], int] = getattr(self, args.dead_command)
         try:
             return handler(cfg, args)
-        except dead.DeadError as exc:
+        except (dead.DeadError, NotOutpost) as exc:
             print(f"outpost: {printable(str(exc))}", file=sys.stderr)
             return 1
         except sqlite3.Error as exc:
@@ -96,10 +96,12 @@ class _Cli:
             print(f"outpost: {printable(str(exc))}", file=sys.stderr)
             return 1
 
-    def _read(self, cfg: Config, path: str, fn: Callable[..., Any], *a: Any) -> Any:
-        """(answer, source): from the agent, else from the spool file read-only."""
+    def _read(self, cfg: Config, path: str, expect: str, fn: Callable[..., Any],
+              *a: Any) -> Any:
+        """(answer, source): from the agent (an object holding ``expect``), else from the
+        spool file read-only."""
         try:
-            return json.loads(self._ask(cfg, path)), agent_url(cfg, "")
+            return answer(cfg, path, self._ask(cfg, path), expect), agent_url(cfg, "")
         except _NoAgent:
             spool = cfg.storage.resolved_path()
             conn = dead.read_only(spool)
@@ -115,10 +117,10 @@ class _Cli:
 
         def offline(conn: sqlite3.Connection) -> dict[str, Any]:
             got = dead.summary(conn)
-            got["entries"] = dead.entries(conn, which, args.limit)
+            got["entries"] = dead.entries(conn, which, min(args.limit, LIST_LIMIT))   # as the agent
             return got
         try:
-            got, source = self._read(cfg, f"/dead?{query}", offline)
+            got, source = self._read(cfg, f"/dead?{query}", "count", offline)
         except dead.NoSpool as exc:
             print(f"no dead letters ({exc})")
             return 0
@@ -148,7 +150,7 @@ class _Cli:
         return 0
 
     def show(self, cfg: Config, args: argparse.Namespace) -> int:
-        got, _ = self._read(cfg, f"/dead/{args.id}", dead.show, args.id)
+        got, _ = self._read(cfg, f"/dead/{args.id}", "body", dead.show, args.id)
         print(printable_json(json.dumps(got, indent=2, ensure_ascii=False)))
         return 0
 
@@ -199,6 +201,8 @@ class _Cli:
             resp = None  # no agent: read the spool file
         if resp is not None:
             with resp:
+                if resp.headers.get_content_type() != "application/x-ndjson":
+                    raise NotOutpost(cfg, "/dead/export")   # nothing of it written
                 for line in resp:
                     out.write(line)
                     count += 1
@@ -217,9 +221,10 @@ class _Cli:
     def _change(self, cfg: Config, args: argparse.Namespace, what: str) -> int:
         which = dead.Which(args.reason, args.all)
         try:
-            got = json.loads(self._ask(cfg, f"/dead/{what}",
-                                       {"reason": args.reason, "all": args.all}))
-            n, where = got["retried" if what == "retry" else "purged"], "the running agent"
+            done = "retried" if what == "retry" else "purged"
+            got = answer(cfg, f"/dead/{what}", self._ask(cfg, f"/dead/{what}", {
+                "reason": args.reason, "all": args.all}), done)
+            n, where = got[done], "the running agent"
         except _NoAgent:
             spool = cfg.storage.resolved_path()
             with dead.Offline(spool) as conn:
@@ -276,7 +281,7 @@ def add_parser(sub: Any, load: Load) -> None:
             p.add_argument("--limit", type=_count, default=LIST_ROWS, help="entries to print")
             p.add_argument("--json", action="store_true", help="print JSON")
         elif name == "show":
-            p.add_argument("id", type=int, help="its ID, from `outpost dead list`")
+            p.add_argument("id", type=_count, help="its ID, from `outpost dead list`")
         elif name == "export":
             p.add_argument("file", help="where to write (created mode 0600)")
         else:
