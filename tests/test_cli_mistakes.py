@@ -237,3 +237,29 @@ async def test_dead_list_with_a_huge_limit_reads_the_spool_as_the_agent_would(tm
     cfg = write_config(tmp_path / "agent.toml", spool, port=1)   # nothing answers there
     code, out = await run_outpost("dead", "list", "--limit", str(10**30), "--config", str(cfg))
     assert code == 0 and "0 dead letters" in out and "no agent running" in out, out
+
+
+# -- where the output goes ---------------------------------------------------------------------
+
+@pytest.mark.parametrize("command", ["check-config", "status", "config-init"])
+def test_output_to_a_full_disk_is_one_line_and_exit_1(tmp_path: Path, command: str) -> None:
+    """`outpost status > file` on a full disk (/dev/full here) ended in a traceback, and
+    `config init` reported nothing of the file it had written."""
+    cfg = write_config(tmp_path / "agent.toml", tmp_path / "spool.db", port=1)
+    args = {"check-config": ["check-config", str(cfg)], "status": ["status", "--config", str(cfg)],
+            "config-init": ["config", "init", "--path", str(tmp_path / "new.toml")]}[command]
+    with open("/dev/full", "w") as full:
+        run = subprocess.run([sys.executable, "-m", "agent", *args], cwd=ROOT, stdout=full,
+                             stderr=subprocess.PIPE, text=True, timeout=30)
+    line = one_line(run.stderr)
+    assert run.returncode == 1 and "Exception ignored" not in run.stderr, (run.returncode, line)
+    assert "cannot write the output" in line and "No space left on device" in line, line
+
+
+def test_output_to_a_closed_stdout_is_no_traceback(tmp_path: Path) -> None:
+    """`outpost check-config FILE >&-`: Python gives no sys.stdout at all."""
+    cfg = write_config(tmp_path / "agent.toml", tmp_path / "spool.db", port=1)
+    run = subprocess.run([sys.executable, "-m", "agent", "check-config", str(cfg)], cwd=ROOT,
+                         stderr=subprocess.PIPE, text=True, timeout=30,
+                         preexec_fn=lambda: os.close(1))  # noqa: PLW1509 (a close only)
+    assert run.returncode == 0 and run.stderr == "", run.stderr
