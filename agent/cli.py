@@ -37,7 +37,7 @@ from agent.spool.schema import SpoolTooNew
 from agent.sync.metered import read_once, source_for
 from agent.sync.policy import Metered, decide
 from agent.sync.power import read_battery
-from agent.terminal import printable_json
+from agent.terminal import OutputError, guard_stdout, printable_json
 from agent.uplinks.registry import uplink_class
 
 EXIT_FAILED = 1   # a runtime failure: no agent answering, a service step failed
@@ -288,12 +288,24 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
+    guard_stdout()
     try:
         code = int(args.func(args))
-        sys.stdout.flush()
+        if sys.stdout is not None:   # None: started with it closed (`>&-`)
+            sys.stdout.flush()
     except BrokenPipeError:
         # `outpost status | head -1`: the reader left; stop as a command killed by SIGPIPE
         # would, without a traceback (and without flushing again at exit).
-        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        _drop_output()
         return SIGPIPE_EXIT
+    except OutputError as exc:   # `outpost status > file` on a full disk
+        _drop_output()
+        print(f"outpost: cannot write the output: {exc.strerror or exc}; what was written "
+              "may be cut short", file=sys.stderr)
+        return EXIT_FAILED
     return code
+
+
+def _drop_output() -> None:
+    """Send what stdout still holds nowhere: the flush at exit must not fail again."""
+    os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())

@@ -30,7 +30,7 @@ from agent.ops.status_table import age, size, table
 from agent.outcomes import Tally
 from agent.settings import Config
 from agent.spool import dead
-from agent.terminal import printable, printable_json
+from agent.terminal import OutputError, printable, printable_json
 
 Load = Callable[[argparse.Namespace], Config | None]
 LIST_ROWS = 50  # entries `dead list` prints under the summary; --limit changes it
@@ -90,8 +90,8 @@ class _Cli:
             print(f"outpost: cannot read the spool {cfg.storage.resolved_path()}: {exc}",
                   file=sys.stderr)
             return 1
-        except BrokenPipeError:
-            raise   # the reader left (`outpost dead list | head -1`): main exits 141
+        except (BrokenPipeError, OutputError):
+            raise   # the reader left (`outpost dead list | head -1`) or stdout failed: main's
         except (OSError, http.client.HTTPException) as exc:  # e.g. FILE, or an agent gone
             print(f"outpost: {printable(str(exc))}", file=sys.stderr)
             return 1
