@@ -4,6 +4,7 @@ disk. Each runs the real `python -m agent` command on real files."""
 
 from __future__ import annotations
 
+import json
 import os
 import resource
 import stat
@@ -263,3 +264,30 @@ def test_output_to_a_closed_stdout_is_no_traceback(tmp_path: Path) -> None:
                          stderr=subprocess.PIPE, text=True, timeout=30,
                          preexec_fn=lambda: os.close(1))  # noqa: PLW1509 (a close only)
     assert run.returncode == 0 and run.stderr == "", run.stderr
+
+
+# -- what the operator named, shown back -------------------------------------------------------
+
+ODD = "x\x1b[2J\ny"   # a terminal's clear-screen, and a line break
+
+
+@pytest.mark.parametrize("command", ["check-config", "status", "config-init"])
+def test_a_path_with_control_characters_is_shown_escaped_on_one_line(
+        tmp_path: Path, command: str) -> None:
+    """A missing config or a config init path holding a line break was two lines; an escape
+    sequence in it reached the terminal as it was."""
+    missing = tmp_path / f"{ODD}.toml"
+    args = {"check-config": ["check-config", str(missing)],
+            "status": ["status", "--config", str(missing)],
+            "config-init": ["config", "init", "--path", str(tmp_path / "no" / ODD)]}[command]
+    (tmp_path / "no").write_text("a file, not a directory")
+    line = refused(outpost(*args))
+    assert "x\\x1b[2J\\ny" in line, line
+
+
+def test_a_storage_path_with_control_characters_is_shown_escaped(tmp_path: Path) -> None:
+    (tmp_path / "afile").write_text("")
+    cfg = tmp_path / "agent.toml"   # a JSON string is a TOML one, control characters escaped
+    cfg.write_text(f"[storage]\npath = {json.dumps(str(tmp_path / 'afile' / ODD / 'spool.db'))}\n")
+    for args in (("check-config", str(cfg)), ("run", "--config", str(cfg))):
+        assert "x\\x1b[2J\\ny" in refused(outpost(*args), "storage.path")
