@@ -37,7 +37,7 @@ from agent.spool.schema import SpoolTooNew
 from agent.sync.metered import read_once, source_for
 from agent.sync.policy import Metered, decide
 from agent.sync.power import read_battery
-from agent.terminal import OutputError, guard_stdout, printable_json
+from agent.terminal import OutputError, guard_stdout, printable, printable_json
 from agent.uplinks.registry import uplink_class
 
 EXIT_FAILED = 1   # a runtime failure: no agent answering, a service step failed
@@ -48,11 +48,16 @@ CONFIG_HELP = ("the config file (default: $OUTPOST_CONFIG, else ./agent.toml, el
                "the config directory `outpost doctor` shows, else the built-in defaults)")
 
 
+def _say(message: str) -> None:
+    """One line on stderr; what the operator named in it (a path) shown escaped."""
+    print(f"outpost: {printable(message)}", file=sys.stderr)
+
+
 def _load(args: argparse.Namespace) -> Config | None:
     try:
         return config_mod.load(getattr(args, "config", None))
     except ConfigError as exc:
-        print(f"outpost: config error: {exc}", file=sys.stderr)
+        _say(f"config error: {exc}")
         return None
 
 
@@ -71,14 +76,14 @@ def cmd_run(args: argparse.Namespace) -> int:
     if cfg is None:
         return EXIT_CONFIG
     if found := preflight.problems(cfg):
-        print(f"outpost: {found[0]}", file=sys.stderr)
+        _say(found[0])
         return EXIT_CONFIG
     spool = cfg.storage.resolved_path()
     try:
         paths.ensure_private_dir(spool.parent)
     except OSError as exc:   # the preflight asks access(2), which says yes to root anywhere
-        print(f"outpost: storage.path {spool}: cannot create {spool.parent}: "
-              f"{exc.strerror or exc}; {preflight.STORAGE_FIX}", file=sys.stderr)
+        _say(f"storage.path {spool}: cannot create {spool.parent}: {exc.strerror or exc}; "
+             f"{preflight.STORAGE_FIX}")
         return EXIT_CONFIG
     # One agent per spool: two would both forward its queue, each with its own dedupe
     # index and depths. Held for the process's life; the OS drops it however that ends.
@@ -86,12 +91,12 @@ def cmd_run(args: argparse.Namespace) -> int:
     try:
         lock.acquire()
     except Timeout:
-        print(f"outpost: the spool {spool} is in use by another agent; stop that one, or "
-              "give this one another storage.path", file=sys.stderr)
+        _say(f"the spool {spool} is in use by another agent; stop that one, or give this "
+             "one another storage.path")
         return EXIT_CONFIG
     except OSError as exc:   # a directory there, or a file another user left
-        print(f"outpost: cannot open the spool's lock file {spool}.lock: "
-              f"{exc.strerror or exc}; remove it, or give this user access", file=sys.stderr)
+        _say(f"cannot open the spool's lock file {spool}.lock: {exc.strerror or exc}; "
+             "remove it, or give this user access")
         return EXIT_CONFIG
     logs.setup_logging(cfg.log.level)
     from agent.dialects import offload
@@ -105,7 +110,7 @@ def cmd_run(args: argparse.Namespace) -> int:
             return await Agent(cfg, getattr(args, "config", None),
                                on_spool_open=memory.freeze_start).serve()
         except (StartError, SpoolTooNew) as exc:
-            print(f"outpost: {exc}", file=sys.stderr)
+            _say(str(exc))
             return EXIT_CONFIG
         except OSError as exc:
             # The preflight passed but the system refused anyway (a mount or a mode changed
@@ -113,7 +118,7 @@ def cmd_run(args: argparse.Namespace) -> int:
             if exc.errno not in (errno.EROFS, errno.EACCES, errno.EPERM):
                 raise
             problem = preflight.storage_problem(cfg) or f"cannot start: {exc}"
-            print(f"outpost: {problem}", file=sys.stderr)
+            _say(problem)
             return EXIT_CONFIG
     return run_async(main())
 
@@ -151,11 +156,11 @@ def cmd_status(args: argparse.Namespace) -> int:
         try:
             data = offline_snapshot(cfg)
         except SpoolTooNew as exc:
-            print(f"outpost: no agent answering, and the {exc}", file=sys.stderr)
+            _say(f"no agent answering, and the {exc}")
             return EXIT_FAILED
         except sqlite3.Error as exc:
-            print(f"outpost: no agent answering, and cannot read the spool "
-                  f"{cfg.storage.resolved_path()}: {exc}", file=sys.stderr)
+            _say(f"no agent answering, and cannot read the spool "
+                 f"{cfg.storage.resolved_path()}: {exc}")
             return EXIT_FAILED
     if args.json:
         print(printable_json(json.dumps(data, indent=2)))
@@ -194,10 +199,10 @@ def cmd_check_config(args: argparse.Namespace) -> int:
         target = config_mod.find_config_file(args.file)
         cfg = config_mod.load_file(target) if target is not None else Config()
     except ConfigError as exc:
-        print(f"outpost: {refused}{exc}", file=sys.stderr)
+        _say(f"{refused}{exc}")
         return EXIT_CONFIG
     if found := preflight.problems(cfg):
-        print(f"outpost: {refused}{found[0]}", file=sys.stderr)
+        _say(f"{refused}{found[0]}")
         return EXIT_CONFIG
     if target is None:
         print("no config file found; the built-in defaults are valid")

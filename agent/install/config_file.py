@@ -17,6 +17,7 @@ from pathlib import Path
 
 from agent import paths
 from agent.config import ConfigError, not_a_file, parse
+from agent.terminal import printable
 from agent.uplinks import registry
 
 HEADER = """\
@@ -157,5 +158,5 @@ def _share_with_service(path: Path) -> str:
 
 
 def _fail(message: str) -> int:
-    print(f"outpost config: {message}", file=sys.stderr)
+    print(f"outpost config: {printable(message)}", file=sys.stderr)
     return 2
