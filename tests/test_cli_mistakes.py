@@ -291,3 +291,23 @@ def test_a_storage_path_with_control_characters_is_shown_escaped(tmp_path: Path)
     cfg.write_text(f"[storage]\npath = {json.dumps(str(tmp_path / 'afile' / ODD / 'spool.db'))}\n")
     for args in (("check-config", str(cfg)), ("run", "--config", str(cfg))):
         assert "x\\x1b[2J\\ny" in refused(outpost(*args), "storage.path")
+
+
+def test_dead_without_a_subcommand_names_the_choices() -> None:
+    """It said "the following arguments are required: dead_command", a name in the code."""
+    run = outpost("dead")
+    assert run.returncode == EXIT_CONFIG and "Traceback" not in run.stderr
+    assert "dead_command" not in run.stderr and "{list,show,export,retry,purge}" in \
+        run.stderr.splitlines()[-1], run.stderr
+
+
+async def test_dead_export_onto_a_directory_is_one_line(tmp_path: Path) -> None:
+    """It printed Python's "[Errno 21] Is a directory: '...'"."""
+    spool = tmp_path / "spool.db"
+    await (await Spool.open(StorageConfig(path=str(spool)))).close()   # empty, no agent
+    cfg = write_config(tmp_path / "agent.toml", spool, port=1)
+    target = tmp_path / "out"
+    target.mkdir()
+    code, out = await run_outpost("dead", "export", str(target), "--config", str(cfg))
+    line = one_line(out)
+    assert code == 1 and line == f"outpost: cannot write {target}: it is a directory; name a file", line
