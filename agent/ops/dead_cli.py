@@ -158,11 +158,14 @@ class _Cli:
         target = Path(args.file)
         real = Path(os.path.realpath(target))   # through symlinks: the link stays a link
         try:
-            regular = stat.S_ISREG(os.stat(real).st_mode)
+            mode = os.stat(real).st_mode
         except FileNotFoundError:
-            regular = True
+            mode = stat.S_IFREG
         except OSError as exc:
             raise dead.DeadError(f"cannot write {target}: {exc.strerror or exc}") from exc
+        if stat.S_ISDIR(mode):
+            raise dead.DeadError(f"cannot write {target}: it is a directory; name a file")
+        regular = stat.S_ISREG(mode)
         if not regular:   # a pipe or a device (/dev/stdout): written straight through
             with open(real, "wb") as out:
                 count = self._export_to(cfg, out)
@@ -268,11 +271,12 @@ def add_parser(sub: Any, load: Load) -> None:
                          description="Events an upstream refused for good are kept as dead "
                          "letters. Works on a running agent, or on the spool when none runs.")
     top.set_defaults(func=cli.run)
-    cmds = top.add_subparsers(dest="dead_command", required=True)
     helps = {"list": "count, reason, upstream and age, grouped by reason",
              "show": "one dead letter, with its body", "export": "write them all as JSONL",
              "retry": "send them again: back at the tail of their key's queue",
              "purge": "delete them (needs --reason R or --all)"}
+    cmds = top.add_subparsers(dest="dead_command", required=True,
+                              metavar="{" + ",".join(helps) + "}")   # not "dead_command"
     for name, text in helps.items():
         p = cmds.add_parser(name, help=text, description=text)
         p.add_argument("--config", help="path to agent.toml")
