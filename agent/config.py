@@ -288,7 +288,7 @@ _NOT_FILES = ((stat.S_ISDIR, "a directory"), (stat.S_ISFIFO, "a fifo"),
 
 
 def not_a_file(mode: int) -> str | None:
-    """What a file of this st_mode is when it is not a regular file (\"a fifo\"), else None."""
+    """What a file of this st_mode is, "a fifo" say, when not a regular file; else None."""
     if stat.S_ISREG(mode):
         return None
     return next((name for test, name in _NOT_FILES if test(mode)), "special")
