@@ -29,7 +29,7 @@ from agent.device import detect
 from agent.install import command as service_install
 from agent.install import config_file
 from agent.ops import dead_cli
-from agent.ops.local_agent import DIRECT, agent_url, timed_out
+from agent.ops.local_agent import DIRECT, NotOutpost, agent_url, answer, timed_out
 from agent.ops.status import offline_snapshot
 from agent.server import memory
 from agent.settings import Config, SyncConfig
@@ -37,7 +37,7 @@ from agent.spool.schema import SpoolTooNew
 from agent.sync.metered import read_once, source_for
 from agent.sync.policy import Metered, decide
 from agent.sync.power import read_battery
-from agent.terminal import printable_json
+from agent.terminal import OutputError, guard_stdout, printable, printable_json
 from agent.uplinks.registry import uplink_class
 
 EXIT_FAILED = 1   # a runtime failure: no agent answering, a service step failed
@@ -48,11 +48,16 @@ CONFIG_HELP = ("the config file (default: $OUTPOST_CONFIG, else ./agent.toml, el
                "the config directory `outpost doctor` shows, else the built-in defaults)")
 
 
+def _say(message: str) -> None:
+    """One line on stderr; what the operator named in it (a path) shown escaped."""
+    print(f"outpost: {printable(message)}", file=sys.stderr)
+
+
 def _load(args: argparse.Namespace) -> Config | None:
     try:
         return config_mod.load(getattr(args, "config", None))
     except ConfigError as exc:
-        print(f"outpost: config error: {exc}", file=sys.stderr)
+        _say(f"config error: {exc}")
         return None
 
 
@@ -71,22 +76,27 @@ def cmd_run(args: argparse.Namespace) -> int:
     if cfg is None:
         return EXIT_CONFIG
     if found := preflight.problems(cfg):
-        print(f"outpost: {found[0]}", file=sys.stderr)
+        _say(found[0])
         return EXIT_CONFIG
     spool = cfg.storage.resolved_path()
-    paths.ensure_private_dir(spool.parent)
+    try:
+        paths.ensure_private_dir(spool.parent)
+    except OSError as exc:   # the preflight asks access(2), which says yes to root anywhere
+        _say(f"storage.path {spool}: cannot create {spool.parent}: {exc.strerror or exc}; "
+             f"{preflight.STORAGE_FIX}")
+        return EXIT_CONFIG
     # One agent per spool: two would both forward its queue, each with its own dedupe
     # index and depths. Held for the process's life; the OS drops it however that ends.
     lock = FileLock(f"{spool}.lock", timeout=0, mode=0o600)
     try:
         lock.acquire()
     except Timeout:
-        print(f"outpost: the spool {spool} is in use by another agent; stop that one, or "
-              "give this one another storage.path", file=sys.stderr)
+        _say(f"the spool {spool} is in use by another agent; stop that one, or give this "
+             "one another storage.path")
         return EXIT_CONFIG
     except OSError as exc:   # a directory there, or a file another user left
-        print(f"outpost: cannot open the spool's lock file {spool}.lock: "
-              f"{exc.strerror or exc}; remove it, or give this user access", file=sys.stderr)
+        _say(f"cannot open the spool's lock file {spool}.lock: {exc.strerror or exc}; "
+             "remove it, or give this user access")
         return EXIT_CONFIG
     logs.setup_logging(cfg.log.level)
     from agent.dialects import offload
@@ -100,7 +110,7 @@ def cmd_run(args: argparse.Namespace) -> int:
             return await Agent(cfg, getattr(args, "config", None),
                                on_spool_open=memory.freeze_start).serve()
         except (StartError, SpoolTooNew) as exc:
-            print(f"outpost: {exc}", file=sys.stderr)
+            _say(str(exc))
             return EXIT_CONFIG
         except OSError as exc:
             # The preflight passed but the system refused anyway (a mount or a mode changed
@@ -108,7 +118,7 @@ def cmd_run(args: argparse.Namespace) -> int:
             if exc.errno not in (errno.EROFS, errno.EACCES, errno.EPERM):
                 raise
             problem = preflight.storage_problem(cfg) or f"cannot start: {exc}"
-            print(f"outpost: {problem}", file=sys.stderr)
+            _say(problem)
             return EXIT_CONFIG
     return run_async(main())
 
@@ -120,20 +130,13 @@ DOCTOR_DBUS_S = 2.0
 STATUS_TIMEOUT_S = 10.0
 
 
-class NotOutpost(ValueError):
-    """Something answered at the agent's address, but not as an Outpost agent would."""
-
-
 def _http(cfg: Config, path: str, expect: str, method: str = "GET") -> Any:
     """The agent's JSON reply to ``path``, which holds ``expect``; NotOutpost if it does
     not (another server holds the port)."""
     req = urllib.request.Request(agent_url(cfg, path), method=method,
                                  data=b"" if method == "POST" else None)
     with DIRECT.open(req, timeout=STATUS_TIMEOUT_S) as resp:
-        data = json.loads(resp.read())
-    if not isinstance(data, dict) or expect not in data:
-        raise NotOutpost(f"{agent_url(cfg, '')} answered {path}, but not an Outpost agent")
-    return data
+        return answer(cfg, path, resp.read(), expect)
 
 
 def cmd_status(args: argparse.Namespace) -> int:
@@ -153,11 +156,11 @@ def cmd_status(args: argparse.Namespace) -> int:
         try:
             data = offline_snapshot(cfg)
         except SpoolTooNew as exc:
-            print(f"outpost: no agent answering, and the {exc}", file=sys.stderr)
+            _say(f"no agent answering, and the {exc}")
             return EXIT_FAILED
         except sqlite3.Error as exc:
-            print(f"outpost: no agent answering, and cannot read the spool "
-                  f"{cfg.storage.resolved_path()}: {exc}", file=sys.stderr)
+            _say(f"no agent answering, and cannot read the spool "
+                 f"{cfg.storage.resolved_path()}: {exc}")
             return EXIT_FAILED
     if args.json:
         print(printable_json(json.dumps(data, indent=2)))
@@ -196,10 +199,10 @@ def cmd_check_config(args: argparse.Namespace) -> int:
         target = config_mod.find_config_file(args.file)
         cfg = config_mod.load_file(target) if target is not None else Config()
     except ConfigError as exc:
-        print(f"outpost: {refused}{exc}", file=sys.stderr)
+        _say(f"{refused}{exc}")
         return EXIT_CONFIG
     if found := preflight.problems(cfg):
-        print(f"outpost: {refused}{found[0]}", file=sys.stderr)
+        _say(f"{refused}{found[0]}")
         return EXIT_CONFIG
     if target is None:
         print("no config file found; the built-in defaults are valid")
@@ -290,12 +293,24 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
+    guard_stdout()
     try:
         code = int(args.func(args))
-        sys.stdout.flush()
+        if sys.stdout is not None:   # None: started with it closed (`>&-`)
+            sys.stdout.flush()
     except BrokenPipeError:
         # `outpost status | head -1`: the reader left; stop as a command killed by SIGPIPE
         # would, without a traceback (and without flushing again at exit).
-        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        _drop_output()
         return SIGPIPE_EXIT
+    except OutputError as exc:   # `outpost status > file` on a full disk
+        _drop_output()
+        print(f"outpost: cannot write the output: {exc.strerror or exc}; what was written "
+              "may be cut short", file=sys.stderr)
+        return EXIT_FAILED
     return code
+
+
+def _drop_output() -> None:
+    """Send what stdout still holds nowhere: the flush at exit must not fail again."""
+    os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())

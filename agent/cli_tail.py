@@ -19,10 +19,10 @@ from collections.abc import Callable, Iterator
 from typing import IO, Any
 
 from agent.logs import FINGERPRINT, fingerprint
-from agent.ops.local_agent import DIRECT, agent_url
+from agent.ops.local_agent import DIRECT, NotOutpost, agent_url
 from agent.ops.tail import STALL_S
 from agent.settings import Config
-from agent.terminal import printable, printable_json
+from agent.terminal import OutputError, printable, printable_json
 
 # The agent sends a keepalive every 15 s: four missed means it is gone.
 READ_TIMEOUT_S = 60.0
@@ -70,6 +70,10 @@ def run(args: argparse.Namespace, load: Callable[[argparse.Namespace], Config | 
     except (urllib.error.URLError, OSError) as exc:
         print(f"outpost: no agent answering at {agent_url(cfg, '')}: {exc}", file=sys.stderr)
         return 1
+    if resp.headers.get_content_type() != "text/event-stream":   # not "the agent stopping"
+        resp.close()
+        print(f"outpost: {NotOutpost(cfg, '/tail')}", file=sys.stderr)
+        return 1
     try:
         with resp:
             for message in _messages(resp, sys.stdout):
@@ -83,8 +87,8 @@ def run(args: argparse.Namespace, load: Callable[[argparse.Namespace], Config | 
                     print(line(message), flush=True)
     except KeyboardInterrupt:
         return 0
-    except BrokenPipeError:
-        raise   # the reader left (`outpost tail | head`): the CLI ends as SIGPIPE would
+    except (BrokenPipeError, OutputError):
+        raise   # the reader left (`outpost tail | head`) or stdout failed: the CLI's to say
     except (OSError, http.client.HTTPException) as exc:
         print(f"outpost: the live view was cut off ({type(exc).__name__}: "
               f"{printable(str(exc))}): the agent stopped, or closed this view for reading "

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import math
 import os
+import stat
 import tomllib
 from pathlib import Path
 from typing import Any, Callable, TypeVar
@@ -15,6 +16,7 @@ from urllib.parse import urlsplit
 
 from agent import paths
 from agent.families import nucleus, segment
+from agent.logs import fingerprint
 from agent.settings import (
     Config,
     DeviceConfig,
@@ -35,6 +37,9 @@ T = TypeVar("T")
 
 
 MAX_INT = 2**53   # the largest integer every JSON reader keeps exactly
+# Far above any real config (thousands of keys); a bigger file is not one, and is not read
+# whole: a sparse or endless one would take the machine's memory.
+MAX_FILE_MIB = 1
 
 
 def _take(table: dict[str, Any], where: str, name: str, kind: type[T] | tuple[type, ...],
@@ -74,15 +79,18 @@ def _kind_name(kinds: tuple[type, ...]) -> str:
     return " or ".join(names.get(k, k.__name__) for k in kinds)
 
 
-def _str_list(where: str, name: str) -> Callable[[Any], str | None]:
+def _str_list(secret: bool = False) -> Callable[[Any], str | None]:
+    """Non-empty printable strings; a ``secret`` list's (keys) named by fingerprint only."""
     def check(value: Any) -> str | None:
         bad = [v for v in value if not isinstance(v, str) or not v]
         if bad:
             return f"every entry must be a non-empty string, got {bad[0]!r}"
         # A key with a line break would split every log line naming it.
         odd = [v for v in value if not v.isprintable()]
-        return (f"every entry must be printable (no line breaks or control characters), "
-                f"got {odd[0]!r}") if odd else None
+        if not odd:
+            return None
+        return ("every entry must be printable (no line breaks or control characters), got "
+                + (f"the key {fingerprint(odd[0])}" if secret else repr(odd[0])))
     return check
 
 
@@ -115,9 +123,9 @@ def _listen(t: dict[str, Any]) -> ListenConfig:
         host=_take(t, w, "host", str, "127.0.0.1", lambda v: None if v else "must not be empty"),
         port=_take(t, w, "port", int, 8765,
                    lambda v: None if 0 <= v <= 65535 else f"must be 0..65535, got {v}"),
-        accept_keys=tuple(_take(t, w, "accept_keys", list, [], _str_list(w, "accept_keys"))),
+        accept_keys=tuple(_take(t, w, "accept_keys", list, [], _str_list(secret=True))),
         allowed_origins=tuple(_take(t, w, "allowed_origins", list, [],
-                                    _str_list(w, "allowed_origins"))),
+                                    _str_list())),
         idle_timeout_s=float(_take(t, w, "idle_timeout_s", (int, float), 60.0, _positive)),
         header_timeout_s=float(_take(t, w, "header_timeout_s", (int, float), 10.0, _positive)),
         body_timeout_s=float(_take(t, w, "body_timeout_s", (int, float), 30.0, _positive)),
@@ -192,6 +200,9 @@ def _url_check(protocol: str) -> Callable[[Any], str | None]:
 
     def check(value: Any) -> str | None:
         # Messages never quote the URL: it may hold a password.
+        if any(c.isspace() or not c.isprintable() for c in value):
+            # urlsplit drops tabs and line breaks before it looks: checked as another URL.
+            return "must not contain whitespace or control characters"
         if not value.startswith(schemes):
             return f"must start with {' or '.join(schemes)} for {protocol}"
         try:
@@ -226,7 +237,7 @@ def _upstream(t: dict[str, Any], i: int) -> UpstreamConfig:
         name=_take(t, w, "name", str, "", lambda v: None if v else "must not be empty"),
         protocol=protocol,
         url=_take(t, w, "url", str, "", _url_check(protocol)),
-        keys=tuple(_take(t, w, "keys", list, ["*"], lambda v: _str_list(w, "keys")(v)
+        keys=tuple(_take(t, w, "keys", list, ["*"], lambda v: _str_list(secret=True)(v)
                          or (None if v else "must not be empty"))),
         key=_take(t, w, "key", str, ""),
         batch_max_events=_take(t, w, "batch_max_events", int, 500,
@@ -239,10 +250,10 @@ def _upstream(t: dict[str, Any], i: int) -> UpstreamConfig:
         max_in_flight=_take(t, w, "max_in_flight", int, 4,
                             lambda v: None if 1 <= v <= 64 else "must be 1..64"),
         priority_types=tuple(_take(t, w, "priority_types", list, [],
-                                   lambda v: _str_list(w, "priority_types")(v)
+                                   lambda v: _str_list()(v)
                                    or _event_types(v))),
         priority_events=tuple(_take(t, w, "priority_events", list, [],
-                                    _str_list(w, "priority_events"))),
+                                    _str_list())),
     )
     _no_leftovers(t, w)
     return out
@@ -272,10 +283,36 @@ def parse(raw: dict[str, Any], source: str = "<string>") -> Config:
                   log=log, sync=sync, source=source)
 
 
+_NOT_FILES = ((stat.S_ISDIR, "a directory"), (stat.S_ISFIFO, "a fifo"),
+              (stat.S_ISCHR, "a device"), (stat.S_ISBLK, "a device"), (stat.S_ISSOCK, "a socket"))
+
+
+def not_a_file(mode: int) -> str | None:
+    """What a file of this st_mode is, "a fifo" say, when not a regular file; else None."""
+    if stat.S_ISREG(mode):
+        return None
+    return next((name for test, name in _NOT_FILES if test(mode)), "special")
+
+
+def _read(path: Path) -> bytes:
+    """The file's bytes; ConfigError for what is not a config file: a fifo (nothing may
+    ever write it, and a reload would wait on it too), a device (/dev/zero never ends), or
+    a file too big to be one."""
+    # O_NONBLOCK: opening a fifo no one writes would wait there; it is refused below.
+    fd = os.open(path, os.O_RDONLY | getattr(os, "O_NONBLOCK", 0))
+    with os.fdopen(fd, "rb") as fh:
+        if kind := not_a_file(os.fstat(fd).st_mode):
+            raise ConfigError(f"{path}: not a regular file ({kind}); name the config file itself")
+        data = fh.read(MAX_FILE_MIB * 2**20 + 1)
+    if len(data) > MAX_FILE_MIB * 2**20:
+        raise ConfigError(f"{path}: larger than {MAX_FILE_MIB} MiB, too big for a config file; "
+                          "name the agent.toml file")
+    return data
+
+
 def load_file(path: Path) -> Config:
     try:
-        with open(path, "rb") as fh:
-            raw = tomllib.load(fh)
+        raw = tomllib.loads(_read(path).decode("utf-8"))
     except OSError as exc:
         raise ConfigError(f"{path}: cannot read: {exc.strerror or exc}") from exc
     except tomllib.TOMLDecodeError as exc:

@@ -15,7 +15,7 @@ from pathlib import Path
 from agent import paths
 from agent.settings import Config
 
-_FIX = "set storage.path to a file in a directory this user can write"
+STORAGE_FIX = "set storage.path to a file in a directory this user can write"
 
 
 def problems(cfg: Config) -> list[str]:
@@ -57,7 +57,7 @@ def storage_problem(cfg: Config) -> str | None:
     while not existing.exists() and existing.parent != existing:
         existing = existing.parent   # where the first mkdir would write
     if not existing.is_dir():
-        return f"{where}: cannot create {spool.parent}: {existing} is not a directory; {_FIX}"
+        return f"{where}: cannot create {spool.parent}: {existing} is not a directory; {STORAGE_FIX}"
     if _read_only(existing):
         return f"{where}: {existing} is on a read-only filesystem; {_read_only_fix(spool.parent)}"
     writable = os.access(existing, os.W_OK | os.X_OK)
@@ -65,7 +65,7 @@ def storage_problem(cfg: Config) -> str | None:
         writable = os.access(spool, os.R_OK | os.W_OK)
     if not writable:
         return (f"{where}: cannot write to {spool if spool.exists() else existing} as user "
-                f"{_user()}; {_FIX}, or give that user write access")
+                f"{_user()}; {STORAGE_FIX}, or give that user write access")
     return None
 
 
@@ -80,7 +80,7 @@ def _read_only(path: Path) -> bool:
 
 def _read_only_fix(directory: Path) -> str:
     if not sys.platform.startswith("linux"):
-        return _FIX
+        return STORAGE_FIX
     # The system unit has ProtectSystem=strict: only its StateDirectory is writable.
     return (f"under the systemd unit, allow it with a drop-in: `sudo systemctl edit outpost`, add "
             f"the lines `[Service]` and `ReadWritePaths={directory}` (create the directory first, "

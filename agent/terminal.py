@@ -6,11 +6,16 @@ obeys without showing them (a bidi override shows ``txt\\u202eexe.js`` as ``txts
 every command prints such values through ``printable``, or its JSON through
 ``printable_json``; the agent's log (agent/logs.py), read on a terminal too, shows each
 record's message through ``printable`` and a traceback through ``printable_lines``.
+
+And where a command's output goes may fail (`outpost status > file` on a full disk):
+``guard_stdout`` makes those failures an ``OutputError``, told apart from any other.
 """
 
 from __future__ import annotations
 
+import io
 import re
+import sys
 import unicodedata
 
 # Shown escaped: controls (Cc: C0, DEL, C1), which a terminal acts on; format characters
@@ -66,3 +71,37 @@ def printable_lines(text: str) -> str:
 def printable_json(text: str) -> str:
     """JSON text with its hidden characters as ``\\uXXXX`` escapes: still the same JSON."""
     return _JSON_SUSPECT.sub(_json_escape, text)
+
+
+class OutputError(OSError):
+    """Standard output could not be written (a reader that left is BrokenPipeError)."""
+
+
+class _Stdout(io.TextIOWrapper):
+    def write(self, s: str) -> int:
+        try:
+            return super().write(s)
+        except BrokenPipeError:
+            raise
+        except OSError as exc:
+            raise OutputError(exc.errno, exc.strerror) from exc
+
+    def flush(self) -> None:
+        try:
+            super().flush()
+        except BrokenPipeError:
+            raise
+        except OSError as exc:
+            raise OutputError(exc.errno, exc.strerror) from exc
+
+
+def guard_stdout() -> None:
+    """sys.stdout as an ``_Stdout`` over the same file, encoding and buffering. Left as it
+    is when it is not the process's own (None when started with it closed, a test's
+    capture)."""
+    out = sys.stdout
+    if type(out) is not io.TextIOWrapper:
+        return
+    out.flush()
+    sys.stdout = _Stdout(out.detach(), encoding=out.encoding, errors=out.errors,
+                         line_buffering=out.line_buffering, write_through=out.write_through)

@@ -11,11 +11,13 @@ import json
 import os
 import shutil
 import sys
+import tempfile
 import tomllib
 from pathlib import Path
 
 from agent import paths
-from agent.config import ConfigError, parse
+from agent.config import ConfigError, not_a_file, parse
+from agent.terminal import printable
 from agent.uplinks import registry
 
 HEADER = """\
@@ -84,35 +86,63 @@ def render(protocol: str | None, url: str | None, key: str | None, name: str | N
         return HEADER + NO_UPSTREAM.format(protocols=" | ".join(registry.protocols()))
     q = json.dumps   # a JSON string is a valid TOML basic string
     key_line = f"key = {q(key)}\n" if key else "# key = \"...\"              # default: each app's own key\n"
-    return HEADER + UPSTREAM.format(name=q(name or protocol.split("-")[0]), protocol=q(protocol),
+    name = protocol.split("-")[0] if name is None else name   # "" is refused, not replaced
+    return HEADER + UPSTREAM.format(name=q(name), protocol=q(protocol),
                                     url=q(url or ""), key=key_line)
 
 
 def run(args: argparse.Namespace) -> int:
     """Run ``outpost config init``; returns the exit status."""
+    protocols = ", ".join(registry.protocols())
     if args.upstream and not args.url:
         return _fail("--upstream needs --url, e.g. --url https://api.segment.io")
-    if args.url and not args.upstream:
-        return _fail(f"--url needs --upstream ({', '.join(registry.protocols())})")
+    for flag, value in (("--url", args.url), ("--write-key", args.write_key),
+                        ("--name", args.name)):
+        if value is not None and not args.upstream:   # never dropped unsaid
+            return _fail(f"{flag} needs --upstream ({protocols})")
+    if args.path == "":   # a variable that expanded to nothing: not the default location
+        return _fail('--path is empty (""): name a file, or leave --path out for '
+                     "agent.toml in the config directory")
     text = render(args.upstream, args.url, args.write_key, args.name)
     try:
         parse(tomllib.loads(text))
     except ConfigError as exc:
         return _fail(str(exc))
     default = paths.config_dir() / "agent.toml"
-    target = Path(args.path) if args.path else default
+    target = Path(args.path) if args.path is not None else default
     if target.exists() and not args.force:
         return _fail(f"{target} exists; pass --force to replace it")
-    target.parent.mkdir(parents=True, exist_ok=True)
-    tmp = target.with_name(target.name + ".tmp")
-    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
-    with os.fdopen(fd, "w", encoding="utf-8") as fh:
-        fh.write(text)
-    os.chmod(tmp, 0o600)
-    shared = _share_with_service(tmp) if target == default and paths.is_system_service() else ""
-    os.replace(tmp, target)
+    real = Path(os.path.realpath(target))   # through a symlink: the link stays a link
+    try:
+        kind = not_a_file(real.stat().st_mode)
+    except FileNotFoundError:
+        kind = None
+    except OSError as exc:
+        return _fail(f"cannot write {target}: {exc.strerror or exc}")
+    if kind:
+        return _fail(f"{target} is not a regular file ({kind}); name a file to write")
+    try:
+        real.parent.mkdir(parents=True, exist_ok=True)
+        shared = _write(real, text, target == default and paths.is_system_service())
+    except OSError as exc:
+        return _fail(f"cannot write {target}: {exc.strerror or exc}")
     print(f"wrote {target}{shared}; check it with `outpost check-config {target}`")
     return 0
+
+
+def _write(path: Path, text: str, share: bool) -> str:
+    """Written beside ``path`` (mkstemp's 0600) and moved onto it once whole: a failed write
+    leaves what was there. What it says of the mode, if ``share`` changed it."""
+    fd, part = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
+    try:
+        with os.fdopen(fd, "w", encoding="utf-8") as fh:
+            fh.write(text)
+        shared = _share_with_service(Path(part)) if share else ""
+        os.replace(part, path)
+    except BaseException:
+        os.unlink(part)
+        raise
+    return shared
 
 
 def _share_with_service(path: Path) -> str:
@@ -128,5 +158,5 @@ def _share_with_service(path: Path) -> str:
 
 
 def _fail(message: str) -> int:
-    print(f"outpost config: {message}", file=sys.stderr)
+    print(f"outpost config: {printable(message)}", file=sys.stderr)
     return 2

@@ -24,13 +24,13 @@ from pathlib import Path
 from typing import Any, BinaryIO
 
 from agent.clock import age_s
-from agent.ops.dead import EXPORT_PAGE
-from agent.ops.local_agent import DIRECT, agent_url, timed_out
+from agent.ops.dead import EXPORT_PAGE, LIST_LIMIT
+from agent.ops.local_agent import DIRECT, NotOutpost, agent_url, answer, timed_out
 from agent.ops.status_table import age, size, table
 from agent.outcomes import Tally
 from agent.settings import Config
 from agent.spool import dead
-from agent.terminal import printable, printable_json
+from agent.terminal import OutputError, printable, printable_json
 
 Load = Callable[[argparse.Namespace], Config | None]
 LIST_ROWS = 50  # entries `dead list` prints under the summary; --limit changes it
@@ -83,23 +83,25 @@ class _Cli:
         handler: Callable[[Config, argparse.Namespace], int] = getattr(self, args.dead_command)
         try:
             return handler(cfg, args)
-        except dead.DeadError as exc:
+        except (dead.DeadError, NotOutpost) as exc:
             print(f"outpost: {printable(str(exc))}", file=sys.stderr)
             return 1
         except sqlite3.Error as exc:
             print(f"outpost: cannot read the spool {cfg.storage.resolved_path()}: {exc}",
                   file=sys.stderr)
             return 1
-        except BrokenPipeError:
-            raise   # the reader left (`outpost dead list | head -1`): main exits 141
+        except (BrokenPipeError, OutputError):
+            raise   # the reader left (`outpost dead list | head -1`) or stdout failed: main's
         except (OSError, http.client.HTTPException) as exc:  # e.g. FILE, or an agent gone
             print(f"outpost: {printable(str(exc))}", file=sys.stderr)
             return 1
 
-    def _read(self, cfg: Config, path: str, fn: Callable[..., Any], *a: Any) -> Any:
-        """(answer, source): from the agent, else from the spool file read-only."""
+    def _read(self, cfg: Config, path: str, expect: str, fn: Callable[..., Any],
+              *a: Any) -> Any:
+        """(answer, source): from the agent (an object holding ``expect``), else from the
+        spool file read-only."""
         try:
-            return json.loads(self._ask(cfg, path)), agent_url(cfg, "")
+            return answer(cfg, path, self._ask(cfg, path), expect), agent_url(cfg, "")
         except _NoAgent:
             spool = cfg.storage.resolved_path()
             conn = dead.read_only(spool)
@@ -115,10 +117,10 @@ class _Cli:
 
         def offline(conn: sqlite3.Connection) -> dict[str, Any]:
             got = dead.summary(conn)
-            got["entries"] = dead.entries(conn, which, args.limit)
+            got["entries"] = dead.entries(conn, which, min(args.limit, LIST_LIMIT))   # as the agent
             return got
         try:
-            got, source = self._read(cfg, f"/dead?{query}", offline)
+            got, source = self._read(cfg, f"/dead?{query}", "count", offline)
         except dead.NoSpool as exc:
             print(f"no dead letters ({exc})")
             return 0
@@ -148,7 +150,7 @@ class _Cli:
         return 0
 
     def show(self, cfg: Config, args: argparse.Namespace) -> int:
-        got, _ = self._read(cfg, f"/dead/{args.id}", dead.show, args.id)
+        got, _ = self._read(cfg, f"/dead/{args.id}", "body", dead.show, args.id)
         print(printable_json(json.dumps(got, indent=2, ensure_ascii=False)))
         return 0
 
@@ -156,11 +158,14 @@ class _Cli:
         target = Path(args.file)
         real = Path(os.path.realpath(target))   # through symlinks: the link stays a link
         try:
-            regular = stat.S_ISREG(os.stat(real).st_mode)
+            mode = os.stat(real).st_mode
         except FileNotFoundError:
-            regular = True
+            mode = stat.S_IFREG
         except OSError as exc:
             raise dead.DeadError(f"cannot write {target}: {exc.strerror or exc}") from exc
+        if stat.S_ISDIR(mode):
+            raise dead.DeadError(f"cannot write {target}: it is a directory; name a file")
+        regular = stat.S_ISREG(mode)
         if not regular:   # a pipe or a device (/dev/stdout): written straight through
             with open(real, "wb") as out:
                 count = self._export_to(cfg, out)
@@ -199,6 +204,8 @@ class _Cli:
             resp = None  # no agent: read the spool file
         if resp is not None:
             with resp:
+                if resp.headers.get_content_type() != "application/x-ndjson":
+                    raise NotOutpost(cfg, "/dead/export")   # nothing of it written
                 for line in resp:
                     out.write(line)
                     count += 1
@@ -217,9 +224,10 @@ class _Cli:
     def _change(self, cfg: Config, args: argparse.Namespace, what: str) -> int:
         which = dead.Which(args.reason, args.all)
         try:
-            got = json.loads(self._ask(cfg, f"/dead/{what}",
-                                       {"reason": args.reason, "all": args.all}))
-            n, where = got["retried" if what == "retry" else "purged"], "the running agent"
+            done = "retried" if what == "retry" else "purged"
+            got = answer(cfg, f"/dead/{what}", self._ask(cfg, f"/dead/{what}", {
+                "reason": args.reason, "all": args.all}), done)
+            n, where = got[done], "the running agent"
         except _NoAgent:
             spool = cfg.storage.resolved_path()
             with dead.Offline(spool) as conn:
@@ -263,11 +271,12 @@ def add_parser(sub: Any, load: Load) -> None:
                          description="Events an upstream refused for good are kept as dead "
                          "letters. Works on a running agent, or on the spool when none runs.")
     top.set_defaults(func=cli.run)
-    cmds = top.add_subparsers(dest="dead_command", required=True)
     helps = {"list": "count, reason, upstream and age, grouped by reason",
              "show": "one dead letter, with its body", "export": "write them all as JSONL",
              "retry": "send them again: back at the tail of their key's queue",
              "purge": "delete them (needs --reason R or --all)"}
+    cmds = top.add_subparsers(dest="dead_command", required=True,
+                              metavar="{" + ",".join(helps) + "}")   # not "dead_command"
     for name, text in helps.items():
         p = cmds.add_parser(name, help=text, description=text)
         p.add_argument("--config", help="path to agent.toml")
@@ -276,7 +285,7 @@ def add_parser(sub: Any, load: Load) -> None:
             p.add_argument("--limit", type=_count, default=LIST_ROWS, help="entries to print")
             p.add_argument("--json", action="store_true", help="print JSON")
         elif name == "show":
-            p.add_argument("id", type=int, help="its ID, from `outpost dead list`")
+            p.add_argument("id", type=_count, help="its ID, from `outpost dead list`")
         elif name == "export":
             p.add_argument("file", help="where to write (created mode 0600)")
         else:

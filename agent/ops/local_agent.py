@@ -3,7 +3,9 @@ that ignores $http_proxy (meant for the internet, never for loopback)."""
 
 from __future__ import annotations
 
+import json
 import urllib.request
+from typing import Any
 
 from agent.settings import Config
 
@@ -17,6 +19,27 @@ def agent_url(cfg: Config, path: str) -> str:
     host = "127.0.0.1" if host in ("0.0.0.0", "") else ("[::1]" if host == "::" else host)
     host = f"[{host}]" if ":" in host and not host.startswith("[") else host
     return f"http://{host}:{cfg.listen.port}{path}"
+
+
+class NotOutpost(ValueError):
+    """Something answered at the agent's address, but not as an Outpost agent would (another
+    server holds the port): never shown or saved as the agent's answer."""
+
+    def __init__(self, cfg: Config, path: str) -> None:
+        super().__init__(f"{agent_url(cfg, '')} answered {path.split('?')[0]}, "
+                         "but not an Outpost agent")
+
+
+def answer(cfg: Config, path: str, body: bytes, expect: str) -> dict[str, Any]:
+    """The agent's JSON object answer to ``path``, which holds ``expect``; NotOutpost if
+    ``body`` is not one."""
+    try:
+        data = json.loads(body)
+    except ValueError:   # a router's page, say
+        data = None
+    if not isinstance(data, dict) or expect not in data:
+        raise NotOutpost(cfg, path)
+    return data
 
 
 def timed_out(exc: BaseException) -> bool:

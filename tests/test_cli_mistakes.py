@@ -1,0 +1,313 @@
+"""Operator mistakes at the command line (audit): each is one line on stderr naming what is
+wrong and where, the documented exit code, no traceback, no secret, and nothing changed on
+disk. Each runs the real `python -m agent` command on real files."""
+
+from __future__ import annotations
+
+import json
+import os
+import resource
+import stat
+import subprocess
+import sys
+from collections.abc import AsyncIterator
+from pathlib import Path
+
+import pytest
+from aiohttp import web
+
+from agent.logs import fingerprint
+from agent.settings import StorageConfig
+from agent.spool import Spool
+from tests.conftest import ROOT, write_config
+from tests.fakes.loopback_server import LoopbackServer
+from tests.test_operator_mistakes import EXIT_CONFIG, one_line
+from tests.waiting import run_outpost
+
+SECRET = "wk_live_SECRET42"
+# Enough for the CLI; a config read whole from /dev/zero or a sparse file passes it at once
+# (unbounded, it took the machine's memory until the OOM killer ended it).
+MEMORY_LIMIT = 1 << 30
+
+
+def _limit_memory() -> None:
+    resource.setrlimit(resource.RLIMIT_AS, (MEMORY_LIMIT, MEMORY_LIMIT))
+
+
+def outpost(*args: str, env: dict[str, str] | None = None,
+            cwd: Path = ROOT) -> subprocess.CompletedProcess[str]:
+    return subprocess.run([sys.executable, "-m", "agent", *args], cwd=cwd, capture_output=True,
+                          text=True, timeout=30, stdin=subprocess.DEVNULL,
+                          env={**os.environ, **(env or {})},
+                          preexec_fn=_limit_memory)  # noqa: PLW1509 (setrlimit only)
+
+
+def refused(run: subprocess.CompletedProcess[str], *fragments: str) -> str:
+    """The one line of a run that exited 2, holding each fragment and no secret."""
+    line = one_line(run.stdout + run.stderr)
+    assert run.returncode == EXIT_CONFIG, (run.returncode, line)
+    assert run.stderr.strip() == line, run.stdout
+    for fragment in fragments:
+        assert fragment in line, (fragment, line)
+    assert SECRET not in line, line
+    return line
+
+
+# -- the config file itself --------------------------------------------------------------------
+
+def test_a_config_that_is_a_fifo_is_refused_not_waited_on(tmp_path: Path) -> None:
+    fifo = tmp_path / "agent.toml"
+    os.mkfifo(fifo)   # nothing ever writes it: opened for reading, it would wait forever
+    for args in (("check-config", str(fifo)), ("status", "--config", str(fifo))):
+        refused(outpost(*args), str(fifo), "not a regular file")
+
+
+def test_a_config_that_is_a_device_is_refused_not_read_forever() -> None:
+    refused(outpost("check-config", "/dev/zero"), "/dev/zero", "not a regular file")
+
+
+def test_a_huge_config_file_is_refused_without_reading_it_whole(tmp_path: Path) -> None:
+    huge = tmp_path / "agent.toml"
+    with open(huge, "wb") as fh:
+        fh.truncate(4 * MEMORY_LIMIT)   # sparse: no disk used
+    refused(outpost("check-config", str(huge)), str(huge), "MiB")
+
+
+# -- secrets and values in the config ----------------------------------------------------------
+
+@pytest.mark.parametrize("table,key", [("listen", "accept_keys"), ("upstream", "keys")])
+def test_a_bad_key_in_a_key_list_is_named_by_fingerprint_not_shown(
+        tmp_path: Path, table: str, key: str) -> None:
+    bad = f'["{SECRET}\\nmore"]'
+    text = (f"[listen]\naccept_keys = {bad}\n" if table == "listen" else
+            '[[upstream]]\nname = "a"\nprotocol = "segment-http"\n'
+            f'url = "https://api.segment.io"\nkeys = {bad}\n')
+    cfg = tmp_path / "agent.toml"
+    cfg.write_text(text)
+    line = refused(outpost("check-config", str(cfg)), key, "line break")
+    assert fingerprint(f"{SECRET}\nmore") in line, line
+
+
+@pytest.mark.parametrize("url", [r"https://api.segment.io\nextra", r"https://api.\u001b[2Jsegment.io",
+                                 r"https://api.segment.io/v1\tx", "https://api.segment.io/v1 x"])
+def test_an_upstream_url_with_whitespace_or_control_characters_is_refused(
+        tmp_path: Path, url: str) -> None:
+    """urlsplit drops tabs and line breaks before it looks, so these passed as valid, and
+    `doctor` printed them raw to the terminal. ``url`` is TOML text: its escapes are TOML's."""
+    cfg = tmp_path / "agent.toml"
+    cfg.write_text(f'[[upstream]]\nname = "a"\nprotocol = "segment-http"\nurl = "{url}"\n')
+    refused(outpost("check-config", str(cfg)), "upstream[0].url", "whitespace")
+
+
+# -- outpost run -------------------------------------------------------------------------------
+
+def test_run_with_a_spool_directory_that_cannot_be_made_is_one_line(tmp_path: Path) -> None:
+    """The preflight asks access(2), which says yes to root everywhere; mkdir still fails."""
+    cfg = write_config(tmp_path / "agent.toml", Path("/proc/outpost-test/spool.db"))
+    refused(outpost("run", "--config", str(cfg)), "storage.path", "/proc/outpost-test")
+
+
+# -- outpost config init -----------------------------------------------------------------------
+
+def init(*args: str) -> subprocess.CompletedProcess[str]:
+    return outpost("config", "init", *args)
+
+
+def _leftovers(directory: Path) -> list[str]:
+    return sorted(p.name for p in directory.iterdir())
+
+
+def test_config_init_onto_a_directory_is_one_line_and_leaves_nothing(tmp_path: Path) -> None:
+    target = tmp_path / "agent.toml"
+    target.mkdir()
+    refused(init("--path", str(target), "--force"), str(target), "directory")
+    assert _leftovers(tmp_path) == ["agent.toml"] and target.is_dir()
+
+
+def test_config_init_under_a_file_is_one_line(tmp_path: Path) -> None:
+    (tmp_path / "afile").write_text("")
+    target = tmp_path / "afile" / "agent.toml"
+    refused(init("--path", str(target)), str(target))
+    assert _leftovers(tmp_path) == ["afile"]
+
+
+def test_config_init_where_nothing_can_be_written_is_one_line() -> None:
+    refused(init("--path", "/proc/outpost-test.toml"), "/proc/outpost-test.toml")
+
+
+def test_config_init_through_a_symlink_writes_the_file_it_points_at(tmp_path: Path) -> None:
+    """It replaced the link with a file of its own: --path /dev/stdout --force, as root,
+    replaced /dev/stdout itself."""
+    real = tmp_path / "real.toml"
+    real.write_text("# mine\n")
+    link = tmp_path / "agent.toml"
+    link.symlink_to(real)
+    run = init("--path", str(link), "--force")
+    assert run.returncode == 0, run.stderr
+    assert link.is_symlink() and "outpost config init" in real.read_text()
+    assert _leftovers(tmp_path) == ["agent.toml", "real.toml"]
+
+
+def test_config_init_onto_a_device_is_refused_and_the_device_kept(tmp_path: Path) -> None:
+    link = tmp_path / "agent.toml"
+    link.symlink_to("/dev/null")
+    refused(init("--path", str(link), "--force"), "not a regular file")
+    assert stat.S_ISCHR(os.stat("/dev/null").st_mode)
+
+
+def test_config_init_with_an_empty_path_is_not_the_default_location(tmp_path: Path) -> None:
+    config_home = tmp_path / "config"
+    run = outpost("config", "init", "--path", "",
+                  env={"XDG_CONFIG_HOME": str(config_home), "OUTPOST_SYSTEM": "0"})
+    refused(run, "--path")
+    assert not config_home.exists()
+
+
+@pytest.mark.parametrize("args,fragment", [
+    (("--write-key", SECRET), "--write-key needs --upstream"),
+    (("--name", "seg"), "--name needs --upstream"),
+    (("--upstream", "segment-http", "--url", "https://api.segment.io", "--name", ""), "name"),
+])
+def test_config_init_options_it_would_ignore_are_refused(
+        tmp_path: Path, args: tuple[str, ...], fragment: str) -> None:
+    target = tmp_path / "agent.toml"
+    refused(init("--path", str(target), *args), fragment)
+    assert not target.exists()
+
+
+# -- another server at the agent's address -----------------------------------------------------
+
+class NotOutpost(LoopbackServer):
+    """A real server on the agent's port answering 200 to everything, not as Outpost would."""
+
+    async def start(self, text: str) -> NotOutpost:
+        async def anything(_: web.Request) -> web.Response:
+            return web.Response(text=text)
+        app = web.Application()
+        app.router.add_route("*", "/{tail:.*}", anything)
+        await self._serve(app)
+        return self
+
+
+@pytest.fixture(params=["<html>a router's page</html>", "[1, 2]"], ids=["html", "json-list"])
+async def not_outpost(request: pytest.FixtureRequest) -> AsyncIterator[int]:
+    server = await NotOutpost().start(request.param)
+    yield server.port
+    await server.stop()
+
+
+@pytest.mark.parametrize("args", [("dead", "list"), ("dead", "list", "--json"),
+                                  ("dead", "show", "1"), ("dead", "retry", "--all"),
+                                  ("dead", "purge", "--all"), ("flush",), ("tail",)])
+async def test_a_server_that_is_not_the_agent_is_named_not_used(
+        tmp_path: Path, not_outpost: int, args: tuple[str, ...]) -> None:
+    """The dead commands printed its answer as if an agent's, or a traceback; `flush`
+    called it no agent at all, `tail` an agent stopping."""
+    cfg = write_config(tmp_path / "agent.toml", tmp_path / "spool.db", port=not_outpost)
+    code, out = await run_outpost(*args, "--config", str(cfg))
+    line = one_line(out)
+    assert code == 1, (code, line)
+    assert f"http://127.0.0.1:{not_outpost}" in line and "not an Outpost agent" in line, line
+
+
+async def test_an_export_from_a_server_that_is_not_the_agent_writes_nothing(
+        tmp_path: Path, not_outpost: int) -> None:
+    """It wrote the server's page into the file as one dead letter."""
+    cfg = write_config(tmp_path / "agent.toml", tmp_path / "spool.db", port=not_outpost)
+    target = tmp_path / "dead.jsonl"
+    code, out = await run_outpost("dead", "export", str(target), "--config", str(cfg))
+    line = one_line(out)
+    assert code == 1 and "not an Outpost agent" in line, (code, line)
+    assert _leftovers(tmp_path) == ["agent.toml"]
+
+
+# -- dead-letter arguments ---------------------------------------------------------------------
+
+def test_dead_show_of_a_negative_id_is_a_usage_error(tmp_path: Path) -> None:
+    """The agent answered "no route for GET /dead/-1"."""
+    cfg = write_config(tmp_path / "agent.toml", tmp_path / "spool.db", port=1)
+    run = outpost("dead", "show", "-1", "--config", str(cfg))
+    assert run.returncode == EXIT_CONFIG and "-1" in run.stderr.splitlines()[-1], run.stderr
+    assert "Traceback" not in run.stderr
+
+
+async def test_dead_list_with_a_huge_limit_reads_the_spool_as_the_agent_would(tmp_path: Path) -> None:
+    """Offline, SQLite refused the number: an OverflowError traceback."""
+    spool = tmp_path / "spool.db"
+    await (await Spool.open(StorageConfig(path=str(spool)))).close()   # empty, no agent
+    cfg = write_config(tmp_path / "agent.toml", spool, port=1)   # nothing answers there
+    code, out = await run_outpost("dead", "list", "--limit", str(10**30), "--config", str(cfg))
+    assert code == 0 and "0 dead letters" in out and "no agent running" in out, out
+
+
+# -- where the output goes ---------------------------------------------------------------------
+
+@pytest.mark.parametrize("command", ["check-config", "status", "config-init"])
+def test_output_to_a_full_disk_is_one_line_and_exit_1(tmp_path: Path, command: str) -> None:
+    """`outpost status > file` on a full disk (/dev/full here) ended in a traceback, and
+    `config init` reported nothing of the file it had written."""
+    cfg = write_config(tmp_path / "agent.toml", tmp_path / "spool.db", port=1)
+    args = {"check-config": ["check-config", str(cfg)], "status": ["status", "--config", str(cfg)],
+            "config-init": ["config", "init", "--path", str(tmp_path / "new.toml")]}[command]
+    with open("/dev/full", "w") as full:
+        run = subprocess.run([sys.executable, "-m", "agent", *args], cwd=ROOT, stdout=full,
+                             stderr=subprocess.PIPE, text=True, timeout=30)
+    line = one_line(run.stderr)
+    assert run.returncode == 1 and "Exception ignored" not in run.stderr, (run.returncode, line)
+    assert "cannot write the output" in line and "No space left on device" in line, line
+
+
+def test_output_to_a_closed_stdout_is_no_traceback(tmp_path: Path) -> None:
+    """`outpost check-config FILE >&-`: Python gives no sys.stdout at all."""
+    cfg = write_config(tmp_path / "agent.toml", tmp_path / "spool.db", port=1)
+    run = subprocess.run([sys.executable, "-m", "agent", "check-config", str(cfg)], cwd=ROOT,
+                         stderr=subprocess.PIPE, text=True, timeout=30,
+                         preexec_fn=lambda: os.close(1))  # noqa: PLW1509 (a close only)
+    assert run.returncode == 0 and run.stderr == "", run.stderr
+
+
+# -- what the operator named, shown back -------------------------------------------------------
+
+ODD = "x\x1b[2J\ny"   # a terminal's clear-screen, and a line break
+
+
+@pytest.mark.parametrize("command", ["check-config", "status", "config-init"])
+def test_a_path_with_control_characters_is_shown_escaped_on_one_line(
+        tmp_path: Path, command: str) -> None:
+    """A missing config or a config init path holding a line break was two lines; an escape
+    sequence in it reached the terminal as it was."""
+    missing = tmp_path / f"{ODD}.toml"
+    args = {"check-config": ["check-config", str(missing)],
+            "status": ["status", "--config", str(missing)],
+            "config-init": ["config", "init", "--path", str(tmp_path / "no" / ODD)]}[command]
+    (tmp_path / "no").write_text("a file, not a directory")
+    line = refused(outpost(*args))
+    assert "x\\x1b[2J\\ny" in line, line
+
+
+def test_a_storage_path_with_control_characters_is_shown_escaped(tmp_path: Path) -> None:
+    (tmp_path / "afile").write_text("")
+    cfg = tmp_path / "agent.toml"   # a JSON string is a TOML one, control characters escaped
+    cfg.write_text(f"[storage]\npath = {json.dumps(str(tmp_path / 'afile' / ODD / 'spool.db'))}\n")
+    for args in (("check-config", str(cfg)), ("run", "--config", str(cfg))):
+        assert "x\\x1b[2J\\ny" in refused(outpost(*args), "storage.path")
+
+
+def test_dead_without_a_subcommand_names_the_choices() -> None:
+    """It said "the following arguments are required: dead_command", a name in the code."""
+    run = outpost("dead")
+    assert run.returncode == EXIT_CONFIG and "Traceback" not in run.stderr
+    assert "dead_command" not in run.stderr and "{list,show,export,retry,purge}" in \
+        run.stderr.splitlines()[-1], run.stderr
+
+
+async def test_dead_export_onto_a_directory_is_one_line(tmp_path: Path) -> None:
+    """It printed Python's "[Errno 21] Is a directory: '...'"."""
+    spool = tmp_path / "spool.db"
+    await (await Spool.open(StorageConfig(path=str(spool)))).close()   # empty, no agent
+    cfg = write_config(tmp_path / "agent.toml", spool, port=1)
+    target = tmp_path / "out"
+    target.mkdir()
+    code, out = await run_outpost("dead", "export", str(target), "--config", str(cfg))
+    line = one_line(out)
+    assert code == 1 and line == f"outpost: cannot write {target}: it is a directory; name a file", line
