@@ -71,6 +71,13 @@ class RouteLimits:
         self._by_key[key] = found
         return found
 
+    def maps_key(self, key: str) -> bool:
+        """Whether ``key``'s Nucleus events are stored mapped to Segment."""
+        if not self.maps:
+            return False
+        route = self._route(key)
+        return route is not None and route.family == SEGMENT
+
     def as_stored(self, events: list[Event], known: Container[int] = ()) -> list[Event]:
         """``events`` in the shape they are stored in: a Nucleus event whose key is routed
         to a Segment upstream mapped to Segment, the rest as they are. An event whose
@@ -86,12 +93,17 @@ class RouteLimits:
         upstream maps the stored events back: the mapping gives the original event back
         (docs/mapping.md, §7). Segment events routed to a Nucleus upstream are still
         mapped at send time: their Nucleus `id` is their spool seq, not known yet.
+
+        The event as ingest parsed it (Event.parsed), when kept, is mapped instead of its
+        body parsed again (~10k instructions an event), and dropped: held to the commit,
+        the parsed events would be most of a large message's memory.
         """
         if not self.maps:
             return events
         out = events
         received = None
         for i, ev in enumerate(events):
+            parsed, ev.parsed = ev.parsed, None
             if ev.family != NUCLEUS or ev.dedupe in known:
                 continue
             route = self._route(ev.key)
@@ -99,7 +111,8 @@ class RouteLimits:
                 continue
             received = received or now_ms()
             try:
-                body = compact_json(mapping.nucleus_to_segment(orjson.loads(ev.body), received))
+                body = compact_json(mapping.nucleus_to_segment(
+                    orjson.loads(ev.body) if parsed is None else parsed, received))
             except (ValueError, TypeError):
                 # Not mappable: ingest refuses what nests too deep to be (families/depth.py),
                 # so nothing known; stored as it came, it would be dead-lettered at send.
