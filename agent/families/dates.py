@@ -22,6 +22,8 @@ def read_date(value: Any) -> str | None:
     """
     if isinstance(value, str):
         if len(value) == 24:
+            if value[19:] in _TAILS and value[:19] in _VALID:
+                return value   # the usual date: read as itself (see _utc_ms)
             fast = _utc_ms(value)
             if fast is not None:
                 return fast
@@ -29,6 +31,8 @@ def read_date(value: Any) -> str | None:
         if digits.isascii() and digits.isdigit():   # isdigit alone takes '²', Decimal not
             value = Decimal(value.strip())
     try:
+        if type(value) is int:   # what JS modules send: no Decimal needed (~5k instructions)
+            return iso_ms_fast(value * 1000 if -10**11 < value < 10**11 else value)
         if isinstance(value, float):
             # The decimal the client wrote (the shortest repr), not the binary float:
             # 1767225600.123 * 1000 is 1767225600122.9998.
@@ -81,18 +85,16 @@ _VALID: set[str] = set()   # "YYYY-mm-ddTHH:MM:SS" read as a date; bounded
 
 
 def _utc_ms(value: str) -> str | None:
-    """``read_date(value)`` for a 24-character value shaped as above, else None (the
-    caller then reads it the long way): the same millisecond the long way reads."""
-    if value[19:] not in _TAILS:
+    """``read_date(value)`` for a 24-character value shaped as above whose date-and-time
+    is not yet in _VALID, else None (the caller then reads it the long way): the same
+    millisecond the long way reads."""
+    if _UTC_MS.fullmatch(value) is None:
         return None
-    if value[:19] not in _VALID:
-        if _UTC_MS.fullmatch(value) is None:
-            return None
-        try:
-            datetime.fromisoformat(value[:19])
-        except ValueError:   # a month 13, say: the long way says None too
-            return None
-        if len(_VALID) >= _SECONDS_MAX:
-            _VALID.clear()
-        _VALID.add(value[:19])
+    try:
+        datetime.fromisoformat(value[:19])
+    except ValueError:   # a month 13, say: the long way says None too
+        return None
+    if len(_VALID) >= _SECONDS_MAX:
+        _VALID.clear()
+    _VALID.add(value[:19])
     return value

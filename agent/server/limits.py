@@ -12,7 +12,7 @@ from typing import Any, NamedTuple
 import orjson
 
 from agent.families import mapping
-from agent.families.event import NUCLEUS, SEGMENT, Event, Limit, compact_json, now_ms
+from agent.families.event import NOT_READ, NUCLEUS, SEGMENT, Event, Limit, compact_json, now_ms
 from agent.settings import Config, UpstreamConfig
 
 # The mapping each stored family goes through to reach an upstream of the other one.
@@ -102,11 +102,13 @@ class RouteLimits:
             return events
         out = events
         received = None
+        key = route = None   # a request's events share one key: its route looked up once
         for i, ev in enumerate(events):
             parsed, ev.parsed = ev.parsed, None
             if ev.family != NUCLEUS or ev.dedupe in known:
                 continue
-            route = self._route(ev.key)
+            if ev.key != key:
+                key, route = ev.key, self._route(ev.key)
             if route is None or route.family != SEGMENT:
                 continue
             received = received or now_ms()
@@ -119,7 +121,7 @@ class RouteLimits:
                 continue
             if out is events:
                 out = list(events)
-            out[i] = Event(ev.key, SEGMENT, ev.dedupe, body, lane=ev.lane)
+            out[i] = Event(ev.key, SEGMENT, ev.dedupe, body, NOT_READ, ev.lane)
         return out
 
     def oversize(self, event: Event) -> str | None:
