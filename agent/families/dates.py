@@ -85,9 +85,9 @@ _VALID: set[str] = set()   # "YYYY-mm-ddTHH:MM:SS" read as a date; bounded
 
 
 def _utc_ms(value: str) -> str | None:
-    """``read_date(value)`` for a 24-character value shaped as above whose date-and-time
-    is not yet in _VALID, else None (the caller then reads it the long way): the same
-    millisecond the long way reads."""
+    """``read_date(value)`` for a 24-character value shaped as above, its date-and-time
+    remembered as valid (read_date then answers the next alone), else None (the caller
+    then reads it the long way): the same millisecond the long way reads."""
     if _UTC_MS.fullmatch(value) is None:
         return None
     try:
