@@ -13,8 +13,11 @@ import aiohttp
 import orjson
 
 from agent.config import parse
+from agent.device import DeviceConfig, detect
+from agent.families.enrich import Enrich
 from agent.families.event import NUCLEUS, SEGMENT, Event, dedupe_key
 from agent.families.mapping import nucleus_to_segment
+from agent.families.nucleus import accept
 from agent.server.limits import RouteLimits
 from tests.conftest import free_port, write_config
 from tests.fakes.nucleus_upstream import FakeNucleus
@@ -143,6 +146,29 @@ def test_a_resend_the_spool_knows_is_not_mapped_again() -> None:
     # The first two are resends of stored events: kept as sent, the spool drops them.
     again = limits.as_stored(events, {events[0].dedupe, events[1].dedupe})
     assert again[:2] == events[:2] and again[2].family == SEGMENT
+
+
+def test_the_event_as_parsed_at_ingest_maps_to_its_body_s_bytes_and_is_let_go() -> None:
+    """A key whose events are mapped keeps each event as ingest parsed it, so that the
+    mapping need not parse its body again: the same bytes as from the body, and let go
+    once mapped (resends too), since the request's events are held to the commit."""
+    limits = RouteLimits(parse({"upstream": [offline_segment()]}), lambda up: None,
+                         lambda up: SEGMENT)
+    enrich = Enrich(detect(DeviceConfig()))
+    assert limits.maps_key("k")
+    message = {"data": [*EVENTS, {"type": "init", "id": 10}]}  # enriched, dated at ingest
+    assert all(e.parsed is None for e in accept(orjson.loads(orjson.dumps(message)), "k",
+                                                enrich).events)
+    kept = accept(message, "k", enrich, keep_parsed=True).events
+    assert all(e.parsed is not None for e in kept)
+    from_body = [Event(e.key, e.family, e.dedupe, e.body) for e in kept]
+    stored = limits.as_stored(kept + from_body)   # one call: one receive time
+    assert [e.body for e in stored[:4]] == [e.body for e in stored[4:]]
+    assert {e.family for e in stored} == {SEGMENT}
+    assert all(e.parsed is None for e in kept)
+    resent = accept(orjson.loads(orjson.dumps(message)), "k", enrich, keep_parsed=True).events
+    assert limits.as_stored(resent, {e.dedupe for e in resent}) == resent
+    assert all(e.parsed is None for e in resent)
 
 
 async def test_a_large_event_that_cannot_be_mapped_is_refused_not_a_500(

@@ -173,6 +173,15 @@ def test_a_date_in_iso_ms_form_is_read_as_the_same_instant(ms: int) -> None:
     assert dates.read_date(value[:-1]) is not None  # naive: local time, still read
 
 
+@settings(max_examples=400, deadline=None)
+@given(st.one_of(st.integers(-10**11 - 2, 10**11 + 2), st.integers(-2**63, 2**64 - 1),
+                 st.sampled_from([-10**11, 10**11, 1 - 10**11, 10**11 - 1, 0, -1])))
+def test_an_integer_date_is_read_as_its_digits_are(sent: int) -> None:
+    # An integer (JS modules' epoch milliseconds) is read without Decimal: the same
+    # millisecond as its digits read the long way (seconds below 10**11), or None.
+    assert dates.read_date(sent) == dates.read_date(str(sent))
+
+
 @pytest.mark.parametrize(("sent", "read"), [
     (1767225600.123, "2026-01-01T00:00:00.123Z"),     # Swift: seconds as a float
     (1767225600.001, "2026-01-01T00:00:00.001Z"),

@@ -37,6 +37,9 @@ class Routes(Protocol):
     def as_stored(self, events: list[Event], known: Container[int] = ()) -> list[Event]:
         """``events`` in the shape their routes store them in."""
 
+    def maps_key(self, key: str) -> bool:
+        """Whether ``key``'s events are stored mapped to the other family."""
+
 
 class IngestSink(Protocol):
     """Everything a dialect needs from the agent: key policy, admission, enrichment, limits,

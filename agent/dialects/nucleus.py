@@ -18,7 +18,7 @@ import orjson
 from aiohttp import WebSocketError, WSCloseCode, WSMsgType, web
 
 from agent.dialects import nucleus_json, replies
-from agent.dialects.base import JSON, Dialect, Example, IngestSink, websocket
+from agent.dialects.base import JSON, Dialect, Example, IngestSink, Routes, websocket
 from agent.dialects.body import BODY_TIMEOUT_S, BodyError, Busy, parse_body, read_raw
 from agent.dialects.nucleus_frames import Late, OverCap, QueueSocket, Taken
 from agent.dialects.nucleus_queue import TooLarge, TooMany
@@ -72,14 +72,24 @@ class NucleusHandlers:
     def __init__(self, sink: IngestSink) -> None:
         self.sink = sink
 
-    async def _parse(self, raw: str | bytes, key: str) -> tuple[list[Event], list[Any]]:
+    async def _take(self, raw: str | bytes, key: str) -> list[Any]:
+        """Message ``raw`` parsed and its events stored, held to the routes in force when
+        it came (a reload applies to the next message); its acks."""
         enrich = self.sink.enrich
+        limits = self.sink.limits
+        # The parsed events are kept on the Events only for a key whose events are mapped
+        # at ingest: the mapping reads them instead of the body (Event.parsed).
+        keep = limits.maps_key(key)
 
         def build(read: tuple[Any, dict[int, str]], _size: int) -> family.Accepted:
-            return family.accept(read[0], key, enrich, read[1])
-        return self._carried(await parse_body(raw, nucleus_json.read, build), key)
+            return family.accept(read[0], key, enrich, read[1], keep_parsed=keep)
+        events, acks = self._carried(await parse_body(raw, nucleus_json.read, build), key,
+                                     limits)
+        await self.sink.store(events, limits)
+        return acks
 
-    def _carried(self, got: family.Accepted, key: str) -> tuple[list[Event], list[Any]]:
+    def _carried(self, got: family.Accepted, key: str, limits: Routes
+                 ) -> tuple[list[Event], list[Any]]:
         """The events the key's upstream can carry, and the acks without the ids of the
         events left out: for a problem of their own (the family's), or too large for that
         upstream. Each is left unacknowledged: the module keeps it, nothing of it is
@@ -90,7 +100,7 @@ class NucleusHandlers:
             log_limited(log, logging.WARNING, f"bad-event:{key}",
                         "event id %r of app %s left unacknowledged: %s", ev_id, masked(key), why)
         refused: set[int] = set()    # places in the acks, not ids: ids collide
-        oversize = self.sink.limits.oversize
+        oversize = limits.oversize
         for ev, at in zip(got.events, got.ack_at, strict=True):
             too = oversize(ev)
             if too is None:
@@ -112,8 +122,7 @@ class NucleusHandlers:
         if (why := self.sink.key_refusal(key)) is not None:
             return _error(401, f"appId {key!r} refused: {why}")
         try:
-            events, acks = await self._parse(await read_raw(request, MAX_MESSAGE), key)
-            await self.sink.store(events)
+            acks = await self._take(await read_raw(request, MAX_MESSAGE), key)
         except BodyError as exc:
             return _error(exc.status, describe(exc), exc.retry_after)
         except Invalid as exc:
@@ -151,9 +160,7 @@ class NucleusHandlers:
         """One message as aiohttp read it: stored; its acks."""
         with self.sink.ticket() as ticket:
             ticket.take(len(data))
-            events, acks = await self._parse(data, key)
-            await self.sink.store(events)
-        return acks
+            return await self._take(data, key)
 
     async def _large(self, key: str, taken: Taken) -> list[Any]:
         """One large message, read as it came (nucleus_frames.py): the events it kept
@@ -163,8 +170,7 @@ class NucleusHandlers:
                 raise taken.error
             assert taken.split is not None
             split = taken.split
-            events, acks = await self._parse(split.message, key)
-            await self.sink.store(events)
+            acks = await self._take(split.message, key)
         log_limited(log, logging.INFO, f"queue:{key}",
                     "app %s sent its queue of %d events in one %.1f MiB message: took %d; "
                     "its module resends the rest", masked(key), split.total,

@@ -22,6 +22,8 @@ def read_date(value: Any) -> str | None:
     """
     if isinstance(value, str):
         if len(value) == 24:
+            if value[19:] in _TAILS and value[:19] in _VALID:
+                return value   # the usual date: read as itself (see _utc_ms)
             fast = _utc_ms(value)
             if fast is not None:
                 return fast
@@ -29,6 +31,8 @@ def read_date(value: Any) -> str | None:
         if digits.isascii() and digits.isdigit():   # isdigit alone takes '²', Decimal not
             value = Decimal(value.strip())
     try:
+        if type(value) is int:   # what JS modules send: no Decimal needed (~5k instructions)
+            return iso_ms_fast(value * 1000 if -10**11 < value < 10**11 else value)
         if isinstance(value, float):
             # The decimal the client wrote (the shortest repr), not the binary float:
             # 1767225600.123 * 1000 is 1767225600122.9998.
@@ -73,27 +77,24 @@ def iso_ms_fast(ms: int) -> str:
 
 
 # Dates already in the form mapping writes (`2026-01-15T10:20:30.123Z`, what most modules
-# send) skip fromisoformat: the epoch second of each date-and-time is computed once.
+# send) skip fromisoformat but once a date-and-time: such a date, read, is itself (its
+# fields are the zero-padded digits iso_ms writes), once its date-and-time is known valid.
 _UTC_MS = re.compile(r"\d{4}-\d\d-\d\dT\d\d:\d\d:\d\d\.\d{3}Z", re.ASCII)
-_EPOCH_SECOND: dict[str, int] = {}   # "YYYY-mm-ddTHH:MM:SS" -> epoch second; bounded
+_TAILS = frozenset(f".{ms:03d}Z" for ms in range(1000))
+_VALID: set[str] = set()   # "YYYY-mm-ddTHH:MM:SS" read as a date; bounded
 
 
 def _utc_ms(value: str) -> str | None:
-    """``read_date(value)`` for a 24-character value shaped as above, else None (the
-    caller then reads it the long way): the same millisecond the long way reads."""
-    second = _EPOCH_SECOND.get(value[:19])
-    if second is None:
-        if _UTC_MS.fullmatch(value) is None:
-            return None
-        try:
-            second = int(datetime.fromisoformat(value[:19]).replace(
-                tzinfo=timezone.utc).timestamp())
-        except ValueError:   # a month 13, say: the long way says None too
-            return None
-        if len(_EPOCH_SECOND) >= _SECONDS_MAX:
-            _EPOCH_SECOND.clear()
-        _EPOCH_SECOND[value[:19]] = second
-    elif not (value[19] == "." and value[23] == "Z" and value[20:23].isascii()
-              and value[20:23].isdigit()):
+    """``read_date(value)`` for a 24-character value shaped as above, its date-and-time
+    remembered as valid (read_date then answers the next alone), else None (the caller
+    then reads it the long way): the same millisecond the long way reads."""
+    if _UTC_MS.fullmatch(value) is None:
         return None
-    return iso_ms_fast(second * 1000 + int(value[20:23]))
+    try:
+        datetime.fromisoformat(value[:19])
+    except ValueError:   # a month 13, say: the long way says None too
+        return None
+    if len(_VALID) >= _SECONDS_MAX:
+        _VALID.clear()
+    _VALID.add(value[:19])
+    return value

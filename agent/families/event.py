@@ -38,6 +38,10 @@ class Event:
     # sending it needs no second parse.
     ack_id: Any = NOT_READ
     lane: int = NORMAL   # families/lanes.py: HIGH goes first; set at ingest
+    # Nucleus, when its key's events are mapped at ingest: the event as ingest parsed it
+    # (``body`` is its encoding), which the mapping reads instead of parsing the body
+    # again, and drops (server/limits.py, as_stored).
+    parsed: dict[str, Any] | None = None
 
 
 class Limit(NamedTuple):

@@ -119,8 +119,8 @@ class Accepted(NamedTuple):
     left_out: list[tuple[Any, str]]
 
 
-def accept(msg: Any, key: str, enrich: Enrich, faults: Mapping[int, str] = EMPTY
-           ) -> Accepted:
+def accept(msg: Any, key: str, enrich: Enrich, faults: Mapping[int, str] = EMPTY,
+           *, keep_parsed: bool = False) -> Accepted:
     """One `{"data": [...]}` message of app ``key``.
 
     Every id is acked, heartbeats included (they keep a connection alive and are not
@@ -130,7 +130,7 @@ def accept(msg: Any, key: str, enrich: Enrich, faults: Mapping[int, str] = EMPTY
     acked: a module resends its whole unacknowledged queue in every message, so refusing
     the message would refuse every later event of the app too. One without an id cannot
     be left out of the acks: its message is refused (Invalid), as is a message that is
-    not one.
+    not one. ``keep_parsed``: each Event carries its parsed event (Event.parsed).
     """
     data = check(msg)
     out = Accepted([], [], [], [])
@@ -176,7 +176,8 @@ def accept(msg: Any, key: str, enrich: Enrich, faults: Mapping[int, str] = EMPTY
                     if ev_id is not None:
                         acks.append(ev_id)
                     events.append(Event(key, NUCLEUS, ident, body, ev_id,
-                                        lanes.nucleus(key, kind, name)))
+                                        lanes.nucleus(key, kind, name),
+                                        ev if keep_parsed else None))
                     continue
                 why = f"data[{i}].{deep}"
         ev_id = ev.get("id") if isinstance(ev, dict) else None

@@ -12,7 +12,7 @@ from typing import Any, NamedTuple
 import orjson
 
 from agent.families import mapping
-from agent.families.event import NUCLEUS, SEGMENT, Event, Limit, compact_json, now_ms
+from agent.families.event import NOT_READ, NUCLEUS, SEGMENT, Event, Limit, compact_json, now_ms
 from agent.settings import Config, UpstreamConfig
 
 # The mapping each stored family goes through to reach an upstream of the other one.
@@ -71,6 +71,13 @@ class RouteLimits:
         self._by_key[key] = found
         return found
 
+    def maps_key(self, key: str) -> bool:
+        """Whether ``key``'s Nucleus events are stored mapped to Segment."""
+        if not self.maps:
+            return False
+        route = self._route(key)
+        return route is not None and route.family == SEGMENT
+
     def as_stored(self, events: list[Event], known: Container[int] = ()) -> list[Event]:
         """``events`` in the shape they are stored in: a Nucleus event whose key is routed
         to a Segment upstream mapped to Segment, the rest as they are. An event whose
@@ -86,27 +93,35 @@ class RouteLimits:
         upstream maps the stored events back: the mapping gives the original event back
         (docs/mapping.md, §7). Segment events routed to a Nucleus upstream are still
         mapped at send time: their Nucleus `id` is their spool seq, not known yet.
+
+        The event as ingest parsed it (Event.parsed), when kept, is mapped instead of its
+        body parsed again (~10k instructions an event), and dropped: held to the commit,
+        the parsed events would be most of a large message's memory.
         """
         if not self.maps:
             return events
         out = events
         received = None
+        key = route = None   # a request's events share one key: its route looked up once
         for i, ev in enumerate(events):
+            parsed, ev.parsed = ev.parsed, None
             if ev.family != NUCLEUS or ev.dedupe in known:
                 continue
-            route = self._route(ev.key)
+            if ev.key != key:
+                key, route = ev.key, self._route(ev.key)
             if route is None or route.family != SEGMENT:
                 continue
             received = received or now_ms()
             try:
-                body = compact_json(mapping.nucleus_to_segment(orjson.loads(ev.body), received))
+                body = compact_json(mapping.nucleus_to_segment(
+                    orjson.loads(ev.body) if parsed is None else parsed, received))
             except (ValueError, TypeError):
                 # Not mappable: ingest refuses what nests too deep to be (families/depth.py),
                 # so nothing known; stored as it came, it would be dead-lettered at send.
                 continue
             if out is events:
                 out = list(events)
-            out[i] = Event(ev.key, SEGMENT, ev.dedupe, body, lane=ev.lane)
+            out[i] = Event(ev.key, SEGMENT, ev.dedupe, body, NOT_READ, ev.lane)
         return out
 
     def oversize(self, event: Event) -> str | None:
