@@ -12,7 +12,7 @@ import socket
 import subprocess
 import sys
 import time
-from collections.abc import AsyncIterator, Callable, Iterator
+from collections.abc import AsyncIterator, Callable, Iterator, Sequence
 from pathlib import Path, PurePosixPath
 from typing import Any
 
@@ -164,11 +164,13 @@ class AgentProcess:
     """``python -m agent run`` as a real subprocess, for restart and kill -9 tests."""
 
     def __init__(self, config: Path, port: int, env: dict[str, str] | None = None,
-                 preexec_fn: Callable[[], None] | None = None) -> None:
+                 preexec_fn: Callable[[], None] | None = None,
+                 prefix: Sequence[str] = ()) -> None:
         self.config = config
         self.port = port
         self.env = env
         self.preexec_fn = preexec_fn  # e.g. to give the agent its own fd limit
+        self.prefix = list(prefix)  # a command the agent runs under (strace, say)
         self.proc: subprocess.Popen[bytes] | None = None
         self.log = config.with_suffix(".log")
 
@@ -178,8 +180,8 @@ class AgentProcess:
         env = {**os.environ, **(self.env or {}), "PYTHONUNBUFFERED": "1"}
         offset = self.log.stat().st_size if self.log.exists() else 0
         with open(self.log, "ab") as log:
-            self.proc = subprocess.Popen([sys.executable, "-m", "agent", "run", "--config",
-                                          str(self.config)], cwd=ROOT, env=env, stdout=log,
+            self.proc = subprocess.Popen([*self.prefix, sys.executable, "-m", "agent", "run",
+                                          "--config", str(self.config)], cwd=ROOT, env=env, stdout=log,
                                          stderr=subprocess.STDOUT,
                                          # Tests pass setrlimit only: nothing lock-taking.
                                          preexec_fn=self.preexec_fn)  # noqa: PLW1509
@@ -224,8 +226,9 @@ def agent_process(tmp_path: Path) -> Iterator[Callable[..., AgentProcess]]:
     procs: list[AgentProcess] = []
 
     def make(config: Path, port: int, env: dict[str, str] | None = None,
-             preexec_fn: Callable[[], None] | None = None) -> AgentProcess:
-        p = AgentProcess(config, port, env, preexec_fn)
+             preexec_fn: Callable[[], None] | None = None,
+             prefix: Sequence[str] = ()) -> AgentProcess:
+        p = AgentProcess(config, port, env, preexec_fn, prefix)
         procs.append(p)
         return p
 
