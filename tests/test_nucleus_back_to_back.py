@@ -14,13 +14,14 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import struct
 from typing import Any
 
 import orjson
 import pytest
 
 from agent.dialects.nucleus import MAX_MESSAGE
-from tests.test_nucleus_backlog import KEY, raw_websocket
+from tests.test_nucleus_backlog import KEY, raw_websocket, read_close
 from tests.test_nucleus_frames import frame, message_of, read_frame
 from tests.waiting import wait_for
 
@@ -70,3 +71,22 @@ async def test_a_module_gone_before_its_answer_leaves_no_traceback(make_agent: A
     await wait_for(lambda: agent.spool.depth >= 1)
     errors = [r for r in caplog.records if r.levelno >= logging.ERROR or r.exc_info]
     assert not errors, [r.getMessage() for r in errors]
+
+
+async def test_a_connection_closed_for_its_message_ends_with_a_large_one_behind_it(
+        make_agent: Any) -> None:
+    """A message whose answer is a close (here not a Nucleus message: 1007) with a large one
+    right behind it: the large one waited, unread, for an answer that never came, and the
+    module's close frame with it, so the closing handshake hung until aiohttp gave up on it
+    (10 s), and a module that reconnects once its socket closes (nucleus-nodejs) waited."""
+    agent = await make_agent()
+    reader, writer = await raw_websocket(agent.port, f"/app/{KEY}/track")
+    # Not drained: the agent reads no more of the connection until it closes it.
+    writer.write(frame(b'{"data": 5}') + frame(message_of(MAX_MESSAGE + 1000)))
+    code, _ = await read_close(reader)
+    assert code == 1007
+    writer.write(frame(struct.pack("!H", 1000), opcode=0x8))   # the module's close
+    # Well within aiohttp's 10 s wait for the module's close frame.
+    assert await asyncio.wait_for(reader.read(), 5) == b""
+    writer.close()
+    assert agent.metrics.busy_refusals == 0
