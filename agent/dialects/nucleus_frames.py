@@ -23,7 +23,8 @@ are in flight is read to its end without keeping anything and refused busy. A mo
 its queue every tick, answered or not, so a connection's messages are taken one at a time:
 a large one is not read while an earlier message of the connection waits for its answer
 (``QueueSocket.answered``), or the two would count against each other and the later one be
-refused busy with nothing else in flight. One over
+refused busy with nothing else in flight; once the connection closes (a refusal is a close),
+one is skipped, on to the module's close frame. One over
 ``cap`` is refused at its header, without reading it. A message in several frames is rare
 (the modules send one frame) and is left to aiohttp, which takes it up to ``large`` bytes.
 
@@ -42,7 +43,7 @@ from collections.abc import Callable
 from contextlib import AbstractContextManager, ExitStack
 from typing import Any, NamedTuple
 
-from aiohttp import web
+from aiohttp import WSCloseCode, web
 from aiohttp.http_websocket import WebSocketWriter
 
 from agent.dialects.body import BodyError, Busy, Reservation
@@ -119,6 +120,15 @@ class QueueSocket(web.WebSocketResponse):
         self._answered += 1
         if self._gate is not None and not self.unanswered():
             self._gate.go_on()
+
+    async def close(self, *, code: int = WSCloseCode.OK, message: bytes = b"",
+                    drain: bool = True) -> bool:
+        """Closed (the handler's refusal, say) with a large message waiting behind the one
+        refused: read on, or the module's close frame would wait behind it too, and the
+        closing handshake until aiohttp gives up on it (10 s)."""
+        if self._gate is not None:
+            self._gate.go_on()   # its turn comes once the close has begun (``closed``)
+        return await super().close(code=code, message=message, drain=drain)
 
     def drop(self) -> None:
         """The handler is done: give back what results not taken, or yet to come, hold."""
@@ -280,14 +290,18 @@ class _Gate:
             if (opcode in (_TEXT, _BINARY) and first & 0x80 and not first & 0x70
                     and not self._fragmented and length >= self._large_min):
                 out.append(data[run:pos])
-                if self._sock.unanswered():   # read again, header and all, once answered
+                closing = self._sock.closed
+                if not closing and self._sock.unanswered():   # read again, header and all
                     self._waiting = True
                     self._pending = held + data[pos:]
                     run = pos = n
                     break
-                self._sock.handed += 1
                 pos = run = pos + used
                 self._left = length
+                if closing:   # nothing will take it: skipped on to the module's close frame
+                    self._skip = True
+                    continue
+                self._sock.handed += 1
                 if length > self._cap:
                     self._skip = True
                     out.append(self._sock.stand_in(
