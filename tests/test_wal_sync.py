@@ -32,8 +32,9 @@ REQUESTS = 8
 SYNCS = ("fdatasync", "fsync")
 SENDS = ("write", "writev", "sendto", "sendmsg")
 # "1234 name(fd<path>" : a call's start, as strace -f -y prints it (complete or unfinished)
-CALL = re.compile(r"^(\d+) (\w+)\(\d+<(.*?)>(?=[,) ])")
-RESUMED = re.compile(r"^(\d+) <\.\.\. (\w+) resumed>")
+# strace pads the pid to the width of the largest pid (`1549  +++ exited`): one space or more.
+CALL = re.compile(r"^(\d+) +(\w+)\(\d+<(.*?)>(?=[,) ])")
+RESUMED = re.compile(r"^(\d+) +<\.\.\. (\w+) resumed>")
 # A connection the agent accepted (an app's: it has no upstream), by its socket's inode.
 # Not strace -yy's addresses: strace asks the kernel (sock_diag) for them at every
 # call, which made it lag far behind the agent on a machine busy with many connections.
@@ -134,8 +135,8 @@ async def finished(agent: AgentProcess, trace: Path) -> str:
     """Stop the agent, then read its trace once strace has written the agent's exit."""
     assert agent.terminate() == 0
     assert agent.proc is not None
-    end = f"{agent.proc.pid} +++ exited with"
-    await wait_for(lambda: end in trace.read_text(), timeout=60)
+    end = re.compile(rf"^{agent.proc.pid} +\+\+\+ exited with", re.MULTILINE)
+    await wait_for(lambda: end.search(trace.read_text()) is not None, timeout=60)
     return trace.read_text()
 
 
