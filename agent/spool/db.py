@@ -47,6 +47,8 @@ class SqliteThread:
         self._calls: SimpleQueue[_Call | None] = SimpleQueue()
         self._thread: threading.Thread | None = None
         self._conn: sqlite3.Connection | None = None
+        self._idle = False                 # the thread waits for a call (read across threads)
+        self._taken = threading.Event()    # set as the thread takes a call
 
     async def open(self, path: Path, script: str,
                    setup: Callable[[sqlite3.Connection], None] | None = None) -> None:
@@ -85,14 +87,33 @@ class SqliteThread:
             self._calls.put(None)
             thread.join()  # at most its last call's return: the queue holds nothing else
 
+    def hand_over(self, within: float) -> None:
+        """Block the caller (the loop), the GIL let go, until this thread has taken the call
+        just queued, for at most ``within`` s; at once if it is busy with an earlier call.
+
+        A thread woken while the loop is busy waits for the GIL until the loop next sleeps:
+        CPython hands the GIL to a waiting thread only after an interval in which its holder
+        did not take it back, and uvloop takes it back between every two callbacks. Under
+        single-event load each group commit waited so ~0.5 ms before its first statement,
+        and the clients with it (bench/RESULTS.md run 25)."""
+        if self._idle:
+            self._taken.wait(within)
+
     def _call(self, fn: Callable[..., T], *args: Any) -> asyncio.Future[T]:
         fut: asyncio.Future[T] = asyncio.get_running_loop().create_future()
+        self._taken.clear()
         self._calls.put((fut, fn, args))
         return fut
 
     def _serve(self) -> None:
-        get = self._calls.get
-        while (call := get()) is not None:
+        get, taken = self._calls.get, self._taken
+        while True:
+            self._idle = True
+            call = get()
+            self._idle = False
+            taken.set()
+            if call is None:
+                return
             _answer(*call)
             del call  # its arguments (a commit's events) are not kept until the next call
 

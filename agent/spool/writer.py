@@ -46,6 +46,9 @@ RECORD_BYTES = 256 * 1024
 # ~0.2 ms a commit (single-event load: 16 events, ~5 µs of compressing), on the path of
 # every reply. Bounded per commit, so a big batch or many keys never hold the loop long.
 PACK_ON_LOOP_BYTES = 16 * 1024
+# How long the loop waits for the writer's thread to take a commit (SqliteThread.hand_over):
+# its wake-up takes ~50 µs; one kept from a CPU longer (a busy machine) is not worth more.
+HAND_OVER_S = 0.0002
 MEASURE_EVERY = 32  # commits: the file's size is estimated in between (commit.MEASURE_WITHIN)
 
 
@@ -311,7 +314,9 @@ class Writer:
         job, stored = self._job(batch)
         observed = self.host.observed_ms()
         try:
-            out = await db.run(spool_commit.commit, job)
+            done = db.run(spool_commit.commit, job)
+            db.hand_over(HAND_OVER_S)
+            out = await done
         except sqlite3.OperationalError as exc:
             books.unsave(job.counters)
             reason = "disk full" if "full" in str(exc) else f"storage error: {exc}"
