@@ -10,6 +10,7 @@ import resource
 import stat
 import subprocess
 import sys
+import time
 from collections.abc import AsyncIterator
 from pathlib import Path
 
@@ -105,6 +106,33 @@ def test_run_with_a_spool_directory_that_cannot_be_made_is_one_line(tmp_path: Pa
     """The preflight asks access(2), which says yes to root everywhere; mkdir still fails."""
     cfg = write_config(tmp_path / "agent.toml", Path("/proc/outpost-test/spool.db"))
     refused(outpost("run", "--config", str(cfg)), "storage.path", "/proc/outpost-test")
+
+
+@pytest.mark.parametrize("mode,says", [(0o755, "readable"), (0o777, "writable")])
+def test_run_warns_once_of_a_spool_directory_others_can_see(
+        tmp_path: Path, mode: int, says: str) -> None:
+    """It was printed twice on stderr: bare, by the CLI before the log was set up (Python's
+    last-resort handler), then through the log when the spool opened."""
+    directory = tmp_path / "spool"
+    directory.mkdir()
+    directory.chmod(mode)
+    cfg = write_config(tmp_path / "agent.toml", directory / "spool.db")   # port 0
+    log = tmp_path / "run.log"
+    with open(log, "wb") as out:
+        proc = subprocess.Popen([sys.executable, "-m", "agent", "run", "--config", str(cfg)],
+                                cwd=ROOT, stdin=subprocess.DEVNULL, stdout=out,
+                                stderr=subprocess.STDOUT)
+    try:
+        # The warning comes as the spool opens, before the agent listens.
+        deadline = time.monotonic() + 30
+        while "listening on" not in log.read_text():
+            assert proc.poll() is None and time.monotonic() < deadline, log.read_text()
+            time.sleep(0.05)
+    finally:
+        proc.terminate()
+        proc.wait(15)
+    seen = log.read_text()
+    assert seen.count(f"{directory} is {says} by other users (mode {mode:o})") == 1, seen
 
 
 # -- outpost config init -----------------------------------------------------------------------
