@@ -80,7 +80,9 @@ def cmd_run(args: argparse.Namespace) -> int:
         return EXIT_CONFIG
     spool = cfg.storage.resolved_path()
     try:
-        paths.ensure_private_dir(spool.parent)
+        # Made for the lock file; the spool warns of a directory others can see as it
+        # opens, once through the log (set up below, after the lock).
+        paths.make_private_dir(spool.parent)
     except OSError as exc:   # the preflight asks access(2), which says yes to root anywhere
         _say(f"storage.path {spool}: cannot create {spool.parent}: {exc.strerror or exc}; "
              f"{preflight.STORAGE_FIX}")
