@@ -7,11 +7,13 @@ from __future__ import annotations
 import json
 import os
 import resource
+import socket
 import stat
 import subprocess
 import sys
 import time
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Iterator
+from contextlib import contextmanager
 from pathlib import Path
 
 import pytest
@@ -133,6 +135,32 @@ def test_run_warns_once_of_a_spool_directory_others_can_see(
         proc.wait(15)
     seen = log.read_text()
     assert seen.count(f"{directory} is {says} by other users (mode {mode:o})") == 1, seen
+
+
+# -- offline: no agent answering --------------------------------------------------------------
+
+@contextmanager
+def no_agent_port() -> Iterator[int]:
+    """A port of 127.0.0.1 bound but not listening: a connection there is refused, and
+    nothing else can take the port meanwhile."""
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        yield int(sock.getsockname()[1])
+
+
+@pytest.mark.parametrize("args", [("status",), ("status", "--json"), ("dead", "list")])
+def test_offline_a_storage_path_that_is_a_directory_is_named_so(
+        tmp_path: Path, args: tuple[str, ...]) -> None:
+    """They said "disk I/O error", SQLite's words for opening a directory."""
+    spool = tmp_path / "spool.db"
+    spool.mkdir()
+    with no_agent_port() as port:
+        cfg = write_config(tmp_path / "agent.toml", spool, port=port)
+        run = outpost(*args, "--config", str(cfg))
+    line = one_line(run.stdout + run.stderr)
+    assert run.returncode == 1 and run.stderr.strip() == line, (run.returncode, line)
+    assert f"{spool} is a directory" in line and "storage.path" in line, line
+    assert "disk I/O" not in line, line
 
 
 # -- outpost config init -----------------------------------------------------------------------
