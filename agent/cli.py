@@ -33,7 +33,7 @@ from agent.ops.local_agent import DIRECT, NotOutpost, agent_url, answer, timed_o
 from agent.ops.status import offline_snapshot
 from agent.server import memory
 from agent.settings import Config, SyncConfig
-from agent.spool.schema import SpoolTooNew
+from agent.spool.schema import SpoolUnusable
 from agent.sync.metered import read_once, source_for
 from agent.sync.policy import Metered, decide
 from agent.sync.power import read_battery
@@ -111,7 +111,7 @@ def cmd_run(args: argparse.Namespace) -> int:
         try:
             return await Agent(cfg, getattr(args, "config", None),
                                on_spool_open=memory.freeze_start).serve()
-        except (StartError, SpoolTooNew) as exc:
+        except (StartError, SpoolUnusable) as exc:
             _say(str(exc))
             return EXIT_CONFIG
         except OSError as exc:
@@ -157,7 +157,7 @@ def cmd_status(args: argparse.Namespace) -> int:
             print(f"outpost: {exc}; reading the spool", file=sys.stderr)
         try:
             data = offline_snapshot(cfg)
-        except SpoolTooNew as exc:
+        except SpoolUnusable as exc:   # too new, or a directory
             _say(f"no agent answering, and the {exc}")
             return EXIT_FAILED
         except sqlite3.Error as exc:
