@@ -163,6 +163,24 @@ def test_offline_a_storage_path_that_is_a_directory_is_named_so(
     assert "disk I/O" not in line, line
 
 
+# -- outpost tail --key ------------------------------------------------------------------------
+
+@pytest.mark.parametrize("bad,shown", [
+    ("k:\x1b[2J1234", "k:\\x1b[2J1234"),        # a mistyped fingerprint: shown, escaped
+    (f"{SECRET}\x1b[2J", "\\x1b"),              # a key: never shown, its odd character is
+    (f"{SECRET}\n", "\\n"), (f"\t{SECRET}", "\\t"), (f"{SECRET}\r", "\\r"),
+    ("", '""'),
+])
+def test_tail_refuses_a_key_no_app_can_have(tmp_path: Path, bad: str, shown: str) -> None:
+    """A key with a control character (the agent refuses such keys from apps) or an empty
+    one was hashed and watched silently: no event would ever show."""
+    with no_agent_port() as port:   # refused before any agent is asked
+        cfg = write_config(tmp_path / "agent.toml", tmp_path / "spool.db", port=port)
+        line = refused(outpost("tail", "--key", bad, "--config", str(cfg)), "--key", shown,
+                       "k:xxxxxxxx")
+    assert line.isprintable(), line
+
+
 # -- outpost config init -----------------------------------------------------------------------
 
 def init(*args: str) -> subprocess.CompletedProcess[str]:
