@@ -163,6 +163,18 @@ def test_offline_a_storage_path_that_is_a_directory_is_named_so(
     assert "disk I/O" not in line, line
 
 
+@pytest.mark.parametrize("command", ["flush", "tail"])
+def test_a_command_that_needs_the_agent_says_none_answers(tmp_path: Path, command: str) -> None:
+    """They printed urllib's "<urlopen error [Errno 111] Connection refused>"."""
+    with no_agent_port() as port:
+        cfg = write_config(tmp_path / "agent.toml", tmp_path / "spool.db", port=port)
+        run = outpost(command, "--config", str(cfg))
+    line = one_line(run.stdout + run.stderr)
+    assert run.returncode == 1 and run.stderr.strip() == line, (run.returncode, line)
+    assert f"no agent answering at http://127.0.0.1:{port} (Connection refused)" in line, line
+    assert "urlopen" not in line and "Errno" not in line, line
+
+
 # -- outpost tail --key ------------------------------------------------------------------------
 
 @pytest.mark.parametrize("bad,shown", [
