@@ -29,7 +29,7 @@ from agent.device import detect
 from agent.install import command as service_install
 from agent.install import config_file
 from agent.ops import dead_cli
-from agent.ops.local_agent import DIRECT, NotOutpost, agent_url, answer, timed_out
+from agent.ops.local_agent import DIRECT, NotOutpost, agent_url, answer, not_answering, timed_out
 from agent.ops.status import offline_snapshot
 from agent.server import memory
 from agent.settings import Config, SyncConfig
@@ -182,9 +182,8 @@ def cmd_flush(args: argparse.Namespace) -> int:
         print(f"outpost: {exc}", file=sys.stderr)
         return EXIT_FAILED
     except (urllib.error.URLError, OSError, ValueError) as exc:
-        print(f"outpost: the agent at {agent_url(cfg, '')} is busy: no answer in "
-              f"{STATUS_TIMEOUT_S:.0f} s; try again" if timed_out(exc) else
-              f"outpost: no agent answering at {agent_url(cfg, '')}: {exc}", file=sys.stderr)
+        _say(f"the agent at {agent_url(cfg, '')} is busy: no answer in "
+             f"{STATUS_TIMEOUT_S:.0f} s; try again" if timed_out(exc) else not_answering(cfg, exc))
         return EXIT_FAILED
     print(f"flush requested; {data['queue_depth']} events queued")
     return 0

@@ -19,7 +19,7 @@ from collections.abc import Callable, Iterator
 from typing import IO, Any
 
 from agent.logs import FINGERPRINT, fingerprint
-from agent.ops.local_agent import DIRECT, NotOutpost, agent_url
+from agent.ops.local_agent import DIRECT, NotOutpost, agent_url, not_answering
 from agent.ops.tail import STALL_S
 from agent.settings import Config
 from agent.terminal import OutputError, printable, printable_json
@@ -84,7 +84,7 @@ def run(args: argparse.Namespace, load: Callable[[argparse.Namespace], Config | 
               f"{printable(exc.read().decode(errors='replace'))}", file=sys.stderr)
         return 1
     except (urllib.error.URLError, OSError) as exc:
-        print(f"outpost: no agent answering at {agent_url(cfg, '')}: {exc}", file=sys.stderr)
+        print(f"outpost: {printable(not_answering(cfg, exc))}", file=sys.stderr)
         return 1
     if resp.headers.get_content_type() != "text/event-stream":   # not "the agent stopping"
         resp.close()
