@@ -76,6 +76,16 @@ def test_a_huge_config_file_is_refused_without_reading_it_whole(tmp_path: Path) 
     refused(outpost("check-config", str(huge)), str(huge), "MiB")
 
 
+@pytest.mark.parametrize("args", [("check-config",), ("run",), ("status",), ("doctor",),
+                                  ("tail",), ("dead", "list")])
+def test_an_empty_outpost_config_is_refused_as_an_empty_config_is(
+        tmp_path: Path, args: tuple[str, ...]) -> None:
+    """OUTPOST_CONFIG="" went on to ./agent.toml or the defaults unsaid; --config "" is refused."""
+    (tmp_path / "agent.toml").write_text('[listen]\nport = "what the lookup found"\n')
+    run = outpost(*args, env={"OUTPOST_CONFIG": "", "PYTHONPATH": str(ROOT)}, cwd=tmp_path)
+    refused(run, "OUTPOST_CONFIG", "empty")
+
+
 # -- secrets and values in the config ----------------------------------------------------------
 
 @pytest.mark.parametrize("table,key", [("listen", "accept_keys"), ("upstream", "keys")])
