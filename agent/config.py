@@ -335,7 +335,11 @@ def find_config_file(explicit: str | None = None) -> Path | None:
     if explicit:
         return Path(explicit)
     env = os.environ.get("OUTPOST_CONFIG")
-    if env:
+    if env == "":
+        # Set but empty (`OUTPOST_CONFIG=$UNSET_VAR`): refused as an empty --config is.
+        raise ConfigError("OUTPOST_CONFIG is set but empty: name a file in it, or unset it "
+                          "to use the default lookup")
+    if env is not None:
         return Path(env)
     for candidate in (Path("agent.toml"), paths.config_dir() / "agent.toml"):
         if candidate.is_file():
