@@ -112,6 +112,25 @@ def test_an_upstream_url_with_whitespace_or_control_characters_is_refused(
     refused(outpost("check-config", str(cfg)), "upstream[0].url", "whitespace")
 
 
+@pytest.mark.parametrize("odd", ["\r\n", "\n", "\t", "\x1b", "\x7f"])
+def test_an_upstream_key_with_control_characters_is_refused_by_fingerprint(
+        tmp_path: Path, odd: str) -> None:
+    """A pasted key with a line break or tab was taken, and sent so on every request: no
+    upstream's key holds one. Refused naming the upstream and the key's fingerprint, never
+    the key; config init, which checks what it writes, the same."""
+    key = f"{SECRET}{odd}"
+    cfg = tmp_path / "agent.toml"
+    cfg.write_text(f'[storage]\npath = {json.dumps(str(tmp_path / "spool.db"))}\n'
+                   '[[upstream]]\nname = "seg"\nprotocol = "segment-http"\n'
+                   f'url = "https://api.segment.io"\nkey = {json.dumps(key)}\n')
+    for args in (("check-config", str(cfg)), ("run", "--config", str(cfg))):
+        refused(outpost(*args), "upstream[0].key", "'seg'", fingerprint(key), "printable")
+    run = outpost("config", "init", "--path", str(tmp_path / "new.toml"), "--upstream",
+                  "segment-http", "--url", "https://api.segment.io", "--write-key", key)
+    refused(run, "key", fingerprint(key))
+    assert not (tmp_path / "new.toml").exists()
+
+
 # -- outpost run -------------------------------------------------------------------------------
 
 def test_run_with_a_spool_directory_that_cannot_be_made_is_one_line(tmp_path: Path) -> None:
