@@ -282,6 +282,9 @@ def test_config_init_with_an_empty_path_is_not_the_default_location(tmp_path: Pa
     (("--write-key", SECRET), "--write-key needs --upstream"),
     (("--name", "seg"), "--name needs --upstream"),
     (("--upstream", "segment-http", "--url", "https://api.segment.io", "--name", ""), "name"),
+    # A variable that expanded to nothing: no key written, each app's own sent instead.
+    (("--upstream", "segment-http", "--url", "https://api.segment.io", "--write-key", ""),
+     '--write-key is empty ("")'),
 ])
 def test_config_init_options_it_would_ignore_are_refused(
         tmp_path: Path, args: tuple[str, ...], fragment: str) -> None:
