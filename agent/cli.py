@@ -29,11 +29,11 @@ from agent.device import detect
 from agent.install import command as service_install
 from agent.install import config_file
 from agent.ops import dead_cli
-from agent.ops.local_agent import DIRECT, NotOutpost, agent_url, answer, timed_out
+from agent.ops.local_agent import DIRECT, NotOutpost, agent_url, answer, not_answering, timed_out
 from agent.ops.status import offline_snapshot
 from agent.server import memory
 from agent.settings import Config, SyncConfig
-from agent.spool.schema import SpoolTooNew
+from agent.spool.schema import SpoolUnusable
 from agent.sync.metered import read_once, source_for
 from agent.sync.policy import Metered, decide
 from agent.sync.power import read_battery
@@ -80,7 +80,9 @@ def cmd_run(args: argparse.Namespace) -> int:
         return EXIT_CONFIG
     spool = cfg.storage.resolved_path()
     try:
-        paths.ensure_private_dir(spool.parent)
+        # Made for the lock file; the spool warns of a directory others can see as it
+        # opens, once through the log (set up below, after the lock).
+        paths.make_private_dir(spool.parent)
     except OSError as exc:   # the preflight asks access(2), which says yes to root anywhere
         _say(f"storage.path {spool}: cannot create {spool.parent}: {exc.strerror or exc}; "
              f"{preflight.STORAGE_FIX}")
@@ -109,7 +111,7 @@ def cmd_run(args: argparse.Namespace) -> int:
         try:
             return await Agent(cfg, getattr(args, "config", None),
                                on_spool_open=memory.freeze_start).serve()
-        except (StartError, SpoolTooNew) as exc:
+        except (StartError, SpoolUnusable) as exc:
             _say(str(exc))
             return EXIT_CONFIG
         except OSError as exc:
@@ -155,7 +157,7 @@ def cmd_status(args: argparse.Namespace) -> int:
             print(f"outpost: {exc}; reading the spool", file=sys.stderr)
         try:
             data = offline_snapshot(cfg)
-        except SpoolTooNew as exc:
+        except SpoolUnusable as exc:   # too new, or a directory
             _say(f"no agent answering, and the {exc}")
             return EXIT_FAILED
         except sqlite3.Error as exc:
@@ -180,9 +182,8 @@ def cmd_flush(args: argparse.Namespace) -> int:
         print(f"outpost: {exc}", file=sys.stderr)
         return EXIT_FAILED
     except (urllib.error.URLError, OSError, ValueError) as exc:
-        print(f"outpost: the agent at {agent_url(cfg, '')} is busy: no answer in "
-              f"{STATUS_TIMEOUT_S:.0f} s; try again" if timed_out(exc) else
-              f"outpost: no agent answering at {agent_url(cfg, '')}: {exc}", file=sys.stderr)
+        _say(f"the agent at {agent_url(cfg, '')} is busy: no answer in "
+             f"{STATUS_TIMEOUT_S:.0f} s; try again" if timed_out(exc) else not_answering(cfg, exc))
         return EXIT_FAILED
     print(f"flush requested; {data['queue_depth']} events queued")
     return 0

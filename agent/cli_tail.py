@@ -19,7 +19,7 @@ from collections.abc import Callable, Iterator
 from typing import IO, Any
 
 from agent.logs import FINGERPRINT, fingerprint
-from agent.ops.local_agent import DIRECT, NotOutpost, agent_url
+from agent.ops.local_agent import DIRECT, NotOutpost, agent_url, not_answering
 from agent.ops.tail import STALL_S
 from agent.settings import Config
 from agent.terminal import OutputError, printable, printable_json
@@ -45,12 +45,28 @@ def add_parser(subparsers: argparse._SubParsersAction[argparse.ArgumentParser],
     p.set_defaults(func=lambda args: run(args, load))
 
 
+# What --key takes, said when it is given something else.
+KEY_FORMS = ("give the key as the app sends it, or its fingerprint k:xxxxxxxx (k: and 8 hex "
+             "digits, 0-9 a-f) as the tail shows it")
+
+
+def _key_problem(key: str) -> str | None:
+    """Why ``--key key`` could watch no app's events (hashed, it would, silently); None
+    if it may. A key is a credential: only a mistyped fingerprint is shown back."""
+    if key.startswith("k:") and not FINGERPRINT.fullmatch(key):
+        return f"--key {printable(key)} is not a fingerprint: {KEY_FORMS}"
+    if not key:
+        return f'--key is empty (""): {KEY_FORMS}'
+    if odd := next((c for c in key if not c.isprintable()), None):
+        # A pasted line break, say: the agent refuses a key holding one from any app.
+        return (f"--key holds a character that is not printable ({printable(odd)}), which "
+                f"no app's key has: {KEY_FORMS}")
+    return None
+
+
 def run(args: argparse.Namespace, load: Callable[[argparse.Namespace], Config | None]) -> int:
-    if args.key is not None and args.key.startswith("k:") and not FINGERPRINT.fullmatch(args.key):
-        # A mistyped fingerprint hashed as a key would watch a key no app has, silently.
-        print(f"outpost: --key {printable(args.key)} is not a fingerprint: k:xxxxxxxx is k: "
-              "and 8 hex digits (0-9, a-f) as the tail shows it; or give the key itself",
-              file=sys.stderr)
+    if args.key is not None and (problem := _key_problem(args.key)):
+        print(f"outpost: {problem}", file=sys.stderr)
         return 2
     cfg = load(args)
     if cfg is None:
@@ -68,7 +84,7 @@ def run(args: argparse.Namespace, load: Callable[[argparse.Namespace], Config | 
               f"{printable(exc.read().decode(errors='replace'))}", file=sys.stderr)
         return 1
     except (urllib.error.URLError, OSError) as exc:
-        print(f"outpost: no agent answering at {agent_url(cfg, '')}: {exc}", file=sys.stderr)
+        print(f"outpost: {printable(not_answering(cfg, exc))}", file=sys.stderr)
         return 1
     if resp.headers.get_content_type() != "text/event-stream":   # not "the agent stopping"
         resp.close()

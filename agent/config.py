@@ -94,6 +94,17 @@ def _str_list(secret: bool = False) -> Callable[[Any], str | None]:
     return check
 
 
+def _secret(owner: str) -> Callable[[Any], str | None]:
+    """A credential of ``owner``'s: printable (a pasted line break or tab would be sent with
+    it on every request, refused each time), named by fingerprint only."""
+    def check(value: Any) -> str | None:
+        if value.isprintable():
+            return None
+        return ("must be printable (no line breaks, tabs or control characters), got the key "
+                f"{fingerprint(value)} of {owner}")
+    return check
+
+
 def _positive(value: Any) -> str | None:
     return None if value > 0 else f"must be greater than 0, got {value}"
 
@@ -233,13 +244,14 @@ def _upstream(t: dict[str, Any], i: int) -> UpstreamConfig:
     if "url" not in t:
         raise ConfigError(f"{w}.url: missing")
     protocol = _take(t, w, "protocol", str, "", _one_of(*registry.protocols()))
+    name = _take(t, w, "name", str, "", lambda v: None if v else "must not be empty")
     out = UpstreamConfig(
-        name=_take(t, w, "name", str, "", lambda v: None if v else "must not be empty"),
+        name=name,
         protocol=protocol,
         url=_take(t, w, "url", str, "", _url_check(protocol)),
         keys=tuple(_take(t, w, "keys", list, ["*"], lambda v: _str_list(secret=True)(v)
                          or (None if v else "must not be empty"))),
-        key=_take(t, w, "key", str, ""),
+        key=_take(t, w, "key", str, "", _secret(f"upstream {name!r}")),
         batch_max_events=_take(t, w, "batch_max_events", int, 500,
                                lambda v: None if 1 <= v <= 2500 else "must be 1..2500"),
         batch_max_bytes=_take(t, w, "batch_max_bytes", int, 500_000,
@@ -335,7 +347,11 @@ def find_config_file(explicit: str | None = None) -> Path | None:
     if explicit:
         return Path(explicit)
     env = os.environ.get("OUTPOST_CONFIG")
-    if env:
+    if env == "":
+        # Set but empty (`OUTPOST_CONFIG=$UNSET_VAR`): refused as an empty --config is.
+        raise ConfigError("OUTPOST_CONFIG is set but empty: name a file in it, or unset it "
+                          "to use the default lookup")
+    if env is not None:
         return Path(env)
     for candidate in (Path("agent.toml"), paths.config_dir() / "agent.toml"):
         if candidate.is_file():

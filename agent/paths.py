@@ -61,21 +61,26 @@ def default_spool_path() -> Path:
     return data_dir() / "spool.db"
 
 
-def ensure_private_dir(path: Path) -> Path:
+def make_private_dir(path: Path) -> bool:
     """Create ``path`` and any missing parents, each one made 0700 (the XDG rule): the
     spool holds user data. Directories that exist keep their modes (storage.path =
-    "~/outpost.db" must not change the home directory's): the files in them are 0600,
-    and one that others can list is logged."""
+    "~/outpost.db" must not change the home directory's). Whether ``path`` existed."""
     # mkdir -p would make the parents with the umask's mode (often 0755).
     for made in reversed([p for p in path.parents if not p.exists()]):
         made.mkdir(mode=0o700, exist_ok=True)
     existed = path.exists()
     path.mkdir(mode=0o700, exist_ok=True)   # a file in its place raises, as mkdir -p does
-    if sys.platform == "win32":
-        return path
-    if not existed:
+    if not existed and sys.platform != "win32":
         os.chmod(path, 0o700)   # whatever the umask
-    elif (mode := stat.S_IMODE(path.stat().st_mode)) & 0o022:
+    return existed
+
+
+def ensure_private_dir(path: Path) -> Path:
+    """``make_private_dir``, and a warning logged if ``path`` existed and others can list
+    it or write to it (the files in it are 0600)."""
+    if not make_private_dir(path) or sys.platform == "win32":
+        return path
+    if (mode := stat.S_IMODE(path.stat().st_mode)) & 0o022:
         log.warning("%s is writable by other users (mode %o): they can delete, rename or "
                     "plant files beside the spool; chmod 700 it, or give storage.path a "
                     "private directory", path, mode)

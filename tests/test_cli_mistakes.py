@@ -7,10 +7,13 @@ from __future__ import annotations
 import json
 import os
 import resource
+import socket
 import stat
 import subprocess
 import sys
-from collections.abc import AsyncIterator
+import time
+from collections.abc import AsyncIterator, Iterator
+from contextlib import contextmanager
 from pathlib import Path
 
 import pytest
@@ -73,6 +76,16 @@ def test_a_huge_config_file_is_refused_without_reading_it_whole(tmp_path: Path) 
     refused(outpost("check-config", str(huge)), str(huge), "MiB")
 
 
+@pytest.mark.parametrize("args", [("check-config",), ("run",), ("status",), ("doctor",),
+                                  ("tail",), ("dead", "list")])
+def test_an_empty_outpost_config_is_refused_as_an_empty_config_is(
+        tmp_path: Path, args: tuple[str, ...]) -> None:
+    """OUTPOST_CONFIG="" went on to ./agent.toml or the defaults unsaid; --config "" is refused."""
+    (tmp_path / "agent.toml").write_text('[listen]\nport = "what the lookup found"\n')
+    run = outpost(*args, env={"OUTPOST_CONFIG": "", "PYTHONPATH": str(ROOT)}, cwd=tmp_path)
+    refused(run, "OUTPOST_CONFIG", "empty")
+
+
 # -- secrets and values in the config ----------------------------------------------------------
 
 @pytest.mark.parametrize("table,key", [("listen", "accept_keys"), ("upstream", "keys")])
@@ -99,12 +112,114 @@ def test_an_upstream_url_with_whitespace_or_control_characters_is_refused(
     refused(outpost("check-config", str(cfg)), "upstream[0].url", "whitespace")
 
 
+@pytest.mark.parametrize("odd", ["\r\n", "\n", "\t", "\x1b", "\x7f"])
+def test_an_upstream_key_with_control_characters_is_refused_by_fingerprint(
+        tmp_path: Path, odd: str) -> None:
+    """A pasted key with a line break or tab was taken, and sent so on every request: no
+    upstream's key holds one. Refused naming the upstream and the key's fingerprint, never
+    the key; config init, which checks what it writes, the same."""
+    key = f"{SECRET}{odd}"
+    cfg = tmp_path / "agent.toml"
+    cfg.write_text(f'[storage]\npath = {json.dumps(str(tmp_path / "spool.db"))}\n'
+                   '[[upstream]]\nname = "seg"\nprotocol = "segment-http"\n'
+                   f'url = "https://api.segment.io"\nkey = {json.dumps(key)}\n')
+    for args in (("check-config", str(cfg)), ("run", "--config", str(cfg))):
+        refused(outpost(*args), "upstream[0].key", "'seg'", fingerprint(key), "printable")
+    run = outpost("config", "init", "--path", str(tmp_path / "new.toml"), "--upstream",
+                  "segment-http", "--url", "https://api.segment.io", "--write-key", key)
+    refused(run, "key", fingerprint(key))
+    assert not (tmp_path / "new.toml").exists()
+
+
 # -- outpost run -------------------------------------------------------------------------------
 
 def test_run_with_a_spool_directory_that_cannot_be_made_is_one_line(tmp_path: Path) -> None:
     """The preflight asks access(2), which says yes to root everywhere; mkdir still fails."""
     cfg = write_config(tmp_path / "agent.toml", Path("/proc/outpost-test/spool.db"))
     refused(outpost("run", "--config", str(cfg)), "storage.path", "/proc/outpost-test")
+
+
+@pytest.mark.parametrize("mode,says", [(0o755, "readable"), (0o777, "writable")])
+def test_run_warns_once_of_a_spool_directory_others_can_see(
+        tmp_path: Path, mode: int, says: str) -> None:
+    """It was printed twice on stderr: bare, by the CLI before the log was set up (Python's
+    last-resort handler), then through the log when the spool opened."""
+    directory = tmp_path / "spool"
+    directory.mkdir()
+    directory.chmod(mode)
+    cfg = write_config(tmp_path / "agent.toml", directory / "spool.db")   # port 0
+    log = tmp_path / "run.log"
+    with open(log, "wb") as out:
+        proc = subprocess.Popen([sys.executable, "-m", "agent", "run", "--config", str(cfg)],
+                                cwd=ROOT, stdin=subprocess.DEVNULL, stdout=out,
+                                stderr=subprocess.STDOUT)
+    try:
+        # The warning comes as the spool opens, before the agent listens.
+        deadline = time.monotonic() + 30
+        while "listening on" not in log.read_text():
+            assert proc.poll() is None and time.monotonic() < deadline, log.read_text()
+            time.sleep(0.05)
+    finally:
+        proc.terminate()
+        proc.wait(15)
+    seen = log.read_text()
+    assert seen.count(f"{directory} is {says} by other users (mode {mode:o})") == 1, seen
+
+
+# -- offline: no agent answering --------------------------------------------------------------
+
+@contextmanager
+def no_agent_port() -> Iterator[int]:
+    """A port of 127.0.0.1 bound but not listening: a connection there is refused, and
+    nothing else can take the port meanwhile."""
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        yield int(sock.getsockname()[1])
+
+
+@pytest.mark.parametrize("args", [("status",), ("status", "--json"), ("dead", "list")])
+def test_offline_a_storage_path_that_is_a_directory_is_named_so(
+        tmp_path: Path, args: tuple[str, ...]) -> None:
+    """They said "disk I/O error", SQLite's words for opening a directory."""
+    spool = tmp_path / "spool.db"
+    spool.mkdir()
+    with no_agent_port() as port:
+        cfg = write_config(tmp_path / "agent.toml", spool, port=port)
+        run = outpost(*args, "--config", str(cfg))
+    line = one_line(run.stdout + run.stderr)
+    assert run.returncode == 1 and run.stderr.strip() == line, (run.returncode, line)
+    assert f"{spool} is a directory" in line and "storage.path" in line, line
+    assert "disk I/O" not in line, line
+
+
+@pytest.mark.parametrize("command", ["flush", "tail"])
+def test_a_command_that_needs_the_agent_says_none_answers(tmp_path: Path, command: str) -> None:
+    """They printed urllib's "<urlopen error [Errno 111] Connection refused>"."""
+    with no_agent_port() as port:
+        cfg = write_config(tmp_path / "agent.toml", tmp_path / "spool.db", port=port)
+        run = outpost(command, "--config", str(cfg))
+    line = one_line(run.stdout + run.stderr)
+    assert run.returncode == 1 and run.stderr.strip() == line, (run.returncode, line)
+    assert f"no agent answering at http://127.0.0.1:{port} (Connection refused)" in line, line
+    assert "urlopen" not in line and "Errno" not in line, line
+
+
+# -- outpost tail --key ------------------------------------------------------------------------
+
+@pytest.mark.parametrize("bad,shown", [
+    ("k:\x1b[2J1234", "k:\\x1b[2J1234"),        # a mistyped fingerprint: shown, escaped
+    (f"{SECRET}\x1b[2J", "\\x1b"),              # a key: never shown, its odd character is
+    (f"{SECRET}\n", "\\n"), (f"\t{SECRET}", "\\t"), (f"{SECRET}\r", "\\r"),
+    ("", '""'),
+])
+def test_tail_refuses_a_key_no_app_can_have(tmp_path: Path, bad: str, shown: str) -> None:
+    """A key with a control character (the agent refuses such keys from apps) or an empty
+    one was hashed and watched silently: no event would ever show."""
+    with no_agent_port() as port:   # refused before any agent is asked
+        cfg = write_config(tmp_path / "agent.toml", tmp_path / "spool.db", port=port)
+        line = refused(outpost("tail", "--key", bad, "--config", str(cfg)), "--key", shown,
+                       "k:xxxxxxxx")
+    assert line.isprintable(), line
 
 
 # -- outpost config init -----------------------------------------------------------------------
@@ -167,6 +282,9 @@ def test_config_init_with_an_empty_path_is_not_the_default_location(tmp_path: Pa
     (("--write-key", SECRET), "--write-key needs --upstream"),
     (("--name", "seg"), "--name needs --upstream"),
     (("--upstream", "segment-http", "--url", "https://api.segment.io", "--name", ""), "name"),
+    # A variable that expanded to nothing: no key written, each app's own sent instead.
+    (("--upstream", "segment-http", "--url", "https://api.segment.io", "--write-key", ""),
+     '--write-key is empty ("")'),
 ])
 def test_config_init_options_it_would_ignore_are_refused(
         tmp_path: Path, args: tuple[str, ...], fragment: str) -> None:

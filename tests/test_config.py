@@ -229,8 +229,8 @@ def test_an_empty_or_negative_argument_is_refused(tmp_path: Path, argv: list[str
     # What "" fell back to: its spool in tmp_path, should a refusal fail to come first.
     (tmp_path / "agent.toml").write_text(
         f'[listen]\nport = 9000\n[storage]\npath = "{tmp_path / "spool.db"}"\n')
+    env = {k: v for k, v in os.environ.items() if k != "OUTPOST_CONFIG"}   # "" is refused too
     run = subprocess.run([sys.executable, "-m", "agent", *argv], capture_output=True,
-                         text=True, cwd=tmp_path,
-                         env={**os.environ, "PYTHONPATH": str(ROOT), "OUTPOST_CONFIG": ""})
+                         text=True, cwd=tmp_path, env={**env, "PYTHONPATH": str(ROOT)})
     assert run.returncode == 2, (run.returncode, run.stdout, run.stderr)
     assert "Traceback" not in run.stderr and fragment in run.stderr, run.stderr

@@ -127,7 +127,12 @@ def test_service_install_from_an_interpreter_under_tmp_is_refused_before_writing
                              "XDG_CONFIG_HOME": str(config_home)})
     line = one_line(out)
     assert code == EXIT_CONFIG, out
-    assert str(python) in line and "/tmp" in line and "/opt/outpost" in line, line
+    assert str(python) in line and "/tmp" in line and "cleared at reboot" in line, line
+    if scope:   # a user service has no PrivateTmp=, and a venv of the user's own will do
+        assert "user service" in line and "~/.local/outpost" in line, line
+        assert "system" not in line and "PrivateTmp" not in line, line
+    else:
+        assert "system service (PrivateTmp=)" in line and "/opt/outpost" in line, line
     assert not config_home.exists()
 
 

@@ -100,6 +100,9 @@ def run(args: argparse.Namespace) -> int:
                         ("--name", args.name)):
         if value is not None and not args.upstream:   # never dropped unsaid
             return _fail(f"{flag} needs --upstream ({protocols})")
+    if args.write_key == "":   # a variable that expanded to nothing: not "each app's own key"
+        return _fail('--write-key is empty (""): give the key to send upstream, or leave '
+                     "--write-key out to send each app's own key")
     if args.path == "":   # a variable that expanded to nothing: not the default location
         return _fail('--path is empty (""): name a file, or leave --path out for '
                      "agent.toml in the config directory")

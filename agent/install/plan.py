@@ -178,18 +178,24 @@ def _unreachable(t: Target) -> str | None:
 
     /tmp is cleared at reboot (and the system unit's PrivateTmp= hides it); a system
     service's ProtectHome= hides /home and /root, which the outpost user cannot read anyway.
+    Said in the words of the scope asked for: a user service has its own fix.
     """
     if t.os == "win32":
         return None
-    fix = "install Outpost into a lasting system location first, e.g. a venv in /opt/outpost"
-    hidden = [("/tmp", "cleared at reboot and hidden from the system service (PrivateTmp=)"),
-              ("/var/tmp", "cleared by tmpfiles and hidden from the system service (PrivateTmp=)")]
     if t.system:
+        fails = "the system service could not start"
+        fix = "install Outpost into a lasting system location first, e.g. a venv in /opt/outpost"
+        hidden = [("/tmp", "cleared at reboot and hidden from the system service (PrivateTmp=)"),
+                  ("/var/tmp", "cleared by tmpfiles and hidden from the system service (PrivateTmp=)")]
         homes = {h for h in ("/home", "/root", "/Users", t.home) if h not in ("", "/")}
         hidden += [(h, "a home directory, hidden from the system service (ProtectHome=) and "
                        "unreadable by the outpost user") for h in sorted(homes)]
+    else:   # the user unit has no PrivateTmp= (templates.py): only the clearing matters
+        fails = "the user service would not start once it is"
+        fix = "install Outpost into a lasting place of your own first, e.g. a venv in ~/.local/outpost"
+        hidden = [("/tmp", "cleared at reboot"), ("/var/tmp", "cleared by tmpfiles")]
     for path in (t.python, t.package_dir):
         for root, why in hidden:
             if path and PurePosixPath(path).is_relative_to(root):
-                return f"{path} is under {root}, {why}: the service could not start; {fix}"
+                return f"{path} is under {root}, {why}: {fails}; {fix}"
     return None

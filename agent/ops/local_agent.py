@@ -48,3 +48,12 @@ def timed_out(exc: BaseException) -> bool:
     answer in time. urllib raises a read's timeout bare, a connect's inside a URLError."""
     return isinstance(exc, TimeoutError) or isinstance(getattr(exc, "reason", None),
                                                        TimeoutError)
+
+
+def not_answering(cfg: Config, exc: BaseException) -> str:
+    """One line for a request no agent answered (refused, unreachable): the system's words
+    for why, not urllib's wrapping of them ("<urlopen error [Errno 111] ...>")."""
+    reason = getattr(exc, "reason", exc)   # a URLError holds the socket's error
+    why = reason.strerror if isinstance(reason, OSError) and reason.strerror else str(reason)
+    return (f"no agent answering at {agent_url(cfg, '')} ({why}): start it (`outpost run`, "
+            "or the service), or name its config with --config")

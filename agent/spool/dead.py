@@ -27,7 +27,7 @@ from agent.spool.commit import Outcome
 from agent.spool.db import load_state
 from agent.spool.dedupe import keys_to_bytes
 from agent.spool.records import pack
-from agent.spool.schema import VERSION, SpoolTooNew, open_read_only
+from agent.spool.schema import VERSION, SpoolTooNew, SpoolUnusable, open_read_only
 from agent.spool.writer import RECORD_EVENTS
 
 # Summaries on /status and the page: the newest reasons, not every one.
@@ -282,7 +282,7 @@ def read_only(path: Path) -> sqlite3.Connection:
         raise NoSpool(f"no agent answering, and no spool yet at {path}")
     try:
         return open_read_only(path)
-    except SpoolTooNew as exc:
+    except SpoolUnusable as exc:
         raise DeadError(str(exc)) from exc
 
 

@@ -83,7 +83,11 @@ CREATE TABLE clock_marks(observed INTEGER PRIMARY KEY, next_seq INTEGER NOT NULL
 """ + "".join(f"{statement};\n" for statement in DEAD_SUMMARY) + f"PRAGMA user_version = {VERSION};\n"
 
 
-class SpoolTooNew(Exception):
+class SpoolUnusable(Exception):
+    """A spool file this agent does not open; the message says why and what to do."""
+
+
+class SpoolTooNew(SpoolUnusable):
     """The spool was written by a newer agent (a higher schema version): refused untouched."""
 
     def __init__(self, path: str, found: int, supported: int) -> None:
@@ -97,7 +101,11 @@ class SpoolTooNew(Exception):
 
 def open_read_only(path: Path) -> sqlite3.Connection:
     """A read-only connection to a spool file (safe beside a running agent: WAL);
-    SpoolTooNew for one a newer agent wrote, whose tables this code cannot read."""
+    SpoolTooNew for one a newer agent wrote, whose tables this code cannot read;
+    SpoolUnusable for a directory."""
+    if path.is_dir():   # SQLite would say only "disk I/O error"
+        raise SpoolUnusable(f"spool {path} is a directory; set storage.path to a file, such "
+                            f"as {path / 'spool.db'}")
     conn = sqlite3.connect(f"file:{path}?mode=ro", uri=True)
     try:
         found = conn.execute("PRAGMA user_version").fetchone()[0]
