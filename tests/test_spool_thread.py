@@ -143,3 +143,25 @@ async def test_hand_over_does_not_wait_behind_a_call_in_progress(tmp_path: Path)
     assert await held and await queued == 2
     await db.close()
     assert rows(tmp_path / "t.db") == [2]
+
+
+async def test_hand_over_until_ends_when_the_call_sets_it_while_it_still_runs(
+        tmp_path: Path) -> None:
+    db = await opened(tmp_path / "t.db")
+    reached, release = threading.Event(), threading.Event()
+
+    def two_halves(conn: sqlite3.Connection) -> int:
+        insert(conn, 3)
+        reached.set()      # as a group commit does when its COMMIT starts
+        release.wait(HAND_OVER_BOUND_S)
+        return 3
+
+    held = db.run(two_halves)
+    started = time.monotonic()
+    db.hand_over(HAND_OVER_BOUND_S, reached)
+    assert time.monotonic() - started < 5.0
+    assert reached.is_set() and not held.done()
+    release.set()
+    assert await held == 3
+    await db.close()
+    assert rows(tmp_path / "t.db") == [3]

@@ -87,17 +87,19 @@ class SqliteThread:
             self._calls.put(None)
             thread.join()  # at most its last call's return: the queue holds nothing else
 
-    def hand_over(self, within: float) -> None:
+    def hand_over(self, within: float, until: threading.Event | None = None) -> None:
         """Block the caller (the loop), the GIL let go, until this thread has taken the call
-        just queued, for at most ``within`` s; at once if it is busy with an earlier call.
+        just queued, or with ``until`` until the call sets it; for at most ``within`` s, and
+        not at all if the thread is busy with an earlier call.
 
         A thread woken while the loop is busy waits for the GIL until the loop next sleeps:
         CPython hands the GIL to a waiting thread only after an interval in which its holder
-        did not take it back, and uvloop takes it back between every two callbacks. Under
-        single-event load each group commit waited so ~0.5 ms before its first statement,
-        and the clients with it (bench/RESULTS.md run 25)."""
+        did not take it back, and uvloop takes it back between every two callbacks. Each
+        statement of a call lets the GIL go and waits so to get it back. Under single-event
+        load a group commit waited ~0.6 ms before its first statement, longer than the commit
+        took (bench/RESULTS.md run 25)."""
         if self._idle:
-            self._taken.wait(within)
+            (until or self._taken).wait(within)
 
     def _call(self, fn: Callable[..., T], *args: Any) -> asyncio.Future[T]:
         fut: asyncio.Future[T] = asyncio.get_running_loop().create_future()
@@ -273,11 +275,15 @@ def fetch_all(conn: sqlite3.Connection, sql: str, params: Any = ()) -> list[Any]
 
 
 @contextmanager
-def transaction(conn: sqlite3.Connection) -> Iterator[None]:
-    """BEGIN IMMEDIATE ... COMMIT; rolled back and re-raised on any error."""
+def transaction(conn: sqlite3.Connection,
+                committing: threading.Event | None = None) -> Iterator[None]:
+    """BEGIN IMMEDIATE ... COMMIT; rolled back and re-raised on any error. ``committing``
+    is set as the COMMIT starts."""
     conn.execute("BEGIN IMMEDIATE")
     try:
         yield
+        if committing is not None:
+            committing.set()
         conn.execute("COMMIT")
     except BaseException:
         rollback(conn)
