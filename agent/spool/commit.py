@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import logging
 import sqlite3
+import threading
 from array import array
 from collections.abc import Sequence
 from dataclasses import dataclass, field
@@ -107,6 +108,9 @@ class Job:
     # Where the latest mark moves to when this commit deletes records or spent keys and
     # writes no mark of its own (see advance_mark).
     tail: tuple[int, int] = (0, 0)
+    # Set as its COMMIT starts, or as it fails before: the loop waits for it while this
+    # thread runs a small commit's statements (writer.HAND_OVER_S).
+    committing: threading.Event | None = None
 
 
 @dataclass(slots=True)
@@ -128,12 +132,20 @@ class Outcome:
 
 def commit(conn: sqlite3.Connection, job: Job) -> Outcome:
     """Run one group commit; rolls back and re-raises on any error."""
+    try:
+        return _commit(conn, job)
+    finally:
+        if job.committing is not None:
+            job.committing.set()   # failed before its COMMIT: the loop waits no longer
+
+
+def _commit(conn: sqlite3.Connection, job: Job) -> Outcome:
     out = Outcome()
     # Compressing is the costly part: done before BEGIN, so the write lock is held less
     # (small groups come packed from the loop: see writer.PACK_ON_LOOP_BYTES).
     packed = [(g, pack(g.bodies, g.ids) if g.data is None else g.data, keys_to_bytes(g.keys))
               for g in job.groups]
-    with transaction(conn):
+    with transaction(conn, job.committing):
         if job.mark is not None:
             mark(conn, *job.mark)
         if job.new_streams:

@@ -47,6 +47,8 @@ class SqliteThread:
         self._calls: SimpleQueue[_Call | None] = SimpleQueue()
         self._thread: threading.Thread | None = None
         self._conn: sqlite3.Connection | None = None
+        self._pending = 0                  # calls queued and not yet answered
+        self._taken = threading.Event()    # set as the thread takes a call
 
     async def open(self, path: Path, script: str,
                    setup: Callable[[sqlite3.Connection], None] | None = None) -> None:
@@ -85,14 +87,38 @@ class SqliteThread:
             self._calls.put(None)
             thread.join()  # at most its last call's return: the queue holds nothing else
 
+    def hand_over(self, within: float, until: threading.Event | None = None) -> None:
+        """Block the caller (the loop), the GIL let go, until this thread has taken the call
+        just queued, or with ``until`` until the call sets it; for at most ``within`` s, and
+        not at all while an earlier call is unanswered (it would wait behind that call).
+
+        A thread woken while the loop is busy waits for the GIL until the loop next sleeps:
+        CPython hands the GIL to a waiting thread only after an interval in which its holder
+        did not take it back, and uvloop takes it back between every two callbacks. Each
+        statement of a call lets the GIL go and waits so to get it back. Under single-event
+        load a group commit waited ~0.6 ms before its first statement, longer than the commit
+        took (bench/RESULTS.md run 25)."""
+        if self._pending == 1:
+            (until or self._taken).wait(within)
+
     def _call(self, fn: Callable[..., T], *args: Any) -> asyncio.Future[T]:
         fut: asyncio.Future[T] = asyncio.get_running_loop().create_future()
+        self._pending += 1
+        fut.add_done_callback(self._answered)
+        self._taken.clear()
         self._calls.put((fut, fn, args))
         return fut
 
+    def _answered(self, _: asyncio.Future[Any]) -> None:
+        self._pending -= 1
+
     def _serve(self) -> None:
-        get = self._calls.get
-        while (call := get()) is not None:
+        get, taken = self._calls.get, self._taken
+        while True:
+            call = get()
+            taken.set()
+            if call is None:
+                return
             _answer(*call)
             del call  # its arguments (a commit's events) are not kept until the next call
 
@@ -252,11 +278,15 @@ def fetch_all(conn: sqlite3.Connection, sql: str, params: Any = ()) -> list[Any]
 
 
 @contextmanager
-def transaction(conn: sqlite3.Connection) -> Iterator[None]:
-    """BEGIN IMMEDIATE ... COMMIT; rolled back and re-raised on any error."""
+def transaction(conn: sqlite3.Connection,
+                committing: threading.Event | None = None) -> Iterator[None]:
+    """BEGIN IMMEDIATE ... COMMIT; rolled back and re-raised on any error. ``committing``
+    is set as the COMMIT starts."""
     conn.execute("BEGIN IMMEDIATE")
     try:
         yield
+        if committing is not None:
+            committing.set()
         conn.execute("COMMIT")
     except BaseException:
         rollback(conn)

@@ -13,6 +13,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import sqlite3
+import threading
 from array import array
 from collections.abc import Sequence
 from collections.abc import Set as AbstractSet
@@ -46,6 +47,11 @@ RECORD_BYTES = 256 * 1024
 # ~0.2 ms a commit (single-event load: 16 events, ~5 µs of compressing), on the path of
 # every reply. Bounded per commit, so a big batch or many keys never hold the loop long.
 PACK_ON_LOOP_BYTES = 16 * 1024
+# How long the loop waits, the GIL let go, for the writer's thread to take a commit and,
+# for a small one (its records packed on the loop, nothing to delete), to run its statements
+# up to the COMMIT, whose fsync then overlaps the loop's work (SqliteThread.hand_over): that
+# takes ~0.1 ms; a thread kept from a CPU longer (a busy machine) is not worth more.
+HAND_OVER_S = 0.001
 MEASURE_EVERY = 32  # commits: the file's size is estimated in between (commit.MEASURE_WITHIN)
 
 
@@ -248,7 +254,9 @@ class Writer:
                   reject_when_full=self.cfg.when_full == "reject",
                   remember=self.cfg.dedupe_window_h > 0, counters=books.take_unsaved(),
                   now=now_ms(), mark=mark, tail=(observed, seq),
-                  measure=self.commits % MEASURE_EVERY == 0 or bool(settle or batch.corrupt))
+                  measure=self.commits % MEASURE_EVERY == 0 or bool(settle or batch.corrupt),
+                  committing=None if settle or batch.corrupt
+                  or any(g.data is None for g in groups) else threading.Event())
         return job, stored
 
     def _each(self, p: Pending, seen: AbstractSet[int], here: set[int],
@@ -311,7 +319,9 @@ class Writer:
         job, stored = self._job(batch)
         observed = self.host.observed_ms()
         try:
-            out = await db.run(spool_commit.commit, job)
+            done = db.run(spool_commit.commit, job)
+            db.hand_over(HAND_OVER_S, job.committing)
+            out = await done
         except sqlite3.OperationalError as exc:
             books.unsave(job.counters)
             reason = "disk full" if "full" in str(exc) else f"storage error: {exc}"
