@@ -29,7 +29,7 @@ from agent.device import detect
 from agent.install import command as service_install
 from agent.install import config_file
 from agent.ops import dead_cli
-from agent.ops.local_agent import DIRECT, NotOutpost, agent_url, answer, not_answering, timed_out
+from agent.ops.local_agent import NotOutpost, Refused, agent_url, answer, not_answering, opened, timed_out
 from agent.ops.status import offline_snapshot
 from agent.server import memory
 from agent.settings import Config, SyncConfig
@@ -134,10 +134,10 @@ STATUS_TIMEOUT_S = 10.0
 
 def _http(cfg: Config, path: str, expect: str, method: str = "GET") -> Any:
     """The agent's JSON reply to ``path``, which holds ``expect``; NotOutpost if it does
-    not (another server holds the port)."""
+    not (another server holds the port), Refused for the agent's own refusal."""
     req = urllib.request.Request(agent_url(cfg, path), method=method,
                                  data=b"" if method == "POST" else None)
-    with DIRECT.open(req, timeout=STATUS_TIMEOUT_S) as resp:
+    with opened(cfg, req, path, STATUS_TIMEOUT_S) as resp:
         return answer(cfg, path, resp.read(), expect)
 
 
@@ -153,8 +153,8 @@ def cmd_status(args: argparse.Namespace) -> int:
             print(f"outpost: the agent at {agent_url(cfg, '')} is busy: no answer to /status "
                   f"in {STATUS_TIMEOUT_S:.0f} s; try again", file=sys.stderr)
             return EXIT_FAILED
-        if isinstance(exc, NotOutpost):
-            print(f"outpost: {exc}; reading the spool", file=sys.stderr)
+        if isinstance(exc, (NotOutpost, Refused)):
+            _say(f"{exc}; reading the spool")
         try:
             data = offline_snapshot(cfg)
         except SpoolUnusable as exc:   # too new, or a directory
@@ -178,8 +178,8 @@ def cmd_flush(args: argparse.Namespace) -> int:
         return EXIT_CONFIG
     try:
         data = _http(cfg, "/flush", "queue_depth", method="POST")
-    except NotOutpost as exc:
-        print(f"outpost: {exc}", file=sys.stderr)
+    except (NotOutpost, Refused) as exc:
+        _say(str(exc))
         return EXIT_FAILED
     except (urllib.error.URLError, OSError, ValueError) as exc:
         _say(f"the agent at {agent_url(cfg, '')} is busy: no answer in "

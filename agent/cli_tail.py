@@ -19,7 +19,7 @@ from collections.abc import Callable, Iterator
 from typing import IO, Any
 
 from agent.logs import FINGERPRINT, fingerprint
-from agent.ops.local_agent import DIRECT, NotOutpost, agent_url, not_answering
+from agent.ops.local_agent import NotOutpost, Refused, agent_url, not_answering, opened
 from agent.ops.tail import STALL_S
 from agent.settings import Config
 from agent.terminal import OutputError, printable, printable_json
@@ -76,12 +76,11 @@ def run(args: argparse.Namespace, load: Callable[[argparse.Namespace], Config | 
     path = "/tail" + (f"?key={want}" if want else "")
     url = agent_url(cfg, path)
     try:
-        resp = DIRECT.open(url, timeout=READ_TIMEOUT_S)
+        resp = opened(cfg, url, "/tail", READ_TIMEOUT_S)
     except KeyboardInterrupt:
         return 0
-    except urllib.error.HTTPError as exc:
-        print(f"outpost: the agent refused the live view: HTTP {exc.code} "
-              f"{printable(exc.read().decode(errors='replace'))}", file=sys.stderr)
+    except (NotOutpost, Refused) as exc:
+        print(f"outpost: {printable(str(exc))}", file=sys.stderr)
         return 1
     except (urllib.error.URLError, OSError) as exc:
         print(f"outpost: {printable(not_answering(cfg, exc))}", file=sys.stderr)

@@ -4,6 +4,7 @@ disk. Each runs the real `python -m agent` command on real files."""
 
 from __future__ import annotations
 
+import asyncio
 import json
 import os
 import resource
@@ -337,6 +338,51 @@ async def test_an_export_from_a_server_that_is_not_the_agent_writes_nothing(
     line = one_line(out)
     assert code == 1 and "not an Outpost agent" in line, (code, line)
     assert _leftovers(tmp_path) == ["agent.toml"]
+
+
+
+@pytest.fixture(params=["banner", "404"])
+async def not_the_agent(request: pytest.FixtureRequest) -> AsyncIterator[int]:
+    """A port held by a server that does not speak HTTP (an SSH server's banner), or one
+    that answers every request 404 with its own page."""
+    if request.param == "404":
+        async def missing(_: web.Request) -> web.Response:
+            return web.Response(status=404, text="<html>Not Found</html>")
+        app = web.Application()
+        app.router.add_route("*", "/{tail:.*}", missing)
+        server = LoopbackServer()
+        await server._serve(app)
+        yield server.port
+        await server.stop()
+        return
+
+    async def banner(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        await reader.read(65536)
+        writer.write(b"SSH-2.0-OpenSSH_9.6\r\n")
+        writer.close()
+    ssh = await asyncio.start_server(banner, "127.0.0.1", 0)
+    yield int(ssh.sockets[0].getsockname()[1])
+    ssh.close()
+    await ssh.wait_closed()
+
+
+@pytest.mark.parametrize("args,path", [(("flush",), "/flush"), (("tail",), "/tail"),
+                                       (("status",), "/status"), (("dead", "list"), "/dead")])
+async def test_a_server_that_is_not_http_or_refuses_is_named_not_the_agent(
+        tmp_path: Path, not_the_agent: int, args: tuple[str, ...], path: str) -> None:
+    """flush, tail and status ended in a traceback (http.client's BadStatusLine) at a port
+    whose server does not speak HTTP, `dead list` printed its banner; at a 404 `flush` said
+    no agent answers and to start one (which could not listen there), `tail` printed the
+    server's page as the agent's refusal."""
+    cfg = write_config(tmp_path / "agent.toml", tmp_path / "spool.db", port=not_the_agent)
+    code, out = await run_outpost(*args, "--config", str(cfg))
+    assert "Traceback" not in out, out
+    said = f"http://127.0.0.1:{not_the_agent} answered {path}, but not an Outpost agent"
+    if args == ("status",):   # the spool is read instead, and that said
+        assert code == 0 and said in out and "reading the spool" in out, (code, out)
+        return
+    line = one_line(out)
+    assert code == 1 and said in line, (code, line)
 
 
 # -- dead-letter arguments ---------------------------------------------------------------------

@@ -25,7 +25,7 @@ from typing import Any, BinaryIO
 
 from agent.clock import age_s
 from agent.ops.dead import EXPORT_PAGE, LIST_LIMIT
-from agent.ops.local_agent import DIRECT, NotOutpost, agent_url, answer, timed_out
+from agent.ops.local_agent import NotOutpost, Refused, agent_url, answer, opened, timed_out
 from agent.ops.status_table import age, size, table
 from agent.outcomes import Tally
 from agent.settings import Config
@@ -55,14 +55,10 @@ class _Cli:
                                      headers={"Content-Type": "application/json"})
         timeout = ASK_TIMEOUT_S if body is None else CHANGE_TIMEOUT_S
         try:
-            with DIRECT.open(req, timeout=timeout) as resp:
+            with opened(cfg, req, path, timeout) as resp:
                 return bytes(resp.read())
-        except urllib.error.HTTPError as exc:  # the agent answered: say what it said
-            try:
-                why = json.loads(exc.read())["error"]
-            except (ValueError, KeyError, TypeError):
-                why = f"HTTP {exc.code}"
-            raise dead.DeadError(why) from exc
+        except Refused as exc:  # the agent answered: say what it said
+            raise dead.DeadError(exc.why) from exc
         except (urllib.error.URLError, OSError) as exc:
             if not timed_out(exc):
                 raise _NoAgent(str(exc)) from exc
@@ -194,9 +190,9 @@ class _Cli:
         req = urllib.request.Request(agent_url(cfg, "/dead/export"))
         count = 0
         try:
-            resp = DIRECT.open(req, timeout=ASK_TIMEOUT_S)
-        except urllib.error.HTTPError as exc:
-            raise dead.DeadError(f"the agent refused the export: HTTP {exc.code}") from exc
+            resp = opened(cfg, req, "/dead/export", ASK_TIMEOUT_S)
+        except Refused as exc:
+            raise dead.DeadError(f"the agent refused the export: {exc.why}") from exc
         except (urllib.error.URLError, OSError) as exc:
             if timed_out(exc):
                 raise dead.DeadError(f"the agent at {agent_url(cfg, '')} is busy: no answer "

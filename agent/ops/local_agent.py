@@ -3,7 +3,9 @@ that ignores $http_proxy (meant for the internet, never for loopback)."""
 
 from __future__ import annotations
 
+import http.client
 import json
+import urllib.error
 import urllib.request
 from typing import Any
 
@@ -28,6 +30,40 @@ class NotOutpost(ValueError):
     def __init__(self, cfg: Config, path: str) -> None:
         super().__init__(f"{agent_url(cfg, '')} answered {path.split('?')[0]}, "
                          "but not an Outpost agent")
+
+
+class Refused(ValueError):
+    """The agent answered ``path`` with an error of its own (a JSON ``{"error": ...}``)."""
+
+    def __init__(self, cfg: Config, path: str, why: str) -> None:
+        super().__init__(f"the agent at {agent_url(cfg, '')} refused {path.split('?')[0]}: {why}")
+        self.why = why
+
+
+def opened(cfg: Config, req: urllib.request.Request | str, path: str, timeout: float) -> Any:
+    """``DIRECT.open(req)``; NotOutpost when what holds the agent's port does not speak
+    HTTP (an SSH server's banner: http.client's BadStatusLine, neither a URLError nor an
+    OSError), Refused or NotOutpost for an HTTP error (see ``refusal``)."""
+    try:
+        return DIRECT.open(req, timeout=timeout)
+    except urllib.error.HTTPError as exc:
+        raise Refused(cfg, path, refusal(cfg, path, exc)) from exc
+    except http.client.HTTPException as exc:
+        if isinstance(exc, OSError):   # RemoteDisconnected: closed unanswered, as by an agent
+            raise
+        raise NotOutpost(cfg, path) from exc
+
+
+def refusal(cfg: Config, path: str, exc: urllib.error.HTTPError) -> str:
+    """What the agent said refusing ``path``: its refusals are JSON ``{"error": ...}``;
+    NotOutpost for any other error page (another server holds the port)."""
+    try:
+        why = json.loads(exc.read())["error"]
+    except (ValueError, KeyError, TypeError, OSError, http.client.HTTPException):
+        why = None
+    if not isinstance(why, str):
+        raise NotOutpost(cfg, path) from exc
+    return why
 
 
 def answer(cfg: Config, path: str, body: bytes, expect: str) -> dict[str, Any]:
