@@ -48,7 +48,7 @@ RECORD_BYTES = 256 * 1024
 # every reply. Bounded per commit, so a big batch or many keys never hold the loop long.
 PACK_ON_LOOP_BYTES = 16 * 1024
 # How long the loop waits, the GIL let go, for the writer's thread to take a commit and,
-# for a small one (its records packed on the loop, nothing to delete), to run its statements
+# for a small one (records packed on the loop, no acks or dead letters), to run its statements
 # up to the COMMIT, whose fsync then overlaps the loop's work (SqliteThread.hand_over): that
 # takes ~0.1 ms; a thread kept from a CPU longer (a busy machine) is not worth more.
 HAND_OVER_S = 0.001
