@@ -95,8 +95,8 @@ def _str_list(secret: bool = False) -> Callable[[Any], str | None]:
 
 
 def _secret(owner: str) -> Callable[[Any], str | None]:
-    """A credential of ``owner``'s: printable (a pasted line break or tab would be sent with
-    it on every request, refused each time), named by fingerprint only."""
+    """A credential of ``owner``'s: printable (with a pasted line break, every request's
+    header would be refused by the HTTP client, every send failing), named by fingerprint."""
     def check(value: Any) -> str | None:
         if value.isprintable():
             return None
