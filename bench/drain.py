@@ -28,7 +28,7 @@ from pathlib import Path
 from typing import Any
 
 from . import growing
-from .harness import Harness, depth, wait_empty
+from .harness import Harness, depth, index_bytes, wait_empty
 from .loadgen import Load
 from .meters import CpuWindow, DiskSampler, per_million, spool_bytes
 from .payloads import APP_ID, raw_event_bytes
@@ -58,7 +58,7 @@ def backlog(h: Harness, name: str, full_rate: bool, reuse: bool) -> dict[str, An
             with RssSampler(agent.pid) as rss:
                 r["fill"] = growing.fill(agent.pid, agent.port, n, h.args.connections, d,
                                          h.use_wrk, h.args.wrk_threads, kind)
-                h.peak("fill", rss.take())
+                h.peak("fill", rss.take(), index_bytes(agent.port))
             disk.sample()
             r["disk_peak_fill"] = disk.peak
             if full_rate:
@@ -105,7 +105,7 @@ def _drain(h: Harness, agent: Proc, upstream: Proc, queued: int) -> dict[str, An
         at_start = depth(agent.port)
         http_post(f"http://127.0.0.1:{agent.port}/flush")
         elapsed, left = wait_empty(agent.port, limit)
-    h.peak("drain", rss.take())
+    h.peak("drain", rss.take(), index_bytes(agent.port))
     got = json.loads(http_get(f"http://127.0.0.1:{upstream.port}/count"))
     drained = at_start - left
     return {"seconds": elapsed, "left": left, "depth_at_start": at_start,

@@ -109,11 +109,14 @@ class Proc:
             self.proc.wait(10)
 
 
+AGENT_PROBE = "/healthz"  # what only an agent answers: it tells agents from reference servers
+
+
 def agent_proc(config: Path, port: int, log: Path) -> Proc:
     """``outpost run`` from this checkout, its modules compiled to bytecode first."""
     compile_agent()
     return Proc([sys.executable, "-m", "agent", "run", "--config", str(config)], port, log,
-                probe="/healthz")
+                probe=AGENT_PROBE)
 
 
 def compile_agent() -> None:

@@ -186,11 +186,17 @@ def other_rows(r: dict[str, Any]) -> list[Row]:
     for key, label in (("idle", "RSS idle"), ("ingest", "RSS peak, ingesting (incl. the fills)"),
                        ("drain", "RSS peak, draining")):
         if key in m:
-            total, anon = m[key]
-            target = ("anon < 60 MB", _met(0 < anon < 60e6)) if key != "idle" else ("", "")
+            total, anon, *rest = m[key]
+            reference = f"hello idle anon {fmt(hello_idle, 'MB')} ({ratio(anon, hello_idle)})"
+            target: tuple[str, str] = ("", "")
+            if key != "idle":
+                # Issue 11's target: under 60 MB beside the documented dedupe index (78 B a
+                # key), which grows with the events received in the window, not with load.
+                beyond = rest[0] if rest else anon
+                reference += f"; beside the dedupe index {fmt(beyond, 'MB')}"
+                target = ("anon < 60 MB + the index", _met(0 < beyond < 60e6))
             out.append((f"{label}: total / anon", f"{fmt(total, 'MB')} / {fmt(anon, 'MB')}", "",
-                        f"hello idle anon {fmt(hello_idle, 'MB')} ({ratio(anon, hello_idle)})",
-                        *target))
+                        reference, *target))
     return out
 
 

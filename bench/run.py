@@ -208,7 +208,8 @@ class Bench(Harness):
             self.memory["idle"] = (max(a["rss_idle"] for a in agent),
                                    max(a["rss_anon_idle"] for a in agent))
             self.memory["ingest"] = (max(a["rss_peak"] for a in agent),
-                                     max(a["rss_anon_peak"] for a in agent))
+                                     max(a["rss_anon_peak"] for a in agent),
+                                     max(a["rss_anon_peak"] - a["index_bytes"] for a in agent))
             self.memory["hello_idle_anon"] = min(w["hello"]["rss_anon_idle"] for w in out.values())
         return out
 
@@ -246,7 +247,8 @@ class Bench(Harness):
         for i, name in enumerate(drains):
             out[name] = drain.backlog(self, name, full_rate=name == full,
                                       reuse=i == len(drains) - 1)
-        self.peak("ingest", self.memory.get("fill", (0, 0)))
+        fill = self.memory.get("fill", (0, 0, 0))
+        self.peak("ingest", fill[:2], fill[1] - fill[2])
         return out
 
 
