@@ -174,7 +174,10 @@ def may_be_wide(data: bytes) -> bool:
     """Whether JSON ``data`` may hold an integer outside the 64-bit range: it has a run
     of 20 digits, or a minus and 19."""
     digits = data.translate(_DIGITS_ONLY)
-    return _RUN in digits and (_LONG_RUN in digits or _NEGATIVE_RUN in digits)
+    # find, not `in`: CPython 3.11's `bytes in bytes` first tries the needle as an int
+    # and clears the TypeError, half its cost (callgrind: once per request).
+    return digits.find(_RUN) >= 0 and (digits.find(_LONG_RUN) >= 0
+                                       or digits.find(_NEGATIVE_RUN) >= 0)
 
 
 def refuse_wide(raw: bytes | str) -> None:
