@@ -53,6 +53,70 @@ PACK_ON_LOOP_BYTES = 16 * 1024
 # takes ~0.1 ms; a thread kept from a CPU longer (a busy machine) is not worth more.
 HAND_OVER_S = 0.001
 MEASURE_EVERY = 32  # commits: the file's size is estimated in between (commit.MEASURE_WITHIN)
+# A request of more events than this is summed up as it is appended, a slice at a time
+# with the loop let go in between, and its keys join the index after the commit the same
+# way: a 4 MiB Nucleus message holds 38,000 events, and the commit's loop-side half of it
+# held the loop 50-70 ms in one go, /healthz and every other request waiting
+# (bench/RESULTS.md run 26). A slice takes about a millisecond.
+SLICE_EVENTS = 2048
+
+
+@dataclass(slots=True)
+class Usual:
+    """A request's events as the commit takes them when they are the usual kind: one key,
+    one family, one lane, no key twice. Their keys, bodies, sizes and (Nucleus) ack ids."""
+
+    key: str
+    family: int
+    lane: int
+    keys: list[int] = field(default_factory=list)
+    keyset: set[int] = field(default_factory=set)
+    bodies: list[bytes] = field(default_factory=list)
+    sizes: list[int] = field(default_factory=list)
+    ids: list[Any] | None = None
+
+    @classmethod
+    def like(cls, first: Event) -> Usual:
+        """An empty one for the events of ``first``'s key, family and lane."""
+        return cls(first.key, first.family, first.lane, ids=[] if first.family == NUCLEUS else None)
+
+    def add(self, events: Sequence[Event]) -> bool:
+        """Take in more of the request's events; False once they are not the usual kind."""
+        keys = [ev.dedupe for ev in events]
+        before = len(self.keyset)
+        self.keyset.update(keys)
+        if (len(self.keyset) != before + len(keys)
+                or any(ev.key != self.key or ev.family != self.family or ev.lane != self.lane
+                       for ev in events)):
+            return False
+        bodies = [ev.body for ev in events]
+        self.keys += keys
+        self.bodies += bodies
+        self.sizes += map(len, bodies)
+        if self.ids is not None:   # None once any event's id was not read at ingest
+            ids = [ev.ack_id for ev in events]
+            if NOT_READ in ids:
+                self.ids = None
+            else:
+                self.ids += ids
+        return True
+
+
+def usual(events: Sequence[Event]) -> Usual | None:
+    """``events`` (one or more) taken in at once, or None when they are not the usual kind."""
+    found = Usual.like(events[0])
+    return found if found.add(events) else None
+
+
+async def usual_sliced(events: Sequence[Event]) -> Usual | None:
+    """``usual`` a slice at a time, the loop let go between slices."""
+    found = Usual.like(events[0])
+    for start in range(0, len(events), SLICE_EVENTS):
+        if start:
+            await asyncio.sleep(0)
+        if not found.add(events[start:start + SLICE_EVENTS]):
+            return None
+    return found
 
 
 @dataclass(slots=True)
@@ -60,6 +124,9 @@ class Pending:
     events: list[Event]
     received: int
     done: asyncio.Future[int]
+    # A large request's events, taken in as it was appended (None: not the usual kind,
+    # or a small request, taken in by the commit).
+    usual: Usual | None = None
 
 
 @dataclass(slots=True)
@@ -118,8 +185,12 @@ class Writer:
             return 0
         if self.closing:
             raise SpoolFull(Reason.SHUTTING_DOWN, retry_after=5)
+        received = now_ms()
+        taken = await usual_sliced(events) if len(events) > SLICE_EVENTS else None
+        if self.closing:
+            raise SpoolFull(Reason.SHUTTING_DOWN, retry_after=5)
         fut: asyncio.Future[int] = asyncio.get_running_loop().create_future()
-        self._batch.appends.append(Pending(events, now_ms(), fut))
+        self._batch.appends.append(Pending(events, received, fut, taken))
         self._wake.set()
         return await fut
 
@@ -194,29 +265,25 @@ class Writer:
                 stored.append(self._each(p, seen, here, latest, groups, part))
                 part.duplicates = 1 - stored[-1]
                 continue
-            fresh = [ev for ev in p.events if ev.dedupe not in seen]
-            keys = [ev.dedupe for ev in fresh]
-            if (not fresh or not here.isdisjoint(keys) or len(set(keys)) != len(keys)
-                    or len({ev.key for ev in fresh}) != 1
-                    or len({ev.family for ev in fresh}) != 1
-                    or len({ev.lane for ev in fresh}) != 1):
+            taken = p.usual
+            if taken is None or not seen.isdisjoint(taken.keyset):
+                fresh = [ev for ev in p.events if ev.dedupe not in seen]
+                taken = usual(fresh) if fresh else None
+            if taken is None or not here.isdisjoint(taken.keyset):
                 stored.append(self._each(p, seen, here, latest, groups, part))
                 part.duplicates = len(p.events) - stored[-1]
                 continue
             # The usual request: one key, one family, no repeat. No loop per event here.
-            here.update(keys)
-            first = fresh[0]
-            sid = (books.streams.get(first.key) or books.stream_for(first.key)).id
-            at = (sid, first.lane)
-            bodies = [ev.body for ev in fresh]
-            ids = _ids(fresh)
-            sizes = list(map(len, bodies))
+            here |= taken.keyset
+            sid = (books.streams.get(taken.key) or books.stream_for(taken.key)).id
+            at = (sid, taken.lane)
+            keys, bodies, ids, sizes = taken.keys, taken.bodies, taken.ids, taken.sizes
             start = 0
             while start < len(bodies):
                 g = latest.get(at)
-                if (g is None or g.family != first.family or len(g.bodies) >= RECORD_EVENTS
+                if (g is None or g.family != taken.family or len(g.bodies) >= RECORD_EVENTS
                         or g.nbytes >= RECORD_BYTES):
-                    g = latest[at] = _group(sid, first.family, p.received, first.lane)
+                    g = latest[at] = _group(sid, taken.family, p.received, taken.lane)
                     groups.append(g)
                 take = min(RECORD_EVENTS - len(g.bodies), len(bodies) - start)
                 # Bytes: about the cap, going by these events' average size.
@@ -230,8 +297,8 @@ class Writer:
                     g.ids = None if ids is None else g.ids + ids[start:end]
                 g.nbytes += sum(sizes[start:end])
                 start = end
-            stored.append(len(fresh))
-            part.duplicates = len(p.events) - len(fresh)
+            stored.append(len(keys))
+            part.duplicates = len(p.events) - len(keys)
         seq = books.next_seq
         on_loop = PACK_ON_LOOP_BYTES
         for g in groups:  # each record's events are numbered consecutively
@@ -354,10 +421,16 @@ class Writer:
             return
         wall = now_ms()
         forgotten = self.index.forgotten
-        # committed: from now on a resend is a duplicate
+        # committed: from now on a resend is a duplicate (the next commit's _job runs
+        # only once this one is done, so letting the loop go meanwhile changes nothing)
+        taken = 0
         for g in job.groups if out.groups is None else out.groups:
+            if taken >= SLICE_EVENTS:
+                taken = 0
+                await asyncio.sleep(0)
             self.index.admit(g.keys, wall, observed)
             self.live.add(g.id, len(g.bodies), observed)
+            taken += len(g.bodies)
         if self.index.forgotten > forgotten:
             books.count(Tally.DEDUPE_FORGOTTEN, self.index.forgotten - forgotten)
         refused = set(out.refused)
@@ -374,14 +447,6 @@ def _group(sid: int, family: int, received: int, lane: int) -> Group:
     """A new group; a Nucleus one keeps its events' ack ids while ingest read them all."""
     return Group(0, sid, family, received, [], array("q"), ids=[] if family == NUCLEUS else None,
                  lane=lane)
-
-
-def _ids(events: list[Event]) -> list[Any] | None:
-    """The events' ack ids, or None when any was not read (or they are not Nucleus)."""
-    if events[0].family != NUCLEUS:
-        return None
-    ids = [ev.ack_id for ev in events]
-    return None if NOT_READ in ids else ids
 
 
 def is_corruption(exc: sqlite3.DatabaseError) -> bool:
