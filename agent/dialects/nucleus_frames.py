@@ -47,14 +47,12 @@ from aiohttp import WSCloseCode, web
 from aiohttp.http_websocket import WebSocketWriter
 
 from agent.dialects.body import BodyError, Busy, Reservation
-from agent.dialects.nucleus_queue import QueueReader, Split
+from agent.dialects.nucleus_queue import SLICE, QueueReader, Split
 from agent.families.errors import Invalid
 
 _CONTINUATION, _TEXT, _BINARY = 0x0, 0x1, 0x2
 _XOR = [bytes(a ^ b for a in range(256)) for b in range(256)]
 Ticket = Callable[[], AbstractContextManager[Reservation]]
-# Bytes of a large message read in one turn of the event loop: ~10 ms of `0,` values.
-SLICE = 16 * 1024
 
 
 class OverCap(Exception):

@@ -37,7 +37,12 @@ _ID_TYPES = (int, float, str)   # exact types: others are never acknowledged (fa
 # How near the end of the text read so far a JSON error may be and still be the text
 # being cut there (`tru`, `1e`, `"\u00`) rather than a mistake: read again with more.
 _CUT = 16
-_RETRY_MIN = 16 * 1024   # as much as nucleus_frames.py feeds in one turn of the event loop
+# Bytes of a large message read in one turn of the event loop (nucleus_frames.py feeds a
+# slice a turn, and the reader reads once a slice is in): 2,000 values of `0,`, 3-25 ms of
+# Python. At 16 KiB a turn took 40-110 ms on a slow 2-core machine, past the 100 ms the
+# loop may be held (tests/test_nucleus_frames.py).
+SLICE = 4 * 1024
+_RETRY_MIN = SLICE
 _NOT_BLANK = re.compile(r"[^ \t\n\r]")
 # Bytes a kept event is charged at least, its first excepted: bounds the events kept (to
 # keep/32, ~65,000) whose list is sorted, joined and freed in one go (1M tiny ones: ~0.1 s).
