@@ -85,20 +85,26 @@ class Usual:
         keys = [ev.dedupe for ev in events]
         before = len(self.keyset)
         self.keyset.update(keys)
-        if (len(self.keyset) != before + len(keys)
-                or any(ev.key != self.key or ev.family != self.family or ev.lane != self.lane
-                       for ev in events)):
+        # Comprehensions, not a generator over the events: fewer instructions an event.
+        if (len(self.keyset) != before + len(keys) or {ev.key for ev in events} != {self.key}
+                or {ev.family for ev in events} != {self.family}
+                or {ev.lane for ev in events} != {self.lane}):
             return False
         bodies = [ev.body for ev in events]
-        self.keys += keys
-        self.bodies += bodies
-        self.sizes += map(len, bodies)
-        if self.ids is not None:   # None once any event's id was not read at ingest
-            ids = [ev.ack_id for ev in events]
+        ids = [ev.ack_id for ev in events] if self.ids is not None else None
+        if not self.keys:   # the first (for a small request, the only) events: no copy
+            self.keys, self.bodies, self.sizes = keys, bodies, list(map(len, bodies))
+        else:
+            self.keys += keys
+            self.bodies += bodies
+            self.sizes += map(len, bodies)
+        if ids is not None:   # None once any event's id was not read at ingest
             if NOT_READ in ids:
                 self.ids = None
-            else:
+            elif self.ids:
                 self.ids += ids
+            else:
+                self.ids = ids
         return True
 
 
