@@ -88,8 +88,10 @@ class Harness:
 
 
 def index_bytes(port: int) -> int:
-    """The agent's dedupe index, estimated from the events its spool ever stored: every
-    bench event is new, and every run lasts well within the dedupe window."""
+    """The agent's dedupe index now, estimated from the events its spool ever stored:
+    every bench event is new, and every run lasts well within the dedupe window. Read at
+    the end of a phase, when the index is at its largest (it only grows meanwhile), so a
+    peak of RSS reached earlier in the phase is judged beside more keys than it held."""
     status = json.loads(http_get(f"http://127.0.0.1:{port}/status", timeout=30.0))
     return min(int(status["counters"]["ingested"]), MAX_KEYS) * KEY_BYTES
 

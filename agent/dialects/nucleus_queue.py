@@ -38,9 +38,9 @@ _ID_TYPES = (int, float, str)   # exact types: others are never acknowledged (fa
 # being cut there (`tru`, `1e`, `"\u00`) rather than a mistake: read again with more.
 _CUT = 16
 # Bytes of a large message read in one turn of the event loop (nucleus_frames.py feeds a
-# slice a turn, and the reader reads once a slice is in): 2,000 values of `0,`, 3-25 ms of
-# Python. At 16 KiB a turn took 40-110 ms on a slow 2-core machine, past the 100 ms the
-# loop may be held (tests/test_nucleus_frames.py).
+# slice a turn, and the reader reads once a slice is in): 2,000 values of `0,`, ~3 ms of
+# Python, 10-16 ms on a slow 2-core machine, where 16 KiB a turn took 40-110 ms, past the
+# 100 ms the loop may be held (tests/test_nucleus_frames.py).
 SLICE = 4 * 1024
 _RETRY_MIN = SLICE
 _NOT_BLANK = re.compile(r"[^ \t\n\r]")
