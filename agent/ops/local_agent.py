@@ -43,18 +43,18 @@ class Refused(ValueError):
 def opened(cfg: Config, req: urllib.request.Request | str, path: str, timeout: float) -> Any:
     """``DIRECT.open(req)``; NotOutpost when what holds the agent's port does not speak
     HTTP (an SSH server's banner: http.client's BadStatusLine, neither a URLError nor an
-    OSError), Refused or NotOutpost for an HTTP error (see ``refusal``)."""
+    OSError), Refused or NotOutpost for an HTTP error (see ``_refusal``)."""
     try:
         return DIRECT.open(req, timeout=timeout)
     except urllib.error.HTTPError as exc:
-        raise Refused(cfg, path, refusal(cfg, path, exc)) from exc
+        raise Refused(cfg, path, _refusal(cfg, path, exc)) from exc
     except http.client.HTTPException as exc:
         if isinstance(exc, OSError):   # RemoteDisconnected: closed unanswered, as by an agent
             raise
         raise NotOutpost(cfg, path) from exc
 
 
-def refusal(cfg: Config, path: str, exc: urllib.error.HTTPError) -> str:
+def _refusal(cfg: Config, path: str, exc: urllib.error.HTTPError) -> str:
     """What the agent said refusing ``path``: its refusals are JSON ``{"error": ...}``;
     NotOutpost for any other error page (another server holds the port)."""
     try:

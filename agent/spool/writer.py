@@ -429,14 +429,14 @@ class Writer:
         forgotten = self.index.forgotten
         # committed: from now on a resend is a duplicate (the next commit's _job runs
         # only once this one is done, so letting the loop go meanwhile changes nothing)
-        taken = 0
+        since_yield = 0   # events admitted since the loop was last let go
         for g in job.groups if out.groups is None else out.groups:
-            if taken >= SLICE_EVENTS:
-                taken = 0
+            if since_yield >= SLICE_EVENTS:
+                since_yield = 0
                 await asyncio.sleep(0)
             self.index.admit(g.keys, wall, observed)
             self.live.add(g.id, len(g.bodies), observed)
-            taken += len(g.bodies)
+            since_yield += len(g.bodies)
         if self.index.forgotten > forgotten:
             books.count(Tally.DEDUPE_FORGOTTEN, self.index.forgotten - forgotten)
         refused = set(out.refused)
