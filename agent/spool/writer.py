@@ -174,6 +174,9 @@ class Writer:
         self._batch = Batch()
         self._wake = asyncio.Event()
         self._task: asyncio.Task[None] | None = None
+        # Done once the last request to reach append has joined the batch (or failed);
+        # None when none is still being taken in (see append).
+        self._taking: asyncio.Future[None] | None = None
 
     def start(self) -> None:
         self._task = asyncio.create_task(self._write_loop(), name="spool-writer")
@@ -192,13 +195,35 @@ class Writer:
         if self.closing:
             raise SpoolFull(Reason.SHUTTING_DOWN, retry_after=5)
         received = now_ms()
-        taken = await usual_sliced(events) if len(events) > SLICE_EVENTS else None
-        if self.closing:
-            raise SpoolFull(Reason.SHUTTING_DOWN, retry_after=5)
-        fut: asyncio.Future[int] = asyncio.get_running_loop().create_future()
-        self._batch.appends.append(Pending(events, received, fut, taken))
-        self._wake.set()
+        loop = asyncio.get_running_loop()
+        large = len(events) > SLICE_EVENTS
+        # FIFO: requests join the batch in the order they reached append, though a large
+        # one lets the loop go while it is taken in; those behind it wait for it.
+        ahead, mine = self._taking, None
+        if large or ahead is not None:
+            mine = self._taking = loop.create_future()
+        try:
+            taken = await usual_sliced(events) if large else None
+            if ahead is not None and not ahead.done():
+                await asyncio.wait((ahead,))   # not cancelled with this request
+            if self.closing:
+                raise SpoolFull(Reason.SHUTTING_DOWN, retry_after=5)
+            fut: asyncio.Future[int] = loop.create_future()
+            self._batch.appends.append(Pending(events, received, fut, taken))
+            self._wake.set()
+        finally:
+            if mine is not None:
+                if ahead is None or ahead.done():
+                    self._joined(mine)
+                else:   # cancelled while waiting: those behind it still wait for the one ahead
+                    ahead.add_done_callback(lambda _: self._joined(mine))
         return await fut
+
+    def _joined(self, mine: asyncio.Future[None]) -> None:
+        """A request, and every one that reached append before it, has joined the batch."""
+        mine.set_result(None)
+        if self._taking is mine:
+            self._taking = None
 
     async def ack(self, seqs: Sequence[int]) -> None:
         self._batch.acks.extend(seqs)
