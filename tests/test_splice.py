@@ -121,6 +121,29 @@ def test_splice_takes_whole_runs_without_making_rows() -> None:
     assert take_prefix(up, list(queued), in_flight=()).bodies == batch.bodies
 
 
+async def test_a_run_whose_ids_repeat_is_spliced_up_to_the_repeat() -> None:
+    """Module ids are small and repeat (python's 1..10000: most 500-event runs hold a
+    repeat). The batch is cut before the first id the take loop stops at, still from the
+    stored bytes: the take loop parsed every event of such a run, one at a time."""
+    ids: list[Any] = [1, 2, 3, 2, 4]
+    bodies = [orjson.dumps({"id": i, "n": n}) for n, i in enumerate(ids)]
+    queued = Queued([Run(10, 1, NUCLEUS, 0, bodies, ids)])
+    async with aiohttp.ClientSession() as session:
+        up = NucleusWsUplink(config(NucleusWsUplink, 500, 500_000), "app", session, "m")
+        first = up.prepare(queued)
+        assert first.seqs == (10, 11, 12) and first.bodies == tuple(bodies[:3])
+        assert isinstance(first.rows, Queued)    # spliced: no Row made per event
+        up.in_flight = {4: 99}                   # and stopping before one in flight
+        second = up.prepare(queued[3:])
+        assert second.seqs == (13,) and isinstance(second.rows, Queued)
+    # Without ids in flight (nucleus-http), only an event without an id stops the cut.
+    http = NucleusHttpUplink.__new__(NucleusHttpUplink)
+    http.cfg = config(NucleusHttpUplink, 500, 500_000)
+    mixed = Queued([Run(10, 1, NUCLEUS, 0, bodies[:4], [1, 2, None, 2])])
+    batch = http.prepare(mixed)
+    assert batch.seqs == (10, 11) and isinstance(batch.rows, Queued)
+
+
 async def test_ids_ingest_read_are_stored_with_the_events_and_old_records_still_drain(
         tmp_path: Any) -> None:
     """Events of both layouts in one key's queue reach the upstream in order, each body as

@@ -65,12 +65,18 @@ def take(uplink: Encoder, rows: Sequence[Row],
             assert run.ids is not None
             keys = run.ids[:k]
             new = set(keys)
-            if None in new:
-                break
-            if in_flight is not None:
-                if len(new) != k or not seen.isdisjoint(new) or (
-                        busy is not None and not busy.keys().isdisjoint(new)):
+            if None in new or (in_flight is not None and (
+                    len(new) != k or not seen.isdisjoint(new)
+                    or (busy is not None and not busy.keys().isdisjoint(new)))):
+                # Cut before the first id the take loop would stop at (or re-encode): a
+                # module's ids are small and repeat (1..10000), so most runs hold one.
+                k = _fresh(keys, seen, busy)
+                if not k:
                     break
+                keys, part = keys[:k], part[:k]
+                new = set(keys)
+                spent = sum(map(len, part)) + overhead * k
+            if in_flight is not None:
                 if seen:
                     seen |= new
                 else:
@@ -87,6 +93,17 @@ def take(uplink: Encoder, rows: Sequence[Row],
     sent = tuple(seqs)
     return Prepared(rows[:len(sent)], sent, tuple(bodies), tuple(ids) if keyed else sent, (),
                     not keyed)
+
+
+def _fresh(ids: Sequence[Any], seen: set[Any], busy: dict[Any, int] | None) -> int:
+    """How many of ``ids`` lead without None, a repeat, or one in ``seen`` or ``busy``."""
+    fresh: set[Any] = set()
+    for i, ack_id in enumerate(ids):
+        if ack_id is None or ack_id in fresh or ack_id in seen or (
+                busy is not None and ack_id in busy):
+            return i
+        fresh.add(ack_id)
+    return len(ids)
 
 
 def objects(bodies: Sequence[bytes]) -> bool:
