@@ -3,8 +3,9 @@
 A fetch (``spool.types.Queued``) holds whole runs of records. While its leading runs
 are in the uplink's own family and can go as stored, the batch is cut from them with
 slices, sums and set operations, per run and not per event. Nucleus runs can go as
-stored when their record holds the ids ingest read (records.ZSTD_IDS), none missing:
-an event without an id is sent with its seq as id, re-encoded. Segment bodies go as
+stored when their record holds the ids ingest read (records.ZSTD_IDS). An event without
+an id is sent with its seq as id, put last in its stored bytes (what the take loop's
+re-encoding gives, byte for byte) unless the body holds `"id":` anywhere. Segment bodies go as
 stored (segment_http splices `sentAt` in); whether each is a JSON object is checked
 for the whole batch at once.
 
@@ -50,6 +51,13 @@ def take(uplink: Encoder, rows: Sequence[Row],
         if not room or run.family != family or (keyed and run.ids is None):
             break
         part = run.bodies if len(run.bodies) <= room else run.bodies[:room]
+        keys = run.ids
+        if keyed and keys is not None:
+            keys = keys if len(keys) <= room else keys[:room]
+            if None in keys:
+                part, keys = _seq_ids(part, keys, run.first)
+                if not part:
+                    break
         k = len(part)
         spent = sum(map(len, part)) + overhead * k   # not a join: it would copy every body
         if spent > budget:  # else no event alone can be over the budget either
@@ -62,8 +70,8 @@ def take(uplink: Encoder, rows: Sequence[Row],
                 break
             part, spent = part[:k], costs[k - 1]
         if keyed:
-            assert run.ids is not None
-            keys = run.ids[:k]
+            assert keys is not None
+            keys = keys[:k]
             new = set(keys)
             if None in new or (in_flight is not None and (
                     len(new) != k or not seen.isdisjoint(new)
@@ -93,6 +101,27 @@ def take(uplink: Encoder, rows: Sequence[Row],
     sent = tuple(seqs)
     return Prepared(rows[:len(sent)], sent, tuple(bodies), tuple(ids) if keyed else sent, (),
                     not keyed)
+
+
+def _seq_ids(bodies: list[bytes], ids: list[Any], first: int) -> tuple[list[bytes], list[Any]]:
+    """``bodies`` and ``ids`` (of seqs ``first``, ...), each event without an id given its
+    seq as id, put last in its body: the bytes NucleusFraming.encode_stored makes by parsing
+    and dumping it again (the stored body is ingest's compact_json, members in order).
+    Cut before the first one whose body holds `"id":` anywhere (`"id":null`, or a nested
+    one: the take loop decides), or is not an object with members."""
+    bodies, ids = list(bodies), list(ids)
+    for i, ack_id in enumerate(ids):
+        if ack_id is None:
+            body = bodies[i]
+            if _ID in body or len(body) < 3 or body[:1] != b"{" or body[-1:] != b"}":
+                return bodies[:i], ids[:i]
+            seq = first + i
+            bodies[i] = b'%b,"id":%d}' % (body[:-1], seq)
+            ids[i] = seq
+    return bodies, ids
+
+
+_ID = b'"id":'
 
 
 def _fresh(ids: Sequence[Any], seen: set[Any], busy: dict[Any, int] | None) -> int:
