@@ -136,12 +136,11 @@ async def test_a_run_whose_ids_repeat_is_spliced_up_to_the_repeat() -> None:
         up.in_flight = {4: 99}                   # and stopping before one in flight
         second = up.prepare(queued[3:])
         assert second.seqs == (13,) and isinstance(second.rows, Queued)
-    # Without ids in flight (nucleus-http), only an event without an id stops the cut.
+    # Nothing in flight (nucleus-http, one request at a time): the repeat alone cuts it.
     http = NucleusHttpUplink.__new__(NucleusHttpUplink)
     http.cfg = config(NucleusHttpUplink, 500, 500_000)
-    mixed = Queued([Run(10, 1, NUCLEUS, 0, bodies[:4], [1, 2, None, 2])])
-    batch = http.prepare(mixed)
-    assert batch.seqs == (10, 11) and isinstance(batch.rows, Queued)
+    batch = http.prepare(queued)
+    assert batch.seqs == (10, 11, 12) and isinstance(batch.rows, Queued)
 
 
 async def test_ids_ingest_read_are_stored_with_the_events_and_old_records_still_drain(

@@ -73,11 +73,11 @@ def take(uplink: Encoder, rows: Sequence[Row],
             assert keys is not None
             keys = keys[:k]
             new = set(keys)
-            if None in new or (in_flight is not None and (
+            if in_flight is not None and (
                     len(new) != k or not seen.isdisjoint(new)
-                    or (busy is not None and not busy.keys().isdisjoint(new)))):
-                # Cut before the first id the take loop would stop at (or re-encode): a
-                # module's ids are small and repeat (1..10000), so most runs hold one.
+                    or (busy is not None and not busy.keys().isdisjoint(new))):
+                # Cut before the first id the take loop would stop at: a module's ids
+                # are small and repeat (1..10000), so most runs hold one.
                 k = _fresh(keys, seen, busy)
                 if not k:
                     break
@@ -125,11 +125,10 @@ _ID = b'"id":'
 
 
 def _fresh(ids: Sequence[Any], seen: set[Any], busy: dict[Any, int] | None) -> int:
-    """How many of ``ids`` lead without None, a repeat, or one in ``seen`` or ``busy``."""
+    """How many of ``ids`` lead without a repeat, or one in ``seen`` or ``busy``."""
     fresh: set[Any] = set()
     for i, ack_id in enumerate(ids):
-        if ack_id is None or ack_id in fresh or ack_id in seen or (
-                busy is not None and ack_id in busy):
+        if ack_id in fresh or ack_id in seen or (busy is not None and ack_id in busy):
             return i
         fresh.add(ack_id)
     return len(ids)
