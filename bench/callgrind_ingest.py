@@ -12,10 +12,11 @@ event and per request, counted by the events the agent stored meanwhile (its `/s
 
 Workloads: `single` (one event per `/v1/track` POST), `batch_segment` (100-event
 `/v1/batch`), `batch_nucleus` (100-event Nucleus HTTP), `batch_nucleus_mapped` (the
-same, its key routed to a `segment-http` upstream: mapped to Segment at ingest). The
+same, its key routed to a `segment-http` upstream: mapped to Segment at ingest),
+`batch_segment_mapped` (`/v1/batch`, its key routed to `nucleus-ws`: mapped). The
 agent's upstream serves another key than the bench's, so no forwarder runs: its retries
 against an offline upstream come at times that depend on valgrind's slowdown, and would
-blur the count. For `batch_nucleus_mapped` it must serve the key; it is offline (a port
+blur the count. For the mapped workloads it must serve the key; it is offline (a port
 nothing listens on): its forwarder probes the port every 2 s and, at each backoff's end,
 prepares one read's batches (Segment events stored mapped, spliced as stored: no
 mapping) and fails to connect, a few times in the measured window (backoff doubling).
@@ -43,6 +44,7 @@ WORKLOADS = {  # name -> (wrk payload kind, path, events per request)
     "batch_segment": ("segment", "/v1/batch", 100),
     "batch_nucleus": ("nucleus", "/app/benchapp/track", 100),
     "batch_nucleus_mapped": ("nucleus", "/app/benchapp/track", 100),
+    "batch_segment_mapped": ("segment", "/v1/batch", 100),
 }
 START_S = 240.0  # python under callgrind starts in 10-60 s
 
@@ -54,9 +56,10 @@ def measure(workdir: Path, workload: str, requests: int, connections: int,
     port = free_port()
     out = workdir / "callgrind.out"
     if ref is None:
-        mapped = workload == "batch_nucleus_mapped"
+        mapped = workload.endswith("_mapped")
         cfg = write_agent_config(workdir / "agent.toml", port, workdir / "spool" / "spool.db",
-                                 free_port(), "segment-http" if mapped else "nucleus-ws")
+                                 free_port(), "segment-http" if kind == "nucleus" and mapped
+                                 else "nucleus-ws")
         if not mapped:
             cfg.write_text(cfg.read_text().replace('keys = ["*"]', 'keys = ["not-the-bench-key"]'))
         server = ["-m", "agent", "run", "--config", str(cfg)]

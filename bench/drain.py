@@ -36,9 +36,10 @@ from .procs import Proc, RssSampler, free_port, http_get, http_post, upstream_pr
 
 UPLINKS = ("nucleus-ws", "segment-http")
 # name -> (upstream protocol, the events queued for it: bench/payloads.py KINDS). The
-# common case is an upstream of the events' own family; the last one maps every event
-# (Nucleus to Segment), at ingest (docs/architecture.md, "Where mapping happens").
+# common case is an upstream of the events' own family; the last two map every event to
+# the other family, at ingest (docs/architecture.md, "Where mapping happens").
 DRAINS = {"nucleus-ws": ("nucleus-ws", "nucleus"), "segment-http": ("segment-http", "segment"),
+          "nucleus-ws-mapped": ("nucleus-ws", "segment"),
           "segment-http-mapped": ("segment-http", "nucleus")}
 
 

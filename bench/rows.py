@@ -103,7 +103,7 @@ def backlog_rows(b: dict[str, Any]) -> list[Row]:
             continue
         # Older results have no "events": their drains were all of Nucleus events.
         kind = r.get("events", "nucleus")
-        mapped = r["protocol"] == "segment-http" and kind == "nucleus"
+        mapped = (r["protocol"] == "segment-http") != (kind == "segment")
         proto = f"{r['protocol']} ({kind} events{', mapped' if mapped else ''})"
         f = r["fill"]
         first, last = f["first_10pct"], f["last_10pct"]

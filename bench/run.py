@@ -35,6 +35,7 @@ from .procs import ROOT, Proc, free_port, fsync_latency, read_rss, upstream_proc
 SERVERS = ("hello", "naive", "normal", "agent")
 # Where ingest is also measured with the upstream online: CPU "until delivered".
 ONLINE_WORKLOADS = ("batch_nucleus", "batch_segment")
+SEGMENT_WORKLOADS = ("single", "batch_segment")   # Segment events, when the routes exist
 PHASES = ("ingest", "latency", "backlog", "idle")
 LATENCY_WORKLOADS = ("batch_nucleus", "batch_segment")
 
@@ -52,7 +53,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
                    help="the upstream of the 'upstream online' ingest rows")
     p.add_argument("--uplinks", default=",".join(drain.DRAINS),
                    help="comma list of the drains: " + ", ".join(drain.DRAINS)
-                   + " (segment-http-mapped: Nucleus events to segment-http)")
+                   + " (the -mapped ones: events of the other family, mapped at ingest)")
     p.add_argument("--open-rate", type=float, default=20_000.0,
                    help="latency phase: events/s offered in 100-event batches on a schedule "
                    "(open loop), below both servers' closed-loop rates")
@@ -90,9 +91,14 @@ class Bench(Harness):
         self.server = ""
         self.segment = False
 
-    def start(self, server: str, d: Path) -> Proc:
+    def start(self, server: str, d: Path, workload: str = "") -> Proc:
         if server in ("agent", "normal"):
-            return self.start_agent(d, sync="normal" if server == "normal" else "full")
+            # Its offline upstream speaks the workload's own family, as an app's usually
+            # does: events of the other family would be mapped at ingest (measured apart).
+            protocol = "segment-http" if self.segment and workload in SEGMENT_WORKLOADS \
+                else "nucleus-ws"
+            return self.start_agent(d, protocol=protocol,
+                                    sync="normal" if server == "normal" else "full")
         return self.start_ref(server, d)
 
     def load_for(self, workload: str, port: int) -> Load:
@@ -112,7 +118,7 @@ class Bench(Harness):
     def measure(self, server: str, workload: str, rate: float = 0.0) -> dict[str, Any]:
         """``workload`` on a fresh ``server``: closed loop, or offered at ``rate`` events/s."""
         d = self.dir(f"{server}-{workload}")
-        proc = self.start(server, d)
+        proc = self.start(server, d, workload)
         self.server = server
         try:
             time.sleep(0.5)

@@ -1,7 +1,7 @@
-"""Where mapping happens (docs/architecture.md): a Nucleus app's events routed to a
-Segment upstream are mapped once, at ingest, and stored mapped; what the upstream gets
-is what mapping at send time gives, and a reload that routes the key to a Nucleus
-upstream gives it the original events back."""
+"""Where mapping happens (docs/architecture.md): an app's events routed to an upstream
+of the other family are mapped once, at ingest, and stored mapped; what the upstream
+gets is what mapping at send time gives, and a reload that routes the key to an upstream
+of the events' own family gives it the original events back."""
 
 from __future__ import annotations
 
@@ -16,9 +16,13 @@ from agent.config import parse
 from agent.device import DeviceConfig, detect
 from agent.families.enrich import Enrich
 from agent.families.event import NUCLEUS, SEGMENT, Event, dedupe_key
-from agent.families.mapping import nucleus_to_segment
+from agent.families.mapping import nucleus_to_segment, segment_to_nucleus
 from agent.families.nucleus import accept
 from agent.server.limits import RouteLimits
+from agent.settings import StorageConfig, UpstreamConfig
+from agent.spool import Spool
+from agent.spool.types import Queued
+from agent.uplinks.nucleus_ws import NucleusWsUplink
 from tests.conftest import free_port, write_config
 from tests.fakes.nucleus_upstream import FakeNucleus
 from tests.fakes.segment_upstream import FakeSegment
@@ -181,3 +185,111 @@ async def test_a_large_event_that_cannot_be_mapped_is_refused_not_a_500(
     assert reply.json() == {"reportedIds": [7]}
     await wait_for(lambda: len(fake_segment.events) == 1)
     assert agent.spool.dead_count == 0
+
+
+# -- Segment events routed to a Nucleus upstream ------------------------------------
+
+SEGMENT_EVENTS = [
+    {"type": "track", "event": "Product Viewed", "userId": "u", "messageId": "m-1",
+     "timestamp": "2026-01-15T10:20:30.123Z",
+     "properties": {"id": "sku-1", "price": 9.5},   # a nested `id`, as shops send
+     "context": {"device": {"id": "dev-1"}, "library": {"name": "analytics.js"}}},
+    {"type": "identify", "userId": "u", "messageId": "m-2", "traits": {"plan": "pro"}},
+    {"type": "page", "anonymousId": "a", "messageId": "m-3", "name": "Home",
+     "properties": {"path": "/"}},
+]
+
+
+def offline_nucleus() -> dict[str, Any]:
+    return {"name": "n", "protocol": "nucleus-http",
+            "url": f"http://127.0.0.1:{free_port()}", "flush_interval_s": 0.05}
+
+
+async def post_segment(port: int, key: str = "w") -> None:
+    reply = await call(port, "/v1/batch", {"batch": SEGMENT_EVENTS},
+                       headers={"Authorization": basic(key)})
+    assert reply.status == 200, reply.body
+
+
+async def test_segment_events_routed_to_nucleus_are_stored_mapped(make_agent: Any) -> None:
+    """Stored as Nucleus events without an `id` (the uplink gives each its seq), each
+    what mapping its Segment form at send time gives: the form a key routed to a Segment
+    upstream stores."""
+    agent = await make_agent(upstreams=[offline_segment() | {"keys": ["seg"]},
+                                        offline_nucleus()])
+    await post_segment(agent.port, "w")
+    await post_segment(agent.port, "seg")
+    mapped = await agent.spool.fetch(agent.spool.streams["w"].id, 0, 10)
+    as_segment = await agent.spool.fetch(agent.spool.streams["seg"].id, 0, 10)
+    assert [r.family for r in mapped] == [NUCLEUS] * 3
+    assert [r.family for r in as_segment] == [SEGMENT] * 3
+    for row, seg, sent in zip(mapped, as_segment, SEGMENT_EVENTS, strict=True):
+        stored, original = orjson.loads(row.body), orjson.loads(seg.body)
+        assert "id" not in stored
+        # What ingest stamps is each request's own time: receivedAt, and a timestamp
+        # for an event that had none (both kept in payload.$segment).
+        kept = stored["payload"]["$segment"]
+        original["receivedAt"] = kept["receivedAt"]
+        if "timestamp" not in sent:
+            original["timestamp"] = kept["timestamp"]
+        assert stored == segment_to_nucleus(original, row.received)
+
+
+async def test_stored_mapped_to_nucleus_goes_with_seqs_as_ids_once_in_order(
+        make_agent: Any, fake_nucleus: FakeNucleus) -> None:
+    agent = await make_agent(upstreams=[nucleus_up(fake_nucleus, batch_max_events=2)])
+    for _ in range(2):   # an SDK resending its batch: stored once
+        await post_segment(agent.port)
+    await wait_for(lambda: agent.spool.depth == 0 and len(fake_nucleus.events) == 3)
+    got = fake_nucleus.events
+    assert [e["payload"]["messageId"] for e in got] == ["m-1", "m-2", "m-3"]
+    assert [e["type"] for e in got] == ["event", "props", "nucleus:view"]
+    assert got[0]["payload"]["id"] == "sku-1" and got[0]["machineId"] == "dev-1"
+    assert len({e["id"] for e in got}) == 3 and all(type(e["id"]) is int for e in got)
+
+
+async def test_stored_mapped_to_nucleus_then_routed_to_segment_arrives_as_sent(
+        make_agent: Any, tmp_path: Path, fake_segment: FakeSegment) -> None:
+    agent = await make_agent(upstreams=[offline_nucleus()])
+    await post_segment(agent.port)
+    assert {r.family for r in await agent.spool.fetch(agent.spool.streams["w"].id, 0, 10)
+            } == {NUCLEUS}
+    write_config(Path(agent.config_path), tmp_path / "spool.db",
+                 upstreams=[segment_up(fake_segment)])
+    await agent.reload()
+    await wait_for(lambda: len(fake_segment.events) == 3)
+    for got, sent in zip(fake_segment.events, SEGMENT_EVENTS, strict=True):
+        # What ingest adds to a Segment event (receivedAt; a timestamp when it had
+        # none), and the sentAt of the upstream request; the rest exactly as sent.
+        assert without(got, "receivedAt", "sentAt", "timestamp") == without(sent, "timestamp")
+        assert got.get("timestamp", "") == sent.get("timestamp", got.get("timestamp"))
+
+
+async def test_a_mapped_batch_is_spliced_to_the_bytes_mapping_at_send_time_gives(
+        tmp_path: Path) -> None:
+    """The drain sends stored bytes: each event's seq put last as its `id`, the bytes the
+    take loop made by mapping the Segment event at send time (nested ids and all)."""
+    cfg = parse({"upstream": [offline_nucleus()]})
+    limits = RouteLimits(cfg, lambda up: None, lambda up: NUCLEUS)
+    originals = [orjson.dumps(ev | {"receivedAt": "2026-01-15T10:20:31.000Z"})
+                 for ev in SEGMENT_EVENTS]
+    spool = await Spool.open(StorageConfig(path=str(tmp_path / "spool.db")))
+    try:
+        await spool.append(limits.as_stored(
+            [Event("w", SEGMENT, dedupe_key("w", i), b) for i, b in enumerate(originals)]))
+        await spool.append([Event("s", SEGMENT, dedupe_key("s", i), b)
+                            for i, b in enumerate(originals)])
+        async with aiohttp.ClientSession() as session:
+            up = NucleusWsUplink(UpstreamConfig(name="n", protocol="nucleus-ws",
+                                                url="ws://127.0.0.1:9"), "w", session, "m")
+            spliced = up.prepare(await spool.fetch(spool.streams["w"].id, 0, 10))
+            at_send = NucleusWsUplink(up.cfg, "s", session, "m").prepare(
+                list(await spool.fetch(spool.streams["s"].id, 0, 10)))
+    finally:
+        await spool.close()
+    assert spliced.ids == spliced.seqs and len(spliced.seqs) == 3
+    assert isinstance(spliced.rows, Queued)   # spliced: no Row, no parse per event
+    for body, seq, other, other_seq in zip(spliced.bodies, spliced.seqs, at_send.bodies,
+                                           at_send.seqs, strict=True):
+        assert body.endswith(b',"id":%d}' % seq)
+        assert body[:-len(b"%d}" % seq)] == other[:-len(b"%d}" % other_seq)]

@@ -209,8 +209,8 @@ async def test_a_segment_request_body_stamps_every_event_as_stored_whichever_way
 async def test_events_without_an_id_are_spliced_with_their_seq_as_id(tmp_path: Any) -> None:
     """Some clients send no `id`: each such event goes with its seq as id, put last in its
     stored bytes, the very bytes the take loop made by parsing and dumping each one again
-    (a drain of them was 2-3x the CPU per event of one with ids). A body that holds `"id":`
-    anywhere (`"id":null`, a nested id) is left to the take loop."""
+    (a drain of them was 2-3x the CPU per event of one with ids). A body that holds
+    `"id":null` anywhere is left to the take loop, which replaces that member in place."""
     spool = await Spool.open(StorageConfig(path=str(tmp_path / "spool.db")))
     fake = await FakeNucleus().start()
     try:

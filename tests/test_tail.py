@@ -17,9 +17,10 @@ import aiohttp
 from agent.logs import fingerprint
 from agent.ops.tail import QUEUE
 from tests.conftest import ROOT, free_port, write_config
+from tests.fakes.nucleus_upstream import FakeNucleus
 from tests.fakes.segment_upstream import FakeSegment
 from tests.interop.browser.cdp import Chromium
-from tests.segment_helpers import basic, call, segment_up
+from tests.segment_helpers import basic, call, nucleus_up, segment_up
 from tests.waiting import wait_for
 
 KEY_A, KEY_B = "writekey-aaaa-1234", "writekey-bbbb-5678"
@@ -352,3 +353,25 @@ async def test_an_acked_event_stored_mapped_shows_as_the_app_sent_it(
     assert seen == {(kind, "nucleus", "event", name, ident)
                     for kind in ("ingested", "acked")
                     for name, ident in (("opened cart", "7"), ("paid", "8"))}, got
+
+
+async def test_an_acked_segment_event_stored_mapped_to_nucleus_shows_as_the_app_sent_it(
+        make_agent: Any, fake_nucleus: FakeNucleus) -> None:
+    """A Segment app's key routed to a Nucleus upstream: its events are stored mapped to
+    Nucleus, and its acked lines show them as its ingest lines do, so the two match."""
+    agent = await make_agent(port=free_port(), upstreams=[nucleus_up(fake_nucleus)])
+    async with aiohttp.ClientSession() as s, s.get(f"http://127.0.0.1:{agent.port}/tail") as resp:
+        assert b'"watching"' in await resp.content.readline()
+        r = await call(agent.port, "/v1/batch", {"batch": [
+            {"type": "track", "event": "Cart Opened", "userId": "u", "messageId": "m-7"},
+            {"type": "identify", "userId": "u", "messageId": "m-8", "traits": {"a": 1}}]},
+            headers={"Authorization": basic("segment-app-1")})
+        assert r.status == 200, r.body
+        got: list[dict[str, Any]] = []
+        while sum(m["kind"] == "acked" for m in got) < 2:
+            line = await asyncio.wait_for(resp.content.readline(), 20)
+            if line.startswith(b"data: "):
+                got.append(json.loads(line[6:]))
+    seen = {(m["kind"], m["api"], m["type"], m["id"]) for m in got}
+    assert seen == {(kind, "segment", kind_, ident) for kind in ("ingested", "acked")
+                    for kind_, ident in (("track", "m-7"), ("identify", "m-8"))}, got

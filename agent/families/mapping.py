@@ -61,12 +61,17 @@ def _has(value: Any) -> bool:
 
 def nucleus_to_segment(ev: dict[str, Any], received: int) -> dict[str, Any]:
     """A Nucleus event as a Segment-spec event, with a messageId stable across sends."""
+    back = segment_given_back(ev, received)
+    return back if back is not None else _to_segment(ev, received)
+
+
+def segment_given_back(ev: dict[str, Any], received: int) -> dict[str, Any] | None:
+    """The Segment event that ``segment_to_nucleus`` mapped to ``ev``, exactly; None
+    when ``ev`` is not such a mapping."""
     payload = ev.get("payload")
     if isinstance(payload, dict) and isinstance(payload.get(SEGMENT_KEY), dict):
-        back = _segment_back(ev, payload, received)
-        if back is not None:
-            return back
-    return _to_segment(ev, received)
+        return _segment_back(ev, payload, received)
+    return None
 
 
 def _to_segment(ev: dict[str, Any], received: int) -> dict[str, Any]:

@@ -30,7 +30,7 @@ import orjson
 
 from agent import logs
 from agent.families.event import NUCLEUS, SEGMENT, Event
-from agent.families.mapping import given_back
+from agent.families.mapping import given_back, segment_given_back
 from agent.families.nucleus import KNOWN_TYPES as NUCLEUS_TYPES
 from agent.families.nucleus import event_type, old_name
 from agent.families.segment import TYPES as SEGMENT_TYPES
@@ -248,14 +248,19 @@ def summarise(item: Item) -> dict[str, Any]:
 
 
 def as_sent(family: int, body: dict[str, Any], received: int) -> tuple[int, dict[str, Any]]:
-    """A stored event as its app sent it: a Nucleus event stored mapped to Segment (its
-    key routed to a Segment upstream) is the Nucleus event it was, as its ingest line
-    showed it: one the mapping gives back exactly (``mapping.given_back``), its
-    ``nucleus-`` messageId the cheap first test."""
+    """A stored event as its app sent it: one stored mapped to the other family (its key
+    routed to an upstream of that family) is the event it was, as its ingest line showed
+    it: one the mapping gives back exactly (``mapping.given_back`` for a Nucleus event,
+    its ``nucleus-`` messageId the cheap first test; ``segment_given_back`` for a Segment
+    event, its `payload.$segment`)."""
     if family == SEGMENT and str(body.get("messageId", "")).startswith("nucleus-"):
         back = given_back(body, received)
         if back is not None:   # else a Segment app's event that only looks like one
             return NUCLEUS, back
+    elif family == NUCLEUS:
+        back = segment_given_back(body, received)
+        if back is not None:   # else a Nucleus app's own `$segment` payload key
+            return SEGMENT, back
     return family, body
 
 

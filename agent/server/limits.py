@@ -1,8 +1,8 @@
 """What each key's upstream can carry: an event it never could is refused at ingest, with
 the app's own API's "too large" reply, instead of being accepted and dead-lettered at
-its first send (docs/mapping.md, §5). And the shape each key's events are stored in: a
-Nucleus event routed to a Segment upstream is mapped here, once, and stored mapped, so
-the drain sends stored bytes (docs/architecture.md, "Where mapping happens")."""
+its first send (docs/mapping.md, §5). And the shape each key's events are stored in: an
+event routed to an upstream of the other family is mapped here, once, and stored mapped,
+so the drain sends stored bytes (docs/architecture.md, "Where mapping happens")."""
 
 from __future__ import annotations
 
@@ -32,6 +32,8 @@ class _Route(NamedTuple):
     family: int | None
 
 
+# The Nucleus ids ingest takes (families/nucleus.py): an id of another type is not read.
+_ACK_TYPES = (int, float, str)
 # Keys remembered with their route; local keys are few, but nothing bounds them when
 # accept_keys is empty, so the memo is emptied when full.
 _MAX_KEYS = 4096
@@ -55,8 +57,8 @@ class RouteLimits:
                         for up in cfg.upstreams}
         # False when no upstream sets a limit: the usual case costs nothing per event.
         self.active = any(r.limit is not None for r in self._routes.values())
-        # False when no upstream speaks Segment: nothing is mapped at ingest.
-        self.maps = any(r.family == SEGMENT for r in self._routes.values())
+        # False when no upstream's family is known: nothing is mapped at ingest.
+        self.maps = any(r.family is not None for r in self._routes.values())
         self._by_key: dict[str, _Route | None] = {}
 
     def _route(self, key: str) -> _Route | None:
@@ -79,20 +81,21 @@ class RouteLimits:
         return route is not None and route.family == SEGMENT
 
     def as_stored(self, events: list[Event], known: Container[int] = ()) -> list[Event]:
-        """``events`` in the shape they are stored in: a Nucleus event whose key is routed
-        to a Segment upstream mapped to Segment, the rest as they are. An event whose
-        dedupe key is ``known`` is a resend the spool will not store again: it is not
-        mapped (Nucleus modules resend their whole unacknowledged queue every few
-        seconds, so while the upstream is away most of what they post is resends).
+        """``events`` in the shape they are stored in: an event whose key is routed to an
+        upstream of the other family mapped to that family, the rest as they are. An
+        event whose dedupe key is ``known`` is a resend the spool will not store again:
+        it is not mapped (Nucleus modules resend their whole unacknowledged queue every
+        few seconds, so while the upstream is away most of what they post is resends).
 
-        Mapped here, the drain sends the stored bytes as it sends Segment events, and
-        pays no mapping (6-7 µs an event on the loop, at the drain's pace); the mapping
-        is a pure function of the event and its receive time, so the upstream gets what
-        mapping at send time would give it (its `receivedAt` a few ms earlier: the time of
-        the request, not of its commit). A reload that routes the key to a Nucleus
-        upstream maps the stored events back: the mapping gives the original event back
-        (docs/mapping.md, §7). Segment events routed to a Nucleus upstream are still
-        mapped at send time: their Nucleus `id` is their spool seq, not known yet.
+        Mapped here, the drain sends the stored bytes as it sends events of the
+        upstream's own family, and pays no mapping (6-22 µs an event on the loop, at the
+        drain's pace); the mapping is a pure function of the event and its receive time,
+        so the upstream gets what mapping at send time would give it (its `receivedAt`
+        a few ms earlier: the time of the request, not of its commit). A Segment event
+        mapped to Nucleus has no `id` yet: the uplink gives it its spool seq, as it
+        gives any Nucleus event without one. A reload that routes the key to an upstream
+        of the event's first family maps the stored events back: the mapping gives the
+        original event back (docs/mapping.md, §7).
 
         The event as ingest parsed it (Event.parsed), when kept, is mapped instead of its
         body parsed again (~10k instructions an event), and dropped: held to the commit,
@@ -105,23 +108,29 @@ class RouteLimits:
         key = route = None   # a request's events share one key: its route looked up once
         for i, ev in enumerate(events):
             parsed, ev.parsed = ev.parsed, None
-            if ev.family != NUCLEUS or ev.dedupe in known:
-                continue
             if ev.key != key:
                 key, route = ev.key, self._route(ev.key)
-            if route is None or route.family != SEGMENT:
+            if (route is None or route.family is None or route.family == ev.family
+                    or ev.dedupe in known):
                 continue
             received = received or now_ms()
             try:
-                body = compact_json(mapping.nucleus_to_segment(
-                    orjson.loads(ev.body) if parsed is None else parsed, received))
+                mapped = _MAPPED[ev.family](
+                    orjson.loads(ev.body) if parsed is None else parsed, received)
+                body = compact_json(mapped)
             except (ValueError, TypeError):
                 # Not mappable: ingest refuses what nests too deep to be (families/depth.py),
                 # so nothing known; stored as it came, it would be dead-lettered at send.
                 continue
+            if route.family == SEGMENT:
+                ack_id = NOT_READ
+            else:   # the id a Nucleus event given back from its Segment form had, if any
+                ack_id = mapped.get("id")
+                if ack_id is not None and type(ack_id) not in _ACK_TYPES:
+                    continue   # left to the uplink's take loop, which decides (as before)
             if out is events:
                 out = list(events)
-            out[i] = Event(ev.key, SEGMENT, ev.dedupe, body, NOT_READ, ev.lane)
+            out[i] = Event(ev.key, route.family, ev.dedupe, body, ack_id, ev.lane)
         return out
 
     def oversize(self, event: Event) -> str | None:

@@ -5,7 +5,7 @@ are in the uplink's own family and can go as stored, the batch is cut from them 
 slices, sums and set operations, per run and not per event. Nucleus runs can go as
 stored when their record holds the ids ingest read (records.ZSTD_IDS). An event without
 an id is sent with its seq as id, put last in its stored bytes (what the take loop's
-re-encoding gives, byte for byte) unless the body holds `"id":` anywhere. Segment bodies go as
+re-encoding gives, byte for byte) unless the body holds `"id":null` anywhere. Segment bodies go as
 stored (segment_http splices `sentAt` in); whether each is a JSON object is checked
 for the whole batch at once.
 
@@ -107,8 +107,9 @@ def _seq_ids(bodies: list[bytes], ids: list[Any], first: int) -> tuple[list[byte
     """``bodies`` and ``ids`` (of seqs ``first``, ...), each event without an id given its
     seq as id, put last in its body: the bytes NucleusFraming.encode_stored makes by parsing
     and dumping it again (the stored body is ingest's compact_json, members in order).
-    Cut before the first one whose body holds `"id":` anywhere (`"id":null`, or a nested
-    one: the take loop decides), or is not an object with members."""
+    A stored id of None is a top-level `id` absent or null (ingest takes no other type):
+    cut before the first body holding `"id":null` anywhere (maybe that member, which the
+    take loop replaces in place), or not an object with members."""
     bodies, ids = list(bodies), list(ids)
     for i, ack_id in enumerate(ids):
         if ack_id is None:
@@ -121,7 +122,7 @@ def _seq_ids(bodies: list[bytes], ids: list[Any], first: int) -> tuple[list[byte
     return bodies, ids
 
 
-_ID = b'"id":'
+_ID = b'"id":null'
 
 
 def _fresh(ids: Sequence[Any], seen: set[Any], busy: dict[Any, int] | None) -> int:
