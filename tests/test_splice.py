@@ -143,6 +143,16 @@ async def test_a_run_whose_ids_repeat_is_spliced_up_to_the_repeat() -> None:
     assert batch.seqs == (10, 11, 12) and isinstance(batch.rows, Queued)
 
 
+async def send_all(up: NucleusWsUplink, queued: Queued, sent: list[int], total: int) -> None:
+    """Prepare and send what follows ``sent`` of ``queued`` (appended to it) until
+    ``total`` are sent, each batch acknowledged whole by the fake upstream."""
+    while len(sent) < total:
+        batch = up.prepare(queued[len(sent):])
+        result = await up.send(batch)
+        assert result.seqs == batch.seqs   # type: ignore[union-attr]
+        sent += batch.seqs
+
+
 async def test_ids_ingest_read_are_stored_with_the_events_and_old_records_still_drain(
         tmp_path: Any) -> None:
     """Events of both layouts in one key's queue reach the upstream in order, each body as
@@ -166,11 +176,7 @@ async def test_ids_ingest_read_are_stored_with_the_events_and_old_records_still_
         async with aiohttp.ClientSession() as session:
             up = NucleusWsUplink(cfg, "k", session, "m")
             sent: list[int] = []
-            while len(sent) < 7:
-                batch = up.prepare(queued[len(sent):])
-                result = await up.send(batch)
-                assert result.seqs == batch.seqs   # type: ignore[union-attr]
-                sent += batch.seqs
+            await send_all(up, queued, sent, 7)
             await up.close()
         got = fake.events
         assert [ev["n"] for ev in got] == list(range(7))
@@ -235,14 +241,9 @@ async def test_events_without_an_id_are_spliced_with_their_seq_as_id(tmp_path: A
             one_by_one = take_prefix(up, list(queued), in_flight={})
             assert (first.seqs, first.bodies, first.ids) == (
                 one_by_one.seqs, one_by_one.bodies, one_by_one.ids)
-            sent = list(first.seqs)
             result = await up.send(first)
             assert result.seqs == first.seqs   # type: ignore[union-attr]
-            while len(sent) < 205:
-                batch = up.prepare(queued[len(sent):])
-                result = await up.send(batch)
-                assert result.seqs == batch.seqs   # type: ignore[union-attr]
-                sent += batch.seqs
+            await send_all(up, queued, list(first.seqs), 205)
             await up.close()
         got = fake.events
         assert [ev["n"] for ev in got] == list(range(205))

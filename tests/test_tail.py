@@ -333,6 +333,16 @@ async def test_tail_without_an_agent_says_so_in_one_line(tmp_path: Path) -> None
     assert proc.returncode == 2 and out.decode().startswith("outpost: config error:"), out
 
 
+async def until_acked(resp: aiohttp.ClientResponse, n: int) -> list[dict[str, Any]]:
+    """The tail's messages until ``n`` of them are acked lines."""
+    got: list[dict[str, Any]] = []
+    while sum(m["kind"] == "acked" for m in got) < n:
+        line = await asyncio.wait_for(resp.content.readline(), 20)
+        if line.startswith(b"data: "):
+            got.append(json.loads(line[6:]))
+    return got
+
+
 async def test_an_acked_event_stored_mapped_shows_as_the_app_sent_it(
         make_agent: Any, fake_segment: FakeSegment) -> None:
     """A Nucleus app's key routed to a Segment upstream: its events are stored mapped to
@@ -344,11 +354,7 @@ async def test_an_acked_event_stored_mapped_shows_as_the_app_sent_it(
             {"type": "event", "name": "opened cart", "id": 7},
             {"type": "event", "name": "paid", "id": 8}]})
         assert r.status == 200, r.body
-        got: list[dict[str, Any]] = []
-        while sum(m["kind"] == "acked" for m in got) < 2:
-            line = await asyncio.wait_for(resp.content.readline(), 20)
-            if line.startswith(b"data: "):
-                got.append(json.loads(line[6:]))
+        got = await until_acked(resp, 2)
     seen = {(m["kind"], m["api"], m["type"], m["name"], m["id"]) for m in got}
     assert seen == {(kind, "nucleus", "event", name, ident)
                     for kind in ("ingested", "acked")
@@ -367,11 +373,7 @@ async def test_an_acked_segment_event_stored_mapped_to_nucleus_shows_as_the_app_
             {"type": "identify", "userId": "u", "messageId": "m-8", "traits": {"a": 1}}]},
             headers={"Authorization": basic("segment-app-1")})
         assert r.status == 200, r.body
-        got: list[dict[str, Any]] = []
-        while sum(m["kind"] == "acked" for m in got) < 2:
-            line = await asyncio.wait_for(resp.content.readline(), 20)
-            if line.startswith(b"data: "):
-                got.append(json.loads(line[6:]))
+        got = await until_acked(resp, 2)
     seen = {(m["kind"], m["api"], m["type"], m["id"]) for m in got}
     assert seen == {(kind, "segment", kind_, ident) for kind in ("ingested", "acked")
                     for kind_, ident in (("track", "m-7"), ("identify", "m-8"))}, got
