@@ -33,6 +33,11 @@ async def parse(size: int, work: Callable[[], T]) -> T:
     """
     if size <= INLINE_MAX:
         return work()
+    return await on_worker(work)
+
+
+async def on_worker(work: Callable[[], T]) -> T:
+    """``work()`` on the worker, as ``parse`` runs a large body's (the same rule)."""
     return await asyncio.get_running_loop().run_in_executor(_worker, _without_gc, work)
 
 
