@@ -14,6 +14,7 @@ from typing import Any
 
 import aiohttp
 import orjson
+import pytest
 
 from agent.config import parse
 from agent.device import DeviceConfig, detect
@@ -333,3 +334,28 @@ async def test_mapping_a_large_request_never_holds_the_event_loop_long(
     assert len(rows) == len(reply.json()["reportedIds"]) > 30_000
     assert {r.family for r in rows} == {SEGMENT}
     assert worst < 0.1, f"the loop ran {worst * 1000:.0f} ms of CPU in one turn"
+
+
+def nucleus_event(key: str, n: int) -> Event:
+    body = orjson.dumps({"type": "event", "name": f"e{n}", "id": n,
+                         "date": "2026-01-15T10:20:30.123Z"})
+    return Event(key, NUCLEUS, dedupe_key("nucleus", key, n), body, n)
+
+
+@pytest.mark.parametrize("route", ["nucleus", "segment"])
+async def test_a_large_request_keeps_its_place_before_a_later_one(make_agent: Any,
+                                                                  route: str) -> None:
+    """Two requests of one key, the larger (300 events) reaching the store first: stored
+    first, whether its events are stored as they came or mapped (to Segment, on the
+    parse worker: the request takes its place in the commit order before it goes)."""
+    agent = await make_agent(upstreams=[offline_nucleus() if route == "nucleus"
+                                        else offline_segment()])
+    first = asyncio.ensure_future(agent.sink.store([nucleus_event("k", i) for i in range(300)]))
+    await asyncio.sleep(0)    # the first request is in store
+    second = asyncio.ensure_future(agent.sink.store([nucleus_event("k", 300)]))
+    assert await first == 300 and await second == 1
+    rows = await agent.spool.fetch(agent.spool.streams["k"].id, 0, 1000)
+    assert {r.family for r in rows} == {NUCLEUS if route == "nucleus" else SEGMENT}
+    ids = [orjson.loads(r.body)["context"]["nucleus"]["id"] if route == "segment"
+           else orjson.loads(r.body)["id"] for r in rows]
+    assert ids == list(range(301)), f"stored order starts {ids[:3]}"

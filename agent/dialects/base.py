@@ -37,6 +37,9 @@ class Routes(Protocol):
     def as_stored(self, events: list[Event], known: Container[int] = ()) -> list[Event]:
         """``events`` in the shape their routes store them in."""
 
+    def maps_any(self, events: list[Event]) -> bool:
+        """Whether ``as_stored`` maps any of ``events`` to the other family."""
+
     def maps_key(self, key: str) -> bool:
         """Whether ``key``'s events are stored mapped to the other family."""
 

@@ -80,6 +80,19 @@ class RouteLimits:
         route = self._route(key)
         return route is not None and route.family == SEGMENT
 
+    def maps_any(self, events: list[Event]) -> bool:
+        """Whether ``as_stored`` maps any of ``events`` (resends aside): one is routed to an
+        upstream of the other family. A request's events share one key and one family,
+        but for a Segment batch naming several keys: each key asked once."""
+        if not self.maps:
+            return False
+        families = {ev.family for ev in events}
+        for key in {ev.key for ev in events}:
+            route = self._route(key)
+            if route is not None and route.family is not None and families != {route.family}:
+                return True
+        return False
+
     def as_stored(self, events: list[Event], known: Container[int] = ()) -> list[Event]:
         """``events`` in the shape they are stored in: an event whose key is routed to an
         upstream of the other family mapped to that family, the rest as they are. An

@@ -16,7 +16,7 @@ import logging
 import os
 import sqlite3
 import sys
-from collections.abc import Callable, Coroutine, Sequence
+from collections.abc import Awaitable, Callable, Coroutine, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -110,8 +110,10 @@ class Spool:
 
     # -- the queue -----------------------------------------------------------
 
-    def append(self, events: list[Event]) -> Coroutine[Any, Any, int]:
+    def append(self, events: list[Event] | Awaitable[list[Event]]
+               ) -> Coroutine[Any, Any, int]:
         """Commit ``events`` (await it); returns how many were new (the rest were resends).
+        An awaitable of them takes its place in the commit order at the call.
 
         Raises SpoolFull when they do not fit and ``when_full = "reject"``,
         or when the disk itself is full. The writer's own coroutine: one frame less for

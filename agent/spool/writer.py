@@ -15,7 +15,7 @@ import logging
 import sqlite3
 import threading
 from array import array
-from collections.abc import Sequence
+from collections.abc import Awaitable, Sequence
 from collections.abc import Set as AbstractSet
 from dataclasses import dataclass, field
 from typing import Any, Protocol
@@ -188,28 +188,31 @@ class Writer:
         if self._task is not None:
             await self._task
 
-    async def append(self, events: list[Event]) -> int:
-        """Commit ``events``; returns how many were new (the rest were resends)."""
-        if not events:
-            return 0
-        if self.closing:
-            raise SpoolFull(Reason.SHUTTING_DOWN, retry_after=5)
-        received = now_ms()
+    async def append(self, events: list[Event] | Awaitable[list[Event]]) -> int:
+        """Commit ``events``; returns how many were new (the rest were resends). Given as
+        an awaitable (made ready off the loop: intake.py), the request takes its place in
+        the commit order at the call, before its events are ready."""
         loop = asyncio.get_running_loop()
-        large = len(events) > SLICE_EVENTS
-        # FIFO: requests join the batch in the order they reached append, though a large
-        # one lets the loop go while it is taken in; those behind it wait for it.
+        received = now_ms()
+        # FIFO: requests join the batch in the order they reached append, though one may
+        # let the loop go before it does (a large one is taken in a slice at a time, one
+        # given as an awaitable waits for it); those behind it wait for it.
         ahead, mine = self._taking, None
-        if large or ahead is not None:
+        if not isinstance(events, list) or len(events) > SLICE_EVENTS or ahead is not None:
             mine = self._taking = loop.create_future()
         try:
-            taken = await usual_sliced(events) if large else None
+            got = events if isinstance(events, list) else await events
+            if not got:
+                return 0
+            if self.closing:
+                raise SpoolFull(Reason.SHUTTING_DOWN, retry_after=5)
+            taken = await usual_sliced(got) if len(got) > SLICE_EVENTS else None
             if ahead is not None and not ahead.done():
                 await asyncio.wait((ahead,))   # not cancelled with this request
             if self.closing:
                 raise SpoolFull(Reason.SHUTTING_DOWN, retry_after=5)
             fut: asyncio.Future[int] = loop.create_future()
-            self._batch.appends.append(Pending(events, received, fut, taken))
+            self._batch.appends.append(Pending(got, received, fut, taken))
             self._wake.set()
         finally:
             if mine is not None:
