@@ -70,8 +70,13 @@ def test_check_config_reload_signals_only_a_valid_config(tmp_path: Path) -> None
     good = write_config(tmp_path / "good.toml", tmp_path / "spool.db")
     bad = tmp_path / "bad.toml"
     bad.write_text("[listen]\nport = -1\n")
-    target = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(60)"])
+    # SIGHUP's default action back first: under nohup (SIGHUP ignored, and so in every
+    # child) the target would ignore the reload's signal and this test wait for it.
+    target = subprocess.Popen([sys.executable, "-c", "import signal, time; signal.signal("
+                               "signal.SIGHUP, signal.SIG_DFL); print(flush=True); time.sleep(60)"],
+                              stdout=subprocess.PIPE)
     try:
+        assert target.stdout is not None and target.stdout.readline() == b"\n"   # ready
         run = subprocess.run([sys.executable, "-m", "agent", "check-config", str(bad), "--reload",
                               str(target.pid)], cwd=ROOT, capture_output=True, text=True, timeout=30)
         assert run.returncode == 2, run.stderr
@@ -84,6 +89,8 @@ def test_check_config_reload_signals_only_a_valid_config(tmp_path: Path) -> None
     finally:
         target.kill()
         target.wait(10)
+        assert target.stdout is not None
+        target.stdout.close()
 
 
 def test_device_facts_survive_a_proc_without_meminfo(tmp_path: Path) -> None:
