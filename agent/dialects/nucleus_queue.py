@@ -33,7 +33,6 @@ from agent.dialects.body import BodyError
 from agent.families import nucleus as family
 
 _DECODER = json.JSONDecoder()
-_ID_TYPES = (int, float, str)   # exact types: others are never acknowledged (family.fault)
 # How near the end of the text read so far a JSON error may be and still be the text
 # being cut there (`tru`, `1e`, `"\u00`) rather than a mistake: read again with more.
 _CUT = 16
@@ -228,7 +227,7 @@ class QueueReader:
             raise TooLarge(f"data[{index}]", self._most)
         self._total += 1
         ev_id = value.get("id") if type(value) is dict else None
-        if type(ev_id) not in _ID_TYPES:   # no id the module could be sent back
+        if type(ev_id) not in family.ID_TYPES:   # no id the module could be sent back
             ev_id = None
         group = None if ev_id is None else self._groups.get(ev_id)
         if group is None:   # an id not seen yet (or none): kept while the first events are

@@ -19,7 +19,7 @@ from agent.families.errors import Invalid
 from agent.families.event import NUCLEUS, Event, compact_json, dedupe_key, iso_ms, now_ms
 
 KNOWN_TYPES = frozenset({"init", "event", "error", "userid", "props", "heartbeat", "nucleus:view"})
-_ID_TYPES = (int, float, str)
+ID_TYPES = (int, float, str)   # the ids taken, as exact types (a bool is not one)
 _ID_OR_NONE = frozenset({int, float, str, type(None)})   # exact types: bool is not an id
 EMPTY: Mapping[int, str] = MappingProxyType({})
 
@@ -98,7 +98,7 @@ def fault(i: int, ev: Any) -> str | None:
     if not isinstance(ev, dict):
         return f"data[{i}] must be an object, got {_json_type(ev)}"
     if "id" in ev and ev["id"] is not None and (
-            isinstance(ev["id"], bool) or not isinstance(ev["id"], _ID_TYPES)):
+            isinstance(ev["id"], bool) or not isinstance(ev["id"], ID_TYPES)):
         return f"data[{i}].id must be a string or a number"
     for field in ("type", "name"):
         value = ev.get(field)

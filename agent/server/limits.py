@@ -13,6 +13,7 @@ import orjson
 
 from agent.families import mapping
 from agent.families.event import NOT_READ, NUCLEUS, SEGMENT, Event, Limit, compact_json, now_ms
+from agent.families.nucleus import ID_TYPES
 from agent.settings import Config, UpstreamConfig
 
 # The mapping each stored family goes through to reach an upstream of the other one.
@@ -32,8 +33,6 @@ class _Route(NamedTuple):
     family: int | None
 
 
-# The Nucleus ids ingest takes (families/nucleus.py): an id of another type is not read.
-_ACK_TYPES = (int, float, str)
 # Keys remembered with their route; local keys are few, but nothing bounds them when
 # accept_keys is empty, so the memo is emptied when full.
 _MAX_KEYS = 4096
@@ -139,7 +138,7 @@ class RouteLimits:
                 ack_id = NOT_READ
             else:   # the id a Nucleus event given back from its Segment form had, if any
                 ack_id = mapped.get("id")
-                if ack_id is not None and type(ack_id) not in _ACK_TYPES:
+                if ack_id is not None and type(ack_id) not in ID_TYPES:
                     continue   # left to the uplink's take loop, which decides (as before)
             if out is events:
                 out = list(events)
