@@ -83,7 +83,7 @@ class Sink:
             started = time.perf_counter()
             stored = await self.spool.append(self._as_stored_off_loop(events, limits))
         else:
-            kept = self._as_stored(limits.as_stored(events, self.spool.index), limits)
+            kept = self._fitting(limits.as_stored(events, self.spool.index), limits)
             started = time.perf_counter()
             stored = await self.spool.append(kept)
         self.metrics.observe_ingest(time.perf_counter() - started, len(events))
@@ -101,10 +101,10 @@ class Sink:
     async def _as_stored_off_loop(self, events: list[Event], limits: Routes) -> list[Event]:
         # The dedupe index is only read there (a set's `in`: one step under the GIL).
         kept = await offload.on_worker(partial(limits.as_stored, events, self.spool.index))
-        return self._as_stored(kept, limits)
+        return self._fitting(kept, limits)
 
     @staticmethod
-    def _as_stored(kept: list[Event], limits: Routes) -> list[Event]:
+    def _fitting(kept: list[Event], limits: Routes) -> list[Event]:
         """``kept``, once none is too large for its route (else Invalid: none stored)."""
         if limits.active:
             for ev in kept:
