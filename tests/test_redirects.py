@@ -276,6 +276,7 @@ class _FailsAtOnce:
     from a local portal does: the failure lands while the forwarder reads the spool."""
 
     name = "up"
+    prepares_ahead = True
 
     def __init__(self, failures: int) -> None:
         self.failures = failures

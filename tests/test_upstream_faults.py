@@ -489,6 +489,7 @@ class _GatedUplink:
     """Row 1 fails at once (with a long Retry-After); row 2 hangs until released."""
 
     name = "up"
+    prepares_ahead = True
 
     def __init__(self) -> None:
         self.release = asyncio.Event()

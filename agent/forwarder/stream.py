@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import functools
 import logging
 import time
 from collections.abc import Callable, Coroutine, Sequence
@@ -62,6 +63,10 @@ ACK_GROUP = 20  # batches' worth of acked rows deleted per spool call while rows
 # The high lane goes first, but not for ever: after this many high batches in a row with
 # normal events waiting (an app in an error loop), one batch of the normal lane goes.
 NORMAL_SHARE = 4
+# A read of one key's queue: spool.fetch's arguments (stream, cursors, limit, lanes,
+# max_bytes, until); and what a read ahead got: the rows, and their batch if prepared.
+_Read = tuple[int, tuple[int, ...], int, tuple[int, ...], int, "tuple[int | None, ...] | None"]
+_Ready = tuple[Queued, "Prepared | None"]
 
 
 # Told of each upstream ack: (upstream, key, the batch's rows, the seqs acked). The live
@@ -139,6 +144,14 @@ class StreamForwarder:
         self._cursors = [0] * len(LANES)      # per lane: the last seq sent
         self._high_run = 0   # high batches sent in a row with normal events waiting
         self._tasks: set[asyncio.Task[None]] = set()
+        self._in_flight = 0   # rows of the batches in _tasks
+        # The next batch's read, started while the window was full (_read_ahead): what it
+        # asked the spool, and the read (its rows, and their batch if prepared ahead). It
+        # holds a slot of its own (_ahead_slot) until the loop reads next: then the slot is
+        # that read's, so that the loop never holds one while it waits for another.
+        self._ahead: tuple[_Read, asyncio.Future[_Ready]] | None = None
+        self._ahead_slot = False
+        self._ready: _Ready | None = None   # what it read, taken by _after_read
         self._acking: set[asyncio.Task[None]] = set()  # spool deletes of upstream-acked rows
         self._held: list[int] = []  # upstream-acked rows not yet handed to spool.ack
         self._failed: Retry | None = None
@@ -183,6 +196,7 @@ class StreamForwarder:
         if self._crash is not None:
             raise self._crash
         if self._failed is not None:
+            self._drop_ahead()   # the cursors go back: what it read goes again, in turn
             await self._settle()
             if self._crash is not None:  # raised by a batch that was settling
                 raise self._crash
@@ -203,6 +217,7 @@ class StreamForwarder:
             self._reopen = False
             await self.uplink.close()
         if len(self._tasks) >= self.window:
+            self._read_ahead()
             await self._idle(None)
             return
         queued = self.queued()
@@ -217,6 +232,8 @@ class StreamForwarder:
         free = min(FETCH_FACTOR, self.window - len(self._tasks),
                    max(-(-queued // cfg.batch_max_events),
                        -(-self.stream.bytes // cfg.batch_max_bytes)))
+        if self._ahead_slot:
+            self._ahead_slot, self._granted = False, self._granted + 1
         if not self._hold_slots(free):
             self._ack_held()
             await self._idle(None)   # a slot given back wakes it
@@ -226,20 +243,29 @@ class StreamForwarder:
         finally:
             self._give_back()
 
-    async def _read(self, batches: int) -> None:
-        """Read and send up to ``batches`` batches of the key's queue (one slot each)."""
-        lanes = self.lanes
-        share = self._high_run >= NORMAL_SHARE and NORMAL in lanes   # see NORMAL_SHARE
+    def _next_read(self, batches: int) -> tuple[_Read, bool]:
+        """What a read of up to ``batches`` batches asks the spool, and whether it is the
+        normal lane's share (see NORMAL_SHARE)."""
+        share = self._high_run >= NORMAL_SHARE and NORMAL in self.lanes
         if share:
-            self._high_run, batches = 0, 1
+            batches = 1
         elif self._high_run:
             # Normal events wait (_count_high): a read of several high batches would pass
             # the share by up to FETCH_FACTOR (the normal batch came after 4 to 7 high ones).
             batches = min(batches, NORMAL_SHARE - self._high_run)
-        rows = await self.spool.fetch(self.stream.id, self._cursors,
-                                      self.cfg.batch_max_events * batches,
-                                      (NORMAL,) if share else lanes,
-                                      self.cfg.batch_max_bytes * batches, self.until)
+        cfg = self.cfg
+        return (self.stream.id, tuple(self._cursors), cfg.batch_max_events * batches,
+                (NORMAL,) if share else self.lanes, cfg.batch_max_bytes * batches,
+                self.until), share
+
+    async def _read(self, batches: int) -> None:
+        """Read and send up to ``batches`` batches of the key's queue (one slot each)."""
+        lanes = self.lanes
+        read, share = self._next_read(batches)
+        if share:
+            self._high_run = 0
+        self._ready = None
+        rows = await self._rows_ahead(read) or await self.spool.fetch(*read)
         if self._failed is not None or self._crash is not None:
             return  # a batch failed during the read: nothing new goes out before the resend
         if self.lanes != lanes:
@@ -290,7 +316,9 @@ class StreamForwarder:
                 return
             if self._crash is not None or self.stopping or self.lanes != lanes:
                 return  # changed while it connected: read again (or end) before sending
-        batch = self.uplink.prepare(rows)
+        ready, self._ready = self._ready, None
+        batch = ready[1] if ready is not None and ready[0] is rows and ready[1] is not None \
+            else self.uplink.prepare(rows)
         if not batch.rows:  # the first row's id is still in flight: wait for its ack
             if not self._tasks:  # ...but nothing is: waiting would be forever
                 raise RuntimeError(f"uplink {self.uplink.name} took no row, none in flight")
@@ -304,13 +332,72 @@ class StreamForwarder:
             self._advance(batch.rows)
             self._count_high(batch.rows)
             self._granted -= 1
+            self._in_flight += len(batch.rows)
             self._track(self._tasks, self._deliver(batch)).add_done_callback(
-                lambda _: self.slots.give())
+                functools.partial(self._answered, len(batch.rows)))
             rows = rows[len(batch.rows):]
             if len(self._tasks) >= self.window or not rows or not self._granted or (
                     not self._full(rows) and not self._due(rows)):
                 return
             batch = self.uplink.prepare(rows)
+
+    def _read_ahead(self) -> None:
+        """With the window full, start reading the batch that goes next, so that it is
+        ready when an answer frees a place: segment-http sends one batch at a time, and its
+        drain otherwise waited out each read in series with the upstream. Only from a
+        clean state, when a whole batch waits behind those in flight (or a flush), and
+        with a free slot: the rows it holds count as a batch."""
+        if self._ahead is not None or self._failed is not None or self._reopen \
+                or self.stopping or self._crash is not None:
+            return
+        beyond = self.queued() - self._in_flight - len(self._held)
+        if beyond < self.cfg.batch_max_events and not (self.flush_now and beyond > 0):
+            return
+        if not self.slots.take(1):
+            return
+        read, _ = self._next_read(1)
+        self._ahead = (read, asyncio.ensure_future(self._fetch_ahead(read)))
+        self._ahead_slot = True
+
+    async def _fetch_ahead(self, read: _Read) -> _Ready:
+        """The read ahead, and the batch prepared from it while the one before is in
+        flight, if the uplink allows (one taken alone is prepared when it goes)."""
+        rows = await self.spool.fetch(*read)
+        if not rows or not self.uplink.prepares_ahead or rows[0].seq in self.omitted.alone:
+            return rows, None
+        return rows, self.uplink.prepare(rows)
+
+    async def _rows_ahead(self, read: _Read) -> Queued | None:
+        """The rows read ahead, if that read asked what ``read`` asks now (nothing sent,
+        resent or changed since: the cursors, lanes and bounds are the same), else None.
+        Rows beyond the cursors are touched by nothing but this loop's own sends, so
+        the same question has the same answer; new events only add to it (a high event
+        that came meanwhile goes in the batch after)."""
+        ahead = self._ahead
+        if ahead is None:
+            return None
+        if ahead[0] != read:
+            self._drop_ahead()
+            return None
+        self._ahead = None
+        try:
+            self._ready = await ahead[1]
+        except Exception:   # read again: a failure is the fresh read's to raise
+            return None
+        return self._ready[0]
+
+    def _drop_ahead(self) -> None:
+        ahead, self._ahead, self._ready = self._ahead, None, None
+        if ahead is not None:
+            ahead[1].cancel()
+            ahead[1].add_done_callback(_retrieved)
+        if self._ahead_slot:
+            self._ahead_slot = False
+            self.slots.give()
+
+    def _answered(self, rows: int, _: asyncio.Task[None]) -> None:
+        self._in_flight -= rows
+        self.slots.give()
 
     def _count_high(self, sent: Sequence[Row]) -> None:
         """Count a batch of the high lane alone sent while normal events wait."""
@@ -334,6 +421,11 @@ class StreamForwarder:
         estimate of what the uplink sends)."""
         cfg = self.cfg
         return len(rows) >= cfg.batch_max_events or rows.nbytes() >= cfg.batch_max_bytes
+
+    @property
+    def read_ahead(self) -> bool:
+        """Whether the batch that goes next is read (_read_ahead), waiting for a place."""
+        return self._ahead is not None and self._ahead[1].done()
 
     @property
     def waiting_for_slot(self) -> bool:
@@ -368,6 +460,7 @@ class StreamForwarder:
         if wait is not None and not wait.cancel():
             self._granted += 1   # already given: it is ours to give back
         self._give_back()
+        self._drop_ahead()
 
     async def _connect(self, opening: Coroutine[Any, Any, Retry | None]) -> Retry | None:
         """The uplink's connect, as a task that a stop cancels: a handshake that hangs
@@ -643,3 +736,9 @@ def _oldest(rows: Sequence[Row]) -> int:
     if rows[-1].lane == first.lane:
         return first.received
     return min(first.received, next(r.received for r in rows if r.lane != first.lane))
+
+
+def _retrieved(fut: asyncio.Future[_Ready]) -> None:
+    """A dropped read's outcome, taken so that asyncio does not report it as lost."""
+    if not fut.cancelled():
+        fut.exception()

@@ -86,6 +86,9 @@ class Uplink(Protocol):
     # And this: an uplink calls it for each message of the upstream's that it could not
     # read and ignored (websocket text that is not JSON), for the upstream's count.
     on_unreadable: Callable[[], None]
+    # Whether ``prepare`` reads and changes nothing of the connection's (no ids in flight):
+    # then the forwarder may prepare a batch while the one before it is still in flight.
+    prepares_ahead: ClassVar[bool]
 
     def connecting(self) -> Coroutine[Any, Any, Retry | None] | None:
         """None if the uplink keeps no connection (HTTP: a request connects as it goes),
@@ -141,6 +144,7 @@ class UplinkBase(ABC):
     # The upstream API's own limit on one event as sent (its body and its event_overhead
     # but the separator), when it has one: the agent refuses larger events at ingest.
     max_event_bytes: ClassVar[int | None] = None
+    prepares_ahead: ClassVar[bool] = True   # see Uplink
 
     # staticmethod: a plain function here would be bound to the instance when read.
     on_crash: Callable[[BaseException], None] = staticmethod(_ignore_crash)

@@ -146,6 +146,7 @@ class NucleusWsUplink(NucleusFraming, UplinkBase):
 
     protocol: ClassVar[str] = "nucleus-ws"
     schemes: ClassVar[tuple[str, ...]] = ("ws", "wss")
+    prepares_ahead: ClassVar[bool] = False   # prepare puts the batch's ids in flight
 
     def __init__(self, cfg: UpstreamConfig, app_key: str, session: aiohttp.ClientSession,
                  machine_id: str, heartbeat_s: float = HEARTBEAT_S) -> None:

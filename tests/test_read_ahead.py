@@ -1,0 +1,133 @@
+"""The batch that goes next is read while the one before is in flight.
+
+segment-http sends one batch at a time (FIFO per key), and its drain waited out each
+spool read and each batch's preparation in series with the upstream. Now the loop reads
+and prepares the next batch while the upstream works on the one before
+(``StreamForwarder._read_ahead``). What it read is used only if nothing was sent, resent
+or changed since; these tests hold the upstream's answer until the next batch is read,
+then answer, and check what the upstream received, in order.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import base64
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
+from typing import Any
+
+import aiohttp
+import orjson
+from aiohttp import web
+
+from agent.forwarder.slots import BATCHES_IN_FLIGHT
+from tests.fakes.loopback_server import serving
+from tests.waiting import wait_for
+
+BATCH = 500   # batch_max_events' default
+AUTH = {"Authorization": "Basic " + base64.b64encode(b"k:").decode()}
+
+
+class HeldCollector:
+    """A Segment collector that holds each request until the test answers it."""
+
+    def __init__(self) -> None:
+        self.requests: asyncio.Queue[tuple[list[str], asyncio.Future[int]]] = asyncio.Queue()
+        self.stored: list[str] = []   # messageIds of the batches answered 200, in order
+        self.received: list[list[str]] = []   # every request's messageIds, in order
+
+    async def batch(self, request: web.Request) -> web.Response:
+        ids = [ev["messageId"] for ev in orjson.loads(await request.read())["batch"]]
+        self.received.append(ids)
+        answer: asyncio.Future[int] = asyncio.get_running_loop().create_future()
+        await self.requests.put((ids, answer))
+        status = await answer
+        if status == 200:
+            self.stored.extend(ids)
+            return web.json_response({"success": True})
+        return web.json_response({"error": "no"}, status=status)
+
+    async def next(self) -> tuple[list[str], asyncio.Future[int]]:
+        return await asyncio.wait_for(self.requests.get(), 10)
+
+    async def answer_all(self, status: int = 200) -> None:
+        """Answer every request from now on, until everything is stored."""
+        while True:
+            _, answer = await self.requests.get()
+            answer.set_result(status)
+
+
+@asynccontextmanager
+async def draining(make_agent: Any, events: int) -> AsyncIterator[tuple[Any, HeldCollector]]:
+    """An agent with ``events`` Segment events of one key queued for a held collector."""
+    up = HeldCollector()
+    async with serving("/v1/batch", up.batch) as url:
+        agent = await make_agent(upstreams=[{
+            "name": "seg", "protocol": "segment-http", "url": url,
+            "flush_interval_s": 3600, "timeout_s": 30}])
+        batch = [{"type": "track", "event": "e", "userId": "u", "messageId": str(i)}
+                 for i in range(events)]
+        async with aiohttp.ClientSession() as s, s.post(
+                f"http://127.0.0.1:{agent.port}/v1/batch", json={"batch": batch},
+                headers=AUTH) as r:
+            assert r.status == 200, await r.text()
+        yield agent, up
+
+
+def ids(lo: int, hi: int) -> list[str]:
+    return [str(i) for i in range(lo, hi)]
+
+
+async def read_ahead(agent: Any) -> None:
+    await wait_for(lambda: agent.forwarding.loops["k"].read_ahead, timeout=10)
+
+
+async def drained(agent: Any, up: HeldCollector, answering: asyncio.Task[None]) -> None:
+    try:
+        await wait_for(lambda: agent.spool.depth == 0, timeout=20)
+    finally:
+        answering.cancel()
+    # Every slot is back: what was read ahead gave its own back too.
+    await wait_for(lambda: agent.forwarding._slots["seg"].free == BATCHES_IN_FLIGHT)
+
+
+async def test_the_next_batch_is_read_while_one_is_in_flight_and_goes_next(
+        make_agent: Any) -> None:
+    async with draining(make_agent, 3 * BATCH) as (agent, up):
+        first, answer = await up.next()
+        assert first == ids(0, BATCH)
+        await read_ahead(agent)   # the second batch, while the first waits for its answer
+        answer.set_result(200)
+        answering = asyncio.create_task(up.answer_all())
+        await drained(agent, up, answering)
+    assert up.received == [ids(0, 500), ids(500, 1000), ids(1000, 1500)]
+    assert up.stored == ids(0, 3 * BATCH)
+
+
+async def test_what_was_read_ahead_waits_for_a_failed_batch_to_be_resent(
+        make_agent: Any) -> None:
+    """The first batch fails (503) after the second was read: the first is sent again
+    before the second, which is read again in its turn."""
+    async with draining(make_agent, 3 * BATCH) as (agent, up):
+        _, answer = await up.next()
+        await read_ahead(agent)
+        answer.set_result(503)
+        answering = asyncio.create_task(up.answer_all())
+        await drained(agent, up, answering)
+    assert up.received == [ids(0, 500), ids(0, 500), ids(500, 1000), ids(1000, 1500)]
+    assert up.stored == ids(0, 3 * BATCH)
+
+
+async def test_what_was_read_ahead_goes_after_a_refused_batch_is_taken_apart(
+        make_agent: Any) -> None:
+    """The first batch is refused (400) after the second was read: it is split, its
+    halves go (and are taken), and only then the second batch."""
+    async with draining(make_agent, 2 * BATCH) as (agent, up):
+        _, answer = await up.next()
+        await read_ahead(agent)
+        answer.set_result(400)
+        answering = asyncio.create_task(up.answer_all())
+        await drained(agent, up, answering)
+    assert up.received == [ids(0, 500), ids(0, 250), ids(250, 500), ids(500, 1000)]
+    assert up.stored == ids(0, 2 * BATCH)
+
