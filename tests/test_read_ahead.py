@@ -21,7 +21,7 @@ import orjson
 from aiohttp import web
 
 from agent.forwarder.slots import BATCHES_IN_FLIGHT
-from tests.fakes.loopback_server import serving
+from tests.fakes.loopback_server import LoopbackServer, serving
 from tests.waiting import wait_for
 
 BATCH = 500   # batch_max_events' default
@@ -57,6 +57,13 @@ class HeldCollector:
             answer.set_result(status)
 
 
+async def post(agent: Any, batch: list[dict[str, Any]]) -> None:
+    async with aiohttp.ClientSession() as s, s.post(
+            f"http://127.0.0.1:{agent.port}/v1/batch", json={"batch": batch},
+            headers=AUTH) as r:
+        assert r.status == 200, await r.text()
+
+
 @asynccontextmanager
 async def draining(make_agent: Any, events: int) -> AsyncIterator[tuple[Any, HeldCollector]]:
     """An agent with ``events`` Segment events of one key queued for a held collector."""
@@ -65,12 +72,8 @@ async def draining(make_agent: Any, events: int) -> AsyncIterator[tuple[Any, Hel
         agent = await make_agent(upstreams=[{
             "name": "seg", "protocol": "segment-http", "url": url,
             "flush_interval_s": 3600, "timeout_s": 30}])
-        batch = [{"type": "track", "event": "e", "userId": "u", "messageId": str(i)}
-                 for i in range(events)]
-        async with aiohttp.ClientSession() as s, s.post(
-                f"http://127.0.0.1:{agent.port}/v1/batch", json={"batch": batch},
-                headers=AUTH) as r:
-            assert r.status == 200, await r.text()
+        await post(agent, [{"type": "track", "event": "e", "userId": "u", "messageId": str(i)}
+                           for i in range(events)])
         yield agent, up
 
 
@@ -131,3 +134,85 @@ async def test_what_was_read_ahead_goes_after_a_refused_batch_is_taken_apart(
     assert up.received == [ids(0, 500), ids(0, 250), ids(250, 500), ids(500, 1000)]
     assert up.stored == ids(0, 2 * BATCH)
 
+
+
+async def test_a_high_event_that_comes_after_the_read_still_goes_first(
+        make_agent: Any) -> None:
+    """A high event (an "Application Error") queued after the next batch was read goes
+    in the batch after the one in flight, as without the read ahead."""
+    async with draining(make_agent, 2 * BATCH) as (agent, up):
+        _, answer = await up.next()
+        await read_ahead(agent)
+        await post(agent, [{"type": "track", "event": "Application Error", "userId": "u",
+                            "messageId": "high"}])
+        answer.set_result(200)
+        answering = asyncio.create_task(up.answer_all())
+        try:
+            # The last normal event, alone, waits for the flush interval.
+            await wait_for(lambda: agent.spool.depth == 1, timeout=20)
+        finally:
+            answering.cancel()
+    assert up.received == [ids(0, 500), ["high", *ids(500, 999)]]
+
+
+class HeldNucleus(LoopbackServer):
+    """A Nucleus websocket upstream that holds each frame's ack until the test answers."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.frames: asyncio.Queue[tuple[list[Any], asyncio.Future[None]]] = asyncio.Queue()
+        self.received: list[list[Any]] = []
+
+    async def track(self, request: web.Request) -> web.WebSocketResponse:
+        ws = web.WebSocketResponse(max_msg_size=0)
+        await ws.prepare(request)
+        self._sockets.add(ws)
+        async for msg in ws:
+            ids = [ev["id"] for ev in orjson.loads(msg.data)["data"]
+                   if ev.get("type") != "heartbeat"]
+            if not ids:
+                continue
+            self.received.append(ids)
+            answer: asyncio.Future[None] = asyncio.get_running_loop().create_future()
+            await self.frames.put((ids, answer))
+            await answer
+            await ws.send_str(orjson.dumps({"reportedIds": ids}).decode())
+        return ws
+
+    async def start(self) -> HeldNucleus:
+        app = web.Application()
+        app.router.add_get("/app/{key}/track", self.track)
+        await self._serve(app)
+        return self
+
+
+async def test_nucleus_ws_one_frame_at_a_time_reads_ahead_but_prepares_when_it_sends(
+        make_agent: Any) -> None:
+    """With ``max_in_flight = 1`` a websocket sends one frame at a time too, and reads
+    ahead; but its prepare puts the frame's ids in flight, so it prepares only when the
+    frame goes: a read dropped (here, for a high event that came after it) would have left
+    its ids in flight for ever, and the key stuck behind them."""
+    up = await HeldNucleus().start()
+    try:
+        agent = await make_agent(upstreams=[{
+            "name": "n", "protocol": "nucleus-ws", "url": up.ws_url, "max_in_flight": 1,
+            "flush_interval_s": 3600, "timeout_s": 30}])
+        data = [{"type": "event", "name": "e", "id": i, "sessionId": 1}
+                for i in range(2 * BATCH)]
+        async with aiohttp.ClientSession() as s:
+            async with s.post(f"http://127.0.0.1:{agent.port}/app/k/track",
+                              json={"data": data}) as r:
+                assert r.status == 200, await r.text()
+            _, answer = await asyncio.wait_for(up.frames.get(), 10)
+            await read_ahead(agent)
+            async with s.post(f"http://127.0.0.1:{agent.port}/app/k/track",
+                              json={"data": [{"type": "error", "name": "boom", "id": "high",
+                                              "sessionId": 1}]}) as r:
+                assert r.status == 200, await r.text()
+        answer.set_result(None)
+        _, answer = await asyncio.wait_for(up.frames.get(), 10)
+        answer.set_result(None)
+        await wait_for(lambda: agent.spool.depth == 1, timeout=10)
+    finally:
+        await up.stop()
+    assert up.received == [list(range(BATCH)), ["high", *range(BATCH, 2 * BATCH - 1)]]

@@ -146,10 +146,11 @@ class StreamForwarder:
         self._tasks: set[asyncio.Task[None]] = set()
         self._in_flight = 0   # rows of the batches in _tasks
         # The next batch's read, started while the window was full (_read_ahead): what it
-        # asked the spool, and the read (its rows, and their batch if prepared ahead). It
-        # holds a slot of its own (_ahead_slot) until the loop reads next: then the slot is
-        # that read's, so that the loop never holds one while it waits for another.
-        self._ahead: tuple[_Read, asyncio.Future[_Ready]] | None = None
+        # asked the spool, the key's high lane depth then, and the read (its rows, and
+        # their batch if prepared ahead). It holds a slot of its own (_ahead_slot) until
+        # the loop reads next: then the slot is that read's, so that the loop never holds
+        # one while it waits for another.
+        self._ahead: tuple[_Read, int, asyncio.Future[_Ready]] | None = None
         self._ahead_slot = False
         self._ready: _Ready | None = None   # what it read, taken by _after_read
         self._acking: set[asyncio.Task[None]] = set()  # spool deletes of upstream-acked rows
@@ -342,13 +343,14 @@ class StreamForwarder:
             batch = self.uplink.prepare(rows)
 
     def _read_ahead(self) -> None:
-        """With the window full, start reading the batch that goes next, so that it is
-        ready when an answer frees a place: segment-http sends one batch at a time, and its
-        drain otherwise waited out each read in series with the upstream. Only from a
-        clean state, when a whole batch waits behind those in flight (or a flush), and
-        with a free slot: the rows it holds count as a batch."""
-        if self._ahead is not None or self._failed is not None or self._reopen \
-                or self.stopping or self._crash is not None:
+        """With its one batch in flight, start reading the batch that goes next, so that it
+        is ready when the answer comes: an HTTP uplink sends one batch at a time, and its
+        drain otherwise waited out each read and prepare in series with the upstream (a
+        pipelined uplink has others in flight meanwhile). Only from a clean state, when a
+        whole batch waits behind the one in flight (or a flush), and with a free slot: the
+        rows it holds count as a batch."""
+        if self.window > 1 or self._ahead is not None or self._failed is not None \
+                or self._reopen or self.stopping or self._crash is not None:
             return
         beyond = self.queued() - self._in_flight - len(self._held)
         if beyond < self.cfg.batch_max_events and not (self.flush_now and beyond > 0):
@@ -356,7 +358,8 @@ class StreamForwarder:
         if not self.slots.take(1):
             return
         read, _ = self._next_read(1)
-        self._ahead = (read, asyncio.ensure_future(self._fetch_ahead(read)))
+        self._ahead = (read, self.stream.queued((HIGH,)),
+                       asyncio.ensure_future(self._fetch_ahead(read)))
         self._ahead_slot = True
 
     async def _fetch_ahead(self, read: _Read) -> _Ready:
@@ -369,19 +372,20 @@ class StreamForwarder:
 
     async def _rows_ahead(self, read: _Read) -> Queued | None:
         """The rows read ahead, if that read asked what ``read`` asks now (nothing sent,
-        resent or changed since: the cursors, lanes and bounds are the same), else None.
-        Rows beyond the cursors are touched by nothing but this loop's own sends, so
-        the same question has the same answer; new events only add to it (a high event
-        that came meanwhile goes in the batch after)."""
+        resent or changed since: the cursors, lanes and bounds are the same) and no high
+        event came since (it goes first), else None. Rows beyond the cursors are touched
+        by nothing but this loop's own sends, so the same question has the same answer,
+        but for events that came after it."""
         ahead = self._ahead
         if ahead is None:
             return None
-        if ahead[0] != read:
+        # Acks only lower the high lane's depth: a higher one is a new high event.
+        if ahead[0] != read or self.stream.queued((HIGH,)) > ahead[1]:
             self._drop_ahead()
             return None
         self._ahead = None
         try:
-            self._ready = await ahead[1]
+            self._ready = await ahead[2]
         except Exception:   # read again: a failure is the fresh read's to raise
             return None
         return self._ready[0]
@@ -389,8 +393,8 @@ class StreamForwarder:
     def _drop_ahead(self) -> None:
         ahead, self._ahead, self._ready = self._ahead, None, None
         if ahead is not None:
-            ahead[1].cancel()
-            ahead[1].add_done_callback(_retrieved)
+            ahead[2].cancel()
+            ahead[2].add_done_callback(_retrieved)
         if self._ahead_slot:
             self._ahead_slot = False
             self.slots.give()
@@ -425,7 +429,7 @@ class StreamForwarder:
     @property
     def read_ahead(self) -> bool:
         """Whether the batch that goes next is read (_read_ahead), waiting for a place."""
-        return self._ahead is not None and self._ahead[1].done()
+        return self._ahead is not None and self._ahead[2].done()
 
     @property
     def waiting_for_slot(self) -> bool:
