@@ -18,6 +18,7 @@ from typing import Any
 
 import aiohttp
 import orjson
+import pytest
 from aiohttp import web
 
 from agent.forwarder.slots import BATCHES_IN_FLIGHT
@@ -94,46 +95,30 @@ async def drained(agent: Any, up: HeldCollector, answering: asyncio.Task[None]) 
     await wait_for(lambda: agent.forwarding._slots["seg"].free == BATCHES_IN_FLIGHT)
 
 
-async def test_the_next_batch_is_read_while_one_is_in_flight_and_goes_next(
-        make_agent: Any) -> None:
-    async with draining(make_agent, 3 * BATCH) as (agent, up):
+# (the first batch's answer, events queued, the batches the collector receives): taken
+# (the second batch, read meanwhile, goes next); failed (the first is sent again before
+# the second, read again in its turn); refused (it is split, its halves go and are taken,
+# and only then the second).
+ANSWERS = {
+    "taken": (200, 3 * BATCH, [ids(0, 500), ids(500, 1000), ids(1000, 1500)]),
+    "failed": (503, 3 * BATCH, [ids(0, 500), ids(0, 500), ids(500, 1000), ids(1000, 1500)]),
+    "refused": (400, 2 * BATCH, [ids(0, 500), ids(0, 250), ids(250, 500), ids(500, 1000)]),
+}
+
+
+@pytest.mark.parametrize("answered", ANSWERS)
+async def test_the_batch_read_while_one_is_in_flight_goes_in_its_turn(
+        make_agent: Any, answered: str) -> None:
+    status, events, received = ANSWERS[answered]
+    async with draining(make_agent, events) as (agent, up):
         first, answer = await up.next()
         assert first == ids(0, BATCH)
         await read_ahead(agent)   # the second batch, while the first waits for its answer
-        answer.set_result(200)
+        answer.set_result(status)
         answering = asyncio.create_task(up.answer_all())
         await drained(agent, up, answering)
-    assert up.received == [ids(0, 500), ids(500, 1000), ids(1000, 1500)]
-    assert up.stored == ids(0, 3 * BATCH)
-
-
-async def test_what_was_read_ahead_waits_for_a_failed_batch_to_be_resent(
-        make_agent: Any) -> None:
-    """The first batch fails (503) after the second was read: the first is sent again
-    before the second, which is read again in its turn."""
-    async with draining(make_agent, 3 * BATCH) as (agent, up):
-        _, answer = await up.next()
-        await read_ahead(agent)
-        answer.set_result(503)
-        answering = asyncio.create_task(up.answer_all())
-        await drained(agent, up, answering)
-    assert up.received == [ids(0, 500), ids(0, 500), ids(500, 1000), ids(1000, 1500)]
-    assert up.stored == ids(0, 3 * BATCH)
-
-
-async def test_what_was_read_ahead_goes_after_a_refused_batch_is_taken_apart(
-        make_agent: Any) -> None:
-    """The first batch is refused (400) after the second was read: it is split, its
-    halves go (and are taken), and only then the second batch."""
-    async with draining(make_agent, 2 * BATCH) as (agent, up):
-        _, answer = await up.next()
-        await read_ahead(agent)
-        answer.set_result(400)
-        answering = asyncio.create_task(up.answer_all())
-        await drained(agent, up, answering)
-    assert up.received == [ids(0, 500), ids(0, 250), ids(250, 500), ids(500, 1000)]
-    assert up.stored == ids(0, 2 * BATCH)
-
+    assert up.received == received
+    assert up.stored == ids(0, events)
 
 
 async def test_a_high_event_that_comes_after_the_read_still_goes_first(
