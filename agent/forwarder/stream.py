@@ -152,7 +152,6 @@ class StreamForwarder:
         # one while it waits for another.
         self._ahead: tuple[_Read, int, asyncio.Future[_Ready]] | None = None
         self._ahead_slot = False
-        self._ready: _Ready | None = None   # what it read, taken by _after_read
         self._acking: set[asyncio.Task[None]] = set()  # spool deletes of upstream-acked rows
         self._held: list[int] = []  # upstream-acked rows not yet handed to spool.ack
         self._failed: Retry | None = None
@@ -265,17 +264,18 @@ class StreamForwarder:
         read, share = self._next_read(batches)
         if share:
             self._high_run = 0
-        self._ready = None
-        rows = await self._rows_ahead(read) or await self.spool.fetch(*read)
+        rows, batch = await self._rows_ahead(read) or (await self.spool.fetch(*read), None)
         if self._failed is not None or self._crash is not None:
             return  # a batch failed during the read: nothing new goes out before the resend
         if self.lanes != lanes:
             return  # the lanes changed during the read: what it read may not go out
         if share and not (rows and (self._full(rows) or self._due(rows))):
             return  # none of it to send yet (in flight, or not due): the high lane goes on
-        await self._after_read(rows)
+        await self._after_read(rows, batch)
 
-    async def _after_read(self, rows: Queued) -> None:
+    async def _after_read(self, rows: Queued, ready: Prepared | None = None) -> None:
+        """Send what ``rows`` hold, as the window allows; ``ready``: their first batch,
+        prepared ahead (_fetch_ahead)."""
         lanes = self.lanes
         if not rows:
             self._leave_slots()   # before any wait: an idle loop holds no slot, waits for none
@@ -297,7 +297,7 @@ class StreamForwarder:
             return
         self._empty_since = None
         if rows[0].seq in self.omitted.alone:
-            rows = rows[:1]   # the head of a batch left out whole: judged alone
+            rows, ready = rows[:1], None   # the head of a batch left out whole: judged alone
         elif not self._full(rows) and not self._due(rows):
             self._leave_slots()
             self._ack_held()
@@ -317,9 +317,7 @@ class StreamForwarder:
                 return
             if self._crash is not None or self.stopping or self.lanes != lanes:
                 return  # changed while it connected: read again (or end) before sending
-        ready, self._ready = self._ready, None
-        batch = ready[1] if ready is not None and ready[0] is rows and ready[1] is not None \
-            else self.uplink.prepare(rows)
+        batch = self.uplink.prepare(rows) if ready is None else ready
         if not batch.rows:  # the first row's id is still in flight: wait for its ack
             if not self._tasks:  # ...but nothing is: waiting would be forever
                 raise RuntimeError(f"uplink {self.uplink.name} took no row, none in flight")
@@ -370,8 +368,8 @@ class StreamForwarder:
             return rows, None
         return rows, self.uplink.prepare(rows)
 
-    async def _rows_ahead(self, read: _Read) -> Queued | None:
-        """The rows read ahead, if that read asked what ``read`` asks now (nothing sent,
+    async def _rows_ahead(self, read: _Read) -> _Ready | None:
+        """The rows read ahead (and their batch, if prepared), if that read asked what ``read`` asks now (nothing sent,
         resent or changed since: the cursors, lanes and bounds are the same) and no high
         event came since (it goes first), else None. Rows beyond the cursors are touched
         by nothing but this loop's own sends, so the same question has the same answer,
@@ -385,13 +383,13 @@ class StreamForwarder:
             return None
         self._ahead = None
         try:
-            self._ready = await ahead[2]
+            ready = await ahead[2]
         except Exception:   # read again: a failure is the fresh read's to raise
             return None
-        return self._ready[0]
+        return ready if ready[0] else None   # empty: read again, something may have come
 
     def _drop_ahead(self) -> None:
-        ahead, self._ahead, self._ready = self._ahead, None, None
+        ahead, self._ahead = self._ahead, None
         if ahead is not None:
             ahead[2].cancel()
             ahead[2].add_done_callback(_retrieved)
