@@ -29,7 +29,7 @@ import logging
 import time
 from collections.abc import Callable, Coroutine, Sequence
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, NamedTuple
 
 from agent.clock import until_due
 from agent.families.lanes import HIGH, LANES, NORMAL
@@ -67,6 +67,14 @@ NORMAL_SHARE = 4
 # max_bytes, until); and what a read ahead got: the rows, and their batch if prepared.
 _Read = tuple[int, tuple[int, ...], int, tuple[int, ...], int, "tuple[int | None, ...] | None"]
 _Ready = tuple[Queued, "Prepared | None"]
+
+
+class _Ahead(NamedTuple):
+    """A read ahead: what it asked the spool, the key's high lane depth then, the read."""
+
+    read: _Read
+    high: int
+    rows: asyncio.Future[_Ready]
 
 
 # Told of each upstream ack: (upstream, key, the batch's rows, the seqs acked). The live
@@ -145,12 +153,10 @@ class StreamForwarder:
         self._high_run = 0   # high batches sent in a row with normal events waiting
         self._tasks: set[asyncio.Task[None]] = set()
         self._in_flight = 0   # rows of the batches in _tasks
-        # The next batch's read, started while the window was full (_read_ahead): what it
-        # asked the spool, the key's high lane depth then, and the read (its rows, and
-        # their batch if prepared ahead). It holds a slot of its own (_ahead_slot) until
-        # the loop reads next: then the slot is that read's, so that the loop never holds
-        # one while it waits for another.
-        self._ahead: tuple[_Read, int, asyncio.Future[_Ready]] | None = None
+        # The next batch's read, started while the window was full (_read_ahead). It holds
+        # a slot of its own (_ahead_slot) until the loop reads next: then the slot is that
+        # read's, so that the loop never holds one while it waits for another.
+        self._ahead: _Ahead | None = None
         self._ahead_slot = False
         self._acking: set[asyncio.Task[None]] = set()  # spool deletes of upstream-acked rows
         self._held: list[int] = []  # upstream-acked rows not yet handed to spool.ack
@@ -356,8 +362,8 @@ class StreamForwarder:
         if not self.slots.take(1):
             return
         read, _ = self._next_read(1)
-        self._ahead = (read, self.stream.queued((HIGH,)),
-                       asyncio.ensure_future(self._fetch_ahead(read)))
+        self._ahead = _Ahead(read, self.stream.queued((HIGH,)),
+                             asyncio.ensure_future(self._fetch_ahead(read)))
         self._ahead_slot = True
 
     async def _fetch_ahead(self, read: _Read) -> _Ready:
@@ -369,21 +375,21 @@ class StreamForwarder:
         return rows, self.uplink.prepare(rows)
 
     async def _rows_ahead(self, read: _Read) -> _Ready | None:
-        """The rows read ahead (and their batch, if prepared), if that read asked what ``read`` asks now (nothing sent,
-        resent or changed since: the cursors, lanes and bounds are the same) and no high
-        event came since (it goes first), else None. Rows beyond the cursors are touched
-        by nothing but this loop's own sends, so the same question has the same answer,
-        but for events that came after it."""
+        """The rows read ahead (and their batch, if prepared), if that read asked what
+        ``read`` asks now (nothing sent, resent or changed since: the cursors, lanes and
+        bounds are the same) and no high event came since (it goes first), else None.
+        Rows beyond the cursors are touched by nothing but this loop's own sends, so the
+        same question has the same answer, but for events that came after it."""
         ahead = self._ahead
         if ahead is None:
             return None
         # Acks only lower the high lane's depth: a higher one is a new high event.
-        if ahead[0] != read or self.stream.queued((HIGH,)) > ahead[1]:
+        if ahead.read != read or self.stream.queued((HIGH,)) > ahead.high:
             self._drop_ahead()
             return None
         self._ahead = None
         try:
-            ready = await ahead[2]
+            ready = await ahead.rows
         except Exception:   # read again: a failure is the fresh read's to raise
             return None
         return ready if ready[0] else None   # empty: read again, something may have come
@@ -391,8 +397,8 @@ class StreamForwarder:
     def _drop_ahead(self) -> None:
         ahead, self._ahead = self._ahead, None
         if ahead is not None:
-            ahead[2].cancel()
-            ahead[2].add_done_callback(_retrieved)
+            ahead.rows.cancel()
+            ahead.rows.add_done_callback(_retrieved)
         if self._ahead_slot:
             self._ahead_slot = False
             self.slots.give()
@@ -427,7 +433,7 @@ class StreamForwarder:
     @property
     def read_ahead(self) -> bool:
         """Whether the batch that goes next is read (_read_ahead), waiting for a place."""
-        return self._ahead is not None and self._ahead[2].done()
+        return self._ahead is not None and self._ahead.rows.done()
 
     @property
     def waiting_for_slot(self) -> bool:
