@@ -11,11 +11,24 @@ import zstandard
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from agent.spool.records import MAX_RAW_BYTES, ZSTD, ZSTD_IDS, DamagedRecord, pack, unpack, unpack_ids
+from agent.spool.dictionary import ZSTD_DICT_V1
+from agent.spool.records import (
+    DICT_BELOW,
+    MAX_RAW_BYTES,
+    ZSTD,
+    ZSTD_DICT,
+    ZSTD_DICT_IDS,
+    ZSTD_IDS,
+    DamagedRecord,
+    pack,
+    unpack,
+    unpack_ids,
+)
 
 bodies_st = st.lists(st.binary(max_size=600) | st.sampled_from([b"", b"x" * 70_000]), max_size=40)
+# Small: packed with the dictionary (records.ZSTD_DICT).
 SAMPLE = pack([b'{"type":"track","event":"a","n":%d}' % i for i in range(30)] + [b""])
-# The layout with Nucleus ack ids (records.ZSTD_IDS): every kind of id, and none.
+# The layout with Nucleus ack ids (records.ZSTD_DICT_IDS): every kind of id, and none.
 WITH_IDS = pack([b'{"name":"e","id":%d}' % i for i in range(30)] + [b"{}"] * 4,
                 list(range(30)) + ["s-1", 2.5, None, "\u00e9"])
 ids_st = st.one_of(st.none(), st.integers(-(2 ** 63), 2 ** 64 - 1), st.text(max_size=20),
@@ -126,9 +139,12 @@ def _frame(raw: bytes, checksum: bool = True, size: bool = True) -> bytes:
 
 @pytest.mark.parametrize(("record", "why"), [
     (b"", "codec tag"),
-    (bytes([3]) + SAMPLE[1:], "codec tag"),
-    (bytes([ZSTD_IDS]) + SAMPLE[1:], "CRC"),
-    (bytes([ZSTD]) + WITH_IDS[1:], "CRC"),
+    (bytes([5]) + SAMPLE[1:], "codec tag"),
+    (bytes([ZSTD_DICT_IDS]) + SAMPLE[1:], "CRC"),
+    (bytes([ZSTD_DICT]) + WITH_IDS[1:], "CRC"),
+    (bytes([ZSTD]) + SAMPLE[1:], "CRC"),
+    (bytes([ZSTD_IDS]) + WITH_IDS[1:], "CRC"),
+    (bytes([ZSTD_DICT]) + _frame(struct.pack("<II", 1, 2) + b"{}")[1:], "CRC"),
     (bytes([ZSTD]) + b"\0\0\0", "CRC"),
     (_record(b""), "frame parameters"),
     (_record(b"not a zstd frame"), "frame"),
@@ -138,7 +154,7 @@ def _frame(raw: bytes, checksum: bool = True, size: bool = True) -> bytes:
     (_frame(b"ab"), "no event count"),
     (_frame(struct.pack("<I", 0), checksum=False), "not one pack"),
     (_frame(struct.pack("<I", 0), size=False), "content size"),
-], ids=["empty", "tag", "tag-1-to-2", "tag-2-to-1", "short", "no-frame", "not-zstd", "lengths-past-end", "left-over", "count",
+], ids=["empty", "tag", "tag-3-to-4", "tag-4-to-3", "tag-3-to-1", "tag-4-to-2", "tag-1-to-3", "short", "no-frame", "not-zstd", "lengths-past-end", "left-over", "count",
         "no-count", "no-checksum", "no-size"])
 def test_each_kind_of_bad_layout_is_damage(record: bytes, why: str) -> None:
     with pytest.raises(DamagedRecord, match=why):
@@ -177,3 +193,47 @@ def test_threads_pack_and_unpack_at_once() -> None:
     for t in threads:
         t.join()
     assert wrong == []
+
+
+def test_small_records_are_packed_with_the_dictionary_and_large_ones_without() -> None:
+    small, large = [b'{"n":1}'] * 3, [b'{"n":%05d}' % i for i in range(DICT_BELOW // 8)]
+    assert [pack(small)[0], pack(small, [1, 2, 3])[0]] == [ZSTD_DICT, ZSTD_DICT_IDS]
+    assert [pack(large)[0], pack(large, list(range(len(large))))[0]] == [ZSTD, ZSTD_IDS]
+    assert unpack_ids(pack(large, list(range(len(large))))) == (large, list(range(len(large))))
+
+
+def test_records_an_older_agent_packed_without_the_dictionary_read_back() -> None:
+    """Spool v3 packed every record with zstd alone, small ones too (tags 1 and 2)."""
+    bodies = [b'{"name":"e","id":1}', b'{"name":"f","id":2}']
+    lengths = struct.pack("<II", *map(len, bodies))
+    assert unpack(_frame(struct.pack("<I", 2) + lengths + b"".join(bodies))) == bodies
+    ids = b"[1,2]"
+    frame = zstandard.ZstdCompressor(level=1, write_checksum=True).compress(
+        struct.pack("<II", 2, len(ids)) + lengths + b"".join(bodies) + ids)
+    tag = bytes([ZSTD_IDS])
+    record = tag + struct.pack("<I", zlib.crc32(frame, zlib.crc32(tag))) + frame
+    assert unpack_ids(record) == (bodies, [1, 2])
+
+
+def test_the_dictionary_never_changes() -> None:
+    """Every record packed with it needs exactly these bytes to be read: another dictionary
+    is another codec tag, never an edit of this one."""
+    import hashlib
+    assert len(ZSTD_DICT_V1) == 3191
+    assert hashlib.blake2b(ZSTD_DICT_V1, digest_size=16).hexdigest() == "ea8dc6b85bfae9f6ec98f9cd64caec84"
+
+
+@pytest.mark.parametrize("event", [
+    b'{"type":"event","name":"clicked-save","date":"2026-12-03T01:10:00.123Z","appId":"notes",'
+    b'"id":1000,"userId":null,"machineId":"3f2a9c1b7e","sessionId":123456,"payload":{"doc":"a"}}',
+    b'{"type":"track","event":"Order Completed","userId":"user-1234","anonymousId":null,'
+    b'"messageId":"78e15b4f-dba0-480f-b9c7-d18fb8eabe7c","timestamp":"2026-12-03T01:10:00.123Z",'
+    b'"properties":{"orderId":"o-1","revenue":19.99},"context":{"library":{"name":'
+    b'"analytics-python","version":"2.4.0"}},"integrations":{},'
+    b'"receivedAt":"2026-12-03T01:10:00.160Z"}',
+], ids=["nucleus", "segment"])
+def test_a_lone_event_takes_far_less_room_with_the_dictionary(event: bytes) -> None:
+    raw = struct.pack("<II", 1, len(event)) + event
+    alone = len(zstandard.ZstdCompressor(level=1, write_checksum=True,
+                                         write_content_size=True).compress(raw))
+    assert len(pack([event])) - 5 < 0.7 * alone

@@ -16,7 +16,7 @@ from hypothesis import strategies as st
 from agent.families.event import NUCLEUS, SEGMENT, Event, dedupe_key
 from agent.settings import StorageConfig, UpstreamConfig
 from agent.spool import Spool
-from agent.spool.records import ZSTD, ZSTD_IDS
+from agent.spool.records import ZSTD_DICT, ZSTD_DICT_IDS
 from agent.spool.types import Queued, Row, Run
 from agent.uplinks.base import UplinkBase
 from agent.uplinks.nucleus_http import NucleusHttpUplink
@@ -165,11 +165,11 @@ async def test_ids_ingest_read_are_stored_with_the_events_and_old_records_still_
             kw = {"ack_id": extra.get("id")} if read else {}
             return Event("k", NUCLEUS, dedupe_key("k", i), orjson.dumps(ev), **kw)
 
-        await spool.append([nucleus(i, False, id=f"old{i}") for i in range(3)])  # tag 1
+        await spool.append([nucleus(i, False, id=f"old{i}") for i in range(3)])  # no ids
         await spool.append([nucleus(i, True, id=i) for i in range(3, 6)]
-                           + [nucleus(6, True)])                                 # ZSTD_IDS
+                           + [nucleus(6, True)])                                 # with ids
         tags = await spool.reader_side.read("SELECT substr(data, 1, 1) FROM records ORDER BY id")
-        assert [t[0] for t in tags] == [bytes([ZSTD]), bytes([ZSTD_IDS])]
+        assert [t[0] for t in tags] == [bytes([ZSTD_DICT]), bytes([ZSTD_DICT_IDS])]
         queued = await spool.fetch(spool.streams["k"].id, 0, 100)
         assert [r.ids for r in queued.runs] == [None, [3, 4, 5, None]]
         cfg = UpstreamConfig(name="n", protocol="nucleus-ws", url=fake.url, timeout_s=5)

@@ -27,7 +27,7 @@ from agent.spool.commit import Outcome
 from agent.spool.db import load_state
 from agent.spool.dedupe import keys_to_bytes
 from agent.spool.records import pack
-from agent.spool.schema import VERSION, SpoolTooNew, SpoolUnusable, open_read_only
+from agent.spool.schema import SUMMARY_SINCE, VERSION, SpoolTooNew, SpoolUnusable, open_read_only
 from agent.spool.writer import RECORD_EVENTS
 
 # Summaries on /status and the page: the newest reasons, not every one.
@@ -102,7 +102,7 @@ _COUNTED = ("SELECT count(*) FROM dead",
 
 def summary(conn: sqlite3.Connection, newest: int | None = None) -> dict[str, Any]:
     """Counts grouped by (reason, upstream), newest first; ``newest`` caps the groups."""
-    total, groups = _COUNTED if _user_version(conn) < VERSION else _KEPT
+    total, groups = _COUNTED if _user_version(conn) < SUMMARY_SINCE else _KEPT
     return {"count": conn.execute(total).fetchone()[0], "groups": _groups(conn, groups, newest)}
 
 

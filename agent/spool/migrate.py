@@ -12,8 +12,9 @@
 - 1 (before priority lanes): a lane per record and dead letter, and the (stream, lane,
   id) index (migrate_lanes.py), then as 2, in one transaction;
 - 2 (before the kept dead-letter summary): its tables and triggers, filled from the dead
-  letters (migrate_dead.py), in one transaction;
-- anything else: nothing to do (an empty file gets v3 from the spool's open).
+  letters (migrate_dead.py), then as 3, in one transaction;
+- 3 (before the built-in dictionary): the version alone; its records are read as they are;
+- anything else: nothing to do (an empty file gets v4 from the spool's open).
 
 v0 -> v1, nothing lost:
 
@@ -97,7 +98,7 @@ def upgrade(conn: sqlite3.Connection, alive: Callable[[], None] | None = None) -
     found = _user_version(conn)
     if found == 0 and _has_table(conn, "events"):
         step = _upgrade_v0
-    elif found in (1, 2):
+    elif found in (1, 2, 3):
         step = functools.partial(_upgrade_from, found)
     else:
         return
@@ -139,18 +140,21 @@ def _upgrade_v0(conn: sqlite3.Connection) -> None:
 
 
 def _upgrade_from(found: int, conn: sqlite3.Connection) -> None:
-    """v1 or v2 to ``VERSION``, each step after the other, in one transaction."""
+    """v1, v2 or v3 to ``VERSION``, each step after the other, in one transaction."""
     with transaction(conn):
         if _user_version(conn) != found:  # checked again under the write lock, as for v0
             return
         high = migrate_lanes.to_v2(conn) if found == 1 else None
-        groups = migrate_dead.to_v3(conn)
+        groups = migrate_dead.to_v3(conn) if found <= 2 else None
         conn.execute(f"PRAGMA user_version = {VERSION}")
     if high is not None:
         log.warning("spool migrated to format v2 (priority lanes): %d queued records and "
                     "dead letters put in the high lane", high)
-    log.warning("spool migrated to format v%d (dead letters summarised as they come and go): "
-                "%d (reason, upstream) groups", VERSION, groups)
+    if groups is not None:
+        log.warning("spool migrated to format v3 (dead letters summarised as they come and "
+                    "go): %d (reason, upstream) groups", groups)
+    log.warning("spool migrated to format v%d (small records packed with a dictionary)",
+                VERSION)
 
 
 def _user_version(conn: sqlite3.Connection) -> int:
