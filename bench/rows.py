@@ -99,7 +99,7 @@ def backlog_rows(b: dict[str, Any]) -> list[Row]:
     out: list[Row] = []
     empty = b.get("empty_spool") or {}
     for name, r in b.items():
-        if name == "empty_spool":
+        if name in ("empty_spool", "lone"):
             continue
         # Older results have no "events": their drains were all of Nucleus events.
         kind = r.get("events", "nucleus")
@@ -152,6 +152,12 @@ def backlog_rows(b: dict[str, Any]) -> list[Row]:
                     f"empty spool {fmt(r['startup_empty_s'], 's')} "
                     f"({ratio(r['startup_backlog_s'], r['startup_empty_s'])})", "< 1 s",
                     _met(0 < r["startup_backlog_s"] < 1.0)))
+    for kind, r in (b.get("lone") or {}).items():
+        per, raw = r["bytes_per_event"], r["raw_bytes_per_event"]
+        out.append((f"{kind} events posted one a request ({r['keys']} apps in turn, offline): "
+                    "spool bytes per event", f"{per:.0f} B", "",
+                    f"raw JSON {raw:.0f} B ({ratio(per, raw)}); {r['queued']:,} events",
+                    "≤ 0.5× raw", _met(per <= 0.5 * raw)))
     return out
 
 

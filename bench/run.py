@@ -8,7 +8,8 @@ workloads offered at a fixed rate (open loop), naive and Outpost; (2) backlog: t
 batch rate, then per drain (an uplink and the family of the events queued for
 it) a backlog filled with the upstream offline (the
 growing spool), its disk bytes and startup, the drain against the fake
-upstream beside that sink's own ceiling, and the refill (space reuse);
+upstream beside that sink's own ceiling, and the refill (space reuse); then the disk
+bytes of events posted one at a time (bench/lone.py);
 (3) idle: wakeups of an agent with nothing to do. Results: a table on stdout
 and JSON in bench/out/.
 """
@@ -24,7 +25,7 @@ import time
 from pathlib import Path
 from typing import Any
 
-from . import drain, idle, loadgen, report
+from . import drain, idle, loadgen, lone, report
 from .harness import Harness, wait_empty
 from .loadgen import Load
 from .meters import CpuWindow, per_million
@@ -255,6 +256,11 @@ class Bench(Harness):
                                       reuse=i == len(drains) - 1)
         fill = self.memory.get("fill", (0, 0, 0))
         self.peak("ingest", fill[:2], fill[1] - fill[2])
+        # Each commit one event (a quiet device's apps): what a record costs alone.
+        events = 2_000 if self.args.quick else 10_000
+        out["lone"] = {kind: lone.lone(self.dir("lone"), kind, events) for kind in lone.KINDS}
+        for kind, r in out["lone"].items():
+            print(lone.line(kind, r), flush=True)
         return out
 
 
