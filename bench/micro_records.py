@@ -1,22 +1,26 @@
 """Packed records, alone: `python -m bench.micro_records [--seconds S]`.
 
-µs per event to pack and unpack 100 x ~204-byte Segment events (one record per
-100-event request) and 1 event (one record per single-event request), the record's
-size over the raw JSON, and same-run references on the same bodies: `b"".join`
-(the least any packing costs) and `orjson.loads` of each body (the parse ingest
-already pays per event). Each figure is the best of several timed rounds, each
-round bounded by --seconds.
+µs per event to pack and unpack records of 500, 100, 16 and 1 ~204-byte Segment events
+(one record per commit group: a busy key's, one 100-event request's, a commit of 16
+single-event requests, one request alone), the record's size over the raw JSON, and
+same-run references on the same bodies: `b"".join` (the least any packing costs),
+`orjson.loads` of each body (the parse ingest already pays per event), and the same
+layout compressed by zstd alone, without the built-in dictionary that records under
+``records.DICT_BELOW`` get (dictionary.py): its size and µs. Each figure is the best of
+several timed rounds, each round bounded by --seconds.
 """
 
 from __future__ import annotations
 
 import argparse
 import random
+import struct
 import time
 import uuid
 from collections.abc import Callable
 
 import orjson
+import zstandard
 
 from agent.spool.records import pack, unpack
 
@@ -54,13 +58,19 @@ def measure(batch: int, seconds: float) -> dict[str, float]:
     record = pack(bodies)
     assert unpack(record) == bodies
     raw = sum(map(len, bodies))
+    # The same layout as pack's, compressed as a record was before the dictionary.
+    layout = struct.pack("<I", batch) + struct.pack(f"<{batch}I", *map(len, bodies)) \
+        + b"".join(bodies)
+    alone = zstandard.ZstdCompressor(level=1, write_checksum=True, write_content_size=True)
     return {
         "pack": per_call_us(lambda: pack(bodies), seconds) / batch,
         "unpack": per_call_us(lambda: unpack(record), seconds) / batch,
+        "zstd alone (ref)": per_call_us(lambda: alone.compress(layout), seconds) / batch,
         "join (ref)": per_call_us(lambda: b"".join(bodies), seconds) / batch,
         "orjson.loads (ref)": per_call_us(lambda: [orjson.loads(b) for b in bodies], seconds) / batch,
         "raw bytes/event": raw / batch,
         "record/raw": len(record) / raw,
+        "zstd alone/raw (ref)": (len(alone.compress(layout)) + 5) / raw,
     }
 
 
@@ -68,7 +78,7 @@ def main() -> None:
     p = argparse.ArgumentParser(prog="python -m bench.micro_records", description=__doc__)
     p.add_argument("--seconds", type=float, default=1.0, help="time per figure (default 1)")
     args = p.parse_args()
-    for batch in (100, 1):
+    for batch in (500, 100, 16, 1):
         figures = measure(batch, args.seconds)
         print(f"{batch} event(s) per record: " + ", ".join(
             f"{k} {v:.3f}" if "/" in k else f"{k} {v:.2f} µs/event" for k, v in figures.items()))
