@@ -139,6 +139,19 @@ def test_under_a_cap_no_key_is_ever_taken_for_a_resend_wrongly(calls: list[list[
         assert len(index) + index.forgotten == news
 
 
+def test_remembered_keys_are_resends_from_then_on_and_the_cap_still_holds() -> None:
+    """``remember``: ``admit`` without the lookups, for keys known new (a commit's)."""
+    index = DedupeIndex(WINDOW, max_keys=32)  # buckets of at most 2 keys
+    for n in range(16):
+        index.remember([2 * n, 2 * n + 1], DAY0 + n, n)
+    index.remember([], DAY0 + 16, 16)
+    assert len(index) == 32 and index.forgotten == 0
+    assert index.admit([0, 31, 32], DAY0 + 16, 16) == [False, False, True]
+    # The oldest bucket went to make room for 32, as admit would have done.
+    assert index.forgotten == 2 and 0 not in index and 2 in index
+    assert index.expire(DAY0 + 16 + WINDOW, 16 + WINDOW) == 31 and len(index) == 0
+
+
 def test_more_keys_than_the_cap_in_one_call_keeps_the_newest() -> None:
     index = DedupeIndex(WINDOW, max_keys=4)
     assert index.admit(list(range(10)), DAY0, 0) == [True] * 10

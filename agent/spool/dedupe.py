@@ -110,6 +110,14 @@ class DedupeIndex:
                     firsts.add(k)
         return flags
 
+    def remember(self, keys: Sequence[int], wall_ms: int, observed_ms: int) -> None:
+        """``admit`` of keys the caller has found absent, none twice: a commit's, checked
+        against the index when the commit was built, with nothing admitted since (the
+        writer builds the next commit only once this one is remembered). No lookup per key:
+        on a 100-event batch that lookup was 3% of the loop's time."""
+        if keys:
+            self._remember(array("q", keys), wall_ms, observed_ms)
+
     def load(self, keys: bytes | Sequence[int], wall_ms: int, observed_ms: int) -> None:
         """Remember keys received at ``wall_ms`` / ``observed_ms`` (by the agent's count),
         as stored with a record (``keys_to_bytes``). Call in the order they were received:

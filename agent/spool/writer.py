@@ -299,8 +299,10 @@ class Writer:
                 stored.append(self._each(p, seen, here, latest, groups, part))
                 part.duplicates = 1 - stored[-1]
                 continue
-            taken = p.usual
-            if taken is None or not seen.isdisjoint(taken.keyset):
+            # Taken in whole first: a request is seldom a resend, and the index is then
+            # asked once for all its keys rather than once for each.
+            taken = p.usual or usual(p.events)
+            if taken is not None and not seen.isdisjoint(taken.keyset):
                 fresh = [ev for ev in p.events if ev.dedupe not in seen]
                 taken = usual(fresh) if fresh else None
             if taken is None or not here.isdisjoint(taken.keyset):
@@ -462,7 +464,7 @@ class Writer:
             if since_yield >= SLICE_EVENTS:
                 since_yield = 0
                 await asyncio.sleep(0)
-            self.index.admit(g.keys, wall, observed)
+            self.index.remember(g.keys, wall, observed)
             self.live.add(g.id, len(g.bodies), observed)
             since_yield += len(g.bodies)
         if self.index.forgotten > forgotten:
