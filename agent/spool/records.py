@@ -76,8 +76,8 @@ class _Contexts(threading.local):
         self.compressor = zstandard.ZstdCompressor(level=1, write_checksum=True,
                                                    write_content_size=True)
         self.decompressor = zstandard.ZstdDecompressor()
-        # Prepared once per thread: a small record's compression then starts from the
-        # dictionary's tables instead of building its own (faster than without it).
+        # Prepared once per thread, not loaded again for each record: ~0.6 µs a record
+        # more than zstd alone (bench/micro_records.py).
         ready = zstandard.ZstdCompressionDict(ZSTD_DICT_V1,
                                               dict_type=zstandard.DICT_TYPE_RAWCONTENT)
         ready.precompute_compress(level=1)
