@@ -8,6 +8,7 @@ documents it (records.py, dedupe.keys_to_bytes), independently of the spool's re
 from __future__ import annotations
 
 import contextlib
+import shutil
 import sqlite3
 from array import array
 from collections.abc import Iterable
@@ -47,6 +48,16 @@ class Stored:
     received: int
     dkey: int
     body: bytes
+
+
+DATA = Path(__file__).parent / "data"
+
+
+def copy_of(fixture: Path, tmp_path: Path) -> Path:
+    """A spool file of tests/data copied as ``tmp_path/spool.db``, for a test to change."""
+    path = tmp_path / "spool.db"
+    shutil.copy(fixture, path)
+    return path
 
 
 def connect(path: Path) -> contextlib.closing[sqlite3.Connection]:

@@ -29,17 +29,15 @@ from agent.spool.db import PAST
 from agent.spool.migrate import RECORD_MAX, SpoolTooNew, upgrade
 from agent.spool.schema import SCHEMA, VERSION
 from tests.conftest import AgentProcess, free_port, write_config
-from tests.spool_files import Stored, build_v0, connect, covering, keys_of, read_v1
+from tests.spool_files import DATA, Stored, build_v0, connect, copy_of, covering, keys_of, read_v1
 
-FIXTURE = Path(__file__).parent / "data" / "spool-v0.db"
+FIXTURE = DATA / "spool-v0.db"
 ROOT = Path(__file__).parent.parent
 
 
 @pytest.fixture
 def v0(tmp_path: Path) -> Path:
-    path = tmp_path / "spool.db"
-    shutil.copy(FIXTURE, path)
-    return path
+    return copy_of(FIXTURE, tmp_path)
 
 
 def read_v0(path: Path) -> tuple[list[tuple[Stored, int | None]], list[tuple[int, int]]]:

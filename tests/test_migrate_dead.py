@@ -9,7 +9,6 @@ two upstreams and three reasons, and 10 queued (two in the high lane).
 
 from __future__ import annotations
 
-import shutil
 import sqlite3
 from pathlib import Path
 
@@ -19,17 +18,15 @@ from agent.settings import StorageConfig
 from agent.spool import Spool, dead, dead_live
 from agent.spool.migrate import upgrade
 from agent.spool.schema import VERSION
-from tests.spool_files import connect, failed_midway_changes_nothing, table
+from tests.spool_files import DATA, connect, copy_of, failed_midway_changes_nothing, table
 
-FIXTURE = Path(__file__).parent / "data" / "spool-v2.db"
+FIXTURE = DATA / "spool-v2.db"
 KEPT = ("records", "dead", "spent", "counters", "streams", "clock_marks")
 
 
 @pytest.fixture
 def v2(tmp_path: Path) -> Path:
-    path = tmp_path / "spool.db"
-    shutil.copy(FIXTURE, path)
-    return path
+    return copy_of(FIXTURE, tmp_path)
 
 
 def counted(path: Path) -> list[tuple[object, ...]]:

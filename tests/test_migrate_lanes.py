@@ -10,7 +10,6 @@ key, resends (duplicates), counters and clock marks.
 from __future__ import annotations
 
 import contextlib
-import shutil
 import sqlite3
 from array import array
 from pathlib import Path
@@ -25,17 +24,15 @@ from agent.spool import Spool, dead, dead_live, records
 from agent.spool.migrate import upgrade
 from agent.spool.salvage import Carry, salvage
 from agent.spool.schema import SCHEMA, VERSION
-from tests.spool_files import connect, failed_midway_changes_nothing, table
+from tests.spool_files import DATA, connect, copy_of, failed_midway_changes_nothing, table
 
-FIXTURE = Path(__file__).parent / "data" / "spool-v1.db"
+FIXTURE = DATA / "spool-v1.db"
 TABLES = ("spent", "counters", "streams", "clock_marks")
 
 
 @pytest.fixture
 def v1(tmp_path: Path) -> Path:
-    path = tmp_path / "spool.db"
-    shutil.copy(FIXTURE, path)
-    return path
+    return copy_of(FIXTURE, tmp_path)
 
 
 def test_the_v1_fixture_is_migrated_with_nothing_lost(v1: Path) -> None:

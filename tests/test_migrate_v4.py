@@ -9,7 +9,6 @@ the high lane) and a Segment key with 5 queued in two commits.
 
 from __future__ import annotations
 
-import shutil
 import sqlite3
 from pathlib import Path
 
@@ -23,18 +22,16 @@ from agent.spool import Spool
 from agent.spool.migrate import upgrade
 from agent.spool.records import ZSTD, ZSTD_DICT, ZSTD_IDS, unpack
 from agent.spool.schema import VERSION
-from tests.spool_files import connect, table
+from tests.spool_files import DATA, connect, copy_of, table
 
-FIXTURE = Path(__file__).parent / "data" / "spool-v3.db"
+FIXTURE = DATA / "spool-v3.db"
 KEPT = ("records", "dead", "spent", "counters", "streams", "clock_marks", "dead_groups",
         "dead_times")
 
 
 @pytest.fixture
 def v3(tmp_path: Path) -> Path:
-    path = tmp_path / "spool.db"
-    shutil.copy(FIXTURE, path)
-    return path
+    return copy_of(FIXTURE, tmp_path)
 
 
 def test_the_v3_fixture_is_migrated_with_nothing_changed_but_its_version(v3: Path) -> None:
