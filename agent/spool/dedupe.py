@@ -114,7 +114,8 @@ class DedupeIndex:
         """``admit`` of keys the caller has found absent, none twice: a commit's, checked
         against the index when the commit was built, with nothing admitted since (the
         writer builds the next commit only once this one is remembered). No lookup per key:
-        on a 100-event batch that lookup was 3% of the loop's time."""
+        with the commit's own lookups made one per request, 1-2% of a 100-event batch's
+        instructions (bench/RESULTS.md run 29)."""
         if keys:
             self._remember(array("q", keys), wall_ms, observed_ms)
 
