@@ -53,7 +53,7 @@ def test_the_v2_fixture_is_migrated_with_nothing_lost(v2: Path) -> None:
     with connect(v2) as db:
         upgrade(db)
 
-    assert table(v2, "PRAGMA user_version") == [(VERSION,)] == [(4,)]
+    assert table(v2, "PRAGMA user_version") == [(VERSION,)] == [(5,)]
     assert table(v2, "PRAGMA integrity_check") == [("ok",)]
     for name, rows in kept.items():
         assert table(v2, f"SELECT * FROM {name} ORDER BY 1") == rows, name

@@ -139,7 +139,7 @@ def _frame(raw: bytes, checksum: bool = True, size: bool = True) -> bytes:
 
 @pytest.mark.parametrize(("record", "why"), [
     (b"", "codec tag"),
-    (bytes([5]) + SAMPLE[1:], "codec tag"),
+    (bytes([7]) + SAMPLE[1:], "codec tag"),
     (bytes([ZSTD_DICT_IDS]) + SAMPLE[1:], "CRC"),
     (bytes([ZSTD_DICT]) + WITH_IDS[1:], "CRC"),
     (bytes([ZSTD]) + SAMPLE[1:], "CRC"),

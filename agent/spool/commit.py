@@ -20,9 +20,10 @@ from typing import Any
 
 from agent.families.lanes import HIGH, NORMAL
 from agent.outcomes import Counts, Drop, Tally, record
+from agent.spool.codebook import lookup, save
 from agent.spool.db import add_counters, advance_mark, keys_from_bytes, mark, transaction, used_bytes
 from agent.spool.dedupe import keys_to_bytes
-from agent.spool.records import DamagedRecord, pack, unpack
+from agent.spool.records import DamagedRecord, Learned, pack, unpack
 
 # Estimating what a record row takes in the file (``row_bytes``), to tell whether a group
 # still fits under max_size_mb between measurements. SQLite keeps whole rows in a page:
@@ -111,6 +112,8 @@ class Job:
     # Set as its COMMIT starts, or as it fails before: the loop waits for it while this
     # thread runs a small commit's statements (writer.HAND_OVER_S).
     committing: threading.Event | None = None
+    # The learned dictionary small groups are packed with (codebook.py); stored with them.
+    learned: Learned | None = None
 
 
 @dataclass(slots=True)
@@ -143,8 +146,8 @@ def _commit(conn: sqlite3.Connection, job: Job) -> Outcome:
     out = Outcome()
     # Compressing is the costly part: done before BEGIN, so the write lock is held less
     # (small groups come packed from the loop: see writer.PACK_ON_LOOP_BYTES).
-    packed = [(g, pack(g.bodies, g.ids) if g.data is None else g.data, keys_to_bytes(g.keys))
-              for g in job.groups]
+    packed = [(g, pack(g.bodies, g.ids, job.learned) if g.data is None else g.data,
+               keys_to_bytes(g.keys)) for g in job.groups]
     with transaction(conn, job.committing):
         if job.mark is not None:
             mark(conn, *job.mark)
@@ -199,7 +202,7 @@ def _store(conn: sqlite3.Connection, job: Job, packed: list[tuple[Group, bytes, 
     made room for is deleted: the others are stored."""
     inserted = sum(row_bytes(len(d) + len(k)) for _, d, k in packed)
     if room - inserted >= MEASURE_WITHIN:   # far from the cap: nothing can go wrong
-        _insert(conn, packed)
+        _insert(conn, packed, job.learned)
         _count_inserted(packed, out)
         return inserted
     kept = list(range(len(job.parts)))
@@ -246,7 +249,7 @@ def _fit(conn: sqlite3.Connection, job: Job, packed: list[tuple[Group, bytes, by
             if excess > 0:
                 return excess
         conn.execute("SAVEPOINT rows")
-        _insert(conn, packed)
+        _insert(conn, packed, job.learned)
         over = used_bytes(conn) - job.max_bytes if measure else 0
         if over <= 0:
             conn.execute("RELEASE rows")
@@ -257,7 +260,10 @@ def _fit(conn: sqlite3.Connection, job: Job, packed: list[tuple[Group, bytes, by
         excess = over
 
 
-def _insert(conn: sqlite3.Connection, packed: list[tuple[Group, bytes, bytes]]) -> None:
+def _insert(conn: sqlite3.Connection, packed: list[tuple[Group, bytes, bytes]],
+            learned: Learned | None) -> None:
+    if learned is not None:
+        save(conn, learned)
     conn.executemany(
         "INSERT INTO records(id, stream, family, n, received, live, bytes, dkeys, data, lane) "
         "VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
@@ -322,7 +328,7 @@ def _regroup(job: Job, kept: list[int]) -> list[tuple[Group, bytes, bytes]]:
         new = Group(g.id, g.stream, g.family, g.received, bodies,
                     array("q", [g.keys[i] for i in at]), sum(map(len, bodies)), None, ids,
                     g.lane)
-        packed.append((new, pack(bodies, ids), keys_to_bytes(new.keys)))
+        packed.append((new, pack(bodies, ids, job.learned), keys_to_bytes(new.keys)))
     return packed
 
 
@@ -358,7 +364,7 @@ def _settle(conn: sqlite3.Connection, s: Settle, job: Job, out: Outcome) -> None
     freed = nbytes
     try:
         if dead or left:
-            bodies = unpack(data)
+            bodies = unpack(data, lookup(conn))
     except DamagedRecord:
         _drop_damaged(conn, s, job, out, [o for o in new if o not in dead])
         return

@@ -27,6 +27,8 @@ from typing import Any, TypeVar
 
 from agent.families.lanes import HIGH
 from agent.outcomes import Counts, from_names
+from agent.spool.codebook import newest
+from agent.spool.records import Learned
 
 T = TypeVar("T")
 
@@ -208,6 +210,7 @@ class State:
     live: list[tuple[int, int, int]]              # live records: (id, n, observed)
     keys: list[tuple[bytes, int, int]]            # newest dedupe keys by receipt: (keys, wall, observed)
     high: dict[int, int]                          # stream id -> events queued in its high lane
+    learned: Learned | None                       # the dictionary small records are packed with
 
 
 def load_state(conn: sqlite3.Connection, now_observed: int, max_keys: int) -> State:
@@ -248,7 +251,8 @@ def load_state(conn: sqlite3.Connection, now_observed: int, max_keys: int) -> St
     keys.reverse()
     high = dict(conn.execute(f"SELECT stream, sum(live) FROM records WHERE lane = {HIGH} "
                              "GROUP BY stream").fetchall())
-    return State(top + 1, streams, counters, dead, used_bytes(conn), observed, live, keys, high)
+    return State(top + 1, streams, counters, dead, used_bytes(conn), observed, live, keys, high,
+                 newest(conn))
 
 
 def keys_from_bytes(data: bytes) -> array[int]:

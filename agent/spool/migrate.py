@@ -13,8 +13,9 @@
   id) index (migrate_lanes.py), then as 2, in one transaction;
 - 2 (before the kept dead-letter summary): its tables and triggers, filled from the dead
   letters (migrate_dead.py), then as 3, in one transaction;
-- 3 (before the built-in dictionary): the version alone; its records are read as they are;
-- anything else: nothing to do (an empty file gets v4 from the spool's open).
+- 3 (before the built-in dictionary): as 4; its records are read as they are;
+- 4 (before learned dictionaries): their table (codebook.DICTS), empty;
+- anything else: nothing to do (an empty file gets v5 from the spool's open).
 
 v0 -> v1, nothing lost:
 
@@ -55,6 +56,7 @@ from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import dataclass, field
 
 from agent.spool import migrate_dead, migrate_lanes, records
+from agent.spool.codebook import DICTS
 from agent.spool.db import PAST, transaction
 from agent.spool.dedupe import keys_to_bytes
 from agent.spool.schema import SCHEMA, VERSION, SpoolTooNew
@@ -98,7 +100,7 @@ def upgrade(conn: sqlite3.Connection, alive: Callable[[], None] | None = None) -
     found = _user_version(conn)
     if found == 0 and _has_table(conn, "events"):
         step = _upgrade_v0
-    elif found in (1, 2, 3):
+    elif found in (1, 2, 3, 4):
         step = functools.partial(_upgrade_from, found)
     else:
         return
@@ -140,12 +142,14 @@ def _upgrade_v0(conn: sqlite3.Connection) -> None:
 
 
 def _upgrade_from(found: int, conn: sqlite3.Connection) -> None:
-    """v1, v2 or v3 to ``VERSION``, each step after the other, in one transaction."""
+    """v1 to v4 to ``VERSION``, each step after the other, in one transaction."""
     with transaction(conn):
         if _user_version(conn) != found:  # checked again under the write lock, as for v0
             return
         high = migrate_lanes.to_v2(conn) if found == 1 else None
         groups = migrate_dead.to_v3(conn) if found <= 2 else None
+        for statement in DICTS:
+            conn.execute(statement)
         conn.execute(f"PRAGMA user_version = {VERSION}")
     if high is not None:
         log.warning("spool migrated to format v2 (priority lanes): %d queued records and "
@@ -153,8 +157,8 @@ def _upgrade_from(found: int, conn: sqlite3.Connection) -> None:
     if groups is not None:
         log.warning("spool migrated to format v3 (dead letters summarised as they come and "
                     "go): %d (reason, upstream) groups", groups)
-    log.warning("spool migrated to format v%d (small records packed with a dictionary)",
-                VERSION)
+    log.warning("spool migrated to format v%d (small records packed with a dictionary "
+                "learned from the device's events)", VERSION)
 
 
 def _user_version(conn: sqlite3.Connection) -> int:

@@ -16,6 +16,7 @@ from typing import Any, Protocol
 
 from agent.families.lanes import LANES
 from agent.spool import db as spool_db
+from agent.spool.codebook import lookup
 from agent.spool.db import SqliteThread
 from agent.spool.records import DamagedRecord, unpack_ids
 from agent.spool.types import Queued, Run
@@ -125,7 +126,7 @@ class Reader:
                 break
             if rid + n <= after + 1:
                 continue
-            got = self._unpack(rid, data, n)
+            got = self._unpack(conn, rid, data, n)
             if got is None:
                 damaged.append(rid)
                 continue
@@ -153,7 +154,7 @@ class Reader:
         cur.close()
         return left, room
 
-    def _unpack(self, rid: int, data: bytes, n: int
+    def _unpack(self, conn: sqlite3.Connection, rid: int, data: bytes, n: int
                 ) -> tuple[list[bytes], list[Any] | None] | None:
         key = (rid, n, len(data))
         got = self._cache.get(key)
@@ -161,7 +162,7 @@ class Reader:
             self._cache.move_to_end(key)
             return got
         try:
-            got = unpack_ids(data)
+            got = unpack_ids(data, lookup(conn))
         except DamagedRecord:
             return None
         if len(got[0]) != n:

@@ -8,7 +8,11 @@ frame, level 1, with a content checksum, of (all little-endian)::
 
 Tags ZSTD_DICT and ZSTD_DICT_IDS are the same two layouts compressed with the built-in
 dictionary (dictionary.py), which a record under DICT_BELOW bytes gets: zstd alone made
-a lone event 0.8-0.9x its JSON, having nothing earlier to refer to (spool v4).
+a lone event 0.8-0.9x its JSON, having nothing earlier to refer to (spool v4). Tags
+ZSTD_LEARNED and ZSTD_LEARNED_IDS are compressed with a dictionary learned from the
+device's own events (codebook.py, spool v5), named by an i64 between the CRC and the
+frame: the first 8 bytes of its BLAKE2b digest, so that a name means one dictionary in
+any file, and a damaged dictionary is told from a sound one.
 
 where the ids are a JSON array, one per body, of the Nucleus ``id`` each event is
 acknowledged by (null: it has none). Ingest has parsed every event already; keeping
@@ -32,12 +36,14 @@ keeps its own compressor and decompressor, reused across records.
 
 from __future__ import annotations
 
+import hashlib
 import struct
 import sys
 import threading
 import zlib
 from array import array
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
 from typing import Any
 
 import orjson
@@ -49,6 +55,8 @@ ZSTD = 1
 ZSTD_IDS = 2
 ZSTD_DICT = 3       # ZSTD's layout, compressed with the built-in dictionary
 ZSTD_DICT_IDS = 4   # ZSTD_IDS's, with it
+ZSTD_LEARNED = 5    # ZSTD's layout, compressed with a learned dictionary (codebook.py)
+ZSTD_LEARNED_IDS = 6
 # Raw bytes under which a record is packed with the dictionary. Past a few KiB of events
 # the record is its own context: the dictionary saved 7% at 16 events (~3 KiB) and under
 # 4% at 100, and it costs ~0.6 µs a record more (bench/micro_records.py).
@@ -57,10 +65,16 @@ DICT_BELOW = 8 * 1024
 # to allocate that much. Far above any commit group the spool packs.
 MAX_RAW_BYTES = 256 * 1024 * 1024
 
+# Learned dictionaries each thread keeps ready, by name: one is in use at a time, and a
+# reader may meet the one before it.
+LEARNED_KEPT = 4
+
 _U32 = struct.Struct("<I")
-_TAGS = (ZSTD, ZSTD_IDS, ZSTD_DICT, ZSTD_DICT_IDS)
-_WITH_IDS = (ZSTD_IDS, ZSTD_DICT_IDS)
+_I64 = struct.Struct("<q")
+_TAGS = (ZSTD, ZSTD_IDS, ZSTD_DICT, ZSTD_DICT_IDS, ZSTD_LEARNED, ZSTD_LEARNED_IDS)
+_WITH_IDS = (ZSTD_IDS, ZSTD_DICT_IDS, ZSTD_LEARNED_IDS)
 _WITH_DICT = (ZSTD_DICT, ZSTD_DICT_IDS)
+_LEARNED = (ZSTD_LEARNED, ZSTD_LEARNED_IDS)
 # What an id may be (families/nucleus.fault refuses any other); bool is an int to
 # isinstance, so the types are compared exactly.
 _ID_TYPES = frozenset({int, float, str, type(None)})
@@ -68,7 +82,29 @@ _LITTLE = sys.byteorder == "little"
 
 
 class DamagedRecord(Exception):
-    """A record that cannot be read back exactly: bad tag, checksum, size or layout."""
+    """A record that cannot be read back exactly: bad tag, checksum, size or layout, or
+    a learned dictionary missing or damaged."""
+
+
+@dataclass(frozen=True, slots=True)
+class Learned:
+    """A learned dictionary's raw content and its name (``name``)."""
+
+    id: int
+    body: bytes
+
+    @classmethod
+    def of(cls, body: bytes) -> Learned:
+        return cls(name(body), body)
+
+
+def name(body: bytes) -> int:
+    """A dictionary's name: its digest's first 8 bytes, as SQLite's signed integer."""
+    return int(_I64.unpack(hashlib.blake2b(body, digest_size=8).digest())[0])
+
+
+# A learned dictionary's raw content by name (None: there is none of that name).
+Dictionaries = Callable[[int], bytes | None]
 
 
 class _Contexts(threading.local):
@@ -85,14 +121,50 @@ class _Contexts(threading.local):
             level=1, dict_data=ready, write_checksum=True, write_content_size=True,
             write_dict_id=False)
         self.dict_decompressor = zstandard.ZstdDecompressor(dict_data=ready)
+        self.packers: dict[int, zstandard.ZstdCompressor] = {}
+        self.unpackers: dict[int, zstandard.ZstdDecompressor] = {}
 
 
 _ctx = _Contexts()
 
 
-def pack(bodies: Sequence[bytes], ids: Sequence[Any] | None = None) -> bytes:
+def _ready(body: bytes) -> zstandard.ZstdCompressionDict:
+    ready = zstandard.ZstdCompressionDict(body, dict_type=zstandard.DICT_TYPE_RAWCONTENT)
+    ready.precompute_compress(level=1)
+    return ready
+
+
+def _packer(learned: Learned) -> zstandard.ZstdCompressor:
+    packer = _ctx.packers.get(learned.id)
+    if packer is None:
+        if len(_ctx.packers) >= LEARNED_KEPT:
+            _ctx.packers.clear()
+        packer = _ctx.packers[learned.id] = zstandard.ZstdCompressor(
+            level=1, dict_data=_ready(learned.body), write_checksum=True,
+            write_content_size=True, write_dict_id=False)
+    return packer
+
+
+def _unpacker(dict_id: int, dicts: Dictionaries | None) -> zstandard.ZstdDecompressor:
+    unpacker = _ctx.unpackers.get(dict_id)
+    if unpacker is None:
+        body = None if dicts is None else dicts(dict_id)
+        if body is None:
+            raise DamagedRecord(f"learned dictionary {dict_id} is not in the spool")
+        if name(body) != dict_id:
+            raise DamagedRecord(f"learned dictionary {dict_id} is damaged")
+        if len(_ctx.unpackers) >= LEARNED_KEPT:
+            _ctx.unpackers.clear()
+        unpacker = _ctx.unpackers[dict_id] = zstandard.ZstdDecompressor(
+            dict_data=_ready(body))
+    return unpacker
+
+
+def pack(bodies: Sequence[bytes], ids: Sequence[Any] | None = None,
+         learned: Learned | None = None) -> bytes:
     """One record holding ``bodies`` in order, and with ``ids`` (one per body, each a str,
-    number or None) the ``ZSTD_IDS`` layout. ValueError past MAX_RAW_BYTES."""
+    number or None) the ``ZSTD_IDS`` layout; under DICT_BELOW, compressed with ``learned``,
+    or else the built-in dictionary. ValueError past MAX_RAW_BYTES."""
     lengths = array("I", map(len, bodies))
     if not _LITTLE:
         lengths.byteswap()
@@ -106,24 +178,36 @@ def pack(bodies: Sequence[bytes], ids: Sequence[Any] | None = None) -> bytes:
     raw = b"".join((head, lengths.tobytes(), *bodies, tail))
     if len(raw) > MAX_RAW_BYTES:
         raise ValueError(f"record of {len(raw)} bytes is over {MAX_RAW_BYTES}")
-    if len(raw) < DICT_BELOW:
+    if len(raw) >= DICT_BELOW:
+        tag = ZSTD if ids is None else ZSTD_IDS
+        frame = _ctx.compressor.compress(raw)
+    elif learned is None:
         tag = ZSTD_DICT if ids is None else ZSTD_DICT_IDS
         frame = _ctx.dict_compressor.compress(raw)
     else:
-        tag = ZSTD if ids is None else ZSTD_IDS
-        frame = _ctx.compressor.compress(raw)
+        tag = ZSTD_LEARNED if ids is None else ZSTD_LEARNED_IDS
+        frame = _I64.pack(learned.id) + _packer(learned).compress(raw)
     return b"".join((bytes([tag]), _U32.pack(_crc(tag, frame)), frame))
 
 
-def unpack(data: bytes) -> list[bytes]:
-    """The bodies ``pack`` was given. DamagedRecord for anything else."""
-    return unpack_ids(data)[0]
+def unpack(data: bytes, dicts: Dictionaries | None = None) -> list[bytes]:
+    """The bodies ``pack`` was given (``dicts``: where its learned dictionary is, if it
+    was given one). DamagedRecord for anything else."""
+    return unpack_ids(data, dicts)[0]
 
 
-def unpack_ids(data: bytes) -> tuple[list[bytes], list[Any] | None]:
+def learned_id(data: bytes) -> int | None:
+    """The name of the learned dictionary a record was packed with; None: none."""
+    if len(data) < 13 or data[0] not in _LEARNED:
+        return None
+    return int(_I64.unpack_from(data, 5)[0])
+
+
+def unpack_ids(data: bytes, dicts: Dictionaries | None = None
+               ) -> tuple[list[bytes], list[Any] | None]:
     """The bodies and ids ``pack`` was given (ids None: a record without them).
     DamagedRecord for anything else."""
-    tag, raw = _decompress(data)
+    tag, raw = _decompress(data, dicts)
     with_ids = tag in _WITH_IDS
     head = 8 if with_ids else 4
     if len(raw) < head:
@@ -160,13 +244,20 @@ def _crc(tag: int, frame: bytes | memoryview) -> int:
     return zlib.crc32(frame) if tag == ZSTD else zlib.crc32(frame, zlib.crc32(bytes([tag])))
 
 
-def _decompress(data: bytes) -> tuple[int, bytes]:
+def _decompress(data: bytes, dicts: Dictionaries | None) -> tuple[int, bytes]:
     tag = data[0] if data else -1
     if tag not in _TAGS:
         raise DamagedRecord(f"unknown codec tag {data[:1]!r}")
     if len(data) < 5 or _U32.unpack_from(data, 1)[0] != _crc(tag, memoryview(data)[5:]):
         raise DamagedRecord("CRC mismatch: damaged, cut short or extended")
-    frame = data[5:]
+    if tag in _LEARNED:
+        if len(data) < 13:
+            raise DamagedRecord("no dictionary name")
+        decompressor = _unpacker(_I64.unpack_from(data, 5)[0], dicts)
+        frame = data[13:]
+    else:
+        decompressor = _ctx.dict_decompressor if tag in _WITH_DICT else _ctx.decompressor
+        frame = data[5:]
     try:
         params = zstandard.get_frame_parameters(frame)
         # A flipped flag can turn the checksum off, or the size into a huge claim.
@@ -174,8 +265,7 @@ def _decompress(data: bytes) -> tuple[int, bytes]:
             raise DamagedRecord("frame header is not one pack() writes")
         if not 0 <= params.content_size <= MAX_RAW_BYTES:
             raise DamagedRecord(f"content size {params.content_size} out of range")
-        raw = (_ctx.dict_decompressor if tag in _WITH_DICT
-               else _ctx.decompressor).decompress(frame)
+        raw = decompressor.decompress(frame)
     except zstandard.ZstdError as exc:
         raise DamagedRecord(str(exc)) from exc
     if len(raw) != params.content_size:

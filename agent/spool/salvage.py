@@ -32,7 +32,7 @@ from agent.outcomes import Counts, Drop, Tally, from_names, record
 from agent.spool import migrate_lanes
 from agent.spool.db import add_counters, mark, transaction
 from agent.spool.migrate import V0_COLS, V0Row, pack_v0, recount_streams
-from agent.spool.records import DamagedRecord, unpack
+from agent.spool.records import DamagedRecord, Dictionaries, learned_id, pack, unpack_ids
 
 RECORD_COLS = "id, stream, family, n, received, live, gone, bytes, dkeys, data, lane"
 RECORD_TYPES = (int, int, int, int, int, int, (bytes, type(None)), int, bytes, bytes, int)
@@ -192,10 +192,12 @@ def _marks(cols: str) -> str:
 def _copy_v1(old: sqlite3.Connection, fresh: sqlite3.Connection, streams: set[int],
              out: Salvaged, cols: str) -> None:
     """Copy the records that unpack whole (v1 or v2: ``cols``), and the spent dedupe keys."""
+    # A damaged dictionary fails its name's check: the records packed with it are lost.
+    dicts = {int(i): bytes(b) for i, b in _try(old, "SELECT id, body FROM dicts") or ()}.get
     for rows in _scan(old, "records", "id", cols, out):
         keep = []
         for row in rows:
-            kept = _readable(row, streams)
+            kept = _readable(row, streams, dicts)
             if kept is None:
                 out.unsendable += _live_of(row)
             else:
@@ -208,16 +210,19 @@ def _copy_v1(old: sqlite3.Connection, fresh: sqlite3.Connection, streams: set[in
                            if _sound(r, SPENT_TYPES, family=False) and len(r[3]) % 8 == 0])
 
 
-def _readable(row: tuple[Any, ...], streams: set[int]) -> tuple[Any, ...] | None:
+def _readable(row: tuple[Any, ...], streams: set[int], dicts: Dictionaries
+              ) -> tuple[Any, ...] | None:
     """The record to keep, its live count and bytes recounted from what unpacks; None
     when it is damaged, or of an unknown stream (nowhere to send it)."""
     if not _sound(row, RECORD_TYPES) or row[1] not in streams:
         return None
     rid, stream, family, n, received, _, gone, _, dkeys, data = row[:10]
     try:
-        bodies = unpack(data)
+        bodies, ids = unpack_ids(data, dicts)
     except DamagedRecord:
         return None
+    if learned_id(data) is not None:   # the fresh file has no dictionaries: the built-in one
+        data = pack(bodies, ids)
     if len(bodies) != n or len(dkeys) != 8 * n or (gone is not None and len(gone) != (n + 7) // 8):
         return None
     alive = [i for i in range(n) if gone is None or not gone[i // 8] >> (i % 8) & 1]

@@ -1,4 +1,4 @@
-"""The spool's SQLite schema (v4), its version check, offline reads."""
+"""The spool's SQLite schema (v5), its version check, offline reads."""
 
 from __future__ import annotations
 
@@ -6,7 +6,9 @@ import sqlite3
 from pathlib import Path
 from typing import Any
 
-VERSION = 4
+from agent.spool.codebook import DICTS
+
+VERSION = 5
 SUMMARY_SINCE = 3   # the first version with the dead letters' kept summary
 # v1 (issue 11): events packed per commit group into compressed records (records.py);
 # an ack sets a bit in ``gone`` instead of rewriting the event, and a record whose
@@ -18,6 +20,8 @@ SUMMARY_SINCE = 3   # the first version with the dead letters' kept summary
 # v4: the same tables; small records may be packed with the built-in dictionary
 # (records.ZSTD_DICT), which an older agent cannot read: it must refuse the file, not
 # count those records damaged and delete them.
+# v5: ``dicts``, the dictionary learned from the device's events (codebook.DICTS), which
+# small records may be packed with (records.ZSTD_LEARNED): again unreadable before.
 
 # Per (reason, upstream) group of dead letters: how many, and the first and last time one
 # was dead-lettered; per group and time, how many then (what a delete needs to find the
@@ -84,7 +88,8 @@ CREATE TABLE counters(name TEXT PRIMARY KEY, value INTEGER NOT NULL);
 -- db.advance_mark) the seq above which the next start numbers. With the wall clock,
 -- this is what expiry goes by.
 CREATE TABLE clock_marks(observed INTEGER PRIMARY KEY, next_seq INTEGER NOT NULL);
-""" + "".join(f"{statement};\n" for statement in DEAD_SUMMARY) + f"PRAGMA user_version = {VERSION};\n"
+""" + "".join(f"{statement};\n" for statement in (*DEAD_SUMMARY, *DICTS)) + \
+    f"PRAGMA user_version = {VERSION};\n"
 
 
 class SpoolUnusable(Exception):

@@ -238,6 +238,7 @@ class Spool:
         self.live.clear()
         for rid, n, observed in state.live:
             self.live.add(rid, n, observed)
+        self.writer.codebook.resume(state.learned)
         self.index = self.writer.index = DedupeIndex(self.index.window_ms, self.index.max_keys)
         # Keys past the cap are not counted as forgotten here: the run that stored them
         # counted them when its index let them go (dedupe_forgotten), at every restart.

@@ -26,6 +26,7 @@ from agent.outcomes import Drop, Tally
 from agent.settings import StorageConfig
 from agent.spool import commit as spool_commit
 from agent.spool.books import Books
+from agent.spool.codebook import Codebook
 from agent.spool.commit import Group, Job, Part
 from agent.spool.db import SqliteThread
 from agent.spool.dedupe import DedupeIndex
@@ -168,6 +169,7 @@ class Writer:
         self.index = index
         self.live = live
         self.host = host
+        self.codebook = Codebook()
         self.lock = asyncio.Lock()  # one commit, prune or recovery at a time
         self.commits = 0  # transactions this process ran: shows group commit at work
         self.closing = False
@@ -337,11 +339,16 @@ class Writer:
             part.duplicates = len(p.events) - len(keys)
         seq = books.next_seq
         on_loop = PACK_ON_LOOP_BYTES
+        book = self.codebook
+        if not self.live:   # nothing queued: the spool holds no dictionary (codebook.py)
+            book.forget()
+        learned = book.current
         for g in groups:  # each record's events are numbered consecutively
             g.id = seq
             seq += len(g.bodies)
+            book.sample(g.bodies, g.nbytes)
             if g.nbytes <= on_loop:
-                g.data = pack(g.bodies, g.ids)
+                g.data = pack(g.bodies, g.ids, learned)
                 on_loop -= g.nbytes
         books.next_seq = seq
         observed = self.host.observed_ms()
@@ -359,7 +366,8 @@ class Writer:
                   now=now_ms(), mark=mark, tail=(observed, seq),
                   measure=self.commits % MEASURE_EVERY == 0 or bool(settle or batch.corrupt),
                   committing=None if settle or batch.corrupt
-                  or any(g.data is None for g in groups) else threading.Event())
+                  or any(g.data is None for g in groups) else threading.Event(),
+                  learned=learned)
         return job, stored
 
     def _each(self, p: Pending, seen: AbstractSet[int], here: set[int],

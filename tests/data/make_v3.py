@@ -1,11 +1,14 @@
 """Make tests/data/spool-v3.db with the code from before the built-in dictionary (schema v3),
-for tests/test_migrate_v4.py.
+and spool-v4.db with the code from before learned ones (v4), for
+tests/test_migrate_dictionaries.py.
 
 Run on a checkout of f6cd264 (the last commit with the v3 spool):
-``python tests/data/make_v3.py tests/data/spool-v3.db``. Two keys: ``app-1`` (Nucleus, 12
+``python tests/data/make_v3.py tests/data/spool-v3.db``; on one of d561978 (the last with
+v4): ``python tests/data/make_v3.py tests/data/spool-v4.db``. Two keys: ``app-1`` (Nucleus, 12
 events: 4 acked, 2 dead-lettered, 6 queued in three commits, one in the high lane) and
 ``wk-1`` (Segment, 5 events queued in two commits). Every record is small: the size at
-which v4 packs with the dictionary, so the test sees v3's own codec tags read back.
+which v4 packs with the built-in dictionary, so the test sees each version's own codec
+tags read back.
 """
 import asyncio
 import sqlite3

@@ -1,0 +1,88 @@
+"""The dictionary learned from the device's own events, that small records are packed with.
+
+The built-in dictionary (dictionary.py) knows the APIs' field names; it cannot know an
+app's event names, ids and values, so a lone event still took 0.9x its JSON on disk.
+Once a backlog builds up, the writer takes the first LEARN_BYTES of small records'
+events as samples and packs every small record after them with the built-in dictionary
+followed by those samples (zstd's raw-content dictionary: nothing to train): a lone
+bench event's record went from ~175 to ~43 bytes (bench/lone.py).
+
+The dictionary is stored in the spool (``dicts``), named by its digest, before or with
+the first record that needs it; every commit of records packed with it inserts it
+again if it is missing (``INSERT OR IGNORE``: a lookup when it is there), so no record
+can name one the file lacks. A trigger deletes every dictionary when the last record
+goes: the samples are events, kept no longer than the queue that held them, and
+the writer forgets its dictionary too (``Codebook.forget``). A device that delivers as
+it goes empties its queue before LEARN_BYTES of samples gather, and never writes one.
+"""
+
+from __future__ import annotations
+
+import sqlite3
+from collections.abc import Sequence
+
+from agent.spool.dictionary import ZSTD_DICT_V1
+from agent.spool.records import DICT_BELOW, Dictionaries, Learned
+
+# Samples a dictionary is learned from. Measured on bench/lone.py's records: 2 samples
+# took a record from 175 to 43 bytes, 16 to 42; more cost more to store and to load.
+LEARN_BYTES = 8 * 1024
+
+DICTS = (
+    # n: the order they were learned in; id: the name records give (records.name).
+    "CREATE TABLE dicts(n INTEGER PRIMARY KEY, id INTEGER NOT NULL UNIQUE, body BLOB NOT NULL)",
+    # WHEN: one step to the table's first row, per record deleted.
+    """CREATE TRIGGER dicts_unused AFTER DELETE ON records
+    WHEN NOT EXISTS (SELECT 1 FROM records) BEGIN DELETE FROM dicts; END""",
+)
+
+
+class Codebook:
+    """The learned dictionary the writer packs with (kept on the loop), and the samples
+    for the next one."""
+
+    def __init__(self) -> None:
+        self.current: Learned | None = None
+        self._samples: list[bytes] = []
+        self._size = 0
+
+    def sample(self, bodies: Sequence[bytes], size: int) -> None:
+        """Take a new record's events (``size`` bytes) as samples if it is one that a
+        dictionary serves and none is learned yet; learn one once there are enough."""
+        if self.current is not None or size >= DICT_BELOW:
+            return
+        self._samples.extend(bodies)
+        self._size += size
+        if self._size >= LEARN_BYTES:
+            # Nearest the end is cheapest to refer to: the samples after the built-in part.
+            self.current = Learned.of(ZSTD_DICT_V1 + b"".join(self._samples)[:LEARN_BYTES])
+            self._samples, self._size = [], 0
+
+    def forget(self) -> None:
+        """The queue is empty: no record needs the dictionary, and the spool dropped it."""
+        self.resume(None)
+
+    def resume(self, learned: Learned | None) -> None:
+        """Go on with the dictionary a spool file holds (just opened)."""
+        self.current = learned
+        self._samples, self._size = [], 0
+
+
+def save(conn: sqlite3.Connection, learned: Learned) -> None:
+    """Store ``learned``, if it is not yet (in the caller's transaction)."""
+    conn.execute("INSERT OR IGNORE INTO dicts(id, body) VALUES (?, ?)",
+                 (learned.id, learned.body))
+
+
+def newest(conn: sqlite3.Connection) -> Learned | None:
+    """The dictionary the last run packed with, to go on with; None if none."""
+    row = conn.execute("SELECT id, body FROM dicts ORDER BY n DESC LIMIT 1").fetchone()
+    return None if row is None else Learned(int(row[0]), bytes(row[1]))
+
+
+def lookup(conn: sqlite3.Connection) -> Dictionaries:
+    """Where ``conn``'s file keeps its learned dictionaries, for records.unpack."""
+    def body(dict_id: int) -> bytes | None:
+        row = conn.execute("SELECT body FROM dicts WHERE id = ?", (dict_id,)).fetchone()
+        return None if row is None else bytes(row[0])
+    return body
