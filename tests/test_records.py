@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import struct
 import threading
 import zlib
@@ -19,7 +20,11 @@ from agent.spool.records import (
     ZSTD_DICT,
     ZSTD_DICT_IDS,
     ZSTD_IDS,
+    ZSTD_LEARNED,
+    ZSTD_LEARNED_IDS,
     DamagedRecord,
+    Learned,
+    learned_id,
     pack,
     unpack,
     unpack_ids,
@@ -237,3 +242,58 @@ def test_a_lone_event_takes_far_less_room_with_the_dictionary(event: bytes) -> N
     alone = len(zstandard.ZstdCompressor(level=1, write_checksum=True,
                                          write_content_size=True).compress(raw))
     assert len(pack([event])) - 5 < 0.7 * alone
+
+
+def _learned() -> Learned:
+    """A dictionary never seen before in this process: each thread keeps the ones it has
+    loaded by name, and a test of a missing or damaged one must not find it there."""
+    return Learned.of(ZSTD_DICT_V1 + b'{"type":"track","event":"Saved","run":"%s"}' %
+                      os.urandom(8).hex().encode() * 20)
+
+
+def test_a_learned_dictionary_packs_small_records_and_names_itself_in_them() -> None:
+    book = _learned()
+    small = [b'{"type":"track","event":"Saved","n":%d}' % i for i in range(3)]
+    plain, ids = pack(small, None, book), pack(small, [1, 2, 3], book)
+    assert [plain[0], ids[0]] == [ZSTD_LEARNED, ZSTD_LEARNED_IDS]
+    assert learned_id(plain) == learned_id(ids) == book.id
+    assert unpack(plain, {book.id: book.body}.get) == small
+    assert unpack_ids(ids, {book.id: book.body}.get) == (small, [1, 2, 3])
+    large = [b'{"n":%05d}' % i for i in range(DICT_BELOW // 8)]
+    assert pack(large, None, book)[0] == ZSTD and learned_id(pack(large, None, book)) is None
+    assert learned_id(pack(small)) is None
+
+
+def test_a_record_whose_learned_dictionary_is_missing_or_damaged_is_damage() -> None:
+    book = _learned()
+    record = pack([b'{"type":"track"}'], None, book)
+    with pytest.raises(DamagedRecord, match="not in the spool"):
+        unpack(record)
+    with pytest.raises(DamagedRecord, match="not in the spool"):
+        unpack(record, {}.get)
+    with pytest.raises(DamagedRecord, match="is damaged"):
+        unpack(record, {book.id: book.body[:-1] + b"!"}.get)
+    # Found sound at last, it is kept ready by name.
+    assert unpack(record, {book.id: book.body}.get) == [b'{"type":"track"}']
+
+
+@pytest.mark.parametrize(("tag", "to"), [(ZSTD_LEARNED, ZSTD_DICT), (ZSTD_LEARNED_IDS, ZSTD_DICT_IDS),
+                                         (ZSTD_DICT, ZSTD_LEARNED), (ZSTD_LEARNED, ZSTD_LEARNED_IDS)])
+def test_a_tag_flipped_to_or_from_a_learned_one_is_damage(tag: int, to: int) -> None:
+    book = _learned()
+    record = pack([b'{"type":"track","id":1}'], [1] if tag in (ZSTD_LEARNED_IDS, ZSTD_DICT_IDS)
+                  else None, book if tag in (ZSTD_LEARNED, ZSTD_LEARNED_IDS) else None)
+    assert record[0] == tag
+    with pytest.raises(DamagedRecord, match="CRC"):
+        unpack(bytes([to]) + record[1:], {book.id: book.body}.get)
+
+
+def test_every_bit_flip_in_a_learned_record_is_damage() -> None:
+    book = _learned()
+    record = pack([b'{"type":"track","event":"Saved","n":%d}' % i for i in range(3)], None, book)
+    found = {book.id: book.body}.get
+    for at in range(len(record)):
+        for bit in range(8):
+            damaged = record[:at] + bytes([record[at] ^ (1 << bit)]) + record[at + 1:]
+            with pytest.raises(DamagedRecord):
+                unpack(damaged, found)
