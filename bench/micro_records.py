@@ -6,8 +6,10 @@ single-event requests, one request alone), the record's size over the raw JSON, 
 same-run references on the same bodies: `b"".join` (the least any packing costs),
 `orjson.loads` of each body (the parse ingest already pays per event), and the same
 layout compressed by zstd alone, without the built-in dictionary that records under
-``records.DICT_BELOW`` get (dictionary.py): its size and µs. Each figure is the best of
-several timed rounds, each round bounded by --seconds.
+``records.DICT_BELOW`` get (dictionary.py): its size and µs. Records under that size also
+show the dictionary learned from a backlog (codebook.py), made from other events of the
+same kind: pack and unpack µs, and size. Each figure is the best of several timed rounds,
+each round bounded by --seconds.
 """
 
 from __future__ import annotations
@@ -22,7 +24,8 @@ from collections.abc import Callable
 import orjson
 import zstandard
 
-from agent.spool.records import pack, unpack
+from agent.spool.codebook import Codebook
+from agent.spool.records import DICT_BELOW, Learned, pack, unpack
 
 _USERS = [f"user-{n:04d}" for n in range(50)]
 _EVENTS = ["Button Clicked", "Screen Viewed", "Order Completed", "Signed In"]
@@ -62,7 +65,11 @@ def measure(batch: int, seconds: float) -> dict[str, float]:
     layout = struct.pack("<I", batch) + struct.pack(f"<{batch}I", *map(len, bodies)) \
         + b"".join(bodies)
     alone = zstandard.ZstdCompressor(level=1, write_checksum=True, write_content_size=True)
-    return {
+    learned = _learned(random.Random(batch + 1000)) if raw < DICT_BELOW else None
+    found = None if learned is None else {learned.id: learned.body}.get
+    with_learned = pack(bodies, None, learned)
+    assert unpack(with_learned, found) == bodies
+    figures = {
         "pack": per_call_us(lambda: pack(bodies), seconds) / batch,
         "unpack": per_call_us(lambda: unpack(record), seconds) / batch,
         "zstd alone (ref)": per_call_us(lambda: alone.compress(layout), seconds) / batch,
@@ -72,6 +79,23 @@ def measure(batch: int, seconds: float) -> dict[str, float]:
         "record/raw": len(record) / raw,
         "zstd alone/raw (ref)": (len(alone.compress(layout)) + 5) / raw,
     }
+    if learned is not None:
+        figures |= {
+            "pack learned": per_call_us(lambda: pack(bodies, None, learned), seconds) / batch,
+            "unpack learned": per_call_us(lambda: unpack(with_learned, found), seconds) / batch,
+            "learned/raw": len(with_learned) / raw,
+        }
+    return figures
+
+
+def _learned(rng: random.Random) -> Learned:
+    """The dictionary a backlog of other such events, one a record, would teach."""
+    book, n = Codebook(), 0
+    while book.current is None:
+        event = segment_event(rng, n)
+        book.sample([event], len(event))
+        n += 1
+    return book.current
 
 
 def main() -> None:

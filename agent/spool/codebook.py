@@ -24,9 +24,11 @@ from collections.abc import Sequence
 from agent.spool.dictionary import ZSTD_DICT_V1
 from agent.spool.records import DICT_BELOW, Dictionaries, Learned
 
-# Samples a dictionary is learned from. Measured on bench/lone.py's records: 2 samples
-# took a record from 175 to 43 bytes, 16 to 42; more cost more to store and to load.
-LEARN_BYTES = 8 * 1024
+# Samples a dictionary is learned from. bench/lone.py's records (one bench event
+# each): 2 samples took one from 175 to 43 bytes, 16 to 42. Varied events of six apps
+# and a browser's: 2, 4, 8 and 16 KiB of samples all came to 0.25-0.26x their JSON, so
+# the least that covers a few apps: fewer records before it, and less to store.
+LEARN_BYTES = 4 * 1024
 
 DICTS = (
     # n: the order they were learned in; id: the name records give (records.name).
