@@ -8,6 +8,8 @@ from __future__ import annotations
 import sqlite3
 import struct
 import uuid
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
 from pathlib import Path
 
 import orjson
@@ -45,6 +47,21 @@ async def post_alone(spool: Spool, first: int, count: int) -> list[Event]:
     return events
 
 
+@asynccontextmanager
+async def opened(path: Path) -> AsyncIterator[Spool]:
+    spool = await Spool.open(StorageConfig(path=str(path)))
+    try:
+        yield spool
+    finally:
+        await spool.close()
+
+
+async def backlog(path: Path, count: int) -> list[Event]:
+    """A spool at ``path`` left with ``count`` lone events queued, closed."""
+    async with opened(path) as spool:
+        return await post_alone(spool, 0, count)
+
+
 async def queued(spool: Spool) -> dict[str, list[bytes]]:
     return {key: [r.body for r in await spool.fetch(spool.streams[key].id, 0, 10_000)]
             for key in KEYS}
@@ -73,12 +90,9 @@ def tags(path: Path) -> list[int]:
 async def test_a_backlog_of_lone_events_is_packed_with_a_dictionary_learned_from_them(
         tmp_path: Path) -> None:
     path = tmp_path / "spool.db"
-    spool = await Spool.open(StorageConfig(path=str(path)))
-    try:
+    async with opened(path) as spool:
         events = await post_alone(spool, 0, 200)
         assert await queued(spool) == by_key(events)
-    finally:
-        await spool.close()
     learned_at = tags(path).index(ZSTD_LEARNED)
     # The first records are the samples, packed with the built-in dictionary; every one
     # after the dictionary is learned, with it.
@@ -95,18 +109,11 @@ async def test_a_backlog_of_lone_events_is_packed_with_a_dictionary_learned_from
 
 async def test_a_restarted_spool_goes_on_with_the_stored_dictionary(tmp_path: Path) -> None:
     path = tmp_path / "spool.db"
-    spool = await Spool.open(StorageConfig(path=str(path)))
-    try:
-        events = await post_alone(spool, 0, 100)
-    finally:
-        await spool.close()
+    events = await backlog(path, 100)
     [(name,)] = table(path, "SELECT id FROM dicts")
-    spool = await Spool.open(StorageConfig(path=str(path)))   # a new reader thread: no cache
-    try:
+    async with opened(path) as spool:   # a new reader thread: nothing kept from before
         events += await post_alone(spool, 100, 20)
         assert await queued(spool) == by_key(events)
-    finally:
-        await spool.close()
     assert table(path, "SELECT id FROM dicts") == [(name,)]
     assert tags(path)[-20:] == [ZSTD_LEARNED] * 20
     assert len(decoded(path)) == tags(path).count(ZSTD_LEARNED)
@@ -115,8 +122,7 @@ async def test_a_restarted_spool_goes_on_with_the_stored_dictionary(tmp_path: Pa
 async def test_the_dictionary_goes_with_the_last_record_and_a_device_that_delivers_as_it_goes_writes_none(
         tmp_path: Path) -> None:
     path = tmp_path / "spool.db"
-    spool = await Spool.open(StorageConfig(path=str(path)))
-    try:
+    async with opened(path) as spool:
         await post_alone(spool, 0, 100)
         assert table(path, "SELECT count(*) FROM dicts") == [(1,)]
         for key in KEYS:
@@ -133,29 +139,20 @@ async def test_the_dictionary_goes_with_the_last_record_and_a_device_that_delive
         # A backlog again: a dictionary learned afresh.
         events = await post_alone(spool, 200, 100)
         assert ZSTD_LEARNED in tags(path) and await queued(spool) == by_key(events)
-    finally:
-        await spool.close()
 
 
 async def test_records_whose_dictionary_is_lost_are_counted_dropped_and_the_rest_delivered(
         tmp_path: Path) -> None:
     path = tmp_path / "spool.db"
-    spool = await Spool.open(StorageConfig(path=str(path)))
-    try:
-        events = await post_alone(spool, 0, 100)
-    finally:
-        await spool.close()
+    events = await backlog(path, 100)
     learned_at = tags(path).index(ZSTD_LEARNED)
     with sqlite3.connect(path) as db:
         db.execute("DELETE FROM dicts")
-    spool = await Spool.open(StorageConfig(path=str(path)))
-    try:
+    async with opened(path) as spool:
         assert await queued(spool) == by_key(events[:learned_at])
         # The reader hands the damaged records to the next commit.
         await wait_for(lambda: spool.counters.get("dropped_corrupt") == 100 - learned_at)
         assert spool.depth == learned_at
-    finally:
-        await spool.close()
 
 
 async def test_a_salvage_keeps_the_events_of_records_packed_with_a_learned_dictionary(
@@ -163,22 +160,15 @@ async def test_a_salvage_keeps_the_events_of_records_packed_with_a_learned_dicti
     """The fresh spool a salvage copies into has no dictionary: such records are packed
     again with the built-in one, nothing lost."""
     path = tmp_path / "spool.db"
-    spool = await Spool.open(StorageConfig(path=str(path)))
-    try:
-        events = await post_alone(spool, 0, 100)
-    finally:
-        await spool.close()
+    events = await backlog(path, 100)
     assert ZSTD_LEARNED in tags(path)
     # Bit rot in the spent keys' page, which every start reads: the file is salvaged.
     [(page,)] = table(path, "SELECT pageno FROM dbstat WHERE name = 'spent'")
     with open(path, "r+b") as fh:
         fh.seek((page - 1) * 4096)
         fh.write(b"\xff" * 4096)
-    spool = await Spool.open(StorageConfig(path=str(path)))
-    try:
+    async with opened(path) as spool:
         assert spool.counters.get("spool_corrupt") == 1
         assert await queued(spool) == by_key(events)
-    finally:
-        await spool.close()
     assert set(tags(path)) == {ZSTD_DICT}
     assert list(tmp_path.glob("spool.db.corrupt-*"))
