@@ -10,6 +10,7 @@ events, and a record is deleted once none of its events is live (Vector's disk b
 from __future__ import annotations
 
 import logging
+import os
 import sqlite3
 import threading
 from array import array
@@ -21,7 +22,15 @@ from typing import Any
 from agent.families.lanes import HIGH, NORMAL
 from agent.outcomes import Counts, Drop, Tally, record
 from agent.spool.codebook import lookup, save
-from agent.spool.db import add_counters, advance_mark, keys_from_bytes, mark, transaction, used_bytes
+from agent.spool.db import (
+    BUSY_TIMEOUT_MS,
+    add_counters,
+    advance_mark,
+    keys_from_bytes,
+    mark,
+    transaction,
+    used_bytes,
+)
 from agent.spool.dedupe import keys_to_bytes
 from agent.spool.records import DamagedRecord, Learned, pack, unpack
 
@@ -43,6 +52,12 @@ VACUUM_MIN_PAGES = 32
 # waits for a busy loop to give it back) only within this much of max_size_mb, after
 # deletes, or when the writer asks; otherwise the last size plus what was inserted.
 MEASURE_WITHIN = 4 * 1024 * 1024
+# SQLite reuses the -wal from its start after each checkpoint and never shrinks it: a
+# drained backlog left megabytes of it on disk for as long as the agent ran. A commit
+# that empties the queue checkpoints and truncates a -wal past this (SQLite's own
+# checkpoint point, 1000 pages): a smaller one is left, or an agent that delivers as it
+# goes would pay for a checkpoint at every ack.
+WAL_TRUNCATE_BYTES = 4 * 1024 * 1024
 
 log = logging.getLogger("outpost.spool")
 
@@ -185,6 +200,8 @@ def _commit(conn: sqlite3.Connection, job: Job) -> Outcome:
     # A partial ack rewrites its record's row: near the cap, its freed pages are handed back.
     if out.deleted or trimmed or (job.settle and job.room < MEASURE_WITHIN):
         _hand_back(conn, job.max_bytes)
+    if out.deleted:
+        _shrink_wal(conn)
     guess = job.max_bytes - job.room + (inserted if out.stored else 0)
     if job.measure or out.deleted or forgot or moved or trimmed \
             or job.max_bytes - guess < MEASURE_WITHIN:
@@ -587,6 +604,27 @@ def _hand_back(conn: sqlite3.Connection, max_bytes: int) -> None:
             # The commit before it is durable and must be reported so: moving pages writes
             # to the WAL, which a nearly full disk refuses. The pages stay free for reuse.
             log.warning("spool: could not hand free pages back to the file system: %s", exc)
+
+
+def _shrink_wal(conn: sqlite3.Connection) -> None:
+    """Checkpoint and truncate the -wal once the queue is empty, if it is past
+    WAL_TRUNCATE_BYTES. Never waits: a reader's snapshot makes it give up until the next
+    time the queue empties."""
+    if conn.execute("SELECT EXISTS (SELECT 1 FROM records)").fetchone()[0]:
+        return
+    path = conn.execute("PRAGMA database_list").fetchone()[2]
+    try:
+        if os.stat(f"{path}-wal").st_size <= WAL_TRUNCATE_BYTES:
+            return
+    except FileNotFoundError:
+        return
+    conn.execute("PRAGMA busy_timeout = 0")
+    try:
+        conn.execute("PRAGMA wal_checkpoint(TRUNCATE)").fetchall()
+    except sqlite3.Error as exc:
+        log.warning("spool: could not truncate the write-ahead log: %s", exc)
+    finally:
+        conn.execute(f"PRAGMA busy_timeout = {BUSY_TIMEOUT_MS}")
 
 
 @dataclass(slots=True)

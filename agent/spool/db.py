@@ -33,6 +33,7 @@ from agent.spool.records import Learned
 T = TypeVar("T")
 
 PAST = -(1 << 62)  # an agent-observed time before any other
+BUSY_TIMEOUT_MS = 5000  # how long a connection waits for another's lock
 
 
 class SqliteThread:

@@ -31,7 +31,7 @@ from agent.spool import commit as spool_commit
 from agent.spool import db as spool_db
 from agent.spool.aside import done, marker, move_aside, note, pending, target
 from agent.spool.books import Books
-from agent.spool.db import PAST, SqliteThread
+from agent.spool.db import BUSY_TIMEOUT_MS, PAST, SqliteThread
 from agent.spool.dedupe import DedupeIndex
 from agent.spool.live import LiveRecords
 from agent.spool.migrate import ensure, refuse_newer
@@ -205,7 +205,7 @@ class Spool:
         try:
             # auto_vacuum before WAL: both must precede the first table of a new file.
             pragmas = ("PRAGMA auto_vacuum=INCREMENTAL; PRAGMA journal_mode=WAL; "
-                       f"PRAGMA synchronous={sync}; PRAGMA busy_timeout=5000; "
+                       f"PRAGMA synchronous={sync}; PRAGMA busy_timeout={BUSY_TIMEOUT_MS}; "
                        "PRAGMA journal_size_limit=67108864;")
 
             def prepare(conn: sqlite3.Connection) -> None:
@@ -219,7 +219,7 @@ class Spool:
             # with no connection for a failure of its own (a 500).
             reader = SqliteThread("spool-reader")
             try:
-                await reader.open(self.path, "PRAGMA busy_timeout=5000;")
+                await reader.open(self.path, f"PRAGMA busy_timeout={BUSY_TIMEOUT_MS};")
             except BaseException:
                 await reader.close()
                 raise

@@ -1,0 +1,68 @@
+"""The write-ahead log after a drain: SQLite reuses a -wal from its start after each
+checkpoint and never shrinks it, so a synced backlog's megabytes of -wal stayed on disk
+for as long as the agent ran. Once a commit empties the queue with the -wal past
+commit.WAL_TRUNCATE_BYTES, it is checkpointed and truncated; a small one is left alone,
+or an agent that delivers as it goes would pay for a checkpoint at every ack."""
+
+from __future__ import annotations
+
+import random
+from pathlib import Path
+
+from agent.families.event import NUCLEUS, Event
+from agent.families.lanes import NORMAL
+from agent.settings import StorageConfig
+from agent.spool import Spool
+from agent.spool.commit import WAL_TRUNCATE_BYTES
+from tests.spool_files import table
+
+
+def events(first: int, n: int, pad: int) -> list[Event]:
+    """Nucleus events padded with ``pad`` bytes of hex noise (zstd halves it, no more)."""
+    rng = random.Random(first)
+    return [Event("app1", NUCLEUS, i, b'{"id":%d,"pad":"%s"}' % (i, rng.randbytes(pad // 2).hex().encode()),
+                  i, NORMAL) for i in range(first, first + n)]
+
+
+async def drain(spool: Spool) -> None:
+    rows = await spool.fetch(spool.streams["app1"].id, 0, 100_000)
+    await spool.ack([r.seq for r in rows])
+    assert spool.depth == 0
+
+
+def wal(path: Path) -> int:
+    return Path(f"{path}-wal").stat().st_size
+
+
+async def test_a_drained_backlog_gives_its_write_ahead_log_back(tmp_path: Path) -> None:
+    path = tmp_path / "spool.db"
+    spool = await Spool.open(StorageConfig(path=str(path)))
+    try:
+        for first in range(0, 6_000, 200):
+            assert await spool.append(events(first, 200, 2_000)) == 200
+        assert wal(path) > WAL_TRUNCATE_BYTES
+        await drain(spool)
+        assert wal(path) == 0
+        # Still a working spool: the next events are stored and read back.
+        assert await spool.append(events(10_000, 3, 100)) == 3
+        assert len(await spool.fetch(spool.streams["app1"].id, 0, 100)) == 3
+    finally:
+        await spool.close()
+    assert table(path, "PRAGMA integrity_check") == [("ok",)]
+
+
+async def test_a_small_write_ahead_log_is_left_as_it_is_when_the_queue_empties(
+        tmp_path: Path) -> None:
+    path = tmp_path / "spool.db"
+    spool = await Spool.open(StorageConfig(path=str(path)))
+    try:
+        for first in range(0, 300, 100):
+            assert await spool.append(events(first, 100, 200)) == 100
+        await drain(spool)
+        size = wal(path)
+        assert 0 < size < WAL_TRUNCATE_BYTES
+        assert await spool.append(events(1_000, 1, 100)) == 1
+        await drain(spool)
+        assert wal(path) >= size
+    finally:
+        await spool.close()
