@@ -107,6 +107,10 @@ def name(body: bytes) -> int:
 Dictionaries = Callable[[int], bytes | None]
 
 
+def _raw_content(body: bytes) -> zstandard.ZstdCompressionDict:
+    return zstandard.ZstdCompressionDict(body, dict_type=zstandard.DICT_TYPE_RAWCONTENT)
+
+
 class _Contexts(threading.local):
     def __init__(self) -> None:
         self.compressor = zstandard.ZstdCompressor(level=1, write_checksum=True,
@@ -114,8 +118,7 @@ class _Contexts(threading.local):
         self.decompressor = zstandard.ZstdDecompressor()
         # Prepared once per thread, not loaded again for each record: ~0.6 µs a record
         # more than zstd alone (bench/micro_records.py).
-        ready = zstandard.ZstdCompressionDict(ZSTD_DICT_V1,
-                                              dict_type=zstandard.DICT_TYPE_RAWCONTENT)
+        ready = _raw_content(ZSTD_DICT_V1)
         ready.precompute_compress(level=1)
         self.dict_compressor = zstandard.ZstdCompressor(
             level=1, dict_data=ready, write_checksum=True, write_content_size=True,
@@ -128,20 +131,16 @@ class _Contexts(threading.local):
 _ctx = _Contexts()
 
 
-def _ready(body: bytes) -> zstandard.ZstdCompressionDict:
-    ready = zstandard.ZstdCompressionDict(body, dict_type=zstandard.DICT_TYPE_RAWCONTENT)
-    ready.precompute_compress(level=1)
-    return ready
-
-
 def _packer(learned: Learned) -> zstandard.ZstdCompressor:
     packer = _ctx.packers.get(learned.id)
     if packer is None:
         if len(_ctx.packers) >= LEARNED_KEPT:
             _ctx.packers.clear()
+        ready = _raw_content(learned.body)
+        ready.precompute_compress(level=1)
         packer = _ctx.packers[learned.id] = zstandard.ZstdCompressor(
-            level=1, dict_data=_ready(learned.body), write_checksum=True,
-            write_content_size=True, write_dict_id=False)
+            level=1, dict_data=ready, write_checksum=True, write_content_size=True,
+            write_dict_id=False)
     return packer
 
 
@@ -156,7 +155,7 @@ def _unpacker(dict_id: int, dicts: Dictionaries | None) -> zstandard.ZstdDecompr
         if len(_ctx.unpackers) >= LEARNED_KEPT:
             _ctx.unpackers.clear()
         unpacker = _ctx.unpackers[dict_id] = zstandard.ZstdDecompressor(
-            dict_data=_ready(body))
+            dict_data=_raw_content(body))
     return unpacker
 
 
