@@ -12,8 +12,10 @@ the first record that needs it; every commit of records packed with it inserts i
 again if it is missing (``INSERT OR IGNORE``: a lookup when it is there), so no record
 can name one the file lacks. A trigger deletes every dictionary when the last record
 goes: the samples are events, kept no longer than the queue that held them, and
-the writer forgets its dictionary too (``Codebook.forget``). A device that delivers as
-it goes empties its queue before LEARN_BYTES of samples gather, and never writes one.
+the writer forgets its dictionary too (``Codebook.forget``). A device whose queue
+empties before LEARN_BYTES of samples gather never writes one; one that holds a flush
+interval's events writes one (~7 KB) each time its queue fills again, against the
+4 KiB pages each commit writes anyway.
 """
 
 from __future__ import annotations
