@@ -133,6 +133,51 @@ async def test_full_spool_rejects_with_503_and_recovers_when_drained(
     assert spool_path.stat().st_size <= 1024 * 1024 + 64 * 1024
 
 
+class SlowHandshake(FakeNucleus):
+    """The Nucleus upstream, its websocket handshakes held until ``gate`` is set."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.gate = asyncio.Event()
+        self.knocked = asyncio.Event()
+
+    async def _ws(self, request: aiohttp.web.Request) -> aiohttp.web.WebSocketResponse:
+        self.knocked.set()
+        await self.gate.wait()
+        return await super()._ws(request)
+
+
+async def test_rows_the_size_cap_drops_while_the_forwarder_connects_are_not_sent(
+        make_agent: Any) -> None:
+    """The forwarder reads its rows, then opens the connection. Rows that drop_oldest
+    deleted meanwhile went out on it as read: delivered, and counted dropped too (one CI
+    run of the test below: ids 320-329 both). They must be read again."""
+    fake = await SlowHandshake().start()
+    try:
+        agent = await make_agent(upstreams=[{**upstream(fake), "timeout_s": 60}],
+                                 storage={"max_size_mb": 1, "when_full": "drop_oldest"})
+        sent = []
+        async with aiohttp.ClientSession() as s:
+            first = [event(j) for j in range(5)]
+            assert (await post(s, agent.port, first)).status == 200
+            sent += [ev["id"] for ev in first]
+            await asyncio.wait_for(fake.knocked.wait(), 10)   # read, and connecting
+            for n in range(1, 300):                 # ~2.4 MB into a 1 MB spool
+                batch = [event(n * 5 + j) for j in range(5)]
+                assert (await post(s, agent.port, batch)).status == 200
+                sent += [ev["id"] for ev in batch]
+        dropped = agent.spool.counters["dropped_full"]
+        assert dropped > 5   # the rows read before the handshake among them
+        fake.gate.set()
+        agent.forwarding.flush()
+        await wait_for(lambda: agent.spool.depth == 0, timeout=20)
+        got = list(dict.fromkeys(fake.ids()))
+        assert got == sent[dropped:]
+    finally:
+        fake.gate.set()
+        await fake.stop()
+
+
 async def test_drop_oldest_keeps_the_newest_and_counts_drops(
         make_agent: Any, fake_nucleus: FakeNucleus) -> None:
     await fake_nucleus.go_down()

@@ -484,6 +484,9 @@ class _GatedSpool:
     async def dead_letter(self, rows: Any) -> None:
         return None
 
+    def dropped_since(self, rows: Queued) -> bool:
+        return False   # nothing drops its rows
+
 
 class _GatedUplink:
     """Row 1 fails at once (with a long Retry-After); row 2 hangs until released."""

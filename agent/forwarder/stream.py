@@ -323,6 +323,10 @@ class StreamForwarder:
                 return
             if self._crash is not None or self.stopping or self.lanes != lanes:
                 return  # changed while it connected: read again (or end) before sending
+        if self.spool.dropped_since(rows):
+            # A commit ran since the read (while it connected, or after a read ahead) and
+            # dropped some of them: sent, they were delivered and counted dropped too.
+            return  # read again
         batch = self.uplink.prepare(rows) if ready is None else ready
         if not batch.rows:  # the first row's id is still in flight: wait for its ack
             if not self._tasks:  # ...but nothing is: waiting would be forever

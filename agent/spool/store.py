@@ -149,6 +149,12 @@ class Spool:
                          stream: int | None = None) -> int | None:
         return await self.reader_side.oldest_seq(lanes, stream)
 
+    def dropped_since(self, rows: Queued) -> bool:
+        """Whether a record ``rows`` were read from is gone from the queue since (the size
+        cap or expiry dropped it, or damage): its events are counted dropped, and must
+        not go out. Whole records go, so one seq of each run tells."""
+        return any(self.live.observed(run.first) is None for run in rows.runs)
+
     def observed_age_ms(self, seq: int) -> int | None:
         """How long ago, in agent-observed time, the live event ``seq`` was received (at
         most a minute short); None if unknown (queued before the agent counted it)."""
