@@ -4,18 +4,28 @@
 window (the startup rebuild), beside ``load`` record by record in the same run, and
 ``expire`` of the oldest bucket; then µs per
 ``admit`` of 100 new keys (--calls of them) and of 100 resends, beside a same-run
-reference, a plain ``set`` lookup of the same 100 keys; then bytes per key
-(tracemalloc, after loading the N keys again).
+reference, a plain ``set`` lookup of the same 100 keys; then bytes per key: by
+tracemalloc (after loading the N keys again), and the anonymous memory (RssAnon) a fresh
+process gains from N keys admitted 100 a call, as the agent does, and at most while it
+admits N more at the cap (``max_keys`` = N: the oldest buckets forgotten as it goes).
+The second is what the agent's RSS carries: it counts the allocator's blocks and pools,
+which tracemalloc does not.
 """
 
 from __future__ import annotations
 
 import argparse
+import os
 import random
+import subprocess
+import sys
+import threading
 import time
 import tracemalloc
 
 from agent.spool.dedupe import HOUR_MS, DedupeIndex, keys_to_bytes
+
+from .procs import read_rss
 
 WINDOW = 24 * HOUR_MS
 
@@ -43,7 +53,11 @@ def main() -> None:
     p.add_argument("--keys", type=int, default=1_000_000)
     p.add_argument("--calls", type=int, default=2000, help="admit calls of 100 new keys")
     p.add_argument("--seconds", type=float, default=1.0, help="time per admit figure (default 1)")
+    p.add_argument("--rss-child", action="store_true", help=argparse.SUPPRESS)
     args = p.parse_args()
+    if args.rss_child:
+        _rss_child(args.keys)
+        return
     rng = random.Random(11)
     keys = _keys(rng, args.keys)
     per_hour = -(-args.keys // 24)
@@ -91,6 +105,36 @@ def main() -> None:
     used, _ = tracemalloc.get_traced_memory()
     tracemalloc.stop()
     print(f"memory: {used / len(index):.1f} B/key over {len(index):,} keys (tracemalloc)")
+    child = subprocess.run([sys.executable, "-m", "bench.micro_dedupe", "--rss-child",
+                            "--keys", str(args.keys)], capture_output=True, text=True, check=True)
+    print(child.stdout, end="")
+
+
+def _rss_child(n: int) -> None:
+    """In a fresh process: RssAnon gained per key at n keys admitted, and its peak while n
+    more are admitted at the cap."""
+    rng, now = random.Random(12), 24 * HOUR_MS
+    index = DedupeIndex(WINDOW, max_keys=n)
+    peak, done = [0], threading.Event()
+
+    def sample() -> None:
+        while not done.wait(0.001):
+            peak[0] = max(peak[0], read_rss(os.getpid())[1])
+
+    base = at_n = read_rss(os.getpid())[1]
+    sampler = threading.Thread(target=sample)
+    sampler.start()
+    try:
+        for received in range(0, 2 * n, 100):
+            index.admit(_keys(rng, 100), now, now)
+            if received + 100 == n:
+                at_n = read_rss(os.getpid())[1]
+    finally:
+        done.set()
+        sampler.join()
+    print(f"memory: {(at_n - base) / n:.1f} B/key of RssAnon at {n:,} keys admitted 100 a call; "
+          f"peak {(max(peak[0], at_n) - base) / n:.1f} B/key while {n:,} more went in at the cap "
+          f"(a fresh process)")
 
 
 def best_us(fn: object, seconds: float, rounds: int = 5) -> float:
