@@ -39,7 +39,7 @@ class StorageConfig:
     # Extension: how long acked dedupe keys are remembered, so a client
     # resending after its reply was lost is still stored only once.
     dedupe_window_h: int = 24
-    # Extension: at most this many keys in the in-memory dedupe index (~89 B each); past
+    # Extension: at most this many keys in the in-memory dedupe index (~90-95 B each); past
     # it the oldest are forgotten early (dedupe_forgotten) and delivery is at-least-once.
     dedupe_max_keys: int = 1_000_000
 

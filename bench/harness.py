@@ -23,10 +23,11 @@ from .procs import (
     write_agent_config,
 )
 
-# The dedupe index's resident memory per key at the 1M-key cap (docs/operations.md,
-# "Dedupe memory"; RssAnon by bench/micro_dedupe.py), which the RSS target (under 60 MB
-# "plus the documented dedupe index") leaves aside. Below the cap it varies (82-110 B).
-KEY_BYTES = 89
+# The dedupe index's resident memory per key at its peak at the 1M-key cap, keys
+# churning (docs/operations.md, "Dedupe memory"; RssAnon on the agent's allocator, by
+# bench/micro_dedupe.py), which the RSS target (under 60 MB "plus the documented dedupe
+# index") leaves aside. Below the cap it varies (85-120 B).
+KEY_BYTES = 95
 MAX_KEYS = 1_000_000  # storage.dedupe_max_keys' default: the bench's agents keep it
 
 

@@ -6,10 +6,10 @@ window (the startup rebuild), beside ``load`` record by record in the same run, 
 ``admit`` of 100 new keys (--calls of them) and of 100 resends, beside a same-run
 reference, a plain ``set`` lookup of the same 100 keys; then bytes per key: by
 tracemalloc (after loading the N keys again), and the anonymous memory (RssAnon) a fresh
-process gains from N keys admitted 100 a call, as the agent does, and at most while it
-admits N more at the cap (``max_keys`` = N: the oldest buckets forgotten as it goes).
-The second is what the agent's RSS carries: it counts the allocator's blocks and pools,
-which tracemalloc does not.
+process on the agent's allocator gains from N keys admitted 100 a call, as the agent
+does, and at most while it admits N more at the cap (``max_keys`` = N: the oldest
+buckets forgotten as it goes). The second is what the agent's RSS carries: it counts the
+allocator's own overhead, which tracemalloc does not.
 """
 
 from __future__ import annotations
@@ -23,6 +23,7 @@ import threading
 import time
 import tracemalloc
 
+from agent.server.allocator import use_c_allocator
 from agent.spool.dedupe import HOUR_MS, DedupeIndex, keys_to_bytes
 
 from .procs import read_rss
@@ -111,8 +112,9 @@ def main() -> None:
 
 
 def _rss_child(n: int) -> None:
-    """In a fresh process: RssAnon gained per key at n keys admitted, and its peak while n
-    more are admitted at the cap."""
+    """In a fresh process on the agent's allocator (``outpost run``'s re-execution): RssAnon
+    gained per key at n keys admitted, and its peak while n more are admitted at the cap."""
+    use_c_allocator()
     rng, now = random.Random(12), 24 * HOUR_MS
     index = DedupeIndex(WINDOW, max_keys=n)
     peak, done = [0], threading.Event()
@@ -134,7 +136,7 @@ def _rss_child(n: int) -> None:
         sampler.join()
     print(f"memory: {(at_n - base) / n:.1f} B/key of RssAnon at {n:,} keys admitted 100 a call; "
           f"peak {(max(peak[0], at_n) - base) / n:.1f} B/key while {n:,} more went in at the cap "
-          f"(a fresh process)")
+          f"(a fresh process, {os.environ.get('PYTHONMALLOC', 'pymalloc')})")
 
 
 def best_us(fn: object, seconds: float, rounds: int = 5) -> float:

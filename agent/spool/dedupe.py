@@ -16,9 +16,10 @@ early (issue 9's rule). Callers pass both times in; nothing here reads a clock.
 
 Memory (``bench/micro_dedupe.py``, 1M random keys): 77.6 bytes per key by tracemalloc
 (the set: ~69 B, each key an int object in a hash table; the bucket arrays: 8.5 B),
-~89 B of the process's anonymous memory, which counts the allocator's own overhead. A
-spool that receives a million events a day holds ~89 MB for a 24 h window; ``max_keys``
-is the bound.
+~90 B of the process's anonymous memory on the agent's allocator (95 B at its peak
+while keys churn at the cap), which counts the allocator's own overhead. A spool that
+receives a million events a day holds ~90-95 MB for a 24 h window; ``max_keys`` is the
+bound.
 
 At the cap, the oldest buckets are forgotten first, whole, before new keys go in:
 ``forgotten`` counts those keys (the spool's ``dedupe_forgotten``).
