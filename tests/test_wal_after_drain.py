@@ -9,6 +9,7 @@ from __future__ import annotations
 import random
 from pathlib import Path
 
+from agent.clock import Clock
 from agent.families.event import NUCLEUS, Event
 from agent.families.lanes import NORMAL
 from agent.settings import StorageConfig
@@ -66,3 +67,25 @@ async def test_a_small_write_ahead_log_is_left_as_it_is_when_the_queue_empties(
         assert wal(path) >= size
     finally:
         await spool.close()
+
+
+async def test_a_backlog_that_expires_gives_its_write_ahead_log_back(
+        tmp_path: Path, clock: Clock) -> None:
+    """Expiry empties the queue too (max_age_days: a device offline for a month, the
+    backlog that grew the -wal most): its -wal went on taking megabytes until some later
+    event happened to be delivered."""
+    path = tmp_path / "spool.db"
+    spool = await Spool.open(StorageConfig(path=str(path), max_age_days=1))
+    try:
+        for first in range(0, 6_000, 200):
+            assert await spool.append(events(first, 200, 2_000)) == 200
+            clock.passed_ms += 61_000   # a clock mark per commit: each one can expire
+        assert wal(path) > WAL_TRUNCATE_BYTES
+        clock.passed_ms += 2 * 86_400_000
+        clock.wall_shift_ms = 2 * 86_400_000
+        assert await spool.prune() == 6_000
+        assert spool.depth == 0
+        assert wal(path) == 0
+    finally:
+        await spool.close()
+    assert table(path, "PRAGMA integrity_check") == [("ok",)]
