@@ -660,6 +660,8 @@ def prune(conn: sqlite3.Connection, exp: Expiry, counters: Counts) -> Outcome:
                      (exp.forget, exp.observed - exp.window_ms))
         _save(conn, out.streams, {**counters, **_sum(counters, out.counters)})
     _hand_back(conn, 0)
+    if out.deleted:   # expiry empties the queue too
+        _shrink_wal(conn)
     out.used_bytes = used_bytes(conn)
     return out
 
