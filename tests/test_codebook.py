@@ -5,6 +5,7 @@ by a device that delivers as it goes."""
 
 from __future__ import annotations
 
+import os
 import sqlite3
 import struct
 import uuid
@@ -13,15 +14,19 @@ from contextlib import asynccontextmanager
 from pathlib import Path
 
 import orjson
+import pytest
 import zstandard
 
+from agent.clock import Clock
 from agent.families.event import SEGMENT, Event, dedupe_key
 from agent.families.lanes import NORMAL
 from agent.settings import StorageConfig
-from agent.spool import Spool
+from agent.spool import Spool, dead, dead_live
 from agent.spool.codebook import LEARN_BYTES
 from agent.spool.records import ZSTD_DICT, ZSTD_LEARNED
+from agent.spool.types import SpoolFull
 from tests.spool_files import table
+from tests.test_disk import six_mb_fs  # noqa: F401  (a fixture)
 from tests.waiting import wait_for
 
 KEYS = ("app-1", "app-2")
@@ -172,3 +177,52 @@ async def test_a_salvage_keeps_the_events_of_records_packed_with_a_learned_dicti
         assert await queued(spool) == by_key(events)
     assert set(tags(path)) == {ZSTD_DICT}
     assert list(tmp_path.glob("spool.db.corrupt-*"))
+
+
+async def test_events_a_full_disk_refused_are_not_learned_from(
+        six_mb_fs: Path) -> None:  # noqa: F811
+    """A commit the disk refuses stores none of its events, and they must not become the
+    dictionary's samples either: the spool would write copies of events it never held
+    (an app told to retry may never send them again)."""
+    path = six_mb_fs / "spool.db"
+    filler = six_mb_fs / "filler"
+    secret = Event(KEYS[0], SEGMENT, dedupe_key("segment", "refused"), orjson.dumps(
+        {"type": "track", "event": "Refused", "userId": "not-stored-4f1c9e"}), None, NORMAL)
+    async with opened(path) as spool:
+        await post_alone(spool, 0, 5)   # samples, fewer than a dictionary needs
+        assert spool.db is not None
+        await spool.db.run(lambda c: c.execute("PRAGMA wal_checkpoint(TRUNCATE)").fetchall())
+        stat = os.statvfs(six_mb_fs)
+        filler.write_bytes(b"\0" * (stat.f_bavail * stat.f_frsize))
+        with pytest.raises(SpoolFull):
+            await spool.append([secret])
+        filler.unlink()
+        await post_alone(spool, 5, 40)
+    [(body,)] = table(path, "SELECT body FROM dicts")
+    assert lone(0).body in body and b"not-stored-4f1c9e" not in body
+
+
+async def test_a_dictionary_of_expired_events_is_not_written_again(
+        tmp_path: Path, clock: Clock) -> None:
+    """Expiry emptied the queue (the trigger deleted the dictionary with the last record);
+    a dead letter retried then queued events again before any app posted. The writer went
+    on packing with the dictionary of the expired events, and wrote it back to disk:
+    copies of events the spool had dropped."""
+    path = tmp_path / "spool.db"
+    spool = await Spool.open(StorageConfig(path=str(path), max_age_days=1))
+    try:
+        await post_alone(spool, 0, 100)
+        [(old,)] = table(path, "SELECT id FROM dicts")
+        clock.passed_ms += 61_000   # a clock mark: what came before it can expire
+        await post_alone(spool, 100, 1)
+        clock.passed_ms += 2 * 86_400_000
+        clock.wall_shift_ms = 2 * 86_400_000
+        [row] = await spool.fetch(spool.streams[KEYS[0]].id, 0, 1)
+        await spool.dead_letter([(row.seq, "up", "HTTP 400: no")])   # kept: dead just now
+        assert await spool.prune() == 100
+        assert spool.depth == 0 and table(path, "SELECT count(*) FROM dicts") == [(0,)]
+        assert await dead_live.retry(spool, dead.Which(every=True)) == 1
+        await post_alone(spool, 101, 3)
+    finally:
+        await spool.close()
+    assert (old,) not in table(path, "SELECT id FROM dicts")
