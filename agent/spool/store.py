@@ -411,6 +411,8 @@ class Spool:
                 return 0
             self.books.apply(out)
             self.live.remove(out.deleted)
+            if not self.live:   # the dictionary went with the last record (codebook.py)
+                self.writer.codebook.forget()
             for keys in out.undelivered:
                 self.index.discard(keys)
             self.index.expire(now_ms(), observed)

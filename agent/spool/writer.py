@@ -339,14 +339,12 @@ class Writer:
             part.duplicates = len(p.events) - len(keys)
         seq = books.next_seq
         on_loop = PACK_ON_LOOP_BYTES
-        book = self.codebook
         if not self.live:   # nothing queued: the spool holds no dictionary (codebook.py)
-            book.forget()
-        learned = book.current
+            self.codebook.forget()
+        learned = self.codebook.current
         for g in groups:  # each record's events are numbered consecutively
             g.id = seq
             seq += len(g.bodies)
-            book.sample(g.bodies, g.nbytes)
             if g.nbytes <= on_loop:
                 g.data = pack(g.bodies, g.ids, learned)
                 on_loop -= g.nbytes
@@ -474,6 +472,8 @@ class Writer:
                 await asyncio.sleep(0)
             self.index.remember(g.keys, wall, observed)
             self.live.add(g.id, len(g.bodies), observed)
+            # Samples only of events stored: a refused commit's must not be copied to disk.
+            self.codebook.sample(g.bodies, g.nbytes)
             since_yield += len(g.bodies)
         if self.index.forgotten > forgotten:
             books.count(Tally.DEDUPE_FORGOTTEN, self.index.forgotten - forgotten)
