@@ -201,3 +201,40 @@ async def test_nucleus_ws_one_frame_at_a_time_reads_ahead_but_prepares_when_it_s
     finally:
         await up.stop()
     assert up.received == [list(range(BATCH)), ["high", *range(BATCH, 2 * BATCH - 1)]]
+
+
+async def test_a_high_event_that_comes_while_a_high_one_is_dead_lettered_still_goes_first(
+        make_agent: Any) -> None:
+    """The read ahead was kept when the key's high depth was no higher than at the read.
+    But a high event of the batch in flight that leaves the queue (here dead-lettered: the
+    upstream refuses it alone) lowers that depth as a new high event raises it: the read
+    was used, and the new "Application Error" went after 500 normal events read before it."""
+    up = HeldCollector()
+    async with serving("/v1/batch", up.batch) as url:
+        agent = await make_agent(upstreams=[{
+            "name": "seg", "protocol": "segment-http", "url": url,
+            "flush_interval_s": 3600, "timeout_s": 30}])
+        await post(agent, [{"type": "track", "event": "Application Error", "userId": "u",
+                            "messageId": "bad"}]
+                   + [{"type": "track", "event": "e", "userId": "u", "messageId": str(i)}
+                      for i in range(2 * BATCH)])
+        first, answer = await up.next()
+        assert first == ["bad", *ids(0, BATCH - 1)]
+        await read_ahead(agent)
+        await post(agent, [{"type": "track", "event": "Application Error", "userId": "u",
+                            "messageId": "high"}])
+        answer.set_result(400)
+
+        async def answer_all() -> None:   # "bad" is refused, alone or with others
+            while True:
+                sent, answer = await up.requests.get()
+                answer.set_result(400 if "bad" in sent else 200)
+
+        answering = asyncio.create_task(answer_all())
+        try:
+            # What is left waits for the flush interval: two events, however it went.
+            await wait_for(lambda: agent.spool.depth == 2, timeout=20)
+        finally:
+            answering.cancel()
+    after_split = next(sent for sent in up.received if "499" in sent)
+    assert after_split[0] == "high", after_split[:3]
