@@ -70,7 +70,8 @@ _Ready = tuple[Queued, "Prepared | None"]
 
 
 class _Ahead(NamedTuple):
-    """A read ahead: what it asked the spool, the key's high lane depth then, the read."""
+    """A read ahead: what it asked the spool, the key's high events stored by then
+    (Stream.high_in), the read."""
 
     read: _Read
     high: int
@@ -366,7 +367,7 @@ class StreamForwarder:
         if not self.slots.take(1):
             return
         read, _ = self._next_read(1)
-        self._ahead = _Ahead(read, self.stream.queued((HIGH,)),
+        self._ahead = _Ahead(read, self.stream.high_in,
                              asyncio.ensure_future(self._fetch_ahead(read)))
         self._ahead_slot = True
 
@@ -387,8 +388,9 @@ class StreamForwarder:
         ahead = self._ahead
         if ahead is None:
             return None
-        # Acks only lower the high lane's depth: a higher one is a new high event.
-        if ahead.read != read or self.stream.queued((HIGH,)) > ahead.high:
+        # Not the high lane's depth: a high event of the batch in flight acked or
+        # dead-lettered meanwhile lowers it as much as a new one raises it.
+        if ahead.read != read or self.stream.high_in != ahead.high:
             self._drop_ahead()
             return None
         self._ahead = None

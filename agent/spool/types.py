@@ -174,6 +174,9 @@ class Stream:
     depth: int = 0
     bytes: int = 0
     high: int = 0
+    # High events stored in this run (never lowered, unlike ``high``, which an ack or a
+    # dead letter lowers as a new event raises it): whether one came since a read.
+    high_in: int = field(default=0, compare=False)
     totals: Totals = field(default=UNGROUPED, repr=False, compare=False)
 
     def queued(self, lanes: Iterable[int]) -> int:
