@@ -224,6 +224,57 @@ async def test_429_retry_after_http_date_is_honoured(make_agent: Any,
     assert [r.status for r in faulty.requests] == [429, 200]
 
 
+@pytest.mark.parametrize("zone", ["America/New_York", "Asia/Tokyo"])
+async def test_a_retry_after_in_asctime_form_is_gmt_whatever_the_device_s_zone(
+        make_agent: Any, faulty: FaultyUpstream, monkeypatch: pytest.MonkeyPatch,
+        zone: str) -> None:
+    """An HTTP-date may come in asctime form (`Sun Nov  6 08:49:37 1994`: one of the three
+    forms a recipient must accept, RFC 9110 5.6.7), which names no zone: it is GMT, as
+    every HTTP-date. Read in the device's local time, it parked the key five hours away in
+    New York (capped to an hour, a told wait no probe cuts short), and in Tokyo was taken
+    for a date long past: the upstream's wait ignored."""
+    monkeypatch.setenv("TZ", zone)
+    time.tzset()
+    try:
+        def when() -> str:
+            return time.strftime("%a %b %e %H:%M:%S %Y", time.gmtime(math.floor(time.time()) + 60))
+        faulty.script = [Fault("status", 503, {"Retry-After": when})]
+        timing, seams = manual()
+        agent = await make_agent(upstreams=[upstream(faulty, "segment-http")], seams=seams)
+        await send(agent, [event(i) for i in range(3)])
+        await wait_for(lambda: len(timing.pending()) == 1)
+        (delay,) = timing.pending()
+        assert 58.0 < delay <= 60.0, delay
+        timing.advance(delay)
+        await drained(agent, faulty, 3)
+    finally:
+        monkeypatch.delenv("TZ")
+        time.tzset()
+
+
+async def test_a_retry_after_date_is_read_against_the_upstream_s_own_date(
+        make_agent: Any, faulty: FaultyUpstream) -> None:
+    """A device's clock can be wrong (clock.py): here a day behind its upstream's. The
+    upstream's `Retry-After: <its now + 60 s>` was read against the device's clock, a day
+    and a minute away, and the key parked for the cap, an hour, with a told wait that no
+    probe cuts short. The reply's own `Date` is the upstream's now: the wait is the
+    difference, whatever either clock says."""
+    ahead = 86400
+
+    def upstream_now(plus: int = 0) -> str:
+        return email.utils.formatdate(math.floor(time.time()) + ahead + plus, usegmt=True)
+    faulty.script = [Fault("status", 429, {"Retry-After": lambda: upstream_now(60),
+                                           "Date": upstream_now})]
+    timing, seams = manual()
+    agent = await make_agent(upstreams=[upstream(faulty, "nucleus-http")], seams=seams)
+    await send(agent, [event(i) for i in range(5)])
+    await wait_for(lambda: len(timing.pending()) == 1)
+    (delay,) = timing.pending()
+    assert 59.0 <= delay <= 61.0, delay
+    timing.advance(delay)
+    await drained(agent, faulty, 5)
+
+
 @pytest.mark.parametrize("header", ["0", "past"])
 async def test_a_retry_after_shorter_than_the_backoff_does_not_shorten_it(
         make_agent: Any, faulty: FaultyUpstream, header: str) -> None:
