@@ -10,6 +10,7 @@ server's error page, never an upstream's reply.
 
 from __future__ import annotations
 
+import datetime
 import email.utils
 import re
 import time
@@ -23,20 +24,38 @@ from agent.logs import redacted_head
 from agent.uplinks.base import REJECTED_STATUSES, RETRYABLE_STATUSES
 
 
-def retry_after(value: str | None, now: float | None = None) -> float | None:
-    """Seconds to wait from a Retry-After header: delta-seconds or an HTTP-date."""
+def retry_after(value: str | None, now: float | None = None,
+                date: str | None = None) -> float | None:
+    """Seconds to wait from a Retry-After header: delta-seconds or an HTTP-date. A date is
+    measured from the reply's own ``date`` (its Date header: the upstream's clock, which the
+    date was written by) when it has one, else from ``now``: the device's clock may be
+    wrong by days (clock.py), and a day behind read a minute's wait as a day."""
     if not value:
         return None
     value = value.strip()
     if value.isascii() and value.isdigit():   # isdigit alone takes '²', float() not
         return float(value)
+    when = _http_date(value)
+    if when is None:
+        return None
+    sent = _http_date(date) if date else None
+    if sent is None:
+        sent = time.time() if now is None else now
+    return max(0.0, when - sent)
+
+
+def _http_date(value: str) -> float | None:
+    """An HTTP-date's epoch seconds. Its asctime form names no zone, and parsedate gives it
+    none: it is GMT, as every HTTP-date (RFC 9110 5.6.7), not the device's local time."""
     try:
         when = email.utils.parsedate_to_datetime(value)
     except (TypeError, ValueError):
         return None
     if when is None:
         return None
-    return max(0.0, when.timestamp() - (time.time() if now is None else now))
+    if when.tzinfo is None:
+        when = when.replace(tzinfo=datetime.timezone.utc)
+    return when.timestamp()
 
 
 def excerpt(raw: bytes, most: int) -> str:
@@ -148,8 +167,8 @@ async def post(session: aiohttp.ClientSession, url: str, body: bytes, headers: d
         async with session.post(url, data=body, headers=headers,
                                 timeout=aiohttp.ClientTimeout(total=timeout_s)) as resp:
             raw, cut = await _read_at_most(resp, REPLY_MAX_BYTES)
-            return HttpReply(resp.status, raw, retry_after(resp.headers.get("Retry-After")),
-                             resp.content_type, cut)
+            wait = retry_after(resp.headers.get("Retry-After"), date=resp.headers.get("Date"))
+            return HttpReply(resp.status, raw, wait, resp.content_type, cut)
     except NETWORK_ERRORS as exc:
         return f"request failed: {str(exc) or type(exc).__name__}"
 

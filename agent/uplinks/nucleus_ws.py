@@ -272,10 +272,12 @@ class NucleusWsUplink(NucleusFraming, UplinkBase):
                 self.cfg.timeout_s)
         except aiohttp.WSServerHandshakeError as exc:
             # Its text holds the URL, and so the key in its path: keep the status.
-            wait = exc.headers.get("Retry-After") if exc.headers else None
+            wait, date = (exc.headers.get("Retry-After"), exc.headers.get("Date")) \
+                if exc.headers else (None, None)
             # As the HTTP uplinks: an upstream's wait counts with a status worth retrying.
             return _Link(None, 0, lost=f"connect failed: {_handshake_refused(exc)}",
-                         retry_after=retry_after(wait) if is_retryable(exc.status) else None)
+                         retry_after=retry_after(wait, date=date)
+                         if is_retryable(exc.status) else None)
         except (aiohttp.ClientError, OSError, TimeoutError, RuntimeError) as exc:
             # A redirect is an UpstreamRedirect here: the session never follows one.
             return _Link(None, 0, lost=f"connect failed: {_describe(exc)}")
