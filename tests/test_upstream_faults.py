@@ -248,7 +248,7 @@ async def test_a_retry_after_in_asctime_form_is_gmt_whatever_the_device_s_zone(
         timing.advance(delay)
         await drained(agent, faulty, 3)
     finally:
-        monkeypatch.delenv("TZ")
+        monkeypatch.undo()   # TZ as it was, before the C library reads it again
         time.tzset()
 
 
