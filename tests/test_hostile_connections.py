@@ -284,6 +284,39 @@ async def test_stalled_body_gets_408_and_stores_nothing(
     assert agent.spool.depth == 0
 
 
+# A body begun on each API's route, the key as that API carries it.
+STALLED = [
+    (b"/v1/batch", b"Authorization: " + basic(KEY).encode(), b'{"batch": [', "Errors"),
+    (b"/v1/webhook", b"Authorization: " + basic(KEY).encode(), b'{"batch": [', "Error"),
+    (b"/v1/capture", b"X-Write-Key: " + KEY.encode(), b'{"batch": [', "status"),
+    (b"/api/public/apps/track", b"PublicWriteKey: " + KEY.encode(), b'{"userId": ',
+     "statusCode"),
+    (b"/track", b"Authorization: " + basic(KEY).encode(), b'{"event": {', "error"),
+    (b"/app/" + KEY.encode() + b"/track", b"X-Pad: 1", b'{"data": [', "error"),
+]
+
+
+@pytest.mark.parametrize("path,auth,start,shape", STALLED,
+                         ids=[p.decode() for p, *_ in STALLED])
+async def test_a_stalled_body_is_408_in_every_api(
+        make_agent: Callable[..., Any], sockets: list[socket.socket], path: bytes,
+        auth: bytes, start: bytes, shape: str) -> None:
+    """docs/mapping.md §6: every API answers 408, in its own error shape, a body not
+    received whole within listen.body_timeout_s. SegmentStream, whose seed answers 400 for
+    every client mistake, answered this one 400 too: a body cut short in transit (the app
+    stopped, a slow link) is not a bad request, and SDKs drop an event answered 400."""
+    agent = await make_agent(listen=short_deadlines(idle_timeout_s=60))
+    s = await connect(agent.port, sockets)
+    s.send(b"POST " + path + b" HTTP/1.1\r\nHost: 127.0.0.1\r\n"
+           b"Content-Type: application/json\r\n" + auth + b"\r\n"
+           b"Content-Length: " + str(len(start) + 100).encode() + b"\r\n\r\n" + start)
+    reply = await asyncio.wait_for(read_to_eof(s), 5)
+    assert reply.startswith(b"HTTP/1.1 408 "), reply[:300]
+    assert shape in orjson.loads(reply.partition(b"\r\n\r\n")[2])
+    assert b"request body not received in time" in reply
+    assert agent.spool.depth == 0
+
+
 async def test_websocket_outlives_the_idle_timeout(
         make_agent: Callable[..., Any], sockets: list[socket.socket]) -> None:
     """A Nucleus module's websocket may sit quiet for long; only HTTP waits are deadlined."""
