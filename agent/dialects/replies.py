@@ -77,6 +77,7 @@ def describe(exc: BodyError | Invalid) -> str:
     return exc.message + (f": {exc.details}" if exc.details else "")
 
 
+TIMED_OUT = 408   # a body not received whole within listen.body_timeout_s (body.py)
 ErrorReply = Callable[[int, str, int | None], web.Response]
 R = TypeVar("R")
 
@@ -86,7 +87,8 @@ async def settle(work: Awaitable[R], error: ErrorReply, *, full_status: int = 50
     """Await ``work`` (read, parse, store): its result when done, else the error reply.
 
     Client mistakes get their own status (or ``client_status`` for APIs with one
-    status for every client error); a full spool or a busy agent gets
+    status for every client error); a body not received in time is a 408 in every API
+    (it is no mistake in the request); a full spool or a busy agent gets
     ``full_status`` and Retry-After, never a 500.
     """
     try:
@@ -94,7 +96,8 @@ async def settle(work: Awaitable[R], error: ErrorReply, *, full_status: int = 50
     except Busy as exc:
         return error(full_status, describe(exc), exc.retry_after)
     except BodyError as exc:
-        return error(client_status or exc.status, describe(exc), None)
+        status = exc.status if exc.status == TIMED_OUT else client_status or exc.status
+        return error(status, describe(exc), None)
     except Invalid as exc:
         return error(client_status or status_of(exc), describe(exc), None)
     except SpoolFull as exc:
