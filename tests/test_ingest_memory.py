@@ -259,3 +259,25 @@ def test_outpost_run_switches_to_the_c_allocator_unless_told_otherwise(
         assert agent.proc is not None
         assert psutil.Process(agent.proc.pid).environ().get("PYTHONMALLOC") == expected
         assert agent.terminate() == 0
+
+
+async def test_bad_events_of_many_invented_app_ids_do_not_pile_up_in_memory(
+        tmp_path: Path, agent_process: Callable[..., AgentProcess]) -> None:
+    """A Nucleus event with a problem of its own is logged at most once a minute per app:
+    the rate limiter kept every app id it saw within that minute, whole, past its 1,024
+    keys, and an app id may be as long as the request line (64 KiB). A local process
+    inventing app ids (accept_keys empty, the default) grew the agent by 60 KB a request,
+    94 MB in 3 s, some 2 GB by the end of the minute. Nothing of these events is stored."""
+    agent = offline_agent(tmp_path, agent_process)
+    assert agent.proc is not None
+    sampler = RssSampler(agent.proc.pid)
+    body = orjson.dumps({"data": [{"id": 1, "name": 5}]})   # a name that is not a string
+    async with aiohttp.ClientSession() as s:
+        async with s.post(f"{agent.url}/app/{KEY}/track", data=body) as r:
+            assert r.status == 200 and await r.json() == {"reportedIds": []}
+        idle = sampler.rss()
+        for i in range(1500):
+            async with s.post(f"{agent.url}/app/{i:06d}{'k' * 60_000}/track", data=body) as r:
+                assert r.status == 200 and await r.json() == {"reportedIds": []}
+        grown = sampler.rss() - idle
+    assert grown <= SETTLED_OVER_IDLE, f"RSS grew {grown / MB:.0f} MB"
