@@ -299,10 +299,16 @@ def setup_logging(level: str = "info", *, stream: IO[str] | None = None, journal
     _installed = handler
 
 
+KEY_KEPT = 200   # characters of a rate-limited message's key held (RateLimiter)
+
+
 class RateLimiter:
     """Admits a message key at most once per ``interval`` seconds, counting the rest.
 
-    ``clock`` is injectable so that tests move time instead of sleeping.
+    ``clock`` is injectable so that tests move time instead of sleeping. At most
+    ``max_keys`` keys are held, each at most KEY_KEPT characters (a longer one by a hash):
+    keys may hold what an app sent (its app id, up to a request line long), and an app can
+    invent any number of them within the interval.
     """
 
     def __init__(
@@ -316,6 +322,9 @@ class RateLimiter:
 
     def admit(self, key: tuple[str, str]) -> str | None:
         """None to suppress; otherwise the suffix to add ("" when nothing was suppressed)."""
+        if len(key[1]) > KEY_KEPT:
+            digest = hashlib.blake2b(key[1].encode("utf-8", "surrogatepass"), digest_size=16)
+            key = (key[0], key[1][:KEY_KEPT - 33] + ":" + digest.hexdigest())
         now = self._clock()
         with self._lock:
             last = self._seen.get(key)
@@ -335,6 +344,11 @@ class RateLimiter:
         # unreported suppression count is lost, which beats unbounded memory.
         for key in [k for k, (t, _) in self._seen.items() if now - t >= self.interval]:
             del self._seen[key]
+        if len(self._seen) >= self._max_keys:
+            # Every key is within its window (many keys at once: an app inventing them).
+            # The earliest held half goes: a key of it may be logged again early, once.
+            for key in list(self._seen)[:len(self._seen) - self._max_keys // 2]:
+                del self._seen[key]
 
 
 _default_limiter = RateLimiter()

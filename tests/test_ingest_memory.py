@@ -267,7 +267,8 @@ async def test_bad_events_of_many_invented_app_ids_do_not_pile_up_in_memory(
     the rate limiter kept every app id it saw within that minute, whole, past its 1,024
     keys, and an app id may be as long as the request line (64 KiB). A local process
     inventing app ids (accept_keys empty, the default) grew the agent by 60 KB a request,
-    94 MB in 3 s, some 2 GB by the end of the minute. Nothing of these events is stored."""
+    94 MB in 3 s, some 2 GB by the end of the minute; the routes' memo (limits.py) kept
+    4,096 of them whole too (256 MiB). Nothing of these events is stored."""
     agent = offline_agent(tmp_path, agent_process)
     assert agent.proc is not None
     sampler = RssSampler(agent.proc.pid)

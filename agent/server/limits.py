@@ -34,8 +34,11 @@ class _Route(NamedTuple):
 
 
 # Keys remembered with their route; local keys are few, but nothing bounds them when
-# accept_keys is empty, so the memo is emptied when full.
+# accept_keys is empty, so the memo is emptied when full. A key longer than any real
+# one (a write key or app id is a few dozen characters; a path's may be 64 KiB) is
+# routed afresh each time (a few µs): 4096 of those held 256 MiB.
 _MAX_KEYS = 4096
+_MAX_KEY_KEPT = 256
 
 
 class RouteLimits:
@@ -67,6 +70,8 @@ class RouteLimits:
             pass
         up = self._cfg.route(key)   # the one routing rule
         found = None if up is None else self._routes[up.name]
+        if len(key) > _MAX_KEY_KEPT:
+            return found
         if len(self._by_key) >= _MAX_KEYS:
             self._by_key.clear()
         self._by_key[key] = found
