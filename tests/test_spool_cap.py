@@ -345,3 +345,27 @@ async def test_a_request_repeating_its_own_event_is_not_refused_with_another(
         assert spool.streams["app"].depth == 2
     finally:
         await spool.close()
+
+
+async def test_a_resend_of_a_stored_event_is_not_refused_with_another_request(
+        tmp_path: Path) -> None:
+    """Three requests share a group commit: an app's event, its SDK's retry of that event,
+    and another app's request too big for max_size_mb. Only the big one is refused: the
+    first is stored, so the retry is a resend of a stored event (answered as stored, and
+    counted a duplicate), not refused with 503 and counted ``rejected_full`` for an event
+    the spool holds and will deliver."""
+    path = tmp_path / "spool.db"
+    spool = await Spool.open(StorageConfig(path=str(path), max_size_mb=1, when_full="reject",
+                                           sync="normal"))
+    try:
+        big = [incompressible("big", i, 8000) for i in range(300)]
+        event = incompressible("app", 0, 40)
+        replies = await asyncio.gather(spool.append(big), spool.append([event]),
+                                       spool.append([event]), return_exceptions=True)
+        assert isinstance(replies[0], SpoolFull), replies
+        assert spool.streams["app"].depth == 1
+        assert replies[1:] == [1, 0], replies
+        assert spool.counters["rejected_full"] == 300
+        assert spool.counters["duplicates"] == 1
+    finally:
+        await spool.close()
