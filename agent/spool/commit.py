@@ -89,9 +89,9 @@ class Part:
 
     duplicates: int                   # its resends, left out of the groups
     slices: list[tuple[Group, int, int]] = field(default_factory=list)
-    # Some of its resends are of events new in this same commit (another request's, say),
-    # stored only if that request is: it is refused with any request that is.
-    leans: bool = False
+    # Its resends of events new in this same commit (another request's), stored only if
+    # that request is: it is refused with any request it leans on that is.
+    leans: set[int] = field(default_factory=set)
 
 
 @dataclass(slots=True)
@@ -234,9 +234,7 @@ def _store(conn: sqlite3.Connection, job: Job, packed: list[tuple[Group, bytes, 
         conn.execute("ROLLBACK TO store")
         conn.execute("RELEASE store")
         _restore(out, undo)
-        refuse = _largest(job, kept, share, missing)
-        # Answered as resends, they would be acknowledged, and nothing stored.
-        refuse.update(i for i in kept if job.parts[i].leans)
+        refuse = _leaning(job, kept, _largest(job, kept, share, missing))
         kept = [i for i in kept if i not in refuse]
         out.refused = sorted([*out.refused, *refuse])
         record(out.counters, Drop.REJECTED_FULL,
@@ -327,6 +325,20 @@ def _largest(job: Job, kept: list[int], share: dict[int, float], missing: int) -
         if missing <= 0:
             break
     return refuse
+
+
+def _leaning(job: Job, kept: list[int], refuse: set[int]) -> set[int]:
+    """``refuse`` and the requests still kept that lean on one refused: answered as
+    resends, they would be acknowledged, and nothing stored. Those leaning on a request
+    that is stored are resends of a stored event, and stored (as duplicates) with it."""
+    refuse = set(refuse)
+    while True:
+        gone = {g.keys[j] for i in refuse for g, s, e in job.parts[i].slices
+                for j in range(s, e)}
+        more = {i for i in kept if i not in refuse and not job.parts[i].leans.isdisjoint(gone)}
+        if not more:
+            return refuse
+        refuse |= more
 
 
 def _regroup(job: Job, kept: list[int]) -> list[tuple[Group, bytes, bytes]]:

@@ -383,7 +383,7 @@ class Writer:
             k = ev.dedupe
             if k in here:
                 if own is None or k not in own:
-                    part.leans = True
+                    part.leans.add(k)
                 continue
             if k in seen:
                 continue
