@@ -251,3 +251,41 @@ def test_no_product_doc_or_help_text_points_outside_the_repository() -> None:
             for n, line in enumerate(f.read_text(errors="replace").splitlines(), 1)
             if TEAM_ONLY.search(line)]
     assert hits == []
+
+
+# -- §1 storage the user may not even look into --------------------------------------------------
+
+def _without_root() -> list[str] | None:
+    """A prefix that runs a command without root's power over file modes (root searches any
+    directory): a user namespace whose only user is not root. [] when not root already."""
+    if os.geteuid() != 0:
+        return []
+    prefix = ["unshare", "--user", "--map-user=1000"]
+    if not shutil.which("unshare") or subprocess.run([*prefix, "true"],
+                                                     capture_output=True).returncode != 0:
+        return None
+    return prefix
+
+
+@pytest.mark.skipif(not hasattr(os, "geteuid"), reason="POSIX file modes")
+@pytest.mark.parametrize("command", ["check-config", "run"])
+def test_a_storage_path_in_a_directory_the_user_cannot_search_is_one_line(
+        tmp_path: Path, command: str) -> None:
+    # `OUTPOST_SYSTEM=1 outpost check-config` by an admin: /var/lib/outpost is 0700 outpost.
+    # stat(2) of the spool there fails with EACCES, not ENOENT (pathlib's is_dir raises it).
+    prefix = _without_root()
+    if prefix is None:
+        pytest.skip("needs unprivileged user namespaces to run without root")
+    kept_out = tmp_path / "kept-out"
+    kept_out.mkdir()
+    cfg = write_config(tmp_path / "agent.toml", kept_out / "spool.db")
+    args = (command, str(cfg)) if command == "check-config" else (command, "--config", str(cfg))
+    kept_out.chmod(0)
+    try:
+        run = subprocess.run([*prefix, sys.executable, "-m", "agent", *args], cwd=ROOT,
+                             capture_output=True, text=True, timeout=30)
+    finally:
+        kept_out.chmod(0o700)
+    line = one_line(run.stdout + run.stderr)
+    assert run.returncode == EXIT_CONFIG, line
+    assert "storage.path" in line and str(kept_out) in line, line
