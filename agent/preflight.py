@@ -51,20 +51,23 @@ def storage_problem(cfg: Config) -> str | None:
     """The spool's directory must exist or be creatable, writable, on a writable filesystem."""
     spool = cfg.storage.resolved_path()
     where = f"storage.path {spool}"
-    if spool.is_dir():
+    # os.path's tests, not pathlib's: those raise EACCES (a directory this user may not
+    # search, such as the system service's 0700 /var/lib/outpost), which is the problem
+    # to name here, found by the access check below.
+    if os.path.isdir(spool):
         return f"{where} is a directory; set it to a file, such as {spool / 'spool.db'}"
     existing = spool.parent
-    while not existing.exists() and existing.parent != existing:
+    while not os.path.exists(existing) and existing.parent != existing:
         existing = existing.parent   # where the first mkdir would write
-    if not existing.is_dir():
+    if not os.path.isdir(existing):
         return f"{where}: cannot create {spool.parent}: {existing} is not a directory; {STORAGE_FIX}"
     if _read_only(existing):
         return f"{where}: {existing} is on a read-only filesystem; {_read_only_fix(spool.parent)}"
     writable = os.access(existing, os.W_OK | os.X_OK)
-    if writable and spool.exists():
+    if writable and os.path.exists(spool):
         writable = os.access(spool, os.R_OK | os.W_OK)
     if not writable:
-        return (f"{where}: cannot write to {spool if spool.exists() else existing} as user "
+        return (f"{where}: cannot write to {spool if os.path.exists(spool) else existing} as user "
                 f"{_user()}; {STORAGE_FIX}, or give that user write access")
     return None
 
