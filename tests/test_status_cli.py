@@ -8,10 +8,11 @@ from typing import Any
 
 import aiohttp
 import aiohttp.web
+import pytest
 
 from agent.ops.status_table import render
 from tests.conftest import free_port, write_config
-from tests.fakes.ops_scene import LIVE, QUEUED, REFUSED, Scene, populate, settled
+from tests.fakes.ops_scene import LIVE, QUEUED, REFUSED, Scene, populate, post_events, settled
 from tests.waiting import run_outpost
 
 
@@ -159,3 +160,20 @@ async def test_a_foreign_server_on_the_agent_s_port_is_no_traceback(tmp_path: Pa
             assert "not an Outpost agent" in text and text.count("\n") == 1, text
     finally:
         await runner.cleanup()
+
+
+@pytest.mark.parametrize("folder", ["100%25", "take#2", "why?"])
+async def test_a_spool_path_holding_uri_characters_is_the_spool_used(
+        make_agent: Any, tmp_path: Path, folder: str) -> None:
+    # SQLite reads a "file:" URI: a path's own %xx, # or ? must not be taken as its escapes,
+    # fragment or query (the spool was then another file, or none: every event got a 503).
+    spool = tmp_path / folder / "spool.db"
+    agent = await make_agent(port=free_port(), spool=spool)
+    await post_events(agent.port, "app-kept", range(3))
+    await agent.stop()
+    code, text = await run_outpost("status", "--config", agent.config_path)
+    assert code == 0, text
+    assert "spool, no agent running" in text and "queue:    3 events" in text, text
+    code, text = await run_outpost("dead", "list", "--config", agent.config_path)
+    assert code == 0 and text.startswith(f"0 dead letters ({spool}, no agent running)"), text
+    assert sorted(p.name for p in spool.parent.parent.iterdir() if p.is_file()) == ["agent0.toml"]
