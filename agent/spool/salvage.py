@@ -33,6 +33,7 @@ from agent.spool import migrate_lanes
 from agent.spool.db import add_counters, mark, transaction
 from agent.spool.migrate import V0_COLS, V0Row, pack_v0, recount_streams
 from agent.spool.records import DamagedRecord, Dictionaries, learned_id, pack, unpack_ids
+from agent.spool.schema import read_only_uri
 
 RECORD_COLS = "id, stream, family, n, received, live, gone, bytes, dkeys, data, lane"
 RECORD_TYPES = (int, int, int, int, int, int, (bytes, type(None)), int, bytes, bytes, int)
@@ -125,7 +126,7 @@ def keep_counters(fresh: sqlite3.Connection, counters: Counts) -> None:
 
 def _open_old(moved: Path) -> sqlite3.Connection | None:
     try:
-        old = sqlite3.connect(f"file:{moved}?mode=ro", uri=True)
+        old = sqlite3.connect(read_only_uri(moved), uri=True)
     except sqlite3.Error:
         return None
     # A truncated file's schema names pages past its end: without this every query

@@ -5,6 +5,7 @@ from __future__ import annotations
 import sqlite3
 from pathlib import Path
 from typing import Any
+from urllib.parse import quote
 
 from agent.spool.codebook import DICTS
 
@@ -108,6 +109,13 @@ class SpoolTooNew(SpoolUnusable):
         self.supported = supported
 
 
+def read_only_uri(path: Path) -> str:
+    """The SQLite URI that opens ``path`` read-only. The path is percent-encoded: SQLite
+    decodes %xx in a URI, and ends its path at a ``?`` or ``#`` (a storage.path such as
+    ``/srv/take#2/spool.db`` was then ``/srv/take``, opened read-write and created)."""
+    return f"file:{quote(str(path))}?mode=ro"
+
+
 def open_read_only(path: Path) -> sqlite3.Connection:
     """A read-only connection to a spool file (safe beside a running agent: WAL);
     SpoolTooNew for one a newer agent wrote, whose tables this code cannot read;
@@ -115,7 +123,7 @@ def open_read_only(path: Path) -> sqlite3.Connection:
     if path.is_dir():   # SQLite would say only "disk I/O error"
         raise SpoolUnusable(f"spool {path} is a directory; set storage.path to a file, such "
                             f"as {path / 'spool.db'}")
-    conn = sqlite3.connect(f"file:{path}?mode=ro", uri=True)
+    conn = sqlite3.connect(read_only_uri(path), uri=True)
     try:
         found = conn.execute("PRAGMA user_version").fetchone()[0]
     except BaseException:
