@@ -475,3 +475,18 @@ async def test_dead_export_onto_a_directory_is_one_line(tmp_path: Path) -> None:
     code, out = await run_outpost("dead", "export", str(target), "--config", str(cfg))
     line = one_line(out)
     assert code == 1 and line == f"outpost: cannot write {target}: it is a directory; name a file", line
+
+
+@pytest.mark.parametrize("host", ["api..segment.io", "a" * 64 + ".example"])
+def test_an_upstream_host_no_resolver_takes_is_refused_by_check_config_and_doctor(
+        tmp_path: Path, host: str) -> None:
+    # A doubled dot, or a label over 63 characters: no name the resolver can be asked
+    # (the IDNA codec refuses it before any lookup, with a UnicodeError, not an OSError).
+    cfg = write_config(tmp_path / "agent.toml", tmp_path / "spool.db", upstreams=[
+        {"name": "seg", "protocol": "segment-http", "url": f"https://{host}/"}])
+    for command in (["check-config", str(cfg)], ["doctor", "--config", str(cfg)]):
+        run = subprocess.run([sys.executable, "-m", "agent", *command], cwd=ROOT,
+                             capture_output=True, text=True, timeout=60)
+        line = one_line(run.stderr)
+        assert run.returncode == EXIT_CONFIG, run.stdout + run.stderr
+        assert line.startswith("outpost: ") and "upstream[0].url" in line, line
