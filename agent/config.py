@@ -231,7 +231,14 @@ def _url_check(protocol: str) -> Callable[[Any], str | None]:
             # /status and the page show the url: a credential there would be shown.
             return ('must not contain a query or fragment (?... or #...); '
                     'put the upstream\'s credential in "key"')
-        return None if host else "has no host"
+        if not host:
+            return "has no host"
+        try:
+            host.encode("idna")   # what the resolver is asked: never reached if it fails
+        except UnicodeError:
+            return ("has a host no resolver takes (an empty label, as in a doubled dot, or "
+                    "a label over 63 characters)")
+        return None
     return check
 
 
