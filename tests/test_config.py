@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -234,3 +235,19 @@ def test_an_empty_or_negative_argument_is_refused(tmp_path: Path, argv: list[str
                          text=True, cwd=tmp_path, env={**env, "PYTHONPATH": str(ROOT)})
     assert run.returncode == 2, (run.returncode, run.stdout, run.stderr)
     assert "Traceback" not in run.stderr and fragment in run.stderr, run.stderr
+
+
+def test_the_shipped_agent_toml_names_every_key() -> None:
+    # docs/operations.md: "The shipped agent.toml documents every key".
+    import dataclasses
+
+    from agent import settings
+
+    text = (ROOT / "agent.toml").read_text()
+    tables = {"listen": settings.ListenConfig, "storage": settings.StorageConfig,
+              "device": settings.DeviceConfig, "log": settings.LogConfig,
+              "sync": settings.SyncConfig, "upstream": settings.UpstreamConfig}
+    missing = [f"{table}.{f.name}" for table, kind in tables.items()
+               for f in dataclasses.fields(kind)
+               if not re.search(rf"(^|[#\s]){f.name}\s*=", text, re.M)]
+    assert not missing, missing
