@@ -490,3 +490,17 @@ def test_an_upstream_host_no_resolver_takes_is_refused_by_check_config_and_docto
         line = one_line(run.stderr)
         assert run.returncode == EXIT_CONFIG, run.stdout + run.stderr
         assert line.startswith("outpost: ") and "upstream[0].url" in line, line
+
+
+@pytest.mark.skipif(sys.platform == "win32", reason="POSIX modes")
+def test_config_init_makes_the_directories_it_creates_private(tmp_path: Path) -> None:
+    # The file holds upstream keys (0600); the directories made for it are 0700, as the
+    # spool's are (XDG), whatever the umask: 0755 let every user list them.
+    config_home = tmp_path / "xdg"
+    run = outpost("config", "init", env={"XDG_CONFIG_HOME": str(config_home), "OUTPOST_SYSTEM": "0"})
+    assert run.returncode == 0, run.stderr
+    run = outpost("config", "init", "--path", str(tmp_path / "new" / "sub" / "agent.toml"))
+    assert run.returncode == 0, run.stderr
+    for made in (config_home, config_home / "outpost", tmp_path / "new", tmp_path / "new" / "sub"):
+        assert stat.S_IMODE(made.stat().st_mode) == 0o700, made
+    assert stat.S_IMODE((config_home / "outpost" / "agent.toml").stat().st_mode) == 0o600
