@@ -124,9 +124,13 @@ def run(args: argparse.Namespace) -> int:
         return _fail(f"cannot write {target}: {exc.strerror or exc}")
     if kind:
         return _fail(f"{target} is not a regular file ({kind}); name a file to write")
+    share = target == default and paths.is_system_service()
     try:
-        real.parent.mkdir(parents=True, exist_ok=True)
-        shared = _write(real, text, target == default and paths.is_system_service())
+        if share:   # /etc/outpost: the service user must reach its config (0755, as the unit has it)
+            real.parent.mkdir(mode=0o755, parents=True, exist_ok=True)
+        else:   # 0700 whatever the umask, as the spool's (XDG); existing ones keep theirs
+            paths.make_private_dir(real.parent)
+        shared = _write(real, text, share)
     except OSError as exc:
         return _fail(f"cannot write {target}: {exc.strerror or exc}")
     print(f"wrote {target}{shared}; check it with `outpost check-config {target}`")
