@@ -98,8 +98,7 @@ async def test_dead_letters_stay_within_the_cap_and_make_way_for_queued_events(
     within the cap, the oldest dead letters going first (counted), and never before a
     queued event: new events are still taken."""
     path = tmp_path / "spool.db"
-    spool = await Spool.open(StorageConfig(path=str(path), max_size_mb=1, when_full="reject",
-                                           sync="normal"))
+    spool = await Spool.open(one_mb(path))
     rng = random.Random(5)
     try:
         for n in range(0, 3000, 100):   # ~1 KB events, ~0.3 KB packed: 0.9 MB dead-lettered
@@ -124,8 +123,7 @@ async def test_a_refused_append_deletes_no_dead_letter(tmp_path: Path) -> None:
     """when_full = "reject": dead letters yield to an append only when deleting them makes
     room for it. One that is refused anyway must leave them all (review: it emptied the
     dead letters, then was refused)."""
-    spool = await Spool.open(StorageConfig(path=str(tmp_path / "spool.db"), max_size_mb=1,
-                                           when_full="reject", sync="normal"))
+    spool = await Spool.open(one_mb(tmp_path / "spool.db"))
     rng = random.Random(5)
 
     def event(key: str, i: int, noise: int) -> Event:
@@ -157,8 +155,7 @@ async def test_a_refused_append_forgets_no_dedupe_key(tmp_path: Path) -> None:
     room for an append only when that makes the room. An append refused anyway must keep
     them, or a restart within the window takes a resend of a delivered event for a new one
     (audit: it forgot them all, then was refused)."""
-    cfg = StorageConfig(path=str(tmp_path / "spool.db"), max_size_mb=1, when_full="reject",
-                        sync="normal")
+    cfg = one_mb(tmp_path / "spool.db")
     spool = await Spool.open(cfg)
     rng = random.Random(6)
 
@@ -193,6 +190,16 @@ async def test_a_refused_append_forgets_no_dedupe_key(tmp_path: Path) -> None:
         await spool.close()
 
 
+def one_mb(path: Path, when_full: str = "reject") -> StorageConfig:
+    """A spool capped at 1 MB (sync "normal": these tests wait for no fsync)."""
+    return StorageConfig(path=str(path), max_size_mb=1, when_full=when_full, sync="normal")
+
+
+def too_big() -> list[Event]:
+    """One request bigger than max_size_mb: 300 events of 8 KB, half of it after packing."""
+    return [incompressible("big", i, 8000) for i in range(300)]
+
+
 def incompressible(key: str, n: int, size: int) -> Event:
     """An event of ``size`` random hex characters: zstd packs it to about half."""
     return Event(key, SEGMENT, dedupe_key(key, n),
@@ -215,8 +222,7 @@ async def test_drop_oldest_refuses_a_request_that_cannot_fit_and_stores_the_rest
     that does not fit is refused (503, as in reject mode), whole; the others are stored
     (audit: all three were stored, 1,286,144 bytes used)."""
     path = tmp_path / "spool.db"
-    spool = await Spool.open(StorageConfig(path=str(path), max_size_mb=1,
-                                           when_full="drop_oldest", sync="normal"))
+    spool = await Spool.open(one_mb(path, "drop_oldest"))
     try:
         await spool.append([incompressible("old", i, 1000) for i in range(100)])
         requests = [[incompressible(f"k{r}", i, 8000) for i in range(100)] for r in range(3)]
@@ -240,8 +246,7 @@ async def test_drop_oldest_stays_within_the_cap_under_mixed_traffic(tmp_path: Pa
     measured, and deleting rows from partly used pages frees less: 1,187,840 bytes used, and
     the file itself 1,183,744)."""
     path = tmp_path / "spool.db"
-    spool = await Spool.open(StorageConfig(path=str(path), max_size_mb=1,
-                                           when_full="drop_oldest", sync="normal"))
+    spool = await Spool.open(one_mb(path, "drop_oldest"))
     rng = random.Random(14)
     n = 0
     try:
@@ -270,12 +275,11 @@ async def test_drop_oldest_refuses_a_request_bigger_than_the_cap_and_drops_nothi
     """A single request bigger than max_size_mb cannot fit even with every older record
     gone: refused whole, and the queue it would have pushed out stays."""
     path = tmp_path / "spool.db"
-    spool = await Spool.open(StorageConfig(path=str(path), max_size_mb=1,
-                                           when_full="drop_oldest", sync="normal"))
+    spool = await Spool.open(one_mb(path, "drop_oldest"))
     try:
         await spool.append([incompressible("old", i, 1000) for i in range(100)])
         with pytest.raises(SpoolFull):
-            await spool.append([incompressible("big", i, 8000) for i in range(300)])
+            await spool.append(too_big())
         assert spool.streams["old"].depth == 100 and not spool.counters.get("dropped_full")
         assert "big" not in spool.streams or spool.streams["big"].depth == 0
         assert used(path) <= MB
@@ -288,10 +292,9 @@ async def test_reject_refuses_only_the_request_that_does_not_fit(tmp_path: Path)
     small ones, on an empty spool. Only it is refused; the small ones are stored (audit:
     every request of the commit got 503)."""
     path = tmp_path / "spool.db"
-    spool = await Spool.open(StorageConfig(path=str(path), max_size_mb=1, when_full="reject",
-                                           sync="normal"))
+    spool = await Spool.open(one_mb(path))
     try:
-        big = [incompressible("big", i, 8000) for i in range(300)]
+        big = too_big()
         small = [[incompressible("small", j, 40)] for j in range(5)]
         replies = await asyncio.gather(spool.append(big), *(spool.append(s) for s in small),
                                        return_exceptions=True)
@@ -311,8 +314,7 @@ async def test_a_request_that_shares_an_event_with_a_refused_one_is_not_answered
     refused, the second must not be answered as stored (a resend of an event that is
     not stored): it is stored, or refused too, never acknowledged and lost."""
     path = tmp_path / "spool.db"
-    spool = await Spool.open(StorageConfig(path=str(path), max_size_mb=1, when_full=when_full,
-                                           sync="normal"))
+    spool = await Spool.open(one_mb(path, when_full))
     try:
         shared = incompressible("app", 0, 40)
         big = [shared, *(incompressible("app", i, 8000) for i in range(1, 300))]
@@ -333,10 +335,9 @@ async def test_a_request_repeating_its_own_event_is_not_refused_with_another(
     own message) leans on no other request: when another request of the same commit is
     refused, it is stored, not refused with it."""
     path = tmp_path / "spool.db"
-    spool = await Spool.open(StorageConfig(path=str(path), max_size_mb=1, when_full="reject",
-                                           sync="normal"))
+    spool = await Spool.open(one_mb(path))
     try:
-        big = [incompressible("big", i, 8000) for i in range(300)]
+        big = too_big()
         twice = incompressible("app", 0, 40)
         replies = await asyncio.gather(spool.append(big), spool.append([twice, twice]),
                                        spool.append([incompressible("app", 1, 40)]),
@@ -355,10 +356,9 @@ async def test_a_resend_of_a_stored_event_is_not_refused_with_another_request(
     counted a duplicate), not refused with 503 and counted ``rejected_full`` for an event
     the spool holds and will deliver."""
     path = tmp_path / "spool.db"
-    spool = await Spool.open(StorageConfig(path=str(path), max_size_mb=1, when_full="reject",
-                                           sync="normal"))
+    spool = await Spool.open(one_mb(path))
     try:
-        big = [incompressible("big", i, 8000) for i in range(300)]
+        big = too_big()
         event = incompressible("app", 0, 40)
         replies = await asyncio.gather(spool.append(big), spool.append([event]),
                                        spool.append([event]), return_exceptions=True)
