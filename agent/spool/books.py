@@ -136,6 +136,9 @@ class Books:
             if stream is not None:
                 stream.high += n
                 stream.totals.high += n
+        for sid, n in out.high_in.items():
+            if (stream := self.by_id.get(sid)) is not None:
+                stream.high_in += n
         merge(self.counters, out.counters)
         self.dead_count += out.counters.get(Drop.DEAD_LETTERED, 0) - out.counters.get(
             Tally.DEAD_DROPPED_FULL, 0) - out.counters.get(Tally.DEAD_EXPIRED, 0)

@@ -138,6 +138,7 @@ class Outcome:
     stored: bool = True               # False: refused, spool full
     streams: dict[int, list[int]] = field(default_factory=dict)  # id -> [depth, bytes] deltas
     high: dict[int, int] = field(default_factory=dict)           # id -> high lane's depth delta
+    high_in: dict[int, int] = field(default_factory=dict)        # id -> high events stored
     counters: Counts = field(default_factory=dict)               # deltas computed here
     deleted: list[int] = field(default_factory=list)             # records no longer live
     # Dedupe keys of events dropped undelivered (full, expired, damaged): a resend of one
@@ -295,22 +296,23 @@ def _count_inserted(packed: list[tuple[Group, bytes, bytes]], out: Outcome) -> N
         n += len(g.bodies)
         if g.lane == HIGH:
             out.high[g.stream] = out.high.get(g.stream, 0) + len(g.bodies)
+            out.high_in[g.stream] = out.high_in.get(g.stream, 0) + len(g.bodies)
     record(out.counters, Tally.INGESTED, n)
 
 
-_Undo = tuple[dict[int, list[int]], dict[int, int], Counts, int, int]
+_Undo = tuple[dict[int, list[int]], dict[int, int], dict[int, int], Counts, int, int]
 
 
 def _checkpoint(out: Outcome) -> _Undo:
     """What ``_restore`` needs to undo an attempt rolled back to a savepoint."""
-    return ({k: list(v) for k, v in out.streams.items()}, dict(out.high), dict(out.counters),
-            len(out.deleted), len(out.undelivered))
+    return ({k: list(v) for k, v in out.streams.items()}, dict(out.high), dict(out.high_in),
+            dict(out.counters), len(out.deleted), len(out.undelivered))
 
 
 def _restore(out: Outcome, undo: _Undo) -> None:
-    out.streams, out.high, out.counters = undo[0], undo[1], undo[2]
-    del out.deleted[undo[3]:]
-    del out.undelivered[undo[4]:]
+    out.streams, out.high, out.high_in, out.counters = undo[0], undo[1], undo[2], undo[3]
+    del out.deleted[undo[4]:]
+    del out.undelivered[undo[5]:]
 
 
 def _largest(job: Job, kept: list[int], share: dict[int, float], missing: int) -> set[int]:

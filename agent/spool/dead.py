@@ -263,6 +263,7 @@ def _requeue_step(conn: sqlite3.Connection, rows: list[Any], done: Requeued) -> 
         d[1] += size
         if lane == HIGH:
             done.out.high[stream] = done.out.high.get(stream, 0) + n
+            done.out.high_in[stream] = done.out.high_in.get(stream, 0) + n
 
 
 def _count(conn: sqlite3.Connection, out: Outcome) -> None:

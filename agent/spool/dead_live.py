@@ -103,9 +103,6 @@ async def _retry_chunk(spool: Spool, which: dead.Which, below: int,
                                   dead.STEP_BYTES, below, CHUNK_LETTERS, 1, after)
         spool.books.next_seq = done.next_seq
         _settle_books(spool, done.out, size, done.count)
-        for sid, n in done.out.high.items():   # letters put back in a key's high lane
-            if n > 0 and (stream := spool.books.by_id.get(sid)) is not None:
-                stream.high_in += n
         observed, wall = spool.observed_ms(), now_ms()
         for rid, n, keys in done.records:
             spool.live.add(rid, n, observed)

@@ -21,7 +21,6 @@ from dataclasses import dataclass, field
 from typing import Any, Protocol
 
 from agent.families.event import NOT_READ, NUCLEUS, Event, now_ms
-from agent.families.lanes import HIGH
 from agent.logs import log_limited
 from agent.outcomes import Drop, Tally
 from agent.settings import StorageConfig
@@ -473,8 +472,6 @@ class Writer:
                 await asyncio.sleep(0)
             self.index.remember(g.keys, wall, observed)
             self.live.add(g.id, len(g.bodies), observed)
-            if g.lane == HIGH and (stream := books.by_id.get(g.stream)) is not None:
-                stream.high_in += len(g.bodies)
             # Samples only of events stored: a refused commit's must not be copied to disk.
             self.codebook.sample(g.bodies, g.nbytes)
             since_yield += len(g.bodies)
