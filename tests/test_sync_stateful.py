@@ -138,11 +138,20 @@ class SyncMachine(RuleBasedStateMachine):
         chosen = frozenset(ids[::max(1, n // high)][:high]) if high else frozenset()
         self.high |= chosen
         self.scene.post(key, ids, chosen)
-        agent = self.scene.agent
-        assert agent.sync is not None and agent.forwarding is not None
-        if self.quiet and agent.sync.profile.mode == "hold" and agent.sync.releases == self.releases:
+        sync, forwarding = self.scene.agent.sync, self.scene.agent.forwarding
+        assert sync is not None and forwarding is not None
+
+        async def held() -> tuple[str, int, list[str]]:
+            # Read on the agent's loop, at one instant: a release (an advance of the clock
+            # a rule made comes due whenever) counts itself and starts loops in one step,
+            # and read from this thread one after the other, a loop it started could be
+            # seen beside the count from before it.
+            return sync.profile.mode, sync.releases, list(forwarding.loops)
+
+        mode, releases, loops = self.scene.call(held())
+        if self.quiet and mode == "hold" and releases == self.releases:
             # The gate is asked before the app is answered: held data starts no loop.
-            assert not agent.forwarding.loops, "a loop started while holding"
+            assert not loops, "a loop started while holding"
         self.posted[key] += ids
         self.next_id += n
 
