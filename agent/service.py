@@ -250,8 +250,11 @@ class Agent:
     async def reload(self) -> None:
         """SIGHUP: re-read the config; upstream and [sync] changes take effect, the rest
         needs a restart."""
+        # The file the running config came from, not the lookup again: that file removed
+        # or renamed, the lookup finds none and the defaults would replace it silently.
+        source = self.cfg.source if self.cfg.source != Config.source else None
         try:
-            new = config_mod.load(self.config_path)
+            new = config_mod.load(self.config_path or source)
         except ConfigError as exc:
             log.error("reload refused, keeping the running config: %s", exc)
             return

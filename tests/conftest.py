@@ -165,12 +165,14 @@ class AgentProcess:
 
     def __init__(self, config: Path, port: int, env: dict[str, str] | None = None,
                  preexec_fn: Callable[[], None] | None = None,
-                 prefix: Sequence[str] = ()) -> None:
+                 prefix: Sequence[str] = (), by_lookup: bool = False) -> None:
         self.config = config
         self.port = port
         self.env = env
         self.preexec_fn = preexec_fn  # e.g. to give the agent its own fd limit
         self.prefix = list(prefix)  # a command the agent runs under (strace, say)
+        # Found as ./agent.toml, from the config's directory, rather than named by --config.
+        self.by_lookup = by_lookup
         self.proc: subprocess.Popen[bytes] | None = None
         self.log = config.with_suffix(".log")
 
@@ -179,10 +181,14 @@ class AgentProcess:
         (appended to across restarts)."""
         env = {**os.environ, **(self.env or {}), "PYTHONUNBUFFERED": "1"}
         offset = self.log.stat().st_size if self.log.exists() else 0
+        named = [] if self.by_lookup else ["--config", str(self.config)]
+        if self.by_lookup:
+            env.pop("OUTPOST_CONFIG", None)
         with open(self.log, "ab") as log:
             self.proc = subprocess.Popen([*self.prefix, sys.executable, "-m", "agent", "run",
-                                          "--config", str(self.config)], cwd=ROOT, env=env, stdout=log,
-                                         stderr=subprocess.STDOUT,
+                                          *named],
+                                         cwd=self.config.parent if self.by_lookup else ROOT,
+                                         env=env, stdout=log, stderr=subprocess.STDOUT,
                                          # Tests pass setrlimit only: nothing lock-taking.
                                          preexec_fn=self.preexec_fn)  # noqa: PLW1509
         return offset
@@ -227,8 +233,8 @@ def agent_process(tmp_path: Path) -> Iterator[Callable[..., AgentProcess]]:
 
     def make(config: Path, port: int, env: dict[str, str] | None = None,
              preexec_fn: Callable[[], None] | None = None,
-             prefix: Sequence[str] = ()) -> AgentProcess:
-        p = AgentProcess(config, port, env, preexec_fn, prefix)
+             prefix: Sequence[str] = (), by_lookup: bool = False) -> AgentProcess:
+        p = AgentProcess(config, port, env, preexec_fn, prefix, by_lookup)
         procs.append(p)
         return p
 

@@ -165,3 +165,34 @@ def test_service_install_user_dry_run_through_the_cli(tmp_path: Path) -> None:
                          timeout=30)
     assert run.returncode == 0 and f"[remove] {unit}\n" in run.stdout
     assert not home.exists()
+
+
+@pytest.mark.slow
+async def test_sighup_with_the_config_file_gone_keeps_the_running_config(
+        tmp_path: Path, agent_process: Callable[..., AgentProcess]) -> None:
+    """An agent that found its agent.toml by the lookup (./agent.toml here, or the
+    platform's config directory), whose file was then removed or renamed: a reload must
+    not switch it, silently, to the built-in defaults (no upstream, nothing delivered)."""
+    port = free_port()
+    fake = await FakeNucleus().start()
+    try:
+        cfg = write_config(tmp_path / "agent.toml", tmp_path / "spool.db", port=port,
+                           upstreams=[upstream(fake.url)])
+        agent = agent_process(cfg, port, env={"XDG_CONFIG_HOME": str(tmp_path / "xdg")},
+                              by_lookup=True)
+        await asyncio.to_thread(agent.start)
+        await post_events(port, "k", range(5))
+        await wait_for(lambda: len(fake.events) == 5, timeout=10)
+        cfg.rename(tmp_path / "agent.toml.bak")
+        assert agent.proc is not None
+        agent.proc.send_signal(signal.SIGHUP)
+        await wait_for(lambda: "reload" in agent.log.read_text(), timeout=10)
+        await post_events(port, "k", range(5, 10))   # still forwarded where it was
+        await wait_for(lambda: len(fake.events) == 10, timeout=10)
+        assert fake.ids() == list(range(10))
+        assert agent.terminate() == 0
+    finally:
+        await fake.stop()
+    log = agent.log.read_text()
+    assert "configuration reloaded" not in log
+    assert "reload refused, keeping the running config: agent.toml: cannot read" in log, log
