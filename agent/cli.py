@@ -7,36 +7,24 @@ Exit status: 0 ok; 1 a runtime failure (no agent answering, a service step faile
 from __future__ import annotations
 
 import argparse
-import asyncio
 import errno
 import json
 import os
 import signal
-import sqlite3
 import sys
 import urllib.error
 import urllib.request
 from collections.abc import Coroutine
-from concurrent.futures import ThreadPoolExecutor
 from typing import Any
-
-from filelock import FileLock, Timeout
 
 from agent import __version__, cli_tail, logs, paths, preflight, startup_signals
 from agent import config as config_mod
 from agent.config import ConfigError
-from agent.device import detect
 from agent.install import command as service_install
 from agent.install import config_file
 from agent.ops import dead_cli
 from agent.ops.local_agent import NotOutpost, Refused, agent_url, answer, not_answering, opened, timed_out
-from agent.ops.status import offline_snapshot
-from agent.server import memory
 from agent.settings import Config, SyncConfig
-from agent.spool.schema import SpoolUnusable
-from agent.sync.metered import read_once, source_for
-from agent.sync.policy import Metered, decide
-from agent.sync.power import read_battery
 from agent.terminal import OutputError, guard_stdout, printable, printable_json
 from agent.uplinks.registry import uplink_class
 
@@ -63,6 +51,7 @@ def _load(args: argparse.Namespace) -> Config | None:
 
 def run_async(coro: Coroutine[Any, Any, int]) -> int:
     """Run on uvloop where the platform has it, else the default loop."""
+    import asyncio
     try:
         import uvloop
     except ImportError:
@@ -72,6 +61,11 @@ def run_async(coro: Coroutine[Any, Any, int]) -> int:
 
 
 def cmd_run(args: argparse.Namespace) -> int:
+    # What `run` alone needs is imported here: every other command starts without it.
+    from filelock import FileLock, Timeout
+
+    from agent.server import memory
+    from agent.spool.schema import SpoolUnusable
     cfg = _load(args)
     if cfg is None:
         return EXIT_CONFIG
@@ -155,6 +149,11 @@ def cmd_status(args: argparse.Namespace) -> int:
             return EXIT_FAILED
         if isinstance(exc, (NotOutpost, Refused)):
             _say(f"{exc}; reading the spool")
+        # The spool's modules, only offline.
+        import sqlite3
+
+        from agent.ops.status import offline_snapshot
+        from agent.spool.schema import SpoolUnusable
         try:
             data = offline_snapshot(cfg)
         except SpoolUnusable as exc:   # too new, or a directory
@@ -222,6 +221,7 @@ def cmd_check_config(args: argparse.Namespace) -> int:
 
 
 def cmd_doctor(args: argparse.Namespace) -> int:
+    from agent.device import detect
     cfg = _load(args)
     if cfg is None:
         return EXIT_CONFIG
@@ -246,6 +246,12 @@ def cmd_doctor(args: argparse.Namespace) -> int:
 
 def _doctor_sync(cfg: SyncConfig) -> None:
     """The [sync] rules, what this machine reports now, and the profile that gives."""
+    import asyncio
+    from concurrent.futures import ThreadPoolExecutor
+
+    from agent.sync.metered import read_once, source_for
+    from agent.sync.policy import Metered, decide
+    from agent.sync.power import read_battery
     # On a thread with its own loop: doctor may be called where a loop runs already.
     with ThreadPoolExecutor(1) as pool:
         metered = pool.submit(lambda: asyncio.run(read_once(source_for(cfg), DOCTOR_DBUS_S))).result()

@@ -20,7 +20,7 @@ from typing import IO, Any
 
 from agent.logs import FINGERPRINT, fingerprint
 from agent.ops.local_agent import NotOutpost, Refused, agent_url, not_answering, opened
-from agent.ops.tail import STALL_S
+from agent.ops.shared_terms import STALL_S
 from agent.settings import Config
 from agent.terminal import OutputError, printable, printable_json
 

@@ -207,7 +207,7 @@ def _sync(t: dict[str, Any]) -> SyncConfig:
 
 
 def _url_check(protocol: str) -> Callable[[Any], str | None]:
-    schemes = tuple(f"{s}://" for s in registry.uplink_class(protocol).schemes)
+    schemes = tuple(f"{s}://" for s in registry.protocol(protocol).schemes)
 
     def check(value: Any) -> str | None:
         # Messages never quote the URL: it may hold a password.

@@ -18,6 +18,7 @@ from agent.settings import StorageConfig, UpstreamConfig
 from agent.spool import Spool
 from agent.spool.records import ZSTD_DICT, ZSTD_DICT_IDS
 from agent.spool.types import Queued, Row, Run
+from agent.uplinks import registry
 from agent.uplinks.base import UplinkBase
 from agent.uplinks.nucleus_http import NucleusHttpUplink
 from agent.uplinks.nucleus_ws import NucleusWsUplink
@@ -55,7 +56,8 @@ def runs(draw: st.DrawFn) -> list[Run]:
 
 
 def config(cls: type[UplinkBase], events: int, nbytes: int) -> UpstreamConfig:
-    return UpstreamConfig(name="u", protocol=cls.protocol, url=f"{cls.schemes[0]}://127.0.0.1:9",
+    spoken = next(p for p in registry.UPLINKS if p.uplink_class() is cls)
+    return UpstreamConfig(name="u", protocol=spoken.name, url=f"{spoken.schemes[0]}://127.0.0.1:9",
                           batch_max_events=events, batch_max_bytes=nbytes)
 
 

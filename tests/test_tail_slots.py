@@ -17,7 +17,8 @@ import pytest
 from agent.clock import Clock
 from agent.logs import fingerprint
 from agent.ops import tail_routes
-from agent.ops.tail import MAX_VIEWERS, STALL_S
+from agent.ops.shared_terms import STALL_S
+from agent.ops.tail import MAX_VIEWERS
 from tests.conftest import free_port
 from tests.interop.browser.cdp import Chromium
 from tests.segment_helpers import basic, call

@@ -17,7 +17,6 @@ from agent.families.event import NUCLEUS, SEGMENT
 from agent.settings import UpstreamConfig
 from agent.spool.types import Row
 from agent.uplinks import registry
-from agent.uplinks.base import UplinkBase
 from agent.uplinks.prepare import Prepared
 from tests.conftest import write_config
 from tests.fakes.uplinks import NullUplink
@@ -34,34 +33,39 @@ def row(seq: int, body: dict[str, Any] | bytes, family: int) -> Row:
                else orjson.dumps(body))
 
 
-def config_for(cls: type[UplinkBase], **kw: Any) -> UpstreamConfig:
-    return UpstreamConfig(name="u", protocol=cls.protocol, url=f"{cls.schemes[0]}://127.0.0.1:9",
+NULL = registry.Protocol("null", ("null",), "tests.fakes.uplinks:NullUplink")
+
+
+def config_for(spoken: registry.Protocol, **kw: Any) -> UpstreamConfig:
+    return UpstreamConfig(name="u", protocol=spoken.name, url=f"{spoken.schemes[0]}://127.0.0.1:9",
                           **kw)
 
 
 @pytest.mark.parametrize("family", [NUCLEUS, SEGMENT])
-@pytest.mark.parametrize("cls", registry.UPLINKS)
-async def test_every_uplink_refuses_the_same_damaged_rows(cls: type[UplinkBase],
+@pytest.mark.parametrize("spoken", registry.UPLINKS, ids=registry.protocols())
+async def test_every_uplink_refuses_the_same_damaged_rows(spoken: registry.Protocol,
                                                           family: int) -> None:
     """Stored in the uplink's family or mapped from the other, the same rows are corrupt
     for every protocol: taken, refused with a reason, and the rest still sent."""
     rows = [row(1, b"\xff\x00garbage", family), row(2, b"[1, 2]", family),
             row(3, VALID[family], family), row(4, b'"text"', family)]
     async with aiohttp.ClientSession() as session:
-        prepared = cls(config_for(cls), "app", session, "m").prepare(rows)
+        prepared = spoken.uplink_class()(config_for(spoken), "app", session, "m").prepare(rows)
     assert prepared.rows == tuple(rows)
     assert prepared.seqs == (3,) and len(prepared.bodies) == len(prepared.ids) == 1
     assert [seq for seq, _ in prepared.refused] == [1, 2, 4]
     assert all(why.startswith("corrupt row: ") for _, why in prepared.refused)
 
 
-@pytest.mark.parametrize("cls", [c for c in registry.UPLINKS if c.window(config_for(c)) == 1])
+@pytest.mark.parametrize("spoken", [p for p in registry.UPLINKS
+                                    if p.uplink_class().window(config_for(p)) == 1],
+                         ids=lambda p: p.name)
 async def test_preparing_a_batch_leaves_a_one_at_a_time_uplink_unchanged(
-        cls: type[UplinkBase]) -> None:
+        spoken: registry.Protocol) -> None:
     """No per-row side tables: preparing the same rows again gives the same value."""
     rows = [row(i, {**VALID[NUCLEUS], "id": f"n{i}"}, NUCLEUS) for i in range(1, 4)]
     async with aiohttp.ClientSession() as session:
-        up = cls(config_for(cls), "app", session, "m")
+        up = spoken.uplink_class()(config_for(spoken), "app", session, "m")
         first = up.prepare(rows)
         assert first.seqs == (1, 2, 3) and up.prepare(rows) == first
 
@@ -85,13 +89,13 @@ def null_upstream(**kw: Any) -> dict[str, Any]:
 async def test_registering_an_uplink_is_all_it_takes(make_agent: Any, tmp_path: Path,
                                                      monkeypatch: pytest.MonkeyPatch,
                                                      capsys: pytest.CaptureFixture[str]) -> None:
-    """NullUplink (tests/fakes/uplinks.py) is unknown until its one registry line is added;
+    """NullUplink (tests/fakes/uplinks.py) is unknown until its one registry line (NULL) is added;
     then config accepts it (and its URL scheme only), the forwarder sends through it,
     converting the other family's events first, and doctor shows its probe."""
     with pytest.raises(ConfigError, match=r"^upstream\[0\]\.protocol: must be one of "):
         parse({"upstream": [null_upstream()]})
 
-    monkeypatch.setattr(registry, "UPLINKS", (*registry.UPLINKS, NullUplink))
+    monkeypatch.setattr(registry, "UPLINKS", (*registry.UPLINKS, NULL))
     monkeypatch.setattr(NullUplink, "sent", [])
     assert parse({"upstream": [null_upstream()]}).upstreams[0].protocol == "null"
     with pytest.raises(ConfigError, match=r"^upstream\[0\]\.url: must start with null:// for null"):
@@ -119,5 +123,5 @@ async def test_registering_an_uplink_is_all_it_takes(make_agent: Any, tmp_path: 
         capsys.readouterr()
         assert cli.main(["doctor", "--config", str(config)]) == 0
     out = capsys.readouterr().out
-    assert f"null://sink  {NullUplink.probe(config_for(NullUplink))}" in out
+    assert f"null://sink  {NullUplink.probe(config_for(NULL))}" in out
     assert f"http://127.0.0.1:{port}  reachable" in out

@@ -17,13 +17,11 @@ import orjson
 from aiohttp import web
 
 from agent.ops.own_origin import foreign
+from agent.ops.shared_terms import EXPORT_PAGE, LIST_LIMIT
 from agent.spool import Spool, dead, dead_live
 
 Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
-# Entries GET /dead lists at most, oldest first (the summary counts all of them).
-LIST_LIMIT = 10_000
 BODY_LIMIT = 4096  # a retry or purge request: {"reason": ...}
-EXPORT_PAGE = 1000  # dead letters read at a time for GET /dead/export
 
 
 class _Refused(Exception):

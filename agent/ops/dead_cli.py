@@ -24,8 +24,8 @@ from pathlib import Path
 from typing import Any, BinaryIO
 
 from agent.clock import age_s
-from agent.ops.dead import EXPORT_PAGE, LIST_LIMIT
 from agent.ops.local_agent import NotOutpost, Refused, agent_url, answer, opened, timed_out
+from agent.ops.shared_terms import EXPORT_PAGE, LIST_LIMIT
 from agent.ops.status_table import age, size, table
 from agent.outcomes import Tally
 from agent.settings import Config

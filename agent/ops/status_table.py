@@ -2,9 +2,13 @@
 
 from __future__ import annotations
 
-from agent.ops.status import Snapshot, UpstreamStatus
+from typing import TYPE_CHECKING
+
 from agent.outcomes import Tally
 from agent.terminal import printable
+
+if TYPE_CHECKING:   # the snapshot's shapes only: the table needs no spool
+    from agent.ops.status import Snapshot, UpstreamStatus
 
 # An upstream's error can be a long exception text; the table keeps one line per
 # upstream, and `--json` has it whole.

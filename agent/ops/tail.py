@@ -41,10 +41,6 @@ from agent.spool.types import Row
 QUEUE = 1000          # messages a viewer may fall behind before the overflow is dropped
 QUEUE_BYTES = 8 * 1024 * 1024   # and the event bodies they may hold (an event: 500 KB at most)
 MAX_VIEWERS = 4       # a few terminals and tabs; with RATE, bounds what viewers cost the loop
-# A viewer whose stream has waited this long (by CLOCK) for it to read is closed: its
-# client is suspended (Ctrl-Z), its output paused (a pager, Ctrl-S), or it never reads.
-# A slow reader still reads: its writes complete, and it loses only the overflow.
-STALL_S = 30.0
 NAME_CHARS = 120      # enough to read an event name; the body itself is never shown
 
 TAKE = 200            # messages summarised per write: a viewer's task yields between

@@ -15,7 +15,8 @@ from aiohttp import web
 from agent.clock import CLOCK
 from agent.logs import FINGERPRINT
 from agent.ops.own_origin import foreign
-from agent.ops.tail import MAX_VIEWERS, RATE, REPLACED, STALL_S, STALLED, STOPPING, TailHub, Viewer
+from agent.ops.shared_terms import STALL_S
+from agent.ops.tail import MAX_VIEWERS, RATE, REPLACED, STALLED, STOPPING, TailHub, Viewer
 
 KEEPALIVE_S = 15.0    # a comment line, so proxies and clients see a live connection
 CHECK_S = 1.0         # how soon a viewer that left, or stalled (STALL_S), is noticed

@@ -6,7 +6,7 @@ Like OpenTelemetry exporters, uplinks *return* their outcome and do not raise it
 the forwarder alone decides about backoff, dead letters and acks.
 
 A new protocol is a subclass of ``UplinkBase`` in its own module plus one line in
-registry.py: the class says which protocol name and URL schemes it serves, which
+registry.py, which names the protocol and the URL schemes it serves: the class says which
 event family it speaks, how many batches may be in flight, and how ``outpost
 doctor`` checks that its upstream is reachable.
 """
@@ -135,8 +135,6 @@ class UplinkBase(ABC):
     state (acks by id) extends ``prepare``.
     """
 
-    protocol: ClassVar[str]               # `protocol` in agent.toml
-    schemes: ClassVar[tuple[str, ...]]    # the URL schemes it accepts
     family: ClassVar[int]                 # the event family it sends
     envelope_bytes: ClassVar[int] = 0     # see prepare.Encoder
     event_overhead: ClassVar[int] = 1
@@ -181,7 +179,7 @@ class UplinkBase(ABC):
         limits = []
         if cls.max_event_bytes is not None:
             limits.append(Limit(cls.family, cls.max_event_bytes - (cls.event_overhead - 1),
-                                f"{cls.protocol} takes at most {cls.max_event_bytes} bytes "
+                                f"{cfg.protocol} takes at most {cls.max_event_bytes} bytes "
                                 "per event"))
         if cls.refuse_oversize:
             # What take_prefix refuses: an event that fills a batch on its own.

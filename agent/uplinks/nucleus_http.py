@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from collections.abc import Sequence
-from typing import Any, ClassVar
+from typing import Any
 
 import aiohttp
 import orjson
@@ -26,8 +26,6 @@ from agent.uplinks.prepare import Prepared, take_prefix
 class NucleusHttpUplink(NucleusFraming, UplinkBase):
     """One request per batch; ids need only be unique within a request."""
 
-    protocol: ClassVar[str] = "nucleus-http"
-    schemes: ClassVar[tuple[str, ...]] = ("http", "https")
 
     def __init__(self, cfg: UpstreamConfig, app_key: str, session: aiohttp.ClientSession,
                  machine_id: str) -> None:

@@ -144,8 +144,6 @@ class _Link:
 class NucleusWsUplink(NucleusFraming, UplinkBase):
     """One websocket to `{url}/app/{key}/track`."""
 
-    protocol: ClassVar[str] = "nucleus-ws"
-    schemes: ClassVar[tuple[str, ...]] = ("ws", "wss")
     prepares_ahead: ClassVar[bool] = False   # prepare puts the batch's ids in flight
 
     def __init__(self, cfg: UpstreamConfig, app_key: str, session: aiohttp.ClientSession,

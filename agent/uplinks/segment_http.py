@@ -52,8 +52,6 @@ _STATUS_OF = {"Bad Request": 400, "Request Entity Too Large": 413, "Content Too 
 class SegmentHttpUplink(UplinkBase):
     """One request per batch; the whole batch is acknowledged or not."""
 
-    protocol: ClassVar[str] = "segment-http"
-    schemes: ClassVar[tuple[str, ...]] = ("http", "https")
     family: ClassVar[int] = SEGMENT
     envelope_bytes: ClassVar[int] = len(b'{"batch":[],"sentAt":"2026-01-01T00:00:00.000Z"}')
     # Each event's own `sentAt`, and the comma.

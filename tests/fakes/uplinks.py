@@ -22,8 +22,6 @@ class NullUplink(UplinkBase):
     to the registry (one line) and the agent uses it like any other.
     """
 
-    protocol: ClassVar[str] = "null"
-    schemes: ClassVar[tuple[str, ...]] = ("null",)
     family: ClassVar[int] = NUCLEUS
     sent: ClassVar[list[bytes]] = []   # every body sent, by every instance (tests reset it)
 
