@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+from pathlib import Path
 from typing import Any
 
 import aiohttp
@@ -19,6 +20,7 @@ from agent.settings import SyncConfig
 from agent.sync.metered.none import NoSource
 from agent.sync.monitor import BATTERY_POLL_S, RELEASE_RECHECK_S, SyncMonitor
 from agent.sync.policy import Battery
+from tests.conftest import write_config
 from tests.fakes.manual_timing import ManualTiming
 from tests.fakes.nucleus_upstream import FakeNucleus
 from tests.test_sync_battery import Sensor, upstream
@@ -184,3 +186,29 @@ async def test_a_battery_sensor_that_fails_reads_as_unknown(
     assert view["battery_percent"] is None and view["profile"] == "normal"
     await wait_for(lambda: agent.spool.depth == 0)
     assert sent(fake_nucleus) == [1, 2]
+
+
+async def test_a_reload_that_routes_held_events_times_them_for_max_hold_h(
+        make_agent: Any, fake_nucleus: FakeNucleus, clock: Clock, tmp_path: Path) -> None:
+    """Events of a key no upstream takes are not timed (held.py); a reload that gives the
+    key an upstream, [sync] unchanged, must time them for max_hold_h, or, with no app
+    posting again, the hold keeps them for good."""
+    timing = ManualTiming()
+    agent = await held_agent(make_agent, fake_nucleus, timing)
+    events = [{"type": "event", "name": "e", "id": i, "sessionId": 1, "machineId": "m",
+               "date": "2026-01-01T00:00:00.000Z"} for i in (1, 2)]
+    async with aiohttp.ClientSession() as s, s.post(
+            f"http://127.0.0.1:{agent.port}/app/app2/track", json={"data": events}) as r:
+        assert r.status == 200, await r.text()
+    assert agent.spool.depth == 2
+    # Nothing routed is held: the waiter waits for data, timing nothing (the battery poll).
+    await wait_for(lambda: timing.pending() == [BATTERY_POLL_S])
+    up = {**upstream(fake_nucleus), "keys": ["app1", "app2"], "flush_interval_s": 0.05}
+    write_config(Path(agent.config_path), tmp_path / "spool.db", upstreams=[up],
+                 sync={"on_low_battery": "hold", "low_battery_pct": 20,
+                       "max_hold_h": HALF_HOUR / 3600})
+    await agent.reload()
+    assert agent.sync.profile.mode == "hold" and not agent.forwarding.loops
+    await let_pass(clock, timing, HALF_HOUR)
+    await wait_for(lambda: agent.spool.depth == 0)
+    assert sent(fake_nucleus) == [1, 2] and agent.sync.releases == 1
