@@ -293,6 +293,8 @@ class Agent:
             self.forwarding.take_over(old)
         self.sink.set_accept_keys(new.listen.accept_keys)
         await self.forwarding.start()
+        if not sync_changed:   # the same rules, maybe new routes: what they hold is timed anew
+            self.sync.routes_changed()
         log.info("configuration reloaded from %s", new.source)
 
     async def stop(self) -> None:

@@ -141,6 +141,13 @@ class SyncMonitor:
             self._empty = False
             self._changed.set()
 
+    def routes_changed(self) -> None:
+        """After a reload that kept these rules: the upstreams' keys may have changed, so
+        events no upstream took (untimed: held.py) may be held now. The waiter looks again,
+        or, with no app posting, they would be held for good."""
+        self._empty = False
+        self._changed.set()
+
     def view(self) -> SyncView:
         b = self.battery
         return {"profile": self.profile.mode, "reason": self.profile.reason,
