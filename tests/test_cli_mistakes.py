@@ -25,7 +25,7 @@ from agent.settings import StorageConfig
 from agent.spool import Spool
 from tests.conftest import ROOT, write_config
 from tests.fakes.loopback_server import LoopbackServer
-from tests.test_operator_mistakes import EXIT_CONFIG, one_line
+from tests.test_operator_mistakes import EXIT_CONFIG, _without_root, one_line
 from tests.waiting import run_outpost
 
 SECRET = "wk_live_SECRET42"
@@ -191,6 +191,33 @@ def test_offline_a_storage_path_that_is_a_directory_is_named_so(
     assert run.returncode == 1 and run.stderr.strip() == line, (run.returncode, line)
     assert f"{spool} is a directory" in line and "storage.path" in line, line
     assert "disk I/O" not in line, line
+
+
+@pytest.mark.skipif(not hasattr(os, "geteuid"), reason="POSIX file modes")
+@pytest.mark.parametrize("args", [("status",), ("status", "--json")])
+def test_offline_a_spool_in_a_directory_the_user_cannot_search_is_one_line(
+        tmp_path: Path, args: tuple[str, ...]) -> None:
+    """`outpost status --config /etc/outpost/agent.toml` by an admin without sudo, the
+    service stopped: /var/lib/outpost is 0700 outpost, and stat(2) of the spool fails with
+    EACCES (pathlib's exists raises it). It was a traceback."""
+    prefix = _without_root()
+    if prefix is None:
+        pytest.skip("needs unprivileged user namespaces to run without root")
+    kept_out = tmp_path / "kept-out"
+    kept_out.mkdir()
+    with no_agent_port() as port:
+        cfg = write_config(tmp_path / "agent.toml", kept_out / "spool.db", port=port)
+        kept_out.chmod(0)
+        try:
+            run = subprocess.run([*prefix, sys.executable, "-m", "agent", *args, "--config",
+                                  str(cfg)], cwd=ROOT, capture_output=True, text=True,
+                                 timeout=30, stdin=subprocess.DEVNULL)
+        finally:
+            kept_out.chmod(0o700)
+    line = one_line(run.stdout + run.stderr)
+    assert run.returncode == 1 and run.stderr.strip() == line, (run.returncode, line)
+    assert "Traceback" not in run.stderr, run.stderr
+    assert str(kept_out / "spool.db") in line and "Permission denied" in line, line
 
 
 @pytest.mark.parametrize("command", ["flush", "tail"])
