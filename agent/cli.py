@@ -163,6 +163,10 @@ def cmd_status(args: argparse.Namespace) -> int:
             _say(f"no agent answering, and cannot read the spool "
                  f"{cfg.storage.resolved_path()}: {exc}")
             return EXIT_FAILED
+        except OSError as exc:   # e.g. a spool in a directory only the agent's user may search
+            _say(f"no agent answering, and cannot read the spool "
+                 f"{cfg.storage.resolved_path()}: {exc.strerror or exc}")
+            return EXIT_FAILED
     if args.json:
         print(printable_json(json.dumps(data, indent=2)))
     else:
