@@ -3,6 +3,7 @@ and psutil's own reading turned into ours."""
 
 from __future__ import annotations
 
+import logging
 from typing import Any, NamedTuple
 
 import aiohttp
@@ -104,3 +105,26 @@ def test_an_unreadable_battery_reads_as_none(monkeypatch: pytest.MonkeyPatch) ->
         raise OSError("no such file: /sys/class/power_supply/BAT0/capacity")
     monkeypatch.setattr(psutil, "sensors_battery", broken)
     assert power.read_battery() is None
+
+
+async def test_a_battery_the_os_cannot_read_is_reported_not_silent(
+        make_agent: Any, fake_nucleus: FakeNucleus, monkeypatch: pytest.MonkeyPatch,
+        caplog: pytest.LogCaptureFixture) -> None:
+    """psutil's own reading failing (an unreadable /sys entry) counts as no battery, never
+    low, and, as docs/operations.md says of a reading that fails, is logged, counted in
+    the sync errors and shown as last_error: it was taken for "no battery" silently."""
+    def broken() -> None:
+        raise OSError("no such file: /sys/class/power_supply/BAT0/capacity")
+    monkeypatch.setattr(psutil, "sensors_battery", broken)
+    with caplog.at_level(logging.WARNING, logger="outpost.sync"):
+        agent = await make_agent(upstreams=[upstream(fake_nucleus)],
+                                 seams=Seams(timing=ManualTiming()),
+                                 sync={"on_low_battery": "hold", "low_battery_pct": 20})
+    async with aiohttp.ClientSession() as s, s.get(
+            f"http://127.0.0.1:{agent.port}/status") as r:
+        sync = (await r.json())["sync"]
+    assert sync["profile"] == "normal" and sync["battery_percent"] is None
+    assert sync["errors"] == 1 and "BAT0/capacity" in sync["last_error"], sync
+    assert "BAT0/capacity" in caplog.text
+    await post(agent.port, range(1, 3))
+    await wait_for(lambda: agent.spool.depth == 0)
