@@ -259,7 +259,10 @@ def _doctor_sync(cfg: SyncConfig) -> None:
     # On a thread with its own loop: doctor may be called where a loop runs already.
     with ThreadPoolExecutor(1) as pool:
         metered = pool.submit(lambda: asyncio.run(read_once(source_for(cfg), DOCTOR_DBUS_S))).result()
-    battery = read_battery()
+    try:
+        battery, unread = read_battery(), ""
+    except Exception as exc:  # noqa: BLE001 - shown, as the agent counts it: no battery
+        battery, unread = None, f"unreadable ({type(exc).__name__}: {exc}): counted as none"
     print("sync:")
     print(f"  on_metered     {cfg.on_metered}")
     print(f"  on_low_battery {cfg.on_low_battery} (below {cfg.low_battery_pct}%)")
@@ -267,7 +270,7 @@ def _doctor_sync(cfg: SyncConfig) -> None:
     unknown = ", treated as not metered" if metered.state is Metered.UNKNOWN else ""
     print(f"  metered        {metered.state.value} ({metered.detail}){unknown}")
     print("  battery        " + (f"{battery.percent:.0f}%, {'on mains' if battery.plugged else 'on battery'}"
-                                 if battery else "none"))
+                                 if battery else unread or "none"))
     profile = decide(cfg, metered, battery)
     print(f"  profile now    {profile.mode} ({profile.reason})")
 

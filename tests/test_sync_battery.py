@@ -100,11 +100,13 @@ def test_psutil_readings_become_ours(monkeypatch: pytest.MonkeyPatch, raw: Any,
     assert power.read_battery() == expected
 
 
-def test_an_unreadable_battery_reads_as_none(monkeypatch: pytest.MonkeyPatch) -> None:
+def test_an_unreadable_battery_is_a_failed_reading(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Raised for the monitor to report (the test below), not taken for "no battery"."""
     def broken() -> None:
         raise OSError("no such file: /sys/class/power_supply/BAT0/capacity")
     monkeypatch.setattr(psutil, "sensors_battery", broken)
-    assert power.read_battery() is None
+    with pytest.raises(OSError, match="BAT0"):
+        power.read_battery()
 
 
 async def test_a_battery_the_os_cannot_read_is_reported_not_silent(

@@ -116,8 +116,11 @@ class SyncMonitor:
             except Exception as exc:  # noqa: BLE001 - reported below, then restarted
                 self.errors += 1
                 self.last_error = f"{what}: {type(exc).__name__}: {exc}"
-                log.error("transmit profile: watching the %s failed; restarting in %gs",
-                          what, RESTART_S, exc_info=exc)
+                # Limited: a failure that persists (a battery the OS cannot read) comes
+                # back at each restart; counted each time, logged once a minute.
+                log_limited(log, logging.ERROR, f"watch-failed:{what}:{type(exc).__name__}",
+                            "transmit profile: watching the %s failed; restarting in %gs",
+                            what, RESTART_S, exc_info=exc)
                 lost()
             await self._waits.wait(self._never, RESTART_S)
 

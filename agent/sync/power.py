@@ -17,12 +17,11 @@ BatterySensor = Callable[[], Battery | None]
 
 
 def read_battery() -> Battery | None:
-    """psutil's reading; None without a battery or where psutil cannot read one."""
+    """psutil's reading; None without a battery. A battery psutil cannot read (an
+    unreadable /sys entry) raises: the monitor counts it as no battery, never low, and
+    reports it (logged, counted, last_error), as a failed metered reading is."""
     sensors = getattr(psutil, "sensors_battery", None)   # absent on some platforms
-    try:
-        raw = sensors() if sensors is not None else None
-    except (OSError, RuntimeError):   # an unreadable /sys entry must not stop forwarding
-        return None
+    raw = sensors() if sensors is not None else None
     if raw is None:
         return None
     # power_plugged is None when the OS cannot tell: only a known "on battery" counts.
