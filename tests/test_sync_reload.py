@@ -14,6 +14,7 @@ from tests.conftest import write_config
 from tests.fakes.manual_timing import ManualTiming
 from tests.fakes.nucleus_upstream import FakeNucleus
 from tests.test_sync_battery import Sensor, post, upstream
+from tests.test_sync_hold import Failing
 from tests.waiting import wait_for
 
 
@@ -47,3 +48,29 @@ async def test_a_reload_applies_sync_rules(make_agent: Any, fake_nucleus: FakeNu
     await wait_for(lambda: not agent.forwarding.loops)
     await post(agent.port, range(4, 6))
     assert not agent.forwarding.loops and agent.spool.depth == 2
+
+
+async def test_a_reload_that_changes_sync_keeps_its_counters(
+        make_agent: Any, fake_nucleus: FakeNucleus, tmp_path: Path) -> None:
+    """`outpost_sync_errors_total` and `outpost_sync_max_hold_releases_total` count "since
+    the agent started": a reload that changes [sync] must not set them back to 0 (a
+    Prometheus counter that falls reads as a restart), nor forget the last error, as a
+    reload keeps each upstream's counts and last error."""
+    sensor = Failing()
+    sensor.fail = True
+    rule = {"on_low_battery": "hold", "low_battery_pct": 20}
+    agent = await make_agent(upstreams=[upstream(fake_nucleus)], battery=sensor,
+                             seams=Seams(timing=ManualTiming()), sync=rule)
+    assert agent.sync.errors == 1
+    sensor.fail = False   # the sensor is back; the operator changes the rule
+    write_config(Path(agent.config_path), tmp_path / "spool.db",
+                 upstreams=[upstream(fake_nucleus)], sync={**rule, "low_battery_pct": 25})
+    await agent.reload()
+    assert agent.sync.cfg.low_battery_pct == 25
+    async with aiohttp.ClientSession() as s:
+        async with s.get(f"http://127.0.0.1:{agent.port}/status") as r:
+            sync = (await r.json())["sync"]
+        async with s.get(f"http://127.0.0.1:{agent.port}/metrics") as r:
+            metrics = await r.text()
+    assert sync["errors"] == 1 and "battery sensor gone" in sync["last_error"], sync
+    assert "outpost_sync_errors_total 1\n" in metrics
