@@ -282,7 +282,8 @@ class Agent:
             await old.stop(handover=True)
         if sync_changed:   # the new rules' sources, read before the new loops ask them
             await self.sync.stop()
-            self.sync = self._monitor(new)
+            was, self.sync = self.sync, self._monitor(new)
+            self.sync.carry(was)
             await self.sync.start()
             log.info("transmit profile now %s (%s)", self.sync.profile.mode,
                      self.sync.profile.reason)

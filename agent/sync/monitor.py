@@ -83,6 +83,11 @@ class SyncMonitor:
         self._metered_lines = Changes(log, waits)   # a flapping network is summed up
         self._profile_lines = Changes(log, waits)
 
+    def carry(self, old: SyncMonitor) -> None:
+        """A reload that changed [sync], before ``start``: the counts are since the agent
+        started (/metrics counters), and the last error stays shown, as an upstream's do."""
+        self.releases, self.errors, self.last_error = old.releases, old.errors, old.last_error
+
     async def start(self) -> None:
         """Start the sources; wait briefly for the first metered reading, so a hold on a
         metered network holds from the first send."""
