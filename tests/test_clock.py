@@ -179,3 +179,33 @@ async def test_dead_letters_expire_at_max_age_by_both_clocks(tmp_path: Path,
         assert await spool.dead_letters() == []
     finally:
         await spool.close()
+
+
+async def test_a_failing_expiry_is_logged_counted_and_shown_and_tried_again(
+        make_agent: Any, caplog: pytest.LogCaptureFixture) -> None:
+    """Expiry runs on its own every few minutes: when it fails (here a table of the spool
+    gone, as a damaged file or disk can make it), the failure must not go unseen until
+    the disk fills: it is logged, counted (/metrics), shown (/status) and tried again."""
+    agent = await make_agent()
+    await post(agent.port, "k", range(3))
+    # The agent's own first run, at start, took the lock before this test's first await:
+    # once the lock is had, it is over (asyncio's lock is first come, first served).
+    async with agent.spool.lock:
+        pass
+    path = str(agent.spool.path)
+    with contextlib.closing(sqlite3.connect(path, isolation_level=None)) as other:
+        [(table,)] = other.execute("SELECT sql FROM sqlite_master WHERE name = 'clock_marks'")
+        other.execute("DROP TABLE clock_marks")
+        assert await agent.spool.prune() == 0
+        assert await agent.spool.prune() == 0
+        other.execute(table)   # mended: the next expiry runs
+    assert await agent.spool.prune() == 0
+    spool = (await status(agent.port))["spool"]
+    assert spool["expiry_errors"] == 2, spool
+    assert "no such table: clock_marks" in spool["expiry_last_error"], spool
+    async with aiohttp.ClientSession() as s, \
+            s.get(f"http://127.0.0.1:{agent.port}/metrics") as r:
+        assert "outpost_expiry_errors_total 2" in await r.text()
+    failed = [r for r in caplog.records if "expiry failed" in r.getMessage()]
+    assert len(failed) == 2 and failed[0].levelname == "ERROR", failed
+    assert agent.spool.depth == 3   # nothing lost meanwhile
