@@ -85,6 +85,8 @@ def render(snap: Snapshot, latency: Histogram) -> str:
               snap["oldest_event_age_s"] or 0)
     out.gauge("spool_bytes", "Bytes the spool file uses.", snap["spool"]["used_bytes"] or 0)
     out.gauge("spool_max_bytes", "storage.max_size_mb, in bytes.", snap["spool"]["max_bytes"] or 0)
+    out.counter("expiry_errors_total", "Expiry runs (max_age_days, the dedupe window) that "
+                "failed; the last error is in /status.", snap["spool"]["expiry_errors"] or 0)
     out.gauge("unrouted_queue_events",
               "Queued events whose key no upstream takes (kept until one is configured).",
               snap["unrouted"]["queue_depth"])

@@ -36,6 +36,8 @@ class SpoolUse(TypedDict):
     path: str
     used_bytes: int | None
     max_bytes: int | None
+    expiry_errors: int | None          # expiry runs that failed (Spool.prune)
+    expiry_last_error: str | None
 
 
 class UpstreamStatus(TypedDict):
@@ -162,7 +164,8 @@ async def snapshot(cfg: Config, spool: Spool, states: Mapping[str, UpstreamState
     first = await spool.first_received()
     snap = _snapshot(cfg, "agent", spool.books.groups, spool.counters, spool.dead_count,
                      {"path": str(spool.path), "used_bytes": spool.used_bytes,
-                      "max_bytes": spool.max_bytes}, states)
+                      "max_bytes": spool.max_bytes, "expiry_errors": spool.expiry_errors,
+                      "expiry_last_error": spool.expiry_last_error}, states)
     snap["dead_reasons"] = await reasons.get(spool)
     snap["uptime_s"] = round(max(0.0, time.time() - metrics.started), 1)
     snap["oldest_event_age_s"] = round(age_s(first), 1) if first is not None else None
@@ -192,6 +195,7 @@ def offline_snapshot(cfg: Config) -> Snapshot:
     snap = _snapshot(cfg, "spool, no agent running" if raw["exists"] else
                      "no agent running, no spool yet", group(streams, cfg.route_name),
                      outcomes.from_names(raw["counters"].items()), raw.get("dead_letters", 0),
-                     {"path": str(path), "used_bytes": None, "max_bytes": None}, {})
+                     {"path": str(path), "used_bytes": None, "max_bytes": None,
+                      "expiry_errors": None, "expiry_last_error": None}, {})
     snap["dead_reasons"] = redacted(dead.newest_reasons(path))
     return snap

@@ -100,6 +100,9 @@ def render(data: Snapshot) -> str:
     used, cap = spool.get("used_bytes"), spool.get("max_bytes")
     room = f"{size(used)} of {size(cap)}, " if used is not None and cap is not None else ""
     lines.append(f"spool:    {room}{spool.get('path', '?')}")
+    if spool.get("expiry_errors"):
+        lines.append(f"expiry:   {spool['expiry_errors']} runs failed, the last: "
+                     f"{_clip(str(spool.get('expiry_last_error')))}")
     sync = data.get("sync")
     if sync is not None:
         lanes = sync.get("held_lanes") or {}

@@ -90,6 +90,9 @@ class Spool:
         self.on_reopen = on_reopen
         # Called from the writer's thread while an older spool is migrated (migrate.py).
         self.on_migrating = on_migrating
+        # Expiry runs unattended (every few minutes): its failures, for status and metrics.
+        self.expiry_errors = 0
+        self.expiry_last_error: str | None = None
 
     # -- what the writer and reader use --------------------------------------
 
@@ -391,7 +394,24 @@ class Spool:
         An event is old only when both its wall-clock age and the time the agent has seen
         pass since it was received exceed max_age_days: a device clock that is wrong, or
         corrected, expires nothing on its own (agent/clock.py).
+
+        Nothing watches it run: a failure (a disk error, a damaged file, a bug) is logged,
+        counted and kept for status (``expiry_errors``, ``expiry_last_error``), and the
+        next run tries again; it never ends the agent's expiry unseen.
         """
+        try:
+            return await self._prune()
+        except Exception as exc:  # noqa: BLE001 - reported here: see the docstring
+            self.expiry_errors += 1
+            if isinstance(exc, sqlite3.Error):
+                self.expiry_last_error = str(exc)
+                log.error("expiry failed: %s", exc)
+            else:
+                self.expiry_last_error = f"{type(exc).__name__}: {exc}"
+                log.exception("expiry failed")
+            return 0
+
+    async def _prune(self) -> int:
         if self._db is None:
             return 0
         db = self._db
@@ -405,10 +425,9 @@ class Spool:
             counters = self.books.take_unsaved()
             try:
                 out = await db.run(spool_commit.prune, exp, counters)
-            except sqlite3.Error as exc:
-                self.books.unsave(counters)
-                log.error("spool prune failed: %s", exc)
-                return 0
+            except BaseException:
+                self.books.unsave(counters)   # saved by the next commit instead
+                raise
             self.books.apply(out)
             self.live.remove(out.deleted)
             if not self.live:   # the dictionary went with the last record (codebook.py)
