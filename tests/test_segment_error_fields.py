@@ -76,3 +76,31 @@ async def test_a_batch_stored_in_part_is_200_for_the_python_clients(
     assert [e["Details"] for e in err["Errors"]] == ["batch[1]"]
     assert agent.spool.depth == 1
     assert agent.metrics.refused == {("segment", 400): 1}
+
+
+async def test_a_batch_stored_in_part_is_200_for_analytics_php(make_agent: Any) -> None:
+    """segmentio/analytics-php posts a batch again at once, with no pause, after any reply
+    that is not 200 and neither 429, 5xx nor another 4xx (its LibCurl consumer, the default,
+    and its Socket consumer alike): answered 207, the app's PHP process reposted the same
+    batch without end. The batch as its LibCurl consumer sends it (QueueConsumer::payload,
+    Client::message); the body is the 207's."""
+    agent = await make_agent()
+    library = {"name": "analytics-php", "version": "3.8.1", "consumer": "LibCurl"}
+    sent = "2026-01-15T10:20:30+00:00"   # PHP's date('c')
+
+    def message(**fields: Any) -> dict[str, Any]:
+        return {"type": "track", "properties": {}, "context": {"library": library},
+                "timestamp": sent, "messageId": "6f1c2c1e-4f0a-4b52-9a57-0d5d0c6f8e2a",
+                **fields}
+
+    body = {"batch": [message(userId="u", event="Signed Up"),
+                      message(userId="u", messageId="7a2d3d2f-5a1b-4c63-8b68-1e6e1d7a9f3b")],
+            "sentAt": sent}
+    reply = await call(agent.port, "/v1/batch", body,
+                       headers={**AUTH, "User-Agent": "analytics-php/3.8.1"})
+    assert reply.status == 200, reply.body
+    err = reply.json()
+    assert err["Success"] is False and err["code"] == "multi_status", err
+    assert [e["Details"] for e in err["Errors"]] == [
+        "batch[1] messageId=7a2d3d2f-5a1b-4c63-8b68-1e6e1d7a9f3b"]
+    assert agent.spool.depth == 1
