@@ -78,14 +78,18 @@ async def test_a_batch_stored_in_part_is_200_for_the_python_clients(
     assert agent.metrics.refused == {("segment", 400): 1}
 
 
-async def test_a_batch_stored_in_part_is_200_for_analytics_php(make_agent: Any) -> None:
+@pytest.mark.parametrize("name", ["analytics-php",           # segmentio/analytics-php
+                                  "rudder-analytics-php"])   # rudder-php-sdk, its fork
+async def test_a_batch_stored_in_part_is_200_for_analytics_php(make_agent: Any,
+                                                                name: str) -> None:
     """segmentio/analytics-php posts a batch again at once, with no pause, after any reply
     that is not 200 and neither 429, 5xx nor another 4xx (its LibCurl consumer, the default,
     and its Socket consumer alike): answered 207, the app's PHP process reposted the same
-    batch without end. The batch as its LibCurl consumer sends it (QueueConsumer::payload,
-    Client::message); the body is the 207's."""
+    batch without end. RudderStack's PHP SDK is a fork of it, with the same loop. The batch
+    as their LibCurl consumer sends it (QueueConsumer::payload, Client::message); the body
+    is the 207's."""
     agent = await make_agent()
-    library = {"name": "analytics-php", "version": "3.8.1", "consumer": "LibCurl"}
+    library = {"name": name, "version": "3.8.1", "consumer": "LibCurl"}
     sent = "2026-01-15T10:20:30+00:00"   # PHP's date('c')
 
     def message(**fields: Any) -> dict[str, Any]:
@@ -97,7 +101,7 @@ async def test_a_batch_stored_in_part_is_200_for_analytics_php(make_agent: Any) 
                       message(userId="u", messageId="7a2d3d2f-5a1b-4c63-8b68-1e6e1d7a9f3b")],
             "sentAt": sent}
     reply = await call(agent.port, "/v1/batch", body,
-                       headers={**AUTH, "User-Agent": "analytics-php/3.8.1"})
+                       headers={**AUTH, "User-Agent": f"{name}/3.8.1"})
     assert reply.status == 200, reply.body
     err = reply.json()
     assert err["Success"] is False and err["code"] == "multi_status", err
