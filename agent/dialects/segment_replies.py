@@ -65,10 +65,12 @@ def verdict(errors: list[dict[str, str]], statuses: list[int], stored: int,
 # `context.library`: analytics-python 1.x and rudder-sdk-python retried a 207 as a
 # failure, up to 10 times over ~17 minutes, their one consumer thread blocked;
 # segmentio/analytics-php (its LibCurl consumer, the default, and its Socket consumer)
-# posts the batch again at once, with no pause and no end, after any status that is not
-# 200, 429, 5xx or another 4xx. Their batch stored in part is answered 200, with the
-# 207's body; segment-analytics-python 2.x, also "analytics-python", takes both.
-_ONLY_200 = frozenset({"analytics-python", "rudder-analytics-python", "analytics-php"})
+# and RudderStack's fork of it post the batch again at once, with no pause and no end,
+# after any status that is not 200, 429, 5xx or another 4xx. Their batch stored in part
+# is answered 200, with the 207's body; segment-analytics-python 2.x, also
+# "analytics-python", takes both.
+_ONLY_200 = frozenset({"analytics-python", "rudder-analytics-python", "analytics-php",
+                       "rudder-analytics-php"})
 
 
 def partial_status(first: Any) -> int:
