@@ -318,6 +318,24 @@ async def test_pixel_always_answers_a_gif(make_agent: Any) -> None:
     assert agent.spool.depth == 1
 
 
+@pytest.mark.parametrize("name", ["a\x01b", "a\x7fb", "\x1b[31m"])
+async def test_pixel_answers_a_gif_when_its_reason_names_a_field_with_control_characters(
+        make_agent: Any, name: str) -> None:
+    """The reason a pixel is not stored names the field at fault, as the app spelled it;
+    aiohttp refuses to write a header holding a control character, so such a name cut the
+    connection without a reply (and logged a traceback) instead of the GIF."""
+    agent = await make_agent()
+    for value in (b"NaN", b"18446744073709551617"):   # not JSON; beyond 64 bits
+        data = (b'{"userId": "u", "event": "e", "properties": {' + orjson.dumps(name)
+                + b": " + value + b"}}")
+        path = "/v1/pixel/track?data=" + base64.urlsafe_b64encode(data).decode()
+        reply = await call(agent.port, path, method="GET")
+        assert reply.status == 200 and reply.body == GIF, (name, value)
+        why = reply.headers["X-Outpost-Error"]
+        assert "properties." in why and why.isprintable() and why.isascii(), why
+    assert agent.spool.depth == 0
+
+
 async def test_full_spool_is_503_with_retry_after_and_the_pixel_still_200(make_agent: Any) -> None:
     agent = await make_agent(storage={"max_size_mb": 1})
     auth = {"Authorization": basic("k")}
