@@ -302,9 +302,7 @@ class SegmentHandlers:
             replies.refused(problem.status)
             why = f"{problem.message}: {problem.details}" if problem.details else problem.message
             log.debug("pixel %s not stored: %s", request.path, why)
-            # Header-safe: ASCII only, no line breaks, whatever the request held.
-            headers["X-Outpost-Error"] = why.encode(
-                "ascii", "backslashreplace").decode()[:200].replace("\r", " ").replace("\n", " ")
+            headers["X-Outpost-Error"] = _header_safe(why)[:200]
         return web.Response(body=GIF, content_type="image/gif", headers=headers)
 
     async def _pixel(self, request: web.Request) -> Failure | None:
@@ -321,6 +319,16 @@ class SegmentHandlers:
         except BadAuth as exc:
             return Failure(401, f"{INVALID_KEY}: {exc}")
         return await self._one(body, kind, header or query_key(request))
+
+
+# Control characters (C0 and DEL) as escapes: aiohttp refuses to write a header holding
+# one, and the reason may name a field as the app spelled it (`properties.a\x01b`).
+_CONTROLS = {c: f"\\x{c:02x}" for c in (*range(0x20), 0x7F)}
+
+
+def _header_safe(text: str) -> str:
+    """``text`` as a header value: printable ASCII only, whatever the request held."""
+    return text.encode("ascii", "backslashreplace").decode().translate(_CONTROLS)
 
 
 def _given_keys(request: web.Request) -> list[str]:
