@@ -3,6 +3,7 @@ to a running agent and read back from fake upstreams of the other family or the 
 
 from __future__ import annotations
 
+from pathlib import Path
 from typing import Any
 
 from agent.families import segment as spec
@@ -201,3 +202,28 @@ async def test_facts_fill_only_the_lifecycle_event_of_a_batch_sharing_a_context(
     assert error["context"]["os"] == "a string the app chose"  # never overwritten
     assert error["context"]["device"] == ["kept"]
     assert error["context"]["locale"] == agent.facts.language
+
+
+async def test_a_view_whose_path_is_not_a_string_is_named_by_its_type_upstream(
+        make_agent: Any, fake_nucleus: FakeNucleus, tmp_path: Path) -> None:
+    # A Nucleus event's `name` is a string (the Tracking API; Outpost's own Nucleus route
+    # leaves any other out of reportedIds). A page's `properties.path` or a screen's
+    # `context.page.path` is whatever the app put there: taken as the view's name, a
+    # number or an array made an event no Nucleus upstream takes. Here the upstream is
+    # another Outpost: A acknowledged the event, then dead-lettered it, never delivered.
+    b = await make_agent(spool=tmp_path / "b.db", upstreams=[nucleus_up(fake_nucleus)])
+    a = await make_agent(spool=tmp_path / "a.db", upstreams=[{
+        "name": "b", "protocol": "nucleus-http", "url": f"http://127.0.0.1:{b.port}",
+        "flush_interval_s": 0.05, "timeout_s": 2}])
+    page = {"userId": "u", "messageId": "p1", "properties": {"path": 404}}
+    screen = {"userId": "u", "messageId": "s1", "context": {"page": {"path": ["a", "b"]}},
+              "properties": {"path": "/from-properties"}}
+    assert (await call(a.port, "/v1/page", page, headers=AUTH)).status == 200
+    assert (await call(a.port, "/v1/screen", screen, headers=AUTH)).status == 200
+    await wait_for(lambda: len(fake_nucleus.events) == 2)
+    got = {ev["payload"]["$segment"]["messageId"]: ev for ev in fake_nucleus.events}
+    assert (got["p1"]["type"], got["p1"]["name"]) == ("nucleus:view", "page")
+    assert got["p1"]["payload"]["path"] == 404                 # the app's value, kept
+    assert got["s1"]["name"] == "/from-properties"             # the next place that is one
+    assert got["s1"]["payload"]["$segment"]["context"]["page"]["path"] == ["a", "b"]
+    assert not await a.spool.dead_letters()
