@@ -283,6 +283,18 @@ def given_back(ev: dict[str, Any], received: int) -> dict[str, Any] | None:
     return _nucleus_back(ev, ctx, kept, received) if isinstance(kept, dict) else None
 
 
+def _view_name(ev: dict[str, Any], ctx: dict[str, Any], props: dict[str, Any],
+               kind: str) -> str:
+    """A page's or screen's Nucleus `name`: the first of its `name`, `context.page.path`
+    and `properties.path` that is a non-empty string, else its type. A Nucleus name is a
+    string (a Nucleus route leaves any other out of its acks); the paths are the app's
+    to fill with anything, and every value stays in `payload.$segment` or the payload."""
+    for value in (ev.get("name"), _obj(ctx.get("page")).get("path"), props.get("path")):
+        if isinstance(value, str) and value:
+            return value
+    return kind
+
+
 def _body_key(kind: Any) -> str | None:
     """The Segment field that becomes the Nucleus payload of an event of type ``kind``."""
     if kind == "identify":
@@ -305,9 +317,8 @@ def _to_nucleus(ev: dict[str, Any], received: int) -> dict[str, Any]:
     elif kind == "identify":
         out = {"type": "props" if traits else "userid", "payload": traits}
     elif kind in ("page", "screen"):
-        page = _obj(ctx.get("page"))
-        out = {"type": "nucleus:view", "name": ev.get("name") or page.get("path")
-               or props.get("path") or kind, "payload": props}
+        out = {"type": "nucleus:view", "name": _view_name(ev, ctx, props, kind),
+               "payload": props}
     elif kind == "group":
         out = {"type": "event", "name": "group", "payload": {**traits, "groupId": ev.get("groupId")}}
     elif kind == "alias":
