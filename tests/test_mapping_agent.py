@@ -227,3 +227,34 @@ async def test_a_view_whose_path_is_not_a_string_is_named_by_its_type_upstream(
     assert got["s1"]["name"] == "/from-properties"             # the next place that is one
     assert got["s1"]["payload"]["$segment"]["context"]["page"]["path"] == ["a", "b"]
     assert not await a.spool.dead_letters()
+
+
+async def test_a_segment_event_that_crossed_a_nucleus_hop_reaches_segment_as_sent(
+        make_agent: Any, fake_segment: FakeSegment, tmp_path: Path) -> None:
+    # Two Outposts: A routes a Segment app to B's Nucleus route, B routes to a Segment
+    # collector. The Nucleus hop gives each event an `id` (A's spool seq: §2), which is
+    # no part of the event: B must give the Segment event back, its messageId (what the
+    # collector dedupes on) and properties as the app sent them, as it gives a Nucleus
+    # event back from Segment (§7). It mapped it as a Nucleus app's event instead: a
+    # `nucleus-...` messageId, and the app's event folded into properties.$segment.
+    b = await make_agent(spool=tmp_path / "b.db", upstreams=[segment_up(fake_segment)])
+    a = await make_agent(spool=tmp_path / "a.db", upstreams=[{
+        "name": "b", "protocol": "nucleus-http", "url": f"http://127.0.0.1:{b.port}",
+        "flush_interval_s": 0.05, "timeout_s": 2}])
+    sent = [{"userId": "u", "event": "Clicked", "messageId": "c1", "properties": {"x": 1},
+             "timestamp": "2026-01-01T00:00:00.000Z", "context": {"ip": "1.2.3.4"}},
+            {"anonymousId": "a", "event": "Application Opened", "messageId": "o1",
+             "properties": {"from": "dock"}, "originalTimestamp": "2026-01-01T00:00:01Z"}]
+    for body in sent:
+        assert (await call(a.port, "/v1/track", body, headers=AUTH)).status == 200
+    await wait_for(lambda: len(fake_segment.events) == 2)
+    got = {ev["messageId"]: ev for ev in fake_segment.events}
+    assert sorted(got) == ["c1", "o1"]
+    clicked, opened = got["c1"], got["o1"]
+    for ev, body in ((clicked, sent[0]), (opened, sent[1])):
+        assert {k: ev[k] for k in body if k != "context"} == \
+            {k: v for k, v in body.items() if k != "context"}
+        assert "nucleus" not in ev.get("context", {})
+    assert clicked["context"] == {"ip": "1.2.3.4"}
+    assert "timestamp" not in opened        # only originalTimestamp, as the app sent it
+    assert opened["context"]["device"]["id"] == a.facts.machineId   # filled once, by A
