@@ -370,4 +370,7 @@ def _segment_back(ev: dict[str, Any], payload: dict[str, Any],
             out[body_key] = {"name": ev.get("name"), **body}
         elif body:
             out[body_key] = body
-    return out if _to_nucleus(out, received) == ev else None
+    # Its `id` is not compared: the mapping gives none, and the uplink that sent it over a
+    # Nucleus hop gave it its spool seq (§2), as an ack id; it is no part of the event.
+    theirs = ev if "id" not in ev else {k: v for k, v in ev.items() if k != "id"}
+    return out if _to_nucleus(out, received) == theirs else None
