@@ -12,6 +12,7 @@ import orjson
 from hypothesis import example, given, settings
 from hypothesis import strategies as st
 
+from agent.families import nucleus
 from agent.families import segment as spec
 from agent.families.dates import iso_ms_fast, read_date
 from agent.families.mapping import ERROR, OPENED, SEGMENT_KEY, nucleus_to_segment, segment_to_nucleus
@@ -206,6 +207,7 @@ def test_segment_to_nucleus_and_back(ev: dict[str, Any], at_ms: int) -> None:
         in_rest = name in rest and rest[name] == value
         assert in_rest or payload_holds(payload, name, value, out), name
     assert "id" not in out           # the uplink numbers events: the spool seq, every resend
+    assert nucleus.fault(0, out) is None     # an event every Nucleus upstream takes
     wire = orjson.loads(orjson.dumps(out))
     assert nucleus_to_segment(wire, at_ms + 1) == original
 
