@@ -22,6 +22,7 @@ import orjson
 from aiohttp import web
 
 from agent.dialects.base import WebSocketRoute
+from agent.dialects.replies import masked
 from agent.metrics import Metrics
 from agent.server.guard import Guard, Handler
 
@@ -31,6 +32,8 @@ API = "unrouted"
 CATCH_ALL, CATCH_ALL_CANONICAL = "/{tail:.*}", "/{tail}"
 LOGGED_PATH = 200  # characters of a path in the log
 _SLASHES = re.compile("//+")
+# The route parameter that holds an app's key (Nucleus: `/app/{appId}/track`, `/{appId}`).
+KEY_PARAM = "appId"
 
 
 def is_upgrade(request: web.Request) -> bool:
@@ -97,14 +100,29 @@ class Unrouted:
         allowed = await self.allowed(await _plain(request) or request)
         path = request.rel_url.path  # never the query: it may carry a write key
         if allowed:
-            status, message = 405, f"method {request.method} not allowed on {path}"
+            status, said = 405, f"method {request.method} not allowed on "
         else:
-            status, message = 404, f"no route for {request.method} {path}"
-        log.debug("%s (%d)", message[:LOGGED_PATH], status)
+            status, said = 404, f"no route for {request.method} "
+        # The reply names the path as sent (the client's own); the log masks a key in it.
+        log.debug("%s (%d)", (said + _logged_path(request, path))[:LOGGED_PATH], status)
         self.metrics.refuse(API, status)
         headers = {"Allow": ", ".join(sorted(allowed))} if allowed else None
-        return web.Response(body=orjson.dumps({"error": message}), status=status,
+        return web.Response(body=orjson.dumps({"error": said + path}), status=status,
                             headers=headers, content_type="application/json")
+
+
+def _logged_path(request: web.Request, path: str) -> str:
+    """``path`` with what a route would take as an app's key (KEY_PARAM) shown as its first
+    three characters: the key may never have been stored, so the log's redaction does not
+    know it. Any one-segment path is such a key (`/{appId}`), `/favicon.ico` too."""
+    plain = _plain_path(path)
+    for resource in request.app.router.resources():
+        pattern = resource.get_info().get("pattern")
+        found = pattern.fullmatch(plain) if isinstance(pattern, re.Pattern) else None
+        if found is not None and found.groupdict().get(KEY_PARAM):
+            key = found[KEY_PARAM]
+            return "/".join(masked(part) if part == key else part for part in path.split("/"))
+    return path
 
 
 async def _plain(request: web.Request) -> web.Request | None:
