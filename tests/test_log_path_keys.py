@@ -54,3 +54,39 @@ async def test_an_app_id_in_a_path_no_route_serves_is_not_logged(
     assert log.count("outpost.server: no route for ") == 3, log
     # ... and no app id in full.
     assert [name for name, key in KEYS.items() if key in log] == []
+
+
+async def raw_reply(port: int, request: bytes) -> bytes:
+    reader, writer = await asyncio.open_connection("127.0.0.1", port)
+    writer.write(request)
+    status = await asyncio.wait_for(reader.readline(), 10)
+    writer.close()
+    await writer.wait_closed()
+    return status
+
+
+async def test_a_request_aiohttp_cannot_parse_is_logged_without_its_request_line(
+        tmp_path: Path, agent_process: Callable[..., AgentProcess]) -> None:
+    """aiohttp logs a request it cannot parse with an error that quotes the line it failed
+    in, the request line included: an app that joins its endpoint and an app id holding a
+    space (`/app/{appId}/track`, as the Nucleus modules build it) had the app id, never
+    stored, logged in full; so was a key in any query parameter but `writeKey` (the
+    pixel's base64 `data`)."""
+    port = free_port()
+    cfg = write_config(tmp_path / "agent.toml", tmp_path / "spool.db", port=port)
+    agent = agent_process(cfg, port)
+    await asyncio.to_thread(agent.start)
+    # One of each kind of error: aiohttp's are logged once a minute per kind.
+    sent = [b"POST /app/spaced SpacedAppKey61/track HTTP/1.1\r\nHost: 127.0.0.1\r\n"
+            b"Content-Length: 2\r\n\r\n{}",                       # Expected HTTP/
+            b"GET /v1/pixel/track?data=UGl4ZWxEYXRhS2V5NjM\x7f HTTP/1.1\r\n"
+            b"Host: 127.0.0.1\r\n\r\n"]                          # char in query
+    try:
+        for request in sent:
+            assert (await raw_reply(port, request)).split(b" ")[1] == b"400"
+    finally:
+        assert await asyncio.to_thread(agent.terminate) == 0
+    log = agent.log.read_text()
+    assert log.count("aiohttp.server: Error handling request from 127.0.0.1") == 2, log
+    leaks = [k for k in ("SpacedAppKey61", "UGl4ZWxEYXRhS2V5NjM") if k in log]
+    assert leaks == [], log
