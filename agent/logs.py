@@ -376,12 +376,33 @@ class LimitedRecords(logging.Filter):
         return suffix is not None
 
 
-def limit_library_log(name: str, only: Callable[[logging.LogRecord], bool]) -> None:
+class RewordedRecords(logging.Filter):
+    """Logs a library logger's records for which ``only`` holds as ``reword`` says, without
+    their exception: for errors whose text quotes what a client sent."""
+
+    def __init__(self, only: Callable[[logging.LogRecord], bool],
+                 reword: Callable[[logging.LogRecord], str]) -> None:
+        super().__init__()
+        self.only = only
+        self.reword = reword
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        if self.only(record):
+            record.msg, record.args = self.reword(record), None
+            record.exc_info, record.exc_text = None, None
+        return True
+
+
+def limit_library_log(name: str, only: Callable[[logging.LogRecord], bool],
+                      reword: Callable[[logging.LogRecord], str] | None = None) -> None:
     """Rate-limit the records of logger ``name`` (a library's) for which ``only`` holds, as
-    log_limited does ours; once per logger, however often it is called."""
+    log_limited does ours, and log those admitted as ``reword`` says (without their
+    exception) if given; once per logger, however often it is called."""
     logger = logging.getLogger(name)
     if not any(isinstance(f, LimitedRecords) for f in logger.filters):
         logger.addFilter(LimitedRecords(only))
+        if reword is not None:   # after the limit, which tells records by their exception
+            logger.addFilter(RewordedRecords(only, reword))
 
 
 def log_limited(
