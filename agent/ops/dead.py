@@ -6,7 +6,7 @@ GET /dead (summary and entries), GET /dead/{id} (one, with its body), GET /dead/
 stricter still: bodies are app data and these change the spool, so no web page of
 another origin may reach them, even one listed in listen.allowed_origins (that list is
 for apps sending events). Only local tools (no Origin, no Sec-Fetch-Site) and the
-agent's own page pass.
+agent's own page pass, on this machine (own_origin.py).
 """
 
 from __future__ import annotations
