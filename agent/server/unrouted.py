@@ -104,7 +104,8 @@ class Unrouted:
         else:
             status, said = 404, f"no route for {request.method} "
         # The reply names the path as sent (the client's own); the log masks a key in it.
-        log.debug("%s (%d)", (said + _logged_path(request, path))[:LOGGED_PATH], status)
+        if log.isEnabledFor(logging.DEBUG):
+            log.debug("%s (%d)", (said + _logged_path(request, path))[:LOGGED_PATH], status)
         self.metrics.refuse(API, status)
         headers = {"Allow": ", ".join(sorted(allowed))} if allowed else None
         return web.Response(body=orjson.dumps({"error": said + path}), status=status,
