@@ -151,6 +151,24 @@ async def test_a_stalled_large_message_is_closed_at_the_body_timeout(
             assert r.status == 200, await r.text()
 
 
+async def test_a_stalled_large_message_in_fragments_is_closed_at_the_body_timeout(
+        make_agent: Any) -> None:
+    """A message in fragments (as Chromium sends one) past 4 MiB whose sender then stalls
+    is closed (1008) at listen.body_timeout_s, its share of the budget given back, as one
+    in a single frame is."""
+    agent = await make_agent(listen={"body_timeout_s": 0.5})
+    reader, writer = await raw_websocket(agent.port, f"/app/{KEY}/track")
+    body = message_of(MAX_MESSAGE + MB)
+    writer.write(chromium_frames(body)[:MAX_MESSAGE + MB // 2])   # cut short
+    await writer.drain()
+    code, reason = await read_close(reader)
+    writer.close()
+    assert code == WSCloseCode.POLICY_VIOLATION, (code, reason)
+    assert "body_timeout_s" in reason, reason
+    await wait_for(lambda: agent.metrics.inflight_bytes == 0)
+    assert agent.spool.depth == 0
+
+
 async def test_a_large_message_of_too_many_values_is_refused_1009_counted_and_logged(
         make_agent: Any, caplog: Any) -> None:
     """Each value of a large message costs ~1 µs of Python: past MAX_VALUES it is refused
@@ -177,17 +195,27 @@ REAL = orjson.dumps({"data": [{"type": "event", "name": f"e{i}", "id": i % 10_00
 TINY = b'{"data":[' + b"0," * (8 * MB) + b"0]}"
 
 
+def chromium_frames(body: bytes, size: int = 131_000) -> bytes:
+    """``body`` as Chromium writes a long message: a text frame, then continuations."""
+    pieces = [body[i:i + size] for i in range(0, len(body), size)]
+    return b"".join(frame(p, opcode=0x1 if n == 0 else 0x0, fin=n == len(pieces) - 1)
+                    for n, p in enumerate(pieces))
+
+
+@pytest.mark.parametrize("fragments", [False, True], ids=["one-frame", "fragments"])
 @pytest.mark.parametrize("body", [REAL, TINY], ids=["real-16MiB", "zeros-16MiB"])
 async def test_a_large_message_never_holds_the_event_loop_long(make_agent: Any,
-                                                               body: bytes) -> None:
+                                                               body: bytes,
+                                                               fragments: bool) -> None:
     """16 MiB of `0,` in one message: each value was read in Python (~0.7 s a MiB, vs
     ~8 ms for real events) a whole socket read at a time (up to 256 KiB), holding the
     event loop ~0.3 s each time. Now read a slice at a time, each a separate turn of the
     loop. Measured in this thread's CPU time between two turns of a ticker (another
     process's load does not stretch it), with the collector off (its pauses are not the
-    reader's); /healthz is answered while the message is read."""
+    reader's); /healthz is answered while the message is read. In fragments (as Chromium
+    sends it) the first 4 MiB are gathered before they are read: read a slice a turn too."""
     agent = await make_agent()
-    sent = frame(body, mask=b"\0\0\0\0")
+    sent = chromium_frames(body) if fragments else frame(body, mask=b"\0\0\0\0")
     reader, writer = await raw_websocket(agent.port, f"/app/{KEY}/track")
     done = asyncio.Event()
     worst = 0.0
