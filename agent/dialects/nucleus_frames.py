@@ -25,8 +25,16 @@ a large one is not read while an earlier message of the connection waits for its
 (``QueueSocket.answered``), or the two would count against each other and the later one be
 refused busy with nothing else in flight; once the connection closes (a refusal is a close),
 one is skipped, on to the module's close frame. One over
-``cap`` is refused at its header, without reading it. A message in several frames is rare
-(the modules send one frame) and is left to aiohttp, which takes it up to ``large`` bytes.
+``cap`` is refused at its header, without reading it.
+
+A message in several frames (a text or binary frame, then continuation frames: Chromium,
+so a browser page or an Electron renderer, where the modules use the page's WebSocket,
+writes every message over about 128 KiB in frames of 131,000 bytes) is gathered here too
+(``_Fragments``), unmasked: up to ``large`` bytes it is handed to aiohttp as one frame, as
+if it had come so; past that it is read as a large message in one frame is, the bytes
+gathered first and then the rest, a slice a turn, its deadline from the moment it passed
+``large``; over ``cap``, refused. Left to aiohttp, such a message over ``large`` bytes was
+closed with 1009, and its module sent it again, larger, at every tick.
 
 The hook is aiohttp's (3.14) parser slot on the connection's protocol, which a websocket
 fills once upgraded: the thin reader takes the place of aiohttp's own reader there and
@@ -186,10 +194,7 @@ class _Large:
     def feed(self, piece: memoryview) -> None:
         if self.reader is None:
             return
-        data = bytearray(piece)
-        if self.mask is not None:
-            for i in range(4):
-                data[i::4] = data[i::4].translate(_XOR[self.mask[(self.offset + i) % 4]])
+        data = _unmasked(piece, self.mask, self.offset)
         self.offset += len(data)
         try:
             self.reader.feed(data)
@@ -205,6 +210,33 @@ class _Large:
                 self.error = exc
             self.reader = None
         return Taken(split, self.error, self.size, self.hold)
+
+
+class _Fragments:
+    """A message in several frames, being gathered (module doc): its payload so far,
+    unmasked, in ``buf`` (from ``fed`` on, what its ``large`` reader has yet to read, once
+    it passed ``large`` bytes). ``done``: its result is out, or it has none (it came while
+    the connection was closing): the rest of it is skipped."""
+
+    def __init__(self, opcode: int, skip: bool) -> None:
+        self.opcode = opcode
+        self.buf = bytearray()
+        self.fed = 0
+        self.size = 0            # payload bytes received
+        self.large: _Large | None = None
+        self.mask: bytes | None = None   # the current frame's
+        self.offset = 0          # in the current frame
+        self.fin = False         # the current frame is its last
+        self.complete = False    # its last byte is in
+        self.done = skip
+
+    def frame(self, mask: bytes | None, fin: bool) -> None:
+        """The next of its frames begins."""
+        self.mask, self.offset, self.fin = mask, 0, fin
+
+    def behind(self, most: int) -> bool:
+        """Its large reader has more than ``most`` bytes yet to read: read no more input."""
+        return self.large is not None and len(self.buf) - self.fed > most
 
 
 class _Gate:
@@ -226,7 +258,9 @@ class _Gate:
         self._left = 0          # payload bytes of the current frame still to come
         self._large: _Large | None = None
         self._skip = False      # the current frame's payload is dropped (over the cap)
-        self._fragmented = False
+        self._fragmented = False   # aiohttp's reader is inside a message in fragments
+        self._frag: _Fragments | None = None   # a message in fragments, gathered here
+        self._in_frag = False   # the current frame's payload is one of its fragments
 
     def feed_data(self, data: bytes) -> tuple[bool, bytes]:
         if self._paced or self._waiting:   # read on (aiohttp resumed it): after the turn due
@@ -243,7 +277,7 @@ class _Gate:
 
     def _next(self) -> None:
         data, self._pending, self._paced = self._pending, b"", False
-        if data and self._turn(data)[0]:
+        if (data or self._frag is not None) and self._turn(data)[0]:
             self._close()
         elif not self._paced:   # nothing left for a later turn: read the connection on
             self._sock.read_on()
@@ -254,7 +288,25 @@ class _Gate:
         run = pos = 0           # data[run:pos]: bytes for aiohttp not yet in ``out``
         n = len(data)
         budget = SLICE
-        while pos < n:
+        while True:
+            frag = self._frag
+            if frag is not None:
+                budget = self._digest(frag, budget, out)
+                if self._frag is not None and (frag.complete or frag.behind(self._large_min)):
+                    break   # the rest waits for its reading to catch up (or to finish)
+            if pos >= n:
+                break
+            if self._left and self._in_frag:
+                assert frag is not None
+                take = min(self._left, n - pos)
+                out.append(data[run:pos])
+                out.append(self._gather(frag, memoryview(data)[pos:pos + take]))
+                run = pos = pos + take
+                self._left -= take
+                if not self._left:
+                    self._in_frag = False
+                    frag.complete = frag.fin
+                continue
             if self._left:
                 take = min(self._left, n - pos)
                 if self._large is not None or self._skip:
@@ -285,6 +337,37 @@ class _Gate:
             self._head = b""
             first, length = head[0], _length(head)
             opcode = first & 0x0F
+            mask = head[size - 4:size] if head[1] & 0x80 else None
+            if self._frag is not None and not opcode & 0x08:   # a data frame, in its midst
+                out.append(data[run:pos])
+                run = pos
+                if opcode == _CONTINUATION and not first & 0x70:   # its next fragment
+                    pos = run = pos + used
+                    self._left, self._in_frag = length, length > 0
+                    self._frag.frame(mask, bool(first & 0x80))
+                    self._frag.complete = not length and self._frag.fin
+                    continue
+                # Not a fragment of it: aiohttp is told a message in fragments is open,
+                # and fails the connection on this frame (1002), as it would have.
+                self._drop_frag()
+                out.append(bytes([_TEXT, 0]))
+                self._fragmented = True
+            elif (opcode in (_TEXT, _BINARY) and not first & 0x80 and not first & 0x70
+                    and not self._fragmented):   # the first of a message's fragments
+                out.append(data[run:pos])
+                closing = self._sock.closed
+                if not closing and self._sock.unanswered():   # read again, header and all
+                    self._waiting = True
+                    self._pending = held + data[pos:]
+                    run = pos = n
+                    break
+                pos = run = pos + used
+                if not closing:
+                    self._sock.handed += 1
+                self._frag = _Fragments(opcode, skip=closing)
+                self._frag.frame(mask, False)
+                self._left, self._in_frag = length, length > 0
+                continue
             if (opcode in (_TEXT, _BINARY) and first & 0x80 and not first & 0x70
                     and not self._fragmented and length >= self._large_min):
                 out.append(data[run:pos])
@@ -305,7 +388,6 @@ class _Gate:
                     out.append(self._sock.stand_in(
                         Taken(None, OverCap(length, self._cap), length, ExitStack())))
                 else:
-                    mask = head[size - 4:size] if head[1] & 0x80 else None
                     self._large = _Large(length, mask, self._keep, self._large_min - 1,
                                          self._values, self._sock.ticket)
                     self._timer = asyncio.get_running_loop().call_later(self._deadline,
@@ -328,15 +410,80 @@ class _Gate:
         done = self._inner.feed_data(whole) if whole else (False, b"")
         if self._waiting:
             self._sock.pause()
-        elif self._pending or (self._large is not None and self._large.reader is not None):
+        elif (self._pending or (self._large is not None and self._large.reader is not None)
+              or (self._frag is not None and self._frag.fed < len(self._frag.buf)
+                  and self._frag.large is not None)):
             self._sock.pause()   # the others served before this connection is read on
             self._paced = True
             asyncio.get_running_loop().call_soon(self._next)
         return done
 
+    def _gather(self, frag: _Fragments, piece: memoryview) -> bytes:
+        """A piece of the payload of ``frag``'s current frame, gathered; what to hand
+        aiohttp (its refusal, once it is over the cap)."""
+        frag.size += len(piece)
+        if frag.done:
+            return b""
+        frag.buf += _unmasked(piece, frag.mask, frag.offset)
+        frag.offset += len(piece)
+        if frag.size > self._cap:
+            large, frag.large = frag.large, None
+            self._end_deadline()
+            frag.done, frag.buf, frag.fed = True, bytearray(), 0
+            return self._sock.stand_in(Taken(None, OverCap(frag.size, self._cap), frag.size,
+                                             ExitStack() if large is None else large.hold))
+        if frag.large is None and frag.size >= self._large_min:   # read as a large message
+            frag.large = _Large(0, None, self._keep, self._large_min - 1, self._values,
+                                self._sock.ticket)
+            self._timer = asyncio.get_running_loop().call_later(self._deadline, self._expire)
+        return b""
+
+    def _digest(self, frag: _Fragments, budget: int, out: list[bytes]) -> int:
+        """``frag`` read on, up to ``budget`` bytes; once whole and read, its frame (or
+        stand-in) put in ``out``. The budget left."""
+        large = frag.large
+        if frag.done or large is None:
+            if frag.complete:
+                if not frag.done:   # within ``large``: to aiohttp, as if in one frame
+                    out.append(_frame(frag.opcode, frag.buf))
+                self._frag = None
+            return budget
+        if large.reader is None:   # refused (busy, not JSON): the rest is not read
+            frag.buf, frag.fed = bytearray(), 0
+        else:
+            take = min(budget, len(frag.buf) - frag.fed)
+            if take:
+                large.feed(memoryview(bytes(frag.buf[frag.fed:frag.fed + take])))
+                frag.fed += take
+                budget -= take
+                if frag.fed > len(frag.buf) // 2:
+                    del frag.buf[:frag.fed]
+                    frag.fed = 0
+        if frag.complete:
+            self._end_deadline()   # received whole: the rest is this agent's time
+            if large.reader is None or frag.fed == len(frag.buf):
+                large.size = frag.size
+                out.append(self._sock.stand_in(large.finish()))
+                self._frag = None
+        return budget
+
+    def _drop_frag(self) -> None:
+        frag, self._frag = self._frag, None
+        self._in_frag = False
+        if frag is not None and frag.large is not None:
+            self._end_deadline()
+            frag.large.hold.close()
+
     def _expire(self) -> None:
         """The large message's deadline passed: its result is Late, the rest of it skipped."""
         self._timer = None
+        frag = self._frag
+        if frag is not None and frag.large is not None and not frag.done:
+            late = Taken(None, Late(self._deadline), frag.size, frag.large.hold)
+            frag.large, frag.done, frag.buf, frag.fed = None, True, bytearray(), 0
+            if self._inner.feed_data(self._sock.stand_in(late))[0]:
+                self._close()
+            return
         large, self._large = self._large, None
         if large is None:
             return
@@ -356,7 +503,29 @@ class _Gate:
         if self._large is not None:   # cut short: never a result
             self._large.hold.close()
             self._large = None
+        self._drop_frag()
         self._inner.feed_eof()
+
+
+def _unmasked(piece: memoryview | bytes, mask: bytes | None, offset: int) -> bytearray:
+    """A copy of ``piece``, unmasked with ``mask`` from ``offset`` in its frame."""
+    data = bytearray(piece)
+    if mask is not None:
+        for i in range(4):
+            data[i::4] = data[i::4].translate(_XOR[mask[(offset + i) % 4]])
+    return data
+
+
+def _frame(opcode: int, payload: bytes | bytearray) -> bytes:
+    """A final, unmasked frame of ``payload``."""
+    n = len(payload)
+    if n < 126:
+        head = bytes([0x80 | opcode, n])
+    elif n < 65536:
+        head = bytes([0x80 | opcode, 126]) + struct.pack("!H", n)
+    else:
+        head = bytes([0x80 | opcode, 127]) + struct.pack("!Q", n)
+    return head + payload
 
 
 def _head_size(head: bytes) -> int | None:
