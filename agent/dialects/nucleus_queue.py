@@ -20,6 +20,11 @@ The whole message is still read, to its end: one that is not JSON is refused who
 small one is. Each value (an event, or a member of the message object) is read in Python,
 ~1 µs even when it is a bare `0`: a message of more than ``values`` of them is refused
 (TooMany) and the rest of it not read, bounding what one message costs.
+
+An event without an id (a heartbeat aside) cannot be left unacknowledged: its client can
+only take the reply as "reported". One that is not kept refuses the message (NoId, the
+websocket's 1009), as one that cannot be kept refuses a small message: answered, it was
+dropped by the agent and by its client alike.
 """
 
 from __future__ import annotations
@@ -69,6 +74,18 @@ class TooLarge(BodyError):
         super().__init__(413, f"{what} is over {keep // 2**20} MiB: too large to store")
 
 
+class NoId(TooLarge):
+    """An event without an id (a heartbeat aside) past the events a large message keeps:
+    it can be neither stored nor left unacknowledged (its client, told nothing to resend,
+    would drop it), so the message is refused (the websocket's 1009), as a small one
+    holding an event without an id that cannot be kept is refused whole."""
+
+    def __init__(self, index: int, keep: int) -> None:
+        BodyError.__init__(self, 413, f"data[{index}] has no id and comes after the "
+                           f"{keep // 2**20} MiB of events taken of a message over 4 MiB: "
+                           "send fewer events at a time")
+
+
 class TooMany(BodyError):
     """More values in one message than may be read (the websocket's 1009)."""
 
@@ -81,6 +98,7 @@ class QueueReader:
     first events up to ``keep`` bytes (the first event alone up to ``most``, the most a
     message may be) and the later ones sharing their ids, up to ``most`` (module doc).
     Both raise BodyError (not JSON; TooLarge: a value over ``most``, or no event to keep;
+    NoId, at ``finish``: an event without an id not kept;
     TooMany: over ``values`` values) or families.errors.Invalid (no `data` array)."""
 
     def __init__(self, keep: int, most: int, values: int) -> None:
@@ -99,6 +117,7 @@ class QueueReader:
         self._loose: list[tuple[int, bytes]] = []   # kept events with no id to acknowledge
         self._given_up: set[Any] = set()
         self._has_data = False
+        self._no_id: int | None = None   # the first event left out without an id (NoId)
 
     def feed(self, chunk: bytes | bytearray) -> None:
         self._text += self._decode(chunk, final=False)
@@ -110,6 +129,8 @@ class QueueReader:
         self._read(final=True)
         if not self._has_data:
             family.check({})   # raises Invalid, in the family's words
+        if self._no_id is not None:
+            raise NoId(self._no_id, self._keep)
         kept = sorted([*self._loose, *(ev for group in self._groups.values() for ev in group)])
         if self._total and not kept:
             raise TooLarge("data[0], with the events sharing its id,", self._most)
@@ -232,11 +253,13 @@ class QueueReader:
         group = None if ev_id is None else self._groups.get(ev_id)
         if group is None:   # an id not seen yet (or none): kept while the first events are
             if not self._open or ev_id in self._given_up:
+                self._left_out(index, value, ev_id)
                 return
             piece = text[start:end].encode()
             cost = _cost(index, piece)
             if self._size + cost > (self._keep if index else self._most):
                 self._open = False
+                self._left_out(index, value, ev_id)
                 return
             self._size += cost
             if ev_id is None:
@@ -256,6 +279,13 @@ class QueueReader:
         self._size += cost
         group.append((index, piece))
 
+
+    def _left_out(self, index: int, value: Any, ev_id: Any) -> None:
+        """Event ``index`` is not kept: it is resent by its module, unless it has no id
+        to leave unacknowledged (NoId, at ``finish``; a heartbeat is never stored anyway)."""
+        if (ev_id is None and self._no_id is None
+                and not (type(value) is dict and family.event_type(value) == "heartbeat")):
+            self._no_id = index   # refused once the message is read whole (``finish``)
 
     def _count(self) -> None:
         self._read_values += 1
