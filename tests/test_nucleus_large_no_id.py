@@ -54,10 +54,12 @@ async def test_a_large_message_of_events_without_ids_is_answered_only_if_all_are
 async def test_events_without_ids_among_the_first_taken_are_stored_and_the_rest_resent(
         make_agent: Any) -> None:
     """Events without an id that are among those a large message keeps, and heartbeats
-    anywhere in it, do not refuse it: the rest of its events have ids."""
+    anywhere in it, do not refuse it: the rest of its events have ids (one whose id is
+    not a string or a number is left unacknowledged, as in a small message)."""
     agent = await make_agent()
     queue = events(5, with_ids=False) + events(14_000, with_ids=True)[5:]
     queue.insert(10_000, {"type": "heartbeat", "machineId": "m"})
+    queue.insert(11_000, {"type": "event", "name": "odd id", "id": True})   # left unacked
     reply = await send(agent, orjson.dumps({"data": queue}))
     assert reply.type == WSMsgType.TEXT, reply
     acked = orjson.loads(reply.data)["reportedIds"]
