@@ -253,13 +253,13 @@ class QueueReader:
         group = None if ev_id is None else self._groups.get(ev_id)
         if group is None:   # an id not seen yet (or none): kept while the first events are
             if not self._open or ev_id in self._given_up:
-                self._left_out(index, value, ev_id)
+                self._left_out(index, value)
                 return
             piece = text[start:end].encode()
             cost = _cost(index, piece)
             if self._size + cost > (self._keep if index else self._most):
                 self._open = False
-                self._left_out(index, value, ev_id)
+                self._left_out(index, value)
                 return
             self._size += cost
             if ev_id is None:
@@ -280,11 +280,12 @@ class QueueReader:
         group.append((index, piece))
 
 
-    def _left_out(self, index: int, value: Any, ev_id: Any) -> None:
+    def _left_out(self, index: int, value: Any) -> None:
         """Event ``index`` is not kept: it is resent by its module, unless it has no id
-        to leave unacknowledged (NoId, at ``finish``; a heartbeat is never stored anyway)."""
-        if (ev_id is None and self._no_id is None
-                and not (type(value) is dict and family.event_type(value) == "heartbeat")):
+        to leave unacknowledged (NoId, at ``finish``; a heartbeat is never stored anyway;
+        one whose id is of another type is left unacknowledged, as in a small message)."""
+        if self._no_id is None and (type(value) is not dict or (
+                value.get("id") is None and family.event_type(value) != "heartbeat")):
             self._no_id = index   # refused once the message is read whole (``finish``)
 
     def _count(self) -> None:
