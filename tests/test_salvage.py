@@ -32,6 +32,7 @@ import pytest
 from agent.families.event import NOT_READ, NUCLEUS, Event
 from agent.settings import StorageConfig
 from agent.spool import Spool
+from agent.spool.records import unpack
 from agent.spool.salvage import Carry, salvage
 from agent.spool.schema import SCHEMA
 from tests.fakes.nucleus_upstream import FakeNucleus
@@ -161,6 +162,57 @@ async def test_readable_records_are_delivered_and_the_rest_counted(
     if damage is garbled_then_truncated:         # garbled records are not sent, but counted
         assert not set(range(300)) & set(got) and set(range(300, 400)) <= set(got)
     assert list(tmp_path.glob("spool.db.corrupt-*")), "the corrupt file was not kept"
+
+
+def leaves_in_key_order(path: Path) -> list[int]:
+    """The records table's leaf pages, in the order of the ids they hold."""
+    with contextlib.closing(sqlite3.connect(f"file:{path}?immutable=1", uri=True)) as db:
+        return [n for (n,) in db.execute(
+            "SELECT pageno FROM dbstat WHERE name = 'records' AND pagetype = 'leaf' "
+            "ORDER BY path")]
+
+
+def readable_events(path: Path) -> set[int]:
+    """The events of every record of ``path`` that can be read whole, looked up by id."""
+    with contextlib.closing(sqlite3.connect(f"file:{path}?immutable=1", uri=True)) as db:
+        ids = range(1, 100_000, 100)   # build() commits 100 a time: records 1, 101, ...
+        found: set[int] = set()
+        for rid in ids:
+            try:
+                row = db.execute("SELECT data FROM records WHERE id = ?", (rid,)).fetchone()
+            except sqlite3.DatabaseError:
+                continue
+            if row is not None:
+                found |= {orjson.loads(b)["id"] for b in unpack(row[0])}
+    return found
+
+
+async def test_a_readable_stretch_between_two_damaged_ones_is_salvaged(
+        make_agent: Any, fake_nucleus: FakeNucleus, tmp_path: Path) -> None:
+    """Six pages of the queue zeroed, then one intact, then one more zeroed (a flash
+    device's bad blocks rarely come one at a time): the intact page's record can be
+    read, by id, in the damaged file, so it must be salvaged and delivered. Salvage
+    probed for the end of the first damage at ever longer strides and could land past
+    the intact page, in the second damage, and then past it: the record was counted as
+    dropped_corrupt, never sent."""
+    spool_path = tmp_path / "spool.db"
+    await asyncio.to_thread(build, spool_path, 2500, 500, ("app1",))
+    leaves = leaves_in_key_order(spool_path)
+    assert len(leaves) >= 20, "one record per leaf page expected"
+    first = len(leaves) // 4
+    with open(spool_path, "r+b") as fh:
+        for page in (*leaves[first:first + 6], leaves[first + 7]):
+            fh.seek((page - 1) * 4096)
+            fh.write(bytes(4096))
+    want = readable_events(spool_path)
+    assert 0 < len(want) < 2500
+    agent = await make_agent(upstreams=[upstream(fake_nucleus)])
+    await wait_for(lambda: agent.spool.counters.get("spool_corrupt") == 1, timeout=10)
+    await wait_for(lambda: agent.spool.depth == 0, timeout=15)
+    got = fake_nucleus.ids()
+    assert len(got) == len(set(got)), "salvaged events sent twice"
+    assert not want - set(got), f"readable events not salvaged: {sorted(want - set(got))}"
+    assert agent.spool.counters["dropped_corrupt"] == 2500 - len(got)
 
 
 # Run in a child: open the damaged spool, but stop at a point of the salvage (argv[2]),
