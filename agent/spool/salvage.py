@@ -21,6 +21,8 @@ crash before that commit leaves it for the next start to finish (aside.py).
 from __future__ import annotations
 
 import sqlite3
+from array import array
+from bisect import bisect_right
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -153,21 +155,22 @@ def _salvage(old: sqlite3.Connection | None, fresh: sqlite3.Connection,
     lanes = v0 or bool(_try(old, "SELECT 1 FROM pragma_table_info('records') "
                                  "WHERE name = 'lane'"))
     cols = (lambda c: c) if lanes and not v0 else _before_lanes
+    keys = FileKeys(old)
     with transaction(fresh):
         # The running agent's map first: where the file disagrees, it is the damaged one.
         fresh.executemany("INSERT OR IGNORE INTO streams(id, key) VALUES (?, ?)",
                           sorted(carry.streams.items()) + sorted(file_streams))
         streams = {sid for (sid,) in fresh.execute("SELECT id FROM streams")}
         if old is not None:
-            for rows in _scan(old, "dead", "seq", cols(DEAD_COLS), out):
+            for rows in _scan(old, "dead", "seq", cols(DEAD_COLS), out, keys):
                 fresh.executemany(f"INSERT OR IGNORE INTO dead({cols(DEAD_COLS)}) VALUES "
                                   f"({_marks(cols(DEAD_COLS))})",
                                   [(*r[:9], *map(_lane, r[9:])) for r in rows
                                    if _sound(r, DEAD_TYPES)])
             if v0:
-                _copy_v0(old, fresh, streams, carry, out)
+                _copy_v0(old, fresh, streams, carry, out, keys)
             else:
-                _copy_v1(old, fresh, streams, out, cols(RECORD_COLS))
+                _copy_v1(old, fresh, streams, out, cols(RECORD_COLS), keys)
             if v0 or not lanes:
                 migrate_lanes.classify(fresh)
         recount_streams(fresh)
@@ -191,11 +194,11 @@ def _marks(cols: str) -> str:
 
 
 def _copy_v1(old: sqlite3.Connection, fresh: sqlite3.Connection, streams: set[int],
-             out: Salvaged, cols: str) -> None:
+             out: Salvaged, cols: str, keys: FileKeys) -> None:
     """Copy the records that unpack whole (v1 or v2: ``cols``), and the spent dedupe keys."""
     # A damaged dictionary fails its name's check: the records packed with it are lost.
     dicts = {int(i): bytes(b) for i, b in _try(old, "SELECT id, body FROM dicts") or ()}.get
-    for rows in _scan(old, "records", "id", cols, out):
+    for rows in _scan(old, "records", "id", cols, out, keys):
         keep = []
         for row in rows:
             kept = _readable(row, streams, dicts)
@@ -205,7 +208,7 @@ def _copy_v1(old: sqlite3.Connection, fresh: sqlite3.Connection, streams: set[in
                 keep.append(kept)
         fresh.executemany(f"INSERT OR IGNORE INTO records({cols}) VALUES ({_marks(cols)})",
                           keep)
-    for rows in _scan(old, "spent", "id", SPENT_COLS, out):
+    for rows in _scan(old, "spent", "id", SPENT_COLS, out, keys):
         fresh.executemany(f"INSERT OR IGNORE INTO spent({SPENT_COLS}) VALUES (?, ?, ?, ?)",
                           [r for r in rows
                            if _sound(r, SPENT_TYPES, family=False) and len(r[3]) % 8 == 0])
@@ -245,16 +248,17 @@ def _live_of(row: tuple[Any, ...]) -> int:
 
 
 def _copy_v0(old: sqlite3.Connection, fresh: sqlite3.Connection, streams: set[int],
-             carry: Carry, out: Salvaged) -> None:
+             carry: Carry, out: Salvaged, keys: FileKeys) -> None:
     """Pack the readable v0 rows as the migration does, under new seqs above every old one."""
-    top = max((r[-1][0] for r in _scan(old, "events", "seq", "seq", Salvaged())), default=0)
+    top = max((r[-1][0] for r in _scan(old, "events", "seq", "seq", Salvaged(), keys)),
+              default=0)
     dead = fresh.execute("SELECT coalesce(max(seq), 0) FROM dead").fetchone()[0]
     # A file whose marks cannot be read: its events count their age from now (kept longer).
     marks = _try(old, "SELECT observed, next_seq FROM clock_marks NOT INDEXED") or \
         [(carry.observed, TOP)]
 
     def sound() -> Iterator[V0Row]:
-        for rows in _scan(old, "events", "seq", V0_COLS, out):
+        for rows in _scan(old, "events", "seq", V0_COLS, out, keys):
             for row in rows:
                 if _sound(row, V0_TYPES) and row[1] in streams:
                     yield row
@@ -271,7 +275,7 @@ def _sound(row: tuple[Any, ...], types: tuple[Any, ...], family: bool = True) ->
 
 
 def _scan(old: sqlite3.Connection, table: str, key: str, cols: str,
-          out: Salvaged) -> Iterator[list[Any]]:
+          out: Salvaged, keys: FileKeys) -> Iterator[list[Any]]:
     """Rows of ``table`` in ``key`` order (its first column), in chunks, skipping damaged
     stretches."""
     sql = f"SELECT {cols} FROM {table} NOT INDEXED WHERE {key} > ? ORDER BY {key} LIMIT {CHUNK}"
@@ -294,13 +298,13 @@ def _scan(old: sqlite3.Connection, table: str, key: str, cols: str,
             yield rows
             after = rows[-1][0]
         if damaged:
-            nxt = _past_damage(old, table, key, after)
+            nxt, past = _past_damage(old, table, key, after, keys)
             # sqlite3 steps a row ahead: the row found there may be sound, the damage past it.
             one = None if nxt is None else _try(old, f"SELECT {cols} FROM {table} NOT INDEXED "
                                                 f"WHERE {key} = ?", (nxt,))
             if one:
                 yield one
-            else:
+            if past or not one:
                 out.skipped += 1
             if nxt is None:
                 return
@@ -309,33 +313,121 @@ def _scan(old: sqlite3.Connection, table: str, key: str, cols: str,
             return
 
 
-def _past_damage(old: sqlite3.Connection, table: str, key: str, after: int) -> int | None:
+def _past_damage(old: sqlite3.Connection, table: str, key: str, after: int,
+                 keys: FileKeys) -> tuple[int | None, bool]:
     """A key past the damage met reading rows after ``after``: reading on from it reads
-    again; None when nothing past it can be read."""
+    again; None when nothing past it can be read. And whether a damaged page lay between
+    (not only the row after ``after``, found but unreadable)."""
     find = f"SELECT {key} FROM {table} NOT INDEXED WHERE {key} > ? ORDER BY {key} LIMIT 1"
 
     def readable(at: int) -> bool:  # can the row after ``at`` be found?
         return _try(old, find, (at,)) is not None
     first = _try(old, find, (after,))
     if first:  # the row is found but cannot be read (its overflow pages): skip that row
-        return int(first[0][0])
+        return int(first[0][0]), False
     # The page holding the next row is damaged. Probe further and further ahead for a
     # row that can be found, then narrow down to the end of the damage.
     lo, step = max(after, 0), 1
+    probed: int | None = None
     while True:
         hi = lo + step
         if hi >= TOP:
-            return None
+            break
         if readable(hi):
+            while hi - lo > 1:
+                mid = (lo + hi) // 2
+                if readable(mid):
+                    hi = mid
+                else:
+                    lo = mid
+            probed = hi
             break
         lo, step = hi, step * 2
-    while hi - lo > 1:
-        mid = (lo + hi) // 2
-        if readable(mid):
-            hi = mid
-        else:
-            lo = mid
-    return hi
+    # Strides that grow can land past a readable stretch, in a second damaged one, and
+    # then past that: the keys the file's own pages hold name the rows the probes
+    # missed. The first of them, before the probes' find, that can be looked up is where
+    # reading resumes.
+    for candidate in keys.between(after, TOP if probed is None else probed):
+        if _try(old, f"SELECT 1 FROM {table} NOT INDEXED WHERE {key} = ?", (candidate,)):
+            return candidate, True
+    return probed, True
+
+
+class FileKeys:
+    """The row keys (rowids) the file's table b-tree pages name, of every table, read
+    from the file and its -wal as bytes when damage is first met: where rows that the
+    damage hides from SQLite's seeks may still be. Only hints: each is looked up."""
+
+    def __init__(self, old: sqlite3.Connection | None) -> None:
+        self._old = old
+        self._keys: array[int] | None = None
+
+    def between(self, lo: int, hi: int) -> list[int]:
+        """The keys above ``lo`` and below ``hi``, ascending."""
+        if self._keys is None:
+            self._keys = array("q", sorted(set(self._read())))
+        keys = self._keys
+        return list(keys[bisect_right(keys, lo):bisect_right(keys, hi - 1)])
+
+    def _read(self) -> Iterator[int]:
+        listed = _try(self._old, "PRAGMA database_list")
+        if not listed or not listed[0][2]:
+            return
+        path = Path(listed[0][2])
+        try:
+            with open(path, "rb") as fh:
+                head = fh.read(100)
+                size = int.from_bytes(head[16:18], "big") if len(head) >= 18 else 0
+                size = 65536 if size == 1 else size
+                if size < 512 or size & (size - 1):
+                    size = 4096  # the header is damaged: the agent's page size
+                fh.seek(0)
+                while page := fh.read(size):
+                    yield from _page_keys(page, 100 if fh.tell() == size else 0)
+            wal = Path(f"{path}-wal")
+            if wal.exists():
+                with open(wal, "rb") as fh:
+                    head = fh.read(32)
+                    size = int.from_bytes(head[8:12], "big") if len(head) >= 32 else 0
+                    if 512 <= size <= 65536 and not size & (size - 1):
+                        while len(frame := fh.read(24 + size)) == 24 + size:
+                            yield from _page_keys(frame[24:], 0)
+        except OSError:
+            return
+
+
+def _page_keys(page: bytes, at: int) -> Iterator[int]:
+    """The rowids a table b-tree page (interior or leaf) names; none for any other page,
+    or where its layout does not hold."""
+    kind = page[at] if at < len(page) else 0
+    if kind not in (0x05, 0x0D):
+        return
+    head = at + (12 if kind == 0x05 else 8)
+    cells = int.from_bytes(page[at + 3:at + 5], "big")
+    for i in range(cells):
+        ptr = int.from_bytes(page[head + 2 * i:head + 2 * i + 2], "big")
+        if not at < ptr < len(page):
+            return
+        pos = ptr + 4 if kind == 0x05 else _varint(page, ptr)[1]
+        if pos >= len(page):
+            return
+        value, _ = _varint(page, pos)
+        yield value - (1 << 64) if value >= 1 << 63 else value
+
+
+def _varint(data: bytes, pos: int) -> tuple[int, int]:
+    """SQLite's big-endian varint at ``pos``: its value and the position after it."""
+    value = 0
+    for i in range(9):
+        if pos + i >= len(data):
+            return value, len(data)
+        byte = data[pos + i]
+        if i == 8:
+            return (value << 8) | byte, pos + 9
+        value = (value << 7) | (byte & 0x7F)
+        if byte < 0x80:
+            return value, pos + i + 1
+    return value, pos + 9
 
 
 def _carry_clock(old: sqlite3.Connection | None, fresh: sqlite3.Connection,
