@@ -8,14 +8,17 @@ The v0 file, tests/data/spool-v0.db, was written by the pre-issue-11 code
 
 from __future__ import annotations
 
+import random
 import shutil
 import socket
 import sqlite3
 import subprocess
 import sys
+import tracemalloc
 from collections.abc import Callable
 from pathlib import Path
 
+import orjson
 import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
@@ -447,3 +450,37 @@ def test_a_migration_at_start_extends_the_systemd_start_timeout(
     assert extends, f"no EXTEND_TIMEOUT_USEC before READY=1: {seen}"
     assert all(int(m.split("=", 1)[1]) >= 10_000_000 for m in extends), extends
     assert table(v0, "PRAGMA user_version") == [(VERSION,)]
+
+
+LARGE_EVENTS, LARGE_EVENT_BYTES = 600, 50_000   # one v0 group commit of one key: 30 MB
+READ_PEAK = 8 * 1024 * 1024
+
+
+async def test_a_queue_of_large_events_is_migrated_into_records_a_read_can_hold(
+        tmp_path: Path) -> None:
+    """The writer packs at most RECORD_BYTES (256 KiB) of events in a record, which bounds
+    what one read unpacks. The migration split a v0 run only at RECORD_MAX events: 600
+    events of 50 KB received together became one 30 MB record, unpacked whole (and kept
+    in the reader's cache, eight records of it) to send its first event; past 256 MiB
+    the packing raised, and the agent exited at every start. Traced: the first read's
+    Python allocations."""
+    path = tmp_path / "spool.db"
+    events = [(Stored(seq, 1, NUCLEUS, 1000, dedupe_key(seq),
+                      b'{"i":%d,"pad":"%s"}' % (seq, random.Random(seq).randbytes(
+                          LARGE_EVENT_BYTES // 2).hex().encode())), None)
+              for seq in range(1, LARGE_EVENTS + 1)]
+    build_v0(path, events, marks=[(5, LARGE_EVENTS + 1)], streams=[(1, "a")])
+    del events
+    spool = await Spool.open(StorageConfig(path=str(path)))
+    try:
+        assert spool.depth == LARGE_EVENTS
+        tracemalloc.start()
+        try:
+            rows = await spool.fetch(spool.streams["a"].id, 0, 1)
+            peak = tracemalloc.get_traced_memory()[1]
+        finally:
+            tracemalloc.stop()
+        assert [orjson.loads(r.body)["i"] for r in rows] == [1]
+        assert peak < READ_PEAK, f"reading one migrated event took {peak / 1e6:.1f} MB"
+    finally:
+        await spool.close()
