@@ -21,7 +21,8 @@ v0 -> v1, nothing lost:
 
 - Queued events (``acked IS NULL``) become records, per stream in seq order, one record
   per run of events with the same family and receipt time (a v0 group commit), at most
-  ``RECORD_MAX`` events. Their seqs are renumbered above every old one (dead letters
+  ``RECORD_MAX`` events and, as the writer packs them, about ``RECORD_BYTES`` (a record
+  past it ends at the event that reaches it): what one read unpacks stays bounded. Their seqs are renumbered above every old one (dead letters
   keep theirs), contiguous within a record, FIFO per stream kept.
 - Tombstones (acked, kept for dedupe) become ``spent`` rows: received = the acked time
   (as v0 dated them), observed = the clock mark covering them, so they still dedupe for
@@ -60,6 +61,7 @@ from agent.spool.codebook import DICTS
 from agent.spool.db import PAST, transaction
 from agent.spool.dedupe import keys_to_bytes
 from agent.spool.schema import SCHEMA, VERSION, SpoolTooNew
+from agent.spool.writer import RECORD_BYTES
 
 log = logging.getLogger("outpost.spool")
 
@@ -200,6 +202,7 @@ class _Run:
     received: int
     keys: list[int] = field(default_factory=list)
     bodies: list[bytes] = field(default_factory=list)
+    nbytes: int = 0
 
 
 class _Renumber:
@@ -214,13 +217,14 @@ class _Renumber:
     def add(self, stream: int, family: int, received: int, key: int, body: bytes) -> None:
         run = self.runs.get(stream)
         if run is not None and (run.family != family or run.received != received
-                                or len(run.keys) >= RECORD_MAX):
+                                or len(run.keys) >= RECORD_MAX or run.nbytes >= RECORD_BYTES):
             self._write(stream, run)
             run = None
         if run is None:
             run = self.runs[stream] = _Run(family, received)
         run.keys.append(key)
         run.bodies.append(body)
+        run.nbytes += len(body)
 
     def flush(self) -> int:
         """Write every open run; returns the next free seq (every event below it is written)."""
