@@ -17,6 +17,7 @@ import sys
 import tracemalloc
 from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
 import orjson
 import pytest
@@ -484,3 +485,25 @@ async def test_a_queue_of_large_events_is_migrated_into_records_a_read_can_hold(
         assert peak < READ_PEAK, f"reading one migrated event took {peak / 1e6:.1f} MB"
     finally:
         await spool.close()
+
+
+async def test_a_newer_agents_unfinished_salvage_is_refused_and_left_as_it_was(
+        make_agent: Callable[..., Any], tmp_path: Path) -> None:
+    """A newer agent moved its corrupt spool aside and stopped before its salvage was done
+    (the marker names the moved file; no fresh spool yet); then this older agent is
+    started. It must refuse, as it refuses a newer spool at the path, and leave the
+    newer agent's files as they were for it to finish. It created a fresh spool of its
+    own format, read the newer file as its own, counted what it could not read as lost
+    and removed the marker: the newer agent, started again, never finished its salvage."""
+    moved = tmp_path / "spool.db.corrupt-20260101T000000"
+    spool = await Spool.open(StorageConfig(path=str(moved)))
+    await spool.append([Event("a", NUCLEUS, i, b'{"id":%d}' % i, i) for i in range(5)])
+    await spool.close()
+    before = newer(moved)
+    (tmp_path / "spool.db.salvaging").write_text(f"{moved.name}\n")
+    with pytest.raises(SpoolTooNew) as refused:
+        await make_agent()
+    assert str(moved) in str(refused.value) and f"v{VERSION + 1}" in str(refused.value)
+    assert moved.read_bytes() == before
+    assert (tmp_path / "spool.db.salvaging").read_text() == f"{moved.name}\n"
+    assert not (tmp_path / "spool.db").exists(), "a fresh spool was made for the salvage"
