@@ -51,6 +51,16 @@ from agent.spool.writer import Writer, is_corruption
 log = logging.getLogger("outpost.spool")
 
 
+def _refuse_newer(moved: Path) -> None:
+    """SpoolTooNew when the file a salvage left unfinished was written by a newer agent:
+    salvaged as this agent's format it would be misread, and the marker that has the
+    newer agent finish it would go. Damage that keeps it from being read is no refusal."""
+    try:
+        open_read_only(moved).close()
+    except sqlite3.Error:
+        pass
+
+
 @dataclass(slots=True)
 class _Salvage:
     """A recovery under way: the corrupt file moved aside, and what the fresh spool keeps."""
@@ -178,6 +188,8 @@ class Spool:
         ensure_private_dir(spool.path.parent)
         try:
             if (moved := pending(spool.path)) is not None:
+                # A newer agent's (SpoolTooNew): its files are left for it to finish.
+                _refuse_newer(moved)
                 # The last run stopped inside a salvage: the spool at the path is its fresh
                 # one, with nothing committed but that salvage, if it got that far.
                 spool._salvaging = _Salvage(
