@@ -31,7 +31,8 @@ import pytest
 
 from agent.families.event import NOT_READ, NUCLEUS, Event
 from agent.settings import StorageConfig
-from agent.spool import Spool
+from agent.spool import Spool, dead_live
+from agent.spool.dead import Which
 from agent.spool.records import unpack
 from agent.spool.salvage import Carry, salvage
 from agent.spool.schema import SCHEMA
@@ -213,6 +214,38 @@ async def test_a_readable_stretch_between_two_damaged_ones_is_salvaged(
     assert len(got) == len(set(got)), "salvaged events sent twice"
     assert not want - set(got), f"readable events not salvaged: {sorted(want - set(got))}"
     assert agent.spool.counters["dropped_corrupt"] == 2500 - len(got)
+
+
+async def test_dead_letters_whose_key_was_lost_never_go_to_another_key(tmp_path: Path) -> None:
+    """The table of keys destroyed: the queued events cannot be sent (no key to send them
+    under) and are counted. The dead letters were copied all the same, under the lost
+    ids: counted but never listed, and the fresh spool gives those ids to whichever keys
+    come first, so a retry put app2's dead letters in app1's queue, to go to app1's
+    upstream under app1's key."""
+    spool_path = tmp_path / "spool.db"
+    spool = await Spool.open(StorageConfig(path=str(spool_path)))
+    await spool.append([Event(k, NUCLEUS, i, body(i, 20), i)
+                        for k, ids in (("app1", range(3)), ("app2", range(10, 13))) for i in ids])
+    rows = await spool.fetch(spool.streams["app2"].id, 0, 3)
+    await spool.dead_letter([(r.seq, "up", "HTTP 400") for r in rows])
+    await spool.close()
+    with contextlib.closing(sqlite3.connect(f"file:{spool_path}?immutable=1", uri=True)) as db:
+        [(page,)] = db.execute("SELECT pageno FROM dbstat WHERE name = 'streams'").fetchall()
+    with open(spool_path, "r+b") as fh:
+        fh.seek((page - 1) * 4096)
+        fh.write(bytes(4096))
+    spool = await Spool.open(StorageConfig(path=str(spool_path)))
+    try:
+        assert spool.counters["spool_corrupt"] == 1
+        assert len(await spool.dead_letters()) == spool.dead_count
+        # The keys come back in another order: app2 first.
+        await spool.append([Event(k, NUCLEUS, 100 + n, body(100 + n, 20), 100 + n)
+                            for n, k in enumerate(("app2", "app1"))])
+        await dead_live.retry(spool, Which(every=True))
+        app1 = await spool.fetch(spool.streams["app1"].id, 0, 100)
+        assert [orjson.loads(r.body)["id"] for r in app1] == [101], "another key's events"
+    finally:
+        await spool.close()
 
 
 # Run in a child: open the damaged spool, but stop at a point of the salvage (argv[2]),
