@@ -69,6 +69,7 @@ class Salvaged:
     known: bool = True                # whether ``lost`` is the whole loss
     skipped: int = 0                  # damaged stretches skipped
     unsendable: int = 0               # queued events read but not kept
+    dead_unkeyed: int = 0             # dead letters read but not kept: their key is lost
 
 
 def salvage(fresh: sqlite3.Connection, moved: Path, carry: Carry) -> Salvaged:
@@ -163,10 +164,13 @@ def _salvage(old: sqlite3.Connection | None, fresh: sqlite3.Connection,
         streams = {sid for (sid,) in fresh.execute("SELECT id FROM streams")}
         if old is not None:
             for rows in _scan(old, "dead", "seq", cols(DEAD_COLS), out, keys):
+                # As a record's: a letter whose key is lost has no queue to go back to,
+                # and its id would name whichever key the fresh spool numbers so first.
+                sound = [r for r in rows if _sound(r, DEAD_TYPES)]
+                kept = [(*r[:9], *map(_lane, r[9:])) for r in sound if r[1] in streams]
+                out.dead_unkeyed += len(sound) - len(kept)
                 fresh.executemany(f"INSERT OR IGNORE INTO dead({cols(DEAD_COLS)}) VALUES "
-                                  f"({_marks(cols(DEAD_COLS))})",
-                                  [(*r[:9], *map(_lane, r[9:])) for r in rows
-                                   if _sound(r, DEAD_TYPES)])
+                                  f"({_marks(cols(DEAD_COLS))})", kept)
             if v0:
                 _copy_v0(old, fresh, streams, carry, out, keys)
             else:

@@ -348,6 +348,10 @@ class Spool:
                       "salvaged %d queued events, %s (counted as %s: %d); %d damaged "
                       "stretches skipped", self.path, pending.why, moved, got.queued,
                       how_many, Drop.DROPPED_CORRUPT, got.lost, got.skipped)
+            if got.dead_unkeyed:
+                log.error("spool %s: %d dead letters of %s not kept: the keys they were "
+                          "sent under are lost with its table of keys", self.path,
+                          got.dead_unkeyed, moved)
         self.on_reopen()  # forwarders for the salvaged queues
 
     async def _save_counts(self) -> bool:
