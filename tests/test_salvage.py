@@ -20,6 +20,7 @@ import shutil
 import sqlite3
 import subprocess
 import sys
+import time
 import tracemalloc
 from collections.abc import Callable
 from pathlib import Path
@@ -246,6 +247,29 @@ async def test_dead_letters_whose_key_was_lost_never_go_to_another_key(tmp_path:
         assert [orjson.loads(r.body)["id"] for r in app1] == [101], "another key's events"
     finally:
         await spool.close()
+
+
+async def test_a_file_moved_aside_before_is_never_replaced_by_the_next(
+        make_agent: Any, fake_nucleus: FakeNucleus, tmp_path: Path) -> None:
+    """Files moved aside are named by the second: a device without a battery-backed clock
+    boots at the same saved time again and again, and a spool damaged at two such boots
+    (or twice in one second) was moved onto the name of the one before, replacing it:
+    the file the docs say is kept for inspection, with what could not be salvaged, was
+    gone. Here files moved aside earlier hold every name of the next half minute."""
+    spool_path = tmp_path / "spool.db"
+    await asyncio.to_thread(build, spool_path, 300, 50, ("app1",))
+    await asyncio.to_thread(destroy_header, spool_path)
+    now = int(time.time())
+    earlier = {tmp_path / f"spool.db.corrupt-{time.strftime('%Y%m%dT%H%M%S', time.localtime(t))}"
+               for t in range(now - 2, now + 30)}
+    for path in earlier:
+        path.write_bytes(b"moved aside before")
+    agent = await make_agent(upstreams=[upstream(fake_nucleus)])
+    assert agent.spool.counters["spool_corrupt"] == 1
+    assert all(p.read_bytes() == b"moved aside before" for p in earlier), "one was replaced"
+    [moved] = [p for p in tmp_path.glob("spool.db.corrupt-*")
+               if p not in earlier and not p.name.endswith(("-wal", "-shm"))]
+    assert moved.stat().st_size > 4096 and moved.stat().st_mode & 0o777 == 0o600
 
 
 # Run in a child: open the damaged spool, but stop at a point of the salvage (argv[2]),
