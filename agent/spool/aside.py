@@ -22,8 +22,17 @@ def marker(path: Path) -> Path:
 
 
 def target(path: Path) -> Path:
-    """Where a corrupt spool is moved: ``<name>.corrupt-<ts>``."""
-    return path.with_name(f"{path.name}.corrupt-{time.strftime('%Y%m%dT%H%M%S')}")
+    """Where a corrupt spool is moved: ``<name>.corrupt-<ts>``, or ``<name>.corrupt-<ts>.<n>``
+    when a file kept before has that name (moved aside in the same second, or at a boot
+    of a device without a battery-backed clock that started from the same saved time): a
+    rename onto it would replace it."""
+    stamp = time.strftime("%Y%m%dT%H%M%S")
+    n = 0
+    while True:
+        moved = path.with_name(f"{path.name}.corrupt-{stamp}{f'.{n}' if n else ''}")
+        if not any(Path(f"{moved}{suffix}").exists() for suffix in _SUFFIXES):
+            return moved
+        n += 1
 
 
 def note(path: Path, moved: Path) -> OSError | None:
