@@ -358,9 +358,10 @@ def _past_damage(old: sqlite3.Connection, table: str, key: str, after: int,
 
 
 class FileKeys:
-    """The row keys (rowids) the file's table b-tree pages name, of every table, read
-    from the file and its -wal as bytes when damage is first met: where rows that the
-    damage hides from SQLite's seeks may still be. Only hints: each is looked up."""
+    """The first row key (rowid) of each table leaf page, of every table, read from the
+    file and its -wal as bytes when damage is first met: where a stretch of rows that the
+    damage hides from SQLite's seeks begins. Only hints: each is looked up. One key a
+    page, not every row's: a v0 file's millions of rows would take hundreds of MB."""
 
     def __init__(self, old: sqlite3.Connection | None) -> None:
         self._old = old
@@ -387,7 +388,7 @@ class FileKeys:
                     size = 4096  # the header is damaged: the agent's page size
                 fh.seek(0)
                 while page := fh.read(size):
-                    yield from _page_keys(page, 100 if fh.tell() == size else 0)
+                    yield from _first_key(page, 100 if fh.tell() == size else 0)
             wal = Path(f"{path}-wal")
             if wal.exists():
                 with open(wal, "rb") as fh:
@@ -395,27 +396,22 @@ class FileKeys:
                     size = int.from_bytes(head[8:12], "big") if len(head) >= 32 else 0
                     if 512 <= size <= 65536 and not size & (size - 1):
                         while len(frame := fh.read(24 + size)) == 24 + size:
-                            yield from _page_keys(frame[24:], 0)
+                            yield from _first_key(frame[24:], 0)
         except OSError:
             return
 
 
-def _page_keys(page: bytes, at: int) -> Iterator[int]:
-    """The rowids a table b-tree page (interior or leaf) names; none for any other page,
-    or where its layout does not hold."""
-    kind = page[at] if at < len(page) else 0
-    if kind not in (0x05, 0x0D):
+def _first_key(page: bytes, at: int) -> Iterator[int]:
+    """The rowid of a table leaf page's first cell; none for any other page, or where its
+    layout does not hold."""
+    if at >= len(page) or page[at] != 0x0D or not int.from_bytes(page[at + 3:at + 5], "big"):
         return
-    head = at + (12 if kind == 0x05 else 8)
-    cells = int.from_bytes(page[at + 3:at + 5], "big")
-    for i in range(cells):
-        ptr = int.from_bytes(page[head + 2 * i:head + 2 * i + 2], "big")
-        if not at < ptr < len(page):
-            return
-        pos = ptr + 4 if kind == 0x05 else _varint(page, ptr)[1]
-        if pos >= len(page):
-            return
-        value, _ = _varint(page, pos)
+    ptr = int.from_bytes(page[at + 8:at + 10], "big")
+    if not at < ptr < len(page):
+        return
+    pos = _varint(page, ptr)[1]   # past the payload's size
+    if pos < len(page):
+        value = _varint(page, pos)[0]
         yield value - (1 << 64) if value >= 1 << 63 else value
 
 
