@@ -318,6 +318,21 @@ async def test_pixel_always_answers_a_gif(make_agent: Any) -> None:
     assert agent.spool.depth == 1
 
 
+async def test_a_head_request_to_the_pixel_stores_nothing(make_agent: Any) -> None:
+    """HEAD is a safe method (RFC 9110): link checkers, prefetchers and proxies send it
+    to see what a URL is. aiohttp answers HEAD with a GET route's handler, so the pixel
+    stored its event; the GET that follows was then a second copy of an id-less event."""
+    agent = await make_agent()
+    data = base64.urlsafe_b64encode(orjson.dumps({"userId": "u", "event": "e"})).decode()
+    reply = await call(agent.port, f"/v1/pixel/track?data={data}", method="HEAD")
+    assert reply.status == 200 and reply.headers["Content-Type"] == "image/gif"
+    assert reply.headers["Content-Length"] == str(len(GIF))
+    assert "HEAD" in reply.headers["X-Outpost-Error"]
+    reply = await call(agent.port, f"/v1/pixel/track?data={data}", method="GET")
+    assert reply.status == 200 and "X-Outpost-Error" not in reply.headers
+    assert agent.spool.depth == 1
+
+
 @pytest.mark.parametrize("name", ["a\x01b", "a\x7fb", "\x1b[31m"])
 async def test_pixel_answers_a_gif_when_its_reason_names_a_field_with_control_characters(
         make_agent: Any, name: str) -> None:
