@@ -294,9 +294,14 @@ class SegmentHandlers:
         return await parse_body(raw, _read_batch, build)
 
     async def pixel(self, request: web.Request) -> web.StreamResponse:
-        """Always a 200 GIF (an <img> cannot act on errors); valid messages are stored."""
-        problem = await self._pixel(request)
+        """Always a 200 GIF (an <img> cannot act on errors); valid messages are stored.
+        HEAD (aiohttp's GET routes answer it) is safe by RFC 9110: link checkers and
+        prefetchers send it, and the browser's GET follows, so it stores nothing."""
         headers = {"Cache-Control": "no-store"}
+        if request.method == "HEAD":
+            headers["X-Outpost-Error"] = "a HEAD request stores nothing: the pixel stores a GET"
+            return web.Response(body=GIF, content_type="image/gif", headers=headers)
+        problem = await self._pixel(request)
         if problem:
             # Counted as refused with the status the other routes would answer.
             replies.refused(problem.status)
