@@ -41,3 +41,21 @@ async def test_origin_null_is_served_only_when_listed(make_agent: Any, listed: b
     assert reply.headers["Access-Control-Allow-Origin"] == "null"
     assert status.status == 200 and status.headers["Access-Control-Allow-Origin"] == "null"
     assert await ws_status(agent.port) == 101
+
+
+async def test_a_star_lets_every_origin_post_and_read_but_never_act(make_agent: Any) -> None:
+    """`"*"` in listen.allowed_origins allows every Origin, `null` included, as if each were
+    listed (docs/security.md, "Every origin: `*`"): it may post, open the websocket and read
+    /status, but the endpoints that make the agent act stay the agent's own page's."""
+    agent = await make_agent(listen={"allowed_origins": ["*"]})
+    for origin in ("https://any.example", "null"):
+        headers = {"Origin": origin, "Authorization": basic("k")}
+        reply = await call(agent.port, "/v1/track", TRACK, headers=headers)
+        assert reply.status == 200, reply.body
+        assert reply.headers["Access-Control-Allow-Origin"] == origin
+        status = await call(agent.port, "/status", method="GET", headers={"Origin": origin})
+        assert status.status == 200
+        dead = await call(agent.port, "/dead", method="GET", headers={"Origin": origin})
+        assert dead.status == 403, dead.body
+    assert await ws_status(agent.port) == 101
+    assert agent.spool.depth == 3
