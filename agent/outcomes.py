@@ -58,6 +58,10 @@ class Tally(StrEnum):
     # Per incident, not per event: the events lost with it are Drop.DROPPED_CORRUPT.
     SPOOL_CORRUPT = ("spool_corrupt", "spool_corrupt_total",
                      "Times a corrupt spool was moved aside.")
+    # Per incident too: how many events the ignored commits held is unknown.
+    WAL_DAMAGED = ("wal_damaged", "spool_wal_damaged_total",
+                   "Times the spool's write-ahead log was found damaged at startup: SQLite "
+                   "ignores the commits after the damage, and their events are lost.")
     # Keys of delivered events, not events.
     DEDUPE_FORGOTTEN = ("dedupe_forgotten", "dedupe_keys_forgotten_total",
                         "Dedupe keys forgotten early, to make room at storage.max_size_mb or "

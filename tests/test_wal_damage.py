@@ -52,6 +52,13 @@ def page_size(wal: Path) -> int:
     return int.from_bytes(wal.read_bytes()[8:12], "big")
 
 
+def commit_frames(wal: Path) -> list[int]:
+    """The indexes of the log's commit frames (a non-zero database size in its header)."""
+    data, frame = wal.read_bytes(), FRAME_HEADER + page_size(wal)
+    return [i for i in range((len(data) - HEADER) // frame)
+            if int.from_bytes(data[HEADER + i * frame + 4:HEADER + i * frame + 8], "big")]
+
+
 def flip(wal: Path, at: int) -> None:
     data = bytearray(wal.read_bytes())
     data[at] ^= 0x01
@@ -65,11 +72,16 @@ async def counters(agent: Any) -> dict[str, int]:
     return status["counters"]
 
 
+@pytest.mark.parametrize("where", ["first frame's page", "log header's salt", "third commit"])
 async def test_a_bit_flipped_in_the_log_is_reported_and_the_log_kept(
-        make_agent: Any, tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
+        make_agent: Any, tmp_path: Path, caplog: pytest.LogCaptureFixture, where: str) -> None:
     image = await crash_image(tmp_path)
     wal = Path(f"{image}-wal")
-    flip(wal, HEADER + FRAME_HEADER + 100)   # inside the first frame's page
+    frame = FRAME_HEADER + page_size(wal)
+    at = {"first frame's page": HEADER + FRAME_HEADER + 100,
+          "log header's salt": 20,   # SQLite then ignores the whole log
+          "third commit": HEADER + commit_frames(wal)[2] * frame + FRAME_HEADER + 7}[where]
+    flip(wal, at)
     damaged = wal.read_bytes()
     caplog.set_level(logging.ERROR)
     agent = await make_agent(spool=image)

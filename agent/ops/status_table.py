@@ -136,4 +136,6 @@ def render(data: Snapshot) -> str:
                                               for status, n in by.items()) + " (requests)")
     if counters.get(Tally.SPOOL_CORRUPT):
         lines.append(f"corrupt spools moved aside: {counters[Tally.SPOOL_CORRUPT]}")
+    if counters.get(Tally.WAL_DAMAGED):
+        lines.append(f"damaged write-ahead logs (commits lost): {counters[Tally.WAL_DAMAGED]}")
     return "\n".join(lines)

@@ -29,6 +29,7 @@ from agent.paths import ensure_private_dir
 from agent.settings import StorageConfig
 from agent.spool import commit as spool_commit
 from agent.spool import db as spool_db
+from agent.spool import wal_check
 from agent.spool.aside import done, marker, move_aside, note, pending, target
 from agent.spool.books import Books
 from agent.spool.db import BUSY_TIMEOUT_MS, PAST, SqliteThread
@@ -231,8 +232,12 @@ class Spool:
 
             def prepare(conn: sqlite3.Connection) -> None:
                 refuse_newer(conn)
+                # Before any write, which would reuse the frames SQLite ignored.
+                damaged = sync == "FULL" and wal_check.look(conn, self.path)
                 conn.executescript(pragmas)
                 ensure(conn, self.on_migrating)
+                if damaged:
+                    keep_counters(conn, {Tally.WAL_DAMAGED: 1})
 
             await self._db.open(self.path, "", prepare)
             await self._load_state(self._db)
