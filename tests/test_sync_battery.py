@@ -130,3 +130,22 @@ async def test_a_battery_the_os_cannot_read_is_reported_not_silent(
     assert "BAT0/capacity" in caplog.text
     await post(agent.port, range(1, 3))
     await wait_for(lambda: agent.spool.depth == 0)
+
+
+async def test_outpost_status_shows_the_sync_errors(
+        make_agent: Any, fake_nucleus: FakeNucleus, monkeypatch: pytest.MonkeyPatch) -> None:
+    """`outpost status`'s table (and the page, from the same JSON) said nothing of a
+    failing reading: only `--json` and /metrics showed the sync errors."""
+    from agent.ops.status_table import render
+
+    def broken() -> None:
+        raise OSError("no such file: /sys/class/power_supply/BAT0/capacity")
+    monkeypatch.setattr(psutil, "sensors_battery", broken)
+    agent = await make_agent(upstreams=[upstream(fake_nucleus)],
+                             seams=Seams(timing=ManualTiming()),
+                             sync={"on_low_battery": "hold", "low_battery_pct": 20})
+    async with aiohttp.ClientSession() as s, s.get(
+            f"http://127.0.0.1:{agent.port}/status") as r:
+        text = render(await r.json())
+    line = next((ln for ln in text.splitlines() if "BAT0" in ln), "")
+    assert line.startswith("sync:") and "1 reading failed" in line, text
