@@ -109,8 +109,11 @@ def render(data: Snapshot) -> str:
         held = "" if sync["profile"] == "normal" else (
             f", {sync['held_events']} events held"
             + (f" (high {lanes.get('high', 0)}, normal {lanes.get('normal', 0)})" if lanes else ""))
+        failed = sync.get("errors") or 0
+        errors = (f"; {failed} reading{'s' if failed > 1 else ''} failed, the last: "
+                  f"{_clip(str(sync.get('last_error')))}" if failed else "")
         lines.append(f"sync:     {sync['profile']} ({sync['reason']}){held}; "
-                     f"metered {sync['metered']} ({sync['metered_detail']})")
+                     f"metered {sync['metered']} ({sync['metered_detail']}){errors}")
     rows = _upstream_rows(data)
     lines.append("")
     if rows:
