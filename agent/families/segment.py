@@ -75,7 +75,8 @@ def check(ev: Any, types: frozenset[str], *, need_message_id: bool = False) -> N
         raise Invalid("each message must be a JSON object")
     kind = ev.get("type")
     if not isinstance(kind, str) or kind not in types:
-        raise Invalid(f"`type` must be one of {', '.join(sorted(types))}, got {kind!r}")
+        got = repr(kind) if kind is None or type(kind) is str else shown(kind)
+        raise Invalid(f"`type` must be one of {', '.join(sorted(types))}, got {got}")
     user, anon = ev.get("userId"), ev.get("anonymousId")
     # The usual message (a non-empty string userId, anonymousId absent or a string) passes
     # both checks below: every message of a batch asks (bench/RESULTS.md, run 10).
@@ -134,9 +135,19 @@ def check_dates(obj: dict[str, Any]) -> None:
             # Only checked, never rewritten. A value that is not a string: TypeError.
             _read_date(value)
         except (TypeError, ValueError):
-            shown = orjson.dumps(value).decode()
             raise Invalid(f"`{name}` must be an ISO 8601 date string, got "
-                          f"{shown[:40] + '...' if len(shown) > 40 else shown}") from None
+                          f"{shown(value)}") from None
+
+
+def shown(value: Any) -> str:
+    """``value`` as JSON, cut at 40 characters, for an error naming it. Never raises: a
+    value nested past the 255 levels orjson writes (it reads 1024) is named by its kind,
+    where writing it took the request to a 500."""
+    try:
+        text = orjson.dumps(value).decode()
+    except orjson.JSONEncodeError:
+        text = f"{'an object' if isinstance(value, dict) else 'an array'} nested too deeply"
+    return text[:40] + "..." if len(text) > 40 else text
 
 
 def merge(base: dict[str, Any], own: dict[str, Any], depth: int = 0) -> dict[str, Any]:
