@@ -161,3 +161,33 @@ async def test_only_loopback_origins(make_agent: Any, path: str) -> None:
             assert r.status == 421    # DNS rebinding: a foreign name for our address
         async with s.get(url, headers={"Origin": f"http://127.0.0.1:{agent.port}"}) as r:
             assert r.status == 200    # the page's own requests
+
+
+async def test_the_page_lists_what_went_wrong_off_the_ingest_path(
+        make_agent: Any, chromium: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Failed battery readings and a damaged write-ahead log, shown in /status and by
+    `outpost status`, are on the page too; a healthy agent's page lists nothing."""
+    import psutil
+
+    from tests.test_wal_damage import HEADER, crash_image, flip
+
+    healthy = await make_agent(spool=tmp_path / "healthy.db")
+    dom = await run_chromium(chromium, tmp_path / "p0", "--virtual-time-budget=3000",
+                             "--dump-dom", f"http://127.0.0.1:{healthy.port}/")
+    assert 'id="problems-section" hidden' in dom and "data-problem" not in dom
+
+    def broken() -> None:
+        raise OSError("no such file: /sys/class/power_supply/BAT0/capacity")
+    monkeypatch.setattr(psutil, "sensors_battery", broken)
+    image = await crash_image(tmp_path)
+    flip(Path(f"{image}-wal"), HEADER + 24 + 100)
+    agent = await make_agent(spool=image,
+                             sync={"on_low_battery": "hold", "low_battery_pct": 20})
+    dom = await run_chromium(chromium, tmp_path / "p1", "--virtual-time-budget=3000",
+                             "--dump-dom", f"http://127.0.0.1:{agent.port}/")
+    found = {k: (n, text) for k, n, text in re.findall(
+        r'<li data-problem="(\w+)" data-value="(\d+)">([^<]*)</li>', dom)}
+    assert set(found) == {"sync", "wal_damaged"}, dom
+    assert found["sync"][0] == "1" and "BAT0/capacity" in found["sync"][1]
+    assert found["wal_damaged"][0] == "1" and "write-ahead log" in found["wal_damaged"][1]
+    assert 'id="problems-section" hidden' not in dom
