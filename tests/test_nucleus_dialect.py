@@ -159,3 +159,23 @@ async def test_accept_keys_and_host_checks(make_agent: Any) -> None:
                           headers={"Host": "localhost:8765"}) as r:
             assert r.status == 200
     assert agent.spool.depth == 1
+
+
+async def test_a_stop_closes_open_module_websockets_going_away_at_once(make_agent: Any) -> None:
+    """A module keeps its websocket open for as long as the app runs, so one is open at
+    nearly every stop (a restart, an upgrade). The stop waited for its handler 5 s
+    (listen's shutdown grace), then cut it and waited 5 s more: 10 s per stop, and the
+    module saw 1006 (abnormal) with no close frame. It is told 1001 (going away), and
+    reconnects once the agent is back, as after any close."""
+    agent = await make_agent()
+    async with aiohttp.ClientSession() as s, s.ws_connect(url(agent, "/app/k/track")) as ws:
+        await ws.send_str('{"data": [{"type": "event", "name": "x", "id": 1}]}')
+        assert (await ws.receive_json(timeout=5)) == {"reportedIds": [1]}
+        closing = asyncio.ensure_future(ws.receive(timeout=30))   # a module reads on
+        loop = asyncio.get_running_loop()
+        started = loop.time()
+        await agent.stop()
+        took = loop.time() - started
+        msg = await closing
+    assert msg.type == WSMsgType.CLOSE and msg.data == 1001, (msg, ws.close_code)
+    assert took < 2, f"the stop took {took:.1f} s"
