@@ -19,6 +19,10 @@ from agent.families.enrich import Enrich
 from agent.families.event import Event
 
 JSON = {"Content-Type": "application/json"}  # for examples' headers
+# The app's open websockets, each added by its endpoint for as long as it is open: a stop
+# closes them, 1001 (agent/server/app.py). A module keeps its websocket open as long as
+# the app runs, and a handler waiting on it held the stop until aiohttp cut it (1006).
+OPEN_SOCKETS: web.AppKey[set[web.WebSocketResponse]] = web.AppKey("open_sockets")
 
 
 class Routes(Protocol):

@@ -18,7 +18,15 @@ import orjson
 from aiohttp import WebSocketError, WSCloseCode, WSMsgType, web
 
 from agent.dialects import nucleus_json, replies
-from agent.dialects.base import JSON, Dialect, Example, IngestSink, Routes, websocket
+from agent.dialects.base import (
+    JSON,
+    OPEN_SOCKETS,
+    Dialect,
+    Example,
+    IngestSink,
+    Routes,
+    websocket,
+)
 from agent.dialects.body import BODY_TIMEOUT_S, BodyError, Busy, parse_body, read_raw
 from agent.dialects.nucleus_frames import Late, OverCap, QueueSocket, Taken
 from agent.dialects.nucleus_queue import TooLarge, TooMany
@@ -138,6 +146,8 @@ class NucleusHandlers:
         ws = QueueSocket(large=MAX_MESSAGE, cap=MAX_FRAME, keep=KEEP, values=MAX_VALUES,
                          deadline=request.app[BODY_TIMEOUT_S], ticket=self.sink.ticket)
         await ws.prepare(request)
+        sockets = request.app.get(OPEN_SOCKETS, set())
+        sockets.add(ws)   # closed (1001) by a stop
         try:
             async for frame in ws:
                 if frame.type == WSMsgType.TEXT or frame.type == WSMsgType.BINARY:
@@ -153,6 +163,7 @@ class NucleusHandlers:
                         replies.refused(exc.code)
                     log.info("websocket for %s closed: %s", masked(key), exc)
         finally:
+            sockets.discard(ws)
             ws.drop()
         return ws
 

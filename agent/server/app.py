@@ -2,14 +2,17 @@
 
 from __future__ import annotations
 
+import asyncio
 import logging
 from collections.abc import Callable
+from contextlib import suppress
 from functools import partial
 
-from aiohttp import web
+from aiohttp import WSCloseCode, web
 from aiohttp.http_exceptions import HttpProcessingError
 
 from agent.dialects import registry
+from agent.dialects.base import OPEN_SOCKETS
 from agent.dialects.body import BODY_TIMEOUT_S, TICKET
 from agent.dialects.replies import REFUSALS
 from agent.logs import limit_library_log
@@ -25,6 +28,8 @@ CLIENT_MAX_SIZE = 8 * 1024 * 1024
 # The lane that answers plain requests to the busiest ingest routes before aiohttp sees
 # them; the listener's connections (server/connections.py) take it from here.
 EXPRESS = web.AppKey("express", ExpressLane)
+# How long a stop waits for a client to answer its websocket's close before cutting it.
+SOCKET_CLOSE_S = 1.0
 
 
 def build_app(cfg: Config, sink: Sink, ops_routes: list[web.RouteDef]) -> web.Application:
@@ -42,6 +47,8 @@ def build_app(cfg: Config, sink: Sink, ops_routes: list[web.RouteDef]) -> web.Ap
 
     app = web.Application(client_max_size=CLIENT_MAX_SIZE)
     app.on_cleanup.append(stop_trims)
+    app[OPEN_SOCKETS] = set()
+    app.on_shutdown.append(_close_sockets)
     app[BODY_TIMEOUT_S] = cfg.listen.body_timeout_s
     # Order matters: Nucleus' catch-all `/{appId}` websocket route comes last.
     app.add_routes(guard.routes(ops_routes, navigable=True))
@@ -56,6 +63,21 @@ def build_app(cfg: Config, sink: Sink, ops_routes: list[web.RouteDef]) -> web.Ap
         [Routes(dialect.express(sink), partial(sink.metrics.refuse, dialect.name))
          for dialect in registry.DIALECTS], guard, admission, sink.metrics)
     return app
+
+
+async def _close_sockets(app: web.Application) -> None:
+    """As a stop begins (nothing more is accepted), each open websocket is closed with 1001,
+    "going away": its module reconnects and resends what was not acknowledged once the agent
+    is back. Left open, its handler, waiting for the module's next message, held the stop
+    for aiohttp's shutdown grace twice over (10 s), and was then cut (1006)."""
+    sockets = app[OPEN_SOCKETS]
+    await asyncio.gather(*(_going_away(ws) for ws in list(sockets)))
+
+
+async def _going_away(ws: web.WebSocketResponse) -> None:
+    with suppress(TimeoutError):   # no answer to the close: cut (aiohttp's close does)
+        await asyncio.wait_for(ws.close(code=WSCloseCode.GOING_AWAY, message=b"agent stopping"),
+                               SOCKET_CLOSE_S)
 
 
 def _unparsable(record: logging.LogRecord) -> bool:
