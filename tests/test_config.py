@@ -165,6 +165,14 @@ def test_check_config_reload_of_a_process_that_is_gone_is_one_line(tmp_path: Pat
     # /status answered 500 with a traceback in the log (orjson: beyond 64 bits).
     (b"[storage]\nmax_size_mb = 99999999999999999999\n", "storage.max_size_mb"),
     (b"[listen]\nbody_timeout_s = inf\n", "listen.body_timeout_s"),
+    # Under 2**53 but not in bytes: /status answered 500 (orjson: beyond 64 bits), and
+    # with it `outpost status` and the status page.
+    (b"[storage]\nmax_size_mb = 100000000000000\n", "storage.max_size_mb"),
+    (b"[listen]\nmax_inflight_mb = 100000000000000\n", "listen.max_inflight_mb"),
+    # Past SQLite's 64 bits in ms: every expiry run failed (OverflowError, a traceback in
+    # the log each time), so nothing ever expired and no dedupe key was ever forgotten.
+    (b"[storage]\nmax_age_days = 1000000000000\n", "storage.max_age_days"),
+    (b"[storage]\ndedupe_window_h = 100000000000000\n", "storage.dedupe_window_h"),
 ])
 def test_a_config_the_agent_cannot_use_is_one_line_and_exit_2(
         tmp_path: Path, text: bytes, fragment: str) -> None:
