@@ -109,6 +109,18 @@ def _positive(value: Any) -> str | None:
     return None if value > 0 else f"must be greater than 0, got {value}"
 
 
+def _at_most(unit: int, what: str) -> Callable[[Any], str | None]:
+    """Positive, and within MAX_INT once in the agent's own unit (``unit`` of it): bytes and
+    milliseconds past it broke /status (orjson's 64 bits) and every expiry run (SQLite's)."""
+    top = MAX_INT // unit
+
+    def check(value: Any) -> str | None:
+        if value > top:
+            return f"must be at most {top} ({what}), got {value}"
+        return None
+    return check
+
+
 def _one_of(*choices: str) -> Callable[[Any], str | None]:
     def check(value: Any) -> str | None:
         return None if value in choices else f"must be one of {', '.join(map(repr, choices))}, got {value!r}"
@@ -141,7 +153,8 @@ def _listen(t: dict[str, Any]) -> ListenConfig:
         header_timeout_s=float(_take(t, w, "header_timeout_s", (int, float), 10.0, _positive)),
         body_timeout_s=float(_take(t, w, "body_timeout_s", (int, float), 30.0, _positive)),
         max_connections=_take(t, w, "max_connections", int, 1024, _positive),
-        max_inflight_mb=_take(t, w, "max_inflight_mb", int, 6, _positive),
+        max_inflight_mb=_take(t, w, "max_inflight_mb", int, 6,
+                              lambda v: _positive(v) or _at_most(2**20, "MiB")(v)),
     )
     _no_leftovers(t, w)
     return out
@@ -151,12 +164,15 @@ def _storage(t: dict[str, Any]) -> StorageConfig:
     w = "storage"
     out = StorageConfig(
         path=_take(t, w, "path", str, ""),
-        max_size_mb=_take(t, w, "max_size_mb", int, 512, _positive),
+        max_size_mb=_take(t, w, "max_size_mb", int, 512,
+                          lambda v: _positive(v) or _at_most(2**20, "MiB")(v)),
         when_full=_take(t, w, "when_full", str, "reject", _one_of("reject", "drop_oldest")),
-        max_age_days=_take(t, w, "max_age_days", int, 30, _positive),
+        max_age_days=_take(t, w, "max_age_days", int, 30,
+                           lambda v: _positive(v) or _at_most(86_400_000, "days")(v)),
         sync=_take(t, w, "sync", str, "full", _one_of("full", "normal")),
         dedupe_window_h=_take(t, w, "dedupe_window_h", int, 24,
-                              lambda v: None if v >= 0 else "must be 0 or more"),
+                              lambda v: ("must be 0 or more" if v < 0
+                                         else _at_most(3_600_000, "hours")(v))),
         dedupe_max_keys=_take(t, w, "dedupe_max_keys", int, 1_000_000, _positive),
     )
     _no_leftovers(t, w)
