@@ -1,0 +1,61 @@
+"""An upstream's acknowledgement the spool cannot record (a damaged table here; a disk gone
+read-only or full does the same): the events stay queued and are sent again, as the
+design says, but after a backoff, with the spool's error as the upstream's last error,
+counted and logged. Never at once and again, as fast as the upstream answers."""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import sqlite3
+from typing import Any
+
+import aiohttp
+import pytest
+
+from tests.fakes.segment_upstream import FakeSegment
+from tests.segment_helpers import basic, call, segment_up
+from tests.waiting import wait_for
+
+# More than a backoff lets through in the time the check takes: a resend at every answer
+# reaches it within a second (hundreds of requests a second, measured).
+FLOOD = 50
+
+
+async def upstream_status(port: int) -> dict[str, Any]:
+    async with aiohttp.ClientSession() as s, s.get(f"http://127.0.0.1:{port}/status") as r:
+        assert r.status == 200
+        (up,) = (await r.json())["upstreams"]
+        return dict(up)
+
+
+async def test_an_ack_the_spool_cannot_record_is_retried_after_a_backoff_and_shown(
+        make_agent: Any, fake_segment: FakeSegment, caplog: pytest.LogCaptureFixture) -> None:
+    fake_segment.outage = (503, None)   # the event stays queued while the table goes
+    agent = await make_agent(upstreams=[segment_up(fake_segment)])
+    reply = await call(agent.port, "/v1/track", {"event": "e", "userId": "u", "messageId": "m1"},
+                       headers={"Authorization": basic("k")})
+    assert reply.status == 200
+    await wait_for(lambda: len(fake_segment.requests) >= 1)
+    path = str(agent.spool.path)
+    with contextlib.closing(sqlite3.connect(path, isolation_level=None)) as other:
+        [(table,)] = other.execute("SELECT sql FROM sqlite_master WHERE name = 'spent'")
+        other.execute("DROP TABLE spent")   # an ack moves the event's key there
+        before = len(fake_segment.requests)
+        fake_segment.outage = None
+
+        async def shown_or_flooded() -> bool:
+            error = (await upstream_status(agent.port))["last_error"] or ""
+            return "spent" in error or len(fake_segment.requests) - before >= FLOOD
+
+        await wait_for(shown_or_flooded)
+        sent = len(fake_segment.requests) - before
+        up = await upstream_status(agent.port)
+        assert sent < FLOOD, f"sent {sent} times, as fast as the upstream answered"
+        assert "no such table: spent" in (up["last_error"] or ""), up
+        assert up["retries"] >= 2, up   # the 503, then the ack not recorded
+        assert any("no such table: spent" in r.getMessage() and r.levelno == logging.WARNING
+                   and r.name == "outpost.forwarder" for r in caplog.records)
+        other.execute(table)   # mended: the next try's ack is recorded
+    await wait_for(lambda: agent.spool.depth == 0)
+    assert set(fake_segment.message_ids()) == {"m1"}
