@@ -54,8 +54,8 @@ async def test_an_ack_the_spool_cannot_record_is_retried_after_a_backoff_and_sho
         assert sent < FLOOD, f"sent {sent} times, as fast as the upstream answered"
         assert "no such table: spent" in (up["last_error"] or ""), up
         assert up["retries"] >= 2, up   # the 503, then the ack not recorded
-        assert any("no such table: spent" in r.getMessage() and r.levelno == logging.WARNING
-                   and r.name == "outpost.forwarder" for r in caplog.records)
+        assert any("no such table: spent" in r.getMessage() and r.levelno >= logging.WARNING
+                   for r in caplog.records)   # the spool's own line (once a minute)
         other.execute(table)   # mended: the next try's ack is recorded
     await wait_for(lambda: agent.spool.depth == 0)
     assert set(fake_segment.message_ids()) == {"m1"}

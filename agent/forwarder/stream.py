@@ -41,7 +41,7 @@ from agent.logs import log_limited, redact
 from agent.metrics import Metrics
 from agent.settings import UpstreamConfig
 from agent.spool import Spool
-from agent.spool.types import Queued, Row, Stream
+from agent.spool.types import Queued, Row, SpoolFull, Stream
 from agent.uplinks.base import Acked, Refused, Retry, SendResult, Uplink
 from agent.uplinks.prepare import Prepared
 
@@ -162,6 +162,9 @@ class StreamForwarder:
         self._acking: set[asyncio.Task[None]] = set()  # spool deletes of upstream-acked rows
         self._held: list[int] = []  # upstream-acked rows not yet handed to spool.ack
         self._failed: Retry | None = None
+        # Commits of acks or dead letters that failed in a row (the spool's disk gone
+        # read-only, say): each backoff is longer, however often the upstream answers.
+        self._unsaved = 0
         # The uplink's connection ended with a batch that then completed by giving events
         # up (see _left_out): reopened before the next send, with no backoff.
         self._reopen = False
@@ -632,11 +635,10 @@ class StreamForwarder:
             self.state.acked += len(acked)
             self.state.last_ack = time.time()
             self.metrics.observe_acked(len(acked))
-        if dead:
-            # Redacted once, as stored: the reason is the upstream's answer, which may echo
-            # the request's credentials, and every dead-letter view shows it.
-            await self.spool.dead_letter(
-                [(seq, self.cfg.name, redact(reason)) for seq, reason in dead])
+        if dead and await self._saved(self.spool.dead_letter(
+                # Redacted once, as stored: the reason is the upstream's answer, which may
+                # echo the request's credentials, and every dead-letter view shows it.
+                [(seq, self.cfg.name, redact(reason)) for seq, reason in dead])):
             self.state.dead_lettered += len(dead)
             log_limited(log, logging.WARNING, f"dead-letter:{self.cfg.name}",
                         "%s refused %d event(s) for good; moved to dead letters: %s",
@@ -646,7 +648,7 @@ class StreamForwarder:
                 if self._failed is None or wait is not None:
                     self._failed = result
             case Acked() if acked or dead:  # the upstream answered, even if only to refuse
-                self.attempt = 0
+                self.attempt = self._unsaved
                 # This batch's own task is still in _tasks: it is removed once it returns.
                 self.state.state = "idle" if len(self._tasks) <= 1 else "sending"
         if acked:  # last: a hook that raises (a bug) must not undo the ack's bookkeeping
@@ -685,7 +687,28 @@ class StreamForwarder:
     def _ack_held(self) -> None:
         if self._held:
             held, self._held = self._held, []
-            self._track(self._acking, self.spool.ack(held))
+            self._track(self._acking, self._ack(held))
+
+    async def _ack(self, seqs: list[int]) -> None:
+        await self._saved(self.spool.ack(seqs))
+
+    async def _saved(self, commit: Coroutine[Any, Any, None]) -> bool:
+        """Await a spool commit of acks or dead letters; False when it failed. Its rows
+        are still queued, so they go again, but only after a backoff: resent at once,
+        they went to the upstream as fast as it answered, hundreds of times a second,
+        with nothing shown but an older error."""
+        try:
+            await commit
+        except SpoolFull as exc:
+            self._unsaved += 1
+            self.attempt = max(self.attempt, self._unsaved - 1)
+            if self._failed is None:
+                self._failed = Retry(f"the spool could not record what the upstream answered "
+                                     f"({exc}): sending it again")
+            self.wake.set()
+            return False
+        self._unsaved = 0
+        return True
 
     async def _settle(self, timeout: float | None = None) -> None:
         """Let every in-flight batch finish, so no row is sent twice concurrently, then

@@ -257,10 +257,12 @@ class Writer:
             try:
                 if batch:
                     await self._commit(batch)
-            except Exception:  # the writer must outlive any one bad commit
+            except Exception as exc:  # the writer must outlive any one bad commit
                 log.exception("spool commit failed")
+                _fail_waiters(batch.waiters, SpoolFull(Reason.CORRUPT, message=str(exc)))
             finally:
-                # Ack/dead-letter callers only wait; a failed delete is retried by resending.
+                # Ack/dead-letter callers are told of a commit that failed (the forwarder
+                # backs off, then resends what it could not delete); else it is done.
                 for fut in batch.waiters:
                     if not fut.done():
                         fut.set_result(None)
@@ -439,6 +441,7 @@ class Writer:
             log_limited(log, logging.ERROR, "commit-failed", "spool commit failed: %s", reason)
             books.count(Drop.REJECTED_STORAGE_ERROR, sum(len(p.events) for p in appends))
             _fail(appends, SpoolFull(Reason.DISK_ERROR, message=reason))
+            _fail_waiters(batch.waiters, SpoolFull(Reason.DISK_ERROR, message=reason))
             return
         except BaseException as exc:
             books.unsave(job.counters)
@@ -496,6 +499,14 @@ def _group(sid: int, family: int, received: int, lane: int) -> Group:
 def is_corruption(exc: sqlite3.DatabaseError) -> bool:
     text = str(exc).lower()
     return "malformed" in text or "not a database" in text or "corrupt" in text
+
+
+def _fail_waiters(waiters: list[asyncio.Future[None]], exc: SpoolFull) -> None:
+    """The acks and dead letters of a commit that failed were not saved: their callers
+    raise ``exc``."""
+    for fut in waiters:
+        if not fut.done():
+            fut.set_exception(exc)
 
 
 def _fail(pendings: list[Pending], exc: BaseException) -> None:
