@@ -59,3 +59,24 @@ async def test_an_ack_the_spool_cannot_record_is_retried_after_a_backoff_and_sho
         other.execute(table)   # mended: the next try's ack is recorded
     await wait_for(lambda: agent.spool.depth == 0)
     assert set(fake_segment.message_ids()) == {"m1"}
+
+
+async def test_status_and_metrics_answer_while_the_spool_cannot_be_read(
+        make_agent: Any) -> None:
+    """A spool failing to read (a damaged table here; an I/O error on a failing card does
+    the same) is when an operator looks at /status, `outpost status`, the page and
+    /metrics: they answer, with what the books keep, rather than a 500."""
+    agent = await make_agent()   # no upstream: the event stays queued
+    reply = await call(agent.port, "/v1/track", {"event": "e", "userId": "u"},
+                       headers={"Authorization": basic("k")})
+    assert reply.status == 200
+    with contextlib.closing(sqlite3.connect(str(agent.spool.path),
+                                            isolation_level=None)) as other:
+        other.execute("DROP TABLE records")
+    async with aiohttp.ClientSession() as s:
+        async with s.get(f"http://127.0.0.1:{agent.port}/status") as r:
+            assert r.status == 200, await r.text()
+            snap = await r.json()
+        async with s.get(f"http://127.0.0.1:{agent.port}/metrics") as r:
+            assert r.status == 200, await r.text()
+    assert snap["queue_depth"] == 1 and snap["oldest_event_age_s"] is None, snap
