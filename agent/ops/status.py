@@ -8,6 +8,7 @@ knows is null there.
 
 from __future__ import annotations
 
+import sqlite3
 import time
 from collections.abc import Mapping
 from typing import Any, TypedDict
@@ -161,7 +162,12 @@ async def snapshot(cfg: Config, spool: Spool, states: Mapping[str, UpstreamState
     """The running agent's state; ``reasons`` keeps its dead letters' summary. Its cost
     does not grow with the keys: the books sum the queues per upstream of ``cfg`` (the
     forwarders' config, which groups them: agent/forwarder/supervisor.py)."""
-    first = await spool.first_received()
+    try:
+        first = await spool.first_received()
+    except sqlite3.Error:
+        # A spool failing (an I/O error, a damaged table) is when status is looked at:
+        # it answers with what the books keep, as for the dead letters' reasons.
+        first = None
     snap = _snapshot(cfg, "agent", spool.books.groups, spool.counters, spool.dead_count,
                      {"path": str(spool.path), "used_bytes": spool.used_bytes,
                       "max_bytes": spool.max_bytes, "expiry_errors": spool.expiry_errors,
