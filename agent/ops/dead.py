@@ -11,15 +11,19 @@ agent's own page pass, on this machine (own_origin.py).
 
 from __future__ import annotations
 
+import logging
+import sqlite3
 from collections.abc import Awaitable, Callable
 
 import orjson
 from aiohttp import web
 
+from agent.logs import log_limited
 from agent.ops.own_origin import foreign
 from agent.ops.shared_terms import EXPORT_PAGE, LIST_LIMIT
 from agent.spool import Spool, dead, dead_live
 
+log = logging.getLogger("outpost.dead")
 Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
 BODY_LIMIT = 4096  # a retry or purge request: {"reason": ...}
 
@@ -123,4 +127,10 @@ def _strict(handler: Handler) -> Handler:
             return _error(404, str(exc))
         except dead.DeadError as exc:
             return _error(409, str(exc))
+        except sqlite3.Error as exc:
+            # The spool failing (an I/O error, a damaged file): said as such. A bare 500
+            # was taken by `outpost dead` for another server on the agent's port.
+            log_limited(log, logging.ERROR, "dead-failed", "dead-letter request %s failed: "
+                        "the spool: %s", request.path, exc)
+            return _error(503, f"the spool failed: {exc}")
     return handle
