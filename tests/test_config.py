@@ -173,6 +173,12 @@ def test_check_config_reload_of_a_process_that_is_gone_is_one_line(tmp_path: Pat
     # the log each time), so nothing ever expired and no dedupe key was ever forgotten.
     (b"[storage]\nmax_age_days = 1000000000000\n", "storage.max_age_days"),
     (b"[storage]\ndedupe_window_h = 100000000000000\n", "storage.dedupe_window_h"),
+    # An upstream's name is in every log line, status row and doctor line about it: a
+    # line break split them, an escape sequence reached the terminal raw (doctor, status).
+    (b'[[upstream]]\nname = "a\\nb"\nprotocol = "segment-http"\nurl = "http://h/"\n',
+     "upstream[0].name"),
+    (b'[[upstream]]\nname = "a\\u001b[31m"\nprotocol = "segment-http"\nurl = "http://h/"\n',
+     "upstream[0].name"),
 ])
 def test_a_config_the_agent_cannot_use_is_one_line_and_exit_2(
         tmp_path: Path, text: bytes, fragment: str) -> None:
