@@ -267,7 +267,9 @@ def _upstream(t: dict[str, Any], i: int) -> UpstreamConfig:
     if "url" not in t:
         raise ConfigError(f"{w}.url: missing")
     protocol = _take(t, w, "protocol", str, "", _one_of(*registry.protocols()))
-    name = _take(t, w, "name", str, "", lambda v: None if v else "must not be empty")
+    name = _take(t, w, "name", str, "", lambda v: "must not be empty" if not v else None
+                 if v.isprintable() else f"must be printable (no line breaks or control "
+                 f"characters), got {v!r}")
     out = UpstreamConfig(
         name=name,
         protocol=protocol,
