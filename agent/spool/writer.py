@@ -258,7 +258,9 @@ class Writer:
                 if batch:
                     await self._commit(batch)
             except Exception as exc:  # the writer must outlive any one bad commit
-                log.exception("spool commit failed")
+                # A bug that repeats at every commit: its traceback once a minute.
+                log_limited(log, logging.ERROR, "commit-crashed", "spool commit failed",
+                            exc_info=True)
                 _fail_waiters(batch.waiters, SpoolFull(Reason.CORRUPT, message=str(exc)))
             finally:
                 # Ack/dead-letter callers are told of a commit that failed (the forwarder
@@ -433,8 +435,12 @@ class Writer:
             done = db.run(spool_commit.commit, job)
             db.hand_over(HAND_OVER_S, job.committing)
             out = await done
-        except sqlite3.OperationalError as exc:
+        except sqlite3.DatabaseError as exc:
             books.unsave(job.counters)
+            if is_corruption(exc):
+                raise   # _commit moves the file aside and runs these again on a fresh spool
+            # Not only the disk (OperationalError): a constraint or a trigger in the file
+            # refuses every commit alike, and apps get the same 503 as for a full disk.
             reason = "disk full" if "full" in str(exc) else f"storage error: {exc}"
             # Every app retrying against a full disk fails a commit: count each refused
             # event, but log once a minute (a flood of identical lines helps nobody).
@@ -445,8 +451,7 @@ class Writer:
             return
         except BaseException as exc:
             books.unsave(job.counters)
-            if not (isinstance(exc, sqlite3.DatabaseError) and is_corruption(exc)):
-                _fail(appends, exc)  # corruption: _commit runs them again on a fresh spool
+            _fail(appends, exc)
             raise
         self.commits += 1
         if job.mark is not None:
