@@ -132,8 +132,12 @@ def test_retry_after_seconds_and_http_dates() -> None:
     assert retry_after(date, now) == pytest.approx(30.0)
     assert retry_after(email.utils.formatdate(now - 30, usegmt=True), now) == 0.0
     for junk in (None, "", "soon", "-5", "1.5e3", "Tue, 99 Foo 2026 00:00:00 GMT",
-                 "²", "٣"):   # digits to str.isdigit, not to float()
+                 "²", "٣",   # digits to str.isdigit, not to float()
+                 "Mon, 01 Jan 2026 00:00:00 +99999999999999999999"):   # OverflowError
         assert retry_after(junk, now) is None
+    # A reply's Date that cannot be read is no date: the wait is measured from ``now``.
+    assert retry_after(date, now, date="Mon, 01 Jan 2026 00:00:00 +9999999999999999") \
+        == pytest.approx(30.0)
 
 
 # -- scripted faults, end to end ---------------------------------------------------------------
@@ -309,6 +313,41 @@ async def test_huge_retry_after_is_capped(make_agent: Any, faulty: FaultyUpstrea
     await wait_for(lambda: timing.pending() == [BACKOFF.retry_after_cap_s])   # an hour
     timing.advance(BACKOFF.retry_after_cap_s)
     await drained(agent, faulty, 5)
+
+
+# A zone offset too large for the date library (it raised OverflowError, not ValueError).
+ABSURD_DATE = "Mon, 01 Jan 2026 00:00:00 +99999999999999999999"
+
+
+@pytest.mark.parametrize("protocol", ["nucleus-http", "segment-http"])
+@pytest.mark.parametrize("header", ["Retry-After", "Date"])
+@pytest.mark.parametrize("status", [200, 503])
+async def test_a_retry_after_or_date_with_an_absurd_zone_is_ignored(
+        make_agent: Any, faulty: FaultyUpstream, protocol: str, header: str,
+        status: int) -> None:
+    """A Retry-After or Date the date library cannot hold (`+99999999999999999999` as its
+    zone) is garbage like any other: ignored. It raised OverflowError out of the send, on
+    every reply carrying it, a 200 too: counted a crash with its traceback, the upstream's
+    ack thrown away and the batch sent again, for as long as the header came."""
+    headers = {header: ABSURD_DATE}
+    if header == "Date":
+        # A date past (no wait but the backoff's): the Date is read only for a date.
+        headers["Retry-After"] = email.utils.formatdate(time.time() - 60, usegmt=True)
+    faulty.script = [Fault("status", status, headers, body=b'{"reportedIds": [0, 1, 2]}')
+                     for _ in range(2)]
+    agent = await make_agent(upstreams=[upstream(faulty, protocol)])
+    await send(agent, [event(i) for i in range(3)])
+    state = agent.forwarding.states["up"]
+    if status == 200:
+        await wait_for(lambda: len(faulty.requests) >= 1 and agent.spool.depth == 0
+                       or state.crashes > 0)
+        assert state.crashes == 0, state.last_error
+        assert len(faulty.requests) == 1 and state.retries == 0
+        return
+    await drained(agent, faulty, 3)
+    assert state.crashes == 0, state.last_error
+    assert [r.status for r in faulty.requests] == [503, 503, 200]
+    assert "503" in (state.last_error or "")
 
 
 async def test_flush_interrupts_a_long_retry_after(make_agent: Any,

@@ -154,7 +154,7 @@ class FaultyUpstream(LoopbackServer):
                 rec.status = fault.status
                 return web.Response(status=fault.status, headers=_headers(fault),
                                     body=_echo(request) if fault.echo else
-                                    fault.body if fault.status == 400 else b"")
+                                    fault.body if fault.status in (200, 400) else b"")
             if fault is not None and fault.kind == "malformed":
                 return web.Response(body=fault.body, content_type="application/json")
             rec.acked = self._ack(fault, self._ids(rec.events))
