@@ -49,7 +49,7 @@ def _http_date(value: str) -> float | None:
     none: it is GMT, as every HTTP-date (RFC 9110 5.6.7), not the device's local time."""
     try:
         when = email.utils.parsedate_to_datetime(value)
-    except (TypeError, ValueError):
+    except (TypeError, ValueError, OverflowError):   # a zone of +99999999999999999999
         return None
     if when is None:
         return None
