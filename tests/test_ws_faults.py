@@ -17,13 +17,14 @@ import aiohttp
 import pytest
 
 from agent.forwarder.supervisor import Seams
+from agent.logs import RedactingFilter
 from agent.settings import UpstreamConfig
 from agent.uplinks.nucleus_ws import NucleusWsUplink
 from tests.conftest import FAST_BACKOFF
 from tests.fakes.deaf_upstream import DeafUpstream
 from tests.fakes.faulty_upstream import Fault, FaultyUpstream
 from tests.fakes.nucleus_upstream import FakeNucleus
-from tests.test_upstream_faults import drained, event, manual, send, upstream
+from tests.test_upstream_faults import drained, event, manual, marks, send, upstream
 from tests.waiting import wait_for
 
 PAD = "x" * 8000   # an event of about 8 KB
@@ -145,3 +146,32 @@ async def test_a_flood_of_replies_that_are_not_json_is_logged_once_and_counted(
     lines = [r.getMessage() for r in caplog.records if "not JSON" in r.getMessage()]
     assert len(lines) == 1, lines[:3]   # once a minute
     assert (await status_of(agent))["unreadable_replies"] == 500
+
+
+@pytest.mark.parametrize("code", [1000, 1001, 1008, 1009, 1011, 4001])
+async def test_an_upstream_s_close_mid_batch_says_its_code_and_reason(
+        make_agent: Any, faulty: FaultyUpstream, code: int,
+        caplog: pytest.LogCaptureFixture) -> None:
+    """An upstream that closes the connection mid-batch says why: its close code and reason
+    (1008 for a key it refuses, 1009 for a frame over its size limit, 4xxx of its own).
+    /status and the log said only "connection lost before all acks arrived", the same for
+    a restart as for a frame it will never take (sent again, and closed again, for ever).
+    What it acknowledged before the close is not sent again; the rest is, and arrives."""
+    caplog.set_level(logging.WARNING)
+    secret = "nk-upstream-key-7q2"
+    faulty.script = [Fault("close", close_code=code,
+                           reason=f"refused by policy, key {secret}".encode())]
+    agent = await make_agent(upstreams=[upstream(faulty, "nucleus-ws", key=secret)])
+    await send(agent, [event(i) for i in range(6)])
+    await drained(agent, faulty, 6)
+    closed, *rest = faulty.requests
+    assert closed.fault == "close" and closed.acked == [0, 1, 2]
+    assert sorted(m for r in rest for m in marks(r.events)) == [3, 4, 5]
+    up = await status_of(agent)
+    assert up["retries"] == 1
+    logged = [r for r in caplog.records if "retrying" in r.getMessage()]
+    for record in logged:
+        RedactingFilter().filter(record)   # as the agent's log handler does
+    for shown in (up["last_error"] or "", *(r.getMessage() for r in logged)):
+        assert f"close code {code}" in shown and "refused by policy" in shown, shown
+        assert secret not in shown

@@ -36,6 +36,7 @@ from tests.fakes.loopback_server import LoopbackServer
 #              reply): an ack the agent, waiting less, never reads
 #   reset      cut the connection before answering (HTTP: mid-request, body half read)
 #   close      websocket: acknowledge the first half of the frame (after `delay`), then close
+#              (with `close_code` and `reason`)
 #   partial    acknowledge only the first half of the ids
 #   unknown    acknowledge every id plus ids that were never sent (and a `true`)
 #   bogus      acknowledge only ids that were never sent
@@ -61,6 +62,8 @@ class Fault:
     echo: bool = False   # status: answer with the request line and headers (as some do)
     size: int = 64 * 1024 * 1024   # huge: the reply's length
     times: int = 1   # noise: how many messages
+    close_code: int = 1000   # close: the websocket close code, and its reason
+    reason: bytes = b""
 
     def __post_init__(self) -> None:
         assert self.kind in KINDS, self.kind
@@ -220,7 +223,7 @@ class FaultyUpstream(LoopbackServer):
                 rec.acked = acked
             rec.answered = time.monotonic()
             if fault is not None and fault.kind in ("close", "reset"):
-                await ws.close()
+                await ws.close(code=fault.close_code, message=fault.reason)
                 break
         return ws
 
