@@ -50,6 +50,7 @@ HEARTBEAT_S = 60.0
 CLOSE_GRACE_S = 1.0
 LOST = "connection lost before all acks arrived"
 STOPPED_READING = "upstream stopped reading"
+_REASON_SHOWN = 123   # characters of a close frame's reason shown (its most, in bytes)
 
 
 class _Link:
@@ -63,6 +64,7 @@ class _Link:
         self.lost = lost          # why no more frames may go on it
         self.retry_after = retry_after   # the Retry-After of a refused handshake
         self.failed = lost is not None  # a batch sent on it was not wholly acknowledged
+        self.close_reason = ""    # what the upstream's close frame said, if it sent one
         self.sending = 0          # sends on it that have not returned yet
         self.writing = 0          # frames (heartbeats too) waiting for room in its buffers
         self.carried = False      # a frame went out on it
@@ -303,11 +305,18 @@ class NucleusWsUplink(NucleusFraming, UplinkBase):
 
     async def _read(self, link: _Link, ws: aiohttp.ClientWebSocketResponse) -> None:
         try:
-            async for msg in ws:
+            # Not ``async for``: it ends at the close frame without handing over its reason.
+            while True:
+                msg = await ws.receive()
                 if msg.type in (aiohttp.WSMsgType.TEXT, aiohttp.WSMsgType.BINARY):
                     self._on_message(link, msg.data)
                 elif msg.type is aiohttp.WSMsgType.ERROR:   # too long (REPLY_MAX_BYTES), garbled
                     link.lose(f"the upstream's reply could not be read: {msg.data}")
+                elif msg.type is aiohttp.WSMsgType.CLOSE:
+                    link.close_reason = str(msg.extra or "")
+                    break
+                elif msg.type in (aiohttp.WSMsgType.CLOSING, aiohttp.WSMsgType.CLOSED):
+                    break
         finally:
             link.lose(_closed(link, ws))
 
@@ -358,11 +367,18 @@ async def _send_text(ws: aiohttp.ClientWebSocketResponse, frame: bytes) -> None:
 
 
 def _closed(link: _Link, ws: aiohttp.ClientWebSocketResponse) -> str:
-    """Why a closed link is lost. Closed before a frame went out, the upstream refused the
-    connection itself (a key it rejects this way, a restart): a drop must not hide that."""
+    """Why a closed link is lost, with the close code and the upstream's reason: 1008 (a key
+    it refuses), 1009 (a frame over its limit, refused again at every resend) or a code of
+    its own say what a restart's 1001 does not. Closed before a frame went out, the upstream
+    refused the connection itself: a drop must not hide that."""
+    code = ws.close_code
+    # A close frame's reason is at most 123 bytes; anything longer is not one.
+    reason = " ".join(link.close_reason.split())[:_REASON_SHOWN]
+    how = f"close code {code}" + (f": {reason}" if reason else "") \
+        + (" (a frame over its size limit? lower batch_max_bytes)" if code == 1009 else "")
     if link.carried:
-        return LOST
-    return f"the upstream closed the connection right after the handshake (close code {ws.close_code})"
+        return f"{LOST} ({how})" if code is not None else LOST
+    return f"the upstream closed the connection right after the handshake ({how})"
 
 
 def _handshake_refused(exc: aiohttp.WSServerHandshakeError) -> str:
