@@ -168,3 +168,33 @@ async def test_a_207_that_names_no_message_is_split(make_agent: Any, tmp_path: P
         assert [orjson.loads(d["body"])["messageId"] for d in dead] == ["m1"]
         assert "bad message" in dead[0]["reason"]
         assert seen[0] == ["m0", "m1", "m2"] and ["m1"] in seen
+
+
+async def test_a_207_naming_a_place_too_long_for_a_number_is_split(make_agent: Any) -> None:
+    """A 207 whose `batch[i]` holds more digits than Python turns into an int (4,300): it
+    places nothing, and is split as any 207 that does not place its errors. int() raised
+    ValueError out of the send, a forwarder crash at every resend of the batch, for ever."""
+    seen: list[list[str]] = []
+    place = "batch[" + "9" * 5000 + "]"
+
+    async def collector(request: web.Request) -> web.Response:
+        ids = [ev["messageId"] for ev in (await request.json())["batch"]]
+        seen.append(ids)
+        if "m1" not in ids:
+            return web.json_response({"success": True})
+        if len(ids) > 1:
+            return web.json_response({"Errors": [{"Error": "Bad Request", "Message": "bad",
+                                                  "Details": place}]}, status=207)
+        return web.json_response({"error": "bad message"}, status=400)
+
+    async with serving("/v1/batch", collector) as url:
+        a = await make_agent(upstreams=[{
+            "name": "c", "protocol": "segment-http", "url": url,
+            "flush_interval_s": 0.05, "timeout_s": 2}])
+        await send(a.port, events(3))
+        state = a.forwarding.states["c"]
+        await wait_for(lambda: a.spool.depth == 0 or state.crashes > 0)
+        assert state.crashes == 0, state.last_error
+        dead = await a.spool.dead_letters()
+        assert [orjson.loads(d["body"])["messageId"] for d in dead] == ["m1"]
+        assert seen[0] == ["m0", "m1", "m2"] and ["m1"] in seen
