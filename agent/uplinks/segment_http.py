@@ -42,7 +42,8 @@ from agent.uplinks.splice import objects, stamped
 
 # Part of the batch stored, part refused (an Outpost upstream answers so).
 MULTI_STATUS = 207
-_PLACE = re.compile(r"batch\[(\d+)\]")
+# ASCII digits, few enough for int(): past 4,300 it raises (the reply is the upstream's).
+_PLACE = re.compile(r"batch\[([0-9]{1,9})\]")
 # A 207 item's status, by the phrase Outpost writes (Python's HTTPStatus: 3.13 renamed
 # 413 and 422, and Outposts on either side may run either).
 _STATUS_OF = {"Bad Request": 400, "Request Entity Too Large": 413, "Content Too Large": 413,
