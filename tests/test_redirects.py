@@ -259,6 +259,22 @@ async def test_a_nucleus_ack_labelled_text_html_is_an_ack(make_agent: Any,
     assert {ev["payload"]["mark"] for ev in gateway.delivered} == {f"mk-{i}" for i in range(N)}
 
 
+@pytest.mark.parametrize("protocol", ("segment-http", "nucleus-http", "nucleus-ws"))
+async def test_a_redirect_to_a_location_with_an_empty_host_is_a_retried_failure(
+        make_agent: Any, gateway: CaptiveUpstream, protocol: str) -> None:
+    """A Location whose authority names no host (`aws://@`, `file://@`: the upstream's
+    text) made yarl raise IndexError while the redirect's error was being worded: it
+    escaped the send (and a websocket's connect) as a forwarder crash, at every retry."""
+    gateway.intercept = redirect(302, "aws://@")
+    agent = await start(make_agent, gateway, protocol)
+    state = agent.forwarding.states["up"]
+    await wait_for(lambda: state.crashes > 0 or state.retries >= 3)
+    assert state.crashes == 0, state.last_error
+    up = await held_while_failing(agent)
+    assert "HTTP 302 redirect to an invalid Location" in up["last_error"]
+    await delivered_once_let_through(agent, gateway)
+
+
 @pytest.mark.parametrize(("loc", "shown"), [
     ("http://guest:hunter22@[::1]:8080/login?session=sess-4411", "[::1]:8080"),
     ("https://portal.example/login?session=sess-4411", "portal.example"),
@@ -266,6 +282,7 @@ async def test_a_nucleus_ack_labelled_text_html_is_an_ack(make_agent: Any,
     ("//other.example:81/login", "other.example:81"),
     (None, "nowhere (no Location header)"),
     ("http://[::1/login", "an invalid Location"),
+    ("file://@", "an invalid Location"),   # yarl raised IndexError for its empty host
 ])
 def test_location_host_shows_the_host_and_port_only(loc: str | None, shown: str) -> None:
     assert location_host(URL("https://api.example.com/v1/batch"), loc) == shown
