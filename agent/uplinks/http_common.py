@@ -83,7 +83,7 @@ def location_host(base: URL, location: str | None) -> str:
         return "nowhere (no Location header)"
     try:
         where = base.join(URL(location)).host_port_subcomponent
-    except ValueError:
+    except Exception:  # noqa: BLE001 - the upstream's text: yarl raises IndexError for `aws://@`
         where = None
     return where or "an invalid Location"
 
