@@ -350,6 +350,23 @@ async def test_a_retry_after_or_date_with_an_absurd_zone_is_ignored(
     assert "503" in (state.last_error or "")
 
 
+@pytest.mark.parametrize("protocol", ["nucleus-http", "segment-http"])
+async def test_a_reply_whose_content_type_the_mime_parser_chokes_on_is_read(
+        make_agent: Any, faulty: FaultyUpstream, protocol: str) -> None:
+    """`Content-Type: application/json;a*` (a parameter cut short) made the standard
+    library's MIME parser, behind aiohttp's ``content_type``, raise IndexError: out of the
+    send, a forwarder crash on every reply so labelled, the upstream's ack thrown away and
+    the batch sent again. The type is the header's text before its parameters."""
+    faulty.script = [Fault("status", 200, {"Content-Type": "application/json;a*"},
+                           body=b'{"reportedIds": [0, 1, 2]}')]
+    agent = await make_agent(upstreams=[upstream(faulty, protocol)])
+    await send(agent, [event(i) for i in range(3)])
+    state = agent.forwarding.states["up"]
+    await wait_for(lambda: agent.spool.depth == 0 or state.crashes > 0)
+    assert state.crashes == 0, state.last_error
+    assert len(faulty.requests) == 1 and state.retries == 0
+
+
 async def test_flush_interrupts_a_long_retry_after(make_agent: Any,
                                                    faulty: FaultyUpstream) -> None:
     faulty.script = [Fault("status", 429, {"Retry-After": "3000"})]
