@@ -144,6 +144,13 @@ def _is_json(body: bytes) -> bool:
     return True
 
 
+def media_type(header: str | None) -> str:
+    """A Content-Type's type, lower case, without its parameters. Not aiohttp's
+    ``content_type``: it parses them with the standard library's MIME parser, which raises
+    IndexError for some (`application/json;a*`), and this header is the upstream's."""
+    return (header or "").partition(";")[0].strip().lower()
+
+
 NETWORK_ERRORS = (aiohttp.ClientError, OSError, TimeoutError)
 # The longest reply read from an upstream, HTTP or websocket: an answer to one batch is far
 # shorter (an Outpost's 207 for 2,500 refused messages is under 1 MiB), and a longer one
@@ -168,7 +175,8 @@ async def post(session: aiohttp.ClientSession, url: str, body: bytes, headers: d
                                 timeout=aiohttp.ClientTimeout(total=timeout_s)) as resp:
             raw, cut = await _read_at_most(resp, REPLY_MAX_BYTES)
             wait = retry_after(resp.headers.get("Retry-After"), date=resp.headers.get("Date"))
-            return HttpReply(resp.status, raw, wait, resp.content_type, cut)
+            return HttpReply(resp.status, raw, wait, media_type(resp.headers.get("Content-Type")),
+                             cut)
     except NETWORK_ERRORS as exc:
         return f"request failed: {str(exc) or type(exc).__name__}"
 

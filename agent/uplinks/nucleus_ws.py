@@ -39,7 +39,13 @@ from agent.settings import UpstreamConfig
 from agent.spool.types import Row
 from agent.uplinks import splice
 from agent.uplinks.base import Acked, Retry, SendResult, UplinkBase
-from agent.uplinks.http_common import REPLY_MAX_BYTES, html_instead_of_reply, is_retryable, retry_after
+from agent.uplinks.http_common import (
+    REPLY_MAX_BYTES,
+    html_instead_of_reply,
+    is_retryable,
+    media_type,
+    retry_after,
+)
 from agent.uplinks.nucleus_frame import NucleusFraming, frame, match, track_url
 from agent.uplinks.prepare import Prepared, take_prefix
 
@@ -382,8 +388,7 @@ def _closed(link: _Link, ws: aiohttp.ClientWebSocketResponse) -> str:
 
 
 def _handshake_refused(exc: aiohttp.WSServerHandshakeError) -> str:
-    content_type = exc.headers.get("Content-Type", "") if exc.headers else ""
-    content_type = content_type.partition(";")[0].strip()
+    content_type = media_type(exc.headers.get("Content-Type") if exc.headers else None)
     return "websocket handshake refused: " + (html_instead_of_reply(exc.status, content_type)
                                               or f"HTTP {exc.status} ({exc.message})")
 
