@@ -73,6 +73,10 @@ class _Salvage:
     why: str
     noted: bool          # whether the marker that has a crash finish it is written
 HOUR_MS = 3_600_000
+# The -wal's bounds above a 512 MB cap: cut back to this as it starts over
+# (journal_size_limit), and checkpointed at this many pages (SQLite's own default).
+WAL_LIMIT_BYTES = 64 * 1024 * 1024
+WAL_PAGES = 1000
 
 
 class Spool:
@@ -223,12 +227,18 @@ class Spool:
         # write to it exists (closing one checkpoints a WAL the newer agent left behind).
         open_read_only(self.path).close()
         sync = "FULL" if self.cfg.sync == "full" else "NORMAL"
+        # The -wal beside the file is disk too: SQLite checkpoints it into the file once it
+        # holds wal_autocheckpoint pages (by default 1000, 4 MiB: four times a 1 MB cap),
+        # and cuts it to journal_size_limit as it starts over. Both at most an eighth of
+        # max_size_mb (and the defaults above it): a -wal past it by a commit at most.
+        wal_limit = min(WAL_LIMIT_BYTES, self.cfg.max_size_mb * 1024 * 1024 // 8)
         self._db = SqliteThread("spool-writer")
         try:
             # auto_vacuum before WAL: both must precede the first table of a new file.
             pragmas = ("PRAGMA auto_vacuum=INCREMENTAL; PRAGMA journal_mode=WAL; "
                        f"PRAGMA synchronous={sync}; PRAGMA busy_timeout={BUSY_TIMEOUT_MS}; "
-                       "PRAGMA journal_size_limit=67108864;")
+                       f"PRAGMA journal_size_limit={wal_limit}; "
+                       f"PRAGMA wal_autocheckpoint={max(1, min(WAL_PAGES, wal_limit // spool_commit.PAGE))};")
 
             def prepare(conn: sqlite3.Connection) -> None:
                 refuse_newer(conn)
