@@ -593,11 +593,19 @@ class StreamForwarder:
             raise
 
     async def _split(self, batch: Prepared, reason: str) -> None:
-        """Bisect a refused batch until the events that cause it are isolated."""
+        """Bisect a refused batch until the events that cause it are isolated. Events the
+        spool dropped meanwhile (max_size_mb, max_age_days) are left out: the refused send
+        did not deliver them, and a dropped event is not sent afterwards."""
+        batch = self._still_queued(batch)
+        if not batch.seqs:
+            return
         if len(batch.seqs) == 1:
             await self._apply(Acked(()), batch, ((batch.seqs[0], reason),))
             return
-        for part in batch.halves():
+        for half in batch.halves():
+            part = self._still_queued(half)   # dropped while the other half was sent
+            if not part.seqs:
+                continue
             match await self._send(part):
                 case Refused(reason=why):
                     await self._split(part, why)
@@ -605,6 +613,11 @@ class StreamForwarder:
                     await self._apply(result, part)
             if self._failed is not None:
                 return
+
+    def _still_queued(self, batch: Prepared) -> Prepared:
+        """``batch`` less the events the spool has dropped since they were read."""
+        gone = self.spool.dropped(batch.seqs)
+        return batch.without(gone) if gone else batch
 
     async def _apply(self, result: Acked | Retry, batch: Prepared,
                      dead: Sequence[tuple[int, str]] = ()) -> None:

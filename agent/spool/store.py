@@ -173,6 +173,12 @@ class Spool:
         not go out. Whole records go, so one seq of each run tells."""
         return any(self.live.observed(run.first) is None for run in rows.runs)
 
+    def dropped(self, seqs: Sequence[int]) -> set[int]:
+        """Those of ``seqs``, read from the queue and not yet settled, whose record is gone
+        from it since (``dropped_since``): counted dropped, they must not go out."""
+        observed = self.live.observed
+        return {seq for seq in seqs if observed(seq) is None}
+
     def observed_age_ms(self, seq: int) -> int | None:
         """How long ago, in agent-observed time, the live event ``seq`` was received (at
         most a minute short); None if unknown (queued before the agent counted it)."""

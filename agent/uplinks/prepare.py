@@ -54,6 +54,15 @@ class Prepared:
         half = len(self.seqs) // 2
         return self._part(slice(None, half)), self._part(slice(half, None))
 
+    def without(self, gone: Container[int]) -> Prepared:
+        """The batch less the rows whose seqs are in ``gone`` (dropped from the spool since
+        it was read), to send as the rest of it."""
+        keep = [i for i, seq in enumerate(self.seqs) if seq not in gone]
+        kept = {self.seqs[i] for i in keep}
+        return Prepared(tuple(r for r in self.rows if r.seq in kept),
+                        tuple(self.seqs[i] for i in keep), tuple(self.bodies[i] for i in keep),
+                        tuple(self.ids[i] for i in keep), (), self.objects)
+
     def _part(self, part: slice) -> Prepared:
         seqs = self.seqs[part]
         keep = set(seqs)
