@@ -29,7 +29,14 @@ from tests.fakes.faulty_upstream import Fault, FaultyUpstream
 from tests.fakes.manual_timing import ManualTiming
 from tests.fakes.nucleus_upstream import FakeNucleus
 from tests.fakes.ops_scene import RefusingUpstream
-from tests.test_resume import NO_NETWATCH, down_nucleus, parked_while_down, quiet, seams
+from tests.test_resume import (
+    NO_NETWATCH,
+    down_nucleus,
+    get_json,
+    parked_while_down,
+    quiet,
+    seams,
+)
 from tests.test_upstream_faults import event, send, upstream
 from tests.waiting import wait_for
 
@@ -106,6 +113,28 @@ async def test_a_reload_keeps_an_unchanged_upstreams_retry_after(
         await agent.reload()
         await wait_for(lambda: agent.spool.depth == 0)
         assert fake_nucleus.ids() == [0, 1]
+    finally:
+        await busy.stop()
+
+
+async def test_an_upstream_whose_keys_wait_out_a_retry_after_across_a_reload_shows_backoff(
+        make_agent: Any) -> None:
+    """The reload keeps the Retry-After (above), so nothing is sent for 300 s: /status must
+    say the upstream is backing off, as it did before the reload, not that it is idle."""
+    busy = await RefusingUpstream(429, retry_after=300).start()
+    try:
+        timing = ManualTiming()
+        up = {"name": "up", "protocol": "nucleus-http", "url": busy.url,
+              "flush_interval_s": 0.02}
+        agent = await make_agent(upstreams=[up], seams=seams(timing))
+        await send(agent, [event(i) for i in range(2)])
+        await quiet(agent, timing, 1)
+        assert (await get_json(agent, "/status"))["upstreams"][0]["state"] == "backoff"
+        await agent.reload()   # the same config
+        await quiet(agent, timing, 1)
+        assert timing.pending() == [300.0] and busy.requests == 1
+        shown = (await get_json(agent, "/status"))["upstreams"][0]
+        assert (shown["state"], shown["last_error"]) == ("backoff", "HTTP 429"), shown
     finally:
         await busy.stop()
 
