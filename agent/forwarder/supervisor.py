@@ -144,6 +144,10 @@ class Supervisor:
             up = self.cfg.route(key)
             if up is not None and up.name == parked.upstream and up.name in kept:
                 self._lot.park(key, parked)
+        for name in kept:
+            # Its keys wait on as they did: status says so (a new state would say idle).
+            if self._lot.count(name) and old.states[name].state in ("backoff", "restarting"):
+                self.states[name].state = old.states[name].state
 
     async def start(self) -> None:
         self._session = client_session()
