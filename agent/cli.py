@@ -189,7 +189,29 @@ def cmd_flush(args: argparse.Namespace) -> int:
              f"{STATUS_TIMEOUT_S:.0f} s; try again" if timed_out(exc) else not_answering(cfg, exc))
         return EXIT_FAILED
     print(f"flush requested; {data['queue_depth']} events queued")
+    for line in _not_flushed(data):
+        print(line)
     return 0
+
+
+def _not_flushed(data: dict[str, Any]) -> list[str]:
+    """Why some of the queued events do not go (an older agent's reply says nothing)."""
+    lines = []
+    unrouted = data.get("unrouted")
+    if isinstance(unrouted, int) and unrouted > 0:
+        lines.append(f"{unrouted} of them match no upstream: they stay queued until a "
+                     "reload routes them")
+    sync = data.get("sync")
+    profile = sync.get("profile") if isinstance(sync, dict) else None
+    if isinstance(sync, dict) and profile in _HELD:
+        what, then = _HELD[profile]
+        lines.append(printable(f"the transmit profile {what}: {profile} "
+                               f"({sync.get('reason', '')}); {then}"))
+    return lines
+
+
+_HELD = {"hold": ("holds them", "a flush does not override a hold"),
+         "priority_only": ("sends the high lane alone", "the normal lane waits")}
 
 
 def cmd_check_config(args: argparse.Namespace) -> int:

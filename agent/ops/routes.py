@@ -96,7 +96,14 @@ class Ops:
         if why is not None:
             return web.json_response({"error": why}, status=403)
         self._flush()
-        return web.json_response({"flushing": True, "queue_depth": self.spool.depth})
+        # What the flush cannot send, so that `outpost flush` can say why nothing goes.
+        unrouted = self.spool.books.groups.get(None)
+        reply: dict[str, object] = {"flushing": True, "queue_depth": self.spool.depth,
+                                    "unrouted": unrouted.depth if unrouted is not None else 0}
+        if self._sync is not None:
+            view = self._sync()
+            reply["sync"] = {"profile": view["profile"], "reason": view["reason"]}
+        return web.json_response(reply)
 
     def routes(self) -> list[web.RouteDef]:
         return [web.get("/", self.page), web.get("/healthz", self.healthz),
