@@ -38,4 +38,3 @@ async def test_flush_says_when_the_transmit_profile_holds_the_events(
     assert lines[0] == "flush requested; 2 events queued", out
     assert lines[1].startswith("the transmit profile holds them: hold (battery 10%"), out
     assert lines[1].endswith("; a flush does not override a hold"), out
-    assert not fake_nucleus.events
