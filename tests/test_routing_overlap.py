@@ -4,9 +4,11 @@ priority rules are that upstream's. A real agent on 127.0.0.1, fake upstreams on
 
 from __future__ import annotations
 
+from pathlib import Path
 from typing import Any
 
 from tests.fakes.nucleus_upstream import FakeNucleus
+from tests.test_config import check_config
 from tests.test_upstream_faults import event, send
 from tests.waiting import wait_for
 
@@ -45,3 +47,42 @@ async def test_a_named_key_before_a_catch_all_takes_that_upstreams_priority_rule
         assert sorted(fake_nucleus.ids()) == [0, 1, 2, 3] and other.ids() == []
     finally:
         await other.stop()
+
+
+def test_check_config_says_which_upstream_can_get_no_events(tmp_path: Path) -> None:
+    """An upstream after a `"*"` one, or one whose every key an earlier one lists, can
+    never get an event: check-config (the service's reload check) and the agent's start
+    say so, and the config stays valid (it was before)."""
+    cfg = tmp_path / "agent.toml"
+    cfg.write_text("""
+[[upstream]]
+name = "named"
+protocol = "segment-http"
+url = "http://127.0.0.1:9"
+keys = ["a", "b"]
+
+[[upstream]]
+name = "shadowed"
+protocol = "segment-http"
+url = "http://127.0.0.1:9"
+keys = ["b"]
+
+[[upstream]]
+name = "rest"
+protocol = "segment-http"
+url = "http://127.0.0.1:9"
+keys = ["*", "c"]
+
+[[upstream]]
+name = "after-all"
+protocol = "segment-http"
+url = "http://127.0.0.1:9"
+keys = ["d"]
+""")
+    run = check_config(str(cfg))
+    assert run.returncode == 0, run.stderr
+    notes = [ln for ln in run.stdout.splitlines() if ln.startswith("note:")]
+    assert len(notes) == 2, run.stdout
+    assert "'shadowed'" in notes[0] and "'named'" in notes[0]
+    assert "'after-all'" in notes[1] and "'rest'" in notes[1] and '"*"' in notes[1]
+    assert "named" not in " ".join(notes[1:]) and "'rest' gets" not in run.stdout
