@@ -33,6 +33,29 @@ def notices(cfg: Config) -> list[str]:
     if not cfg.upstreams:
         out.append("no upstream is configured: events are kept in the spool until one is "
                    "(add an [[upstream]] to the config, then reload)")
+    return out + shadowed(cfg)
+
+
+def shadowed(cfg: Config) -> list[str]:
+    """The upstreams that can never get an event: a key goes to the first upstream in the
+    file that lists it (or lists "*"), and to no other."""
+    out: list[str] = []
+    taken: dict[str, str] = {}   # key: the upstream that takes it
+    every: str | None = None     # the first upstream that lists "*"
+    for up in cfg.upstreams:
+        if not up.keys:
+            out.append(f"upstream {up.name!r} gets no events: it lists no key")
+        elif every is not None:
+            out.append(f"upstream {up.name!r} gets no events: {every!r} before it in the "
+                       'file lists "*" and takes every key')
+        elif all(key in taken for key in up.keys):
+            owners = ", ".join(repr(o) for o in dict.fromkeys(taken[k] for k in up.keys))
+            out.append(f"upstream {up.name!r} gets no events: every key it lists is taken by "
+                       f"{owners} before it in the file")
+        for key in up.keys:
+            taken.setdefault(key, up.name)
+        if "*" in up.keys and every is None:
+            every = up.name
     return out
 
 
