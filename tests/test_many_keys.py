@@ -24,6 +24,7 @@ import orjson
 import psutil
 from aiohttp import WSMsgType, web
 
+from agent.forwarder.supervisor import Seams
 from agent.spool.schema import read_offline
 from tests.conftest import AgentProcess, free_port, write_config
 from tests.fakes.nucleus_upstream import FakeNucleus
@@ -335,3 +336,30 @@ async def test_events_at_the_moment_loops_release_are_all_delivered(
     await wait_for(lambda: len(fake_segment.events) >= 200)
     assert sorted(fake_segment.message_ids()) == sorted(f"m{i}" for i in range(200))
     await wait_for(lambda: not agent.forwarding.loops and agent.spool.depth == 0)
+
+
+async def test_keys_that_all_resume_at_once_run_a_bounded_number_of_loops(
+        make_agent: Any, fake_nucleus: FakeNucleus) -> None:
+    """A flush (or an upstream's return, or a start) with many keys waiting started a
+    loop, an uplink and a websocket for every one of them at once, ~10 KB each whatever
+    the number of keys an app invented. At most ``max_loops`` (MAX_LOOPS) run per
+    upstream now, the others in line; a loop whose queue is empty ends at once while keys
+    wait for one: here flush_interval_s is a minute, which lingering loops would hold
+    the line for. (Before: with 64 keys and a bound of 4, 64 websockets open at once.)"""
+    cap, keys = 8, 60
+    fake_nucleus.outage = (503, "3600")   # each key's handshake refused once, then it waits
+    agent = await make_agent(seams=Seams(max_loops=cap),
+                             upstreams=[{"name": "up", "protocol": "nucleus-ws",
+                                         "url": fake_nucleus.url, "flush_interval_s": 60}])
+    for i in range(keys):
+        await post_event(agent.port, key_of(i), i)
+    # Each key's first handshake was refused: every one waits out the hour, none has a loop.
+    await wait_for(lambda: agent.spool.depth == keys and not agent.forwarding.loops,
+                   timeout=DRAIN_TIMEOUT_S)
+    fake_nucleus.outage = None
+    async with aiohttp.ClientSession() as s, s.post(f"http://127.0.0.1:{agent.port}/flush") as r:
+        assert r.status == 200, await r.text()
+    # Well within one flush_interval_s: the loops in line do not wait for others to linger.
+    await wait_for(lambda: agent.spool.depth == 0, timeout=30)
+    assert sorted(fake_nucleus.ids()) == list(range(keys))
+    assert fake_nucleus.most_open <= cap, fake_nucleus.most_open

@@ -31,6 +31,8 @@ class FakeNucleus:
         self._runner: web.AppRunner | None = None
         self._site: web.TCPSite | None = None
         self.connections = 0
+        self.most_open = 0   # websockets open at once, at most
+        self.outage: tuple[int, str] | None = None   # (status, Retry-After) for handshakes
         self._sockets: set[web.WebSocketResponse] = set()
         self._held: socket.socket | None = None   # the port, while down
 
@@ -59,11 +61,15 @@ class FakeNucleus:
             self.batches.append(batch)
         return ids
 
-    async def _ws(self, request: web.Request) -> web.WebSocketResponse:
+    async def _ws(self, request: web.Request) -> web.StreamResponse:
+        if self.outage is not None:
+            status, wait = self.outage
+            return web.Response(status=status, headers={"Retry-After": wait})
         ws = web.WebSocketResponse(max_msg_size=0)
         await ws.prepare(request)
         self.connections += 1
         self._sockets.add(ws)
+        self.most_open = max(self.most_open, len(self._sockets))
         try:
             async for msg in ws:
                 if msg.type not in (WSMsgType.TEXT, WSMsgType.BINARY):
