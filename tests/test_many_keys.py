@@ -338,6 +338,11 @@ async def test_events_at_the_moment_loops_release_are_all_delivered(
     await wait_for(lambda: not agent.forwarding.loops and agent.spool.depth == 0)
 
 
+async def flush(port: int) -> None:
+    async with aiohttp.ClientSession() as s, s.post(f"http://127.0.0.1:{port}/flush") as r:
+        assert r.status == 200, await r.text()
+
+
 async def test_keys_that_all_resume_at_once_run_a_bounded_number_of_loops(
         make_agent: Any, fake_nucleus: FakeNucleus) -> None:
     """A flush (or an upstream's return, or a start) with many keys waiting started a
@@ -353,13 +358,14 @@ async def test_keys_that_all_resume_at_once_run_a_bounded_number_of_loops(
                                          "url": fake_nucleus.url, "flush_interval_s": 60}])
     for i in range(keys):
         await post_event(agent.port, key_of(i), i)
+    await flush(agent.port)   # each key tries now, cap at a time, and is refused
     # Each key's first handshake was refused: every one waits out the hour, none has a loop.
-    await wait_for(lambda: agent.spool.depth == keys and not agent.forwarding.loops,
+    await wait_for(lambda: fake_nucleus.refused == keys and not agent.forwarding.loops,
                    timeout=DRAIN_TIMEOUT_S)
     fake_nucleus.outage = None
-    async with aiohttp.ClientSession() as s, s.post(f"http://127.0.0.1:{agent.port}/flush") as r:
-        assert r.status == 200, await r.text()
-    # Well within one flush_interval_s: the loops in line do not wait for others to linger.
+    await flush(agent.port)
+    # Well within one flush_interval_s: the keys in line are sent at once as their turn
+    # comes (the flush asked for them too), and do not wait for loops to linger.
     await wait_for(lambda: agent.spool.depth == 0, timeout=30)
     assert sorted(fake_nucleus.ids()) == list(range(keys))
     assert fake_nucleus.most_open <= cap, fake_nucleus.most_open

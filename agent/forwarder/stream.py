@@ -113,6 +113,8 @@ class Release:
 
     idle_s: float
     park: Callable[[float, int, bool], None]
+    # Other keys wait for a loop (supervisor.MAX_LOOPS): end as soon as the queue is empty.
+    crowded: Callable[[], bool] = lambda: False
 
 
 class StreamForwarder:
@@ -301,7 +303,8 @@ class StreamForwarder:
                     self._released_sent()
                     return
                 if self.release is not None:
-                    await self._release_when_idle(self.release.idle_s)
+                    await self._release_when_idle(
+                        0.0 if self.release.crowded() else self.release.idle_s)
                     return
             await self._idle(None)
             return

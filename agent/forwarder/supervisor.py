@@ -27,7 +27,10 @@ the last seq received then; each loop then goes back to what ``may_send`` lets g
 
 The loops of one upstream share its slots (slots.py): at most ``BATCHES_IN_FLIGHT``
 batches in flight from all its keys, so memory stays bounded however many keys have
-queues.
+queues. And at most ``MAX_LOOPS`` loops run per upstream: a flush, an upstream's return
+or a start with many keys waiting would start one for each at once (~10 KB each); the
+other keys wait in line, in the order they asked, and while any waits a loop whose
+queue is empty ends at once instead of lingering ``flush_interval_s``.
 
 ``_run`` is the one supervision point: whatever a forwarder, its delivery
 tasks or its uplink's own tasks raise unexpectedly ends up there, is logged
@@ -78,9 +81,22 @@ STABLE_S = 60.0
 # Network changes come in bursts (a link, then its addresses, then routes): the first
 # probes at once, the rest of a burst in one more probe this long after it.
 NET_GAP_S = 2.0
+# Loops per upstream at once. 3,000 keys resuming together took ~28 MB; a key's drain
+# needs one loop, and 256 keys' batches are more than the upstream's slots (64) take.
+MAX_LOOPS = 256
 
 UplinkFactory = Callable[[UpstreamConfig, str, aiohttp.ClientSession, str], Uplink]
 NetWatcher = Callable[[Callable[[], None]], NetWatch | None]
+
+
+@dataclass(frozen=True)
+class InLine:
+    """A key waiting for a loop: its retry step, a release's bound, whether a flush
+    asked for its events (sent at once when its loop starts)."""
+
+    attempt: int
+    until: int | None
+    flushed: bool = False
 
 
 @dataclass(frozen=True)
@@ -96,6 +112,7 @@ class Seams:
     backoff: Backoff = BACKOFF
     watch_network: NetWatcher = watch
     grace_s: float = STOP_GRACE_S
+    max_loops: int = MAX_LOOPS
 
 
 class Supervisor:
@@ -119,6 +136,8 @@ class Supervisor:
         self.loops: dict[str, StreamForwarder] = {}   # by local key: keys with data only
         self._tasks: set[asyncio.Task[None]] = set()   # with loops still closing their uplink
         self._running: Counter[str] = Counter()   # loop tasks per upstream
+        # Per upstream, keys waiting for a loop (MAX_LOOPS), in the order they asked.
+        self._line: dict[str, dict[str, InLine]] = {}
         self._lot = ParkingLot()   # keys waiting to retry
         self._omitted: dict[str, LeftOut] = {}   # by key: see stream.LeftOut
         self._timer: Timer | None = None
@@ -191,12 +210,16 @@ class Supervisor:
         lanes, bounds = self._lanes(key, until)
         if not stream.queued(lanes):
             return None
+        if self._running[up.name] >= self.seams.max_loops:
+            self._wait_in_line(up.name, key, attempt, until)
+            return None
         try:
             loop = StreamForwarder(up, stream, self.spool, self._uplink(up, key),
                                    self.states[up.name], self.metrics,
                                    uplink_class(up.protocol).window(up),
                                    release=Release(up.flush_interval_s,
-                                                   functools.partial(self._park, key)),
+                                                   functools.partial(self._park, key),
+                                                   functools.partial(self._crowded, up.name)),
                                    attempt=attempt, lanes=lanes, timing=self.seams.timing,
                                    backoff=self.seams.backoff, on_acked=self.on_acked,
                                    omitted=self._omitted.setdefault(key, LeftOut()),
@@ -235,6 +258,31 @@ class Supervisor:
                         other.state is not loop.state for other in self.loops.values()):
                     loop.state.state = "idle"   # held: none of the upstream's loops sends now
                 self._ensure(key)
+        self._next_in_line(loop.cfg.name)
+
+    def _wait_in_line(self, name: str, key: str, attempt: int, until: int | None) -> None:
+        line = self._line.setdefault(name, {})
+        if key in line:   # a release since (max_hold_h) bounds what its loop sends
+            if until is not None:
+                line[key] = InLine(line[key].attempt, until, line[key].flushed)
+            return
+        line[key] = InLine(attempt, until)
+        if len(line) == 1:   # the loops of this upstream that linger end now (_crowded)
+            for loop in self.loops.values():
+                if loop.cfg.name == name:
+                    loop.poke()
+
+    def _crowded(self, name: str) -> bool:
+        return bool(self._line.get(name))
+
+    def _next_in_line(self, name: str) -> None:
+        line = self._line.get(name)
+        while line and not self._stopping and self._running[name] < self.seams.max_loops:
+            key = next(iter(line))
+            turn = line.pop(key)
+            loop = self._ensure(key, turn.attempt, turn.until)
+            if loop is not None and turn.flushed:
+                loop.flush()
 
     def regate(self) -> None:
         """``may_send`` may have changed: stop the loops it holds, start the keys it lets go."""
@@ -307,7 +355,8 @@ class Supervisor:
         check = functools.partial(uplink_class(up.protocol).reach, up,
                                   min(PROBE_TIMEOUT_S, up.timeout_s))
         return Prober(self.states[up.name], check, self.seams.timing,
-                      wanted=lambda: self._lot.count(up.name) + self._running[up.name] > 0,
+                      wanted=lambda: self._lot.count(up.name) + self._running[up.name]
+                      + len(self._line.get(up.name, ())) > 0,
                       back=functools.partial(self._resume, up.name),
                       queued=functools.partial(self._queued, up.name))
 
@@ -405,6 +454,9 @@ class Supervisor:
         self._set_timer()
         for key in parked:
             self._ensure(key)
+        for line in self._line.values():   # sent at once as their turn comes
+            for key, turn in line.items():
+                line[key] = InLine(0, turn.until, flushed=True)
         for loop in self.loops.values():
             loop.flush()
 
@@ -435,6 +487,11 @@ class Supervisor:
             if loop.attempt and key not in self._lot:
                 # A retry under way, cut short: the next goes on from its backoff step.
                 self._lot.park(key, Parked(now, loop.attempt, loop.cfg.name, told=False))
+        for name, line in self._line.items():   # so are the keys in line for a loop
+            for key, turn in line.items():
+                if turn.attempt and key not in self._lot:
+                    self._lot.park(key, Parked(now, turn.attempt, name, told=False))
+        self._line.clear()
         cut = sum(loop.cut_short for _, loop in loops)
         if cut:
             log.warning("stopping the forwarders: %d batch(es) still unanswered after %gs were "

@@ -33,6 +33,7 @@ class FakeNucleus:
         self.connections = 0
         self.most_open = 0   # websockets open at once, at most
         self.outage: tuple[int, str] | None = None   # (status, Retry-After) for handshakes
+        self.refused = 0   # handshakes refused so far
         self._sockets: set[web.WebSocketResponse] = set()
         self._held: socket.socket | None = None   # the port, while down
 
@@ -64,6 +65,7 @@ class FakeNucleus:
     async def _ws(self, request: web.Request) -> web.StreamResponse:
         if self.outage is not None:
             status, wait = self.outage
+            self.refused += 1
             return web.Response(status=status, headers={"Retry-After": wait})
         ws = web.WebSocketResponse(max_msg_size=0)
         await ws.prepare(request)
