@@ -289,3 +289,50 @@ def test_a_storage_path_in_a_directory_the_user_cannot_search_is_one_line(
     line = one_line(run.stdout + run.stderr)
     assert run.returncode == EXIT_CONFIG, line
     assert "storage.path" in line and str(kept_out) in line, line
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="systemd")
+@pytest.mark.parametrize("name", ["Bob's tools", 'say "hi"', "back\\slash", "cost$x", "new\nline"])
+@pytest.mark.parametrize("scope", [[], ["--user"]])
+def test_an_interpreter_path_systemd_cannot_run_is_refused_before_writing(
+        tmp_path: Path, name: str, scope: list[str]) -> None:
+    # systemd refuses an executable whose name holds ' " or \ even quoted ("Executable name
+    # contains special characters"; unquoted, a ' is "Unbalanced quoting" and the unit has no
+    # ExecStart at all), and takes a $$ there literally: the unit written could never start.
+    (tmp_path / name).mkdir()
+    python = tmp_path / name / "python"
+    python.symlink_to(sys.executable)
+    config_home = tmp_path / "config"
+    code, out = outpost("service", "install", *scope, "--dry-run", python=str(python),
+                        env={"PYTHONPATH": os.pathsep.join([str(ROOT), *site.getsitepackages()]),
+                             "XDG_CONFIG_HOME": str(config_home)})
+    line = one_line(out)
+    assert code == EXIT_CONFIG, out
+    assert "systemd" in line and str(python).replace("\n", "\\n") in line, line
+    assert not config_home.exists()
+    # The same refused from a lasting place (the check above meets /tmp too).
+    from agent.install.plan import Target, build_plan
+    lasting = f"/opt/{name}/venv/bin/python"
+    with pytest.raises(ValueError, match="systemd") as refused:
+        build_plan("install", Target("linux", not scope, lasting, "/home/ada"))
+    assert lasting in str(refused.value)
+
+
+@pytest.mark.skipif(shutil.which("systemd-analyze") is None, reason="needs systemd-analyze")
+@pytest.mark.parametrize("name", ["my apps", "100%", "semi;colon", "café"])
+@pytest.mark.parametrize("system", [True, False])
+def test_a_unit_for_an_awkward_but_runnable_path_is_one_systemd_accepts(
+        tmp_path: Path, name: str, system: bool) -> None:
+    from agent.install import templates as tpl
+
+    (tmp_path / name).mkdir()
+    python = tmp_path / name / "python"
+    python.symlink_to(sys.executable)
+    unit = tmp_path / "outpost.service"
+    unit.write_text(tpl.systemd_unit(str(python), system=system))
+    run = subprocess.run(["systemd-analyze", "verify", str(unit)], capture_output=True,
+                         text=True, timeout=60)
+    said = run.stdout + run.stderr
+    for refusal in ("Unbalanced", "special characters", "not executable", "bad unit file",
+                    "Invalid", "fatal error"):
+        assert refusal not in said, said
