@@ -15,6 +15,7 @@ import platformdirs
 from agent import paths
 from agent.install.execute import describe, execute
 from agent.install.plan import Target, build_plan
+from agent.terminal import printable
 
 
 def current_target(system: bool) -> Target:
@@ -62,8 +63,8 @@ def run(args: argparse.Namespace) -> int:
     try:
         target = current_target(system=not args.user)
         plan = build_plan(args.service_action, target)
-    except ValueError as exc:
-        print(f"outpost service: {exc}", file=sys.stderr)
+    except ValueError as exc:   # the interpreter's path shown escaped: one line
+        print(f"outpost service: {printable(str(exc))}", file=sys.stderr)
         return 2
     for warning in plan.warnings:
         print(f"warning: {warning}", file=sys.stderr)

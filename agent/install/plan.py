@@ -168,6 +168,14 @@ def _windows_plan(install: bool, t: Target) -> Plan:
     ), warnings)
 
 
+def _unrunnable_by_systemd(python: str) -> str | None:
+    """The first character of ``python`` an ExecStart= executable cannot hold, named."""
+    for c in python:
+        if c in "'\"\\$" or not c.isprintable():
+            return repr(c)
+    return None
+
+
 def _under_program_files(python: str) -> bool:
     parts = PureWindowsPath(python).parts
     return len(parts) > 1 and parts[1].lower() in ("program files", "program files (x86)")
@@ -182,6 +190,13 @@ def _unreachable(t: Target) -> str | None:
     """
     if t.os == "win32":
         return None
+    if t.os == "linux" and (odd := _unrunnable_by_systemd(t.python)):
+        # systemd refuses an executable named with ' " \ or a control character, even
+        # quoted, and takes $$ there literally (no $ expansion in it): the unit written
+        # would never start (ExecStart= ignored, or no such file).
+        return (f"{t.python} holds {odd}, which systemd cannot run an ExecStart= executable "
+                "from: install Outpost into a directory whose path has none, e.g. a venv in "
+                + ("/opt/outpost" if t.system else "~/.local/outpost"))
     if t.system:
         fails = "the system service could not start"
         fix = "install Outpost into a lasting system location first, e.g. a venv in /opt/outpost"
