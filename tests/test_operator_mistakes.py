@@ -4,6 +4,7 @@ runtime failure; 0: ok). Each runs the real `python -m agent` command."""
 
 from __future__ import annotations
 
+import contextlib
 import os
 import re
 import shutil
@@ -170,6 +171,34 @@ def test_service_install_says_which_config_it_will_use(tmp_path: Path) -> None:
     assert code == 0, out
     assert re.search(r"^config: /etc/outpost/agent\.toml \((exists|not found)", out, re.M), out
 
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux") or os.geteuid() != 0,
+                    reason="a machine-wide install, as root")
+def test_a_system_install_says_when_the_service_user_cannot_read_the_config(
+        tmp_path: Path) -> None:
+    # `sudo outpost config init` before the outpost user exists writes 0600 root:root,
+    # and says `outpost service install` would share it; the service, as outpost, could
+    # not read it and would stop at every start (Restart=on-failure: again and again).
+    skip_unless_installable(system=True)
+    import grp
+    with contextlib.suppress(KeyError):
+        grp.getgrnam("outpost")
+        pytest.skip("an outpost group exists here: config init shares the file with it")
+    where = {"CONFIGURATION_DIRECTORY": str(tmp_path), "OUTPOST_SYSTEM": "1"}
+    code, out = outpost("config", "init", env=where)
+    config = tmp_path / "agent.toml"
+    assert code == 0 and stat.S_IMODE(config.stat().st_mode) == 0o600, out
+    assert "after `outpost service install`, `chgrp outpost FILE && chmod 0640 FILE`" in out, out
+    code, out = outpost("service", "install", "--dry-run", env=where)
+    assert code == 0, out
+    line = out.splitlines()[0]
+    assert line.startswith(f"config: {config} (exists"), line
+    assert "outpost cannot read it" in line and f"chmod 0640 {config}" in line, line
+    # Readable by every user: nothing to say.
+    config.chmod(0o644)
+    code, out = outpost("service", "install", "--dry-run", env=where)
+    assert "cannot read" not in out.splitlines()[0], out
 
 # -- §5 newcomer config ------------------------------------------------------------------------
 
