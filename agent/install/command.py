@@ -7,12 +7,16 @@ import argparse
 import getpass
 import importlib.metadata
 import os
+import stat
 import sys
+from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
 import platformdirs
 
 from agent import paths
+from agent.install import templates as tpl
 from agent.install.execute import describe, execute
 from agent.install.plan import Target, build_plan
 from agent.terminal import printable
@@ -85,10 +89,44 @@ def _config_line(t: Target) -> str:
     """Which config the service will read, and whether it is there yet."""
     path = paths.config_dir(system=t.system) / "agent.toml"
     if path.is_file():
+        if t.system and t.os != "win32" and (locked := _unreadable_by_service(path)):
+            return (f"config: {path} (exists, {locked}: the service's user {tpl.SERVICE_USER} "
+                    f"cannot read it, and the service would stop at each start; once installed: "
+                    f"`sudo chgrp {tpl.SERVICE_USER} {path} && sudo chmod 0640 {path}`)")
         return f"config: {path} (exists; check it with `outpost check-config {path}`)"
     init = "sudo outpost config init" if t.system and t.os != "win32" else "outpost config init"
     return (f"config: {path} (not found: the service starts with the built-in defaults and no "
             f"upstream, keeping events until one is configured; `{init}` writes one)")
+
+
+def _unreadable_by_service(path: Path) -> str | None:
+    """Its mode and owners, if the service's user could read ``path`` by none of them (as
+    `sudo outpost config init` leaves it before that user exists: 0600 root:root)."""
+    import grp
+    import pwd
+
+    st = path.stat()
+    mode = stat.S_IMODE(st.st_mode)
+    try:
+        gid: int | None = grp.getgrnam(tpl.SERVICE_USER).gr_gid
+    except KeyError:   # made by the install, after this
+        gid = None
+    try:
+        uid: int | None = pwd.getpwnam(tpl.SERVICE_USER).pw_uid
+    except KeyError:
+        uid = None
+    if mode & 0o004 or (mode & 0o040 and st.st_gid == gid) or (mode & 0o400 and st.st_uid == uid):
+        return None
+    owner = _name(pwd.getpwuid, st.st_uid)
+    group = _name(grp.getgrgid, st.st_gid)
+    return f"mode {mode:04o} {owner}:{group}"
+
+
+def _name(lookup: Callable[[int], Any], number: int) -> str:
+    try:
+        return str(lookup(number)[0])
+    except KeyError:
+        return str(number)
 
 
 def _session_bus_missing() -> bool:

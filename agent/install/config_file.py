@@ -158,8 +158,9 @@ def _share_with_service(path: Path) -> str:
         return ""
     try:
         shutil.chown(path, "root", paths.APP)
-    except (LookupError, OSError):
-        return " (mode 0600: create the outpost user with `outpost service install` to share it)"
+    except (LookupError, OSError):   # install does not change it: it says so, as here
+        return (f" (mode 0600: no {paths.APP} user to share it with yet; after `outpost service "
+                f"install`, `chgrp {paths.APP} FILE && chmod 0640 FILE` lets the service read it)")
     os.chmod(path, 0o640)
     return " (mode 0640, root:outpost)"
 
