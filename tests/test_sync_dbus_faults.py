@@ -6,17 +6,22 @@ a traceback; what status shows of a value is cut short.
 
 from __future__ import annotations
 
+import asyncio
 import logging
 import math
+import os
 import socket
+import sys
 from pathlib import Path
 from typing import Any
 
 import aiohttp
 import pytest
+from jeepney.low_level import Endianness, Header, HeaderFields, Message, MessageType
 
 from agent.forwarder.supervisor import Seams
 from agent.sync.metered import networkmanager
+from tests.conftest import ROOT, write_config
 from tests.fakes.manual_timing import ManualTiming
 from tests.fakes.nm_bus import NM_NAME, FakeNetworkManager, PrivateBus
 from tests.fakes.nucleus_upstream import FakeNucleus
@@ -157,3 +162,82 @@ async def test_losing_the_bus_is_a_counted_failure(
         "metered network: D-Bus connection "), sync
     failed = [r for r in lines(caplog, "D-Bus connection ") if r.levelno == logging.WARNING]
     assert len(failed) == 1, caplog.records
+
+
+class GarbledBus:
+    """A real unix socket that takes the D-Bus handshake and answers Hello, then answers
+    anything more with bytes no D-Bus message starts with: a bus (or what
+    sync.dbus_address names) whose stream cannot be read."""
+
+    def __init__(self, path: Path) -> None:
+        self.path = path
+        self.connections = 0
+        self.server: asyncio.Server | None = None
+
+    async def start(self) -> GarbledBus:
+        self.server = await asyncio.start_unix_server(self._serve, str(self.path))
+        return self
+
+    async def _serve(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        self.connections += 1
+        begun = False
+        try:
+            await reader.readexactly(1)   # the credentials' NUL byte
+            while not begun:
+                line = (await reader.readuntil(b"\r\n")).strip()
+                if line.startswith(b"AUTH"):
+                    writer.write(b"OK 0123456789abcdef0123456789abcdef\r\n")
+                elif line.startswith(b"NEGOTIATE_UNIX_FD"):
+                    writer.write(b"AGREE_UNIX_FD\r\n")
+                elif line.startswith(b"BEGIN"):
+                    begun = True
+            await reader.read(4096)   # Hello
+            hello = Header(Endianness.little, MessageType.method_return, 0, 1, -1, 1,
+                           {HeaderFields.reply_serial: 1, HeaderFields.signature: "s"})
+            writer.write(Message(hello, (":1.5",)).serialise())
+            await reader.read(4096)   # AddMatch, Get
+            writer.write(b"X" + bytes(15))
+            await writer.drain()
+            await reader.read(4096)
+        except (OSError, asyncio.IncompleteReadError):
+            pass
+        finally:
+            writer.close()
+
+    async def stop(self) -> None:
+        assert self.server is not None
+        self.server.close()
+        await self.server.wait_closed()
+
+
+async def test_a_bus_that_sends_what_no_d_bus_message_is_a_lost_connection_retried(
+        make_agent: Any, fake_nucleus: FakeNucleus, tmp_path: Path,
+        caplog: pytest.LogCaptureFixture) -> None:
+    garbled = await GarbledBus(tmp_path / "garbled").start()
+    try:
+        agent = await watching(make_agent, fake_nucleus, f"unix:path={garbled.path}")
+        await wait_for(lambda: agent.sync.errors >= 1, timeout=5)
+        sync = await sync_status(agent.port)
+    finally:
+        await garbled.stop()
+    assert sync["metered"] == "unknown" and sync["profile"] == "normal", sync
+    # The watch's own failure, retried on its schedule: not a crash of the watcher.
+    assert sync["last_error"].startswith("metered network: D-Bus connection lost: "), sync
+    assert "retried every" in sync["last_error"], sync
+    assert no_traceback(caplog), [r.getMessage() for r in caplog.records if r.exc_info]
+
+
+async def test_doctor_says_a_garbled_bus_in_one_line(tmp_path: Path) -> None:
+    garbled = await GarbledBus(tmp_path / "garbled").start()
+    env = {**os.environ, "DBUS_SYSTEM_BUS_ADDRESS": f"unix:path={garbled.path}",
+           "PYTHONPATH": str(ROOT), "OUTPOST_CONFIG": str(write_config(tmp_path / "agent.toml", tmp_path / "spool.db"))}
+    try:
+        proc = await asyncio.create_subprocess_exec(
+            sys.executable, "-m", "agent", "doctor", cwd=tmp_path, env=env,
+            stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.STDOUT)
+        out = (await asyncio.wait_for(proc.communicate(), 60))[0].decode()
+    finally:
+        await garbled.stop()
+    assert proc.returncode == 0 and "Traceback" not in out, out
+    metered = [line for line in out.splitlines() if line.strip().startswith("metered ")]
+    assert len(metered) == 1 and "D-Bus connection lost: " in metered[0], out
