@@ -12,6 +12,7 @@ trusted: an odd value is a failed reading, shown cut to ``SHOWN`` characters.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 from collections.abc import Callable
 
 from jeepney import DBusAddress, HeaderFields, MatchRule, Message, MessageType, Properties
@@ -63,7 +64,10 @@ class NetworkManagerSource:
                 except (EOFError, OSError) as exc:
                     why = f"D-Bus connection lost: {str(exc) or type(exc).__name__}"
                 finally:
-                    await conn.close()
+                    # A connection the peer dropped while we wrote raises its EPIPE again
+                    # here (the writer's wait_closed): already reported above.
+                    with contextlib.suppress(OSError):
+                        await conn.close()
             report(MeteredReading(Metered.UNKNOWN, f"{why}; retried every {self.reconnect_s:g}s",
                                   failed=True))
             await asyncio.sleep(self.reconnect_s)
@@ -94,7 +98,7 @@ class NetworkManagerSource:
         nm_owner: str | None = None   # NetworkManager's unique name, once known
         while True:
             async with asyncio.timeout_at(deadline):   # a timeout ends the session
-                msg = await conn.receive()
+                msg = await _receive(conn)
             kind = msg.header.message_type
             sender = msg.header.fields.get(HeaderFields.sender)
             signature = msg.header.fields.get(HeaderFields.signature, "")
@@ -120,6 +124,19 @@ class NetworkManagerSource:
         serial = int(next(conn.outgoing_serial))
         await conn.send(Properties(NM).get("Metered"), serial=serial)
         return serial
+
+
+async def _receive(conn: DBusConnection) -> Message:
+    """The next message. Bytes jeepney cannot parse (a peer at the address that is no bus)
+    leave the stream unreadable from there on: EOFError, as a closed bus, so the session
+    ends and the bus is tried again, never an error escaping the watch."""
+    try:
+        return await conn.receive()
+    except (EOFError, OSError):
+        raise
+    except Exception as exc:  # noqa: BLE001 - the parser's KeyError, ValueError, struct.error...
+        raise EOFError(f"a message no D-Bus reader takes "
+                       f"({type(exc).__name__}: {_shown(exc)})") from exc
 
 
 def _reply_to(msg: Message) -> int | None:
