@@ -150,3 +150,22 @@ def test_programdata_comes_from_the_environment(monkeypatch: pytest.MonkeyPatch)
     from agent.install.command import current_target
     assert current_target(system=True).program_data == r"D:\Data"
     assert os.environ["PROGRAMDATA"] == r"D:\Data"
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="netlink")
+@pytest.mark.parametrize("system", [True, False])
+async def test_the_units_let_the_agent_open_every_socket_family_it_uses(system: bool) -> None:
+    # agent/netwatch.py watches the network on an AF_NETLINK socket: a RestrictAddressFamilies=
+    # without it fails that socket() (EAFNOSUPPORT) under the service alone, where the
+    # watcher was then off for good, logged at info as if in a sandbox the operator chose.
+    from agent import netwatch
+
+    watcher = netwatch.watch(lambda: None)
+    if watcher is None:
+        pytest.skip("no netlink here")
+    assert isinstance(watcher, netwatch.NetlinkWatch)
+    opened = {watcher._sock.family.name}
+    watcher.close()
+    service = unit_sections(tpl.systemd_unit("/usr/bin/python3", system=system))["Service"]
+    allowed = set(service["RestrictAddressFamilies"].split())
+    assert opened | {"AF_UNIX", "AF_INET", "AF_INET6"} <= allowed, allowed
