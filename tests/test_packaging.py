@@ -28,7 +28,7 @@ COMMON = {
     "ExecReload": f"{PY} -m agent check-config --reload $MAINPID", "SyslogIdentifier": "outpost",
     "Restart": "on-failure", "RestartSec": "2",
     "WatchdogSec": "30", "TimeoutStopSec": "30", "LimitNOFILE": "8192", "UMask": "0077", "NoNewPrivileges": "true",
-    "RestrictAddressFamilies": "AF_UNIX AF_INET AF_INET6", "LockPersonality": "true",
+    "RestrictAddressFamilies": "AF_UNIX AF_INET AF_INET6 AF_NETLINK", "LockPersonality": "true",
     "SystemCallArchitectures": "native",
 }
 SYSTEM_ONLY = {

@@ -81,7 +81,8 @@ ProtectProc=invisible
 ProcSubset=pid
 RemoveIPC=yes
 PrivateUsers=yes
-RestrictAddressFamilies=AF_UNIX AF_INET AF_INET6
+# AF_NETLINK: the kernel's network-change notifications (agent/netwatch.py).
+RestrictAddressFamilies=AF_UNIX AF_INET AF_INET6 AF_NETLINK
 RestrictNamespaces=true
 RestrictRealtime=true
 RestrictSUIDSGID=true
@@ -115,7 +116,8 @@ UMask=0077
 # unit need unprivileged user namespaces in a user manager and fail to start
 # where those are disabled.
 NoNewPrivileges=true
-RestrictAddressFamilies=AF_UNIX AF_INET AF_INET6
+# AF_NETLINK: the kernel's network-change notifications (agent/netwatch.py).
+RestrictAddressFamilies=AF_UNIX AF_INET AF_INET6 AF_NETLINK
 RestrictNamespaces=true
 RestrictRealtime=true
 RestrictSUIDSGID=true
