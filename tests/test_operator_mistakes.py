@@ -365,3 +365,36 @@ def test_a_unit_for_an_awkward_but_runnable_path_is_one_systemd_accepts(
     for refusal in ("Unbalanced", "special characters", "not executable", "bad unit file",
                     "Invalid", "fatal error"):
         assert refusal not in said, said
+
+
+def _as_a_user_without_a_home(tmp_path: Path) -> list[str] | None:
+    """The argv prefix that runs as uid 12345, which no passwd entry names (as an arbitrary
+    uid in a container), in a user namespace; None where that cannot be made."""
+    unshare = shutil.which("unshare")
+    if unshare is None:
+        return None
+    prefix = [unshare, "--user", "--map-user=12345", "--map-group=12345"]
+    probe = subprocess.run([*prefix, sys.executable, "-c", "import os; print(os.getuid())"],
+                           capture_output=True, text=True, timeout=30)
+    return prefix if probe.stdout.strip() == "12345" else None
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="a user namespace")
+@pytest.mark.parametrize("command", [["doctor"], ["config", "init"], ["check-config"], ["run"],
+                                     ["status"], ["service", "install", "--user", "--dry-run"]])
+def test_no_home_directory_at_all_is_one_line(tmp_path: Path, command: list[str]) -> None:
+    # HOME unset and no passwd entry for the uid: platformdirs (and Path.home) cannot tell
+    # where the user's config and data go, and raised RuntimeError.
+    prefix = _as_a_user_without_a_home(tmp_path)
+    if prefix is None:
+        pytest.skip("cannot run as a uid without a passwd entry here")
+    env = {k: v for k, v in os.environ.items()
+           if k not in ("HOME", "OUTPOST_CONFIG", "OUTPOST_SYSTEM", "XDG_CONFIG_HOME",
+                        "XDG_DATA_HOME", "USER", "LOGNAME", "USERNAME", "LNAME")}
+    env["PYTHONPATH"] = str(ROOT)
+    run = subprocess.run([*prefix, sys.executable, "-m", "agent", *command], cwd=tmp_path,
+                         env=env, capture_output=True, text=True, timeout=30)
+    line = one_line(run.stdout + run.stderr)
+    assert run.returncode == EXIT_CONFIG, line
+    assert "home directory" in line and "HOME" in line, line
+    assert not any(tmp_path.iterdir()), list(tmp_path.iterdir())
