@@ -341,6 +341,9 @@ def main(argv: list[str] | None = None) -> int:
         # would, without a traceback (and without flushing again at exit).
         _drop_output()
         return SIGPIPE_EXIT
+    except paths.NoHome as exc:   # no HOME and no passwd entry: nowhere per-user to look
+        _say(str(exc))
+        return EXIT_CONFIG
     except OutputError as exc:   # `outpost status > file` on a full disk
         _drop_output()
         print(f"outpost: cannot write the output: {exc.strerror or exc}; what was written "

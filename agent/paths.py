@@ -33,6 +33,25 @@ def is_system_service() -> bool:
     return sys.platform != "win32" and hasattr(os, "geteuid") and os.geteuid() == 0
 
 
+class NoHome(RuntimeError):
+    """No home directory to put the per-user config and data in (HOME unset or relative,
+    and no passwd entry for this uid, as for an arbitrary uid in a container)."""
+
+    def __init__(self) -> None:
+        uid = f"uid {os.getuid()}" if hasattr(os, "getuid") else "this user"
+        super().__init__(f"cannot tell this user's home directory: HOME is unset or not "
+                         f"absolute, and {uid} has no passwd entry; set HOME (or "
+                         "XDG_CONFIG_HOME and XDG_DATA_HOME) to an absolute path")
+
+
+def home() -> Path:
+    """The user's home directory; NoHome where there is none to tell."""
+    try:
+        return Path.home()
+    except RuntimeError:
+        raise NoHome() from None
+
+
 def _locate(system: bool | None, env_var: str, linux_system: Path,
             site: Callable[..., str], user: Callable[..., str]) -> Path:
     system = is_system_service() if system is None else system
@@ -42,7 +61,10 @@ def _locate(system: bool | None, env_var: str, linux_system: Path,
     if system:
         return linux_system if sys.platform.startswith("linux") else Path(
             site(APP, appauthor=False))
-    return Path(user(APP, appauthor=False))
+    try:
+        return Path(user(APP, appauthor=False))
+    except RuntimeError:   # platformdirs: "could not determine the home directory"
+        raise NoHome() from None
 
 
 def config_dir(system: bool | None = None) -> Path:

@@ -35,17 +35,28 @@ def current_target(system: bool) -> Target:
         gui = Path(python).with_name("pythonw.exe")
         python = str(gui) if gui.exists() else python
     domain = os.environ.get("USERDOMAIN")
+    try:
+        user = getpass.getuser()
+    except (KeyError, OSError):   # no USER and no passwd entry: only the Windows task names it
+        user = str(os.getuid()) if hasattr(os, "getuid") else ""
     return Target(
         os=os_name,
         system=system,
         python=python,
-        home=str(Path.home()),
+        home=str(paths.home()),
         uid=os.getuid() if hasattr(os, "getuid") else 0,
-        user=f"{domain}\\{getpass.getuser()}" if domain else getpass.getuser(),
-        config_home=platformdirs.user_config_dir() if os_name in ("linux", "win32") else "",
+        user=f"{domain}\\{user}" if domain else user,
+        config_home=_user_config_home() if os_name in ("linux", "win32") else "",
         package_dir=str(Path(agent.__file__).parent),
         program_data=os.environ.get("PROGRAMDATA", r"C:\ProgramData"),
     )
+
+
+def _user_config_home() -> str:
+    try:
+        return platformdirs.user_config_dir()
+    except RuntimeError:   # platformdirs: "could not determine the home directory"
+        raise paths.NoHome() from None
 
 
 def add_parser(subparsers: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
