@@ -248,26 +248,32 @@ def cmd_check_config(args: argparse.Namespace) -> int:
     return 0
 
 
+def _show(line: str) -> None:
+    """One line of doctor's: what it names (the environment's, the config's, the bus's)
+    shown escaped."""
+    print(printable(line))
+
+
 def cmd_doctor(args: argparse.Namespace) -> int:
     from agent.device import detect
     cfg = _load(args)
     if cfg is None:
         return EXIT_CONFIG
-    print(f"outpost {__version__}, python {sys.version.split()[0]}")
-    print("device facts:")
+    _show(f"outpost {__version__}, python {sys.version.split()[0]}")
+    _show("device facts:")
     for name, value in detect(cfg.device).as_dict().items():
-        print(f"  {name:10} {value}")
-    print("paths:")
-    print(f"  config     {cfg.source}")
-    print(f"  config dir {paths.config_dir()}")
-    print(f"  spool      {cfg.storage.resolved_path()}")
-    print(f"  service    {'system' if paths.is_system_service() else 'user'}")
-    print(f"listen: {cfg.listen.host}:{cfg.listen.port}")
-    print("upstreams:")
+        _show(f"  {name:10} {value}")
+    _show("paths:")
+    _show(f"  config     {cfg.source}")
+    _show(f"  config dir {paths.config_dir()}")
+    _show(f"  spool      {cfg.storage.resolved_path()}")
+    _show(f"  service    {'system' if paths.is_system_service() else 'user'}")
+    _show(f"listen: {cfg.listen.host}:{cfg.listen.port}")
+    _show("upstreams:")
     for up in cfg.upstreams:
-        print(f"  {up.name:10} {up.protocol:13} {up.url}  {uplink_class(up.protocol).probe(up)}")
+        _show(f"  {up.name:10} {up.protocol:13} {up.url}  {uplink_class(up.protocol).probe(up)}")
     if not cfg.upstreams:
-        print("  (none: events are kept until an upstream is configured)")
+        _show("  (none: events are kept until an upstream is configured)")
     _doctor_sync(cfg.sync)
     return 0
 
@@ -287,16 +293,16 @@ def _doctor_sync(cfg: SyncConfig) -> None:
         battery, unread = read_battery(), ""
     except Exception as exc:  # noqa: BLE001 - shown, as the agent counts it: no battery
         battery, unread = None, f"unreadable ({type(exc).__name__}: {exc}): counted as none"
-    print("sync:")
-    print(f"  on_metered     {cfg.on_metered}")
-    print(f"  on_low_battery {cfg.on_low_battery} (below {cfg.low_battery_pct}%)")
-    print(f"  max_hold_h     {cfg.max_hold_h:g}")
+    _show("sync:")
+    _show(f"  on_metered     {cfg.on_metered}")
+    _show(f"  on_low_battery {cfg.on_low_battery} (below {cfg.low_battery_pct}%)")
+    _show(f"  max_hold_h     {cfg.max_hold_h:g}")
     unknown = ", treated as not metered" if metered.state is Metered.UNKNOWN else ""
-    print(f"  metered        {metered.state.value} ({metered.detail}){unknown}")
-    print("  battery        " + (f"{battery.percent:.0f}%, {'on mains' if battery.plugged else 'on battery'}"
+    _show(f"  metered        {metered.state.value} ({metered.detail}){unknown}")
+    _show("  battery        " + (f"{battery.percent:.0f}%, {'on mains' if battery.plugged else 'on battery'}"
                                  if battery else unread or "none"))
     profile = decide(cfg, metered, battery)
-    print(f"  profile now    {profile.mode} ({profile.reason})")
+    _show(f"  profile now    {profile.mode} ({profile.reason})")
 
 
 def build_parser() -> argparse.ArgumentParser:
