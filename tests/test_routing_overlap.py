@@ -4,6 +4,7 @@ priority rules are that upstream's. A real agent on 127.0.0.1, fake upstreams on
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 from typing import Any
 
@@ -54,31 +55,11 @@ def test_check_config_says_which_upstream_can_get_no_events(tmp_path: Path) -> N
     never get an event: check-config (the service's reload check) and the agent's start
     say so, and the config stays valid (it was before)."""
     cfg = tmp_path / "agent.toml"
-    cfg.write_text("""
-[[upstream]]
-name = "named"
-protocol = "segment-http"
-url = "http://127.0.0.1:9"
-keys = ["a", "b"]
-
-[[upstream]]
-name = "shadowed"
-protocol = "segment-http"
-url = "http://127.0.0.1:9"
-keys = ["b"]
-
-[[upstream]]
-name = "rest"
-protocol = "segment-http"
-url = "http://127.0.0.1:9"
-keys = ["*", "c"]
-
-[[upstream]]
-name = "after-all"
-protocol = "segment-http"
-url = "http://127.0.0.1:9"
-keys = ["d"]
-""")
+    cfg.write_text("".join(
+        f'[[upstream]]\nname = "{name}"\nprotocol = "segment-http"\n'
+        f'url = "http://127.0.0.1:9"\nkeys = {json.dumps(keys)}\n\n'
+        for name, keys in [("named", ["a", "b"]), ("shadowed", ["b"]), ("rest", ["*", "c"]),
+                           ("after-all", ["d"])]))
     run = check_config(str(cfg))
     assert run.returncode == 0, run.stderr
     notes = [ln for ln in run.stdout.splitlines() if ln.startswith("note:")]
