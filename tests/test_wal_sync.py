@@ -38,7 +38,10 @@ RESUMED = re.compile(r"^(\d+) +<\.\.\. (\w+) resumed>")
 # A connection the agent accepted (an app's: it has no upstream), by its socket's inode.
 # Not strace -yy's addresses: strace asks the kernel (sock_diag) for them at every
 # call, which made it lag far behind the agent on a machine busy with many connections.
-ACCEPTED = re.compile(r"accept4?\(.* = \d+<(socket:\[\d+\])>$")
+# Its result on the call's line, or on its "resumed" line when another thread's call came
+# in between (strace -f splits it: `accept4(18<...>, ... <unfinished ...>`, then
+# `<... accept4 resumed>) = 20<socket:[...]>`).
+ACCEPTED = re.compile(r"accept4?(?:\(| resumed>).* = \d+<(socket:\[\d+\])>$")
 
 
 def strace() -> str:
