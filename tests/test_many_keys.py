@@ -271,6 +271,14 @@ class HeldCloseUpstream:
             await self._runner.cleanup()
 
 
+async def post_events(port: int, key: str, ids: range) -> None:
+    async with aiohttp.ClientSession() as s, s.post(
+            f"http://127.0.0.1:{port}/app/{key}/track",
+            json={"data": [{"type": "event", "name": "e", "id": i, "sessionId": 1}
+                           for i in ids]}) as r:
+        assert r.status == 200, await r.text()
+
+
 async def post_event(port: int, key: str, event_id: int) -> None:
     async with aiohttp.ClientSession() as s, s.post(
             f"http://127.0.0.1:{port}/app/{key}/track",
@@ -369,3 +377,34 @@ async def test_keys_that_all_resume_at_once_run_a_bounded_number_of_loops(
     await wait_for(lambda: agent.spool.depth == 0, timeout=30)
     assert sorted(fake_nucleus.ids()) == list(range(keys))
     assert fake_nucleus.most_open <= cap, fake_nucleus.most_open
+
+
+async def test_keys_that_never_empty_their_queue_give_their_turn_to_keys_in_line(
+        make_agent: Any, fake_nucleus: FakeNucleus) -> None:
+    """With loops bounded, keys whose queues never empty (posted to faster than a slow
+    upstream takes) would hold every loop for good and keep a key in line out: each gives
+    its turn after two flush intervals while others wait, and goes to the back."""
+    fake_nucleus.delay_s = 0.05   # 20 frames a second, of at most 5 events each
+    agent = await make_agent(seams=Seams(max_loops=2),
+                             upstreams=[{"name": "up", "protocol": "nucleus-ws",
+                                         "url": fake_nucleus.url, "flush_interval_s": 0.2,
+                                         "batch_max_events": 5}])
+    busy = asyncio.Event()
+
+    async def feed(key: str, first: int) -> None:
+        for i in range(first, first + 2_000, 20):   # 20 events every 20 ms: ~1,000 a second
+            await post_events(agent.port, key, range(i, i + 20))
+            busy.set()
+            await asyncio.sleep(0.02)
+
+    feeders = [asyncio.create_task(feed(key_of(k), k * 100_000)) for k in (0, 1)]
+    try:
+        await busy.wait()
+        await wait_for(lambda: len(agent.forwarding.loops) == 2)
+        await post_event(agent.port, key_of(2), 999_999)
+        await wait_for(lambda: 999_999 in fake_nucleus.ids(), timeout=15)
+        assert not all(f.done() for f in feeders), "the busy keys stopped before it went"
+    finally:
+        for f in feeders:
+            f.cancel()
+        await asyncio.gather(*feeders, return_exceptions=True)
