@@ -177,12 +177,15 @@ class StreamForwarder:
         self.timing = timing
         self.backoff = backoff
         self.released = False
+        self.yielded = False   # released with events queued: its turn passed to a key in line
         self._empty_since: float | None = None  # loop time the queue was first seen empty
+        self._turn_from: float | None = None   # loop time it began this turn (run)
 
     async def run(self) -> None:
         """One life of the loop. Raises what it did not expect; the supervisor
         counts it and calls ``run`` again, with a fresh uplink, after a backoff."""
         self._cursors, self._failed, self._crash = [0] * len(LANES), None, None
+        self._turn_from = asyncio.get_running_loop().time()
         self.uplink.on_crash = self._crashed
         self.uplink.on_unreadable = self.state.unreadable_reply
         try:
@@ -228,6 +231,12 @@ class StreamForwarder:
             # As after a failure: nothing in flight, so nothing sent later can overtake.
             self._reopen = False
             await self.uplink.close()
+        if self._turn_over() and self.queued():
+            if self._tasks or self._acking:
+                await self._idle(None)   # nothing more is read; each answer wakes it
+            else:
+                self.released = self.yielded = True
+            return
         if len(self._tasks) >= self.window:
             self._read_ahead()
             await self._idle(None)
@@ -536,6 +545,17 @@ class StreamForwarder:
         with contextlib.suppress(asyncio.TimeoutError):
             await asyncio.wait_for(self.wake.wait(),
                                    max(timeout, 0.0) if timeout is not None else None)
+
+    def _turn_over(self) -> bool:
+        """Whether this loop gives its turn to the keys in line for a loop
+        (supervisor.MAX_LOOPS), once what it has in flight is answered: after two flush
+        intervals, so that keys that never empty their queue (a slow upstream) cannot keep
+        the others out for good."""
+        if self.release is None or not self.release.crowded():
+            return False
+        started = self._turn_from
+        return started is not None and \
+            asyncio.get_running_loop().time() - started >= 2 * self.release.idle_s
 
     async def _release_when_idle(self, idle_s: float) -> None:
         """Mark the loop released once its queue has stayed empty for ``idle_s``.

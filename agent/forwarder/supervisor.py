@@ -247,10 +247,13 @@ class Supervisor:
     def _ended(self, key: str, loop: StreamForwarder, task: asyncio.Task[None]) -> None:
         self._tasks.discard(task)
         self._running[loop.cfg.name] -= 1
+        requeue = False
         if self.loops.get(key) is loop:  # not yet replaced by a loop for newer data
             if not loop.omitted or not loop.stream.depth:
                 self._omitted.pop(key, None)   # (a successor shares the same LeftOut)
             del self.loops[key]
+            # Its turn passed to a key in line: it goes to the back of the line.
+            requeue = loop.yielded and key not in self._lot
             # Stopped by regate, which may have let the key go again since; unless the
             # loop parked the key on its way out: then its retry time starts the next.
             if loop.stopping and key not in self._lot:
@@ -259,6 +262,8 @@ class Supervisor:
                     loop.state.state = "idle"   # held: none of the upstream's loops sends now
                 self._ensure(key)
         self._next_in_line(loop.cfg.name)
+        if requeue and key not in self.loops:
+            self._ensure(key, until=loop.until)
 
     def _wait_in_line(self, name: str, key: str, attempt: int, until: int | None) -> None:
         line = self._line.setdefault(name, {})
