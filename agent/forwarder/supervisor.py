@@ -262,8 +262,9 @@ class Supervisor:
                     loop.state.state = "idle"   # held: none of the upstream's loops sends now
                 self._ensure(key)
         self._next_in_line(loop.cfg.name)
-        if requeue and key not in self.loops:
-            self._ensure(key, until=loop.until)
+        if requeue and key not in self.loops:   # a release under way (max_hold_h) goes on
+            bound = max((seq for seq in loop.until or () if seq is not None), default=None)
+            self._ensure(key, until=bound)
 
     def _wait_in_line(self, name: str, key: str, attempt: int, until: int | None) -> None:
         line = self._line.setdefault(name, {})
