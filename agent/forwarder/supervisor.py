@@ -30,7 +30,8 @@ batches in flight from all its keys, so memory stays bounded however many keys h
 queues. And at most ``MAX_LOOPS`` loops run per upstream: a flush, an upstream's return
 or a start with many keys waiting would start one for each at once (~10 KB each); the
 other keys wait in line, in the order they asked, and while any waits a loop whose
-queue is empty ends at once instead of lingering ``flush_interval_s``.
+queue is empty ends at once instead of lingering ``flush_interval_s``, and one that has
+run two of them gives its turn and goes to the back (``StreamForwarder._turn_over``).
 
 ``_run`` is the one supervision point: whatever a forwarder, its delivery
 tasks or its uplink's own tasks raise unexpectedly ends up there, is logged
