@@ -144,9 +144,10 @@ async def test_a_207_from_an_upstream_agent_isolates_the_refused_message(
     assert b.spool.counters["ingested"] == 2
 
 
-async def test_a_207_that_names_no_message_is_split(make_agent: Any, tmp_path: Path) -> None:
-    """A 207 from a collector whose body does not name each refused message by its place
-    in the batch: the batch is split to find them, as for a 400."""
+async def split_207(make_agent: Any, partial: dict[str, Any]) -> tuple[Any, list[list[str]]]:
+    """Three events to a collector that answers ``partial`` with a 207 for any batch
+    holding the bad message m1 with others, a 400 for m1 alone, and 200 otherwise; once
+    the queue is empty (or the forwarder crashed), the agent and the batches it saw."""
     seen: list[list[str]] = []
 
     async def collector(request: web.Request) -> web.Response:
@@ -155,36 +156,7 @@ async def test_a_207_that_names_no_message_is_split(make_agent: Any, tmp_path: P
         if "m1" not in ids:
             return web.json_response({"success": True})
         if len(ids) > 1:
-            return web.json_response({"errors": ["some messages failed"]}, status=207)
-        return web.json_response({"error": "bad message"}, status=400)
-
-    async with serving("/v1/batch", collector) as url:
-        a = await make_agent(upstreams=[{
-            "name": "c", "protocol": "segment-http", "url": url,
-            "flush_interval_s": 0.05, "timeout_s": 2}])
-        await send(a.port, events(3))
-        await wait_for(lambda: a.spool.depth == 0)
-        dead = await a.spool.dead_letters()
-        assert [orjson.loads(d["body"])["messageId"] for d in dead] == ["m1"]
-        assert "bad message" in dead[0]["reason"]
-        assert seen[0] == ["m0", "m1", "m2"] and ["m1"] in seen
-
-
-async def test_a_207_naming_a_place_too_long_for_a_number_is_split(make_agent: Any) -> None:
-    """A 207 whose `batch[i]` holds more digits than Python turns into an int (4,300): it
-    places nothing, and is split as any 207 that does not place its errors. int() raised
-    ValueError out of the send, a forwarder crash at every resend of the batch, for ever."""
-    seen: list[list[str]] = []
-    place = "batch[" + "9" * 5000 + "]"
-
-    async def collector(request: web.Request) -> web.Response:
-        ids = [ev["messageId"] for ev in (await request.json())["batch"]]
-        seen.append(ids)
-        if "m1" not in ids:
-            return web.json_response({"success": True})
-        if len(ids) > 1:
-            return web.json_response({"Errors": [{"Error": "Bad Request", "Message": "bad",
-                                                  "Details": place}]}, status=207)
+            return web.json_response(partial, status=207)
         return web.json_response({"error": "bad message"}, status=400)
 
     async with serving("/v1/batch", collector) as url:
@@ -194,7 +166,29 @@ async def test_a_207_naming_a_place_too_long_for_a_number_is_split(make_agent: A
         await send(a.port, events(3))
         state = a.forwarding.states["c"]
         await wait_for(lambda: a.spool.depth == 0 or state.crashes > 0)
-        assert state.crashes == 0, state.last_error
-        dead = await a.spool.dead_letters()
-        assert [orjson.loads(d["body"])["messageId"] for d in dead] == ["m1"]
-        assert seen[0] == ["m0", "m1", "m2"] and ["m1"] in seen
+    return a, seen
+
+
+async def test_a_207_that_names_no_message_is_split(make_agent: Any, tmp_path: Path) -> None:
+    """A 207 from a collector whose body does not name each refused message by its place
+    in the batch: the batch is split to find them, as for a 400."""
+    a, seen = await split_207(make_agent, {"errors": ["some messages failed"]})
+    assert a.spool.depth == 0
+    dead = await a.spool.dead_letters()
+    assert [orjson.loads(d["body"])["messageId"] for d in dead] == ["m1"]
+    assert "bad message" in dead[0]["reason"]
+    assert seen[0] == ["m0", "m1", "m2"] and ["m1"] in seen
+
+
+async def test_a_207_naming_a_place_too_long_for_a_number_is_split(make_agent: Any) -> None:
+    """A 207 whose `batch[i]` holds more digits than Python turns into an int (4,300): it
+    places nothing, and is split as any 207 that does not place its errors. int() raised
+    ValueError out of the send, a forwarder crash at every resend of the batch, for ever."""
+    place = "batch[" + "9" * 5000 + "]"
+    a, seen = await split_207(make_agent, {"Errors": [
+        {"Error": "Bad Request", "Message": "bad", "Details": place}]})
+    state = a.forwarding.states["c"]
+    assert state.crashes == 0, state.last_error
+    dead = await a.spool.dead_letters()
+    assert [orjson.loads(d["body"])["messageId"] for d in dead] == ["m1"]
+    assert seen[0] == ["m0", "m1", "m2"] and ["m1"] in seen
