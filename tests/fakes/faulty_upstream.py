@@ -43,11 +43,14 @@ from tests.fakes.loopback_server import LoopbackServer
 #   malformed  answer 200 with `body` (default: truncated JSON)
 #   noise      websocket: `times` messages that are not JSON (a proxy's error page), then
 #              the proper ack
+#   backlog    the request (HTTP: received whole) or frame waits `delay` seconds before the
+#              upstream starts on it, as in a busy server's queue: it is acknowledged after
+#              the agent stopped waiting (its Request's `arrived` is when it was started on)
 #   huge       acknowledge every id in a reply padded with spaces to `size` bytes (valid
 #              JSON, absurdly long); HTTP: streamed, and the bytes written before the
 #              agent stopped reading are kept in the Request's `written`
 KINDS = frozenset({"status", "timeout", "slow", "stall", "reset", "close", "partial", "unknown",
-                   "bogus", "malformed", "huge", "noise"})
+                   "bogus", "malformed", "huge", "noise", "backlog"})
 NEVER_SENT: list[Any] = [987654321, "never-sent", True, None, {"id": 1}, [1]]
 
 
@@ -81,6 +84,7 @@ class Request:
     acked: list[Any] = field(default_factory=list)
     answered: float | None = None
     written: int = 0   # huge: reply bytes written before the agent stopped reading
+    query: str = ""    # HTTP: the URL's query string
 
 
 class FaultyUpstream(LoopbackServer):
@@ -119,8 +123,19 @@ class FaultyUpstream(LoopbackServer):
     def _ids(events: list[dict[str, Any]]) -> list[Any]:
         return [ev["id"] for ev in events if "id" in ev and ev.get("type") != "heartbeat"]
 
+    async def _backlog(self, request: web.Request | None = None) -> Fault | None:
+        """A scripted backlog: the request's body is received (aiohttp keeps it for the
+        handler's read), then it waits out the delay; the request's fault."""
+        if not self.script or self.script[0].kind != "backlog":
+            return None
+        fault = self.script.pop(0)
+        if request is not None:
+            await request.read()
+        await asyncio.sleep(fault.delay)
+        return fault
+
     def _ack(self, fault: Fault | None, ids: list[Any]) -> list[Any]:
-        if fault is None or fault.kind in ("slow", "stall", "huge"):
+        if fault is None or fault.kind in ("slow", "stall", "huge", "backlog"):
             return ids
         if fault.kind in ("partial", "close"):
             return ids[: len(ids) // 2]
@@ -144,11 +159,12 @@ class FaultyUpstream(LoopbackServer):
     async def _nucleus_http(self, request: web.Request) -> web.StreamResponse:
         if await self._reset(request):
             return web.Response(status=500)
-        rec = Request(time.monotonic(), request.path, [])
+        queued = await self._backlog(request)
+        rec = Request(time.monotonic(), request.path, [], query=request.query_string)
         self.requests.append(rec)
         msg = orjson.loads(await request.read())
         rec.events = [ev for ev in msg.get("data", []) if ev.get("type") != "heartbeat"]
-        fault = self._next(rec.events)
+        fault = queued or self._next(rec.events)
         rec.fault = fault.kind if fault else "ok"
         if fault is not None and fault.kind in ("timeout", "slow"):
             await asyncio.sleep(fault.delay)
@@ -191,9 +207,10 @@ class FaultyUpstream(LoopbackServer):
                       if ev.get("type") != "heartbeat"]
             if not events:
                 continue
+            queued = await self._backlog()
             rec = Request(time.monotonic(), request.path, events)
             self.requests.append(rec)
-            fault = self._next(events)
+            fault = queued or self._next(events)
             self._frames += 1
             if fault is None and self.flap_every and self._frames % self.flap_every == 0:
                 fault = Fault("close", delay=self.flap_delay)
