@@ -14,11 +14,11 @@ import shutil
 import sqlite3
 import tempfile
 import threading
-import time
 from collections import Counter
 from collections.abc import Callable, Coroutine
 from pathlib import Path
 from typing import Any, TypeVar
+from urllib.parse import parse_qs
 
 import aiohttp
 import orjson
@@ -351,8 +351,9 @@ class _Scene:
         self.fake = self.call(FaultyUpstream().start())
         cfg = write_config(tmp / "agent.toml", tmp / "spool.db", upstreams=[upstream(
             self.fake, protocol, timeout_s=TIMEOUT_S, batch_max_events=4, max_in_flight=3)])
-        # The agent's sends that got no reply (timed out, cut off): (key, ids, start, end).
-        self.unanswered: list[tuple[str, tuple[Any, ...], float, float]] = []
+        # Per send of the agent's, in order: whether it got a reply (False: timed out or cut
+        # off). Over HTTP each request names its send in the URL's query.
+        self.answered: list[bool] = []
         self.agent = Agent(config_mod.load_file(cfg), str(cfg), seams=Seams(
             backoff=FAST_BACKOFF, make_uplink=self._watched_uplink))
         self.call(self.agent.start())
@@ -363,27 +364,32 @@ class _Scene:
         upstream may have acknowledged those, and the agent rightly sends them again."""
         uplink = make_uplink(cfg, key, session, machine_id)
         send = uplink.send
+        url = getattr(uplink, "url", "")
 
         async def watched(prepared: Prepared) -> SendResult:
-            start = time.monotonic()
+            number = len(self.answered)
+            self.answered.append(True)
+            if isinstance(uplink, NucleusHttpUplink):
+                uplink.url = f"{url}?send={number}"   # read as the send starts, before any await
             result = await send(prepared)
-            if isinstance(result, Retry) and result.error.startswith("request failed"):
-                self.unanswered.append((key, tuple(prepared.ids), start, time.monotonic()))
+            self.answered[number] = not (isinstance(result, Retry)
+                                         and result.error.startswith("request failed"))
             return result
 
         uplink.send = watched
         return uplink
 
     def lost_acks(self) -> Counter[tuple[str, Any]]:
-        """(key, id) -> acks the upstream sent in replies the agent never got: requests it
-        acknowledged that carried a send of the agent's that ended with no reply (the
-        same key and ids, arriving while that send was out; both clocks are this loop's)."""
+        """(key, id) -> acks the upstream sent in replies the agent never got: what it
+        acknowledged in requests whose send ended with no reply. Known by the send each
+        request names, not by when it arrived: the upstream may start on a request only
+        after the agent stopped waiting (a busy upstream, or a busy machine's loop)."""
         lost: Counter[tuple[str, Any]] = Counter()
         for rec in list(self.fake.requests):
-            key, ids = rec.path.split("/")[2], tuple(ev["id"] for ev in rec.events)
-            if rec.acked and any(k == key and i == ids and start <= rec.arrived <= end
-                                 for k, i, start, end in self.unanswered):
-                lost.update((key, a) for a in rec.acked)
+            send = parse_qs(rec.query).get("send")
+            if send and not self.answered[int(send[0])]:
+                lost.update((rec.path.split("/")[2], ev["id"]) for ev in rec.events
+                            if _acks(rec, ev))
         return lost
 
     def call(self, coro: Coroutine[Any, Any, T], timeout: float = 60.0) -> T:
