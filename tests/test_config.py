@@ -265,3 +265,28 @@ def test_the_shipped_agent_toml_names_every_key() -> None:
                for f in dataclasses.fields(kind)
                if not re.search(rf"(^|[#\s]){f.name}\s*=", text, re.M)]
     assert not missing, missing
+
+
+@pytest.mark.parametrize(("rules", "hold_h", "noted"), [
+    ('on_metered = "hold"', 48, True),
+    ('on_low_battery = "priority_only"', 24, True),   # 24 h is not below one day
+    ('on_metered = "hold"', 23.5, False),
+    ('on_metered = "normal"', 48, False),            # nothing is ever held
+])
+def test_check_config_notes_held_events_that_expire_before_max_hold_h_sends_them(
+        tmp_path: Path, rules: str, hold_h: float, noted: bool) -> None:
+    """A transmit profile that holds events, with storage.max_age_days no longer than
+    sync.max_hold_h: expiry deletes held events before the hold is ended for them (both
+    clocks must pass max_age_days, either clock ends a hold). The config loaded and lost
+    them silently; now check-config (and the agent's start) says so, and it stays valid."""
+    cfg = tmp_path / "agent.toml"
+    cfg.write_text(f"[storage]\nmax_age_days = 1\n\n[sync]\n{rules}\nmax_hold_h = {hold_h}\n")
+    run = check_config(str(cfg))
+    assert run.returncode == 0, run.stderr
+    notes = [ln for ln in run.stdout.splitlines() if ln.startswith("note:")]
+    if not noted:
+        assert notes == [], run.stdout
+        return
+    (note,) = notes
+    assert f"sync.max_hold_h = {hold_h:g}" in note and "storage.max_age_days = 1" in note
+    assert "expire" in note
