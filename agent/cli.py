@@ -234,7 +234,7 @@ def cmd_check_config(args: argparse.Namespace) -> int:
         print("no config file found; the built-in defaults are valid")
     else:
         print(f"{target}: ok ({len(cfg.upstreams)} upstream(s))")
-        for note in preflight.shadowed(cfg):
+        for note in preflight.notes(cfg):
             print(f"note: {note}")
     if args.reload is not None:
         # systemd's ExecReload: a config that fails here makes `systemctl reload` fail,

@@ -33,7 +33,26 @@ def notices(cfg: Config) -> list[str]:
     if not cfg.upstreams:
         out.append("no upstream is configured: events are kept in the spool until one is "
                    "(add an [[upstream]] to the config, then reload)")
-    return out + shadowed(cfg)
+    return out + notes(cfg)
+
+
+def notes(cfg: Config) -> list[str]:
+    """What in a valid config loses or strands events, one line each: check-config's
+    notes, the agent's start's warnings."""
+    return shadowed(cfg) + expired_when_held(cfg)
+
+
+def expired_when_held(cfg: Config) -> list[str]:
+    """A transmit profile that holds events past ``storage.max_age_days``: expiry deletes
+    them before ``sync.max_hold_h`` sends them (expiry needs both clocks past the age,
+    either clock ends a hold, so a shorter hold always wins)."""
+    sync, days = cfg.sync, cfg.storage.max_age_days
+    holds = any(rule != "normal" for rule in (sync.on_metered, sync.on_low_battery))
+    if not holds or sync.max_hold_h < days * 24:
+        return []
+    return [f"sync.max_hold_h = {sync.max_hold_h:g} is not below storage.max_age_days = "
+            f"{days} ({days * 24} h): events a transmit profile holds expire before the hold "
+            "is ended for them; lower max_hold_h or raise max_age_days"]
 
 
 def shadowed(cfg: Config) -> list[str]:
