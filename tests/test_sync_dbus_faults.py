@@ -76,6 +76,21 @@ async def test_an_odd_reply_says_what_was_wrong_counted_and_without_a_traceback(
     assert len(lines(caplog, shown)) == 1 and no_traceback(caplog)
 
 
+async def test_an_error_reply_to_the_read_is_a_counted_failure(
+        make_agent: Any, fake_nucleus: FakeNucleus, bus: PrivateBus, nm: FakeNetworkManager,
+        caplog: pytest.LogCaptureFixture) -> None:
+    """NetworkManager is there but refuses the read (a bus policy that denies it, say).
+    Before the fix that was shown as unknown but not counted or logged: only
+    NetworkManager being absent is no failure."""
+    nm.error = "org.freedesktop.DBus.Error.AccessDenied"
+    agent = await watching(make_agent, fake_nucleus, bus.address)
+    await wait_for(lambda: agent.sync.errors >= 1)
+    sync = await sync_status(agent.port)
+    assert (sync["profile"], sync["metered"], sync["errors"]) == ("normal", "unknown", 1), sync
+    assert "AccessDenied" in sync["metered_detail"], sync
+    assert len(lines(caplog, "AccessDenied")) == 1 and no_traceback(caplog)
+
+
 async def test_a_huge_value_is_cut_and_a_flood_of_malformed_signals_is_one_line(
         make_agent: Any, fake_nucleus: FakeNucleus, bus: PrivateBus, nm: FakeNetworkManager,
         caplog: pytest.LogCaptureFixture) -> None:

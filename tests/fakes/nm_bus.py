@@ -85,6 +85,7 @@ class FakeNetworkManager:
         # Get's reply as (signature, body) instead of the variant of ``metered``: an odd one.
         self.reply: tuple[str, tuple[Any, ...]] | None = None
         self.silent = False   # Get is never answered, as by a NetworkManager that hangs
+        self.error: str | None = None   # Get is answered with this D-Bus error instead
         self._conn: DBusConnection | None = None
         self._task: asyncio.Task[None] | None = None
 
@@ -127,7 +128,9 @@ class FakeNetworkManager:
             member, path = fields.get(HeaderFields.member), fields.get(HeaderFields.path)
             if path == NM_PATH and member == "Get" and tuple(msg.body) == (NM_NAME, "Metered"):
                 self.gets += 1
-                if not self.silent:
+                if self.error is not None:
+                    await conn.send(new_error(msg, self.error))
+                elif not self.silent:
                     signature, body = self.reply or ("v", (("u", self.metered),))
                     await conn.send(new_method_return(msg, signature, body))
             elif path == NM_PATH and member == "GetAll" and tuple(msg.body) == (NM_NAME,):
