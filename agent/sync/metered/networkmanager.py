@@ -139,6 +139,11 @@ async def _receive(conn: DBusConnection) -> Message:
                        f"({type(exc).__name__}: {_shown(exc)})") from exc
 
 
+# The bus's answers for a name no process owns.
+_ABSENT = frozenset({"org.freedesktop.DBus.Error.ServiceUnknown",
+                     "org.freedesktop.DBus.Error.NameHasNoOwner"})
+
+
 def _reply_to(msg: Message) -> int | None:
     value = msg.header.fields.get(HeaderFields.reply_serial)
     return value if isinstance(value, int) else None
@@ -147,7 +152,11 @@ def _reply_to(msg: Message) -> int | None:
 def _answer(msg: Message, signature: str) -> MeteredReading:
     if msg.header.message_type is MessageType.error:
         name = msg.header.fields.get(HeaderFields.error_name, "an error")
-        return MeteredReading(Metered.UNKNOWN, f"NetworkManager not reachable: {_shown(name)}")
+        if name in _ABSENT:   # no NetworkManager on this machine: nothing failed
+            return MeteredReading(Metered.UNKNOWN, f"NetworkManager not reachable: {_shown(name)}")
+        # It is there, and the read was refused (a bus policy, say): a failure to count.
+        return MeteredReading(Metered.UNKNOWN, f"reading NetworkManager's Metered failed: "
+                              f"{_shown(name)}", failed=True)
     if signature != "v":
         return _failed(f"a reply to Get(Metered) of signature {signature!r}")
     return _from_variant(msg.body[0])
