@@ -10,6 +10,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import socket
+from collections import Counter
 from collections.abc import AsyncIterator
 from typing import Any
 
@@ -24,7 +25,7 @@ from tests.conftest import FAST_BACKOFF
 from tests.fakes.deaf_upstream import DeafUpstream
 from tests.fakes.faulty_upstream import Fault, FaultyUpstream
 from tests.fakes.nucleus_upstream import FakeNucleus
-from tests.test_upstream_faults import drained, event, manual, marks, send, upstream
+from tests.test_upstream_faults import delivered, drained, event, manual, marks, send, upstream
 from tests.waiting import wait_for
 
 PAD = "x" * 8000   # an event of about 8 KB
@@ -175,3 +176,30 @@ async def test_an_upstream_s_close_mid_batch_says_its_code_and_reason(
     for shown in (up["last_error"] or "", *(r.getMessage() for r in logged)):
         assert f"close code {code}" in shown and "refused by policy" in shown, shown
         assert secret not in shown
+
+
+async def test_frames_over_the_upstream_s_size_limit_are_made_smaller_until_they_fit(
+        make_agent: Any, faulty: FaultyUpstream, caplog: pytest.LogCaptureFixture) -> None:
+    """An upstream that takes websocket frames up to a size and closes the connection with
+    1009 for a longer one (aiohttp's max_msg_size, here). Before the fix the same frame
+    went again at every retry and was closed again, for ever: the hint in status to lower
+    batch_max_bytes was all. Now each 1009 halves the frames sent to that upstream (status
+    shows the limit, the log says so once), until they fit; an event the upstream takes
+    in no frame at all is a dead letter, with the upstream's close as its reason; and the
+    events after it are delivered, in order."""
+    caplog.set_level(logging.WARNING)
+    faulty.max_frame = 30_000   # three of these 8 KB events, not four
+    agent = await make_agent(upstreams=[upstream(faulty, "nucleus-ws", batch_max_events=100)])
+    await send(agent, [event(i, pad=PAD) for i in range(20)]
+               + [event(20, pad=PAD * 5), event(21, pad=PAD)])
+    await wait_for(lambda: agent.spool.depth == 0, timeout=20)
+    assert delivered(faulty) == Counter([*range(20), 21])
+    (letter,) = await agent.spool.dead_letters()
+    assert "close code 1009" in letter["reason"], letter
+    arrived = [m for r in faulty.requests for m in marks(r.events) if r.acked]
+    assert arrived == sorted(arrived)
+    up = await status_of(agent)
+    assert up["frame_limit_bytes"] is not None and up["frame_limit_bytes"] <= 30_000, up
+    shrunk = [r.getMessage() for r in caplog.records if "1009" in r.getMessage()
+              and "frames" in r.getMessage()]
+    assert shrunk and all(str(up["frame_limit_bytes"]) in m or "bytes" in m for m in shrunk)

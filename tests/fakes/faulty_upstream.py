@@ -96,6 +96,9 @@ class FaultyUpstream(LoopbackServer):
         self.poison: Callable[[dict[str, Any]], bool] = lambda ev: False
         self.connect_script: list[Fault] = []
         self.flap_every = 0
+        # Websocket: the longest frame it takes (aiohttp's max_msg_size: it closes the
+        # connection with 1009 for a longer one); 0: any.
+        self.max_frame = 0
         self.flap_delay = 0.0
         self._frames = 0
         self.requests: list[Request] = []
@@ -194,7 +197,7 @@ class FaultyUpstream(LoopbackServer):
             if fault.kind == "status":
                 return web.Response(status=fault.status, headers=_headers(fault))
             await asyncio.sleep(fault.delay)
-        ws = web.WebSocketResponse(max_msg_size=0)
+        ws = web.WebSocketResponse(max_msg_size=self.max_frame)
         await ws.prepare(request)
         if fault is not None and fault.kind == "close":
             await ws.close()
