@@ -28,6 +28,9 @@ class UpstreamState:
     # Wall time a probe first failed to connect; while set, probed every 2 s (probe.py).
     unreachable_since: float | None = None
     probes: int = 0              # TCP probes finished
+    # The most bytes per batch it takes, learned from its refusals (a websocket closed
+    # with 1009 for a frame: half that frame): loops send it no larger ones.
+    frame_limit_bytes: int | None = None
 
     def unreadable_reply(self) -> None:
         self.unreadable_replies += 1

@@ -654,6 +654,8 @@ class StreamForwarder:
                 self._reopen = True
             elif result.acked:
                 self.attempt = 0   # it answered: progress, not an outage to back off from
+        if isinstance(result, Retry) and result.too_big is not None:
+            self._too_big(result.too_big)
         if isinstance(result, Acked) and result.refused:
             dead = [*dead, *result.refused]
         acked = result.seqs if isinstance(result, Acked) else result.acked
@@ -689,6 +691,18 @@ class StreamForwarder:
                 self.state.state = "idle" if len(self._tasks) <= 1 else "sending"
         if acked:  # last: a hook that raises (a bug) must not undo the ack's bookkeeping
             self.on_acked(self.cfg.name, self.stream.key, batch.rows, acked)
+
+    def _too_big(self, size: int) -> None:
+        """The upstream closed the connection for a frame of ``size`` bytes (1009): the
+        upstream's loops send half that at most from their next start (supervisor.py);
+        an event that alone is too big is given up when sent alone (Refused)."""
+        state, limit = self.state, max(1, size // 2)
+        if state.frame_limit_bytes is None or limit < state.frame_limit_bytes:
+            state.frame_limit_bytes = limit
+            # Each halving once (a line or two per run, at most about twenty): not limited.
+            log.warning("upstream %s closed the connection for a frame of %d bytes (1009, too "
+                        "big): frames to it are now at most %d bytes; set batch_max_bytes to "
+                        "what it takes", self.cfg.name, size, limit)
 
     def _left_out(self, result: Retry, batch: Prepared) -> list[tuple[int, str]]:
         """Weigh the answer against each of ``result.omitted`` (see OMITTED_LIMIT); those

@@ -47,7 +47,7 @@ import functools
 import logging
 from collections import Counter
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import aiohttp
 
@@ -164,6 +164,9 @@ class Supervisor:
             up = self.cfg.route(key)
             if up is not None and up.name == parked.upstream and up.name in kept:
                 self._lot.park(key, parked)
+        for up in self.cfg.upstreams:
+            if up.name not in kept:   # another upstream by that name: the old one's limit
+                self.states[up.name].frame_limit_bytes = None   # (service.py carried it)
         for name in kept:
             # Its keys wait on as they did: status says so (a new state would say idle).
             if self._lot.count(name) and old.states[name].state in ("backoff", "restarting"):
@@ -202,7 +205,7 @@ class Supervisor:
             # One loop per key: a second would resend what the first has in flight. One
             # still stopping (a hold) starts its successor itself when it ends (_ended).
             return running
-        up = self.cfg.route(key)
+        up = self._sized(self.cfg.route(key))
         stream = self.spool.streams.get(key)
         # An empty queue needs no loop (a start with 100,000 idle keys starts none).
         if up is None or stream is None or stream.depth == 0 or self._session is None \
@@ -235,6 +238,13 @@ class Supervisor:
         self._running[up.name] += 1
         task.add_done_callback(functools.partial(self._ended, key, loop))
         return loop
+
+    def _sized(self, up: UpstreamConfig | None) -> UpstreamConfig | None:
+        """``up``, its batches no larger than what it was found to take (1009)."""
+        limit = self.states[up.name].frame_limit_bytes if up is not None else None
+        if up is None or limit is None or limit >= up.batch_max_bytes:
+            return up
+        return replace(up, batch_max_bytes=limit)
 
     def _lanes(self, key: str, until: int | None
                ) -> tuple[tuple[int, ...], tuple[int | None, ...] | None]:

@@ -55,6 +55,9 @@ class Retry:
     # The rest of the batch, when the upstream answered for it but left these out (not a
     # connection lost on the way): after a few such answers the forwarder gives them up.
     omitted: tuple[int, ...] = ()
+    # The upstream refused a frame this many bytes long (websocket close 1009): the
+    # forwarder sends it smaller ones from now on.
+    too_big: int | None = None
 
 
 @dataclass(frozen=True, slots=True)

@@ -38,7 +38,7 @@ from agent.logs import log_limited
 from agent.settings import UpstreamConfig
 from agent.spool.types import Row
 from agent.uplinks import splice
-from agent.uplinks.base import Acked, Retry, SendResult, UplinkBase
+from agent.uplinks.base import Acked, Refused, Retry, SendResult, UplinkBase
 from agent.uplinks.http_common import (
     REPLY_MAX_BYTES,
     html_instead_of_reply,
@@ -79,6 +79,10 @@ class _Link:
         self.frames = 0
         self.replies = 0
         self.acked: set[int] = set()
+        self.waiting: dict[int, tuple[int, ...]] = {}  # frame number -> seqs, while sent
+        # The frame the upstream closed the connection for with 1009 (too big): the first
+        # it had not wholly acknowledged then, since it answers frames in order.
+        self.too_big: int | None = None
         self.tasks: list[asyncio.Task[None]] = []
         self._waiters: list[asyncio.Future[None]] = []
 
@@ -199,6 +203,7 @@ class NucleusWsUplink(NucleusFraming, UplinkBase):
         return None if link.lost is None else Retry(link.lost, retry_after=link.retry_after)
 
     async def send(self, prepared: Prepared) -> SendResult:
+        size = 0   # the frame's bytes, once sent
         async with self._send_lock:  # FIFO: batches start in the order they were prepared
             link = await self._usable_link(replace_unused=False)
             link.sending += 1
@@ -209,7 +214,10 @@ class NucleusWsUplink(NucleusFraming, UplinkBase):
                     # Numbered before the await: a heartbeat sent meanwhile comes after it.
                     link.frames += 1
                     mine = link.frames
-                    await link.send(frame(prepared), self.cfg.timeout_s)
+                    link.waiting[mine] = prepared.seqs
+                    data = frame(prepared)
+                    size = len(data)
+                    await link.send(data, self.cfg.timeout_s)
                     self._last_sent = asyncio.get_running_loop().time()
                 except (aiohttp.ClientError, OSError, TimeoutError, RuntimeError) as exc:
                     link.lose(f"send failed: {_describe(exc)}")
@@ -217,6 +225,7 @@ class NucleusWsUplink(NucleusFraming, UplinkBase):
             error = await self._wait_acks(link, prepared.seqs)
         finally:
             link.sending -= 1
+            link.waiting.pop(mine, None)
         if error is None:  # every one acked: no per-event sorting or intersection
             link.acked.difference_update(prepared.seqs)
             return Acked(prepared.seqs)
@@ -229,12 +238,20 @@ class NucleusWsUplink(NucleusFraming, UplinkBase):
         for ack_id, seq in zip(prepared.ids, prepared.seqs):  # to be sent again later
             if self.in_flight.get(ack_id) == seq:  # not since acked and reused by a later batch
                 del self.in_flight[ack_id]
-        link.failed = True
+        too_big = mine and link.too_big == mine
+        if not too_big or len(prepared.seqs) > 1:
+            # Sent again: nothing sent after it may go on a new connection first. (An event
+            # alone in a frame too big is given up, and overtakes nothing.)
+            link.failed = True
         link.lose(error)
         # Ids are only unique per connection: a late ack on this one could match
         # a different event that reuses the id after the resend, so start afresh.
         await link.close_ws()
-        return Retry(error, retry_after=link.retry_after, acked=acked, omitted=omitted)
+        if too_big and len(prepared.seqs) == 1:
+            return Refused(f"{error}: the upstream takes no frame this long ({size} bytes, "
+                           "one event)")
+        return Retry(error, retry_after=link.retry_after, acked=acked, omitted=omitted,
+                     too_big=size if too_big else None)
 
     async def _wait_acks(self, link: _Link, wanted: tuple[int, ...]) -> str | None:
         # issuperset walks the batch's seqs as they are: no set of them is built.
@@ -320,6 +337,10 @@ class NucleusWsUplink(NucleusFraming, UplinkBase):
                     link.lose(f"the upstream's reply could not be read: {msg.data}")
                 elif msg.type is aiohttp.WSMsgType.CLOSE:
                     link.close_reason = str(msg.extra or "")
+                    # The upstream's own 1009 (not ours, for a reply over REPLY_MAX_BYTES).
+                    if msg.data == aiohttp.WSCloseCode.MESSAGE_TOO_BIG:
+                        link.too_big = next((n for n, seqs in sorted(link.waiting.items())
+                                             if not link.acked.issuperset(seqs)), None)
                     break
                 elif msg.type in (aiohttp.WSMsgType.CLOSING, aiohttp.WSMsgType.CLOSED):
                     break
@@ -374,14 +395,14 @@ async def _send_text(ws: aiohttp.ClientWebSocketResponse, frame: bytes) -> None:
 
 def _closed(link: _Link, ws: aiohttp.ClientWebSocketResponse) -> str:
     """Why a closed link is lost, with the close code and the upstream's reason: 1008 (a key
-    it refuses), 1009 (a frame over its limit, refused again at every resend) or a code of
+    it refuses), 1009 (a frame over its limit: the forwarder sends smaller ones) or a code of
     its own say what a restart's 1001 does not. Closed before a frame went out, the upstream
     refused the connection itself: a drop must not hide that."""
     code = ws.close_code
     # A close frame's reason is at most 123 bytes; anything longer is not one.
     reason = " ".join(link.close_reason.split())[:_REASON_SHOWN]
     how = f"close code {code}" + (f": {reason}" if reason else "") \
-        + (" (a frame over its size limit? lower batch_max_bytes)" if code == 1009 else "")
+        + (" (too big: a frame over its size limit)" if code == 1009 else "")
     if link.carried:
         return f"{LOST} ({how})" if code is not None else LOST
     return f"the upstream closed the connection right after the handshake ({how})"
