@@ -467,6 +467,28 @@ async def test_malformed_acks_are_retried(make_agent: Any, faulty: FaultyUpstrea
     assert not faulty.script
 
 
+@pytest.mark.parametrize("protocol", ["nucleus-http", "segment-http"])
+async def test_a_200_whose_body_cannot_be_decoded_is_judged_by_what_the_protocol_needs(
+        make_agent: Any, faulty: FaultyUpstream, protocol: str) -> None:
+    """A 200 whose Content-Encoding does not match its body (a proxy's mangling, or an
+    encoding the client cannot decode). Segment's verdict is its status: the batch is
+    acknowledged. Before the fix it was sent again at every retry, each taken again, for
+    ever, and the key never got past it. Nucleus needs the reply's reportedIds: sent
+    again, and the error says why."""
+    faulty.script = [Fault("status", 200, {"Content-Encoding": "gzip"},
+                           body=b'{"success": true, "reportedIds": [0, 1, 2]}')]
+    agent = await make_agent(upstreams=[upstream(faulty, protocol)])
+    await send(agent, [event(i) for i in range(3)])
+    state = agent.forwarding.states["up"]
+    if protocol == "segment-http":
+        await wait_for(lambda: agent.spool.depth == 0)
+        assert len(faulty.requests) == 1 and state.retries == 0 and state.acked == 3
+        return
+    await drained(agent, faulty, 3)
+    assert state.retries == 1 and "could not be read" in (state.last_error or ""), state
+    assert "gzip" in (state.last_error or "").lower() or "decode" in (state.last_error or "")
+
+
 @pytest.mark.parametrize("protocol", [*NUCLEUS, "segment-http"])
 async def test_a_reply_too_long_to_be_an_answer_is_not_read_whole(
         make_agent: Any, faulty: FaultyUpstream, protocol: str) -> None:
