@@ -165,6 +165,9 @@ class HttpReply:
     retry_after: float | None
     content_type: str
     cut: bool = False   # longer than REPLY_MAX_BYTES: the rest was not read
+    # Why the body could not be read after the status came (an encoding that does not
+    # decode, a connection lost mid-body): ``body`` is empty, the status stands.
+    unreadable: str | None = None
 
 
 async def post(session: aiohttp.ClientSession, url: str, body: bytes, headers: dict[str, str],
@@ -173,10 +176,15 @@ async def post(session: aiohttp.ClientSession, url: str, body: bytes, headers: d
     try:
         async with session.post(url, data=body, headers=headers,
                                 timeout=aiohttp.ClientTimeout(total=timeout_s)) as resp:
-            raw, cut = await _read_at_most(resp, REPLY_MAX_BYTES)
             wait = retry_after(resp.headers.get("Retry-After"), date=resp.headers.get("Date"))
-            return HttpReply(resp.status, raw, wait, media_type(resp.headers.get("Content-Type")),
-                             cut)
+            kind = media_type(resp.headers.get("Content-Type"))
+            try:
+                raw, cut = await _read_at_most(resp, REPLY_MAX_BYTES)
+            except aiohttp.ClientPayloadError as exc:
+                # aiohttp words a decoding failure as "400, message:\n  Can not decode...".
+                why = getattr(exc.__cause__, "message", None) or " ".join(str(exc).split())
+                return HttpReply(resp.status, b"", wait, kind, unreadable=why)
+            return HttpReply(resp.status, raw, wait, kind, cut)
     except NETWORK_ERRORS as exc:
         return f"request failed: {str(exc) or type(exc).__name__}"
 

@@ -41,6 +41,9 @@ class NucleusHttpUplink(NucleusFraming, UplinkBase):
         if isinstance(answer, str):
             return Retry(answer)
         status, raw, wait = answer.status, answer.body, answer.retry_after
+        if answer.unreadable is not None:   # its reportedIds are the verdict: unknown
+            return Retry(f"HTTP {status} with a reply that could not be read "
+                         f"({answer.unreadable})", retry_after=wait)
         # A JSON reply is one whatever its label (Express's `res.send(string)` says text/html).
         if page := html_instead_of_reply(status, answer.content_type, raw, len(prepared.seqs)):
             return Retry(page, retry_after=wait)

@@ -107,8 +107,9 @@ class SegmentHttpUplink(UplinkBase):
                                          len(prepared.seqs)):
             return Retry(page, retry_after=wait)
         if 200 <= status < 300 and status != MULTI_STATUS:
-            return Acked(prepared.seqs)
-        reason = f"HTTP {status}: {excerpt(raw, 300)}".rstrip(": ")
+            return Acked(prepared.seqs)   # the status is the verdict, the body unread or not
+        reason = f"HTTP {status}: {excerpt(raw, 300)}".rstrip(": ") if reply.unreadable is None \
+            else f"HTTP {status} (its reply could not be read: {reply.unreadable})"
         if status == MULTI_STATUS:
             return _partly_stored(raw, prepared) or Refused(reason)
         if status in REJECTED_STATUSES:
