@@ -20,6 +20,7 @@ import pytest
 
 from agent.forwarder.supervisor import Seams
 from agent.logs import RedactingFilter
+from agent.ops.status_table import render, size
 from agent.settings import UpstreamConfig
 from agent.uplinks.nucleus_ws import NucleusWsUplink
 from tests.conftest import FAST_BACKOFF, write_config
@@ -202,6 +203,9 @@ async def test_frames_over_the_upstream_s_size_limit_are_made_smaller_until_they
     assert arrived == sorted(arrived)
     up = await status_of(agent)
     assert up["frame_limit_bytes"] is not None and up["frame_limit_bytes"] <= 30_000, up
+    async with aiohttp.ClientSession() as s, \
+            s.get(f"http://127.0.0.1:{agent.port}/status") as r:
+        assert f"frames at most {size(up['frame_limit_bytes'])}" in render(await r.json())
     shrunk = [r.getMessage() for r in caplog.records if "frames to it are now" in r.getMessage()]
     assert len(shrunk) >= 2 and f"at most {up['frame_limit_bytes']} bytes" in shrunk[-1], shrunk
     cfg = upstream(faulty, "nucleus-ws", batch_max_events=100)
