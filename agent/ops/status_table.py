@@ -56,7 +56,9 @@ def _dash(value: object) -> str:
 
 def _state(u: UpstreamStatus) -> str:
     lost = u.get("unreachable_for_s")
-    return f"unreachable {age(lost)}, probing" if lost is not None else u["state"]
+    state = f"unreachable {age(lost)}, probing" if lost is not None else u["state"]
+    limit = u.get("frame_limit_bytes")   # it closed for a longer frame (1009)
+    return state if limit is None else f"{state}, frames at most {size(limit)}"
 
 
 def _upstream_rows(data: Snapshot) -> list[list[str]]:
