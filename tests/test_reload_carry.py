@@ -90,16 +90,23 @@ async def test_status_during_a_reload_sums_the_queues_under_the_names_they_were_
     assert [(u["name"], u["queue_depth"]) for u in ups] == [("b", 5)], ups
 
 
+async def parked_for_retry_after(make_agent: Any, busy: RefusingUpstream
+                                 ) -> tuple[Any, ManualTiming, dict[str, Any]]:
+    """An agent whose one key is parked for ``busy``'s Retry-After (told: no probe): the
+    agent, its timing and its upstream's config."""
+    timing = ManualTiming()
+    up = {"name": "up", "protocol": "nucleus-http", "url": busy.url, "flush_interval_s": 0.02}
+    agent = await make_agent(upstreams=[up], seams=seams(timing))
+    await send(agent, [event(i) for i in range(2)])
+    await quiet(agent, timing, 1)
+    return agent, timing, up
+
+
 async def test_a_reload_keeps_an_unchanged_upstreams_retry_after(
         make_agent: Any, fake_nucleus: FakeNucleus, tmp_path: Path) -> None:
     busy = await RefusingUpstream(429, retry_after=300).start()
     try:
-        timing = ManualTiming()
-        up = {"name": "up", "protocol": "nucleus-http", "url": busy.url,
-              "flush_interval_s": 0.02}
-        agent = await make_agent(upstreams=[up], seams=seams(timing))
-        await send(agent, [event(i) for i in range(2)])
-        await quiet(agent, timing, 1)   # parked for the Retry-After (told: no probe)
+        agent, timing, up = await parked_for_retry_after(make_agent, busy)
         assert busy.requests == 1 and timing.pending() == [300.0]
         await agent.reload()   # the same config
         await wait_for(lambda: len(timing.pending()) == 1)
@@ -123,12 +130,7 @@ async def test_an_upstream_whose_keys_wait_out_a_retry_after_across_a_reload_sho
     say the upstream is backing off, as it did before the reload, not that it is idle."""
     busy = await RefusingUpstream(429, retry_after=300).start()
     try:
-        timing = ManualTiming()
-        up = {"name": "up", "protocol": "nucleus-http", "url": busy.url,
-              "flush_interval_s": 0.02}
-        agent = await make_agent(upstreams=[up], seams=seams(timing))
-        await send(agent, [event(i) for i in range(2)])
-        await quiet(agent, timing, 1)
+        agent, timing, _ = await parked_for_retry_after(make_agent, busy)
         assert (await get_json(agent, "/status"))["upstreams"][0]["state"] == "backoff"
         await agent.reload()   # the same config
         await quiet(agent, timing, 1)
