@@ -238,7 +238,7 @@ class NucleusWsUplink(NucleusFraming, UplinkBase):
         for ack_id, seq in zip(prepared.ids, prepared.seqs):  # to be sent again later
             if self.in_flight.get(ack_id) == seq:  # not since acked and reused by a later batch
                 del self.in_flight[ack_id]
-        too_big = mine and link.too_big == mine
+        too_big = link.too_big == mine   # (frames are numbered from 1: never 0, unsent)
         if not too_big or len(prepared.seqs) > 1:
             # Sent again: nothing sent after it may go on a new connection first. (An event
             # alone in a frame too big is given up, and overtakes nothing.)
