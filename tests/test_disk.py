@@ -30,7 +30,7 @@ import pytest
 
 from agent.families.event import NUCLEUS, Event, dedupe_key
 from agent.settings import StorageConfig
-from agent.spool import Spool
+from agent.spool import Reason, Spool, SpoolFull
 from agent.spool.records import pack, unpack
 from tests.conftest import AgentProcess, free_port, write_config
 from tests.fakes.faulty_upstream import FaultyUpstream
@@ -306,7 +306,7 @@ def make_spool(path: Path, n: int = 1500) -> None:
     """A real spool with ``n`` queued events, closed cleanly."""
     from agent.families.event import NUCLEUS, Event
     from agent.settings import StorageConfig
-    from agent.spool import Spool
+    from agent.spool import Reason, Spool, SpoolFull
 
     async def fill() -> None:
         spool = await Spool.open(StorageConfig(path=str(path)))
@@ -428,7 +428,7 @@ async def test_recovery_while_running_keeps_stream_ids_and_rising_seqs(tmp_path:
     readable queue is salvaged with its seqs and dedupe keys (here: all of it)."""
     from agent.families.event import NUCLEUS, Event
     from agent.settings import StorageConfig
-    from agent.spool import Spool
+    from agent.spool import Reason, Spool, SpoolFull
 
     spool = await Spool.open(StorageConfig(path=str(tmp_path / "spool.db")))
     try:
@@ -460,7 +460,7 @@ async def test_corruption_found_by_a_commit_still_answers_the_app(
     answer (no 5xx for an error that was recovered from), and their events are kept."""
     from agent.families.event import NUCLEUS, Event
     from agent.settings import StorageConfig
-    from agent.spool import Spool
+    from agent.spool import Reason, Spool, SpoolFull
     from agent.spool import commit as spool_commit
 
     spool = await Spool.open(StorageConfig(path=str(tmp_path / "spool.db")))
@@ -600,5 +600,35 @@ async def test_a_recovery_that_cannot_create_the_fresh_spool_finishes_once_it_ca
         await spool.ack(a_seqs)   # the late acks of a's forwarder
         assert [orjson.loads(r.body)["key"] for r in await spool.fetch(b.id, 0, 100)] == ["b"] * 5
         assert spool.depth == 5
+    finally:
+        await spool.close()
+
+
+async def test_acks_and_dead_letters_are_not_reported_saved_while_the_spool_cannot_be_opened(
+        six_mb_fs: Path) -> None:
+    """While the spool cannot be opened (a recovery could not create the fresh file on a
+    full disk), an upstream's acks and dead letters are not recorded: the forwarder must
+    hear so (it backs off and sends them again), not that they were saved."""
+    def event(n: int) -> Event:
+        return Event("a", NUCLEUS, dedupe_key("a", n), orjson.dumps({"id": n}))
+
+    spool = await Spool.open(StorageConfig(path=str(six_mb_fs / "spool.db")))
+    try:
+        await spool.append([event(n) for n in range(5)])
+        seqs = [r.seq for r in await spool.fetch(spool.streams["a"].id, 0, 100)]
+        filler = six_mb_fs / "filler"
+        free = os.statvfs(six_mb_fs).f_bavail * os.statvfs(six_mb_fs).f_frsize
+        filler.write_bytes(b"\0" * free)
+        with pytest.raises(sqlite3.Error):
+            await spool.recover(sqlite3.DatabaseError("database disk image is malformed"))
+        with pytest.raises(SpoolFull) as acked:
+            await spool.ack(seqs[:2])
+        assert acked.value.reason is Reason.NOT_OPEN
+        with pytest.raises(SpoolFull) as dead:
+            await spool.dead_letter([(seqs[2], "up", "refused by the upstream")])
+        assert dead.value.reason is Reason.NOT_OPEN
+        filler.unlink()
+        await spool.ack(seqs[:2])   # sent again once the spool opens: recorded now
+        assert spool.depth == 3
     finally:
         await spool.close()
