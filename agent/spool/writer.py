@@ -423,7 +423,9 @@ class Writer:
         books = self.books
         if self.host.db is None and not await self.host.reopen():
             books.count(Drop.REJECTED_STORAGE_ERROR, sum(len(p.events) for p in batch.appends))
-            _fail(batch.appends, SpoolFull(Reason.NOT_OPEN, 5, "spool cannot be opened"))
+            shut = SpoolFull(Reason.NOT_OPEN, 5, "spool cannot be opened")
+            _fail(batch.appends, shut)
+            _fail_waiters(batch.waiters, shut)
             return
         db = self.host.db
         if db is None:
