@@ -12,6 +12,8 @@ from typing import Any
 
 import pytest
 
+from agent.families.event import NUCLEUS, Event, dedupe_key
+from agent.ops.shared_terms import EXPORT_PAGE
 from tests.conftest import free_port
 from tests.waiting import run_outpost
 
@@ -32,4 +34,31 @@ async def test_dead_letter_commands_on_a_failing_spool_say_so_in_one_line(
     assert "not an Outpost agent" not in out, out
     assert "spool" in out and "no such table: dead" in out, out
     assert any("dead-letter" in r.getMessage() and "no such table: dead" in r.getMessage()
+               and r.levelno >= logging.ERROR for r in caplog.records)
+
+
+async def test_an_export_the_agent_cuts_short_keeps_the_old_file_and_says_so(
+        make_agent: Any, tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
+    """The spool fails after the export's first page went out (a row the second page reads
+    is damaged here): the stream ends without its last chunk. The command says the agent
+    stopped the export and that the file is unchanged, in one line; the log says why."""
+    agent = await make_agent(port=free_port())
+    letters = EXPORT_PAGE + 5
+    await agent.spool.append([Event("app", NUCLEUS, dedupe_key("app", n), b'{"n":%d}' % n)
+                              for n in range(letters)])
+    rows = await agent.spool.fetch(agent.spool.streams["app"].id, 0, letters)
+    await agent.spool.dead_letter([(r.seq, "up", "refused") for r in rows])
+    with contextlib.closing(sqlite3.connect(str(agent.spool.path),
+                                            isolation_level=None)) as other:
+        other.execute("UPDATE dead SET reason = CAST(reason AS BLOB) "
+                      "WHERE seq = (SELECT max(seq) FROM dead)")
+    target = tmp_path / "out.jsonl"
+    target.write_text("kept\n")
+    code, out = await run_outpost("dead", "export", str(target), "--config", agent.config_path)
+    assert code == 1, out
+    assert "Traceback" not in out and len(out.strip().splitlines()) == 1, out
+    assert f"after {EXPORT_PAGE} dead letters" in out and "unchanged" in out, out
+    assert target.read_text() == "kept\n"
+    assert not [p for p in tmp_path.iterdir() if p.name.startswith(".out.jsonl.")]
+    assert any("export" in r.getMessage() and "bytes" in r.getMessage()
                and r.levelno >= logging.ERROR for r in caplog.records)
