@@ -306,7 +306,7 @@ def make_spool(path: Path, n: int = 1500) -> None:
     """A real spool with ``n`` queued events, closed cleanly."""
     from agent.families.event import NUCLEUS, Event
     from agent.settings import StorageConfig
-    from agent.spool import Reason, Spool, SpoolFull
+    from agent.spool import Spool
 
     async def fill() -> None:
         spool = await Spool.open(StorageConfig(path=str(path)))
@@ -428,7 +428,7 @@ async def test_recovery_while_running_keeps_stream_ids_and_rising_seqs(tmp_path:
     readable queue is salvaged with its seqs and dedupe keys (here: all of it)."""
     from agent.families.event import NUCLEUS, Event
     from agent.settings import StorageConfig
-    from agent.spool import Reason, Spool, SpoolFull
+    from agent.spool import Spool
 
     spool = await Spool.open(StorageConfig(path=str(tmp_path / "spool.db")))
     try:
@@ -460,7 +460,7 @@ async def test_corruption_found_by_a_commit_still_answers_the_app(
     answer (no 5xx for an error that was recovered from), and their events are kept."""
     from agent.families.event import NUCLEUS, Event
     from agent.settings import StorageConfig
-    from agent.spool import Reason, Spool, SpoolFull
+    from agent.spool import Spool
     from agent.spool import commit as spool_commit
 
     spool = await Spool.open(StorageConfig(path=str(tmp_path / "spool.db")))

@@ -91,10 +91,24 @@ class DeadRoutes:
         resp = web.StreamResponse(headers={"Content-Type": "application/x-ndjson",
                                            "Cache-Control": "no-store"})
         await resp.prepare(request)
-        while lines:
-            await resp.write(lines)
-            del lines   # not held while the next page is read
-            lines, last = await dead_live.read(self.spool, dead.export, last, EXPORT_PAGE)
+        sent = 0
+        try:
+            while lines:
+                await resp.write(lines)
+                sent += lines.count(b"\n")
+                del lines   # not held while the next page is read
+                lines, last = await dead_live.read(self.spool, dead.export, last, EXPORT_PAGE)
+        except ConnectionError:
+            raise   # the reader left: aiohttp drops the connection quietly
+        except Exception as exc:
+            # The status went out with the headers: the only way left to say "failed" is
+            # to close the connection before the stream's last chunk, which the client
+            # reads as cut short (a clean end would pass the letters sent as all of them).
+            log_limited(log, logging.ERROR, "dead-failed", "dead-letter export cut short "
+                        "after %d letters: %s: %s", sent, type(exc).__name__, exc)
+            if request.transport is not None:
+                request.transport.close()
+            return resp   # its end is then not written: aiohttp sees a closed connection
         await resp.write_eof()
         return resp
 

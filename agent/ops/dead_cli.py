@@ -38,10 +38,19 @@ LIST_ROWS = 50  # entries `dead list` prints under the summary; --limit changes 
 # answers once done: 700k letters took about a minute in chunks beside ingest.
 ASK_TIMEOUT_S = 30.0
 CHANGE_TIMEOUT_S = 600.0
+CHUNK_BYTES = 1 << 16   # of an export, read and written at a time
 
 
 class _NoAgent(Exception):
     """No agent answered at the configured address: work on the spool file."""
+
+
+class _CutShort(Exception):
+    """The agent's export stream ended before its last chunk, after ``count`` letters."""
+
+    def __init__(self, count: int) -> None:
+        super().__init__(count)
+        self.count = count
 
 
 class _Cli:
@@ -161,12 +170,17 @@ class _Cli:
             raise dead.DeadError(f"cannot write {target}: {exc.strerror or exc}") from exc
         if stat.S_ISDIR(mode):
             raise dead.DeadError(f"cannot write {target}: it is a directory; name a file")
-        regular = stat.S_ISREG(mode)
-        if not regular:   # a pipe or a device (/dev/stdout): written straight through
-            with open(real, "wb") as out:
-                count = self._export_to(cfg, out)
-        else:
-            count = self._export_replacing(cfg, real, target)
+        try:
+            if not stat.S_ISREG(mode):   # a pipe or a device (/dev/stdout): straight through
+                with open(real, "wb") as out:
+                    count = self._export_to(cfg, out)
+            else:
+                count = self._export_replacing(cfg, real, target)
+        except _CutShort as exc:
+            kept = (f"{target} is unchanged" if stat.S_ISREG(mode) else
+                    f"{target} got only those")
+            raise dead.DeadError(f"the agent stopped the export after {exc.count} dead "
+                                 f"letters (its log says why): {kept}") from exc
         print(f"exported {count} dead letters to {target}")
         return 0
 
@@ -202,9 +216,15 @@ class _Cli:
             with resp:
                 if resp.headers.get_content_type() != "application/x-ndjson":
                     raise NotOutpost(cfg, "/dead/export")   # nothing of it written
-                for line in resp:
-                    out.write(line)
-                    count += 1
+                # read(n), not lines: iterating ends quietly on a stream cut before its
+                # last chunk, and a partial export would pass for the whole of it.
+                try:
+                    while chunk := resp.read(CHUNK_BYTES):
+                        out.write(chunk)
+                        count += chunk.count(b"\n")
+                except http.client.IncompleteRead as exc:
+                    out.write(exc.partial)
+                    raise _CutShort(count + exc.partial.count(b"\n")) from exc
             return count
         conn = dead.read_only(cfg.storage.resolved_path())
         try:
