@@ -152,6 +152,8 @@ class NucleusHandlers:
             async for frame in ws:
                 if frame.type == WSMsgType.TEXT or frame.type == WSMsgType.BINARY:
                     taken = ws.taken(frame.data) if frame.type == WSMsgType.BINARY else None
+                    if not await self._still_accepted(ws, key, taken):
+                        break
                     work = self._small(key, frame.data) if taken is None else self._large(key, taken)
                     if not await self._answer(ws, key, work):
                         break
@@ -166,6 +168,20 @@ class NucleusHandlers:
             sockets.discard(ws)
             ws.drop()
         return ws
+
+    async def _still_accepted(self, ws: QueueSocket, key: str, taken: Taken | None) -> bool:
+        """Whether ``key`` is still accepted; if not, the connection is closed (1008). A
+        reload may have taken it out of listen.accept_keys since the upgrade, and a module
+        keeps its websocket open for good: its reconnect then gets the 401."""
+        why = self.sink.key_refusal(key)
+        if why is None:
+            return True
+        if taken is not None:
+            taken.hold.close()   # its share of the in-flight budget
+        replies.refused(401)   # as its HTTP twin, and the upgrade, are counted
+        await ws.close(code=WSCloseCode.POLICY_VIOLATION,
+                       message=_close_reason(f"appId refused: {why}"))
+        return False
 
     async def _small(self, key: str, data: str | bytes) -> list[Any]:
         """One message as aiohttp read it: stored; its acks."""
