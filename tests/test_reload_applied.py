@@ -4,10 +4,12 @@ SIGHUP runs."""
 
 from __future__ import annotations
 
+import logging
 from pathlib import Path
 from typing import Any
 
 import aiohttp
+import pytest
 from aiohttp import WSCloseCode, WSMsgType
 
 from tests.conftest import write_config
@@ -32,3 +34,27 @@ async def test_a_key_a_reload_no_longer_accepts_is_refused_on_a_websocket_alread
         assert msg.data == WSCloseCode.POLICY_VIOLATION, msg
         assert "listen.accept_keys" in msg.extra, msg
     assert agent.spool.streams["revoked"].depth == 1   # the first event only
+
+
+async def test_a_reload_names_what_still_needs_a_restart_by_what_runs(
+        make_agent: Any, caplog: pytest.LogCaptureFixture) -> None:
+    """A change a reload does not apply is named at every reload until a restart, and a
+    change back to what runs is not named: the comparison is with what is in force, not
+    with the file the last reload read."""
+    caplog.set_level(logging.WARNING, "outpost")
+    agent = await make_agent(storage={"max_age_days": 30})
+    config, spool = Path(agent.config_path), agent.spool.path
+
+    async def reload_with(max_age_days: int, idle_timeout_s: float) -> str:
+        write_config(config, spool, storage={"max_age_days": max_age_days},
+                     listen={"idle_timeout_s": idle_timeout_s})
+        caplog.clear()
+        await agent.reload()
+        return " ".join(r.getMessage() for r in caplog.records if "needs a restart" in
+                        r.getMessage())
+
+    first = await reload_with(7, 5)
+    assert "[storage]" in first and "listen.idle_timeout_s" in first, first
+    again = await reload_with(7, 5)   # still not applied: said again
+    assert "[storage]" in again and "listen.idle_timeout_s" in again, again
+    assert await reload_with(30, 60) == ""   # what runs: nothing to restart for
