@@ -269,6 +269,12 @@ class Agent:
                   if f.name not in _RELOADED and getattr(new, f.name) != getattr(self.cfg, f.name)]
         if stale:
             log.warning("reload: %s changed, which needs a restart", ", ".join(stale))
+        # What is in force from now on: the parts a reload applies, the rest as started, so
+        # that the next reload compares with what runs (names an unapplied change again,
+        # and not a change back to it).
+        new = dataclasses.replace(
+            self.cfg, **{name: getattr(new, name) for name in _RELOADED - {"listen"}},
+            listen=dataclasses.replace(self.cfg.listen, accept_keys=new.listen.accept_keys))
         assert self.spool is not None and self.sink is not None and self.sync is not None
         _register_secrets(new)
         old = self.forwarding
