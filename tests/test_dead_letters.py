@@ -9,6 +9,7 @@ import json
 import os
 import sqlite3
 import stat
+import sys
 import tracemalloc
 from pathlib import Path
 from typing import Any
@@ -26,7 +27,7 @@ from tests.conftest import free_port, write_config
 from tests.fakes.loopback_server import serving
 from tests.fakes.nucleus_upstream import FakeNucleus
 from tests.fakes.ops_scene import post_events
-from tests.waiting import run_outpost, wait_for
+from tests.waiting import ROOT, run_outpost, wait_for
 
 
 class RefusingNucleus(FakeNucleus):
@@ -447,3 +448,35 @@ async def test_an_export_to_a_symlink_or_a_pipe_writes_through_it(tmp_path: Path
     reader = asyncio.get_running_loop().run_in_executor(None, fifo.read_bytes)
     assert "exported 0 dead letters" in await outpost("export", str(fifo), config=cfg)
     assert await reader == b"" and stat.S_ISFIFO(os.lstat(fifo).st_mode)
+
+
+@pytest.mark.parametrize("stdout", ["pipe", "appended file"])
+async def test_an_export_to_dev_stdout_writes_the_letters_to_standard_output(
+        make_agent: Any, tmp_path: Path, stdout: str) -> None:
+    """`outpost dead export /dev/stdout | jq` failed ("cannot write /dev/stdout: No such
+    file or directory": the pipe has no path to resolve), and with stdout appended to a
+    file (`>> all.jsonl`) that file was replaced, what it held before lost, and the
+    summary line went to the file it no longer was. Standard output gets the letters
+    alone, added to what it holds; the summary goes to stderr."""
+    up = await RefusingNucleus().start()
+    try:
+        agent = await make_agent(port=free_port(), upstreams=[upstream("up", up, ["*"])])
+        await post_events(agent.port, "app-a", range(3))
+        await dead_letters(agent, 3)
+        target = tmp_path / "all.jsonl"
+        target.write_text('{"earlier": true}\n')
+        with open(target, "ab") as appended:
+            proc = await asyncio.create_subprocess_exec(
+                sys.executable, "-m", "agent", "dead", "export", "/dev/stdout", "--config",
+                agent.config_path, cwd=ROOT, stderr=asyncio.subprocess.PIPE,
+                stdout=asyncio.subprocess.PIPE if stdout == "pipe" else appended)
+            out, err = await asyncio.wait_for(proc.communicate(), 30)
+        assert proc.returncode == 0, err.decode()
+        if stdout == "appended file":
+            out = target.read_bytes()
+            assert out.startswith(b'{"earlier": true}\n'), out
+            out = out.split(b"\n", 1)[1]
+        assert [json.loads(ln)["body"]["id"] for ln in out.splitlines()] == [0, 1, 2]
+        assert "exported 3 dead letters" in err.decode()
+    finally:
+        await up.stop()
