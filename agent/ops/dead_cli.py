@@ -161,27 +161,32 @@ class _Cli:
 
     def export(self, cfg: Config, args: argparse.Namespace) -> int:
         target = Path(args.file)
-        real = Path(os.path.realpath(target))   # through symlinks: the link stays a link
         try:
-            mode = os.stat(real).st_mode
+            # Stat'd, not resolved: /dev/stdout leads to a pipe through a link that
+            # realpath cannot follow (it names no file), and so does /proc/self/fd/1.
+            mode = os.stat(target).st_mode
         except FileNotFoundError:
             mode = stat.S_IFREG
         except OSError as exc:
             raise dead.DeadError(f"cannot write {target}: {exc.strerror or exc}") from exc
         if stat.S_ISDIR(mode):
             raise dead.DeadError(f"cannot write {target}: it is a directory; name a file")
+        own = _is_stdout(target)
         try:
-            if not stat.S_ISREG(mode):   # a pipe or a device (/dev/stdout): straight through
-                with open(real, "wb") as out:
+            if own:   # written to as the shell opened it (`>>` appends), never replaced
+                count = self._export_to(cfg, sys.stdout.buffer)
+            elif not stat.S_ISREG(mode):   # a pipe or a device: straight through
+                with open(target, "wb") as out:
                     count = self._export_to(cfg, out)
-            else:
-                count = self._export_replacing(cfg, real, target)
+            else:   # through symlinks: the link stays a link
+                count = self._export_replacing(cfg, Path(os.path.realpath(target)), target)
         except _CutShort as exc:
-            kept = (f"{target} is unchanged" if stat.S_ISREG(mode) else
+            kept = (f"{target} is unchanged" if stat.S_ISREG(mode) and not own else
                     f"{target} got only those")
             raise dead.DeadError(f"the agent stopped the export after {exc.count} dead "
                                  f"letters (its log says why): {kept}") from exc
-        print(f"exported {count} dead letters to {target}")
+        # Beside the letters, not among them: `outpost dead export /dev/stdout | jq`.
+        print(f"exported {count} dead letters to {target}", file=sys.stderr if own else None)
         return 0
 
     def _export_replacing(self, cfg: Config, real: Path, target: Path) -> int:
@@ -263,6 +268,14 @@ class _Cli:
 
     def purge(self, cfg: Config, args: argparse.Namespace) -> int:
         return self._change(cfg, args, "purge")
+
+
+def _is_stdout(target: Path) -> bool:
+    """Whether ``target`` is this command's own standard output (/dev/stdout, say)."""
+    try:
+        return os.path.samestat(os.stat(target), os.fstat(sys.stdout.fileno()))
+    except (OSError, AttributeError, ValueError):   # no such file; stdout closed or None
+        return False
 
 
 def _count(text: str) -> int:
