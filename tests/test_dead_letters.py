@@ -7,6 +7,7 @@ import asyncio
 import base64
 import json
 import os
+import re
 import sqlite3
 import stat
 import sys
@@ -27,6 +28,7 @@ from tests.conftest import free_port, write_config
 from tests.fakes.loopback_server import serving
 from tests.fakes.nucleus_upstream import FakeNucleus
 from tests.fakes.ops_scene import post_events
+from tests.test_wal_sync import strace
 from tests.waiting import ROOT, run_outpost, wait_for
 
 
@@ -480,3 +482,36 @@ async def test_an_export_to_dev_stdout_writes_the_letters_to_standard_output(
         assert "exported 3 dead letters" in err.decode()
     finally:
         await up.stop()
+
+
+async def test_an_export_is_on_disk_before_it_replaces_the_file(make_agent: Any,
+                                                                tmp_path: Path) -> None:
+    """`outpost dead export F`, then `outpost dead purge --all`, is how dead letters are
+    kept before they go: the export was moved onto F unsynced, so a power cut after the
+    purge (which is on disk) could leave F empty, or not there, and the letters nowhere.
+    Traced (strace, as test_wal_sync.py): the file is synced before it is moved onto F,
+    and F's directory after."""
+    up = await RefusingNucleus().start()
+    try:
+        agent = await make_agent(port=free_port(), upstreams=[upstream("up", up, ["*"])])
+        await post_events(agent.port, "app-a", range(3))
+        await dead_letters(agent, 3)
+        target, trace = tmp_path / "dead.jsonl", tmp_path / "trace"
+        proc = await asyncio.create_subprocess_exec(
+            strace(), "-f", "-qq", "-y", "-o", str(trace), "-e",
+            "trace=fsync,fdatasync,rename,renameat,renameat2", sys.executable, "-m", "agent",
+            "dead", "export", str(target), "--config", agent.config_path, cwd=ROOT,
+            stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.STDOUT)
+        out, _ = await asyncio.wait_for(proc.communicate(), 60)
+        assert proc.returncode == 0 and b"exported 3 dead letters" in out, out
+    finally:
+        await up.stop()
+    lines = trace.read_text().splitlines()
+    moved = [i for i, ln in enumerate(lines) if "rename" in ln and f'"{target}"' in ln]
+    synced = [i for i, ln in enumerate(lines) if re.search(
+        rf"\bf(data)?sync\(\d+<{re.escape(str(tmp_path))}/\.dead\.jsonl\.", ln)]
+    dir_synced = [i for i, ln in enumerate(lines) if re.search(
+        rf"\bfsync\(\d+<{re.escape(str(tmp_path))}>\)", ln)]
+    assert len(moved) == 1, lines
+    assert synced and synced[0] < moved[0], lines
+    assert dir_synced and dir_synced[-1] > moved[0], lines
