@@ -199,10 +199,15 @@ class _Cli:
         try:
             with os.fdopen(fd, "wb") as out:
                 count = self._export_to(cfg, out)
+                # On disk before it takes the file's place, and the move after: export then
+                # purge must not leave, after a power cut, the letters purged and no file.
+                out.flush()
+                os.fsync(out.fileno())
             os.replace(part, real)
         except BaseException:
             os.unlink(part)
             raise
+        _sync_dir(real.parent)
         return count
 
     def _export_to(self, cfg: Config, out: BinaryIO) -> int:
@@ -268,6 +273,17 @@ class _Cli:
 
     def purge(self, cfg: Config, args: argparse.Namespace) -> int:
         return self._change(cfg, args, "purge")
+
+
+def _sync_dir(directory: Path) -> None:
+    """Make a rename in ``directory`` durable (Windows has no directory handles to sync)."""
+    if sys.platform == "win32":
+        return
+    fd = os.open(directory, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
 
 
 def _is_stdout(target: Path) -> bool:
