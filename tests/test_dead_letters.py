@@ -515,3 +515,13 @@ async def test_an_export_is_on_disk_before_it_replaces_the_file(make_agent: Any,
     assert len(moved) == 1, lines
     assert synced and synced[0] < moved[0], lines
     assert dir_synced and dir_synced[-1] > moved[0], lines
+
+
+async def test_an_id_too_long_for_a_number_is_no_such_dead_letter(make_agent: Any) -> None:
+    """GET /dead/{id} with an id of more digits than Python turns into an int (4300) was
+    a 500, which `outpost dead` takes for another server: no dead letter has it (404)."""
+    agent = await make_agent(port=free_port())
+    async with aiohttp.ClientSession() as s, \
+            s.get(f"http://127.0.0.1:{agent.port}/dead/{'9' * 5000}") as r:
+        assert r.status == 404, await r.text()
+        assert (await r.json())["error"].startswith("no dead letter with id")
