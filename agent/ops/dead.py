@@ -82,7 +82,11 @@ class DeadRoutes:
         return web.json_response(summary)
 
     async def show(self, request: web.Request) -> web.Response:
-        seq = int(request.match_info["seq"])
+        text = request.match_info["seq"]
+        try:
+            seq = int(text)
+        except ValueError:   # more digits than int() takes (4300): no seq has them
+            raise dead.NoSuchLetter(f"no dead letter with id {text[:20]}...") from None
         return web.json_response(await dead_live.read(self.spool, dead.show, seq))
 
     async def export(self, request: web.Request) -> web.StreamResponse:
