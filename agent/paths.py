@@ -111,3 +111,14 @@ def ensure_private_dir(path: Path) -> Path:
                     "the files in it, not read them (0600); chmod 700 it to hide them",
                     path, mode)
     return path
+
+
+def sync_dir(directory: Path) -> None:
+    """Make renames, creations and removals in ``directory`` durable."""
+    if sys.platform == "win32":  # no directory handles to fsync; NTFS journals them
+        return
+    fd = os.open(directory, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)

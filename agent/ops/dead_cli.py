@@ -28,6 +28,7 @@ from agent.ops.local_agent import NotOutpost, Refused, agent_url, answer, opened
 from agent.ops.shared_terms import EXPORT_PAGE, LIST_LIMIT
 from agent.ops.status_table import age, size, table
 from agent.outcomes import Tally
+from agent.paths import sync_dir
 from agent.settings import Config
 from agent.spool import dead
 from agent.terminal import OutputError, printable, printable_json
@@ -207,7 +208,7 @@ class _Cli:
         except BaseException:
             os.unlink(part)
             raise
-        _sync_dir(real.parent)
+        sync_dir(real.parent)
         return count
 
     def _export_to(self, cfg: Config, out: BinaryIO) -> int:
@@ -273,17 +274,6 @@ class _Cli:
 
     def purge(self, cfg: Config, args: argparse.Namespace) -> int:
         return self._change(cfg, args, "purge")
-
-
-def _sync_dir(directory: Path) -> None:
-    """Make a rename in ``directory`` durable (Windows has no directory handles to sync)."""
-    if sys.platform == "win32":
-        return
-    fd = os.open(directory, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
 
 
 def _is_stdout(target: Path) -> bool:

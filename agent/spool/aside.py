@@ -10,9 +10,10 @@ stale: the crash came before the move, and the corrupt file is still at the spoo
 from __future__ import annotations
 
 import os
-import sys
 import time
 from pathlib import Path
+
+from agent.paths import sync_dir
 
 _SUFFIXES = ("", "-wal", "-shm")
 
@@ -45,7 +46,7 @@ def note(path: Path, moved: Path) -> OSError | None:
             os.fsync(fd)
         finally:
             os.close(fd)
-        _sync_dir(path.parent)
+        sync_dir(path.parent)
     except OSError as exc:
         return exc
     return None
@@ -54,7 +55,7 @@ def note(path: Path, moved: Path) -> OSError | None:
 def move_aside(path: Path, moved: Path) -> None:
     """Rename a spool and its WAL/SHM files to ``moved`` (noted first)."""
     _rename(path, moved)
-    _sync_dir(path.parent)
+    sync_dir(path.parent)
 
 
 def pending(path: Path) -> Path | None:
@@ -75,15 +76,15 @@ def pending(path: Path) -> Path | None:
         # Cut between the renames: the -wal and -shm still at the path are the moved
         # file's. Applied to the fresh spool, its WAL would garble it.
         _rename(path, moved)
-        _sync_dir(path.parent)
+        sync_dir(path.parent)
     return moved
 
 
 def done(path: Path) -> None:
     """The salvage has committed: forget its marker (the fresh spool made durable first)."""
-    _sync_dir(path.parent)
+    sync_dir(path.parent)
     marker(path).unlink(missing_ok=True)
-    _sync_dir(path.parent)
+    sync_dir(path.parent)
 
 
 def _rename(path: Path, target: Path) -> None:
@@ -92,14 +93,3 @@ def _rename(path: Path, target: Path) -> None:
         src = Path(f"{path}{suffix}")
         if src.exists():
             src.rename(Path(f"{target}{suffix}"))
-
-
-def _sync_dir(directory: Path) -> None:
-    """Make renames, creations and removals in ``directory`` durable."""
-    if sys.platform == "win32":  # no directory handles to fsync; NTFS journals them
-        return
-    fd = os.open(directory, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
