@@ -247,3 +247,44 @@ async def test_events_expired_while_their_batch_is_refused_are_not_sent_again(
         snap = await status(agent.port)
         assert snap["drops"]["expired"] == 3 and snap["counters"]["acked"] == 2
         assert snap["upstreams"][0]["acked"] == 2, snap["upstreams"][0]
+
+
+async def test_damage_only_expiry_reads_is_moved_aside_and_old_events_still_expire(
+        tmp_path: Path, clock: Clock) -> None:
+    """The file is damaged while the agent runs, in its dead letters: a page only expiry
+    reads (the forwarders read the queue). Expiry failed on it at every run, for good
+    (logged, `expiry_errors`), and nothing moved the file aside: the queued events past
+    max_age_days were never dropped, nor the dead letters, nor delivered events' dedupe
+    keys forgotten. Damage a commit meets is moved aside and salvaged (docs/operations.md,
+    Corrupt spool): expiry's must be too, and the old events then expire."""
+    path = tmp_path / "spool.db"
+    spool = await Spool.open(StorageConfig(path=str(path), max_age_days=2))
+    try:
+        await spool.append([Event("d", NUCLEUS, i, b'{"id":%d,"pad":"%s"}' % (
+            i, bytes(range(256)).hex().encode())) for i in range(200)])
+        rows = await spool.fetch(spool.streams["d"].id, 0, 1000)
+        await spool.dead_letter([(r.seq, "up", "HTTP 400") for r in rows])
+        await spool.append([Event("q", NUCLEUS, 1000 + i, b'{"id":%d}' % i) for i in range(3)])
+        await spool.prune()   # as the agent's every 10 minutes: marks when they came
+        assert spool.db is not None
+        await spool.db.run(lambda c: c.execute("PRAGMA wal_checkpoint(TRUNCATE)").fetchall())
+        with contextlib.closing(sqlite3.connect(f"file:{path}?mode=ro", uri=True)) as db:
+            leaves = [n for (n,) in db.execute("SELECT pageno FROM dbstat WHERE name = 'dead' "
+                                               "AND pagetype = 'leaf' ORDER BY pageno")]
+        assert len(leaves) > 4
+        with open(path, "r+b") as fh:   # the disk garbles a page of dead letters
+            fh.seek((leaves[len(leaves) // 2] - 1) * 4096)
+            fh.write(bytes(4096))
+        # Another writer's commit: the agent's connection reads the file again, as it
+        # does once its cache has moved on.
+        with contextlib.closing(sqlite3.connect(path, isolation_level=None)) as other:
+            other.execute("PRAGMA user_version = 5")
+        clock.wall_shift_ms = clock.passed_ms = 3 * DAY_MS
+        await spool.prune()
+        await spool.prune()
+        assert spool.counters.get("spool_corrupt") == 1, "the damaged file was not moved aside"
+        assert spool.counters.get("expired") == 3 and spool.depth == 0
+        assert spool.dead_count == 0 and spool.counters.get("dead_expired", 0) > 0
+        assert spool.expiry_errors == 0, spool.expiry_last_error
+    finally:
+        await spool.close()
