@@ -432,12 +432,25 @@ class Spool:
         pass since it was received exceed max_age_days: a device clock that is wrong, or
         corrected, expires nothing on its own (agent/clock.py).
 
-        Nothing watches it run: a failure (a disk error, a damaged file, a bug) is logged,
-        counted and kept for status (``expiry_errors``, ``expiry_last_error``), and the
-        next run tries again; it never ends the agent's expiry unseen.
+        A damaged file is moved aside and salvaged (``recover``), as a commit's is, and
+        expiry runs on the fresh spool: damage that only expiry reads (dead letters, spent
+        keys) failed every run for good, and nothing past max_age_days was dropped.
+
+        Nothing watches it run: a failure (a disk error, a recovery that fails, a bug) is
+        logged, counted and kept for status (``expiry_errors``, ``expiry_last_error``), and
+        the next run tries again; it never ends the agent's expiry unseen.
         """
         try:
-            return await self._prune()
+            db = self._db
+            try:
+                return await self._prune()
+            except sqlite3.DatabaseError as exc:
+                if not is_corruption(exc):
+                    raise
+                async with self.lock:
+                    if self._db is db and db is not None:  # not already recovered meanwhile
+                        await self.recover(exc)
+                return await self._prune()
         except Exception as exc:  # noqa: BLE001 - reported here: see the docstring
             self.expiry_errors += 1
             if isinstance(exc, sqlite3.Error):
