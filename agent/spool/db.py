@@ -20,7 +20,7 @@ from array import array
 from bisect import bisect_right
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from queue import SimpleQueue
 from typing import Any, TypeVar
@@ -199,6 +199,25 @@ def start_clock(conn: sqlite3.Connection, next_seq: int) -> None:
 
 
 @dataclass(slots=True)
+class StoredKeys:
+    """Dedupe keys stored beside records, read newest record first into flat arrays: no
+    Python object per record while a spool opens (a spool of one-event records has
+    millions). Iterated oldest first, as (keys, wall ms, observed ms) a record."""
+
+    blob: bytearray = field(default_factory=bytearray)
+    counts: array[int] = field(default_factory=lambda: array("q"))   # keys of each record
+    wall: array[int] = field(default_factory=lambda: array("q"))
+    observed: array[int] = field(default_factory=lambda: array("q"))
+
+    def __iter__(self) -> Iterator[tuple[memoryview, int, int]]:
+        view, end = memoryview(self.blob), len(self.blob)
+        for i in reversed(range(len(self.counts))):
+            start = end - 8 * self.counts[i]
+            yield view[start:end], self.wall[i], self.observed[i]
+            end = start
+
+
+@dataclass(slots=True)
 class State:
     """What an opened spool holds, read at startup on the writer's thread."""
 
@@ -208,8 +227,8 @@ class State:
     dead: int                                     # dead letters (then counted in memory)
     used_bytes: int
     observed: int | None                          # agent-observed ms; None: no clock marks
-    live: list[tuple[int, int, int]]              # live records: (id, n, observed)
-    keys: list[tuple[bytes, int, int]]            # newest dedupe keys by receipt: (keys, wall, observed)
+    live: tuple[array[int], array[int], array[int]]   # live records: ids, sizes, observed
+    keys: StoredKeys                              # the newest dedupe keys
     high: dict[int, int]                          # stream id -> events queued in its high lane
     learned: Learned | None                       # the dictionary small records are packed with
 
@@ -235,24 +254,30 @@ def load_state(conn: sqlite3.Connection, now_observed: int, max_keys: int) -> St
         i = bisect_right(bounds, rid)
         return int(marks[i][1]) if i < len(marks) else latest
 
-    live = [(rid, n, receipt(rid)) for rid, n in conn.execute(
-        "SELECT id, n FROM records ORDER BY id")]
+    ids, sizes, received = array("q"), array("q"), array("q")
+    for rid, n in conn.execute("SELECT id, n FROM records ORDER BY id"):
+        ids.append(rid)
+        sizes.append(n)
+        received.append(receipt(rid))
     # Only the newest keys that the index keeps (dedupe_max_keys), read newest first: a
     # backlog's keys all at once would take memory the cap is there to bound.
-    keys: list[tuple[bytes, int, int]] = []
+    keys = StoredKeys()
     held = 0
     rows = conn.execute("SELECT id, dkeys, received, NULL FROM records UNION ALL "
                         "SELECT id, dkeys, received, observed FROM spent ORDER BY 1 DESC")
     for rid, dkeys, wall, seen in rows:
         if held >= max_keys:
             break
-        keys.append((dkeys, wall, receipt(rid) if seen is None else seen))
+        keys.blob += dkeys
+        keys.counts.append(len(dkeys) // 8)
+        keys.wall.append(wall)
+        keys.observed.append(receipt(rid) if seen is None else seen)
         held += len(dkeys) // 8
     rows.close()
-    keys.reverse()
     high = dict(conn.execute(f"SELECT stream, sum(live) FROM records WHERE lane = {HIGH} "
                              "GROUP BY stream").fetchall())
-    return State(top + 1, streams, counters, dead, used_bytes(conn), observed, live, keys, high,
+    return State(top + 1, streams, counters, dead, used_bytes(conn), observed,
+                 (ids, sizes, received), keys, high,
                  newest(conn))
 
 

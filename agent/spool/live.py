@@ -39,9 +39,9 @@ class LiveRecords:
             if i >= 0 and self._ids[i] == rid:
                 del self._ids[i], self._ns[i], self._observed[i]
 
-    def clear(self) -> None:
-        for a in (self._ids, self._ns, self._observed):
-            del a[:]
+    def load(self, ids: array[int], sizes: array[int], observed: array[int]) -> None:
+        """Hold these records instead (a spool just opened): ids unique and sorted."""
+        self._ids, self._ns, self._observed = ids, sizes, observed
 
     def observed(self, seq: int) -> int | None:
         """The agent-observed receipt time of the live record holding ``seq``."""

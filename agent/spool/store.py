@@ -277,9 +277,7 @@ class Spool:
         self._observed_base, self._elapsed_at_load = state.observed or 0, CLOCK.elapsed_ms()
         self.books.reset(state.streams, state.counters, state.next_seq, state.dead,
                          state.used_bytes, state.high)
-        self.live.clear()
-        for rid, n, observed in state.live:
-            self.live.add(rid, n, observed)
+        self.live.load(*state.live)
         self.writer.codebook.resume(state.learned)
         self.index = self.writer.index = DedupeIndex(self.index.window_ms, self.index.max_keys)
         # Keys past the cap are not counted as forgotten here: the run that stored them
