@@ -1,7 +1,8 @@
 """`Origin: null` (a `file://` page, an Electron renderer showing one, a sandboxed iframe)
 is refused like any Origin not listed, and listing `"null"` in listen.allowed_origins lets
 it post, open the Nucleus websocket and read what an allowed Origin may read
-(docs/security.md, "Pages with Origin: null")."""
+(docs/security.md, "Pages with Origin: null"). An Origin that is no URL at all is refused
+the same way."""
 
 from __future__ import annotations
 
@@ -59,3 +60,29 @@ async def test_a_star_lets_every_origin_post_and_read_but_never_act(make_agent: 
         assert dead.status == 403, dead.body
     assert await ws_status(agent.port) == 101
     assert agent.spool.depth == 3
+
+
+# An Origin no browser sends, that urllib cannot split (an IPv6 literal left open).
+MALFORMED = "http://[::1"
+ACTING = [("GET", "/dead"), ("GET", "/tail"), ("POST", "/flush")]
+
+
+@pytest.mark.parametrize("allowed", [["https://app.example"], ["*"]])
+async def test_a_malformed_origin_is_refused_not_a_500(make_agent: Any,
+                                                       allowed: list[str]) -> None:
+    """A local program can send any Origin. One that is no URL is no page's, the agent's
+    own least of all: refused as any Origin not listed (with `"*"`, the endpoints that make
+    the agent act still refuse it), never a 500 with a traceback in the log."""
+    agent = await make_agent(listen={"allowed_origins": allowed})
+    headers = {"Origin": MALFORMED, "Authorization": basic("k")}
+    for method, path in ACTING:
+        reply = await call(agent.port, path, method=method, headers=headers)
+        assert reply.status == 403, (path, reply.status, reply.body)
+    if allowed == ["*"]:
+        return
+    for method, path, body in (("POST", "/v1/track", TRACK), ("GET", "/status", None),
+                               ("GET", "/no/such/route", None)):
+        reply = await call(agent.port, path, body, method=method, headers=headers)
+        assert reply.status == 403, (path, reply.status, reply.body)
+        assert b"not in listen.allowed_origins" in reply.body
+    assert agent.spool.depth == 0
