@@ -93,7 +93,14 @@ def _unquoted(record: logging.LogRecord) -> str:
     assert record.exc_info is not None
     exc = record.exc_info[1]
     assert isinstance(exc, HttpProcessingError)
-    what = " ".join(line.strip() for line in exc.message.split("\n\n", 1)[0].splitlines())
+    what = exc.message.split("\n\n", 1)[0]
+    # Some quote what they failed on inline, as their args hold it: LineTooLong the first
+    # 100 bytes of a line (`... when reading: b'session=...'`, from a Cookie field holding
+    # every localhost app's cookies), InvalidHeader a field. Cut where the quote begins.
+    for part in exc.args:
+        if isinstance(part, str | bytes | bytearray) and part and part != exc.message:
+            what = what.split(repr(part), 1)[0].rstrip(" :")
+    what = " ".join(line.strip() for line in what.splitlines())
     return f"{record.getMessage()}: {type(exc).__name__}: {what.rstrip(':')} ({exc.code})"
 
 
