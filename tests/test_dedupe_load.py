@@ -19,20 +19,28 @@ def event(b: int, i: int) -> Event:
     return Event("k", SEGMENT, dedupe_key("k", b, i), b'{"type":"track","event":"e"}')
 
 
-async def test_opening_a_backlog_reads_the_dedupe_keys_the_cap_keeps(tmp_path: Path) -> None:
-    """Audit: every record's keys were read into one list before the index trimmed them
-    to the cap (cap 10,000 keys, 4M queued: 34 MB peak while opening)."""
-    cfg = StorageConfig(path=str(tmp_path / "spool.db"), dedupe_max_keys=CAP, sync="normal")
+async def reopened(cfg: StorageConfig, commits: list[list[Event]]) -> tuple[Spool, int, int]:
+    """A spool written with ``commits``, closed, and opened again: with the memory traced
+    (by tracemalloc) once open, and at the peak while opening."""
     spool = await Spool.open(cfg)
-    for b in range(BACKLOG):
-        await spool.append([event(b, i) for i in range(1000)])
+    for events in commits:
+        await spool.append(events)
     await spool.close()
     tracemalloc.start()
     try:
         spool = await Spool.open(cfg)
-        _, peak = tracemalloc.get_traced_memory()
+        kept, peak = tracemalloc.get_traced_memory()
     finally:
         tracemalloc.stop()
+    return spool, kept, peak
+
+
+async def test_opening_a_backlog_reads_the_dedupe_keys_the_cap_keeps(tmp_path: Path) -> None:
+    """Audit: every record's keys were read into one list before the index trimmed them
+    to the cap (cap 10,000 keys, 4M queued: 34 MB peak while opening)."""
+    cfg = StorageConfig(path=str(tmp_path / "spool.db"), dedupe_max_keys=CAP, sync="normal")
+    spool, _, peak = await reopened(cfg, [[event(b, i) for i in range(1000)]
+                                          for b in range(BACKLOG)])
     try:
         assert spool.depth == BACKLOG * 1000
         assert CAP * 15 // 16 <= len(spool.index) <= CAP
@@ -68,17 +76,9 @@ async def test_opening_many_one_event_records_takes_little_more_than_it_keeps(
     512 MB spool of them: about 640 MB more at every start, on a small device)."""
     records, keys = 20_000, 1000
     cfg = StorageConfig(path=str(tmp_path / "spool.db"), sync="normal")
-    spool = await Spool.open(cfg)
-    for b in range(records // keys):   # one commit, a record for each key
-        await spool.append([Event(f"k{i}", SEGMENT, dedupe_key("k", b, i), b'{"type":"track"}')
-                            for i in range(keys)])
-    await spool.close()
-    tracemalloc.start()
-    try:
-        spool = await Spool.open(cfg)
-        kept, peak = tracemalloc.get_traced_memory()
-    finally:
-        tracemalloc.stop()
+    spool, kept, peak = await reopened(cfg, [   # a commit each, a record for each key
+        [Event(f"k{i}", SEGMENT, dedupe_key("k", b, i), b'{"type":"track"}') for i in range(keys)]
+        for b in range(records // keys)])
     try:
         assert spool.depth == records and len(spool.index) == records
         # The index and the live records' arrays are what stays; the way there may add

@@ -9,9 +9,10 @@ the agent listens beyond loopback, another machine.
 from __future__ import annotations
 
 import ipaddress
-from urllib.parse import urlsplit
 
 from aiohttp import web
+
+from agent.origins import netloc
 
 
 def remote(request: web.Request) -> str | None:
@@ -44,18 +45,10 @@ def foreign(request: web.Request, what: str) -> str | None:
                "agent's own page on this machine may"
     origin = request.headers.get("Origin")
     host = request.headers.get("Host")
-    if origin is not None and (host is None or _netloc(origin) != host.lower()):
+    if origin is not None and (host is None or netloc(origin) != host.lower()):
         return f"Origin {origin!r} may not use {what}: only the agent's own page may"
     site = request.headers.get("Sec-Fetch-Site")
     if site not in (None, "same-origin", "none"):
         return f"a {site} browser request may not use {what}"
     return None
 
-
-def _netloc(origin: str) -> str | None:
-    """'http://LocalHost:8765' -> 'localhost:8765'; None for what is no URL: a local
-    program may send any Origin (`http://[::1`, which urlsplit raises on)."""
-    try:
-        return urlsplit(origin.lower()).netloc
-    except ValueError:
-        return None

@@ -10,6 +10,8 @@ from urllib.parse import urlsplit
 
 from aiohttp import web
 
+from agent.origins import netloc
+
 Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
 Wrap = Callable[[Handler, bool], Handler]
 CORS_MAX_AGE = "600"
@@ -93,7 +95,7 @@ class Guard:
         if self.allowed(origin):
             return True
         # The agent's own pages (the status page) are same-origin.
-        return host is not None and _netloc(origin) == host.lower()
+        return host is not None and netloc(origin) == host.lower()
 
     def routes(self, routes: list[web.RouteDef], *, navigable: bool = False,
                wrap: Wrap | None = None) -> list[web.RouteDef]:
@@ -171,14 +173,6 @@ class Guard:
             resp.headers["Vary"] = "Origin"
         return resp
 
-
-def _netloc(origin: str) -> str | None:
-    """'http://LocalHost:8765' -> 'localhost:8765'; None for what is no URL: a local
-    program may send any Origin (`http://[::1`, which urlsplit raises on)."""
-    try:
-        return urlsplit(origin.lower()).netloc
-    except ValueError:
-        return None
 
 
 def _origin_of(url: str | None) -> str | None:
