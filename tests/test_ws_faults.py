@@ -8,6 +8,7 @@ the scripted tests/fakes/faulty_upstream.py.
 from __future__ import annotations
 
 import asyncio
+import base64
 import logging
 import socket
 from collections import Counter
@@ -216,3 +217,37 @@ async def test_frames_over_the_upstream_s_size_limit_are_made_smaller_until_they
                  upstreams=[{**cfg, "key": "another"}])
     await agent.reload()   # another upstream by that name: it may take more
     assert (await status_of(agent))["frame_limit_bytes"] is None
+
+
+async def test_a_hundred_open_websockets_hold_up_no_other_key_or_upstream(
+        make_agent: Any, faulty: FaultyUpstream) -> None:
+    """Each Nucleus key's loop holds its own websocket while its queue stays empty for
+    `flush_interval_s` (raised, as the docs advise, to keep connections open), and up to
+    256 loops run per upstream. The upstreams' shared client session had aiohttp's default
+    cap of 100 connections, websockets included: with 100 apps connected, the 101st app's
+    handshake, and every request to another upstream (a Segment one, here), waited for a
+    connection that no loop gave back, until `timeout_s`, then failed and backed off;
+    nothing of theirs was sent though both upstreams were fine."""
+    apps = [f"app{i}" for i in range(101)]
+    ws = upstream(faulty, "nucleus-ws", name="ws", keys=apps, batch_max_events=1,
+                  flush_interval_s=3600, timeout_s=1)
+    segment = upstream(faulty, "segment-http", name="seg", keys=["*"], timeout_s=1)
+    agent = await make_agent(upstreams=[ws, segment])
+    states = agent.forwarding.states
+    for i, app in enumerate(apps[:100]):
+        await send(agent, [event(i)], key=app)
+    await wait_for(lambda: len(faulty.acked_ids()) == 100)   # 100 websockets stay open
+    await send(agent, [event(100)], key=apps[100])
+    auth = {"Authorization": "Basic " + base64.b64encode(b"wk:").decode()}
+    async with aiohttp.ClientSession() as s, s.post(
+            f"http://127.0.0.1:{agent.port}/v1/batch", headers=auth,
+            json={"batch": [{"type": "track", "event": "e", "userId": "u",
+                             "messageId": "seg-1"}]}) as r:
+        assert r.status == 200, await r.text()
+    # Until both are delivered, or either upstream fails (before the fix: in 1 s).
+    await wait_for(lambda: agent.spool.depth == 0
+                   or any(up.last_error is not None for up in states.values()))
+    assert [(up.name, up.last_error) for up in states.values()] == [("ws", None),
+                                                                     ("seg", None)]
+    assert agent.spool.depth == 0
+    assert "seg-1" in faulty.acked_ids() and 100 in faulty.acked_ids()
