@@ -104,8 +104,15 @@ async def refuse_redirects(req: aiohttp.ClientRequest,
 
 
 def client_session() -> aiohttp.ClientSession:
-    """The session uplinks share; it never follows a redirect."""
-    return aiohttp.ClientSession(auto_decompress=True, middlewares=(refuse_redirects,))
+    """The session uplinks share; it never follows a redirect.
+
+    Without aiohttp's default cap of 100 connections, which counts websockets too: with a
+    hundred keys' websockets open, the next key's handshake and every other upstream's
+    requests waited for one until their timeout, and failed. The forwarder bounds its
+    connections itself, per upstream: a websocket per loop (supervisor.MAX_LOOPS), a
+    request per batch in flight (slots.BATCHES_IN_FLIGHT)."""
+    return aiohttp.ClientSession(connector=aiohttp.TCPConnector(limit=0),
+                                 auto_decompress=True, middlewares=(refuse_redirects,))
 
 
 _HTML_TYPES = frozenset({"text/html", "application/xhtml+xml"})
