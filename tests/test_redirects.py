@@ -247,6 +247,22 @@ async def test_an_ack_labelled_text_html_is_an_ack(make_agent: Any, gateway: Cap
     assert state.retries == 0 and state.last_error is None
 
 
+@pytest.mark.parametrize("body", [b"OK", b"", b"Accepted\n"])
+async def test_a_segment_ack_of_plain_words_labelled_text_html_is_an_ack(
+        make_agent: Any, gateway: CaptiveUpstream, body: bytes) -> None:
+    """Express's `res.send("OK")` (or `res.send("")`) labels a collector's 200 text/html too:
+    words without a single tag are no login page. It was taken for one, and the batch was
+    sent again, and stored again by the collector, every backoff, for ever."""
+    gateway.ack_type, gateway.segment_ack = "text/html", body
+    agent = await start(make_agent, gateway, "segment-http")
+    state = agent.forwarding.states["up"]
+    await wait_for(lambda: agent.spool.depth == 0 or state.retries > 0, timeout=5)
+    assert (state.retries, state.last_error) == (0, None)
+    assert agent.spool.depth == 0
+    assert sorted(ev["properties"]["mark"] for ev in gateway.delivered) == [
+        f"mk-{i}" for i in range(N)]   # once each
+
+
 async def test_a_nucleus_ack_labelled_text_html_is_an_ack(make_agent: Any,
                                                           gateway: CaptiveUpstream) -> None:
     """Express's `res.send(JSON.stringify({reportedIds}))` labels the reply text/html: a

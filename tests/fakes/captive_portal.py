@@ -59,6 +59,7 @@ class CaptiveUpstream(LoopbackServer):
         self.delivered: list[dict[str, Any]] = []   # events acknowledged, in order
         # The Content-Type of an ack (Express's `res.send(string)`: text/html).
         self.ack_type = "application/json"
+        self.segment_ack = b'{"success":true}'   # the body of a Segment ack
 
     def url(self, protocol: str) -> str:
         return self.ws_url if protocol == "nucleus-ws" else self.http_url
@@ -84,7 +85,7 @@ class CaptiveUpstream(LoopbackServer):
                 orjson.loads(body)["data"])}), content_type=self.ack_type)
         if request.method == "POST" and request.path == "/v1/batch":
             self.delivered += orjson.loads(body)["batch"]
-            return web.Response(body=b'{"success":true}', content_type=self.ack_type)
+            return web.Response(body=self.segment_ack, content_type=self.ack_type)
         return web.Response(status=404)
 
     def _take(self, events: list[dict[str, Any]]) -> list[Any]:
