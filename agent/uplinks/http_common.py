@@ -123,15 +123,23 @@ _TITLE_SEARCHED = 4096   # bytes of the page searched for its title
 _TITLE_SHOWN = 100
 
 
-def html_instead_of_reply(status: int, content_type: str, body: bytes = b"",
+def html_instead_of_reply(status: int, content_type: str, body: bytes | None = None,
                           events: int = 1) -> str | None:
     """The error for an HTML page: no upstream protocol answers with HTML, but a captive
     portal's login page does (2xx), and so does a proxy or a web server in the way (4xx:
     nginx's answer to http:// sent to its https port, or to a body over its size limit).
     Retried, never a dead letter; except that a refusal (400, 413, 422) of a batch of
     ``events`` > 1 is None here, to be split as any refusal is: a proxy's 413 lets the
-    halves through, and split down to one event, the page is retried."""
-    page = content_type in _HTML_TYPES or _HTML_START.match(body) is not None
+    halves through, and split down to one event, the page is retried. ``body`` None: not
+    read (a refused websocket handshake's), judged by its type alone."""
+    labelled = content_type in _HTML_TYPES
+    if body is None:
+        body = b""
+    elif labelled and 200 <= status < 300 and b"<" not in body:
+        # Words without a single tag ("OK", or none) are a collector's ack, not a login
+        # page: Express labels `res.send("OK")` text/html, as it does JSON (_is_json).
+        labelled = False
+    page = labelled or _HTML_START.match(body) is not None
     if not page or (events > 1 and status in REJECTED_STATUSES) or _is_json(body):
         return None
     found = _TITLE.search(body, 0, _TITLE_SEARCHED)

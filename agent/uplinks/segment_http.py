@@ -103,8 +103,9 @@ class SegmentHttpUplink(UplinkBase):
         if isinstance(reply, str):
             return Retry(reply)
         status, raw, wait = reply.status, reply.body, reply.retry_after
-        if page := html_instead_of_reply(status, reply.content_type, raw,
-                                         len(prepared.seqs)):
+        # A body that could not be read is judged by its type alone.
+        if page := html_instead_of_reply(status, reply.content_type,
+                                         None if reply.unreadable else raw, len(prepared.seqs)):
             return Retry(page, retry_after=wait)
         if 200 <= status < 300 and status != MULTI_STATUS:
             return Acked(prepared.seqs)   # the status is the verdict, the body unread or not
