@@ -489,6 +489,21 @@ async def test_a_200_whose_body_cannot_be_decoded_is_judged_by_what_the_protocol
     assert "gzip" in (state.last_error or "").lower() or "decode" in (state.last_error or "")
 
 
+async def test_a_segment_200_whose_body_stalls_is_an_ack(make_agent: Any,
+                                                        faulty: FaultyUpstream) -> None:
+    """The collector's 200 came, then its body stopped half way (a wrong Content-Length, a
+    proxy holding the rest) until the agent stopped waiting. Segment's verdict is its
+    status, as for a body that cannot be decoded or a connection cut mid-body: the batch
+    is acknowledged. It was a failed request: the batch went again, was taken again, and
+    a collector that always answers so got every batch again, every backoff, for ever."""
+    faulty.script = [Fault("stall", delay=3)]
+    agent = await make_agent(upstreams=[upstream(faulty, "segment-http", timeout_s=0.4)])
+    await send(agent, [event(i) for i in range(3)])
+    state = agent.forwarding.states["up"]
+    await wait_for(lambda: agent.spool.depth == 0 or state.retries > 0)
+    assert (len(faulty.requests), state.retries, state.acked) == (1, 0, 3), state
+
+
 @pytest.mark.parametrize("protocol", [*NUCLEUS, "segment-http"])
 async def test_a_reply_too_long_to_be_an_answer_is_not_read_whole(
         make_agent: Any, faulty: FaultyUpstream, protocol: str) -> None:

@@ -32,8 +32,8 @@ from tests.fakes.loopback_server import LoopbackServer
 #   timeout    hold the reply for `delay` seconds (longer than the agent waits)
 #   slow       hold the reply for `delay` seconds, then answer properly
 #   stall      acknowledge every id, but write only the first half of the reply before
-#              holding the rest for `delay` seconds (HTTP; a websocket holds the whole
-#              reply): an ack the agent, waiting less, never reads
+#              holding the rest for `delay` seconds (HTTP, Segment's 200 too; a websocket
+#              holds the whole reply): an ack the agent, waiting less, never reads whole
 #   reset      cut the connection before answering (HTTP: mid-request, body half read)
 #   close      websocket: acknowledge the first half of the frame (after `delay`), then close
 #              (with `close_code` and `reason`)
@@ -266,6 +266,8 @@ class FaultyUpstream(LoopbackServer):
         rec.acked = [ev.get("messageId") for ev in rec.events]
         if fault is not None and fault.kind == "huge":
             return await _huge(request, rec, b'{"success": true}', fault.size)
+        if fault is not None and fault.kind == "stall":
+            return await _stalled(request, b'{"success": true}', fault.delay)
         return web.json_response({"success": True})
 
     async def start(self) -> FaultyUpstream:
