@@ -372,8 +372,10 @@ class _Scene:
             if isinstance(uplink, NucleusHttpUplink):
                 uplink.url = f"{url}?send={number}"   # read as the send starts, before any await
             result = await send(prepared)
-            self.answered[number] = not (isinstance(result, Retry)
-                                         and result.error.startswith("request failed"))
+            # No reply, or one whose body (its reportedIds) did not come whole in time.
+            self.answered[number] = not (isinstance(result, Retry) and (
+                result.error.startswith("request failed")
+                or "reply that could not be read" in result.error))
             return result
 
         uplink.send = watched

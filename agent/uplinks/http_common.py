@@ -181,7 +181,7 @@ class HttpReply:
     content_type: str
     cut: bool = False   # longer than REPLY_MAX_BYTES: the rest was not read
     # Why the body could not be read after the status came (an encoding that does not
-    # decode, a connection lost mid-body): ``body`` is empty, the status stands.
+    # decode, a connection lost or stalled mid-body): ``body`` is empty, the status stands.
     unreadable: str | None = None
 
 
@@ -199,6 +199,11 @@ async def post(session: aiohttp.ClientSession, url: str, body: bytes, headers: d
                 # aiohttp words a decoding failure as "400, message:\n  Can not decode...".
                 why = getattr(exc.__cause__, "message", None) or " ".join(str(exc).split())
                 return HttpReply(resp.status, b"", wait, kind, unreadable=why)
+            except TimeoutError:
+                # The status came, the body stalled: as for a body cut short, the status
+                # stands (a 2xx is Segment's whole verdict).
+                return HttpReply(resp.status, b"", wait, kind,
+                                 unreadable=f"not received whole within {timeout_s:g}s")
             return HttpReply(resp.status, raw, wait, kind, cut)
     except NETWORK_ERRORS as exc:
         return f"request failed: {str(exc) or type(exc).__name__}"
