@@ -220,6 +220,33 @@ def test_offline_a_spool_in_a_directory_the_user_cannot_search_is_one_line(
     assert str(kept_out / "spool.db") in line and "Permission denied" in line, line
 
 
+@pytest.mark.skipif(not hasattr(os, "geteuid"), reason="POSIX file modes")
+@pytest.mark.parametrize("args", [("status",), ("check-config",), ("run",)])
+def test_a_lookup_from_a_directory_the_user_cannot_search_is_one_line(
+        tmp_path: Path, args: tuple[str, ...]) -> None:
+    """`sudo -u outpost outpost status` from /root (0700): whether ./agent.toml is there
+    cannot be told, stat(2) failing with EACCES (pathlib's is_file raises it). It was a
+    traceback from every command that looks the config up."""
+    prefix = _without_root()
+    if prefix is None:
+        pytest.skip("needs unprivileged user namespaces to run without root")
+    kept_out = tmp_path / "kept-out"
+    kept_out.mkdir()
+    env = {k: v for k, v in os.environ.items() if k != "OUTPOST_CONFIG"}
+    env.update(XDG_CONFIG_HOME=str(tmp_path / "c"), XDG_DATA_HOME=str(tmp_path / "d"),
+               OUTPOST_SYSTEM="0")
+    try:
+        # Taken away once the command is in it (a user cannot enter it after).
+        run = subprocess.run([*prefix, sys.executable, "-m", "agent", *args], cwd=kept_out,
+                             env=env, capture_output=True, text=True, timeout=30,
+                             stdin=subprocess.DEVNULL,
+                             preexec_fn=lambda: kept_out.chmod(0))  # noqa: PLW1509 (chmod only)
+    finally:
+        kept_out.chmod(0o700)
+    line = refused(run, str(kept_out / "agent.toml"), "Permission denied", "--config")
+    assert line.startswith("outpost: "), line
+
+
 @pytest.mark.parametrize("command", ["flush", "tail"])
 def test_a_command_that_needs_the_agent_says_none_answers(tmp_path: Path, command: str) -> None:
     """They printed urllib's "<urlopen error [Errno 111] Connection refused>"."""
