@@ -379,8 +379,17 @@ def find_config_file(explicit: str | None = None) -> Path | None:
     if env is not None:
         return Path(env)
     for candidate in (Path("agent.toml"), paths.config_dir() / "agent.toml"):
-        if candidate.is_file():
-            return candidate
+        try:
+            if candidate.is_file():
+                return candidate
+        except OSError as exc:
+            # A directory this user may not search (`sudo -u outpost outpost status` from
+            # /root): whether the file is there cannot be told, and the defaults would
+            # stand in for it unsaid.
+            raise ConfigError(f"cannot look for {candidate.absolute()}: "
+                              f"{exc.strerror or exc}; name the config file with --config "
+                              "or $OUTPOST_CONFIG, or give this user search access to "
+                              f"{candidate.absolute().parent}") from exc
     return None
 
 
