@@ -305,6 +305,28 @@ def test_config_init_where_nothing_can_be_written_is_one_line() -> None:
     refused(init("--path", "/proc/outpost-test.toml"), "/proc/outpost-test.toml")
 
 
+@pytest.mark.skipif(not hasattr(os, "geteuid"), reason="POSIX file modes")
+def test_config_init_into_a_directory_the_user_cannot_search_is_one_line(tmp_path: Path) -> None:
+    """`outpost config init --path /var/lib/outpost/agent.toml` by an admin without sudo:
+    that directory is 0700 outpost, and stat(2) of the file fails with EACCES (pathlib's
+    exists raises it). It was a traceback."""
+    prefix = _without_root()
+    if prefix is None:
+        pytest.skip("needs unprivileged user namespaces to run without root")
+    kept_out = tmp_path / "kept-out"
+    kept_out.mkdir()
+    target = kept_out / "agent.toml"
+    kept_out.chmod(0)
+    try:
+        run = subprocess.run([*prefix, sys.executable, "-m", "agent", "config", "init",
+                              "--path", str(target)], cwd=ROOT, capture_output=True,
+                             text=True, timeout=30, stdin=subprocess.DEVNULL)
+    finally:
+        kept_out.chmod(0o700)
+    refused(run, f"cannot write {target}", "Permission denied")
+    assert _leftovers(kept_out) == []
+
+
 def test_config_init_through_a_symlink_writes_the_file_it_points_at(tmp_path: Path) -> None:
     """It replaced the link with a file of its own: --path /dev/stdout --force, as root,
     replaced /dev/stdout itself."""
