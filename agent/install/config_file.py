@@ -113,7 +113,9 @@ def run(args: argparse.Namespace) -> int:
         return _fail(str(exc))
     default = paths.config_dir() / "agent.toml"
     target = Path(args.path) if args.path is not None else default
-    if target.exists() and not args.force:
+    # os.path's, not pathlib's: that raises EACCES (a directory this user may not search),
+    # which the stat below names in one line.
+    if os.path.exists(target) and not args.force:
         return _fail(f"{target} exists; pass --force to replace it")
     real = Path(os.path.realpath(target))   # through a symlink: the link stays a link
     try:
