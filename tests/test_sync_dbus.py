@@ -181,6 +181,24 @@ async def test_max_hold_h_sends_everything_once_the_oldest_held_event_is_that_ol
     assert not agent.forwarding.loops and agent.spool.depth == 2
 
 
+async def test_a_machine_that_slept_past_max_hold_h_sends_within_a_minute_of_waking(
+        make_agent: Any, fake_nucleus: FakeNucleus, bus: PrivateBus,
+        nm: FakeNetworkManager, clock: Clock) -> None:
+    """A laptop on a hotspot, asleep most of the day: the event loop's clock
+    (CLOCK_MONOTONIC) stands still while it sleeps, the events' age does not (the wall
+    clock, and the agent's own time, which counts suspend). Woken past max_hold_h, it
+    must send within a minute, not after up to an hour more of waking time (for a
+    laptop awake a few minutes a day, days)."""
+    timing = ManualTiming()
+    agent = await held_half_an_hour(make_agent, fake_nucleus, bus, nm, timing)
+    await post(agent.port, range(1, 4))
+    await wait_for(lambda: len(timing.pending()) == 1)   # the waiter times them
+    clock.passed_ms += 2 * 3600_000   # asleep two hours: only the loop's clock stood still
+    timing.advance(60)   # awake a minute
+    await wait_for(lambda: delivered(fake_nucleus) == [1, 2, 3], timeout=4)
+    assert agent.sync.releases == 1
+
+
 async def test_doctor_reads_networkmanager_and_says_what_it_means(
         bus: PrivateBus, nm: FakeNetworkManager, tmp_path: Path) -> None:
     await nm.set_metered(YES)
