@@ -19,6 +19,7 @@ from jeepney.io.asyncio import open_dbus_connection
 from agent.clock import Clock
 from agent.forwarder.supervisor import Seams
 from agent.sync.metered.networkmanager import NetworkManagerSource
+from agent.sync.monitor import HOLD_CHECK_S
 from agent.sync.policy import Metered, MeteredReading
 from tests.conftest import free_port, write_config
 from tests.fakes.manual_timing import ManualTiming
@@ -159,12 +160,12 @@ async def test_max_hold_h_sends_everything_once_the_oldest_held_event_is_that_ol
     agent = await held_half_an_hour(make_agent, fake_nucleus, bus, nm, timing)
     assert agent.sync.profile.mode == "hold"
     await post(agent.port, range(1, 4))
-    # The waiter times the oldest held event: half an hour from its receipt.
-    await wait_for(lambda: len(timing.pending()) == 1 and 1799 < timing.pending()[0] <= 1800)
+    # The waiter times the oldest held event (reading the clocks each minute).
+    await wait_for(lambda: timing.pending() == [HOLD_CHECK_S])
     clock.passed_ms += 1799_000
     timing.advance(1799)
-    # Still held at 29m59s: the waiter's timer has not fired (advance runs what is due).
-    assert len(timing.pending()) == 1 and 0 < timing.pending()[0] < 1
+    # Still held at 29m59s: the waiter waits out the last second, half an hour from receipt.
+    await wait_for(lambda: len(timing.pending()) == 1 and 0 < timing.pending()[0] <= 1)
     assert not agent.forwarding.loops and agent.spool.depth == 3
 
     clock.passed_ms += 1000
@@ -226,13 +227,17 @@ async def test_events_no_upstream_takes_are_not_held_or_timed(
     clock.passed_ms += 1000_000
     timing.advance(1000)
     await post(agent.port, range(1, 3))
-    # Timed from app1's events, half an hour from now, not from "nobody"'s.
-    await wait_for(lambda: len(timing.pending()) == 1 and timing.pending()[0] > 1799)
+    await wait_for(lambda: timing.pending() == [HOLD_CHECK_S])
     assert agent.spool.depth == 3
     assert (await fetch(agent.port, "/status"))["sync"]["held_events"] == 2
+    # Timed from app1's events, half an hour from now, not from "nobody"'s (800 s).
+    clock.passed_ms += 1799_000
+    timing.advance(1799)
+    await wait_for(lambda: len(timing.pending()) == 1 and 0 < timing.pending()[0] <= 1)
+    assert agent.sync.releases == 0
 
-    clock.passed_ms += 1800_000
-    timing.advance(1800)
+    clock.passed_ms += 1000
+    timing.advance(1)
     await wait_for(lambda: [ev["id"] for ev in fake_nucleus.events] == [1, 2])
     assert agent.sync.releases == 1
 

@@ -19,6 +19,7 @@ import logging
 from collections.abc import Awaitable, Callable
 from typing import Protocol, TypedDict
 
+from agent.clock import CLOCK
 from agent.logs import log_limited
 from agent.settings import SyncConfig
 from agent.sync.changes import Changes, Timers
@@ -31,6 +32,7 @@ BATTERY_POLL_S = 60.0   # levels move by minutes; one wakeup a minute, only with
 FIRST_READING_S = 2.0   # start waits this long for the network's cost before sending
 RELEASE_RECHECK_S = 60.0   # after a release, before the oldest event is looked at again
 RESTART_S = 30.0   # a watcher that failed is started again after this
+HOLD_CHECK_S = 60.0   # while a hold is timed, the clocks are read at least this often
 
 
 class Waits(Timers, Protocol):
@@ -216,11 +218,25 @@ class SyncMonitor:
             self._empty = False
             left = limit_s - age
             if left > 0:
-                # Rechecked at least hourly: the wall clock the age is read by can be set.
-                await self._waits.wait(self._changed, min(left, 3600.0))
+                await self._wait_held(left)
                 continue
             self._release()
             await self._waits.wait(self._changed, RELEASE_RECHECK_S)
+
+    async def _wait_held(self, left_s: float) -> None:
+        """Wait until the oldest held event is ``left_s`` older, by the wall clock or by
+        the agent's own time (the clocks held_age_s reads), or the profile changes.
+        Not one long wait on the event loop's clock: it stands still while the machine
+        sleeps, so a laptop that slept past max_hold_h sent up to that wait's length of
+        waking time late (days, for one awake minutes a day). The other two move on
+        (agent/clock.py): they are read every HOLD_CHECK_S (the spool is not)."""
+        wall_end = CLOCK.wall_ms() + left_s * 1000
+        own_end = CLOCK.elapsed_ms() + left_s * 1000
+        while not self._changed.is_set():
+            rest_ms = min(wall_end - CLOCK.wall_ms(), own_end - CLOCK.elapsed_ms())
+            if rest_ms <= 0:
+                return
+            await self._waits.wait(self._changed, min(rest_ms / 1000, HOLD_CHECK_S))
 
     def _release(self) -> None:
         log.info("holding (%s), but the oldest queued event is %g h old (sync.max_hold_h): "
