@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import threading
 from pathlib import Path
 from typing import Any
 
@@ -213,3 +214,39 @@ async def test_a_reload_that_routes_held_events_times_them_for_max_hold_h(
     await let_pass(clock, timing, HALF_HOUR)
     await wait_for(lambda: agent.spool.depth == 0)
     assert sent(fake_nucleus) == [1, 2] and agent.sync.releases == 1
+
+
+async def test_a_hold_that_comes_while_a_loop_reads_its_queue_sends_nothing_of_it(
+        make_agent: Any, fake_nucleus: FakeNucleus) -> None:
+    """A loop draining a key reads the spool (on the reader thread) between batches; a
+    hold that comes during that read (the battery runs low, a metered network) must stop
+    what the read returns from going out, as it stops the batches after it (an HTTP
+    uplink has no connection to open first, whose opening checked). Only a send already
+    in flight finishes."""
+    timing = ManualTiming()
+    sensor = Sensor(Battery(percent=50, plugged=False))
+    up = {**upstream(fake_nucleus), "protocol": "nucleus-http", "url": fake_nucleus.http_url,
+          "batch_max_events": 2, "flush_interval_s": 30}
+    agent = await make_agent(upstreams=[up], seams=Seams(timing=timing), battery=sensor,
+                             sync={"on_low_battery": "hold", "low_battery_pct": 20})
+    await post(agent.port, range(1, 3))
+    await wait_for(lambda: agent.spool.depth == 0)   # sent: the loop lingers
+    loop = agent.forwarding.loops["app1"]
+
+    # The loop's next read is caught on the reader thread, before its query runs.
+    reading, go = threading.Event(), threading.Event()
+
+    def trace(sql: str) -> None:
+        if "FROM records" in sql and not reading.is_set():
+            reading.set()
+            go.wait(10)
+    assert agent.spool.reader is not None
+    await agent.spool.reader.run(lambda conn: conn.set_trace_callback(trace))
+    await post(agent.port, range(3, 5))   # a full batch: sent as soon as it is read
+    await wait_for(reading.is_set)
+    sensor.reading = LOW   # the battery runs low while the read is under way
+    timing.advance(BATTERY_POLL_S)
+    await wait_for(lambda: loop.stopping)
+    go.set()
+    await wait_for(lambda: not agent.forwarding.loops)
+    assert sent(fake_nucleus) == [1, 2] and agent.spool.depth == 2
