@@ -288,8 +288,10 @@ class StreamForwarder:
         rows, batch = await self._rows_ahead(read) or (await self.spool.fetch(*read), None)
         if self._failed is not None or self._crash is not None:
             return  # a batch failed during the read: nothing new goes out before the resend
-        if self.lanes != lanes:
-            return  # the lanes changed during the read: what it read may not go out
+        if self.lanes != lanes or self.stopping:
+            # The lanes changed, or a hold stopped the loop, during the read: what it read
+            # may not go out (an HTTP uplink has no connection to open, whose check stops it).
+            return
         if share and not (rows and (self._full(rows) or self._due(rows))):
             return  # none of it to send yet (in flight, or not due): the high lane goes on
         await self._after_read(rows, batch)
