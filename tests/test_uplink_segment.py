@@ -144,6 +144,31 @@ async def test_a_207_from_an_upstream_agent_isolates_the_refused_message(
     assert b.spool.counters["ingested"] == 2
 
 
+async def test_a_partial_200_from_an_upstream_agent_dead_letters_the_refused_message(
+        make_agent: Any, fake_segment: FakeSegment, tmp_path: Path) -> None:
+    """Agent to agent, for an app using analytics-python: B answers a batch stored in part
+    200 with the 207's body when its first message names that library (which counts only
+    200 as success), and A forwards each message's `context.library` as the app sent it.
+    A took the 200 for an ack of the whole batch: the message B refused was deleted, never
+    delivered and not dead-lettered."""
+    b = await make_agent(spool=tmp_path / "b.db", upstreams=[
+        segment_up(fake_segment, batch_max_bytes=16_000)])
+    a = await make_agent(spool=tmp_path / "a.db", upstreams=[{
+        "name": "b", "protocol": "segment-http", "url": f"http://127.0.0.1:{b.port}",
+        "flush_interval_s": 0.05, "timeout_s": 2}])
+    batch = events(3)
+    for message in batch["batch"]:
+        message["context"] = {"library": {"name": "analytics-python", "version": "1.4.0"}}
+    batch["batch"][1]["properties"] = {"pad": "x" * 20_000}   # within A's 32 KB, over B's
+    await send(a.port, batch)
+    await wait_for(lambda: a.spool.depth == 0 and b.spool.depth == 0)
+    assert sorted(fake_segment.message_ids()) == ["m0", "m2"]
+    dead = await a.spool.dead_letters()
+    assert [orjson.loads(d["body"])["messageId"] for d in dead] == ["m1"]
+    assert dead[0]["upstream"] == "b" and "batch[1]" in dead[0]["reason"], dead[0]["reason"]
+    assert a.forwarding.states["b"].acked == 2
+
+
 async def split_207(make_agent: Any, partial: dict[str, Any]) -> tuple[Any, list[list[str]]]:
     """Three events to a collector that answers ``partial`` with a 207 for any batch
     holding the bad message m1 with others, a 400 for m1 alone, and 200 otherwise; once
