@@ -12,7 +12,9 @@ error page, never a collector's reply: retried with backoff. Any other 2xx
 acknowledges the whole batch, unless it is a 207:
 some messages were refused. Another Outpost's 207 names each by its place in the
 batch (`batch[i]`) with a 400, 413 or 422 of its own: those go to dead letters,
-the rest is acknowledged. Any other 207 is split like a 400 to find them. A
+the rest is acknowledged (and so for its 200 with the same body, which it answers
+when the first message comes from a client that takes only a 200). Any other 207
+is split like a 400 to find them. A
 redirect is a failure, retried (see http_common). 408, 429 and 5xx are retried,
 honouring Retry-After. 400, 413 and 422 mean the batch itself is refused:
 the forwarder splits it to isolate the events at fault, which go to dead
@@ -108,7 +110,14 @@ class SegmentHttpUplink(UplinkBase):
                                          None if reply.unreadable else raw, len(prepared.seqs)):
             return Retry(page, retry_after=wait)
         if 200 <= status < 300 and status != MULTI_STATUS:
-            return Acked(prepared.seqs)   # the status is the verdict, the body unread or not
+            # Another Outpost answers a batch it stored in part 200, with the 207's body,
+            # when the first message names a client that counts only 200 as success
+            # (analytics-python: its context.library is forwarded as sent). Its `Errors`
+            # still refuse those messages; a collector's success body holds none.
+            if status == 200 and b'"Errors"' in raw and \
+                    (part := _partly_stored(raw, prepared)) is not None:
+                return part
+            return Acked(prepared.seqs)   # else the status is the verdict
         reason = f"HTTP {status}: {excerpt(raw, 300)}".rstrip(": ") if reply.unreadable is None \
             else f"HTTP {status} (its reply could not be read: {reply.unreadable})"
         if status == MULTI_STATUS:
