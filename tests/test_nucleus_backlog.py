@@ -26,11 +26,12 @@ from typing import Any
 
 import aiohttp
 import orjson
+import pytest
 from aiohttp import WSCloseCode, WSMsgType
 
 from tests.fakes.nucleus_upstream import FakeNucleus
 from tests.segment_helpers import nucleus_up, wait_for
-from tests.test_ingest_memory import RssSampler, hold_budget, offline_agent
+from tests.test_ingest_memory import RssSampler, hold_budget, metric, offline_agent
 
 MB = 1024 * 1024
 HARD_CAP = 64 * MB   # the largest Nucleus websocket message taken (docs/design-extensions.md)
@@ -277,3 +278,49 @@ async def test_a_30_mb_message_is_taken_without_being_held_whole(
     print(f"idle {idle / MB:.0f} MB, peak {sampler.peak / MB:.0f} MB while a "
           f"{len(frame) / MB:.0f} MB message was taken")
     assert grew < 30 * MB, f"RSS grew {grew / MB:.0f} MB for a {len(frame) / MB:.0f} MB message"
+
+
+STALLED = 24   # websockets, each stalled inside a message of just under 4 MiB
+
+
+@pytest.mark.parametrize("fragmented", [False, True], ids=["one-frame", "fragments"])
+async def test_websocket_messages_stalled_under_4_mib_neither_swell_nor_hold_the_agent(
+        tmp_path: Path, agent_process: Any, fragmented: bool) -> None:
+    """A websocket message of up to 4 MiB was read by aiohttp, whole, before any of it was
+    charged to the in-flight budget, and with no deadline: each connection that sent most
+    of one and stalled held its bytes for as long as it stayed open. 24 of them took the
+    agent ~100 MB over idle (1,024, the connection cap: 4 GiB) with 0 bytes in flight.
+    Charged from its first byte as an HTTP body is, the ones past the budget are refused
+    1013 at once, the ones it holds closed 1008 at listen.body_timeout_s, and RSS stays
+    put; then the budget is free again."""
+    agent = offline_agent(tmp_path, agent_process, body_timeout_s=2)
+    assert agent.proc is not None
+    sampler = RssSampler(agent.proc.pid)
+    size = 4 * MB - 1024
+    first = 0x01 if fragmented else 0x81   # a text frame; final unless a first fragment
+    head = bytes([first, 0x80 | 127]) + struct.pack("!Q", size) + b"\0\0\0\0"
+    body = b'{"data":[' + b" " * (size - 10)   # all but its last byte
+    async with aiohttp.ClientSession() as s:
+        async with s.post(f"{agent.url}/app/{KEY}/track", json={"data": [{"id": 1}]}) as r:
+            assert r.status == 200
+        idle = sampler.rss()
+        opened = [await raw_websocket(agent.port, f"/app/{KEY}/track") for _ in range(STALLED)]
+        try:
+            with sampler.running():
+                for _reader, writer in opened:
+                    writer.write(head + body)
+                closes = await asyncio.gather(*(read_close(reader, timeout=8)
+                                                for reader, _ in opened),
+                                              return_exceptions=True)
+        finally:
+            for _reader, writer in opened:
+                writer.close()
+        grown = sampler.peak - idle
+        assert grown <= 40 * MB, f"RSS grew {grown / MB:.0f} MB with {STALLED} stalled messages"
+        codes = sorted(c[0] if isinstance(c, tuple) else repr(c) for c in closes)
+        assert set(codes) <= {WSCloseCode.POLICY_VIOLATION, WSCloseCode.TRY_AGAIN_LATER}, codes
+        assert WSCloseCode.POLICY_VIOLATION in codes, codes   # the one held: body_timeout_s
+
+        async def budget_free() -> bool:
+            return await metric(s, agent.url, "ingest_inflight_bytes") == 0
+        await wait_for(budget_free)
