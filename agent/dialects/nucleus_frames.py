@@ -32,9 +32,18 @@ so a browser page or an Electron renderer, where the modules use the page's WebS
 writes every message over about 128 KiB in frames of 131,000 bytes) is gathered here too
 (``_Fragments``), unmasked: up to ``large`` bytes it is handed to aiohttp as one frame, as
 if it had come so; past that it is read as a large message in one frame is, the bytes
-gathered first and then the rest, a slice a turn, its deadline from the moment it passed
-``large``; over ``cap``, refused. Left to aiohttp, such a message over ``large`` bytes was
-closed with 1009, and its module sent it again, larger, at every tick.
+gathered first and then the rest, a slice a turn; over ``cap``, refused. Left to aiohttp,
+such a message over ``large`` bytes was closed with 1009, and its module sent it again,
+larger, at every tick. A message in one frame of ``CHARGED_MIN`` bytes or more, up to
+``large``, is gathered here the same way.
+
+A gathered message is charged to the in-flight budget as each of its frames' headers comes
+(up to ``large`` bytes; past it, the large reader's charge covers what it keeps) and has
+``deadline`` seconds from its first byte: one that does not fit is refused busy, the rest
+of it skipped. aiohttp reads a frame whole, uncharged and with no deadline, before the
+handler sees it: each connection that stalled inside a message of up to ``large`` bytes
+held that much for as long as it stayed open, 4 GiB at the connection cap. Below
+``CHARGED_MIN`` a frame goes to aiohttp as it comes (64 MiB at the cap).
 
 The hook is aiohttp's (3.14) parser slot on the connection's protocol, which a websocket
 fills once upgraded: the thin reader takes the place of aiohttp's own reader there and
@@ -61,6 +70,8 @@ from agent.families.errors import Invalid
 _CONTINUATION, _TEXT, _BINARY = 0x0, 0x1, 0x2
 _XOR = [bytes(a ^ b for a in range(256)) for b in range(256)]
 Ticket = Callable[[], AbstractContextManager[Reservation]]
+# A message in one frame this large or larger is gathered and charged here (module doc).
+CHARGED_MIN = 64 * 1024
 
 
 class OverCap(Exception):
@@ -216,10 +227,14 @@ class _Fragments:
     """A message in several frames, being gathered (module doc): its payload so far,
     unmasked, in ``buf`` (from ``fed`` on, what its ``large`` reader has yet to read, once
     it passed ``large`` bytes). ``done``: its result is out, or it has none (it came while
-    the connection was closing): the rest of it is skipped."""
+    the connection was closing): the rest of it is skipped. ``hold``: its share of the
+    in-flight budget (its large reader's, once it has one)."""
 
-    def __init__(self, opcode: int, skip: bool) -> None:
+    def __init__(self, opcode: int, skip: bool, ticket: Ticket) -> None:
         self.opcode = opcode
+        self.hold = ExitStack()
+        self.ticket = None if skip else self.hold.enter_context(ticket())
+        self.charged = 0         # bytes taken on ``ticket``
         self.buf = bytearray()
         self.fed = 0
         self.size = 0            # payload bytes received
@@ -252,8 +267,8 @@ class _Gate:
         self._values, self._deadline = values, deadline
         self._pending = b""     # the rest of a read, for the next turns (module doc)
         self._paced = False     # a next turn is due (``_next``, one at a time), reading paused
-        self._waiting = False   # a large message's header is next, behind unanswered ones
-        self._timer: asyncio.TimerHandle | None = None   # the large message's deadline
+        self._waiting = False   # a gathered or large message is next, behind unanswered ones
+        self._timer: asyncio.TimerHandle | None = None   # the gathered or large message's
         self._head = b""        # a frame header cut by the end of a read
         self._left = 0          # payload bytes of the current frame still to come
         self._large: _Large | None = None
@@ -346,14 +361,16 @@ class _Gate:
                     self._left, self._in_frag = length, length > 0
                     self._frag.frame(mask, bool(first & 0x80))
                     self._frag.complete = not length and self._frag.fin
+                    self._charge(self._frag, length, out)
                     continue
                 # Not a fragment of it: aiohttp is told a message in fragments is open,
                 # and fails the connection on this frame (1002), as it would have.
                 self._drop_frag()
                 out.append(bytes([_TEXT, 0]))
                 self._fragmented = True
-            elif (opcode in (_TEXT, _BINARY) and not first & 0x80 and not first & 0x70
-                    and not self._fragmented):   # the first of a message's fragments
+            elif (opcode in (_TEXT, _BINARY) and not first & 0x70 and not self._fragmented
+                    and (not first & 0x80 or CHARGED_MIN <= length < self._large_min)):
+                # the first of a message's fragments, or a message to gather (module doc)
                 out.append(data[run:pos])
                 closing = self._sock.closed
                 if not closing and self._sock.unanswered():   # read again, header and all
@@ -362,11 +379,14 @@ class _Gate:
                     run = pos = n
                     break
                 pos = run = pos + used
+                frag = self._frag = _Fragments(opcode, closing, self._sock.ticket)
+                frag.frame(mask, bool(first & 0x80))
+                self._left, self._in_frag = length, length > 0
                 if not closing:
                     self._sock.handed += 1
-                self._frag = _Fragments(opcode, skip=closing)
-                self._frag.frame(mask, False)
-                self._left, self._in_frag = length, length > 0
+                    self._timer = asyncio.get_running_loop().call_later(self._deadline,
+                                                                        self._expire)
+                    self._charge(frag, length, out)
                 continue
             if (opcode in (_TEXT, _BINARY) and first & 0x80 and not first & 0x70
                     and not self._fragmented and length >= self._large_min):
@@ -427,16 +447,32 @@ class _Gate:
         frag.buf += _unmasked(piece, frag.mask, frag.offset)
         frag.offset += len(piece)
         if frag.size > self._cap:
-            large, frag.large = frag.large, None
+            frag.large = None
             self._end_deadline()
             frag.done, frag.buf, frag.fed = True, bytearray(), 0
             return self._sock.stand_in(Taken(None, OverCap(frag.size, self._cap), frag.size,
-                                             ExitStack() if large is None else large.hold))
+                                             frag.hold))
         if frag.large is None and frag.size >= self._large_min:   # read as a large message
+            frag.hold.close()   # its own charge: the large reader's covers what it keeps
             frag.large = _Large(0, None, self._keep, self._large_min - 1, self._values,
                                 self._sock.ticket)
-            self._timer = asyncio.get_running_loop().call_later(self._deadline, self._expire)
+            frag.hold = frag.large.hold
         return b""
+
+    def _charge(self, frag: _Fragments, length: int, out: list[bytes]) -> None:
+        """A frame of ``length`` bytes of ``frag`` begins: charged, up to ``large`` bytes in
+        all; when it does not fit, ``frag`` is refused busy and the rest of it skipped."""
+        n = min(length, self._large_min - frag.charged)
+        if frag.done or frag.ticket is None or frag.large is not None or n <= 0:
+            return
+        try:
+            frag.ticket.take(n)
+        except Busy as exc:
+            self._end_deadline()
+            frag.done, frag.buf = True, bytearray()
+            out.append(self._sock.stand_in(Taken(None, exc, frag.size, frag.hold)))
+            return
+        frag.charged += n
 
     def _digest(self, frag: _Fragments, budget: int, out: list[bytes]) -> int:
         """``frag`` read on, up to ``budget`` bytes; once whole and read, its frame (or
@@ -445,6 +481,8 @@ class _Gate:
         if frag.done or large is None:
             if frag.complete:
                 if not frag.done:   # within ``large``: to aiohttp, as if in one frame
+                    self._end_deadline()
+                    frag.hold.close()   # the handler charges the message as it takes it
                     out.append(_frame(frag.opcode, frag.buf))
                 self._frag = None
             return budget
@@ -470,16 +508,17 @@ class _Gate:
     def _drop_frag(self) -> None:
         frag, self._frag = self._frag, None
         self._in_frag = False
-        if frag is not None and frag.large is not None:
+        if frag is not None:
             self._end_deadline()
-            frag.large.hold.close()
+            frag.hold.close()
 
     def _expire(self) -> None:
-        """The large message's deadline passed: its result is Late, the rest of it skipped."""
+        """The deadline of the message gathered or read passed: its result is Late, the rest
+        of it skipped."""
         self._timer = None
         frag = self._frag
-        if frag is not None and frag.large is not None and not frag.done:
-            late = Taken(None, Late(self._deadline), frag.size, frag.large.hold)
+        if frag is not None and not frag.done:
+            late = Taken(None, Late(self._deadline), frag.size, frag.hold)
             frag.large, frag.done, frag.buf, frag.fed = None, True, bytearray(), 0
             if self._inner.feed_data(self._sock.stand_in(late))[0]:
                 self._close()
