@@ -6,6 +6,7 @@ from pathlib import Path
 from typing import Any
 
 import orjson
+import pytest
 from aiohttp import web
 
 from tests.conftest import write_config
@@ -118,17 +119,24 @@ async def test_gzip(make_agent: Any, fake_segment: FakeSegment) -> None:
     assert req.gzip and req.size < len(orjson.dumps(req.body)) / 4
 
 
-async def test_a_207_from_an_upstream_agent_isolates_the_refused_message(
-        make_agent: Any, fake_segment: FakeSegment, tmp_path: Path) -> None:
+@pytest.mark.parametrize("library", [None, "analytics-python"])
+async def test_a_batch_an_upstream_agent_stores_in_part_dead_letters_the_refused_message(
+        make_agent: Any, fake_segment: FakeSegment, tmp_path: Path, library: str | None) -> None:
     """Agent to agent: B answers 207 when it stores part of a batch (here it refuses an
-    event over its collector's limit). A took any 2xx as an ack of the whole batch and
-    deleted the refused event unsent and not dead-lettered: lost, with no error."""
+    event over its collector's limit), and 200 with the same body when the batch's first
+    message names a library that counts only 200 as success (analytics-python: A forwards
+    each message's `context.library` as the app sent it). A took any 2xx as an ack of the
+    whole batch and deleted the refused event unsent and not dead-lettered: lost, with no
+    error."""
     b = await make_agent(spool=tmp_path / "b.db", upstreams=[
         segment_up(fake_segment, batch_max_bytes=16_000)])
     a = await make_agent(spool=tmp_path / "a.db", upstreams=[{
         "name": "b", "protocol": "segment-http", "url": f"http://127.0.0.1:{b.port}",
         "flush_interval_s": 0.05, "timeout_s": 2}])
     batch = events(3)
+    if library is not None:
+        for message in batch["batch"]:
+            message["context"] = {"library": {"name": library, "version": "1.4.0"}}
     batch["batch"][1]["properties"] = {"pad": "x" * 20_000}   # within A's 32 KB, over B's
     await send(a.port, batch)
     await wait_for(lambda: a.spool.depth == 0 and b.spool.depth == 0)
@@ -136,36 +144,12 @@ async def test_a_207_from_an_upstream_agent_isolates_the_refused_message(
     dead = await a.spool.dead_letters()
     assert [orjson.loads(d["body"])["messageId"] for d in dead] == ["m1"]
     assert dead[0]["upstream"] == "b" and "413" in dead[0]["reason"], dead[0]["reason"]
-    # B's 207 names the refused message by its place in the batch, and why: A acts on it
-    # at once. Splitting instead resent the parts B had stored (duplicates there, and at
-    # a collector that does not dedupe, delivered twice).
+    # B's reply names the refused message by its place in the batch, and why: A acts on
+    # it at once. Splitting instead resent the parts B had stored (duplicates there, and
+    # at a collector that does not dedupe, delivered twice).
     assert "batch[1]" in dead[0]["reason"] and "too large" in dead[0]["reason"], dead[0]["reason"]
     assert not b.spool.counters.get("duplicates")
     assert b.spool.counters["ingested"] == 2
-
-
-async def test_a_partial_200_from_an_upstream_agent_dead_letters_the_refused_message(
-        make_agent: Any, fake_segment: FakeSegment, tmp_path: Path) -> None:
-    """Agent to agent, for an app using analytics-python: B answers a batch stored in part
-    200 with the 207's body when its first message names that library (which counts only
-    200 as success), and A forwards each message's `context.library` as the app sent it.
-    A took the 200 for an ack of the whole batch: the message B refused was deleted, never
-    delivered and not dead-lettered."""
-    b = await make_agent(spool=tmp_path / "b.db", upstreams=[
-        segment_up(fake_segment, batch_max_bytes=16_000)])
-    a = await make_agent(spool=tmp_path / "a.db", upstreams=[{
-        "name": "b", "protocol": "segment-http", "url": f"http://127.0.0.1:{b.port}",
-        "flush_interval_s": 0.05, "timeout_s": 2}])
-    batch = events(3)
-    for message in batch["batch"]:
-        message["context"] = {"library": {"name": "analytics-python", "version": "1.4.0"}}
-    batch["batch"][1]["properties"] = {"pad": "x" * 20_000}   # within A's 32 KB, over B's
-    await send(a.port, batch)
-    await wait_for(lambda: a.spool.depth == 0 and b.spool.depth == 0)
-    assert sorted(fake_segment.message_ids()) == ["m0", "m2"]
-    dead = await a.spool.dead_letters()
-    assert [orjson.loads(d["body"])["messageId"] for d in dead] == ["m1"]
-    assert dead[0]["upstream"] == "b" and "batch[1]" in dead[0]["reason"], dead[0]["reason"]
     assert a.forwarding.states["b"].acked == 2
 
 
