@@ -7,6 +7,7 @@ or an agent that delivers as it goes would pay for a checkpoint at every ack."""
 from __future__ import annotations
 
 import random
+import sqlite3
 from pathlib import Path
 
 from agent.clock import Clock
@@ -89,3 +90,29 @@ async def test_a_backlog_that_expires_gives_its_write_ahead_log_back(
     finally:
         await spool.close()
     assert table(path, "PRAGMA integrity_check") == [("ok",)]
+
+
+async def test_a_truncation_a_reader_held_off_is_done_by_the_next_expiry_run(
+        tmp_path: Path) -> None:
+    """The commit that empties the queue truncates without waiting: a reader's snapshot
+    at that moment (the forwarder's read ahead, a status query) makes it give up. It was
+    not tried again until the queue next emptied, so the -wal kept the backlog's
+    megabytes for as long as the agent ran; the next expiry run (every 10 minutes) must
+    truncate it."""
+    path = tmp_path / "spool.db"
+    spool = await Spool.open(StorageConfig(path=str(path)))
+    try:
+        for first in range(0, 6_000, 200):
+            assert await spool.append(events(first, 200, 2_000)) == 200
+        reader = sqlite3.connect(path)
+        try:
+            reader.execute("BEGIN")
+            reader.execute("SELECT count(*) FROM records").fetchone()   # holds a snapshot
+            await drain(spool)
+            assert wal(path) > WAL_TRUNCATE_BYTES   # held off
+        finally:
+            reader.close()
+        assert await spool.prune() == 0   # nothing to expire
+        assert wal(path) == 0
+    finally:
+        await spool.close()
