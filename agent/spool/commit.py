@@ -623,7 +623,7 @@ def _hand_back(conn: sqlite3.Connection, max_bytes: int) -> None:
 def _shrink_wal(conn: sqlite3.Connection) -> None:
     """Checkpoint and truncate the -wal once the queue is empty, if it is past
     WAL_TRUNCATE_BYTES. Never waits: a reader's snapshot makes it give up until the next
-    time the queue empties."""
+    time the queue empties, or the next expiry run."""
     if conn.execute("SELECT EXISTS (SELECT 1 FROM records)").fetchone()[0]:
         return
     path = conn.execute("PRAGMA database_list").fetchone()[2]
@@ -674,8 +674,9 @@ def prune(conn: sqlite3.Connection, exp: Expiry, counters: Counts) -> Outcome:
                      (exp.forget, exp.observed - exp.window_ms))
         _save(conn, out.streams, {**counters, **_sum(counters, out.counters)})
     _hand_back(conn, 0)
-    if out.deleted:   # expiry empties the queue too
-        _shrink_wal(conn)
+    # Expiry empties the queue too; and a truncation a reader's snapshot held off when a
+    # commit emptied it is tried here again, not only when the queue next empties.
+    _shrink_wal(conn)
     out.used_bytes = used_bytes(conn)
     return out
 
