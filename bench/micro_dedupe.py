@@ -24,7 +24,7 @@ import time
 import tracemalloc
 
 from agent.server.allocator import use_c_allocator
-from agent.spool.dedupe import HOUR_MS, DedupeIndex, keys_to_bytes
+from agent.spool.dedupe import HOUR_MS, DedupeIndex, StoredKeys, keys_to_bytes
 
 from .procs import read_rss
 
@@ -45,7 +45,7 @@ def _load(stored: list[bytes], one_by_one: bool = False) -> DedupeIndex:
         for record in records:
             index.load(*record)
     else:
-        index.load_all(records)
+        index.load_all(StoredKeys.of(records))
     return index
 
 

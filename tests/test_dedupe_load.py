@@ -4,14 +4,23 @@ the records and the delivered events' ``spent`` rows, and keeps only the newest
 
 from __future__ import annotations
 
+import sqlite3
+import tempfile
 import tracemalloc
 from pathlib import Path
+
+from hypothesis import example, given, settings
+from hypothesis import strategies as st
 
 from agent.families.event import SEGMENT, Event, dedupe_key
 from agent.settings import StorageConfig
 from agent.spool import Spool
+from agent.spool.db import load_state
+from agent.spool.dedupe import StoredKeys, keys_to_bytes
+from agent.spool.schema import SCHEMA
 
 CAP = 1000
+DAY0 = 1_767_225_600_000   # 2026-01-01, ms
 BACKLOG = 60   # requests of 1000 events: 480 KB of dedupe keys on disk
 
 
@@ -86,3 +95,62 @@ async def test_opening_many_one_event_records_takes_little_more_than_it_keeps(
         assert (peak - kept) / records < 100, (peak - kept) / records
     finally:
         await spool.close()
+
+
+def _reference_records(conn: sqlite3.Connection, now: int, max_keys: int) -> tuple[
+        list[tuple[int, int, int]], list[tuple[bytes, int, int]]]:
+    """What load_state reads, row by row: every live record (id, n, receipt time), and
+    the stored keys of the newest records and spent rows while under the cap, oldest first."""
+    marks = conn.execute("SELECT next_seq, observed FROM clock_marks ORDER BY next_seq").fetchall()
+    latest = max([now] + [observed for _, observed in marks])
+
+    def receipt(rid: int) -> int:   # the first mark after the record
+        return int(next((observed for next_seq, observed in marks if next_seq > rid), latest))
+
+    live = [(rid, n, receipt(rid)) for rid, n in conn.execute("SELECT id, n FROM records ORDER BY id")]
+    keys, held = [], 0
+    for rid, dkeys, wall, seen in conn.execute(
+            "SELECT id, dkeys, received, NULL FROM records UNION ALL "
+            "SELECT id, dkeys, received, observed FROM spent ORDER BY 1 DESC"):
+        if held >= max_keys:
+            break
+        keys.append((dkeys, wall, receipt(rid) if seen is None else seen))
+        held += len(dkeys) // 8
+    return live, keys[::-1]
+
+
+@settings(max_examples=150, deadline=None)
+@example([(True, 5, False), (True, 1000, False), (True, 1000, False)], 2000, 0)  # cap hit mid-batch
+@given(st.lists(st.tuples(st.booleans(), st.integers(1, 1000) | st.integers(1, 3),
+                          st.booleans()), max_size=40),
+       st.integers(1, 20) | st.integers(900, 4000), st.integers(0, 10**6))
+def test_opening_reads_the_records_and_keys_row_by_row_would(
+        rows: list[tuple[bool, int, bool]], max_keys: int, now: int) -> None:
+    """load_state reads a batch of rows at a time and takes them apart in C loops: what it
+    returns must be what reading row by row gives, with spent rows among the records,
+    clock marks between them, and the cap cutting a batch."""
+    with tempfile.TemporaryDirectory() as tmp:
+        conn = sqlite3.connect(Path(tmp) / "spool.db")
+        conn.executescript(SCHEMA)
+        seq, observed = 1, 0
+        for i, (is_record, n, marked) in enumerate(rows):
+            dkeys = keys_to_bytes(range(seq, seq + n))
+            if is_record:
+                conn.execute("INSERT INTO records(id, stream, family, n, received, live, bytes, "
+                             "dkeys, data) VALUES (?, 1, 0, ?, ?, ?, 0, ?, x'')",
+                             (seq, n, DAY0 + i, n, dkeys))
+            else:
+                conn.execute("INSERT INTO spent(id, received, observed, dkeys) VALUES (?, ?, ?, ?)",
+                             (seq, DAY0 + i, observed + 7, dkeys))
+            seq += n
+            if marked:   # every event below seq received by then
+                observed += 1000
+                conn.execute("INSERT INTO clock_marks(observed, next_seq) VALUES (?, ?)",
+                              (observed, seq))
+        state = load_state(conn, now, max_keys)
+        live, keys = _reference_records(conn, now, max_keys)
+        conn.close()
+    assert list(zip(*state.live)) == live
+    got = StoredKeys.of(keys)
+    assert (state.keys.blob, state.keys.counts, state.keys.wall, state.keys.observed) == \
+        (got.blob, got.counts, got.wall, got.observed)

@@ -30,7 +30,8 @@ from agent.families.lanes import NORMAL
 from agent.settings import StorageConfig
 from agent.spool import Spool
 from agent.spool.db import PAST
-from agent.spool.migrate import RECORD_MAX, SpoolTooNew, upgrade
+from agent.spool.migrate import SpoolTooNew, upgrade
+from agent.spool.records import RECORD_EVENTS
 from agent.spool.schema import SCHEMA, VERSION
 from tests.conftest import AgentProcess, free_port, write_config
 from tests.spool_files import DATA, Stored, build_v0, connect, copy_of, covering, keys_of, read_v1
@@ -209,7 +210,7 @@ def test_an_empty_file_and_a_current_one_are_left_alone(tmp_path: Path) -> None:
 
 
 def test_a_long_queue_is_packed_in_records_of_at_most_the_cap(tmp_path: Path) -> None:
-    """One group commit's run is split at RECORD_MAX; runs with another receipt time or
+    """One group commit's run is split at RECORD_EVENTS; runs with another receipt time or
     family start a new record; each key's order is kept across all of them."""
     path = tmp_path / "spool.db"
     events = [(Stored(seq, 1 + seq % 2, NUCLEUS if seq < 2200 else SEGMENT,
@@ -223,7 +224,7 @@ def test_a_long_queue_is_packed_in_records_of_at_most_the_cap(tmp_path: Path) ->
         assert [(e.family, e.received) for e in got[sid]] == \
             [(e.family, e.received) for e, _ in events if e.stream == sid]
     sizes = table(path, "SELECT stream, n FROM records ORDER BY id")
-    assert max(n for _, n in sizes) == RECORD_MAX
+    assert max(n for _, n in sizes) == RECORD_EVENTS
     assert sorted(n for _, n in sizes) == sorted([1000, 99, 200, 201,      # key a: even seqs
                                                   1000, 100, 200, 200])   # key b
 
@@ -460,7 +461,7 @@ READ_PEAK = 8 * 1024 * 1024
 async def test_a_queue_of_large_events_is_migrated_into_records_a_read_can_hold(
         tmp_path: Path) -> None:
     """The writer packs at most RECORD_BYTES (256 KiB) of events in a record, which bounds
-    what one read unpacks. The migration split a v0 run only at RECORD_MAX events: 600
+    what one read unpacks. The migration split a v0 run only at RECORD_EVENTS events: 600
     events of 50 KB received together became one 30 MB record, unpacked whole (and kept
     in the reader's cache, eight records of it) to send its first event; past 256 MiB
     the packing raised, and the agent exited at every start. Traced: the first read's

@@ -17,10 +17,12 @@ import sqlite3
 import sys
 import threading
 from array import array
-from bisect import bisect_right
+from bisect import bisect_left, bisect_right
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
-from dataclasses import dataclass, field
+from dataclasses import dataclass
+from itertools import accumulate, compress, repeat
+from operator import is_, itemgetter
 from pathlib import Path
 from queue import SimpleQueue
 from typing import Any, TypeVar
@@ -28,12 +30,14 @@ from typing import Any, TypeVar
 from agent.families.lanes import HIGH
 from agent.outcomes import Counts, from_names
 from agent.spool.codebook import newest
-from agent.spool.records import Learned
+from agent.spool.dedupe import StoredKeys
+from agent.spool.records import RECORD_EVENTS, Learned
 
 T = TypeVar("T")
 
 PAST = -(1 << 62)  # an agent-observed time before any other
 BUSY_TIMEOUT_MS = 5000  # how long a connection waits for another's lock
+READ_ROWS = 16_384  # rows fetched at a time as a spool opens: each batch taken apart in C loops
 
 
 class SqliteThread:
@@ -199,25 +203,6 @@ def start_clock(conn: sqlite3.Connection, next_seq: int) -> None:
 
 
 @dataclass(slots=True)
-class StoredKeys:
-    """Dedupe keys stored beside records, read newest record first into flat arrays: no
-    Python object per record while a spool opens (a spool of one-event records has
-    millions). Iterated oldest first, as (keys, wall ms, observed ms) a record."""
-
-    blob: bytearray = field(default_factory=bytearray)
-    counts: array[int] = field(default_factory=lambda: array("q"))   # keys of each record
-    wall: array[int] = field(default_factory=lambda: array("q"))
-    observed: array[int] = field(default_factory=lambda: array("q"))
-
-    def __iter__(self) -> Iterator[tuple[memoryview, int, int]]:
-        view, end = memoryview(self.blob), len(self.blob)
-        for i in reversed(range(len(self.counts))):
-            start = end - 8 * self.counts[i]
-            yield view[start:end], self.wall[i], self.observed[i]
-            end = start
-
-
-@dataclass(slots=True)
 class State:
     """What an opened spool holds, read at startup on the writer's thread."""
 
@@ -247,38 +232,82 @@ def load_state(conn: sqlite3.Connection, now_observed: int, max_keys: int) -> St
     dead = conn.execute("SELECT count(*) FROM dead").fetchone()[0]
     observed = observed_ms(conn)
     marks = conn.execute("SELECT next_seq, observed FROM clock_marks ORDER BY next_seq").fetchall()
-    bounds = [m[0] for m in marks]
     latest = now_observed if observed is None else max(observed, now_observed)
-
-    def receipt(rid: int) -> int:  # the first mark after the record: received by then
-        i = bisect_right(bounds, rid)
-        return int(marks[i][1]) if i < len(marks) else latest
-
-    ids, sizes, received = array("q"), array("q"), array("q")
-    for rid, n in conn.execute("SELECT id, n FROM records ORDER BY id"):
-        ids.append(rid)
-        sizes.append(n)
-        received.append(receipt(rid))
-    # Only the newest keys that the index keeps (dedupe_max_keys), read newest first: a
-    # backlog's keys all at once would take memory the cap is there to bound.
-    keys = StoredKeys()
-    held = 0
-    rows = conn.execute("SELECT id, dkeys, received, NULL FROM records UNION ALL "
-                        "SELECT id, dkeys, received, observed FROM spent ORDER BY 1 DESC")
-    for rid, dkeys, wall, seen in rows:
-        if held >= max_keys:
-            break
-        keys.blob += dkeys
-        keys.counts.append(len(dkeys) // 8)
-        keys.wall.append(wall)
-        keys.observed.append(receipt(rid) if seen is None else seen)
-        held += len(dkeys) // 8
-    rows.close()
-    high = dict(conn.execute(f"SELECT stream, sum(live) FROM records WHERE lane = {HIGH} "
-                             "GROUP BY stream").fetchall())
-    return State(top + 1, streams, counters, dead, used_bytes(conn), observed,
-                 (ids, sizes, received), keys, high,
+    live, keys = _read_records(conn, marks, latest, max_keys)
+    return State(top + 1, streams, counters, dead, used_bytes(conn), observed, live, keys,
+                 dict(conn.execute(f"SELECT stream, sum(live) FROM records WHERE lane = {HIGH} "
+                                   "GROUP BY stream").fetchall()),
                  newest(conn))
+
+
+def _receipts(ids: array[int], marks: list[tuple[int, int]], latest: int) -> array[int]:
+    """When each record (``ids`` ascending) was received by agent-observed time: at the
+    first clock mark after it, or ``latest`` after the last (later than it was: kept, not
+    forgotten, early). A mark's records are a run of ``ids``, filled at once."""
+    received, start = array("q"), 0
+    mark = bisect_right(marks, (ids[0], 1 << 63)) if ids else len(marks)  # after ids[0]
+    while start < len(ids) and mark < len(marks):
+        next_seq, observed = marks[mark]
+        end = bisect_left(ids, next_seq, start)
+        received += array("q", (observed,)) * (end - start)
+        start, mark = end, mark + 1
+    received += array("q", (latest,)) * (len(ids) - start)
+    return received
+
+
+def _read_records(conn: sqlite3.Connection, marks: list[tuple[int, int]], latest: int,
+                  max_keys: int) -> tuple[tuple[array[int], array[int], array[int]], StoredKeys]:
+    """The live records (ids, sizes, receipt times), and the dedupe keys stored beside the
+    newest records, spent ones too, up to the first that reaches ``max_keys``: a backlog's
+    keys all at once would take memory the cap is there to bound.
+
+    One pass, newest first, a batch of rows at a time taken apart in C loops: a spool of
+    one-event records has a row per event. Records older than the keys kept are read on
+    their own after."""
+    ids, sizes, parts = array("q"), array("q"), []  # newest first, reversed at the end
+    counts, wall, seen = array("q"), array("q"), array("q")
+    held = 0
+    spent = conn.execute("SELECT EXISTS (SELECT 1 FROM spent)").fetchone()[0]
+    rows = conn.execute(  # a record has n events, and their n keys; only spent ones say when
+        "SELECT id, dkeys, received, n, NULL FROM records " + (
+            "UNION ALL SELECT id, dkeys, received, length(dkeys) / 8, observed FROM spent "
+            if spent else "") + "ORDER BY 1 DESC")
+    # Never many more rows than the cap still takes: a record holds RECORD_EVENTS keys at
+    # most (a migration's spent rows more, but they are few).
+    while held < max_keys and (chunk := rows.fetchmany(
+            min(READ_ROWS, (max_keys - held) // RECORD_EVENTS + 1))):
+        keys = array("q", map(itemgetter(3), chunk))
+        before = list(accumulate(keys, initial=held))
+        taken = bisect_left(before, max_keys, 0, len(chunk))  # each while under the cap
+        chunk, held = chunk[:taken], before[taken]
+        record_ids = array("q", map(itemgetter(0), chunk))
+        given = list(map(itemgetter(4), chunk))
+        queued = list(map(is_, given, repeat(None)))
+        ids.extend(compress(record_ids, queued))
+        sizes.extend(compress(keys, queued))
+        parts.append(b"".join(reversed(list(map(itemgetter(1), chunk)))))
+        counts += keys[:taken]
+        wall.extend(map(itemgetter(2), chunk))
+        if not any(queued):   # spent records say when they were received
+            seen.extend(given)
+            continue
+        record_ids.reverse()   # records, by the clock marks
+        received = _receipts(record_ids, marks, latest)
+        received.reverse()
+        seen.extend([r if g is None else g for g, r in zip(given, received)] if spent else received)
+    rows.close()
+    for column in (ids, sizes, counts, wall, seen):
+        column.reverse()
+    if held >= max_keys:
+        older = conn.execute("SELECT id, n FROM records WHERE id < ? ORDER BY id",
+                             (ids[0] if ids else 1 << 62,))
+        head_ids, head_sizes = array("q"), array("q")
+        while chunk := older.fetchmany(READ_ROWS):
+            head_ids.extend(map(itemgetter(0), chunk))
+            head_sizes.extend(map(itemgetter(1), chunk))
+        ids, sizes = head_ids + ids, head_sizes + sizes
+    return (ids, sizes, _receipts(ids, marks, latest)), \
+        StoredKeys(b"".join(reversed(parts)), counts, wall, seen)
 
 
 def keys_from_bytes(data: bytes) -> array[int]:

@@ -26,9 +26,8 @@ from agent.outcomes import Tally, record
 from agent.spool.commit import Outcome
 from agent.spool.db import load_state
 from agent.spool.dedupe import keys_to_bytes
-from agent.spool.records import pack
+from agent.spool.records import RECORD_EVENTS, pack
 from agent.spool.schema import SUMMARY_SINCE, VERSION, SpoolTooNew, SpoolUnusable, open_read_only
-from agent.spool.writer import RECORD_EVENTS
 
 # Summaries on /status and the page: the newest reasons, not every one.
 NEWEST_REASONS = 5

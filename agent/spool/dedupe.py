@@ -29,10 +29,12 @@ from __future__ import annotations
 
 import sys
 from array import array
-from collections.abc import Iterable, Sequence
+from bisect import bisect_left, bisect_right
+from collections.abc import Iterator, Sequence
 from collections.abc import Set as AbstractSet
 from dataclasses import dataclass, field
-from itertools import compress
+from itertools import accumulate, compress, islice
+from operator import le
 
 HOUR_MS = 3_600_000
 _LITTLE = sys.byteorder == "little"
@@ -46,6 +48,31 @@ class _Bucket:
     wall: int       # the newest receipt in it, by each clock: it expires after its newest key
     observed: int
     keys: array[int] = field(default_factory=lambda: array("q"))
+
+
+@dataclass(slots=True)
+class StoredKeys:
+    """Dedupe keys stored beside records, as a spool opens: flat arrays, no Python object
+    per record (a spool of one-event records has millions). Oldest record first: ``blob``
+    is each record's keys (``keys_to_bytes``) in turn, ``counts`` how many each has."""
+
+    blob: bytes = b""
+    counts: array[int] = field(default_factory=lambda: array("q"))
+    wall: array[int] = field(default_factory=lambda: array("q"))
+    observed: array[int] = field(default_factory=lambda: array("q"))
+
+    @classmethod
+    def of(cls, records: Sequence[tuple[bytes, int, int]]) -> StoredKeys:
+        """From (``keys_to_bytes``, wall ms, observed ms) a record, oldest first."""
+        return cls(b"".join(r[0] for r in records), array("q", (len(r[0]) // 8 for r in records)),
+                   array("q", (r[1] for r in records)), array("q", (r[2] for r in records)))
+
+    def __iter__(self) -> Iterator[tuple[memoryview, int, int]]:
+        """(keys, wall ms, observed ms) of each record, oldest first."""
+        view, start = memoryview(self.blob), 0
+        for count, wall, observed in zip(self.counts, self.wall, self.observed):
+            yield view[start:start + 8 * count], wall, observed
+            start += 8 * count
 
 
 def keys_to_bytes(keys: Sequence[int]) -> bytes:
@@ -132,40 +159,84 @@ class DedupeIndex:
         if stored:
             self._remember(stored, wall_ms, observed_ms)
 
-    def load_all(self, records: Iterable[tuple[bytes | memoryview, int, int]]) -> None:
-        """``load`` of each (keys, wall_ms, observed_ms), in the order received: the
-        startup rebuild. 1M keys: 0.42-0.57x the time of loading record by record
-        (``bench/micro_dedupe.py``), by the shortcut of ``_load_distinct``."""
-        if not self._keys and not self._buckets and self._load_distinct(records):
+    def load_all(self, stored: StoredKeys) -> None:
+        """``load`` of each stored record, oldest first: the startup rebuild. Into an
+        empty index where no key repeats, by whole buckets (``_load_counted``)."""
+        if not self._keys and not self._buckets and self._load_counted(stored):
             return
-        for raw, wall_ms, observed_ms in records:
+        for raw, wall_ms, observed_ms in stored:
             self.load(raw, wall_ms, observed_ms)
 
-    def _load_distinct(self, records: Iterable[tuple[bytes | memoryview, int, int]]) -> bool:
-        """``load_all`` into an empty index while no key repeats; False, the index empty
-        again, at the first that does.
+    def _load_counted(self, stored: StoredKeys) -> bool:
+        """``load_all`` into an empty index, at a few Python steps a bucket rather than
+        ~7 µs a record (a spool of one-event records has millions: bench/open_records.py).
+        False, the index left empty, if a key repeats or the receipt times go backwards.
 
-        ``load`` must ask of each record which of its keys are here already, a lookup per
-        key that costs as much as adding it. Here each record's keys are added first and
-        the set's growth tells whether any was here. While none is, which buckets load by
-        load would fill and forget depends on counts alone, so they are filled and
-        forgotten by count: the set never holds more than ``max_keys`` and one record.
-        """
-        keys, forgotten = self._keys, self.forgotten
-        for raw, wall_ms, observed_ms in records:
-            stored = _as_array(raw)
-            before = len(keys)
-            keys.update(stored)
-            if len(keys) - before != len(stored) or len(stored) > self.max_keys:
-                self._keys, self._buckets, self.forgotten = set(), [], forgotten
+        While no key repeats, which buckets loading record by record would fill and
+        forget depends on counts and times alone: they are found by bisecting the
+        running count of keys and the (ascending) receipt times. Then the keys go into
+        the set a stretch at a time, each stretch ending at a record that makes the cap
+        forget buckets: a shortfall in the set's growth is a repeat (``load`` would have
+        dropped it), and the set never holds more than ``max_keys`` and one record."""
+        if 0 in stored.counts:  # records without keys neither open nor fill a bucket
+            stored = StoredKeys(stored.blob, *(array("q", compress(column, stored.counts))
+                                               for column in (stored.counts, stored.wall,
+                                                              stored.observed)))
+        counts, wall, seen = stored.counts, stored.wall, stored.observed
+        if not counts:
+            return True
+        if max(counts) > self.max_keys or not all(map(le, seen, islice(seen, 1, None))):
+            return False
+        ends = array("q", accumulate(counts, initial=0))   # keys before each record
+        spans, cuts = self._plan(ends, seen)
+        # A view, not a copy: on little-endian hosts, the stored bytes are the keys.
+        keys = memoryview(stored.blob).cast("q") if _LITTLE else _as_array(stored.blob)
+        remembered, start, forgotten = self._keys, 0, 0
+        for record, first, last in (*cuts, (len(counts) - 1, 0, 0)):
+            stretch = keys[ends[start]:ends[record + 1]]
+            before = len(remembered)
+            remembered.update(stretch)
+            if len(remembered) - before != len(stretch):
+                self._keys = set()
                 return False
-            while self._buckets and len(keys) > self.max_keys:
-                gone = self._buckets.pop(0)
-                keys.difference_update(gone.keys)
-                self.forgotten += len(gone.keys)
-            if stored:
-                self._place(stored, wall_ms, observed_ms)
+            for lo, hi in spans[first:last]:
+                remembered.difference_update(keys[ends[lo]:ends[hi]])
+                forgotten += ends[hi] - ends[lo]
+            start = record + 1
+        kept = spans[cuts[-1][2]:] if cuts else spans
+        self._buckets = [_Bucket(seen[lo], max(wall[lo:hi]), seen[hi - 1],
+                                 array("q", keys[ends[lo]:ends[hi]])) for lo, hi in kept]
+        self.forgotten += forgotten
         return True
+
+    def _plan(self, ends: array[int], seen: array[int]) -> tuple[list[list[int]],
+                                                                   list[tuple[int, int, int]]]:
+        """The buckets record-by-record loading fills, as [first, end) record ranges,
+        and where the cap forgets some: (record, first, end) in that list, before the
+        record goes in. Keys distinct, every record with some, ``seen`` ascending."""
+        n, cap = len(ends) - 1, self.max_keys
+        spans: list[list[int]] = []
+        cuts: list[tuple[int, int, int]] = []
+        kept, record = 0, 0
+        while record < n:
+            if kept < len(spans) and ends[record + 1] - ends[spans[kept][0]] > cap:
+                first = kept
+                while kept < len(spans) and ends[record + 1] - ends[spans[kept][0]] > cap:
+                    kept += 1
+                cuts.append((record, first, kept))
+            newest = spans[-1] if kept < len(spans) else None
+            if (newest is None or ends[record] - ends[newest[0]] >= self.bucket_keys
+                    or seen[record] - seen[newest[0]] >= self.bucket_ms):
+                newest = [record, record + 1]
+                spans.append(newest)
+            opened, oldest = newest[0], spans[kept][0]
+            # The next record that closes this bucket (full, or an hour past its first)
+            # or makes the cap forget: the ones before it just go in.
+            record = min(bisect_left(ends, ends[opened] + self.bucket_keys, record + 1, n),
+                         bisect_left(seen, seen[opened] + self.bucket_ms, record + 1, n),
+                         bisect_right(ends, ends[oldest] + cap, record + 2, n + 1) - 1)
+            newest[1] = record
+        return spans, cuts
 
     def discard(self, keys: Sequence[int]) -> None:
         """Forget ``keys`` now (events dropped undelivered: a resend must be stored).

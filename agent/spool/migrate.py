@@ -21,7 +21,7 @@ v0 -> v1, nothing lost:
 
 - Queued events (``acked IS NULL``) become records, per stream in seq order, one record
   per run of events with the same family and receipt time (a v0 group commit), at most
-  ``RECORD_MAX`` events and, as the writer packs them, about ``RECORD_BYTES`` (a record
+  ``RECORD_EVENTS`` events and, as the writer packs them, about ``RECORD_BYTES`` (a record
   past it ends at the event that reaches it): what one read unpacks stays bounded. Their seqs are renumbered above every old one (dead letters
   keep theirs), contiguous within a record, FIFO per stream kept.
 - Tombstones (acked, kept for dedupe) become ``spent`` rows: received = the acked time
@@ -60,12 +60,11 @@ from agent.spool import migrate_dead, migrate_lanes, records
 from agent.spool.codebook import DICTS
 from agent.spool.db import PAST, transaction
 from agent.spool.dedupe import keys_to_bytes
+from agent.spool.records import RECORD_BYTES, RECORD_EVENTS
 from agent.spool.schema import SCHEMA, VERSION, SpoolTooNew
-from agent.spool.writer import RECORD_BYTES
 
 log = logging.getLogger("outpost.spool")
 
-RECORD_MAX = 1000     # events per migrated record (the writer's own cap)
 SPENT_MAX = 65_536    # dedupe keys per spent row: 512 KiB blobs at most
 V0_TABLES = ("streams", "events", "dead", "counters", "clock_marks")
 V0_COLS = "seq, stream, family, received, dkey, body, acked"
@@ -217,7 +216,7 @@ class _Renumber:
     def add(self, stream: int, family: int, received: int, key: int, body: bytes) -> None:
         run = self.runs.get(stream)
         if run is not None and (run.family != family or run.received != received
-                                or len(run.keys) >= RECORD_MAX or run.nbytes >= RECORD_BYTES):
+                                or len(run.keys) >= RECORD_EVENTS or run.nbytes >= RECORD_BYTES):
             self._write(stream, run)
             run = None
         if run is None:

@@ -51,6 +51,11 @@ import zstandard
 
 from agent.spool.dictionary import ZSTD_DICT_V1
 
+# A record holds at most about this much, and never more events (Sentry Relay packs ~10 KiB
+# rows; bigger ones compress better, and a drain reads fewer; this bounds what one read unpacks).
+RECORD_EVENTS = 1000
+RECORD_BYTES = 256 * 1024
+
 ZSTD = 1
 ZSTD_IDS = 2
 ZSTD_DICT = 3       # ZSTD's layout, compressed with the built-in dictionary

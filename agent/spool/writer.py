@@ -31,7 +31,7 @@ from agent.spool.commit import Group, Job, Part
 from agent.spool.db import SqliteThread
 from agent.spool.dedupe import DedupeIndex
 from agent.spool.live import LiveRecords
-from agent.spool.records import pack
+from agent.spool.records import RECORD_BYTES, RECORD_EVENTS, pack
 from agent.spool.types import Reason, SpoolFull
 
 log = logging.getLogger("outpost.spool")
@@ -39,10 +39,6 @@ log = logging.getLogger("outpost.spool")
 # most this much later than max_age_days says, plus any time the device was off. Between
 # two marks, a commit that deletes records moves the latest one (db.advance_mark).
 MARK_EVERY_MS = 60_000
-# A record holds at most about this much (Sentry Relay packs ~10 KiB rows; bigger ones
-# compress better, and a drain reads fewer; this bounds what one read unpacks).
-RECORD_EVENTS = 1000
-RECORD_BYTES = 256 * 1024
 # Up to this many bytes of a commit's groups are compressed on the loop, not the writer's
 # thread: zstd lets go of the GIL, and getting it back from a busy loop cost the writer
 # ~0.2 ms a commit (single-event load: 16 events, ~5 µs of compressing), on the path of
