@@ -22,7 +22,7 @@ from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
 from itertools import accumulate, compress, repeat
-from operator import is_, itemgetter
+from operator import floordiv, is_, itemgetter
 from pathlib import Path
 from queue import SimpleQueue
 from typing import Any, TypeVar
@@ -268,15 +268,16 @@ def _read_records(conn: sqlite3.Connection, marks: list[tuple[int, int]], latest
     counts, wall, seen = array("q"), array("q"), array("q")
     held = 0
     spent = conn.execute("SELECT EXISTS (SELECT 1 FROM spent)").fetchone()[0]
-    rows = conn.execute(  # a record has n events, and their n keys; only spent ones say when
+    rows = conn.execute(  # only spent rows say when they were received
         "SELECT id, dkeys, received, n, NULL FROM records " + (
-            "UNION ALL SELECT id, dkeys, received, length(dkeys) / 8, observed FROM spent "
-            if spent else "") + "ORDER BY 1 DESC")
+            "UNION ALL SELECT id, dkeys, received, 0, observed FROM spent " if spent else "")
+        + "ORDER BY 1 DESC")
     # Never many more rows than the cap still takes: a record holds RECORD_EVENTS keys at
     # most (a migration's spent rows more, but they are few).
     while held < max_keys and (chunk := rows.fetchmany(
             min(READ_ROWS, (max_keys - held) // RECORD_EVENTS + 1))):
-        keys = array("q", map(itemgetter(3), chunk))
+        blobs = list(map(itemgetter(1), chunk))   # keys: by the bytes stored, whatever n says
+        keys = array("q", map(floordiv, map(len, blobs), repeat(8)))
         before = list(accumulate(keys, initial=held))
         taken = bisect_left(before, max_keys, 0, len(chunk))  # each while under the cap
         chunk, held = chunk[:taken], before[taken]
@@ -284,8 +285,10 @@ def _read_records(conn: sqlite3.Connection, marks: list[tuple[int, int]], latest
         given = list(map(itemgetter(4), chunk))
         queued = list(map(is_, given, repeat(None)))
         ids.extend(compress(record_ids, queued))
-        sizes.extend(compress(keys, queued))
-        parts.append(b"".join(reversed(list(map(itemgetter(1), chunk)))))
+        sizes.extend(compress(map(itemgetter(3), chunk), queued))
+        del blobs[taken:]
+        blobs.reverse()
+        parts.append(b"".join(blobs))
         counts += keys[:taken]
         wall.extend(map(itemgetter(2), chunk))
         if not any(queued):   # spent records say when they were received
