@@ -5,7 +5,8 @@ Apps that post one event at a time, on many keys, leave a record per event (a co
 packs each key's events of that commit into one record). Two spools of ``--records``
 events are filled through the Spool API: one commit of ``--keys`` events, one per key,
 at a time (a record each), and 100-event commits of one key at a time (a record of 100).
-Each is then opened in a fresh process, which prints the time to open, its peak RSS
+Each is then opened in a fresh process, which prints the time to open (and the CPU time
+of all its threads: the machines are shared and noisy), its peak RSS
 (VmHWM: ru_maxrss would start from its parent's, not being reset by exec) and its
 anonymous RSS once open; the packed spool is the same-run reference.
 Bounded: the fills and the opens stop by themselves.
@@ -34,12 +35,12 @@ from agent.settings import StorageConfig
 from agent.spool import Spool
 
 async def main() -> None:
-    started = time.perf_counter()
+    started, cpu = time.perf_counter(), time.process_time()
     spool = await Spool.open(StorageConfig(path=sys.argv[1]))
-    took = time.perf_counter() - started
+    took, cpu = time.perf_counter() - started, time.process_time() - cpu
     status = open("/proc/self/status").read()
     kb = {name: int(status.split(name + ":")[1].split()[0]) for name in ("RssAnon", "VmHWM")}
-    print(json.dumps({"open_s": took, "depth": spool.depth, "anon_kb": kb["RssAnon"],
+    print(json.dumps({"open_s": took, "open_cpu_s": cpu, "depth": spool.depth, "anon_kb": kb["RssAnon"],
                       "peak_kb": kb["VmHWM"]}))
     await spool.close()
 
@@ -88,11 +89,13 @@ def main() -> None:
             got = opened(path)
             rows.append((name, got))
             print(f"{name:>22}: filled in {filled:.1f} s, {path.stat().st_size / 1e6:.1f} MB; "
-                  f"open {got['open_s']:.2f} s, depth {got['depth']:,.0f}, "
+                  f"open {got['open_s']:.2f} s ({got['open_cpu_s']:.2f} s CPU), "
+                  f"depth {got['depth']:,.0f}, "
                   f"peak RSS {got['peak_kb'] / 1e3:.0f} MB, anon once open "
                   f"{got['anon_kb'] / 1e3:.0f} MB", flush=True)
         (_, one), (_, packed) = rows
-        print(f"one event a record / packed: open {one['open_s'] / packed['open_s']:.2f}x, "
+        print(f"one event a record / packed: open {one['open_s'] / packed['open_s']:.2f}x "
+              f"({one['open_cpu_s'] / packed['open_cpu_s']:.2f}x CPU), "
               f"peak RSS {one['peak_kb'] / packed['peak_kb']:.2f}x")
 
 
