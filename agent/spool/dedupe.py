@@ -189,23 +189,26 @@ class DedupeIndex:
             return False
         ends = array("q", accumulate(counts, initial=0))   # keys before each record
         spans, cuts = self._plan(ends, seen)
-        # A view, not a copy: on little-endian hosts, the stored bytes are the keys.
-        keys = memoryview(stored.blob).cast("q") if _LITTLE else _as_array(stored.blob)
+        raw = memoryview(stored.blob)
+
+        def keys(lo: int, hi: int) -> array[int]:   # of records [lo, hi): copied, not iterated
+            return _as_array(raw[8 * ends[lo]:8 * ends[hi]])
+
         remembered, start, forgotten = self._keys, 0, 0
         for record, first, last in (*cuts, (len(counts) - 1, 0, 0)):
-            stretch = keys[ends[start]:ends[record + 1]]
+            stretch = keys(start, record + 1)
             before = len(remembered)
             remembered.update(stretch)
             if len(remembered) - before != len(stretch):
                 self._keys = set()
                 return False
             for lo, hi in spans[first:last]:
-                remembered.difference_update(keys[ends[lo]:ends[hi]])
+                remembered.difference_update(keys(lo, hi))
                 forgotten += ends[hi] - ends[lo]
             start = record + 1
         kept = spans[cuts[-1][2]:] if cuts else spans
-        self._buckets = [_Bucket(seen[lo], max(wall[lo:hi]), seen[hi - 1],
-                                 array("q", keys[ends[lo]:ends[hi]])) for lo, hi in kept]
+        self._buckets = [_Bucket(seen[lo], max(wall[lo:hi]), seen[hi - 1], keys(lo, hi))
+                         for lo, hi in kept]
         self.forgotten += forgotten
         return True
 
