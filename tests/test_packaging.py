@@ -6,6 +6,7 @@ import plistlib
 import re
 import shutil
 import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -130,3 +131,20 @@ def test_powershell_scripts_match_the_task_template() -> None:
     ]:
         assert script_setting in install and xml_setting in xml, script_setting
     assert "Unregister-ScheduledTask -TaskName $TaskName" in uninstall
+
+
+@pytest.mark.parametrize("name", ["outpost.service", "outpost-user.service"])
+def test_a_config_error_is_not_restarted_by_systemd(name: str, tmp_path: Path) -> None:
+    """`outpost run` on a config it cannot use exits 2 with one line; a restart cannot fix
+    it. With Restart=on-failure alone systemd restarted it every RestartSec (2 s) for good:
+    each start took under StartLimitIntervalSec's 10 s share, so the start limit was never
+    hit, and the journal filled with the same line instead of the unit showing failed."""
+    bad = tmp_path / "agent.toml"
+    bad.write_text(f'[storage]\npath = "{tmp_path / "spool.db"}"\nmax_size_mb = "big"\n')
+    run = subprocess.run([sys.executable, "-m", "agent", "run", "--config", str(bad)],
+                         capture_output=True, text=True, cwd=PACKAGING.parent, timeout=30)
+    assert run.returncode == 2 and "storage.max_size_mb" in run.stderr, run.stderr
+    unit = unit_sections((PACKAGING / "systemd" / name).read_text())["Service"]
+    assert unit["Restart"] == "on-failure"
+    prevented = unit.get("RestartPreventExitStatus", "").split()
+    assert str(run.returncode) in prevented, "systemd restarts a config error forever"
