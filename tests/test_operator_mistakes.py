@@ -179,7 +179,7 @@ def test_a_system_install_says_when_the_service_user_cannot_read_the_config(
         tmp_path: Path) -> None:
     # `sudo outpost config init` before the outpost user exists writes 0600 root:root,
     # and says `outpost service install` would share it; the service, as outpost, could
-    # not read it and would stop at every start (Restart=on-failure: again and again).
+    # not read it and would exit 2 at every start.
     skip_unless_installable(system=True)
     import grp
     with contextlib.suppress(KeyError):

@@ -27,7 +27,7 @@ RENDERED = {
 COMMON = {
     "Type": "notify", "NotifyAccess": "main", "ExecStart": f"{PY} -m agent run",
     "ExecReload": f"{PY} -m agent check-config --reload $MAINPID", "SyslogIdentifier": "outpost",
-    "Restart": "on-failure", "RestartSec": "2",
+    "Restart": "on-failure", "RestartPreventExitStatus": "2", "RestartSec": "2",
     "WatchdogSec": "30", "TimeoutStopSec": "30", "LimitNOFILE": "8192", "UMask": "0077", "NoNewPrivileges": "true",
     "RestrictAddressFamilies": "AF_UNIX AF_INET AF_INET6 AF_NETLINK", "LockPersonality": "true",
     "SystemCallArchitectures": "native",

@@ -34,6 +34,9 @@ ExecReload={exec_reload}
 # journalctl -t outpost; without it the lines are tagged python3.
 SyslogIdentifier=outpost
 Restart=on-failure
+# Exit 2 is a config or environment mistake (one line in the journal): a restart cannot
+# fix it, so the unit shows failed until the operator does and restarts it.
+RestartPreventExitStatus=2
 RestartSec=2
 WatchdogSec=30
 # Long enough for a graceful drain of in-flight batches.
