@@ -290,3 +290,15 @@ def test_check_config_notes_held_events_that_expire_before_max_hold_h_sends_them
     (note,) = notes
     assert f"sync.max_hold_h = {hold_h:g}" in note and "storage.max_age_days = 1" in note
     assert "expire" in note
+
+
+def test_a_config_saved_with_a_byte_order_mark_is_read(tmp_path: Path) -> None:
+    """Windows Notepad (before 1903) and PowerShell 5's `Out-File -Encoding utf8` start a
+    UTF-8 file with a byte-order mark, which nobody sees in an editor. It was refused as
+    "invalid TOML: Invalid statement (at line 1, column 1)", naming nothing to fix."""
+    spool = tmp_path / "spool.db"
+    config = tmp_path / "agent.toml"
+    config.write_bytes(b"\xef\xbb\xbf" + f'[listen]\nport = 9000\n[storage]\npath = "{spool}"\n'
+                       .encode())
+    run = check_config(str(config))
+    assert run.returncode == 0 and run.stdout.startswith(f"{config}: ok"), run.stderr
