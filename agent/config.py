@@ -349,7 +349,9 @@ def _read(path: Path) -> bytes:
 
 def load_file(path: Path) -> Config:
     try:
-        raw = tomllib.loads(_read(path).decode("utf-8"))
+        # Notepad and PowerShell 5 start UTF-8 with a byte-order mark, unseen in
+        # an editor; tomllib takes it for a statement ("invalid TOML at line 1, column 1").
+        raw = tomllib.loads(_read(path).decode("utf-8").removeprefix("\ufeff"))
     except OSError as exc:
         raise ConfigError(f"{path}: cannot read: {exc.strerror or exc}") from exc
     except tomllib.TOMLDecodeError as exc:
