@@ -17,6 +17,7 @@ import os
 import random
 import re
 import shutil
+import socket
 import sqlite3
 import subprocess
 import sys
@@ -37,6 +38,7 @@ from agent.spool.dead import Which
 from agent.spool.records import unpack
 from agent.spool.salvage import Carry, salvage
 from agent.spool.schema import SCHEMA
+from tests.conftest import AgentProcess, free_port, write_config
 from tests.fakes.nucleus_upstream import FakeNucleus
 from tests.spool_files import Stored, build_v0
 from tests.test_disk import six_mb_fs, upstream  # noqa: F401  (six_mb_fs: a fixture)
@@ -560,3 +562,29 @@ async def test_salvage_reads_large_rows_a_few_megabytes_at_a_time(tmp_path: Path
         assert (got.queued, got.lost) == (LARGE, 0)
         assert db.execute("SELECT count(*) FROM dead").fetchone()[0] == LARGE
     assert peak < SALVAGE_PEAK, f"{peak / 2**20:.1f} MB"
+
+
+@pytest.mark.skipif(sys.platform == "win32", reason="no AF_UNIX datagrams")
+def test_a_salvage_at_start_extends_the_systemd_start_timeout(
+        tmp_path: Path, notify_socket: tuple[socket.socket, str],
+        agent_process: Callable[..., AgentProcess]) -> None:
+    """A salvage at start copies every readable record in one transaction before the agent
+    listens: about 1 s per 50 MB here, far more on an SD card, so a full spool (512 MB)
+    can outrun systemd's 90 s start timeout. Killed there, the next start begins the
+    salvage again (the marker): a restart loop that never listens. The agent asks for
+    more start time while it salvages, as while it migrates; it sent nothing before
+    READY=1."""
+    spool_path = tmp_path / "spool.db"
+    build(spool_path, 300, 500, ("app1",))
+    truncated(spool_path)
+    sock, notify = notify_socket
+    port = free_port()
+    cfg = write_config(tmp_path / "agent.toml", spool_path, port=port)
+    agent = agent_process(cfg, port, env={"NOTIFY_SOCKET": notify}).start()
+    seen: list[str] = []
+    while not seen or not seen[-1].startswith("READY=1"):
+        seen.append(sock.recv(4096).decode())
+    assert "is corrupt" in agent.log.read_text(), "no salvage at start"
+    extends = [m for m in seen[:-1] if m.startswith("EXTEND_TIMEOUT_USEC=")]
+    assert extends, f"no EXTEND_TIMEOUT_USEC before READY=1: {seen}"
+    assert all(int(m.split("=", 1)[1]) >= 10_000_000 for m in extends), extends
