@@ -198,8 +198,10 @@ class Agent:
             self._new_data(set(self.spool.streams))
 
     def _migrating(self) -> None:
-        # From the spool's writer thread, every few seconds of a migration at start: a
-        # large one (8.6 s per million events) would outrun systemd's 90 s start timeout.
+        # From the spool's writer thread, every few seconds of a migration or a salvage: a
+        # large one at start (8.6 s per million events) would outrun systemd's 90 s start
+        # timeout. Later it extends only a stop's (a salvage during the drain): the unit
+        # sets no RuntimeMaxSec.
         self.notifier.notify(f"EXTEND_TIMEOUT_USEC={EXTEND_START_USEC}")
 
     def _live(self) -> tuple[Config, Mapping[str, UpstreamState]]:

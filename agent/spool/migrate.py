@@ -48,6 +48,7 @@ thread, so that the service can ask systemd for more start time.
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import logging
 import sqlite3
@@ -105,8 +106,16 @@ def upgrade(conn: sqlite3.Connection, alive: Callable[[], None] | None = None) -
         step = functools.partial(_upgrade_from, found)
     else:
         return
-    if alive is None:
+    with beating(alive, conn):
         step(conn)
+
+
+@contextlib.contextmanager
+def beating(alive: Callable[[], None] | None, *conns: sqlite3.Connection) -> Iterator[None]:
+    """Call ``alive`` now and every ``ALIVE_EVERY_S`` while SQLite works on ``conns``
+    (a progress handler on each), for long work at start: a migration, a salvage."""
+    if alive is None:
+        yield
         return
     alive()
     last = time.monotonic()
@@ -118,11 +127,13 @@ def upgrade(conn: sqlite3.Connection, alive: Callable[[], None] | None = None) -
             alive()
         return 0  # carry on
 
-    conn.set_progress_handler(progress, _PROGRESS_STEPS)
+    for conn in conns:
+        conn.set_progress_handler(progress, _PROGRESS_STEPS)
     try:
-        step(conn)
+        yield
     finally:
-        conn.set_progress_handler(None, 0)
+        for conn in conns:
+            conn.set_progress_handler(None, 0)
 
 
 def _upgrade_v0(conn: sqlite3.Connection) -> None:

@@ -23,7 +23,7 @@ from __future__ import annotations
 import sqlite3
 from array import array
 from bisect import bisect_right
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -33,7 +33,7 @@ from agent.families.lanes import LANES, NORMAL
 from agent.outcomes import Counts, Drop, Tally, from_names, record
 from agent.spool import migrate_lanes
 from agent.spool.db import add_counters, mark, transaction
-from agent.spool.migrate import V0_COLS, V0Row, pack_v0, recount_streams
+from agent.spool.migrate import V0_COLS, V0Row, beating, pack_v0, recount_streams
 from agent.spool.records import DamagedRecord, Dictionaries, learned_id, pack, unpack_ids
 from agent.spool.schema import read_only_uri
 
@@ -72,16 +72,19 @@ class Salvaged:
     dead_unkeyed: int = 0             # dead letters read but not kept: their key is lost
 
 
-def salvage(fresh: sqlite3.Connection, moved: Path, carry: Carry) -> Salvaged:
+def salvage(fresh: sqlite3.Connection, moved: Path, carry: Carry,
+            alive: Callable[[], None] | None = None) -> Salvaged:
     """Copy what can be read of ``moved`` into ``fresh``, with the counters (plus one
-    ``spool_corrupt`` and the ``dropped_corrupt`` loss) and the agent-observed time."""
+    ``spool_corrupt`` and the ``dropped_corrupt`` loss) and the agent-observed time;
+    ``alive`` is called while it runs, as during a migration (migrate.beating)."""
     # Durable once committed, whatever storage.sync says: the marker that would have the
     # next start finish this salvage is removed next (aside.py).
     sync = fresh.execute("PRAGMA synchronous").fetchone()[0]
     fresh.execute("PRAGMA synchronous = FULL")
     old = _open_old(moved)
     try:
-        return _salvage(old, fresh, carry)
+        with beating(alive, fresh, *([old] if old is not None else [])):
+            return _salvage(old, fresh, carry)
     finally:
         if old is not None:
             old.close()

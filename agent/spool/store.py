@@ -103,7 +103,8 @@ class Spool:
         # Called when a spool that could not be opened is opened at last, when rows are
         # salvaged from a corrupt one, or dead letters retried: their queues need forwarders.
         self.on_reopen = on_reopen
-        # Called from the writer's thread while an older spool is migrated (migrate.py).
+        # Called from the writer's thread while an older spool is migrated (migrate.py), or
+        # a corrupt one salvaged (salvage.py): long work that may come before a start.
         self.on_migrating = on_migrating
         # Expiry runs unattended (every few minutes): its failures, for status and metrics.
         self.expiry_errors = 0
@@ -331,7 +332,7 @@ class Spool:
             return
         failed = None
         try:
-            got = await self._db.run(salvage, moved, carry)
+            got = await self._db.run(salvage, moved, carry, self.on_migrating)
         except sqlite3.Error as why:  # e.g. no room for the copy: the fresh spool stays empty
             failed = why
             got, counters = await self._db.run(unsalvaged, moved, carry)
