@@ -148,3 +148,23 @@ def test_a_config_error_is_not_restarted_by_systemd(name: str, tmp_path: Path) -
     assert unit["Restart"] == "on-failure"
     prevented = unit.get("RestartPreventExitStatus", "").split()
     assert str(run.returncode) in prevented, "systemd restarts a config error forever"
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="systemd")
+def test_an_address_not_yet_on_the_machine_is_restarted_by_systemd(tmp_path: Path) -> None:
+    """listen.host set to the device's LAN address: at boot (After=network.target, not
+    network-online, which would hold an offline device's agent back) DHCP may not have
+    assigned it yet, and the bind fails with EADDRNOTAVAIL. That clears by itself, so
+    systemd must restart the agent (as it did before RestartPreventExitStatus=2), not
+    leave it failed until someone restarts it by hand. 192.0.2.1 (TEST-NET-1) is on no
+    machine."""
+    cfg = tmp_path / "agent.toml"
+    cfg.write_text(f'[listen]\nhost = "192.0.2.1"\nport = 0\n'
+                   f'[storage]\npath = "{tmp_path / "spool.db"}"\n')
+    run = subprocess.run([sys.executable, "-m", "agent", "run", "--config", str(cfg)],
+                         capture_output=True, text=True, cwd=PACKAGING.parent, timeout=30)
+    assert "Traceback" not in run.stderr and run.stderr.count("\n") == 1, run.stderr
+    assert "cannot listen on 192.0.2.1" in run.stderr, run.stderr
+    unit = unit_sections((PACKAGING / "systemd/outpost.service").read_text())["Service"]
+    prevented = unit.get("RestartPreventExitStatus", "").split()
+    assert run.returncode != 0 and str(run.returncode) not in prevented, run.returncode
