@@ -96,7 +96,7 @@ def cmd_run(args: argparse.Namespace) -> int:
         return EXIT_CONFIG
     logs.setup_logging(cfg.log.level)
     from agent.dialects import offload
-    from agent.service import Agent, StartError
+    from agent.service import AddressNotHere, Agent, StartError
     if startup_signals.taken():   # Ctrl-C while those loaded: nothing started yet
         raise KeyboardInterrupt
     offload.favour_the_loop()
@@ -105,6 +105,9 @@ def cmd_run(args: argparse.Namespace) -> int:
         try:
             return await Agent(cfg, getattr(args, "config", None),
                                on_spool_open=memory.freeze_start).serve()
+        except AddressNotHere as exc:   # may be there at the next try: a service restarts it
+            _say(str(exc))
+            return EXIT_FAILED
         except (StartError, SpoolUnusable) as exc:
             _say(str(exc))
             return EXIT_CONFIG

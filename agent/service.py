@@ -8,6 +8,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import dataclasses
+import errno
 import logging
 import os
 import signal
@@ -62,6 +63,11 @@ EXIT_FORCED = 130   # 128 + SIGINT, as shells report a process ended by an inter
 
 class StartError(Exception):
     """The agent could not start; the message says why, in one line."""
+
+
+class AddressNotHere(StartError):
+    """listen.host is no address of this machine, perhaps not yet (DHCP at boot): unlike
+    the other StartErrors, one that can clear by itself, so worth a restart."""
 
 
 class Agent:
@@ -166,6 +172,9 @@ class Agent:
             # The loop's own text repeats the address; a lookup failure's errno is negative.
             code = exc.errno or 0
             why = os.strerror(code) if code > 0 else exc.strerror or str(exc)
+            if code == errno.EADDRNOTAVAIL:
+                raise AddressNotHere(f"cannot listen on {host}:{port}: {why} (not an address "
+                                     "of this machine, or not yet)") from exc
             raise StartError(f"cannot listen on {host}:{port}: {why}") from exc
         self.port = int(listener.sockets[0].getsockname()[1])
         if not is_loopback_name(host):
