@@ -8,6 +8,9 @@ import io
 import logging
 import os
 import re
+import socket
+import subprocess
+import sys
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -16,6 +19,7 @@ import pytest
 
 from agent import logs
 from agent.logs import RateLimiter, RedactingFilter, SecretRegistry, log_limited, setup_logging
+from tests.conftest import ROOT
 
 
 @pytest.fixture(autouse=True)
@@ -298,3 +302,29 @@ async def test_malformed_requests_log_aiohttp_s_traceback_once_a_minute(
                                                           "127.0.0.1")
     crashes = [r for r in caplog.records if r.exc_info and r.exc_info[0] is ValueError]
     assert len(crashes) == 2
+
+
+@pytest.mark.skipif(sys.platform == "win32", reason="journald")
+@pytest.mark.parametrize("mistake", ["config", "busy port"])
+def test_under_systemd_why_run_did_not_start_is_an_error_in_the_journal(
+        tmp_path: Path, mistake: str) -> None:
+    """`outpost run` under systemd (stderr the journal's stream) that cannot start: its one
+    line went out with no priority prefix, so journald filed it at info, and
+    `journalctl -u outpost -p warning`, which docs/operations.md gives for warnings and
+    errors, showed nothing of why the service failed."""
+    with socket.socket() as busy:
+        busy.bind(("127.0.0.1", 0))
+        busy.listen()
+        port = busy.getsockname()[1] if mistake == "busy port" else 0
+        cfg = tmp_path / "agent.toml"
+        cfg.write_text(f'[listen]\nport = {port}\n[storage]\npath = "{tmp_path / "spool.db"}"\n'
+                       + ('max_size_mb = "big"\n' if mistake == "config" else ""))
+        with open(tmp_path / "journal", "w") as journal:
+            st = os.fstat(journal.fileno())
+            run = subprocess.run([sys.executable, "-m", "agent", "run", "--config", str(cfg)],
+                                 stdout=journal, stderr=journal, cwd=ROOT, timeout=30,
+                                 env={**os.environ,
+                                      "JOURNAL_STREAM": f"{st.st_dev}:{st.st_ino}"})
+    lines = (tmp_path / "journal").read_text().splitlines()
+    assert run.returncode == 2 and len(lines) == 1, lines
+    assert lines[0].startswith("<3>outpost: "), lines   # 3: err
