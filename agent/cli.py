@@ -37,8 +37,11 @@ CONFIG_HELP = ("the config file (default: $OUTPOST_CONFIG, else ./agent.toml, el
 
 
 def _say(message: str) -> None:
-    """One line on stderr; what the operator named in it (a path) shown escaped."""
-    print(f"outpost: {printable(message)}", file=sys.stderr)
+    """One line on stderr; what the operator named in it (a path) shown escaped. Under
+    systemd (`run`, and check-config as ExecReload) an error to the journal, as the log's
+    own lines carry their priority: unprefixed, journald files it at info."""
+    err = "<3>" if logs.stderr_is_journal(sys.stderr) else ""
+    print(f"{err}outpost: {printable(message)}", file=sys.stderr)
 
 
 def _load(args: argparse.Namespace) -> Config | None:
@@ -246,7 +249,7 @@ def cmd_check_config(args: argparse.Namespace) -> int:
             os.kill(args.reload, signal.SIGHUP)
         except (OSError, OverflowError) as exc:
             why = exc.strerror if isinstance(exc, OSError) and exc.strerror else "no such PID"
-            print(f"outpost: cannot ask PID {args.reload} to reload: {why}", file=sys.stderr)
+            _say(f"cannot ask PID {args.reload} to reload: {why}")
             return 1
     return 0
 
