@@ -22,6 +22,7 @@ import os
 import random
 import re
 import shutil
+import socket
 import sys
 from typing import Any
 
@@ -322,3 +323,75 @@ async def test_a_recovery_that_stalls_is_logged_at_its_first_quiet_point(
     recovered = [r.getMessage() for r in caplog.records if "recovered" in r.getMessage()]
     assert recovered == [f"upstream up recovered after {PROBE_S:.0f}s; 0 events delivered; "
                          "5 events still queued"], recovered
+
+
+DUAL_STACK = "dual-stack.outpost.test"   # the test's own name: never asked of a resolver
+
+
+@pytest.fixture
+def blackholed_ipv6(monkeypatch: pytest.MonkeyPatch) -> Any:
+    """``DUAL_STACK`` resolves, IPv6 first as most resolvers order them, to an IPv6 address
+    that never answers a connect (a broken IPv6 route: the SYN is lost) and to the test's
+    upstream on 127.0.0.1. Yields a function that points it at a port; the IPv6 "route" is a
+    listener on ::1 whose backlog is full, so that connects to it hang."""
+    hole = socket.socket(socket.AF_INET6)
+    fillers: list[socket.socket] = []
+    try:
+        hole.bind(("::1", 0))
+    except OSError:
+        hole.close()
+        pytest.skip("no IPv6 loopback")
+    hole.listen(0)
+    for _ in range(8):   # until a connect hangs
+        filler = socket.socket(socket.AF_INET6)
+        fillers.append(filler)
+        filler.settimeout(0.2)
+        try:
+            filler.connect(hole.getsockname()[:2])
+        except TimeoutError:
+            break
+    else:
+        pytest.skip("a full backlog does not hold connects off here")
+    real = socket.getaddrinfo
+    ipv4_port = [0]
+
+    def getaddrinfo(host: Any, port: Any, *args: Any, **kw: Any) -> Any:
+        if host != DUAL_STACK:
+            return real(host, port, *args, **kw)
+        tcp = socket.SOCK_STREAM, socket.IPPROTO_TCP, ""
+        return [(socket.AF_INET6, *tcp, ("::1", hole.getsockname()[1], 0, 0)),
+                (socket.AF_INET, *tcp, ("127.0.0.1", ipv4_port[0]))]
+
+    monkeypatch.setattr(socket, "getaddrinfo", getaddrinfo)
+    yield lambda port: ipv4_port.__setitem__(0, port)
+    for s in (*fillers, hole):
+        s.close()
+
+
+async def test_a_probe_reaches_over_ipv4_when_ipv6_is_broken(
+        make_agent: Any, faulty: FaultyUpstream, blackholed_ipv6: Any) -> None:
+    """An upstream whose name has an IPv6 address that does not answer (a broken IPv6
+    route) and an IPv4 one that does: requests reach it over IPv4 (aiohttp tries the next
+    address 250 ms on, Happy Eyeballs), and so must the probe after a failed send, or a
+    live upstream answering 503 is shown unreachable, and logged so, while it answers."""
+    blackholed_ipv6(faulty.port)
+    faulty.script = [Fault("status", 503)]
+    timing = ManualTiming()
+    agent = await make_agent(
+        upstreams=[{**upstream(faulty, "segment-http"), "url": f"http://{DUAL_STACK}:1",
+                    "timeout_s": 2.0}],
+        seams=seams(timing, Backoff(base_s=8.0)))
+    state = agent.forwarding.states["up"]
+    await send_segment(agent)
+    await wait_for(lambda: probed_failures(state, 1))
+    assert [r.status for r in faulty.requests] == [503]   # over IPv4
+    assert state.unreachable_since is None
+    status = (await get_json(agent, "/status"))["upstreams"][0]
+    assert status["state"] == "backoff" and status["last_error"].startswith("HTTP 503")
+
+
+async def send_segment(agent: Any) -> None:
+    async with aiohttp.ClientSession() as s:
+        async with s.post(f"http://127.0.0.1:{agent.port}/v1/batch", json={
+                "writeKey": "wk1", "batch": [{"type": "track", "event": "e", "userId": "u"}]}) as r:
+            assert r.status == 200, await r.text()
