@@ -21,6 +21,7 @@ from dataclasses import dataclass
 from typing import Any, ClassVar, Protocol
 from urllib.parse import urlsplit
 
+import aiohappyeyeballs
 import aiohttp
 
 from agent.families.event import Limit
@@ -34,6 +35,9 @@ RETRYABLE_STATUSES = frozenset({408, 425, 429, 500, 502, 503, 504})
 # The batch itself is refused: split it to find the events at fault. Any other 4xx
 # (401, 403, 404: a wrong key or URL) is the configuration's fault: back off, keep the events.
 REJECTED_STATUSES = frozenset({400, 413, 422})
+# How long a connect to one of a host's addresses goes before the next is tried as well:
+# aiohttp's default for its requests (TCPConnector), and so the probes'.
+HAPPY_EYEBALLS_S = 0.25
 
 
 @dataclass(frozen=True, slots=True)
@@ -196,14 +200,24 @@ class UplinkBase(ABC):
         """For the forwarder, while the upstream is unreachable: None once its host accepts
         a TCP connection, else why not. A connect and a close, no request: cheap enough to
         repeat every few seconds, and it tells a dead network from a live upstream that
-        answers 5xx (which must keep its backoff)."""
+        answers 5xx (which must keep its backoff).
+
+        Every address of the host is tried as aiohttp's requests try them (Happy Eyeballs:
+        the next one 250 ms on, without waiting for the last to fail): tried one after
+        another, an IPv6 address whose route is broken (its connect hangs) took the whole
+        timeout, and a host its requests reach over IPv4 was shown unreachable."""
+        host, port = _address(cfg)
+        loop = asyncio.get_running_loop()
         try:
-            _, writer = await asyncio.wait_for(asyncio.open_connection(*_address(cfg)),
-                                               timeout_s)
+            async with asyncio.timeout(timeout_s):
+                infos = await loop.getaddrinfo(host, port, type=socket.SOCK_STREAM)
+                # Not asyncio's own happy_eyeballs_delay: uvloop, the agent's loop, lacks it.
+                sock = await aiohappyeyeballs.start_connection(
+                    infos, happy_eyeballs_delay=HAPPY_EYEBALLS_S)
         except (OSError, TimeoutError) as exc:
             return (exc.strerror if isinstance(exc, OSError) and exc.strerror
                     else str(exc) or type(exc).__name__)
-        writer.close()
+        sock.close()
         return None
 
     def acknowledged(self, prepared: Prepared) -> tuple[int, ...]:
