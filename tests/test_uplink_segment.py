@@ -5,12 +5,15 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
+import aiohttp
 import orjson
 import pytest
 from aiohttp import web
 
+from agent.forwarder.supervisor import Seams
 from tests.conftest import write_config
 from tests.fakes.loopback_server import serving
+from tests.fakes.manual_timing import ManualTiming
 from tests.fakes.segment_upstream import FakeSegment
 from tests.segment_helpers import basic, call, segment_up, wait_for
 
@@ -109,6 +112,33 @@ async def test_wrong_upstream_key_backs_off_instead_of_dead_lettering(
     await wait_for(lambda: len(fake_segment.events) == 3, timeout=15)
     assert await agent.spool.dead_letters() == []
     assert "check the upstream" in (agent.forwarding.states["segment"].last_error or "")
+
+
+async def test_a_key_waiting_out_its_backoff_shows_its_upstream_in_backoff(
+        make_agent: Any, fake_segment: FakeSegment) -> None:
+    """One app's write key is refused (401) while another's are taken: the refused key
+    waits for its retry, and the upstream shows `backoff` all that time, as
+    docs/operations.md says, however often the other key is acknowledged meanwhile (it
+    showed `idle` from the other key's next ack on: an alert on the backoff state, the
+    one the docs suggest, never fired while the refused key's events piled up)."""
+    fake_segment.unknown_keys = {"typo"}
+    timing = ManualTiming()   # nothing passes the refused key's retry time
+    agent = await make_agent(upstreams=[segment_up(fake_segment)],
+                             seams=Seams(timing=timing, watch_network=lambda _: None))
+    state = agent.forwarding.states["segment"]
+    await send(agent.port, events(2, "t"), key="typo")
+    await wait_for(lambda: state.retries == 1 and not agent.forwarding.loops)
+    await send(agent.port, events(3), key="good")
+    await wait_for(lambda: len(fake_segment.events) == 3 and not agent.forwarding.loops)
+    async with aiohttp.ClientSession() as s:
+        async with s.get(f"http://127.0.0.1:{agent.port}/status") as r:
+            (up,) = (await r.json())["upstreams"]
+        async with s.get(f"http://127.0.0.1:{agent.port}/metrics") as r:
+            metrics = await r.text()
+    assert up["state"] == "backoff" and up["last_error"].startswith("HTTP 401"), up
+    assert up["queue_depth"] == 2
+    assert 'outpost_upstream_state{upstream="segment",state="backoff"} 1' in metrics
+    assert 'outpost_upstream_state{upstream="segment",state="idle"} 0' in metrics
 
 
 async def test_gzip(make_agent: Any, fake_segment: FakeSegment) -> None:

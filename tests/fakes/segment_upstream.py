@@ -3,7 +3,7 @@
 Scripts: accept everything (default, 200 `{"success": true}`); fail the next
 N requests with a status (and optional Retry-After), or every request during
 an outage; refuse with 400 any batch holding a poison messageId, naming it;
-refuse batches over a size.
+refuse batches over a size; refuse unknown write keys with 401.
 Every request is recorded with its auth, encoding and time; accepted events
 are recorded in order.
 """
@@ -45,6 +45,7 @@ class FakeSegment:
     failures: list[tuple[int, str | None]] = field(default_factory=list)  # (status, Retry-After)
     outage: tuple[int, str | None] | None = None    # while set, every request gets this
     max_bytes: int | None = None                                    # larger bodies -> 413
+    unknown_keys: set[str] = field(default_factory=set)             # write keys -> 401
     port: int = 0
     _runner: web.AppRunner | None = None
 
@@ -84,6 +85,8 @@ class FakeSegment:
         if fault is not None:
             status, wait = fault
             return status, {"code": "failure"}, {"Retry-After": wait} if wait else {}
+        if rec.write_key in self.unknown_keys:
+            return 401, {"code": "unauthorized", "message": "unknown write key"}, {}
         if self.max_bytes is not None and size > self.max_bytes:
             return 413, {"code": "too_large", "message": f"{size} bytes"}, {}
         for ev in rec.events:
