@@ -428,5 +428,6 @@ def _carry_states(old: Supervisor, new: Supervisor) -> None:
     """Keep an upstream's last ack, last error and totals across a reload."""
     for name, state in new.states.items():
         if name in old.states:
+            # Not its parked keys' count: take_over parks those the new config keeps.
             new.states[name] = dataclasses.replace(old.states[name], protocol=state.protocol,
-                                                   state=state.state)
+                                                   state=state.state, parked=0)

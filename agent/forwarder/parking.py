@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import heapq
 from collections import Counter
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 
 
@@ -26,10 +26,11 @@ class Parked:
 class ParkingLot:
     """Parked keys, by key, by retry time and counted by upstream."""
 
-    def __init__(self) -> None:
+    def __init__(self, counted: Callable[[str, int], None] = lambda upstream, n: None) -> None:
         self._keys: dict[str, Parked] = {}
         self._heap: list[tuple[float, str]] = []
         self._by_upstream: Counter[str] = Counter()
+        self._counted = counted   # told each upstream's new count
 
     def __contains__(self, key: str) -> bool:
         return key in self._keys
@@ -41,6 +42,7 @@ class ParkingLot:
         self._drop(key)
         self._keys[key] = parked
         self._by_upstream[parked.upstream] += 1
+        self._counted(parked.upstream, self._by_upstream[parked.upstream])
         heapq.heappush(self._heap, (parked.when, key))
 
     def next_due(self) -> float | None:
@@ -75,9 +77,12 @@ class ParkingLot:
 
     def clear(self) -> list[str]:
         keys = list(self._keys)
+        upstreams = list(self._by_upstream)
         self._keys.clear()
         self._heap.clear()
         self._by_upstream.clear()
+        for upstream in upstreams:
+            self._counted(upstream, 0)
         return keys
 
     def _drop(self, key: str) -> int:
@@ -85,4 +90,5 @@ class ParkingLot:
         if p is None:
             return 0
         self._by_upstream[p.upstream] -= 1
+        self._counted(p.upstream, self._by_upstream[p.upstream])
         return p.attempt

@@ -15,7 +15,8 @@ class UpstreamState:
     name: str
     protocol: str
     state: str = "idle"          # idle | sending | backoff | restarting (after a crash)
-    # Status shows "unreachable" instead while unreachable_since is set.
+    # Status shows "unreachable" instead while unreachable_since is set, and "backoff"
+    # while any of its keys waits out a backoff (``parked``): see ``shown``.
     last_ack: float | None = None
     last_error: str | None = None
     last_error_at: float | None = None
@@ -31,6 +32,16 @@ class UpstreamState:
     # The most bytes per batch it takes, learned from its refusals (a websocket closed
     # with 1009 for a frame: half that frame): loops send it no larger ones.
     frame_limit_bytes: int | None = None
+    parked: int = 0              # its keys waiting out a backoff (the supervisor's count)
+
+    @property
+    def shown(self) -> str:
+        """The state status shows: "unreachable" while probed as such, "backoff" while a
+        key waits for its retry (each of its keys' loops sets ``state`` as it goes: another
+        key's ack said "idle" while the refused key waited), else ``state``."""
+        if self.unreachable_since is not None:
+            return "unreachable"
+        return "backoff" if self.parked and self.state in ("idle", "sending") else self.state
 
     def unreadable_reply(self) -> None:
         self.unreadable_replies += 1

@@ -139,7 +139,7 @@ class Supervisor:
         self._running: Counter[str] = Counter()   # loop tasks per upstream
         # Per upstream, keys waiting for a loop (MAX_LOOPS), in the order they asked.
         self._line: dict[str, dict[str, InLine]] = {}
-        self._lot = ParkingLot()   # keys waiting to retry
+        self._lot = ParkingLot(self._parked)   # keys waiting to retry
         self._omitted: dict[str, LeftOut] = {}   # by key: see stream.LeftOut
         self._timer: Timer | None = None
         self._session: aiohttp.ClientSession | None = None
@@ -347,6 +347,11 @@ class Supervisor:
             self._set_timer()
         if not told:  # the upstream's own Retry-After says it is up: nothing to probe
             self.probers[up.name].suspect()
+
+    def _parked(self, name: str, n: int) -> None:
+        state = self.states.get(name)
+        if state is not None:
+            state.parked = n
 
     def _set_timer(self) -> None:
         if self._timer is not None:

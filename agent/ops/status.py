@@ -123,8 +123,7 @@ def _upstream(up: UpstreamConfig, groups: Groups, live: UpstreamState | None) ->
     queued = groups.get(up.name, _EMPTY)
     lost = live.unreachable_since if live else None
     return {"name": up.name, "protocol": up.protocol, "url": up.url,
-            "state": ("offline" if live is None else "unreachable" if lost is not None
-                      else live.state),
+            "state": "offline" if live is None else live.shown,
             "queue_depth": queued.depth, "queue_bytes": queued.bytes, "keys": queued.keys,
             "last_ack": live.last_ack if live else None,
             "last_error": live.last_error if live else None,
