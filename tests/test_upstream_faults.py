@@ -584,11 +584,15 @@ async def test_backoff_grows_to_its_cap_between_failures(make_agent: Any,
 
 
 @pytest.mark.parametrize("protocol", ["nucleus-http", "segment-http"])
-@pytest.mark.parametrize("status", [401, 403, 404])
+@pytest.mark.parametrize(("status", "hint"), [
+    (401, "check the upstream's key"), (403, "check the upstream's key"),
+    (404, "check the upstream's url"), (409, "kept and retried")])
 async def test_a_wrong_key_or_url_backs_off_and_dead_letters_nothing(
-        make_agent: Any, faulty: FaultyUpstream, protocol: str, status: int) -> None:
+        make_agent: Any, faulty: FaultyUpstream, protocol: str, status: int, hint: str) -> None:
     """401/403/404 say the upstream's key or URL is wrong, not that the events are: they
-    stay queued and are retried, instead of the whole queue going to dead letters."""
+    stay queued and are retried, instead of the whole queue going to dead letters. So is
+    any other 4xx that is no verdict on a batch (409), whose last_error does not send the
+    operator to a key and URL that are right."""
     if protocol == "segment-http":
         pytest.importorskip("agent.uplinks.segment_http")
     faulty.script = [Fault("status", status) for _ in range(3)]
@@ -596,7 +600,8 @@ async def test_a_wrong_key_or_url_backs_off_and_dead_letters_nothing(
     await send(agent, [event(i) for i in range(6)])
     await drained(agent, faulty, 6)     # includes: no dead letters
     assert [r.status for r in faulty.requests[:4]] == [status] * 3 + [200]
-    assert str(status) in (agent.forwarding.states["up"].last_error or "")
+    error = agent.forwarding.states["up"].last_error or ""
+    assert str(status) in error and hint in error, error
 
 
 # -- shutdown is prompt, whenever the stop comes ------------------------------------------------
