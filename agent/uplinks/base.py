@@ -64,6 +64,15 @@ class Retry:
     too_big: int | None = None
 
 
+def misconfigured(status: int, reason: str) -> Retry:
+    """Any other 4xx: the events are kept and retried, with what the operator should check
+    in ``last_error`` (a 409 or 415 says nothing of the key or the URL)."""
+    hint = ("check the upstream's key" if status in (401, 403)
+            else "check the upstream's url" if status in (404, 405)
+            else "kept and retried: no verdict on the events")
+    return Retry(f"{reason} ({hint})")
+
+
 @dataclass(frozen=True, slots=True)
 class Refused:
     """The upstream refused the batch as a whole (400, 413, 422): split it to find the

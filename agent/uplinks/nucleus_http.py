@@ -11,7 +11,15 @@ import orjson
 from agent.settings import UpstreamConfig
 from agent.spool.types import Row
 from agent.uplinks import splice
-from agent.uplinks.base import REJECTED_STATUSES, Acked, Refused, Retry, SendResult, UplinkBase
+from agent.uplinks.base import (
+    REJECTED_STATUSES,
+    Acked,
+    Refused,
+    Retry,
+    SendResult,
+    UplinkBase,
+    misconfigured,
+)
 from agent.uplinks.http_common import (
     REPLY_MAX_BYTES,
     excerpt,
@@ -55,7 +63,7 @@ class NucleusHttpUplink(NucleusFraming, UplinkBase):
             if is_retryable(status):
                 return Retry(f"HTTP {status}", retry_after=wait)
             if status not in REJECTED_STATUSES:
-                return Retry(f"HTTP {status} (check the upstream's url and key)")
+                return misconfigured(status, f"HTTP {status}")
             # No per-event verdict: the forwarder splits the batch to find the culprit.
             return Refused(f"HTTP {status}: {excerpt(raw, 200)}")
         acked = match(dict(zip(prepared.ids, prepared.seqs)), ids)

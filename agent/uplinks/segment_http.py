@@ -37,7 +37,15 @@ from agent.families.event import SEGMENT, compact_json, iso_ms, now_ms
 from agent.logs import redacted_head
 from agent.settings import UpstreamConfig
 from agent.spool.types import Row
-from agent.uplinks.base import REJECTED_STATUSES, Acked, Refused, Retry, SendResult, UplinkBase
+from agent.uplinks.base import (
+    REJECTED_STATUSES,
+    Acked,
+    Refused,
+    Retry,
+    SendResult,
+    UplinkBase,
+    misconfigured,
+)
 from agent.uplinks.http_common import excerpt, html_instead_of_reply, is_retryable, post
 from agent.uplinks.prepare import Prepared
 from agent.uplinks.splice import objects, stamped
@@ -126,7 +134,7 @@ class SegmentHttpUplink(UplinkBase):
             return Refused(reason)
         if is_retryable(status):
             return Retry(reason, retry_after=wait)
-        return Retry(f"{reason} (check the upstream's url and key)")
+        return misconfigured(status, reason)
 
 
 def _partly_stored(raw: bytes, prepared: Prepared) -> Acked | None:
