@@ -37,7 +37,9 @@ T = TypeVar("T")
 
 PAST = -(1 << 62)  # an agent-observed time before any other
 BUSY_TIMEOUT_MS = 5000  # how long a connection waits for another's lock
-READ_ROWS = 16_384  # rows fetched at a time as a spool opens: each batch taken apart in C loops
+# Rows fetched at a time as a spool opens, each batch taken apart in C loops: 8 MB of keys
+# at most, were they all full records (RECORD_EVENTS keys).
+READ_ROWS = 1024
 
 
 class SqliteThread:
@@ -272,12 +274,14 @@ def _read_records(conn: sqlite3.Connection, marks: list[tuple[int, int]], latest
         "SELECT id, dkeys, received, n, NULL FROM records " + (
             "UNION ALL SELECT id, dkeys, received, 0, observed FROM spent " if spent else "")
         + "ORDER BY 1 DESC")
-    # Never many more rows than the cap still takes: a record holds RECORD_EVENTS keys at
-    # most (a migration's spent rows more, but they are few).
+    # Not many more rows than the cap still takes, were they as wide as the last batch's
+    # widest (a full record at first).
+    widest = RECORD_EVENTS
     while held < max_keys and (chunk := rows.fetchmany(
-            min(READ_ROWS, (max_keys - held) // RECORD_EVENTS + 1))):
+            min(READ_ROWS, (max_keys - held) // widest + 1))):
         blobs = list(map(itemgetter(1), chunk))   # keys: by the bytes stored, whatever n says
         keys = array("q", map(floordiv, map(len, blobs), repeat(8)))
+        widest = max(1, max(keys))
         before = list(accumulate(keys, initial=held))
         taken = bisect_left(before, max_keys, 0, len(chunk))  # each while under the cap
         chunk, held = chunk[:taken], before[taken]
