@@ -211,11 +211,15 @@ async def test_space_freed_by_acks_in_the_same_commit_makes_room_for_its_events(
                                       "dedupe_window_h": window_h})
     writer = agent.spool.writer
     async with aiohttp.ClientSession() as s:
-        for n in range(2000):                   # full: even one event is refused
-            if (await post(s, agent.port, [event(n)])).status == 503:
-                break
-        else:
-            raise AssertionError("the spool never filled")
+        # Full: even one event is refused. Filled five at a time (one commit each), then
+        # topped up one at a time until a single event is refused.
+        for first, size in ((0, 5), (2000, 1)):
+            for n in range(first, first + 2000, size):
+                if (await post(s, agent.port, [event(n + j) for j in range(size)])
+                        ).status == 503:
+                    break
+            else:
+                raise AssertionError("the spool never filled")
         # Holding the commit lock lines commits up: the writer takes X's request and waits
         # for the lock; the upstream's acks and Y's request then wait for the next commit.
         async with agent.spool.lock:
