@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import compileall
 import os
 import random
 import re
@@ -93,6 +94,16 @@ def free_port() -> int:
     with socket.socket() as s:   # elsewhere: the kernel's choice
         s.bind(("127.0.0.1", 0))
         return int(s.getsockname()[1])
+
+
+@pytest.fixture(scope="session", autouse=True)
+def compiled_agent() -> None:
+    """The agent's modules compiled to bytecode once a run, as installing it compiles them.
+    Where PYTHONDONTWRITEBYTECODE is set (this project's machines), every ``python -m agent``
+    a test starts (about 400 a run) compiled its modules again, 0.1-0.2 s of CPU each;
+    bench/procs.py ``compile_agent`` does the same for the bench. Files already compiled are
+    only stat'ed."""
+    compileall.compile_dir(ROOT / "agent", quiet=2)
 
 
 @pytest.fixture(autouse=True)
