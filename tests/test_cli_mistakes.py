@@ -370,6 +370,25 @@ def test_config_init_options_it_would_ignore_are_refused(
     assert not target.exists()
 
 
+def test_config_init_keeps_characters_beyond_the_bmp_and_refuses_bytes_not_utf8(
+        tmp_path: Path) -> None:
+    """An emoji in --name (or --write-key, --url) was written as a JSON surrogate pair
+    (\\ud83d\\uded2), which no TOML reader takes: a tomllib traceback, exit 1."""
+    target = tmp_path / "agent.toml"
+    run = init("--path", str(target), "--upstream", "segment-http", "--url",
+               "https://api.segment.io", "--name", "kiosk \U0001f6d2", "--write-key", f"{SECRET}\U0001f511")
+    assert run.returncode == 0, run.stderr
+    check = outpost("check-config", str(target))
+    assert check.returncode == 0 and "ok (1 upstream(s))" in check.stdout, check.stderr
+    assert "kiosk \U0001f6d2" in target.read_text(encoding="utf-8")
+    # A byte that is not UTF-8 (a name pasted from a Latin-1 terminal) cannot be written in
+    # a TOML file: refused in one line, naming the option, and nothing written.
+    target.unlink()
+    refused(init("--path", str(target), "--upstream", "segment-http", "--url",
+                 "https://api.segment.io", "--name", os.fsdecode(b"caf\xe9")), "--name", "UTF-8")
+    assert not target.exists()
+
+
 # -- another server at the agent's address -----------------------------------------------------
 
 class NotOutpost(LoopbackServer):
