@@ -84,11 +84,17 @@ def render(protocol: str | None, url: str | None, key: str | None, name: str | N
     """The file's text; without ``protocol`` it has a commented-out example upstream."""
     if protocol is None:
         return HEADER + NO_UPSTREAM.format(protocols=" | ".join(registry.protocols()))
-    q = json.dumps   # a JSON string is a valid TOML basic string
+    q = _toml_string
     key_line = f"key = {q(key)}\n" if key else "# key = \"...\"              # default: each app's own key\n"
     name = protocol.split("-")[0] if name is None else name   # "" is refused, not replaced
     return HEADER + UPSTREAM.format(name=q(name), protocol=q(protocol),
                                     url=q(url or ""), key=key_line)
+
+
+def _toml_string(value: str) -> str:
+    """``value`` as a TOML basic string. Not JSON's: it spells a character past the BMP as
+    a surrogate pair (\\ud83d\\uded2), which TOML refuses; TOML takes it as it is (UTF-8)."""
+    return json.dumps(value, ensure_ascii=False).replace("\x7f", "\\u007f")   # DEL: JSON keeps it
 
 
 def run(args: argparse.Namespace) -> int:
@@ -100,6 +106,11 @@ def run(args: argparse.Namespace) -> int:
                         ("--name", args.name)):
         if value is not None and not args.upstream:   # never dropped unsaid
             return _fail(f"{flag} needs --upstream ({protocols})")
+        if value is not None and not value.isascii():
+            try:
+                value.encode("utf-8")
+            except UnicodeEncodeError:   # argv bytes not UTF-8: a TOML file cannot hold them
+                return _fail(f"{flag} is not UTF-8 text, as TOML files are; give it in UTF-8")
     if args.write_key == "":   # a variable that expanded to nothing: not "each app's own key"
         return _fail('--write-key is empty (""): give the key to send upstream, or leave '
                      "--write-key out to send each app's own key")
