@@ -102,6 +102,22 @@ def test_a_bad_key_in_a_key_list_is_named_by_fingerprint_not_shown(
     assert fingerprint(f"{SECRET}\nmore") in line, line
 
 
+@pytest.mark.parametrize("entry", [f'["{SECRET}"]', f'{{ key = "{SECRET}" }}', "4242424242"])
+@pytest.mark.parametrize("table,key", [("listen", "accept_keys"), ("upstream", "keys")])
+def test_a_key_list_entry_that_is_not_a_string_is_refused_without_showing_it(
+        tmp_path: Path, table: str, key: str, entry: str) -> None:
+    """A key nested in an array or a table, or a numeric app id left unquoted, was shown as it
+    was (`got ['wk_live_...']`): keys are named by fingerprint or not at all, never shown."""
+    bad = f"[{entry}]"
+    text = (f"[listen]\naccept_keys = {bad}\n" if table == "listen" else
+            '[[upstream]]\nname = "a"\nprotocol = "segment-http"\n'
+            f'url = "https://api.segment.io"\nkeys = {bad}\n')
+    cfg = tmp_path / "agent.toml"
+    cfg.write_text(text)
+    line = refused(outpost("check-config", str(cfg)), f"{key}: every entry must be a non-empty string")
+    assert "4242424242" not in line, line
+
+
 @pytest.mark.parametrize("url", [r"https://api.segment.io\nextra", r"https://api.\u001b[2Jsegment.io",
                                  r"https://api.segment.io/v1\tx", "https://api.segment.io/v1 x"])
 def test_an_upstream_url_with_whitespace_or_control_characters_is_refused(
