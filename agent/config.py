@@ -84,7 +84,9 @@ def _str_list(secret: bool = False) -> Callable[[Any], str | None]:
     def check(value: Any) -> str | None:
         bad = [v for v in value if not isinstance(v, str) or not v]
         if bad:
-            return f"every entry must be a non-empty string, got {bad[0]!r}"
+            # A key nested in an array or a table, or an unquoted numeric app id, is a key.
+            got = _kind_name((type(bad[0]),)) if secret and bad[0] != "" else repr(bad[0])
+            return f"every entry must be a non-empty string, got {got}"
         # A key with a line break would split every log line naming it.
         odd = [v for v in value if not v.isprintable()]
         if not odd:
