@@ -5,6 +5,7 @@ runtime failure; 0: ok). Each runs the real `python -m agent` command."""
 from __future__ import annotations
 
 import contextlib
+import json
 import os
 import re
 import shutil
@@ -16,10 +17,11 @@ import sys
 import time
 import tomllib
 from pathlib import Path
+from typing import Any
 
 import pytest
 
-from tests.conftest import ROOT, skip_unless_installable, write_config
+from tests.conftest import ROOT, free_port, skip_unless_installable, write_config
 
 EXIT_CONFIG = 2
 
@@ -50,6 +52,28 @@ def test_an_unwritable_storage_path_is_one_line_from_run_and_check_config(tmp_pa
         assert code == EXIT_CONFIG, out
         assert "storage.path" in line and str(blocker) in line, line
         assert "cannot" in line and "set storage.path" in line, line
+
+
+def test_a_relative_storage_path_is_the_same_spool_from_any_working_directory(
+        tmp_path: Path, agent_process: Any) -> None:
+    """`path = "data/spool.db"` was taken from each command's working directory: the agent
+    started beside its config made conf/data/spool.db, and `outpost status --config` run
+    from anywhere else (the service's is /) read another spool, not there: "no spool yet"."""
+    conf = tmp_path / "conf"
+    conf.mkdir()
+    port = free_port()
+    cfg = write_config(conf / "agent.toml", Path("data") / "spool.db", port=port)
+    agent = agent_process(cfg, port, by_lookup=True).start()   # from conf/, as ./agent.toml
+    assert agent.terminate() == 0
+    assert (conf / "data" / "spool.db").is_file()
+    elsewhere = tmp_path / "elsewhere"
+    elsewhere.mkdir()
+    code, out = outpost("status", "--json", "--config", str(cfg), cwd=elsewhere)
+    assert code == 0, out
+    status = json.loads(out)
+    assert status["source"] == "spool, no agent running", status["source"]
+    assert status["spool"]["path"] == str(conf / "data" / "spool.db")
+    assert not (elsewhere / "data").exists()
 
 
 @pytest.mark.skipif(os.geteuid() == 0, reason="root writes through file modes")
