@@ -10,6 +10,7 @@ import math
 import os
 import stat
 import tomllib
+from dataclasses import replace
 from pathlib import Path
 from typing import Any, Callable, TypeVar
 from urllib.parse import urlsplit
@@ -362,9 +363,20 @@ def load_file(path: Path) -> Config:
         raise ConfigError(f"{path}: not UTF-8 text (byte {exc.start}); TOML files are "
                           "UTF-8") from exc
     try:
-        return parse(raw, str(path))
+        cfg = parse(raw, str(path))
     except ConfigError as exc:
         raise ConfigError(f"{path}: {exc}") from exc
+    return _spool_beside(cfg, path)
+
+
+def _spool_beside(cfg: Config, path: Path) -> Config:
+    """A relative storage.path, taken from the config file's directory: from the working
+    directory it named another spool for each command run elsewhere (the service's is /)."""
+    spool = Path(cfg.storage.path).expanduser()
+    if not cfg.storage.path or spool.is_absolute():
+        return cfg
+    storage = replace(cfg.storage, path=str(path.absolute().parent / spool))
+    return replace(cfg, storage=storage)
 
 
 def find_config_file(explicit: str | None = None) -> Path | None:
