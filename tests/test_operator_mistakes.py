@@ -8,6 +8,7 @@ import contextlib
 import json
 import os
 import re
+import shlex
 import shutil
 import signal
 import site
@@ -223,6 +224,32 @@ def test_a_system_install_says_when_the_service_user_cannot_read_the_config(
     config.chmod(0o644)
     code, out = outpost("service", "install", "--dry-run", env=where)
     assert "cannot read" not in out.splitlines()[0], out
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="systemd; POSIX shell quoting")
+def test_the_commands_config_init_and_install_suggest_work_pasted_for_a_path_with_spaces(
+        tmp_path: Path) -> None:
+    """The machine-wide config directory of macOS is /Library/Application Support/outpost:
+    `sudo chgrp outpost /Library/Application Support/outpost/agent.toml` and `outpost
+    check-config` with it, as printed, named two files that are not there."""
+    skip_unless_installable(system=True)
+    import grp
+    with contextlib.suppress(KeyError):
+        grp.getgrnam("outpost")
+        pytest.skip("an outpost group exists here: config init shares the file with it")
+    config = tmp_path / "Application Support" / "outpost" / "agent.toml"
+    where = {"CONFIGURATION_DIRECTORY": str(config.parent), "OUTPOST_SYSTEM": "1"}
+    code, out = outpost("config", "init", env=where)
+    assert code == 0, out
+    code, install = outpost("service", "install", "--dry-run", env=where)
+    assert code == 0, install
+    suggested = [c for c in re.findall(r"`([^`]*(?:check-config|chgrp)[^`]*)`",
+                                       out + install.splitlines()[0]) if "FILE" not in c]
+    assert len(suggested) == 2, (out, install)
+    for command in suggested:
+        for part in command.split(" && "):
+            argv = shlex.split(part)
+            assert argv[-1] == str(config), (command, argv)
+
 
 # -- §5 newcomer config ------------------------------------------------------------------------
 
