@@ -68,6 +68,17 @@ def printable_lines(text: str) -> str:
     return "\n".join(printable(line) for line in text.split("\n"))
 
 
+def shell_arg(path: object) -> str:
+    """``path`` as one argument of a command line the operator is told to run: a path with a
+    space (macOS's /Library/Application Support) pasted unquoted names two files."""
+    if sys.platform == "win32":
+        # Imported here: every command imports this module, few print a command.
+        import subprocess
+        return subprocess.list2cmdline([str(path)])
+    import shlex
+    return shlex.quote(str(path))
+
+
 def printable_json(text: str) -> str:
     """JSON text with its hidden characters as ``\\uXXXX`` escapes: still the same JSON."""
     return _JSON_SUSPECT.sub(_json_escape, text)

@@ -19,7 +19,7 @@ from agent import paths
 from agent.install import templates as tpl
 from agent.install.execute import describe, execute
 from agent.install.plan import Target, build_plan
-from agent.terminal import printable
+from agent.terminal import printable, shell_arg
 
 
 def current_target(system: bool) -> Target:
@@ -100,11 +100,12 @@ def _config_line(t: Target) -> str:
     """Which config the service will read, and whether it is there yet."""
     path = paths.config_dir(system=t.system) / "agent.toml"
     if path.is_file():
+        arg = shell_arg(path)
         if t.system and t.os != "win32" and (locked := _unreadable_by_service(path)):
             return (f"config: {path} (exists, {locked}: the service's user {tpl.SERVICE_USER} "
                     f"cannot read it, and the service would stop at each start; once installed: "
-                    f"`sudo chgrp {tpl.SERVICE_USER} {path} && sudo chmod 0640 {path}`)")
-        return f"config: {path} (exists; check it with `outpost check-config {path}`)"
+                    f"`sudo chgrp {tpl.SERVICE_USER} {arg} && sudo chmod 0640 {arg}`)")
+        return f"config: {path} (exists; check it with `outpost check-config {arg}`)"
     init = "sudo outpost config init" if t.system and t.os != "win32" else "outpost config init"
     return (f"config: {path} (not found: the service starts with the built-in defaults and no "
             f"upstream, keeping events until one is configured; `{init}` writes one)")

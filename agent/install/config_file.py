@@ -17,7 +17,7 @@ from pathlib import Path
 
 from agent import paths
 from agent.config import ConfigError, not_a_file, parse
-from agent.terminal import printable
+from agent.terminal import printable, shell_arg
 from agent.uplinks import registry
 
 HEADER = """\
@@ -146,7 +146,7 @@ def run(args: argparse.Namespace) -> int:
         shared = _write(real, text, share)
     except OSError as exc:
         return _fail(f"cannot write {target}: {exc.strerror or exc}")
-    print(f"wrote {target}{shared}; check it with `outpost check-config {target}`")
+    print(f"wrote {target}{shared}; check it with `outpost check-config {shell_arg(target)}`")
     return 0
 
 
