@@ -77,6 +77,25 @@ def test_a_relative_storage_path_is_the_same_spool_from_any_working_directory(
     assert not (elsewhere / "data").exists()
 
 
+@pytest.mark.parametrize("spool", ["agent.toml", "ABS"])
+def test_a_storage_path_naming_the_config_file_itself_is_refused_and_the_file_kept(
+        tmp_path: Path, spool: str) -> None:
+    """check-config said ok, and the agent took the config for a corrupt spool: moved it
+    aside to agent.toml.corrupt-*, and wrote a database where it was, which the next start
+    or reload refused as not a config (not UTF-8)."""
+    cfg = tmp_path / "agent.toml"
+    cfg.write_text(f'[listen]\nport = {free_port()}\n[storage]\npath = '
+                   f'"{cfg if spool == "ABS" else spool}"\n')
+    text = cfg.read_text()
+    for command in (("check-config", str(cfg)), ("run", "--config", str(cfg))):
+        code, out = outpost(*command)
+        line = one_line(out)
+        assert code == EXIT_CONFIG, out
+        assert "storage.path" in line and "config file itself" in line, line
+    assert cfg.read_text() == text
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["agent.toml"]
+
+
 @pytest.mark.skipif(os.geteuid() == 0, reason="root writes through file modes")
 def test_a_read_only_directory_is_refused(tmp_path: Path) -> None:
     locked = tmp_path / "locked"
