@@ -366,7 +366,13 @@ def load_file(path: Path) -> Config:
         cfg = parse(raw, str(path))
     except ConfigError as exc:
         raise ConfigError(f"{path}: {exc}") from exc
-    return _spool_beside(cfg, path)
+    cfg = _spool_beside(cfg, path)
+    spool = cfg.storage.resolved_path() if cfg.storage.path else None
+    # The agent would take it for a corrupt spool: moved aside, a database in its place.
+    if spool and os.path.exists(spool) and os.path.samefile(spool, path):
+        raise ConfigError(f"{path}: storage.path: names the config file itself; set it to "
+                          f"the spool's own file, such as {spool.parent / 'spool.db'}")
+    return cfg
 
 
 def _spool_beside(cfg: Config, path: Path) -> Config:
