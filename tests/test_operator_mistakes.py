@@ -244,6 +244,29 @@ def test_a_system_install_says_when_the_service_user_cannot_read_the_config(
     code, out = outpost("service", "install", "--dry-run", env=where)
     assert "cannot read" not in out.splitlines()[0], out
 
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="systemd")
+def test_install_refuses_a_config_this_version_would_not_start_with(tmp_path: Path) -> None:
+    """An upgrade runs install again, which restarts the service: with a config the new
+    version refuses (credentials in an upstream url, accepted by older ones), the old agent
+    was stopped and the new one exited 2 at every start. Install said only `(exists; check
+    it with ...)`. Shown with --dry-run, which carries nothing out whatever it says."""
+    skip_unless_installable(system=False)
+    config = tmp_path / "xdg" / "outpost" / "agent.toml"
+    config.parent.mkdir(parents=True)
+    where = {"XDG_CONFIG_HOME": str(tmp_path / "xdg"), "OUTPOST_SYSTEM": "0"}
+    config.write_text('[[upstream]]\nname = "seg"\nprotocol = "segment-http"\n'
+                      'url = "https://user:SECRET_PW@api.segment.io"\n')
+    code, out = outpost("service", "install", "--user", "--dry-run", env=where)
+    line = one_line(out)
+    assert code == EXIT_CONFIG, out
+    assert str(config) in line and "upstream[0].url" in line and "check-config" in line, line
+    assert "SECRET_PW" not in line
+    config.write_text('[[upstream]]\nname = "seg"\nprotocol = "segment-http"\n'
+                      'url = "https://api.segment.io"\n')
+    code, out = outpost("service", "install", "--user", "--dry-run", env=where)
+    assert code == 0 and f"config: {config} (exists" in out, out
+
+
 @pytest.mark.skipif(not sys.platform.startswith("linux"), reason="systemd; POSIX shell quoting")
 def test_the_commands_config_init_and_install_suggest_work_pasted_for_a_path_with_spaces(
         tmp_path: Path) -> None:
