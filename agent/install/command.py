@@ -16,6 +16,7 @@ from typing import Any
 import platformdirs
 
 from agent import paths
+from agent.config import ConfigError, load_file
 from agent.install import templates as tpl
 from agent.install.execute import describe, execute
 from agent.install.plan import Target, build_plan
@@ -83,6 +84,9 @@ def run(args: argparse.Namespace) -> int:
         return 2
     for warning in plan.warnings:
         print(f"warning: {warning}", file=sys.stderr)
+    if args.service_action == "install" and (invalid := _invalid_config(target)):
+        print(f"outpost service: {printable(invalid)}", file=sys.stderr)
+        return 2
     problem = None if args.dry_run else _preflight(args.service_action, target)
     if problem:
         print(f"outpost service: {problem}", file=sys.stderr)
@@ -109,6 +113,23 @@ def _config_line(t: Target) -> str:
     init = "sudo outpost config init" if t.system and t.os != "win32" else "outpost config init"
     return (f"config: {path} (not found: the service starts with the built-in defaults and no "
             f"upstream, keeping events until one is configured; `{init}` writes one)")
+
+
+def _invalid_config(t: Target) -> str | None:
+    """Why the service's config does not validate, if it does not: install restarts the
+    service (an upgrade's install too), which would stop the running agent for one that
+    exits at every start."""
+    path = paths.config_dir(system=t.system) / "agent.toml"
+    if not path.is_file():
+        return None
+    try:
+        load_file(path)
+    except ConfigError as exc:
+        if isinstance(exc.__cause__, OSError):   # unreadable by this user: _config_line says
+            return None
+        return (f"{exc}; the service would not start with it: fix it (`outpost check-config "
+                f"{shell_arg(path)}`), then run install again")
+    return None
 
 
 def _unreadable_by_service(path: Path) -> str | None:
