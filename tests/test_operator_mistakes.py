@@ -127,6 +127,35 @@ def test_a_read_only_filesystem_says_a_readwritepaths_drop_in_is_needed(tmp_path
     assert "read-only" in line and "ReadWritePaths=" in line and "systemctl edit outpost" in line, line
 
 
+@pytest.mark.skipif(shutil.which("systemd-analyze") is None or shutil.which("unshare") is None,
+                    reason="needs systemd-analyze and unshare")
+@pytest.mark.parametrize("name", ["my spools", "100%"])
+def test_the_readwritepaths_line_suggested_is_one_systemd_reads_as_that_directory(
+        tmp_path: Path, name: str) -> None:
+    """`ReadWritePaths=/srv/my spools/outpost`, as suggested, is two paths to systemd: /srv/my
+    made writable, "spools/outpost" ignored as not absolute; and %s a specifier."""
+    ro = tmp_path / name
+    ro.mkdir()
+    cfg = write_config(tmp_path / "agent.toml", ro / "outpost" / "spool.db")
+    script = (f"mount -t tmpfs -o ro tmpfs {shlex.quote(str(ro))} && "
+              f"exec {sys.executable} -m agent run --config {shlex.quote(str(cfg))}")
+    run = subprocess.run(["unshare", "-rm", "sh", "-c", script], cwd=ROOT, capture_output=True,
+                         text=True, timeout=30)
+    line = one_line(run.stdout + run.stderr)
+    assert run.returncode == EXIT_CONFIG, line
+    suggested = re.search(r"`(ReadWritePaths=[^`]*)`", line)
+    assert suggested, line
+    unit = tmp_path / "check.service"
+    unit.write_text(f"[Service]\nExecStart=/bin/true\n{suggested[1]}\n")
+    verify = subprocess.run(["systemd-analyze", "verify", str(unit)], capture_output=True,
+                            text=True, timeout=60)
+    said = verify.stdout + verify.stderr
+    assert "ReadWritePaths" not in said, said
+    # What systemd reads, unquoted and unescaped: the directory itself.
+    assert suggested[1] in (f'ReadWritePaths="{ro / "outpost"}"',
+                            f"ReadWritePaths={str(ro / 'outpost').replace('%', '%%')}"), line
+
+
 # -- §1 listen.host ----------------------------------------------------------------------------
 
 def test_check_config_catches_an_unresolvable_listen_host(tmp_path: Path) -> None:
