@@ -322,6 +322,25 @@ def test_the_commands_config_init_and_install_suggest_work_pasted_for_a_path_wit
             assert argv[-1] == str(config), (command, argv)
 
 
+@pytest.mark.skipif(sys.platform == "win32", reason="POSIX modes")
+def test_check_config_notes_a_config_holding_keys_that_every_user_can_read(
+        tmp_path: Path) -> None:
+    """A config copied into place (cp keeps the umask's 0644) gave every local user of a
+    kiosk the upstream's key, unsaid: config init writes 0600, the docs say 0640."""
+    cfg = write_config(tmp_path / "agent.toml", tmp_path / "spool.db", upstreams=[
+        {"name": "seg", "protocol": "segment-http", "url": "https://api.segment.io",
+         "key": "wk_live_SECRET42"}])
+    cfg.chmod(0o644)
+    code, out = outpost("check-config", str(cfg))
+    assert code == 0, out
+    notes = [line for line in out.splitlines() if line.startswith("note:")]
+    assert len(notes) == 1 and "every user" in notes[0] and "0644" in notes[0], out
+    assert f"chmod 600 {cfg}" in notes[0] and "wk_live_SECRET42" not in out, out
+    cfg.chmod(0o640)   # the machine-wide service's: root:outpost
+    code, out = outpost("check-config", str(cfg))
+    assert code == 0 and "note:" not in out, out
+
+
 # -- §5 newcomer config ------------------------------------------------------------------------
 
 def test_run_without_a_config_file_says_so(tmp_path: Path) -> None:
