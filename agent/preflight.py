@@ -9,11 +9,13 @@ from __future__ import annotations
 import getpass
 import os
 import socket
+import stat
 import sys
 from pathlib import Path
 
 from agent import paths
 from agent.settings import Config
+from agent.terminal import shell_arg
 
 STORAGE_FIX = "set storage.path to a file in a directory this user can write"
 
@@ -39,7 +41,26 @@ def notices(cfg: Config) -> list[str]:
 def notes(cfg: Config) -> list[str]:
     """What in a valid config loses or strands events, one line each: check-config's
     notes, the agent's start's warnings."""
-    return shadowed(cfg) + expired_when_held(cfg)
+    return shadowed(cfg) + expired_when_held(cfg) + readable_keys(cfg)
+
+
+def readable_keys(cfg: Config) -> list[str]:
+    """A config holding keys that every user may read (a copy keeps the umask's 0644):
+    config init writes 0600, the machine-wide service's is 0640 root:outpost."""
+    ups = cfg.upstreams
+    holds = any(u.key for u in ups) or any(k != "*" for u in ups for k in u.keys) \
+        or bool(cfg.listen.accept_keys)
+    if not holds or cfg.source.startswith("<") or sys.platform == "win32":
+        return []
+    try:
+        mode = stat.S_IMODE(os.stat(cfg.source).st_mode)
+    except OSError:
+        return []
+    if not mode & 0o004:
+        return []
+    return [f"{cfg.source} holds keys and every user on this machine can read it (mode "
+            f"{mode:04o}): `chmod 600 {shell_arg(cfg.source)}` (the machine-wide service's: "
+            "0640, root:outpost)"]
 
 
 def expired_when_held(cfg: Config) -> list[str]:
