@@ -604,6 +604,23 @@ def test_an_upstream_host_no_resolver_takes_is_refused_by_check_config_and_docto
 
 
 @pytest.mark.skipif(sys.platform == "win32", reason="POSIX modes")
+def test_config_init_for_the_system_service_makes_its_directory_0755_whatever_the_umask(
+        tmp_path: Path) -> None:
+    """`sudo outpost config init` under a hardened root umask (027) made /etc/outpost 0750
+    root:root: the outpost user could not reach the config in it, whatever the file's mode,
+    and the service stopped at each start (systemd leaves an existing configuration
+    directory's mode as it is)."""
+    config_dir = tmp_path / "etc" / "outpost"
+    run = subprocess.run(["sh", "-c", 'umask 027 && exec "$0" -m agent config init',
+                          sys.executable], cwd=ROOT, capture_output=True, text=True, timeout=30,
+                         env={**os.environ, "OUTPOST_SYSTEM": "1",
+                              "CONFIGURATION_DIRECTORY": str(config_dir)})
+    assert run.returncode == 0, run.stderr
+    assert stat.S_IMODE(config_dir.stat().st_mode) == 0o755
+    assert (config_dir / "agent.toml").is_file()
+
+
+@pytest.mark.skipif(sys.platform == "win32", reason="POSIX modes")
 def test_config_init_makes_the_directories_it_creates_private(tmp_path: Path) -> None:
     # The file holds upstream keys (0600); the directories made for it are 0700, as the
     # spool's are (XDG), whatever the umask: 0755 let every user list them.
