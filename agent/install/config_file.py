@@ -140,7 +140,12 @@ def run(args: argparse.Namespace) -> int:
     share = target == default and paths.is_system_service()
     try:
         if share:   # /etc/outpost: the service user must reach its config (0755, as the unit has it)
+            made = not os.path.exists(real.parent)
             real.parent.mkdir(mode=0o755, parents=True, exist_ok=True)
+            if made and sys.platform != "win32":
+                # A hardened umask (027) leaves 0750 root:root, and systemd does not change
+                # the mode of a configuration directory that exists.
+                os.chmod(real.parent, 0o755)
         else:   # 0700 whatever the umask, as the spool's (XDG); existing ones keep theirs
             paths.make_private_dir(real.parent)
         shared = _write(real, text, share)
