@@ -341,6 +341,30 @@ def test_check_config_notes_a_config_holding_keys_that_every_user_can_read(
     assert code == 0 and "note:" not in out, out
 
 
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="systemd")
+def test_a_system_install_says_when_the_service_user_cannot_reach_the_config_directory(
+        tmp_path: Path) -> None:
+    """/etc/outpost made 0750 root:root (a hardened umask, or by hand): the config in it is
+    0644, yet the outpost user cannot search the directory, and the service stopped at each
+    start; install said `(exists; check it ...)`, looking at the file's mode alone."""
+    skip_unless_installable(system=True)
+    import grp
+    with contextlib.suppress(KeyError):
+        grp.getgrnam("outpost")
+        pytest.skip("an outpost group exists here: the directory's group may be it")
+    config = tmp_path / "etc" / "outpost" / "agent.toml"
+    config.parent.mkdir(parents=True)
+    config.write_text("[listen]\nport = 8765\n")
+    config.chmod(0o644)
+    config.parent.chmod(0o750)
+    where = {"CONFIGURATION_DIRECTORY": str(config.parent), "OUTPOST_SYSTEM": "1"}
+    code, out = outpost("service", "install", "--dry-run", env=where)
+    assert code == 0, out
+    line = out.splitlines()[0]
+    assert line.startswith(f"config: {config} (exists"), line
+    assert "outpost cannot read it" in line and f"chmod 0755 {config.parent}" in line, line
+
+
 # -- §5 newcomer config ------------------------------------------------------------------------
 
 def test_run_without_a_config_file_says_so(tmp_path: Path) -> None:
