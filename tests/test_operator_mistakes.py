@@ -258,9 +258,10 @@ def test_a_system_install_says_when_the_service_user_cannot_read_the_config(
     with contextlib.suppress(KeyError):
         grp.getgrnam("outpost")
         pytest.skip("an outpost group exists here: config init shares the file with it")
-    where = {"CONFIGURATION_DIRECTORY": str(tmp_path), "OUTPOST_SYSTEM": "1"}
+    # Made by config init, 0755: pytest's tmp_path is 0700, which the outpost user could not search.
+    where = {"CONFIGURATION_DIRECTORY": str(tmp_path / "etc"), "OUTPOST_SYSTEM": "1"}
     code, out = outpost("config", "init", env=where)
-    config = tmp_path / "agent.toml"
+    config = tmp_path / "etc" / "agent.toml"
     assert code == 0 and stat.S_IMODE(config.stat().st_mode) == 0o600, out
     assert "after `outpost service install`, `chgrp outpost FILE && chmod 0640 FILE`" in out, out
     code, out = outpost("service", "install", "--dry-run", env=where)

@@ -105,7 +105,11 @@ def _config_line(t: Target) -> str:
     path = paths.config_dir(system=t.system) / "agent.toml"
     if path.is_file():
         arg = shell_arg(path)
-        if t.system and t.os != "win32" and (locked := _unreadable_by_service(path)):
+        if t.system and t.os != "win32" and (shut := _closed_to_service(path.parent, 0o1)):
+            return (f"config: {path} (exists, in a directory of {shut}: the service's user "
+                    f"{tpl.SERVICE_USER} cannot read it, and the service would stop at each "
+                    f"start: `sudo chmod 0755 {shell_arg(path.parent)}`)")
+        if t.system and t.os != "win32" and (locked := _closed_to_service(path, 0o4)):
             return (f"config: {path} (exists, {locked}: the service's user {tpl.SERVICE_USER} "
                     f"cannot read it, and the service would stop at each start; once installed: "
                     f"`sudo chgrp {tpl.SERVICE_USER} {arg} && sudo chmod 0640 {arg}`)")
@@ -132,9 +136,10 @@ def _invalid_config(t: Target) -> str | None:
     return None
 
 
-def _unreadable_by_service(path: Path) -> str | None:
-    """Its mode and owners, if the service's user could read ``path`` by none of them (as
-    `sudo outpost config init` leaves it before that user exists: 0600 root:root)."""
+def _closed_to_service(path: Path, bit: int) -> str | None:
+    """Its mode and owners, if the service's user has the permission ``bit`` (0o4 read, 0o1
+    search) by none of them: as `sudo outpost config init` leaves the file before that user
+    exists (0600 root:root), or a hardened umask a directory (0750 root:root)."""
     import grp
     import pwd
 
@@ -148,7 +153,7 @@ def _unreadable_by_service(path: Path) -> str | None:
         uid: int | None = pwd.getpwnam(tpl.SERVICE_USER).pw_uid
     except KeyError:
         uid = None
-    if mode & 0o004 or (mode & 0o040 and st.st_gid == gid) or (mode & 0o400 and st.st_uid == uid):
+    if mode & bit or (mode & bit << 3 and st.st_gid == gid) or (mode & bit << 6 and st.st_uid == uid):
         return None
     owner = _name(pwd.getpwuid, st.st_uid)
     group = _name(grp.getgrgid, st.st_gid)
