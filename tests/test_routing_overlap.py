@@ -60,6 +60,7 @@ def test_check_config_says_which_upstream_can_get_no_events(tmp_path: Path) -> N
         f'url = "http://127.0.0.1:9"\nkeys = {json.dumps(keys)}\n\n'
         for name, keys in [("named", ["a", "b"]), ("shadowed", ["b"]), ("rest", ["*", "c"]),
                            ("after-all", ["d"])]))
+    cfg.chmod(0o600)   # its keys readable by every user would be a note of their own
     run = check_config(str(cfg))
     assert run.returncode == 0, run.stderr
     notes = [ln for ln in run.stdout.splitlines() if ln.startswith("note:")]
