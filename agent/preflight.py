@@ -15,7 +15,6 @@ from pathlib import Path
 
 from agent import paths
 from agent.settings import Config
-from agent.terminal import shell_arg
 
 STORAGE_FIX = "set storage.path to a file in a directory this user can write"
 
@@ -59,8 +58,7 @@ def readable_keys(cfg: Config) -> list[str]:
     if not mode & 0o004:
         return []
     return [f"{cfg.source} holds keys and every user on this machine can read it (mode "
-            f"{mode:04o}): `chmod 600 {shell_arg(cfg.source)}` (the machine-wide service's: "
-            "0640, root:outpost)"]
+            f"{mode:04o}): chmod 600 it (the machine-wide service's: 0640, root:outpost)"]
 
 
 def expired_when_held(cfg: Config) -> list[str]:
