@@ -87,17 +87,23 @@ def test_an_empty_outpost_config_is_refused_as_an_empty_config_is(
     refused(run, "OUTPOST_CONFIG", "empty")
 
 
+def _key_list_config(tmp_path: Path, table: str, bad: str) -> Path:
+    """A config whose listen.accept_keys or upstream keys is ``bad`` (TOML)."""
+    text = (f"[listen]\naccept_keys = {bad}\n" if table == "listen" else
+            '[[upstream]]\nname = "a"\nprotocol = "segment-http"\n'
+            f'url = "https://api.segment.io"\nkeys = {bad}\n')
+    cfg = tmp_path / "agent.toml"
+    cfg.write_text(text)
+    return cfg
+
+
 # -- secrets and values in the config ----------------------------------------------------------
 
 @pytest.mark.parametrize("table,key", [("listen", "accept_keys"), ("upstream", "keys")])
 def test_a_bad_key_in_a_key_list_is_named_by_fingerprint_not_shown(
         tmp_path: Path, table: str, key: str) -> None:
     bad = f'["{SECRET}\\nmore"]'
-    text = (f"[listen]\naccept_keys = {bad}\n" if table == "listen" else
-            '[[upstream]]\nname = "a"\nprotocol = "segment-http"\n'
-            f'url = "https://api.segment.io"\nkeys = {bad}\n')
-    cfg = tmp_path / "agent.toml"
-    cfg.write_text(text)
+    cfg = _key_list_config(tmp_path, table, bad)
     line = refused(outpost("check-config", str(cfg)), key, "line break")
     assert fingerprint(f"{SECRET}\nmore") in line, line
 
@@ -109,11 +115,7 @@ def test_a_key_list_entry_that_is_not_a_string_is_refused_without_showing_it(
     """A key nested in an array or a table, or a numeric app id left unquoted, was shown as it
     was (`got ['wk_live_...']`): keys are named by fingerprint or not at all, never shown."""
     bad = f"[{entry}]"
-    text = (f"[listen]\naccept_keys = {bad}\n" if table == "listen" else
-            '[[upstream]]\nname = "a"\nprotocol = "segment-http"\n'
-            f'url = "https://api.segment.io"\nkeys = {bad}\n')
-    cfg = tmp_path / "agent.toml"
-    cfg.write_text(text)
+    cfg = _key_list_config(tmp_path, table, bad)
     line = refused(outpost("check-config", str(cfg)), f"{key}: every entry must be a non-empty string")
     assert "4242424242" not in line, line
 

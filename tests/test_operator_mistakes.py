@@ -112,18 +112,25 @@ def _unshare_works() -> bool:
     return subprocess.run(["unshare", "-rm", "true"], capture_output=True).returncode == 0
 
 
+def _run_on_read_only(tmp_path: Path, ro: Path) -> str:
+    """`outpost run` with its spool under ``ro`` mounted read-only (as ProtectSystem=strict
+    does): its one line, once it exits with EXIT_CONFIG."""
+    cfg = write_config(tmp_path / "agent.toml", ro / "outpost" / "spool.db")
+    script = (f"mount -t tmpfs -o ro tmpfs {shlex.quote(str(ro))} && "
+              f"exec {sys.executable} -m agent run --config {shlex.quote(str(cfg))}")
+    run = subprocess.run(["unshare", "-rm", "sh", "-c", script], cwd=ROOT, capture_output=True,
+                         text=True, timeout=30)
+    line = one_line(run.stdout + run.stderr)
+    assert run.returncode == EXIT_CONFIG, line
+    return line
+
+
 @pytest.mark.skipif(not _unshare_works(), reason="needs unprivileged user and mount namespaces")
 def test_a_read_only_filesystem_says_a_readwritepaths_drop_in_is_needed(tmp_path: Path) -> None:
     # What ProtectSystem=strict does to a storage.path outside /var/lib/outpost: a read-only mount.
     ro = tmp_path / "ro"
     ro.mkdir()
-    cfg = write_config(tmp_path / "agent.toml", ro / "outpost" / "spool.db")
-    script = (f"mount -t tmpfs -o ro tmpfs {ro} && "
-              f"exec {sys.executable} -m agent run --config {cfg}")
-    run = subprocess.run(["unshare", "-rm", "sh", "-c", script], cwd=ROOT, capture_output=True,
-                         text=True, timeout=30)
-    line = one_line(run.stdout + run.stderr)
-    assert run.returncode == EXIT_CONFIG, line
+    line = _run_on_read_only(tmp_path, ro)
     assert "read-only" in line and "ReadWritePaths=" in line and "systemctl edit outpost" in line, line
 
 
@@ -136,13 +143,7 @@ def test_the_readwritepaths_line_suggested_is_one_systemd_reads_as_that_director
     made writable, "spools/outpost" ignored as not absolute; and %s a specifier."""
     ro = tmp_path / name
     ro.mkdir()
-    cfg = write_config(tmp_path / "agent.toml", ro / "outpost" / "spool.db")
-    script = (f"mount -t tmpfs -o ro tmpfs {shlex.quote(str(ro))} && "
-              f"exec {sys.executable} -m agent run --config {shlex.quote(str(cfg))}")
-    run = subprocess.run(["unshare", "-rm", "sh", "-c", script], cwd=ROOT, capture_output=True,
-                         text=True, timeout=30)
-    line = one_line(run.stdout + run.stderr)
-    assert run.returncode == EXIT_CONFIG, line
+    line = _run_on_read_only(tmp_path, ro)
     suggested = re.search(r"`(ReadWritePaths=[^`]*)`", line)
     assert suggested, line
     unit = tmp_path / "check.service"
