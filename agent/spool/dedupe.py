@@ -37,6 +37,7 @@ from itertools import accumulate, compress, islice
 from operator import le
 
 HOUR_MS = 3_600_000
+_STRETCH_BYTES = 1 << 19   # keys copied into the set at a time while it is rebuilt: 64k
 _LITTLE = sys.byteorder == "little"
 
 
@@ -196,10 +197,10 @@ class DedupeIndex:
 
         remembered, start, forgotten = self._keys, 0, 0
         for record, first, last in (*cuts, (len(counts) - 1, 0, 0)):
-            stretch = keys(start, record + 1)
             before = len(remembered)
-            remembered.update(stretch)
-            if len(remembered) - before != len(stretch):
+            for at in range(8 * ends[start], 8 * ends[record + 1], _STRETCH_BYTES):
+                remembered.update(_as_array(raw[at:min(at + _STRETCH_BYTES, 8 * ends[record + 1])]))
+            if len(remembered) - before != ends[record + 1] - ends[start]:
                 self._keys = set()
                 return False
             for lo, hi in spans[first:last]:
