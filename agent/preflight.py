@@ -15,6 +15,7 @@ from pathlib import Path
 
 from agent import paths
 from agent.settings import Config
+from agent.terminal import systemd_word
 
 STORAGE_FIX = "set storage.path to a file in a directory this user can write"
 
@@ -147,18 +148,9 @@ def _read_only_fix(directory: Path) -> str:
         return STORAGE_FIX
     # The system unit has ProtectSystem=strict: only its StateDirectory is writable.
     return (f"under the systemd unit, allow it with a drop-in: `sudo systemctl edit outpost`, add "
-            f"the lines `[Service]` and `ReadWritePaths={_systemd_path(directory)}` (create the "
+            f"the lines `[Service]` and `ReadWritePaths={systemd_word(directory)}` (create the "
             f"directory first, owned by outpost), then `sudo systemctl restart outpost`; or leave "
             f"storage.path empty to use /var/lib/outpost")
-
-
-def _systemd_path(path: Path) -> str:
-    """``path`` as a systemd path-list setting reads it: one word (a space would split it,
-    quoted), with % not taken for a specifier."""
-    text = str(path).replace("%", "%%")
-    if any(c.isspace() or c in "\"'\\" for c in text):
-        text = '"' + text.replace("\\", "\\\\").replace('"', '\\"') + '"'
-    return text
 
 
 def _user() -> str:

@@ -79,6 +79,18 @@ def shell_arg(path: object) -> str:
     return shlex.quote(str(path))
 
 
+def systemd_word(path: object, *, variables: bool = False) -> str:
+    """``path`` as one word of a systemd unit setting: quoted if it holds a space or a quote
+    (else it is split), % doubled (else taken for a specifier), and $ doubled where the
+    setting expands ``$VARIABLES`` (ExecStart=), not where it does not (ReadWritePaths=)."""
+    text = str(path).replace("%", "%%")
+    if variables:
+        text = text.replace("$", "$$")
+    if any(c.isspace() or c in "\"'\\" for c in text):
+        text = '"' + text.replace("\\", "\\\\").replace('"', '\\"') + '"'
+    return text
+
+
 def printable_json(text: str) -> str:
     """JSON text with its hidden characters as ``\\uXXXX`` escapes: still the same JSON."""
     return _JSON_SUSPECT.sub(_json_escape, text)

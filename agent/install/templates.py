@@ -9,6 +9,8 @@ from __future__ import annotations
 
 from xml.sax.saxutils import escape
 
+from agent.terminal import systemd_word
+
 TASK_NAME = "Outpost"
 AGENT_LABEL = "sh.outpost.agent"
 DAEMON_LABEL = "sh.outpost.daemon"
@@ -231,19 +233,11 @@ TASK_XML = """\
 """
 
 
-def _systemd_exec_path(path: str) -> str:
-    """Quote a path for ExecStart=: systemd expands % specifiers and $VARS."""
-    quoted = path.replace("%", "%%").replace("$", "$$")
-    if any(c in quoted for c in ' \t"\\'):
-        quoted = '"' + quoted.replace("\\", "\\\\").replace('"', '\\"') + '"'
-    return quoted
-
-
 def systemd_unit(python: str, *, system: bool) -> str:
     """The systemd unit running ``python -m agent run``."""
     template = SYSTEMD_SYSTEM_UNIT if system else SYSTEMD_USER_UNIT
-    exec_start = f"{_systemd_exec_path(python)} -m agent run"
-    exec_reload = f"{_systemd_exec_path(python)} -m agent check-config --reload $MAINPID"
+    exec_start = f"{systemd_word(python, variables=True)} -m agent run"
+    exec_reload = f"{systemd_word(python, variables=True)} -m agent check-config --reload $MAINPID"
     common = SYSTEMD_SERVICE_COMMON.format(exec_start=exec_start, exec_reload=exec_reload)
     return template.format(python=python, exec_start=exec_start, service_common=common)
 
