@@ -634,3 +634,29 @@ def test_config_init_makes_the_directories_it_creates_private(tmp_path: Path) ->
     for made in (config_home, config_home / "outpost", tmp_path / "new", tmp_path / "new" / "sub"):
         assert stat.S_IMODE(made.stat().st_mode) == 0o700, made
     assert stat.S_IMODE((config_home / "outpost" / "agent.toml").stat().st_mode) == 0o600
+
+
+@pytest.mark.parametrize("args", [("status",), ("check-config",), ("run",)])
+@pytest.mark.parametrize("where", ["cwd", "config_dir"])
+@pytest.mark.parametrize("kind", ["dangling", "directory"])
+def test_a_config_at_a_lookup_place_that_is_no_file_is_one_line(
+        tmp_path: Path, args: tuple[str, ...], where: str, kind: str) -> None:
+    """An agent.toml that is a symlink to a file not there (a config kept on a mount not up
+    yet, a moved file) or a directory was passed over as if absent: the built-in defaults
+    stood in for it, unsaid, with another spool and no upstream."""
+    work = tmp_path / "work"
+    work.mkdir()
+    place = (work if where == "cwd" else tmp_path / "c" / "outpost") / "agent.toml"
+    place.parent.mkdir(parents=True, exist_ok=True)
+    if kind == "dangling":
+        place.symlink_to(tmp_path / "gone" / "agent.toml")
+    else:
+        place.mkdir()
+    env = {k: v for k, v in os.environ.items() if k != "OUTPOST_CONFIG"}
+    env.update(XDG_CONFIG_HOME=str(tmp_path / "c"), XDG_DATA_HOME=str(tmp_path / "d"),
+               OUTPOST_SYSTEM="0")
+    run = subprocess.run([sys.executable, "-m", "agent", *args], cwd=work, env=env,
+                         capture_output=True, text=True, timeout=30, stdin=subprocess.DEVNULL)
+    line = refused(run, str(place.absolute()), "--config")
+    assert ("does not exist" if kind == "dangling" else "directory") in line, line
+    assert not (tmp_path / "d").exists(), "the defaults' spool was made"
