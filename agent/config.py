@@ -404,6 +404,7 @@ def find_config_file(explicit: str | None = None) -> Path | None:
         try:
             if candidate.is_file():
                 return candidate
+            _no_file_there(candidate)
         except OSError as exc:
             # A directory this user may not search (`sudo -u outpost outpost status` from
             # /root): whether the file is there cannot be told, and the defaults would
@@ -413,6 +414,21 @@ def find_config_file(explicit: str | None = None) -> Path | None:
                               "or $OUTPOST_CONFIG, or give this user search access to "
                               f"{candidate.absolute().parent}") from exc
     return None
+
+
+def _no_file_there(candidate: Path) -> None:
+    """Passing over what is at a lookup place but is no file would let the defaults (another
+    spool, no upstream) stand in for the config unsaid: a symlink to a file not there (kept
+    on a mount not up yet, or moved), a directory."""
+    if not os.path.exists(candidate):
+        if candidate.is_symlink():
+            raise ConfigError(f"{candidate.absolute()} is a symlink to "
+                              f"{os.readlink(candidate)}, which does not exist; restore it, "
+                              "or name the config file with --config or $OUTPOST_CONFIG")
+        return
+    kind = not_a_file(candidate.stat().st_mode)
+    raise ConfigError(f"{candidate.absolute()} is not a config file ({kind}); remove it, or "
+                      "name the config file with --config or $OUTPOST_CONFIG")
 
 
 def load(explicit: str | None = None) -> Config:
