@@ -323,6 +323,16 @@ def test_config_init_where_nothing_can_be_written_is_one_line() -> None:
     refused(init("--path", "/proc/outpost-test.toml"), "/proc/outpost-test.toml")
 
 
+def test_config_init_names_the_reload_of_a_user_service_too(tmp_path: Path) -> None:
+    """The header said `systemctl reload outpost` alone, which a user service (`service
+    install --user`) does not answer to: "Unit outpost.service not found"."""
+    target = tmp_path / "agent.toml"
+    assert init("--path", str(target)).returncode == 0
+    header = target.read_text().split("\n\n")[0]
+    assert "`sudo systemctl reload outpost`" in header, header
+    assert "`systemctl --user reload outpost`" in header, header
+
+
 @pytest.mark.skipif(not hasattr(os, "geteuid"), reason="POSIX file modes")
 def test_config_init_into_a_directory_the_user_cannot_search_is_one_line(tmp_path: Path) -> None:
     """`outpost config init --path /var/lib/outpost/agent.toml` by an admin without sudo:
