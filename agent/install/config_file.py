@@ -23,8 +23,9 @@ from agent.uplinks import registry
 HEADER = """\
 # Outpost configuration, written by `outpost config init`.
 # Every key is optional: a commented-out line shows the built-in default.
-# Validate changes with `outpost check-config`, then apply them with a reload
-# (`systemctl reload outpost`, or `kill -HUP <pid>`).
+# Validate changes with `outpost check-config`, then apply them with a reload:
+# `sudo systemctl reload outpost` (the system service),
+# `systemctl --user reload outpost` (a user service), or `kill -HUP <pid>`.
 
 [listen]
 # host = "127.0.0.1"        # loopback only; a non-loopback address logs a warning
