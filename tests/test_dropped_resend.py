@@ -64,3 +64,30 @@ async def test_a_resend_of_expired_events_is_stored(make_agent: Any, clock: Cloc
         await post(s, agent.port, [event(i) for i in range(3)])
     assert agent.spool.counters.get("duplicates", 0) == 0
     assert agent.spool.depth == 3
+
+
+async def test_a_delivered_events_resend_is_a_duplicate_all_window_when_its_record_expired(
+        make_agent: Any, fake_nucleus: FakeNucleus, clock: Clock) -> None:
+    """dedupe_window_h (72 h) longer than max_age_days (1): an event delivered while the
+    rest of its request waited keeps its key the whole window, across a restart, when
+    expiry drops the rest. Its resend two days on, lost its reply, must not go out again."""
+    fake_nucleus.ack = lambda ev_id: ev_id == 0   # the others wait, unacknowledged
+    up = {"name": "up", "protocol": "nucleus-http", "url": fake_nucleus.http_url,
+          "flush_interval_s": 0.02, "batch_max_events": 1}
+    storage = {"max_age_days": 1, "dedupe_window_h": 72}
+    agent = await make_agent(upstreams=[up], storage=storage)
+    async with aiohttp.ClientSession() as s:
+        await post(s, agent.port, [event(i) for i in range(3)])   # one record
+    await wait_for(lambda: agent.spool.counters.get("acked", 0) == 1)
+    clock.passed_ms = 2 * DAY_MS
+    await agent.spool.prune()
+    assert agent.spool.counters["expired"] == 2 and agent.spool.depth == 0
+    await agent.stop()
+    fake_nucleus.ack = lambda ev_id: True
+    agent = await make_agent(upstreams=[up], storage=storage)
+    async with aiohttp.ClientSession() as s:
+        await post(s, agent.port, [event(0)])   # the app's resend, within the window
+        await post(s, agent.port, [event(5)])
+    await wait_for(lambda: 5 in fake_nucleus.ids())   # sent after the resend, had it been kept
+    assert fake_nucleus.ids().count(0) == 1, fake_nucleus.ids()
+    assert agent.spool.counters.get("duplicates", 0) == 1
