@@ -659,12 +659,16 @@ def prune(conn: sqlite3.Connection, exp: Expiry, counters: Counts) -> Outcome:
     out = Outcome()
     with transaction(conn):
         mark(conn, exp.observed, exp.next_seq)
-        below = _received_by(conn, exp.observed - exp.max_age_ms)
+        below, by = _received_by(conn, exp.observed - exp.max_age_ms)
         # Marks older than the one expiry needs are never needed again.
         conn.execute("DELETE FROM clock_marks WHERE observed < (SELECT max(observed) FROM "
                      "clock_marks WHERE observed <= ?)", (exp.observed - exp.max_age_ms,))
         # A record never straddles a mark: each is written in the commit that marks it.
-        _drop(conn, "id < ? AND received < ?", (below, exp.wall_cutoff), Drop.EXPIRED, out)
+        # The keys of its events already delivered stay in ``spent`` for the rest of the
+        # window (longer than max_age_days: the forgetting below keeps them), received by
+        # that mark's time at the latest: kept longer, never forgotten early.
+        _drop(conn, "id < ? AND received < ?", (below, exp.wall_cutoff), Drop.EXPIRED, out,
+              spent=by if exp.window_ms > 0 else None)
         # Dead letters wait for an operator as long, by both clocks: received before
         # ``below``, and dead-lettered before the wall-clock cutoff.
         expired = conn.execute("DELETE FROM dead WHERE seq < ? AND at < ?",
@@ -681,11 +685,12 @@ def prune(conn: sqlite3.Connection, exp: Expiry, counters: Counts) -> Outcome:
     return out
 
 
-def _received_by(conn: sqlite3.Connection, observed: int) -> int:
-    """The seq below which every event was received by agent-observed time ``observed``."""
-    row = conn.execute("SELECT next_seq FROM clock_marks WHERE observed <= ? "
+def _received_by(conn: sqlite3.Connection, observed: int) -> tuple[int, int]:
+    """The seq below which every event was received by agent-observed time ``observed``,
+    and the time of the mark that says so (``observed`` or earlier)."""
+    row = conn.execute("SELECT next_seq, observed FROM clock_marks WHERE observed <= ? "
                        "ORDER BY observed DESC LIMIT 1", (observed,)).fetchone()
-    return int(row[0]) if row is not None else 0
+    return (int(row[0]), int(row[1])) if row is not None else (0, observed)
 
 
 def _save(conn: sqlite3.Connection, streams: dict[int, list[int]], counters: Counts) -> None:
