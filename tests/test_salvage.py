@@ -588,3 +588,79 @@ def test_a_salvage_at_start_extends_the_systemd_start_timeout(
     extends = [m for m in seen[:-1] if m.startswith("EXTEND_TIMEOUT_USEC=")]
     assert extends, f"no EXTEND_TIMEOUT_USEC before READY=1: {seen}"
     assert all(int(m.split("=", 1)[1]) >= 10_000_000 for m in extends), extends
+
+
+DEAD = 200
+
+
+def dead_letters_spool(path: Path, pad: int) -> None:
+    """A spool holding DEAD dead letters of app1 (the upstream refused them for good), on
+    many leaf pages, and three events of app2 still queued."""
+    async def fill() -> None:
+        spool = await Spool.open(StorageConfig(path=str(path)))
+        await spool.append([Event("app1", NUCLEUS, i, body(i, pad), i) for i in range(DEAD)])
+        await spool.append([Event("app2", NUCLEUS, i, body(i, 20), i)
+                            for i in range(DEAD, DEAD + 3)])
+        rows = await spool.fetch(spool.streams["app1"].id, 0, DEAD)
+        await spool.dead_letter([(r.seq, "up", "HTTP 400") for r in rows])
+        await spool.close()
+    asyncio.run(fill())
+
+
+def zero_a_dead_letters_page(path: Path) -> None:
+    """The middle one of the dead letters' leaf pages zeroed: the letters on it are lost."""
+    with contextlib.closing(sqlite3.connect(f"file:{path}?immutable=1", uri=True)) as db:
+        leaves = [n for (n,) in db.execute("SELECT pageno FROM dbstat WHERE name = 'dead' "
+                                           "AND pagetype = 'leaf' ORDER BY path")]
+    assert len(leaves) > 4
+    with open(path, "r+b") as fh:
+        fh.seek((leaves[len(leaves) // 2] - 1) * 4096)
+        fh.write(bytes(4096))
+
+
+def dead_lost_metric(metrics: str) -> int | None:
+    found = re.search(r"^outpost_dead_letters_dropped_corrupt_total (\d+)", metrics, re.MULTILINE)
+    return int(found.group(1)) if found else None
+
+
+async def test_dead_letters_a_salvage_cannot_read_are_counted_and_logged(
+        make_agent: Any, tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
+    """A page of dead letters destroyed: the salvage keeps the others, and those lost must
+    be counted (/status, /metrics) and logged, as lost events are (dropped_corrupt). They
+    vanished: the count of dead letters fell, with no counter, reason or log line."""
+    spool_path = tmp_path / "spool.db"
+    await asyncio.to_thread(dead_letters_spool, spool_path, 500)
+    await asyncio.to_thread(zero_a_dead_letters_page, spool_path)
+    caplog.set_level(logging.INFO)
+    agent = await make_agent()
+    assert agent.spool.counters.get("spool_corrupt") == 1
+    assert agent.spool.depth == 3
+    status, metrics = await snapshot(agent.port)
+    kept, lost = status["dead_letters"], status["counters"].get("dead_dropped_corrupt", 0)
+    assert 0 < kept < DEAD
+    assert kept + lost == DEAD, f"{DEAD - kept} dead letters lost, {lost} counted"
+    assert dead_lost_metric(metrics) == lost
+    assert f"{lost} dead letters" in caplog.text and "dead_dropped_corrupt" in caplog.text
+
+
+async def test_a_salvage_without_room_counts_the_dead_letters_left_behind(
+        make_agent: Any, six_mb_fs: Path,  # noqa: F811
+        caplog: pytest.LogCaptureFixture) -> None:
+    """The copy fails for room: the queue is counted lost (dropped_corrupt), and the dead
+    letters, left in the file moved aside as well, must be counted and named too."""
+    spool_path = six_mb_fs / "spool.db"
+    await asyncio.to_thread(dead_letters_spool, spool_path, 4000)
+    await asyncio.to_thread(zero_a_dead_letters_page, spool_path)
+    free = os.statvfs(six_mb_fs).f_bavail * os.statvfs(six_mb_fs).f_frsize
+    # Room for the files opening it takes (its -shm), not for its 800 KB of letters.
+    (six_mb_fs / "filler").write_bytes(b"\0" * (free - 512 * 1024))
+    caplog.set_level(logging.INFO)
+    agent = await make_agent(spool=spool_path)
+    assert "could not salvage" in caplog.text, "the copy did not fail for room"
+    assert agent.spool.counters.get("dropped_corrupt") == 3
+    assert agent.spool.dead_count == 0
+    assert agent.spool.counters.get("dead_dropped_corrupt", 0) == DEAD
+    [moved] = [p for p in six_mb_fs.glob("spool.db.corrupt-*") if p.name[-4:] not in ("-wal", "-shm")]
+    assert f"kept in {moved} with its 3 queued events and {DEAD} dead letters" in caplog.text
+    await agent.stop()
+    assert saved_counters(spool_path).get("dead_dropped_corrupt") == DEAD
