@@ -78,6 +78,9 @@ class Tally(StrEnum):
                          "storage.max_size_mb (before any queued event).")
     DEAD_EXPIRED = ("dead_expired", "dead_letters_expired_total",
                     "Dead letters deleted once kept longer than storage.max_age_days.")
+    DEAD_DROPPED_CORRUPT = ("dead_dropped_corrupt", "dead_letters_dropped_corrupt_total",
+                            "Dead letters in a corrupt spool that could not be read back, or "
+                            "whose app key was lost with it, when it was moved aside.")
 
 
 Outcome = Drop | Tally

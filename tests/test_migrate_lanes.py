@@ -149,7 +149,7 @@ def test_salvage_of_a_sound_v1_file_keeps_everything_and_classifies_it(tmp_path:
     with contextlib.closing(sqlite3.connect(fresh, isolation_level=None)) as db:
         db.executescript(SCHEMA)
         got = salvage(db, FIXTURE, Carry(streams={}, counters={}, observed=0, next_seq=1,
-                                         depth=None))
+                                         depth=None, dead=None))
         assert (got.queued, got.lost, got.skipped) == (12, 0, 0)
         assert db.execute("SELECT id, lane FROM records ORDER BY id").fetchall() == [
             (1, NORMAL), (5, NORMAL), (8, HIGH), (11, HIGH), (18, NORMAL)]

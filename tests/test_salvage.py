@@ -42,7 +42,7 @@ from tests.conftest import AgentProcess, free_port, write_config
 from tests.fakes.nucleus_upstream import FakeNucleus
 from tests.spool_files import Stored, build_v0
 from tests.test_disk import six_mb_fs, upstream  # noqa: F401  (six_mb_fs: a fixture)
-from tests.waiting import ROOT, wait_for
+from tests.waiting import ROOT, run_outpost, wait_for
 
 N = 1500
 
@@ -501,7 +501,7 @@ async def test_salvage_keeps_acked_bits_and_delivered_keys(tmp_path: Path) -> No
     await spool.close()
     with contextlib.closing(sqlite3.connect(fresh, isolation_level=None)) as db:
         got = salvage(db, moved, Carry(streams={}, counters={}, observed=0, next_seq=1,
-                                       depth=None))
+                                       depth=None, dead=None))
         assert (got.queued, got.lost, got.known) == (50, 100, True)
         assert db.execute("SELECT id, live, gone FROM records").fetchall() == [(101, 50, gone)]
         counters = dict(db.execute("SELECT name, value FROM counters").fetchall())
@@ -526,7 +526,7 @@ def test_salvage_of_a_sound_v0_file_keeps_everything(tmp_path: Path) -> None:
     with contextlib.closing(sqlite3.connect(fresh, isolation_level=None)) as db:
         db.executescript(SCHEMA)
         got = salvage(db, Path(__file__).parent / "data" / "spool-v0.db",
-                      Carry(streams={}, counters={}, observed=0, next_seq=1, depth=None))
+                      Carry(streams={}, counters={}, observed=0, next_seq=1, depth=None, dead=None))
         assert (got.queued, got.lost, got.skipped) == (38, 0, 0)
         assert sum(len(k) // 8 for (k,) in db.execute("SELECT dkeys FROM spent")) == 22
         assert db.execute("SELECT count(*) FROM dead").fetchone()[0] == 2
@@ -555,7 +555,7 @@ async def test_salvage_reads_large_rows_a_few_megabytes_at_a_time(tmp_path: Path
         tracemalloc.start()
         try:
             got = salvage(db, moved, Carry(streams={}, counters={}, observed=0, next_seq=1,
-                                           depth=None))
+                                           depth=None, dead=None))
             _, peak = tracemalloc.get_traced_memory()
         finally:
             tracemalloc.stop()
@@ -641,6 +641,10 @@ async def test_dead_letters_a_salvage_cannot_read_are_counted_and_logged(
     assert kept + lost == DEAD, f"{DEAD - kept} dead letters lost, {lost} counted"
     assert dead_lost_metric(metrics) == lost
     assert f"{lost} dead letters" in caplog.text and "dead_dropped_corrupt" in caplog.text
+    await agent.stop()
+    code, text = await run_outpost("status", "--config", agent.config_path)   # the file's
+    assert code == 0, text
+    assert f"corrupt spools moved aside: 1 (dead letters lost with them: {lost})" in text
 
 
 async def test_a_salvage_without_room_counts_the_dead_letters_left_behind(

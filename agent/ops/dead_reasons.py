@@ -21,7 +21,8 @@ from agent.spool import Spool, dead, dead_live
 
 # The counters any change to the dead letters moves.
 _CHANGES: tuple[Outcome, ...] = (Drop.DEAD_LETTERED, Tally.DEAD_RETRIED, Tally.DEAD_PURGED,
-                                 Tally.DEAD_DROPPED_FULL, Tally.DEAD_EXPIRED)
+                                 Tally.DEAD_DROPPED_FULL, Tally.DEAD_EXPIRED,
+                                 Tally.DEAD_DROPPED_CORRUPT)
 Groups = list[dict[str, Any]]
 
 

@@ -140,7 +140,9 @@ def render(data: Snapshot) -> str:
         lines.append("refused:  " + ", ".join(f"{api} {status}: {n}" for api, by in refused.items()
                                               for status, n in by.items()) + " (requests)")
     if counters.get(Tally.SPOOL_CORRUPT):
-        lines.append(f"corrupt spools moved aside: {counters[Tally.SPOOL_CORRUPT]}")
+        dead = counters.get(Tally.DEAD_DROPPED_CORRUPT)
+        lines.append(f"corrupt spools moved aside: {counters[Tally.SPOOL_CORRUPT]}" +
+                     (f" (dead letters lost with them: {dead})" if dead else ""))
     if counters.get(Tally.WAL_DAMAGED):
         lines.append(f"damaged write-ahead logs (commits lost): {counters[Tally.WAL_DAMAGED]}")
     return "\n".join(lines)

@@ -10,7 +10,9 @@ forwarders), stream, receipt time, dedupe keys and acked bits; ``spent`` dedupe
 keys, dead letters and clock marks are copied too. What could not be read is
 counted as ``dropped_corrupt``: exactly, when the queue's size is known (the running
 agent's own count, or the old file's streams table), else only the events read
-but not kept, and the log says the count is unknown.
+but not kept, and the log says the count is unknown. Dead letters lost are counted
+so too, as ``dead_dropped_corrupt`` (their number: the running agent's, or the old
+file's summary of them).
 
 A v0 file (one row per event: only found at startup, when its migration meets the
 damage) has its readable rows packed as the migration packs them (migrate.pack_v0).
@@ -60,6 +62,7 @@ class Carry:
     observed: int                     # agent-observed ms (agent/clock.py)
     next_seq: int                     # the running agent's next seq (1 at startup)
     depth: int | None                 # queued events, if the spool had been loaded
+    dead: int | None                  # dead letters, if the spool had been loaded
 
 
 @dataclass(slots=True)
@@ -69,7 +72,11 @@ class Salvaged:
     known: bool = True                # whether ``lost`` is the whole loss
     skipped: int = 0                  # damaged stretches skipped
     unsendable: int = 0               # queued events read but not kept
-    dead_unkeyed: int = 0             # dead letters read but not kept: their key is lost
+    dead: int = 0                     # dead letters copied
+    dead_lost: int = 0                # counted as dead_dropped_corrupt
+    dead_known: bool = True           # whether ``dead_lost`` is the whole loss
+    dead_unkept: int = 0              # dead letters read but not kept (garbled, or unkeyed)
+    dead_unkeyed: int = 0             # of those, the ones whose key is lost
 
 
 def salvage(fresh: sqlite3.Connection, moved: Path, carry: Carry,
@@ -115,9 +122,10 @@ def unsalvaged(_: sqlite3.Connection, moved: Path, carry: Carry) -> tuple[Salvag
     keep, plus that loss."""
     old = _open_old(moved)
     try:
-        depth = _depth(old, carry)
-        got = Salvaged(known=depth is not None, lost=depth or 0)
-        return got, salvage_counters(old, carry.counters, got.lost)
+        depth, dead = _depth(old, carry), _dead_count(old, carry)
+        got = Salvaged(known=depth is not None, lost=depth or 0,
+                       dead_known=dead is not None, dead_lost=dead or 0)
+        return got, salvage_counters(old, carry.counters, got.lost, got.dead_lost)
     finally:
         if old is not None:
             old.close()
@@ -149,11 +157,25 @@ def _depth(old: sqlite3.Connection | None, carry: Carry) -> int | None:
     return int(queued[0][0] or 0) if queued else None
 
 
+def _dead_count(old: sqlite3.Connection | None, carry: Carry) -> int | None:
+    """The dead letters' number: the running agent's count, else the file's summary of
+    them (v3 on: a few pages, apart from the letters), else its count of their table
+    (which damage to one letter's page fails); None if unknown."""
+    if carry.dead is not None:
+        return carry.dead
+    for sql in ("SELECT sum(letters) FROM dead_groups NOT INDEXED",
+                "SELECT count(*) FROM dead NOT INDEXED"):
+        found = _try(old, sql)
+        if found and isinstance(n := found[0][0] or 0, int) and n >= 0:   # garbled: not
+            return n
+    return None
+
+
 def _salvage(old: sqlite3.Connection | None, fresh: sqlite3.Connection,
              carry: Carry) -> Salvaged:
     out = Salvaged()
     file_streams = _try(old, "SELECT id, key FROM streams NOT INDEXED") or []
-    depth = _depth(old, carry)
+    depth, dead = _depth(old, carry), _dead_count(old, carry)
     v0 = bool(_try(old, "SELECT 1 FROM sqlite_master WHERE name = 'events'"))
     # A file from before lanes (v1): its rows are copied without theirs, then classified.
     lanes = v0 or bool(_try(old, "SELECT 1 FROM pragma_table_info('records') "
@@ -172,6 +194,7 @@ def _salvage(old: sqlite3.Connection | None, fresh: sqlite3.Connection,
                 sound = [r for r in rows if _sound(r, DEAD_TYPES)]
                 kept = [(*r[:9], *map(_lane, r[9:])) for r in sound if r[1] in streams]
                 out.dead_unkeyed += len(sound) - len(kept)
+                out.dead_unkept += len(rows) - len(kept)
                 fresh.executemany(f"INSERT OR IGNORE INTO dead({cols(DEAD_COLS)}) VALUES "
                                   f"({_marks(cols(DEAD_COLS))})", kept)
             if v0:
@@ -184,8 +207,11 @@ def _salvage(old: sqlite3.Connection | None, fresh: sqlite3.Connection,
         out.queued = fresh.execute("SELECT coalesce(sum(live), 0) FROM records").fetchone()[0]
         out.known = depth is not None
         out.lost = max(depth - out.queued, 0) if depth is not None else out.unsendable
+        out.dead = fresh.execute("SELECT count(*) FROM dead").fetchone()[0]
+        out.dead_known = dead is not None
+        out.dead_lost = max(dead - out.dead, 0) if dead is not None else out.dead_unkept
         _carry_clock(old, fresh, carry)
-        counters = salvage_counters(old, carry.counters, out.lost)
+        counters = salvage_counters(old, carry.counters, out.lost, out.dead_lost)
         fresh.executemany("INSERT OR REPLACE INTO counters(name, value) VALUES (?, ?)",
                           sorted(counters.items()))
     return out
@@ -449,13 +475,16 @@ def _carry_clock(old: sqlite3.Connection | None, fresh: sqlite3.Connection,
          max(carry.next_seq, top + 1))
 
 
-def salvage_counters(old: sqlite3.Connection | None, carried: Counts, lost: int) -> Counts:
-    """The lost spool's counters (the running agent's, else the file's), plus this loss."""
+def salvage_counters(old: sqlite3.Connection | None, carried: Counts, lost: int,
+                     dead_lost: int) -> Counts:
+    """The lost spool's counters (the running agent's, else the file's), plus this loss:
+    ``lost`` queued events and ``dead_lost`` dead letters."""
     counters = from_names(_try(old, "SELECT name, value FROM counters NOT INDEXED") or [])
     for outcome, n in carried.items():  # the running agent's are never behind the file's
         counters[outcome] = max(counters.get(outcome, 0), n)
     record(counters, Tally.SPOOL_CORRUPT)
     record(counters, Drop.DROPPED_CORRUPT, lost)
+    record(counters, Tally.DEAD_DROPPED_CORRUPT, dead_lost)
     return counters
 
 

@@ -311,7 +311,8 @@ class Spool:
         books = self.books
         return Carry(streams={s.id: s.key for s in books.streams.values()},
                      counters=dict(books.counters), observed=self.observed_ms(),
-                     next_seq=books.next_seq, depth=self.depth if self._loaded else None)
+                     next_seq=books.next_seq, depth=self.depth if self._loaded else None,
+                     dead=books.dead_count if self._loaded else None)
 
     async def _finish_recovery(self) -> None:
         pending, self._salvaging = self._salvaging, None
@@ -354,24 +355,32 @@ class Spool:
             if now is None:
                 books.new_streams.append(stream)
             books.add_stream(stream)
-        unknown = "how many %s held is unknown (its queue table cannot be read)"
+        unknown = "how many %s held is unknown (its %s cannot be read)"
         if failed is not None:
-            kept = (f"with its {got.lost} queued events" if got.known else
-                    "; " + unknown % "events it")
+            queued = (f"its {got.lost} queued events" if got.known else
+                      "its queued events; " + unknown % ("events it", "queue table"))
+            dead = (f"{got.dead_lost} dead letters" if got.dead_known else
+                    "its dead letters; " + unknown % ("dead letters it", "count of them"))
             log.error("spool %s is corrupt (%s); moved aside to %s and started afresh, but "
-                      "could not salvage it (%s): kept in %s %s (counted as %s: %d)",
-                      self.path, pending.why, moved, failed, moved, kept, Drop.DROPPED_CORRUPT,
-                      got.lost)
+                      "could not salvage it (%s): kept in %s with %s and %s (counted as %s: "
+                      "%d, %s: %d)", self.path, pending.why, moved, failed, moved, queued, dead,
+                      Drop.DROPPED_CORRUPT, got.lost, Tally.DEAD_DROPPED_CORRUPT, got.dead_lost)
         else:
-            how_many = f"{got.lost} could not be read" if got.known else unknown % "more it"
+            how_many = (f"{got.lost} could not be read" if got.known else
+                        unknown % ("more it", "queue table"))
             log.error("spool %s is corrupt (%s); moved aside to %s and started afresh: "
                       "salvaged %d queued events, %s (counted as %s: %d); %d damaged "
                       "stretches skipped", self.path, pending.why, moved, got.queued,
                       how_many, Drop.DROPPED_CORRUPT, got.lost, got.skipped)
-            if got.dead_unkeyed:
-                log.error("spool %s: %d dead letters of %s not kept: the keys they were "
-                          "sent under are lost with its table of keys", self.path,
-                          got.dead_unkeyed, moved)
+            if got.dead_lost or not got.dead_known:
+                # Dead letters wait for an operator: those lost are said, as events are.
+                how_many = (f"{got.dead_lost} dead letters could not be read" if got.dead_known
+                            else unknown % ("more dead letters it", "count of them"))
+                unkeyed = (f" ({got.dead_unkeyed} of them read, but the keys they were sent "
+                           "under are lost with its table of keys)" if got.dead_unkeyed else "")
+                log.error("spool %s: salvaged %d dead letters of %s, %s%s (counted as %s: "
+                          "%d)", self.path, got.dead, moved, how_many, unkeyed,
+                          Tally.DEAD_DROPPED_CORRUPT, got.dead_lost)
         self.on_reopen()  # forwarders for the salvaged queues
 
     async def _save_counts(self) -> bool:
