@@ -4,6 +4,8 @@ the dedupe index rebuilt at start, and a failed commit that must not dedupe a re
 from __future__ import annotations
 
 import asyncio
+import contextlib
+import logging
 import os
 import sqlite3
 from pathlib import Path
@@ -22,6 +24,8 @@ from agent.spool import Spool
 from agent.spool.migrate import SpoolTooNew
 from agent.spool.schema import VERSION
 from agent.spool.types import Reason, Row, SpoolFull
+from tests.fakes.nucleus_upstream import FakeNucleus
+from tests.waiting import wait_for
 
 
 def ev(key: str, n: int, size: int = 10, family: int = NUCLEUS) -> Event:
@@ -370,3 +374,28 @@ async def test_a_record_found_damaged_by_a_read_keeps_its_delivered_events_keys(
         assert spool.streams["k"].depth == 50
     finally:
         await spool.close()
+
+
+async def test_the_events_of_a_record_found_damaged_are_logged_as_they_are_counted(
+        make_agent: Any, fake_nucleus: FakeNucleus, tmp_path: Path,
+        caplog: pytest.LogCaptureFixture) -> None:
+    """A record found damaged as its queue is sent: its events are lost, counted as
+    dropped_corrupt, and the log must say so, as for every other loss: the count rose in
+    /status with no line in the log to say when, or which spool."""
+    spool = await open_spool(tmp_path)
+    for b in range(3):
+        await spool.append([ev("app1", b * 10 + i) for i in range(10)])
+    await spool.close()
+    with contextlib.closing(sqlite3.connect(tmp_path / "spool.db")) as db, db:
+        rid, data = db.execute("SELECT id, data FROM records ORDER BY id LIMIT 1 OFFSET 1"
+                               ).fetchone()
+        db.execute("UPDATE records SET data = ? WHERE id = ?",
+                   (data[:20] + bytes([data[20] ^ 0xFF]) + data[21:], rid))
+    agent = await make_agent(upstreams=[{"name": "up", "protocol": "nucleus-ws",
+                                         "url": fake_nucleus.url, "flush_interval_s": 0.02}])
+    await wait_for(lambda: agent.spool.counters.get(Drop.DROPPED_CORRUPT) == 10
+                   and agent.spool.depth == 0)
+    assert sorted(fake_nucleus.ids()) == [*range(10), *range(20, 30)]
+    said = [r for r in caplog.records if "dropped_corrupt" in r.getMessage()]
+    assert said, "10 events dropped, and nothing in the log"
+    assert said[0].levelno >= logging.WARNING and "10" in said[0].getMessage(), said
