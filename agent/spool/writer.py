@@ -461,6 +461,11 @@ class Writer:
             log_limited(log, logging.WARNING, "dead-dropped-full",
                         "spool at max_size_mb: deleted the %d oldest dead letters to make room",
                         trimmed)
+        # Damage is found by the reader (job.corrupt) or by settling a record it then reads.
+        if (job.corrupt or job.settle) and (lost := out.counters.get(Drop.DROPPED_CORRUPT, 0)):
+            log_limited(log, logging.ERROR, "dropped-corrupt",
+                        "spool: %d queued events lost with records found damaged (counted as "
+                        "%s); the rest of the queue is sent", lost, Drop.DROPPED_CORRUPT)
         self.live.remove(out.deleted)
         for keys in out.undelivered:
             self.index.discard(keys)
