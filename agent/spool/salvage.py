@@ -207,7 +207,9 @@ def _salvage(old: sqlite3.Connection | None, fresh: sqlite3.Connection,
         out.queued = fresh.execute("SELECT coalesce(sum(live), 0) FROM records").fetchone()[0]
         out.known = depth is not None
         out.lost = max(depth - out.queued, 0) if depth is not None else out.unsendable
-        out.dead = fresh.execute("SELECT count(*) FROM dead").fetchone()[0]
+        # The summary the triggers keep: not a scan of every letter copied.
+        out.dead = fresh.execute("SELECT coalesce(sum(letters), 0) FROM dead_groups"
+                                 ).fetchone()[0]
         out.dead_known = dead is not None
         out.dead_lost = max(dead - out.dead, 0) if dead is not None else out.dead_unkept
         _carry_clock(old, fresh, carry)
