@@ -31,6 +31,7 @@ import aiohttp
 import orjson
 import pytest
 
+from agent.clock import Clock
 from agent.families.event import NOT_READ, NUCLEUS, Event
 from agent.settings import StorageConfig
 from agent.spool import Spool, dead_live
@@ -45,6 +46,7 @@ from tests.test_disk import six_mb_fs, upstream  # noqa: F401  (six_mb_fs: a fix
 from tests.waiting import ROOT, run_outpost, wait_for
 
 N = 1500
+DAY_MS = 86_400_000
 
 
 def body(i: int, pad: int) -> bytes:
@@ -668,3 +670,32 @@ async def test_a_salvage_without_room_counts_the_dead_letters_left_behind(
     assert f"kept in {moved} with its 3 queued events and {DEAD} dead letters" in caplog.text
     await agent.stop()
     assert saved_counters(spool_path).get("dead_dropped_corrupt") == DEAD
+
+
+async def test_dead_letters_lost_to_damage_found_while_running_are_counted(
+        make_agent: Any, clock: Clock, caplog: pytest.LogCaptureFixture) -> None:
+    """Damage found by a running agent, here by expiry (which alone reads the dead
+    letters): those lost are counted from the agent's own count of its dead letters, and
+    every letter is then accounted for, expired or lost."""
+    agent = await make_agent(storage={"max_age_days": 1})
+    spool = agent.spool
+    await spool.append([Event("app1", NUCLEUS, i, body(i, 500), i) for i in range(DEAD)])
+    rows = await spool.fetch(spool.streams["app1"].id, 0, DEAD)
+    await spool.dead_letter([(r.seq, "up", "HTTP 400") for r in rows])
+    await spool.prune()   # as the agent's every 10 minutes: marks when they came
+    assert spool.db is not None
+    await spool.db.run(lambda c: c.execute("PRAGMA wal_checkpoint(TRUNCATE)").fetchall())
+    await asyncio.to_thread(zero_a_dead_letters_page, spool.path)
+    # Another writer's commit: the agent's connection reads the file again, as it does
+    # once its cache has moved on.
+    with contextlib.closing(sqlite3.connect(spool.path, isolation_level=None)) as other:
+        other.execute("PRAGMA user_version = 5")
+    clock.passed_ms = 2 * DAY_MS
+    await spool.prune()
+    assert spool.counters.get("spool_corrupt") == 1 and spool.expiry_errors == 0
+    status, metrics = await snapshot(agent.port)
+    expired, lost = (status["counters"][name] for name in ("dead_expired", "dead_dropped_corrupt"))
+    assert status["dead_letters"] == 0 and 0 < lost < DEAD
+    assert expired + lost == DEAD, f"{DEAD - expired} dead letters lost, {lost} counted"
+    assert dead_lost_metric(metrics) == lost
+    assert f"{lost} dead letters could not be read" in caplog.text
