@@ -4,6 +4,7 @@ says so too, rather than "not an Outpost agent" from a bare 500."""
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import logging
 import sqlite3
@@ -15,6 +16,7 @@ import pytest
 from agent.families.event import NUCLEUS, Event, dedupe_key
 from agent.ops.shared_terms import EXPORT_PAGE
 from tests.conftest import free_port
+from tests.test_salvage import DEAD, body, zero_a_dead_letters_page
 from tests.waiting import run_outpost
 
 
@@ -62,3 +64,31 @@ async def test_an_export_the_agent_cuts_short_keeps_the_old_file_and_says_so(
     assert not [p for p in tmp_path.iterdir() if p.name.startswith(".out.jsonl.")]
     assert any("export" in r.getMessage() and "bytes" in r.getMessage()
                and r.levelno >= logging.ERROR for r in caplog.records)
+
+
+@pytest.mark.parametrize("action", ["retry", "purge"])
+async def test_a_retry_or_purge_meeting_damage_salvages_the_spool_and_goes_on(
+        make_agent: Any, action: str) -> None:
+    """A page of dead letters destroyed: a retry or a purge is a commit, and damage a
+    commit meets moves the spool aside and salvages it (docs/operations.md, Corrupt
+    spool). They failed instead, at every try, until expiry or a restart met the damage:
+    the operator could neither retry nor purge a single letter."""
+    agent = await make_agent(port=free_port())
+    spool = agent.spool
+    await spool.append([Event("app1", NUCLEUS, i, body(i, 500), i) for i in range(DEAD)])
+    rows = await spool.fetch(spool.streams["app1"].id, 0, DEAD)
+    await spool.dead_letter([(r.seq, "up", "HTTP 400") for r in rows])
+    assert spool.db is not None
+    await spool.db.run(lambda c: c.execute("PRAGMA wal_checkpoint(TRUNCATE)").fetchall())
+    await asyncio.to_thread(zero_a_dead_letters_page, spool.path)
+    # Another writer's commit: the agent's connection reads the file again, as it does
+    # once its cache has moved on.
+    with contextlib.closing(sqlite3.connect(spool.path, isolation_level=None)) as other:
+        other.execute("PRAGMA user_version = 5")
+    code, out = await run_outpost("dead", action, "--all", "--config", agent.config_path)
+    assert code == 0, out
+    assert spool.counters.get("spool_corrupt") == 1
+    done = spool.counters.get("dead_retried" if action == "retry" else "dead_purged", 0)
+    lost = spool.counters.get("dead_dropped_corrupt", 0)
+    assert 0 < lost < DEAD and done + lost == DEAD and spool.dead_count == 0
+    assert spool.depth == (done if action == "retry" else 0)
