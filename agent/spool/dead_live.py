@@ -6,7 +6,9 @@ under the writer's lock: group commits run between chunks, so apps' requests are
 held for the whole of it (700k letters in one transaction held ingest 30 s), and seqs
 are handed out from the same count as new events'. Each chunk is committed and booked
 before the next: one stopped midway (cancelled, or the agent killed) leaves the rest
-dead letters, for a second retry. Reads go through the reader thread.
+dead letters, for a second retry. Damage a chunk meets moves the spool aside and salvages
+it, as a commit's does, and the chunk runs again on the fresh spool. Reads go through the
+reader thread.
 """
 
 from __future__ import annotations
@@ -21,6 +23,7 @@ from agent.spool import dead
 from agent.spool.commit import Outcome
 from agent.spool.db import SqliteThread, transaction, used_bytes
 from agent.spool.store import Spool
+from agent.spool.writer import is_corruption
 
 T = TypeVar("T")
 # Dead letters a retry or purge takes per transaction: what a group commit may wait for.
@@ -45,7 +48,17 @@ async def _write(spool: Spool, fn: Callable[..., T], *args: Any) -> tuple[T, int
     db: SqliteThread | None = spool.db
     if db is None:
         raise dead.DeadError("the spool is not open")
-    out = await db.run(_in_transaction, fn, *args)
+    try:
+        out = await db.run(_in_transaction, fn, *args)
+    except sqlite3.DatabaseError as exc:
+        # Left alone, the damage (which only these and expiry read) failed every retry and
+        # purge until expiry or a restart met it. The salvage keeps seqs, so ``args`` hold.
+        if not is_corruption(exc):
+            raise
+        await spool.recover(exc)
+        db = spool.db
+        assert db is not None   # recover opened the fresh spool, or raised
+        out = await db.run(_in_transaction, fn, *args)
     return out, await db.run(used_bytes)
 
 
