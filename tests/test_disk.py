@@ -85,7 +85,8 @@ def rows(path: Path) -> int:
 
 
 async def test_full_spool_rejects_with_503_and_recovers_when_drained(
-        make_agent: Any, fake_nucleus: FakeNucleus, tmp_path: Path) -> None:
+        make_agent: Any, fake_nucleus: FakeNucleus, tmp_path: Path,
+        caplog: pytest.LogCaptureFixture) -> None:
     await fake_nucleus.go_down()
     agent = await make_agent(upstreams=[upstream(fake_nucleus)],
                              storage={"max_size_mb": 1, "when_full": "reject"})
@@ -110,6 +111,9 @@ async def test_full_spool_rejects_with_503_and_recovers_when_drained(
         assert int(refused.headers["Retry-After"]) > 0
         assert (await refused.json())["error"]
         assert agent.spool.counters["rejected_full"] >= 5
+        # The operator reads it in the log too, not only in the counters (once a minute).
+        said = [r.getMessage() for r in caplog.records if "rejected_full" in r.getMessage()]
+        assert len(said) == 1 and "max_size_mb" in said[0], said
         assert agent.spool.used_bytes <= agent.spool.max_bytes
         # A websocket app gets no ack (it keeps its events): the connection closes with
         # "try again later", as when the agent is busy. Left open without a reply, the
@@ -179,7 +183,7 @@ async def test_rows_the_size_cap_drops_while_the_forwarder_connects_are_not_sent
 
 
 async def test_drop_oldest_keeps_the_newest_and_counts_drops(
-        make_agent: Any, fake_nucleus: FakeNucleus) -> None:
+        make_agent: Any, fake_nucleus: FakeNucleus, caplog: pytest.LogCaptureFixture) -> None:
     await fake_nucleus.go_down()
     agent = await make_agent(upstreams=[upstream(fake_nucleus)],
                              storage={"max_size_mb": 1, "when_full": "drop_oldest"})
@@ -192,6 +196,9 @@ async def test_drop_oldest_keeps_the_newest_and_counts_drops(
     dropped = agent.spool.counters["dropped_full"]
     assert dropped > 0 and agent.spool.depth == len(sent) - dropped
     assert agent.spool.used_bytes <= agent.spool.max_bytes
+    # Every drop has a reason in the log too (once a minute), as expiry's have.
+    said = [r.getMessage() for r in caplog.records if "dropped_full" in r.getMessage()]
+    assert len(said) == 1 and "oldest" in said[0] and "max_size_mb" in said[0], said
     await fake_nucleus.come_back()
     agent.forwarding.flush()
     await wait_for(lambda: agent.spool.depth == 0, timeout=20)
