@@ -4,9 +4,9 @@ Python's json.dumps writes NaN, Infinity and integers a double would round; Java
 writes a lone surrogate ("\\ud83d") for a string cut inside an emoji. A batch refused for
 one such value lost every item sent with it: SDKs drop a refused batch, and a Nucleus
 module resends its whole unacknowledged queue in every message. orjson reads the usual
-batch; only one it refuses, or one that may hold a wide integer (a bytes-level check), is
-read again, with each such value left as a marker (exact_json.read_marked; relaxed_json for
-a hand-written body): each item holding one is named, by its index, with the reason, and
+batch; only one it refuses, or one that may hold a wide integer or a -0 (a bytes-level
+check), is read again (a -0 as -0.0), with each such value left as a marker
+(exact_json.read_marked; relaxed_json for a hand-written body): each item holding one is named, by its index, with the reason, and
 is never stored or changed. A value outside the items (a batch-level `context`, merged
 into every message) refuses the body whole, as does a body that is not JSON even so.
 """
@@ -19,7 +19,7 @@ import orjson
 
 from agent.dialects import exact_json, relaxed_json
 from agent.dialects.body import BodyError
-from agent.dialects.exact_json import may_be_wide, refuse_unkept, unkept, unkept_error
+from agent.dialects.exact_json import may_be_inexact, refuse_unkept, unkept, unkept_error
 
 
 class Read(NamedTuple):
@@ -43,7 +43,7 @@ def read(raw: bytes | str, field: str, *, lenient: bool = False,
     except orjson.JSONDecodeError as exc:
         body = relaxed_json.reread(data) if lenient else exact_json.reread(data, str(exc))
     else:
-        if not may_be_wide(data):
+        if not may_be_inexact(data):
             return Read(body, {})
         body = exact_json.reread(data, "")
     items = body.get(field) if isinstance(body, dict) else None

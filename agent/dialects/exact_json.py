@@ -8,11 +8,15 @@ integer (Python's 2**64 + 1) would be rounded, and forwarded as 1.84467440737095
 a body holding one is refused with a 400 naming the field, as NaN and Infinity are
 (relaxed_json.py). The upstream APIs read numbers as doubles too.
 
-Every integer outside the range has 20 digits in a row, or a minus and 19, so a body
-without a 19-digit run (nearly all) costs one translate and one substring search, about
-1 ns a byte (a regex took 17 ns); one with a 19-digit run (a nanosecond timestamp) two
-searches more; only a body with a longer run, or a minus before one, is parsed again,
-exactly, to check it.
+orjson also reads `-0` (what Go's encoding/json writes for a float64 -0) as the integer
+0, a double's sign lost: the exact parse reads it as -0.0, which is what the upstreams
+read `-0` as.
+
+Every integer outside the range has 20 digits in a row, or a minus and 19, and a `-0`
+ends where its translation below has a blank, so a body without a 19-digit run or such
+a `-0` (nearly all) costs one translate and two substring searches, about 1 ns a byte (a
+regex took 17 ns); one with a 19-digit run (a nanosecond timestamp) two searches more;
+only a body with a longer run, a minus before one, or a `-0`, is parsed again, exactly.
 """
 
 from __future__ import annotations
@@ -28,11 +32,15 @@ from agent.dialects.body import BodyError
 from agent.families.depth import first_hit, shortened
 
 LOWEST, HIGHEST = -(2**63), 2**64 - 1
-# Digits kept as "0", minus signs as they are, every other byte blanked: a 19-digit run
-# becomes 19 zeros.
-_DIGITS_ONLY = bytes(48 if 48 <= c <= 57 else c if c == 45 else 32 for c in range(256))
+# Digits kept as "0", minus signs as they are, what may go on after a digit in a number
+# or a word ("." "+" and letters: -0.5, -0e1, a uuid's -0a) as "x", every other byte
+# blanked: a 19-digit run becomes 19 zeros, and a literal -0 "-0 ".
+_SHAPES = bytes(48 if 48 <= c <= 57 else c if c == 45 else
+                     120 if chr(c).isascii() and (chr(c).isalpha() or c in b".+") else 32
+                     for c in range(256))
 _RUN = b"0" * 19
 _LONG_RUN, _NEGATIVE_RUN = _RUN + b"0", b"-" + _RUN   # what may be out of range
+_NEGATIVE_ZERO = b"-0 "
 
 
 def parse_json(raw: bytes | str) -> Any:
@@ -44,8 +52,7 @@ def parse_json(raw: bytes | str) -> Any:
         # Named when it holds what JSON cannot carry (an app's json.dumps writes NaN).
         refuse_unkept(reread(raw.encode() if isinstance(raw, str) else raw, str(exc)))
         raise BodyError(400, "invalid JSON", str(exc)) from None
-    refuse_wide(raw)
-    return value
+    return exactly(raw, value)
 
 
 class NonFinite(str):
@@ -170,22 +177,23 @@ def wide_error(field: str, digits: str) -> BodyError:
                      "would round it; send it as a string")
 
 
-def may_be_wide(data: bytes) -> bool:
-    """Whether JSON ``data`` may hold an integer outside the 64-bit range: it has a run
-    of 20 digits, or a minus and 19."""
-    digits = data.translate(_DIGITS_ONLY)
+def may_be_inexact(data: bytes) -> bool:
+    """Whether orjson may have read a number of JSON ``data`` as another value: an integer
+    outside the 64-bit range (a run of 20 digits, or a minus and 19), or -0."""
+    digits = data.translate(_SHAPES)
     # find, not `in`: CPython 3.11's `bytes in bytes` first tries the needle as an int
     # and clears the TypeError, half its cost (callgrind: once per request).
-    return digits.find(_RUN) >= 0 and (digits.find(_LONG_RUN) >= 0
-                                       or digits.find(_NEGATIVE_RUN) >= 0)
+    return digits.find(_NEGATIVE_ZERO) >= 0 or digits.find(_RUN) >= 0 and (
+        digits.find(_LONG_RUN) >= 0 or digits.find(_NEGATIVE_RUN) >= 0)
 
 
-def refuse_wide(raw: bytes | str) -> None:
-    """BodyError(400) naming the first integer of ``raw`` (JSON that orjson has read)
-    that a double would round; nothing when there is none."""
+def exactly(raw: bytes | str, value: Any) -> Any:
+    """``value``, what orjson read from ``raw``, or ``raw`` read again exactly when orjson
+    may have read a number as another value (``may_be_inexact``); BodyError(400) naming
+    the first integer that a double would round."""
     data = raw.encode() if isinstance(raw, str) else raw
-    if not may_be_wide(data):
-        return
+    if not may_be_inexact(data):
+        return value
     wide: list[Wide] = []
 
     def exact(text: str) -> int | float | Wide:
@@ -206,6 +214,7 @@ def refuse_wide(raw: bytes | str) -> None:
     found = first_hit(value, Wide, 2**31) if wide else None
     if found is not None:
         raise wide_error(found[0], found[1])
+    return value
 
 
 class Wide(str):
@@ -232,6 +241,8 @@ def exact_int(text: str) -> int | float | Wide:
     """An integer literal's value: an int in the 64-bit range, else the double it
     means, else Wide: a json.loads ``parse_int``."""
     if len(text) <= 20:
+        if text == "-0":
+            return -0.0   # as the upstreams read it: int() drops the sign
         number = int(text)
         if LOWEST <= number <= HIGHEST:
             return number

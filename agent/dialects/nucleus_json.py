@@ -4,7 +4,7 @@ A module resends its whole unacknowledged queue in every message, so a message r
 for one event (a lone surrogate, as nucleus-nodejs writes for a sliced emoji; NaN, as
 Python's json.dumps writes; an integer a double would round) was refused again with every
 later event of the app. orjson reads the usual message; only one it refuses, or one that
-may hold a wide integer (a bytes-level check), is read again by the standard library,
+may hold a wide integer or a -0 (a bytes-level check), is read again by the standard library,
 which reads all three, with each such value left as a marker: the events holding one are
 named, by position, with the reason, and the family leaves them out of the acks. A body
 that is not JSON even so is still refused whole. The reading is every batch's

@@ -28,10 +28,10 @@ from agent.dialects.exact_json import (
     NonFinite,
     Unpaired,
     Wide,
+    exactly,
     means_double,
     read_marked,
     refuse_unkept,
-    refuse_wide,
 )
 
 MAX_DEPTH = 64
@@ -71,6 +71,8 @@ def _tokens(text: str) -> list[tuple[str, Any]]:
                 number = orjson.loads(raw)
             except orjson.JSONDecodeError:  # past a double's range
                 number = None
+            if raw == "-0":
+                number = -0.0   # as the upstreams read it: orjson reads the integer 0
             if raw.lstrip("-").isdigit() and not isinstance(number, int) \
                     and not means_double(raw):
                 out.append((_WIDE, raw))        # orjson would round the integer
@@ -168,7 +170,7 @@ def loads(raw: bytes) -> dict[str, Any]:
 
 
 def reread(data: bytes) -> Any:
-    """A body orjson refused, or that may hold a wide integer, read
+    """A body orjson refused, or that may hold a wide integer or a -0, read
     with each value JSON cannot carry left as a marker: strict JSON by the standard
     library, else as written by hand (``loads``)."""
     try:
@@ -192,5 +194,4 @@ def parse_lenient(raw: bytes) -> Any:
         value = reread(raw)
         refuse_unkept(value)
         return value
-    refuse_wide(raw)
-    return value
+    return exactly(raw, value)
