@@ -108,6 +108,22 @@ async def test_top_level_fields_the_hit_replaces_are_kept_in_context_segmentstre
                           "traits": {"plan": "pro"}}}
 
 
+async def test_a_user_object_trait_leaves_the_hits_own_context_trait_as_sent(
+        make_agent: Any, fake_segment: FakeSegment) -> None:
+    # The hit's own context.traits value wins whole; the user's, another value, is kept
+    # in context.segmentstream.traits: neither is merged into the other.
+    agent = await make_agent(upstreams=[segment_up(fake_segment)])
+    body = {"hitId": "h3", "event": {"name": "n", "user": {
+                "userId": "u", "address": {"zip": "1", "city": "B"}, "plan": "pro"}},
+            "context": {"traits": {"address": {"city": "A"}}}}
+    assert (await call(agent.port, "/track", body, headers=AUTH)).status == 204
+    await wait_for(lambda: len(fake_segment.events) == 1)
+    ev = fake_segment.events[0]
+    assert ev["context"] == {
+        "traits": {"address": {"city": "A"}, "plan": "pro"},
+        "segmentstream": {"traits": {"address": {"zip": "1", "city": "B"}}}}
+
+
 async def test_a_hit_agreeing_with_its_top_level_fields_sets_nothing_aside(
         make_agent: Any, fake_segment: FakeSegment) -> None:
     agent = await make_agent(upstreams=[segment_up(fake_segment)])
