@@ -80,7 +80,12 @@ def to_segment(body: Any) -> dict[str, Any]:
                 if isinstance(own, dict) else traits
             if clash:
                 aside["traits"] = clash
-        context = out["context"] = spec.merge({"traits": traits}, context or {})
+            # Each of its values whole, not merged with the user's (an object trait in
+            # both): that would be a value the app sent in neither place.
+            traits = {**traits, **own} if isinstance(own, dict) else own
+        # traits first, then the hit's other context fields
+        context = out["context"] = {"traits": traits, **(context or {})}
+        context["traits"] = traits
     if aside:
         if context is not None and SET_ASIDE in context:
             raise Invalid(f"`context.{SET_ASIDE}` is where the hit's replaced fields are kept "
