@@ -250,3 +250,60 @@ async def test_a_hold_that_comes_while_a_loop_reads_its_queue_sends_nothing_of_i
     go.set()
     await wait_for(lambda: not agent.forwarding.loops)
     assert sent(fake_nucleus) == [1, 2] and agent.spool.depth == 2
+
+
+async def test_a_release_still_sending_after_the_waiters_minute_is_not_repeated(
+        make_agent: Any, fake_nucleus: FakeNucleus, clock: Clock,
+        caplog: pytest.LogCaptureFixture) -> None:
+    """A release that takes longer than the minute after which the waiter looks again (a
+    slow link, a large backlog) is still one release: what it let go is the oldest event
+    still queued, and must not count as a second one, which would send the events that
+    came since (young, held on the very network the hold is for), and count and log a
+    release every minute."""
+    timing = ManualTiming()
+    agent = await held_agent(make_agent, fake_nucleus, timing, flush_interval_s=30)
+    fake_nucleus.answering.clear()   # the release's batch goes out; its ack waits
+    await post(agent.port, range(1, 4))
+    with caplog.at_level(logging.INFO, logger="outpost.sync"):
+        await let_pass(clock, timing, HALF_HOUR)
+        await wait_for(lambda: sent(fake_nucleus) == [1, 2, 3])
+        await post(agent.port, range(4, 6))   # after the release: held
+        await let_pass(clock, timing, RELEASE_RECHECK_S)
+        await wait_for(lambda: len(timing.pending()) == 2)   # the waiter has looked again
+        fake_nucleus.answering.set()
+        # The release is over: its loop has ended (a hold sends nothing after it).
+        await wait_for(lambda: agent.spool.depth <= 2 and not agent.forwarding.loops)
+    assert sent(fake_nucleus) == [1, 2, 3] and agent.spool.depth == 2
+    assert agent.sync.releases == 1
+    assert caplog.text.count("sending everything queued") == 1
+
+
+async def test_a_release_the_upstream_puts_off_is_sent_when_it_may_and_counted_once(
+        make_agent: Any, fake_nucleus: FakeNucleus, clock: Clock) -> None:
+    """The upstream answers the release with a Retry-After (an outage): the release waits
+    it out, then sends what it let go, once; meanwhile the waiter must not release again
+    each minute (a count and a log line a minute, for one release), and the events that
+    came after it stay held."""
+    timing = ManualTiming()
+    agent = await held_agent(make_agent, fake_nucleus, timing, flush_interval_s=30)
+    fake_nucleus.outage = (503, "300")
+    await post(agent.port, range(1, 4))
+    await let_pass(clock, timing, HALF_HOUR)
+    state = agent.forwarding.states["up"]
+    await wait_for(lambda: state.parked == 1)   # for the upstream's 300 s
+    await post(agent.port, range(4, 6))   # after the release: held
+
+    async def minutes(n: int) -> None:
+        """Let ``n`` minutes pass once the battery poll and the waiter wait again."""
+        await wait_for(lambda: timing.pending()[:2] == [60.0, 60.0])
+        clock.passed_ms += n * 60_000
+        timing.advance(n * 60.0)
+
+    await minutes(1)
+    await minutes(1)
+    fake_nucleus.outage = None
+    await minutes(3)   # the Retry-After is over
+    await wait_for(lambda: agent.spool.depth <= 2 and not agent.forwarding.loops
+                   and state.parked == 0)
+    assert sent(fake_nucleus) == [1, 2, 3] and agent.spool.depth == 2
+    assert agent.sync.releases == 1

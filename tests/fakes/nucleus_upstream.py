@@ -1,7 +1,8 @@
 """A scriptable fake Nucleus server: websocket and HTTP, on 127.0.0.1 port 0.
 
 Scripts: ack everything (default), ack only ids a predicate allows, drop the
-connection after N frames, stay down (refuse connections), or ack nothing.
+connection after N frames, stay down (refuse connections), ack nothing, or answer a
+websocket's frames only once the test lets it (``answering``).
 Every received event is recorded in order.
 """
 
@@ -27,6 +28,8 @@ class FakeNucleus:
         self.drop_after_frames: int | None = None
         self.reply_raw: bytes | None = None        # send this instead of a real ack
         self.delay_s = 0.0
+        self.answering = asyncio.Event()   # cleared: replies wait until it is set again
+        self.answering.set()
         self.port = 0
         self._runner: web.AppRunner | None = None
         self._site: web.TCPSite | None = None
@@ -82,6 +85,7 @@ class FakeNucleus:
                     break
                 if self.delay_s:
                     await asyncio.sleep(self.delay_s)
+                await self.answering.wait()
                 if self.reply_raw is not None:
                     await ws.send_str(self.reply_raw.decode())
                 elif ids:
