@@ -218,17 +218,17 @@ class Agent:
         assert self.forwarding is not None
         return self.forwarding.cfg, self.forwarding.states
 
-    async def _held_age_s(self, lanes: tuple[int, ...]) -> float | None:
+    async def _held_age_s(self, lanes: tuple[int, ...], after: int) -> float | None:
         assert self.spool is not None
-        return await held_age_s(self.cfg, self.spool, lanes)
+        return await held_age_s(self.cfg, self.spool, lanes, after)
 
     def _regate(self) -> None:
         if self.forwarding is not None:
             self.forwarding.regate()
 
-    def _release(self) -> None:
-        if self.forwarding is not None:
-            self.forwarding.release()
+    def _release(self) -> int:
+        assert self.forwarding is not None   # built right after the monitor's start
+        return self.forwarding.release()
 
     def _flush(self) -> None:
         assert self.forwarding is not None

@@ -34,13 +34,13 @@ class ParkingModel(RuleBasedStateMachine):
         want = sorted((p.when, k) for k, p in self.model.items() if p.when <= self.now)
         got = list(self.lot.due(self.now))
         assert [k for k, _ in got] == [k for _, k in want]
-        for key, attempt in got:
-            assert attempt == self.model.pop(key).attempt
+        for key, parked in got:
+            assert parked == self.model.pop(key)
 
     @rule(upstream=UPSTREAMS)
     def upstream_back(self, upstream: str) -> None:
         got = dict(self.lot.take(upstream))
-        want = {k: p.attempt for k, p in self.model.items()
+        want = {k: p for k, p in self.model.items()
                 if p.upstream == upstream and not p.told}
         assert got == want
         for key in want:

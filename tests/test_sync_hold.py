@@ -128,7 +128,7 @@ class Looks:
         self.answer = asyncio.Event()
         self.oldest: float | None = None   # age in seconds; None: nothing held
 
-    async def __call__(self, lanes: tuple[int, ...]) -> float | None:
+    async def __call__(self, lanes: tuple[int, ...], after: int) -> float | None:
         self.calls += 1
         found = self.oldest
         self.asked.set()
@@ -142,7 +142,7 @@ async def test_a_commit_while_the_hold_looks_for_its_oldest_event_is_timed() -> 
     timing = ManualTiming()
     looks = Looks()
     monitor = SyncMonitor(SyncConfig(on_low_battery="hold", max_hold_h=0.5), NoSource("none"),
-                          lambda: LOW, looks, timing, lambda: None, lambda: None)
+                          lambda: LOW, looks, timing, lambda: None, lambda: 0)
     await monitor.start()
     try:
         await asyncio.wait_for(looks.asked.wait(), 5)   # reading: nothing is held yet

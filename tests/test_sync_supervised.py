@@ -33,7 +33,7 @@ class FailsOnce:
         await asyncio.Event().wait()
 
 
-async def nothing_queued(lanes: tuple[int, ...]) -> float | None:
+async def nothing_queued(lanes: tuple[int, ...], after: int) -> float | None:
     return None
 
 
@@ -42,7 +42,7 @@ async def test_a_failing_metered_watch_is_reported_and_started_again(
     timing = ManualTiming()
     source = FailsOnce()
     monitor = SyncMonitor(SyncConfig(on_metered="hold"), source, lambda: None, nothing_queued,
-                          timing, lambda: None, lambda: None)
+                          timing, lambda: None, lambda: 0)
     await monitor.start()
     await wait_for(lambda: monitor.view().get("errors") == 1, timeout=5)
     view = monitor.view()

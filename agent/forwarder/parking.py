@@ -10,17 +10,19 @@ from __future__ import annotations
 import heapq
 from collections import Counter
 from collections.abc import Callable, Iterator
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 
 @dataclass(frozen=True, slots=True)
 class Parked:
-    """One key's park: when it retries, at which backoff step, for which upstream."""
+    """One key's park: when it retries, at which backoff step, for which upstream, and
+    the last seq of a release (max_hold_h) its retry sends, if one is under way."""
 
     when: float
     attempt: int
     upstream: str
     told: bool   # the wait is the upstream's own Retry-After: nothing may cut it short
+    until: int | None = None
 
 
 class ParkingLot:
@@ -39,7 +41,8 @@ class ParkingLot:
         return self._by_upstream[upstream]
 
     def park(self, key: str, parked: Parked) -> None:
-        self._drop(key)
+        if key in self._keys:
+            self._drop(key)
         self._keys[key] = parked
         self._by_upstream[parked.upstream] += 1
         self._counted(parked.upstream, self._by_upstream[parked.upstream])
@@ -54,8 +57,8 @@ class ParkingLot:
             heapq.heappop(self._heap)   # the key left, or parked again since
         return None
 
-    def due(self, now: float) -> Iterator[tuple[str, int]]:
-        """Take the keys whose time has come: (key, attempt), soonest first.
+    def due(self, now: float) -> Iterator[tuple[str, Parked]]:
+        """Take the keys whose time has come, soonest first.
 
         Lazily, one key per step: a caller that raises while starting one key leaves
         the rest parked, for its re-armed timer, instead of taken and forgotten."""
@@ -63,7 +66,7 @@ class ParkingLot:
             _, key = heapq.heappop(self._heap)
             yield key, self._drop(key)
 
-    def take(self, upstream: str) -> Iterator[tuple[str, int]]:
+    def take(self, upstream: str) -> Iterator[tuple[str, Parked]]:
         """Take ``upstream``'s keys that wait on our backoff, not on its Retry-After;
         lazily, as ``due``."""
         keys = [k for k, p in self._keys.items() if p.upstream == upstream and not p.told]
@@ -75,8 +78,13 @@ class ParkingLot:
     def items(self) -> Iterator[tuple[str, Parked]]:
         return iter(list(self._keys.items()))
 
-    def clear(self) -> list[str]:
-        keys = list(self._keys)
+    def release(self, until: int) -> None:
+        """A release (max_hold_h): each key's retry sends its events up to ``until``."""
+        for key, parked in self._keys.items():
+            self._keys[key] = replace(parked, until=until)
+
+    def clear(self) -> dict[str, Parked]:
+        keys = dict(self._keys)
         upstreams = list(self._by_upstream)
         self._keys.clear()
         self._heap.clear()
@@ -85,10 +93,8 @@ class ParkingLot:
             self._counted(upstream, 0)
         return keys
 
-    def _drop(self, key: str) -> int:
-        p = self._keys.pop(key, None)
-        if p is None:
-            return 0
+    def _drop(self, key: str) -> Parked:
+        p = self._keys.pop(key)
         self._by_upstream[p.upstream] -= 1
         self._counted(p.upstream, self._by_upstream[p.upstream])
-        return p.attempt
+        return p

@@ -23,7 +23,9 @@ of the key's lanes with events go (``priority_only``: the high lane alone); ``re
 runs when that answer may have changed: it stops the loops now held (their in-flight
 batches settle), tells running loops which lanes they may send, and starts every key
 with data it lets go. ``release`` (``max_hold_h``) lets every key send every lane up to
-the last seq received then; each loop then goes back to what ``may_send`` lets go.
+the last seq received then; each loop then goes back to what ``may_send`` lets go. A key
+whose loop backs off, waits in line or is stopping keeps that bound for its next loop:
+the monitor does not release those events again (sync/monitor.py).
 
 The loops of one upstream share its slots (slots.py): at most ``BATCHES_IN_FLIGHT``
 batches in flight from all its keys, so memory stays bounded however many keys have
@@ -222,14 +224,14 @@ class Supervisor:
                                    self.states[up.name], self.metrics,
                                    uplink_class(up.protocol).window(up),
                                    release=Release(up.flush_interval_s,
-                                                   functools.partial(self._park, key),
+                                                   functools.partial(self._park_loop, key),
                                                    functools.partial(self._crowded, up.name)),
                                    attempt=attempt, lanes=lanes, timing=self.seams.timing,
                                    backoff=self.seams.backoff, on_acked=self.on_acked,
                                    omitted=self._omitted.setdefault(key, LeftOut()),
                                    slots=self._slots[up.name], grace_s=self.seams.grace_s)
         except Exception as exc:  # noqa: BLE001 - a bug: reported, and the key tried again
-            self._not_built(key, up.name, exc, attempt)
+            self._not_built(key, up.name, exc, attempt, until)
             return None
         loop.until = bounds
         self.loops[key] = loop
@@ -271,11 +273,10 @@ class Supervisor:
                 if loop.state.state == "sending" and all(
                         other.state is not loop.state for other in self.loops.values()):
                     loop.state.state = "idle"   # held: none of the upstream's loops sends now
-                self._ensure(key)
+                self._ensure(key, until=_bound(loop))   # a release since (max_hold_h) goes on
         self._next_in_line(loop.cfg.name)
         if requeue and key not in self.loops:   # a release under way (max_hold_h) goes on
-            bound = max((seq for seq in loop.until or () if seq is not None), default=None)
-            self._ensure(key, until=bound)
+            self._ensure(key, until=_bound(loop))
 
     def _wait_in_line(self, name: str, key: str, attempt: int, until: int | None) -> None:
         line = self._line.setdefault(name, {})
@@ -308,6 +309,7 @@ class Supervisor:
                 continue
             lanes = self.may_send(key)
             if not lanes:
+                loop.until = None   # a release under way ends, as below
                 loop.stop()
             elif lanes != loop.lanes or loop.until is not None:
                 # Fewer lanes: what is in flight settles, nothing more of the others is
@@ -317,16 +319,21 @@ class Supervisor:
                 loop.poke()
         self._start_all()
 
-    def release(self) -> None:
+    def release(self) -> int:
         """``max_hold_h``: send every key's events queued now, in every lane; then each
         loop goes back to what ``may_send`` lets go, and what comes later is held as the
-        profile says (with its own max_hold_h)."""
+        profile says (with its own max_hold_h). Returns the last seq it lets go."""
         until = self.spool.last_seq
         for key, loop in list(self.loops.items()):
-            if not loop.stopping and not loop.released:
-                loop.lanes, loop.until = self._lanes(key, until)
+            if loop.released:   # its key starts afresh below
+                continue
+            lanes, loop.until = self._lanes(key, until)
+            if not loop.stopping:   # one stopping hands its bound to the next (_ended)
+                loop.lanes = lanes
                 loop.poke()
+        self._lot.release(until)   # a key backing off sends them at its retry
         self._start_all(until)
+        return until
 
     def _start_all(self, until: int | None = None) -> None:
         """Start a loop for every key with data that has none (parked keys wait)."""
@@ -335,12 +342,19 @@ class Supervisor:
             if stream.depth and key not in self._lot and (running is None or running.released):
                 self._ensure(key, until=until)
 
-    def _park(self, key: str, delay: float, attempt: int, told: bool) -> None:
+    def _park_loop(self, key: str, delay: float, attempt: int, told: bool) -> None:
+        """``key``'s loop backs off (Release.park): a release it was sending goes on at its
+        retry, or those events, not timed again, would wait for the next release."""
+        loop = self.loops.get(key)   # the one parking: it is the key's until it has ended
+        self._park(key, delay, attempt, told, _bound(loop) if loop is not None else None)
+
+    def _park(self, key: str, delay: float, attempt: int, told: bool,
+              until: int | None = None) -> None:
         up = self.cfg.route(key)
         if up is None:
             return
         when = self.seams.timing.now() + delay
-        self._lot.park(key, Parked(when, attempt, up.name, told))
+        self._lot.park(key, Parked(when, attempt, up.name, told, until))
         if self._stopping:
             return   # parked for a reload's next supervisor only (take_over)
         if self._timer is None or when < self._timer.when():
@@ -368,8 +382,8 @@ class Supervisor:
         if self._timer is not None:
             now = max(now, self._timer.when())
         try:
-            for key, attempt in self._lot.due(now):
-                self._ensure(key, attempt)
+            for key, parked in self._lot.due(now):
+                self._ensure(key, parked.attempt, parked.until)
         finally:  # one timer serves every parked key: a bug with one must not strand the rest
             self._set_timer()
 
@@ -391,8 +405,8 @@ class Supervisor:
         """``upstream`` answers again: retry its parked keys now, each at its backoff step
         (a send that fails again backs off further). Keys under a Retry-After wait on."""
         try:
-            for key, attempt in self._lot.take(upstream):
-                self._ensure(key, attempt)
+            for key, parked in self._lot.take(upstream):
+                self._ensure(key, parked.attempt, parked.until)
         finally:
             self._set_timer()
 
@@ -442,18 +456,19 @@ class Supervisor:
             try:
                 loop.uplink = self._uplink(loop.cfg, key)
             except Exception as exc:  # noqa: BLE001 - as in _ensure: reported, tried again
-                self._not_built(key, loop.cfg.name, exc, attempt)
+                self._not_built(key, loop.cfg.name, exc, attempt, _bound(loop))
                 return
             if loop.state.state == "restarting":  # a loop that finds nothing to send says so
                 loop.state.state = "idle"
 
-    def _not_built(self, key: str, name: str, exc: Exception, attempt: int) -> None:
+    def _not_built(self, key: str, name: str, exc: Exception, attempt: int,
+                   until: int | None) -> None:
         """Building ``key``'s loop or uplink raised (a bug): reported, and the key parked
         for a retry. Told: the upstream is not suspect, so its prober leaves the key to
         the timer."""
         delay = self.seams.backoff.delay(attempt)
         self._crashed(name, exc, delay)
-        self._park(key, delay, attempt + 1, told=True)
+        self._park(key, delay, attempt + 1, told=True, until=until)
 
     def _crashed(self, name: str, exc: Exception, delay: float | None) -> None:
         """Report a crash: counted, shown, logged with its traceback; ``delay`` is when
@@ -474,8 +489,8 @@ class Supervisor:
     def flush(self) -> None:
         parked = self._lot.clear()
         self._set_timer()
-        for key in parked:
-            self._ensure(key)
+        for key, was in parked.items():
+            self._ensure(key, until=was.until)
         for line in self._line.values():   # sent at once as their turn comes
             for key, turn in line.items():
                 line[key] = InLine(0, turn.until, flushed=True)
@@ -522,6 +537,11 @@ class Supervisor:
         if self._session is not None:
             await self._session.close()
             self._session = None
+
+
+def _bound(loop: StreamForwarder) -> int | None:
+    """The last seq of the release (max_hold_h) ``loop`` sends, if one is under way."""
+    return max((seq for seq in loop.until or () if seq is not None), default=None)
 
 
 def _named(cfg: Config, name: str) -> UpstreamConfig | None:

@@ -172,12 +172,13 @@ class Reader:
             self._cache.popitem(last=False)
         return got
 
-    async def oldest_received(self, lanes: Sequence[int] = LANES,
-                              stream: int | None = None) -> int | None:
+    async def oldest_received(self, lanes: Sequence[int] = LANES, stream: int | None = None,
+                              after: int = 0) -> int | None:
         """The receipt time of the oldest event queued in ``lanes`` (of one ``stream``, or
-        of every key): the head of each (key, lane) (records_lane), not a scan of every
-        record."""
-        rows = await self.read(f"SELECT min(r) FROM ({_heads(lanes, stream, 'received')})")
+        of every key), of the records after seq ``after``: the head of each (key, lane)
+        (records_lane), not a scan of every record."""
+        rows = await self.read(
+            f"SELECT min(r) FROM ({_heads(lanes, stream, 'received', after)})")
         return int(rows[0][0]) if rows and rows[0][0] is not None else None
 
     async def first_received(self) -> int | None:
@@ -186,11 +187,11 @@ class Reader:
         rows = await self.read("SELECT received FROM records ORDER BY id LIMIT 1")
         return int(rows[0][0]) if rows else None
 
-    async def oldest_seq(self, lanes: Sequence[int] = LANES,
-                         stream: int | None = None) -> int | None:
+    async def oldest_seq(self, lanes: Sequence[int] = LANES, stream: int | None = None,
+                         after: int = 0) -> int | None:
         """The first seq of the earliest record queued in ``lanes`` (as oldest_received):
         received first, whatever the wall clock said then."""
-        rows = await self.read(f"SELECT min(r) FROM ({_heads(lanes, stream, 'id')})")
+        rows = await self.read(f"SELECT min(r) FROM ({_heads(lanes, stream, 'id', after)})")
         return int(rows[0][0]) if rows and rows[0][0] is not None else None
 
     async def dead_letters(self, limit: int = 100) -> list[dict[str, Any]]:
@@ -214,12 +215,12 @@ class Reader:
             raise
 
 
-def _heads(lanes: Sequence[int], stream: int | None, column: str) -> str:
-    """SQL for ``column`` of the head record of each (key, lane), as ``r``: one index
-    lookup each (records_lane)."""
+def _heads(lanes: Sequence[int], stream: int | None, column: str, after: int) -> str:
+    """SQL for ``column`` of the head record after seq ``after`` of each (key, lane), as
+    ``r``: one index lookup each (records_lane)."""
     return " UNION ALL ".join(
         f"SELECT (SELECT {column} FROM records WHERE stream = s.id AND lane = {int(lane)} "
-        "ORDER BY id LIMIT 1) AS r FROM streams s"
+        f"AND id > {int(after)} ORDER BY id LIMIT 1) AS r FROM streams s"
         + ("" if stream is None else f" WHERE s.id = {int(stream)}") for lane in lanes)
 
 

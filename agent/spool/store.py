@@ -157,16 +157,16 @@ class Spool:
         reach it; a sequence of Rows, read as whole runs of records (types.Queued)."""
         return await self.reader_side.fetch(stream, after, limit, lanes, max_bytes, until)
 
-    async def oldest_received(self, lanes: Sequence[int] = LANES,
-                              stream: int | None = None) -> int | None:
-        return await self.reader_side.oldest_received(lanes, stream)
+    async def oldest_received(self, lanes: Sequence[int] = LANES, stream: int | None = None,
+                              after: int = 0) -> int | None:
+        return await self.reader_side.oldest_received(lanes, stream, after)
 
     async def first_received(self) -> int | None:
         return await self.reader_side.first_received()
 
-    async def oldest_seq(self, lanes: Sequence[int] = LANES,
-                         stream: int | None = None) -> int | None:
-        return await self.reader_side.oldest_seq(lanes, stream)
+    async def oldest_seq(self, lanes: Sequence[int] = LANES, stream: int | None = None,
+                         after: int = 0) -> int | None:
+        return await self.reader_side.oldest_seq(lanes, stream, after)
 
     def dropped_since(self, rows: Queued) -> bool:
         """Whether a record ``rows`` were read from is gone from the queue since (the size

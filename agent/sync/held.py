@@ -16,37 +16,40 @@ from agent.spool import Spool
 from agent.spool.types import Totals
 
 
-async def oldest_routed(cfg: Config, spool: Spool, lanes: Sequence[int] = LANES) -> int | None:
-    """The receipt time of the oldest event of ``lanes`` an upstream takes; None if there
-    is none."""
-    return await _least(cfg, spool, lanes, spool.oldest_received)
+async def oldest_routed(cfg: Config, spool: Spool, lanes: Sequence[int] = LANES,
+                        after: int = 0) -> int | None:
+    """The receipt time of the oldest event of ``lanes`` an upstream takes, of those after
+    seq ``after``; None if there is none."""
+    return await _least(cfg, spool, lanes, after, spool.oldest_received)
 
 
-async def held_age_s(cfg: Config, spool: Spool, lanes: Sequence[int] = LANES) -> float | None:
-    """How long the oldest event of ``lanes`` an upstream takes has waited, in seconds, by
-    the wall clock or by the time the agent saw pass, whichever says longer: a clock set
-    back after the events arrived must not hold them for good. None if there is none."""
-    received = await oldest_routed(cfg, spool, lanes)
+async def held_age_s(cfg: Config, spool: Spool, lanes: Sequence[int] = LANES,
+                     after: int = 0) -> float | None:
+    """How long the oldest event of ``lanes`` an upstream takes (of those after seq
+    ``after``: a release's own are on their way) has waited, in seconds, by the wall clock
+    or by the time the agent saw pass, whichever says longer: a clock set back after the
+    events arrived must not hold them for good. None if there is none."""
+    received = await oldest_routed(cfg, spool, lanes, after)
     if received is None:
         return None
-    seq = await _least(cfg, spool, lanes, spool.oldest_seq)
+    seq = await _least(cfg, spool, lanes, after, spool.oldest_seq)
     observed = spool.observed_age_ms(seq) if seq is not None else None
     return max(age_s(received), (observed or 0) / 1000)
 
 
-async def _least(cfg: Config, spool: Spool, lanes: Sequence[int],
-                 read: Callable[[Sequence[int], int | None], Awaitable[int | None]]
+async def _least(cfg: Config, spool: Spool, lanes: Sequence[int], after: int,
+                 read: Callable[[Sequence[int], int | None, int], Awaitable[int | None]]
                  ) -> int | None:
     """The least of ``read``'s answers for the heads of the routed keys."""
     if any("*" in up.keys for up in cfg.upstreams):
-        return await read(lanes, None)   # every key is routed: the heads
+        return await read(lanes, None, after)   # every key is routed: the heads
     # Only keys named in the config are routed: a handful of heads, one read each (the
     # config's keys, not the spool's: those can be any number).
     least: int | None = None
     for key in dict.fromkeys(key for up in cfg.upstreams for key in up.keys):
         stream = spool.streams.get(key)
         if stream is not None and stream.depth:
-            head = await read(lanes, stream.id)
+            head = await read(lanes, stream.id, after)
             if head is not None and (least is None or head < least):
                 least = head
     return least

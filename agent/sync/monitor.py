@@ -8,7 +8,10 @@ only for rules that are set: with the defaults, nothing is watched or polled.
 for the normal lane), it sleeps until the oldest held event is that old (by the
 wall clock or by the time the agent saw pass: a clock set back must not hold events
 for good), then releases (``on_release``): every key sends what it has queued then,
-and holds again what comes after.
+and holds again what comes after, timed from then on by the events after the release's
+last seq. Not by the oldest event queued: a release still sending a minute later (a slow
+link, an upstream's Retry-After) would be released again each minute, up to the events
+received meanwhile, which the hold is for.
 """
 
 from __future__ import annotations
@@ -59,8 +62,9 @@ class SyncMonitor:
     """The transmit profile in force, and the gate the forwarders ask."""
 
     def __init__(self, cfg: SyncConfig, metered: MeteredSource, battery: BatterySensor,
-                 oldest: Callable[[tuple[int, ...]], Awaitable[float | None]], waits: Waits,
-                 on_change: Callable[[], None], on_release: Callable[[], None]) -> None:
+                 oldest: Callable[[tuple[int, ...], int], Awaitable[float | None]],
+                 waits: Waits, on_change: Callable[[], None],
+                 on_release: Callable[[], int]) -> None:
         self.cfg = cfg
         self._source = metered
         self._sensor = battery
@@ -73,6 +77,7 @@ class SyncMonitor:
         self.battery: Battery | None = None
         self.profile = decide(cfg, self.metered, None)
         self.releases = 0
+        self._released = 0   # the last seq the release under way sends (on_release's)
         self._first = asyncio.Event()
         self._battery_read = asyncio.Event()
         self._changed = asyncio.Event()   # the profile changed, or data came to an empty hold
@@ -154,8 +159,10 @@ class SyncMonitor:
     def routes_changed(self) -> None:
         """After a reload that kept these rules: the upstreams' keys may have changed, so
         events no upstream took (untimed: held.py) may be held now. The waiter looks again,
-        or, with no app posting, they would be held for good."""
+        or, with no app posting, they would be held for good. A release under way ended
+        with the forwarders it ran in: its events are timed again too."""
         self._empty = False
+        self._released = 0
         self._changed.set()
 
     def view(self) -> SyncView:
@@ -198,6 +205,7 @@ class SyncMonitor:
         if profile.mode == was.mode:
             return
         self._profile_lines.log("transmit profile: %s (%s)", profile.mode, profile.reason)
+        self._released = 0   # regate ends a release under way: the new profile times all
         self._changed.set()
         self.on_change()
 
@@ -211,7 +219,7 @@ class SyncMonitor:
                 continue
             # Before the look: a commit while it reads then wakes the wait below.
             self._empty = True
-            age = await self._oldest(held)
+            age = await self._oldest(held, self._released)
             if age is None:
                 await self._changed.wait()
                 continue
@@ -242,4 +250,4 @@ class SyncMonitor:
         log.info("holding (%s), but the oldest queued event is %g h old (sync.max_hold_h): "
                  "sending everything queued", self.profile.reason, self.cfg.max_hold_h)
         self.releases += 1
-        self.on_release()
+        self._released = self.on_release()
