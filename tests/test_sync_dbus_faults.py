@@ -91,6 +91,27 @@ async def test_an_error_reply_to_the_read_is_a_counted_failure(
     assert len(lines(caplog, "AccessDenied")) == 1 and no_traceback(caplog)
 
 
+async def test_a_refused_read_is_asked_again_so_a_policy_fixed_later_is_seen(
+        make_agent: Any, fake_nucleus: FakeNucleus, bus: PrivateBus, nm: FakeNetworkManager,
+        caplog: pytest.LogCaptureFixture, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A read refused (a bus policy fixed later, a transient error) is asked again, each
+    failure counted and the same one logged once: else the network's cost stays unknown,
+    for a hold on a metered network no hold at all, until NetworkManager restarts
+    (its signals count only once a read has said which connection it is)."""
+    monkeypatch.setattr(networkmanager, "RECONNECT_S", 0.2)
+    nm.error = "org.freedesktop.DBus.Error.AccessDenied"
+    nm.metered = YES
+    agent = await watching(make_agent, fake_nucleus, bus.address)
+    await wait_for(lambda: agent.sync.errors >= 1)
+    nm.error = None   # the policy is fixed
+    await wait_for(lambda: agent.sync.profile.mode == "hold")
+    sync = await sync_status(agent.port)
+    assert (sync["metered"], sync["metered_detail"]) == ("yes", "NetworkManager: yes"), sync
+    assert sync["last_error"].endswith("AccessDenied; retried every 0.2s"), sync
+    assert sync["errors"] == nm.gets - 1, sync   # each refused read counted
+    assert len(lines(caplog, "AccessDenied")) == 1 and no_traceback(caplog)
+
+
 async def test_a_huge_value_is_cut_and_a_flood_of_malformed_signals_is_one_line(
         make_agent: Any, fake_nucleus: FakeNucleus, bus: PrivateBus, nm: FakeNetworkManager,
         caplog: pytest.LogCaptureFixture) -> None:
