@@ -6,13 +6,17 @@ between the read and the subscription can be missed. Replies and signals are rea
 in one loop, so a closed bus ends the watch (and it reconnects) instead of hanging;
 connecting and each call are bounded by ``TIMEOUT_S``, so a bus or a NetworkManager
 that hangs does too. What the bus sends is checked against its signature, never
-trusted: an odd value is a failed reading, shown cut to ``SHOWN`` characters.
+trusted: an odd value is a failed reading, shown cut to ``SHOWN`` characters. A read
+refused with an error (a bus policy, a transient fault) is asked again every
+``RECONNECT_S``: NetworkManager's signals count only once a read has said which
+connection it is, so unasked, the cost would stay unknown until it restarted.
 """
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
+import dataclasses
 from collections.abc import Callable
 
 from jeepney import DBusAddress, HeaderFields, MatchRule, Message, MessageType, Properties
@@ -24,7 +28,7 @@ from agent.sync.policy import Metered, MeteredReading
 
 NM = DBusAddress("/org/freedesktop/NetworkManager", bus_name="org.freedesktop.NetworkManager",
                  interface="org.freedesktop.NetworkManager")
-RECONNECT_S = 60.0   # a missing bus is retried this often: it costs nothing meanwhile
+RECONNECT_S = 60.0   # a missing bus, or a refused read, is retried this often (tests shorten it)
 TIMEOUT_S = 10.0     # for connecting, and for each call's reply (tests shorten it)
 SHOWN = 100          # characters of a value from the bus that status and the log show
 _INTEGERS = frozenset("ynqiuxt")   # D-Bus integer types; NMMetered is a "u"
@@ -43,9 +47,9 @@ class NetworkManagerSource:
     """Watches ``Metered`` on the bus at ``address`` ("": $DBUS_SYSTEM_BUS_ADDRESS, else
     the system bus)."""
 
-    def __init__(self, address: str, reconnect_s: float = RECONNECT_S) -> None:
+    def __init__(self, address: str) -> None:
         self.bus = address or "SYSTEM"
-        self.reconnect_s = reconnect_s
+        self.reconnect_s = RECONNECT_S
 
     async def watch(self, report: Callable[[MeteredReading], None]) -> None:
         while True:
@@ -96,14 +100,21 @@ class NetworkManagerSource:
                 await conn.send(message_bus.AddMatch(rule))
             asked = await self._ask(conn)
         nm_owner: str | None = None   # NetworkManager's unique name, once known
+        retry: float | None = None   # when a refused read is asked again
         while True:
-            async with asyncio.timeout_at(deadline):   # a timeout ends the session
-                msg = await _receive(conn)
+            try:
+                async with asyncio.timeout_at(deadline if retry is None else retry):
+                    msg = await _receive(conn)   # (cancelled between reads: nothing lost)
+            except TimeoutError:
+                if retry is None:
+                    raise   # no reply in time: the session ends
+                asked, deadline, retry = await self._ask(conn), loop.time() + TIMEOUT_S, None
+                continue
             kind = msg.header.message_type
             sender = msg.header.fields.get(HeaderFields.sender)
             signature = msg.header.fields.get(HeaderFields.signature, "")
             if kind is MessageType.signal and owner.matches(msg):   # from the bus itself
-                nm_owner = msg.body[2] or None
+                nm_owner, retry = msg.body[2] or None, None   # a new owner is asked at once
                 if nm_owner:   # a new owner: NetworkManager (re)started
                     asked, deadline = await self._ask(conn), loop.time() + TIMEOUT_S
                 else:
@@ -117,7 +128,12 @@ class NetworkManagerSource:
                 deadline = None
                 if kind is MessageType.method_return:
                     nm_owner = sender
-                report(_answer(msg, signature))
+                answer = _answer(msg, signature)
+                if answer.failed and kind is MessageType.error:   # refused: asked again
+                    retry = loop.time() + self.reconnect_s
+                    answer = dataclasses.replace(
+                        answer, detail=f"{answer.detail}; retried every {self.reconnect_s:g}s")
+                report(answer)
 
     async def _ask(self, conn: DBusConnection) -> int:
         """Send a Get of ``Metered``; the serial its reply will carry."""
