@@ -307,3 +307,42 @@ async def test_a_release_the_upstream_puts_off_is_sent_when_it_may_and_counted_o
                    and state.parked == 0)
     assert sent(fake_nucleus) == [1, 2, 3] and agent.spool.depth == 2
     assert agent.sync.releases == 1
+
+
+async def test_events_being_committed_as_a_release_comes_are_timed_after_it(
+        make_agent: Any, fake_nucleus: FakeNucleus, clock: Clock) -> None:
+    """A release comes while an app's events are being committed (to a key with nothing
+    else queued, so no loop of the release finds them): they are what comes after the
+    release, held and timed for their own max_hold_h, not left out of both for good."""
+    timing = ManualTiming()
+    up = {**upstream(fake_nucleus), "keys": ["app1", "app2"]}
+    agent = await make_agent(upstreams=[up], seams=Seams(timing=timing), battery=Sensor(LOW),
+                             sync={"on_low_battery": "hold", "low_battery_pct": 20,
+                                   "max_hold_h": HALF_HOUR / 3600})
+    await post(agent.port, range(1, 4))
+    # The next commit is caught on the writer thread, before its records are written.
+    writing, go = threading.Event(), threading.Event()
+
+    def trace(sql: str) -> None:
+        if sql.startswith("INSERT INTO records") and not writing.is_set():
+            writing.set()
+            go.wait(10)
+    assert agent.spool.db is not None
+    await agent.spool.db.run(lambda conn: conn.set_trace_callback(trace))
+    events = [{"type": "event", "name": "e", "id": i, "sessionId": 1, "machineId": "m",
+               "date": "2026-01-01T00:00:00.000Z"} for i in (4, 5)]
+    async with aiohttp.ClientSession() as s:
+        posting = asyncio.ensure_future(s.post(
+            f"http://127.0.0.1:{agent.port}/app/app2/track", json={"data": events}))
+        await wait_for(writing.is_set)
+        await let_pass(clock, timing, HALF_HOUR)
+        await wait_for(lambda: agent.sync.releases == 1)   # before they are committed
+        go.set()
+        async with await posting as r:
+            assert r.status == 200, await r.text()
+    await wait_for(lambda: agent.spool.depth == 2 and not agent.forwarding.loops)
+    assert sent(fake_nucleus) == [1, 2, 3] and agent.sync.releases == 1
+    await let_pass(clock, timing, RELEASE_RECHECK_S)
+    await let_pass(clock, timing, HALF_HOUR)   # (the waiter times them)
+    await wait_for(lambda: agent.spool.depth == 0)
+    assert sent(fake_nucleus) == [1, 2, 3, 4, 5] and agent.sync.releases == 2
