@@ -56,6 +56,7 @@ class Books:
     new_streams: list[Stream] = field(default_factory=list)  # not yet in the file
     top_stream_id: int = 0   # a new key's id; max(by_id) made each new key O(keys)
     next_seq: int = 1
+    committed_seq: int = 0   # every event up to it is committed (the next_seq's may not be)
     dead_count: int = 0      # rows in the dead letters table
     used_bytes: int = 0
     last_mark: int | None = None  # agent-observed ms of the last clock mark written
@@ -75,6 +76,7 @@ class Books:
         self.counters = counters
         self.unsaved = {}
         self.next_seq = next_seq
+        self.committed_seq = next_seq - 1
         self.dead_count = dead
         self.used_bytes = used
         self.last_mark = None

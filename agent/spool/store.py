@@ -541,5 +541,10 @@ class Spool:
         return self.books.next_seq - 1
 
     @property
+    def committed_seq(self) -> int:
+        """The seq of the last event committed: queued, or settled since."""
+        return self.books.committed_seq
+
+    @property
     def used_bytes(self) -> int:
         return self.books.used_bytes

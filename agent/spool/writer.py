@@ -457,6 +457,7 @@ class Writer:
         if job.new_streams:
             books.new_streams = books.new_streams[len(job.new_streams):]
         books.apply(out)
+        books.committed_seq = job.tail[1] - 1
         if trimmed := out.counters.get(Tally.DEAD_DROPPED_FULL, 0):
             log_limited(log, logging.WARNING, "dead-dropped-full",
                         "spool at max_size_mb: deleted the %d oldest dead letters to make room",
