@@ -33,7 +33,7 @@ from agent.sync.power import BatterySensor
 log = logging.getLogger("outpost.sync")
 BATTERY_POLL_S = 60.0   # levels move by minutes; one wakeup a minute, only with the rule set
 FIRST_READING_S = 2.0   # start waits this long for the network's cost before sending
-RELEASE_RECHECK_S = 60.0   # after a release, before the oldest event is looked at again
+RELEASE_RECHECK_S = 60.0   # after a release, before the events after it are looked at
 RESTART_S = 30.0   # a watcher that failed is started again after this
 HOLD_CHECK_S = 60.0   # while a hold is timed, the clocks are read at least this often
 
