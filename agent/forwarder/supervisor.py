@@ -23,7 +23,7 @@ of the key's lanes with events go (``priority_only``: the high lane alone); ``re
 runs when that answer may have changed: it stops the loops now held (their in-flight
 batches settle), tells running loops which lanes they may send, and starts every key
 with data it lets go. ``release`` (``max_hold_h``) lets every key send every lane up to
-the last seq received then; each loop then goes back to what ``may_send`` lets go. A key
+the last seq committed then; each loop then goes back to what ``may_send`` lets go. A key
 whose loop backs off, waits in line or is stopping keeps that bound for its next loop:
 the monitor does not release those events again (sync/monitor.py).
 
