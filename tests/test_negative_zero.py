@@ -98,3 +98,18 @@ async def test_a_negative_zero_reaches_the_upstream_as_one(
     [ev] = raw_upstream.events(field)
     props = ev["properties"] if protocol == "segment-http" else ev["payload"]
     assert _negative_zero(props["t"]) and _negative_zero(props["n"][0]), raw_upstream.bodies
+
+
+@pytest.mark.parametrize("body,inexact", [
+    (b'{"a":-0}', True), (b'[-0, 1]', True), (b'{"a": -0\n}', True), (b'{"a":[-0]}', True),
+    (b'{"a":-1}', False), (b'{"a":-7,"b":[-9]}', False), (b'{"id":"bench-7-5"}', False),
+    (b'{"a":-0.5,"b":-0e1,"c":-0E1,"d":-01}', False),
+    (b'{"date":"2026-01-05T10:00:00.000Z"}', False),
+])
+def test_only_a_minus_zero_or_a_wide_integer_sends_a_body_to_the_exact_reading(
+        body: bytes, inexact: bool) -> None:
+    """The exact reading is Python, about 100 times orjson's cost: a negative digit (-1, a
+    common sentinel) or an id ending in one must not send a body there, as every digit
+    read as "0" by the wide-integer check did."""
+    from agent.dialects.exact_json import may_be_inexact
+    assert may_be_inexact(body) is inexact
