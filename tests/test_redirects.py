@@ -32,6 +32,7 @@ from agent.uplinks.http_common import location_host
 from agent.uplinks.prepare import Prepared
 from tests.fakes.captive_portal import LOGIN_PAGE, PORTAL, Answer, CaptiveUpstream, redirect
 from tests.fakes.uplinks import as_prepared
+from tests.test_upstream_faults import manual, send
 from tests.waiting import wait_for
 
 HTTP_UPLINKS = ("segment-http", "nucleus-http")
@@ -173,6 +174,33 @@ async def test_captive_portal_on_every_path_deletes_nothing(make_agent: Any,
     assert "HTTP 200" in up["last_error"] and "HTML" in up["last_error"]
     assert "app1" not in up["last_error"]   # the handshake URL (and its key) is not shown
     await delivered_once_let_through(agent, gateway)
+
+
+@pytest.mark.parametrize("status", (200, 403))
+@pytest.mark.parametrize("protocol", ("segment-http", "nucleus-http", "nucleus-ws"))
+async def test_a_page_s_retry_after_is_honoured_whatever_the_protocol(
+        make_agent: Any, gateway: CaptiveUpstream, protocol: str, status: int) -> None:
+    """A portal's login page (200) or a proxy's error page (403) with a Retry-After: the key
+    waits that long, over a websocket as over HTTP. A refused handshake's wait counted only
+    with a status worth retrying (429, 5xx): the key went on at the backoff's pace."""
+    gateway.intercept = Answer(status, headers={"Retry-After": "30"})
+    timing, seams = manual()
+    agent = await make_agent(upstreams=[{"name": "up", "protocol": protocol,
+                                         "url": gateway.url(protocol),
+                                         "flush_interval_s": 0.02, "timeout_s": 2}],
+                             seams=seams)
+    await send(agent, [event(i) for i in range(N)])
+    await wait_for(lambda: agent.forwarding.states["up"].retries == 1)
+    assert timing.pending() == [30.0]
+    up = await status_of(agent)
+    assert f"HTTP {status}" in up["last_error"] and "HTML" in up["last_error"]
+    gateway.intercept = None
+    timing.advance(29.9)
+    assert len(gateway.hits) == 1   # the page alone: nothing tried again before its time
+    timing.advance(0.1)
+    await wait_for(lambda: agent.spool.depth == 0)
+    marks = {ev.get("payload", ev.get("properties", {})).get("mark") for ev in gateway.delivered}
+    assert marks == {f"mk-{i}" for i in range(N)}
 
 
 # nginx's answer to http:// sent to its https port; a proxy's error page looks alike.
