@@ -28,7 +28,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
-from collections.abc import Awaitable, Coroutine, Sequence
+from collections.abc import Awaitable, Coroutine, Mapping, Sequence
 from typing import Any, ClassVar
 
 import aiohttp
@@ -294,13 +294,8 @@ class NucleusWsUplink(NucleusFraming, UplinkBase):
                     max_msg_size=REPLY_MAX_BYTES, autoping=True, heartbeat=None),
                 self.cfg.timeout_s)
         except aiohttp.WSServerHandshakeError as exc:
-            # Its text holds the URL, and so the key in its path: keep the status.
-            wait, date = (exc.headers.get("Retry-After"), exc.headers.get("Date")) \
-                if exc.headers else (None, None)
-            # As the HTTP uplinks: an upstream's wait counts with a status worth retrying.
-            return _Link(None, 0, lost=f"connect failed: {_handshake_refused(exc)}",
-                         retry_after=retry_after(wait, date=date)
-                         if is_retryable(exc.status) else None)
+            why, wait = _handshake_refused(exc)
+            return _Link(None, 0, lost=f"connect failed: {why}", retry_after=wait)
         except (aiohttp.ClientError, OSError, TimeoutError, RuntimeError) as exc:
             # A redirect is an UpstreamRedirect here: the session never follows one.
             return _Link(None, 0, lost=f"connect failed: {_describe(exc)}")
@@ -408,10 +403,15 @@ def _closed(link: _Link, ws: aiohttp.ClientWebSocketResponse) -> str:
     return f"the upstream closed the connection right after the handshake ({how})"
 
 
-def _handshake_refused(exc: aiohttp.WSServerHandshakeError) -> str:
-    content_type = media_type(exc.headers.get("Content-Type") if exc.headers else None)
-    return "websocket handshake refused: " + (html_instead_of_reply(exc.status, content_type)
-                                              or f"HTTP {exc.status} ({exc.message})")
+def _handshake_refused(exc: aiohttp.WSServerHandshakeError) -> tuple[str, float | None]:
+    """Why, and the Retry-After to honour. Not the exception's text: it holds the URL, and so
+    the key in its path. As the HTTP uplinks, a wait counts with a status worth retrying, or
+    with an HTML page whatever its status (a portal's 200, a proxy's 403)."""
+    headers: Mapping[str, str] = exc.headers or {}
+    page = html_instead_of_reply(exc.status, media_type(headers.get("Content-Type")))
+    wait = retry_after(headers.get("Retry-After"), date=headers.get("Date")) \
+        if page or is_retryable(exc.status) else None
+    return f"websocket handshake refused: {page or f'HTTP {exc.status} ({exc.message})'}", wait
 
 
 def _describe(exc: BaseException) -> str:
