@@ -7,6 +7,7 @@ from typing import Any
 
 import aiohttp
 import orjson
+from aiohttp import WSMsgType, web
 
 from agent.families.event import NUCLEUS, SEGMENT
 from agent.settings import UpstreamConfig
@@ -121,3 +122,74 @@ async def test_ws_uplink_times_out_on_missing_acks_and_ignores_junk() -> None:
         assert await up.send(up.prepare([row(1, {"id": 1})])) == Acked((1,))
         await up.close()
     await fake.stop()
+
+
+class _LateAcker:
+    """A websocket upstream on 127.0.0.1, port 0: its first connection never acknowledges
+    the frame it gets and holds its answer to the agent's close frame until ``release``
+    (``closing`` is set when that close frame comes); later connections acknowledge
+    every frame."""
+
+    def __init__(self) -> None:
+        self.closing = asyncio.Event()
+        self.release = asyncio.Event()
+        self.connections = 0
+        self.url = ""
+        self._runner: web.AppRunner | None = None
+
+    async def _ws(self, request: web.Request) -> web.StreamResponse:
+        self.connections += 1
+        first = self.connections == 1
+        ws = web.WebSocketResponse(autoclose=False)
+        await ws.prepare(request)
+        while True:   # not ``async for``: it ends at the close frame, unseen
+            msg = await ws.receive()
+            if msg.type is WSMsgType.TEXT and not first:
+                ids = [ev["id"] for ev in orjson.loads(msg.data)["data"]]
+                await ws.send_str(orjson.dumps({"reportedIds": ids}).decode())
+            elif msg.type is WSMsgType.CLOSE:
+                self.closing.set()
+                await self.release.wait()
+                await ws.close()
+            elif msg.type is not WSMsgType.TEXT:
+                return ws
+
+    async def __aenter__(self) -> _LateAcker:
+        app = web.Application()
+        app.router.add_get("/app/{key}/track", self._ws)
+        self._runner = web.AppRunner(app, handle_signals=False, shutdown_timeout=1.0)
+        await self._runner.setup()
+        await web.TCPSite(self._runner, "127.0.0.1", 0).start()
+        self.url = f"ws://127.0.0.1:{self._runner.addresses[0][1]}"
+        return self
+
+    async def __aexit__(self, *_: object) -> None:
+        self.release.set()
+        assert self._runner is not None
+        await self._runner.cleanup()
+
+
+async def test_ws_a_failed_frame_s_ids_stay_in_flight_until_its_connection_is_closed() -> None:
+    """A frame whose acks did not come in time fails, but its connection is open until its
+    close completes, and an ack for the frame that had just arrived is still read. An event
+    prepared meanwhile with one of the frame's ids (the app's ids: another session may reuse
+    one) must not go in a batch, or that ack is taken for it, and the agent deletes an
+    event it never sent. Seen end to end against an upstream that acknowledged around the
+    timeout (a batch prepared in that window came back Acked, unsent); here the window is
+    held open by the upstream's late answer to the close. The ids were freed as the frame
+    failed."""
+    async with asyncio.timeout(15), _LateAcker() as fake, aiohttp.ClientSession() as session:
+        cfg = UpstreamConfig(name="n", protocol="nucleus-ws", url=fake.url, timeout_s=1)
+        up = NucleusWsUplink(cfg, "app", session, "m")
+        failing = asyncio.create_task(up.send(up.prepare([row(1, {"id": 7})])))
+        await fake.closing.wait()   # it timed out: its connection is closing
+        assert not failing.done()
+        meanwhile = up.prepare([row(2, {"id": 7, "sessionId": 2})])
+        assert meanwhile.rows == (), "an id the closing connection may still acknowledge"
+        fake.release.set()
+        result = await failing
+        assert isinstance(result, Retry) and result.acked == ()
+        await up.close()   # as the forwarder does, with nothing in flight: ids start afresh
+        assert await up.send(up.prepare([row(2, {"id": 7, "sessionId": 2})])) == Acked((2,))
+        assert fake.connections == 2
+        await up.close()
