@@ -165,7 +165,8 @@ class NucleusWsUplink(NucleusFraming, UplinkBase):
         self.machine_id = machine_id
         self.heartbeat_s = heartbeat_s
         # Connection state: the ack id of every event sent or prepared on this
-        # connection and not yet acknowledged -> its seq (ids are unique among them).
+        # connection and not yet acknowledged (a failed frame's, until close()) -> its seq
+        # (ids are unique among them).
         self.in_flight: dict[Any, int] = {}
         self._link: _Link | None = None
         self._send_lock = asyncio.Lock()
@@ -235,13 +236,16 @@ class NucleusWsUplink(NucleusFraming, UplinkBase):
         got = set(acked)
         omitted = tuple(s for s in prepared.seqs if s not in got) \
             if mine and link.lost is None and link.replies >= mine else ()
-        for ack_id, seq in zip(prepared.ids, prepared.seqs):  # to be sent again later
-            if self.in_flight.get(ack_id) == seq:  # not since acked and reused by a later batch
-                del self.in_flight[ack_id]
         too_big = link.too_big == mine   # (frames are numbered from 1: never 0, unsent)
-        if not too_big or len(prepared.seqs) > 1:
+        if too_big and len(prepared.seqs) == 1:
+            # Given up: its id is free again (the upstream's 1009 ended the connection, so
+            # no ack for it can come).
+            self.in_flight.pop(prepared.ids[0], None)
+        else:
             # Sent again: nothing sent after it may go on a new connection first. (An event
-            # alone in a frame too big is given up, and overtakes nothing.)
+            # alone in a frame too big is given up, and overtakes nothing.) Its ids stay in
+            # flight until close(): an ack for it read while this connection closes would be
+            # taken for an event prepared meanwhile with one of them, and delete it unsent.
             link.failed = True
         link.lose(error)
         # Ids are only unique per connection: a late ack on this one could match
