@@ -203,6 +203,21 @@ async def test_a_page_s_retry_after_is_honoured_whatever_the_protocol(
     assert marks == {f"mk-{i}" for i in range(N)}
 
 
+@pytest.mark.parametrize(("status", "hint"), [
+    (401, "check the upstream's key"), (403, "check the upstream's key"),
+    (404, "check the upstream's url")])
+async def test_a_refused_websocket_handshake_says_what_to_check(
+        make_agent: Any, gateway: CaptiveUpstream, status: int, hint: str) -> None:
+    """A nucleus-ws upstream that refuses the handshake with 401/403 (the app id in its URL
+    is the key) or 404 names what to check, as the HTTP uplinks' last_error does: it said
+    "HTTP 403 (Invalid response status)" alone."""
+    gateway.intercept = Answer(status, body=b'{"error": "no such app"}',
+                               content_type="application/json")
+    agent = await start(make_agent, gateway, "nucleus-ws")
+    up = await held_while_failing(agent)
+    assert f"HTTP {status}" in up["last_error"] and hint in up["last_error"], up["last_error"]
+
+
 # nginx's answer to http:// sent to its https port; a proxy's error page looks alike.
 NGINX_400 = (b"<html><head><title>400 The plain HTTP request was sent to HTTPS port</title>"
              b"</head><body><center><h1>400 Bad Request</h1></center></body></html>")
