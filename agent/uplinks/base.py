@@ -64,13 +64,16 @@ class Retry:
     too_big: int | None = None
 
 
+def to_check(status: int) -> str | None:
+    """What a refusal with ``status`` says the operator should check, if it says."""
+    return ("check the upstream's key" if status in (401, 403)
+            else "check the upstream's url" if status in (404, 405) else None)
+
+
 def misconfigured(status: int, reason: str) -> Retry:
     """Any other 4xx: the events are kept and retried, with what the operator should check
     in ``last_error`` (a 409 or 415 says nothing of the key or the URL)."""
-    hint = ("check the upstream's key" if status in (401, 403)
-            else "check the upstream's url" if status in (404, 405)
-            else "kept and retried: no verdict on the events")
-    return Retry(f"{reason} ({hint})")
+    return Retry(f"{reason} ({to_check(status) or 'kept and retried: no verdict on the events'})")
 
 
 @dataclass(frozen=True, slots=True)

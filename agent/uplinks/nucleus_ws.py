@@ -38,7 +38,7 @@ from agent.logs import log_limited
 from agent.settings import UpstreamConfig
 from agent.spool.types import Row
 from agent.uplinks import splice
-from agent.uplinks.base import Acked, Refused, Retry, SendResult, UplinkBase
+from agent.uplinks.base import Acked, Refused, Retry, SendResult, UplinkBase, to_check
 from agent.uplinks.http_common import (
     REPLY_MAX_BYTES,
     html_instead_of_reply,
@@ -415,7 +415,9 @@ def _handshake_refused(exc: aiohttp.WSServerHandshakeError) -> tuple[str, float 
     page = html_instead_of_reply(exc.status, media_type(headers.get("Content-Type")))
     wait = retry_after(headers.get("Retry-After"), date=headers.get("Date")) \
         if page or is_retryable(exc.status) else None
-    return f"websocket handshake refused: {page or f'HTTP {exc.status} ({exc.message})'}", wait
+    hint = "" if page else f" ({check})" if (check := to_check(exc.status)) else ""
+    return (f"websocket handshake refused: {page or f'HTTP {exc.status} ({exc.message})'}{hint}",
+            wait)
 
 
 def _describe(exc: BaseException) -> str:
