@@ -251,3 +251,24 @@ async def test_a_hundred_open_websockets_hold_up_no_other_key_or_upstream(
                                                                      ("seg", None)]
     assert agent.spool.depth == 0
     assert "seg-1" in faulty.acked_ids() and 100 in faulty.acked_ids()
+
+
+async def test_a_reply_without_reported_ids_is_named_in_the_error_and_logged(
+        make_agent: Any, faulty: FaultyUpstream, caplog: pytest.LogCaptureFixture) -> None:
+    """An upstream that answers a frame with JSON of its own ({"error": ...}) instead of
+    reportedIds: the frame is retried, as before, and last_error and the log now say what
+    the upstream said. It was dropped unsaid, and last_error said only "no reportedIds
+    within 0.6s", as if the upstream had said nothing."""
+    faulty.script = [Fault("malformed", body=b'{"error": "app over its quota"}')]
+    caplog.set_level(logging.INFO)
+    timing, seams = manual()
+    agent = await make_agent(upstreams=[upstream(faulty, "nucleus-ws")], seams=seams)
+    await send(agent, [event(i) for i in range(3)])
+    await wait_for(lambda: agent.forwarding.states["up"].retries == 1)
+    error = (await status_of(agent))["last_error"] or ""
+    assert "no reportedIds" in error and '{"error": "app over its quota"}' in error, error
+    lines = [r.getMessage() for r in caplog.records if "app over its quota" in r.getMessage()]
+    assert len(lines) == 1, lines
+    (delay,) = timing.pending()
+    timing.advance(delay)
+    await drained(agent, faulty, 3)
