@@ -267,8 +267,8 @@ async def test_a_reply_without_reported_ids_is_named_in_the_error_and_logged(
     await wait_for(lambda: agent.forwarding.states["up"].retries == 1)
     error = (await status_of(agent))["last_error"] or ""
     assert "no reportedIds" in error and '{"error": "app over its quota"}' in error, error
-    lines = [r.getMessage() for r in caplog.records if "app over its quota" in r.getMessage()]
-    assert len(lines) == 1, lines
+    lines = [r.getMessage() for r in caplog.records if "without reportedIds" in r.getMessage()]
+    assert len(lines) == 1 and "app over its quota" in lines[0], lines
     (delay,) = timing.pending()
     timing.advance(delay)
     await drained(agent, faulty, 3)

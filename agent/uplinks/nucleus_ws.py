@@ -41,6 +41,7 @@ from agent.uplinks import splice
 from agent.uplinks.base import Acked, Refused, Retry, SendResult, UplinkBase, to_check
 from agent.uplinks.http_common import (
     REPLY_MAX_BYTES,
+    excerpt,
     html_instead_of_reply,
     is_retryable,
     media_type,
@@ -83,6 +84,7 @@ class _Link:
         # The frame the upstream closed the connection for with 1009 (too big): the first
         # it had not wholly acknowledged then, since it answers frames in order.
         self.too_big: int | None = None
+        self.said = ""   # the last reply of other JSON than reportedIds ({"error": ...})
         self.tasks: list[asyncio.Task[None]] = []
         self._waiters: list[asyncio.Future[None]] = []
 
@@ -268,6 +270,8 @@ class NucleusWsUplink(NucleusFraming, UplinkBase):
             if remaining <= 0:
                 error = (f"no reportedIds for {len(set(wanted) - link.acked)} events within "
                          f"{self.cfg.timeout_s:g}s")
+                if link.said:
+                    error += f"; the upstream said {link.said}"
                 # A frame still waits for room: the upstream reads nothing, so never answers.
                 return f"{STOPPED_READING}: {error}" if link.writing else error
             await link.changed(remaining)
@@ -361,6 +365,13 @@ class NucleusWsUplink(NucleusFraming, UplinkBase):
             if acked:
                 link.acked.update(acked)
                 link.notify()
+            return
+        # Not an ack: an error of the upstream's own, or news an old module would read
+        # (latestVersion). Ignored, as before, but shown: a line a minute, and in the
+        # error of a frame that then goes unanswered.
+        link.said = excerpt(data if isinstance(data, bytes) else data.encode(), 200)
+        log_limited(log, logging.INFO, f"not-an-ack:{self.name}",
+                    "%s sent a reply without reportedIds: %s", self.name, link.said)
 
     async def _heartbeats(self, link: _Link, ws: aiohttp.ClientWebSocketResponse) -> None:
         loop = asyncio.get_running_loop()
