@@ -428,6 +428,19 @@ def queued_in(path: Path) -> int:
         return int(db.execute("SELECT sum(depth) FROM streams").fetchone()[0] or 0)
 
 
+def leave_free(fs: Path, left: int) -> None:
+    """Fill the file system ``fs`` but for ``left`` bytes."""
+    free = os.statvfs(fs).f_bavail * os.statvfs(fs).f_frsize
+    (fs / "filler").write_bytes(b"\0" * (free - left))
+
+
+def moved_aside(directory: Path) -> Path:
+    """The one corrupt spool moved aside in ``directory`` (not its -wal or -shm)."""
+    [moved] = [p for p in directory.glob("spool.db.corrupt-*")
+               if not p.name.endswith(("-wal", "-shm"))]
+    return moved
+
+
 def saved_counters(path: Path) -> dict[str, int]:
     with contextlib.closing(sqlite3.connect(f"file:{path}?mode=ro", uri=True)) as db:
         return dict(db.execute("SELECT name, value FROM counters").fetchall())
@@ -445,14 +458,13 @@ async def test_a_salvage_without_room_counts_the_queue_the_file_says_it_held(
     await asyncio.to_thread(build, spool_path, N, 500, ("app1",))
     queued = queued_in(spool_path)
     await asyncio.to_thread(truncated, spool_path)
-    free = os.statvfs(six_mb_fs).f_bavail * os.statvfs(six_mb_fs).f_frsize
-    (six_mb_fs / "filler").write_bytes(b"\0" * (free - 256 * 1024))
+    leave_free(six_mb_fs, 256 * 1024)
     caplog.set_level(logging.INFO)
     agent = await make_agent(spool=spool_path)
     assert "could not salvage" in caplog.text, "the copy did not fail for room"
     assert agent.spool.counters.get("spool_corrupt") == 1
     assert agent.spool.counters.get("dropped_corrupt") == queued == N
-    [moved] = [p for p in six_mb_fs.glob("spool.db.corrupt-*") if p.name[-4:] not in ("-wal", "-shm")]
+    moved = moved_aside(six_mb_fs)
     assert f"kept in {moved} with its {N} queued events" in caplog.text
     assert "unknown" not in caplog.text
     await agent.stop()
@@ -657,16 +669,14 @@ async def test_a_salvage_without_room_counts_the_dead_letters_left_behind(
     spool_path = six_mb_fs / "spool.db"
     await asyncio.to_thread(dead_letters_spool, spool_path, 4000)
     await asyncio.to_thread(zero_a_dead_letters_page, spool_path)
-    free = os.statvfs(six_mb_fs).f_bavail * os.statvfs(six_mb_fs).f_frsize
-    # Room for the files opening it takes (its -shm), not for its 800 KB of letters.
-    (six_mb_fs / "filler").write_bytes(b"\0" * (free - 512 * 1024))
+    leave_free(six_mb_fs, 512 * 1024)   # for its -shm, not for its 800 KB of letters
     caplog.set_level(logging.INFO)
     agent = await make_agent(spool=spool_path)
     assert "could not salvage" in caplog.text, "the copy did not fail for room"
     assert agent.spool.counters.get("dropped_corrupt") == 3
     assert agent.spool.dead_count == 0
     assert agent.spool.counters.get("dead_dropped_corrupt", 0) == DEAD
-    [moved] = [p for p in six_mb_fs.glob("spool.db.corrupt-*") if p.name[-4:] not in ("-wal", "-shm")]
+    moved = moved_aside(six_mb_fs)
     assert f"kept in {moved} with its 3 queued events and {DEAD} dead letters" in caplog.text
     await agent.stop()
     assert saved_counters(spool_path).get("dead_dropped_corrupt") == DEAD
