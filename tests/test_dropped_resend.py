@@ -91,3 +91,28 @@ async def test_a_delivered_events_resend_is_a_duplicate_all_window_when_its_reco
     await wait_for(lambda: 5 in fake_nucleus.ids())   # sent after the resend, had it been kept
     assert fake_nucleus.ids().count(0) == 1, fake_nucleus.ids()
     assert agent.spool.counters.get("duplicates", 0) == 1
+
+
+async def test_delivered_keys_that_drop_oldest_deletes_are_counted_forgotten(
+        make_agent: Any, fake_nucleus: FakeNucleus) -> None:
+    """A request partly delivered, then pushed out by when_full = "drop_oldest": the keys
+    of its delivered events leave the file with it, so a restart within the window no
+    longer knows them and a resend goes out again. That is the at-least-once a full spool
+    allows, but it must be counted in dedupe_forgotten, as the stored keys the cap forgets
+    are: it read 0."""
+    fake_nucleus.ack = lambda ev_id: ev_id in (0, 1)   # the third waits, unacknowledged
+    up = {"name": "up", "protocol": "nucleus-http", "url": fake_nucleus.http_url,
+          "flush_interval_s": 0.02, "batch_max_events": 1, "timeout_s": 2}
+    agent = await make_agent(upstreams=[up],
+                             storage={"max_size_mb": 1, "when_full": "drop_oldest"})
+    async with aiohttp.ClientSession() as s:
+        await post(s, agent.port, [event(i) for i in range(3)])   # one record
+        await wait_for(lambda: agent.spool.counters.get("acked", 0) == 2)
+        await fake_nucleus.go_down()
+        n = 100
+        while not agent.spool.counters.get("dropped_full", 0):
+            assert n < 5000, "the spool never filled"
+            await post(s, agent.port, [event(n + j, pad=750) for j in range(5)])
+            n += 5
+    assert agent.spool.counters["dropped_full"] >= 1
+    assert agent.spool.counters.get("dedupe_forgotten", 0) == 2
