@@ -261,7 +261,7 @@ def _fit(conn: sqlite3.Connection, job: Job, packed: list[tuple[Group, bytes, by
         if excess > 0:
             excess = _make_room(conn, excess, job.reject_when_full, out)
             if excess > 0 and not job.reject_when_full:
-                excess = _drop_oldest(conn, excess, out)
+                excess = _drop_oldest(conn, excess, job.remember, out)
             if excess > 0:
                 return excess
         conn.execute("SAVEPOINT rows")
@@ -466,10 +466,11 @@ def _delete(conn: sqlite3.Connection, s: Settle, job: Job, received: int, dkeys:
 
 
 def _drop(conn: sqlite3.Connection, where: str, params: tuple[Any, ...], why: Drop,
-          out: Outcome, spent: int | None = None) -> int:
+          out: Outcome, spent: int | None = None, forget: bool = False) -> int:
     """Delete whole records, counting their live events as ``why``; returns the bytes
     their rows took (estimated: ``row_bytes``). With ``spent`` (an agent-observed ms), the
-    keys of their events already gone are kept in ``spent`` as received then."""
+    keys of their events already gone are kept in ``spent`` as received then; with
+    ``forget``, they leave the file and are counted as forgotten."""
     rows = conn.execute(f"DELETE FROM records WHERE {where} RETURNING id, stream, live, bytes, "
                         "length(data) + length(dkeys), dkeys, gone, lane, received",
                         params).fetchall()
@@ -482,6 +483,8 @@ def _drop(conn: sqlite3.Connection, where: str, params: tuple[Any, ...], why: Dr
                 conn.execute("INSERT OR REPLACE INTO spent(id, received, observed, dkeys) "
                              "VALUES (?, ?, ?, ?)", (rid, received, spent, keys_to_bytes(
                                  [k for k, q in zip(keys, queued) if not q])))
+            elif forget:
+                record(out.counters, Tally.DEDUPE_FORGOTTEN, queued.count(False))
             keys = array("q", compress(keys, queued))
         out.undelivered.append(keys)
         d = out.streams.setdefault(stream, [0, 0])
@@ -579,11 +582,13 @@ def _trim_dead(conn: sqlite3.Connection, excess: int, out: Outcome) -> int:
     return max(0, freed)
 
 
-def _drop_oldest(conn: sqlite3.Connection, excess: int, out: Outcome) -> int:
+def _drop_oldest(conn: sqlite3.Connection, excess: int, remember: bool, out: Outcome) -> int:
     """when_full = "drop_oldest": delete the oldest records until ``excess`` bytes are free:
     the normal lane's first, the high lane's only once no normal event is left (an app's
     error report outlives its page views). Each lane loses its oldest: FIFO is kept.
-    Returns the bytes still missing once none is left (estimated: the caller measures)."""
+    The keys of a record's events already delivered go with it, as the cap forgets stored
+    ones (the index keeps them until a restart). Returns the bytes still missing once none
+    is left (estimated: the caller measures)."""
     freed = 0
     while freed < excess:
         ids = conn.execute("SELECT id FROM records WHERE lane = ? ORDER BY id LIMIT ?",
@@ -592,7 +597,7 @@ def _drop_oldest(conn: sqlite3.Connection, excess: int, out: Outcome) -> int:
         if not ids:
             break
         for (rid,) in ids:
-            freed += _drop(conn, "id = ?", (rid,), Drop.DROPPED_FULL, out)
+            freed += _drop(conn, "id = ?", (rid,), Drop.DROPPED_FULL, out, forget=remember)
             if freed >= excess:
                 break
     return excess - freed
