@@ -146,3 +146,17 @@ async def test_a_hit_with_its_own_context_segmentstream_and_a_clash_is_400(
     assert agent.spool.depth == 0
     fine = {**hit(), "context": {"segmentstream": {"mine": 1}}}   # no clash: kept as sent
     assert (await call(agent.port, "/track", fine, headers=AUTH)).status == 204
+
+
+@pytest.mark.parametrize("hit_id", ["h" * 100, ""], ids=["100-characters", "empty"])
+async def test_a_hit_id_segment_cannot_carry_is_refused_naming_hit_id(
+        make_agent: Any, hit_id: str) -> None:
+    """The hitId becomes the Segment messageId (1 to 99 characters): one that cannot be
+    one is refused naming `hitId`, the field the app sent, not `messageId`, which it did
+    not."""
+    agent = await make_agent()
+    reply = await call(agent.port, "/track", {**hit(), "hitId": hit_id}, headers=AUTH)
+    assert reply.status == 400
+    error = reply.json()["error"]
+    assert "`hitId`" in error and "messageId" not in error, error
+    assert agent.spool.depth == 0
