@@ -55,6 +55,10 @@ def to_segment(body: Any) -> dict[str, Any]:
     hit_id = body.get("hitId")
     if hit_id is not None and not isinstance(hit_id, str):
         raise Invalid("`hitId` must be a string")
+    # It becomes the messageId: checked here, so that the 400 names the field the app sent.
+    if hit_id is not None and not 0 < len(hit_id) <= spec.MAX_MESSAGE_ID:
+        raise Invalid(f"`hitId` must be a string of 1 to {spec.MAX_MESSAGE_ID} characters "
+                      "(the limit of the Segment id it becomes)")
     name = event.get("name") or event.get("category")
     if not isinstance(name, str) or not name:
         raise Invalid("`event.name` (or `event.category`) must be a non-empty string")
