@@ -57,12 +57,16 @@ class Sink:
 
     def key_refusal(self, key: str | None) -> str | None:
         """accept_keys empty means any non-empty key without control characters (one
-        with a line break would split every log line that names it)."""
+        with a line break would split every log line that names it). Either way, a key
+        its upstream could never be sent under is refused (RouteLimits.key_refusal)."""
         if not key:
             return "no key given"
         if self._accept:
-            return None if key in self._accept else "not one of listen.accept_keys"
-        return None if key.isprintable() else "the key holds a control character"
+            if key not in self._accept:
+                return "not one of listen.accept_keys"
+        elif not key.isprintable():
+            return "the key holds a control character"
+        return self.limits.key_refusal(key)
 
     def ticket(self) -> Ticket:
         return self.admission.ticket()

@@ -7,6 +7,7 @@ so the drain sends stored bytes (docs/architecture.md, "Where mapping happens").
 from __future__ import annotations
 
 from collections.abc import Callable, Container
+from functools import partial
 from typing import Any, NamedTuple
 
 import orjson
@@ -26,11 +27,13 @@ _MAPPED: dict[int, Callable[[dict[str, Any], int], dict[str, Any]]] = {
 
 
 class _Route(NamedTuple):
-    """The upstream a key is routed to: its name, its limit, its family (None: unknown)."""
+    """The upstream a key is routed to: its name, its limit, its family (None: unknown),
+    and why a key could never be sent there (None: any can)."""
 
     name: str
     limit: Limit | None
     family: int | None
+    refuses: Callable[[str], str | None] | None = None
 
 
 # Keys remembered with their route; local keys are few, but nothing bounds them when
@@ -51,12 +54,15 @@ class RouteLimits:
     """
 
     def __init__(self, cfg: Config, limit_of: Callable[[UpstreamConfig], Limit | None],
-                 family_of: Callable[[UpstreamConfig], int] | None = None) -> None:
+                 family_of: Callable[[UpstreamConfig], int] | None = None,
+                 key_rule: Callable[[UpstreamConfig, str], str | None] | None = None) -> None:
         self._cfg = cfg
         # Upstream names are unique (config.py): each route's limit and family by name.
         self._routes = {up.name: _Route(up.name, limit_of(up),
-                                        None if family_of is None else family_of(up))
+                                        None if family_of is None else family_of(up),
+                                        None if key_rule is None else partial(key_rule, up))
                         for up in cfg.upstreams}
+        self._rules = key_rule is not None
         # False when no upstream sets a limit: the usual case costs nothing per event.
         self.active = any(r.limit is not None for r in self._routes.values())
         # False when no upstream's family is known: nothing is mapped at ingest.
@@ -76,6 +82,14 @@ class RouteLimits:
             self._by_key.clear()
         self._by_key[key] = found
         return found
+
+    def key_refusal(self, key: str) -> str | None:
+        """Why the upstream ``key`` is routed to could never be sent its events under
+        ``key`` (a Basic auth username holds no ':'), or None."""
+        if not self._rules:
+            return None
+        route = self._route(key)
+        return None if route is None or route.refuses is None else route.refuses(key)
 
     def maps_key(self, key: str) -> bool:
         """Whether ``key``'s Nucleus events are stored mapped to Segment."""

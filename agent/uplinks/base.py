@@ -191,6 +191,12 @@ class UplinkBase(ABC):
             return f"unreachable ({exc.strerror or exc})"
 
     @classmethod
+    def key_refusal(cls, cfg: UpstreamConfig, app_key: str) -> str | None:
+        """Why this upstream could never be sent ``app_key``'s events under that key, or
+        None: ingest refuses such a key (401), as it refuses events too large to carry."""
+        return None
+
+    @classmethod
     def event_limit(cls, cfg: UpstreamConfig) -> Limit | None:
         """The largest event body this upstream can ever carry, or None when it sets no
         limit: what ingest refuses past (agent/server/limits.py), so that nothing is

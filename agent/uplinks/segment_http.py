@@ -71,6 +71,15 @@ class SegmentHttpUplink(UplinkBase):
     refuse_oversize: ClassVar[bool] = True
     max_event_bytes: ClassVar[int | None] = 32 * 1024   # Segment's limit per event
 
+    @classmethod
+    def key_refusal(cls, cfg: UpstreamConfig, app_key: str) -> str | None:
+        # The key is the Basic auth username, which ends at the first colon (RFC 7617):
+        # sent, 'ab:cd' would reach the upstream as the key 'ab'.
+        if not cfg.key and ":" in app_key:
+            return (f"upstream {cfg.name!r} is sent the key as a Basic auth username, which "
+                    "cannot hold ':'")
+        return None
+
     def __init__(self, cfg: UpstreamConfig, app_key: str, session: aiohttp.ClientSession,
                  machine_id: str) -> None:
         super().__init__(cfg, app_key, session, machine_id)
