@@ -412,7 +412,7 @@ def _register_secrets(cfg: Config) -> None:
 def _limits(cfg: Config) -> RouteLimits:
     return RouteLimits(cfg, lambda up: uplink_class(up.protocol).event_limit(up),
                        lambda up: uplink_class(up.protocol).family,
-                       lambda up, key: uplink_class(up.protocol).key_refusal(up, key))
+                       lambda up: uplink_class(up.protocol).key_rule(up))
 
 
 def _register_keys(keys: Iterable[str]) -> None:

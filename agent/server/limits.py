@@ -7,7 +7,6 @@ so the drain sends stored bytes (docs/architecture.md, "Where mapping happens").
 from __future__ import annotations
 
 from collections.abc import Callable, Container
-from functools import partial
 from typing import Any, NamedTuple
 
 import orjson
@@ -36,6 +35,8 @@ class _Route(NamedTuple):
     refuses: Callable[[str], str | None] | None = None
 
 
+# An upstream's rule on the app keys it can be sent (uplinks' ``key_rule``): None for any.
+KeyRuleOf = Callable[[UpstreamConfig], Callable[[str], str | None] | None]
 # Keys remembered with their route; local keys are few, but nothing bounds them when
 # accept_keys is empty, so the memo is emptied when full. A key longer than any real
 # one (a write key or app id is a few dozen characters; a path's may be 64 KiB) is
@@ -55,14 +56,15 @@ class RouteLimits:
 
     def __init__(self, cfg: Config, limit_of: Callable[[UpstreamConfig], Limit | None],
                  family_of: Callable[[UpstreamConfig], int] | None = None,
-                 key_rule: Callable[[UpstreamConfig, str], str | None] | None = None) -> None:
+                 key_rule_of: KeyRuleOf | None = None) -> None:
         self._cfg = cfg
         # Upstream names are unique (config.py): each route's limit and family by name.
         self._routes = {up.name: _Route(up.name, limit_of(up),
                                         None if family_of is None else family_of(up),
-                                        None if key_rule is None else partial(key_rule, up))
+                                        None if key_rule_of is None else key_rule_of(up))
                         for up in cfg.upstreams}
-        self._rules = key_rule is not None
+        # False when every upstream can be sent any key: no key is asked about.
+        self._rules = any(r.refuses is not None for r in self._routes.values())
         # False when no upstream sets a limit: the usual case costs nothing per event.
         self.active = any(r.limit is not None for r in self._routes.values())
         # False when no upstream's family is known: nothing is mapped at ingest.

@@ -191,9 +191,10 @@ class UplinkBase(ABC):
             return f"unreachable ({exc.strerror or exc})"
 
     @classmethod
-    def key_refusal(cls, cfg: UpstreamConfig, app_key: str) -> str | None:
-        """Why this upstream could never be sent ``app_key``'s events under that key, or
-        None: ingest refuses such a key (401), as it refuses events too large to carry."""
+    def key_rule(cls, cfg: UpstreamConfig) -> Callable[[str], str | None] | None:
+        """None when this upstream can be sent any app key; else what says why it could
+        never be sent an app key's events under that key (None for one it can): ingest
+        refuses such a key (401), as it refuses events too large to carry."""
         return None
 
     @classmethod
