@@ -318,6 +318,26 @@ async def test_pixel_always_answers_a_gif(make_agent: Any) -> None:
     assert agent.spool.depth == 1
 
 
+async def test_a_pixel_whose_base64_is_wrapped_in_lines_is_stored(make_agent: Any,
+                                                                  fake_segment: FakeSegment) -> None:
+    """MIME-style base64, a line break every 60 or 76 characters (Ruby's Base64.encode64,
+    Perl's encode_base64, `openssl base64`), URL-escaped as %0A: line breaks are no data
+    (RFC 2045), and Go's base64, Segment's own, skips them. Refused as "not base64", the
+    pixel's event was lost behind its 200 GIF."""
+    agent = await make_agent(upstreams=[segment_up(fake_segment)])
+    event = {"userId": "u", "writeKey": "k", "event": "Email Opened", "messageId": "px-1",
+             "properties": {"campaign": "winter", "subject": "x" * 80}}
+    data = base64.encodebytes(orjson.dumps(event)).decode()    # a line every 76 characters
+    assert data.count("\n") > 1
+    escaped = data.replace("+", "%2B").replace("/", "%2F").replace("=", "%3D") \
+        .replace("\n", "%0A")
+    reply = await call(agent.port, f"/v1/pixel/track?data={escaped}", method="GET")
+    assert reply.status == 200 and reply.body == GIF
+    assert "X-Outpost-Error" not in reply.headers, reply.headers["X-Outpost-Error"]
+    await wait_for(lambda: len(fake_segment.events) == 1)
+    assert fake_segment.events[0]["properties"] == event["properties"]
+
+
 async def test_a_head_request_to_the_pixel_stores_nothing(make_agent: Any) -> None:
     """HEAD is a safe method (RFC 9110): link checkers, prefetchers and proxies send it
     to see what a URL is. aiohttp answers HEAD with a GET route's handler, so the pixel
