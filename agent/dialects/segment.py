@@ -348,12 +348,19 @@ def query_key(request: web.Request) -> str | None:
     return request.query.get("writeKey") or None
 
 
+# Line breaks of MIME-style base64 (Ruby's Base64.encode64, Perl's encode_base64: one every
+# 60 or 76 characters): no data (RFC 2045), and skipped by Go's base64, Segment's own.
+_LINE_BREAKS = str.maketrans("", "", "\r\n")
+
+
 def decode_pixel(data: str) -> Any:
-    """The base64 JSON of a pixel's `data` (standard or URL-safe, padding optional)."""
+    """The base64 JSON of a pixel's `data` (standard or URL-safe, padding optional, in
+    lines or not)."""
     if not data:
         raise BodyError(400, "missing `data` query parameter")
     # A literal '+' in an unescaped query string arrives as a space.
-    text = data.strip().replace(" ", "+").replace("-", "+").replace("_", "/")
+    text = data.strip().translate(_LINE_BREAKS).replace(" ", "+").replace("-", "+") \
+        .replace("_", "/")
     try:
         raw = base64.b64decode(text + "=" * (-len(text) % 4), validate=True)
     except (binascii.Error, ValueError) as exc:
