@@ -49,6 +49,23 @@ async def test_bad_token_is_401(make_agent: Any, headers: dict[str, str]) -> Non
     assert reply.status == 401 and "token" in reply.json()["error"]
 
 
+@pytest.mark.parametrize("header,named", [
+    ("Bearer abc123", "must be Basic auth"),
+    ("Basic !!!", "not base64"),
+])
+async def test_an_unreadable_authorization_header_is_401_saying_why(
+        make_agent: Any, header: str, named: str) -> None:
+    """A token sent the wrong way (Bearer, as many APIs take it) is refused saying so, as
+    the Segment routes say it, not as if no header had been sent."""
+    agent = await make_agent()
+    reply = await call(agent.port, "/track", seed.SEGMENTSTREAM_TRACK,
+                       headers={"Authorization": header})
+    assert reply.status == 401
+    error = reply.json()["error"]
+    assert named in error and "no key given" not in error, error
+    assert agent.spool.depth == 0
+
+
 def hit(**event: Any) -> dict[str, Any]:
     return {"hitId": "h1", "event": {"name": "n", "user": {"userId": "u"}, **event}}
 
