@@ -115,8 +115,8 @@ class SegmentStreamHandlers:
     async def track(self, request: web.Request) -> web.StreamResponse:
         try:
             key = basic_user(request.headers.get("Authorization"))
-        except BadAuth:
-            key = None   # refused as a missing token
+        except BadAuth as exc:   # there, but naming no token: said, not taken for none
+            return error(401, f"missing or invalid API token: {exc}")
         if (why := self.sink.key_refusal(key)) is not None:
             return error(401, f"missing or invalid API token: {why}")
         assert key is not None
