@@ -105,3 +105,23 @@ async def test_websocket_routes_still_upgrade(make_agent: Any) -> None:
                 await ws.send_str('{"data":[{"type":"event","name":"e","id":"x","sessionId":1,'
                                   '"date":"2026-01-01T00:00:00Z"}]}')
                 assert await ws.receive_json(timeout=10) == {"reportedIds": ["x"]}
+
+
+@pytest.mark.parametrize("path,allowed,headers", [
+    ("/v1/track", {"POST", "OPTIONS"}, {}),
+    ("/app/k/track", {"POST", "OPTIONS"}, {}),
+    ("/healthz", {"GET", "HEAD", "OPTIONS"}, {}),
+    ("/v1/batch", {"POST", "OPTIONS"}, {"Origin": ALLOWED}),   # not a preflight either
+])
+async def test_an_options_request_that_is_no_preflight_is_told_what_the_path_allows(
+        make_agent: Any, path: str, allowed: set[str], headers: dict[str, str]) -> None:
+    """OPTIONS asks what a path takes (RFC 9110 9.3.7): curl -X OPTIONS, an HTTP library's
+    probe. It got a bare 405 with no Allow and no body, which says neither what is wrong
+    nor what would do, and counted nothing."""
+    agent = await make_agent(listen={"allowed_origins": [ALLOWED]})
+    reply = await call(agent.port, path, method="OPTIONS", headers=headers)
+    assert reply.status == 204, (reply.status, reply.body)
+    assert {m.strip() for m in reply.headers.get("Allow", "").split(",")} == allowed
+    if headers:
+        assert reply.headers["Access-Control-Allow-Origin"] == ALLOWED
+    assert (await status_of(agent.port))["ingest"]["refused"] == {}
