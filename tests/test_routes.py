@@ -109,7 +109,7 @@ async def test_websocket_routes_still_upgrade(make_agent: Any) -> None:
 
 @pytest.mark.parametrize("path,allowed,headers", [
     ("/v1/track", {"POST", "OPTIONS"}, {}),
-    ("/app/k/track", {"POST", "OPTIONS"}, {}),
+    ("/app/k/track", {"GET", "POST", "OPTIONS"}, {}),   # GET: its websocket upgrade
     ("/healthz", {"GET", "HEAD", "OPTIONS"}, {}),
     ("/v1/batch", {"POST", "OPTIONS"}, {"Origin": ALLOWED}),   # not a preflight either
 ])

@@ -187,8 +187,11 @@ def _origin_of(url: str | None) -> str | None:
 
 
 async def _no_options(request: web.Request) -> web.StreamResponse:
-    """OPTIONS that is not a CORS preflight (those are answered by the guard)."""
-    return web.Response(status=405)
+    """OPTIONS that is not a CORS preflight (those are answered by the guard): what the
+    path takes, as RFC 9110 answers it (Allow)."""
+    resource = request.match_info.route.resource
+    methods = {route.method for route in resource} if resource is not None else {"OPTIONS"}
+    return web.Response(status=204, headers={"Allow": ", ".join(sorted(methods))})
 
 
 def _refuse(status: int, message: str) -> web.Response:
