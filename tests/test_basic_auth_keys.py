@@ -5,10 +5,13 @@ accepted, its events reached the upstream under another key, the part before the
 
 from __future__ import annotations
 
+from pathlib import Path
 from typing import Any
 
+import aiohttp
 import orjson
 
+from tests.conftest import write_config
 from tests.fakes.segment_upstream import FakeSegment
 from tests.segment_helpers import call, segment_up, wait_for
 
@@ -46,3 +49,38 @@ async def test_a_key_with_a_colon_is_taken_where_the_upstream_sends_its_own_key(
     assert reply.status == 200, reply.body
     await wait_for(lambda: len(fake_segment.events) == 1)
     assert fake_segment.requests[0].write_key == "upstreamKey"
+
+
+async def test_a_colon_keys_queue_a_reload_sends_under_the_apps_key_stays_queued_saying_why(
+        make_agent: Any, fake_segment: FakeSegment) -> None:
+    """Taken while the upstream sent a key of its own, then its `key` removed by a reload:
+    the queued events would have reached the upstream under 'ab', another key's account.
+    They stay queued instead, retried with backoff, last_error saying why, until the
+    configuration gives them a key again."""
+    fake_segment.outage = (503, None)
+    agent = await make_agent(upstreams=[segment_up(fake_segment, key="upstreamKey")])
+    reply = await call(agent.port, "/v1/batch", {"batch": [track("r-1")], "writeKey": COLON_KEY})
+    assert reply.status == 200, reply.body
+    await wait_for(lambda: len(fake_segment.requests) >= 1)
+    write_config(Path(agent.config_path), agent.spool.path, upstreams=[segment_up(fake_segment)])
+    await agent.reload()
+    fake_segment.outage = None
+
+    async def sent_or_said() -> bool:
+        return bool(fake_segment.events) or "':'" in ((await upstream(agent.port))["last_error"] or "")
+
+    await wait_for(sent_or_said)
+    assert not fake_segment.events, [r.write_key for r in fake_segment.requests]
+    assert agent.spool.depth == 1
+    # A key of the upstream's own again: they go, under it.
+    write_config(Path(agent.config_path), agent.spool.path,
+                 upstreams=[segment_up(fake_segment, key="upstreamKey")])
+    await agent.reload()
+    await wait_for(lambda: len(fake_segment.events) == 1)
+    assert fake_segment.accepted()[-1].write_key == "upstreamKey"
+
+
+async def upstream(port: int) -> dict[str, Any]:
+    async with aiohttp.ClientSession() as s, s.get(f"http://127.0.0.1:{port}/status") as r:
+        (up,) = (await r.json())["upstreams"]
+        return dict(up)
