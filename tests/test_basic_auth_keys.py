@@ -10,8 +10,10 @@ from typing import Any
 
 import aiohttp
 import orjson
+import pytest
 
 from tests.conftest import write_config
+from tests.test_config import check_config
 from tests.fakes.segment_upstream import FakeSegment
 from tests.segment_helpers import call, segment_up, wait_for
 
@@ -84,3 +86,27 @@ async def upstream(port: int) -> dict[str, Any]:
     async with aiohttp.ClientSession() as s, s.get(f"http://127.0.0.1:{port}/status") as r:
         (up,) = (await r.json())["upstreams"]
         return dict(up)
+
+
+@pytest.mark.parametrize(("where", "noted"), [
+    ('[listen]\naccept_keys = ["ab:cd", "plain"]\n', True),
+    ('', False),   # "*" only: no key is named
+])
+def test_check_config_notes_a_named_colon_key_that_every_request_of_would_be_refused(
+        tmp_path: Path, where: str, noted: bool) -> None:
+    """A key the config names (listen.accept_keys, an upstream's keys) that ingest will
+    refuse at every request: check-config said ok, and the app found out at its first."""
+    cfg = tmp_path / "agent.toml"
+    cfg.write_text(f'{where}\n[[upstream]]\nname = "own"\nprotocol = "segment-http"\n'
+                   'url = "https://api.segment.io"\nkey = "k"\nkeys = ["x:y"]\n\n'
+                   '[[upstream]]\nname = "seg"\nprotocol = "segment-http"\n'
+                   'url = "https://api.segment.io"\nkeys = ["*"]\n')
+    run = check_config(str(cfg))
+    assert run.returncode == 0, run.stderr
+    notes = [ln for ln in run.stdout.splitlines() if ln.startswith("note:")]
+    notes = [ln for ln in notes if "':'" in ln]
+    if not noted:
+        assert notes == [], run.stdout
+        return
+    (note,) = notes   # not 'x:y': its upstream sends a key of its own
+    assert "'ab:cd'" in note and "'seg'" in note, note
