@@ -16,6 +16,7 @@ from pathlib import Path
 from agent import paths
 from agent.settings import Config
 from agent.terminal import systemd_word
+from agent.uplinks.registry import uplink_class
 
 STORAGE_FIX = "set storage.path to a file in a directory this user can write"
 
@@ -41,7 +42,21 @@ def notices(cfg: Config) -> list[str]:
 def notes(cfg: Config) -> list[str]:
     """What in a valid config loses or strands events, one line each: check-config's
     notes, the agent's start's warnings."""
-    return shadowed(cfg) + expired_when_held(cfg) + readable_keys(cfg)
+    return shadowed(cfg) + expired_when_held(cfg) + refused_keys(cfg) + readable_keys(cfg)
+
+
+def refused_keys(cfg: Config) -> list[str]:
+    """Keys the config names (accept_keys, upstreams' keys) that ingest refuses at every
+    request: their upstream could never be sent them (a Basic auth username without ':')."""
+    named = [*cfg.listen.accept_keys, *(k for u in cfg.upstreams for k in u.keys if k != "*")]
+    out = []
+    for key in dict.fromkeys(named):
+        up = cfg.route(key)
+        rule = None if up is None else uplink_class(up.protocol).key_rule(up)
+        if up is not None and rule is not None and (why := rule(key)) is not None:
+            out.append(f"key {key!r} is refused at every request: {why}; give upstream "
+                       f"{up.name!r} a key of its own, or route this key elsewhere")
+    return out
 
 
 def readable_keys(cfg: Config) -> list[str]:

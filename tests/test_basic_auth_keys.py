@@ -13,9 +13,9 @@ import orjson
 import pytest
 
 from tests.conftest import write_config
-from tests.test_config import check_config
 from tests.fakes.segment_upstream import FakeSegment
 from tests.segment_helpers import call, segment_up, wait_for
+from tests.test_config import check_config
 
 COLON_KEY = "ab:cd"
 
