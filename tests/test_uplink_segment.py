@@ -231,3 +231,37 @@ async def test_a_207_naming_a_place_too_long_for_a_number_is_split(make_agent: A
     dead = await a.spool.dead_letters()
     assert [orjson.loads(d["body"])["messageId"] for d in dead] == ["m1"]
     assert seen[0] == ["m0", "m1", "m2"] and ["m1"] in seen
+
+
+@pytest.mark.parametrize("refusal", [
+    # MetaRouter's (the Segment-spec seed): a 400 whose body names the write key.
+    {"Success": False, "Errors": [{"Error": "Bad Request",
+                                   "Message": "Invalid or missing writekey", "Details": ""}]},
+    {"Error": "Bad Request", "Message": "Invalid or missing writekey", "Details": ""}])
+async def test_a_400_that_refuses_the_write_key_keeps_the_events(
+        make_agent: Any, fast_backoff: Seams, refusal: dict[str, Any]) -> None:
+    """A Segment-spec collector (MetaRouter) answers a wrong or missing write key with a 400
+    that says so, not a 401. That is the configuration's fault, as a 401 is: the events are
+    kept and retried, and last_error says to check the key. It was taken for a batch
+    refused for its events: split down to single events, each refused in turn, and the
+    whole queue went to dead letters for a typo in the key."""
+    seen: list[list[str]] = []
+
+    async def collector(request: web.Request) -> web.Response:
+        seen.append([ev["messageId"] for ev in (await request.json())["batch"]])
+        if len(seen) <= 3:   # until the operator fixes the key
+            return web.json_response(refusal, status=400)
+        return web.json_response({"success": True})
+
+    async with serving("/v1/batch", collector) as url:
+        agent = await make_agent(upstreams=[{
+            "name": "c", "protocol": "segment-http", "url": url, "key": "typo",
+            "flush_interval_s": 0.05, "timeout_s": 2}])
+        await send(agent.port, events(4))
+        state = agent.forwarding.states["c"]
+        await wait_for(lambda: agent.spool.depth == 0)
+    assert await agent.spool.dead_letters() == []
+    # Each try sent the whole batch again, as after a 401: nothing was split.
+    assert seen == [["m0", "m1", "m2", "m3"]] * 4, seen
+    assert state.retries == 3 and state.acked == 4
+    assert "check the upstream's key" in (state.last_error or ""), state.last_error
