@@ -20,7 +20,8 @@ honouring Retry-After. 400, 413 and 422 mean the batch itself is refused:
 the forwarder splits it to isolate the events at fault, which go to dead
 letters with the upstream's reason. Other statuses (401, 403, 404: a wrong
 key or URL) are a configuration problem, retried with backoff, so that a
-typo does not dead-letter the whole queue.
+typo does not dead-letter the whole queue; and so is a 400 whose body blames
+the write key (MetaRouter's "Invalid or missing writekey").
 """
 
 from __future__ import annotations
@@ -57,6 +58,11 @@ MULTI_STATUS = 207
 _PLACE = re.compile(r"batch\[([0-9]{1,9})\]")
 # A 207 item's status, by the phrase Outpost writes (Python's HTTPStatus: 3.13 renamed
 # 413 and 422, and Outposts on either side may run either).
+# A refusal that blames the write key, not the events (MetaRouter answers a wrong or missing
+# key with 400 "Invalid or missing writekey"): the configuration's fault, as a 401 is.
+_KEY_REFUSED = re.compile(rb"(?:invalid|missing|unknown|wrong)[a-z ]{0,16}write[ _-]?key",
+                          re.IGNORECASE)
+_KEY_SEARCHED = 4096   # bytes of a refusal searched: its message comes first
 _STATUS_OF = {"Bad Request": 400, "Request Entity Too Large": 413, "Content Too Large": 413,
               "Unprocessable Entity": 422, "Unprocessable Content": 422}
 
@@ -153,6 +159,10 @@ class SegmentHttpUplink(UplinkBase):
         if status == MULTI_STATUS:
             return _partly_stored(raw, prepared) or Refused(reason)
         if status in REJECTED_STATUSES:
+            if _KEY_REFUSED.search(raw, 0, _KEY_SEARCHED):
+                # Split, every event alone got the same answer: the whole queue went to
+                # dead letters for a typo in the key.
+                return Retry(f"{reason} (check the upstream's key)")
             return Refused(reason)
         if is_retryable(status):
             return Retry(reason, retry_after=wait)
