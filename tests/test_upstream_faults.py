@@ -734,3 +734,17 @@ async def test_a_crash_while_batches_settle_before_a_backoff_reaches_the_supervi
     with pytest.raises(ValueError, match="injected delivery fault"):
         await asyncio.wait_for(task, 2)
     assert parked == []
+
+
+@pytest.mark.parametrize("body", [b'{"error": "app not found"}', b"OK app not found"])
+async def test_a_nucleus_http_200_without_reported_ids_names_what_the_upstream_said(
+        make_agent: Any, faulty: FaultyUpstream, body: bytes) -> None:
+    """A 200 whose body is other JSON than reportedIds, or no JSON at all: nothing is
+    acknowledged, the batch is sent again, and last_error says what the upstream said, as
+    over the websocket. It said only 'reply did not acknowledge every event'."""
+    faulty.script = [Fault("malformed", body=body)]
+    agent = await make_agent(upstreams=[upstream(faulty, "nucleus-http")])
+    await send(agent, [event(i) for i in range(3)])
+    await drained(agent, faulty, 3)
+    state = agent.forwarding.states["up"]
+    assert state.retries == 1 and "app not found" in (state.last_error or ""), state.last_error
