@@ -66,13 +66,16 @@ class NucleusHttpUplink(NucleusFraming, UplinkBase):
                 return misconfigured(status, f"HTTP {status}")
             # No per-event verdict: the forwarder splits the batch to find the culprit.
             return Refused(f"HTTP {status}: {excerpt(raw, 200)}")
+        if not isinstance(ids, list):
+            # No answer at all (an error in JSON, or not JSON): what it said is the clue.
+            said = excerpt(raw, 200) or "nothing (an empty body)"
+            return Retry(f"HTTP 200 without reportedIds; the upstream said {said}")
         acked = match(dict(zip(prepared.ids, prepared.seqs)), ids)
         if len(acked) < len(prepared.seqs):
             got = set(acked)
             # A well-formed reply answered for the whole batch: the rest was left out.
             return Retry("reply did not acknowledge every event", acked=tuple(acked),
-                         omitted=tuple(s for s in prepared.seqs if s not in got)
-                         if isinstance(ids, list) else ())
+                         omitted=tuple(s for s in prepared.seqs if s not in got))
         return Acked(tuple(acked))
 
 
