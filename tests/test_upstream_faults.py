@@ -11,6 +11,7 @@ test waits out real seconds.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import email.utils
 import math
 import random
@@ -23,6 +24,7 @@ from typing import Any
 import aiohttp
 import orjson
 import pytest
+from aiohttp import web
 
 from agent.families.lanes import LANES
 from agent.forwarder.backoff import BACKOFF, Backoff
@@ -32,6 +34,7 @@ from agent.spool.types import Queued, Run
 from agent.uplinks.http_common import REPLY_MAX_BYTES, retry_after
 from tests.conftest import FAST_BACKOFF
 from tests.fakes.faulty_upstream import NEVER_SENT, Fault, FaultyUpstream, Request
+from tests.fakes.loopback_server import serving
 from tests.fakes.manual_timing import ManualTiming
 from tests.waiting import wait_for
 
@@ -748,3 +751,34 @@ async def test_a_nucleus_http_200_without_reported_ids_names_what_the_upstream_s
     await drained(agent, faulty, 3)
     state = agent.forwarding.states["up"]
     assert state.retries == 1 and "app not found" in (state.last_error or ""), state.last_error
+
+
+@pytest.mark.parametrize("protocol", ["nucleus-http", "segment-http"])
+async def test_a_batch_too_slow_to_send_within_timeout_s_says_so(make_agent: Any,
+                                                                 protocol: str) -> None:
+    """A link too slow to carry a full batch within timeout_s (here an upstream that reads
+    the request at 100 KB/s): every try times out, and the key cannot drain until
+    batch_max_bytes or timeout_s changes. Status must say why (DESIGN 2.6): last_error
+    said 'request failed: TimeoutError', with no word of the wait or the batch's size."""
+    reads: list[int] = []
+
+    async def slow(request: web.Request) -> web.StreamResponse:
+        size = 0
+        with contextlib.suppress(ConnectionError):
+            while chunk := await request.content.read(1000):
+                size += len(chunk)
+                await asyncio.sleep(0.01)
+        reads.append(size)
+        return web.json_response({"reportedIds": []})
+
+    path = "/v1/batch" if protocol == "segment-http" else "/app/{key}/track"
+    async with serving(path, slow) as url:
+        agent = await make_agent(upstreams=[{
+            "name": "up", "protocol": protocol, "url": url, "flush_interval_s": 0.02,
+            "timeout_s": 0.3}])
+        await send(agent, [event(i, pad="x" * 2000) for i in range(40)])
+        state = agent.forwarding.states["up"]
+        await wait_for(lambda: state.retries >= 1)
+    error = state.last_error or ""
+    assert "0.3s" in error and "timeout_s" in error, error
+    assert "batch_max_bytes" in error and re.search(r"\b\d{5} bytes", error), error
