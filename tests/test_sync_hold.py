@@ -22,6 +22,7 @@ from agent.sync.metered.none import NoSource
 from agent.sync.monitor import BATTERY_POLL_S, HOLD_CHECK_S, RELEASE_RECHECK_S, SyncMonitor
 from agent.sync.policy import Battery
 from tests.conftest import write_config
+from tests.fakes.faulty_upstream import Fault, FaultyUpstream
 from tests.fakes.manual_timing import ManualTiming
 from tests.fakes.nucleus_upstream import FakeNucleus
 from tests.test_sync_battery import Sensor, upstream
@@ -346,3 +347,37 @@ async def test_events_being_committed_as_a_release_comes_are_timed_after_it(
     await let_pass(clock, timing, HALF_HOUR)   # (the waiter times them)
     await wait_for(lambda: agent.spool.depth == 0)
     assert sent(fake_nucleus) == [1, 2, 3, 4, 5] and agent.sync.releases == 2
+
+
+async def test_a_send_in_flight_when_a_hold_comes_finishes_and_its_ack_is_kept(
+        make_agent: Any, faulty: FaultyUpstream) -> None:
+    """docs/operations.md (Sync policy): 'A send already in flight finishes and its
+    acknowledgement is kept.' A hold stopped the key's loop with a stop's grace (5 s, the
+    one a shutdown or a reload waits): an upstream slower than that (a large batch on the
+    metered link the hold is for) had its request cut short, its answer thrown away, and
+    the same events went to it again once the hold ended."""
+    faulty.script = [Fault("slow", delay=1.0)]   # answered properly, a second on
+    timing = ManualTiming()
+    sensor = Sensor(Battery(percent=50, plugged=False))
+    up = {"name": "up", "protocol": "nucleus-http", "url": faulty.http_url, "keys": ["app1"],
+          "flush_interval_s": 0.05, "timeout_s": 10}
+    agent = await make_agent(upstreams=[up], seams=Seams(timing=timing, grace_s=0.2),
+                             battery=sensor,
+                             sync={"on_low_battery": "hold", "low_battery_pct": 20})
+    await post(agent.port, range(1, 4))
+    await wait_for(lambda: len(faulty.requests) == 1)   # in flight
+    sensor.reading = LOW
+    await wait_for(lambda: BATTERY_POLL_S in timing.pending())
+    timing.advance(BATTERY_POLL_S)
+    await wait_for(lambda: agent.sync.profile.mode == "hold")
+    await wait_for(lambda: not agent.forwarding.loops)   # ended once its send did
+    assert agent.spool.depth == 0 and agent.forwarding.states["up"].acked == 3
+    assert faulty.requests[0].acked == [1, 2, 3]
+
+    sensor.reading = Battery(percent=50, plugged=True)
+    await wait_for(lambda: BATTERY_POLL_S in timing.pending())
+    timing.advance(BATTERY_POLL_S)
+    await wait_for(lambda: agent.sync.profile.mode == "normal")
+    await post(agent.port, range(4, 5))   # the key's next loop: nothing of the first again
+    await wait_for(lambda: agent.spool.depth == 0)
+    assert [ev["id"] for r in faulty.requests for ev in r.events] == [1, 2, 3, 4]
