@@ -130,6 +130,9 @@ class StreamForwarder:
                  slots: Slots | None = None, grace_s: float = STOP_GRACE_S) -> None:
         self.cfg = cfg
         self.grace_s = grace_s   # a stop's wait for the batches in flight
+        # Set by a stop that waits only grace_s for them (a shutdown, a reload); a hold's
+        # stop (stop(hurry=False)) lets them finish, each within timeout_s.
+        self._hurry = asyncio.Event()
         self.cut_short = 0       # sends a stop cancelled after that wait
         # The upstream's batches in flight, shared by its keys' loops (slots.py).
         self.slots = Slots() if slots is None else slots
@@ -193,6 +196,8 @@ class StreamForwarder:
                 await self._step()
         finally:
             self._leave_slots()   # first: whatever the settle raises, none is kept
+            if self.stopping:
+                await self._finish_sends()
             await self._settle(timeout=self.grace_s)
             await self.uplink.close()
             if self.stopping and self._failed is not None and self.release is not None \
@@ -811,8 +816,26 @@ class StreamForwarder:
         self.interrupt.set()
         self.wake.set()
 
-    def stop(self) -> None:
+    async def _finish_sends(self) -> None:
+        """A hold's stop: wait for the batches in flight to be answered (each send ends
+        within timeout_s), unless a stop in a hurry (a shutdown, a reload) comes meanwhile;
+        cut after a grace, a slow upstream's answer was lost and its events sent again."""
+        hurry: asyncio.Task[bool] | None = None
+        try:
+            while self._tasks and not self._hurry.is_set():
+                if hurry is None:
+                    hurry = asyncio.create_task(self._hurry.wait())
+                await asyncio.wait({*self._tasks, hurry}, return_when=asyncio.FIRST_COMPLETED)
+        finally:
+            if hurry is not None:
+                hurry.cancel()
+
+    def stop(self, hurry: bool = True) -> None:
+        """Stop the loop; what it has in flight gets ``grace_s`` to be answered, or, not in
+        a ``hurry`` (a hold), as long as its sends take."""
         self.stopping = True
+        if hurry:
+            self._hurry.set()
         if self._connecting is not None:
             self._connecting.cancel()
         self.interrupt.set()

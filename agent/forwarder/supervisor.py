@@ -310,7 +310,7 @@ class Supervisor:
             lanes = self.may_send(key)
             if not lanes:
                 loop.until = None   # a release under way ends, as below
-                loop.stop()
+                loop.stop(hurry=False)   # a send in flight finishes, its ack kept
             elif lanes != loop.lanes or loop.until is not None:
                 # Fewer lanes: what is in flight settles, nothing more of the others is
                 # read. More: the next read takes them. Either way no resend is needed.
