@@ -381,3 +381,27 @@ async def test_a_send_in_flight_when_a_hold_comes_finishes_and_its_ack_is_kept(
     await post(agent.port, range(4, 5))   # the key's next loop: nothing of the first again
     await wait_for(lambda: agent.spool.depth == 0)
     assert [ev["id"] for r in faulty.requests for ev in r.events] == [1, 2, 3, 4]
+
+
+async def test_a_shutdown_while_a_hold_waits_for_a_send_in_flight_waits_only_its_grace(
+        make_agent: Any, faulty: FaultyUpstream) -> None:
+    """The hold lets a send in flight finish; a shutdown that comes meanwhile still cuts it
+    after the stop's grace, as without the hold."""
+    faulty.script = [Fault("slow", delay=30.0)]
+    timing = ManualTiming()
+    sensor = Sensor(Battery(percent=50, plugged=False))
+    up = {"name": "up", "protocol": "nucleus-http", "url": faulty.http_url, "keys": ["app1"],
+          "flush_interval_s": 0.05, "timeout_s": 60}
+    agent = await make_agent(upstreams=[up], seams=Seams(timing=timing, grace_s=0.2),
+                             battery=sensor,
+                             sync={"on_low_battery": "hold", "low_battery_pct": 20})
+    await post(agent.port, range(1, 4))
+    await wait_for(lambda: len(faulty.requests) == 1)   # in flight for 30 s
+    sensor.reading = LOW
+    await wait_for(lambda: BATTERY_POLL_S in timing.pending())
+    timing.advance(BATTERY_POLL_S)
+    await wait_for(lambda: agent.sync.profile.mode == "hold")
+    loop = agent.forwarding.loops["app1"]
+    assert loop.stopping
+    await asyncio.wait_for(agent.stop(), 5)
+    assert loop.cut_short == 1 and agent.spool is not None
