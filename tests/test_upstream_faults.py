@@ -782,3 +782,27 @@ async def test_a_batch_too_slow_to_send_within_timeout_s_says_so(make_agent: Any
     error = state.last_error or ""
     assert "0.3s" in error and "timeout_s" in error, error
     assert "batch_max_bytes" in error and re.search(r"\b\d{5} bytes", error), error
+
+
+@pytest.mark.parametrize("status", [201, 202])
+async def test_a_nucleus_http_2xx_other_than_200_with_reported_ids_acknowledges_them(
+        make_agent: Any, status: int) -> None:
+    """A Nucleus-compatible collector that answers its track POST with 201 (NestJS's default
+    for a POST handler) or 202, and reportedIds: those are the acknowledgement (DESIGN 2.3),
+    whatever the 2xx. Only 200 was read: the batch was sent again at every backoff, stored
+    again by the upstream each time, and the key never drained."""
+    seen: list[list[Any]] = []
+
+    async def collector(request: web.Request) -> web.Response:
+        ids = [ev["id"] for ev in (await request.json())["data"]]
+        seen.append(ids)
+        return web.json_response({"reportedIds": ids}, status=status)
+
+    async with serving("/app/{key}/track", collector) as url:
+        agent = await make_agent(upstreams=[{
+            "name": "up", "protocol": "nucleus-http", "url": url, "flush_interval_s": 0.02,
+            "timeout_s": 2}])
+        await send(agent, [event(i) for i in range(3)])
+        state = agent.forwarding.states["up"]
+        await wait_for(lambda: agent.spool.depth == 0 or state.retries > 0)
+    assert (state.retries, state.acked, seen) == (0, 3, [[0, 1, 2]]), state.last_error
