@@ -55,11 +55,13 @@ class NucleusHttpUplink(NucleusFraming, UplinkBase):
         # A JSON reply is one whatever its label (Express's `res.send(string)` says text/html).
         if page := html_instead_of_reply(status, answer.content_type, raw, len(prepared.seqs)):
             return Retry(page, retry_after=wait)
-        ids = _reported_ids(raw) if status == 200 and not answer.cut else None
-        if status == 200 and answer.cut:
+        # Any 2xx: its reportedIds are the verdict (a NestJS collector answers a POST 201).
+        answered = 200 <= status < 300
+        ids = _reported_ids(raw) if answered and not answer.cut else None
+        if answered and answer.cut:
             return Retry(f"a reply over {REPLY_MAX_BYTES} bytes, not read (a batch's answer is "
                          "its reportedIds)")
-        if status != 200:
+        if not answered:
             if is_retryable(status):
                 return Retry(f"HTTP {status}", retry_after=wait)
             if status not in REJECTED_STATUSES:
@@ -69,7 +71,7 @@ class NucleusHttpUplink(NucleusFraming, UplinkBase):
         if not isinstance(ids, list):
             # No answer at all (an error in JSON, or not JSON): what it said is the clue.
             said = excerpt(raw, 200) or "nothing (an empty body)"
-            return Retry(f"HTTP 200 without reportedIds; the upstream said {said}")
+            return Retry(f"HTTP {status} without reportedIds; the upstream said {said}")
         acked = match(dict(zip(prepared.ids, prepared.seqs)), ids)
         if len(acked) < len(prepared.seqs):
             got = set(acked)
