@@ -237,9 +237,11 @@ async def test_a_207_naming_a_place_too_long_for_a_number_is_split(make_agent: A
     # MetaRouter's (the Segment-spec seed): a 400 whose body names the write key.
     {"Success": False, "Errors": [{"Error": "Bad Request",
                                    "Message": "Invalid or missing writekey", "Details": ""}]},
-    {"Error": "Bad Request", "Message": "Invalid or missing writekey", "Details": ""}])
+    {"Error": "Bad Request", "Message": "Invalid or missing writekey", "Details": ""},
+    # RudderStack's gateway (before it moved to 401): plain text.
+    "Invalid Write Key\n"])
 async def test_a_400_that_refuses_the_write_key_keeps_the_events(
-        make_agent: Any, fast_backoff: Seams, refusal: dict[str, Any]) -> None:
+        make_agent: Any, fast_backoff: Seams, refusal: dict[str, Any] | str) -> None:
     """A Segment-spec collector (MetaRouter) answers a wrong or missing write key with a 400
     that says so, not a 401. That is the configuration's fault, as a 401 is: the events are
     kept and retried, and last_error says to check the key. It was taken for a batch
@@ -250,6 +252,8 @@ async def test_a_400_that_refuses_the_write_key_keeps_the_events(
     async def collector(request: web.Request) -> web.Response:
         seen.append([ev["messageId"] for ev in (await request.json())["batch"]])
         if len(seen) <= 3:   # until the operator fixes the key
+            if isinstance(refusal, str):
+                return web.Response(text=refusal, status=400)
             return web.json_response(refusal, status=400)
         return web.json_response({"success": True})
 
