@@ -806,3 +806,23 @@ async def test_a_nucleus_http_2xx_other_than_200_with_reported_ids_acknowledges_
         state = agent.forwarding.states["up"]
         await wait_for(lambda: agent.spool.depth == 0 or state.retries > 0)
     assert (state.retries, state.acked, seen) == (0, 3, [[0, 1, 2]]), state.last_error
+
+
+@pytest.mark.parametrize("protocol", ["nucleus-http", "segment-http"])
+@pytest.mark.parametrize("status", [403, 401])
+async def test_a_refusal_with_a_retry_after_is_retried_no_sooner(
+        make_agent: Any, faulty: FaultyUpstream, protocol: str, status: int) -> None:
+    """A 401 or 403 that says when to come back (a quota or rate limit worded as a refusal,
+    as some APIs answer): its Retry-After is waited out, as a 429's is, and as an HTML
+    page's is whatever its status. It was ignored: retried at the backoff's pace, 0.25 s
+    first, against an upstream that had asked for ten minutes."""
+    faulty.script = [Fault("status", status, {"Retry-After": "600"})]
+    timing, seams = manual()
+    agent = await make_agent(upstreams=[upstream(faulty, protocol)], seams=seams)
+    await send(agent, [event(i) for i in range(3)])
+    state = agent.forwarding.states["up"]
+    await wait_for(lambda: state.retries == 1 and not agent.forwarding.loops)
+    assert timing.pending() == [600.0], timing.pending()
+    assert "check the upstream's key" in (state.last_error or ""), state.last_error
+    timing.advance(600)
+    await drained(agent, faulty, 3)
