@@ -70,10 +70,12 @@ def to_check(status: int) -> str | None:
             else "check the upstream's url" if status in (404, 405) else None)
 
 
-def misconfigured(status: int, reason: str) -> Retry:
+def misconfigured(status: int, reason: str, retry_after: float | None = None) -> Retry:
     """Any other 4xx: the events are kept and retried, with what the operator should check
-    in ``last_error`` (a 409 or 415 says nothing of the key or the URL)."""
-    return Retry(f"{reason} ({to_check(status) or 'kept and retried: no verdict on the events'})")
+    in ``last_error`` (a 409 or 415 says nothing of the key or the URL), no sooner than
+    its ``retry_after`` if it gave one (a quota or rate limit worded as a 403)."""
+    return Retry(f"{reason} ({to_check(status) or 'kept and retried: no verdict on the events'})",
+                 retry_after)
 
 
 @dataclass(frozen=True, slots=True)

@@ -65,7 +65,7 @@ class NucleusHttpUplink(NucleusFraming, UplinkBase):
             if is_retryable(status):
                 return Retry(f"HTTP {status}", retry_after=wait)
             if status not in REJECTED_STATUSES:
-                return misconfigured(status, f"HTTP {status}")
+                return misconfigured(status, f"HTTP {status}", wait)
             # No per-event verdict: the forwarder splits the batch to find the culprit.
             return Refused(f"HTTP {status}: {excerpt(raw, 200)}")
         if not isinstance(ids, list):

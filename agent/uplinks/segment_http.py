@@ -19,7 +19,8 @@ redirect is a failure, retried (see http_common). 408, 429 and 5xx are retried,
 honouring Retry-After. 400, 413 and 422 mean the batch itself is refused:
 the forwarder splits it to isolate the events at fault, which go to dead
 letters with the upstream's reason. Other statuses (401, 403, 404: a wrong
-key or URL) are a configuration problem, retried with backoff, so that a
+key or URL) are a configuration problem, retried with backoff (honouring a
+Retry-After), so that a
 typo does not dead-letter the whole queue; and so is a 400 whose body blames
 the write key (MetaRouter's "Invalid or missing writekey").
 """
@@ -166,7 +167,7 @@ class SegmentHttpUplink(UplinkBase):
             return Refused(reason)
         if is_retryable(status):
             return Retry(reason, retry_after=wait)
-        return misconfigured(status, reason)
+        return misconfigured(status, reason, wait)
 
 
 def _partly_stored(raw: bytes, prepared: Prepared) -> Acked | None:
