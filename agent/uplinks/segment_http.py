@@ -163,7 +163,7 @@ class SegmentHttpUplink(UplinkBase):
             if _KEY_REFUSED.search(raw, 0, _KEY_SEARCHED):
                 # Split, every event alone got the same answer: the whole queue went to
                 # dead letters for a typo in the key.
-                return Retry(f"{reason} (check the upstream's key)")
+                return Retry(f"{reason} (check the upstream's key)", retry_after=wait)
             return Refused(reason)
         if is_retryable(status):
             return Retry(reason, retry_after=wait)
