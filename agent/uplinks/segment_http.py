@@ -20,9 +20,9 @@ honouring Retry-After. 400, 413 and 422 mean the batch itself is refused:
 the forwarder splits it to isolate the events at fault, which go to dead
 letters with the upstream's reason. Other statuses (401, 403, 404: a wrong
 key or URL) are a configuration problem, retried with backoff (honouring a
-Retry-After), so that a
-typo does not dead-letter the whole queue; and so is a 400 whose body blames
-the write key (MetaRouter's "Invalid or missing writekey").
+Retry-After), so that a typo does not dead-letter the whole queue; and so is
+a 400 whose body blames the write key (MetaRouter's "Invalid or missing
+writekey").
 """
 
 from __future__ import annotations
@@ -57,13 +57,13 @@ from agent.uplinks.splice import objects, stamped
 MULTI_STATUS = 207
 # ASCII digits, few enough for int(): past 4,300 it raises (the reply is the upstream's).
 _PLACE = re.compile(r"batch\[([0-9]{1,9})\]")
-# A 207 item's status, by the phrase Outpost writes (Python's HTTPStatus: 3.13 renamed
-# 413 and 422, and Outposts on either side may run either).
 # A refusal that blames the write key, not the events (MetaRouter answers a wrong or missing
 # key with 400 "Invalid or missing writekey"): the configuration's fault, as a 401 is.
 _KEY_REFUSED = re.compile(rb"(?:invalid|missing|unknown|wrong)[a-z ]{0,16}write[ _-]?key",
                           re.IGNORECASE)
 _KEY_SEARCHED = 4096   # bytes of a refusal searched: its message comes first
+# A 207 item's status, by the phrase Outpost writes (Python's HTTPStatus: 3.13 renamed
+# 413 and 422, and Outposts on either side may run either).
 _STATUS_OF = {"Bad Request": 400, "Request Entity Too Large": 413, "Content Too Large": 413,
               "Unprocessable Entity": 422, "Unprocessable Content": 422}
 
