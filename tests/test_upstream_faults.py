@@ -826,3 +826,21 @@ async def test_a_refusal_with_a_retry_after_is_retried_no_sooner(
     assert "check the upstream's key" in (state.last_error or ""), state.last_error
     timing.advance(600)
     await drained(agent, faulty, 3)
+
+
+@pytest.mark.parametrize("status", [403, 401])
+async def test_a_websocket_handshake_refused_with_a_retry_after_is_retried_no_sooner(
+        make_agent: Any, faulty: FaultyUpstream, status: int) -> None:
+    """The websocket handshake takes a refusal's Retry-After as the HTTP uplinks do: a
+    401 or 403 that says when to come back is waited out. It was honoured only with a 429,
+    a 5xx or an HTML page."""
+    faulty.connect_script = [Fault("status", status, {"Retry-After": "600"})]
+    timing, seams = manual()
+    agent = await make_agent(upstreams=[upstream(faulty, "nucleus-ws")], seams=seams)
+    await send(agent, [event(i) for i in range(3)])
+    state = agent.forwarding.states["up"]
+    await wait_for(lambda: state.retries == 1 and not agent.forwarding.loops)
+    assert timing.pending() == [600.0], timing.pending()
+    assert "check the upstream's key" in (state.last_error or ""), state.last_error
+    timing.advance(600)
+    await drained(agent, faulty, 3)
