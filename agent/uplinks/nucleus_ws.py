@@ -43,7 +43,6 @@ from agent.uplinks.http_common import (
     REPLY_MAX_BYTES,
     excerpt,
     html_instead_of_reply,
-    is_retryable,
     media_type,
     retry_after,
 )
@@ -420,12 +419,11 @@ def _closed(link: _Link, ws: aiohttp.ClientWebSocketResponse) -> str:
 
 def _handshake_refused(exc: aiohttp.WSServerHandshakeError) -> tuple[str, float | None]:
     """Why, and the Retry-After to honour. Not the exception's text: it holds the URL, and so
-    the key in its path. As the HTTP uplinks, a wait counts with a status worth retrying, or
-    with an HTML page whatever its status (a portal's 200, a proxy's 403)."""
+    the key in its path. As the HTTP uplinks, a wait counts whatever the status: a refused
+    handshake is no verdict on any event (a 429, a 5xx, a quota worded as a 403, a page)."""
     headers: Mapping[str, str] = exc.headers or {}
     page = html_instead_of_reply(exc.status, media_type(headers.get("Content-Type")))
-    wait = retry_after(headers.get("Retry-After"), date=headers.get("Date")) \
-        if page or is_retryable(exc.status) else None
+    wait = retry_after(headers.get("Retry-After"), date=headers.get("Date"))
     hint = "" if page else f" ({check})" if (check := to_check(exc.status)) else ""
     return (f"websocket handshake refused: {page or f'HTTP {exc.status} ({exc.message})'}{hint}",
             wait)
