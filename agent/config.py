@@ -378,7 +378,12 @@ def load_file(path: Path) -> Config:
 def _spool_beside(cfg: Config, path: Path) -> Config:
     """A relative storage.path, taken from the config file's directory: from the working
     directory it named another spool for each command run elsewhere (the service's is /)."""
-    spool = Path(cfg.storage.path).expanduser()
+    try:
+        spool = Path(cfg.storage.path).expanduser()
+    except RuntimeError as exc:   # "~outpost/spool.db" before that user exists
+        home = cfg.storage.path.split("/")[0]
+        raise ConfigError(f"{path}: storage.path: no home directory for {home} (no such "
+                          "user, or no HOME); write the spool's path in full") from exc
     if not cfg.storage.path or spool.is_absolute():
         return cfg
     storage = replace(cfg.storage, path=str(path.absolute().parent / spool))
