@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import math
 import os
-import stat
 import tomllib
 from dataclasses import replace
 from pathlib import Path
@@ -18,6 +17,7 @@ from urllib.parse import urlsplit
 from agent import paths
 from agent.families import nucleus, segment
 from agent.logs import fingerprint
+from agent.paths import not_a_file
 from agent.settings import (
     Config,
     DeviceConfig,
@@ -321,17 +321,6 @@ def parse(raw: dict[str, Any], source: str = "<string>") -> Config:
     _no_leftovers(raw, "")
     return Config(listen=listen, storage=storage, device=device, upstreams=upstreams,
                   log=log, sync=sync, source=source)
-
-
-_NOT_FILES = ((stat.S_ISDIR, "a directory"), (stat.S_ISFIFO, "a fifo"),
-              (stat.S_ISCHR, "a device"), (stat.S_ISBLK, "a device"), (stat.S_ISSOCK, "a socket"))
-
-
-def not_a_file(mode: int) -> str | None:
-    """What a file of this st_mode is, "a fifo" say, when not a regular file; else None."""
-    if stat.S_ISREG(mode):
-        return None
-    return next((name for test, name in _NOT_FILES if test(mode)), "special")
 
 
 def _read(path: Path) -> bytes:

@@ -79,6 +79,17 @@ def data_dir(system: bool | None = None) -> Path:
                    platformdirs.site_data_dir, platformdirs.user_data_dir)
 
 
+_NOT_FILES = ((stat.S_ISDIR, "a directory"), (stat.S_ISFIFO, "a fifo"),
+              (stat.S_ISCHR, "a device"), (stat.S_ISBLK, "a device"), (stat.S_ISSOCK, "a socket"))
+
+
+def not_a_file(mode: int) -> str | None:
+    """What a file of this st_mode is, "a fifo" say, when not a regular file; else None."""
+    if stat.S_ISREG(mode):
+        return None
+    return next((name for test, name in _NOT_FILES if test(mode)), "special")
+
+
 def default_spool_path() -> Path:
     return data_dir() / "spool.db"
 

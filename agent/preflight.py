@@ -19,6 +19,8 @@ from agent.terminal import systemd_word
 from agent.uplinks.registry import uplink_class
 
 STORAGE_FIX = "set storage.path to a file in a directory this user can write"
+# As agent/spool/schema.py says it (not imported: every command would load the spool).
+SPECIAL_FIX = "set storage.path to a file of the spool's own (the agent creates it)"
 
 
 def problems(cfg: Config) -> list[str]:
@@ -133,6 +135,9 @@ def storage_problem(cfg: Config) -> str | None:
     # to name here, found by the access check below.
     if os.path.isdir(spool):
         return f"{where} is a directory; set it to a file, such as {spool / 'spool.db'}"
+    if os.path.exists(spool) and (kind := paths.not_a_file(os.stat(spool).st_mode)):
+        # /dev/null, say: SQLite cannot open it, and a fifo's open waits for a writer.
+        return f"{where} is not a regular file ({kind}); {SPECIAL_FIX}"
     existing = spool.parent
     while not os.path.exists(existing) and existing.parent != existing:
         existing = existing.parent   # where the first mkdir would write

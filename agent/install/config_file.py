@@ -16,7 +16,8 @@ import tomllib
 from pathlib import Path
 
 from agent import paths
-from agent.config import ConfigError, not_a_file, parse
+from agent.config import ConfigError, parse
+from agent.paths import not_a_file
 from agent.terminal import printable, shell_arg
 from agent.uplinks import registry
 

@@ -2,11 +2,13 @@
 
 from __future__ import annotations
 
+import os
 import sqlite3
 from pathlib import Path
 from typing import Any
 from urllib.parse import quote
 
+from agent.paths import not_a_file
 from agent.spool.codebook import DICTS
 
 VERSION = 5
@@ -93,6 +95,10 @@ CREATE TABLE clock_marks(observed INTEGER PRIMARY KEY, next_seq INTEGER NOT NULL
     f"PRAGMA user_version = {VERSION};\n"
 
 
+# A fifo or a device named as the spool (/dev/null, say): never opened, nor its mode changed.
+SPECIAL_FIX = "set storage.path to a file of the spool's own (the agent creates it)"
+
+
 class SpoolUnusable(Exception):
     """A spool file this agent does not open; the message says why and what to do."""
 
@@ -116,13 +122,25 @@ def read_only_uri(path: Path) -> str:
     return f"file:{quote(str(path))}?mode=ro"
 
 
+def refuse_special(path: Path) -> None:
+    """SpoolUnusable if ``path`` is there and is not a regular file: SQLite says only "disk
+    I/O error" of a directory or a device, and opening a fifo no one writes waits forever."""
+    try:
+        kind = not_a_file(os.stat(path).st_mode)
+    except FileNotFoundError:
+        return
+    if kind == "a directory":
+        raise SpoolUnusable(f"spool {path} is a directory; set storage.path to a file, such "
+                            f"as {path / 'spool.db'}")
+    if kind:
+        raise SpoolUnusable(f"spool {path} is not a regular file ({kind}); {SPECIAL_FIX}")
+
+
 def open_read_only(path: Path) -> sqlite3.Connection:
     """A read-only connection to a spool file (safe beside a running agent: WAL);
     SpoolTooNew for one a newer agent wrote, whose tables this code cannot read;
-    SpoolUnusable for a directory."""
-    if path.is_dir():   # SQLite would say only "disk I/O error"
-        raise SpoolUnusable(f"spool {path} is a directory; set storage.path to a file, such "
-                            f"as {path / 'spool.db'}")
+    SpoolUnusable for a directory, a fifo or a device."""
+    refuse_special(path)
     conn = sqlite3.connect(read_only_uri(path), uri=True)
     try:
         found = conn.execute("PRAGMA user_version").fetchone()[0]

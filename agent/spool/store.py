@@ -45,7 +45,7 @@ from agent.spool.salvage import (
     salvaged,
     unsalvaged,
 )
-from agent.spool.schema import open_read_only
+from agent.spool.schema import open_read_only, refuse_special
 from agent.spool.types import Queued, Stream
 from agent.spool.writer import Writer, is_corruption
 
@@ -228,6 +228,7 @@ class Spool:
         if not self.path.exists():
             # Create it private before SQLite does; -wal/-shm inherit the mode.
             os.close(os.open(self.path, os.O_CREAT | os.O_WRONLY, 0o600))
+        refuse_special(self.path)   # before the chmod: /dev/null's mode is every user's
         if sys.platform != "win32":
             os.chmod(self.path, 0o600)
         # Read-only first: a newer agent's file is refused before a connection that could
