@@ -1,0 +1,35 @@
+"""An agent runs on the spool, but not at the address the config names now: listen.port
+(or host) was changed in agent.toml, which applies at the next restart (a reload names
+it). Until then the commands must not say that no agent runs, read its spool as a
+stopped agent's, or tell the operator to start one."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from pathlib import Path
+
+import pytest
+
+from tests.conftest import AgentProcess, free_port, write_config
+from tests.test_cli_mistakes import no_agent_port, outpost
+from tests.test_operator_mistakes import one_line
+
+
+@pytest.mark.parametrize("args", [("status",), ("status", "--json"), ("flush",)])
+def test_an_agent_listening_where_the_config_no_longer_says_is_not_called_stopped(
+        tmp_path: Path, agent_process: Callable[..., AgentProcess],
+        args: tuple[str, ...]) -> None:
+    """`outpost status` printed the spool's figures as "spool, no agent running", every
+    upstream "offline", exit 0; `outpost flush` said "no agent answering ... start it"."""
+    spool, port = tmp_path / "spool.db", free_port()
+    cfg = write_config(tmp_path / "agent.toml", spool, port=port)
+    running = agent_process(cfg, port).start()
+    with no_agent_port() as other:
+        write_config(cfg, spool, port=other)   # edited, not yet applied by a restart
+        run = outpost(*args, "--config", str(cfg))
+    line = one_line(run.stdout + run.stderr)
+    assert run.returncode == 1 and run.stderr.strip() == line, (run.returncode, line)
+    assert f"an agent is running on the spool {spool}" in line, line
+    assert f"127.0.0.1:{other}" in line and "restart" in line, line
+    assert "no agent running" not in line and "start it" not in line, line
+    assert running.terminate() == 0
