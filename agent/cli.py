@@ -23,7 +23,17 @@ from agent.config import ConfigError
 from agent.install import command as service_install
 from agent.install import config_file
 from agent.ops import dead_cli
-from agent.ops.local_agent import NotOutpost, Refused, agent_url, answer, not_answering, opened, timed_out
+from agent.ops.local_agent import (
+    NotOutpost,
+    Refused,
+    agent_url,
+    answer,
+    not_answering,
+    opened,
+    running_elsewhere,
+    timed_out,
+    why_not,
+)
 from agent.settings import Config, SyncConfig
 from agent.terminal import OutputError, guard_stdout, printable, printable_json
 from agent.uplinks.registry import uplink_class
@@ -31,6 +41,9 @@ from agent.uplinks.registry import uplink_class
 EXIT_FAILED = 1   # a runtime failure: no agent answering, a service step failed
 EXIT_CONFIG = 2   # the config or the environment is wrong; the message names the fix
 SIGPIPE_EXIT = 128 + signal.SIGPIPE   # what a shell shows for a command killed by it
+# `outpost run` waits this long for the spool's lock: a command asking whether an agent
+# holds it takes it for an instant; another agent holds it for good.
+LOCK_WAIT_S = 1.0
 
 CONFIG_HELP = ("the config file (default: $OUTPOST_CONFIG, else ./agent.toml, else agent.toml in "
                "the config directory `outpost doctor` shows, else the built-in defaults)")
@@ -86,7 +99,8 @@ def cmd_run(args: argparse.Namespace) -> int:
         return EXIT_CONFIG
     # One agent per spool: two would both forward its queue, each with its own dedupe
     # index and depths. Held for the process's life; the OS drops it however that ends.
-    lock = FileLock(f"{spool}.lock", timeout=0, mode=0o600)
+    # Waited for a moment: `outpost status` tries a shared lock on it (paths.agent_holds).
+    lock = FileLock(paths.spool_lock(spool), timeout=LOCK_WAIT_S, mode=0o600)
     try:
         lock.acquire()
     except Timeout:
@@ -152,6 +166,11 @@ def cmd_status(args: argparse.Namespace) -> int:
         if timed_out(exc):   # an agent holds the spool: its figures would be stale
             print(f"outpost: the agent at {agent_url(cfg, '')} is busy: no answer to /status "
                   f"in {STATUS_TIMEOUT_S:.0f} s; try again", file=sys.stderr)
+            return EXIT_FAILED
+        # An agent runs on the spool, elsewhere: its figures are live there, and the
+        # spool's alone would say it is stopped.
+        if elsewhere := running_elsewhere(cfg, why_not(exc)):
+            _say(elsewhere)
             return EXIT_FAILED
         if isinstance(exc, (NotOutpost, Refused)):
             _say(f"{exc}; reading the spool")

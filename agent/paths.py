@@ -90,6 +90,32 @@ def not_a_file(mode: int) -> str | None:
     return next((name for test, name in _NOT_FILES if test(mode)), "special")
 
 
+def spool_lock(spool: Path) -> Path:
+    """The lock file `outpost run` holds (flock, exclusive) for its life: one agent a spool."""
+    return Path(f"{spool}.lock")
+
+
+def agent_holds(spool: Path) -> bool:
+    """Whether an agent runs on ``spool``, wherever it listens: its lock file is held. A
+    shared lock is tried and let go at once; an agent starting meanwhile waits it out."""
+    if sys.platform == "win32":   # msvcrt's locks: not asked; the commands say what they did
+        return False
+    import fcntl
+    try:
+        fd = os.open(spool_lock(spool), os.O_RDONLY)
+    except OSError:   # none (no agent ever ran here), or not ours to open
+        return False
+    try:
+        fcntl.flock(fd, fcntl.LOCK_SH | fcntl.LOCK_NB)
+    except BlockingIOError:
+        return True
+    except OSError:   # a file system without flock: cannot tell
+        return False
+    finally:
+        os.close(fd)   # releases the shared lock, if taken
+    return False
+
+
 def default_spool_path() -> Path:
     return data_dir() / "spool.db"
 

@@ -9,6 +9,7 @@ import urllib.error
 import urllib.request
 from typing import Any
 
+from agent import paths
 from agent.settings import Config
 
 DIRECT = urllib.request.build_opener(urllib.request.ProxyHandler({}))
@@ -86,10 +87,31 @@ def timed_out(exc: BaseException) -> bool:
                                                        TimeoutError)
 
 
+def why_not(exc: BaseException) -> str:
+    """Why a request got no agent's answer, in the system's words for a socket's error
+    (not urllib's wrapping of them, "<urlopen error [Errno 111] ...>")."""
+    reason = getattr(exc, "reason", exc)   # a URLError holds the socket's error
+    return reason.strerror if isinstance(reason, OSError) and reason.strerror else str(reason)
+
+
+def running_elsewhere(cfg: Config, why: str) -> str | None:
+    """One line for an agent that runs on the configured spool but did not answer at the
+    configured address (``why``): listen.host or listen.port changed since it started, say,
+    which applies at a restart. None if no agent runs on the spool."""
+    spool = cfg.storage.resolved_path()
+    if not paths.agent_holds(spool):
+        return None
+    return (f"an agent is running on the spool {spool} but does not answer at "
+            f"{agent_url(cfg, '')} ({why}): it listens where its config said when it "
+            "started (a change to listen.host or listen.port applies at a restart), or name "
+            "its config with --config")
+
+
 def not_answering(cfg: Config, exc: BaseException) -> str:
     """One line for a request no agent answered (refused, unreachable): the system's words
     for why, not urllib's wrapping of them ("<urlopen error [Errno 111] ...>")."""
-    reason = getattr(exc, "reason", exc)   # a URLError holds the socket's error
-    why = reason.strerror if isinstance(reason, OSError) and reason.strerror else str(reason)
+    why = why_not(exc)
+    if elsewhere := running_elsewhere(cfg, why):
+        return elsewhere
     return (f"no agent answering at {agent_url(cfg, '')} ({why}): start it (`outpost run`, "
             "or the service), or name its config with --config")
