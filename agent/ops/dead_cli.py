@@ -172,6 +172,12 @@ class _Cli:
             raise dead.DeadError(f"cannot write {target}: {exc.strerror or exc}") from exc
         if stat.S_ISDIR(mode):
             raise dead.DeadError(f"cannot write {target}: it is a directory; name a file")
+        spool = cfg.storage.resolved_path()
+        if spool_file := _of_the_spool(target, spool):
+            # Replaced by the export, the queue would be gone (a running agent's at its stop).
+            raise dead.DeadError(f"cannot write {target}: it is {spool_file} of the agent's "
+                                 f"spool (storage.path {spool}); name another file, such as "
+                                 "dead.jsonl")
         own = _is_stdout(target)
         try:
             if own:   # written to as the shell opened it (`>>` appends), never replaced
@@ -274,6 +280,27 @@ class _Cli:
 
     def purge(self, cfg: Config, args: argparse.Namespace) -> int:
         return self._change(cfg, args, "purge")
+
+
+# The files SQLite and `outpost run` keep beside the spool, each holding part of it.
+_SPOOL_FILES = (("", "the file"), ("-wal", "the -wal"), ("-shm", "the -shm"),
+                ("-journal", "the -journal"), (".lock", "the lock file"))
+
+
+def _of_the_spool(target: Path, spool: Path) -> str | None:
+    """Which of the spool's files ``target`` is, by path (through symlinks) or by inode (a
+    hard link); None if none."""
+    real = os.path.realpath(target)
+    for suffix, name in _SPOOL_FILES:
+        own = f"{spool}{suffix}"
+        if real == os.path.realpath(own):
+            return name
+        try:
+            if os.path.samefile(target, own):
+                return name
+        except OSError:   # either not there
+            pass
+    return None
 
 
 def _is_stdout(target: Path) -> bool:
