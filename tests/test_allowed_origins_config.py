@@ -1,0 +1,34 @@
+"""listen.allowed_origins entries no browser can ever send as its Origin (a host without
+its scheme, a page's URL with its path, a default port) are refused with the key named,
+as every bad value is: accepted, every page from that site got a 403 while the config
+looked right to the operator."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+
+from tests.conftest import write_config
+from tests.test_cli_mistakes import outpost, refused
+
+
+@pytest.mark.parametrize("entry", ["app.example", "https://app.example/shop",
+                                   "https://app.example:443", "http://localhost:80",
+                                   "https://app.example?x=1", "https://"])
+def test_an_origin_no_browser_sends_is_refused_naming_it(tmp_path: Path, entry: str) -> None:
+    cfg = write_config(tmp_path / "agent.toml", tmp_path / "spool.db",
+                       listen={"allowed_origins": ["https://ok.example", entry]})
+    for args in (("check-config", str(cfg)), ("run", "--config", str(cfg))):
+        refused(outpost(*args), "listen.allowed_origins", json.dumps(entry)[1:-1])
+
+
+def test_the_origins_browsers_send_are_accepted(tmp_path: Path) -> None:
+    entries = ["https://app.example", "https://app.example/", "http://localhost:3000",
+               "HTTPS://App.Example", "http://[::1]:8080", "null", "*", "app://.",
+               "chrome-extension://abcdefghijklmnop"]
+    cfg = write_config(tmp_path / "agent.toml", tmp_path / "spool.db",
+                       listen={"allowed_origins": entries})
+    run = outpost("check-config", str(cfg))
+    assert run.returncode == 0, run.stderr
