@@ -143,6 +143,36 @@ def _table(raw: dict[str, Any], name: str) -> dict[str, Any]:
     return dict(value)
 
 
+_DEFAULT_PORTS = {"http": 80, "https": 443}
+
+
+def _origins(value: Any) -> str | None:
+    """Entries a browser can send as its Origin: the guard compares the strings (case and
+    a trailing slash aside), so any other entry matches no page, and its site gets 403."""
+    for entry in value:
+        if why := _not_an_origin(entry):
+            return (f"{entry!r} {why}: an entry is an Origin as browsers send it, "
+                    'scheme://host[:port] (such as "https://app.example"), "*" or "null"')
+    return None
+
+
+def _not_an_origin(entry: str) -> str | None:
+    if entry in ("*", "null"):
+        return None
+    try:
+        parts = urlsplit(entry)
+        port = parts.port
+    except ValueError:
+        return "is not a URL"
+    if not parts.scheme or not parts.netloc or not parts.hostname:
+        return "has no scheme://host"
+    if parts.path.rstrip("/") or "?" in entry or "#" in entry or "@" in parts.netloc:
+        return "holds more than scheme://host[:port] (a path, a query, a user)"
+    if port is not None and port == _DEFAULT_PORTS.get(parts.scheme.lower()):
+        return f"names the default port {port}, which browsers leave out of an Origin"
+    return None
+
+
 def _listen(t: dict[str, Any]) -> ListenConfig:
     w = "listen"
     out = ListenConfig(
@@ -151,7 +181,7 @@ def _listen(t: dict[str, Any]) -> ListenConfig:
                    lambda v: None if 0 <= v <= 65535 else f"must be 0..65535, got {v}"),
         accept_keys=tuple(_take(t, w, "accept_keys", list, [], _str_list(secret=True))),
         allowed_origins=tuple(_take(t, w, "allowed_origins", list, [],
-                                    _str_list())),
+                                    lambda v: _str_list()(v) or _origins(v))),
         idle_timeout_s=float(_take(t, w, "idle_timeout_s", (int, float), 60.0, _positive)),
         header_timeout_s=float(_take(t, w, "header_timeout_s", (int, float), 10.0, _positive)),
         body_timeout_s=float(_take(t, w, "body_timeout_s", (int, float), 30.0, _positive)),
