@@ -173,13 +173,23 @@ def _not_an_origin(entry: str) -> str | None:
     return None
 
 
+def _no_star(value: Any) -> str | None:
+    """"*" is every key in an upstream's keys; here it would be the one key "*", and every
+    app would be refused."""
+    if "*" in value:
+        return ('"*" is not a wildcard here (it would accept only an app whose key is "*"): '
+                "to accept any key, set accept_keys = []")
+    return None
+
+
 def _listen(t: dict[str, Any]) -> ListenConfig:
     w = "listen"
     out = ListenConfig(
         host=_take(t, w, "host", str, "127.0.0.1", lambda v: None if v else "must not be empty"),
         port=_take(t, w, "port", int, 8765,
                    lambda v: None if 0 <= v <= 65535 else f"must be 0..65535, got {v}"),
-        accept_keys=tuple(_take(t, w, "accept_keys", list, [], _str_list(secret=True))),
+        accept_keys=tuple(_take(t, w, "accept_keys", list, [],
+                                lambda v: _str_list(secret=True)(v) or _no_star(v))),
         allowed_origins=tuple(_take(t, w, "allowed_origins", list, [],
                                     lambda v: _str_list()(v) or _origins(v))),
         idle_timeout_s=float(_take(t, w, "idle_timeout_s", (int, float), 60.0, _positive)),
