@@ -96,15 +96,16 @@ def why_not(exc: BaseException) -> str:
 
 def running_elsewhere(cfg: Config, why: str) -> str | None:
     """One line for an agent that runs on the configured spool but did not answer at the
-    configured address (``why``): listen.host or listen.port changed since it started, say,
-    which applies at a restart. None if no agent runs on the spool."""
+    configured address (``why``): it has not bound its port yet (a migration at start), or
+    listen.host or listen.port changed since it started, which applies at a restart. None
+    if no agent runs on the spool."""
     spool = cfg.storage.resolved_path()
     if not paths.agent_holds(spool):
         return None
     return (f"an agent is running on the spool {spool} but does not answer at "
-            f"{agent_url(cfg, '')} ({why}): it listens where its config said when it "
-            "started (a change to listen.host or listen.port applies at a restart), or name "
-            "its config with --config")
+            f"{agent_url(cfg, '')} ({why}): it is still starting (opening the spool), or it "
+            "listens where its config said when it started (a change to listen.host or "
+            "listen.port applies at a restart); or name its config with --config")
 
 
 def not_answering(cfg: Config, exc: BaseException) -> str:
