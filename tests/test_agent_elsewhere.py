@@ -33,3 +33,20 @@ def test_an_agent_listening_where_the_config_no_longer_says_is_not_called_stoppe
     assert f"127.0.0.1:{other}" in line and "restart" in line, line
     assert "no agent running" not in line and "start it" not in line, line
     assert running.terminate() == 0
+
+
+def test_dead_list_beside_an_agent_listening_elsewhere_does_not_say_none_runs(
+        tmp_path: Path, agent_process: Callable[..., AgentProcess]) -> None:
+    """It reads the spool (exact, as any reader beside the agent), but said where from as
+    "(SPOOL, no agent running)"."""
+    spool, port = tmp_path / "spool.db", free_port()
+    cfg = write_config(tmp_path / "agent.toml", spool, port=port)
+    running = agent_process(cfg, port).start()
+    with no_agent_port() as other:
+        write_config(cfg, spool, port=other)
+        run = outpost("dead", "list", "--config", str(cfg))
+    assert run.returncode == 0 and run.stderr == "", (run.returncode, run.stderr)
+    assert run.stdout.startswith("0 dead letters ("), run.stdout
+    assert "no agent running" not in run.stdout, run.stdout
+    assert f"an agent runs on it but does not answer at http://127.0.0.1:{other}" in run.stdout
+    assert running.terminate() == 0
