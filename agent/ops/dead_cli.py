@@ -28,7 +28,7 @@ from agent.ops.local_agent import NotOutpost, Refused, agent_url, answer, opened
 from agent.ops.shared_terms import EXPORT_PAGE, LIST_LIMIT
 from agent.ops.status_table import age, size, table
 from agent.outcomes import Tally
-from agent.paths import sync_dir
+from agent.paths import agent_holds, sync_dir
 from agent.settings import Config
 from agent.spool import dead
 from agent.terminal import OutputError, printable, printable_json
@@ -111,8 +111,11 @@ class _Cli:
         except _NoAgent:
             spool = cfg.storage.resolved_path()
             conn = dead.read_only(spool)
+            # An agent may hold it yet not answer here (listening elsewhere, or starting).
+            where = (f"{spool}; an agent runs on it but does not answer at {agent_url(cfg, '')}"
+                     if agent_holds(spool) else f"{spool}, no agent running")
             try:
-                return fn(conn, *a), f"{spool}, no agent running"
+                return fn(conn, *a), where
             finally:
                 conn.close()
 
