@@ -74,3 +74,15 @@ def test_offline_a_spool_that_is_a_fifo_is_named_so_not_waited_on(
     line = one_line(run.stdout + run.stderr)
     assert run.returncode == 1 and run.stderr.strip() == line, (run.returncode, line)
     assert str(spool) in line and "not a regular file (a fifo)" in line, line
+
+
+@pytest.mark.parametrize("path", ["data/", "~/outpost/"])
+def test_a_storage_path_ending_in_a_slash_is_refused_naming_a_file_in_it(
+        tmp_path: Path, path: str) -> None:
+    """A directory meant ("data/"): Path drops the slash, and a spool FILE named data was
+    created where the operator looked for a directory holding one."""
+    cfg = tmp_path / "agent.toml"
+    cfg.write_text(f'[storage]\npath = "{path}"\n')
+    for args in (("check-config", str(cfg)), ("run", "--config", str(cfg))):
+        refused(outpost(*args), "storage.path", f"{path}spool.db")
+    assert not (tmp_path / "data").exists()
