@@ -203,10 +203,19 @@ def _listen(t: dict[str, Any]) -> ListenConfig:
     return out
 
 
+def _spool_file(value: Any) -> str | None:
+    """A directory meant ("data/"): Path drops the slash, and a file of that name would be
+    made the spool where the operator looks for a directory holding it."""
+    if value.endswith(("/", os.sep)):
+        return (f"ends with a slash, naming a directory; name the spool file in it, such as "
+                f"{value}spool.db")
+    return None
+
+
 def _storage(t: dict[str, Any]) -> StorageConfig:
     w = "storage"
     out = StorageConfig(
-        path=_take(t, w, "path", str, ""),
+        path=_take(t, w, "path", str, "", _spool_file),
         max_size_mb=_take(t, w, "max_size_mb", int, 512,
                           lambda v: _positive(v) or _at_most(2**20, "MiB")(v)),
         when_full=_take(t, w, "when_full", str, "reject", _one_of("reject", "drop_oldest")),
