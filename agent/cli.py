@@ -168,8 +168,8 @@ def cmd_status(args: argparse.Namespace) -> int:
                   f"in {STATUS_TIMEOUT_S:.0f} s; try again", file=sys.stderr)
             return EXIT_FAILED
         # An agent runs on the spool, elsewhere: its figures are live there, and the
-        # spool's alone would say it is stopped.
-        if elsewhere := running_elsewhere(cfg, why_not(exc)):
+        # spool's alone would say it is stopped. (One that refused answered: it is there.)
+        if not isinstance(exc, Refused) and (elsewhere := running_elsewhere(cfg, why_not(exc))):
             _say(elsewhere)
             return EXIT_FAILED
         if isinstance(exc, (NotOutpost, Refused)):
