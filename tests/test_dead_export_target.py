@@ -10,9 +10,12 @@ import urllib.request
 from collections.abc import Callable
 from pathlib import Path
 
+from agent.settings import StorageConfig
+from agent.spool import Spool
 from tests.conftest import AgentProcess, free_port, write_config
 from tests.test_cli_mistakes import outpost
 from tests.test_operator_mistakes import one_line
+from tests.waiting import run_outpost
 
 
 def _post_event(port: int) -> None:
@@ -48,3 +51,17 @@ def test_dead_export_onto_the_spool_or_its_wal_is_refused_and_the_queue_kept(
     status = outpost("status", "--json", "--config", str(cfg))
     assert status.returncode == 0, status.stderr
     assert json.loads(status.stdout)["queue_depth"] == 1, status.stdout
+
+
+async def test_dead_export_onto_the_config_file_is_refused_and_the_config_kept(
+        tmp_path: Path) -> None:
+    """`outpost dead export agent.toml` (a tab completion in /etc/outpost): the config, keys
+    and all, was replaced by the letters, and the agent's next start or reload failed."""
+    spool = tmp_path / "spool.db"
+    await (await Spool.open(StorageConfig(path=str(spool)))).close()   # no agent runs
+    cfg = write_config(tmp_path / "agent.toml", spool, port=free_port())
+    before = cfg.read_bytes()
+    code, out = await run_outpost("dead", "export", str(cfg), "--config", str(cfg))
+    line = one_line(out)
+    assert code == 1 and f"cannot write {cfg}:" in line and "config" in line, (code, line)
+    assert cfg.read_bytes() == before
