@@ -181,6 +181,10 @@ class _Cli:
             raise dead.DeadError(f"cannot write {target}: it is {spool_file} of the agent's "
                                  f"spool (storage.path {spool}); name another file, such as "
                                  "dead.jsonl")
+        if not cfg.source.startswith("<") and _same(target, Path(cfg.source)):
+            # Keys and all: the agent's next start or reload would fail on the letters.
+            raise dead.DeadError(f"cannot write {target}: it is the config file; name "
+                                 "another file, such as dead.jsonl")
         own = _is_stdout(target)
         try:
             if own:   # written to as the shell opened it (`>>` appends), never replaced
@@ -293,17 +297,18 @@ _SPOOL_FILES = (("", "the file"), ("-wal", "the -wal"), ("-shm", "the -shm"),
 def _of_the_spool(target: Path, spool: Path) -> str | None:
     """Which of the spool's files ``target`` is, by path (through symlinks) or by inode (a
     hard link); None if none."""
-    real = os.path.realpath(target)
-    for suffix, name in _SPOOL_FILES:
-        own = f"{spool}{suffix}"
-        if real == os.path.realpath(own):
-            return name
-        try:
-            if os.path.samefile(target, own):
-                return name
-        except OSError:   # either not there
-            pass
-    return None
+    return next((name for suffix, name in _SPOOL_FILES
+                 if _same(target, Path(f"{spool}{suffix}"))), None)
+
+
+def _same(target: Path, other: Path) -> bool:
+    """Whether ``target`` is ``other``: by path through symlinks, or by inode (a hard link)."""
+    if os.path.realpath(target) == os.path.realpath(other):
+        return True
+    try:
+        return os.path.samefile(target, other)
+    except OSError:   # either not there
+        return False
 
 
 def _is_stdout(target: Path) -> bool:
