@@ -1,0 +1,57 @@
+"""A reload the agent refuses, or one that leaves changes waiting for a restart, shows in
+/status, /metrics, `outpost status` and the status page, not in the log alone: after a
+plain `kill -HUP` (launchd, a script, a systemd unit without ExecReload) the log is the
+one place no operator looks, and the agent went on with a config that was not the file's."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import aiohttp
+
+from tests.conftest import free_port, write_config
+from tests.waiting import run_outpost
+
+
+async def status(port: int) -> Any:
+    async with aiohttp.ClientSession() as s, s.get(f"http://127.0.0.1:{port}/status") as r:
+        return await r.json()
+
+
+async def metrics(port: int) -> str:
+    async with aiohttp.ClientSession() as s, s.get(f"http://127.0.0.1:{port}/metrics") as r:
+        return await r.text()
+
+
+async def test_a_refused_reload_and_one_needing_a_restart_are_shown(make_agent: Any) -> None:
+    agent = await make_agent(port=free_port(), storage={"max_age_days": 30})
+    config, spool = Path(agent.config_path), agent.spool.path
+    assert (await status(agent.port))["reload"] == {
+        "applied": 0, "refused": 0, "last_error": None, "last_error_at": None,
+        "needs_restart": []}
+
+    config.write_text(config.read_text() + "\n[storage]\nmax_age_days = 3\n")  # a table twice
+    await agent.reload()
+    shown = (await status(agent.port))["reload"]
+    assert shown["refused"] == 1 and shown["applied"] == 0, shown
+    assert "storage" in shown["last_error"] and shown["last_error_at"] is not None, shown
+    text = await metrics(agent.port)
+    assert 'outpost_config_reloads_total{result="refused"} 1' in text, text
+    assert 'outpost_config_reloads_total{result="applied"} 0' in text, text
+    code, out = await run_outpost("status", "--config", str(config))
+    assert code == 0, out
+    assert "reload:" in out and "refused" in out and "running config" in out, out
+
+    write_config(config, spool, port=agent.port, storage={"max_age_days": 7})
+    await agent.reload()
+    shown = (await status(agent.port))["reload"]
+    assert shown["applied"] == 1 and shown["refused"] == 1, shown
+    assert shown["last_error"] is None, shown   # what runs is the file's again, but:
+    assert shown["needs_restart"] == ["[storage]"], shown
+    code, out = await run_outpost("status", "--config", str(config))
+    assert "[storage]" in out and "restart" in out, out
+
+    write_config(config, spool, port=agent.port, storage={"max_age_days": 30})   # back to what runs
+    await agent.reload()
+    assert (await status(agent.port))["reload"]["needs_restart"] == []
