@@ -67,6 +67,14 @@ class Metrics:
         self.tail_viewers = 0
         self.tail_dropped = 0
         self.tail_closed: dict[str, int] = {}
+        # Reloads (SIGHUP): applied, refused (the running config kept), the last refusal
+        # (cleared by a reload applied), and what the running config still lacks of the
+        # file until a restart. After a plain kill -HUP the log alone said so.
+        self.reloads_applied = 0
+        self.reloads_refused = 0
+        self.reload_error: str | None = None
+        self.reload_error_at: float | None = None
+        self.needs_restart: list[str] = []
 
     def _bucket(self) -> Minute:
         minute = int(self.clock() // 60)

@@ -268,6 +268,8 @@ class Agent:
             new = config_mod.load(self.config_path or source)
         except ConfigError as exc:
             log.error("reload refused, keeping the running config: %s", exc)
+            self.metrics.reloads_refused += 1
+            self.metrics.reload_error, self.metrics.reload_error_at = str(exc), self.metrics.clock()
             return
         # Only accept_keys of [listen] is applied on reload: the server, its guard and its
         # connection limits are built once.
@@ -280,6 +282,9 @@ class Agent:
                   if f.name not in _RELOADED and getattr(new, f.name) != getattr(self.cfg, f.name)]
         if stale:
             log.warning("reload: %s changed, which needs a restart", ", ".join(stale))
+        self.metrics.reloads_applied += 1
+        self.metrics.reload_error = self.metrics.reload_error_at = None
+        self.metrics.needs_restart = stale
         # What is in force from now on: the parts a reload applies, the rest as started, so
         # that the next reload compares with what runs (names an unapplied change again,
         # and not a change back to it).

@@ -5,12 +5,13 @@ one place no operator looks, and the agent went on with a config that was not th
 
 from __future__ import annotations
 
+import re
 from pathlib import Path
 from typing import Any
 
 import aiohttp
 
-from tests.conftest import free_port, write_config
+from tests.conftest import free_port, run_chromium, write_config
 from tests.waiting import run_outpost
 
 
@@ -24,7 +25,15 @@ async def metrics(port: int) -> str:
         return await r.text()
 
 
-async def test_a_refused_reload_and_one_needing_a_restart_are_shown(make_agent: Any) -> None:
+async def problems_on_the_page(chromium: str, profile: Path, port: int) -> dict[str, str]:
+    dom = await run_chromium(chromium, profile, "--virtual-time-budget=3000", "--dump-dom",
+                             f"http://127.0.0.1:{port}/")
+    return {k: text for k, _, text in re.findall(
+        r'<li data-problem="(\w+)" data-value="(\d+)">([^<]*)</li>', dom)}
+
+
+async def test_a_refused_reload_and_one_needing_a_restart_are_shown(
+        make_agent: Any, chromium: str, tmp_path: Path) -> None:
     agent = await make_agent(port=free_port(), storage={"max_age_days": 30})
     config, spool = Path(agent.config_path), agent.spool.path
     assert (await status(agent.port))["reload"] == {
@@ -39,11 +48,14 @@ async def test_a_refused_reload_and_one_needing_a_restart_are_shown(make_agent: 
     text = await metrics(agent.port)
     assert 'outpost_config_reloads_total{result="refused"} 1' in text, text
     assert 'outpost_config_reloads_total{result="applied"} 0' in text, text
+    page = await problems_on_the_page(chromium, tmp_path / "p1", agent.port)
+    assert set(page) == {"reload"} and "running config kept" in page["reload"], page
+    # The file mended, not yet reloaded: `outpost status` (which reads it) still says so.
+    write_config(config, spool, port=agent.port, storage={"max_age_days": 7})
     code, out = await run_outpost("status", "--config", str(config))
     assert code == 0, out
     assert "reload:" in out and "refused" in out and "running config" in out, out
 
-    write_config(config, spool, port=agent.port, storage={"max_age_days": 7})
     await agent.reload()
     shown = (await status(agent.port))["reload"]
     assert shown["applied"] == 1 and shown["refused"] == 1, shown
@@ -51,6 +63,8 @@ async def test_a_refused_reload_and_one_needing_a_restart_are_shown(make_agent: 
     assert shown["needs_restart"] == ["[storage]"], shown
     code, out = await run_outpost("status", "--config", str(config))
     assert "[storage]" in out and "restart" in out, out
+    page = await problems_on_the_page(chromium, tmp_path / "p2", agent.port)
+    assert set(page) == {"restart"} and "[storage]" in page["restart"], page
 
     write_config(config, spool, port=agent.port, storage={"max_age_days": 30})   # back to what runs
     await agent.reload()

@@ -106,6 +106,15 @@ def render(snap: Snapshot, latency: Histogram) -> str:
         _ingest(out, snap["ingest"])
     if snap["sync"] is not None:
         _sync(out, snap["sync"])
+    if snap["reload"] is not None:
+        reload = snap["reload"]
+        out.family("config_reloads_total", "counter",
+                   "Reloads (SIGHUP) since the agent started: applied, or refused (the running "
+                   "config kept; the last refusal is in /status).",
+                   [("", {"result": "applied"}, reload["applied"]),
+                    ("", {"result": "refused"}, reload["refused"])])
+        out.gauge("config_restart_needed", "1 when a reload read changes that only a restart "
+                  "applies (named in /status), else 0.", 1 if reload["needs_restart"] else 0)
     out.histogram("ingest_latency_seconds",
                   "Time to commit one ingest request's events (the group commit and fsync).",
                   latency)

@@ -85,6 +85,17 @@ class Ingest(TypedDict):
     tail_closed: dict[str, int]  # views the agent closed, by reason (replaced, stalled)
 
 
+class ReloadStatus(TypedDict):
+    """Reloads (SIGHUP) since the start: the last refusal, cleared by a reload applied, and
+    the changes of the file that wait for a restart."""
+
+    applied: int
+    refused: int
+    last_error: str | None
+    last_error_at: float | None
+    needs_restart: list[str]
+
+
 class SyncStatus(SyncView):
     """The transmit profile (agent/sync/), and the events it holds back now, in all and
     per lane (``high``, ``normal``)."""
@@ -113,6 +124,7 @@ class Snapshot(TypedDict):
     connections: Connections | None
     ingest: Ingest | None
     sync: SyncStatus | None     # null offline: only a running agent reads network and battery
+    reload: ReloadStatus | None  # null offline
 
 
 Groups = Mapping[str | None, Totals]
@@ -153,7 +165,7 @@ def _snapshot(cfg: Config, source: str, groups: Groups, counts: outcomes.Counts,
         "spool": spool, "dead_letters": dead, "dead_reasons": [],
         "counters": outcomes.totals(counts), "drops": outcomes.drops(counts),
         "upstreams": [_upstream(up, groups, states.get(up.name)) for up in cfg.upstreams],
-        "history": None, "connections": None, "ingest": None, "sync": None,
+        "history": None, "connections": None, "ingest": None, "sync": None, "reload": None,
     }
 
 
@@ -188,6 +200,10 @@ async def snapshot(cfg: Config, spool: Spool, states: Mapping[str, UpstreamState
                       "tail_viewers": metrics.tail_viewers,
                       "tail_dropped": metrics.tail_dropped,
                       "tail_closed": dict(metrics.tail_closed)}
+    snap["reload"] = {"applied": metrics.reloads_applied, "refused": metrics.reloads_refused,
+                      "last_error": metrics.reload_error,
+                      "last_error_at": metrics.reload_error_at,
+                      "needs_restart": list(metrics.needs_restart)}
     if sync is not None:
         held = held_by_lane(spool.books.groups, held_lanes(sync["profile"]))
         snap["sync"] = {**sync, "held_events": sum(held.values()), "held_lanes": held}

@@ -105,6 +105,12 @@ def render(data: Snapshot) -> str:
     if spool.get("expiry_errors"):
         lines.append(f"expiry:   {spool['expiry_errors']} runs failed, the last: "
                      f"{_clip(str(spool.get('expiry_last_error')))}")
+    reload = data.get("reload")
+    if reload is not None and reload["last_error"] is not None:
+        lines.append(f"reload:   refused, the running config kept: {_clip(reload['last_error'])}")
+    if reload is not None and reload["needs_restart"]:
+        lines.append(f"reload:   {', '.join(reload['needs_restart'])} changed in the file; "
+                     "a restart applies it")
     sync = data.get("sync")
     if sync is not None:
         lanes = sync.get("held_lanes") or {}
