@@ -452,14 +452,16 @@ async def test_an_export_to_a_symlink_or_a_pipe_writes_through_it(tmp_path: Path
     assert await reader == b"" and stat.S_ISFIFO(os.lstat(fifo).st_mode)
 
 
+@pytest.mark.parametrize("name", ["/dev/stdout", "-"])
 @pytest.mark.parametrize("stdout", ["pipe", "appended file"])
 async def test_an_export_to_dev_stdout_writes_the_letters_to_standard_output(
-        make_agent: Any, tmp_path: Path, stdout: str) -> None:
+        make_agent: Any, tmp_path: Path, stdout: str, name: str) -> None:
     """`outpost dead export /dev/stdout | jq` failed ("cannot write /dev/stdout: No such
     file or directory": the pipe has no path to resolve), and with stdout appended to a
     file (`>> all.jsonl`) that file was replaced, what it held before lost, and the
     summary line went to the file it no longer was. Standard output gets the letters
-    alone, added to what it holds; the summary goes to stderr."""
+    alone, added to what it holds; the summary goes to stderr. `-` names it too, as for
+    every Unix tool (and on Windows, which has no /dev/stdout): it wrote a file named -."""
     up = await RefusingNucleus().start()
     try:
         agent = await make_agent(port=free_port(), upstreams=[upstream("up", up, ["*"])])
@@ -469,8 +471,8 @@ async def test_an_export_to_dev_stdout_writes_the_letters_to_standard_output(
         target.write_text('{"earlier": true}\n')
         with open(target, "ab") as appended:
             proc = await asyncio.create_subprocess_exec(
-                sys.executable, "-m", "agent", "dead", "export", "/dev/stdout", "--config",
-                agent.config_path, cwd=ROOT, stderr=asyncio.subprocess.PIPE,
+                sys.executable, "-m", "agent", "dead", "export", name, "--config",
+                agent.config_path, cwd=tmp_path, stderr=asyncio.subprocess.PIPE,
                 stdout=asyncio.subprocess.PIPE if stdout == "pipe" else appended)
             out, err = await asyncio.wait_for(proc.communicate(), 30)
         assert proc.returncode == 0, err.decode()
@@ -480,6 +482,7 @@ async def test_an_export_to_dev_stdout_writes_the_letters_to_standard_output(
             out = out.split(b"\n", 1)[1]
         assert [json.loads(ln)["body"]["id"] for ln in out.splitlines()] == [0, 1, 2]
         assert "exported 3 dead letters" in err.decode()
+        assert not (tmp_path / "-").exists()
     finally:
         await up.stop()
 
