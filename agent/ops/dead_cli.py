@@ -165,27 +165,9 @@ class _Cli:
 
     def export(self, cfg: Config, args: argparse.Namespace) -> int:
         target = Path(args.file)
-        try:
-            # Stat'd, not resolved: /dev/stdout leads to a pipe through a link that
-            # realpath cannot follow (it names no file), and so does /proc/self/fd/1.
-            mode = os.stat(target).st_mode
-        except FileNotFoundError:
-            mode = stat.S_IFREG
-        except OSError as exc:
-            raise dead.DeadError(f"cannot write {target}: {exc.strerror or exc}") from exc
-        if stat.S_ISDIR(mode):
-            raise dead.DeadError(f"cannot write {target}: it is a directory; name a file")
-        spool = cfg.storage.resolved_path()
-        if spool_file := _of_the_spool(target, spool):
-            # Replaced by the export, the queue would be gone (a running agent's at its stop).
-            raise dead.DeadError(f"cannot write {target}: it is {spool_file} of the agent's "
-                                 f"spool (storage.path {spool}); name another file, such as "
-                                 "dead.jsonl")
-        if not cfg.source.startswith("<") and _same(target, Path(cfg.source)):
-            # Keys and all: the agent's next start or reload would fail on the letters.
-            raise dead.DeadError(f"cannot write {target}: it is the config file; name "
-                                 "another file, such as dead.jsonl")
-        own = _is_stdout(target)
+        # `-` is standard output, as for every Unix tool (and Windows has no /dev/stdout).
+        mode = stat.S_IFCHR if args.file == "-" else _writable(cfg, target)
+        own = args.file == "-" or _is_stdout(target)
         try:
             if own:   # written to as the shell opened it (`>>` appends), never replaced
                 count = self._export_to(cfg, sys.stdout.buffer)
@@ -200,7 +182,8 @@ class _Cli:
             raise dead.DeadError(f"the agent stopped the export after {exc.count} dead "
                                  f"letters (its log says why): {kept}") from exc
         # Beside the letters, not among them: `outpost dead export /dev/stdout | jq`.
-        print(f"exported {count} dead letters to {target}", file=sys.stderr if own else None)
+        print(f"exported {count} dead letters to {'standard output' if own else target}",
+              file=sys.stderr if own else None)
         return 0
 
     def _export_replacing(self, cfg: Config, real: Path, target: Path) -> int:
@@ -311,6 +294,33 @@ def _same(target: Path, other: Path) -> bool:
         return False
 
 
+
+def _writable(cfg: Config, target: Path) -> int:
+    """The st_mode of the file an export may write (a regular file's when there is none),
+    or DeadError saying why it may not."""
+    try:
+        # Stat'd, not resolved: /dev/stdout leads to a pipe through a link that
+        # realpath cannot follow (it names no file), and so does /proc/self/fd/1.
+        mode = os.stat(target).st_mode
+    except FileNotFoundError:
+        mode = stat.S_IFREG
+    except OSError as exc:
+        raise dead.DeadError(f"cannot write {target}: {exc.strerror or exc}") from exc
+    if stat.S_ISDIR(mode):
+        raise dead.DeadError(f"cannot write {target}: it is a directory; name a file")
+    spool = cfg.storage.resolved_path()
+    if spool_file := _of_the_spool(target, spool):
+        # Replaced by the export, the queue would be gone (a running agent's at its stop).
+        raise dead.DeadError(f"cannot write {target}: it is {spool_file} of the agent's "
+                             f"spool (storage.path {spool}); name another file, such as "
+                             "dead.jsonl")
+    if not cfg.source.startswith("<") and _same(target, Path(cfg.source)):
+        # Keys and all: the agent's next start or reload would fail on the letters.
+        raise dead.DeadError(f"cannot write {target}: it is the config file; name "
+                             "another file, such as dead.jsonl")
+    return mode
+
+
 def _is_stdout(target: Path) -> bool:
     """Whether ``target`` is this command's own standard output (/dev/stdout, say)."""
     try:
@@ -357,7 +367,7 @@ def add_parser(sub: Any, load: Load) -> None:
         elif name == "show":
             p.add_argument("id", type=_count, help="its ID, from `outpost dead list`")
         elif name == "export":
-            p.add_argument("file", help="where to write (created mode 0600)")
+            p.add_argument("file", help="where to write (created mode 0600); - for standard output")
         else:
             pick = p.add_mutually_exclusive_group(required=True)
             pick.add_argument("--reason", type=_reason, help="those refused with this reason")
