@@ -59,6 +59,12 @@ class Enrich:
         `.totalRam`, `.arch` to a Segment track that becomes a Nucleus init or error
         ("Application Opened", "Application Error"), where absent.
 
+        `context.device.id` is left out when the event has an `anonymousId`: the app's
+        other events carry no device id, and mapped to Nucleus each one's `machineId` is
+        its `anonymousId` (mapping.py); the device's id there made the init come from
+        another machine than the rest of the app's events (as `machineId` is not filled
+        beside a `deviceId`, above).
+
         An object the app sent as something else than an object (a string
         `context.os`, say) is left as it is: filling it would overwrite it.
         """
@@ -74,8 +80,16 @@ class Enrich:
         if ctx.get("locale") is None:
             ctx["locale"] = facts.language
         _fill(ctx, "os", (("name", facts.platform), ("version", facts.osVersion)))
-        _fill(ctx, "device", (("id", facts.machineId), ("totalRam", facts.totalRam),
-                              ("arch", facts.arch)))
+        rest = (("totalRam", facts.totalRam), ("arch", facts.arch))
+        _fill(ctx, "device", rest if _is_id(event.get("anonymousId"))
+              else (("id", facts.machineId), *rest))
+
+
+def _is_id(value: Any) -> bool:
+    """segment.is_id (which imports this module): a non-empty string or a number."""
+    if isinstance(value, str):
+        return bool(value)
+    return isinstance(value, (int, float)) and not isinstance(value, bool)
 
 
 def _fill(ctx: dict[str, Any], name: str, pairs: tuple[tuple[str, Any], ...]) -> None:
