@@ -13,12 +13,15 @@ _EPOCH = datetime(1970, 1, 1, tzinfo=timezone.utc)
 _MS = timedelta(milliseconds=1)
 
 
-def read_date(value: Any) -> str | None:
+def read_date(value: Any, received: int | None = None) -> str | None:
     """A Nucleus `date` as ISO 8601 UTC with milliseconds, or None if it cannot be read.
 
     Modules send an ISO string with a zone, a naive ISO string in the device's
     local time (python), epoch milliseconds (JS) or seconds (Swift, a float),
-    or nothing.
+    or nothing. A local time the end of DST repeats (02:30 twice) is the later of its
+    two instants when that is not after ``received`` (the event's receive time, epoch
+    ms), else the earlier: an event is received after it happens, and modules send it
+    within seconds.
     """
     if isinstance(value, str):
         if len(value) == 24:
@@ -43,8 +46,13 @@ def read_date(value: Any) -> str | None:
             return iso_ms_fast(int(ms.to_integral_value(ROUND_FLOOR)))
         if isinstance(value, str) and value:
             when = datetime.fromisoformat(value.strip())
-            if when.tzinfo is None:
-                when = when.astimezone()  # naive: the device's local time (the agent's too)
+            if when.tzinfo is None:   # naive: the device's local time (the agent's too)
+                local = when
+                when = local.astimezone()   # the first reading of a repeated hour
+                if received is not None:
+                    later = local.replace(fold=1).astimezone()
+                    if later > when and (later - _EPOCH) // _MS <= received:
+                        when = later
             return iso_ms_fast((when - _EPOCH) // _MS)   # exact: no float seconds
     except (ValueError, OverflowError, OSError, ArithmeticError):
         pass
@@ -52,8 +60,8 @@ def read_date(value: Any) -> str | None:
 
 
 def to_iso(value: Any, received: int) -> str:
-    """``read_date(value)``, or the receive time for a date that cannot be read."""
-    return read_date(value) or iso_ms_fast(received)
+    """``read_date(value, received)``, or the receive time for a date that cannot be read."""
+    return read_date(value, received) or iso_ms_fast(received)
 
 
 # Seconds formatted by iso_ms_fast: epoch second -> "YYYY-mm-ddTHH:MM:SS.". Bounded:

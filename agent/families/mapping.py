@@ -84,7 +84,7 @@ def _to_segment(ev: dict[str, Any], received: int) -> dict[str, Any]:
         kind = event_type(ev)   # an old module's `event` key, or "event"
     kept = dict(ev)
     raw_date = get("date")
-    date = read_date(raw_date)
+    date = read_date(raw_date, received)
     if date is not None and date == raw_date:
         del kept["date"]   # already in the form of `timestamp`: given back from there
     global _received_at
