@@ -45,3 +45,35 @@ async def test_an_application_opened_with_only_a_user_id_gets_the_machine_id(
     assert (await call(agent.port, "/v1/track", body, headers=AUTH)).status == 200
     await wait_for(lambda: len(fake_segment.events) == 1)
     assert fake_segment.events[0]["context"]["device"]["id"] == agent.facts.machineId
+
+
+async def test_a_nucleus_init_with_an_anon_id_keeps_the_anonymous_id_of_its_events(
+        make_agent: Any, fake_segment: FakeSegment) -> None:
+    # An app that names its install by `anonId` alone (nucleus-analytics 4 drops a null
+    # `deviceId`): mapped to Segment, each event's anonymousId is its anonId (§3). The
+    # agent filled the init's and error's `machineId` with the device's id, which the
+    # mapping takes first: at Segment, the app's launch and errors came from another
+    # anonymous user than all of its other events.
+    agent = await make_agent(upstreams=[segment_up(fake_segment)])
+    date = "2026-01-01T00:00:00.000Z"
+    data = [{"type": "init", "id": 1, "anonId": "an1", "sessionId": 7, "date": date},
+            {"type": "event", "name": "click", "id": 2, "anonId": "an1", "sessionId": 7,
+             "date": date},
+            {"type": "error", "name": "TypeError", "id": 3, "anonId": "an1", "sessionId": 7,
+             "date": date}]
+    reply = await call(agent.port, "/app/k/track", {"data": data})
+    assert reply.json() == {"reportedIds": [1, 2, 3]}
+    await wait_for(lambda: len(fake_segment.events) == 3)
+    got = {ev["context"]["nucleus"]["id"]: ev for ev in fake_segment.events}
+    assert [got[i]["anonymousId"] for i in (1, 2, 3)] == ["an1", "an1", "an1"]
+    assert got[1]["context"]["os"]["name"] == agent.facts.platform   # the other facts, filled
+    assert "machineId" not in got[1]["context"]["nucleus"]
+
+
+async def test_a_nucleus_init_with_no_id_of_its_own_gets_the_machine_id(
+        make_agent: Any, fake_nucleus: FakeNucleus) -> None:
+    agent = await make_agent(upstreams=[nucleus_up(fake_nucleus)])
+    ev = {"type": "init", "id": 1, "sessionId": 7, "date": "2026-01-01T00:00:00.000Z"}
+    assert (await call(agent.port, "/app/k/track", {"data": [ev]})).status == 200
+    await wait_for(lambda: len(fake_nucleus.events) == 1)
+    assert fake_nucleus.events[0]["machineId"] == agent.facts.machineId
