@@ -37,7 +37,8 @@ class Enrich:
 
     def nucleus(self, event: dict[str, Any], kind: str) -> None:
         """Add platform, osVersion, totalRam, language/locale, arch and machineId to an
-        init or error event, where absent."""
+        init or error event, where absent (machineId: unless the event has a deviceId or
+        an anonId)."""
         if kind not in NEEDS_FACTS:
             return
         facts = self.facts
@@ -50,8 +51,11 @@ class Enrich:
         for name in ("language", "locale"):
             if event.get(name) is None:
                 event[name] = lang
-        # Newer modules identify the device by deviceId instead of machineId.
-        if event.get("machineId") is None and event.get("deviceId") is None:
+        # Newer modules identify the device by deviceId instead of machineId; an app that
+        # names its install by anonId alone has its events mapped to Segment under it
+        # (mapping.py): the device's id would give its init another anonymousId.
+        if (event.get("machineId") is None and event.get("deviceId") is None
+                and not _is_id(event.get("anonId"))):
             event["machineId"] = facts.machineId
 
     def segment(self, event: dict[str, Any]) -> None:
