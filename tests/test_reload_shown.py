@@ -9,20 +9,9 @@ import re
 from pathlib import Path
 from typing import Any
 
-import aiohttp
-
 from tests.conftest import free_port, run_chromium, write_config
+from tests.test_tail_slots import metrics, status
 from tests.waiting import run_outpost
-
-
-async def status(port: int) -> Any:
-    async with aiohttp.ClientSession() as s, s.get(f"http://127.0.0.1:{port}/status") as r:
-        return await r.json()
-
-
-async def metrics(port: int) -> str:
-    async with aiohttp.ClientSession() as s, s.get(f"http://127.0.0.1:{port}/metrics") as r:
-        return await r.text()
 
 
 async def problems_on_the_page(chromium: str, profile: Path, port: int) -> dict[str, str]:

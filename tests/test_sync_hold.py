@@ -349,18 +349,15 @@ async def test_events_being_committed_as_a_release_comes_are_timed_after_it(
     assert sent(fake_nucleus) == [1, 2, 3, 4, 5] and agent.sync.releases == 2
 
 
-async def test_a_send_in_flight_when_a_hold_comes_finishes_and_its_ack_is_kept(
-        make_agent: Any, faulty: FaultyUpstream) -> None:
-    """docs/operations.md (Sync policy): 'A send already in flight finishes and its
-    acknowledgement is kept.' A hold stopped the key's loop with a stop's grace (5 s, the
-    one a shutdown or a reload waits): an upstream slower than that (a large batch on the
-    metered link the hold is for) had its request cut short, its answer thrown away, and
-    the same events went to it again once the hold ended."""
-    faulty.script = [Fault("slow", delay=1.0)]   # answered properly, a second on
+async def held_while_sending(make_agent: Any, faulty: FaultyUpstream, answer_after_s: float,
+                             timeout_s: float) -> tuple[Any, ManualTiming, Sensor]:
+    """An agent whose one key's batch (events 1-3) is in flight, answered ``answer_after_s``
+    after it is sent, when a low battery makes the transmit profile hold."""
+    faulty.script = [Fault("slow", delay=answer_after_s)]   # then answered properly
     timing = ManualTiming()
     sensor = Sensor(Battery(percent=50, plugged=False))
     up = {"name": "up", "protocol": "nucleus-http", "url": faulty.http_url, "keys": ["app1"],
-          "flush_interval_s": 0.05, "timeout_s": 10}
+          "flush_interval_s": 0.05, "timeout_s": timeout_s}
     agent = await make_agent(upstreams=[up], seams=Seams(timing=timing, grace_s=0.2),
                              battery=sensor,
                              sync={"on_low_battery": "hold", "low_battery_pct": 20})
@@ -370,6 +367,17 @@ async def test_a_send_in_flight_when_a_hold_comes_finishes_and_its_ack_is_kept(
     await wait_for(lambda: BATTERY_POLL_S in timing.pending())
     timing.advance(BATTERY_POLL_S)
     await wait_for(lambda: agent.sync.profile.mode == "hold")
+    return agent, timing, sensor
+
+
+async def test_a_send_in_flight_when_a_hold_comes_finishes_and_its_ack_is_kept(
+        make_agent: Any, faulty: FaultyUpstream) -> None:
+    """docs/operations.md (Sync policy): 'A send already in flight finishes and its
+    acknowledgement is kept.' A hold stopped the key's loop with a stop's grace (5 s, the
+    one a shutdown or a reload waits): an upstream slower than that (a large batch on the
+    metered link the hold is for) had its request cut short, its answer thrown away, and
+    the same events went to it again once the hold ended."""
+    agent, timing, sensor = await held_while_sending(make_agent, faulty, 1.0, 10)
     await wait_for(lambda: not agent.forwarding.loops)   # ended once its send did
     assert agent.spool.depth == 0 and agent.forwarding.states["up"].acked == 3
     assert faulty.requests[0].acked == [1, 2, 3]
@@ -387,20 +395,7 @@ async def test_a_shutdown_while_a_hold_waits_for_a_send_in_flight_waits_only_its
         make_agent: Any, faulty: FaultyUpstream) -> None:
     """The hold lets a send in flight finish; a shutdown that comes meanwhile still cuts it
     after the stop's grace, as without the hold."""
-    faulty.script = [Fault("slow", delay=30.0)]
-    timing = ManualTiming()
-    sensor = Sensor(Battery(percent=50, plugged=False))
-    up = {"name": "up", "protocol": "nucleus-http", "url": faulty.http_url, "keys": ["app1"],
-          "flush_interval_s": 0.05, "timeout_s": 60}
-    agent = await make_agent(upstreams=[up], seams=Seams(timing=timing, grace_s=0.2),
-                             battery=sensor,
-                             sync={"on_low_battery": "hold", "low_battery_pct": 20})
-    await post(agent.port, range(1, 4))
-    await wait_for(lambda: len(faulty.requests) == 1)   # in flight for 30 s
-    sensor.reading = LOW
-    await wait_for(lambda: BATTERY_POLL_S in timing.pending())
-    timing.advance(BATTERY_POLL_S)
-    await wait_for(lambda: agent.sync.profile.mode == "hold")
+    agent, _, _ = await held_while_sending(make_agent, faulty, 30.0, 60)
     loop = agent.forwarding.loops["app1"]
     assert loop.stopping
     await asyncio.wait_for(agent.stop(), 5)
