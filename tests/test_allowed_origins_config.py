@@ -32,3 +32,14 @@ def test_the_origins_browsers_send_are_accepted(tmp_path: Path) -> None:
                        listen={"allowed_origins": entries})
     run = outpost("check-config", str(cfg))
     assert run.returncode == 0, run.stderr
+
+
+@pytest.mark.parametrize("entry", ["https://app.example ", " https://app.example",
+                                   "https://app .example"])
+def test_an_origin_holding_a_space_is_refused_naming_it(tmp_path: Path, entry: str) -> None:
+    """A paste's stray space: urlsplit reads past it, but no browser sends one in its
+    Origin and the guard compares the strings, so every page of that site got 403."""
+    cfg = write_config(tmp_path / "agent.toml", tmp_path / "spool.db",
+                       listen={"allowed_origins": [entry]})
+    refused(outpost("check-config", str(cfg)), "listen.allowed_origins",
+            json.dumps(entry)[1:-1])
