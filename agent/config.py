@@ -159,6 +159,8 @@ def _origins(value: Any) -> str | None:
 def _not_an_origin(entry: str) -> str | None:
     if entry in ("*", "null"):
         return None
+    if any(c.isspace() for c in entry):   # urlsplit reads past it; no browser sends one
+        return "holds a space"
     try:
         parts = urlsplit(entry)
         port = parts.port
