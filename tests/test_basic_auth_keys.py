@@ -12,6 +12,7 @@ import aiohttp
 import orjson
 import pytest
 
+from agent.logs import fingerprint
 from tests.conftest import write_config
 from tests.fakes.segment_upstream import FakeSegment
 from tests.segment_helpers import call, segment_up, wait_for
@@ -110,3 +111,19 @@ def test_check_config_notes_a_named_colon_key_that_every_request_of_would_be_ref
         return
     (note,) = notes   # not 'x:y': its upstream sends a key of its own
     assert "'ab:cd'" in note and "'seg'" in note, note
+
+
+def test_check_configs_note_of_a_colon_key_names_it_by_fingerprint_only(
+        tmp_path: Path) -> None:
+    """Keys are credentials: a message names one by its fingerprint, never shown
+    (docs/operations.md). The note printed the key itself, on check-config's stdout, which
+    is the journal's when systemd's ExecReload runs `outpost check-config --reload`."""
+    key = "app:s3cret-write-key"
+    cfg = tmp_path / "agent.toml"
+    cfg.write_text(f'[listen]\naccept_keys = ["{key}"]\n\n[[upstream]]\nname = "seg"\n'
+                   'protocol = "segment-http"\nurl = "https://api.segment.io"\nkeys = ["*"]\n')
+    run = check_config(str(cfg))
+    assert run.returncode == 0, run.stderr
+    (note,) = [ln for ln in run.stdout.splitlines() if "':'" in ln]
+    assert fingerprint(key) in note, note
+    assert "s3cret" not in run.stdout + run.stderr, run.stdout
