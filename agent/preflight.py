@@ -14,6 +14,7 @@ import sys
 from pathlib import Path
 
 from agent import paths
+from agent.logs import fingerprint
 from agent.settings import Config
 from agent.terminal import systemd_word
 from agent.uplinks.registry import uplink_class
@@ -56,8 +57,9 @@ def refused_keys(cfg: Config) -> list[str]:
         up = cfg.route(key)
         rule = None if up is None else uplink_class(up.protocol).key_rule(up)
         if up is not None and rule is not None and (why := rule(key)) is not None:
-            out.append(f"key {key!r} is refused at every request: {why}; give upstream "
-                       f"{up.name!r} a key of its own, or route this key elsewhere")
+            # Keys are credentials: named by fingerprint, as config errors name them.
+            out.append(f"key {fingerprint(key)} is refused at every request: {why}; give "
+                       f"upstream {up.name!r} a key of its own, or route this key elsewhere")
     return out
 
 
