@@ -43,3 +43,12 @@ def test_an_origin_holding_a_space_is_refused_naming_it(tmp_path: Path, entry: s
                        listen={"allowed_origins": [entry]})
     refused(outpost("check-config", str(cfg)), "listen.allowed_origins",
             json.dumps(entry)[1:-1])
+
+
+def test_null_in_any_case_is_accepted_as_the_guard_matches_it(tmp_path: Path) -> None:
+    """The guard compares entries lower-cased, so "Null" or "NULL" matched a sandboxed
+    page's `Origin: null` and worked; the Origin check must not refuse them now."""
+    cfg = write_config(tmp_path / "agent.toml", tmp_path / "spool.db",
+                       listen={"allowed_origins": ["NULL", "Null"]})
+    run = outpost("check-config", str(cfg))
+    assert run.returncode == 0, run.stderr
