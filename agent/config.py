@@ -157,7 +157,7 @@ def _origins(value: Any) -> str | None:
 
 
 def _not_an_origin(entry: str) -> str | None:
-    if entry in ("*", "null"):
+    if entry == "*" or entry.lower() == "null":   # the guard lower-cases the entries
         return None
     if any(c.isspace() for c in entry):   # urlsplit reads past it; no browser sends one
         return "holds a space"
