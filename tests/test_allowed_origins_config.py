@@ -52,3 +52,13 @@ def test_null_in_any_case_is_accepted_as_the_guard_matches_it(tmp_path: Path) ->
                        listen={"allowed_origins": ["NULL", "Null"]})
     run = outpost("check-config", str(cfg))
     assert run.returncode == 0, run.stderr
+
+
+@pytest.mark.parametrize("entry", ["https://app.example:", "http://localhost:03000"])
+def test_a_port_written_as_no_browser_writes_it_is_refused(tmp_path: Path, entry: str) -> None:
+    """A colon with no port, or a port with a leading zero: urlsplit reads the port as none
+    or as 3000, but a browser's Origin never holds them so, and the guard compares the
+    strings: every page of that site got 403."""
+    cfg = write_config(tmp_path / "agent.toml", tmp_path / "spool.db",
+                       listen={"allowed_origins": [entry]})
+    refused(outpost("check-config", str(cfg)), "listen.allowed_origins", entry)
