@@ -170,6 +170,11 @@ def _not_an_origin(entry: str) -> str | None:
         return "has no scheme://host"
     if parts.path.rstrip("/") or "?" in entry or "#" in entry or "@" in parts.netloc:
         return "holds more than scheme://host[:port] (a path, a query, a user)"
+    # After an IPv6 address's brackets: "host:" or "host:08080" is no port as a browser
+    # writes it (urlsplit reads none, or 8080), and the guard compares the strings.
+    _, colon, written = parts.netloc.rpartition("]")[2].partition(":")
+    if colon and written != str(port):
+        return "writes its port as no browser does (digits, no leading zero)"
     if port is not None and port == _DEFAULT_PORTS.get(parts.scheme.lower()):
         return f"names the default port {port}, which browsers leave out of an Origin"
     return None
