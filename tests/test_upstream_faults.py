@@ -16,6 +16,8 @@ import email.utils
 import math
 import random
 import re
+import socket
+import sys
 import time
 from collections import Counter
 from collections.abc import Sequence
@@ -31,7 +33,7 @@ from agent.forwarder.backoff import BACKOFF, Backoff
 from agent.forwarder.stream import Release
 from agent.forwarder.supervisor import Seams
 from agent.spool.types import Queued, Run
-from agent.uplinks.http_common import REPLY_MAX_BYTES, retry_after
+from agent.uplinks.http_common import REPLY_MAX_BYTES, client_session, post, retry_after
 from tests.conftest import FAST_BACKOFF
 from tests.fakes.faulty_upstream import NEVER_SENT, Fault, FaultyUpstream, Request
 from tests.fakes.loopback_server import serving
@@ -832,3 +834,46 @@ async def test_a_refusal_with_a_retry_after_is_retried_no_sooner(
     assert "check the upstream's key" in (state.last_error or ""), state.last_error
     timing.advance(600)
     await drained(agent, faulty, 3)
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="Linux drops a SYN to a "
+                    "full accept queue; other systems may refuse it at once")
+async def test_a_connection_that_never_opens_within_timeout_s_is_not_blamed_on_the_batch() -> None:
+    """An upstream whose connections never open (a firewall dropping them, a host gone)
+    times out alike, but no batch was sent: 'lower batch_max_bytes' sends the operator
+    after the wrong setting while the key stays stuck (DESIGN 2.6)."""
+    listener = socket.socket()
+    listener.bind(("127.0.0.1", 0))
+    listener.listen(0)
+    port = listener.getsockname()[1]
+    fillers = [socket.socket() for _ in range(3)]   # the accept queue full: SYNs dropped
+    for filler in fillers:
+        filler.setblocking(False)
+        with contextlib.suppress(BlockingIOError):
+            filler.connect(("127.0.0.1", port))
+    try:
+        await wait_for(lambda: _queue_full(port))
+        async with client_session() as session:
+            said = await post(session, f"http://127.0.0.1:{port}/v1/batch", b"x" * 50_000,
+                              {}, 0.3)
+    finally:
+        for s in (*fillers, listener):
+            s.close()
+    assert isinstance(said, str), said
+    assert "0.3s" in said and "connect" in said, said
+    assert "batch_max_bytes" not in said, said
+
+
+def _queue_full(port: int) -> bool:
+    """Whether a connection to ``port`` is left unanswered (its SYN dropped)."""
+    probe = socket.socket()
+    probe.settimeout(0.05)
+    try:
+        probe.connect(("127.0.0.1", port))
+    except TimeoutError:
+        return True
+    except OSError:
+        return False
+    finally:
+        probe.close()
+    return False
