@@ -15,6 +15,7 @@ import email.utils
 import re
 import time
 from dataclasses import dataclass
+from types import SimpleNamespace
 
 import aiohttp
 import orjson
@@ -112,7 +113,33 @@ def client_session() -> aiohttp.ClientSession:
     connections itself, per upstream: a websocket per loop (supervisor.MAX_LOOPS), a
     request per batch in flight (slots.BATCHES_IN_FLIGHT)."""
     return aiohttp.ClientSession(connector=aiohttp.TCPConnector(limit=0),
-                                 auto_decompress=True, middlewares=(refuse_redirects,))
+                                 auto_decompress=True, middlewares=(refuse_redirects,),
+                                 trace_configs=[_CONNECTED])
+
+
+class _Progress:
+    """How far a request got, for the message of its timeout: None until traced (a session
+    without ``_CONNECTED`` never says), then whether it had its connection."""
+
+    connected: bool | None = None
+
+
+async def _started(session: aiohttp.ClientSession, ctx: SimpleNamespace,
+                   params: object) -> None:
+    if isinstance(ctx.trace_request_ctx, _Progress):
+        ctx.trace_request_ctx.connected = False
+
+
+async def _connected(session: aiohttp.ClientSession, ctx: SimpleNamespace,
+                     params: object) -> None:
+    if isinstance(ctx.trace_request_ctx, _Progress):
+        ctx.trace_request_ctx.connected = True
+
+
+_CONNECTED = aiohttp.TraceConfig()
+_CONNECTED.on_request_start.append(_started)
+_CONNECTED.on_connection_create_end.append(_connected)
+_CONNECTED.on_connection_reuseconn.append(_connected)
 
 
 _HTML_TYPES = frozenset({"text/html", "application/xhtml+xml"})
@@ -188,8 +215,9 @@ class HttpReply:
 async def post(session: aiohttp.ClientSession, url: str, body: bytes, headers: dict[str, str],
                timeout_s: float) -> HttpReply | str:
     """POST ``body``: the reply, or what went wrong on the network (never raises for it)."""
+    progress = _Progress()
     try:
-        async with session.post(url, data=body, headers=headers,
+        async with session.post(url, data=body, headers=headers, trace_request_ctx=progress,
                                 timeout=aiohttp.ClientTimeout(total=timeout_s)) as resp:
             wait = retry_after(resp.headers.get("Retry-After"), date=resp.headers.get("Date"))
             kind = media_type(resp.headers.get("Content-Type"))
@@ -206,6 +234,12 @@ async def post(session: aiohttp.ClientSession, url: str, body: bytes, headers: d
                                  unreadable=f"not received whole within {timeout_s:g}s")
             return HttpReply(resp.status, raw, wait, kind, cut)
     except NETWORK_ERRORS as exc:
+        if type(exc) is TimeoutError and progress.connected is False:
+            # No connection, so no request sent: its size is not why (a firewall dropping
+            # the connection, a host gone).
+            return (f"request failed: no connection within {timeout_s:g}s (timeout_s): the "
+                    "upstream's host did not answer the connection (a firewall, or the host "
+                    "down or unreachable from here)")
         if type(exc) is TimeoutError:   # timeout_s ran out before the status came
             # Each try of a batch too large for the link times out alike: the key never
             # drains, and a bare 'TimeoutError' did not say why (DESIGN 2.6).
