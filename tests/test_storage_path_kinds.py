@@ -76,13 +76,14 @@ def test_offline_a_spool_that_is_a_fifo_is_named_so_not_waited_on(
     assert str(spool) in line and "not a regular file (a fifo)" in line, line
 
 
-@pytest.mark.parametrize("path", ["data/", "~/outpost/"])
+@pytest.mark.parametrize("path", ["data/", "~/outpost/", "data/.", "data/./"])
 def test_a_storage_path_ending_in_a_slash_is_refused_naming_a_file_in_it(
         tmp_path: Path, path: str) -> None:
-    """A directory meant ("data/"): Path drops the slash, and a spool FILE named data was
-    created where the operator looked for a directory holding one."""
+    """A directory meant ("data/", "data/."): Path drops the slash and a last ".", and a
+    spool FILE named data was created where the operator looked for a directory holding
+    one."""
     cfg = tmp_path / "agent.toml"
     cfg.write_text(f'[storage]\npath = "{path}"\n')
     for args in (("check-config", str(cfg)), ("run", "--config", str(cfg))):
-        refused(outpost(*args), "storage.path", f"{path}spool.db")
+        refused(outpost(*args), "storage.path", f"{path.rstrip('/.')}/spool.db")
     assert not (tmp_path / "data").exists()
