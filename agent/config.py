@@ -211,11 +211,13 @@ def _listen(t: dict[str, Any]) -> ListenConfig:
 
 
 def _spool_file(value: Any) -> str | None:
-    """A directory meant ("data/"): Path drops the slash, and a file of that name would be
-    made the spool where the operator looks for a directory holding it."""
-    if value.endswith(("/", os.sep)):
-        return (f"ends with a slash, naming a directory; name the spool file in it, such as "
-                f"{value}spool.db")
+    """A directory meant ("data/", "data/."): Path drops the slash and a last ".", and a
+    file of that name would be made the spool where the operator looks for a directory
+    holding it."""
+    last = value.replace(os.sep, "/").rsplit("/", 1)[-1]
+    if value and last in ("", ".", ".."):
+        return (f"names a directory; name the spool file in it, such as "
+                f"{os.path.join(os.path.normpath(value), 'spool.db')}")
     return None
 
 
