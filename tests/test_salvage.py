@@ -709,3 +709,21 @@ async def test_dead_letters_lost_to_damage_found_while_running_are_counted(
     assert expired + lost == DEAD, f"{DEAD - expired} dead letters lost, {lost} counted"
     assert dead_lost_metric(metrics) == lost
     assert f"{lost} dead letters could not be read" in caplog.text
+
+
+async def test_a_fresh_spool_found_damaged_before_its_salvage_still_gets_that_salvage(
+        make_agent: Any, fake_nucleus: FakeNucleus, tmp_path: Path) -> None:
+    """A stop inside a salvage leaves a marker naming the file moved aside, and the fresh
+    spool at the path; if that fresh spool is itself damaged at the next start (the card
+    that damaged the first file, a power cut while it was new), it is moved aside and
+    salvaged in turn, but the file the marker named must still be salvaged: its queue
+    is acknowledged events, and nothing else would ever deliver them."""
+    await asyncio.to_thread(build, tmp_path / "spool.db", 300, 50, ("app1",))
+    first = tmp_path / "spool.db.corrupt-20260101T000000"
+    (tmp_path / "spool.db").rename(first)
+    (tmp_path / "spool.db.salvaging").write_text(f"{first.name}\n")
+    (tmp_path / "spool.db").write_bytes(b"not a spool, torn" * 512)
+    agent = await make_agent(upstreams=[upstream(fake_nucleus)])
+    await wait_for(lambda: sorted(fake_nucleus.ids()) == list(range(300)), timeout=15)
+    assert agent.spool.depth == 0
+    assert not (tmp_path / "spool.db.salvaging").exists()
