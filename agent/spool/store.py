@@ -293,6 +293,20 @@ class Spool:
         Called under the writer's lock (or before the writer starts): nothing commits to
         the fresh spool before the salvage, which a crash leaves for the next start to
         finish (agent/spool/aside.py)."""
+        if (pending := self._salvaging) is not None:
+            # The fresh spool of a salvage not finished (a marker found at start), itself
+            # damaged: it holds that salvage at most, done again from the file the marker
+            # names. Salvaged in turn instead, with the marker rewritten to name it, that
+            # file's queue was never salvaged, nor said lost.
+            await self._close_connections()
+            fresh = target(self.path)
+            move_aside(self.path, fresh)
+            log.error("spool %s, the fresh spool of the salvage of %s, is damaged (%s): "
+                      "moved aside to %s; that salvage starts again", self.path,
+                      pending.moved, exc, fresh)
+            await self._connect()
+            await self._finish_recovery()
+            return
         books = self.books
         carry = self._carry()
         await self._close_connections()
