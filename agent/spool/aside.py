@@ -58,6 +58,17 @@ def move_aside(path: Path, moved: Path) -> None:
     sync_dir(path.parent)
 
 
+def move_fresh_aside(path: Path, moved: Path) -> None:
+    """Rename the damaged fresh spool of a salvage not finished to ``moved``, its -wal and
+    -shm first: cut between the renames, the next start must not take a -wal left at the
+    path for the marker's file's (``pending``), and write it over that file's own."""
+    for suffix in reversed(_SUFFIXES):
+        src = Path(f"{path}{suffix}")
+        if src.exists():
+            src.rename(Path(f"{moved}{suffix}"))
+    sync_dir(path.parent)
+
+
 def pending(path: Path) -> Path | None:
     """The file moved aside by a salvage that did not finish, its move completed; None
     when there is none (a stale marker is removed)."""

@@ -30,7 +30,7 @@ from agent.settings import StorageConfig
 from agent.spool import commit as spool_commit
 from agent.spool import db as spool_db
 from agent.spool import wal_check
-from agent.spool.aside import done, marker, move_aside, note, pending, target
+from agent.spool.aside import done, marker, move_aside, move_fresh_aside, note, pending, target
 from agent.spool.books import Books
 from agent.spool.db import BUSY_TIMEOUT_MS, PAST, SqliteThread
 from agent.spool.dedupe import DedupeIndex
@@ -300,7 +300,7 @@ class Spool:
             # file's queue was never salvaged, nor said lost.
             await self._close_connections()
             fresh = target(self.path)
-            move_aside(self.path, fresh)
+            move_fresh_aside(self.path, fresh)
             log.error("spool %s, the fresh spool of the salvage of %s, is damaged (%s): "
                       "moved aside to %s; that salvage starts again", self.path,
                       pending.moved, exc, fresh)
