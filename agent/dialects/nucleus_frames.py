@@ -119,6 +119,7 @@ class QueueSocket(web.WebSocketResponse):
         self._results: deque[Taken] = deque()
         self._dropped = False
         self._transport: asyncio.Transport | None = None
+        self._protocol: Any = None   # aiohttp's, for its flow control (``read_on``)
         self._gate: _Gate | None = None
         self.handed = 0      # messages passed on toward the handler
         self._answered = 0   # ... of which the handler is done with
@@ -157,6 +158,7 @@ class QueueSocket(web.WebSocketResponse):
                     writer: WebSocketWriter) -> None:
         proto: Any = request.protocol
         self._transport = request.transport
+        self._protocol = proto
         early, proto._message_tail = proto._message_tail, b""   # frames sent ahead of the 101
         super()._post_start(request, protocol, writer)
         gate = self._gate = _Gate(proto._payload_parser, self, proto.close, *self._limits)
@@ -173,8 +175,16 @@ class QueueSocket(web.WebSocketResponse):
             transport.pause_reading()
 
     def read_on(self) -> None:
+        """Read the connection on, unless aiohttp's own flow control holds it (its queue of
+        messages is full, or its output buffer): aiohttp resumes it once the handler has
+        caught up. Resumed under aiohttp's hold, the connection was read on while aiohttp
+        took it for paused and never paused it again, so a module sending faster than its
+        messages were stored was read into memory without bound."""
         transport = self._transport
-        if transport is not None and not transport.is_closing() and not transport.is_reading():
+        proto: Any = self._protocol
+        if (transport is not None and not transport.is_closing() and not transport.is_reading()
+                and not (proto is not None and (proto._reading_paused
+                                                or getattr(proto, "_buffer_paused", False)))):
             transport.resume_reading()
 
     def stand_in(self, taken: Taken) -> bytes:
