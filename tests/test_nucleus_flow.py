@@ -1,7 +1,7 @@
 """A Nucleus websocket keeps aiohttp's flow control: a module that sends faster than its
 messages are stored is read no faster than they are.
 
-aiohttp stops reading a websocket once its queue of received messages holds 64 KiB,
+aiohttp stops reading a websocket once its queue of received messages holds 256 KiB,
 until the handler has taken them. The large-message reader (nucleus_frames.py) pauses and
 resumes the connection's reading itself, a slice a turn: resumed once a large message was
 read whole while aiohttp's pause was in force, the connection was read on with aiohttp
