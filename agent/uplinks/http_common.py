@@ -242,7 +242,7 @@ async def post(session: aiohttp.ClientSession, url: str, body: bytes, headers: d
                     "down or unreachable from here)")
         if type(exc) is TimeoutError:   # timeout_s ran out before the status came
             # Each try of a batch too large for the link times out alike: the key never
-            # drains, and a bare 'TimeoutError' did not say why (DESIGN 2.6).
+            # drains, and a bare 'TimeoutError' did not say why (a stuck key's status must).
             return (f"request failed: no answer within {timeout_s:g}s (timeout_s) to a request "
                     f"of {len(body)} bytes (on a slow link, lower batch_max_bytes or raise "
                     "timeout_s)")
