@@ -100,6 +100,9 @@ class FaultyUpstream(LoopbackServer):
         # connection with 1009 for a longer one); 0: any.
         self.max_frame = 0
         self.flap_delay = 0.0
+        # HTTP: a link this many bytes a second, upstream: each request is answered only
+        # once a link that slow would have carried its body (0: at once).
+        self.link_bytes_per_s = 0.0
         self._frames = 0
         self.requests: list[Request] = []
 
@@ -137,6 +140,13 @@ class FaultyUpstream(LoopbackServer):
         await asyncio.sleep(fault.delay)
         return fault
 
+    async def _carried(self, request: web.Request) -> bytes:
+        """The request's body, once a link of ``link_bytes_per_s`` would have carried it."""
+        body = await request.read()
+        if self.link_bytes_per_s:
+            await asyncio.sleep(len(body) / self.link_bytes_per_s)
+        return body
+
     def _ack(self, fault: Fault | None, ids: list[Any]) -> list[Any]:
         if fault is None or fault.kind in ("slow", "stall", "huge", "backlog"):
             return ids
@@ -165,7 +175,7 @@ class FaultyUpstream(LoopbackServer):
         queued = await self._backlog(request)
         rec = Request(time.monotonic(), request.path, [], query=request.query_string)
         self.requests.append(rec)
-        msg = orjson.loads(await request.read())
+        msg = orjson.loads(await self._carried(request))
         rec.events = [ev for ev in msg.get("data", []) if ev.get("type") != "heartbeat"]
         fault = queued or self._next(rec.events)
         rec.fault = fault.kind if fault else "ok"
@@ -252,7 +262,7 @@ class FaultyUpstream(LoopbackServer):
             return web.Response(status=500)
         rec = Request(time.monotonic(), request.path, [])
         self.requests.append(rec)
-        msg = orjson.loads(await request.read())
+        msg = orjson.loads(await self._carried(request))
         rec.events = list(msg.get("batch", []))
         fault = self._next(rec.events)
         rec.fault = fault.kind if fault else "ok"

@@ -1,0 +1,67 @@
+"""An HTTP upstream behind a link too slow to carry a full batch within ``timeout_s``.
+
+A device back online with a backlog on a poor cellular or satellite link: each full batch
+takes longer to carry than ``timeout_s``, so every try timed out alike and the key never
+drained until an operator lowered ``batch_max_bytes``. The agent runs in process against
+tests/fakes/faulty_upstream.py, which answers each request only once a link of
+``link_bytes_per_s`` would have carried its body.
+"""
+
+from __future__ import annotations
+
+import logging
+from typing import Any
+
+import aiohttp
+import orjson
+import pytest
+
+from agent.ops.status_table import render, size
+from tests.fakes.faulty_upstream import FaultyUpstream
+from tests.test_upstream_faults import drained, event, send, upstream
+from tests.test_ws_faults import status_of
+
+PAD = "x" * 200   # an event of about 330 bytes
+RATE = 40_000     # the link's bytes a second: 20 KB within the 0.5 s timeout, not 60
+
+
+def sizes(fake: FaultyUpstream, since: int = 0) -> list[int]:
+    """The bytes of each request's events, from request ``since`` on."""
+    return [sum(len(orjson.dumps(ev)) for ev in r.events) for r in fake.requests[since:]]
+
+
+@pytest.mark.parametrize("protocol", ["nucleus-http", "segment-http"])
+async def test_a_link_too_slow_for_a_full_batch_drains_in_smaller_ones_then_grows_back(
+        make_agent: Any, faulty: FaultyUpstream, caplog: pytest.LogCaptureFixture,
+        protocol: str) -> None:
+    """Each batch the link cannot carry within timeout_s halves the batches sent to that
+    upstream (status shows the cut, the log says it once a halving), until they go in
+    time; the backlog drains, nothing dead-lettered. Once the link is fast again, batches
+    of at least half the cut answered within a quarter of timeout_s double it back, up to
+    batch_max_bytes: the limit is gone and full batches go again."""
+    caplog.set_level(logging.INFO)
+    faulty.link_bytes_per_s = RATE
+    agent = await make_agent(upstreams=[upstream(faulty, protocol, timeout_s=0.5,
+                                                 batch_max_bytes=60_000)])
+    await send(agent, [event(i, pad=PAD) for i in range(300)])
+    await drained(agent, faulty, 300, timeout=30)
+    up = await status_of(agent)
+    limit = up["slow_limit_bytes"]
+    assert limit is not None and limit <= 0.5 * RATE, up
+    assert max(sizes(faulty)) > 0.5 * RATE   # the full batches that timed out
+    answered = [r for r in faulty.requests if r.answered and r.answered - r.arrived < 0.5]
+    assert answered and all(n <= limit for n in sizes(faulty, faulty.requests.index(
+        answered[0]))), (limit, sizes(faulty))
+    async with aiohttp.ClientSession() as s, \
+            s.get(f"http://127.0.0.1:{agent.port}/status") as r:
+        assert f"batches at most {size(limit)} (slow link)" in render(await r.json())
+    cut = [r.getMessage() for r in caplog.records if "slow link" in r.getMessage()]
+    assert cut and f"at most {limit} bytes" in cut[-1], cut
+
+    faulty.link_bytes_per_s = 0   # the signal is back
+    before = len(faulty.requests)
+    await send(agent, [event(i, pad=PAD) for i in range(300, 900)])
+    await drained(agent, faulty, range(300, 900), timeout=30)
+    assert (await status_of(agent))["slow_limit_bytes"] is None
+    assert max(sizes(faulty, before)) > 0.9 * 60_000, sizes(faulty, before)
+    assert any("full batches" in r.getMessage() for r in caplog.records), caplog.text
