@@ -75,9 +75,18 @@ class UpstreamConfig:
     # (agent/families/lanes.py): event types, and event names.
     priority_types: tuple[str, ...] = ()
     priority_events: tuple[str, ...] = ()
+    # Not from agent.toml: the bytes the forwarder cuts batches to, under batch_max_bytes,
+    # while the upstream takes no larger ones (forwarder/supervisor.py ``_sized``). An event
+    # over the cut still goes, alone: only batch_max_bytes refuses one.
+    batch_cut_bytes: int | None = field(default=None, metadata={"set_by": "forwarder"})
 
     def matches(self, app_key: str) -> bool:
         return "*" in self.keys or app_key in self.keys
+
+    @property
+    def batch_bytes(self) -> int:
+        """The most bytes a batch to this upstream holds now."""
+        return self.batch_max_bytes if self.batch_cut_bytes is None else self.batch_cut_bytes
 
 
 @dataclass(frozen=True)

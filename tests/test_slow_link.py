@@ -10,6 +10,7 @@ tests/fakes/faulty_upstream.py, which answers each request only once a link of
 from __future__ import annotations
 
 import logging
+from pathlib import Path
 from typing import Any
 
 import aiohttp
@@ -17,6 +18,7 @@ import orjson
 import pytest
 
 from agent.ops.status_table import render, size
+from tests.conftest import write_config
 from tests.fakes.faulty_upstream import FaultyUpstream
 from tests.test_upstream_faults import drained, event, send, upstream
 from tests.test_ws_faults import status_of
@@ -33,7 +35,7 @@ def sizes(fake: FaultyUpstream, since: int = 0) -> list[int]:
 @pytest.mark.parametrize("protocol", ["nucleus-http", "segment-http"])
 async def test_a_link_too_slow_for_a_full_batch_drains_in_smaller_ones_then_grows_back(
         make_agent: Any, faulty: FaultyUpstream, caplog: pytest.LogCaptureFixture,
-        protocol: str) -> None:
+        tmp_path: Path, protocol: str) -> None:
     """Each batch the link cannot carry within timeout_s halves the batches sent to that
     upstream (status shows the cut, the log says it once a halving), until they go in
     time; the backlog drains, nothing dead-lettered. Once the link is fast again, batches
@@ -41,8 +43,8 @@ async def test_a_link_too_slow_for_a_full_batch_drains_in_smaller_ones_then_grow
     batch_max_bytes: the limit is gone and full batches go again."""
     caplog.set_level(logging.INFO)
     faulty.link_bytes_per_s = RATE
-    agent = await make_agent(upstreams=[upstream(faulty, protocol, timeout_s=0.5,
-                                                 batch_max_bytes=60_000)])
+    cfg = upstream(faulty, protocol, timeout_s=0.5, batch_max_bytes=60_000)
+    agent = await make_agent(upstreams=[cfg])
     await send(agent, [event(i, pad=PAD) for i in range(300)])
     await drained(agent, faulty, 300, timeout=30)
     up = await status_of(agent)
@@ -57,6 +59,9 @@ async def test_a_link_too_slow_for_a_full_batch_drains_in_smaller_ones_then_grow
         assert f"batches at most {size(limit)} (slow link)" in render(await r.json())
     cut = [r.getMessage() for r in caplog.records if "slow link" in r.getMessage()]
     assert cut and f"at most {limit} bytes" in cut[-1], cut
+    write_config(Path(agent.config_path), tmp_path / "spool.db", upstreams=[cfg])
+    await agent.reload()   # the same upstream: the same link, the cut holds
+    assert (await status_of(agent))["slow_limit_bytes"] == limit
 
     faulty.link_bytes_per_s = 0   # the signal is back
     before = len(faulty.requests)

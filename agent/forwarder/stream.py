@@ -173,6 +173,8 @@ class StreamForwarder:
         # The uplink's connection ended with a batch that then completed by giving events
         # up (see _left_out): reopened before the next send, with no backoff.
         self._reopen = False
+        # The upstream's batches may be larger now (_faster): a new loop sends them so.
+        self._resized = False
         self._connecting: asyncio.Future[Retry | None] | None = None  # see _connect
         self._crash: BaseException | None = None  # unexpected: raised to the supervisor
         self.attempt = attempt  # failures in a row: the next backoff's step
@@ -236,7 +238,7 @@ class StreamForwarder:
             # As after a failure: nothing in flight, so nothing sent later can overtake.
             self._reopen = False
             await self.uplink.close()
-        if self._turn_over() and self.queued():
+        if (self._turn_over() or self._resized) and self.queued():
             if self._tasks or self._acking:
                 await self._idle(None)   # nothing more is read; each answer wakes it
             else:
@@ -257,7 +259,7 @@ class StreamForwarder:
         cfg = self.cfg
         free = min(FETCH_FACTOR, self.window - len(self._tasks),
                    max(-(-queued // cfg.batch_max_events),
-                       -(-self.stream.bytes // cfg.batch_max_bytes)))
+                       -(-self.stream.bytes // cfg.batch_bytes)))
         if self._ahead_slot:
             self._ahead_slot, self._granted = False, self._granted + 1
         if not self._hold_slots(free):
@@ -281,7 +283,7 @@ class StreamForwarder:
             batches = min(batches, NORMAL_SHARE - self._high_run)
         cfg = self.cfg
         return (self.stream.id, tuple(self._cursors), cfg.batch_max_events * batches,
-                (NORMAL,) if share else self.lanes, cfg.batch_max_bytes * batches,
+                (NORMAL,) if share else self.lanes, cfg.batch_bytes * batches,
                 self.until), share
 
     async def _read(self, batches: int) -> None:
@@ -456,7 +458,7 @@ class StreamForwarder:
         """Whether ``rows`` fill a batch: in events, or in bytes (the stored bodies: an
         estimate of what the uplink sends)."""
         cfg = self.cfg
-        return len(rows) >= cfg.batch_max_events or rows.nbytes() >= cfg.batch_max_bytes
+        return len(rows) >= cfg.batch_max_events or rows.nbytes() >= cfg.batch_bytes
 
     @property
     def read_ahead(self) -> bool:
@@ -588,8 +590,11 @@ class StreamForwarder:
 
     async def _deliver(self, batch: Prepared) -> None:
         self.state.state = "sending"
+        started = asyncio.get_running_loop().time()
         # No await before send: over a websocket, batches go out in the order they start.
         result: SendResult = await self._send(batch) if batch.seqs else Acked(())
+        if self.state.slow_limit_bytes is not None and isinstance(result, Acked):
+            self._faster(batch, asyncio.get_running_loop().time() - started)
         match result:
             case Refused(reason=reason):
                 await self._apply(Acked(()), batch, batch.refused)
@@ -663,6 +668,8 @@ class StreamForwarder:
                 self.attempt = 0   # it answered: progress, not an outage to back off from
         if isinstance(result, Retry) and result.too_big is not None:
             self._too_big(result.too_big)
+        if isinstance(result, Retry) and result.too_slow:
+            self._too_slow(batch)
         if isinstance(result, Acked) and result.refused:
             dead = [*dead, *result.refused]
         acked = result.seqs if isinstance(result, Acked) else result.acked
@@ -710,6 +717,40 @@ class StreamForwarder:
             log.warning("upstream %s closed the connection for a frame of %d bytes (1009, too "
                         "big): frames to it are now at most %d bytes; set batch_max_bytes to "
                         "what it takes", self.cfg.name, size, limit)
+
+    def _too_slow(self, batch: Prepared) -> None:
+        """No answer within timeout_s to ``batch``: the upstream's loops send batches of at
+        most half its bytes from their next start (supervisor.py), until they are answered
+        in time (``_faster``). A batch of one event has nothing smaller to send: it goes
+        again as it is (the error says timeout_s must be larger)."""
+        state, sent = self.state, sum(map(len, batch.bodies))
+        limit = sent // 2
+        if len(batch.seqs) > 1 and (state.slow_limit_bytes is None
+                                    or limit < state.slow_limit_bytes):
+            state.slow_limit_bytes = limit
+            # Each halving once (a line or two per episode, at most about twenty).
+            log.warning("upstream %s gave no answer within %gs (timeout_s) to a batch of %d "
+                        "bytes (a slow link?): batches to it are now at most %d bytes, "
+                        "until they are answered in time", self.cfg.name, self.cfg.timeout_s,
+                        sent, limit)
+
+    def _faster(self, batch: Prepared, took: float) -> None:
+        """``batch`` was answered in ``took`` seconds: one of at least half the upstream's
+        slow-link cut, answered within a quarter of timeout_s, doubles the cut (at
+        batch_max_bytes it is gone), and a new loop sends the larger batches."""
+        state, cfg = self.state, self.cfg
+        limit = state.slow_limit_bytes
+        if limit is None or took > cfg.timeout_s / 4 or 2 * sum(map(len, batch.bodies)) < limit:
+            return
+        if 2 * limit >= cfg.batch_max_bytes:
+            state.slow_limit_bytes = None
+            log.info("upstream %s answers in time again: full batches to it (batch_max_bytes "
+                     "= %d)", cfg.name, cfg.batch_max_bytes)
+        else:
+            state.slow_limit_bytes = 2 * limit
+            log.info("upstream %s answered a batch in %.2fs: batches to it are now at most "
+                     "%d bytes", cfg.name, took, 2 * limit)
+        self._resized = self.release is not None
 
     def _left_out(self, result: Retry, batch: Prepared) -> list[tuple[int, str]]:
         """Weigh the answer against each of ``result.omitted`` (see OMITTED_LIMIT); those

@@ -167,8 +167,9 @@ class Supervisor:
             if up is not None and up.name == parked.upstream and up.name in kept:
                 self._lot.park(key, parked)
         for up in self.cfg.upstreams:
-            if up.name not in kept:   # another upstream by that name: the old one's limit
-                self.states[up.name].frame_limit_bytes = None   # (service.py carried it)
+            if up.name not in kept:   # another upstream by that name: the old one's limits
+                state = self.states[up.name]   # (service.py carried them)
+                state.frame_limit_bytes = state.slow_limit_bytes = None
         for name in kept:
             # Its keys wait on as they did: status says so (a new state would say idle).
             if self._lot.count(name) and old.states[name].state in ("backoff", "restarting"):
@@ -242,11 +243,15 @@ class Supervisor:
         return loop
 
     def _sized(self, up: UpstreamConfig | None) -> UpstreamConfig | None:
-        """``up``, its batches no larger than what it was found to take (1009)."""
-        limit = self.states[up.name].frame_limit_bytes if up is not None else None
-        if up is None or limit is None or limit >= up.batch_max_bytes:
+        """``up``, its batches no larger than what it was found to take (1009), nor than
+        what its link carries within timeout_s."""
+        if up is None:
+            return None
+        state = self.states[up.name]
+        limits = [n for n in (state.frame_limit_bytes, state.slow_limit_bytes) if n is not None]
+        if not limits or min(limits) >= up.batch_max_bytes:
             return up
-        return replace(up, batch_max_bytes=limit)
+        return replace(up, batch_cut_bytes=min(limits))
 
     def _lanes(self, key: str, until: int | None
                ) -> tuple[tuple[int, ...], tuple[int | None, ...] | None]:

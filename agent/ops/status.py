@@ -65,6 +65,7 @@ class UpstreamStatus(TypedDict):
     unreachable_for_s: float | None  # since a probe first failed to connect; null if reachable
     probes: int | None          # TCP probes of the upstream since start
     frame_limit_bytes: int | None  # batches cut to this after it closed for one (1009)
+    slow_limit_bytes: int | None   # batches cut to this while its link is too slow for more
 
 
 class Connections(TypedDict):
@@ -149,7 +150,8 @@ def _upstream(up: UpstreamConfig, groups: Groups, live: UpstreamState | None) ->
             "unreachable_for_s": round(max(0.0, time.time() - lost), 1) if lost is not None
             else None,
             "probes": live.probes if live else None,
-            "frame_limit_bytes": live.frame_limit_bytes if live else None}
+            "frame_limit_bytes": live.frame_limit_bytes if live else None,
+            "slow_limit_bytes": live.slow_limit_bytes if live else None}
 
 
 def _snapshot(cfg: Config, source: str, groups: Groups, counts: outcomes.Counts, dead: int,

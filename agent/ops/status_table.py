@@ -58,7 +58,10 @@ def _state(u: UpstreamStatus) -> str:
     lost = u.get("unreachable_for_s")
     state = f"unreachable {age(lost)}, probing" if lost is not None else u["state"]
     limit = u.get("frame_limit_bytes")   # it closed for a longer frame (1009)
-    return state if limit is None else f"{state}, frames at most {size(limit)}"
+    if limit is not None:
+        state = f"{state}, frames at most {size(limit)}"
+    slow = u.get("slow_limit_bytes")   # its link carried no larger batch within timeout_s
+    return state if slow is None else f"{state}, batches at most {size(slow)} (slow link)"
 
 
 def _upstream_rows(data: Snapshot) -> list[list[str]]:

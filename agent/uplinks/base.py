@@ -62,6 +62,10 @@ class Retry:
     # The upstream refused a frame this many bytes long (websocket close 1009): the
     # forwarder sends it smaller ones from now on.
     too_big: int | None = None
+    # No answer within timeout_s to a request sent whole or in part (not a connection
+    # that never opened): the link may be too slow for a batch this size, so the
+    # forwarder halves the batches to this upstream until they are answered in time.
+    too_slow: bool = False
 
 
 def to_check(status: int) -> str | None:

@@ -22,7 +22,7 @@ import orjson
 from yarl import URL
 
 from agent.logs import redacted_head
-from agent.uplinks.base import REJECTED_STATUSES, RETRYABLE_STATUSES
+from agent.uplinks.base import REJECTED_STATUSES, RETRYABLE_STATUSES, Retry
 
 
 def retry_after(value: str | None, now: float | None = None,
@@ -213,8 +213,9 @@ class HttpReply:
 
 
 async def post(session: aiohttp.ClientSession, url: str, body: bytes, headers: dict[str, str],
-               timeout_s: float) -> HttpReply | str:
-    """POST ``body``: the reply, or what went wrong on the network (never raises for it)."""
+               timeout_s: float) -> HttpReply | Retry:
+    """POST ``body``: the reply, or a Retry saying what went wrong on the network (never
+    raises for it)."""
     progress = _Progress()
     try:
         async with session.post(url, data=body, headers=headers, trace_request_ctx=progress,
@@ -237,16 +238,17 @@ async def post(session: aiohttp.ClientSession, url: str, body: bytes, headers: d
         if type(exc) is TimeoutError and progress.connected is False:
             # No connection, so no request sent: its size is not why (a firewall dropping
             # the connection, a host gone).
-            return (f"request failed: no connection within {timeout_s:g}s (timeout_s): the "
-                    "upstream's host did not answer the connection (a firewall, or the host "
-                    "down or unreachable from here)")
+            return Retry(f"request failed: no connection within {timeout_s:g}s (timeout_s): "
+                         "the upstream's host did not answer the connection (a firewall, or "
+                         "the host down or unreachable from here)")
         if type(exc) is TimeoutError:   # timeout_s ran out before the status came
-            # Each try of a batch too large for the link times out alike: the key never
-            # drains, and a bare 'TimeoutError' did not say why (a stuck key's status must).
-            return (f"request failed: no answer within {timeout_s:g}s (timeout_s) to a request "
-                    f"of {len(body)} bytes (on a slow link, lower batch_max_bytes or raise "
-                    "timeout_s)")
-        return f"request failed: {str(exc) or type(exc).__name__}"
+            # A batch too large for the link times out at every try: the forwarder sends
+            # smaller ones (too_slow), and a stuck key's status says why.
+            return Retry(f"request failed: no answer within {timeout_s:g}s (timeout_s) to a "
+                         f"request of {len(body)} bytes (a slow link: smaller batches follow; "
+                         "an event that goes alone and still times out needs a larger "
+                         "timeout_s)", too_slow=True)
+        return Retry(f"request failed: {str(exc) or type(exc).__name__}")
 
 
 async def _read_at_most(resp: aiohttp.ClientResponse, most: int) -> tuple[bytes, bool]:

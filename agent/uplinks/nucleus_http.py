@@ -46,8 +46,8 @@ class NucleusHttpUplink(NucleusFraming, UplinkBase):
     async def send(self, prepared: Prepared) -> SendResult:
         answer = await post(self.session, self.url, frame(prepared),
                             {"Content-Type": "application/json"}, self.cfg.timeout_s)
-        if isinstance(answer, str):
-            return Retry(answer)
+        if isinstance(answer, Retry):
+            return answer
         status, raw, wait = answer.status, answer.body, answer.retry_after
         if answer.unreadable is not None:   # its reportedIds are the verdict: unknown
             return Retry(f"HTTP {status} with a reply that could not be read "

@@ -98,11 +98,12 @@ def take_prefix(uplink: Encoder, rows: Sequence[Row],
     is in it or already earlier in the batch (the upstream's ack names only the id).
     """
     cfg, family = uplink.cfg, uplink.family
-    cap, overhead, envelope = cfg.batch_max_bytes, uplink.event_overhead, uplink.envelope_bytes
+    cap, overhead, envelope = cfg.batch_bytes, uplink.event_overhead, uplink.envelope_bytes
     # Looked up once per batch, not per row: this loop is on the drain's hot path.
     encode_stored, unique = uplink.encode_stored, in_flight is not None
     busy: Container[Any] = () if in_flight is None else in_flight
-    oversize = cap - envelope if uplink.refuse_oversize else None
+    # Refused only past batch_max_bytes: an event over a cut (batch_cut_bytes) goes alone.
+    oversize = cfg.batch_max_bytes - envelope if uplink.refuse_oversize else None
     seqs: list[int] = []
     bodies: list[bytes] = []
     ids: list[Any] = []
@@ -123,7 +124,7 @@ def take_prefix(uplink: Encoder, rows: Sequence[Row],
         cost = len(body) + overhead
         if oversize is not None and cost > oversize:
             refused.append((row.seq, f"event of {len(body)} bytes exceeds batch_max_bytes "
-                                     f"({cap}) of {cfg.name}"))
+                                     f"({cfg.batch_max_bytes}) of {cfg.name}"))
             taken += 1
             continue
         if unique and (ack_id in busy or ack_id in seen):

@@ -139,8 +139,8 @@ class SegmentHttpUplink(UplinkBase):
         if self.cfg.gzip:
             body = gzip.compress(body, compresslevel=6)
         reply = await post(self.session, self.url, body, self.headers, self.cfg.timeout_s)
-        if isinstance(reply, str):
-            return Retry(reply)
+        if isinstance(reply, Retry):
+            return reply
         status, raw, wait = reply.status, reply.body, reply.retry_after
         # A body that could not be read is judged by its type alone.
         if page := html_instead_of_reply(status, reply.content_type,

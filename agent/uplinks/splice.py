@@ -39,8 +39,8 @@ def take(uplink: Encoder, rows: Sequence[Row],
     cfg, family = uplink.cfg, uplink.family
     keyed = family == NUCLEUS
     overhead = uplink.event_overhead
-    budget = cfg.batch_max_bytes - uplink.envelope_bytes
-    oversize = budget if uplink.refuse_oversize else None
+    budget = cfg.batch_bytes - uplink.envelope_bytes
+    oversize = cfg.batch_max_bytes - uplink.envelope_bytes if uplink.refuse_oversize else None
     busy = in_flight if isinstance(in_flight, dict) else None
     room = cfg.batch_max_events
     seqs: list[int] = []
