@@ -310,6 +310,30 @@ async def test_full_disk_answers_503_and_recovers_when_space_is_freed(
     assert rows(spool_path) == len(set(acked))    # every acknowledged event, nothing else
 
 
+async def test_a_spool_found_damaged_once_it_can_be_opened_again_is_salvaged(
+        make_agent: Any, small_fs: Path) -> None:
+    """The spool could not be opened at start for a reason other than damage (a full disk
+    here; an I/O error on a failing card alike), so each commit tries again. When the file
+    is then found damaged, that retry gave up as it did for the full disk, at every commit:
+    every app got 503 for good, where an open at start moves a damaged file aside and
+    salvages it. The retry must do the same."""
+    spool_path = small_fs / "spool" / "spool.db"
+    spool_path.parent.mkdir(mode=0o700)
+    filler = small_fs / "filler"
+    free = os.statvfs(small_fs).f_bavail * os.statvfs(small_fs).f_frsize
+    filler.write_bytes(b"\0" * free)
+    agent = await make_agent(spool=spool_path)
+    async with aiohttp.ClientSession() as s:
+        assert (await post(s, agent.port, [event(1)])).status == 503
+        filler.unlink()
+        spool_path.write_bytes(b"SQLite format 3\0" + b"\xff" * 8192)   # damaged meanwhile
+        stored = await post(s, agent.port, [event(2)])
+        assert stored.status == 200, await stored.text()
+        assert (await post(s, agent.port, [event(3)])).status == 200
+    assert agent.spool.depth == 2
+    assert list(spool_path.parent.glob("spool.db.corrupt-*"))   # kept for a look
+
+
 # -- corrupt spool at startup ---------------------------------------------------------------
 
 
