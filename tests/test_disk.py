@@ -332,6 +332,9 @@ async def test_a_spool_found_damaged_once_it_can_be_opened_again_is_salvaged(
         assert (await post(s, agent.port, [event(3)])).status == 200
     assert agent.spool.depth == 2
     assert list(spool_path.parent.glob("spool.db.corrupt-*"))   # kept for a look
+    counters = agent.spool.counters   # the one refusal while closed, counted once
+    assert counters.get("rejected_storage_error") == 1 and counters.get("spool_corrupt") == 1, \
+        counters
 
 
 # -- corrupt spool at startup ---------------------------------------------------------------

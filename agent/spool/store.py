@@ -431,14 +431,32 @@ class Spool:
                 await conn.close()
 
     async def reopen(self) -> bool:
-        """Open a spool that could not be opened before (the disk may have space again)."""
-        unsaved = self.books.unsaved
+        """Open a spool that could not be opened before (the disk may have space again).
+        A file found damaged now is moved aside and salvaged, as at start: given up on as
+        a full disk is, it refused every event at every commit, for good."""
+        books = self.books
+        unsaved, counters = books.unsaved, books.counters
         try:
-            await self._connect()
+            try:
+                await self._connect()
+            except sqlite3.DatabaseError as exc:
+                if not is_corruption(exc):
+                    raise
+                if not self._loaded:
+                    # Only what was counted while closed (unsaved, counted again below),
+                    # which the salvage would take for the file's own counts.
+                    books.counters = {}
+                await self.recover(exc)   # opens the fresh spool, or raises as _connect does
+                recovered = True
+            else:
+                recovered = False
         except (sqlite3.DatabaseError, OSError):
+            books.counters, books.unsaved = counters, unsaved   # as before the try
             return False
         for outcome, n in unsaved.items():  # counted while closed: keep them
             self.count(outcome, n)
+        if recovered:   # salvaged, and the forwarders told (on_reopen)
+            return True
         if self._salvaging is not None:  # a recovery that could not open the fresh spool
             await self._finish_recovery()
             return True
