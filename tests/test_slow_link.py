@@ -19,7 +19,7 @@ import pytest
 
 from agent.ops.status_table import render, size
 from tests.conftest import write_config
-from tests.fakes.faulty_upstream import FaultyUpstream
+from tests.fakes.faulty_upstream import Fault, FaultyUpstream
 from tests.test_upstream_faults import drained, event, send, upstream
 from tests.test_ws_faults import status_of
 
@@ -70,3 +70,50 @@ async def test_a_link_too_slow_for_a_full_batch_drains_in_smaller_ones_then_grow
     assert (await status_of(agent))["slow_limit_bytes"] is None
     assert max(sizes(faulty, before)) > 0.9 * 60_000, sizes(faulty, before)
     assert any("full batches" in r.getMessage() for r in caplog.records), caplog.text
+
+
+async def test_an_upstream_that_hung_for_a_while_gets_full_batches_again_once_it_answers(
+        make_agent: Any, faulty: FaultyUpstream) -> None:
+    """A server that hangs (three tries with no answer within timeout_s: a restart, a
+    stuck backend) is not a slow link: once it answers again, in 0.3 s whatever the size
+    (within timeout_s = 1, as it always did), full batches must go, as they did before
+    the slow-link cut. They never do: each hang halved the cut (60 KB to 7 KB), and
+    _faster (stream.py) grows it only for a batch answered within a quarter of timeout_s,
+    which this upstream's latency never allows: 600 events take 29 requests, for good,
+    where 4 went before."""
+    faulty.script = [Fault("timeout", delay=1.5)] * 3 + [Fault("slow", delay=0.3)] * 1000
+    cfg = upstream(faulty, "nucleus-http", timeout_s=1.0, batch_max_bytes=60_000)
+    agent = await make_agent(upstreams=[cfg])
+    await send(agent, [event(i, pad=PAD) for i in range(300)])
+    await drained(agent, faulty, 300, timeout=40)
+    before = len(faulty.requests)
+    await send(agent, [event(i, pad=PAD) for i in range(300, 900)])
+    await drained(agent, faulty, range(300, 900), timeout=60)
+    assert max(sizes(faulty, before)) > 0.9 * 60_000, sizes(faulty, before)
+    assert (await status_of(agent)).get("slow_limit_bytes") is None
+
+
+async def test_a_cut_over_a_batch_max_bytes_lowered_by_a_reload_is_not_shown(
+        make_agent: Any, faulty: FaultyUpstream, tmp_path: Path) -> None:
+    """An operator answers the slow-link warning by lowering batch_max_bytes (the old
+    advice) below half the cut, and reloads (same upstream: the cut is kept). The cut no
+    longer applies (supervisor._sized), yet /status keeps slow_limit_bytes and `outpost
+    status` 'batches at most N (slow link)' (N about 13 KB) for good, on a fast link: _faster returns
+    before its batch_max_bytes check, since no batch can be half the cut."""
+    faulty.link_bytes_per_s = RATE
+    cfg = upstream(faulty, "segment-http", timeout_s=0.5, batch_max_bytes=60_000)
+    agent = await make_agent(upstreams=[cfg])
+    await send(agent, [event(i, pad=PAD) for i in range(300)])
+    await drained(agent, faulty, 300, timeout=30)
+    assert (await status_of(agent))["slow_limit_bytes"] is not None
+    faulty.link_bytes_per_s = 0   # the link is fine again
+    cfg = {**cfg, "batch_max_bytes": 5_000}
+    write_config(Path(agent.config_path), tmp_path / "spool.db", upstreams=[cfg])
+    await agent.reload()
+    await send(agent, [event(i, pad=PAD) for i in range(300, 900)])
+    await drained(agent, faulty, range(300, 900), timeout=30)
+    up = await status_of(agent)
+    assert up["slow_limit_bytes"] is None, up
+    async with aiohttp.ClientSession() as s, \
+            s.get(f"http://127.0.0.1:{agent.port}/status") as r:
+        assert "slow link" not in render(await r.json())
