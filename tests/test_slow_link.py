@@ -38,8 +38,8 @@ async def test_a_link_too_slow_for_a_full_batch_drains_in_smaller_ones_then_grow
         tmp_path: Path, protocol: str) -> None:
     """Each batch the link cannot carry within timeout_s halves the batches sent to that
     upstream (status shows the cut, the log says it once a halving), until they go in
-    time; the backlog drains, nothing dead-lettered. Once the link is fast again, batches
-    of at least half the cut answered within a quarter of timeout_s double it back, up to
+    time; the backlog drains, nothing dead-lettered. Once the link is fast again, answers
+    fast enough for twice the cut to go within timeout_s double it back, up to
     batch_max_bytes: the limit is gone and full batches go again."""
     caplog.set_level(logging.INFO)
     faulty.link_bytes_per_s = RATE
@@ -78,7 +78,7 @@ async def test_an_upstream_that_hung_for_a_while_gets_full_batches_again_once_it
     stuck backend) is not a slow link: once it answers again, in 0.3 s whatever the size
     (within timeout_s = 1, as it always did), full batches must go, as they did before
     the slow-link cut. They never do: each hang halved the cut (60 KB to 7 KB), and
-    _faster (stream.py) grows it only for a batch answered within a quarter of timeout_s,
+    _faster (stream.py) grew it only for a batch answered within a quarter of timeout_s,
     which this upstream's latency never allows: 600 events take 29 requests, for good,
     where 4 went before."""
     faulty.script = [Fault("timeout", delay=1.5)] * 3 + [Fault("slow", delay=0.3)] * 1000

@@ -33,8 +33,8 @@ class UpstreamState:
     # with 1009 for a frame: half that frame): loops send it no larger ones.
     frame_limit_bytes: int | None = None
     # The most bytes per batch its link carried within timeout_s lately: halved from a
-    # batch that got no answer in time, doubled back by batches of at least half of it
-    # answered within a quarter of timeout_s (stream.py). None: no cut.
+    # batch that got no answer in time, doubled back while answers say a batch of twice
+    # it would go in time (stream.py). None: no cut.
     slow_limit_bytes: int | None = None
     parked: int = 0              # its keys waiting out a backoff (the supervisor's count)
 
