@@ -239,6 +239,9 @@ class StreamForwarder:
             self._reopen = False
             await self.uplink.close()
         if (self._turn_over() or self._resized) and self.queued():
+            # Acks held for a grouped delete go now: a released loop's successor may start
+            # before this one has ended, and would send their rows again.
+            self._ack_held()
             if self._tasks or self._acking:
                 await self._idle(None)   # nothing more is read; each answer wakes it
             else:
