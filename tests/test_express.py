@@ -383,3 +383,27 @@ async def test_a_head_with_bare_lf_line_ends_is_answered_not_left_waiting(
     line = await asyncio.wait_for(client.reader.readline(), 10)
     assert re.match(rb"HTTP/1\.[01] 400 ", line), line   # aiohttp's parser refuses it
     await client.close()
+
+
+@pytest.mark.parametrize("head", [
+    b"Content-Length: %d\r\n",        # no blank line: the body follows the fields
+    b"Content-Length: %d\r\r\n",      # a bare CR ends the last field
+    b"Content-Length: %d\n\r\n",      # a bare LF, then the blank line
+    b"Content-Length: %d\rX: 1\r\n\r\n",  # a bare CR inside, CRLF CRLF only in the body
+    b"Content-Length: %d\r\n\x00\r\n\r\n",  # a NUL where a field name starts
+])
+async def test_a_malformed_head_is_answered_at_once_not_at_the_header_timeout(
+        make_agent: Callable[..., Any], head: bytes) -> None:
+    """A whole request whose head already breaks HTTP/1.1's grammar but never shows the
+    lane CRLF CRLF where its head would end: aiohttp refuses such a head with a 400 as
+    soon as it sees the fault. The lane held it as "more to come" until the header timeout
+    closed the connection without a reply."""
+    agent = await make_agent(listen={"header_timeout_s": 60})
+    body = track()
+    client = await Client.open(agent.port)
+    await client.send(b"POST /v1/track HTTP/1.1\r\nHost: 127.0.0.1\r\n"
+                      + head % len(body) + body)
+    line = await asyncio.wait_for(client.reader.readline(), 10)
+    assert re.match(rb"HTTP/1\.[01] 400 ", line), line
+    assert agent.spool.depth == 0
+    await client.close()
