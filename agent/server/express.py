@@ -55,6 +55,12 @@ _VALUE = rb"[\t\x20-\x7e\x80-\xff]*+"
 _HEAD = re.compile(rb"POST (/[^\x00-\x20?#%\x7f-\xff]*+) HTTP/1\.1\r\n"
                    rb"((?:" + _TOKEN + rb":" + _VALUE + rb"\r\n)*+)\r\n")
 _FIELD = re.compile(rb"(" + _TOKEN + rb"):[ \t]*+(" + _VALUE + rb")\r\n")
+# The start of a head not yet whole: what _HEAD takes up to its last whole line...
+_START = re.compile(rb"POST /[^\x00-\x20?#%\x7f-\xff]*+(?: HTTP/1\.1\r\n(?:"
+                    + _TOKEN + rb":" + _VALUE + rb"\r\n)*+)?")
+# ...then, once the request line is whole, the start of a field or of the blank line.
+_PART = re.compile(rb"(?:" + _TOKEN + rb"(?::" + _VALUE + rb"\r?)?|\r)?")
+_VERSION = b" HTTP/1.1\r"   # the rest of a request line not yet whole, but its LF
 # The fields read here; a request that repeats one goes to aiohttp.
 _READ = frozenset({b"content-length", b"connection", b"host", b"authorization"})
 # Fields whose handling is aiohttp's or the guard's: a request with one goes there.
@@ -64,6 +70,18 @@ _LENGTH = re.compile(rb"[0-9]{1,6}")
 _SERVER = f"Server: {SERVER_SOFTWARE}\r\n\r\n".encode()
 HEADS_KEPT = 64
 MORE: Final = "more"  # the request is not all here yet
+
+
+def _may_start(buf: bytearray, pos: int) -> bool:
+    """Whether the bytes from ``buf[pos]`` on, not a whole head, may yet begin one that
+    _HEAD takes."""
+    start = _START.match(buf, pos)
+    if start is None:
+        return False
+    rest = bytes(buf[start.end():])
+    if buf.endswith(b"\r\n", pos, start.end()):   # the request line is whole
+        return _PART.fullmatch(rest) is not None
+    return _VERSION.startswith(rest)
 
 
 class Request(NamedTuple):
@@ -109,10 +127,9 @@ class ExpressLane:
             return MORE if b"POST /".startswith(buf[pos:pos + 6]) else None
         end = buf.find(b"\r\n\r\n", pos, pos + HEAD_MAX)
         if end < 0:
-            # A head whose lines end in a bare LF never has CRLF CRLF: aiohttp's to answer.
-            if buf.find(b"\n\n", pos, pos + HEAD_MAX) >= 0:
-                return None
-            return MORE if len(buf) - pos < HEAD_MAX else None
+            # A head that already breaks the grammar (a bare CR or LF, a missing blank
+            # line) may never show CRLF CRLF: aiohttp's to answer, at once.
+            return MORE if len(buf) - pos < HEAD_MAX and _may_start(buf, pos) else None
         head = _HEAD.fullmatch(buf, pos, end + 4)
         if head is None:
             return None
