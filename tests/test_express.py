@@ -407,3 +407,33 @@ async def test_a_malformed_head_is_answered_at_once_not_at_the_header_timeout(
     assert re.match(rb"HTTP/1\.[01] 400 ", line), line
     assert agent.spool.depth == 0
     await client.close()
+
+
+@pytest.mark.parametrize(("field", "value", "status"), [
+    ("Host", b"\xa0localhost", b"421"),              # a lone byte 0xA0 (NBSP in Latin-1)
+    ("Host", b"\x85127.0.0.1", b"421"),              # 0x85 (NEL in Latin-1)
+    ("Host", b"localhost\xc2\xa0", b"421"),          # NBSP in UTF-8
+    ("Authorization", AUTH.encode() + b"\xa0", b"401"),
+    ("Authorization", b"\x85" + AUTH.encode(), b"401"),
+    ("Authorization", AUTH.encode() + b"\xe3\x80\x80", b"401"),  # U+3000 in UTF-8
+])
+async def test_a_host_or_key_padded_with_non_ascii_space_is_refused_in_both_lanes(
+        make_agent: Callable[..., Any], field: str, value: bytes, status: bytes) -> None:
+    """Bytes 0x80-0xFF in a field are no whitespace in HTTP. The lane read field values
+    as Latin-1 and the guard and auth stripped them with str.strip(), which takes NBSP
+    (0xA0) and NEL (0x85) for space: the lane took `\\xa0localhost` for a loopback Host
+    and a key padded so for the key, where aiohttp (reading UTF-8) refused them; in
+    UTF-8, NBSP or U+3000 around a Host or key was taken by both."""
+    agent = await make_agent(listen={"accept_keys": [KEY]})
+    body = track()
+    fields = {"Host": b"127.0.0.1", "Authorization": AUTH.encode(), field: value}
+    head = b"".join(name.encode() + b": " + v + b"\r\n" for name, v in fields.items())
+    for path in (b"/v1/track", b"/v1/track?via=aiohttp"):
+        client = await Client.open(agent.port)
+        await client.send(b"POST " + path + b" HTTP/1.1\r\n" + head
+                          + b"Content-Length: %d\r\n\r\n" % len(body) + body)
+        reply = await client.reply()
+        assert reply.split(b" ", 2)[1] == status, (path, reply)
+        await client.close()
+    assert agent.spool.depth == 0
+    assert express_count(agent) == 0
