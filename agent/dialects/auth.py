@@ -10,6 +10,7 @@ import binascii
 # when full, so odd headers cannot grow it.
 _USERS: dict[str, str] = {}
 _USERS_MAX = 256
+OWS = " \t"   # HTTP's whitespace; str.strip() would also take NBSP, NEL or U+3000
 
 
 class BadAuth(ValueError):
@@ -34,10 +35,10 @@ def basic_user(header: str | None) -> str | None:
 
 
 def _decode(header: str) -> str:
-    scheme, _, token = header.strip().partition(" ")
+    scheme, _, token = header.strip(OWS).partition(" ")
     if scheme.lower() != "basic":
         raise BadAuth("the Authorization header must be Basic auth with the write key")
-    token = token.strip()
+    token = token.strip(OWS)
     try:
         decoded = base64.b64decode(token + "=" * (-len(token) % 4), validate=True)
         user = decoded.decode("utf-8").partition(":")[0]

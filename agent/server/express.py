@@ -84,6 +84,12 @@ def _may_start(buf: bytearray, pos: int) -> bool:
     return _VERSION.startswith(rest)
 
 
+def _text(value: bytes) -> str:
+    """A field's value as aiohttp's parser gives it to the routes (UTF-8, other bytes as
+    lone surrogates), so that both lanes judge and cache the same string."""
+    return value.decode("utf-8", "surrogateescape")
+
+
 class Request(NamedTuple):
     route: Express
     refuse: Callable[[int], None]
@@ -155,14 +161,14 @@ class ExpressLane:
         if connection is not None and connection.lower() != b"keep-alive":
             return None
         host = fields.get(b"host")
-        if host is not None and not self._guard.host_ok(host.decode("latin-1")):
+        if host is not None and not self._guard.host_ok(_text(host)):
             return None
         total = end + 4 + size
         if len(buf) < total:
             return None  # the body is still coming: aiohttp reads it, with its deadline
         auth = fields.get(b"authorization")
         try:
-            user = basic_user(auth.decode("latin-1")) if auth is not None else None
+            user = basic_user(_text(auth)) if auth is not None else None
         except BadAuth:
             return None   # aiohttp's route refuses it, with the reason
         return Request(found[0], found[1], bytes(buf[end + 4:total]),

@@ -16,6 +16,8 @@ Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
 Wrap = Callable[[Handler, bool], Handler]
 CORS_MAX_AGE = "600"
 HOST_CACHE = 256
+# HTTP's own whitespace: str.strip() would also take NBSP, NEL or U+3000 for it.
+OWS = " \t"
 
 
 # A Host header: a name or an address, then at most a port (RFC 9110 §7.2); a bare IPv6
@@ -26,7 +28,7 @@ _HOST = re.compile(r"(\[[0-9a-f:.]+\]|[^\[\]:@/\s]*)(?::([0-9]{0,5}))?|[0-9a-f:.
 def _host_name(host: str) -> str | None:
     """'[::1]:8765' -> '::1', 'LocalHost:80' -> 'localhost'; None for what is not a host
     and an optional port ('127.0.0.1:80@evil.example', 'localhost:99999')."""
-    host = host.strip().lower()
+    host = host.strip(OWS).lower()
     match = _HOST.fullmatch(host)
     if match is None or int(match[2] or 0) > 65535:
         return None
