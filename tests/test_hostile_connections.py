@@ -337,6 +337,35 @@ async def test_a_stalled_body_is_408_in_every_api(
     assert agent.spool.depth == 0
 
 
+@pytest.mark.parametrize("chunked", [False, True], ids=["content-length", "chunked"])
+@pytest.mark.parametrize("path,auth,start,shape",
+                         [(b"/v1/track", b"Authorization: " + basic(KEY).encode(),
+                           b'{"event": ', "Error"), *STALLED],
+                         ids=["/v1/track", *(p.decode() for p, *_ in STALLED)])
+async def test_a_client_gone_mid_body_is_a_refusal_not_a_logged_crash(
+        make_agent: Callable[..., Any], sockets: list[socket.socket],
+        caplog: pytest.LogCaptureFixture, path: bytes, auth: bytes, start: bytes,
+        shape: str, chunked: bool) -> None:
+    """An app stopped (or killed) while sending a body. The body read raised the
+    ConnectionResetError aiohttp hands it, which no route caught: aiohttp logged
+    "Error handling request" with a traceback at ERROR, every time, for a client's
+    doing. It is a refusal of an incomplete body, counted, with nothing stored."""
+    agent = await make_agent(listen={"body_timeout_s": 60})
+    framing = (b"Transfer-Encoding: chunked\r\n\r\n%x\r\n" % (len(start) + 100) if chunked
+               else b"Content-Length: %d\r\n\r\n" % (len(start) + 100))
+    with caplog.at_level(logging.ERROR):
+        s = await connect(agent.port, sockets)
+        s.send(b"POST " + path + b" HTTP/1.1\r\nHost: 127.0.0.1\r\n"
+               b"Content-Type: application/json\r\n" + auth + b"\r\n" + framing + start)
+        await asyncio.sleep(0.1)   # the head is read and the route waits for the body
+        s.close()
+        await wait_for(lambda: bool(agent.metrics.refused)
+                       or any(r.levelno >= logging.ERROR for r in caplog.records), 5)
+    assert not [r for r in caplog.records if r.levelno >= logging.ERROR], caplog.text
+    assert sum(agent.metrics.refused.values()) == 1
+    assert agent.spool.depth == 0
+
+
 async def test_websocket_outlives_the_idle_timeout(
         make_agent: Callable[..., Any], sockets: list[socket.socket]) -> None:
     """A Nucleus module's websocket may sit quiet for long; only HTTP waits are deadlined."""
