@@ -105,6 +105,11 @@ async def read_raw(request: web.Request, limit: int) -> bytes:
         except TimeoutError:
             raise BodyError(408, "request body not received in time",
                             f"incomplete after {seconds:g} s (listen.body_timeout_s)") from None
+        except ConnectionError:
+            # The client hung up mid-body (aiohttp hands the read a ConnectionResetError):
+            # refused, like any incomplete body, though no reply can reach it now.
+            raise BodyError(400, "request body incomplete",
+                            "the connection closed before the body ended") from None
     if encoding in ("gzip", "x-gzip", "deflate"):
         if ticket is None:
             return _inflate(bytes(raw), encoding, limit)
