@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import json
 from pathlib import Path
 from typing import Any
@@ -177,3 +178,33 @@ async def test_a_spool_path_holding_uri_characters_is_the_spool_used(
     code, text = await run_outpost("dead", "list", "--config", agent.config_path)
     assert code == 0 and text.startswith(f"0 dead letters ({spool}, no agent running)"), text
     assert sorted(p.name for p in spool.parent.parent.iterdir() if p.is_file()) == ["agent0.toml"]
+
+
+async def test_an_answer_cut_short_is_one_line_not_a_traceback(tmp_path: Path) -> None:
+    """What holds the agent's port sends a reply's head and part of its body, then closes
+    (an agent killed mid-answer, or another server): `outpost status` and `outpost flush`
+    ended with http.client.IncompleteRead's traceback, as the body's read was outside
+    what they catch. Each says so in one line, with exit code 1."""
+    cut = 0
+
+    async def answer(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        nonlocal cut
+        await reader.readuntil(b"\r\n\r\n")
+        writer.write(b"HTTP/1.1 200 OK\r\nContent-Type: application/json\r\n"
+                     b"Content-Length: 1000\r\n\r\n{\"spool\": ")
+        await writer.drain()
+        writer.close()
+        cut += 1
+
+    server = await asyncio.start_server(answer, "127.0.0.1", 0)
+    port = server.sockets[0].getsockname()[1]
+    try:
+        cfg = str(write_config(tmp_path / "agent.toml", tmp_path / "spool.db", port=port))
+        for command in ("status", "flush"):
+            code, text = await run_outpost(command, "--config", cfg)
+            assert "Traceback" not in text, text
+            assert code == 1 and text.count("\n") == 1, text
+        assert cut == 2
+    finally:
+        server.close()
+        await server.wait_closed()
