@@ -24,12 +24,14 @@ from agent.install import command as service_install
 from agent.install import config_file
 from agent.ops import dead_cli
 from agent.ops.local_agent import (
+    CutShort,
     NotOutpost,
     Refused,
     agent_url,
     answer,
     not_answering,
     opened,
+    read_whole,
     running_elsewhere,
     timed_out,
     why_not,
@@ -152,7 +154,7 @@ def _http(cfg: Config, path: str, expect: str, method: str = "GET") -> Any:
     req = urllib.request.Request(agent_url(cfg, path), method=method,
                                  data=b"" if method == "POST" else None)
     with opened(cfg, req, path, STATUS_TIMEOUT_S) as resp:
-        return answer(cfg, path, resp.read(), expect)
+        return answer(cfg, path, read_whole(cfg, resp, path), expect)
 
 
 def cmd_status(args: argparse.Namespace) -> int:
@@ -166,6 +168,9 @@ def cmd_status(args: argparse.Namespace) -> int:
         if timed_out(exc):   # an agent holds the spool: its figures would be stale
             print(f"outpost: the agent at {agent_url(cfg, '')} is busy: no answer to /status "
                   f"in {STATUS_TIMEOUT_S:.0f} s; try again", file=sys.stderr)
+            return EXIT_FAILED
+        if isinstance(exc, CutShort):   # it answered here: neither elsewhere nor gone for sure
+            _say(str(exc))
             return EXIT_FAILED
         # An agent runs on the spool, elsewhere: its figures are live there, and the
         # spool's alone would say it is stopped. (One that refused answered: it is there.)
@@ -206,7 +211,7 @@ def cmd_flush(args: argparse.Namespace) -> int:
         return EXIT_CONFIG
     try:
         data = _http(cfg, "/flush", "queue_depth", method="POST")
-    except (NotOutpost, Refused) as exc:
+    except (NotOutpost, Refused, CutShort) as exc:
         _say(str(exc))
         return EXIT_FAILED
     except (urllib.error.URLError, OSError, ValueError) as exc:

@@ -41,6 +41,25 @@ class Refused(ValueError):
         self.why = why
 
 
+class CutShort(ConnectionError):
+    """What holds the agent's address began an answer to ``path`` and closed before its end
+    (an agent stopped or killed mid-answer): http.client's IncompleteRead, say, which is
+    neither an OSError nor a URLError."""
+
+    def __init__(self, cfg: Config, path: str, exc: Exception) -> None:
+        super().__init__(f"the answer of {agent_url(cfg, '')} to {path.split('?')[0]} was cut "
+                         f"short ({type(exc).__name__}): the agent stopped mid-answer, or "
+                         "another server holds its port; try again")
+
+
+def read_whole(cfg: Config, resp: Any, path: str) -> bytes:
+    """The body of ``resp``, the answer to ``path``; CutShort if it ends early."""
+    try:
+        return bytes(resp.read())
+    except http.client.HTTPException as exc:
+        raise CutShort(cfg, path, exc) from exc
+
+
 def opened(cfg: Config, req: urllib.request.Request | str, path: str, timeout: float) -> Any:
     """``DIRECT.open(req)``; NotOutpost when what holds the agent's port does not speak
     HTTP (an SSH server's banner: http.client's BadStatusLine, neither a URLError nor an
