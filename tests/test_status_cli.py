@@ -208,3 +208,37 @@ async def test_an_answer_cut_short_is_one_line_not_a_traceback(tmp_path: Path) -
     finally:
         server.close()
         await server.wait_closed()
+
+
+@pytest.mark.parametrize("reply", [
+    b'{"spool": 1}',
+    b'{"spool": {}, "upstreams": [{}]}',
+    b'{"spool": {"used_bytes": "many", "max_bytes": 1}}',
+    b'{"spool": {}, "counters": [1]}',
+    b'{"spool": {}, "dead_letters": 1, "dead_reasons": [{"count": 1}]}',
+    b'{"spool": {}, "upstreams": [{"name": "a", "protocol": "p", "state": "s", '
+    b'"queue_depth": 1, "queue_bytes": "many"}]}',
+])
+async def test_a_status_of_another_shape_is_no_traceback(tmp_path: Path, reply: bytes) -> None:
+    """Something at the agent's address answers /status with a JSON object that holds
+    `spool`, the one field `outpost status` looked for, but not an agent's snapshot: the
+    table crashed on it (AttributeError, KeyError, TypeError, ValueError) with a
+    traceback. It is not an Outpost agent's answer: said in one line, and the spool read."""
+    app = aiohttp.web.Application()
+
+    async def answer(request: aiohttp.web.Request) -> aiohttp.web.Response:
+        return aiohttp.web.Response(body=reply, content_type="application/json")
+    app.router.add_get("/status", answer)
+    runner = aiohttp.web.AppRunner(app)
+    await runner.setup()
+    site = aiohttp.web.TCPSite(runner, "127.0.0.1", 0)
+    await site.start()
+    port = runner.addresses[0][1]
+    try:
+        cfg = str(write_config(tmp_path / "agent.toml", tmp_path / "spool.db", port=port))
+        for args in ((), ("--json",)):
+            code, text = await run_outpost("status", "--config", cfg, *args)
+            assert code == 0 and "Traceback" not in text, text
+            assert "not an Outpost agent" in text and "no agent running" in text, text
+    finally:
+        await runner.cleanup()
