@@ -164,6 +164,7 @@ def cmd_status(args: argparse.Namespace) -> int:
     try:
         data = _http(cfg, "/status", "spool")
         data["source"] = f"agent at {agent_url(cfg, '')}"
+        text = _table(cfg, data)
     except (urllib.error.URLError, OSError, ValueError) as exc:
         if timed_out(exc):   # an agent holds the spool: its figures would be stale
             print(f"outpost: the agent at {agent_url(cfg, '')} is busy: no answer to /status "
@@ -197,12 +198,23 @@ def cmd_status(args: argparse.Namespace) -> int:
             _say(f"no agent answering, and cannot read the spool "
                  f"{cfg.storage.resolved_path()}: {exc.strerror or exc}")
             return EXIT_FAILED
+        from agent.ops.status_table import render
+        text = render(data)
     if args.json:
         print(printable_json(json.dumps(data, indent=2)))
     else:
-        from agent.ops.status_table import render
-        print(render(data))
+        print(text)
     return 0
+
+
+def _table(cfg: Config, data: Any) -> str:
+    """``data``, a /status answer, as the table; NotOutpost if it is not a snapshot's
+    shape: holding `spool`, the one field asked of it, another server's JSON is not one."""
+    from agent.ops.status_table import render
+    try:
+        return render(data)
+    except (LookupError, TypeError, AttributeError, ValueError, ArithmeticError) as exc:
+        raise NotOutpost(cfg, "/status") from exc
 
 
 def cmd_flush(args: argparse.Namespace) -> int:
