@@ -41,6 +41,9 @@ _DEBUG_PRIORITY = 7
 _ExcInfo = tuple[type[BaseException], BaseException, TracebackType | None] | tuple[None, None, None]
 # Registering a very short secret would garble every log line containing it.
 MIN_SECRET_LEN = 4
+# How far past its cut ``redacted_head`` reads for the generic patterns (a bare credential
+# is told by a digit anywhere in it); registered secrets are looked up in the whole text.
+HEAD_MARGIN = 256
 REDACTED = "***"
 # What an HTTP client (yarl) leaves unencoded in a URL's path: a key in an upstream's path
 # shows percent-encoded in the client's errors (`Sekrit%20Key`).
@@ -78,7 +81,6 @@ class SecretRegistry:
         # First MIN_SECRET_LEN characters -> lengths of the secrets that start so, longest
         # first, so that a secret containing another is redacted whole.
         self._lengths: dict[str, tuple[int, ...]] = {}
-        self._longest = 0
         self._lock = threading.Lock()
 
     def add(self, value: str) -> None:
@@ -102,12 +104,11 @@ class SecretRegistry:
                 lengths = self._lengths.get(head, ())
                 if len(secret) not in lengths:
                     self._lengths[head] = tuple(sorted((*lengths, len(secret)), reverse=True))
-                self._longest = max(self._longest, len(secret))
 
     def redact(self, text: str) -> str:
         """``text`` with every registered secret and generic credential replaced."""
         if self._lengths:
-            text = self._redact_registered(text)
+            text = self._redact_registered(text)[0]
         for generic, replacement in _GENERIC_SECRETS:
             text = generic.sub(replacement, text)
         return text
@@ -115,33 +116,50 @@ class SecretRegistry:
     def redacted_head(self, text: str, most: int) -> str:
         """The first ``most`` characters of ``text`` redacted: redacted before the cut, so
         that a secret the cut falls in is still found whole, yet only as much of ``text``
-        as that needs (an upstream's reply may be megabytes)."""
-        n = most + self._longest
+        as that needs (an upstream's reply may be megabytes). Registered secrets are
+        looked for only where one could start within the head, each in the whole of
+        ``text``: the cost does not grow with the longest key registered (any app may send
+        one of hundreds of KB, which made a margin that long, scanned a character at a
+        time, for every name and id the live view showed)."""
+        want = most + HEAD_MARGIN
         while True:
-            head = self.redact(text[:n])
-            # A secret cut at n lies in the last _longest characters of head (redaction
-            # only shortens what it matched, before it): none of it is kept.
-            if n >= len(text) or len(head) >= most + self._longest:
+            if self._lengths:
+                head, end = self._redact_registered(text, want)
+            else:
+                head, end = text[:want], min(want, len(text))
+            for generic, replacement in _GENERIC_SECRETS:
+                head = generic.sub(replacement, head)
+            # A credential the generic patterns find cut at ``end`` lies in the last
+            # HEAD_MARGIN characters of head (redaction only shortens what it matched,
+            # before it): none of it is kept.
+            if end >= len(text) or len(head) >= most + HEAD_MARGIN:
                 return head[:most]
-            n *= 2
+            want *= 2
 
-    def _redact_registered(self, text: str) -> str:
+    def _redact_registered(self, text: str, want: int | None = None) -> tuple[str, int]:
+        """``text`` with every registered secret replaced, and how much of ``text`` that
+        covers: all of it, or with ``want``, as far as gives ``want`` characters (a secret
+        that starts before there is replaced whole, however far it goes)."""
         lengths_of, secrets = self._lengths, self._secrets
         parts: list[str] = []
-        start = i = 0
-        last = len(text) - MIN_SECRET_LEN
-        while i <= last:
+        size = len(text)
+        stop = size if want is None else want
+        shown = start = i = 0   # what is replaced so far makes ``shown`` characters
+        last = size - MIN_SECRET_LEN
+        while i <= last and shown + i - start < stop:
             for n in lengths_of.get(text[i:i + MIN_SECRET_LEN], ()):
-                if text[i:i + n] in secrets:
+                if i + n <= size and text[i:i + n] in secrets:
                     parts += (text[start:i], REDACTED)
+                    shown += i - start + len(REDACTED)
                     i = start = i + n
                     break
             else:
                 i += 1
-        if not parts:
-            return text
-        parts.append(text[start:])
-        return "".join(parts)
+        end = size if i > last else i
+        if not parts and end == size:
+            return text, size
+        parts.append(text[start:end])
+        return "".join(parts), end
 
 
 _registry = SecretRegistry()
