@@ -337,6 +337,36 @@ async def test_a_spool_found_damaged_once_it_can_be_opened_again_is_salvaged(
         counters
 
 
+async def test_what_was_refused_while_a_salvage_waited_for_disk_space_stays_counted(
+        make_agent: Any, small_fs: Path) -> None:
+    """A spool found damaged at start on a full disk is moved aside, but its fresh spool
+    cannot be created: each commit tries again (Spool.reopen), and apps get 503, counted
+    as rejected_storage_error. Once space is freed, the retry opens the fresh spool and
+    finishes the salvage; what was refused meanwhile must stay counted, as when the spool
+    could not be opened at all (test above). It is lost: reopen counts it again before
+    _finish_recovery, whose reload of the salvaged file's state (_load_state, Books.reset)
+    drops every count not yet saved; the salvage carries only what was counted before
+    the move."""
+    spool_path = small_fs / "spool" / "spool.db"
+    spool_path.parent.mkdir(mode=0o700)
+    spool_path.write_bytes(b"SQLite format 3\0" + b"\xff" * 8192)   # damaged
+    filler = small_fs / "filler"
+    free = os.statvfs(small_fs).f_bavail * os.statvfs(small_fs).f_frsize
+    filler.write_bytes(b"\0" * free)
+    agent = await make_agent(spool=spool_path)
+    assert list(spool_path.parent.glob("spool.db.corrupt-*"))   # moved aside at start
+    async with aiohttp.ClientSession() as s:
+        assert (await post(s, agent.port, [event(1)])).status == 503
+        assert agent.spool.counters.get("rejected_storage_error") == 1
+        filler.unlink()
+        stored = await post(s, agent.port, [event(2)])
+        assert stored.status == 200, await stored.text()
+        assert (await post(s, agent.port, [event(3)])).status == 200
+    assert agent.spool.depth == 2
+    counters = agent.spool.counters   # the one refusal while the salvage waited
+    assert counters.get("rejected_storage_error") == 1, counters
+
+
 # -- corrupt spool at startup ---------------------------------------------------------------
 
 
