@@ -453,12 +453,12 @@ class Spool:
         except (sqlite3.DatabaseError, OSError):
             books.counters, books.unsaved = counters, unsaved   # as before the try
             return False
+        if self._salvaging is not None:  # a recovery that could not open the fresh spool
+            await self._finish_recovery()   # reloads the books: count what follows after
+            recovered = True
         for outcome, n in unsaved.items():  # counted while closed: keep them
             self.count(outcome, n)
         if recovered:   # salvaged, and the forwarders told (on_reopen)
-            return True
-        if self._salvaging is not None:  # a recovery that could not open the fresh spool
-            await self._finish_recovery()
             return True
         log.warning("spool %s is open again (%d events queued)", self.path, self.depth)
         self.on_reopen()
