@@ -65,11 +65,17 @@ def track(**kw: Any) -> dict[str, Any]:
     return {"type": "track", "event": "e", "userId": "u", **kw}
 
 
-@pytest.mark.parametrize("headers", [{"X-Write-Key": "bad"}, {}])
+# NBSP or U+3000 around the key is no HTTP whitespace: the key sent is not `good`, and
+# taking it for `good` would change the value the app sent.
+@pytest.mark.parametrize("headers", [{"X-Write-Key": "bad"}, {},
+                                     {"X-Write-Key": "good\u00a0"},
+                                     {"X-Write-Key": "\u3000good"}],
+                         ids=["bad", "missing", "nbsp", "ideographic-space"])
 async def test_bad_or_missing_key_is_401(make_agent: Any, headers: dict[str, str]) -> None:
     agent = await make_agent(listen={"accept_keys": ["good"]})
     reply = await call(agent.port, "/v1/capture", {"batch": [track()]}, headers=headers)
     assert reply.status == 401 and reply.json()["status"] == "error"
+    assert agent.spool.depth == 0
 
 
 @pytest.mark.parametrize("body,status,fragment", [
