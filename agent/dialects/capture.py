@@ -22,6 +22,7 @@ import orjson
 from aiohttp import web
 
 from agent.dialects import batch_json, replies
+from agent.dialects.auth import OWS
 from agent.dialects.base import JSON, Dialect, Example, IngestSink
 from agent.dialects.body import parse_body, read_raw
 from agent.families import segment as spec
@@ -51,7 +52,7 @@ class CaptureHandlers:
         self.sink = sink
 
     async def capture(self, request: web.Request) -> web.StreamResponse:
-        key = request.headers.get("X-Write-Key", "").strip()
+        key = request.headers.get("X-Write-Key", "").strip(OWS)
         if (why := self.sink.key_refusal(key)) is not None:
             return error(401, f"missing or invalid X-Write-Key: {why}")
 
