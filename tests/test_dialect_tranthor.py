@@ -54,8 +54,10 @@ async def test_sdk_batch_with_verbatim_authorization(make_agent: Any,
     assert keys == {write_key, "tok"}
 
 
+# NBSP or U+3000 around the key is no HTTP whitespace: the key sent is not `good`.
 @pytest.mark.parametrize("headers", [{"PublicWriteKey": "bad"}, {"authorization": "Bearer bad"},
-                                     {}])
+                                     {}, {"PublicWriteKey": "good\u00a0"},
+                                     {"authorization": "Bearer \u3000good"}])
 async def test_bad_or_missing_key_is_401(make_agent: Any, headers: dict[str, str]) -> None:
     agent = await make_agent(listen={"accept_keys": ["good"]})
     reply = await call(agent.port, f"{APPS}/track", seed.TRANTHOR_EXAMPLE_BODY, headers=headers)
