@@ -30,6 +30,7 @@ import orjson
 from aiohttp import web
 
 from agent.dialects import batch_json, replies
+from agent.dialects.auth import OWS
 from agent.dialects.base import JSON, Dialect, Example, IngestSink
 from agent.dialects.body import parse_body, read_raw
 from agent.dialects.exact_json import parse_json
@@ -69,10 +70,10 @@ def _read_single(raw: bytes) -> batch_json.Read:
 
 def request_key(request: web.Request) -> str | None:
     for header in ("PublicWriteKey", "Authorization"):
-        value = request.headers.get(header, "").strip()
+        value = request.headers.get(header, "").strip(OWS)
         scheme, _, token = value.partition(" ")
         if scheme.lower() == "bearer":   # with no token ("Bearer "), no key: not "Bearer"
-            value = token.strip()
+            value = token.strip(OWS)
         if value:
             return value
     return None
