@@ -242,6 +242,12 @@ def short_deadlines(**overrides: float) -> dict[str, Any]:
             **overrides}
 
 
+def serving() -> bool:
+    """Whether an aiohttp server task of this process is still serving a connection."""
+    return any(getattr(t.get_coro(), "__qualname__", "") == "RequestHandler.start"
+               for t in asyncio.all_tasks())
+
+
 async def connect(port: int, opened: list[socket.socket]) -> socket.socket:
     s = new_socket(opened)
     await asyncio.get_running_loop().sock_connect(s, ("127.0.0.1", port))
@@ -431,3 +437,41 @@ async def test_at_the_cap_with_only_websockets_open_the_quietest_one_makes_room(
         assert await asyncio.wait_for(first.receive_json(), 5) == {"reportedIds": [9]}
         for ws in (first, quiet, last):
             await ws.close()
+
+
+@pytest.mark.parametrize("path", [b"/dead/retry", b"/dead/purge"])
+async def test_a_stalled_body_to_a_dead_letter_endpoint_is_408(
+        make_agent: Callable[..., Any], sockets: list[socket.socket], path: bytes) -> None:
+    """`outpost dead retry` and `purge` send a small JSON body. One that stops mid-body
+    (the tool killed, a local process holding the connection) is answered 408 within
+    listen.body_timeout_s, as the APIs' bodies are: the route held the connection, with
+    no deadline, for as long as the client kept it open."""
+    agent = await make_agent(listen=short_deadlines(idle_timeout_s=60))
+    s = await connect(agent.port, sockets)
+    s.send(b"POST " + path + b" HTTP/1.1\r\nHost: 127.0.0.1\r\n"
+           b"Content-Type: application/json\r\nContent-Length: 40\r\n\r\n{\"reason\": ")
+    reply = await asyncio.wait_for(read_reply(s), 5)
+    assert reply.startswith(b"HTTP/1.1 408 "), reply[:300]
+    assert orjson.loads(reply.partition(b"\r\n\r\n")[2]) == {
+        "error": "request body not received in time: incomplete after 0.3 s "
+                 "(listen.body_timeout_s)"}
+
+
+async def test_a_client_gone_mid_body_of_a_dead_letter_request_is_no_logged_crash(
+        make_agent: Callable[..., Any], sockets: list[socket.socket],
+        caplog: pytest.LogCaptureFixture) -> None:
+    """A local tool killed while sending `outpost dead retry`'s body: the read raised
+    aiohttp's ConnectionResetError, which the route did not catch, and aiohttp logged
+    "Error handling request" with a traceback at ERROR. It is an incomplete body (400),
+    which no reply can reach. Waited for: aiohttp's task for the connection ends once the
+    route has."""
+    agent = await make_agent(listen={"body_timeout_s": 60})
+    with caplog.at_level(logging.ERROR):
+        s = await connect(agent.port, sockets)
+        s.send(b"POST /dead/retry HTTP/1.1\r\nHost: 127.0.0.1\r\n"
+               b"Content-Type: application/json\r\nContent-Length: 40\r\n\r\n{\"reason\": ")
+        await asyncio.sleep(0.1)   # the head is read and the route waits for the body
+        s.close()
+        await wait_for(lambda: any(r.levelno >= logging.ERROR for r in caplog.records)
+                       or not serving(), 5)
+    assert not [r for r in caplog.records if r.levelno >= logging.ERROR], caplog.text
