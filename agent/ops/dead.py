@@ -18,6 +18,7 @@ from collections.abc import Awaitable, Callable
 import orjson
 from aiohttp import web
 
+from agent.dialects.body import BodyError, read_raw
 from agent.logs import log_limited
 from agent.ops.own_origin import foreign
 from agent.ops.shared_terms import EXPORT_PAGE, LIST_LIMIT
@@ -57,7 +58,11 @@ class DeadRoutes:
         if request.content_length > BODY_LIMIT:
             raise _Refused(413, f"body over {BODY_LIMIT} bytes")
         try:
-            body = orjson.loads(await request.read())
+            # As an API's body: a deadline (listen.body_timeout_s), a client gone mid-body.
+            body = orjson.loads(await read_raw(request, BODY_LIMIT))
+        except BodyError as exc:
+            said = f"{exc.message}: {exc.details}" if exc.details else exc.message
+            raise _Refused(exc.status, said) from exc
         except orjson.JSONDecodeError as exc:
             raise _Refused(400, f"body is not JSON: {exc}") from exc
         if not isinstance(body, dict):
