@@ -14,7 +14,7 @@ from typing import Any
 import aiohttp
 import pytest
 
-from agent import cli
+from agent import cli, cli_tail
 from agent.ops import dead_cli
 from agent.outcomes import Tally
 from agent.service import Agent
@@ -216,6 +216,21 @@ async def test_cli_says_the_agent_is_busy_not_absent(
             assert "still working" in text and "outpost status" in text, text
             assert "in use" not in text and "no agent" not in text, text
     assert not spool.exists()   # the CLI never turned to the spool file
+
+
+async def test_tail_says_the_agent_is_busy_not_absent(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """`outpost tail` against an agent that took the connection but did not answer in
+    time said "no agent answering ... start it", as for a port nobody listens on, while
+    `status` and `flush` say it is busy."""
+    monkeypatch.setattr(cli_tail, "READ_TIMEOUT_S", 0.2, raising=False)
+    spool = tmp_path / "spool.db"
+    async with silent_agent() as port:
+        cfg = str(write_config(tmp_path / "agent.toml", spool, port=port))
+        code, text = await outpost_in_thread("tail", "--config", cfg)
+        assert code == 1, text
+        assert "busy" in text and f"127.0.0.1:{port}" in text, text
+        assert "no agent" not in text and "start it" not in text, text
 
 
 @pytest.mark.parametrize("what", ["purge", "retry"])
