@@ -19,7 +19,14 @@ from collections.abc import Callable, Iterator
 from typing import IO, Any
 
 from agent.logs import FINGERPRINT, fingerprint
-from agent.ops.local_agent import NotOutpost, Refused, agent_url, not_answering, opened
+from agent.ops.local_agent import (
+    NotOutpost,
+    Refused,
+    agent_url,
+    not_answering,
+    opened,
+    timed_out,
+)
 from agent.ops.shared_terms import STALL_S
 from agent.settings import Config
 from agent.terminal import OutputError, printable, printable_json
@@ -83,7 +90,10 @@ def run(args: argparse.Namespace, load: Callable[[argparse.Namespace], Config | 
         print(f"outpost: {printable(str(exc))}", file=sys.stderr)
         return 1
     except (urllib.error.URLError, OSError) as exc:
-        print(f"outpost: {printable(not_answering(cfg, exc))}", file=sys.stderr)
+        # Taken but not answered: an agent whose loop is busy (the kernel accepts for it).
+        said = (f"the agent at {agent_url(cfg, '')} is busy: no answer to /tail in "
+                f"{READ_TIMEOUT_S:g} s; try again") if timed_out(exc) else not_answering(cfg, exc)
+        print(f"outpost: {printable(said)}", file=sys.stderr)
         return 1
     if resp.headers.get_content_type() != "text/event-stream":   # not "the agent stopping"
         resp.close()
