@@ -18,6 +18,11 @@ from agent.server.admission import Admission, Ticket
 from agent.server.limits import RouteLimits
 from agent.spool import Spool
 
+# The longest key taken while listen.accept_keys is empty. Any app may then invent keys,
+# and each key stored stays in memory while the agent runs (its queue's entry, and the
+# forms log redaction looks for, percent-encoded ones 6 characters a non-ASCII letter):
+# 400 KB keys cost ~2.2 MB of RSS each. A real write key or app id is a few dozen.
+MAX_KEY_CHARS = 256
 # Events a request may have for its routes' shapes (as_stored) to be taken on the loop:
 # a few ms of mapping at most; more go to the parse worker.
 MAP_INLINE_MAX = 256
@@ -57,7 +62,8 @@ class Sink:
 
     def key_refusal(self, key: str | None) -> str | None:
         """accept_keys empty means any non-empty key without control characters (one
-        with a line break would split every log line that names it). Either way, a key
+        with a line break would split every log line that names it) of at most
+        MAX_KEY_CHARS characters. Either way, a key
         its upstream could never be sent under is refused (RouteLimits.key_refusal)."""
         if not key:
             return "no key given"
@@ -66,6 +72,8 @@ class Sink:
                 return "not one of listen.accept_keys"
         elif not key.isprintable():
             return "the key holds a control character"
+        elif len(key) > MAX_KEY_CHARS:
+            return f"the key is longer than {MAX_KEY_CHARS} characters"
         return self.limits.key_refusal(key)
 
     def ticket(self) -> Ticket:
