@@ -205,6 +205,7 @@ def _listen(t: dict[str, Any]) -> ListenConfig:
         max_connections=_take(t, w, "max_connections", int, 1024, _positive),
         max_inflight_mb=_take(t, w, "max_inflight_mb", int, 6,
                               lambda v: _positive(v) or _at_most(2**20, "MiB")(v)),
+        max_keys=_take(t, w, "max_keys", int, 10_000, _positive),
     )
     _no_leftovers(t, w)
     return out

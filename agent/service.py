@@ -123,7 +123,8 @@ class Agent:
                              Enrich(self.facts, Lanes(self.cfg.upstreams)), self.metrics,
                              inflight_budget=self.cfg.listen.max_inflight_mb * 1024 * 1024,
                              on_new_data=self._new_data, limits=_limits(self.cfg),
-                             on_stored=self.tail.ingested)
+                             on_stored=self.tail.ingested,
+                             max_keys=self.cfg.listen.max_keys)
             self.ops = Ops(spool, self.metrics, live=self._live, flush=self._flush,
                            sync=self._sync_view)
             self.app = build_app(self.cfg, self.sink,

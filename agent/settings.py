@@ -27,6 +27,10 @@ class ListenConfig:
     # it apps get 503/429 + Retry-After. The default keeps the agent's peak RSS under
     # 150 MB with eight maximum-size posts at once on any route (docs/operations.md).
     max_inflight_mb: int = 6
+    # Extension: keys known at most while accept_keys is empty (any key taken). Each key
+    # stored stays in memory while the agent runs (~1 KB), and its queue row outlives its
+    # events, so neither the spool's size nor its expiry bounds how many an app invents.
+    max_keys: int = 10_000
 
 
 @dataclass(frozen=True)

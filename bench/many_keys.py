@@ -80,6 +80,7 @@ async def main(args: argparse.Namespace) -> None:
                           "flush_interval_s": 0.05}]
         port = free_port()
         cfg = write_config(tmp_path / "agent.toml", tmp_path / "spool.db", port=port,
+                           listen={"max_keys": max(args.keys, 1)},
                            storage={"sync": "normal"}, upstreams=upstreams)
         agent = AgentProcess(cfg, port).start()
         assert agent.proc is not None

@@ -152,7 +152,9 @@ def check_costs(samples: list[tuple[int, int, float]], log: str,
 def agent_config(tmp_path: Path, upstream: dict[str, Any]) -> tuple[Path, int]:
     port = free_port()
     up = {"name": "up", "flush_interval_s": 0.05, **upstream}
+    # Past the default listen.max_keys: this measures what each key costs.
     return write_config(tmp_path / "agent.toml", tmp_path / "spool.db", port=port,
+                        listen={"max_keys": 100_000},
                         storage={"sync": "normal"}, upstreams=[up]), port
 
 

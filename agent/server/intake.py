@@ -36,12 +36,13 @@ class Sink:
                  metrics: Metrics, inflight_budget: int,
                  on_new_data: Callable[[set[str]], None], limits: RouteLimits,
                  on_stored: Callable[[Sequence[Event], int], None] = lambda evs, n: None,
-                 ) -> None:
+                 *, max_keys: int) -> None:
         self.spool = spool
         self.limits = limits
         self.enrich = enrich
         self.metrics = metrics
         self._accept = frozenset(accept_keys)
+        self._max_keys = max_keys
         self.admission = Admission(inflight_budget, metrics)
         # Called with the keys that got new events after each commit (wakes forwarders).
         self.on_new_data = on_new_data
@@ -63,8 +64,10 @@ class Sink:
     def key_refusal(self, key: str | None) -> str | None:
         """accept_keys empty means any non-empty key without control characters (one
         with a line break would split every log line that names it) of at most
-        MAX_KEY_CHARS characters. Either way, a key
-        its upstream could never be sent under is refused (RouteLimits.key_refusal)."""
+        MAX_KEY_CHARS characters, and a new one only while the spool knows fewer than
+        ``max_keys`` (listen.max_keys; the keys of requests in flight may pass it, as
+        each is asked before its events commit). Either way, a key its upstream could
+        never be sent under is refused (RouteLimits.key_refusal)."""
         if not key:
             return "no key given"
         if self._accept:
@@ -74,6 +77,9 @@ class Sink:
             return "the key holds a control character"
         elif len(key) > MAX_KEY_CHARS:
             return f"the key is longer than {MAX_KEY_CHARS} characters"
+        elif len(known := self.spool.streams) >= self._max_keys and key not in known:
+            return (f"a new key, and {len(known)} keys are known already "
+                    f"(listen.max_keys = {self._max_keys})")
         return self.limits.key_refusal(key)
 
     def ticket(self) -> Ticket:
