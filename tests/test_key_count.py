@@ -42,3 +42,20 @@ async def test_new_keys_past_max_keys_are_refused_saying_why(make_agent: Any) ->
     refused = re.findall(r'^outpost_ingest_refused_total\{api="(\w+)",status="401"\} (\S+)$',
                          metrics, re.M)
     assert sum(float(n) for _, n in refused) == 6, refused
+
+
+async def test_one_batch_of_many_new_keys_takes_no_more_than_max_keys(make_agent: Any) -> None:
+    """Every message of a Segment batch may name its own writeKey: each was asked about
+    against the keys already stored, before any of the batch's was, so one 512 KB batch
+    could bring thousands of new keys past the limit (and a few such batches at once,
+    a few times that)."""
+    agent = await make_agent(listen={"max_keys": CAP})
+    batch = {"batch": [{"type": "track", "event": "e", "userId": "u", "writeKey": f"bk{i:03d}"}
+                       for i in range(CAP + 10)]}
+    r = await call(agent.port, "/v1/batch", batch)
+    assert r.status == 207, r.body
+    errors = r.json()["Errors"]
+    assert len(errors) == 10 and all("listen.max_keys" in e["Details"] for e in errors), errors
+    async with aiohttp.ClientSession() as s, \
+            s.get(f"http://127.0.0.1:{agent.port}/status") as resp:
+        assert (await resp.json())["unrouted"]["keys"] == CAP
