@@ -4,6 +4,7 @@ agent/dialects/base.py's IngestSink)."""
 from __future__ import annotations
 
 import asyncio
+import threading
 import time
 from collections.abc import Callable, Sequence
 from functools import partial
@@ -23,6 +24,10 @@ from agent.spool import Spool
 # forms log redaction looks for, percent-encoded ones 6 characters a non-ASCII letter):
 # 400 KB keys cost ~2.2 MB of RSS each. A real write key or app id is a few dozen.
 MAX_KEY_CHARS = 256
+# How long a new key taken for a request counts toward listen.max_keys before its commit
+# stores it: one refused or failed after the question stored nothing, and its place is
+# given back then.
+KEY_HELD_S = 60.0
 # Events a request may have for its routes' shapes (as_stored) to be taken on the loop:
 # a few ms of mapping at most; more go to the parse worker.
 MAP_INLINE_MAX = 256
@@ -43,6 +48,11 @@ class Sink:
         self.metrics = metrics
         self._accept = frozenset(accept_keys)
         self._max_keys = max_keys
+        # New keys taken for requests not yet committed, with when (time.monotonic): each
+        # counts toward max_keys, or a Segment batch whose messages name their own keys
+        # (and a few at once) could bring thousands past it. Asked from the parse worker too.
+        self._pending: dict[str, float] = {}
+        self._pending_lock = threading.Lock()
         self.admission = Admission(inflight_budget, metrics)
         # Called with the keys that got new events after each commit (wakes forwarders).
         self.on_new_data = on_new_data
@@ -64,10 +74,9 @@ class Sink:
     def key_refusal(self, key: str | None) -> str | None:
         """accept_keys empty means any non-empty key without control characters (one
         with a line break would split every log line that names it) of at most
-        MAX_KEY_CHARS characters, and a new one only while the spool knows fewer than
-        ``max_keys`` (listen.max_keys; the keys of requests in flight may pass it, as
-        each is asked before its events commit). Either way, a key its upstream could
-        never be sent under is refused (RouteLimits.key_refusal)."""
+        MAX_KEY_CHARS characters, and a new one only while fewer than ``max_keys``
+        (listen.max_keys) are stored or taken for requests in flight. Either way, a key
+        its upstream could never be sent under is refused (RouteLimits.key_refusal)."""
         if not key:
             return "no key given"
         if self._accept:
@@ -77,10 +86,29 @@ class Sink:
             return "the key holds a control character"
         elif len(key) > MAX_KEY_CHARS:
             return f"the key is longer than {MAX_KEY_CHARS} characters"
-        elif len(known := self.spool.streams) >= self._max_keys and key not in known:
-            return (f"a new key, and {len(known)} keys are known already "
-                    f"(listen.max_keys = {self._max_keys})")
-        return self.limits.key_refusal(key)
+        why = self.limits.key_refusal(key)
+        if why is None and not self._accept:
+            why = self._room_for(key)
+        return why
+
+    def _room_for(self, key: str) -> str | None:
+        """None if ``key`` is stored, or taken now as one more of the max_keys."""
+        known, pending = self.spool.streams, self._pending
+        if key in known:
+            return None
+        with self._pending_lock:
+            if key in pending:
+                return None
+            now = time.monotonic()
+            if len(known) + len(pending) >= self._max_keys:
+                # Oldest first (insertion order): those whose requests stored nothing.
+                while pending and (first := next(iter(pending.items())))[1] < now - KEY_HELD_S:
+                    del pending[first[0]]
+                if len(known) + len(pending) >= self._max_keys:
+                    return (f"a new key, and {len(known) + len(pending)} keys are known "
+                            f"already (listen.max_keys = {self._max_keys})")
+            pending[key] = now
+        return None
 
     def ticket(self) -> Ticket:
         return self.admission.ticket()
@@ -105,6 +133,10 @@ class Sink:
             started = time.perf_counter()
             stored = await self.spool.append(kept)
         self.metrics.observe_ingest(time.perf_counter() - started, len(events))
+        if self._pending:   # stored now: counted among the spool's keys
+            with self._pending_lock:
+                for key in {ev.key for ev in events}:
+                    self._pending.pop(key, None)
         # The live view shows what the app sent, not the shape it is stored in.
         self.on_stored(events, stored)
         if stored:
