@@ -5,6 +5,7 @@ expiry bounds how many there are: an app inventing a million keys took about 1 G
 
 from __future__ import annotations
 
+import os
 import re
 from typing import Any
 
@@ -59,3 +60,24 @@ async def test_one_batch_of_many_new_keys_takes_no_more_than_max_keys(make_agent
     async with aiohttp.ClientSession() as s, \
             s.get(f"http://127.0.0.1:{agent.port}/status") as resp:
         assert (await resp.json())["unrouted"]["keys"] == CAP
+
+
+def _too_big_for_the_spool() -> dict[str, Any]:
+    """A Nucleus message larger than a 1 MB spool even compressed: refused whole (503)."""
+    return {"data": [{"type": "event", "name": "e", "id": i, "sessionId": 1,
+                      "payload": {"x": os.urandom(150_000).hex()}} for i in range(10)]}
+
+
+async def test_keys_of_requests_refused_whole_take_no_place(make_agent: Any) -> None:
+    """A request the spool refuses whole (503: full, or larger than the spool) stores
+    nothing, yet its key's queue entry was kept, in memory and as a row of the file, for
+    good: while a spool was full, every refused request under a new key grew the agent,
+    and with listen.max_keys each took one of its places, so that new apps were refused
+    once the spool had room again."""
+    agent = await make_agent(listen={"max_keys": 3}, storage={"max_size_mb": 1})
+    for i in range(3):
+        r = await call(agent.port, f"/app/refused-{i}/track", _too_big_for_the_spool())
+        assert r.status == 503, r.body[:300]
+    r = await call(agent.port, "/app/new-app/track",
+                   {"data": [{"type": "event", "name": "e", "id": 1, "sessionId": 1}]})
+    assert r.status == 200, r.body
