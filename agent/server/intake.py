@@ -24,9 +24,8 @@ from agent.spool import Spool
 # forms log redaction looks for, percent-encoded ones 6 characters a non-ASCII letter):
 # 400 KB keys cost ~2.2 MB of RSS each. A real write key or app id is a few dozen.
 MAX_KEY_CHARS = 256
-# How long a new key taken for a request counts toward listen.max_keys before its commit
-# stores it: one refused or failed after the question stored nothing, and its place is
-# given back then.
+# How long a new key taken for a request counts toward listen.max_keys at most: a request
+# refused before it reaches the spool (an invalid event, say) gives its place back then.
 KEY_HELD_S = 60.0
 # Events a request may have for its routes' shapes (as_stored) to be taken on the loop:
 # a few ms of mapping at most; more go to the parse worker.
@@ -101,7 +100,7 @@ class Sink:
                 return None
             now = time.monotonic()
             if len(known) + len(pending) >= self._max_keys:
-                # Oldest first (insertion order): those whose requests stored nothing.
+                # Oldest first (insertion order): those of requests refused before the spool.
                 while pending and (first := next(iter(pending.items())))[1] < now - KEY_HELD_S:
                     del pending[first[0]]
                 if len(known) + len(pending) >= self._max_keys:
@@ -123,20 +122,23 @@ class Sink:
             return 0
         if limits is None:
             limits = self.limits
-        if len(events) > MAP_INLINE_MAX and limits.maps_any(events):
-            # Mapping is 10-40 µs an event: on the loop, a 4 MiB Nucleus message's held it
-            # 0.7 s. On the worker, with the request's place in the commit order taken now.
-            started = time.perf_counter()
-            stored = await self.spool.append(self._as_stored_off_loop(events, limits))
-        else:
-            kept = self._fitting(limits.as_stored(events, self.spool.index), limits)
-            started = time.perf_counter()
-            stored = await self.spool.append(kept)
+        try:
+            if len(events) > MAP_INLINE_MAX and limits.maps_any(events):
+                # Mapping is 10-40 µs an event: on the loop, a 4 MiB Nucleus message's held
+                # it 0.7 s. On the worker, with the request's place in the commit order
+                # taken now.
+                started = time.perf_counter()
+                stored = await self.spool.append(self._as_stored_off_loop(events, limits))
+            else:
+                kept = self._fitting(limits.as_stored(events, self.spool.index), limits)
+                started = time.perf_counter()
+                stored = await self.spool.append(kept)
+        finally:
+            if self._pending:   # stored, and counted among the spool's keys, or refused
+                with self._pending_lock:
+                    for key in {ev.key for ev in events}:
+                        self._pending.pop(key, None)
         self.metrics.observe_ingest(time.perf_counter() - started, len(events))
-        if self._pending:   # stored now: counted among the spool's keys
-            with self._pending_lock:
-                for key in {ev.key for ev in events}:
-                    self._pending.pop(key, None)
         # The live view shows what the app sent, not the shape it is stored in.
         self.on_stored(events, stored)
         if stored:

@@ -97,6 +97,14 @@ class Books:
         self.top_stream_id = max(self.top_stream_id, stream.id)
         _join(self.groups, self.grouping(stream.key), stream)
 
+    def forget(self, ids: Iterable[int]) -> None:
+        """Streams a commit made for requests it refused, their rows deleted (their depths
+        are 0: nothing to take from their group's sums)."""
+        for sid in ids:
+            stream = self.by_id.pop(sid, None)
+            if stream is not None and self.streams.get(stream.key) is stream:
+                del self.streams[stream.key]
+
     def stream_for(self, key: str) -> Stream:
         stream = self.streams.get(key)
         if stream is None:

@@ -129,6 +129,9 @@ class Job:
     committing: threading.Event | None = None
     # The learned dictionary small groups are packed with (codebook.py); stored with them.
     learned: Learned | None = None
+    # Of new_streams, the keys first met in this commit's requests: one whose events are
+    # all refused (full) keeps no row (``Outcome.unused``).
+    fresh: frozenset[int] = frozenset()
 
 
 @dataclass(slots=True)
@@ -147,6 +150,10 @@ class Outcome:
     used_bytes: int = 0
     refused: list[int] = field(default_factory=list)             # requests refused: full
     groups: list[Group] | None = None  # what was stored, when not all of ``Job.groups``
+    # Job.fresh streams that stored nothing, their rows deleted: a refused request under a
+    # new key left one for good, in the file and in memory (and, with listen.max_keys,
+    # took a key's place).
+    unused: list[int] = field(default_factory=list)
 
 
 def commit(conn: sqlite3.Connection, job: Job) -> Outcome:
@@ -189,6 +196,9 @@ def _commit(conn: sqlite3.Connection, job: Job) -> Outcome:
             # them in the same commit made room for (or forgets dedupe keys for it).
             room = job.max_bytes - used_bytes(conn) if out.deleted or moved else job.room
             inserted = _store(conn, job, packed, room, out)
+        if job.fresh and (unused := [s for s in job.fresh if s not in out.streams]):
+            conn.executemany("DELETE FROM streams WHERE id = ?", [(s,) for s in unused])
+            out.unused = unused
         if out.stored:
             refused = set(out.refused)
             if dups := sum(p.duplicates for i, p in enumerate(job.parts) if i not in refused):

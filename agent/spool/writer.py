@@ -289,6 +289,7 @@ class Writer:
         """Dedupe, group and number the events: the loop-side half of a commit. Returns
         the job and how many events of each request are new."""
         books, seen = self.books, self.index.keys
+        born = len(books.new_streams)   # streams stream_for makes from here are this job's
         groups: list[Group] = []
         latest: dict[tuple[int, int], Group] = {}   # (stream id, lane) -> its open group
         here: set[int] = set()          # keys new in this commit: a repeat is a resend
@@ -365,7 +366,7 @@ class Writer:
                   measure=self.commits % MEASURE_EVERY == 0 or bool(settle or batch.corrupt),
                   committing=None if settle or batch.corrupt
                   or any(g.data is None for g in groups) else threading.Event(),
-                  learned=learned)
+                  learned=learned, fresh=frozenset(s.id for s in books.new_streams[born:]))
         return job, stored
 
     def _each(self, p: Pending, seen: AbstractSet[int], here: set[int],
@@ -456,6 +457,8 @@ class Writer:
             books.last_mark = job.mark[0]
         if job.new_streams:
             books.new_streams = books.new_streams[len(job.new_streams):]
+        if out.unused:
+            books.forget(out.unused)
         books.apply(out)
         books.committed_seq = job.tail[1] - 1
         if trimmed := out.counters.get(Tally.DEAD_DROPPED_FULL, 0):
