@@ -6,6 +6,7 @@ from __future__ import annotations
 import asyncio
 import base64
 import json
+import logging
 import os
 import re
 import sqlite3
@@ -19,7 +20,9 @@ import aiohttp
 import pytest
 from aiohttp import web
 
+from agent.families.event import NUCLEUS, Event, dedupe_key
 from agent.logs import fingerprint
+from agent.ops.shared_terms import EXPORT_PAGE
 from agent.service import Agent
 from agent.settings import StorageConfig
 from agent.spool import Spool
@@ -360,6 +363,38 @@ async def test_an_export_that_fails_leaves_the_file_it_would_have_replaced(
     text = await outpost("export", str(tmp_path / "no" / "such" / "dir.jsonl"), config=cfg,
                          code=1)
     assert "Traceback" not in text and "no/such" in text, text
+
+
+async def test_a_reader_leaving_an_export_is_no_error_in_the_log(
+        make_agent: Any, caplog: pytest.LogCaptureFixture) -> None:
+    """`outpost dead export - | head -c 100`: the reader leaves, the command ends with 141,
+    and the agent's next write to it fails. That write's ConnectionResetError escaped the
+    route, so aiohttp logged "Error handling request" at ERROR, with a traceback, for every
+    such export: in the journal among real errors (`journalctl -p warning`)."""
+    agent = await make_agent(port=free_port())
+    letters = 3 * EXPORT_PAGE   # 12 MB: more than the socket buffers take at once
+    await agent.spool.append([Event("app", NUCLEUS, dedupe_key("app", n),
+                                    b'{"n":%d,"pad":"%s"}' % (n, b"x" * 4000))
+                              for n in range(letters)])
+    rows = await agent.spool.fetch(agent.spool.streams["app"].id, 0, letters)
+    await agent.spool.dead_letter([(r.seq, "up", "refused") for r in rows])
+    caplog.set_level(logging.DEBUG, logger="outpost.dead")
+    head, out = os.pipe()
+    proc = await asyncio.create_subprocess_exec(
+        sys.executable, "-m", "agent", "dead", "export", "-", "--config", agent.config_path,
+        cwd=ROOT, stdout=out, stderr=asyncio.subprocess.DEVNULL)
+    os.close(out)
+    try:
+        assert await asyncio.to_thread(os.read, head, 100)
+    finally:
+        os.close(head)   # as `head` exits: the command's next write fails
+    assert await asyncio.wait_for(proc.wait(), 30) == 141
+
+    def ended() -> bool:
+        return any(r.name == "aiohttp.server" or "export" in r.getMessage()
+                   for r in caplog.records)
+    await wait_for(ended)   # the agent's own line on how the export ended, or aiohttp's
+    assert not [r for r in caplog.records if r.levelno >= logging.ERROR], caplog.text
 
 
 class EchoingSegment:
