@@ -108,7 +108,11 @@ class DeadRoutes:
                 del lines   # not held while the next page is read
                 lines, last = await dead_live.read(self.spool, dead.export, last, EXPORT_PAGE)
         except ConnectionError:
-            raise   # the reader left: aiohttp drops the connection quietly
+            # The reader left (`outpost dead export - | head`): no fault of the agent's. Raised,
+            # aiohttp logs it as one, at ERROR with a traceback; returned, the end it then
+            # fails to write is a client gone, which aiohttp drops quietly.
+            log.debug("dead-letter export: the reader left after %d letters", sent)
+            return resp
         except Exception as exc:
             # The status went out with the headers: the only way left to say "failed" is
             # to close the connection before the stream's last chunk, which the client
