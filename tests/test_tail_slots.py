@@ -7,7 +7,9 @@ from __future__ import annotations
 
 import asyncio
 import json
+import logging
 import socket
+import struct
 from pathlib import Path
 from typing import Any
 
@@ -155,6 +157,34 @@ async def test_a_view_that_stops_reading_is_closed_and_an_idle_one_is_not(
     assert (await status(port))["ingest"]["tail_closed"] == {"replaced": 0, "stalled": 1}
     idle.close()
     await session.close()
+
+
+async def test_a_viewer_gone_while_its_stream_waits_is_no_error_in_the_log(
+        make_agent: Any, caplog: pytest.LogCaptureFixture,
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    """`outpost tail | less`, scrolled back while events come, then quit: the agent's write
+    to the view waits for a reader, and the view's socket is then closed with data unread
+    (a reset). aiohttp fails that waiting write with a plain ConnectionError, which the
+    route did not take for a viewer gone: "Error handling request" at ERROR, with a
+    traceback, in the agent's log."""
+    monkeypatch.setattr(tail_routes, "RATE", 1e6)   # unpaced: its stream backs up sooner
+    agent = await make_agent(port=free_port())
+    stuck = await Stuck.open(agent.port, rcvbuf=4096)
+    await wait_for(lambda: agent.metrics.tail_viewers == 1)
+    [view] = agent.tail.viewers
+    auth = {"Authorization": basic(KEY_A)}
+    for i in range(200):   # bounded: until its stream waits for a reader that never comes
+        r = await call(agent.port, "/v1/batch", {"batch": [
+            {"type": "track", "event": "n" * 120, "userId": "u",
+             "messageId": f"{i}-{j}-" + "m" * 80} for j in range(200)]}, headers=auth)
+        assert r.status == 200, r.body
+        if view.writing_since is not None:
+            break
+    assert view.writing_since is not None, "the view's stream never backed up"
+    stuck.sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
+    stuck.sock.close()   # a reset, as a reader that exits with data unread sends
+    await wait_for(lambda: agent.metrics.tail_viewers == 0)
+    assert not [r for r in caplog.records if r.levelno >= logging.ERROR], caplog.text
 
 
 # Every EventSource the page makes, kept where the test can read its readyState.
