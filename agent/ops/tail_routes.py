@@ -71,7 +71,10 @@ class TailRoutes:
                 pump.cancel()
             if ended is not None:
                 await _end(request, resp, ended)
-        except ConnectionResetError:   # the viewer went away
+        except ConnectionError:
+            # The viewer went away: a write finds the transport gone (ConnectionResetError),
+            # or one waiting for the reader is failed by the connection's loss (a reset: a
+            # plain ConnectionError). Escaped, aiohttp logs either at ERROR with a traceback.
             pass
         finally:
             self.hub.leave(viewer)
@@ -106,7 +109,7 @@ class TailRoutes:
         while True:
             done, _ = await asyncio.wait((pump,), timeout=CHECK_S)
             if done:
-                pump.result()   # ConnectionResetError: the viewer left
+                pump.result()   # a ConnectionError: the viewer left
                 return viewer.ended
             if viewer.ended is not None:   # replaced, or stopping, while a write waits
                 return viewer.ended
