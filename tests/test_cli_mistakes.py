@@ -508,6 +508,37 @@ async def test_a_server_that_is_not_http_or_refuses_is_named_not_the_agent(
     assert code == 1 and said in line, (code, line)
 
 
+@pytest.mark.parametrize("reply", [
+    b'{"count": 3}',
+    b'{"count": "many", "entries": 5}',
+    b'{"count": 1, "groups": [{"count": 1}], "entries": []}',
+    b'{"count": 1, "groups": [], "entries": [{"id": 1}]}',
+    b'{"count": 1, "groups": "none", "entries": []}',
+])
+async def test_a_dead_listing_of_another_shape_is_named_not_the_agent(
+        tmp_path: Path, reply: bytes) -> None:
+    """Something at the agent's address answers /dead with a JSON object holding `count`,
+    the one field `outpost dead list` looked for, but no dead-letter summary: the table
+    crashed on it with a traceback (KeyError, TypeError), and --json printed it as the
+    agent's answer. Another server's answer is never shown: it is named, in one line."""
+    async def answer(_: web.Request) -> web.Response:
+        return web.Response(body=reply, content_type="application/json")
+    app = web.Application()
+    app.router.add_get("/dead", answer)
+    server = LoopbackServer()
+    await server._serve(app)
+    try:
+        cfg = write_config(tmp_path / "agent.toml", tmp_path / "spool.db", port=server.port)
+        for args in ((), ("--json",)):
+            code, out = await run_outpost("dead", "list", *args, "--config", str(cfg))
+            assert "Traceback" not in out, out
+            line = one_line(out)
+            assert code == 1 and (f"http://127.0.0.1:{server.port} answered /dead, but not "
+                                  "an Outpost agent") in line, (code, line)
+    finally:
+        await server.stop()
+
+
 # -- dead-letter arguments ---------------------------------------------------------------------
 
 def test_dead_show_of_a_negative_id_is_a_usage_error(tmp_path: Path) -> None:
