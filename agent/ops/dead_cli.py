@@ -54,6 +54,32 @@ class _CutShort(Exception):
         self.count = count
 
 
+def _listing(got: Any, source: str, args: argparse.Namespace) -> list[str]:
+    """`dead list`'s lines for the summary ``got``; a LookupError, TypeError or the like if
+    it does not have a summary's shape."""
+    if not isinstance(got["count"], int):
+        raise TypeError(f"count {got['count']!r} is not a number")
+    lines = [f"{got['count']} dead letters ({source})"]
+    if not got["count"]:
+        return lines
+    # The reason last: it is the upstream's own text, of any length. What the spool
+    # holds is printed with control characters escaped (an upstream's may be escapes).
+    lines += ["", *table(["COUNT", "UPSTREAM", "OLDEST", "NEWEST", "REASON"], [
+        [str(g["count"]), printable(g["upstream"]), age(age_s(g["oldest"])),
+         age(age_s(g["newest"])), printable(g["reason"])] for g in got["groups"]],
+        right={0})]
+    rows = got["entries"][:args.limit]
+    if rows:
+        lines += ["", *table(["ID", "KEY", "UPSTREAM", "AGE", "SIZE", "REASON"], [
+            [str(e["id"]), printable(e["key"]), printable(e["upstream"]), age(age_s(e["at"])),
+             size(e["bytes"]), printable(e["reason"])] for e in rows], right={0, 4})]
+        more = (sum(g["count"] for g in got["groups"] if not args.reason
+                    or g["reason"] == args.reason) - len(rows))
+        if more > 0:
+            lines.append(f"... and {more} more (--limit N, or `outpost dead export FILE`)")
+    return lines
+
+
 class _Cli:
     def __init__(self, load: Load) -> None:
         self.load = load
@@ -133,29 +159,13 @@ class _Cli:
         except dead.NoSpool as exc:
             print(f"no dead letters ({exc})")
             return 0
-        if args.json:
-            print(printable_json(json.dumps(got, indent=2)))
-            return 0
-        print(f"{got['count']} dead letters ({source})")
-        if not got["count"]:
-            return 0
-        print()
-        # The reason last: it is the upstream's own text, of any length. What the spool
-        # holds is printed with control characters escaped (an upstream's may be escapes).
-        print("\n".join(table(["COUNT", "UPSTREAM", "OLDEST", "NEWEST", "REASON"], [
-            [str(g["count"]), printable(g["upstream"]), age(age_s(g["oldest"])),
-             age(age_s(g["newest"])), printable(g["reason"])] for g in got["groups"]],
-            right={0})))
-        rows = got["entries"][:args.limit]
-        if rows:
-            print()
-            print("\n".join(table(["ID", "KEY", "UPSTREAM", "AGE", "SIZE", "REASON"], [
-                [str(e["id"]), printable(e["key"]), printable(e["upstream"]), age(age_s(e["at"])),
-                 size(e["bytes"]), printable(e["reason"])] for e in rows], right={0, 4})))
-            more = (sum(g["count"] for g in got["groups"] if not args.reason
-                        or g["reason"] == args.reason) - len(rows))
-            if more > 0:
-                print(f"... and {more} more (--limit N, or `outpost dead export FILE`)")
+        try:
+            lines = _listing(got, source, args)
+        except (LookupError, TypeError, AttributeError, ValueError, ArithmeticError) as exc:
+            # Holding `count`, the one field asked of it, another server's JSON is no
+            # summary (the spool's own always has the shape): never shown, --json included.
+            raise NotOutpost(cfg, "/dead") from exc
+        print(printable_json(json.dumps(got, indent=2)) if args.json else "\n".join(lines))
         return 0
 
     def show(self, cfg: Config, args: argparse.Namespace) -> int:
