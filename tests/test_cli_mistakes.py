@@ -539,6 +539,35 @@ async def test_a_dead_listing_of_another_shape_is_named_not_the_agent(
         await server.stop()
 
 
+@pytest.mark.parametrize("args,path,reply", [
+    (("flush",), "/flush", b'{"queue_depth": "\\u001b]0;owned\\u0007many"}'),
+    (("dead", "retry", "--all"), "/dead/retry", b'{"retried": "\\u001b[2Jall"}'),
+    (("dead", "purge", "--all"), "/dead/purge", b'{"purged": {"n": 1}}'),
+])
+async def test_a_count_that_is_no_number_is_named_not_the_agent(
+        tmp_path: Path, args: tuple[str, ...], path: str, reply: bytes) -> None:
+    """A server at the agent's address answers with a JSON object holding the one field the
+    command looked for, but not a number there: `outpost flush` said "flush requested; ...
+    events queued" and `dead retry`/`purge` what they had done, with its text (a terminal's
+    escape sequences included) printed raw, exit 0. Another server's answer is never shown
+    or taken as done: it is named, in one line, exit 1."""
+    async def answer(_: web.Request) -> web.Response:
+        return web.Response(body=reply, content_type="application/json")
+    app = web.Application()
+    app.router.add_post(path, answer)
+    server = LoopbackServer()
+    await server._serve(app)
+    try:
+        cfg = write_config(tmp_path / "agent.toml", tmp_path / "spool.db", port=server.port)
+        code, out = await run_outpost(*args, "--config", str(cfg))
+        line = one_line(out)
+        assert code == 1 and (f"http://127.0.0.1:{server.port} answered {path}, but not an "
+                              "Outpost agent") in line, (code, line)
+        assert "\x1b" not in out, out
+    finally:
+        await server.stop()
+
+
 # -- dead-letter arguments ---------------------------------------------------------------------
 
 def test_dead_show_of_a_negative_id_is_a_usage_error(tmp_path: Path) -> None:
