@@ -148,13 +148,13 @@ DOCTOR_DBUS_S = 2.0
 STATUS_TIMEOUT_S = 10.0
 
 
-def _http(cfg: Config, path: str, expect: str, method: str = "GET") -> Any:
-    """The agent's JSON reply to ``path``, which holds ``expect``; NotOutpost if it does
-    not (another server holds the port), Refused for the agent's own refusal."""
+def _http(cfg: Config, path: str, expect: str, kind: type, method: str = "GET") -> Any:
+    """The agent's JSON reply to ``path``, which holds ``expect`` of ``kind``; NotOutpost
+    if it does not (another server holds the port), Refused for the agent's own refusal."""
     req = urllib.request.Request(agent_url(cfg, path), method=method,
                                  data=b"" if method == "POST" else None)
     with opened(cfg, req, path, STATUS_TIMEOUT_S) as resp:
-        return answer(cfg, path, read_whole(cfg, resp, path), expect)
+        return answer(cfg, path, read_whole(cfg, resp, path), expect, kind)
 
 
 def cmd_status(args: argparse.Namespace) -> int:
@@ -162,7 +162,7 @@ def cmd_status(args: argparse.Namespace) -> int:
     if cfg is None:
         return EXIT_CONFIG
     try:
-        data = _http(cfg, "/status", "spool")
+        data = _http(cfg, "/status", "spool", dict)
         data["source"] = f"agent at {agent_url(cfg, '')}"
         text = _table(cfg, data)
     except (urllib.error.URLError, OSError, ValueError) as exc:
@@ -222,7 +222,7 @@ def cmd_flush(args: argparse.Namespace) -> int:
     if cfg is None:
         return EXIT_CONFIG
     try:
-        data = _http(cfg, "/flush", "queue_depth", method="POST")
+        data = _http(cfg, "/flush", "queue_depth", int, method="POST")
     except (NotOutpost, Refused, CutShort) as exc:
         _say(str(exc))
         return EXIT_FAILED

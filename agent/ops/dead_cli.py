@@ -57,8 +57,6 @@ class _CutShort(Exception):
 def _listing(got: Any, source: str, args: argparse.Namespace) -> list[str]:
     """`dead list`'s lines for the summary ``got``; a LookupError, TypeError or the like if
     it does not have a summary's shape."""
-    if not isinstance(got["count"], int):
-        raise TypeError(f"count {got['count']!r} is not a number")
     lines = [f"{got['count']} dead letters ({source})"]
     if not got["count"]:
         return lines
@@ -128,12 +126,12 @@ class _Cli:
             print(f"outpost: {printable(str(exc))}", file=sys.stderr)
             return 1
 
-    def _read(self, cfg: Config, path: str, expect: str, fn: Callable[..., Any],
-              *a: Any) -> Any:
-        """(answer, source): from the agent (an object holding ``expect``), else from the
-        spool file read-only."""
+    def _read(self, cfg: Config, path: str, expect: str, kind: type,
+              fn: Callable[..., Any], *a: Any) -> Any:
+        """(answer, source): from the agent (an object holding ``expect`` of ``kind``), else
+        from the spool file read-only."""
         try:
-            return answer(cfg, path, self._ask(cfg, path), expect), agent_url(cfg, "")
+            return answer(cfg, path, self._ask(cfg, path), expect, kind), agent_url(cfg, "")
         except _NoAgent:
             spool = cfg.storage.resolved_path()
             conn = dead.read_only(spool)
@@ -155,7 +153,7 @@ class _Cli:
             got["entries"] = dead.entries(conn, which, min(args.limit, LIST_LIMIT))   # as the agent
             return got
         try:
-            got, source = self._read(cfg, f"/dead?{query}", "count", offline)
+            got, source = self._read(cfg, f"/dead?{query}", "count", int, offline)
         except dead.NoSpool as exc:
             print(f"no dead letters ({exc})")
             return 0
@@ -169,7 +167,7 @@ class _Cli:
         return 0
 
     def show(self, cfg: Config, args: argparse.Namespace) -> int:
-        got, _ = self._read(cfg, f"/dead/{args.id}", "body", dead.show, args.id)
+        got, _ = self._read(cfg, f"/dead/{args.id}", "body", object, dead.show, args.id)
         print(printable_json(json.dumps(got, indent=2, ensure_ascii=False)))
         return 0
 
@@ -259,7 +257,7 @@ class _Cli:
         try:
             done = "retried" if what == "retry" else "purged"
             got = answer(cfg, f"/dead/{what}", self._ask(cfg, f"/dead/{what}", {
-                "reason": args.reason, "all": args.all}), done)
+                "reason": args.reason, "all": args.all}), done, int)
             n, where = got[done], "the running agent"
         except _NoAgent:
             spool = cfg.storage.resolved_path()

@@ -86,14 +86,17 @@ def _refusal(cfg: Config, path: str, exc: urllib.error.HTTPError) -> str:
     return why
 
 
-def answer(cfg: Config, path: str, body: bytes, expect: str) -> dict[str, Any]:
-    """The agent's JSON object answer to ``path``, which holds ``expect``; NotOutpost if
-    ``body`` is not one."""
+def answer(cfg: Config, path: str, body: bytes, expect: str,
+           kind: type) -> dict[str, Any]:
+    """The agent's JSON object answer to ``path``, which holds ``expect`` of ``kind``;
+    NotOutpost if ``body`` is not one."""
     try:
         data = json.loads(body)
     except ValueError:   # a router's page, say
         data = None
-    if not isinstance(data, dict) or expect not in data:
+    # A count that is no number is another server's JSON: printed, it would be shown (its
+    # escape sequences too) as what the agent did.
+    if not isinstance(data, dict) or expect not in data or not isinstance(data[expect], kind):
         raise NotOutpost(cfg, path)
     return data
 
