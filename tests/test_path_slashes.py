@@ -96,6 +96,21 @@ async def test_what_no_route_serves_is_still_a_404_or_a_405(make_agent: Any) -> 
         "unrouted": {"404": 1, "405": 1}}
 
 
+async def test_a_404_or_405_at_a_websocket_path_names_the_path_as_sent(
+        make_agent: Any) -> None:
+    """The plain forms of `//v1/track/` and `//favicon.ico/` are Nucleus websocket paths
+    (`/{appId}/track`, `/{appId}`), whose plain GET is answered as what no route serves:
+    that answer named the plain form (`method GET not allowed on /v1/track`), a path the
+    client never sent, where every other 404 or 405 names the client's own."""
+    agent = await make_agent()
+    wrong = await call(agent.port, "//v1/track/", method="GET")
+    assert wrong.status == 405, wrong.body
+    assert wrong.json()["error"] == "method GET not allowed on //v1/track/", wrong.body
+    missing = await call(agent.port, "//favicon.ico/", method="GET")
+    assert missing.status == 404, missing.body
+    assert missing.json()["error"] == "no route for GET //favicon.ico/", missing.body
+
+
 async def test_operations_routes_take_extra_slashes_too(make_agent: Any) -> None:
     agent = await make_agent()
     for path in ("//healthz", "/healthz/", "//status"):
