@@ -34,6 +34,8 @@ LOGGED_PATH = 200  # characters of a path in the log
 _SLASHES = re.compile("//+")
 # The route parameter that holds an app's key (Nucleus: `/app/{appId}/track`, `/{appId}`).
 KEY_PARAM = "appId"
+# On a request routed at its path's plain form: the path as the client sent it.
+SENT_PATH = web.RequestKey("outpost_sent_path", str)
 
 
 def is_upgrade(request: web.Request) -> bool:
@@ -98,7 +100,9 @@ class Unrouted:
 
     async def reply(self, request: web.Request) -> web.StreamResponse:
         allowed = await self.allowed(await _plain(request) or request)
-        path = request.rel_url.path  # never the query: it may carry a write key
+        # Never the query: it may carry a write key. A plain GET to a websocket path comes
+        # here as its plain form (`//v1/track/` as `/v1/track`): named as it was sent.
+        path: str = request.get(SENT_PATH, request.rel_url.path)
         if allowed:
             status, said = 405, f"method {request.method} not allowed on "
         else:
@@ -136,6 +140,7 @@ async def _plain(request: web.Request) -> web.Request | None:
     if path == url.raw_path:
         return None
     plain = request.clone(rel_url=url.with_path(path, encoded=True, keep_query=True))
+    plain[SENT_PATH] = request.get(SENT_PATH, url.path)
     match = await request.app.router.resolve(plain)
     match.add_app(request.app)
     match.freeze()
