@@ -75,6 +75,8 @@ def test_outpost_run_on_a_busy_port_exits_2_with_one_line(tmp_path: Path, busy_p
     assert "Traceback" not in out
     lines = out.strip().splitlines()
     assert len(lines) == 1 and f"cannot listen on 127.0.0.1:{busy_port}" in lines[0], out
+    # The line names the fix, as every operator mistake's does (README, "Short guide").
+    assert "listen.port" in lines[0], out
 
 
 # -- a second SIGINT ---------------------------------------------------------------------------
