@@ -176,6 +176,9 @@ class Agent:
             if code == errno.EADDRNOTAVAIL:
                 raise AddressNotHere(f"cannot listen on {host}:{port}: {why} (not an address "
                                      "of this machine, or not yet)") from exc
+            if code == errno.EADDRINUSE:
+                why += ("; another program listens there (another agent, perhaps): stop it, "
+                        "or set listen.port to a free port")
             raise StartError(f"cannot listen on {host}:{port}: {why}") from exc
         self.port = int(listener.sockets[0].getsockname()[1])
         if not is_loopback_name(host):
