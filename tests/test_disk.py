@@ -367,6 +367,32 @@ async def test_what_was_refused_while_a_salvage_waited_for_disk_space_stays_coun
     assert counters.get("rejected_storage_error") == 1, counters
 
 
+async def test_keys_of_requests_refused_for_a_full_disk_take_no_place(
+        make_agent: Any, small_fs: Path) -> None:
+    """A request refused because its commit failed (503: the disk full) stores nothing,
+    as one the full spool refuses: its new key must leave nothing behind. It was kept in
+    memory and written as a row by the next commit that succeeded, so under
+    listen.max_keys every new app that posted while the disk was full kept a place for
+    good, and new apps were refused once the disk had room again."""
+    spool_path = small_fs / "spool" / "spool.db"
+    agent = await make_agent(spool=spool_path, listen={"max_keys": 3})
+    filler = small_fs / "filler"
+    free = os.statvfs(small_fs).f_bavail * os.statvfs(small_fs).f_frsize
+    filler.write_bytes(b"\0" * free)
+    async with aiohttp.ClientSession() as s:
+        for i in range(3):   # more than the -wal holds: each commit needs new pages
+            r = await post(s, agent.port, [event(i, os.urandom(100_000).hex())],
+                           key=f"refused-{i}")
+            assert r.status == 503, await r.text()
+        assert agent.spool.counters.get("rejected_storage_error") == 3
+        filler.unlink()
+        stored = await post(s, agent.port, [event(9)], key="new-app")
+        assert stored.status == 200, await stored.text()
+    await agent.stop()
+    with contextlib.closing(sqlite3.connect(spool_path)) as db:
+        assert [key for (key,) in db.execute("SELECT key FROM streams")] == ["new-app"]
+
+
 # -- corrupt spool at startup ---------------------------------------------------------------
 
 
