@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Collection, Iterable
 from dataclasses import dataclass, field
 
 from agent.outcomes import Counts, Drop, Outcome, Tally, merge, record
@@ -97,13 +97,18 @@ class Books:
         self.top_stream_id = max(self.top_stream_id, stream.id)
         _join(self.groups, self.grouping(stream.key), stream)
 
-    def forget(self, ids: Iterable[int]) -> None:
-        """Streams a commit made for requests it refused, their rows deleted (their depths
-        are 0: nothing to take from their group's sums)."""
+    def forget(self, ids: Collection[int]) -> None:
+        """Streams a commit made for requests it stored nothing of: their rows deleted, or
+        never written (the commit failed). Their depths are 0: nothing to take from their
+        group's sums."""
+        if not ids:
+            return
         for sid in ids:
             stream = self.by_id.pop(sid, None)
             if stream is not None and self.streams.get(stream.key) is stream:
                 del self.streams[stream.key]
+        if self.new_streams:   # a failed commit's, still waiting for their rows
+            self.new_streams = [s for s in self.new_streams if s.id not in ids]
 
     def stream_for(self, key: str) -> Stream:
         stream = self.streams.get(key)

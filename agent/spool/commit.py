@@ -132,6 +132,9 @@ class Job:
     # Of new_streams, the keys first met in this commit's requests: one whose events are
     # all refused (full) keeps no row (``Outcome.unused``).
     fresh: frozenset[int] = frozenset()
+    # Set on the writer's thread once the COMMIT is done: a failure after it (freeing
+    # pages, measuring the file) leaves the rows written, new streams' included.
+    written: bool = False
 
 
 @dataclass(slots=True)
@@ -207,6 +210,7 @@ def _commit(conn: sqlite3.Connection, job: Job) -> Outcome:
         if job.mark is None and (out.deleted or forgot):
             advance_mark(conn, *job.tail)
         _save(conn, out.streams, {**job.counters, **_sum(job.counters, out.counters)})
+    job.written = True
     trimmed = out.counters.get(Tally.DEAD_DROPPED_FULL, 0)
     # A partial ack rewrites its record's row: near the cap, its freed pages are handed back.
     if out.deleted or trimmed or (job.settle and job.room < MEASURE_WITHIN):

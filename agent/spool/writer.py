@@ -436,6 +436,7 @@ class Writer:
             out = await done
         except sqlite3.DatabaseError as exc:
             books.unsave(job.counters)
+            _unmade(books, job)
             if is_corruption(exc):
                 raise   # _commit moves the file aside and runs these again on a fresh spool
             # Not only the disk (OperationalError): a constraint or a trigger in the file
@@ -450,6 +451,7 @@ class Writer:
             return
         except BaseException as exc:
             books.unsave(job.counters)
+            _unmade(books, job)
             _fail(appends, exc)
             raise
         self.commits += 1
@@ -508,6 +510,14 @@ class Writer:
                 pending.done.set_exception(SpoolFull(Reason.FULL))
             else:
                 pending.done.set_result(n)
+
+
+def _unmade(books: Books, job: Job) -> None:
+    """A failed commit's new keys are not known: a key is known once an event of it is
+    stored. Kept, the next commit that succeeded wrote their rows, and each took one of
+    listen.max_keys for good (a full disk refusing every new app's requests)."""
+    if not job.written:   # rolled back: its stream rows were never written
+        books.forget(job.fresh)
 
 
 def _group(sid: int, family: int, received: int, lane: int) -> Group:
