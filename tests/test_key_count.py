@@ -11,6 +11,7 @@ from typing import Any
 
 import aiohttp
 
+from tests.fakes.nucleus_upstream import FakeNucleus
 from tests.segment_helpers import basic, call
 
 CAP = 20
@@ -80,4 +81,23 @@ async def test_keys_of_requests_refused_whole_take_no_place(make_agent: Any) -> 
         assert r.status == 503, r.body[:300]
     r = await call(agent.port, "/app/new-app/track",
                    {"data": [{"type": "event", "name": "e", "id": 1, "sessionId": 1}]})
+    assert r.status == 200, r.body
+
+
+async def test_keys_the_config_routes_by_name_are_taken_past_max_keys(
+        make_agent: Any, fake_nucleus: FakeNucleus) -> None:
+    """listen.max_keys bounds the keys apps invent; a key an upstream's `keys` names is the
+    operator's own app, as bounded as the config. It was refused like an invented one:
+    once any local process had invented max_keys keys (known for good), the app the config
+    routes was refused 401 for good, a new device's or one just added by a reload alike."""
+    up = {"name": "up", "protocol": "nucleus-ws", "url": fake_nucleus.url,
+          "keys": ["configured-app"]}
+    agent = await make_agent(listen={"max_keys": 3}, upstreams=[up])
+    one = {"data": [{"type": "event", "name": "e", "id": 1, "sessionId": 1}]}
+    for i in range(3):
+        r = await call(agent.port, f"/app/invented-{i}/track", one)
+        assert r.status == 200, r.body
+    r = await call(agent.port, "/app/invented-3/track", one)
+    assert r.status == 401, r.body
+    r = await call(agent.port, "/app/configured-app/track", one)
     assert r.status == 200, r.body
