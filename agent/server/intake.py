@@ -74,7 +74,8 @@ class Sink:
         """accept_keys empty means any non-empty key without control characters (one
         with a line break would split every log line that names it) of at most
         MAX_KEY_CHARS characters, and a new one only while fewer than ``max_keys``
-        (listen.max_keys) are stored or taken for requests in flight. Either way, a key
+        (listen.max_keys) are stored or taken for requests in flight, unless an upstream's
+        ``keys`` names it. Either way, a key
         its upstream could never be sent under is refused (RouteLimits.key_refusal)."""
         if not key:
             return "no key given"
@@ -91,9 +92,10 @@ class Sink:
         return why
 
     def _room_for(self, key: str) -> str | None:
-        """None if ``key`` is stored, or taken now as one more of the max_keys."""
+        """None if ``key`` is stored or an upstream names it, or taken now as one more of
+        the max_keys."""
         known, pending = self.spool.streams, self._pending
-        if key in known:
+        if key in known or key in self.limits.named:
             return None
         with self._pending_lock:
             if key in pending:

@@ -70,6 +70,9 @@ class RouteLimits:
         # False when no upstream's family is known: nothing is mapped at ingest.
         self.maps = any(r.family is not None for r in self._routes.values())
         self._by_key: dict[str, _Route | None] = {}
+        # The keys an upstream names (`keys`, "*" aside): the operator's apps, as many as
+        # the config holds, never counted among those apps invent (listen.max_keys).
+        self.named = frozenset(key for up in cfg.upstreams for key in up.keys if key != "*")
 
     def _route(self, key: str) -> _Route | None:
         try:
