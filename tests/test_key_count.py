@@ -101,3 +101,18 @@ async def test_keys_the_config_routes_by_name_are_taken_past_max_keys(
     assert r.status == 401, r.body
     r = await call(agent.port, "/app/configured-app/track", one)
     assert r.status == 200, r.body
+
+
+async def test_a_long_key_an_upstream_names_is_taken(make_agent: Any,
+                                                      fake_nucleus: FakeNucleus) -> None:
+    """Keys over 256 characters are refused only as keys apps invent: one an upstream's
+    `keys` names is the operator's (as one listen.accept_keys lists is), and was refused
+    401 for every request of the app the config routes."""
+    long_key = "k" * 300
+    up = {"name": "up", "protocol": "nucleus-ws", "url": fake_nucleus.url, "keys": [long_key]}
+    agent = await make_agent(upstreams=[up])
+    one = {"data": [{"type": "event", "name": "e", "id": 1, "sessionId": 1}]}
+    r = await call(agent.port, f"/app/{long_key}/track", one)
+    assert r.status == 200, r.body
+    r = await call(agent.port, f"/app/{'j' * 300}/track", one)
+    assert r.status == 401 and b"longer than 256 characters" in r.body, r.body
