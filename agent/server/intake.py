@@ -74,8 +74,8 @@ class Sink:
         """accept_keys empty means any non-empty key without control characters (one
         with a line break would split every log line that names it) of at most
         MAX_KEY_CHARS characters, and a new one only while fewer than ``max_keys``
-        (listen.max_keys) are stored or taken for requests in flight, unless an upstream's
-        ``keys`` names it. Either way, a key
+        (listen.max_keys) are stored or taken for requests in flight; neither bound holds
+        a key an upstream's ``keys`` names (the operator's own). Either way, a key
         its upstream could never be sent under is refused (RouteLimits.key_refusal)."""
         if not key:
             return "no key given"
@@ -84,7 +84,7 @@ class Sink:
                 return "not one of listen.accept_keys"
         elif not key.isprintable():
             return "the key holds a control character"
-        elif len(key) > MAX_KEY_CHARS:
+        elif len(key) > MAX_KEY_CHARS and key not in self.limits.named:
             return f"the key is longer than {MAX_KEY_CHARS} characters"
         why = self.limits.key_refusal(key)
         if why is None and not self._accept:
