@@ -4,6 +4,7 @@ SIGHUP runs."""
 
 from __future__ import annotations
 
+import asyncio
 import logging
 from pathlib import Path
 from typing import Any
@@ -12,8 +13,11 @@ import aiohttp
 import pytest
 from aiohttp import WSCloseCode, WSMsgType
 
+from agent.forwarder.supervisor import Seams
 from tests.conftest import write_config
+from tests.fakes.faulty_upstream import Fault, FaultyUpstream
 from tests.test_upstream_faults import event
+from tests.waiting import wait_for
 
 
 async def test_a_key_a_reload_no_longer_accepts_is_refused_on_a_websocket_already_open(
@@ -34,6 +38,35 @@ async def test_a_key_a_reload_no_longer_accepts_is_refused_on_a_websocket_alread
         assert msg.data == WSCloseCode.POLICY_VIOLATION, msg
         assert "listen.accept_keys" in msg.extra, msg
     assert agent.spool.streams["revoked"].depth == 1   # the first event only
+
+
+async def test_a_key_a_reload_no_longer_accepts_is_refused_while_the_reload_waits_for_a_send(
+        make_agent: Any, faulty: FaultyUpstream) -> None:
+    """An operator revokes a leaked key and reloads: from then on its requests get 401.
+    Not once the reload has waited (up to its 5 s grace) for a slow upstream's batch in
+    flight: the app's events meanwhile are stored and forwarded under the revoked key."""
+    faulty.script = [Fault("slow", delay=30.0)]   # the batch in flight is never answered
+    up = {"name": "up", "protocol": "nucleus-http", "url": faulty.http_url,
+          "flush_interval_s": 0.05, "timeout_s": 60}
+    agent = await make_agent(upstreams=[up], listen={"accept_keys": ["kept", "revoked"]},
+                             seams=Seams(grace_s=3.0))
+    async with aiohttp.ClientSession() as s:
+        async with s.post(f"http://127.0.0.1:{agent.port}/app/kept/track",
+                          json={"data": [event(1)]}) as r:
+            assert r.status == 200
+        await wait_for(lambda: len(faulty.requests) == 1)   # in flight, unanswered
+        sending = agent.forwarding.loops["kept"]
+        write_config(Path(agent.config_path), agent.spool.path, upstreams=[up],
+                     listen={"accept_keys": ["kept"]})
+        reloading = asyncio.ensure_future(agent.reload())
+        await wait_for(lambda: sending.stopping)   # the reload waits for that batch
+        async with s.post(f"http://127.0.0.1:{agent.port}/app/revoked/track",
+                          json={"data": [event(2)]}) as r:
+            status = r.status
+        assert not reloading.done()   # answered while the reload waited
+        await reloading
+    assert status == 401
+    assert "revoked" not in agent.spool.streams
 
 
 async def test_a_reload_names_what_still_needs_a_restart_by_what_runs(
