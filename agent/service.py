@@ -300,8 +300,10 @@ class Agent:
         old = self.forwarding
         sync_changed = new.sync != self.cfg.sync
         self.cfg = new
-        # Requests from now on are held to the new routes' limits (docs/mapping.md §5).
+        # Requests from now on are held to the new routes' limits (docs/mapping.md §5), and
+        # to the new keys: not only after the wait below, up to 5 s for a revoked key.
         self.sink.set_limits(_limits(new))
+        self.sink.set_accept_keys(new.listen.accept_keys)
         self.sink.enrich.lanes = Lanes(new.upstreams)   # and classified by the new rules
         # In-flight batches settle before the new forwarders start: nothing sent twice.
         if old is not None:
@@ -318,7 +320,6 @@ class Agent:
         if old is not None:
             _carry_states(old, self.forwarding)
             self.forwarding.take_over(old)
-        self.sink.set_accept_keys(new.listen.accept_keys)
         await self.forwarding.start()
         if not sync_changed:   # the same rules, maybe new routes: what they hold is timed anew
             self.sync.routes_changed()
