@@ -112,6 +112,33 @@ async def test_a_refused_read_is_asked_again_so_a_policy_fixed_later_is_seen(
     assert len(lines(caplog, "AccessDenied")) == 1 and no_traceback(caplog)
 
 
+@pytest.mark.parametrize("error", ["org.freedesktop.DBus.Error.InvalidArgs",      # GDBus
+                                   "org.freedesktop.DBus.Error.UnknownProperty"])  # sd-bus
+async def test_a_networkmanager_without_metered_is_unknown_not_a_failure_every_minute(
+        make_agent: Any, fake_nucleus: FakeNucleus, bus: PrivateBus, nm: FakeNetworkManager,
+        caplog: pytest.LogCaptureFixture, error: str) -> None:
+    """A NetworkManager older than 1.2 has no Metered property: its Get answers that no
+    such property exists, now and at every try. That is no failure, as NetworkManager
+    being absent is none: it was counted and asked again every minute for good (1,440
+    sync errors a day, an alert on outpost_sync_errors_total that never clears). An
+    upgrade restarts NetworkManager, which is asked again then."""
+    nm.error = error
+    agent = await watching(make_agent, fake_nucleus, bus.address)
+    await wait_for(lambda: "Metered" in agent.sync.metered.detail)
+    sync = await sync_status(agent.port)
+    assert (sync["profile"], sync["metered"], sync["errors"], sync["last_error"]) == (
+        "normal", "unknown", 0, ""), sync
+    assert "no Metered property" in sync["metered_detail"], sync
+    assert not [r for r in caplog.records if r.levelno >= logging.WARNING
+                and r.name == "outpost.sync"]
+
+    await nm.stop()   # upgraded: the new NetworkManager has the property
+    nm.error, nm.metered = None, YES
+    await nm.start()
+    await wait_for(lambda: agent.sync.profile.mode == "hold")
+    assert nm.gets == 2 and agent.sync.errors == 0
+
+
 async def test_a_huge_value_is_cut_and_a_flood_of_malformed_signals_is_one_line(
         make_agent: Any, fake_nucleus: FakeNucleus, bus: PrivateBus, nm: FakeNetworkManager,
         caplog: pytest.LogCaptureFixture) -> None:
