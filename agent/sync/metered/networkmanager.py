@@ -158,6 +158,12 @@ async def _receive(conn: DBusConnection) -> Message:
 # The bus's answers for a name no process owns.
 _ABSENT = frozenset({"org.freedesktop.DBus.Error.ServiceUnknown",
                      "org.freedesktop.DBus.Error.NameHasNoOwner"})
+# NetworkManager's answers for a property it does not have (GDBus, sd-bus): one older than
+# 1.2 has no Metered. For good, as being absent is: no failure, and no retry can read it
+# (an upgrade restarts it, and a new owner is asked at once).
+_NO_PROPERTY = frozenset({"org.freedesktop.DBus.Error.InvalidArgs",
+                          "org.freedesktop.DBus.Error.UnknownProperty",
+                          "org.freedesktop.DBus.Error.UnknownInterface"})
 
 
 def _reply_to(msg: Message) -> int | None:
@@ -170,6 +176,9 @@ def _answer(msg: Message, signature: str) -> MeteredReading:
         name = msg.header.fields.get(HeaderFields.error_name, "an error")
         if name in _ABSENT:   # no NetworkManager on this machine: nothing failed
             return MeteredReading(Metered.UNKNOWN, f"NetworkManager not reachable: {_shown(name)}")
+        if name in _NO_PROPERTY:
+            return MeteredReading(Metered.UNKNOWN, "NetworkManager has no Metered property "
+                                  f"(older than 1.2): {name}")
         # It is there, and the read was refused (a bus policy, say): a failure to count.
         return MeteredReading(Metered.UNKNOWN, f"reading NetworkManager's Metered failed: "
                               f"{_shown(name)}", failed=True)
