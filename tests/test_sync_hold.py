@@ -310,6 +310,32 @@ async def test_a_release_the_upstream_puts_off_is_sent_when_it_may_and_counted_o
     assert agent.sync.releases == 1
 
 
+async def test_a_reload_while_a_release_is_under_way_sends_only_what_it_let_go(
+        make_agent: Any, fake_nucleus: FakeNucleus, clock: Clock) -> None:
+    """A reload (here one that changes nothing: config management reloads on every run)
+    comes while a release waits out the upstream's Retry-After. The release goes on with
+    the new forwarders, and the events that came after it stay held: a reload started a
+    release afresh, up to the events queued as it ended, which sent those young events
+    too, on the network the hold is for, and counted a second release."""
+    timing = ManualTiming()
+    agent = await held_agent(make_agent, fake_nucleus, timing, flush_interval_s=30)
+    fake_nucleus.outage = (503, "300")
+    await post(agent.port, range(1, 4))
+    await let_pass(clock, timing, HALF_HOUR)
+    await wait_for(lambda: agent.forwarding.states["up"].parked == 1)   # for 300 s
+    await post(agent.port, range(4, 6))   # after the release: held
+    await agent.reload()
+    fake_nucleus.outage = None
+    await wait_for(lambda: timing.pending()[:2] == [60.0, 60.0])
+    clock.passed_ms += 300_000
+    timing.advance(300.0)   # the Retry-After is over
+    state = agent.forwarding.states["up"]
+    await wait_for(lambda: agent.spool.depth <= 2 and not agent.forwarding.loops
+                   and state.parked == 0)
+    assert sent(fake_nucleus) == [1, 2, 3] and agent.spool.depth == 2
+    assert agent.sync.releases == 1
+
+
 async def test_events_being_committed_as_a_release_comes_are_timed_after_it(
         make_agent: Any, fake_nucleus: FakeNucleus, clock: Clock) -> None:
     """A release comes while an app's events are being committed (to a key with nothing
