@@ -324,14 +324,15 @@ class Supervisor:
                 loop.poke()
         self._start_all()
 
-    def release(self) -> int:
-        """``max_hold_h``: send every key's events queued now, in every lane; then each
-        loop goes back to what ``may_send`` lets go, and what comes later is held as the
-        profile says (with its own max_hold_h). Returns the last seq it lets go."""
+    def release(self, until: int | None = None) -> int:
+        """``max_hold_h``: send every key's events queued now (or up to ``until``: a
+        release a reload cut short), in every lane; then each loop goes back to what
+        ``may_send`` lets go, and what comes later is held as the profile says (with its
+        own max_hold_h). Returns the last seq it lets go."""
         # Not last_seq: a commit still under way could reach its key after the key's
         # loop ended the release, and the monitor, which times only the events after
         # this bound, would never time it.
-        until = self.spool.committed_seq
+        until = self.spool.committed_seq if until is None else until
         for key, loop in list(self.loops.items()):
             if loop.released:   # its key starts afresh below
                 continue

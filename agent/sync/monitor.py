@@ -156,13 +156,17 @@ class SyncMonitor:
             self._empty = False
             self._changed.set()
 
-    def routes_changed(self) -> None:
-        """After a reload that kept these rules: the upstreams' keys may have changed, so
-        events no upstream took (untimed: held.py) may be held now. The waiter looks again,
-        or, with no app posting, they would be held for good. A release under way ended
-        with the forwarders it ran in: its events are timed again too."""
+    def routes_changed(self, release: Callable[[int], int]) -> None:
+        """After a reload that kept these rules, with the new forwarders' ``release``. A
+        release under way ended with the forwarders it ran in: it goes on up to its own
+        bound (a fresh one would send what came after it too, young, on the network the
+        hold is for), with the events queued before it of keys the reload routed, as it
+        would have sent them. Those after it, untimed while no upstream took them
+        (held.py), are timed from now on: the waiter looks again, or, with no app
+        posting, they would be held for good."""
         self._empty = False
-        self._released = 0
+        if self._released:
+            release(self._released)
         self._changed.set()
 
     def view(self) -> SyncView:
