@@ -310,13 +310,16 @@ async def test_a_release_the_upstream_puts_off_is_sent_when_it_may_and_counted_o
     assert agent.sync.releases == 1
 
 
+@pytest.mark.parametrize("low_battery_pct", [20, 25])
 async def test_a_reload_while_a_release_is_under_way_sends_only_what_it_let_go(
-        make_agent: Any, fake_nucleus: FakeNucleus, clock: Clock) -> None:
-    """A reload (here one that changes nothing: config management reloads on every run)
-    comes while a release waits out the upstream's Retry-After. The release goes on with
-    the new forwarders, and the events that came after it stay held: a reload started a
-    release afresh, up to the events queued as it ended, which sent those young events
-    too, on the network the hold is for, and counted a second release."""
+        make_agent: Any, fake_nucleus: FakeNucleus, clock: Clock, tmp_path: Path,
+        low_battery_pct: int) -> None:
+    """A reload (one that changes nothing: config management reloads on every run; or one
+    that changes [sync] and still holds) comes while a release waits out the upstream's
+    Retry-After. The release goes on with the new forwarders, and the events that came
+    after it stay held: a reload started a release afresh, up to the events queued as it
+    ended, which sent those young events too, on the network the hold is for, and
+    counted a second release."""
     timing = ManualTiming()
     agent = await held_agent(make_agent, fake_nucleus, timing, flush_interval_s=30)
     fake_nucleus.outage = (503, "300")
@@ -324,7 +327,12 @@ async def test_a_reload_while_a_release_is_under_way_sends_only_what_it_let_go(
     await let_pass(clock, timing, HALF_HOUR)
     await wait_for(lambda: agent.forwarding.states["up"].parked == 1)   # for 300 s
     await post(agent.port, range(4, 6))   # after the release: held
+    write_config(Path(agent.config_path), tmp_path / "spool.db",
+                 upstreams=[{**upstream(fake_nucleus), "flush_interval_s": 30}],
+                 sync={"on_low_battery": "hold", "low_battery_pct": low_battery_pct,
+                       "max_hold_h": HALF_HOUR / 3600})
     await agent.reload()
+    assert agent.sync.profile.mode == "hold"
     fake_nucleus.outage = None
     await wait_for(lambda: timing.pending()[:2] == [60.0, 60.0])
     clock.passed_ms += 300_000
