@@ -321,8 +321,8 @@ class Agent:
             _carry_states(old, self.forwarding)
             self.forwarding.take_over(old)
         await self.forwarding.start()
-        if not sync_changed:   # the same rules, maybe new routes: a release under way goes on
-            self.sync.routes_changed(self.forwarding.release)
+        # Maybe new routes, maybe new rules: a release under way goes on.
+        self.sync.reloaded(self.forwarding.release)
         log.info("configuration reloaded from %s", new.source)
 
     async def stop(self) -> None:

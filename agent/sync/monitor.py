@@ -78,6 +78,7 @@ class SyncMonitor:
         self.profile = decide(cfg, self.metered, None)
         self.releases = 0
         self._released = 0   # the last seq the release under way sends (on_release's)
+        self._carried: tuple[str, int] | None = None   # the old rules' mode and release
         self._first = asyncio.Event()
         self._battery_read = asyncio.Event()
         self._changed = asyncio.Event()   # the profile changed, or data came to an empty hold
@@ -92,8 +93,11 @@ class SyncMonitor:
 
     def carry(self, old: SyncMonitor) -> None:
         """A reload that changed [sync], before ``start``: the counts are since the agent
-        started (/metrics counters), and the last error stays shown, as an upstream's do."""
+        started (/metrics counters), and the last error stays shown, as an upstream's do;
+        and a release under way, which goes on (``reloaded``) if the new rules hold as
+        the old ones did."""
         self.releases, self.errors, self.last_error = old.releases, old.errors, old.last_error
+        self._carried = (old.profile.mode, old._released)
 
     async def start(self) -> None:
         """Start the sources; wait briefly for the first metered reading, so a hold on a
@@ -107,6 +111,11 @@ class SyncMonitor:
                       lambda: self._metered(MeteredReading(Metered.UNKNOWN, self.last_error)))
             with contextlib.suppress(asyncio.TimeoutError):
                 await asyncio.wait_for(self._first.wait(), FIRST_READING_S)
+        carried, self._carried = self._carried, None
+        if carried is not None and carried[0] == self.profile.mode:
+            # New rules that hold as the old ones did: their waiter times only what came
+            # after the release under way, which ``reloaded`` goes on with.
+            self._released = carried[1]
         if self.cfg.on_metered != NORMAL or self.cfg.on_low_battery != NORMAL:
             self._run("max_hold_h", self._keep_max_hold)
 
@@ -156,14 +165,14 @@ class SyncMonitor:
             self._empty = False
             self._changed.set()
 
-    def routes_changed(self, release: Callable[[int], int]) -> None:
-        """After a reload that kept these rules, with the new forwarders' ``release``. A
-        release under way ended with the forwarders it ran in: it goes on up to its own
-        bound (a fresh one would send what came after it too, young, on the network the
-        hold is for), with the events queued before it of keys the reload routed, as it
-        would have sent them. Those after it, untimed while no upstream took them
-        (held.py), are timed from now on: the waiter looks again, or, with no app
-        posting, they would be held for good."""
+    def reloaded(self, release: Callable[[int], int]) -> None:
+        """After a reload, with the new forwarders' ``release``. A release under way ended
+        with the forwarders it ran in: it goes on up to its own bound (a fresh one would
+        send what came after it too, young, on the network the hold is for), with the
+        events queued before it of keys the reload routed, as it would have sent them.
+        Those after it, untimed while no upstream took them (held.py), are timed from
+        now on: the waiter looks again, or, with no app posting, they would be held for
+        good."""
         self._empty = False
         if self._released:
             release(self._released)
