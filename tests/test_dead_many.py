@@ -22,7 +22,7 @@ from agent.spool import dead, dead_live
 from tests.conftest import free_port, write_config
 from tests.fakes.ops_scene import post_events
 from tests.test_dead_letters import RefusingNucleus, dead_letters, upstream
-from tests.waiting import wait_for
+from tests.waiting import run_outpost, wait_for
 
 MANY = 3000   # dead letters: 60 chunks of CHUNK
 CHUNK = 50
@@ -216,6 +216,46 @@ async def test_cli_says_the_agent_is_busy_not_absent(
             assert "still working" in text and "outpost status" in text, text
             assert "in use" not in text and "no agent" not in text, text
     assert not spool.exists()   # the CLI never turned to the spool file
+
+
+@asynccontextmanager
+async def agent_cut_short() -> AsyncIterator[int]:
+    """A listener that begins every answer (its head, a bit of its body) and closes before
+    the body's end, as an agent killed mid-answer."""
+    async def answer(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        head = await reader.readuntil(b"\r\n\r\n")
+        length = next((int(line.split(b":")[1]) for line in head.split(b"\r\n")
+                       if line.lower().startswith(b"content-length:")), 0)
+        await reader.readexactly(length)   # a POST's body, read: the close is no reset
+        writer.write(b"HTTP/1.1 200 OK\r\nContent-Type: application/json\r\n"
+                     b"Content-Length: 1000\r\n\r\n{\"count\": 1, ")
+        await writer.drain()
+        writer.close()
+    server = await asyncio.start_server(answer, "127.0.0.1", 0)
+    try:
+        yield server.sockets[0].getsockname()[1]
+    finally:
+        server.close()
+        await server.wait_closed()
+
+
+@pytest.mark.parametrize(("args", "path"), [
+    (["list"], "/dead"), (["show", "1"], "/dead/1"), (["retry", "--all"], "/dead/retry"),
+    (["purge", "--all"], "/dead/purge")])
+async def test_dead_commands_say_in_words_that_the_answer_was_cut_short(
+        tmp_path: Path, args: list[str], path: str) -> None:
+    """The agent stopped mid-answer: `outpost dead list`, `show`, `retry` and `purge` printed
+    http.client's "IncompleteRead(13 bytes read, 987 more expected)", where `status` and
+    `flush` say what happened and what to do. One line, exit 1, and the spool file is left
+    alone (an agent answered there: a retry or purge is not done again on the file)."""
+    spool = tmp_path / "spool.db"
+    async with agent_cut_short() as port:
+        cfg = str(write_config(tmp_path / "agent.toml", spool, port=port))
+        code, text = await run_outpost("dead", *args, "--config", cfg)
+    assert (code, text) == (1, f"outpost: the answer of http://127.0.0.1:{port} to {path} was "
+                               "cut short (IncompleteRead): the agent stopped mid-answer, or "
+                               "another server holds its port; try again\n")
+    assert not spool.exists()
 
 
 async def test_tail_says_the_agent_is_busy_not_absent(
