@@ -24,7 +24,16 @@ from pathlib import Path
 from typing import Any, BinaryIO
 
 from agent.clock import age_s
-from agent.ops.local_agent import NotOutpost, Refused, agent_url, answer, opened, timed_out
+from agent.ops.local_agent import (
+    CutShort,
+    NotOutpost,
+    Refused,
+    agent_url,
+    answer,
+    opened,
+    read_whole,
+    timed_out,
+)
 from agent.ops.shared_terms import EXPORT_PAGE, LIST_LIMIT
 from agent.ops.status_table import age, size, table
 from agent.outcomes import Tally
@@ -90,9 +99,11 @@ class _Cli:
         timeout = ASK_TIMEOUT_S if body is None else CHANGE_TIMEOUT_S
         try:
             with opened(cfg, req, path, timeout) as resp:
-                return bytes(resp.read())
+                return read_whole(cfg, resp, path)
         except Refused as exc:  # the agent answered: say what it said
             raise dead.DeadError(exc.why) from exc
+        except CutShort as exc:  # an agent answered here: never the spool file, nor "no agent"
+            raise dead.DeadError(str(exc)) from exc
         except (urllib.error.URLError, OSError) as exc:
             if not timed_out(exc):
                 raise _NoAgent(str(exc)) from exc
