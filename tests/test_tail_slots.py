@@ -115,6 +115,36 @@ async def test_views_that_read_nothing_cannot_lock_the_operator_out(make_agent: 
         view.sock.close()
 
 
+async def test_a_head_request_takes_no_place(make_agent: Any) -> None:
+    """`HEAD /tail` (a link checker's, `curl -I`) opened a live view that took one of the
+    MAX_VIEWERS places for as long as its connection stayed open, and pushed out the
+    operator's oldest view once they were full. It gets the stream's headers, and no place:
+    a view is counted before those headers are sent, so with them read, none was."""
+    agent = await make_agent(port=free_port())
+    loop = asyncio.get_running_loop()
+    heads = []
+    for _ in range(MAX_VIEWERS + 1):
+        sock = socket.socket()
+        sock.setblocking(False)
+        await loop.sock_connect(sock, ("127.0.0.1", agent.port))
+        await loop.sock_sendall(sock, b"HEAD /tail HTTP/1.1\r\nHost: 127.0.0.1\r\n\r\n")
+        head = b""
+        while b"\r\n\r\n" not in head:
+            got = await asyncio.wait_for(loop.sock_recv(sock, 4096), 20)
+            assert got, head
+            head += got
+        heads.append((sock, head))
+    try:
+        for _, head in heads:
+            assert head.startswith(b"HTTP/1.1 200 ") and b"text/event-stream" in head, head
+        got = (await status(agent.port))["ingest"]
+        assert (got["tail_viewers"], got["tail_closed"]) == (
+            0, {"replaced": 0, "stalled": 0}), got
+    finally:
+        for sock, _ in heads:
+            sock.close()
+
+
 async def test_a_view_that_stops_reading_is_closed_and_an_idle_one_is_not(
         make_agent: Any, clock: Clock, monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setattr(tail_routes, "CHECK_S", 0.05)   # how often a stall is looked for
