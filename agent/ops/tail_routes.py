@@ -55,13 +55,19 @@ class TailRoutes:
             return web.json_response(
                 {"error": "key must be a fingerprint (k:xxxxxxxx) as `outpost tail --key` "
                           "sends it, never the key itself"}, status=400)
-        viewer = self.hub.watch(want)
-        if viewer is None:
+        if self.hub.closed:
             return web.json_response(
                 {"error": "the agent is stopping: it opens no new live view"}, status=503)
         resp = web.StreamResponse(headers={
             "Content-Type": "text/event-stream", "Cache-Control": "no-store",
             "X-Content-Type-Options": "nosniff"})
+        if request.method == "HEAD":
+            # The stream's headers, no stream: a view would take one of MAX_VIEWERS places
+            # for as long as the connection stayed open, and show it nothing.
+            await resp.prepare(request)
+            return resp
+        viewer = self.hub.watch(want)
+        assert viewer is not None   # None only once closed: checked above, with no await since
         try:
             await resp.prepare(request)
             pump = asyncio.ensure_future(self._pump(resp, viewer))
