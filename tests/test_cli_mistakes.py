@@ -589,13 +589,17 @@ async def test_dead_list_with_a_huge_limit_reads_the_spool_as_the_agent_would(tm
 
 # -- where the output goes ---------------------------------------------------------------------
 
-@pytest.mark.parametrize("command", ["check-config", "status", "config-init"])
+@pytest.mark.parametrize("command", ["check-config", "status", "config-init", "--help",
+                                     "--version", "dead-list-help"])
 def test_output_to_a_full_disk_is_one_line_and_exit_1(tmp_path: Path, command: str) -> None:
     """`outpost status > file` on a full disk (/dev/full here) ended in a traceback, and
-    `config init` reported nothing of the file it had written."""
+    `config init` reported nothing of the file it had written. `--help` and `--version`
+    (argparse's own output) exited 0, nothing written and nothing said."""
     cfg = write_config(tmp_path / "agent.toml", tmp_path / "spool.db", port=1)
     args = {"check-config": ["check-config", str(cfg)], "status": ["status", "--config", str(cfg)],
-            "config-init": ["config", "init", "--path", str(tmp_path / "new.toml")]}[command]
+            "config-init": ["config", "init", "--path", str(tmp_path / "new.toml")],
+            "--help": ["--help"], "--version": ["--version"],
+            "dead-list-help": ["dead", "list", "--help"]}[command]
     with open("/dev/full", "w") as full:
         run = subprocess.run([sys.executable, "-m", "agent", *args], cwd=ROOT, stdout=full,
                              stderr=subprocess.PIPE, text=True, timeout=30)

@@ -7,8 +7,10 @@ from __future__ import annotations
 import asyncio
 import json
 import os
+import re
 import socket
 import struct
+import subprocess
 import sys
 from pathlib import Path
 from typing import Any
@@ -184,6 +186,36 @@ async def test_a_reader_that_left_ends_a_command_with_141(tmp_path: Path,
         os.close(w)
     _, err = await asyncio.wait_for(proc.communicate(), 30)
     assert (proc.returncode, err.decode()) == (141, "")
+
+
+@pytest.mark.parametrize("command", [["--help"], ["--version"], ["dead", "list", "--help"]])
+async def test_help_to_a_reader_that_left_ends_with_141(command: list[str]) -> None:
+    """`outpost --help | true`: argparse's own output dropped the failed write and
+    exited 0, where every other command's output exits 141."""
+    w = closed_pipe()
+    try:
+        proc = await asyncio.create_subprocess_exec(
+            sys.executable, "-m", "agent", *command, cwd=ROOT, stdout=w,
+            stderr=asyncio.subprocess.PIPE)
+    finally:
+        os.close(w)
+    _, err = await asyncio.wait_for(proc.communicate(), 30)
+    assert (proc.returncode, err.decode()) == (141, "")
+
+
+def test_help_lists_every_exit_code_of_the_docs_table() -> None:
+    """The top-level help's exit statuses said 0, 1 and 2; docs/operations.md's table has
+    130 and 141 too."""
+    docs = (ROOT / "docs" / "operations.md").read_text()
+    table = docs.split("### Exit codes", 1)[1].split("No operator mistake", 1)[0]
+    codes = re.findall(r"^\| `(\d+)` \|", table, re.MULTILINE)
+    assert codes == ["0", "1", "2", "130", "141"], table
+    run = subprocess.run([sys.executable, "-m", "agent", "--help"], cwd=ROOT,
+                         capture_output=True, text=True, timeout=30)
+    assert run.returncode == 0, run.stderr
+    listed = " ".join(run.stdout.split("Exit status:", 1)[1].split("\n\n", 1)[0].split())
+    for code in codes:
+        assert re.search(rf"(^|; ){code} ", listed), (code, listed)
 
 
 async def test_tail_ends_once_its_reader_left_with_no_event_coming(
