@@ -1,8 +1,10 @@
 """Outpost, the local analytics buffering agent: apps post events to it on 127.0.0.1, it keeps
 them on disk and forwards them upstream.
 
-Exit status: 0 ok; 1 a runtime failure (no agent answering, a service step failed);
-2 the config or the environment is wrong (the one-line message names the fix)."""
+Exit status: 0 ok; 1 a runtime failure (no agent answering, a service step failed, the
+output could not be written); 2 the config or the environment is wrong (the one-line message
+names the fix); 130 interrupted by Ctrl-C (`run`: by a second one during its start or drain;
+`tail` stops on it with 0); 141 the program reading the output left (`outpost status | head -1`)."""
 
 from __future__ import annotations
 
@@ -15,7 +17,7 @@ import sys
 import urllib.error
 import urllib.request
 from collections.abc import Coroutine
-from typing import Any
+from typing import TYPE_CHECKING, Any, cast
 
 from agent import __version__, cli_tail, logs, paths, preflight, startup_signals
 from agent import config as config_mod
@@ -39,6 +41,9 @@ from agent.ops.local_agent import (
 from agent.settings import Config, SyncConfig
 from agent.terminal import OutputError, guard_stdout, printable, printable_json
 from agent.uplinks.registry import uplink_class
+
+if TYPE_CHECKING:
+    from _typeshed import SupportsWrite
 
 EXIT_FAILED = 1   # a runtime failure: no agent answering, a service step failed
 EXIT_CONFIG = 2   # the config or the environment is wrong; the message names the fix
@@ -347,11 +352,26 @@ def _doctor_sync(cfg: SyncConfig) -> None:
     _show(f"  profile now    {profile.mode} ({profile.reason})")
 
 
+class _Parser(argparse.ArgumentParser):
+    """argparse's parser (its subcommands' too), but for a failed write of its own output
+    to stdout (--help, --version): argparse drops the error and exits 0; here it fails as
+    every command's output does (``main``: 1, or 141 for a reader that left)."""
+
+    def _print_message(self, message: str, file: SupportsWrite[str] | None = None) -> None:
+        if message and file is not None and file is sys.stdout:
+            file.write(message)
+        else:   # a usage error, on stderr: argparse's way
+            super()._print_message(message, file)
+
+
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="outpost", description=__doc__,
-                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = _Parser(prog="outpost", description=__doc__,
+                     formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--version", action="version", version=f"outpost {__version__}")
-    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+    # Of _Parser too (argparse makes a subparser of its parent's class); typed as argparse's,
+    # which the commands' add_parser take.
+    sub = cast("argparse._SubParsersAction[argparse.ArgumentParser]",
+               parser.add_subparsers(dest="command", required=True, metavar="COMMAND"))
     for name, func, help_text in (
             ("run", cmd_run, "run the agent in the foreground (what the service runs)"),
             ("status", cmd_status, "show queue and upstream state (offline: from the spool)"),
@@ -378,10 +398,14 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
     guard_stdout()
     try:
-        code = int(args.func(args))
+        try:
+            args = build_parser().parse_args(argv)
+        except SystemExit as done:   # --help, --version (0), a wrong command line (2)
+            code = int(done.code or 0)   # their output is flushed below, as a command's
+        else:
+            code = int(args.func(args))
         if sys.stdout is not None:   # None: started with it closed (`>&-`)
             sys.stdout.flush()
     except BrokenPipeError:
