@@ -1,0 +1,90 @@
+"""An upstream's state as /status (so `outpost status`, the page and /metrics) shows it
+while its keys' events go out: `sending`, not `idle`, for as long as a key has a batch in
+flight or a batch due to go, whichever key's batch was answered last."""
+
+from __future__ import annotations
+
+import asyncio
+import base64
+from typing import Any
+
+import aiohttp
+from aiohttp import web
+
+from tests.fakes.loopback_server import serving
+from tests.fakes.segment_upstream import FakeSegment
+from tests.segment_helpers import basic, call
+from tests.test_upstream_faults import event, send
+from tests.waiting import wait_for
+
+
+async def upstream_state(port: int) -> tuple[str, int, int]:
+    """The upstream's state, its queue and its acks, as one /status shows them."""
+    async with aiohttp.ClientSession() as s, s.get(f"http://127.0.0.1:{port}/status") as r:
+        [up] = (await r.json())["upstreams"]
+    return up["state"], up["queue_depth"], up["acked"]
+
+
+async def test_an_upstream_answering_one_key_is_sending_while_another_key_s_batch_is_in_flight(
+        make_agent: Any) -> None:
+    """Each key's loop set the upstream's shared state as it went: key A's batch answered
+    said `idle` while key B's batch was still in flight."""
+    gate = asyncio.Event()
+
+    async def collector(request: web.Request) -> web.Response:
+        key = base64.b64decode(request.headers["Authorization"][6:]).decode()
+        if key.startswith("key-b"):
+            await gate.wait()
+        return web.json_response({"success": True})
+
+    async with serving("/v1/batch", collector) as url:
+        agent = await make_agent(upstreams=[{"name": "seg", "protocol": "segment-http",
+                                             "url": url, "flush_interval_s": 0.02}])
+        state = agent.forwarding.states["seg"]
+        for key in ("key-b", "key-a"):
+            r = await call(agent.port, "/v1/batch", {"batch": [
+                {"type": "track", "event": "e", "userId": "u", "messageId": key}]},
+                headers={"Authorization": basic(key)})
+            assert r.status == 200, r.body
+            if key == "key-b":   # its batch sent, and held by the collector
+                await wait_for(lambda: state.sent == 1)
+        await wait_for(lambda: state.acked == 1)   # key A's, answered
+        assert await upstream_state(agent.port) == ("sending", 1, 1)
+        gate.set()
+
+        async def drained() -> bool:
+            return await upstream_state(agent.port) == ("idle", 0, 2)
+        await wait_for(drained)
+
+
+async def test_an_upstream_draining_a_backlog_shows_sending_until_it_is_drained(
+        make_agent: Any) -> None:
+    """`sending` covered a request in flight only: between one batch's answer and the next
+    batch's request (the spool read, the batch built) status said `idle`, most of the time
+    while a backlog drained (a fast upstream answers sooner than a batch is built). Every
+    /status taken while more than the last batches are queued says `sending`."""
+    fake = await FakeSegment().start()
+    try:
+        fake.outage = (503, None)
+        agent = await make_agent(upstreams=[{
+            "name": "seg", "protocol": "segment-http", "url": fake.url,
+            "flush_interval_s": 0.05, "batch_max_events": 100}])
+        for i in range(0, 20_000, 2_000):
+            await send(agent, [event(n) for n in range(i, i + 2_000)])
+        await wait_for(lambda: agent.forwarding.states["seg"].retries > 0)
+        fake.outage = None
+        async with aiohttp.ClientSession() as s, s.post(
+                f"http://127.0.0.1:{agent.port}/flush") as r:
+            assert r.status == 200, await r.text()
+        draining = []
+        async with asyncio.timeout(60):
+            while (seen := await upstream_state(agent.port))[1]:
+                state, queued, acked = seen
+                # Past its first answer (before it, the backoff ends), and before its last
+                # batches, whose acks may still be committing.
+                if acked and queued >= 25 * 100:
+                    draining.append(state)
+        assert len(draining) >= 5, draining
+        assert set(draining) == {"sending"}, draining
+    finally:
+        await fake.stop()
