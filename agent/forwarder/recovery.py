@@ -66,7 +66,7 @@ class RecoveryReport:
 
     def _check(self) -> None:
         acked = self.state.acked
-        quiet = acked == self._acked_at_check and self.state.state != "sending"
+        quiet = acked == self._acked_at_check and not self.state.sending
         if quiet or acked - self._acked_at_return >= self._backlog or not self._queued():
             self.finish()
             return

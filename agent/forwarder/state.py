@@ -14,9 +14,10 @@ class UpstreamState:
 
     name: str
     protocol: str
-    state: str = "idle"          # idle | sending | backoff | restarting (after a crash)
-    # Status shows "unreachable" instead while unreachable_since is set, and "backoff"
-    # while any of its keys waits out a backoff (``parked``): see ``shown``.
+    state: str = "idle"          # idle | backoff | restarting (after a crash)
+    # Status shows "unreachable" instead while unreachable_since is set, "backoff" while
+    # any of its keys waits out a backoff (``parked``), and "sending" for "idle" while any
+    # of its keys' loops sends (``sending``): see ``shown``.
     last_ack: float | None = None
     last_error: str | None = None
     last_error_at: float | None = None
@@ -37,15 +38,22 @@ class UpstreamState:
     # it would go in time (stream.py). None: no cut.
     slow_limit_bytes: int | None = None
     parked: int = 0              # its keys waiting out a backoff (the supervisor's count)
+    # Its keys' loops sending now: with a batch in flight or its acks being committed, or
+    # a batch due to go (StreamForwarder._mark_sending). Counted, not set by each loop as
+    # it went: one key's batch answered said "idle" while another's was in flight, and
+    # between a batch's answer and the next one's request (most of a fast drain).
+    sending: int = 0
 
     @property
     def shown(self) -> str:
         """The state status shows: "unreachable" while probed as such, "backoff" while a
-        key waits for its retry (each of its keys' loops sets ``state`` as it goes: another
-        key's ack said "idle" while the refused key waited), else ``state``."""
+        key waits for its retry (however often its other keys are answered meanwhile),
+        "sending" while a key's loop sends, else ``state``."""
         if self.unreachable_since is not None:
             return "unreachable"
-        return "backoff" if self.parked and self.state in ("idle", "sending") else self.state
+        if self.state != "idle":
+            return self.state
+        return "backoff" if self.parked else "sending" if self.sending else "idle"
 
     def unreadable_reply(self) -> None:
         self.unreadable_replies += 1

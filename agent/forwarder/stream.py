@@ -184,6 +184,7 @@ class StreamForwarder:
         self.released = False
         self.yielded = False   # released with events queued: its turn passed to a key in line
         self._empty_since: float | None = None  # loop time the queue was first seen empty
+        self._sending = False   # counted in the upstream's state.sending (_mark_sending)
         self._turn_from: float | None = None   # loop time it began this turn (run)
 
     async def run(self) -> None:
@@ -198,9 +199,12 @@ class StreamForwarder:
                 await self._step()
         finally:
             self._leave_slots()   # first: whatever the settle raises, none is kept
-            if self.stopping:
-                await self._finish_sends()
-            await self._settle(timeout=self.grace_s)
+            try:
+                if self.stopping:
+                    await self._finish_sends()
+                await self._settle(timeout=self.grace_s)
+            finally:   # its batches answered or cut short (or the settle raised): done
+                self._mark_sending(False)
             await self.uplink.close()
             if self.stopping and self._failed is not None and self.release is not None \
                     and not self.released:
@@ -224,6 +228,7 @@ class StreamForwarder:
                 raise self._crash
             told = self._failed is not None and self._failed.retry_after is not None
             delay = self._back_off()
+            self._mark_sending(False)   # status shows the backoff
             if self.release is not None:
                 self.released = True
                 self.release.park(delay, self.attempt, told)
@@ -313,6 +318,7 @@ class StreamForwarder:
         if not rows:
             self._leave_slots()   # before any wait: an idle loop holds no slot, waits for none
             self._ack_held()
+            self._quiet()
             if not self._tasks:  # everything sent and answered: a flush is complete
                 self.flush_now = False
                 if any(self._cursors) and not self._acking and self.queued():
@@ -335,8 +341,10 @@ class StreamForwarder:
         elif not self._full(rows) and not self._due(rows):
             self._leave_slots()
             self._ack_held()
+            self._quiet()
             await self._idle(until_due(_oldest(rows), self.cfg.flush_interval_s))
             return
+        self._mark_sending(True)   # a batch goes now (after a connect, maybe)
         if not self._tasks and (opening := self.uplink.connecting()) is not None:
             # A connection may open now: open it before preparing, or an upstream that
             # is down costs every retry its batch (Segment events bound to nucleus-ws: a
@@ -377,6 +385,23 @@ class StreamForwarder:
                     not self._full(rows) and not self._due(rows)):
                 return
             batch = self.uplink.prepare(rows)
+
+    def _mark_sending(self, sending: bool) -> None:
+        """Count this loop in its upstream's ``sending`` (status shows the upstream
+        sending while any of its loops is), or no longer. A loop that sends again is past
+        its upstream's backoff or restart."""
+        if sending == self._sending:
+            return
+        self._sending = sending
+        self.state.sending += 1 if sending else -1
+        if sending:
+            self.state.state = "idle"
+
+    def _quiet(self) -> None:
+        """Nothing due to go: once its batches are answered and their acks committed (each
+        of which wakes the loop), it is no longer sending."""
+        if not self._tasks and not self._acking:
+            self._mark_sending(False)
 
     def _read_ahead(self) -> None:
         """With its one batch in flight, start reading the batch that goes next, so that it
@@ -592,7 +617,6 @@ class StreamForwarder:
             await self._idle(None)
 
     async def _deliver(self, batch: Prepared) -> None:
-        self.state.state = "sending"
         started = asyncio.get_running_loop().time()
         # No await before send: over a websocket, batches go out in the order they start.
         result: SendResult = await self._send(batch) if batch.seqs else Acked(())
@@ -704,8 +728,7 @@ class StreamForwarder:
                     self._failed = result
             case Acked() if acked or dead:  # the upstream answered, even if only to refuse
                 self.attempt = self._unsaved
-                # This batch's own task is still in _tasks: it is removed once it returns.
-                self.state.state = "idle" if len(self._tasks) <= 1 else "sending"
+                self.state.state = "idle"   # past any backoff or restart (shown: sending)
         if acked:  # last: a hook that raises (a bug) must not undo the ack's bookkeeping
             self.on_acked(self.cfg.name, self.stream.key, batch.rows, acked)
 

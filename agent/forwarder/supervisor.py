@@ -275,9 +275,6 @@ class Supervisor:
             # Stopped by regate, which may have let the key go again since; unless the
             # loop parked the key on its way out: then its retry time starts the next.
             if loop.stopping and key not in self._lot:
-                if loop.state.state == "sending" and all(
-                        other.state is not loop.state for other in self.loops.values()):
-                    loop.state.state = "idle"   # held: none of the upstream's loops sends now
                 self._ensure(key, until=_bound(loop))   # a release since (max_hold_h) goes on
         self._next_in_line(loop.cfg.name)
         if requeue and key not in self.loops:   # a release under way (max_hold_h) goes on
