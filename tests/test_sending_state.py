@@ -48,7 +48,8 @@ async def test_an_upstream_answering_one_key_is_sending_while_another_key_s_batc
             assert r.status == 200, r.body
             if key == "key-b":   # its batch sent, and held by the collector
                 await wait_for(lambda: state.sent == 1)
-        await wait_for(lambda: state.acked == 1)   # key A's, answered
+        # Key A's, answered and deleted from the spool (a commit of its own, after the ack).
+        await wait_for(lambda: state.acked == 1 and agent.spool.depth == 1)
         assert await upstream_state(agent.port) == ("sending", 1, 1)
         gate.set()
 
