@@ -268,7 +268,9 @@ async def test_bad_events_of_many_invented_app_ids_do_not_pile_up_in_memory(
     keys, and an app id may be as long as the request line (64 KiB). A local process
     inventing app ids (accept_keys empty, the default) grew the agent by 60 KB a request,
     94 MB in 3 s, some 2 GB by the end of the minute; the routes' memo (limits.py) kept
-    4,096 of them whole too (256 MiB). Nothing of these events is stored."""
+    4,096 of them whole too (256 MiB). Nothing of these events is stored. Such ids are
+    now refused before their events are read (an invented key is at most 256 characters),
+    and they must still cost nothing."""
     agent = offline_agent(tmp_path, agent_process)
     assert agent.proc is not None
     sampler = RssSampler(agent.proc.pid)
@@ -279,6 +281,6 @@ async def test_bad_events_of_many_invented_app_ids_do_not_pile_up_in_memory(
         idle = sampler.rss()
         for i in range(1500):
             async with s.post(f"{agent.url}/app/{i:06d}{'k' * 60_000}/track", data=body) as r:
-                assert r.status == 200 and await r.json() == {"reportedIds": []}
+                assert r.status == 401 and "longer than 256" in (await r.json())["error"]
         grown = sampler.rss() - idle
     assert grown <= SETTLED_OVER_IDLE, f"RSS grew {grown / MB:.0f} MB"
