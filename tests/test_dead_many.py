@@ -201,15 +201,18 @@ async def test_cli_says_the_agent_is_busy_not_absent(
     """An agent that accepted the connection but answered after the CLI's timeout was taken
     for no agent: `status` printed the spool's figures as "no agent running" (rc 0), and
     `dead retry` tried the spool itself and said it "is in use" (rc 1) while the agent did
-    the retry (audit)."""
+    the retry (audit). `tail` said "no agent answering ... start it"."""
     monkeypatch.setattr(cli, "STATUS_TIMEOUT_S", 0.2, raising=False)
     monkeypatch.setattr(dead_cli, "CHANGE_TIMEOUT_S", 0.2, raising=False)
+    monkeypatch.setattr(cli_tail, "READ_TIMEOUT_S", 0.2, raising=False)
     spool = tmp_path / "spool.db"
     async with silent_agent() as port:
         cfg = str(write_config(tmp_path / "agent.toml", spool, port=port))
-        code, text = await outpost_in_thread("status", "--config", cfg)
-        assert code == 1, text
-        assert "busy" in text and f"127.0.0.1:{port}" in text and "no agent" not in text
+        for cmd in ("status", "tail"):
+            code, text = await outpost_in_thread(cmd, "--config", cfg)
+            assert code == 1, text
+            assert "busy" in text and f"127.0.0.1:{port}" in text, text
+            assert "no agent" not in text and "start it" not in text, text
         for cmd in ("retry", "purge"):
             code, text = await outpost_in_thread("dead", cmd, "--all", "--config", cfg)
             assert code == 1, text
@@ -257,20 +260,6 @@ async def test_dead_commands_say_in_words_that_the_answer_was_cut_short(
                                "another server holds its port; try again\n")
     assert not spool.exists()
 
-
-async def test_tail_says_the_agent_is_busy_not_absent(
-        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
-    """`outpost tail` against an agent that took the connection but did not answer in
-    time said "no agent answering ... start it", as for a port nobody listens on, while
-    `status` and `flush` say it is busy."""
-    monkeypatch.setattr(cli_tail, "READ_TIMEOUT_S", 0.2, raising=False)
-    spool = tmp_path / "spool.db"
-    async with silent_agent() as port:
-        cfg = str(write_config(tmp_path / "agent.toml", spool, port=port))
-        code, text = await outpost_in_thread("tail", "--config", cfg)
-        assert code == 1, text
-        assert "busy" in text and f"127.0.0.1:{port}" in text, text
-        assert "no agent" not in text and "start it" not in text, text
 
 
 @pytest.mark.parametrize("what", ["purge", "retry"])

@@ -159,15 +159,7 @@ async def test_a_view_that_stops_reading_is_closed_and_an_idle_one_is_not(
     stuck = await Stuck.open(port, rcvbuf=4096)
     await wait_for(lambda: agent.metrics.tail_viewers == 2)
     [view] = [v for v in agent.tail.viewers if v.want is None]
-    auth = {"Authorization": basic(KEY_A)}
-    for i in range(200):   # bounded: until its stream waits for a reader that never comes
-        r = await call(port, "/v1/batch", {"batch": [
-            {"type": "track", "event": "n" * 120, "userId": "u",
-             "messageId": f"{i}-{j}-" + "m" * 80} for j in range(200)]}, headers=auth)
-        assert r.status == 200, r.body
-        if view.writing_since is not None:
-            break
-    assert view.writing_since is not None, "the stuck view's stream never backed up"
+    await back_up(port, view)
     assert agent.metrics.tail_closed == {"replaced": 0, "stalled": 0}
     clock.passed_ms += int(STALL_S * 1000)
     await wait_for(lambda: agent.metrics.tail_closed["stalled"] == 1)
@@ -202,15 +194,7 @@ async def test_a_viewer_gone_while_its_stream_waits_is_no_error_in_the_log(
     stuck = await Stuck.open(agent.port, rcvbuf=4096)
     await wait_for(lambda: agent.metrics.tail_viewers == 1)
     [view] = agent.tail.viewers
-    auth = {"Authorization": basic(KEY_A)}
-    for i in range(200):   # bounded: until its stream waits for a reader that never comes
-        r = await call(agent.port, "/v1/batch", {"batch": [
-            {"type": "track", "event": "n" * 120, "userId": "u",
-             "messageId": f"{i}-{j}-" + "m" * 80} for j in range(200)]}, headers=auth)
-        assert r.status == 200, r.body
-        if view.writing_since is not None:
-            break
-    assert view.writing_since is not None, "the view's stream never backed up"
+    await back_up(agent.port, view)
     stuck.sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
     stuck.sock.close()   # a reset, as a reader that exits with data unread sends
     await wait_for(lambda: agent.metrics.tail_viewers == 0)
@@ -256,3 +240,16 @@ async def test_the_page_s_panel_whose_place_is_taken_says_so_and_stays_closed(
     assert agent.metrics.tail_closed == {"replaced": 1, "stalled": 0}
     for view in stuck:
         view.sock.close()
+
+
+async def back_up(port: int, view: Any) -> None:
+    """Post key A's events until ``view``'s stream waits for a reader that never comes."""
+    auth = {"Authorization": basic(KEY_A)}
+    for i in range(200):   # bounded
+        r = await call(port, "/v1/batch", {"batch": [
+            {"type": "track", "event": "n" * 120, "userId": "u",
+             "messageId": f"{i}-{j}-" + "m" * 80} for j in range(200)]}, headers=auth)
+        assert r.status == 200, r.body
+        if view.writing_since is not None:
+            return
+    raise AssertionError("the view's stream never backed up")
