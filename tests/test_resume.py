@@ -395,3 +395,33 @@ async def send_segment(agent: Any) -> None:
         async with s.post(f"http://127.0.0.1:{agent.port}/v1/batch", json={
                 "writeKey": "wk1", "batch": [{"type": "track", "event": "e", "userId": "u"}]}) as r:
             assert r.status == 200, await r.text()
+
+
+async def test_the_first_ack_ends_the_outage_not_the_next_probe(
+        make_agent: Any, down_nucleus: FakeNucleus, caplog: pytest.LogCaptureFixture) -> None:
+    """``outpost flush`` once the upstream is back sends its events at once: their ack
+    proves it reachable, so status stops saying ``unreachable`` then, not at the next
+    probe (no forwarder time passes here: that probe never runs), and the outage has one
+    recovery line, with what its return delivered."""
+    caplog.set_level(logging.INFO, logger="outpost.probe")
+    timing = ManualTiming()
+    agent = await parked_while_down(make_agent, down_nucleus, timing)
+    state = agent.forwarding.states["up"]
+    await down_nucleus.come_back()
+    async with aiohttp.ClientSession() as s, \
+            s.post(f"http://127.0.0.1:{agent.port}/flush") as r:
+        assert r.status == 200, await r.text()
+    await wait_for(lambda: state.acked == 5)
+    status = (await get_json(agent, "/status"))["upstreams"][0]
+    assert status["state"] != "unreachable" and status["unreachable_for_s"] is None, status
+    assert 'outpost_upstream_state{upstream="up",state="unreachable"} 0' in \
+        await get_json(agent, "/metrics")
+    assert timing.now() == 0.0 and state.probes == 1   # only the probe that found it down
+    while timing.pending():   # the loop's release, the recovery report's check: nothing else
+        timing.advance(timing.pending()[0])
+        await quiet(agent, timing, len(timing.pending()))
+    assert down_nucleus.ids() == list(range(5)) and state.probes == 1
+    recovered = [r.getMessage() for r in caplog.records if "recovered" in r.getMessage()]
+    assert len(recovered) == 1, recovered
+    assert re.fullmatch(r"upstream up recovered after \d+s; 5 events delivered",
+                        recovered[0]), recovered
