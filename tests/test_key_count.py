@@ -5,14 +5,17 @@ expiry bounds how many there are: an app inventing a million keys took about 1 G
 
 from __future__ import annotations
 
+import asyncio
 import os
 import re
+import threading
 from typing import Any
 
 import aiohttp
 
 from tests.fakes.nucleus_upstream import FakeNucleus
 from tests.segment_helpers import basic, call
+from tests.waiting import wait_for
 
 CAP = 20
 
@@ -116,3 +119,56 @@ async def test_a_long_key_an_upstream_names_is_taken(make_agent: Any,
     assert r.status == 200, r.body
     r = await call(agent.port, f"/app/{'j' * 300}/track", one)
     assert r.status == 401 and b"longer than 256 characters" in r.body, r.body
+
+
+async def inflight_bytes(port: int) -> int:
+    """What /metrics says requests in flight hold of listen.max_inflight_mb: a request
+    past its key's check holds its body's bytes until its commit returns."""
+    async with aiohttp.ClientSession() as s, \
+            s.get(f"http://127.0.0.1:{port}/metrics") as r:
+        text = await r.text()
+    found = re.search(r"^outpost_ingest_inflight_bytes (\S+)$", text, re.M)
+    assert found is not None, text
+    return int(float(found[1]))
+
+
+async def test_a_new_key_whose_commit_runs_counts_once_toward_max_keys(make_agent: Any) -> None:
+    """A new key is known from the moment its request's commit is built (its queue is
+    made then), and it was also counted as taken for that request until the commit
+    returned: while it ran, one key was counted twice, and the last new app under the
+    limit was refused 401 (its refusal counting a key too many). The spool's database
+    thread is held, so the commit runs as long as the test says."""
+    agent = await make_agent(listen={"max_keys": 3})
+    port = agent.port
+    one = {"data": [{"type": "event", "name": "e", "id": 1, "sessionId": 1}]}
+    r = await call(port, "/app/known/track", one)
+    assert r.status == 200, r.body
+    held, release = threading.Event(), threading.Event()
+
+    def hold(_: Any) -> None:
+        held.set()
+        release.wait(30)
+
+    holding = agent.spool.db.run(hold)
+    try:
+        await asyncio.to_thread(held.wait, 10)
+        second = asyncio.create_task(call(port, "/app/second/track", one))
+        await wait_for(lambda: "second" in agent.spool.streams)   # its commit is built
+        alone = await inflight_bytes(port)
+        third = asyncio.create_task(call(port, "/app/third/track", one))
+        # Refused, or taken: its body read, it waits for the spool.
+        await wait_for(lambda: third.done() or _more(port, alone))
+        assert not third.done(), third.result().body
+    finally:
+        release.set()
+        await holding
+    assert (await second).status == 200
+    r = await third
+    assert r.status == 200, r.body
+    r = await call(port, "/app/fourth/track", one)
+    assert r.status == 401, r.body
+    assert b"a new key, and 3 keys are known already (listen.max_keys = 3)" in r.body, r.body
+
+
+async def _more(port: int, than: int) -> bool:
+    return await inflight_bytes(port) > than
