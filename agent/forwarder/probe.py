@@ -9,7 +9,9 @@ TCP connect (``UplinkBase.reach``) at once:
   (status shows it, and since when) and probed every ``PROBE_S`` while it has
   anything queued; the first probe that connects calls ``back``, which retries the
   upstream's parked keys at once, and starts the recovery's one log line
-  (recovery.py: logged once the backlog is delivered, with how many events).
+  (recovery.py: logged once the backlog is delivered, with how many events). An
+  ack does the same, at once (``answered``): a flush, or a key's own retry, that
+  gets through proves the upstream back before the next probe would.
 - it connects: the upstream is up and answered badly (a 5xx, a timeout, a captive
   portal). Its backoff holds: a failing upstream is not hammered with batches.
   Except right after a return: a send that fails less than ``PROBE_S`` after the
@@ -84,6 +86,18 @@ class Prober:
                 self._timer = self._timing.call_at(self._live_at + self._interval, self._tick)
             return
         self._start()
+
+    def answered(self) -> None:
+        """The upstream acknowledged events: it is reachable. If it was unreachable it is
+        back now, as if a probe connected; a probe in flight or due is moot (status said
+        unreachable for up to a probe interval while its events went out)."""
+        if not self.unreachable:
+            return
+        self._cancel_timer()
+        if self._probe is not None:
+            self._probe.cancel()
+            self._probe = None
+        self._settle(None)
 
     def kick(self) -> None:
         """The network changed: an unreachable upstream that something waits for is
@@ -161,7 +175,8 @@ class Prober:
                         self.state.name, why, self._interval)
         elif why is None and self._lost_at is not None:
             # Quiet: nothing waits for the upstream any more. If it acknowledged events
-            # meanwhile, a key's own retry got through before the next probe: it is back.
+            # meanwhile (acks that reach no prober: a reload's old loops', as they stop),
+            # it is back.
             if not quiet or self.state.acked > self._acked_at_loss:
                 self._recovery.start(now - self._lost_at, self._acked_at_loss)
             self._lost_at = None

@@ -48,7 +48,7 @@ import asyncio
 import functools
 import logging
 from collections import Counter
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, replace
 
 import aiohttp
@@ -74,6 +74,7 @@ from agent.metrics import Metrics
 from agent.netwatch import NetWatch, watch
 from agent.settings import Config, UpstreamConfig
 from agent.spool import Spool
+from agent.spool.types import Row
 from agent.uplinks.base import Uplink
 from agent.uplinks.http_common import client_session
 from agent.uplinks.registry import make_uplink, uplink_class
@@ -228,7 +229,7 @@ class Supervisor:
                                                    functools.partial(self._park_loop, key),
                                                    functools.partial(self._crowded, up.name)),
                                    attempt=attempt, lanes=lanes, timing=self.seams.timing,
-                                   backoff=self.seams.backoff, on_acked=self.on_acked,
+                                   backoff=self.seams.backoff, on_acked=self._acked,
                                    omitted=self._omitted.setdefault(key, LeftOut()),
                                    slots=self._slots[up.name], grace_s=self.seams.grace_s)
         except Exception as exc:  # noqa: BLE001 - a bug: reported, and the key tried again
@@ -401,6 +402,16 @@ class Supervisor:
                       + len(self._line.get(up.name, ())) > 0,
                       back=functools.partial(self._resume, up.name),
                       queued=functools.partial(self._queued, up.name))
+
+    def _acked(self, upstream: str, key: str, rows: Sequence[Row], seqs: Sequence[int]) -> None:
+        """A loop's upstream ack: the live view's, and proof the upstream is reachable."""
+        try:
+            self.on_acked(upstream, key, rows, seqs)
+        finally:
+            # Not once stopping: a reload's next prober adopts the outage (it would
+            # otherwise resume, out of the lot it hands over, the keys parked for it).
+            if not self._stopping:
+                self.probers[upstream].answered()
 
     def _queued(self, upstream: str) -> int:
         """Events queued for ``upstream`` (read by its recovery report only)."""
