@@ -105,9 +105,13 @@ class Sink:
                 # Oldest first (insertion order): those of requests refused before the spool.
                 while pending and (first := next(iter(pending.items())))[1] < now - KEY_HELD_S:
                     del pending[first[0]]
-                if len(known) + len(pending) >= self._max_keys:
-                    return (f"a new key, and {len(known) + len(pending)} keys are known "
-                            f"already (listen.max_keys = {self._max_keys})")
+                # A key's commit makes its stream before the request's store lets its
+                # place go: it is counted once, as stored, or the last new app under the
+                # limit is refused while another new key's commit runs.
+                count = len(known) + sum(k not in known for k in pending)
+                if count >= self._max_keys:
+                    return (f"a new key, and {count} keys are known already "
+                            f"(listen.max_keys = {self._max_keys})")
             pending[key] = now
         return None
 
