@@ -186,6 +186,41 @@ async def test_a_flapping_network_logs_the_first_change_and_then_a_summary_of_th
                            "(201 more changes in the last 60s)"], metered
 
 
+async def test_a_failure_that_keeps_coming_back_is_logged_once_a_minute_with_a_count(
+        make_agent: Any, fake_nucleus: FakeNucleus, bus: PrivateBus, nm: FakeNetworkManager,
+        caplog: pytest.LogCaptureFixture) -> None:
+    """A failed reading is logged at most once a minute, with how often it came back
+    meanwhile, as every repeating problem is. One that came back within a minute of the
+    last logged (a good reading between them) was not logged, nor were its identical
+    repeats, ever: the log's last word on the network's cost was a good reading while
+    status counted errors. The monitor's clock is the test's: a minute passes at once."""
+    caplog.set_level(logging.INFO, "outpost.sync")
+    timing = ManualTiming()
+    agent = await watching(make_agent, fake_nucleus, bus.address, seams=Seams(timing=timing))
+    assert agent.sync.metered.detail == "NetworkManager: no"
+    odd = ("sa{sv}as", (NM_NAME, {"Metered": ("d", math.inf)}, []))
+    await nm.announce(*odd)
+    await wait_for(lambda: agent.sync.errors == 1)
+    await nm.set_metered(GUESS_NO)   # a good reading between two failures
+    await wait_for(lambda: agent.sync.metered.detail == "NetworkManager: guess no")
+    for _ in range(3):
+        await nm.announce(*odd)
+    await wait_for(lambda: agent.sync.errors == 4)
+    failed = [r.getMessage() for r in lines(caplog, "unexpected Metered value")]
+    assert len(failed) == 1, failed   # within the minute: counted, not logged
+    timing.advance(60)
+    await nm.announce(*odd)
+    await wait_for(lambda: agent.sync.errors == 5)
+    failed = [r.getMessage() for r in lines(caplog, "unexpected Metered value")]
+    assert len(failed) == 2 and failed[1].endswith(
+        "(repeated 3 times in the last 60 s)"), failed
+    # The sync's last word: the failure, after the summary of the readings before it.
+    assert [r for r in caplog.records if r.name == "outpost.sync"][-1].getMessage() == failed[1]
+    sync = await sync_status(agent.port)
+    assert (sync["metered"], sync["errors"]) == ("unknown", 5), sync
+    assert failed[1].startswith(sync["last_error"]), (failed, sync)
+
+
 async def test_a_networkmanager_that_never_answers_times_out_as_an_error(
         make_agent: Any, fake_nucleus: FakeNucleus, bus: PrivateBus, nm: FakeNetworkManager,
         short_timeout: None, caplog: pytest.LogCaptureFixture) -> None:
