@@ -23,7 +23,7 @@ from collections.abc import Awaitable, Callable
 from typing import Protocol, TypedDict
 
 from agent.clock import CLOCK
-from agent.logs import log_limited
+from agent.logs import RateLimiter, log_limited
 from agent.settings import SyncConfig
 from agent.sync.changes import Changes, Timers
 from agent.sync.metered import MeteredSource
@@ -89,6 +89,8 @@ class SyncMonitor:
         self.last_error = ""
         self._never = asyncio.Event()   # the restart delay's wait only times out
         self._metered_lines = Changes(log, waits)   # a flapping network is summed up
+        # Failed readings: once a minute with a count, timed as the lines above are.
+        self._failures = RateLimiter(clock=waits.now)
         self._profile_lines = Changes(log, waits)
 
     def carry(self, old: SyncMonitor) -> None:
@@ -190,8 +192,10 @@ class SyncMonitor:
         if reading.failed:   # the source could not read: unknown, as for a watcher that failed
             self.errors += 1
             self.last_error = f"metered network: {reading.detail}"
-            if reading != self.metered:   # the same failure again (a bus still gone): counted
-                log_limited(log, logging.WARNING, "metered-failed", "%s", self.last_error)
+            # Each one, repeats too: a repeat within the minute is counted in the next line,
+            # so the log never ends on a good reading while the failures go on.
+            log_limited(log, logging.WARNING, "metered-failed", "%s", self.last_error,
+                        limiter=self._failures)
         elif reading != self.metered:
             self._metered_lines.log("metered network: %s (%s)", reading.state.value, reading.detail)
         self.metered = reading
