@@ -1,8 +1,8 @@
 """The one log line that says an upstream is back, and what its return delivered.
 
 "upstream X recovered after N s; M events delivered": the prober (probe.py) starts a
-report when a probe connects after an outage; it is logged once the backlog the
-upstream had when it came back is delivered, or at the first quiet point (a check
+report when a probe connects, or an ack comes, after an outage; it is logged once the
+backlog the upstream had when it came back is delivered, or at the first quiet point (a check
 interval without an ack while nothing is being sent: the upstream fails again, or a
 sync policy holds it), or when the upstream is lost again or the agent stops. The
 numbers are that upstream's own: its acks since it came back, its events still queued.
@@ -41,8 +41,8 @@ class RecoveryReport:
 
     def start(self, outage_s: float, acked_before: int) -> None:
         """The upstream answers again after ``outage_s`` seconds unreachable; its acks
-        counted ``acked_before`` when it was lost (a key's own retry may have delivered
-        some since, before a probe found it back)."""
+        counted ``acked_before`` when it was lost (acks since count among what it
+        delivered: the one that found it back, or a reload's stopping loops')."""
         self.finish()
         self._outage_s = outage_s
         self._acked_at_return = acked_before
