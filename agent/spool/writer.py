@@ -366,7 +366,9 @@ class Writer:
                   measure=self.commits % MEASURE_EVERY == 0 or bool(settle or batch.corrupt),
                   committing=None if settle or batch.corrupt
                   or any(g.data is None for g in groups) else threading.Event(),
-                  learned=learned, fresh=frozenset(s.id for s in books.new_streams[born:]))
+                  learned=learned,
+                  fresh=frozenset(s.id for s in books.new_streams[born:])
+                  if len(books.new_streams) > born else frozenset())
         return job, stored
 
     def _each(self, p: Pending, seen: AbstractSet[int], here: set[int],
