@@ -31,6 +31,7 @@ from agent.ops.local_agent import (
     Refused,
     agent_url,
     answer,
+    busy,
     not_answering,
     opened,
     read_whole,
@@ -172,8 +173,7 @@ def cmd_status(args: argparse.Namespace) -> int:
         text = _table(cfg, data)
     except (urllib.error.URLError, OSError, ValueError) as exc:
         if timed_out(exc):   # an agent holds the spool: its figures would be stale
-            print(f"outpost: the agent at {agent_url(cfg, '')} is busy: no answer to /status "
-                  f"in {STATUS_TIMEOUT_S:.0f} s; try again", file=sys.stderr)
+            print(f"outpost: {busy(cfg, '/status', STATUS_TIMEOUT_S)}", file=sys.stderr)
             return EXIT_FAILED
         if isinstance(exc, CutShort):   # it answered here: neither elsewhere nor gone for sure
             _say(str(exc))
@@ -232,8 +232,8 @@ def cmd_flush(args: argparse.Namespace) -> int:
         _say(str(exc))
         return EXIT_FAILED
     except (urllib.error.URLError, OSError, ValueError) as exc:
-        _say(f"the agent at {agent_url(cfg, '')} is busy: no answer in "
-             f"{STATUS_TIMEOUT_S:.0f} s; try again" if timed_out(exc) else not_answering(cfg, exc))
+        _say(busy(cfg, "/flush", STATUS_TIMEOUT_S) if timed_out(exc)
+             else not_answering(cfg, exc))
         return EXIT_FAILED
     print(f"flush requested; {data['queue_depth']} events queued")
     for line in _not_flushed(data):

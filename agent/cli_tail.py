@@ -23,6 +23,7 @@ from agent.ops.local_agent import (
     NotOutpost,
     Refused,
     agent_url,
+    busy,
     not_answering,
     opened,
     timed_out,
@@ -91,8 +92,7 @@ def run(args: argparse.Namespace, load: Callable[[argparse.Namespace], Config | 
         return 1
     except (urllib.error.URLError, OSError) as exc:
         # Taken but not answered: an agent whose loop is busy (the kernel accepts for it).
-        said = (f"the agent at {agent_url(cfg, '')} is busy: no answer to /tail in "
-                f"{READ_TIMEOUT_S:g} s; try again") if timed_out(exc) else not_answering(cfg, exc)
+        said = busy(cfg, "/tail", READ_TIMEOUT_S) if timed_out(exc) else not_answering(cfg, exc)
         print(f"outpost: {printable(said)}", file=sys.stderr)
         return 1
     if resp.headers.get_content_type() != "text/event-stream":   # not "the agent stopping"

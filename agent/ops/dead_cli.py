@@ -30,6 +30,7 @@ from agent.ops.local_agent import (
     Refused,
     agent_url,
     answer,
+    busy,
     opened,
     read_whole,
     timed_out,
@@ -108,12 +109,10 @@ class _Cli:
             if not timed_out(exc):
                 raise _NoAgent(str(exc)) from exc
             # An agent is there: never the spool file (it holds it), never "no agent".
-            url = agent_url(cfg, "")
             if body is None:
-                raise dead.DeadError(f"the agent at {url} is busy: no answer in "
-                                     f"{timeout:.0f} s; try again") from exc
+                raise dead.DeadError(busy(cfg, path, timeout)) from exc
             raise dead.DeadError(
-                f"the agent at {url} took the request but has not answered in "
+                f"the agent at {agent_url(cfg, '')} took the request but has not answered in "
                 f"{timeout:.0f} s: it is still working on it. `outpost status` shows the "
                 "dead letters left; once it is done, the same command takes any left") from exc
 
@@ -235,8 +234,7 @@ class _Cli:
             raise dead.DeadError(f"the agent refused the export: {exc.why}") from exc
         except (urllib.error.URLError, OSError) as exc:
             if timed_out(exc):
-                raise dead.DeadError(f"the agent at {agent_url(cfg, '')} is busy: no answer "
-                                     f"in {ASK_TIMEOUT_S:.0f} s; try again") from exc
+                raise dead.DeadError(busy(cfg, "/dead/export", ASK_TIMEOUT_S)) from exc
             resp = None  # no agent: read the spool file
         if resp is not None:
             with resp:

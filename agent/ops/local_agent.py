@@ -109,6 +109,13 @@ def timed_out(exc: BaseException) -> bool:
                                                        TimeoutError)
 
 
+def busy(cfg: Config, path: str, seconds: float) -> str:
+    """One line for an agent that took the connection but did not answer ``path`` within
+    ``seconds`` (``timed_out``): there, busy, not absent."""
+    return (f"the agent at {agent_url(cfg, '')} is busy: no answer to {path.split('?')[0]} "
+            f"in {seconds:g} s; try again")
+
+
 def why_not(exc: BaseException) -> str:
     """Why a request got no agent's answer, in the system's words for a socket's error
     (not urllib's wrapping of them, "<urlopen error [Errno 111] ...>")."""
