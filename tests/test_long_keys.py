@@ -78,3 +78,24 @@ async def _wait_trim(s: aiohttp.ClientSession, url: str, since: float) -> None:
     async def trimmed() -> bool:
         return await _metric(s, url, "outpost_memory_trims_total") > since
     await wait_for(trimmed, timeout=10)
+
+
+async def test_a_too_long_app_id_is_not_echoed_whole_in_its_401(
+        tmp_path: Path, agent_process: Callable[..., AgentProcess]) -> None:
+    """Nucleus's 401 quoted the refused app id whole: a 60 KB id came back as a 60 KB
+    answer, for each request. The answer says why in a few hundred bytes, with the id's
+    start and its length, over HTTP and at the websocket's upgrade alike."""
+    port = free_port()
+    cfg = write_config(tmp_path / "agent.toml", tmp_path / "spool.db", port=port)
+    agent = agent_process(cfg, port).start()
+    app_id = "app-" + "k" * 60_000
+    async with aiohttp.ClientSession() as s:
+        for path in (f"/app/{app_id}/track", f"/app/{app_id}/websocket"):
+            async with s.request("POST" if path.endswith("track") else "GET",
+                                 f"{agent.url}{path}", data=b'{"data": []}') as r:
+                raw = await r.read()
+            assert r.status == 401, (path[-9:], r.status, raw[:200])
+            error = orjson.loads(raw)["error"]
+            assert len(raw) < 1024, (path[-9:], len(raw))
+            assert "'app-kkkk" in error and "60004 characters" in error, error
+            assert "longer than 256 characters" in error, error
