@@ -19,6 +19,11 @@ from agent.families.enrich import Enrich
 from agent.families.event import Event
 
 JSON = {"Content-Type": "application/json"}  # for examples' headers
+# The longest key taken while listen.accept_keys is empty. Any app may then invent keys,
+# and each key stored stays in memory while the agent runs (its queue's entry, and the
+# forms log redaction looks for, percent-encoded ones 6 characters a non-ASCII letter):
+# 400 KB keys cost ~2.2 MB of RSS each. A real write key or app id is a few dozen.
+MAX_KEY_CHARS = 256
 # The app's open websockets, each added by its endpoint for as long as it is open: a stop
 # closes them, 1001 (agent/server/app.py). A module keeps its websocket open as long as
 # the app runs, and a handler waiting on it held the stop until aiohttp cut it (1006).

@@ -20,6 +20,7 @@ from aiohttp import WebSocketError, WSCloseCode, WSMsgType, web
 from agent.dialects import nucleus_json, replies
 from agent.dialects.base import (
     JSON,
+    MAX_KEY_CHARS,
     OPEN_SOCKETS,
     Dialect,
     Example,
@@ -62,6 +63,14 @@ def _error(status: int, message: str, retry_after: int | None = None) -> web.Res
     headers = {"Retry-After": str(retry_after)} if retry_after else None
     return web.json_response({"error": message}, status=status, headers=headers,
                              dumps=lambda o: orjson.dumps(o).decode())
+
+
+def _quoted(key: str) -> str:
+    """An app id for its 401: one too long to be a key is cut, or a 60 KB id comes back
+    whole in each answer."""
+    if len(key) <= MAX_KEY_CHARS:
+        return repr(key)
+    return f"{key[:16]!r}... ({len(key)} characters)"
 
 
 def _close_reason(message: str) -> bytes:
@@ -128,7 +137,7 @@ class NucleusHandlers:
     async def http_track(self, request: web.Request) -> web.StreamResponse:
         key = request.match_info["appId"]
         if (why := self.sink.key_refusal(key)) is not None:
-            return _error(401, f"appId {key!r} refused: {why}")
+            return _error(401, f"appId {_quoted(key)} refused: {why}")
         try:
             acks = await self._take(await read_raw(request, MAX_MESSAGE), key)
         except BodyError as exc:
@@ -142,7 +151,7 @@ class NucleusHandlers:
     async def websocket(self, request: web.Request) -> web.StreamResponse:
         key = request.match_info["appId"]
         if (why := self.sink.key_refusal(key)) is not None:
-            return _error(401, f"appId {key!r} refused: {why}")
+            return _error(401, f"appId {_quoted(key)} refused: {why}")
         ws = QueueSocket(large=MAX_MESSAGE, cap=MAX_FRAME, keep=KEEP, values=MAX_VALUES,
                          deadline=request.app[BODY_TIMEOUT_S], ticket=self.sink.ticket)
         await ws.prepare(request)

@@ -10,7 +10,7 @@ from collections.abc import Callable, Sequence
 from functools import partial
 
 from agent.dialects import offload
-from agent.dialects.base import Routes
+from agent.dialects.base import MAX_KEY_CHARS, Routes
 from agent.families.enrich import Enrich
 from agent.families.errors import Invalid
 from agent.families.event import Event
@@ -19,11 +19,6 @@ from agent.server.admission import Admission, Ticket
 from agent.server.limits import RouteLimits
 from agent.spool import Spool
 
-# The longest key taken while listen.accept_keys is empty. Any app may then invent keys,
-# and each key stored stays in memory while the agent runs (its queue's entry, and the
-# forms log redaction looks for, percent-encoded ones 6 characters a non-ASCII letter):
-# 400 KB keys cost ~2.2 MB of RSS each. A real write key or app id is a few dozen.
-MAX_KEY_CHARS = 256
 # How long a new key taken for a request counts toward listen.max_keys at most: a request
 # refused before it reaches the spool (an invalid event, say) gives its place back then.
 KEY_HELD_S = 60.0
