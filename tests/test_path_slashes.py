@@ -116,3 +116,18 @@ async def test_operations_routes_take_extra_slashes_too(make_agent: Any) -> None
     for path in ("//healthz", "/healthz/", "//status"):
         reply = await call(agent.port, path, method="GET")
         assert reply.status == 200, (path, reply.body)
+
+
+async def test_a_404_or_405_at_a_very_long_path_names_its_start_and_length(
+        make_agent: Any) -> None:
+    """A 404 or 405 quoted the path whole: a 60 KB path came back as a 60 KB answer, for
+    each request. A path longer than any route's is named by its start and its length."""
+    agent = await make_agent()
+    long = "/" + "p" * 60_000
+    for path, method, status in ((long, "GET", 404), (f"/app{long}/track", "GET", 405)):
+        got = await call(agent.port, path, method=method)
+        assert got.status == status, (status, got.body[:200])
+        assert len(got.body) < 1024, (status, len(got.body))
+        error = got.json()["error"]
+        assert error.startswith(f"{'no route for' if status == 404 else 'method GET'}"), error
+        assert path[:40] in error and f"({len(path)} characters)" in error, error
