@@ -31,6 +31,7 @@ log = logging.getLogger("outpost.server")
 API = "unrouted"
 CATCH_ALL, CATCH_ALL_CANONICAL = "/{tail:.*}", "/{tail}"
 LOGGED_PATH = 200  # characters of a path in the log
+QUOTED_PATH = 512  # and in a reply
 _SLASHES = re.compile("//+")
 # The route parameter that holds an app's key (Nucleus: `/app/{appId}/track`, `/{appId}`).
 KEY_PARAM = "appId"
@@ -112,8 +113,16 @@ class Unrouted:
             log.debug("%s (%d)", (said + _logged_path(request, path))[:LOGGED_PATH], status)
         self.metrics.refuse(API, status)
         headers = {"Allow": ", ".join(sorted(allowed))} if allowed else None
-        return web.Response(body=orjson.dumps({"error": said + path}), status=status,
+        return web.Response(body=orjson.dumps({"error": said + _quoted(path)}), status=status,
                             headers=headers, content_type="application/json")
+
+
+def _quoted(path: str) -> str:
+    """``path`` for the reply: one longer than any route's is cut (a request line may be
+    64 KiB, and each answer would carry it back whole)."""
+    if len(path) <= QUOTED_PATH:
+        return path
+    return f"{path[:QUOTED_PATH]}... ({len(path)} characters)"
 
 
 def _logged_path(request: web.Request, path: str) -> str:
