@@ -14,7 +14,9 @@ from typing import Any
 import aiohttp
 
 from tests.fakes.nucleus_upstream import FakeNucleus
+from tests.fakes.ops_scene import post_events
 from tests.segment_helpers import basic, call
+from tests.test_dead_letters import RefusingNucleus
 from tests.waiting import wait_for
 
 CAP = 20
@@ -172,3 +174,39 @@ async def test_a_new_key_whose_commit_runs_counts_once_toward_max_keys(make_agen
 
 async def _more(port: int, than: int) -> bool:
     return await inflight_bytes(port) > than
+
+
+async def test_keys_with_nothing_left_are_forgotten_at_the_next_start(make_agent: Any) -> None:
+    """A key stayed known for good, its queue's row outliving its events, so listen.max_keys
+    counted every key a device had ever met: once it had met that many (apps reinstalled
+    under new keys, say), each new app was refused 401 for good, across restarts. A key
+    with nothing queued and no dead letters is forgotten at the next start; one with
+    either keeps its place, and what it holds."""
+    up = await RefusingNucleus(refuse=None).start()
+    try:
+        ups = [{"name": "up", "protocol": "nucleus-http", "url": up.http_url, "keys": ["*"],
+                "flush_interval_s": 0.05, "timeout_s": 2}]
+        agent = await make_agent(listen={"max_keys": 3}, upstreams=ups)
+        spool = agent.spool
+        await post_events(agent.port, "delivered", range(2))
+        await wait_for(lambda: len(up.events) == 2 and spool.depth == 0)
+        up.refuse = 400
+        await post_events(agent.port, "dead", range(2))
+        await wait_for(lambda: spool.dead_count == 2)
+        await up.go_down()
+        await post_events(agent.port, "queued", range(2))
+        one = {"data": [{"type": "event", "name": "e", "id": 1, "sessionId": 1}]}
+        r = await call(agent.port, "/app/new/track", one)
+        assert r.status == 401, r.body
+        await agent.stop()
+        agent = await make_agent(listen={"max_keys": 3}, upstreams=ups)
+        r = await call(agent.port, "/app/new/track", one)
+        assert r.status == 200, r.body
+        r = await call(agent.port, "/app/newer/track", one)
+        assert r.status == 401, r.body
+        assert b"3 keys are known already" in r.body, r.body
+        spool = agent.spool
+        assert spool.depth == 3 and spool.dead_count == 2
+        assert sorted(spool.streams) == ["dead", "new", "queued"]
+    finally:
+        await up.stop()
