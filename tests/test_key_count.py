@@ -1,7 +1,8 @@
 """How many keys apps may invent: with ``accept_keys = []`` every key stored stays in
 memory while the agent runs (about 1 KB each, measured: 40,000 keys grew an agent by
-32 MB), and a key's queue row outlives its events, so neither the spool's size nor its
-expiry bounds how many there are: an app inventing a million keys took about 1 GB."""
+32 MB), and a key's queue row outlives its events while the agent runs, so neither the
+spool's size nor its expiry bounds how many there are: an app inventing a million keys
+took about 1 GB. Keys with nothing left are forgotten at a start."""
 
 from __future__ import annotations
 

@@ -220,6 +220,16 @@ class State:
     learned: Learned | None                       # the dictionary small records are packed with
 
 
+def forget_idle_streams(conn: sqlite3.Connection) -> int:
+    """Drop the keys that hold nothing: no queued events, no dead letters. Each known key
+    stays in memory and counts toward listen.max_keys, so without this every key a device
+    ever met would, for good. Only at a start: nothing holds a stream yet. Dedupe keys name
+    the key, not its stream, so a key that comes back is still deduplicated."""
+    with transaction(conn):
+        return conn.execute("DELETE FROM streams WHERE id NOT IN (SELECT stream FROM records) "
+                            "AND id NOT IN (SELECT stream FROM dead)").rowcount
+
+
 def load_state(conn: sqlite3.Connection, now_observed: int, max_keys: int) -> State:
     """The state of an opened spool, with the newest ``max_keys`` dedupe keys (or a record
     more). ``now_observed`` stands for the receipt time of records newer than the last

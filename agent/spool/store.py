@@ -254,6 +254,8 @@ class Spool:
                 damaged = sync == "FULL" and wal_check.look(conn, self.path)
                 conn.executescript(pragmas)
                 ensure(conn, self.on_migrating)
+                if not self._loaded and (idle := spool_db.forget_idle_streams(conn)):
+                    log.info("spool %s: forgot %d keys with nothing queued", self.path, idle)
                 if damaged:
                     keep_counters(conn, {Tally.WAL_DAMAGED: 1})
 
