@@ -71,9 +71,14 @@ EVIL_HOSTS = ["evil.example", "evil.example:8765", "127.0.0.1.evil.example", "19
               "0.0.0.0", "[2001:db8::1]:80", "localhost.evil.example", "", "127.0.0.1 evil",
               # Not a host and a port (audit: each was read as the loopback name before it).
               "127.0.0.1:8765@evil.example", "localhost:abc", "localhost:99999", "[::1",
-              "[::1]x", "localhost:80:80"]
+              "[::1]x", "localhost:80:80", "localhost..", "localhost..:8765", "127.0.0.1.",
+              "[::ffff:10.0.0.7]:8765", "[::ffff:192.168.1.5]"]
+# With a trailing dot: the fully qualified form of a name (`http://localhost.:8765/`),
+# which browsers and resolvers serve as the name. An IPv4-mapped IPv6 literal of a
+# loopback address is one too.
 GOOD_HOSTS = ["127.0.0.1", "127.0.0.1:8765", "localhost", "LOCALHOST:1", "[::1]:8765",
-              "127.5.6.7", "app.localhost"]
+              "127.5.6.7", "app.localhost", "localhost.", "localhost.:8765", "app.localhost.",
+              "[::ffff:127.0.0.1]:8765", "[::ffff:7f00:1]"]
 
 
 def test_loopback_names() -> None:
