@@ -45,12 +45,16 @@ def is_loopback_name(host: str) -> bool:
     name = _host_name(host)
     if name is None:
         return False
-    if name == "localhost" or name.endswith(".localhost"):
+    # One trailing dot: the name fully qualified (`localhost.`), served as the name.
+    named = name[:-1] if name.endswith(".") else name
+    if named == "localhost" or named.endswith(".localhost"):
         return True
     try:
-        return ipaddress.ip_address(name).is_loopback
+        ip = ipaddress.ip_address(name)
     except ValueError:
         return False
+    mapped = ip.ipv4_mapped if isinstance(ip, ipaddress.IPv6Address) else None
+    return ip.is_loopback or (mapped is not None and mapped.is_loopback)
 
 
 def _is_ip(host: str) -> bool:
