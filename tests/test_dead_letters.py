@@ -12,6 +12,7 @@ import re
 import sqlite3
 import stat
 import sys
+import threading
 import tracemalloc
 from pathlib import Path
 from typing import Any
@@ -563,3 +564,34 @@ async def test_an_id_too_long_for_a_number_is_no_such_dead_letter(make_agent: An
             s.get(f"http://127.0.0.1:{agent.port}/dead/{'9' * 5000}") as r:
         assert r.status == 404, await r.text()
         assert (await r.json())["error"].startswith("no dead letter with id")
+
+
+async def test_a_head_of_the_export_reads_no_dead_letters(make_agent: Any) -> None:
+    """HEAD /dead/export ran the whole export and threw the body away: as much reading of
+    the spool as a GET, for headers alone. It answers GET's headers without reading a
+    letter: here with the spool's reader busy, which a GET waits for."""
+    agent = await make_agent(port=free_port())
+    await agent.spool.append([Event("app", NUCLEUS, dedupe_key("app", n), b'{"n":%d}' % n)
+                              for n in range(3)])
+    rows = await agent.spool.fetch(agent.spool.streams["app"].id, 0, 3)
+    await agent.spool.dead_letter([(r.seq, "up", "refused") for r in rows])
+    held, release = threading.Event(), threading.Event()
+
+    def hold(_: Any) -> None:
+        held.set()
+        release.wait(30)
+
+    holding = agent.spool.reader.run(hold)
+    url = f"http://127.0.0.1:{agent.port}/dead/export"
+    try:
+        await asyncio.to_thread(held.wait, 10)
+        async with aiohttp.ClientSession() as s:
+            async with s.head(url, timeout=aiohttp.ClientTimeout(total=10)) as r:
+                assert r.status == 200
+                assert r.headers["Content-Type"] == "application/x-ndjson"
+                assert r.headers["Cache-Control"] == "no-store"
+    finally:
+        release.set()
+        await holding
+    async with aiohttp.ClientSession() as s, s.get(url) as r:
+        assert r.status == 200 and len((await r.read()).splitlines()) == 3
