@@ -95,10 +95,15 @@ class DeadRoutes:
         return web.json_response(await dead_live.read(self.spool, dead.show, seq))
 
     async def export(self, request: web.Request) -> web.StreamResponse:
-        # A page at a time: dead letters can fill the spool, and the body is streamed.
-        lines, last = await dead_live.read(self.spool, dead.export, 0, EXPORT_PAGE)
         resp = web.StreamResponse(headers={"Content-Type": "application/x-ndjson",
                                            "Cache-Control": "no-store"})
+        if request.method == "HEAD":   # GET's headers, without reading every letter for them
+            dead_live.readable(self.spool)
+            resp.enable_chunked_encoding()   # as GET's: the length is not known up front
+            await resp.prepare(request)
+            return resp
+        # A page at a time: dead letters can fill the spool, and the body is streamed.
+        lines, last = await dead_live.read(self.spool, dead.export, 0, EXPORT_PAGE)
         await resp.prepare(request)
         sent = 0
         try:

@@ -32,10 +32,15 @@ CHUNK_LETTERS = 2_000
 
 async def read(spool: Spool, fn: Callable[..., T], *args: Any) -> T:
     """Run one of dead.py's reads on the reader thread."""
+    return await readable(spool).run(fn, *args)
+
+
+def readable(spool: Spool) -> SqliteThread:
+    """The spool's reader thread; DeadError while the spool is not open."""
     reader = spool.reader
     if reader is None:
         raise dead.DeadError("the spool is not open")
-    return await reader.run(fn, *args)
+    return reader
 
 
 def _in_transaction(conn: sqlite3.Connection, fn: Callable[..., T], *args: Any) -> T:
