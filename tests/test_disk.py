@@ -728,3 +728,40 @@ async def test_acks_and_dead_letters_are_not_reported_saved_while_the_spool_cann
         assert spool.depth == 3
     finally:
         await spool.close()
+
+
+async def test_a_start_with_little_room_opens_the_spool_as_before_it_forgot_idle_keys(
+        small_fs: Path, caplog: pytest.LogCaptureFixture) -> None:
+    """A start forgets the keys with nothing queued: the start's only write. With too
+    little room for it (yet enough to read), the spool stayed closed, refusing every event
+    and serving none of its queue, where it used to open. Freed a page at a time, the
+    spool must open as soon as it can be read, forgetting nothing then (said at WARNING);
+    a later start forgets the key."""
+    path = small_fs / "spool.db"
+    spool = await Spool.open(StorageConfig(path=str(path)))
+    await spool.append([Event("idle", NUCLEUS, 1, b'{"id":1}')])
+    await spool.ack([r.seq for r in await spool.fetch(spool.streams["idle"].id, 0, 10)])
+    await spool.append([Event("app1", NUCLEUS, 100 + i, b'{"id":%d,"pad":"%s"}' %
+                              (i, os.urandom(200).hex().encode())) for i in range(300)])
+    await spool.close()
+    filler = small_fs / "filler"
+    with open(filler, "wb", buffering=0) as fh, contextlib.suppress(OSError):
+        while True:
+            fh.write(b"\0" * 4096)
+    for _ in range(64):
+        os.truncate(filler, filler.stat().st_size - 4096)
+        caplog.clear()
+        spool = await Spool.open(StorageConfig(path=str(path)))
+        opened, streams, depth = spool.reader is not None, sorted(spool.streams), spool.depth
+        await spool.close()
+        if opened:
+            break
+    assert opened and depth == 300
+    assert streams == ["app1", "idle"], streams
+    assert "could not forget the keys with nothing queued" in caplog.text, caplog.text
+    filler.unlink()
+    spool = await Spool.open(StorageConfig(path=str(path)))
+    try:
+        assert sorted(spool.streams) == ["app1"] and spool.depth == 300
+    finally:
+        await spool.close()

@@ -9,13 +9,10 @@ from __future__ import annotations
 import asyncio
 import os
 import re
-import sqlite3
 import threading
-from pathlib import Path
 from typing import Any
 
 import aiohttp
-import pytest
 
 from tests.fakes.nucleus_upstream import FakeNucleus
 from tests.fakes.ops_scene import post_events
@@ -215,31 +212,3 @@ async def test_keys_with_nothing_left_are_forgotten_at_the_next_start(make_agent
     finally:
         await up.stop()
 
-
-async def test_a_start_that_cannot_write_still_opens_the_spool(
-        make_agent: Any, tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
-    """Forgetting idle keys is the start's only write: on a disk too full for it (or with
-    the file's write lock held elsewhere, as here) the spool must open as before, its
-    queue served and its keys kept, rather than refuse every event until the next write
-    could succeed. The keys are forgotten at a later start."""
-    agent = await make_agent()
-    one = {"data": [{"type": "event", "name": "e", "id": 1, "sessionId": 1}]}
-    for key in ("idle", "queued"):
-        r = await call(agent.port, f"/app/{key}/track", one)
-        assert r.status == 200, r.body
-    spool = agent.spool
-    rows = await spool.fetch(spool.streams["idle"].id, 0, 10)
-    await spool.ack([r.seq for r in rows])
-    await agent.stop()
-    locker = sqlite3.connect(tmp_path / "spool.db", isolation_level=None)
-    locker.execute("BEGIN IMMEDIATE")
-    try:
-        agent = await make_agent()
-        assert agent.spool.reader is not None and agent.spool.depth == 1
-        assert sorted(agent.spool.streams) == ["idle", "queued"]
-        assert "could not forget the keys with nothing queued" in caplog.text, caplog.text
-    finally:
-        locker.execute("ROLLBACK")
-        locker.close()
-    r = await call(agent.port, "/app/new/track", one)
-    assert r.status == 200, r.body
