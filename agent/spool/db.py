@@ -224,7 +224,10 @@ def forget_idle_streams(conn: sqlite3.Connection) -> int:
     """Drop the keys that hold nothing: no queued events, no dead letters. Each known key
     stays in memory and counts toward listen.max_keys, so without this every key a device
     ever met would, for good. Only at a start: nothing holds a stream yet. Dedupe keys name
-    the key, not its stream, so a key that comes back is still deduplicated."""
+    the key, not its stream, so a key that comes back is still deduplicated.
+
+    The start's only write: on a disk too full for it, it raises, and the caller opens
+    the spool as is."""
     with transaction(conn):
         return conn.execute("DELETE FROM streams WHERE id NOT IN (SELECT stream FROM records) "
                             "AND id NOT IN (SELECT stream FROM dead)").rowcount

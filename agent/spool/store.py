@@ -254,8 +254,8 @@ class Spool:
                 damaged = sync == "FULL" and wal_check.look(conn, self.path)
                 conn.executescript(pragmas)
                 ensure(conn, self.on_migrating)
-                if not self._loaded and (idle := spool_db.forget_idle_streams(conn)):
-                    log.info("spool %s: forgot %d keys with nothing queued", self.path, idle)
+                if not self._loaded:
+                    self._forget_idle(conn)
                 if damaged:
                     keep_counters(conn, {Tally.WAL_DAMAGED: 1})
 
@@ -273,6 +273,16 @@ class Spool:
         except BaseException:
             await self._close_connections()
             raise
+
+    def _forget_idle(self, conn: sqlite3.Connection) -> None:
+        try:
+            idle = spool_db.forget_idle_streams(conn)
+        except sqlite3.OperationalError as exc:   # a full disk: at a later start
+            log.warning("spool %s: could not forget the keys with nothing queued: %s",
+                        self.path, exc)
+            return
+        if idle:
+            log.info("spool %s: forgot %d keys with nothing queued", self.path, idle)
 
     async def _load_state(self, db: SqliteThread) -> None:
         state = await db.run(spool_db.load_state, self.observed_ms(), self.index.max_keys)
