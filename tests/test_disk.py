@@ -732,7 +732,7 @@ async def test_acks_and_dead_letters_are_not_reported_saved_while_the_spool_cann
 
 async def test_a_start_with_little_room_opens_the_spool_as_before_it_forgot_idle_keys(
         small_fs: Path, caplog: pytest.LogCaptureFixture) -> None:
-    """A start forgets the keys with nothing queued: the start's only write. With too
+    """A start forgets the keys with nothing queued, a write. With too
     little room for it (yet enough to read), the spool stayed closed, refusing every event
     and serving none of its queue, where it used to open. Freed a page at a time, the
     spool must open as soon as it can be read, forgetting nothing then (said at WARNING);

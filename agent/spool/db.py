@@ -226,8 +226,8 @@ def forget_idle_streams(conn: sqlite3.Connection) -> int:
     ever met would, for good. Only at a start: nothing holds a stream yet. Dedupe keys name
     the key, not its stream, so a key that comes back is still deduplicated.
 
-    The start's only write: on a disk too full for it, it raises, and the caller opens
-    the spool as is."""
+    A write at the start, which a spool that can be read must not wait for: on a disk too
+    full for it, it raises, and the caller opens the spool as is."""
     with transaction(conn):
         return conn.execute("DELETE FROM streams WHERE id NOT IN (SELECT stream FROM records) "
                             "AND id NOT IN (SELECT stream FROM dead)").rowcount
