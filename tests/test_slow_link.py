@@ -1,10 +1,11 @@
-"""An HTTP upstream behind a link too slow to carry a full batch within ``timeout_s``.
+"""An upstream behind a link too slow to carry a full batch within ``timeout_s``.
 
 A device back online with a backlog on a poor cellular or satellite link: each full batch
 takes longer to carry than ``timeout_s``, so every try timed out alike and the key never
 drained until an operator lowered ``batch_max_bytes``. The agent runs in process against
 tests/fakes/faulty_upstream.py, which answers each request only once a link of
-``link_bytes_per_s`` would have carried its body.
+``link_bytes_per_s`` would have carried its body (a websocket frame: once the link
+has carried it and every frame before it).
 """
 
 from __future__ import annotations
@@ -32,7 +33,7 @@ def sizes(fake: FaultyUpstream, since: int = 0) -> list[int]:
     return [sum(len(orjson.dumps(ev)) for ev in r.events) for r in fake.requests[since:]]
 
 
-@pytest.mark.parametrize("protocol", ["nucleus-http", "segment-http"])
+@pytest.mark.parametrize("protocol", ["nucleus-http", "segment-http", "nucleus-ws"])
 async def test_a_link_too_slow_for_a_full_batch_drains_in_smaller_ones_then_grows_back(
         make_agent: Any, faulty: FaultyUpstream, caplog: pytest.LogCaptureFixture,
         tmp_path: Path, protocol: str) -> None:

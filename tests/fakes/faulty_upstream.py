@@ -100,8 +100,8 @@ class FaultyUpstream(LoopbackServer):
         # connection with 1009 for a longer one); 0: any.
         self.max_frame = 0
         self.flap_delay = 0.0
-        # HTTP: a link this many bytes a second, upstream: each request is answered only
-        # once a link that slow would have carried its body (0: at once).
+        # A link this many bytes a second, upstream: each request (or websocket frame, in
+        # turn) is answered only once a link that slow would have carried it (0: at once).
         self.link_bytes_per_s = 0.0
         self._frames = 0
         self.requests: list[Request] = []
@@ -223,6 +223,8 @@ class FaultyUpstream(LoopbackServer):
             queued = await self._backlog()
             rec = Request(time.monotonic(), request.path, events)
             self.requests.append(rec)
+            if self.link_bytes_per_s:   # carried by the link: the frames behind it wait
+                await asyncio.sleep(len(frame.data) / self.link_bytes_per_s)
             fault = queued or self._next(events)
             self._frames += 1
             if fault is None and self.flap_every and self._frames % self.flap_every == 0:
