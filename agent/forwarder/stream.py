@@ -761,16 +761,18 @@ class StreamForwarder:
                         sent, limit)
 
     def _faster(self, batch: Prepared, took: float) -> None:
-        """``batch`` was answered in ``took`` seconds: when a batch of twice the upstream's
-        slow-link cut would still be answered within timeout_s at this batch's pace (a
-        hang's latency gone, the link faster again), the cut doubles (at batch_max_bytes
-        it is gone), and a new loop sends the larger batches. A cut no smaller than
-        batch_max_bytes (lowered by a reload) cuts nothing: gone at once."""
+        """``batch`` was answered in ``took`` seconds: when a window full of batches of
+        twice the upstream's slow-link cut would still be answered within timeout_s at
+        this batch's pace (a hang's latency gone, the link faster again), the cut doubles
+        (at batch_max_bytes it is gone), and a new loop sends the larger batches. (A
+        websocket's frames share the link, the last of a window waiting for those before
+        it: grown for one frame, the cut timed out again at every window.) A cut no
+        smaller than batch_max_bytes (lowered by a reload) cuts nothing: gone at once."""
         state, cfg = self.state, self.cfg
         limit = state.slow_limit_bytes
         sent = sum(map(len, batch.bodies))
-        if limit is None or (limit < cfg.batch_max_bytes
-                             and took * 2 * limit > cfg.timeout_s * max(sent, 1)):
+        if limit is None or (limit < cfg.batch_max_bytes and took * 2 * limit * self.window
+                             > cfg.timeout_s * max(sent, 1)):
             return
         if 2 * limit >= cfg.batch_max_bytes:
             state.slow_limit_bytes = None

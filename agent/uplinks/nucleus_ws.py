@@ -206,6 +206,7 @@ class NucleusWsUplink(NucleusFraming, UplinkBase):
 
     async def send(self, prepared: Prepared) -> SendResult:
         size = 0   # the frame's bytes, once sent
+        stalled = False   # the frame found no room to go within timeout_s
         async with self._send_lock:  # FIFO: batches start in the order they were prepared
             link = await self._usable_link(replace_unused=False)
             link.sending += 1
@@ -222,9 +223,15 @@ class NucleusWsUplink(NucleusFraming, UplinkBase):
                     await link.send(data, self.cfg.timeout_s)
                     self._last_sent = asyncio.get_running_loop().time()
                 except (aiohttp.ClientError, OSError, TimeoutError, RuntimeError) as exc:
+                    stalled = isinstance(exc, TimeoutError)
                     link.lose(f"send failed: {_describe(exc)}")
         try:
             error = await self._wait_acks(link, prepared.seqs)
+            # No answer to it in time on a connection still up, or no room to send it: a
+            # link too slow for a frame this large, as likely as a hang. Smaller ones
+            # follow (stream.py), else each try of it would time out alike, for good.
+            too_slow = bool(mine) and link.replies < mine and (stalled or (
+                error is not None and link.lost is None))
         finally:
             link.sending -= 1
             link.waiting.pop(mine, None)
@@ -256,7 +263,7 @@ class NucleusWsUplink(NucleusFraming, UplinkBase):
             return Refused(f"{error}: the upstream takes no frame this long ({size} bytes, "
                            "one event)")
         return Retry(error, retry_after=link.retry_after, acked=acked, omitted=omitted,
-                     too_big=size if too_big else None)
+                     too_big=size if too_big else None, too_slow=too_slow and not too_big)
 
     async def _wait_acks(self, link: _Link, wanted: tuple[int, ...]) -> str | None:
         # issuperset walks the batch's seqs as they are: no set of them is built.
