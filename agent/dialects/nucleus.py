@@ -152,7 +152,7 @@ class NucleusHandlers:
         key = request.match_info["appId"]
         if (why := self.sink.key_refusal(key)) is not None:
             return _error(401, f"appId {_quoted(key)} refused: {why}")
-        ws = QueueSocket(large=MAX_MESSAGE, cap=MAX_FRAME, keep=KEEP, values=MAX_VALUES,
+        ws = QueueSocket(key=key, large=MAX_MESSAGE, cap=MAX_FRAME, keep=KEEP, values=MAX_VALUES,
                          deadline=request.app[BODY_TIMEOUT_S], ticket=self.sink.ticket)
         await ws.prepare(request)
         sockets = request.app.get(OPEN_SOCKETS, set())

@@ -53,11 +53,12 @@ passes it the frames it does not keep for itself, byte for byte.
 from __future__ import annotations
 
 import asyncio
+import logging
 import os
 import struct
 from collections import deque
-from collections.abc import Callable
-from contextlib import AbstractContextManager, ExitStack
+from collections.abc import Awaitable, Callable
+from contextlib import AbstractContextManager, ExitStack, suppress
 from typing import Any, NamedTuple
 
 from aiohttp import WSCloseCode, web
@@ -65,7 +66,11 @@ from aiohttp.http_websocket import WebSocketWriter
 
 from agent.dialects.body import BodyError, Busy, Reservation
 from agent.dialects.nucleus_queue import SLICE, QueueReader, Split
+from agent.dialects.replies import masked
 from agent.families.errors import Invalid
+from agent.logs import log_limited
+
+log = logging.getLogger("outpost.nucleus")
 
 _CONTINUATION, _TEXT, _BINARY = 0x0, 0x1, 0x2
 _XOR = [bytes(a ^ b for a in range(256)) for b in range(256)]
@@ -107,12 +112,17 @@ class QueueSocket(web.WebSocketResponse):
 
     Messages up to ``large`` bytes come as aiohttp gives them; for each larger one, a
     binary stand-in frame that ``taken`` turns into its Taken. The handler must call
-    ``drop`` when it ends (the results' shares of the budget are given back)."""
+    ``drop`` when it ends (the results' shares of the budget are given back).
 
-    def __init__(self, *, large: int, cap: int, keep: int, values: int, deadline: float,
-                 ticket: Ticket) -> None:
+    A reply or pong the client has not taken within ``deadline`` cuts the connection
+    (``_in_time``): one that sends but never reads held it, with its last message and
+    reply in memory, for good."""
+
+    def __init__(self, *, key: str, large: int, cap: int, keep: int, values: int,
+                 deadline: float, ticket: Ticket) -> None:
         # aiohttp refuses a frame of max_msg_size bytes or more: one of ``large`` is its.
         super().__init__(max_msg_size=large + 1, autoping=True, compress=False)
+        self._key = key
         self._limits = (large, cap, keep, values, deadline)
         self.ticket = ticket
         self._stand_in = os.urandom(16)
@@ -147,6 +157,31 @@ class QueueSocket(web.WebSocketResponse):
         if self._gate is not None:
             self._gate.go_on()   # its turn comes once the close has begun (``closed``)
         return await super().close(code=code, message=message, drain=drain)
+
+    async def send_str(self, data: str, compress: int | None = None) -> None:
+        await self._in_time(super().send_str(data, compress))
+
+    async def pong(self, message: bytes = b"") -> None:
+        # aiohttp's receive() answers a ping so: once cut, its next read ends the connection.
+        with suppress(ConnectionResetError):
+            await self._in_time(super().pong(message))
+
+    async def _in_time(self, sending: Awaitable[None]) -> None:
+        """``sending`` done; aiohttp waits for a frame to be written out only once the
+        socket's buffers are full, so a client that took nothing within the deadline reads
+        no more: the connection is cut (no close frame could reach it) and
+        ConnectionResetError raised. It reconnects and resends what was not acknowledged."""
+        deadline = self._limits[4]
+        try:
+            async with asyncio.timeout(deadline):
+                await sending
+        except TimeoutError:
+            if self._transport is not None:
+                self._transport.abort()
+            log_limited(log, logging.WARNING, f"deaf:{self._key}",
+                        "websocket of app %s cut: it read none of the agent's replies "
+                        "within %g s (listen.body_timeout_s)", masked(self._key), deadline)
+            raise ConnectionResetError("the client reads no replies") from None
 
     def drop(self) -> None:
         """The handler is done: give back what results not taken, or yet to come, hold."""
