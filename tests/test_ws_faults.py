@@ -19,6 +19,7 @@ from typing import Any
 import aiohttp
 import pytest
 
+from agent.forwarder.stream import OMITTED_LIMIT
 from agent.forwarder.supervisor import Seams
 from agent.logs import RedactingFilter
 from agent.ops.status_table import render, size
@@ -272,3 +273,18 @@ async def test_a_reply_without_reported_ids_is_named_in_the_error_and_logged(
     (delay,) = timing.pending()
     timing.advance(delay)
     await drained(agent, faulty, 3)
+
+
+@pytest.mark.parametrize("body", [b'{"reportedIds": null}', b'{"reportedIds": "0"}',
+                                  b'{"reportedIds": {"0": true}}'])
+async def test_a_reply_whose_reported_ids_is_no_list_gives_nothing_up(
+        make_agent: Any, faulty: FaultyUpstream, body: bytes) -> None:
+    """An upstream that answers each frame with a `reportedIds` that is no list (null, a
+    string, an object) acknowledges nothing, and weighs nothing against the frame's events,
+    as over HTTP: the event is kept and sent again. Counted as an answer that left it out,
+    it went to dead letters after six such replies."""
+    faulty.script = [Fault("malformed", body=body)] * (OMITTED_LIMIT + 1)
+    agent = await make_agent(upstreams=[upstream(faulty, "nucleus-ws", timeout_s=0.15)])
+    await send(agent, [event(0)])
+    await drained(agent, faulty, 1)
+    assert [r.fault for r in faulty.requests] == ["malformed"] * (OMITTED_LIMIT + 1) + ["ok"]
