@@ -365,7 +365,9 @@ class NucleusWsUplink(NucleusFraming, UplinkBase):
             log_limited(log, logging.WARNING, f"not-json:{self.name}",
                         "%s sent a reply that is not JSON; ignored", self.name)
             return
-        if isinstance(reply, dict) and "reportedIds" in reply:
+        # Only a list is an answer (as over HTTP): counted as one, a `reportedIds` of null
+        # or a string weighed the frame's every event as left out, and gave them up.
+        if isinstance(reply, dict) and isinstance(reply.get("reportedIds"), list):
             link.replies += 1
             acked = match(self.in_flight, reply["reportedIds"])
             if acked:
