@@ -495,6 +495,30 @@ async def test_a_200_whose_body_cannot_be_decoded_is_judged_by_what_the_protocol
     assert "gzip" in (state.last_error or "").lower() or "decode" in (state.last_error or "")
 
 
+@pytest.mark.parametrize("encoding", ["br", "zstd"])
+@pytest.mark.parametrize("protocol", ["nucleus-http", "segment-http"])
+async def test_a_200_in_an_encoding_the_agent_cannot_decode_keeps_its_status(
+        make_agent: Any, faulty: FaultyUpstream, protocol: str, encoding: str) -> None:
+    """A 200 in a Content-Encoding the agent never asked for and has no decoder for (an
+    upstream that ignores Accept-Encoding): its status still stands, as for a gzip body
+    that does not decode. The status was lost: the request failed with "400,
+    message='Can not decode content-encoding...'", as if the upstream had refused the
+    batch, and a Segment batch was sent again at every retry, for ever."""
+    faulty.script = [Fault("status", 200, {"Content-Encoding": encoding},
+                           body=b'{"success": true, "reportedIds": [0, 1, 2]}')]
+    agent = await make_agent(upstreams=[upstream(faulty, protocol)])
+    await send(agent, [event(i) for i in range(3)])
+    state = agent.forwarding.states["up"]
+    if protocol == "segment-http":
+        await wait_for(lambda: agent.spool.depth == 0 or state.retries > 0)
+        assert (len(faulty.requests), state.retries, state.acked) == (1, 0, 3), state
+        return
+    await drained(agent, faulty, 3)
+    error = state.last_error or ""
+    assert state.retries == 1 and error.startswith("HTTP 200 with a reply that could not be "
+                                                   "read") and encoding in error, error
+
+
 async def test_a_segment_200_whose_body_stalls_is_an_ack(make_agent: Any,
                                                         faulty: FaultyUpstream) -> None:
     """The collector's 200 came, then its body stopped half way (a wrong Content-Length, a
