@@ -14,6 +14,7 @@ import datetime
 import email.utils
 import re
 import time
+import zlib
 from dataclasses import dataclass
 from types import SimpleNamespace
 
@@ -218,14 +219,19 @@ async def post(session: aiohttp.ClientSession, url: str, body: bytes, headers: d
     raises for it)."""
     progress = _Progress()
     try:
-        async with session.post(url, data=body, headers=headers, trace_request_ctx=progress,
+        # Decoded here (_read_at_most), not by aiohttp: a reply in an encoding it has no
+        # decoder for (br, zstd: an upstream that ignores Accept-Encoding) failed the whole
+        # request as a "400", and its status was lost.
+        async with session.post(url, data=body, headers={**headers, **_ACCEPTED},
+                                trace_request_ctx=progress, auto_decompress=False,
                                 timeout=aiohttp.ClientTimeout(total=timeout_s)) as resp:
             wait = retry_after(resp.headers.get("Retry-After"), date=resp.headers.get("Date"))
             kind = media_type(resp.headers.get("Content-Type"))
             try:
                 raw, cut = await _read_at_most(resp, REPLY_MAX_BYTES)
             except aiohttp.ClientPayloadError as exc:
-                # aiohttp words a decoding failure as "400, message:\n  Can not decode...".
+                # A body that does not decode, or a connection lost mid-body (aiohttp words
+                # some as "400, message:\n  ...", with the cause's message).
                 why = getattr(exc.__cause__, "message", None) or " ".join(str(exc).split())
                 return HttpReply(resp.status, b"", wait, kind, unreadable=why)
             except TimeoutError:
@@ -251,12 +257,38 @@ async def post(session: aiohttp.ClientSession, url: str, body: bytes, headers: d
         return Retry(f"request failed: {str(exc) or type(exc).__name__}")
 
 
+# The encodings a reply is decoded from, and so the only ones asked for (aiohttp would ask
+# for br and zstd too where their decoders are installed).
+_ACCEPTED = {"Accept-Encoding": "gzip, deflate"}
+_INFLATED = frozenset({"gzip", "x-gzip", "deflate"})
+# Compressed in a way the agent cannot undo, as is more than one encoding. Any other name
+# (`none`, `utf-8`: a server's mistake) is read as it is, as aiohttp did.
+_UNDECODED = frozenset({"br", "zstd", "compress", "x-compress"})
+
+
 async def _read_at_most(resp: aiohttp.ClientResponse, most: int) -> tuple[bytes, bool]:
-    """The reply's body up to ``most`` bytes, and whether there was more: then the
-    connection is closed, the rest unread."""
+    """The reply's body, decoded, up to ``most`` bytes, and whether there was more: then the
+    connection is closed, the rest unread. Raises ClientPayloadError for a body that does
+    not decode, or one compressed other than by gzip or deflate."""
+    encoding = (resp.headers.get("Content-Encoding") or "").strip().lower()
+    cannot = f"Can not decode content-encoding: {encoding}"
+    if encoding in _UNDECODED or "," in encoding:
+        raise aiohttp.ClientPayloadError(cannot)
+    inflate = encoding in _INFLATED
+    inflater: zlib._Decompress | None = None
     chunks: list[bytes] = []
     size = 0
     async for chunk in resp.content.iter_any():
+        if inflate:
+            if inflater is None:
+                # 47: a gzip or zlib header; deflate without one is raw (some servers').
+                raw = encoding == "deflate" and chunk[0] & 0x0F != 8
+                inflater = zlib.decompressobj(-15 if raw else 47)
+            try:
+                # At most one byte past ``most``: a small body may inflate to gigabytes.
+                chunk = inflater.decompress(chunk, most + 1 - size)
+            except zlib.error:
+                raise aiohttp.ClientPayloadError(cannot) from None
         chunks.append(chunk)
         size += len(chunk)
         if size > most:
