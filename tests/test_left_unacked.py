@@ -144,3 +144,19 @@ async def test_an_upstream_that_acknowledges_only_a_prefix_loses_no_event(
     await drained(agent, faulty, 12)   # and no dead letter
     assert not faulty.script
     assert delivered(faulty) == Counter(range(12))
+
+
+@pytest.mark.parametrize("body", [b'{"reportedIds": [{"id": 0}]}', b'{"reportedIds": [[0]]}',
+                                  b'{"reportedIds": [null]}'])
+@pytest.mark.parametrize("protocol", ["nucleus-http", "nucleus-ws"])
+async def test_reported_ids_that_are_no_ids_are_no_answer(
+        make_agent: Any, faulty: FaultyUpstream, protocol: str, body: bytes) -> None:
+    """A `reportedIds` list of what no event id can be (objects: another dialect's acks,
+    arrays, null) is malformed, as the malformed-ack tests call it: it weighs nothing
+    against the batch's events, which are sent again. It was an answer that left every
+    event out: after six of them the event went to dead letters."""
+    faulty.script = [Fault("malformed", body=body)] * (OMITTED_LIMIT + 1)
+    agent = await make_agent(upstreams=[upstream(faulty, protocol, timeout_s=0.15)])
+    await send(agent, [event(0)])
+    await drained(agent, faulty, 1)
+    assert [r.fault for r in faulty.requests] == ["malformed"] * (OMITTED_LIMIT + 1) + ["ok"]
