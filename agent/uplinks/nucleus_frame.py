@@ -66,12 +66,20 @@ def frame(prepared: Prepared) -> bytes:
     return b"".join(parts)
 
 
+def ids_only(reported: list[Any]) -> bool:
+    """Whether every entry of a `reportedIds` list could be an event id (a string or a
+    number). A list holding anything else (an object: another dialect's acks; an array,
+    null, a boolean) is malformed: it acknowledges the ids it holds, and says nothing of
+    the events it leaves out."""
+    return _PLAIN.issuperset(map(type, reported))
+
+
 def match(in_flight: dict[Any, int], reported: Any) -> list[int]:
     """Seqs acknowledged by a `reportedIds` list, taken out of ``in_flight`` (ack id ->
     seq); unknown ids are ignored."""
     if not isinstance(reported, list):
         return []
-    if _PLAIN.issuperset(map(type, reported)):
+    if ids_only(reported):
         # The usual reply: every id a plain string or number, taken out at C speed; the
         # filter for unknown ids (a miss leaves the dict as it was) only if there were any.
         before = len(in_flight)

@@ -27,7 +27,7 @@ from agent.uplinks.http_common import (
     is_retryable,
     post,
 )
-from agent.uplinks.nucleus_frame import NucleusFraming, frame, match, track_url
+from agent.uplinks.nucleus_frame import NucleusFraming, frame, ids_only, match, track_url
 from agent.uplinks.prepare import Prepared, take_prefix
 
 
@@ -73,6 +73,10 @@ class NucleusHttpUplink(NucleusFraming, UplinkBase):
             said = excerpt(raw, 200) or "nothing (an empty body)"
             return Retry(f"HTTP {status} without reportedIds; the upstream said {said}")
         acked = match(dict(zip(prepared.ids, prepared.seqs)), ids)
+        if len(acked) < len(prepared.seqs) and not ids_only(ids):
+            # Not an answer for the events it leaves out: they are sent again, not weighed.
+            return Retry(f"HTTP {status} with reportedIds that are not all ids; the upstream "
+                         f"said {excerpt(raw, 200)}", retry_after=wait, acked=tuple(acked))
         if len(acked) < len(prepared.seqs):
             got = set(acked)
             # A well-formed reply answered for the whole batch: the rest was left out.

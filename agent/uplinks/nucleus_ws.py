@@ -46,7 +46,7 @@ from agent.uplinks.http_common import (
     media_type,
     retry_after,
 )
-from agent.uplinks.nucleus_frame import NucleusFraming, frame, match, track_url
+from agent.uplinks.nucleus_frame import NucleusFraming, frame, ids_only, match, track_url
 from agent.uplinks.prepare import Prepared, take_prefix
 
 log = logging.getLogger("outpost.uplink.nucleus_ws")
@@ -365,21 +365,25 @@ class NucleusWsUplink(NucleusFraming, UplinkBase):
             log_limited(log, logging.WARNING, f"not-json:{self.name}",
                         "%s sent a reply that is not JSON; ignored", self.name)
             return
-        # Only a list is an answer (as over HTTP): counted as one, a `reportedIds` of null
-        # or a string weighed the frame's every event as left out, and gave them up.
-        if isinstance(reply, dict) and isinstance(reply.get("reportedIds"), list):
-            link.replies += 1
-            acked = match(self.in_flight, reply["reportedIds"])
+        reported = reply.get("reportedIds") if isinstance(reply, dict) else None
+        if isinstance(reported, list):
+            acked = match(self.in_flight, reported)
             if acked:
                 link.acked.update(acked)
                 link.notify()
-            return
+            # Only a list of ids is an answer (as over HTTP): counted as one, a reportedIds
+            # of objects, or null, weighed the frame's every event as left out, and gave
+            # them up.
+            if ids_only(reported):
+                link.replies += 1
+                return
         # Not an ack: an error of the upstream's own, or news an old module would read
         # (latestVersion). Ignored, as before, but shown: a line a minute, and in the
         # error of a frame that then goes unanswered.
         link.said = excerpt(data if isinstance(data, bytes) else data.encode(), 200)
         log_limited(log, logging.INFO, f"not-an-ack:{self.name}",
-                    "%s sent a reply without reportedIds: %s", self.name, link.said)
+                    "%s sent a reply without reportedIds, or with some that are not ids: %s",
+                    self.name, link.said)
 
     async def _heartbeats(self, link: _Link, ws: aiohttp.ClientWebSocketResponse) -> None:
         loop = asyncio.get_running_loop()
