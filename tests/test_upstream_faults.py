@@ -902,3 +902,36 @@ def _queue_full(port: int) -> bool:
     finally:
         probe.close()
     return False
+
+
+@pytest.mark.parametrize("protocol", ["nucleus-http", "segment-http"])
+async def test_a_kept_alive_connection_the_upstream_closed_is_no_failure(
+        make_agent: Any, protocol: str) -> None:
+    """An upstream closes an idle kept-alive connection (Node.js does after 5 s, aiohttp's
+    client keeps one 15 s) just as the agent sends its next batch on it: the batch goes
+    again at once on a new connection. It was a failed send, "Server disconnected" in
+    last_error, a backoff and a retry counted, for a connection the agent chose to reuse."""
+    served: Counter[object] = Counter()   # requests per connection (its transport)
+    connections: list[object] = []
+
+    async def collector(request: web.Request) -> web.Response:
+        assert request.transport is not None
+        conn = request.transport
+        served[conn] += 1
+        connections.append(conn)
+        if served[conn] > 1:   # closed as it came: the request is not read, nor answered
+            request.transport.abort()
+            return web.Response(status=500)
+        ids = [ev.get("id") for ev in orjson.loads(await request.read()).get("data", [])]
+        return web.json_response({"success": True, "reportedIds": ids})
+
+    path = "/app/{key}/track" if protocol == "nucleus-http" else "/v1/batch"
+    async with serving(path, collector) as url:
+        agent = await make_agent(upstreams=[{"name": "up", "protocol": protocol, "url": url,
+                                             "flush_interval_s": 0.02, "timeout_s": 2}])
+        state = agent.forwarding.states["up"]
+        for n in (1, 2):
+            await send(agent, [event(n)])
+            await wait_for(lambda: state.acked == n or state.retries > 0)
+        assert (state.acked, state.retries, state.last_error) == (2, 0, None), state
+        assert len(connections) == 3 and connections[0] == connections[1] != connections[2]
