@@ -10,6 +10,7 @@ server's error page, never an upstream's reply.
 
 from __future__ import annotations
 
+import asyncio
 import datetime
 import email.utils
 import re
@@ -120,9 +121,12 @@ def client_session() -> aiohttp.ClientSession:
 
 class _Progress:
     """How far a request got, for the message of its timeout: None until traced (a session
-    without ``_CONNECTED`` never says), then whether it had its connection."""
+    without ``_CONNECTED`` never says), then whether it had its connection; whether that
+    connection was kept alive from an earlier request, and whether the status came."""
 
     connected: bool | None = None
+    reused = False
+    answered = False
 
 
 async def _started(session: aiohttp.ClientSession, ctx: SimpleNamespace,
@@ -137,10 +141,16 @@ async def _connected(session: aiohttp.ClientSession, ctx: SimpleNamespace,
         ctx.trace_request_ctx.connected = True
 
 
+async def _reused(session: aiohttp.ClientSession, ctx: SimpleNamespace,
+                  params: object) -> None:
+    if isinstance(ctx.trace_request_ctx, _Progress):
+        ctx.trace_request_ctx.connected = ctx.trace_request_ctx.reused = True
+
+
 _CONNECTED = aiohttp.TraceConfig()
 _CONNECTED.on_request_start.append(_started)
 _CONNECTED.on_connection_create_end.append(_connected)
-_CONNECTED.on_connection_reuseconn.append(_connected)
+_CONNECTED.on_connection_reuseconn.append(_reused)
 
 
 _HTML_TYPES = frozenset({"text/html", "application/xhtml+xml"})
@@ -217,44 +227,74 @@ async def post(session: aiohttp.ClientSession, url: str, body: bytes, headers: d
                timeout_s: float) -> HttpReply | Retry:
     """POST ``body``: the reply, or a Retry saying what went wrong on the network (never
     raises for it)."""
-    progress = _Progress()
-    try:
-        # Decoded here (_read_at_most), not by aiohttp: a reply in an encoding it has no
-        # decoder for (br, zstd: an upstream that ignores Accept-Encoding) failed the whole
-        # request as a "400", and its status was lost.
-        async with session.post(url, data=body, headers={**headers, **_ACCEPTED},
-                                trace_request_ctx=progress, auto_decompress=False,
-                                timeout=aiohttp.ClientTimeout(total=timeout_s)) as resp:
-            wait = retry_after(resp.headers.get("Retry-After"), date=resp.headers.get("Date"))
-            kind = media_type(resp.headers.get("Content-Type"))
-            try:
-                raw, cut = await _read_at_most(resp, REPLY_MAX_BYTES)
-            except aiohttp.ClientPayloadError as exc:
-                # A body that does not decode, or a connection lost mid-body (aiohttp words
-                # some as "400, message:\n  ...", with the cause's message).
-                why = getattr(exc.__cause__, "message", None) or " ".join(str(exc).split())
-                return HttpReply(resp.status, b"", wait, kind, unreadable=why)
-            except TimeoutError:
-                # The status came, the body stalled: as for a body cut short, the status
-                # stands (a 2xx is Segment's whole verdict).
-                return HttpReply(resp.status, b"", wait, kind,
-                                 unreadable=f"not received whole within {timeout_s:g}s")
-            return HttpReply(resp.status, raw, wait, kind, cut)
-    except NETWORK_ERRORS as exc:
-        if type(exc) is TimeoutError and progress.connected is False:
-            # No connection, so no request sent: its size is not why (a firewall dropping
-            # the connection, a host gone).
-            return Retry(f"request failed: no connection within {timeout_s:g}s (timeout_s): "
-                         "the upstream's host did not answer the connection (a firewall, or "
-                         "the host down or unreachable from here)")
-        if type(exc) is TimeoutError:   # timeout_s ran out before the status came
-            # A batch too large for the link times out at every try: the forwarder sends
-            # smaller ones (too_slow), and a stuck key's status says why.
-            return Retry(f"request failed: no answer within {timeout_s:g}s (timeout_s) to a "
-                         f"request of {len(body)} bytes (a slow link: smaller batches follow; "
-                         "an event that goes alone and still times out needs a larger "
-                         "timeout_s)", too_slow=True)
-        return Retry(f"request failed: {str(exc) or type(exc).__name__}")
+    loop = asyncio.get_running_loop()
+    deadline = loop.time() + timeout_s
+    while True:
+        progress = _Progress()
+        try:
+            return await _post(session, url, body, headers, progress, timeout_s,
+                               deadline - loop.time())
+        except _CLOSED_UNDER_IT as exc:
+            # A kept-alive connection the upstream closed as the request went on it (its
+            # idle timeout crossing the request), before any answer: no word of the
+            # upstream's. Sent again at once: the next is a connection the pool has not
+            # tried yet, or a new one.
+            if progress.reused and not progress.answered and deadline > loop.time():
+                continue
+            return _failed(exc, progress, body, timeout_s)
+        except NETWORK_ERRORS as exc:
+            return _failed(exc, progress, body, timeout_s)
+
+
+# What a connection closed by the upstream before it answered raises.
+_CLOSED_UNDER_IT = (aiohttp.ServerDisconnectedError, aiohttp.ClientOSError,
+                    aiohttp.ClientConnectionResetError)
+
+
+async def _post(session: aiohttp.ClientSession, url: str, body: bytes, headers: dict[str, str],
+                progress: _Progress, timeout_s: float, left: float) -> HttpReply:
+    """One try of ``post``, within ``left`` seconds: raises what the network raised before
+    the status came."""
+    # Decoded here (_read_at_most), not by aiohttp: a reply in an encoding it has no
+    # decoder for (br, zstd: an upstream that ignores Accept-Encoding) failed the whole
+    # request as a "400", and its status was lost.
+    async with session.post(url, data=body, headers={**headers, **_ACCEPTED},
+                            trace_request_ctx=progress, auto_decompress=False,
+                            timeout=aiohttp.ClientTimeout(total=left)) as resp:
+        progress.answered = True
+        wait = retry_after(resp.headers.get("Retry-After"), date=resp.headers.get("Date"))
+        kind = media_type(resp.headers.get("Content-Type"))
+        try:
+            raw, cut = await _read_at_most(resp, REPLY_MAX_BYTES)
+        except aiohttp.ClientPayloadError as exc:
+            # A body that does not decode, or a connection lost mid-body (aiohttp words
+            # some as "400, message:\n  ...", with the cause's message).
+            why = getattr(exc.__cause__, "message", None) or " ".join(str(exc).split())
+            return HttpReply(resp.status, b"", wait, kind, unreadable=why)
+        except TimeoutError:
+            # The status came, the body stalled: as for a body cut short, the status
+            # stands (a 2xx is Segment's whole verdict).
+            return HttpReply(resp.status, b"", wait, kind,
+                             unreadable=f"not received whole within {timeout_s:g}s")
+        return HttpReply(resp.status, raw, wait, kind, cut)
+
+
+def _failed(exc: BaseException, progress: _Progress, body: bytes, timeout_s: float) -> Retry:
+    """The Retry for a request that got no status: ``exc``, what the network raised."""
+    if type(exc) is TimeoutError and progress.connected is False:
+        # No connection, so no request sent: its size is not why (a firewall dropping
+        # the connection, a host gone).
+        return Retry(f"request failed: no connection within {timeout_s:g}s (timeout_s): "
+                     "the upstream's host did not answer the connection (a firewall, or "
+                     "the host down or unreachable from here)")
+    if type(exc) is TimeoutError:   # timeout_s ran out before the status came
+        # A batch too large for the link times out at every try: the forwarder sends
+        # smaller ones (too_slow), and a stuck key's status says why.
+        return Retry(f"request failed: no answer within {timeout_s:g}s (timeout_s) to a "
+                     f"request of {len(body)} bytes (a slow link: smaller batches follow; "
+                     "an event that goes alone and still times out needs a larger "
+                     "timeout_s)", too_slow=True)
+    return Retry(f"request failed: {str(exc) or type(exc).__name__}")
 
 
 # The encodings a reply is decoded from, and so the only ones asked for (aiohttp would ask
