@@ -19,7 +19,7 @@ from typing import Any
 import pytest
 
 from tests.fakes.segment_upstream import FakeSegment
-from tests.segment_helpers import segment_up, wait_for
+from tests.segment_helpers import call, segment_up, wait_for
 
 rudder = pytest.importorskip("rudder_analytics")
 pytestmark = pytest.mark.interop
@@ -32,10 +32,11 @@ class LegacyRun:
     thread's own step): the thread would cut a batch wherever its upload_interval
     ended, and each test needs its messages in one batch."""
 
-    def __init__(self, port: int, key: str) -> None:
+    def __init__(self, port: int, key: str, path: str = "") -> None:
         self.errors: list[tuple[int, str, str]] = []
         # max_retries=3: a retried batch takes 1 + 2 + 4 s of backoff, every retry a request.
-        client = rudder.Client(key, host=f"http://127.0.0.1:{port}", max_retries=3,
+        # ``path``: the host as configured with a path, which the client's own goes after.
+        client = rudder.Client(key, host=f"http://127.0.0.1:{port}{path}", max_retries=3,
                                flush_interval=0.05, on_error=self._on_error)
         [self.consumer] = client.consumers
         self.consumer.pause()
@@ -84,3 +85,30 @@ async def test_a_batch_stored_in_part_is_not_resent(make_agent: Any,
     assert agent.metrics.refused == {("segment", 400): 2}   # counted, once each
     await wait_for(lambda: len(fake_segment.events) == 4 + 49)
     assert all(e["properties"].get("r", 0.5) == 0.5 for e in fake_segment.events)
+
+
+async def test_a_batch_posted_to_a_path_no_route_serves_is_reported_once_naming_it(
+        make_agent: Any) -> None:
+    """A host configured with a path (`http://127.0.0.1:8765/v1`, as some SDKs' docs ask
+    for the full batch URL) posts to `/v1/v1/batch`: the 404 must carry `code` and
+    `message` too, or the client takes its KeyError for a network error and resends the
+    batch with backoff (10 times over ~17 minutes, its one sending thread blocked)."""
+    agent = await make_agent()
+    run = LegacyRun(agent.port, "py-key", path="/v1")
+    await run.send([{"v": 1}])
+    [(status, code, message)] = run.errors
+    assert (status, code) == (404, "not_found"), run.errors
+    assert "/v1/v1/batch" in message
+    assert agent.metrics.refused == {("unrouted", 404): 1}   # one request: no resend
+    assert agent.spool.depth == 0
+
+
+async def test_a_refusal_by_host_is_legible_to_the_client(make_agent: Any) -> None:
+    """The guard's 421 (a device's own name as the host, listening beyond loopback) carries
+    the `code` and `message` these clients read from any reply but a 200."""
+    agent = await make_agent()
+    reply = await call(agent.port, "/v1/batch", {"batch": []},
+                       headers={"Host": f"edgebox.local:{agent.port}"})
+    assert reply.status == 421
+    body = reply.json()
+    assert body["code"] == "misdirected_request" and "edgebox.local" in body["message"]
