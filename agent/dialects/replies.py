@@ -6,6 +6,7 @@ from __future__ import annotations
 import logging
 from collections.abc import Awaitable, Callable, Mapping, Sequence
 from contextvars import ContextVar
+from http import HTTPStatus
 from typing import Any, TypeVar
 
 import orjson
@@ -60,6 +61,20 @@ def stored_in_part(log: logging.Logger, key: str, refused: Mapping[int, Invalid]
     total = stored + len(items)
     refused_items(log, key, items, total)
     return f"{len(items)} of {total} messages refused", items
+
+
+def legible(status: int, message: str) -> dict[str, str]:
+    """`code` and `message`: what analytics-python 1.x and rudder-sdk-python read from any
+    reply but a 200 (a KeyError without them: taken for a network error, the refused batch
+    was resent ten times with backoff). The code is the status in words."""
+    return {"code": HTTPStatus(status).phrase.lower().replace(" ", "_").replace("-", "_"),
+            "message": message}
+
+
+def plain_error(status: int, message: str) -> dict[str, str]:
+    """The body of a refusal in no API's own shape (the guard's, a path no route serves):
+    `{"error"}`, with ``legible``'s fields beside it, as the request may be a Segment SDK's."""
+    return {"error": message, **legible(status, message)}
 
 
 def json_reply(body: Any, status: int, retry_after: int | None = None) -> web.Response:

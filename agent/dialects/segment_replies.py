@@ -2,7 +2,7 @@
 
 Error bodies are the seed's, ``{"Error","Message","Details"}`` for single calls and
 ``{"Success": false, "Errors": [...]}`` for batches, each with `code` and `message`
-beside them for the clients that read those (``legible``). A batch stored in part is a
+beside them for the clients that read those (``replies.legible``). A batch stored in part is a
 207 listing each refused message, `batch[i]` first in its `Details` (another Outpost's
 uplink reads that), but 200 for the clients that count nothing else as success.
 """
@@ -21,14 +21,6 @@ def error_object(status: int, message: str, details: str = "") -> dict[str, str]
     return {"Error": HTTPStatus(status).phrase, "Message": message, "Details": details}
 
 
-def legible(status: int, message: str) -> dict[str, str]:
-    """`code` and `message`: what analytics-python 1.x and rudder-sdk-python read from any
-    reply but a 200 (a KeyError without them: taken for a network error, the refused batch
-    was resent ten times with backoff). The code is the status in words."""
-    return {"code": HTTPStatus(status).phrase.lower().replace(" ", "_").replace("-", "_"),
-            "message": message}
-
-
 def _text(error: dict[str, str]) -> str:
     return f"{error['Message']}: {error['Details']}" if error["Details"] else error["Message"]
 
@@ -36,14 +28,14 @@ def _text(error: dict[str, str]) -> str:
 def single_error(status: int, message: str, details: str = "",
                  retry_after: int | None = None) -> web.Response:
     error = error_object(status, message, details)
-    return replies.json_reply({**error, **legible(status, _text(error))}, status, retry_after)
+    return replies.json_reply({**error, **replies.legible(status, _text(error))}, status, retry_after)
 
 
 def batch_error(status: int, errors: list[dict[str, str]],
                 retry_after: int | None = None) -> web.Response:
     more = f" (and {len(errors) - 1} more)" if len(errors) > 1 else ""
     return replies.json_reply({"Success": False, "Errors": errors,
-                               **legible(status, _text(errors[0]) + more)},
+                               **replies.legible(status, _text(errors[0]) + more)},
                               status, retry_after)
 
 

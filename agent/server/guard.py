@@ -10,6 +10,7 @@ from urllib.parse import urlsplit
 
 from aiohttp import web
 
+from agent.dialects.replies import plain_error
 from agent.origins import netloc
 
 Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
@@ -201,4 +202,4 @@ async def _no_options(request: web.Request) -> web.StreamResponse:
 
 
 def _refuse(status: int, message: str) -> web.Response:
-    return web.json_response({"error": message}, status=status)
+    return web.json_response(plain_error(status, message), status=status)

@@ -22,7 +22,7 @@ import orjson
 from aiohttp import web
 
 from agent.dialects.base import WebSocketRoute
-from agent.dialects.replies import masked
+from agent.dialects.replies import masked, plain_error
 from agent.metrics import Metrics
 from agent.server.guard import Guard, Handler
 
@@ -113,7 +113,7 @@ class Unrouted:
             log.debug("%s (%d)", (said + _logged_path(request, path))[:LOGGED_PATH], status)
         self.metrics.refuse(API, status)
         headers = {"Allow": ", ".join(sorted(allowed))} if allowed else None
-        return web.Response(body=orjson.dumps({"error": said + _quoted(path)}), status=status,
+        return web.Response(body=orjson.dumps(plain_error(status, said + _quoted(path))), status=status,
                             headers=headers, content_type="application/json")
 
 
