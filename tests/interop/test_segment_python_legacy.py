@@ -87,6 +87,19 @@ async def test_a_batch_stored_in_part_is_not_resent(make_agent: Any,
     assert all(e["properties"].get("r", 0.5) == 0.5 for e in fake_segment.events)
 
 
+async def test_a_full_batch_of_rudder_sdk_python_is_stored_whole(
+        make_agent: Any, fake_segment: FakeSegment) -> None:
+    """rudder-sdk-python batches up to 100 messages and 4 MiB (RudderStack's request limit),
+    not Segment's 500 KB: 100 messages of 6 KB are one 600 KB request. A 413 for it made
+    the client drop all 100 (a 4xx is final to it)."""
+    agent = await make_agent(upstreams=[segment_up(fake_segment)])
+    run = LegacyRun(agent.port, "py-key")
+    await run.send([{"i": i, "lines": "x" * 6000} for i in range(100)])
+    assert run.errors == []
+    await wait_for(lambda: len(fake_segment.events) == 100)
+    assert sorted(e["properties"]["i"] for e in fake_segment.events) == list(range(100))
+
+
 async def test_a_batch_posted_to_a_path_no_route_serves_is_reported_once_naming_it(
         make_agent: Any) -> None:
     """A host configured with a path (`http://127.0.0.1:8765/v1`, as some SDKs' docs ask
