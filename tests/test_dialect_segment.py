@@ -252,7 +252,7 @@ async def test_size_limits_are_413(make_agent: Any) -> None:
     big = {"userId": "u", "event": "e", "properties": {"x": "y" * 33_000}}
     reply = await call(agent.port, "/v1/track", big, headers=auth)
     assert reply.status == 413 and reply.json()["Error"] == "Request Entity Too Large"
-    batch = {"batch": [{**big, "type": "track", "properties": {"x": "y" * 30_000}}] * 20}
+    batch = {"batch": [{**big, "type": "track", "properties": {"x": "y" * 30_000}}] * 150}
     reply = await call(agent.port, "/v1/batch", batch, headers=auth)
     assert reply.status == 413
     assert reply.json() == {"Success": False, "Errors": [{
@@ -402,3 +402,15 @@ async def test_nesting_deeper_than_storable_is_400_not_500(make_agent: Any, path
     reply = await call(agent.port, "/v1/batch", '{"batch":[' + padded + "]}",
                        headers={"Authorization": basic("k")})
     assert reply.status == 400, reply.body
+
+
+async def test_a_hand_written_batch_over_1_mib_is_400_not_read_by_hand(make_agent: Any) -> None:
+    """Batches may be 4 MiB (rudder-sdk-python fills them so), but the forgiving reader of
+    hand-written JSON is pure Python (~0.6 s a MiB): past 1 MiB a body must be JSON."""
+    agent = await make_agent()
+    one = "{'type': 'track', 'event': 'e', 'userId': 'u', 'properties': {'p': '" + "x" * 1000
+    body = "{'batch': [" + ", ".join(f"{one}', 'i': {i}}}}}" for i in range(1100)) + "]}"
+    reply = await call(agent.port, "/v1/batch", body, headers={"Authorization": basic("k")})
+    assert reply.status == 400, reply.body
+    assert "strict JSON only" in reply.json()["Errors"][0]["Details"]
+    assert agent.spool.depth == 0

@@ -113,9 +113,16 @@ async def read_raw(request: web.Request, limit: int) -> bytes:
     if encoding in ("gzip", "x-gzip", "deflate"):
         if ticket is None:
             return _inflate(bytes(raw), encoding, limit)
-        ticket.take(limit)  # the worst case, before inflating; the rest is given back
-        out = _inflate(bytes(raw), encoding, limit)
-        ticket.give(limit - len(out))
+        # Each piece charged before it is inflated (a 4 MiB limit charged whole would turn
+        # away a second small gzip post); what the last piece left unused is given back.
+        charged = 0
+
+        def charge(n: int) -> None:
+            nonlocal charged
+            ticket.take(n)
+            charged += n
+        out = _inflate(bytes(raw), encoding, limit, charge)
+        ticket.give(charged - len(out))
         return out
     return raw if isinstance(raw, bytes) else bytes(raw)
 
@@ -133,27 +140,41 @@ async def _read(request: web.Request, limit: int, ticket: Reservation | None,
 
 
 GZIP_MEMBERS = 64   # `cat a.gz b.gz` makes a few; 26,000 empty ones fit in 512 KB
+INFLATE_STEP = 256 * 1024   # bytes inflated, and charged, at a time
 
 
-def _inflate(data: bytes, encoding: str, limit: int) -> bytes:
-    """``data`` decompressed, at most ``limit`` bytes. A gzip body may be several members
-    one after the other (`cat a.gz b.gz`, RFC 1952), up to GZIP_MEMBERS of them (each read
-    copies what is left after it); zero bytes may pad the last, as gzip(1) allows;
-    anything else after it is refused, never ignored."""
+def _inflate(data: bytes, encoding: str, limit: int,
+             charge: Callable[[int], None] | None = None) -> bytes:
+    """``data`` decompressed, at most ``limit`` bytes, ``charge``d ahead of each piece of
+    at most INFLATE_STEP bytes (only what its output so far has not used of the charge
+    before). A gzip body may be several members one after the other
+    (`cat a.gz b.gz`, RFC 1952), up to GZIP_MEMBERS of them (each read copies what is
+    left after it); zero bytes may pad the last, as gzip(1) allows; anything else after
+    it is refused, never ignored."""
     wbits = 47 if encoding != "deflate" else 15  # 47: gzip or zlib header, auto-detected
     parts: list[bytes] = []
-    size, rest = 0, data
-    while len(parts) < GZIP_MEMBERS:
+    size, charged, rest = 0, 0, data
+    for _ in range(GZIP_MEMBERS):
         inflater = zlib.decompressobj(wbits)
-        try:
-            part = inflater.decompress(rest, limit + 1 - size)
-        except zlib.error as exc:
-            raise BodyError(400, f"invalid {encoding} body", str(exc)) from exc
-        parts.append(part)
-        size += len(part)
-        if size > limit:
-            raise BodyError(413, "request body too large",
-                            f"over {limit} bytes once decompressed")
+        pending = rest
+        while True:
+            step = min(INFLATE_STEP, limit + 1 - size)
+            if charge is not None and size + step > charged:
+                charge(size + step - charged)
+                charged = size + step
+            try:
+                part = inflater.decompress(pending, step)
+            except zlib.error as exc:
+                raise BodyError(400, f"invalid {encoding} body", str(exc)) from exc
+            parts.append(part)
+            size += len(part)
+            if size > limit:
+                raise BodyError(413, "request body too large",
+                                f"over {limit} bytes once decompressed")
+            pending = inflater.unconsumed_tail
+            # A piece that filled its step may have more output held back: ask again.
+            if inflater.eof or not (pending or len(part) == step):
+                break
         if not inflater.eof:
             raise BodyError(400, f"truncated {encoding} body")
         rest = inflater.unused_data

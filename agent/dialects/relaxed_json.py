@@ -35,6 +35,9 @@ from agent.dialects.exact_json import (
 )
 
 MAX_DEPTH = 64
+# Read by hand (``loads``, pure Python: ~0.6 s a MiB of small values) only up to this size:
+# hand-written bodies are small, and a larger one would hold the parsing worker that long.
+HAND_WRITTEN_MAX = 1024 * 1024
 _TOKEN = re.compile(r"""
     \s*(?:
       (?P<punct>[{}\[\]:,])
@@ -179,7 +182,10 @@ def reread(data: bytes) -> Any:
         raise BodyError(400, "invalid JSON", "nested too deeply") from None
     except UnicodeDecodeError:
         raise BodyError(400, "invalid JSON", "body is not UTF-8") from None
-    except ValueError:
+    except ValueError as exc:
+        if len(data) > HAND_WRITTEN_MAX:
+            raise BodyError(400, "invalid JSON", f"{exc} (a body over {HAND_WRITTEN_MAX} "
+                            "bytes is read as strict JSON only)") from None
         return loads(data)
 
 

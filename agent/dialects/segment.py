@@ -13,8 +13,8 @@ only in the query).
 Keys: Basic auth (username = write key, with or without the colon), else a
 `writeKey` in the message (or at the batch level); a `?writeKey=` on a batch route,
 a single call or the webhook overrides the body's. With none of them, the key is ``NO_KEY`` (auth is
-optional in seed 003). Limits are Segment's, which real clients are built for
-(32 KB per message, ~500 KB per batch; see agent/families/segment.py), not the seed's 15 KB.
+optional in seed 003). Limits are those real clients are built for (32 KB per message,
+Segment's; 4 MiB per batch, RudderStack's; see agent/families/segment.py), not the seed's.
 """
 
 from __future__ import annotations

@@ -48,11 +48,12 @@ OBJECT_FIELDS = ("properties", "traits", "context", "integrations")
 _OBJECT_OR_NONE = frozenset({dict, type(None)})   # exact types
 TIME_FIELDS = ("timestamp", "originalTimestamp")
 DATE_FIELDS = (*TIME_FIELDS, "sentAt")
-# Segment's limits, which real clients are written against (as seen on the wire): 32 KB
-# per event; 500 KB per batch, plus room for the event that crosses a client's
-# 475 KB flush threshold (analytics-python) and for `sentAt`/`writeKey`.
+# The limits real clients are written against (as seen on the wire): Segment's 32 KB per
+# event; per batch, RudderStack's 4 MiB, what rudder-sdk-python fills a batch of 100
+# messages up to (Segment's SDKs stay under 500 KB). A batch refused 413 is dropped whole
+# by the client: all its messages lost.
 MAX_EVENT_BYTES = 32 * 1024
-MAX_BATCH_BYTES = 512 * 1024
+MAX_BATCH_BYTES = 4 * 1024 * 1024
 MAX_BATCH_EVENTS = 2500
 MAX_MESSAGE_ID = 99
 MAX_MERGE_DEPTH = 16
