@@ -284,3 +284,25 @@ async def test_bad_events_of_many_invented_app_ids_do_not_pile_up_in_memory(
                 assert r.status == 401 and "longer than 256" in (await r.json())["error"]
         grown = sampler.rss() - idle
     assert grown <= SETTLED_OVER_IDLE, f"RSS grew {grown / MB:.0f} MB"
+
+
+async def test_a_small_gzip_batch_is_taken_beside_a_large_post_in_flight(make_agent: Any) -> None:
+    """A gzip body is charged to the in-flight budget as it inflates, not its 4 MiB worst
+    case (the batch limit) up front: with 4 MiB of another post in flight under a 6 MiB
+    budget, a small gzip batch (a SDK's with gzip on) is taken, not refused busy."""
+    agent = await make_agent(listen={"max_inflight_mb": 6})
+    _reader, writer = await asyncio.open_connection("127.0.0.1", agent.port)
+    writer.write((f"POST /app/{KEY}/track HTTP/1.1\r\nHost: 127.0.0.1\r\n"
+                  f"Content-Length: {4 * MB}\r\n\r\n").encode() + b'{"data": [')
+    await writer.drain()
+    await wait_for(lambda: agent.metrics.inflight_bytes == 4 * MB)
+    batch = orjson.dumps({"batch": [{"type": "track", "event": "e", "userId": "u"}]})
+    try:
+        async with aiohttp.ClientSession(auto_decompress=False) as s:
+            async with s.post(f"http://127.0.0.1:{agent.port}/v1/batch",
+                              data=gzip.compress(batch), headers={
+                                  "Content-Encoding": "gzip", "Authorization": "Basic azo="}) as r:
+                assert r.status == 200, await r.text()
+    finally:
+        writer.close()
+    assert agent.spool.depth == 1 and agent.metrics.busy_refusals == 0
