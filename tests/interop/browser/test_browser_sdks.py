@@ -173,7 +173,8 @@ async def test_a_page_posting_to_an_unknown_route_reads_the_404(make_agent: Any,
         result = await page.evaluate(
             "new Promise((ok) => { const t = setInterval(() => { if (window.RESULT) {"
             " clearInterval(t); ok(window.RESULT); } }, 10); })")
-    assert result == {"status": 404, "body": {"error": "no route for POST /v2/nowhere"}}
+    said = "no route for POST /v2/nowhere"
+    assert result == {"status": 404, "body": {"error": said, "code": "not_found", "message": said}}
     assert agent.sink.metrics.refusals() == {"unrouted": {"404": 1}}
     assert sorted(page.requests[1:]) == [f"OPTIONS {site.agent}/v2/nowhere",  # preflight
                                          f"POST {site.agent}/v2/nowhere"], page.report()
