@@ -210,7 +210,9 @@ async def test_kill9_cycles_with_flapping_upstream(
             epochs.mark("started")
             if not tasks:
                 tasks = [asyncio.create_task(c.run(stop)) for c in clients(agent.url, ledger)]
-            await asyncio.sleep(rng.uniform(0.3, 1.2))
+            # Long enough for thousands of events over the cycles (about 4,000 acked;
+            # 7,000 at twice this), short enough for the suite's time.
+            await asyncio.sleep(rng.uniform(0.15, 0.6))
             if rng.random() < 0.5:    # flip the upstream mid-cycle
                 if up:
                     await fake.go_down()
@@ -219,7 +221,7 @@ async def test_kill9_cycles_with_flapping_upstream(
                     await fake.come_back()
                     epochs.mark("up")
                 up = not up
-                await asyncio.sleep(rng.uniform(0.1, 0.6))
+                await asyncio.sleep(rng.uniform(0.05, 0.3))
             await kill9(agent)
             await asyncio.sleep(0.1)  # the upstream reads what the dead process had sent
             epochs.mark("killed")
