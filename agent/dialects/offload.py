@@ -1,8 +1,8 @@
 """Where large bodies are parsed: on one worker thread, so the event loop keeps serving.
 
-Parsing and validating a 4 MiB Nucleus post (38,000 events) or a 512 KB
-hand-written batch (the lenient parser is pure Python) takes from a tenth of a
-second to a second; on the loop, every other request, /healthz included,
+Parsing and validating a 4 MiB Nucleus post (38,000 events) or Segment batch, or a
+1 MiB hand-written one (the lenient parser is pure Python), takes from a tenth of a
+second to a second or more; on the loop, every other request, /healthz included,
 waited for it. On a worker thread the loop still gets the GIL every switch
 interval (5 ms), so it keeps answering. One worker, not more: parsing holds the
 GIL, so more threads would not parse faster, and one at a time bounds the
