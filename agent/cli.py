@@ -388,7 +388,8 @@ def build_parser() -> argparse.ArgumentParser:
                        "line names the key and the fix).")
     p.add_argument("file", nargs="?", help=CONFIG_HELP)
     p.add_argument("--reload", type=int, metavar="PID",
-                   help="if valid, send SIGHUP to PID (the systemd unit's ExecReload)")
+                   help="if valid, send SIGHUP to PID (the systemd unit's ExecReload); exit "
+                   "status 1 if it cannot be signalled")
     p.set_defaults(func=cmd_check_config)
     config_file.add_parser(sub)
     service_install.add_parser(sub)
