@@ -6,16 +6,23 @@ from __future__ import annotations
 
 import base64
 import json
+import os
+import resource
+import subprocess
+import sys
 import urllib.request
 from collections.abc import Callable
 from pathlib import Path
 
+import pytest
+
+from agent.families.event import NUCLEUS, Event
 from agent.settings import StorageConfig
 from agent.spool import Spool
 from tests.conftest import AgentProcess, free_port, write_config
 from tests.test_cli_mistakes import outpost
 from tests.test_operator_mistakes import one_line
-from tests.waiting import run_outpost
+from tests.waiting import ROOT, run_outpost
 
 
 def _post_event(port: int) -> None:
@@ -65,3 +72,37 @@ async def test_dead_export_onto_the_config_file_is_refused_and_the_config_kept(
     line = one_line(out)
     assert code == 1 and f"cannot write {cfg}:" in line and "config" in line, (code, line)
     assert cfg.read_bytes() == before
+
+
+@pytest.mark.parametrize("target", ["regular file", "device", "-"])
+async def test_dead_export_that_cannot_be_written_names_the_target(
+        tmp_path: Path, target: str) -> None:
+    """An export to a full disk (a file over RLIMIT_FSIZE here; /dev/full) said only
+    `outpost: [Errno 28] No space left on device` (or `[Errno 27] File too large`): not what
+    could not be written, nor that a file it would replace is left as it was."""
+    spool = await Spool.open(StorageConfig(path=str(tmp_path / "spool.db")))
+    try:
+        await spool.append([Event("k", NUCLEUS, 1, b'{"id":1,"pad":"%s"}' % (b"x" * 200_000))])
+        rows = await spool.fetch(spool.streams["k"].id, 0, 10)
+        await spool.dead_letter([(r.seq, "up", "HTTP 400") for r in rows])
+    finally:
+        await spool.close()
+    cfg = write_config(tmp_path / "agent.toml", tmp_path / "spool.db", port=free_port())
+    out = tmp_path / "dead.jsonl"
+    out.write_text("kept\n")
+    name = {"regular file": str(out), "device": "/dev/full", "-": "-"}[target]
+
+    def small_files() -> None:   # a disk full once 100 KB are written: the export is 200 KB
+        resource.setrlimit(resource.RLIMIT_FSIZE, (100_000, 100_000))
+    with open("/dev/full", "wb") as full:
+        run = subprocess.run([sys.executable, "-m", "agent", "dead", "export", name, "--config",
+                              str(cfg)], cwd=ROOT, stdout=full if name == "-" else None,
+                             stderr=subprocess.PIPE, text=True, timeout=30,
+                             preexec_fn=small_files if target == "regular file" else None)  # noqa: PLW1509
+    line = one_line(run.stderr)
+    assert run.returncode == 1 and "Errno" not in line, (run.returncode, line)
+    want = {"regular file": f"cannot write {out}: File too large; {out} is unchanged",
+            "device": "cannot write /dev/full: No space left on device",
+            "-": "cannot write the output: No space left on device"}[target]
+    assert want in line, line
+    assert out.read_text() == "kept\n" and os.listdir(tmp_path).count("dead.jsonl") == 1
