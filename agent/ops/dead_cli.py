@@ -21,7 +21,7 @@ import urllib.parse
 import urllib.request
 from collections.abc import Callable
 from pathlib import Path
-from typing import Any, BinaryIO
+from typing import Any
 
 from agent.clock import age_s
 from agent.ops.local_agent import (
@@ -62,6 +62,32 @@ class _CutShort(Exception):
     def __init__(self, count: int) -> None:
         super().__init__(count)
         self.count = count
+
+
+class _Unwritable(Exception):
+    """The export's target refused a write (a full disk): ``error`` says why."""
+
+    def __init__(self, error: OSError) -> None:
+        super().__init__(error)
+        self.error = error
+
+
+Write = Callable[[bytes | bytearray], None]
+
+
+def _writer(fd: int) -> Write:
+    """Whole writes to ``fd``, unbuffered: a write that fails fails here, not again at a
+    close that flushes what a buffer kept. A reader that left stays BrokenPipeError (141)."""
+    def write(data: bytes | bytearray) -> None:
+        view = memoryview(data)
+        try:
+            while view:
+                view = view[os.write(fd, view):]
+        except BrokenPipeError:
+            raise
+        except OSError as exc:
+            raise _Unwritable(exc) from exc
+    return write
 
 
 def _listing(got: Any, source: str, args: argparse.Namespace) -> list[str]:
@@ -188,10 +214,14 @@ class _Cli:
         own = args.file == "-" or _is_stdout(target)
         try:
             if own:   # written to as the shell opened it (`>>` appends), never replaced
-                count = self._export_to(cfg, sys.stdout.buffer)
+                sys.stdout.flush()
+                count = self._export_to(cfg, _writer(sys.stdout.fileno()))
             elif not stat.S_ISREG(mode):   # a pipe or a device: straight through
-                with open(target, "wb") as out:
-                    count = self._export_to(cfg, out)
+                fd = os.open(target, os.O_WRONLY)
+                try:
+                    count = self._export_to(cfg, _writer(fd))
+                finally:
+                    os.close(fd)
             else:   # through symlinks: the link stays a link
                 count = self._export_replacing(cfg, Path(os.path.realpath(target)), target)
         except _CutShort as exc:
@@ -199,6 +229,12 @@ class _Cli:
                     f"{target} got only those")
             raise dead.DeadError(f"the agent stopped the export after {exc.count} dead "
                                  f"letters (its log says why): {kept}") from exc
+        except _Unwritable as exc:
+            why = exc.error.strerror or str(exc.error)
+            if own:   # as every command's output that fails (cli.main)
+                raise OutputError(exc.error.errno, why) from exc
+            kept = f"; {target} is unchanged" if stat.S_ISREG(mode) else ""
+            raise dead.DeadError(f"cannot write {target}: {why}{kept}") from exc
         # Beside the letters, not among them: `outpost dead export /dev/stdout | jq`.
         print(f"exported {count} dead letters to {'standard output' if own else target}",
               file=sys.stderr if own else None)
@@ -212,12 +248,16 @@ class _Cli:
         except OSError as exc:
             raise dead.DeadError(f"cannot write {target}: {exc.strerror or exc}") from exc
         try:
-            with os.fdopen(fd, "wb") as out:
-                count = self._export_to(cfg, out)
+            try:
+                count = self._export_to(cfg, _writer(fd))
                 # On disk before it takes the file's place, and the move after: export then
                 # purge must not leave, after a power cut, the letters purged and no file.
-                out.flush()
-                os.fsync(out.fileno())
+                try:
+                    os.fsync(fd)
+                except OSError as exc:
+                    raise _Unwritable(exc) from exc
+            finally:
+                os.close(fd)
             os.replace(part, real)
         except BaseException:
             os.unlink(part)
@@ -225,7 +265,7 @@ class _Cli:
         sync_dir(real.parent)
         return count
 
-    def _export_to(self, cfg: Config, out: BinaryIO) -> int:
+    def _export_to(self, cfg: Config, write: Write) -> int:
         req = urllib.request.Request(agent_url(cfg, "/dead/export"))
         count = 0
         try:
@@ -244,17 +284,17 @@ class _Cli:
                 # last chunk, and a partial export would pass for the whole of it.
                 try:
                     while chunk := resp.read(CHUNK_BYTES):
-                        out.write(chunk)
+                        write(chunk)
                         count += chunk.count(b"\n")
                 except http.client.IncompleteRead as exc:
-                    out.write(exc.partial)
+                    write(exc.partial)
                     raise _CutShort(count + exc.partial.count(b"\n")) from exc
             return count
         conn = dead.read_only(cfg.storage.resolved_path())
         try:
             lines, last = dead.export(conn, 0, EXPORT_PAGE)
             while lines:
-                out.write(lines)
+                write(lines)
                 count += lines.count(b"\n")
                 lines, last = dead.export(conn, last, EXPORT_PAGE)
         finally:
