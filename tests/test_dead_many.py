@@ -5,7 +5,9 @@ accepted the connection but answers slowly says it is busy, not that none runs."
 from __future__ import annotations
 
 import asyncio
+import socket
 import sqlite3
+import struct
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 from pathlib import Path
@@ -222,18 +224,25 @@ async def test_cli_says_the_agent_is_busy_not_absent(
 
 
 @asynccontextmanager
-async def agent_cut_short() -> AsyncIterator[int]:
+async def agent_cut_short(reset: bool = False) -> AsyncIterator[int]:
     """A listener that begins every answer (its head, a bit of its body) and closes before
-    the body's end, as an agent killed mid-answer."""
+    the body's end, as an agent killed mid-answer; with ``reset``, by a TCP reset (as the
+    kernel closes a killed process's socket that has unread data), not a FIN."""
     async def answer(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
         head = await reader.readuntil(b"\r\n\r\n")
         length = next((int(line.split(b":")[1]) for line in head.split(b"\r\n")
                        if line.lower().startswith(b"content-length:")), 0)
         await reader.readexactly(length)   # a POST's body, read: the close is no reset
-        writer.write(b"HTTP/1.1 200 OK\r\nContent-Type: application/json\r\n"
-                     b"Content-Length: 1000\r\n\r\n{\"count\": 1, ")
+        kind = b"application/x-ndjson" if b" /dead/export " in head else b"application/json"
+        writer.write(b"HTTP/1.1 200 OK\r\nContent-Type: %s\r\n"
+                     b"Content-Length: 1000\r\n\r\n{\"count\": 1, " % kind)
         await writer.drain()
-        writer.close()
+        if reset:   # the client reads what came before the reset first (it is queued)
+            writer.get_extra_info("socket").setsockopt(
+                socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
+            writer.transport.abort()
+        else:
+            writer.close()
     server = await asyncio.start_server(answer, "127.0.0.1", 0)
     try:
         yield server.sockets[0].getsockname()[1]
@@ -260,6 +269,31 @@ async def test_dead_commands_say_in_words_that_the_answer_was_cut_short(
                                "another server holds its port; try again\n")
     assert not spool.exists()
 
+
+async def test_an_answer_reset_midway_is_said_so_by_every_command(tmp_path: Path) -> None:
+    """The agent's answer began and the connection was reset before its end (the agent
+    killed mid-answer): `status` printed the spool's figures as "no agent running" (exit 0),
+    `flush` said "no agent answering ... start it", `dead list` and `show` read the spool
+    as if none ran, `retry` and `purge` turned to the spool file, and `dead export` printed
+    a bare "outpost: [Errno 104] Connection reset by peer". An agent answered there: each
+    says its answer was cut short, in one line, exit 1, and leaves the spool file alone."""
+    spool = tmp_path / "spool.db"
+    target = tmp_path / "out.jsonl"
+    async with agent_cut_short(reset=True) as port:
+        cfg = str(write_config(tmp_path / "agent.toml", spool, port=port))
+        for args, path in ((["status"], "/status"), (["flush"], "/flush"),
+                           (["dead", "list"], "/dead"), (["dead", "show", "1"], "/dead/1"),
+                           (["dead", "retry", "--all"], "/dead/retry"),
+                           (["dead", "purge", "--all"], "/dead/purge")):
+            code, text = await outpost_in_thread(*args, "--config", cfg)
+            assert (code, text) == (1, f"outpost: the answer of http://127.0.0.1:{port} to "
+                                       f"{path} was cut short (ConnectionResetError): the agent "
+                                       "stopped mid-answer, or another server holds its port; "
+                                       "try again\n"), args
+        code, text = await outpost_in_thread("dead", "export", str(target), "--config", cfg)
+    assert (code, text) == (1, "outpost: the agent stopped the export after 0 dead letters "
+                               f"(its log says why): {target} is unchanged\n")
+    assert not spool.exists() and not target.exists()
 
 
 @pytest.mark.parametrize("what", ["purge", "retry"])
