@@ -90,6 +90,20 @@ def _writer(fd: int) -> Write:
     return write
 
 
+def _chunk(resp: Any, write: Write, count: int) -> bytes:
+    """The export stream's next chunk (b"" at its end); _CutShort, after writing what came
+    of it, if the stream ended early or was reset (``count``: the letters written before)."""
+    try:
+        return bytes(resp.read(CHUNK_BYTES))
+    except http.client.IncompleteRead as exc:
+        write(exc.partial)
+        raise _CutShort(count + exc.partial.count(b"\n")) from exc
+    except TimeoutError:
+        raise   # a stall, not a cut: said as before
+    except OSError as exc:   # a reset: what came before it was read, and written
+        raise _CutShort(count) from exc
+
+
 def _listing(got: Any, source: str, args: argparse.Namespace) -> list[str]:
     """`dead list`'s lines for the summary ``got``; a LookupError, TypeError or the like if
     it does not have a summary's shape."""
@@ -282,13 +296,9 @@ class _Cli:
                     raise NotOutpost(cfg, "/dead/export")   # nothing of it written
                 # read(n), not lines: iterating ends quietly on a stream cut before its
                 # last chunk, and a partial export would pass for the whole of it.
-                try:
-                    while chunk := resp.read(CHUNK_BYTES):
-                        write(chunk)
-                        count += chunk.count(b"\n")
-                except http.client.IncompleteRead as exc:
-                    write(exc.partial)
-                    raise _CutShort(count + exc.partial.count(b"\n")) from exc
+                while chunk := _chunk(resp, write, count):
+                    write(chunk)
+                    count += chunk.count(b"\n")
             return count
         conn = dead.read_only(cfg.storage.resolved_path())
         try:

@@ -44,7 +44,8 @@ class Refused(ValueError):
 class CutShort(ConnectionError):
     """What holds the agent's address began an answer to ``path`` and closed before its end
     (an agent stopped or killed mid-answer): http.client's IncompleteRead, say, which is
-    neither an OSError nor a URLError."""
+    neither an OSError nor a URLError, or a reset (an OSError that, once an answer began,
+    does not mean that no agent is there)."""
 
     def __init__(self, cfg: Config, path: str, exc: Exception) -> None:
         super().__init__(f"the answer of {agent_url(cfg, '')} to {path.split('?')[0]} was cut "
@@ -56,7 +57,9 @@ def read_whole(cfg: Config, resp: Any, path: str) -> bytes:
     """The body of ``resp``, the answer to ``path``; CutShort if it ends early."""
     try:
         return bytes(resp.read())
-    except http.client.HTTPException as exc:
+    except TimeoutError:
+        raise   # not cut short: the agent is there, and busy (``timed_out``)
+    except (http.client.HTTPException, OSError) as exc:
         raise CutShort(cfg, path, exc) from exc
 
 
