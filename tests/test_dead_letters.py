@@ -148,6 +148,11 @@ async def test_stopped_agent_list_export_purge_retry(make_agent: Any, tmp_path: 
     assert "purged 2 dead letters" in await outpost("purge", "--reason", reason, config=cfg)
     listed = await outpost("list", "--json", config=cfg)
     assert [e["key"] for e in json.loads(listed)["entries"]] == [b]
+    # A reason that matches none (mistyped) said nothing: the summary, and no entries.
+    listed = await outpost("list", "--reason", "HTTP 422", config=cfg)
+    assert listed.splitlines()[-1] == ("no dead letter has the reason 'HTTP 422': give one "
+                                       "exactly as `outpost dead list --json` shows it"), listed
+    assert "ID " not in listed and listed.startswith("1 dead letters"), listed
 
     text = await outpost("retry", "--all", config=cfg)
     assert "re-queued 1 dead letters" in text and "no agent running" in text
