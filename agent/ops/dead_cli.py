@@ -117,6 +117,10 @@ def _listing(got: Any, source: str, args: argparse.Namespace) -> list[str]:
          age(age_s(g["newest"])), printable(g["reason"])] for g in got["groups"]],
         right={0})]
     rows = got["entries"][:args.limit]
+    if args.reason and not any(g["reason"] == args.reason for g in got["groups"]):
+        # Mistyped, or copied from the table, which escapes what --reason must hold as is.
+        return [*lines, "", f"no dead letter has the reason {printable(repr(args.reason))}: "
+                "give one exactly as `outpost dead list --json` shows it"]
     if rows:
         lines += ["", *table(["ID", "KEY", "UPSTREAM", "AGE", "SIZE", "REASON"], [
             [str(e["id"]), printable(e["key"]), printable(e["upstream"]), age(age_s(e["at"])),
