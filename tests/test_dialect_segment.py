@@ -109,7 +109,21 @@ async def test_bad_or_missing_key_is_401(make_agent: Any, path: str) -> None:
         assert reply.status == 401
         err = reply.json()["Errors"][0] if path == "/v1/batch" else reply.json()
         assert err["Error"] == "Unauthorized" and err["Message"] == "Invalid or missing writekey"
+        # No key at all was refused as "not one of listen.accept_keys" (it stands for the
+        # key `anonymous`): the app is told it gave none, and where one goes.
+        assert (NO_KEY_GIVEN in err["Details"]) is (not headers), err
+        assert ("not one of listen.accept_keys" in err["Details"]) is bool(headers), err
+    if path == "/v1/batch":   # an empty batch, keyless: the same
+        reply = await call(agent.port, path, {"batch": []})
+        assert reply.status == 401 and NO_KEY_GIVEN in reply.json()["Errors"][0]["Details"]
+    data = base64.b64encode(orjson.dumps(msg)).decode()
+    reply = await call(agent.port, f"/v1/pixel/track?data={data}", method="GET")
+    assert NO_KEY_GIVEN in reply.headers["X-Outpost-Error"], reply.headers
     assert agent.spool.depth == 0
+
+
+NO_KEY_GIVEN = ("no write key given: send it as Basic auth's username, as `?writeKey=` or "
+                "as `writeKey` in the body")
 
 
 # Authorization headers that are there but name no write key (audit): each was taken as
