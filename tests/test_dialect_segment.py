@@ -112,7 +112,7 @@ async def test_bad_or_missing_key_is_401(make_agent: Any, path: str) -> None:
         # No key at all was refused as "not one of listen.accept_keys" (it stands for the
         # key `anonymous`): the app is told it gave none, and where one goes.
         assert (NO_KEY_GIVEN in err["Details"]) is (not headers), err
-        assert ("not one of listen.accept_keys" in err["Details"]) is bool(headers), err
+        assert "not one of listen.accept_keys" in err["Details"], err
     if path == "/v1/batch":   # an empty batch, keyless: the same
         reply = await call(agent.port, path, {"batch": []})
         assert reply.status == 401 and NO_KEY_GIVEN in reply.json()["Errors"][0]["Details"]

@@ -57,6 +57,11 @@ _UNASKED = "\0"   # not a refusal: a key not yet asked about (see _collect)
 # Seed 003 makes auth optional: a message with no key at all is taken under this key
 # when `listen.accept_keys` accepts it (empty: any key), and routed like any other.
 NO_KEY = "anonymous"
+# What a 401 for a request with no key says first: NO_KEY's refusal alone ("not one of
+# listen.accept_keys") reads as a key given and refused.
+NO_KEY_GIVEN = ("no write key given: send it as Basic auth's username, as `?writeKey=` or "
+                f"as `writeKey` in the body ({NO_KEY!r}, the key of a message without one, "
+                "is refused")
 TEXT = {"Content-Type": "text/plain;charset=UTF-8"}  # how browsers avoid a preflight
 SENT_AT = "2026-01-01T00:00:00.000Z"
 
@@ -138,6 +143,12 @@ class SegmentHandlers:
                 return why
         return None
 
+    def _key_refusal(self, key: str | None) -> str | None:
+        """Why events may not be stored under ``key``, NO_KEY's when it is None (the
+        request gave none), or None."""
+        why = self.sink.key_refusal(key or NO_KEY)
+        return f"{NO_KEY_GIVEN}: {why})" if why is not None and key is None else why
+
     async def _single(self, body: Any, kind: str | None, header_key: str | None,
                       raw_size: int = 0) -> web.Response:
         failure = await self._one(body, kind, header_key, raw_size)
@@ -151,11 +162,12 @@ class SegmentHandlers:
         if not isinstance(body, dict):
             return Failure(400, "expected a JSON object")
         try:
-            key = header_key or _body_key(body) or NO_KEY
+            given = header_key or _body_key(body)
         except Invalid as exc:
             return Failure(replies.status_of(exc), exc.message)
-        if (why := self.sink.key_refusal(key)) is not None:
+        if (why := self._key_refusal(given)) is not None:
             return Failure(401, INVALID_KEY, why)
+        key = given or NO_KEY
         if kind is not None:
             body["type"] = kind  # the route names the call, as in Segment's API
         try:
@@ -211,14 +223,14 @@ class SegmentHandlers:
             status = replies.status_of(exc)
             return batch_error(status, [error_object(status, exc.message)])
         if not items:
-            why = self.sink.key_refusal(forced_key or batch_key or NO_KEY)
+            why = self._key_refusal(forced_key or batch_key)
             return verdict([] if why is None else [error_object(401, INVALID_KEY, why)],
                             [401], 0)
         given = spec.shared(spec.received_now(), body)
-        enrich, refusal = self.sink.enrich, self.sink.key_refusal
+        enrich, refusal = self.sink.enrich, self._key_refusal
         limits = self.sink.limits   # read once: a reload applies to the next request
         oversize = limits.oversize
-        asked: dict[str, str | None] = {}   # each key asked once a request: why refused
+        asked: dict[str | None, str | None] = {}   # each key asked once a request: why refused
         out = Collected([], [], [], forced_key or batch_key or NO_KEY, limits)
         for i, ev in enumerate(items):
             if faults and i in faults:   # read, but not as sent: refused alone
@@ -226,12 +238,13 @@ class SegmentHandlers:
                 out.statuses.append(400)
                 continue
             try:
-                key = forced_key or _body_key(ev) or batch_key or NO_KEY
+                key = forced_key or _body_key(ev) or batch_key
                 refused = asked.get(key, _UNASKED)
                 if refused is _UNASKED:
                     refused = asked[key] = refusal(key)
                 if refused is None:
-                    event = spec.accept_in(ev, key, spec.TYPES, given, enrich, raw_size)
+                    event = spec.accept_in(ev, key or NO_KEY, spec.TYPES, given, enrich,
+                                           raw_size)
             except Invalid as exc:
                 status, message, why = replies.status_of(exc), exc.message, ""
             else:
