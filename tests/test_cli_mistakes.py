@@ -185,6 +185,22 @@ def test_run_warns_once_of_a_spool_directory_others_can_see(
     assert seen.count(f"{directory} is {says} by other users (mode {mode:o})") == 1, seen
 
 
+def test_run_that_cannot_listen_is_one_line_even_with_a_spool_directory_others_see(
+        tmp_path: Path) -> None:
+    """The warning of a spool directory others can list came as the spool opened, before
+    the listen failed: two lines for one mistake. It waits for a start (the next run, once
+    the port is fixed, gives it), as the other start notices do."""
+    directory = tmp_path / "spool"
+    directory.mkdir()
+    directory.chmod(0o755)
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        cfg = write_config(tmp_path / "agent.toml", directory / "spool.db",
+                           port=taken.getsockname()[1])
+        refused(outpost("run", "--config", str(cfg)), "cannot listen on 127.0.0.1:")
+
+
 # -- offline: no agent answering --------------------------------------------------------------
 
 @contextmanager
