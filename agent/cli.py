@@ -98,8 +98,8 @@ def cmd_run(args: argparse.Namespace) -> int:
         return EXIT_CONFIG
     spool = cfg.storage.resolved_path()
     try:
-        # Made for the lock file; the spool warns of a directory others can see as it
-        # opens, once through the log (set up below, after the lock).
+        # Made for the lock file; a directory others can see is warned of once, through
+        # the log (set up below, after the lock), once the agent has started.
         paths.make_private_dir(spool.parent)
     except OSError as exc:   # the preflight asks access(2), which says yes to root anywhere
         _say(f"storage.path {spool}: cannot create {spool.parent}: {exc.strerror or exc}; "

@@ -298,7 +298,8 @@ def setup_logging(level: str = "info", *, stream: IO[str] | None = None, journal
     stream = stream if stream is not None else sys.stderr
     handler: logging.Handler
     if stream is None:
-        log_file = paths.ensure_private_dir(paths.data_dir()) / "outpost.log"
+        paths.make_private_dir(paths.data_dir())
+        log_file = paths.data_dir() / "outpost.log"
         handler = logging.handlers.RotatingFileHandler(log_file, maxBytes=1 << 20, backupCount=3)
         journald = False
     else:

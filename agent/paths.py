@@ -9,7 +9,6 @@ platformdirs' XDG fallbacks (/etc/xdg/outpost, /usr/local/share/outpost).
 
 from __future__ import annotations
 
-import logging
 import os
 import stat
 import sys
@@ -21,8 +20,6 @@ import platformdirs
 APP = "outpost"
 LINUX_SYSTEM_CONFIG = Path("/etc") / APP
 LINUX_SYSTEM_DATA = Path("/var/lib") / APP
-
-log = logging.getLogger("outpost")
 
 
 def is_system_service() -> bool:
@@ -134,20 +131,23 @@ def make_private_dir(path: Path) -> bool:
     return existed
 
 
-def ensure_private_dir(path: Path) -> Path:
-    """``make_private_dir``, and a warning logged if ``path`` existed and others can list
-    it or write to it (the files in it are 0600)."""
-    if not make_private_dir(path) or sys.platform == "win32":
-        return path
-    if (mode := stat.S_IMODE(path.stat().st_mode)) & 0o022:
-        log.warning("%s is writable by other users (mode %o): they can delete, rename or "
-                    "plant files beside the spool; chmod 700 it, or give storage.path a "
-                    "private directory", path, mode)
-    elif mode & 0o044:
-        log.warning("%s is readable by other users (mode %o): they can list the names of "
-                    "the files in it, not read them (0600); chmod 700 it to hide them",
-                    path, mode)
-    return path
+def exposure(path: Path) -> str | None:
+    """A warning if others can list or write to the directory ``path`` (the files in it are
+    0600), else None (also when it is not there)."""
+    if sys.platform == "win32":
+        return None
+    try:
+        mode = stat.S_IMODE(path.stat().st_mode)
+    except OSError:
+        return None
+    if mode & 0o022:
+        return (f"{path} is writable by other users (mode {mode:o}): they can delete, rename "
+                "or plant files beside the spool; chmod 700 it, or give storage.path a "
+                "private directory")
+    if mode & 0o044:
+        return (f"{path} is readable by other users (mode {mode:o}): they can list the names "
+                "of the files in it, not read them (0600); chmod 700 it to hide them")
+    return None
 
 
 def sync_dir(directory: Path) -> None:

@@ -30,8 +30,9 @@ def problems(cfg: Config) -> list[str]:
 
 
 def notices(cfg: Config) -> list[str]:
-    """What a newcomer running on the defaults should be told at startup."""
-    out = []
+    """What a newcomer running on the defaults should be told at startup, and a spool
+    directory others can see into (found as the spool opened, said once it started)."""
+    out = [seen] if (seen := paths.exposure(cfg.storage.resolved_path().parent)) else []
     if cfg.source == "<defaults>":
         out.append(f"no config file found (looked for $OUTPOST_CONFIG, ./agent.toml and "
                    f"{paths.config_dir() / 'agent.toml'}); running with the built-in defaults; "

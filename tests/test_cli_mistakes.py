@@ -173,7 +173,7 @@ def test_run_warns_once_of_a_spool_directory_others_can_see(
                                 cwd=ROOT, stdin=subprocess.DEVNULL, stdout=out,
                                 stderr=subprocess.STDOUT)
     try:
-        # The warning comes as the spool opens, before the agent listens.
+        # The warning comes once the agent listens, beside the other start notices.
         deadline = time.monotonic() + 30
         while "listening on" not in log.read_text():
             assert proc.poll() is None and time.monotonic() < deadline, log.read_text()

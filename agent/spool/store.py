@@ -25,7 +25,7 @@ from agent.clock import CLOCK
 from agent.families.event import Event, now_ms
 from agent.families.lanes import LANES
 from agent.outcomes import Counts, Drop, Outcome, Tally
-from agent.paths import ensure_private_dir
+from agent.paths import make_private_dir
 from agent.settings import StorageConfig
 from agent.spool import commit as spool_commit
 from agent.spool import db as spool_db
@@ -197,7 +197,7 @@ class Spool:
     async def open(cls, cfg: StorageConfig, on_reopen: Callable[[], None] = lambda: None,
                    on_migrating: Callable[[], None] | None = None) -> Spool:
         spool = cls(cfg, cfg.resolved_path(), on_reopen, on_migrating)
-        ensure_private_dir(spool.path.parent)
+        make_private_dir(spool.path.parent)
         try:
             if (moved := pending(spool.path)) is not None:
                 # A newer agent's (SpoolTooNew): its files are left for it to finish.
