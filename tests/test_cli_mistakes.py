@@ -152,10 +152,17 @@ def test_an_upstream_key_with_control_characters_is_refused_by_fingerprint(
 
 # -- outpost run -------------------------------------------------------------------------------
 
-def test_run_with_a_spool_directory_that_cannot_be_made_is_one_line(tmp_path: Path) -> None:
-    """The preflight asks access(2), which says yes to root everywhere; mkdir still fails."""
-    cfg = write_config(tmp_path / "agent.toml", Path("/proc/outpost-test/spool.db"))
-    refused(outpost("run", "--config", str(cfg)), "storage.path", "/proc/outpost-test")
+@pytest.mark.parametrize("spool", ["/proc/outpost-test/spool.db", "/proc/outpost-test.db"])
+def test_run_and_check_config_refuse_a_spool_that_cannot_be_made_alike(
+        tmp_path: Path, spool: str) -> None:
+    """The preflight asks access(2), which says yes to root everywhere; mkdir (or creating
+    the spool's files) still fails. check-config accepted what run refused, and run said
+    of a file it could not create in an existing directory that "the spool is in use by
+    another agent" (its lock file could not be opened, which the lock retries for a
+    second). Both refuse it, with the same line, exit 2."""
+    cfg = write_config(tmp_path / "agent.toml", Path(spool))
+    line = refused(outpost("run", "--config", str(cfg)), f"storage.path {spool}: cannot ")
+    assert refused(outpost("check-config", str(cfg))) == line
 
 
 @pytest.mark.parametrize("mode,says", [(0o755, "readable"), (0o777, "writable")])
