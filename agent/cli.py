@@ -101,9 +101,8 @@ def cmd_run(args: argparse.Namespace) -> int:
         # Made for the lock file; a directory others can see is warned of once, through
         # the log (set up below, after the lock), once the agent has started.
         paths.make_private_dir(spool.parent)
-    except OSError as exc:   # the preflight asks access(2), which says yes to root anywhere
-        _say(f"storage.path {spool}: cannot create {spool.parent}: {exc.strerror or exc}; "
-             f"{preflight.STORAGE_FIX}")
+    except OSError as exc:   # the preflight's probe passed, and then the system refused
+        _say(preflight.cannot_create(spool, str(spool.parent), exc))
         return EXIT_CONFIG
     # One agent per spool: two would both forward its queue, each with its own dedupe
     # index and depths. Held for the process's life; the OS drops it however that ends.

@@ -1,8 +1,8 @@
 """Operator mistakes caught before the agent starts, each as one line naming the problem
 and the fix (issue 14): a spool location this user cannot write, a read-only filesystem
 (systemd's ProtectSystem=strict outside the state directory), a listen.host that does not
-resolve; and, once started, what a newcomer on the defaults should know. The checks change
-nothing on disk, so `check-config` can run them too."""
+resolve; and, once started, what a newcomer on the defaults should know. The checks leave
+nothing on disk (one makes and removes a name of its own), so `check-config` runs them too."""
 
 from __future__ import annotations
 
@@ -11,6 +11,7 @@ import os
 import socket
 import stat
 import sys
+import tempfile
 from pathlib import Path
 
 from agent import paths
@@ -154,6 +155,28 @@ def storage_problem(cfg: Config) -> str | None:
     if not writable:
         return (f"{where}: cannot write to {spool if os.path.exists(spool) else existing} as user "
                 f"{_user()}; {STORAGE_FIX}, or give that user write access")
+    return _cannot_make(spool, existing)
+
+
+def cannot_create(spool: Path, what: str, exc: OSError) -> str:
+    """The line for ``storage.path`` ``spool`` where ``what`` cannot be created."""
+    return f"storage.path {spool}: cannot create {what}: {exc.strerror or exc}; {STORAGE_FIX}"
+
+
+def _cannot_make(spool: Path, existing: Path) -> str | None:
+    """What access(2) cannot tell, saying yes to root everywhere (/proc, /sys): whether
+    what `run` would make there (the spool's directory; else its file or lock file) can
+    be, tried on a name of its own, removed at once. None if it can, or none is needed."""
+    try:
+        if existing != spool.parent:
+            os.rmdir(tempfile.mkdtemp(prefix=".outpost-check-", dir=existing))
+        elif not (os.path.exists(spool) and os.path.exists(paths.spool_lock(spool))):
+            fd, name = tempfile.mkstemp(prefix=".outpost-check-", dir=existing)
+            os.close(fd)
+            os.unlink(name)
+    except OSError as exc:
+        made = spool.parent if existing != spool.parent else f"files in {spool.parent}"
+        return cannot_create(spool, str(made), exc)
     return None
 
 
