@@ -50,3 +50,29 @@ def test_dead_list_beside_an_agent_listening_elsewhere_does_not_say_none_runs(
     assert "no agent running" not in run.stdout, run.stdout
     assert f"an agent runs on it but does not answer at http://127.0.0.1:{other}" in run.stdout
     assert running.terminate() == 0
+
+
+def test_listen_port_0_is_named_as_why_no_command_reaches_the_agent(
+        tmp_path: Path, agent_process: Callable[..., AgentProcess]) -> None:
+    """listen.port = 0 has the system pick the agent's port at each start: no command can
+    know it. They said the agent "is still starting, or listens where its config said when
+    it started (a change to listen.port applies at a restart)" (status, flush, tail), or
+    that the spool "is in use" (dead retry): untrue, and no help. Each names listen.port = 0
+    and the fix, one line, exit 1; with no agent, flush says so too, not only "start it"."""
+    spool, port = tmp_path / "spool.db", free_port()
+    cfg = write_config(tmp_path / "agent.toml", spool, port=port)
+    running = agent_process(cfg, port).start()
+    write_config(cfg, spool, port=0)   # as the agent's own config says, to the commands
+    for args in (("status",), ("flush",), ("tail",), ("dead", "retry", "--all")):
+        run = outpost(*args, "--config", str(cfg))
+        line = one_line(run.stdout + run.stderr)
+        assert run.returncode == 1 and run.stderr.strip() == line, (args, run.returncode, line)
+        assert f"an agent is running on the spool {spool}" in line, line
+        assert PORT_0 in line and "still starting" not in line, line
+    assert running.terminate() == 0
+    run = outpost("flush", "--config", str(cfg))
+    assert run.returncode == 1 and PORT_0 in run.stderr, run.stderr
+
+
+PORT_0 = ("listen.port = 0 has the system pick the agent's port at each start, which no "
+          "command can know: set listen.port to a fixed port")
