@@ -33,7 +33,9 @@ from agent.ops.local_agent import (
     busy,
     opened,
     read_whole,
+    running_elsewhere,
     timed_out,
+    why_not,
 )
 from agent.ops.shared_terms import EXPORT_PAGE, LIST_LIMIT
 from agent.ops.status_table import age, size, table
@@ -151,7 +153,7 @@ class _Cli:
             raise dead.DeadError(str(exc)) from exc
         except (urllib.error.URLError, OSError) as exc:
             if not timed_out(exc):
-                raise _NoAgent(str(exc)) from exc
+                raise _NoAgent(why_not(exc)) from exc
             # An agent is there: never the spool file (it holds it), never "no agent".
             if body is None:
                 raise dead.DeadError(busy(cfg, path, timeout)) from exc
@@ -322,7 +324,10 @@ class _Cli:
             got = answer(cfg, f"/dead/{what}", self._ask(cfg, f"/dead/{what}", {
                 "reason": args.reason, "all": args.all}), done, int)
             n, where = got[done], "the running agent"
-        except _NoAgent:
+        except _NoAgent as exc:
+            # One runs, elsewhere: said as status says it (the file is its, and refused).
+            if elsewhere := running_elsewhere(cfg, str(exc)):
+                raise dead.DeadError(elsewhere) from exc
             spool = cfg.storage.resolved_path()
             with dead.Offline(spool) as conn:
                 if what == "retry":

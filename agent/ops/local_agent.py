@@ -126,14 +126,26 @@ def why_not(exc: BaseException) -> str:
     return reason.strerror if isinstance(reason, OSError) and reason.strerror else str(reason)
 
 
+def port_unknown(cfg: Config) -> str | None:
+    """Why no command can reach an agent whose listen.port is 0 (valid: tests use it), or
+    None for a fixed port."""
+    if cfg.listen.port:
+        return None
+    return ("listen.port = 0 has the system pick the agent's port at each start, which no "
+            "command can know: set listen.port to a fixed port (8765 by default), then "
+            "restart the agent; until then its log's 'listening on' line names its port")
+
+
 def running_elsewhere(cfg: Config, why: str) -> str | None:
     """One line for an agent that runs on the configured spool but did not answer at the
     configured address (``why``): it has not bound its port yet (a migration at start), or
-    listen.host or listen.port changed since it started, which applies at a restart. None
-    if no agent runs on the spool."""
+    listen.host or listen.port changed since it started, which applies at a restart, or
+    listen.port is 0. None if no agent runs on the spool."""
     spool = cfg.storage.resolved_path()
     if not paths.agent_holds(spool):
         return None
+    if unknown := port_unknown(cfg):
+        return f"an agent is running on the spool {spool}, but {unknown}"
     return (f"an agent is running on the spool {spool} but does not answer at "
             f"{agent_url(cfg, '')} ({why}): it is still starting (opening the spool), or it "
             "listens where its config said when it started (a change to listen.host or "
@@ -146,5 +158,7 @@ def not_answering(cfg: Config, exc: BaseException) -> str:
     why = why_not(exc)
     if elsewhere := running_elsewhere(cfg, why):
         return elsewhere
+    if unknown := port_unknown(cfg):
+        return f"no agent answering: {unknown}"
     return (f"no agent answering at {agent_url(cfg, '')} ({why}): start it (`outpost run`, "
             "or the service), or name its config with --config")
