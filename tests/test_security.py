@@ -289,6 +289,27 @@ def test_spool_is_private_whatever_the_umask(tmp_path: Path,
                for r in caplog.records), [r.getMessage() for r in caplog.records]
 
 
+def test_a_spool_left_with_wider_modes_is_made_private_wal_and_shm_too(tmp_path: Path) -> None:
+    """A spool whose files every user can read (a backup restored without its modes, a
+    copy by another tool), left with a -wal still holding events (a crash, a power cut):
+    each is made 0600 at start. Before the fix only the spool itself was: SQLite keeps the
+    mode of a -wal that has content, so the queue went on being written, for the whole
+    run, into a -wal (and -shm) that every user could read."""
+    made, where = tmp_path / "made", tmp_path / "data"
+    where.mkdir(mode=0o700)
+    with ThreadedAgent(tmp_path, spool=made / "spool.db") as agent:
+        status, _, _ = agent.request("POST", "/app/k1/track", b'{"data":[{"name":"e","id":1}]}')
+        assert status == 200
+        for name in ("spool.db", "spool.db-wal", "spool.db-shm"):   # as a crash leaves them
+            (where / name).write_bytes((made / name).read_bytes())
+            (where / name).chmod(0o644)
+    assert (where / "spool.db-wal").stat().st_size > 0
+    with ThreadedAgent(tmp_path, spool=where / "spool.db") as agent:
+        assert agent.depth == 1   # the event the -wal held
+        for name in ("spool.db", "spool.db-wal", "spool.db-shm"):
+            assert stat.S_IMODE((where / name).stat().st_mode) == 0o600, name
+
+
 def test_directories_made_for_a_new_spool_are_private(tmp_path: Path) -> None:
     """A storage.path whose directories do not exist yet: each one the agent makes is
     0700, not only the last (the XDG rule). Before the fix the outer ones were made with
