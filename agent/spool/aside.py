@@ -15,7 +15,8 @@ from pathlib import Path
 
 from agent.paths import sync_dir
 
-_SUFFIXES = ("", "-wal", "-shm")
+# A spool's files: the database, and the WAL and shared-memory index SQLite keeps beside it.
+SUFFIXES = ("", "-wal", "-shm")
 
 
 def marker(path: Path) -> Path:
@@ -31,7 +32,7 @@ def target(path: Path) -> Path:
     n = 0
     while True:
         moved = path.with_name(f"{path.name}.corrupt-{stamp}{f'.{n}' if n else ''}")
-        if not any(Path(f"{moved}{suffix}").exists() for suffix in _SUFFIXES):
+        if not any(Path(f"{moved}{suffix}").exists() for suffix in SUFFIXES):
             return moved
         n += 1
 
@@ -62,7 +63,7 @@ def move_fresh_aside(path: Path, moved: Path) -> None:
     """Rename the damaged fresh spool of a salvage not finished to ``moved``, its -wal and
     -shm first: cut between the renames, the next start must not take a -wal left at the
     path for the marker's file's (``pending``), and write it over that file's own."""
-    for suffix in reversed(_SUFFIXES):
+    for suffix in reversed(SUFFIXES):
         src = Path(f"{path}{suffix}")
         if src.exists():
             src.rename(Path(f"{moved}{suffix}"))
@@ -100,7 +101,7 @@ def done(path: Path) -> None:
 
 def _rename(path: Path, target: Path) -> None:
     # The file first: while it is still at the path, its -wal and -shm must stay with it.
-    for suffix in _SUFFIXES:
+    for suffix in SUFFIXES:
         src = Path(f"{path}{suffix}")
         if src.exists():
             src.rename(Path(f"{target}{suffix}"))

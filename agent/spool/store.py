@@ -15,6 +15,7 @@ import asyncio
 import logging
 import os
 import sqlite3
+import stat
 import sys
 from collections.abc import Awaitable, Callable, Coroutine, Sequence
 from dataclasses import dataclass
@@ -30,7 +31,7 @@ from agent.settings import StorageConfig
 from agent.spool import commit as spool_commit
 from agent.spool import db as spool_db
 from agent.spool import wal_check
-from agent.spool.aside import done, marker, move_aside, move_fresh_aside, note, pending, target
+from agent.spool.aside import SUFFIXES, done, marker, move_aside, move_fresh_aside, note, pending, target
 from agent.spool.books import Books
 from agent.spool.db import BUSY_TIMEOUT_MS, PAST, SqliteThread
 from agent.spool.dedupe import DedupeIndex
@@ -60,6 +61,18 @@ def _refuse_newer(moved: Path) -> None:
         open_read_only(moved).close()
     except sqlite3.Error:
         pass
+
+
+def _private(path: Path) -> None:
+    """A spool's -wal or -shm made 0600. SQLite makes them with the spool's mode, but keeps
+    the mode of one left holding data (a crash) with a wider one (a backup restored without
+    its modes). Only a regular file: a link (to /dev/null, say) is not followed."""
+    try:
+        found = os.lstat(path)
+    except FileNotFoundError:
+        return
+    if stat.S_ISREG(found.st_mode) and stat.S_IMODE(found.st_mode) & 0o077:
+        os.chmod(path, 0o600)
 
 
 @dataclass(slots=True)
@@ -231,6 +244,8 @@ class Spool:
         refuse_special(self.path)   # before the chmod: /dev/null's mode is every user's
         if sys.platform != "win32":
             os.chmod(self.path, 0o600)
+            for suffix in SUFFIXES[1:]:
+                _private(Path(f"{self.path}{suffix}"))
         # Read-only first: a newer agent's file is refused before a connection that could
         # write to it exists (closing one checkpoints a WAL the newer agent left behind).
         open_read_only(self.path).close()
