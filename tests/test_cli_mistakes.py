@@ -391,6 +391,37 @@ def test_config_init_through_a_symlink_writes_the_file_it_points_at(tmp_path: Pa
     assert _leftovers(tmp_path) == ["agent.toml", "real.toml"]
 
 
+def planted_links(tmp_path: Path) -> tuple[Path, Path, Path, Path]:
+    """Two links another user (uid 4242) made in a sticky directory every user may write
+    to, as /tmp: one to a file of this user's, one to where no file is yet. The kernel's
+    protected_symlinks would not follow either for a command that opened them."""
+    if not hasattr(os, "lchown") or os.geteuid() != 0:
+        pytest.skip("a link of another user's is made as root")
+    shared = tmp_path / "shared"
+    shared.mkdir()
+    shared.chmod(0o1777)
+    precious, absent = tmp_path / "precious", tmp_path / "absent"
+    precious.write_text("mine\n")
+    to_file, to_nothing = shared / "to-file", shared / "to-nothing"
+    to_file.symlink_to(precious)
+    to_nothing.symlink_to(absent)
+    for link in (to_file, to_nothing):
+        os.lchown(link, 4242, 4242)
+    return to_file, precious, to_nothing, absent
+
+
+def test_config_init_does_not_follow_another_users_link_in_a_shared_directory(
+        tmp_path: Path) -> None:
+    """`config init --path /tmp/agent.toml` resolved a link planted there with realpath,
+    which the kernel never refuses (protected_symlinks guards opens, not readlink), and
+    replaced the file the link named: as root, any file of the machine's."""
+    to_file, precious, to_nothing, absent = planted_links(tmp_path)
+    for link, force in ((to_file, ("--force",)), (to_nothing, ())):
+        refused(init("--path", str(link), *force), str(link), "another user's link")
+    assert precious.read_text() == "mine\n" and not absent.exists()
+    assert _leftovers(tmp_path) == ["precious", "shared"]
+
+
 def test_config_init_onto_a_device_is_refused_and_the_device_kept(tmp_path: Path) -> None:
     link = tmp_path / "agent.toml"
     link.symlink_to("/dev/null")

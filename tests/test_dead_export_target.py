@@ -20,7 +20,7 @@ from agent.families.event import NUCLEUS, Event
 from agent.settings import StorageConfig
 from agent.spool import Spool
 from tests.conftest import AgentProcess, free_port, write_config
-from tests.test_cli_mistakes import outpost
+from tests.test_cli_mistakes import outpost, planted_links
 from tests.test_operator_mistakes import one_line
 from tests.waiting import ROOT, run_outpost
 
@@ -72,6 +72,23 @@ async def test_dead_export_onto_the_config_file_is_refused_and_the_config_kept(
     line = one_line(out)
     assert code == 1 and f"cannot write {cfg}:" in line and "config" in line, (code, line)
     assert cfg.read_bytes() == before
+
+
+async def test_dead_export_does_not_follow_another_users_link_in_a_shared_directory(
+        tmp_path: Path) -> None:
+    """`outpost dead export /tmp/dead.jsonl` resolved a link planted there with realpath and
+    replaced the file it named, or made one where it pointed: as root, any file of the
+    machine's, wherever the kernel's protected_symlinks is off (as in this container)."""
+    to_file, precious, to_nothing, absent = planted_links(tmp_path)
+    spool = tmp_path / "spool.db"
+    await (await Spool.open(StorageConfig(path=str(spool)))).close()   # no agent runs
+    cfg = write_config(tmp_path / "agent.toml", spool, port=free_port())
+    for link in (to_file, to_nothing):
+        code, out = await run_outpost("dead", "export", str(link), "--config", str(cfg))
+        line = one_line(out)
+        assert code == 1 and f"cannot write {link}:" in line, (code, line)
+        assert "another user's link" in line, line
+    assert precious.read_text() == "mine\n" and not absent.exists()
 
 
 @pytest.mark.parametrize("target", ["regular file", "device", "-"])
