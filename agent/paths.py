@@ -87,6 +87,31 @@ def not_a_file(mode: int) -> str | None:
     return next((name for test, name in _NOT_FILES if test(mode)), "special")
 
 
+def planted_link(path: Path) -> str | None:
+    """Why ``path`` may not be written through: a link on it (as named) that another user
+    made in a sticky directory every user may write to (/tmp), and that directory's owner
+    did not either. The kernel's protected_symlinks refuses to follow such a link, but a
+    command that resolves links itself (realpath, to write beside the file a link names)
+    only reads it: without this, `config init --path /tmp/agent.toml` run as root replaced
+    whatever file another user's link there named. None where there is no such link."""
+    if sys.platform == "win32":
+        return None
+    here = Path(os.path.abspath(path))
+    for step in (*reversed(here.parents), here):
+        try:
+            link = os.lstat(step)
+            if not stat.S_ISLNK(link.st_mode):
+                continue
+            shared = os.stat(step.parent)
+        except OSError:   # nothing there, or not ours to look at: nothing to follow
+            return None
+        if shared.st_mode & stat.S_ISVTX and shared.st_mode & stat.S_IWOTH \
+                and link.st_uid not in (os.geteuid(), shared.st_uid):
+            return (f"{step} is another user's link in a directory every user may write "
+                    "to: not followed; name a file of your own")
+    return None
+
+
 def spool_lock(spool: Path) -> Path:
     """The lock file `outpost run` holds (flock, exclusive) for its life: one agent a spool."""
     return Path(f"{spool}.lock")

@@ -126,6 +126,8 @@ def run(args: argparse.Namespace) -> int:
         return _fail(str(exc))
     default = paths.config_dir() / "agent.toml"
     target = Path(args.path) if args.path is not None else default
+    if (planted := paths.planted_link(target)) is not None:
+        return _fail(f"cannot write {target}: {planted}")
     # os.path's, not pathlib's: that raises EACCES (a directory this user may not search),
     # which the stat below names in one line.
     if os.path.exists(target) and not args.force:

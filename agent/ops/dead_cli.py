@@ -40,7 +40,7 @@ from agent.ops.local_agent import (
 from agent.ops.shared_terms import EXPORT_PAGE, LIST_LIMIT
 from agent.ops.status_table import age, size, table
 from agent.outcomes import Tally
-from agent.paths import agent_holds, sync_dir
+from agent.paths import agent_holds, planted_link, sync_dir
 from agent.settings import Config
 from agent.spool import dead
 from agent.terminal import OutputError, printable, printable_json
@@ -374,6 +374,8 @@ def _same(target: Path, other: Path) -> bool:
 def _writable(cfg: Config, target: Path) -> int:
     """The st_mode of the file an export may write (a regular file's when there is none),
     or DeadError saying why it may not."""
+    if (planted := planted_link(target)) is not None:
+        raise dead.DeadError(f"cannot write {target}: {planted}")
     try:
         # Stat'd, not resolved: /dev/stdout leads to a pipe through a link that
         # realpath cannot follow (it names no file), and so does /proc/self/fd/1.
