@@ -21,9 +21,11 @@ from __future__ import annotations
 
 import asyncio
 import base64
+import io
 import logging
 import os
 import stat
+import sys
 from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
@@ -34,6 +36,7 @@ import pytest
 from agent.dialects import registry
 from agent.dialects.auth import basic
 from agent.dialects.base import Dialect, Example
+from agent.logs import setup_logging
 from agent.server.guard import Guard, is_loopback_name
 from agent.settings import ListenConfig
 from tests.conftest import AgentProcess, free_port, write_config
@@ -308,6 +311,33 @@ def test_a_spool_left_with_wider_modes_is_made_private_wal_and_shm_too(tmp_path:
         assert agent.depth == 1   # the event the -wal held
         for name in ("spool.db", "spool.db-wal", "spool.db-shm"):
             assert stat.S_IMODE((where / name).stat().st_mode) == 0o600, name
+
+
+@pytest.mark.parametrize("found", [False, True])
+def test_the_log_file_is_private_whatever_the_umask(tmp_path: Path, found: bool,
+                                                    monkeypatch: pytest.MonkeyPatch) -> None:
+    """With no stderr (pythonw, or `outpost run` started with it closed) the agent logs to
+    outpost.log in its data directory. The file was made with the umask's mode (0644 under
+    022), and one found with a wider mode kept it: every user could read what is logged."""
+    data = tmp_path / "data"
+    log = data / "outpost" / "outpost.log"
+    if found:
+        log.parent.mkdir(parents=True, mode=0o700)
+        log.write_text("an earlier run's lines\n")
+        log.chmod(0o644)
+    monkeypatch.setenv("XDG_DATA_HOME", str(data))
+    monkeypatch.setenv("OUTPOST_SYSTEM", "0")
+    old = os.umask(0o022)
+    try:
+        with monkeypatch.context() as no_stderr:
+            no_stderr.setattr(sys, "stderr", None)   # what Python gives when fd 2 is closed
+            setup_logging("info")
+        logging.getLogger("outpost").info("a line")
+    finally:
+        os.umask(old)
+        setup_logging("info", stream=io.StringIO())   # closes the file
+    assert "a line" in log.read_text()
+    assert stat.S_IMODE(log.stat().st_mode) == 0o600
 
 
 def test_directories_made_for_a_new_spool_are_private(tmp_path: Path) -> None:
