@@ -11,10 +11,12 @@ from __future__ import annotations
 import base64
 import functools
 import hashlib
+import io
 import logging
 import logging.handlers
 import os
 import re
+import stat
 import sys
 import threading
 import time
@@ -285,6 +287,18 @@ def stderr_is_journal(stream: IO[str] | None, environ: Mapping[str, str] | None 
 _installed: logging.Handler | None = None
 
 
+class _PrivateFile(logging.handlers.RotatingFileHandler):
+    """The log file, and each one a rotation starts, made 0600 whatever the umask, and
+    one found wider made so: it holds what the agent logs (upstreams, apps' event names)."""
+
+    def _open(self) -> io.TextIOWrapper:
+        fd = os.open(self.baseFilename, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o600)
+        # Not on Windows, where the directory's ACL is what guards it.
+        if sys.platform != "win32" and stat.S_IMODE(os.fstat(fd).st_mode) & 0o077:
+            os.fchmod(fd, 0o600)
+        return open(fd, "a", encoding=self.encoding, errors=self.errors)
+
+
 def setup_logging(level: str = "info", *, stream: IO[str] | None = None, journald: bool | None = None) -> None:
     """Send all logging to ``stream`` (stderr) at ``level``; safe to call again.
 
@@ -300,7 +314,7 @@ def setup_logging(level: str = "info", *, stream: IO[str] | None = None, journal
     if stream is None:
         paths.make_private_dir(paths.data_dir())
         log_file = paths.data_dir() / "outpost.log"
-        handler = logging.handlers.RotatingFileHandler(log_file, maxBytes=1 << 20, backupCount=3)
+        handler = _PrivateFile(log_file, maxBytes=1 << 20, backupCount=3)
         journald = False
     else:
         handler = logging.StreamHandler(stream)
