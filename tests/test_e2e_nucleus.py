@@ -142,3 +142,23 @@ async def test_an_app_id_that_needs_escaping_reaches_its_own_upstream_path(
     await wait_for(lambda: agent.spool.depth == 0)
     assert fake_nucleus.ids() == [0, 1, 2]
     assert set(fake_nucleus.paths) == {f"/app/{app_id}/track"}
+
+
+@pytest.mark.parametrize("app_id", [".", ".."])
+@pytest.mark.parametrize("protocol", ["nucleus-ws", "nucleus-http"])
+async def test_a_dot_segment_app_id_is_refused_not_sent_to_another_path(
+        make_agent: Any, fake_nucleus: FakeNucleus, protocol: str, app_id: str) -> None:
+    """An app id of `.` or `..` is a path segment no escaping keeps: the upstream's URL
+    would resolve it (`/app/../track` is `/track`), sending the app's events to another
+    path. Refused at ingest (401, saying why), so that nothing is stored that can never
+    reach its own path."""
+    agent = await make_agent(upstreams=[upstream(fake_nucleus, protocol=protocol)])
+    async with aiohttp.ClientSession() as s:
+        escaped = "%2E" * len(app_id)   # as sent, clients' own URLs would resolve it
+        async with s.post(URL(f"http://127.0.0.1:{agent.port}/app/{escaped}/track",
+                              encoded=True), json={"data": [
+                {"name": "e", "id": 1, "sessionId": 1, "machineId": "m"}]}) as r:
+            body = await r.text()
+            assert r.status == 401, body
+    assert "path segment" in body and repr(app_id) in body, body
+    assert agent.spool.depth == 0
