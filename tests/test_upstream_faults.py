@@ -19,6 +19,7 @@ import re
 import socket
 import sys
 import time
+import tracemalloc
 from collections import Counter
 from collections.abc import Sequence
 from typing import Any
@@ -37,7 +38,7 @@ from agent.uplinks.base import Retry
 from agent.uplinks.http_common import REPLY_MAX_BYTES, client_session, post, retry_after
 from tests.conftest import FAST_BACKOFF
 from tests.fakes.faulty_upstream import NEVER_SENT, Fault, FaultyUpstream, Request
-from tests.fakes.loopback_server import serving
+from tests.fakes.loopback_server import LoopbackServer, serving
 from tests.fakes.manual_timing import ManualTiming
 from tests.waiting import wait_for
 
@@ -556,6 +557,92 @@ async def test_a_reply_too_long_to_be_an_answer_is_not_read_whole(
         return
     assert [r.fault for r in rest] == ["ok"] and sorted(marks(rest[0].events)) == list(range(5))
     assert state.retries == 1 and str(REPLY_MAX_BYTES) in (state.last_error or "")
+
+
+class HoldingUpstream(LoopbackServer):
+    """Answers every batch (HTTP, or a websocket frame) with a reply declared ``size`` bytes
+    long, sends all of it but its last byte, and holds that until ``released``: a broken
+    upstream or a proxy in the way, doing it to every batch in flight at once. It writes
+    64 KiB at a time, each once the last is taken, so that it holds next to nothing."""
+
+    def __init__(self, size: int) -> None:
+        super().__init__()
+        self.size = size
+        self.released = asyncio.Event()
+
+    async def start(self) -> HoldingUpstream:
+        app = web.Application()
+        app.add_routes([web.post("/v1/batch", self._http), web.post("/app/{k}/track", self._http),
+                        web.get("/app/{k}/track", self._ws)])
+        await self._serve(app)
+        return self
+
+    async def _http(self, request: web.Request) -> web.StreamResponse:
+        await request.read()
+        resp = web.StreamResponse(headers={"Content-Type": "application/json"})
+        resp.content_length = self.size
+        await resp.prepare(request)
+        await self._hold(resp.write)
+        return resp
+
+    async def _ws(self, request: web.Request) -> web.StreamResponse:
+        ws = web.WebSocketResponse()
+        writer = await ws.prepare(request)
+        assert writer is not None
+        self._sockets.add(ws)
+        async for msg in ws:
+            if msg.type is aiohttp.WSMsgType.TEXT:
+                # A text frame's header with a 64-bit length, unmasked (server to client).
+                await writer.write(b"\x81\x7f" + self.size.to_bytes(8, "big"))
+                await self._hold(writer.write)
+                break
+        return ws
+
+    async def _hold(self, write: Any) -> None:
+        chunk = b" " * (64 * 1024)
+        left = self.size - 1
+        try:
+            while left:
+                await write(chunk[:left])
+                left -= min(left, len(chunk))
+            await self.released.wait()
+        except ConnectionError:
+            pass   # the agent hung up
+
+
+@pytest.mark.parametrize("protocol", ["segment-http", *NUCLEUS])
+async def test_replies_to_many_batches_in_flight_hold_no_more_than_the_batches(
+        make_agent: Any, fast_backoff: Seams, protocol: str) -> None:
+    """Eight keys' batches of three events in flight, each answered with a reply of almost
+    4 MiB that never ends. Each reply was read up to 4 MiB, whatever it answered, and held
+    until timeout_s: 32 MiB here; with the upstream's 64 batches in flight (and any
+    number of websockets), 256 MiB an upstream. A reply is now read only up to what an
+    answer to its batch can need (its ids, or a 207's line for each message): the agent
+    hangs up past it, and holds a few hundred KiB."""
+    keys = 8
+    fake = await HoldingUpstream(4 * 1024 * 1024 - 64 * 1024).start()
+    try:
+        url = fake.ws_url if protocol == "nucleus-ws" else fake.http_url
+        agent = await make_agent(upstreams=[{"name": "up", "protocol": protocol, "url": url,
+                                             "flush_interval_s": 0.02, "timeout_s": 10}])
+        state = agent.forwarding.states["up"]
+        tracemalloc.start()
+        try:
+            base = tracemalloc.get_traced_memory()[0]
+            for k in range(keys):
+                await send(agent, [event(k * 3 + i) for i in range(3)], key=f"app{k}")
+            # Segment's 2xx is its verdict, read or not; a Nucleus reply cut short acks
+            # nothing. Before: neither until timeout_s, memory growing meanwhile.
+            await wait_for(lambda: (agent.spool.depth == 0 or state.retries >= keys
+                                    or tracemalloc.get_traced_memory()[0] - base > 16 * 1024**2),
+                           timeout=8)
+            grown = tracemalloc.get_traced_memory()[1] - base
+        finally:
+            tracemalloc.stop()
+        assert grown < 8 * 1024**2, f"{grown / 1024**2:.1f} MiB held for {keys} replies"
+    finally:
+        fake.released.set()
+        await fake.stop()
 
 
 async def test_slow_upstream_delivers_once_and_does_not_slow_ingest(
