@@ -10,6 +10,8 @@ import orjson
 import pytest
 from aiohttp import web
 
+from agent.dialects.segment_replies import error_object, verdict
+from agent.families.segment import where
 from agent.forwarder.supervisor import Seams
 from tests.conftest import write_config
 from tests.fakes.loopback_server import serving
@@ -269,3 +271,36 @@ async def test_a_400_that_refuses_the_write_key_keeps_the_events(
     assert seen == [["m0", "m1", "m2", "m3"]] * 4, seen
     assert state.retries == 3 and state.acked == 4
     assert "check the upstream's key" in (state.last_error or ""), state.last_error
+
+
+async def test_a_207_refusing_all_but_one_of_a_full_batch_of_small_messages_is_read_whole(
+        make_agent: Any, fast_backoff: Seams) -> None:
+    """An upstream's reply is read only up to what its batch's answer may need (reply_cap),
+    and the longest an answer may be is another Outpost's 207 naming every message it
+    refuses: 2,499 of 2,500 small messages, each named with its messageId and a long
+    reason, in a gzip'd request a fraction of the reply's size. It is read whole: the
+    refused messages go to dead letters at once, nothing is split or sent again."""
+    reason = ("`type` must be one of alias, group, identify, page, screen, track, got "
+              + orjson.dumps("x" * 38).decode())
+    seen: list[int] = []
+    sizes: list[tuple[int | None, int]] = []   # (request as sent, reply)
+
+    async def collector(request: web.Request) -> web.Response:
+        batch = (await request.json())["batch"]
+        seen.append(len(batch))
+        errors = [error_object(400, reason, where(i, ev)) for i, ev in enumerate(batch) if i]
+        reply = verdict(errors, [400] * len(errors), 1)
+        assert isinstance(reply.body, bytes)
+        sizes.append((request.content_length, len(reply.body)))
+        return reply
+
+    async with serving("/v1/batch", collector) as url:
+        agent = await make_agent(upstreams=[{
+            "name": "c", "protocol": "segment-http", "url": url, "gzip": True,
+            "batch_max_events": 2500, "flush_interval_s": 0.05, "timeout_s": 5}])
+        await send(agent.port, events(2500))
+        await wait_for(lambda: agent.spool.depth == 0)
+    (sent, answer), = sizes
+    assert seen == [2500] and sent and answer > 4 * sent, (seen, sizes)
+    assert len(await agent.spool.dead_letters(limit=3000)) == 2499
+    assert agent.forwarding.states["c"].acked == 1

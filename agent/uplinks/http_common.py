@@ -205,35 +205,44 @@ def media_type(header: str | None) -> str:
 
 
 NETWORK_ERRORS = (aiohttp.ClientError, OSError, TimeoutError)
-# The longest reply read from an upstream, HTTP or websocket: an answer to one batch is far
-# shorter (an Outpost's 207 for 2,500 refused messages is under 1 MiB), and a longer one
-# (a proxy's download, a broken upstream) must not be held in memory.
-REPLY_MAX_BYTES = 4 * 1024 * 1024
+# What an answer to one batch may need besides its events' own bytes (the ids it echoes):
+# room for a collector's own words, and a line for each event (an Outpost's 207 names each
+# message it refuses, by its place and why, in under 400 bytes besides its messageId).
+REPLY_BASE_BYTES = 64 * 1024
+REPLY_PER_EVENT = 512
+
+
+def reply_cap(batch_bytes: int, events: int) -> int:
+    """The longest reply read for a batch of ``events`` events, ``batch_bytes`` long as
+    encoded (before any gzip). A longer one (a proxy's download, a broken upstream) is cut:
+    read up to a fixed 4 MiB, every batch in flight (64 an upstream, a websocket per key)
+    could hold that much of an upstream's reply at once, whatever it answered."""
+    return REPLY_BASE_BYTES + batch_bytes + REPLY_PER_EVENT * events
 
 
 @dataclass
 class HttpReply:
     status: int
-    body: bytes      # its first REPLY_MAX_BYTES
+    body: bytes      # its first ``most`` bytes (``post``)
     retry_after: float | None
     content_type: str
-    cut: bool = False   # longer than REPLY_MAX_BYTES: the rest was not read
+    cut: bool = False   # longer than ``most``: the rest was not read
     # Why the body could not be read after the status came (an encoding that does not
     # decode, a connection lost or stalled mid-body): ``body`` is empty, the status stands.
     unreadable: str | None = None
 
 
 async def post(session: aiohttp.ClientSession, url: str, body: bytes, headers: dict[str, str],
-               timeout_s: float) -> HttpReply | Retry:
-    """POST ``body``: the reply, or a Retry saying what went wrong on the network (never
-    raises for it)."""
+               timeout_s: float, most: int) -> HttpReply | Retry:
+    """POST ``body``: the reply, read up to ``most`` bytes (``reply_cap``), or a Retry saying
+    what went wrong on the network (never raises for it)."""
     loop = asyncio.get_running_loop()
     deadline = loop.time() + timeout_s
     while True:
         progress = _Progress()
         try:
             return await _post(session, url, body, headers, progress, timeout_s,
-                               deadline - loop.time())
+                               deadline - loop.time(), most)
         except _CLOSED_UNDER_IT as exc:
             # A kept-alive connection the upstream closed as the request went on it (its
             # idle timeout crossing the request), before any answer: no word of the
@@ -252,7 +261,7 @@ _CLOSED_UNDER_IT = (aiohttp.ServerDisconnectedError, aiohttp.ClientOSError,
 
 
 async def _post(session: aiohttp.ClientSession, url: str, body: bytes, headers: dict[str, str],
-                progress: _Progress, timeout_s: float, left: float) -> HttpReply:
+                progress: _Progress, timeout_s: float, left: float, most: int) -> HttpReply:
     """One try of ``post``, within ``left`` seconds: raises what the network raised before
     the status came."""
     # Decoded here (_read_at_most), not by aiohttp: a reply in an encoding it has no
@@ -265,7 +274,7 @@ async def _post(session: aiohttp.ClientSession, url: str, body: bytes, headers: 
         wait = retry_after(resp.headers.get("Retry-After"), date=resp.headers.get("Date"))
         kind = media_type(resp.headers.get("Content-Type"))
         try:
-            raw, cut = await _read_at_most(resp, REPLY_MAX_BYTES)
+            raw, cut = await _read_at_most(resp, most)
         except aiohttp.ClientPayloadError as exc:
             # A body that does not decode, or a connection lost mid-body (aiohttp words
             # some as "400, message:\n  ...", with the cause's message).

@@ -21,11 +21,11 @@ from agent.uplinks.base import (
     misconfigured,
 )
 from agent.uplinks.http_common import (
-    REPLY_MAX_BYTES,
     excerpt,
     html_instead_of_reply,
     is_retryable,
     post,
+    reply_cap,
 )
 from agent.uplinks.nucleus_frame import NucleusFraming, frame, ids_only, match, track_url
 from agent.uplinks.prepare import Prepared, take_prefix
@@ -44,8 +44,10 @@ class NucleusHttpUplink(NucleusFraming, UplinkBase):
         return splice.take(self, rows, in_flight=()) or take_prefix(self, rows, in_flight=())
 
     async def send(self, prepared: Prepared) -> SendResult:
-        answer = await post(self.session, self.url, frame(prepared),
-                            {"Content-Type": "application/json"}, self.cfg.timeout_s)
+        body = frame(prepared)
+        most = reply_cap(len(body), len(prepared.seqs))
+        answer = await post(self.session, self.url, body, {"Content-Type": "application/json"},
+                            self.cfg.timeout_s, most)
         if isinstance(answer, Retry):
             return answer
         status, raw, wait = answer.status, answer.body, answer.retry_after
@@ -59,7 +61,7 @@ class NucleusHttpUplink(NucleusFraming, UplinkBase):
         answered = 200 <= status < 300
         ids = _reported_ids(raw) if answered and not answer.cut else None
         if answered and answer.cut:
-            return Retry(f"a reply over {REPLY_MAX_BYTES} bytes, not read (a batch's answer is "
+            return Retry(f"a reply over {most} bytes, not read (a batch's answer is "
                          "its reportedIds)")
         if not answered:
             if is_retryable(status):

@@ -40,10 +40,10 @@ from agent.spool.types import Row
 from agent.uplinks import splice
 from agent.uplinks.base import Acked, Refused, Retry, SendResult, UplinkBase, to_check
 from agent.uplinks.http_common import (
-    REPLY_MAX_BYTES,
     excerpt,
     html_instead_of_reply,
     media_type,
+    reply_cap,
     retry_after,
 )
 from agent.uplinks.nucleus_frame import NucleusFraming, frame, ids_only, match, track_url
@@ -302,10 +302,12 @@ class NucleusWsUplink(NucleusFraming, UplinkBase):
 
     async def _open(self) -> _Link:
         try:
-            # ws_connect's own timeouts do not cover the handshake: bound it here.
+            # ws_connect's own timeouts do not cover the handshake: bound it here. A reply
+            # answers one frame: read up to what the largest frame's answer may need.
             ws = await asyncio.wait_for(self.session.ws_connect(
                     self.url, timeout=aiohttp.ClientWSTimeout(ws_close=5),
-                    max_msg_size=REPLY_MAX_BYTES, autoping=True, heartbeat=None),
+                    max_msg_size=reply_cap(self.cfg.batch_max_bytes, self.cfg.batch_max_events),
+                    autoping=True, heartbeat=None),
                 self.cfg.timeout_s)
         except aiohttp.WSServerHandshakeError as exc:
             why, wait = _handshake_refused(exc)
@@ -342,11 +344,11 @@ class NucleusWsUplink(NucleusFraming, UplinkBase):
                 msg = await ws.receive()
                 if msg.type in (aiohttp.WSMsgType.TEXT, aiohttp.WSMsgType.BINARY):
                     self._on_message(link, msg.data)
-                elif msg.type is aiohttp.WSMsgType.ERROR:   # too long (REPLY_MAX_BYTES), garbled
+                elif msg.type is aiohttp.WSMsgType.ERROR:   # too long (max_msg_size), garbled
                     link.lose(f"the upstream's reply could not be read: {msg.data}")
                 elif msg.type is aiohttp.WSMsgType.CLOSE:
                     link.close_reason = str(msg.extra or "")
-                    # The upstream's own 1009 (not ours, for a reply over REPLY_MAX_BYTES).
+                    # The upstream's own 1009 (not ours, for a reply over max_msg_size).
                     if msg.data == aiohttp.WSCloseCode.MESSAGE_TOO_BIG:
                         link.too_big = next((n for n, seqs in sorted(link.waiting.items())
                                              if not link.acked.issuperset(seqs)), None)

@@ -49,7 +49,13 @@ from agent.uplinks.base import (
     UplinkBase,
     misconfigured,
 )
-from agent.uplinks.http_common import excerpt, html_instead_of_reply, is_retryable, post
+from agent.uplinks.http_common import (
+    excerpt,
+    html_instead_of_reply,
+    is_retryable,
+    post,
+    reply_cap,
+)
 from agent.uplinks.prepare import Prepared
 from agent.uplinks.splice import objects, stamped
 
@@ -136,9 +142,10 @@ class SegmentHttpUplink(UplinkBase):
             return Retry(f"{self.unsendable}: kept, not sent under another key (give the "
                          "upstream a key of its own, or route this key elsewhere)")
         body = self.payload(prepared, iso_ms(now_ms()))
+        most = reply_cap(len(body), len(prepared.seqs))
         if self.cfg.gzip:
             body = gzip.compress(body, compresslevel=6)
-        reply = await post(self.session, self.url, body, self.headers, self.cfg.timeout_s)
+        reply = await post(self.session, self.url, body, self.headers, self.cfg.timeout_s, most)
         if isinstance(reply, Retry):
             return reply
         status, raw, wait = reply.status, reply.body, reply.retry_after
