@@ -18,6 +18,7 @@ import pytest
 
 from agent import cli, cli_tail
 from agent.ops import dead_cli
+from agent.ops.shared_terms import LIST_LIMIT
 from agent.outcomes import Tally
 from agent.service import Agent
 from agent.spool import dead, dead_live
@@ -340,3 +341,54 @@ async def test_a_chunk_by_reason_does_not_read_again_the_letters_before_it(
         assert conn.execute("SELECT count(*) FROM dead WHERE reason = 'A'").fetchone()[0] == 3500
     finally:
         conn.close()
+
+
+def reasons_of_their_own(path: Path, n: int) -> None:
+    """Copies of a stopped agent's one dead letter up to ``n``, each with a reason of its
+    own, each newer than the last: an upstream that names each event it refuses (another
+    Outpost's 207 names its messageId)."""
+    conn = sqlite3.connect(path)
+    try:
+        seq, *row, at, lane = conn.execute(
+            "SELECT seq, stream, family, received, dkey, body, upstream, at, lane "
+            "FROM dead").fetchone()
+        with conn:
+            conn.executemany(
+                "INSERT INTO dead(seq, stream, family, received, dkey, body, upstream, reason, "
+                "at, lane) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
+                ((seq + i, row[0], row[1], row[2], row[3] + i, row[4], row[5], letter_reason(i),
+                  at + i, lane) for i in range(1, n)))
+    finally:
+        conn.close()
+
+
+def letter_reason(i: int) -> str:
+    return f"HTTP 207: 400 Bad Request at batch[{i % 500}] messageId=m{i}: `type` is wrong"
+
+
+async def test_dead_list_answers_the_newest_reasons_not_every_one(
+        make_agent: Any, up: RefusingNucleus) -> None:
+    """Every dead letter may have a reason of its own. GET /dead, which `outpost dead list`
+    reads, answered every (reason, upstream) group however many there were: 200,000 such
+    letters made a 50 MB answer that took 200 MB of the agent's Python allocations to build
+    (and a spool holds millions). It answers the newest LIST_LIMIT groups and how many
+    there are; `outpost dead list` says how many it leaves out."""
+    n = LIST_LIMIT + 50
+    first = await make_agent(port=free_port(), upstreams=[upstream("up", up, ["app-a"])])
+    await post_events(first.port, "app-a", range(1))
+    await dead_letters(first, 1)
+    await first.stop()
+    reasons_of_their_own(first.spool.path, n)
+    up.refuse = 503
+    agent = await make_agent(port=free_port(), upstreams=[upstream("up", up, ["app-a"])])
+    async with aiohttp.ClientSession() as s:
+        async with s.get(f"http://127.0.0.1:{agent.port}/dead?limit=3") as r:
+            got = await r.json()
+    assert (got["count"], len(got["entries"])) == (n, 3)
+    assert len(got["groups"]) == LIST_LIMIT and got.get("reasons") == n, (
+        len(got["groups"]), got.get("reasons"))
+    assert [g["reason"] for g in got["groups"][:2]] == [letter_reason(n - 1),
+                                                        letter_reason(n - 2)]
+    code, text = await outpost_in_thread("dead", "list", "--config", str(agent.config_path))
+    assert code == 0 and f"{n} dead letters" in text, text[:300]
+    assert "... and 50 older reasons" in text, text[-500:]
