@@ -82,7 +82,9 @@ class DeadRoutes:
             limit = min(LIST_LIMIT, max(0, int(request.query.get("limit", LIST_LIMIT))))
         except ValueError:
             raise _Refused(400, "limit is a number") from None
-        summary = await dead_live.read(self.spool, dead.summary)
+        # The newest groups only: each letter may have a reason of its own (an upstream
+        # naming each event it refuses), and a spool holds millions of letters.
+        summary = await dead_live.read(self.spool, dead.summary, LIST_LIMIT)
         summary["entries"] = await dead_live.read(self.spool, dead.entries, which, limit)
         return web.json_response(summary)
 

@@ -118,6 +118,11 @@ def _listing(got: Any, source: str, args: argparse.Namespace) -> list[str]:
         [str(g["count"]), printable(g["upstream"]), age(age_s(g["oldest"])),
          age(age_s(g["newest"])), printable(g["reason"])] for g in got["groups"]],
         right={0})]
+    # The newest LIST_LIMIT groups only (an agent before that limit sends every one).
+    older = got.get("reasons", len(got["groups"])) - len(got["groups"])
+    if older > 0:
+        lines.append(f"... and {older} older reasons (`outpost dead export FILE` has every "
+                     "letter)")
     rows = got["entries"][:args.limit]
     if args.reason and not any(g["reason"] == args.reason for g in got["groups"]):
         # Mistyped, or copied from the table, which escapes what --reason must hold as is.
@@ -127,8 +132,8 @@ def _listing(got: Any, source: str, args: argparse.Namespace) -> list[str]:
         lines += ["", *table(["ID", "KEY", "UPSTREAM", "AGE", "SIZE", "REASON"], [
             [str(e["id"]), printable(e["key"]), printable(e["upstream"]), age(age_s(e["at"])),
              size(e["bytes"]), printable(e["reason"])] for e in rows], right={0, 4})]
-        more = (sum(g["count"] for g in got["groups"] if not args.reason
-                    or g["reason"] == args.reason) - len(rows))
+        more = (sum(g["count"] for g in got["groups"] if g["reason"] == args.reason)
+                if args.reason else got["count"]) - len(rows)
         if more > 0:
             lines.append(f"... and {more} more (--limit N, or `outpost dead export FILE`)")
     return lines
@@ -205,7 +210,7 @@ class _Cli:
         which = dead.Which(args.reason) if args.reason else None
 
         def offline(conn: sqlite3.Connection) -> dict[str, Any]:
-            got = dead.summary(conn)
+            got = dead.summary(conn, LIST_LIMIT)
             got["entries"] = dead.entries(conn, which, min(args.limit, LIST_LIMIT))   # as the agent
             return got
         try:

@@ -92,17 +92,21 @@ def _entry(row: tuple[Any, ...]) -> dict[str, Any]:
 # of its index, however many letters there are.
 _KEPT = ("SELECT coalesce(sum(letters), 0) FROM dead_groups",
          "SELECT reason, upstream, letters, oldest, newest FROM dead_groups "
-         "ORDER BY newest DESC, reason, upstream LIMIT ?")
+         "ORDER BY newest DESC, reason, upstream LIMIT ?",
+         "SELECT count(*) FROM dead_groups")
 # A spool an older agent wrote, read before an agent converts it (read-only): every letter.
 _COUNTED = ("SELECT count(*) FROM dead",
             "SELECT reason, upstream, count(*), min(at), max(at) FROM dead "
-            "GROUP BY reason, upstream ORDER BY max(at) DESC, reason, upstream LIMIT ?")
+            "GROUP BY reason, upstream ORDER BY max(at) DESC, reason, upstream LIMIT ?",
+            "SELECT count(*) FROM (SELECT 1 FROM dead GROUP BY reason, upstream)")
 
 
 def summary(conn: sqlite3.Connection, newest: int | None = None) -> dict[str, Any]:
-    """Counts grouped by (reason, upstream), newest first; ``newest`` caps the groups."""
-    total, groups = _COUNTED if _user_version(conn) < SUMMARY_SINCE else _KEPT
-    return {"count": conn.execute(total).fetchone()[0], "groups": _groups(conn, groups, newest)}
+    """Counts grouped by (reason, upstream), newest first; ``newest`` caps the groups, and
+    ``reasons`` says how many there are (each letter may have a reason of its own)."""
+    total, groups, reasons = _COUNTED if _user_version(conn) < SUMMARY_SINCE else _KEPT
+    return {"count": conn.execute(total).fetchone()[0], "groups": _groups(conn, groups, newest),
+            "reasons": conn.execute(reasons).fetchone()[0]}
 
 
 def newest_groups(conn: sqlite3.Connection, newest: int) -> list[dict[str, Any]]:
