@@ -77,6 +77,23 @@ async def test_an_event_the_upstream_never_acknowledges_is_dead_lettered(
     assert state.retries == OMITTED_LIMIT - PASSED_OVER, state.last_error
 
 
+async def test_an_event_given_up_is_named_by_the_start_of_a_long_id(
+        make_agent: Any, fake_segment: FakeSegment, fast_backoff: Any, tmp_path: Path,
+        caplog: pytest.LogCaptureFixture) -> None:
+    """An app's event id may be a string of any length: given up, an event with an id of
+    60,000 characters had a reason that long, in its dead letter, in the warning logged
+    (a 60 KB log line) and in every /status (`dead_reasons`). It is named by the id's
+    start."""
+    a = await chain(make_agent, fake_segment, tmp_path)
+    long_id = "big" + "i" * 60_000   # over B's 32 KB: B leaves it out
+    dead = await dead_after(a, [nucleus(long_id)])
+    assert ids(dead) == [long_id]
+    reason = dead[0]["reason"]
+    assert "never acknowledged it (id \"bigiii" in reason and len(reason) < 200, len(reason)
+    long_lines = [r.getMessage()[:300] for r in caplog.records if len(r.getMessage()) > 1000]
+    assert not long_lines, long_lines
+
+
 @pytest.mark.parametrize("limits,pad", [({"batch_max_events": 1}, 0),
                                         ({"batch_max_bytes": 50_000}, 20_000)],
                          ids=["one event a batch", "too large to share a batch"])
