@@ -33,7 +33,7 @@ from agent.dialects.nucleus_frames import Late, OverCap, QueueSocket, Taken
 from agent.dialects.nucleus_queue import TooLarge, TooMany
 from agent.dialects.replies import describe, masked, status_of
 from agent.families import nucleus as family
-from agent.families.errors import Invalid
+from agent.families.errors import Invalid, shown
 from agent.families.event import Event
 from agent.logs import log_limited
 from agent.spool.types import SpoolFull
@@ -114,8 +114,10 @@ class NucleusHandlers:
         cannot be left out of the acks, so its message is refused (Invalid)."""
         for ev_id, why in got.left_out:
             replies.refused(400)
+            # The id's start: an app's id may be a string of any length (a log line a MB).
             log_limited(log, logging.WARNING, f"bad-event:{key}",
-                        "event id %r of app %s left unacknowledged: %s", ev_id, masked(key), why)
+                        "event id %s of app %s left unacknowledged: %s", shown(ev_id),
+                        masked(key), why)
         refused: set[int] = set()    # places in the acks, not ids: ids collide
         oversize = limits.oversize
         for ev, at in zip(got.events, got.ack_at, strict=True):
@@ -127,7 +129,7 @@ class NucleusHandlers:
             refused.add(at)
             replies.refused(413)
             log_limited(log, logging.WARNING, f"oversize:{key}",
-                        "event id %r of app %s left unacknowledged: %s", ev.ack_id,
+                        "event id %s of app %s left unacknowledged: %s", shown(ev.ack_id),
                         masked(key), too)
         if not refused:
             return got.events, got.acks

@@ -6,6 +6,10 @@ status (see agent/dialects/replies.py ``status_of``).
 
 from __future__ import annotations
 
+from typing import Any
+
+import orjson
+
 
 class Invalid(Exception):
     """A message (or a request's envelope) breaks its family's rules: the client's mistake.
@@ -23,3 +27,14 @@ class Invalid(Exception):
     def within(self, where: str) -> Invalid:
         """The same error, naming the message of a batch it is about (``batch[3]: ...``)."""
         return Invalid(f"{where}: {self.message}", self.details, too_large=self.too_large)
+
+
+def shown(value: Any) -> str:
+    """``value`` as JSON, cut at 40 characters, for an error naming it. Never raises: a
+    value nested past the 255 levels orjson writes (it reads 1024) is named by its kind,
+    where writing it took the request to a 500."""
+    try:
+        text = orjson.dumps(value).decode()
+    except orjson.JSONEncodeError:
+        text = f"{'an object' if isinstance(value, dict) else 'an array'} nested too deeply"
+    return text[:40] + "..." if len(text) > 40 else text

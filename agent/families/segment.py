@@ -32,7 +32,7 @@ import orjson
 from agent.families.dates import iso_ms_fast
 from agent.families.depth import may_be_too_deep, too_deep
 from agent.families.enrich import SEGMENT_NEEDS_FACTS, Enrich
-from agent.families.errors import Invalid
+from agent.families.errors import Invalid, shown
 from agent.families.event import (
     NOT_READ,
     SEGMENT,
@@ -138,17 +138,6 @@ def check_dates(obj: dict[str, Any]) -> None:
         except (TypeError, ValueError):
             raise Invalid(f"`{name}` must be an ISO 8601 date string, got "
                           f"{shown(value)}") from None
-
-
-def shown(value: Any) -> str:
-    """``value`` as JSON, cut at 40 characters, for an error naming it. Never raises: a
-    value nested past the 255 levels orjson writes (it reads 1024) is named by its kind,
-    where writing it took the request to a 500."""
-    try:
-        text = orjson.dumps(value).decode()
-    except orjson.JSONEncodeError:
-        text = f"{'an object' if isinstance(value, dict) else 'an array'} nested too deeply"
-    return text[:40] + "..." if len(text) > 40 else text
 
 
 def merge(base: dict[str, Any], own: dict[str, Any], depth: int = 0) -> dict[str, Any]:

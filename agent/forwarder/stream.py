@@ -32,6 +32,7 @@ from dataclasses import dataclass, field
 from typing import Any, NamedTuple
 
 from agent.clock import until_due
+from agent.families.errors import shown
 from agent.families.lanes import HIGH, LANES, NORMAL
 from agent.forwarder.backoff import BACKOFF, Backoff
 from agent.forwarder.slots import Slots
@@ -810,8 +811,11 @@ class StreamForwarder:
             n = left.weights[seq] = left.weights.get(seq, 0) + weight
             if n >= OMITTED_LIMIT:
                 left.forget(seq)
+                # The id's start: an app's id may be a string of any length, and the
+                # reason is stored, logged and shown on /status.
                 given_up.append((seq, f"{self.cfg.name} never acknowledged it (id "
-                                      f"{ids.get(seq)!r}): its answers kept leaving it out"))
+                                      f"{shown(ids.get(seq))}): its answers kept leaving it "
+                                      "out"))
         return given_up
 
     def _ack_held(self) -> None:
