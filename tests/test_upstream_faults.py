@@ -594,12 +594,14 @@ class HoldingUpstream(LoopbackServer):
         writer = await ws.prepare(request)
         assert writer is not None
         self._sockets.add(ws)
-        async for msg in ws:
-            if msg.type is aiohttp.WSMsgType.TEXT:
+        holding: asyncio.Task[None] | None = None
+        async for msg in ws:   # read on: a client that hangs up is answered at once
+            if msg.type is aiohttp.WSMsgType.TEXT and holding is None:
                 # A text frame's header with a 64-bit length, unmasked (server to client).
                 await writer.write(b"\x81\x7f" + self.size.to_bytes(8, "big"))
-                await self._hold(writer.write)
-                break
+                holding = asyncio.create_task(self._hold(writer.write))
+        if holding is not None:
+            holding.cancel()
         return ws
 
     async def _hold(self, write: Any) -> None:
