@@ -573,6 +573,15 @@ class HoldingUpstream(LoopbackServer):
         super().__init__()
         self.size = size
         self.released = asyncio.Event()
+        self._held: list[asyncio.BaseTransport] = []
+
+    async def stop(self) -> None:
+        """Cut every connection: a graceful close would wait for the agent to read the
+        reply it hung up on."""
+        self.released.set()
+        for transport in self._held:
+            transport.abort()
+        await super().stop()
 
     async def start(self) -> HoldingUpstream:
         app = web.Application()
@@ -583,6 +592,8 @@ class HoldingUpstream(LoopbackServer):
 
     async def _http(self, request: web.Request) -> web.StreamResponse:
         await request.read()
+        assert request.transport is not None
+        self._held.append(request.transport)
         resp = web.StreamResponse(headers={"Content-Type": "application/json"})
         resp.content_length = self.size
         await resp.prepare(request)
@@ -592,8 +603,8 @@ class HoldingUpstream(LoopbackServer):
     async def _ws(self, request: web.Request) -> web.StreamResponse:
         ws = web.WebSocketResponse()
         writer = await ws.prepare(request)
-        assert writer is not None
-        self._sockets.add(ws)
+        assert writer is not None and request.transport is not None
+        self._held.append(request.transport)
         holding: asyncio.Task[None] | None = None
         async for msg in ws:   # read on: a client that hangs up is answered at once
             if msg.type is aiohttp.WSMsgType.TEXT and holding is None:
@@ -647,7 +658,6 @@ async def test_replies_to_many_batches_in_flight_hold_no_more_than_the_batches(
             tracemalloc.stop()
         assert grown < 8 * 1024**2, f"{grown / 1024**2:.1f} MiB held for {keys} replies"
     finally:
-        fake.released.set()
         await fake.stop()
 
 
