@@ -392,3 +392,8 @@ async def test_dead_list_answers_the_newest_reasons_not_every_one(
     code, text = await outpost_in_thread("dead", "list", "--config", str(agent.config_path))
     assert code == 0 and f"{n} dead letters" in text, text[:300]
     assert "... and 50 older reasons" in text, text[-500:]
+    # A reason among the older groups is still listed by --reason, not said to be absent.
+    code, text = await outpost_in_thread("dead", "list", "--config", str(agent.config_path),
+                                         "--reason", letter_reason(1))
+    assert code == 0 and "no dead letter has the reason" not in text, text[-500:]
+    assert letter_reason(1) in text.split("REASON")[-1], text[-500:]
