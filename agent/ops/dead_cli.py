@@ -124,8 +124,10 @@ def _listing(got: Any, source: str, args: argparse.Namespace) -> list[str]:
         lines.append(f"... and {older} older reasons (`outpost dead export FILE` has every "
                      "letter)")
     rows = got["entries"][:args.limit]
-    if args.reason and not any(g["reason"] == args.reason for g in got["groups"]):
+    if args.reason and not got["entries"] and \
+            not any(g["reason"] == args.reason for g in got["groups"]):
         # Mistyped, or copied from the table, which escapes what --reason must hold as is.
+        # (The entries are the agent's for the reason, which may be among the older groups.)
         return [*lines, "", f"no dead letter has the reason {printable(repr(args.reason))}: "
                 "give one exactly as `outpost dead list --json` shows it"]
     if rows:
