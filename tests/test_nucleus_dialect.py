@@ -179,3 +179,20 @@ async def test_a_stop_closes_open_module_websockets_going_away_at_once(make_agen
         msg = await closing
     assert msg.type == WSMsgType.CLOSE and msg.data == 1001, (msg, ws.close_code)
     assert took < 2, f"the stop took {took:.1f} s"
+
+
+async def test_connections_that_keep_breaking_the_protocol_are_logged_once_an_interval(
+        make_agent: Any, caplog: pytest.LogCaptureFixture) -> None:
+    """A local client that opens websocket after websocket, each ended by a frame that is
+    no websocket's (text that is not UTF-8), wrote a log line for each: as many as it
+    liked. One a key an interval, as other refusals are."""
+    caplog.set_level("INFO", logger="outpost")
+    agent = await make_agent()
+    async with aiohttp.ClientSession() as s:
+        for _ in range(5):
+            async with s.ws_connect(url(agent, "/app/k/track")) as ws:
+                await ws.send_frame(b"\xff\xfe", WSMsgType.TEXT)
+                closed = await ws.receive(timeout=5)
+                assert closed.type == WSMsgType.CLOSE and closed.data == 1007, closed
+    lines = [r.getMessage() for r in caplog.records if "closed:" in r.getMessage()]
+    assert len(lines) == 1, lines
