@@ -174,7 +174,9 @@ class NucleusHandlers:
                     exc = ws.exception()
                     if isinstance(exc, WebSocketError):   # the client's: 1009, 1002...
                         replies.refused(exc.code)
-                    log.info("websocket for %s closed: %s", masked(key), exc)
+                    # Rate-limited: a client may open connection after connection.
+                    log_limited(log, logging.INFO, f"ws-closed:{key}",
+                                "websocket for %s closed: %s", masked(key), exc)
         finally:
             sockets.discard(ws)
             ws.drop()
