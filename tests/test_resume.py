@@ -29,12 +29,15 @@ from typing import Any
 import aiohttp
 import pytest
 
+from agent.clock import Clock
+from agent.forwarder import timing as timing_mod
 from agent.forwarder.backoff import BACKOFF, Backoff
 from agent.forwarder.probe import PROBE_S
 from agent.forwarder.state import UpstreamState
 from agent.forwarder.supervisor import NET_GAP_S, Seams
 from agent.forwarder.timing import LOOP_TIMING
 from agent.netwatch import NetWatch
+from tests.conftest import FAST_BACKOFF
 from tests.fakes.faulty_upstream import Fault, FaultyUpstream
 from tests.fakes.manual_timing import ManualTiming
 from tests.fakes.nucleus_upstream import FakeNucleus
@@ -300,6 +303,26 @@ def test_the_loop_clock_timers_know_their_time_on_uvloop() -> None:
     with asyncio.Runner(loop_factory=uvloop.new_event_loop) as runner:
         past_when, future_when = runner.run(main())
     assert past_when < future_when
+
+
+async def test_a_retry_after_the_machine_slept_through_is_not_waited_again_once_awake(
+        make_agent: Any, faulty: FaultyUpstream, clock: Clock,
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    """The event loop's clock stands still while the machine sleeps: a laptop that slept
+    through an upstream's Retry-After of ten minutes waited those ten minutes again, awake,
+    before it sent anything. The agent's own clock counts the sleep (agent/clock.py:
+    ``passed_ms`` moves it, not the loop's); the forwarders' timers read it every
+    SLEEP_CHECK_S (a minute; here 50 ms)."""
+    monkeypatch.setattr(timing_mod, "SLEEP_CHECK_S", 0.05, raising=False)
+    faulty.script = [Fault("status", 429, {"Retry-After": "600"})]
+    agent = await make_agent(upstreams=[upstream(faulty, "nucleus-http")],
+                             seams=Seams(backoff=FAST_BACKOFF, watch_network=NO_NETWATCH))
+    state = agent.forwarding.states["up"]
+    await send(agent, [event(i) for i in range(5)])
+    await wait_for(lambda: state.retries == 1 and not agent.forwarding.loops)
+    clock.passed_ms += 601_000   # suspended for ten minutes and a second, then woken
+    await drained(agent, faulty, 5, timeout=3.0)
+    assert [r.status for r in faulty.requests] == [429, 200]
 
 
 async def test_a_recovery_that_stalls_is_logged_at_its_first_quiet_point(
