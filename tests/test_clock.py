@@ -159,6 +159,33 @@ async def test_events_queued_before_the_agent_kept_time_expire_by_the_wall_clock
         await spool.close()
 
 
+async def test_expiring_a_backlog_of_lone_events_leaves_the_agent_answering(
+        make_agent: Any, tmp_path: Path, clock: Clock) -> None:
+    """An app that posts one event at a time leaves a record per event: a week or a month
+    offline, tens of thousands. Expiring them at max_age_days forgot each one's dedupe key,
+    and took it out of the live records, one at a time, each a pass over all the others:
+    40,000 held the event loop 68 s (its watchdog, WatchdogSec=30, kills it), 10,000 some
+    4 s, while /healthz and every app waited."""
+    n = 10_000
+    spool = await Spool.open(StorageConfig(path=str(tmp_path / "spool.db")))
+    await spool.append([Event(f"k{i}", NUCLEUS, i, b'{"id":%d}' % i) for i in range(n)])
+    assert len(spool.live) == n                   # a record each
+    await spool.close()
+    agent = await make_agent(listen={"max_keys": 2 * n})
+    clock.passed_ms = 31 * DAY_MS
+    expiry = asyncio.create_task(agent.spool.prune())
+    slowest = 0.0
+    async with aiohttp.ClientSession() as s:
+        while not expiry.done():
+            started = time.monotonic()
+            async with s.get(f"http://127.0.0.1:{agent.port}/healthz") as r:
+                assert r.status == 200
+            slowest = max(slowest, time.monotonic() - started)
+    await expiry
+    assert agent.spool.counters["expired"] == n and agent.spool.depth == 0
+    assert slowest < 1.0, f"/healthz waited {slowest:.1f}s"
+
+
 async def test_dead_letters_expire_at_max_age_by_both_clocks(tmp_path: Path,
                                                              clock: Clock) -> None:
     """Dead letters wait for an operator max_age_days, then go (counted): kept forever,
