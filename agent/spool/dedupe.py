@@ -33,7 +33,7 @@ from bisect import bisect_left, bisect_right
 from collections.abc import Iterator, Sequence
 from collections.abc import Set as AbstractSet
 from dataclasses import dataclass, field
-from itertools import accumulate, compress, islice
+from itertools import accumulate, compress, filterfalse, islice
 from operator import le
 
 HOUR_MS = 3_600_000
@@ -255,7 +255,7 @@ class DedupeIndex:
         for bucket in self._buckets:
             if left.isdisjoint(bucket.keys):
                 continue
-            kept = array("q", (k for k in bucket.keys if k not in left))
+            kept = array("q", filterfalse(left.__contains__, bucket.keys))
             left.difference_update(bucket.keys)
             bucket.keys = kept
             if not left:

@@ -5,6 +5,7 @@ from __future__ import annotations
 from array import array
 from bisect import bisect_left, bisect_right
 from collections.abc import Iterable
+from itertools import compress
 
 from agent.spool.commit import Settle
 
@@ -15,33 +16,49 @@ class LiveRecords:
     Records are numbered in seq order, so a new one goes at the end; most leave from
     the front (acked in FIFO order). Three int64 arrays: 24 bytes per record, not per
     event (an agent with thousands of idle keys holds a record or two for each).
+
+    A record that leaves keeps its place, its size set to 0 (no seq falls in it), until
+    those that left are half of the arrays: then they go, in one pass. Taken out one at
+    a time, each a move of every record after it, a backlog of lone events (a record
+    each) cost its drain, or its expiry, a pass over the backlog per record.
     """
 
     def __init__(self) -> None:
         self._ids = array("q")
         self._ns = array("q")
         self._observed = array("q")  # agent-observed ms of each record's receipt
+        self._left = 0   # records that left, still in the arrays (size 0)
 
     def __len__(self) -> int:
-        return len(self._ids)
+        return len(self._ids) - self._left
 
     def add(self, rid: int, n: int, observed: int) -> None:
         i = bisect_right(self._ids, rid)
         if i and self._ids[i - 1] == rid:
+            if not self._ns[i - 1]:   # left, and back (a salvage's record under its id)
+                self._ns[i - 1], self._observed[i - 1] = n, observed
+                self._left -= 1
             return
         self._ids.insert(i, rid)
         self._ns.insert(i, n)
         self._observed.insert(i, observed)
 
     def remove(self, rids: Iterable[int]) -> None:
+        ids, ns = self._ids, self._ns
         for rid in rids:
-            i = bisect_right(self._ids, rid) - 1
-            if i >= 0 and self._ids[i] == rid:
-                del self._ids[i], self._ns[i], self._observed[i]
+            i = bisect_right(ids, rid) - 1
+            if i >= 0 and ids[i] == rid and ns[i]:
+                ns[i] = 0
+                self._left += 1
+        if 2 * self._left > len(ids):
+            self._ids = array("q", compress(ids, ns))
+            self._observed = array("q", compress(self._observed, ns))
+            self._ns = array("q", compress(ns, ns))
+            self._left = 0
 
     def load(self, ids: array[int], sizes: array[int], observed: array[int]) -> None:
         """Hold these records instead (a spool just opened): ids unique and sorted."""
-        self._ids, self._ns, self._observed = ids, sizes, observed
+        self._ids, self._ns, self._observed, self._left = ids, sizes, observed, 0
 
     def observed(self, seq: int) -> int | None:
         """The agent-observed receipt time of the live record holding ``seq``."""

@@ -550,8 +550,7 @@ class Spool:
             self.live.remove(out.deleted)
             if not self.live:   # the dictionary went with the last record (codebook.py)
                 self.writer.codebook.forget()
-            for keys in out.undelivered:
-                self.index.discard(keys)
+            self.index.discard(out.undelivered_keys())
             self.index.expire(now_ms(), observed)
         expired = out.counters.get(Drop.EXPIRED, 0)
         if expired:

@@ -483,8 +483,7 @@ class Writer:
                         "spool: %d queued events lost with records found damaged (counted as "
                         "%s); the rest of the queue is sent", lost, Drop.DROPPED_CORRUPT)
         self.live.remove(out.deleted)
-        for keys in out.undelivered:
-            self.index.discard(keys)
+        self.index.discard(out.undelivered_keys())
         if not out.stored:
             _fail(appends, SpoolFull(Reason.FULL))
             return
