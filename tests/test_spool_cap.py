@@ -23,7 +23,7 @@ from pathlib import Path
 import orjson
 import pytest
 
-from agent.families.event import SEGMENT, Event, dedupe_key
+from agent.families.event import NUCLEUS, SEGMENT, Event, dedupe_key
 from agent.settings import StorageConfig
 from agent.spool import Spool
 from agent.spool.commit import MEASURE_WITHIN
@@ -271,6 +271,39 @@ async def test_drop_oldest_stays_within_the_cap_under_mixed_traffic(tmp_path: Pa
     finally:
         await spool.close()
     assert os.path.getsize(path) <= MB, os.path.getsize(path)
+
+
+async def test_drop_oldest_making_room_among_lone_events_holds_the_loop_no_longer(
+        tmp_path: Path) -> None:
+    """A spool at the cap holds lone events (an app that posts one at a time: a record
+    each), and a large request comes: drop_oldest deletes thousands of records in one
+    commit. Each had its dedupe keys forgotten on its own, a pass over the index's bucket
+    in Python each time: 5,000 records held the event loop 6 s (4 MiB of them, with the
+    default cap, well past the service's 30 s watchdog), every app and /healthz waiting."""
+    path = tmp_path / "spool.db"
+    spool = await Spool.open(StorageConfig(path=str(path), max_size_mb=2,
+                                           when_full="drop_oldest", sync="normal"))
+    loop = asyncio.get_running_loop()
+    ticks = [loop.time()]
+
+    async def tick() -> None:   # the loop's stalls while the request is stored
+        while True:
+            await asyncio.sleep(0.005)
+            ticks.append(loop.time())
+
+    try:
+        await spool.append([Event(f"lone-{i}", NUCLEUS, i, b'{"id":%d}' % i)
+                            for i in range(15_000)])
+        assert len(spool.live) == 15_000
+        ticker = asyncio.create_task(tick())
+        await spool.append([incompressible("big", i, 800) for i in range(1500)])
+        ticker.cancel()
+        ticks.append(loop.time())
+        assert spool.counters["dropped_full"] >= 4000
+        slowest = max(b - a for a, b in zip(ticks, ticks[1:]))
+        assert slowest < 1.0, f"the event loop stalled {slowest:.1f}s"
+    finally:
+        await spool.close()
 
 
 async def test_drop_oldest_refuses_a_request_bigger_than_the_cap_and_drops_nothing(
