@@ -161,11 +161,11 @@ async def test_events_queued_before_the_agent_kept_time_expire_by_the_wall_clock
 
 async def test_expiring_a_backlog_of_lone_events_leaves_the_agent_answering(
         make_agent: Any, tmp_path: Path, clock: Clock) -> None:
-    """An app that posts one event at a time leaves a record per event: a week or a month
-    offline, tens of thousands. Expiring them at max_age_days forgot each one's dedupe key,
-    and took it out of the live records, one at a time, each a pass over all the others:
-    40,000 held the event loop 68 s (its watchdog, WatchdogSec=30, kills it), 10,000 some
-    4 s, while /healthz and every app waited."""
+    """An app that posts one event at a time leaves a record per event: offline for weeks,
+    tens of thousands. Expiring many at once (max_age_days lowered, say) forgot each one's
+    dedupe keys, and took it out of the live records, one at a time, each a pass over the
+    others: 40,000 held the event loop 68 s (its watchdog, WatchdogSec=30, kills it), 10,000
+    some 4 s, while /healthz and every app waited."""
     n = 10_000
     spool = await Spool.open(StorageConfig(path=str(tmp_path / "spool.db")))
     await spool.append([Event(f"k{i}", NUCLEUS, i, b'{"id":%d}' % i) for i in range(n)])
