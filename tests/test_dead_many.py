@@ -397,3 +397,8 @@ async def test_dead_list_answers_the_newest_reasons_not_every_one(
                                          "--reason", letter_reason(1))
     assert code == 0 and "no dead letter has the reason" not in text, text[-500:]
     assert letter_reason(1) in text.split("REASON")[-1], text[-500:]
+    # So with --limit 0 (the summary alone): no entry came to show the reason has letters.
+    code, text = await outpost_in_thread("dead", "list", "--config", str(agent.config_path),
+                                         "--reason", letter_reason(1), "--limit", "0")
+    assert code == 0 and "no dead letter has the reason" not in text, text[-500:]
+    assert "REASON" not in text.split("older reasons")[-1], text[-500:]
