@@ -5,6 +5,7 @@ accepted the connection but answers slowly says it is busy, not that none runs."
 from __future__ import annotations
 
 import asyncio
+import json
 import socket
 import sqlite3
 import struct
@@ -402,3 +403,6 @@ async def test_dead_list_answers_the_newest_reasons_not_every_one(
                                          "--reason", letter_reason(1), "--limit", "0")
     assert code == 0 and "no dead letter has the reason" not in text, text[-500:]
     assert "REASON" not in text.split("older reasons")[-1], text[-500:]
+    code, text = await outpost_in_thread("dead", "list", "--config", str(agent.config_path),
+                                         "--reason", letter_reason(1), "--limit", "0", "--json")
+    assert code == 0 and json.loads(text)["entries"] == [], text[-500:]

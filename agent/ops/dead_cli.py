@@ -207,13 +207,16 @@ class _Cli:
                 conn.close()
 
     def list(self, cfg: Config, args: argparse.Namespace) -> int:
-        query = urllib.parse.urlencode({"limit": args.limit, **(
+        # With a reason, one entry at least (--limit 0 too): whether it has letters, as its
+        # group may be older than those the summary shows.
+        asked = max(args.limit, 1) if args.reason else args.limit
+        query = urllib.parse.urlencode({"limit": asked, **(
             {"reason": args.reason} if args.reason else {})})
         which = dead.Which(args.reason) if args.reason else None
 
         def offline(conn: sqlite3.Connection) -> dict[str, Any]:
             got = dead.summary(conn, LIST_LIMIT)
-            got["entries"] = dead.entries(conn, which, min(args.limit, LIST_LIMIT))   # as the agent
+            got["entries"] = dead.entries(conn, which, min(asked, LIST_LIMIT))   # as the agent
             return got
         try:
             got, source = self._read(cfg, f"/dead?{query}", "count", int, offline)
@@ -222,6 +225,7 @@ class _Cli:
             return 0
         try:
             lines = _listing(got, source, args)
+            got["entries"] = got["entries"][:args.limit]   # --json: no more than asked for
         except (LookupError, TypeError, AttributeError, ValueError, ArithmeticError) as exc:
             # Holding `count`, the one field asked of it, another server's JSON is no
             # summary (the spool's own always has the shape): never shown, --json included.
