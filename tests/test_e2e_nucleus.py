@@ -162,3 +162,25 @@ async def test_a_dot_segment_app_id_is_refused_not_sent_to_another_path(
             assert r.status == 401, body
     assert "path segment" in body and repr(app_id) in body, body
     assert agent.spool.depth == 0
+
+
+@pytest.mark.parametrize("protocol", ["nucleus-ws", "nucleus-http"])
+async def test_an_id_too_long_to_be_acknowledged_is_left_out_not_stored_for_good(
+        make_agent: Any, fake_nucleus: FakeNucleus, protocol: str) -> None:
+    """An id is echoed in every answer that acknowledges it, here and upstream. One of
+    70,000 characters made its event larger than batch_max_bytes, so it went alone, and
+    the upstream's answer, longer than any answer to a batch this upstream is sent (what a
+    websocket reads at most: 64 KiB + the batch's bytes), was never read: the key stuck,
+    its event resent for good. Such an id is no module's (theirs are numbers, or short
+    strings): the event is left unacknowledged at ingest, saying why, the rest go on."""
+    agent = await make_agent(upstreams=[upstream(fake_nucleus, protocol=protocol,
+                                                 batch_max_bytes=2048, batch_max_events=2)])
+    events = [{"name": "e", "id": i, "sessionId": 1, "machineId": "m"} for i in (1, 2)]
+    events.insert(1, {"name": "e", "id": "x" * 70_000, "sessionId": 1, "machineId": "m"})
+    async with aiohttp.ClientSession() as s:
+        async with s.post(f"http://127.0.0.1:{agent.port}/app/k/track",
+                          json={"data": events}) as r:
+            assert r.status == 200, await r.text()
+            assert (await r.json()) == {"reportedIds": [1, 2]}
+    await wait_for(lambda: agent.spool.depth == 0, timeout=10)
+    assert fake_nucleus.ids() == [1, 2]
