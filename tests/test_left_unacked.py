@@ -14,6 +14,7 @@ import aiohttp
 import orjson
 import pytest
 
+from agent.families.nucleus import MAX_ID_CHARS
 from agent.forwarder.stream import OMITTED_LIMIT, PASSED_OVER
 from tests.fakes.faulty_upstream import Fault, FaultyUpstream
 from tests.fakes.segment_upstream import FakeSegment
@@ -80,13 +81,14 @@ async def test_an_event_the_upstream_never_acknowledges_is_dead_lettered(
 async def test_an_event_given_up_is_named_by_the_start_of_a_long_id(
         make_agent: Any, fake_segment: FakeSegment, fast_backoff: Any, tmp_path: Path,
         caplog: pytest.LogCaptureFixture) -> None:
-    """An app's event id may be a string of any length: given up, an event with an id of
-    60,000 characters had a reason that long, in its dead letter, in the warning logged
-    (a 60 KB log line) and in every /status (`dead_reasons`). It is named by the id's
-    start."""
+    """An app's event id may be a string of up to 1,024 characters (MAX_ID_CHARS): given
+    up, an event with an id of 60,000 characters (taken then) had a reason that long, in its
+    dead letter, in the warning logged (a 60 KB log line) and in every /status
+    (`dead_reasons`). It is named by the id's start."""
     a = await chain(make_agent, fake_segment, tmp_path)
-    long_id = "big" + "i" * 60_000   # over B's 32 KB: B leaves it out
-    dead = await dead_after(a, [nucleus(long_id)])
+    long_id = "big" + "i" * (MAX_ID_CHARS - 3)
+    # Over B's 32 KB: B leaves it out.
+    dead = await dead_after(a, [nucleus(long_id, props={"p": "x" * 40_000})])
     assert ids(dead) == [long_id]
     reason = dead[0]["reason"]
     assert "never acknowledged it (id \"bigiii" in reason and len(reason) < 200, len(reason)

@@ -21,6 +21,11 @@ from agent.families.event import NUCLEUS, Event, compact_json, dedupe_key, iso_m
 KNOWN_TYPES = frozenset({"init", "event", "error", "userid", "props", "heartbeat", "nucleus:view"})
 ID_TYPES = (int, float, str)   # the ids taken, as exact types (a bool is not one)
 _ID_OR_NONE = frozenset({int, float, str, type(None)})   # exact types: bool is not an id
+# The longest string id taken. Every answer that acknowledges an event echoes its id, and
+# an upstream's answer is read only as far as an answer to its batch can go (64 KiB past
+# the batch's bytes: uplinks/http_common.py reply_cap): an id far longer, on an event sent
+# alone, was never read back, and its key stuck. Modules' ids are numbers or short strings.
+MAX_ID_CHARS = 1024
 EMPTY: Mapping[int, str] = MappingProxyType({})
 
 
@@ -100,6 +105,8 @@ def fault(i: int, ev: Any) -> str | None:
     if "id" in ev and ev["id"] is not None and (
             isinstance(ev["id"], bool) or not isinstance(ev["id"], ID_TYPES)):
         return f"data[{i}].id must be a string or a number"
+    if isinstance(ev.get("id"), str) and len(ev["id"]) > MAX_ID_CHARS:
+        return f"data[{i}].id is longer than {MAX_ID_CHARS} characters"
     for field in ("type", "name"):
         value = ev.get(field)
         if value is not None and not isinstance(value, str):
@@ -144,7 +151,8 @@ def accept(msg: Any, key: str, enrich: Enrich, faults: Mapping[int, str] = EMPTY
             # Each field read once, here: the usual event is judged by its types alone.
             ev_id, kind, name = ev.get("id"), ev.get("type"), ev.get("name")
             if not (type(ev_id) in _ID_OR_NONE and (kind is None or type(kind) is str)
-                    and (name is None or type(name) is str)):
+                    and (name is None or type(name) is str)
+                    and (type(ev_id) is not str or len(ev_id) <= MAX_ID_CHARS)):
                 why = fault(i, ev)
         elif why is None:
             why = fault(i, ev)
