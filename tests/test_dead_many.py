@@ -9,7 +9,7 @@ import json
 import socket
 import sqlite3
 import struct
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
 from contextlib import asynccontextmanager
 from pathlib import Path
 from typing import Any
@@ -60,14 +60,16 @@ async def up() -> AsyncIterator[RefusingNucleus]:
     await upstream.stop()
 
 
-async def agent_with_many(make_agent: Any, up: RefusingNucleus, n: int = MANY) -> Agent:
-    """An agent on a spool of ``n`` dead letters, its upstream refusing with 503 (retried
-    letters stay queued)."""
+async def agent_with_many(make_agent: Any, up: RefusingNucleus, n: int = MANY, *,
+                          seeds: int = 3,
+                          spread: Callable[[Path, int], None] = multiply_dead) -> Agent:
+    """An agent on a spool of ``n`` dead letters, ``spread`` from the ``seeds`` a first
+    agent made, its upstream refusing with 503 (retried letters stay queued)."""
     first = await make_agent(port=free_port(), upstreams=[upstream("up", up, ["app-a"])])
-    await post_events(first.port, "app-a", range(3))
-    await dead_letters(first, 3)
+    await post_events(first.port, "app-a", range(seeds))
+    await dead_letters(first, seeds)
     await first.stop()
-    multiply_dead(first.spool.path, n)
+    spread(first.spool.path, n)
     up.refuse = 503
     agent: Agent = await make_agent(port=free_port(), upstreams=[upstream("up", up, ["app-a"])])
     assert agent.spool.dead_count == n
@@ -375,13 +377,7 @@ async def test_dead_list_answers_the_newest_reasons_not_every_one(
     (and a spool holds millions). It answers the newest LIST_LIMIT groups and how many
     there are; `outpost dead list` says how many it leaves out."""
     n = LIST_LIMIT + 50
-    first = await make_agent(port=free_port(), upstreams=[upstream("up", up, ["app-a"])])
-    await post_events(first.port, "app-a", range(1))
-    await dead_letters(first, 1)
-    await first.stop()
-    reasons_of_their_own(first.spool.path, n)
-    up.refuse = 503
-    agent = await make_agent(port=free_port(), upstreams=[upstream("up", up, ["app-a"])])
+    agent = await agent_with_many(make_agent, up, n, seeds=1, spread=reasons_of_their_own)
     async with aiohttp.ClientSession() as s:
         async with s.get(f"http://127.0.0.1:{agent.port}/dead?limit=3") as r:
             got = await r.json()
