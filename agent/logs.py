@@ -292,7 +292,9 @@ class _PrivateFile(logging.handlers.RotatingFileHandler):
     one found wider made so: it holds what the agent logs (upstreams, apps' event names)."""
 
     def _open(self) -> io.TextIOWrapper:
-        fd = os.open(self.baseFilename, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o600)
+        # O_BINARY (Windows): io translates line ends already; a text-mode fd would again.
+        fd = os.open(self.baseFilename, os.O_WRONLY | os.O_APPEND | os.O_CREAT
+                     | getattr(os, "O_BINARY", 0), 0o600)
         # Not on Windows, where the directory's ACL is what guards it.
         if sys.platform != "win32" and stat.S_IMODE(os.fstat(fd).st_mode) & 0o077:
             os.fchmod(fd, 0o600)

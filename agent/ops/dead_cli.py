@@ -248,7 +248,8 @@ class _Cli:
                 sys.stdout.flush()
                 count = self._export_to(cfg, _writer(sys.stdout.fileno()))
             elif not stat.S_ISREG(mode):   # a pipe or a device: straight through
-                fd = os.open(target, os.O_WRONLY)
+                # O_BINARY (Windows): the letters' bytes as they are, no \r added.
+                fd = os.open(target, os.O_WRONLY | getattr(os, "O_BINARY", 0))
                 try:
                     count = self._export_to(cfg, _writer(fd))
                 finally:
