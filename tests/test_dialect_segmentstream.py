@@ -49,6 +49,20 @@ async def test_bad_token_is_401(make_agent: Any, headers: dict[str, str]) -> Non
     assert reply.status == 401 and "token" in reply.json()["error"]
 
 
+@pytest.mark.parametrize("headers", [{}, {"Authorization": ""}])
+async def test_no_token_is_401_saying_where_it_goes(make_agent: Any,
+                                                   headers: dict[str, str]) -> None:
+    """It said "missing or invalid API token: no key given", where the Segment routes say
+    where a key goes."""
+    agent = await make_agent()
+    reply = await call(agent.port, "/track", seed.SEGMENTSTREAM_TRACK, headers=headers)
+    assert reply.status == 401
+    assert reply.json() == {"error": "missing or invalid API token: no API token given: send "
+                            "it as the username of Basic auth (`Authorization: Basic` and "
+                            "the base64 of `TOKEN:`)"}
+    assert agent.spool.depth == 0
+
+
 @pytest.mark.parametrize("header,named", [
     ("Bearer abc123", "must be Basic auth"),
     ("Basic !!!", "not base64"),

@@ -62,7 +62,10 @@ async def test_bad_or_missing_key_is_401(make_agent: Any, headers: dict[str, str
     agent = await make_agent(listen={"accept_keys": ["good"]})
     reply = await call(agent.port, f"{APPS}/track", seed.TRANTHOR_EXAMPLE_BODY, headers=headers)
     assert reply.status == 401
-    why = "not one of listen.accept_keys" if headers else "no key given"
+    # With no key, where one goes, as the Segment routes say (it said "no key given").
+    why = "not one of listen.accept_keys" if headers else (
+        "no write key given: send it as the `PublicWriteKey` header, or as the "
+        "`authorization` header (the key alone, or `Bearer` and the key)")
     assert reply.json() == {"statusCode": 401, "error": "Unauthorized",
                             "message": f"missing or invalid write key: {why}"}
 
@@ -75,6 +78,7 @@ async def test_a_bearer_header_with_no_token_is_401_not_the_key_bearer(
     reply = await call(agent.port, f"{APPS}/track", seed.TRANTHOR_EXAMPLE_BODY,
                        headers={"authorization": value})
     assert reply.status == 401, reply.body
+    assert "no write key given: send it as the `PublicWriteKey` header" in reply.json()["message"]
     assert agent.spool.depth == 0
 
 
