@@ -35,6 +35,9 @@ MAX_BODY = 64 * 1024
 TYPES = frozenset({"track"})
 _IDS = ("userId", "anonymousId")
 SET_ASIDE = "segmentstream"   # context key of the app's values the hit's own replaced
+# A 401 with no token says where one goes (the sink's own reason, "no key given", does not).
+NO_TOKEN_GIVEN = ("no API token given: send it as the username of Basic auth "
+                  "(`Authorization: Basic` and the base64 of `TOKEN:`)")
 
 
 def error(status: int, message: str, retry_after: int | None = None) -> web.Response:
@@ -117,7 +120,8 @@ class SegmentStreamHandlers:
             key = basic_user(request.headers.get("Authorization"))
         except BadAuth as exc:   # there, but naming no token: said, not taken for none
             return error(401, f"missing or invalid API token: {exc}")
-        if (why := self.sink.key_refusal(key)) is not None:
+        why = NO_TOKEN_GIVEN if key is None else self.sink.key_refusal(key)
+        if why is not None:
             return error(401, f"missing or invalid API token: {why}")
         assert key is not None
 

@@ -41,6 +41,9 @@ from agent.families.event import Event
 
 log = logging.getLogger("outpost.tranthor")
 TYPES = frozenset({"track", "identify", "page", "screen"})
+# A 401 with no key says where one goes (the sink's own reason, "no key given", does not).
+NO_KEY_GIVEN = ("no write key given: send it as the `PublicWriteKey` header, or as the "
+                "`authorization` header (the key alone, or `Bearer` and the key)")
 MAX_BODY = 1024 * 1024
 FILE_TYPE = "Base64Encoded"
 
@@ -122,7 +125,8 @@ class TranthorHandlers:
 
     async def call(self, request: web.Request) -> web.StreamResponse:
         key = request_key(request)
-        if (why := self.sink.key_refusal(key)) is not None:
+        why = NO_KEY_GIVEN if key is None else self.sink.key_refusal(key)
+        if why is not None:
             return error(401, f"missing or invalid write key: {why}")
         assert key is not None
 
