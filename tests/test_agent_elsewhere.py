@@ -69,6 +69,13 @@ def test_listen_port_0_is_named_as_why_no_command_reaches_the_agent(
         assert run.returncode == 1 and run.stderr.strip() == line, (args, run.returncode, line)
         assert f"an agent is running on the spool {spool}" in line, line
         assert PORT_0 in line and "still starting" not in line, line
+    # It reads the spool (exact beside the agent), saying why not the agent: it said the
+    # agent "does not answer at http://127.0.0.1:0".
+    run = outpost("dead", "list", "--config", str(cfg))
+    assert run.returncode == 0 and run.stderr == "", (run.returncode, run.stderr)
+    first = run.stdout.splitlines()[0]
+    assert first.startswith(f"0 dead letters ({spool}; an agent runs on it, but "), first
+    assert PORT_0 in first and "127.0.0.1:0" not in first, first
     assert running.terminate() == 0
     run = outpost("flush", "--config", str(cfg))
     assert run.returncode == 1 and PORT_0 in run.stderr, run.stderr
