@@ -32,6 +32,7 @@ from agent.ops.local_agent import (
     answer,
     busy,
     opened,
+    port_unknown,
     read_whole,
     running_elsewhere,
     timed_out,
@@ -198,9 +199,14 @@ class _Cli:
         except _NoAgent:
             spool = cfg.storage.resolved_path()
             conn = dead.read_only(spool)
-            # An agent may hold it yet not answer here (listening elsewhere, or starting).
-            where = (f"{spool}; an agent runs on it but does not answer at {agent_url(cfg, '')}"
-                     if agent_holds(spool) else f"{spool}, no agent running")
+            # An agent may hold it yet not answer here (listening elsewhere, or starting, or
+            # on a port the system picked).
+            where = f"{spool}, no agent running"
+            if agent_holds(spool):
+                where = (f"{spool}; an agent runs on it, but {unknown}"
+                         if (unknown := port_unknown(cfg)) else
+                         f"{spool}; an agent runs on it but does not answer at "
+                         f"{agent_url(cfg, '')}")
             try:
                 return fn(conn, *a), where
             finally:
