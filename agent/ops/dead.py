@@ -86,6 +86,8 @@ class DeadRoutes:
         # naming each event it refuses), and a spool holds millions of letters.
         summary = await dead_live.read(self.spool, dead.summary, LIST_LIMIT)
         summary["entries"] = await dead_live.read(self.spool, dead.entries, which, limit)
+        if reason is not None:   # its letters, which the newest groups may leave out
+            summary["of_reason"] = await dead_live.read(self.spool, dead.of_reason, reason)
         return web.json_response(summary)
 
     async def show(self, request: web.Request) -> web.Response:

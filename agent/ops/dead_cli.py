@@ -135,7 +135,10 @@ def _listing(got: Any, source: str, args: argparse.Namespace) -> list[str]:
         lines += ["", *table(["ID", "KEY", "UPSTREAM", "AGE", "SIZE", "REASON"], [
             [str(e["id"]), printable(e["key"]), printable(e["upstream"]), age(age_s(e["at"])),
              size(e["bytes"]), printable(e["reason"])] for e in rows], right={0, 4})]
-        more = (sum(g["count"] for g in got["groups"] if g["reason"] == args.reason)
+        # The reason's letters, which the groups listed may leave out (older than them);
+        # from an older agent, which does not send them, what the groups show.
+        more = (got.get("of_reason", sum(g["count"] for g in got["groups"]
+                                         if g["reason"] == args.reason))
                 if args.reason else got["count"]) - len(rows)
         if more > 0:
             lines.append(f"... and {more} more (--limit N, or `outpost dead export FILE`)")
@@ -223,6 +226,8 @@ class _Cli:
         def offline(conn: sqlite3.Connection) -> dict[str, Any]:
             got = dead.summary(conn, LIST_LIMIT)
             got["entries"] = dead.entries(conn, which, min(asked, LIST_LIMIT))   # as the agent
+            if args.reason:
+                got["of_reason"] = dead.of_reason(conn, args.reason)
             return got
         try:
             got, source = self._read(cfg, f"/dead?{query}", "count", int, offline)

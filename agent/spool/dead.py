@@ -109,6 +109,14 @@ def summary(conn: sqlite3.Connection, newest: int | None = None) -> dict[str, An
             "reasons": conn.execute(reasons).fetchone()[0]}
 
 
+def of_reason(conn: sqlite3.Connection, reason: str) -> int:
+    """How many dead letters have ``reason``: ``summary``'s newest groups may leave its
+    out (one row per upstream, through the summary's UNIQUE(reason, upstream) index)."""
+    sql = ("SELECT count(*) FROM dead WHERE reason = ?" if _user_version(conn) < SUMMARY_SINCE
+           else "SELECT coalesce(sum(letters), 0) FROM dead_groups WHERE reason = ?")
+    return int(conn.execute(sql, (reason,)).fetchone()[0])
+
+
 def newest_groups(conn: sqlite3.Connection, newest: int) -> list[dict[str, Any]]:
     """The ``newest`` (reason, upstream) groups of a running agent's spool, newest first:
     a few rows however many letters there are (/status reads them after each change)."""
