@@ -228,6 +228,46 @@ async def test_cli_says_the_agent_is_busy_not_absent(
 
 
 @asynccontextmanager
+async def export_stalling() -> AsyncIterator[int]:
+    """A listener that answers an export with its head and one letter, then sends nothing
+    more and holds the connection open: an agent whose loop stalls mid-export."""
+    held: list[asyncio.StreamWriter] = []
+
+    async def answer(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        await reader.readuntil(b"\r\n\r\n")
+        line = b'{"id": 1}\n'
+        writer.write(b"HTTP/1.1 200 OK\r\nContent-Type: application/x-ndjson\r\n"
+                     b"Transfer-Encoding: chunked\r\n\r\n%x\r\n%s\r\n" % (len(line), line))
+        held.append(writer)
+    server = await asyncio.start_server(answer, "127.0.0.1", 0)
+    try:
+        yield server.sockets[0].getsockname()[1]
+    finally:
+        for w in held:
+            w.close()
+        server.close()
+        await server.wait_closed()
+
+
+async def test_an_export_the_agent_stalls_says_what_came_and_what_to_do(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """An export whose stream the agent stopped sending for 30 s said "outpost: timed
+    out": nothing of what timed out, what was written, or what to do."""
+    monkeypatch.setattr(dead_cli, "ASK_TIMEOUT_S", 0.2, raising=False)
+    spool, target = tmp_path / "spool.db", tmp_path / "out.jsonl"
+    target.write_text("kept\n")
+    async with export_stalling() as port:
+        cfg = str(write_config(tmp_path / "agent.toml", spool, port=port))
+        code, text = await outpost_in_thread("dead", "export", str(target), "--config", cfg)
+    assert (code, text) == (1, f"outpost: the agent at http://127.0.0.1:{port} sent no more "
+                               "of the export for 0.2 s, after 1 dead letters (it is busy, "
+                               f"or stuck: its log may say why): {target} is unchanged; try "
+                               "again\n")
+    assert target.read_text() == "kept\n" and not spool.exists()
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["agent.toml", "out.jsonl"]  # no temp
+
+
+@asynccontextmanager
 async def agent_cut_short(reset: bool = False) -> AsyncIterator[int]:
     """A listener that begins every answer (its head, a bit of its body) and closes before
     the body's end, as an agent killed mid-answer; with ``reset``, by a TCP reset (as the
