@@ -259,10 +259,10 @@ async def test_an_export_the_agent_stalls_says_what_came_and_what_to_do(
     async with export_stalling() as port:
         cfg = str(write_config(tmp_path / "agent.toml", spool, port=port))
         code, text = await outpost_in_thread("dead", "export", str(target), "--config", cfg)
-    assert (code, text) == (1, f"outpost: the agent at http://127.0.0.1:{port} sent no more "
-                               "of the export for 0.2 s, after 1 dead letters (it is busy, "
-                               f"or stuck: its log may say why): {target} is unchanged; try "
-                               "again\n")
+    assert (code, text) == (1, f"outpost: the agent at http://127.0.0.1:{port} sent nothing "
+                               "more of the export for 0.2 s, after 0 dead letters (it is "
+                               f"busy, or stuck: its log may say why): {target} is unchanged; "
+                               "try again\n")
     assert target.read_text() == "kept\n" and not spool.exists()
     assert sorted(p.name for p in tmp_path.iterdir()) == ["agent.toml", "out.jsonl"]  # no temp
 

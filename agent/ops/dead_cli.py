@@ -67,6 +67,11 @@ class _CutShort(Exception):
         self.count = count
 
 
+class _Stalled(_CutShort):
+    """The agent's export stream sent nothing for ASK_TIMEOUT_S, after ``count`` letters
+    (what a read that timed out had taken of it is lost with it)."""
+
+
 class _Unwritable(Exception):
     """The export's target refused a write (a full disk): ``error`` says why."""
 
@@ -101,8 +106,8 @@ def _chunk(resp: Any, write: Write, count: int) -> bytes:
     except http.client.IncompleteRead as exc:
         write(exc.partial)
         raise _CutShort(count + exc.partial.count(b"\n")) from exc
-    except TimeoutError:
-        raise   # a stall, not a cut: said as before
+    except TimeoutError as exc:   # an agent there, but stalled: said as such
+        raise _Stalled(count) from exc
     except OSError as exc:   # a reset: what came before it was read, and written
         raise _CutShort(count) from exc
 
@@ -270,6 +275,11 @@ class _Cli:
         except _CutShort as exc:
             kept = (f"{target} is unchanged" if stat.S_ISREG(mode) and not own else
                     f"{target} got only those")
+            if isinstance(exc, _Stalled):
+                raise dead.DeadError(
+                    f"the agent at {agent_url(cfg, '')} sent nothing more of the export for "
+                    f"{ASK_TIMEOUT_S:g} s, after {exc.count} dead letters (it is busy, or "
+                    f"stuck: its log may say why): {kept}; try again") from exc
             raise dead.DeadError(f"the agent stopped the export after {exc.count} dead "
                                  f"letters (its log says why): {kept}") from exc
         except _Unwritable as exc:
