@@ -126,7 +126,13 @@ async def test_live_and_offline_snapshots_have_the_same_keys(make_agent: Any) ->
     # What only a running agent knows is null offline, not missing.
     for key in ("uptime_s", "oldest_event_age_s", "history", "connections", "ingest"):
         assert live[key] is not None and offline[key] is None, key
-    assert offline["spool"]["used_bytes"] is None
+    # The spool's size and cap are the file's and the config's: an operator whose agent
+    # stopped (a full disk, say) sees them (they were null, and the table had no size).
+    used = offline["spool"]["used_bytes"]
+    assert isinstance(used, int) and 0 < used <= agent.spool.path.stat().st_size, used
+    assert offline["spool"]["max_bytes"] == live["spool"]["max_bytes"] == 512 * 1024 * 1024
+    code, text = await run_outpost("status", "--config", agent.config_path)
+    assert code == 0 and f" KB of 512.0 MB, {agent.spool.path}\n" in text, text
     assert {u["acked"] for u in offline["upstreams"]} == {None}
     assert [u["state"] for u in offline["upstreams"]] == ["offline"] * 3
 
