@@ -50,6 +50,10 @@ class StorageConfig:
     def resolved_path(self) -> Path:
         return Path(self.path).expanduser() if self.path else paths.default_spool_path()
 
+    @property
+    def max_bytes(self) -> int:
+        return self.max_size_mb * 1024 * 1024
+
 
 @dataclass(frozen=True)
 class DeviceConfig:

@@ -213,14 +213,16 @@ async def snapshot(cfg: Config, spool: Spool, states: Mapping[str, UpstreamState
 
 
 def offline_snapshot(cfg: Config) -> Snapshot:
-    """What the spool file alone tells: queues and counters, no live upstream state."""
+    """What the spool file alone tells (queues, counters, its size) and the config's cap;
+    no live upstream state."""
     path = cfg.storage.resolved_path()
     raw = read_offline(path)
     streams = (Stream(0, key, s["depth"], s["bytes"]) for key, s in raw["streams"].items())
     snap = _snapshot(cfg, "spool, no agent running" if raw["exists"] else
                      "no agent running, no spool yet", group(streams, cfg.route_name),
                      outcomes.from_names(raw["counters"].items()), raw.get("dead_letters", 0),
-                     {"path": str(path), "used_bytes": None, "max_bytes": None,
-                      "expiry_errors": None, "expiry_last_error": None}, {})
+                     {"path": str(path), "used_bytes": raw.get("used_bytes"),
+                      "max_bytes": cfg.storage.max_bytes, "expiry_errors": None,
+                      "expiry_last_error": None}, {})
     snap["dead_reasons"] = redacted(dead.newest_reasons(path))
     return snap

@@ -10,6 +10,7 @@ from urllib.parse import quote
 
 from agent.paths import not_a_file
 from agent.spool.codebook import DICTS
+from agent.spool.db import used_bytes
 
 VERSION = 5
 SUMMARY_SINCE = 3   # the first version with the dead letters' kept summary
@@ -154,7 +155,8 @@ def open_read_only(path: Path) -> sqlite3.Connection:
 
 
 def read_offline(path: Path) -> dict[str, Any]:
-    """Queue depth and counters straight from a spool no agent is serving."""
+    """Queue depth, counters and the bytes used, straight from a spool no agent is
+    serving."""
     if not path.exists():
         return {"spool": str(path), "exists": False, "depth": 0, "streams": {}, "counters": {}}
     conn = open_read_only(path)
@@ -163,8 +165,9 @@ def read_offline(path: Path) -> dict[str, Any]:
                    conn.execute("SELECT key, depth, bytes FROM streams")}
         counters = dict(conn.execute("SELECT name, value FROM counters").fetchall())
         dead = conn.execute("SELECT count(*) FROM dead").fetchone()[0]
+        used = used_bytes(conn)
     finally:
         conn.close()
     return {"spool": str(path), "exists": True,
             "depth": sum(s["depth"] for s in streams.values()),
-            "streams": streams, "counters": counters, "dead_letters": dead}
+            "streams": streams, "counters": counters, "dead_letters": dead, "used_bytes": used}

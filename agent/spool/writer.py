@@ -160,7 +160,7 @@ class Writer:
     def __init__(self, cfg: StorageConfig, books: Books, index: DedupeIndex,
                  live: LiveRecords, host: Host) -> None:
         self.cfg = cfg
-        self.max_bytes = cfg.max_size_mb * 1024 * 1024
+        self.max_bytes = cfg.max_bytes
         self.books = books
         self.index = index
         self.live = live
