@@ -225,9 +225,17 @@ def test_executor(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
         Run(("false",), check=False),
         Run(("true",)),
     ))
-    assert execute(plan, "linux") == 0
+    umask = os.umask(0o022)   # the usual one: it made the unit's directories 0755
+    try:
+        assert execute(plan, "linux") == 0
+    finally:
+        os.umask(umask)
     assert target.read_text() == "[Unit]\n"
     assert stat.S_IMODE(target.stat().st_mode) == 0o644
+    # Made private, as XDG has ~/.config/systemd/user made (0700): systemd --user reads
+    # it as its owner.
+    for made in (tmp_path / "a", target.parent):
+        assert stat.S_IMODE(made.stat().st_mode) == 0o700, made
     assert stat.S_IMODE((tmp_path / "logs").stat().st_mode) == 0o700
     assert not gone.exists()
     assert "note: false exited 1 (ignored)" in capsys.readouterr().err
