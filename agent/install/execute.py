@@ -9,6 +9,7 @@ import subprocess
 import sys
 from pathlib import Path
 
+from agent import paths
 from agent.install import templates as tpl
 from agent.install.plan import EnsureUser, MakeDir, Plan, RemoveFile, Step, WriteFile
 
@@ -63,7 +64,10 @@ def execute(plan: Plan, os_name: str = sys.platform) -> int:
 def _do(step: Step, os_name: str) -> None:
     if isinstance(step, WriteFile):
         path = Path(step.path)
-        path.parent.mkdir(parents=True, exist_ok=True)
+        # Made 0700, as XDG has ~/.config/systemd/user made, and the project's own
+        # directories are: a user manager (systemd --user, launchd's agent) reads it as its
+        # owner, and the system's directories (/etc/systemd/system) exist.
+        paths.make_private_dir(path.parent)
         tmp = path.with_name(path.name + ".tmp")
         tmp.write_text(step.content, encoding=step.encoding)
         os.chmod(tmp, step.mode)
