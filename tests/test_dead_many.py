@@ -340,6 +340,16 @@ async def test_an_answer_reset_midway_is_said_so_by_every_command(tmp_path: Path
     assert not spool.exists() and not target.exists()
 
 
+async def test_an_export_to_standard_output_cut_short_names_it_so(tmp_path: Path) -> None:
+    """`outpost dead export -` cut short said "- got only those", where its success says
+    "standard output"."""
+    async with agent_cut_short(reset=True) as port:
+        cfg = str(write_config(tmp_path / "agent.toml", tmp_path / "spool.db", port=port))
+        code, text = await run_outpost("dead", "export", "-", "--config", cfg)
+    assert (code, text) == (1, "outpost: the agent stopped the export after 0 dead letters "
+                               "(its log says why): standard output got only those\n")
+
+
 @pytest.mark.parametrize("what", ["purge", "retry"])
 async def test_a_chunk_by_reason_does_not_read_again_the_letters_before_it(
         make_agent: Any, up: RefusingNucleus, what: str) -> None:
