@@ -259,6 +259,7 @@ class _Cli:
         # `-` is standard output, as for every Unix tool (and Windows has no /dev/stdout).
         mode = stat.S_IFCHR if args.file == "-" else _writable(cfg, target)
         own = args.file == "-" or _is_stdout(target)
+        named = "standard output" if own else str(target)
         try:
             if own:   # written to as the shell opened it (`>>` appends), never replaced
                 sys.stdout.flush()
@@ -273,8 +274,8 @@ class _Cli:
             else:   # through symlinks: the link stays a link
                 count = self._export_replacing(cfg, Path(os.path.realpath(target)), target)
         except _CutShort as exc:
-            kept = (f"{target} is unchanged" if stat.S_ISREG(mode) and not own else
-                    f"{target} got only those")
+            kept = (f"{named} is unchanged" if stat.S_ISREG(mode) and not own else
+                    f"{named} got only those")
             if isinstance(exc, _Stalled):
                 raise dead.DeadError(
                     f"the agent at {agent_url(cfg, '')} sent nothing more of the export for "
@@ -289,8 +290,7 @@ class _Cli:
             kept = f"; {target} is unchanged" if stat.S_ISREG(mode) else ""
             raise dead.DeadError(f"cannot write {target}: {why}{kept}") from exc
         # Beside the letters, not among them: `outpost dead export /dev/stdout | jq`.
-        print(f"exported {count} dead letters to {'standard output' if own else target}",
-              file=sys.stderr if own else None)
+        print(f"exported {count} dead letters to {named}", file=sys.stderr if own else None)
         return 0
 
     def _export_replacing(self, cfg: Config, real: Path, target: Path) -> int:
