@@ -153,6 +153,12 @@ async def test_stopped_agent_list_export_purge_retry(make_agent: Any, tmp_path: 
     assert listed.splitlines()[-1] == ("no dead letter has the reason 'HTTP 422': give one "
                                        "exactly as `outpost dead list --json` shows it"), listed
     assert "ID " not in listed and listed.startswith("1 dead letters"), listed
+    # So does a purge (and a retry) of it: "purged 0 dead letters", and no word why.
+    purged = await outpost("purge", "--reason", "HTTP 422", config=cfg)
+    assert purged.splitlines() == [
+        f"purged 0 dead letters ({agent.spool.path} (no agent running))",
+        "no dead letter has the reason 'HTTP 422': give one exactly as `outpost dead list "
+        "--json` shows it"], purged
 
     text = await outpost("retry", "--all", config=cfg)
     assert "re-queued 1 dead letters" in text and "no agent running" in text
