@@ -132,10 +132,8 @@ def _listing(got: Any, source: str, args: argparse.Namespace) -> list[str]:
     rows = got["entries"][:args.limit]
     if args.reason and not got["entries"] and \
             not any(g["reason"] == args.reason for g in got["groups"]):
-        # Mistyped, or copied from the table, which escapes what --reason must hold as is.
-        # (The entries are the agent's for the reason, which may be among the older groups.)
-        return [*lines, "", f"no dead letter has the reason {printable(repr(args.reason))}: "
-                "give one exactly as `outpost dead list --json` shows it"]
+        # The entries are the agent's for the reason, which may be among the older groups.
+        return [*lines, "", _no_such_reason(args.reason)]
     if rows:
         lines += ["", *table(["ID", "KEY", "UPSTREAM", "AGE", "SIZE", "REASON"], [
             [str(e["id"]), printable(e["key"]), printable(e["upstream"]), age(age_s(e["at"])),
@@ -148,6 +146,13 @@ def _listing(got: Any, source: str, args: argparse.Namespace) -> list[str]:
         if more > 0:
             lines.append(f"... and {more} more (--limit N, or `outpost dead export FILE`)")
     return lines
+
+
+def _no_such_reason(reason: str) -> str:
+    """Said for a --reason no dead letter has: mistyped, or copied from a table, which
+    escapes what --reason must hold as is (and `outpost status` cuts)."""
+    return (f"no dead letter has the reason {printable(repr(reason))}: give one exactly as "
+            "`outpost dead list --json` shows it")
 
 
 class _Cli:
@@ -372,6 +377,8 @@ class _Cli:
             print(f"re-queued {n} dead letters at the tail of their keys' queues ({where})")
         else:
             print(f"purged {n} dead letters ({where})")
+        if not n and args.reason:
+            print(_no_such_reason(args.reason))
         return 0
 
     def retry(self, cfg: Config, args: argparse.Namespace) -> int:
