@@ -236,6 +236,9 @@ def test_an_interrupt_while_run_starts_is_no_traceback(tmp_path: Path) -> None:
     (["dead", "list", "--limit", "-1"], "--limit"),
     (["dead", "purge", "--reason", ""], "--reason"),
     (["dead", "retry", "--reason", ""], "--reason"),
+    # Bytes that are not UTF-8 (a Latin-1 terminal's paste): a traceback (UnicodeEncodeError)
+    (["dead", "list", "--reason", "caf\udce9"], "--reason"),
+    (["dead", "purge", "--reason", "caf\udce9"], "--reason"),
 ])
 def test_an_empty_or_negative_argument_is_refused(tmp_path: Path, argv: list[str],
                                                   fragment: str) -> None:
