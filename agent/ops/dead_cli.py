@@ -459,6 +459,12 @@ def _reason(text: str) -> str:
     control characters), never empty."""
     if not text:
         raise argparse.ArgumentTypeError("a reason is never empty (see `outpost dead list`)")
+    try:
+        text.encode()
+    except UnicodeEncodeError:   # bytes of another encoding, kept as surrogates: no reason's
+        raise argparse.ArgumentTypeError(
+            f"{printable(text)} is not UTF-8 text, as every reason is: give one exactly as "
+            "`outpost dead list --json` shows it") from None
     return text
 
 
