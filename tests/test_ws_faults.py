@@ -17,7 +17,9 @@ from pathlib import Path
 from typing import Any
 
 import aiohttp
+import orjson
 import pytest
+from aiohttp import web
 
 from agent.forwarder.stream import OMITTED_LIMIT
 from agent.forwarder.supervisor import Seams
@@ -28,6 +30,7 @@ from agent.uplinks.nucleus_ws import NucleusWsUplink
 from tests.conftest import FAST_BACKOFF, write_config
 from tests.fakes.deaf_upstream import DeafUpstream
 from tests.fakes.faulty_upstream import Fault, FaultyUpstream
+from tests.fakes.loopback_server import LoopbackServer
 from tests.fakes.nucleus_upstream import FakeNucleus
 from tests.test_upstream_faults import delivered, drained, event, manual, marks, send, upstream
 from tests.waiting import wait_for
@@ -287,3 +290,73 @@ async def test_a_reply_whose_reported_ids_is_no_list_gives_nothing_up(
     await send(agent, [event(0)])
     await drained(agent, faulty, 1)
     assert [r.fault for r in faulty.requests] == ["malformed"] * (OMITTED_LIMIT + 1) + ["ok"]
+
+
+class _Repeater:
+    """A websocket upstream whose first connection answers the first frame, stops reading
+    (the frames after it wait for room) and, once told (``repeat``), sends that answer a
+    second time; every later connection answers each frame properly. Each frame's events
+    (``frames``, with their connection's number) as received."""
+
+    def __init__(self) -> None:
+        self.server = LoopbackServer()
+        self.repeat = asyncio.Event()
+        self.frames: list[tuple[int, list[dict[str, Any]]]] = []
+        self.connections = 0
+
+    async def start(self) -> _Repeater:
+        app = web.Application()
+        app.router.add_get("/app/{key}/track", self._ws)
+        await self.server._serve(app)
+        return self
+
+    async def _ws(self, request: web.Request) -> web.WebSocketResponse:
+        self.connections += 1
+        conn = self.connections
+        ws = web.WebSocketResponse(max_msg_size=0)
+        await ws.prepare(request)
+        self.server._sockets.add(ws)
+        async for msg in ws:
+            events = orjson.loads(msg.data)["data"]
+            self.frames.append((conn, events))
+            reply = orjson.dumps({"reportedIds": [ev["id"] for ev in events]}).decode()
+            await ws.send_str(reply)
+            if conn == 1:
+                assert request.transport is not None
+                request.transport.pause_reading()   # reads nothing more
+                await self.repeat.wait()
+                await ws.send_str(reply)            # the same answer, again
+                await ws.receive()                  # until the agent gives up on it
+                break
+        return ws
+
+
+async def test_a_repeated_answer_does_not_acknowledge_a_later_event_not_yet_sent(
+        make_agent: Any) -> None:
+    """Real modules reuse ids: B has the id of A, sent and acknowledged before it. B was
+    prepared (its id in flight) and waited for the frame before it to leave when the
+    upstream sent A's answer again: it was taken as B's, and B deleted though it never
+    left the agent (the connection then failed, and B was never sent again)."""
+    connector = aiohttp.TCPConnector(socket_factory=_small_send_buffer)
+    fake = await _Repeater().start()
+    async with asyncio.timeout(10), aiohttp.ClientSession(connector=connector) as session:
+        def uplink(cfg: UpstreamConfig, key: str, _: aiohttp.ClientSession,
+                   machine_id: str) -> NucleusWsUplink:
+            return NucleusWsUplink(cfg, key, session, machine_id)
+        agent = await make_agent(upstreams=[{
+            "name": "up", "protocol": "nucleus-ws", "url": fake.server.ws_url,
+            "flush_interval_s": 0.02, "timeout_s": 0.5, "batch_max_events": 1}],
+            seams=Seams(make_uplink=uplink, backoff=FAST_BACKOFF))
+        try:
+            # A (id 5); C, 400 KB, that cannot leave; B, another event with id 5.
+            await send(agent, [event(5), event(6, pad="x" * 400_000),
+                               {**event(5), "name": "b", "payload": {"mark": "mk-7-"}}])
+            state = agent.forwarding.states["up"]
+            await wait_for(lambda: state.sent == 3)   # B waits for C to leave
+            fake.repeat.set()
+            await wait_for(lambda: agent.spool.depth == 0)
+            later = [m for conn, events in fake.frames if conn > 1 for m in marks(events)]
+            assert later == [6, 7], fake.frames   # C, and B: sent again
+        finally:
+            await agent.stop()   # before its session closes
+            await fake.server.stop()
