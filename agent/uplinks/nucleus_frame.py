@@ -90,9 +90,10 @@ def ids_only(reported: list[Any]) -> bool:
     return _PLAIN.issuperset(map(type, reported))
 
 
-def match(in_flight: dict[Any, int], reported: Any) -> list[int]:
+def match(in_flight: dict[Any, int], reported: Any,
+          also: dict[Any, int] | None = None) -> list[int]:
     """Seqs acknowledged by a `reportedIds` list, taken out of ``in_flight`` (ack id ->
-    seq); unknown ids are ignored."""
+    seq), and their ids out of ``also`` too; unknown ids are ignored."""
     if not isinstance(reported, list):
         return []
     if ids_only(reported):
@@ -101,8 +102,14 @@ def match(in_flight: dict[Any, int], reported: Any) -> list[int]:
         before = len(in_flight)
         popped = list(map(in_flight.pop, reported, repeat(None)))
         if before - len(in_flight) == len(popped):
+            if also is not None:
+                list(map(also.pop, reported, repeat(None)))
             return cast(list[int], popped)  # each pop took one out: no None among them
-        return [s for s in popped if s is not None]
+        hits = [(ack_id, s) for ack_id, s in zip(reported, popped) if s is not None]
+        if also is not None:
+            for ack_id, _ in hits:
+                also.pop(ack_id, None)
+        return [s for _, s in hits]
     acked = []
     for ack_id in reported:
         # No event has a boolean id (ingest refuses them), but `true == 1` in Python:
@@ -112,4 +119,6 @@ def match(in_flight: dict[Any, int], reported: Any) -> list[int]:
         seq = in_flight.pop(ack_id, None)
         if seq is not None:
             acked.append(seq)
+            if also is not None:
+                also.pop(ack_id, None)
     return acked

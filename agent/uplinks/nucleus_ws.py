@@ -79,6 +79,10 @@ class _Link:
         self.frames = 0
         self.replies = 0
         self.acked: set[int] = set()
+        # The ack id of each event whose frame went out on it -> its seq, until acknowledged:
+        # only these can an answer acknowledge (one prepared, not yet sent, the upstream has
+        # not seen, whatever answer names its id: a repeated one, for an earlier event).
+        self.sent: dict[Any, int] = {}
         self.waiting: dict[int, tuple[int, ...]] = {}  # frame number -> seqs, while sent
         # The frame the upstream closed the connection for with 1009 (too big): the first
         # it had not wholly acknowledged then, since it answers frames in order.
@@ -165,9 +169,9 @@ class NucleusWsUplink(NucleusFraming, UplinkBase):
         self.url = track_url(cfg.url, cfg.key or app_key)
         self.machine_id = machine_id
         self.heartbeat_s = heartbeat_s
-        # Connection state: the ack id of every event sent or prepared on this
-        # connection and not yet acknowledged (a failed frame's, until close()) -> its seq
-        # (ids are unique among them).
+        # Connection state: the ack id of every event prepared on this connection and not
+        # yet acknowledged (a failed frame's, until close()) -> its seq. Ids are unique
+        # among them, so that an answer names one event (_Link.sent).
         self.in_flight: dict[Any, int] = {}
         self._link: _Link | None = None
         self._send_lock = asyncio.Lock()
@@ -218,6 +222,7 @@ class NucleusWsUplink(NucleusFraming, UplinkBase):
                     link.frames += 1
                     mine = link.frames
                     link.waiting[mine] = prepared.seqs
+                    link.sent.update(zip(prepared.ids, prepared.seqs))
                     data = frame(prepared)
                     size = len(data)
                     await link.send(data, self.cfg.timeout_s)
@@ -369,7 +374,7 @@ class NucleusWsUplink(NucleusFraming, UplinkBase):
             return
         reported = reply.get("reportedIds") if isinstance(reply, dict) else None
         if isinstance(reported, list):
-            acked = match(self.in_flight, reported)
+            acked = match(link.sent, reported, self.in_flight)
             if acked:
                 link.acked.update(acked)
                 link.notify()
