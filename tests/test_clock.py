@@ -125,6 +125,23 @@ async def test_a_device_offline_with_a_right_clock_still_expires_at_max_age(
     assert (await status(agent.port))["drops"]["expired"] == 3
 
 
+async def test_uptime_and_an_outage_are_the_time_the_agent_saw_pass(
+        make_agent: Any, fake_nucleus: FakeNucleus, clock: Clock) -> None:
+    """A board boots in 1970 and NTP corrects its clock an hour later (or the machine slept
+    an hour): /status's uptime and an upstream's time unreachable are that hour, not the
+    56 years the wall clock jumped, nor a few seconds of it."""
+    clock.wall_shift_ms = SKEWS["1970"]()
+    await fake_nucleus.go_down()
+    agent = await make_agent(upstreams=[{**upstream(fake_nucleus), "flush_interval_s": 0.02}])
+    await post(agent.port, "app1", range(1))
+    await wait_for(lambda: agent.forwarding.states["up"].unreachable_since is not None)
+    clock.wall_shift_ms, clock.passed_ms = 0, 3_600_000
+    snap = await status(agent.port)
+    assert 3600 <= snap["uptime_s"] < 3660, snap["uptime_s"]
+    lost = snap["upstreams"][0]["unreachable_for_s"]
+    assert lost is not None and 3600 <= lost < 3660, lost
+
+
 async def test_a_delivered_events_resend_is_still_known_after_a_clock_correction(
         make_agent: Any, fake_nucleus: FakeNucleus, clock: Clock) -> None:
     """Delivered events' dedupe keys are kept dedupe_window_h (24 h): a clock corrected
