@@ -12,6 +12,8 @@ from collections import deque
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
+from agent.clock import CLOCK
+
 # Seconds; ingest latency is dominated by the group commit's fsync.
 LATENCY_BUCKETS = (0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5)
 HISTORY_MINUTES = 60
@@ -40,14 +42,17 @@ class Minute:
 
 
 class Metrics:
-    """Process-lifetime metrics; the clock is injectable for tests."""
+    """Process-lifetime metrics; the wall clock of the per-minute history is injectable for
+    tests."""
 
     def __init__(self, clock: Callable[[], float] = time.time) -> None:
         self.clock = clock
         self.ingest_latency = Histogram()
         self.retries: dict[str, int] = {}
         self.history: deque[Minute] = deque(maxlen=HISTORY_MINUTES)
-        self.started = clock()
+        # By the agent's clock: uptime is time passed, not a difference of wall times,
+        # which a clock corrected from 1970 would make decades (or negative).
+        self._started_s = CLOCK.elapsed_s()
         # Client connections (agent/server/connections.py): open now, the cap, closes by reason.
         self.connections_open = 0
         self.connections_cap = 0
@@ -75,6 +80,10 @@ class Metrics:
         self.reload_error: str | None = None
         self.reload_error_at: float | None = None
         self.needs_restart: list[str] = []
+
+    def uptime_s(self) -> float:
+        """Seconds since the agent started, suspend included where the OS counts it."""
+        return CLOCK.elapsed_s() - self._started_s
 
     def _bucket(self) -> Minute:
         minute = int(self.clock() // 60)

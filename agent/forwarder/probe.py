@@ -30,9 +30,9 @@ from __future__ import annotations
 
 import asyncio
 import logging
-import time
 from collections.abc import Awaitable, Callable
 
+from agent.clock import CLOCK
 from agent.forwarder.recovery import RecoveryReport
 from agent.forwarder.state import UpstreamState
 from agent.forwarder.timing import Timer, Timing
@@ -170,7 +170,7 @@ class Prober:
             self._recovery.finish()   # what its last return delivered, before this loss
             self._lost_at = now
             self._acked_at_loss = self.state.acked
-            self.state.unreachable_since = time.time()
+            self.state.unreachable_since = CLOCK.elapsed_s()
             log.warning("upstream %s unreachable (%s); probing every %gs",
                         self.state.name, why, self._interval)
         elif why is None and self._lost_at is not None:

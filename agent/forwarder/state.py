@@ -27,7 +27,9 @@ class UpstreamState:
     dead_lettered: int = 0
     crashes: int = 0             # unexpected exceptions caught by the supervisor
     unreadable_replies: int = 0  # upstream messages ignored as unreadable (websocket: not JSON)
-    # Wall time a probe first failed to connect; while set, probed every 2 s (probe.py).
+    # When a probe first failed to connect, by the agent's clock (CLOCK.elapsed_s: status
+    # shows time passed, whatever the wall clock did meanwhile); while set, probed every
+    # 2 s (probe.py).
     unreachable_since: float | None = None
     probes: int = 0              # TCP probes finished
     # The most bytes per batch it takes, learned from its refusals (a websocket closed

@@ -14,7 +14,7 @@ from collections.abc import Mapping
 from typing import Any, TypedDict
 
 from agent import __version__, outcomes
-from agent.clock import age_s
+from agent.clock import CLOCK, age_s
 from agent.forwarder.state import UpstreamState
 from agent.metrics import Metrics
 from agent.ops.dead_reasons import NewestReasons, redacted
@@ -147,7 +147,7 @@ def _upstream(up: UpstreamConfig, groups: Groups, live: UpstreamState | None) ->
             "dead_lettered": live.dead_lettered if live else None,
             "crashes": live.crashes if live else None,
             "unreadable_replies": live.unreadable_replies if live else None,
-            "unreachable_for_s": round(max(0.0, time.time() - lost), 1) if lost is not None
+            "unreachable_for_s": round(CLOCK.elapsed_s() - lost, 1) if lost is not None
             else None,
             "probes": live.probes if live else None,
             "frame_limit_bytes": live.frame_limit_bytes if live else None,
@@ -188,7 +188,7 @@ async def snapshot(cfg: Config, spool: Spool, states: Mapping[str, UpstreamState
                       "max_bytes": spool.max_bytes, "expiry_errors": spool.expiry_errors,
                       "expiry_last_error": spool.expiry_last_error}, states)
     snap["dead_reasons"] = await reasons.get(spool)
-    snap["uptime_s"] = round(max(0.0, time.time() - metrics.started), 1)
+    snap["uptime_s"] = round(metrics.uptime_s(), 1)
     snap["oldest_event_age_s"] = round(age_s(first), 1) if first is not None else None
     snap["history"] = metrics.series()
     snap["connections"] = {"open": metrics.connections_open, "max": metrics.connections_cap,
