@@ -25,6 +25,7 @@ from tests.conftest import write_config
 from tests.fakes.faulty_upstream import Fault, FaultyUpstream
 from tests.fakes.manual_timing import ManualTiming
 from tests.fakes.nucleus_upstream import FakeNucleus
+from tests.test_clock import status
 from tests.test_sync_battery import Sensor, upstream
 from tests.waiting import wait_for
 
@@ -434,3 +435,36 @@ async def test_a_shutdown_while_a_hold_waits_for_a_send_in_flight_waits_only_its
     assert loop.stopping
     await asyncio.wait_for(agent.stop(), 5)
     assert loop.cut_short == 1 and agent.spool is not None
+
+
+async def test_a_key_whose_retry_comes_during_a_hold_is_not_shown_in_backoff(
+        make_agent: Any, fake_nucleus: FakeNucleus) -> None:
+    """The upstream refused (503, Retry-After: 120), then a low battery holds. Once that
+    wait is over the key waits for the hold alone: status said `backoff` for as long as
+    the hold lasted (hours), as if the upstream still refused."""
+    timing = ManualTiming()
+    sensor = Sensor(Battery(percent=50, plugged=False))
+    agent = await make_agent(upstreams=[upstream(fake_nucleus)], seams=Seams(timing=timing),
+                             battery=sensor, sync={"on_low_battery": "hold",
+                                                   "low_battery_pct": 20})
+    fake_nucleus.outage = (503, "120")
+    await post(agent.port, range(1, 4))
+    state = agent.forwarding.states["up"]
+    await wait_for(lambda: state.parked == 1)
+    assert (await status(agent.port))["upstreams"][0]["state"] == "backoff"
+    fake_nucleus.outage = None
+    sensor.reading = LOW
+    await wait_for(lambda: timing.pending()[:1] == [BATTERY_POLL_S])
+    timing.advance(BATTERY_POLL_S)
+    await wait_for(lambda: agent.sync.profile.mode == "hold")
+    timing.advance(max(timing.pending()))   # the Retry-After is over, under the hold
+    await wait_for(lambda: state.parked == 0)
+    snap = await status(agent.port)
+    assert snap["sync"]["profile"] == "hold" and snap["sync"]["held_events"] == 3
+    assert snap["upstreams"][0]["state"] == "idle", snap["upstreams"][0]
+    assert sent(fake_nucleus) == []
+    sensor.reading = Battery(percent=14, plugged=True)
+    await wait_for(lambda: BATTERY_POLL_S in timing.pending())
+    timing.advance(BATTERY_POLL_S)
+    await wait_for(lambda: agent.spool.depth == 0)
+    assert sent(fake_nucleus) == [1, 2, 3]
