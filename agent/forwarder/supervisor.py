@@ -373,6 +373,10 @@ class Supervisor:
         state = self.states.get(name)
         if state is not None:
             state.parked = n
+            if not n and state.state == "backoff":
+                # No key waits out a backoff now. One that left the lot may send nothing
+                # (a hold, a flush under one): it waits for that, not for the upstream.
+                state.state = "idle"
 
     def _set_timer(self) -> None:
         if self._timer is not None:
