@@ -437,11 +437,13 @@ async def test_a_shutdown_while_a_hold_waits_for_a_send_in_flight_waits_only_its
     assert loop.cut_short == 1 and agent.spool is not None
 
 
+@pytest.mark.parametrize("ended_by", ["its time", "a flush"])
 async def test_a_key_whose_retry_comes_during_a_hold_is_not_shown_in_backoff(
-        make_agent: Any, fake_nucleus: FakeNucleus) -> None:
+        make_agent: Any, fake_nucleus: FakeNucleus, ended_by: str) -> None:
     """The upstream refused (503, Retry-After: 120), then a low battery holds. Once that
-    wait is over the key waits for the hold alone: status said `backoff` for as long as
-    the hold lasted (hours), as if the upstream still refused."""
+    wait is over (or `outpost flush` ended it) the key waits for the hold alone: status
+    said `backoff` for as long as the hold lasted (hours), as if the upstream still
+    refused."""
     timing = ManualTiming()
     sensor = Sensor(Battery(percent=50, plugged=False))
     agent = await make_agent(upstreams=[upstream(fake_nucleus)], seams=Seams(timing=timing),
@@ -457,7 +459,12 @@ async def test_a_key_whose_retry_comes_during_a_hold_is_not_shown_in_backoff(
     await wait_for(lambda: timing.pending()[:1] == [BATTERY_POLL_S])
     timing.advance(BATTERY_POLL_S)
     await wait_for(lambda: agent.sync.profile.mode == "hold")
-    timing.advance(max(timing.pending()))   # the Retry-After is over, under the hold
+    if ended_by == "a flush":
+        async with aiohttp.ClientSession() as s, \
+                s.post(f"http://127.0.0.1:{agent.port}/flush") as r:
+            assert r.status == 200, await r.text()
+    else:
+        timing.advance(max(timing.pending()))   # the Retry-After is over, under the hold
     await wait_for(lambda: state.parked == 0)
     snap = await status(agent.port)
     assert snap["sync"]["profile"] == "hold" and snap["sync"]["held_events"] == 3
