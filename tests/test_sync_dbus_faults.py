@@ -221,6 +221,26 @@ async def test_a_failure_that_keeps_coming_back_is_logged_once_a_minute_with_a_c
     assert failed[1].startswith(sync["last_error"]), (failed, sync)
 
 
+async def test_a_summary_of_changes_ends_on_a_failed_reading_that_came_last(
+        make_agent: Any, fake_nucleus: FakeNucleus, bus: PrivateBus, nm: FakeNetworkManager,
+        caplog: pytest.LogCaptureFixture) -> None:
+    """A change within a minute of the last line waits for the summary; a failed reading
+    after it (unknown: not metered) is logged at once. The summary then said the network
+    was metered, the log's last word on it, while the agent sent as on an unmetered one."""
+    caplog.set_level(logging.INFO, "outpost.sync")
+    timing = ManualTiming()
+    agent = await watching(make_agent, fake_nucleus, bus.address, seams=Seams(timing=timing))
+    await nm.set_metered(YES)   # within the minute of the start's line: counted
+    await wait_for(lambda: agent.sync.metered.detail == "NetworkManager: yes")
+    await nm.announce("sa{sv}as", (NM_NAME, {"Metered": ("d", math.inf)}, []))
+    await wait_for(lambda: agent.sync.errors == 1)
+    timing.advance(60)
+    metered = [r.getMessage() for r in lines(caplog, "metered network: ")]
+    assert metered[-1].startswith(f"metered network: unknown ({agent.sync.metered.detail})"), \
+        metered
+    assert (await sync_status(agent.port))["profile"] == "normal"
+
+
 async def test_a_networkmanager_that_never_answers_times_out_as_an_error(
         make_agent: Any, fake_nucleus: FakeNucleus, bus: PrivateBus, nm: FakeNetworkManager,
         short_timeout: None, caplog: pytest.LogCaptureFixture) -> None:
