@@ -55,6 +55,13 @@ class Changes:
         if self._timer is None:
             self._timer = self._timers.call_at(self._logged + self.interval_s, self._summary)
 
+    def logged(self, msg: str, *args: object) -> None:
+        """A change another line has logged already (a failed reading's warning): a
+        summary due counts it and ends on it, or it would name an older state as the one
+        in force, after that line."""
+        if self._timer is not None:
+            self._latest, self._more = (msg, args), self._more + 1
+
     def close(self) -> None:
         """Log the summary due now, as the owner stops: the latest state is not lost."""
         if self._timer is not None:

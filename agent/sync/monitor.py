@@ -196,6 +196,9 @@ class SyncMonitor:
             # so the log never ends on a good reading while the failures go on.
             log_limited(log, logging.WARNING, "metered-failed", "%s", self.last_error,
                         limiter=self._failures)
+            if reading != self.metered:
+                self._metered_lines.logged("metered network: %s (%s)", reading.state.value,
+                                           reading.detail)
         elif reading != self.metered:
             self._metered_lines.log("metered network: %s (%s)", reading.state.value, reading.detail)
         self.metered = reading
