@@ -180,8 +180,11 @@ class SyncMachine(RuleBasedStateMachine):
             fwd = self.scene.agent.forwarding
             assert fwd is not None
             # Only parked keys (their retry waits for the manual clock or a probe) are
-            # sure to have nothing in flight: their next loop reads from the start.
-            parked = [k for k in self.posted if k in fwd._lot]
+            # sure to have nothing in flight: their next loop reads from the start. Not
+            # those parked sending a max_hold_h release: their retry sends what it let go,
+            # both lanes, and what came after (a high event too) waits for the profile.
+            lot = dict(fwd._lot.items())
+            parked = [k for k in self.posted if k in lot and lot[k].until is None]
             got = set(self._first_arrivals())
             self.resumes.append((len(self.scene.fake.events), {
                 k: [i for i in self.posted[k] if i not in got] for k in parked}))
