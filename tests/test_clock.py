@@ -156,6 +156,31 @@ async def test_a_delivered_events_resend_is_still_known_after_a_clock_correction
     assert agent.spool.counters["duplicates"] == 1 and agent.spool.depth == 0
 
 
+async def test_keys_received_under_a_clock_set_ahead_go_once_the_window_has_passed(
+        make_agent: Any, fake_nucleus: FakeNucleus, clock: Clock, tmp_path: Path) -> None:
+    """A device that woke ten years ahead and was corrected: the dedupe keys of what it
+    received meanwhile are known for the window (by the time the agent saw pass), then
+    forgotten. They were kept, in memory and in the spool file, until the wall clock
+    caught up with their receipt time: ten years."""
+    clock.wall_shift_ms = SKEWS["10y-ahead"]()
+    agent = await make_agent(upstreams=[upstream(fake_nucleus)])
+    await post(agent.port, "app1", range(1))
+    await wait_for(lambda: fake_nucleus.ids() == [0] and agent.spool.depth == 0)
+    clock.wall_shift_ms = 0                       # corrected
+    clock.passed_ms = 23 * 3_600_000              # within the window: still a resend
+    await agent.spool.prune()
+    await post(agent.port, "app1", range(1))
+    assert agent.spool.counters["duplicates"] == 1 and agent.spool.depth == 0
+    clock.passed_ms = 25 * 3_600_000              # past it by the time the agent saw pass
+    await agent.spool.prune()
+    assert len(agent.spool.index) == 0            # memory
+    with contextlib.closing(sqlite3.connect(tmp_path / "spool.db")) as db:
+        assert db.execute("SELECT count(*) FROM spent").fetchone()[0] == 0   # disk
+    await post(agent.port, "app1", range(1))      # beyond the window: at-least-once
+    assert agent.spool.counters["duplicates"] == 1
+    await wait_for(lambda: fake_nucleus.ids() == [0, 0] and agent.spool.depth == 0)
+
+
 async def test_events_queued_before_the_agent_kept_time_expire_by_the_wall_clock(
         tmp_path: Path, clock: Clock) -> None:
     """A spool left by an agent that did not count time yet: its events are judged by the
