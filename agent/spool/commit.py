@@ -682,7 +682,8 @@ class Expiry:
 
 def prune(conn: sqlite3.Connection, exp: Expiry, counters: Counts) -> Outcome:
     """Drop records and dead letters old by both clocks; forget delivered records' dedupe
-    keys that both clocks say are past the dedupe window."""
+    keys that both clocks say are past the dedupe window (the agent-observed clock alone
+    for keys received in the future by the wall clock: DedupeIndex.expire)."""
     out = Outcome()
     with transaction(conn):
         mark(conn, exp.observed, exp.next_seq)
@@ -701,8 +702,11 @@ def prune(conn: sqlite3.Connection, exp: Expiry, counters: Counts) -> Outcome:
         expired = conn.execute("DELETE FROM dead WHERE seq < ? AND at < ?",
                                (below, exp.wall_cutoff)).rowcount
         record(out.counters, Tally.DEAD_EXPIRED, expired)
-        conn.execute("DELETE FROM spent WHERE received < ? AND observed <= ?",
-                     (exp.forget, exp.observed - exp.window_ms))
+        # As the index forgets them (DedupeIndex.expire): received in the future by the
+        # wall clock (set back since), they go by the agent-observed clock alone.
+        conn.execute("DELETE FROM spent WHERE observed <= ? AND (received < ? "
+                     "OR (received > ? AND observed >= 0))",
+                     (exp.observed - exp.window_ms, exp.forget, exp.forget + exp.window_ms))
         _save(conn, out.streams, {**counters, **_sum(counters, out.counters)})
     _hand_back(conn, 0)
     # Expiry empties the queue too; and a truncation a reader's snapshot held off when a

@@ -12,7 +12,9 @@ once. A bucket holds at most an hour of agent-observed time, and at most 1/16 of
 ``max_keys`` (so the cap never forgets much more than it must). It is forgotten when
 both clocks say its newest key is past the window: the wall clock, and the time the
 agent has seen pass (agent/clock.py), so that a wrong wall clock forgets nothing
-early (issue 9's rule). Callers pass both times in; nothing here reads a clock.
+early (issue 9's rule); by the time the agent has seen pass alone when the wall clock
+reads before the key's receipt (``expire``). Callers pass both times in; nothing here
+reads a clock.
 
 Memory (``bench/micro_dedupe.py``, 1M random keys): 77.6 bytes per key by tracemalloc
 (the set: ~69 B, each key an int object in a hash table; the bucket arrays: 8.5 B),
@@ -263,11 +265,19 @@ class DedupeIndex:
 
     def expire(self, wall_ms: int, observed_ms: int) -> int:
         """Forget the buckets whose newest key both clocks say is past the window;
-        returns how many keys were forgotten."""
+        returns how many keys were forgotten.
+
+        A wall clock that reads before a key's receipt was set back since (or was ahead
+        then): it says nothing of the key's age, and waiting for it to catch up held the
+        keys of a device that woke years ahead for years. The agent-observed clock then
+        judges alone: it never runs ahead of real time, so it forgets nothing early. Not
+        for a key from before the agent counted time (observed below 0: db.PAST), which
+        the wall clock alone judges."""
         gone = 0
         kept = []
         for bucket in self._buckets:
-            if (wall_ms - bucket.wall >= self.window_ms
+            wall_age = wall_ms - bucket.wall
+            if ((wall_age >= self.window_ms or (wall_age < 0 and bucket.observed >= 0))
                     and observed_ms - bucket.observed >= self.window_ms):
                 gone += self._forget(bucket)
             else:
