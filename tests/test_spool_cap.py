@@ -407,6 +407,34 @@ async def test_a_resend_of_a_stored_event_is_not_refused_with_another_request(
         await spool.close()
 
 
+async def test_a_resend_of_an_event_stored_before_is_not_refused_at_a_full_spool(
+        tmp_path: Path) -> None:
+    """A spool over its cap (max_size_mb lowered, when_full = "reject"): an app's resend of
+    an event stored earlier shares a group commit with another app's new event, which does
+    not fit. The resend needs no room: it is answered as stored (a duplicate), not refused
+    with 503 beside the new event and counted ``rejected_full`` for an event the spool
+    holds."""
+    path = tmp_path / "spool.db"
+    event = incompressible("app", 0, 40)
+    spool = await Spool.open(StorageConfig(path=str(path), max_size_mb=2, sync="normal"))
+    try:
+        assert await spool.append([event]) == 1
+        await spool.append([incompressible("filler", n, 8000) for n in range(350)])
+    finally:
+        await spool.close()
+    assert used(path) > MB
+    spool = await Spool.open(one_mb(path))
+    try:
+        replies = await asyncio.gather(spool.append([incompressible("other", 0, 40)]),
+                                       spool.append([event]), return_exceptions=True)
+        assert isinstance(replies[0], SpoolFull), replies
+        assert replies[1] == 0, replies
+        assert spool.counters.get("rejected_full", 0) == 1
+        assert spool.counters["duplicates"] == 1
+    finally:
+        await spool.close()
+
+
 @pytest.mark.parametrize("when_full", ["reject", "drop_oldest"])
 async def test_the_write_ahead_log_stays_a_small_part_of_the_cap_under_sustained_load(
         tmp_path: Path, when_full: str) -> None:
