@@ -268,6 +268,8 @@ def _store(conn: sqlite3.Connection, job: Job, packed: list[tuple[Group, bytes, 
             return 0
         packed = _regroup(job, kept)
         out.groups = [g for g, _, _ in packed]
+        if not packed:   # those kept are resends alone: nothing to make room for
+            return 0
         inserted = sum(row_bytes(len(d) + len(k)) for _, d, k in packed)
         room = job.max_bytes - used_bytes(conn)
 
@@ -339,11 +341,13 @@ def _restore(out: Outcome, undo: _Undo) -> None:
 
 def _largest(job: Job, kept: list[int], share: dict[int, float], missing: int) -> set[int]:
     """The largest requests still kept whose estimated bytes (``share``: each group's row
-    per event) add up to ``missing``: the ones to refuse."""
+    per event) add up to ``missing``: the ones to refuse. Never one that stores nothing
+    (resends alone): refused, it would free nothing, and be answered 503 for events the
+    spool holds whenever ``missing`` is more than the estimates (a spool over its cap)."""
     size = {i: sum((e - s) * share[id(g)] for g, s, e in job.parts[i].slices)
-            for i in kept}
+            for i in kept if job.parts[i].slices}
     refuse: set[int] = set()
-    for i in sorted(kept, key=lambda i: -size[i]):
+    for i in sorted(size, key=lambda i: -size[i]):
         refuse.add(i)
         missing -= int(size[i])
         if missing <= 0:
