@@ -163,7 +163,7 @@ async def test_keys_received_under_a_clock_set_ahead_go_once_the_window_has_pass
     forgotten. They were kept, in memory and in the spool file, until the wall clock
     caught up with their receipt time: ten years."""
     clock.wall_shift_ms = SKEWS["10y-ahead"]()
-    agent = await make_agent(upstreams=[upstream(fake_nucleus)])
+    agent = await make_agent(upstreams=[{**upstream(fake_nucleus), "flush_interval_s": 0.02}])
     await post(agent.port, "app1", range(1))
     await wait_for(lambda: fake_nucleus.ids() == [0] and agent.spool.depth == 0)
     clock.wall_shift_ms = 0                       # corrected
