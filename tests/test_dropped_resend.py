@@ -116,3 +116,80 @@ async def test_delivered_keys_that_drop_oldest_deletes_are_counted_forgotten(
             n += 5
     assert agent.spool.counters["dropped_full"] >= 1
     assert agent.spool.counters.get("dedupe_forgotten", 0) == 2
+
+
+async def test_events_expired_while_in_flight_and_then_acknowledged_are_delivered_once(
+        make_agent: Any, fake_nucleus: FakeNucleus, clock: Clock) -> None:
+    """max_age_days passes while a batch waits for its ack: the upstream then acknowledges
+    it. Delivered, its events are counted acked (not expired as well), and their keys
+    dedupe a resend for the window: it went out a second time, and the counts said it
+    was both expired and acked by the upstream."""
+    fake_nucleus.answering.clear()   # the frame is received, its reply held
+    up = {"name": "up", "protocol": "nucleus-ws", "url": fake_nucleus.url,
+          "flush_interval_s": 0.02}
+    agent = await make_agent(upstreams=[up], storage={"max_age_days": 1, "dedupe_window_h": 72})
+    async with aiohttp.ClientSession() as s:
+        await post(s, agent.port, [event(i) for i in range(3)])
+        await wait_for(lambda: len(fake_nucleus.events) == 3)
+        clock.passed_ms = DAY_MS + 60_000
+        await agent.spool.prune()
+        fake_nucleus.answering.set()
+        await wait_for(lambda: agent.spool.depth == 0 and agent.forwarding.states["up"].acked == 3)
+        await post(s, agent.port, [event(0)])   # the app's resend, within the window
+        await post(s, agent.port, [event(5)])
+    await wait_for(lambda: 5 in fake_nucleus.ids())
+    assert fake_nucleus.ids().count(0) == 1, fake_nucleus.ids()
+    counters = agent.spool.counters
+    assert (counters.get("expired", 0), counters["acked"], counters["duplicates"]) == (0, 4, 1)
+
+
+async def test_events_in_flight_when_their_send_fails_expire_then(
+        make_agent: Any, fake_nucleus: FakeNucleus, clock: Clock) -> None:
+    """Left alone by expiry only while in flight: once the send fails (no answer within
+    timeout_s), they are old, and go."""
+    fake_nucleus.answering.clear()
+    up = {"name": "up", "protocol": "nucleus-ws", "url": fake_nucleus.url,
+          "flush_interval_s": 0.02, "timeout_s": 0.5}
+    agent = await make_agent(upstreams=[up], storage={"max_age_days": 1})
+    async with aiohttp.ClientSession() as s:
+        await post(s, agent.port, [event(i) for i in range(3)])
+    await wait_for(lambda: len(fake_nucleus.events) == 3)
+    clock.passed_ms = DAY_MS + 60_000
+
+    async def expired() -> bool:
+        await agent.spool.prune()
+        return agent.spool.depth == 0
+
+    await wait_for(expired)
+    assert agent.spool.counters["expired"] == 3
+    assert agent.forwarding.states["up"].acked == 0
+    fake_nucleus.answering.set()
+
+
+async def test_drop_oldest_leaves_events_in_flight_to_their_ack(
+        make_agent: Any, fake_nucleus: FakeNucleus) -> None:
+    """when_full = "drop_oldest" at the cap while the oldest events wait for their ack:
+    acknowledged, they were delivered. They were counted dropped_full as well as acked by
+    the upstream (the counts added up to more than came in), and their keys forgotten, so
+    the app's resend went out again."""
+    fake_nucleus.answering.clear()
+    up = {"name": "up", "protocol": "nucleus-ws", "url": fake_nucleus.url,
+          "flush_interval_s": 0.02, "max_in_flight": 1}
+    agent = await make_agent(upstreams=[up],
+                             storage={"max_size_mb": 1, "when_full": "drop_oldest"})
+    async with aiohttp.ClientSession() as s:
+        await post(s, agent.port, [event(i) for i in range(3)])
+        await wait_for(lambda: len(fake_nucleus.events) == 3)
+        n = 100
+        while not agent.spool.counters.get("dropped_full", 0):
+            assert n < 5000, "the spool never filled"
+            await post(s, agent.port, [event(n + j, pad=750) for j in range(5)])
+            n += 5
+        fake_nucleus.answering.set()
+        await wait_for(lambda: agent.forwarding.states["up"].acked >= 3)
+        await post(s, agent.port, [event(0)])   # the app's resend, within the window
+    await wait_for(lambda: agent.spool.depth == 0, timeout=20)
+    counters, state = agent.spool.counters, agent.forwarding.states["up"]
+    assert fake_nucleus.ids().count(0) == 1
+    assert counters["acked"] == state.acked
+    assert counters["ingested"] == counters["acked"] + counters["dropped_full"]
