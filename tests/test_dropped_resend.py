@@ -144,12 +144,12 @@ async def test_events_expired_while_in_flight_and_then_acknowledged_are_delivere
 
 
 async def test_events_in_flight_when_their_send_fails_expire_then(
-        make_agent: Any, fake_nucleus: FakeNucleus, clock: Clock) -> None:
+        make_agent: Any, fake_nucleus: FakeNucleus, clock: Clock, fast_backoff: Any) -> None:
     """Left alone by expiry only while in flight: once the send fails (no answer within
     timeout_s), they are old, and go."""
     fake_nucleus.answering.clear()
     up = {"name": "up", "protocol": "nucleus-ws", "url": fake_nucleus.url,
-          "flush_interval_s": 0.02, "timeout_s": 0.5}
+          "flush_interval_s": 0.02, "timeout_s": 0.2}
     agent = await make_agent(upstreams=[up], storage={"max_age_days": 1})
     async with aiohttp.ClientSession() as s:
         await post(s, agent.port, [event(i) for i in range(3)])

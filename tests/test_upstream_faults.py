@@ -33,6 +33,7 @@ from agent.families.lanes import LANES
 from agent.forwarder.backoff import BACKOFF, Backoff
 from agent.forwarder.stream import Release
 from agent.forwarder.supervisor import Seams
+from agent.spool.leases import Leases
 from agent.spool.types import Queued, Run
 from agent.uplinks.base import Retry
 from agent.uplinks.http_common import client_session, post, reply_cap, retry_after
@@ -747,6 +748,8 @@ class _GatedSpool:
         self.rows = rows
         self.gate = asyncio.Event()
         self.reading = asyncio.Event()
+        self.leases = Leases()
+        self.dropping = None   # nothing drops its rows
 
     async def fetch(self, stream: int, after: int | Sequence[int], limit: int,
                     lanes: Sequence[int] = LANES, max_bytes: int | None = None,

@@ -156,7 +156,10 @@ class StreamForwarder:
         # A max_hold_h release (supervisor.py): per lane, the last seq it lets go; None for
         # the profile's own lanes. Once sent, the loop goes back to those lanes alone.
         self.until: tuple[int | None, ...] | None = None
-        self._cursors = [0] * len(LANES)      # per lane: the last seq sent
+        # Per lane: the last seq sent; leased in the spool while the loop runs (changed in
+        # place: the spool reads this list), so the size cap and expiry leave what is in
+        # flight (spool/leases.py).
+        self._cursors = [0] * len(LANES)
         self._high_run = 0   # high batches sent in a row with normal events waiting
         self._tasks: set[asyncio.Task[None]] = set()
         self._in_flight = 0   # rows of the batches in _tasks
@@ -191,10 +194,12 @@ class StreamForwarder:
     async def run(self) -> None:
         """One life of the loop. Raises what it did not expect; the supervisor
         counts it and calls ``run`` again, with a fresh uplink, after a backoff."""
-        self._cursors, self._failed, self._crash = [0] * len(LANES), None, None
+        self._rewind()
+        self._failed, self._crash = None, None
         self._turn_from = asyncio.get_running_loop().time()
         self.uplink.on_crash = self._crashed
         self.uplink.on_unreadable = self.state.unreadable_reply
+        self.spool.leases.hold(self.stream.id, self._cursors)
         try:
             while not self.stopping and not self.released:
                 await self._step()
@@ -206,6 +211,7 @@ class StreamForwarder:
                 await self._settle(timeout=self.grace_s)
             finally:   # its batches answered or cut short (or the settle raised): done
                 self._mark_sending(False)
+                self.spool.leases.free(self.stream.id, self._cursors)
             await self.uplink.close()
             if self.stopping and self._failed is not None and self.release is not None \
                     and not self.released:
@@ -238,7 +244,7 @@ class StreamForwarder:
             # Only now, with nothing in flight, may a new connection start.
             self._reopen = False
             await self.uplink.close()
-            self._cursors = [0] * len(LANES)
+            self._rewind()
             return
         if self._reopen and not self._tasks:
             # As after a failure: nothing in flight, so nothing sent later can overtake.
@@ -325,7 +331,7 @@ class StreamForwarder:
                 if any(self._cursors) and not self._acking and self.queued():
                     # Rows behind the cursors are still queued: an ack's delete did not
                     # commit (a locked or full disk). Send them again.
-                    self._cursors = [0] * len(LANES)
+                    self._rewind()
                     return
                 if self.until is not None and not self._acking:
                     self._released_sent()
@@ -360,9 +366,23 @@ class StreamForwarder:
                 return
             if self._crash is not None or self.stopping or self.lanes != lanes:
                 return  # changed while it connected: read again (or end) before sending
+        if (dropping := self.spool.dropping) is not None:
+            # A commit or expiry runs that may drop records, and it took the leases before
+            # these rows were read: leased now, they are left by any that starts from here;
+            # sent without waiting for that one, they could be dropped in flight.
+            before = list(self._cursors)
+            self._advance(rows)
+            try:
+                await asyncio.wait((dropping,))
+            finally:
+                self._cursors[:] = before
+            if self._failed is not None or self._crash is not None or self.stopping \
+                    or self.lanes != lanes:
+                return
         if self.spool.dropped_since(rows):
-            # A commit ran since the read (while it connected, or after a read ahead) and
-            # dropped some of them: sent, they were delivered and counted dropped too.
+            # A commit ran since the read (while it connected, waited for a drop, or after a
+            # read ahead) and dropped some of them: sent, they were delivered and counted
+            # dropped too.
             return  # read again
         batch = self.uplink.prepare(rows) if ready is None else ready
         if not batch.rows:  # the first row's id is still in flight: wait for its ack
@@ -561,6 +581,10 @@ class StreamForwarder:
         if self._crash is None:
             self._crash = exc
         self.wake.set()
+
+    def _rewind(self) -> None:
+        """Send from the start of the key's lanes again (nothing is in flight)."""
+        self._cursors[:] = [0] * len(LANES)
 
     def _advance(self, sent: Sequence[Row]) -> None:
         """Move each lane's cursor to its last row in ``sent`` (high rows, then normal)."""

@@ -32,6 +32,7 @@ from agent.spool.db import (
     used_bytes,
 )
 from agent.spool.dedupe import keys_to_bytes
+from agent.spool.leases import Bound
 from agent.spool.records import DamagedRecord, Learned, pack, unpack
 
 # Estimating what a record row takes in the file (``row_bytes``), to tell whether a group
@@ -135,6 +136,8 @@ class Job:
     # Set on the writer's thread once the COMMIT is done: a failure after it (freeing
     # pages, measuring the file) leaves the rows written, new streams' included.
     written: bool = False
+    # Records the forwarders have events of in flight (leases.py): drop_oldest leaves them.
+    leased: Sequence[Bound] = ()
 
 
 @dataclass(slots=True)
@@ -285,7 +288,7 @@ def _fit(conn: sqlite3.Connection, job: Job, packed: list[tuple[Group, bytes, by
         if excess > 0:
             excess = _make_room(conn, excess, job.reject_when_full, out)
             if excess > 0 and not job.reject_when_full:
-                excess = _drop_oldest(conn, excess, job.remember, out)
+                excess = _drop_oldest(conn, excess, job.remember, out, job.leased)
             if excess > 0:
                 return excess
         conn.execute("SAVEPOINT rows")
@@ -608,18 +611,23 @@ def _trim_dead(conn: sqlite3.Connection, excess: int, out: Outcome) -> int:
     return max(0, freed)
 
 
-def _drop_oldest(conn: sqlite3.Connection, excess: int, remember: bool, out: Outcome) -> int:
+def _drop_oldest(conn: sqlite3.Connection, excess: int, remember: bool, out: Outcome,
+                 leased: Sequence[Bound]) -> int:
     """when_full = "drop_oldest": delete the oldest records until ``excess`` bytes are free:
     the normal lane's first, the high lane's only once no normal event is left (an app's
     error report outlives its page views). Each lane loses its oldest: FIFO is kept.
-    The keys of a record's events already delivered go with it, as the cap forgets stored
-    ones (the index keeps them until a restart). Returns the bytes still missing once none
-    is left (estimated: the caller measures)."""
+    Records ``leased`` (events in flight) are left to their answer. The keys of a record's
+    events already delivered go with it, as the cap forgets stored ones (the index keeps
+    them until a restart). Returns the bytes still missing once none is left (estimated:
+    the caller measures)."""
     freed = 0
+    kept = leased_ids(conn, leased)
     while freed < excess:
-        ids = conn.execute("SELECT id FROM records WHERE lane = ? ORDER BY id LIMIT ?",
-                           (NORMAL, DROP_CHUNK)).fetchall() or conn.execute(
-            "SELECT id FROM records ORDER BY id LIMIT ?", (DROP_CHUNK,)).fetchall()
+        ids = conn.execute("SELECT id FROM records WHERE lane = ? AND id NOT IN (SELECT value "
+                           "FROM json_each(?)) ORDER BY id LIMIT ?",
+                           (NORMAL, kept, DROP_CHUNK)).fetchall() or conn.execute(
+            "SELECT id FROM records WHERE id NOT IN (SELECT value FROM json_each(?)) "
+            "ORDER BY id LIMIT ?", (kept, DROP_CHUNK)).fetchall()
         if not ids:
             break
         for (rid,) in ids:
@@ -627,6 +635,13 @@ def _drop_oldest(conn: sqlite3.Connection, excess: int, remember: bool, out: Out
             if freed >= excess:
                 break
     return excess - freed
+
+
+def leased_ids(conn: sqlite3.Connection, leased: Sequence[Bound]) -> str:
+    """The records ``leased`` holds, as a JSON list (for ``NOT IN json_each``)."""
+    ids = [rid for stream, lane, top in leased for (rid,) in conn.execute(
+        "SELECT id FROM records WHERE stream = ? AND lane = ? AND id <= ?", (stream, lane, top))]
+    return str(ids).replace(" ", "")
 
 
 def _hand_back(conn: sqlite3.Connection, max_bytes: int) -> None:
@@ -682,6 +697,7 @@ class Expiry:
     max_age_ms: int
     window_ms: int     # dedupe_window_h
     next_seq: int      # every event with a lower seq is committed
+    leased: Sequence[Bound] = ()   # records with events in flight (leases.py): kept
 
 
 def prune(conn: sqlite3.Connection, exp: Expiry, counters: Counts) -> Outcome:
@@ -699,7 +715,9 @@ def prune(conn: sqlite3.Connection, exp: Expiry, counters: Counts) -> Outcome:
         # The keys of its events already delivered stay in ``spent`` for the rest of the
         # window (longer than max_age_days: the forgetting below keeps them), received by
         # that mark's time at the latest: kept longer, never forgotten early.
-        _drop(conn, "id < ? AND received < ?", (below, exp.wall_cutoff), Drop.EXPIRED, out,
+        # Records with events in flight are left to their answer: acked, they are delivered.
+        _drop(conn, "id < ? AND received < ? AND id NOT IN (SELECT value FROM json_each(?))",
+              (below, exp.wall_cutoff, leased_ids(conn, exp.leased)), Drop.EXPIRED, out,
               spent=by if exp.window_ms > 0 else None)
         # Dead letters wait for an operator as long, by both clocks: received before
         # ``below``, and dead-lettered before the wall-clock cutoff.

@@ -35,6 +35,7 @@ from agent.spool.aside import SUFFIXES, done, marker, move_aside, move_fresh_asi
 from agent.spool.books import Books
 from agent.spool.db import BUSY_TIMEOUT_MS, PAST, SqliteThread
 from agent.spool.dedupe import DedupeIndex
+from agent.spool.leases import Leases
 from agent.spool.live import LiveRecords
 from agent.spool.migrate import ensure, refuse_newer
 from agent.spool.reads import Reader
@@ -139,6 +140,16 @@ class Spool:
 
     def discard(self, records: Sequence[int]) -> None:
         self.writer.discard(records)
+
+    @property
+    def leases(self) -> Leases:
+        """What the forwarders have in flight, which the size cap and expiry leave."""
+        return self.writer.leases
+
+    @property
+    def dropping(self) -> asyncio.Future[None] | None:
+        """Done once the commit or expiry running, which may drop records, has (Writer.hold_sends)."""
+        return self.writer.dropping
 
     # -- the queue -----------------------------------------------------------
 
@@ -536,22 +547,10 @@ class Spool:
         max_age = self.cfg.max_age_days * 86_400_000
         window = self.cfg.dedupe_window_h * HOUR_MS
         async with self.lock:
-            observed = self.observed_ms()
-            exp = spool_commit.Expiry(wall_cutoff=now_ms() - max_age, forget=now_ms() - window,
-                                      observed=observed, max_age_ms=max_age, window_ms=window,
-                                      next_seq=self.books.next_seq)
-            counters = self.books.take_unsaved()
             try:
-                out = await db.run(spool_commit.prune, exp, counters)
-            except BaseException:
-                self.books.unsave(counters)   # saved by the next commit instead
-                raise
-            self.books.apply(out)
-            self.live.remove(out.deleted)
-            if not self.live:   # the dictionary went with the last record (codebook.py)
-                self.writer.codebook.forget()
-            self.index.discard(out.undelivered_keys())
-            self.index.expire(now_ms(), observed)
+                out = await self._expire(db, max_age, window)
+            finally:
+                self.writer.sends_go()   # after live.remove: what went must not be sent
         expired = out.counters.get(Drop.EXPIRED, 0)
         if expired:
             log.warning("dropped %d events older than %d days", expired, self.cfg.max_age_days)
@@ -559,6 +558,26 @@ class Spool:
             log.warning("deleted %d dead letters kept longer than %d days", dead,
                         self.cfg.max_age_days)
         return expired
+
+    async def _expire(self, db: SqliteThread, max_age: int, window: int
+                      ) -> spool_commit.Outcome:
+        observed = self.observed_ms()
+        exp = spool_commit.Expiry(wall_cutoff=now_ms() - max_age, forget=now_ms() - window,
+                                  observed=observed, max_age_ms=max_age, window_ms=window,
+                                  next_seq=self.books.next_seq, leased=self.writer.hold_sends())
+        counters = self.books.take_unsaved()
+        try:
+            out = await db.run(spool_commit.prune, exp, counters)
+        except BaseException:
+            self.books.unsave(counters)   # saved by the next commit instead
+            raise
+        self.books.apply(out)
+        self.live.remove(out.deleted)
+        if not self.live:   # the dictionary went with the last record (codebook.py)
+            self.writer.codebook.forget()
+        self.index.discard(out.undelivered_keys())
+        self.index.expire(now_ms(), observed)
+        return out
 
     def observed_ms(self) -> int:
         """The time the agent has seen pass, over all its runs on this spool."""

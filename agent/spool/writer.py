@@ -30,6 +30,7 @@ from agent.spool.codebook import Codebook
 from agent.spool.commit import Group, Job, Part
 from agent.spool.db import SqliteThread
 from agent.spool.dedupe import DedupeIndex
+from agent.spool.leases import Bound, Leases
 from agent.spool.live import LiveRecords
 from agent.spool.records import RECORD_BYTES, RECORD_EVENTS, pack
 from agent.spool.types import Reason, SpoolFull
@@ -167,6 +168,10 @@ class Writer:
         self.host = host
         self.codebook = Codebook()
         self.lock = asyncio.Lock()  # one commit, prune or recovery at a time
+        self.leases = Leases()
+        # Done once the commit or expiry now running, which may drop records, has dropped
+        # them (None: none runs): see hold_sends.
+        self.dropping: asyncio.Future[None] | None = None
         self.commits = 0  # transactions this process ran: shows group commit at work
         self.closing = False
         self._batch = Batch()
@@ -284,6 +289,33 @@ class Writer:
                 except BaseException:
                     _fail(batch.appends, SpoolFull(Reason.CORRUPT, retry_after=5))
                     raise
+        finally:
+            self.sends_go()
+
+    def hold_sends(self) -> list[Bound]:
+        """A commit or expiry that may drop records starts: the leases it must leave. Rows a
+        forwarder read before its leases are taken may be among those dropped: it leases
+        them and waits for ``dropping`` before it sends them (StreamForwarder._after_read)."""
+        if self.dropping is None:
+            self.dropping = asyncio.get_running_loop().create_future()
+        return self.leases.bounds()
+
+    def sends_go(self) -> None:
+        """What the commit dropped is out of ``live``: the forwarders' rows can be told."""
+        done, self.dropping = self.dropping, None
+        if done is not None:
+            done.set_result(None)
+
+    @staticmethod
+    def _may_drop(job: Job) -> bool:
+        """Whether ``job`` may drop records to make room (when_full = "drop_oldest"): its
+        groups' rows may come near the cap (commit.MEASURE_WITHIN). Generous: a group's
+        packed bytes are taken to be up to twice its bodies', plus its keys."""
+        if job.reject_when_full or not job.groups:
+            return False
+        incoming = sum(spool_commit.row_bytes(2 * g.nbytes + 16 * len(g.bodies) + 64)
+                       for g in job.groups)
+        return job.room - incoming < spool_commit.MEASURE_WITHIN
 
     def _job(self, batch: Batch) -> tuple[Job, list[int]]:
         """Dedupe, group and number the events: the loop-side half of a commit. Returns
@@ -431,6 +463,8 @@ class Writer:
             raise SpoolFull(Reason.NOT_OPEN, retry_after=5)
         appends = batch.appends
         job, stored = self._job(batch)
+        if self._may_drop(job):
+            job.leased = self.hold_sends()
         observed = self.host.observed_ms()
         try:
             done = db.run(spool_commit.commit, job)
