@@ -23,6 +23,7 @@ from agent.clock import Clock
 from agent.families.event import NUCLEUS, Event
 from agent.settings import StorageConfig
 from agent.spool import Spool
+from agent.spool import commit as spool_commit
 from tests.fakes.loopback_server import serving
 from tests.fakes.nucleus_upstream import FakeNucleus
 from tests.waiting import wait_for
@@ -201,6 +202,14 @@ async def test_events_queued_before_the_agent_kept_time_expire_by_the_wall_clock
         await spool.close()
 
 
+async def lone_backlog(tmp_path: Path, n: int) -> None:
+    """A spool of ``n`` lone events, a record each (as many apps' single posts leave)."""
+    spool = await Spool.open(StorageConfig(path=str(tmp_path / "spool.db")))
+    await spool.append([Event(f"k{i}", NUCLEUS, i, b'{"id":%d}' % i) for i in range(n)])
+    assert len(spool.live) == n                   # a record each
+    await spool.close()
+
+
 async def test_expiring_a_backlog_of_lone_events_leaves_the_agent_answering(
         make_agent: Any, tmp_path: Path, clock: Clock) -> None:
     """An app that posts one event at a time leaves a record per event: offline for weeks,
@@ -209,10 +218,7 @@ async def test_expiring_a_backlog_of_lone_events_leaves_the_agent_answering(
     others: 40,000 held the event loop 68 s (its watchdog, WatchdogSec=30, kills it), 10,000
     some 4 s, while /healthz and every app waited."""
     n = 10_000
-    spool = await Spool.open(StorageConfig(path=str(tmp_path / "spool.db")))
-    await spool.append([Event(f"k{i}", NUCLEUS, i, b'{"id":%d}' % i) for i in range(n)])
-    assert len(spool.live) == n                   # a record each
-    await spool.close()
+    await lone_backlog(tmp_path, n)
     agent = await make_agent(listen={"max_keys": 2 * n})
     clock.passed_ms = 31 * DAY_MS
     expiry = asyncio.create_task(agent.spool.prune())
@@ -226,6 +232,26 @@ async def test_expiring_a_backlog_of_lone_events_leaves_the_agent_answering(
     await expiry
     assert agent.spool.counters["expired"] == n and agent.spool.depth == 0
     assert slowest < 1.0, f"/healthz waited {slowest:.1f}s"
+
+
+async def test_an_apps_request_is_answered_while_a_large_expiry_runs(
+        make_agent: Any, tmp_path: Path, clock: Clock, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A backlog that ages out at once (max_age_days lowered, a device offline for weeks)
+    was deleted in one transaction, about 6 s a million events, and every app's request
+    waited for all of it (the writer's lock). Deleted in chunks, each its own transaction,
+    a request that comes meanwhile waits for one chunk at most."""
+    # Many chunks of a small backlog (raising=False: the failing run had none).
+    monkeypatch.setattr(spool_commit, "EXPIRE_RECORDS", 16, raising=False)
+    n = 4000
+    await lone_backlog(tmp_path, n)
+    agent = await make_agent(listen={"max_keys": 2 * n})
+    clock.passed_ms = 31 * DAY_MS
+    expiry = asyncio.create_task(agent.spool.prune())
+    await wait_for(lambda: agent.spool.dropping is not None)   # a chunk is being deleted
+    await post(agent.port, "app1", range(1))
+    assert agent.spool.counters.get("expired", 0) < n, "the request waited for all of it"
+    await expiry
+    assert agent.spool.counters["expired"] == n and agent.spool.depth == 1
 
 
 async def test_dead_letters_expire_at_max_age_by_both_clocks(tmp_path: Path,
