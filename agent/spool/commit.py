@@ -59,6 +59,13 @@ MEASURE_WITHIN = 4 * 1024 * 1024
 # checkpoint point, 1000 pages): a smaller one is left, or an agent that delivers as it
 # goes would pay for a checkpoint at every ack.
 WAL_TRUNCATE_BYTES = 4 * 1024 * 1024
+# Expiry deletes at most this many records holding at most this many events (and as many
+# dead letters, and rows of spent keys) per transaction, the writer's lock let go in
+# between (Spool.prune): a backlog that aged out at once (max_age_days lowered) went in
+# one, ~6 s a million lone events, every app's request waiting for it. A chunk of lone
+# events takes ~10 ms.
+EXPIRE_RECORDS = 1024
+EXPIRE_EVENTS = 8192
 
 log = logging.getLogger("outpost.spool")
 
@@ -160,6 +167,7 @@ class Outcome:
     # new key left one for good, in the file and in memory (and, with listen.max_keys,
     # took a key's place).
     unused: list[int] = field(default_factory=list)
+    more: bool = False   # expiry stopped at a chunk's bound: more may be due (prune)
 
     def undelivered_keys(self) -> array[int]:
         """``undelivered`` as one array, for the index to forget in one pass (one per
@@ -703,7 +711,8 @@ class Expiry:
 def prune(conn: sqlite3.Connection, exp: Expiry, counters: Counts) -> Outcome:
     """Drop records and dead letters old by both clocks; forget delivered records' dedupe
     keys that both clocks say are past the dedupe window (the agent-observed clock alone
-    for keys received in the future by the wall clock: DedupeIndex.expire)."""
+    for keys received in the future by the wall clock: DedupeIndex.expire). One chunk of
+    each at most (EXPIRE_RECORDS, EXPIRE_EVENTS): ``out.more`` says whether to run again."""
     out = Outcome()
     with transaction(conn):
         mark(conn, exp.observed, exp.next_seq)
@@ -716,19 +725,23 @@ def prune(conn: sqlite3.Connection, exp: Expiry, counters: Counts) -> Outcome:
         # window (longer than max_age_days: the forgetting below keeps them), received by
         # that mark's time at the latest: kept longer, never forgotten early.
         # Records with events in flight are left to their answer: acked, they are delivered.
-        _drop(conn, "id < ? AND received < ? AND id NOT IN (SELECT value FROM json_each(?))",
-              (below, exp.wall_cutoff, leased_ids(conn, exp.leased)), Drop.EXPIRED, out,
+        ids, out.more = _expiring(conn, below, exp)
+        _drop(conn, "id IN (SELECT value FROM json_each(?))", (ids,), Drop.EXPIRED, out,
               spent=by if exp.window_ms > 0 else None)
         # Dead letters wait for an operator as long, by both clocks: received before
         # ``below``, and dead-lettered before the wall-clock cutoff.
-        expired = conn.execute("DELETE FROM dead WHERE seq < ? AND at < ?",
-                               (below, exp.wall_cutoff)).rowcount
+        expired = conn.execute("DELETE FROM dead WHERE seq IN (SELECT seq FROM dead WHERE "
+                               "seq < ? AND at < ? ORDER BY seq LIMIT ?)",
+                               (below, exp.wall_cutoff, EXPIRE_RECORDS)).rowcount
         record(out.counters, Tally.DEAD_EXPIRED, expired)
         # As the index forgets them (DedupeIndex.expire): received in the future by the
         # wall clock (set back since), they go by the agent-observed clock alone.
-        conn.execute("DELETE FROM spent WHERE observed <= ? AND (received < ? "
-                     "OR (received > ? AND observed >= 0))",
-                     (exp.observed - exp.window_ms, exp.forget, exp.forget + exp.window_ms))
+        forgot = conn.execute("DELETE FROM spent WHERE id IN (SELECT id FROM spent WHERE "
+                              "observed <= ? AND (received < ? OR (received > ? AND "
+                              "observed >= 0)) LIMIT ?)",
+                              (exp.observed - exp.window_ms, exp.forget,
+                               exp.forget + exp.window_ms, EXPIRE_RECORDS)).rowcount
+        out.more = out.more or expired == EXPIRE_RECORDS or forgot == EXPIRE_RECORDS
         _save(conn, out.streams, {**counters, **_sum(counters, out.counters)})
     _hand_back(conn, 0)
     # Expiry empties the queue too; and a truncation a reader's snapshot held off when a
@@ -736,6 +749,23 @@ def prune(conn: sqlite3.Connection, exp: Expiry, counters: Counts) -> Outcome:
     _shrink_wal(conn)
     out.used_bytes = used_bytes(conn)
     return out
+
+
+def _expiring(conn: sqlite3.Connection, below: int, exp: Expiry) -> tuple[str, bool]:
+    """The oldest records due to expire, up to EXPIRE_RECORDS and EXPIRE_EVENTS (one at
+    least), as a JSON list; and whether more may be due."""
+    rows = conn.execute("SELECT id, n FROM records WHERE id < ? AND received < ? AND id NOT IN "
+                        "(SELECT value FROM json_each(?)) ORDER BY id LIMIT ?",
+                        (below, exp.wall_cutoff, leased_ids(conn, exp.leased),
+                         EXPIRE_RECORDS)).fetchall()
+    ids: list[int] = []
+    events = 0
+    for rid, n in rows:
+        if ids and events + n > EXPIRE_EVENTS:
+            break
+        ids.append(rid)
+        events += n
+    return str(ids).replace(" ", ""), len(ids) < len(rows) or len(rows) == EXPIRE_RECORDS
 
 
 def _received_by(conn: sqlite3.Connection, observed: int) -> tuple[int, int]:

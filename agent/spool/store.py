@@ -520,16 +520,7 @@ class Spool:
         the next run tries again; it never ends the agent's expiry unseen.
         """
         try:
-            db = self._db
-            try:
-                return await self._prune()
-            except sqlite3.DatabaseError as exc:
-                if not is_corruption(exc):
-                    raise
-                async with self.lock:
-                    if self._db is db and db is not None:  # not already recovered meanwhile
-                        await self.recover(exc)
-                return await self._prune()
+            return await self._prune()
         except Exception as exc:  # noqa: BLE001 - reported here: see the docstring
             self.expiry_errors += 1
             if isinstance(exc, sqlite3.Error):
@@ -541,20 +532,30 @@ class Spool:
             return 0
 
     async def _prune(self) -> int:
-        if self._db is None:
-            return 0
-        db = self._db
         max_age = self.cfg.max_age_days * 86_400_000
         window = self.cfg.dedupe_window_h * HOUR_MS
-        async with self.lock:
-            try:
-                out = await self._expire(db, max_age, window)
-            finally:
-                self.writer.sends_go()   # after live.remove: what went must not be sent
-        expired = out.counters.get(Drop.EXPIRED, 0)
+        expired = dead = 0
+        more, recovered = True, False
+        while more:   # a chunk at a time (commit.EXPIRE_RECORDS): commits go in between
+            async with self.lock:
+                if (db := self._db) is None:   # closed (or not open)
+                    break
+                try:
+                    out = await self._expire(db, max_age, window)
+                except sqlite3.DatabaseError as exc:
+                    if recovered or not is_corruption(exc):
+                        raise
+                    await self.recover(exc)   # and on with the fresh spool
+                    recovered = True
+                    continue
+                finally:
+                    self.writer.sends_go()   # after live.remove: what went must not be sent
+            expired += out.counters.get(Drop.EXPIRED, 0)
+            dead += out.counters.get(Tally.DEAD_EXPIRED, 0)
+            more = out.more
         if expired:
             log.warning("dropped %d events older than %d days", expired, self.cfg.max_age_days)
-        if dead := out.counters.get(Tally.DEAD_EXPIRED, 0):
+        if dead:
             log.warning("deleted %d dead letters kept longer than %d days", dead,
                         self.cfg.max_age_days)
         return expired
