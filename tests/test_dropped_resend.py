@@ -137,7 +137,7 @@ async def test_events_expired_while_in_flight_and_then_acknowledged_are_delivere
         await wait_for(lambda: agent.spool.depth == 0 and agent.forwarding.states["up"].acked == 3)
         await post(s, agent.port, [event(0)])   # the app's resend, within the window
         await post(s, agent.port, [event(5)])
-    await wait_for(lambda: 5 in fake_nucleus.ids())
+    await wait_for(lambda: 5 in fake_nucleus.ids() and agent.spool.depth == 0)   # ack saved
     assert fake_nucleus.ids().count(0) == 1, fake_nucleus.ids()
     counters = agent.spool.counters
     assert (counters.get("expired", 0), counters["acked"], counters["duplicates"]) == (0, 4, 1)
