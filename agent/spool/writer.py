@@ -309,13 +309,15 @@ class Writer:
     @staticmethod
     def _may_drop(job: Job) -> bool:
         """Whether ``job`` may drop records to make room (when_full = "drop_oldest"): its
-        groups' rows may come near the cap (commit.MEASURE_WITHIN). Generous: a group's
-        packed bytes are taken to be up to twice its bodies', plus its keys."""
+        groups' rows may come near the cap (commit.MEASURE_WITHIN), or dead letters it
+        writes (unpacked: larger) take room first. Generous: a group's packed bytes are
+        taken to be up to twice its bodies', plus its keys."""
         if job.reject_when_full or not job.groups:
             return False
         incoming = sum(spool_commit.row_bytes(2 * g.nbytes + 16 * len(g.bodies) + 64)
                        for g in job.groups)
-        return job.room - incoming < spool_commit.MEASURE_WITHIN
+        return (job.room - incoming < spool_commit.MEASURE_WITHIN
+                or any(s.dead for s in job.settle))
 
     def _job(self, batch: Batch) -> tuple[Job, list[int]]:
         """Dedupe, group and number the events: the loop-side half of a commit. Returns
