@@ -562,6 +562,7 @@ class Spool:
 
     async def _expire(self, db: SqliteThread, max_age: int, window: int
                       ) -> spool_commit.Outcome:
+        """One chunk of expiry (commit.prune), its outcome applied on the loop."""
         observed = self.observed_ms()
         exp = spool_commit.Expiry(wall_cutoff=now_ms() - max_age, forget=now_ms() - window,
                                   observed=observed, max_age_ms=max_age, window_ms=window,
