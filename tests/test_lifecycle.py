@@ -15,8 +15,10 @@ from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import pytest
+from filelock import FileLock
 
 from agent import config as config_mod
+from agent import paths
 from agent.service import Agent
 from tests.conftest import ROOT, AgentProcess, free_port, write_config
 from tests.fakes.faulty_upstream import Fault, FaultyUpstream
@@ -186,3 +188,35 @@ async def test_sigterm_during_the_start_stops_gracefully(
         while True:
             told.append(sock.recv(4096).split(b"\n")[0])
     assert told == [b"STOPPING=1"], told
+
+
+# -- a reload during the start -----------------------------------------------------------------
+
+def sleeping(pid: int) -> bool:
+    """Whether process ``pid`` sleeps (time.sleep): `outpost run`'s first sleep is its wait
+    for the spool's lock, after the modules it defers SIGINT for have loaded."""
+    with open(f"/proc/{pid}/wchan") as wchan:
+        return "nanosleep" in wchan.read()
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="/proc/PID/wchan")
+async def test_sighup_during_the_start_is_a_reload_not_the_agents_end(
+        tmp_path: Path, agent_process: Callable[..., AgentProcess]) -> None:
+    """`kill -HUP` or `outpost check-config --reload PID` (an edit applied as the agent
+    starts, a config manager's reload after its start) before the agent's handlers existed
+    ended it: SIGHUP's default action. systemd counts that end as clean, so it was not even
+    restarted. The start is held where it waits for the spool's lock (one second at most)."""
+    spool = tmp_path / "spool.db"
+    port = free_port()
+    cfg = write_config(tmp_path / "agent.toml", spool, port=port)
+    agent = agent_process(cfg, port)
+    with FileLock(paths.spool_lock(spool)):
+        offset = agent.spawn()
+        assert agent.proc is not None
+        pid = agent.proc.pid
+        await wait_for(lambda: sleeping(pid))
+        os.kill(pid, signal.SIGHUP)
+    await asyncio.to_thread(agent.ready, offset)
+    await wait_for(lambda: "configuration reloaded" in agent.log.read_text())
+    assert agent.terminate() == 0
+    assert "Traceback" not in agent.log.read_text()
