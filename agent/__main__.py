@@ -12,8 +12,8 @@ INTERRUPTED = 130   # 128 + SIGINT, as shells report it
 
 
 def main() -> int:
-    startup_signals.defer()   # until the modules are loaded: see startup_signals
     run = sys.argv[1:2] == ["run"]
+    startup_signals.defer(reloads=run)   # until the modules are loaded: see startup_signals
     try:
         from agent.server import allocator
         if run:

@@ -19,7 +19,7 @@ from typing import Any
 from aiohttp import web
 
 from agent import config as config_mod
-from agent import logs, preflight
+from agent import logs, preflight, startup_signals
 from agent.config import ConfigError
 from agent.device import detect
 from agent.families.enrich import Enrich
@@ -339,6 +339,8 @@ class Agent:
         signals = (signal.SIGINT, signal.SIGTERM, signal.SIGHUP) if sys.platform != "win32" else ()
         for sig, handler in zip(signals, (self._interrupt, self._stop.set, self._reload.set)):
             loop.add_signal_handler(sig, handler)
+        if startup_signals.reload_asked():   # before the above: done once started
+            self._reload.set()
         try:
             await self._unless_forced(self.start(), "during the start")
             if self._stop.is_set():   # not ready, no watchdog: straight to the stop

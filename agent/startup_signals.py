@@ -1,9 +1,12 @@
-"""Ctrl-C while the agent's modules load is taken once they have.
+"""Ctrl-C while the agent's modules load is taken once they have; so is a reload (SIGHUP)
+before ``outpost run`` handles it.
 
 Raised as KeyboardInterrupt in the middle of a C extension's initialisation (orjson's), an
 interrupt crashed the process (SIGSEGV, about 1 in 3 interrupts in the first second of
-`outpost run`). Until ``taken`` is called, SIGINT only sets a flag. Imports nothing of the
-agent: ``python -m agent`` installs it before importing anything else.
+`outpost run`). Until ``taken`` is called, SIGINT only sets a flag. A SIGHUP's default
+action ended the agent (systemd counts that end as clean: no restart); until the agent's
+own handler replaces it, it too only sets a flag, read by ``reload_asked``. Imports nothing
+of the agent: ``python -m agent`` installs it before importing anything else.
 """
 
 from __future__ import annotations
@@ -12,6 +15,7 @@ import signal
 from types import FrameType
 
 _interrupted = False
+_reload = False
 
 
 def _note(signum: int, frame: FrameType | None) -> None:
@@ -19,12 +23,25 @@ def _note(signum: int, frame: FrameType | None) -> None:
     _interrupted = True
 
 
-def defer() -> None:
-    """From now on, SIGINT only notes that it came."""
+def _note_reload(signum: int, frame: FrameType | None) -> None:
+    global _reload
+    _reload = True
+
+
+def defer(reloads: bool = False) -> None:
+    """From now on, SIGINT only notes that it came; with ``reloads`` (``outpost run``),
+    SIGHUP too."""
     signal.signal(signal.SIGINT, _note)
+    if reloads and hasattr(signal, "SIGHUP"):
+        signal.signal(signal.SIGHUP, _note_reload)
 
 
 def taken() -> bool:
     """SIGINT raises KeyboardInterrupt again; whether one came while deferred."""
     signal.signal(signal.SIGINT, signal.default_int_handler)
     return _interrupted
+
+
+def reload_asked() -> bool:
+    """Whether a SIGHUP came while deferred: the config read at the start may predate it."""
+    return _reload
