@@ -91,3 +91,18 @@ async def test_a_reload_names_what_still_needs_a_restart_by_what_runs(
     again = await reload_with(7, 5)   # still not applied: said again
     assert "[storage]" in again and "listen.idle_timeout_s" in again, again
     assert await reload_with(30, 60) == ""   # what runs: nothing to restart for
+
+
+async def test_a_reload_warns_of_a_config_that_strands_events_as_a_start_does(
+        make_agent: Any, caplog: pytest.LogCaptureFixture) -> None:
+    """`kill -HUP` runs no check-config: what a start warns of in a valid config (here an
+    upstream that can never get an event) went unsaid at a reload, and the events it
+    strands with it."""
+    caplog.set_level(logging.WARNING, "outpost")
+    first = {"name": "first", "protocol": "nucleus-http", "url": "http://127.0.0.1:9",
+             "keys": ["*"]}
+    agent = await make_agent(upstreams=[first])
+    write_config(Path(agent.config_path), agent.spool.path,
+                 upstreams=[first, {**first, "name": "second", "keys": ["app1"]}])
+    await agent.reload()
+    assert "upstream 'second' gets no events" in caplog.text, caplog.text
