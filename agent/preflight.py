@@ -46,7 +46,7 @@ def notices(cfg: Config) -> list[str]:
 
 def notes(cfg: Config) -> list[str]:
     """What in a valid config loses or strands events, one line each: check-config's
-    notes, the agent's start's warnings."""
+    notes, the warnings of the agent's start and of each reload."""
     return shadowed(cfg) + expired_when_held(cfg) + refused_keys(cfg) + readable_keys(cfg)
 
 

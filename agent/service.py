@@ -324,6 +324,8 @@ class Agent:
         # Maybe new routes, maybe new rules: a release under way goes on.
         self.sync.reloaded(self.forwarding.release)
         log.info("configuration reloaded from %s", new.source)
+        for note in preflight.notes(new):   # as a start's: `kill -HUP` runs no check-config
+            log.warning("%s", note)
 
     async def stop(self) -> None:
         """Stop accepting, let running requests commit, then stop forwarders and the spool."""
