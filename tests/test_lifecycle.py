@@ -83,18 +83,21 @@ def test_outpost_run_on_a_busy_port_exits_2_with_one_line(tmp_path: Path, busy_p
 
 # -- a second SIGINT ---------------------------------------------------------------------------
 
-async def stopping(sock: socket.socket) -> None:
-    """Return once the agent says (sd_notify) that its graceful stop has begun."""
-    while not (await asyncio.to_thread(sock.recv, 4096)).startswith(b"STOPPING=1"):
+async def told(sock: socket.socket, what: bytes) -> None:
+    """Return once the agent says ``what`` (sd_notify): STOPPING=1, its graceful stop has
+    begun; RELOADING=1, a reload."""
+    while not (await asyncio.to_thread(sock.recv, 4096)).startswith(what):
         pass
 
 
 async def draining_agent(tmp_path: Path, faulty: FaultyUpstream,
                          notify_socket: tuple[socket.socket, str],
-                         agent_process: Callable[..., AgentProcess]) -> AgentProcess:
-    """An agent process interrupted once (SIGINT, then STOPPING=1 seen) whose graceful stop
-    is held up: the upstream holds a batch in flight without answering, so the forwarder's
-    settle waits (up to its 5 s bound)."""
+                         agent_process: Callable[..., AgentProcess],
+                         first: signal.Signals = signal.SIGINT) -> AgentProcess:
+    """An agent process interrupted once (SIGINT, then STOPPING=1 seen), or asked to reload
+    (``first`` SIGHUP, then RELOADING=1 seen), whose graceful stop or reload is held up: the
+    upstream holds a batch in flight without answering, so the forwarder's settle waits (up
+    to its 5 s bound)."""
     sock, notify = notify_socket
     faulty.script = [Fault("timeout", delay=60)]
     port = free_port()
@@ -107,8 +110,8 @@ async def draining_agent(tmp_path: Path, faulty: FaultyUpstream,
     await post_events(port, "k", range(3))
     await wait_for(lambda: len(faulty.requests) == 1)   # the batch is in flight
     assert agent.proc is not None
-    agent.proc.send_signal(signal.SIGINT)
-    await stopping(sock)
+    agent.proc.send_signal(first)
+    await told(sock, b"RELOADING=1" if first == signal.SIGHUP else b"STOPPING=1")
     return agent
 
 
@@ -145,6 +148,36 @@ async def test_a_second_sigint_exits_at_once(tmp_path: Path, faulty: FaultyUpstr
     assert code != 0 and took < 2.0, (code, took)
     log = agent.log.read_text()
     assert "Traceback" not in log and "outpost stopped" not in log
+    assert log.count("second interrupt") == 1, log
+
+
+def pending(pid: int, sig: signal.Signals) -> bool:
+    """Whether ``sig`` waits to be delivered to process ``pid``: a second one sent then
+    would be merged with it (Linux: /proc/PID/status)."""
+    with open(f"/proc/{pid}/status") as status:
+        masks = [int(line.split()[1], 16) for line in status
+                 if line.startswith(("SigPnd:", "ShdPnd:"))]
+    return any(mask >> (sig - 1) & 1 for mask in masks)
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="/proc/PID/status")
+async def test_a_second_sigint_during_a_reload_exits_at_once(
+        tmp_path: Path, faulty: FaultyUpstream, notify_socket: tuple[socket.socket, str],
+        agent_process: Callable[..., AgentProcess]) -> None:
+    """Ctrl-C twice during a reload's wait for the batches in flight waited it out (up to
+    5 s), where during the start or the stop it exits at once."""
+    agent = await draining_agent(tmp_path, faulty, notify_socket, agent_process,
+                                 first=signal.SIGHUP)
+    assert agent.proc is not None
+    pid = agent.proc.pid
+    os.kill(pid, signal.SIGINT)
+    await wait_for(lambda: not pending(pid, signal.SIGINT))   # else the two are one
+    os.kill(pid, signal.SIGINT)
+    code, took = await exit_code(agent, 20)
+    assert code == 130 and took < 2.0, (code, took)
+    log = agent.log.read_text()
+    assert "Traceback" not in log and "configuration reloaded" not in log, log
     assert log.count("second interrupt") == 1, log
 
 
