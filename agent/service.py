@@ -373,7 +373,8 @@ class Agent:
                 if self._reload.is_set() and not self._stop.is_set():
                     self._reload.clear()
                     self.notifier.reloading()
-                    await self.reload()
+                    await self._unless_forced(self.reload(), "during a reload; events not yet "
+                                                             "forwarded stay in the spool")
                     self.notifier.ready()
         finally:
             await self._stop_serving()
@@ -391,8 +392,8 @@ class Agent:
         self._stop.set()
 
     async def _unless_forced(self, work: Coroutine[Any, Any, None], when: str) -> None:
-        """Await ``work`` (the start, or the stop's drain), unless a second SIGINT comes
-        first: then exit at once."""
+        """Await ``work`` (the start, a reload's wait for the batches in flight, or the
+        stop's drain), unless a second SIGINT comes first: then exit at once."""
         working = asyncio.ensure_future(work)
         forced = asyncio.ensure_future(self._force.wait())
         await asyncio.wait({working, forced}, return_when=asyncio.FIRST_COMPLETED)
