@@ -341,7 +341,7 @@ class Agent:
         signals = (signal.SIGINT, signal.SIGTERM, signal.SIGHUP) if sys.platform != "win32" else ()
         for sig, handler in zip(signals, (self._interrupt, self._stop.set, self._reload.set)):
             loop.add_signal_handler(sig, handler)
-        if startup_signals.reload_asked():   # before the above: done once started
+        if startup_signals.reload_asked():   # a SIGHUP before these handlers: once started
             self._reload.set()
         try:
             await self._unless_forced(self.start(), "during the start")
