@@ -304,3 +304,50 @@ async def test_a_207_refusing_all_but_one_of_a_full_batch_of_small_messages_is_r
     assert seen == [2500] and sent and answer > 4 * sent, (seen, sizes)
     assert len(await agent.spool.dead_letters(limit=3000)) == 2499
     assert agent.forwarding.states["c"].acked == 1
+
+
+@pytest.mark.parametrize("cut", ["reset", "short"])
+async def test_an_answer_cut_short_mid_body_is_no_answer(make_agent: Any, fast_backoff: Seams,
+                                                         cut: str) -> None:
+    """Agent to agent: B answers 200 with the body that refuses m1 (the 200 an
+    analytics-python batch gets), but the connection is lost mid-body: reset, or closed
+    short of its Content-Length. The 200 was taken as an ack of the whole batch: m1,
+    which B never stored, was deleted unsent and not dead-lettered, with no error. An
+    answer not read whole is no answer: the batch goes again (B dedupes what it stored),
+    and B's answer read whole dead-letters m1."""
+    answers = 0
+
+    async def collector(request: web.Request) -> web.StreamResponse:
+        nonlocal answers
+        answers += 1
+        batch = (await request.json())["batch"]
+        errors = [error_object(400, "bad message", where(i, ev))
+                  for i, ev in enumerate(batch) if ev["messageId"] == "m1"]
+        reply = verdict(errors, [400] * len(errors), len(batch) - len(errors), partial=200)
+        assert isinstance(reply.body, bytes)
+        if answers > 1:
+            return reply
+        resp = web.StreamResponse(status=reply.status,
+                                  headers={"Content-Type": "application/json"})
+        resp.content_length = len(reply.body)
+        await resp.prepare(request)
+        await resp.write(reply.body[: len(reply.body) // 2])
+        assert request.transport is not None
+        if cut == "reset":
+            request.transport.abort()
+        else:
+            request.transport.close()
+        return resp
+
+    async with serving("/v1/batch", collector) as url:
+        agent = await make_agent(upstreams=[{
+            "name": "b", "protocol": "segment-http", "url": url,
+            "flush_interval_s": 0.05, "timeout_s": 2}])
+        await send(agent.port, events(3))
+        await wait_for(lambda: agent.spool.depth == 0)
+    state = agent.forwarding.states["b"]
+    dead = await agent.spool.dead_letters()
+    assert [orjson.loads(d["body"])["messageId"] for d in dead] == ["m1"], (dead, state)
+    assert answers == 2 and state.retries == 1 and state.acked == 2, state
+    assert "HTTP 200" in (state.last_error or "") and "not read whole" in (
+        state.last_error or ""), state.last_error
