@@ -375,7 +375,8 @@ class _Scene:
             # No reply, or one whose body (its reportedIds) did not come whole in time.
             self.answered[number] = not (isinstance(result, Retry) and (
                 result.error.startswith("request failed")
-                or "reply that could not be read" in result.error))
+                or "reply that could not be read" in result.error
+                or "reply not read whole" in result.error))
             return result
 
         uplink.send = watched

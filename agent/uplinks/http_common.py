@@ -227,8 +227,8 @@ class HttpReply:
     retry_after: float | None
     content_type: str
     cut: bool = False   # longer than ``most``: the rest was not read
-    # Why the body could not be read after the status came (an encoding that does not
-    # decode, a connection lost or stalled mid-body): ``body`` is empty, the status stands.
+    # Why the body, received whole, could not be decoded (an encoding the agent has no
+    # decoder for, or one the body is not in): ``body`` is empty, the status stands.
     unreadable: str | None = None
 
 
@@ -261,7 +261,8 @@ _CLOSED_UNDER_IT = (aiohttp.ServerDisconnectedError, aiohttp.ClientOSError,
 
 
 async def _post(session: aiohttp.ClientSession, url: str, body: bytes, headers: dict[str, str],
-                progress: _Progress, timeout_s: float, left: float, most: int) -> HttpReply:
+                progress: _Progress, timeout_s: float, left: float, most: int
+                ) -> HttpReply | Retry:
     """One try of ``post``, within ``left`` seconds: raises what the network raised before
     the status came."""
     # Decoded here (_read_at_most), not by aiohttp: a reply in an encoding it has no
@@ -275,16 +276,17 @@ async def _post(session: aiohttp.ClientSession, url: str, body: bytes, headers: 
         kind = media_type(resp.headers.get("Content-Type"))
         try:
             raw, cut = await _read_at_most(resp, most)
-        except aiohttp.ClientPayloadError as exc:
-            # A body that does not decode, or a connection lost mid-body (aiohttp words
-            # some as "400, message:\n  ...", with the cause's message).
-            why = getattr(exc.__cause__, "message", None) or " ".join(str(exc).split())
-            return HttpReply(resp.status, b"", wait, kind, unreadable=why)
-        except TimeoutError:
-            # The status came, the body stalled: as for a body cut short, the status
-            # stands (a 2xx is Segment's whole verdict).
-            return HttpReply(resp.status, b"", wait, kind,
-                             unreadable=f"not received whole within {timeout_s:g}s")
+        except _Undecodable as exc:   # the body came, but not readably: the status stands
+            return HttpReply(resp.status, b"", wait, kind, unreadable=str(exc))
+        except (aiohttp.ClientPayloadError, TimeoutError) as exc:
+            # A connection lost mid-body, closed short of its Content-Length, or a body
+            # that stalled: no answer, since the rest may refuse part of the batch (another
+            # Outpost's 200 names what it refused). Sent again: the upstream dedupes.
+            # (aiohttp words some as "400, message:\n  ...", with the cause's message.)
+            why = (f"not received whole within {timeout_s:g}s" if isinstance(exc, TimeoutError)
+                   else getattr(exc.__cause__, "message", None) or " ".join(str(exc).split()))
+            return Retry(f"HTTP {resp.status} with a reply not read whole ({why})",
+                         retry_after=wait)
         return HttpReply(resp.status, raw, wait, kind, cut)
 
 
@@ -315,14 +317,19 @@ _INFLATED = frozenset({"gzip", "x-gzip", "deflate"})
 _UNDECODED = frozenset({"br", "zstd", "compress", "x-compress"})
 
 
+class _Undecodable(Exception):
+    """A reply's body that does not decode, or is compressed other than by gzip or deflate."""
+
+
 async def _read_at_most(resp: aiohttp.ClientResponse, most: int) -> tuple[bytes, bool]:
     """The reply's body, decoded, up to ``most`` bytes, and whether there was more: then the
-    connection is closed, the rest unread. Raises ClientPayloadError for a body that does
-    not decode, or one compressed other than by gzip or deflate."""
+    connection is closed, the rest unread. Raises _Undecodable for a body that does not
+    decode, or one compressed other than by gzip or deflate; ClientPayloadError (aiohttp's)
+    for one not received whole."""
     encoding = (resp.headers.get("Content-Encoding") or "").strip().lower()
     cannot = f"Can not decode content-encoding: {encoding}"
     if encoding in _UNDECODED or "," in encoding:
-        raise aiohttp.ClientPayloadError(cannot)
+        raise _Undecodable(cannot)
     inflate = encoding in _INFLATED
     inflater: zlib._Decompress | None = None
     chunks: list[bytes] = []
@@ -337,7 +344,7 @@ async def _read_at_most(resp: aiohttp.ClientResponse, most: int) -> tuple[bytes,
                 # At most one byte past ``most``: a small body may inflate to gigabytes.
                 chunk = inflater.decompress(chunk, most + 1 - size)
             except zlib.error:
-                raise aiohttp.ClientPayloadError(cannot) from None
+                raise _Undecodable(cannot) from None
         chunks.append(chunk)
         size += len(chunk)
         if size > most:

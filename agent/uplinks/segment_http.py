@@ -8,7 +8,7 @@ spliced in front of each body without re-encoding it. Nucleus rows reach
 it already mapped (prepare.py).
 
 An HTML page, whatever the status, is a captive portal's login page or a proxy's
-error page, never a collector's reply: retried with backoff. Any other 2xx
+error page, never a collector's reply: retried with backoff. Any other 2xx, read whole,
 acknowledges the whole batch, unless it is a 207:
 some messages were refused. Another Outpost's 207 names each by its place in the
 batch (`batch[i]`) with a 400, 413 or 422 of its own: those go to dead letters,
