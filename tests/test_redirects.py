@@ -203,6 +203,32 @@ async def test_a_page_s_retry_after_is_honoured_whatever_the_protocol(
     assert marks == {f"mk-{i}" for i in range(N)}
 
 
+@pytest.mark.parametrize("protocol", ("segment-http", "nucleus-http", "nucleus-ws"))
+async def test_a_redirect_s_retry_after_is_honoured(
+        make_agent: Any, gateway: CaptiveUpstream, portal: CaptiveUpstream,
+        protocol: str) -> None:
+    """A 307 with a Retry-After (a site in maintenance pointing elsewhere for now): not
+    followed, and the key waits that long before it tries the configured URL again, as
+    for any status that carries one. It went on at the backoff's pace, the wait unread."""
+    gateway.intercept = Answer(307, {"Location": location(portal), "Retry-After": "30"}, b"")
+    timing, seams = manual()
+    agent = await make_agent(upstreams=[{"name": "up", "protocol": protocol,
+                                         "url": gateway.url(protocol),
+                                         "flush_interval_s": 0.02, "timeout_s": 2}],
+                             seams=seams)
+    await send(agent, [event(i) for i in range(N)])
+    await wait_for(lambda: agent.forwarding.states["up"].retries == 1)
+    assert timing.pending() == [30.0]
+    up = await status_of(agent)
+    assert "HTTP 307 redirect" in up["last_error"], up["last_error"]
+    gateway.intercept = None
+    timing.advance(29.9)
+    assert len(gateway.hits) == 1 and not portal.hits
+    timing.advance(0.1)
+    await wait_for(lambda: agent.spool.depth == 0)
+    assert len(gateway.delivered) == N and not portal.hits
+
+
 @pytest.mark.parametrize(("status", "hint"), [
     (401, "check the upstream's key"), (403, "check the upstream's key"),
     (404, "check the upstream's url")])
