@@ -73,10 +73,12 @@ def is_retryable(status: int) -> bool:
 
 
 class UpstreamRedirect(aiohttp.ClientError):
-    """A 3xx from an upstream: a failure, retried with backoff, never followed."""
+    """A 3xx from an upstream: a failure, retried with backoff (or after its Retry-After,
+    as for any status), never followed."""
 
-    def __init__(self, status: int, where: str) -> None:
+    def __init__(self, status: int, where: str, wait: float | None = None) -> None:
         super().__init__(f"HTTP {status} redirect to {where} (redirects are not followed)")
+        self.retry_after = wait
 
 
 def location_host(base: URL, location: str | None) -> str:
@@ -101,8 +103,9 @@ async def refuse_redirects(req: aiohttp.ClientRequest,
     resp = await handler(req)
     if 300 <= resp.status < 400:
         status, location = resp.status, resp.headers.get("Location")
+        wait = retry_after(resp.headers.get("Retry-After"), date=resp.headers.get("Date"))
         resp.close()
-        raise UpstreamRedirect(status, location_host(req.url, location))
+        raise UpstreamRedirect(status, location_host(req.url, location), wait)
     return resp
 
 
@@ -305,7 +308,8 @@ def _failed(exc: BaseException, progress: _Progress, body: bytes, timeout_s: flo
                      f"request of {len(body)} bytes (a slow link: smaller batches follow; "
                      "an event that goes alone and still times out needs a larger "
                      "timeout_s)", too_slow=True)
-    return Retry(f"request failed: {str(exc) or type(exc).__name__}")
+    wait = exc.retry_after if isinstance(exc, UpstreamRedirect) else None
+    return Retry(f"request failed: {str(exc) or type(exc).__name__}", retry_after=wait)
 
 
 # The encodings a reply is decoded from, and so the only ones asked for (aiohttp would ask

@@ -40,6 +40,7 @@ from agent.spool.types import Row
 from agent.uplinks import splice
 from agent.uplinks.base import Acked, Refused, Retry, SendResult, UplinkBase, to_check
 from agent.uplinks.http_common import (
+    UpstreamRedirect,
     excerpt,
     html_instead_of_reply,
     media_type,
@@ -319,7 +320,8 @@ class NucleusWsUplink(NucleusFraming, UplinkBase):
             return _Link(None, 0, lost=f"connect failed: {why}", retry_after=wait)
         except (aiohttp.ClientError, OSError, TimeoutError, RuntimeError) as exc:
             # A redirect is an UpstreamRedirect here: the session never follows one.
-            return _Link(None, 0, lost=f"connect failed: {_describe(exc)}")
+            wait = exc.retry_after if isinstance(exc, UpstreamRedirect) else None
+            return _Link(None, 0, lost=f"connect failed: {_describe(exc)}", retry_after=wait)
         link = _Link(ws, min(CLOSE_GRACE_S, self.cfg.timeout_s))
         # The handshake is traffic: the first heartbeat is due a minute after it, not now
         # (``connecting`` opens the link before the first frame is even prepared).
