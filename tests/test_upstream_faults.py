@@ -184,7 +184,9 @@ async def test_429_retry_after_seconds_is_honoured(make_agent: Any,
     timing.advance(0.1)
     await drained(agent, faulty, 5)
     assert [r.status for r in faulty.requests] == [429, 200]
-    assert "429" in (agent.forwarding.states["up"].last_error or "")
+    # Status says why nothing goes meanwhile: it said "HTTP 429" alone.
+    assert (agent.forwarding.states["up"].last_error or "").endswith(
+        "HTTP 429; next try in 30s, as its Retry-After asks")
 
 
 async def test_new_events_for_a_key_in_backoff_wait_with_it(make_agent: Any,
@@ -313,12 +315,19 @@ async def test_a_retry_after_shorter_than_the_backoff_does_not_shorten_it(
         assert step * 0.5 <= delay < step, (attempt, delays)
 
 
-async def test_huge_retry_after_is_capped(make_agent: Any, faulty: FaultyUpstream) -> None:
-    faulty.script = [Fault("status", 503, {"Retry-After": "999999999"})]
+@pytest.mark.parametrize("protocol", ["nucleus-http", "segment-http"])
+async def test_huge_retry_after_is_capped(make_agent: Any, faulty: FaultyUpstream,
+                                          protocol: str) -> None:
+    # A long body: segment-http's error quotes 300 characters of it, the most status keeps.
+    faulty.script = [Fault("status", 503, {"Retry-After": "999999999"},
+                           body=b'{"error": "' + b"busy " * 100 + b'"}')]
     timing, seams = manual()
-    agent = await make_agent(upstreams=[upstream(faulty, "nucleus-http")], seams=seams)
+    agent = await make_agent(upstreams=[upstream(faulty, protocol)], seams=seams)
     await send(agent, [event(i) for i in range(5)])
     await wait_for(lambda: timing.pending() == [BACKOFF.retry_after_cap_s])   # an hour
+    # Status says the key waits an hour, and why: it said "HTTP 503" alone.
+    assert (agent.forwarding.states["up"].last_error or "").endswith(
+        "; next try in 3600s, its Retry-After of 999999999s capped"), agent.forwarding.states
     timing.advance(BACKOFF.retry_after_cap_s)
     await drained(agent, faulty, 5)
 
