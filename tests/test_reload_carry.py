@@ -136,7 +136,8 @@ async def test_an_upstream_whose_keys_wait_out_a_retry_after_across_a_reload_sho
         await quiet(agent, timing, 1)
         assert timing.pending() == [300.0] and busy.requests == 1
         shown = (await get_json(agent, "/status"))["upstreams"][0]
-        assert (shown["state"], shown["last_error"]) == ("backoff", "HTTP 429"), shown
+        assert (shown["state"], shown["last_error"]) == (
+            "backoff", "HTTP 429; next try in 300s, as its Retry-After asks"), shown
     finally:
         await busy.stop()
 

@@ -60,8 +60,9 @@ class UpstreamState:
     def unreadable_reply(self) -> None:
         self.unreadable_replies += 1
 
-    def error(self, text: str) -> None:
+    def error(self, text: str, after: str = "") -> None:
         # Upstream replies and exceptions can echo a key: status, the page and
-        # /metrics show this, so it is redacted (and bounded) here, once.
-        self.last_error = redact(text)[:300]
+        # /metrics show this, so it is redacted (and bounded) here, once. ``after`` (ours)
+        # is kept whole: ``text`` is cut to leave it room.
+        self.last_error = redact(text)[:300 - len(after)] + after
         self.last_error_at = time.time()

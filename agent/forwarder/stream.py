@@ -889,14 +889,21 @@ class StreamForwarder:
         """Count and report the failure; the delay before the next try."""
         failed, self._failed = self._failed, None
         assert failed is not None
+        told = ""   # the upstream's own wait, when it is the one waited out (an hour, maybe)
         if failed.retry_after is not None:
             delay = self.backoff.retry_after(failed.retry_after, self.attempt)
+            cap = self.backoff.retry_after_cap_s
+            if delay == min(failed.retry_after, cap):
+                told = (f"; next try in {delay:.0f}s, as its Retry-After asks"
+                        if failed.retry_after <= cap else
+                        f"; next try in {delay:.0f}s, its Retry-After of "
+                        f"{failed.retry_after:.0f}s capped")
         else:
             delay = self.backoff.delay(self.attempt)
         self.attempt += 1
         self.state.state = "backoff"
         self.state.retries += 1
-        self.state.error(failed.error or "failed")
+        self.state.error(failed.error or "failed", told)
         self.metrics.observe_retry(self.cfg.name)
         # Every key's loop backs off on its own: once a minute per upstream, counted.
         log_limited(log, logging.WARNING, f"upstream-down:{self.cfg.name}",
