@@ -537,7 +537,7 @@ async def test_a_segment_200_whose_body_stalls_is_sent_again(make_agent: Any,
     whole is no answer: its body may have refused some of the batch (another Outpost's 200
     for analytics-python names them), so the batch goes again (the collector dedupes what
     it stored), and the error says why. It was taken as an ack of the whole batch."""
-    faulty.script = [Fault("stall", delay=3)]
+    faulty.script = [Fault("stall", delay=1)]
     agent = await make_agent(upstreams=[upstream(faulty, "segment-http", timeout_s=0.4)])
     await send(agent, [event(i) for i in range(3)])
     state = agent.forwarding.states["up"]
