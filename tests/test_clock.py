@@ -278,6 +278,31 @@ async def test_dead_letters_expire_at_max_age_by_both_clocks(tmp_path: Path,
         await spool.close()
 
 
+async def test_what_came_under_a_clock_set_ahead_expires_once_the_agent_saw_max_age_pass(
+        tmp_path: Path, clock: Clock) -> None:
+    """A device that woke ten years ahead, then corrected: events queued and dead letters
+    from meanwhile go once the agent has seen max_age_days pass since they came. They were
+    kept until the wall clock caught up with their receipt time: ten years, bounded only
+    by max_size_mb."""
+    spool = await Spool.open(StorageConfig(path=str(tmp_path / "spool.db"), max_age_days=2))
+    try:
+        clock.wall_shift_ms = SKEWS["10y-ahead"]()
+        await spool.append([Event("k", NUCLEUS, i, b'{"id":%d}' % i) for i in range(3)])
+        await spool.append([Event("d", NUCLEUS, i, b'{"id":%d}' % i) for i in range(3, 5)])
+        rows = await spool.fetch(spool.streams["d"].id, 0, 10)
+        await spool.dead_letter([(r.seq, "up", "HTTP 400") for r in rows])
+        clock.wall_shift_ms = 0                   # corrected
+        clock.passed_ms += DAY_MS                 # one day: kept
+        await spool.prune()
+        assert spool.depth == 3 and spool.dead_count == 2
+        clock.passed_ms += DAY_MS + 60_000        # past two days by the time the agent saw
+        await spool.prune()
+        assert spool.depth == 0 and spool.counters["expired"] == 3
+        assert spool.dead_count == 0 and spool.counters["dead_expired"] == 2
+    finally:
+        await spool.close()
+
+
 async def test_a_failing_expiry_is_logged_counted_and_shown_and_tried_again(
         make_agent: Any, caplog: pytest.LogCaptureFixture) -> None:
     """Expiry runs on its own every few minutes: when it fails (here a table of the spool
