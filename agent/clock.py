@@ -6,9 +6,10 @@ the spool. Events keep the wall time they were received at, as recorded; the
 agent also counts the time it has itself seen pass (``elapsed_ms``: a clock
 that only moves forward and, where the OS has one, keeps counting through
 suspend), and the spool carries that count across restarts. Expiry needs both
-clocks to agree (see Spool.prune); batching treats a receipt time in the
-future as due. Everything reads time through ``CLOCK``, so that tests can set
-the wall clock wrong and let days pass without sleeping.
+clocks to agree, or the agent's alone for a receipt the wall clock reads as still
+to come (see Spool.prune); batching treats a receipt time in the future as due.
+Everything reads time through ``CLOCK``, so that tests can set the wall clock
+wrong and let days pass without sleeping.
 """
 
 from __future__ import annotations

@@ -24,6 +24,7 @@ from agent.outcomes import Counts, Drop, Tally, record
 from agent.spool.codebook import lookup, save
 from agent.spool.db import (
     BUSY_TIMEOUT_MS,
+    PAST,
     add_counters,
     advance_mark,
     keys_from_bytes,
@@ -697,7 +698,8 @@ def _shrink_wal(conn: sqlite3.Connection) -> None:
 
 @dataclass(slots=True)
 class Expiry:
-    """What prune drops: events older than ``max_age_ms`` by both clocks (agent/clock.py)."""
+    """What prune drops: events older than ``max_age_ms`` by both clocks (agent/clock.py;
+    by the agent-observed clock alone when the wall clock reads their receipt as to come)."""
 
     wall_cutoff: int   # wall-clock ms: events received before it are old by the wall clock
     forget: int        # wall-clock ms: dedupe keys of events received before it may go
@@ -709,7 +711,8 @@ class Expiry:
 
 
 def prune(conn: sqlite3.Connection, exp: Expiry, counters: Counts) -> Outcome:
-    """Drop records and dead letters old by both clocks; forget delivered records' dedupe
+    """Drop records and dead letters old by both clocks (or by the agent-observed one
+    alone, for a wall time still to come: see below); forget delivered records' dedupe
     keys that both clocks say are past the dedupe window (the agent-observed clock alone
     for keys received in the future by the wall clock: DedupeIndex.expire). One chunk of
     each at most (EXPIRE_RECORDS, EXPIRE_EVENTS): ``out.more`` says whether to run again."""
@@ -717,6 +720,12 @@ def prune(conn: sqlite3.Connection, exp: Expiry, counters: Counts) -> Outcome:
     with transaction(conn):
         mark(conn, exp.observed, exp.next_seq)
         below, by = _received_by(conn, exp.observed - exp.max_age_ms)
+        # A receipt (or dead-lettering) time the wall clock reads as still to come says
+        # nothing of its age (the clock was ahead then, or is set back now): as for the
+        # keys (DedupeIndex.expire), the agent-observed clock alone judges it, which never
+        # runs ahead of real time. Not below a mark from before the agent counted time
+        # (db.PAST): those the wall clock alone judges.
+        future = exp.wall_cutoff + exp.max_age_ms if by >= 0 else -PAST
         # Marks older than the one expiry needs are never needed again.
         conn.execute("DELETE FROM clock_marks WHERE observed < (SELECT max(observed) FROM "
                      "clock_marks WHERE observed <= ?)", (exp.observed - exp.max_age_ms,))
@@ -725,14 +734,14 @@ def prune(conn: sqlite3.Connection, exp: Expiry, counters: Counts) -> Outcome:
         # window (longer than max_age_days: the forgetting below keeps them), received by
         # that mark's time at the latest: kept longer, never forgotten early.
         # Records with events in flight are left to their answer: acked, they are delivered.
-        ids, out.more = _expiring(conn, below, exp)
+        ids, out.more = _expiring(conn, below, future, exp)
         _drop(conn, "id IN (SELECT value FROM json_each(?))", (ids,), Drop.EXPIRED, out,
               spent=by if exp.window_ms > 0 else None)
         # Dead letters wait for an operator as long, by both clocks: received before
-        # ``below``, and dead-lettered before the wall-clock cutoff.
+        # ``below``, and dead-lettered before the wall-clock cutoff (or in its future).
         expired = conn.execute("DELETE FROM dead WHERE seq IN (SELECT seq FROM dead WHERE "
-                               "seq < ? AND at < ? ORDER BY seq LIMIT ?)",
-                               (below, exp.wall_cutoff, EXPIRE_RECORDS)).rowcount
+                               "seq < ? AND (at < ? OR at > ?) ORDER BY seq LIMIT ?)",
+                               (below, exp.wall_cutoff, future, EXPIRE_RECORDS)).rowcount
         record(out.counters, Tally.DEAD_EXPIRED, expired)
         # As the index forgets them (DedupeIndex.expire): received in the future by the
         # wall clock (set back since), they go by the agent-observed clock alone.
@@ -751,12 +760,15 @@ def prune(conn: sqlite3.Connection, exp: Expiry, counters: Counts) -> Outcome:
     return out
 
 
-def _expiring(conn: sqlite3.Connection, below: int, exp: Expiry) -> tuple[str, bool]:
-    """The oldest records due to expire, up to EXPIRE_RECORDS and EXPIRE_EVENTS (one at
+def _expiring(conn: sqlite3.Connection, below: int, future: int,
+              exp: Expiry) -> tuple[str, bool]:
+    """The oldest records due to expire (received before ``below``, and before the
+    wall-clock cutoff or after ``future``), up to EXPIRE_RECORDS and EXPIRE_EVENTS (one at
     least), as a JSON list; and whether more may be due."""
-    rows = conn.execute("SELECT id, n FROM records WHERE id < ? AND received < ? AND id NOT IN "
-                        "(SELECT value FROM json_each(?)) ORDER BY id LIMIT ?",
-                        (below, exp.wall_cutoff, leased_ids(conn, exp.leased),
+    rows = conn.execute("SELECT id, n FROM records WHERE id < ? AND (received < ? OR "
+                        "received > ?) AND id NOT IN (SELECT value FROM json_each(?)) "
+                        "ORDER BY id LIMIT ?",
+                        (below, exp.wall_cutoff, future, leased_ids(conn, exp.leased),
                          EXPIRE_RECORDS)).fetchall()
     ids: list[int] = []
     events = 0

@@ -509,7 +509,9 @@ class Spool:
 
         An event is old only when both its wall-clock age and the time the agent has seen
         pass since it was received exceed max_age_days: a device clock that is wrong, or
-        corrected, expires nothing on its own (agent/clock.py).
+        corrected, expires nothing on its own (agent/clock.py). A receipt time the wall
+        clock reads as still to come (it was ahead then, or is set back now) says nothing
+        of an age: the time the agent saw pass alone judges it, as for dedupe keys.
 
         A damaged file is moved aside and salvaged (``recover``), as a commit's is, and
         expiry runs on the fresh spool: damage that only expiry reads (dead letters, spent
