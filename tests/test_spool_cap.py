@@ -26,6 +26,7 @@ import pytest
 from agent.families.event import NUCLEUS, SEGMENT, Event, dedupe_key
 from agent.settings import StorageConfig
 from agent.spool import Spool
+from agent.spool import commit as spool_commit
 from agent.spool.commit import MEASURE_WITHIN
 from agent.spool.types import Reason, SpoolFull
 
@@ -462,3 +463,43 @@ async def test_the_write_ahead_log_stays_a_small_part_of_the_cap_under_sustained
     finally:
         await spool.close()
     assert most <= MB * 3 // 8, most
+
+
+async def test_drop_oldest_over_a_lowered_cap_trims_the_excess_in_chunks(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """max_size_mb lowered under what the spool holds (when_full = "drop_oldest"): the
+    first request's commit deleted the whole excess in one transaction (~1 s for 100,000
+    lone events), every app's request waiting for it. A commit frees what its own events
+    need (the file does not grow), and expiry's runs take the excess in chunks, the oldest
+    first, apps' requests answered in between."""
+    # Many chunks of a small backlog (raising=False: the failing run had none).
+    monkeypatch.setattr(spool_commit, "EXPIRE_RECORDS", 64, raising=False)
+    path = tmp_path / "spool.db"
+    n = 3000
+    spool = await Spool.open(StorageConfig(path=str(path), sync="normal"))
+    try:
+        await spool.append([incompressible(f"lone-{i}", i, 1000) for i in range(n)])
+        assert len(spool.live) == n                   # a record each
+    finally:
+        await spool.close()
+    before = used(path)
+    assert before > 2 * MB
+    spool = await Spool.open(one_mb(path, "drop_oldest"))
+    try:
+        await spool.append([incompressible("app", 0, 40)])
+        first = spool.counters.get("dropped_full", 0)
+        assert 0 < first < 100, first                 # its own room, not the whole excess
+        assert spool.used_bytes <= before
+        trim = asyncio.create_task(spool.prune())     # takes the writer's lock first
+        await spool.append([incompressible("app", 1, 40)])
+        between = spool.counters["dropped_full"]
+        await trim
+        dropped = spool.counters["dropped_full"]
+        assert between < dropped, "the request waited for the whole trim"
+        assert spool.used_bytes <= MB
+        assert dropped + spool.depth == n + 2         # every event counted
+        kept = [i for i in range(n) if (s := spool.streams.get(f"lone-{i}")) and s.depth]
+        assert kept == list(range(n - len(kept), n))  # the oldest went: FIFO
+        assert spool.streams["app"].depth == 2
+    finally:
+        await spool.close()
