@@ -290,7 +290,18 @@ def _fit(conn: sqlite3.Connection, job: Job, packed: list[tuple[Group, bytes, by
          room: int, inserted: int, out: Outcome) -> int:
     """Make room for ``packed`` and insert it; returns the bytes still missing (then the
     caller rolls back). Near the cap, the file is measured after the insert, not trusted
-    to the estimate: deleting rows from partly used pages frees less than they took."""
+    to the estimate: deleting rows from partly used pages frees less than they took.
+
+    A spool over the cap (max_size_mb lowered since it filled) that may drop the oldest
+    loses one chunk of its excess (``_trim``) and makes room for these rows, the file not
+    growing; the rest goes with the next commits and expiry's runs. The first commit
+    deleted all of it in one transaction, every app waiting (~1 s for 100,000 lone
+    events)."""
+    if room < 0 and not job.reject_when_full:
+        _trim(conn, -room, job.remember, job.leased, out)
+        room = job.max_bytes - used_bytes(conn)
+    over_cap = 0 if job.reject_when_full else max(0, -room)
+    room += over_cap
     measure = room - inserted < MEASURE_WITHIN
     excess = inserted - room
     while True:
@@ -302,7 +313,7 @@ def _fit(conn: sqlite3.Connection, job: Job, packed: list[tuple[Group, bytes, by
                 return excess
         conn.execute("SAVEPOINT rows")
         _insert(conn, packed, job.learned)
-        over = used_bytes(conn) - job.max_bytes if measure else 0
+        over = used_bytes(conn) - job.max_bytes - over_cap if measure else 0
         if over <= 0:
             conn.execute("RELEASE rows")
             _count_inserted(packed, out)
@@ -563,7 +574,7 @@ def _make_room(conn: sqlite3.Connection, excess: int, refuse: bool, out: Outcome
     before = dict(out.counters)
     if refuse:
         conn.execute("SAVEPOINT room")
-    excess -= _forget_spent(conn, out)
+    excess -= _forget_spent(conn, excess, out)
     if excess > 0:
         excess -= _trim_dead(conn, excess, out)
     if refuse:
@@ -586,27 +597,37 @@ def _yields(conn: sqlite3.Connection) -> int:
     return 2 * size
 
 
-def _forget_spent(conn: sqlite3.Connection, out: Outcome) -> int:
-    """At max_size_mb, forget the stored dedupe keys of delivered events; returns the
-    bytes freed. Left alone they would keep new events out (or push the queue out) on a
-    busy agent with an empty queue. The keys stay in memory (the index) until their
-    window ends; only a restart within the window forgets them."""
-    before = used_bytes(conn)
-    rows = conn.execute("DELETE FROM spent RETURNING length(dkeys)").fetchall()
-    if not rows:
-        return 0
-    record(out.counters, Tally.DEDUPE_FORGOTTEN, sum(n for (n,) in rows) // 8)
-    return max(0, before - used_bytes(conn))
+def _forget_spent(conn: sqlite3.Connection, excess: int, out: Outcome,
+                  chunk: bool = False) -> int:
+    """At max_size_mb, forget the stored dedupe keys of delivered events, the oldest
+    first, EXPIRE_RECORDS rows at a time until ``excess`` bytes are free (or none is left;
+    one such step with ``chunk``); returns the bytes freed. Left alone they would keep new
+    events out (or push the queue out) on a busy agent with an empty queue. The keys stay
+    in memory (the index) until their window ends; only a restart within the window
+    forgets them."""
+    before, freed = used_bytes(conn), 0
+    while freed < excess:
+        rows = conn.execute("DELETE FROM spent WHERE id IN (SELECT id FROM spent ORDER BY id "
+                            "LIMIT ?) RETURNING length(dkeys)", (EXPIRE_RECORDS,)).fetchall()
+        if not rows:
+            break
+        record(out.counters, Tally.DEDUPE_FORGOTTEN, sum(n for (n,) in rows) // 8)
+        freed = before - used_bytes(conn)
+        if chunk:
+            break
+    return max(0, freed)
 
 
-def _trim_dead(conn: sqlite3.Connection, excess: int, out: Outcome) -> int:
+def _trim_dead(conn: sqlite3.Connection, excess: int, out: Outcome,
+               chunk: bool = False) -> int:
     """Delete the oldest dead letters until ``excess`` bytes of the file are free (or none
     is left): as many as their sizes say, then more while the pages they held stay in
-    use; returns the bytes freed."""
+    use (with ``chunk``, one step of EXPIRE_RECORDS at most); returns the bytes freed."""
     before, freed = used_bytes(conn), 0
     while freed < excess:
         need, last = excess - freed, None
-        rows = conn.execute("SELECT seq, length(body) FROM dead ORDER BY seq")
+        rows = conn.execute("SELECT seq, length(body) FROM dead ORDER BY seq LIMIT ?",
+                            (EXPIRE_RECORDS if chunk else -1,))
         for seq, size in rows:
             last, need = seq, need - size - DEAD_FIELDS
             if need <= 0:
@@ -617,30 +638,37 @@ def _trim_dead(conn: sqlite3.Connection, excess: int, out: Outcome) -> int:
         n = conn.execute("DELETE FROM dead WHERE seq <= ?", (last,)).rowcount
         record(out.counters, Tally.DEAD_DROPPED_FULL, n)
         freed = before - used_bytes(conn)
+        if chunk:
+            break
     return max(0, freed)
 
 
 def _drop_oldest(conn: sqlite3.Connection, excess: int, remember: bool, out: Outcome,
-                 leased: Sequence[Bound]) -> int:
+                 leased: Sequence[Bound], chunk: bool = False) -> int:
     """when_full = "drop_oldest": delete the oldest records until ``excess`` bytes are free:
     the normal lane's first, the high lane's only once no normal event is left (an app's
     error report outlives its page views). Each lane loses its oldest: FIFO is kept.
     Records ``leased`` (events in flight) are left to their answer. The keys of a record's
     events already delivered go with it, as the cap forgets stored ones (the index keeps
-    them until a restart). Returns the bytes still missing once none is left (estimated:
-    the caller measures)."""
-    freed = 0
+    them until a restart). Returns the bytes still missing once none is left, or, with
+    ``chunk``, once EXPIRE_RECORDS records or EXPIRE_EVENTS events went (estimated: the
+    caller measures)."""
+    freed = records = events = 0
     kept = leased_ids(conn, leased)
     while freed < excess:
-        ids = conn.execute("SELECT id FROM records WHERE lane = ? AND id NOT IN (SELECT value "
-                           "FROM json_each(?)) ORDER BY id LIMIT ?",
-                           (NORMAL, kept, DROP_CHUNK)).fetchall() or conn.execute(
-            "SELECT id FROM records WHERE id NOT IN (SELECT value FROM json_each(?)) "
+        rows = conn.execute("SELECT id, live FROM records WHERE lane = ? AND id NOT IN (SELECT "
+                            "value FROM json_each(?)) ORDER BY id LIMIT ?",
+                            (NORMAL, kept, DROP_CHUNK)).fetchall() or conn.execute(
+            "SELECT id, live FROM records WHERE id NOT IN (SELECT value FROM json_each(?)) "
             "ORDER BY id LIMIT ?", (kept, DROP_CHUNK)).fetchall()
-        if not ids:
+        if not rows:
             break
-        for (rid,) in ids:
+        for rid, live in rows:
+            if chunk and records and (records >= EXPIRE_RECORDS
+                                      or events + live > EXPIRE_EVENTS):
+                return excess - freed
             freed += _drop(conn, "id = ?", (rid,), Drop.DROPPED_FULL, out, forget=remember)
+            records, events = records + 1, events + live
             if freed >= excess:
                 break
     return excess - freed
@@ -708,6 +736,10 @@ class Expiry:
     window_ms: int     # dedupe_window_h
     next_seq: int      # every event with a lower seq is committed
     leased: Sequence[Bound] = ()   # records with events in flight (leases.py): kept
+    # max_size_mb with when_full = "drop_oldest" (0: none): a spool over it (the cap
+    # lowered since it filled) loses a chunk of the excess too (``_trim``).
+    max_bytes: int = 0
+    remember: bool = False         # keep delivered records' dedupe keys (Job.remember)
 
 
 def prune(conn: sqlite3.Connection, exp: Expiry, counters: Counts) -> Outcome:
@@ -751,13 +783,31 @@ def prune(conn: sqlite3.Connection, exp: Expiry, counters: Counts) -> Outcome:
                               (exp.observed - exp.window_ms, exp.forget,
                                exp.forget + exp.window_ms, EXPIRE_RECORDS)).rowcount
         out.more = out.more or expired == EXPIRE_RECORDS or forgot == EXPIRE_RECORDS
+        if exp.max_bytes and (over := used_bytes(conn) - exp.max_bytes) > 0:
+            out.more = out.more or (_trim(conn, over, exp.remember, exp.leased, out)
+                                    and used_bytes(conn) > exp.max_bytes)
         _save(conn, out.streams, {**counters, **_sum(counters, out.counters)})
-    _hand_back(conn, 0)
+    _hand_back(conn, exp.max_bytes)
     # Expiry empties the queue too; and a truncation a reader's snapshot held off when a
     # commit emptied it is tried here again, not only when the queue next empties.
     _shrink_wal(conn)
     out.used_bytes = used_bytes(conn)
     return out
+
+
+def _trim(conn: sqlite3.Connection, over: int, remember: bool, leased: Sequence[Bound],
+          out: Outcome) -> bool:
+    """One chunk of the ``over`` bytes a spool holds past max_size_mb (lowered since it
+    filled; when_full = "drop_oldest"), taken as a commit at the cap makes room (stored
+    keys, dead letters, then the oldest records but those ``leased``), EXPIRE_RECORDS rows
+    of each at most (EXPIRE_EVENTS events); returns whether it deleted anything."""
+    changes = conn.total_changes
+    over -= _forget_spent(conn, over, out, chunk=True)
+    if over > 0:
+        over -= _trim_dead(conn, over, out, chunk=True)
+    if over > 0:
+        _drop_oldest(conn, over, remember, out, leased, chunk=True)
+    return conn.total_changes > changes
 
 
 def _expiring(conn: sqlite3.Connection, below: int, future: int,

@@ -25,7 +25,7 @@ from typing import Any
 from agent.clock import CLOCK
 from agent.families.event import Event, now_ms
 from agent.families.lanes import LANES
-from agent.outcomes import Counts, Drop, Outcome, Tally
+from agent.outcomes import Counts, Drop, Outcome, Tally, merge
 from agent.paths import make_private_dir
 from agent.settings import StorageConfig
 from agent.spool import commit as spool_commit
@@ -536,7 +536,7 @@ class Spool:
     async def _prune(self) -> int:
         max_age = self.cfg.max_age_days * 86_400_000
         window = self.cfg.dedupe_window_h * HOUR_MS
-        expired = dead = 0
+        done: Counts = {}
         more, recovered = True, False
         while more:   # a chunk at a time (commit.EXPIRE_RECORDS): commits go in between
             async with self.lock:
@@ -552,14 +552,19 @@ class Spool:
                     continue
                 finally:
                     self.writer.sends_go()   # after live.remove: what went must not be sent
-            expired += out.counters.get(Drop.EXPIRED, 0)
-            dead += out.counters.get(Tally.DEAD_EXPIRED, 0)
+            merge(done, out.counters)
             more = out.more
-        if expired:
+        if expired := done.get(Drop.EXPIRED, 0):
             log.warning("dropped %d events older than %d days", expired, self.cfg.max_age_days)
-        if dead:
+        if dead := done.get(Tally.DEAD_EXPIRED, 0):
             log.warning("deleted %d dead letters kept longer than %d days", dead,
                         self.cfg.max_age_days)
+        # A spool over a lowered max_size_mb (commit._trim): said once for the whole run.
+        if dead := done.get(Tally.DEAD_DROPPED_FULL, 0):
+            log.warning("spool over max_size_mb: deleted the %d oldest dead letters", dead)
+        if dropped := done.get(Drop.DROPPED_FULL, 0):
+            log.warning("spool over max_size_mb: deleted the %d oldest queued events "
+                        "(when_full = \"drop_oldest\"; counted as %s)", dropped, Drop.DROPPED_FULL)
         return expired
 
     async def _expire(self, db: SqliteThread, max_age: int, window: int
@@ -568,7 +573,10 @@ class Spool:
         observed = self.observed_ms()
         exp = spool_commit.Expiry(wall_cutoff=now_ms() - max_age, forget=now_ms() - window,
                                   observed=observed, max_age_ms=max_age, window_ms=window,
-                                  next_seq=self.books.next_seq, leased=self.writer.hold_sends())
+                                  next_seq=self.books.next_seq, leased=self.writer.hold_sends(),
+                                  max_bytes=self.writer.max_bytes
+                                  if self.cfg.when_full == "drop_oldest" else 0,
+                                  remember=window > 0)
         counters = self.books.take_unsaved()
         try:
             out = await db.run(spool_commit.prune, exp, counters)
