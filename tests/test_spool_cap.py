@@ -503,3 +503,36 @@ async def test_drop_oldest_over_a_lowered_cap_trims_the_excess_in_chunks(
         assert spool.streams["app"].depth == 2
     finally:
         await spool.close()
+
+
+async def test_a_dead_letter_over_a_lowered_cap_makes_room_for_itself_alone(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """The same with dead letters: over a lowered max_size_mb ("drop_oldest"), the commit
+    that dead-letters one event deleted every older dead letter the excess took, in one
+    transaction, apps waiting. It makes room for its own; expiry's runs take the rest in
+    chunks."""
+    monkeypatch.setattr(spool_commit, "EXPIRE_RECORDS", 64, raising=False)
+    path = tmp_path / "spool.db"
+    n = 3000
+    spool = await Spool.open(StorageConfig(path=str(path), sync="normal"))
+    try:
+        await spool.append([incompressible("dead", i, 1000) for i in range(n)])
+        await spool.append([incompressible("late", 0, 1000)])
+        rows = await spool.fetch(spool.streams["dead"].id, 0, n)
+        await spool.dead_letter([(r.seq, "up", "HTTP 400") for r in rows])
+    finally:
+        await spool.close()
+    assert used(path) > 2 * MB
+    spool = await Spool.open(one_mb(path, "drop_oldest"))
+    try:
+        [row] = await spool.fetch(spool.streams["late"].id, 0, 1)
+        await spool.dead_letter([(row.seq, "up", "HTTP 400")])
+        first = spool.counters.get("dead_dropped_full", 0)
+        assert first < 100, first                     # its own room, not the whole excess
+        await spool.prune()
+        assert spool.used_bytes <= MB
+        assert spool.dead_count + spool.counters["dead_dropped_full"] == n + 1
+        letters = await spool.dead_letters(limit=n + 1)   # the newest first
+        assert letters[0]["key"] == "late" and letters[-1]["seq"] > rows[0].seq  # oldest went
+    finally:
+        await spool.close()
