@@ -147,6 +147,12 @@ class Job:
     # Records the forwarders have events of in flight (leases.py): drop_oldest leaves them.
     leased: Sequence[Bound] = ()
 
+    def cap(self) -> int:
+        """The size dead letters this commit writes keep the file within: max_size_mb, or
+        the file's size over it (lowered since it filled) with drop_oldest, whose excess
+        goes in chunks (``_trim``): all of it went to make room for one dead letter."""
+        return self.max_bytes + (0 if self.reject_when_full else max(0, -self.room))
+
 
 @dataclass(slots=True)
 class Outcome:
@@ -203,7 +209,7 @@ def _commit(conn: sqlite3.Connection, job: Job) -> Outcome:
         for s in job.settle:
             _settle(conn, s, job, out)
         moved = out.counters.get(Drop.DEAD_LETTERED, 0)
-        if moved and (over := used_bytes(conn) - job.max_bytes) > 0:
+        if moved and (over := used_bytes(conn) - job.cap()) > 0:
             _trim_dead(conn, over, out)   # dead letters that alone pass the cap
         if job.corrupt:
             # Their delivered events' keys are kept, as _drop_damaged keeps them; received
@@ -456,7 +462,7 @@ def _settle(conn: sqlite3.Connection, s: Settle, job: Job, out: Outcome) -> None
             # Unpacked, a dead letter takes several times its share of a record: room is
             # made first, so the file stays within max_size_mb (the pages freed are reused).
             incoming = sum(row_bytes(len(r[5]) + DEAD_FIELDS - ROW_FIELDS) for r in dead_rows)
-            over = used_bytes(conn) + incoming - job.max_bytes
+            over = used_bytes(conn) + incoming - job.cap()
             if over > 0:
                 _trim_dead(conn, over, out)
             conn.executemany("INSERT OR IGNORE INTO dead(seq, stream, family, received, dkey, "
