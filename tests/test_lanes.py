@@ -260,3 +260,43 @@ async def test_a_busy_high_lane_leaves_the_normal_lane_a_share(
     # After NORMAL_SHARE (4) high batches of 5, never more: a read of several batches
     # passed the share by up to the window (the first normal event 20th to 30th and more).
     assert ids.index(1) == 20, ids
+
+
+async def test_a_normal_record_partly_sent_before_priority_only_is_left_to_the_cap(
+        make_agent: Any, fake_nucleus: FakeNucleus) -> None:
+    """priority_only comes while a normal batch is in flight; it is answered, the rest of
+    its record waits. Nothing of it is in flight any more, yet the loop, sending the high
+    lane alone, kept its normal cursor leased: drop_oldest left that record (the key's
+    oldest events) and dropped newer events instead, for as long as the loop ran."""
+    timing = ManualTiming()
+    battery = {"now": Battery(percent=9, plugged=True)}
+    # Batches of two go at once (full); the loop, idle, lasts a minute (flush_interval_s).
+    up = {**nucleus_up(fake_nucleus), "flush_interval_s": 60, "batch_max_events": 2,
+          "max_in_flight": 1}
+    agent = await make_agent(upstreams=[up], seams=Seams(timing=timing),
+                             battery=lambda: battery["now"],
+                             storage={"max_size_mb": 1, "when_full": "drop_oldest"},
+                             sync={"on_low_battery": "priority_only", "low_battery_pct": 20})
+    fake_nucleus.answering.clear()
+    await post(agent.port, [(i, "event") for i in range(5)])   # one record, normal lane
+    await wait_for(lambda: fake_nucleus.ids() == [0, 1])
+    loop = agent.forwarding.loops["app1"]
+    battery["now"] = Battery(percent=9, plugged=False)
+    await wait_for(lambda: BATTERY_POLL_S in timing.pending())
+    timing.advance(BATTERY_POLL_S)
+    await wait_for(lambda: loop.lanes == (HIGH,))
+    fake_nucleus.answering.set()
+    stream = agent.spool.streams["app1"]
+    await wait_for(lambda: stream.depth == 3)        # 0, 1 acked and deleted
+    assert agent.forwarding.loops.get("app1") is loop   # still running, the high lane idle
+    async with aiohttp.ClientSession() as s:
+        n = 0
+        while agent.spool.counters.get("dropped_full", 0) < 3:
+            assert n < 5000, "the spool never filled"
+            data = [{"type": "event", "name": "e", "id": 100 + n + j, "sessionId": 1,
+                     "payload": os.urandom(750).hex()} for j in range(5)]
+            async with s.post(f"http://127.0.0.1:{agent.port}/app/parked/track",
+                              json={"data": data}) as r:
+                assert r.status == 200, await r.text()
+            n += 5
+    assert stream.depth == 0, "the oldest events were left, newer ones dropped"
