@@ -246,6 +246,7 @@ class StreamForwarder:
             await self.uplink.close()
             self._rewind()
             return
+        self._leave_lanes()
         if self._reopen and not self._tasks:
             # As after a failure: nothing in flight, so nothing sent later can overtake.
             self._reopen = False
@@ -585,6 +586,16 @@ class StreamForwarder:
     def _rewind(self) -> None:
         """Send from the start of the key's lanes again (nothing is in flight)."""
         self._cursors[:] = [0] * len(LANES)
+
+    def _leave_lanes(self) -> None:
+        """Lanes the loop sends no more (a sync policy narrowed it) go back to their start
+        once nothing is in flight, as after a failure: their cursors are leases
+        (spool/leases.py), and the rest of a record partly sent before stayed out of the
+        cap's and expiry's reach for as long as the loop ran."""
+        if not self._tasks and not self._acking and not self._held:
+            for lane in LANES:
+                if lane not in self.lanes:
+                    self._cursors[lane] = 0
 
     def _advance(self, sent: Sequence[Row]) -> None:
         """Move each lane's cursor to its last row in ``sent`` (high rows, then normal)."""
