@@ -536,3 +536,25 @@ async def test_a_dead_letter_over_a_lowered_cap_makes_room_for_itself_alone(
         assert letters[0]["key"] == "late" and letters[-1]["seq"] > rows[0].seq  # oldest went
     finally:
         await spool.close()
+
+
+async def test_over_a_lowered_cap_a_request_bigger_than_the_cap_is_refused_and_drops_nothing(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Over a lowered max_size_mb a commit keeps the file within its size rather than the
+    cap (the excess goes in chunks): a request bigger than the cap must still be refused,
+    not take the room of older events that the trim would then take it out of."""
+    monkeypatch.setattr(spool_commit, "EXPIRE_RECORDS", 64)   # the excess: many chunks
+    path = tmp_path / "spool.db"
+    spool = await Spool.open(StorageConfig(path=str(path), sync="normal"))
+    try:
+        await spool.append([incompressible(f"old-{i}", i, 8000) for i in range(600)])
+    finally:
+        await spool.close()
+    assert used(path) > 2 * MB
+    spool = await Spool.open(one_mb(path, "drop_oldest"))
+    try:
+        with pytest.raises(SpoolFull):
+            await spool.append(too_big())
+        assert spool.depth == 600 and not spool.counters.get("dropped_full")
+    finally:
+        await spool.close()
