@@ -304,6 +304,8 @@ def _fit(conn: sqlite3.Connection, job: Job, packed: list[tuple[Group, bytes, by
     deleted all of it in one transaction, every app waiting (~1 s for 100,000 lone
     events)."""
     if room < 0 and not job.reject_when_full:
+        if inserted > job.max_bytes:   # it could never fit: refused, nothing dropped for it
+            return inserted - job.max_bytes
         _trim(conn, -room, job.remember, job.leased, out)
         room = job.max_bytes - used_bytes(conn)
     over_cap = 0 if job.reject_when_full else max(0, -room)
