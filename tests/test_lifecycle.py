@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import logging
 import os
 import signal
 import socket
@@ -19,6 +20,7 @@ from filelock import FileLock
 
 from agent import config as config_mod
 from agent import paths
+from agent.forwarder.supervisor import Seams
 from agent.service import Agent
 from tests.conftest import ROOT, AgentProcess, free_port, write_config
 from tests.fakes.faulty_upstream import Fault, FaultyUpstream
@@ -253,3 +255,40 @@ async def test_sighup_during_the_start_is_a_reload_not_the_agents_end(
     await wait_for(lambda: "configuration reloaded" in agent.log.read_text())
     assert agent.terminate() == 0
     assert "Traceback" not in agent.log.read_text()
+
+
+# -- a stop during a reload --------------------------------------------------------------------
+
+@pytest.mark.skipif(sys.platform == "win32", reason="signals")
+async def test_a_stop_during_a_reload_starts_no_new_forwarders(
+        tmp_path: Path, faulty: FaultyUpstream, caplog: pytest.LogCaptureFixture) -> None:
+    """systemd's stop (SIGTERM) while a reload waits for a batch in flight: the reload went
+    on to start new forwarders, which sent the batch cut short again (one more copy
+    upstream), and the stop then waited for them too. In-process, by real signals to
+    this process, handled by ``serve``'s handlers; a grace of 0.3 s for the reload's wait.
+    An app's request whose body stalls holds the stop's drain (up to body_timeout_s), as it
+    did when this was seen: time enough for new forwarders to send."""
+    caplog.set_level(logging.INFO, "outpost")
+    faulty.script = [Fault("timeout", delay=60)] * 2   # a silent upstream
+    cfg = write_config(tmp_path / "agent.toml", tmp_path / "spool.db",
+                       listen={"body_timeout_s": 0.5},
+                       upstreams=[{"name": "up", "protocol": "nucleus-http",
+                                   "url": faulty.http_url, "flush_interval_s": 0.02,
+                                   "timeout_s": 60}])
+    agent = Agent(config_mod.load_file(cfg), str(cfg), seams=Seams(grace_s=0.3))
+    serving = asyncio.ensure_future(agent.serve())
+    await wait_for(lambda: agent.listener is not None or serving.done())
+    assert not serving.done()
+    await post_events(agent.port, "k", range(3))
+    await wait_for(lambda: len(faulty.requests) == 1)   # the batch is in flight
+    assert agent.forwarding is not None
+    sending = agent.forwarding.loops["k"]
+    os.kill(os.getpid(), signal.SIGHUP)
+    await wait_for(lambda: sending.stopping)   # the reload waits for that batch
+    with socket.create_connection(("127.0.0.1", agent.port)) as stalled:
+        stalled.sendall(b"POST /app/k/track HTTP/1.1\r\nHost: x\r\n"
+                        b"Content-Type: application/json\r\nContent-Length: 100\r\n\r\n{")
+        os.kill(os.getpid(), signal.SIGTERM)
+        assert await asyncio.wait_for(serving, 10) == 0
+    assert len(faulty.requests) == 1, "the batch cut short was sent again by new forwarders"
+    assert "a stop was asked for during the reload" in caplog.text, caplog.text
