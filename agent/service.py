@@ -308,6 +308,12 @@ class Agent:
         # In-flight batches settle before the new forwarders start: nothing sent twice.
         if old is not None:
             await old.stop(handover=True)
+        if self._stop.is_set():
+            # Asked during that wait: new forwarders would only send again what it cut
+            # short, and the stop would wait for them too. The spool keeps it all.
+            log.info("a stop was asked for during the reload: stopping now, the forwarders "
+                     "not started again")
+            return
         if sync_changed:   # the new rules' sources, read before the new loops ask them
             await self.sync.stop()
             was, self.sync = self.sync, self._monitor(new)
