@@ -14,7 +14,9 @@ import threading
 import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
+from typing import Any
 
+import aiohttp
 import pytest
 from filelock import FileLock
 
@@ -259,22 +261,24 @@ async def test_sighup_during_the_start_is_a_reload_not_the_agents_end(
 
 # -- a stop during a reload --------------------------------------------------------------------
 
-@pytest.mark.skipif(sys.platform == "win32", reason="signals")
+@pytest.mark.skipif(sys.platform == "win32", reason="signals and AF_UNIX sockets")
+@pytest.mark.parametrize("when", ["batches", "sync"])
 async def test_a_stop_during_a_reload_starts_no_new_forwarders(
-        tmp_path: Path, faulty: FaultyUpstream, caplog: pytest.LogCaptureFixture) -> None:
-    """systemd's stop (SIGTERM) while a reload waits for a batch in flight: the reload went
-    on to start new forwarders, which sent the batch cut short again (one more copy
-    upstream), and the stop then waited for them too. In-process, by real signals to
-    this process, handled by ``serve``'s handlers; a grace of 0.3 s for the reload's wait.
-    An app's request whose body stalls holds the stop's drain (up to body_timeout_s), as it
-    did when this was seen: time enough for new forwarders to send."""
+        tmp_path: Path, faulty: FaultyUpstream, caplog: pytest.LogCaptureFixture,
+        when: str) -> None:
+    """systemd's stop (SIGTERM) while a reload waits for a batch in flight (``batches``), or
+    then for the first readings of a changed [sync] (``sync``: a bus that never answers):
+    the reload went on to start new forwarders, which sent the batch cut short again (one
+    more copy upstream, cut short in turn and sent once more at the next start), and the
+    stop then waited for them too. In-process, by real signals to this process, handled
+    by ``serve``'s handlers; a grace of 0.3 s for the reload's wait."""
     caplog.set_level(logging.INFO, "outpost")
     faulty.script = [Fault("timeout", delay=60)] * 2   # a silent upstream
-    cfg = write_config(tmp_path / "agent.toml", tmp_path / "spool.db",
-                       listen={"body_timeout_s": 0.5},
-                       upstreams=[{"name": "up", "protocol": "nucleus-http",
-                                   "url": faulty.http_url, "flush_interval_s": 0.02,
-                                   "timeout_s": 60}])
+    cfg = tmp_path / "agent.toml"
+    settings: dict[str, Any] = {
+        "upstreams": [{"name": "up", "protocol": "nucleus-http", "url": faulty.http_url,
+                       "flush_interval_s": 0.02, "timeout_s": 60}]}
+    write_config(cfg, tmp_path / "spool.db", **settings)
     agent = Agent(config_mod.load_file(cfg), str(cfg), seams=Seams(grace_s=0.3))
     serving = asyncio.ensure_future(agent.serve())
     await wait_for(lambda: agent.listener is not None or serving.done())
@@ -283,12 +287,27 @@ async def test_a_stop_during_a_reload_starts_no_new_forwarders(
     await wait_for(lambda: len(faulty.requests) == 1)   # the batch is in flight
     assert agent.forwarding is not None
     sending = agent.forwarding.loops["k"]
-    os.kill(os.getpid(), signal.SIGHUP)
-    await wait_for(lambda: sending.stopping)   # the reload waits for that batch
-    with socket.create_connection(("127.0.0.1", agent.port)) as stalled:
-        stalled.sendall(b"POST /app/k/track HTTP/1.1\r\nHost: x\r\n"
-                        b"Content-Type: application/json\r\nContent-Length: 100\r\n\r\n{")
+    async with contextlib.AsyncExitStack() as held:
+        # An app's websocket that does not answer the stop's close holds the stop's drain
+        # (1 s), as it did when this was seen: time enough for new forwarders to send.
+        session = await held.enter_async_context(aiohttp.ClientSession())
+        await held.enter_async_context(session.ws_connect(
+            f"http://127.0.0.1:{agent.port}/app/w/track"))
+        if when == "sync":
+            bus = held.enter_context(socket.socket(socket.AF_UNIX, socket.SOCK_STREAM))
+            bus.bind(str(tmp_path / "bus"))
+            bus.listen()
+            write_config(cfg, tmp_path / "spool.db", **settings, sync={
+                "on_metered": "hold", "dbus_address": f"unix:path={tmp_path / 'bus'}"})
+        os.kill(os.getpid(), signal.SIGHUP)
+        if when == "sync":   # the batch was cut short: the reload waits for the bus now
+            conn, _ = await asyncio.to_thread(bus.accept)
+            held.enter_context(conn)
+        else:
+            await wait_for(lambda: sending.stopping)   # the reload waits for that batch
         os.kill(os.getpid(), signal.SIGTERM)
+        if when == "sync":
+            conn.close()   # the bus gone: the reload goes on at once
         assert await asyncio.wait_for(serving, 10) == 0
     assert len(faulty.requests) == 1, "the batch cut short was sent again by new forwarders"
     assert "a stop was asked for during the reload" in caplog.text, caplog.text
