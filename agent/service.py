@@ -308,19 +308,20 @@ class Agent:
         # In-flight batches settle before the new forwarders start: nothing sent twice.
         if old is not None:
             await old.stop(handover=True)
-        if self._stop.is_set():
-            # Asked during that wait: new forwarders would only send again what it cut
-            # short, and the stop would wait for them too. The spool keeps it all.
-            log.info("a stop was asked for during the reload: stopping now, the forwarders "
-                     "not started again")
-            return
-        if sync_changed:   # the new rules' sources, read before the new loops ask them
+        # The new rules' sources, read before the new loops ask them (up to 2 s each).
+        if sync_changed and not self._stop.is_set():
             await self.sync.stop()
             was, self.sync = self.sync, self._monitor(new)
             self.sync.carry(was)
             await self.sync.start()
             log.info("transmit profile now %s (%s)", self.sync.profile.mode,
                      self.sync.profile.reason)
+        if self._stop.is_set():
+            # Asked during those waits: new forwarders would send again what the first cut
+            # short, and the stop would wait for them too. The spool keeps it all.
+            log.info("a stop was asked for during the reload: stopping now, the forwarders "
+                     "not started again")
+            return
         self.forwarding = Supervisor(new, self.spool, self.facts, self.metrics, self.seams,
                                      self.sync.may_send, self.tail.acked)
         if old is not None:
