@@ -288,8 +288,8 @@ async def test_a_stop_during_a_reload_starts_no_new_forwarders(
     assert agent.forwarding is not None
     sending = agent.forwarding.loops["k"]
     async with contextlib.AsyncExitStack() as held:
-        # An app's websocket that does not answer the stop's close holds the stop's drain
-        # (1 s), as it did when this was seen: time enough for new forwarders to send.
+        # An app's websocket open: the stop's drain closes it (1001) before the forwarders
+        # stop, time enough for new forwarders to send, as when this was seen.
         session = await held.enter_async_context(aiohttp.ClientSession())
         await held.enter_async_context(session.ws_connect(
             f"http://127.0.0.1:{agent.port}/app/w/track"))
