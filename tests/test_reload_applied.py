@@ -6,6 +6,9 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import os
+import signal
+import sys
 from pathlib import Path
 from typing import Any
 
@@ -14,8 +17,9 @@ import pytest
 from aiohttp import WSCloseCode, WSMsgType
 
 from agent.forwarder.supervisor import Seams
-from tests.conftest import write_config
+from tests.conftest import free_port, write_config
 from tests.fakes.faulty_upstream import Fault, FaultyUpstream
+from tests.test_dead_many import outpost_in_thread
 from tests.test_upstream_faults import event
 from tests.waiting import wait_for
 
@@ -106,3 +110,32 @@ async def test_a_reload_warns_of_a_config_that_strands_events_as_a_start_does(
                  upstreams=[first, {**first, "name": "second", "keys": ["app1"]}])
     await agent.reload()
     assert "upstream 'second' gets no events" in caplog.text, caplog.text
+
+
+@pytest.mark.skipif(sys.platform == "win32", reason="SIGHUP")
+async def test_check_config_reload_of_a_file_the_agent_does_not_read_is_refused(
+        make_agent: Any, tmp_path: Path) -> None:
+    """`outpost check-config FILE --reload PID` checked FILE and signalled the agent, which
+    re-reads the file it started with: "ok", exit 0, and nothing of FILE applied. Refused
+    in one line naming the agent's file, unsignalled; its own file is checked and
+    signalled as before. The agent runs in this process: SIGHUPs to it are counted."""
+    agent = await make_agent(port=free_port())
+    other = write_config(tmp_path / "edited.toml", agent.spool.path, port=agent.port,
+                         listen={"accept_keys": ["new"]})
+    hups: list[int] = []
+    loop = asyncio.get_running_loop()
+    loop.add_signal_handler(signal.SIGHUP, hups.append, 1)
+    try:
+        code, out = await outpost_in_thread("check-config", str(other), "--reload",
+                                            str(os.getpid()))
+        assert code == 2, out
+        lines = out.strip().splitlines()
+        assert len(lines) == 1 and "Traceback" not in out, out
+        assert agent.config_path in lines[0] and str(other) in lines[0], out
+        code, out = await outpost_in_thread("check-config", agent.config_path, "--reload",
+                                            str(os.getpid()))
+        assert code == 0, out
+        await wait_for(lambda: hups)
+        assert hups == [1], "the file the agent does not read was signalled too"
+    finally:
+        loop.remove_signal_handler(signal.SIGHUP)
