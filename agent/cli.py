@@ -17,6 +17,7 @@ import sys
 import urllib.error
 import urllib.request
 from collections.abc import Coroutine
+from pathlib import Path
 from typing import TYPE_CHECKING, Any, cast
 
 from agent import __version__, cli_tail, logs, paths, preflight, startup_signals
@@ -151,14 +152,18 @@ DOCTOR_DBUS_S = 2.0
 # `status` and `flush` wait this long for the agent's answer; one that took the connection
 # but answers later is busy, not absent (a /status costs milliseconds when it is not).
 STATUS_TIMEOUT_S = 10.0
+# check-config --reload (systemd's ExecReload) asks the agent which file it re-reads: one
+# too busy to say in this time is signalled unasked, as before.
+RELOAD_ASK_S = 2.0
 
 
-def _http(cfg: Config, path: str, expect: str, kind: type, method: str = "GET") -> Any:
+def _http(cfg: Config, path: str, expect: str, kind: type, method: str = "GET",
+          timeout: float = STATUS_TIMEOUT_S) -> Any:
     """The agent's JSON reply to ``path``, which holds ``expect`` of ``kind``; NotOutpost
     if it does not (another server holds the port), Refused for the agent's own refusal."""
     req = urllib.request.Request(agent_url(cfg, path), method=method,
                                  data=b"" if method == "POST" else None)
-    with opened(cfg, req, path, STATUS_TIMEOUT_S) as resp:
+    with opened(cfg, req, path, timeout) as resp:
         return answer(cfg, path, read_whole(cfg, resp, path), expect, kind)
 
 
@@ -276,6 +281,12 @@ def cmd_check_config(args: argparse.Namespace) -> int:
     if found := preflight.problems(cfg):
         _say(f"{refused}{found[0]}")
         return EXIT_CONFIG
+    if args.reload is not None and (theirs := _reread_by(cfg, args.reload)) is not None \
+            and (target is None or not paths.same_file(target, Path(theirs))):
+        # Signalled, the agent would apply its own file, and nothing of this one.
+        _say(f"{refused}PID {args.reload} re-reads {theirs} at a reload, not "
+             f"{target or 'the built-in defaults'}: make the changes there, and check that file")
+        return EXIT_CONFIG
     if target is None:
         print("no config file found; the built-in defaults are valid")
     else:
@@ -292,6 +303,19 @@ def cmd_check_config(args: argparse.Namespace) -> int:
             _say(f"cannot ask PID {args.reload} to reload: {why}")
             return 1
     return 0
+
+
+def _reread_by(cfg: Config, pid: int) -> str | None:
+    """The file agent ``pid`` re-reads at a reload, as the agent at ``cfg``'s address says;
+    None if that cannot be told (none answers there, or another process, or one on the
+    built-in defaults, which looks the file up again), and the signal goes as before."""
+    try:
+        data = _http(cfg, "/status", "reload", dict, timeout=RELOAD_ASK_S)
+    except (urllib.error.URLError, OSError, ValueError):
+        return None
+    reload = data["reload"]
+    theirs = reload.get("config")
+    return theirs if reload.get("pid") == pid and isinstance(theirs, str) else None
 
 
 def _show(line: str) -> None:
@@ -388,7 +412,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("file", nargs="?", help=CONFIG_HELP)
     p.add_argument("--reload", type=int, metavar="PID",
                    help="if valid, send SIGHUP to PID (the systemd unit's ExecReload); exit "
-                   "status 1 if it cannot be signalled")
+                   "status 2 if that agent re-reads another file, 1 if it cannot be "
+                   "signalled")
     p.set_defaults(func=cmd_check_config)
     config_file.add_parser(sub)
     service_install.add_parser(sub)

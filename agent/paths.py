@@ -112,6 +112,16 @@ def planted_link(path: Path) -> str | None:
     return None
 
 
+def same_file(target: Path, other: Path) -> bool:
+    """Whether ``target`` is ``other``: by path through symlinks, or by inode (a hard link)."""
+    if os.path.realpath(target) == os.path.realpath(other):
+        return True
+    try:
+        return os.path.samefile(target, other)
+    except OSError:   # either not there
+        return False
+
+
 def spool_lock(spool: Path) -> Path:
     """The lock file `outpost run` holds (flock, exclusive) for its life: one agent a spool."""
     return Path(f"{spool}.lock")

@@ -5,6 +5,7 @@ one place no operator looks, and the agent went on with a config that was not th
 
 from __future__ import annotations
 
+import os
 import re
 from pathlib import Path
 from typing import Any
@@ -27,7 +28,7 @@ async def test_a_refused_reload_and_one_needing_a_restart_are_shown(
     config, spool = Path(agent.config_path), agent.spool.path
     assert (await status(agent.port))["reload"] == {
         "applied": 0, "refused": 0, "last_error": None, "last_error_at": None,
-        "needs_restart": []}
+        "needs_restart": [], "config": str(config), "pid": os.getpid()}
 
     config.write_text(config.read_text() + "\n[storage]\nmax_age_days = 3\n")  # a table twice
     await agent.reload()

@@ -41,7 +41,7 @@ from agent.ops.local_agent import (
 from agent.ops.shared_terms import EXPORT_PAGE, LIST_LIMIT
 from agent.ops.status_table import age, size, table
 from agent.outcomes import Tally
-from agent.paths import agent_holds, planted_link, sync_dir
+from agent.paths import agent_holds, planted_link, same_file, sync_dir
 from agent.settings import Config
 from agent.spool import dead
 from agent.terminal import OutputError, printable, printable_json
@@ -397,17 +397,7 @@ def _of_the_spool(target: Path, spool: Path) -> str | None:
     """Which of the spool's files ``target`` is, by path (through symlinks) or by inode (a
     hard link); None if none."""
     return next((name for suffix, name in _SPOOL_FILES
-                 if _same(target, Path(f"{spool}{suffix}"))), None)
-
-
-def _same(target: Path, other: Path) -> bool:
-    """Whether ``target`` is ``other``: by path through symlinks, or by inode (a hard link)."""
-    if os.path.realpath(target) == os.path.realpath(other):
-        return True
-    try:
-        return os.path.samefile(target, other)
-    except OSError:   # either not there
-        return False
+                 if same_file(target, Path(f"{spool}{suffix}"))), None)
 
 
 
@@ -432,7 +422,7 @@ def _writable(cfg: Config, target: Path) -> int:
         raise dead.DeadError(f"cannot write {target}: it is {spool_file} of the agent's "
                              f"spool (storage.path {spool}); name another file, such as "
                              "dead.jsonl")
-    if not cfg.source.startswith("<") and _same(target, Path(cfg.source)):
+    if not cfg.source.startswith("<") and same_file(target, Path(cfg.source)):
         # Keys and all: the agent's next start or reload would fail on the letters.
         raise dead.DeadError(f"cannot write {target}: it is the config file; name "
                              "another file, such as dead.jsonl")

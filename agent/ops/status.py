@@ -8,6 +8,7 @@ knows is null there.
 
 from __future__ import annotations
 
+import os
 import sqlite3
 import time
 from collections.abc import Mapping
@@ -95,6 +96,8 @@ class ReloadStatus(TypedDict):
     last_error: str | None
     last_error_at: float | None
     needs_restart: list[str]
+    config: str | None   # the file a reload re-reads, absolute (null: it looks one up)
+    pid: int             # the process a reload signals
 
 
 class SyncStatus(SyncView):
@@ -205,7 +208,10 @@ async def snapshot(cfg: Config, spool: Spool, states: Mapping[str, UpstreamState
     snap["reload"] = {"applied": metrics.reloads_applied, "refused": metrics.reloads_refused,
                       "last_error": metrics.reload_error,
                       "last_error_at": metrics.reload_error_at,
-                      "needs_restart": list(metrics.needs_restart)}
+                      "needs_restart": list(metrics.needs_restart),
+                      "config": (None if cfg.source == Config.source
+                                 else os.path.abspath(cfg.source)),
+                      "pid": os.getpid()}
     if sync is not None:
         held = held_by_lane(spool.books.groups, held_lanes(sync["profile"]))
         snap["sync"] = {**sync, "held_events": sum(held.values()), "held_lanes": held}
