@@ -23,6 +23,7 @@ from filelock import FileLock
 from agent import config as config_mod
 from agent import paths
 from agent.forwarder.supervisor import Seams
+from agent.server import allocator
 from agent.service import Agent
 from tests.conftest import ROOT, AgentProcess, free_port, write_config
 from tests.fakes.faulty_upstream import Fault, FaultyUpstream
@@ -311,3 +312,33 @@ async def test_a_stop_during_a_reload_starts_no_new_forwarders(
         assert await asyncio.wait_for(serving, 10) == 0
     assert len(faulty.requests) == 1, "the batch cut short was sent again by new forwarders"
     assert "a stop was asked for during the reload" in caplog.text, caplog.text
+
+
+def exec_done(pid: int) -> bool:
+    """Whether `outpost run` ``pid`` has re-executed itself with the C allocator
+    (agent/server/allocator.py): the new image's environment has PYTHONMALLOC."""
+    with open(f"/proc/{pid}/environ", "rb") as environ:
+        return b"PYTHONMALLOC=malloc" in environ.read().split(b"\0")
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux") or "PYTHONMALLOC" in os.environ
+                    or allocator.malloc_trim() is None, reason="the allocator's re-exec")
+async def test_sighup_just_after_the_allocators_re_exec_is_a_reload(
+        tmp_path: Path, agent_process: Callable[..., AgentProcess]) -> None:
+    """The new image takes SIGHUP's default action until it defers it again (tens of ms
+    of interpreter start): a `systemctl reload` then ended the agent, which systemd counts
+    as clean (no restart). Sent as soon as the exec shows, well before that."""
+    port = free_port()
+    cfg = write_config(tmp_path / "agent.toml", tmp_path / "spool.db", port=port)
+    agent = agent_process(cfg, port)
+    offset = agent.spawn()
+    assert agent.proc is not None
+    pid = agent.proc.pid
+    deadline = time.monotonic() + 10
+    while not exec_done(pid):   # no sleep: the window is short
+        assert time.monotonic() < deadline and agent.proc.poll() is None
+    os.kill(pid, signal.SIGHUP)
+    await asyncio.to_thread(agent.ready, offset)
+    await wait_for(lambda: "configuration reloaded" in agent.log.read_text())
+    assert agent.terminate() == 0
+    assert "Traceback" not in agent.log.read_text()
