@@ -17,7 +17,9 @@ def main() -> int:
     try:
         from agent.server import allocator
         if run:
-            allocator.use_c_allocator()
+            startup_signals.hold_for_exec()   # the new image's first moments: see there
+            allocator.use_c_allocator()   # returns when it has not re-executed
+            startup_signals.defer(reloads=True)   # what was held comes now
         from agent.cli import main as cli_main
         # `run` loads more before its own handlers exist, and takes the interrupt then.
         if not run and startup_signals.taken():

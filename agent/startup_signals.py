@@ -28,12 +28,33 @@ def _note_reload(signum: int, frame: FrameType | None) -> None:
     _reload = True
 
 
+def _deferred(reloads: bool) -> set[signal.Signals]:
+    return {signal.SIGINT, signal.SIGHUP} if reloads and hasattr(signal, "SIGHUP") \
+        else {signal.SIGINT}
+
+
 def defer(reloads: bool = False) -> None:
     """From now on, SIGINT only notes that it came; with ``reloads`` (``outpost run``),
-    SIGHUP too."""
+    SIGHUP too. Either held for an exec (``hold_for_exec``) comes now."""
     signal.signal(signal.SIGINT, _note)
     if reloads and hasattr(signal, "SIGHUP"):
         signal.signal(signal.SIGHUP, _note_reload)
+    if hasattr(signal, "pthread_sigmask"):
+        signal.pthread_sigmask(signal.SIG_UNBLOCK, _deferred(reloads))
+
+
+def hold_for_exec() -> None:
+    """Before ``outpost run`` re-executes itself (agent/server/allocator.py): the new image
+    takes SIGINT and SIGHUP by their default actions, the agent's end, until its own
+    ``defer``. Blocked, they wait through the exec (the signal mask and the pending
+    signals are kept) for that ``defer``; one noted already is raised again to wait too."""
+    if not hasattr(signal, "pthread_sigmask"):   # Windows: no exec either
+        return
+    signal.pthread_sigmask(signal.SIG_BLOCK, _deferred(reloads=True))
+    if _interrupted:
+        signal.raise_signal(signal.SIGINT)
+    if _reload:
+        signal.raise_signal(signal.SIGHUP)
 
 
 def taken() -> bool:
