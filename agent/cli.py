@@ -158,12 +158,12 @@ RELOAD_ASK_S = 2.0
 
 
 def _http(cfg: Config, path: str, expect: str, kind: type, method: str = "GET",
-          timeout: float = STATUS_TIMEOUT_S) -> Any:
+          timeout: float | None = None) -> Any:
     """The agent's JSON reply to ``path``, which holds ``expect`` of ``kind``; NotOutpost
     if it does not (another server holds the port), Refused for the agent's own refusal."""
     req = urllib.request.Request(agent_url(cfg, path), method=method,
                                  data=b"" if method == "POST" else None)
-    with opened(cfg, req, path, timeout) as resp:
+    with opened(cfg, req, path, STATUS_TIMEOUT_S if timeout is None else timeout) as resp:
         return answer(cfg, path, read_whole(cfg, resp, path), expect, kind)
 
 
