@@ -728,3 +728,34 @@ async def test_a_fresh_spool_found_damaged_before_its_salvage_still_gets_that_sa
     await wait_for(lambda: sorted(fake_nucleus.ids()) == list(range(300))
                    and agent.spool.depth == 0, timeout=15)
     assert not (tmp_path / "spool.db.salvaging").exists()
+
+
+@pytest.mark.parametrize("path", ["/dead", "/dead/export"])
+async def test_dead_letters_read_from_a_damaged_page_are_salvaged_not_refused(
+        make_agent: Any, path: str) -> None:
+    """Damage in the dead letters' pages found by `outpost dead list` or `export` (which,
+    with expiry and a retry or purge, alone read them): it answered 503 "the spool failed:
+    database disk image is malformed", at every try, and nothing moved the file aside. The
+    spool must be salvaged then, as for a retry, and the letters that can be read listed."""
+    agent = await make_agent()
+    spool = agent.spool
+    await spool.append([Event("app1", NUCLEUS, i, body(i, 500), i) for i in range(DEAD)])
+    rows = await spool.fetch(spool.streams["app1"].id, 0, DEAD)
+    await spool.dead_letter([(r.seq, "up", "HTTP 400") for r in rows])
+    assert spool.db is not None
+    await spool.db.run(lambda c: c.execute("PRAGMA wal_checkpoint(TRUNCATE)").fetchall())
+    await asyncio.to_thread(zero_a_dead_letters_page, spool.path)
+    # Another writer's commit: the agent's connections read the file again.
+    with contextlib.closing(sqlite3.connect(spool.path, isolation_level=None)) as other:
+        other.execute("PRAGMA user_version = 5")
+    async with aiohttp.ClientSession() as s, \
+            s.get(f"http://127.0.0.1:{agent.port}{path}") as r:
+        assert r.status == 200, await r.text()
+        text = await r.text()
+    lost = spool.counters.get("dead_dropped_corrupt", 0)
+    assert spool.counters.get("spool_corrupt") == 1 and 0 < lost < DEAD
+    assert spool.dead_count == DEAD - lost
+    if path == "/dead/export":
+        assert text.count("\n") == DEAD - lost
+    else:
+        assert orjson.loads(text)["entries"]
