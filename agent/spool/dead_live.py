@@ -8,7 +8,7 @@ are handed out from the same count as new events'. Each chunk is committed and b
 before the next: one stopped midway (cancelled, or the agent killed) leaves the rest
 dead letters, for a second retry. Damage a chunk meets moves the spool aside and salvages
 it, as a commit's does, and the chunk runs again on the fresh spool. Reads go through the
-reader thread.
+reader thread, and damage they meet is salvaged too (``read``).
 """
 
 from __future__ import annotations
@@ -31,7 +31,15 @@ CHUNK_LETTERS = 2_000
 
 
 async def read(spool: Spool, fn: Callable[..., T], *args: Any) -> T:
-    """Run one of dead.py's reads on the reader thread."""
+    """Run one of dead.py's reads on the reader thread. Damage it meets moves the spool
+    aside and salvages it, and it reads the fresh spool: only these, expiry and a retry
+    or purge read the dead letters, and a listing or export refused every time (503)
+    until one of the others met it. The salvage keeps seqs, so ``args`` hold."""
+    reader = readable(spool)
+    try:
+        return await reader.run(fn, *args)
+    except sqlite3.DatabaseError as exc:
+        await spool.reader_side.heal(reader, exc)
     return await readable(spool).run(fn, *args)
 
 

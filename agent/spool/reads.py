@@ -68,11 +68,7 @@ class Reader:
         except sqlite3.DatabaseError as exc:
             # Damage the header check missed at open shows up here; left alone it
             # would stop this key's forwarder for good.
-            if self.host.reader is reader and not is_corruption(exc):
-                raise
-            async with self.host.lock:  # also waits out a recovery that closed this reader
-                if self.host.reader is reader:  # not already recovered by another reader
-                    await self.host.recover(exc)
+            await self.heal(reader, exc)
         # Read the salvaged queue now: the wake-up sent when it was salvaged may be missed
         # by a forwarder that is about to wait for new data.
         reader = self.host.reader
@@ -82,6 +78,16 @@ class Reader:
             return await self._fetch(reader, stream, cursors, bounds, lanes, limit, max_bytes)
         except sqlite3.DatabaseError:
             return Queued([])  # read again at the next step
+
+    async def heal(self, reader: SqliteThread, exc: sqlite3.DatabaseError) -> None:
+        """After ``exc`` from a read on ``reader``: move a damaged spool aside and salvage
+        it, once however many reads met the damage; raise ``exc`` when it is no damage
+        (and the spool was not closed under the read). Read again after it."""
+        if self.host.reader is reader and not is_corruption(exc):
+            raise exc
+        async with self.host.lock:  # also waits out a recovery that closed this reader
+            if self.host.reader is reader:  # not already recovered by another reader
+                await self.host.recover(exc)
 
     async def _fetch(self, reader: SqliteThread, stream: int, cursors: tuple[int, ...],
                      bounds: tuple[int | None, ...], lanes: Sequence[int], limit: int,
