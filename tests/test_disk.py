@@ -638,6 +638,43 @@ async def test_a_full_disk_at_startup_is_a_503_not_a_crash_nor_a_lost_spool(
         await fake.stop()
 
 
+def backed_up(path: Path, to: Path) -> None:
+    """A copy of a live spool taken as a backup tool would (SQLite's backup API)."""
+    with contextlib.closing(sqlite3.connect(path)) as src, \
+            contextlib.closing(sqlite3.connect(to)) as dst:
+        src.backup(dst)
+
+
+@pytest.mark.parametrize("how", ["deleted", "restored"])
+async def test_events_taken_after_the_spool_is_deleted_or_replaced_are_kept(
+        make_agent: Any, tmp_path: Path, how: str) -> None:
+    """An operator removes spool.db while the agent runs, or puts a backup in its place.
+    The agent went on committing into the file it had open, which no path names any
+    more: every event it answered 200 for from then on was gone at the next start,
+    uncounted. Every event answered 200 must be in the file at the path (the file open
+    is still readable), and a backup put there kept aside, as it was."""
+    path = tmp_path / "spool.db"
+    agent = await make_agent()
+    async with aiohttp.ClientSession() as s:
+        assert (await post(s, agent.port, [event(i, pad="") for i in range(3)])).status == 200
+        await asyncio.to_thread(backed_up, path, tmp_path / "backup.db")
+        assert (await post(s, agent.port, [event(i, pad="") for i in range(3, 5)])).status == 200
+        if how == "deleted":
+            path.unlink()
+        else:
+            (tmp_path / "backup.db").rename(path)
+        for n in (100, 101):
+            assert (await post(s, agent.port, [event(n, pad="")])).status == 200
+    await agent.stop()
+    assert rows(path) == 7, "events answered 200 are not in the spool file"
+    assert integrity(path) == "ok"
+    assert "dropped_corrupt" not in agent.spool.counters
+    if how == "restored":
+        aside = [p for p in tmp_path.glob("spool.db.corrupt-*")
+                 if not p.name.endswith(("-wal", "-shm", "-journal"))]
+        assert sorted(rows(p) for p in aside) == [3, 6], "the backup put there is not kept"
+
+
 async def test_a_commit_that_succeeded_is_not_reported_failed_when_the_disk_is_nearly_full(
         six_mb_fs: Path) -> None:
     """After acks free the front of the file, handing those pages back to the file system
