@@ -9,7 +9,9 @@ stale: the crash came before the move, and the corrupt file is still at the spoo
 
 from __future__ import annotations
 
+import contextlib
 import os
+import sqlite3
 import time
 from pathlib import Path
 
@@ -56,6 +58,35 @@ def note(path: Path, moved: Path) -> OSError | None:
 def move_aside(path: Path, moved: Path) -> None:
     """Rename a spool and its WAL/SHM files to ``moved`` (noted first)."""
     _rename(path, moved)
+    sync_dir(path.parent)
+
+
+def copy_open(conn: sqlite3.Connection, moved: Path) -> bool:
+    """Copy the spool ``conn`` has open, whole, to ``moved``, durably: when its file is no
+    longer at the path (deleted, or replaced), the open connection is all that holds its
+    queue. False when it cannot (no room): nothing is left at ``moved``."""
+    try:
+        os.close(os.open(moved, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o600))
+        with contextlib.closing(sqlite3.connect(moved)) as out:
+            conn.backup(out)
+        fd = os.open(moved, os.O_RDONLY)
+        try:
+            os.fsync(fd)
+        finally:
+            os.close(fd)
+    except (sqlite3.Error, OSError):
+        for suffix in ("", "-journal"):
+            Path(f"{moved}{suffix}").unlink(missing_ok=True)
+        return False
+    return True
+
+
+def forget_wal(path: Path) -> None:
+    """Remove the -wal and -shm of a spool file deleted or replaced while open: SQLite
+    leaves them at the path when its file has moved, and read with a file put there they
+    would garble it."""
+    for suffix in SUFFIXES[1:]:
+        Path(f"{path}{suffix}").unlink(missing_ok=True)
     sync_dir(path.parent)
 
 

@@ -31,7 +31,18 @@ from agent.settings import StorageConfig
 from agent.spool import commit as spool_commit
 from agent.spool import db as spool_db
 from agent.spool import wal_check
-from agent.spool.aside import SUFFIXES, done, marker, move_aside, move_fresh_aside, note, pending, target
+from agent.spool.aside import (
+    SUFFIXES,
+    copy_open,
+    done,
+    forget_wal,
+    marker,
+    move_aside,
+    move_fresh_aside,
+    note,
+    pending,
+    target,
+)
 from agent.spool.books import Books
 from agent.spool.db import BUSY_TIMEOUT_MS, PAST, SqliteThread
 from agent.spool.dedupe import DedupeIndex
@@ -49,7 +60,7 @@ from agent.spool.salvage import (
 )
 from agent.spool.schema import open_read_only, refuse_special
 from agent.spool.types import Queued, Stream
-from agent.spool.writer import Writer, is_corruption
+from agent.spool.writer import Replaced, Writer, is_corruption
 
 log = logging.getLogger("outpost.spool")
 
@@ -123,6 +134,8 @@ class Spool:
         # Expiry runs unattended (every few minutes): its failures, for status and metrics.
         self.expiry_errors = 0
         self.expiry_last_error: str | None = None
+        # The open file's (st_dev, st_ino): whether it is still the one at the path.
+        self._identity: tuple[int, int] | None = None
 
     # -- what the writer and reader use --------------------------------------
 
@@ -286,6 +299,8 @@ class Spool:
                     keep_counters(conn, {Tally.WAL_DAMAGED: 1})
 
             await self._db.open(self.path, "", prepare)
+            found = os.stat(self.path)
+            self._identity = (found.st_dev, found.st_ino)
             await self._load_state(self._db)
             # Published only once open: a status read in between would take a reader
             # with no connection for a failure of its own (a 500).
@@ -299,6 +314,20 @@ class Spool:
         except BaseException:
             await self._close_connections()
             raise
+
+    def replaced(self) -> bool:
+        """Whether the file open is no longer the one at the path (deleted, or another put
+        there): its commits would be gone at the next start. A stat that fails for another
+        reason tells nothing: the commit's own errors say what is wrong."""
+        if self._identity is None:
+            return False
+        try:
+            found = os.stat(self.path)
+        except FileNotFoundError:
+            return True
+        except OSError:
+            return False
+        return (found.st_dev, found.st_ino) != self._identity
 
     def _forget_idle(self, conn: sqlite3.Connection) -> None:
         try:
@@ -327,7 +356,9 @@ class Spool:
 
     async def recover(self, exc: BaseException) -> None:
         """Never a crash loop: move a corrupt spool aside, start afresh, and salvage into
-        the fresh spool every row that can still be read (agent/spool/salvage.py).
+        the fresh spool every row that can still be read (agent/spool/salvage.py). A file
+        deleted or replaced under the agent (writer.Replaced) is salvaged from a copy of
+        the one still open.
         Called under the writer's lock (or before the writer starts): nothing commits to
         the fresh spool before the salvage, which a crash leaves for the next start to
         finish (agent/spool/aside.py)."""
@@ -347,14 +378,26 @@ class Spool:
             return
         books = self.books
         carry = self._carry()
+        moved = target(self.path)
+        # Deleted or replaced under the agent: its queue is salvaged from a copy of the
+        # file still open; what is at the path now (a backup put back) is kept aside.
+        copied = isinstance(exc, Replaced) and self._db is not None and \
+            await self._db.run(copy_open, moved)
         await self._close_connections()
+        if isinstance(exc, Replaced):
+            forget_wal(self.path)
+            if copied and self.path.exists():
+                put = target(self.path)
+                move_aside(self.path, put)
+                log.error("spool %s: the file put there while the agent had its own open is "
+                          "kept as %s; the agent's queue goes on", self.path, put)
         # Kept until the fresh spool is open: if it cannot be created now (a full disk),
         # reopen() finishes the salvage, rather than start an empty spool that would hand
         # out stream ids and seqs the running forwarders still hold.
-        moved = target(self.path)
         if (why := note(self.path, moved)) is not None:  # tried again once the fresh spool is open
             log.error("spool %s: cannot write %s's salvage marker (%s)", self.path, moved, why)
-        move_aside(self.path, moved)
+        if not copied:
+            move_aside(self.path, moved)
         self._salvaging = _Salvage(moved, carry, list(books.streams.values()), books.next_seq,
                                    str(exc), why is None)
         await self._connect()

@@ -153,6 +153,7 @@ class Host(Protocol):
     async def recover(self, exc: BaseException) -> None: ...
     async def reopen(self) -> bool: ...
     def observed_ms(self) -> int: ...
+    def replaced(self) -> bool: ...
 
 
 class Writer:
@@ -472,6 +473,9 @@ class Writer:
             done = db.run(spool_commit.commit, job)
             db.hand_over(HAND_OVER_S, job.committing)
             out = await done
+            if self.host.replaced():   # before any app hears it is stored
+                raise Replaced("the spool file was deleted, or another put in its place, "
+                               "while the agent had it open")
         except sqlite3.DatabaseError as exc:
             books.unsave(job.counters)
             _unmade(books, job)
@@ -563,7 +567,15 @@ def _group(sid: int, family: int, received: int, lane: int) -> Group:
                  lane=lane)
 
 
+class Replaced(sqlite3.DatabaseError):
+    """The file the spool has open is no longer at its path (an operator deleted it, or
+    put a backup there): a commit into it reaches no file a restart reads. Handled as
+    damage: what is at the path now is moved aside and salvaged, the commit run again."""
+
+
 def is_corruption(exc: sqlite3.DatabaseError) -> bool:
+    if isinstance(exc, Replaced):
+        return True
     text = str(exc).lower()
     return "malformed" in text or "not a database" in text or "corrupt" in text
 
