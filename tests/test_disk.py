@@ -31,6 +31,7 @@ import pytest
 from agent.families.event import NUCLEUS, Event, dedupe_key
 from agent.settings import StorageConfig
 from agent.spool import Reason, Spool, SpoolFull
+from agent.spool import writer as spool_writer
 from agent.spool.records import pack, unpack
 from tests.conftest import AgentProcess, free_port, write_config
 from tests.fakes.faulty_upstream import FaultyUpstream
@@ -673,6 +674,26 @@ async def test_events_taken_after_the_spool_is_deleted_or_replaced_are_kept(
         aside = [p for p in tmp_path.glob("spool.db.corrupt-*")
                  if not p.name.endswith(("-wal", "-shm", "-journal"))]
         assert sorted(rows(p) for p in aside) == [3, 6], "the backup put there is not kept"
+
+
+async def test_a_queue_left_by_a_full_disk_at_startup_flows_once_space_is_freed(
+        make_agent: Any, fake_nucleus: FakeNucleus, small_fs: Path,
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    """Started on a disk too full to open the spool, the agent said it would open it "and
+    forward its queue as soon as space is freed"; it tried again only at an app's next
+    request, so a queue whose apps had stopped sending stayed unsent. It must flow once
+    space is freed, with no app sending anything."""
+    monkeypatch.setattr(spool_writer, "REOPEN_EVERY_S", 0.05, raising=False)
+    spool_path = small_fs / "spool" / "spool.db"
+    await asyncio.to_thread(make_spool, spool_path, 300)
+    filler = small_fs / "filler"
+    with open(filler, "wb", buffering=0) as fh, contextlib.suppress(OSError):
+        while True:
+            fh.write(b"\0" * 4096)
+    agent = await make_agent(spool=spool_path, upstreams=[upstream(fake_nucleus)])
+    assert agent.spool.db is None, "the spool opened on a full disk"
+    filler.unlink()
+    await wait_for(lambda: set(range(300)) <= set(fake_nucleus.ids()), timeout=5)
 
 
 async def test_a_commit_that_succeeded_is_not_reported_failed_when_the_disk_is_nearly_full(
