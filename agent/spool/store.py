@@ -255,7 +255,7 @@ class Spool:
                     await spool._finish_recovery()
         except (sqlite3.DatabaseError, OSError) as exc:
             # Not corrupt (a full disk, an I/O error): keep the file, refuse
-            # events with 503 and try again at each commit, rather than exit into a crash loop.
+            # events with 503 and try again (writer.REOPEN_EVERY_S), rather than exit into a crash loop.
             log.error("spool %s cannot be opened (%s); refusing events until it can",
                       spool.path, exc)
         spool.writer.start()

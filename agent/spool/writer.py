@@ -11,6 +11,7 @@ like a resend, or the events would be lost.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import sqlite3
 import threading
@@ -57,6 +58,9 @@ MEASURE_EVERY = 32  # commits: the file's size is estimated in between (commit.M
 # held the loop 50-70 ms in one go, /healthz and every other request waiting
 # (bench/RESULTS.md run 26). A slice takes about a millisecond.
 SLICE_EVENTS = 2048
+# While the spool cannot be opened (a full disk, an I/O error), how often the writer tries
+# again with no request to commit: the Retry-After apps are given.
+REOPEN_EVERY_S = 5.0
 
 
 @dataclass(slots=True)
@@ -253,12 +257,23 @@ class Writer:
 
     async def _write_loop(self) -> None:
         while True:
-            await self._wake.wait()
+            if self.host.db is None:
+                # Not only at the next request: a queue whose apps stopped sending must
+                # still flow once the spool can be opened.
+                with contextlib.suppress(TimeoutError):
+                    async with asyncio.timeout(REOPEN_EVERY_S):
+                        await self._wake.wait()
+            else:
+                await self._wake.wait()
             self._wake.clear()
             batch, self._batch = self._batch, Batch()
             try:
                 if batch:
                     await self._commit(batch)
+                elif self.host.db is None and not self.closing:
+                    async with self.lock:   # one opening or recovery at a time
+                        if self.host.db is None:
+                            await self.host.reopen()
             except Exception as exc:  # the writer must outlive any one bad commit
                 # A bug that repeats at every commit: its traceback once a minute.
                 log_limited(log, logging.ERROR, "commit-crashed", "spool commit failed",
