@@ -29,6 +29,7 @@ import orjson
 import pytest
 
 from agent.families.event import NUCLEUS, Event, dedupe_key
+from agent.ops.status_table import render
 from agent.settings import StorageConfig
 from agent.spool import Reason, Spool, SpoolFull
 from agent.spool import writer as spool_writer
@@ -694,6 +695,30 @@ async def test_a_queue_left_by_a_full_disk_at_startup_flows_once_space_is_freed(
     assert agent.spool.db is None, "the spool opened on a full disk"
     filler.unlink()
     await wait_for(lambda: set(range(300)) <= set(fake_nucleus.ids()), timeout=5)
+
+
+async def test_status_says_the_spool_cannot_be_opened(
+        make_agent: Any, small_fs: Path) -> None:
+    """An agent whose spool cannot be opened (a full disk at start) refuses every event
+    with 503; its /status and `outpost status` showed an empty spool and nothing amiss.
+    They must say the spool is not open, and why, until it is."""
+    spool_path = small_fs / "spool" / "spool.db"
+    await asyncio.to_thread(make_spool, spool_path, 300)
+    filler = small_fs / "filler"
+    with open(filler, "wb", buffering=0) as fh, contextlib.suppress(OSError):
+        while True:
+            fh.write(b"\0" * 4096)
+    agent = await make_agent(spool=spool_path)
+    async with aiohttp.ClientSession() as s:
+        async with s.get(f"http://127.0.0.1:{agent.port}/status") as r:
+            said = (await r.json())["spool"].get("open_error")
+        assert said and "disk" in said, said
+        assert "not open" in render(await (await s.get(
+            f"http://127.0.0.1:{agent.port}/status")).json()), "outpost status says nothing"
+        filler.unlink()
+        assert (await post(s, agent.port, [event(1, pad="")])).status == 200
+        async with s.get(f"http://127.0.0.1:{agent.port}/status") as r:
+            assert (await r.json())["spool"].get("open_error") is None
 
 
 async def test_a_commit_that_succeeded_is_not_reported_failed_when_the_disk_is_nearly_full(
