@@ -40,6 +40,7 @@ class SpoolUse(TypedDict):
     max_bytes: int | None
     expiry_errors: int | None          # expiry runs that failed (Spool.prune)
     expiry_last_error: str | None
+    open_error: str | None             # why the spool cannot be opened (apps get 503); null once open
 
 
 class UpstreamStatus(TypedDict):
@@ -189,7 +190,8 @@ async def snapshot(cfg: Config, spool: Spool, states: Mapping[str, UpstreamState
     snap = _snapshot(cfg, "agent", spool.books.groups, spool.counters, spool.dead_count,
                      {"path": str(spool.path), "used_bytes": spool.used_bytes,
                       "max_bytes": spool.max_bytes, "expiry_errors": spool.expiry_errors,
-                      "expiry_last_error": spool.expiry_last_error}, states)
+                      "expiry_last_error": spool.expiry_last_error,
+                      "open_error": spool.open_error}, states)
     snap["dead_reasons"] = await reasons.get(spool)
     snap["uptime_s"] = round(metrics.uptime_s(), 1)
     snap["oldest_event_age_s"] = round(age_s(first), 1) if first is not None else None
@@ -229,6 +231,6 @@ def offline_snapshot(cfg: Config) -> Snapshot:
                      outcomes.from_names(raw["counters"].items()), raw.get("dead_letters", 0),
                      {"path": str(path), "used_bytes": raw.get("used_bytes"),
                       "max_bytes": cfg.storage.max_bytes, "expiry_errors": None,
-                      "expiry_last_error": None}, {})
+                      "expiry_last_error": None, "open_error": None}, {})
     snap["dead_reasons"] = redacted(dead.newest_reasons(path))
     return snap

@@ -105,6 +105,9 @@ def render(data: Snapshot) -> str:
     used, cap = spool.get("used_bytes"), spool.get("max_bytes")
     room = f"{size(used)} of {size(cap)}, " if used is not None and cap is not None else ""
     lines.append(f"spool:    {room}{spool.get('path', '?')}")
+    if spool.get("open_error"):
+        lines.append(f"spool:    not open, events refused with 503 until it is (tried again "
+                     f"every 5 s): {_clip(str(spool['open_error']))}")
     if spool.get("expiry_errors"):
         lines.append(f"expiry:   {spool['expiry_errors']} runs failed, the last: "
                      f"{_clip(str(spool.get('expiry_last_error')))}")

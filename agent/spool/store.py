@@ -134,6 +134,9 @@ class Spool:
         # Expiry runs unattended (every few minutes): its failures, for status and metrics.
         self.expiry_errors = 0
         self.expiry_last_error: str | None = None
+        # Why the spool cannot be opened (a full disk, an I/O error), while it cannot: for
+        # status, since apps get 503 and nothing else shows it.
+        self.open_error: str | None = None
         # The open file's (st_dev, st_ino): whether it is still the one at the path.
         self._identity: tuple[int, int] | None = None
 
@@ -262,6 +265,14 @@ class Spool:
         return spool
 
     async def _connect(self) -> None:
+        try:
+            await self._open_files()
+        except (sqlite3.Error, OSError) as exc:
+            self.open_error = str(exc) or type(exc).__name__
+            raise
+        self.open_error = None
+
+    async def _open_files(self) -> None:
         if not self.path.exists():
             # Create it private before SQLite does; -wal/-shm inherit the mode.
             os.close(os.open(self.path, os.O_CREAT | os.O_WRONLY, 0o600))
