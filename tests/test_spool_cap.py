@@ -558,3 +558,34 @@ async def test_over_a_lowered_cap_a_request_bigger_than_the_cap_is_refused_and_d
         assert spool.depth == 600 and not spool.counters.get("dropped_full")
     finally:
         await spool.close()
+
+
+async def test_reject_over_a_lowered_cap_a_dead_letter_keeps_the_others(
+        tmp_path: Path) -> None:
+    """when_full = "reject" (the default), max_size_mb lowered under a spool its queue
+    fills: the commit that dead-letters one event deleted every dead letter, its own too,
+    trying to bring the file within a cap that only the queue's delivery can. The file
+    must not grow (it makes room for its own dead letter), and the others are kept."""
+    path = tmp_path / "spool.db"
+    spool = await Spool.open(StorageConfig(path=str(path), sync="normal"))
+    try:
+        await spool.append([incompressible("dead", i, 1000) for i in range(100)])
+        rows = await spool.fetch(spool.streams["dead"].id, 0, 100)
+        await spool.dead_letter([(r.seq, "up", "HTTP 400") for r in rows])
+        await spool.append([incompressible(f"q-{i}", i, 1000) for i in range(3000)])
+        await spool.append([incompressible("late", 0, 1000)])
+    finally:
+        await spool.close()
+    before = used(path)
+    assert before > 2 * MB
+    spool = await Spool.open(one_mb(path))
+    try:
+        [row] = await spool.fetch(spool.streams["late"].id, 0, 1)
+        await spool.dead_letter([(row.seq, "up", "HTTP 400")])
+        assert spool.counters.get("dead_dropped_full", 0) < 10   # its own room at most
+        assert spool.used_bytes <= before                         # the file did not grow
+        letters = await spool.dead_letters(limit=1)
+        assert letters and letters[0]["key"] == "late"            # its own is kept
+        assert spool.dead_count + spool.counters.get("dead_dropped_full", 0) == 101
+    finally:
+        await spool.close()
