@@ -149,9 +149,11 @@ class Job:
 
     def cap(self) -> int:
         """The size dead letters this commit writes keep the file within: max_size_mb, or
-        the file's size over it (lowered since it filled) with drop_oldest, whose excess
-        goes in chunks (``_trim``): all of it went to make room for one dead letter."""
-        return self.max_bytes + (0 if self.reject_when_full else max(0, -self.room))
+        the file's size over it (lowered since it filled): with drop_oldest its excess
+        goes in chunks (``_trim``), with reject as the queue is delivered. All of it went
+        to make room for one dead letter, every dead letter its own included when the
+        queue held the excess."""
+        return self.max_bytes + max(0, -self.room)
 
 
 @dataclass(slots=True)
