@@ -589,3 +589,37 @@ async def test_reject_over_a_lowered_cap_a_dead_letter_keeps_the_others(
         assert spool.dead_count + spool.counters.get("dead_dropped_full", 0) == 101
     finally:
         await spool.close()
+
+
+async def test_reject_over_a_lowered_cap_trims_dead_letters_in_chunks(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """when_full = "reject", max_size_mb lowered under a spool of dead letters: the first
+    app's request deleted every dead letter the excess took in one transaction (0.7 s for
+    50,000, all apps waiting), as drop_oldest did before its chunks. It takes a chunk and
+    the room its own events need (the file does not grow); expiry's runs take the rest in
+    chunks, the oldest first."""
+    monkeypatch.setattr(spool_commit, "EXPIRE_RECORDS", 64)
+    path = tmp_path / "spool.db"
+    n = 3000
+    spool = await Spool.open(StorageConfig(path=str(path), sync="normal"))
+    try:
+        await spool.append([incompressible("dead", i, 1000) for i in range(n)])
+        rows = await spool.fetch(spool.streams["dead"].id, 0, n)
+        await spool.dead_letter([(r.seq, "up", "HTTP 400") for r in rows])
+    finally:
+        await spool.close()
+    before = used(path)
+    assert before > 2 * MB
+    spool = await Spool.open(one_mb(path))
+    try:
+        await spool.append([incompressible("app", 0, 40)])
+        first = spool.counters.get("dead_dropped_full", 0)
+        assert first < 200, first                     # a chunk and its own room, no more
+        assert spool.used_bytes <= before and spool.streams["app"].depth == 1
+        await spool.prune()
+        assert spool.used_bytes <= MB
+        assert spool.dead_count + spool.counters["dead_dropped_full"] == n
+        letters = await spool.dead_letters(limit=n)   # the newest first
+        assert letters[0]["seq"] == rows[-1].seq and letters[-1]["seq"] > rows[0].seq
+    finally:
+        await spool.close()
