@@ -628,8 +628,8 @@ class Spool:
         exp = spool_commit.Expiry(wall_cutoff=now_ms() - max_age, forget=now_ms() - window,
                                   observed=observed, max_age_ms=max_age, window_ms=window,
                                   next_seq=self.books.next_seq, leased=self.writer.hold_sends(),
-                                  max_bytes=self.writer.max_bytes
-                                  if self.cfg.when_full == "drop_oldest" else 0,
+                                  max_bytes=self.writer.max_bytes,
+                                  drop_oldest=self.cfg.when_full == "drop_oldest",
                                   remember=window > 0)
         counters = self.books.take_unsaved()
         try:
