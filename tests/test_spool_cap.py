@@ -587,6 +587,9 @@ async def test_reject_over_a_lowered_cap_a_dead_letter_keeps_the_others(
         letters = await spool.dead_letters(limit=1)
         assert letters and letters[0]["key"] == "late"            # its own is kept
         assert spool.dead_count + spool.counters.get("dead_dropped_full", 0) == 101
+        kept = spool.dead_count
+        await spool.prune()   # nor does expiry delete them for that cap
+        assert spool.dead_count == kept and spool.depth == 3000
     finally:
         await spool.close()
 
