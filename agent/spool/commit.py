@@ -813,7 +813,11 @@ def _trim(conn: sqlite3.Connection, over: int, remember: bool, leased: Sequence[
     filled), taken as a commit at the cap makes room (stored keys, dead letters, then,
     with ``drop`` (when_full = "drop_oldest"), the oldest records but those ``leased``),
     EXPIRE_RECORDS rows of each at most (EXPIRE_EVENTS events); returns whether it
-    deleted anything."""
+    deleted anything. Without ``drop``, only if the keys and dead letters can bring the
+    file within the cap: when the queue holds the excess, which only its delivery takes
+    out, none of them goes for nothing (as ``_make_room``)."""
+    if not drop and _yields(conn) < over:
+        return False
     changes = conn.total_changes
     over -= _forget_spent(conn, over, out, chunk=True)
     if over > 0:
