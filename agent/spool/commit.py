@@ -300,16 +300,17 @@ def _fit(conn: sqlite3.Connection, job: Job, packed: list[tuple[Group, bytes, by
     caller rolls back). Near the cap, the file is measured after the insert, not trusted
     to the estimate: deleting rows from partly used pages frees less than they took.
 
-    A spool over the cap (max_size_mb lowered since it filled) loses one chunk of its
-    excess (``_trim``; queued events only if it may drop the oldest) and makes room for
-    these rows as at the cap, the file not growing; the rest goes with the next commits
-    and expiry's runs. The first commit deleted all of it in one transaction, every app
-    waiting (~1 s for 100,000 lone events, 0.7 s for 50,000 dead letters)."""
+    A spool over the cap (max_size_mb lowered since it filled) makes room for these rows
+    as at the cap, the file not growing; one that may drop the oldest loses a chunk of
+    its excess first (``_trim``). The rest goes with expiry's runs (and the next
+    commits). The first commit deleted all of it in one transaction, every app waiting
+    (~1 s for 100,000 lone events, 0.7 s for 50,000 dead letters)."""
     if room < 0:
         if inserted > job.max_bytes:   # it could never fit: refused, nothing dropped for it
             return inserted - job.max_bytes
-        _trim(conn, -room, job.remember, job.leased, out, not job.reject_when_full)
-        room = job.max_bytes - used_bytes(conn)
+        if not job.reject_when_full:
+            _trim(conn, -room, job.remember, job.leased, out, True)
+            room = job.max_bytes - used_bytes(conn)
     over_cap = max(0, -room)
     room += over_cap
     measure = room - inserted < MEASURE_WITHIN
