@@ -816,8 +816,10 @@ def _trim(conn: sqlite3.Connection, over: int, remember: bool, leased: Sequence[
     EXPIRE_RECORDS rows of each at most (EXPIRE_EVENTS events); returns whether it
     deleted anything. Without ``drop``, only if the keys and dead letters can bring the
     file within the cap: when the queue holds the excess, which only its delivery takes
-    out, none of them goes for nothing (as ``_make_room``)."""
-    if not drop and _yields(conn) < over:
+    out, none of them goes for nothing (as ``_make_room``). Measured by their own bytes,
+    not _yields' overestimate (twice them), which a transaction can undo and a run of
+    chunks cannot: dead letters half the excess passed it, and went for nothing."""
+    if not drop and _yields(conn) < 2 * over:
         return False
     changes = conn.total_changes
     over -= _forget_spent(conn, over, out, chunk=True)
