@@ -721,6 +721,32 @@ async def test_status_says_the_spool_cannot_be_opened(
             assert (await r.json())["spool"].get("open_error") is None
 
 
+@pytest.mark.parametrize("how", ["deleted", "restored"])
+async def test_a_spool_deleted_or_replaced_then_the_agent_stopped_keeps_its_queue(
+        make_agent: Any, tmp_path: Path, how: str) -> None:
+    """The same, with no commit after it: an operator removes spool.db (or puts a backup
+    there), then restarts the agent, its apps idle. The agent closed the file it had open
+    unnoticed: every event it had answered 200 for was gone at the next start. Its stop
+    finds the file gone, as a commit does, and keeps the queue at the path."""
+    path = tmp_path / "spool.db"
+    agent = await make_agent()
+    async with aiohttp.ClientSession() as s:
+        assert (await post(s, agent.port, [event(i, pad="") for i in range(3)])).status == 200
+        await asyncio.to_thread(backed_up, path, tmp_path / "backup.db")
+        assert (await post(s, agent.port, [event(i, pad="") for i in range(3, 5)])).status == 200
+    if how == "deleted":
+        path.unlink()
+    else:
+        (tmp_path / "backup.db").rename(path)
+    await agent.stop()
+    assert path.exists() and rows(path) == 5, "events answered 200 are not in the spool file"
+    assert integrity(path) == "ok"
+    if how == "restored":
+        aside = [p for p in tmp_path.glob("spool.db.corrupt-*")
+                 if not p.name.endswith(("-wal", "-shm", "-journal"))]
+        assert sorted(rows(p) for p in aside) == [3, 5], "the backup put there is not kept"
+
+
 async def test_a_commit_that_succeeded_is_not_reported_failed_when_the_disk_is_nearly_full(
         six_mb_fs: Path) -> None:
     """After acks free the front of the file, handing those pages back to the file system
