@@ -505,6 +505,15 @@ class Spool:
     async def close(self) -> None:
         """Finish pending commits, then close."""
         await self.writer.close()
+        if self._db is not None and self.replaced():
+            # No commit found it since (apps idle): closed unnoticed, the queue went with
+            # the file no path names, and a file put there was read with its -wal.
+            async with self.lock:
+                try:
+                    await self.recover(Replaced())
+                except (sqlite3.Error, OSError) as exc:
+                    log.error("spool %s: could not keep the queue of the file deleted or "
+                              "replaced under the agent: %s", self.path, exc)
         if self._db is not None:  # keep the time this run saw pass
             if self.books.unsaved:   # counted after the last commit (keys forgotten by it)
                 await self._save_counts()

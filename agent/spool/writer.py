@@ -489,8 +489,7 @@ class Writer:
             db.hand_over(HAND_OVER_S, job.committing)
             out = await done
             if self.host.replaced():   # before any app hears it is stored
-                raise Replaced("the spool file was deleted, or another put in its place, "
-                               "while the agent had it open")
+                raise Replaced()
         except sqlite3.DatabaseError as exc:
             books.unsave(job.counters)
             _unmade(books, job)
@@ -586,6 +585,10 @@ class Replaced(sqlite3.DatabaseError):
     """The file the spool has open is no longer at its path (an operator deleted it, or
     put a backup there): a commit into it reaches no file a restart reads. Handled as
     damage: what is at the path now is moved aside and salvaged, the commit run again."""
+
+    def __init__(self) -> None:
+        super().__init__("the spool file was deleted, or another put in its place, while "
+                         "the agent had it open")
 
 
 def is_corruption(exc: sqlite3.DatabaseError) -> bool:
