@@ -351,3 +351,33 @@ async def test_an_answer_cut_short_mid_body_is_no_answer(make_agent: Any, fast_b
     assert answers == 2 and state.retries == 1 and state.acked == 2, state
     assert "HTTP 200" in (state.last_error or "") and "not read whole" in (
         state.last_error or ""), state.last_error
+
+
+async def test_a_refusal_whose_body_is_cut_short_still_refuses(make_agent: Any,
+                                                               fast_backoff: Seams) -> None:
+    """An upstream that answers every request 413 and resets the connection mid-body (a
+    server that refuses a large body closes at once). The refusal is the status itself: the
+    batch is split and the event refused alone dead-lettered, as for a 413 read whole. Taken
+    for no answer, the same batch was sent again and again, the key stuck for good."""
+    seen: list[int] = []
+
+    async def collector(request: web.Request) -> web.StreamResponse:
+        seen.append(len((await request.json())["batch"]))
+        body = b'{"error": "payload too large for this collector, try a smaller batch"}'
+        resp = web.StreamResponse(status=413, headers={"Content-Type": "application/json"})
+        resp.content_length = len(body)
+        await resp.prepare(request)
+        await resp.write(body[:10])
+        assert request.transport is not None
+        request.transport.abort()
+        return resp
+
+    async with serving("/v1/batch", collector) as url:
+        agent = await make_agent(upstreams=[{
+            "name": "b", "protocol": "segment-http", "url": url,
+            "flush_interval_s": 0.05, "timeout_s": 2}])
+        await send(agent.port, events(2))
+        await wait_for(lambda: agent.spool.depth == 0, timeout=10)
+    dead = await agent.spool.dead_letters()
+    assert len(dead) == 2 and all("413" in d["reason"] for d in dead), (dead, seen)
+    assert seen[0] == 2 and seen.count(1) == 2, seen
