@@ -283,13 +283,17 @@ async def _post(session: aiohttp.ClientSession, url: str, body: bytes, headers: 
             return HttpReply(resp.status, b"", wait, kind, unreadable=str(exc))
         except (aiohttp.ClientPayloadError, TimeoutError) as exc:
             # A connection lost mid-body, closed short of its Content-Length, or a body
-            # that stalled: no answer, since the rest may refuse part of the batch (another
-            # Outpost's 200 names what it refused). Sent again: the upstream dedupes.
+            # that stalled. A 2xx is then no answer, since the rest may refuse part of the
+            # batch (another Outpost's 200 names what it refused): sent again, the upstream
+            # dedupes. Any other status is its verdict whole (a 413 from a server that
+            # closes at once): taken for no answer, the batch went again for good.
             # (aiohttp words some as "400, message:\n  ...", with the cause's message.)
             why = (f"not received whole within {timeout_s:g}s" if isinstance(exc, TimeoutError)
                    else getattr(exc.__cause__, "message", None) or " ".join(str(exc).split()))
-            return Retry(f"HTTP {resp.status} with a reply not read whole ({why})",
-                         retry_after=wait)
+            if 200 <= resp.status < 300:
+                return Retry(f"HTTP {resp.status} with a reply not read whole ({why})",
+                             retry_after=wait)
+            return HttpReply(resp.status, b"", wait, kind, unreadable=f"not read whole ({why})")
         return HttpReply(resp.status, raw, wait, kind, cut)
 
 
