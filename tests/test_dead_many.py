@@ -9,8 +9,8 @@ import json
 import socket
 import sqlite3
 import struct
-from collections.abc import AsyncIterator, Callable
-from contextlib import asynccontextmanager
+from collections.abc import AsyncIterator, Awaitable, Callable
+from contextlib import AbstractAsyncContextManager, asynccontextmanager
 from pathlib import Path
 from typing import Any
 
@@ -171,13 +171,15 @@ async def test_status_polls_do_not_summarise_every_dead_letter_each_time(
 
 
 @asynccontextmanager
-async def silent_agent() -> AsyncIterator[int]:
-    """A listener that accepts connections and never answers, as an agent whose loop is
-    busy: the kernel accepts for it."""
+async def holding(answer: Callable[[asyncio.StreamReader], Awaitable[bytes]]
+                  ) -> AsyncIterator[int]:
+    """A listener on 127.0.0.1 (its port) that writes what ``answer`` makes of each
+    connection, then sends nothing more and holds it open until it ends."""
     held: list[asyncio.StreamWriter] = []
 
-    async def accept(_: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+    async def accept(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
         held.append(writer)
+        writer.write(await answer(reader))
     server = await asyncio.start_server(accept, "127.0.0.1", 0)
     try:
         yield server.sockets[0].getsockname()[1]
@@ -186,6 +188,14 @@ async def silent_agent() -> AsyncIterator[int]:
             w.close()
         server.close()
         await server.wait_closed()
+
+
+def silent_agent() -> AbstractAsyncContextManager[int]:
+    """A listener that accepts connections and never answers, as an agent whose loop is
+    busy: the kernel accepts for it."""
+    async def nothing(_: asyncio.StreamReader) -> bytes:
+        return b""
+    return holding(nothing)
 
 
 async def outpost_in_thread(*args: str) -> tuple[int, str]:
@@ -227,26 +237,15 @@ async def test_cli_says_the_agent_is_busy_not_absent(
     assert not spool.exists()   # the CLI never turned to the spool file
 
 
-@asynccontextmanager
-async def export_stalling() -> AsyncIterator[int]:
+def export_stalling() -> AbstractAsyncContextManager[int]:
     """A listener that answers an export with its head and one letter, then sends nothing
     more and holds the connection open: an agent whose loop stalls mid-export."""
-    held: list[asyncio.StreamWriter] = []
-
-    async def answer(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+    async def answer(reader: asyncio.StreamReader) -> bytes:
         await reader.readuntil(b"\r\n\r\n")
         line = b'{"id": 1}\n'
-        writer.write(b"HTTP/1.1 200 OK\r\nContent-Type: application/x-ndjson\r\n"
-                     b"Transfer-Encoding: chunked\r\n\r\n%x\r\n%s\r\n" % (len(line), line))
-        held.append(writer)
-    server = await asyncio.start_server(answer, "127.0.0.1", 0)
-    try:
-        yield server.sockets[0].getsockname()[1]
-    finally:
-        for w in held:
-            w.close()
-        server.close()
-        await server.wait_closed()
+        return (b"HTTP/1.1 200 OK\r\nContent-Type: application/x-ndjson\r\n"
+                b"Transfer-Encoding: chunked\r\n\r\n%x\r\n%s\r\n" % (len(line), line))
+    return holding(answer)
 
 
 async def test_an_export_the_agent_stalls_says_what_came_and_what_to_do(

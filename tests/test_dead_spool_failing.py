@@ -4,7 +4,6 @@ says so too, rather than "not an Outpost agent" from a bare 500."""
 
 from __future__ import annotations
 
-import asyncio
 import contextlib
 import logging
 import sqlite3
@@ -16,7 +15,7 @@ import pytest
 from agent.families.event import NUCLEUS, Event, dedupe_key
 from agent.ops.shared_terms import EXPORT_PAGE
 from tests.conftest import free_port
-from tests.test_salvage import DEAD, body, zero_a_dead_letters_page
+from tests.test_salvage import DEAD, damage_dead_letters
 from tests.waiting import run_outpost
 
 
@@ -75,16 +74,7 @@ async def test_a_retry_or_purge_meeting_damage_salvages_the_spool_and_goes_on(
     the operator could neither retry nor purge a single letter."""
     agent = await make_agent(port=free_port())
     spool = agent.spool
-    await spool.append([Event("app1", NUCLEUS, i, body(i, 500), i) for i in range(DEAD)])
-    rows = await spool.fetch(spool.streams["app1"].id, 0, DEAD)
-    await spool.dead_letter([(r.seq, "up", "HTTP 400") for r in rows])
-    assert spool.db is not None
-    await spool.db.run(lambda c: c.execute("PRAGMA wal_checkpoint(TRUNCATE)").fetchall())
-    await asyncio.to_thread(zero_a_dead_letters_page, spool.path)
-    # Another writer's commit: the agent's connection reads the file again, as it does
-    # once its cache has moved on.
-    with contextlib.closing(sqlite3.connect(spool.path, isolation_level=None)) as other:
-        other.execute("PRAGMA user_version = 5")
+    await damage_dead_letters(spool)
     code, out = await run_outpost("dead", action, "--all", "--config", agent.config_path)
     assert code == 0, out
     assert spool.counters.get("spool_corrupt") == 1

@@ -608,9 +608,7 @@ async def test_a_full_disk_at_startup_is_a_503_not_a_crash_nor_a_lost_spool(
     spool_path = small_fs / "spool" / "spool.db"
     await asyncio.to_thread(make_spool, spool_path, 300)
     filler = small_fs / "filler"
-    with open(filler, "wb", buffering=0) as fh, contextlib.suppress(OSError):
-        while True:
-            fh.write(b"\0" * 4096)
+    fill_up(filler)
     fake = await FakeNucleus().start()
     port = free_port()
     cfg = write_config(small_fs.parent / "agent.toml", spool_path, port=port,
@@ -640,6 +638,13 @@ async def test_a_full_disk_at_startup_is_a_503_not_a_crash_nor_a_lost_spool(
         await fake.stop()
 
 
+def fill_up(path: Path) -> None:
+    """Fill the file system ``path`` is on, with ``path``, until a write fails."""
+    with open(path, "wb", buffering=0) as fh, contextlib.suppress(OSError):
+        while True:
+            fh.write(b"\0" * 4096)
+
+
 def backed_up(path: Path, to: Path) -> None:
     """A copy of a live spool taken as a backup tool would (SQLite's backup API)."""
     with contextlib.closing(sqlite3.connect(path)) as src, \
@@ -647,16 +652,19 @@ def backed_up(path: Path, to: Path) -> None:
         src.backup(dst)
 
 
+@pytest.mark.parametrize("then", ["commit", "stop"])
 @pytest.mark.parametrize("how", ["deleted", "restored"])
 async def test_events_taken_after_the_spool_is_deleted_or_replaced_are_kept(
-        make_agent: Any, tmp_path: Path, how: str) -> None:
+        make_agent: Any, tmp_path: Path, how: str, then: str) -> None:
     """An operator removes spool.db while the agent runs, or puts a backup in its place.
     The agent went on committing into the file it had open, which no path names any
     more: every event it answered 200 for from then on was gone at the next start,
     uncounted. Every event answered 200 must be in the file at the path (the file open
-    is still readable), and a backup put there kept aside, as it was."""
+    is still readable), and a backup put there kept aside, as it was: found at the next
+    commit, or (``stop``: its apps idle, the agent restarted) at the stop."""
     path = tmp_path / "spool.db"
     agent = await make_agent()
+    more = [100, 101] if then == "commit" else []
     async with aiohttp.ClientSession() as s:
         assert (await post(s, agent.port, [event(i, pad="") for i in range(3)])).status == 200
         await asyncio.to_thread(backed_up, path, tmp_path / "backup.db")
@@ -665,16 +673,19 @@ async def test_events_taken_after_the_spool_is_deleted_or_replaced_are_kept(
             path.unlink()
         else:
             (tmp_path / "backup.db").rename(path)
-        for n in (100, 101):
+        for n in more:
             assert (await post(s, agent.port, [event(n, pad="")])).status == 200
     await agent.stop()
-    assert rows(path) == 7, "events answered 200 are not in the spool file"
+    assert path.exists() and rows(path) == 5 + len(more), \
+        "events answered 200 are not in the spool file"
     assert integrity(path) == "ok"
     assert "dropped_corrupt" not in agent.spool.counters
     if how == "restored":
         aside = [p for p in tmp_path.glob("spool.db.corrupt-*")
                  if not p.name.endswith(("-wal", "-shm", "-journal"))]
-        assert sorted(rows(p) for p in aside) == [3, 6], "the backup put there is not kept"
+        # The backup (3 rows), and the copy of the agent's file the salvage read.
+        assert sorted(rows(p) for p in aside) == [3, 5 + (len(more) > 0)], \
+            "the backup put there is not kept"
 
 
 async def test_a_queue_left_by_a_full_disk_at_startup_flows_once_space_is_freed(
@@ -688,9 +699,7 @@ async def test_a_queue_left_by_a_full_disk_at_startup_flows_once_space_is_freed(
     spool_path = small_fs / "spool" / "spool.db"
     await asyncio.to_thread(make_spool, spool_path, 300)
     filler = small_fs / "filler"
-    with open(filler, "wb", buffering=0) as fh, contextlib.suppress(OSError):
-        while True:
-            fh.write(b"\0" * 4096)
+    fill_up(filler)
     agent = await make_agent(spool=spool_path, upstreams=[upstream(fake_nucleus)])
     assert agent.spool.db is None, "the spool opened on a full disk"
     filler.unlink()
@@ -705,9 +714,7 @@ async def test_status_says_the_spool_cannot_be_opened(
     spool_path = small_fs / "spool" / "spool.db"
     await asyncio.to_thread(make_spool, spool_path, 300)
     filler = small_fs / "filler"
-    with open(filler, "wb", buffering=0) as fh, contextlib.suppress(OSError):
-        while True:
-            fh.write(b"\0" * 4096)
+    fill_up(filler)
     agent = await make_agent(spool=spool_path)
     async with aiohttp.ClientSession() as s:
         async with s.get(f"http://127.0.0.1:{agent.port}/status") as r:
@@ -719,32 +726,6 @@ async def test_status_says_the_spool_cannot_be_opened(
         assert (await post(s, agent.port, [event(1, pad="")])).status == 200
         async with s.get(f"http://127.0.0.1:{agent.port}/status") as r:
             assert (await r.json())["spool"].get("open_error") is None
-
-
-@pytest.mark.parametrize("how", ["deleted", "restored"])
-async def test_a_spool_deleted_or_replaced_then_the_agent_stopped_keeps_its_queue(
-        make_agent: Any, tmp_path: Path, how: str) -> None:
-    """The same, with no commit after it: an operator removes spool.db (or puts a backup
-    there), then restarts the agent, its apps idle. The agent closed the file it had open
-    unnoticed: every event it had answered 200 for was gone at the next start. Its stop
-    finds the file gone, as a commit does, and keeps the queue at the path."""
-    path = tmp_path / "spool.db"
-    agent = await make_agent()
-    async with aiohttp.ClientSession() as s:
-        assert (await post(s, agent.port, [event(i, pad="") for i in range(3)])).status == 200
-        await asyncio.to_thread(backed_up, path, tmp_path / "backup.db")
-        assert (await post(s, agent.port, [event(i, pad="") for i in range(3, 5)])).status == 200
-    if how == "deleted":
-        path.unlink()
-    else:
-        (tmp_path / "backup.db").rename(path)
-    await agent.stop()
-    assert path.exists() and rows(path) == 5, "events answered 200 are not in the spool file"
-    assert integrity(path) == "ok"
-    if how == "restored":
-        aside = [p for p in tmp_path.glob("spool.db.corrupt-*")
-                 if not p.name.endswith(("-wal", "-shm", "-journal"))]
-        assert sorted(rows(p) for p in aside) == [3, 5], "the backup put there is not kept"
 
 
 async def test_a_commit_that_succeeded_is_not_reported_failed_when_the_disk_is_nearly_full(
@@ -854,9 +835,7 @@ async def test_a_start_with_little_room_opens_the_spool_as_before_it_forgot_idle
                               (i, os.urandom(200).hex().encode())) for i in range(300)])
     await spool.close()
     filler = small_fs / "filler"
-    with open(filler, "wb", buffering=0) as fh, contextlib.suppress(OSError):
-        while True:
-            fh.write(b"\0" * 4096)
+    fill_up(filler)
     for _ in range(64):
         os.truncate(filler, filler.stat().st_size - 4096)
         caplog.clear()

@@ -4,7 +4,6 @@ every refused event is still counted."""
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import logging
 from pathlib import Path
 from typing import Any
@@ -13,15 +12,9 @@ import aiohttp
 import pytest
 
 from agent import logs
-from tests.test_disk import event, post, small_fs  # noqa: F401  (small_fs: a fixture)
+from tests.test_disk import event, fill_up, post, small_fs  # noqa: F401  (small_fs: a fixture)
 
 BURST = 40
-
-
-def fill_up(path: Path) -> None:
-    with open(path, "wb", buffering=0) as fh, contextlib.suppress(OSError):
-        while True:
-            fh.write(b"\0" * 4096)
 
 
 async def test_a_full_disk_logs_one_line_per_interval_and_counts_every_rejection(

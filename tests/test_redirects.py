@@ -176,14 +176,12 @@ async def test_captive_portal_on_every_path_deletes_nothing(make_agent: Any,
     await delivered_once_let_through(agent, gateway)
 
 
-@pytest.mark.parametrize("status", (200, 403))
-@pytest.mark.parametrize("protocol", ("segment-http", "nucleus-http", "nucleus-ws"))
-async def test_a_page_s_retry_after_is_honoured_whatever_the_protocol(
-        make_agent: Any, gateway: CaptiveUpstream, protocol: str, status: int) -> None:
-    """A portal's login page (200) or a proxy's error page (403) with a Retry-After: the key
-    waits that long, over a websocket as over HTTP. A refused handshake's wait counted only
-    with a status worth retrying (429, 5xx): the key went on at the backoff's pace."""
-    gateway.intercept = Answer(status, headers={"Retry-After": "30"})
+async def held_for_its_retry_after(make_agent: Any, gateway: CaptiveUpstream, protocol: str,
+                                   answer: Answer, said: tuple[str, ...]) -> tuple[Any, Any]:
+    """An agent whose upstream gave ``answer`` (a Retry-After of 30 s) to its first batch,
+    its last_error saying each of ``said``, with 29.9 of those 30 s gone by: (agent,
+    timing)."""
+    gateway.intercept = answer
     timing, seams = manual()
     agent = await make_agent(upstreams=[{"name": "up", "protocol": protocol,
                                          "url": gateway.url(protocol),
@@ -193,9 +191,22 @@ async def test_a_page_s_retry_after_is_honoured_whatever_the_protocol(
     await wait_for(lambda: agent.forwarding.states["up"].retries == 1)
     assert timing.pending() == [30.0]
     up = await status_of(agent)
-    assert f"HTTP {status}" in up["last_error"] and "HTML" in up["last_error"]
+    assert all(s in up["last_error"] for s in said), up["last_error"]
     gateway.intercept = None
     timing.advance(29.9)
+    return agent, timing
+
+
+@pytest.mark.parametrize("status", (200, 403))
+@pytest.mark.parametrize("protocol", ("segment-http", "nucleus-http", "nucleus-ws"))
+async def test_a_page_s_retry_after_is_honoured_whatever_the_protocol(
+        make_agent: Any, gateway: CaptiveUpstream, protocol: str, status: int) -> None:
+    """A portal's login page (200) or a proxy's error page (403) with a Retry-After: the key
+    waits that long, over a websocket as over HTTP. A refused handshake's wait counted only
+    with a status worth retrying (429, 5xx): the key went on at the backoff's pace."""
+    agent, timing = await held_for_its_retry_after(
+        make_agent, gateway, protocol, Answer(status, headers={"Retry-After": "30"}),
+        (f"HTTP {status}", "HTML"))
     assert len(gateway.hits) == 1   # the page alone: nothing tried again before its time
     timing.advance(0.1)
     await wait_for(lambda: agent.spool.depth == 0)
@@ -210,19 +221,10 @@ async def test_a_redirect_s_retry_after_is_honoured(
     """A 307 with a Retry-After (a site in maintenance pointing elsewhere for now): not
     followed, and the key waits that long before it tries the configured URL again, as
     for any status that carries one. It went on at the backoff's pace, the wait unread."""
-    gateway.intercept = Answer(307, {"Location": location(portal), "Retry-After": "30"}, b"")
-    timing, seams = manual()
-    agent = await make_agent(upstreams=[{"name": "up", "protocol": protocol,
-                                         "url": gateway.url(protocol),
-                                         "flush_interval_s": 0.02, "timeout_s": 2}],
-                             seams=seams)
-    await send(agent, [event(i) for i in range(N)])
-    await wait_for(lambda: agent.forwarding.states["up"].retries == 1)
-    assert timing.pending() == [30.0]
-    up = await status_of(agent)
-    assert "HTTP 307 redirect" in up["last_error"], up["last_error"]
-    gateway.intercept = None
-    timing.advance(29.9)
+    agent, timing = await held_for_its_retry_after(
+        make_agent, gateway, protocol,
+        Answer(307, {"Location": location(portal), "Retry-After": "30"}, b""),
+        ("HTTP 307 redirect",))
     assert len(gateway.hits) == 1 and not portal.hits
     timing.advance(0.1)
     await wait_for(lambda: agent.spool.depth == 0)

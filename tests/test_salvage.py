@@ -632,6 +632,20 @@ def zero_a_dead_letters_page(path: Path) -> None:
         fh.write(bytes(4096))
 
 
+async def damage_dead_letters(spool: Spool) -> None:
+    """DEAD dead letters of key app1, one of their pages then destroyed on disk, and the
+    spool's connections made to read the file again (another writer's commit, as once
+    their cache has moved on)."""
+    await spool.append([Event("app1", NUCLEUS, i, body(i, 500), i) for i in range(DEAD)])
+    rows = await spool.fetch(spool.streams["app1"].id, 0, DEAD)
+    await spool.dead_letter([(r.seq, "up", "HTTP 400") for r in rows])
+    assert spool.db is not None
+    await spool.db.run(lambda c: c.execute("PRAGMA wal_checkpoint(TRUNCATE)").fetchall())
+    await asyncio.to_thread(zero_a_dead_letters_page, spool.path)
+    with contextlib.closing(sqlite3.connect(spool.path, isolation_level=None)) as other:
+        other.execute("PRAGMA user_version = 5")
+
+
 def dead_lost_metric(metrics: str) -> int | None:
     found = re.search(r"^outpost_dead_letters_dropped_corrupt_total (\d+)", metrics, re.MULTILINE)
     return int(found.group(1)) if found else None
@@ -739,15 +753,7 @@ async def test_dead_letters_read_from_a_damaged_page_are_salvaged_not_refused(
     spool must be salvaged then, as for a retry, and the letters that can be read listed."""
     agent = await make_agent()
     spool = agent.spool
-    await spool.append([Event("app1", NUCLEUS, i, body(i, 500), i) for i in range(DEAD)])
-    rows = await spool.fetch(spool.streams["app1"].id, 0, DEAD)
-    await spool.dead_letter([(r.seq, "up", "HTTP 400") for r in rows])
-    assert spool.db is not None
-    await spool.db.run(lambda c: c.execute("PRAGMA wal_checkpoint(TRUNCATE)").fetchall())
-    await asyncio.to_thread(zero_a_dead_letters_page, spool.path)
-    # Another writer's commit: the agent's connections read the file again.
-    with contextlib.closing(sqlite3.connect(spool.path, isolation_level=None)) as other:
-        other.execute("PRAGMA user_version = 5")
+    await damage_dead_letters(spool)
     async with aiohttp.ClientSession() as s, \
             s.get(f"http://127.0.0.1:{agent.port}{path}") as r:
         assert r.status == 200, await r.text()

@@ -28,7 +28,7 @@ from agent.settings import StorageConfig
 from agent.spool import Spool
 from agent.spool import commit as spool_commit
 from agent.spool.commit import MEASURE_WITHIN
-from agent.spool.types import Reason, SpoolFull
+from agent.spool.types import Reason, Row, SpoolFull
 
 MB = 1024 * 1024
 CAP_MB = 10
@@ -505,6 +505,21 @@ async def test_drop_oldest_over_a_lowered_cap_trims_the_excess_in_chunks(
         await spool.close()
 
 
+async def spool_of_dead_letters(path: Path, n: int, *then: list[Event]) -> list[Row]:
+    """A spool at ``path``, closed again, holding ``n`` dead letters of key "dead" (1,000
+    incompressible bytes each), then each request of ``then`` queued; the letters' rows."""
+    spool = await Spool.open(StorageConfig(path=str(path), sync="normal"))
+    try:
+        await spool.append([incompressible("dead", i, 1000) for i in range(n)])
+        rows = await spool.fetch(spool.streams["dead"].id, 0, n)
+        await spool.dead_letter([(r.seq, "up", "HTTP 400") for r in rows])
+        for events in then:
+            await spool.append(events)
+    finally:
+        await spool.close()
+    return rows
+
+
 async def test_a_dead_letter_over_a_lowered_cap_makes_room_for_itself_alone(
         tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     """The same with dead letters: over a lowered max_size_mb ("drop_oldest"), the commit
@@ -514,14 +529,7 @@ async def test_a_dead_letter_over_a_lowered_cap_makes_room_for_itself_alone(
     monkeypatch.setattr(spool_commit, "EXPIRE_RECORDS", 64, raising=False)
     path = tmp_path / "spool.db"
     n = 3000
-    spool = await Spool.open(StorageConfig(path=str(path), sync="normal"))
-    try:
-        await spool.append([incompressible("dead", i, 1000) for i in range(n)])
-        await spool.append([incompressible("late", 0, 1000)])
-        rows = await spool.fetch(spool.streams["dead"].id, 0, n)
-        await spool.dead_letter([(r.seq, "up", "HTTP 400") for r in rows])
-    finally:
-        await spool.close()
+    rows = await spool_of_dead_letters(path, n, [incompressible("late", 0, 1000)])
     assert used(path) > 2 * MB
     spool = await Spool.open(one_mb(path, "drop_oldest"))
     try:
@@ -569,15 +577,9 @@ async def test_reject_over_a_lowered_cap_a_dead_letter_keeps_the_others(
     trying to bring the file within a cap that only the queue's delivery can. The file
     must not grow (it makes room for its own dead letter), and the others are kept."""
     path = tmp_path / "spool.db"
-    spool = await Spool.open(StorageConfig(path=str(path), sync="normal"))
-    try:
-        await spool.append([incompressible("dead", i, 1000) for i in range(dead)])
-        rows = await spool.fetch(spool.streams["dead"].id, 0, dead)
-        await spool.dead_letter([(r.seq, "up", "HTTP 400") for r in rows])
-        await spool.append([incompressible(f"q-{i}", i, 1000) for i in range(3000)])
-        await spool.append([incompressible("late", 0, 1000)])
-    finally:
-        await spool.close()
+    await spool_of_dead_letters(path, dead, [incompressible(f"q-{i}", i, 1000)
+                                             for i in range(3000)],
+                                [incompressible("late", 0, 1000)])
     before = used(path)
     assert before > 2 * MB
     spool = await Spool.open(one_mb(path))
@@ -606,13 +608,7 @@ async def test_reject_over_a_lowered_cap_trims_dead_letters_in_chunks(
     monkeypatch.setattr(spool_commit, "EXPIRE_RECORDS", 64)
     path = tmp_path / "spool.db"
     n = 3000
-    spool = await Spool.open(StorageConfig(path=str(path), sync="normal"))
-    try:
-        await spool.append([incompressible("dead", i, 1000) for i in range(n)])
-        rows = await spool.fetch(spool.streams["dead"].id, 0, n)
-        await spool.dead_letter([(r.seq, "up", "HTTP 400") for r in rows])
-    finally:
-        await spool.close()
+    rows = await spool_of_dead_letters(path, n)
     before = used(path)
     assert before > 2 * MB
     spool = await Spool.open(one_mb(path))

@@ -306,6 +306,22 @@ async def test_a_207_refusing_all_but_one_of_a_full_batch_of_small_messages_is_r
     assert agent.forwarding.states["c"].acked == 1
 
 
+async def cut_short(request: web.Request, status: int, body: bytes, sent: int,
+                    reset: bool) -> web.StreamResponse:
+    """A JSON answer of ``status`` whose head promises ``body`` whole, of which the first
+    ``sent`` bytes go before the connection is reset (or closed)."""
+    resp = web.StreamResponse(status=status, headers={"Content-Type": "application/json"})
+    resp.content_length = len(body)
+    await resp.prepare(request)
+    await resp.write(body[:sent])
+    assert request.transport is not None
+    if reset:
+        request.transport.abort()
+    else:
+        request.transport.close()
+    return resp
+
+
 @pytest.mark.parametrize("cut", ["reset", "short"])
 async def test_an_answer_cut_short_mid_body_is_no_answer(make_agent: Any, fast_backoff: Seams,
                                                          cut: str) -> None:
@@ -327,17 +343,8 @@ async def test_an_answer_cut_short_mid_body_is_no_answer(make_agent: Any, fast_b
         assert isinstance(reply.body, bytes)
         if answers > 1:
             return reply
-        resp = web.StreamResponse(status=reply.status,
-                                  headers={"Content-Type": "application/json"})
-        resp.content_length = len(reply.body)
-        await resp.prepare(request)
-        await resp.write(reply.body[: len(reply.body) // 2])
-        assert request.transport is not None
-        if cut == "reset":
-            request.transport.abort()
-        else:
-            request.transport.close()
-        return resp
+        return await cut_short(request, reply.status, reply.body, len(reply.body) // 2,
+                               reset=cut == "reset")
 
     async with serving("/v1/batch", collector) as url:
         agent = await make_agent(upstreams=[{
@@ -364,13 +371,7 @@ async def test_a_refusal_whose_body_is_cut_short_still_refuses(make_agent: Any,
     async def collector(request: web.Request) -> web.StreamResponse:
         seen.append(len((await request.json())["batch"]))
         body = b'{"error": "payload too large for this collector, try a smaller batch"}'
-        resp = web.StreamResponse(status=413, headers={"Content-Type": "application/json"})
-        resp.content_length = len(body)
-        await resp.prepare(request)
-        await resp.write(body[:10])
-        assert request.transport is not None
-        request.transport.abort()
-        return resp
+        return await cut_short(request, 413, body, 10, reset=True)
 
     async with serving("/v1/batch", collector) as url:
         agent = await make_agent(upstreams=[{
