@@ -143,6 +143,24 @@ async def test_uptime_and_an_outage_are_the_time_the_agent_saw_pass(
     assert lost is not None and 3600 <= lost < 3660, lost
 
 
+async def test_ages_in_status_are_the_time_the_agent_saw_pass_after_a_clock_correction(
+        make_agent: Any, fake_nucleus: FakeNucleus, clock: Clock) -> None:
+    """A board boots in 1970, queues and delivers events, and NTP corrects its clock an hour
+    later: the oldest event has waited an hour, and the last ack was an hour ago. Read by
+    the wall clock, /status said 56 years for both (an alert on the oldest event's age
+    fires), and `outpost status` said the last ack was 56 years ago."""
+    clock.wall_shift_ms = SKEWS["1970"]()
+    agent = await make_agent(upstreams=[{**upstream(fake_nucleus), "flush_interval_s": 0.02}])
+    await post(agent.port, "app1", range(1))
+    await post(agent.port, "parked", range(100, 101))
+    await wait_for(lambda: fake_nucleus.ids() == [0] and agent.spool.depth == 1)
+    clock.wall_shift_ms, clock.passed_ms = 0, 3_600_000
+    snap = await status(agent.port)
+    assert 3600 <= snap["oldest_event_age_s"] < 3660, snap["oldest_event_age_s"]
+    acked = snap["upstreams"][0]["last_ack"]
+    assert acked is not None and 3600 <= snap["time"] - acked < 3660, (snap["time"], acked)
+
+
 async def test_a_delivered_events_resend_is_still_known_after_a_clock_correction(
         make_agent: Any, fake_nucleus: FakeNucleus, clock: Clock) -> None:
     """Delivered events' dedupe keys are kept dedupe_window_h (24 h): a clock corrected
