@@ -33,6 +33,7 @@ class Clock:
     def __init__(self) -> None:
         self.wall_shift_ms = 0
         self.passed_ms = 0
+        self._offset_s = 0.0   # wall_s_at's: the wall clock's lead on elapsed_s, as last read
 
     def wall_ms(self) -> int:
         """The device's wall clock, in epoch milliseconds: right or wrong."""
@@ -45,6 +46,17 @@ class Clock:
     def elapsed_s(self) -> float:
         """``elapsed_ms`` in seconds, finer than a millisecond (the forwarders' timers)."""
         return _elapsed_ns() / 1e9 + self.passed_ms / 1000
+
+    def wall_s_at(self, elapsed_s: float) -> float:
+        """The Unix time, by the wall clock as it reads now, of ``elapsed_s`` (a reading of
+        ``elapsed_s()``): what happened an hour ago reads an hour ago, whatever the wall
+        clock did meanwhile (corrected from 1970, say). The two clocks' offset is kept
+        until it moves by more than a second (a clock set): read afresh each time, its
+        jitter made the same instant read differently from one status poll to the next."""
+        offset = self.wall_ms() / 1000 - self.elapsed_s()
+        if abs(offset - self._offset_s) > 1:
+            self._offset_s = offset
+        return elapsed_s + self._offset_s
 
 
 CLOCK = Clock()

@@ -2,9 +2,9 @@
 
 from __future__ import annotations
 
-import time
 from dataclasses import dataclass
 
+from agent.clock import CLOCK
 from agent.logs import redact
 
 
@@ -18,6 +18,8 @@ class UpstreamState:
     # Status shows "unreachable" instead while unreachable_since is set, "backoff" while
     # any of its keys waits out a backoff (``parked``), and "sending" for "idle" while any
     # of its keys' loops sends (``sending``): see ``shown``.
+    # By the agent's clock (CLOCK.elapsed_s), shown as Unix times (ops/status.py): a wall
+    # clock corrected since (from 1970, say) does not make them decades ago.
     last_ack: float | None = None
     last_error: str | None = None
     last_error_at: float | None = None
@@ -65,4 +67,4 @@ class UpstreamState:
         # /metrics show this, so it is redacted (and bounded) here, once. ``after`` (ours)
         # is kept whole: ``text`` is cut to leave it room.
         self.last_error = redact(text)[:300 - len(after)] + after
-        self.last_error_at = time.time()
+        self.last_error_at = CLOCK.elapsed_s()

@@ -26,12 +26,11 @@ import asyncio
 import contextlib
 import functools
 import logging
-import time
 from collections.abc import Callable, Coroutine, Sequence
 from dataclasses import dataclass, field
 from typing import Any, NamedTuple
 
-from agent.clock import until_due
+from agent.clock import CLOCK, until_due
 from agent.families.errors import shown
 from agent.families.lanes import HIGH, LANES, NORMAL
 from agent.forwarder.backoff import BACKOFF, Backoff
@@ -748,7 +747,7 @@ class StreamForwarder:
             if len(self._held) >= ACK_GROUP * self.cfg.batch_max_events:
                 self._ack_held()
             self.state.acked += len(acked)
-            self.state.last_ack = time.time()
+            self.state.last_ack = CLOCK.elapsed_s()
             self.metrics.observe_acked(len(acked))
         if dead and await self._saved(self.spool.dead_letter(
                 # Redacted once, as stored: the reason is the upstream's answer, which may

@@ -10,12 +10,11 @@ from __future__ import annotations
 
 import os
 import sqlite3
-import time
 from collections.abc import Mapping
 from typing import Any, TypedDict
 
 from agent import __version__, outcomes
-from agent.clock import CLOCK, age_s
+from agent.clock import CLOCK
 from agent.forwarder.state import UpstreamState
 from agent.metrics import Metrics
 from agent.ops.dead_reasons import NewestReasons, redacted
@@ -136,15 +135,20 @@ Groups = Mapping[str | None, Totals]
 _EMPTY = Totals()
 
 
+def _wall(elapsed_s: float | None) -> float | None:
+    """A time kept by the agent's clock (UpstreamState), as a Unix time."""
+    return None if elapsed_s is None else round(CLOCK.wall_s_at(elapsed_s), 3)
+
+
 def _upstream(up: UpstreamConfig, groups: Groups, live: UpstreamState | None) -> UpstreamStatus:
     queued = groups.get(up.name, _EMPTY)
     lost = live.unreachable_since if live else None
     return {"name": up.name, "protocol": up.protocol, "url": up.url,
             "state": "offline" if live is None else live.shown,
             "queue_depth": queued.depth, "queue_bytes": queued.bytes, "keys": queued.keys,
-            "last_ack": live.last_ack if live else None,
+            "last_ack": _wall(live.last_ack) if live else None,
             "last_error": live.last_error if live else None,
-            "last_error_at": live.last_error_at if live else None,
+            "last_error_at": _wall(live.last_error_at) if live else None,
             "retries": live.retries if live else None,
             "sent": live.sent if live else None,
             "acked": live.acked if live else None,
@@ -164,7 +168,7 @@ def _snapshot(cfg: Config, source: str, groups: Groups, counts: outcomes.Counts,
     takes), as the spool's books keep them; never a pass over the keys."""
     unrouted = groups.get(None, _EMPTY)
     return {
-        "version": __version__, "time": round(time.time(), 3), "source": source,
+        "version": __version__, "time": round(CLOCK.wall_ms() / 1000, 3), "source": source,
         "uptime_s": None, "queue_depth": sum(t.depth for t in groups.values()),
         "oldest_event_age_s": None,
         "unrouted": {"keys": unrouted.keys, "queue_depth": unrouted.depth},
@@ -182,11 +186,11 @@ async def snapshot(cfg: Config, spool: Spool, states: Mapping[str, UpstreamState
     does not grow with the keys: the books sum the queues per upstream of ``cfg`` (the
     forwarders' config, which groups them: agent/forwarder/supervisor.py)."""
     try:
-        first = await spool.first_received()
+        waited = await spool.first_age_s()
     except sqlite3.Error:
         # A spool failing (an I/O error, a damaged table) is when status is looked at:
         # it answers with what the books keep, as for the dead letters' reasons.
-        first = None
+        waited = None
     snap = _snapshot(cfg, "agent", spool.books.groups, spool.counters, spool.dead_count,
                      {"path": str(spool.path), "used_bytes": spool.used_bytes,
                       "max_bytes": spool.max_bytes, "expiry_errors": spool.expiry_errors,
@@ -194,7 +198,7 @@ async def snapshot(cfg: Config, spool: Spool, states: Mapping[str, UpstreamState
                       "open_error": spool.open_error}, states)
     snap["dead_reasons"] = await reasons.get(spool)
     snap["uptime_s"] = round(metrics.uptime_s(), 1)
-    snap["oldest_event_age_s"] = round(age_s(first), 1) if first is not None else None
+    snap["oldest_event_age_s"] = round(waited, 1) if waited is not None else None
     snap["history"] = metrics.series()
     snap["connections"] = {"open": metrics.connections_open, "max": metrics.connections_cap,
                            "closed": dict(sorted(metrics.connections_closed.items())),

@@ -187,11 +187,11 @@ class Reader:
             f"SELECT min(r) FROM ({_heads(lanes, stream, 'received', after)})")
         return int(rows[0][0]) if rows and rows[0][0] is not None else None
 
-    async def first_received(self) -> int | None:
-        """The receipt time of the event queued first (the lowest seq): one step of the
-        records' own key, however many keys have queues (status reads it at every poll)."""
-        rows = await self.read("SELECT received FROM records ORDER BY id LIMIT 1")
-        return int(rows[0][0]) if rows else None
+    async def first_queued(self) -> tuple[int, int] | None:
+        """The seq and receipt time of the event queued first (the lowest seq): one step of
+        the records' own key, however many keys have queues (status reads it at every poll)."""
+        rows = await self.read("SELECT id, received FROM records ORDER BY id LIMIT 1")
+        return (int(rows[0][0]), int(rows[0][1])) if rows else None
 
     async def oldest_seq(self, lanes: Sequence[int] = LANES, stream: int | None = None,
                          after: int = 0) -> int | None:

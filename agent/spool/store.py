@@ -22,7 +22,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from agent.clock import CLOCK
+from agent.clock import CLOCK, age_s
 from agent.families.event import Event, now_ms
 from agent.families.lanes import LANES
 from agent.outcomes import Counts, Drop, Outcome, Tally, merge
@@ -201,8 +201,15 @@ class Spool:
                               after: int = 0) -> int | None:
         return await self.reader_side.oldest_received(lanes, stream, after)
 
-    async def first_received(self) -> int | None:
-        return await self.reader_side.first_received()
+    async def first_age_s(self) -> float | None:
+        """How long the event queued first has waited, in seconds (None: none is queued):
+        by the time the agent saw pass, which a wall clock corrected since (from 1970, say)
+        does not make decades; by the wall clock for one queued before the agent counted."""
+        first = await self.reader_side.first_queued()
+        if first is None:
+            return None
+        waited = self.observed_age_ms(first[0])
+        return age_s(first[1]) if waited is None else waited / 1000
 
     async def oldest_seq(self, lanes: Sequence[int] = LANES, stream: int | None = None,
                          after: int = 0) -> int | None:
