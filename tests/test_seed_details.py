@@ -145,11 +145,37 @@ async def test_iso_dates_in_their_usual_forms_are_taken_as_sent(
         make_agent: Any, fake_segment: FakeSegment) -> None:
     agent = await make_agent(upstreams=[segment_up(fake_segment)])
     forms = ["2020-03-02T18:29:27.333Z", "2020-03-02T18:29:27Z", "2020-03-02T18:29:27.333+01:00",
-             "2020-03-02T18:29:27.123456789Z", "2020-03-02"]
+             "2020-03-02T18:29:27.123456789Z", "2020-03-02",
+             "2020-03-02T18:29:27.333456+00:00",   # Python's isoformat(), naive or not
+             "2020-03-02T18:29:27.333456", "2020-03-02T18:29:27.333+0000",   # old iOS SDKs
+             "2020-03-02 18:29:27", "2020-03-02T18:29Z"]   # RFC 3339's space; no seconds
     body = {"batch": [track(f"m{i}", timestamp=ts) for i, ts in enumerate(forms)]}
     assert (await call(agent.port, "/v1/batch", body, headers=AUTH)).status == 200
     await wait_for(lambda: len(fake_segment.events) == len(forms))
     assert [ev["timestamp"] for ev in fake_segment.events] == forms   # never changed
+
+
+async def test_dates_no_client_writes_and_javascript_cannot_read_are_refused(
+        make_agent: Any) -> None:
+    """Python's fromisoformat reads more than the forms clients write: any separator, week
+    dates, the basic format, offsets with seconds, a decimal comma, an hour alone. Taken,
+    they were forwarded as sent, to upstreams (and a Nucleus one's JavaScript Date) that
+    cannot read them: each is refused, naming its field, as docs/mapping.md says."""
+    agent = await make_agent()
+    odd = ["2020-03-02_18:29:27", "2020-W10-1", "20200302", "20200302T182927Z",
+           "2020-03-02T18:29:27+01:00:30", "2020-03-02T18:29:27,5Z", "2020-03-02T18",
+           "2020-03-02T18:29:27+01"]
+    body = {"batch": [track("ok"), *(track(f"m{i}", timestamp=ts) for i, ts in enumerate(odd)),
+                      track("orig", originalTimestamp=odd[0])]}
+    reply = await call(agent.port, "/v1/batch", body, headers=AUTH)
+    assert reply.status == 207, reply.body
+    errors = {e["Details"]: e["Message"] for e in reply.json()["Errors"]}
+    assert len(errors) == len(odd) + 1, errors
+    for i, ts in enumerate(odd):
+        message = errors[f"batch[{i + 1}] messageId=m{i}"]
+        assert "`timestamp` must be an ISO 8601 date string" in message and ts in message
+    assert "`originalTimestamp`" in errors[f"batch[{len(odd) + 1}] messageId=orig"]
+    assert agent.spool.depth == 1
 
 
 # -- Tranthor: an event without timestamp gets the time the agent received it ---------------
