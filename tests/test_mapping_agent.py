@@ -89,14 +89,18 @@ async def test_nucleus_ids_segment_refuses_travel_in_context_nucleus(
             {"type": "event", "name": "list-user", "id": 4, "userId": [1], "machineId": "m",
              "date": date},
             {"type": "event", "name": "odd-ids", "id": 5, "machineId": {}, "deviceId": "",
-             "anonId": [2], "userId": 7, "date": date}]
+             "anonId": [2], "userId": 7, "date": date},
+            # A number is an id, 0 too: it is the device's anonymousId (and device id),
+            # not "nucleus-anonymous" with the id left in context.nucleus alone.
+            {"type": "event", "name": "zero-machine", "id": 6, "machineId": 0, "anonId": "a",
+             "date": date}]
     reply = await call(agent.port, "/app/k/track", {"data": data})
-    assert reply.status == 200 and reply.json() == {"reportedIds": [1, 2, 3, 4, 5]}
-    await wait_for(lambda: len(fake_segment.events) == 5)
+    assert reply.status == 200 and reply.json() == {"reportedIds": [1, 2, 3, 4, 5, 6]}
+    await wait_for(lambda: len(fake_segment.events) == 6)
     got = {ev["event"]: ev for ev in fake_segment.events}
     for ev in got.values():
         spec.check(ev, spec.TYPES)       # raises Invalid, naming the id, for a refused one
-    empty, obj, flag, listed, odd = (got[ev["name"]] for ev in data)
+    empty, obj, flag, listed, odd, zero = (got[ev["name"]] for ev in data)
     assert "userId" not in empty and empty["anonymousId"] == "nucleus-anonymous"
     assert empty["context"]["nucleus"]["userId"] == ""
     assert "userId" not in obj and obj["context"]["nucleus"]["userId"] == {"a": 1}
@@ -106,6 +110,7 @@ async def test_nucleus_ids_segment_refuses_travel_in_context_nucleus(
     assert (odd["userId"], "anonymousId" in odd) == (7, False)
     assert {k: odd["context"]["nucleus"][k] for k in ("machineId", "deviceId", "anonId")} == {
         "machineId": {}, "deviceId": "", "anonId": [2]}
+    assert (zero["anonymousId"], zero["context"].get("device")) == (0, {"id": 0}), zero
 
 
 async def test_a_nucleus_date_before_the_year_1000_reaches_segment_as_iso_8601(
