@@ -58,11 +58,15 @@ async def test_segment_apps_to_a_nucleus_upstream(make_agent: Any,
         {"type": "page", "userId": "u1", "context": {"page": {"path": "/home"}}, "messageId": "p"},
         {"type": "group", "userId": "u1", "groupId": "g1", "traits": {"n": 2}, "messageId": "g"},
         {"type": "alias", "userId": "u1", "previousId": "a1", "messageId": "a"},
+        # A number is a device id, 0 too: the machineId, not the anonymousId.
+        {"type": "track", "event": "Zero", "anonymousId": "a2", "messageId": "z",
+         "context": {"device": {"id": 0}}},
     ]}
     assert (await call(agent.port, "/v1/batch", batch, headers={"Authorization": basic("k")})
             ).status == 200
-    await wait_for(lambda: len(fake_nucleus.events) == 8)
-    opened, clicked, props, userid, screen, page, group, alias = fake_nucleus.events
+    await wait_for(lambda: len(fake_nucleus.events) == 9)
+    opened, clicked, props, userid, screen, page, group, alias, zero = fake_nucleus.events
+    assert (zero["machineId"], zero["anonId"]) == (0, "a2"), zero
     assert fake_nucleus.paths[0] == "/app/k/track"
     assert opened["type"] == "init" and opened["platform"] == "Linux"
     assert (opened["osVersion"], opened["locale"], opened["version"]) == ("6.1", "en-GB", "2.0")
