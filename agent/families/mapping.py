@@ -106,7 +106,7 @@ def _to_segment(ev: dict[str, Any], received: int) -> dict[str, Any]:
     # acknowledged event maps to a message its upstream refuses.
     # (A string is tested inline: it is an id when not empty.)
     machine = get("machineId")
-    if not (machine and (type(machine) is str or is_id(machine))):
+    if not (machine != "" if type(machine) is str else is_id(machine)):   # 0 is an id
         machine = get("deviceId")
         if not is_id(machine):
             machine = None
@@ -114,7 +114,7 @@ def _to_segment(ev: dict[str, Any], received: int) -> dict[str, Any]:
         del kept["machineId"]
     user = get("userId")
     user_ok = user != "" if type(user) is str else is_id(user)
-    if machine:
+    if machine is not None:
         anon = machine
     else:
         anon = get("anonId")
@@ -338,12 +338,12 @@ def _to_nucleus(ev: dict[str, Any], received: int) -> dict[str, Any]:
         payload.setdefault("messageId", ev["messageId"])
     payload[SEGMENT_KEY] = rest
     os_ctx, device, app = _obj(ctx.get("os")), _obj(ctx.get("device")), _obj(ctx.get("app"))
-    user_id = ev.get("userId")
+    user_id, device_id = ev.get("userId"), device.get("id")
     out.update({
         "date": ev.get("timestamp") or ev.get("originalTimestamp") or ev.get("receivedAt")
         or iso_ms_fast(received),
         "userId": str(user_id) if isinstance(user_id, (int, float)) else user_id,
-        "machineId": device.get("id") or ev.get("anonymousId"),
+        "machineId": device_id if device_id or is_id(device_id) else ev.get("anonymousId"),
         "anonId": ev.get("anonymousId"),
         "sessionId": kept.get("sessionId") if kept.get("sessionId") is not None
         else ctx.get("sessionId"),
