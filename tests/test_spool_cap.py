@@ -24,6 +24,7 @@ import orjson
 import pytest
 
 from agent.families.event import NUCLEUS, SEGMENT, Event, dedupe_key
+from agent.families.lanes import HIGH
 from agent.settings import StorageConfig
 from agent.spool import Spool
 from agent.spool import commit as spool_commit
@@ -622,5 +623,53 @@ async def test_reject_over_a_lowered_cap_trims_dead_letters_in_chunks(
         assert spool.dead_count + spool.counters["dead_dropped_full"] == n
         letters = await spool.dead_letters(limit=n)   # the newest first
         assert letters[0]["seq"] == rows[-1].seq and letters[-1]["seq"] > rows[0].seq
+    finally:
+        await spool.close()
+
+
+async def test_drop_oldest_behind_high_lane_records_reads_no_more_than_it_drops(
+        tmp_path: Path) -> None:
+    """when_full = "drop_oldest", a spool at the cap holding high-lane records (an app's
+    errors while its upstream is down, a record each), then an app's normal events.
+    Looking for the oldest normal-lane record to drop first read every record ahead of
+    it (no index leads by lane): ~90 ms per request at 100,000 records, every app
+    waiting. Counted in SQLite's own steps on the writer's connection: a commit that
+    drops one record takes fewer steps than the spool holds records (~900 all told),
+    not a read of them all (~3 steps each). The spool is one an agent wrote before the
+    index (dropped here as it was never made)."""
+    path = tmp_path / "spool.db"
+    spool = await Spool.open(one_mb(path, "drop_oldest"))
+    try:
+        n = 0
+        while not spool.counters.get("dropped_full") and n < 40_000:
+            await spool.append([Event(f"lone-{i}", NUCLEUS, dedupe_key("k", i),
+                                      b'{"type":"error","id":%d}' % i, lane=HIGH)
+                                for i in range(n, n + 4000)])
+            n += 4000
+    finally:
+        await spool.close()
+    with closing(sqlite3.connect(path)) as db:
+        db.execute("DROP INDEX IF EXISTS records_by_lane")
+    spool = await Spool.open(one_mb(path, "drop_oldest"))
+    steps = 0
+
+    def count() -> int:
+        nonlocal steps
+        steps += 1
+        return 0
+
+    try:
+        held, before = len(spool.live), spool.counters["dropped_full"]
+        assert held > 5000, held
+        assert spool.db is not None
+        await spool.db.run(sqlite3.Connection.set_progress_handler, count, 1)
+        for i in range(100):   # the file's free pages first, then the app's oldest goes
+            steps = 0
+            await spool.append([incompressible("app", i, 4000)])
+            if spool.counters["dropped_full"] > before:
+                break
+        await spool.db.run(sqlite3.Connection.set_progress_handler, None, 1)
+        assert spool.counters["dropped_full"] == before + 1
+        assert steps < held, f"{steps} SQLite steps to drop one of {held} records"
     finally:
         await spool.close()
