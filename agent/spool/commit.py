@@ -43,7 +43,7 @@ from agent.spool.records import DamagedRecord, Learned, pack, unpack
 PAGE = 4096          # SQLite's default page size, which the spool keeps
 ROW_FIELDS = 30      # a record row's integers and its header, besides the two blobs
 CELL = 8             # a cell's pointer and its size and rowid varints, in a leaf page
-ROW_EXTRA = 24       # its records_stream index entry, and interior pages, per row
+ROW_EXTRA = 36       # its two index entries (schema.py), and interior pages, per row
 DROP_CHUNK = 64  # records per statement when dropping the oldest
 DEAD_FIELDS = 64  # a dead letter's columns besides its body, and its share of the page
 # Free pages handed back to the file system (PRAGMA incremental_vacuum) once they are
@@ -667,6 +667,7 @@ def _drop_oldest(conn: sqlite3.Connection, excess: int, remember: bool, out: Out
     freed = records = events = 0
     kept = leased_ids(conn, leased)
     while freed < excess:
+        # The normal lane's oldest by schema.LANE_INDEX, not a read of the high lane's.
         rows = conn.execute("SELECT id, live FROM records WHERE lane = ? AND id NOT IN (SELECT "
                             "value FROM json_each(?)) ORDER BY id LIMIT ?",
                             (NORMAL, kept, DROP_CHUNK)).fetchall() or conn.execute(

@@ -17,6 +17,9 @@
 - 4 (before learned dictionaries): their table (codebook.DICTS), empty;
 - anything else: nothing to do (an empty file gets v5 from the spool's open).
 
+Every spool of the current version then gets ``schema.LANE_INDEX`` if it lacks it (one
+written before it, or by an older agent's salvage).
+
 v0 -> v1, nothing lost:
 
 - Queued events (``acked IS NULL``) become records, per stream in seq order, one record
@@ -62,7 +65,7 @@ from agent.spool.codebook import DICTS
 from agent.spool.db import PAST, transaction
 from agent.spool.dedupe import keys_to_bytes
 from agent.spool.records import RECORD_BYTES, RECORD_EVENTS
-from agent.spool.schema import SCHEMA, VERSION, SpoolTooNew
+from agent.spool.schema import LANE_INDEX, SCHEMA, VERSION, SpoolTooNew
 
 log = logging.getLogger("outpost.spool")
 
@@ -86,12 +89,14 @@ def refuse_newer(conn: sqlite3.Connection) -> None:
 def ensure(conn: sqlite3.Connection, alive: Callable[[], None] | None = None) -> None:
     """Create the current schema in an empty file, or bring an older spool up to it."""
     refuse_newer(conn)
-    if _user_version(conn) == VERSION:
-        return
-    if not conn.execute("SELECT count(*) FROM sqlite_master").fetchone()[0]:
-        conn.executescript(SCHEMA)
-        return
-    upgrade(conn, alive)
+    if _user_version(conn) != VERSION:
+        if not conn.execute("SELECT count(*) FROM sqlite_master").fetchone()[0]:
+            conn.executescript(SCHEMA)
+            return
+        upgrade(conn, alive)
+    if _user_version(conn) == VERSION and not _has_table(conn, "records_by_lane", "index"):
+        with beating(alive, conn):
+            conn.execute(LANE_INDEX)
 
 
 def upgrade(conn: sqlite3.Connection, alive: Callable[[], None] | None = None) -> None:
@@ -177,9 +182,9 @@ def _user_version(conn: sqlite3.Connection) -> int:
     return int(conn.execute("PRAGMA user_version").fetchone()[0])
 
 
-def _has_table(conn: sqlite3.Connection, name: str) -> bool:
-    return conn.execute("SELECT 1 FROM sqlite_master WHERE type = 'table' AND name = ?",
-                        (name,)).fetchone() is not None
+def _has_table(conn: sqlite3.Connection, name: str, kind: str = "table") -> bool:
+    return conn.execute("SELECT 1 FROM sqlite_master WHERE type = ? AND name = ?",
+                        (kind, name)).fetchone() is not None
 
 
 def _ddl_statements(script: str) -> Iterator[str]:

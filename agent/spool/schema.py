@@ -27,6 +27,13 @@ SUMMARY_SINCE = 3   # the first version with the dead letters' kept summary
 # v5: ``dicts``, the dictionary learned from the device's events (codebook.DICTS), which
 # small records may be packed with (records.ZSTD_LEARNED): again unreadable before.
 
+# Records by lane, the oldest first (an index's entries end with the rowid): drop_oldest
+# looks for the oldest normal record first, and without it read every record of a spool
+# of high-lane ones at each drop. Not a format change: an older agent reads and writes a
+# file with it (SQLite keeps every index up to date), so the version stays, and a spool
+# without it gets it as it opens (migrate.ensure).
+LANE_INDEX = "CREATE INDEX IF NOT EXISTS records_by_lane ON records(lane)"
+
 # Per (reason, upstream) group of dead letters: how many, and the first and last time one
 # was dead-lettered; per group and time, how many then (what a delete needs to find the
 # group's new first and last time in one step). Kept by the triggers, so every writer
@@ -92,7 +99,7 @@ CREATE TABLE counters(name TEXT PRIMARY KEY, value INTEGER NOT NULL);
 -- db.advance_mark) the seq above which the next start numbers. With the wall clock,
 -- this is what expiry goes by.
 CREATE TABLE clock_marks(observed INTEGER PRIMARY KEY, next_seq INTEGER NOT NULL);
-""" + "".join(f"{statement};\n" for statement in (*DEAD_SUMMARY, *DICTS)) + \
+""" + "".join(f"{statement};\n" for statement in (LANE_INDEX, *DEAD_SUMMARY, *DICTS)) + \
     f"PRAGMA user_version = {VERSION};\n"
 
 
