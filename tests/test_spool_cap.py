@@ -673,3 +673,45 @@ async def test_drop_oldest_behind_high_lane_records_reads_no_more_than_it_drops(
         assert steps < held, f"{steps} SQLite steps to drop one of {held} records"
     finally:
         await spool.close()
+
+
+async def test_reject_at_a_cap_full_of_dead_letters_costs_what_it_deletes(
+        tmp_path: Path) -> None:
+    """when_full = "reject" (the default), a spool at the cap full of small dead letters
+    (an upstream that refuses every event): each request that needs room first summed
+    every dead letter's size, to know whether deleting them could make it (~160 ms a
+    request at a million letters, every app waiting). Counted in SQLite's steps on the
+    writer's connection: a commit that deletes letters for its room costs what it deletes
+    (~260 steps a letter: its delete, its summary's trigger, the file measured again),
+    not a read of every letter it keeps."""
+    spool = await Spool.open(one_mb(tmp_path / "spool.db"))
+    steps = 0
+
+    def count() -> int:
+        nonlocal steps
+        steps += 1
+        return 0
+
+    try:
+        n = 0
+        while not spool.counters.get("dead_dropped_full") and n < 40_000:
+            await spool.append([Event("bad", NUCLEUS, dedupe_key("bad", i), b'{"id":%d}' % i)
+                                for i in range(n, n + 2000)])
+            rows = await spool.fetch(spool.streams["bad"].id, 0, 2000)
+            await spool.dead_letter([(r.seq, "up", "HTTP 400") for r in rows])
+            n += 2000
+        held, before = spool.dead_count, spool.counters["dead_dropped_full"]
+        assert held > 5000, held
+        assert spool.db is not None
+        await spool.db.run(sqlite3.Connection.set_progress_handler, count, 1)
+        for i in range(100):   # the room dead-lettering left first, then letters go
+            steps = 0
+            await spool.append([incompressible("app", i, 4000)])
+            if spool.counters["dead_dropped_full"] > before:
+                break
+        await spool.db.run(sqlite3.Connection.set_progress_handler, None, 1)
+        deleted = spool.counters["dead_dropped_full"] - before
+        assert 0 < deleted < 200 and spool.streams["app"].depth == i + 1
+        assert steps < 500 * deleted, f"{steps} SQLite steps to delete {deleted} of {held} letters"
+    finally:
+        await spool.close()
