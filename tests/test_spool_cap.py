@@ -715,3 +715,42 @@ async def test_reject_at_a_cap_full_of_dead_letters_costs_what_it_deletes(
         assert steps < 500 * deleted, f"{steps} SQLite steps to delete {deleted} of {held} letters"
     finally:
         await spool.close()
+
+
+async def test_reject_over_a_lowered_cap_trims_dead_letters_at_a_cost_per_chunk_not_per_excess(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """when_full = "reject", max_size_mb lowered under a spool of small dead letters: each
+    chunk of expiry's trim summed the dead letters again, to know whether they could bring
+    the file within the cap: a run's cost grew with the square of the excess (a million
+    letters: a thousand chunks reading up to all of them). Counted in SQLite's steps on
+    the writer's connection, in hundreds: what the letters' deletes cost (~200 steps
+    each), not that and a read of the rest at each chunk."""
+    monkeypatch.setattr(spool_commit, "EXPIRE_RECORDS", 64)
+    path = tmp_path / "spool.db"
+    spool = await Spool.open(StorageConfig(path=str(path), sync="normal"))
+    try:
+        await spool.append([Event("bad", NUCLEUS, dedupe_key("bad", i), b'{"id":%d}' % i)
+                            for i in range(20_000)])
+        rows = await spool.fetch(spool.streams["bad"].id, 0, 20_000)
+        await spool.dead_letter([(r.seq, "up", "HTTP 400") for r in rows])
+    finally:
+        await spool.close()
+    assert used(path) > 1.3 * MB
+    spool = await Spool.open(one_mb(path))
+    hundreds = 0
+
+    def count() -> int:
+        nonlocal hundreds
+        hundreds += 1
+        return 0
+
+    try:
+        assert spool.db is not None
+        await spool.db.run(sqlite3.Connection.set_progress_handler, count, 100)
+        await spool.prune()
+        await spool.db.run(sqlite3.Connection.set_progress_handler, None, 100)
+        deleted = spool.counters["dead_dropped_full"]
+        assert spool.used_bytes <= MB and deleted > 3000
+        assert hundreds < 4 * deleted, f"{hundreds}00 SQLite steps to delete {deleted} letters"
+    finally:
+        await spool.close()
