@@ -177,6 +177,7 @@ class Outcome:
     # took a key's place).
     unused: list[int] = field(default_factory=list)
     more: bool = False   # expiry stopped at a chunk's bound: more may be due (prune)
+    trimming: bool = False   # prune took part of an excess over the cap (Expiry.trimming)
 
     def undelivered_keys(self) -> array[int]:
         """``undelivered`` as one array, for the index to forget in one pass (one per
@@ -770,6 +771,9 @@ class Expiry:
     max_bytes: int = 0
     drop_oldest: bool = False      # when_full = "drop_oldest"
     remember: bool = False         # keep delivered records' dedupe keys (Job.remember)
+    # An earlier chunk of this run found that the stored keys and dead letters can bring
+    # the file within max_size_mb (``_trim``): not summed again at each chunk.
+    trimming: bool = False
 
 
 def prune(conn: sqlite3.Connection, exp: Expiry, counters: Counts) -> Outcome:
@@ -814,9 +818,9 @@ def prune(conn: sqlite3.Connection, exp: Expiry, counters: Counts) -> Outcome:
                                exp.forget + exp.window_ms, EXPIRE_RECORDS)).rowcount
         out.more = out.more or expired == EXPIRE_RECORDS or forgot == EXPIRE_RECORDS
         if exp.max_bytes and (over := used_bytes(conn) - exp.max_bytes) > 0:
-            out.more = out.more or (_trim(conn, over, exp.remember, exp.leased, out,
-                                          exp.drop_oldest)
-                                    and used_bytes(conn) > exp.max_bytes)
+            out.trimming = _trim(conn, over, exp.remember, exp.leased, out, exp.drop_oldest,
+                                 exp.trimming)
+            out.more = out.more or (out.trimming and used_bytes(conn) > exp.max_bytes)
         _save(conn, out.streams, {**counters, **_sum(counters, out.counters)})
     _hand_back(conn, exp.max_bytes)
     # Expiry empties the queue too; and a truncation a reader's snapshot held off when a
@@ -827,7 +831,7 @@ def prune(conn: sqlite3.Connection, exp: Expiry, counters: Counts) -> Outcome:
 
 
 def _trim(conn: sqlite3.Connection, over: int, remember: bool, leased: Sequence[Bound],
-          out: Outcome, drop: bool) -> bool:
+          out: Outcome, drop: bool, sure: bool = False) -> bool:
     """One chunk of the ``over`` bytes a spool holds past max_size_mb (lowered since it
     filled), taken as a commit at the cap makes room (stored keys, dead letters, then,
     with ``drop`` (when_full = "drop_oldest"), the oldest records but those ``leased``),
@@ -836,8 +840,10 @@ def _trim(conn: sqlite3.Connection, over: int, remember: bool, leased: Sequence[
     file within the cap: when the queue holds the excess, which only its delivery takes
     out, none of them goes for nothing (as ``_make_room``). Measured by their own bytes,
     not _yields' overestimate (twice them), which a transaction can undo and a run of
-    chunks cannot: dead letters half the excess passed it, and went for nothing."""
-    if not drop and not _yields(conn, 2 * over):
+    chunks cannot: dead letters half the excess passed it, and went for nothing. With
+    ``sure``, an earlier chunk found they can: summing them again at each chunk made a
+    run's cost grow with the square of the excess."""
+    if not drop and not sure and not _yields(conn, 2 * over):
         return False
     changes = conn.total_changes
     over -= _forget_spent(conn, over, out, chunk=True)

@@ -607,23 +607,23 @@ class Spool:
         max_age = self.cfg.max_age_days * 86_400_000
         window = self.cfg.dedupe_window_h * HOUR_MS
         done: Counts = {}
-        more, recovered = True, False
+        more, recovered, trimming = True, False, False
         while more:   # a chunk at a time (commit.EXPIRE_RECORDS): commits go in between
             async with self.lock:
                 if (db := self._db) is None:   # closed (or not open)
                     break
                 try:
-                    out = await self._expire(db, max_age, window)
+                    out = await self._expire(db, max_age, window, trimming)
                 except sqlite3.DatabaseError as exc:
                     if recovered or not is_corruption(exc):
                         raise
                     await self.recover(exc)   # and on with the fresh spool
-                    recovered = True
+                    recovered, trimming = True, False
                     continue
                 finally:
                     self.writer.sends_go()   # after live.remove: what went must not be sent
             merge(done, out.counters)
-            more = out.more
+            more, trimming = out.more, out.trimming
         if expired := done.get(Drop.EXPIRED, 0):
             log.warning("dropped %d events older than %d days", expired, self.cfg.max_age_days)
         if dead := done.get(Tally.DEAD_EXPIRED, 0):
@@ -637,16 +637,17 @@ class Spool:
                         "(when_full = \"drop_oldest\"; counted as %s)", dropped, Drop.DROPPED_FULL)
         return expired
 
-    async def _expire(self, db: SqliteThread, max_age: int, window: int
+    async def _expire(self, db: SqliteThread, max_age: int, window: int, trimming: bool
                       ) -> spool_commit.Outcome:
-        """One chunk of expiry (commit.prune), its outcome applied on the loop."""
+        """One chunk of expiry (commit.prune), its outcome applied on the loop; ``trimming``:
+        the chunk before took part of an excess over the cap (commit.Expiry.trimming)."""
         observed = self.observed_ms()
         exp = spool_commit.Expiry(wall_cutoff=now_ms() - max_age, forget=now_ms() - window,
                                   observed=observed, max_age_ms=max_age, window_ms=window,
                                   next_seq=self.books.next_seq, leased=self.writer.hold_sends(),
                                   max_bytes=self.writer.max_bytes,
                                   drop_oldest=self.cfg.when_full == "drop_oldest",
-                                  remember=window > 0)
+                                  remember=window > 0, trimming=trimming)
         counters = self.books.take_unsaved()
         try:
             out = await db.run(spool_commit.prune, exp, counters)
