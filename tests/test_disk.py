@@ -693,6 +693,24 @@ async def test_events_taken_after_the_spool_is_deleted_or_replaced_are_kept(
             "the backup put there is not kept"
 
 
+async def test_events_acked_after_the_spool_is_deleted_are_counted_acked_alone(
+        make_agent: Any, fake_nucleus: FakeNucleus, tmp_path: Path) -> None:
+    """The first commit to find spool.db deleted under the agent is the acks of the
+    queue's delivery: it went into the file the agent had open, and the copy salvaged
+    holds it. Each event must be counted once, acked, not acked and lost too."""
+    await fake_nucleus.go_down()
+    agent = await make_agent(upstreams=[upstream(fake_nucleus)])
+    async with aiohttp.ClientSession() as s:
+        assert (await post(s, agent.port, [event(i, pad="") for i in range(5)])).status == 200
+    (tmp_path / "spool.db").unlink()
+    await fake_nucleus.come_back()
+    await wait_for(lambda: agent.spool.counters.get("spool_corrupt"), timeout=5)
+    await wait_for(lambda: agent.spool.depth == 0, timeout=5)
+    counted = {str(k): v for k, v in agent.spool.counters.items()}
+    assert (counted.get("acked"), counted.get("dropped_corrupt", 0)) == (5, 0), counted
+    assert sorted(fake_nucleus.ids()) == list(range(5))
+
+
 async def test_a_queue_left_by_a_full_disk_at_startup_flows_once_space_is_freed(
         make_agent: Any, fake_nucleus: FakeNucleus, small_fs: Path,
         monkeypatch: pytest.MonkeyPatch) -> None:
