@@ -488,8 +488,6 @@ class Writer:
             done = db.run(spool_commit.commit, job)
             db.hand_over(HAND_OVER_S, job.committing)
             out = await done
-            if self.host.replaced():   # before any app hears it is stored
-                raise Replaced()
         except sqlite3.DatabaseError as exc:
             books.unsave(job.counters)
             _unmade(books, job)
@@ -510,6 +508,9 @@ class Writer:
             _unmade(books, job)
             _fail(appends, exc)
             raise
+        # Committed into the file open, which an operator may have deleted or replaced
+        # since: checked before any app hears it is stored (below).
+        gone = self.host.replaced()
         self.commits += 1
         if job.mark is not None:
             books.last_mark = job.mark[0]
@@ -538,9 +539,38 @@ class Writer:
                         "%s); the rest of the queue is sent", lost, Drop.DROPPED_CORRUPT)
         self.live.remove(out.deleted)
         self.index.discard(out.undelivered_keys())
+        if out.stored:
+            await self._admit(job, out, observed)
+        if gone:
+            # The copy of the file open that the recovery salvages holds this commit, as
+            # the books now do: not run again on it, where its events were counted resends
+            # of themselves, and its acks' events acked and lost too.
+            try:
+                await self.host.recover(Replaced())
+            except BaseException:
+                _fail(appends, SpoolFull(Reason.CORRUPT, retry_after=5))
+                raise
+            if out.stored and any(self.live.observed(g.id) is None for g in
+                                  (job.groups if out.groups is None else out.groups)):
+                # No copy could be taken (no room): its events went with that file, counted
+                # lost with its queue, and are stored in the fresh spool now.
+                await self._run_batch(batch)
+                return
         if not out.stored:
             _fail(appends, SpoolFull(Reason.FULL))
             return
+        refused = set(out.refused)
+        for i, (pending, n) in enumerate(zip(appends, stored)):
+            if pending.done.done():
+                continue
+            if i in refused:   # it alone does not fit under max_size_mb
+                pending.done.set_exception(SpoolFull(Reason.FULL))
+            else:
+                pending.done.set_result(n)
+
+    async def _admit(self, job: Job, out: spool_commit.Outcome, observed: int) -> None:
+        """The events ``job`` stored join the dedupe index and the live records."""
+        books = self.books
         wall = now_ms()
         forgotten = self.index.forgotten
         # committed: from now on a resend is a duplicate (the next commit's _job runs
@@ -557,14 +587,6 @@ class Writer:
             since_yield += len(g.bodies)
         if self.index.forgotten > forgotten:
             books.count(Tally.DEDUPE_FORGOTTEN, self.index.forgotten - forgotten)
-        refused = set(out.refused)
-        for i, (pending, n) in enumerate(zip(appends, stored)):
-            if pending.done.done():
-                continue
-            if i in refused:   # it alone does not fit under max_size_mb
-                pending.done.set_exception(SpoolFull(Reason.FULL))
-            else:
-                pending.done.set_result(n)
 
 
 def _unmade(books: Books, job: Job) -> None:
@@ -584,7 +606,7 @@ def _group(sid: int, family: int, received: int, lane: int) -> Group:
 class Replaced(sqlite3.DatabaseError):
     """The file the spool has open is no longer at its path (an operator deleted it, or
     put a backup there): a commit into it reaches no file a restart reads. Handled as
-    damage: what is at the path now is moved aside and salvaged, the commit run again."""
+    damage: a copy of the file open is salvaged to the path, what is there now kept aside."""
 
     def __init__(self) -> None:
         super().__init__("the spool file was deleted, or another put in its place, while "
