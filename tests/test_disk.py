@@ -711,6 +711,24 @@ async def test_events_acked_after_the_spool_is_deleted_are_counted_acked_alone(
     assert sorted(fake_nucleus.ids()) == list(range(5))
 
 
+async def test_a_queue_whose_spool_file_is_deleted_flows_with_no_app_sending(
+        make_agent: Any, fake_nucleus: FakeNucleus, tmp_path: Path) -> None:
+    """spool.db deleted under the agent before anything read it (no upstream yet, say),
+    the apps idle: the forwarder's reads failed with "disk I/O error", each a task crash
+    and a traceback, and the queue stayed unsent until an app's next commit found the
+    file gone. The read must find it gone as a commit does, and the queue flow."""
+    agent = await make_agent()
+    async with aiohttp.ClientSession() as s:
+        assert (await post(s, agent.port, [event(i, pad="") for i in range(5)])).status == 200
+    (tmp_path / "spool.db").unlink()
+    write_config(Path(agent.config_path), agent.spool.path, upstreams=[upstream(fake_nucleus)])
+    await agent.reload()
+    await wait_for(lambda: agent.spool.depth == 0 and agent.spool.counters.get("acked"),
+                   timeout=5)
+    assert sorted(fake_nucleus.ids()) == list(range(5))
+    assert rows(tmp_path / "spool.db") == 0 and "dropped_corrupt" not in agent.spool.counters
+
+
 async def test_a_queue_left_by_a_full_disk_at_startup_flows_once_space_is_freed(
         make_agent: Any, fake_nucleus: FakeNucleus, small_fs: Path,
         monkeypatch: pytest.MonkeyPatch) -> None:
