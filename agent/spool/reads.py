@@ -20,7 +20,7 @@ from agent.spool.codebook import lookup
 from agent.spool.db import SqliteThread
 from agent.spool.records import DamagedRecord, unpack_ids
 from agent.spool.types import Queued, Run
-from agent.spool.writer import is_corruption
+from agent.spool.writer import Replaced, is_corruption
 
 # Unpacked records kept for the next fetch: a forwarder's batch usually ends inside a
 # record, and its next fetch starts there. Records are immutable (only ``gone`` changes,
@@ -38,6 +38,7 @@ class ReadHost(Protocol):
     def lock(self) -> asyncio.Lock: ...
     async def recover(self, exc: BaseException) -> None: ...
     def discard(self, records: Sequence[int]) -> None: ...
+    def replaced(self) -> bool: ...
 
 
 class Reader:
@@ -82,12 +83,16 @@ class Reader:
     async def heal(self, reader: SqliteThread, exc: sqlite3.DatabaseError) -> None:
         """After ``exc`` from a read on ``reader``: move a damaged spool aside and salvage
         it, once however many reads met the damage; raise ``exc`` when it is no damage
-        (and the spool was not closed under the read). Read again after it."""
-        if self.host.reader is reader and not is_corruption(exc):
+        (and the spool was not closed under the read). Read again after it.
+
+        A file deleted or replaced under the agent is recovered as a commit finds it: a
+        read of it fails ("disk I/O error", no damage), every read alike, and apps idle
+        commit nothing to find it."""
+        if self.host.reader is reader and not is_corruption(exc) and not self.host.replaced():
             raise exc
         async with self.host.lock:  # also waits out a recovery that closed this reader
             if self.host.reader is reader:  # not already recovered by another reader
-                await self.host.recover(exc)
+                await self.host.recover(Replaced() if self.host.replaced() else exc)
 
     async def _fetch(self, reader: SqliteThread, stream: int, cursors: tuple[int, ...],
                      bounds: tuple[int | None, ...], lanes: Sequence[int], limit: int,
