@@ -35,6 +35,7 @@ from agent.clock import Clock
 from agent.families.event import NOT_READ, NUCLEUS, Event
 from agent.settings import StorageConfig
 from agent.spool import Spool, dead_live
+from agent.spool import writer as spool_writer
 from agent.spool.dead import Which
 from agent.spool.records import unpack
 from agent.spool.salvage import Carry, salvage
@@ -42,7 +43,7 @@ from agent.spool.schema import SCHEMA
 from tests.conftest import AgentProcess, free_port, write_config
 from tests.fakes.nucleus_upstream import FakeNucleus
 from tests.spool_files import Stored, build_v0
-from tests.test_disk import six_mb_fs, upstream  # noqa: F401  (six_mb_fs: a fixture)
+from tests.test_disk import fill_up, six_mb_fs, upstream  # noqa: F401  (six_mb_fs: a fixture)
 from tests.waiting import ROOT, run_outpost, wait_for
 
 N = 1500
@@ -765,3 +766,32 @@ async def test_dead_letters_read_from_a_damaged_page_are_salvaged_not_refused(
         assert text.count("\n") == DEAD - lost
     else:
         assert orjson.loads(text)["entries"]
+
+
+async def test_damage_a_read_meets_on_a_full_disk_is_one_clear_line_not_a_crash(
+        make_agent: Any, fake_nucleus: FakeNucleus, six_mb_fs: Path,  # noqa: F811
+        caplog: pytest.LogCaptureFixture, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A forwarder's read meets damage on a disk too full for the fresh spool: the file is
+    moved aside, and the recovery fails. That failure was the forwarder's crash, logged
+    with a traceback. It must be one line that says what happened and what follows, the
+    spool shown not open, and the salvage finished once space is freed."""
+    monkeypatch.setattr(spool_writer, "REOPEN_EVERY_S", 0.05)
+    spool_path = six_mb_fs / "spool.db"
+    await asyncio.to_thread(build, spool_path, N, 500, ("app1",))
+    agent = await make_agent(spool=spool_path)   # no upstream yet: nothing reads the queue
+    try:
+        await asyncio.to_thread(scribbled, spool_path)
+        fill_up(six_mb_fs / "filler")
+        write_config(Path(agent.config_path), spool_path, upstreams=[upstream(fake_nucleus)])
+        caplog.set_level(logging.INFO)
+        await agent.reload()
+        await wait_for(lambda: agent.spool.open_error is not None, timeout=5)
+        assert not [r for r in caplog.records if r.exc_info], "a traceback"
+        said = [r.getMessage() for r in caplog.records if r.levelno >= logging.ERROR]
+        assert len(said) == 1 and "moved aside" in said[0] and "refused" in said[0], said
+        (six_mb_fs / "filler").unlink()
+        await wait_for(lambda: agent.spool.counters.get("spool_corrupt") == 1
+                       and agent.spool.depth == 0, timeout=10)
+        assert len(fake_nucleus.ids()) + agent.spool.counters["dropped_corrupt"] == N
+    finally:
+        await agent.stop()   # before the file system goes
