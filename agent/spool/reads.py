@@ -9,6 +9,7 @@ counted ``dropped_corrupt``: the rest of the queue is served (Vector's disk buff
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import sqlite3
 from collections import OrderedDict
 from collections.abc import Sequence
@@ -92,7 +93,10 @@ class Reader:
             raise exc
         async with self.host.lock:  # also waits out a recovery that closed this reader
             if self.host.reader is reader:  # not already recovered by another reader
-                await self.host.recover(Replaced() if self.host.replaced() else exc)
+                # No fresh spool (a full disk): said by recover; nothing to read until the
+                # writer opens one, and no crash of the forwarder's.
+                with contextlib.suppress(sqlite3.Error, OSError):
+                    await self.host.recover(Replaced() if self.host.replaced() else exc)
 
     async def _fetch(self, reader: SqliteThread, stream: int, cursors: tuple[int, ...],
                      bounds: tuple[int | None, ...], lanes: Sequence[int], limit: int,

@@ -60,7 +60,7 @@ from agent.spool.salvage import (
 )
 from agent.spool.schema import open_read_only, refuse_special
 from agent.spool.types import Queued, Stream
-from agent.spool.writer import Replaced, Writer, is_corruption
+from agent.spool.writer import REOPEN_EVERY_S, Replaced, Writer, is_corruption
 
 log = logging.getLogger("outpost.spool")
 
@@ -418,7 +418,17 @@ class Spool:
             move_aside(self.path, moved)
         self._salvaging = _Salvage(moved, carry, list(books.streams.values()), books.next_seq,
                                    str(exc), why is None)
-        await self._connect()
+        try:
+            await self._connect()
+        except (sqlite3.Error, OSError) as failed:
+            # Said here, once: its callers (a commit, a forwarder's read) refuse or read
+            # nothing while the spool is not open, and the writer tries again.
+            log.error("spool %s is corrupt (%s); moved aside to %s, but no fresh spool can be "
+                      "created (%s): events are refused until one can, tried again every "
+                      "%g s, and the salvage done then", self.path, exc, moved, failed,
+                      REOPEN_EVERY_S)
+            self.writer.reopen_soon()   # no commit may come (apps idle)
+            raise
         await self._finish_recovery()
 
     def _carry(self) -> Carry:

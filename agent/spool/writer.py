@@ -249,6 +249,11 @@ class Writer:
         self._batch.corrupt.extend(records)
         self._wake.set()
 
+    def reopen_soon(self) -> None:
+        """The spool was closed and cannot be opened now (a recovery with no room for the
+        fresh spool): tried again every REOPEN_EVERY_S from now, not at the next commit."""
+        self._wake.set()
+
     def _settled(self) -> asyncio.Future[None]:
         fut: asyncio.Future[None] = asyncio.get_running_loop().create_future()
         self._batch.waiters.append(fut)
@@ -300,7 +305,10 @@ class Writer:
                 raise
             async with self.lock:
                 try:
-                    await self.host.recover(exc)
+                    # No fresh spool (a full disk): said by recover; the run refuses the
+                    # batch as while the spool cannot be opened.
+                    with contextlib.suppress(sqlite3.Error, OSError):
+                        await self.host.recover(exc)
                     await self._run_batch(batch)
                 except BaseException:
                     _fail(batch.appends, SpoolFull(Reason.CORRUPT, retry_after=5))
