@@ -693,6 +693,28 @@ async def test_events_taken_after_the_spool_is_deleted_or_replaced_are_kept(
             "the backup put there is not kept"
 
 
+@pytest.mark.parametrize("then", ["commit", "stop"])
+async def test_a_spool_directory_removed_under_the_agent_is_made_again_with_the_queue(
+        make_agent: Any, tmp_path: Path, caplog: pytest.LogCaptureFixture, then: str) -> None:
+    """An operator removes the spool's directory while the agent runs (rm -rf of its state
+    directory). The file the agent has open still holds the queue, but the copy it takes
+    of it had nowhere to go: the events answered 200 were gone at the stop, and every
+    commit after was a 503 and a traceback until the operator made the directory again.
+    The agent makes its own directory again (0700), and keeps the queue there."""
+    state = tmp_path / "state"
+    agent = await make_agent(spool=state / "spool.db")
+    more = [100, 101] if then == "commit" else []
+    async with aiohttp.ClientSession() as s:
+        assert (await post(s, agent.port, [event(i, pad="") for i in range(5)])).status == 200
+        await asyncio.to_thread(shutil.rmtree, state)
+        for n in more:
+            assert (await post(s, agent.port, [event(n, pad="")])).status == 200
+    await agent.stop()
+    assert rows(state / "spool.db") == 5 + len(more), "events answered 200 are gone"
+    assert (state.stat().st_mode & 0o777) == 0o700
+    assert not [r for r in caplog.records if r.exc_info], "a traceback"
+
+
 async def test_events_acked_after_the_spool_is_deleted_are_counted_acked_alone(
         make_agent: Any, fake_nucleus: FakeNucleus, tmp_path: Path) -> None:
     """The first commit to find spool.db deleted under the agent is the acks of the
