@@ -12,6 +12,7 @@ eligible again.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import os
 import sqlite3
@@ -280,6 +281,8 @@ class Spool:
         self.open_error = None
 
     async def _open_files(self) -> None:
+        # Its directory too: an operator may have removed it under the running agent.
+        make_private_dir(self.path.parent)
         if not self.path.exists():
             # Create it private before SQLite does; -wal/-shm inherit the mode.
             os.close(os.open(self.path, os.O_CREAT | os.O_WRONLY, 0o600))
@@ -396,6 +399,9 @@ class Spool:
             return
         books = self.books
         carry = self._carry()
+        if isinstance(exc, Replaced):   # the directory may be gone with the file (rm -rf)
+            with contextlib.suppress(OSError):   # then no copy, and what follows says so
+                make_private_dir(self.path.parent)
         moved = target(self.path)
         # Deleted or replaced under the agent: its queue is salvaged from a copy of the
         # file still open; what is at the path now (a backup put back) is kept aside.
