@@ -24,6 +24,8 @@ import pytest
 from agent.families.event import NUCLEUS, Event
 from agent.settings import StorageConfig
 from agent.spool import Spool
+from tests.test_disk import six_mb_fs  # noqa: F401  (a fixture)
+from tests.test_salvage import leave_free
 
 COMMITS = 6
 HEADER, FRAME_HEADER = 32, 24
@@ -118,3 +120,25 @@ async def test_a_commit_torn_by_the_crash_is_no_damage(
     assert agent.spool.depth == COMMITS - 1
     assert (await counters(agent))["wal_damaged"] == 0
     assert "write-ahead log" not in caplog.text
+
+
+async def test_a_log_copy_cut_short_by_a_full_disk_is_not_left_as_the_copy(
+        make_agent: Any, tmp_path: Path, six_mb_fs: Path,  # noqa: F811
+        caplog: pytest.LogCaptureFixture) -> None:
+    """A damaged log found on a disk with room for part of its copy only: the log said no
+    copy could be kept, but the part written stayed, named as the copy, taking what room
+    the disk had left. It must go."""
+    image = await crash_image(tmp_path)
+    spool = six_mb_fs / "spool.db"
+    shutil.copyfile(image, spool)
+    shutil.copyfile(f"{image}-wal", f"{spool}-wal")
+    wal = Path(f"{spool}-wal")
+    flip(wal, HEADER + FRAME_HEADER + 100)
+    leave_free(six_mb_fs, wal.stat().st_size // 2)
+    caplog.set_level(logging.ERROR)
+    agent = await make_agent(spool=spool)
+    try:
+        assert "no copy of the log could be kept" in caplog.text, caplog.text
+        assert not list(six_mb_fs.glob("spool.db.wal-damaged-*")), "a part of a copy left"
+    finally:
+        await agent.stop()   # before the file system goes
