@@ -126,10 +126,15 @@ def keep_copy(wal: Path, spool: Path) -> Path:
         except FileExistsError:
             n += 1
     try:
-        with open(wal, "rb") as src, os.fdopen(fd, "wb", closefd=False) as dst:
-            while chunk := src.read(1 << 20):
-                dst.write(chunk)
-        os.fsync(fd)
-    finally:
-        os.close(fd)
+        try:
+            with open(wal, "rb") as src, os.fdopen(fd, "wb", closefd=False) as dst:
+                while chunk := src.read(1 << 20):
+                    dst.write(chunk)
+            os.fsync(fd)
+        finally:
+            os.close(fd)
+    except OSError:
+        # Cut short (a full disk): not left to pass for the copy, nor to take the room.
+        copy.unlink(missing_ok=True)
+        raise
     return copy
