@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import os
+import sqlite3
 import stat
 from dataclasses import replace
 from pathlib import Path
@@ -17,6 +19,7 @@ from agent.families.lanes import HIGH
 from agent.settings import StorageConfig
 from agent.spool import Spool
 from agent.spool.types import SpoolFull
+from tests.waiting import wait_for
 
 
 def ev(key: str, n: int, size: int = 10) -> Event:
@@ -197,6 +200,32 @@ async def test_counts_made_after_the_last_commit_survive_a_clean_stop(tmp_path: 
     await spool.append([ev("k", i) for i in range(300)])
     forgotten = spool.counters["dedupe_forgotten"]
     assert forgotten > 0
+    await spool.close()
+    again = await open_spool(tmp_path, dedupe_max_keys=100)
+    try:
+        assert again.counters.get("dedupe_forgotten", 0) == forgotten
+    finally:
+        await again.close()
+
+
+async def test_counts_an_expiry_chunk_saved_are_not_saved_again_by_a_stop_inside_it(
+        tmp_path: Path) -> None:
+    """The stop cancels expiry (its task) while a chunk runs on the writer's thread: the
+    chunk commits, with the counts made since the last commit. They were put back as not
+    saved, and the stop saved them a second time."""
+    spool = await open_spool(tmp_path, dedupe_max_keys=100)
+    await spool.append([ev("k", i) for i in range(300)])
+    forgotten = spool.counters["dedupe_forgotten"]   # counted after its commit: unsaved
+    with contextlib.closing(sqlite3.connect(tmp_path / "spool.db", isolation_level=None)) as other:
+        other.execute("BEGIN IMMEDIATE")   # the chunk waits for this lock (busy_timeout)
+        expiry = asyncio.create_task(spool.prune())
+        await wait_for(lambda: spool.dropping is not None)   # its chunk is handed over
+        assert spool.db is not None
+        spool.db.hand_over(5.0)   # ... and taken by the writer's thread
+        expiry.cancel()
+        other.execute("ROLLBACK")
+    with pytest.raises(asyncio.CancelledError):
+        await expiry
     await spool.close()
     again = await open_spool(tmp_path, dedupe_max_keys=100)
     try:
