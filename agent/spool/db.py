@@ -18,7 +18,7 @@ import sys
 import threading
 from array import array
 from bisect import bisect_left, bisect_right
-from collections.abc import Callable, Iterator
+from collections.abc import Awaitable, Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
 from itertools import accumulate, compress, repeat
@@ -130,6 +130,18 @@ class SqliteThread:
                 return
             _answer(*call)
             del call  # its arguments (a commit's events) are not kept until the next call
+
+
+async def whole(chunk: Awaitable[T]) -> T:
+    """A chunk is committed and booked in memory together: cancelled (a request's task,
+    the agent stopping), it still finishes, and the cancellation holds from there. Its
+    call, once the thread took it, commits whatever the caller does."""
+    task = asyncio.ensure_future(chunk)
+    try:
+        return await asyncio.shield(task)
+    except asyncio.CancelledError:
+        await task
+        raise
 
 
 _Call = tuple["asyncio.Future[Any]", Callable[..., Any], tuple[Any, ...]]

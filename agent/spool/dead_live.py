@@ -13,15 +13,14 @@ reader thread, and damage they meet is salvaged too (``read``).
 
 from __future__ import annotations
 
-import asyncio
 import sqlite3
-from collections.abc import Awaitable, Callable
+from collections.abc import Callable
 from typing import Any, TypeVar
 
 from agent.families.event import now_ms
 from agent.spool import dead
 from agent.spool.commit import Outcome
-from agent.spool.db import SqliteThread, transaction, used_bytes
+from agent.spool.db import SqliteThread, transaction, used_bytes, whole
 from agent.spool.store import Spool
 from agent.spool.writer import is_corruption
 
@@ -75,23 +74,12 @@ async def _write(spool: Spool, fn: Callable[..., T], *args: Any) -> tuple[T, int
     return out, await db.run(used_bytes)
 
 
-async def _whole(chunk: Awaitable[T]) -> T:
-    """A chunk is committed and booked in memory together: cancelled (the request's task,
-    the agent stopping), it still finishes, and the cancellation holds from there."""
-    task = asyncio.ensure_future(chunk)
-    try:
-        return await asyncio.shield(task)
-    except asyncio.CancelledError:
-        await task
-        raise
-
-
 async def purge(spool: Spool, which: dead.Which) -> int:
     """Delete the chosen dead letters; returns how many."""
     # Events received since the purge began, refused meanwhile, are not taken.
     below, total, after = spool.books.next_seq, 0, dead.FIRST
     while True:
-        n, after = await _whole(_purge_chunk(spool, which, below, after))
+        n, after = await whole(_purge_chunk(spool, which, below, after))
         if not n:
             return total
         total += n
@@ -112,7 +100,7 @@ async def retry(spool: Spool, which: dead.Which) -> int:
     below, total, after = spool.books.next_seq, 0, dead.FIRST
     try:
         while True:
-            n, after = await _whole(_retry_chunk(spool, which, below, after))
+            n, after = await whole(_retry_chunk(spool, which, below, after))
             if not n:
                 break
             total += n

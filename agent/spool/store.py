@@ -45,7 +45,7 @@ from agent.spool.aside import (
     target,
 )
 from agent.spool.books import Books
-from agent.spool.db import BUSY_TIMEOUT_MS, PAST, SqliteThread
+from agent.spool.db import BUSY_TIMEOUT_MS, PAST, SqliteThread, whole
 from agent.spool.dedupe import DedupeIndex
 from agent.spool.leases import Leases
 from agent.spool.live import LiveRecords
@@ -629,7 +629,9 @@ class Spool:
                 if (db := self._db) is None:   # closed (or not open)
                     break
                 try:
-                    out = await self._expire(db, max_age, window, trimming)
+                    # Whole: a chunk the thread took commits its counts even when a stop
+                    # cancels this, and the stop would save them a second time.
+                    out = await whole(self._expire(db, max_age, window, trimming))
                 except sqlite3.DatabaseError as exc:
                     if recovered or not is_corruption(exc):
                         raise
