@@ -382,3 +382,33 @@ async def test_a_refusal_whose_body_is_cut_short_still_refuses(make_agent: Any,
     dead = await agent.spool.dead_letters()
     assert len(dead) == 2 and all("413" in d["reason"] for d in dead), (dead, seen)
     assert seen[0] == 2 and seen.count(1) == 2, seen
+
+
+async def test_a_200_that_refuses_part_of_the_batch_past_the_reply_cap_is_not_an_ack(
+        make_agent: Any) -> None:
+    """A Segment-compatible upstream answers 200 with the body that refuses m1 (another
+    Outpost's answer to a client that takes only 200), its message quoting m1 at length:
+    longer than the reply read for the batch (reply_cap). Its readable start says
+    `"Errors"`, but the cut body does not parse, and the 200 was taken as an ack of the
+    whole batch: m1, which the upstream never stored, was deleted unsent and not
+    dead-lettered, with no error. Read so, it places nothing: split like a 207 that does
+    not place its errors, until m1 is refused alone."""
+    seen: list[list[str]] = []
+
+    async def collector(request: web.Request) -> web.Response:
+        batch = (await request.json())["batch"]
+        seen.append([ev["messageId"] for ev in batch])
+        errors = [error_object(400, "bad message: " + "x" * 100_000, where(i, ev))
+                  for i, ev in enumerate(batch) if ev["messageId"] == "m1"]
+        return verdict(errors, [400] * len(errors), len(batch) - len(errors), partial=200)
+
+    async with serving("/v1/batch", collector) as url:
+        agent = await make_agent(upstreams=[{
+            "name": "b", "protocol": "segment-http", "url": url,
+            "flush_interval_s": 0.05, "timeout_s": 2}])
+        await send(agent.port, events(3))
+        await wait_for(lambda: agent.spool.depth == 0)
+    dead = await agent.spool.dead_letters()
+    assert [orjson.loads(d["body"])["messageId"] for d in dead] == ["m1"], (dead, seen)
+    assert seen[0] == ["m0", "m1", "m2"] and ["m1"] in seen, seen
+    assert agent.forwarding.states["b"].acked == 2
