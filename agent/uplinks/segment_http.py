@@ -13,8 +13,9 @@ acknowledges the whole batch, unless it is a 207:
 some messages were refused. Another Outpost's 207 names each by its place in the
 batch (`batch[i]`) with a 400, 413 or 422 of its own: those go to dead letters,
 the rest is acknowledged (and so for its 200 with the same body, which it answers
-when the first message comes from a client that takes only a 200). Any other 207
-is split like a 400 to find them. A
+when the first message comes from a client that takes only a 200). Any other 207,
+and such a 200 longer than the reply read for its batch (reply_cap), is split like a
+400 to find them. A
 redirect is a failure, retried (see http_common). 408, 429 and 5xx are retried,
 honouring Retry-After. 400, 413 and 422 mean the batch itself is refused:
 the forwarder splits it to isolate the events at fault, which go to dead
@@ -158,9 +159,15 @@ class SegmentHttpUplink(UplinkBase):
             # when the first message names a client that counts only 200 as success
             # (analytics-python: its context.library is forwarded as sent). Its `Errors`
             # still refuse those messages; a collector's success body holds none.
-            if status == 200 and b'"Errors"' in raw and \
-                    (part := _partly_stored(raw, prepared)) is not None:
-                return part
+            if status == 200 and b'"Errors"' in raw:
+                if reply.cut:
+                    # Longer than reply_cap: which messages it refuses is past what was
+                    # read. Split as a 207 that does not place its errors: smaller
+                    # batches get shorter answers, and an event refused alone is known.
+                    return Refused(f"HTTP 200 with Errors, longer than the {len(raw)} bytes "
+                                   f"read: {excerpt(raw, 300)}")
+                if (part := _partly_stored(raw, prepared)) is not None:
+                    return part
             return Acked(prepared.seqs)   # else the status is the verdict
         reason = f"HTTP {status}: {excerpt(raw, 300)}".rstrip(": ") if reply.unreadable is None \
             else f"HTTP {status} (its reply could not be read: {reply.unreadable})"
