@@ -231,6 +231,25 @@ async def test_a_redirect_s_retry_after_is_honoured(
     assert len(gateway.delivered) == N and not portal.hits
 
 
+@pytest.mark.parametrize("protocol", HTTP_UPLINKS)
+async def test_a_413_s_retry_after_is_honoured_and_smaller_batches_follow(
+        make_agent: Any, gateway: CaptiveUpstream, protocol: str) -> None:
+    """A 413 with a Retry-After: too large for now (RFC 9110), so the key waits that long,
+    then sends batches of half the size. The batch was split and its halves sent at once,
+    then theirs, down to single events: a server that asked for a pause was sent a burst,
+    and every event it refused alone went to dead letters."""
+    agent, timing = await held_for_its_retry_after(
+        make_agent, gateway, protocol,
+        Answer(413, {"Retry-After": "30"}, b'{"error": "too large for now"}',
+               "application/json"), ("HTTP 413", "too large for now"))
+    first = len(gateway.hits[0].body)
+    assert len(gateway.hits) == 1   # nothing sent before its time, halves included
+    timing.advance(0.1)
+    await wait_for(lambda: agent.spool.depth == 0)
+    assert len(gateway.delivered) == N and await agent.spool.dead_letters() == []
+    assert len(gateway.hits) > 2 and all(len(h.body) < first for h in gateway.hits[1:])
+
+
 @pytest.mark.parametrize(("status", "hint"), [
     (401, "check the upstream's key"), (403, "check the upstream's key"),
     (404, "check the upstream's url")])
