@@ -211,7 +211,7 @@ async def test_frames_over_the_upstream_s_size_limit_are_made_smaller_until_they
     async with aiohttp.ClientSession() as s, \
             s.get(f"http://127.0.0.1:{agent.port}/status") as r:
         assert f"frames at most {size(up['frame_limit_bytes'])}" in render(await r.json())
-    shrunk = [r.getMessage() for r in caplog.records if "frames to it are now" in r.getMessage()]
+    shrunk = [r.getMessage() for r in caplog.records if "batches to it are now" in r.getMessage()]
     assert len(shrunk) >= 2 and f"at most {up['frame_limit_bytes']} bytes" in shrunk[-1], shrunk
     cfg = upstream(faulty, "nucleus-ws", batch_max_events=100)
     write_config(Path(agent.config_path), tmp_path / "spool.db", upstreams=[cfg])

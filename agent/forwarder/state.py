@@ -35,7 +35,8 @@ class UpstreamState:
     unreachable_since: float | None = None
     probes: int = 0              # TCP probes finished
     # The most bytes per batch it takes, learned from its refusals (a websocket closed
-    # with 1009 for a frame: half that frame): loops send it no larger ones.
+    # with 1009 for a frame, a 413 with a Retry-After: half that batch): loops send it no
+    # larger ones.
     frame_limit_bytes: int | None = None
     # The most bytes per batch its link carried within timeout_s lately: halved from a
     # batch that got no answer in time, doubled back while answers say a batch of twice

@@ -729,7 +729,7 @@ class StreamForwarder:
             elif result.acked:
                 self.attempt = 0   # it answered: progress, not an outage to back off from
         if isinstance(result, Retry) and result.too_big is not None:
-            self._too_big(result.too_big)
+            self._too_big(result.too_big, result.error)
         if isinstance(result, Retry) and result.too_slow:
             self._too_slow(batch)
         if isinstance(result, Acked) and result.refused:
@@ -767,17 +767,18 @@ class StreamForwarder:
         if acked:  # last: a hook that raises (a bug) must not undo the ack's bookkeeping
             self.on_acked(self.cfg.name, self.stream.key, batch.rows, acked)
 
-    def _too_big(self, size: int) -> None:
-        """The upstream closed the connection for a frame of ``size`` bytes (1009): the
-        upstream's loops send half that at most from their next start (supervisor.py);
-        an event that alone is too big is given up when sent alone (Refused)."""
+    def _too_big(self, size: int, why: str) -> None:
+        """The upstream refused a batch of ``size`` bytes as too big (a websocket's 1009, a
+        413 with a Retry-After), saying ``why``: the upstream's loops send half that at
+        most from their next start (supervisor.py); an event that alone is too big is
+        given up when sent alone (Refused)."""
         state, limit = self.state, max(1, size // 2)
         if state.frame_limit_bytes is None or limit < state.frame_limit_bytes:
             state.frame_limit_bytes = limit
             # Each halving once (a line or two per run, at most about twenty): not limited.
-            log.warning("upstream %s closed the connection for a frame of %d bytes (1009, too "
-                        "big): frames to it are now at most %d bytes; set batch_max_bytes to "
-                        "what it takes", self.cfg.name, size, limit)
+            log.warning("upstream %s refused a batch of %d bytes as too big (%s): batches to "
+                        "it are now at most %d bytes; set batch_max_bytes to what it takes",
+                        self.cfg.name, size, why, limit)
 
     def _too_slow(self, batch: Prepared) -> None:
         """No answer within timeout_s to ``batch``: the upstream's loops send batches of at

@@ -65,7 +65,7 @@ class UpstreamStatus(TypedDict):
     unreadable_replies: int | None  # upstream messages ignored as unreadable (not JSON)
     unreachable_for_s: float | None  # since a probe first failed to connect; null if reachable
     probes: int | None          # TCP probes of the upstream since start
-    frame_limit_bytes: int | None  # batches cut to this after it closed for one (1009)
+    frame_limit_bytes: int | None  # batches cut to this after it refused one (1009, a 413)
     slow_limit_bytes: int | None   # batches cut to this while its link is too slow for more
 
 

@@ -57,7 +57,7 @@ def _dash(value: object) -> str:
 def _state(u: UpstreamStatus) -> str:
     lost = u.get("unreachable_for_s")
     state = f"unreachable {age(lost)}, probing" if lost is not None else u["state"]
-    limit = u.get("frame_limit_bytes")   # it closed for a longer frame (1009)
+    limit = u.get("frame_limit_bytes")   # it refused a longer one (1009, a 413)
     if limit is not None:
         state = f"{state}, frames at most {size(limit)}"
     slow = u.get("slow_limit_bytes")   # its link carried no larger batch within timeout_s

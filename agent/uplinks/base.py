@@ -59,8 +59,8 @@ class Retry:
     # The rest of the batch, when the upstream answered for it but left these out (not a
     # connection lost on the way): after a few such answers the forwarder gives them up.
     omitted: tuple[int, ...] = ()
-    # The upstream refused a frame this many bytes long (websocket close 1009): the
-    # forwarder sends it smaller ones from now on.
+    # The upstream refused a frame or request this many bytes long (websocket close 1009,
+    # a 413 with a Retry-After): the forwarder sends it smaller ones from now on.
     too_big: int | None = None
     # No answer within timeout_s to a request sent whole or in part (not a connection
     # that never opened): the link may be too slow for a batch this size, so the
@@ -88,6 +88,18 @@ class Refused:
     events at fault."""
 
     reason: str
+
+
+def refusal(status: int, reason: str, retry_after: float | None, prepared: Prepared,
+            size: int) -> Refused | Retry:
+    """What a 400, 413 or 422 for ``prepared``, sent as ``size`` bytes, says: split it to
+    find the events at fault. But a 413 with a Retry-After is a size refused for now (RFC
+    9110): split and sent again at once, the halves went in a burst to an upstream that
+    asked for a pause. Its wait is honoured, and batches of half ``size`` follow (too_big).
+    An event alone is refused as by any 413: one the upstream never takes held its key."""
+    if status == 413 and retry_after is not None and len(prepared.seqs) > 1:
+        return Retry(reason, retry_after=retry_after, too_big=size)
+    return Refused(reason)
 
 
 SendResult = Acked | Retry | Refused

@@ -14,11 +14,11 @@ from agent.uplinks import splice
 from agent.uplinks.base import (
     REJECTED_STATUSES,
     Acked,
-    Refused,
     Retry,
     SendResult,
     UplinkBase,
     misconfigured,
+    refusal,
 )
 from agent.uplinks.http_common import (
     excerpt,
@@ -69,7 +69,8 @@ class NucleusHttpUplink(NucleusFraming, UplinkBase):
             if status not in REJECTED_STATUSES:
                 return misconfigured(status, f"HTTP {status}", wait)
             # No per-event verdict: the forwarder splits the batch to find the culprit.
-            return Refused(f"HTTP {status}: {excerpt(raw, 200)}")
+            return refusal(status, f"HTTP {status}: {excerpt(raw, 200)}", wait, prepared,
+                           len(body))
         if not isinstance(ids, list):
             # No answer at all (an error in JSON, or not JSON): what it said is the clue.
             said = excerpt(raw, 200) or "nothing (an empty body)"

@@ -49,6 +49,7 @@ from agent.uplinks.base import (
     SendResult,
     UplinkBase,
     misconfigured,
+    refusal,
 )
 from agent.uplinks.http_common import (
     excerpt,
@@ -143,7 +144,8 @@ class SegmentHttpUplink(UplinkBase):
             return Retry(f"{self.unsendable}: kept, not sent under another key (give the "
                          "upstream a key of its own, or route this key elsewhere)")
         body = self.payload(prepared, iso_ms(now_ms()))
-        most = reply_cap(len(body), len(prepared.seqs))
+        size = len(body)   # before gzip: what batch_max_bytes measures
+        most = reply_cap(size, len(prepared.seqs))
         if self.cfg.gzip:
             body = gzip.compress(body, compresslevel=6)
         reply = await post(self.session, self.url, body, self.headers, self.cfg.timeout_s, most)
@@ -178,7 +180,7 @@ class SegmentHttpUplink(UplinkBase):
                 # Split, every event alone got the same answer: the whole queue went to
                 # dead letters for a typo in the key.
                 return Retry(f"{reason} (check the upstream's key)", retry_after=wait)
-            return Refused(reason)
+            return refusal(status, reason, wait, prepared, size)
         if is_retryable(status):
             return Retry(reason, retry_after=wait)
         return misconfigured(status, reason, wait)
