@@ -223,6 +223,24 @@ async def test_frames_over_the_upstream_s_size_limit_are_made_smaller_until_they
     assert (await status_of(agent))["frame_limit_bytes"] is None
 
 
+async def test_a_frame_refused_as_too_big_is_no_failure_to_back_off_from(
+        make_agent: Any, faulty: FaultyUpstream) -> None:
+    """Each 1009 halves the frames: the protocol working, not the upstream failing. Each
+    was counted as a failure: a backoff that doubled at every halving (frames of 160 KB
+    down to 20 KB: three in a row, seconds lost, the key shown in backoff), `retries`
+    (which alerts watch) rising, and the upstream probed as if unreachable. Here the
+    forwarder's clock never moves: any backoff would hold the key for good."""
+    timing, seams = manual()
+    faulty.max_frame = 30_000   # three of these 8 KB events, not four
+    agent = await make_agent(upstreams=[upstream(faulty, "nucleus-ws", batch_max_events=100)],
+                             seams=seams)
+    await send(agent, [event(i, pad=PAD) for i in range(20)])
+    state = agent.forwarding.states["up"]
+    await wait_for(lambda: agent.spool.depth == 0 or state.retries > 0)
+    assert delivered(faulty) == Counter(range(20)) and state.retries == 0, state
+    assert state.frame_limit_bytes is not None and state.frame_limit_bytes <= 30_000, state
+
+
 async def test_a_hundred_open_websockets_hold_up_no_other_key_or_upstream(
         make_agent: Any, faulty: FaultyUpstream) -> None:
     """Each Nucleus key's loop holds its own websocket while its queue stays empty for
