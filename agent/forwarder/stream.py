@@ -178,6 +178,9 @@ class StreamForwarder:
         self._reopen = False
         # The upstream's batches may be larger now (_faster): a new loop sends them so.
         self._resized = False
+        # A batch was refused as too big with no wait asked (_too_big): the failure it
+        # ends the loop with is the protocol working, and a new loop sends smaller ones.
+        self._halved = False
         self._connecting: asyncio.Future[Retry | None] | None = None  # see _connect
         self._crash: BaseException | None = None  # unexpected: raised to the supervisor
         self.attempt = attempt  # failures in a row: the next backoff's step
@@ -194,7 +197,7 @@ class StreamForwarder:
         """One life of the loop. Raises what it did not expect; the supervisor
         counts it and calls ``run`` again, with a fresh uplink, after a backoff."""
         self._rewind()
-        self._failed, self._crash = None, None
+        self._failed, self._crash, self._halved = None, None, False
         self._turn_from = asyncio.get_running_loop().time()
         self.uplink.on_crash = self._crashed
         self.uplink.on_unreadable = self.state.unreadable_reply
@@ -232,6 +235,12 @@ class StreamForwarder:
             await self._settle()
             if self._crash is not None:  # raised by a batch that was settling
                 raise self._crash
+            if self._halved and self._failed.retry_after is None and self.release is not None:
+                # Not backed off from, counted or probed (a 1009 at each halving did all
+                # three): the successor starts at once, with the smaller batches (_sized).
+                self._failed, self._halved = None, False
+                self.released = self.yielded = True
+                return
             told = self._failed is not None and self._failed.retry_after is not None
             delay = self._back_off()
             self._mark_sending(False)   # status shows the backoff
@@ -730,6 +739,7 @@ class StreamForwarder:
                 self.attempt = 0   # it answered: progress, not an outage to back off from
         if isinstance(result, Retry) and result.too_big is not None:
             self._too_big(result.too_big, result.error)
+            self._halved = self._halved or result.retry_after is None
         if isinstance(result, Retry) and result.too_slow:
             self._too_slow(batch)
         if isinstance(result, Acked) and result.refused:
