@@ -13,8 +13,10 @@ import pytest
 
 from agent.ops.status_table import render
 from tests.conftest import free_port, write_config
+from tests.fakes.loopback_server import serving
 from tests.fakes.ops_scene import LIVE, QUEUED, REFUSED, Scene, populate, post_events, settled
-from tests.waiting import run_outpost
+from tests.test_upstream_faults import manual
+from tests.waiting import run_outpost, wait_for
 
 
 def row(text: str, name: str) -> list[str]:
@@ -102,6 +104,29 @@ def test_render_clips_long_errors_and_formats_ages() -> None:
     assert "dropped:  expired 3" in text and "rejected_full" not in text
     assert "corrupt spools moved aside: 1" in text
     assert "refused:  capture 401: 1, nucleus 400: 2, nucleus 1007: 1 (requests)" in text
+
+
+async def test_the_table_shows_a_long_error_s_retry_after_wait(make_agent: Any) -> None:
+    """An upstream's 429 with a long body and a Retry-After of 300 s: the table's error is
+    cut to one line, but the wait the key keeps comes last in it, and was cut with the
+    rest: the operator saw a key in backoff and not for how long."""
+    async def collector(request: aiohttp.web.Request) -> aiohttp.web.Response:
+        return aiohttp.web.json_response(
+            {"error": "rate limit exceeded for this write key: " + "x" * 200},
+            status=429, headers={"Retry-After": "300"})
+
+    timing, seams = manual()
+    async with serving("/v1/batch", collector) as url:
+        agent = await make_agent(upstreams=[{"name": "up", "protocol": "segment-http",
+                                             "url": url, "flush_interval_s": 0.02}],
+                                 seams=seams)
+        await post_events(agent.port, "app", range(1))
+        await wait_for(lambda: agent.forwarding.states["up"].retries == 1)
+    async with aiohttp.ClientSession() as s, \
+            s.get(f"http://127.0.0.1:{agent.port}/status") as r:
+        line = next(ln for ln in render(await r.json()).splitlines() if ln.startswith("up "))
+    assert "HTTP 429: {" in line and "rate limit" in line, line
+    assert line.endswith("…; next try in 300s, as its Retry-After asks"), line
 
 
 async def test_live_and_offline_snapshots_have_the_same_keys(make_agent: Any) -> None:
