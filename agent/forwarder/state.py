@@ -7,6 +7,10 @@ from dataclasses import dataclass
 from agent.clock import CLOCK
 from agent.logs import redact
 
+# Starts the note that ends an error whose key waits out the upstream's Retry-After
+# (stream.py): the table of `outpost status` keeps it whole when it cuts the rest.
+NEXT_TRY = "; next try in "
+
 
 @dataclass
 class UpstreamState:

@@ -35,7 +35,7 @@ from agent.families.errors import shown
 from agent.families.lanes import HIGH, LANES, NORMAL
 from agent.forwarder.backoff import BACKOFF, Backoff
 from agent.forwarder.slots import Slots
-from agent.forwarder.state import UpstreamState
+from agent.forwarder.state import NEXT_TRY, UpstreamState
 from agent.forwarder.timing import LOOP_TIMING, Timing
 from agent.logs import log_limited, redact
 from agent.metrics import Metrics
@@ -915,9 +915,9 @@ class StreamForwarder:
             delay = self.backoff.retry_after(failed.retry_after, self.attempt)
             cap = self.backoff.retry_after_cap_s
             if delay == min(failed.retry_after, cap):
-                told = (f"; next try in {delay:.0f}s, as its Retry-After asks"
+                told = (f"{NEXT_TRY}{delay:.0f}s, as its Retry-After asks"
                         if failed.retry_after <= cap else
-                        f"; next try in {delay:.0f}s, its Retry-After of "
+                        f"{NEXT_TRY}{delay:.0f}s, its Retry-After of "
                         f"{failed.retry_after:.0f}s capped")
         else:
             delay = self.backoff.delay(self.attempt)

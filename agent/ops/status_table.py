@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from typing import TYPE_CHECKING
 
+from agent.forwarder.state import NEXT_TRY
 from agent.outcomes import Tally
 from agent.terminal import printable
 
@@ -11,7 +12,7 @@ if TYPE_CHECKING:   # the snapshot's shapes only: the table needs no spool
     from agent.ops.status import Snapshot, UpstreamStatus
 
 # An upstream's error can be a long exception text; the table keeps one line per
-# upstream, and `--json` has it whole.
+# upstream (and the Retry-After wait it ends with: _error), and `--json` has it whole.
 ERROR_WIDTH = 72
 
 
@@ -50,6 +51,14 @@ def _clip(text: str) -> str:
     return text if len(text) <= ERROR_WIDTH else text[:ERROR_WIDTH - 1] + "…"
 
 
+def _error(text: str) -> str:
+    """An upstream's last error, cut as _clip cuts it, but for the note it ends with when
+    its key waits out the upstream's Retry-After: kept (cut with the rest, the table
+    showed a key in backoff, and not for how long)."""
+    head, note, wait = text.rpartition(NEXT_TRY)
+    return _clip(head) + _clip(note + wait) if note else _clip(text)
+
+
 def _dash(value: object) -> str:
     return "-" if value is None else str(value)
 
@@ -73,7 +82,7 @@ def _upstream_rows(data: Snapshot) -> list[list[str]]:
             u["name"], u["protocol"], _state(u), str(u["queue_depth"]), size(u["queue_bytes"]),
             _dash(u.get("acked")), _dash(u.get("retries")),
             age(now - last_ack) + " ago" if last_ack and now else "-",
-            _clip(u.get("last_error") or "-"),
+            _error(u.get("last_error") or "-"),
         ])
     return rows
 
