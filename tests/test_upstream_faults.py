@@ -13,6 +13,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import email.utils
+import json
 import math
 import random
 import re
@@ -573,6 +574,62 @@ async def test_a_reply_too_long_to_be_an_answer_is_not_read_whole(
     # the largest batch's).
     cap = re.search(r"(?:over|limit) (\d+)", state.last_error or "")
     assert state.retries == 1 and cap and int(cap[1]) <= reply_cap(500_000, 500), state
+
+
+class EscapingNucleus(LoopbackServer):
+    """A Nucleus upstream written in Python: its replies are json.dumps'd, each non-ASCII
+    character escaped (`\\ud83d\\ude00`: 12 bytes for one that UTF-8 sends in 4)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.acked: list[Any] = []
+
+    async def start(self) -> EscapingNucleus:
+        app = web.Application(client_max_size=2**24)
+        app.add_routes([web.post("/app/{k}/track", self._http), web.get("/app/{k}/track", self._ws)])
+        await self._serve(app)
+        return self
+
+    def _answer(self, frame: str | bytes) -> str:
+        ids = [ev["id"] for ev in json.loads(frame)["data"] if "id" in ev]
+        self.acked += ids
+        return json.dumps({"reportedIds": ids})
+
+    async def _http(self, request: web.Request) -> web.Response:
+        return web.Response(text=self._answer(await request.read()),
+                            content_type="application/json")
+
+    async def _ws(self, request: web.Request) -> web.WebSocketResponse:
+        ws = web.WebSocketResponse(max_msg_size=0)
+        await ws.prepare(request)
+        self._sockets.add(ws)
+        async for msg in ws:
+            if msg.type is aiohttp.WSMsgType.TEXT:
+                await ws.send_str(self._answer(msg.data))
+        return ws
+
+
+@pytest.mark.parametrize("protocol", NUCLEUS)
+async def test_an_answer_longer_than_its_frame_for_escaped_ids_is_read(
+        make_agent: Any, protocol: str) -> None:
+    """Events whose ids are long and not ASCII (the 1,024 characters an id may have, here
+    emoji), to an upstream that escapes them in its answer: its reportedIds take three
+    times the bytes the ids took in the frame, past the reply read for a batch (reply_cap).
+    Each answer was cut, no event acknowledged, the same batch sent again: the key stuck."""
+    fake = await EscapingNucleus().start()
+    try:
+        url = fake.ws_url if protocol == "nucleus-ws" else fake.http_url
+        agent = await make_agent(upstreams=[{
+            "name": "up", "protocol": protocol, "url": url, "flush_interval_s": 0.02,
+            "timeout_s": 2, "batch_max_bytes": 100_000, "batch_max_events": 20}])
+        ids = [f"{i:04d}" + "\U0001F600" * 1020 for i in range(40)]
+        await send(agent, [{**event(i), "id": ids[i]} for i in range(40)])
+        state = agent.forwarding.states["up"]
+        await wait_for(lambda: agent.spool.depth == 0 or state.retries >= 2)
+        assert agent.spool.depth == 0 and state.retries == 0, state
+        assert set(fake.acked) == set(ids)
+    finally:
+        await fake.stop()
 
 
 class HoldingUpstream(LoopbackServer):
