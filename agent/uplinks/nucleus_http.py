@@ -28,7 +28,7 @@ from agent.uplinks.http_common import (
     reply_cap,
 )
 from agent.uplinks.nucleus_frame import NucleusFraming, frame, ids_only, match, track_url
-from agent.uplinks.prepare import Prepared, take_prefix
+from agent.uplinks.prepare import Prepared, escaped_extra, take_prefix
 
 
 class NucleusHttpUplink(NucleusFraming, UplinkBase):
@@ -45,7 +45,8 @@ class NucleusHttpUplink(NucleusFraming, UplinkBase):
 
     async def send(self, prepared: Prepared) -> SendResult:
         body = frame(prepared)
-        most = reply_cap(len(body), len(prepared.seqs))
+        # Its ids as an upstream that escapes non-ASCII may answer them (escaped_extra).
+        most = reply_cap(len(body) + sum(map(escaped_extra, prepared.ids)), len(prepared.seqs))
         answer = await post(self.session, self.url, body, {"Content-Type": "application/json"},
                             self.cfg.timeout_s, most)
         if isinstance(answer, Retry):

@@ -33,6 +33,15 @@ CONVERSIONS: dict[tuple[int, int], Callable[[dict[str, Any], int], dict[str, Any
 }
 
 
+def escaped_extra(ack_id: Any) -> int:
+    """The bytes an answer naming ``ack_id`` may take past those it takes in the batch: an
+    upstream that escapes non-ASCII (Python's json.dumps) writes a character UTF-8 sends
+    in 2 or 4 bytes in 6 or 12. Weighed in a batch's size, so that its answer fits the
+    reply read for it (http_common.reply_cap): cut, it acknowledged nothing, and the same
+    batch went again for good."""
+    return 2 * len(ack_id.encode()) if type(ack_id) is str and not ack_id.isascii() else 0
+
+
 @dataclass(frozen=True, slots=True)
 class Prepared:
     """One batch, ready to send: a value, so it can be split or sent again as it is.
@@ -129,14 +138,15 @@ def take_prefix(uplink: Encoder, rows: Sequence[Row],
             continue
         if unique and (ack_id in busy or ack_id in seen):
             break
-        if seqs and size + cost > cap:
+        weight = cost + escaped_extra(ack_id)
+        if seqs and size + weight > cap:
             break
         if unique:
             seen.add(ack_id)
         seqs.append(row.seq)
         bodies.append(body)
         ids.append(ack_id)
-        size += cost
+        size += weight
         taken += 1
     return Prepared(tuple(rows[:taken]), tuple(seqs), tuple(bodies), tuple(ids), tuple(refused))
 

@@ -24,7 +24,7 @@ from typing import Any
 
 from agent.families.event import NUCLEUS
 from agent.spool.types import Queued, Row
-from agent.uplinks.prepare import Encoder, Prepared
+from agent.uplinks.prepare import Encoder, Prepared, escaped_extra
 
 
 def take(uplink: Encoder, rows: Sequence[Row],
@@ -75,9 +75,11 @@ def take(uplink: Encoder, rows: Sequence[Row],
             new = set(keys)
             if in_flight is not None and (
                     len(new) != k or not seen.isdisjoint(new)
-                    or (busy is not None and not busy.keys().isdisjoint(new))):
-                # Cut before the first id the take loop would stop at: a module's ids
-                # are small and repeat (1..10000), so most runs hold one.
+                    or (busy is not None and not busy.keys().isdisjoint(new))
+                    or str in set(map(type, new))):
+                # Cut before the first id the take loop would stop at, or weigh (a string
+                # not all ASCII: prepare.escaped_extra): a module's ids are small numbers
+                # and repeat (1..10000), so most runs hold one.
                 k = _fresh(keys, seen, busy)
                 if not k:
                     break
@@ -126,10 +128,12 @@ _ID = b'"id":null'
 
 
 def _fresh(ids: Sequence[Any], seen: set[Any], busy: dict[Any, int] | None) -> int:
-    """How many of ``ids`` lead without a repeat, or one in ``seen`` or ``busy``."""
+    """How many of ``ids`` lead without a repeat, one in ``seen`` or ``busy``, or one whose
+    answer may take more than its bytes (escaped_extra: the take loop weighs it)."""
     fresh: set[Any] = set()
     for i, ack_id in enumerate(ids):
-        if ack_id in fresh or ack_id in seen or (busy is not None and ack_id in busy):
+        if ack_id in fresh or ack_id in seen or (busy is not None and ack_id in busy) \
+                or escaped_extra(ack_id):
             return i
         fresh.add(ack_id)
     return len(ids)
