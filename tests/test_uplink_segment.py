@@ -360,22 +360,27 @@ async def test_an_answer_cut_short_mid_body_is_no_answer(make_agent: Any, fast_b
         state.last_error or ""), state.last_error
 
 
+@pytest.mark.parametrize("protocol", ["segment-http", "nucleus-http"])
 async def test_a_refusal_whose_body_is_cut_short_still_refuses(make_agent: Any,
-                                                               fast_backoff: Seams) -> None:
+                                                               fast_backoff: Seams,
+                                                               protocol: str) -> None:
     """An upstream that answers every request 413 and resets the connection mid-body (a
     server that refuses a large body closes at once). The refusal is the status itself: the
     batch is split and the event refused alone dead-lettered, as for a 413 read whole. Taken
-    for no answer, the same batch was sent again and again, the key stuck for good."""
+    for no answer, the same batch was sent again and again, the key stuck for good (by
+    nucleus-http still, after segment-http was fixed: the Segment events go mapped)."""
     seen: list[int] = []
 
     async def collector(request: web.Request) -> web.StreamResponse:
-        seen.append(len((await request.json())["batch"]))
+        sent = await request.json()
+        seen.append(len(sent.get("batch") or sent["data"]))
         body = b'{"error": "payload too large for this collector, try a smaller batch"}'
         return await cut_short(request, 413, body, 10, reset=True)
 
-    async with serving("/v1/batch", collector) as url:
+    path = "/v1/batch" if protocol == "segment-http" else "/app/app/track"
+    async with serving(path, collector) as url:
         agent = await make_agent(upstreams=[{
-            "name": "b", "protocol": "segment-http", "url": url,
+            "name": "b", "protocol": protocol, "url": url,
             "flush_interval_s": 0.05, "timeout_s": 2}])
         await send(agent.port, events(2))
         await wait_for(lambda: agent.spool.depth == 0, timeout=10)
