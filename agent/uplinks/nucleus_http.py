@@ -52,14 +52,19 @@ class NucleusHttpUplink(NucleusFraming, UplinkBase):
         if isinstance(answer, Retry):
             return answer
         status, raw, wait = answer.status, answer.body, answer.retry_after
-        if answer.unreadable is not None:   # its reportedIds are the verdict: unknown
-            return Retry(f"HTTP {status} with a reply that could not be read "
-                         f"({answer.unreadable})", retry_after=wait)
-        # A JSON reply is one whatever its label (Express's `res.send(string)` says text/html).
-        if page := html_instead_of_reply(status, answer.content_type, raw, len(prepared.seqs)):
-            return Retry(page, retry_after=wait)
         # Any 2xx: its reportedIds are the verdict (a NestJS collector answers a POST 201).
         answered = 200 <= status < 300
+        unreadable = answer.unreadable
+        if unreadable is not None and answered:   # its reportedIds are the verdict: unknown
+            return Retry(f"HTTP {status} with a reply that could not be read "
+                         f"({unreadable})", retry_after=wait)
+        # Any other status is the verdict, read or not (a 413 from a server that resets as
+        # it refuses: taken for no answer, the same batch went again for good). A JSON
+        # reply is one whatever its label (Express's `res.send(string)` says text/html); a
+        # body not read is judged by its type alone.
+        if page := html_instead_of_reply(status, answer.content_type,
+                                         None if unreadable else raw, len(prepared.seqs)):
+            return Retry(page, retry_after=wait)
         ids = _reported_ids(raw) if answered and not answer.cut else None
         if answered and answer.cut:
             return Retry(f"a reply over {most} bytes, not read (a batch's answer is "
@@ -70,8 +75,9 @@ class NucleusHttpUplink(NucleusFraming, UplinkBase):
             if status not in REJECTED_STATUSES:
                 return misconfigured(status, f"HTTP {status}", wait)
             # No per-event verdict: the forwarder splits the batch to find the culprit.
-            return refusal(status, f"HTTP {status}: {excerpt(raw, 200)}", wait, prepared,
-                           len(body))
+            reason = f"HTTP {status}: {excerpt(raw, 200)}" if unreadable is None \
+                else f"HTTP {status} (its reply could not be read: {unreadable})"
+            return refusal(status, reason, wait, prepared, len(body))
         if not isinstance(ids, list):
             # No answer at all (an error in JSON, or not JSON): what it said is the clue.
             said = excerpt(raw, 200) or "nothing (an empty body)"
