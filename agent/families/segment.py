@@ -122,7 +122,12 @@ def check(ev: Any, types: frozenset[str], *, need_message_id: bool = False) -> N
         raise Invalid("`name` must be a string")
     timestamp, original, sent = ev.get("timestamp"), ev.get("originalTimestamp"), ev.get("sentAt")
     try:   # check_dates, without a call for each message
-        if timestamp is not None:
+        # JavaScript's toISOString (what most clients send) by its separators in one
+        # slice, its digits by fromisoformat: no call of _read_date (~2k instructions an
+        # event, callgrind).
+        if timestamp is not None and not (len(timestamp) == 24 and timestamp[23] == "Z"
+                                          and timestamp[4:20:3] == "--T::."
+                                          and _from_iso(timestamp)):
             _read_date(timestamp)
         if original is not None:
             _read_date(original)
