@@ -250,6 +250,32 @@ async def test_a_413_s_retry_after_is_honoured_and_smaller_batches_follow(
     assert len(gateway.hits) > 2 and all(len(h.body) < first for h in gateway.hits[1:])
 
 
+@pytest.mark.parametrize("protocol", HTTP_UPLINKS)
+async def test_an_event_alone_refused_with_413_and_a_retry_after_is_a_dead_letter_then_a_wait(
+        make_agent: Any, gateway: CaptiveUpstream, protocol: str) -> None:
+    """An upstream that answers everything 413 with a Retry-After (too large for now, a
+    server shedding load) is waited out after an event refused alone, which still goes to
+    dead letters. The next event went at once, and was refused and dead-lettered too: the
+    whole queue emptied into dead letters in a burst, the wait never honoured."""
+    gateway.intercept = Answer(413, {"Retry-After": "30"}, b'{"error": "too large for now"}',
+                               "application/json")
+    timing, seams = manual()
+    agent = await make_agent(upstreams=[{"name": "up", "protocol": protocol,
+                                         "url": gateway.url(protocol), "batch_max_events": 1,
+                                         "flush_interval_s": 0.02, "timeout_s": 2}],
+                             seams=seams)
+    await send(agent, [event(i) for i in range(N)])
+    state = agent.forwarding.states["up"]
+    await wait_for(lambda: state.retries == 1 or len(gateway.hits) > 1)
+    assert len(gateway.hits) == 1 and timing.pending() == [30.0], gateway.hits
+    assert len(await agent.spool.dead_letters()) == 1
+    assert "next try in 30s" in (state.last_error or ""), state.last_error
+    gateway.intercept = None
+    timing.advance(30)
+    await wait_for(lambda: agent.spool.depth == 0)
+    assert len(gateway.delivered) == N - 1
+
+
 @pytest.mark.parametrize(("status", "hint"), [
     (401, "check the upstream's key"), (403, "check the upstream's key"),
     (404, "check the upstream's url")])
