@@ -670,7 +670,7 @@ class StreamForwarder:
             case Refused(reason=reason):
                 await self._apply(Acked(()), batch, batch.refused)
                 dead, acked = self.state.dead_lettered, self.state.acked
-                await self._split(batch, reason)
+                await self._split(batch, result)
                 if self.state.dead_lettered == dead and self.state.acked - acked == len(
                         batch.seqs):
                     # Refused together, taken apart, none refused alone: a proxy's body size
@@ -698,7 +698,7 @@ class StreamForwarder:
                 await self._apply(Acked(acked), batch)
             raise
 
-    async def _split(self, batch: Prepared, reason: str) -> None:
+    async def _split(self, batch: Prepared, refused: Refused) -> None:
         """Bisect a refused batch until the events that cause it are isolated. Events the
         spool dropped meanwhile (max_size_mb, max_age_days) are left out: the refused send
         did not deliver them, and a dropped event is not sent afterwards."""
@@ -706,15 +706,19 @@ class StreamForwarder:
         if not batch.seqs:
             return
         if len(batch.seqs) == 1:
-            await self._apply(Acked(()), batch, ((batch.seqs[0], reason),))
+            # Given up; a wait it asked (a 413's Retry-After) is kept before the next send:
+            # sent at once, the rest of a queue went to dead letters in a burst.
+            wait, dead = refused.retry_after, ((batch.seqs[0], refused.reason),)
+            await self._apply(Acked(()) if wait is None else
+                              Retry(refused.reason, retry_after=wait), batch, dead)
             return
         for half in batch.halves():
             part = self._still_queued(half)   # dropped while the other half was sent
             if not part.seqs:
                 continue
             match await self._send(part):
-                case Refused(reason=why):
-                    await self._split(part, why)
+                case Refused() as refusal:
+                    await self._split(part, refusal)
                 case Acked() | Retry() as result:
                     await self._apply(result, part)
             if self._failed is not None:

@@ -88,6 +88,9 @@ class Refused:
     events at fault."""
 
     reason: str
+    # An event alone refused with a 413 and a Retry-After: the upstream's own wait, kept
+    # before its key's next send (a server shedding load refuses the next one too).
+    retry_after: float | None = None
 
 
 def refusal(status: int, reason: str, retry_after: float | None, prepared: Prepared,
@@ -96,9 +99,12 @@ def refusal(status: int, reason: str, retry_after: float | None, prepared: Prepa
     find the events at fault. But a 413 with a Retry-After is a size refused for now (RFC
     9110): split and sent again at once, the halves went in a burst to an upstream that
     asked for a pause. Its wait is honoured, and batches of half ``size`` follow (too_big).
-    An event alone is refused as by any 413: one the upstream never takes held its key."""
-    if status == 413 and retry_after is not None and len(prepared.seqs) > 1:
-        return Retry(reason, retry_after=retry_after, too_big=size)
+    An event alone is refused as by any 413 (one the upstream never takes held its key),
+    and its wait is kept before the key's next send."""
+    if status == 413 and retry_after is not None:
+        if len(prepared.seqs) > 1:
+            return Retry(reason, retry_after=retry_after, too_big=size)
+        return Refused(reason, retry_after)
     return Refused(reason)
 
 
