@@ -251,6 +251,37 @@ async def test_a_413_s_retry_after_is_honoured_and_smaller_batches_follow(
 
 
 @pytest.mark.parametrize("protocol", HTTP_UPLINKS)
+async def test_a_413_s_smaller_batches_grow_back_once_it_is_over(
+        make_agent: Any, gateway: CaptiveUpstream, protocol: str) -> None:
+    """A 413 with a Retry-After says too large for now: once the upstream has taken the
+    smaller batches for a while, they grow back to full batches. The cut lasted until the
+    agent stopped: an upstream overloaded once got small batches (more requests for the
+    same events) for good."""
+    agent, timing = await held_for_its_retry_after(
+        make_agent, gateway, protocol,
+        Answer(413, {"Retry-After": "30"}, b'{"error": "too large for now"}',
+               "application/json"), ("HTTP 413", "too large for now"))
+    timing.advance(0.1)
+    await wait_for(lambda: agent.spool.depth == 0)
+    state = agent.forwarding.states["up"]
+    assert state.frame_limit_bytes is not None
+    sent = N
+    for _ in range(30):   # an hour at a time, an event answered in each: it doubles
+        if state.frame_limit_bytes is None:
+            break
+        timing.advance(3600)
+        await send(agent, [event(sent)])
+        sent += 1
+        await wait_for(lambda: agent.spool.depth == 0)
+    assert state.frame_limit_bytes is None
+    hits = len(gateway.hits)
+    await send(agent, [event(i) for i in range(sent, sent + N)])
+    await wait_for(lambda: agent.spool.depth == 0)
+    assert len(gateway.hits) == hits + 1   # one full batch again
+    assert await agent.spool.dead_letters() == []
+
+
+@pytest.mark.parametrize("protocol", HTTP_UPLINKS)
 async def test_an_event_alone_refused_with_413_and_a_retry_after_is_a_dead_letter_then_a_wait(
         make_agent: Any, gateway: CaptiveUpstream, protocol: str) -> None:
     """An upstream that answers everything 413 with a Retry-After (too large for now, a
