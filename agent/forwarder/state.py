@@ -40,8 +40,12 @@ class UpstreamState:
     probes: int = 0              # TCP probes finished
     # The most bytes per batch it takes, learned from its refusals (a websocket closed
     # with 1009 for a frame, a 413 with a Retry-After: half that batch): loops send it no
-    # larger ones.
+    # larger ones (a 413's, until it eases).
     frame_limit_bytes: int | None = None
+    # By the forwarder's clock (Timing.now), when a limit from a 413 with a Retry-After (a
+    # size refused for now) doubles, if its batches are answered by then (stream.py). None:
+    # no such limit (a 1009's is the upstream's frame cap: it stays).
+    frame_limit_eases_at: float | None = None
     # The most bytes per batch its link carried within timeout_s lately: halved from a
     # batch that got no answer in time, doubled back while answers say a batch of twice
     # it would go in time (stream.py). None: no cut.

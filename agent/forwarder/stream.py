@@ -63,6 +63,10 @@ ACK_GROUP = 20  # batches' worth of acked rows deleted per spool call while rows
 # The high lane goes first, but not for ever: after this many high batches in a row with
 # normal events waiting (an app in an error loop), one batch of the normal lane goes.
 NORMAL_SHARE = 4
+# A batch limit set by a 413 with a Retry-After (too large for now, RFC 9110) doubles once
+# its upstream has answered the smaller batches this long with no such refusal: the load
+# it was shedding has passed. A 1009's (a websocket's frame cap) stays.
+LIMIT_EASE_S = 60.0
 # A read of one key's queue: spool.fetch's arguments (stream, cursors, limit, lanes,
 # max_bytes, until); and what a read ahead got: the rows, and their batch if prepared.
 _Read = tuple[int, tuple[int, ...], int, tuple[int, ...], int, "tuple[int | None, ...] | None"]
@@ -666,6 +670,9 @@ class StreamForwarder:
         result: SendResult = await self._send(batch) if batch.seqs else Acked(())
         if self.state.slow_limit_bytes is not None and isinstance(result, Acked):
             self._faster(batch, asyncio.get_running_loop().time() - started)
+        eases_at = self.state.frame_limit_eases_at
+        if eases_at is not None and isinstance(result, Acked) and self.timing.now() >= eases_at:
+            self._eased()
         match result:
             case Refused(reason=reason):
                 await self._apply(Acked(()), batch, batch.refused)
@@ -742,7 +749,7 @@ class StreamForwarder:
             elif result.acked:
                 self.attempt = 0   # it answered: progress, not an outage to back off from
         if isinstance(result, Retry) and result.too_big is not None:
-            self._too_big(result.too_big, result.error)
+            self._too_big(result.too_big, result.error, result.retry_after is not None)
             self._halved = self._halved or result.retry_after is None
         if isinstance(result, Retry) and result.too_slow:
             self._too_slow(batch)
@@ -781,18 +788,37 @@ class StreamForwarder:
         if acked:  # last: a hook that raises (a bug) must not undo the ack's bookkeeping
             self.on_acked(self.cfg.name, self.stream.key, batch.rows, acked)
 
-    def _too_big(self, size: int, why: str) -> None:
+    def _too_big(self, size: int, why: str, for_now: bool) -> None:
         """The upstream refused a batch of ``size`` bytes as too big (a websocket's 1009, a
-        413 with a Retry-After), saying ``why``: the upstream's loops send half that at
-        most from their next start (supervisor.py); an event that alone is too big is
-        given up when sent alone (Refused)."""
+        413 with a Retry-After: ``for_now``), saying ``why``: the upstream's loops send half
+        that at most from their next start (supervisor.py), for good or, ``for_now``, until
+        it eases (_eased); an event that alone is too big is given up when sent alone
+        (Refused)."""
         state, limit = self.state, max(1, size // 2)
         if state.frame_limit_bytes is None or limit < state.frame_limit_bytes:
             state.frame_limit_bytes = limit
+            state.frame_limit_eases_at = self.timing.now() + LIMIT_EASE_S if for_now else None
             # Each halving once (a line or two per run, at most about twenty): not limited.
             log.warning("upstream %s refused a batch of %d bytes as too big (%s): batches to "
                         "it are now at most %d bytes; set batch_max_bytes to what it takes",
                         self.cfg.name, size, why, limit)
+
+    def _eased(self) -> None:
+        """The smaller batches a 413 with a Retry-After asked for have been answered for
+        LIMIT_EASE_S: the limit doubles (at batch_max_bytes it is gone), and a new loop
+        sends the larger batches. Another such 413 halves it again."""
+        state, full = self.state, self.cfg.batch_max_bytes
+        limit = 2 * (state.frame_limit_bytes or full)
+        if limit >= full:
+            state.frame_limit_bytes = state.frame_limit_eases_at = None
+            log.info("upstream %s takes batches again: full batches to it (batch_max_bytes "
+                     "= %d)", self.cfg.name, full)
+        else:
+            state.frame_limit_bytes = limit
+            state.frame_limit_eases_at = self.timing.now() + LIMIT_EASE_S
+            log.info("upstream %s took the smaller batches for %gs: batches to it are now at "
+                     "most %d bytes", self.cfg.name, LIMIT_EASE_S, limit)
+        self._resized = self.release is not None
 
     def _too_slow(self, batch: Prepared) -> None:
         """No answer within timeout_s to ``batch``: the upstream's loops send batches of at

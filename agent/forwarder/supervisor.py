@@ -171,6 +171,7 @@ class Supervisor:
             if up.name not in kept:   # another upstream by that name: the old one's limits
                 state = self.states[up.name]   # (service.py carried them)
                 state.frame_limit_bytes = state.slow_limit_bytes = None
+                state.frame_limit_eases_at = None
         for name in kept:
             # Its keys wait on as they did: status says so (a new state would say idle).
             if self._lot.count(name) and old.states[name].state in ("backoff", "restarting"):
