@@ -24,6 +24,7 @@ from agent.families.event import NUCLEUS, Event
 from agent.forwarder.state import UpstreamState
 from agent.forwarder.stream import StreamForwarder
 from agent.metrics import Metrics
+from agent.ops.status_table import render, size
 from agent.settings import StorageConfig, UpstreamConfig
 from agent.spool import Spool
 from agent.spool.types import Row
@@ -244,6 +245,11 @@ async def test_a_413_s_retry_after_is_honoured_and_smaller_batches_follow(
                "application/json"), ("HTTP 413", "too large for now"))
     first = len(gateway.hits[0].body)
     assert len(gateway.hits) == 1   # nothing sent before its time, halves included
+    # `outpost status` says batches, as the error does: an HTTP upstream has no frames.
+    async with aiohttp.ClientSession() as s, s.get(f"http://127.0.0.1:{agent.port}/status") as r:
+        shown = render(await r.json())
+    limit = (await status_of(agent))["frame_limit_bytes"]
+    assert f"batches at most {size(limit)}" in shown and "frames" not in shown, shown
     timing.advance(0.1)
     await wait_for(lambda: agent.spool.depth == 0)
     assert len(gateway.delivered) == N and await agent.spool.dead_letters() == []
