@@ -7,6 +7,7 @@ from typing import TYPE_CHECKING
 from agent.forwarder.state import NEXT_TRY
 from agent.outcomes import Tally
 from agent.terminal import printable
+from agent.uplinks.registry import over_websocket
 
 if TYPE_CHECKING:   # the snapshot's shapes only: the table needs no spool
     from agent.ops.status import Snapshot, UpstreamStatus
@@ -68,7 +69,8 @@ def _state(u: UpstreamStatus) -> str:
     state = f"unreachable {age(lost)}, probing" if lost is not None else u["state"]
     limit = u.get("frame_limit_bytes")   # it refused a longer one (1009, a 413)
     if limit is not None:
-        state = f"{state}, frames at most {size(limit)}"
+        unit = "frames" if over_websocket(u["protocol"]) else "batches"
+        state = f"{state}, {unit} at most {size(limit)}"
     slow = u.get("slow_limit_bytes")   # its link carried no larger batch within timeout_s
     return state if slow is None else f"{state}, batches at most {size(slow)} (slow link)"
 

@@ -53,6 +53,11 @@ def protocol(name: str) -> Protocol:
     raise ValueError(f"protocol {name!r} is not supported")
 
 
+def over_websocket(name: str) -> bool:
+    """Whether protocol ``name`` sends its batches as websocket frames, not requests."""
+    return any(p.name == name and "ws" in p.schemes for p in UPLINKS)
+
+
 def uplink_class(name: str) -> type[UplinkBase]:
     """The class serving protocol ``name``."""
     return protocol(name).uplink_class()
