@@ -7,25 +7,54 @@ queue's counts hold (audit: a second agent on another port started without a wor
 
 from __future__ import annotations
 
+import base64
+import json
+import shutil
 import subprocess
 import sys
+import urllib.request
 from collections.abc import Callable
 from pathlib import Path
 
 from tests.conftest import ROOT, AgentProcess, free_port, write_config
 
 
-def test_a_second_agent_on_a_spool_in_use_refuses_to_start(
-        tmp_path: Path, agent_process: Callable[..., AgentProcess]) -> None:
-    spool = tmp_path / "spool.db"
-    port, other = free_port(), free_port()
-    first = agent_process(write_config(tmp_path / "a.toml", spool, port=port), port).start()
-    second = write_config(tmp_path / "b.toml", spool, port=other)
-    run = subprocess.run([sys.executable, "-m", "agent", "run", "--config", str(second)],
-                         capture_output=True, text=True, cwd=ROOT, timeout=30)
+def _post_event(port: int) -> None:
+    auth = base64.b64encode(b"wk_lock:").decode()
+    req = urllib.request.Request(f"http://127.0.0.1:{port}/v1/track", method="POST",
+                                 data=json.dumps({"event": "kept", "userId": "u"}).encode(),
+                                 headers={"Content-Type": "application/json",
+                                          "Authorization": f"Basic {auth}"})
+    with urllib.request.urlopen(req, timeout=10) as resp:
+        assert resp.status == 200
+
+
+def _refused(config: Path, spool: Path) -> None:
+    try:
+        run = subprocess.run([sys.executable, "-m", "agent", "run", "--config", str(config)],
+                             capture_output=True, text=True, cwd=ROOT, timeout=15)
+    except subprocess.TimeoutExpired:
+        raise AssertionError("a second agent started on the spool in use") from None
     assert run.returncode == 2, (run.returncode, run.stderr)
     assert "in use by another agent" in run.stderr and str(spool) in run.stderr, run.stderr
     assert "Traceback" not in run.stderr and run.stderr.count("\n") == 1, run.stderr
+
+
+def test_a_second_agent_on_a_spool_in_use_refuses_to_start(
+        tmp_path: Path, agent_process: Callable[..., AgentProcess]) -> None:
+    """Also once the spool's directory was removed under the first (rm -rf of its state
+    directory) and made again by its recovery: the lock file went with it, and a second
+    agent started on the same spool, two writers forwarding one queue."""
+    state = tmp_path / "state"
+    spool = state / "spool.db"
+    port, other = free_port(), free_port()
+    first = agent_process(write_config(tmp_path / "a.toml", spool, port=port), port).start()
+    second = write_config(tmp_path / "b.toml", spool, port=other)
+    _refused(second, spool)
+    shutil.rmtree(state)
+    _post_event(port)   # its commit finds the file gone: the recovery makes the directory
+    assert spool.exists()
+    _refused(second, spool)
     first.kill9()   # the lock ends with its process, however it ends
     again = agent_process(second, other).start()
     assert again.terminate() == 0
