@@ -148,6 +148,27 @@ def agent_holds(spool: Path) -> bool:
     return False
 
 
+def lock_again(spool: Path) -> int | None:
+    """The lock file of ``spool`` made again and held (flock, exclusive) when it is gone:
+    removed with the spool's directory under the running agent, whose lock stayed on the
+    removed file, and a second agent would start. Its descriptor, to keep open while the
+    agent runs; None when the file is there. OSError when it cannot be taken (another
+    agent made it first and holds it)."""
+    if sys.platform == "win32":   # a file open there cannot be removed
+        return None
+    import fcntl
+    try:
+        fd = os.open(spool_lock(spool), os.O_CREAT | os.O_EXCL | os.O_RDWR, 0o600)
+    except FileExistsError:
+        return None
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BaseException:
+        os.close(fd)
+        raise
+    return fd
+
+
 def default_spool_path() -> Path:
     return data_dir() / "spool.db"
 

@@ -75,11 +75,15 @@ class Agent:
 
     def __init__(self, cfg: Config, config_path: str | None = None, *,
                  seams: Seams = Seams(), battery: BatterySensor = read_battery,
-                 on_spool_open: Callable[[], None] = lambda: None) -> None:
+                 on_spool_open: Callable[[], None] = lambda: None,
+                 holds_lock: bool = False) -> None:
         self.cfg = cfg
         # Called once the spool is open, its dedupe index rebuilt, before anything listens
         # (``outpost run``: memory.freeze_start).
         self.on_spool_open = on_spool_open
+        # Whether the process holds the spool's lock file (``outpost run``): the spool
+        # makes it again if an operator removes it under the agent.
+        self.holds_lock = holds_lock
         self.seams = seams   # what every Supervisor is built with (tests replace parts)
         self.battery = battery   # the one seam the battery is read through
         self.config_path = config_path
@@ -108,7 +112,8 @@ class Agent:
             stack.callback(self.notifier.close)
             _register_secrets(self.cfg)
             self.spool = spool = await Spool.open(self.cfg.storage, on_reopen=self._reopened,
-                                                  on_migrating=self._migrating)
+                                                  on_migrating=self._migrating,
+                                                  holds_lock=self.holds_lock)
             stack.push_async_callback(spool.close)
             self.on_spool_open()
             _register_keys(spool.streams)

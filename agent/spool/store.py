@@ -27,7 +27,7 @@ from agent.clock import CLOCK, age_s
 from agent.families.event import Event, now_ms
 from agent.families.lanes import LANES
 from agent.outcomes import Counts, Drop, Outcome, Tally, merge
-from agent.paths import make_private_dir
+from agent.paths import lock_again, make_private_dir
 from agent.settings import StorageConfig
 from agent.spool import commit as spool_commit
 from agent.spool import db as spool_db
@@ -110,7 +110,8 @@ class Spool:
 
     def __init__(self, cfg: StorageConfig, path: Path,
                  on_reopen: Callable[[], None] = lambda: None,
-                 on_migrating: Callable[[], None] | None = None) -> None:
+                 on_migrating: Callable[[], None] | None = None,
+                 holds_lock: bool = False) -> None:
         self.cfg = cfg
         self.path = path
         self.books = Books()
@@ -140,6 +141,10 @@ class Spool:
         self.open_error: str | None = None
         # The open file's (st_dev, st_ino): whether it is still the one at the path.
         self._identity: tuple[int, int] | None = None
+        # Whether this process holds the spool's lock file (`outpost run`), and the one
+        # made again when it was removed under the agent (_keep_lock).
+        self.holds_lock = holds_lock
+        self._lock_fd: int | None = None
 
     # -- what the writer and reader use --------------------------------------
 
@@ -243,8 +248,9 @@ class Spool:
 
     @classmethod
     async def open(cls, cfg: StorageConfig, on_reopen: Callable[[], None] = lambda: None,
-                   on_migrating: Callable[[], None] | None = None) -> Spool:
-        spool = cls(cfg, cfg.resolved_path(), on_reopen, on_migrating)
+                   on_migrating: Callable[[], None] | None = None,
+                   holds_lock: bool = False) -> Spool:
+        spool = cls(cfg, cfg.resolved_path(), on_reopen, on_migrating, holds_lock)
         make_private_dir(spool.path.parent)
         try:
             if (moved := pending(spool.path)) is not None:
@@ -283,6 +289,8 @@ class Spool:
     async def _open_files(self) -> None:
         # Its directory too: an operator may have removed it under the running agent.
         make_private_dir(self.path.parent)
+        if self.holds_lock:
+            self._keep_lock()
         if not self.path.exists():
             # Create it private before SQLite does; -wal/-shm inherit the mode.
             os.close(os.open(self.path, os.O_CREAT | os.O_WRONLY, 0o600))
@@ -335,6 +343,21 @@ class Spool:
         except BaseException:
             await self._close_connections()
             raise
+
+    def _keep_lock(self) -> None:
+        """The lock file made again if it went with the spool (rm -rf of the state
+        directory): the lock held on the removed one keeps no second agent out."""
+        try:
+            fd = lock_again(self.path)
+        except OSError as exc:
+            log.error("spool %s: its lock file was removed under the agent, and cannot be "
+                      "taken again (%s): another agent may run on this spool; stop it",
+                      self.path, exc)
+            return
+        if fd is not None:
+            if self._lock_fd is not None:   # removed a second time
+                os.close(self._lock_fd)
+            self._lock_fd = fd
 
     def replaced(self) -> bool:
         """Whether the file open is no longer the one at the path (deleted, or another put
@@ -545,6 +568,9 @@ class Spool:
             except sqlite3.Error as exc:
                 log.warning("spool %s: could not save the agent's clock: %s", self.path, exc)
         await self._close_connections()
+        if self._lock_fd is not None:
+            os.close(self._lock_fd)
+            self._lock_fd = None
 
     async def _close_connections(self) -> None:
         # Detach first: a read racing with this close sees the spool as closed, not as
