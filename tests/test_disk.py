@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import logging
 import os
 import shutil
 import sqlite3
@@ -916,3 +917,51 @@ async def test_a_start_with_little_room_opens_the_spool_as_before_it_forgot_idle
         assert sorted(spool.streams) == ["app1"] and spool.depth == 300
     finally:
         await spool.close()
+
+
+@contextlib.contextmanager
+def read_only(where: Path) -> Iterator[None]:
+    """``where`` read-only to this process, as a directory of another user's is to the
+    agent's (root is refused nothing for its permissions): a read-only bind mount over
+    it, or a skip where this process may not mount."""
+    if not sys.platform.startswith("linux") or shutil.which("mount") is None:
+        pytest.skip("needs Linux mount(8) for a read-only bind mount")
+    done = subprocess.run(["mount", "--bind", "-o", "ro", str(where), str(where)],
+                          capture_output=True, text=True)
+    if done.returncode != 0:
+        pytest.skip(f"cannot mount here (needs root or CAP_SYS_ADMIN): {done.stderr.strip()}")
+    try:
+        yield
+    finally:
+        subprocess.run(["umount", "-l", str(where)], capture_output=True)
+
+
+async def test_a_spool_directory_that_cannot_be_made_again_is_one_clear_line(
+        make_agent: Any, tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
+    """The spool's directory removed under the agent (rm -rf), and its parent no longer
+    writable to it (another user's, read-only): the recovery failed with the writer's
+    traceback, the app's commit a 503 "corrupt"; and once the directory could be made,
+    an empty spool opened, the queue of the removed file gone uncounted with every count
+    before it. One error line says what, why and what to do, status says it, and the
+    loss is counted (dropped_corrupt) once a spool can be created."""
+    base = tmp_path / "base"
+    state = base / "state"
+    agent = await make_agent(spool=state / "spool.db")
+    url = f"http://127.0.0.1:{agent.port}/status"
+    async with aiohttp.ClientSession() as s:
+        assert (await post(s, agent.port, [event(i, pad="") for i in range(5)])).status == 200
+        await asyncio.to_thread(shutil.rmtree, state)
+        with read_only(base):
+            caplog.clear()
+            # Committed into the removed file, whose queue cannot be kept: sent again.
+            assert (await post(s, agent.port, [event(100, pad="")])).status == 503
+            assert (await post(s, agent.port, [event(101, pad="")])).status == 503
+            async with s.get(url) as r:
+                assert str(state) in (await r.json())["spool"]["open_error"]
+        assert not [r for r in caplog.records if r.exc_info], "a traceback"
+        said = [r.getMessage() for r in caplog.records if r.levelno >= logging.ERROR]
+        assert len(said) == 1 and str(state) in said[0] and "make it" in said[0], said
+        assert (await post(s, agent.port, [event(100, pad="")])).status == 200
+    assert agent.spool.depth == 1
+    assert agent.spool.counters.get("dropped_corrupt") == 6, agent.spool.counters
+    assert agent.spool.counters.get("ingested") == 7, agent.spool.counters
