@@ -12,7 +12,6 @@ eligible again.
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import logging
 import os
 import sqlite3
@@ -422,15 +421,30 @@ class Spool:
             return
         books = self.books
         carry = self._carry()
-        if isinstance(exc, Replaced):   # the directory may be gone with the file (rm -rf)
-            with contextlib.suppress(OSError):   # then no copy, and what follows says so
+        no_dir: OSError | None = None   # the directory gone with the file (rm -rf), for good
+        if isinstance(exc, Replaced):
+            try:
                 make_private_dir(self.path.parent)
+            except OSError as refused:   # another user's, or read-only: no copy, nothing to move
+                no_dir = refused
         moved = target(self.path)
         # Deleted or replaced under the agent: its queue is salvaged from a copy of the
         # file still open; what is at the path now (a backup put back) is kept aside.
-        copied = isinstance(exc, Replaced) and self._db is not None and \
-            await self._db.run(copy_open, moved)
+        copied = isinstance(exc, Replaced) and no_dir is None and self._db is not None \
+            and await self._db.run(copy_open, moved)
         await self._close_connections()
+        if no_dir is not None:
+            # Its queue is counted lost (dropped_corrupt) once a spool can be created.
+            self._salvaging = _Salvage(moved, carry, list(books.streams.values()),
+                                       books.next_seq, str(exc), False)
+            log.error("spool %s was removed with its directory while the agent had it open, "
+                      "and the directory cannot be made again (%s): the queue it held is lost "
+                      "(counted as %s once a spool can be created); events are refused until "
+                      "then, tried again every %g s: make it, writable by the agent's user",
+                      self.path, no_dir, Drop.DROPPED_CORRUPT, REOPEN_EVERY_S)
+            self.open_error = str(no_dir)
+            self.writer.reopen_soon()
+            raise no_dir
         if isinstance(exc, Replaced):
             forget_wal(self.path)
             if copied and self.path.exists():

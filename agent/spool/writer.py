@@ -555,6 +555,9 @@ class Writer:
             # of themselves, and its acks' events acked and lost too.
             try:
                 await self.host.recover(Replaced())
+            except (sqlite3.Error, OSError):   # said by recover: its events went with the file
+                _fail(appends, SpoolFull(Reason.NOT_OPEN, 5, "spool cannot be opened"))
+                return
             except BaseException:
                 _fail(appends, SpoolFull(Reason.CORRUPT, retry_after=5))
                 raise
