@@ -421,7 +421,7 @@ class Spool:
             return
         books = self.books
         carry = self._carry()
-        no_dir: OSError | None = None   # the directory gone with the file (rm -rf), for good
+        no_dir: OSError | None = None   # the directory gone with the file, not ours to make
         if isinstance(exc, Replaced):
             try:
                 make_private_dir(self.path.parent)
