@@ -11,6 +11,7 @@ import asyncio
 from typing import Any
 
 import aiohttp
+import orjson
 import pytest
 from aiohttp import web
 
@@ -90,6 +91,7 @@ class StallingProxy:
         self.target = target
         self.stall_s = stall_s
         self.retry_counts: list[str] = []
+        self.first_batch = 0   # the events of the batch whose reply is held
         self.runner: web.AppRunner | None = None
         self.port = 0
 
@@ -102,6 +104,7 @@ class StallingProxy:
             async with s.post(self.target + request.path_qs, data=body, headers=headers) as r:
                 status, reply = r.status, await r.read()
         if len(self.retry_counts) == 1:
+            self.first_batch = len(orjson.loads(body)["batch"])
             await asyncio.sleep(self.stall_s)   # committed by the agent; the reply is "lost"
         return web.Response(status=status, body=reply, content_type="application/json")
 
@@ -133,7 +136,9 @@ async def test_resend_after_sdk_timeout_is_delivered_once(make_agent: Any,
     await asyncio.sleep(0.2)
     ids = fake_segment.message_ids()
     assert len(ids) == len(set(ids)) == N_EVENTS + 2    # each delivered once
-    assert agent.spool.counters["duplicates"] >= 2
+    # The SDK's consumer thread cuts a batch where its upload_interval ends: the held one
+    # may hold once-1 alone, or more than the two.
+    assert agent.spool.counters["duplicates"] >= proxy.first_batch >= 1
 
 
 async def test_one_nan_refuses_its_message_alone(make_agent: Any,
