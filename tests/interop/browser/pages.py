@@ -75,7 +75,9 @@ try {
 } catch (e) { console.error("FAILED " + (e && e.stack || e)); window.FAILED = String(e); }
 </script>"""
 
-NUCLEUS = HEAD + '<script src="/nm/nucleus-analytics/dist/browser.js"></script>' + _run(
+# In the body, as the module's device detection needs (clientjs appends to document.body):
+# loaded in the head, it logged a TypeError and sent no deviceId, platform or locale.
+NUCLEUS = HEAD + '<body><script src="/nm/nucleus-analytics/dist/browser.js"></script>' + _run(
     """Nucleus.init(CFG.key, {endpoint: CFG.agent.replace("http", "ws"), reportInterval: 1,
       disableErrorReports: true});""",
     """Nucleus.setUserId(CFG.user);

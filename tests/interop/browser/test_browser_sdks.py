@@ -152,10 +152,16 @@ async def test_nucleus_analytics_browser_build(make_agent: Any, fake_nucleus: Fa
                                                tmp_path: Path) -> None:
     agent = await make_agent(upstreams=[nucleus_up(fake_nucleus)],
                              listen={"allowed_origins": [site.url]})
-    await run_page(chromium, tmp_path, site, agent, "nucleus",
-                   lambda: any(e.get("name") == "Clicked" for e in fake_nucleus.events))
+    page = await run_page(chromium, tmp_path, site, agent, "nucleus",
+                          lambda: any(e.get("name") == "Clicked" for e in fake_nucleus.events))
+    # The module detected the device as on a real page (it logs what it could not).
+    assert not [line for line in page.console if line.startswith("error")], page.report()
     clicked = next(e for e in fake_nucleus.events if e.get("name") == "Clicked")
     assert clicked["payload"] == PROPS and clicked["userId"] == USER, clicked
+    # Newer modules name the device by deviceId and anonId, with no machineId, and
+    # integer epoch milliseconds for a date.
+    assert clicked["deviceId"] and clicked["anonId"] and "machineId" not in clicked, clicked
+    assert type(clicked["date"]) is int, clicked
     assert [e["type"] for e in fake_nucleus.events][:1] == ["init"], fake_nucleus.events
     assert set(fake_nucleus.paths) == {f"/app/{KEY}/track"}
 
