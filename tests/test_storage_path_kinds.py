@@ -4,7 +4,9 @@ the real `python -m agent` command, and what is at the path is left as it was.""
 
 from __future__ import annotations
 
+import contextlib
 import os
+import sqlite3
 import stat
 from pathlib import Path
 
@@ -57,6 +59,23 @@ def test_a_storage_path_that_is_a_fifo_or_a_device_is_refused_and_left_alone(
         for args in (("check-config", str(cfg)), ("run", "--config", str(cfg))):
             refused(outpost(*args), "storage.path", str(spool), "not a regular file")
             assert stat.S_IMODE(os.stat(spool).st_mode) == mode, (spool, args)
+
+
+def test_a_storage_path_naming_another_program_s_database_is_refused_and_left_alone(
+        tmp_path: Path) -> None:
+    """`path` naming an SQLite file of another program (a typo, a copied line) passed
+    check-config; `outpost run` then chmod'ed it 0600, switched it to WAL and served
+    with a spool that could never open, every app's request refused with 503."""
+    spool = tmp_path / "app.db"
+    with contextlib.closing(sqlite3.connect(spool)) as conn:
+        conn.execute("CREATE TABLE notes(t TEXT)")
+        conn.commit()
+    os.chmod(spool, 0o644)
+    before = spool.read_bytes()
+    cfg = write_config(tmp_path / "agent.toml", spool)
+    for args in (("check-config", str(cfg)), ("run", "--config", str(cfg))):
+        refused(outpost(*args), "storage.path", str(spool), "not a spool")
+        assert (spool.read_bytes(), stat.S_IMODE(os.stat(spool).st_mode)) == (before, 0o644)
 
 
 @pytest.mark.skipif(not hasattr(os, "mkfifo"), reason="POSIX fifos")
