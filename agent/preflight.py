@@ -6,6 +6,7 @@ nothing on disk (one makes and removes a name of its own), so `check-config` run
 
 from __future__ import annotations
 
+import contextlib
 import getpass
 import os
 import socket
@@ -13,6 +14,7 @@ import stat
 import sys
 import tempfile
 from pathlib import Path
+from urllib.parse import quote
 
 from agent import paths
 from agent.logs import fingerprint
@@ -142,6 +144,10 @@ def storage_problem(cfg: Config) -> str | None:
     if os.path.exists(spool) and (kind := paths.not_a_file(os.stat(spool).st_mode)):
         # /dev/null, say: SQLite cannot open it, and a fifo's open waits for a writer.
         return f"{where} is not a regular file ({kind}); {SPECIAL_FIX}"
+    if tables := _foreign_tables(spool):
+        # The spool's open would chmod it, switch it to WAL, and then never open it.
+        return (f"{where} is not a spool: an SQLite database of another program (tables "
+                f"{', '.join(tables[:3])}{', ...' if len(tables) > 3 else ''}); {SPECIAL_FIX}")
     existing = spool.parent
     while not os.path.exists(existing) and existing.parent != existing:
         existing = existing.parent   # where the first mkdir would write
@@ -156,6 +162,25 @@ def storage_problem(cfg: Config) -> str | None:
         return (f"{where}: cannot write to {spool if os.path.exists(spool) else existing} as user "
                 f"{_user()}; {STORAGE_FIX}, or give that user write access")
     return _cannot_make(spool, existing)
+
+
+def _foreign_tables(spool: Path) -> list[str]:
+    """The tables of an SQLite file at ``spool`` that another program made: tables, but
+    neither a spool's (every spool, of any version, has had ``streams`` from its first
+    table on) nor a version (a spool has one from v1, and a newer agent's is refused as
+    such). Read as the file is (immutable: no lock taken, no -shm made beside it); what
+    SQLite cannot read is left to the spool's open, which salvages a damaged spool."""
+    import sqlite3  # here: only run and check-config get this far
+    uri = f"file:{quote(str(spool))}?mode=ro&immutable=1"
+    try:
+        with contextlib.closing(sqlite3.connect(uri, uri=True)) as conn:
+            if conn.execute("PRAGMA user_version").fetchone()[0]:
+                return []
+            tables = [name for (name,) in conn.execute(
+                "SELECT name FROM sqlite_master WHERE type = 'table' ORDER BY name")]
+    except sqlite3.Error:   # no file, not a database, damaged: not judged here
+        return []
+    return [] if "streams" in tables else tables
 
 
 def cannot_create(spool: Path, what: str, exc: OSError) -> str:
