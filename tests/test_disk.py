@@ -16,6 +16,7 @@ import asyncio
 import contextlib
 import logging
 import os
+import resource
 import shutil
 import sqlite3
 import subprocess
@@ -637,6 +638,30 @@ async def test_a_full_disk_at_startup_is_a_503_not_a_crash_nor_a_lost_spool(
     finally:
         await asyncio.to_thread(agent.terminate)
         await fake.stop()
+
+
+def _files_of_32_kib() -> None:
+    """A disk that fills while the first start creates the spool's tables: files of at most
+    32 KiB (the -wal then holds the first table or so, not all of them)."""
+    resource.setrlimit(resource.RLIMIT_FSIZE, (32_768, 32_768))
+
+
+@pytest.mark.skipif(sys.platform == "win32", reason="RLIMIT_FSIZE")
+async def test_a_first_start_on_a_disk_that_fills_leaves_a_spool_the_next_opens(
+        tmp_path: Path, make_agent: Any, agent_process: Callable[..., AgentProcess]) -> None:
+    """The tables of a new spool were made one by one: a first start whose disk filled
+    partway kept some of them, and every later start, with the space back, failed to open
+    it ("no such table"), refusing every event with 503 for good."""
+    port = free_port()
+    spool = tmp_path / "spool" / "spool.db"
+    first = agent_process(write_config(tmp_path / "agent.toml", spool, port=port), port,
+                          preexec_fn=_files_of_32_kib)
+    await asyncio.to_thread(first.start)
+    assert "cannot be opened" in first.log.read_text()
+    await asyncio.to_thread(first.terminate)
+    again = await make_agent(spool=spool)
+    async with aiohttp.ClientSession() as s:
+        assert (await post(s, again.port, [event(1, pad="")])).status == 200
 
 
 def fill_up(path: Path) -> None:
