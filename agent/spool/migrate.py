@@ -91,7 +91,12 @@ def ensure(conn: sqlite3.Connection, alive: Callable[[], None] | None = None) ->
     refuse_newer(conn)
     if _user_version(conn) != VERSION:
         if not conn.execute("SELECT count(*) FROM sqlite_master").fetchone()[0]:
-            conn.executescript(SCHEMA)
+            # One transaction: a first start cut short (its disk full, a crash) leaves the
+            # file empty, for the next to create whole. Table by table, it kept those made,
+            # and no later start could open the file.
+            with transaction(conn):
+                for statement in _ddl_statements(SCHEMA):
+                    conn.execute(statement)
             return
         upgrade(conn, alive)
     if _user_version(conn) == VERSION and not _has_table(conn, "records_by_lane", "index"):
