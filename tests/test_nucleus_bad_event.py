@@ -65,6 +65,18 @@ async def test_over_http_the_bad_event_alone_is_left_unacknowledged(
     assert len(logged) == 1 and named in logged[0], logged
 
 
+async def test_an_id_holding_a_lone_surrogate_is_named_as_json_in_the_log(
+        make_agent: Any, caplog: Any) -> None:
+    """The warning names the id of the event left out as JSON (operations.md); one holding
+    a lone surrogate, which orjson does not write, was named "an array nested too deeply"."""
+    agent = await make_agent()
+    bad = '{"type":"event","name":"bad","id":"id-\\ud83d","machineId":"m"}'
+    reply = await call(agent.port, "/app/k/track", message(bad))
+    assert reply.status == 200 and reply.json() == {"reportedIds": [1, 3]}, reply.body
+    logged = [r.getMessage() for r in caplog.records if "left unacknowledged" in r.getMessage()]
+    assert len(logged) == 1 and logged[0].startswith('event id "id-\\ud83d" of app'), logged
+
+
 async def test_over_the_websocket_the_module_queue_is_not_blocked(
         make_agent: Any, fake_nucleus: FakeNucleus) -> None:
     """The audit's repro: a module's queue holding one sliced emoji was refused frame after
