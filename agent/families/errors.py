@@ -6,6 +6,7 @@ status (see agent/dialects/replies.py ``status_of``).
 
 from __future__ import annotations
 
+import json
 from typing import Any
 
 import orjson
@@ -30,11 +31,15 @@ class Invalid(Exception):
 
 
 def shown(value: Any) -> str:
-    """``value`` as JSON, cut at 40 characters, for an error naming it. Never raises: a
-    value nested past the 255 levels orjson writes (it reads 1024) is named by its kind,
-    where writing it took the request to a 500."""
+    """``value`` as JSON, cut at 40 characters, for an error naming it. Never raises: what
+    orjson does not write, a lone surrogate (``"id-\\ud83d"``) or nesting past its 255
+    levels (it reads 1024), the json module writes, escaped; a value nested past what that
+    writes too is named by its kind, where writing it took the request to a 500."""
     try:
         text = orjson.dumps(value).decode()
     except orjson.JSONEncodeError:
-        text = f"{'an object' if isinstance(value, dict) else 'an array'} nested too deeply"
+        try:
+            text = json.dumps(value)
+        except RecursionError:
+            text = f"{'an object' if isinstance(value, dict) else 'an array'} nested too deeply"
     return text[:40] + "..." if len(text) > 40 else text
