@@ -331,7 +331,11 @@ def _leftovers(directory: Path) -> list[str]:
 def test_config_init_onto_a_directory_is_one_line_and_leaves_nothing(tmp_path: Path) -> None:
     target = tmp_path / "agent.toml"
     target.mkdir()
-    refused(init("--path", str(target), "--force"), str(target), "directory")
+    for force in ((), ("--force",)):
+        # Without --force too: named a directory, not told "pass --force to replace it",
+        # which then refused it as a directory.
+        line = refused(init("--path", str(target), *force), str(target), "directory")
+        assert "--force" not in line, line
     assert _leftovers(tmp_path) == ["agent.toml"] and target.is_dir()
 
 
