@@ -128,19 +128,18 @@ def run(args: argparse.Namespace) -> int:
     target = Path(args.path) if args.path is not None else default
     if (planted := paths.planted_link(target)) is not None:
         return _fail(f"cannot write {target}: {planted}")
-    # os.path's, not pathlib's: that raises EACCES (a directory this user may not search),
-    # which the stat below names in one line.
-    if os.path.exists(target) and not args.force:
-        return _fail(f"{target} exists; pass --force to replace it")
     real = Path(os.path.realpath(target))   # through a symlink: the link stays a link
     try:
         kind = not_a_file(real.stat().st_mode)
     except FileNotFoundError:
         kind = None
-    except OSError as exc:
+    except OSError as exc:   # EACCES: a directory this user may not search
         return _fail(f"cannot write {target}: {exc.strerror or exc}")
+    # Before "pass --force", which cannot replace a directory or a device.
     if kind:
         return _fail(f"{target} is not a regular file ({kind}); name a file to write")
+    if os.path.exists(target) and not args.force:
+        return _fail(f"{target} exists; pass --force to replace it")
     share = target == default and paths.is_system_service()
     try:
         if share:   # /etc/outpost: the service user must reach its config (0755, as the unit has it)
