@@ -139,6 +139,37 @@ async def test_a_networkmanager_without_metered_is_unknown_not_a_failure_every_m
     assert nm.gets == 2 and agent.sync.errors == 0
 
 
+async def test_a_machine_without_a_system_bus_is_unknown_not_a_failure_every_minute(
+        make_agent: Any, fake_nucleus: FakeNucleus, tmp_path: Path,
+        caplog: pytest.LogCaptureFixture, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A container or a kiosk image without D-Bus has no socket where the system bus would
+    be: as a machine without NetworkManager, nothing failed (docs/operations.md). It was
+    counted and logged as a warning at every try, each minute for good. A system bus
+    started later is still found."""
+    monkeypatch.setattr(networkmanager, "RECONNECT_S", 0.1)
+    later = PrivateBus(tmp_path)   # where the system bus will be, not started yet
+    monkeypatch.setenv("DBUS_SYSTEM_BUS_ADDRESS", later.address)
+    up = {"name": "up", "protocol": "nucleus-ws", "url": fake_nucleus.url, "keys": ["app1"]}
+    agent = await make_agent(upstreams=[up], sync={"on_metered": "hold"})
+    sync = await sync_status(agent.port)
+    assert (sync["profile"], sync["metered"], sync["errors"], sync["last_error"]) == (
+        "normal", "unknown", 0, ""), sync
+    assert sync["metered_detail"].startswith("no system bus on this machine"), sync
+
+    later.start()
+    try:
+        service = await FakeNetworkManager(later.address, metered=YES).start()
+        try:
+            await wait_for(lambda: agent.sync.profile.mode == "hold")
+        finally:
+            await service.stop()
+    finally:
+        later.stop()
+    assert agent.sync.errors == 0
+    assert not [r for r in caplog.records if r.levelno >= logging.WARNING
+                and r.name == "outpost.sync"]
+
+
 async def test_a_huge_value_is_cut_and_a_flood_of_malformed_signals_is_one_line(
         make_agent: Any, fake_nucleus: FakeNucleus, bus: PrivateBus, nm: FakeNetworkManager,
         caplog: pytest.LogCaptureFixture) -> None:
