@@ -53,12 +53,19 @@ class NetworkManagerSource:
 
     async def watch(self, report: Callable[[MeteredReading], None]) -> None:
         while True:
+            failed = True
             try:
                 conn = await asyncio.wait_for(open_dbus_connection(self.bus), TIMEOUT_S)
             except TimeoutError:
                 why = f"no D-Bus at {self._where()}: no answer in {TIMEOUT_S:g}s"
             except Exception as exc:  # noqa: BLE001 - no bus, refused auth: the cost is unknown
-                why = f"no D-Bus at {self._where()}: {getattr(exc, 'strerror', None) or exc}"
+                if isinstance(exc, FileNotFoundError) and self.bus == "SYSTEM":
+                    # Nothing where the system bus would be: a container, a kiosk image
+                    # without D-Bus. As without NetworkManager, nothing failed (a
+                    # dbus_address that names nothing is a mistake to report).
+                    failed, why = False, f"no system bus on this machine (nothing at {self._where()})"
+                else:
+                    why = f"no D-Bus at {self._where()}: {getattr(exc, 'strerror', None) or exc}"
             else:
                 try:
                     await self._session(conn, report)
@@ -73,7 +80,7 @@ class NetworkManagerSource:
                     with contextlib.suppress(OSError):
                         await conn.close()
             report(MeteredReading(Metered.UNKNOWN, f"{why}; retried every {self.reconnect_s:g}s",
-                                  failed=True))
+                                  failed=failed))
             await asyncio.sleep(self.reconnect_s)
 
     def _where(self) -> str:
