@@ -149,3 +149,20 @@ async def test_outpost_status_shows_the_sync_errors(
         text = render(await r.json())
     line = next((ln for ln in text.splitlines() if "BAT0" in ln), "")
     assert line.startswith("sync:") and "1 reading failed" in line, text
+
+
+async def test_a_battery_just_below_the_low_level_is_not_shown_at_it(
+        make_agent: Any, fake_nucleus: FakeNucleus, monkeypatch: pytest.MonkeyPatch) -> None:
+    """psutil reads Linux's energy counters unrounded (19.6%): the profile's reason said
+    `hold (battery 20%)` under a rule for below 20%, a hold that looked wrong."""
+    from agent.ops.status_table import render
+
+    monkeypatch.setattr(psutil, "sensors_battery", lambda: sbattery(19.6, 3600, False))
+    agent = await make_agent(upstreams=[upstream(fake_nucleus)],
+                             seams=Seams(timing=ManualTiming()),
+                             sync={"on_low_battery": "hold", "low_battery_pct": 20})
+    async with aiohttp.ClientSession() as s, s.get(
+            f"http://127.0.0.1:{agent.port}/status") as r:
+        data = await r.json()
+    assert (data["sync"]["profile"], data["sync"]["reason"]) == ("hold", "battery 19%"), data
+    assert "\nsync:     hold (battery 19%), " in render(data)
