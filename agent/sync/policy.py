@@ -6,6 +6,7 @@ combination of network, battery and rules is testable as plain values.
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 from enum import Enum
 
@@ -61,7 +62,9 @@ def decide(cfg: SyncConfig, metered: MeteredReading, battery: Battery | None) ->
         active.append((cfg.on_metered, "metered network"))
     if cfg.on_low_battery != NORMAL and low_battery(cfg, battery):
         assert battery is not None
-        active.append((cfg.on_low_battery, f"battery {battery.percent:.0f}%"))
+        # Cut, not rounded: 19.6% (psutil reads Linux's counters unrounded) under a rule
+        # for below 20% shown as "battery 20%" would read as a hold at the level itself.
+        active.append((cfg.on_low_battery, f"battery {math.floor(battery.percent)}%"))
     if active:
         mode = max((m for m, _ in active), key=STRICTNESS.index)
         return Profile(mode, ", ".join(why for _, why in active))
