@@ -139,6 +139,33 @@ async def test_a_networkmanager_without_metered_is_unknown_not_a_failure_every_m
     assert nm.gets == 2 and agent.sync.errors == 0
 
 
+async def test_a_networkmanager_installed_but_stopped_is_not_started_nor_a_failure(
+        make_agent: Any, fake_nucleus: FakeNucleus, tmp_path: Path,
+        caplog: pytest.LogCaptureFixture) -> None:
+    """NetworkManager's package installs its D-Bus activation file: on a machine where it
+    is stopped (by an admin) or disabled (a kiosk on systemd-networkd), a read sent to its
+    name asked the bus to start it. Stopped, NetworkManager was started behind the
+    admin's back; disabled, the start failed, a failed reading counted and asked again
+    (started again) every minute for good. Not running is no failure."""
+    started = tmp_path / "started"
+    program = tmp_path / "networkmanager"
+    program.write_text(f"#!/bin/sh\ntouch {started}\nexit 1\n")   # as a disabled unit fails
+    program.chmod(0o755)
+    bus = PrivateBus(tmp_path, activates=program).start()
+    try:
+        agent = await watching(make_agent, fake_nucleus, bus.address)
+        await wait_for(lambda: agent.sync.metered.detail != "not read yet")
+        sync = await sync_status(agent.port)
+    finally:
+        bus.stop()
+    assert not started.exists(), "the agent's read started NetworkManager"
+    assert (sync["profile"], sync["metered"], sync["errors"], sync["last_error"]) == (
+        "normal", "unknown", 0, ""), sync
+    assert "not reachable" in sync["metered_detail"], sync
+    assert not [r for r in caplog.records if r.levelno >= logging.WARNING
+                and r.name == "outpost.sync"]
+
+
 async def test_a_machine_without_a_system_bus_is_unknown_not_a_failure_every_minute(
         make_agent: Any, fake_nucleus: FakeNucleus, tmp_path: Path,
         caplog: pytest.LogCaptureFixture, monkeypatch: pytest.MonkeyPatch) -> None:

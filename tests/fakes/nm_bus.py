@@ -30,6 +30,7 @@ CONFIG = """<!DOCTYPE busconfig PUBLIC "-//freedesktop//DTD D-Bus Bus Configurat
   <type>session</type>
   <listen>unix:path={socket}</listen>
   <auth>EXTERNAL</auth>
+  <servicedir>{services}</servicedir>
   <policy context="default">
     <allow send_destination="*" eavesdrop="true"/>
     <allow eavesdrop="true"/>
@@ -40,12 +41,16 @@ CONFIG = """<!DOCTYPE busconfig PUBLIC "-//freedesktop//DTD D-Bus Bus Configurat
 
 
 class PrivateBus:
-    """A dbus-daemon of the test's own; ``address`` is what the agent's config names."""
+    """A dbus-daemon of the test's own; ``address`` is what the agent's config names.
+    ``activates``: a program the bus runs to start NetworkManager when a message names it
+    (D-Bus activation), as the file a distribution's package installs makes it do."""
 
-    def __init__(self, directory: Path) -> None:
+    def __init__(self, directory: Path, activates: Path | None = None) -> None:
         self.socket = directory / "bus"
         self.config = directory / "bus.conf"
         self.log = directory / "bus.log"
+        self.services = directory / "bus-services"
+        self.activates = activates
         self.proc: subprocess.Popen[bytes] | None = None
 
     @property
@@ -56,7 +61,11 @@ class PrivateBus:
         daemon = shutil.which("dbus-daemon")
         if daemon is None:
             raise RuntimeError("dbus-daemon is missing: install Debian's dbus package (.ci/run does)")
-        self.config.write_text(CONFIG.format(socket=self.socket))
+        self.services.mkdir(exist_ok=True)
+        if self.activates is not None:
+            (self.services / f"{NM_NAME}.service").write_text(
+                f"[D-BUS Service]\nName={NM_NAME}\nExec={self.activates}\n")
+        self.config.write_text(CONFIG.format(socket=self.socket, services=self.services))
         with open(self.log, "ab") as log:
             self.proc = subprocess.Popen([daemon, f"--config-file={self.config}", "--nofork",
                                           "--print-address=1"], stdout=subprocess.PIPE, stderr=log)
