@@ -124,7 +124,7 @@ async def test_networkmanager_appearing_later_is_noticed(
     agent = await make_agent(upstreams=[upstream(fake_nucleus)],
                              sync={"on_metered": "hold", "dbus_address": bus.address})
     sync = (await fetch(agent.port, "/status"))["sync"]
-    assert sync["metered"] == "unknown" and "ServiceUnknown" in sync["metered_detail"], sync
+    assert sync["metered"] == "unknown" and "NameHasNoOwner" in sync["metered_detail"], sync
     assert sync["profile"] == "normal" and "treated as not metered" in sync["reason"], sync
 
     service = await FakeNetworkManager(bus.address, metered=YES).start()
@@ -217,7 +217,7 @@ async def test_doctor_reads_networkmanager_and_says_what_it_means(
     await nm.stop()
     code, out = await run_outpost("doctor", "--config", str(config))
     assert "  metered        unknown (NetworkManager not reachable: " \
-           "org.freedesktop.DBus.Error.ServiceUnknown), treated as not metered\n" in out, out
+           "org.freedesktop.DBus.Error.NameHasNoOwner), treated as not metered\n" in out, out
 
 
 async def test_events_no_upstream_takes_are_not_held_or_timed(

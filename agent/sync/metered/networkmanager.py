@@ -19,7 +19,7 @@ import contextlib
 import dataclasses
 from collections.abc import Callable
 
-from jeepney import DBusAddress, HeaderFields, MatchRule, Message, MessageType, Properties
+from jeepney import DBusAddress, HeaderFields, MatchRule, Message, MessageFlag, MessageType, Properties
 from jeepney.bus import get_bus
 from jeepney.bus_messages import message_bus
 from jeepney.io.asyncio import DBusConnection, open_dbus_connection
@@ -145,7 +145,12 @@ class NetworkManagerSource:
     async def _ask(self, conn: DBusConnection) -> int:
         """Send a Get of ``Metered``; the serial its reply will carry."""
         serial = int(next(conn.outgoing_serial))
-        await conn.send(Properties(NM).get("Metered"), serial=serial)
+        get = Properties(NM).get("Metered")
+        # Never D-Bus activation: a NetworkManager installed but stopped by an admin would
+        # be started by it, a disabled one fail to start at each read. Not running, the bus
+        # answers NameHasNoOwner, and its start is seen (NameOwnerChanged).
+        get.header.flags |= MessageFlag.no_auto_start
+        await conn.send(get, serial=serial)
         return serial
 
 
