@@ -354,7 +354,7 @@ def _doctor_sync(cfg: SyncConfig) -> None:
     from concurrent.futures import ThreadPoolExecutor
 
     from agent.sync.metered import read_once, source_for
-    from agent.sync.policy import Metered, decide
+    from agent.sync.policy import Metered, decide, percent_shown
     from agent.sync.power import read_battery
     # On a thread with its own loop: doctor may be called where a loop runs already.
     with ThreadPoolExecutor(1) as pool:
@@ -369,7 +369,7 @@ def _doctor_sync(cfg: SyncConfig) -> None:
     _show(f"  max_hold_h     {cfg.max_hold_h:g}")
     unknown = ", treated as not metered" if metered.state is Metered.UNKNOWN else ""
     _show(f"  metered        {metered.state.value} ({metered.detail}){unknown}")
-    _show("  battery        " + (f"{battery.percent:.0f}%, {'on mains' if battery.plugged else 'on battery'}"
+    _show("  battery        " + (f"{percent_shown(battery)}, {'on mains' if battery.plugged else 'on battery'}"
                                  if battery else unread or "none"))
     profile = decide(cfg, metered, battery)
     _show(f"  profile now    {profile.mode} ({profile.reason})")

@@ -54,6 +54,13 @@ class Profile:
     reason: str
 
 
+def percent_shown(battery: Battery) -> str:
+    """The battery's level for people, cut, not rounded: 19.6% (psutil reads Linux's
+    counters unrounded) under a rule for below 20% shown as "20%" would read as a hold
+    at the level itself."""
+    return f"{math.floor(battery.percent)}%"
+
+
 def decide(cfg: SyncConfig, metered: MeteredReading, battery: Battery | None) -> Profile:
     """The strictest rule that applies, naming every rule that does; "normal" when none
     does."""
@@ -62,9 +69,7 @@ def decide(cfg: SyncConfig, metered: MeteredReading, battery: Battery | None) ->
         active.append((cfg.on_metered, "metered network"))
     if cfg.on_low_battery != NORMAL and low_battery(cfg, battery):
         assert battery is not None
-        # Cut, not rounded: 19.6% (psutil reads Linux's counters unrounded) under a rule
-        # for below 20% shown as "battery 20%" would read as a hold at the level itself.
-        active.append((cfg.on_low_battery, f"battery {math.floor(battery.percent)}%"))
+        active.append((cfg.on_low_battery, f"battery {percent_shown(battery)}"))
     if active:
         mode = max((m for m, _ in active), key=STRICTNESS.index)
         return Profile(mode, ", ".join(why for _, why in active))
