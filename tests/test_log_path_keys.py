@@ -5,6 +5,8 @@ from the path. A request to such a path that no route serves (a plain GET to a
 websocket route, another method) was logged at debug with the whole path: an app id
 never stored, so not in the redaction registry, reached the log in full, which
 docs/security.md says never happens (refused keys that were never stored included).
+So was one in a path that no route has at all: a Nucleus module whose endpoint was
+configured with a path (`ws://127.0.0.1:8765/app`) opens `/app/app/{appId}/track`.
 """
 
 from __future__ import annotations
@@ -27,6 +29,8 @@ KEYS = {
     "one-segment": "oneSegmentNeverStoredKey43",
     "ws-track": "wsTrackNeverStoredKey44",
     "trailing": "trailingNeverStoredKey45",
+    "endpoint-path": "endpointPathNeverStoredKey46",
+    "prefixed-post": "prefixedPostNeverStoredKey47",
 }
 
 
@@ -43,7 +47,9 @@ async def test_an_app_id_in_a_path_no_route_serves_is_not_logged(
              ("GET", f"/app/{k['plain-get']}/track", 405),
              ("GET", f"/{k['one-segment']}", 404),
              ("DELETE", f"/{k['ws-track']}/track", 404),
-             ("PATCH", f"/{k['trailing']}/", 404)]
+             ("PATCH", f"/{k['trailing']}/", 404),
+             ("GET", f"/app/app/{k['endpoint-path']}/track", 404),
+             ("POST", f"/v1/app/{k['prefixed-post']}/track", 404)]
     try:
         async with aiohttp.ClientSession() as session:
             for method, path, status in tried:
@@ -54,9 +60,11 @@ async def test_an_app_id_in_a_path_no_route_serves_is_not_logged(
     log = agent.log.read_text()
     # Each refusal was logged (so the check below is not vacuous) ...
     assert log.count("outpost.server: method ") == 2, log
-    assert log.count("outpost.server: no route for ") == 3, log
-    # ... and no app id in full.
+    assert log.count("outpost.server: no route for ") == 5, log
+    # ... and no app id in full ...
     assert [name for name, key in KEYS.items() if key in log] == []
+    # ... but what no route has still named, as far as it is no key.
+    assert "no route for POST /v1/app/pre***/track (404)" in log, log
 
 
 async def raw_reply(port: int, request: bytes) -> bytes:
