@@ -128,15 +128,25 @@ def _quoted(path: str) -> str:
 def _logged_path(request: web.Request, path: str) -> str:
     """``path`` with what a route would take as an app's key (KEY_PARAM) shown as its first
     three characters: the key may never have been stored, so the log's redaction does not
-    know it. Any one-segment path is such a key (`/{appId}`), `/favicon.ico` too."""
+    know it. Any one-segment path is such a key (`/{appId}`), `/favicon.ico` too. In a path
+    no route has, a key may be anywhere (a Nucleus endpoint configured with a path gives
+    `/app/app/{appId}/track`): every segment no route names is shown so."""
     plain = _plain_path(path)
-    for resource in request.app.router.resources():
+    resources = request.app.router.resources()
+    routed = False
+    for resource in resources:
         pattern = resource.get_info().get("pattern")
-        found = pattern.fullmatch(plain) if isinstance(pattern, re.Pattern) else None
+        if not isinstance(pattern, re.Pattern) or resource.canonical == CATCH_ALL_CANONICAL:
+            continue
+        found = pattern.fullmatch(plain)
+        routed = routed or found is not None
         if found is not None and found.groupdict().get(KEY_PARAM):
             key = found[KEY_PARAM]
             return "/".join(masked(part) if part == key else part for part in path.split("/"))
-    return path
+    if routed:
+        return path
+    named = {part for r in resources for part in r.canonical.split("/") if "{" not in part}
+    return "/".join(part if part in named else masked(part) for part in path.split("/"))
 
 
 async def _plain(request: web.Request) -> web.Request | None:
