@@ -24,6 +24,7 @@ import base64
 import io
 import logging
 import os
+import socket
 import stat
 import sys
 from collections.abc import Callable, Iterator
@@ -75,7 +76,12 @@ EVIL_HOSTS = ["evil.example", "evil.example:8765", "127.0.0.1.evil.example", "19
               # Not a host and a port (audit: each was read as the loopback name before it).
               "127.0.0.1:8765@evil.example", "localhost:abc", "localhost:99999", "[::1",
               "[::1]x", "localhost:80:80", "localhost..", "localhost..:8765", "127.0.0.1.",
-              "[::ffff:10.0.0.7]:8765", "[::ffff:192.168.1.5]"]
+              "[::ffff:10.0.0.7]:8765", "[::ffff:192.168.1.5]",
+              # A name as a browser may write it: upper case, fully qualified (trailing dot);
+              # the unspecified address, which reaches loopback from a web page ("0.0.0.0 day");
+              # two hosts joined as a proxy joins repeated fields.
+              "EVIL.EXAMPLE:8765", "evil.example.", "evil.example.:8765", "[::]:8765",
+              "localhost:8765, evil.example"]
 # With a trailing dot: the fully qualified form of a name (`http://localhost.:8765/`),
 # which browsers and resolvers serve as the name. An IPv4-mapped IPv6 literal of a
 # loopback address is one too.
@@ -124,6 +130,33 @@ def test_a_non_loopback_host_is_refused_with_421_on_every_route(guarded: Threade
         assert guarded.request("GET", "/healthz", headers={"Host": host})[0] == 200
 
 
+def raw_status(agent: ThreadedAgent, head: bytes, body: bytes) -> bytes:
+    """The status code of one request written as it is (http.client writes one Host)."""
+    with socket.create_connection(("127.0.0.1", agent.port), timeout=10) as sock:
+        sock.sendall(head + b"Connection: close\r\nContent-Length: %d\r\n\r\n" % len(body)
+                     + body)
+        with sock.makefile("rb") as reply:
+            return reply.readline().split(b" ")[1]
+
+
+def test_two_hosts_or_an_absolute_target_under_a_foreign_host_store_nothing(
+        guarded: ThreadedAgent) -> None:
+    """A browser sends one Host, the name it asked for, and an origin-form target: a request
+    that gives two Hosts (which one counts would be a parser's choice) is refused whatever
+    their order, and one in absolute form (as to a proxy) is judged by its Host too."""
+    method, path, body, headers = as_http(examples(GOOD)[0])
+    assert body is not None
+    fields = b"".join(b"%s: %s\r\n" % (k.encode(), v.encode()) for k, v in headers.items())
+    for hosts in (("localhost", "evil.example"), ("evil.example", "localhost")):
+        head = b"%s %s HTTP/1.1\r\n" % (method.encode(), path.encode()) + fields + b"".join(
+            b"Host: %s\r\n" % h.encode() for h in hosts)
+        assert raw_status(guarded, head, body) == b"400", hosts
+    status, _, reply = guarded.request(method, f"http://evil.example{path}", body,
+                                       {**headers, "Host": "evil.example"})
+    assert status == 421 and b"loopback" in reply
+    assert guarded.depth == 0
+
+
 async def ws_status(agent: ThreadedAgent, ex: Example, headers: dict[str, str] | None = None,
                     origin: str | None = None) -> int:
     """101 once the frame of websocket example ``ex`` is stored, else the handshake's
@@ -154,7 +187,10 @@ def test_a_websocket_upgrade_with_a_foreign_host_is_refused(guarded: ThreadedAge
 # -- Origin: CORS --------------------------------------------------------------------------------
 
 FOREIGN_ORIGINS = ["https://evil.example", "null", "https://app.example.evil.example",
-                   "http://app.example", "https://app.example:8443"]
+                   "http://app.example", "https://app.example:8443",
+                   # An allowed origin's case is no other site, but a path makes it no origin;
+                   # a page on this machine's other port is another origin.
+                   "HTTPS://EVIL.EXAMPLE", "https://app.example/evil", "http://localhost:3000"]
 
 
 def check_origins(agent: ThreadedAgent, examples: list[Example]) -> None:
