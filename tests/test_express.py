@@ -213,6 +213,25 @@ async def test_a_field_name_with_a_space_before_its_colon_is_aiohttps_400(
     await client.close()
 
 
+async def test_an_http_1_1_request_without_host_is_aiohttps_400(
+        make_agent: Callable[..., Any]) -> None:
+    """HTTP/1.1 requires a Host, and aiohttp answers 400 to a request without one; the lane
+    stored it and answered 200, so the same request with a query (aiohttp's) was refused.
+    HTTP/1.0 without Host, a local tool's, is served (docs/security.md)."""
+    agent = await make_agent()
+    hostless = post("/v1/track", track()).replace(b"Host: 127.0.0.1\r\n", b"")
+    client = await Client.open(agent.port)
+    await client.send(hostless)
+    assert (await asyncio.wait_for(client.reader.read(65536), 10)).startswith(b"HTTP/1.0 400 ")
+    assert express_count(agent) == 0 and agent.spool.depth == 0
+    await client.close()
+    client = await Client.open(agent.port)
+    await client.send(hostless.replace(b" HTTP/1.1\r\n", b" HTTP/1.0\r\n", 1))
+    assert (await client.reply()).startswith(b"HTTP/1.0 200 ")
+    assert agent.spool.depth == 1
+    await client.close()
+
+
 async def test_a_foreign_host_gets_the_guards_refusal(make_agent: Callable[..., Any]) -> None:
     agent = await make_agent()
     client = await Client.open(agent.port)
