@@ -161,7 +161,8 @@ class ExpressLane:
         if connection is not None and connection.lower() != b"keep-alive":
             return None
         host = fields.get(b"host")
-        if host is not None and not self._guard.host_ok(_text(host)):
+        # None: HTTP/1.1 requires a Host, and aiohttp answers 400 to a request without one.
+        if host is None or not self._guard.host_ok(_text(host)):
             return None
         total = end + 4 + size
         if len(buf) < total:
