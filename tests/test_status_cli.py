@@ -194,6 +194,39 @@ async def test_a_foreign_server_on_the_agent_s_port_is_no_traceback(tmp_path: Pa
         await runner.cleanup()
 
 
+async def test_a_redirect_from_the_agent_s_port_is_not_followed(tmp_path: Path) -> None:
+    """The agent never redirects: a 3xx at its address is another server's, and following
+    it showed (and acted on) what a third server said as the agent's answer."""
+    reached: list[str] = []
+
+    async def elsewhere(request: aiohttp.web.Request) -> aiohttp.web.Response:
+        reached.append(request.path)
+        return aiohttp.web.json_response({"queue_depth": 7, "spool": {}})
+
+    async def redirect(request: aiohttp.web.Request) -> aiohttp.web.Response:
+        raise aiohttp.web.HTTPFound(f"http://127.0.0.1:{other}{request.path}")
+
+    runners = []
+    ports = []
+    for handler in (elsewhere, redirect):
+        app = aiohttp.web.Application()
+        app.router.add_route("*", "/{tail:.*}", handler)
+        runner = aiohttp.web.AppRunner(app)
+        await runner.setup()
+        runners.append(runner)
+        ports.append(free_port())
+        await aiohttp.web.TCPSite(runner, "127.0.0.1", ports[-1]).start()
+    other = ports[0]
+    try:
+        cfg = str(write_config(tmp_path / "agent.toml", tmp_path / "spool.db", port=ports[1]))
+        code, text = await run_outpost("status", "--config", cfg)
+        assert reached == [] and code == 0 and "Traceback" not in text, (reached, text)
+        assert "not an Outpost agent" in text and "no agent running" in text, text
+    finally:
+        for runner in runners:
+            await runner.cleanup()
+
+
 @pytest.mark.parametrize("folder", ["100%25", "take#2", "why?"])
 async def test_a_spool_path_holding_uri_characters_is_the_spool_used(
         make_agent: Any, tmp_path: Path, folder: str) -> None:
