@@ -1,5 +1,6 @@
 """How the commands reach the running agent: its URL from the config, and an opener
-that ignores $http_proxy (meant for the internet, never for loopback)."""
+that ignores $http_proxy (meant for the internet, never for loopback) and follows no
+redirect."""
 
 from __future__ import annotations
 
@@ -12,7 +13,16 @@ from typing import Any
 from agent import paths
 from agent.settings import Config
 
-DIRECT = urllib.request.build_opener(urllib.request.ProxyHandler({}))
+
+class _NoRedirects(urllib.request.HTTPRedirectHandler):
+    """The agent never redirects: a 3xx at its address is another server's, raised as the
+    HTTPError it is (``opened``: NotOutpost), not followed to a third."""
+
+    def redirect_request(self, *args: Any, **kwargs: Any) -> None:
+        return None
+
+
+DIRECT = urllib.request.build_opener(urllib.request.ProxyHandler({}), _NoRedirects())
 
 
 def agent_url(cfg: Config, path: str) -> str:
