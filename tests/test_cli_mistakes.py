@@ -77,6 +77,19 @@ def test_a_huge_config_file_is_refused_without_reading_it_whole(tmp_path: Path) 
     refused(outpost("check-config", str(huge)), str(huge), "MiB")
 
 
+# Far past any stack: tomllib reads nesting by recursion, and ran out of it.
+DEEP_TOML = "x = " + "[" * 5000 + "]" * 5000 + "\n"
+
+
+@pytest.mark.parametrize("args", [("check-config",), ("run", "--config"), ("status", "--config")])
+def test_a_config_nested_too_deeply_is_one_line_not_a_traceback(
+        tmp_path: Path, args: tuple[str, ...]) -> None:
+    cfg = tmp_path / "agent.toml"
+    cfg.write_text(DEEP_TOML)
+    refused(outpost(*args, str(cfg)), str(cfg), "nested too deeply")
+    assert not (tmp_path / "spool.db").exists()
+
+
 @pytest.mark.parametrize("args", [("check-config",), ("run",), ("status",), ("doctor",),
                                   ("tail",), ("dead", "list")])
 def test_an_empty_outpost_config_is_refused_as_an_empty_config_is(

@@ -11,6 +11,7 @@ from pathlib import Path
 from typing import Any
 
 from tests.conftest import free_port, run_chromium, write_config
+from tests.test_cli_mistakes import DEEP_TOML
 from tests.test_tail_slots import metrics, status
 from tests.waiting import run_outpost
 
@@ -59,3 +60,14 @@ async def test_a_refused_reload_and_one_needing_a_restart_are_shown(
     write_config(config, spool, port=agent.port, storage={"max_age_days": 30})   # back to what runs
     await agent.reload()
     assert (await status(agent.port))["reload"]["needs_restart"] == []
+
+
+async def test_a_reload_of_a_config_nested_too_deeply_is_refused_and_the_agent_runs_on(
+        make_agent: Any) -> None:
+    """tomllib's RecursionError was no ConfigError: it ended the reload, and the agent with it."""
+    agent = await make_agent(port=free_port())
+    config = Path(agent.config_path)
+    config.write_text(config.read_text() + DEEP_TOML)
+    await agent.reload()
+    shown = (await status(agent.port))["reload"]
+    assert shown["refused"] == 1 and "nested too deeply" in shown["last_error"], shown
