@@ -407,6 +407,9 @@ def load_file(path: Path) -> Config:
         raise ConfigError(f"{path}: cannot read: {exc.strerror or exc}") from exc
     except tomllib.TOMLDecodeError as exc:
         raise ConfigError(f"{path}: invalid TOML: {exc}") from exc
+    except RecursionError as exc:   # tomllib recurses per level: no config nests hundreds
+        raise ConfigError(f"{path}: invalid TOML: arrays or inline tables nested too deeply "
+                          "for a config file") from exc
     except UnicodeDecodeError as exc:
         raise ConfigError(f"{path}: not UTF-8 text (byte {exc.start}); TOML files are "
                           "UTF-8") from exc
