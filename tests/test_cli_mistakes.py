@@ -178,6 +178,24 @@ def test_run_and_check_config_refuse_a_spool_that_cannot_be_made_alike(
     assert refused(outpost("check-config", str(cfg))) == line
 
 
+@pytest.mark.parametrize("kind", ["a symlink loop", "under a symlink loop", "a name too long"])
+def test_run_and_check_config_refuse_a_spool_path_no_file_can_have_alike(
+        tmp_path: Path, kind: str) -> None:
+    """The preflight's os.path tests take ELOOP and ENAMETOOLONG for "not there yet", and its
+    probe made a file of its own in the nearest directory: check-config said ok. Then run
+    refused the path, saying "File exists" of a loop above the spool, or, for a spool that is
+    itself a loop, started and answered every app's event 503."""
+    (tmp_path / "loop").symlink_to("loop")
+    spool = {"a symlink loop": tmp_path / "loop",
+             "under a symlink loop": tmp_path / "loop" / "spool.db",
+             "a name too long": tmp_path / ("d" * 300) / "spool.db"}[kind]
+    cfg = write_config(tmp_path / "agent.toml", spool)
+    why = "File name too long" if kind == "a name too long" else "symbolic links"
+    line = refused(outpost("run", "--config", str(cfg)), f"storage.path {spool}: ", why)
+    assert refused(outpost("check-config", str(cfg))) == line
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["agent.toml", "loop"]
+
+
 @pytest.mark.parametrize("mode,says", [(0o755, "readable"), (0o777, "writable")])
 def test_run_warns_once_of_a_spool_directory_others_can_see(
         tmp_path: Path, mode: int, says: str) -> None:
