@@ -7,6 +7,7 @@ nothing on disk (one makes and removes a name of its own), so `check-config` run
 from __future__ import annotations
 
 import contextlib
+import errno
 import getpass
 import os
 import socket
@@ -136,6 +137,12 @@ def storage_problem(cfg: Config) -> str | None:
     """The spool's directory must exist or be creatable, writable, on a writable filesystem."""
     spool = cfg.storage.resolved_path()
     where = f"storage.path {spool}"
+    try:
+        os.stat(spool)
+    except OSError as exc:
+        # What os.path's tests below take for "not there yet", and run could not make.
+        if exc.errno in (errno.ELOOP, errno.ENAMETOOLONG):
+            return f"{where}: {exc.strerror}; {STORAGE_FIX}"
     # os.path's tests, not pathlib's: those raise EACCES (a directory this user may not
     # search, such as the system service's 0700 /var/lib/outpost), which is the problem
     # to name here, found by the access check below.
