@@ -144,6 +144,16 @@ def test_an_upstream_url_with_whitespace_or_control_characters_is_refused(
     refused(outpost("check-config", str(cfg)), "upstream[0].url", "whitespace")
 
 
+@pytest.mark.parametrize("protocol,url", [("segment-http", "https://api.segment.io:0"),
+                                          ("nucleus-ws", "wss://[::1]:00/")])
+def test_an_upstream_url_naming_port_0_is_refused(tmp_path: Path, protocol: str, url: str) -> None:
+    """Port 0 is no server's: it was taken, and every batch failed to connect, kept queued
+    for good (while the reachability probe, reading 0 as no port, tried port 80)."""
+    cfg = tmp_path / "agent.toml"
+    cfg.write_text(f'[[upstream]]\nname = "a"\nprotocol = "{protocol}"\nurl = "{url}"\n')
+    refused(outpost("check-config", str(cfg)), "upstream[0].url", "port 0")
+
+
 @pytest.mark.parametrize("odd", ["\r\n", "\n", "\t", "\x1b", "\x7f"])
 def test_an_upstream_key_with_control_characters_is_refused_by_fingerprint(
         tmp_path: Path, odd: str) -> None:
