@@ -296,9 +296,11 @@ def _url_check(protocol: str) -> Callable[[Any], str | None]:
             return f"must start with {' or '.join(schemes)} for {protocol}"
         try:
             parts = urlsplit(value)
-            host, _port = parts.hostname, parts.port   # .port raises ValueError past 65535
+            host, port = parts.hostname, parts.port   # .port raises ValueError past 65535
         except ValueError:
             return "is not a valid URL"
+        if port == 0:   # no server listens there; the probe read it as none, port 80
+            return "names port 0; write the upstream's port, or none for the scheme's default"
         if "@" in parts.netloc:
             # /status, the status page and doctor show the URL; credentials go in `key`
             # (segment-http sends it as Basic auth, and aiohttp refuses both at once).
