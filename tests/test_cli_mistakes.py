@@ -716,6 +716,18 @@ def test_output_to_a_closed_stdout_is_no_traceback(tmp_path: Path) -> None:
     assert run.returncode == 0 and run.stderr == "", run.stderr
 
 
+def test_a_dead_export_to_a_closed_stdout_is_one_line(tmp_path: Path) -> None:
+    """`outpost dead export - >&-` asked for the letters on an output there is none of: it
+    failed with a traceback (no sys.stdout to flush)."""
+    cfg = write_config(tmp_path / "agent.toml", tmp_path / "spool.db", port=1)
+    run = subprocess.run([sys.executable, "-m", "agent", "dead", "export", "-", "--config",
+                          str(cfg)], cwd=ROOT, stderr=subprocess.PIPE, text=True, timeout=30,
+                         preexec_fn=lambda: os.close(1))  # noqa: PLW1509 (a close only)
+    line = one_line(run.stderr)
+    assert run.returncode == 1 and run.stderr.strip() == line, run.stderr
+    assert "standard output" in line and "closed" in line, line
+
+
 # -- what the operator named, shown back -------------------------------------------------------
 
 ODD = "x\x1b[2J\ny"   # a terminal's clear-screen, and a line break
