@@ -265,6 +265,9 @@ class _Cli:
         mode = stat.S_IFCHR if args.file == "-" else _writable(cfg, target)
         own = args.file == "-" or _is_stdout(target)
         named = "standard output" if own else str(target)
+        if own and sys.stdout is None:   # started with it closed (`>&-`): no letter would go
+            raise dead.DeadError("cannot write standard output: it is closed; name a file "
+                                 "to export to")
         try:
             if own:   # written to as the shell opened it (`>>` appends), never replaced
                 sys.stdout.flush()
