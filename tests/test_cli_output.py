@@ -242,6 +242,27 @@ async def test_tail_ends_once_its_reader_left_with_no_event_coming(
     assert (proc.returncode, err.decode()) == (141, "")
 
 
+async def test_tail_with_its_output_closed_is_one_line(
+        make_agent: Any, monkeypatch: pytest.MonkeyPatch) -> None:
+    """`outpost tail >&-`: Python gives no sys.stdout, and the first keepalive's look at
+    it ended in an AttributeError traceback (after the view had shown nothing)."""
+    monkeypatch.setattr(tail_routes, "KEEPALIVE_S", 0.1)
+    agent = await make_agent(port=free_port())
+    proc = await asyncio.create_subprocess_exec(
+        sys.executable, "-m", "agent", "tail", "--config", agent.config_path, cwd=ROOT,
+        stderr=asyncio.subprocess.PIPE,
+        preexec_fn=lambda: os.close(1))  # noqa: PLW1509 (a close only)
+    try:
+        _, err = await asyncio.wait_for(proc.communicate(), 10)
+    finally:
+        if proc.returncode is None:
+            proc.kill()
+            await proc.wait()
+    said = err.decode()
+    assert proc.returncode == 1 and said.count("\n") == 1, said
+    assert "Traceback" not in said and "standard output is closed" in said, said
+
+
 async def test_tail_cut_off_mid_stream_says_so_not_that_no_agent_answers(
         tmp_path: Path) -> None:
     """A view's connection reset after it began (the agent closed a view that read
