@@ -79,6 +79,10 @@ def run(args: argparse.Namespace, load: Callable[[argparse.Namespace], Config | 
     cfg = load(args)
     if cfg is None:
         return 2
+    if sys.stdout is None:   # started with it closed (`>&-`): it would watch for no one
+        print("outpost: standard output is closed: the live view has nowhere to go; give "
+              "it an output (a terminal, a file or a pipe)", file=sys.stderr)
+        return 1
     want = args.key if args.key is None or FINGERPRINT.fullmatch(args.key) \
         else fingerprint(args.key)
     path = "/tail" + (f"?key={want}" if want else "")
