@@ -98,7 +98,8 @@ async def told(sock: socket.socket, what: bytes) -> None:
 async def draining_agent(tmp_path: Path, faulty: FaultyUpstream,
                          notify_socket: tuple[socket.socket, str],
                          agent_process: Callable[..., AgentProcess],
-                         first: signal.Signals = signal.SIGINT) -> AgentProcess:
+                         first: signal.Signals = signal.SIGINT,
+                         preexec_fn: Callable[[], None] | None = None) -> AgentProcess:
     """An agent process interrupted once (SIGINT, then STOPPING=1 seen), or asked to reload
     (``first`` SIGHUP, then RELOADING=1 seen), whose graceful stop or reload is held up: the
     upstream holds a batch in flight without answering, so the forwarder's settle waits (up
@@ -110,7 +111,7 @@ async def draining_agent(tmp_path: Path, faulty: FaultyUpstream,
                        upstreams=[{"name": "up", "protocol": "nucleus-http",
                                    "url": faulty.http_url, "flush_interval_s": 0.02,
                                    "timeout_s": 60}])
-    agent = agent_process(cfg, port, env={"NOTIFY_SOCKET": notify})
+    agent = agent_process(cfg, port, env={"NOTIFY_SOCKET": notify}, preexec_fn=preexec_fn)
     await asyncio.to_thread(agent.start)
     await post_events(port, "k", range(3))
     await wait_for(lambda: len(faulty.requests) == 1)   # the batch is in flight
@@ -154,6 +155,23 @@ async def test_a_second_sigint_exits_at_once(tmp_path: Path, faulty: FaultyUpstr
     log = agent.log.read_text()
     assert "Traceback" not in log and "outpost stopped" not in log
     assert log.count("second interrupt") == 1, log
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(sys.platform == "win32", reason="signals and AF_UNIX datagrams")
+async def test_a_second_sigint_with_stdout_closed_exits_at_once_without_a_traceback(
+        tmp_path: Path, faulty: FaultyUpstream, notify_socket: tuple[socket.socket, str],
+        agent_process: Callable[..., AgentProcess]) -> None:
+    """`outpost run >&- 2>log &` (a script's daemon): Python gives no sys.stdout, and the
+    forced exit's flush of it ended in an AttributeError traceback, exit 1, not 130."""
+    agent = await draining_agent(tmp_path, faulty, notify_socket, agent_process,
+                                 preexec_fn=lambda: os.close(1))
+    assert agent.proc is not None
+    agent.proc.send_signal(signal.SIGINT)
+    code, took = await exit_code(agent, 20)
+    log = agent.log.read_text()
+    assert code == 130 and took < 2.0, (code, took, log)
+    assert "Traceback" not in log and log.count("second interrupt") == 1, log
 
 
 def pending(pid: int, sig: signal.Signals) -> bool:
