@@ -421,7 +421,8 @@ def _exit_now(code: int) -> None:
     app is answered, so nothing answered is lost; requests still being read get no answer
     and their apps send them again."""
     logging.shutdown()   # the log line above is written out first
-    sys.stdout.flush()
+    if sys.stdout is not None:   # None: started with it closed (`outpost run >&-`)
+        sys.stdout.flush()
     os._exit(code)
 
 
