@@ -310,6 +310,52 @@ async def test_stalled_body_gets_408_and_stores_nothing(
     assert agent.spool.depth == 0
 
 
+def padded(fields: int) -> bytes:
+    """``fields`` header fields of 8,000 bytes each (aiohttp takes each up to 8,190)."""
+    return b"".join(b"X-Pad-%d: %s\r\n" % (i, b"a" * 8000) for i in range(fields))
+
+
+async def test_a_head_over_80_kib_is_431_and_its_connection_closed(
+        make_agent: Callable[..., Any], sockets: list[socket.socket]) -> None:
+    """aiohttp alone takes 128 fields of 8 KB: about 2 MB of the agent's memory for each
+    connection sending such a head (300 of them took an `outpost run` from 56 to 640 MB
+    of RSS; listen.max_connections = 1024 would be about 2 GB). A head is refused once
+    it is past 80 KiB, whatever comes after."""
+    agent = await make_agent()
+    loop = asyncio.get_running_loop()
+    s = await connect(agent.port, sockets)
+    await loop.sock_sendall(s, b"GET /healthz HTTP/1.1\r\nHost: 127.0.0.1\r\n"
+                               + padded(11) + b"\r\n")
+    reply = await asyncio.wait_for(read_reply(s), 5)
+    assert reply.startswith(b"HTTP/1.1 431 "), reply[:200]
+    assert orjson.loads(reply.partition(b"\r\n\r\n")[2])["error"] == (
+        "request head over 81920 bytes (its request line and header fields together)")
+    assert await asyncio.wait_for(read_to_eof(s), 5) == b""
+    assert agent.metrics.connections_closed == {"large_head": 1}
+
+
+async def test_a_head_within_80_kib_is_served_and_the_body_after_it_not_counted(
+        make_agent: Callable[..., Any], sockets: list[socket.socket]) -> None:
+    """The pixel's request line may be 64 KiB, and a browser's cookies 8 KiB; the body
+    that follows a head is no part of it, nor is the head's end split between reads."""
+    agent = await make_agent()
+    loop = asyncio.get_running_loop()
+    s = await connect(agent.port, sockets)
+    await loop.sock_sendall(s, b"GET /healthz HTTP/1.1\r\nHost: 127.0.0.1\r\n"
+                               + padded(10) + b"\r\n")
+    assert (await asyncio.wait_for(read_reply(s), 5)).startswith(b"HTTP/1.1 200 ")
+    batch = orjson.dumps({"batch": [{"type": "track", "event": "e" * 30_000, "userId": "u",
+                                     "messageId": uuid.uuid4().hex} for _ in range(20)]})
+    await loop.sock_sendall(s, b"POST /v1/batch HTTP/1.1\r\nHost: 127.0.0.1\r\n"
+                               b"Authorization: " + basic(KEY).encode() + b"\r\n"
+                               b"Content-Length: %d\r\n\r" % len(batch))
+    await loop.sock_sendall(s, b"\n" + batch)
+    reply = await asyncio.wait_for(read_reply(s), 5)
+    assert reply.startswith(b"HTTP/1.1 200 "), reply[:300]
+    assert agent.spool.depth == 20
+    assert agent.metrics.connections_closed == {}
+
+
 # A body begun on each API's route, the key as that API carries it.
 STALLED = [
     (b"/v1/batch", b"Authorization: " + basic(KEY).encode(), b'{"batch": [', "Errors"),
