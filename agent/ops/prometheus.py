@@ -145,8 +145,8 @@ def _connections(out: Exposition, conns: Connections) -> None:
     out.gauge("connections_max", "Client connections allowed at once (listen.max_connections, "
               "lowered to fit the open-file limit).", conns["max"])
     out.family("connections_closed_total", "counter",
-               "Client connections the agent closed, by reason (idle, slow_head, evicted, "
-               "refused).", [("", {"reason": r}, n) for r, n in conns["closed"].items()])
+               "Client connections the agent closed, by reason (idle, slow_head, large_head, "
+               "evicted, refused).", [("", {"reason": r}, n) for r, n in conns["closed"].items()])
     out.counter("http_express_requests_total",
                 "Plain requests to Segment's single-call and batch routes answered by the "
                 "express lane rather than the full HTTP stack (the same reply either way).",

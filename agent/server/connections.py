@@ -11,7 +11,8 @@ connection is in one of three states:
 - IDLE, waiting for a request's first byte (after connecting, or after its last
   reply): closed ``idle_timeout_s`` after it became idle;
 - HEAD, a request's first byte arrived but not yet its whole head: closed
-  ``header_timeout_s`` after that byte, however slowly more bytes trickle in;
+  ``header_timeout_s`` after that byte, however slowly more bytes trickle in, and
+  answered 431 once the head is past HEAD_MAX bytes;
 - BUSY, a handler runs: no deadline here. Bodies are deadlined where they are read
   (dialects/body.py), so that the app gets a 408;
 - WEBSOCKET, an upgraded connection: no deadline (a Nucleus module may stay quiet for
@@ -26,12 +27,15 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import re
 import sys
 from collections.abc import Awaitable, Callable
 from typing import Any, cast
 
+import orjson
 from aiohttp import web
 
+from agent.dialects.replies import plain_error
 from agent.logs import log_limited
 from agent.metrics import Metrics
 from agent.server.express import MORE, ExpressLane
@@ -48,6 +52,19 @@ FD_RESERVE = 256
 MAX_BACKLOG = 1024
 # Bytes an express connection may send ahead of its replies before reading pauses.
 BUF_MAX = 64 * 1024
+# A request's line and fields together: the pixel's line (up to 64 KiB, MAX_REQUEST_LINE
+# in service.py) and 16 KiB of fields (a browser's cookies are at most 8 KiB, aiohttp's
+# limit on a field). aiohttp's own limits (128 fields of 8 KiB) let each connection hold
+# a head of 1 MB, about 2 MB of memory parsed: 2 GB at listen.max_connections.
+HEAD_MAX = 80 * 1024
+_BLANK_LINE = re.compile(rb"\n\r?\n")   # a head's end (aiohttp takes a bare LF too)
+_HEAD_MESSAGE = (f"request head over {HEAD_MAX} bytes "
+                 "(its request line and header fields together)")
+_HEAD_BODY = orjson.dumps(plain_error(431, _HEAD_MESSAGE))
+HEAD_REFUSAL = (b"HTTP/1.1 431 Request Header Fields Too Large\r\n"
+                b"Content-Type: application/json; charset=utf-8\r\n"
+                b"Content-Length: %d\r\nConnection: close\r\n\r\n%s"
+                % (len(_HEAD_BODY), _HEAD_BODY))
 
 Handler = Callable[[web.BaseRequest], Awaitable[web.StreamResponse]]
 
@@ -91,8 +108,8 @@ class _Conn(asyncio.Protocol):
     the connection to aiohttp (``inner``) for good at the first request it cannot.
     """
 
-    __slots__ = ("active", "buf", "deadline", "eof", "inner", "lane", "limits", "paused", "pos",
-                 "serving", "state", "timer", "transport", "writable")
+    __slots__ = ("active", "buf", "deadline", "edge", "eof", "head", "inner", "lane", "limits",
+                 "paused", "pos", "serving", "state", "timer", "transport", "writable")
 
     def __init__(self, limits: ConnectionLimits, inner: asyncio.Protocol,
                  lane: ExpressLane | None) -> None:
@@ -112,6 +129,10 @@ class _Conn(asyncio.Protocol):
         self.deadline = 0.0
         self.active = 0.0  # a websocket's last frame, by the loop's clock
         self.timer: asyncio.TimerHandle | None = None
+        # Bytes of the head aiohttp is being given, before its blank line (-1: none is), and
+        # the last two of them, where that line may begin.
+        self.head = -1
+        self.edge = b""
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         # cast: uvloop's transports quack like asyncio.Transport without subclassing it.
@@ -131,9 +152,26 @@ class _Conn(asyncio.Protocol):
     def _to_inner(self, data: bytes) -> None:
         if self.state == IDLE:
             self.limits.head_started(self)
+            self.head, self.edge = 0, b""
         elif self.state == WEBSOCKET:
             self.active = self.limits.now()
+        if self.head >= 0 and not self._head_fits(data):
+            self.limits.head_too_large(self)
+            return
         self.inner.data_received(data)
+
+    def _head_fits(self, data: bytes) -> bool:
+        """Whether the head being read is still within HEAD_MAX with ``data``; once its
+        blank line is found, what follows (a body) is no longer counted."""
+        if self.edge and _BLANK_LINE.search(self.edge + data[:2]):
+            self.head = -1
+            return True
+        if _BLANK_LINE.search(data, 0, HEAD_MAX - self.head):
+            self.head = -1
+            return True
+        self.head += len(data)
+        self.edge = data[-2:]
+        return self.head <= HEAD_MAX
 
     def _bound(self) -> None:
         """Reading pauses while more than BUF_MAX bytes wait for the lane (a client
@@ -174,6 +212,7 @@ class _Conn(asyncio.Protocol):
         """aiohttp's from now on, from the first byte of the request it is given."""
         rest = bytes(self.buf[self.pos:])
         self.lane, self.buf, self.pos = None, bytearray(), 0
+        self.head, self.edge = 0, b""
         self._bound()
         if rest:
             self._to_inner(rest)
@@ -268,6 +307,19 @@ class ConnectionLimits:
     def head_started(self, conn: _Conn) -> None:
         self._wait(conn, HEAD, self.head_s)
 
+    def head_too_large(self, conn: _Conn) -> None:
+        """``conn``'s head is past HEAD_MAX: answered 431 and closed, nothing more read."""
+        assert conn.transport is not None
+        log_limited(log, logging.WARNING, "large-head",
+                    "a request head over %d bytes: answered 431, connection closed", HEAD_MAX)
+        transport = conn.transport
+        transport.write(HEAD_REFUSAL)
+        if transport.get_write_buffer_size():
+            transport.abort()   # a peer that reads nothing would hold its close for good
+        else:
+            transport.close()
+        self._count_closed(conn, "large_head")
+
     def lost(self, conn: _Conn) -> None:
         conn.transport = None
         if conn.timer is not None:
@@ -329,6 +381,9 @@ class ConnectionLimits:
         assert conn.transport is not None
         # abort, not close: close would first wait to flush a reply the peer never reads.
         conn.transport.abort()
+        self._count_closed(conn, reason)
+
+    def _count_closed(self, conn: _Conn, reason: str) -> None:
         self.lost(conn)  # its descriptor is released as the transport closes, just after
         closed = self.metrics.connections_closed
         closed[reason] = closed.get(reason, 0) + 1
