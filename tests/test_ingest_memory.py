@@ -306,3 +306,57 @@ async def test_a_small_gzip_batch_is_taken_beside_a_large_post_in_flight(make_ag
     finally:
         writer.close()
     assert agent.spool.depth == 1 and agent.metrics.busy_refusals == 0
+
+
+def tiny_events(n: int) -> bytes:
+    """A Nucleus message of ``n`` events of a few bytes each (ids, so none is a resend)."""
+    return b'{"data":[' + b",".join(b'{"id":%d}' % i for i in range(n)) + b"]}"
+
+
+async def test_a_nucleus_message_of_more_events_than_4_mib_holds_is_refused(
+        make_agent: Any) -> None:
+    """An event held until its commit takes ~450 bytes (its parsed object, its Event, its
+    enriched body) however few bytes it came as: one 4 MiB post of `{}` (1.4 million
+    events) took an `outpost run` to +640 MB for 10 s. An event counts as at least 32
+    bytes of the 4 MiB a message may be: one of more events is refused whole."""
+    agent = await make_agent()
+    body = tiny_events(MB * 4 // 32 + 1)   # 1.2 MB
+    base = f"http://127.0.0.1:{agent.port}/app/{KEY}/track"
+    why = "over 131,072 events in one message: too many to take"
+    async with aiohttp.ClientSession() as s:
+        async with s.post(base, data=body) as r:
+            assert r.status == 413, (await r.text())[:200]
+            assert (await r.json())["error"].startswith(why)
+        async with s.ws_connect(base) as ws:
+            await ws.send_bytes(body)
+            msg = await ws.receive(timeout=10)
+            assert msg.type == WSMsgType.CLOSE, msg
+            assert ws.close_code == WSCloseCode.MESSAGE_TOO_BIG
+            assert msg.extra.startswith(why)
+    assert agent.spool.depth == 0
+
+
+async def test_an_event_counts_at_least_32_bytes_against_the_in_flight_budget(
+        make_agent: Any) -> None:
+    """Events of a few bytes, charged by their bytes alone, let a budget of 6 MiB hold
+    about 700,000 events waiting for their commit (300 MB); each counts 32 bytes."""
+    agent = await make_agent(listen={"max_inflight_mb": 1})
+    _reader, writer = await asyncio.open_connection("127.0.0.1", agent.port)
+    writer.write((f"POST /app/{KEY}/track HTTP/1.1\r\nHost: 127.0.0.1\r\n"
+                  f"Content-Length: {MB // 2}\r\n\r\n").encode() + b'{"data": [')
+    await writer.drain()
+    await wait_for(lambda: agent.metrics.inflight_bytes == MB // 2)
+    body = tiny_events(20_000)   # 270 KB: with the 512 KiB held, under the 1 MiB budget
+    try:
+        async with aiohttp.ClientSession() as s:
+            async with s.post(f"http://127.0.0.1:{agent.port}/app/{KEY}/track",
+                              data=body) as r:   # counted as 640,000 bytes: over it
+                assert r.status == 503, (await r.text())[:200]
+                assert r.headers["Retry-After"] == "1"
+    finally:
+        writer.close()
+    await wait_for(lambda: agent.metrics.inflight_bytes == 0)
+    async with aiohttp.ClientSession() as s:   # alone, it is taken
+        async with s.post(f"http://127.0.0.1:{agent.port}/app/{KEY}/track", data=body) as r:
+            assert r.status == 200, (await r.text())[:200]
+    assert agent.spool.depth == 20_000 and agent.metrics.inflight_bytes == 0
