@@ -28,9 +28,17 @@ from agent.dialects.base import (
     Routes,
     websocket,
 )
-from agent.dialects.body import BODY_TIMEOUT_S, BodyError, Busy, parse_body, read_raw
+from agent.dialects.body import (
+    BODY_TIMEOUT_S,
+    TICKET,
+    BodyError,
+    Busy,
+    Reservation,
+    parse_body,
+    read_raw,
+)
 from agent.dialects.nucleus_frames import Late, OverCap, QueueSocket, Taken
-from agent.dialects.nucleus_queue import TooLarge, TooMany
+from agent.dialects.nucleus_queue import EVENT_MIN, TooLarge, TooMany
 from agent.dialects.replies import describe, masked, status_of
 from agent.families import nucleus as family
 from agent.families.errors import Invalid, shown
@@ -57,6 +65,12 @@ KEEP = 2 * 1024 * 1024
 # costs ~1 µs of Python, so no message costs more than about a second of CPU (64 MiB of
 # real events hold ~150,000; of `0,`, 33 million). Over it: refused (1009), logged.
 MAX_VALUES = 1_000_000
+# An event holds ~450 bytes until its commit (its parsed object, its Event, its enriched
+# body) however few it came as: a 4 MiB post of `{}`, 1.4 million events, took 640 MB and
+# 10 s. So a message taken whole counts each event as at least EVENT_MIN bytes, as one read
+# as it arrives does for those it keeps: against the 4 MiB it may be (no more events than
+# this), and against the in-flight budget. Real events are 100 bytes or more.
+MAX_EVENTS = MAX_MESSAGE // EVENT_MIN
 
 
 def _error(status: int, message: str, retry_after: int | None = None) -> web.Response:
@@ -89,9 +103,11 @@ class NucleusHandlers:
     def __init__(self, sink: IngestSink) -> None:
         self.sink = sink
 
-    async def _take(self, raw: str | bytes, key: str) -> list[Any]:
+    async def _take(self, raw: str | bytes, key: str,
+                    ticket: Reservation | None) -> list[Any]:
         """Message ``raw`` parsed and its events stored, held to the routes in force when
-        it came (a reload applies to the next message); its acks."""
+        it came (a reload applies to the next message); its acks. ``ticket`` holds its
+        bytes, and is charged what its events count for beyond them (MAX_EVENTS)."""
         enrich = self.sink.enrich
         limits = self.sink.limits
         # The parsed events are kept on the Events only for a key whose events are mapped
@@ -99,9 +115,16 @@ class NucleusHandlers:
         keep = limits.maps_key(key)
 
         def build(read: tuple[Any, dict[int, str]], _size: int) -> family.Accepted:
+            data = read[0].get("data") if isinstance(read[0], dict) else None
+            if isinstance(data, list) and len(data) > MAX_EVENTS:
+                raise TooMany(MAX_EVENTS, "events", "too many to take (each counts as at "
+                              f"least {EVENT_MIN} bytes of the {MAX_MESSAGE // 2**20} MiB "
+                              "a message may be)")
             return family.accept(read[0], key, enrich, read[1], keep_parsed=keep)
-        events, acks = self._carried(await parse_body(raw, nucleus_json.read, build), key,
-                                     limits)
+        got = await parse_body(raw, nucleus_json.read, build)
+        if ticket is not None:
+            ticket.take(max(0, EVENT_MIN * len(got.events) - len(raw)))
+        events, acks = self._carried(got, key, limits)
         await self.sink.store(events, limits)
         return acks
 
@@ -141,7 +164,7 @@ class NucleusHandlers:
         if (why := self.sink.key_refusal(key)) is not None:
             return _error(401, f"appId {_quoted(key)} refused: {why}")
         try:
-            acks = await self._take(await read_raw(request, MAX_MESSAGE), key)
+            acks = await self._take(await read_raw(request, MAX_MESSAGE), key, TICKET.get())
         except BodyError as exc:
             return _error(exc.status, describe(exc), exc.retry_after)
         except Invalid as exc:
@@ -200,7 +223,7 @@ class NucleusHandlers:
         """One message as aiohttp read it: stored; its acks."""
         with self.sink.ticket() as ticket:
             ticket.take(len(data))
-            return await self._take(data, key)
+            return await self._take(data, key, ticket)
 
     async def _large(self, key: str, taken: Taken) -> list[Any]:
         """One large message, read as it came (nucleus_frames.py): the events it kept
@@ -210,7 +233,8 @@ class NucleusHandlers:
                 raise taken.error
             assert taken.split is not None
             split = taken.split
-            acks = await self._take(split.message, key)
+            # Charged the most it may keep, which counts its events so already.
+            acks = await self._take(split.message, key, None)
         log_limited(log, logging.INFO, f"queue:{key}",
                     "app %s sent its queue of %d events in one %.1f MiB message: took %d; "
                     "its module resends the rest", masked(key), split.total,

@@ -50,7 +50,8 @@ _RETRY_MIN = SLICE
 _NOT_BLANK = re.compile(r"[^ \t\n\r]")
 # Bytes a kept event is charged at least, its first excepted: bounds the events kept (to
 # keep/32, ~65,000) whose list is sorted, joined and freed in one go (1M tiny ones: ~0.1 s).
-_ENTRY = 32
+# A message taken whole counts each event so too (nucleus.py).
+EVENT_MIN = 32
 _SCALAR = re.compile(r"[-+.0-9A-Za-z]*")   # what a number or a literal is written with
 
 # Where the reader is in `{"data": [...]}`.
@@ -87,10 +88,11 @@ class NoId(TooLarge):
 
 
 class TooMany(BodyError):
-    """More values in one message than may be read (the websocket's 1009)."""
+    """More values in one message than may be read, or events than may be taken (the
+    websocket's 1009)."""
 
-    def __init__(self, values: int) -> None:
-        super().__init__(413, f"over {values:,} values in one message: too many to read")
+    def __init__(self, most: int, what: str = "values", why: str = "too many to read") -> None:
+        super().__init__(413, f"over {most:,} {what} in one message: {why}")
 
 
 class QueueReader:
@@ -295,8 +297,8 @@ class QueueReader:
 
 
 def _cost(index: int, piece: bytes) -> int:
-    """What a kept event is charged: its bytes and a comma, at least _ENTRY but the first."""
-    return len(piece) + 1 if not index else max(len(piece) + 1, _ENTRY)
+    """What a kept event is charged: its bytes and a comma, at least EVENT_MIN but the first."""
+    return len(piece) + 1 if not index else max(len(piece) + 1, EVENT_MIN)
 
 
 def _cut(text: str, pos: int) -> bool:
