@@ -356,6 +356,25 @@ async def test_a_head_within_80_kib_is_served_and_the_body_after_it_not_counted(
     assert agent.metrics.connections_closed == {}
 
 
+async def test_the_rest_of_a_body_refused_early_is_no_head(
+        make_agent: Callable[..., Any], sockets: list[socket.socket]) -> None:
+    """A body over its route's limit is answered 413 at its head, and the rest of it read
+    and dropped: those bytes are a body, not a head over 80 KiB to answer 431 as well."""
+    agent = await make_agent()
+    loop = asyncio.get_running_loop()
+    s = await connect(agent.port, sockets)
+    body = b"x" * 400_000
+    await loop.sock_sendall(s, b"POST /v1/track HTTP/1.1\r\nHost: 127.0.0.1\r\n"
+                               b"Authorization: " + basic(KEY).encode() + b"\r\n"
+                               b"Content-Length: %d\r\n\r\n" % len(body) + body)
+    reply = await asyncio.wait_for(read_reply(s), 5)
+    assert reply.startswith(b"HTTP/1.1 413 "), reply[:300]
+    await loop.sock_sendall(s, b"GET /healthz HTTP/1.1\r\nHost: 127.0.0.1\r\n\r\n")
+    reply = await asyncio.wait_for(read_reply(s), 5)
+    assert reply.startswith(b"HTTP/1.1 200 "), reply[:300]
+    assert agent.metrics.connections_closed == {}
+
+
 # A body begun on each API's route, the key as that API carries it.
 STALLED = [
     (b"/v1/batch", b"Authorization: " + basic(KEY).encode(), b'{"batch": [', "Errors"),
