@@ -33,7 +33,7 @@ from collections.abc import Awaitable, Callable
 from typing import Any, cast
 
 import orjson
-from aiohttp import web
+from aiohttp import StreamReader, web
 
 from agent.dialects.replies import plain_error
 from agent.logs import log_limited
@@ -109,7 +109,7 @@ class _Conn(asyncio.Protocol):
     """
 
     __slots__ = ("active", "buf", "deadline", "edge", "eof", "head", "inner", "lane", "limits",
-                 "paused", "pos", "serving", "state", "timer", "transport", "writable")
+                 "paused", "pos", "serving", "state", "timer", "transport", "unread", "writable")
 
     def __init__(self, limits: ConnectionLimits, inner: asyncio.Protocol,
                  lane: ExpressLane | None) -> None:
@@ -133,6 +133,9 @@ class _Conn(asyncio.Protocol):
         # the last two of them, where that line may begin.
         self.head = -1
         self.edge = b""
+        # The body of the last request aiohttp handled: until its end, bytes are its (the
+        # rest of a body refused early, which aiohttp reads and drops), not a head.
+        self.unread: StreamReader | None = None
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         # cast: uvloop's transports quack like asyncio.Transport without subclassing it.
@@ -155,6 +158,11 @@ class _Conn(asyncio.Protocol):
             self.head, self.edge = 0, b""
         elif self.state == WEBSOCKET:
             self.active = self.limits.now()
+        if self.unread is not None:
+            if not self.unread.is_eof():
+                self.inner.data_received(data)
+                return   # a head after that body's end in ``data`` is counted from the next
+            self.unread = None
         if self.head >= 0 and not self._head_fits(data):
             self.limits.head_too_large(self)
             return
@@ -285,7 +293,7 @@ class ConnectionLimits:
             conn = conns.get(request.protocol)
             if conn is None:
                 return await handler(request)
-            conn.state = BUSY
+            conn.state, conn.head, conn.unread = BUSY, -1, request.content   # its head is whole
             if request.headers.get("Upgrade", "").lower() == "websocket":
                 conn.state, conn.active = WEBSOCKET, self._loop.time()
             try:
