@@ -160,8 +160,11 @@ class _Conn(asyncio.Protocol):
             self.active = self.limits.now()
         if self.unread is not None:
             if not self.unread.is_eof():
+                # Where its end falls in ``data`` is aiohttp's to know: a request sent right
+                # after it is not counted, as one sent ahead of an answer is not.
+                self.head = -1
                 self.inner.data_received(data)
-                return   # a head after that body's end in ``data`` is counted from the next
+                return
             self.unread = None
         if self.head >= 0 and not self._head_fits(data):
             self.limits.head_too_large(self)
