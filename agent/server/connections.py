@@ -33,7 +33,7 @@ from collections.abc import Awaitable, Callable
 from typing import Any, cast
 
 import orjson
-from aiohttp import StreamReader, web
+from aiohttp import web
 
 from agent.dialects.replies import plain_error
 from agent.logs import log_limited
@@ -100,6 +100,15 @@ def fit_fd_limit(max_connections: int) -> tuple[int, int]:
     return cap, backlog
 
 
+def _awaits_request(inner: Any) -> bool:
+    """Whether aiohttp's protocol waits for a request: what comes is a head (or the rest of
+    one), not a body, nor the rest of one refused early that it reads and drops (aiohttp
+    3.14's ``start`` loop: no message queued, waiting on ``_waiter``). A request sent ahead
+    of an answer is not counted: where the body before it ends is aiohttp's to know."""
+    waiter = getattr(inner, "_waiter", None)
+    return waiter is not None and not waiter.done() and not inner._messages
+
+
 class _Conn(asyncio.Protocol):
     """Wraps aiohttp's protocol for one connection; tracks its state and deadline.
 
@@ -109,7 +118,7 @@ class _Conn(asyncio.Protocol):
     """
 
     __slots__ = ("active", "buf", "deadline", "edge", "eof", "head", "inner", "lane", "limits",
-                 "paused", "pos", "serving", "state", "timer", "transport", "unread", "writable")
+                 "paused", "pos", "serving", "state", "timer", "transport", "writable")
 
     def __init__(self, limits: ConnectionLimits, inner: asyncio.Protocol,
                  lane: ExpressLane | None) -> None:
@@ -133,9 +142,6 @@ class _Conn(asyncio.Protocol):
         # the last two of them, where that line may begin.
         self.head = -1
         self.edge = b""
-        # The body of the last request aiohttp handled: until its end, bytes are its (the
-        # rest of a body refused early, which aiohttp reads and drops), not a head.
-        self.unread: StreamReader | None = None
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         # cast: uvloop's transports quack like asyncio.Transport without subclassing it.
@@ -155,17 +161,10 @@ class _Conn(asyncio.Protocol):
     def _to_inner(self, data: bytes) -> None:
         if self.state == IDLE:
             self.limits.head_started(self)
-            self.head, self.edge = 0, b""
         elif self.state == WEBSOCKET:
             self.active = self.limits.now()
-        if self.unread is not None:
-            if not self.unread.is_eof():
-                # Where its end falls in ``data`` is aiohttp's to know: a request sent right
-                # after it is not counted, as one sent ahead of an answer is not.
-                self.head = -1
-                self.inner.data_received(data)
-                return
-            self.unread = None
+        if self.head < 0 and _awaits_request(self.inner):
+            self.head, self.edge = 0, b""
         if self.head >= 0 and not self._head_fits(data):
             self.limits.head_too_large(self)
             return
@@ -296,7 +295,7 @@ class ConnectionLimits:
             conn = conns.get(request.protocol)
             if conn is None:
                 return await handler(request)
-            conn.state, conn.head, conn.unread = BUSY, -1, request.content   # its head is whole
+            conn.state, conn.head = BUSY, -1   # its head is whole
             if request.headers.get("Upgrade", "").lower() == "websocket":
                 conn.state, conn.active = WEBSOCKET, self._loop.time()
             try:
