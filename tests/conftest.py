@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import compileall
+import logging
 import os
 import random
 import re
@@ -107,11 +108,21 @@ def compiled_agent() -> None:
 
 
 @pytest.fixture(autouse=True)
-def fresh_log_state(monkeypatch: pytest.MonkeyPatch) -> None:
+def fresh_log_state(monkeypatch: pytest.MonkeyPatch) -> Iterator[None]:
     """Keys registered for redaction by one test's agent must not leak into the next."""
     monkeypatch.setattr(logs, "_registry", logs.SecretRegistry())
     # Nor may one test's rate-limited log line (once a minute) silence the next test's.
     monkeypatch.setattr(logs, "_default_limiter", logs.RateLimiter())
+    # Nor a test's setup_logging the next tests' root logger: left at info, every later
+    # test's caplog saw the agent's info lines (one naming a tmp_path that held "refused").
+    root = logging.getLogger()
+    level, installed = root.level, logs._installed
+    yield
+    if logs._installed is not installed and logs._installed is not None:
+        root.removeHandler(logs._installed)
+        logs._installed.close()
+        logs._installed = installed
+    root.setLevel(level)
 
 
 @pytest.fixture
