@@ -169,3 +169,32 @@ async def test_the_units_let_the_agent_open_every_socket_family_it_uses(system: 
     service = unit_sections(tpl.systemd_unit("/usr/bin/python3", system=system))["Service"]
     allowed = set(service["RestrictAddressFamilies"].split())
     assert opened | {"AF_UNIX", "AF_INET", "AF_INET6"} <= allowed, allowed
+
+
+@pytest.mark.skipif(sys.platform == "win32", reason="AF_UNIX datagrams")
+async def test_a_notify_socket_nobody_reads_is_a_warning_not_a_silent_death(
+        tmp_path: Path, agent_process: Callable[..., AgentProcess]) -> None:
+    """NOTIFY_SOCKET names a socket the agent cannot reach (a container started by a
+    Type=notify unit, the socket not mounted in): READY=1 and every watchdog ping were
+    dropped with a debug line only, and systemd killed the agent at its start timeout
+    with nothing in the agent's own log to say why. Each kind of message that fails is
+    a warning, once a minute, naming the socket and what systemd will do."""
+    port = free_port()
+    cfg = write_config(tmp_path / "agent.toml", tmp_path / "spool.db", port=port)
+    nobody = tmp_path / "nobody.sock"
+    # WatchdogSec=0.2 s: a failed ping every 0.1 s, which must not flood the log.
+    agent = agent_process(cfg, port, env={"NOTIFY_SOCKET": str(nobody),
+                                          "WATCHDOG_USEC": "200000"})
+    await asyncio.to_thread(agent.start)
+
+    def warned(what: str) -> bool:
+        return any("WARNING" in line and what in line and str(nobody) in line
+                   for line in agent.log.read_text().splitlines())
+    for _ in range(100):   # 5 s at most
+        if warned("ready") and warned("watchdog"):
+            break
+        await asyncio.sleep(0.05)
+    assert agent.terminate() == 0
+    text = agent.log.read_text()
+    assert warned("ready") and warned("watchdog"), text
+    assert text.count("watchdog") == 1, text   # once a minute, not every 0.1 s
