@@ -89,9 +89,9 @@ def test_unsupported_address_disables() -> None:
 
 def test_send_failure_is_logged_not_raised(tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
     notifier = Notifier(str(tmp_path / "nobody-listens.sock"))
-    with caplog.at_level(logging.DEBUG, logger="outpost.notify"):
+    with caplog.at_level(logging.WARNING, logger="outpost.notify"):
         assert notifier.ready() is False
-    assert "READY=1" in caplog.text
+    assert "ready" in caplog.text
 
 
 def test_reuses_one_socket_and_recovers_after_close(listener: tuple[socket.socket, str]) -> None:

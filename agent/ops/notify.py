@@ -17,19 +17,28 @@ import sys
 import time
 from collections.abc import Callable, Mapping
 
+from agent.logs import log_limited
+
 log = logging.getLogger("outpost.notify")
 
 # A blocked send means systemd's queue is full; waiting briefly is better than
 # dropping READY=1, but the event loop must not stall for long.
 _SEND_TIMEOUT_S = 1.0
+# What systemd does when a message of this kind is lost: said with the failure, since
+# systemd's own line ("start operation timed out") names no cause.
+_LOST = {"READY": ("that the agent is ready", "under Type=notify, systemd stops the agent "
+                   "at its start timeout, taking it for a start that hung"),
+         "WATCHDOG": ("the watchdog ping", "systemd stops the agent once WatchdogSec passes "
+                      "without one")}
 
 
 class Notifier:
     """Tells systemd about the service's state; a no-op when not run by systemd.
 
     Build it with :meth:`from_env`.  Sending never raises: a lost notification
-    must not take the agent down, and systemd's own start and watchdog
-    timeouts already report a service that stays silent.
+    must not take the agent down. It is logged as a warning, once a minute per kind
+    (READY, WATCHDOG, ...): systemd's own timeouts then stop the agent, and its line
+    for that names no cause (a socket not mounted into a container, say).
     """
 
     def __init__(
@@ -40,6 +49,7 @@ class Notifier:
         monotonic_ns: Callable[[], int] = time.monotonic_ns,
     ) -> None:
         self._address = _socket_address(address) if address else None
+        self._shown = address or ""   # as the environment gave it, for the log
         self._watchdog_usec = watchdog_usec
         self._monotonic_ns = monotonic_ns
         self._sock: socket.socket | None = None
@@ -106,7 +116,11 @@ class Notifier:
                 self._sock.settimeout(_SEND_TIMEOUT_S)
             self._sock.sendto(payload, self._address)
         except OSError as exc:
-            log.debug("sd_notify %r failed: %s", payload, exc)
+            kind = assignments[0].split("=", 1)[0]
+            what, then = _LOST.get(kind, (assignments[0], ""))
+            log_limited(log, logging.WARNING, f"failed:{kind}",
+                        "could not tell the service manager %s (NOTIFY_SOCKET %s: %s)%s",
+                        what, self._shown, exc.strerror or exc, then and f"; {then}")
             return False
         return True
 
