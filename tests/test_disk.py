@@ -799,7 +799,8 @@ async def test_status_says_the_spool_cannot_be_opened(
         make_agent: Any, small_fs: Path) -> None:
     """An agent whose spool cannot be opened (a full disk at start) refuses every event
     with 503; its /status and `outpost status` showed an empty spool and nothing amiss.
-    They must say the spool is not open, and why, until it is."""
+    They must say the spool is not open, and why, until it is; and /metrics, which said
+    nothing an alert could fire on while no app sent (its queue unsent meanwhile)."""
     spool_path = small_fs / "spool" / "spool.db"
     await asyncio.to_thread(make_spool, spool_path, 300)
     filler = small_fs / "filler"
@@ -811,10 +812,14 @@ async def test_status_says_the_spool_cannot_be_opened(
         assert said and "disk" in said, said
         assert "not open" in render(await (await s.get(
             f"http://127.0.0.1:{agent.port}/status")).json()), "outpost status says nothing"
+        async with s.get(f"http://127.0.0.1:{agent.port}/metrics") as r:
+            assert "\noutpost_spool_open 0\n" in await r.text(), "/metrics says nothing"
         filler.unlink()
         assert (await post(s, agent.port, [event(1, pad="")])).status == 200
         async with s.get(f"http://127.0.0.1:{agent.port}/status") as r:
             assert (await r.json())["spool"].get("open_error") is None
+        async with s.get(f"http://127.0.0.1:{agent.port}/metrics") as r:
+            assert "\noutpost_spool_open 1\n" in await r.text()
 
 
 async def test_a_commit_that_succeeded_is_not_reported_failed_when_the_disk_is_nearly_full(
