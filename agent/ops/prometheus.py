@@ -85,6 +85,10 @@ def render(snap: Snapshot, latency: Histogram) -> str:
               snap["oldest_event_age_s"] or 0)
     out.gauge("spool_bytes", "Bytes the spool file uses.", snap["spool"]["used_bytes"] or 0)
     out.gauge("spool_max_bytes", "storage.max_size_mb, in bytes.", snap["spool"]["max_bytes"] or 0)
+    # Else only /status says it: with no app sending, nothing here moved meanwhile.
+    out.gauge("spool_open", "1 while the spool is open; 0 while it cannot be opened (a full "
+              "disk, say): events are refused with 503 and none forwarded; /status says why "
+              "(spool.open_error).", 0 if snap["spool"]["open_error"] else 1)
     out.counter("expiry_errors_total", "Expiry runs (max_age_days, the dedupe window) that "
                 "failed; the last error is in /status.", snap["spool"]["expiry_errors"] or 0)
     out.gauge("unrouted_queue_events",
