@@ -531,6 +531,52 @@ async def test_a_200_in_an_encoding_the_agent_cannot_decode_keeps_its_status(
                                                    "read") and encoding in error, error
 
 
+async def _raw_upstream(head: bytes) -> asyncio.Server:
+    """Answers every request with ``head`` (a status line and headers, as bytes: aiohttp's
+    server writes only UTF-8) and a 2-byte body."""
+    async def answer(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        with contextlib.suppress(asyncio.IncompleteReadError, ConnectionError):
+            while True:
+                request = await reader.readuntil(b"\r\n\r\n")
+                size = re.search(rb"(?i)content-length: *(\d+)", request)
+                await reader.readexactly(int(size[1]) if size else 0)
+                writer.write(head + b"\r\nContent-Length: 2\r\n\r\nno")
+        writer.close()
+    return await asyncio.start_server(answer, "127.0.0.1", 0)
+
+
+@pytest.mark.parametrize("status", [400, 503])
+async def test_a_content_encoding_not_utf8_is_shown_as_its_bytes(make_agent: Any,
+                                                                 status: int) -> None:
+    """A refusal whose Content-Encoding holds a byte that is not UTF-8 (a proxy's garbage):
+    aiohttp reads it as a lone surrogate, which its error's text ("could not be read: Can
+    not decode content-encoding: ...") carried. A 400's dead letter could not be stored
+    (SQLite takes only UTF-8): the event was sent again for ever; a 503's last error made
+    /status answer 500, breaking `outpost status` and the status page."""
+    server = await _raw_upstream(b"HTTP/1.1 %d No\r\nContent-Encoding: gzip, x\xff" % status)
+    try:
+        port = server.sockets[0].getsockname()[1]
+        agent = await make_agent(upstreams=[{"name": "up", "protocol": "segment-http",
+                                             "url": f"http://127.0.0.1:{port}",
+                                             "flush_interval_s": 0.02, "timeout_s": 2}])
+        await send(agent, [event(1)])
+        state = agent.forwarding.states["up"]
+        if status == 400:
+            await wait_for(lambda: agent.spool.depth == 0 or state.retries >= 2)
+            [letter] = await agent.spool.dead_letters()
+            shown = letter["reason"]
+        else:
+            await wait_for(lambda: state.last_error is not None)
+            async with aiohttp.ClientSession() as s, s.get(
+                    f"http://127.0.0.1:{agent.port}/status") as r:
+                assert r.status == 200, await r.text()
+                [up] = (await r.json())["upstreams"]
+            shown = up["last_error"]
+        assert "content-encoding: gzip, x\\xff" in shown, shown
+    finally:
+        server.close()
+
+
 async def test_a_segment_200_whose_body_stalls_is_sent_again(make_agent: Any,
                                                              faulty: FaultyUpstream) -> None:
     """The collector's 200 came, then its body stopped half way (a wrong Content-Length, a
