@@ -335,7 +335,10 @@ async def _read_at_most(resp: aiohttp.ClientResponse, most: int) -> tuple[bytes,
     decode, or one compressed other than by gzip or deflate; ClientPayloadError (aiohttp's)
     for one not received whole."""
     encoding = (resp.headers.get("Content-Encoding") or "").strip().lower()
-    cannot = f"Can not decode content-encoding: {encoding}"
+    # Named as sent: aiohttp reads a byte that is not UTF-8 as a lone surrogate, which no
+    # dead letter (SQLite) or /status answer (orjson) can hold.
+    shown = encoding.encode("utf-8", "surrogateescape").decode("utf-8", "backslashreplace")
+    cannot = f"Can not decode content-encoding: {shown}"
     if encoding in _UNDECODED or "," in encoding:
         raise _Undecodable(cannot)
     inflate = encoding in _INFLATED
