@@ -306,3 +306,18 @@ async def test_a_status_of_another_shape_is_no_traceback(tmp_path: Path, reply: 
             assert "not an Outpost agent" in text and "no agent running" in text, text
     finally:
         await runner.cleanup()
+
+
+async def test_the_sync_line_shows_hidden_characters_escaped(
+        make_agent: Any, monkeypatch: pytest.MonkeyPatch) -> None:
+    """The transmit profile's metered detail names the D-Bus address it could not reach:
+    an abstract socket's NUL, and any escape sequence in the address, reached the
+    terminal raw (`outpost doctor` escapes the same detail)."""
+    monkeypatch.setenv("DBUS_SYSTEM_BUS_ADDRESS", "unix:abstract=x\x1b[2J")
+    agent = await make_agent(sync={"on_metered": "hold"})
+    await wait_for(lambda: agent.sync is not None and agent.sync.errors > 0)
+    async with aiohttp.ClientSession() as s, \
+            s.get(f"http://127.0.0.1:{agent.port}/status") as r:
+        [line] = [ln for ln in render(await r.json()).splitlines() if ln.startswith("sync:")]
+    hidden = sorted({c for c in line if not c.isprintable()})
+    assert not hidden and "(no D-Bus at \\x00x\\x1b[2J" in line, (hidden, line)
