@@ -137,8 +137,10 @@ def render(data: Snapshot) -> str:
         failed = sync.get("errors") or 0
         errors = (f"; {failed} reading{'s' if failed > 1 else ''} failed, the last: "
                   f"{_clip(str(sync.get('last_error')))}" if failed else "")
-        lines.append(f"sync:     {sync['profile']} ({sync['reason']}){held}; "
-                     f"metered {sync['metered']} ({sync['metered_detail']}){errors}")
+        # The reason and detail name what the readings came from (a D-Bus address: an
+        # abstract socket's starts with NUL), escaped as doctor shows them.
+        lines.append(f"sync:     {sync['profile']} ({printable(sync['reason'])}){held}; "
+                     f"metered {sync['metered']} ({printable(sync['metered_detail'])}){errors}")
     rows = _upstream_rows(data)
     lines.append("")
     if rows:
