@@ -1155,3 +1155,37 @@ async def test_a_kept_alive_connection_the_upstream_closed_is_no_failure(
             await wait_for(lambda: state.acked == n or state.retries > 0)
         assert (state.acked, state.retries, state.last_error) == (2, 0, None), state
         assert len(connections) == 3 and connections[0] == connections[1] != connections[2]
+
+
+async def _cut_mid_head(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+    """An upstream that reads a request whole, then closes after part of its answer's head."""
+    head = await reader.readuntil(b"\r\n\r\n")
+    length = re.search(rb"(?im)^content-length:\s*(\d+)", head)
+    await reader.readexactly(int(length[1]) if length else 0)
+    writer.write(b"HTTP/1.1 200 OK\r\nContent-Type: application/js")
+    await writer.drain()
+    writer.close()
+
+
+@pytest.mark.parametrize("protocol", ["nucleus-http", "nucleus-ws", "segment-http"])
+async def test_an_answer_cut_mid_head_is_named_plainly(make_agent: Any, fast_backoff: Seams,
+                                                      protocol: str) -> None:
+    """The upstream (or a proxy) closes the connection partway through its answer's head:
+    the batch is kept and retried, and last_error says what happened. It said `request
+    failed: <RawResponseMessage(version=HttpVersion(major=1, minor=1), code=200, ...,
+    raw_headers=((b'Content-Type', b'application/js'),) ...)>`, aiohttp's parser state."""
+    server = await asyncio.start_server(_cut_mid_head, "127.0.0.1", 0)
+    port = server.sockets[0].getsockname()[1]
+    scheme = "ws" if protocol == "nucleus-ws" else "http"
+    try:
+        agent = await make_agent(upstreams=[{
+            "name": "up", "protocol": protocol, "url": f"{scheme}://127.0.0.1:{port}",
+            "flush_interval_s": 0.02, "timeout_s": 2}])
+        state = agent.forwarding.states["up"]
+        await send(agent, [event(0)])
+        await wait_for(lambda: state.retries >= 1)
+        error = state.last_error or ""
+        assert "closed the connection" in error and "Raw" not in error, error
+        assert agent.spool.depth == 1 and state.acked == 0
+    finally:
+        server.close()
