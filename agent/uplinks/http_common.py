@@ -313,7 +313,16 @@ def _failed(exc: BaseException, progress: _Progress, body: bytes, timeout_s: flo
                      "an event that goes alone and still times out needs a larger "
                      "timeout_s)", too_slow=True)
     wait = exc.retry_after if isinstance(exc, UpstreamRedirect) else None
-    return Retry(f"request failed: {str(exc) or type(exc).__name__}", retry_after=wait)
+    return Retry(f"request failed: {described(exc)}", retry_after=wait)
+
+
+def described(exc: BaseException) -> str:
+    """What a network error says, for last_error and the log."""
+    if isinstance(exc, aiohttp.ServerDisconnectedError) and not isinstance(exc.message, str):
+        # Closed partway through the answer's head: aiohttp's message is then its parser's
+        # partial answer, whose repr (the upstream's raw headers) was the error.
+        return "the upstream closed the connection partway through its answer's head"
+    return str(exc) or type(exc).__name__
 
 
 # The encodings a reply is decoded from, and so the only ones asked for (aiohttp would ask

@@ -41,6 +41,7 @@ from agent.uplinks import splice
 from agent.uplinks.base import Acked, Refused, Retry, SendResult, UplinkBase, to_check
 from agent.uplinks.http_common import (
     UpstreamRedirect,
+    described,
     excerpt,
     html_instead_of_reply,
     media_type,
@@ -230,7 +231,7 @@ class NucleusWsUplink(NucleusFraming, UplinkBase):
                     self._last_sent = asyncio.get_running_loop().time()
                 except (aiohttp.ClientError, OSError, TimeoutError, RuntimeError) as exc:
                     stalled = isinstance(exc, TimeoutError)
-                    link.lose(f"send failed: {_describe(exc)}")
+                    link.lose(f"send failed: {described(exc)}")
         try:
             error = await self._wait_acks(link, prepared.seqs)
             # No answer to it in time on a connection still up, or no room to send it: a
@@ -321,7 +322,7 @@ class NucleusWsUplink(NucleusFraming, UplinkBase):
         except (aiohttp.ClientError, OSError, TimeoutError, RuntimeError) as exc:
             # A redirect is an UpstreamRedirect here: the session never follows one.
             wait = exc.retry_after if isinstance(exc, UpstreamRedirect) else None
-            return _Link(None, 0, lost=f"connect failed: {_describe(exc)}", retry_after=wait)
+            return _Link(None, 0, lost=f"connect failed: {described(exc)}", retry_after=wait)
         link = _Link(ws, min(CLOSE_GRACE_S, self.cfg.timeout_s))
         # The handshake is traffic: the first heartbeat is due a minute after it, not now
         # (``connecting`` opens the link before the first frame is even prepared).
@@ -449,7 +450,3 @@ def _handshake_refused(exc: aiohttp.WSServerHandshakeError) -> tuple[str, float 
     hint = "" if page else f" ({check})" if (check := to_check(exc.status)) else ""
     return (f"websocket handshake refused: {page or f'HTTP {exc.status} ({exc.message})'}{hint}",
             wait)
-
-
-def _describe(exc: BaseException) -> str:
-    return str(exc) or type(exc).__name__
