@@ -383,3 +383,31 @@ async def test_a_repeated_answer_does_not_acknowledge_a_later_event_not_yet_sent
         finally:
             await agent.stop()   # before its session closes
             await fake.server.stop()
+
+
+async def test_a_handshake_left_unanswered_says_so_in_last_error(make_agent: Any,
+                                                                fast_backoff: Seams) -> None:
+    """The upstream's host takes the connection but never answers the websocket handshake
+    (a wedged server, a proxy holding it): last_error said `connect failed: TimeoutError`,
+    naming neither what timed out nor the setting that bounds it."""
+    done = asyncio.Event()
+
+    async def silent(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        await done.wait()
+        writer.close()
+
+    server = await asyncio.start_server(silent, "127.0.0.1", 0)
+    port = server.sockets[0].getsockname()[1]
+    try:
+        agent = await make_agent(upstreams=[{
+            "name": "up", "protocol": "nucleus-ws", "url": f"ws://127.0.0.1:{port}",
+            "flush_interval_s": 0.02, "timeout_s": 0.2}])
+        state = agent.forwarding.states["up"]
+        await send(agent, [event(0)])
+        await wait_for(lambda: state.retries >= 1)
+        error = state.last_error or ""
+        assert "handshake" in error and "0.2s (timeout_s)" in error, error
+        assert agent.spool.depth == 1
+    finally:
+        done.set()
+        server.close()
