@@ -322,7 +322,10 @@ class NucleusWsUplink(NucleusFraming, UplinkBase):
         except (aiohttp.ClientError, OSError, TimeoutError, RuntimeError) as exc:
             # A redirect is an UpstreamRedirect here: the session never follows one.
             wait = exc.retry_after if isinstance(exc, UpstreamRedirect) else None
-            return _Link(None, 0, lost=f"connect failed: {described(exc)}", retry_after=wait)
+            # wait_for's own timeout: no connection, or no answer to the upgrade request.
+            why = (f"no websocket handshake within {self.cfg.timeout_s:g}s (timeout_s)"
+                   if type(exc) is TimeoutError else described(exc))
+            return _Link(None, 0, lost=f"connect failed: {why}", retry_after=wait)
         link = _Link(ws, min(CLOSE_GRACE_S, self.cfg.timeout_s))
         # The handshake is traffic: the first heartbeat is due a minute after it, not now
         # (``connecting`` opens the link before the first frame is even prepared).
