@@ -417,3 +417,33 @@ async def test_a_200_that_refuses_part_of_the_batch_past_the_reply_cap_is_not_an
     assert [orjson.loads(d["body"])["messageId"] for d in dead] == ["m1"], (dead, seen)
     assert seen[0] == ["m0", "m1", "m2"] and ["m1"] in seen, seen
     assert agent.forwarding.states["b"].acked == 2
+
+
+@pytest.mark.parametrize("failure", [
+    {"success": False, "message": "monthly event quota exceeded"},
+    # MetaRouter's batch error body, under a 200: not placed, so no message is named.
+    {"Success": False, "Errors": [{"Error": "Service Unavailable",
+                                   "Message": "monthly event quota exceeded", "Details": ""}]}])
+async def test_a_2xx_that_says_it_did_not_succeed_keeps_the_events(
+        make_agent: Any, fast_backoff: Seams, failure: dict[str, Any]) -> None:
+    """A collector that answers a batch it did not take with a 200 whose JSON says so
+    (`"success": false`): the events are kept and sent again, with what it said in
+    last_error. Any 2xx was an ack: the whole batch was deleted, never delivered, with no
+    error and nothing in dead letters."""
+    seen: list[list[str]] = []
+
+    async def collector(request: web.Request) -> web.Response:
+        seen.append([ev["messageId"] for ev in (await request.json())["batch"]])
+        return web.json_response(failure if len(seen) == 1 else {"success": True})
+
+    async with serving("/v1/batch", collector) as url:
+        agent = await make_agent(upstreams=[{
+            "name": "c", "protocol": "segment-http", "url": url,
+            "flush_interval_s": 0.05, "timeout_s": 2}])
+        await send(agent.port, events(3))
+        state = agent.forwarding.states["c"]
+        await wait_for(lambda: agent.spool.depth == 0)
+    assert seen == [["m0", "m1", "m2"]] * 2, seen
+    assert state.retries == 1 and state.acked == 3
+    assert "monthly event quota exceeded" in (state.last_error or ""), state.last_error
+    assert await agent.spool.dead_letters() == []
