@@ -8,8 +8,9 @@ spliced in front of each body without re-encoding it. Nucleus rows reach
 it already mapped (prepare.py).
 
 An HTML page, whatever the status, is a captive portal's login page or a proxy's
-error page, never a collector's reply: retried with backoff. Any other 2xx, read whole,
-acknowledges the whole batch, unless it is a 207:
+error page, never a collector's reply: retried with backoff. So is a 2xx whose JSON says
+`"success": false` (in any case), unless it names the refused messages as below. Any
+other 2xx, read whole, acknowledges the whole batch, unless it is a 207:
 some messages were refused. Another Outpost's 207 names each by its place in the
 batch (`batch[i]`) with a 400, 413 or 422 of its own: those go to dead letters,
 the rest is acknowledged (and so for its 200 with the same body, which it answers
@@ -69,6 +70,8 @@ _PLACE = re.compile(r"batch\[([0-9]{1,9})\]")
 # key with 400 "Invalid or missing writekey"): the configuration's fault, as a 401 is.
 _KEY_REFUSED = re.compile(rb"(?:invalid|missing|unknown|wrong)[a-z ]{0,16}write[ _-]?key",
                           re.IGNORECASE)
+# A reply that may say the batch failed (_says_failed), for a 2xx: a collector's own word.
+_FAILED = re.compile(rb'"success"\s*:\s*false', re.IGNORECASE)
 _KEY_SEARCHED = 4096   # bytes of a refusal searched: its message comes first
 # A 207 item's status, by the phrase Outpost writes (Python's HTTPStatus: 3.13 renamed
 # 413 and 422, and Outposts on either side may run either).
@@ -170,6 +173,11 @@ class SegmentHttpUplink(UplinkBase):
                                    f"read: {excerpt(raw, 300)}")
                 if (part := _partly_stored(raw, prepared)) is not None:
                     return part
+            if _says_failed(raw):
+                # The collector's own "not taken", under a 2xx (a quota, a key): no ack, and
+                # no verdict on the events either. Kept and retried, as after a 401.
+                return misconfigured(status, f"HTTP {status} saying it did not succeed: "
+                                             f"{excerpt(raw, 300)}", wait)
             return Acked(prepared.seqs)   # else the status is the verdict
         reason = f"HTTP {status}: {excerpt(raw, 300)}".rstrip(": ") if reply.unreadable is None \
             else f"HTTP {status} (its reply could not be read: {reply.unreadable})"
@@ -184,6 +192,19 @@ class SegmentHttpUplink(UplinkBase):
         if is_retryable(status):
             return Retry(reason, retry_after=wait)
         return misconfigured(status, reason, wait)
+
+
+def _says_failed(raw: bytes) -> bool:
+    """Whether a reply's JSON object says `"success": false` (in any case: MetaRouter's
+    batch errors say `"Success"`)."""
+    if _FAILED.search(raw) is None:   # the usual reply is not parsed
+        return False
+    try:
+        reply = orjson.loads(raw)
+    except orjson.JSONDecodeError:
+        return False
+    return isinstance(reply, dict) and any(
+        value is False and key.lower() == "success" for key, value in reply.items())
 
 
 def _partly_stored(raw: bytes, prepared: Prepared) -> Acked | None:
