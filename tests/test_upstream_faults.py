@@ -1157,24 +1157,19 @@ async def test_a_kept_alive_connection_the_upstream_closed_is_no_failure(
         assert len(connections) == 3 and connections[0] == connections[1] != connections[2]
 
 
-async def _cut_mid_head(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
-    """An upstream that reads a request whole, then closes after part of its answer's head."""
-    head = await reader.readuntil(b"\r\n\r\n")
-    length = re.search(rb"(?im)^content-length:\s*(\d+)", head)
-    await reader.readexactly(int(length[1]) if length else 0)
-    writer.write(b"HTTP/1.1 200 OK\r\nContent-Type: application/js")
-    await writer.drain()
-    writer.close()
+async def _answer_error(make_agent: Any, protocol: str, answer: bytes) -> str:
+    """last_error once the agent's first send to ``protocol``'s upstream failed, the
+    upstream a raw server that reads a request whole, writes ``answer`` and closes; the
+    event is kept."""
+    async def upstream(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        head = await reader.readuntil(b"\r\n\r\n")
+        length = re.search(rb"(?im)^content-length:\s*(\d+)", head)
+        await reader.readexactly(int(length[1]) if length else 0)
+        writer.write(answer)
+        await writer.drain()
+        writer.close()
 
-
-@pytest.mark.parametrize("protocol", ["nucleus-http", "nucleus-ws", "segment-http"])
-async def test_an_answer_cut_mid_head_is_named_plainly(make_agent: Any, fast_backoff: Seams,
-                                                      protocol: str) -> None:
-    """The upstream (or a proxy) closes the connection partway through its answer's head:
-    the batch is kept and retried, and last_error says what happened. It said `request
-    failed: <RawResponseMessage(version=HttpVersion(major=1, minor=1), code=200, ...,
-    raw_headers=((b'Content-Type', b'application/js'),) ...)>`, aiohttp's parser state."""
-    server = await asyncio.start_server(_cut_mid_head, "127.0.0.1", 0)
+    server = await asyncio.start_server(upstream, "127.0.0.1", 0)
     port = server.sockets[0].getsockname()[1]
     scheme = "ws" if protocol == "nucleus-ws" else "http"
     try:
@@ -1184,8 +1179,32 @@ async def test_an_answer_cut_mid_head_is_named_plainly(make_agent: Any, fast_bac
         state = agent.forwarding.states["up"]
         await send(agent, [event(0)])
         await wait_for(lambda: state.retries >= 1)
-        error = state.last_error or ""
-        assert "closed the connection" in error and "Raw" not in error, error
         assert agent.spool.depth == 1 and state.acked == 0
+        return state.last_error or ""
     finally:
         server.close()
+
+
+@pytest.mark.parametrize("protocol", ["nucleus-http", "nucleus-ws", "segment-http"])
+async def test_an_answer_cut_mid_head_is_named_plainly(make_agent: Any, fast_backoff: Seams,
+                                                      protocol: str) -> None:
+    """The upstream (or a proxy) closes the connection partway through its answer's head:
+    the batch is kept and retried, and last_error says what happened. It said `request
+    failed: <RawResponseMessage(version=HttpVersion(major=1, minor=1), code=200, ...,
+    raw_headers=((b'Content-Type', b'application/js'),) ...)>`, aiohttp's parser state."""
+    error = await _answer_error(make_agent, protocol,
+                                b"HTTP/1.1 200 OK\r\nContent-Type: application/js")
+    assert "closed the connection" in error and "Raw" not in error, error
+
+
+@pytest.mark.parametrize("protocol", ["nucleus-http", "nucleus-ws", "segment-http"])
+@pytest.mark.parametrize("answer", [b"SSH-2.0-OpenSSH_9.6\r\n",   # the url's port is wrong
+                                    b"HTTP/1.1 2x0 OK\r\nContent-Length: 0\r\n\r\n"])
+async def test_an_answer_that_is_not_http_is_not_called_a_400(
+        make_agent: Any, fast_backoff: Seams, protocol: str, answer: bytes) -> None:
+    """An answer aiohttp cannot parse as HTTP (another service on the url's port, a broken
+    server): kept and retried, and last_error says what it was. It said `request failed:
+    400, message="Bad status line: ..."`: aiohttp's own 400, taken by the operator for the
+    upstream's refusal of the batch."""
+    error = await _answer_error(make_agent, protocol, answer)
+    assert "not HTTP" in error and "400" not in error and "Bad status line" in error, error
