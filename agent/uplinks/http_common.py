@@ -21,6 +21,7 @@ from types import SimpleNamespace
 
 import aiohttp
 import orjson
+from aiohttp.http_exceptions import HttpProcessingError
 from yarl import URL
 
 from agent.logs import redacted_head
@@ -322,6 +323,11 @@ def described(exc: BaseException) -> str:
         # Closed partway through the answer's head: aiohttp's message is then its parser's
         # partial answer, whose repr (the upstream's raw headers) was the error.
         return "the upstream closed the connection partway through its answer's head"
+    if isinstance(exc, aiohttp.ClientResponseError) and isinstance(exc.__cause__,
+                                                                   HttpProcessingError):
+        # aiohttp's parser refused the answer, worded as a "400" of its own with the URL
+        # (the upstream sent no 400): its words alone, on one line, without the caret.
+        return f"an answer that is not HTTP ({' '.join(exc.message.split()).rstrip(' ^')})"
     return str(exc) or type(exc).__name__
 
 
