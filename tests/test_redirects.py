@@ -349,6 +349,26 @@ async def test_an_html_error_page_is_the_network_s_fault_not_a_refusal(
     await delivered_once_let_through(agent, gateway)
 
 
+# What Go's HTTP servers (Caddy, and collectors written in Go) answer, with no type, to
+# plain HTTP sent to their HTTPS port: nginx's answer is a page (NGINX_400), this is text.
+GO_400 = b"Client sent an HTTP request to an HTTPS server.\n"
+
+
+@pytest.mark.parametrize("protocol", HTTP_UPLINKS)
+async def test_plain_http_sent_to_a_go_server_s_https_port_refuses_no_event(
+        make_agent: Any, gateway: CaptiveUpstream, protocol: str) -> None:
+    """An upstream url of http:// where the port speaks HTTPS, behind Caddy or any Go
+    server: its 400 is the url's fault, as nginx's page is. It was a refusal of the batch:
+    split down to single events, each refused in turn, and the whole queue went to dead
+    letters."""
+    gateway.intercept = Answer(400, body=GO_400, content_type=None)
+    agent = await start(make_agent, gateway, protocol)
+    up = await held_while_failing(agent)
+    assert await agent.spool.dead_letters() == []
+    assert "HTTPS" in up["last_error"] and "check the upstream's url" in up["last_error"]
+    await delivered_once_let_through(agent, gateway)
+
+
 @pytest.mark.parametrize(("content_type", "page"), [
     ("application/xhtml+xml", LOGIN_PAGE),
     ("text/plain", b"\r\n  <HTML><HEAD><TITLE>Guest Wi-Fi</TITLE></HEAD><BODY>Log in</BODY></HTML>"),
