@@ -161,6 +161,8 @@ _HTML_TYPES = frozenset({"text/html", "application/xhtml+xml"})
 # A page served as text/plain or with no type at all (a portal's, say) is known by its start.
 _HTML_START = re.compile(rb"(?:\xef\xbb\xbf)?\s*<(?:!doctype\s+html|html)", re.IGNORECASE)
 _TITLE = re.compile(rb"<title[^>]*>([^<]+)", re.IGNORECASE)
+_TO_HTTPS_PORT = re.compile(rb"\s*client sent an http request to an https server",
+                            re.IGNORECASE)
 _TITLE_SEARCHED = 4096   # bytes of the page searched for its title
 _TITLE_SHOWN = 100
 
@@ -173,10 +175,15 @@ def html_instead_of_reply(status: int, content_type: str, body: bytes | None = N
     Retried, never a dead letter; except that a refusal (400, 413, 422) of a batch of
     ``events`` > 1 is None here, to be split as any refusal is: a proxy's 413 lets the
     halves through, and split down to one event, the page is retried. ``body`` None: not
-    read (a refused websocket handshake's), judged by its type alone."""
+    read (a refused websocket handshake's), judged by its type alone. Go's plain-text
+    answer (Caddy's, a Go collector's) to http:// sent to its https port is no reply
+    either, and is never split."""
     labelled = content_type in _HTML_TYPES
     if body is None:
         body = b""
+    elif _TO_HTTPS_PORT.match(body):
+        return (f"HTTP {status} from a port that speaks HTTPS, not HTTP (check the upstream's "
+                "url: https://)")
     elif labelled and 200 <= status < 300 and b"<" not in body:
         # Words without a single tag ("OK", or none) are a collector's ack, not a login
         # page: Express labels `res.send("OK")` text/html, as it does JSON (_is_json).
