@@ -161,6 +161,27 @@ async def test_ages_in_status_are_the_time_the_agent_saw_pass_after_a_clock_corr
     assert acked is not None and 3600 <= snap["time"] - acked < 3660, (snap["time"], acked)
 
 
+async def test_the_per_minute_history_counts_the_minutes_the_agent_saw_pass(
+        make_agent: Any, clock: Clock) -> None:
+    """A minute passes between two posts, then NTP sets back a clock that ran 90 s ahead:
+    /status's history (the status page's chart) keeps each minute's events, labelled by
+    the wall clock as it reads now. Keyed on wall-clock minutes, the set-back minute came
+    again and its counts replaced the first one's (events lost from the chart)."""
+    agent = await make_agent()
+    await post(agent.port, "app1", range(2))
+    clock.passed_ms += 60_000
+    await post(agent.port, "app1", range(2, 5))
+    clock.wall_shift_ms -= 90_000
+    await post(agent.port, "app1", range(5, 10))
+    snap = await status(agent.port)
+    ins = [m["in"] for m in snap["history"]]
+    # [2, 3, 5]: a real minute ended between the last two posts.
+    assert [n for n in ins if n] in ([2, 8], [2, 3, 5]), ins
+    ts = [m["t"] for m in snap["history"]]
+    assert all(b - a == 60 for a, b in zip(ts, ts[1:])), ts
+    assert snap["time"] - 60 < ts[-1] <= snap["time"] + 1, (snap["time"], ts[-1])
+
+
 async def test_a_delivered_events_resend_is_still_known_after_a_clock_correction(
         make_agent: Any, fake_nucleus: FakeNucleus, clock: Clock) -> None:
     """Delivered events' dedupe keys are kept dedupe_window_h (24 h): a clock corrected
