@@ -7,9 +7,7 @@ spool's counters table; these are the process-lifetime figures around them.
 from __future__ import annotations
 
 import bisect
-import time
 from collections import deque
-from collections.abc import Callable
 from dataclasses import dataclass, field
 
 from agent.clock import CLOCK
@@ -36,17 +34,15 @@ class Histogram:
 
 @dataclass
 class Minute:
-    minute: int
+    minute: int   # minutes of the agent's clock (CLOCK.elapsed_s), not of the wall clock
     events_in: int = 0
     events_out: int = 0
 
 
 class Metrics:
-    """Process-lifetime metrics; the wall clock of the per-minute history is injectable for
-    tests."""
+    """Process-lifetime metrics."""
 
-    def __init__(self, clock: Callable[[], float] = time.time) -> None:
-        self.clock = clock
+    def __init__(self) -> None:
         self.ingest_latency = Histogram()
         self.retries: dict[str, int] = {}
         self.history: deque[Minute] = deque(maxlen=HISTORY_MINUTES)
@@ -78,15 +74,21 @@ class Metrics:
         self.reloads_applied = 0
         self.reloads_refused = 0
         self.reload_error: str | None = None
-        self.reload_error_at: float | None = None
+        self.reload_error_at: float | None = None   # by CLOCK.elapsed_s, as last_ack
         self.needs_restart: list[str] = []
 
     def uptime_s(self) -> float:
         """Seconds since the agent started, suspend included where the OS counts it."""
         return CLOCK.elapsed_s() - self._started_s
 
+    @staticmethod
+    def _minute() -> int:
+        # The agent's clock: keyed on the wall clock's minutes, a clock set back made a
+        # minute come again and replace another's counts, and one set forward left a gap.
+        return int(CLOCK.elapsed_s() // 60)
+
     def _bucket(self) -> Minute:
-        minute = int(self.clock() // 60)
+        minute = self._minute()
         if not self.history or self.history[-1].minute != minute:
             self.history.append(Minute(minute))
         return self.history[-1]
@@ -112,12 +114,13 @@ class Metrics:
         self.retries[upstream] = self.retries.get(upstream, 0) + 1
 
     def series(self) -> list[dict[str, int]]:
-        """Events in and out for each of the last 60 minutes, oldest first, gaps as zero."""
-        now = int(self.clock() // 60)
+        """Events in and out for each of the last 60 minutes, oldest first, gaps as zero;
+        each labelled ``t`` with its start's Unix time by the wall clock as it reads now."""
+        now = self._minute()
         by_minute = {m.minute: m for m in self.history}
         out = []
         for minute in range(now - HISTORY_MINUTES + 1, now + 1):
             m = by_minute.get(minute)
-            out.append({"t": minute * 60, "in": m.events_in if m else 0,
+            out.append({"t": round(CLOCK.wall_s_at(minute * 60)), "in": m.events_in if m else 0,
                         "out": m.events_out if m else 0})
         return out

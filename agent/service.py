@@ -20,6 +20,7 @@ from aiohttp import web
 
 from agent import config as config_mod
 from agent import logs, preflight, startup_signals
+from agent.clock import CLOCK
 from agent.config import ConfigError
 from agent.device import detect
 from agent.families.enrich import Enrich
@@ -278,7 +279,7 @@ class Agent:
         except ConfigError as exc:
             log.error("reload refused, keeping the running config: %s", exc)
             self.metrics.reloads_refused += 1
-            self.metrics.reload_error, self.metrics.reload_error_at = str(exc), self.metrics.clock()
+            self.metrics.reload_error, self.metrics.reload_error_at = str(exc), CLOCK.elapsed_s()
             return
         # Only accept_keys of [listen] is applied on reload: the server, its guard and its
         # connection limits are built once.

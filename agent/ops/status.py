@@ -136,7 +136,7 @@ _EMPTY = Totals()
 
 
 def _wall(elapsed_s: float | None) -> float | None:
-    """A time kept by the agent's clock (UpstreamState), as a Unix time."""
+    """A time kept by the agent's clock (UpstreamState, a refused reload), as a Unix time."""
     return None if elapsed_s is None else round(CLOCK.wall_s_at(elapsed_s), 3)
 
 
@@ -213,7 +213,7 @@ async def snapshot(cfg: Config, spool: Spool, states: Mapping[str, UpstreamState
                       "tail_closed": dict(metrics.tail_closed)}
     snap["reload"] = {"applied": metrics.reloads_applied, "refused": metrics.reloads_refused,
                       "last_error": metrics.reload_error,
-                      "last_error_at": metrics.reload_error_at,
+                      "last_error_at": _wall(metrics.reload_error_at),
                       "needs_restart": list(metrics.needs_restart),
                       "config": (None if cfg.source == Config.source
                                  else os.path.abspath(cfg.source)),
