@@ -822,6 +822,38 @@ async def test_status_says_the_spool_cannot_be_opened(
             assert "\noutpost_spool_open 1\n" in await r.text()
 
 
+async def test_a_new_reason_the_spool_cannot_be_opened_is_logged_once(
+        make_agent: Any, small_fs: Path, caplog: pytest.LogCaptureFixture,
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    """The disk is full at start, then space is freed but the file system goes read-only
+    (as ext4 remounts itself on errors): the log said only the first reason, and nothing
+    while the agent kept trying again, so the operator freeing space saw no sign why it
+    still refused every event. A new reason is logged once, not at every try."""
+    monkeypatch.setattr(spool_writer, "REOPEN_EVERY_S", 0.05, raising=False)
+    spool_path = small_fs / "spool" / "spool.db"
+    await asyncio.to_thread(make_spool, spool_path, 300)
+    filler = small_fs / "filler"
+    fill_up(filler)
+    agent = await make_agent(spool=spool_path)
+    first = agent.spool.open_error
+    assert first is not None
+    filler.unlink()
+    subprocess.run(["mount", "-o", "remount,ro", str(small_fs)], check=True)
+    try:
+        await wait_for(lambda: agent.spool.open_error not in (None, first), timeout=5)
+        now = agent.spool.open_error
+        assert now is not None
+        for _ in range(2):   # the writer's next tries, with the same reason
+            async with agent.spool.lock:
+                assert not await agent.spool.reopen()
+        said = [r.getMessage() for r in caplog.records
+                if r.levelno >= logging.ERROR and now in r.getMessage()]
+        assert len(said) == 1, (now, [r.getMessage() for r in caplog.records])
+    finally:
+        subprocess.run(["mount", "-o", "remount,rw", str(small_fs)], check=True)
+    await wait_for(lambda: agent.spool.db is not None, timeout=5)
+
+
 async def test_a_commit_that_succeeded_is_not_reported_failed_when_the_disk_is_nearly_full(
         six_mb_fs: Path) -> None:
     """After acks free the front of the file, handing those pages back to the file system
