@@ -600,6 +600,7 @@ class Spool:
         a full disk is, it refused every event at every commit, for good."""
         books = self.books
         unsaved, counters = books.unsaved, books.counters
+        recovered, before = False, self.open_error
         try:
             try:
                 await self._connect()
@@ -610,12 +611,15 @@ class Spool:
                     # Only what was counted while closed (unsaved, counted again below),
                     # which the salvage would take for the file's own counts.
                     books.counters = {}
+                recovered = True   # before: a recovery that fails logs why itself
                 await self.recover(exc)   # opens the fresh spool, or raises as _connect does
-                recovered = True
-            else:
-                recovered = False
         except (sqlite3.DatabaseError, OSError):
             books.counters, books.unsaved = counters, unsaved   # as before the try
+            if not recovered and self.open_error != before:
+                # Once per new reason (a full disk, then a read-only file system): the
+                # same one at every try would flood the log, and none left it unsaid.
+                log.error("spool %s still cannot be opened, now: %s; refusing events until "
+                          "it can", self.path, self.open_error)
             return False
         if self._salvaging is not None:  # a recovery that could not open the fresh spool
             await self._finish_recovery()   # reloads the books: count what follows after
