@@ -998,6 +998,39 @@ def read_only(where: Path) -> Iterator[None]:
         subprocess.run(["umount", "-l", str(where)], capture_output=True)
 
 
+async def test_dead_reasons_that_cannot_be_read_are_shown_as_stale(
+        make_agent: Any, tmp_path: Path) -> None:
+    """A letter is dead-lettered, then the spool's directory is removed under the agent
+    and cannot be made again: /status gave the reasons read before it, without the new
+    letter's, and nothing said they were not current (dead_letters counted it). It says
+    why they could not be read, until they are read again."""
+    base = tmp_path / "base"
+    state = base / "state"
+    agent = await make_agent(spool=state / "spool.db")
+    url = f"http://127.0.0.1:{agent.port}/status"
+    async with aiohttp.ClientSession() as s:
+        assert (await post(s, agent.port, [event(i, pad="") for i in range(2)])).status == 200
+        first, second = await agent.spool.fetch(agent.spool.streams["app1"].id, 0, 10)
+        await agent.spool.dead_letter([(first.seq, "up", "HTTP 400: first")])
+        async with s.get(url) as r:
+            shown = await r.json()
+        assert [g["reason"] for g in shown["dead_reasons"]] == ["HTTP 400: first"], shown
+        assert shown.get("dead_reasons_error") is None
+        await agent.spool.dead_letter([(second.seq, "up", "HTTP 400: second")])
+        await asyncio.to_thread(shutil.rmtree, state)
+        with read_only(base):
+            assert (await post(s, agent.port, [event(100, pad="")])).status == 503
+            async with s.get(url) as r:
+                shown = await r.json()
+            # The last reasons read, without the second letter's: said to be so.
+            assert shown["dead_letters"] == 2 and len(shown["dead_reasons"]) == 1, shown
+            assert shown.get("dead_reasons_error"), shown
+        assert (await post(s, agent.port, [event(101, pad="")])).status == 200
+        async with s.get(url) as r:
+            shown = await r.json()
+        assert shown["dead_reasons"] == [] and shown["dead_reasons_error"] is None, shown
+
+
 async def test_a_spool_directory_that_cannot_be_made_again_is_one_clear_line(
         make_agent: Any, tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
     """The spool's directory removed under the agent (rm -rf), and its parent no longer
