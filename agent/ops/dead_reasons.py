@@ -39,10 +39,12 @@ class NewestReasons:
         self._seen: tuple[int, ...] | None = None
         self._groups: Groups = []
         self._running: asyncio.Future[Groups] | None = None
+        # Why the last reading failed (the groups are then the last read, stale), or None.
+        self.error: str | None = None
 
     async def get(self, spool: Spool) -> Groups:
         """Redacted groups; the last ones if the spool cannot be read (status still
-        answers, with the count the books keep)."""
+        answers, with the count the books keep, and ``error`` says why)."""
         seen = (spool.dead_count, *(spool.counters.get(c, 0) for c in _CHANGES))
         if seen == self._seen:
             return self._groups
@@ -56,7 +58,9 @@ class NewestReasons:
         # so the next poll summarises again rather than keep a summary without it.
         try:
             got = await dead_live.read(spool, dead.newest_groups, dead.NEWEST_REASONS)
-        except (dead.DeadError, sqlite3.Error):
-            return self._groups   # a spool closed or failing: not kept, tried next time
-        self._seen, self._groups = seen, redacted(got)
+        except (dead.DeadError, sqlite3.Error) as exc:
+            # A spool closed or failing: not kept, tried next time.
+            self.error = str(exc) or type(exc).__name__
+            return self._groups
+        self._seen, self._groups, self.error = seen, redacted(got), None
         return self._groups

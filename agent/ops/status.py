@@ -121,6 +121,7 @@ class Snapshot(TypedDict):
     spool: SpoolUse
     dead_letters: int
     dead_reasons: list[dict[str, Any]]  # newest (reason, upstream) groups: counts, no bodies
+    dead_reasons_error: str | None  # why they could not be read now (they are the last read)
     counters: dict[str, int]    # every outcomes.Tally and outcomes.Drop, by name
     drops: dict[str, int]       # every outcomes.Drop
     upstreams: list[UpstreamStatus]
@@ -173,6 +174,7 @@ def _snapshot(cfg: Config, source: str, groups: Groups, counts: outcomes.Counts,
         "oldest_event_age_s": None,
         "unrouted": {"keys": unrouted.keys, "queue_depth": unrouted.depth},
         "spool": spool, "dead_letters": dead, "dead_reasons": [],
+        "dead_reasons_error": None,
         "counters": outcomes.totals(counts), "drops": outcomes.drops(counts),
         "upstreams": [_upstream(up, groups, states.get(up.name)) for up in cfg.upstreams],
         "history": None, "connections": None, "ingest": None, "sync": None, "reload": None,
@@ -197,6 +199,7 @@ async def snapshot(cfg: Config, spool: Spool, states: Mapping[str, UpstreamState
                       "expiry_last_error": spool.expiry_last_error,
                       "open_error": spool.open_error}, states)
     snap["dead_reasons"] = await reasons.get(spool)
+    snap["dead_reasons_error"] = reasons.error
     snap["uptime_s"] = round(metrics.uptime_s(), 1)
     snap["oldest_event_age_s"] = round(waited, 1) if waited is not None else None
     snap["history"] = metrics.series()
