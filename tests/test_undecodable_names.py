@@ -1,0 +1,51 @@
+"""Names from the OS that are not UTF-8: a home or data directory named in another encoding
+(Latin-1's "é" is the byte 0xe9). Python keeps such bytes as lone surrogates, which SQLite,
+orjson and a UTF-8 stream refuse to encode; each user path below ran into one."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+from typing import Any
+
+import aiohttp
+import pytest
+
+from tests.conftest import write_config
+from tests.fakes.segment_upstream import FakeSegment
+from tests.segment_helpers import call, segment_up, wait_for
+from tests.test_basic_auth_keys import track
+from tests.test_cli_mistakes import outpost
+
+
+@pytest.fixture
+def latin1_home(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> str:
+    """HOME in a directory named in Latin-1 ("caf\\xe9"); storage.path "~/spool.db" is there."""
+    home = bytes(tmp_path) + b"/caf\xe9"
+    os.mkdir(home)
+    monkeypatch.setenv("OUTPOST_SYSTEM", "0")
+    monkeypatch.setenv("HOME", os.fsdecode(home))
+    return os.fsdecode(home)
+
+
+def test_check_config_takes_a_spool_in_a_directory_named_in_another_encoding(
+        tmp_path: Path, latin1_home: str) -> None:
+    cfg = write_config(tmp_path / "agent.toml", Path("~/spool.db"))
+    run = outpost("check-config", str(cfg))
+    assert run.returncode == 0, run.stderr
+    assert "Traceback" not in run.stderr, run.stderr
+
+
+async def test_an_agent_on_such_a_spool_delivers_expires_and_shows_its_status(
+        make_agent: Any, fake_segment: FakeSegment, tmp_path: Path, latin1_home: str) -> None:
+    agent = await make_agent(spool=Path("~/spool.db"), upstreams=[segment_up(fake_segment)])
+    reply = await call(agent.port, "/v1/batch", {"batch": [track("l-1")], "writeKey": "k"})
+    assert reply.status == 200, reply.body
+    await wait_for(lambda: len(fake_segment.events) == 1 and agent.spool.depth == 0)
+    await agent.spool.prune()
+    async with aiohttp.ClientSession() as s, s.get(f"http://127.0.0.1:{agent.port}/status") as r:
+        assert r.status == 200, await r.text()
+        status = await r.json()
+    # Named with its byte escaped, as the log and the commands name it.
+    assert status["spool"]["path"] == f"{tmp_path}/caf\\xe9/spool.db"
+    assert status["spool"]["expiry_errors"] == 0, status["spool"]["expiry_last_error"]
