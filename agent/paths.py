@@ -14,6 +14,7 @@ import stat
 import sys
 from collections.abc import Callable
 from pathlib import Path
+from urllib.parse import quote
 
 import platformdirs
 
@@ -167,6 +168,15 @@ def lock_again(spool: Path) -> int | None:
         os.close(fd)
         raise
     return fd
+
+
+def sqlite_uri(path: Path, query: str) -> str:
+    """The SQLite URI of ``path`` with ``query`` ("mode=ro"). The path is percent-encoded
+    from its bytes: SQLite decodes %xx in a URI, ends its path at a ``?`` or ``#`` (a
+    storage.path such as ``/srv/take#2/spool.db`` was then ``/srv/take``, opened read-write
+    and created), and a name that is not UTF-8 (kept by Python as lone surrogates) has no
+    text to encode."""
+    return f"file:{quote(os.fsencode(path))}?{query}"
 
 
 def default_spool_path() -> Path:

@@ -15,7 +15,6 @@ import stat
 import sys
 import tempfile
 from pathlib import Path
-from urllib.parse import quote
 
 from agent import paths
 from agent.logs import fingerprint
@@ -178,7 +177,7 @@ def _foreign_tables(spool: Path) -> list[str]:
     such). Read as the file is (immutable: no lock taken, no -shm made beside it); what
     SQLite cannot read is left to the spool's open, which salvages a damaged spool."""
     import sqlite3  # here: only run and check-config get this far
-    uri = f"file:{quote(str(spool))}?mode=ro&immutable=1"
+    uri = paths.sqlite_uri(spool, "mode=ro&immutable=1")
     try:
         with contextlib.closing(sqlite3.connect(uri, uri=True)) as conn:
             if conn.execute("PRAGMA user_version").fetchone()[0]:

@@ -6,9 +6,8 @@ import os
 import sqlite3
 from pathlib import Path
 from typing import Any
-from urllib.parse import quote
 
-from agent.paths import not_a_file
+from agent.paths import not_a_file, sqlite_uri
 from agent.spool.codebook import DICTS
 from agent.spool.db import used_bytes
 
@@ -124,10 +123,8 @@ class SpoolTooNew(SpoolUnusable):
 
 
 def read_only_uri(path: Path) -> str:
-    """The SQLite URI that opens ``path`` read-only. The path is percent-encoded: SQLite
-    decodes %xx in a URI, and ends its path at a ``?`` or ``#`` (a storage.path such as
-    ``/srv/take#2/spool.db`` was then ``/srv/take``, opened read-write and created)."""
-    return f"file:{quote(str(path))}?mode=ro"
+    """The SQLite URI that opens ``path`` read-only."""
+    return sqlite_uri(path, "mode=ro")
 
 
 def refuse_special(path: Path) -> None:
