@@ -28,6 +28,7 @@ from agent.spool.db import (
     add_counters,
     advance_mark,
     keys_from_bytes,
+    main_file,
     mark,
     transaction,
     used_bytes,
@@ -739,7 +740,7 @@ def _shrink_wal(conn: sqlite3.Connection) -> None:
     time the queue empties, or the next expiry run."""
     if conn.execute("SELECT EXISTS (SELECT 1 FROM records)").fetchone()[0]:
         return
-    path = conn.execute("PRAGMA database_list").fetchone()[2]
+    path = main_file(conn)
     try:
         if os.stat(f"{path}-wal").st_size <= WAL_TRUNCATE_BYTES:
             return

@@ -13,6 +13,7 @@ they are given, never the Spool's in-memory state, which stays on the loop.
 from __future__ import annotations
 
 import asyncio
+import os
 import sqlite3
 import sys
 import threading
@@ -362,6 +363,16 @@ def used_bytes(conn: sqlite3.Connection) -> int:
                        "(SELECT freelist_count FROM pragma_freelist_count()), "
                        "(SELECT page_size FROM pragma_page_size())").fetchone()
     return int(row[0] * row[1]) if row else 0
+
+
+# The main database's file as bytes: SQLite hands a name back as text, which it cannot do
+# for one that is not UTF-8 (a directory named in another encoding).
+MAIN_FILE = "SELECT CAST(file AS BLOB) FROM pragma_database_list WHERE name = 'main'"
+
+
+def main_file(conn: sqlite3.Connection) -> str:
+    """The path of ``conn``'s database file, as the OS names it."""
+    return os.fsdecode(conn.execute(MAIN_FILE).fetchone()[0])
 
 
 def fetch_all(conn: sqlite3.Connection, sql: str, params: Any = ()) -> list[Any]:

@@ -62,7 +62,7 @@ from dataclasses import dataclass, field
 
 from agent.spool import migrate_dead, migrate_lanes, records
 from agent.spool.codebook import DICTS
-from agent.spool.db import PAST, transaction
+from agent.spool.db import PAST, main_file, transaction
 from agent.spool.dedupe import keys_to_bytes
 from agent.spool.records import RECORD_BYTES, RECORD_EVENTS
 from agent.spool.schema import LANE_INDEX, SCHEMA, VERSION, SpoolTooNew
@@ -83,7 +83,7 @@ def refuse_newer(conn: sqlite3.Connection) -> None:
     writes to the file (journal_mode=WAL would rewrite its header)."""
     found = _user_version(conn)
     if found > VERSION:
-        raise SpoolTooNew(conn.execute("PRAGMA database_list").fetchone()[2], found, VERSION)
+        raise SpoolTooNew(main_file(conn), found, VERSION)
 
 
 def ensure(conn: sqlite3.Connection, alive: Callable[[], None] | None = None) -> None:

@@ -22,6 +22,7 @@ crash before that commit leaves it for the next start to finish (aside.py).
 
 from __future__ import annotations
 
+import os
 import sqlite3
 from array import array
 from bisect import bisect_right
@@ -34,7 +35,7 @@ from agent.families.event import NUCLEUS, SEGMENT
 from agent.families.lanes import LANES, NORMAL
 from agent.outcomes import Counts, Drop, Tally, from_names, record
 from agent.spool import migrate_lanes
-from agent.spool.db import add_counters, mark, transaction
+from agent.spool.db import MAIN_FILE, add_counters, mark, transaction
 from agent.spool.migrate import V0_COLS, V0Row, beating, pack_v0, recount_streams
 from agent.spool.records import DamagedRecord, Dictionaries, learned_id, pack, unpack_ids
 from agent.spool.schema import read_only_uri
@@ -406,10 +407,10 @@ class FileKeys:
         return list(keys[bisect_right(keys, lo):bisect_right(keys, hi - 1)])
 
     def _read(self) -> Iterator[int]:
-        listed = _try(self._old, "PRAGMA database_list")
-        if not listed or not listed[0][2]:
+        listed = _try(self._old, MAIN_FILE)
+        if not listed or not listed[0][0]:
             return
-        path = Path(listed[0][2])
+        path = Path(os.fsdecode(listed[0][0]))
         try:
             with open(path, "rb") as fh:
                 head = fh.read(100)
