@@ -43,6 +43,8 @@ def _escape(match: re.Match[str]) -> str:
     if c in _NAMED:
         return _NAMED[c]
     n = ord(c)
+    if 0xDC80 <= n <= 0xDCFF:   # a byte the OS gave that is not UTF-8: named as os_text does
+        n -= 0xDC00
     return f"\\x{n:02x}" if n < 0x100 else f"\\u{n:04x}" if n < 0x10000 else f"\\U{n:08x}"
 
 
@@ -61,6 +63,13 @@ def printable(text: str) -> str:
     """``text`` with each hidden character shown as an escape (``\\x1b``, ``\\n``,
     ``\\u202e``)."""
     return _SUSPECT.sub(_escape, text)
+
+
+def os_text(name: object) -> str:
+    """``name`` (a path, a string from the environment) as text that any encoder takes
+    (orjson, SQLite, a UTF-8 stream): the bytes in it that are not UTF-8 (a directory named
+    in Latin-1), which Python keeps as lone surrogates, shown as ``\\xe9``."""
+    return str(name).encode("utf-8", "surrogateescape").decode("utf-8", "backslashreplace")
 
 
 def printable_lines(text: str) -> str:

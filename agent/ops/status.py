@@ -26,6 +26,7 @@ from agent.spool.types import Stream, Totals
 from agent.sync.held import held_by_lane
 from agent.sync.monitor import SyncView
 from agent.sync.policy import held_lanes
+from agent.terminal import os_text
 
 
 class Unrouted(TypedDict):
@@ -194,7 +195,7 @@ async def snapshot(cfg: Config, spool: Spool, states: Mapping[str, UpstreamState
         # it answers with what the books keep, as for the dead letters' reasons.
         waited = None
     snap = _snapshot(cfg, "agent", spool.books.groups, spool.counters, spool.dead_count,
-                     {"path": str(spool.path), "used_bytes": spool.used_bytes,
+                     {"path": os_text(spool.path), "used_bytes": spool.used_bytes,
                       "max_bytes": spool.max_bytes, "expiry_errors": spool.expiry_errors,
                       "expiry_last_error": spool.expiry_last_error,
                       "open_error": spool.open_error}, states)
@@ -219,7 +220,7 @@ async def snapshot(cfg: Config, spool: Spool, states: Mapping[str, UpstreamState
                       "last_error_at": _wall(metrics.reload_error_at),
                       "needs_restart": list(metrics.needs_restart),
                       "config": (None if cfg.source == Config.source
-                                 else os.path.abspath(cfg.source)),
+                                 else os_text(os.path.abspath(cfg.source))),
                       "pid": os.getpid()}
     if sync is not None:
         held = held_by_lane(spool.books.groups, held_lanes(sync["profile"]))
@@ -236,7 +237,7 @@ def offline_snapshot(cfg: Config) -> Snapshot:
     snap = _snapshot(cfg, "spool, no agent running" if raw["exists"] else
                      "no agent running, no spool yet", group(streams, cfg.route_name),
                      outcomes.from_names(raw["counters"].items()), raw.get("dead_letters", 0),
-                     {"path": str(path), "used_bytes": raw.get("used_bytes"),
+                     {"path": os_text(path), "used_bytes": raw.get("used_bytes"),
                       "max_bytes": cfg.storage.max_bytes, "expiry_errors": None,
                       "expiry_last_error": None, "open_error": None}, {})
     snap["dead_reasons"] = redacted(dead.newest_reasons(path))
