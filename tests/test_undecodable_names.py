@@ -49,3 +49,18 @@ async def test_an_agent_on_such_a_spool_delivers_expires_and_shows_its_status(
     # Named with its byte escaped, as the log and the commands name it.
     assert status["spool"]["path"] == f"{tmp_path}/caf\\xe9/spool.db"
     assert status["spool"]["expiry_errors"] == 0, status["spool"]["expiry_last_error"]
+
+
+async def test_a_lang_that_is_not_utf8_gives_the_events_a_language_they_can_carry(
+        make_agent: Any, fake_segment: FakeSegment, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A LANG holding bytes of another encoding names no locale: it is passed over, as an
+    unset one is, and the events the device facts fill are taken and go."""
+    for var in ("LC_ALL", "LC_MESSAGES", "LANGUAGE"):
+        monkeypatch.delenv(var, raising=False)
+    monkeypatch.setenv("LANG", os.fsdecode(b"de_DE\xe9"))
+    agent = await make_agent(upstreams=[segment_up(fake_segment)])
+    opened = {**track("g-1"), "event": "Application Opened"}   # filled with the device facts
+    reply = await call(agent.port, "/v1/batch", {"batch": [opened], "writeKey": "k"})
+    assert reply.status == 200, reply.body
+    await wait_for(lambda: len(fake_segment.events) == 1 and agent.spool.depth == 0)
+    assert fake_segment.events[0]["context"]["locale"].isascii()
