@@ -53,7 +53,9 @@ def _total_ram_gb() -> int:
 def _language() -> str:
     for var in ("LC_ALL", "LC_MESSAGES", "LANG", "LANGUAGE"):
         value = os.environ.get(var, "")
-        if value and value not in ("C", "POSIX") and not value.startswith("C."):
+        # A locale's name is ASCII: bytes of another encoding (kept as lone surrogates)
+        # name none, and no event could carry them (orjson and SQLite refuse them).
+        if value and value.isascii() and value not in ("C", "POSIX") and not value.startswith("C."):
             return _bcp47(value)
     try:
         loc = locale.getlocale()[0]
