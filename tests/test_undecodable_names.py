@@ -64,3 +64,16 @@ async def test_a_lang_that_is_not_utf8_gives_the_events_a_language_they_can_carr
     assert reply.status == 200, reply.body
     await wait_for(lambda: len(fake_segment.events) == 1 and agent.spool.depth == 0)
     assert fake_segment.events[0]["context"]["locale"].isascii()
+
+
+@pytest.mark.parametrize("command", [["check-config"], ["dead", "list", "--config"]],
+                         ids=lambda c: c[0])
+def test_a_command_names_a_config_in_such_a_directory_on_a_utf8_terminal(
+        latin1_home: str, command: list[str]) -> None:
+    """Under a UTF-8 locale (en_US.UTF-8) Python's stdout refuses lone surrogates, where
+    the C locale's writes them back as the bytes they were: PYTHONIOENCODING says so here."""
+    cfg = write_config(Path(latin1_home) / "agent.toml", Path("~/spool.db"))
+    run = outpost(*command, str(cfg), env={"PYTHONIOENCODING": "utf-8"})
+    assert run.returncode == 0, run.stderr
+    assert "Traceback" not in run.stderr, run.stderr
+    assert "caf\\" in run.stdout, run.stdout
