@@ -130,10 +130,14 @@ class _Stdout(io.TextIOWrapper):
 def guard_stdout() -> None:
     """sys.stdout as an ``_Stdout`` over the same file, encoding and buffering. Left as it
     is when it is not the process's own (None when started with it closed, a test's
-    capture)."""
+    capture). What its encoding cannot write is escaped (``\\udce9``), as on stderr: under
+    a UTF-8 locale (en_US.UTF-8) Python's stdout refuses the lone surrogates that stand for
+    a path's bytes of another encoding, and a command naming such a path ended in a
+    traceback."""
     out = sys.stdout
     if type(out) is not io.TextIOWrapper:
         return
     out.flush()
-    sys.stdout = _Stdout(out.detach(), encoding=out.encoding, errors=out.errors,
+    errors = "backslashreplace" if out.errors == "strict" else out.errors
+    sys.stdout = _Stdout(out.detach(), encoding=out.encoding, errors=errors,
                          line_buffering=out.line_buffering, write_through=out.write_through)
