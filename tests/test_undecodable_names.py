@@ -77,3 +77,20 @@ def test_a_command_names_a_config_in_such_a_directory_on_a_utf8_terminal(
     assert run.returncode == 0, run.stderr
     assert "Traceback" not in run.stderr, run.stderr
     assert "caf\\" in run.stdout, run.stdout
+
+
+async def test_a_system_bus_address_that_is_not_utf8_is_named_in_status(
+        make_agent: Any, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    bus = os.fsdecode(bytes(tmp_path) + b"/bus\xe9")   # nothing there: no system bus
+    monkeypatch.setenv("DBUS_SYSTEM_BUS_ADDRESS", f"unix:path={bus}")
+    agent = await make_agent(sync={"on_metered": "hold"})
+    url = f"http://127.0.0.1:{agent.port}/status"
+    seen: list[Any] = []
+
+    async def told() -> bool:
+        async with aiohttp.ClientSession() as s, s.get(url) as r:
+            seen[:] = [r.status, await r.text()]
+            return r.status != 200 or "bus\\\\xe9" in seen[1]
+
+    await wait_for(told, timeout=5)
+    assert seen[0] == 200, seen
