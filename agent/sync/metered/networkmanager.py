@@ -25,6 +25,7 @@ from jeepney.bus_messages import message_bus
 from jeepney.io.asyncio import DBusConnection, open_dbus_connection
 
 from agent.sync.policy import Metered, MeteredReading
+from agent.terminal import os_text
 
 NM = DBusAddress("/org/freedesktop/NetworkManager", bus_name="org.freedesktop.NetworkManager",
                  interface="org.freedesktop.NetworkManager")
@@ -84,10 +85,12 @@ class NetworkManagerSource:
             await asyncio.sleep(self.reconnect_s)
 
     def _where(self) -> str:
+        """The bus's path or address, for a reading's reason: as text /status can carry
+        (the environment's address may hold bytes of another encoding)."""
         try:
-            return str(get_bus(self.bus))
+            return os_text(get_bus(self.bus))
         except Exception:  # noqa: BLE001 - only for the message: an address jeepney cannot parse
-            return self.bus
+            return os_text(self.bus)
 
     async def _session(self, conn: DBusConnection, report: Callable[[MeteredReading], None]) -> None:
         # The bus filters by NetworkManager's well-known name; locally, a signal counts
