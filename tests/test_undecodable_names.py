@@ -11,6 +11,8 @@ from typing import Any
 import aiohttp
 import pytest
 
+from agent import config as config_mod
+from agent.service import Agent
 from tests.conftest import write_config
 from tests.fakes.segment_upstream import FakeSegment
 from tests.segment_helpers import call, segment_up, wait_for
@@ -94,3 +96,22 @@ async def test_a_system_bus_address_that_is_not_utf8_is_named_in_status(
 
     await wait_for(told, timeout=5)
     assert seen[0] == 200, seen
+
+
+async def test_a_refused_reload_of_a_config_in_such_a_directory_is_shown_in_status(
+        tmp_path: Path, latin1_home: str) -> None:
+    cfg = write_config(Path(latin1_home) / "agent.toml", tmp_path / "spool.db")
+    agent = Agent(config_mod.load_file(cfg), str(cfg))
+    await agent.start()
+    try:
+        cfg.write_text("[listen\n")   # a mistake: the reload is refused, and says why
+        await agent.reload()
+        async with aiohttp.ClientSession() as s, \
+                s.get(f"http://127.0.0.1:{agent.port}/status") as r:
+            assert r.status == 200, await r.text()
+            reload = (await r.json())["reload"]
+    finally:
+        await agent.stop()
+    assert reload["refused"] == 1
+    assert reload["last_error"].startswith(f"{tmp_path}/caf\\xe9/agent.toml: invalid TOML")
+    assert reload["config"] == f"{tmp_path}/caf\\xe9/agent.toml"
