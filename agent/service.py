@@ -46,6 +46,7 @@ from agent.sync.held import held_age_s
 from agent.sync.metered import source_for
 from agent.sync.monitor import SyncMonitor, SyncView
 from agent.sync.power import BatterySensor, read_battery
+from agent.terminal import os_text
 from agent.uplinks.registry import uplink_class
 
 log = logging.getLogger("outpost")
@@ -279,7 +280,9 @@ class Agent:
         except ConfigError as exc:
             log.error("reload refused, keeping the running config: %s", exc)
             self.metrics.reloads_refused += 1
-            self.metrics.reload_error, self.metrics.reload_error_at = str(exc), CLOCK.elapsed_s()
+            # It names the config's path, which may hold bytes of another encoding.
+            self.metrics.reload_error = os_text(exc)
+            self.metrics.reload_error_at = CLOCK.elapsed_s()
             return
         # Only accept_keys of [listen] is applied on reload: the server, its guard and its
         # connection limits are built once.
