@@ -194,15 +194,23 @@ def readable_events(path: Path) -> set[int]:
     return found
 
 
+@pytest.mark.parametrize("home", [b"", b"caf\xe9"], ids=["", "latin1-directory"])
 async def test_a_readable_stretch_between_two_damaged_ones_is_salvaged(
-        make_agent: Any, fake_nucleus: FakeNucleus, tmp_path: Path) -> None:
+        make_agent: Any, fake_nucleus: FakeNucleus, tmp_path: Path, home: bytes,
+        monkeypatch: pytest.MonkeyPatch) -> None:
     """Six pages of the queue zeroed, then one intact, then one more zeroed (a flash
     device's bad blocks rarely come one at a time): the intact page's record can be
     read, by id, in the damaged file, so it must be salvaged and delivered. Salvage
     probed for the end of the first damage at ever longer strides and could land past
     the intact page, in the second damage, and then past it: the record was counted as
-    dropped_corrupt, never sent."""
+    dropped_corrupt, never sent. In a directory whose name is not UTF-8 (storage.path
+    "~/spool.db", HOME in Latin-1) SQLite could not name the file salvage reads pages
+    from: the intact page between the damage was not found, its record counted lost."""
     spool_path = tmp_path / "spool.db"
+    if home:
+        spool_path = Path(os.fsdecode(bytes(tmp_path) + b"/" + home)) / "spool.db"
+        spool_path.parent.mkdir()
+        monkeypatch.setenv("HOME", str(spool_path.parent))
     await asyncio.to_thread(build, spool_path, 2500, 500, ("app1",))
     leaves = leaves_in_key_order(spool_path)
     assert len(leaves) >= 20, "one record per leaf page expected"
@@ -213,7 +221,8 @@ async def test_a_readable_stretch_between_two_damaged_ones_is_salvaged(
             fh.write(bytes(4096))
     want = readable_events(spool_path)
     assert 0 < len(want) < 2500
-    agent = await make_agent(upstreams=[upstream(fake_nucleus)])
+    agent = await make_agent(spool=Path("~/spool.db") if home else spool_path,
+                             upstreams=[upstream(fake_nucleus)])
     await wait_for(lambda: agent.spool.counters.get("spool_corrupt") == 1, timeout=10)
     await wait_for(lambda: agent.spool.depth == 0, timeout=15)
     got = fake_nucleus.ids()
