@@ -13,6 +13,7 @@ And where a command's output goes may fail (`outpost status > file` on a full di
 
 from __future__ import annotations
 
+import codecs
 import io
 import re
 import sys
@@ -40,12 +41,25 @@ def _escape(match: re.Match[str]) -> str:
     c = match.group()
     if not _hidden(c):
         return c
-    if c in _NAMED:
-        return _NAMED[c]
+    return _NAMED.get(c) or _code(c)
+
+
+def _code(c: str) -> str:
     n = ord(c)
     if 0xDC80 <= n <= 0xDCFF:   # a byte the OS gave that is not UTF-8: named as os_text does
         n -= 0xDC00
     return f"\\x{n:02x}" if n < 0x100 else f"\\u{n:04x}" if n < 0x10000 else f"\\U{n:08x}"
+
+
+def _unwritable(exc: UnicodeError) -> tuple[str, int]:
+    """The encoding error handler of stdout (guard_stdout): what its encoding cannot write,
+    escaped as ``printable`` escapes it."""
+    if not isinstance(exc, UnicodeEncodeError):
+        raise exc
+    return "".join(map(_code, exc.object[exc.start:exc.end])), exc.end
+
+
+codecs.register_error("outpost.escape", _unwritable)
 
 
 def _json_escape(match: re.Match[str]) -> str:
@@ -130,7 +144,7 @@ class _Stdout(io.TextIOWrapper):
 def guard_stdout() -> None:
     """sys.stdout as an ``_Stdout`` over the same file, encoding and buffering. Left as it
     is when it is not the process's own (None when started with it closed, a test's
-    capture). What its encoding cannot write is escaped (``\\udce9``), as on stderr: under
+    capture). What its encoding cannot write is escaped as by ``printable`` (``\\xe9``): under
     a UTF-8 locale (en_US.UTF-8) Python's stdout refuses the lone surrogates that stand for
     a path's bytes of another encoding, and a command naming such a path ended in a
     traceback."""
@@ -138,6 +152,6 @@ def guard_stdout() -> None:
     if type(out) is not io.TextIOWrapper:
         return
     out.flush()
-    errors = "backslashreplace" if out.errors == "strict" else out.errors
+    errors = "outpost.escape" if out.errors == "strict" else out.errors
     sys.stdout = _Stdout(out.detach(), encoding=out.encoding, errors=errors,
                          line_buffering=out.line_buffering, write_through=out.write_through)
