@@ -178,6 +178,18 @@ async def test_dates_no_client_writes_and_javascript_cannot_read_are_refused(
     assert agent.spool.depth == 1
 
 
+async def test_a_date_field_holding_an_object_of_24_members_is_refused_naming_it(
+        make_agent: Any) -> None:
+    """The inline check for JavaScript's toISOString form reads a 24-long value's 24th
+    item: an object of 24 members is no string, and is refused naming its field."""
+    agent = await make_agent()
+    stamp = {str(i): i for i in range(24)}
+    reply = await call(agent.port, "/v1/track", track("m", timestamp=stamp), headers=AUTH)
+    assert reply.status == 400, reply.body
+    assert "`timestamp` must be an ISO 8601 date string" in reply.json()["message"]
+    assert agent.spool.depth == 0
+
+
 # -- Tranthor: an event without timestamp gets the time the agent received it ---------------
 
 async def test_tranthor_event_without_timestamp_keeps_the_time_it_was_received(
