@@ -124,8 +124,9 @@ def check(ev: Any, types: frozenset[str], *, need_message_id: bool = False) -> N
     try:   # check_dates, without a call for each message
         # JavaScript's toISOString (what most clients send) by its separators in one
         # slice, its digits by fromisoformat: no call of _read_date (~2k instructions an
-        # event, callgrind).
-        if timestamp is not None and not (len(timestamp) == 24 and timestamp[23] == "Z"
+        # event, callgrind). A string first: an object of 24 members has no item 23.
+        if timestamp is not None and not (type(timestamp) is str and len(timestamp) == 24
+                                          and timestamp[23] == "Z"
                                           and timestamp[4:20:3] == "--T::."
                                           and _from_iso(timestamp)):
             _read_date(timestamp)
