@@ -178,10 +178,11 @@ async def test_captive_portal_on_every_path_deletes_nothing(make_agent: Any,
 
 
 async def held_for_its_retry_after(make_agent: Any, gateway: CaptiveUpstream, protocol: str,
-                                   answer: Answer, said: tuple[str, ...]) -> tuple[Any, Any]:
-    """An agent whose upstream gave ``answer`` (a Retry-After of 30 s) to its first batch,
-    its last_error saying each of ``said``, with 29.9 of those 30 s gone by: (agent,
-    timing)."""
+                                   answer: Answer, said: tuple[str, ...],
+                                   wait: float = 30.0) -> tuple[Any, Any]:
+    """An agent whose upstream gave ``answer`` (a Retry-After of ``wait`` s) to its first
+    batch, its last_error saying each of ``said``, with all but 0.1 s of the wait gone by:
+    (agent, timing)."""
     gateway.intercept = answer
     timing, seams = manual()
     agent = await make_agent(upstreams=[{"name": "up", "protocol": protocol,
@@ -190,11 +191,11 @@ async def held_for_its_retry_after(make_agent: Any, gateway: CaptiveUpstream, pr
                              seams=seams)
     await send(agent, [event(i) for i in range(N)])
     await wait_for(lambda: agent.forwarding.states["up"].retries == 1)
-    assert timing.pending() == [30.0]
+    assert timing.pending() == [wait]
     up = await status_of(agent)
     assert all(s in up["last_error"] for s in said), up["last_error"]
     gateway.intercept = None
-    timing.advance(29.9)
+    timing.advance(wait - 0.1)
     return agent, timing
 
 
@@ -311,6 +312,28 @@ async def test_an_event_alone_refused_with_413_and_a_retry_after_is_a_dead_lette
     timing.advance(30)
     await wait_for(lambda: agent.spool.depth == 0)
     assert len(gateway.delivered) == N - 1
+
+
+@pytest.mark.parametrize("protocol", HTTP_UPLINKS)
+async def test_a_413_s_smaller_batches_hold_a_minute_of_answers_after_a_long_retry_after(
+        make_agent: Any, gateway: CaptiveUpstream, protocol: str) -> None:
+    """The limit a 413 with a Retry-After sets eases once the upstream has answered the
+    smaller batches for a minute, as docs/operations.md says: not a minute after the 413.
+    Behind a Retry-After of 90 s, the first smaller batch answered doubled it back, and the
+    next batch was as large as the one refused."""
+    agent, timing = await held_for_its_retry_after(
+        make_agent, gateway, protocol,
+        Answer(413, {"Retry-After": "90"}, b'{"error": "too large for now"}',
+               "application/json"), ("HTTP 413",), wait=90.0)
+    first = len(gateway.hits[0].body)
+    timing.advance(0.1)
+    await wait_for(lambda: agent.spool.depth == 0)
+    limit = (await status_of(agent))["frame_limit_bytes"]
+    assert limit is not None and limit <= first // 2, (limit, first)
+    await send(agent, [event(i) for i in range(N, 2 * N)])
+    await wait_for(lambda: agent.spool.depth == 0)
+    assert all(len(h.body) < first for h in gateway.hits[1:]), (
+        first, [len(h.body) for h in gateway.hits])
 
 
 @pytest.mark.parametrize(("status", "hint"), [
