@@ -22,7 +22,7 @@ from yarl import URL
 
 from agent.families.event import NUCLEUS, Event
 from agent.forwarder.state import UpstreamState
-from agent.forwarder.stream import StreamForwarder
+from agent.forwarder.stream import LIMIT_EASE_S, StreamForwarder
 from agent.metrics import Metrics
 from agent.ops.status_table import render, size
 from agent.settings import StorageConfig, UpstreamConfig
@@ -334,6 +334,10 @@ async def test_a_413_s_smaller_batches_hold_a_minute_of_answers_after_a_long_ret
     await wait_for(lambda: agent.spool.depth == 0)
     assert all(len(h.body) < first for h in gateway.hits[1:]), (
         first, [len(h.body) for h in gateway.hits])
+    timing.advance(LIMIT_EASE_S)   # a minute of answers: the next one eases it
+    await send(agent, [event(i) for i in range(2 * N, 3 * N)])
+    await wait_for(lambda: agent.spool.depth == 0)
+    assert (await status_of(agent))["frame_limit_bytes"] in (None, 2 * limit)
 
 
 @pytest.mark.parametrize(("status", "hint"), [

@@ -43,8 +43,9 @@ class UpstreamState:
     # larger ones (a 413's, until it eases).
     frame_limit_bytes: int | None = None
     # By the forwarder's clock (Timing.now), when a limit from a 413 with a Retry-After (a
-    # size refused for now) doubles, if its batches are answered by then (stream.py). None:
-    # no such limit (a 1009's is the upstream's frame cap: it stays).
+    # size refused for now) doubles, if its batches are answered by then (stream.py); inf
+    # until the first is answered after the wait. None: no such limit (a 1009's is the
+    # upstream's frame cap: it stays).
     frame_limit_eases_at: float | None = None
     # The most bytes per batch its link carried within timeout_s lately: halved from a
     # batch that got no answer in time, doubled back while answers say a batch of twice

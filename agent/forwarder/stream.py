@@ -26,6 +26,7 @@ import asyncio
 import contextlib
 import functools
 import logging
+import math
 from collections.abc import Callable, Coroutine, Sequence
 from dataclasses import dataclass, field
 from typing import Any, NamedTuple
@@ -671,8 +672,8 @@ class StreamForwarder:
         if self.state.slow_limit_bytes is not None and isinstance(result, Acked):
             self._faster(batch, asyncio.get_running_loop().time() - started)
         eases_at = self.state.frame_limit_eases_at
-        if eases_at is not None and isinstance(result, Acked) and self.timing.now() >= eases_at:
-            self._eased()
+        if eases_at is not None and isinstance(result, Acked):
+            self._easing(eases_at)
         match result:
             case Refused(reason=reason):
                 await self._apply(Acked(()), batch, batch.refused)
@@ -797,11 +798,23 @@ class StreamForwarder:
         state, limit = self.state, max(1, size // 2)
         if state.frame_limit_bytes is None or limit < state.frame_limit_bytes:
             state.frame_limit_bytes = limit
-            state.frame_limit_eases_at = self.timing.now() + LIMIT_EASE_S if for_now else None
+            # For now: from the first batch answered after its wait (_easing).
+            state.frame_limit_eases_at = math.inf if for_now else None
             # Each halving once (a line or two per run, at most about twenty): not limited.
             log.warning("upstream %s refused a batch of %d bytes as too big (%s): batches to "
                         "it are now at most %d bytes; set batch_max_bytes to what it takes",
                         self.cfg.name, size, why, limit)
+
+    def _easing(self, eases_at: float) -> None:
+        """A batch was answered under a limit a 413 with a Retry-After set: the first one
+        starts the LIMIT_EASE_S its upstream must answer the smaller batches for (counted
+        from the 413, they went by in a longer Retry-After's wait, and the first smaller
+        batch answered doubled the limit back), and one after them eases it."""
+        now = self.timing.now()
+        if eases_at == math.inf:
+            self.state.frame_limit_eases_at = now + LIMIT_EASE_S
+        elif now >= eases_at:
+            self._eased()
 
     def _eased(self) -> None:
         """The smaller batches a 413 with a Retry-After asked for have been answered for
