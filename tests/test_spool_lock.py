@@ -16,6 +16,10 @@ import urllib.request
 from collections.abc import Callable
 from pathlib import Path
 
+from agent.families.event import SEGMENT, Event
+from agent.paths import agent_holds, spool_lock
+from agent.settings import StorageConfig
+from agent.spool import Spool
 from tests.conftest import ROOT, AgentProcess, free_port, write_config
 
 
@@ -70,3 +74,27 @@ def test_a_lock_file_that_cannot_be_opened_is_one_line(tmp_path: Path) -> None:
                          capture_output=True, text=True, cwd=ROOT, timeout=30)
     assert run.returncode == 2, (run.returncode, run.stderr)
     assert "Traceback" not in run.stderr and "spool.db.lock" in run.stderr, run.stderr
+
+
+async def test_a_lock_file_left_where_the_removed_one_was_is_taken_at_the_recovery(
+        tmp_path: Path) -> None:
+    """The spool's directory removed under the agent (rm -rf), and a lock file there again
+    before its next commit (a second agent started meanwhile and stopped leaves one): the
+    recovery takes that one, so a third is still refused. Only a missing lock file was
+    made again: one found there was taken for the agent's own, held by nobody, and a
+    third agent started on the spool in use."""
+    state = tmp_path / "state"
+    path = state / "spool.db"
+    spool = await Spool.open(StorageConfig(path=str(path)), holds_lock=True)
+    try:
+        assert agent_holds(path)
+        shutil.rmtree(state)
+        state.mkdir(mode=0o700)
+        spool_lock(path).touch(mode=0o600)   # left by an agent that ran and stopped
+        assert not agent_holds(path)
+        assert await spool.append([Event("k", SEGMENT, 1, b'{"type":"track"}')]) == 1
+        assert path.exists() and spool.depth == 1
+        assert agent_holds(path)
+    finally:
+        await spool.close()
+    assert not agent_holds(path)
