@@ -9,6 +9,7 @@ platformdirs' XDG fallbacks (/etc/xdg/outpost, /usr/local/share/outpost).
 
 from __future__ import annotations
 
+import contextlib
 import os
 import stat
 import sys
@@ -149,25 +150,30 @@ def agent_holds(spool: Path) -> bool:
     return False
 
 
-def lock_again(spool: Path) -> int | None:
-    """The lock file of ``spool`` made again and held (flock, exclusive) when it is gone:
-    removed with the spool's directory under the running agent, whose lock stayed on the
-    removed file, and a second agent would start. Its descriptor, to keep open while the
-    agent runs; None when the file is there. OSError when it cannot be taken (another
-    agent made it first and holds it)."""
+def lock_again(spool: Path, held: tuple[int, int] | None
+               ) -> tuple[int, tuple[int, int]] | None:
+    """The lock file of ``spool`` taken (flock, exclusive) when it is not the one this agent
+    holds (``held``: its st_dev and st_ino): removed with the spool's directory under the
+    running agent, whose lock stayed on the removed file, a second agent would start; and
+    so with one found there again (left by an agent that ran meanwhile and stopped). Its
+    descriptor, to keep open while the agent runs, and identity; None when the one held is
+    there. OSError when it cannot be taken (BlockingIOError: another agent holds it)."""
     if sys.platform == "win32":   # a file open there cannot be removed
         return None
     import fcntl
-    try:
-        fd = os.open(spool_lock(spool), os.O_CREAT | os.O_EXCL | os.O_RDWR, 0o600)
-    except FileExistsError:
-        return None
+    lock = spool_lock(spool)
+    with contextlib.suppress(FileNotFoundError):
+        found = os.stat(lock)
+        if (found.st_dev, found.st_ino) == held:
+            return None
+    fd = os.open(lock, os.O_CREAT | os.O_RDWR | os.O_NOFOLLOW, 0o600)   # as O_EXCL did
     try:
         fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        taken = os.fstat(fd)
     except BaseException:
         os.close(fd)
         raise
-    return fd
+    return fd, (taken.st_dev, taken.st_ino)
 
 
 def sqlite_uri(path: Path, query: str) -> str:

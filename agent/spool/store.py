@@ -12,6 +12,7 @@ eligible again.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import os
 import sqlite3
@@ -26,7 +27,7 @@ from agent.clock import CLOCK, age_s
 from agent.families.event import Event, now_ms
 from agent.families.lanes import LANES
 from agent.outcomes import Counts, Drop, Outcome, Tally, merge
-from agent.paths import lock_again, make_private_dir
+from agent.paths import lock_again, make_private_dir, spool_lock
 from agent.settings import StorageConfig
 from agent.spool import commit as spool_commit
 from agent.spool import db as spool_db
@@ -140,10 +141,12 @@ class Spool:
         self.open_error: str | None = None
         # The open file's (st_dev, st_ino): whether it is still the one at the path.
         self._identity: tuple[int, int] | None = None
-        # Whether this process holds the spool's lock file (`outpost run`), and the one
-        # made again when it was removed under the agent (_keep_lock).
+        # Whether this process holds the spool's lock file (`outpost run`); the one taken
+        # again when it was removed under the agent (_keep_lock); the identity (st_dev,
+        # st_ino) of the one held.
         self.holds_lock = holds_lock
         self._lock_fd: int | None = None
+        self._lock_id: tuple[int, int] | None = None
 
     # -- what the writer and reader use --------------------------------------
 
@@ -344,19 +347,24 @@ class Spool:
             raise
 
     def _keep_lock(self) -> None:
-        """The lock file made again if it went with the spool (rm -rf of the state
-        directory): the lock held on the removed one keeps no second agent out."""
+        """The lock file taken again if it went with the spool (rm -rf of the state
+        directory), whether made again or found there: the lock held on the removed one
+        keeps no second agent out."""
+        if self._lock_id is None:   # the first open: the one there is `outpost run`'s
+            with contextlib.suppress(OSError):
+                found = os.stat(spool_lock(self.path))
+                self._lock_id = (found.st_dev, found.st_ino)
         try:
-            fd = lock_again(self.path)
+            taken = lock_again(self.path, self._lock_id)
         except OSError as exc:
             log.error("spool %s: its lock file was removed under the agent, and cannot be "
                       "taken again (%s): another agent may run on this spool; stop it",
                       self.path, exc)
             return
-        if fd is not None:
+        if taken is not None:
             if self._lock_fd is not None:   # removed a second time
                 os.close(self._lock_fd)
-            self._lock_fd = fd
+            self._lock_fd, self._lock_id = taken
 
     def replaced(self) -> bool:
         """Whether the file open is no longer the one at the path (deleted, or another put
