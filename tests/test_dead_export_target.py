@@ -25,8 +25,9 @@ from tests.test_operator_mistakes import one_line
 from tests.waiting import ROOT, run_outpost
 
 
-def _post_event(port: int) -> None:
-    auth = base64.b64encode(b"wk_export_target:").decode()
+def post_event(port: int, key: str = "wk_export_target") -> None:
+    """One Segment event posted under ``key``, answered 200 (stored)."""
+    auth = base64.b64encode(f"{key}:".encode()).decode()
     req = urllib.request.Request(f"http://127.0.0.1:{port}/v1/track", method="POST",
                                  data=json.dumps({"event": "kept", "userId": "u"}).encode(),
                                  headers={"Content-Type": "application/json",
@@ -50,7 +51,7 @@ def test_dead_export_onto_the_spool_or_its_wal_is_refused_and_the_queue_kept(
     spool, port = tmp_path / "spool.db", free_port()
     cfg = write_config(tmp_path / "agent.toml", spool, port=port)
     agent = agent_process(cfg, port).start()
-    _post_event(port)
+    post_event(port)
     for name in ("spool.db", "spool.db-wal", "./spool.db"):
         _refused(tmp_path, cfg, name)
     assert agent.terminate() == 0

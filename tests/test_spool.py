@@ -182,6 +182,15 @@ async def test_a_file_where_the_spool_directory_should_be_is_refused_untouched(
     assert (tmp_path / "d").read_bytes() == b"notes"
 
 
+async def _saved_forgotten(tmp_path: Path) -> int:
+    """dedupe_forgotten as the spool at ``tmp_path`` saved it: read by opening it again."""
+    again = await open_spool(tmp_path, dedupe_max_keys=100)
+    try:
+        return again.counters.get("dedupe_forgotten", 0)
+    finally:
+        await again.close()
+
+
 async def test_garbage_spool_is_moved_aside(tmp_path: Path) -> None:
     (tmp_path / "spool.db").write_bytes(b"this is not sqlite" * 100)
     spool = await open_spool(tmp_path)
@@ -201,11 +210,7 @@ async def test_counts_made_after_the_last_commit_survive_a_clean_stop(tmp_path: 
     forgotten = spool.counters["dedupe_forgotten"]
     assert forgotten > 0
     await spool.close()
-    again = await open_spool(tmp_path, dedupe_max_keys=100)
-    try:
-        assert again.counters.get("dedupe_forgotten", 0) == forgotten
-    finally:
-        await again.close()
+    assert await _saved_forgotten(tmp_path) == forgotten
 
 
 async def test_counts_an_expiry_chunk_saved_are_not_saved_again_by_a_stop_inside_it(
@@ -227,8 +232,4 @@ async def test_counts_an_expiry_chunk_saved_are_not_saved_again_by_a_stop_inside
     with pytest.raises(asyncio.CancelledError):
         await expiry
     await spool.close()
-    again = await open_spool(tmp_path, dedupe_max_keys=100)
-    try:
-        assert again.counters.get("dedupe_forgotten", 0) == forgotten
-    finally:
-        await again.close()
+    assert await _saved_forgotten(tmp_path) == forgotten

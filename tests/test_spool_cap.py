@@ -627,6 +627,18 @@ async def test_reject_over_a_lowered_cap_trims_dead_letters_in_chunks(
         await spool.close()
 
 
+class Steps:
+    """A progress handler counting its calls (SQLite's steps on a connection, or every
+    Nth): deterministic where a timing is not."""
+
+    def __init__(self) -> None:
+        self.n = 0
+
+    def __call__(self) -> int:
+        self.n += 1
+        return 0   # go on
+
+
 async def test_drop_oldest_behind_high_lane_records_reads_no_more_than_it_drops(
         tmp_path: Path) -> None:
     """when_full = "drop_oldest", a spool at the cap holding high-lane records (an app's
@@ -651,26 +663,21 @@ async def test_drop_oldest_behind_high_lane_records_reads_no_more_than_it_drops(
     with closing(sqlite3.connect(path)) as db:
         db.execute("DROP INDEX IF EXISTS records_by_lane")
     spool = await Spool.open(one_mb(path, "drop_oldest"))
-    steps = 0
-
-    def count() -> int:
-        nonlocal steps
-        steps += 1
-        return 0
+    steps = Steps()
 
     try:
         held, before = len(spool.live), spool.counters["dropped_full"]
         assert held > 5000, held
         assert spool.db is not None
-        await spool.db.run(sqlite3.Connection.set_progress_handler, count, 1)
+        await spool.db.run(sqlite3.Connection.set_progress_handler, steps, 1)
         for i in range(100):   # the file's free pages first, then the app's oldest goes
-            steps = 0
+            steps.n = 0
             await spool.append([incompressible("app", i, 4000)])
             if spool.counters["dropped_full"] > before:
                 break
         await spool.db.run(sqlite3.Connection.set_progress_handler, None, 1)
         assert spool.counters["dropped_full"] == before + 1
-        assert steps < held, f"{steps} SQLite steps to drop one of {held} records"
+        assert steps.n < held, f"{steps.n} SQLite steps to drop one of {held} records"
     finally:
         await spool.close()
 
@@ -685,12 +692,7 @@ async def test_reject_at_a_cap_full_of_dead_letters_costs_what_it_deletes(
     (~260 steps a letter: its delete, its summary's trigger, the file measured again),
     not a read of every letter it keeps."""
     spool = await Spool.open(one_mb(tmp_path / "spool.db"))
-    steps = 0
-
-    def count() -> int:
-        nonlocal steps
-        steps += 1
-        return 0
+    steps = Steps()
 
     try:
         n = 0
@@ -703,16 +705,17 @@ async def test_reject_at_a_cap_full_of_dead_letters_costs_what_it_deletes(
         held, before = spool.dead_count, spool.counters["dead_dropped_full"]
         assert held > 5000, held
         assert spool.db is not None
-        await spool.db.run(sqlite3.Connection.set_progress_handler, count, 1)
+        await spool.db.run(sqlite3.Connection.set_progress_handler, steps, 1)
         for i in range(100):   # the room dead-lettering left first, then letters go
-            steps = 0
+            steps.n = 0
             await spool.append([incompressible("app", i, 4000)])
             if spool.counters["dead_dropped_full"] > before:
                 break
         await spool.db.run(sqlite3.Connection.set_progress_handler, None, 1)
         deleted = spool.counters["dead_dropped_full"] - before
         assert 0 < deleted < 200 and spool.streams["app"].depth == i + 1
-        assert steps < 500 * deleted, f"{steps} SQLite steps to delete {deleted} of {held} letters"
+        assert steps.n < 500 * deleted, \
+            f"{steps.n} SQLite steps to delete {deleted} of {held} letters"
     finally:
         await spool.close()
 
@@ -737,20 +740,16 @@ async def test_reject_over_a_lowered_cap_trims_dead_letters_at_a_cost_per_chunk_
         await spool.close()
     assert used(path) > 1.3 * MB
     spool = await Spool.open(one_mb(path))
-    hundreds = 0
-
-    def count() -> int:
-        nonlocal hundreds
-        hundreds += 1
-        return 0
+    hundreds = Steps()
 
     try:
         assert spool.db is not None
-        await spool.db.run(sqlite3.Connection.set_progress_handler, count, 100)
+        await spool.db.run(sqlite3.Connection.set_progress_handler, hundreds, 100)
         await spool.prune()
         await spool.db.run(sqlite3.Connection.set_progress_handler, None, 100)
         deleted = spool.counters["dead_dropped_full"]
         assert spool.used_bytes <= MB and deleted > 3000
-        assert hundreds < 4 * deleted, f"{hundreds}00 SQLite steps to delete {deleted} letters"
+        assert hundreds.n < 4 * deleted, \
+            f"{hundreds.n}00 SQLite steps to delete {deleted} letters"
     finally:
         await spool.close()

@@ -7,12 +7,9 @@ queue's counts hold (audit: a second agent on another port started without a wor
 
 from __future__ import annotations
 
-import base64
-import json
 import shutil
 import subprocess
 import sys
-import urllib.request
 from collections.abc import Callable
 from pathlib import Path
 
@@ -21,16 +18,7 @@ from agent.paths import agent_holds, spool_lock
 from agent.settings import StorageConfig
 from agent.spool import Spool
 from tests.conftest import ROOT, AgentProcess, free_port, write_config
-
-
-def _post_event(port: int) -> None:
-    auth = base64.b64encode(b"wk_lock:").decode()
-    req = urllib.request.Request(f"http://127.0.0.1:{port}/v1/track", method="POST",
-                                 data=json.dumps({"event": "kept", "userId": "u"}).encode(),
-                                 headers={"Content-Type": "application/json",
-                                          "Authorization": f"Basic {auth}"})
-    with urllib.request.urlopen(req, timeout=10) as resp:
-        assert resp.status == 200
+from tests.test_dead_export_target import post_event
 
 
 def _refused(config: Path, spool: Path) -> None:
@@ -56,7 +44,7 @@ def test_a_second_agent_on_a_spool_in_use_refuses_to_start(
     second = write_config(tmp_path / "b.toml", spool, port=other)
     _refused(second, spool)
     shutil.rmtree(state)
-    _post_event(port)   # its commit finds the file gone: the recovery makes the directory
+    post_event(port, "wk_lock")   # its commit finds the file gone: the recovery makes the directory
     assert spool.exists()
     _refused(second, spool)
     first.kill9()   # the lock ends with its process, however it ends

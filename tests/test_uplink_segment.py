@@ -30,6 +30,19 @@ async def send(port: int, body: dict[str, Any], key: str = "app") -> None:
     assert reply.status == 200, reply.body
 
 
+async def drained(make_agent: Any, collector: Any, n: int, name: str = "b",
+                  path: str = "/v1/batch", timeout: float = 5.0, **upstream: Any) -> Any:
+    """An agent forwarding to ``collector`` (served at ``path``) as upstream ``name``, once
+    the ``n`` events sent to it have left its queue."""
+    async with serving(path, collector) as url:
+        agent = await make_agent(upstreams=[{
+            "name": name, "protocol": "segment-http", "url": url,
+            "flush_interval_s": 0.05, "timeout_s": 2, **upstream}])
+        await send(agent.port, events(n))
+        await wait_for(lambda: agent.spool.depth == 0, timeout=timeout)
+    return agent
+
+
 async def test_batches_respect_event_and_byte_caps(make_agent: Any,
                                                    fake_segment: FakeSegment) -> None:
     agent = await make_agent(upstreams=[segment_up(fake_segment, batch_max_events=3,
@@ -259,13 +272,8 @@ async def test_a_400_that_refuses_the_write_key_keeps_the_events(
             return web.json_response(refusal, status=400)
         return web.json_response({"success": True})
 
-    async with serving("/v1/batch", collector) as url:
-        agent = await make_agent(upstreams=[{
-            "name": "c", "protocol": "segment-http", "url": url, "key": "typo",
-            "flush_interval_s": 0.05, "timeout_s": 2}])
-        await send(agent.port, events(4))
-        state = agent.forwarding.states["c"]
-        await wait_for(lambda: agent.spool.depth == 0)
+    agent = await drained(make_agent, collector, 4, name="c", key="typo")
+    state = agent.forwarding.states["c"]
     assert await agent.spool.dead_letters() == []
     # Each try sent the whole batch again, as after a 401: nothing was split.
     assert seen == [["m0", "m1", "m2", "m3"]] * 4, seen
@@ -346,12 +354,7 @@ async def test_an_answer_cut_short_mid_body_is_no_answer(make_agent: Any, fast_b
         return await cut_short(request, reply.status, reply.body, len(reply.body) // 2,
                                reset=cut == "reset")
 
-    async with serving("/v1/batch", collector) as url:
-        agent = await make_agent(upstreams=[{
-            "name": "b", "protocol": "segment-http", "url": url,
-            "flush_interval_s": 0.05, "timeout_s": 2}])
-        await send(agent.port, events(3))
-        await wait_for(lambda: agent.spool.depth == 0)
+    agent = await drained(make_agent, collector, 3)
     state = agent.forwarding.states["b"]
     dead = await agent.spool.dead_letters()
     assert [orjson.loads(d["body"])["messageId"] for d in dead] == ["m1"], (dead, state)
@@ -378,12 +381,7 @@ async def test_a_refusal_whose_body_is_cut_short_still_refuses(make_agent: Any,
         return await cut_short(request, 413, body, 10, reset=True)
 
     path = "/v1/batch" if protocol == "segment-http" else "/app/app/track"
-    async with serving(path, collector) as url:
-        agent = await make_agent(upstreams=[{
-            "name": "b", "protocol": protocol, "url": url,
-            "flush_interval_s": 0.05, "timeout_s": 2}])
-        await send(agent.port, events(2))
-        await wait_for(lambda: agent.spool.depth == 0, timeout=10)
+    agent = await drained(make_agent, collector, 2, path=path, timeout=10, protocol=protocol)
     dead = await agent.spool.dead_letters()
     assert len(dead) == 2 and all("413" in d["reason"] for d in dead), (dead, seen)
     assert seen[0] == 2 and seen.count(1) == 2, seen
@@ -407,12 +405,7 @@ async def test_a_200_that_refuses_part_of_the_batch_past_the_reply_cap_is_not_an
                   for i, ev in enumerate(batch) if ev["messageId"] == "m1"]
         return verdict(errors, [400] * len(errors), len(batch) - len(errors), partial=200)
 
-    async with serving("/v1/batch", collector) as url:
-        agent = await make_agent(upstreams=[{
-            "name": "b", "protocol": "segment-http", "url": url,
-            "flush_interval_s": 0.05, "timeout_s": 2}])
-        await send(agent.port, events(3))
-        await wait_for(lambda: agent.spool.depth == 0)
+    agent = await drained(make_agent, collector, 3)
     dead = await agent.spool.dead_letters()
     assert [orjson.loads(d["body"])["messageId"] for d in dead] == ["m1"], (dead, seen)
     assert seen[0] == ["m0", "m1", "m2"] and ["m1"] in seen, seen
@@ -436,13 +429,8 @@ async def test_a_2xx_that_says_it_did_not_succeed_keeps_the_events(
         seen.append([ev["messageId"] for ev in (await request.json())["batch"]])
         return web.json_response(failure if len(seen) == 1 else {"success": True})
 
-    async with serving("/v1/batch", collector) as url:
-        agent = await make_agent(upstreams=[{
-            "name": "c", "protocol": "segment-http", "url": url,
-            "flush_interval_s": 0.05, "timeout_s": 2}])
-        await send(agent.port, events(3))
-        state = agent.forwarding.states["c"]
-        await wait_for(lambda: agent.spool.depth == 0)
+    agent = await drained(make_agent, collector, 3, name="c")
+    state = agent.forwarding.states["c"]
     assert seen == [["m0", "m1", "m2"]] * 2, seen
     assert state.retries == 1 and state.acked == 3
     assert "monthly event quota exceeded" in (state.last_error or ""), state.last_error
