@@ -25,6 +25,7 @@ from aiohttp.http_exceptions import HttpProcessingError
 from yarl import URL
 
 from agent.logs import redacted_head
+from agent.terminal import os_text
 from agent.uplinks.base import REJECTED_STATUSES, RETRYABLE_STATUSES, Retry
 
 
@@ -359,8 +360,7 @@ async def _read_at_most(resp: aiohttp.ClientResponse, most: int) -> tuple[bytes,
     encoding = (resp.headers.get("Content-Encoding") or "").strip().lower()
     # Named as sent: aiohttp reads a byte that is not UTF-8 as a lone surrogate, which no
     # dead letter (SQLite) or /status answer (orjson) can hold.
-    shown = encoding.encode("utf-8", "surrogateescape").decode("utf-8", "backslashreplace")
-    cannot = f"Can not decode content-encoding: {shown}"
+    cannot = f"Can not decode content-encoding: {os_text(encoding)}"
     if encoding in _UNDECODED or "," in encoding:
         raise _Undecodable(cannot)
     inflate = encoding in _INFLATED
