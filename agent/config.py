@@ -236,6 +236,9 @@ def _storage(t: dict[str, Any]) -> StorageConfig:
                               lambda v: ("must be 0 or more" if v < 0
                                          else _at_most(3_600_000, "hours")(v))),
         dedupe_max_keys=_take(t, w, "dedupe_max_keys", int, 1_000_000, _positive),
+        # The SDKs cap a Retry-After at 300 s: a longer one would only be shortened.
+        full_retry_after_s=_take(t, w, "full_retry_after_s", int, 30,
+                                 lambda v: None if 1 <= v <= 300 else f"must be 1..300, got {v}"),
     )
     _no_leftovers(t, w)
     return out

@@ -46,6 +46,9 @@ class StorageConfig:
     # Extension: at most this many keys in the in-memory dedupe index (~90-95 B each); past
     # it the oldest are forgotten early (dedupe_forgotten) and delivery is at-least-once.
     dedupe_max_keys: int = 1_000_000
+    # Extension: the Retry-After of a refusal for want of room. The Segment SDKs that honour
+    # it keep a refused batch for a number of tries, so the longer, the longer they hold it.
+    full_retry_after_s: int = 30
 
     def resolved_path(self) -> Path:
         return Path(self.path).expanduser() if self.path else paths.default_spool_path()

@@ -23,7 +23,7 @@ def test_default_agent_toml_is_valid_and_matches_the_contract() -> None:
     assert cfg.listen.host == "127.0.0.1" and cfg.listen.port == 8765
     assert cfg.storage.when_full == "reject" and cfg.storage.sync == "full"
     assert cfg.storage.max_size_mb == 512 and cfg.storage.max_age_days == 30
-    assert cfg.storage.dedupe_max_keys == 1_000_000
+    assert cfg.storage.dedupe_max_keys == 1_000_000 and cfg.storage.full_retry_after_s == 30
     (up,) = cfg.upstreams
     assert (up.name, up.protocol, up.url, up.keys) == ("nucleus", "nucleus-ws",
                                                         "wss://app.nucleus.sh", ("*",))
@@ -40,6 +40,8 @@ def test_default_agent_toml_is_valid_and_matches_the_contract() -> None:
     ({"storage": {"max_size_mb": 0}}, "storage.max_size_mb"),
     ({"storage": {"max_size_mb": True}}, "storage.max_size_mb"),
     ({"storage": {"dedupe_max_keys": 0}}, "storage.dedupe_max_keys"),
+    ({"storage": {"full_retry_after_s": 0}}, "storage.full_retry_after_s"),
+    ({"storage": {"full_retry_after_s": 301}}, "storage.full_retry_after_s"),
     ({"device": {"ram": 4}}, "device.ram"),
     ({"upstream": [{"name": "a", "protocol": "carrier-pigeon", "url": "http://x"}]},
      "upstream[0].protocol"),

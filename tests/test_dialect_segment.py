@@ -386,11 +386,11 @@ async def test_pixel_answers_a_gif_when_its_reason_names_a_field_with_control_ch
 
 
 async def test_full_spool_is_503_with_retry_after_and_the_pixel_still_200(make_agent: Any) -> None:
-    agent = await make_agent(storage={"max_size_mb": 1})
+    agent = await make_agent(storage={"max_size_mb": 1, "full_retry_after_s": 7})
     auth = {"Authorization": basic("k")}
     await fill_spool(agent.port)
     reply = await call(agent.port, "/v1/track", {"userId": "u", "event": "e"}, headers=auth)
-    assert reply.status == 503 and int(reply.headers["Retry-After"]) > 0
+    assert reply.status == 503 and reply.headers["Retry-After"] == "7"
     assert reply.json()["Error"] == "Service Unavailable"
     reply = await call(agent.port, seed.METAROUTER_PIXEL_PATH, method="GET")
     assert reply.status == 200 and reply.body == GIF

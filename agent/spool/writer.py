@@ -508,7 +508,7 @@ class Writer:
             # event, but log once a minute (a flood of identical lines helps nobody).
             log_limited(log, logging.ERROR, "commit-failed", "spool commit failed: %s", reason)
             books.count(Drop.REJECTED_STORAGE_ERROR, sum(len(p.events) for p in appends))
-            _fail(appends, SpoolFull(Reason.DISK_ERROR, message=reason))
+            _fail(appends, SpoolFull(Reason.DISK_ERROR, self.cfg.full_retry_after_s, reason))
             _fail_waiters(batch.waiters, SpoolFull(Reason.DISK_ERROR, message=reason))
             return
         except BaseException as exc:
@@ -568,14 +568,14 @@ class Writer:
                 await self._run_batch(batch)
                 return
         if not out.stored:
-            _fail(appends, SpoolFull(Reason.FULL))
+            _fail(appends, SpoolFull(Reason.FULL, self.cfg.full_retry_after_s))
             return
         refused = set(out.refused)
         for i, (pending, n) in enumerate(zip(appends, stored)):
             if pending.done.done():
                 continue
             if i in refused:   # it alone does not fit under max_size_mb
-                pending.done.set_exception(SpoolFull(Reason.FULL))
+                pending.done.set_exception(SpoolFull(Reason.FULL, self.cfg.full_retry_after_s))
             else:
                 pending.done.set_result(n)
 
