@@ -17,7 +17,7 @@ import pytest
 
 from tests.fakes.nucleus_upstream import FakeNucleus
 from tests.fakes.segment_upstream import FakeSegment
-from tests.segment_helpers import nucleus_up, segment_up, wait_for
+from tests.segment_helpers import fill_spool, nucleus_up, segment_up, wait_for
 
 NODE_DIR = Path(__file__).parent / "node"
 pytestmark = [pytest.mark.interop,
@@ -85,3 +85,34 @@ async def test_a_string_cut_inside_an_emoji_refuses_its_message_alone(
     await wait_for(lambda: len(fake_segment.events) == 9)
     assert "sur-3" not in fake_segment.message_ids()
     assert agent.metrics.refused == {("segment", 400): 1}
+
+
+async def test_a_full_spool_is_waited_out_and_the_events_arrive_once_room_is_made(
+        make_agent: Any, fake_segment: FakeSegment, fast_backoff: Any) -> None:
+    """The spool full (`when_full = "reject"`, its upstream down): the SDK is refused, then
+    room is made. A 503 was a counted retry for it, with its own backoff and no Retry-After:
+    with `maxRetries: 1` it gave up on its second refusal and the events were lost. A 429
+    with Retry-After is a wait it does not count: it tries again after each one, and
+    delivers once the queue has drained."""
+    fake_segment.outage = (503, None)
+    agent = await make_agent(upstreams=[segment_up(fake_segment)],
+                             storage={"max_size_mb": 1, "full_retry_after_s": 1})
+    await fill_spool(agent.port)
+    proc = await asyncio.create_subprocess_exec(
+        "node", str(NODE_DIR / "segment_send.mjs"), f"http://127.0.0.1:{agent.port}", "node-key",
+        "5", "1", cwd=NODE_DIR, stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
+    assert proc.stdout is not None
+    lines: list[str] = []
+    async with asyncio.timeout(30):
+        while sum(line.startswith("RESPONSE ") for line in lines) < 2:
+            line = (await proc.stdout.readline()).decode()
+            if not line:
+                break
+            lines.append(line.rstrip("\n"))
+        fake_segment.outage = None   # the queue drains: room is made
+        out, _ = await proc.communicate()
+    lines += out.decode().splitlines()
+    assert lines[-1] == 'DONE {"errors":0}', "\n".join(lines[-30:])
+    *refusals, delivered = [line for line in lines if line.startswith("RESPONSE ")]
+    assert delivered == "RESPONSE 200" and set(refusals) == {"RESPONSE 429"}, refusals
+    await wait_for(lambda: {f"node-{i}" for i in range(5)} <= set(fake_segment.message_ids()))

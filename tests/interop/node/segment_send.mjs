@@ -1,12 +1,13 @@
 // A Node app using the real @segment/analytics-node, pointed at Outpost.
-// Usage: node segment_send.mjs <host> <writeKey> <count>
+// Usage: node segment_send.mjs <host> <writeKey> <count> [maxRetries, default 3]
 // Sends <count> track calls plus one identify/page/screen/group/alias, flushes, and prints
 // "REQUEST <retry-count> <events>" per HTTP request, "RESPONSE <status>", "ERROR <reason>",
 // and finally "DONE <json summary>".
 import { Analytics } from '@segment/analytics-node'
 
-const [host, writeKey, count] = process.argv.slice(2)
-const analytics = new Analytics({ writeKey, host, flushAt: 20, flushInterval: 200, maxRetries: 3 })
+const [host, writeKey, count, maxRetries = '3'] = process.argv.slice(2)
+const analytics = new Analytics({ writeKey, host, flushAt: 20, flushInterval: 200,
+  maxRetries: Number(maxRetries) })
 let errors = 0
 analytics.on('error', (err) => {
   errors++
