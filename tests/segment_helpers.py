@@ -66,7 +66,8 @@ async def call(port: int, path: str, body: Any = None, *, method: str = "POST",
 
 async def fill_spool(port: int) -> None:
     """Fill an agent's spool (start it with max_size_mb = 1) until a small track is refused.
-    Random properties: records are compressed, and repeated letters would take no room."""
+    Random properties: records are compressed, and repeated letters would take no room.
+    (A batch refused for want of room is a 429, a single call a 503.)"""
     auth = {"Authorization": basic("filler")}
     big = {"batch": [{"type": "track", "userId": "u", "event": "e",
                       "properties": {"x": os.urandom(15_000).hex()}} for _ in range(15)]}

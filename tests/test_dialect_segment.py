@@ -385,13 +385,24 @@ async def test_pixel_answers_a_gif_when_its_reason_names_a_field_with_control_ch
     assert agent.spool.depth == 0
 
 
-async def test_full_spool_is_503_with_retry_after_and_the_pixel_still_200(make_agent: Any) -> None:
+async def test_full_spool_is_503_for_a_call_429_for_a_batch_and_the_pixel_still_200(
+        make_agent: Any) -> None:
+    """A batch refused for want of room is a 429, which analytics-node and analytics-next
+    wait out by its Retry-After (tests/interop/test_segment_node.py); a single call stays
+    503, whose backoff analytics-next's default delivery keeps up longer."""
     agent = await make_agent(storage={"max_size_mb": 1, "full_retry_after_s": 7})
     auth = {"Authorization": basic("k")}
     await fill_spool(agent.port)
     reply = await call(agent.port, "/v1/track", {"userId": "u", "event": "e"}, headers=auth)
     assert reply.status == 503 and reply.headers["Retry-After"] == "7"
     assert reply.json()["Error"] == "Service Unavailable"
+    for path in ("/v1/batch", "/v1/b", "/v1/import", "/v1/webhook?writeKey=k"):
+        reply = await call(agent.port, path, {"batch": [{"type": "track", "userId": "u",
+                                                         "event": "e"}]}, headers=auth)
+        assert reply.status == 429 and reply.headers["Retry-After"] == "7", path
+        body = reply.json()
+        assert body["Errors"][0]["Error"] == "Too Many Requests" and body["code"] == (
+            "too_many_requests"), body
     reply = await call(agent.port, seed.METAROUTER_PIXEL_PATH, method="GET")
     assert reply.status == 200 and reply.body == GIF
 

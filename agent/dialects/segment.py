@@ -37,6 +37,7 @@ from agent.dialects.relaxed_json import parse_lenient
 from agent.dialects.segment_replies import (
     batch_error,
     error_object,
+    full_batch_status,
     partial_status,
     single_error,
     verdict,
@@ -270,7 +271,8 @@ class SegmentHandlers:
         try:
             await self.sink.store(collected.events, collected.limits)
         except SpoolFull as exc:
-            return batch_error(503, [error_object(503, "spool full, retry later", str(exc))],
+            status = full_batch_status(exc)
+            return batch_error(status, [error_object(status, "spool full, retry later", str(exc))],
                                exc.retry_after)
         if collected.errors and collected.events:
             replies.refused_items(log, collected.key, [

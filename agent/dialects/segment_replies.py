@@ -15,6 +15,7 @@ from typing import Any
 from aiohttp import web
 
 from agent.dialects import replies
+from agent.spool.types import SpoolFull
 
 
 def error_object(status: int, message: str, details: str = "") -> dict[str, str]:
@@ -37,6 +38,19 @@ def batch_error(status: int, errors: list[dict[str, str]],
     return replies.json_reply({"Success": False, "Errors": errors,
                                **replies.legible(status, _text(errors[0]) + more)},
                               status, retry_after)
+
+
+def full_batch_status(exc: SpoolFull) -> int:
+    """The status of a batch the spool refused. For want of room, 429: analytics-node and
+    analytics-next's batching (`/v1/b`) honour Retry-After on a 429 alone, and wait it out
+    without counting a try (analytics-node up to maxRetries + 20 of them), where a 503 is a
+    counted try on their own backoff, from under a second: their 10 were spent within
+    minutes, and the app's events lost before the queue drained. Otherwise (the spool
+    cannot store at all), 503: its short Retry-After would end a 429's tries sooner than
+    their backoff does. The Python, PHP and RudderStack SDKs retry both alike. (Single
+    calls stay 503: analytics-next's default delivery counts a 429's tries too, and its
+    backoff, doubling without a cap, outlasts ten Retry-Afters.)"""
+    return 429 if exc.no_room else 503
 
 
 def verdict(errors: list[dict[str, str]], statuses: list[int], stored: int,

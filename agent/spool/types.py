@@ -35,6 +35,12 @@ class SpoolFull(Exception):
         self.reason = reason
         self.retry_after = retry_after
 
+    @property
+    def no_room(self) -> bool:
+        """Refused for want of room (the cap, a full disk), which the queue's draining
+        gives back; not an agent that cannot store at all for now."""
+        return self.reason in (Reason.FULL, Reason.DISK_ERROR)
+
 
 @dataclass(slots=True)
 class Row:

@@ -538,8 +538,9 @@ class Writer:
                         "(when_full = \"drop_oldest\"; counted as %s)", dropped, Drop.DROPPED_FULL)
         if turned := out.counters.get(Drop.REJECTED_FULL, 0):
             log_limited(log, logging.WARNING, "rejected-full",
-                        "spool at max_size_mb: refused %d events with 503, for their apps to "
-                        "send again later (counted as %s)", turned, Drop.REJECTED_FULL)
+                        "spool at max_size_mb: refused %d events with each API's retry-later "
+                        "status, for their apps to send again later (counted as %s)", turned,
+                        Drop.REJECTED_FULL)
         # Damage is found by the reader (job.corrupt) or by settling a record it then reads.
         if (job.corrupt or job.settle) and (lost := out.counters.get(Drop.DROPPED_CORRUPT, 0)):
             log_limited(log, logging.ERROR, "dropped-corrupt",
