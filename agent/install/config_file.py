@@ -37,7 +37,7 @@ HEADER = """\
 [storage]
 # path = ""                 # empty: spool.db in the data directory `outpost doctor` shows
 # max_size_mb = 512
-# when_full = "reject"      # "reject" (apps get 503 + Retry-After) | "drop_oldest"
+# when_full = "reject"      # "reject" (apps get 503/429 + Retry-After) | "drop_oldest"
 # max_age_days = 30
 
 [log]
