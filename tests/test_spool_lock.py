@@ -13,10 +13,13 @@ import sys
 from collections.abc import Callable
 from pathlib import Path
 
+import pytest
+
 from agent.families.event import SEGMENT, Event
 from agent.paths import agent_holds, spool_lock
 from agent.settings import StorageConfig
 from agent.spool import Spool
+from agent.spool.types import SpoolFull
 from tests.conftest import ROOT, AgentProcess, free_port, write_config
 from tests.test_dead_export_target import post_event
 
@@ -86,3 +89,36 @@ async def test_a_lock_file_left_where_the_removed_one_was_is_taken_at_the_recove
     finally:
         await spool.close()
     assert not agent_holds(path)
+
+
+async def test_an_agent_started_on_the_removed_spool_before_the_first_noticed_is_left_alone(
+        tmp_path: Path) -> None:
+    """The spool's directory removed under the agent (rm -rf), and a second agent started
+    on the same storage.path before the first's next commit: nothing kept it out (the lock
+    held went with the removed file). The first, finding the file replaced, removed the
+    second's -wal and moved its spool aside, and the second then did the same to the
+    first's: two writers taking turns on one path, each commit a salvage. The first, which
+    finds the lock held by the other, must leave its files alone and refuse events (503,
+    its reason in open_error), its own queue kept aside."""
+    state = tmp_path / "state"
+    path = state / "spool.db"
+    first = await Spool.open(StorageConfig(path=str(path)), holds_lock=True)
+    second = None
+    try:
+        assert await first.append([Event("k", SEGMENT, 1, b'{"type":"track","n":1}')]) == 1
+        shutil.rmtree(state)
+        second = await Spool.open(StorageConfig(path=str(path)), holds_lock=True)
+        assert await second.append([Event("k", SEGMENT, 2, b'{"type":"track","n":2}')]) == 1
+        theirs = path.stat().st_ino
+        with pytest.raises(SpoolFull):
+            await first.append([Event("k", SEGMENT, 3, b'{"type":"track","n":3}')])
+        assert path.stat().st_ino == theirs, "the other agent's spool was moved aside"
+        assert first.open_error is not None and "another agent" in first.open_error
+        assert await second.append([Event("k", SEGMENT, 4, b'{"type":"track","n":4}')]) == 1
+        assert second.depth == 2 and second.counters.get("spool_corrupt", 0) == 0
+        kept = [p for p in state.glob("spool.db.corrupt-*") if p.suffix != ".lock"]
+        assert len(kept) == 1, kept   # the first's queue, answered 200, kept for a look
+    finally:
+        await first.close()
+        if second is not None:
+            await second.close()
