@@ -118,6 +118,10 @@ async def test_an_agent_started_on_the_removed_spool_before_the_first_noticed_is
         assert second.depth == 2 and second.counters.get("spool_corrupt", 0) == 0
         kept = [p for p in state.glob("spool.db.corrupt-*") if p.suffix != ".lock"]
         assert len(kept) == 1, kept   # the first's queue, answered 200, kept for a look
+        await second.close()
+        second = None
+        with pytest.raises(SpoolFull):   # its streams' ids are not that spool's
+            await first.append([Event("k", SEGMENT, 5, b'{"type":"track","n":5}')])
     finally:
         await first.close()
         if second is not None:

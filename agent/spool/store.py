@@ -88,6 +88,11 @@ def _private(path: Path) -> None:
         os.chmod(path, 0o600)
 
 
+class InUse(OSError):
+    """The spool's lock file is held by another agent, started on the path after the spool
+    was removed under this one: the files there are that agent's."""
+
+
 @dataclass(slots=True)
 class _Salvage:
     """A recovery under way: the corrupt file moved aside, and what the fresh spool keeps."""
@@ -147,6 +152,8 @@ class Spool:
         self.holds_lock = holds_lock
         self._lock_fd: int | None = None
         self._lock_id: tuple[int, int] | None = None
+        # Why the spool is no longer this agent's (InUse), once another took its path.
+        self.ousted: str | None = None
 
     # -- what the writer and reader use --------------------------------------
 
@@ -289,6 +296,10 @@ class Spool:
         self.open_error = None
 
     async def _open_files(self) -> None:
+        if self.ousted is not None:
+            # Not taken back once the other stops: this one's forwarders hold its keys'
+            # stream ids, which in that agent's spool name other keys' queues.
+            raise InUse(self.ousted)
         # Its directory too: an operator may have removed it under the running agent.
         make_private_dir(self.path.parent)
         if self.holds_lock:
@@ -356,6 +367,10 @@ class Spool:
                 self._lock_id = (found.st_dev, found.st_ino)
         try:
             taken = lock_again(self.path, self._lock_id)
+        except BlockingIOError:
+            raise InUse(f"spool {self.path} is in use by another agent, started on it after "
+                        "it was removed under this one: this one refuses events; stop the "
+                        "other and restart this one, or stop this one") from None
         except OSError as exc:
             log.error("spool %s: its lock file was removed under the agent, and cannot be "
                       "taken again (%s): another agent may run on this spool; stop it",
@@ -435,6 +450,12 @@ class Spool:
                 make_private_dir(self.path.parent)
             except OSError as refused:   # another user's, or read-only: no copy, nothing to move
                 no_dir = refused
+        in_use: InUse | None = None
+        if isinstance(exc, Replaced) and no_dir is None and self.holds_lock:
+            try:
+                self._keep_lock()   # before anything at the path is touched
+            except InUse as taken:
+                in_use = taken
         moved = target(self.path)
         # Deleted or replaced under the agent: its queue is salvaged from a copy of the
         # file still open; what is at the path now (a backup put back) is kept aside.
@@ -453,6 +474,14 @@ class Spool:
             self.open_error = str(no_dir)
             self.writer.reopen_soon()
             raise no_dir
+        if in_use is not None:
+            # The files at the path are the other agent's, open: moved aside or its -wal
+            # removed, it did the same to this one's at its next commit, two writers taking
+            # turns. This one's queue is kept in the copy, for an operator to look at.
+            log.error("%s (its queue is %s)", in_use,
+                      f"kept in {moved}" if copied else "lost: no room for a copy")
+            self.open_error = self.ousted = str(in_use)
+            raise in_use
         if isinstance(exc, Replaced):
             forget_wal(self.path)
             if copied and self.path.exists():
