@@ -371,6 +371,35 @@ async def test_what_was_refused_while_a_salvage_waited_for_disk_space_stays_coun
     assert counters.get("rejected_storage_error") == 1, counters
 
 
+async def test_a_directory_put_at_the_path_while_the_spool_is_closed_is_a_503_saying_so(
+        make_agent: Any, small_fs: Path, caplog: pytest.LogCaptureFixture) -> None:
+    """The spool closed (moved aside as damaged, no room for the fresh one), and a
+    directory put at its path meanwhile: the try to open it again raised past the writer
+    (SpoolUnusable is no OSError), the request waited unanswered, a traceback was logged,
+    and every later commit the same. Apps get 503 and the reason, logged once and kept in
+    open_error, as for any spool that cannot be opened."""
+    spool_path = small_fs / "spool" / "spool.db"
+    spool_path.parent.mkdir(mode=0o700)
+    spool_path.write_bytes(b"SQLite format 3\0" + b"\xff" * 8192)   # damaged
+    filler = small_fs / "filler"
+    free = os.statvfs(small_fs).f_bavail * os.statvfs(small_fs).f_frsize
+    filler.write_bytes(b"\0" * free)
+    agent = await make_agent(spool=spool_path)
+    async with aiohttp.ClientSession() as s:
+        assert (await post(s, agent.port, [event(1)])).status == 503
+        filler.unlink()
+        spool_path.unlink()   # the empty file the try to create the fresh one left
+        spool_path.mkdir()
+        for n in (2, 3):
+            async with asyncio.timeout(5):
+                async with s.post(f"http://127.0.0.1:{agent.port}/app/app1/track",
+                                  json={"data": [event(n)]}) as r:
+                    assert r.status == 503 and "is a directory" in await r.text()
+    assert "is a directory" in (agent.spool.open_error or "")
+    assert not [r for r in caplog.records if r.exc_info], "a traceback"
+    assert caplog.text.count("is a directory") == 1, caplog.text
+
+
 async def test_keys_of_requests_refused_for_a_full_disk_take_no_place(
         make_agent: Any, small_fs: Path) -> None:
     """A request refused because its commit failed (503: the disk full) stores nothing,
