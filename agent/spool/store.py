@@ -59,7 +59,7 @@ from agent.spool.salvage import (
     salvaged,
     unsalvaged,
 )
-from agent.spool.schema import open_read_only, refuse_special
+from agent.spool.schema import SpoolUnusable, open_read_only, refuse_special
 from agent.spool.types import Queued, Stream
 from agent.spool.writer import REOPEN_EVERY_S, Replaced, Writer, is_corruption
 
@@ -290,7 +290,7 @@ class Spool:
     async def _connect(self) -> None:
         try:
             await self._open_files()
-        except (sqlite3.Error, OSError) as exc:
+        except (sqlite3.Error, OSError, SpoolUnusable) as exc:
             self.open_error = str(exc) or type(exc).__name__
             raise
         self.open_error = None
@@ -650,7 +650,9 @@ class Spool:
                     books.counters = {}
                 recovered = True   # before: a recovery that fails logs why itself
                 await self.recover(exc)   # opens the fresh spool, or raises as _connect does
-        except (sqlite3.DatabaseError, OSError):
+        # SpoolUnusable: a directory (or a newer agent's file) put at the path while it was
+        # closed. Not opened, as at start, but no exit: refused with 503 as a full disk is.
+        except (sqlite3.DatabaseError, OSError, SpoolUnusable):
             books.counters, books.unsaved = counters, unsaved   # as before the try
             if not recovered and self.open_error != before:
                 # Once per new reason (a full disk, then a read-only file system): the
