@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
+import sqlite3
 from pathlib import Path
 from typing import Any
 
@@ -11,7 +13,10 @@ import aiohttp
 import aiohttp.web
 import pytest
 
+from agent.families.event import SEGMENT, Event
 from agent.ops.status_table import render
+from agent.settings import StorageConfig
+from agent.spool import Spool
 from tests.conftest import free_port, write_config
 from tests.fakes.loopback_server import serving
 from tests.fakes.ops_scene import LIVE, QUEUED, REFUSED, Scene, populate, post_events, settled
@@ -321,3 +326,33 @@ async def test_the_sync_line_shows_hidden_characters_escaped(
         [line] = [ln for ln in render(await r.json()).splitlines() if ln.startswith("sync:")]
     hidden = sorted({c for c in line if not c.isprintable()})
     assert not hidden and "(no D-Bus at \\x00x\\x1b[2J" in line, (hidden, line)
+
+
+async def test_offline_status_shows_the_rest_when_the_dead_reasons_cannot_be_read(
+        tmp_path: Path) -> None:
+    """No agent running, and the pages of the dead letters' summary damaged: `outpost
+    status` said only that it could not read the spool (exit 1), though the queues,
+    counters and size read fine. It shows them, and says what it could not read."""
+    path = tmp_path / "spool.db"
+    spool = await Spool.open(StorageConfig(path=str(path)))
+    try:
+        await spool.append([Event("k", SEGMENT, i, b'{"type":"track"}') for i in range(3)])
+        rows = await spool.fetch(spool.streams["k"].id, 0, 10)
+        await spool.dead_letter([(rows[0].seq, "up", "HTTP 400: bad")])
+    finally:
+        await spool.close()
+    with contextlib.closing(sqlite3.connect(path)) as db:
+        size = db.execute("PRAGMA page_size").fetchone()[0]
+        roots = [r for (r,) in db.execute("SELECT rootpage FROM sqlite_master WHERE "
+                                          "tbl_name = 'dead_groups'")]
+    with open(path, "r+b") as fh:
+        for root in roots:
+            fh.seek((root - 1) * size)
+            fh.write(b"\xff" * size)
+    cfg = write_config(tmp_path / "agent.toml", path, port=free_port())
+    code, text = await run_outpost("status", "--config", str(cfg))
+    assert code == 0, text
+    assert "spool, no agent running" in text and "queue:    2 events" in text, text
+    assert "dead:     1 kept" in text and "cannot read them" in text, text
+    code, raw = await run_outpost("status", "--json", "--config", str(cfg))
+    assert code == 0 and json.loads(raw)["dead_reasons_error"], raw
