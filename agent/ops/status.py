@@ -240,5 +240,8 @@ def offline_snapshot(cfg: Config) -> Snapshot:
                      {"path": os_text(path), "used_bytes": raw.get("used_bytes"),
                       "max_bytes": cfg.storage.max_bytes, "expiry_errors": None,
                       "expiry_last_error": None, "open_error": None}, {})
-    snap["dead_reasons"] = redacted(dead.newest_reasons(path))
+    try:
+        snap["dead_reasons"] = redacted(dead.newest_reasons(path))
+    except sqlite3.DatabaseError as exc:   # their pages damaged: the rest read fine, shown
+        snap["dead_reasons_error"] = str(exc) or type(exc).__name__
     return snap

@@ -95,10 +95,12 @@ def _dead_lines(data: Snapshot) -> list[str]:
     if not n:
         return []
     now = data.get("time") or 0
-    newest = ("newest:" if data.get("dead_reasons_error") is None else
-              f"newest as last read (cannot read them now: {data['dead_reasons_error']}):")
+    error, groups = data.get("dead_reasons_error"), data.get("dead_reasons") or []
+    newest = ("newest:" if error is None else
+              f"newest as last read (cannot read them now: {error}):" if groups else
+              f"their reasons: cannot read them now: {error}")
     lines = [f"dead:     {n} kept (`outpost dead list`, `outpost dead retry`); {newest}"]
-    for g in data.get("dead_reasons") or []:
+    for g in groups:
         when = age(now - g["newest"] / 1000) + " ago" if now else "-"
         lines.append(f"  {g['count']:>6}  {g['upstream']}  {when}  {_clip(g['reason'])}")
     return lines
