@@ -11,6 +11,7 @@ import sqlite3
 from pathlib import Path
 from typing import Any
 
+import aiohttp.web
 import orjson
 import pytest
 from hypothesis import HealthCheck, given, settings
@@ -399,3 +400,64 @@ async def test_the_events_of_a_record_found_damaged_are_logged_as_they_are_count
     said = [r for r in caplog.records if "dropped_corrupt" in r.getMessage()]
     assert said, "10 events dropped, and nothing in the log"
     assert said[0].levelno >= logging.WARNING and "10" in said[0].getMessage(), said
+
+
+class OneFrameAtATime(FakeNucleus):
+    """The Nucleus upstream, each websocket frame answered once the test releases it."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.received = 0
+        self.release = asyncio.Semaphore(0)
+
+    async def _ws(self, request: aiohttp.web.Request) -> aiohttp.web.WebSocketResponse:
+        ws = aiohttp.web.WebSocketResponse(max_msg_size=0)
+        await ws.prepare(request)
+        replies = []
+        async for msg in ws:
+            self.received += 1
+            ids = self._record(request.path, orjson.loads(msg.data))
+            replies.append(asyncio.create_task(self._answer(ws, ids)))
+        for reply in replies:
+            reply.cancel()
+        return ws
+
+    async def _answer(self, ws: aiohttp.web.WebSocketResponse, ids: list[Any]) -> None:
+        await self.release.acquire()   # FIFO: the frames answered in their order
+        await ws.send_str(orjson.dumps({"reportedIds": ids}).decode())
+
+
+async def test_events_in_flight_when_their_record_is_found_damaged_are_not_counted_twice(
+        make_agent: Any, tmp_path: Path) -> None:
+    """One record sent as two batches, both in flight, its bytes damaged on disk meanwhile:
+    the first batch's ack finds the damage and counts the second's events dropped_corrupt.
+    The upstream then acked them too, and its `acked` counted them again: ingested 10,
+    acked 10 by the upstream's count and 5 dropped. The counts must add up."""
+    spool = await open_spool(tmp_path)
+    await spool.append([ev("app1", i) for i in range(10)])   # one record
+    await spool.close()
+    fake = await OneFrameAtATime().start()
+    try:
+        agent = await make_agent(upstreams=[{"name": "up", "protocol": "nucleus-ws",
+                                             "url": fake.url, "flush_interval_s": 0.02,
+                                             "batch_max_events": 5}])
+        await wait_for(lambda: fake.received == 2, timeout=5)
+        with contextlib.closing(sqlite3.connect(tmp_path / "spool.db")) as db, db:
+            data = db.execute("SELECT data FROM records").fetchone()[0]
+            db.execute("UPDATE records SET data = ?",
+                       (data[:20] + bytes([data[20] ^ 0xFF]) + data[21:],))
+        fake.release.release()
+        await wait_for(lambda: agent.spool.counters.get(Drop.DROPPED_CORRUPT), timeout=5)
+        fake.release.release()
+        # One more event, answered after the second batch: once it is acked, so was that.
+        async with aiohttp.ClientSession() as s:
+            async with s.post(f"http://127.0.0.1:{agent.port}/app/app1/track",
+                              json={"data": [orjson.loads(ev("app1", 10).body)]}) as r:
+                assert r.status == 200, await r.text()
+        fake.release.release()
+        await wait_for(lambda: agent.spool.counters.get(Tally.ACKED) == 6, timeout=5)
+        counters, state = agent.spool.counters, agent.forwarding.states["up"]
+        assert counters.get(Drop.DROPPED_CORRUPT) == 5 and fake.received == 3
+        assert state.acked + counters[Drop.DROPPED_CORRUPT] == 11, state.acked
+    finally:
+        await fake.stop()
