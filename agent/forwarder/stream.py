@@ -768,9 +768,12 @@ class StreamForwarder:
             self._held.extend(acked)
             if len(self._held) >= ACK_GROUP * self.cfg.batch_max_events:
                 self._ack_held()
-            self.state.acked += len(acked)
+            # Not those whose record the spool dropped while they were sent (found
+            # damaged): counted there already (dropped_corrupt), and the counts add up.
+            delivered = len(acked) - len(self.spool.dropped(acked))
+            self.state.acked += delivered
             self.state.last_ack = CLOCK.elapsed_s()
-            self.metrics.observe_acked(len(acked))
+            self.metrics.observe_acked(delivered)
         if dead and await self._saved(self.spool.dead_letter(
                 # Redacted once, as stored: the reason is the upstream's answer, which may
                 # echo the request's credentials, and every dead-letter view shows it.

@@ -67,6 +67,22 @@ class LiveRecords:
             return None
         return self._observed[i]
 
+    def missing(self, seqs: Iterable[int]) -> set[int]:
+        """Those of ``seqs`` in no live record: for runs of seqs (a batch's), one lookup
+        per record, not per seq."""
+        ids, ns = self._ids, self._ns
+        gone: set[int] = set()
+        start = end = 0   # the live record found last: [start, end)
+        for seq in seqs:
+            if start <= seq < end:
+                continue
+            i = bisect_right(ids, seq) - 1
+            if i < 0 or seq - ids[i] >= ns[i]:
+                gone.add(seq)
+            else:
+                start, end = ids[i], ids[i] + ns[i]
+        return gone
+
     def settle(self, acked: Iterable[int],
                dead: Iterable[tuple[int, str, str]]) -> list[Settle]:
         """Group seqs by their record (seqs in no live record are left out); each

@@ -239,8 +239,7 @@ class Spool:
     def dropped(self, seqs: Sequence[int]) -> set[int]:
         """Those of ``seqs``, read from the queue and not yet settled, whose record is gone
         from it since (``dropped_since``): counted dropped, they must not go out."""
-        observed = self.live.observed
-        return {seq for seq in seqs if observed(seq) is None}
+        return self.live.missing(seqs)
 
     def observed_age_ms(self, seq: int) -> int | None:
         """How long ago, in agent-observed time, the live event ``seq`` was received (at
