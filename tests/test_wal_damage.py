@@ -12,9 +12,11 @@ WAL holding commits not yet checkpointed.
 
 from __future__ import annotations
 
+import functools
 import logging
 import os
 import shutil
+import sqlite3
 from pathlib import Path
 from typing import Any
 
@@ -23,7 +25,7 @@ import pytest
 
 from agent.families.event import NUCLEUS, Event
 from agent.settings import StorageConfig
-from agent.spool import Spool
+from agent.spool import Spool, store
 from tests.test_disk import six_mb_fs  # noqa: F401  (a fixture)
 from tests.test_salvage import leave_free
 
@@ -142,3 +144,36 @@ async def test_a_log_copy_cut_short_by_a_full_disk_is_not_left_as_the_copy(
         assert not list(six_mb_fs.glob("spool.db.wal-damaged-*")), "a part of a copy left"
     finally:
         await agent.stop()   # before the file system goes
+
+
+async def test_a_damaged_log_found_by_opens_that_fail_is_said_once(
+        tmp_path: Path, caplog: pytest.LogCaptureFixture,
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    """The spool cannot be opened (another process holds its write lock, here), so it is
+    tried again every 5 s: each try, having written nothing, found the damaged log again,
+    said it again and kept one more copy of it (up to 64 MB each, every 5 s); and it was
+    counted only if the damage was still there at the try that opened it (the other
+    process, closing last, checkpoints the log). Said and kept once; counted once."""
+    # The lock waited out sooner: SQLite's wait before the spool sets its busy_timeout
+    # (Python's 5 s), and that busy_timeout.
+    monkeypatch.setattr(sqlite3, "connect", functools.partial(sqlite3.connect, timeout=0.02))
+    monkeypatch.setattr(store, "BUSY_TIMEOUT_MS", 20)
+    image = await crash_image(tmp_path)
+    wal = Path(f"{image}-wal")
+    flip(wal, HEADER + commit_frames(wal)[2] * (FRAME_HEADER + page_size(wal)) + FRAME_HEADER + 7)
+    caplog.set_level(logging.ERROR)
+    other = sqlite3.connect(image, isolation_level=None, timeout=0)
+    try:
+        other.execute("BEGIN IMMEDIATE")   # the write lock held, nothing written
+        spool = await Spool.open(StorageConfig(path=str(image)))
+        assert spool.db is None, "opened under another's write lock"
+        assert not await spool.reopen() and not await spool.reopen()
+    finally:
+        other.close()
+    assert caplog.text.count("write-ahead log is damaged") == 1, caplog.text
+    assert len(list(image.parent.glob("spool.db.wal-damaged-*"))) == 1
+    try:
+        assert await spool.reopen()
+        assert spool.counters.get("wal_damaged") == 1, spool.counters
+    finally:
+        await spool.close()
