@@ -154,6 +154,10 @@ class Spool:
         self._lock_id: tuple[int, int] | None = None
         # Why the spool is no longer this agent's (InUse), once another took its path.
         self.ousted: str | None = None
+        # The damage last found in the spool's -wal (said once, not at each try to open
+        # it), and whether it is counted (wal_damaged) yet.
+        self._wal: wal_check.Damage | None = None
+        self._wal_counted = True
 
     # -- what the writer and reader use --------------------------------------
 
@@ -331,13 +335,16 @@ class Spool:
             def prepare(conn: sqlite3.Connection) -> None:
                 refuse_newer(conn)
                 # Before any write, which would reuse the frames SQLite ignored.
-                damaged = sync == "FULL" and wal_check.look(conn, self.path)
+                found = wal_check.look(conn, self.path, self._wal) if sync == "FULL" else None
+                if found is not None and found != self._wal:
+                    self._wal, self._wal_counted = found, False
                 conn.executescript(pragmas)
                 ensure(conn, self.on_migrating)
                 if not self._loaded:
                     self._forget_idle(conn)
-                if damaged:
+                if not self._wal_counted:   # also when the log is gone since it was said
                     keep_counters(conn, {Tally.WAL_DAMAGED: 1})
+                    self._wal_counted = True
 
             await self._db.open(self.path, "", prepare)
             found = os.stat(self.path)

@@ -40,14 +40,15 @@ class Damage:
     commits: int
 
 
-def look(conn: sqlite3.Connection, spool: Path) -> bool:
-    """Whether the log of ``spool``, open on ``conn`` before anything wrote to it, is
-    damaged; if so it is said and a copy kept. The log count is the checkpoint's."""
+def look(conn: sqlite3.Connection, spool: Path, said: Damage | None = None) -> Damage | None:
+    """The damage in the log of ``spool``, open on ``conn`` before anything wrote to it, if
+    any; said and a copy kept, unless it is ``said`` (found by a try to open the spool that
+    failed before it wrote: said once, not at each try). The log count is the checkpoint's."""
     _, read, _ = conn.execute("PRAGMA wal_checkpoint(PASSIVE)").fetchone()
     wal = Path(f"{spool}-wal")
     damage = ignored_commits(wal, read)
-    if damage is None:
-        return False
+    if damage is None or damage == said:
+        return damage
     try:
         kept = f"a copy of the log is kept as {keep_copy(wal, spool).name}"
     except OSError as exc:
@@ -56,7 +57,7 @@ def look(conn: sqlite3.Connection, spool: Path) -> bool:
               "%d and ignores the %d commits written after that, answered to apps as stored; "
               "their events are lost, how many is unknown; %s",
               spool, damage.read, damage.commits, kept)
-    return True
+    return damage
 
 
 def checksum(data: bytes | memoryview, order: str, s0: int, s1: int) -> tuple[int, int]:
