@@ -461,3 +461,22 @@ async def test_events_in_flight_when_their_record_is_found_damaged_are_not_count
         assert state.acked + counters[Drop.DROPPED_CORRUPT] == 11, state.acked
     finally:
         await fake.stop()
+
+
+async def test_dropped_names_exactly_the_seqs_no_live_record_holds_in_any_order(
+        tmp_path: Path) -> None:
+    """Spool.dropped runs on every ack, by record rather than by seq: each of a batch's
+    seqs is judged, whatever their order, beside records gone and seqs never stored."""
+    spool = await open_spool(tmp_path)
+    try:
+        for r in range(4):   # four requests: four records of 5 events
+            await spool.append([ev("k", 5 * r + i) for i in range(5)])
+        rows = await spool.fetch(spool.streams["k"].id, 0, 100)
+        seqs = [row.seq for row in rows]
+        await spool.ack(seqs[5:10])   # the second record leaves, whole
+        unknown = seqs[-1] + 1000
+        asked = [seqs[12], unknown, seqs[7], seqs[0], *reversed(seqs[5:10]), seqs[19], seqs[6]]
+        assert spool.dropped(asked) == {unknown, *seqs[5:10]}
+        assert spool.dropped(seqs[10:]) == set() and spool.dropped(()) == set()
+    finally:
+        await spool.close()
