@@ -283,6 +283,9 @@ class Writer:
                 # A bug that repeats at every commit: its traceback once a minute.
                 log_limited(log, logging.ERROR, "commit-crashed", "spool commit failed",
                             exc_info=True)
+                # Its apps are answered (503), not left until their own timeout: they send
+                # again either way, and the resend meets dedupe if the commit went through.
+                _fail(batch.appends, SpoolFull(Reason.CORRUPT))
                 _fail_waiters(batch.waiters, SpoolFull(Reason.CORRUPT, message=str(exc)))
             finally:
                 # Ack/dead-letter callers are told of a commit that failed (the forwarder
