@@ -753,3 +753,37 @@ async def test_reject_over_a_lowered_cap_trims_dead_letters_at_a_cost_per_chunk_
             f"{hundreds.n}00 SQLite steps to delete {deleted} letters"
     finally:
         await spool.close()
+
+
+async def test_over_a_lowered_cap_a_request_too_big_beside_events_in_flight_is_refused(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Over a lowered max_size_mb ("drop_oldest"), a request smaller than the cap but too
+    big beside the records whose events are in flight (which nothing drops) was accepted,
+    the file held at its size, and the next trim then dropped it, the newest events, while
+    they were being acknowledged: at the cap the same request is refused (503)."""
+    monkeypatch.setattr(spool_commit, "EXPIRE_RECORDS", 64)   # the excess: many chunks
+    path = tmp_path / "spool.db"
+    spool = await Spool.open(StorageConfig(path=str(path), sync="normal"))
+    try:
+        await spool.append([incompressible("sent", i, 8000) for i in range(180)])
+        await spool.append([incompressible(f"old-{i}", i, 8000) for i in range(600)])
+    finally:
+        await spool.close()
+    spool = await Spool.open(one_mb(path, "drop_oldest"))
+    try:
+        sent = spool.streams["sent"]
+        spool.leases.hold(sent.id, [0, 10**12])       # its events are in flight
+        try:
+            stored = await spool.append([incompressible("new", i, 8000) for i in range(80)])
+        except SpoolFull:
+            stored = 0
+        for _ in range(50):                            # expiry's runs trim the excess
+            await spool.prune()
+            if spool.used_bytes <= MB or not any(
+                    s.depth for k, s in spool.streams.items() if k.startswith("old-")):
+                break
+        depth = s.depth if (s := spool.streams.get("new")) else 0
+        assert depth == stored, f"{stored} events accepted, {depth} kept"
+        assert sent.depth == 180
+    finally:
+        await spool.close()
