@@ -308,8 +308,12 @@ def _fit(conn: sqlite3.Connection, job: Job, packed: list[tuple[Group, bytes, by
     commits). The first commit deleted all of it in one transaction, every app waiting
     (~1 s for 100,000 lone events, 0.7 s for 50,000 dead letters)."""
     if room < 0:
-        if inserted > job.max_bytes:   # it could never fit: refused, nothing dropped for it
-            return inserted - job.max_bytes
+        # It could never fit, beside the records in flight that nothing drops: refused,
+        # nothing dropped for it (accepted, the file held at its size, the trim of the
+        # excess would then take it out, the newest events, as at the cap it is refused).
+        fixed = 0 if job.reject_when_full else _leased_bytes(conn, job.leased)
+        if inserted + fixed > job.max_bytes:
+            return inserted + fixed - job.max_bytes
         if not job.reject_when_full:
             _trim(conn, -room, job.remember, job.leased, out, True)
             room = job.max_bytes - used_bytes(conn)
@@ -710,6 +714,15 @@ def leased_ids(conn: sqlite3.Connection, leased: Sequence[Bound]) -> str:
     ids = [rid for stream, lane, top in leased for (rid,) in conn.execute(
         "SELECT id FROM records WHERE stream = ? AND lane = ? AND id <= ?", (stream, lane, top))]
     return str(ids).replace(" ", "")
+
+
+def _leased_bytes(conn: sqlite3.Connection, leased: Sequence[Bound]) -> int:
+    """The file's bytes the records ``leased`` holds take (estimated: ``row_bytes``)."""
+    if not leased:
+        return 0
+    return sum(row_bytes(n) for (n,) in conn.execute(
+        "SELECT length(data) + length(dkeys) FROM records WHERE id IN (SELECT value FROM "
+        "json_each(?))", (leased_ids(conn, leased),)))
 
 
 def _hand_back(conn: sqlite3.Connection, max_bytes: int) -> None:
