@@ -339,6 +339,22 @@ async def test_an_answer_reset_midway_is_said_so_by_every_command(tmp_path: Path
     assert not spool.exists() and not target.exists()
 
 
+async def test_an_export_answered_with_a_length_and_cut_short_is_said_so(
+        tmp_path: Path) -> None:
+    """An export answered with a Content-Length, not in chunks, and closed before its end:
+    read a chunk at a time, http.client ends such a body quietly at the close (it raises
+    only for a whole read), and the export took the bytes that came for all of it ("exported
+    0 dead letters", the file replaced). The length it was promised says it was cut short."""
+    target = tmp_path / "out.jsonl"
+    target.write_text("kept\n")
+    async with agent_cut_short() as port:
+        cfg = str(write_config(tmp_path / "agent.toml", tmp_path / "spool.db", port=port))
+        code, text = await outpost_in_thread("dead", "export", str(target), "--config", cfg)
+    assert (code, text) == (1, "outpost: the agent stopped the export after 0 dead letters "
+                               f"(its log says why): {target} is unchanged\n")
+    assert target.read_text() == "kept\n"
+
+
 async def test_an_export_to_standard_output_cut_short_names_it_so(tmp_path: Path) -> None:
     """`outpost dead export -` cut short said "- got only those", where its success says
     "standard output"."""
