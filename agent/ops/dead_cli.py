@@ -102,7 +102,7 @@ def _chunk(resp: Any, write: Write, count: int) -> bytes:
     """The export stream's next chunk (b"" at its end); _CutShort, after writing what came
     of it, if the stream ended early or was reset (``count``: the letters written before)."""
     try:
-        return bytes(resp.read(CHUNK_BYTES))
+        data = bytes(resp.read(CHUNK_BYTES))
     except http.client.IncompleteRead as exc:
         write(exc.partial)
         raise _CutShort(count + exc.partial.count(b"\n")) from exc
@@ -110,6 +110,12 @@ def _chunk(resp: Any, write: Write, count: int) -> bytes:
         raise _Stalled(count) from exc
     except OSError as exc:   # a reset: what came before it was read, and written
         raise _CutShort(count) from exc
+    # A body of a Content-Length, not chunks: read(n) ends it quietly at a close before
+    # its end (http.client raises IncompleteRead only for a whole read); ``length`` is
+    # what it still promised.
+    if not data and resp.length:
+        raise _CutShort(count)
+    return data
 
 
 def _listing(got: Any, source: str, args: argparse.Namespace) -> list[str]:
