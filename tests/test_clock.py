@@ -342,6 +342,31 @@ async def test_what_came_under_a_clock_set_ahead_expires_once_the_agent_saw_max_
         await spool.close()
 
 
+async def test_a_dead_letter_made_under_a_clock_set_ahead_waits_max_age_from_then(
+        tmp_path: Path, clock: Clock) -> None:
+    """An event near max_age_days is dead-lettered while the wall clock runs ahead, then
+    the clock is corrected: its dead-lettering time reads as still to come, and the letter
+    went at the next expiry run by its event's age alone, minutes after it was made, where
+    an operator has max_age_days to export it. The time the agent saw pass since it was
+    dead-lettered judges it, as a receipt time still to come is judged."""
+    spool = await Spool.open(StorageConfig(path=str(tmp_path / "spool.db"), max_age_days=2))
+    try:
+        await spool.append([Event("d", NUCLEUS, 1, b'{"id":1}')])
+        clock.passed_ms += 2 * DAY_MS - 3_600_000   # an hour short of max_age_days
+        clock.wall_shift_ms = SKEWS["10y-ahead"]()
+        rows = await spool.fetch(spool.streams["d"].id, 0, 10)
+        await spool.dead_letter([(r.seq, "up", "HTTP 400") for r in rows])
+        clock.wall_shift_ms = 0                     # corrected
+        clock.passed_ms += 2 * 3_600_000            # dead-lettered two hours ago
+        await spool.prune()
+        assert spool.dead_count == 1, "a dead letter two hours old expired"
+        clock.passed_ms += 2 * DAY_MS               # past max_age_days since then
+        await spool.prune()
+        assert spool.dead_count == 0 and spool.counters["dead_expired"] == 1
+    finally:
+        await spool.close()
+
+
 async def test_a_failing_expiry_is_logged_counted_and_shown_and_tried_again(
         make_agent: Any, caplog: pytest.LogCaptureFixture) -> None:
     """Expiry runs on its own every few minutes: when it fails (here a table of the spool
