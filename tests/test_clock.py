@@ -342,16 +342,24 @@ async def test_what_came_under_a_clock_set_ahead_expires_once_the_agent_saw_max_
         await spool.close()
 
 
+@pytest.mark.parametrize("written_before", [False, True], ids=["new", "older spool"])
 async def test_a_dead_letter_made_under_a_clock_set_ahead_waits_max_age_from_then(
-        tmp_path: Path, clock: Clock) -> None:
+        tmp_path: Path, clock: Clock, written_before: bool) -> None:
     """An event near max_age_days is dead-lettered while the wall clock runs ahead, then
     the clock is corrected: its dead-lettering time reads as still to come, and the letter
     went at the next expiry run by its event's age alone, minutes after it was made, where
     an operator has max_age_days to export it. The time the agent saw pass since it was
-    dead-lettered judges it, as a receipt time still to come is judged."""
-    spool = await Spool.open(StorageConfig(path=str(tmp_path / "spool.db"), max_age_days=2))
+    dead-lettered judges it, as a receipt time still to come is judged; in a spool an
+    agent wrote before it kept that time too."""
+    cfg = StorageConfig(path=str(tmp_path / "spool.db"), max_age_days=2)
+    spool = await Spool.open(cfg)
+    await spool.append([Event("d", NUCLEUS, 1, b'{"id":1}')])
+    if written_before:
+        await spool.close()
+        with contextlib.closing(sqlite3.connect(cfg.path)) as db:
+            db.execute("ALTER TABLE dead DROP COLUMN observed")
+        spool = await Spool.open(cfg)
     try:
-        await spool.append([Event("d", NUCLEUS, 1, b'{"id":1}')])
         clock.passed_ms += 2 * DAY_MS - 3_600_000   # an hour short of max_age_days
         clock.wall_shift_ms = SKEWS["10y-ahead"]()
         rows = await spool.fetch(spool.streams["d"].id, 0, 10)

@@ -468,7 +468,7 @@ def _settle(conn: sqlite3.Connection, s: Settle, job: Job, out: Outcome) -> None
     if bodies is not None:
         keys = keys_from_bytes(dkeys)
         dead_rows = [(s.id + o, stream, family, received, keys[o], bodies[o], *dead[o], job.now,
-                      lane) for o in new if o in dead]
+                      lane, job.tail[0]) for o in new if o in dead]
         if dead_rows:
             # Unpacked, a dead letter takes several times its share of a record: room is
             # made first, so the file stays within max_size_mb (the pages freed are reused).
@@ -477,8 +477,8 @@ def _settle(conn: sqlite3.Connection, s: Settle, job: Job, out: Outcome) -> None
             if over > 0:
                 _trim_dead(conn, over, out)
             conn.executemany("INSERT OR IGNORE INTO dead(seq, stream, family, received, dkey, "
-                             "body, upstream, reason, at, lane) "
-                             "VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?)", dead_rows)
+                             "body, upstream, reason, at, lane, observed) "
+                             "VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)", dead_rows)
             record(out.counters, Drop.DEAD_LETTERED, len(dead_rows))
         if left:
             freed = sum(len(bodies[o]) for o in new)
@@ -818,10 +818,14 @@ def prune(conn: sqlite3.Connection, exp: Expiry, counters: Counts) -> Outcome:
         _drop(conn, "id IN (SELECT value FROM json_each(?))", (ids,), Drop.EXPIRED, out,
               spent=by if exp.window_ms > 0 else None)
         # Dead letters wait for an operator as long, by both clocks: received before
-        # ``below``, and dead-lettered before the wall-clock cutoff (or in its future).
+        # ``below``, and dead-lettered before the wall-clock cutoff (or in its future) and
+        # max_age_days ago by the agent-observed clock (a letter that does not say when,
+        # made before that was kept: by its event's age alone, as it was then).
         expired = conn.execute("DELETE FROM dead WHERE seq IN (SELECT seq FROM dead WHERE "
-                               "seq < ? AND (at < ? OR at > ?) ORDER BY seq LIMIT ?)",
-                               (below, exp.wall_cutoff, future, EXPIRE_RECORDS)).rowcount
+                               "seq < ? AND (at < ? OR at > ?) AND coalesce(observed, ?) <= ? "
+                               "ORDER BY seq LIMIT ?)",
+                               (below, exp.wall_cutoff, future, PAST,
+                                exp.observed - exp.max_age_ms, EXPIRE_RECORDS)).rowcount
         record(out.counters, Tally.DEAD_EXPIRED, expired)
         # As the index forgets them (DedupeIndex.expire): received in the future by the
         # wall clock (set back since), they go by the agent-observed clock alone.

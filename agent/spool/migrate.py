@@ -65,7 +65,7 @@ from agent.spool.codebook import DICTS
 from agent.spool.db import PAST, main_file, transaction
 from agent.spool.dedupe import keys_to_bytes
 from agent.spool.records import RECORD_BYTES, RECORD_EVENTS
-from agent.spool.schema import LANE_INDEX, SCHEMA, VERSION, SpoolTooNew
+from agent.spool.schema import DEAD_OBSERVED, LANE_INDEX, SCHEMA, VERSION, SpoolTooNew
 
 log = logging.getLogger("outpost.spool")
 
@@ -102,6 +102,9 @@ def ensure(conn: sqlite3.Connection, alive: Callable[[], None] | None = None) ->
     if _user_version(conn) == VERSION and not _has_table(conn, "records_by_lane", "index"):
         with beating(alive, conn):
             conn.execute(LANE_INDEX)
+    if not conn.execute("SELECT 1 FROM pragma_table_info('dead') WHERE name = 'observed'"
+                        ).fetchone():
+        conn.execute(DEAD_OBSERVED)
 
 
 def upgrade(conn: sqlite3.Connection, alive: Callable[[], None] | None = None) -> None:

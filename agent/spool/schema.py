@@ -33,6 +33,12 @@ SUMMARY_SINCE = 3   # the first version with the dead letters' kept summary
 # without it gets it as it opens (migrate.ensure).
 LANE_INDEX = "CREATE INDEX IF NOT EXISTS records_by_lane ON records(lane)"
 
+# A dead letter's agent-observed ms of dead-lettering, expiry's second clock for its age
+# (NULL: made before it was kept, or salvaged; judged by its event's age). Not a format
+# change either: an older agent leaves it NULL, and a spool without it gets it as it
+# opens (migrate.ensure).
+DEAD_OBSERVED = "ALTER TABLE dead ADD COLUMN observed INTEGER"
+
 # Per (reason, upstream) group of dead letters: how many, and the first and last time one
 # was dead-lettered; per group and time, how many then (what a delete needs to find the
 # group's new first and last time in one step). Kept by the triggers, so every writer
@@ -90,7 +96,7 @@ CREATE TABLE spent(id INTEGER PRIMARY KEY, received INTEGER NOT NULL, observed I
 CREATE TABLE dead(seq INTEGER PRIMARY KEY, stream INTEGER NOT NULL, family INTEGER NOT NULL,
                   received INTEGER NOT NULL, dkey INTEGER NOT NULL, body BLOB NOT NULL,
                   upstream TEXT NOT NULL, reason TEXT NOT NULL, at INTEGER NOT NULL,
-                  lane INTEGER NOT NULL DEFAULT 1);
+                  lane INTEGER NOT NULL DEFAULT 1, observed INTEGER);
 CREATE TABLE counters(name TEXT PRIMARY KEY, value INTEGER NOT NULL);
 -- Every event with seq < next_seq was received by agent-observed time ``observed`` (the
 -- time the agent has seen pass, over all its runs: agent/clock.py); the latest mark is
