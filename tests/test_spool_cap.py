@@ -23,12 +23,13 @@ from pathlib import Path
 import orjson
 import pytest
 
-from agent.families.event import NUCLEUS, SEGMENT, Event, dedupe_key
+from agent.families.event import NUCLEUS, SEGMENT, Event, dedupe_key, now_ms
 from agent.families.lanes import HIGH
 from agent.settings import StorageConfig
 from agent.spool import Spool
 from agent.spool import commit as spool_commit
 from agent.spool.commit import MEASURE_WITHIN
+from agent.spool.dedupe import keys_to_bytes
 from agent.spool.types import Reason, Row, SpoolFull
 
 MB = 1024 * 1024
@@ -785,5 +786,39 @@ async def test_over_a_lowered_cap_a_request_too_big_beside_events_in_flight_is_r
         depth = s.depth if (s := spool.streams.get("new")) else 0
         assert depth == stored, f"{stored} events accepted, {depth} kept"
         assert sent.depth == 180
+    finally:
+        await spool.close()
+
+
+async def test_at_the_cap_only_the_dedupe_keys_a_request_needs_are_forgotten(
+        tmp_path: Path) -> None:
+    """A spool at the cap holding mostly the stored dedupe keys of delivered events (batches
+    of 100 delivered within the window), and a request of ~20 KB: the commit forgot 1,024
+    rows of keys at a time whatever it needed (~100,000 keys, the whole file, for a few
+    pages), and after a restart a resend of any of them within the window was delivered
+    again. It forgets the oldest rows it needs, about its own size."""
+    path = tmp_path / "spool.db"
+    spool = await Spool.open(one_mb(path))
+    await spool.close()
+    rows, per = 1200, 100
+    with closing(sqlite3.connect(path)) as db, db:   # delivered just now (both clocks)
+        now = now_ms()
+        db.executemany("INSERT INTO spent(id, received, observed, dkeys) VALUES (?, ?, 0, ?)",
+                       [(1 + r * per, now, keys_to_bytes([dedupe_key("done", r * per + i)
+                                                          for i in range(per)]))
+                        for r in range(rows)])
+    spool = await Spool.open(one_mb(path))
+    try:
+        assert spool.used_bytes > MB - 100_000, spool.used_bytes
+        assert await spool.append([incompressible("q", i, 4000) for i in range(10)]) == 10
+        forgotten = spool.counters.get("dedupe_forgotten", 0)
+        assert 0 < forgotten <= 100 * per, f"{forgotten} keys forgotten for ~20 KB"
+    finally:
+        await spool.close()
+    spool = await Spool.open(one_mb(path))
+    try:   # a restart: the file's keys alone say what was delivered
+        middle = rows // 2 * per
+        assert await spool.append([Event("done", SEGMENT, dedupe_key("done", middle),
+                                         b'{"messageId":"m"}')]) == 0, "delivered again"
     finally:
         await spool.close()
