@@ -190,7 +190,8 @@ async def test_a_refused_append_forgets_no_dedupe_key(tmp_path: Path) -> None:
         while not spool.counters.get("dedupe_forgotten"):
             await spool.append([event("q", n + k, 1000) for k in range(10)])
             n += 10
-        assert spool.counters["dedupe_forgotten"] == 5000
+        # Whole rows (of 1,000 keys), as many as the room needs, not all five.
+        assert spool.counters["dedupe_forgotten"] in range(1000, 5000, 1000)
     finally:
         await spool.close()
 
