@@ -136,6 +136,26 @@ async def test_tail_escapes_an_app_s_bidi_and_format_characters(make_agent: Any)
     assert "warp\\u202a" in text, ascii(text)
 
 
+async def test_tail_tells_an_escape_s_own_characters_from_the_character_it_names(
+        make_agent: Any) -> None:
+    """An id holding the six characters `\\u202e` was shown as the one holding U+202E is
+    (`id=m\\u202e1` both): a backslash was left as it is, so an app could pass one event
+    off as another. Shown doubled, as repr shows it (and the tail's names already were)."""
+    agent = await make_agent(port=free_port())
+    tail = await Tail.start("--config", agent.config_path)
+    for ident in ("m\\u202e1", "m\u202e1"):
+        r = await call(agent.port, "/v1/track", {"event": "e", "userId": "u",
+                                                 "messageId": ident},
+                       headers={"Authorization": basic(APP_KEY)})
+        assert r.status == 200, r.body
+    await tail.until(lambda line: "id=" in line)
+    second = await tail.until(lambda line: "id=" in line)
+    assert await tail.stop() == 0
+    first = next(line for line in tail.lines if "id=" in line)
+    assert first.endswith("id=m\\\\u202e1"), ascii(first)
+    assert second.endswith("id=m\\u202e1"), ascii(second)
+
+
 async def refuse_echoing_the_event(request: web.Request) -> web.Response:
     """A Segment upstream refusing every batch, its answer echoing the event's name."""
     batch = (await request.json())["batch"]
@@ -148,7 +168,9 @@ async def test_dead_letters_and_status_escape_bidi_and_format_characters(
         agent = await make_agent(port=free_port(), upstreams=[{
             "name": "seg", "protocol": "segment-http", "url": url, "keys": ["*"],
             "flush_interval_s": 0.05}])
-        r = await call(agent.port, "/v1/track", {"event": f"txt{INVISIBLE}.exe", "userId": "u"},
+        # The six characters `\\u202e` too: shown so as not to pass for the one they name.
+        r = await call(agent.port, "/v1/track", {"event": f"txt{INVISIBLE}\\u202e.exe",
+                                                 "userId": "u"},
                        headers={"Authorization": basic(APP_KEY)})
         assert r.status == 200, r.body
         await dead_letters(agent, 1)
@@ -163,6 +185,7 @@ async def test_dead_letters_and_status_escape_bidi_and_format_characters(
         assert not any(c in text for c in INVISIBLE), ascii(text)
     for text in (listed, status):
         assert "bad event name txt\\u202a\\u202b" in text, ascii(text)
+    assert "\\U000e0041\\\\u202e.exe" in listed, ascii(listed)   # status cuts it short
 
 
 def closed_pipe() -> int:
