@@ -30,7 +30,7 @@ from agent.ops.local_agent import (
 )
 from agent.ops.shared_terms import STALL_S
 from agent.settings import Config
-from agent.terminal import OutputError, printable, printable_json
+from agent.terminal import OutputError, printable, printable_json, printable_value
 
 # The agent sends a keepalive every 15 s: four missed means it is gone.
 READ_TIMEOUT_S = 60.0
@@ -163,13 +163,13 @@ def line(m: dict[str, Any]) -> str:
     now = time.strftime("%H:%M:%S")
     kind = m["kind"]
     if kind in ("ingested", "acked"):
-        what = printable(m["type"] or "?")
+        what = printable_value(m["type"] or "?")
         if m["name"]:
             what += f" {m['name']!r}"   # repr escapes control characters too
-        text = (f"{now} {'in' if kind == 'ingested' else kind:<5} {printable(m['api']):<8} "
-                f"{printable(m['key'])}  {what}  id={printable(str(m['id']))}")
+        text = (f"{now} {'in' if kind == 'ingested' else kind:<5} {printable_value(m['api']):<8} "
+                f"{printable_value(m['key'])}  {what}  id={printable_value(str(m['id']))}")
         if kind == "acked":
-            return text + f"  by {printable(m['upstream'])}"
+            return text + f"  by {printable_value(m['upstream'])}"
         return text + "".join(f"\n         ! {printable(w)}" for w in m["warnings"])
     if kind == "resent":
         return f"{now} in    {m['count']} resent event(s) above were already stored: not stored again"

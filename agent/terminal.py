@@ -3,7 +3,7 @@
 An app's event id or an upstream's error text may hold escape sequences that a terminal
 obeys (clear the screen, set the window title, recolour what follows), or characters it
 obeys without showing them (a bidi override shows ``txt\\u202eexe.js`` as ``txtsj.exe``):
-every command prints such values through ``printable``, or its JSON through
+every command prints such values through ``printable_value``, or its JSON through
 ``printable_json``; the agent's log (agent/logs.py), read on a terminal too, shows each
 record's message through ``printable`` and a traceback through ``printable_lines``.
 
@@ -77,6 +77,15 @@ def printable(text: str) -> str:
     """``text`` with each hidden character shown as an escape (``\\x1b``, ``\\n``,
     ``\\u202e``)."""
     return _SUSPECT.sub(_escape, text)
+
+
+def printable_value(text: str) -> str:
+    """An app's or upstream's value (an id, a type, a reason) as ``printable`` shows it, its
+    backslashes doubled too, as repr doubles them: an id holding the six characters
+    ``\\u202e`` is not shown as the one holding the character they name. Not for a
+    message of the agent's own: what it quotes is a repr already, and a path's backslashes
+    are Windows's separators."""
+    return printable(text.replace("\\", "\\\\"))
 
 
 def os_text(name: object) -> str:

@@ -44,7 +44,7 @@ from agent.outcomes import Tally
 from agent.paths import agent_holds, planted_link, same_file, sync_dir
 from agent.settings import Config
 from agent.spool import dead
-from agent.terminal import OutputError, printable, printable_json
+from agent.terminal import OutputError, printable, printable_json, printable_value
 
 Load = Callable[[argparse.Namespace], Config | None]
 LIST_ROWS = 50  # entries `dead list` prints under the summary; --limit changes it
@@ -127,8 +127,8 @@ def _listing(got: Any, source: str, args: argparse.Namespace) -> list[str]:
     # The reason last: it is the upstream's own text, of any length. What the spool
     # holds is printed with control characters escaped (an upstream's may be escapes).
     lines += ["", *table(["COUNT", "UPSTREAM", "OLDEST", "NEWEST", "REASON"], [
-        [str(g["count"]), printable(g["upstream"]), age(age_s(g["oldest"])),
-         age(age_s(g["newest"])), printable(g["reason"])] for g in got["groups"]],
+        [str(g["count"]), printable_value(g["upstream"]), age(age_s(g["oldest"])),
+         age(age_s(g["newest"])), printable_value(g["reason"])] for g in got["groups"]],
         right={0})]
     # The newest LIST_LIMIT groups only (an agent before that limit sends every one).
     older = got.get("reasons", len(got["groups"])) - len(got["groups"])
@@ -142,8 +142,9 @@ def _listing(got: Any, source: str, args: argparse.Namespace) -> list[str]:
         return [*lines, "", _no_such_reason(args.reason)]
     if rows:
         lines += ["", *table(["ID", "KEY", "UPSTREAM", "AGE", "SIZE", "REASON"], [
-            [str(e["id"]), printable(e["key"]), printable(e["upstream"]), age(age_s(e["at"])),
-             size(e["bytes"]), printable(e["reason"])] for e in rows], right={0, 4})]
+            [str(e["id"]), printable_value(e["key"]), printable_value(e["upstream"]),
+             age(age_s(e["at"])), size(e["bytes"]), printable_value(e["reason"])]
+            for e in rows], right={0, 4})]
         # The reason's letters, which the groups listed may leave out (older than them);
         # from an older agent, which does not send them, what the groups show.
         more = (got.get("of_reason", sum(g["count"] for g in got["groups"]

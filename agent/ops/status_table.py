@@ -6,7 +6,7 @@ from typing import TYPE_CHECKING
 
 from agent.forwarder.state import NEXT_TRY
 from agent.outcomes import Tally
-from agent.terminal import printable
+from agent.terminal import printable, printable_value
 from agent.uplinks.registry import over_websocket
 
 if TYPE_CHECKING:   # the snapshot's shapes only: the table needs no spool
@@ -48,7 +48,7 @@ def table(header: list[str], rows: list[list[str]], right: set[int]) -> list[str
 
 def _clip(text: str) -> str:
     """An upstream's text on one line, its control characters escaped, cut short."""
-    text = printable(" ".join(text.split()))
+    text = printable_value(" ".join(text.split()))
     return text if len(text) <= ERROR_WIDTH else text[:ERROR_WIDTH - 1] + "…"
 
 
