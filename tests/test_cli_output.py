@@ -7,7 +7,9 @@ from __future__ import annotations
 import asyncio
 import json
 import os
+import pty
 import re
+import select
 import socket
 import struct
 import subprocess
@@ -186,6 +188,56 @@ async def test_dead_letters_and_status_escape_bidi_and_format_characters(
     for text in (listed, status):
         assert "bad event name txt\\u202a\\u202b" in text, ascii(text)
     assert "\\U000e0041\\\\u202e.exe" in listed, ascii(listed)   # status cuts it short
+
+
+def on_a_terminal(*args: str) -> tuple[int, bytes]:
+    """`python -m agent ARGS` with a pseudo-terminal for its stdout: (exit code, what the
+    terminal got). Blocking: run it on a thread beside the agent's loop."""
+    master, slave = pty.openpty()
+    try:
+        proc = subprocess.Popen([sys.executable, "-m", "agent", *args], cwd=ROOT,
+                                stdout=slave, stderr=subprocess.DEVNULL)
+    finally:
+        os.close(slave)
+    got = bytearray()
+    try:
+        while select.select([master], [], [], 30)[0]:   # bounded: 30 s of silence ends it
+            try:
+                chunk = os.read(master, 1 << 16)
+            except OSError:   # EIO: the command closed the terminal's last end
+                break
+            if not chunk:
+                break
+            got += chunk
+    finally:
+        os.close(master)
+    return proc.wait(30), bytes(got)
+
+
+async def test_dead_export_to_a_terminal_escapes_what_a_terminal_obeys(
+        make_agent: Any, tmp_path: Path) -> None:
+    """`outpost dead export -` on a terminal wrote the letters' C1 controls (CSI as one
+    character) and bidi overrides raw: JSON escapes C0 alone. On a terminal they are \\u
+    escapes, the same JSON; a file or a pipe gets the letters' bytes as they are."""
+    async with serving("/v1/batch", refuse_echoing_the_event) as url:
+        agent = await make_agent(port=free_port(), upstreams=[{
+            "name": "seg", "protocol": "segment-http", "url": url, "keys": ["*"],
+            "flush_interval_s": 0.05}])
+        r = await call(agent.port, "/v1/track", {"event": f"E{HOSTILE}{INVISIBLE}",
+                                                 "userId": "u"},
+                       headers={"Authorization": basic(APP_KEY)})
+        assert r.status == 200, r.body
+        await dead_letters(agent, 1)
+        out = tmp_path / "dead.jsonl"
+        await outpost("export", str(out), config=agent.config_path)
+        code, shown = await asyncio.to_thread(
+            on_a_terminal, "dead", "export", "-", "--config", agent.config_path)
+    assert code == 0, shown
+    text = shown.decode()
+    assert not any(c in text for c in (*RAW, *INVISIBLE)), ascii(text)
+    [line] = text.splitlines()
+    assert json.loads(line) == json.loads(out.read_text())
+    assert f"\x9b31m{INVISIBLE}" in out.read_text()   # the file: as they are
 
 
 def closed_pipe() -> int:
