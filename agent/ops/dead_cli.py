@@ -9,6 +9,7 @@ refuses while an agent has the file open.
 from __future__ import annotations
 
 import argparse
+import codecs
 import http.client
 import json
 import os
@@ -85,7 +86,8 @@ Write = Callable[[bytes | bytearray], None]
 
 def _writer(fd: int) -> Write:
     """Whole writes to ``fd``, unbuffered: a write that fails fails here, not again at a
-    close that flushes what a buffer kept. A reader that left stays BrokenPipeError (141)."""
+    close that flushes what a buffer kept. A reader that left stays BrokenPipeError (141).
+    On a terminal, through ``_shown``."""
     def write(data: bytes | bytearray) -> None:
         view = memoryview(data)
         try:
@@ -95,7 +97,15 @@ def _writer(fd: int) -> Write:
             raise
         except OSError as exc:
             raise _Unwritable(exc) from exc
-    return write
+    return _shown(write) if os.isatty(fd) else write
+
+
+def _shown(write: Write) -> Write:
+    """``write`` for a terminal: what the letters hold that it obeys (C1 controls, bidi
+    overrides: JSON escapes C0 alone) as \\u escapes, the same JSON (printable_json). A
+    file or a pipe gets the letters' bytes as they are."""
+    text = codecs.getincrementaldecoder("utf-8")("replace")   # a chunk may end mid-character
+    return lambda data: write(printable_json(text.decode(data)).encode())
 
 
 def _chunk(resp: Any, write: Write, count: int) -> bytes:
