@@ -23,7 +23,7 @@ from aiohttp import web
 from agent.logs import fingerprint
 from agent.settings import StorageConfig
 from agent.spool import Spool
-from tests.conftest import ROOT, write_config
+from tests.conftest import ROOT, free_port, write_config
 from tests.fakes.loopback_server import LoopbackServer
 from tests.test_operator_mistakes import EXIT_CONFIG, _without_root, one_line
 from tests.waiting import run_outpost
@@ -753,6 +753,21 @@ def test_a_storage_path_with_control_characters_is_shown_escaped(tmp_path: Path)
     cfg.write_text(f"[storage]\npath = {json.dumps(str(tmp_path / 'afile' / ODD / 'spool.db'))}\n")
     for args in (("check-config", str(cfg)), ("run", "--config", str(cfg))):
         assert "x\\x1b[2J\\ny" in refused(outpost(*args), "storage.path")
+
+
+def test_a_valid_config_s_paths_are_shown_escaped(tmp_path: Path) -> None:
+    """check-config's `FILE: ok` and the status table's spool line printed a path as it
+    was: a line break split the line, an escape sequence reached the terminal."""
+    (tmp_path / ODD).mkdir()
+    cfg = write_config(tmp_path / ODD / "agent.toml", Path("spool.db"), port=free_port())
+    checked = outpost("check-config", str(cfg))
+    status = outpost("status", "--config", str(cfg))
+    assert (checked.returncode, status.returncode) == (0, 0), (checked, status)
+    for out in (checked.stdout, status.stdout):
+        assert "\x1b" not in out, out
+    assert checked.stdout.splitlines() == [f"{tmp_path}/x\\x1b[2J\\ny/agent.toml: ok "
+                                           "(0 upstream(s))"], checked.stdout
+    assert f"{tmp_path}/x\\x1b[2J\\ny/spool.db\n" in status.stdout, status.stdout
 
 
 def test_dead_without_a_subcommand_names_the_choices() -> None:
