@@ -770,6 +770,21 @@ def test_a_valid_config_s_paths_are_shown_escaped(tmp_path: Path) -> None:
     assert f"{tmp_path}/x\\x1b[2J\\ny/spool.db\n" in status.stdout, status.stdout
 
 
+async def test_dead_s_spool_path_is_shown_escaped(tmp_path: Path) -> None:
+    """`outpost dead list`, `retry`, `purge` and `export` named the spool file, or the file
+    exported to, as it was."""
+    (tmp_path / ODD).mkdir()
+    cfg = write_config(tmp_path / ODD / "agent.toml", Path("spool.db"), port=free_port())
+    runs = [outpost("dead", "list", "--config", str(cfg))]   # no spool yet
+    await (await Spool.open(StorageConfig(path=str(tmp_path / ODD / "spool.db")))).close()
+    runs += [outpost("dead", *args, "--config", str(cfg))
+             for args in (("list",), ("retry", "--all"), ("purge", "--all"),
+                          ("export", str(tmp_path / ODD / "dead.jsonl")))]
+    for run in runs:
+        assert run.returncode == 0, run
+        assert "\x1b" not in run.stdout and "x\\x1b[2J\\ny/" in run.stdout, run.stdout
+
+
 def test_dead_without_a_subcommand_names_the_choices() -> None:
     """It said "the following arguments are required: dead_command", a name in the code."""
     run = outpost("dead")
