@@ -290,9 +290,9 @@ def cmd_check_config(args: argparse.Namespace) -> int:
     if target is None:
         print("no config file found; the built-in defaults are valid")
     else:
-        print(f"{target}: ok ({len(cfg.upstreams)} upstream(s))")
+        _show(f"{target}: ok ({len(cfg.upstreams)} upstream(s))")
         for note in preflight.notes(cfg):
-            print(f"note: {note}")
+            _show(f"note: {note}")
     if args.reload is not None:
         # systemd's ExecReload: a config that fails here makes `systemctl reload` fail,
         # instead of the agent refusing it after systemd has reported success.
@@ -319,8 +319,8 @@ def _reread_by(cfg: Config, pid: int) -> str | None:
 
 
 def _show(line: str) -> None:
-    """One line of doctor's: what it names (the environment's, the config's, the bus's)
-    shown escaped."""
+    """One line of doctor's or check-config's: what it names (the environment's, the
+    config's, the bus's, a path) shown escaped."""
     print(printable(line))
 
 

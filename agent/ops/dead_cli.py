@@ -131,7 +131,7 @@ def _chunk(resp: Any, write: Write, count: int) -> bytes:
 def _listing(got: Any, source: str, args: argparse.Namespace) -> list[str]:
     """`dead list`'s lines for the summary ``got``; a LookupError, TypeError or the like if
     it does not have a summary's shape."""
-    lines = [f"{got['count']} dead letters ({source})"]
+    lines = [printable(f"{got['count']} dead letters ({source})")]   # a spool's path
     if not got["count"]:
         return lines
     # The reason last: it is the upstream's own text, of any length. What the spool
@@ -259,7 +259,7 @@ class _Cli:
         try:
             got, source = self._read(cfg, f"/dead?{query}", "count", int, offline)
         except dead.NoSpool as exc:
-            print(f"no dead letters ({exc})")
+            print(printable(f"no dead letters ({exc})"))
             return 0
         try:
             lines = _listing(got, source, args)
@@ -315,7 +315,8 @@ class _Cli:
             kept = f"; {target} is unchanged" if stat.S_ISREG(mode) else ""
             raise dead.DeadError(f"cannot write {target}: {why}{kept}") from exc
         # Beside the letters, not among them: `outpost dead export /dev/stdout | jq`.
-        print(f"exported {count} dead letters to {named}", file=sys.stderr if own else None)
+        print(printable(f"exported {count} dead letters to {named}"),
+              file=sys.stderr if own else None)
         return 0
 
     def _export_replacing(self, cfg: Config, real: Path, target: Path) -> int:
@@ -394,9 +395,10 @@ class _Cli:
                     n = dead.purge(conn, which).out.counters.get(Tally.DEAD_PURGED, 0)
             where = f"{spool} (no agent running)"
         if what == "retry":
-            print(f"re-queued {n} dead letters at the tail of their keys' queues ({where})")
+            print(printable(f"re-queued {n} dead letters at the tail of their keys' queues "
+                            f"({where})"))
         else:
-            print(f"purged {n} dead letters ({where})")
+            print(printable(f"purged {n} dead letters ({where})"))
         if not n and args.reason:
             print(_no_such_reason(args.reason))
         return 0

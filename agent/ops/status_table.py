@@ -119,7 +119,7 @@ def render(data: Snapshot) -> str:
     spool = data["spool"]
     used, cap = spool.get("used_bytes"), spool.get("max_bytes")
     room = f"{size(used)} of {size(cap)}, " if used is not None and cap is not None else ""
-    lines.append(f"spool:    {room}{spool.get('path', '?')}")
+    lines.append(f"spool:    {room}{printable(spool.get('path', '?'))}")
     if spool.get("open_error"):
         lines.append(f"spool:    not open, events refused with 503 until it is (tried again "
                      f"every 5 s): {_clip(str(spool['open_error']))}")
