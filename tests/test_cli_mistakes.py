@@ -7,7 +7,9 @@ from __future__ import annotations
 import asyncio
 import json
 import os
+import re
 import resource
+import shlex
 import socket
 import stat
 import subprocess
@@ -389,6 +391,23 @@ def test_config_init_under_a_file_is_one_line(tmp_path: Path) -> None:
 
 def test_config_init_where_nothing_can_be_written_is_one_line() -> None:
     refused(init("--path", "/proc/outpost-test.toml"), "/proc/outpost-test.toml")
+
+
+@pytest.mark.parametrize("name", [b"caf\xe9", b"x\x1b[2J\ny", b"it's \\ \xe2\x80\xae"])
+def test_config_init_s_check_config_hint_names_the_file_when_pasted(
+        tmp_path: Path, name: bytes) -> None:
+    """The command `config init` says to run named another file for a path holding a byte
+    that is not UTF-8 or a control character: the output shows them escaped (`\\xe9`), and
+    pasted, those are the path's characters. (And the `wrote` line printed them raw.)"""
+    target = os.path.join(os.fsencode(tmp_path), name, b"agent.toml")
+    os.mkdir(os.path.dirname(target))
+    run = init("--path", os.fsdecode(target))
+    assert run.returncode == 0 and not {"\x1b", "\u202e"} & set(run.stdout), run
+    [hint] = re.findall(r"`(outpost check-config .*)`$", run.stdout.strip())
+    pasted = subprocess.run(["bash", "-c", hint.replace("outpost", shlex.join(
+        [sys.executable, "-m", "agent"]), 1)], cwd=ROOT, capture_output=True, timeout=30)
+    assert pasted.returncode == 0, (hint, pasted)
+    assert pasted.stdout.endswith(b"agent.toml: ok (0 upstream(s))\n"), pasted
 
 
 def test_config_init_names_the_reload_of_a_user_service_too(tmp_path: Path) -> None:
