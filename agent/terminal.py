@@ -102,13 +102,25 @@ def printable_lines(text: str) -> str:
 
 def shell_arg(path: object) -> str:
     """``path`` as one argument of a command line the operator is told to run: a path with a
-    space (macOS's /Library/Application Support) pasted unquoted names two files."""
+    space (macOS's /Library/Application Support) pasted unquoted names two files. One
+    holding what ``printable`` escapes (a byte that is not UTF-8, a control or bidi
+    character) is ``$'...'``, whose ``\\xe9`` the shell (bash, zsh, POSIX 2024 sh) takes
+    for that byte: shown escaped in quotes, it named another file, pasted."""
+    text = str(path)
     if sys.platform == "win32":
         # Imported here: every command imports this module, few print a command.
         import subprocess
-        return subprocess.list2cmdline([str(path)])
+        return subprocess.list2cmdline([text])
+    if any(map(_hidden, text)):
+        return "$'" + "".join(_in_dollar_quotes(c) for c in text) + "'"
     import shlex
-    return shlex.quote(str(path))
+    return shlex.quote(text)
+
+
+def _in_dollar_quotes(c: str) -> str:
+    if _hidden(c):
+        return "".join(f"\\x{b:02x}" for b in c.encode("utf-8", "surrogateescape"))
+    return "\\" + c if c in "\\'" else c
 
 
 def systemd_word(path: object, *, variables: bool = False) -> str:

@@ -154,7 +154,8 @@ def run(args: argparse.Namespace) -> int:
         shared = _write(real, text, share)
     except OSError as exc:
         return _fail(f"cannot write {target}: {exc.strerror or exc}")
-    print(f"wrote {target}{shared}; check it with `outpost check-config {shell_arg(target)}`")
+    print(printable(f"wrote {target}{shared}; check it with "
+                    f"`outpost check-config {shell_arg(target)}`"))
     return 0
 
 
