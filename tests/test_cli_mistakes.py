@@ -804,6 +804,16 @@ async def test_dead_s_spool_path_is_shown_escaped(tmp_path: Path) -> None:
         assert "\x1b" not in run.stdout and "x\\x1b[2J\\ny/" in run.stdout, run.stdout
 
 
+def test_check_config_takes_the_file_as_every_command_does(tmp_path: Path) -> None:
+    """`outpost check-config --config FILE`, as `run`, `status` and the others name it, was
+    a usage error ("unrecognized arguments: --config"): the file only came positionally."""
+    cfg = write_config(tmp_path / "agent.toml", tmp_path / "spool.db")
+    run = outpost("check-config", "--config", str(cfg))
+    assert (run.returncode, run.stdout) == (0, f"{cfg}: ok (0 upstream(s))\n"), run
+    both = outpost("check-config", str(cfg), "--config", str(tmp_path / "other.toml"))
+    assert both.returncode == EXIT_CONFIG and "--config" in both.stderr, both   # a usage error
+
+
 def test_dead_without_a_subcommand_names_the_choices() -> None:
     """It said "the following arguments are required: dead_command", a name in the code."""
     run = outpost("dead")
