@@ -273,7 +273,7 @@ def cmd_check_config(args: argparse.Namespace) -> int:
         return EXIT_CONFIG
     refused = "reload refused, the running config is kept: " if args.reload else ""
     try:
-        target = config_mod.find_config_file(args.file)
+        target = config_mod.find_config_file(args.file or args.config)
         cfg = config_mod.load_file(target) if target is not None else Config()
     except ConfigError as exc:
         _say(f"{refused}{exc}")
@@ -409,7 +409,10 @@ def build_parser() -> argparse.ArgumentParser:
                        description="Validate a config file: every key, and that listen.host "
                        "resolves and storage.path is writable. Exit status 0 valid, 2 not (one "
                        "line names the key and the fix).")
-    p.add_argument("file", nargs="?", help=CONFIG_HELP)
+    # FILE, or --config FILE as every other command names it.
+    named = p.add_mutually_exclusive_group()
+    named.add_argument("file", nargs="?", help=CONFIG_HELP)
+    named.add_argument("--config", metavar="FILE", help="the same as FILE")
     p.add_argument("--reload", type=int, metavar="PID",
                    help="if valid, send SIGHUP to PID (the systemd unit's ExecReload); exit "
                    "status 2 if that agent re-reads another file, 1 if it cannot be "
