@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from typing import TYPE_CHECKING
 
 from agent.forwarder.state import NEXT_TRY
@@ -46,9 +47,11 @@ def table(header: list[str], rows: list[list[str]], right: set[int]) -> list[str
     return out
 
 
-def _clip(text: str) -> str:
-    """An upstream's text on one line, its control characters escaped, cut short."""
-    text = printable_value(" ".join(text.split()))
+def _clip(text: str, shown: Callable[[str], str] = printable) -> str:
+    """An error's text on one line, its control characters escaped, cut short. An upstream's
+    (``shown``: printable_value) as `outpost dead list` shows it; the agent's own keeps its
+    quotes' and paths' backslashes as they are."""
+    text = shown(" ".join(text.split()))
     return text if len(text) <= ERROR_WIDTH else text[:ERROR_WIDTH - 1] + "…"
 
 
@@ -57,7 +60,8 @@ def _error(text: str) -> str:
     its key waits out the upstream's Retry-After: kept (cut with the rest, the table
     showed a key in backoff, and not for how long)."""
     head, note, wait = text.rpartition(NEXT_TRY)
-    return _clip(head) + _clip(note + wait) if note else _clip(text)
+    return _clip(head, printable_value) + _clip(note + wait) if note \
+        else _clip(text, printable_value)
 
 
 def _dash(value: object) -> str:
@@ -102,7 +106,7 @@ def _dead_lines(data: Snapshot) -> list[str]:
     lines = [f"dead:     {n} kept (`outpost dead list`, `outpost dead retry`); {newest}"]
     for g in groups:
         when = age(now - g["newest"] / 1000) + " ago" if now else "-"
-        lines.append(f"  {g['count']:>6}  {g['upstream']}  {when}  {_clip(g['reason'])}")
+        lines.append(f"  {g['count']:>6}  {g['upstream']}  {when}  {_clip(g['reason'], printable_value)}")
     return lines
 
 
