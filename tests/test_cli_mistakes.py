@@ -804,6 +804,20 @@ async def test_dead_s_spool_path_is_shown_escaped(tmp_path: Path) -> None:
         assert "\x1b" not in run.stdout and "x\\x1b[2J\\ny/" in run.stdout, run.stdout
 
 
+def test_dead_on_a_spool_it_cannot_read_names_it_escaped(tmp_path: Path) -> None:
+    """`outpost dead` on a spool SQLite refuses printed its path as it was: a line break
+    split the line, an escape sequence reached the terminal, and a byte that is not UTF-8
+    was spelled `\\udce9`, where every other line spells it `\\xe9`."""
+    where = tmp_path / os.fsdecode(b"d\xe9" + ODD.encode())
+    where.mkdir()
+    (where / "spool.db").write_bytes(b"not a database " * 100)
+    cfg = write_config(where / "agent.toml", Path("spool.db"), port=free_port())
+    run = outpost("dead", "list", "--config", str(cfg))
+    line = one_line(run.stderr)
+    assert run.returncode == 1 and line.endswith("/d\\xe9x\\x1b[2J\\ny/spool.db: file is not "
+                                                 "a database"), run
+
+
 def test_check_config_takes_the_file_as_every_command_does(tmp_path: Path) -> None:
     """`outpost check-config --config FILE`, as `run`, `status` and the others name it, was
     a usage error ("unrecognized arguments: --config"): the file only came positionally."""
