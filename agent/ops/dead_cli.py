@@ -211,8 +211,8 @@ class _Cli:
             print(f"outpost: {printable(str(exc))}", file=sys.stderr)
             return 1
         except sqlite3.Error as exc:
-            print(f"outpost: cannot read the spool {cfg.storage.resolved_path()}: {exc}",
-                  file=sys.stderr)
+            why = f"cannot read the spool {cfg.storage.resolved_path()}: {exc}"
+            print(f"outpost: {printable(why)}", file=sys.stderr)
             return 1
         except (BrokenPipeError, OutputError):
             raise   # the reader left (`outpost dead list | head -1`) or stdout failed: main's
