@@ -16,7 +16,9 @@ import aiohttp
 import pytest
 from aiohttp import WSCloseCode, WSMsgType
 
+from agent import config as config_mod
 from agent.forwarder.supervisor import Seams
+from agent.service import Agent
 from tests.conftest import free_port, write_config
 from tests.fakes.faulty_upstream import Fault, FaultyUpstream
 from tests.test_dead_many import outpost_in_thread
@@ -139,3 +141,28 @@ async def test_check_config_reload_of_a_file_the_agent_does_not_read_is_refused(
         assert hups == [1], "the file the agent does not read was signalled too"
     finally:
         loop.remove_signal_handler(signal.SIGHUP)
+
+
+@pytest.mark.skipif(sys.platform == "win32", reason="SIGHUP")
+async def test_check_config_reload_of_the_agent_s_own_file_in_a_latin1_directory(
+        tmp_path: Path) -> None:
+    """The agent says which file it re-reads as /status spells a path, a byte that is not
+    UTF-8 as `\\xe9`; check-config --reload took that text for a path, another file, and
+    refused every reload (systemd's ExecReload) of an agent whose config is in a directory
+    named in Latin-1: "re-reads .../d\\xe9/agent.toml at a reload, not .../d\\xe9/agent.toml"."""
+    where = tmp_path / os.fsdecode(b"d\xe9")
+    where.mkdir()
+    cfg = write_config(where / "agent.toml", Path("spool.db"), port=free_port())
+    agent = Agent(config_mod.load_file(cfg), str(cfg))
+    await agent.start()
+    hups: list[int] = []
+    loop = asyncio.get_running_loop()
+    loop.add_signal_handler(signal.SIGHUP, hups.append, 1)
+    try:
+        code, out = await outpost_in_thread("check-config", str(cfg), "--reload",
+                                            str(os.getpid()))
+        assert code == 0, out
+        await wait_for(lambda: hups)
+    finally:
+        loop.remove_signal_handler(signal.SIGHUP)
+        await agent.stop()
