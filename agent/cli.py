@@ -41,7 +41,7 @@ from agent.ops.local_agent import (
     why_not,
 )
 from agent.settings import Config, SyncConfig
-from agent.terminal import OutputError, guard_stdout, printable, printable_json
+from agent.terminal import OutputError, guard_stdout, os_text, printable, printable_json
 from agent.uplinks.registry import uplink_class
 
 if TYPE_CHECKING:
@@ -282,7 +282,7 @@ def cmd_check_config(args: argparse.Namespace) -> int:
         _say(f"{refused}{found[0]}")
         return EXIT_CONFIG
     if args.reload is not None and (theirs := _reread_by(cfg, args.reload)) is not None \
-            and (target is None or not paths.same_file(target, Path(theirs))):
+            and (target is None or not _is_theirs(target, theirs)):
         # Signalled, the agent would apply its own file, and nothing of this one.
         _say(f"{refused}PID {args.reload} re-reads {theirs} at a reload, not "
              f"{target or 'the built-in defaults'}: make the changes there, and check that file")
@@ -316,6 +316,13 @@ def _reread_by(cfg: Config, pid: int) -> str | None:
     reload = data["reload"]
     theirs = reload.get("config")
     return theirs if reload.get("pid") == pid and isinstance(theirs, str) else None
+
+
+def _is_theirs(target: Path, theirs: str) -> bool:
+    """Whether ``target`` is the file an agent names ``theirs``, spelled as /status spells a
+    path (os_text): a byte of it that is not UTF-8 is the text ``\\xe9``, which names
+    another file, or none."""
+    return os_text(os.path.abspath(target)) == theirs or paths.same_file(target, Path(theirs))
 
 
 def _show(line: str) -> None:
