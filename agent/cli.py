@@ -273,7 +273,8 @@ def cmd_check_config(args: argparse.Namespace) -> int:
         return EXIT_CONFIG
     refused = "reload refused, the running config is kept: " if args.reload else ""
     try:
-        target = config_mod.find_config_file(args.file or args.config)
+        target = config_mod.find_config_file(
+            args.config if args.file is None else args.file)   # "" too: refused
         cfg = config_mod.load_file(target) if target is not None else Config()
     except ConfigError as exc:
         _say(f"{refused}{exc}")
