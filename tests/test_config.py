@@ -234,6 +234,7 @@ def test_an_interrupt_while_run_starts_is_no_traceback(tmp_path: Path) -> None:
 
 @pytest.mark.parametrize("argv,fragment", [
     (["check-config", ""], "config"),                  # no file named: not the defaults
+    (["check-config", "--config", ""], "config"),
     (["status", "--config", ""], "config"),
     (["dead", "list", "--limit", "-1"], "--limit"),
     (["dead", "purge", "--reason", ""], "--reason"),
