@@ -18,6 +18,12 @@ connection is in one of three states:
 - WEBSOCKET, an upgraded connection: no deadline (a Nucleus module may stay quiet for
   long); the time of its last frame is kept.
 
+aiohttp also takes header fields outside a head it waits for: a chunked body's trailer
+section, and the head of a request sent ahead of the answer to the one before it. What
+comes after a head is handed over in pieces of at most SLICE bytes, and the bytes that
+add nothing to a body nor complete a request are counted: past HEAD_MAX the connection
+is closed, with no reply (one could be read as the answer to an earlier request).
+
 Past ``max_connections`` open connections, the one IDLE or HEAD the longest is closed
 to make room; failing that, the websocket quiet the longest (its module reconnects and
 resends what was not acknowledged); failing that (all BUSY), the newcomer.
@@ -58,6 +64,8 @@ BUF_MAX = 64 * 1024
 # a head of 1 MB, about 2 MB of memory parsed: 2 GB at listen.max_connections.
 HEAD_MAX = 80 * 1024
 _BLANK_LINE = re.compile(rb"\n\r?\n")   # a head's end (aiohttp takes a bare LF too)
+# Bytes after a head given to aiohttp at a time: where a body ends is seen within that many.
+SLICE = 16 * 1024
 _HEAD_MESSAGE = (f"request head over {HEAD_MAX} bytes "
                  "(its request line and header fields together)")
 _HEAD_BODY = orjson.dumps(plain_error(431, _HEAD_MESSAGE))
@@ -104,9 +112,15 @@ def _awaits_request(inner: Any) -> bool:
     """Whether aiohttp's protocol waits for a request: what comes is a head (or the rest of
     one), not a body, nor the rest of one refused early that it reads and drops (aiohttp
     3.14's ``start`` loop: no message queued, waiting on ``_waiter``). A request sent ahead
-    of an answer is not counted: where the body before it ends is aiohttp's to know."""
+    of an answer is counted as it is handed over (``_Conn._feed``)."""
     waiter = getattr(inner, "_waiter", None)
     return waiter is not None and not waiter.done() and not inner._messages
+
+
+def _counted(inner: Any) -> bool:
+    """Whether bytes aiohttp's protocol is given may become header fields: not once the
+    connection is upgraded (a websocket's frames), nor once it is closing (it drops them)."""
+    return not (inner._upgraded or inner._close or inner._force_close)
 
 
 class _Conn(asyncio.Protocol):
@@ -118,7 +132,8 @@ class _Conn(asyncio.Protocol):
     """
 
     __slots__ = ("active", "buf", "deadline", "edge", "eof", "head", "inner", "lane", "limits",
-                 "paused", "pos", "serving", "state", "timer", "transport", "writable")
+                 "paused", "payload", "pos", "serving", "spare", "state", "timer", "transport",
+                 "writable")
 
     def __init__(self, limits: ConnectionLimits, inner: asyncio.Protocol,
                  lane: ExpressLane | None) -> None:
@@ -142,6 +157,10 @@ class _Conn(asyncio.Protocol):
         # the last two of them, where that line may begin.
         self.head = -1
         self.edge = b""
+        # The body of the last request aiohttp parsed (None: none yet), and the bytes it was
+        # given since it last took a body byte or a whole head: header fields it holds.
+        self.payload: Any = None
+        self.spare = 0
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         # cast: uvloop's transports quack like asyncio.Transport without subclassing it.
@@ -164,24 +183,58 @@ class _Conn(asyncio.Protocol):
         elif self.state == WEBSOCKET:
             self.active = self.limits.now()
         if self.head < 0 and _awaits_request(self.inner):
-            self.head, self.edge = 0, b""
-        if self.head >= 0 and not self._head_fits(data):
-            self.limits.head_too_large(self)
-            return
-        self.inner.data_received(data)
+            # What came of this head while the request before it was answered counts too.
+            self.head, self.edge = self.spare, b""
+        end = 0
+        if self.head >= 0:
+            end = self._head_end(data)
+            if end < 0:
+                if self.head > HEAD_MAX:
+                    self.limits.head_too_large(self)
+                else:
+                    self.inner.data_received(data)
+                return
+        self._feed(data, end)
 
-    def _head_fits(self, data: bytes) -> bool:
-        """Whether the head being read is still within HEAD_MAX with ``data``; once its
-        blank line is found, what follows (a body) is no longer counted."""
-        if self.edge and _BLANK_LINE.search(self.edge + data[:2]):
+    def _head_end(self, data: bytes) -> int:
+        """Where in ``data`` the head being read ends, past its blank line; -1 if it does
+        not, ``data`` then counted in it."""
+        if self.edge and (found := _BLANK_LINE.search(self.edge + data[:2])):
             self.head = -1
-            return True
-        if _BLANK_LINE.search(data, 0, HEAD_MAX - self.head):
+            return found.end() - len(self.edge)
+        if found := _BLANK_LINE.search(data, 0, HEAD_MAX - self.head):
             self.head = -1
-            return True
+            return found.end()
         self.head += len(data)
         self.edge = data[-2:]
-        return self.head <= HEAD_MAX
+        return -1
+
+    def _feed(self, data: bytes, end: int) -> None:
+        """``data``, whose first ``end`` bytes end a head, to aiohttp: that head, then pieces
+        of at most SLICE bytes, counting what each adds to no body and no request."""
+        inner: Any = self.inner
+        at, stop = 0, end or SLICE
+        while at < len(data):
+            if not _counted(inner):
+                inner.data_received(data[at:])
+                return
+            piece = data[at:stop] if at or stop < len(data) else data
+            seen, taken = inner._request_count, self._taken()
+            inner.data_received(piece)
+            if inner._messages:
+                self.payload = inner._messages[-1][1]
+            if inner._request_count != seen or self._taken() != taken:
+                self.spare = 0
+            else:
+                self.spare += len(piece)
+                if self.spare > HEAD_MAX:
+                    self.limits.fields_too_large(self)
+                    return
+            at, stop = stop, stop + SLICE
+
+    def _taken(self) -> int:
+        """Body bytes aiohttp took for the last request it parsed."""
+        return 0 if self.payload is None else int(self.payload.total_bytes)
 
     def _bound(self) -> None:
         """Reading pauses while more than BUF_MAX bytes wait for the lane (a client
@@ -329,6 +382,15 @@ class ConnectionLimits:
         else:
             transport.close()
         self._count_closed(conn, "large_head")
+
+    def fields_too_large(self, conn: _Conn) -> None:
+        """aiohttp was given more than HEAD_MAX bytes of header fields outside a head it
+        waited for: closed, with no reply (an earlier request may still be unanswered)."""
+        log_limited(log, logging.WARNING, "large-fields",
+                    "over %d bytes of header fields outside a request's head (a trailer "
+                    "section, or a request sent before the one ahead of it was answered): "
+                    "connection closed", HEAD_MAX)
+        self._close(conn, "large_head")
 
     def lost(self, conn: _Conn) -> None:
         conn.transport = None
