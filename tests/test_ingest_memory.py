@@ -360,3 +360,41 @@ async def test_an_event_counts_at_least_32_bytes_against_the_in_flight_budget(
         async with s.post(f"http://127.0.0.1:{agent.port}/app/{KEY}/track", data=body) as r:
             assert r.status == 200, (await r.text())[:200]
     assert agent.spool.depth == 20_000 and agent.metrics.inflight_bytes == 0
+
+
+def tiny_messages(seed: int, n: int = 2500) -> bytes:
+    """A Segment batch of ``n`` messages of about 45 bytes each, every one with its own
+    messageId (Tranthor's batches need one)."""
+    return b'{"batch":[' + b",".join(b'{"type":"page","userId":"u","messageId":"%d-%d"}'
+                                    % (seed, i) for i in range(n)) + b"]}"
+
+
+async def test_a_segment_message_counts_at_least_128_bytes_against_the_in_flight_budget(
+        make_agent: Any) -> None:
+    """A message of 33 bytes holds about 1 KB until its commit (its messageId and times
+    added, its Event, its row): counted by its bytes alone, 100 apps posting batches of
+    2,000 such messages took an `outpost run` 186 MB past idle within the default 6 MiB
+    budget. Each message of a batch, on every batch route, counts 128 bytes at least."""
+    agent = await make_agent(listen={"max_inflight_mb": 1})
+    _reader, writer = await asyncio.open_connection("127.0.0.1", agent.port)
+    held = MB - 200_000
+    writer.write((f"POST /app/{KEY}/track HTTP/1.1\r\nHost: 127.0.0.1\r\n"
+                  f"Content-Length: {held}\r\n\r\n").encode() + b'{"data": [')
+    await writer.drain()
+    await wait_for(lambda: agent.metrics.inflight_bytes == held)
+    routes = [r for r in ROUTES if r.name in ("batch", "import", "webhook", "capture", "tranthor")]
+    base = f"http://127.0.0.1:{agent.port}"
+    try:
+        async with aiohttp.ClientSession() as s:
+            for n, route in enumerate(routes):
+                body = tiny_messages(n)   # 120 KB: with those held, under the budget
+                (status, reply, retry_after), = await post_all(s, base, route, [body])
+                assert status == route.busy, (route.name, status, str(reply)[:200])
+                assert retry_after == "1" and route.busy_shape(reply), (route.name, reply)
+    finally:
+        writer.close()
+    await wait_for(lambda: agent.metrics.inflight_bytes == 0)
+    async with aiohttp.ClientSession() as s:   # alone, a batch is taken
+        (status, reply, _), = await post_all(s, base, routes[0], [tiny_messages(99)])
+        assert status == routes[0].ok, str(reply)[:200]
+    assert agent.spool.depth == 2500 and agent.metrics.inflight_bytes == 0
