@@ -47,6 +47,8 @@ class Busy(BodyError):
 
 
 class Reservation(Protocol):
+    held: int   # bytes taken so far
+
     def take(self, n: int) -> None:
         """Count ``n`` more bytes as in flight; raises Busy when they do not fit."""
 
@@ -58,6 +60,15 @@ class Reservation(Protocol):
 # (agent/server/admission.py), set around each ingest handler (agent/server/app.py);
 # read_raw charges every body byte to it.
 TICKET: ContextVar[Reservation | None] = ContextVar("outpost_ticket", default=None)
+
+
+def count_events(ticket: Reservation | None, n: int, each: int) -> None:
+    """Charge ``ticket`` for ``n`` parsed events at ``each`` bytes apiece, where that is more
+    than the body bytes it holds: until its commit an event holds several hundred bytes (its
+    Event, its stored body, its row) however few it came as, so a body of tiny events is
+    counted as at least that many bytes against the in-flight budget. Raises Busy."""
+    if ticket is not None and n * each > ticket.held:
+        ticket.take(n * each - ticket.held)
 
 
 def whole_body(raw: bytes, limit: int) -> bytes:

@@ -24,7 +24,7 @@ from aiohttp import web
 from agent.dialects import batch_json, replies
 from agent.dialects.auth import OWS
 from agent.dialects.base import JSON, Dialect, Example, IngestSink
-from agent.dialects.body import parse_body, read_raw
+from agent.dialects.body import TICKET, count_events, parse_body, read_raw
 from agent.families import segment as spec
 from agent.families.errors import Invalid
 
@@ -64,6 +64,7 @@ class CaptureHandlers:
                                                     enrich=self.sink.enrich,
                                                     faults=read.faults,
                                                     oversize=limits.oversize))
+            count_events(TICKET.get(), len(events), spec.EVENT_MIN)
             await self.sink.store(events, limits)
             if refused:
                 return partial_reply(key, refused, len(events))

@@ -34,6 +34,7 @@ from agent.dialects.body import (
     BodyError,
     Busy,
     Reservation,
+    count_events,
     parse_body,
     read_raw,
 )
@@ -122,8 +123,7 @@ class NucleusHandlers:
                               "a message may be)")
             return family.accept(read[0], key, enrich, read[1], keep_parsed=keep)
         got = await parse_body(raw, nucleus_json.read, build)
-        if ticket is not None:
-            ticket.take(max(0, EVENT_MIN * len(got.events) - len(raw)))
+        count_events(ticket, len(got.events), EVENT_MIN)
         events, acks = self._carried(got, key, limits)
         await self.sink.store(events, limits)
         return acks

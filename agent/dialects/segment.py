@@ -24,7 +24,7 @@ import binascii
 import logging
 from collections.abc import Awaitable, Callable
 from functools import partial
-from typing import Any, NamedTuple
+from typing import Any, NamedTuple, TypeVar
 
 import orjson
 from aiohttp import web
@@ -32,7 +32,15 @@ from aiohttp import web
 from agent.dialects import batch_json, replies
 from agent.dialects.auth import BadAuth, basic, basic_user
 from agent.dialects.base import JSON, Dialect, Example, Express, IngestSink, Routes
-from agent.dialects.body import BodyError, Busy, parse_body, read_raw, whole_body
+from agent.dialects.body import (
+    TICKET,
+    BodyError,
+    Busy,
+    count_events,
+    parse_body,
+    read_raw,
+    whole_body,
+)
 from agent.dialects.relaxed_json import parse_lenient
 from agent.dialects.segment_replies import (
     batch_error,
@@ -48,6 +56,7 @@ from agent.families.event import Event
 from agent.spool.types import SpoolFull
 
 log = logging.getLogger("outpost.segment")
+T = TypeVar("T")
 
 SHORT = {"t": "track", "i": "identify", "p": "page", "s": "screen", "g": "group", "a": "alias"}
 ROUTE_TYPES = {**SHORT, **{kind: kind for kind in spec.TYPES}}
@@ -208,8 +217,8 @@ class SegmentHandlers:
         return await self._store(collected)
 
     async def _parse_batch(self, raw: bytes, forced_key: str | None) -> Collected | web.Response:
-        return await parse_body(raw, _read_batch,
-                                lambda read, size: self._collect(read, size, forced_key))
+        return _counted(await parse_body(raw, _read_batch,
+                                         lambda read, size: self._collect(read, size, forced_key)))
 
     def _collect(self, read: batch_json.Read, raw_size: int,
                  forced_key: str | None) -> Collected | web.Response:
@@ -306,7 +315,7 @@ class SegmentHandlers:
             if isinstance(read.body, dict) and "batch" in read.body:
                 return self._collect(read, size, forced_key)
             return Single(read.body, size)
-        return await parse_body(raw, _read_batch, build)
+        return _counted(await parse_body(raw, _read_batch, build))
 
     async def pixel(self, request: web.Request) -> web.StreamResponse:
         """Always a 200 GIF (an <img> cannot act on errors); valid messages are stored.
@@ -349,6 +358,14 @@ _CONTROLS = {c: f"\\x{c:02x}" for c in (*range(0x20), 0x7F)}
 def _header_safe(text: str) -> str:
     """``text`` as a header value: printable ASCII only, whatever the request held."""
     return text.encode("ascii", "backslashreplace").decode().translate(_CONTROLS)
+
+
+def _counted(parsed: T) -> T:
+    """``parsed``, a batch's events counted against the in-flight budget (Busy if they do
+    not fit), on the loop: the parse worker must not touch the budget."""
+    if isinstance(parsed, Collected):
+        count_events(TICKET.get(), len(parsed.events), spec.EVENT_MIN)
+    return parsed
 
 
 def _given_keys(request: web.Request) -> list[str]:

@@ -32,7 +32,7 @@ from aiohttp import web
 from agent.dialects import batch_json, replies
 from agent.dialects.auth import OWS
 from agent.dialects.base import JSON, Dialect, Example, IngestSink
-from agent.dialects.body import parse_body, read_raw
+from agent.dialects.body import TICKET, count_events, parse_body, read_raw
 from agent.dialects.exact_json import parse_json
 from agent.families import segment as spec
 from agent.families.enrich import Enrich
@@ -139,6 +139,7 @@ class TranthorHandlers:
                 _read_batch if call == "batch" else _read_single,
                 lambda read, _size: parse(read.body, call, key, self.sink.enrich,
                                           read.faults, limits.oversize))
+            count_events(TICKET.get(), len(events), spec.EVENT_MIN)
             await self.sink.store(events, limits)
             return partial_reply(key, refused, len(events)) if refused else web.Response(
                 status=204)
