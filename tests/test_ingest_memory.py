@@ -336,21 +336,23 @@ async def test_a_nucleus_message_of_more_events_than_4_mib_holds_is_refused(
     assert agent.spool.depth == 0
 
 
-async def test_an_event_counts_at_least_32_bytes_against_the_in_flight_budget(
+async def test_an_event_counts_at_least_128_bytes_against_the_in_flight_budget(
         make_agent: Any) -> None:
     """Events of a few bytes, charged by their bytes alone, let a budget of 6 MiB hold
-    about 700,000 events waiting for their commit (300 MB); each counts 32 bytes."""
+    about 700,000 events waiting for their commit (300 MB); at 32 bytes each, 100 apps
+    posting 4,000 such events at a time still took an `outpost run` 138 MB past idle.
+    Each counts 128 bytes, as a Segment message does."""
     agent = await make_agent(listen={"max_inflight_mb": 1})
     _reader, writer = await asyncio.open_connection("127.0.0.1", agent.port)
     writer.write((f"POST /app/{KEY}/track HTTP/1.1\r\nHost: 127.0.0.1\r\n"
                   f"Content-Length: {MB // 2}\r\n\r\n").encode() + b'{"data": [')
     await writer.drain()
     await wait_for(lambda: agent.metrics.inflight_bytes == MB // 2)
-    body = tiny_events(20_000)   # 270 KB: with the 512 KiB held, under the 1 MiB budget
+    body = tiny_events(6_000)   # 70 KB, 192 KB at 32 bytes an event: under the budget
     try:
         async with aiohttp.ClientSession() as s:
             async with s.post(f"http://127.0.0.1:{agent.port}/app/{KEY}/track",
-                              data=body) as r:   # counted as 640,000 bytes: over it
+                              data=body) as r:   # counted as 768,000 bytes: over it
                 assert r.status == 503, (await r.text())[:200]
                 assert r.headers["Retry-After"] == "1"
     finally:
@@ -359,7 +361,7 @@ async def test_an_event_counts_at_least_32_bytes_against_the_in_flight_budget(
     async with aiohttp.ClientSession() as s:   # alone, it is taken
         async with s.post(f"http://127.0.0.1:{agent.port}/app/{KEY}/track", data=body) as r:
             assert r.status == 200, (await r.text())[:200]
-    assert agent.spool.depth == 20_000 and agent.metrics.inflight_bytes == 0
+    assert agent.spool.depth == 6_000 and agent.metrics.inflight_bytes == 0
 
 
 def tiny_messages(seed: int, n: int = 2500) -> bytes:
