@@ -64,7 +64,7 @@ class CaptureHandlers:
                                                     enrich=self.sink.enrich,
                                                     faults=read.faults,
                                                     oversize=limits.oversize))
-            count_events(TICKET.get(), len(events), spec.EVENT_MIN)
+            count_events(TICKET.get(), len(events))
             await self.sink.store(events, limits)
             if refused:
                 return partial_reply(key, refused, len(events))

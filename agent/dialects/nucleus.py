@@ -69,8 +69,9 @@ MAX_VALUES = 1_000_000
 # An event holds ~450 bytes until its commit (its parsed object, its Event, its enriched
 # body) however few it came as: a 4 MiB post of `{}`, 1.4 million events, took 640 MB and
 # 10 s. So a message taken whole counts each event as at least EVENT_MIN bytes, as one read
-# as it arrives does for those it keeps: against the 4 MiB it may be (no more events than
-# this), and against the in-flight budget. Real events are 100 bytes or more.
+# as it arrives does for those it keeps, against the 4 MiB it may be (no more events than
+# this), and as body.EVENT_HELD against the in-flight budget. Real events are 100 bytes or
+# more.
 MAX_EVENTS = MAX_MESSAGE // EVENT_MIN
 
 
@@ -108,7 +109,7 @@ class NucleusHandlers:
                     ticket: Reservation | None) -> list[Any]:
         """Message ``raw`` parsed and its events stored, held to the routes in force when
         it came (a reload applies to the next message); its acks. ``ticket`` holds its
-        bytes, and is charged what its events count for beyond them (MAX_EVENTS)."""
+        bytes, and is charged what its events count for beyond them (body.count_events)."""
         enrich = self.sink.enrich
         limits = self.sink.limits
         # The parsed events are kept on the Events only for a key whose events are mapped
@@ -123,7 +124,7 @@ class NucleusHandlers:
                               "a message may be)")
             return family.accept(read[0], key, enrich, read[1], keep_parsed=keep)
         got = await parse_body(raw, nucleus_json.read, build)
-        count_events(ticket, len(got.events), EVENT_MIN)
+        count_events(ticket, len(got.events))
         events, acks = self._carried(got, key, limits)
         await self.sink.store(events, limits)
         return acks

@@ -364,7 +364,7 @@ def _counted(parsed: T) -> T:
     """``parsed``, a batch's events counted against the in-flight budget (Busy if they do
     not fit), on the loop: the parse worker must not touch the budget."""
     if isinstance(parsed, Collected):
-        count_events(TICKET.get(), len(parsed.events), spec.EVENT_MIN)
+        count_events(TICKET.get(), len(parsed.events))
     return parsed
 
 

@@ -139,7 +139,7 @@ class TranthorHandlers:
                 _read_batch if call == "batch" else _read_single,
                 lambda read, _size: parse(read.body, call, key, self.sink.enrich,
                                           read.faults, limits.oversize))
-            count_events(TICKET.get(), len(events), spec.EVENT_MIN)
+            count_events(TICKET.get(), len(events))
             await self.sink.store(events, limits)
             return partial_reply(key, refused, len(events)) if refused else web.Response(
                 status=204)

@@ -56,12 +56,6 @@ DATE_FIELDS = (*TIME_FIELDS, "sentAt")
 MAX_EVENT_BYTES = 32 * 1024
 MAX_BATCH_BYTES = 4 * 1024 * 1024
 MAX_BATCH_EVENTS = 2500
-# Bytes a message of a batch counts as at least against the in-flight budget
-# (dialects/body.py, count_events): a message of 33 bytes (`{"type":"identify","userId":"u"}`)
-# holds about 1 KB until its commit, its messageId and times added: at its bytes alone,
-# 100 apps posting such batches took the agent 186 MB past idle within the 6 MiB budget
-# (51 MB once each counts 128 bytes; Nucleus events count 32, nucleus_queue.py).
-EVENT_MIN = 128
 MAX_MESSAGE_ID = 99
 MAX_MERGE_DEPTH = 16
 EMPTY: Mapping[int, str] = MappingProxyType({})
