@@ -435,6 +435,28 @@ async def test_a_proxy_s_413_page_for_a_large_batch_splits_it(
     assert "took them in smaller batches" in caplog.text and "batch_max_bytes" in caplog.text
 
 
+# A proxy's 413 in plain words, as text: Traefik's and Envoy's (Go's and Envoy's status
+# text), and a Go server's http.MaxBytesReader error.
+PLAIN_413 = (("segment-http", b"Request Entity Too Large\n"),
+             ("nucleus-http", b"Payload Too Large"),
+             ("segment-http", b"http: request body too large\n"))
+
+
+@pytest.mark.parametrize(("protocol", "body"), PLAIN_413)
+async def test_a_proxy_s_plain_413_for_an_event_alone_refuses_no_event(
+        make_agent: Any, gateway: CaptiveUpstream, protocol: str, body: bytes) -> None:
+    """A proxy whose body size limit is under a single event, answering its 413 in plain
+    words: as with its HTML page (NGINX_413), the event is kept and retried, and last_error
+    says a proxy's limit is in the way. Split down to one event, each went to dead letters
+    on the proxy's word, not the upstream's, and the whole queue with them."""
+    gateway.intercept = Answer(413, body=body, content_type="text/plain")
+    agent = await start(make_agent, gateway, protocol)
+    up = await held_while_failing(agent)
+    assert await agent.spool.dead_letters() == []
+    assert "HTTP 413" in up["last_error"] and "proxy" in up["last_error"], up["last_error"]
+    await delivered_once_let_through(agent, gateway)
+
+
 @pytest.mark.parametrize("protocol", HTTP_UPLINKS)
 async def test_an_ack_labelled_text_html_is_an_ack(make_agent: Any, gateway: CaptiveUpstream,
                                                     protocol: str) -> None:
