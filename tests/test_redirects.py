@@ -381,13 +381,14 @@ async def test_an_html_error_page_is_the_network_s_fault_not_a_refusal(
 GO_400 = b"Client sent an HTTP request to an HTTPS server.\n"
 
 
-@pytest.mark.parametrize("protocol", HTTP_UPLINKS)
+@pytest.mark.parametrize("protocol", (*HTTP_UPLINKS, "nucleus-ws"))
 async def test_plain_http_sent_to_a_go_server_s_https_port_refuses_no_event(
         make_agent: Any, gateway: CaptiveUpstream, protocol: str) -> None:
     """An upstream url of http:// where the port speaks HTTPS, behind Caddy or any Go
     server: its 400 is the url's fault, as nginx's page is. It was a refusal of the batch:
     split down to single events, each refused in turn, and the whole queue went to dead
-    letters."""
+    letters. A ws:// url so said "HTTP 400 (Invalid response status)" alone: no word of
+    wss://."""
     gateway.intercept = Answer(400, body=GO_400, content_type=None)
     agent = await start(make_agent, gateway, protocol)
     up = await held_while_failing(agent)
