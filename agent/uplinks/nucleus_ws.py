@@ -450,6 +450,11 @@ def _handshake_refused(exc: aiohttp.WSServerHandshakeError) -> tuple[str, float 
     headers: Mapping[str, str] = exc.headers or {}
     page = html_instead_of_reply(exc.status, media_type(headers.get("Content-Type")))
     wait = retry_after(headers.get("Retry-After"), date=headers.get("Date"))
-    hint = "" if page else f" ({check})" if (check := to_check(exc.status)) else ""
+    check = to_check(exc.status)
+    if exc.status == 400 and exc.request_info.url.scheme == "ws":
+        # A valid upgrade refused as malformed: plain HTTP read by a TLS port, as Go's
+        # servers answer it (the body that says so is not read for a refused handshake).
+        check = "a port that speaks HTTPS, not HTTP? check the upstream's url: wss://"
+    hint = "" if page else f" ({check})" if check else ""
     return (f"websocket handshake refused: {page or f'HTTP {exc.status} ({exc.message})'}{hint}",
             wait)
