@@ -124,6 +124,26 @@ async def test_ws_uplink_times_out_on_missing_acks_and_ignores_junk() -> None:
     await fake.stop()
 
 
+async def test_ws_acks_split_over_replies_make_a_later_frame_unanswered_not_left_out() -> None:
+    """An upstream that acknowledges a frame's ids in several replies (one an id): a later
+    frame with no reply within timeout_s is a link too slow for it (smaller frames follow),
+    not one the upstream answered and left out. Each reply was counted as a frame's answer,
+    so the later frame's events were weighed as left out, toward dead letters, and no
+    smaller frames followed."""
+    fake = await FakeNucleus().start()
+    fake.split_replies = True
+    fake.ack = lambda ev_id: ev_id in (1, 2)   # the second frame: no reply
+    cfg = UpstreamConfig(name="n", protocol="nucleus-ws", url=fake.url, timeout_s=0.2)
+    async with aiohttp.ClientSession() as session:
+        up = NucleusWsUplink(cfg, "app", session, "m")
+        assert await up.send(up.prepare([row(1, {"id": 1}), row(2, {"id": 2})])) == Acked((1, 2))
+        late = await up.send(up.prepare([row(3, {"id": 3}), row(4, {"id": 4})]))
+        assert isinstance(late, Retry), late
+        assert (late.omitted, late.too_slow) == ((), True), late
+        await up.close()
+    await fake.stop()
+
+
 class _LateAcker:
     """A websocket upstream on 127.0.0.1, port 0: its first connection never acknowledges
     the frame it gets and holds its answer to the agent's close frame until ``release``

@@ -1,6 +1,7 @@
 """A scriptable fake Nucleus server: websocket and HTTP, on 127.0.0.1 port 0.
 
-Scripts: ack everything (default), ack only ids a predicate allows, drop the
+Scripts: ack everything (default), ack only ids a predicate allows (over a websocket, in
+one reply a frame or one an id), drop the
 connection after N frames, stay down (refuse connections), ack nothing, or answer a
 websocket's frames only once the test lets it (``answering``).
 Every received event is recorded in order.
@@ -27,6 +28,7 @@ class FakeNucleus:
         self.ack: Callable[[Any], bool] = lambda ev_id: True
         self.drop_after_frames: int | None = None
         self.reply_raw: bytes | None = None        # send this instead of a real ack
+        self.split_replies = False   # a websocket frame's ids acknowledged one reply each
         self.delay_s = 0.0
         self.answering = asyncio.Event()   # cleared: replies wait until it is set again
         self.answering.set()
@@ -89,7 +91,8 @@ class FakeNucleus:
                 if self.reply_raw is not None:
                     await ws.send_str(self.reply_raw.decode())
                 elif ids:
-                    await ws.send_str(orjson.dumps({"reportedIds": ids}).decode())
+                    for part in ([i] for i in ids) if self.split_replies else (ids,):
+                        await ws.send_str(orjson.dumps({"reportedIds": part}).decode())
         finally:
             self._sockets.discard(ws)
         return ws
