@@ -76,10 +76,12 @@ class _Link:
         self.sending = 0          # sends on it that have not returned yet
         self.writing = 0          # frames (heartbeats too) waiting for room in its buffers
         self.carried = False      # a frame went out on it
-        # Frames sent on it (heartbeats too), and replies read: the upstream answers each
-        # frame, in order, so a frame whose reply came has been answered for.
+        # Frames sent on it (heartbeats too), and how many of them were answered: the
+        # upstream answers frames in order, so a frame whose reply came has been answered
+        # for (_on_message counts them).
         self.frames = 0
         self.replies = 0
+        self.frame_of: dict[int, int] = {}   # seq -> its frame's number, until acknowledged
         self.acked: set[int] = set()
         # The ack id of each event whose frame went out on it -> its seq, until acknowledged:
         # only these can an answer acknowledge (one prepared, not yet sent, the upstream has
@@ -225,6 +227,7 @@ class NucleusWsUplink(NucleusFraming, UplinkBase):
                     mine = link.frames
                     link.waiting[mine] = prepared.seqs
                     link.sent.update(zip(prepared.ids, prepared.seqs))
+                    link.frame_of.update(dict.fromkeys(prepared.seqs, mine))
                     data = frame(prepared)
                     size = len(data)
                     await link.send(data, self.cfg.timeout_s)
@@ -386,9 +389,13 @@ class NucleusWsUplink(NucleusFraming, UplinkBase):
                 link.notify()
             # Only a list of ids is an answer (as over HTTP): counted as one, a reportedIds
             # of objects, or null, weighed the frame's every event as left out, and gave
-            # them up.
+            # them up. It answers up to the last frame whose events it acknowledges (one
+            # frame's acks split over several replies count once: each counted as the next
+            # frame's answer, a later frame unanswered was taken for one left out); one
+            # that acknowledges none (`[]`: a heartbeat's, a frame left out whole), the next.
             if ids_only(reported):
-                link.replies += 1
+                last = max(map(link.frame_of.pop, acked), default=0)
+                link.replies = max(link.replies, last) if acked else link.replies + 1
                 return
         # Not an ack: an error of the upstream's own, or news an old module would read
         # (latestVersion). Ignored, as before, but shown: a line a minute, and in the
