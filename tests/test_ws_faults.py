@@ -21,6 +21,7 @@ import orjson
 import pytest
 from aiohttp import web
 
+from agent.forwarder.backoff import Backoff
 from agent.forwarder.stream import OMITTED_LIMIT
 from agent.forwarder.supervisor import Seams
 from agent.logs import RedactingFilter
@@ -244,6 +245,29 @@ async def test_a_frame_refused_as_too_big_is_no_failure_to_back_off_from(
     await wait_for(lambda: agent.spool.depth == 0 or state.retries > 0)
     assert delivered(faulty) == Counter(range(20)) and state.retries == 0, state
     assert state.frame_limit_bytes is not None and state.frame_limit_bytes <= 30_000, state
+
+
+async def test_a_frame_refused_as_too_big_keeps_the_key_s_backoff_step(
+        make_agent: Any, faulty: FaultyUpstream) -> None:
+    """A 1009's halving is neither a failure nor progress: the key's next loop goes on
+    from its backoff step. It started again from the first step: an upstream failing for
+    a while, then closing a frame as too big, was retried within a second at its next
+    failure, as if it had just begun to fail."""
+    timing, seams = manual(Backoff(base_s=1.0, cap_s=100.0))
+    refused = Fault("status", 503)
+    # Three handshakes refused, one taken (its frame closed with 1009), one refused.
+    faulty.connect_script = [refused, refused, refused, Fault("timeout"), refused]
+    faulty.max_frame = 30_000   # three of these 8 KB events, not four
+    agent = await make_agent(upstreams=[upstream(faulty, "nucleus-ws", batch_max_events=100)],
+                             seams=seams)
+    await send(agent, [event(i, pad=PAD) for i in range(20)])
+    state = agent.forwarding.states["up"]
+    for failed in range(1, 4):
+        await wait_for(lambda: state.retries == failed and bool(timing.pending()))
+        timing.advance(timing.pending()[0])
+    await wait_for(lambda: state.retries == 4 and bool(timing.pending()))
+    assert state.frame_limit_bytes is not None   # halved between the third and the fourth
+    assert timing.pending()[0] >= 4.0, timing.pending()   # the fourth step: 4 to 8 s
 
 
 async def test_a_hundred_open_websockets_hold_up_no_other_key_or_upstream(
