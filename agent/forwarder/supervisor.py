@@ -280,7 +280,9 @@ class Supervisor:
                 self._ensure(key, until=_bound(loop))   # a release since (max_hold_h) goes on
         self._next_in_line(loop.cfg.name)
         if requeue and key not in self.loops:   # a release under way (max_hold_h) goes on
-            self._ensure(key, until=_bound(loop))
+            # At its backoff step: a turn passed, or a 1009's halving (stream.py's _halved),
+            # is no progress, and the next failure must not be retried as if the first.
+            self._ensure(key, loop.attempt, until=_bound(loop))
 
     def _wait_in_line(self, name: str, key: str, attempt: int, until: int | None) -> None:
         line = self._line.setdefault(name, {})
