@@ -340,6 +340,40 @@ async def test_a_413_s_smaller_batches_hold_a_minute_of_answers_after_a_long_ret
     assert (await status_of(agent))["frame_limit_bytes"] in (None, 2 * limit)
 
 
+async def test_a_413_s_limit_holds_while_another_key_s_larger_batches_are_answered(
+        make_agent: Any, gateway: CaptiveUpstream) -> None:
+    """The limit eases after a minute of answers to the smaller batches (docs/operations.md).
+    Another key's loop, started before the 413, still sends batches over it: their answers
+    started that minute during the refused key's Retry-After, and eased the limit before
+    that key sent again, so its next batch was as large as the one refused, and it was
+    refused again, and waited again."""
+    def padded(i: int, pad: int) -> dict[str, Any]:
+        return {**event(i), "payload": {"mark": f"mk-{i}", "pad": "x" * pad}}
+
+    # Batches of 4: key A's of about 7.5 KB refused for now, key B's of about 5.5 KB taken.
+    gateway.intercept = Answer(413, {"Retry-After": "90"}, b'{"error": "too large for now"}',
+                               "application/json", over=6500)
+    timing, seams = manual()
+    agent = await make_agent(upstreams=[{"name": "up", "protocol": "segment-http",
+                                         "url": gateway.url("segment-http"),
+                                         "batch_max_events": 4, "flush_interval_s": 30,
+                                         "timeout_s": 2}], seams=seams)
+    # B's loop starts, and stays (its queue must be empty flush_interval_s to end).
+    await send(agent, [padded(i, 1000) for i in range(4)], key="b")
+    await wait_for(lambda: agent.spool.depth == 0)
+    await send(agent, [padded(i, 1500) for i in range(4, 8)], key="a")
+    await wait_for(lambda: timing.pending() == [90.0])
+    limit = (await status_of(agent))["frame_limit_bytes"]
+    assert limit is not None and limit < len(gateway.hits[0].body), limit   # B's batches
+    for minute in range(2):   # B's batches, over the limit, answered a minute apart
+        await send(agent, [padded(i, 1000) for i in range(8 + 4 * minute, 12 + 4 * minute)],
+                   key="b")
+        await wait_for(lambda: agent.spool.depth == 4)   # A's alone wait
+        timing.advance(LIMIT_EASE_S)
+    assert max(len(h.body) for h in gateway.hits if not h.intercepted) > limit
+    assert (await status_of(agent))["frame_limit_bytes"] == limit
+
+
 @pytest.mark.parametrize(("status", "hint"), [
     (401, "check the upstream's key"), (403, "check the upstream's key"),
     (404, "check the upstream's url")])
