@@ -673,7 +673,7 @@ class StreamForwarder:
             self._faster(batch, asyncio.get_running_loop().time() - started)
         eases_at = self.state.frame_limit_eases_at
         if eases_at is not None and isinstance(result, Acked):
-            self._easing(eases_at)
+            self._easing(eases_at, batch)
         match result:
             case Refused(reason=reason):
                 await self._apply(Acked(()), batch, batch.refused)
@@ -808,11 +808,17 @@ class StreamForwarder:
                         "it are now at most %d bytes; set batch_max_bytes to what it takes",
                         self.cfg.name, size, why, limit)
 
-    def _easing(self, eases_at: float) -> None:
-        """A batch was answered under a limit a 413 with a Retry-After set: the first one
+    def _easing(self, eases_at: float, batch: Prepared) -> None:
+        """``batch`` was answered under a limit a 413 with a Retry-After set: the first one
         starts the LIMIT_EASE_S its upstream must answer the smaller batches for (counted
         from the 413, they went by in a longer Retry-After's wait, and the first smaller
-        batch answered doubled the limit back), and one after them eases it."""
+        batch answered doubled the limit back), and one after them eases it. A batch over
+        the limit (another key's, its loop started before the 413) is none of them: its
+        answers eased the limit during the refused key's wait, which then sent a batch as
+        large as the one refused, to be refused again."""
+        limit = self.state.frame_limit_bytes
+        if limit is not None and sum(map(len, batch.bodies)) > limit:
+            return
         now = self.timing.now()
         if eases_at == math.inf:
             self.state.frame_limit_eases_at = now + LIMIT_EASE_S
