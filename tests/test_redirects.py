@@ -340,17 +340,16 @@ async def test_a_413_s_smaller_batches_hold_a_minute_of_answers_after_a_long_ret
     assert (await status_of(agent))["frame_limit_bytes"] in (None, 2 * limit)
 
 
-async def test_a_413_s_limit_holds_while_another_key_s_larger_batches_are_answered(
-        make_agent: Any, gateway: CaptiveUpstream) -> None:
-    """The limit eases after a minute of answers to the smaller batches (docs/operations.md).
-    Another key's loop, started before the 413, still sends batches over it: their answers
-    started that minute during the refused key's Retry-After, and eased the limit before
-    that key sent again, so its next batch was as large as the one refused, and it was
-    refused again, and waited again."""
-    def padded(i: int, pad: int) -> dict[str, Any]:
-        return {**event(i), "payload": {"mark": f"mk-{i}", "pad": "x" * pad}}
+def padded(i: int, pad: int) -> dict[str, Any]:
+    return {**event(i), "payload": {"mark": f"mk-{i}", "pad": "x" * pad}}
 
-    # Batches of 4: key A's of about 7.5 KB refused for now, key B's of about 5.5 KB taken.
+
+async def refused_beside_a_loop(make_agent: Any, gateway: CaptiveUpstream
+                                ) -> tuple[Any, Any, int]:
+    """An agent with two keys' loops on one segment-http upstream whose proxy refuses, for
+    now, bodies over 6.5 KB: key B's started first (a batch of 4 of about 5.5 KB taken),
+    then key A's batch of 4, of about 7.5 KB, was refused with a Retry-After of 90 s, and A
+    waits. (agent, timing, the limit A's refusal set.)"""
     gateway.intercept = Answer(413, {"Retry-After": "90"}, b'{"error": "too large for now"}',
                                "application/json", over=6500)
     timing, seams = manual()
@@ -358,19 +357,49 @@ async def test_a_413_s_limit_holds_while_another_key_s_larger_batches_are_answer
                                          "url": gateway.url("segment-http"),
                                          "batch_max_events": 4, "flush_interval_s": 30,
                                          "timeout_s": 2}], seams=seams)
-    # B's loop starts, and stays (its queue must be empty flush_interval_s to end).
+    # B's loop stays: its queue must be empty flush_interval_s for it to end.
     await send(agent, [padded(i, 1000) for i in range(4)], key="b")
     await wait_for(lambda: agent.spool.depth == 0)
     await send(agent, [padded(i, 1500) for i in range(4, 8)], key="a")
     await wait_for(lambda: timing.pending() == [90.0])
     limit = (await status_of(agent))["frame_limit_bytes"]
     assert limit is not None and limit < len(gateway.hits[0].body), limit   # B's batches
+    return agent, timing, limit
+
+
+async def test_a_413_s_limit_holds_while_another_key_s_larger_batches_are_answered(
+        make_agent: Any, gateway: CaptiveUpstream) -> None:
+    """The limit eases after a minute of answers to the smaller batches (docs/operations.md).
+    Another key's loop, started before the 413, still sends batches over it: their answers
+    started that minute during the refused key's Retry-After, and eased the limit before
+    that key sent again, so its next batch was as large as the one refused, and it was
+    refused again, and waited again."""
+    agent, timing, limit = await refused_beside_a_loop(make_agent, gateway)
     for minute in range(2):   # B's batches, over the limit, answered a minute apart
         await send(agent, [padded(i, 1000) for i in range(8 + 4 * minute, 12 + 4 * minute)],
                    key="b")
         await wait_for(lambda: agent.spool.depth == 4)   # A's alone wait
         timing.advance(LIMIT_EASE_S)
     assert max(len(h.body) for h in gateway.hits if not h.intercepted) > limit
+    assert (await status_of(agent))["frame_limit_bytes"] == limit
+
+
+async def test_a_413_for_another_key_s_larger_batch_restarts_the_limit_s_minute(
+        make_agent: Any, gateway: CaptiveUpstream) -> None:
+    """The limit eases after a minute of answers with no such 413 (docs/operations.md). A
+    413 with a Retry-After for another key's batch, over the limit (its loop started before
+    it), left the minute running: the limit doubled back while the upstream still refused
+    batches that large."""
+    agent, timing, limit = await refused_beside_a_loop(make_agent, gateway)
+    timing.advance(90)
+    state = agent.forwarding.states["up"]
+    await wait_for(lambda: state.acked >= 5)   # A's, in smaller batches: the minute runs
+    await send(agent, [padded(i, 2000) for i in range(8, 12)], key="b")   # about 9.5 KB
+    await wait_for(lambda: timing.pending() == [90.0])   # refused for now: B waits
+    timing.advance(LIMIT_EASE_S)
+    acked = state.acked
+    await send(agent, [padded(i, 1500) for i in range(12, 16)], key="a")
+    await wait_for(lambda: state.acked > acked)
     assert (await status_of(agent))["frame_limit_bytes"] == limit
 
 
