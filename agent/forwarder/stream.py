@@ -807,6 +807,10 @@ class StreamForwarder:
             log.warning("upstream %s refused a batch of %d bytes as too big (%s): batches to "
                         "it are now at most %d bytes; set batch_max_bytes to what it takes",
                         self.cfg.name, size, why, limit)
+        elif for_now and state.frame_limit_eases_at is not None:
+            # A batch over the limit (another key's loop, started before it) refused for
+            # now: the upstream still refuses that much, and its minute starts again.
+            state.frame_limit_eases_at = math.inf
 
     def _easing(self, eases_at: float, batch: Prepared) -> None:
         """``batch`` was answered under a limit a 413 with a Retry-After set: the first one
