@@ -460,6 +460,21 @@ async def test_plain_http_sent_to_a_go_server_s_https_port_refuses_no_event(
     await delivered_once_let_through(agent, gateway)
 
 
+@pytest.mark.parametrize("protocol", ("segment-http", "nucleus-ws"))
+async def test_tls_sent_to_a_plain_http_port_names_the_url_s_scheme(
+        make_agent: Any, gateway: CaptiveUpstream, protocol: str) -> None:
+    """An upstream url of https:// (wss://) where the port speaks plain HTTP: last_error
+    said OpenSSL's `[SSL: WRONG_VERSION_NUMBER] wrong version number` alone, nothing of
+    the url."""
+    url = gateway.url(protocol).replace("http://", "https://").replace("ws://", "wss://")
+    agent = await make_agent(upstreams=[{"name": "up", "protocol": protocol, "url": url,
+                                         "flush_interval_s": 0.02, "timeout_s": 2}])
+    await send(agent, [event(i) for i in range(N)])
+    up = await held_while_failing(agent)
+    assert "does not speak TLS" in up["last_error"], up["last_error"]
+    assert "check the upstream's url" in up["last_error"], up["last_error"]
+
+
 @pytest.mark.parametrize(("content_type", "page"), [
     ("application/xhtml+xml", LOGIN_PAGE),
     ("text/plain", b"\r\n  <HTML><HEAD><TITLE>Guest Wi-Fi</TITLE></HEAD><BODY>Log in</BODY></HTML>"),
