@@ -81,7 +81,6 @@ class _Link:
         # for (_on_message counts them).
         self.frames = 0
         self.replies = 0
-        self.frame_of: dict[int, int] = {}   # seq -> its frame's number, until acknowledged
         self.acked: set[int] = set()
         # The ack id of each event whose frame went out on it -> its seq, until acknowledged:
         # only these can an answer acknowledge (one prepared, not yet sent, the upstream has
@@ -227,7 +226,6 @@ class NucleusWsUplink(NucleusFraming, UplinkBase):
                     mine = link.frames
                     link.waiting[mine] = prepared.seqs
                     link.sent.update(zip(prepared.ids, prepared.seqs))
-                    link.frame_of.update(dict.fromkeys(prepared.seqs, mine))
                     data = frame(prepared)
                     size = len(data)
                     await link.send(data, self.cfg.timeout_s)
@@ -394,8 +392,7 @@ class NucleusWsUplink(NucleusFraming, UplinkBase):
             # frame's answer, a later frame unanswered was taken for one left out); one
             # that acknowledges none (`[]`: a heartbeat's, a frame left out whole), the next.
             if ids_only(reported):
-                last = max(map(link.frame_of.pop, acked), default=0)
-                link.replies = max(link.replies, last) if acked else link.replies + 1
+                link.replies = _answered(link) if acked else link.replies + 1
                 return
         # Not an ack: an error of the upstream's own, or news an old module would read
         # (latestVersion). Ignored, as before, but shown: a line a minute, and in the
@@ -448,6 +445,19 @@ def _closed(link: _Link, ws: aiohttp.ClientWebSocketResponse) -> str:
     if link.carried:
         return f"{LOST} ({how})" if code is not None else LOST
     return f"the upstream closed the connection right after the handshake ({how})"
+
+
+def _answered(link: _Link) -> int:
+    """The last frame of ``link`` an acknowledgement has answered: the newest waiting one
+    with an event acknowledged (``acked`` holds this reply's too: the frames of earlier
+    ones are counted already), or ``replies`` as it was. Frames, not events, are scanned:
+    a seq-to-frame map cost ~0.07 us an event sent, a few per cent of a drain."""
+    for n in reversed(link.waiting):
+        if n <= link.replies:
+            break
+        if not link.acked.isdisjoint(link.waiting[n]):
+            return n
+    return link.replies
 
 
 def _handshake_refused(exc: aiohttp.WSServerHandshakeError) -> tuple[str, float | None]:
