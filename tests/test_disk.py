@@ -39,6 +39,7 @@ from agent.spool.records import pack, unpack
 from tests.conftest import AgentProcess, free_port, write_config
 from tests.fakes.faulty_upstream import FaultyUpstream
 from tests.fakes.nucleus_upstream import FakeNucleus
+from tests.fakes.segment_upstream import FakeSegment
 from tests.waiting import wait_for
 
 PAD = 1500  # characters of random hex: records are compressed, about 2x for hex
@@ -139,6 +140,43 @@ async def test_full_spool_rejects_with_503_and_recovers_when_drained(
     await agent.stop()
     assert integrity(spool_path) == "ok"
     assert spool_path.stat().st_size <= 1024 * 1024 + 64 * 1024
+
+
+async def test_a_request_bigger_than_the_whole_spool_is_413_not_retry_later(
+        make_agent: Any, fake_nucleus: FakeNucleus, fake_segment: FakeSegment) -> None:
+    """A request whose events, packed, take more than max_size_mb can never be stored,
+    however much the queue drains: answered 413 in its API's shape, naming max_size_mb,
+    with no Retry-After (audit: 503, or 429 for a Segment batch, with Retry-After: SDKs
+    retried it for minutes, then lost it)."""
+    await fake_nucleus.go_down()
+    agent = await make_agent(upstreams=[{**upstream(fake_nucleus), "keys": ["app1"]},
+                                        {"name": "seg", "protocol": "segment-http",
+                                         "url": fake_segment.url, "keys": ["*"]}],
+                             storage={"max_size_mb": 1})
+    pad = 3000   # characters of random hex an event: ~1.5 KB packed
+    async with aiohttp.ClientSession() as s:
+        nucleus = [event(i, os.urandom(pad // 2).hex()) for i in range(1000)]
+        r = await post(s, agent.port, nucleus)
+        body = await r.json()
+        assert r.status == 413 and "Retry-After" not in r.headers, (r.status, body)
+        assert "max_size_mb" in body["error"], body
+        batch = {"batch": [{"type": "track", "event": "e", "userId": "u", "messageId": f"m{i}",
+                            "properties": {"pad": os.urandom(pad // 2).hex()}}
+                           for i in range(1000)]}
+        async with s.post(f"http://127.0.0.1:{agent.port}/v1/batch?writeKey=segkey",
+                          json=batch) as r:
+            body = await r.json()
+            assert r.status == 413 and "Retry-After" not in r.headers, (r.status, body)
+        assert body["Success"] is False and "max_size_mb" in body["Errors"][0]["Message"], body
+        # A Nucleus module's websocket is closed with the reason, not "try again later".
+        async with s.ws_connect(f"http://127.0.0.1:{agent.port}/app/app1/track") as ws:
+            await ws.send_json({"data": nucleus})
+            msg = await ws.receive(timeout=5)
+            assert msg.type == aiohttp.WSMsgType.CLOSE and msg.data == 1007, msg
+            assert "max_size_mb" in msg.extra, msg
+        assert agent.spool.depth == 0
+        # What fits is still stored.
+        assert (await post(s, agent.port, nucleus[:10])).status == 200
 
 
 class SlowHandshake(FakeNucleus):
