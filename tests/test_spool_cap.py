@@ -23,6 +23,7 @@ from pathlib import Path
 import orjson
 import pytest
 
+from agent.families.errors import Invalid
 from agent.families.event import NUCLEUS, SEGMENT, Event, dedupe_key, now_ms
 from agent.families.lanes import HIGH
 from agent.settings import StorageConfig
@@ -206,6 +207,11 @@ def too_big() -> list[Event]:
     return [incompressible("big", i, 8000) for i in range(300)]
 
 
+def never_fits(reply: object) -> bool:
+    """Refused as larger than the whole spool: "too large" (413), not "retry later"."""
+    return isinstance(reply, Invalid) and reply.too_large and "max_size_mb" in reply.message
+
+
 def incompressible(key: str, n: int, size: int) -> Event:
     """An event of ``size`` random hex characters: zstd packs it to about half."""
     return Event(key, SEGMENT, dedupe_key(key, n),
@@ -318,7 +324,7 @@ async def test_drop_oldest_refuses_a_request_bigger_than_the_cap_and_drops_nothi
     spool = await Spool.open(one_mb(path, "drop_oldest"))
     try:
         await spool.append([incompressible("old", i, 1000) for i in range(100)])
-        with pytest.raises(SpoolFull):
+        with pytest.raises(Invalid, match="max_size_mb = 1 holds"):
             await spool.append(too_big())
         assert spool.streams["old"].depth == 100 and not spool.counters.get("dropped_full")
         assert "big" not in spool.streams or spool.streams["big"].depth == 0
@@ -338,7 +344,7 @@ async def test_reject_refuses_only_the_request_that_does_not_fit(tmp_path: Path)
         small = [[incompressible("small", j, 40)] for j in range(5)]
         replies = await asyncio.gather(spool.append(big), *(spool.append(s) for s in small),
                                        return_exceptions=True)
-        assert isinstance(replies[0], SpoolFull) and replies[1:] == [1] * 5, replies
+        assert never_fits(replies[0]) and replies[1:] == [1] * 5, replies
         assert spool.streams["small"].depth == 5
         assert spool.counters["rejected_full"] == 300
         assert used(path) <= MB
@@ -360,7 +366,7 @@ async def test_a_request_that_shares_an_event_with_a_refused_one_is_not_answered
         big = [shared, *(incompressible("app", i, 8000) for i in range(1, 300))]
         replies = await asyncio.gather(spool.append(big), spool.append([shared]),
                                        return_exceptions=True)
-        assert isinstance(replies[0], SpoolFull), replies
+        assert never_fits(replies[0]), replies
         if not isinstance(replies[1], SpoolFull):   # answered stored: it must be there
             assert spool.streams["app"].depth == 1, replies
             rows = await spool.fetch(spool.streams["app"].id, 0, 10)
@@ -382,7 +388,7 @@ async def test_a_request_repeating_its_own_event_is_not_refused_with_another(
         replies = await asyncio.gather(spool.append(big), spool.append([twice, twice]),
                                        spool.append([incompressible("app", 1, 40)]),
                                        return_exceptions=True)
-        assert isinstance(replies[0], SpoolFull) and replies[1:] == [1, 1], replies
+        assert never_fits(replies[0]) and replies[1:] == [1, 1], replies
         assert spool.streams["app"].depth == 2
     finally:
         await spool.close()
@@ -402,7 +408,7 @@ async def test_a_resend_of_a_stored_event_is_not_refused_with_another_request(
         event = incompressible("app", 0, 40)
         replies = await asyncio.gather(spool.append(big), spool.append([event]),
                                        spool.append([event]), return_exceptions=True)
-        assert isinstance(replies[0], SpoolFull), replies
+        assert never_fits(replies[0]), replies
         assert spool.streams["app"].depth == 1
         assert replies[1:] == [1, 0], replies
         assert spool.counters["rejected_full"] == 300
@@ -564,7 +570,7 @@ async def test_over_a_lowered_cap_a_request_bigger_than_the_cap_is_refused_and_d
     assert used(path) > 2 * MB
     spool = await Spool.open(one_mb(path, "drop_oldest"))
     try:
-        with pytest.raises(SpoolFull):
+        with pytest.raises(Invalid, match="max_size_mb = 1 holds"):
             await spool.append(too_big())
         assert spool.depth == 600 and not spool.counters.get("dropped_full")
     finally:

@@ -279,6 +279,9 @@ class SegmentHandlers:
             return collected
         try:
             await self.sink.store(collected.events, collected.limits)
+        except Invalid as exc:   # too large for the whole spool: every message refused
+            status = replies.status_of(exc)
+            return batch_error(status, [error_object(status, exc.message)])
         except SpoolFull as exc:
             status = full_batch_status(exc)
             return batch_error(status, [error_object(status, "spool full, retry later", str(exc))],

@@ -172,6 +172,9 @@ class Outcome:
     undelivered: list[array[int]] = field(default_factory=list)
     used_bytes: int = 0
     refused: list[int] = field(default_factory=list)             # requests refused: full
+    # Of ``refused``, those larger than the whole spool: (estimated bytes, the most an
+    # empty spool holds). No draining makes their room: "too large", not "retry later".
+    never: dict[int, tuple[int, int]] = field(default_factory=dict)
     groups: list[Group] | None = None  # what was stored, when not all of ``Job.groups``
     # Job.fresh streams that stored nothing, their rows deleted: a refused request under a
     # new key left one for good, in the file and in memory (and, with listen.max_keys,
@@ -280,6 +283,9 @@ def _store(conn: sqlite3.Connection, job: Job, packed: list[tuple[Group, bytes, 
         conn.execute("RELEASE store")
         _restore(out, undo)
         refuse = _leaning(job, kept, _largest(job, kept, share, missing))
+        most = job.max_bytes - _least_bytes(conn)
+        out.never.update((i, (size, most)) for i in refuse
+                         if (size := _size(job, i, share)) > most)
         kept = [i for i in kept if i not in refuse]
         out.refused = sorted([*out.refused, *refuse])
         record(out.counters, Drop.REJECTED_FULL,
@@ -384,8 +390,7 @@ def _largest(job: Job, kept: list[int], share: dict[int, float], missing: int) -
     per event) add up to ``missing``: the ones to refuse. Never one that stores nothing
     (resends alone): refused, it would free nothing, and be answered 503 for events the
     spool holds whenever ``missing`` is more than the estimates (a spool over its cap)."""
-    size = {i: sum((e - s) * share[id(g)] for g, s, e in job.parts[i].slices)
-            for i in kept if job.parts[i].slices}
+    size = {i: _size(job, i, share) for i in kept if job.parts[i].slices}
     refuse: set[int] = set()
     for i in sorted(size, key=lambda i: -size[i]):
         refuse.add(i)
@@ -393,6 +398,19 @@ def _largest(job: Job, kept: list[int], share: dict[int, float], missing: int) -
         if missing <= 0:
             break
     return refuse
+
+
+def _size(job: Job, i: int, share: dict[int, float]) -> int:
+    """Request ``i``'s estimated bytes once stored (``share``: each group's row per event)."""
+    return int(sum((e - s) * share[id(g)] for g, s, e in job.parts[i].slices))
+
+
+def _least_bytes(conn: sqlite3.Connection) -> int:
+    """What the file takes holding no row: a page for each table and index, and the
+    schema's own. Less than any spool takes, so a request larger than max_size_mb less
+    this could never be stored."""
+    tables = conn.execute("SELECT count(*) FROM sqlite_master WHERE rootpage > 0").fetchone()
+    return (int(tables[0]) + 1) * PAGE
 
 
 def _leaning(job: Job, kept: list[int], refuse: set[int]) -> set[int]:

@@ -21,6 +21,7 @@ from collections.abc import Set as AbstractSet
 from dataclasses import dataclass, field
 from typing import Any, Protocol
 
+from agent.families.errors import Invalid
 from agent.families.event import NOT_READ, NUCLEUS, Event, now_ms
 from agent.logs import log_limited
 from agent.outcomes import Drop, Tally
@@ -539,7 +540,12 @@ class Writer:
             log_limited(log, logging.WARNING, "dropped-full",
                         "spool at max_size_mb: deleted the %d oldest queued events to make room "
                         "(when_full = \"drop_oldest\"; counted as %s)", dropped, Drop.DROPPED_FULL)
-        if turned := out.counters.get(Drop.REJECTED_FULL, 0):
+        never = sum(len(appends[i].events) for i in out.never)
+        if never:
+            log_limited(log, logging.WARNING, "never-fits",
+                        "spool: refused %d events as too large: %s (counted as %s)", never,
+                        self._never_fits(*max(out.never.values())), Drop.REJECTED_FULL)
+        if turned := out.counters.get(Drop.REJECTED_FULL, 0) - never:
             log_limited(log, logging.WARNING, "rejected-full",
                         "spool at max_size_mb: refused %d events with each API's retry-later "
                         "status, for their apps to send again later (counted as %s)", turned,
@@ -571,17 +577,22 @@ class Writer:
                 # lost with its queue, and are stored in the fresh spool now.
                 await self._run_batch(batch)
                 return
-        if not out.stored:
-            _fail(appends, SpoolFull(Reason.FULL, self.cfg.full_retry_after_s))
-            return
-        refused = set(out.refused)
+        refused = set(out.refused) if out.stored else set(range(len(appends)))
         for i, (pending, n) in enumerate(zip(appends, stored)):
             if pending.done.done():
                 continue
-            if i in refused:   # it alone does not fit under max_size_mb
+            if i in out.never:   # no draining makes its room: retried, it would be lost
+                pending.done.set_exception(Invalid(self._never_fits(*out.never[i]),
+                                                   too_large=True))
+            elif i in refused:   # it alone does not fit under max_size_mb
                 pending.done.set_exception(SpoolFull(Reason.FULL, self.cfg.full_retry_after_s))
             else:
                 pending.done.set_result(n)
+
+    def _never_fits(self, size: int, most: int) -> str:
+        return (f"request too large for the spool: about {size / 2**20:.2f} MiB stored, where "
+                f"storage.max_size_mb = {self.cfg.max_size_mb} holds {most / 2**20:.2f} MiB "
+                "of events at most")
 
     async def _admit(self, job: Job, out: spool_commit.Outcome, observed: int) -> None:
         """The events ``job`` stored join the dedupe index and the live records."""
