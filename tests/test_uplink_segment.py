@@ -119,6 +119,28 @@ async def test_event_over_batch_max_bytes_is_dead_lettered_not_stuck(
     assert len(dead) == 1 and "exceeds batch_max_bytes" in dead[0]["reason"]
 
 
+async def test_event_over_segments_32_kb_is_dead_lettered_not_sent(
+        make_agent: Any, fake_segment: FakeSegment, tmp_path: Path) -> None:
+    """The same for segment-http's own limit, 32 KB an event: a Nucleus event stored while
+    its key was routed nowhere, then routed to it, goes to dead letters at its first send
+    with that reason, as docs/mapping.md §5 says (audit: only batch_max_bytes was checked
+    at send, so it went out, for the collector to drop or refuse)."""
+    agent = await make_agent(upstreams=[segment_up(fake_segment, keys=["other"])])
+    big = {"type": "event", "name": "big", "id": 2, "machineId": "m",
+           "payload": {"pad": "x" * 40_000}}
+    data = [{"type": "event", "name": "e", "id": 1, "machineId": "m"}, big,
+            {"type": "event", "name": "e", "id": 3, "machineId": "m"}]
+    reply = await call(agent.port, "/app/app1/track", {"data": data})
+    assert reply.status == 200, reply.body
+    write_config(Path(agent.config_path), tmp_path / "spool.db",
+                 upstreams=[segment_up(fake_segment)])
+    await agent.reload()
+    await wait_for(lambda: agent.spool.depth == 0)
+    assert [ev["event"] for ev in fake_segment.events] == ["e", "e"]
+    dead = await agent.spool.dead_letters()
+    assert len(dead) == 1 and "32768" in dead[0]["reason"], dead
+
+
 async def test_wrong_upstream_key_backs_off_instead_of_dead_lettering(
         make_agent: Any, fake_segment: FakeSegment) -> None:
     fake_segment.fail(2, 401)
