@@ -116,7 +116,7 @@ async def test_event_over_batch_max_bytes_is_dead_lettered_not_stuck(
     await wait_for(lambda: agent.spool.depth == 0)
     assert fake_segment.message_ids() == ["m0", "m2"]
     dead = await agent.spool.dead_letters()
-    assert len(dead) == 1 and "exceeds batch_max_bytes" in dead[0]["reason"]
+    assert len(dead) == 1 and "(batch_max_bytes = 1024)" in dead[0]["reason"]
 
 
 async def test_event_over_segments_32_kb_is_dead_lettered_not_sent(

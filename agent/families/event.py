@@ -52,6 +52,14 @@ class Limit(NamedTuple):
     max_bytes: int
     source: str
 
+    def refuses(self, upstream: str, size: int) -> str | None:
+        """Why an event body of ``size`` bytes can never go to ``upstream``, or None."""
+        if size <= self.max_bytes:
+            return None
+        # The limit first: a websocket close carries only 123 bytes of reason.
+        return (f"event too large for upstream {upstream!r} ({self.source}): {size} bytes, "
+                f"{self.max_bytes} fit")
+
 
 _NEWLINE = orjson.OPT_APPEND_NEWLINE
 

@@ -188,8 +188,4 @@ class RouteLimits:
                                                               now_ms())))
             except (ValueError, TypeError) as exc:   # not mappable (see as_stored)
                 return f"event cannot be sent to upstream {name!r}: it does not map ({exc})"
-        if size <= limit.max_bytes:
-            return None
-        # The limit first: a websocket close carries only 123 bytes of reason.
-        return (f"event too large for upstream {name!r} ({limit.source}): {size} bytes, "
-                f"{limit.max_bytes} fit")
+        return limit.refuses(name, size)

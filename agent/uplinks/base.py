@@ -238,6 +238,11 @@ class UplinkBase(ABC):
                                 f"batch_max_bytes = {cfg.batch_max_bytes}"))
         return min(limits, key=lambda limit: limit.max_bytes, default=None)
 
+    @property
+    def limit(self) -> Limit | None:
+        """``event_limit`` of its config: what the take loop refuses (prepare.Encoder)."""
+        return self.event_limit(self.cfg)
+
     @classmethod
     async def reach(cls, cfg: UpstreamConfig, timeout_s: float) -> str | None:
         """For the forwarder, while the upstream is unreachable: None once its host accepts

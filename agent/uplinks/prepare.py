@@ -17,7 +17,7 @@ from typing import Any, ClassVar, Protocol
 import orjson
 
 from agent.families import mapping
-from agent.families.event import NUCLEUS, SEGMENT
+from agent.families.event import NUCLEUS, SEGMENT, Limit
 from agent.settings import UpstreamConfig
 from agent.spool.types import Row
 
@@ -85,8 +85,14 @@ class Encoder(Protocol):
     family: ClassVar[int]          # the family the upstream speaks (agent.families.event)
     envelope_bytes: ClassVar[int]  # a request's size without its events
     event_overhead: ClassVar[int]  # bytes each event adds besides its body (separators)
-    refuse_oversize: ClassVar[bool]  # an event over the byte cap on its own is refused
     cfg: UpstreamConfig
+
+    @property
+    def limit(self) -> Limit | None:
+        """The largest event it can ever carry (UplinkBase.event_limit), None for any:
+        refused at ingest, and by the take loop one stored before a reload routed its key
+        to this upstream."""
+        ...
 
     def encode_stored(self, row: Row) -> tuple[bytes, Any]:
         """(body, ack id) of a row stored in the uplink's own family."""
@@ -101,7 +107,7 @@ def take_prefix(uplink: Encoder, rows: Sequence[Row],
                 in_flight: Container[Any] | None = None) -> Prepared:
     """The longest prefix of ``rows`` within the uplink's caps, encoded.
 
-    A damaged row, or (with ``refuse_oversize``) one too big to ever fit, is taken
+    A damaged row, or one larger than the uplink's ``limit``, is taken
     and refused, so that it goes to dead letters instead of sticking the queue.
     With ``in_flight``, ack ids must be unique: the batch stops before an id that
     is in it or already earlier in the batch (the upstream's ack names only the id).
@@ -111,8 +117,9 @@ def take_prefix(uplink: Encoder, rows: Sequence[Row],
     # Looked up once per batch, not per row: this loop is on the drain's hot path.
     encode_stored, unique = uplink.encode_stored, in_flight is not None
     busy: Container[Any] = () if in_flight is None else in_flight
-    # Refused only past batch_max_bytes: an event over a cut (batch_cut_bytes) goes alone.
-    oversize = cfg.batch_max_bytes - envelope if uplink.refuse_oversize else None
+    # Refused only past the limit (batch_max_bytes, not a cut: an event over batch_cut_bytes
+    # goes alone).
+    limit = uplink.limit
     seqs: list[int] = []
     bodies: list[bytes] = []
     ids: list[Any] = []
@@ -130,12 +137,11 @@ def take_prefix(uplink: Encoder, rows: Sequence[Row],
             refused.append((row.seq, f"corrupt row: {exc}"))
             taken += 1
             continue
-        cost = len(body) + overhead
-        if oversize is not None and cost > oversize:
-            refused.append((row.seq, f"event of {len(body)} bytes exceeds batch_max_bytes "
-                                     f"({cfg.batch_max_bytes}) of {cfg.name}"))
+        if limit is not None and (why := limit.refuses(cfg.name, len(body))) is not None:
+            refused.append((row.seq, why))
             taken += 1
             continue
+        cost = len(body) + overhead
         if unique and (ack_id in busy or ack_id in seen):
             break
         weight = cost + escaped_extra(ack_id)

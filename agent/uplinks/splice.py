@@ -40,7 +40,7 @@ def take(uplink: Encoder, rows: Sequence[Row],
     keyed = family == NUCLEUS
     overhead = uplink.event_overhead
     budget = cfg.batch_bytes - uplink.envelope_bytes
-    oversize = cfg.batch_max_bytes - uplink.envelope_bytes if uplink.refuse_oversize else None
+    most = None if uplink.limit is None else uplink.limit.max_bytes
     busy = in_flight if isinstance(in_flight, dict) else None
     room = cfg.batch_max_events
     seqs: list[int] = []
@@ -60,9 +60,10 @@ def take(uplink: Encoder, rows: Sequence[Row],
                     break
         k = len(part)
         spent = sum(map(len, part)) + overhead * k   # not a join: it would copy every body
+        # Summed first: no event is over the limit when all of them are not.
+        if most is not None and spent > most and max(map(len, part)) > most:
+            break  # the take loop refuses it
         if spent > budget:  # else no event alone can be over the budget either
-            if oversize is not None and max(map(len, part)) + overhead > oversize:
-                break  # the take loop refuses it
             # What each event adds to the request, summed: the byte cap by one bisect.
             costs = list(accumulate(map(add, map(len, part), repeat(overhead))))
             k = bisect_right(costs, budget)
