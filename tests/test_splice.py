@@ -117,6 +117,7 @@ def test_splice_takes_whole_runs_without_making_rows() -> None:
     queued = Queued([Run(10, 1, NUCLEUS, 0, bodies, [f"e{i}" for i in range(5)])])
     up = NucleusHttpUplink.__new__(NucleusHttpUplink)
     up.cfg = config(NucleusHttpUplink, 500, 500_000)
+    up.limit = NucleusHttpUplink.event_limit(up.cfg)   # as __init__ sets it
     batch = up.prepare(queued)
     assert batch.seqs == (10, 11, 12, 13, 14) and batch.bodies == tuple(bodies)
     assert batch.ids == tuple(f"e{i}" for i in range(5)) and isinstance(batch.rows, Queued)
@@ -141,6 +142,7 @@ async def test_a_run_whose_ids_repeat_is_spliced_up_to_the_repeat() -> None:
     # Nothing in flight (nucleus-http, one request at a time): the repeat alone cuts it.
     http = NucleusHttpUplink.__new__(NucleusHttpUplink)
     http.cfg = config(NucleusHttpUplink, 500, 500_000)
+    http.limit = NucleusHttpUplink.event_limit(http.cfg)   # as __init__ sets it
     batch = http.prepare(queued)
     assert batch.seqs == (10, 11, 12) and isinstance(batch.rows, Queued)
 

@@ -198,6 +198,8 @@ class UplinkBase(ABC):
         self.name = cfg.name
         self.cfg = cfg
         self.session = session
+        # What the take loop refuses (prepare.Encoder): worked out once, not per batch.
+        self.limit = self.event_limit(cfg)
 
     @classmethod
     def window(cls, cfg: UpstreamConfig) -> int:
@@ -237,11 +239,6 @@ class UplinkBase(ABC):
                                 cfg.batch_max_bytes - cls.envelope_bytes - cls.event_overhead,
                                 f"batch_max_bytes = {cfg.batch_max_bytes}"))
         return min(limits, key=lambda limit: limit.max_bytes, default=None)
-
-    @property
-    def limit(self) -> Limit | None:
-        """``event_limit`` of its config: what the take loop refuses (prepare.Encoder)."""
-        return self.event_limit(self.cfg)
 
     @classmethod
     async def reach(cls, cfg: UpstreamConfig, timeout_s: float) -> str | None:
