@@ -30,6 +30,7 @@ from agent.settings import StorageConfig
 from agent.spool import Spool
 from agent.spool import commit as spool_commit
 from agent.spool.commit import MEASURE_WITHIN
+from agent.spool.db import keys_from_bytes
 from agent.spool.dedupe import keys_to_bytes
 from agent.spool.types import Reason, Row, SpoolFull
 
@@ -827,5 +828,42 @@ async def test_at_the_cap_only_the_dedupe_keys_a_request_needs_are_forgotten(
         middle = rows // 2 * per
         assert await spool.append([Event("done", SEGMENT, dedupe_key("done", middle),
                                          b'{"messageId":"m"}')]) == 0, "delivered again"
+    finally:
+        await spool.close()
+
+
+async def test_a_dedupe_key_forgotten_by_the_file_and_by_memory_is_counted_once(
+        tmp_path: Path) -> None:
+    """At the cap the file forgets the oldest delivered events' keys (the running agent
+    still knows them), and past dedupe_max_keys memory forgets its oldest: often the
+    same keys. dedupe_forgotten counts keys, each once, whichever forgot it first (review:
+    each was counted by both, an 8M-event run showed 14.9M keys forgotten)."""
+    path = tmp_path / "spool.db"
+    spool = await Spool.open(StorageConfig(path=str(path), max_size_mb=1, when_full="reject",
+                                           sync="normal", dedupe_max_keys=4000))
+    stored: set[int] = set()
+
+    async def append(events: list[Event]) -> None:
+        assert await spool.append(events) == len(events)
+        stored.update(e.dedupe for e in events)
+
+    try:
+        n = 0
+        while spool.used_bytes < MB - 60_000:   # a queue that fills the file but ~60 KB
+            await append([incompressible("q", n + k, 2000) for k in range(10)])
+            n += 10
+        for b in range(60):   # delivered at once: ~80 KB of their keys at 12,000
+            await append([Event("done", SEGMENT, dedupe_key("done", b, i), b'{"t":1}')
+                          for i in range(200)])
+            rows = await spool.fetch(spool.streams["done"].id, 0, 500)
+            await spool.ack([r.seq for r in rows])
+        with closing(sqlite3.connect(path)) as db:
+            in_file: set[int] = set()
+            for (blob,) in db.execute("SELECT dkeys FROM spent UNION ALL "
+                                      "SELECT dkeys FROM records"):
+                in_file.update(keys_from_bytes(blob))
+        forgotten = stored - (in_file & set(spool.index.keys))
+        assert len(in_file) < len(stored) and len(spool.index) < len(stored)  # both forgot
+        assert spool.counters.get("dedupe_forgotten", 0) == len(forgotten)
     finally:
         await spool.close()
