@@ -17,6 +17,7 @@ from array import array
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from itertools import compress
+from operator import not_
 from typing import Any
 
 from agent.families.lanes import HIGH, NORMAL
@@ -170,6 +171,9 @@ class Outcome:
     # Dedupe keys of events dropped undelivered (full, expired, damaged): a resend of one
     # is a new chance to deliver it, not a duplicate, so the index lets them go.
     undelivered: list[array[int]] = field(default_factory=list)
+    # Dedupe keys of delivered events the file let go early (at max_size_mb), by record
+    # id: the index counts them forgotten, each key once (DedupeIndex.forgotten_stored).
+    forgotten: list[tuple[int, bytes | array[int]]] = field(default_factory=list)
     used_bytes: int = 0
     refused: list[int] = field(default_factory=list)             # requests refused: full
     # Of ``refused``, those larger than the whole spool: (estimated bytes, the most an
@@ -239,7 +243,7 @@ def _commit(conn: sqlite3.Connection, job: Job) -> Outcome:
             refused = set(out.refused)
             if dups := sum(p.duplicates for i, p in enumerate(job.parts) if i not in refused):
                 record(out.counters, Tally.DUPLICATES, dups)
-        forgot = out.counters.get(Tally.DEDUPE_FORGOTTEN, 0)
+        forgot = bool(out.forgotten)
         if job.mark is None and (out.deleted or forgot):
             advance_mark(conn, *job.tail)
         _save(conn, out.streams, {**job.counters, **_sum(job.counters, out.counters)})
@@ -370,19 +374,20 @@ def _count_inserted(packed: list[tuple[Group, bytes, bytes]], out: Outcome) -> N
     record(out.counters, Tally.INGESTED, n)
 
 
-_Undo = tuple[dict[int, list[int]], dict[int, int], dict[int, int], Counts, int, int]
+_Undo = tuple[dict[int, list[int]], dict[int, int], dict[int, int], Counts, int, int, int]
 
 
 def _checkpoint(out: Outcome) -> _Undo:
     """What ``_restore`` needs to undo an attempt rolled back to a savepoint."""
     return ({k: list(v) for k, v in out.streams.items()}, dict(out.high), dict(out.high_in),
-            dict(out.counters), len(out.deleted), len(out.undelivered))
+            dict(out.counters), len(out.deleted), len(out.undelivered), len(out.forgotten))
 
 
 def _restore(out: Outcome, undo: _Undo) -> None:
     out.streams, out.high, out.high_in, out.counters = undo[0], undo[1], undo[2], undo[3]
     del out.deleted[undo[4]:]
     del out.undelivered[undo[5]:]
+    del out.forgotten[undo[6]:]
 
 
 def _largest(job: Job, kept: list[int], share: dict[int, float], missing: int) -> set[int]:
@@ -554,7 +559,7 @@ def _drop(conn: sqlite3.Connection, where: str, params: tuple[Any, ...], why: Dr
     """Delete whole records, counting their live events as ``why``; returns the bytes
     their rows took (estimated: ``row_bytes``). With ``spent`` (an agent-observed ms), the
     keys of their events already gone are kept in ``spent`` as received then; with
-    ``forget``, they leave the file and are counted as forgotten."""
+    ``forget``, they leave the file (``out.forgotten``)."""
     rows = conn.execute(f"DELETE FROM records WHERE {where} RETURNING id, stream, live, bytes, "
                         "length(data) + length(dkeys), dkeys, gone, lane, received",
                         params).fetchall()
@@ -568,7 +573,7 @@ def _drop(conn: sqlite3.Connection, where: str, params: tuple[Any, ...], why: Dr
                              "VALUES (?, ?, ?, ?)", (rid, received, spent, keys_to_bytes(
                                  [k for k, q in zip(keys, queued) if not q])))
             elif forget:
-                record(out.counters, Tally.DEDUPE_FORGOTTEN, queued.count(False))
+                out.forgotten.append((rid, array("q", compress(keys, map(not_, queued)))))
             keys = array("q", compress(keys, queued))
         out.undelivered.append(keys)
         d = out.streams.setdefault(stream, [0, 0])
@@ -606,7 +611,7 @@ def _make_room(conn: sqlite3.Connection, excess: int, refuse: bool, out: Outcome
     all is undone."""
     if refuse and not _yields(conn, excess):
         return excess   # they cannot make it: not even tried (a spool over a lowered cap)
-    before = dict(out.counters)
+    undo = _checkpoint(out)
     if refuse:
         conn.execute("SAVEPOINT room")
     excess -= _forget_spent(conn, excess, out)
@@ -615,8 +620,7 @@ def _make_room(conn: sqlite3.Connection, excess: int, refuse: bool, out: Outcome
     if refuse:
         if excess > 0:
             conn.execute("ROLLBACK TO room")
-            out.counters.clear()
-            out.counters.update(before)
+            _restore(out, undo)
         conn.execute("RELEASE room")
     return excess
 
@@ -671,9 +675,8 @@ def _forget_spent(conn: sqlite3.Connection, excess: int, out: Outcome,
         rows.close()
         if last is None:
             break
-        gone = conn.execute("DELETE FROM spent WHERE id <= ? RETURNING length(dkeys)",
-                            (last,)).fetchall()
-        record(out.counters, Tally.DEDUPE_FORGOTTEN, sum(n for (n,) in gone) // 8)
+        out.forgotten += conn.execute("DELETE FROM spent WHERE id <= ? RETURNING id, dkeys",
+                                      (last,)).fetchall()
         freed = before - used_bytes(conn)
         if chunk:
             break

@@ -293,7 +293,7 @@ def _read_records(conn: sqlite3.Connection, marks: list[tuple[int, int]], latest
     one-event records has a row per event. Records older than the keys kept are read on
     their own after."""
     ids, sizes, parts = array("q"), array("q"), []  # newest first, reversed at the end
-    counts, wall, seen = array("q"), array("q"), array("q")
+    counts, wall, seen, kept = array("q"), array("q"), array("q"), array("q")
     held = 0
     spent = conn.execute("SELECT EXISTS (SELECT 1 FROM spent)").fetchone()[0]
     rows = conn.execute(  # only spent rows say when they were received
@@ -312,6 +312,7 @@ def _read_records(conn: sqlite3.Connection, marks: list[tuple[int, int]], latest
         taken = bisect_left(before, max_keys, 0, len(chunk))  # each while under the cap
         chunk, held = chunk[:taken], before[taken]
         record_ids = array("q", map(itemgetter(0), chunk))
+        kept.extend(record_ids)
         given = list(map(itemgetter(4), chunk))
         queued = list(map(is_, given, repeat(None)))
         ids.extend(compress(record_ids, queued))
@@ -329,7 +330,7 @@ def _read_records(conn: sqlite3.Connection, marks: list[tuple[int, int]], latest
         received.reverse()
         seen.extend([r if g is None else g for g, r in zip(given, received)] if spent else received)
     rows.close()
-    for column in (ids, sizes, counts, wall, seen):
+    for column in (ids, sizes, counts, wall, seen, kept):
         column.reverse()
     if held >= max_keys:
         older = conn.execute("SELECT id, n FROM records WHERE id < ? ORDER BY id",
@@ -340,7 +341,7 @@ def _read_records(conn: sqlite3.Connection, marks: list[tuple[int, int]], latest
             head_sizes.extend(map(itemgetter(1), chunk))
         ids, sizes = head_ids + ids, head_sizes + sizes
     return (ids, sizes, _receipts(ids, marks, latest)), \
-        StoredKeys(b"".join(reversed(parts)), counts, wall, seen)
+        StoredKeys(b"".join(reversed(parts)), counts, wall, seen, kept)
 
 
 def keys_from_bytes(data: bytes) -> array[int]:

@@ -123,7 +123,7 @@ async def _retry_chunk(spool: Spool, which: dead.Which, below: int,
             spool.live.add(rid, n, observed)
             # Already known unless the window passed: then known again from now on, as
             # a restart would load them from the record.
-            spool.index.admit(keys, wall, observed)
+            spool.index.admit(keys, wall, observed, rid)
     return done.count, done.last
 
 

@@ -24,7 +24,10 @@ receives a million events a day holds ~90-95 MB for a 24 h window; ``max_keys`` 
 bound.
 
 At the cap, the oldest buckets are forgotten first, whole, before new keys go in:
-``forgotten`` counts those keys (the spool's ``dedupe_forgotten``).
+``forgotten`` counts those keys (the spool's ``dedupe_forgotten``), and the keys the
+spool file let go early while they are still here (``forgotten_stored``), each key
+once: a bucket knows how many of its keys the file's forgetting counted already, and
+the newest record whose keys it holds, to be found by it.
 """
 
 from __future__ import annotations
@@ -32,11 +35,11 @@ from __future__ import annotations
 import sys
 from array import array
 from bisect import bisect_left, bisect_right
-from collections.abc import Iterator, Sequence
+from collections.abc import Iterable, Iterator, Sequence
 from collections.abc import Set as AbstractSet
 from dataclasses import dataclass, field
-from itertools import accumulate, compress, filterfalse, islice
-from operator import le
+from itertools import accumulate, compress, filterfalse, islice, repeat
+from operator import attrgetter, le
 
 HOUR_MS = 3_600_000
 _STRETCH_BYTES = 1 << 19   # keys copied into the set at a time while it is rebuilt: 64k
@@ -51,18 +54,22 @@ class _Bucket:
     wall: int       # the newest receipt in it, by each clock: it expires after its newest key
     observed: int
     keys: array[int] = field(default_factory=lambda: array("q"))
+    record: int = 0   # the newest record (its id in the spool) whose keys it holds
+    counted: int = 0  # keys in it counted forgotten already: the file let them go early
 
 
 @dataclass(slots=True)
 class StoredKeys:
     """Dedupe keys stored beside records, as a spool opens: flat arrays, no Python object
     per record (a spool of one-event records has millions). Oldest record first: ``blob``
-    is each record's keys (``keys_to_bytes``) in turn, ``counts`` how many each has."""
+    is each record's keys (``keys_to_bytes``) in turn, ``counts`` how many each has,
+    ``ids`` each record's id (empty: not known, taken as 0)."""
 
     blob: bytes = b""
     counts: array[int] = field(default_factory=lambda: array("q"))
     wall: array[int] = field(default_factory=lambda: array("q"))
     observed: array[int] = field(default_factory=lambda: array("q"))
+    ids: array[int] = field(default_factory=lambda: array("q"))
 
     @classmethod
     def of(cls, records: Sequence[tuple[bytes, int, int]]) -> StoredKeys:
@@ -70,11 +77,12 @@ class StoredKeys:
         return cls(b"".join(r[0] for r in records), array("q", (len(r[0]) // 8 for r in records)),
                    array("q", (r[1] for r in records)), array("q", (r[2] for r in records)))
 
-    def __iter__(self) -> Iterator[tuple[memoryview, int, int]]:
-        """(keys, wall ms, observed ms) of each record, oldest first."""
+    def __iter__(self) -> Iterator[tuple[memoryview, int, int, int]]:
+        """(keys, wall ms, observed ms, record id) of each record, oldest first."""
         view, start = memoryview(self.blob), 0
-        for count, wall, observed in zip(self.counts, self.wall, self.observed):
-            yield view[start:start + 8 * count], wall, observed
+        for count, wall, observed, rid in zip(self.counts, self.wall, self.observed,
+                                              self.ids or repeat(0)):
+            yield view[start:start + 8 * count], wall, observed, rid
             start += 8 * count
 
 
@@ -110,7 +118,8 @@ class DedupeIndex:
         self.max_keys = max_keys
         self.bucket_ms = bucket_ms
         self.bucket_keys = max(1, max_keys // 16)
-        self.forgotten = 0  # keys forgotten before their window ended, because of max_keys
+        # keys forgotten before their window ended: past max_keys, or by the file (each once)
+        self.forgotten = 0
         self._keys: set[int] = set()
         self._buckets: list[_Bucket] = []  # oldest first
 
@@ -126,14 +135,16 @@ class DedupeIndex:
         only through admit, load, discard and expire)."""
         return self._keys
 
-    def admit(self, keys: Sequence[int], wall_ms: int, observed_ms: int) -> list[bool]:
+    def admit(self, keys: Sequence[int], wall_ms: int, observed_ms: int,
+              record: int = 0) -> list[bool]:
         """For each key, True if it is new (it is remembered from now on), False if it was
-        seen within the window, or earlier in ``keys``."""
+        seen within the window, or earlier in ``keys``. ``record``: the id of the spool's
+        record that stores them (``forgotten_stored`` finds their bucket by it)."""
         seen = self._keys
         flags = [k not in seen for k in keys]
         # All new (the usual call): an array of keys is copied, not converted key by key.
         fresh = array("q", keys if all(flags) else compress(keys, flags))
-        if fresh and not self._remember(fresh, wall_ms, observed_ms):
+        if fresh and not self._remember(fresh, wall_ms, observed_ms, record):
             # A key repeated within the call: only its first occurrence is new.
             firsts: set[int] = set()
             for i, k in enumerate(keys):
@@ -142,17 +153,18 @@ class DedupeIndex:
                     firsts.add(k)
         return flags
 
-    def remember(self, keys: Sequence[int], wall_ms: int, observed_ms: int) -> None:
+    def remember(self, keys: Sequence[int], wall_ms: int, observed_ms: int,
+                 record: int = 0) -> None:
         """``admit`` of keys the caller has found absent, none twice: a commit's, checked
         against the index when the commit was built, with nothing admitted since (the
         writer builds the next commit only once this one is remembered). No lookup per key:
         with the commit's own lookups made one per request, 1-2% of a 100-event batch's
         instructions (bench/RESULTS.md run 29)."""
         if keys:
-            self._remember(array("q", keys), wall_ms, observed_ms)
+            self._remember(array("q", keys), wall_ms, observed_ms, record)
 
     def load(self, keys: bytes | memoryview | Sequence[int], wall_ms: int,
-             observed_ms: int) -> None:
+             observed_ms: int, record: int = 0) -> None:
         """Remember keys received at ``wall_ms`` / ``observed_ms`` (by the agent's count),
         as stored with a record (``keys_to_bytes``). Call in the order they were received:
         a bucket expires after its newest key, so out of order, keys are kept longer."""
@@ -160,15 +172,15 @@ class DedupeIndex:
         if not self._keys.isdisjoint(stored):  # rare: keep only the keys not yet here
             stored = array("q", (k for k in stored if k not in self._keys))
         if stored:
-            self._remember(stored, wall_ms, observed_ms)
+            self._remember(stored, wall_ms, observed_ms, record)
 
     def load_all(self, stored: StoredKeys) -> None:
         """``load`` of each stored record, oldest first: the startup rebuild. Into an
         empty index where no key repeats, by whole buckets (``_load_counted``)."""
         if not self._keys and not self._buckets and self._load_counted(stored):
             return
-        for raw, wall_ms, observed_ms in stored:
-            self.load(raw, wall_ms, observed_ms)
+        for raw, wall_ms, observed_ms, record in stored:
+            self.load(raw, wall_ms, observed_ms, record)
 
     def _load_counted(self, stored: StoredKeys) -> bool:
         """``load_all`` into an empty index, at a few Python steps a bucket rather than
@@ -184,8 +196,8 @@ class DedupeIndex:
         if 0 in stored.counts:  # records without keys neither open nor fill a bucket
             stored = StoredKeys(stored.blob, *(array("q", compress(column, stored.counts))
                                                for column in (stored.counts, stored.wall,
-                                                              stored.observed)))
-        counts, wall, seen = stored.counts, stored.wall, stored.observed
+                                                              stored.observed, stored.ids)))
+        counts, wall, seen, ids = stored.counts, stored.wall, stored.observed, stored.ids
         if not counts:
             return True
         if max(counts) > self.max_keys or not all(map(le, seen, islice(seen, 1, None))):
@@ -210,8 +222,8 @@ class DedupeIndex:
                 forgotten += ends[hi] - ends[lo]
             start = record + 1
         kept = spans[cuts[-1][2]:] if cuts else spans
-        self._buckets = [_Bucket(seen[lo], max(wall[lo:hi]), seen[hi - 1], keys(lo, hi))
-                         for lo, hi in kept]
+        self._buckets = [_Bucket(seen[lo], max(wall[lo:hi]), seen[hi - 1], keys(lo, hi),
+                                 ids[hi - 1] if ids else 0) for lo, hi in kept]
         self.forgotten += forgotten
         return True
 
@@ -263,6 +275,19 @@ class DedupeIndex:
             if not left:
                 break
 
+    def forgotten_stored(self, records: Iterable[tuple[int, bytes | Sequence[int]]]) -> None:
+        """Keys the spool file let go early (at max_size_mb), by (record id, keys): those
+        still remembered are counted forgotten now, in the bucket of their record (the
+        oldest holding a record as new), so that the cap does not count them again when
+        it forgets that bucket. The others were counted when the index let them go, or
+        their window ended."""
+        for record, keys in records:
+            n = sum(map(self._keys.__contains__, _as_array(keys)))
+            if n:
+                at = bisect_left(self._buckets, record, key=attrgetter("record"))
+                self._buckets[min(at, len(self._buckets) - 1)].counted += n
+                self.forgotten += n
+
     def expire(self, wall_ms: int, observed_ms: int) -> int:
         """Forget the buckets whose newest key both clocks say is past the window;
         returns how many keys were forgotten.
@@ -285,26 +310,28 @@ class DedupeIndex:
         self._buckets = kept
         return gone
 
-    def _remember(self, fresh: array[int], wall_ms: int, observed_ms: int) -> bool:
+    def _remember(self, fresh: array[int], wall_ms: int, observed_ms: int,
+                  record: int = 0) -> bool:
         """Add keys absent from the index, first making room under ``max_keys``. Returns
         False if ``fresh`` held a key twice (it is remembered once)."""
         if len(fresh) > self.max_keys:  # more than the cap in one go: the newest are kept
             unique = array("q", dict.fromkeys(fresh))
             self.forgotten += max(0, len(unique) - self.max_keys)
-            return self._remember(unique[-self.max_keys:], wall_ms, observed_ms) and \
+            return self._remember(unique[-self.max_keys:], wall_ms, observed_ms, record) and \
                 len(unique) == len(fresh)
         while self._buckets and len(self._keys) + len(fresh) > self.max_keys:
-            self.forgotten += self._forget(self._buckets.pop(0))
+            bucket = self._buckets.pop(0)
+            self.forgotten += max(0, self._forget(bucket) - bucket.counted)
         before = len(self._keys)
         self._keys.update(fresh)
         if len(self._keys) - before == len(fresh):
-            self._place(fresh, wall_ms, observed_ms)
+            self._place(fresh, wall_ms, observed_ms, record)
             return True
         # Each key once in the buckets, or expiry would count it twice.
-        self._place(array("q", dict.fromkeys(fresh)), wall_ms, observed_ms)
+        self._place(array("q", dict.fromkeys(fresh)), wall_ms, observed_ms, record)
         return False
 
-    def _place(self, fresh: array[int], wall_ms: int, observed_ms: int) -> None:
+    def _place(self, fresh: array[int], wall_ms: int, observed_ms: int, record: int) -> None:
         """Put keys just remembered into the newest bucket, or a new one once it is full
         or an hour old."""
         bucket = self._buckets[-1] if self._buckets else None
@@ -314,6 +341,7 @@ class DedupeIndex:
             self._buckets.append(bucket)
         bucket.wall = max(bucket.wall, wall_ms)
         bucket.observed = max(bucket.observed, observed_ms)
+        bucket.record = max(bucket.record, record)
         bucket.keys.extend(fresh)
 
     def _forget(self, bucket: _Bucket) -> int:

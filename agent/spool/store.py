@@ -766,6 +766,9 @@ class Spool:
         if not self.live:   # the dictionary went with the last record (codebook.py)
             self.writer.codebook.forget()
         self.index.discard(out.undelivered_keys())
+        forgotten = self.index.forgotten
+        self.index.forgotten_stored(out.forgotten)
+        self.books.count(Tally.DEDUPE_FORGOTTEN, self.index.forgotten - forgotten)
         self.index.expire(now_ms(), observed)
         return out
 

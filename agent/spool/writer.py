@@ -557,8 +557,11 @@ class Writer:
                         "%s); the rest of the queue is sent", lost, Drop.DROPPED_CORRUPT)
         self.live.remove(out.deleted)
         self.index.discard(out.undelivered_keys())
+        forgotten = self.index.forgotten
+        self.index.forgotten_stored(out.forgotten)
         if out.stored:
             await self._admit(job, out, observed)
+        books.count(Tally.DEDUPE_FORGOTTEN, self.index.forgotten - forgotten)
         if gone:
             # The copy of the file open that the recovery salvages holds this commit, as
             # the books now do: not run again on it, where its events were counted resends
@@ -596,9 +599,7 @@ class Writer:
 
     async def _admit(self, job: Job, out: spool_commit.Outcome, observed: int) -> None:
         """The events ``job`` stored join the dedupe index and the live records."""
-        books = self.books
         wall = now_ms()
-        forgotten = self.index.forgotten
         # committed: from now on a resend is a duplicate (the next commit's _job runs
         # only once this one is done, so letting the loop go meanwhile changes nothing)
         since_yield = 0   # events admitted since the loop was last let go
@@ -606,13 +607,11 @@ class Writer:
             if since_yield >= SLICE_EVENTS:
                 since_yield = 0
                 await asyncio.sleep(0)
-            self.index.remember(g.keys, wall, observed)
+            self.index.remember(g.keys, wall, observed, g.id)
             self.live.add(g.id, len(g.bodies), observed)
             # Samples only of events stored: a refused commit's must not be copied to disk.
             self.codebook.sample(g.bodies, g.nbytes)
             since_yield += len(g.bodies)
-        if self.index.forgotten > forgotten:
-            books.count(Tally.DEDUPE_FORGOTTEN, self.index.forgotten - forgotten)
 
 
 def _unmade(books: Books, job: Job) -> None:
