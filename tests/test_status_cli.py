@@ -86,6 +86,26 @@ async def test_table_from_spool_when_no_agent_runs(make_agent: Any, tmp_path: Pa
     assert "no upstream configured" in text
 
 
+
+async def test_the_table_shows_dead_letters_gone_and_dedupe_keys_forgotten(
+        tmp_path: Path) -> None:
+    """Dead letters the cap or expiry deleted, or an operator retried or purged, and dedupe
+    keys forgotten early: counters the docs list for `outpost status`, which it never
+    showed (only /status and /metrics did): a spool that deleted dead letters to make
+    room said nothing of it but its log."""
+    spool_path = tmp_path / "spool.db"
+    spool = await Spool.open(StorageConfig(path=str(spool_path)))
+    await spool.close()
+    with contextlib.closing(sqlite3.connect(spool_path)) as db, db:
+        db.executemany("INSERT INTO counters(name, value) VALUES (?, ?)", [
+            ("dead_lettered", 20), ("dead_retried", 2), ("dead_purged", 3),
+            ("dead_dropped_full", 5), ("dead_expired", 4), ("dedupe_forgotten", 1200)])
+    config = write_config(tmp_path / "agent.toml", spool_path, port=free_port())
+    code, text = await run_outpost("status", "--config", str(config))
+    assert code == 0, text
+    assert "dead out: dead_retried 2, dead_purged 3, dead_dropped_full 5, dead_expired 4" in text
+    assert "dedupe:   dedupe_forgotten 1200" in text
+
 def test_render_clips_long_errors_and_formats_ages() -> None:
     text = render({
         "version": "9", "source": "agent", "uptime_s": 7300, "time": 1000.0,
