@@ -110,6 +110,9 @@ def _dead_lines(data: Snapshot) -> list[str]:
     return lines
 
 
+_DEAD_OUT = (Tally.DEAD_RETRIED, Tally.DEAD_PURGED, Tally.DEAD_DROPPED_FULL, Tally.DEAD_EXPIRED)
+
+
 def render(data: Snapshot) -> str:
     """The snapshot as text: summary lines, the upstream table, then counters."""
     source = data.get("source", "?")
@@ -167,6 +170,13 @@ def render(data: Snapshot) -> str:
     dropped = {k: v for k, v in (data.get("drops") or {}).items() if v}
     lines.append("dropped:  " + (", ".join(f"{k} {v}" for k, v in dropped.items()) or "none"))
     lines += _dead_lines(data)
+    # Where dead letters went (dead_lettered counted them once), and keys let go early:
+    # shown once they happened, as the drops (dead_dropped_corrupt: with corrupt spools).
+    gone = [f"{t} {counters[t]}" for t in _DEAD_OUT if counters.get(t)]
+    if gone:
+        lines.append("dead out: " + ", ".join(gone))
+    if counters.get(Tally.DEDUPE_FORGOTTEN):
+        lines.append(f"dedupe:   {Tally.DEDUPE_FORGOTTEN} {counters[Tally.DEDUPE_FORGOTTEN]}")
     ingest = data.get("ingest")
     refused = ingest["refused"] if ingest else {}
     if refused:
