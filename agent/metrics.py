@@ -1,4 +1,4 @@
-"""In-memory operational metrics: ingest latency, throughput per minute, retries.
+"""In-memory operational metrics: ingest latency, throughput per minute, connections, reloads.
 
 Durable counts (the tallies and drop reasons of agent/outcomes.py) live in the
 spool's counters table; these are the process-lifetime figures around them.
@@ -44,7 +44,6 @@ class Metrics:
 
     def __init__(self) -> None:
         self.ingest_latency = Histogram()
-        self.retries: dict[str, int] = {}
         self.history: deque[Minute] = deque(maxlen=HISTORY_MINUTES)
         # By the agent's clock: uptime is time passed, not a difference of wall times,
         # which a clock corrected from 1970 would make decades (or negative).
@@ -109,9 +108,6 @@ class Metrics:
         for (api, status), n in sorted(self.refused.items()):
             out.setdefault(api, {})[str(status)] = n
         return out
-
-    def observe_retry(self, upstream: str) -> None:
-        self.retries[upstream] = self.retries.get(upstream, 0) + 1
 
     def series(self) -> list[dict[str, int]]:
         """Events in and out for each of the last 60 minutes, oldest first, gaps as zero;

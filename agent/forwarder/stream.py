@@ -981,7 +981,6 @@ class StreamForwarder:
         self.state.state = "backoff"
         self.state.retries += 1
         self.state.error(failed.error or "failed", told)
-        self.metrics.observe_retry(self.cfg.name)
         # Every key's loop backs off on its own: once a minute per upstream, counted.
         log_limited(log, logging.WARNING, f"upstream-down:{self.cfg.name}",
                     "upstream %s: %s; retrying in %.1fs", self.cfg.name, failed.error, delay)
