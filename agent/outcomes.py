@@ -65,8 +65,8 @@ class Tally(StrEnum):
     # Keys of delivered events, not events.
     DEDUPE_FORGOTTEN = ("dedupe_forgotten", "dedupe_keys_forgotten_total",
                         "Dedupe keys forgotten early, to make room at storage.max_size_mb or "
-                        "past storage.dedupe_max_keys (a late resend of one may be delivered "
-                        "again).")
+                        "past storage.dedupe_max_keys, each once (a late resend of one may be "
+                        "delivered again).")
     # Dead letters an operator acted on (`outpost dead retry` / `outpost dead purge`).
     DEAD_RETRIED = ("dead_retried", "dead_letters_retried_total",
                     "Dead letters sent back to their key's queue by `outpost dead retry`.")
