@@ -22,6 +22,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from agent.clock import CLOCK
+from agent.families.errors import Invalid
 from agent.families.event import SEGMENT, Event, dedupe_key
 from agent.settings import StorageConfig
 from agent.spool import Spool, dead, dead_live
@@ -81,7 +82,7 @@ async def run(path: Path, when_full: str, plan: list[Step]) -> None:
             key = KEYS[k]
             stream = spool.streams.get(key)
             if kind in ("small", "big"):
-                with contextlib.suppress(SpoolFull):
+                with contextlib.suppress(SpoolFull, Invalid):   # full, or larger than it
                     await spool.append([Event(key, SEGMENT, dedupe_key(key, i),
                                               body(key, i, kind == "big"))
                                         for i in range(first, first + n)])
@@ -93,7 +94,7 @@ async def run(path: Path, when_full: str, plan: list[Step]) -> None:
                     done = await asyncio.gather(*(spool.append([Event(
                         other, SEGMENT, dedupe_key(other, i), body(other, i, True))])
                         for i in range(first, first + n)), return_exceptions=True)
-                    assert all(isinstance(r, int | SpoolFull) for r in done), done
+                    assert all(isinstance(r, int | SpoolFull | Invalid) for r in done), done
                     kind = "ack" if first % 2 else "dead"
                 if kind == "ack":
                     await spool.ack(seqs)
@@ -111,7 +112,7 @@ async def run(path: Path, when_full: str, plan: list[Step]) -> None:
                                   for i in range(first, first + n)]),
                     dead_live.retry(spool, dead.Which(every=True)), spool.prune(),
                     return_exceptions=True)
-                assert all(isinstance(r, int | None | SpoolFull) for r in done), done
+                assert all(isinstance(r, int | None | SpoolFull | Invalid) for r in done), done
             elif kind == "damage" and stream is not None:   # a record found unreadable
                 with contextlib.closing(sqlite3.connect(path)) as db, db:
                     db.execute("UPDATE records SET data = x'00' WHERE id = (SELECT id FROM "
