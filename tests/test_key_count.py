@@ -70,13 +70,13 @@ async def test_one_batch_of_many_new_keys_takes_no_more_than_max_keys(make_agent
 
 
 def _too_big_for_the_spool() -> dict[str, Any]:
-    """A Nucleus message larger than a 1 MB spool even compressed: refused whole (503)."""
+    """A Nucleus message larger than a 1 MB spool even compressed: refused whole (413)."""
     return {"data": [{"type": "event", "name": "e", "id": i, "sessionId": 1,
                       "payload": {"x": os.urandom(150_000).hex()}} for i in range(10)]}
 
 
 async def test_keys_of_requests_refused_whole_take_no_place(make_agent: Any) -> None:
-    """A request the spool refuses whole (503: full, or larger than the spool) stores
+    """A request the spool refuses whole (503: full; 413: larger than the spool) stores
     nothing, yet its key's queue entry was kept, in memory and as a row of the file, for
     good: while a spool was full, every refused request under a new key grew the agent,
     and with listen.max_keys each took one of its places, so that new apps were refused
@@ -84,7 +84,7 @@ async def test_keys_of_requests_refused_whole_take_no_place(make_agent: Any) -> 
     agent = await make_agent(listen={"max_keys": 3}, storage={"max_size_mb": 1})
     for i in range(3):
         r = await call(agent.port, f"/app/refused-{i}/track", _too_big_for_the_spool())
-        assert r.status == 503, r.body[:300]
+        assert r.status == 413 and b"too large for the spool" in r.body, r.body[:300]
     r = await call(agent.port, "/app/new-app/track",
                    {"data": [{"type": "event", "name": "e", "id": 1, "sessionId": 1}]})
     assert r.status == 200, r.body

@@ -12,6 +12,7 @@ from pathlib import Path
 import orjson
 import pytest
 
+from agent.families.errors import Invalid
 from agent.families.event import NUCLEUS, Event, dedupe_key
 from agent.families.lanes import NORMAL
 from agent.settings import StorageConfig
@@ -208,7 +209,8 @@ async def test_a_full_spool_refuses_only_the_large_request_mid_slice(tmp_path: P
         await asyncio.sleep(0)
         smalls = [asyncio.create_task(spool.append([ev("s", i)])) for i in range(5)]
         got = await asyncio.gather(large, *smalls, return_exceptions=True)
-        assert isinstance(got[0], SpoolFull) and got[1:] == [1] * 5, got
+        # Larger than the whole spool: refused as too large (413), not as full.
+        assert isinstance(got[0], Invalid) and got[0].too_large and got[1:] == [1] * 5, got
         assert "big" not in spool.streams or spool.streams["big"].depth == 0
         assert spool.streams["s"].depth == 5
     finally:
