@@ -774,14 +774,17 @@ class StreamForwarder:
             self.state.acked += delivered
             self.state.last_ack = CLOCK.elapsed_s()
             self.metrics.observe_acked(delivered)
+        # As for acks: not those whose record the spool dropped while they were sent (it
+        # keeps no dead letter of them). Counted before the commit takes them out.
+        kept = len(dead) - len(self.spool.dropped([seq for seq, _ in dead])) if dead else 0
         if dead and await self._saved(self.spool.dead_letter(
                 # Redacted once, as stored: the reason is the upstream's answer, which may
                 # echo the request's credentials, and every dead-letter view shows it.
-                [(seq, self.cfg.name, redact(reason)) for seq, reason in dead])):
-            self.state.dead_lettered += len(dead)
+                [(seq, self.cfg.name, redact(reason)) for seq, reason in dead])) and kept:
+            self.state.dead_lettered += kept
             log_limited(log, logging.WARNING, f"dead-letter:{self.cfg.name}",
                         "%s refused %d event(s) for good; moved to dead letters: %s",
-                        self.cfg.name, len(dead), dead[0][1])
+                        self.cfg.name, kept, dead[0][1])
         match result:
             case Retry(retry_after=wait):
                 if self._failed is None or wait is not None:
