@@ -61,6 +61,37 @@ async def test_an_ack_the_spool_cannot_record_is_retried_after_a_backoff_and_sho
     assert set(fake_segment.message_ids()) == {"m1"}
 
 
+async def test_an_ack_the_spool_could_not_record_is_counted_once_it_is(
+        make_agent: Any, fake_segment: FakeSegment) -> None:
+    """The upstream acknowledged the event twice (its first ack not recorded, it went again):
+    one event delivered. The upstream's acked in /status (the table's ACKED) and the
+    minute's `out` counted both, 2 beside the spool's acked 1."""
+    fake_segment.outage = (503, None)
+    agent = await make_agent(upstreams=[segment_up(fake_segment)])
+    reply = await call(agent.port, "/v1/track", {"event": "e", "userId": "u", "messageId": "m1"},
+                       headers={"Authorization": basic("k")})
+    assert reply.status == 200
+    await wait_for(lambda: len(fake_segment.requests) >= 1)
+    with contextlib.closing(sqlite3.connect(str(agent.spool.path),
+                                            isolation_level=None)) as other:
+        [(table,)] = other.execute("SELECT sql FROM sqlite_master WHERE name = 'spent'")
+        other.execute("DROP TABLE spent")
+        fake_segment.outage = None
+
+        async def not_recorded() -> bool:
+            return "spent" in ((await upstream_status(agent.port))["last_error"] or "")
+
+        await wait_for(not_recorded)
+        other.execute(table)
+    await wait_for(lambda: agent.spool.depth == 0)
+    async with aiohttp.ClientSession() as s, s.get(f"http://127.0.0.1:{agent.port}/status") as r:
+        snap = await r.json()
+    (up,) = snap["upstreams"]
+    assert len(fake_segment.requests) >= 3   # the 503, the ack not recorded, the one that was
+    assert snap["counters"]["acked"] == 1
+    assert (up["acked"], sum(m["out"] for m in snap["history"])) == (1, 1), up
+
+
 async def test_status_and_metrics_answer_while_the_spool_cannot_be_read(
         make_agent: Any) -> None:
     """A spool failing to read (a damaged table here; an I/O error on a failing card does
