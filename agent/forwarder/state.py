@@ -29,7 +29,7 @@ class UpstreamState:
     last_error_at: float | None = None
     retries: int = 0
     sent: int = 0                # events in batches sent or tried, a resend counting again
-    acked: int = 0
+    acked: int = 0               # events acked, counted once their delete is saved
     dead_lettered: int = 0
     crashes: int = 0             # unexpected exceptions caught by the supervisor
     unreadable_replies: int = 0  # upstream messages ignored as unreadable (websocket: not JSON)

@@ -174,6 +174,7 @@ class StreamForwarder:
         self._ahead_slot = False
         self._acking: set[asyncio.Task[None]] = set()  # spool deletes of upstream-acked rows
         self._held: list[int] = []  # upstream-acked rows not yet handed to spool.ack
+        self._held_delivered = 0    # of them, those still queued (_apply): counted once saved
         self._failed: Retry | None = None
         # Commits of acks or dead letters that failed in a row (the spool's disk gone
         # read-only, say): each backoff is longer, however often the upstream answers.
@@ -677,10 +678,9 @@ class StreamForwarder:
         match result:
             case Refused(reason=reason):
                 await self._apply(Acked(()), batch, batch.refused)
-                dead, acked = self.state.dead_lettered, self.state.acked
-                await self._split(batch, result)
-                if self.state.dead_lettered == dead and self.state.acked - acked == len(
-                        batch.seqs):
+                dead = self.state.dead_lettered
+                if await self._split(batch, result) == len(batch.seqs) and \
+                        self.state.dead_lettered == dead:
                     # Refused together, taken apart, none refused alone: a proxy's body size
                     # limit, say, which every full batch will pay for until the limits agree.
                     log_limited(log, logging.WARNING, f"split:{self.cfg.name}",
@@ -706,31 +706,34 @@ class StreamForwarder:
                 await self._apply(Acked(acked), batch)
             raise
 
-    async def _split(self, batch: Prepared, refused: Refused) -> None:
-        """Bisect a refused batch until the events that cause it are isolated. Events the
-        spool dropped meanwhile (max_size_mb, max_age_days) are left out: the refused send
-        did not deliver them, and a dropped event is not sent afterwards."""
+    async def _split(self, batch: Prepared, refused: Refused) -> int:
+        """Bisect a refused batch until the events that cause it are isolated; the events
+        acknowledged. Events the spool dropped meanwhile (max_size_mb, max_age_days) are
+        left out: the refused send did not deliver them, and a dropped event is not sent
+        afterwards."""
         batch = self._still_queued(batch)
         if not batch.seqs:
-            return
+            return 0
         if len(batch.seqs) == 1:
             # Given up; a wait it asked (a 413's Retry-After) is kept before the next send:
             # sent at once, the rest of a queue went to dead letters in a burst.
             wait, dead = refused.retry_after, ((batch.seqs[0], refused.reason),)
             await self._apply(Acked(()) if wait is None else
                               Retry(refused.reason, retry_after=wait), batch, dead)
-            return
+            return 0
+        taken = 0
         for half in batch.halves():
             part = self._still_queued(half)   # dropped while the other half was sent
             if not part.seqs:
                 continue
             match await self._send(part):
                 case Refused() as refusal:
-                    await self._split(part, refusal)
+                    taken += await self._split(part, refusal)
                 case Acked() | Retry() as result:
-                    await self._apply(result, part)
+                    taken += await self._apply(result, part)
             if self._failed is not None:
-                return
+                break
+        return taken
 
     def _still_queued(self, batch: Prepared) -> Prepared:
         """``batch`` less the events the spool has dropped since they were read."""
@@ -738,9 +741,9 @@ class StreamForwarder:
         return batch.without(gone) if gone else batch
 
     async def _apply(self, result: Acked | Retry, batch: Prepared,
-                     dead: Sequence[tuple[int, str]] = ()) -> None:
+                     dead: Sequence[tuple[int, str]] = ()) -> int:
         """Delete what the upstream acknowledged of ``batch``; dead-letter ``dead`` (seq,
-        reason)."""
+        reason). The events acknowledged, less those the spool dropped meanwhile."""
         if isinstance(result, Retry) and result.omitted:
             given_up = self._left_out(result, batch)
             dead = [*dead, *given_up]
@@ -760,20 +763,20 @@ class StreamForwarder:
         if self.omitted:   # an event left out before, now acknowledged: forgiven
             for seq in acked:
                 self.omitted.forget(seq)
+        delivered = 0
         if acked:
+            # Not those whose record the spool dropped while they were sent (found
+            # damaged): counted there already (dropped_corrupt), and the counts add up.
+            delivered = len(acked) - len(self.spool.dropped(acked))
             # Deleted in the background, ACK_GROUP batches per spool call while rows keep
             # coming (each commit has a fixed cost; segment-http's drain, one session: ten
             # batches 39-42k events/s, twenty 43-50k, forty no better), else once the loop
             # waits. _settle deletes them before any resend.
             self._held.extend(acked)
+            self._held_delivered += delivered
             if len(self._held) >= ACK_GROUP * self.cfg.batch_max_events:
                 self._ack_held()
-            # Not those whose record the spool dropped while they were sent (found
-            # damaged): counted there already (dropped_corrupt), and the counts add up.
-            delivered = len(acked) - len(self.spool.dropped(acked))
-            self.state.acked += delivered
             self.state.last_ack = CLOCK.elapsed_s()
-            self.metrics.observe_acked(delivered)
         # As for acks: not those whose record the spool dropped while they were sent (it
         # keeps no dead letter of them). Counted before the commit takes them out.
         kept = len(dead) - len(self.spool.dropped([seq for seq, _ in dead])) if dead else 0
@@ -794,6 +797,7 @@ class StreamForwarder:
                 self.state.state = "idle"   # past any backoff or restart (shown: sending)
         if acked:  # last: a hook that raises (a bug) must not undo the ack's bookkeeping
             self.on_acked(self.cfg.name, self.stream.key, batch.rows, acked)
+        return delivered
 
     def _too_big(self, size: int, why: str, for_now: bool) -> None:
         """The upstream refused a batch of ``size`` bytes as too big (a websocket's 1009, a
@@ -925,10 +929,15 @@ class StreamForwarder:
     def _ack_held(self) -> None:
         if self._held:
             held, self._held = self._held, []
-            self._track(self._acking, self._ack(held))
+            delivered, self._held_delivered = self._held_delivered, 0
+            self._track(self._acking, self._ack(held, delivered))
 
-    async def _ack(self, seqs: list[int]) -> None:
-        await self._saved(self.spool.ack(seqs))
+    async def _ack(self, seqs: list[int], delivered: int) -> None:
+        """Delete ``seqs``; count the ``delivered`` of them once that is saved: an ack not
+        saved is sent again, and acknowledged again."""
+        if await self._saved(self.spool.ack(seqs)):
+            self.state.acked += delivered
+            self.metrics.observe_acked(delivered)
 
     async def _saved(self, commit: Coroutine[Any, Any, None]) -> bool:
         """Await a spool commit of acks or dead letters; False when it failed. Its rows
