@@ -182,6 +182,19 @@ async def test_the_per_minute_history_counts_the_minutes_the_agent_saw_pass(
     assert snap["time"] - 60 < ts[-1] <= snap["time"] + 1, (snap["time"], ts[-1])
 
 
+async def test_the_per_minute_history_counts_new_events_in_not_resends(make_agent: Any) -> None:
+    """An app resends a request (its reply lost): stored once, counted as duplicates. The
+    history's `in` (the status page's "in", beside "out") counted every event posted, 6
+    with 3 ingested: an operator read events coming in faster than any could go out."""
+    agent = await make_agent()
+    await post(agent.port, "app1", range(2))
+    await post(agent.port, "app1", range(2))   # the resend
+    await post(agent.port, "app1", range(1, 3))   # one resent, one new
+    snap = await status(agent.port)
+    assert snap["counters"]["ingested"] == 3 and snap["counters"]["duplicates"] == 3
+    assert sum(m["in"] for m in snap["history"]) == 3, snap["history"][-2:]
+
+
 async def test_a_delivered_events_resend_is_still_known_after_a_clock_correction(
         make_agent: Any, fake_nucleus: FakeNucleus, clock: Clock) -> None:
     """Delivered events' dedupe keys are kept dedupe_window_h (24 h): a clock corrected
