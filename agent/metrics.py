@@ -35,8 +35,8 @@ class Histogram:
 @dataclass
 class Minute:
     minute: int   # minutes of the agent's clock (CLOCK.elapsed_s), not of the wall clock
-    events_in: int = 0
-    events_out: int = 0
+    events_in: int = 0    # new events stored (ingested; an app's resends are not)
+    events_out: int = 0   # events acked, once their delete is saved
 
 
 class Metrics:

@@ -139,7 +139,8 @@ class Sink:
                 with self._pending_lock:
                     for key in {ev.key for ev in events}:
                         self._pending.pop(key, None)
-        self.metrics.observe_ingest(time.perf_counter() - started, len(events))
+        # The new events: the history's "in" beside "out", as ingested (resends are not).
+        self.metrics.observe_ingest(time.perf_counter() - started, stored)
         # The live view shows what the app sent, not the shape it is stored in.
         self.on_stored(events, stored)
         if stored:
