@@ -13,6 +13,7 @@ import pytest
 from agent.metrics import Histogram
 from agent.ops.prometheus import Exposition
 from agent.outcomes import Drop, Tally
+from tests.conftest import ROOT
 from tests.fakes.ops_scene import LIVE, QUEUED, REFUSED, Scene, populate, settled
 
 NAME = r"[a-zA-Z_:][a-zA-Z0-9_:]*"
@@ -139,10 +140,12 @@ async def test_metrics_match_status(make_agent: Any) -> None:
         assert one("upstream_queue_bytes", upstream=name) == u["queue_bytes"]
         assert one("upstream_retries_total", upstream=name) == u["retries"]
         assert one("upstream_acked_total", upstream=name) == u["acked"]
+        assert one("upstream_dead_lettered_total", upstream=name) == u["dead_lettered"]
         states = {s: one("upstream_state", upstream=name, state=s)
                   for s in ("idle", "sending", "backoff", "restarting")}
         assert states[u["state"]] == 1 and sum(states.values()) == 1
     assert one("upstream_queue_events", upstream="down") == QUEUED
+    assert one("upstream_dead_lettered_total", upstream="strict") == REFUSED
     assert one("upstream_retries_total", upstream="down") == 1
     assert one("upstream_last_ack_timestamp_seconds", upstream="live") == by_name["live"]["last_ack"]
     assert ("outpost_upstream_last_ack_timestamp_seconds", (("upstream", "down"),)) not in \
@@ -152,6 +155,8 @@ async def test_metrics_match_status(make_agent: Any) -> None:
     assert latency.value("outpost_ingest_latency_seconds_count") == LIVE + REFUSED + QUEUED
     for fam in fams.values():
         assert fam.help and fam.kind in ("counter", "gauge", "histogram")
+    documented = set(re.findall(r"`(outpost_\w+)", (ROOT / "docs" / "operations.md").read_text()))
+    assert set(fams) <= documented, set(fams) - documented
 
 
 async def test_every_outcome_is_exported_with_its_help(make_agent: Any) -> None:
