@@ -194,6 +194,9 @@ def _upstreams(out: Exposition, ups: list[UpstreamStatus]) -> None:
     out.family("upstream_acked_total", "counter",
                "Events each upstream acknowledged since the agent started.",
                per(u["acked"] for u in ups))
+    out.family("upstream_dead_lettered_total", "counter",
+               "Events each upstream refused for good, moved to dead letters, since the agent "
+               "started.", per(u["dead_lettered"] for u in ups))
     out.family("upstream_sent_total", "counter",
                "Events in the batches sent, or tried, to each upstream since the agent "
                "started; a resend counts again (beside acked: what resends cost).",
