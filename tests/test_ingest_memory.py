@@ -400,3 +400,23 @@ async def test_a_segment_message_counts_at_least_128_bytes_against_the_in_flight
         (status, reply, _), = await post_all(s, base, routes[0], [tiny_messages(99)])
         assert status == routes[0].ok, str(reply)[:200]
     assert agent.spool.depth == 2500 and agent.metrics.inflight_bytes == 0
+
+
+async def test_the_events_kept_of_a_websocket_message_over_4_mib_count_128_bytes_each(
+        make_agent: Any) -> None:
+    """A websocket message over 4 MiB is charged the 4 MiB it may keep, from its first
+    byte; the events it keeps count 128 bytes each of it (its first alone counts its own
+    bytes), as every route's events count against the budget. Counted 32 bytes each, one
+    message of `{"id":n}` kept 131,072 of them: an `outpost run` went 133 MB past idle for
+    it alone, and eight connections under a 24 MiB budget 373 MB (42 and 101 MB now)."""
+    agent = await make_agent()
+    # 40,000 events of a dozen bytes, past 4 MiB by another member of the message
+    body = b'{"pad":"' + b"x" * (4 * MB - 100) + b'",' + tiny_events(40_000)[1:]
+    async with aiohttp.ClientSession() as s, s.ws_connect(
+            f"http://127.0.0.1:{agent.port}/app/{KEY}/track") as ws:
+        await ws.send_bytes(body)
+        msg = await ws.receive(timeout=30)
+    assert msg.type == WSMsgType.TEXT, str(msg)[:200]
+    kept = 1 + (2 * MB - len(b'{"id":0},')) // 128   # of the first 2 MiB: the rest is resent
+    assert orjson.loads(msg.data)["reportedIds"] == list(range(kept))
+    assert agent.spool.depth == kept
