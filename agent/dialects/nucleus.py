@@ -39,7 +39,7 @@ from agent.dialects.body import (
     read_raw,
 )
 from agent.dialects.nucleus_frames import Late, OverCap, QueueSocket, Taken
-from agent.dialects.nucleus_queue import EVENT_MIN, TooLarge, TooMany
+from agent.dialects.nucleus_queue import TooLarge, TooMany
 from agent.dialects.replies import describe, masked, status_of
 from agent.families import nucleus as family
 from agent.families.errors import Invalid, shown
@@ -68,10 +68,10 @@ KEEP = 2 * 1024 * 1024
 MAX_VALUES = 1_000_000
 # An event holds ~450 bytes until its commit (its parsed object, its Event, its enriched
 # body) however few it came as: a 4 MiB post of `{}`, 1.4 million events, took 640 MB and
-# 10 s. So a message taken whole counts each event as at least EVENT_MIN bytes, as one read
-# as it arrives does for those it keeps, against the 4 MiB it may be (no more events than
-# this), and as body.EVENT_HELD against the in-flight budget. Real events are 100 bytes or
-# more.
+# 10 s. So a message taken whole counts each event as at least EVENT_MIN bytes of the 4 MiB
+# it may be (no more events than this), and as body.EVENT_HELD against the in-flight budget,
+# as one read as it arrives counts those it keeps. Real events are 100 bytes or more.
+EVENT_MIN = 32
 MAX_EVENTS = MAX_MESSAGE // EVENT_MIN
 
 

@@ -34,7 +34,7 @@ import json
 import re
 from typing import Any, NamedTuple
 
-from agent.dialects.body import BodyError
+from agent.dialects.body import EVENT_HELD, BodyError
 from agent.families import nucleus as family
 
 _DECODER = json.JSONDecoder()
@@ -48,10 +48,6 @@ _CUT = 16
 SLICE = 4 * 1024
 _RETRY_MIN = SLICE
 _NOT_BLANK = re.compile(r"[^ \t\n\r]")
-# Bytes a kept event is charged at least, its first excepted: bounds the events kept (to
-# keep/32, ~65,000) whose list is sorted, joined and freed in one go (1M tiny ones: ~0.1 s).
-# A message taken whole counts each event so too (nucleus.py).
-EVENT_MIN = 32
 _SCALAR = re.compile(r"[-+.0-9A-Za-z]*")   # what a number or a literal is written with
 
 # Where the reader is in `{"data": [...]}`.
@@ -297,8 +293,12 @@ class QueueReader:
 
 
 def _cost(index: int, piece: bytes) -> int:
-    """What a kept event is charged: its bytes and a comma, at least EVENT_MIN but the first."""
-    return len(piece) + 1 if not index else max(len(piece) + 1, EVENT_MIN)
+    """What a kept event is charged: its bytes and a comma, at least body.EVENT_HELD but the
+    first. So the ``most`` bytes a large message is charged against the in-flight budget
+    (nucleus_frames.py) count its kept events as every route's are counted (at most
+    32,768 of them): at 32 bytes each, one message kept 131,072 tiny events, and an
+    `outpost run` went 133 MB past idle for it alone (42 MB at 128)."""
+    return len(piece) + 1 if not index else max(len(piece) + 1, EVENT_HELD)
 
 
 def _cut(text: str, pos: int) -> bool:
