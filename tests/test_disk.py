@@ -983,6 +983,52 @@ async def test_a_recovery_that_cannot_create_the_fresh_spool_finishes_once_it_ca
         await spool.close()
 
 
+async def test_a_spool_put_at_the_path_before_a_recovery_finishes_is_not_taken_for_its_own(
+        six_mb_fs: Path) -> None:
+    """A corrupt spool is moved aside and the fresh one cannot be created (a full disk);
+    meanwhile another spool holding a queue is put at the path (a backup restored). The
+    recovery, once there is room, took that file for the spool: it ignored its marker, so
+    the moved file's queue was neither salvaged nor counted lost, and key a's forwarder
+    kept its stream id, which in that file names key b's queue: a's forwarder read b's
+    events (sent under a's key) and a's late acks deleted them. The file put there is kept
+    aside, and the recovery finishes into a fresh spool."""
+    def event(key: str, n: int) -> Event:
+        return Event(key, NUCLEUS, dedupe_key(key, n), orjson.dumps({"id": n, "key": key}))
+
+    other = six_mb_fs / "other" / "spool.db"
+    put = await Spool.open(StorageConfig(path=str(other)))
+    await put.append([event("b", n) for n in range(5)])
+    await put.close()
+    path = six_mb_fs / "spool.db"
+    spool = await Spool.open(StorageConfig(path=str(path)))
+    try:
+        await spool.append([event("a", n) for n in range(5)])
+        held = spool.streams["a"]
+        a_seqs = [r.seq for r in await spool.fetch(held.id, 0, 100)]
+        filler = six_mb_fs / "filler"
+        free = os.statvfs(six_mb_fs).f_bavail * os.statvfs(six_mb_fs).f_frsize
+        filler.write_bytes(b"\0" * free)
+        with pytest.raises(sqlite3.Error):
+            await spool.recover(sqlite3.DatabaseError("database disk image is malformed"))
+        filler.unlink()
+        for suffix in ("", "-wal", "-shm"):
+            if Path(f"{other}{suffix}").exists():
+                Path(f"{other}{suffix}").rename(f"{path}{suffix}")
+        assert await spool.reopen()
+        assert [orjson.loads(r.body)["key"] for r in await spool.fetch(held.id, 0, 100)] \
+            == ["a"] * 5
+        await spool.ack(a_seqs)   # a's forwarder's late acks
+        assert spool.depth == 0 and "b" not in spool.streams
+    finally:
+        await spool.close()
+    queues = []   # of the files kept aside: the corrupt one, and the one put there
+    for kept in six_mb_fs.glob("spool.db.corrupt-*"):
+        if not kept.name.endswith(("-wal", "-shm")):
+            with contextlib.closing(sqlite3.connect(kept)) as db:
+                queues += db.execute("SELECT key, depth FROM streams").fetchall()
+    assert sorted(queues) == [("a", 5), ("b", 5)]
+
+
 async def test_acks_and_dead_letters_are_not_reported_saved_while_the_spool_cannot_be_opened(
         six_mb_fs: Path) -> None:
     """While the spool cannot be opened (a recovery could not create the fresh file on a
