@@ -535,8 +535,11 @@ class Spool:
             log.warning("spool %s: the salvage of %s had finished before the last stop",
                         self.path, moved)
             return
-        if not await self._db.run(is_fresh):   # not the spool that salvage made: not its marker
-            done(self.path)
+        if not await self._db.run(is_fresh):   # not the spool that salvage made
+            if pending.held:   # this run's own recovery, its forwarders running
+                await self._put_aside(pending)
+                return
+            done(self.path)   # found at a start: not that salvage's marker
             log.warning("spool %s: ignored %s, which names %s for a salvage: the spool "
                         "holds its own data, so it is not that salvage's", self.path,
                         marker(self.path), moved)
@@ -592,6 +595,29 @@ class Spool:
                           "%d)", self.path, got.dead, moved, how_many, unkeyed,
                           Tally.DEAD_DROPPED_CORRUPT, got.dead_lost)
         self.on_reopen()  # forwarders for the salvaged queues
+
+    async def _put_aside(self, pending: _Salvage) -> None:
+        """This run's own recovery found a spool holding data at the path, put there while
+        none could be created (a backup restored): kept aside, as one put there while the
+        spool was open is, and the recovery finished into a fresh spool. Taken for the
+        spool (its marker ignored, as at a start), the moved file's queue was neither
+        salvaged nor counted lost, and the running forwarders' stream ids named other keys'
+        queues in it: their acks deleted those keys' events."""
+        self._salvaging = pending   # finished by a later reopen() if this one fails
+        await self._close_connections()
+        put = target(self.path)
+        try:
+            move_aside(self.path, put)
+            await self._connect()
+        except (sqlite3.Error, OSError) as failed:
+            log.error("spool %s: cannot keep aside the file put there while the agent could "
+                      "not create a fresh spool, nor create one (%s): events are refused "
+                      "until it can, tried again every %g s", self.path, failed, REOPEN_EVERY_S)
+            self.writer.reopen_soon()
+            raise
+        log.error("spool %s: the file put there while no fresh spool could be created is "
+                  "kept as %s; the recovery of %s goes on", self.path, put, pending.moved)
+        await self._finish_recovery()
 
     async def _save_counts(self) -> bool:
         """Save the counts not yet saved, now rather than with the next commit."""
