@@ -126,3 +126,25 @@ async def test_an_agent_started_on_the_removed_spool_before_the_first_noticed_is
         await first.close()
         if second is not None:
             await second.close()
+
+
+async def test_an_agent_that_finds_the_other_at_its_stop_says_its_queue_was_kept(
+        tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
+    """As above, but the first agent commits nothing more before it stops: its stop finds
+    its file gone, and the lock held by the other. It keeps its queue aside and says so;
+    it also said it "could not keep the queue of the file deleted or replaced", which an
+    operator would take for that queue lost."""
+    state = tmp_path / "state"
+    path = state / "spool.db"
+    first = await Spool.open(StorageConfig(path=str(path)), holds_lock=True)
+    assert await first.append([Event("k", SEGMENT, 1, b'{"type":"track","n":1}')]) == 1
+    shutil.rmtree(state)
+    second = await Spool.open(StorageConfig(path=str(path)), holds_lock=True)
+    try:
+        caplog.clear()
+        await first.close()
+        [kept] = [p for p in state.glob("spool.db.corrupt-*") if p.suffix != ".lock"]
+        errors = [r.getMessage() for r in caplog.records if r.levelname == "ERROR"]
+        assert len(errors) == 1 and f"its queue is kept in {kept}" in errors[0], errors
+    finally:
+        await second.close()
