@@ -640,6 +640,8 @@ class Spool:
             async with self.lock:
                 try:
                     await self.recover(Replaced())
+                except InUse:
+                    pass   # another agent's files: recover said where its queue went
                 except (sqlite3.Error, OSError) as exc:
                     log.error("spool %s: could not keep the queue of the file deleted or "
                               "replaced under the agent: %s", self.path, exc)
