@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from pathlib import Path
 from typing import Any
 from urllib.parse import quote
 
@@ -10,6 +11,7 @@ import orjson
 import pytest
 from yarl import URL
 
+from tests.conftest import write_config
 from tests.fakes.nucleus_upstream import FakeNucleus
 from tests.waiting import wait_for
 
@@ -162,6 +164,51 @@ async def test_a_dot_segment_app_id_is_refused_not_sent_to_another_path(
             assert r.status == 401, body
     assert "path segment" in body and repr(app_id) in body, body
     assert agent.spool.depth == 0
+
+
+@pytest.mark.parametrize("app_id", [".", ".."])
+@pytest.mark.parametrize("protocol", ["nucleus-ws", "nucleus-http"])
+async def test_a_dot_segment_app_ids_queue_a_reload_sends_under_the_apps_id_stays_queued(
+        make_agent: Any, fake_nucleus: FakeNucleus, fast_backoff: Any, protocol: str,
+        app_id: str) -> None:
+    """Taken while the upstream sent a `key` of its own, then that key removed by a reload:
+    the queued events went to `{url}/app/../track`, which the URL resolves to `{url}/track`
+    (`{url}/app/track` for `.`): another path, delivered there by an upstream that serves
+    it, else retried for good with last_error blaming the url. They stay queued instead,
+    last_error saying why, until a `key` is set again."""
+    up = upstream(fake_nucleus, protocol=protocol, key="own")
+    fake_nucleus.outage = (503, "0")                           # a websocket's handshake
+    fake_nucleus.reply_raw = b'{"error": "try again later"}'   # an HTTP request's answer
+    agent = await make_agent(upstreams=[up])
+    async with aiohttp.ClientSession() as s:
+        async with s.post(URL(f"http://127.0.0.1:{agent.port}/app/{'%2E' * len(app_id)}/track",
+                              encoded=True), json={"data": [
+                {"name": "e", "id": 1, "sessionId": 1, "machineId": "m"}]}) as r:
+            assert r.status == 200, await r.text()
+    await wait_for(lambda: fake_nucleus.refused + fake_nucleus.frames >= 1)
+    write_config(Path(agent.config_path), agent.spool.path, upstreams=[{k: v for k, v in up.items() if k != "key"}])
+    await agent.reload()
+    fake_nucleus.outage = fake_nucleus.reply_raw = None
+    fake_nucleus.events.clear()
+
+    async def sent_or_said() -> bool:
+        return bool(fake_nucleus.events) or "path segment" in (
+            (await upstream_status(agent.port))["last_error"] or "")
+
+    await wait_for(sent_or_said)
+    assert not fake_nucleus.events, fake_nucleus.paths
+    assert agent.spool.depth == 1
+    # A key of the upstream's own again: they go, to its path.
+    write_config(Path(agent.config_path), agent.spool.path, upstreams=[up])
+    await agent.reload()
+    await wait_for(lambda: agent.spool.depth == 0)
+    assert fake_nucleus.paths[-1] == "/app/own/track"
+
+
+async def upstream_status(port: int) -> dict[str, Any]:
+    async with aiohttp.ClientSession() as s, s.get(f"http://127.0.0.1:{port}/status") as r:
+        (up,) = (await r.json())["upstreams"]
+        return dict(up)
 
 
 @pytest.mark.parametrize("protocol", ["nucleus-ws", "nucleus-http"])
