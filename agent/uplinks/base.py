@@ -200,6 +200,15 @@ class UplinkBase(ABC):
         self.session = session
         # What the take loop refuses (prepare.Encoder): worked out once, not per batch.
         self.limit = self.event_limit(cfg)
+        # Why ``app_key``'s events can never go under it (key_rule), or None. Ingest refuses
+        # such a key, but events taken before a reload took the upstream's own key away are
+        # queued: sent, they would reach the upstream under another key, or another path.
+        # Each send (or connect) fails with this instead: kept, retried with backoff.
+        rule = self.key_rule(cfg)
+        why = None if rule is None else rule(app_key)
+        self.unsendable = None if why is None else (
+            f"{why}: kept, not sent (give the upstream a key of its own, or route this key "
+            "elsewhere)")
 
     @classmethod
     def window(cls, cfg: UpstreamConfig) -> int:

@@ -44,6 +44,8 @@ class NucleusHttpUplink(NucleusFraming, UplinkBase):
         return splice.take(self, rows, in_flight=()) or take_prefix(self, rows, in_flight=())
 
     async def send(self, prepared: Prepared) -> SendResult:
+        if self.unsendable is not None:
+            return Retry(self.unsendable)
         body = frame(prepared)
         # Its ids as an upstream that escapes non-ASCII may answer them (escaped_extra).
         most = reply_cap(len(body) + sum(map(escaped_extra, prepared.ids)), len(prepared.seqs))

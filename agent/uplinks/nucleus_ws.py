@@ -309,6 +309,8 @@ class NucleusWsUplink(NucleusFraming, UplinkBase):
         return link
 
     async def _open(self) -> _Link:
+        if self.unsendable is not None:   # no connection to another path
+            return _Link(None, 0, lost=self.unsendable)
         try:
             # ws_connect's own timeouts do not cover the handshake: bound it here. A reply
             # answers one frame: read up to what the largest frame's answer may need.

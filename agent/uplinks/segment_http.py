@@ -99,14 +99,6 @@ class SegmentHttpUplink(UplinkBase):
         why = f"upstream {cfg.name!r} is sent the key as a Basic auth username, which cannot hold ':'"
         return lambda app_key: why if ":" in app_key else None
 
-    @classmethod
-    def _cannot_send(cls, cfg: UpstreamConfig, app_key: str) -> str | None:
-        """Why ``app_key``'s events could never go under it (see key_rule), or None. Ingest
-        refuses such a key, but events taken before a reload took the upstream's own key
-        away are queued: sent, they would reach the upstream under another key."""
-        rule = cls.key_rule(cfg)
-        return None if rule is None else rule(app_key)
-
     def __init__(self, cfg: UpstreamConfig, app_key: str, session: aiohttp.ClientSession,
                  machine_id: str) -> None:
         super().__init__(cfg, app_key, session, machine_id)
@@ -116,7 +108,6 @@ class SegmentHttpUplink(UplinkBase):
                         "User-Agent": "outpost"}
         if cfg.gzip:
             self.headers["Content-Encoding"] = "gzip"
-        self.unsendable = self._cannot_send(cfg, app_key)
 
     def encode_stored(self, row: Row) -> tuple[bytes, Any]:
         body = bytes(row.body)
@@ -144,8 +135,7 @@ class SegmentHttpUplink(UplinkBase):
 
     async def send(self, prepared: Prepared) -> SendResult:
         if self.unsendable is not None:
-            return Retry(f"{self.unsendable}: kept, not sent under another key (give the "
-                         "upstream a key of its own, or route this key elsewhere)")
+            return Retry(self.unsendable)
         body = self.payload(prepared, iso_ms(now_ms()))
         size = len(body)   # before gzip: what batch_max_bytes measures
         most = reply_cap(size, len(prepared.seqs))
