@@ -852,6 +852,23 @@ async def test_a_wrong_key_or_url_backs_off_and_dead_letters_nothing(
     assert str(status) in error and hint in error, error
 
 
+@pytest.mark.parametrize("protocol", ["nucleus-http", "segment-http"])
+@pytest.mark.parametrize("status", [401, 503])
+async def test_a_refusal_kept_and_retried_shows_what_the_upstream_said(
+        make_agent: Any, faulty: FaultyUpstream, protocol: str, status: int) -> None:
+    """A 5xx or a 401 keeps the events; last_error is all the operator has to go on, and
+    the upstream's own words ("app not found", "maintenance until 3am") say more than its
+    status: an excerpt of its reply, as for a refusal that splits the batch, the key in it
+    redacted."""
+    faulty.script = [Fault("status", status, echo=True)]
+    agent = await make_agent(upstreams=[upstream(faulty, protocol)])
+    await send(agent, [event(0)])
+    await drained(agent, faulty, 1)
+    error = agent.forwarding.states["up"].last_error or ""
+    assert f"HTTP {status}" in error and '"error": "refused"' in error, error
+    assert "app1" not in error, error
+
+
 # -- shutdown is prompt, whenever the stop comes ------------------------------------------------
 
 
