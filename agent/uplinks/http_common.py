@@ -254,6 +254,14 @@ class HttpReply:
     # decoder for, or one the body is not in): ``body`` is empty, the status stands.
     unreadable: str | None = None
 
+    def said(self, most: int) -> str:
+        """Its status and what it said (at most ``most`` characters of its body, redacted),
+        for last_error or a dead letter's reason: a 503's "maintenance until 3am" or a
+        401's "unknown app" says more than the status."""
+        if self.unreadable is not None:
+            return f"HTTP {self.status} (its reply could not be read: {self.unreadable})"
+        return f"HTTP {self.status}: {excerpt(self.body, most)}".rstrip(": ")
+
 
 async def post(session: aiohttp.ClientSession, url: str, body: bytes, headers: dict[str, str],
                timeout_s: float, most: int) -> HttpReply | Retry:

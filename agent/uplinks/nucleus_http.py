@@ -72,13 +72,12 @@ class NucleusHttpUplink(NucleusFraming, UplinkBase):
             return Retry(f"a reply over {most} bytes, not read (a batch's answer is "
                          "its reportedIds)")
         if not answered:
+            reason = answer.said(200)
             if is_retryable(status):
-                return Retry(f"HTTP {status}", retry_after=wait)
+                return Retry(reason, retry_after=wait)
             if status not in REJECTED_STATUSES:
-                return misconfigured(status, f"HTTP {status}", wait)
+                return misconfigured(status, reason, wait)
             # No per-event verdict: the forwarder splits the batch to find the culprit.
-            reason = f"HTTP {status}: {excerpt(raw, 200)}" if unreadable is None \
-                else f"HTTP {status} (its reply could not be read: {unreadable})"
             return refusal(status, reason, wait, prepared, len(body))
         if not isinstance(ids, list):
             # No answer at all (an error in JSON, or not JSON): what it said is the clue.

@@ -169,8 +169,7 @@ class SegmentHttpUplink(UplinkBase):
                 return misconfigured(status, f"HTTP {status} saying it did not succeed: "
                                              f"{excerpt(raw, 300)}", wait)
             return Acked(prepared.seqs)   # else the status is the verdict
-        reason = f"HTTP {status}: {excerpt(raw, 300)}".rstrip(": ") if reply.unreadable is None \
-            else f"HTTP {status} (its reply could not be read: {reply.unreadable})"
+        reason = reply.said(300)
         if status == MULTI_STATUS:
             return _partly_stored(raw, prepared) or Refused(reason)
         if status in REJECTED_STATUSES:
