@@ -165,8 +165,8 @@ _TITLE = re.compile(rb"<title[^>]*>([^<]+)", re.IGNORECASE)
 _TO_HTTPS_PORT = re.compile(rb"\s*client sent an http request to an https server",
                             re.IGNORECASE)
 # A 413 in a proxy's or web server's own plain words, all its body: the status's text
-# (Traefik's, Envoy's), or Go's http.MaxBytesReader error. No analytics API words its
-# refusal so.
+# (Traefik's, Envoy's), or Go's http.MaxBytesReader error; or in none (Caddy's: no body).
+# No analytics API words its refusal so, nor refuses without a word.
 _SIZE_LIMIT = re.compile(rb"\s*(?:413\s+)?(?:request entity|payload|content|(?:http: )?"
                          rb"request body) too large\.?\s*", re.IGNORECASE)
 _TITLE_SEARCHED = 4096   # bytes of the page searched for its title
@@ -183,19 +183,19 @@ def html_instead_of_reply(status: int, content_type: str, body: bytes | None = N
     halves through, and split down to one event, the page is retried. ``body`` None: not
     read (a refused websocket handshake's), judged by its type alone. Go's plain-text
     answer (Caddy's, a Go collector's) to http:// sent to its https port is no reply
-    either, and is never split; nor is a 413 in a proxy's plain words (_SIZE_LIMIT) for
-    one event, which is judged as its page is."""
+    either, and is never split; nor is a 413 in a proxy's plain words (_SIZE_LIMIT), or
+    read whole and empty, for one event, which is judged as its page is."""
     labelled = content_type in _HTML_TYPES
     if body is None:
         body = b""
     elif _TO_HTTPS_PORT.match(body):
         return (f"HTTP {status} from a port that speaks HTTPS, not HTTP (check the upstream's "
                 "url: https://)")
-    elif status == 413 and _SIZE_LIMIT.fullmatch(body):
+    elif status == 413 and (_SIZE_LIMIT.fullmatch(body) or not body.strip()):
+        said = repr(body.decode("ascii").strip()) if body.strip() else "with an empty body"
         return None if events > 1 else (
-            f"HTTP 413 {body.decode('ascii').strip()!r} for one event: a proxy's or web "
-            "server's body size limit, not the upstream's reply (a proxy or web server in the "
-            "way? raise its limit)")
+            f"HTTP 413 {said} for one event: a proxy's or web server's body size limit, not "
+            "the upstream's reply (a proxy or web server in the way? raise its limit)")
     elif labelled and 200 <= status < 300 and b"<" not in body:
         # Words without a single tag ("OK", or none) are a collector's ack, not a login
         # page: Express labels `res.send("OK")` text/html, as it does JSON (_is_json).
