@@ -31,10 +31,11 @@ from agent.spool.types import Row
 from agent.uplinks.base import Acked, Retry, SendResult
 from agent.uplinks.http_common import location_host
 from agent.uplinks.prepare import Prepared
+from tests.conftest import write_config
 from tests.fakes.captive_portal import LOGIN_PAGE, PORTAL, Answer, CaptiveUpstream, redirect
 from tests.fakes.uplinks import as_prepared
 from tests.test_upstream_faults import manual, send
-from tests.waiting import wait_for
+from tests.waiting import run_outpost, wait_for
 
 HTTP_UPLINKS = ("segment-http", "nucleus-http")
 REDIRECTS = (301, 302, 303, 307, 308)
@@ -473,6 +474,22 @@ async def test_tls_sent_to_a_plain_http_port_names_the_url_s_scheme(
     up = await held_while_failing(agent)
     assert "does not speak TLS" in up["last_error"], up["last_error"]
     assert "check the upstream's url" in up["last_error"], up["last_error"]
+
+
+@pytest.mark.parametrize("scheme", ["https", "wss"])
+async def test_doctor_says_a_port_that_speaks_plain_http_fails_the_url_s_tls(
+        tmp_path: Path, gateway: CaptiveUpstream, scheme: str) -> None:
+    """`outpost doctor` said `reachable` for an https:// (wss://) url whose port speaks
+    plain HTTP, as it connects over TCP and no further, while every send failed its TLS
+    handshake: the operator checking why was told all was well."""
+    port = URL(gateway.http_url).port
+    protocol = "nucleus-ws" if scheme == "wss" else "segment-http"
+    config = write_config(tmp_path / "agent.toml", tmp_path / "spool.db", upstreams=[
+        {"name": "up", "protocol": protocol, "url": f"{scheme}://127.0.0.1:{port}"}])
+    code, out = await run_outpost("doctor", "--config", str(config))
+    assert code == 0, out
+    (line,) = [ln for ln in out.splitlines() if ln.strip().startswith("up ")]
+    assert "does not speak TLS" in line and "http://" in line, line
 
 
 @pytest.mark.parametrize(("content_type", "page"), [
