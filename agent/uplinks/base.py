@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import asyncio
 import socket
+import ssl
 from abc import ABC, abstractmethod
 from collections.abc import Callable, Coroutine, Sequence
 from dataclasses import dataclass
@@ -38,6 +39,9 @@ REJECTED_STATUSES = frozenset({400, 413, 422})
 # How long a connect to one of a host's addresses goes before the next is tried as well:
 # aiohttp's default for its requests (TCPConnector), and so the probes'.
 HAPPY_EYEBALLS_S = 0.25
+# What OpenSSL calls a TLS handshake answered in plain text (an HTTP reply read as a record).
+_NOT_TLS = frozenset({"WRONG_VERSION_NUMBER", "RECORD_LAYER_FAILURE"})
+_TLS_SCHEMES = frozenset({"https", "wss"})
 
 
 @dataclass(frozen=True, slots=True)
@@ -218,10 +222,20 @@ class UplinkBase(ABC):
 
     @classmethod
     def probe(cls, cfg: UpstreamConfig) -> str:
-        """For `outpost doctor`: whether the upstream's host accepts a TCP connection."""
+        """For `outpost doctor`: whether the upstream's host accepts a TCP connection, and
+        for an https:// or wss:// url a TLS handshake as its requests make it (a port that
+        speaks plain HTTP, or a certificate this device does not trust, fails every send)."""
+        host, port = _address(cfg)
         try:
-            with socket.create_connection(_address(cfg), timeout=3):
+            with socket.create_connection((host, port), timeout=3) as sock:
+                if urlsplit(cfg.url).scheme in _TLS_SCHEMES:
+                    with ssl.create_default_context().wrap_socket(sock, server_hostname=host):
+                        pass
                 return "reachable"
+        except ssl.SSLError as exc:
+            why = (not_tls(exc, host, port) or getattr(exc, "verify_message", None)
+                   or exc.reason or str(exc))
+            return f"reachable, but its TLS handshake failed ({why})"
         except OSError as exc:
             return f"unreachable ({exc.strerror or exc})"
 
@@ -297,6 +311,16 @@ class UplinkBase(ABC):
 
     async def close(self) -> None:
         return None
+
+
+def not_tls(error: BaseException | None, host: str, port: int | None) -> str | None:
+    """What a TLS handshake's ``error`` says of the url when the port answered it in plain
+    text (OpenSSL's words alone, "wrong version number", say nothing of https://), else
+    None."""
+    if getattr(error, "reason", None) not in _NOT_TLS:
+        return None
+    return (f"{host}:{port} does not speak TLS: it answered the TLS handshake in plain text "
+            "(check the upstream's url: http:// or ws:// for a port that speaks plain HTTP)")
 
 
 def _address(cfg: UpstreamConfig) -> tuple[str, int]:

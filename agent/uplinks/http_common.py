@@ -26,7 +26,7 @@ from yarl import URL
 
 from agent.logs import redacted_head
 from agent.terminal import os_text
-from agent.uplinks.base import REJECTED_STATUSES, RETRYABLE_STATUSES, Retry
+from agent.uplinks.base import REJECTED_STATUSES, RETRYABLE_STATUSES, Retry, not_tls
 
 
 def retry_after(value: str | None, now: float | None = None,
@@ -344,18 +344,11 @@ def _failed(exc: BaseException, progress: _Progress, body: bytes, timeout_s: flo
     return Retry(f"request failed: {described(exc)}", retry_after=wait)
 
 
-# What OpenSSL calls a TLS handshake answered in plain text (an HTTP reply read as a record).
-_NOT_TLS = frozenset({"WRONG_VERSION_NUMBER", "RECORD_LAYER_FAILURE"})
-
-
 def described(exc: BaseException) -> str:
     """What a network error says, for last_error and the log."""
     if isinstance(exc, aiohttp.ClientConnectorSSLError) and \
-            getattr(exc.os_error, "reason", None) in _NOT_TLS:
-        # OpenSSL's words alone ("wrong version number") say nothing of the url's https://.
-        return (f"{exc.host}:{exc.port} does not speak TLS: it answered the TLS handshake in "
-                "plain text (check the upstream's url: http:// or ws:// for a port that speaks "
-                "plain HTTP)")
+            (plain := not_tls(exc.os_error, exc.host, exc.port)) is not None:
+        return plain
     if isinstance(exc, aiohttp.ServerDisconnectedError) and not isinstance(exc.message, str):
         # Closed partway through the answer's head: aiohttp's message is then its parser's
         # partial answer, whose repr (the upstream's raw headers) was the error.
