@@ -42,6 +42,7 @@ HAPPY_EYEBALLS_S = 0.25
 # What OpenSSL calls a TLS handshake answered in plain text (an HTTP reply read as a record).
 _NOT_TLS = frozenset({"WRONG_VERSION_NUMBER", "RECORD_LAYER_FAILURE"})
 _TLS_SCHEMES = frozenset({"https", "wss"})
+_DOCTOR_S = 3.0   # what `outpost doctor` waits for a connection, and then for its handshake
 
 
 @dataclass(frozen=True, slots=True)
@@ -227,17 +228,23 @@ class UplinkBase(ABC):
         speaks plain HTTP, or a certificate this device does not trust, fails every send)."""
         host, port = _address(cfg)
         try:
-            with socket.create_connection((host, port), timeout=3) as sock:
-                if urlsplit(cfg.url).scheme in _TLS_SCHEMES:
-                    with ssl.create_default_context().wrap_socket(sock, server_hostname=host):
-                        pass
-                return "reachable"
-        except ssl.SSLError as exc:
-            why = (not_tls(exc, host, port) or getattr(exc, "verify_message", None)
-                   or exc.reason or str(exc))
-            return f"reachable, but its TLS handshake failed ({why})"
+            sock = socket.create_connection((host, port), timeout=_DOCTOR_S)
         except OSError as exc:
             return f"unreachable ({exc.strerror or exc})"
+        with sock:
+            if urlsplit(cfg.url).scheme not in _TLS_SCHEMES:
+                return "reachable"
+            try:
+                with ssl.create_default_context().wrap_socket(sock, server_hostname=host):
+                    return "reachable"
+            except ssl.SSLError as exc:
+                why = (not_tls(exc, host, port) or getattr(exc, "verify_message", None)
+                       or exc.reason or str(exc))
+            except TimeoutError:
+                why = f"no answer within {_DOCTOR_S:g}s"
+            except OSError as exc:   # closed or reset by the server
+                why = exc.strerror or str(exc)
+        return f"reachable, but its TLS handshake failed ({why})"
 
     @classmethod
     def key_rule(cls, cfg: UpstreamConfig) -> Callable[[str], str | None] | None:
