@@ -134,7 +134,7 @@ async def test_metrics_match_status(make_agent: Any) -> None:
     assert one("spool_bytes") == status["spool"]["used_bytes"] > 0
     by_name = {u["name"]: u for u in status["upstreams"]}
     assert by_name["down"]["state"] == "backoff" and by_name["down"]["last_error"] == (
-        "HTTP 503; next try in 3600s, as its Retry-After asks")
+        "HTTP 503: {\"error\": \"refused by the test\"}; next try in 3600s, as its Retry-After asks")
     for name, u in by_name.items():
         assert one("upstream_queue_events", upstream=name) == u["queue_depth"]
         assert one("upstream_queue_bytes", upstream=name) == u["queue_bytes"]
