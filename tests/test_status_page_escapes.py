@@ -1,7 +1,9 @@
 """The status page shows an upstream's refusal text and an app's event names as the CLI and the
 log do: characters a browser obeys without showing them (a bidi override that shows
 ``txt\\u202eexe.js`` as ``txtsj.exe``, zero-width and line separators) and controls appear
-escaped, never applied. Each row's data attribute keeps the text as it came."""
+escaped, never applied; their backslashes doubled, as the CLI's printable_value doubles them
+(a name holding the six characters ``\\u202e`` is not shown as one holding U+202E). Each
+row's data attribute keeps the text as it came."""
 
 from __future__ import annotations
 
@@ -14,8 +16,8 @@ from aiohttp import web
 from tests.interop.browser.cdp import Chromium
 from tests.waiting import wait_for
 
-HOSTILE = "txt\u202eexe.js \x1b[2J\u2028zero\u200bwidth"
-SHOWN = "txt\\u202eexe.js \\x1b[2J\\u2028zero\\u200bwidth"
+HOSTILE = "txt\u202eexe.js \x1b[2J\u2028zero\u200bwidth \\u202e"
+SHOWN = "txt\\u202eexe.js \\x1b[2J\\u2028zero\\u200bwidth \\\\u202e"
 
 
 async def refuse(request: web.Request) -> web.Response:
