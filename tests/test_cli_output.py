@@ -24,7 +24,7 @@ from aiohttp import web
 from agent.logs import fingerprint
 from agent.ops import tail_routes
 from tests.conftest import ROOT, free_port, write_config
-from tests.fakes.loopback_server import serving
+from tests.fakes.loopback_server import LoopbackServer, serving
 from tests.segment_helpers import basic, call
 from tests.test_dead_letters import RefusingNucleus, dead_letters, outpost, upstream
 from tests.test_tail import Tail
@@ -380,3 +380,48 @@ async def test_tail_refuses_a_mistyped_fingerprint(tmp_path: Path) -> None:
         assert code == 2, out
         [line] = out.splitlines()
         assert "k:xxxxxxxx" in line and bad in line, line
+
+
+async def test_status_escapes_every_field_of_whatever_answers_status(tmp_path: Path) -> None:
+    """Another local program may hold the agent's port and answer /status in a snapshot's
+    shape: its version, upstream names, states, counter and drop names, refused APIs and the
+    rest reached the table raw, so it could clear the operator's screen or set the title.
+    Every field is shown escaped; a value (an upstream's name) with its backslash doubled."""
+    bad = HOSTILE + INVISIBLE
+    snapshot = {
+        "version": bad, "time": 1000.0, "uptime_s": 5, "queue_depth": bad,
+        "oldest_event_age_s": None, "unrouted": {"keys": bad, "queue_depth": bad},
+        "spool": {"path": bad, "used_bytes": 1, "max_bytes": 2, "expiry_errors": bad,
+                  "expiry_last_error": bad, "open_error": bad},
+        "dead_letters": bad, "dead_reasons": [{"reason": bad, "upstream": bad,
+                                               "count": bad, "newest": 1}],
+        "dead_reasons_error": bad,
+        "counters": {"ingested": bad, "dead_retried": bad, "dedupe_forgotten": bad,
+                     "spool_corrupt": bad, "dead_dropped_corrupt": bad, "wal_damaged": bad},
+        "drops": {bad: bad},
+        "upstreams": [{"name": f"up\\u202e{bad}", "protocol": bad, "state": bad,
+                       "queue_depth": bad, "queue_bytes": 1, "acked": bad, "retries": bad,
+                       "last_ack": None, "last_error": bad, "frame_limit_bytes": None,
+                       "slow_limit_bytes": None, "unreachable_for_s": None}],
+        "ingest": {"refused": {bad: {bad: bad}}},
+        "sync": {"profile": bad, "reason": bad, "metered": bad, "metered_detail": bad,
+                 "held_events": bad, "held_lanes": {"high": bad, "normal": bad},
+                 "errors": 2, "last_error": bad},
+        "reload": {"last_error": bad, "needs_restart": [bad]},
+    }
+
+    async def answer(_: web.Request) -> web.Response:
+        return web.json_response(snapshot)
+    app = web.Application()
+    app.router.add_get("/status", answer)
+    server = LoopbackServer()
+    await server._serve(app)
+    try:
+        cfg = write_config(tmp_path / "agent.toml", tmp_path / "spool.db", port=server.port)
+        code, out = await run_outpost("status", "--config", str(cfg))
+    finally:
+        await server.stop()
+    assert code == 0 and "UPSTREAM" in out, out
+    no_control(out)
+    assert not any(c in out for c in INVISIBLE), ascii(out)
+    assert "up\\\\u202e\\x1b[2J" in out, ascii(out)
