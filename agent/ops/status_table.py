@@ -1,4 +1,8 @@
-"""`outpost status` as a readable table, from a status snapshot (live or offline)."""
+"""`outpost status` as a readable table, from a status snapshot (live or offline).
+
+A live snapshot is whatever answers /status on the agent's port (another local program
+may): every line is shown escaped (``printable``), each cell before the table measures it,
+and a value of an upstream's or app's (a name, a reason) with its backslashes doubled too."""
 
 from __future__ import annotations
 
@@ -84,12 +88,12 @@ def _upstream_rows(data: Snapshot) -> list[list[str]]:
     rows = []
     for u in data.get("upstreams") or []:
         last_ack = u.get("last_ack")
-        rows.append([
-            u["name"], u["protocol"], _state(u), str(u["queue_depth"]), size(u["queue_bytes"]),
-            _dash(u.get("acked")), _dash(u.get("retries")),
+        rows.append([printable(cell) for cell in (
+            printable_value(u["name"]), u["protocol"], _state(u), str(u["queue_depth"]),
+            size(u["queue_bytes"]), _dash(u.get("acked")), _dash(u.get("retries")),
             age(now - last_ack) + " ago" if last_ack and now else "-",
             _error(u.get("last_error") or "-"),
-        ])
+        )])
     return rows
 
 
@@ -106,7 +110,8 @@ def _dead_lines(data: Snapshot) -> list[str]:
     lines = [f"dead:     {n} kept (`outpost dead list`, `outpost dead retry`); {newest}"]
     for g in groups:
         when = age(now - g["newest"] / 1000) + " ago" if now else "-"
-        lines.append(f"  {g['count']:>6}  {g['upstream']}  {when}  {_clip(g['reason'], printable_value)}")
+        lines.append(f"  {g['count']:>6}  {printable_value(g['upstream'])}  {when}  "
+                     f"{_clip(g['reason'], printable_value)}")
     return lines
 
 
@@ -126,7 +131,7 @@ def render(data: Snapshot) -> str:
     spool = data["spool"]
     used, cap = spool.get("used_bytes"), spool.get("max_bytes")
     room = f"{size(used)} of {size(cap)}, " if used is not None and cap is not None else ""
-    lines.append(f"spool:    {room}{printable(spool.get('path', '?'))}")
+    lines.append(f"spool:    {room}{spool.get('path', '?')}")
     if spool.get("open_error"):
         lines.append(f"spool:    not open, events refused with 503 until it is (tried again "
                      f"every 5 s): {_clip(str(spool['open_error']))}")
@@ -149,9 +154,9 @@ def render(data: Snapshot) -> str:
         errors = (f"; {failed} reading{'s' if failed > 1 else ''} failed, the last: "
                   f"{_clip(str(sync.get('last_error')))}" if failed else "")
         # The reason and detail name what the readings came from (a D-Bus address: an
-        # abstract socket's starts with NUL), escaped as doctor shows them.
-        lines.append(f"sync:     {sync['profile']} ({printable(sync['reason'])}){held}; "
-                     f"metered {sync['metered']} ({printable(sync['metered_detail'])}){errors}")
+        # abstract socket's starts with NUL), escaped below as doctor shows them.
+        lines.append(f"sync:     {sync['profile']} ({sync['reason']}){held}; "
+                     f"metered {sync['metered']} ({sync['metered_detail']}){errors}")
     rows = _upstream_rows(data)
     lines.append("")
     if rows:
@@ -188,4 +193,5 @@ def render(data: Snapshot) -> str:
                      (f" (dead letters lost with them: {dead})" if dead else ""))
     if counters.get(Tally.WAL_DAMAGED):
         lines.append(f"damaged write-ahead logs (commits lost): {counters[Tally.WAL_DAMAGED]}")
-    return "\n".join(lines)
+    # Each line, not the text: a field's own line break is shown as \n, not obeyed.
+    return "\n".join(map(printable, lines))
