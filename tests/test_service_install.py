@@ -15,6 +15,7 @@ from agent.install import command
 from agent.install import templates as tpl
 from agent.install.execute import describe, execute, first_free_id
 from agent.install.plan import EnsureUser, MakeDir, Plan, RemoveFile, Run, Target, WriteFile, build_plan
+from agent.terminal import printable
 from tests.conftest import skip_unless_installable
 
 PY = "/opt/outpost/venv/bin/python"
@@ -204,6 +205,36 @@ def test_dry_run_prints_everything_and_changes_nothing(
     out = capsys.readouterr().out
     assert "[run] systemctl --user disable --now outpost.service   (failure ignored)\n" in out
     assert f"[remove] {unit_path}\n" in out
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="checks the Linux plan")
+def test_dry_run_shows_a_home_s_control_characters_escaped_and_writes_them_as_they_are(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """A home or XDG directory whose name holds an escape sequence or a line break: the
+    dry run printed its `config:` line and the unit's `[write]` path raw (the terminal
+    cleared, one line shown as two). Shown escaped; the plan keeps the path as it is."""
+    skip_unless_installable(system=False)
+    home = tmp_path / "h\x1b[2J\nome"
+    monkeypatch.setenv("HOME", str(home))
+    monkeypatch.setenv("XDG_CONFIG_HOME", str(home / "config"))
+    assert command.run(parse(["service", "install", "--user", "--dry-run"])) == 0
+    out = capsys.readouterr().out
+    assert "\x1b" not in out, out
+    config, write = out.splitlines()[:2]
+    assert config.startswith(f"config: {printable(str(home / 'config/outpost/agent.toml'))} ")
+    unit_path = home / "config/systemd/user/outpost.service"
+    assert write == f"[write] {printable(str(unit_path))} (mode 0644)", write
+    assert build_plan("install", command.current_target(system=False)).steps[0] == WriteFile(
+        str(unit_path), tpl.systemd_unit(os.path.abspath(sys.executable), system=False))
+    # A launchd plist names the home's log directory in it: shown escaped, its tabs kept,
+    # and written as it is; `launchctl bootstrap` shown as a command that pastes.
+    mac = build_plan("install", Target("darwin", False, PY, "/Users/a\x1bb", uid=501))
+    text = describe(mac, "darwin")
+    assert "\x1b" not in text and "\t<string>/Users/a\\x1bb/Library/Logs/outpost" in text, text
+    assert "[run] launchctl bootstrap gui/501 $'/Users/a\\x1bb/Library/" in text, text
+    assert "/Users/a\x1bb/Library/Logs/outpost/outpost.log" in next(
+        s.content for s in mac.steps if isinstance(s, WriteFile))
 
 
 def test_dry_run_describes_user_creation() -> None:
