@@ -82,17 +82,17 @@ def run(args: argparse.Namespace) -> int:
     except ValueError as exc:   # the interpreter's path shown escaped: one line
         print(f"outpost service: {printable(str(exc))}", file=sys.stderr)
         return 2
-    for warning in plan.warnings:
-        print(f"warning: {warning}", file=sys.stderr)
+    for warning in plan.warnings:   # the interpreter's path: escaped, as every line here
+        print(f"warning: {printable(warning)}", file=sys.stderr)
     if args.service_action == "install" and (invalid := _invalid_config(target)):
         print(f"outpost service: {printable(invalid)}", file=sys.stderr)
         return 2
     problem = None if args.dry_run else _preflight(args.service_action, target)
     if problem:
-        print(f"outpost service: {problem}", file=sys.stderr)
+        print(f"outpost service: {printable(problem)}", file=sys.stderr)
         return 2
     if args.service_action == "install":
-        print(_config_line(target))
+        print(printable(_config_line(target)))   # a path from HOME or XDG_CONFIG_HOME
     if args.dry_run:
         print(describe(plan, target.os), end="")
         print("dry run: nothing was changed")

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import os
-import shlex
 import shutil
 import subprocess
 import sys
@@ -12,10 +11,20 @@ from pathlib import Path
 from agent import paths
 from agent.install import templates as tpl
 from agent.install.plan import EnsureUser, MakeDir, Plan, RemoveFile, Step, WriteFile
+from agent.terminal import printable, shell_arg
 
 
 def _display(argv: tuple[str, ...], os_name: str) -> str:
-    return subprocess.list2cmdline(argv) if os_name == "win32" else shlex.join(argv)
+    """A command as one pasteable line (shell_arg: `$'...'` for what printable escapes)."""
+    if os_name == "win32":
+        return printable(subprocess.list2cmdline(argv))
+    return " ".join(map(shell_arg, argv))
+
+
+def _file_text(content: str) -> str:
+    """A file's text as printable shows it, line by line, its tabs (a plist's indent) kept."""
+    return "\n".join("\t".join(map(printable, line.split("\t")))
+                     for line in content.rstrip("\n").split("\n"))
 
 
 def first_free_id(listings: list[str], low: int = 200, high: int = 400) -> int:
@@ -29,16 +38,19 @@ def first_free_id(listings: list[str], low: int = 200, high: int = 400) -> int:
 
 
 def describe(plan: Plan, os_name: str) -> str:
-    """The dry-run listing: every file in full and every command."""
+    """The dry-run listing: every file in full and every command. What they name from the
+    environment (HOME, XDG_CONFIG_HOME: an escape sequence, a line break) is shown escaped;
+    the plan carries it out as it is."""
     out: list[str] = []
     for step in plan.steps:
         if isinstance(step, WriteFile):
-            out += [f"[write] {step.path} (mode {step.mode:04o})", step.content.rstrip("\n")]
+            out += [f"[write] {printable(step.path)} (mode {step.mode:04o})",
+                    _file_text(step.content)]
         elif isinstance(step, RemoveFile):
-            out.append(f"[remove] {step.path}")
+            out.append(f"[remove] {printable(step.path)}")
         elif isinstance(step, MakeDir):
             owner = f", owner {step.owner}" if step.owner else ""
-            out.append(f"[mkdir] {step.path} (mode {step.mode:04o}{owner})")
+            out.append(f"[mkdir] {printable(step.path)} (mode {step.mode:04o}{owner})")
         elif isinstance(step, EnsureUser):
             linux = os_name == "linux"
             cmds = [tpl.useradd_argv(step.name)] if linux else tpl.dscl_argvs(step.name, "<free id>")
