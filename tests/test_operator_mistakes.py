@@ -449,6 +449,21 @@ def test_no_product_doc_or_help_text_points_outside_the_repository() -> None:
     assert hits == []
 
 
+
+# A function the docs name in code: `_read_ahead`, `record()`, `outcomes.record()`.
+CODE_NAME = re.compile(r"`(?:\w+\.)?(_\w+|\w+(?=\(\)`))(?:\(\))?`")
+
+
+def test_every_function_the_docs_name_is_in_the_code() -> None:
+    """docs/soak.md named `_forget_dedupe`, a function gone since the dedupe keys moved out
+    of the tombstones: a reader looking for what the doc says found nothing."""
+    code = "\n".join(f.read_text() for f in (ROOT / "agent").rglob("*.py"))
+    defined = set(re.findall(r"(?:def|class) (\w+)|^\s*(\w+)\s*[:=]", code, re.M))
+    names = {a or b for a, b in defined}
+    missing = [f"{f.name}: {name}" for f in [ROOT / "README.md", *(ROOT / "docs").glob("*.md")]
+               for name in CODE_NAME.findall(f.read_text()) if name not in names]
+    assert missing == []
+
 # -- §1 storage the user may not even look into --------------------------------------------------
 
 def _without_root() -> list[str] | None:
