@@ -425,3 +425,33 @@ async def test_status_escapes_every_field_of_whatever_answers_status(tmp_path: P
     no_control(out)
     assert not any(c in out for c in INVISIBLE), ascii(out)
     assert "up\\\\u202e\\x1b[2J" in out, ascii(out)
+
+
+@pytest.mark.parametrize("messages,shown", [
+    ([{"kind": "resent", "count": HOSTILE + INVISIBLE},
+      {"kind": "dropped", "count": HOSTILE + INVISIBLE}], "\\x1b]0;TITLE-HIJACK\\x07"),
+    ([{"kind": "ingested", "api": 7, "key": "k", "type": None, "name": None, "id": 1,
+       "warnings": []}], "not an Outpost agent"),
+], ids=["counts", "not-text"])
+async def test_tail_escapes_every_field_of_whatever_answers_tail(
+        tmp_path: Path, messages: list[dict[str, Any]], shown: str) -> None:
+    """Another local program on the agent's port answering /tail as a live view: the counts
+    of its resent and dropped messages reached the terminal raw, and a field the tail shows
+    as text that was no text (a number) ended in a traceback. Escaped, or named not the
+    agent, in one line."""
+    async def stream(_: web.Request) -> web.Response:
+        body = "".join(f"data: {json.dumps(m)}\n\n" for m in
+                       [{"kind": "watching", "key": None, "viewers": 1}, *messages])
+        return web.Response(text=body, content_type="text/event-stream")
+    app = web.Application()
+    app.router.add_get("/tail", stream)
+    server = LoopbackServer()
+    await server._serve(app)
+    try:
+        cfg = write_config(tmp_path / "agent.toml", tmp_path / "spool.db", port=server.port)
+        code, out = await run_outpost("tail", "--config", str(cfg))
+    finally:
+        await server.stop()
+    assert code == 1 and "Traceback" not in out and shown in out, out
+    no_control(out)
+    assert not any(c in out for c in INVISIBLE), ascii(out)
