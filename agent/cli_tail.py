@@ -124,7 +124,8 @@ def run(args: argparse.Namespace, load: Callable[[argparse.Namespace], Config | 
               f"nothing for {STALL_S:g} s (was this command suspended, or its output "
               "paused?)", file=sys.stderr)
         return 1
-    except (KeyError, TypeError, ValueError) as exc:   # a message not of the agent's shape
+    # A message not of the agent's shape (a number where it has text: AttributeError).
+    except (KeyError, TypeError, ValueError, AttributeError) as exc:
         print(f"outpost: {agent_url(cfg, '')} answered /tail, but not an Outpost agent "
               f"({type(exc).__name__}: {printable(str(exc))})", file=sys.stderr)
         return 1
@@ -171,10 +172,11 @@ def line(m: dict[str, Any]) -> str:
         if kind == "acked":
             return text + f"  by {printable_value(m['upstream'])}"
         return text + "".join(f"\n         ! {printable(w)}" for w in m["warnings"])
+    # A count as a whole number (:d), else ValueError: another program's text is not shown.
     if kind == "resent":
-        return f"{now} in    {m['count']} resent event(s) above were already stored: not stored again"
+        return f"{now} in    {m['count']:d} resent event(s) above were already stored: not stored again"
     if kind == "dropped":
-        return (f"{now} !     {m['count']} message(s) not shown: this view fell behind "
+        return (f"{now} !     {m['count']:d} message(s) not shown: this view fell behind "
                 "(ingest is never slowed for it)")
     if kind == "watching":
         who = f"key {printable(m['key'])}" if m["key"] else "every key"

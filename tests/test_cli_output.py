@@ -429,7 +429,7 @@ async def test_status_escapes_every_field_of_whatever_answers_status(tmp_path: P
 
 @pytest.mark.parametrize("messages,shown", [
     ([{"kind": "resent", "count": HOSTILE + INVISIBLE},
-      {"kind": "dropped", "count": HOSTILE + INVISIBLE}], "\\x1b]0;TITLE-HIJACK\\x07"),
+      {"kind": "dropped", "count": HOSTILE + INVISIBLE}], "not an Outpost agent"),
     ([{"kind": "ingested", "api": 7, "key": "k", "type": None, "name": None, "id": 1,
        "warnings": []}], "not an Outpost agent"),
 ], ids=["counts", "not-text"])
@@ -437,8 +437,8 @@ async def test_tail_escapes_every_field_of_whatever_answers_tail(
         tmp_path: Path, messages: list[dict[str, Any]], shown: str) -> None:
     """Another local program on the agent's port answering /tail as a live view: the counts
     of its resent and dropped messages reached the terminal raw, and a field the tail shows
-    as text that was no text (a number) ended in a traceback. Escaped, or named not the
-    agent, in one line."""
+    as text that was no text (a number) ended in a traceback. Named not the agent, in one
+    line, its text never shown."""
     async def stream(_: web.Request) -> web.Response:
         body = "".join(f"data: {json.dumps(m)}\n\n" for m in
                        [{"kind": "watching", "key": None, "viewers": 1}, *messages])
