@@ -632,6 +632,11 @@ async def test_a_server_that_is_not_http_or_refuses_is_named_not_the_agent(
     b'{"count": 1, "groups": [{"count": 1}], "entries": []}',
     b'{"count": 1, "groups": [], "entries": [{"id": 1}]}',
     b'{"count": 1, "groups": "none", "entries": []}',
+    # Counts and ids that are text, an escape sequence: they were printed raw.
+    b'{"count": 1, "groups": [{"count": "\\u001b[2J", "upstream": "u", "oldest": 1, '
+    b'"newest": 1, "reason": "r"}], "entries": []}',
+    b'{"count": 1, "groups": [], "entries": [{"id": "\\u001b]0;x\\u0007", "key": "k", '
+    b'"upstream": "u", "at": 1, "bytes": 1, "reason": "r"}]}',
 ])
 async def test_a_dead_listing_of_another_shape_is_named_not_the_agent(
         tmp_path: Path, reply: bytes) -> None:
