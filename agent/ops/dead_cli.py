@@ -135,9 +135,10 @@ def _listing(got: Any, source: str, args: argparse.Namespace) -> list[str]:
     if not got["count"]:
         return lines
     # The reason last: it is the upstream's own text, of any length. What the spool
-    # holds is printed with control characters escaped (an upstream's may be escapes).
+    # holds is printed with control characters escaped (an upstream's may be escapes);
+    # counts and ids as whole numbers (:d), else ValueError: another program's text.
     lines += ["", *table(["COUNT", "UPSTREAM", "OLDEST", "NEWEST", "REASON"], [
-        [str(g["count"]), printable_value(g["upstream"]), age(age_s(g["oldest"])),
+        [f"{g['count']:d}", printable_value(g["upstream"]), age(age_s(g["oldest"])),
          age(age_s(g["newest"])), printable_value(g["reason"])] for g in got["groups"]],
         right={0})]
     # The newest LIST_LIMIT groups only (an agent before that limit sends every one).
@@ -152,7 +153,7 @@ def _listing(got: Any, source: str, args: argparse.Namespace) -> list[str]:
         return [*lines, "", _no_such_reason(args.reason)]
     if rows:
         lines += ["", *table(["ID", "KEY", "UPSTREAM", "AGE", "SIZE", "REASON"], [
-            [str(e["id"]), printable_value(e["key"]), printable_value(e["upstream"]),
+            [f"{e['id']:d}", printable_value(e["key"]), printable_value(e["upstream"]),
              age(age_s(e["at"])), size(e["bytes"]), printable_value(e["reason"])]
             for e in rows], right={0, 4})]
         # The reason's letters, which the groups listed may leave out (older than them);
