@@ -32,6 +32,7 @@ from agent.forwarder.backoff import Backoff
 from agent.forwarder.stream import OMITTED_LIMIT, PASSED_OVER
 from agent.forwarder.supervisor import Seams
 from agent.service import Agent
+from agent.spool import store
 from agent.uplinks.base import Retry, SendResult
 from agent.uplinks.nucleus_http import NucleusHttpUplink
 from agent.uplinks.nucleus_ws import NucleusWsUplink
@@ -607,17 +608,19 @@ def test_a_loop_that_hands_over_to_its_successor_sends_nothing_twice() -> None:
 
 async def test_rows_whose_ack_delete_failed_are_sent_again_not_left_queued(
         make_agent: Any, faulty: FaultyUpstream, tmp_path: Path,
-        caplog: pytest.LogCaptureFixture) -> None:
+        caplog: pytest.LogCaptureFixture, monkeypatch: pytest.MonkeyPatch) -> None:
     """Another process holds the spool's write lock while the upstream acks a batch.
 
-    The ack's delete then fails (SQLite busy past its 5 s timeout), so the rows stay
+    The ack's delete then fails (SQLite busy past its busy timeout), so the rows stay
     queued behind the forwarder's cursor. Before the fix the key's loop read past them
     forever: its queue never drained (and it spun on the spool, once idle). Now a loop
     with nothing in flight and rows still queued that it cannot see resends from the
     start of its queue.
     """
     caplog.set_level(logging.ERROR, logger="outpost.spool")
-    agent = await make_agent(upstreams=[upstream(faulty, "nucleus-http", flush_interval_s=1)])
+    # The lock waited out in 0.1 s, not the agent's 5 s: the same failed delete, sooner.
+    monkeypatch.setattr(store, "BUSY_TIMEOUT_MS", 100)
+    agent = await make_agent(upstreams=[upstream(faulty, "nucleus-http", flush_interval_s=0.3)])
     lock = sqlite3.connect(tmp_path / "spool.db", isolation_level=None)
     try:
         await send(agent, [event(i) for i in range(3)])
