@@ -81,14 +81,15 @@ async def test_a_link_too_slow_for_a_full_batch_drains_in_smaller_ones_then_grow
 async def test_an_upstream_that_hung_for_a_while_gets_full_batches_again_once_it_answers(
         make_agent: Any, faulty: FaultyUpstream) -> None:
     """A server that hangs (three tries with no answer within timeout_s: a restart, a
-    stuck backend) is not a slow link: once it answers again, in 0.3 s whatever the size
-    (within timeout_s = 1, as it always did), full batches must go, as they did before
+    stuck backend) is not a slow link: once it answers again, in 0.15 s whatever the size
+    (within timeout_s = 0.5, as it always did), full batches must go, as they did before
     the slow-link cut. They never do: each hang halved the cut (60 KB to 7 KB), and
     _faster (stream.py) grew it only for a batch answered within a quarter of timeout_s,
     which this upstream's latency never allows: 600 events take 29 requests, for good,
-    where 4 went before."""
-    faulty.script = [Fault("timeout", delay=1.5)] * 3 + [Fault("slow", delay=0.3)] * 1000
-    cfg = upstream(faulty, "nucleus-http", timeout_s=1.0, batch_max_bytes=60_000)
+    where 4 went before. (Its times are half of a 1 s timeout_s's, in the same ratios:
+    each hang and each answer costs the test's time.)"""
+    faulty.script = [Fault("timeout", delay=0.75)] * 3 + [Fault("slow", delay=0.15)] * 1000
+    cfg = upstream(faulty, "nucleus-http", timeout_s=0.5, batch_max_bytes=60_000)
     agent = await make_agent(upstreams=[cfg])
     await send(agent, [event(i, pad=PAD) for i in range(300)])
     await drained(agent, faulty, 300, timeout=40)
