@@ -26,6 +26,10 @@ from tests.test_ws_faults import status_of
 
 PAD = "x" * 200   # an event of about 330 bytes
 RATE = 40_000     # the link's bytes a second: 20 KB within the 0.5 s timeout, not 60
+# Events queued on the slow link: more than a full batch of each protocol (60 KB: 178
+# Nucleus events, 103 as Segment), which times out, its half too, then batches within the
+# cut. The link carries each event at RATE: 300 cost each test 1-1.5 s more than 200.
+BACKLOG = 200
 
 
 def sizes(fake: FaultyUpstream, since: int = 0) -> list[int]:
@@ -46,8 +50,8 @@ async def test_a_link_too_slow_for_a_full_batch_drains_in_smaller_ones_then_grow
     faulty.link_bytes_per_s = RATE
     cfg = upstream(faulty, protocol, timeout_s=0.5, batch_max_bytes=60_000)
     agent = await make_agent(upstreams=[cfg])
-    await send(agent, [event(i, pad=PAD) for i in range(300)])
-    await drained(agent, faulty, 300, timeout=30)
+    await send(agent, [event(i, pad=PAD) for i in range(BACKLOG)])
+    await drained(agent, faulty, BACKLOG, timeout=30)
     up = await status_of(agent)
     limit = up["slow_limit_bytes"]
     assert limit is not None and limit <= 0.5 * RATE, up
@@ -71,8 +75,8 @@ async def test_a_link_too_slow_for_a_full_batch_drains_in_smaller_ones_then_grow
 
     faulty.link_bytes_per_s = 0   # the signal is back
     before = len(faulty.requests)
-    await send(agent, [event(i, pad=PAD) for i in range(300, 900)])
-    await drained(agent, faulty, range(300, 900), timeout=30)
+    await send(agent, [event(i, pad=PAD) for i in range(BACKLOG, 900)])
+    await drained(agent, faulty, range(BACKLOG, 900), timeout=30)
     assert (await status_of(agent))["slow_limit_bytes"] is None
     assert max(sizes(faulty, before)) > 0.9 * 60_000, sizes(faulty, before)
     assert any("full batches" in r.getMessage() for r in caplog.records), caplog.text
@@ -110,15 +114,15 @@ async def test_a_cut_over_a_batch_max_bytes_lowered_by_a_reload_is_not_shown(
     faulty.link_bytes_per_s = RATE
     cfg = upstream(faulty, "segment-http", timeout_s=0.5, batch_max_bytes=60_000)
     agent = await make_agent(upstreams=[cfg])
-    await send(agent, [event(i, pad=PAD) for i in range(300)])
-    await drained(agent, faulty, 300, timeout=30)
+    await send(agent, [event(i, pad=PAD) for i in range(BACKLOG)])
+    await drained(agent, faulty, BACKLOG, timeout=30)
     assert (await status_of(agent))["slow_limit_bytes"] is not None
     faulty.link_bytes_per_s = 0   # the link is fine again
     cfg = {**cfg, "batch_max_bytes": 5_000}
     write_config(Path(agent.config_path), tmp_path / "spool.db", upstreams=[cfg])
     await agent.reload()
-    await send(agent, [event(i, pad=PAD) for i in range(300, 900)])
-    await drained(agent, faulty, range(300, 900), timeout=30)
+    await send(agent, [event(i, pad=PAD) for i in range(BACKLOG, 900)])
+    await drained(agent, faulty, range(BACKLOG, 900), timeout=30)
     up = await status_of(agent)
     assert up["slow_limit_bytes"] is None, up
     async with aiohttp.ClientSession() as s, \
