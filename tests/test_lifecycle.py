@@ -25,9 +25,11 @@ from agent import paths
 from agent.forwarder.supervisor import Seams
 from agent.server import allocator
 from agent.service import Agent
+from agent.spool.schema import read_offline
 from tests.conftest import ROOT, AgentProcess, free_port, write_config
 from tests.fakes.faulty_upstream import Fault, FaultyUpstream
 from tests.fakes.ops_scene import post_events
+from tests.test_upstream_faults import event, send
 from tests.waiting import wait_for
 
 
@@ -99,13 +101,14 @@ async def draining_agent(tmp_path: Path, faulty: FaultyUpstream,
                          notify_socket: tuple[socket.socket, str],
                          agent_process: Callable[..., AgentProcess],
                          first: signal.Signals = signal.SIGINT,
-                         preexec_fn: Callable[[], None] | None = None) -> AgentProcess:
+                         preexec_fn: Callable[[], None] | None = None,
+                         held: Fault = Fault("timeout", delay=60)) -> AgentProcess:
     """An agent process interrupted once (SIGINT, then STOPPING=1 seen), or asked to reload
     (``first`` SIGHUP, then RELOADING=1 seen), whose graceful stop or reload is held up: the
-    upstream holds a batch in flight without answering, so the forwarder's settle waits (up
-    to its 5 s bound)."""
+    upstream holds a batch in flight (``held``: by default without ever answering), so the
+    forwarder's settle waits (up to its 5 s bound)."""
     sock, notify = notify_socket
-    faulty.script = [Fault("timeout", delay=60)]
+    faulty.script = [held]
     port = free_port()
     cfg = write_config(tmp_path / "agent.toml", tmp_path / "spool.db", port=port,
                        upstreams=[{"name": "up", "protocol": "nucleus-http",
@@ -113,7 +116,7 @@ async def draining_agent(tmp_path: Path, faulty: FaultyUpstream,
                                    "timeout_s": 60}])
     agent = agent_process(cfg, port, env={"NOTIFY_SOCKET": notify}, preexec_fn=preexec_fn)
     await asyncio.to_thread(agent.start)
-    await post_events(port, "k", range(3))
+    await send(agent, [event(i) for i in range(3)], key="k")   # one request: one batch
     await wait_for(lambda: len(faulty.requests) == 1)   # the batch is in flight
     assert agent.proc is not None
     agent.proc.send_signal(first)
@@ -134,11 +137,17 @@ async def exit_code(agent: AgentProcess, timeout: float) -> tuple[int, float]:
 async def test_one_sigint_drains_gracefully(tmp_path: Path, faulty: FaultyUpstream,
                                             notify_socket: tuple[socket.socket, str],
                                             agent_process: Callable[..., AgentProcess]) -> None:
-    """The control for the next test: one SIGINT waits for the batch in flight."""
-    agent = await draining_agent(tmp_path, faulty, notify_socket, agent_process)
+    """The control for the next test: one SIGINT waits for the batch in flight. Its
+    answer comes 3.5 s after it arrived, within the 5 s settle bound: the agent exits
+    once it has deleted the acked rows, not at the bound, and not before."""
+    agent = await draining_agent(tmp_path, faulty, notify_socket, agent_process,
+                                 held=Fault("slow", delay=3.5))
     code, took = await exit_code(agent, 20)
     assert code == 0
-    assert took > 3.0, "the drain waited for the batch in flight (its settle bound is 5 s)"
+    assert read_offline(tmp_path / "spool.db")["depth"] == 0, "exited before the answer"
+    (batch,) = faulty.requests
+    assert batch.acked == [0, 1, 2] and batch.answered is not None
+    assert took > 3.0, "the drain waited for the batch in flight"
     assert "outpost stopped" in agent.log.read_text()
 
 
