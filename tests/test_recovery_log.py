@@ -52,9 +52,12 @@ async def test_each_upstream_logs_its_own_outage_and_recovery_with_its_own_numbe
                 assert time.monotonic() < deadline, states
                 await asyncio.sleep(0.1)
             # One comes back, then the other: each recovery counts only its own events.
+            # Each line is logged at the report's next check (PROBE_S, 2 s): the second
+            # upstream comes back while the first's is still due, not 2 s after it.
             for name, fake in fakes.items():
                 await fake.come_back()
                 await wait_for(lambda: len(fake.ids()) == BACKLOG[name][1])  # noqa: B023
+            for name in fakes:
                 await wait_for(lambda: f"upstream {name} recovered" in  # noqa: B023
                                agent.log.read_text(), timeout=20)
         assert agent.terminate() == 0
