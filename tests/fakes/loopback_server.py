@@ -28,7 +28,9 @@ class LoopbackServer:
         return f"ws://127.0.0.1:{self.port}"
 
     async def _serve(self, app: web.Application) -> None:
-        self._runner = web.AppRunner(app, handle_signals=False, shutdown_timeout=1.0)
+        # A handler still running at stop (a scripted hang, 30-60 s) is cancelled after
+        # this: waiting for it cost each such test 1 s of its teardown.
+        self._runner = web.AppRunner(app, handle_signals=False, shutdown_timeout=0.1)
         await self._runner.setup()
         await web.TCPSite(self._runner, "127.0.0.1", 0).start()
         self.port = int(self._runner.addresses[0][1])
