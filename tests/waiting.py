@@ -11,13 +11,15 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parent.parent
 
 
-async def wait_for(cond: Callable[[], bool | Awaitable[bool]], timeout: float = 15.0) -> None:
-    """Return once ``cond()`` holds (awaited when it is a coroutine, e.g. a /status read);
-    fail the test after ``timeout`` seconds."""
+async def wait_for(cond: Callable[[], bool | Awaitable[bool]], timeout: float = 15.0,
+                   every: float = 0.02) -> None:
+    """Return once ``cond()`` holds (awaited when it is a coroutine, e.g. a /status read),
+    looked at ``every`` seconds (a cheap one waited for in a loop: less, as each wait loses
+    half of it on average); fail the test after ``timeout`` seconds."""
     try:
         async with asyncio.timeout(timeout):  # a read that never answers is bounded too
             while not await _holds(cond):
-                await asyncio.sleep(0.02)
+                await asyncio.sleep(every)
     except TimeoutError:
         raise AssertionError("condition not met in time") from None
 
