@@ -412,6 +412,9 @@ class _Scene:
         try:
             self.call(self.agent.stop())
             self.call(self.fake.stop())
+            # As asyncio.run ends: a handler the stopped fake cancelled (a hang still held)
+            # ends before the loop does, not destroyed pending.
+            self.call(_end_the_rest())
         finally:
             self.loop.call_soon_threadsafe(self.loop.stop)
             self.thread.join(10)
@@ -491,6 +494,13 @@ class ForwardingMachine(RuleBasedStateMachine):
             # something the agent knew was delivered.
             lost = self.scene.call(_on_loop(self.scene.lost_acks))
             assert [(e, n) for e, n in _ack_counts(fake).items() if n > 1 + lost[e]] == []
+
+
+async def _end_the_rest() -> None:
+    rest = asyncio.all_tasks() - {asyncio.current_task()}
+    for task in rest:
+        task.cancel()
+    await asyncio.gather(*rest, return_exceptions=True)
 
 
 async def _on_loop(read: Callable[[], T]) -> T:
