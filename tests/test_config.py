@@ -181,6 +181,14 @@ def test_check_config_reload_of_a_process_that_is_gone_is_one_line(tmp_path: Pat
      "upstream[0].name"),
     (b'[[upstream]]\nname = "a\\u001b[31m"\nprotocol = "segment-http"\nurl = "http://h/"\n',
      "upstream[0].name"),
+    # An upstream's own key that its protocol cannot carry: every event would go to
+    # another path (`/app/../track` is `/track`), or to the account named before the ':'.
+    (b'[[upstream]]\nname = "n"\nprotocol = "nucleus-http"\nurl = "http://h/"\nkey = ".."\n',
+     "upstream[0].key"),
+    (b'[[upstream]]\nname = "n"\nprotocol = "nucleus-ws"\nurl = "ws://h/"\nkey = "."\n',
+     "upstream[0].key"),
+    (b'[[upstream]]\nname = "s"\nprotocol = "segment-http"\nurl = "http://h/"\nkey = "ab:cd"\n',
+     "upstream[0].key"),
 ])
 def test_a_config_the_agent_cannot_use_is_one_line_and_exit_2(
         tmp_path: Path, text: bytes, fragment: str) -> None:

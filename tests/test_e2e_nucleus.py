@@ -205,6 +205,25 @@ async def test_a_dot_segment_app_ids_queue_a_reload_sends_under_the_apps_id_stay
     assert fake_nucleus.paths[-1] == "/app/own/track"
 
 
+async def test_a_reload_giving_the_upstream_a_dot_segment_key_is_refused(
+        make_agent: Any, fake_nucleus: FakeNucleus) -> None:
+    """An upstream's own `key` of `..` passed check-config and every reload: every app's
+    events then went to `{url}/app/../track`, which the URL resolves to `{url}/track`.
+    The reload is refused, saying why, and the running config kept."""
+    up = upstream(fake_nucleus, protocol="nucleus-http", key="own")
+    agent = await make_agent(upstreams=[up])
+    write_config(Path(agent.config_path), agent.spool.path, upstreams=[{**up, "key": ".."}])
+    await agent.reload()
+    assert agent.metrics.reloads_refused == 1
+    assert "upstream[0].key" in agent.metrics.reload_error, agent.metrics.reload_error
+    async with aiohttp.ClientSession() as s:
+        async with s.post(f"http://127.0.0.1:{agent.port}/app/app1/track", json={"data": [
+                {"name": "e", "id": 1, "sessionId": 1, "machineId": "m"}]}) as r:
+            assert r.status == 200, await r.text()
+    await wait_for(lambda: agent.spool.depth == 0)
+    assert fake_nucleus.paths == ["/app/own/track"]
+
+
 async def upstream_status(port: int) -> dict[str, Any]:
     async with aiohttp.ClientSession() as s, s.get(f"http://127.0.0.1:{port}/status") as r:
         (up,) = (await r.json())["upstreams"]
