@@ -108,6 +108,16 @@ def _secret(owner: str) -> Callable[[Any], str | None]:
     return check
 
 
+def _sendable(name: str, protocol: str, key: str) -> str | None:
+    """An upstream's own key its protocol cannot carry as it is: every event would reach
+    another path, or the account named by the key's start (ingest refuses such an app key
+    where no upstream key replaces it)."""
+    why = registry.protocol(protocol).key_problem(key)
+    return None if why is None else (
+        f"upstream {name!r} would be sent this key {why}: every event would go elsewhere; "
+        "set it to the key the upstream issued")
+
+
 def _positive(value: Any) -> str | None:
     return None if value > 0 else f"must be greater than 0, got {value}"
 
@@ -343,7 +353,8 @@ def _upstream(t: dict[str, Any], i: int) -> UpstreamConfig:
         url=_take(t, w, "url", str, "", _url_check(protocol)),
         keys=tuple(_take(t, w, "keys", list, ["*"], lambda v: _str_list(secret=True)(v)
                          or (None if v else "must not be empty"))),
-        key=_take(t, w, "key", str, "", _secret(f"upstream {name!r}")),
+        key=_take(t, w, "key", str, "", lambda v: _secret(f"upstream {name!r}")(v)
+                  or _sendable(name, protocol, v)),
         batch_max_events=_take(t, w, "batch_max_events", int, 500,
                                lambda v: None if 1 <= v <= 2500 else "must be 1..2500"),
         batch_max_bytes=_take(t, w, "batch_max_bytes", int, 500_000,

@@ -28,8 +28,9 @@ import aiohttp
 from agent.families.event import Limit
 from agent.settings import UpstreamConfig
 from agent.spool.types import Row
-from agent.uplinks import splice
+from agent.uplinks import registry, splice
 from agent.uplinks.prepare import Prepared, take_prefix
+from agent.uplinks.sent_keys import any_key
 
 # Statuses worth retrying as they are (and any 5xx).
 RETRYABLE_STATUSES = frozenset({408, 425, 429, 500, 502, 503, 504})
@@ -251,7 +252,14 @@ class UplinkBase(ABC):
         """None when this upstream can be sent any app key; else what says why it could
         never be sent an app key's events under that key (None for one it can): ingest
         refuses such a key (401), as it refuses events too large to carry."""
-        return None
+        problem = registry.protocol(cfg.protocol).key_problem
+        if cfg.key or problem is any_key:
+            return None   # its own key is sent, never the app's (config validation checks it)
+
+        def rule(app_key: str) -> str | None:
+            why = problem(app_key)
+            return None if why is None else f"upstream {cfg.name!r} is sent the app's key {why}"
+        return rule
 
     @classmethod
     def event_limit(cls, cfg: UpstreamConfig) -> Limit | None:

@@ -8,7 +8,6 @@ their spool seq as id.
 
 from __future__ import annotations
 
-from collections.abc import Callable
 from itertools import repeat
 from typing import Any, ClassVar, cast
 from urllib.parse import quote
@@ -16,7 +15,6 @@ from urllib.parse import quote
 import orjson
 
 from agent.families.event import NUCLEUS, compact_json
-from agent.settings import UpstreamConfig
 from agent.spool.types import Row
 from agent.uplinks.prepare import Prepared
 
@@ -31,26 +29,12 @@ def track_url(base: str, key: str) -> str:
     return f"{base.rstrip('/')}/app/{quote(key, safe='')}/track"
 
 
-# Path segments no escaping keeps: a URL resolves them (`/app/../track` is `/track`).
-_DOT_SEGMENTS = frozenset({".", ".."})
-
-
 class NucleusFraming:
     """Encoders for prepare.py's take loop, and the frame around a prepared batch."""
 
     family: ClassVar[int] = NUCLEUS
     envelope_bytes: ClassVar[int] = len(b'{"data":[]}')
     event_overhead: ClassVar[int] = 1   # the comma
-
-    @classmethod
-    def key_rule(cls, cfg: UpstreamConfig) -> Callable[[str], str | None] | None:
-        """An app id of `.` or `..` (see track_url) cannot be the upstream's path segment:
-        its events would go to another app's path, or none."""
-        if cfg.key:
-            return None   # its own key is sent, never the app's
-        why = (f"upstream {cfg.name!r} is sent the app id as a path segment of its URL, which "
-               "resolves {!r} to another path")
-        return lambda app_key: why.format(app_key) if app_key in _DOT_SEGMENTS else None
 
     def encode_stored(self, row: Row) -> tuple[bytes, Any]:
         ev = orjson.loads(row.body)

@@ -1,7 +1,8 @@
 """UPLINKS: every upstream protocol the agent speaks, one line each.
 
-Each line names the protocol, the URL schemes it accepts and the class that speaks it,
-as ``module:Class``. Config validation reads the names and schemes without importing
+Each line names the protocol, the URL schemes it accepts, the class that speaks it, as
+``module:Class``, and the keys it cannot send as they are (sent_keys). Config validation
+reads the names, schemes and key rules without importing
 the classes (and aiohttp with them, a tenth of a second): `outpost check-config`,
 `status` and the other operator commands start in a third of the time. The forwarder
 (which class, how many batches in flight) and `outpost doctor` (``probe``) import a
@@ -15,6 +16,7 @@ from dataclasses import dataclass
 from typing import TYPE_CHECKING, cast
 
 from agent.settings import UpstreamConfig
+from agent.uplinks.sent_keys import KeyProblem, any_key, basic_username, path_segment
 
 if TYPE_CHECKING:   # the classes, and aiohttp with them, are imported on first use
     import aiohttp
@@ -27,6 +29,8 @@ class Protocol:
     name: str                   # `protocol` in agent.toml
     schemes: tuple[str, ...]    # the URL schemes it accepts
     speaker: str                # "module:Class", the UplinkBase subclass that speaks it
+    # Why a key cannot be sent as it is (agent/uplinks/sent_keys.py).
+    key_problem: KeyProblem = any_key
 
     def uplink_class(self) -> type[UplinkBase]:
         module, _, name = self.speaker.partition(":")
@@ -34,9 +38,12 @@ class Protocol:
 
 
 UPLINKS: tuple[Protocol, ...] = (
-    Protocol("nucleus-ws", ("ws", "wss"), "agent.uplinks.nucleus_ws:NucleusWsUplink"),
-    Protocol("nucleus-http", ("http", "https"), "agent.uplinks.nucleus_http:NucleusHttpUplink"),
-    Protocol("segment-http", ("http", "https"), "agent.uplinks.segment_http:SegmentHttpUplink"),
+    Protocol("nucleus-ws", ("ws", "wss"), "agent.uplinks.nucleus_ws:NucleusWsUplink",
+             path_segment),
+    Protocol("nucleus-http", ("http", "https"), "agent.uplinks.nucleus_http:NucleusHttpUplink",
+             path_segment),
+    Protocol("segment-http", ("http", "https"), "agent.uplinks.segment_http:SegmentHttpUplink",
+             basic_username),
 )
 
 

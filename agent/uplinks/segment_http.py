@@ -32,7 +32,6 @@ from __future__ import annotations
 import base64
 import gzip
 import re
-from collections.abc import Callable
 from typing import Any, ClassVar
 
 import aiohttp
@@ -89,15 +88,6 @@ class SegmentHttpUplink(UplinkBase):
     # The collector's limit: an event over it alone can never be delivered.
     refuse_oversize: ClassVar[bool] = True
     max_event_bytes: ClassVar[int | None] = 32 * 1024   # Segment's limit per event
-
-    @classmethod
-    def key_rule(cls, cfg: UpstreamConfig) -> Callable[[str], str | None] | None:
-        if cfg.key:
-            return None   # its own key is sent, never the app's
-        # The app's key is the Basic auth username, which ends at the first colon (RFC
-        # 7617): sent, 'ab:cd' would reach the upstream as the key 'ab'.
-        why = f"upstream {cfg.name!r} is sent the key as a Basic auth username, which cannot hold ':'"
-        return lambda app_key: why if ":" in app_key else None
 
     def __init__(self, cfg: UpstreamConfig, app_key: str, session: aiohttp.ClientSession,
                  machine_id: str) -> None:
