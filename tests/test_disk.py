@@ -984,6 +984,43 @@ async def test_a_recovery_that_cannot_create_the_fresh_spool_finishes_once_it_ca
         await spool.close()
 
 
+def _event(key: str, n: int) -> Event:
+    return Event(key, NUCLEUS, dedupe_key(key, n), orjson.dumps({"id": n, "key": key}))
+
+
+async def _spool_put_while_no_fresh_one_could_be_made(spool: Spool, fs: Path) -> tuple[Any, list[int]]:
+    """``spool`` is given key a's queue (its stream and seqs returned), found corrupt and
+    moved aside, and no fresh one can be created (a full disk); then, with room again,
+    another spool holding key b's queue is put at the path (a backup restored)."""
+    other = fs / "other" / "spool.db"
+    put = await Spool.open(StorageConfig(path=str(other)))
+    await put.append([_event("b", n) for n in range(5)])
+    await put.close()
+    await spool.append([_event("a", n) for n in range(5)])
+    held = spool.streams["a"]
+    a_seqs = [r.seq for r in await spool.fetch(held.id, 0, 100)]
+    filler = fs / "filler"
+    free = os.statvfs(fs).f_bavail * os.statvfs(fs).f_frsize
+    filler.write_bytes(b"\0" * free)
+    with pytest.raises(sqlite3.Error):
+        await spool.recover(sqlite3.DatabaseError("database disk image is malformed"))
+    filler.unlink()
+    for suffix in ("", "-wal", "-shm"):
+        if Path(f"{other}{suffix}").exists():
+            Path(f"{other}{suffix}").rename(f"{spool.path}{suffix}")
+    return held, a_seqs
+
+
+def _queues_kept_aside(fs: Path) -> list[tuple[str, int]]:
+    """The queues of the files kept aside (not their -wal or -shm)."""
+    queues = []
+    for kept in fs.glob("spool.db.corrupt-*"):
+        if not kept.name.endswith(("-wal", "-shm")):
+            with contextlib.closing(sqlite3.connect(kept)) as db:
+                queues += db.execute("SELECT key, depth FROM streams").fetchall()
+    return sorted(queues)
+
+
 async def test_a_spool_put_at_the_path_before_a_recovery_finishes_is_not_taken_for_its_own(
         six_mb_fs: Path) -> None:
     """A corrupt spool is moved aside and the fresh one cannot be created (a full disk);
@@ -993,28 +1030,9 @@ async def test_a_spool_put_at_the_path_before_a_recovery_finishes_is_not_taken_f
     kept its stream id, which in that file names key b's queue: a's forwarder read b's
     events (sent under a's key) and a's late acks deleted them. The file put there is kept
     aside, and the recovery finishes into a fresh spool."""
-    def event(key: str, n: int) -> Event:
-        return Event(key, NUCLEUS, dedupe_key(key, n), orjson.dumps({"id": n, "key": key}))
-
-    other = six_mb_fs / "other" / "spool.db"
-    put = await Spool.open(StorageConfig(path=str(other)))
-    await put.append([event("b", n) for n in range(5)])
-    await put.close()
-    path = six_mb_fs / "spool.db"
-    spool = await Spool.open(StorageConfig(path=str(path)))
+    spool = await Spool.open(StorageConfig(path=str(six_mb_fs / "spool.db")))
     try:
-        await spool.append([event("a", n) for n in range(5)])
-        held = spool.streams["a"]
-        a_seqs = [r.seq for r in await spool.fetch(held.id, 0, 100)]
-        filler = six_mb_fs / "filler"
-        free = os.statvfs(six_mb_fs).f_bavail * os.statvfs(six_mb_fs).f_frsize
-        filler.write_bytes(b"\0" * free)
-        with pytest.raises(sqlite3.Error):
-            await spool.recover(sqlite3.DatabaseError("database disk image is malformed"))
-        filler.unlink()
-        for suffix in ("", "-wal", "-shm"):
-            if Path(f"{other}{suffix}").exists():
-                Path(f"{other}{suffix}").rename(f"{path}{suffix}")
+        held, a_seqs = await _spool_put_while_no_fresh_one_could_be_made(spool, six_mb_fs)
         assert await spool.reopen()
         assert [orjson.loads(r.body)["key"] for r in await spool.fetch(held.id, 0, 100)] \
             == ["a"] * 5
@@ -1022,12 +1040,37 @@ async def test_a_spool_put_at_the_path_before_a_recovery_finishes_is_not_taken_f
         assert spool.depth == 0 and "b" not in spool.streams
     finally:
         await spool.close()
-    queues = []   # of the files kept aside: the corrupt one, and the one put there
-    for kept in six_mb_fs.glob("spool.db.corrupt-*"):
-        if not kept.name.endswith(("-wal", "-shm")):
-            with contextlib.closing(sqlite3.connect(kept)) as db:
-                queues += db.execute("SELECT key, depth FROM streams").fetchall()
-    assert sorted(queues) == [("a", 5), ("b", 5)]
+    # The corrupt one, and the one put there.
+    assert _queues_kept_aside(six_mb_fs) == [("a", 5), ("b", 5)]
+
+
+async def test_a_spool_put_there_that_cannot_be_kept_aside_refuses_events_as_a_closed_one(
+        six_mb_fs: Path, caplog: pytest.LogCaptureFixture) -> None:
+    """As above, with room to open the file put there but not to create the fresh spool
+    once it is kept aside: that error escaped reopen(), so the commit that asked logged
+    "spool commit failed" with a traceback, its app was told the spool is corrupt, and
+    nothing said why the spool was closed (open_error). Refused as a spool that cannot
+    be opened is, and the recovery finished once there is room."""
+    spool = await Spool.open(StorageConfig(path=str(six_mb_fs / "spool.db")))
+    try:
+        held, _ = await _spool_put_while_no_fresh_one_could_be_made(spool, six_mb_fs)
+        filler = six_mb_fs / "filler"
+        free = os.statvfs(six_mb_fs).f_bavail * os.statvfs(six_mb_fs).f_frsize
+        filler.write_bytes(b"\0" * (free - 64 * 1024))   # room to open a spool, not make one
+        caplog.clear()
+        with pytest.raises(SpoolFull) as refused:
+            await spool.append([_event("c", 0)])
+        assert refused.value.reason is Reason.NOT_OPEN
+        assert "commit failed" not in caplog.text and "Traceback" not in caplog.text, caplog.text
+        assert "cannot keep aside" in caplog.text and spool.open_error, caplog.text
+        filler.unlink()
+        await spool.append([_event("c", 0)])
+        assert [orjson.loads(r.body)["key"] for r in await spool.fetch(held.id, 0, 100)] \
+            == ["a"] * 5
+        assert spool.depth == 6 and "b" not in spool.streams
+    finally:
+        await spool.close()
+    assert _queues_kept_aside(six_mb_fs) == [("a", 5), ("b", 5)]
 
 
 async def test_acks_and_dead_letters_are_not_reported_saved_while_the_spool_cannot_be_opened(
