@@ -610,6 +610,7 @@ class Spool:
             move_aside(self.path, put)
             await self._connect()
         except (sqlite3.Error, OSError) as failed:
+            self.open_error = str(failed) or type(failed).__name__   # a move that failed too
             log.error("spool %s: cannot keep aside the file put there while the agent could "
                       "not create a fresh spool, nor create one (%s): events are refused "
                       "until it can, tried again every %g s", self.path, failed, REOPEN_EVERY_S)
@@ -684,6 +685,11 @@ class Spool:
                     books.counters = {}
                 recovered = True   # before: a recovery that fails logs why itself
                 await self.recover(exc)   # opens the fresh spool, or raises as _connect does
+            if self._salvaging is not None:  # a recovery that could not open the fresh spool
+                recovered = True
+                # Reloads the books: count what follows after. Fails as recover() does
+                # when it meets a file put at the path it cannot keep aside (_put_aside).
+                await self._finish_recovery()
         # SpoolUnusable: a directory (or a newer agent's file) put at the path while it was
         # closed. Not opened, as at start, but no exit: refused with 503 as a full disk is.
         except (sqlite3.DatabaseError, OSError, SpoolUnusable):
@@ -694,9 +700,6 @@ class Spool:
                 log.error("spool %s still cannot be opened, now: %s; refusing events until "
                           "it can", self.path, self.open_error)
             return False
-        if self._salvaging is not None:  # a recovery that could not open the fresh spool
-            await self._finish_recovery()   # reloads the books: count what follows after
-            recovered = True
         for outcome, n in unsaved.items():  # counted while closed: keep them
             self.count(outcome, n)
         if recovered:   # salvaged, and the forwarders told (on_reopen)
