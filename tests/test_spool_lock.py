@@ -133,7 +133,8 @@ async def test_an_agent_that_finds_the_other_at_its_stop_says_its_queue_was_kept
     """As above, but the first agent commits nothing more before it stops: its stop finds
     its file gone, and the lock held by the other. It keeps its queue aside and says so;
     it also said it "could not keep the queue of the file deleted or replaced", which an
-    operator would take for that queue lost."""
+    operator would take for that queue lost, and then "this one refuses events; stop the
+    other and restart this one": advice for an agent that runs on, not one stopping."""
     state = tmp_path / "state"
     path = state / "spool.db"
     first = await Spool.open(StorageConfig(path=str(path)), holds_lock=True)
@@ -146,5 +147,7 @@ async def test_an_agent_that_finds_the_other_at_its_stop_says_its_queue_was_kept
         [kept] = [p for p in state.glob("spool.db.corrupt-*") if p.suffix != ".lock"]
         errors = [r.getMessage() for r in caplog.records if r.levelname == "ERROR"]
         assert len(errors) == 1 and f"its queue is kept in {kept}" in errors[0], errors
+        assert "refuses events" not in errors[0] and "restart" not in errors[0], errors
+        assert "stopping" in errors[0], errors
     finally:
         await second.close()
