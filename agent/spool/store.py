@@ -374,9 +374,12 @@ class Spool:
         try:
             taken = lock_again(self.path, self._lock_id)
         except BlockingIOError:
+            # Found at a stop (close), the other simply goes on: a restart is no fix then.
+            then = ("this one is stopping and leaves the spool to that agent; its own queue "
+                    "is sent by neither" if self.writer.closing else "this one refuses "
+                    "events; stop the other and restart this one, or stop this one")
             raise InUse(f"spool {self.path} is in use by another agent, started on it after "
-                        "it was removed under this one: this one refuses events; stop the "
-                        "other and restart this one, or stop this one") from None
+                        f"it was removed under this one: {then}") from None
         except OSError as exc:
             log.error("spool %s: its lock file was removed under the agent, and cannot be "
                       "taken again (%s): another agent may run on this spool; stop it",
