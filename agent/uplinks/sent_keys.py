@@ -6,7 +6,7 @@ from __future__ import annotations
 
 from collections.abc import Callable
 
-# Why a key is sent elsewhere than the upstream meant, said after "is sent the key "; or None.
+# Why a key would reach another path or account, said after "(upstream) is sent the key"; or None.
 KeyProblem = Callable[[str], str | None]
 
 
