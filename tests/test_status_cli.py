@@ -49,7 +49,8 @@ async def test_table_from_running_agent(make_agent: Any) -> None:
     assert row(text, "strict")[:4] == ["strict", "nucleus-http", "idle", "0"]
     down = row(text, "down")
     assert down[:4] == ["down", "nucleus-http", "backoff", str(QUEUED)]
-    assert " ".join(down[6:]) == "0 1 - HTTP 503; next try in 3600s, as its Retry-After asks"
+    assert " ".join(down[6:]) == ('0 1 - HTTP 503: {"error": "refused by the test"}; next try '
+                                  "in 3600s, as its Retry-After asks")
     assert f"events:   ingested {LIVE + REFUSED + QUEUED}, duplicates 0, acked {LIVE}" in text
     assert f"dropped:  dead_lettered {REFUSED}" in text
     assert f"dead:     {REFUSED} kept" in text
