@@ -56,7 +56,8 @@ async def test_reload_keeps_upstream_state(make_agent: Any, tmp_path: Path) -> N
         await agent.reload()
         state = agent.forwarding.states["down"]
         assert (state.retries, state.last_error, state.protocol) == (
-            1, "HTTP 503; next try in 3600s, as its Retry-After asks", "nucleus-ws")
+            1, 'HTTP 503: {"error": "refused by the test"}; next try in 3600s, as its '
+            "Retry-After asks", "nucleus-ws")
     finally:
         await down.stop()
 
