@@ -137,7 +137,8 @@ async def test_an_upstream_whose_keys_wait_out_a_retry_after_across_a_reload_sho
         assert timing.pending() == [300.0] and busy.requests == 1
         shown = (await get_json(agent, "/status"))["upstreams"][0]
         assert (shown["state"], shown["last_error"]) == (
-            "backoff", "HTTP 429; next try in 300s, as its Retry-After asks"), shown
+            "backoff", 'HTTP 429: {"error": "refused by the test"}; next try in 300s, as its '
+            "Retry-After asks"), shown
     finally:
         await busy.stop()
 
