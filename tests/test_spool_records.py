@@ -8,6 +8,7 @@ import contextlib
 import logging
 import os
 import sqlite3
+from collections.abc import AsyncIterator
 from pathlib import Path
 from typing import Any
 
@@ -427,52 +428,14 @@ class OneFrameAtATime(FakeNucleus):
         await ws.send_str(orjson.dumps({"reportedIds": ids}).decode())
 
 
-async def test_events_in_flight_when_their_record_is_found_damaged_are_not_counted_twice(
-        make_agent: Any, tmp_path: Path) -> None:
-    """One record sent as two batches, both in flight, its bytes damaged on disk meanwhile:
-    the first batch's ack finds the damage and counts the second's events dropped_corrupt.
-    The upstream then acked them too, and its `acked` counted them again: ingested 10,
-    acked 10 by the upstream's count and 5 dropped. The counts must add up."""
+@contextlib.asynccontextmanager
+async def _damaged_while_in_flight(make_agent: Any, tmp_path: Path,
+                                   events: list[Event]) -> AsyncIterator[Any]:
+    """An agent whose one record of ``events`` (10) went out as two 5-event batches, both
+    in flight, its bytes damaged on disk meanwhile: the first batch's ack finds the damage
+    and counts the second's events dropped_corrupt; then one more event is posted, and
+    yielded once it is acked (answered after the second batch: that one was answered)."""
     spool = await open_spool(tmp_path)
-    await spool.append([ev("app1", i) for i in range(10)])   # one record
-    await spool.close()
-    fake = await OneFrameAtATime().start()
-    try:
-        agent = await make_agent(upstreams=[{"name": "up", "protocol": "nucleus-ws",
-                                             "url": fake.url, "flush_interval_s": 0.02,
-                                             "batch_max_events": 5}])
-        await wait_for(lambda: fake.received == 2, timeout=5)
-        with contextlib.closing(sqlite3.connect(tmp_path / "spool.db")) as db, db:
-            data = db.execute("SELECT data FROM records").fetchone()[0]
-            db.execute("UPDATE records SET data = ?",
-                       (data[:20] + bytes([data[20] ^ 0xFF]) + data[21:],))
-        fake.release.release()
-        await wait_for(lambda: agent.spool.counters.get(Drop.DROPPED_CORRUPT), timeout=5)
-        fake.release.release()
-        # One more event, answered after the second batch: once it is acked, so was that.
-        async with aiohttp.ClientSession() as s:
-            async with s.post(f"http://127.0.0.1:{agent.port}/app/app1/track",
-                              json={"data": [orjson.loads(ev("app1", 10).body)]}) as r:
-                assert r.status == 200, await r.text()
-        fake.release.release()
-        await wait_for(lambda: agent.spool.counters.get(Tally.ACKED) == 6, timeout=5)
-        counters, state = agent.spool.counters, agent.forwarding.states["up"]
-        assert counters.get(Drop.DROPPED_CORRUPT) == 5 and fake.received == 3
-        assert state.acked + counters[Drop.DROPPED_CORRUPT] == 11, state.acked
-    finally:
-        await fake.stop()
-
-
-async def test_an_event_refused_in_flight_when_its_record_is_found_damaged_is_not_dead_lettered(
-        make_agent: Any, tmp_path: Path) -> None:
-    """As above, the second batch carrying an event its upstream can never take (a stored
-    event that is not an object: refused as a corrupt row, for dead letters). Its
-    record found damaged meanwhile, the spool counts it dropped_corrupt and keeps no dead
-    letter of it, but the upstream's dead_lettered in /status counted it as one: 1 dead
-    letter there, none in the spool's counters or its dead letters."""
-    spool = await open_spool(tmp_path)
-    events = [ev("app1", i) for i in range(10)]
-    events[5] = Event("app1", NUCLEUS, dedupe_key("app1", 5), b"[5]")
     await spool.append(events)   # one record
     await spool.close()
     fake = await OneFrameAtATime().start()
@@ -492,16 +455,43 @@ async def test_an_event_refused_in_flight_when_its_record_is_found_damaged_is_no
             async with s.post(f"http://127.0.0.1:{agent.port}/app/app1/track",
                               json={"data": [orjson.loads(ev("app1", 10).body)]}) as r:
                 assert r.status == 200, await r.text()
-            fake.release.release()
-            await wait_for(lambda: agent.spool.counters.get(Tally.ACKED) == 6, timeout=5)
-            async with s.get(f"http://127.0.0.1:{agent.port}/status") as r:
-                status = await r.json()
-        counters, (up,) = status["counters"], status["upstreams"]
-        assert counters["dropped_corrupt"] == 5 and counters["dead_lettered"] == 0
-        assert status["dead_letters"] == 0
-        assert (up["acked"], up["dead_lettered"]) == (6, 0), up
+        fake.release.release()
+        await wait_for(lambda: agent.spool.counters.get(Tally.ACKED) == 6, timeout=5)
+        assert fake.received == 3
+        yield agent
     finally:
         await fake.stop()
+
+
+async def test_events_in_flight_when_their_record_is_found_damaged_are_not_counted_twice(
+        make_agent: Any, tmp_path: Path) -> None:
+    """The upstream acked the second batch's events too, and its `acked` counted them
+    again: ingested 10, acked 10 by the upstream's count and 5 dropped. The counts must
+    add up."""
+    async with _damaged_while_in_flight(make_agent, tmp_path,
+                                        [ev("app1", i) for i in range(10)]) as agent:
+        counters, state = agent.spool.counters, agent.forwarding.states["up"]
+        assert counters.get(Drop.DROPPED_CORRUPT) == 5
+        assert state.acked + counters[Drop.DROPPED_CORRUPT] == 11, state.acked
+
+
+async def test_an_event_refused_in_flight_when_its_record_is_found_damaged_is_not_dead_lettered(
+        make_agent: Any, tmp_path: Path) -> None:
+    """The second batch carrying an event its upstream can never take (a stored event that
+    is not an object: refused as a corrupt row, for dead letters). Its record found
+    damaged meanwhile, the spool counts it dropped_corrupt and keeps no dead letter of it,
+    but the upstream's dead_lettered in /status counted it as one: 1 dead letter there,
+    none in the spool's counters or its dead letters."""
+    events = [ev("app1", i) for i in range(10)]
+    events[5] = Event("app1", NUCLEUS, dedupe_key("app1", 5), b"[5]")
+    async with _damaged_while_in_flight(make_agent, tmp_path, events) as agent, \
+            aiohttp.ClientSession() as s, \
+            s.get(f"http://127.0.0.1:{agent.port}/status") as r:
+        status = await r.json()
+    counters, (up,) = status["counters"], status["upstreams"]
+    assert counters["dropped_corrupt"] == 5 and counters["dead_lettered"] == 0
+    assert status["dead_letters"] == 0
+    assert (up["acked"], up["dead_lettered"]) == (6, 0), up
 
 
 async def test_dropped_names_exactly_the_seqs_no_live_record_holds_in_any_order(
