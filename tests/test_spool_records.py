@@ -457,6 +457,8 @@ async def _damaged_while_in_flight(make_agent: Any, tmp_path: Path,
                 assert r.status == 200, await r.text()
         fake.release.release()
         await wait_for(lambda: agent.spool.counters.get(Tally.ACKED) == 6, timeout=5)
+        # The upstream's own count follows the delete's save, a loop turn later.
+        await wait_for(lambda: agent.forwarding.states["up"].acked >= 6, timeout=5)
         assert fake.received == 3
         yield agent
     finally:
