@@ -951,6 +951,25 @@ async def test_a_commit_that_succeeded_is_not_reported_failed_when_the_disk_is_n
         await spool.close()
 
 
+def _event(key: str, n: int) -> Event:
+    return Event(key, NUCLEUS, dedupe_key(key, n), orjson.dumps({"id": n, "key": key}))
+
+
+async def _recovered_with_no_room(spool: Spool, fs: Path) -> tuple[Any, list[int]]:
+    """``spool`` is given key a's queue (its stream and seqs returned), found corrupt and
+    moved aside, and no fresh one can be created (a full disk); then there is room again."""
+    await spool.append([_event("a", n) for n in range(5)])
+    held = spool.streams["a"]
+    a_seqs = [r.seq for r in await spool.fetch(held.id, 0, 100)]
+    filler = fs / "filler"
+    free = os.statvfs(fs).f_bavail * os.statvfs(fs).f_frsize
+    filler.write_bytes(b"\0" * free)
+    with pytest.raises(sqlite3.Error):
+        await spool.recover(sqlite3.DatabaseError("database disk image is malformed"))
+    filler.unlink()
+    return held, a_seqs
+
+
 async def test_a_recovery_that_cannot_create_the_fresh_spool_finishes_once_it_can(
         six_mb_fs: Path) -> None:
     """A corrupt spool is moved aside, but the fresh one cannot be created (the disk is
@@ -958,21 +977,10 @@ async def test_a_recovery_that_cannot_create_the_fresh_spool_finishes_once_it_ca
     moved file, keep stream ids and seqs rising), not open an empty spool: that one
     handed key b the stream id and seqs key a's forwarder still held, so a's late acks
     deleted b's unsent events, and a's queue was lost uncounted."""
-    def event(key: str, n: int) -> Event:
-        return Event(key, NUCLEUS, dedupe_key(key, n), orjson.dumps({"id": n, "key": key}))
-
     spool = await Spool.open(StorageConfig(path=str(six_mb_fs / "spool.db")))
     try:
-        await spool.append([event("a", n) for n in range(5)])
-        held = spool.streams["a"]
-        a_seqs = [r.seq for r in await spool.fetch(held.id, 0, 100)]
-        filler = six_mb_fs / "filler"
-        free = os.statvfs(six_mb_fs).f_bavail * os.statvfs(six_mb_fs).f_frsize
-        filler.write_bytes(b"\0" * free)
-        with pytest.raises(sqlite3.Error):
-            await spool.recover(sqlite3.DatabaseError("database disk image is malformed"))
-        filler.unlink()
-        await spool.append([event("b", n) for n in range(5)])
+        held, a_seqs = await _recovered_with_no_room(spool, six_mb_fs)
+        await spool.append([_event("b", n) for n in range(5)])
         b = spool.streams["b"]
         assert b.id != held.id and spool.streams["a"] is held
         b_rows = await spool.fetch(b.id, 0, 100)
@@ -984,27 +992,14 @@ async def test_a_recovery_that_cannot_create_the_fresh_spool_finishes_once_it_ca
         await spool.close()
 
 
-def _event(key: str, n: int) -> Event:
-    return Event(key, NUCLEUS, dedupe_key(key, n), orjson.dumps({"id": n, "key": key}))
-
-
 async def _spool_put_while_no_fresh_one_could_be_made(spool: Spool, fs: Path) -> tuple[Any, list[int]]:
-    """``spool`` is given key a's queue (its stream and seqs returned), found corrupt and
-    moved aside, and no fresh one can be created (a full disk); then, with room again,
-    another spool holding key b's queue is put at the path (a backup restored)."""
+    """``_recovered_with_no_room``; then another spool holding key b's queue is put at the
+    path (a backup restored)."""
     other = fs / "other" / "spool.db"
     put = await Spool.open(StorageConfig(path=str(other)))
     await put.append([_event("b", n) for n in range(5)])
     await put.close()
-    await spool.append([_event("a", n) for n in range(5)])
-    held = spool.streams["a"]
-    a_seqs = [r.seq for r in await spool.fetch(held.id, 0, 100)]
-    filler = fs / "filler"
-    free = os.statvfs(fs).f_bavail * os.statvfs(fs).f_frsize
-    filler.write_bytes(b"\0" * free)
-    with pytest.raises(sqlite3.Error):
-        await spool.recover(sqlite3.DatabaseError("database disk image is malformed"))
-    filler.unlink()
+    held, a_seqs = await _recovered_with_no_room(spool, fs)
     for suffix in ("", "-wal", "-shm"):
         if Path(f"{other}{suffix}").exists():
             Path(f"{other}{suffix}").rename(f"{spool.path}{suffix}")
