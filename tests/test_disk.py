@@ -379,6 +379,19 @@ async def test_a_spool_found_damaged_once_it_can_be_opened_again_is_salvaged(
         counters
 
 
+async def _damaged_on_a_full_disk(make_agent: Any, fs: Path) -> tuple[Any, Path, Path]:
+    """An agent started on a damaged spool with no room left on ``fs``: the spool moved
+    aside, no fresh one can be made. Returns the agent, the spool's path and the file
+    filling the disk (unlink it to make room)."""
+    spool_path = fs / "spool" / "spool.db"
+    spool_path.parent.mkdir(mode=0o700)
+    spool_path.write_bytes(b"SQLite format 3\0" + b"\xff" * 8192)   # damaged
+    filler = fs / "filler"
+    free = os.statvfs(fs).f_bavail * os.statvfs(fs).f_frsize
+    filler.write_bytes(b"\0" * free)
+    return await make_agent(spool=spool_path), spool_path, filler
+
+
 async def test_what_was_refused_while_a_salvage_waited_for_disk_space_stays_counted(
         make_agent: Any, small_fs: Path) -> None:
     """A spool found damaged at start on a full disk is moved aside, but its fresh spool
@@ -389,13 +402,7 @@ async def test_what_was_refused_while_a_salvage_waited_for_disk_space_stays_coun
     _finish_recovery, whose reload of the salvaged file's state (_load_state, Books.reset)
     drops every count not yet saved; the salvage carries only what was counted before
     the move."""
-    spool_path = small_fs / "spool" / "spool.db"
-    spool_path.parent.mkdir(mode=0o700)
-    spool_path.write_bytes(b"SQLite format 3\0" + b"\xff" * 8192)   # damaged
-    filler = small_fs / "filler"
-    free = os.statvfs(small_fs).f_bavail * os.statvfs(small_fs).f_frsize
-    filler.write_bytes(b"\0" * free)
-    agent = await make_agent(spool=spool_path)
+    agent, spool_path, filler = await _damaged_on_a_full_disk(make_agent, small_fs)
     assert list(spool_path.parent.glob("spool.db.corrupt-*"))   # moved aside at start
     async with aiohttp.ClientSession() as s:
         assert (await post(s, agent.port, [event(1)])).status == 503
@@ -416,13 +423,7 @@ async def test_a_directory_put_at_the_path_while_the_spool_is_closed_is_a_503_sa
     (SpoolUnusable is no OSError), the request waited unanswered, a traceback was logged,
     and every later commit the same. Apps get 503 and the reason, logged once and kept in
     open_error, as for any spool that cannot be opened."""
-    spool_path = small_fs / "spool" / "spool.db"
-    spool_path.parent.mkdir(mode=0o700)
-    spool_path.write_bytes(b"SQLite format 3\0" + b"\xff" * 8192)   # damaged
-    filler = small_fs / "filler"
-    free = os.statvfs(small_fs).f_bavail * os.statvfs(small_fs).f_frsize
-    filler.write_bytes(b"\0" * free)
-    agent = await make_agent(spool=spool_path)
+    agent, spool_path, filler = await _damaged_on_a_full_disk(make_agent, small_fs)
     async with aiohttp.ClientSession() as s:
         assert (await post(s, agent.port, [event(1)])).status == 503
         filler.unlink()
