@@ -1,6 +1,6 @@
 """The seed documents' own example requests, copied verbatim (only the host changes).
 
-Generated from ../shared/seeds/*.txt; do not tidy them: several are not strict
+Generated from the five tracking API documents the agent implements; do not tidy them: several are not strict
 JSON, exactly as the documents print them.
 """
 

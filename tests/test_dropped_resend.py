@@ -1,6 +1,6 @@
 """An event the spool dropped undelivered (full, or expired) is not a duplicate when resent.
 
-Dedupe exists so that an event is delivered once (DESIGN §2.4). An event dropped by
+Dedupe exists so that an event is delivered once within its window. An event dropped by
 ``when_full = "drop_oldest"`` or by ``max_age_days`` was never delivered: an app's
 resend of it is a new chance to deliver it, and is stored, not answered as a resend.
 """

@@ -1054,7 +1054,7 @@ async def test_a_batch_too_slow_to_send_within_timeout_s_says_so(make_agent: Any
 async def test_a_nucleus_http_2xx_other_than_200_with_reported_ids_acknowledges_them(
         make_agent: Any, status: int) -> None:
     """A Nucleus-compatible collector that answers its track POST with 201 (NestJS's default
-    for a POST handler) or 202, and reportedIds: those are the acknowledgement (DESIGN 2.3),
+    for a POST handler) or 202, and reportedIds: those are the acknowledgement,
     whatever the 2xx. Only 200 was read: the batch was sent again at every backoff, stored
     again by the upstream each time, and the key never drained."""
     seen: list[list[Any]] = []
@@ -1105,7 +1105,7 @@ async def test_a_refusal_with_a_retry_after_is_retried_no_sooner(
 async def test_a_connection_that_never_opens_within_timeout_s_is_not_blamed_on_the_batch() -> None:
     """An upstream whose connections never open (a firewall dropping them, a host gone)
     times out alike, but no batch was sent: 'lower batch_max_bytes' sends the operator
-    after the wrong setting while the key stays stuck (DESIGN 2.6)."""
+    after the wrong setting while the key stays stuck."""
     listener = socket.socket()
     listener.bind(("127.0.0.1", 0))
     listener.listen(0)
