@@ -59,9 +59,6 @@ class IngestSink(Protocol):
 
     enrich: Enrich  # handed to each family's accept function
 
-    def key_allowed(self, key: str | None) -> bool:
-        """Whether events may be stored under ``key`` (listen.accept_keys)."""
-
     def key_refusal(self, key: str | None) -> str | None:
         """Why events may not be stored under ``key``, for the 401; None if they may."""
 

@@ -62,9 +62,6 @@ class Sink:
         """The routes of a reloaded config: they apply from the next request on."""
         self.limits = limits
 
-    def key_allowed(self, key: str | None) -> bool:
-        return self.key_refusal(key) is None
-
     def key_refusal(self, key: str | None) -> str | None:
         """accept_keys empty means any non-empty key without control characters (one
         with a line break would split every log line that names it) of at most
