@@ -112,6 +112,35 @@ async def test_a_refused_read_is_asked_again_so_a_policy_fixed_later_is_seen(
     assert len(lines(caplog, "AccessDenied")) == 1 and no_traceback(caplog)
 
 
+async def test_a_bus_that_refuses_the_watch_is_a_counted_failure_and_read_again(
+        make_agent: Any, fake_nucleus: FakeNucleus, tmp_path: Path,
+        caplog: pytest.LogCaptureFixture, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A bus that refuses a subscription (here its limit of match rules per connection;
+    an AccessDenied policy the same) was not noticed: the AddMatch replies were never
+    read, so the agent believed it watched while it never saw NetworkManager restart,
+    and kept a stale reading for good, with no error. A refusal is a counted failure,
+    and the reading, not watched, is read again every RECONNECT_S."""
+    monkeypatch.setattr(networkmanager, "RECONNECT_S", 0.2)
+    bus = PrivateBus(tmp_path, limits={"max_match_rules_per_connection": 1}).start()
+    nm = await FakeNetworkManager(bus.address, metered=NO).start()
+    try:
+        agent = await watching(make_agent, fake_nucleus, bus.address)
+        await wait_for(lambda: agent.sync.errors >= 1)
+        sync = await sync_status(agent.port)
+        assert (sync["profile"], sync["metered"]) == ("normal", "no"), sync
+        assert "LimitsExceeded" in sync["metered_detail"], sync
+        assert sync["last_error"] == f"metered network: {sync['metered_detail']}", sync
+        await nm.stop()   # NetworkManager restarts, on a metered connection now
+        nm.metered = YES
+        await nm.start()
+        await wait_for(lambda: agent.sync.profile.mode == "hold")
+        assert "LimitsExceeded" in agent.sync.metered.detail
+    finally:
+        await nm.stop()
+        bus.stop()
+    assert len(lines(caplog, "LimitsExceeded")) == 1 and no_traceback(caplog)
+
+
 @pytest.mark.parametrize("error", ["org.freedesktop.DBus.Error.InvalidArgs",      # GDBus
                                    "org.freedesktop.DBus.Error.UnknownProperty"])  # sd-bus
 async def test_a_networkmanager_without_metered_is_unknown_not_a_failure_every_minute(

@@ -31,7 +31,7 @@ CONFIG = """<!DOCTYPE busconfig PUBLIC "-//freedesktop//DTD D-Bus Bus Configurat
   <listen>unix:path={socket}</listen>
   <auth>EXTERNAL</auth>
   <servicedir>{services}</servicedir>
-  <policy context="default">
+{limits}  <policy context="default">
     <allow send_destination="*" eavesdrop="true"/>
     <allow eavesdrop="true"/>
     <allow own="*"/>
@@ -43,14 +43,17 @@ CONFIG = """<!DOCTYPE busconfig PUBLIC "-//freedesktop//DTD D-Bus Bus Configurat
 class PrivateBus:
     """A dbus-daemon of the test's own; ``address`` is what the agent's config names.
     ``activates``: a program the bus runs to start NetworkManager when a message names it
-    (D-Bus activation), as the file a distribution's package installs makes it do."""
+    (D-Bus activation), as the file a distribution's package installs makes it do.
+    ``limits``: dbus-daemon's ``<limit>`` settings (max_match_rules_per_connection, ...)."""
 
-    def __init__(self, directory: Path, activates: Path | None = None) -> None:
+    def __init__(self, directory: Path, activates: Path | None = None,
+                 limits: dict[str, int] | None = None) -> None:
         self.socket = directory / "bus"
         self.config = directory / "bus.conf"
         self.log = directory / "bus.log"
         self.services = directory / "bus-services"
         self.activates = activates
+        self.limits = limits or {}
         self.proc: subprocess.Popen[bytes] | None = None
 
     @property
@@ -65,7 +68,10 @@ class PrivateBus:
         if self.activates is not None:
             (self.services / f"{NM_NAME}.service").write_text(
                 f"[D-BUS Service]\nName={NM_NAME}\nExec={self.activates}\n")
-        self.config.write_text(CONFIG.format(socket=self.socket, services=self.services))
+        limits = "".join(f'  <limit name="{name}">{value}</limit>\n'
+                         for name, value in self.limits.items())
+        self.config.write_text(CONFIG.format(socket=self.socket, services=self.services,
+                                             limits=limits))
         with open(self.log, "ab") as log:
             self.proc = subprocess.Popen([daemon, f"--config-file={self.config}", "--nofork",
                                           "--print-address=1"], stdout=subprocess.PIPE, stderr=log)
