@@ -10,6 +10,8 @@ trusted: an odd value is a failed reading, shown cut to ``SHOWN`` characters. A 
 refused with an error (a bus policy, a transient fault) is asked again every
 ``RECONNECT_S``: NetworkManager's signals count only once a read has said which
 connection it is, so unasked, the cost would stay unknown until it restarted.
+A subscription the bus refuses (its limit of match rules, a policy) is a failure too:
+unwatched, the property is read again every ``RECONNECT_S`` instead, each read counted.
 """
 
 from __future__ import annotations
@@ -106,8 +108,7 @@ class NetworkManagerSource:
         loop = asyncio.get_running_loop()
         deadline: float | None = loop.time() + TIMEOUT_S   # while a reply is awaited
         async with asyncio.timeout_at(deadline):
-            for rule in (on_bus, owner):
-                await conn.send(message_bus.AddMatch(rule))
+            refused = await _subscribe(conn, (on_bus, owner))
             asked = await self._ask(conn)
         nm_owner: str | None = None   # NetworkManager's unique name, once known
         retry: float | None = None   # when a refused read is asked again
@@ -139,7 +140,13 @@ class NetworkManagerSource:
                 if kind is MessageType.method_return:
                     nm_owner = sender
                 answer = _answer(msg, signature)
-                if answer.failed and kind is MessageType.error:   # refused: asked again
+                if refused is not None:   # not watched: a failure, read again (polled)
+                    retry = loop.time() + self.reconnect_s
+                    answer = dataclasses.replace(
+                        answer, failed=True,
+                        detail=f"{answer.detail}; the bus refused to let its changes be "
+                               f"watched ({_shown(refused)}): read every {self.reconnect_s:g}s")
+                elif answer.failed and kind is MessageType.error:   # refused: asked again
                     retry = loop.time() + self.reconnect_s
                     answer = dataclasses.replace(
                         answer, detail=f"{answer.detail}; retried every {self.reconnect_s:g}s")
@@ -155,6 +162,27 @@ class NetworkManagerSource:
         get.header.flags |= MessageFlag.no_auto_start
         await conn.send(get, serial=serial)
         return serial
+
+
+async def _subscribe(conn: DBusConnection, rules: tuple[MatchRule, ...]) -> str | None:
+    """Add ``rules`` and read the bus's replies: the error name of the first it refused
+    (a limit on match rules, a policy), None if it took them all. Unread, a refusal left
+    the watch blind to what it believed it followed. Nothing else counts yet (the read
+    comes after), so any other message is let go."""
+    waiting: set[int] = set()
+    for rule in rules:
+        serial = int(next(conn.outgoing_serial))
+        await conn.send(message_bus.AddMatch(rule), serial=serial)
+        waiting.add(serial)
+    refused: str | None = None
+    while waiting:
+        msg = await _receive(conn)
+        reply_to = _reply_to(msg)
+        if reply_to in waiting:
+            waiting.discard(reply_to)
+            if msg.header.message_type is MessageType.error and refused is None:
+                refused = str(msg.header.fields.get(HeaderFields.error_name, "an error"))
+    return refused
 
 
 async def _receive(conn: DBusConnection) -> Message:
