@@ -18,6 +18,7 @@ from jeepney.io.asyncio import open_dbus_connection
 
 from agent.clock import Clock
 from agent.forwarder.supervisor import Seams
+from agent.sync.metered import networkmanager
 from agent.sync.metered.networkmanager import NetworkManagerSource
 from agent.sync.monitor import HOLD_CHECK_S
 from agent.sync.policy import Metered, MeteredReading
@@ -135,6 +136,31 @@ async def test_networkmanager_appearing_later_is_noticed(
         assert agent.sync.profile.mode == "normal"
     finally:
         await service.stop()
+
+
+async def test_a_networkmanager_restart_keeps_a_hold_on_a_metered_link(
+        make_agent: Any, fake_nucleus: FakeNucleus, bus: PrivateBus, nm: FakeNetworkManager,
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    """NetworkManager restarting (an upgrade, `systemctl restart`) leaves the link up and
+    metered, and answers again a moment later. Its name losing its owner read as
+    "unknown", not metered: a hold let everything queued go out over the metered link in
+    that gap. The last reading now holds for a bounded time; only a NetworkManager that
+    does not come back is "not running"."""
+    await nm.set_metered(YES)
+    agent = await make_agent(upstreams=[upstream(fake_nucleus)],
+                             sync={"on_metered": "hold", "dbus_address": bus.address})
+    await post(agent.port, range(1, 4))
+    await nm.stop()
+    await wait_for(lambda: agent.sync.metered.detail != "NetworkManager: yes")
+    assert agent.sync.profile.mode == "hold" and not agent.forwarding.loops, agent.sync.metered
+    await nm.start()   # back, and still metered
+    await wait_for(lambda: agent.sync.metered.detail == "NetworkManager: yes")
+    assert agent.sync.profile.mode == "hold" and delivered(fake_nucleus) == []
+
+    monkeypatch.setattr(networkmanager, "RESTART_S", 0.1, raising=False)
+    await nm.stop()   # gone for good: unknown once the bound is over, which sends
+    await wait_for(lambda: agent.sync.metered.detail == "NetworkManager is not running")
+    await wait_for(lambda: delivered(fake_nucleus) == [1, 2, 3])
 
 
 async def test_no_bus_means_unknown_and_normal(
