@@ -121,7 +121,9 @@ async def test_a_hold_stops_a_loop_that_is_sending(
 
 
 async def test_networkmanager_appearing_later_is_noticed(
-        make_agent: Any, fake_nucleus: FakeNucleus, bus: PrivateBus) -> None:
+        make_agent: Any, fake_nucleus: FakeNucleus, bus: PrivateBus,
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(networkmanager, "RESTART_S", 0.1)   # not back: stopped
     agent = await make_agent(upstreams=[upstream(fake_nucleus)],
                              sync={"on_metered": "hold", "dbus_address": bus.address})
     sync = (await fetch(agent.port, "/status"))["sync"]
@@ -157,7 +159,7 @@ async def test_a_networkmanager_restart_keeps_a_hold_on_a_metered_link(
     await wait_for(lambda: agent.sync.metered.detail == "NetworkManager: yes")
     assert agent.sync.profile.mode == "hold" and delivered(fake_nucleus) == []
 
-    monkeypatch.setattr(networkmanager, "RESTART_S", 0.1, raising=False)
+    monkeypatch.setattr(networkmanager, "RESTART_S", 0.1)
     await nm.stop()   # gone for good: unknown once the bound is over, which sends
     await wait_for(lambda: agent.sync.metered.detail == "NetworkManager is not running")
     await wait_for(lambda: delivered(fake_nucleus) == [1, 2, 3])

@@ -33,6 +33,7 @@ NM = DBusAddress("/org/freedesktop/NetworkManager", bus_name="org.freedesktop.Ne
                  interface="org.freedesktop.NetworkManager")
 RECONNECT_S = 60.0   # a missing bus, or a refused read, is retried this often (tests shorten it)
 TIMEOUT_S = 10.0     # for connecting, and for each call's reply (tests shorten it)
+RESTART_S = 30.0     # NetworkManager gone from the bus: its last reading holds this long
 SHOWN = 100          # characters of a value from the bus that status and the log show
 _INTEGERS = frozenset("ynqiuxt")   # D-Bus integer types; NMMetered is a "u"
 # NMMetered: 0 unknown, 1 yes, 2 no, 3 guess-yes, 4 guess-no.
@@ -112,14 +113,21 @@ class NetworkManagerSource:
             asked = await self._ask(conn)
         nm_owner: str | None = None   # NetworkManager's unique name, once known
         retry: float | None = None   # when a refused read is asked again
+        known: MeteredReading | None = None   # the last reading NetworkManager gave
+        gone: float | None = None   # NetworkManager left: when its last reading ends
         while True:
+            wake = min((t for t in (deadline, retry, gone) if t is not None), default=None)
             try:
-                async with asyncio.timeout_at(deadline if retry is None else retry):
+                async with asyncio.timeout_at(wake):
                     msg = await _receive(conn)   # (cancelled between reads: nothing lost)
             except TimeoutError:
-                if retry is None:
+                if wake == gone:   # not back in time: stopped, not restarting
+                    gone = None
+                    report(MeteredReading(Metered.UNKNOWN, "NetworkManager is not running"))
+                elif wake == retry:
+                    asked, deadline, retry = await self._ask(conn), loop.time() + TIMEOUT_S, None
+                else:
                     raise   # no reply in time: the session ends
-                asked, deadline, retry = await self._ask(conn), loop.time() + TIMEOUT_S, None
                 continue
             kind = msg.header.message_type
             sender = msg.header.fields.get(HeaderFields.sender)
@@ -128,15 +136,22 @@ class NetworkManagerSource:
                 nm_owner, retry = msg.body[2] or None, None   # a new owner is asked at once
                 if nm_owner:   # a new owner: NetworkManager (re)started
                     asked, deadline = await self._ask(conn), loop.time() + TIMEOUT_S
+                elif known is not None and known.state is not Metered.UNKNOWN:
+                    # A restart (an upgrade) leaves the link as it was: "unknown" (not
+                    # metered) would send what a hold keeps over a metered link meanwhile.
+                    gone = loop.time() + RESTART_S
+                    report(MeteredReading(known.state, f"{known.detail} (kept: NetworkManager "
+                                          f"left the bus; up to {RESTART_S:g}s for a restart)"))
                 else:
                     report(MeteredReading(Metered.UNKNOWN, "NetworkManager is not running"))
+                known = None
             elif changed.matches(msg) and sender is not None and sender == nm_owner:
                 if signature != "sa{sv}as":
-                    report(_failed(f"a PropertiesChanged of signature {signature!r}"))
+                    report(known := _failed(f"a PropertiesChanged of signature {signature!r}"))
                 elif "Metered" in msg.body[1]:
-                    report(_from_variant(msg.body[1]["Metered"]))
+                    report(known := _from_variant(msg.body[1]["Metered"]))
             elif _reply_to(msg) == asked:
-                deadline = None
+                deadline = gone = None
                 if kind is MessageType.method_return:
                     nm_owner = sender
                 answer = _answer(msg, signature)
@@ -150,7 +165,7 @@ class NetworkManagerSource:
                     retry = loop.time() + self.reconnect_s
                     answer = dataclasses.replace(
                         answer, detail=f"{answer.detail}; retried every {self.reconnect_s:g}s")
-                report(answer)
+                report(known := answer)
 
     async def _ask(self, conn: DBusConnection) -> int:
         """Send a Get of ``Metered``; the serial its reply will carry."""
