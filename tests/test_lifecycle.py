@@ -97,6 +97,17 @@ async def told(sock: socket.socket, what: bytes) -> None:
         pass
 
 
+def all_told(sock: socket.socket) -> list[bytes]:
+    """What the agent has said (sd_notify) and was not read yet: each message's first
+    assignment, in order."""
+    sock.setblocking(False)
+    said = []
+    with contextlib.suppress(BlockingIOError):
+        while True:
+            said.append(sock.recv(4096).split(b"\n")[0])
+    return said
+
+
 async def draining_agent(tmp_path: Path, faulty: FaultyUpstream,
                          notify_socket: tuple[socket.socket, str],
                          agent_process: Callable[..., AgentProcess],
@@ -247,12 +258,7 @@ async def test_sigterm_during_the_start_stops_gracefully(
     assert code == 0, (code, log_text)
     assert "outpost stopped" in log_text and "Traceback" not in log_text, log_text
     assert "a stop was asked for during the start" in log_text, log_text
-    sock.setblocking(False)
-    told = []
-    with contextlib.suppress(BlockingIOError):
-        while True:
-            told.append(sock.recv(4096).split(b"\n")[0])
-    assert told == [b"STOPPING=1"], told
+    assert all_told(sock) == [b"STOPPING=1"]
 
 
 # -- a reload during the start -----------------------------------------------------------------
@@ -293,13 +299,18 @@ async def test_sighup_during_the_start_is_a_reload_not_the_agents_end(
 @pytest.mark.parametrize("when", ["batches", "sync"])
 async def test_a_stop_during_a_reload_starts_no_new_forwarders(
         tmp_path: Path, faulty: FaultyUpstream, caplog: pytest.LogCaptureFixture,
+        notify_socket: tuple[socket.socket, str], monkeypatch: pytest.MonkeyPatch,
         when: str) -> None:
     """systemd's stop (SIGTERM) while a reload waits for a batch in flight (``batches``), or
     then for the first readings of a changed [sync] (``sync``: a bus that never answers):
     the reload went on to start new forwarders, which sent the batch cut short again (one
     more copy upstream, cut short in turn and sent once more at the next start), and the
-    stop then waited for them too. In-process, by real signals to this process, handled
-    by ``serve``'s handlers; a grace of 0.3 s for the reload's wait."""
+    stop then waited for them too. Nor is a reload cut short reported (READY=1 after
+    RELOADING=1: systemd's `reload` succeeded) or counted as applied. In-process, by real
+    signals to this process, handled by ``serve``'s handlers; a grace of 0.3 s for the
+    reload's wait."""
+    notify, notify_path = notify_socket
+    monkeypatch.setenv("NOTIFY_SOCKET", notify_path)
     caplog.set_level(logging.INFO, "outpost")
     faulty.script = [Fault("timeout", delay=60)] * 2   # a silent upstream
     cfg = tmp_path / "agent.toml"
@@ -339,6 +350,8 @@ async def test_a_stop_during_a_reload_starts_no_new_forwarders(
         assert await asyncio.wait_for(serving, 10) == 0
     assert len(faulty.requests) == 1, "the batch cut short was sent again by new forwarders"
     assert "a stop was asked for during the reload" in caplog.text, caplog.text
+    assert all_told(notify) == [b"READY=1", b"RELOADING=1", b"STOPPING=1"]
+    assert agent.metrics.reloads_applied == 0
 
 
 def exec_done(pid: int) -> bool:
