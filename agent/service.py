@@ -14,7 +14,7 @@ import os
 import signal
 import sys
 from collections.abc import Callable, Coroutine, Iterable, Mapping
-from typing import Any
+from typing import Any, TypeVar
 
 from aiohttp import web
 
@@ -50,6 +50,7 @@ from agent.terminal import os_text
 from agent.uplinks.registry import uplink_class
 
 log = logging.getLogger("outpost")
+T = TypeVar("T")
 PRUNE_EVERY_S = 600.0
 MAX_REQUEST_LINE = 64 * 1024
 # After an early reply (413, 408) aiohttp reads and drops the rest of the body, so the
@@ -269,9 +270,9 @@ class Agent:
             await self.spool.prune()
             await asyncio.sleep(PRUNE_EVERY_S)
 
-    async def reload(self) -> None:
+    async def reload(self) -> bool:
         """SIGHUP: re-read the config; upstream and [sync] changes take effect, the rest
-        needs a restart."""
+        needs a restart. False if a stop asked for meanwhile cut it short: not applied."""
         # The file the running config came from, not the lookup again: that file removed
         # or renamed, the lookup finds none and the defaults would replace it silently.
         source = self.cfg.source if self.cfg.source != Config.source else None
@@ -283,7 +284,7 @@ class Agent:
             # It names the config's path, which may hold bytes of another encoding.
             self.metrics.reload_error = os_text(exc)
             self.metrics.reload_error_at = CLOCK.elapsed_s()
-            return
+            return True
         # Only accept_keys of [listen] is applied on reload: the server, its guard and its
         # connection limits are built once.
         stale = [f"listen.{f.name}" for f in dataclasses.fields(new.listen)
@@ -295,9 +296,6 @@ class Agent:
                   if f.name not in _RELOADED and getattr(new, f.name) != getattr(self.cfg, f.name)]
         if stale:
             log.warning("reload: %s changed, which needs a restart", ", ".join(stale))
-        self.metrics.reloads_applied += 1
-        self.metrics.reload_error = self.metrics.reload_error_at = None
-        self.metrics.needs_restart = stale
         # What is in force from now on: the parts a reload applies, the rest as started, so
         # that the next reload compares with what runs (names an unapplied change again,
         # and not a change back to it).
@@ -330,7 +328,7 @@ class Agent:
             # short, and the stop would wait for them too. The spool keeps it all.
             log.info("a stop was asked for during the reload: stopping now, the forwarders "
                      "not started again")
-            return
+            return False
         self.forwarding = Supervisor(new, self.spool, self.facts, self.metrics, self.seams,
                                      self.sync.may_send, self.tail.acked)
         if old is not None:
@@ -339,9 +337,14 @@ class Agent:
         await self.forwarding.start()
         # Maybe new routes, maybe new rules: a release under way goes on.
         self.sync.reloaded(self.forwarding.release)
+        # Counted once in force: one a stop cut short is neither applied nor refused.
+        self.metrics.reloads_applied += 1
+        self.metrics.reload_error = self.metrics.reload_error_at = None
+        self.metrics.needs_restart = stale
         log.info("configuration reloaded from %s", new.source)
         for note in preflight.notes(new):   # as a start's: `kill -HUP` runs no check-config
             log.warning("%s", note)
+        return True
 
     async def stop(self) -> None:
         """Stop accepting, let running requests commit, then stop forwarders and the spool."""
@@ -389,9 +392,10 @@ class Agent:
                 if self._reload.is_set() and not self._stop.is_set():
                     self._reload.clear()
                     self.notifier.reloading()
-                    await self._unless_forced(self.reload(), "during a reload; events not yet "
-                                                             "forwarded stay in the spool")
-                    self.notifier.ready()
+                    # Cut short, the reload is not done: systemd hears STOPPING=1 next.
+                    if await self._unless_forced(self.reload(), "during a reload; events not "
+                                                                "yet forwarded stay in the spool"):
+                        self.notifier.ready()
         finally:
             await self._stop_serving()
 
@@ -407,7 +411,7 @@ class Agent:
             self._force.set()
         self._stop.set()
 
-    async def _unless_forced(self, work: Coroutine[Any, Any, None], when: str) -> None:
+    async def _unless_forced(self, work: Coroutine[Any, Any, T], when: str) -> T:
         """Await ``work`` (the start, a reload's wait for the batches in flight, or the
         stop's drain), unless a second SIGINT comes first: then exit at once."""
         working = asyncio.ensure_future(work)
@@ -417,7 +421,7 @@ class Agent:
         if not working.done():
             log.warning("second interrupt: exiting now %s", when)
             _exit_now(EXIT_FORCED)
-        working.result()   # raises what the work raised
+        return working.result()   # raises what the work raised
 
 
 def _exit_now(code: int) -> None:
