@@ -14,7 +14,7 @@ from collections.abc import Mapping
 from typing import Any, TypedDict
 
 from agent import __version__, outcomes
-from agent.clock import CLOCK
+from agent.clock import CLOCK, age_s
 from agent.forwarder.state import UpstreamState
 from agent.metrics import Metrics
 from agent.ops.dead_reasons import NewestReasons, redacted
@@ -240,6 +240,9 @@ def offline_snapshot(cfg: Config) -> Snapshot:
                      {"path": os_text(path), "used_bytes": raw.get("used_bytes"),
                       "max_bytes": cfg.storage.max_bytes, "expiry_errors": None,
                       "expiry_last_error": None, "open_error": None}, {})
+    # By the wall clock alone: the agent's own time (a corrected clock) died with it.
+    first = raw.get("first_received")
+    snap["oldest_event_age_s"] = round(age_s(first), 1) if first is not None else None
     try:
         snap["dead_reasons"] = redacted(dead.newest_reasons(path))
     except sqlite3.DatabaseError as exc:   # their pages damaged: the rest read fine, shown

@@ -165,8 +165,9 @@ def open_read_only(path: Path) -> sqlite3.Connection:
 
 
 def read_offline(path: Path) -> dict[str, Any]:
-    """Queue depth, counters and the bytes used, straight from a spool no agent is
-    serving."""
+    """Queue depth, counters, the bytes used and the receipt time of the event queued
+    first (``first_received``, None if none is, or for a v0 spool not converted yet),
+    straight from a spool no agent is serving."""
     if not path.exists():
         return {"spool": str(path), "exists": False, "depth": 0, "streams": {}, "counters": {}}
     conn = open_read_only(path)
@@ -176,8 +177,13 @@ def read_offline(path: Path) -> dict[str, Any]:
         counters = dict(conn.execute("SELECT name, value FROM counters").fetchall())
         dead = conn.execute("SELECT count(*) FROM dead").fetchone()[0]
         used = used_bytes(conn)
+        # As the running agent reads it (Spool.first_age_s): the lowest seq queued.
+        first = conn.execute("SELECT received FROM records ORDER BY id LIMIT 1").fetchone() \
+            if conn.execute("SELECT 1 FROM sqlite_master WHERE type = 'table' "
+                            "AND name = 'records'").fetchone() else None
     finally:
         conn.close()
     return {"spool": str(path), "exists": True,
             "depth": sum(s["depth"] for s in streams.values()),
-            "streams": streams, "counters": counters, "dead_letters": dead, "used_bytes": used}
+            "streams": streams, "counters": counters, "dead_letters": dead, "used_bytes": used,
+            "first_received": first[0] if first else None}
