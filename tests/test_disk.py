@@ -1069,6 +1069,44 @@ async def test_a_spool_put_there_that_cannot_be_kept_aside_refuses_events_as_a_c
     assert _queues_kept_aside(six_mb_fs) == [("a", 5), ("b", 5)]
 
 
+async def test_a_salvage_that_fails_once_the_fresh_spool_is_open_is_said_and_tried_again(
+        six_mb_fs: Path, caplog: pytest.LogCaptureFixture) -> None:
+    """A recovery waits for room to create its fresh spool; once there is, reopen() opens
+    it, then the disk fails under the salvage (read-only here, as a file system is made
+    after an I/O error). That error escaped _finish_recovery after it had dropped the
+    pending salvage: reopen() said nothing, left the fresh spool open with books read
+    before the salvage and the forwarders untold, and status showed no error. One clear
+    line, open_error, and the salvage finished at the next reopen, key a's forwarder's
+    stream and seqs still its own."""
+    failed: list[contextlib.ExitStack] = []
+
+    def disk_fails() -> None:   # the salvage has begun: the disk goes read-only under it
+        if not failed:
+            failed.append(stack := contextlib.ExitStack())
+            stack.enter_context(read_only(six_mb_fs))
+    spool = await Spool.open(StorageConfig(path=str(six_mb_fs / "spool.db")),
+                             on_migrating=disk_fails)
+    try:
+        held, a_seqs = await _recovered_with_no_room(spool, six_mb_fs)
+        caplog.clear()
+        try:
+            assert not await spool.reopen()
+        finally:
+            failed[0].close()
+        assert not [r for r in caplog.records if r.exc_info], "a traceback"
+        said = [r.getMessage() for r in caplog.records if r.levelno >= logging.ERROR]
+        assert len(said) == 1 and "Read-only" in said[0], said
+        assert spool.open_error and "Read-only" in spool.open_error
+        await spool.append([_event("b", n) for n in range(5)])   # opens it: tried again
+        assert spool.open_error is None and spool.streams["a"] is held
+        assert [orjson.loads(r.body)["key"] for r in await spool.fetch(held.id, 0, 100)] \
+            == ["a"] * 5
+        await spool.ack(a_seqs)   # a's forwarder's acks
+        assert spool.depth == 5 and held.depth == 0
+    finally:
+        await spool.close()
+
+
 async def test_acks_and_dead_letters_are_not_reported_saved_while_the_spool_cannot_be_opened(
         six_mb_fs: Path) -> None:
     """While the spool cannot be opened (a recovery could not create the fresh file on a
