@@ -528,15 +528,38 @@ class Spool:
                      dead=books.dead_count if self._loaded else None)
 
     async def _finish_recovery(self) -> None:
+        """Salvage the file moved aside into the fresh spool just opened. Failing (an SQLite
+        error, the disk failing under it), the fresh spool is closed again with the salvage
+        kept, as when it could not be created: said once, events refused, and done at the
+        next reopen. Left open, its commits came before the salvage, under books read
+        before it (seqs the salvaged records hold), and the salvage was never done."""
         pending, self._salvaging = self._salvaging, None
-        assert pending is not None and self._db is not None
-        books, carry, moved = self.books, pending.carry, pending.moved
+        assert pending is not None
+        try:
+            await self._salvage(pending)
+        except (sqlite3.Error, OSError) as exc:
+            if self._salvaging is None:   # else said where it was kept (_put_aside)
+                self._salvaging = pending
+                await self._close_connections()
+                self.open_error = str(exc) or type(exc).__name__
+                log.error("spool %s: the salvage of %s into the fresh spool failed (%s): "
+                          "events are refused until it is done, tried again every %g s",
+                          self.path, pending.moved, self.open_error, REOPEN_EVERY_S)
+                self.writer.reopen_soon()
+            raise
+
+    async def _salvage(self, pending: _Salvage) -> None:
+        assert self._db is not None
+        carry, moved = pending.carry, pending.moved
         if not pending.noted:  # the disk had no room for it then (its error is logged)
-            note(self.path, moved)
+            pending.noted = note(self.path, moved) is None
         if await self._db.run(salvaged):
-            done(self.path)  # the last run stopped after the salvage's commit
-            log.warning("spool %s: the salvage of %s had finished before the last stop",
-                        self.path, moved)
+            # The last run stopped after the salvage's commit, or this one failed after it.
+            done(self.path)
+            log.warning("spool %s: the salvage of %s had been committed before it was "
+                        "marked done; finished now", self.path, moved)
+            self._keep_held(pending)
+            self.on_reopen()
             return
         if not await self._db.run(is_fresh):   # not the spool that salvage made
             if pending.held:   # this run's own recovery, its forwarders running
@@ -561,16 +584,7 @@ class Spool:
         else:
             done(self.path)
             await self._load_state(self._db)
-        # Running forwarders hold these streams and a seq cursor: keep the objects, and
-        # keep seqs rising, or new events would hide behind the cursors.
-        books.next_seq = max(books.next_seq, pending.next_seq)
-        for stream in pending.held:
-            now = books.by_id.get(stream.id)
-            stream.depth, stream.bytes, stream.high = \
-                (now.depth, now.bytes, now.high) if now else (0, 0, 0)
-            if now is None:
-                books.new_streams.append(stream)
-            books.add_stream(stream)
+        self._keep_held(pending)
         unknown = "how many %s held is unknown (its %s cannot be read)"
         if failed is not None:
             queued = (f"its {got.lost} queued events" if got.known else
@@ -598,6 +612,19 @@ class Spool:
                           "%d)", self.path, got.dead, moved, how_many, unkeyed,
                           Tally.DEAD_DROPPED_CORRUPT, got.dead_lost)
         self.on_reopen()  # forwarders for the salvaged queues
+
+    def _keep_held(self, pending: _Salvage) -> None:
+        """Running forwarders hold these streams and a seq cursor: keep the objects, and
+        keep seqs rising, or new events would hide behind the cursors."""
+        books = self.books
+        books.next_seq = max(books.next_seq, pending.next_seq)
+        for stream in pending.held:
+            now = books.by_id.get(stream.id)
+            stream.depth, stream.bytes, stream.high = \
+                (now.depth, now.bytes, now.high) if now else (0, 0, 0)
+            if now is None:
+                books.new_streams.append(stream)
+            books.add_stream(stream)
 
     async def _put_aside(self, pending: _Salvage) -> None:
         """This run's own recovery found a spool holding data at the path, put there while
