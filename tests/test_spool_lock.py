@@ -12,16 +12,21 @@ import subprocess
 import sys
 from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
+import orjson
 import pytest
 
-from agent.families.event import SEGMENT, Event
+from agent.families.event import NUCLEUS, SEGMENT, Event, dedupe_key
 from agent.paths import agent_holds, spool_lock
 from agent.settings import StorageConfig
 from agent.spool import Spool
 from agent.spool.types import SpoolFull
 from tests.conftest import ROOT, AgentProcess, free_port, write_config
+from tests.fakes.nucleus_upstream import FakeNucleus
 from tests.test_dead_export_target import post_event
+from tests.test_disk import event, upstream
+from tests.waiting import wait_for
 
 
 def _refused(config: Path, spool: Path) -> None:
@@ -149,5 +154,34 @@ async def test_an_agent_that_finds_the_other_at_its_stop_says_its_queue_was_kept
         assert len(errors) == 1 and f"its queue is kept in {kept}" in errors[0], errors
         assert "refuses events" not in errors[0] and "restart" not in errors[0], errors
         assert "stopping" in errors[0], errors
+    finally:
+        await second.close()
+
+
+async def test_a_queue_kept_aside_by_an_agent_another_ousted_is_sent_by_an_agent_run_on_it(
+        tmp_path: Path, make_agent: Any, fake_nucleus: FakeNucleus,
+        caplog: pytest.LogCaptureFixture) -> None:
+    """The queue an agent keeps aside when it finds the other agent on its spool's path
+    (here at its stop) is salvaged by no start: no marker names it, and the spool at the
+    path is the other's, holding data of its own. Its log line named the file, and said
+    nothing of how to send it, nor did the docs. It says to run an agent on that file,
+    and such an agent sends it and leaves it empty."""
+    state = tmp_path / "state"
+    path = state / "spool.db"
+    first = await Spool.open(StorageConfig(path=str(path)), holds_lock=True)
+    await first.append([Event("app1", NUCLEUS, dedupe_key("app1", n),
+                              orjson.dumps(event(n, pad=""))) for n in range(3)])
+    shutil.rmtree(state)
+    second = await Spool.open(StorageConfig(path=str(path)), holds_lock=True)
+    try:
+        caplog.clear()
+        await first.close()
+        [kept] = [p for p in state.glob("spool.db.corrupt-*") if p.suffix != ".lock"]
+        [said] = [r.getMessage() for r in caplog.records if r.levelname == "ERROR"]
+        assert f"kept in {kept}; to send it, run an agent with storage.path = {kept}" \
+            in said, said
+        drain = await make_agent(spool=kept, upstreams=[upstream(fake_nucleus)])
+        await wait_for(lambda: sorted(fake_nucleus.ids()) == [0, 1, 2])
+        await wait_for(lambda: drain.spool.depth == 0)
     finally:
         await second.close()
