@@ -486,9 +486,12 @@ class Spool:
         if in_use is not None:
             # The files at the path are the other agent's, open: moved aside or its -wal
             # removed, it did the same to this one's at its next commit, two writers taking
-            # turns. This one's queue is kept in the copy, for an operator to look at.
+            # turns. This one's queue is kept in the copy, a whole spool: no start salvages
+            # it (no marker names it, and the spool at the path holds the other's queue).
             log.error("%s (its queue is %s)", in_use,
-                      f"kept in {moved}" if copied else "lost: no room for a copy")
+                      f"kept in {moved}; to send it, run an agent with storage.path = "
+                      f"{moved} and a listen.port of its own" if copied
+                      else "lost: no room for a copy")
             self.open_error = self.ousted = str(in_use)
             raise in_use
         if isinstance(exc, Replaced):
