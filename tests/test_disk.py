@@ -993,6 +993,31 @@ async def test_a_recovery_that_cannot_create_the_fresh_spool_finishes_once_it_ca
         await spool.close()
 
 
+async def test_a_recovery_stopped_before_there_is_room_is_finished_at_the_next_start(
+        six_mb_fs: Path) -> None:
+    """A corrupt spool is moved aside on a full disk: no room for the fresh spool, nor for
+    the marker that names the moved file. The agent is stopped before there is room (a
+    restart to clear the 503s, say), then started with room: it found no marker (an empty
+    one, removed as stale), created an empty spool, and the moved file's queue was lost
+    for good, uncounted and unsaid. The marker is kept where a full disk still has room
+    for it (a short symbolic link's inode), and the start finishes the salvage."""
+    path = six_mb_fs / "spool.db"
+    spool = await Spool.open(StorageConfig(path=str(path)))
+    try:
+        await spool.append([_event("a", n) for n in range(5)])
+        fill_up(six_mb_fs / "filler")
+        with pytest.raises(sqlite3.Error):
+            await spool.recover(sqlite3.DatabaseError("database disk image is malformed"))
+    finally:
+        await spool.close()
+    (six_mb_fs / "filler").unlink()
+    again = await Spool.open(StorageConfig(path=str(path)))
+    try:
+        assert again.depth == 5 and list(again.streams) == ["a"], again.counters
+    finally:
+        await again.close()
+
+
 async def _spool_put_while_no_fresh_one_could_be_made(spool: Spool, fs: Path) -> tuple[Any, list[int]]:
     """``_recovered_with_no_room``; then another spool holding key b's queue is put at the
     path (a backup restored)."""
