@@ -1,6 +1,7 @@
 """Move a corrupt spool aside so that a salvage cut short is finished at the next start.
 
-A marker beside the spool (``<name>.salvaging``) names the file moved aside. It is made
+A marker beside the spool (``<name>.salvaging``) names the file moved aside (in a
+symbolic link's target when a full disk has no room for it as text). It is made
 durable before the move and removed only once the salvage has committed into the fresh
 spool (or, when the copy failed, once its loss is counted there). At the next start a
 marker whose file exists means "finish that salvage"; one whose file does not exist is
@@ -42,7 +43,10 @@ def target(path: Path) -> Path:
 def note(path: Path, moved: Path) -> OSError | None:
     """Write the marker naming ``moved``, durably; the error when it cannot (a full disk)."""
     try:
-        fd = os.open(marker(path), os.O_CREAT | os.O_TRUNC | os.O_WRONLY, 0o600)
+        # Made anew: a marker left as a link (below) must not be followed, and the file
+        # it names written over.
+        marker(path).unlink(missing_ok=True)
+        fd = os.open(marker(path), os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o600)
         try:
             # The newline ends the name: a marker cut short by a crash names no file.
             os.write(fd, f"{moved.name}\n".encode())
@@ -51,7 +55,15 @@ def note(path: Path, moved: Path) -> OSError | None:
             os.close(fd)
         sync_dir(path.parent)
     except OSError as exc:
-        return exc
+        # A full disk has no block for the name; a symbolic link that short keeps it in
+        # its inode (ext4, tmpfs). Without it, a stop before there is room for the fresh
+        # spool left the moved file to no salvage, its queue lost uncounted.
+        try:
+            marker(path).unlink(missing_ok=True)
+            os.symlink(moved.name, marker(path))
+            sync_dir(path.parent)
+        except OSError:
+            return exc
     return None
 
 
@@ -105,7 +117,9 @@ def pending(path: Path) -> Path | None:
     """The file moved aside by a salvage that did not finish, its move completed; None
     when there is none (a stale marker is removed)."""
     try:
-        text = marker(path).read_text(encoding="utf-8", errors="replace")
+        # A link is made whole (note): its name needs no newline to end it.
+        text = f"{os.readlink(marker(path))}\n" if marker(path).is_symlink() else \
+            marker(path).read_text(encoding="utf-8", errors="replace")
     except FileNotFoundError:
         return None
     name = text.removesuffix("\n")
