@@ -416,6 +416,15 @@ async def test_what_was_refused_while_a_salvage_waited_for_disk_space_stays_coun
     assert counters.get("rejected_storage_error") == 1, counters
 
 
+async def test_a_damaged_spool_at_start_on_a_full_disk_is_one_error_line(
+        make_agent: Any, small_fs: Path, caplog: pytest.LogCaptureFixture) -> None:
+    """As the docs say: the recovery's line says the file was moved aside and no fresh
+    spool can be created; the start said it again as a spool that "cannot be opened"."""
+    await _damaged_on_a_full_disk(make_agent, small_fs)
+    said = [r.getMessage() for r in caplog.records if r.levelno >= logging.ERROR]
+    assert len(said) == 1 and "no fresh spool can be created" in said[0], said
+
+
 async def test_a_directory_put_at_the_path_while_the_spool_is_closed_is_a_503_saying_so(
         make_agent: Any, small_fs: Path, caplog: pytest.LogCaptureFixture) -> None:
     """The spool closed (moved aside as damaged, no room for the fresh one), and a
