@@ -264,6 +264,7 @@ class Spool:
                    holds_lock: bool = False) -> Spool:
         spool = cls(cfg, cfg.resolved_path(), on_reopen, on_migrating, holds_lock)
         make_private_dir(spool.path.parent)
+        recovering = False   # a recovery that fails to open its fresh spool says why itself
         try:
             if (moved := pending(spool.path)) is not None:
                 # A newer agent's (SpoolTooNew): its files are left for it to finish.
@@ -278,15 +279,18 @@ class Spool:
             except sqlite3.DatabaseError as exc:
                 if not is_corruption(exc):
                     raise
+                recovering = True
                 await spool.recover(exc)
             else:
                 if spool._salvaging is not None:
+                    recovering = True
                     await spool._finish_recovery()
         except (sqlite3.DatabaseError, OSError) as exc:
             # Not corrupt (a full disk, an I/O error): keep the file, refuse
             # events with 503 and try again (writer.REOPEN_EVERY_S), rather than exit into a crash loop.
-            log.error("spool %s cannot be opened (%s); refusing events until it can",
-                      spool.path, exc)
+            if not recovering or spool._salvaging is None:   # else said by the recovery
+                log.error("spool %s cannot be opened (%s); refusing events until it can",
+                          spool.path, exc)
         spool.writer.start()
         return spool
 
@@ -448,8 +452,7 @@ class Spool:
             log.error("spool %s, the fresh spool of the salvage of %s, is damaged (%s): "
                       "moved aside to %s; that salvage starts again", self.path,
                       pending.moved, exc, fresh)
-            await self._connect()
-            await self._finish_recovery()
+            await self._open_fresh(exc, fresh)
             return
         books = self.books
         carry = self._carry()
@@ -510,11 +513,15 @@ class Spool:
             move_aside(self.path, moved)
         self._salvaging = _Salvage(moved, carry, list(books.streams.values()), books.next_seq,
                                    str(exc), why is None)
+        await self._open_fresh(exc, moved)
+
+    async def _open_fresh(self, exc: BaseException, moved: Path) -> None:
+        """Open the fresh spool of a recovery that moved ``moved`` aside, and salvage."""
         try:
             await self._connect()
         except (sqlite3.Error, OSError) as failed:
-            # Said here, once: its callers (a commit, a forwarder's read) refuse or read
-            # nothing while the spool is not open, and the writer tries again.
+            # Said here, once: its callers (a commit, a forwarder's read, a start) refuse
+            # or read nothing while the spool is not open, and the writer tries again.
             log.error("spool %s is corrupt (%s); moved aside to %s, but no fresh spool can be "
                       "created (%s): events are refused until one can, tried again every "
                       "%g s, and the salvage done then", self.path, exc, moved, failed,
