@@ -448,3 +448,29 @@ async def test_the_first_ack_ends_the_outage_not_the_next_probe(
     assert len(recovered) == 1, recovered
     assert re.fullmatch(r"upstream up recovered after \d+s; 5 events delivered",
                         recovered[0]), recovered
+
+
+async def test_a_key_leaving_its_backoff_shows_it_about_to_send_not_idle(
+        make_agent: Any, faulty: FaultyUpstream) -> None:
+    """A key whose retry comes due (its timer, or a flush) has events queued that go at
+    once: status showed its upstream "idle" for the loop turns between the key leaving its
+    backoff and its loop sending (a test read it there, 1 in several hundred runs). Read
+    right as the key leaves, with no loop turn between: it shows "sending"."""
+    faulty.script = [Fault("status", 503), Fault("status", 503)]
+    timing = ManualTiming()
+    agent = await make_agent(upstreams=[upstream(faulty, "nucleus-http")],
+                             seams=seams(timing, Backoff(base_s=8.0)))
+    state = agent.forwarding.states["up"]
+    await send(agent, [event(i) for i in range(5)])
+    await wait_for(functools.partial(probed_failures, state, 1))
+    await quiet(agent, timing, 1)   # the key's retry
+    assert state.shown == "backoff"
+    timing.advance(timing.pending()[0])   # the retry is due: the key's loop starts
+    assert state.shown == "sending"
+    await wait_for(functools.partial(probed_failures, state, 2))
+    await quiet(agent, timing, 1)
+    assert state.shown == "backoff"
+    agent.forwarding.flush()   # `outpost flush`: the parked key goes at once
+    assert state.shown == "sending"
+    await drained(agent, faulty, 5)
+    await wait_for(lambda: state.shown == "idle")
