@@ -433,6 +433,14 @@ class StreamForwarder:
         if sending:
             self.state.state = "idle"
 
+    def resume(self) -> None:
+        """Its key left its backoff (its retry came due, its upstream is back, a flush):
+        what it has queued goes at once. Counted sending from now, or its upstream showed
+        "idle" for the loop turns before its first read, which uncounts it if nothing
+        goes (_quiet)."""
+        if self.queued() and not self.stopping and not self.released:
+            self._mark_sending(True)
+
     def _quiet(self) -> None:
         """Nothing due to go: once its batches are answered and their acks committed (each
         of which wakes the loop), it is no longer sending."""

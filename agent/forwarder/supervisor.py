@@ -381,6 +381,13 @@ class Supervisor:
                 # (a hold, a flush under one): it waits for that, not for the upstream.
                 state.state = "idle"
 
+    def _unpark(self, key: str, attempt: int, until: int | None) -> None:
+        """Start the loop of ``key``, out of the lot now: its events go at once, and its
+        upstream shows so from now (StreamForwarder.resume)."""
+        loop = self._ensure(key, attempt, until)
+        if loop is not None:
+            loop.resume()
+
     def _set_timer(self) -> None:
         if self._timer is not None:
             self._timer.cancel()
@@ -397,7 +404,7 @@ class Supervisor:
             now = max(now, self._timer.when())
         try:
             for key, parked in self._lot.due(now):
-                self._ensure(key, parked.attempt, parked.until)
+                self._unpark(key, parked.attempt, parked.until)
         finally:  # one timer serves every parked key: a bug with one must not strand the rest
             self._set_timer()
 
@@ -430,7 +437,7 @@ class Supervisor:
         (a send that fails again backs off further). Keys under a Retry-After wait on."""
         try:
             for key, parked in self._lot.take(upstream):
-                self._ensure(key, parked.attempt, parked.until)
+                self._unpark(key, parked.attempt, parked.until)
         finally:
             self._set_timer()
 
@@ -514,7 +521,7 @@ class Supervisor:
         parked = self._lot.clear()
         self._set_timer()
         for key, was in parked.items():
-            self._ensure(key, until=was.until)
+            self._unpark(key, 0, was.until)
         for line in self._line.values():   # sent at once as their turn comes
             for key, turn in line.items():
                 line[key] = InLine(0, turn.until, flushed=True)
