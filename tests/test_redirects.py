@@ -12,12 +12,14 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import ssl
 from collections.abc import AsyncIterator
 from pathlib import Path
 from typing import Any
 
 import aiohttp
 import pytest
+from aiohttp import web
 from yarl import URL
 
 from agent.families.event import NUCLEUS, Event
@@ -491,6 +493,34 @@ async def test_doctor_says_a_port_that_speaks_plain_http_fails_the_url_s_tls(
     assert code == 0, out
     (line,) = [ln for ln in out.splitlines() if ln.strip().startswith("up ")]
     assert "does not speak TLS" in line and "http://" in line, line
+
+
+@pytest.fixture
+async def tls_port() -> AsyncIterator[int]:
+    """A port that speaks TLS (HTTPS), as an upstream's https:// url names, with a
+    self-signed certificate: what its handshake proves is TLS, not trust."""
+    tls = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
+    tls.load_cert_chain(Path(__file__).parent / "data" / "self-signed-tls.pem")
+    runner = web.AppRunner(web.Application(), handle_signals=False, shutdown_timeout=0.1)
+    await runner.setup()
+    await web.TCPSite(runner, "127.0.0.1", 0, ssl_context=tls).start()
+    yield int(runner.addresses[0][1])
+    await runner.cleanup()
+
+
+@pytest.mark.parametrize(("scheme", "protocol"), [("http", "segment-http"),
+                                                  ("ws", "nucleus-ws")])
+async def test_doctor_says_a_port_that_speaks_tls_takes_no_plain_http(
+        tmp_path: Path, tls_port: int, scheme: str, protocol: str) -> None:
+    """`outpost doctor` said `reachable` for an http:// (ws://) url whose port speaks TLS,
+    as it connects over TCP and no further, while every send there failed: it says the
+    port speaks TLS and which scheme the url needs."""
+    config = write_config(tmp_path / "agent.toml", tmp_path / "spool.db", upstreams=[
+        {"name": "up", "protocol": protocol, "url": f"{scheme}://127.0.0.1:{tls_port}"}])
+    code, out = await run_outpost("doctor", "--config", str(config))
+    assert code == 0, out
+    (line,) = [ln for ln in out.splitlines() if ln.strip().startswith("up ")]
+    assert "speaks TLS" in line and f"{scheme}s://" in line, line
 
 
 @pytest.mark.parametrize(("content_type", "page"), [
