@@ -4,6 +4,7 @@ is one class plus one registry line (tests/fakes/uplinks.py's NullUplink)."""
 from __future__ import annotations
 
 import socket
+import threading
 from pathlib import Path
 from typing import Any
 
@@ -119,6 +120,10 @@ async def test_registering_an_uplink_is_all_it_takes(make_agent: Any, tmp_path: 
         listening.bind(("127.0.0.1", 0))
         listening.listen()
         port = listening.getsockname()[1]
+        # It closes the connection it takes, as a plain HTTP port closes on the probe's TLS
+        # handshake (left unanswered, the probe waits out its second for one).
+        closer = threading.Thread(target=lambda: listening.accept()[0].close(), daemon=True)
+        closer.start()
         config = write_config(tmp_path / "doctor.toml", tmp_path / "doctor.db", upstreams=[
             null_upstream(),
             {"name": "real", "protocol": "nucleus-http", "url": f"http://127.0.0.1:{port}"}])
@@ -126,4 +131,4 @@ async def test_registering_an_uplink_is_all_it_takes(make_agent: Any, tmp_path: 
         assert cli.main(["doctor", "--config", str(config)]) == 0
     out = capsys.readouterr().out
     assert f"null://sink  {NullUplink.probe(config_for(NULL))}" in out
-    assert f"http://127.0.0.1:{port}  reachable" in out
+    assert f"http://127.0.0.1:{port}  reachable\n" in out   # no more to say

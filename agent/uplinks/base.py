@@ -44,6 +44,9 @@ HAPPY_EYEBALLS_S = 0.25
 _NOT_TLS = frozenset({"WRONG_VERSION_NUMBER", "RECORD_LAYER_FAILURE"})
 _TLS_SCHEMES = frozenset({"https", "wss"})
 _DOCTOR_S = 3.0   # what `outpost doctor` waits for a connection, and then for its handshake
+# What it waits for a TLS answer on an http:// or ws:// url's port: a port that speaks TLS
+# answers a handshake at once; one that speaks plain HTTP may wait for a line (Go's, Apache's).
+_SNIFF_S = 1.0
 
 
 @dataclass(frozen=True, slots=True)
@@ -226,14 +229,19 @@ class UplinkBase(ABC):
     def probe(cls, cfg: UpstreamConfig) -> str:
         """For `outpost doctor`: whether the upstream's host accepts a TCP connection, and
         for an https:// or wss:// url a TLS handshake as its requests make it (a port that
-        speaks plain HTTP, or a certificate this device does not trust, fails every send)."""
+        speaks plain HTTP, or a certificate this device does not trust, fails every send);
+        for an http:// or ws:// url, whether its port speaks TLS (every send fails too)."""
         host, port = _address(cfg)
         try:
             sock = socket.create_connection((host, port), timeout=_DOCTOR_S)
         except OSError as exc:
             return f"unreachable ({exc.strerror or exc})"
         with sock:
-            if urlsplit(cfg.url).scheme not in _TLS_SCHEMES:
+            scheme = urlsplit(cfg.url).scheme
+            if scheme not in _TLS_SCHEMES:
+                if _speaks_tls(sock, host):
+                    return ("reachable, but its port speaks TLS, not plain HTTP: every send "
+                            f"fails (check the upstream's url: {scheme}s://)")
                 return "reachable"
             try:
                 with ssl.create_default_context().wrap_socket(sock, server_hostname=host):
@@ -336,6 +344,22 @@ def not_tls(error: BaseException | None, host: str, port: int | None) -> str | N
         return None
     return (f"{host}:{port} does not speak TLS: it answered the TLS handshake in plain text "
             "(check the upstream's url: http:// or ws:// for a port that speaks plain HTTP)")
+
+
+def _speaks_tls(sock: socket.socket, host: str) -> bool:
+    """Whether the port ``sock`` is connected to completes a TLS handshake, or refuses one
+    with a TLS alert: the question is what it speaks, so no certificate is checked."""
+    tls = ssl.create_default_context()
+    tls.check_hostname = False
+    tls.verify_mode = ssl.CERT_NONE
+    sock.settimeout(_SNIFF_S)
+    try:
+        with tls.wrap_socket(sock, server_hostname=host):
+            return True
+    except ssl.SSLError as exc:
+        return "ALERT" in (exc.reason or "")
+    except OSError:   # no answer in time, or closed: not a TLS one
+        return False
 
 
 def _address(cfg: UpstreamConfig) -> tuple[str, int]:
