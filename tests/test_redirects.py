@@ -413,13 +413,15 @@ async def test_a_413_for_another_key_s_larger_batch_restarts_the_limit_s_minute(
 async def test_a_refused_websocket_handshake_says_what_to_check(
         make_agent: Any, gateway: CaptiveUpstream, status: int, hint: str) -> None:
     """A nucleus-ws upstream that refuses the handshake with 401/403 (the app id in its URL
-    is the key) or 404 names what to check, as the HTTP uplinks' last_error does: it said
-    "HTTP 403 (Invalid response status)" alone."""
+    is the key) or 404 names what to check, and what its reply said, as the HTTP uplinks'
+    last_error does: it said "HTTP 403 (Invalid response status)" alone (aiohttp's error
+    for a refused handshake leaves the body out)."""
     gateway.intercept = Answer(status, body=b'{"error": "no such app"}',
                                content_type="application/json")
     agent = await start(make_agent, gateway, "nucleus-ws")
     up = await held_while_failing(agent)
     assert f"HTTP {status}" in up["last_error"] and hint in up["last_error"], up["last_error"]
+    assert '"no such app"' in up["last_error"], up["last_error"]
 
 
 # nginx's answer to http:// sent to its https port; a proxy's error page looks alike.
