@@ -111,6 +111,47 @@ async def refuse_redirects(req: aiohttp.ClientRequest,
     return resp
 
 
+class HandshakeRefused(aiohttp.WSServerHandshakeError):
+    """A websocket handshake answered with a status other than 101 (and no redirect), with
+    the start of the reply's ``body``, which aiohttp's own error leaves out: a 403's
+    "unknown app" says more than its status."""
+
+    def __init__(self, resp: aiohttp.ClientResponse, body: bytes) -> None:
+        super().__init__(resp.request_info, resp.history, status=resp.status,
+                         message="Invalid response status", headers=resp.headers)
+        self.body = body
+
+
+# What is read of a refused handshake's reply: what its last_error shows is shorter. Its
+# body comes with its head; one that does not is not waited for past _REFUSAL_S.
+_REFUSAL_BYTES = 4096
+_REFUSAL_S = 1.0
+
+
+async def read_refused_handshakes(req: aiohttp.ClientRequest,
+                                  handler: aiohttp.ClientHandlerType) -> aiohttp.ClientResponse:
+    """Client middleware: a websocket handshake the upstream refuses raises HandshakeRefused,
+    with the start of the reply's body, before ws_connect closes the reply unread."""
+    resp = await handler(req)
+    if resp.status == 101 or 300 <= resp.status < 400 \
+            or req.headers.get("Upgrade", "").lower() != "websocket":
+        return resp
+    chunks: list[bytes] = []
+    size = 0
+    try:
+        async with asyncio.timeout(_REFUSAL_S):
+            async for chunk in resp.content.iter_any():
+                chunks.append(chunk)
+                size += len(chunk)
+                if size >= _REFUSAL_BYTES:
+                    break
+    except (aiohttp.ClientError, TimeoutError):
+        pass   # what came is shown: the status is the answer
+    finally:
+        resp.close()
+    raise HandshakeRefused(resp, b"".join(chunks)[:_REFUSAL_BYTES])
+
+
 def client_session() -> aiohttp.ClientSession:
     """The session uplinks share; it never follows a redirect.
 
@@ -120,7 +161,8 @@ def client_session() -> aiohttp.ClientSession:
     connections itself, per upstream: a websocket per loop (supervisor.MAX_LOOPS), a
     request per batch in flight (slots.BATCHES_IN_FLIGHT)."""
     return aiohttp.ClientSession(connector=aiohttp.TCPConnector(limit=0),
-                                 auto_decompress=True, middlewares=(refuse_redirects,),
+                                 auto_decompress=True,
+                                 middlewares=(refuse_redirects, read_refused_handshakes),
                                  trace_configs=[_CONNECTED])
 
 

@@ -40,6 +40,7 @@ from agent.spool.types import Row
 from agent.uplinks import splice
 from agent.uplinks.base import Acked, Refused, Retry, SendResult, UplinkBase, to_check
 from agent.uplinks.http_common import (
+    HandshakeRefused,
     UpstreamRedirect,
     described,
     excerpt,
@@ -472,8 +473,11 @@ def _handshake_refused(exc: aiohttp.WSServerHandshakeError) -> tuple[str, float 
     check = to_check(exc.status)
     if exc.status == 400 and exc.request_info.url.scheme == "ws":
         # A valid upgrade refused as malformed: plain HTTP read by a TLS port, as Go's
-        # servers answer it (the body that says so is not read for a refused handshake).
+        # servers answer it (with a body that says so, shown below).
         check = "a port that speaks HTTPS, not HTTP? check the upstream's url: wss://"
     hint = "" if page else f" ({check})" if check else ""
-    return (f"websocket handshake refused: {page or f'HTTP {exc.status} ({exc.message})'}{hint}",
-            wait)
+    # What the reply said, redacted as the HTTP uplinks' (HttpReply.said): read by the
+    # session's read_refused_handshakes, as aiohttp's own error has none of it.
+    said = excerpt(exc.body, 200).strip() if isinstance(exc, HandshakeRefused) else ""
+    what = page or (f"HTTP {exc.status}: {said}" if said else f"HTTP {exc.status} ({exc.message})")
+    return f"websocket handshake refused: {what}{hint}", wait
