@@ -128,14 +128,17 @@ async def test_colliding_ids_wait_for_the_first_ack(make_agent: Any,
     assert [e["sessionId"] for e in fake_nucleus.events] == [1, 2, 3]
 
 
+@pytest.mark.parametrize("app_id", ["shop?x=1#frag/../other", "a;b", "..;"])
 @pytest.mark.parametrize("protocol", ["nucleus-ws", "nucleus-http"])
 async def test_an_app_id_that_needs_escaping_reaches_its_own_upstream_path(
-        make_agent: Any, fake_nucleus: FakeNucleus, protocol: str) -> None:
+        make_agent: Any, fake_nucleus: FakeNucleus, protocol: str, app_id: str) -> None:
     """The app id goes into the upstream's path as one segment, escaped: an id holding `?`,
     `#` or `/` must not cut the path short (its events sent to another app's path, or
-    to none) nor add segments to it."""
+    to none) nor add segments to it. Nor may one holding `;`, which went unescaped (yarl
+    unescaped it): servers that read `;` as the start of a segment's parameters (Java's
+    servlet containers, and proxies that match paths so) took `/app/a;b/track` for app
+    `a`'s path, and `/app/..;/track` for `/track`."""
     agent = await make_agent(upstreams=[upstream(fake_nucleus, protocol=protocol)])
-    app_id = "shop?x=1#frag/../other"
     async with aiohttp.ClientSession() as s:
         async with s.post(URL(f"http://127.0.0.1:{agent.port}/app/{quote(app_id, safe='')}"
                               "/track", encoded=True), json={"data": [
@@ -144,6 +147,7 @@ async def test_an_app_id_that_needs_escaping_reaches_its_own_upstream_path(
     await wait_for(lambda: agent.spool.depth == 0)
     assert fake_nucleus.ids() == [0, 1, 2]
     assert set(fake_nucleus.paths) == {f"/app/{app_id}/track"}
+    assert set(fake_nucleus.raw_paths) == {f"/app/{quote(app_id, safe='')}/track"}
 
 
 @pytest.mark.parametrize("app_id", [".", ".."])

@@ -25,6 +25,7 @@ class FakeNucleus:
         self.batches: list[list[Any]] = []         # the ids of each frame or request with events
         self.frames = 0
         self.paths: list[str] = []
+        self.raw_paths: list[str] = []   # as the request line had them, escapes and all
         self.ack: Callable[[Any], bool] = lambda ev_id: True
         self.drop_after_frames: int | None = None
         self.reply_raw: bytes | None = None        # send this instead of a real ack
@@ -50,9 +51,10 @@ class FakeNucleus:
     def http_url(self) -> str:
         return f"http://127.0.0.1:{self.port}"
 
-    def _record(self, path: str, msg: Any) -> list[Any]:
+    def _record(self, request: web.Request, msg: Any) -> list[Any]:
         self.frames += 1
-        self.paths.append(path)
+        self.paths.append(request.path)
+        self.raw_paths.append(request.raw_path)
         ids = []
         batch = []
         for ev in msg.get("data", []):
@@ -81,7 +83,7 @@ class FakeNucleus:
             async for msg in ws:
                 if msg.type not in (WSMsgType.TEXT, WSMsgType.BINARY):
                     continue
-                ids = self._record(request.path, orjson.loads(msg.data))
+                ids = self._record(request, orjson.loads(msg.data))
                 if self.drop_after_frames is not None and self.frames >= self.drop_after_frames:
                     await ws.close()
                     break
@@ -98,7 +100,7 @@ class FakeNucleus:
         return ws
 
     async def _http(self, request: web.Request) -> web.Response:
-        ids = self._record(request.path, orjson.loads(await request.read()))
+        ids = self._record(request, orjson.loads(await request.read()))
         if self.delay_s:
             await asyncio.sleep(self.delay_s)
         if self.reply_raw is not None:
