@@ -305,7 +305,7 @@ class HttpReply:
         return f"HTTP {self.status}: {excerpt(self.body, most)}".rstrip(": ")
 
 
-async def post(session: aiohttp.ClientSession, url: str, body: bytes, headers: dict[str, str],
+async def post(session: aiohttp.ClientSession, url: str | URL, body: bytes, headers: dict[str, str],
                timeout_s: float, most: int) -> HttpReply | Retry:
     """POST ``body``: the reply, read up to ``most`` bytes (``reply_cap``), or a Retry saying
     what went wrong on the network (never raises for it)."""
@@ -333,7 +333,7 @@ _CLOSED_UNDER_IT = (aiohttp.ServerDisconnectedError, aiohttp.ClientOSError,
                     aiohttp.ClientConnectionResetError)
 
 
-async def _post(session: aiohttp.ClientSession, url: str, body: bytes, headers: dict[str, str],
+async def _post(session: aiohttp.ClientSession, url: str | URL, body: bytes, headers: dict[str, str],
                 progress: _Progress, timeout_s: float, left: float, most: int
                 ) -> HttpReply | Retry:
     """One try of ``post``, within ``left`` seconds: raises what the network raised before

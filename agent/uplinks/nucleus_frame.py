@@ -13,6 +13,7 @@ from typing import Any, ClassVar, cast
 from urllib.parse import quote
 
 import orjson
+from yarl import URL
 
 from agent.families.event import NUCLEUS, compact_json
 from agent.spool.types import Row
@@ -23,10 +24,16 @@ _PLAIN = frozenset({int, float, str})
 _HEAD, _TAIL = b'{"data":[', b"]}"
 
 
-def track_url(base: str, key: str) -> str:
+def track_url(base: str, key: str) -> URL:
     """`{base}/app/{key}/track`, the key one escaped path segment: an app id holding `?`,
-    `#` or `/` (any printable key is accepted) must not cut the path short or add to it."""
-    return f"{base.rstrip('/')}/app/{quote(key, safe='')}/track"
+    `#` or `/` (any printable key is accepted) must not cut the path short or add to it.
+    Sent as built (encoded): from a string, yarl unescaped what a path may hold as it is,
+    `;` included, which servlet containers (and proxies matching paths as they do) read
+    as the start of a segment's parameters: `/app/a;b/track` was app `a`'s path there,
+    and `/app/..;/track` was `/track`."""
+    url = URL(base)
+    return url.with_path(f"{url.raw_path.rstrip('/')}/app/{quote(key, safe='')}/track",
+                         encoded=True)
 
 
 class NucleusFraming:
