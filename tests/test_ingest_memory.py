@@ -22,7 +22,7 @@ import pytest
 from aiohttp import WSCloseCode, WSMsgType
 
 from tests.conftest import AgentProcess, free_port, write_config
-from tests.load_bodies import KEY, ROUTES, Route, nucleus_body
+from tests.load_bodies import BASIC, KEY, ROUTES, Route, nucleus_body
 from tests.waiting import run_outpost, wait_for
 
 MB = 1024 * 1024
@@ -420,3 +420,38 @@ async def test_the_events_kept_of_a_websocket_message_over_4_mib_count_128_bytes
     kept = 1 + (2 * MB - len(b'{"id":0},')) // 128   # of the first 2 MiB: the rest is resent
     assert orjson.loads(msg.data)["reportedIds"] == list(range(kept))
     assert agent.spool.depth == kept
+
+
+def empty_objects(field: bytes, size: int = 4 * MB, item: bytes = b"{}") -> bytes:
+    """A body of ``size`` bytes whose array ``field`` holds ``item`` again and again."""
+    head, tail = b'{"%s":[' % field, b"]}"
+    n = (size - len(head) - len(tail) + 1) // (len(item) + 1)
+    return head + b",".join([item] * n) + tail
+
+
+async def test_a_body_dense_in_objects_is_refused_before_it_is_parsed(
+        tmp_path: Path, agent_process: Callable[..., AgentProcess]) -> None:
+    """Parsed, every `{}` or `[]` is a Python object of 70-100 bytes: 4 MiB of them, 1.4
+    million, took an `outpost run` 150 MB past idle while it parsed them, before any of
+    its limits on events could apply (a real 4 MiB message, 38,000 Nucleus events, takes
+    about 20 MB). A body over 64 KiB holding more than one object or array per 16 bytes
+    is refused (413) unparsed, on every route that takes large bodies."""
+    agent = offline_agent(tmp_path, agent_process)
+    assert agent.proc is not None
+    sampler = RssSampler(agent.proc.pid)
+    posts = [(f"/app/{KEY}/track", {}, empty_objects(b"data")),
+             (f"/app/{KEY}/track", {}, empty_objects(b"data", item=b"[]")),
+             ("/v1/batch", BASIC, empty_objects(b"batch"))]
+    async with aiohttp.ClientSession() as s:
+        async with s.post(f"{agent.url}/app/{KEY}/track", json={"data": [{"id": 1}]}) as r:
+            assert r.status == 200
+        idle = sampler.rss()
+        replies = []
+        with sampler.running():
+            for path, headers, body in posts:
+                async with s.post(agent.url + path, data=body, headers=headers) as r:
+                    replies.append((path, r.status, await r.text()))
+    grown = sampler.peak - idle
+    assert grown <= 40 * MB, f"peak RSS {grown / MB:.0f} MB over idle"
+    for path, status, reply in replies:
+        assert status == 413 and "objects and arrays" in reply, (path, status, reply[:300])
