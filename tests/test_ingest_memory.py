@@ -434,8 +434,9 @@ async def test_a_body_dense_in_objects_is_refused_before_it_is_parsed(
     """Parsed, every `{}` or `[]` is a Python object of 70-100 bytes: 4 MiB of them, 1.4
     million, took an `outpost run` 150 MB past idle while it parsed them, before any of
     its limits on events could apply (a real 4 MiB message, 38,000 Nucleus events, takes
-    about 20 MB). A body over 64 KiB holding more than one object or array per 16 bytes
-    is refused (413) unparsed, on every route that takes large bodies."""
+    about 20 MB). A body holding more than 262,144 objects and arrays (one per 16 bytes of
+    the 4 MiB it may be) is refused (413) unparsed, on every route that takes large
+    bodies, and closes a Nucleus websocket with 1009."""
     agent = offline_agent(tmp_path, agent_process)
     assert agent.proc is not None
     sampler = RssSampler(agent.proc.pid)
@@ -451,7 +452,12 @@ async def test_a_body_dense_in_objects_is_refused_before_it_is_parsed(
             for path, headers, body in posts:
                 async with s.post(agent.url + path, data=body, headers=headers) as r:
                     replies.append((path, r.status, await r.text()))
+            async with s.ws_connect(f"{agent.url}/app/{KEY}/track") as ws:
+                await ws.send_bytes(posts[0][2])
+                msg = await ws.receive(timeout=30)
     grown = sampler.peak - idle
     assert grown <= 40 * MB, f"peak RSS {grown / MB:.0f} MB over idle"
     for path, status, reply in replies:
         assert status == 413 and "objects and arrays" in reply, (path, status, reply[:300])
+    assert msg.type == WSMsgType.CLOSE and msg.data == WSCloseCode.MESSAGE_TOO_BIG, msg
+    assert "objects and arrays" in msg.extra, msg

@@ -46,6 +46,14 @@ class Busy(BodyError):
         self.retry_after = retry_after
 
 
+class TooManyObjects(BodyError):
+    """A body holding too many objects and arrays to parse (``refuse_too_many_objects``)."""
+
+    def __init__(self, count: int, most: int) -> None:
+        super().__init__(413, f"request body too large to parse: {count:,} objects and "
+                         f"arrays, at most {most:,}")
+
+
 class Reservation(Protocol):
     held: int   # bytes taken so far
 
@@ -204,12 +212,38 @@ def _inflate(data: bytes, encoding: str, limit: int,
     raise BodyError(400, f"invalid {encoding} body", f"more than {GZIP_MEMBERS} gzip members")
 
 
+# The most objects and arrays one body may hold: one per 16 bytes of the 4 MiB the largest
+# bodies may be. Parsed, each is a Python object of 70-200 bytes, most of a parse's
+# memory: a real 4 MiB message (38,000 Nucleus events, one object per ~110 bytes) parses to
+# ~20 MB, one of 4 MiB of `{}` (1.4 million) to ~100 MB, 150 MB of RSS, before any limit on
+# events could apply. Real events are 100 bytes or more, with a few nested objects at most.
+MAX_CONTAINERS = 4 * 1024 * 1024 // 16
+
+
+def refuse_too_many_objects(raw: bytes | str) -> None:
+    """Raise TooManyObjects (413) for ``raw`` holding over MAX_CONTAINERS `{` and `[` (objects
+    and arrays, or those characters in strings), unparsed: ~1 ms a MiB, nothing for a body
+    too small to hold that many."""
+    if len(raw) <= MAX_CONTAINERS:
+        return
+    if isinstance(raw, bytes):
+        n = raw.count(b"{") + raw.count(b"[")
+    else:
+        n = raw.count("{") + raw.count("[")
+    if n > MAX_CONTAINERS:
+        raise TooManyObjects(n, MAX_CONTAINERS)
+
+
 async def parse_body(raw: R, read: Callable[[R], Any], build: Callable[[Any, int], T]) -> T:
     """``build(read(raw), len(raw))``: a body parsed and validated, off the event loop
-    when large (see offload.py).
+    when large (see offload.py), and refused unparsed when it holds too many objects and
+    arrays (``refuse_too_many_objects``).
 
     Pass read_raw's result straight in (``store(await parse_body(await read_raw(...),
     ...))``): the body and its parsed form are then gone before the commit is awaited.
     With 32 batches waiting on a group commit they were most of the agent's peak memory.
     """
-    return await offload.parse(len(raw), lambda: build(read(raw), len(raw)))
+    def work() -> T:
+        refuse_too_many_objects(raw)
+        return build(read(raw), len(raw))
+    return await offload.parse(len(raw), work)

@@ -34,6 +34,7 @@ from agent.dialects.body import (
     BodyError,
     Busy,
     Reservation,
+    TooManyObjects,
     count_events,
     parse_body,
     read_raw,
@@ -274,9 +275,10 @@ class NucleusHandlers:
             return False
         except (BodyError, Invalid) as exc:
             # A bad message closes only this connection, with a reason the app can log.
-            code = (WSCloseCode.MESSAGE_TOO_BIG if isinstance(exc, (TooLarge, TooMany))
+            code = (WSCloseCode.MESSAGE_TOO_BIG
+                    if isinstance(exc, (TooLarge, TooMany, TooManyObjects))
                     else WSCloseCode.INVALID_TEXT)
-            if isinstance(exc, TooMany):
+            if isinstance(exc, (TooMany, TooManyObjects)):
                 log_limited(log, logging.WARNING, f"too-many:{key}",
                             "app %s: %s, closed (1009)", masked(key),
                             exc.message)

@@ -36,6 +36,7 @@ from agent.dialects.body import (
     TICKET,
     BodyError,
     Busy,
+    TooManyObjects,
     count_events,
     parse_body,
     read_raw,
@@ -211,7 +212,9 @@ class SegmentHandlers:
             return batch_error(exc.status, [error_object(exc.status, exc.message, exc.details)],
                                exc.retry_after)
         except BodyError as exc:
-            detail = "HTTP request too large" if exc.status == 413 else replies.describe(exc)
+            # Segment's own words for a body over its size; ours for any other refusal.
+            detail = ("HTTP request too large" if exc.status == 413
+                      and not isinstance(exc, TooManyObjects) else replies.describe(exc))
             return batch_error(exc.status, [error_object(
                 exc.status, "Error reading request body", detail)])
         return await self._store(collected)
