@@ -9,12 +9,14 @@ events, and a record is deleted once none of its events is live (Vector's disk b
 
 from __future__ import annotations
 
+import functools
 import logging
 import os
 import sqlite3
 import threading
 from array import array
 from collections.abc import Sequence
+from contextlib import closing
 from dataclasses import dataclass, field
 from itertools import compress
 from operator import not_
@@ -411,11 +413,26 @@ def _size(job: Job, i: int, share: dict[int, float]) -> int:
 
 
 def _least_bytes(conn: sqlite3.Connection) -> int:
-    """What the file takes holding no row: a page for each table and index, and the
-    schema's own. Less than any spool takes, so a request larger than max_size_mb less
-    this could never be stored."""
-    tables = conn.execute("SELECT count(*) FROM sqlite_master WHERE rootpage > 0").fetchone()
-    return (int(tables[0]) + 1) * PAGE
+    """What the file takes holding no row: the pages its schema's statements make in an
+    empty database. No spool takes less, so a request larger than max_size_mb less this
+    could never be stored. (Counted as a page a table and one for the schema, it was 3
+    pages short, the schema's text taking 3 and incremental vacuum's pointer map one: a
+    request an empty spool could not hold was told to retry later, for good.)"""
+    schema = tuple(sql for (sql,) in conn.execute(
+        "SELECT sql FROM sqlite_master WHERE sql IS NOT NULL ORDER BY rowid"))
+    vacuum = int(conn.execute("PRAGMA auto_vacuum").fetchone()[0])
+    return _empty_pages(schema, vacuum) * PAGE
+
+
+@functools.lru_cache(maxsize=4)
+def _empty_pages(schema: tuple[str, ...], vacuum: int) -> int:
+    """Pages of a database made by ``schema`` (one per spool layout: computed once)."""
+    with closing(sqlite3.connect(":memory:")) as empty:
+        empty.execute(f"PRAGMA page_size = {PAGE}")
+        empty.execute(f"PRAGMA auto_vacuum = {vacuum}")
+        for sql in schema:
+            empty.execute(sql)
+        return int(empty.execute("PRAGMA page_count").fetchone()[0])
 
 
 def _leaning(job: Job, kept: list[int], refuse: set[int]) -> set[int]:
