@@ -5,7 +5,9 @@ counted and logged. Never at once and again, as fast as the upstream answers."""
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
+import json
 import logging
 import sqlite3
 from typing import Any
@@ -111,3 +113,40 @@ async def test_status_and_metrics_answer_while_the_spool_cannot_be_read(
         async with s.get(f"http://127.0.0.1:{agent.port}/metrics") as r:
             assert r.status == 200, await r.text()
     assert snap["queue_depth"] == 1 and snap["oldest_event_age_s"] is None, snap
+
+
+async def test_an_ack_the_spool_could_not_record_shows_once_in_the_live_view(
+        make_agent: Any, fake_segment: FakeSegment) -> None:
+    """`outpost tail` and the page's live panel show each delivered event acked once: the
+    upstream's first ack, not recorded, was shown there too, and the ack that was, again."""
+    fake_segment.outage = (503, None)
+    agent = await make_agent(upstreams=[segment_up(fake_segment)])
+    async with aiohttp.ClientSession() as s, s.get(f"http://127.0.0.1:{agent.port}/tail") as resp:
+        assert b'"watching"' in await resp.content.readline()
+        await track(agent.port, "m1")
+        await wait_for(lambda: len(fake_segment.requests) >= 1)
+        with contextlib.closing(sqlite3.connect(str(agent.spool.path),
+                                                isolation_level=None)) as other:
+            [(table,)] = other.execute("SELECT sql FROM sqlite_master WHERE name = 'spent'")
+            other.execute("DROP TABLE spent")
+            fake_segment.outage = None
+
+            async def not_recorded() -> bool:
+                return "spent" in ((await upstream_status(agent.port))["last_error"] or "")
+
+            await wait_for(not_recorded)
+            other.execute(table)
+        await wait_for(lambda: agent.spool.depth == 0)
+        await track(agent.port, "m2")   # its acked line comes after any of m1's
+        acked: list[str] = []
+        while "m2" not in acked:
+            line = await asyncio.wait_for(resp.content.readline(), 20)
+            if line.startswith(b"data: ") and (m := json.loads(line[6:]))["kind"] == "acked":
+                acked.append(m["id"])
+    assert acked == ["m1", "m2"]
+
+
+async def track(port: int, message_id: str) -> None:
+    reply = await call(port, "/v1/track", {"event": "e", "userId": "u", "messageId": message_id},
+                       headers={"Authorization": basic("k")})
+    assert reply.status == 200
