@@ -24,6 +24,13 @@ steps = st.lists(st.one_of(
     st.tuples(st.just("take"), st.integers(0, 1), st.just(0), st.just(0))), max_size=30)
 
 
+def shown_once_saved(hub: TailHub, key: str, rows: list[Row], acked: list[int]) -> None:
+    """An upstream's ack of ``acked``, recorded by the spool: the forwarder shows it."""
+    show = hub.acked("up", key, rows, acked)
+    if show is not None:
+        show()
+
+
 @settings(max_examples=60, deadline=None)
 @given(steps)
 def test_every_wanted_message_is_shown_or_reported_dropped(
@@ -53,7 +60,7 @@ def test_every_wanted_message_is_shown_or_reported_dropped(
         if step == "ack":
             rows = [Row(100 + i, k, SEGMENT, 0, body) for i in range(n)]
             acked = [row.seq for row in rows][: n * pct // 100]
-            hub.acked("up", key, rows, acked)
+            shown_once_saved(hub, key, rows, acked)
             wanted[0] += len(acked)
             wanted[1] += len(acked) if k == 1 else 0
             continue
@@ -96,7 +103,7 @@ def test_a_viewer_that_falls_behind_holds_a_bounded_size_of_events() -> None:
     big = b'{"type":"event","name":"n","id":1,"blob":"' + b"x" * 300_000 + b'"}'
     for i in range(40):
         hub.ingested([Event("k", NUCLEUS, i, big)], 1)
-        hub.acked("up", "k", [Row(i, 1, NUCLEUS, 0, big)], [i])
+        shown_once_saved(hub, "k", [Row(i, 1, NUCLEUS, 0, big)], [i])
     hub.ingested([Event("k", NUCLEUS, i, big) for i in range(40)], 40)
     held = sum(len(item.body) if isinstance(item, Event) else len(item[1][2].body)
                for item in viewer.queue)

@@ -84,12 +84,16 @@ class _Ahead(NamedTuple):
 
 
 # Told of each upstream ack: (upstream, key, the batch's rows, the seqs acked). The live
-# event view (ops/tail.py); cheap by contract: one truth test when nobody watches.
-AckHook = Callable[[str, str, Sequence[Row], Sequence[int]], None]
+# event view (ops/tail.py); cheap by contract: one truth test when nobody watches. What it
+# returns shows the ack, called once the spool has recorded it: an ack not recorded is
+# sent again and acknowledged again, and was shown at each.
+Shown = Callable[[], None]
+AckHook = Callable[[str, str, Sequence[Row], Sequence[int]], Shown | None]
 
 
-def ignore_acks(upstream: str, key: str, rows: Sequence[Row], seqs: Sequence[int]) -> None:
-    pass
+def ignore_acks(upstream: str, key: str, rows: Sequence[Row],
+                seqs: Sequence[int]) -> Shown | None:
+    return None
 
 
 @dataclass
@@ -175,6 +179,7 @@ class StreamForwarder:
         self._acking: set[asyncio.Task[None]] = set()  # spool deletes of upstream-acked rows
         self._held: list[int] = []  # upstream-acked rows not yet handed to spool.ack
         self._held_delivered = 0    # of them, those still queued (_apply): counted once saved
+        self._held_shown: list[Shown] = []   # their live view's (AckHook): shown once saved
         self._failed: Retry | None = None
         # Commits of acks or dead letters that failed in a row (the spool's disk gone
         # read-only, say): each backoff is longer, however often the upstream answers.
@@ -782,8 +787,6 @@ class StreamForwarder:
             # waits. _settle deletes them before any resend.
             self._held.extend(acked)
             self._held_delivered += delivered
-            if len(self._held) >= ACK_GROUP * self.cfg.batch_max_events:
-                self._ack_held()
             self.state.last_ack = CLOCK.elapsed_s()
         # As for acks: not those whose record the spool dropped while they were sent (it
         # keeps no dead letter of them). Counted before the commit takes them out.
@@ -804,7 +807,11 @@ class StreamForwarder:
                 self.attempt = self._unsaved
                 self.state.state = "idle"   # past any backoff or restart (shown: sending)
         if acked:  # last: a hook that raises (a bug) must not undo the ack's bookkeeping
-            self.on_acked(self.cfg.name, self.stream.key, batch.rows, acked)
+            show = self.on_acked(self.cfg.name, self.stream.key, batch.rows, acked)
+            if show is not None:   # with the delete of these rows, not of a later group
+                self._held_shown.append(show)
+            if len(self._held) >= ACK_GROUP * self.cfg.batch_max_events:
+                self._ack_held()
         return delivered
 
     def _too_big(self, size: int, why: str, for_now: bool) -> None:
@@ -938,14 +945,17 @@ class StreamForwarder:
         if self._held:
             held, self._held = self._held, []
             delivered, self._held_delivered = self._held_delivered, 0
-            self._track(self._acking, self._ack(held, delivered))
+            shown, self._held_shown = self._held_shown, []
+            self._track(self._acking, self._ack(held, delivered, shown))
 
-    async def _ack(self, seqs: list[int], delivered: int) -> None:
-        """Delete ``seqs``; count the ``delivered`` of them once that is saved: an ack not
-        saved is sent again, and acknowledged again."""
+    async def _ack(self, seqs: list[int], delivered: int, shown: list[Shown]) -> None:
+        """Delete ``seqs``; count the ``delivered`` of them, and show them, once that is
+        saved: an ack not saved is sent again, and acknowledged again."""
         if await self._saved(self.spool.ack(seqs)):
             self.state.acked += delivered
             self.metrics.observe_acked(delivered)
+            for show in shown:
+                show()
 
     async def _saved(self, commit: Coroutine[Any, Any, None]) -> bool:
         """Await a spool commit of acks or dead letters; False when it failed. Its rows

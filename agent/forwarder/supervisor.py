@@ -65,6 +65,7 @@ from agent.forwarder.stream import (
     AckHook,
     LeftOut,
     Release,
+    Shown,
     StreamForwarder,
     ignore_acks,
 )
@@ -417,10 +418,11 @@ class Supervisor:
                       back=functools.partial(self._resume, up.name),
                       queued=functools.partial(self._queued, up.name))
 
-    def _acked(self, upstream: str, key: str, rows: Sequence[Row], seqs: Sequence[int]) -> None:
+    def _acked(self, upstream: str, key: str, rows: Sequence[Row],
+               seqs: Sequence[int]) -> Shown | None:
         """A loop's upstream ack: the live view's, and proof the upstream is reachable."""
         try:
-            self.on_acked(upstream, key, rows, seqs)
+            return self.on_acked(upstream, key, rows, seqs)
         finally:
             # Not once stopping: a reload's next prober adopts the outage (it would
             # otherwise resume, out of the lot it hands over, the keys parked for it).

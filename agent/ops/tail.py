@@ -1,9 +1,10 @@
 """The live event view (`outpost tail`, the status page's live panel): a bounded fan-out.
 
 Ingest and the forwarders' upstream acks call ``TailHub.ingested`` / ``TailHub.acked``
-(wired by the composition root). With nobody watching, each is one truth test. With
-viewers, a request's events (an ack's events) go into each interested viewer's queue in
-one bulk append: what a viewer is shown is worked out later, on that viewer's own task
+(wired by the composition root); an ack is shown once the spool has recorded it. With
+nobody watching, each is one truth test. With viewers, a request's events (an ack's
+events) go into each interested viewer's queue in one bulk append: what a viewer is
+shown is worked out later, on that viewer's own task
 (``Viewer.take``), never on the ingest or forwarding path. A viewer that falls
 ``QUEUE`` messages (or ``QUEUE_BYTES`` of their bodies) behind loses the overflow,
 counted, and is told how many.
@@ -22,7 +23,7 @@ import asyncio
 import bisect
 import operator
 from collections import deque
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from itertools import accumulate, count
 from typing import Any
 
@@ -195,16 +196,19 @@ class TailHub:
         self.metrics.tail_dropped += sum(viewer.offer_events(events, resent)
                                          for viewer in self.viewers)
 
-    def acked(self, upstream: str, key: str, rows: Sequence[Row], seqs: Sequence[int]) -> None:
+    def acked(self, upstream: str, key: str, rows: Sequence[Row],
+              seqs: Sequence[int]) -> Callable[[], None] | None:
         """``upstream`` acknowledged events ``seqs`` of key ``key``, taken from ``rows``
-        (the batch sent). Called by the forwarders on every ack: with nobody watching,
-        it must cost no more than this first test."""
+        (the batch sent): what shows them to the viewers that want them, for the forwarder
+        to call once the spool has recorded the ack (one not recorded is acknowledged
+        again); None for nobody. Called by the forwarders on every ack: with nobody
+        watching, it must cost no more than this first test."""
         if not self.viewers or not seqs:
-            return
+            return None
         fp = fingerprint(key)
         viewers = [v for v in self.viewers if v.want is None or v.want == fp]
         if not viewers:
-            return
+            return None
         if len(seqs) == len(rows):   # the whole batch: nothing refused or left unacked
             picked: Sequence[Row] = rows
         else:
@@ -215,8 +219,11 @@ class TailHub:
         items: list[Item] = [("acked", (upstream, key, row)) for row in picked[:room]]
         sizes = [len(row.body) for row in picked[:room]]
         more = len(picked) - len(items)
-        self.metrics.tail_dropped += sum(viewer.offer_many(items, sizes, more)
-                                         for viewer in viewers)
+
+        def show() -> None:   # to the viewers still open by then
+            self.metrics.tail_dropped += sum(viewer.offer_many(items, sizes, more)
+                                             for viewer in viewers if viewer in self.viewers)
+        return show
 
 
 _BODY = operator.attrgetter("body")
