@@ -27,7 +27,7 @@ from agent.families.errors import Invalid
 from agent.families.event import NUCLEUS, SEGMENT, Event, dedupe_key, now_ms
 from agent.families.lanes import HIGH
 from agent.settings import StorageConfig
-from agent.spool import Spool
+from agent.spool import Spool, dead, dead_live
 from agent.spool import commit as spool_commit
 from agent.spool.commit import MEASURE_WITHIN
 from agent.spool.db import keys_from_bytes
@@ -884,5 +884,44 @@ async def test_a_dedupe_key_forgotten_by_the_file_and_by_memory_is_counted_once(
         forgotten = stored - (in_file & set(spool.index.keys))
         assert len(in_file) < len(stored) and len(spool.index) < len(stored)  # both forgot
         assert spool.counters.get("dedupe_forgotten", 0) == len(forgotten)
+    finally:
+        await spool.close()
+
+
+async def test_a_retried_dead_letter_s_key_forgotten_by_the_file_is_counted_once(
+        tmp_path: Path) -> None:
+    """A dead letter retried (`outpost dead retry`) and delivered, its stored key forgotten
+    at max_size_mb and then by dedupe_max_keys: one key forgotten, counted once in
+    dedupe_forgotten. Its key stays in the index where it first came, but the file's
+    forgetting was charged to the bucket of the retried record's id, a newer one: the
+    cap counted it again when it let go of the old bucket."""
+    cfg = StorageConfig(path=str(tmp_path / "spool.db"), max_size_mb=1, sync="normal",
+                        when_full="drop_oldest", dedupe_max_keys=320)   # buckets of 20 keys
+    spool = await Spool.open(cfg)
+    try:
+        await spool.append([incompressible("a", 0, 8)])
+        (row,) = await spool.fetch(spool.streams["a"].id, 0, 10)
+        await spool.dead_letter([(row.seq, "up", "HTTP 400: no")])
+        await spool.append([incompressible("b", i, 8) for i in range(19)])  # the bucket full
+        await spool.ack([r.seq for r in await spool.fetch(spool.streams["b"].id, 0, 100)])
+        assert await dead_live.retry(spool, dead.Which(every=True)) == 1
+        (row,) = await spool.fetch(spool.streams["a"].id, 0, 10)
+        await spool.ack([row.seq])
+        admitted, n = 20, 0
+        # The file forgets the 20 keys first, then the oldest 20 queued events go, with
+        # their keys (undelivered, not counted), the next bucket's.
+        while spool.counters.get("dropped_full", 0) < 20:
+            await spool.append([incompressible("q", n, 40_000)])
+            admitted, n = admitted + 1, n + 1
+        assert spool.counters["dedupe_forgotten"] == 20
+        for k in range(40):   # the cap lets go of every key older than these
+            await spool.append([incompressible("s", 20 * k + i, 8) for i in range(20)])
+        admitted += 800
+        held = len(spool.index)
+        assert spool.index.keys.isdisjoint(dedupe_key(key, i) for key, top in (
+            ("a", 1), ("b", 19), ("q", n)) for i in range(top))
+        # Every key not held nor dropped undelivered was forgotten early, each once.
+        assert spool.counters["dedupe_forgotten"] == (
+            admitted - spool.counters.get("dropped_full", 0) - held)
     finally:
         await spool.close()
