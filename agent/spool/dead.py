@@ -24,7 +24,7 @@ from agent.families.lanes import HIGH
 from agent.logs import fingerprint
 from agent.outcomes import Tally, record
 from agent.spool.commit import Outcome
-from agent.spool.db import load_state
+from agent.spool.db import keys_from_bytes, load_state
 from agent.spool.dedupe import keys_to_bytes
 from agent.spool.records import RECORD_EVENTS, pack
 from agent.spool.schema import SUMMARY_SINCE, VERSION, SpoolTooNew, SpoolUnusable, open_read_only
@@ -260,6 +260,7 @@ def _requeue_step(conn: sqlite3.Connection, rows: list[Any], done: Requeued) -> 
             groups.append(g)
         g[4].append(dkey)
         g[5].append(bytes(body))
+    _unspend(conn, [(seq, dkey) for seq, _, _, _, dkey, _, _ in rows])
     streams = done.out.streams
     for stream, lane, family, received, keys, bodies in groups:
         rid, n, size = done.next_seq, len(bodies), sum(map(len, bodies))
@@ -275,6 +276,27 @@ def _requeue_step(conn: sqlite3.Connection, rows: list[Any], done: Requeued) -> 
         if lane == HIGH:
             done.out.high[stream] = done.out.high.get(stream, 0) + n
             done.out.high_in[stream] = done.out.high_in.get(stream, 0) + n
+
+
+def _unspend(conn: sqlite3.Connection, letters: list[tuple[int, int]]) -> None:
+    """Take the keys of retried letters (seq, key) out of the ``spent`` rows of their old
+    records, now that their new records store them: each key stored once, the file's
+    forgetting of it is counted once (dedupe_forgotten). A letter whose old record is
+    still queued keeps its key there too (a record's keys stay in its events' order)."""
+    gone: dict[int, set[int]] = {}
+    for seq, key in letters:
+        row = conn.execute("SELECT id FROM spent WHERE id <= ? ORDER BY id DESC LIMIT 1",
+                           (seq,)).fetchone()
+        if row is not None:
+            gone.setdefault(row[0], set()).add(key)
+    for rid, keys in gone.items():
+        (blob,) = conn.execute("SELECT dkeys FROM spent WHERE id = ?", (rid,)).fetchone()
+        stored = keys_from_bytes(blob)
+        kept = [k for k in stored if k not in keys]
+        if not kept:
+            conn.execute("DELETE FROM spent WHERE id = ?", (rid,))
+        elif len(kept) < len(stored):
+            conn.execute("UPDATE spent SET dkeys = ? WHERE id = ?", (keys_to_bytes(kept), rid))
 
 
 def _count(conn: sqlite3.Connection, out: Outcome) -> None:

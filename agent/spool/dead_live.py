@@ -121,8 +121,10 @@ async def _retry_chunk(spool: Spool, which: dead.Which, below: int,
         observed, wall = spool.observed_ms(), now_ms()
         for rid, n, keys in done.records:
             spool.live.add(rid, n, observed)
-            # Already known unless the window passed: then known again from now on, as
-            # a restart would load them from the record.
+            # Known from now on by the new record alone, as a restart loads them (the
+            # file keeps them there only): in its bucket, where the file's forgetting of
+            # them is counted (DedupeIndex.forgotten_stored finds it by the record's id).
+            spool.index.discard(keys)
             spool.index.admit(keys, wall, observed, rid)
     return done.count, done.last
 
