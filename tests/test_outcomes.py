@@ -127,3 +127,18 @@ async def test_a_counter_this_version_does_not_know_is_kept_but_not_shown(
         names = dict(conn.execute("SELECT name, value FROM counters").fetchall())
     conn.close()
     assert names["from_the_future"] == 7 and names["ingested"] == 3
+
+
+async def test_keys_a_lowered_dedupe_max_keys_lets_go_at_a_restart_are_counted_once(
+        make_agent: Any) -> None:
+    """storage.dedupe_max_keys lowered from 40 to 20 (a restart applies it): the 20 oldest
+    of the 40 keys the agent remembered are not loaded again, forgotten early, and counted
+    in dedupe_forgotten, once (not again at the next start)."""
+    agent = await make_agent(storage={"dedupe_max_keys": 40})
+    await post_events(agent.port, "k", range(40))   # queued: no upstream
+    assert (await get_status(agent.port))["counters"]["dedupe_forgotten"] == 0
+    await agent.stop()
+    for _ in range(2):
+        agent = await make_agent(storage={"dedupe_max_keys": 20})
+        assert (await get_status(agent.port))["counters"]["dedupe_forgotten"] == 20
+        await agent.stop()
