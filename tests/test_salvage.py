@@ -33,6 +33,7 @@ import pytest
 
 from agent.clock import Clock
 from agent.families.event import NOT_READ, NUCLEUS, Event
+from agent.outcomes import from_names
 from agent.settings import StorageConfig
 from agent.spool import Spool, dead_live
 from agent.spool import writer as spool_writer
@@ -452,8 +453,10 @@ def moved_aside(directory: Path) -> Path:
 
 
 def saved_counters(path: Path) -> dict[str, int]:
+    """The counts saved in the file, as an agent reads them (not the cap saved beside)."""
     with contextlib.closing(sqlite3.connect(f"file:{path}?mode=ro", uri=True)) as db:
-        return dict(db.execute("SELECT name, value FROM counters").fetchall())
+        return {str(k): v for k, v in from_names(
+            db.execute("SELECT name, value FROM counters").fetchall()).items()}
 
 
 async def test_a_salvage_without_room_counts_the_queue_the_file_says_it_held(

@@ -29,7 +29,7 @@ from queue import SimpleQueue
 from typing import Any, TypeVar
 
 from agent.families.lanes import HIGH
-from agent.outcomes import Counts, from_names
+from agent.outcomes import Counts, Tally, from_names
 from agent.spool.codebook import newest
 from agent.spool.dedupe import StoredKeys
 from agent.spool.records import RECORD_EVENTS, Learned
@@ -266,6 +266,43 @@ def load_state(conn: sqlite3.Connection, now_observed: int, max_keys: int) -> St
                  dict(conn.execute(f"SELECT stream, sum(live) FROM records WHERE lane = {HIGH} "
                                    "GROUP BY stream").fetchall()),
                  newest(conn))
+
+
+# Not a count, in the counters table (from_names skips it): the dedupe_max_keys the keys
+# were last loaded under, for a start under a lower one to count the keys it leaves out.
+CAP_NAME = "dedupe_max_keys"
+
+
+def lower_cap(conn: sqlite3.Connection, keys: StoredKeys, max_keys: int,
+              since_wall: int) -> int:
+    """Count as forgotten (dedupe_forgotten) the keys a run under a higher dedupe_max_keys
+    remembered that ``max_keys`` leaves out of ``keys`` (the newest, as loaded): those of
+    the records and spent rows before them received since ``since_wall`` (older ones the
+    window let go, uncounted), the newest first, up to that cap. Saved with ``max_keys``
+    as the cap now; returns how many. A start under the same cap counts none: the run
+    that stored the keys it leaves out counted them as its index let them go."""
+    row = conn.execute("SELECT value FROM counters WHERE name = ?", (CAP_NAME,)).fetchone()
+    if row is not None and row[0] == max_keys:
+        return 0
+    forgotten = 0
+    # The last run's cap, less the keys in the window that this one's loads too.
+    room = 0 if row is None or row[0] < max_keys else row[0] - sum(
+        n for n, wall in zip(keys.counts, keys.wall) if wall >= since_wall)
+    if room > 0:
+        first = keys.ids[0] if keys.ids else 1 << 62
+        rows = conn.execute(
+            "SELECT id, length(dkeys) / 8 FROM records WHERE id < ? AND received >= ? "
+            "UNION ALL SELECT id, length(dkeys) / 8 FROM spent WHERE id < ? AND received >= ? "
+            "ORDER BY 1 DESC", (first, since_wall, first, since_wall))
+        while forgotten < room and (chunk := rows.fetchmany(READ_ROWS)):
+            forgotten += sum(map(itemgetter(1), chunk))
+        rows.close()
+        forgotten = min(forgotten, room)
+    with transaction(conn):
+        add_counters(conn, {Tally.DEDUPE_FORGOTTEN: forgotten})
+        conn.execute("INSERT INTO counters(name, value) VALUES (?, ?) ON CONFLICT(name) "
+                     "DO UPDATE SET value = excluded.value", (CAP_NAME, max_keys))
+    return forgotten
 
 
 def _receipts(ids: array[int], marks: list[tuple[int, int]], latest: int) -> array[int]:

@@ -35,7 +35,7 @@ from agent.families.event import NUCLEUS, SEGMENT
 from agent.families.lanes import LANES, NORMAL
 from agent.outcomes import Counts, Drop, Tally, from_names, record
 from agent.spool import migrate_lanes
-from agent.spool.db import MAIN_FILE, add_counters, mark, transaction
+from agent.spool.db import CAP_NAME, MAIN_FILE, add_counters, mark, transaction
 from agent.spool.migrate import V0_COLS, V0Row, beating, pack_v0, recount_streams
 from agent.spool.records import DamagedRecord, Dictionaries, learned_id, pack, unpack_ids
 from agent.spool.schema import read_only_uri
@@ -109,11 +109,13 @@ def salvaged(spool: sqlite3.Connection) -> bool:
 
 def is_fresh(spool: sqlite3.Connection) -> bool:
     """Whether ``spool`` is as a recovery creates it: no queue, dead letters, dedupe keys
-    or counters. Only into such a spool does a salvage that a marker names go."""
+    or counters (the cap its opening saved aside). Only into such a spool does a salvage
+    that a marker names go."""
     empty: int = spool.execute(
         "SELECT NOT EXISTS (SELECT 1 FROM records) AND NOT EXISTS (SELECT 1 FROM streams) "
         "AND NOT EXISTS (SELECT 1 FROM dead) AND NOT EXISTS (SELECT 1 FROM spent) "
-        "AND NOT EXISTS (SELECT 1 FROM counters)").fetchone()[0]
+        "AND NOT EXISTS (SELECT 1 FROM counters WHERE name != ?)",
+        (CAP_NAME,)).fetchone()[0]
     return empty == 1
 
 

@@ -26,7 +26,7 @@ from typing import Any
 from agent.clock import CLOCK, age_s
 from agent.families.event import Event, now_ms
 from agent.families.lanes import LANES
-from agent.outcomes import Counts, Drop, Outcome, Tally, merge
+from agent.outcomes import Counts, Drop, Outcome, Tally, merge, record
 from agent.paths import lock_again, make_private_dir, spool_lock
 from agent.settings import StorageConfig
 from agent.spool import commit as spool_commit
@@ -46,7 +46,7 @@ from agent.spool.aside import (
 )
 from agent.spool.books import Books
 from agent.spool.db import BUSY_TIMEOUT_MS, PAST, SqliteThread, whole
-from agent.spool.dedupe import DedupeIndex
+from agent.spool.dedupe import DedupeIndex, StoredKeys
 from agent.spool.leases import Leases
 from agent.spool.live import LiveRecords
 from agent.spool.migrate import ensure, refuse_newer
@@ -418,8 +418,18 @@ class Spool:
         if idle:
             log.info("spool %s: forgot %d keys with nothing queued", self.path, idle)
 
+    async def _lower_cap(self, db: SqliteThread, keys: StoredKeys) -> int:
+        try:
+            return await db.run(spool_db.lower_cap, keys, self.index.max_keys,
+                                now_ms() - self.index.window_ms)
+        except sqlite3.OperationalError as exc:   # a full disk: counted at a later start
+            log.warning("spool %s: could not count the dedupe keys a lowered "
+                        "dedupe_max_keys forgets: %s", self.path, exc)
+            return 0
+
     async def _load_state(self, db: SqliteThread) -> None:
         state = await db.run(spool_db.load_state, self.observed_ms(), self.index.max_keys)
+        record(state.counters, Tally.DEDUPE_FORGOTTEN, await self._lower_cap(db, state.keys))
         if state.observed is None:
             await db.run(spool_db.start_clock, state.next_seq)
         self._observed_base, self._elapsed_at_load = state.observed or 0, CLOCK.elapsed_ms()
@@ -429,7 +439,8 @@ class Spool:
         self.writer.codebook.resume(state.learned)
         self.index = self.writer.index = DedupeIndex(self.index.window_ms, self.index.max_keys)
         # Keys past the cap are not counted as forgotten here: the run that stored them
-        # counted them when its index let them go (dedupe_forgotten), at every restart.
+        # counted them when its index let them go (dedupe_forgotten), at every restart;
+        # only those a lowered cap lets go now (spool_db.lower_cap).
         self.index.load_all(state.keys)
         self._loaded = True
 
