@@ -5,7 +5,8 @@ A real spool at a 1 MB cap is driven through appends with resends, partial acks,
 letters, their retry and purge, the cap (reject and drop_oldest), acks and dead letters
 of events the cap dropped meanwhile, all of these in one group commit, records found
 damaged, expiry and restarts; after each step its counters must account for every
-event, and its queue and dead letters agree with the file's.
+event, and its queue and dead letters agree with the file's; and every dedupe key the
+file let go while the index still remembers it is counted in dedupe_forgotten.
 """
 
 from __future__ import annotations
@@ -26,6 +27,7 @@ from agent.families.errors import Invalid
 from agent.families.event import SEGMENT, Event, dedupe_key
 from agent.settings import StorageConfig
 from agent.spool import Spool, dead, dead_live
+from agent.spool.db import keys_from_bytes
 from agent.spool.types import SpoolFull
 
 DAY_MS = 86_400_000
@@ -67,6 +69,16 @@ def in_file(path: Path) -> tuple[dict[int, int], int]:
                 db.execute("SELECT count(*) FROM dead").fetchone()[0])
 
 
+def forgotten_by_the_file(path: Path, spool: Spool) -> int:
+    """Keys the index remembers that the file no longer stores (beside a record or as
+    spent): forgotten early, each counted in dedupe_forgotten when the file let it go."""
+    with contextlib.closing(sqlite3.connect(path)) as db:
+        stored = {k for (blob,) in db.execute("SELECT dkeys FROM records UNION ALL "
+                                               "SELECT dkeys FROM spent")
+                  for k in keys_from_bytes(blob)}
+    return len(spool.index.keys - stored)
+
+
 def in_books(spool: Spool) -> tuple[dict[int, int], int]:
     """The same, as the spool's books say."""
     assert spool.depth == sum(s.depth for s in spool.streams.values())
@@ -77,6 +89,7 @@ async def run(path: Path, when_full: str, plan: list[Step]) -> None:
     cfg = StorageConfig(path=str(path), max_size_mb=1, when_full=when_full, sync="normal",
                         max_age_days=1)
     spool = await Spool.open(cfg)
+    opened = 0   # dedupe_forgotten when the spool was opened
     try:
         for kind, k, first, n in plan:
             key = KEYS[k]
@@ -136,10 +149,14 @@ async def run(path: Path, when_full: str, plan: list[Step]) -> None:
             elif kind == "reopen":
                 await spool.close()
                 spool = await Spool.open(cfg)
+                opened = spool.counters.get("dedupe_forgotten", 0)
             stored, where, dead_lettered, dead_where = accounts(spool)
             assert stored == where, (kind, spool.counters, spool.depth)
             assert dead_lettered == dead_where, (kind, spool.counters, spool.dead_count)
             assert in_file(path) == in_books(spool), kind
+            # None missed: expiry lets counted ones go too (past the window: not early).
+            assert forgotten_by_the_file(path, spool) <= (
+                spool.counters.get("dedupe_forgotten", 0) - opened), kind
     finally:
         await spool.close()
 
