@@ -40,6 +40,7 @@ if str(ROOT) not in sys.path:
 
 import aiohttp  # noqa: E402
 import psutil  # noqa: E402
+from aiohttp import web  # noqa: E402
 
 from tests.conftest import AgentProcess, free_port, write_config  # noqa: E402
 from tests.fakes.clients import Ledger, NucleusClient, mark_of  # noqa: E402
@@ -61,7 +62,7 @@ class CountingNucleus(FakeNucleus):
         self.arrivals: Counter[str] = Counter()
         self.received = 0
 
-    def _record(self, path: str, msg: Any) -> list[Any]:
+    def _record(self, request: web.Request, msg: Any) -> list[Any]:
         self.frames += 1
         ids = []
         for ev in msg.get("data", []):
