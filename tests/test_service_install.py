@@ -227,14 +227,41 @@ def test_dry_run_shows_a_home_s_control_characters_escaped_and_writes_them_as_th
     assert write == f"[write] {printable(str(unit_path))} (mode 0644)", write
     assert build_plan("install", command.current_target(system=False)).steps[0] == WriteFile(
         str(unit_path), tpl.systemd_unit(os.path.abspath(sys.executable), system=False))
-    # A launchd plist names the home's log directory in it: shown escaped, its tabs kept,
-    # and written as it is; `launchctl bootstrap` shown as a command that pastes.
-    mac = build_plan("install", Target("darwin", False, PY, "/Users/a\x1bb", uid=501))
+    # A launchd plist names the home's log directory in it: shown escaped, its tabs kept;
+    # `launchctl bootstrap` shown as a command that pastes.
+    mac = build_plan("install", Target("darwin", False, PY, "/Users/a\u200bb", uid=501))
     text = describe(mac, "darwin")
-    assert "\x1b" not in text and "\t<string>/Users/a\\x1bb/Library/Logs/outpost" in text, text
-    assert "[run] launchctl bootstrap gui/501 $'/Users/a\\x1bb/Library/" in text, text
-    assert "/Users/a\x1bb/Library/Logs/outpost/outpost.log" in next(
-        s.content for s in mac.steps if isinstance(s, WriteFile))
+    assert "\u200b" not in text and "\t<string>/Users/a\\u200bb/Library/Logs/outpost" in text, text
+    assert "[run] launchctl bootstrap gui/501 $'/Users/a\\xe2\\x80\\x8bb/Library/" in text, text
+
+
+REFUSED_IN_A_PLIST = ("\x1b", "\r", "\x00", "\udcff")
+
+
+@pytest.mark.parametrize("odd", [*REFUSED_IN_A_PLIST, "&<>", "\t", "\x7f", "\u200b", " \u00e5"])
+@pytest.mark.parametrize("system", [False, True])
+def test_a_launchd_plist_holds_its_paths_as_they_are_or_the_install_is_refused(
+        odd: str, system: bool) -> None:
+    """A home or an interpreter whose path holds a control character (an escape, a CR), or
+    a byte HOME held that is not UTF-8: the plist was written with it raw, and XML holds
+    none of those (an ESC made the file unreadable to launchd, `launchctl bootstrap`
+    failing with an I/O error; a CR is read back as a line feed, another path; a lone
+    surrogate failed the write with a traceback). Refused, in one line, before anything is
+    written; what XML can hold is written escaped and read back exactly."""
+    home, python = f"/Users/a{odd}b", f"/opt/a{odd}b/bin/python"
+    for target in (Target("darwin", system, PY, home, uid=501),
+                   Target("darwin", system, python, "/Users/ada", uid=501)):
+        try:
+            plan = build_plan("install", target)
+        except ValueError as exc:
+            assert odd in REFUSED_IN_A_PLIST, exc
+            assert "launchd" in str(exc) and "\n" not in str(exc), exc
+            continue
+        write = next(s for s in plan.steps if isinstance(s, WriteFile))
+        plist = plistlib.loads(write.content.encode(write.encoding))
+        assert plist["ProgramArguments"][0] == target.python
+        log_dir = "/Library/Logs/outpost" if system else f"{target.home}/Library/Logs/outpost"
+        assert plist["StandardErrorPath"] == f"{log_dir}/outpost.log"
 
 
 def test_dry_run_describes_user_creation() -> None:
