@@ -176,6 +176,16 @@ def _unrunnable_by_systemd(python: str) -> str | None:
     return None
 
 
+def _unwritable_in_a_plist(path: str) -> str | None:
+    """The first character of ``path`` a launchd plist cannot hold as it is, named: what
+    XML 1.0 has no character for (a control character but tab and line feed, a lone
+    surrogate from a HOME that is not UTF-8), and a CR, which a parser reads as a line feed."""
+    for c in path:
+        if (c < " " and c not in "\t\n") or "\ud800" <= c <= "\udfff" or c in "\ufffe\uffff":
+            return repr(c)
+    return None
+
+
 def _under_program_files(python: str) -> bool:
     parts = PureWindowsPath(python).parts
     return len(parts) > 1 and parts[1].lower() in ("program files", "program files (x86)")
@@ -197,6 +207,16 @@ def _unreachable(t: Target) -> str | None:
         return (f"{t.python} holds {odd}, which systemd cannot run an ExecStart= executable "
                 "from: install Outpost into a directory whose path has none, e.g. a venv in "
                 + ("/opt/outpost" if t.system else "~/.local/outpost"))
+    if t.os == "darwin":
+        # The log directory is under the home for a user's agent alone.
+        for path in (t.python, "" if t.system else t.home):
+            if odd := _unwritable_in_a_plist(path):
+                return (f"{path} holds {odd}, which the launchd property list naming it "
+                        "cannot hold as it is: "
+                        + ("install Outpost into a directory whose path has none"
+                           if path == t.python else "a per-user service logs under the home; "
+                           "install the system service (without --user), or set HOME to a "
+                           "path without it"))
     if t.system:
         fails = "the system service could not start"
         fix = "install Outpost into a lasting system location first, e.g. a venv in /opt/outpost"
