@@ -132,3 +132,16 @@ async def test_a_404_or_405_at_a_very_long_path_names_its_start_and_length(
         error = got.json()["error"]
         assert error.startswith(f"{'no route for' if status == 404 else 'method GET'}"), error
         assert path[:40] in error and f"({len(path)} characters)" in error, error
+
+
+async def test_a_404_or_405_names_an_encoded_slash_as_sent(make_agent: Any) -> None:
+    """`%2F` is no slash (`/v1%2Ftrack` is no route), but the 404 said so in the decoded
+    form: `no route for POST /v1/track`, a route the agent serves, which sent the client
+    looking for a fault in its own request body or key. Named as the client wrote it."""
+    agent = await make_agent()
+    missing = await call(agent.port, "/v1%2Ftrack", b"{}")
+    assert missing.status == 404, missing.body
+    assert missing.json()["error"] == "no route for POST /v1%2Ftrack", missing.body
+    wrong = await call(agent.port, "//app/k%2Fk/track/", method="GET")
+    assert wrong.status == 405, wrong.body
+    assert wrong.json()["error"] == "method GET not allowed on //app/k%2Fk/track/", wrong.body
