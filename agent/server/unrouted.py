@@ -103,7 +103,7 @@ class Unrouted:
         allowed = await self.allowed(await _plain(request) or request)
         # Never the query: it may carry a write key. A plain GET to a websocket path comes
         # here as its plain form (`//v1/track/` as `/v1/track`): named as it was sent.
-        path: str = request.get(SENT_PATH, request.rel_url.path)
+        path: str = request.get(SENT_PATH, request.rel_url.raw_path)
         if allowed:
             status, said = 405, f"method {request.method} not allowed on "
         else:
@@ -159,7 +159,7 @@ async def _plain(request: web.Request) -> web.Request | None:
     if path == url.raw_path:
         return None
     plain = request.clone(rel_url=url.with_path(path, encoded=True, keep_query=True))
-    plain[SENT_PATH] = request.get(SENT_PATH, url.path)
+    plain[SENT_PATH] = request.get(SENT_PATH, url.raw_path)
     match = await request.app.router.resolve(plain)
     match.add_app(request.app)
     match.freeze()
