@@ -13,6 +13,7 @@ from contextvars import ContextVar
 from typing import Any, Protocol, TypeVar
 
 from aiohttp import web
+from aiohttp.http_exceptions import HttpProcessingError
 
 from agent.dialects import offload
 
@@ -115,27 +116,34 @@ async def read_raw(request: web.Request, limit: int) -> bytes:
         ticket.take(length)
     content = request.content
     raw: bytes | bytearray
-    if content.is_eof():  # the whole body came with the head: the usual case
-        # Taken as it is: no read loop, no copy (a few µs of every small request).
-        whole = content.read_nowait()
-        if len(whole) > limit:
-            raise BodyError(413, "request body too large", f"over {limit} bytes")
-        if ticket is not None and length is None:
-            ticket.take(len(whole))
-        raw = whole
-    else:
-        seconds = request.app[BODY_TIMEOUT_S]
-        try:
-            async with asyncio.timeout(seconds):
-                raw = await _read(request, limit, ticket, length)
-        except TimeoutError:
-            raise BodyError(408, "request body not received in time",
-                            f"incomplete after {seconds:g} s (listen.body_timeout_s)") from None
-        except ConnectionError:
-            # The client hung up mid-body (aiohttp hands the read a ConnectionResetError):
-            # refused, like any incomplete body, though no reply can reach it now.
-            raise BodyError(400, "request body incomplete",
-                            "the connection closed before the body ended") from None
+    try:
+        if content.is_eof():  # the whole body came with the head: the usual case
+            # Taken as it is: no read loop, no copy (a few µs of every small request).
+            whole = content.read_nowait()
+            if len(whole) > limit:
+                raise BodyError(413, "request body too large", f"over {limit} bytes")
+            if ticket is not None and length is None:
+                ticket.take(len(whole))
+            raw = whole
+        else:
+            seconds = request.app[BODY_TIMEOUT_S]
+            try:
+                async with asyncio.timeout(seconds):
+                    raw = await _read(request, limit, ticket, length)
+            except TimeoutError:
+                raise BodyError(408, "request body not received in time",
+                                f"incomplete after {seconds:g} s (listen.body_timeout_s)") \
+                    from None
+            except ConnectionError:
+                # The client hung up mid-body (aiohttp hands the read a ConnectionResetError):
+                # refused, like any incomplete body, though no reply can reach it now.
+                raise BodyError(400, "request body incomplete",
+                                "the connection closed before the body ended") from None
+    except HttpProcessingError as exc:
+        # Its framing broken (a chunk size that is no number: server/connections.py hands
+        # the parser's error to the body). Its first line, without the bytes it quotes.
+        raise BodyError(400, "malformed request body",
+                        exc.message.split("\n", 1)[0].rstrip(": ")) from None
     if encoding in ("gzip", "x-gzip", "deflate"):
         if ticket is None:
             return _inflate(bytes(raw), encoding, limit)

@@ -40,6 +40,7 @@ from typing import Any, cast
 
 import orjson
 from aiohttp import web
+from aiohttp.http_exceptions import HttpProcessingError
 
 from agent.dialects.replies import plain_error
 from agent.logs import log_limited
@@ -121,6 +122,25 @@ def _counted(inner: Any) -> bool:
     """Whether bytes aiohttp's protocol is given may become header fields: not once the
     connection is upgraded (a websocket's frames), nor once it is closing (it drops them)."""
     return not (inner._upgraded or inner._close or inner._force_close)
+
+
+def _failed_in_body(inner: Any, body: Any) -> bool:
+    """Whether aiohttp's parser has just failed in ``body``, which a route reads (a chunk
+    size that is no number, a bare LF, a trailer field it refuses), and if so, tell the
+    route. The parser queues its 400 as a request of its own, behind the one whose route
+    waits on the body, and never fails the body: the route waited out body_timeout_s and
+    answered 408, saying the body never came. The body is failed with the parser's error
+    (the route answers 400), the queued 400 dropped (it would answer no request), and the
+    connection closed after the reply: what follows the fault cannot be told apart."""
+    messages = inner._messages
+    error = getattr(messages[-1][0], "exc", None) if messages else None
+    if not isinstance(error, HttpProcessingError):
+        return False
+    messages.pop()
+    body.set_exception(error)
+    body.feed_eof()   # reads raise the error; aiohttp then lingers on no rest of it
+    inner.close()
+    return True
 
 
 class _Conn(asyncio.Protocol):
@@ -220,7 +240,11 @@ class _Conn(asyncio.Protocol):
                 return
             piece = data[at:stop] if at or stop < len(data) else data
             seen, taken = inner._request_count, self._taken()
+            reading = self.payload if self.payload is not None and not self.payload.is_eof() \
+                else None
             inner.data_received(piece)
+            if reading is not None and _failed_in_body(inner, reading):
+                return
             if inner._messages:
                 self.payload = inner._messages[-1][1]
             if inner._request_count != seen or self._taken() != taken:
