@@ -641,3 +641,23 @@ async def test_a_malformed_chunked_body_is_a_400_at_once_and_the_connection_clos
     assert await asyncio.wait_for(read_to_eof(s), 5) == b""
     assert agent.spool.depth == 0
     assert not [r for r in caplog.records if r.levelno >= logging.ERROR], caplog.text
+
+
+async def test_a_whole_body_then_a_malformed_request_is_a_200_then_a_400(
+        make_agent: Callable[..., Any], sockets: list[socket.socket]) -> None:
+    """A request whose chunked body is whole, and in the same packet one that is no HTTP:
+    the parser's error is the second request's, answered 400 after the first is stored
+    and answered 200; not the first body's."""
+    agent = await make_agent()
+    loop = asyncio.get_running_loop()
+    body = b'{"batch": [{"type": "track", "event": "e", "userId": "u"}]}'
+    s = await connect(agent.port, sockets)
+    await loop.sock_sendall(s, b"POST /v1/batch HTTP/1.1\r\nHost: 127.0.0.1\r\n"
+                               b"Authorization: " + basic(KEY).encode() + b"\r\n"
+                               b"Transfer-Encoding: chunked\r\n\r\n%x\r\n" % len(body)
+                            + body + b"\r\n0\r\n\r\nNO HTTP AT ALL\r\n\r\n")
+    first = await asyncio.wait_for(read_reply(s), 5)
+    assert first.startswith(b"HTTP/1.1 200 "), first[:300]
+    second = await asyncio.wait_for(read_to_eof(s), 5)
+    assert second.split(b"\r\n", 1)[0].endswith(b" 400 Bad Request"), second[:300]
+    assert agent.spool.depth == 1
