@@ -134,8 +134,8 @@ def _failed_in_body(inner: Any, body: Any) -> bool:
     connection closed after the reply: what follows the fault cannot be told apart."""
     messages = inner._messages
     error = getattr(messages[-1][0], "exc", None) if messages else None
-    if not isinstance(error, HttpProcessingError):
-        return False
+    if not isinstance(error, HttpProcessingError) or body.is_eof():
+        return False   # no error, or one in a request after the body, which ended whole
     messages.pop()
     body.set_exception(error)
     body.feed_eof()   # reads raise the error; aiohttp then lingers on no rest of it
