@@ -661,3 +661,26 @@ async def test_a_whole_body_then_a_malformed_request_is_a_200_then_a_400(
     second = await asyncio.wait_for(read_to_eof(s), 5)
     assert second.split(b"\r\n", 1)[0].endswith(b" 400 Bad Request"), second[:300]
     assert agent.spool.depth == 1
+
+
+async def test_a_malformed_body_of_a_request_sent_ahead_is_its_own_400(
+        make_agent: Callable[..., Any], sockets: list[socket.socket]) -> None:
+    """A request sent ahead of the answer to the one before it, its chunked body then
+    broken in a later packet: the first is stored and answered 200, the second answered
+    400 at once (not 408 after body_timeout_s), and the connection closed."""
+    agent = await make_agent()
+    loop = asyncio.get_running_loop()
+    body = b'{"batch": [{"type": "track", "event": "e", "userId": "u"}]}'
+    head = (b"POST /v1/batch HTTP/1.1\r\nHost: 127.0.0.1\r\n"
+            b"Authorization: " + basic(KEY).encode() + b"\r\n"
+            b"Transfer-Encoding: chunked\r\n\r\n%x\r\n" % len(body) + body + b"\r\n")
+    s = await connect(agent.port, sockets)
+    await loop.sock_sendall(s, head + b"0\r\n\r\n" + head)
+    first = await asyncio.wait_for(read_reply(s), 5)
+    assert first.startswith(b"HTTP/1.1 200 "), first[:300]
+    await loop.sock_sendall(s, MALFORMED["chunk-size"])
+    second = await asyncio.wait_for(read_reply(s), 5)
+    assert second.startswith(b"HTTP/1.1 400 ") and b"malformed request body" in second, \
+        second[:300]
+    assert await asyncio.wait_for(read_to_eof(s), 5) == b""
+    assert agent.spool.depth == 1
