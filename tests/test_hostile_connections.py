@@ -684,3 +684,26 @@ async def test_a_malformed_body_of_a_request_sent_ahead_is_its_own_400(
         second[:300]
     assert await asyncio.wait_for(read_to_eof(s), 5) == b""
     assert agent.spool.depth == 1
+
+
+async def test_a_malformed_rest_of_a_body_refused_early_closes_quietly(
+        make_agent: Callable[..., Any], sockets: list[socket.socket],
+        caplog: pytest.LogCaptureFixture) -> None:
+    """A chunked body answered 413 once over its route's limit, its rest then broken: no
+    route reads that rest, so there is nothing to answer; the connection is closed at once,
+    with nothing logged as an error (aiohttp's read of the rest raised it, unhandled)."""
+    agent = await make_agent()
+    loop = asyncio.get_running_loop()
+    big = b'{"type": "track", "event": "e", "userId": "u", "x": "' + b"a" * 40_000 + b'"}'
+    s = await connect(agent.port, sockets)
+    with caplog.at_level(logging.ERROR):
+        await loop.sock_sendall(s, b"POST /v1/track HTTP/1.1\r\nHost: 127.0.0.1\r\n"
+                                   b"Authorization: " + basic(KEY).encode() + b"\r\n"
+                                   b"Transfer-Encoding: chunked\r\n\r\n%x\r\n" % len(big)
+                                + big + b"\r\n")
+        reply = await asyncio.wait_for(read_reply(s), 5)
+        assert reply.startswith(b"HTTP/1.1 413 "), reply[:300]
+        await loop.sock_sendall(s, MALFORMED["chunk-size"])
+        assert await asyncio.wait_for(read_to_eof(s), 5) == b""
+    assert not [r for r in caplog.records if r.levelno >= logging.ERROR], caplog.text
+    assert agent.spool.depth == 0
