@@ -124,25 +124,6 @@ def _counted(inner: Any) -> bool:
     return not (inner._upgraded or inner._close or inner._force_close)
 
 
-def _failed_in_body(inner: Any, body: Any) -> bool:
-    """Whether aiohttp's parser has just failed in ``body``, which a route reads (a chunk
-    size that is no number, a bare LF, a trailer field it refuses), and if so, tell the
-    route. The parser queues its 400 as a request of its own, behind the one whose route
-    waits on the body, and never fails the body: the route waited out body_timeout_s and
-    answered 408, saying the body never came. The body is failed with the parser's error
-    (the route answers 400), the queued 400 dropped (it would answer no request), and the
-    connection closed after the reply: what follows the fault cannot be told apart."""
-    messages = inner._messages
-    error = getattr(messages[-1][0], "exc", None) if messages else None
-    if not isinstance(error, HttpProcessingError) or body.is_eof():
-        return False   # no error, or one in a request after the body, which ended whole
-    messages.pop()
-    body.set_exception(error)
-    body.feed_eof()   # reads raise the error; aiohttp then lingers on no rest of it
-    inner.close()
-    return True
-
-
 class _Conn(asyncio.Protocol):
     """Wraps aiohttp's protocol for one connection; tracks its state and deadline.
 
@@ -151,9 +132,9 @@ class _Conn(asyncio.Protocol):
     the connection to aiohttp (``inner``) for good at the first request it cannot.
     """
 
-    __slots__ = ("active", "buf", "deadline", "edge", "eof", "head", "inner", "lane", "limits",
-                 "paused", "payload", "pos", "serving", "spare", "state", "timer", "transport",
-                 "writable")
+    __slots__ = ("active", "buf", "deadline", "edge", "eof", "finished", "head", "inner",
+                 "lane", "limits", "paused", "payload", "pos", "serving", "spare", "state",
+                 "timer", "transport", "writable")
 
     def __init__(self, limits: ConnectionLimits, inner: asyncio.Protocol,
                  lane: ExpressLane | None) -> None:
@@ -181,6 +162,9 @@ class _Conn(asyncio.Protocol):
         # given since it last took a body byte or a whole head: header fields it holds.
         self.payload: Any = None
         self.spare = 0
+        # The body of the last request whose route has returned: nothing reads it but
+        # aiohttp, which reads and drops what the route left of it (lingering).
+        self.finished: Any = None
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         # cast: uvloop's transports quack like asyncio.Transport without subclassing it.
@@ -243,7 +227,7 @@ class _Conn(asyncio.Protocol):
             reading = self.payload if self.payload is not None and not self.payload.is_eof() \
                 else None
             inner.data_received(piece)
-            if reading is not None and _failed_in_body(inner, reading):
+            if reading is not None and self._failed_in_body(reading):
                 return
             if inner._messages:
                 self.payload = inner._messages[-1][1]
@@ -255,6 +239,29 @@ class _Conn(asyncio.Protocol):
                     self.limits.fields_too_large(self)
                     return
             at, stop = stop, stop + SLICE
+
+    def _failed_in_body(self, body: Any) -> bool:
+        """Whether aiohttp's parser has just failed in ``body``, a body still open (a chunk
+        size that is no number, a bare LF, a trailer field it refuses), and if so, tell its
+        route. The parser queues its 400 as a request of its own, behind the one whose
+        route waits on the body, and never fails the body: the route waited out
+        body_timeout_s and answered 408, saying the body never came. The body is failed with
+        the parser's error (the route answers 400), the queued 400 dropped (it would answer
+        no request), and the connection closed after the reply: what follows the fault
+        cannot be told apart."""
+        inner: Any = self.inner
+        messages = inner._messages
+        error = getattr(messages[-1][0], "exc", None) if messages else None
+        if not isinstance(error, HttpProcessingError) or body.is_eof():
+            return False   # no error, or one in a request after the body, which ended whole
+        messages.pop()
+        if body is not self.finished:   # its route reads it, or will
+            body.set_exception(error)
+        # Ended: its reads raise the error; aiohttp, reading what a route that has returned
+        # (a 413 at the head) left of it, stops, where the error would be its own, logged.
+        body.feed_eof()
+        inner.close()
+        return True
 
     def _taken(self) -> int:
         """Body bytes aiohttp took for the last request it parsed."""
@@ -378,6 +385,7 @@ class ConnectionLimits:
             try:
                 return await handler(request)
             finally:
+                conn.finished = request.content
                 self._idle(conn)
         return tracked
 
