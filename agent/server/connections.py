@@ -22,7 +22,10 @@ aiohttp also takes header fields outside a head it waits for: a chunked body's t
 section, and the head of a request sent ahead of the answer to the one before it. What
 comes after a head is handed over in pieces of at most SLICE bytes, and the bytes that
 add nothing to a body nor complete a request are counted: past HEAD_MAX the connection
-is closed, with no reply (one could be read as the answer to an earlier request).
+is closed, with no reply (one could be read as the answer to an earlier request). A body
+whose framing the parser refuses (a chunk size that is no number) is failed with its error,
+for its route to answer 400, and the connection closed after that reply
+(``_failed_in_body``).
 
 Past ``max_connections`` open connections, the one IDLE or HEAD the longest is closed
 to make room; failing that, the websocket quiet the longest (its module reconnects and
@@ -257,8 +260,9 @@ class _Conn(asyncio.Protocol):
         messages.pop()
         if body is not self.finished:   # its route reads it, or will
             body.set_exception(error)
-        # Ended: its reads raise the error; aiohttp, reading what a route that has returned
-        # (a 413 at the head) left of it, stops, where the error would be its own, logged.
+        # Ended: a route's reads raise the error. aiohttp's own read of what a route that
+        # has returned (a 413 at the head) left of it stops here; the error, raised in
+        # that read, would be logged as unhandled.
         body.feed_eof()
         inner.close()
         return True
