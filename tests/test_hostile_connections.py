@@ -707,3 +707,28 @@ async def test_a_malformed_rest_of_a_body_refused_early_closes_quietly(
         assert await asyncio.wait_for(read_to_eof(s), 5) == b""
     assert not [r for r in caplog.records if r.levelno >= logging.ERROR], caplog.text
     assert agent.spool.depth == 0
+
+
+async def test_a_malformed_body_behind_a_request_not_yet_answered_gets_its_400(
+        make_agent: Callable[..., Any], sockets: list[socket.socket]) -> None:
+    """Two requests sent at once, the second's chunked body broken past its first 16 KiB
+    (so the parser has taken its head before the fault, while the first is unanswered):
+    the first answered 200 and stored, the second 400, then the connection closed. The
+    connection was closed after the first: the second got no answer at all."""
+    agent = await make_agent()
+    loop = asyncio.get_running_loop()
+    small = b'{"batch": [{"type": "track", "event": "e", "userId": "u"}]}'
+    pad = b'{"batch": [{"type": "track", "event": "e", "userId": "u", "p": "' + b"x" * 20_000
+    s = await connect(agent.port, sockets)
+    head = (b"POST /v1/batch HTTP/1.1\r\nHost: 127.0.0.1\r\n"
+            b"Authorization: " + basic(KEY).encode() + b"\r\n"
+            b"Transfer-Encoding: chunked\r\n\r\n")
+    await loop.sock_sendall(s, head + b"%x\r\n" % len(small) + small + b"\r\n0\r\n\r\n"
+                            + head + b"%x\r\n" % len(pad) + pad + b"\r\n"
+                            + MALFORMED["chunk-size"])
+    first = await asyncio.wait_for(read_reply(s), 5)
+    assert first.startswith(b"HTTP/1.1 200 "), first[:300]
+    second = await asyncio.wait_for(read_to_eof(s), 5)
+    assert second.startswith(b"HTTP/1.1 400 ") and b"malformed request body" in second, \
+        second[:300]
+    assert agent.spool.depth == 1
