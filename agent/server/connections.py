@@ -135,9 +135,9 @@ class _Conn(asyncio.Protocol):
     the connection to aiohttp (``inner``) for good at the first request it cannot.
     """
 
-    __slots__ = ("active", "buf", "deadline", "edge", "eof", "finished", "head", "inner",
-                 "lane", "limits", "paused", "payload", "pos", "serving", "spare", "state",
-                 "timer", "transport", "writable")
+    __slots__ = ("active", "broken", "buf", "deadline", "edge", "eof", "finished", "head",
+                 "inner", "lane", "limits", "paused", "payload", "pos", "serving", "spare",
+                 "state", "timer", "transport", "writable")
 
     def __init__(self, limits: ConnectionLimits, inner: asyncio.Protocol,
                  lane: ExpressLane | None) -> None:
@@ -168,6 +168,9 @@ class _Conn(asyncio.Protocol):
         # The body of the last request whose route has returned: nothing reads it but
         # aiohttp, which reads and drops what the route left of it (lingering).
         self.finished: Any = None
+        # A body the parser failed in (``_failed_in_body``): the connection closes once its
+        # route has answered, and nothing after the fault is read.
+        self.broken: Any = None
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         # cast: uvloop's transports quack like asyncio.Transport without subclassing it.
@@ -219,6 +222,8 @@ class _Conn(asyncio.Protocol):
     def _feed(self, data: bytes, end: int) -> None:
         """``data``, whose first ``end`` bytes end a head, to aiohttp: that head, then pieces
         of at most SLICE bytes, counting what each adds to no body and no request."""
+        if self.broken is not None:
+            return
         inner: Any = self.inner
         at, stop = 0, end or SLICE
         while at < len(data):
@@ -258,13 +263,15 @@ class _Conn(asyncio.Protocol):
         if not isinstance(error, HttpProcessingError) or body.is_eof():
             return False   # no error, or one in a request after the body, which ended whole
         messages.pop()
-        if body is not self.finished:   # its route reads it, or will
+        self.broken = body
+        if body is self.finished:
+            inner.close()   # its route has answered (a 413 at the head): none is due
+        else:   # its route reads it, or will; closed once that route has answered (_tracked)
             body.set_exception(error)
         # Ended: a route's reads raise the error. aiohttp's own read of what a route that
-        # has returned (a 413 at the head) left of it stops here; the error, raised in
-        # that read, would be logged as unhandled.
+        # has returned left of it stops here; the error, raised in that read, would be
+        # logged as unhandled.
         body.feed_eof()
-        inner.close()
         return True
 
     def _taken(self) -> int:
@@ -390,6 +397,8 @@ class ConnectionLimits:
                 return await handler(request)
             finally:
                 conn.finished = request.content
+                if conn.broken is conn.finished:   # the requests after it are past telling
+                    request.protocol.close()
                 self._idle(conn)
         return tracked
 
