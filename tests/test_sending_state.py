@@ -6,15 +6,24 @@ from __future__ import annotations
 
 import asyncio
 import base64
+from collections.abc import Callable
 from typing import Any
 
 import aiohttp
 from aiohttp import web
 
+from agent.forwarder.backoff import Backoff
+from agent.forwarder.supervisor import Seams
+from agent.uplinks.base import SendResult, Uplink
+from agent.uplinks.nucleus_http import NucleusHttpUplink
+from agent.uplinks.prepare import Prepared
+from agent.uplinks.registry import make_uplink
+from tests.fakes.faulty_upstream import FaultyUpstream
 from tests.fakes.loopback_server import serving
+from tests.fakes.manual_timing import ManualTiming
 from tests.fakes.segment_upstream import FakeSegment
 from tests.segment_helpers import basic, call
-from tests.test_upstream_faults import event, send
+from tests.test_upstream_faults import drained, event, send, upstream
 from tests.waiting import wait_for
 
 
@@ -89,3 +98,46 @@ async def test_an_upstream_draining_a_backlog_shows_sending_until_it_is_drained(
         assert set(draining) == {"sending"}, draining
     finally:
         await fake.stop()
+
+
+class _CrashingSend(NucleusHttpUplink):
+    """INJECTED FAULT (factory level): the send raises, as a bug on the delivery path."""
+
+    async def send(self, prepared: Prepared) -> SendResult:
+        raise ValueError("injected crash in send")
+
+
+def after_this_step(read: Callable[[], None]) -> None:
+    """Run ``read`` once the task running now has gone as far as it goes without waiting:
+    what a /status request served then would see."""
+    asyncio.get_running_loop().call_soon(read)
+
+
+async def test_a_loop_restarted_after_a_crash_shows_sending_until_its_first_read(
+        make_agent: Any, faulty: FaultyUpstream) -> None:
+    """A loop that crashed (a bug) waits out its restart backoff, "restarting", and starts
+    again with its events queued and due. The restart set the upstream "idle" before its
+    first read: status showed it idle, with nothing held and no backoff, for as long as
+    that read took."""
+    timing = ManualTiming()
+    seen: list[tuple[str, int]] = []
+    built: list[str] = []
+
+    def factory(cfg: Any, key: str, session: aiohttp.ClientSession, machine_id: str) -> Uplink:
+        built.append(key)
+        if len(built) == 1:
+            return _CrashingSend(cfg, key, session, machine_id)
+        after_this_step(lambda: seen.append((state.shown, agent.spool.depth)))
+        return make_uplink(cfg, key, session, machine_id)
+
+    agent = await make_agent(upstreams=[upstream(faulty, "nucleus-http", name="crashy-idle")],
+                             seams=Seams(make_uplink=factory, timing=timing,
+                                         backoff=Backoff(base_s=8.0)))
+    state = agent.forwarding.states["crashy-idle"]
+    await send(agent, [event(i) for i in range(3)])
+    await wait_for(lambda: state.state == "restarting" and bool(timing.pending()))
+    timing.advance(timing.pending()[0])   # the restart is due: the loop runs again
+    await wait_for(lambda: bool(seen))
+    assert seen == [("sending", 3)], seen
+    await drained(agent, faulty, 3)
+
