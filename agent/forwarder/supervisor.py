@@ -493,6 +493,7 @@ class Supervisor:
                 return
             if loop.state.state == "restarting":  # a loop that finds nothing to send says so
                 loop.state.state = "idle"
+            loop.resume()   # what it has queued goes now: shown so, not idle till its read
 
     def _not_built(self, key: str, name: str, exc: Exception, attempt: int,
                    until: int | None) -> None:
