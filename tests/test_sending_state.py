@@ -13,9 +13,11 @@ import aiohttp
 from aiohttp import web
 
 from agent.forwarder.backoff import Backoff
+from agent.forwarder.state import UpstreamState
 from agent.forwarder.supervisor import Seams
 from agent.uplinks.base import SendResult, Uplink
 from agent.uplinks.nucleus_http import NucleusHttpUplink
+from agent.uplinks.nucleus_ws import NucleusWsUplink
 from agent.uplinks.prepare import Prepared
 from agent.uplinks.registry import make_uplink
 from tests.fakes.faulty_upstream import FaultyUpstream
@@ -140,4 +142,39 @@ async def test_a_loop_restarted_after_a_crash_shows_sending_until_its_first_read
     await wait_for(lambda: bool(seen))
     assert seen == [("sending", 3)], seen
     await drained(agent, faulty, 3)
+
+
+async def test_a_key_whose_frames_are_halved_after_a_1009_shows_sending_through_the_handover(
+        make_agent: Any, faulty: FaultyUpstream) -> None:
+    """A websocket closed with 1009 (a frame too big): the key's loop ends at once and a
+    new one sends half the bytes (no backoff). The ending loop stopped counting itself
+    sending before it closed its uplink, and its successor counted only once it had read:
+    status showed the upstream "idle" at each halving, with the refused events queued and
+    due. Read as each loop closes its uplink, and as each successor is built."""
+    faulty.max_frame = 30_000   # three of these 8 KB events, not four
+    seen: list[tuple[str, str, int]] = []
+    states: dict[str, UpstreamState] = {}
+
+    def read(when: str) -> None:
+        seen.append((when, states["up"].shown, agent.spool.depth))
+
+    class Watched(NucleusWsUplink):
+        async def close(self) -> None:
+            read("closing")
+            await super().close()
+
+    def factory(cfg: Any, key: str, session: aiohttp.ClientSession, machine_id: str) -> Uplink:
+        if seen:   # a successor: read before its first step
+            after_this_step(lambda: read("built"))
+        return Watched(cfg, key, session, machine_id)
+
+    timing = ManualTiming()   # it never moves: a backoff would hold the key for good
+    agent = await make_agent(upstreams=[upstream(faulty, "nucleus-ws", batch_max_events=100)],
+                             seams=Seams(make_uplink=factory, timing=timing))
+    states["up"] = agent.forwarding.states["up"]
+    await send(agent, [event(i, pad="x" * 8000) for i in range(20)])
+    await drained(agent, faulty, 20)
+    assert states["up"].frame_limit_bytes is not None and states["up"].retries == 0
+    assert any(when == "built" for when, _, _ in seen), seen
+    assert [s for s in seen if s[2]] == [(when, "sending", n) for when, _, n in seen if n], seen
 
