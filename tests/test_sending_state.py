@@ -178,3 +178,55 @@ async def test_a_key_whose_frames_are_halved_after_a_1009_shows_sending_through_
     assert any(when == "built" for when, _, _ in seen), seen
     assert [s for s in seen if s[2]] == [(when, "sending", n) for when, _, n in seen if n], seen
 
+
+
+async def test_a_key_giving_its_turn_to_a_key_in_line_shows_sending_through_the_handover(
+        make_agent: Any) -> None:
+    """At most max_loops loops run per upstream; a key whose queue never empties gives its
+    turn to a key in line. The loop giving its turn stopped counting itself sending
+    before it closed its uplink, and the next key's loop counted only once it had read:
+    status showed the upstream "idle" at each handover, with both keys' events due. Read
+    as each loop with events still queued closes its uplink, and as each loop is built
+    for a key whose turn came."""
+    gate = asyncio.Event()
+    seen: list[tuple[str, str, str, int]] = []
+
+    async def collector(request: web.Request) -> web.Response:
+        await gate.wait()
+        return web.json_response({"success": True})
+
+    def read(when: str, key: str) -> None:
+        stream = agent.spool.streams.get(key)
+        seen.append((when, key, agent.forwarding.states["seg"].shown,
+                     stream.depth if stream is not None else 0))
+
+    def factory(cfg: Any, key: str, session: aiohttp.ClientSession, machine_id: str) -> Uplink:
+        if seen or agent.forwarding.loops:   # a turn come: read before its first step
+            after_this_step(lambda: read("built", key))
+        uplink = make_uplink(cfg, key, session, machine_id)
+        close = uplink.close
+
+        async def watched() -> None:
+            read("closing", key)
+            await close()
+        uplink.close = watched  # type: ignore[method-assign]
+        return uplink
+
+    async with serving("/v1/batch", collector) as url:
+        agent = await make_agent(seams=Seams(make_uplink=factory, max_loops=1),
+                                 upstreams=[{"name": "seg", "protocol": "segment-http",
+                                             "url": url, "flush_interval_s": 0.001,
+                                             "batch_max_events": 1}])
+        state = agent.forwarding.states["seg"]
+        for key, n in (("key-a", 3), ("key-b", 1)):
+            r = await call(agent.port, "/v1/batch", {"batch": [
+                {"type": "track", "event": "e", "userId": "u", "messageId": f"{key}-{i}"}
+                for i in range(n)]}, headers={"Authorization": basic(key)})
+            assert r.status == 200, r.body
+            if key == "key-a":   # its first batch sent, held by the collector
+                await wait_for(lambda: state.sent == 1)
+        gate.set()
+        await wait_for(lambda: agent.spool.depth == 0 and state.acked == 4)
+    handed = [s for s in seen if s[0] == "built" or s[3]]
+    assert any(when == "built" for when, *_ in handed), seen
+    assert [s[2] for s in handed] == ["sending"] * len(handed), seen
