@@ -53,10 +53,11 @@ class UpstreamState:
     slow_limit_bytes: int | None = None
     parked: int = 0              # its keys waiting out a backoff (the supervisor's count)
     # Its keys' loops sending now: with a batch in flight or its acks being committed, or
-    # a batch due to go, a key's just out of its backoff included (StreamForwarder's
-    # _mark_sending, resume). Counted, not set by each loop as it went: one key's batch
-    # answered said "idle" while another's was in flight, and between a batch's answer
-    # and the next one's request (most of a fast drain).
+    # a batch due to go, from a loop just out of its key's backoff, restarted, or handed
+    # its key's events by the last (StreamForwarder's _mark_sending, resume, ended).
+    # Counted, not set by each loop as it went: one key's batch answered said "idle"
+    # while another's was in flight, and between a batch's answer and the next one's
+    # request (most of a fast drain).
     sending: int = 0
 
     @property

@@ -223,7 +223,8 @@ class StreamForwarder:
                     await self._finish_sends()
                 await self._settle(timeout=self.grace_s)
             finally:   # its batches answered or cut short (or the settle raised): done
-                self._mark_sending(False)
+                if not self.yielded:   # its events go on in its successor: sending still
+                    self._mark_sending(False)   # (until the supervisor's ``ended``)
                 self.spool.leases.free(self.stream.id, self._cursors)
             await self.uplink.close()
             if self.stopping and self._failed is not None and self.release is not None \
@@ -445,6 +446,11 @@ class StreamForwarder:
         first read, which uncounts it if nothing goes (_quiet)."""
         if self.queued() and not self.stopping and not self.released:
             self._mark_sending(True)
+
+    def ended(self) -> None:
+        """Its task has ended, whichever way, and its key's next loop, if any, is started
+        (supervisor.py): it is no longer counted sending."""
+        self._mark_sending(False)
 
     def _quiet(self) -> None:
         """Nothing due to go: once its batches are answered and their acks committed (each

@@ -283,7 +283,9 @@ class Supervisor:
         if requeue and key not in self.loops:   # a release under way (max_hold_h) goes on
             # At its backoff step: a turn passed, or a 1009's halving (stream.py's _halved),
             # is no progress, and the next failure must not be retried as if the first.
-            self._ensure(key, loop.attempt, until=_bound(loop))
+            self._send_now(key, loop.attempt, until=_bound(loop))
+        # Last: one that handed over (yielded) counted sending until its successor did.
+        loop.ended()
 
     def _wait_in_line(self, name: str, key: str, attempt: int, until: int | None) -> None:
         line = self._line.setdefault(name, {})
@@ -305,7 +307,7 @@ class Supervisor:
         while line and not self._stopping and self._running[name] < self.seams.max_loops:
             key = next(iter(line))
             turn = line.pop(key)
-            loop = self._ensure(key, turn.attempt, turn.until)
+            loop = self._send_now(key, turn.attempt, turn.until)
             if loop is not None and turn.flushed:
                 loop.flush()
 
@@ -382,12 +384,14 @@ class Supervisor:
                 # (a hold, a flush under one): it waits for that, not for the upstream.
                 state.state = "idle"
 
-    def _unpark(self, key: str, attempt: int, until: int | None) -> None:
-        """Start the loop of ``key``, out of the lot now: its events go at once, and its
-        upstream shows so from now (StreamForwarder.resume)."""
+    def _send_now(self, key: str, attempt: int, until: int | None) -> StreamForwarder | None:
+        """Start the loop of ``key``, whose events go at once (out of the lot, its turn
+        in line come, its last loop handed over): its upstream shows so from now
+        (StreamForwarder.resume)."""
         loop = self._ensure(key, attempt, until)
         if loop is not None:
             loop.resume()
+        return loop
 
     def _set_timer(self) -> None:
         if self._timer is not None:
@@ -405,7 +409,7 @@ class Supervisor:
             now = max(now, self._timer.when())
         try:
             for key, parked in self._lot.due(now):
-                self._unpark(key, parked.attempt, parked.until)
+                self._send_now(key, parked.attempt, parked.until)
         finally:  # one timer serves every parked key: a bug with one must not strand the rest
             self._set_timer()
 
@@ -439,7 +443,7 @@ class Supervisor:
         (a send that fails again backs off further). Keys under a Retry-After wait on."""
         try:
             for key, parked in self._lot.take(upstream):
-                self._unpark(key, parked.attempt, parked.until)
+                self._send_now(key, parked.attempt, parked.until)
         finally:
             self._set_timer()
 
@@ -524,7 +528,7 @@ class Supervisor:
         parked = self._lot.clear()
         self._set_timer()
         for key, was in parked.items():
-            self._unpark(key, 0, was.until)
+            self._send_now(key, 0, was.until)
         for line in self._line.values():   # sent at once as their turn comes
             for key, turn in line.items():
                 line[key] = InLine(0, turn.until, flushed=True)
