@@ -25,7 +25,7 @@ from tests.fakes.loopback_server import serving
 from tests.fakes.manual_timing import ManualTiming
 from tests.fakes.segment_upstream import FakeSegment
 from tests.segment_helpers import basic, call
-from tests.test_upstream_faults import drained, event, send, upstream
+from tests.test_upstream_faults import delivered, drained, event, send, upstream
 from tests.waiting import wait_for
 
 
@@ -230,3 +230,36 @@ async def test_a_key_giving_its_turn_to_a_key_in_line_shows_sending_through_the_
     handed = [s for s in seen if s[0] == "built" or s[3]]
     assert any(when == "built" for when, *_ in handed), seen
     assert [s[2] for s in handed] == ["sending"] * len(handed), seen
+
+
+async def test_a_flush_as_a_crashed_loop_gives_up_its_restart_starts_the_key_afresh(
+        make_agent: Any, faulty: FaultyUpstream) -> None:
+    """A loop crashed and the uplink for its restart could not be built: its key is
+    parked for a retry and the loop ends. A flush (`outpost flush`) in the moment
+    between the loop's end and the supervisor hearing of it took the key out of the
+    lot and resumed that ended loop: the key had no loop and no retry, its events stayed
+    queued until the app sent more, and its upstream showed "sending" for good."""
+    timing = ManualTiming()
+    built: list[str] = []
+
+    def factory(cfg: Any, key: str, session: aiohttp.ClientSession, machine_id: str) -> Uplink:
+        built.append(key)
+        if len(built) == 1:
+            return _CrashingSend(cfg, key, session, machine_id)
+        if len(built) == 2:
+            after_this_step(agent.forwarding.flush)   # what /flush served then does
+            raise OSError("injected fault building the restart's uplink")
+        return make_uplink(cfg, key, session, machine_id)
+
+    agent = await make_agent(upstreams=[upstream(faulty, "nucleus-http", name="crashy-flush")],
+                             seams=Seams(make_uplink=factory, timing=timing,
+                                         backoff=Backoff(base_s=8.0)))
+    state = agent.forwarding.states["crashy-flush"]
+    await send(agent, [event(i) for i in range(3)])
+    await wait_for(lambda: state.state == "restarting" and bool(timing.pending()))
+    timing.advance(timing.pending()[0])   # the restart is due; its uplink fails
+    await wait_for(lambda: len(built) == 3 or not agent.forwarding.loops)
+    assert len(built) == 3, (built, state.shown, agent.spool.depth)
+    await drained(agent, faulty, 3)
+    assert delivered(faulty) == {0: 1, 1: 1, 2: 1}
+    await wait_for(lambda: state.shown == "idle")
