@@ -493,6 +493,9 @@ class Supervisor:
             try:
                 loop.uplink = self._uplink(loop.cfg, key)
             except Exception as exc:  # noqa: BLE001 - as in _ensure: reported, tried again
+                # Its key's next loop is the lot's: one asked for before this task's end is
+                # heard of (a flush) is built afresh, not this one resumed as it ends.
+                loop.released = True
                 self._not_built(key, loop.cfg.name, exc, attempt, _bound(loop))
                 return
             if loop.state.state == "restarting":  # a loop that finds nothing to send says so
