@@ -12,6 +12,7 @@ from typing import Any
 import aiohttp
 from aiohttp import web
 
+from agent.families.lanes import LANES
 from agent.forwarder.backoff import Backoff
 from agent.forwarder.state import UpstreamState
 from agent.forwarder.supervisor import Seams
@@ -263,3 +264,34 @@ async def test_a_flush_as_a_crashed_loop_gives_up_its_restart_starts_the_key_afr
     await drained(agent, faulty, 3)
     assert delivered(faulty) == {0: 1, 1: 1, 2: 1}
     await wait_for(lambda: state.shown == "idle")
+
+
+async def test_a_key_held_while_its_crashed_loop_waits_to_restart_is_not_shown_restarting(
+        make_agent: Any, faulty: FaultyUpstream) -> None:
+    """A loop crashed (a bug) and waits out its restart backoff; meanwhile a transmit
+    profile holds its key, so the loop ends instead of restarting. Its upstream still
+    showed "restarting", for good: nothing restarted, and the held events wait for the
+    profile, not for a restart."""
+    timing = ManualTiming()
+    built: list[str] = []
+
+    def factory(cfg: Any, key: str, session: aiohttp.ClientSession, machine_id: str) -> Uplink:
+        built.append(key)
+        if len(built) == 1:
+            return _CrashingSend(cfg, key, session, machine_id)
+        return make_uplink(cfg, key, session, machine_id)
+
+    agent = await make_agent(upstreams=[upstream(faulty, "nucleus-http", name="crashy-held")],
+                             seams=Seams(make_uplink=factory, timing=timing,
+                                         backoff=Backoff(base_s=8.0)))
+    supervisor = agent.forwarding
+    state = supervisor.states["crashy-held"]
+    await send(agent, [event(i) for i in range(3)])
+    await wait_for(lambda: state.state == "restarting" and bool(timing.pending()))
+    supervisor.may_send = lambda key: ()   # what a transmit profile's hold does
+    supervisor.regate()
+    await wait_for(lambda: not supervisor.loops)
+    assert (state.shown, agent.spool.depth, len(built)) == ("idle", 3, 1)
+    supervisor.may_send = lambda key: LANES   # the hold ends: the key's events go
+    supervisor.regate()
+    await drained(agent, faulty, 3)
