@@ -488,6 +488,10 @@ class Supervisor:
             if delay is None:
                 return
             await loop.pause(delay)
+            # Its wait is over: it restarts, or ends (a hold, a stop) with nothing restarting;
+            # one whose uplink cannot be built says "restarting" again (_not_built).
+            if loop.state.state == "restarting":
+                loop.state.state = "idle"
             if loop.stopping or self._session is None:
                 return
             try:
@@ -498,8 +502,6 @@ class Supervisor:
                 loop.released = True
                 self._not_built(key, loop.cfg.name, exc, attempt, _bound(loop))
                 return
-            if loop.state.state == "restarting":  # a loop that finds nothing to send says so
-                loop.state.state = "idle"
             loop.resume()   # what it has queued goes now: shown so, not idle till its read
 
     def _not_built(self, key: str, name: str, exc: Exception, attempt: int,
