@@ -295,3 +295,24 @@ async def test_a_key_held_while_its_crashed_loop_waits_to_restart_is_not_shown_r
     supervisor.may_send = lambda key: LANES   # the hold ends: the key's events go
     supervisor.regate()
     await drained(agent, faulty, 3)
+
+
+async def test_a_key_let_go_by_its_transmit_profile_shows_sending_until_its_first_read(
+        make_agent: Any, faulty: FaultyUpstream) -> None:
+    """A transmit profile held a key's events (a full batch of them, due at once); the
+    profile lets them go (regate, as when the network or the battery changes, or a
+    max_hold_h release). Its new loop counted only once it had read: status showed the
+    upstream "idle", with a batch due and nothing holding it, for as long as that read
+    took."""
+    agent = await make_agent(upstreams=[upstream(faulty, "nucleus-http", batch_max_events=2)])
+    supervisor = agent.forwarding
+    state = supervisor.states["up"]
+    supervisor.may_send = lambda key: ()   # what a transmit profile's hold does
+    await send(agent, [event(i) for i in range(3)])
+    assert not supervisor.loops and agent.spool.depth == 3 and state.shown == "idle"
+    seen: list[str] = []
+    supervisor.may_send = lambda key: LANES   # the hold ends
+    supervisor.regate()
+    after_this_step(lambda: seen.append(state.shown))
+    await drained(agent, faulty, 3)
+    assert seen == ["sending"], seen
