@@ -278,7 +278,7 @@ class Supervisor:
             # Stopped by regate, which may have let the key go again since; unless the
             # loop parked the key on its way out: then its retry time starts the next.
             if loop.stopping and key not in self._lot:
-                self._ensure(key, until=_bound(loop))   # a release since (max_hold_h) goes on
+                self._send_now(key, 0, _bound(loop))   # a release since (max_hold_h) goes on
         self._next_in_line(loop.cfg.name)
         if requeue and key not in self.loops:   # a release under way (max_hold_h) goes on
             # At its backoff step: a turn passed, or a 1009's halving (stream.py's _halved),
@@ -349,11 +349,12 @@ class Supervisor:
         return until
 
     def _start_all(self, until: int | None = None) -> None:
-        """Start a loop for every key with data that has none (parked keys wait)."""
+        """Start a loop for every key with data that has none (parked keys wait): events
+        the profile held, let go now, go at once."""
         for key, stream in self.spool.streams.items():
             running = self.loops.get(key)
             if stream.depth and key not in self._lot and (running is None or running.released):
-                self._ensure(key, until=until)
+                self._send_now(key, 0, until)
 
     def _park_loop(self, key: str, delay: float, attempt: int, told: bool) -> None:
         """``key``'s loop backs off (Release.park): a release it was sending goes on at its
@@ -386,8 +387,8 @@ class Supervisor:
 
     def _send_now(self, key: str, attempt: int, until: int | None) -> StreamForwarder | None:
         """Start the loop of ``key``, whose events go at once (out of the lot, its turn
-        in line come, its last loop handed over): its upstream shows so from now
-        (StreamForwarder.resume)."""
+        in line come, its last loop handed over, let go by the profile): its upstream
+        shows so from now (StreamForwarder.resume)."""
         loop = self._ensure(key, attempt, until)
         if loop is not None:
             loop.resume()
