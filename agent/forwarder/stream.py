@@ -440,10 +440,11 @@ class StreamForwarder:
             self.state.state = "idle"
 
     def resume(self) -> None:
-        """Its key left its backoff (its retry came due, its upstream is back, a flush),
-        or the loop restarts after a crash: what it has queued goes at once. Counted
-        sending from now, or its upstream showed "idle" for the loop turns before its
-        first read, which uncounts it if nothing goes (_quiet)."""
+        """What it has queued goes at once (its key out of its backoff or let go by the
+        profile, its turn in line come, its last loop handed over, a restart after a
+        crash: supervisor.py). Counted sending from now, or its upstream showed "idle"
+        for the loop turns before its first read, which uncounts it if nothing goes
+        (_quiet)."""
         if self.queued() and not self.stopping and not self.released:
             self._mark_sending(True)
 
