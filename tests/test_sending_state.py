@@ -316,3 +316,33 @@ async def test_a_key_let_go_by_its_transmit_profile_shows_sending_until_its_firs
     after_this_step(lambda: seen.append(state.shown))
     await drained(agent, faulty, 3)
     assert seen == ["sending"], seen
+
+
+async def test_a_key_whose_loop_could_not_be_built_then_held_is_not_shown_restarting(
+        make_agent: Any, faulty: FaultyUpstream) -> None:
+    """Building a key's loop raised (a bug): the key waits for a retry, its upstream shown
+    "restarting". A transmit profile holds the key meanwhile, so its retry starts nothing:
+    the upstream still showed "restarting", for good, with nothing to restart."""
+    timing = ManualTiming()
+    built: list[str] = []
+
+    def factory(cfg: Any, key: str, session: aiohttp.ClientSession, machine_id: str) -> Uplink:
+        built.append(key)
+        if len(built) == 1:
+            raise OSError("injected fault building the uplink")
+        return make_uplink(cfg, key, session, machine_id)
+
+    agent = await make_agent(upstreams=[upstream(faulty, "nucleus-http", name="unbuilt-held")],
+                             seams=Seams(make_uplink=factory, timing=timing,
+                                         backoff=Backoff(base_s=8.0)))
+    supervisor = agent.forwarding
+    state = supervisor.states["unbuilt-held"]
+    await send(agent, [event(i) for i in range(3)])
+    assert state.shown == "restarting" and len(timing.pending()) == 1
+    supervisor.may_send = lambda key: ()   # what a transmit profile's hold does
+    supervisor.regate()
+    timing.advance(timing.pending()[0])   # the key's retry: held, it starts nothing
+    assert (state.shown, agent.spool.depth, len(built)) == ("idle", 3, 1)
+    supervisor.may_send = lambda key: LANES   # the hold ends: the key's events go
+    supervisor.regate()
+    await drained(agent, faulty, 3)
