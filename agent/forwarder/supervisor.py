@@ -380,9 +380,10 @@ class Supervisor:
         state = self.states.get(name)
         if state is not None:
             state.parked = n
-            if not n and state.state == "backoff":
-                # No key waits out a backoff now. One that left the lot may send nothing
-                # (a hold, a flush under one): it waits for that, not for the upstream.
+            if not n and state.state in ("backoff", "restarting"):
+                # No key waits out a backoff, or a retry of a loop it could not build
+                # (_not_built), now. One that left the lot may send nothing (a hold, a
+                # flush under one): it waits for that, not for the upstream or a restart.
                 state.state = "idle"
 
     def _send_now(self, key: str, attempt: int, until: int | None) -> StreamForwarder | None:
