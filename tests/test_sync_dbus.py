@@ -303,3 +303,31 @@ async def test_only_networkmanager_itself_can_change_the_reading(
         assert not watch.done()
     finally:
         watch.cancel()
+
+
+async def test_a_networkmanager_that_exits_with_a_read_unanswered_is_still_a_restart(
+        bus: PrivateBus, nm: FakeNetworkManager) -> None:
+    """A NetworkManager that takes its name and exits before answering the read (a start
+    that fails, and systemd starts it again) leaves the read to the bus, which answers
+    NoReply. That was a failed reading, "unknown" (not metered) at once: a hold let go of
+    everything queued over the metered link, and the new owner taking over was read as
+    "not running" too. It is part of the restart: the last reading holds, within the same
+    bound, until NetworkManager answers."""
+    await nm.set_metered(YES)
+    readings: list[MeteredReading] = []
+    watch = asyncio.create_task(NetworkManagerSource(bus.address).watch(readings.append))
+    try:
+        await wait_for(lambda: [r.detail for r in readings] == ["NetworkManager: yes"])
+        await nm.stop()
+        await wait_for(lambda: len(readings) == 2)   # kept: NetworkManager left
+        nm.silent = True   # back, and gone again before it answers the read
+        await nm.start()
+        await wait_for(lambda: nm.gets == 2)
+        await nm.stop()
+        nm.silent = False
+        await nm.start()   # the bus answered the read NoReply before this owner came
+        await wait_for(lambda: readings[-1].detail == "NetworkManager: yes")
+        assert [(r.state, r.failed) for r in readings] == [(Metered.YES, False)] * len(readings), \
+            readings
+    finally:
+        watch.cancel()
