@@ -115,6 +115,22 @@ class NetworkManagerSource:
         retry: float | None = None   # when a refused read is asked again
         known: MeteredReading | None = None   # the last reading NetworkManager gave
         gone: float | None = None   # NetworkManager left: when its last reading ends
+
+        def left() -> None:
+            """NetworkManager left the bus, or exited with the read unanswered. A restart
+            (an upgrade) leaves the link as it was: "unknown" (not metered) would send
+            what a hold keeps over a metered link meanwhile. Its last yes or no holds
+            until it answers again, up to RESTART_S from its first leaving."""
+            nonlocal gone
+            if gone is not None:   # already kept: a new owner gone before it answered
+                return
+            if known is not None and known.state is not Metered.UNKNOWN:
+                gone = loop.time() + RESTART_S
+                report(MeteredReading(known.state, f"{known.detail} (kept: NetworkManager "
+                                      f"left the bus; up to {RESTART_S:g}s for a restart)"))
+            else:
+                report(MeteredReading(Metered.UNKNOWN, "NetworkManager is not running"))
+
         while True:
             wake = min((t for t in (deadline, retry, gone) if t is not None), default=None)
             try:
@@ -136,22 +152,24 @@ class NetworkManagerSource:
                 nm_owner, retry = msg.body[2] or None, None   # a new owner is asked at once
                 if nm_owner:   # a new owner: NetworkManager (re)started
                     asked, deadline = await self._ask(conn), loop.time() + TIMEOUT_S
-                elif known is not None and known.state is not Metered.UNKNOWN:
-                    # A restart (an upgrade) leaves the link as it was: "unknown" (not
-                    # metered) would send what a hold keeps over a metered link meanwhile.
-                    gone = loop.time() + RESTART_S
-                    report(MeteredReading(known.state, f"{known.detail} (kept: NetworkManager "
-                                          f"left the bus; up to {RESTART_S:g}s for a restart)"))
                 else:
-                    report(MeteredReading(Metered.UNKNOWN, "NetworkManager is not running"))
-                known = None
+                    left()
             elif changed.matches(msg) and sender is not None and sender == nm_owner:
+                gone = None
                 if signature != "sa{sv}as":
                     report(known := _failed(f"a PropertiesChanged of signature {signature!r}"))
                 elif "Metered" in msg.body[1]:
                     report(known := _from_variant(msg.body[1]["Metered"]))
             elif _reply_to(msg) == asked:
-                deadline = gone = None
+                deadline = None
+                if msg.header.fields.get(HeaderFields.error_name) == _NO_REPLY:
+                    # It exited before answering (the bus says so after it left): part
+                    # of a restart, as its leaving is, and no failure.
+                    left()
+                    if refused is not None:   # not watched: its return is not seen
+                        retry = loop.time() + self.reconnect_s
+                    continue
+                gone = None
                 if kind is MessageType.method_return:
                     nm_owner = sender
                 answer = _answer(msg, signature)
@@ -222,6 +240,8 @@ _ABSENT = frozenset({"org.freedesktop.DBus.Error.ServiceUnknown",
 _NO_PROPERTY = frozenset({"org.freedesktop.DBus.Error.InvalidArgs",
                           "org.freedesktop.DBus.Error.UnknownProperty",
                           "org.freedesktop.DBus.Error.UnknownInterface"})
+# The bus's answer to a read NetworkManager left unanswered when it exited.
+_NO_REPLY = "org.freedesktop.DBus.Error.NoReply"
 
 
 def _reply_to(msg: Message) -> int | None:
