@@ -141,6 +141,33 @@ async def test_a_bus_that_refuses_the_watch_is_a_counted_failure_and_read_again(
     assert len(lines(caplog, "LimitsExceeded")) == 1 and no_traceback(caplog)
 
 
+async def test_a_watch_the_bus_refused_is_asked_again_so_a_limit_raised_later_is_followed(
+        make_agent: Any, fake_nucleus: FakeNucleus, tmp_path: Path,
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    """After a refused subscription the watch never asked again until its connection was
+    made anew: a limit an admin raised (or a policy fixed) never took effect, and the
+    property stayed polled, each read a failure, for good. Each minute's read asks for
+    the refused subscription again, and once the bus takes it, changes are followed."""
+    monkeypatch.setattr(networkmanager, "RECONNECT_S", 0.1)
+    bus = PrivateBus(tmp_path, limits={"max_match_rules_per_connection": 1}).start()
+    nm = await FakeNetworkManager(bus.address, metered=NO).start()
+    try:
+        agent = await watching(make_agent, fake_nucleus, bus.address)
+        await wait_for(lambda: "LimitsExceeded" in agent.sync.metered.detail)
+        await bus.reload(limits={})   # the admin raises the limit
+        await wait_for(lambda: agent.sync.metered.detail == "NetworkManager: no", timeout=3)
+        errors = agent.sync.errors
+        await nm.stop()   # its restart is seen (the rule the bus refused), not polled
+        nm.metered = YES
+        await nm.start()
+        await wait_for(lambda: agent.sync.profile.mode == "hold")
+        assert agent.sync.metered.detail == "NetworkManager: yes"
+        assert agent.sync.errors == errors >= 1
+    finally:
+        await nm.stop()
+        bus.stop()
+
+
 @pytest.mark.parametrize("error", ["org.freedesktop.DBus.Error.InvalidArgs",      # GDBus
                                    "org.freedesktop.DBus.Error.UnknownProperty"])  # sd-bus
 async def test_a_networkmanager_without_metered_is_unknown_not_a_failure_every_minute(

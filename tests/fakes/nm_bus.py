@@ -68,10 +68,7 @@ class PrivateBus:
         if self.activates is not None:
             (self.services / f"{NM_NAME}.service").write_text(
                 f"[D-BUS Service]\nName={NM_NAME}\nExec={self.activates}\n")
-        limits = "".join(f'  <limit name="{name}">{value}</limit>\n'
-                         for name, value in self.limits.items())
-        self.config.write_text(CONFIG.format(socket=self.socket, services=self.services,
-                                             limits=limits))
+        self._write_config()
         with open(self.log, "ab") as log:
             self.proc = subprocess.Popen([daemon, f"--config-file={self.config}", "--nofork",
                                           "--print-address=1"], stdout=subprocess.PIPE, stderr=log)
@@ -80,6 +77,25 @@ class PrivateBus:
         if not self.proc.stdout.readline():
             raise RuntimeError("dbus-daemon exited before listening")
         return self
+
+    def _write_config(self) -> None:
+        limits = "".join(f'  <limit name="{name}">{value}</limit>\n'
+                         for name, value in self.limits.items())
+        self.config.write_text(CONFIG.format(socket=self.socket, services=self.services,
+                                             limits=limits))
+
+    async def reload(self, limits: dict[str, int]) -> None:
+        """Rewrite the config with these limits and have the running bus read it again
+        (an admin's fix); returns once the bus says it has."""
+        self.limits = limits
+        self._write_config()
+        conn = await open_dbus_connection(self.address)
+        try:
+            await conn.send(message_bus.ReloadConfig())
+            while (await conn.receive()).header.message_type is not MessageType.method_return:
+                pass
+        finally:
+            await conn.close()
 
     def stop(self) -> None:
         if self.proc is not None:
