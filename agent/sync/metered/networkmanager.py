@@ -11,7 +11,8 @@ refused with an error (a bus policy, a transient fault) is asked again every
 ``RECONNECT_S``: NetworkManager's signals count only once a read has said which
 connection it is, so unasked, the cost would stay unknown until it restarted.
 A subscription the bus refuses (its limit of match rules, a policy) is a failure too:
-unwatched, the property is read again every ``RECONNECT_S`` instead, each read counted.
+unwatched, the property is read again every ``RECONNECT_S`` instead, each read counted,
+and the subscription asked for again with it, so a limit raised later is followed.
 """
 
 from __future__ import annotations
@@ -109,8 +110,12 @@ class NetworkManagerSource:
         loop = asyncio.get_running_loop()
         deadline: float | None = loop.time() + TIMEOUT_S   # while a reply is awaited
         async with asyncio.timeout_at(deadline):
-            refused = await _subscribe(conn, (on_bus, owner))
+            # The bus answers the AddMatch calls before it passes the read on, so their
+            # replies come before its answer: by then, whether it is watched is known.
+            adding = await _subscribe(conn, (on_bus, owner))
             asked = await self._ask(conn)
+        unwatched: list[MatchRule] = []   # the rules the bus refused
+        refused: str | None = None   # the error it refused the first of them with
         nm_owner: str | None = None   # NetworkManager's unique name, once known
         retry: float | None = None   # when a refused read is asked again
         known: MeteredReading | None = None   # the last reading NetworkManager gave
@@ -141,6 +146,8 @@ class NetworkManagerSource:
                     gone = None
                     report(MeteredReading(Metered.UNKNOWN, "NetworkManager is not running"))
                 elif wake == retry:
+                    if unwatched:   # asked again: a limit raised, a policy fixed, is followed
+                        adding, unwatched, refused = await _subscribe(conn, tuple(unwatched)), [], None
                     asked, deadline, retry = await self._ask(conn), loop.time() + TIMEOUT_S, None
                 else:
                     raise   # no reply in time: the session ends
@@ -148,7 +155,13 @@ class NetworkManagerSource:
             kind = msg.header.message_type
             sender = msg.header.fields.get(HeaderFields.sender)
             signature = msg.header.fields.get(HeaderFields.signature, "")
-            if kind is MessageType.signal and owner.matches(msg):   # from the bus itself
+            reply_to = _reply_to(msg)
+            if reply_to in adding:   # the bus took a subscription, or refused it: polled
+                rule = adding.pop(reply_to)
+                if kind is MessageType.error:
+                    unwatched.append(rule)
+                    refused = refused or str(msg.header.fields.get(HeaderFields.error_name, "an error"))
+            elif kind is MessageType.signal and owner.matches(msg):   # from the bus itself
                 nm_owner, retry = msg.body[2] or None, None   # a new owner is asked at once
                 if nm_owner:   # a new owner: NetworkManager (re)started
                     asked, deadline = await self._ask(conn), loop.time() + TIMEOUT_S
@@ -160,7 +173,7 @@ class NetworkManagerSource:
                     report(known := _failed(f"a PropertiesChanged of signature {signature!r}"))
                 elif "Metered" in msg.body[1]:
                     report(known := _from_variant(msg.body[1]["Metered"]))
-            elif _reply_to(msg) == asked:
+            elif reply_to == asked:
                 deadline = None
                 if msg.header.fields.get(HeaderFields.error_name) == _NO_REPLY:
                     # It exited before answering (the bus says so after it left): part
@@ -197,25 +210,15 @@ class NetworkManagerSource:
         return serial
 
 
-async def _subscribe(conn: DBusConnection, rules: tuple[MatchRule, ...]) -> str | None:
-    """Add ``rules`` and read the bus's replies: the error name of the first it refused
-    (a limit on match rules, a policy), None if it took them all. Unread, a refusal left
-    the watch blind to what it believed it followed. Nothing else counts yet (the read
-    comes after), so any other message is let go."""
-    waiting: set[int] = set()
+async def _subscribe(conn: DBusConnection, rules: tuple[MatchRule, ...]) -> dict[int, MatchRule]:
+    """Send an AddMatch of each of ``rules``: the rules by the serial their replies will
+    carry (the bus may refuse one: its limit of match rules, a policy)."""
+    adding: dict[int, MatchRule] = {}
     for rule in rules:
         serial = int(next(conn.outgoing_serial))
         await conn.send(message_bus.AddMatch(rule), serial=serial)
-        waiting.add(serial)
-    refused: str | None = None
-    while waiting:
-        msg = await _receive(conn)
-        reply_to = _reply_to(msg)
-        if reply_to in waiting:
-            waiting.discard(reply_to)
-            if msg.header.message_type is MessageType.error and refused is None:
-                refused = str(msg.header.fields.get(HeaderFields.error_name, "an error"))
-    return refused
+        adding[serial] = rule
+    return adding
 
 
 async def _receive(conn: DBusConnection) -> Message:
