@@ -165,6 +165,34 @@ async def test_a_networkmanager_restart_keeps_a_hold_on_a_metered_link(
     await wait_for(lambda: delivered(fake_nucleus) == [1, 2, 3])
 
 
+async def test_the_bus_restarting_keeps_a_hold_on_a_metered_link(
+        make_agent: Any, fake_nucleus: FakeNucleus, bus: PrivateBus, nm: FakeNetworkManager,
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    """dbus-daemon restarting (an upgrade), or dropping the agent's connection, leaves the
+    link as it was. That read "unknown" (not metered) at once, and the bus was tried
+    again only a minute later: up to a minute of what a hold keeps sent over the metered
+    link. The last reading holds as through a NetworkManager restart, within the same
+    bound, and the bus is tried again soon at first."""
+    monkeypatch.setattr(networkmanager, "RETRY_FIRST_S", 0.05, raising=False)
+    await nm.set_metered(YES)
+    agent = await make_agent(upstreams=[upstream(fake_nucleus)],
+                             sync={"on_metered": "hold", "dbus_address": bus.address})
+    await post(agent.port, range(1, 4))
+    bus.stop()   # NetworkManager's connection goes with it
+    await nm.stop()
+    await wait_for(lambda: "D-Bus connection lost" in agent.sync.metered.detail)
+    assert agent.sync.profile.mode == "hold" and not agent.forwarding.loops, agent.sync.metered
+    bus.start()
+    await nm.start()   # back, and still metered
+    await wait_for(lambda: agent.sync.metered.detail == "NetworkManager: yes", timeout=5)
+    assert agent.sync.profile.mode == "hold" and delivered(fake_nucleus) == []
+
+    monkeypatch.setattr(networkmanager, "RESTART_S", 0.1)
+    bus.stop()   # gone for good: unknown once the bound is over, which sends
+    await wait_for(lambda: agent.sync.metered.state is Metered.UNKNOWN)
+    await wait_for(lambda: delivered(fake_nucleus) == [1, 2, 3])
+
+
 async def test_no_bus_means_unknown_and_normal(
         make_agent: Any, fake_nucleus: FakeNucleus, tmp_path: Path) -> None:
     agent = await make_agent(upstreams=[upstream(fake_nucleus)],

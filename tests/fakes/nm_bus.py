@@ -130,13 +130,15 @@ class FakeNetworkManager:
         return self
 
     async def stop(self) -> None:
-        """Leave the bus, as NetworkManager exiting would (its name loses its owner)."""
+        """Leave the bus, as NetworkManager exiting would (its name loses its owner);
+        after the bus went away, only forget the connection it closed."""
         if self._task is not None:
             self._task.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
+            with contextlib.suppress(asyncio.CancelledError, EOFError, OSError):
                 await self._task
         if self._conn is not None:
-            await self._conn.close()
+            with contextlib.suppress(OSError):
+                await self._conn.close()
         self._conn = self._task = None
 
     async def set_metered(self, value: int) -> None:
