@@ -13,6 +13,9 @@ connection it is, so unasked, the cost would stay unknown until it restarted.
 A subscription the bus refuses (its limit of match rules, a policy) is a failure too:
 unwatched, the property is read again every ``RECONNECT_S`` instead, each read counted,
 and the subscription asked for again with it, so a limit raised later is followed.
+NetworkManager or the bus going away (a restart) keeps the last yes or no up to
+``RESTART_S`` (``_Last``); meanwhile a lost bus is tried again from ``RETRY_FIRST_S`` on,
+twice as long each time, not every ``RECONNECT_S``: else it outlasted the reading kept.
 """
 
 from __future__ import annotations
@@ -34,7 +37,8 @@ NM = DBusAddress("/org/freedesktop/NetworkManager", bus_name="org.freedesktop.Ne
                  interface="org.freedesktop.NetworkManager")
 RECONNECT_S = 60.0   # a missing bus, or a refused read, is retried this often (tests shorten it)
 TIMEOUT_S = 10.0     # for connecting, and for each call's reply (tests shorten it)
-RESTART_S = 30.0     # NetworkManager gone from the bus: its last reading holds this long
+RESTART_S = 30.0     # NetworkManager or the bus gone: its last reading holds this long
+RETRY_FIRST_S = 1.0  # while it holds, the bus is tried again this soon, then twice as long
 SHOWN = 100          # characters of a value from the bus that status and the log show
 _INTEGERS = frozenset("ynqiuxt")   # D-Bus integer types; NMMetered is a "u"
 # NMMetered: 0 unknown, 1 yes, 2 no, 3 guess-yes, 4 guess-no.
@@ -57,6 +61,8 @@ class NetworkManagerSource:
         self.reconnect_s = RECONNECT_S
 
     async def watch(self, report: Callable[[MeteredReading], None]) -> None:
+        last = _Last()
+        backoff = RETRY_FIRST_S
         while True:
             failed = True
             try:
@@ -73,7 +79,7 @@ class NetworkManagerSource:
                     why = f"no D-Bus at {self._where()}: {getattr(exc, 'strerror', None) or exc}"
             else:
                 try:
-                    await self._session(conn, report)
+                    await self._session(conn, report, last)
                     why = "D-Bus connection closed"
                 except TimeoutError:
                     why = f"no answer from NetworkManager in {TIMEOUT_S:g}s"
@@ -84,9 +90,20 @@ class NetworkManagerSource:
                     # here (the writer's wait_closed): already reported above.
                     with contextlib.suppress(OSError):
                         await conn.close()
-            report(MeteredReading(Metered.UNKNOWN, f"{why}; retried every {self.reconnect_s:g}s",
-                                  failed=failed))
-            await asyncio.sleep(self.reconnect_s)
+            now = asyncio.get_running_loop().time()
+            if last.until is None:   # it was read since the last loss: a new one
+                backoff = RETRY_FIRST_S
+            kept = last.away(why, now)
+            if kept is None:
+                report(MeteredReading(Metered.UNKNOWN, f"{why}; retried every {self.reconnect_s:g}s",
+                                      failed=failed))
+                await asyncio.sleep(self.reconnect_s)
+            else:   # a bus restarting: tried again soon, to confirm the reading kept
+                assert last.until is not None
+                wait, backoff = min(backoff, last.until - now), min(backoff * 2, self.reconnect_s)
+                report(dataclasses.replace(kept, detail=f"{kept.detail}; retried in {wait:.2g}s",
+                                           failed=failed))
+                await asyncio.sleep(wait)
 
     def _where(self) -> str:
         """The bus's path or address, for a reading's reason: as text /status can carry
@@ -96,7 +113,8 @@ class NetworkManagerSource:
         except Exception:  # noqa: BLE001 - only for the message: an address jeepney cannot parse
             return os_text(self.bus)
 
-    async def _session(self, conn: DBusConnection, report: Callable[[MeteredReading], None]) -> None:
+    async def _session(self, conn: DBusConnection, report: Callable[[MeteredReading], None],
+                       last: _Last) -> None:
         # The bus filters by NetworkManager's well-known name; locally, a signal counts
         # only from the connection that owns it now (any local process may emit one).
         changed, on_bus = (MatchRule(type="signal", sender=sender,
@@ -118,33 +136,19 @@ class NetworkManagerSource:
         refused: str | None = None   # the error it refused the first of them with
         nm_owner: str | None = None   # NetworkManager's unique name, once known
         retry: float | None = None   # when a refused read is asked again
-        known: MeteredReading | None = None   # the last reading NetworkManager gave
-        gone: float | None = None   # NetworkManager left: when its last reading ends
 
         def left() -> None:
-            """NetworkManager left the bus, or exited with the read unanswered. A restart
-            (an upgrade) leaves the link as it was: "unknown" (not metered) would send
-            what a hold keeps over a metered link meanwhile. Its last yes or no holds
-            until it answers again, up to RESTART_S from its first leaving."""
-            nonlocal gone
-            if gone is not None:   # already kept: a new owner gone before it answered
-                return
-            if known is not None and known.state is not Metered.UNKNOWN:
-                gone = loop.time() + RESTART_S
-                report(MeteredReading(known.state, f"{known.detail} (kept: NetworkManager "
-                                      f"left the bus; up to {RESTART_S:g}s for a restart)"))
-            else:
-                report(MeteredReading(Metered.UNKNOWN, "NetworkManager is not running"))
+            """NetworkManager left the bus, or exited with the read unanswered."""
+            report(last.away("NetworkManager left the bus", loop.time()) or last.got(_NOT_RUNNING))
 
         while True:
-            wake = min((t for t in (deadline, retry, gone) if t is not None), default=None)
+            wake = min((t for t in (deadline, retry, last.until) if t is not None), default=None)
             try:
                 async with asyncio.timeout_at(wake):
                     msg = await _receive(conn)   # (cancelled between reads: nothing lost)
             except TimeoutError:
-                if wake == gone:   # not back in time: stopped, not restarting
-                    gone = None
-                    report(MeteredReading(Metered.UNKNOWN, "NetworkManager is not running"))
+                if wake == last.until:   # not back in time: stopped, not restarting
+                    report(last.got(_NOT_RUNNING))
                 elif wake == retry:
                     if unwatched:   # asked again: a limit raised, a policy fixed, is followed
                         adding, unwatched, refused = await _subscribe(conn, tuple(unwatched)), [], None
@@ -168,11 +172,10 @@ class NetworkManagerSource:
                 else:
                     left()
             elif changed.matches(msg) and sender is not None and sender == nm_owner:
-                gone = None
                 if signature != "sa{sv}as":
-                    report(known := _failed(f"a PropertiesChanged of signature {signature!r}"))
+                    report(last.got(_failed(f"a PropertiesChanged of signature {signature!r}")))
                 elif "Metered" in msg.body[1]:
-                    report(known := _from_variant(msg.body[1]["Metered"]))
+                    report(last.got(_from_variant(msg.body[1]["Metered"])))
             elif reply_to == asked:
                 deadline = None
                 if msg.header.fields.get(HeaderFields.error_name) == _NO_REPLY:
@@ -182,7 +185,6 @@ class NetworkManagerSource:
                     if refused is not None:   # not watched: its return is not seen
                         retry = loop.time() + self.reconnect_s
                     continue
-                gone = None
                 if kind is MessageType.method_return:
                     nm_owner = sender
                 answer = _answer(msg, signature)
@@ -196,7 +198,7 @@ class NetworkManagerSource:
                     retry = loop.time() + self.reconnect_s
                     answer = dataclasses.replace(
                         answer, detail=f"{answer.detail}; retried every {self.reconnect_s:g}s")
-                report(known := answer)
+                report(last.got(answer))
 
     async def _ask(self, conn: DBusConnection) -> int:
         """Send a Get of ``Metered``; the serial its reply will carry."""
@@ -208,6 +210,39 @@ class NetworkManagerSource:
         get.header.flags |= MessageFlag.no_auto_start
         await conn.send(get, serial=serial)
         return serial
+
+
+class _Last:
+    """NetworkManager's last reading, and how long it still holds while NetworkManager or
+    the bus is away. A restart of either (an upgrade) leaves the link as it was:
+    "unknown" (not metered) would send what a hold keeps over a metered link meanwhile.
+    So its last yes or no holds until it is read again, up to RESTART_S from the first
+    loss (a new owner, or a new connection, gone before it answered, is the same one)."""
+
+    def __init__(self) -> None:
+        self.reading: MeteredReading | None = None
+        self.until: float | None = None   # away: when the last reading ends
+
+    def got(self, reading: MeteredReading) -> MeteredReading:
+        """``reading``, now the last: it holds until the next loss."""
+        self.reading, self.until = reading, None
+        return reading
+
+    def away(self, why: str, now: float) -> MeteredReading | None:
+        """The last reading, kept while away for ``why``; None with no yes or no to keep,
+        or once its time is over."""
+        if self.reading is None or self.reading.state is Metered.UNKNOWN:
+            return None
+        if self.until is None:
+            self.until = now + RESTART_S
+        if now >= self.until:   # not back in time: forgotten
+            self.reading = self.until = None
+            return None
+        return MeteredReading(self.reading.state, f"{self.reading.detail} (kept: {why}; "
+                                                  f"up to {RESTART_S:g}s for a restart)")
+
+
+_NOT_RUNNING = MeteredReading(Metered.UNKNOWN, "NetworkManager is not running")
 
 
 async def _subscribe(conn: DBusConnection, rules: tuple[MatchRule, ...]) -> dict[int, MatchRule]:
