@@ -182,9 +182,11 @@ async def test_the_bus_restarting_keeps_a_hold_on_a_metered_link(
     await nm.stop()
     await wait_for(lambda: "D-Bus connection lost" in agent.sync.metered.detail)
     assert agent.sync.profile.mode == "hold" and not agent.forwarding.loops, agent.sync.metered
-    bus.start()
+    bus.start()   # back before NetworkManager is: its read finds no owner, still a restart
+    await wait_for(lambda: "D-Bus connection lost" not in agent.sync.metered.detail, timeout=5)
+    assert agent.sync.profile.mode == "hold" and not agent.forwarding.loops, agent.sync.metered
     await nm.start()   # back, and still metered
-    await wait_for(lambda: agent.sync.metered.detail == "NetworkManager: yes", timeout=5)
+    await wait_for(lambda: agent.sync.metered.detail == "NetworkManager: yes")
     assert agent.sync.profile.mode == "hold" and delivered(fake_nucleus) == []
 
     monkeypatch.setattr(networkmanager, "RESTART_S", 0.1)
