@@ -178,9 +178,11 @@ class NetworkManagerSource:
                     report(last.got(_from_variant(msg.body[1]["Metered"])))
             elif reply_to == asked:
                 deadline = None
-                if msg.header.fields.get(HeaderFields.error_name) == _NO_REPLY:
-                    # It exited before answering (the bus says so after it left): part
-                    # of a restart, as its leaving is, and no failure.
+                error = msg.header.fields.get(HeaderFields.error_name)
+                if error == _NO_REPLY or (error in _ABSENT and last.until is not None):
+                    # It exited before answering (the bus says so after it left), or is
+                    # not back yet on a bus restarted under it: part of a restart, as
+                    # its leaving is, and no failure.
                     left()
                     if refused is not None:   # not watched: its return is not seen
                         retry = loop.time() + self.reconnect_s
