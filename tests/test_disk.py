@@ -1286,3 +1286,63 @@ async def test_a_spool_directory_that_cannot_be_made_again_is_one_clear_line(
     assert agent.spool.depth == 1
     assert agent.spool.counters.get("dropped_corrupt") == 6, agent.spool.counters
     assert agent.spool.counters.get("ingested") == 7, agent.spool.counters
+
+
+def _chattr(flag: str, path: Path) -> None:
+    """``chattr flag path``: +i makes a file not to be removed or renamed, a directory not
+    to have names added, removed or renamed in it, even by root: as a directory of another
+    user's is to the agent's."""
+    subprocess.run(["chattr", flag, str(path)], check=True, capture_output=True)
+
+
+@pytest.fixture
+def immutable_fs(six_mb_fs: Path) -> Iterator[Path]:
+    """``six_mb_fs``, where chattr +i takes (Linux 6.0 on for tmpfs), or a skip; every
+    file and directory in it made mutable again at the end (or umount fails)."""
+    probe = six_mb_fs / "probe"
+    probe.touch()
+    try:
+        _chattr("+i", probe)
+    except (OSError, subprocess.CalledProcessError):
+        pytest.skip("chattr +i does not take here")
+    _chattr("-i", probe)
+    probe.unlink()
+    try:
+        yield six_mb_fs
+    finally:
+        for found in [six_mb_fs, *six_mb_fs.rglob("*")]:
+            if not found.is_symlink():
+                subprocess.run(["chattr", "-i", str(found)], capture_output=True)
+
+
+def _errors(caplog: pytest.LogCaptureFixture) -> list[str]:
+    return [r.getMessage() for r in caplog.records if r.levelno >= logging.ERROR]
+
+
+async def test_a_salvage_that_fails_again_at_every_reopen_is_said_once(
+        immutable_fs: Path, caplog: pytest.LogCaptureFixture) -> None:
+    """A recovery's salvage commits, but its marker cannot be removed (here immutable;
+    a directory the agent's user may no longer write to alike), while the fresh spool
+    itself opens: the salvage is tried again at every reopen, every 5 s and at every
+    request, and each logged the same error line. Said once per new reason, as a spool
+    that cannot be opened is; open_error says it all along."""
+    path = immutable_fs / "spool.db"
+
+    def marker_stuck() -> None:   # the salvage has begun: its marker is written
+        _chattr("+i", path.with_name("spool.db.salvaging"))
+    spool = await Spool.open(StorageConfig(path=str(path)), on_migrating=marker_stuck)
+    try:
+        await spool.append([_event("a", n) for n in range(5)])
+        caplog.clear()
+        with pytest.raises(OSError):
+            await spool.recover(sqlite3.DatabaseError("database disk image is malformed"))
+        for _ in range(3):
+            assert not await spool.reopen()
+            assert spool.open_error and "Operation not permitted" in spool.open_error
+        failed = [s for s in _errors(caplog) if "Operation not permitted" in s]
+        assert len(failed) == 1, _errors(caplog)
+        _chattr("-i", path.with_name("spool.db.salvaging"))
+        assert await spool.reopen()
+        assert spool.open_error is None and spool.depth == 5
+    finally:
+        await spool.close()
