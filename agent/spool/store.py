@@ -158,6 +158,9 @@ class Spool:
         # it), and whether it is counted (wal_damaged) yet.
         self._wal: wal_check.Damage | None = None
         self._wal_counted = True
+        # Why the last recovery that could not finish could not (_refusing): said once,
+        # not at each try again, until the spool is open again.
+        self._said: str | None = None
 
     # -- what the writer and reader use --------------------------------------
 
@@ -541,6 +544,15 @@ class Spool:
             raise
         await self._finish_recovery()
 
+    def _refusing(self, why: BaseException) -> bool:
+        """A recovery that cannot finish now: open_error says why and the writer tries
+        again every REOPEN_EVERY_S. Whether to say so: once per new reason, as a spool that
+        cannot be opened is (reopen), since each try failing alike would flood the log."""
+        self.open_error = str(why) or type(why).__name__
+        self.writer.reopen_soon()
+        said, self._said = self._said, self.open_error
+        return said != self.open_error
+
     def _carry(self) -> Carry:
         books = self.books
         return Carry(streams={s.id: s.key for s in books.streams.values()},
@@ -562,12 +574,12 @@ class Spool:
             if self._salvaging is None:   # else said where it was kept (_put_aside)
                 self._salvaging = pending
                 await self._close_connections()
-                self.open_error = str(exc) or type(exc).__name__
-                log.error("spool %s: the salvage of %s into the fresh spool failed (%s): "
-                          "events are refused until it is done, tried again every %g s",
-                          self.path, pending.moved, self.open_error, REOPEN_EVERY_S)
-                self.writer.reopen_soon()
+                if self._refusing(exc):
+                    log.error("spool %s: the salvage of %s into the fresh spool failed (%s): "
+                              "events are refused until it is done, tried again every %g s",
+                              self.path, pending.moved, self.open_error, REOPEN_EVERY_S)
             raise
+        self._said = None
 
     async def _salvage(self, pending: _Salvage) -> None:
         assert self._db is not None
@@ -660,12 +672,12 @@ class Spool:
         try:
             move_aside(self.path, put)
             await self._connect()
-        except (sqlite3.Error, OSError) as failed:
-            self.open_error = str(failed) or type(failed).__name__   # a move that failed too
-            log.error("spool %s: cannot keep aside the file put there while the agent could "
-                      "not create a fresh spool, nor create one (%s): events are refused "
-                      "until it can, tried again every %g s", self.path, failed, REOPEN_EVERY_S)
-            self.writer.reopen_soon()
+        except (sqlite3.Error, OSError) as failed:   # a move that failed too
+            if self._refusing(failed):
+                log.error("spool %s: cannot keep aside the file put there while the agent "
+                          "could not create a fresh spool, nor create one (%s): events are "
+                          "refused until it can, tried again every %g s", self.path, failed,
+                          REOPEN_EVERY_S)
             raise
         log.error("spool %s: the file put there while no fresh spool could be created is "
                   "kept as %s; the recovery of %s goes on", self.path, put, pending.moved)
@@ -751,6 +763,7 @@ class Spool:
                 log.error("spool %s still cannot be opened, now: %s; refusing events until "
                           "it can", self.path, self.open_error)
             return False
+        self._said = None
         for outcome, n in unsaved.items():  # counted while closed: keep them
             self.count(outcome, n)
         if recovered:   # salvaged, and the forwarders told (on_reopen)
