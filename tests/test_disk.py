@@ -1346,3 +1346,43 @@ async def test_a_salvage_that_fails_again_at_every_reopen_is_said_once(
         assert spool.open_error is None and spool.depth == 5
     finally:
         await spool.close()
+
+
+def _left_by_a_stop_in_a_salvage(path: Path) -> None:
+    """The files a stop inside a salvage leaves, its fresh spool since damaged: the file
+    moved aside (key app1's 100 events) and the marker naming it."""
+    moved = path.with_name("spool.db.corrupt-20260101T000000")
+    make_spool(moved, 100)
+    path.with_name("spool.db.salvaging").write_text(f"{moved.name}\n")
+    garbage(path)
+
+
+@pytest.mark.parametrize("left", [garbage, _left_by_a_stop_in_a_salvage],
+                         ids=["damaged", "fresh-spool-damaged"])
+async def test_a_damaged_spool_that_cannot_be_moved_aside_is_said_once(
+        immutable_fs: Path, caplog: pytest.LogCaptureFixture,
+        left: Callable[[Path], None]) -> None:
+    """A damaged spool found at start, in a directory where nothing can be renamed
+    (immutable here; one the agent's user may no longer write to alike): the rename that
+    moves it aside fails. Said as "cannot be opened" for the spool, and not at all for
+    the fresh spool of an unfinished salvage (recoveries say their own failures), and
+    at each try again (every 5 s, and at each request) the failed marker's line, or
+    nothing. One line says the move failed and why, once; open_error says it."""
+    path = immutable_fs / "spool.db"
+    await asyncio.to_thread(left, path)
+    _chattr("+i", immutable_fs)
+    spool = await Spool.open(StorageConfig(path=str(path)))
+    try:
+        for _ in range(2):
+            assert not await spool.reopen()
+            assert spool.open_error and "Operation not permitted" in spool.open_error, \
+                spool.open_error
+        said = _errors(caplog)
+        assert len(said) == 1 and "cannot be moved aside" in said[0] and \
+            "Operation not permitted" in said[0], said
+        _chattr("-i", immutable_fs)
+        assert await spool.reopen()
+        assert spool.open_error is None
+        assert spool.depth == (0 if left is garbage else 100)
+    finally:
+        await spool.close()
