@@ -267,7 +267,7 @@ class Spool:
                    holds_lock: bool = False) -> Spool:
         spool = cls(cfg, cfg.resolved_path(), on_reopen, on_migrating, holds_lock)
         make_private_dir(spool.path.parent)
-        recovering = False   # a recovery that fails to open its fresh spool says why itself
+        recovering = False   # a recovery that fails says why itself
         try:
             if (moved := pending(spool.path)) is not None:
                 # A newer agent's (SpoolTooNew): its files are left for it to finish.
@@ -291,7 +291,7 @@ class Spool:
         except (sqlite3.DatabaseError, OSError) as exc:
             # Not corrupt (a full disk, an I/O error): keep the file, refuse
             # events with 503 and try again (writer.REOPEN_EVERY_S), rather than exit into a crash loop.
-            if not recovering or spool._salvaging is None:   # else said by the recovery
+            if not recovering:   # else said by the recovery
                 log.error("spool %s cannot be opened (%s); refusing events until it can",
                           spool.path, exc)
         spool.writer.start()
@@ -462,7 +462,12 @@ class Spool:
             # file's queue was never salvaged, nor said lost.
             await self._close_connections()
             fresh = target(self.path)
-            move_fresh_aside(self.path, fresh)
+            try:
+                move_fresh_aside(self.path, fresh)
+            except OSError as failed:
+                self._unmovable(f"the fresh spool of the salvage of {pending.moved}, damaged",
+                                exc, fresh, failed)
+                raise
             log.error("spool %s, the fresh spool of the salvage of %s, is damaged (%s): "
                       "moved aside to %s; that salvage starts again", self.path,
                       pending.moved, exc, fresh)
@@ -521,10 +526,15 @@ class Spool:
         # Kept until the fresh spool is open: if it cannot be created now (a full disk),
         # reopen() finishes the salvage, rather than start an empty spool that would hand
         # out stream ids and seqs the running forwarders still hold.
-        if (why := note(self.path, moved)) is not None:  # tried again once the fresh spool is open
-            log.error("spool %s: cannot write %s's salvage marker (%s)", self.path, moved, why)
+        why = note(self.path, moved)   # tried again once the fresh spool is open
         if not copied:
-            move_aside(self.path, moved)
+            try:
+                move_aside(self.path, moved)
+            except OSError as failed:   # what failed the marker, likely: said once, here
+                self._unmovable("corrupt", exc, moved, failed)
+                raise
+        if why is not None:
+            log.error("spool %s: cannot write %s's salvage marker (%s)", self.path, moved, why)
         self._salvaging = _Salvage(moved, carry, list(books.streams.values()), books.next_seq,
                                    str(exc), why is None)
         await self._open_fresh(exc, moved)
@@ -544,14 +554,25 @@ class Spool:
             raise
         await self._finish_recovery()
 
+    def _unmovable(self, what: str, exc: BaseException, moved: Path, failed: OSError) -> None:
+        """The damaged file cannot be moved aside (a directory the agent may no longer
+        write to): its callers say nothing of a recovery's failures, and each try again
+        meets the same."""
+        if self._refusing(failed):
+            log.error("spool %s is %s (%s), but cannot be moved aside to %s (%s): events are "
+                      "refused until it can, tried again every %g s", self.path, what, exc,
+                      moved, failed, REOPEN_EVERY_S)
+
     def _refusing(self, why: BaseException) -> bool:
         """A recovery that cannot finish now: open_error says why and the writer tries
         again every REOPEN_EVERY_S. Whether to say so: once per new reason, as a spool that
         cannot be opened is (reopen), since each try failing alike would flood the log."""
         self.open_error = str(why) or type(why).__name__
         self.writer.reopen_soon()
-        said, self._said = self._said, self.open_error
-        return said != self.open_error
+        # Not the file names: a move's target is named anew, by the time, at each try.
+        reason = why.strerror if isinstance(why, OSError) and why.strerror else self.open_error
+        said, self._said = self._said, reason
+        return said != reason
 
     def _carry(self) -> Carry:
         books = self.books
