@@ -1386,3 +1386,40 @@ async def test_a_damaged_spool_that_cannot_be_moved_aside_is_said_once(
         assert spool.depth == (0 if left is garbage else 100)
     finally:
         await spool.close()
+
+
+@pytest.mark.parametrize("room", [True, False], ids=["copied", "no-room-for-the-copy"])
+async def test_what_a_salvage_lost_is_said_once_when_its_marker_cannot_be_removed(
+        immutable_fs: Path, caplog: pytest.LogCaptureFixture, room: bool) -> None:
+    """A recovery's salvage commits (the queue copied, or, with no room for the copy, its
+    loss counted), then its marker cannot be removed: the line saying what was salvaged
+    and what lost (dropped_corrupt) came after that removal, and the try again found
+    the salvage committed and said only that it was finished now. Said once."""
+    path = immutable_fs / "spool.db"
+
+    def marker_stuck() -> None:   # the salvage has begun: its marker is written
+        _chattr("+i", path.with_name("spool.db.salvaging"))
+    spool = await Spool.open(StorageConfig(path=str(path)), on_migrating=marker_stuck)
+    try:
+        for b in range(8):   # ~1.2 MB: hex of random bytes packs to about half
+            await spool.append([Event("a", NUCLEUS, dedupe_key("a", n), orjson.dumps(
+                {"id": n, "pad": os.urandom(750).hex()})) for n in range(b * 100, b * 100 + 100)])
+        if not room:   # for the fresh spool, not the copy
+            with contextlib.closing(sqlite3.connect(path)) as db:
+                db.execute("PRAGMA wal_checkpoint(TRUNCATE)")
+            fill_up(immutable_fs / "filler")
+            os.truncate(immutable_fs / "filler",
+                        (immutable_fs / "filler").stat().st_size - 512 * 1024)
+        caplog.clear()
+        with pytest.raises(OSError):
+            await spool.recover(sqlite3.DatabaseError("database disk image is malformed"))
+        assert not await spool.reopen()
+        _chattr("-i", path.with_name("spool.db.salvaging"))
+        (immutable_fs / "filler").unlink(missing_ok=True)
+        assert await spool.reopen()
+        told = [s for s in _errors(caplog) if "dropped_corrupt" in s]
+        assert len(told) == 1, _errors(caplog)
+        assert spool.depth == (800 if room else 0)
+        assert spool.counters.get("dropped_corrupt", 0) == (0 if room else 800)
+    finally:
+        await spool.close()
