@@ -53,6 +53,7 @@ from agent.spool.migrate import ensure, refuse_newer
 from agent.spool.reads import Reader
 from agent.spool.salvage import (
     Carry,
+    Salvaged,
     is_fresh,
     keep_counters,
     salvage,
@@ -624,21 +625,28 @@ class Spool:
                         "holds its own data, so it is not that salvage's", self.path,
                         marker(self.path), moved)
             return
-        failed = None
         try:
             got = await self._db.run(salvage, moved, carry, self.on_migrating)
-        except sqlite3.Error as why:  # e.g. no room for the copy: the fresh spool stays empty
-            failed = why
+        except sqlite3.Error as failed:  # e.g. no room for the copy: the fresh spool stays empty
             got, counters = await self._db.run(unsalvaged, moved, carry)
             for outcome, n in counters.items():
                 self.count(outcome, n)  # into the empty fresh spool
             self._observed_base, self._elapsed_at_load = carry.observed, CLOCK.elapsed_ms()
+            # Said before the marker goes: a try again after that finds it committed only.
+            self._say_salvaged(pending, got, failed)
             if await self._save_counts():  # else a crash before the next commit retries it
                 done(self.path)
         else:
+            self._say_salvaged(pending, got, None)
             done(self.path)
             await self._load_state(self._db)
         self._keep_held(pending)
+        self.on_reopen()  # forwarders for the salvaged queues
+
+    def _say_salvaged(self, pending: _Salvage, got: Salvaged, failed: sqlite3.Error | None
+                      ) -> None:
+        """What the salvage (``failed``: of which the copy failed) kept and lost."""
+        moved = pending.moved
         unknown = "how many %s held is unknown (its %s cannot be read)"
         if failed is not None:
             queued = (f"its {got.lost} queued events" if got.known else
@@ -665,7 +673,6 @@ class Spool:
                 log.error("spool %s: salvaged %d dead letters of %s, %s%s (counted as %s: "
                           "%d)", self.path, got.dead, moved, how_many, unkeyed,
                           Tally.DEAD_DROPPED_CORRUPT, got.dead_lost)
-        self.on_reopen()  # forwarders for the salvaged queues
 
     def _keep_held(self, pending: _Salvage) -> None:
         """Running forwarders hold these streams and a seq cursor: keep the objects, and
