@@ -927,3 +927,31 @@ async def test_a_retried_dead_letter_s_key_forgotten_by_the_file_is_counted_once
             admitted - spool.counters.get("dropped_full", 0) - held)
     finally:
         await spool.close()
+
+
+async def test_a_dead_letter_retried_beside_queued_events_has_its_key_counted_once(
+        tmp_path: Path) -> None:
+    """A dead letter retried while its old record still holds queued events: the old
+    record keeps its key (a record's keys are in its events' order) and the new one
+    stores it too. Delivered, its key is let go by the file at max_size_mb, under
+    drop_oldest, once for each place the file stores it: dedupe_forgotten must count
+    the one key once."""
+    cfg = StorageConfig(path=str(tmp_path / "spool.db"), max_size_mb=1, sync="normal",
+                        when_full="drop_oldest")
+    spool = await Spool.open(cfg)
+    try:
+        await spool.append([incompressible("a", i, 8) for i in range(2)])   # one record
+        first, _ = await spool.fetch(spool.streams["a"].id, 0, 10)
+        await spool.dead_letter([(first.seq, "up", "HTTP 400: no")])
+        assert await dead_live.retry(spool, dead.Which(every=True)) == 1
+        (retried,) = await spool.fetch(spool.streams["a"].id, first.seq + 1, 10)
+        await spool.ack([retried.seq])   # a0 delivered; a1 still queued in the old record
+        n = 0
+        while spool.counters.get("dropped_full", 0) < 1:   # the old record goes, with a1
+            await spool.append([incompressible("q", n, 40_000)])
+            n += 1
+        # a1 dropped undelivered (and a q or two with it): their keys let go, not counted.
+        # a0's key, once.
+        assert spool.counters.get("dedupe_forgotten", 0) == 1, spool.counters
+    finally:
+        await spool.close()
