@@ -25,7 +25,7 @@ from agent.logs import fingerprint
 from agent.outcomes import Tally, record
 from agent.spool.commit import Outcome
 from agent.spool.db import keys_from_bytes, load_state
-from agent.spool.dedupe import keys_to_bytes
+from agent.spool.dedupe import MOVED_KEY, keys_to_bytes
 from agent.spool.records import RECORD_EVENTS, pack
 from agent.spool.schema import SUMMARY_SINCE, VERSION, SpoolTooNew, SpoolUnusable, open_read_only
 
@@ -279,16 +279,29 @@ def _requeue_step(conn: sqlite3.Connection, rows: list[Any], done: Requeued) -> 
 
 
 def _unspend(conn: sqlite3.Connection, letters: list[tuple[int, int]]) -> None:
-    """Take the keys of retried letters (seq, key) out of the ``spent`` rows of their old
-    records, now that their new records store them: each key stored once, the file's
-    forgetting of it is counted once (dedupe_forgotten). A letter whose old record is
-    still queued keeps its key there too (a record's keys stay in its events' order)."""
+    """Take the keys of retried letters (seq, key) out of their old records, now that
+    their new records store them: each key stored once, the file's forgetting of it is
+    counted once (dedupe_forgotten). Out of a ``spent`` row; in a record still queued,
+    whose keys are in its events' order, its place holds MOVED_KEY instead."""
     gone: dict[int, set[int]] = {}
+    moved: dict[int, dict[int, int]] = {}   # a queued record's id: place -> key
     for seq, key in letters:
+        row = conn.execute("SELECT id, n FROM records WHERE id <= ? ORDER BY id DESC LIMIT 1",
+                           (seq,)).fetchone()
+        if row is not None and seq < row[0] + row[1]:
+            moved.setdefault(row[0], {})[seq - row[0]] = key
+            continue
         row = conn.execute("SELECT id FROM spent WHERE id <= ? ORDER BY id DESC LIMIT 1",
                            (seq,)).fetchone()
         if row is not None:
             gone.setdefault(row[0], set()).add(key)
+    for rid, places in moved.items():
+        (blob,) = conn.execute("SELECT dkeys FROM records WHERE id = ?", (rid,)).fetchone()
+        stored = keys_from_bytes(blob)
+        for at, key in places.items():
+            if at < len(stored) and stored[at] == key:
+                stored[at] = MOVED_KEY
+        conn.execute("UPDATE records SET dkeys = ? WHERE id = ?", (keys_to_bytes(stored), rid))
     for rid, keys in gone.items():
         (blob,) = conn.execute("SELECT dkeys FROM spent WHERE id = ?", (rid,)).fetchone()
         stored = keys_from_bytes(blob)

@@ -42,6 +42,12 @@ from itertools import accumulate, compress, filterfalse, islice, repeat
 from operator import attrgetter, le
 
 HOUR_MS = 3_600_000
+# In a record's keys, the place of an event whose key another record stores now (a dead
+# letter retried while its old record was still queued: a record's keys are in its
+# events' order). Never remembered: stored twice, the file's letting go of the key was
+# counted for each place (dedupe_forgotten). A real key of that value (one in 2**64; not
+# an edge of the range, which tests and tools reach for) is at-least-once.
+MOVED_KEY = int.from_bytes(b"moved ky", "big")
 _STRETCH_BYTES = 1 << 19   # keys copied into the set at a time while it is rebuilt: 64k
 _LITTLE = sys.byteorder == "little"
 
@@ -92,6 +98,18 @@ def keys_to_bytes(keys: Sequence[int]) -> bytes:
     if not _LITTLE:
         packed.byteswap()
     return packed.tobytes()
+
+
+_MOVED = keys_to_bytes([MOVED_KEY])
+
+
+def _holds_moved(blob: bytes) -> bool:
+    """Whether keys as stored (``keys_to_bytes``) hold MOVED_KEY: found in C, checked
+    to be a whole key."""
+    at = blob.find(_MOVED)
+    while at >= 0 and at % 8:
+        at = blob.find(_MOVED, at + 1)
+    return at >= 0
 
 
 def _as_array(keys: bytes | memoryview | Sequence[int]) -> array[int]:
@@ -169,6 +187,8 @@ class DedupeIndex:
         as stored with a record (``keys_to_bytes``). Call in the order they were received:
         a bucket expires after its newest key, so out of order, keys are kept longer."""
         stored = _as_array(keys)
+        if MOVED_KEY in stored:
+            stored = array("q", (k for k in stored if k != MOVED_KEY))
         if not self._keys.isdisjoint(stored):  # rare: keep only the keys not yet here
             stored = array("q", (k for k in stored if k not in self._keys))
         if stored:
@@ -200,6 +220,8 @@ class DedupeIndex:
         counts, wall, seen, ids = stored.counts, stored.wall, stored.observed, stored.ids
         if not counts:
             return True
+        if _holds_moved(stored.blob):   # rare (a retry): loaded record by record, without
+            return False
         if max(counts) > self.max_keys or not all(map(le, seen, islice(seen, 1, None))):
             return False
         ends = array("q", accumulate(counts, initial=0))   # keys before each record
