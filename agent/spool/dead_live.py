@@ -119,12 +119,14 @@ async def _retry_chunk(spool: Spool, which: dead.Which, below: int,
         spool.books.committed_seq = done.next_seq - 1
         _settle_books(spool, done.out, size, done.count)
         observed, wall = spool.observed_ms(), now_ms()
+        # Known from now on by the new records alone, as a restart loads them (the file
+        # keeps them there only): in their bucket, where the file's forgetting of them is
+        # counted (DedupeIndex.forgotten_stored finds it by the record's id). Taken out of
+        # their old buckets in one pass for the chunk: each pass reads buckets, and letters
+        # received apart are a record each.
+        spool.index.discard([k for _, _, keys in done.records for k in keys])
         for rid, n, keys in done.records:
             spool.live.add(rid, n, observed)
-            # Known from now on by the new record alone, as a restart loads them (the
-            # file keeps them there only): in its bucket, where the file's forgetting of
-            # them is counted (DedupeIndex.forgotten_stored finds it by the record's id).
-            spool.index.discard(keys)
             spool.index.admit(keys, wall, observed, rid)
     return done.count, done.last
 
