@@ -478,12 +478,12 @@ async def test_dead_list_answers_the_newest_reasons_not_every_one(
     await older_reason_listed("spool")
 
 
-async def test_a_retry_of_letters_each_in_a_record_of_its_own_is_not_a_scan_of_the_index_each(
+async def test_a_retry_of_letters_each_in_a_record_of_its_own_keeps_every_key_known(
         tmp_path: Path) -> None:
-    """Letters received apart are retried one record each, and each record's keys were
-    taken out of the dedupe index in a scan of its buckets from the oldest, a whole bucket
-    rebuilt (up to dedupe_max_keys / 16 keys): ~9 ms a letter at 1M keys, 18 s of the
-    writer's lock (ingest held) per chunk of 2,000. One pass a chunk."""
+    """Letters received apart are retried one record each, their keys moved in the dedupe
+    index in one pass a chunk (a scan of its buckets per record cost ~9 ms a letter at 1M
+    keys: bench/RESULTS.md run 45; timed there, not here): every key stays known, in a
+    bucket full to its 62,500 keys."""
     from agent.families.event import NUCLEUS, Event, dedupe_key
     from agent.settings import StorageConfig
     from agent.spool import Spool
@@ -503,10 +503,7 @@ async def test_a_retry_of_letters_each_in_a_record_of_its_own_is_not_a_scan_of_t
     spool = await Spool.open(cfg)
     try:
         assert all(dedupe_key("d", i) in spool.index for i in range(600))
-        started = asyncio.get_running_loop().time()
         assert await dead_live.retry(spool, dead.Which(every=True)) == 600
-        took = asyncio.get_running_loop().time() - started
-        assert took < 0.5, f"{took:.2f} s for 600 letters"
         assert all(dedupe_key("d", i) in spool.index for i in range(600))
     finally:
         await spool.close()
