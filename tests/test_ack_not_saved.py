@@ -74,18 +74,7 @@ async def test_an_ack_the_spool_could_not_record_is_counted_once_it_is(
                        headers={"Authorization": basic("k")})
     assert reply.status == 200
     await wait_for(lambda: len(fake_segment.requests) >= 1)
-    with contextlib.closing(sqlite3.connect(str(agent.spool.path),
-                                            isolation_level=None)) as other:
-        [(table,)] = other.execute("SELECT sql FROM sqlite_master WHERE name = 'spent'")
-        other.execute("DROP TABLE spent")
-        fake_segment.outage = None
-
-        async def not_recorded() -> bool:
-            return "spent" in ((await upstream_status(agent.port))["last_error"] or "")
-
-        await wait_for(not_recorded)
-        other.execute(table)
-    await wait_for(lambda: agent.spool.depth == 0)
+    await _first_ack_not_recorded(agent, fake_segment)
     async with aiohttp.ClientSession() as s, s.get(f"http://127.0.0.1:{agent.port}/status") as r:
         snap = await r.json()
     (up,) = snap["upstreams"]
@@ -125,18 +114,7 @@ async def test_an_ack_the_spool_could_not_record_shows_once_in_the_live_view(
         assert b'"watching"' in await resp.content.readline()
         await track(agent.port, "m1")
         await wait_for(lambda: len(fake_segment.requests) >= 1)
-        with contextlib.closing(sqlite3.connect(str(agent.spool.path),
-                                                isolation_level=None)) as other:
-            [(table,)] = other.execute("SELECT sql FROM sqlite_master WHERE name = 'spent'")
-            other.execute("DROP TABLE spent")
-            fake_segment.outage = None
-
-            async def not_recorded() -> bool:
-                return "spent" in ((await upstream_status(agent.port))["last_error"] or "")
-
-            await wait_for(not_recorded)
-            other.execute(table)
-        await wait_for(lambda: agent.spool.depth == 0)
+        await _first_ack_not_recorded(agent, fake_segment)
         await track(agent.port, "m2")   # its acked line comes after any of m1's
         acked: list[str] = []
         while "m2" not in acked:
@@ -150,3 +128,21 @@ async def track(port: int, message_id: str) -> None:
     reply = await call(port, "/v1/track", {"event": "e", "userId": "u", "messageId": message_id},
                        headers={"Authorization": basic("k")})
     assert reply.status == 200
+
+
+async def _first_ack_not_recorded(agent: Any, fake_segment: FakeSegment) -> None:
+    """The upstream back (its outage ended) while the spool cannot record acks (its `spent`
+    table gone) until one ack has failed to be recorded; then the table is back and the
+    queue drains."""
+    with contextlib.closing(sqlite3.connect(str(agent.spool.path),
+                                            isolation_level=None)) as other:
+        [(table,)] = other.execute("SELECT sql FROM sqlite_master WHERE name = 'spent'")
+        other.execute("DROP TABLE spent")
+        fake_segment.outage = None
+
+        async def not_recorded() -> bool:
+            return "spent" in ((await upstream_status(agent.port))["last_error"] or "")
+
+        await wait_for(not_recorded)
+        other.execute(table)
+    await wait_for(lambda: agent.spool.depth == 0)

@@ -7,10 +7,11 @@ queue's counts hold (audit: a second agent on another port started without a wor
 
 from __future__ import annotations
 
+import contextlib
 import shutil
 import subprocess
 import sys
-from collections.abc import Callable
+from collections.abc import AsyncIterator, Callable
 from pathlib import Path
 from typing import Any
 
@@ -140,22 +141,11 @@ async def test_an_agent_that_finds_the_other_at_its_stop_says_its_queue_was_kept
     it also said it "could not keep the queue of the file deleted or replaced", which an
     operator would take for that queue lost, and then "this one refuses events; stop the
     other and restart this one": advice for an agent that runs on, not one stopping."""
-    state = tmp_path / "state"
-    path = state / "spool.db"
-    first = await Spool.open(StorageConfig(path=str(path)), holds_lock=True)
-    assert await first.append([Event("k", SEGMENT, 1, b'{"type":"track","n":1}')]) == 1
-    shutil.rmtree(state)
-    second = await Spool.open(StorageConfig(path=str(path)), holds_lock=True)
-    try:
-        caplog.clear()
-        await first.close()
-        [kept] = [p for p in state.glob("spool.db.corrupt-*") if p.suffix != ".lock"]
-        errors = [r.getMessage() for r in caplog.records if r.levelname == "ERROR"]
+    events = [Event("k", SEGMENT, 1, b'{"type":"track","n":1}')]
+    async with _ousted_at_stop(tmp_path, events, caplog) as (kept, errors):
         assert len(errors) == 1 and f"its queue is kept in {kept}" in errors[0], errors
         assert "refuses events" not in errors[0] and "restart" not in errors[0], errors
         assert "stopping" in errors[0], errors
-    finally:
-        await second.close()
 
 
 async def test_a_queue_kept_aside_by_an_agent_another_ousted_is_sent_by_an_agent_run_on_it(
@@ -166,22 +156,33 @@ async def test_a_queue_kept_aside_by_an_agent_another_ousted_is_sent_by_an_agent
     path is the other's, holding data of its own. Its log line named the file, and said
     nothing of how to send it, nor did the docs. It says to run an agent on that file,
     and such an agent sends it and leaves it empty."""
+    events = [Event("app1", NUCLEUS, dedupe_key("app1", n), orjson.dumps(event(n, pad="")))
+              for n in range(3)]
+    async with _ousted_at_stop(tmp_path, events, caplog) as (kept, errors):
+        [said] = errors
+        assert f"kept in {kept}; to send it, run an agent with storage.path = {kept}" \
+            in said, said
+        drain = await make_agent(spool=kept, upstreams=[upstream(fake_nucleus)])
+        await wait_for(lambda: sorted(fake_nucleus.ids()) == [0, 1, 2])
+        await wait_for(lambda: drain.spool.depth == 0)
+
+
+@contextlib.asynccontextmanager
+async def _ousted_at_stop(tmp_path: Path, events: list[Event], caplog: pytest.LogCaptureFixture
+                          ) -> AsyncIterator[tuple[Path, list[str]]]:
+    """An agent's spool holding ``events`` at a path removed (`rm -rf`) while it ran, a
+    second agent started on the path since, and the first stopped: the copy it kept of its
+    queue, and the error lines of its stop. The second agent runs on meanwhile."""
     state = tmp_path / "state"
     path = state / "spool.db"
     first = await Spool.open(StorageConfig(path=str(path)), holds_lock=True)
-    await first.append([Event("app1", NUCLEUS, dedupe_key("app1", n),
-                              orjson.dumps(event(n, pad=""))) for n in range(3)])
+    assert await first.append(events) == len(events)
     shutil.rmtree(state)
     second = await Spool.open(StorageConfig(path=str(path)), holds_lock=True)
     try:
         caplog.clear()
         await first.close()
         [kept] = [p for p in state.glob("spool.db.corrupt-*") if p.suffix != ".lock"]
-        [said] = [r.getMessage() for r in caplog.records if r.levelname == "ERROR"]
-        assert f"kept in {kept}; to send it, run an agent with storage.path = {kept}" \
-            in said, said
-        drain = await make_agent(spool=kept, upstreams=[upstream(fake_nucleus)])
-        await wait_for(lambda: sorted(fake_nucleus.ids()) == [0, 1, 2])
-        await wait_for(lambda: drain.spool.depth == 0)
+        yield kept, [r.getMessage() for r in caplog.records if r.levelname == "ERROR"]
     finally:
         await second.close()
