@@ -46,8 +46,8 @@ class TimedFake(FakeNucleus):
         super().__init__()
         self.arrived: list[float] = []
 
-    def _record(self, path: str, msg: Any) -> list[Any]:
-        ids = super()._record(path, msg)
+    def _record(self, request: aiohttp.web.Request, msg: Any) -> list[Any]:
+        ids = super()._record(request, msg)
         self.arrived += [time.monotonic()] * (len(self.events) - len(self.arrived))
         return ids
 
