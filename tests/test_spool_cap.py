@@ -16,6 +16,7 @@ import contextlib
 import os
 import random
 import sqlite3
+import time
 from collections.abc import Callable
 from contextlib import closing
 from pathlib import Path
@@ -294,13 +295,17 @@ async def test_drop_oldest_making_room_among_lone_events_holds_the_loop_no_longe
     path = tmp_path / "spool.db"
     spool = await Spool.open(StorageConfig(path=str(path), max_size_mb=2,
                                            when_full="drop_oldest", sync="normal"))
-    loop = asyncio.get_running_loop()
-    ticks = [loop.time()]
+    worst = 0.0
 
-    async def tick() -> None:   # the loop's stalls while the request is stored
+    async def tick() -> None:
+        # The loop thread's CPU between two turns: what one turn ran, whatever the load
+        # on the machine (a wall-clock gap stretches when other processes share the cores).
+        nonlocal worst
+        last = time.thread_time()
         while True:
-            await asyncio.sleep(0.005)
-            ticks.append(loop.time())
+            await asyncio.sleep(0)
+            now = time.thread_time()
+            worst, last = max(worst, now - last), now
 
     try:
         await spool.append([Event(f"lone-{i}", NUCLEUS, i, b'{"id":%d}' % i)
@@ -309,10 +314,8 @@ async def test_drop_oldest_making_room_among_lone_events_holds_the_loop_no_longe
         ticker = asyncio.create_task(tick())
         await spool.append([incompressible("big", i, 800) for i in range(1500)])
         ticker.cancel()
-        ticks.append(loop.time())
         assert spool.counters["dropped_full"] >= 4000
-        slowest = max(b - a for a, b in zip(ticks, ticks[1:]))
-        assert slowest < 1.0, f"the event loop stalled {slowest:.1f}s"
+        assert worst < 1.0, f"one turn of the event loop ran {worst:.2f}s"
     finally:
         await spool.close()
 
