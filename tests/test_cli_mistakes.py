@@ -710,6 +710,52 @@ async def test_dead_list_with_a_huge_limit_reads_the_spool_as_the_agent_would(tm
     assert code == 0 and "0 dead letters" in out and "no agent running" in out, out
 
 
+def in_process(capsys: pytest.CaptureFixture[str], *args: str) -> tuple[int, str, str]:
+    """The CLI run in this process: (exit code, stdout, stderr)."""
+    from agent import cli
+    code = cli.main(list(args))
+    got = capsys.readouterr()
+    return code, got.out, got.err
+
+
+@contextmanager
+def unwritable(where: Path) -> Iterator[None]:
+    """``where`` not writable by this process: its write bits cleared, or, for root (whom
+    modes do not stop), a read-only bind mount over it (a skip where it may not mount)."""
+    if os.geteuid() == 0:
+        from tests.test_disk import read_only
+        with read_only(where):
+            yield
+        return
+    mode = where.stat().st_mode
+    where.chmod(mode & ~0o222)
+    try:
+        yield
+    finally:
+        where.chmod(mode)
+
+
+@pytest.mark.skipif(not hasattr(os, "geteuid"), reason="POSIX file modes")
+@pytest.mark.parametrize("command", ["retry", "purge"])
+@pytest.mark.parametrize("what", ["file", "directory"])
+async def test_an_offline_dead_change_on_a_spool_it_cannot_write_says_so(
+        tmp_path: Path, capsys: pytest.CaptureFixture[str], command: str, what: str) -> None:
+    """No agent running, a spool this user may read but not write: `dead retry` and `dead
+    purge` said "the spool is in use (disk I/O error): an agent has it open", and one
+    looked for an agent that was not there."""
+    (tmp_path / "d").mkdir()
+    spool = tmp_path / "d" / "spool.db"
+    await (await Spool.open(StorageConfig(path=str(spool)))).close()
+    cfg = write_config(tmp_path / "agent.toml", spool, port=1)   # nothing answers there
+    blocked = spool if what == "file" else spool.parent
+    with unwritable(blocked):
+        code, out, err = in_process(capsys, "dead", command, "--all", "--config", str(cfg))
+    line = one_line(err)
+    assert code == 1 and out == "", (code, out)
+    assert "not writable" in line and str(blocked) in line, line
+    assert "in use" not in line and "has it open" not in line, line
+
+
 # -- where the output goes ---------------------------------------------------------------------
 
 @pytest.mark.parametrize("command", ["check-config", "status", "config-init", "--help",
