@@ -13,6 +13,7 @@ itself goes through no dedupe (it is the same event, not a resend).
 
 from __future__ import annotations
 
+import os
 import sqlite3
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -356,6 +357,14 @@ class Offline:
     def __enter__(self) -> sqlite3.Connection:
         if not self.path.exists():
             raise DeadError(f"no spool at {self.path}")
+        # Said before SQLite tries: it fails on either with an I/O error, or cannot open
+        # the file, which reads as an agent holding it, or as a spool it cannot read.
+        if blocked := next((p for p in (self.path, self.path.parent)
+                            if not os.access(p, os.W_OK)), None):
+            which = "it" if blocked == self.path else f"its directory {blocked}"
+            raise DeadError(f"cannot change the spool {self.path}: {which} is not writable "
+                            "by this user (its mode, or a read-only filesystem); run the "
+                            "command as the agent's user")
         # Read-only first: closing a read-write connection to a newer agent's file would
         # checkpoint the WAL it left behind (read_only raises DeadError for such a file).
         read_only(self.path).close()
