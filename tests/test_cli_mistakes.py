@@ -756,6 +756,30 @@ async def test_an_offline_dead_change_on_a_spool_it_cannot_write_says_so(
     assert "in use" not in line and "has it open" not in line, line
 
 
+# Not plain whole numbers, each of which int() or str.isdigit took: a superscript (isdigit
+# yes, int no), other scripts' digits, a sign, spaces, underscores; and one of more digits
+# than int() reads (4300).
+NOT_PLAIN = ["\u00b2", "\u0661\u0662", "-1", "1e3", "0x10", " 5", "+5", "1_0", "9" * 5000]
+
+
+@pytest.mark.parametrize("bad", NOT_PLAIN, ids=range(len(NOT_PLAIN)))
+@pytest.mark.parametrize("command", [("dead", "list", "--limit"), ("dead", "show"),
+                                     ("check-config", "--reload")], ids=" ".join)
+def test_a_number_that_is_not_a_plain_whole_number_is_a_usage_error_naming_it(
+        tmp_path: Path, capsys: pytest.CaptureFixture[str], command: tuple[str, ...],
+        bad: str) -> None:
+    """`dead list --limit \u00b2` (and `dead show \u00b2`) said "invalid _count value", a
+    function's name; `check-config --reload ' 5'` (or +5, 1_0, \u0661\u0662) signalled
+    PID 5 (10, 12), and --reload 1e3 said "invalid int value"."""
+    cfg = write_config(tmp_path / "agent.toml", tmp_path / "spool.db", port=1)
+    code, out, err = in_process(capsys, *command, bad, "--config", str(cfg))
+    assert "Traceback" not in err and out == "", out
+    last = err.strip().splitlines()[-1]
+    assert code == EXIT_CONFIG, (code, last)
+    assert "whole number" in last and re.search(r"invalid \w+ value", last) is None, last
+    assert len(last) < 300, last   # the number shown cut short, not 5000 digits
+
+
 # -- where the output goes ---------------------------------------------------------------------
 
 @pytest.mark.parametrize("command", ["check-config", "status", "config-init", "--help",
