@@ -266,12 +266,14 @@ _HELD = {"hold": ("holds them", "a flush does not override a hold"),
 
 
 def cmd_check_config(args: argparse.Namespace) -> int:
-    if args.reload is not None and args.reload <= 0:
+    pid = None if args.reload is None else dead_cli.plain_number(args.reload)
+    if args.reload is not None and not pid:
+        # Checked here, not by argparse: one line (ExecReload's, in the journal). Above 0:
         # os.kill would signal a process group (-1: every process), or our own (0).
-        print(f"outpost: --reload needs the agent's PID, a number above 0, got {args.reload}",
-              file=sys.stderr)
+        what = "the agent's PID, a whole number above 0"
+        _say(f"--reload: {dead_cli.not_a_number(what, args.reload)}")
         return EXIT_CONFIG
-    refused = "reload refused, the running config is kept: " if args.reload else ""
+    refused = "reload refused, the running config is kept: " if pid else ""
     try:
         target = config_mod.find_config_file(
             args.config if args.file is None else args.file)   # "" too: refused
@@ -282,10 +284,10 @@ def cmd_check_config(args: argparse.Namespace) -> int:
     if found := preflight.problems(cfg):
         _say(f"{refused}{found[0]}")
         return EXIT_CONFIG
-    if args.reload is not None and (theirs := _reread_by(cfg, args.reload)) is not None \
+    if pid is not None and (theirs := _reread_by(cfg, pid)) is not None \
             and (target is None or not _is_theirs(target, theirs)):
         # Signalled, the agent would apply its own file, and nothing of this one.
-        _say(f"{refused}PID {args.reload} re-reads {theirs} at a reload, not "
+        _say(f"{refused}PID {pid} re-reads {theirs} at a reload, not "
              f"{target or 'the built-in defaults'}: make the changes there, and check that file")
         return EXIT_CONFIG
     if target is None:
@@ -294,14 +296,14 @@ def cmd_check_config(args: argparse.Namespace) -> int:
         _show(f"{target}: ok ({len(cfg.upstreams)} upstream(s))")
         for note in preflight.notes(cfg):
             _show(f"note: {note}")
-    if args.reload is not None:
+    if pid is not None:
         # systemd's ExecReload: a config that fails here makes `systemctl reload` fail,
         # instead of the agent refusing it after systemd has reported success.
         try:
-            os.kill(args.reload, signal.SIGHUP)
+            os.kill(pid, signal.SIGHUP)
         except (OSError, OverflowError) as exc:
             why = exc.strerror if isinstance(exc, OSError) and exc.strerror else "no such PID"
-            _say(f"cannot ask PID {args.reload} to reload: {why}")
+            _say(f"cannot ask PID {pid} to reload: {why}")
             return 1
     return 0
 
@@ -421,7 +423,7 @@ def build_parser() -> argparse.ArgumentParser:
     named = p.add_mutually_exclusive_group()
     named.add_argument("file", nargs="?", help=CONFIG_HELP)
     named.add_argument("--config", metavar="FILE", help="the same as FILE")
-    p.add_argument("--reload", type=int, metavar="PID",
+    p.add_argument("--reload", metavar="PID",
                    help="if valid, send SIGHUP to PID (the systemd unit's ExecReload); exit "
                    "status 2 if that agent re-reads another file, 1 if it cannot be "
                    "signalled")

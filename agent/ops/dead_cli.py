@@ -460,11 +460,27 @@ def _is_stdout(target: Path) -> bool:
         return False
 
 
+def plain_number(text: str) -> int | None:
+    """``text`` as a whole number, if it is only ASCII digits; else None. Not int() alone,
+    which takes ' 5', '+5', '1_0' and other scripts' digits; nor str.isdigit, which takes
+    '²', that int() then refuses."""
+    try:
+        return int(text) if text.isascii() and text.isdigit() else None
+    except ValueError:   # more digits than int() reads (4300)
+        return None
+
+
+def not_a_number(what: str, text: str) -> str:
+    """Said of ``text`` given for ``what``: the number it is not, shown cut short."""
+    shown = text if len(text) <= 40 else f"{text[:20]}..."
+    return f"expected {what}, got {shown!r}"
+
+
 def _count(text: str) -> int:
-    """--limit: 0 or more."""
-    if not text.isdigit():
-        raise argparse.ArgumentTypeError(f"expected a whole number, 0 or more, got {text!r}")
-    return int(text)
+    """--limit, or an ID: 0 or more."""
+    if (number := plain_number(text)) is None:
+        raise argparse.ArgumentTypeError(not_a_number("a whole number, 0 or more", text))
+    return number
 
 
 def _reason(text: str) -> str:
