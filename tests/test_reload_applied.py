@@ -8,6 +8,7 @@ import asyncio
 import logging
 import os
 import signal
+import subprocess
 import sys
 from pathlib import Path
 from typing import Any
@@ -166,3 +167,30 @@ async def test_check_config_reload_of_the_agent_s_own_file_in_a_latin1_directory
     finally:
         loop.remove_signal_handler(signal.SIGHUP)
         await agent.stop()
+
+
+@pytest.mark.skipif(sys.platform == "win32", reason="SIGHUP")
+@pytest.mark.parametrize("agent_there", [True, False], ids=["another-pid", "none-answers"])
+async def test_check_config_reload_of_a_pid_that_is_not_the_agent_is_refused(
+        make_agent: Any, tmp_path: Path, agent_there: bool) -> None:
+    """`outpost check-config --reload PID` signalled PID whatever answered at the config's
+    address: an agent that is another PID (a typo), or none at all. SIGHUP's default action
+    ends a process: an ssh session, say. Refused in one line, the PID unsignalled."""
+    if agent_there:
+        cfg = (await make_agent(port=free_port())).config_path   # this process's PID
+    else:
+        cfg = str(write_config(tmp_path / "agent.toml", tmp_path / "spool.db", port=free_port()))
+    # SIGHUP's default action back (nohup leaves it ignored): signalled, it would end.
+    target = subprocess.Popen(["sleep", "30"], start_new_session=True,
+                              preexec_fn=lambda: signal.signal(signal.SIGHUP, signal.SIG_DFL))  # noqa: PLW1509
+    try:
+        code, out = await outpost_in_thread("check-config", cfg, "--reload", str(target.pid))
+        lines = out.strip().splitlines()
+        assert len(lines) == 1 and "Traceback" not in out, out
+        assert code == (2 if agent_there else 1), out
+        assert f"PID {target.pid}" in lines[0], out
+        assert (f"PID {os.getpid()}" if agent_there else "no agent answering") in lines[0], out
+    finally:
+        target.terminate()
+        # A SIGHUP sent before this SIGTERM would be the one it died of.
+        assert target.wait(10) == -signal.SIGTERM, "the PID was signalled"
