@@ -284,8 +284,12 @@ def cmd_check_config(args: argparse.Namespace) -> int:
     if found := preflight.problems(cfg):
         _say(f"{refused}{found[0]}")
         return EXIT_CONFIG
-    if pid is not None and (theirs := _reread_by(cfg, pid)) is not None \
-            and (target is None or not _is_theirs(target, theirs)):
+    try:
+        theirs = None if pid is None else _reread_by(cfg, pid)
+    except _NotTheAgent as exc:
+        _say(str(exc))
+        return exc.code
+    if theirs is not None and (target is None or not _is_theirs(target, theirs)):
         # Signalled, the agent would apply its own file, and nothing of this one.
         _say(f"{refused}PID {pid} re-reads {theirs} at a reload, not "
              f"{target or 'the built-in defaults'}: make the changes there, and check that file")
@@ -308,17 +312,33 @@ def cmd_check_config(args: argparse.Namespace) -> int:
     return 0
 
 
+class _NotTheAgent(Exception):
+    """``pid`` is not known to be the agent at the config's address: never signalled
+    (SIGHUP's default action ends a process). ``code``: the exit status."""
+
+    def __init__(self, code: int, pid: int, why: str) -> None:
+        super().__init__(f"not signalling PID {pid}: {why}")
+        self.code = code
+
+
 def _reread_by(cfg: Config, pid: int) -> str | None:
     """The file agent ``pid`` re-reads at a reload, as the agent at ``cfg``'s address says;
-    None if that cannot be told (none answers there, or another process, or one on the
-    built-in defaults, which looks the file up again), and the signal goes as before."""
+    None for one on the built-in defaults (it looks the file up again), or one too busy to
+    say (signalled unasked). _NotTheAgent if that agent is another PID, or none answers."""
     try:
         data = _http(cfg, "/status", "reload", dict, timeout=RELOAD_ASK_S)
-    except (urllib.error.URLError, OSError, ValueError):
-        return None
+    except (urllib.error.URLError, OSError, ValueError) as exc:
+        if timed_out(exc):
+            return None
+        why = str(exc) if isinstance(exc, (NotOutpost, Refused, CutShort)) \
+            else not_answering(cfg, exc)
+        raise _NotTheAgent(EXIT_FAILED, pid, why) from exc
     reload = data["reload"]
-    theirs = reload.get("config")
-    return theirs if reload.get("pid") == pid and isinstance(theirs, str) else None
+    if (theirs := reload.get("pid")) != pid:
+        raise _NotTheAgent(EXIT_CONFIG, pid, f"the agent at {agent_url(cfg, '')} is PID "
+                           f"{theirs} (`outpost status --json` shows it: reload.pid)")
+    config = reload.get("config")
+    return config if isinstance(config, str) else None
 
 
 def _is_theirs(target: Path, theirs: str) -> bool:

@@ -12,6 +12,7 @@ import sys
 import xml.etree.ElementTree as ET
 from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -19,7 +20,9 @@ from agent.install import templates as tpl
 from agent.install.plan import Run, Target, build_plan
 from tests.conftest import ROOT, AgentProcess, free_port, write_config
 from tests.fakes.ops_scene import post_events
+from tests.test_dead_many import outpost_in_thread
 from tests.test_packaging import unit_sections
+from tests.waiting import wait_for
 
 
 @pytest.mark.skipif(sys.platform == "win32", reason="AF_UNIX datagrams")
@@ -66,31 +69,27 @@ def test_exec_reload_validates_the_config_before_the_signal(system: bool) -> Non
 
 
 @pytest.mark.skipif(sys.platform == "win32", reason="SIGHUP")
-def test_check_config_reload_signals_only_a_valid_config(tmp_path: Path) -> None:
-    good = write_config(tmp_path / "good.toml", tmp_path / "spool.db")
+async def test_check_config_reload_signals_only_a_valid_config(
+        make_agent: Callable[..., Any], tmp_path: Path) -> None:
+    """The agent runs in this process (its PID is this one's): SIGHUPs to it are counted."""
+    agent = await make_agent(port=free_port())
     bad = tmp_path / "bad.toml"
     bad.write_text("[listen]\nport = -1\n")
-    # SIGHUP's default action back first: under nohup (SIGHUP ignored, and so in every
-    # child) the target would ignore the reload's signal and this test wait for it.
-    target = subprocess.Popen([sys.executable, "-c", "import signal, time; signal.signal("
-                               "signal.SIGHUP, signal.SIG_DFL); print(flush=True); time.sleep(60)"],
-                              stdout=subprocess.PIPE)
+    hups: list[int] = []
+    loop = asyncio.get_running_loop()
+    loop.add_signal_handler(signal.SIGHUP, hups.append, 1)
     try:
-        assert target.stdout is not None and target.stdout.readline() == b"\n"   # ready
-        run = subprocess.run([sys.executable, "-m", "agent", "check-config", str(bad), "--reload",
-                              str(target.pid)], cwd=ROOT, capture_output=True, text=True, timeout=30)
-        assert run.returncode == 2, run.stderr
-        assert "reload refused" in run.stderr and "listen.port" in run.stderr
-        assert target.poll() is None   # no SIGHUP was sent
-        run = subprocess.run([sys.executable, "-m", "agent", "check-config", str(good), "--reload",
-                              str(target.pid)], cwd=ROOT, capture_output=True, text=True, timeout=30)
-        assert run.returncode == 0, run.stderr
-        assert target.wait(10) == -signal.SIGHUP
+        code, out = await outpost_in_thread("check-config", str(bad), "--reload",
+                                            str(os.getpid()))
+        assert code == 2, out
+        assert "reload refused" in out and "listen.port" in out
+        code, out = await outpost_in_thread("check-config", agent.config_path, "--reload",
+                                            str(os.getpid()))
+        assert code == 0, out
+        await wait_for(lambda: hups)
+        assert hups == [1], "the config that does not validate was signalled too"
     finally:
-        target.kill()
-        target.wait(10)
-        assert target.stdout is not None
-        target.stdout.close()
+        loop.remove_signal_handler(signal.SIGHUP)
 
 
 def test_device_facts_survive_a_proc_without_meminfo(tmp_path: Path) -> None:
