@@ -780,6 +780,25 @@ def test_a_number_that_is_not_a_plain_whole_number_is_a_usage_error_naming_it(
     assert len(last) < 300, last   # the number shown cut short, not 5000 digits
 
 
+@pytest.mark.parametrize("command", [("status",), ("status", "--json"), ("dead", "list"),
+                                     ("dead", "show", "1"), ("dead", "export", "FILE"),
+                                     ("dead", "purge", "--all")], ids=" ".join)
+def test_an_empty_spool_file_is_no_spool_yet(
+        tmp_path: Path, capsys: pytest.CaptureFixture[str], command: tuple[str, ...]) -> None:
+    """SQLite makes the file at the open: a first start killed before the spool's tables
+    were written leaves it empty (as `touch` does), and the next start makes it a spool.
+    Offline, the commands said "cannot read the spool ...: no such table: streams" (or
+    dead), an internal name, and retry or purge to start the agent to convert a "v0"."""
+    spool = tmp_path / "spool.db"
+    cfg = write_config(tmp_path / "agent.toml", spool, port=1)   # nothing answers there
+    command = tuple(str(tmp_path / "dead.jsonl") if a == "FILE" else a for a in command)
+    missing = in_process(capsys, *command, "--config", str(cfg))
+    spool.touch()
+    empty = in_process(capsys, *command, "--config", str(cfg))
+    assert "no such table" not in empty[1] + empty[2], empty
+    assert empty == missing
+
+
 # -- where the output goes ---------------------------------------------------------------------
 
 @pytest.mark.parametrize("command", ["check-config", "status", "config-init", "--help",
