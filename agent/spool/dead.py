@@ -28,7 +28,14 @@ from agent.spool.commit import Outcome
 from agent.spool.db import keys_from_bytes, load_state
 from agent.spool.dedupe import MOVED_KEY, keys_to_bytes
 from agent.spool.records import RECORD_EVENTS, pack
-from agent.spool.schema import SUMMARY_SINCE, VERSION, SpoolTooNew, SpoolUnusable, open_read_only
+from agent.spool.schema import (
+    SUMMARY_SINCE,
+    VERSION,
+    SpoolTooNew,
+    SpoolUnusable,
+    blank,
+    open_read_only,
+)
 
 # Summaries on /status and the page: the newest reasons, not every one.
 NEWEST_REASONS = 5
@@ -326,19 +333,25 @@ def next_seq(conn: sqlite3.Connection) -> int:
 
 def read_only(path: Path) -> sqlite3.Connection:
     """A read-only connection to a spool file: safe beside a running agent (WAL)."""
+    none = NoSpool(f"no agent answering, and no spool yet at {path}")
     if not path.exists():
-        raise NoSpool(f"no agent answering, and no spool yet at {path}")
+        raise none
     try:
-        return open_read_only(path)
+        conn = open_read_only(path)
     except SpoolUnusable as exc:
         raise DeadError(str(exc)) from exc
+    if blank(conn):
+        conn.close()
+        raise none
+    return conn
 
 
 def newest_reasons(path: Path) -> list[dict[str, Any]]:
     """The newest reasons of a spool no agent is serving (none if there is no spool)."""
-    if not path.exists():
+    try:
+        conn = read_only(path)
+    except NoSpool:
         return []
-    conn = read_only(path)
     try:
         return list(summary(conn, NEWEST_REASONS)["groups"])
     finally:
@@ -355,8 +368,9 @@ class Offline:
         self.conn: sqlite3.Connection | None = None
 
     def __enter__(self) -> sqlite3.Connection:
+        none = DeadError(f"no spool at {self.path}")
         if not self.path.exists():
-            raise DeadError(f"no spool at {self.path}")
+            raise none
         # Said before SQLite tries: it fails on either with an I/O error, or cannot open
         # the file, which reads as an agent holding it, or as a spool it cannot read.
         if blocked := next((p for p in (self.path, self.path.parent)
@@ -367,7 +381,10 @@ class Offline:
                             "command as the agent's user")
         # Read-only first: closing a read-write connection to a newer agent's file would
         # checkpoint the WAL it left behind (read_only raises DeadError for such a file).
-        read_only(self.path).close()
+        try:
+            read_only(self.path).close()
+        except NoSpool:   # an empty file
+            raise none from None
         conn = sqlite3.connect(self.path, timeout=self.timeout_s, isolation_level=None)
         try:
             conn.execute("PRAGMA locking_mode=EXCLUSIVE")

@@ -164,14 +164,24 @@ def open_read_only(path: Path) -> sqlite3.Connection:
     return conn
 
 
+def blank(conn: sqlite3.Connection) -> bool:
+    """Whether ``conn``'s file holds no table: SQLite makes the file at the open, and a
+    first start killed before the spool's tables were written leaves it empty (so does
+    `touch`). No spool yet: the agent's next start makes it one."""
+    return conn.execute("SELECT 1 FROM sqlite_master LIMIT 1").fetchone() is None
+
+
 def read_offline(path: Path) -> dict[str, Any]:
     """Queue depth, counters, the bytes used and the receipt time of the event queued
     first (``first_received``, None if none is, or for a v0 spool not converted yet),
     straight from a spool no agent is serving."""
+    absent = {"spool": str(path), "exists": False, "depth": 0, "streams": {}, "counters": {}}
     if not path.exists():
-        return {"spool": str(path), "exists": False, "depth": 0, "streams": {}, "counters": {}}
+        return absent
     conn = open_read_only(path)
     try:
+        if blank(conn):
+            return absent
         streams = {key: {"depth": depth, "bytes": nbytes} for key, depth, nbytes in
                    conn.execute("SELECT key, depth, bytes FROM streams")}
         counters = dict(conn.execute("SELECT name, value FROM counters").fetchall())
