@@ -4,10 +4,12 @@ websocket route; and the websocket path in the seed's literal form, `/{appId}/`.
 
 from __future__ import annotations
 
+import asyncio
 import logging
 from typing import Any
 
 import aiohttp
+import orjson
 import pytest
 
 from agent.dialects.replies import masked
@@ -52,6 +54,46 @@ async def test_unknown_paths_get_a_json_404(make_agent: Any, method: str, path: 
     assert status["ingest"]["refused"] == {"unrouted": {"404": 1}}
     assert 'outpost_ingest_refused_total{api="unrouted",status="404"} 1' in \
         await metrics_of(agent.port)
+
+
+async def raw_reply(port: int, data: bytes) -> tuple[bytes, bytes]:
+    """``data`` sent as it is on a new connection; the head and body of the one reply."""
+    reader, writer = await asyncio.open_connection("127.0.0.1", port)
+    try:
+        writer.write(data)
+        head = await asyncio.wait_for(reader.readuntil(b"\r\n\r\n"), 5)
+        length = next(int(line.split(b":", 1)[1]) for line in head.split(b"\r\n")
+                      if line.lower().startswith(b"content-length:"))
+        return head, await asyncio.wait_for(reader.readexactly(length), 5)
+    finally:
+        writer.close()
+
+
+@pytest.mark.parametrize("method,target", [
+    ("CONNECT", "127.0.0.1:443"), ("CONNECT", "*"), ("OPTIONS", "*"), ("GET", "*")])
+async def test_a_request_target_that_is_no_path_gets_the_json_404_too(
+        make_agent: Any, method: str, target: str) -> None:
+    """`CONNECT host:443` (a proxy client pointed at the agent) and `OPTIONS *` name no
+    path, so no route of aiohttp's router matched them, the catch-all included: they got
+    aiohttp's plain-text `404: Not Found`, uncounted, past the guard."""
+    agent = await make_agent()
+    head, body = await raw_reply(
+        agent.port, f"{method} {target} HTTP/1.1\r\nHost: 127.0.0.1\r\n\r\n".encode())
+    assert head.startswith(b"HTTP/1.1 404 "), head + body
+    assert b"application/json" in head, head
+    assert orjson.loads(body)["error"] == f"no route for {method} {target}"
+    status = await status_of(agent.port)
+    assert status["ingest"]["refused"] == {"unrouted": {"404": 1}}
+    assert 'outpost_ingest_refused_total{api="unrouted",status="404"} 1' in \
+        await metrics_of(agent.port)
+
+
+async def test_a_connect_to_a_foreign_host_is_refused_by_the_guard(make_agent: Any) -> None:
+    agent = await make_agent()
+    head, body = await raw_reply(
+        agent.port, b"CONNECT evil.example:443 HTTP/1.1\r\nHost: evil.example:443\r\n\r\n")
+    assert head.startswith(b"HTTP/1.1 421 "), head + body
+    assert "evil.example" in orjson.loads(body)["error"]
 
 
 @pytest.mark.parametrize("method,path,allowed", [
