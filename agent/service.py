@@ -33,12 +33,13 @@ from agent.ops.notify import Notifier
 from agent.ops.routes import Ops
 from agent.ops.tail import TailHub
 from agent.ops.tail_routes import TailRoutes
-from agent.server.app import EXPRESS, build_app
+from agent.server.app import EXPRESS, FRONT_DOOR, build_app
 from agent.server.connections import ConnectionLimits, fit_fd_limit
 from agent.server.express import ExpressLane
 from agent.server.guard import is_loopback_name
 from agent.server.intake import Sink
 from agent.server.limits import RouteLimits
+from agent.server.unrouted import ServerHandler
 from agent.settings import Config
 from agent.spool import Spool
 from agent.spool.migrate import ALIVE_EVERY_S
@@ -145,7 +146,7 @@ class Agent:
             # Before cleanup closes the connections: express replies still go out.
             stack.push_async_callback(self.app[EXPRESS].close, SHUTDOWN_S)
             stack.callback(self.tail.close)   # before cleanup: live views would hold it
-            self.listener = await self._listen(runner, self.app[EXPRESS])
+            self.listener = await self._listen(runner, self.app[EXPRESS], self.app[FRONT_DOOR])
             stack.callback(self.listener.close)   # stop accepting
             prune = asyncio.create_task(self._prune_loop(), name="prune")
             stack.callback(prune.cancel)
@@ -166,15 +167,18 @@ class Agent:
                              max_line_size=MAX_REQUEST_LINE,
                              lingering_time=LINGER_S)
 
-    async def _listen(self, runner: web.AppRunner, lane: ExpressLane) -> asyncio.Server:
+    async def _listen(self, runner: web.AppRunner, lane: ExpressLane,
+                      front_door: Callable[[ServerHandler], ServerHandler]) -> asyncio.Server:
         assert runner.server is not None
+        server = runner.server
+        server.request_handler = front_door(server.request_handler)
         host, port = self.cfg.listen.host, self.cfg.listen.port
         # Not a TCPSite: every connection goes through ConnectionLimits' deadlines and cap.
         cap, backlog = fit_fd_limit(self.cfg.listen.max_connections)
         limits = ConnectionLimits(self.cfg.listen, cap, self.metrics)
         try:
             listener = await asyncio.get_running_loop().create_server(
-                limits.protocol_factory(runner.server, lane), host, port,
+                limits.protocol_factory(server, lane), host, port,
                 backlog=backlog,
                 reuse_address=True)
         except OSError as exc:

@@ -20,7 +20,7 @@ from agent.server.admission import Admission
 from agent.server.express import ExpressLane, Routes
 from agent.server.guard import Guard, Handler
 from agent.server.intake import Sink
-from agent.server.unrouted import CATCH_ALL, Unrouted
+from agent.server.unrouted import CATCH_ALL, ServerHandler, Unrouted
 from agent.settings import Config
 
 # Above every dialect's own limit; those are enforced while reading.
@@ -28,6 +28,8 @@ CLIENT_MAX_SIZE = 8 * 1024 * 1024
 # The lane that answers plain requests to the busiest ingest routes before aiohttp sees
 # them; the listener's connections (server/connections.py) take it from here.
 EXPRESS = web.AppKey("express", ExpressLane)
+# Wraps the server's request handler (the app's), for the requests no route can match.
+FRONT_DOOR: web.AppKey[Callable[[ServerHandler], ServerHandler]] = web.AppKey("front_door")
 # How long a stop waits for a client to answer its websocket's close before cutting it.
 SOCKET_CLOSE_S = 1.0
 
@@ -58,7 +60,9 @@ def build_app(cfg: Config, sink: Sink, ops_routes: list[web.RouteDef]) -> web.Ap
         raw = dialect.routes(sink)
         app.add_routes(unrouted.gate(raw, ingest_routes(
             raw, guard, admission, partial(sink.metrics.refuse, dialect.name))))
-    app.router.add_route("*", CATCH_ALL, unrouted.catch_all)  # last: what no route serves
+    catch_all = app.router.add_route("*", CATCH_ALL, unrouted.catch_all)  # last: the rest
+    front: Callable[[ServerHandler], ServerHandler] = partial(unrouted.front_door, app, catch_all)
+    app[FRONT_DOOR] = front
     app[EXPRESS] = ExpressLane(
         [Routes(dialect.express(sink), partial(sink.metrics.refuse, dialect.name))
          for dialect in registry.DIALECTS], guard, admission, sink.metrics)

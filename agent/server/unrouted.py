@@ -17,6 +17,8 @@ from __future__ import annotations
 
 import logging
 import re
+from collections.abc import Awaitable, Callable
+from typing import cast
 
 import orjson
 from aiohttp import web
@@ -37,6 +39,8 @@ _SLASHES = re.compile("//+")
 KEY_PARAM = "appId"
 # On a request routed at its path's plain form: the path as the client sent it.
 SENT_PATH = web.RequestKey("outpost_sent_path", str)
+# The server's handler of every request: the app's routing, then the route.
+ServerHandler = Callable[[web.BaseRequest], Awaitable[web.StreamResponse]]
 
 
 def is_upgrade(request: web.Request) -> bool:
@@ -69,6 +73,25 @@ class Unrouted:
             if resource is not None and resource.canonical != CATCH_ALL_CANONICAL:
                 return await plain.match_info.handler(plain)
         return await self.fallback(request)
+
+    def front_door(self, app: web.Application, route: web.AbstractRoute,
+                   handler: ServerHandler) -> ServerHandler:
+        """``handler`` (``app``'s) with a request whose target is no path passed to
+        ``route`` (the catch-all) as if it had matched: `CONNECT host:443` (a client taking
+        the agent for its proxy) names an authority, `OPTIONS *` the server itself. aiohttp's
+        router matches paths only, so these got its plain-text 404, unguarded and uncounted.
+        A plain function, not a coroutine: every request passes here."""
+        def front(request: web.BaseRequest) -> Awaitable[web.StreamResponse]:
+            if request.rel_url.raw_path.startswith("/"):
+                return handler(request)
+            target = cast(web.Request, request)   # the app's requests are its own kind
+            match = web.UrlMappingMatchInfo({}, route)
+            match.add_app(app)
+            match.freeze()
+            target._match_info = match
+            target[SENT_PATH] = target.raw_path   # the target as sent: no query in these
+            return self.fallback(target)
+        return front
 
     def gate(self, raw: list[web.RouteDef], routes: list[web.RouteDef]) -> list[web.RouteDef]:
         """``routes`` (``raw``, wrapped) with each websocket GET passing plain GETs on."""
