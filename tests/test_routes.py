@@ -152,6 +152,33 @@ async def test_websocket_routes_still_upgrade(make_agent: Any) -> None:
                 assert await ws.receive_json(timeout=10) == {"reportedIds": ["x"]}
 
 
+UPGRADE = {"Upgrade": "websocket", "Connection": "Upgrade", "Sec-WebSocket-Version": "13",
+           "Sec-WebSocket-Key": "dGhlIHNhbXBsZSBub25jZQ=="}
+
+
+@pytest.mark.parametrize("fault,said", [
+    ({"Sec-WebSocket-Key": None}, "no Sec-WebSocket-Key"),
+    ({"Sec-WebSocket-Key": "c2hvcnQ="}, "Sec-WebSocket-Key is not 16 bytes in base64"),
+    ({"Sec-WebSocket-Version": "12"}, "Sec-WebSocket-Version '12' is not supported (13 is)"),
+    ({"Sec-WebSocket-Version": None}, "no Sec-WebSocket-Version (13)"),
+    ({"Connection": "keep-alive"}, "no `Connection: Upgrade`"),
+], ids=["no-key", "short-key", "version", "no-version", "no-connection-upgrade"])
+async def test_a_broken_websocket_handshake_is_a_json_400_that_says_what_is_wrong(
+        make_agent: Any, fault: dict[str, str | None], said: str) -> None:
+    """aiohttp refuses such an upgrade itself, in plain text (`Handshake error: None`),
+    which a module's log shows as a bare 400 without saying what to fix."""
+    agent = await make_agent()
+    headers = {k: v for k, v in {**UPGRADE, **fault}.items() if v is not None}
+    async with aiohttp.ClientSession() as s:
+        async with s.get(f"http://127.0.0.1:{agent.port}/app/wsKey/track",
+                         headers=headers) as r:
+            assert r.status == 400, (r.status, await r.text())
+            assert r.content_type == "application/json"
+            assert (await r.json())["error"] == f"websocket handshake refused: {said}"
+    status = await status_of(agent.port)
+    assert status["ingest"]["refused"] == {"nucleus": {"400": 1}}
+
+
 @pytest.mark.parametrize("path,allowed,headers", [
     ("/v1/track", {"POST", "OPTIONS"}, {}),
     ("/app/k/track", {"GET", "POST", "OPTIONS"}, {}),   # GET: its websocket upgrade
