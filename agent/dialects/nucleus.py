@@ -9,9 +9,11 @@ the agent) is read as it arrives (nucleus_frames.py) and only some of its events
 
 from __future__ import annotations
 
+import base64
+import binascii
 import logging
 import uuid
-from collections.abc import Awaitable
+from collections.abc import Awaitable, Mapping
 from typing import Any
 
 import orjson
@@ -73,6 +75,8 @@ MAX_VALUES = 1_000_000
 # it may be (no more events than this), and as body.EVENT_HELD against the in-flight budget,
 # as one read as it arrives counts those it keeps. Real events are 100 bytes or more.
 EVENT_MIN = 32
+# The websocket versions aiohttp's handshake takes (RFC 6455's and two drafts').
+WS_VERSION, WS_VERSIONS = "13", ("13", "8", "7")
 MAX_EVENTS = MAX_MESSAGE // EVENT_MIN
 
 
@@ -80,6 +84,27 @@ def _error(status: int, message: str, retry_after: int | None = None) -> web.Res
     headers = {"Retry-After": str(retry_after)} if retry_after else None
     return web.json_response({"error": message}, status=status, headers=headers,
                              dumps=lambda o: orjson.dumps(o).decode())
+
+
+def _handshake_fault(headers: Mapping[str, str], said: str) -> str:
+    """What is wrong with a websocket upgrade aiohttp refused, in words a module's log can
+    be acted on with (aiohttp's own, in plain text: `Handshake error: None`)."""
+    if "upgrade" not in {t.strip().lower() for t in headers.get("Connection", "").split(",")}:
+        return "no `Connection: Upgrade`"
+    version = headers.get("Sec-WebSocket-Version")
+    if version is None:
+        return f"no Sec-WebSocket-Version ({WS_VERSION})"
+    if version not in WS_VERSIONS:
+        return f"Sec-WebSocket-Version {version[:16]!r} is not supported ({WS_VERSION} is)"
+    key = headers.get("Sec-WebSocket-Key")
+    if key is None:
+        return "no Sec-WebSocket-Key"
+    try:
+        if len(base64.b64decode(key)) != 16:
+            return "Sec-WebSocket-Key is not 16 bytes in base64"
+    except binascii.Error:
+        return "Sec-WebSocket-Key is not 16 bytes in base64"
+    return said
 
 
 def _quoted(key: str) -> str:
@@ -181,7 +206,11 @@ class NucleusHandlers:
             return _error(401, f"appId {_quoted(key)} refused: {why}")
         ws = QueueSocket(key=key, large=MAX_MESSAGE, cap=MAX_FRAME, keep=KEEP, values=MAX_VALUES,
                          deadline=request.app[BODY_TIMEOUT_S], ticket=self.sink.ticket)
-        await ws.prepare(request)
+        try:
+            await ws.prepare(request)
+        except web.HTTPBadRequest as refused:
+            return _error(400, "websocket handshake refused: "
+                               + _handshake_fault(request.headers, refused.text or ""))
         sockets = request.app.get(OPEN_SOCKETS, set())
         sockets.add(ws)   # closed (1001) by a stop
         try:
