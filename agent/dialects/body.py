@@ -107,6 +107,7 @@ async def read_raw(request: web.Request, limit: int) -> bytes:
     length = request.content_length
     if length is not None and length > limit:
         raise BodyError(413, "request body too large", f"{length} bytes, limit {limit}")
+    _refuse_transfer_coding(request)
     encoding = request.headers.get("Content-Encoding", "identity").strip().lower()
     if encoding not in ("identity", "", "gzip", "x-gzip", "deflate"):
         raise BodyError(415, f"unsupported Content-Encoding {encoding!r}",
@@ -159,6 +160,17 @@ async def read_raw(request: web.Request, limit: int) -> bytes:
         ticket.give(charged - len(out))
         return out
     return raw if isinstance(raw, bytes) else bytes(raw)
+
+
+def _refuse_transfer_coding(request: web.Request) -> None:
+    """A transfer coding but chunked is refused, 501 (RFC 9112 6.1): aiohttp's parser frames
+    `gzip, chunked` as chunked and drops the gzip, so the route would parse the coded
+    bytes as the body. HTTP libraries never send one; a body is compressed by
+    Content-Encoding."""
+    codings = request.headers.getall("Transfer-Encoding", ())
+    if codings and [c.strip().lower() for c in ",".join(codings).split(",")] != ["chunked"]:
+        raise BodyError(501, f"unsupported Transfer-Encoding {', '.join(codings)!r}",
+                        "accepted: chunked alone; compress a body with Content-Encoding: gzip")
 
 
 async def _read(request: web.Request, limit: int, ticket: Reservation | None,
