@@ -732,3 +732,28 @@ async def test_a_malformed_body_behind_a_request_not_yet_answered_gets_its_400(
     assert second.startswith(b"HTTP/1.1 400 ") and b"malformed request body" in second, \
         second[:300]
     assert agent.spool.depth == 1
+
+
+async def test_a_request_then_a_malformed_one_sent_ahead_in_one_packet_is_answered(
+        make_agent: Callable[..., Any], sockets: list[socket.socket]) -> None:
+    """Three requests in one packet, the last no HTTP: the first's head is handed to the
+    parser alone, the second and third together, and the parser's error on the third
+    dropped the second, parsed in the same call: it was neither stored nor answered, the
+    connection answering 400 in its place. Each whole request is answered and stored, then
+    the malformed one gets its 400."""
+    agent = await make_agent()
+    loop = asyncio.get_running_loop()
+    body = b'{"data": [{"type": "event", "name": "e", "id": "1", "sessionId": 1}]}'
+    s = await connect(agent.port, sockets)
+    await loop.sock_sendall(s, b"GET /healthz HTTP/1.1\r\nHost: 127.0.0.1\r\n\r\n"
+                            b"POST /app/" + KEY.encode() + b"/track HTTP/1.1\r\n"
+                            b"Host: 127.0.0.1\r\nContent-Length: %d\r\n\r\n" % len(body)
+                            + body + b"NO HTTP AT ALL\r\n\r\n")
+    first = await asyncio.wait_for(read_reply(s), 5)
+    assert first.startswith(b"HTTP/1.1 200 "), first[:300]
+    second = await asyncio.wait_for(read_reply(s), 5)
+    assert second.startswith(b"HTTP/1.1 200 ") and b'"reportedIds":["1"]' in second, \
+        second[:300]
+    third = await asyncio.wait_for(read_to_eof(s), 5)
+    assert third.split(b"\r\n", 1)[0].endswith(b" 400 Bad Request"), third[:300]
+    assert agent.spool.depth == 1
