@@ -734,23 +734,26 @@ async def test_a_malformed_body_behind_a_request_not_yet_answered_gets_its_400(
     assert agent.spool.depth == 1
 
 
+@pytest.mark.parametrize("first", [
+    b"GET /healthz HTTP/1.1\r\nHost: 127.0.0.1\r\n\r\n",
+    b"POST /app/" + KEY.encode() + b"/track HTTP/1.1\r\nHost: 127.0.0.1\r\n"
+    b"Content-Length: 12\r\n\r\n" + b'{"data": []}'], ids=["no-body", "content-length"])
 async def test_a_request_then_a_malformed_one_sent_ahead_in_one_packet_is_answered(
-        make_agent: Callable[..., Any], sockets: list[socket.socket]) -> None:
-    """Three requests in one packet, the last no HTTP: the first's head is handed to the
-    parser alone, the second and third together, and the parser's error on the third
-    dropped the second, parsed in the same call: it was neither stored nor answered, the
-    connection answering 400 in its place. Each whole request is answered and stored, then
-    the malformed one gets its 400."""
+        make_agent: Callable[..., Any], sockets: list[socket.socket], first: bytes) -> None:
+    """Three requests in one packet, the last no HTTP: the first's head was handed to the
+    parser alone, the rest (its body) with the second and third, and the parser's error on
+    the third dropped the second, parsed in the same call: it was neither stored nor
+    answered, the connection answering 400 in its place. Each whole request is answered
+    and stored, then the malformed one gets its 400."""
     agent = await make_agent()
     loop = asyncio.get_running_loop()
     body = b'{"data": [{"type": "event", "name": "e", "id": "1", "sessionId": 1}]}'
     s = await connect(agent.port, sockets)
-    await loop.sock_sendall(s, b"GET /healthz HTTP/1.1\r\nHost: 127.0.0.1\r\n\r\n"
-                            b"POST /app/" + KEY.encode() + b"/track HTTP/1.1\r\n"
+    await loop.sock_sendall(s, first + b"POST /app/" + KEY.encode() + b"/track HTTP/1.1\r\n"
                             b"Host: 127.0.0.1\r\nContent-Length: %d\r\n\r\n" % len(body)
                             + body + b"NO HTTP AT ALL\r\n\r\n")
-    first = await asyncio.wait_for(read_reply(s), 5)
-    assert first.startswith(b"HTTP/1.1 200 "), first[:300]
+    answered = await asyncio.wait_for(read_reply(s), 5)
+    assert answered.startswith(b"HTTP/1.1 200 "), answered[:300]
     second = await asyncio.wait_for(read_reply(s), 5)
     assert second.startswith(b"HTTP/1.1 200 ") and b'"reportedIds":["1"]' in second, \
         second[:300]
