@@ -20,8 +20,9 @@ connection is in one of three states:
 
 aiohttp also takes header fields outside a head it waits for: a chunked body's trailer
 section, and the head of a request sent ahead of the answer to the one before it. What
-comes after a head is handed over in pieces of at most SLICE bytes, and the bytes that
-add nothing to a body nor complete a request are counted: past HEAD_MAX the connection
+comes after a head is handed over in pieces of at most SLICE bytes, none past the end of a
+head or of a Content-Length body (``_piece_end``), and the bytes that add nothing to a body
+nor complete a request are counted: past HEAD_MAX the connection
 is closed, with no reply (one could be read as the answer to an earlier request). A body
 whose framing the parser refuses (a chunk size that is no number) is failed with its error,
 for its route to answer 400, and the connection closed after that reply
@@ -136,8 +137,8 @@ class _Conn(asyncio.Protocol):
     """
 
     __slots__ = ("active", "broken", "buf", "deadline", "edge", "eof", "finished", "head",
-                 "inner", "lane", "limits", "paused", "payload", "pos", "serving", "spare",
-                 "state", "timer", "transport", "writable")
+                 "inner", "lane", "length", "limits", "paused", "payload", "pos", "serving",
+                 "spare", "state", "timer", "transport", "writable")
 
     def __init__(self, limits: ConnectionLimits, inner: asyncio.Protocol,
                  lane: ExpressLane | None) -> None:
@@ -164,6 +165,7 @@ class _Conn(asyncio.Protocol):
         # The body of the last request aiohttp parsed (None: none yet), and the bytes it was
         # given since it last took a body byte or a whole head: header fields it holds.
         self.payload: Any = None
+        self.length: int | None = None   # its Content-Length (None: chunked, or none yet)
         self.spare = 0
         # The body of the last request whose route has returned: nothing reads it but
         # aiohttp, which reads and drops what the route left of it (lingering).
@@ -225,7 +227,7 @@ class _Conn(asyncio.Protocol):
         if self.broken is not None:
             return
         inner: Any = self.inner
-        at, stop = 0, end or SLICE
+        at, stop = 0, end or self._piece_end(data, 0)
         while at < len(data):
             if not _counted(inner):
                 inner.data_received(data[at:])
@@ -238,7 +240,10 @@ class _Conn(asyncio.Protocol):
             if reading is not None and self._failed_in_body(reading):
                 return
             if inner._messages:
-                self.payload = inner._messages[-1][1]
+                message, self.payload = inner._messages[-1]
+                length = None if getattr(message, "chunked", True) \
+                    else message.headers.get("Content-Length")
+                self.length = None if length is None else int(length)
             if inner._request_count != seen or self._taken() != taken:
                 self.spare = 0
             else:
@@ -246,7 +251,22 @@ class _Conn(asyncio.Protocol):
                 if self.spare > HEAD_MAX:
                     self.limits.fields_too_large(self)
                     return
-            at, stop = stop, stop + SLICE
+            at = stop
+            stop = self._piece_end(data, at)
+
+    def _piece_end(self, data: bytes, at: int) -> int:
+        """Where the piece of ``data`` handed over from ``at`` ends: within SLICE bytes, at
+        the end of a head that starts there, and not past a body's Content-Length. The
+        parser, failing on a request, drops every other one it parsed in the same call:
+        a whole request sent in one packet with a malformed one after it went unanswered."""
+        stop = at + SLICE
+        payload = self.payload
+        if payload is None or payload.is_eof():   # what comes is a head, or the rest of one
+            found = _BLANK_LINE.search(data, at, stop)
+            return found.end() if found else stop
+        if self.length is not None:
+            return min(stop, at + max(1, self.length - self._taken()))
+        return stop
 
     def _failed_in_body(self, body: Any) -> bool:
         """Whether aiohttp's parser has just failed in ``body``, a body still open (a chunk
