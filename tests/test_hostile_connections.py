@@ -760,3 +760,38 @@ async def test_a_request_then_a_malformed_one_sent_ahead_in_one_packet_is_answer
     third = await asyncio.wait_for(read_to_eof(s), 5)
     assert third.split(b"\r\n", 1)[0].endswith(b" 400 Bad Request"), third[:300]
     assert agent.spool.depth == 1
+
+
+async def test_a_client_that_half_closes_after_its_requests_gets_their_replies(
+        make_agent: Callable[..., Any], sockets: list[socket.socket]) -> None:
+    """A client that sends its requests and shuts its side down (`shutdown(SHUT_WR)`, as
+    `nc -N` and some HTTP/1.0 tools do) waits for the replies. The express lane answered
+    them, but aiohttp's protocol closed the connection at the EOF: the requests it took
+    were stored, their replies never sent. Each is answered, then the connection closed."""
+    agent = await make_agent()
+    loop = asyncio.get_running_loop()
+    request = (b"POST /app/" + KEY.encode() + b"/track HTTP/1.1\r\nHost: 127.0.0.1\r\n"
+               b"Content-Length: %d\r\n\r\n%s")
+    bodies = [b'{"data": [{"type": "event", "name": "e", "id": "%d", "sessionId": 1}]}' % n
+              for n in (1, 2)]
+    s = await connect(agent.port, sockets)
+    await loop.sock_sendall(s, b"".join(request % (len(b), b) for b in bodies))
+    s.shutdown(socket.SHUT_WR)
+    replies = await asyncio.wait_for(read_to_eof(s), 5)
+    assert replies.count(b"HTTP/1.1 200 ") == 2, replies[:600]
+    assert b'"reportedIds":["1"]' in replies and b'"reportedIds":["2"]' in replies, replies
+    assert agent.spool.depth == 2
+
+
+async def test_a_client_that_half_closes_mid_body_gets_its_400(
+        make_agent: Callable[..., Any], sockets: list[socket.socket]) -> None:
+    """The body can no longer come whole: refused at once, and the reply now reaches it."""
+    agent = await make_agent()
+    loop = asyncio.get_running_loop()
+    s = await connect(agent.port, sockets)
+    await loop.sock_sendall(s, b"POST /app/" + KEY.encode() + b"/track HTTP/1.1\r\n"
+                               b"Host: 127.0.0.1\r\nContent-Length: 100\r\n\r\n{\"data\": [")
+    s.shutdown(socket.SHUT_WR)
+    reply = await asyncio.wait_for(read_to_eof(s), 5)
+    assert reply.startswith(b"HTTP/1.1 400 ") and b"request body incomplete" in reply, reply
+    assert agent.spool.depth == 0
