@@ -135,11 +135,12 @@ async def read_raw(request: web.Request, limit: int) -> bytes:
                 raise BodyError(408, "request body not received in time",
                                 f"incomplete after {seconds:g} s (listen.body_timeout_s)") \
                     from None
-            except ConnectionError:
-                # The client hung up mid-body (aiohttp hands the read a ConnectionResetError):
-                # refused, like any incomplete body, though no reply can reach it now.
-                raise BodyError(400, "request body incomplete",
-                                "the connection closed before the body ended") from None
+    except ConnectionError:
+        # The client hung up mid-body (aiohttp hands the read a ConnectionResetError), or
+        # shut its side down (server/connections.py, before this read began or during it):
+        # refused, like any incomplete body, though only the latter can read the reply.
+        raise BodyError(400, "request body incomplete",
+                        "the connection closed before the body ended") from None
     except HttpProcessingError as exc:
         # Its framing broken (a chunk size that is no number: server/connections.py hands
         # the parser's error to the body). Its first line, without the bytes it quotes.

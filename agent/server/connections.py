@@ -136,7 +136,7 @@ class _Conn(asyncio.Protocol):
     the connection to aiohttp (``inner``) for good at the first request it cannot.
     """
 
-    __slots__ = ("active", "broken", "buf", "deadline", "edge", "eof", "finished", "head",
+    __slots__ = ("active", "answered", "broken", "buf", "deadline", "edge", "eof", "finished", "head",
                  "inner", "lane", "length", "limits", "paused", "payload", "pos", "serving",
                  "spare", "state", "timer", "transport", "writable")
 
@@ -149,8 +149,8 @@ class _Conn(asyncio.Protocol):
         self.pos = 0
         self.paused = False     # reading paused: more than BUF_MAX bytes wait in buf
         self.serving = False    # an express reply is pending
-        # The peer stopped sending while a reply was pending: the requests it sent
-        # before are answered, then the connection closes.
+        # The peer stopped sending while a reply was pending (the lane's, or aiohttp's):
+        # the requests it sent before are answered, then the connection closes.
         self.eof = False
         self.writable = True    # the transport's buffer is below its high-water mark
         self.transport: asyncio.Transport | None = None
@@ -173,6 +173,8 @@ class _Conn(asyncio.Protocol):
         # A body the parser failed in (``_failed_in_body``): the connection closes once its
         # route has answered, and nothing after the fault is read.
         self.broken: Any = None
+        # Requests aiohttp parsed whose route has returned (its own 400s aside: it closes).
+        self.answered = 0
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         # cast: uvloop's transports quack like asyncio.Transport without subclassing it.
@@ -363,7 +365,22 @@ class _Conn(asyncio.Protocol):
                 self.eof = True
                 return True  # closed once the reply is written
             self._hand_over()
-        return self.inner.eof_received()
+        inner: Any = self.inner
+        current = inner._current_request
+        if self.state == WEBSOCKET or inner._request_count == self.answered \
+                or (current is not None and current.writer.output_size):
+            # Nothing to answer, or a reply under way (a stream: /tail's) whose end is the
+            # client's leaving, EOF or not: closed, aiohttp's way.
+            return cast(bool | None, inner.eof_received())
+        # Requests taken, not yet answered: a client that shut its side down (SHUT_WR)
+        # waits for their replies. Answered, then closed (_tracked); a body left incomplete
+        # is refused now, as when the connection is lost.
+        self.eof = True
+        body = self.payload
+        if body is not None and not body.is_eof():
+            body.set_exception(ConnectionResetError("the client closed its side mid-body"))
+            body.feed_eof()   # ended: aiohttp reads nothing more of it (as _failed_in_body)
+        return True
 
     def connection_lost(self, exc: Exception | None) -> None:
         self.limits.lost(self)
@@ -417,7 +434,11 @@ class ConnectionLimits:
                 return await handler(request)
             finally:
                 conn.finished = request.content
-                if conn.broken is conn.finished:   # the requests after it are past telling
+                conn.answered += 1
+                # Past a broken body the requests are past telling; after the client's EOF
+                # the last one it sent is answered.
+                if conn.broken is conn.finished \
+                        or (conn.eof and request.protocol._request_count == conn.answered):
                     request.protocol.close()
                 self._idle(conn)
         return tracked
