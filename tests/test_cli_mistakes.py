@@ -11,12 +11,13 @@ import re
 import resource
 import shlex
 import socket
+import sqlite3
 import stat
 import subprocess
 import sys
 import time
 from collections.abc import AsyncIterator, Iterator
-from contextlib import contextmanager
+from contextlib import closing, contextmanager
 from pathlib import Path
 
 import pytest
@@ -754,6 +755,64 @@ async def test_an_offline_dead_change_on_a_spool_it_cannot_write_says_so(
     assert code == 1 and out == "", (code, out)
     assert "not writable" in line and str(blocked) in line, line
     assert "in use" not in line and "has it open" not in line, line
+
+
+async def _spool_with_a_dead_letter(spool: Path) -> None:
+    """A stopped agent's spool holding one dead letter (reason "refused")."""
+    await (await Spool.open(StorageConfig(path=str(spool)))).close()
+    with closing(sqlite3.connect(spool)) as db, db:
+        db.execute("INSERT INTO streams(id, key) VALUES (1, 'k')")
+        db.execute("INSERT INTO dead(seq, stream, family, received, dkey, body, upstream, "
+                   "reason, at) VALUES (1, 1, 0, 0, 1, x'7b7d', 'up', 'refused', 0)")
+
+
+@pytest.mark.skipif(not hasattr(os, "geteuid"), reason="POSIX file modes")
+@pytest.mark.parametrize("command", [("status", "--json"), ("dead", "list", "--json"),
+                                     ("dead", "show", "1")], ids=" ".join)
+async def test_an_offline_read_of_a_spool_in_a_directory_it_cannot_write_reads_it(
+        tmp_path: Path, capsys: pytest.CaptureFixture[str], command: tuple[str, ...]) -> None:
+    """No agent running, a spool this user may read in a directory it may not write (the
+    agent's user's): `outpost status` and `dead list` said "cannot read the spool ...:
+    unable to open database file" (SQLite's read-only open of a WAL file makes a -shm
+    beside it). They read it as in a directory it may write."""
+    (tmp_path / "d").mkdir()
+    spool = tmp_path / "d" / "spool.db"
+    await _spool_with_a_dead_letter(spool)
+    cfg = write_config(tmp_path / "agent.toml", spool, port=1)   # nothing answers there
+
+    def run() -> tuple[int, str, str]:
+        code, out, err = in_process(capsys, *command, "--config", str(cfg))
+        return code, re.sub(r'"time": [0-9.]+', "", out), err   # --json's time of reading
+    with unwritable(spool.parent):   # first: a read leaves a -wal and -shm, which it needs
+        blocked = run()
+    assert blocked == run(), blocked
+    assert blocked[0] == 0 and "refused" in blocked[1], blocked
+
+
+@pytest.mark.skipif(not hasattr(os, "geteuid"), reason="POSIX file modes")
+@pytest.mark.parametrize("command", [("status",), ("dead", "list")], ids=" ".join)
+async def test_an_offline_read_of_a_spool_whose_wal_it_cannot_read_says_why(
+        tmp_path: Path, capsys: pytest.CaptureFixture[str], command: tuple[str, ...]) -> None:
+    """The same, with a -wal left beside the spool (an agent killed): SQLite reads it
+    only through a -shm this user cannot create there. One line says so, not "unable to
+    open database file"; never the file without its -wal (stale figures, said as current)."""
+    (tmp_path / "d").mkdir()
+    spool = tmp_path / "d" / "spool.db"
+    await _spool_with_a_dead_letter(spool)
+    with closing(sqlite3.connect(spool, isolation_level=None)) as db:   # a crash's files
+        db.execute("PRAGMA wal_autocheckpoint=0")
+        db.execute("DELETE FROM dead")
+        (tmp_path / "e").mkdir()
+        for suffix in ("", "-wal"):
+            Path(f"{tmp_path / 'e' / 'spool.db'}{suffix}").write_bytes(
+                Path(f"{spool}{suffix}").read_bytes())
+    spool = tmp_path / "e" / "spool.db"
+    cfg = write_config(tmp_path / "agent.toml", spool, port=1)   # nothing answers there
+    with unwritable(spool.parent):
+        code, out, err = in_process(capsys, *command, "--config", str(cfg))
+    line = one_line(err)
+    assert code == 1 and out == "", (code, out)
+    assert f"{spool}-wal" in line and "not writable" in line and "agent's user" in line, line
 
 
 # Not plain whole numbers, each of which int() or str.isdigit took: a superscript (isdigit
