@@ -150,18 +150,50 @@ def refuse_special(path: Path) -> None:
 def open_read_only(path: Path) -> sqlite3.Connection:
     """A read-only connection to a spool file (safe beside a running agent: WAL);
     SpoolTooNew for one a newer agent wrote, whose tables this code cannot read;
-    SpoolUnusable for a directory, a fifo or a device."""
+    SpoolUnusable for a directory, a fifo or a device, or a -wal it cannot read."""
     refuse_special(path)
-    conn = sqlite3.connect(read_only_uri(path), uri=True)
     try:
-        found = conn.execute("PRAGMA user_version").fetchone()[0]
-    except BaseException:
-        conn.close()
-        raise
+        conn, found = _versioned(read_only_uri(path))
+    except sqlite3.OperationalError as exc:
+        if exc.sqlite_errorcode != sqlite3.SQLITE_CANTOPEN or not _unwritable_dir(path):
+            raise
+        conn, found = _versioned(_without_wal(path))
     if found > VERSION:
         conn.close()
         raise SpoolTooNew(str(path), found, VERSION)
     return conn
+
+
+def _versioned(uri: str) -> tuple[sqlite3.Connection, int]:
+    """A connection to ``uri`` and the file's schema version (SQLite opens at the first read)."""
+    conn = sqlite3.connect(uri, uri=True)
+    try:
+        return conn, int(conn.execute("PRAGMA user_version").fetchone()[0])
+    except BaseException:
+        conn.close()
+        raise
+
+
+def _unwritable_dir(path: Path) -> bool:
+    """Whether ``path`` is readable in a directory this user may not write: SQLite then
+    cannot make the -shm that its read-only open of a WAL file needs beside it."""
+    return os.access(path, os.R_OK) and not os.access(path.parent, os.W_OK)
+
+
+def _without_wal(path: Path) -> str:
+    """The URI that reads ``path`` alone, for a spool whose directory this user may not
+    write (another user's agent's): ``immutable``, which takes no lock and reads no -wal.
+    Only with no -wal holding changes: one is there while an agent has the file open, and
+    after one was killed (the file without it would give stale figures as current). With
+    none, no agent has it open; one starting during the read may make it fail, once."""
+    wal = Path(f"{path}-wal")
+    if wal.exists() and wal.stat().st_size:
+        raise SpoolUnusable(
+            f"spool {path} cannot be read by this user: the changes its agent left in "
+            f"{wal} are read through a {path.name}-shm beside it, which this user cannot "
+            f"create ({path.parent} is not writable by it); run the command as the agent's "
+            "user, or start the agent (it folds them into the file)")
+    return sqlite_uri(path, "mode=ro&immutable=1")
 
 
 def blank(conn: sqlite3.Connection) -> bool:
