@@ -298,6 +298,26 @@ def test_install_refuses_a_config_this_version_would_not_start_with(tmp_path: Pa
     assert code == 0 and f"config: {config} (exists" in out, out
 
 
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="systemd")
+def test_install_refuses_a_config_that_fails_run_s_checks_as_check_config_does(
+        tmp_path: Path) -> None:
+    """A config that loads but fails the checks `run` makes before it starts (here a
+    storage.path under a regular file) was installed, and the service exited 2 at every
+    start. Install refuses it with check-config's line and exit status."""
+    skip_unless_installable(system=False)
+    config = tmp_path / "xdg" / "outpost" / "agent.toml"
+    config.parent.mkdir(parents=True)
+    (tmp_path / "file").write_text("")
+    config.write_text(f'[storage]\npath = "{tmp_path}/file/spool.db"\n')
+    where = {"XDG_CONFIG_HOME": str(tmp_path / "xdg"), "OUTPOST_SYSTEM": "0"}
+    checked, said = outpost("check-config", str(config))
+    assert checked == EXIT_CONFIG, said
+    code, out = outpost("service", "install", "--user", "--dry-run", env=where)
+    line = one_line(out)
+    assert code == checked, out
+    assert one_line(said).removeprefix("outpost: ") in line and "install again" in line, line
+
+
 @pytest.mark.skipif(not sys.platform.startswith("linux"), reason="systemd; POSIX shell quoting")
 def test_the_commands_config_init_and_install_suggest_work_pasted_for_a_path_with_spaces(
         tmp_path: Path) -> None:
