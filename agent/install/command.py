@@ -15,7 +15,7 @@ from typing import Any
 
 import platformdirs
 
-from agent import paths
+from agent import paths, preflight
 from agent.config import ConfigError, load_file
 from agent.install import templates as tpl
 from agent.install.execute import describe, execute
@@ -120,20 +120,28 @@ def _config_line(t: Target) -> str:
 
 
 def _invalid_config(t: Target) -> str | None:
-    """Why the service's config does not validate, if it does not: install restarts the
-    service (an upgrade's install too), which would stop the running agent for one that
-    exits at every start."""
+    """Why the service's config does not validate, if it does not (check-config's line:
+    loaded, then the checks `run` makes before it starts): install restarts the service
+    (an upgrade's install too), which would stop the running agent for one that exits at
+    every start."""
     path = paths.config_dir(system=t.system) / "agent.toml"
     if not path.is_file():
         return None
     try:
-        load_file(path)
+        cfg = load_file(path)
     except ConfigError as exc:
         if isinstance(exc.__cause__, OSError):   # unreadable by this user: _config_line says
             return None
-        return (f"{exc}; the service would not start with it: fix it (`outpost check-config "
-                f"{shell_arg(path)}`), then run install again")
-    return None
+        problem = str(exc)
+    else:
+        # Checked as this user: not for a system service's dry run without root, whose
+        # access to storage.path is not the service's (a real install needs root).
+        as_installer = not t.system or t.os == "win32" or os.geteuid() == 0
+        if not as_installer or not (found := preflight.problems(cfg)):
+            return None
+        problem = found[0]
+    return (f"{problem}; the service would not start with it: fix it (`outpost check-config "
+            f"{shell_arg(path)}`), then run install again")
 
 
 def _closed_to_service(path: Path, bit: int) -> str | None:
