@@ -1004,6 +1004,17 @@ async def test_dead_export_onto_a_directory_is_one_line(tmp_path: Path) -> None:
     assert code == 1 and line == f"outpost: cannot write {target}: it is a directory; name a file", line
 
 
+def test_dead_export_to_an_empty_name_says_the_name_is_empty(
+        tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    """`outpost dead export ''` (an unset variable, say) said "cannot write .: it is a
+    directory", a directory no one named. A usage error, as `--reason ''` is."""
+    cfg = write_config(tmp_path / "agent.toml", tmp_path / "spool.db", port=1)
+    code, out, err = in_process(capsys, "dead", "export", "", "--config", str(cfg))
+    last = err.strip().splitlines()[-1]
+    assert code == EXIT_CONFIG and out == "", (code, out)
+    assert "empty" in last and "directory" not in last, last
+
+
 @pytest.mark.parametrize("host", ["api..segment.io", "a" * 64 + ".example"])
 def test_an_upstream_host_no_resolver_takes_is_refused_by_check_config_and_doctor(
         tmp_path: Path, host: str) -> None:
