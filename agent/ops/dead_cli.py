@@ -497,6 +497,15 @@ def _reason(text: str) -> str:
     return text
 
 
+def _file(text: str) -> str:
+    """export's FILE: never empty (an unset variable), which the system takes for the
+    current directory."""
+    if not text:
+        raise argparse.ArgumentTypeError("the file name is empty: name a file, such as "
+                                         "dead.jsonl, or - for standard output")
+    return text
+
+
 def add_parser(sub: Any, load: Load) -> None:
     """Register `outpost dead ...`; ``load`` reads the config."""
     cli = _Cli(load)
@@ -520,7 +529,8 @@ def add_parser(sub: Any, load: Load) -> None:
         elif name == "show":
             p.add_argument("id", type=_count, help="its ID, from `outpost dead list`")
         elif name == "export":
-            p.add_argument("file", help="where to write (created mode 0600); - for standard output")
+            p.add_argument("file", type=_file,
+                           help="where to write (created mode 0600); - for standard output")
         else:
             pick = p.add_mutually_exclusive_group(required=True)
             pick.add_argument("--reason", type=_reason, help="those refused with this reason")
