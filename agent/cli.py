@@ -40,7 +40,7 @@ from agent.ops.local_agent import (
     timed_out,
     why_not,
 )
-from agent.settings import Config, SyncConfig
+from agent.settings import CONFIG_HELP, Config, SyncConfig
 from agent.terminal import OutputError, guard_stdout, os_text, printable, printable_json
 from agent.uplinks.registry import uplink_class
 
@@ -53,9 +53,6 @@ SIGPIPE_EXIT = 128 + signal.SIGPIPE   # what a shell shows for a command killed 
 # `outpost run` waits this long for the spool's lock: a command asking whether an agent
 # holds it takes it for an instant; another agent holds it for good.
 LOCK_WAIT_S = 1.0
-
-CONFIG_HELP = ("the config file (default: $OUTPOST_CONFIG, else ./agent.toml, else agent.toml in "
-               "the config directory `outpost doctor` shows, else the built-in defaults)")
 
 
 def _say(message: str) -> None:

@@ -29,7 +29,7 @@ from agent.ops.local_agent import (
     timed_out,
 )
 from agent.ops.shared_terms import STALL_S
-from agent.settings import Config
+from agent.settings import CONFIG_HELP, Config
 from agent.terminal import OutputError, printable, printable_json, printable_value
 
 # The agent sends a keepalive every 15 s: four missed means it is gone.
@@ -45,7 +45,7 @@ def add_parser(subparsers: argparse._SubParsersAction[argparse.ArgumentParser],
                     "type, name, id, warnings) and again as an upstream acknowledges it. "
                     "Keys are shown as fingerprints (k:xxxxxxxx), never in full. Ctrl-C "
                     "stops.")
-    p.add_argument("--config", help="path to agent.toml")
+    p.add_argument("--config", metavar="FILE", help=CONFIG_HELP)
     p.add_argument("--key", help="only this app key's events: the key (sent to the agent "
                                  "as its fingerprint, never as the key) or a fingerprint "
                                  "k:xxxxxxxx copied from the output")

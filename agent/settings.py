@@ -10,6 +10,10 @@ from pathlib import Path
 
 from agent import paths
 
+# --config's help, the same for every command.
+CONFIG_HELP = ("the config file (default: $OUTPOST_CONFIG, else ./agent.toml, else agent.toml in "
+               "the config directory `outpost doctor` shows, else the built-in defaults)")
+
 
 @dataclass(frozen=True)
 class ListenConfig:

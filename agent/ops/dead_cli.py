@@ -43,7 +43,7 @@ from agent.ops.shared_terms import EXPORT_PAGE, LIST_LIMIT
 from agent.ops.status_table import age, size, table
 from agent.outcomes import Tally
 from agent.paths import agent_holds, planted_link, same_file, sync_dir
-from agent.settings import Config
+from agent.settings import CONFIG_HELP, Config
 from agent.spool import dead
 from agent.terminal import OutputError, printable, printable_json, printable_value
 
@@ -521,7 +521,7 @@ def add_parser(sub: Any, load: Load) -> None:
                               metavar="{" + ",".join(helps) + "}")   # not "dead_command"
     for name, text in helps.items():
         p = cmds.add_parser(name, help=text, description=text)
-        p.add_argument("--config", help="path to agent.toml")
+        p.add_argument("--config", metavar="FILE", help=CONFIG_HELP)
         if name == "list":
             p.add_argument("--reason", type=_reason, help="only this reason")
             p.add_argument("--limit", type=_count, default=LIST_ROWS, help="entries to print")
