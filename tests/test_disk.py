@@ -1426,3 +1426,39 @@ async def test_what_a_salvage_lost_is_said_once_when_its_marker_cannot_be_remove
         assert spool.counters.get("dropped_corrupt", 0) == (0 if room else 800)
     finally:
         await spool.close()
+
+
+@pytest.mark.parametrize("stuck", ["-wal", ""], ids=["old-wal", "file-put-there"])
+async def test_a_replaced_spool_whose_path_cannot_be_cleared_is_said_and_its_queue_kept(
+        immutable_fs: Path, caplog: pytest.LogCaptureFixture, stuck: str) -> None:
+    """spool.db is replaced under the agent (a backup put there), and the path cannot be
+    cleared for the fresh spool: the old file's -wal cannot be removed, or the file put
+    there cannot be moved aside (immutable here; a directory the agent's user may no
+    longer write to alike). That failure escaped the recovery unsaid: no log line, no
+    open_error, and no salvage kept for the copy of the agent's queue, so the next reopen
+    took the file at the path for the spool and the queue was lost uncounted. One line,
+    open_error, and once the path can be cleared the queue is salvaged."""
+    path = immutable_fs / "spool.db"
+    spool = await Spool.open(StorageConfig(path=str(path)))
+    try:
+        await spool.append([_event("a", n) for n in range(5)])
+        other = immutable_fs / "other" / "spool.db"
+        put = await Spool.open(StorageConfig(path=str(other)))
+        await put.append([_event("b", n) for n in range(3)])
+        await put.close()
+        other.rename(path)   # a backup restored over the agent's file
+        _chattr("+i", Path(f"{path}{stuck}"))
+        caplog.clear()
+        with pytest.raises(SpoolFull):
+            await spool.append([_event("a", 5)])
+        assert not await spool.reopen()
+        said = _errors(caplog)
+        assert len(said) == 1 and "Operation not permitted" in said[0], said
+        assert spool.open_error and "Operation not permitted" in spool.open_error
+        _chattr("-i", Path(f"{path}{stuck}"))
+        assert await spool.reopen()
+        assert spool.open_error is None
+        assert sorted(spool.streams) == ["a"] and spool.depth == 6, spool.counters
+    finally:
+        await spool.close()
+    assert ("b", 3) in _queues_kept_aside(immutable_fs)
