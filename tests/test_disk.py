@@ -21,6 +21,7 @@ import shutil
 import sqlite3
 import subprocess
 import sys
+import threading
 import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
@@ -1462,3 +1463,27 @@ async def test_a_replaced_spool_whose_path_cannot_be_cleared_is_said_and_its_que
     finally:
         await spool.close()
     assert ("b", 3) in _queues_kept_aside(immutable_fs)
+
+
+
+def test_a_recovery_that_cannot_move_the_damaged_file_aside_lets_the_loop_go(
+        immutable_fs: Path) -> None:
+    """A damaged spool that cannot be moved aside (its directory immutable here; one the
+    agent's user may no longer write to alike). The failed recovery woke the writer to try
+    again (reopen_soon) from inside the writer's own try, so it tried again at once, not
+    every 5 s; and a try that fails before any file is opened never lets the event loop
+    go: the agent answered nothing, not even 503. Run on a loop of its own, bounded."""
+    path = immutable_fs / "spool.db"
+    garbage(path)
+    _chattr("+i", immutable_fs)
+    went: list[bool] = []
+
+    async def scenario() -> None:
+        spool = await Spool.open(StorageConfig(path=str(path)))
+        await asyncio.sleep(0.05)   # the writer's try again, with the loop let go
+        went.append(spool.open_error is not None)
+        await spool.close()
+    runner = threading.Thread(target=asyncio.run, args=(scenario(),), daemon=True)
+    runner.start()
+    runner.join(10)
+    assert went == [True], "the event loop never got to run again"
