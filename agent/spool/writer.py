@@ -280,6 +280,11 @@ class Writer:
                     async with self.lock:   # one opening or recovery at a time
                         if self.host.db is None:
                             await self.host.reopen()
+                    if not self._batch:
+                        # Its own wake (reopen_soon, a recovery failing again): the next
+                        # try is REOPEN_EVERY_S away, not at once, where a try failing
+                        # before any file is opened never lets the loop go.
+                        self._wake.clear()
             except Exception as exc:  # the writer must outlive any one bad commit
                 # A bug that repeats at every commit: its traceback once a minute.
                 log_limited(log, logging.ERROR, "commit-crashed", "spool commit failed",
