@@ -104,6 +104,9 @@ class _Salvage:
     next_seq: int
     why: str
     noted: bool          # whether the marker that has a crash finish it is written
+    # Whether the path is still to be cleared for the fresh spool (_set_aside): the
+    # -wal and -shm of a file replaced under the agent, and a file put there.
+    clear: bool = False
 HOUR_MS = 3_600_000
 # The -wal's bounds above a 512 MB cap: cut back to this as it starts over
 # (journal_size_limit), and checkpointed at this many pages (SQLite's own default).
@@ -517,16 +520,40 @@ class Spool:
                       else "lost: no room for a copy")
             self.open_error = self.ousted = str(in_use)
             raise in_use
-        if isinstance(exc, Replaced):
-            forget_wal(self.path)
-            if copied and self.path.exists():
-                put = target(self.path)
-                move_aside(self.path, put)
-                log.error("spool %s: the file put there while the agent had its own open is "
-                          "kept as %s; the agent's queue goes on", self.path, put)
         # Kept until the fresh spool is open: if it cannot be created now (a full disk),
         # reopen() finishes the salvage, rather than start an empty spool that would hand
         # out stream ids and seqs the running forwarders still hold.
+        pending = _Salvage(moved, carry, list(books.streams.values()), books.next_seq,
+                           str(exc), False, isinstance(exc, Replaced))
+        self._set_aside(pending, exc)
+        await self._open_fresh(exc, moved)
+
+    def _set_aside(self, pending: _Salvage, exc: BaseException) -> None:
+        """Clear the path for the fresh spool: the damaged file moved aside to
+        ``pending.moved``, its marker written first; for a file replaced under the agent,
+        its -wal and -shm removed and a file put there kept aside. A failure is said once
+        (_refusing), and reopen() tries again: the queue of a replaced file is held by
+        ``pending`` alone then (its copy, or its count of what is lost with it), where the
+        path holds no damage a later open would find."""
+        moved = pending.moved
+        copied = moved.exists()   # copy_open's copy of a file replaced under the agent
+        if pending.clear:
+            self._salvaging = pending
+            try:
+                forget_wal(self.path)
+                if copied and self.path.exists():
+                    put = target(self.path)
+                    move_aside(self.path, put)
+                    log.error("spool %s: the file put there while the agent had its own "
+                              "open is kept as %s; the agent's queue goes on", self.path, put)
+            except OSError as failed:
+                if self._refusing(failed):
+                    log.error("spool %s was deleted or replaced while the agent had it open "
+                              "(its queue %s), but the path cannot be cleared for a fresh "
+                              "spool (%s): events are refused until it can, tried again "
+                              "every %g s", self.path, f"copied to {moved}" if copied else
+                              "lost with it, no room for a copy", failed, REOPEN_EVERY_S)
+                raise
         why = note(self.path, moved)   # tried again once the fresh spool is open
         if not copied:
             try:
@@ -536,9 +563,8 @@ class Spool:
                 raise
         if why is not None:
             log.error("spool %s: cannot write %s's salvage marker (%s)", self.path, moved, why)
-        self._salvaging = _Salvage(moved, carry, list(books.streams.values()), books.next_seq,
-                                   str(exc), why is None)
-        await self._open_fresh(exc, moved)
+        pending.noted, pending.clear = why is None, False
+        self._salvaging = pending
 
     async def _open_fresh(self, exc: BaseException, moved: Path) -> None:
         """Open the fresh spool of a recovery that moved ``moved`` aside, and salvage."""
@@ -765,6 +791,10 @@ class Spool:
         unsaved, counters = books.unsaved, books.counters
         recovered, before = False, self.open_error
         try:
+            if (pending := self._salvaging) is not None and pending.clear:
+                recovered = True   # a path that still cannot be cleared: said there
+                self._set_aside(pending, Replaced())
+                recovered = False
             try:
                 await self._connect()
             except sqlite3.DatabaseError as exc:
