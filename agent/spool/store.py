@@ -636,7 +636,7 @@ class Spool:
             pending.noted = note(self.path, moved) is None
         if await self._db.run(salvaged):
             # The last run stopped after the salvage's commit, or this one failed after it.
-            done(self.path)
+            self._done(moved)
             log.warning("spool %s: the salvage of %s had been committed before it was "
                         "marked done; finished now", self.path, moved)
             self._keep_held(pending)
@@ -661,13 +661,25 @@ class Spool:
             # Said before the marker goes: a try again after that finds it committed only.
             self._say_salvaged(pending, got, failed)
             if await self._save_counts():  # else a crash before the next commit retries it
-                done(self.path)
+                self._done(moved)
         else:
             self._say_salvaged(pending, got, None)
-            done(self.path)
+            self._done(moved)
             await self._load_state(self._db)
         self._keep_held(pending)
         self.on_reopen()  # forwarders for the salvaged queues
+
+    def _done(self, moved: Path) -> None:
+        """Forget the marker of a salvage committed. One that cannot be removed is said,
+        and the spool opens all the same: its queue is safe in the fresh spool, and a start
+        that finds the marker finds that salvage committed (salvaged), not to be done twice.
+        Kept closed for it, the agent refused every event for a file it no longer needs."""
+        try:
+            done(self.path)
+        except OSError as exc:
+            log.error("spool %s: the salvage of %s is committed, but its marker %s cannot be "
+                      "removed (%s); the spool opens, and each start says this until it is "
+                      "removed", self.path, moved, marker(self.path), exc)
 
     def _say_salvaged(self, pending: _Salvage, got: Salvaged, failed: sqlite3.Error | None
                       ) -> None:
