@@ -962,3 +962,28 @@ async def test_a_dead_letter_retried_beside_queued_events_has_its_key_counted_on
         assert spool.counters.get("dedupe_forgotten", 0) == 1, spool.counters
     finally:
         await spool.close()
+
+
+async def test_a_lowered_dedupe_max_keys_counts_no_moved_key_placeholder_as_forgotten(
+        tmp_path: Path) -> None:
+    """Dead letters retried while their old record still holds queued events: their keys
+    move to the new record, and their places in the old one hold a placeholder
+    (MOVED_KEY). A start under a lowered dedupe_max_keys counted every place of the old
+    record it leaves out as a key forgotten (dedupe_forgotten), placeholders too: only the
+    old record's own keys are forgotten."""
+    path = str(tmp_path / "spool.db")
+    spool = await Spool.open(StorageConfig(path=path, sync="normal"))
+    try:
+        await spool.append([incompressible("a", i, 8) for i in range(10)])   # one record
+        rows = await spool.fetch(spool.streams["a"].id, 0, 10)
+        await spool.dead_letter([(r.seq, "up", "HTTP 400: no") for r in rows[:8]])
+        assert await dead_live.retry(spool, dead.Which(every=True)) == 8
+        await spool.append([incompressible("b", i, 8) for i in range(10)])
+    finally:
+        await spool.close()
+    # The retried record's 8 keys and b's 10 fit; a's two left in the old record do not.
+    spool = await Spool.open(StorageConfig(path=path, sync="normal", dedupe_max_keys=18))
+    try:
+        assert spool.counters.get("dedupe_forgotten", 0) == 2, spool.counters
+    finally:
+        await spool.close()
