@@ -112,6 +112,12 @@ def _holds_moved(blob: bytes) -> bool:
     return at >= 0
 
 
+def moved_keys(blob: bytes) -> int:
+    """How many MOVED_KEY placeholders keys as stored (``keys_to_bytes``) hold: places,
+    not keys, where a key count is wanted."""
+    return _as_array(blob).count(MOVED_KEY) if _holds_moved(blob) else 0
+
+
 def _as_array(keys: bytes | memoryview | Sequence[int]) -> array[int]:
     if isinstance(keys, bytes | bytearray | memoryview):
         stored = array("q")
