@@ -233,6 +233,30 @@ async def test_a_key_giving_its_turn_to_a_key_in_line_shows_sending_through_the_
     assert [s[2] for s in handed] == ["sending"] * len(handed), seen
 
 
+async def test_a_key_waiting_in_line_for_a_loop_with_a_batch_due_shows_sending(
+        make_agent: Any) -> None:
+    """Every loop of the upstream busy (max_loops; here one, key A's, waiting for its
+    batch to fill), key B with a whole batch queued waits in line for a loop: status
+    showed the upstream "idle", though a batch is due to go, until A's loop gave its
+    turn (two flush intervals on)."""
+    async def collector(request: web.Request) -> web.Response:
+        return web.json_response({"success": True})
+
+    async with serving("/v1/batch", collector) as url:
+        agent = await make_agent(seams=Seams(max_loops=1),
+                                 upstreams=[{"name": "seg", "protocol": "segment-http",
+                                             "url": url, "flush_interval_s": 30,
+                                             "batch_max_events": 2}])
+        for key, n in (("key-a", 1), ("key-b", 2)):
+            r = await call(agent.port, "/v1/batch", {"batch": [
+                {"type": "track", "event": "e", "userId": "u", "messageId": f"{key}-{i}"}
+                for i in range(n)]}, headers={"Authorization": basic(key)})
+            assert r.status == 200, r.body
+        await wait_for(lambda: "key-b" in agent.forwarding._line.get("seg", {}))
+        assert list(agent.forwarding.loops) == ["key-a"]
+        assert await upstream_state(agent.port) == ("sending", 3, 0)
+
+
 async def test_a_flush_as_a_crashed_loop_gives_up_its_restart_starts_the_key_afresh(
         make_agent: Any, faulty: FaultyUpstream) -> None:
     """A loop crashed and the uplink for its restart could not be built: its key is
