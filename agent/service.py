@@ -469,6 +469,7 @@ def _carry_states(old: Supervisor, new: Supervisor) -> None:
     """Keep an upstream's last ack, last error and totals across a reload."""
     for name, state in new.states.items():
         if name in old.states:
-            # Not its parked keys' count: take_over parks those the new config keeps.
+            # Not its parked keys' count: take_over parks those the new config keeps. Nor
+            # its keys in line (old.stop ended the line): the new loops start them again.
             new.states[name] = dataclasses.replace(old.states[name], protocol=state.protocol,
-                                                   state=state.state, parked=0)
+                                                   state=state.state, parked=0, waiting=0)

@@ -21,7 +21,8 @@ class UpstreamState:
     state: str = "idle"          # idle | backoff | restarting (after a crash)
     # Status shows "unreachable" instead while unreachable_since is set, "backoff" while
     # any of its keys waits out a backoff (``parked``), and "sending" for "idle" while any
-    # of its keys' loops sends (``sending``): see ``shown``.
+    # of its keys' loops sends (``sending``) or waits in line for one (``waiting``): see
+    # ``shown``.
     # By the agent's clock (CLOCK.elapsed_s), shown as Unix times (ops/status.py): a wall
     # clock corrected since (from 1970, say) does not make them decades ago.
     last_ack: float | None = None
@@ -59,17 +60,21 @@ class UpstreamState:
     # while another's was in flight, and between a batch's answer and the next one's
     # request (most of a fast drain).
     sending: int = 0
+    # Its keys waiting in line for a loop (max_loops busy): their events due or not, each
+    # goes as soon as a loop is free (the supervisor's count), so they are sending too.
+    waiting: int = 0
 
     @property
     def shown(self) -> str:
         """The state status shows: "unreachable" while probed as such, "backoff" while a
         key waits for its retry (however often its other keys are answered meanwhile),
-        "sending" while a key's loop sends, else ``state``."""
+        "sending" while a key's loop sends or a key waits in line for one, else ``state``."""
         if self.unreachable_since is not None:
             return "unreachable"
         if self.state != "idle":
             return self.state
-        return "backoff" if self.parked else "sending" if self.sending else "idle"
+        return "backoff" if self.parked else "sending" if self.sending or self.waiting \
+            else "idle"
 
     def unreadable_reply(self) -> None:
         self.unreadable_replies += 1

@@ -294,6 +294,7 @@ class Supervisor:
                 line[key] = InLine(line[key].attempt, until, line[key].flushed)
             return
         line[key] = InLine(attempt, until)
+        self.states[name].waiting = len(line)
         if len(line) == 1:   # the loops of this upstream that linger end now (_crowded)
             for loop in self.loops.values():
                 if loop.cfg.name == name:
@@ -307,6 +308,7 @@ class Supervisor:
         while line and not self._stopping and self._running[name] < self.seams.max_loops:
             key = next(iter(line))
             turn = line.pop(key)
+            self.states[name].waiting = len(line)
             loop = self._send_now(key, turn.attempt, turn.until)
             if loop is not None and turn.flushed:
                 loop.flush()
@@ -573,6 +575,7 @@ class Supervisor:
             for key, turn in line.items():
                 if turn.attempt and key not in self._lot:
                     self._lot.park(key, Parked(now, turn.attempt, name, told=False))
+            self.states[name].waiting = 0
         self._line.clear()
         cut = sum(loop.cut_short for _, loop in loops)
         if cut:
