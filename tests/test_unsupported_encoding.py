@@ -8,6 +8,7 @@ nor did the other APIs' replies; a batch's did not even name the encoding.
 
 from __future__ import annotations
 
+import asyncio
 import gzip
 from typing import Any
 
@@ -15,6 +16,7 @@ import aiohttp
 import orjson
 import pytest
 
+from agent.dialects import registry
 from agent.dialects.base import Example
 from tests.dialect_examples import examples
 from tests.test_routes import raw_reply
@@ -23,10 +25,15 @@ KEY = "k"
 # Every example request that carries a body (a pixel carries its event in the URL, a
 # websocket's frames have no Content-Encoding).
 WITH_BODY = [ex for ex in examples(KEY) if ex.body is not None and not ex.websocket]
+# The first of them of each API.
+ONE_PER_API = list({d.name: ex for d in reversed(registry.DIALECTS) for ex in reversed(
+    d.examples(KEY)) if ex.body is not None and not ex.websocket}.values())
 # SegmentStream answers 400 for every client mistake, as its seed documents.
 STATUS = {"/track": 400}
 # A transfer coding the agent does not understand (RFC 9112 6.1).
 NOT_IMPLEMENTED = {"/track": 400}
+# A Content-Length over every route's body limit (the largest: 4 MiB).
+OVER_ANY_LIMIT = 5 * 1024 * 1024
 
 
 def details(reply: Any) -> list[Any]:
@@ -80,3 +87,49 @@ async def test_a_transfer_coding_other_than_chunked_is_refused_501(
     assert "Transfer-Encoding" in text and repr(coding) in text, text
     assert "Content-Encoding" in text, text   # what to send instead
     assert agent.spool.depth == 0
+
+
+def head_of(ex: Example, fields: str) -> bytes:
+    """``ex``'s request line and fields, with ``fields`` added, and no body."""
+    given = "".join(f"{k}: {v}\r\n" for k, v in ex.headers.items())
+    return f"{ex.method} {ex.path} HTTP/1.1\r\nHost: 127.0.0.1\r\n{given}{fields}\r\n".encode()
+
+
+async def first_reply_head(reader: asyncio.StreamReader) -> bytes:
+    return await asyncio.wait_for(reader.readuntil(b"\r\n\r\n"), 5)
+
+
+@pytest.mark.parametrize("ex", WITH_BODY, ids=lambda ex: f"{ex.method} {ex.path}")
+async def test_expect_100_continue_over_the_limit_is_refused_before_the_body_is_sent(
+        make_agent: Any, ex: Example) -> None:
+    """aiohttp answered `100 Continue` to every `Expect: 100-continue` before the route
+    ran, so a client whose Content-Length was over the route's limit uploaded the whole
+    body (curl, .NET's HttpClient wait for the 100), which the agent read and threw away.
+    The API's refusal comes instead of the 100 (RFC 9110 §10.1.1)."""
+    agent = await make_agent()
+    reader, writer = await asyncio.open_connection("127.0.0.1", agent.port)
+    try:
+        writer.write(head_of(ex, f"Expect: 100-continue\r\nContent-Length: {OVER_ANY_LIMIT}\r\n"))
+        head = await first_reply_head(reader)
+    finally:
+        writer.close()
+    assert head.startswith(b"HTTP/1.1 %d " % STATUS.get(ex.path, 413)), head
+    assert agent.spool.depth == 0
+
+
+@pytest.mark.parametrize("ex", ONE_PER_API, ids=lambda ex: f"{ex.method} {ex.path}")
+async def test_expect_100_continue_within_the_limit_gets_its_100_then_is_stored(
+        make_agent: Any, ex: Example) -> None:
+    agent = await make_agent()
+    assert ex.body is not None
+    reader, writer = await asyncio.open_connection("127.0.0.1", agent.port)
+    try:
+        writer.write(head_of(ex, f"Expect: 100-continue\r\nContent-Length: {len(ex.body)}\r\n"))
+        assert await first_reply_head(reader) == b"HTTP/1.1 100 Continue\r\n\r\n"
+        writer.write(ex.body)
+        head = await first_reply_head(reader)
+    finally:
+        writer.close()
+    assert head.startswith(b"HTTP/1.1 20"), head
+    assert agent.spool.depth == 1
+
