@@ -133,3 +133,20 @@ async def test_expect_100_continue_within_the_limit_gets_its_100_then_is_stored(
     assert head.startswith(b"HTTP/1.1 20"), head
     assert agent.spool.depth == 1
 
+
+@pytest.mark.parametrize("ex", ONE_PER_API, ids=lambda ex: f"{ex.method} {ex.path}")
+async def test_an_unknown_expectation_is_a_json_417_counted_as_refused(
+        make_agent: Any, ex: Example) -> None:
+    """aiohttp answered `Expect: 200-ok` with its plain-text `Unknown Expect: 200-ok`,
+    uncounted, where every other refusal is JSON and counted."""
+    agent = await make_agent()
+    assert ex.body is not None
+    head, reply = await raw_reply(agent.port, head_of(
+        ex, f"Expect: 200-ok\r\nContent-Length: {len(ex.body)}\r\n") + ex.body)
+    assert head.startswith(b"HTTP/1.1 417 "), head + reply
+    assert b"application/json" in head, head
+    body = orjson.loads(reply)
+    assert body["code"] == "expectation_failed", body
+    assert "'200-ok'" in body["message"] and "100-continue" in body["message"], body
+    assert list(agent.sink.metrics.refusals().values()) == [{"417": 1}]
+    assert agent.spool.depth == 0
