@@ -13,7 +13,7 @@ from aiohttp.http_exceptions import HttpProcessingError
 
 from agent.dialects import registry
 from agent.dialects.base import OPEN_SOCKETS
-from agent.dialects.body import BODY_TIMEOUT_S, TICKET
+from agent.dialects.body import BODY_TIMEOUT_S, TICKET, expect_body
 from agent.dialects.replies import REFUSALS
 from agent.logs import limit_library_log
 from agent.server.admission import Admission
@@ -111,8 +111,9 @@ def _unquoted(record: logging.LogRecord) -> str:
 def ingest_routes(routes: list[web.RouteDef], guard: Guard, admission: Admission,
                   count: Callable[[int], None]) -> list[web.RouteDef]:
     """``routes`` guarded, each refusal (a 4xx or 5xx reply, the guard's included) passed
-    to ``count`` (with ``replies.refused`` for the ones a reply does not show), and each
-    request's body reads charged to a ticket of its own.
+    to ``count`` (with ``replies.refused`` for the ones a reply does not show), each
+    request's body reads charged to a ticket of its own, and `100 Continue` sent only once
+    the route reads the body (``body.expect_body``).
 
     One wrapper, one coroutine, for the three: a coroutine per concern cost every request
     its creation and, for each request waiting on a commit, its resumption (aiohttp
@@ -120,7 +121,8 @@ def ingest_routes(routes: list[web.RouteDef], guard: Guard, admission: Admission
     """
     def wrap(handler: Handler, navigable: bool) -> Handler:
         return _ingest(handler, guard, navigable, admission, count)
-    return guard.routes(routes, wrap=wrap)
+    return [web.RouteDef(r.method, r.path, r.handler, {**r.kwargs, "expect_handler": expect_body})
+            for r in guard.routes(routes, wrap=wrap)]
 
 
 def _ingest(handler: Handler, guard: Guard, navigable: bool, admission: Admission,
