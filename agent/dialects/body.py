@@ -165,24 +165,16 @@ async def read_raw(request: web.Request, limit: int) -> bytes:
     return raw if isinstance(raw, bytes) else bytes(raw)
 
 
-async def expect_body(request: web.Request) -> None:
-    """The ingest routes' `Expect` handler: where aiohttp's answers `100 Continue` before
-    the route runs, so a client uploads a body the route then refuses unread (one over
-    its limit, or an agent too busy), this leaves it to ``read_raw``, once the body is
-    wanted. Any other expectation is aiohttp's 417."""
-    if _expects_continue(request):
-        return
-    raise web.HTTPExpectationFailed(text=f"Unknown Expect: {request.headers['Expect']}")
-
-
-def _expects_continue(request: web.Request) -> bool:
+def expects_continue(request: web.Request) -> bool:
+    """Whether ``request``'s client waits for `100 Continue` (which ``read_raw`` sends once
+    the route wants the body) before it sends its body."""
     return request.headers.get("Expect", "").strip(" \t").lower() == "100-continue"
 
 
 async def _continue(request: web.Request) -> None:
     """`100 Continue` to a client waiting for it before it sends its body (RFC 9110
     §10.1.1: an HTTP/1.0 client cannot read one)."""
-    if request.version == HttpVersion11 and _expects_continue(request):
+    if request.version == HttpVersion11 and expects_continue(request):
         await request.writer.write(b"HTTP/1.1 100 Continue\r\n\r\n")
         request.writer.output_size = 0   # the reply's own bytes are yet to come
 

@@ -4,17 +4,17 @@ from __future__ import annotations
 
 import asyncio
 import logging
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable
 from contextlib import suppress
 from functools import partial
 
-from aiohttp import WSCloseCode, web
+from aiohttp import HttpVersion11, WSCloseCode, web
 from aiohttp.http_exceptions import HttpProcessingError
 
 from agent.dialects import registry
 from agent.dialects.base import OPEN_SOCKETS
-from agent.dialects.body import BODY_TIMEOUT_S, TICKET, expect_body
-from agent.dialects.replies import REFUSALS
+from agent.dialects.body import BODY_TIMEOUT_S, TICKET, expects_continue
+from agent.dialects.replies import REFUSALS, json_reply, plain_error
 from agent.logs import limit_library_log
 from agent.server.admission import Admission
 from agent.server.express import ExpressLane, Routes
@@ -30,6 +30,7 @@ CLIENT_MAX_SIZE = 8 * 1024 * 1024
 EXPRESS = web.AppKey("express", ExpressLane)
 # Wraps the server's request handler (the app's), for the requests no route can match.
 FRONT_DOOR: web.AppKey[Callable[[ServerHandler], ServerHandler]] = web.AppKey("front_door")
+ExpectHandler = Callable[[web.Request], Awaitable[web.StreamResponse | None]]
 # How long a stop waits for a client to answer its websocket's close before cutting it.
 SOCKET_CLOSE_S = 1.0
 
@@ -113,7 +114,7 @@ def ingest_routes(routes: list[web.RouteDef], guard: Guard, admission: Admission
     """``routes`` guarded, each refusal (a 4xx or 5xx reply, the guard's included) passed
     to ``count`` (with ``replies.refused`` for the ones a reply does not show), each
     request's body reads charged to a ticket of its own, and `100 Continue` sent only once
-    the route reads the body (``body.expect_body``).
+    the route reads the body (``expectation``).
 
     One wrapper, one coroutine, for the three: a coroutine per concern cost every request
     its creation and, for each request waiting on a commit, its resumption (aiohttp
@@ -121,8 +122,25 @@ def ingest_routes(routes: list[web.RouteDef], guard: Guard, admission: Admission
     """
     def wrap(handler: Handler, navigable: bool) -> Handler:
         return _ingest(handler, guard, navigable, admission, count)
-    return [web.RouteDef(r.method, r.path, r.handler, {**r.kwargs, "expect_handler": expect_body})
+    expect = expectation(count)
+    return [web.RouteDef(r.method, r.path, r.handler, {**r.kwargs, "expect_handler": expect})
             for r in guard.routes(routes, wrap=wrap)]
+
+
+def expectation(count: Callable[[int], None]) -> ExpectHandler:
+    """The `Expect` handler of routes whose refusals ``count`` counts. aiohttp's answered
+    `100 Continue` before the route ran, so a client uploaded a body the route then
+    refused unread (over its limit, an agent too busy): ``read_raw`` sends it once the
+    body is wanted. Any other expectation is a 417 in the guard's JSON, counted, where
+    aiohttp's was plain text, uncounted. An HTTP/1.0 request's `Expect` is ignored, as
+    aiohttp ignored it (RFC 9110 §10.1.1: its client cannot read a 100)."""
+    async def expect(request: web.Request) -> web.StreamResponse | None:
+        if request.version != HttpVersion11 or expects_continue(request):
+            return None
+        count(417)
+        return json_reply(plain_error(417, f"unsupported Expect {request.headers['Expect']!r}:"
+                                           " the only expectation taken is 100-continue"), 417)
+    return expect
 
 
 def _ingest(handler: Handler, guard: Guard, navigable: bool, admission: Admission,
