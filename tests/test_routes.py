@@ -197,3 +197,28 @@ async def test_an_options_request_that_is_no_preflight_is_told_what_the_path_all
     if headers:
         assert reply.headers["Access-Control-Allow-Origin"] == ALLOWED
     assert (await status_of(agent.port))["ingest"]["refused"] == {}
+
+
+async def test_a_path_no_route_serves_refuses_an_expect_100_continue_body_unsent(
+        make_agent: Any) -> None:
+    """aiohttp answered `100 Continue` for the catch-all too: a client posting to a wrong
+    path uploaded its whole body before it got the 404."""
+    agent = await make_agent()
+    reader, writer = await asyncio.open_connection("127.0.0.1", agent.port)
+    try:
+        writer.write(b"POST /v2/batch HTTP/1.1\r\nHost: 127.0.0.1\r\n"
+                     b"Expect: 100-continue\r\nContent-Length: 4000000\r\n\r\n")
+        head = await asyncio.wait_for(reader.readuntil(b"\r\n\r\n"), 5)
+    finally:
+        writer.close()
+    assert head.startswith(b"HTTP/1.1 404 "), head
+
+
+async def test_a_path_no_route_serves_answers_an_unknown_expect_in_json(
+        make_agent: Any) -> None:
+    agent = await make_agent()
+    head, body = await raw_reply(agent.port, b"POST /v2/batch HTTP/1.1\r\nHost: 127.0.0.1\r\n"
+                                 b"Expect: 200-ok\r\nContent-Length: 2\r\n\r\n{}")
+    assert head.startswith(b"HTTP/1.1 417 ") and b"application/json" in head, head + body
+    assert "'200-ok'" in orjson.loads(body)["message"], body
+    assert agent.sink.metrics.refusals() == {"unrouted": {"417": 1}}
