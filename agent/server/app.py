@@ -20,6 +20,7 @@ from agent.server.admission import Admission
 from agent.server.express import ExpressLane, Routes
 from agent.server.guard import Guard, Handler
 from agent.server.intake import Sink
+from agent.server.unrouted import API as UNROUTED
 from agent.server.unrouted import CATCH_ALL, ServerHandler, Unrouted
 from agent.settings import Config
 
@@ -61,7 +62,9 @@ def build_app(cfg: Config, sink: Sink, ops_routes: list[web.RouteDef]) -> web.Ap
         raw = dialect.routes(sink)
         app.add_routes(unrouted.gate(raw, ingest_routes(
             raw, guard, admission, partial(sink.metrics.refuse, dialect.name))))
-    catch_all = app.router.add_route("*", CATCH_ALL, unrouted.catch_all)  # last: the rest
+    catch_all = app.router.add_route(  # last: the rest
+        "*", CATCH_ALL, unrouted.catch_all,
+        expect_handler=expectation(partial(sink.metrics.refuse, UNROUTED)))
     front: Callable[[ServerHandler], ServerHandler] = partial(unrouted.front_door, app, catch_all)
     app[FRONT_DOOR] = front
     app[EXPRESS] = ExpressLane(
