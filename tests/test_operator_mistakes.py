@@ -318,6 +318,28 @@ def test_install_refuses_a_config_that_fails_run_s_checks_as_check_config_does(
     assert one_line(said).removeprefix("outpost: ") in line and "install again" in line, line
 
 
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="systemd")
+def test_a_system_install_refuses_a_storage_path_the_unit_does_not_let_the_service_write(
+        tmp_path: Path) -> None:
+    """Install checked storage.path as root, outside the unit's sandbox: /srv/outpost
+    passed, and the service (ProtectSystem=strict: /var/lib/outpost alone writable) found
+    it read-only and exited 2 at every start, the running agent stopped for it."""
+    skip_unless_installable(system=True)
+    config = tmp_path / "etc" / "agent.toml"
+    config.parent.mkdir()
+    spool = tmp_path / "srv" / "spool.db"
+    config.write_text(f'[storage]\npath = "{spool}"\n')
+    where = {"CONFIGURATION_DIRECTORY": str(config.parent), "OUTPOST_SYSTEM": "1"}
+    code, out = outpost("service", "install", "--dry-run", env=where)
+    line = one_line(out)
+    assert code == EXIT_CONFIG, out
+    assert str(spool) in line and "/var/lib/outpost" in line, line
+    assert f"ReadWritePaths={spool.parent}" in line and "install again" in line, line
+    config.write_text('[storage]\npath = ""\n')   # the state directory's spool.db
+    code, out = outpost("service", "install", "--dry-run", env=where)
+    assert code == 0, out
+
+
 @pytest.mark.skipif(not sys.platform.startswith("linux"), reason="systemd; POSIX shell quoting")
 def test_the_commands_config_init_and_install_suggest_work_pasted_for_a_path_with_spaces(
         tmp_path: Path) -> None:
