@@ -10,6 +10,7 @@ import contextlib
 import errno
 import getpass
 import os
+import shlex
 import socket
 import stat
 import sys
@@ -23,6 +24,8 @@ from agent.terminal import systemd_word
 from agent.uplinks.registry import uplink_class
 
 STORAGE_FIX = "set storage.path to a file in a directory this user can write"
+# Where `systemctl edit outpost` writes the system unit's drop-ins.
+DROP_INS = Path("/etc/systemd/system/outpost.service.d")
 # As agent/spool/schema.py says it (not imported: every command would load the spool).
 SPECIAL_FIX = "set storage.path to a file of the spool's own (the agent creates it)"
 
@@ -228,6 +231,55 @@ def _read_only_fix(directory: Path) -> str:
             f"the lines `[Service]` and `ReadWritePaths={systemd_word(directory)}` (create the "
             f"directory first, owned by outpost), then `sudo systemctl restart outpost`; or leave "
             f"storage.path empty to use /var/lib/outpost")
+
+
+def outside_unit(cfg: Config, drop_ins: Path = DROP_INS) -> str | None:
+    """Why the system unit's service could not write ``cfg``'s storage.path, or None: its
+    unit (ProtectSystem=strict) lets it write its state directory and the ReadWritePaths=
+    of its drop-ins alone. Checks made as root, outside that sandbox, cannot see it. A
+    path from `~` is the service user's home, the state directory, where it runs."""
+    if not cfg.storage.path or cfg.storage.path.startswith("~"):
+        return None
+    spool = cfg.storage.resolved_path()
+    allowed = [paths.LINUX_SYSTEM_DATA, *_read_write_paths(drop_ins)]
+    where = Path(os.path.realpath(spool.parent))
+    if any(where.is_relative_to(os.path.realpath(a)) for a in allowed):
+        return None
+    return (f"storage.path {spool} is outside what the system unit lets the service write "
+            f"({', '.join(map(str, allowed))}: ProtectSystem=strict), so it would exit at every "
+            f"start; leave storage.path empty to use {paths.LINUX_SYSTEM_DATA}, or allow the "
+            f"directory in a drop-in: {drop_ins / 'storage.conf'} holding the lines `[Service]` "
+            f"and `ReadWritePaths={systemd_word(spool.parent)}` (create the directory first, "
+            "owned by outpost)")
+
+
+def _read_write_paths(drop_ins: Path) -> list[Path]:
+    """The ReadWritePaths= of the [Service] sections of ``drop_ins``' *.conf files, in
+    systemd's order (an empty one clears those before it; `-` and `+` prefixes dropped)."""
+    found: list[Path] = []
+    try:
+        confs = sorted(drop_ins.glob("*.conf"))
+    except OSError:
+        return found
+    for conf in confs:
+        try:
+            lines = conf.read_text(errors="replace").splitlines()
+        except OSError:
+            continue
+        section = ""
+        for line in map(str.strip, lines):
+            if line.startswith("["):
+                section = line
+            elif section == "[Service]" and line.partition("=")[0].strip() == "ReadWritePaths":
+                value = line.partition("=")[2].replace("%%", "%")
+                if not value.strip():
+                    found.clear()
+                try:
+                    words = shlex.split(value)
+                except ValueError:
+                    words = value.split()
+                found += [Path(w.lstrip("-+")) for w in words if w.lstrip("-+").startswith("/")]
+    return found
 
 
 def _user() -> str:

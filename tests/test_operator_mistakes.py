@@ -340,6 +340,27 @@ def test_a_system_install_refuses_a_storage_path_the_unit_does_not_let_the_servi
     assert code == 0, out
 
 
+def test_a_drop_in_s_read_write_paths_let_the_service_write_storage_path(tmp_path: Path) -> None:
+    """The fix the refusal names (a drop-in's ReadWritePaths=) passes the next install, an
+    upgrade's included; an empty ReadWritePaths= clears those before it, as in systemd."""
+    from agent.config import load_file
+    from agent.preflight import outside_unit
+
+    drop_ins = tmp_path / "outpost.service.d"
+    drop_ins.mkdir()
+    config = tmp_path / "agent.toml"
+    config.write_text('[storage]\npath = "/srv/outpost/spool.db"\n')
+    cfg = load_file(config)
+    assert outside_unit(cfg, drop_ins) is not None
+    (drop_ins / "override.conf").write_text(
+        "[Unit]\nReadWritePaths=/elsewhere\n[Service]\nReadWritePaths=-/srv/outpost /opt/x\n")
+    assert outside_unit(cfg, drop_ins) is None
+    (drop_ins / "zz.conf").write_text("[Service]\nReadWritePaths=\nReadWritePaths=/opt/x\n")
+    assert outside_unit(cfg, drop_ins) is not None
+    config.write_text('[storage]\npath = "/var/lib/outpost/sub/spool.db"\n')
+    assert outside_unit(load_file(config), drop_ins) is None
+
+
 @pytest.mark.skipif(not sys.platform.startswith("linux"), reason="systemd; POSIX shell quoting")
 def test_the_commands_config_init_and_install_suggest_work_pasted_for_a_path_with_spaces(
         tmp_path: Path) -> None:

@@ -134,6 +134,8 @@ def _invalid_config(t: Target) -> str | None:
             return None
         problem = str(exc)
     else:
+        if t.system and t.os == "linux" and (outside := preflight.outside_unit(cfg)):
+            return f"{outside}; then run install again"
         # Checked as this user: not for a system service's dry run without root, whose
         # access to storage.path is not the service's (a real install needs root).
         as_installer = not t.system or t.os == "win32" or os.geteuid() == 0
