@@ -340,6 +340,26 @@ def test_a_system_install_refuses_a_storage_path_the_unit_does_not_let_the_servi
     assert code == 0, out
 
 
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="systemd")
+def test_check_config_of_the_system_service_s_file_notes_a_storage_path_it_cannot_write(
+        tmp_path: Path) -> None:
+    """`sudo outpost check-config /etc/outpost/agent.toml`, as install suggests, said ok
+    to a storage.path the unit's sandbox keeps the service from writing (checked as root):
+    the restart that followed left the service exiting at every start."""
+    config = tmp_path / "etc" / "agent.toml"
+    config.parent.mkdir()
+    spool = tmp_path / "srv" / "spool.db"
+    config.write_text(f'[storage]\npath = "{spool}"\n')
+    where = {"CONFIGURATION_DIRECTORY": str(config.parent)}
+    code, out = outpost("check-config", str(config), env=where)
+    assert code == 0, out
+    notes = [line for line in out.splitlines() if line.startswith("note:")]
+    assert len(notes) == 1 and "system service" in notes[0], out
+    assert str(spool) in notes[0] and f"ReadWritePaths={spool.parent}" in notes[0], out
+    code, out = outpost("check-config", str(config))   # not the system service's file
+    assert code == 0 and "note:" not in out, out
+
+
 def test_a_drop_in_s_read_write_paths_let_the_service_write_storage_path(tmp_path: Path) -> None:
     """The fix the refusal names (a drop-in's ReadWritePaths=) passes the next install, an
     upgrade's included; an empty ReadWritePaths= clears those before it, as in systemd."""
