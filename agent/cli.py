@@ -295,7 +295,7 @@ def cmd_check_config(args: argparse.Namespace) -> int:
         print("no config file found; the built-in defaults are valid")
     else:
         _show(f"{target}: ok ({len(cfg.upstreams)} upstream(s))")
-        for note in preflight.notes(cfg):
+        for note in preflight.notes(cfg) + preflight.system_unit_notes(cfg, target):
             _show(f"note: {note}")
     if pid is not None:
         # systemd's ExecReload: a config that fails here makes `systemctl reload` fail,

@@ -253,6 +253,16 @@ def outside_unit(cfg: Config, drop_ins: Path = DROP_INS) -> str | None:
             "owned by outpost)")
 
 
+def system_unit_notes(cfg: Config, source: Path) -> list[str]:
+    """``outside_unit``, for ``source`` the machine-wide service's config on Linux: a
+    check made as root (`sudo outpost check-config`) passes what the service cannot write."""
+    system_config = paths.config_dir(system=True) / "agent.toml"
+    if not sys.platform.startswith("linux") or not paths.same_file(source, system_config):
+        return []
+    outside = outside_unit(cfg)
+    return [f"the system service reads this file, and {outside}"] if outside else []
+
+
 def _read_write_paths(drop_ins: Path) -> list[Path]:
     """The ReadWritePaths= of the [Service] sections of ``drop_ins``' *.conf files, in
     systemd's order (an empty one clears those before it; `-` and `+` prefixes dropped)."""
