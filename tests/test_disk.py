@@ -1484,3 +1484,34 @@ def test_a_recovery_that_cannot_move_the_damaged_file_aside_lets_the_loop_go(
     runner.start()
     runner.join(10)
     assert went == [True], "the event loop never got to run again"
+
+
+@pytest.mark.parametrize("stuck", ["-wal", ""], ids=["old-wal", "file-put-there"])
+async def test_a_replaced_spool_whose_path_cannot_be_cleared_is_salvaged_after_a_stop(
+        immutable_fs: Path, stuck: str) -> None:
+    """As above, but the agent is stopped (or killed) while the path still cannot be
+    cleared: the copy of its queue had no salvage marker yet, so the next start took the
+    file put there for the spool, and the agent's queue was lost, not even counted. The
+    marker is written with the copy; the next start clears the path and salvages it."""
+    path = immutable_fs / "spool.db"
+    spool = await Spool.open(StorageConfig(path=str(path)))
+    try:
+        await spool.append([_event("a", n) for n in range(5)])
+        other = immutable_fs / "other" / "spool.db"
+        put = await Spool.open(StorageConfig(path=str(other)))
+        await put.append([_event("b", n) for n in range(3)])
+        await put.close()
+        other.rename(path)   # a backup restored over the agent's file
+        _chattr("+i", Path(f"{path}{stuck}"))
+        with pytest.raises(SpoolFull):
+            await spool.append([_event("a", 5)])
+    finally:
+        await spool.close()
+    _chattr("-i", Path(f"{path}{stuck}"))
+    again = await Spool.open(StorageConfig(path=str(path)))
+    try:
+        assert again.open_error is None
+        assert sorted(again.streams) == ["a"] and again.depth == 6, again.counters
+    finally:
+        await again.close()
+    assert ("b", 3) in _queues_kept_aside(immutable_fs)
