@@ -6,6 +6,11 @@ durable before the move and removed only once the salvage has committed into the
 spool (or, when the copy failed, once its loss is counted there). At the next start a
 marker whose file exists means "finish that salvage"; one whose file does not exist is
 stale: the crash came before the move, and the corrupt file is still at the spool's path.
+
+The copy of a spool deleted or replaced under the agent is noted with ``clear`` as soon as
+it is made, before the file the agent had open is let go: the path still holds that file's
+-wal or a file put there. Until it is cleared (which may fail for as long as the agent
+runs) the marker says so, and a start clears it before it opens a fresh spool there.
 """
 
 from __future__ import annotations
@@ -40,8 +45,14 @@ def target(path: Path) -> Path:
         n += 1
 
 
-def note(path: Path, moved: Path) -> OSError | None:
-    """Write the marker naming ``moved``, durably; the error when it cannot (a full disk)."""
+# The marker's line after the name of a copy whose path is still to be cleared.
+CLEAR = "clear"
+
+
+def note(path: Path, moved: Path, clear: bool = False) -> OSError | None:
+    """Write the marker naming ``moved`` (and ``clear``), durably; the error when it
+    cannot (a full disk)."""
+    text = f"{moved.name}\n" + (f"{CLEAR}\n" if clear else "")
     try:
         # Made anew: a marker left as a link (below) must not be followed, and the file
         # it names written over.
@@ -49,7 +60,7 @@ def note(path: Path, moved: Path) -> OSError | None:
         fd = os.open(marker(path), os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o600)
         try:
             # The newline ends the name: a marker cut short by a crash names no file.
-            os.write(fd, f"{moved.name}\n".encode())
+            os.write(fd, text.encode())
             os.fsync(fd)
         finally:
             os.close(fd)
@@ -60,7 +71,7 @@ def note(path: Path, moved: Path) -> OSError | None:
         # spool left the moved file to no salvage, its queue lost uncounted.
         try:
             marker(path).unlink(missing_ok=True)
-            os.symlink(moved.name, marker(path))
+            os.symlink(text.removesuffix("\n"), marker(path))
             sync_dir(path.parent)
         except OSError:
             return exc
@@ -113,28 +124,32 @@ def move_fresh_aside(path: Path, moved: Path) -> None:
     sync_dir(path.parent)
 
 
-def pending(path: Path) -> Path | None:
-    """The file moved aside by a salvage that did not finish, its move completed; None
-    when there is none (a stale marker is removed)."""
+def pending(path: Path) -> tuple[Path, bool] | None:
+    """The file moved aside by a salvage that did not finish, its move completed, and
+    whether the path is still to be cleared for its fresh spool (``note``'s ``clear``);
+    None when there is none (a stale marker is removed)."""
     try:
         # A link is made whole (note): its name needs no newline to end it.
         text = f"{os.readlink(marker(path))}\n" if marker(path).is_symlink() else \
             marker(path).read_text(encoding="utf-8", errors="replace")
     except FileNotFoundError:
         return None
-    name = text.removesuffix("\n")
+    name, ended, rest = text.partition("\n")
+    clear = rest == f"{CLEAR}\n"
     # A name of this directory only (Path(name).name splits it at the OS's separators).
-    moved = path.with_name(name) if text.endswith("\n") and "\0" not in name and \
-        name.startswith(f"{path.name}.corrupt-") and Path(name).name == name else None
+    moved = path.with_name(name) if ended and (clear or not rest) and "\0" not in name \
+        and name.startswith(f"{path.name}.corrupt-") and Path(name).name == name else None
     if moved is None or not moved.exists():
         done(path)
         return None
+    if clear:   # a copy: what is at the path is no file of its own
+        return moved, True
     if not path.exists():
         # Cut between the renames: the -wal and -shm still at the path are the moved
         # file's. Applied to the fresh spool, its WAL would garble it.
         _rename(path, moved)
         sync_dir(path.parent)
-    return moved
+    return moved, False
 
 
 def done(path: Path) -> None:

@@ -273,14 +273,20 @@ class Spool:
         make_private_dir(spool.path.parent)
         recovering = False   # a recovery that fails says why itself
         try:
-            if (moved := pending(spool.path)) is not None:
+            if (found := pending(spool.path)) is not None:
+                moved, clear = found
                 # A newer agent's (SpoolTooNew): its files are left for it to finish.
                 _refuse_newer(moved)
                 # The last run stopped inside a salvage: the spool at the path is its fresh
-                # one, with nothing committed but that salvage, if it got that far.
+                # one, with nothing committed but that salvage, if it got that far; or,
+                # ``clear``, the path still holds what the copy's file left or a file put
+                # there, cleared first as that run would have.
                 spool._salvaging = _Salvage(
                     moved, spool._carry(), [], 1,
-                    "found by the last run, stopped before its salvage was done", True)
+                    "found by the last run, stopped before its salvage was done", True, clear)
+                if clear:
+                    recovering = True   # a path that still cannot be cleared: said there
+                    spool._set_aside(spool._salvaging, Replaced())
             try:
                 await spool._connect()
             except sqlite3.DatabaseError as exc:
@@ -496,6 +502,9 @@ class Spool:
         # file still open; what is at the path now (a backup put back) is kept aside.
         copied = isinstance(exc, Replaced) and no_dir is None and self._db is not None \
             and await self._db.run(copy_open, moved)
+        # Noted before the file open is let go: a stop while the path cannot be cleared
+        # (_set_aside) leaves the copy to the next start. Not another agent's path's.
+        noted = copied and in_use is None and note(self.path, moved, clear=True) is None
         await self._close_connections()
         if no_dir is not None:
             # Its queue is counted lost (dropped_corrupt) once a spool can be created.
@@ -524,7 +533,7 @@ class Spool:
         # reopen() finishes the salvage, rather than start an empty spool that would hand
         # out stream ids and seqs the running forwarders still hold.
         pending = _Salvage(moved, carry, list(books.streams.values()), books.next_seq,
-                           str(exc), False, isinstance(exc, Replaced))
+                           str(exc), noted, isinstance(exc, Replaced))
         self._set_aside(pending, exc)
         await self._open_fresh(exc, moved)
 
