@@ -1329,7 +1329,8 @@ async def test_a_salvage_whose_marker_cannot_be_removed_opens_and_is_not_done_tw
     a directory the agent's user may no longer write to alike), while the fresh spool
     itself opens: the spool stayed closed, every app answered 503 although the salvaged
     queue was safe, and the salvage was tried again at every reopen. It opens, says the
-    marker once, and the next start, finding the marker, does not salvage again."""
+    marker once, and the next start, finding the marker, does not salvage again, and says
+    so in one line (not also that the salvage was "finished now": the marker stays)."""
     path = immutable_fs / "spool.db"
 
     def marker_stuck() -> None:   # the salvage has begun: its marker is written
@@ -1345,12 +1346,16 @@ async def test_a_salvage_whose_marker_cannot_be_removed_opens_and_is_not_done_tw
         assert len(failed) == 1 and "marker" in failed[0], _errors(caplog)
     finally:
         await spool.close()
+    caplog.clear()
     again = await Spool.open(StorageConfig(path=str(path)))
     try:
         assert again.open_error is None and again.depth == 6, again.counters
         assert again.counters.get("spool_corrupt") == 1, again.counters
     finally:
         await again.close()
+    # One line, and only what is true: the marker is still there, nothing "finished now".
+    said = [r.getMessage() for r in caplog.records if r.levelno >= logging.WARNING]
+    assert len(said) == 1 and "cannot be removed" in said[0], said
 
 
 def _left_by_a_stop_in_a_salvage(path: Path) -> None:
