@@ -645,9 +645,9 @@ class Spool:
             pending.noted = note(self.path, moved) is None
         if await self._db.run(salvaged):
             # The last run stopped after the salvage's commit, or this one failed after it.
-            self._done(moved)
-            log.warning("spool %s: the salvage of %s had been committed before it was "
-                        "marked done; finished now", self.path, moved)
+            if self._done(moved):   # else said there, the marker still in place
+                log.warning("spool %s: the salvage of %s had been committed before it was "
+                            "marked done; finished now", self.path, moved)
             self._keep_held(pending)
             self.on_reopen()
             return
@@ -678,17 +678,20 @@ class Spool:
         self._keep_held(pending)
         self.on_reopen()  # forwarders for the salvaged queues
 
-    def _done(self, moved: Path) -> None:
-        """Forget the marker of a salvage committed. One that cannot be removed is said,
-        and the spool opens all the same: its queue is safe in the fresh spool, and a start
-        that finds the marker finds that salvage committed (salvaged), not to be done twice.
-        Kept closed for it, the agent refused every event for a file it no longer needs."""
+    def _done(self, moved: Path) -> bool:
+        """Forget the marker of a salvage committed; whether it is gone. One that cannot be
+        removed is said, and the spool opens all the same: its queue is safe in the fresh
+        spool, and a start that finds the marker finds that salvage committed (salvaged),
+        not to be done twice. Kept closed for it, the agent refused every event for a file
+        it no longer needs."""
         try:
             done(self.path)
         except OSError as exc:
             log.error("spool %s: the salvage of %s is committed, but its marker %s cannot be "
                       "removed (%s); the spool opens, and each start says this until it is "
                       "removed", self.path, moved, marker(self.path), exc)
+            return False
+        return True
 
     def _say_salvaged(self, pending: _Salvage, got: Salvaged, failed: sqlite3.Error | None
                       ) -> None:
