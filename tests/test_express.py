@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import asyncio
 import base64
+import gc
 import random
 import re
 import socket
@@ -268,6 +269,27 @@ async def test_requests_pipelined_before_a_half_close_each_get_their_reply(
     assert all(r.startswith(b"HTTP/1.1 200 ") for r in replies)
     assert await asyncio.wait_for(client.reader.read(), 10) == b""
     assert agent.spool.depth == 2
+    await client.close()
+
+
+async def test_a_request_for_aiohttp_pipelined_before_a_half_close_gets_its_reply(
+        make_agent: Callable[..., Any]) -> None:
+    """The EOF comes while the lane's reply is pending (its commit held: the test holds the
+    writer's lock); the request after it is aiohttp's, which answers a half-closed client
+    (server/connections.py) as the lane does: answered too, then the connection closed."""
+    agent = await make_agent()
+    client = await Client.open(agent.port)
+    body = track()
+    async with agent.spool.writer.lock:
+        await client.send(post("/v1/track", body) + GET_HEALTHZ)
+        await wait_for(lambda: agent.metrics.inflight_bytes == len(body))
+        client.writer.write_eof()
+        conn = next(c for c in gc.get_objects() if isinstance(c, _Conn) and c.serving)
+        await wait_for(lambda: conn.eof)
+    replies = [await client.reply() for _ in range(2)]
+    assert [r.split(b" ", 2)[1] for r in replies] == [b"200", b"200"], replies
+    assert await asyncio.wait_for(client.reader.read(), 10) == b""
+    assert agent.spool.depth == 1
     await client.close()
 
 
