@@ -315,16 +315,19 @@ class _Conn(asyncio.Protocol):
         """Answer the first request waiting in ``buf`` in the express lane, or hand over."""
         assert self.lane is not None and self.transport is not None
         found = self.lane.match(self.buf, self.pos)
-        if (found == MORE or found is None) and (self.eof or self.lane.closing):
-            # The peer has stopped sending, or the agent is stopping: the connection is
-            # about to close, so what the lane cannot answer is left unread rather than
-            # handed to aiohttp, which would store it and have its reply cut off.
+        if found == MORE and self.eof or found is None and self.lane.closing:
+            # A request the peer stopped sending before its end, or the agent is stopping:
+            # the connection is about to close, so what the lane cannot answer is left
+            # unread rather than handed to aiohttp, which would store it and have its reply
+            # cut off.
             self.transport.close()
         elif found == MORE:
             if self.state == IDLE and self.pos < len(self.buf):
                 self.limits.head_started(self)
         elif found is None:
             self._hand_over()
+            if self.eof and not self._inner_eof():   # the peer's EOF came during our reply
+                self.transport.close()
         else:
             assert not isinstance(found, str)
             request, self.pos = found
@@ -365,6 +368,11 @@ class _Conn(asyncio.Protocol):
                 self.eof = True
                 return True  # closed once the reply is written
             self._hand_over()
+        return self._inner_eof()
+
+    def _inner_eof(self) -> bool | None:
+        """The peer's EOF on a connection aiohttp has: as ``eof_received``, whose answer
+        (falsy: close the transport) it gives."""
         inner: Any = self.inner
         current = inner._current_request
         if self.state == WEBSOCKET or inner._request_count == self.answered \
