@@ -39,7 +39,7 @@ from agent.server.express import ExpressLane
 from agent.server.guard import is_loopback_name
 from agent.server.intake import Sink
 from agent.server.limits import RouteLimits
-from agent.server.unrouted import ServerHandler
+from agent.server.unrouted import FrontDoor
 from agent.settings import Config
 from agent.spool import Spool
 from agent.spool.migrate import ALIVE_EVERY_S
@@ -168,7 +168,7 @@ class Agent:
                              lingering_time=LINGER_S)
 
     async def _listen(self, runner: web.AppRunner, lane: ExpressLane,
-                      front_door: Callable[[ServerHandler], ServerHandler]) -> asyncio.Server:
+                      front_door: FrontDoor) -> asyncio.Server:
         assert runner.server is not None
         server = runner.server
         server.request_handler = front_door(server.request_handler)

@@ -21,7 +21,7 @@ from agent.server.express import ExpressLane, Routes
 from agent.server.guard import Guard, Handler
 from agent.server.intake import Sink
 from agent.server.unrouted import API as UNROUTED
-from agent.server.unrouted import CATCH_ALL, ServerHandler, Unrouted
+from agent.server.unrouted import CATCH_ALL, FrontDoor, Unrouted
 from agent.settings import Config
 
 # Above every dialect's own limit; those are enforced while reading.
@@ -30,7 +30,7 @@ CLIENT_MAX_SIZE = 8 * 1024 * 1024
 # them; the listener's connections (server/connections.py) take it from here.
 EXPRESS = web.AppKey("express", ExpressLane)
 # Wraps the server's request handler (the app's), for the requests no route can match.
-FRONT_DOOR: web.AppKey[Callable[[ServerHandler], ServerHandler]] = web.AppKey("front_door")
+FRONT_DOOR: web.AppKey[FrontDoor] = web.AppKey("front_door")
 ExpectHandler = Callable[[web.Request], Awaitable[web.StreamResponse | None]]
 # How long a stop waits for a client to answer its websocket's close before cutting it.
 SOCKET_CLOSE_S = 1.0
@@ -65,7 +65,7 @@ def build_app(cfg: Config, sink: Sink, ops_routes: list[web.RouteDef]) -> web.Ap
     catch_all = app.router.add_route(  # last: the rest
         "*", CATCH_ALL, unrouted.catch_all,
         expect_handler=expectation(partial(sink.metrics.refuse, UNROUTED)))
-    front: Callable[[ServerHandler], ServerHandler] = partial(unrouted.front_door, app, catch_all)
+    front: FrontDoor = partial(unrouted.front_door, app, catch_all)   # typed: mypy infers no _T
     app[FRONT_DOOR] = front
     app[EXPRESS] = ExpressLane(
         [Routes(dialect.express(sink), partial(sink.metrics.refuse, dialect.name))

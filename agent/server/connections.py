@@ -79,7 +79,8 @@ HEAD_REFUSAL = (b"HTTP/1.1 431 Request Header Fields Too Large\r\n"
                 b"Content-Length: %d\r\nConnection: close\r\n\r\n%s"
                 % (len(_HEAD_BODY), _HEAD_BODY))
 
-Handler = Callable[[web.BaseRequest], Awaitable[web.StreamResponse]]
+# The server's handler of every request (aiohttp's app, wrapped by ours).
+ServerHandler = Callable[[web.BaseRequest], Awaitable[web.StreamResponse]]
 
 
 def fit_fd_limit(max_connections: int) -> tuple[int, int]:
@@ -428,7 +429,7 @@ class ConnectionLimits:
         server.request_handler = self._tracked(server.request_handler)
         return lambda: _Conn(self, server(), lane)
 
-    def _tracked(self, handler: Handler) -> Handler:
+    def _tracked(self, handler: ServerHandler) -> ServerHandler:
         conns = self._conns
 
         async def tracked(request: web.BaseRequest) -> web.StreamResponse:

@@ -26,6 +26,7 @@ from aiohttp import web
 from agent.dialects.base import WebSocketRoute
 from agent.dialects.replies import masked, plain_error
 from agent.metrics import Metrics
+from agent.server.connections import ServerHandler
 from agent.server.guard import Guard, Handler
 
 log = logging.getLogger("outpost.server")
@@ -39,8 +40,8 @@ _SLASHES = re.compile("//+")
 KEY_PARAM = "appId"
 # On a request routed at its path's plain form: the path as the client sent it.
 SENT_PATH = web.RequestKey("outpost_sent_path", str)
-# The server's handler of every request: the app's routing, then the route.
-ServerHandler = Callable[[web.BaseRequest], Awaitable[web.StreamResponse]]
+# What wraps the server's handler (``Unrouted.front_door``, bound to its app).
+FrontDoor = Callable[[ServerHandler], ServerHandler]
 
 
 def is_upgrade(request: web.Request) -> bool:
