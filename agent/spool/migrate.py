@@ -65,7 +65,14 @@ from agent.spool.codebook import DICTS
 from agent.spool.db import PAST, main_file, transaction
 from agent.spool.dedupe import keys_to_bytes
 from agent.spool.records import RECORD_BYTES, RECORD_EVENTS
-from agent.spool.schema import DEAD_OBSERVED, LANE_INDEX, SCHEMA, VERSION, SpoolTooNew
+from agent.spool.schema import (
+    DEAD_OBSERVED,
+    LANE_INDEX,
+    SCHEMA,
+    VERSION,
+    SpoolTooNew,
+    blank,
+)
 
 log = logging.getLogger("outpost.spool")
 
@@ -90,7 +97,7 @@ def ensure(conn: sqlite3.Connection, alive: Callable[[], None] | None = None) ->
     """Create the current schema in an empty file, or bring an older spool up to it."""
     refuse_newer(conn)
     if _user_version(conn) != VERSION:
-        if not conn.execute("SELECT count(*) FROM sqlite_master").fetchone()[0]:
+        if blank(conn):
             # One transaction: a first start cut short (its disk full, a crash) leaves the
             # file empty, for the next to create whole. Table by table, it kept those made,
             # and no later start could open the file.
