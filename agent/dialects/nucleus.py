@@ -14,6 +14,7 @@ import binascii
 import logging
 import uuid
 from collections.abc import Awaitable, Mapping
+from contextlib import suppress
 from typing import Any
 
 import orjson
@@ -75,9 +76,9 @@ MAX_VALUES = 1_000_000
 # it may be (no more events than this), and as body.EVENT_HELD against the in-flight budget,
 # as one read as it arrives counts those it keeps. Real events are 100 bytes or more.
 EVENT_MIN = 32
+MAX_EVENTS = MAX_MESSAGE // EVENT_MIN
 # The websocket versions aiohttp's handshake takes (RFC 6455's and two drafts').
 WS_VERSION, WS_VERSIONS = "13", ("13", "8", "7")
-MAX_EVENTS = MAX_MESSAGE // EVENT_MIN
 
 
 def _error(status: int, message: str, retry_after: int | None = None) -> web.Response:
@@ -99,12 +100,10 @@ def _handshake_fault(headers: Mapping[str, str], said: str) -> str:
     key = headers.get("Sec-WebSocket-Key")
     if key is None:
         return "no Sec-WebSocket-Key"
-    try:
-        if len(base64.b64decode(key)) != 16:
-            return "Sec-WebSocket-Key is not 16 bytes in base64"
-    except binascii.Error:
-        return "Sec-WebSocket-Key is not 16 bytes in base64"
-    return said
+    with suppress(binascii.Error):
+        if len(base64.b64decode(key)) == 16:
+            return said
+    return "Sec-WebSocket-Key is not 16 bytes in base64"
 
 
 def _quoted(key: str) -> str:
