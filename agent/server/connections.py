@@ -22,8 +22,8 @@ aiohttp also takes header fields outside a head it waits for: a chunked body's t
 section, and the head of a request sent ahead of the answer to the one before it. What
 comes after a head is handed over in pieces of at most SLICE bytes, none past the end of a
 head or of a Content-Length body (``_piece_end``), and the bytes that add nothing to a body
-nor complete a request are counted: past HEAD_MAX the connection
-is closed, with no reply (one could be read as the answer to an earlier request). A body
+nor complete a request are counted: past HEAD_MAX the connection is closed, with no reply
+(one could be read as the answer to an earlier request). A body
 whose framing the parser refuses (a chunk size that is no number) is failed with its error,
 for its route to answer 400, and the connection closed after that reply
 (``_failed_in_body``).
@@ -226,7 +226,7 @@ class _Conn(asyncio.Protocol):
 
     def _feed(self, data: bytes, end: int) -> None:
         """``data``, whose first ``end`` bytes end a head, to aiohttp: that head, then pieces
-        of at most SLICE bytes, counting what each adds to no body and no request."""
+        that end where ``_piece_end`` says, counting what each adds to no body and no request."""
         if self.broken is not None:
             return
         inner: Any = self.inner
