@@ -230,11 +230,12 @@ class _Conn(asyncio.Protocol):
         if self.broken is not None:
             return
         inner: Any = self.inner
-        at, stop = 0, end or self._piece_end(data, 0)
+        at = 0
         while at < len(data):
-            if not _counted(inner):
+            if not _counted(inner):   # a websocket's frames: no piece to find the end of
                 inner.data_received(data[at:])
                 return
+            stop = end if end and not at else self._piece_end(data, at)
             piece = data[at:stop] if at or stop < len(data) else data
             seen, taken = inner._request_count, self._taken()
             reading = self.payload if self.payload is not None and not self.payload.is_eof() \
@@ -255,7 +256,6 @@ class _Conn(asyncio.Protocol):
                     self.limits.fields_too_large(self)
                     return
             at = stop
-            stop = self._piece_end(data, at)
 
     def _piece_end(self, data: bytes, at: int) -> int:
         """Where the piece of ``data`` handed over from ``at`` ends: within SLICE bytes, at
