@@ -284,7 +284,9 @@ async def test_a_request_for_aiohttp_pipelined_before_a_half_close_gets_its_repl
         await client.send(post("/v1/track", body) + GET_HEALTHZ)
         await wait_for(lambda: agent.metrics.inflight_bytes == len(body))
         client.writer.write_eof()
-        conn = next(c for c in gc.get_objects() if isinstance(c, _Conn) and c.serving)
+        port = client.writer.get_extra_info("sockname")[1]
+        conn = next(c for c in gc.get_objects() if isinstance(c, _Conn) and c.transport
+                    and c.transport.get_extra_info("peername")[1] == port)
         await wait_for(lambda: conn.eof)
     replies = [await client.reply() for _ in range(2)]
     assert [r.split(b" ", 2)[1] for r in replies] == [b"200", b"200"], replies
