@@ -148,3 +148,21 @@ async def test_an_unknown_expectation_is_a_json_417_counted_as_refused(
     assert "'200-ok'" in body["message"] and "100-continue" in body["message"], body
     assert list(agent.sink.metrics.refusals().values()) == [{"417": 1}]
     assert agent.spool.depth == 0
+
+
+@pytest.mark.parametrize("path", ["/v1/batch", "/v2/batch"])
+@pytest.mark.parametrize("field,status", [
+    ("Host: evil.example", 421), ("Origin: https://evil.example", 403)])
+async def test_a_request_the_guard_refuses_is_told_so_before_its_unknown_expect(
+        make_agent: Any, path: str, field: str, status: int) -> None:
+    """The Expect handler ran before the route's guard: a request from a foreign Host or
+    Origin with `Expect: 200-ok` was told 417, what was wrong with its Expect, rather than
+    that it is not allowed at all."""
+    agent = await make_agent()
+    host = "" if field.startswith("Host") else "Host: 127.0.0.1\r\n"
+    head, reply = await raw_reply(agent.port, (
+        f"POST {path} HTTP/1.1\r\n{host}{field}\r\nContent-Type: application/json\r\n"
+        "Expect: 200-ok\r\nContent-Length: 2\r\n\r\n{}").encode())
+    assert head.startswith(b"HTTP/1.1 %d " % status), head + reply
+    assert b"application/json" in head, head
+    assert "evil.example" in orjson.loads(reply)["error"], reply
