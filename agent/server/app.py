@@ -64,7 +64,7 @@ def build_app(cfg: Config, sink: Sink, ops_routes: list[web.RouteDef]) -> web.Ap
             raw, guard, admission, partial(sink.metrics.refuse, dialect.name))))
     catch_all = app.router.add_route(  # last: the rest
         "*", CATCH_ALL, unrouted.catch_all,
-        expect_handler=expectation(partial(sink.metrics.refuse, UNROUTED)))
+        expect_handler=expectation(partial(sink.metrics.refuse, UNROUTED), guard))
     front: FrontDoor = partial(unrouted.front_door, app, catch_all)   # typed: mypy infers no _T
     app[FRONT_DOOR] = front
     app[EXPRESS] = ExpressLane(
@@ -125,25 +125,36 @@ def ingest_routes(routes: list[web.RouteDef], guard: Guard, admission: Admission
     """
     def wrap(handler: Handler, navigable: bool) -> Handler:
         return _ingest(handler, guard, navigable, admission, count)
-    expect = expectation(count)
+    expect = expectation(count, guard)
     return [web.RouteDef(r.method, r.path, r.handler, {**r.kwargs, "expect_handler": expect})
             for r in guard.routes(routes, wrap=wrap)]
 
 
-def expectation(count: Callable[[int], None]) -> ExpectHandler:
-    """The `Expect` handler of routes whose refusals ``count`` counts. aiohttp's answered
-    `100 Continue` before the route ran, so a client uploaded a body the route then
-    refused unread (over its limit, an agent too busy): ``read_raw`` sends it once the
-    body is wanted. Any other expectation is a 417 in the guard's JSON, counted, where
-    aiohttp's was plain text, uncounted. An HTTP/1.0 request's `Expect` is ignored, as
-    aiohttp ignored it (RFC 9110 §10.1.1: its client cannot read a 100)."""
+def expectation(count: Callable[[int], None], guard: Guard,
+                navigable: bool = False) -> ExpectHandler:
+    """The `Expect` handler of routes whose refusals ``count`` counts, guarded by ``guard``
+    (``navigable`` as their routes are). aiohttp's answered `100 Continue` before the
+    route ran, so a client uploaded a body the route then refused unread (over its limit,
+    an agent too busy): ``read_raw`` sends it once the body is wanted. Any other
+    expectation is a 417 in the guard's JSON, counted, where aiohttp's was plain text,
+    uncounted; but after the guard, which runs after this handler: a request not allowed
+    at all (a foreign Host or Origin) is told so, not what is wrong with its Expect. An
+    HTTP/1.0 request's `Expect` is ignored, as aiohttp ignored it (RFC 9110 §10.1.1: its
+    client cannot read a 100)."""
     async def expect(request: web.Request) -> web.StreamResponse | None:
         if request.version != HttpVersion11 or expects_continue(request):
             return None
-        count(417)
-        return json_reply(plain_error(417, f"unsupported Expect {request.headers['Expect']!r}:"
-                                           " the only expectation taken is 100-continue"), 417)
+        resp = await guard.check(request, _unmet, navigable)
+        if resp.status >= 400:   # not a CORS preflight's 204
+            count(resp.status)
+        return resp
     return expect
+
+
+async def _unmet(request: web.Request) -> web.StreamResponse:
+    """The 417 of an expectation other than 100-continue."""
+    return json_reply(plain_error(417, f"unsupported Expect {request.headers['Expect']!r}:"
+                                       " the only expectation taken is 100-continue"), 417)
 
 
 def _ingest(handler: Handler, guard: Guard, navigable: bool, admission: Admission,
