@@ -222,3 +222,55 @@ async def test_a_path_no_route_serves_answers_an_unknown_expect_in_json(
     assert head.startswith(b"HTTP/1.1 417 ") and b"application/json" in head, head + body
     assert "'200-ok'" in orjson.loads(body)["message"], body
     assert agent.sink.metrics.refusals() == {"unrouted": {"417": 1}}
+
+
+async def test_an_operations_route_sends_no_100_continue_before_refusing_the_body(
+        make_agent: Any) -> None:
+    """The operations routes kept aiohttp's Expect handler: `POST /dead/retry` with a body
+    over its 4 KiB was told `100 Continue` before the 413, so the client uploaded it."""
+    agent = await make_agent()
+    reader, writer = await asyncio.open_connection("127.0.0.1", agent.port)
+    try:
+        writer.write(b"POST /dead/retry HTTP/1.1\r\nHost: 127.0.0.1\r\nContent-Type: "
+                     b"application/json\r\nExpect: 100-continue\r\nContent-Length: 5000\r\n\r\n")
+        head = await asyncio.wait_for(reader.readuntil(b"\r\n\r\n"), 5)
+    finally:
+        writer.close()
+    assert head.startswith(b"HTTP/1.1 413 "), head
+
+
+async def test_an_operations_route_sends_one_100_continue_once_it_reads_the_body(
+        make_agent: Any) -> None:
+    """aiohttp's Expect handler sent its `100 Continue`, then read_raw, finding the body
+    not yet there, a second one."""
+    agent = await make_agent()
+    body = b'{"all": true}'
+    reader, writer = await asyncio.open_connection("127.0.0.1", agent.port)
+    try:
+        writer.write(b"POST /dead/retry HTTP/1.1\r\nHost: 127.0.0.1\r\nContent-Type: "
+                     b"application/json\r\nExpect: 100-continue\r\nContent-Length: %d\r\n\r\n"
+                     % len(body))
+        assert await asyncio.wait_for(reader.readuntil(b"\r\n\r\n"), 5) \
+            == b"HTTP/1.1 100 Continue\r\n\r\n"
+        writer.write(body)
+        head = await asyncio.wait_for(reader.readuntil(b"\r\n\r\n"), 5)
+    finally:
+        writer.close()
+    assert head.startswith(b"HTTP/1.1 200 "), head
+
+
+@pytest.mark.parametrize("path", ["/dead/retry", "/flush"])
+@pytest.mark.parametrize("field,status", [
+    ("", 417), ("Host: evil.example\r\n", 421), ("Origin: https://evil.example\r\n", 403)])
+async def test_an_operations_route_answers_an_unknown_expect_in_json_after_its_guard(
+        make_agent: Any, path: str, field: str, status: int) -> None:
+    """aiohttp's plain-text `Unknown Expect: 200-ok`, before the guard ran."""
+    agent = await make_agent()
+    host = "" if field.startswith("Host") else "Host: 127.0.0.1\r\n"
+    head, body = await raw_reply(agent.port, (
+        f"POST {path} HTTP/1.1\r\n{host}{field}Content-Type: application/json\r\n"
+        "Expect: 200-ok\r\nContent-Length: 2\r\n\r\n{}").encode())
+    assert head.startswith(b"HTTP/1.1 %d " % status) and b"application/json" in head, \
+        head + body
+    said = orjson.loads(body)["error"]
+    assert ("'200-ok'" if status == 417 else "evil.example") in said, body
