@@ -55,7 +55,9 @@ def build_app(cfg: Config, sink: Sink, ops_routes: list[web.RouteDef]) -> web.Ap
     app.on_shutdown.append(_close_sockets)
     app[BODY_TIMEOUT_S] = cfg.listen.body_timeout_s
     # Order matters: Nucleus' catch-all `/{appId}` websocket route comes last.
-    app.add_routes(guard.routes(ops_routes, navigable=True))
+    # Their refusals are the operator's, not an app's: not counted with the APIs'.
+    app.add_routes(expecting(guard.routes(ops_routes, navigable=True),
+                             expectation(_uncounted, guard, navigable=True)))
     unrouted = Unrouted(sink.metrics, guard)
     # Looked up at each build, in the registry's order (route priority).
     for dialect in registry.DIALECTS:
@@ -125,9 +127,17 @@ def ingest_routes(routes: list[web.RouteDef], guard: Guard, admission: Admission
     """
     def wrap(handler: Handler, navigable: bool) -> Handler:
         return _ingest(handler, guard, navigable, admission, count)
-    expect = expectation(count, guard)
+    return expecting(guard.routes(routes, wrap=wrap), expectation(count, guard))
+
+
+def expecting(routes: list[web.RouteDef], expect: ExpectHandler) -> list[web.RouteDef]:
+    """``routes`` with ``expect`` (an ``expectation``) as their `Expect` handler."""
     return [web.RouteDef(r.method, r.path, r.handler, {**r.kwargs, "expect_handler": expect})
-            for r in guard.routes(routes, wrap=wrap)]
+            for r in routes]
+
+
+def _uncounted(status: int) -> None:
+    """The count of refusals no API counts."""
 
 
 def expectation(count: Callable[[int], None], guard: Guard,
