@@ -269,10 +269,13 @@ async def test_size_limits_are_413(make_agent: Any) -> None:
     batch = {"batch": [{**big, "type": "track", "properties": {"x": "y" * 30_000}}] * 150}
     reply = await call(agent.port, "/v1/batch", batch, headers=auth)
     assert reply.status == 413
+    # Segment's own words, then the size and the limit, as a single call's 413 says them:
+    # it said Segment's words alone.
+    said = f"HTTP request too large: {len(orjson.dumps(batch))} bytes, limit 4194304"
     assert reply.json() == {"Success": False, "Errors": [{
         "Error": "Request Entity Too Large", "Message": "Error reading request body",
-        "Details": "HTTP request too large"}], "code": "request_entity_too_large",
-        "message": "Error reading request body: HTTP request too large"}
+        "Details": said}], "code": "request_entity_too_large",
+        "message": f"Error reading request body: {said}"}
     # A real client's largest batch: ~475 KB plus the event that crosses it, is taken.
     near = {"batch": [{**big, "type": "track", "properties": {"x": "y" * 31_000}}] * 16}
     assert (await call(agent.port, "/v1/batch", near, headers=auth)).status == 200
