@@ -212,8 +212,9 @@ class SegmentHandlers:
             return batch_error(exc.status, [error_object(exc.status, exc.message, exc.details)],
                                exc.retry_after)
         except BodyError as exc:
-            # Segment's own words for a body over its size; ours for any other refusal.
-            detail = ("HTTP request too large" if exc.status == 413
+            # Segment's own words for a body over its size, then the size and the limit,
+            # as a single call's 413 says them; ours for any other refusal.
+            detail = (f"HTTP request too large: {exc.details}" if exc.status == 413
                       and not isinstance(exc, TooManyObjects) else replies.describe(exc))
             return batch_error(exc.status, [error_object(
                 exc.status, "Error reading request body", detail)])
