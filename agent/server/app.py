@@ -147,8 +147,9 @@ def expectation(count: Callable[[int], None], guard: Guard,
     route ran, so a client uploaded a body the route then refused unread (over its limit,
     an agent too busy): ``read_raw`` sends it once the body is wanted. Any other
     expectation is a 417 in the guard's JSON, counted, where aiohttp's was plain text,
-    uncounted; but after the guard, which runs after this handler: a request not allowed
-    at all (a foreign Host or Origin) is told so, not what is wrong with its Expect. An
+    uncounted; but only once the guard passes it (aiohttp runs this handler before the
+    route and its guard): a request not allowed at all (a foreign Host or Origin) is told
+    so, not what is wrong with its Expect. An
     HTTP/1.0 request's `Expect` is ignored, as aiohttp ignored it (RFC 9110 §10.1.1: its
     client cannot read a 100)."""
     async def expect(request: web.Request) -> web.StreamResponse | None:
