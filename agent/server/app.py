@@ -149,9 +149,8 @@ def expectation(count: Callable[[int], None], guard: Guard,
     expectation is a 417 in the guard's JSON, counted, where aiohttp's was plain text,
     uncounted; but only once the guard passes it (aiohttp runs this handler before the
     route and its guard): a request not allowed at all (a foreign Host or Origin) is told
-    so, not what is wrong with its Expect. An
-    HTTP/1.0 request's `Expect` is ignored, as aiohttp ignored it (RFC 9110 §10.1.1: its
-    client cannot read a 100)."""
+    so, not what is wrong with its Expect. An HTTP/1.0 request's `Expect` is ignored, as
+    aiohttp ignored it (RFC 9110 §10.1.1: its client cannot read a 100)."""
     async def expect(request: web.Request) -> web.StreamResponse | None:
         if request.version != HttpVersion11 or expects_continue(request):
             return None
