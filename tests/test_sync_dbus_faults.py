@@ -21,6 +21,7 @@ from jeepney.low_level import Endianness, Header, HeaderFields, Message, Message
 
 from agent.forwarder.supervisor import Seams
 from agent.sync.metered import networkmanager
+from agent.sync.policy import Metered
 from tests.conftest import ROOT, write_config
 from tests.fakes.manual_timing import ManualTiming
 from tests.fakes.nm_bus import NM_NAME, FakeNetworkManager, PrivateBus
@@ -163,6 +164,36 @@ async def test_a_watch_the_bus_refused_is_asked_again_so_a_limit_raised_later_is
         await wait_for(lambda: agent.sync.profile.mode == "hold")
         assert agent.sync.metered.detail == "NetworkManager: yes"
         assert agent.sync.errors == errors >= 1
+    finally:
+        await nm.stop()
+        bus.stop()
+
+
+async def test_a_restart_unwatched_keeps_the_last_reading_and_is_looked_at_again_soon(
+        make_agent: Any, fake_nucleus: FakeNucleus, tmp_path: Path,
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    """With NetworkManager's name-owner watch refused, its restart is seen only by the
+    next read, which finds its name without an owner: that read "unknown" at once,
+    where a restart seen by the watch keeps the last reading up to RESTART_S (a hold on
+    a metered link sent meanwhile), and it was read again only RECONNECT_S later, past
+    the reading's end. Kept, and read again soon (the watch asked for again with it)."""
+    monkeypatch.setattr(networkmanager, "RECONNECT_S", 0.6)
+    monkeypatch.setattr(networkmanager, "RESTART_S", 0.4)
+    monkeypatch.setattr(networkmanager, "RETRY_FIRST_S", 0.02)
+    bus = PrivateBus(tmp_path, limits={"max_match_rules_per_connection": 1}).start()
+    nm = await FakeNetworkManager(bus.address, metered=YES).start()
+    try:
+        agent = await watching(make_agent, fake_nucleus, bus.address)
+        assert agent.sync.profile.mode == "hold" and "LimitsExceeded" in agent.sync.metered.detail
+        await nm.stop()   # restarting: seen by the next read only
+        await wait_for(lambda: "NetworkManager: yes; " not in agent.sync.metered.detail
+                       or "(kept: " in agent.sync.metered.detail)
+        assert agent.sync.metered.state is Metered.YES, agent.sync.metered
+        assert agent.sync.profile.mode == "hold"
+        await nm.start()   # back, and still metered
+        await wait_for(lambda: "(kept: " not in agent.sync.metered.detail)
+        assert agent.sync.metered.detail.startswith("NetworkManager: yes; "), agent.sync.metered
+        assert agent.sync.profile.mode == "hold"
     finally:
         await nm.stop()
         bus.stop()
