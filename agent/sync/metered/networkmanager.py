@@ -13,6 +13,8 @@ connection it is, so unasked, the cost would stay unknown until it restarted.
 A subscription the bus refuses (its limit of match rules, a policy) is a failure too:
 unwatched, the property is read again every ``RECONNECT_S`` instead, each read counted,
 and the subscription asked for again with it, so a limit raised later is followed.
+Its name-owner watch refused, a NetworkManager restart is seen by such a read (its name
+has no owner): the restart all the same, read again soon while its reading is kept.
 NetworkManager or the bus going away (a restart) keeps the last yes or no up to
 ``RESTART_S`` (``_Last``); meanwhile a lost bus is tried again from ``RETRY_FIRST_S`` on,
 twice as long each time, not every ``RECONNECT_S``: else it outlasted the reading kept.
@@ -62,7 +64,6 @@ class NetworkManagerSource:
 
     async def watch(self, report: Callable[[MeteredReading], None]) -> None:
         last = _Last()
-        backoff = RETRY_FIRST_S
         while True:
             failed = True
             try:
@@ -91,16 +92,13 @@ class NetworkManagerSource:
                     with contextlib.suppress(OSError):
                         await conn.close()
             now = asyncio.get_running_loop().time()
-            if last.until is None:   # it was read since the last loss: a new one
-                backoff = RETRY_FIRST_S
             kept = last.away(why, now)
             if kept is None:
                 report(MeteredReading(Metered.UNKNOWN, f"{why}; retried every {self.reconnect_s:g}s",
                                       failed=failed))
                 await asyncio.sleep(self.reconnect_s)
             else:   # a bus restarting: tried again soon, to confirm the reading kept
-                assert last.until is not None
-                wait, backoff = min(backoff, last.until - now), min(backoff * 2, self.reconnect_s)
+                wait = last.soon(now, self.reconnect_s)
                 report(dataclasses.replace(kept, detail=f"{kept.detail}; retried in {wait:.2g}s",
                                            failed=failed))
                 await asyncio.sleep(wait)
@@ -179,13 +177,18 @@ class NetworkManagerSource:
             elif reply_to == asked:
                 deadline = None
                 error = msg.header.fields.get(HeaderFields.error_name)
-                if error == _NO_REPLY or (error in _ABSENT and last.until is not None):
-                    # It exited before answering (the bus says so after it left), or is
-                    # not back yet on a bus restarted under it: part of a restart, as
-                    # its leaving is, and no failure.
+                if error == _NO_REPLY or (error in _ABSENT and (last.until is not None
+                                                                or nm_owner is not None)):
+                    # It exited before answering (the bus says so after it left), is
+                    # not back yet on a bus restarted under it, or left unseen (its
+                    # owner not watched): part of a restart, as its leaving is, and no
+                    # failure.
+                    nm_owner = None
                     left()
-                    if refused is not None:   # not watched: its return is not seen
-                        retry = loop.time() + self.reconnect_s
+                    if refused is not None:   # not watched: its return is seen by a read
+                        now = loop.time()   # soon, while the last reading is kept
+                        retry = now + (self.reconnect_s if last.until is None
+                                       else last.soon(now, self.reconnect_s))
                     continue
                 if kind is MessageType.method_return:
                     nm_owner = sender
@@ -224,6 +227,7 @@ class _Last:
     def __init__(self) -> None:
         self.reading: MeteredReading | None = None
         self.until: float | None = None   # away: when the last reading ends
+        self._soon = RETRY_FIRST_S   # away: the next wait before looking again
 
     def got(self, reading: MeteredReading) -> MeteredReading:
         """``reading``, now the last: it holds until the next loss."""
@@ -235,13 +239,21 @@ class _Last:
         or once its time is over."""
         if self.reading is None or self.reading.state is Metered.UNKNOWN:
             return None
-        if self.until is None:
-            self.until = now + RESTART_S
+        if self.until is None:   # a new loss
+            self.until, self._soon = now + RESTART_S, RETRY_FIRST_S
         if now >= self.until:   # not back in time: forgotten
             self.reading = self.until = None
             return None
         return MeteredReading(self.reading.state, f"{self.reading.detail} (kept: {why}; "
                                                   f"up to {RESTART_S:g}s for a restart)")
+
+    def soon(self, now: float, longest: float) -> float:
+        """While away: how long to wait before looking again, to confirm the reading kept
+        (from RETRY_FIRST_S on, twice as long each time up to ``longest``), never past its
+        end."""
+        assert self.until is not None
+        wait, self._soon = min(self._soon, self.until - now), min(self._soon * 2, longest)
+        return wait
 
 
 _NOT_RUNNING = MeteredReading(Metered.UNKNOWN, "NetworkManager is not running")
