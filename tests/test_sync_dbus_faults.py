@@ -17,7 +17,7 @@ from typing import Any
 
 import aiohttp
 import pytest
-from jeepney.low_level import Endianness, Header, HeaderFields, Message, MessageType
+from jeepney.low_level import Endianness, Header, HeaderFields, Message, MessageType, Parser
 
 from agent.forwarder.supervisor import Seams
 from agent.sync.metered import networkmanager
@@ -434,6 +434,14 @@ async def test_losing_the_bus_is_a_counted_failure(
     assert len(failed) == 1, caplog.records
 
 
+def reply(to: int, signature: str, body: tuple[Any, ...]) -> bytes:
+    """A method return from the bus to the call of serial ``to``."""
+    fields = {HeaderFields.reply_serial: to, HeaderFields.signature: signature} if signature \
+        else {HeaderFields.reply_serial: to}
+    return Message(Header(Endianness.little, MessageType.method_return, 0, 1, -1, to, fields),
+                   body).serialise()
+
+
 class GarbledBus:
     """A real unix socket that takes the D-Bus handshake and answers Hello, then answers
     anything more with bytes no D-Bus message starts with: a bus (or what
@@ -461,18 +469,19 @@ class GarbledBus:
                     writer.write(b"AGREE_UNIX_FD\r\n")
                 elif line.startswith(b"BEGIN"):
                     begun = True
-            await reader.read(4096)   # Hello
-            hello = Header(Endianness.little, MessageType.method_return, 0, 1, -1, 1,
-                           {HeaderFields.reply_serial: 1, HeaderFields.signature: "s"})
-            writer.write(Message(hello, (":1.5",)).serialise())
-            await reader.read(4096)   # AddMatch, Get
-            writer.write(b"X" + bytes(15))
-            await writer.drain()
-            await reader.read(4096)
+            await self._talk(reader, writer)
         except (OSError, asyncio.IncompleteReadError):
             pass
         finally:
             writer.close()
+
+    async def _talk(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        await reader.read(4096)   # Hello
+        writer.write(reply(1, "s", (":1.5",)))
+        await reader.read(4096)   # AddMatch, Get
+        writer.write(b"X" + bytes(15))
+        await writer.drain()
+        await reader.read(4096)
 
     async def stop(self) -> None:
         assert self.server is not None
@@ -495,6 +504,46 @@ async def test_a_bus_that_sends_what_no_d_bus_message_is_a_lost_connection_retri
     assert sync["last_error"].startswith("metered network: D-Bus connection lost: "), sync
     assert "retried every" in sync["last_error"], sync
     assert no_traceback(caplog), [r.getMessage() for r in caplog.records if r.exc_info]
+
+
+class DroppingBus(GarbledBus):
+    """Answers Hello, each subscription and NetworkManager's ``Metered`` (yes), then drops
+    the connection: a bus that takes every connection and drops each once it has spoken."""
+
+    async def _talk(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        parser = Parser()
+        while data := await reader.read(4096):
+            parser.add_data(data)
+            while (msg := parser.get_next_message()) is not None:
+                member = msg.header.fields.get(HeaderFields.member)
+                answer = {"Hello": ("s", (":1.5",)), "Get": ("v", (("u", YES),))}
+                writer.write(reply(msg.header.serial, *answer.get(member, ("", ()))))
+                if member == "Get":
+                    await writer.drain()
+                    return
+
+
+async def test_a_bus_that_drops_every_connection_is_tried_again_less_and_less_often(
+        make_agent: Any, fake_nucleus: FakeNucleus, tmp_path: Path,
+        caplog: pytest.LogCaptureFixture, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Each connection read a fresh reading before it was dropped, which made each loss
+    a new one, tried again RETRY_FIRST_S later: about once a second for good, each a
+    failure. The tries back off, up to RECONNECT_S; each is counted, the warning logged
+    once (the same one again within the minute is counted in the next)."""
+    monkeypatch.setattr(networkmanager, "RETRY_FIRST_S", 0.01)
+    monkeypatch.setattr(networkmanager, "RECONNECT_S", 0.08)
+    dropping = await DroppingBus(tmp_path / "dropping").start()
+    try:
+        agent = await watching(make_agent, fake_nucleus, f"unix:path={dropping.path}")
+        await wait_for(lambda: agent.sync.errors >= 6, timeout=5)
+        sync = await sync_status(agent.port)
+    finally:
+        await dropping.stop()
+    assert sync["metered"] == "yes" and sync["profile"] == "hold", sync
+    assert sync["last_error"].startswith("metered network: NetworkManager: yes (kept: D-Bus "), sync
+    assert sync["last_error"].endswith("; retried in 0.08s"), sync   # backed off to the most
+    assert len([r for r in lines(caplog, "D-Bus connection") if r.levelno == logging.WARNING]) == 1
+    assert no_traceback(caplog)
 
 
 async def test_doctor_says_a_garbled_bus_in_one_line(tmp_path: Path) -> None:
