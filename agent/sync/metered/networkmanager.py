@@ -18,6 +18,8 @@ has no owner): the restart all the same, read again soon while its reading is ke
 NetworkManager or the bus going away (a restart) keeps the last yes or no up to
 ``RESTART_S`` (``_Last``); meanwhile a lost bus is tried again from ``RETRY_FIRST_S`` on,
 twice as long each time, not every ``RECONNECT_S``: else it outlasted the reading kept.
+A loss within ``RESTART_S`` of the last one's end goes on doubling from where that one
+was: a bus that drops each connection once it has answered is tried less and less often.
 """
 
 from __future__ import annotations
@@ -25,6 +27,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import dataclasses
+import math
 from collections.abc import Callable
 
 from jeepney import DBusAddress, HeaderFields, MatchRule, Message, MessageFlag, MessageType, Properties
@@ -63,7 +66,7 @@ class NetworkManagerSource:
         self.reconnect_s = RECONNECT_S
 
     async def watch(self, report: Callable[[MeteredReading], None]) -> None:
-        last = _Last()
+        last = _Last(asyncio.get_running_loop().time)
         while True:
             failed = True
             try:
@@ -91,14 +94,13 @@ class NetworkManagerSource:
                     # here (the writer's wait_closed): already reported above.
                     with contextlib.suppress(OSError):
                         await conn.close()
-            now = asyncio.get_running_loop().time()
-            kept = last.away(why, now)
+            kept = last.away(why)
             if kept is None:
                 report(MeteredReading(Metered.UNKNOWN, f"{why}; retried every {self.reconnect_s:g}s",
                                       failed=failed))
                 await asyncio.sleep(self.reconnect_s)
             else:   # a bus restarting: tried again soon, to confirm the reading kept
-                wait = last.soon(now, self.reconnect_s)
+                wait = last.soon(self.reconnect_s)
                 report(dataclasses.replace(kept, detail=f"{kept.detail}; retried in {wait:.2g}s",
                                            failed=failed))
                 await asyncio.sleep(wait)
@@ -137,7 +139,7 @@ class NetworkManagerSource:
 
         def left() -> None:
             """NetworkManager left the bus, or exited with the read unanswered."""
-            report(last.away("NetworkManager left the bus", loop.time()) or last.got(_NOT_RUNNING))
+            report(last.away("NetworkManager left the bus") or last.got(_NOT_RUNNING))
 
         while True:
             wake = min((t for t in (deadline, retry, last.until) if t is not None), default=None)
@@ -185,10 +187,9 @@ class NetworkManagerSource:
                     # failure.
                     nm_owner = None
                     left()
-                    if refused is not None:   # not watched: its return is seen by a read
-                        now = loop.time()   # soon, while the last reading is kept
-                        retry = now + (self.reconnect_s if last.until is None
-                                       else last.soon(now, self.reconnect_s))
+                    if refused is not None:   # not watched: its return is seen by a read,
+                        retry = loop.time() + (   # soon while the last reading is kept
+                            self.reconnect_s if last.until is None else last.soon(self.reconnect_s))
                     continue
                 if kind is MessageType.method_return:
                     nm_owner = sender
@@ -224,35 +225,45 @@ class _Last:
     So its last yes or no holds until it is read again, up to RESTART_S from the first
     loss (a new owner, or a new connection, gone before it answered, is the same one)."""
 
-    def __init__(self) -> None:
+    def __init__(self, clock: Callable[[], float]) -> None:
+        self._clock = clock
         self.reading: MeteredReading | None = None
         self.until: float | None = None   # away: when the last reading ends
         self._soon = RETRY_FIRST_S   # away: the next wait before looking again
+        self._back = -math.inf   # when the last loss ended in a reading (got)
 
     def got(self, reading: MeteredReading) -> MeteredReading:
         """``reading``, now the last: it holds until the next loss."""
+        if self.until is not None:
+            self._back = self._clock()
         self.reading, self.until = reading, None
         return reading
 
-    def away(self, why: str, now: float) -> MeteredReading | None:
+    def away(self, why: str) -> MeteredReading | None:
         """The last reading, kept while away for ``why``; None with no yes or no to keep,
         or once its time is over."""
         if self.reading is None or self.reading.state is Metered.UNKNOWN:
             return None
+        now = self._clock()
         if self.until is None:   # a new loss
-            self.until, self._soon = now + RESTART_S, RETRY_FIRST_S
+            self.until = now + RESTART_S
+            # Looked for soon again, unless the last loss ended just before: a bus that
+            # drops each connection once it has answered would be tried every second.
+            if now - self._back >= RESTART_S:
+                self._soon = RETRY_FIRST_S
         if now >= self.until:   # not back in time: forgotten
             self.reading = self.until = None
             return None
         return MeteredReading(self.reading.state, f"{self.reading.detail} (kept: {why}; "
                                                   f"up to {RESTART_S:g}s for a restart)")
 
-    def soon(self, now: float, longest: float) -> float:
+    def soon(self, longest: float) -> float:
         """While away: how long to wait before looking again, to confirm the reading kept
         (from RETRY_FIRST_S on, twice as long each time up to ``longest``), never past its
         end."""
         assert self.until is not None
-        wait, self._soon = min(self._soon, self.until - now), min(self._soon * 2, longest)
+        wait = min(self._soon, self.until - self._clock())
+        self._soon = min(self._soon * 2, longest)
         return wait
 
 
