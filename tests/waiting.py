@@ -1,12 +1,15 @@
-"""Async test helpers: polling for a condition, running the CLI; both bounded in time."""
+"""Async test helpers: polling for a condition, running the CLI (both bounded in time), and
+measuring how long one turn of the event loop ran."""
 
 from __future__ import annotations
 
 import asyncio
 import inspect
 import sys
+import time
 from collections.abc import Awaitable, Callable
 from pathlib import Path
+from types import TracebackType
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -37,3 +40,33 @@ async def run_outpost(*args: str, timeout: float = 30.0) -> tuple[int, str]:
         stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.STDOUT)
     out, _ = await asyncio.wait_for(proc.communicate(), timeout)
     return proc.returncode or 0, out.decode()
+
+
+class LoopTurns:
+    """``async with LoopTurns() as turns:`` ... ``turns.worst``: the most CPU time the event
+    loop's thread ran between two looks, every ``every`` seconds, at the loop
+    (time.thread_time: what a turn held the loop, whatever the load on the machine; a
+    wall-clock gap also stretches while other processes have the cores). Between two looks
+    the loop may run several turns: ``worst`` is at least the longest of them."""
+
+    def __init__(self, every: float = 0.005) -> None:
+        self.every = every
+        self.worst = 0.0
+        self._task: asyncio.Task[None] | None = None
+
+    async def __aenter__(self) -> LoopTurns:
+        self._task = asyncio.create_task(self._look())
+        return self
+
+    async def __aexit__(self, kind: type[BaseException] | None, exc: BaseException | None,
+                        tb: TracebackType | None) -> None:
+        assert self._task is not None
+        self._task.cancel()
+        await asyncio.gather(self._task, return_exceptions=True)
+
+    async def _look(self) -> None:
+        last = time.thread_time()
+        while True:
+            await asyncio.sleep(self.every)
+            now = time.thread_time()
+            self.worst, last = max(self.worst, now - last), now
