@@ -42,6 +42,11 @@ TINY_NOFILE = 600
 SLOW, IDLE = 300, 5000
 TEST_FDS_SPARE = 300      # the test's own files, pipes and client sockets
 SHORT = 0.3               # seconds: the deadlines of the in-process tests
+# A real app's post under a flood is bounded by this, under the agent's shortest default
+# deadline: answered within it, it got room the cap made, not room a deadline freed. (A
+# tighter wall-clock bound measured the machine's load: 1.0 s failed on shared cores.)
+POST_TIMEOUT_S = 5.0
+assert POST_TIMEOUT_S < ListenConfig.header_timeout_s
 
 
 def basic(key: str) -> str:
@@ -161,18 +166,16 @@ async def test_flood_of_idle_and_slowloris_connections_does_not_starve_a_real_ap
         task.cancel()
     await flood_absorbed(port)
 
-    started = time.monotonic()
     try:
-        async with aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=5)) as session, \
+        async with aiohttp.ClientSession(
+                timeout=aiohttp.ClientTimeout(total=POST_TIMEOUT_S)) as session, \
                 session.post(f"{agent.url}/v1/track", data=track_body(), headers={
                     "Authorization": basic(KEY), "Content-Type": "application/json"}) as r:
             status = r.status
     except (TimeoutError, aiohttp.ClientError) as exc:
         pytest.fail(f"a real app's post failed ({exc!r}), with {established} of {idle} "
                     f"idle and {SLOW} slowloris connections open")
-    elapsed = time.monotonic() - started
     assert status == 200
-    assert elapsed < 1.0, f"the post took {elapsed:.2f} s"
 
     # Every connection the agent says it closed to make room reads EOF here, the slowloris
     # heads (opened first, idle the longest) among the first. Not every one of the
@@ -223,12 +226,11 @@ async def test_a_low_fd_limit_lowers_the_cap_and_says_so(
     for task in pending:
         task.cancel()
     await flood_absorbed(port)
-    started = time.monotonic()
-    async with aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=5)) as session:
+    async with aiohttp.ClientSession(
+            timeout=aiohttp.ClientTimeout(total=POST_TIMEOUT_S)) as session:
         async with session.post(f"{agent.url}/v1/track", data=track_body(), headers={
                 "Authorization": basic(KEY), "Content-Type": "application/json"}) as r:
             assert r.status == 200
-        assert time.monotonic() - started < 1.0
         async with session.get(f"{agent.url}/metrics") as r:
             metrics = dict(line.rsplit(" ", 1) for line in (await r.text()).splitlines()
                            if not line.startswith("#"))
