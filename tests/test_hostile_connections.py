@@ -31,6 +31,7 @@ import aiohttp
 import orjson
 import pytest
 
+from agent import service
 from agent.config import ConfigError, parse
 from agent.settings import ListenConfig
 from tests.conftest import AgentProcess, free_port, write_config
@@ -437,6 +438,26 @@ async def test_the_rest_of_a_body_refused_early_is_no_head(
     reply = await asyncio.wait_for(read_reply(s), 5)
     assert reply.startswith(b"HTTP/1.1 200 "), reply[:300]
     assert agent.metrics.connections_closed == {}
+
+
+async def test_a_body_refused_early_of_a_client_gone_is_not_waited_for(
+        make_agent: Callable[..., Any], sockets: list[socket.socket],
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    """After a 413 at its head, the rest of the body is read and dropped for up to
+    LINGER_S. A client that hangs up meanwhile leaves nothing to read, but the body was
+    never ended: its connection's handler waited out the whole linger, and an agent's
+    stop (``systemctl stop``, a restart) waited for it, up to 2 s."""
+    monkeypatch.setattr(service, "LINGER_S", 60.0)   # the wait, made unmistakable
+    agent = await make_agent()
+    loop = asyncio.get_running_loop()
+    s = await connect(agent.port, sockets)
+    await loop.sock_sendall(s, b"POST /v1/track HTTP/1.1\r\nHost: 127.0.0.1\r\n"
+                               b"Authorization: " + basic(KEY).encode() + b"\r\n"
+                               b"Content-Length: 400000\r\n\r\n" + b"x" * 1000)
+    reply = await asyncio.wait_for(read_reply(s), 5)
+    assert reply.startswith(b"HTTP/1.1 413 "), reply[:300]
+    s.close()
+    await wait_for(lambda: not serving(), 10)
 
 
 # A body begun on each API's route, the key as that API carries it.
