@@ -394,6 +394,10 @@ class _Conn(asyncio.Protocol):
     def connection_lost(self, exc: Exception | None) -> None:
         self.limits.lost(self)
         self.inner.connection_lost(exc)
+        # aiohttp ends no body once its route has returned: its read and drop of the rest
+        # (lingering) would wait out LINGER_S on a connection gone, and a stop with it.
+        if self.finished is not None and not self.finished.is_eof():
+            self.finished.feed_eof()
 
     def pause_writing(self) -> None:
         self.writable = False
