@@ -17,6 +17,7 @@ from agent.uplinks.nucleus_frame import frame, match
 from agent.uplinks.nucleus_ws import NucleusWsUplink
 from agent.uplinks.prepare import Prepared
 from tests.fakes.nucleus_upstream import FakeNucleus
+from tests.waiting import wait_for
 
 
 def row(seq: int, body: dict[str, Any] | bytes, family: int = NUCLEUS) -> Row:
@@ -90,8 +91,8 @@ async def test_ws_uplink_heartbeats_when_idle_and_recovers_from_a_drop() -> None
         batch = up.prepare([row(1, {"id": 1}), row(2, {"id": 2})])
         result = await up.send(batch)
         assert result == Acked((1, 2))
-        await asyncio.sleep(0.7)
-        assert fake.heartbeats and fake.heartbeats[0] == {"type": "heartbeat",
+        await wait_for(lambda: bool(fake.heartbeats), timeout=5)   # one every 0.2 s idle
+        assert fake.heartbeats[0] == {"type": "heartbeat",
                                                           "machineId": "machine-1"}
         fake.drop_after_frames = fake.frames + 1     # the next frame kills the connection
         lost = await up.send(up.prepare([row(3, {"id": 3})]))
