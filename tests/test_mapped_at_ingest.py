@@ -7,7 +7,6 @@ from __future__ import annotations
 
 import asyncio
 import gc
-import time
 from datetime import datetime
 from pathlib import Path
 from typing import Any
@@ -32,6 +31,7 @@ from tests.fakes.nucleus_upstream import FakeNucleus
 from tests.fakes.segment_upstream import FakeSegment
 from tests.load_bodies import nucleus_body
 from tests.segment_helpers import basic, call, nucleus_up, segment_up, tail_messages, wait_for
+from tests.waiting import LoopTurns
 
 EVENTS = [
     {"type": "event", "name": "click", "id": 7, "date": "2026-01-15T10:20:30.123Z",
@@ -305,35 +305,22 @@ async def test_mapping_a_large_request_never_holds_the_event_loop_long(
     """A 4 MiB Nucleus post (~38,000 events) whose key is routed to a Segment upstream:
     mapped on the loop, it held one turn for the whole mapping (0.7 s on a slow 2-core
     machine; /healthz waited as long). Large requests are mapped on the parse worker.
-    Measured as tests/test_nucleus_frames.py measures it: this thread's CPU time between
-    two turns of a ticker (another process's load does not stretch it), the collector
+    Measured as tests/test_nucleus_frames.py measures it: this thread's CPU time a turn
+    of the loop (LoopTurns; another process's load does not stretch it), the collector
     off."""
     agent = await make_agent(upstreams=[offline_segment()])
-    done = asyncio.Event()
-    worst = 0.0
-
-    async def ticker() -> None:
-        nonlocal worst
-        last = time.thread_time()
-        while not done.is_set():
-            await asyncio.sleep(0)
-            now = time.thread_time()
-            worst, last = max(worst, now - last), now
-
     body = nucleus_body(1)
     gc.disable()
     try:
-        task = asyncio.ensure_future(ticker())
-        reply = await call(agent.port, "/app/k/track", body)
-        done.set()
-        await task
+        async with LoopTurns(every=0) as turns:   # looks every turn
+            reply = await call(agent.port, "/app/k/track", body)
     finally:
         gc.enable()
     assert reply.status == 200, reply.body
     rows = await agent.spool.fetch(agent.spool.streams["k"].id, 0, 100_000)
     assert len(rows) == len(reply.json()["reportedIds"]) > 30_000
     assert {r.family for r in rows} == {SEGMENT}
-    assert worst < 0.1, f"the loop ran {worst * 1000:.0f} ms of CPU in one turn"
+    assert turns.worst < 0.1, f"the loop ran {turns.worst * 1000:.0f} ms of CPU in one turn"
 
 
 def nucleus_event(key: str, n: int) -> Event:

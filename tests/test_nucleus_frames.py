@@ -16,7 +16,6 @@ import logging
 import os
 import random
 import struct
-import time
 from typing import Any
 
 import aiohttp
@@ -26,7 +25,7 @@ from aiohttp import WSCloseCode
 
 from agent.dialects.nucleus import MAX_MESSAGE
 from tests.test_nucleus_backlog import KEY, frame_head, raw_websocket, read_close
-from tests.waiting import wait_for
+from tests.waiting import LoopTurns, wait_for
 
 MB = 1024 * 1024
 MAX_VALUES = 1_000_000   # the most values a large message may hold (docs/operations.md)
@@ -210,7 +209,7 @@ async def test_a_large_message_never_holds_the_event_loop_long(make_agent: Any,
     """16 MiB of `0,` in one message: each value was read in Python (~0.7 s a MiB, vs
     ~8 ms for real events) a whole socket read at a time (up to 256 KiB), holding the
     event loop ~0.3 s each time. Now read a slice at a time, each a separate turn of the
-    loop. Measured in this thread's CPU time between two turns of a ticker (another
+    loop. Measured in this thread's CPU time a turn of the loop (LoopTurns; another
     process's load does not stretch it), with the collector off (its pauses are not the
     reader's); /healthz is answered while the message is read. In fragments (as Chromium
     sends it) the first 4 MiB are gathered before they are read: read a slice a turn too."""
@@ -218,16 +217,7 @@ async def test_a_large_message_never_holds_the_event_loop_long(make_agent: Any,
     sent = chromium_frames(body) if fragments else frame(body, mask=b"\0\0\0\0")
     reader, writer = await raw_websocket(agent.port, f"/app/{KEY}/track")
     done = asyncio.Event()
-    worst = 0.0
     answered = 0
-
-    async def ticker() -> None:
-        nonlocal worst
-        last = time.thread_time()
-        while not done.is_set():
-            await asyncio.sleep(0)   # every turn of the loop: the gap is what one turn ran
-            now = time.thread_time()
-            worst, last = max(worst, now - last), now
 
     async def health() -> None:
         nonlocal answered
@@ -240,15 +230,17 @@ async def test_a_large_message_never_holds_the_event_loop_long(make_agent: Any,
 
     gc.disable()
     try:
-        tasks = [asyncio.ensure_future(ticker()), asyncio.ensure_future(health())]
-        writer.write(sent)
-        opcode, payload = await read_frame(reader)
-        done.set()
-        await asyncio.gather(*tasks)
+        async with LoopTurns(every=0) as turns:   # every turn: the gap is what one turn ran
+            task = asyncio.ensure_future(health())
+            writer.write(sent)
+            opcode, payload = await read_frame(reader)
+            done.set()
+            await task
     finally:
         gc.enable()
     writer.close()
-    assert worst < 0.1, f"the event loop was held {worst * 1000:.0f} ms (CPU) at a time"
+    assert turns.worst < 0.1, \
+        f"the event loop was held {turns.worst * 1000:.0f} ms (CPU) at a time"
     if body is REAL:
         assert opcode == 0x1 and orjson.loads(payload)["reportedIds"], (opcode, payload[:100])
     else:   # over MAX_VALUES: refused

@@ -16,7 +16,6 @@ import contextlib
 import os
 import random
 import sqlite3
-import time
 from collections.abc import Callable
 from contextlib import closing
 from pathlib import Path
@@ -34,6 +33,7 @@ from agent.spool.commit import MEASURE_WITHIN
 from agent.spool.db import keys_from_bytes
 from agent.spool.dedupe import keys_to_bytes
 from agent.spool.types import Reason, Row, SpoolFull
+from tests.waiting import LoopTurns
 
 MB = 1024 * 1024
 CAP_MB = 10
@@ -295,27 +295,14 @@ async def test_drop_oldest_making_room_among_lone_events_holds_the_loop_no_longe
     path = tmp_path / "spool.db"
     spool = await Spool.open(StorageConfig(path=str(path), max_size_mb=2,
                                            when_full="drop_oldest", sync="normal"))
-    worst = 0.0
-
-    async def tick() -> None:
-        # The loop thread's CPU between two turns: what one turn ran, whatever the load
-        # on the machine (a wall-clock gap stretches when other processes share the cores).
-        nonlocal worst
-        last = time.thread_time()
-        while True:
-            await asyncio.sleep(0)
-            now = time.thread_time()
-            worst, last = max(worst, now - last), now
-
     try:
         await spool.append([Event(f"lone-{i}", NUCLEUS, i, b'{"id":%d}' % i)
                             for i in range(14_000)])
         assert len(spool.live) == 14_000
-        ticker = asyncio.create_task(tick())
-        await spool.append([incompressible("big", i, 800) for i in range(1500)])
-        ticker.cancel()
+        async with LoopTurns(every=0) as turns:   # looks every turn
+            await spool.append([incompressible("big", i, 800) for i in range(1500)])
         assert spool.counters["dropped_full"] >= 4000
-        assert worst < 1.0, f"one turn of the event loop ran {worst:.2f}s"
+        assert turns.worst < 1.0, f"one turn of the event loop ran {turns.worst:.2f}s"
     finally:
         await spool.close()
 

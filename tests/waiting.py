@@ -47,7 +47,8 @@ class LoopTurns:
     loop's thread ran between two looks, every ``every`` seconds, at the loop
     (time.thread_time: what a turn held the loop, whatever the load on the machine; a
     wall-clock gap also stretches while other processes have the cores). Between two looks
-    the loop may run several turns: ``worst`` is at least the longest of them."""
+    the loop may run several turns: ``worst`` is at least the longest of them (with
+    ``every=0``, a look every turn: the longest itself)."""
 
     def __init__(self, every: float = 0.005) -> None:
         self.every = every
