@@ -135,6 +135,13 @@ async def draining_agent(tmp_path: Path, faulty: FaultyUpstream,
     return agent
 
 
+def waited_out_the_grace(log: str) -> bool:
+    """Whether the agent waited its 5 s for the batch held in flight: once they run out,
+    the forwarders log that they cut it short. A second SIGINT exits before that (an
+    order, where a bound on the exit's wall-clock time stretched on a loaded machine)."""
+    return "still unanswered after" in log
+
+
 async def exit_code(agent: AgentProcess, timeout: float) -> tuple[int, float]:
     """Wait for the process to exit; its code and how long that took."""
     assert agent.proc is not None
@@ -170,9 +177,9 @@ async def test_a_second_sigint_exits_at_once(tmp_path: Path, faulty: FaultyUpstr
     agent = await draining_agent(tmp_path, faulty, notify_socket, agent_process)
     assert agent.proc is not None
     agent.proc.send_signal(signal.SIGINT)
-    code, took = await exit_code(agent, 20)
-    assert code != 0 and took < 2.0, (code, took)
+    code, _ = await exit_code(agent, 20)
     log = agent.log.read_text()
+    assert code != 0 and not waited_out_the_grace(log), (code, log)
     assert "Traceback" not in log and "outpost stopped" not in log
     assert log.count("second interrupt") == 1, log
 
@@ -188,9 +195,9 @@ async def test_a_second_sigint_with_stdout_closed_exits_at_once_without_a_traceb
                                  preexec_fn=lambda: os.close(1))
     assert agent.proc is not None
     agent.proc.send_signal(signal.SIGINT)
-    code, took = await exit_code(agent, 20)
+    code, _ = await exit_code(agent, 20)
     log = agent.log.read_text()
-    assert code == 130 and took < 2.0, (code, took, log)
+    assert code == 130 and not waited_out_the_grace(log), (code, log)
     assert "Traceback" not in log and log.count("second interrupt") == 1, log
 
 
@@ -217,9 +224,9 @@ async def test_a_second_sigint_during_a_reload_exits_at_once(
     os.kill(pid, signal.SIGINT)
     await wait_for(lambda: not pending(pid, signal.SIGINT))   # else the two are one
     os.kill(pid, signal.SIGINT)
-    code, took = await exit_code(agent, 20)
-    assert code == 130 and took < 2.0, (code, took)
+    code, _ = await exit_code(agent, 20)
     log = agent.log.read_text()
+    assert code == 130 and not waited_out_the_grace(log), (code, log)
     assert "Traceback" not in log and "configuration reloaded" not in log, log
     assert log.count("second interrupt") == 1, log
 
