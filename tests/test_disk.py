@@ -1431,6 +1431,20 @@ async def test_what_a_salvage_lost_is_said_once_when_its_marker_cannot_be_remove
         await spool.close()
 
 
+async def _replace_unclearably(spool: Spool, fs: Path, stuck: str) -> None:
+    """Key a's 5 events queued in ``spool`` (at ``fs``/spool.db), then the file replaced
+    by a backup holding key b's 3, and ``stuck`` (its -wal, or the file itself) made
+    immutable: the path cannot be cleared for a fresh spool."""
+    path = fs / "spool.db"
+    await spool.append([_event("a", n) for n in range(5)])
+    other = fs / "other" / "spool.db"
+    put = await Spool.open(StorageConfig(path=str(other)))
+    await put.append([_event("b", n) for n in range(3)])
+    await put.close()
+    other.rename(path)   # a backup restored over the agent's file
+    _chattr("+i", Path(f"{path}{stuck}"))
+
+
 @pytest.mark.parametrize("stuck", ["-wal", ""], ids=["old-wal", "file-put-there"])
 async def test_a_replaced_spool_whose_path_cannot_be_cleared_is_said_and_its_queue_kept(
         immutable_fs: Path, caplog: pytest.LogCaptureFixture, stuck: str) -> None:
@@ -1444,13 +1458,7 @@ async def test_a_replaced_spool_whose_path_cannot_be_cleared_is_said_and_its_que
     path = immutable_fs / "spool.db"
     spool = await Spool.open(StorageConfig(path=str(path)))
     try:
-        await spool.append([_event("a", n) for n in range(5)])
-        other = immutable_fs / "other" / "spool.db"
-        put = await Spool.open(StorageConfig(path=str(other)))
-        await put.append([_event("b", n) for n in range(3)])
-        await put.close()
-        other.rename(path)   # a backup restored over the agent's file
-        _chattr("+i", Path(f"{path}{stuck}"))
+        await _replace_unclearably(spool, immutable_fs, stuck)
         caplog.clear()
         with pytest.raises(SpoolFull):
             await spool.append([_event("a", 5)])
@@ -1502,13 +1510,7 @@ async def test_a_replaced_spool_whose_path_cannot_be_cleared_is_salvaged_after_a
     path = immutable_fs / "spool.db"
     spool = await Spool.open(StorageConfig(path=str(path)))
     try:
-        await spool.append([_event("a", n) for n in range(5)])
-        other = immutable_fs / "other" / "spool.db"
-        put = await Spool.open(StorageConfig(path=str(other)))
-        await put.append([_event("b", n) for n in range(3)])
-        await put.close()
-        other.rename(path)   # a backup restored over the agent's file
-        _chattr("+i", Path(f"{path}{stuck}"))
+        await _replace_unclearably(spool, immutable_fs, stuck)
         with pytest.raises(SpoolFull):
             await spool.append([_event("a", 5)])
     finally:

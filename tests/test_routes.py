@@ -62,8 +62,8 @@ async def raw_reply(port: int, data: bytes) -> tuple[bytes, bytes]:
     try:
         writer.write(data)
         head = await asyncio.wait_for(reader.readuntil(b"\r\n\r\n"), 5)
-        length = next(int(line.split(b":", 1)[1]) for line in head.split(b"\r\n")
-                      if line.lower().startswith(b"content-length:"))
+        length = next((int(line.split(b":", 1)[1]) for line in head.split(b"\r\n")
+                       if line.lower().startswith(b"content-length:")), 0)   # 0: a 100
         return head, await asyncio.wait_for(reader.readexactly(length), 5)
     finally:
         writer.close()
@@ -204,13 +204,8 @@ async def test_a_path_no_route_serves_refuses_an_expect_100_continue_body_unsent
     """aiohttp answered `100 Continue` for the catch-all too: a client posting to a wrong
     path uploaded its whole body before it got the 404."""
     agent = await make_agent()
-    reader, writer = await asyncio.open_connection("127.0.0.1", agent.port)
-    try:
-        writer.write(b"POST /v2/batch HTTP/1.1\r\nHost: 127.0.0.1\r\n"
-                     b"Expect: 100-continue\r\nContent-Length: 4000000\r\n\r\n")
-        head = await asyncio.wait_for(reader.readuntil(b"\r\n\r\n"), 5)
-    finally:
-        writer.close()
+    head, _ = await raw_reply(agent.port, b"POST /v2/batch HTTP/1.1\r\nHost: 127.0.0.1\r\n"
+                              b"Expect: 100-continue\r\nContent-Length: 4000000\r\n\r\n")
     assert head.startswith(b"HTTP/1.1 404 "), head
 
 
@@ -229,13 +224,9 @@ async def test_an_operations_route_sends_no_100_continue_before_refusing_the_bod
     """The operations routes kept aiohttp's Expect handler: `POST /dead/retry` with a body
     over its 4 KiB was told `100 Continue` before the 413, so the client uploaded it."""
     agent = await make_agent()
-    reader, writer = await asyncio.open_connection("127.0.0.1", agent.port)
-    try:
-        writer.write(b"POST /dead/retry HTTP/1.1\r\nHost: 127.0.0.1\r\nContent-Type: "
-                     b"application/json\r\nExpect: 100-continue\r\nContent-Length: 5000\r\n\r\n")
-        head = await asyncio.wait_for(reader.readuntil(b"\r\n\r\n"), 5)
-    finally:
-        writer.close()
+    head, _ = await raw_reply(agent.port, b"POST /dead/retry HTTP/1.1\r\nHost: 127.0.0.1\r\n"
+                              b"Content-Type: application/json\r\nExpect: 100-continue\r\n"
+                              b"Content-Length: 5000\r\n\r\n")
     assert head.startswith(b"HTTP/1.1 413 "), head
 
 
