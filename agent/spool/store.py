@@ -286,7 +286,7 @@ class Spool:
                     "found by the last run, stopped before its salvage was done", True, clear)
                 if clear:
                     recovering = True   # a path that still cannot be cleared: said there
-                    spool._set_aside(spool._salvaging, Replaced())
+                    spool._set_aside(spool._salvaging)
             try:
                 await spool._connect()
             except sqlite3.DatabaseError as exc:
@@ -534,10 +534,10 @@ class Spool:
         # out stream ids and seqs the running forwarders still hold.
         pending = _Salvage(moved, carry, list(books.streams.values()), books.next_seq,
                            str(exc), noted, isinstance(exc, Replaced))
-        self._set_aside(pending, exc)
+        self._set_aside(pending)
         await self._open_fresh(exc, moved)
 
-    def _set_aside(self, pending: _Salvage, exc: BaseException) -> None:
+    def _set_aside(self, pending: _Salvage) -> None:
         """Clear the path for the fresh spool: the damaged file moved aside to
         ``pending.moved``, its marker written first; for a file replaced under the agent,
         its -wal and -shm removed and a file put there kept aside. A failure is said once
@@ -568,7 +568,7 @@ class Spool:
             try:
                 move_aside(self.path, moved)
             except OSError as failed:   # what failed the marker, likely: said once, here
-                self._unmovable("corrupt", exc, moved, failed)
+                self._unmovable("corrupt", pending.why, moved, failed)
                 raise
         if why is not None:
             log.error("spool %s: cannot write %s's salvage marker (%s)", self.path, moved, why)
@@ -590,7 +590,7 @@ class Spool:
             raise
         await self._finish_recovery()
 
-    def _unmovable(self, what: str, exc: BaseException, moved: Path, failed: OSError) -> None:
+    def _unmovable(self, what: str, exc: object, moved: Path, failed: OSError) -> None:
         """The damaged file cannot be moved aside (a directory the agent may no longer
         write to): its callers say nothing of a recovery's failures, and each try again
         meets the same."""
@@ -817,7 +817,7 @@ class Spool:
         try:
             if (pending := self._salvaging) is not None and pending.clear:
                 recovered = True   # a path that still cannot be cleared: said there
-                self._set_aside(pending, Replaced())
+                self._set_aside(pending)
                 recovered = False
             try:
                 await self._connect()
