@@ -30,7 +30,8 @@ from tests.fakes.loopback_server import LoopbackServer
 # Fault kinds:
 #   status     answer `status` with `headers` (500, 429 + Retry-After, 400...)
 #   timeout    hold the reply for `delay` seconds (longer than the agent waits)
-#   slow       hold the reply for `delay` seconds, then answer properly
+#   slow       hold the reply for `delay` seconds (or until `until` is set), then answer
+#              properly
 #   stall      acknowledge every id, but write only the first half of the reply before
 #              holding the rest for `delay` seconds (HTTP, Segment's 200 too; a websocket
 #              holds the whole reply): an ack the agent, waiting less, never reads whole
@@ -67,9 +68,16 @@ class Fault:
     times: int = 1   # noise: how many messages
     close_code: int = 1000   # close: the websocket close code, and its reason
     reason: bytes = b""
+    until: asyncio.Event | None = None   # holds end when it is set, not after `delay`
 
     def __post_init__(self) -> None:
         assert self.kind in KINDS, self.kind
+
+    async def hold(self) -> None:
+        if self.until is not None:
+            await self.until.wait()
+        else:
+            await asyncio.sleep(self.delay)
 
 
 @dataclass
@@ -180,7 +188,7 @@ class FaultyUpstream(LoopbackServer):
         fault = queued or self._next(rec.events)
         rec.fault = fault.kind if fault else "ok"
         if fault is not None and fault.kind in ("timeout", "slow"):
-            await asyncio.sleep(fault.delay)
+            await fault.hold()
         try:
             if fault is not None and fault.kind == "status":
                 rec.status = fault.status
@@ -231,7 +239,7 @@ class FaultyUpstream(LoopbackServer):
                 fault = Fault("close", delay=self.flap_delay)
             rec.fault = fault.kind if fault else "ok"
             if fault is not None and fault.kind in ("timeout", "slow", "stall", "close"):
-                await asyncio.sleep(fault.delay)
+                await fault.hold()
             if fault is not None and fault.kind == "noise":
                 for _ in range(fault.times):
                     await ws.send_str("<html>502 Bad Gateway</html>")
@@ -269,7 +277,7 @@ class FaultyUpstream(LoopbackServer):
         fault = self._next(rec.events)
         rec.fault = fault.kind if fault else "ok"
         if fault is not None and fault.kind in ("timeout", "slow"):
-            await asyncio.sleep(fault.delay)
+            await fault.hold()
         rec.answered = time.monotonic()
         if fault is not None and fault.kind == "status":
             rec.status = fault.status
