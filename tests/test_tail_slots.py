@@ -253,3 +253,36 @@ async def back_up(port: int, view: Any) -> None:
         if view.writing_since is not None:
             return
     raise AssertionError("the view's stream never backed up")
+
+
+async def test_a_view_whose_client_ends_before_its_stream_begins_gives_its_place_back(
+        make_agent: Any, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A client that sends `GET /tail` and at once shuts its sending side down was kept as
+    a view for as long as it read (a write to it never failed): such views held places, so
+    the operator's reading view was the one pushed out. A view whose client's side ends
+    once its stream has begun was already closed."""
+    monkeypatch.setattr(tail_routes, "CHECK_S", 0.05)   # how often a view that left is noticed
+    agent = await make_agent(port=free_port())
+    session = aiohttp.ClientSession()
+    reading = await session.get(f"http://127.0.0.1:{agent.port}/tail")
+    assert b'"watching"' in await reading.content.readline()
+    loop = asyncio.get_running_loop()
+    gone = []
+    for _ in range(MAX_VIEWERS):
+        sock = socket.socket()
+        sock.setblocking(False)
+        await loop.sock_connect(sock, ("127.0.0.1", agent.port))
+        await loop.sock_sendall(sock, b"GET /tail HTTP/1.1\r\nHost: 127.0.0.1\r\n\r\n")
+        sock.shutdown(socket.SHUT_WR)
+        gone.append(sock)
+        # Its place is given back: the reading view is never the one replaced.
+        await wait_for(lambda: agent.metrics.tail_viewers == 1, timeout=5)
+    assert agent.metrics.tail_closed == {"replaced": 0, "stalled": 0}
+    for sock in gone:   # each is sent the stream's end
+        data = b""
+        while chunk := await asyncio.wait_for(loop.sock_recv(sock, 65536), 5):
+            data += chunk
+        assert data.startswith(b"HTTP/1.1 200 ") and data.endswith(b"0\r\n\r\n"), data
+        sock.close()
+    reading.close()
+    await session.close()
