@@ -28,6 +28,10 @@ MAX_KEY_CHARS = 256
 # closes them, 1001 (agent/server/app.py). A module keeps its websocket open as long as
 # the app runs, and a handler waiting on it held the stop until aiohttp cut it (1006).
 OPEN_SOCKETS: web.AppKey[set[web.WebSocketResponse]] = web.AppKey("open_sockets")
+# True on a request whose client ended its side (shut down sending, or closed: the agent
+# sees the same FIN) before its reply began (agent/server/connections.py): the request is
+# still answered, but a stream that never ends (/tail's) takes it for the client leaving.
+CLIENT_EOF: web.RequestKey[bool] = web.RequestKey("outpost_client_eof", bool)
 
 
 class Routes(Protocol):

@@ -13,6 +13,7 @@ import orjson
 from aiohttp import web
 
 from agent.clock import CLOCK
+from agent.dialects.base import CLIENT_EOF
 from agent.logs import FINGERPRINT
 from agent.ops.own_origin import foreign
 from agent.ops.shared_terms import STALL_S
@@ -119,7 +120,8 @@ class TailRoutes:
                 return viewer.ended
             if viewer.ended is not None:   # replaced, or stopping, while a write waits
                 return viewer.ended
-            if request.transport is None or request.transport.is_closing():
+            if request.transport is None or request.transport.is_closing() \
+                    or request.get(CLIENT_EOF):   # its client ended its side: it left
                 return None
             since = viewer.writing_since
             if since is not None and CLOCK.elapsed_ms() - since >= STALL_S * 1000:

@@ -46,6 +46,7 @@ import orjson
 from aiohttp import web
 from aiohttp.http_exceptions import HttpProcessingError
 
+from agent.dialects.base import CLIENT_EOF
 from agent.dialects.replies import plain_error
 from agent.logs import log_limited
 from agent.metrics import Metrics
@@ -383,8 +384,10 @@ class _Conn(asyncio.Protocol):
             return cast(bool | None, inner.eof_received())
         # Requests taken, not yet answered: a client that shut its side down (SHUT_WR)
         # waits for their replies. Answered, then closed (_tracked); a body left incomplete
-        # is refused now, as when the connection is lost.
+        # is refused now, as when the connection is lost. Each is told (CLIENT_EOF).
         self.eof = True
+        if current is not None:
+            current[CLIENT_EOF] = True
         body = self.payload
         if body is not None and not body.is_eof():
             body.set_exception(ConnectionResetError("the client closed its side mid-body"))
@@ -441,6 +444,8 @@ class ConnectionLimits:
             if conn is None:
                 return await handler(request)
             conn.state, conn.head = BUSY, -1   # its head is whole
+            if conn.eof:   # one taken before the client's EOF, handled since
+                request[CLIENT_EOF] = True
             if request.headers.get("Upgrade", "").lower() == "websocket":
                 conn.state, conn.active = WEBSOCKET, self._loop.time()
             try:
