@@ -818,3 +818,25 @@ async def test_a_client_that_half_closes_mid_body_gets_its_400(
     reply = await asyncio.wait_for(read_to_eof(s), 5)
     assert reply.startswith(b"HTTP/1.1 400 ") and b"request body incomplete" in reply, reply
     assert agent.spool.depth == 0
+
+
+@pytest.mark.parametrize("first", [
+    b"GET /healthz HTTP/1.1\r\nHost: 127.0.0.1\r\nConnection: Upgrade\r\nUpgrade: websocket\r\n\r\n",
+    b"GET /app/" + KEY.encode() + b"/track HTTP/1.1\r\nHost: 127.0.0.1\r\n"
+    b"Connection: Upgrade\r\nUpgrade: websocket\r\nSec-WebSocket-Version: 13\r\n\r\n"],
+    ids=["served-plainly", "handshake-refused"])
+async def test_a_request_behind_a_declined_upgrade_of_a_half_closed_client_is_answered(
+        make_agent: Callable[..., Any], sockets: list[socket.socket], first: bytes) -> None:
+    """aiohttp holds what follows an upgrade request until the upgrade is declined, then
+    parses it. With the client's side shut down, the connection was closed once the
+    upgrade request was answered: the event sent behind it neither stored nor answered."""
+    agent = await make_agent()
+    loop = asyncio.get_running_loop()
+    body = b'{"data": [{"type": "event", "name": "e", "id": "1", "sessionId": 1}]}'
+    s = await connect(agent.port, sockets)
+    await loop.sock_sendall(s, first + b"POST /app/" + KEY.encode() + b"/track HTTP/1.1\r\n"
+                               b"Host: 127.0.0.1\r\nContent-Length: %d\r\n\r\n%s" % (len(body), body))
+    s.shutdown(socket.SHUT_WR)
+    replies = await asyncio.wait_for(read_to_eof(s), 5)
+    assert replies.count(b"HTTP/1.1 ") == 2 and b'"reportedIds":["1"]' in replies, replies[:800]
+    assert agent.spool.depth == 1
