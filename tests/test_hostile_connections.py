@@ -840,3 +840,25 @@ async def test_a_request_behind_a_declined_upgrade_of_a_half_closed_client_is_an
     replies = await asyncio.wait_for(read_to_eof(s), 5)
     assert replies.count(b"HTTP/1.1 ") == 2 and b'"reportedIds":["1"]' in replies, replies[:800]
     assert agent.spool.depth == 1
+
+
+@pytest.mark.parametrize("rest,last", [
+    (b"Content-Length: 50\r\n\r\n{\"data\"", b"request body incomplete"),
+    (b"Content-Len", b'{"ok": true')], ids=["body-cut-short", "head-cut-short"])
+async def test_a_request_cut_short_behind_a_declined_upgrade_of_a_half_closed_client_ends_it(
+        make_agent: Callable[..., Any], sockets: list[socket.socket], rest: bytes,
+        last: bytes) -> None:
+    """Parsed after the client's EOF, what it held is judged as at the EOF: a body that can
+    no longer come whole is refused at once, a head cut short closes the connection (not
+    held until the body or idle timeout)."""
+    agent = await make_agent()
+    loop = asyncio.get_running_loop()
+    s = await connect(agent.port, sockets)
+    await loop.sock_sendall(s, b"GET /healthz HTTP/1.1\r\nHost: 127.0.0.1\r\nConnection: "
+                               b"Upgrade\r\nUpgrade: websocket\r\n\r\nPOST /app/" + KEY.encode()
+                            + b"/track HTTP/1.1\r\nHost: 127.0.0.1\r\n" + rest)
+    s.shutdown(socket.SHUT_WR)
+    replies = await asyncio.wait_for(read_to_eof(s), 5)
+    assert replies.startswith(b"HTTP/1.1 200 ") and last in replies.rsplit(b"\r\n\r\n", 1)[1], \
+        replies[:800]
+    assert agent.spool.depth == 0

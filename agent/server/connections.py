@@ -130,6 +130,20 @@ def _counted(inner: Any) -> bool:
     return not (inner._upgraded or inner._close or inner._force_close)
 
 
+def _cut_short(body: Any) -> None:
+    """Refuse ``body`` (a request's, or None) if the client's EOF left it incomplete."""
+    if body is not None and not body.is_eof():
+        body.set_exception(ConnectionResetError("the client closed its side mid-body"))
+        body.feed_eof()   # ended: aiohttp reads nothing more of it (as _failed_in_body)
+
+
+def _held(inner: Any) -> bool:
+    """Whether aiohttp's protocol holds bytes sent behind an upgrade request it has not
+    parsed: once the upgrade is declined (the route answered plainly), it parses them as
+    requests (aiohttp 3.14's ``finish_response``), after the route's wrapper returns."""
+    return bool(inner._upgraded and inner._payload_parser is None and inner._message_tail)
+
+
 class _Conn(asyncio.Protocol):
     """Wraps aiohttp's protocol for one connection; tracks its state and deadline.
 
@@ -388,11 +402,18 @@ class _Conn(asyncio.Protocol):
         self.eof = True
         if current is not None:
             current[CLIENT_EOF] = True
-        body = self.payload
-        if body is not None and not body.is_eof():
-            body.set_exception(ConnectionResetError("the client closed its side mid-body"))
-            body.feed_eof()   # ended: aiohttp reads nothing more of it (as _failed_in_body)
+        _cut_short(self.payload)
         return True
+
+    def held_parsed(self) -> None:
+        """After the client's EOF, aiohttp has parsed what it held behind a declined
+        upgrade (``_held``): as at the EOF, a body left incomplete is refused, and with no
+        request in it (a head cut short) the connection closes."""
+        inner: Any = self.inner
+        if inner._request_count == self.answered:
+            inner.close()
+        elif inner._messages:
+            _cut_short(inner._messages[-1][1])
 
     def connection_lost(self, exc: Exception | None) -> None:
         self.limits.lost(self)
@@ -454,10 +475,13 @@ class ConnectionLimits:
                 conn.finished = request.content
                 conn.answered += 1
                 # Past a broken body the requests are past telling; after the client's EOF
-                # the last one it sent is answered.
-                if conn.broken is conn.finished \
-                        or (conn.eof and request.protocol._request_count == conn.answered):
-                    request.protocol.close()
+                # the last one it sent is answered (one held behind a declined upgrade too).
+                inner: Any = request.protocol
+                if conn.eof and _held(inner):   # parsed as this returns: looked at then
+                    self._loop.call_soon(conn.held_parsed)
+                elif conn.broken is conn.finished \
+                        or (conn.eof and inner._request_count == conn.answered):
+                    inner.close()
                 self._idle(conn)
         return tracked
 
