@@ -219,6 +219,23 @@ async def test_a_path_no_route_serves_answers_an_unknown_expect_in_json(
     assert agent.sink.metrics.refusals() == {"unrouted": {"417": 1}}
 
 
+@pytest.mark.parametrize("expect", ["", "Expect: 200-ok\r\n"])
+@pytest.mark.parametrize("field,status", [
+    ("Host: evil.example\r\n", 421), ("Origin: https://evil.example\r\n", 403)])
+async def test_the_guard_s_refusal_on_a_path_no_route_serves_is_counted_as_unrouted(
+        make_agent: Any, expect: str, field: str, status: int) -> None:
+    """As each API counts the guard's refusals on its routes. The catch-all counted the
+    guard's 421 or 403 only when the request carried an unknown Expect (refused by the
+    Expect handler, which counts), never without one."""
+    agent = await make_agent()
+    host = "" if field.startswith("Host") else "Host: 127.0.0.1\r\n"
+    head, body = await raw_reply(agent.port, (
+        f"POST /v2/batch HTTP/1.1\r\n{host}{field}{expect}Content-Length: 2\r\n\r\n{{}}"
+    ).encode())
+    assert head.startswith(b"HTTP/1.1 %d " % status), head + body
+    assert agent.sink.metrics.refusals() == {"unrouted": {str(status): 1}}
+
+
 async def test_an_operations_route_sends_no_100_continue_before_refusing_the_body(
         make_agent: Any) -> None:
     """The operations routes kept aiohttp's Expect handler: `POST /dead/retry` with a body
