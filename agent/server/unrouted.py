@@ -63,7 +63,15 @@ class Unrouted:
         self.websockets: set[str] = set()  # paths whose GET is a websocket upgrade
         # Guarded, so a page on an allowed Origin passes the preflight and can read the
         # 404 (a CORS error would hide it from the client), and other Origins get 403.
-        self.fallback: Handler = guard.wrap(self.reply)
+        self._guarded: Handler = guard.wrap(self.reply)
+
+    async def fallback(self, request: web.Request) -> web.StreamResponse:
+        """The 404 or 405, behind the guard; each refusal counted, the guard's too (as
+        each API counts those on its routes, and the catch-all's Expect handler did)."""
+        resp = await self._guarded(request)
+        if resp.status >= 400:
+            self.metrics.refuse(API, resp.status)
+        return resp
 
     async def catch_all(self, request: web.Request) -> web.StreamResponse:
         """The handler of what no route serves: the route of the path's plain form, whose
@@ -135,7 +143,6 @@ class Unrouted:
         # The reply names the path as sent (the client's own); the log masks a key in it.
         if log.isEnabledFor(logging.DEBUG):
             log.debug("%s (%d)", (said + _logged_path(request, path))[:LOGGED_PATH], status)
-        self.metrics.refuse(API, status)
         headers = {"Allow": ", ".join(sorted(allowed))} if allowed else None
         return web.Response(body=orjson.dumps(plain_error(status, said + _quoted(path))), status=status,
                             headers=headers, content_type="application/json")
