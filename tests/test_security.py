@@ -139,11 +139,13 @@ def raw_status(agent: ThreadedAgent, head: bytes, body: bytes) -> bytes:
             return reply.readline().split(b" ")[1]
 
 
-def test_two_hosts_or_an_absolute_target_under_a_foreign_host_store_nothing(
+def test_two_hosts_or_an_absolute_target_naming_a_foreign_host_store_nothing(
         guarded: ThreadedAgent) -> None:
     """A browser sends one Host, the name it asked for, and an origin-form target: a request
     that gives two Hosts (which one counts would be a parser's choice) is refused whatever
-    their order, and one in absolute form (as to a proxy) is judged by its Host too."""
+    their order, and one in absolute form (as to a proxy) is judged by its Host and by the
+    target's authority, which HTTP/1.1 puts in the Host's place (RFC 9112 §3.2.2): a foreign
+    authority under a loopback Host was let in."""
     method, path, body, headers = as_http(examples(GOOD)[0])
     assert body is not None
     fields = b"".join(b"%s: %s\r\n" % (k.encode(), v.encode()) for k, v in headers.items())
@@ -151,10 +153,17 @@ def test_two_hosts_or_an_absolute_target_under_a_foreign_host_store_nothing(
         head = b"%s %s HTTP/1.1\r\n" % (method.encode(), path.encode()) + fields + b"".join(
             b"Host: %s\r\n" % h.encode() for h in hosts)
         assert raw_status(guarded, head, body) == b"400", hosts
-    status, _, reply = guarded.request(method, f"http://evil.example{path}", body,
-                                       {**headers, "Host": "evil.example"})
-    assert status == 421 and b"loopback" in reply
+    for authority, host in (("evil.example", "evil.example"), ("evil.example", "127.0.0.1"),
+                            ("127.0.0.1@evil.example", "127.0.0.1"),
+                            ("127.0.0.1", "evil.example")):
+        status, _, reply = guarded.request(method, f"http://{authority}{path}", body,
+                                           {**headers, "Host": host})
+        assert status == 421 and b"loopback" in reply and b"evil.example" in reply, \
+            (authority, host, reply)
     assert guarded.depth == 0
+    status, _, reply = guarded.request(method, f"http://127.0.0.1:{guarded.port}{path}", body,
+                                       {**headers, "Host": "localhost"})
+    assert status < 300 and guarded.depth == 1, reply
 
 
 async def ws_status(agent: ThreadedAgent, ex: Example, headers: dict[str, str] | None = None,
