@@ -22,6 +22,7 @@ from typing import cast
 
 import orjson
 from aiohttp import web
+from multidict import CIMultiDict
 
 from agent.dialects.base import WebSocketRoute
 from agent.dialects.replies import masked, plain_error
@@ -60,6 +61,7 @@ class Unrouted:
 
     def __init__(self, metrics: Metrics, guard: Guard) -> None:
         self.metrics = metrics
+        self.guard = guard
         self.websockets: set[str] = set()  # paths whose GET is a websocket upgrade
         # Guarded, so a page on an allowed Origin passes the preflight and can read the
         # 404 (a CORS error would hide it from the client), and other Origins get 403.
@@ -89,10 +91,13 @@ class Unrouted:
         ``route`` (the catch-all) as if it had matched: `CONNECT host:443` (a client taking
         the agent for its proxy) names an authority, `OPTIONS *` the server itself. aiohttp's
         router matches paths only, so these got its plain-text 404, unguarded and uncounted.
+        A target in absolute form is judged by its authority too (``_addressed``).
         A plain function, not a coroutine: every request passes here."""
         def front(request: web.BaseRequest) -> Awaitable[web.StreamResponse]:
-            if request.rel_url.raw_path.startswith("/"):
+            if request.raw_path.startswith("/"):   # the target as sent: the usual form
                 return handler(request)
+            if request.rel_url.raw_path.startswith("/"):   # absolute form
+                return handler(self._addressed(request))
             target = cast(web.Request, request)   # the app's requests are its own kind
             match = web.UrlMappingMatchInfo({}, route)
             match.add_app(app)
@@ -101,6 +106,19 @@ class Unrouted:
             target[SENT_PATH] = target.raw_path   # the target as sent: no query in these
             return self.fallback(target)
         return front
+
+    def _addressed(self, request: web.BaseRequest) -> web.BaseRequest:
+        """A request in absolute form (`POST http://host/v1/batch`, as to a proxy) with its
+        target's authority in its Host's place, as HTTP/1.1 has it (RFC 9112 §3.2.2), so
+        that the guard refuses a foreign one with its 421; a Host the guard refuses is kept:
+        either foreign is refused. The guard read the Host field alone, and let in a
+        foreign authority under a loopback Host."""
+        host = request.headers.get("Host")
+        if host is not None and not self.guard.host_ok(host):
+            return request
+        headers = CIMultiDict(request.headers)
+        headers["Host"] = request.url.raw_authority   # the target's, in absolute form
+        return request.clone(headers=headers)
 
     def gate(self, raw: list[web.RouteDef], routes: list[web.RouteDef]) -> list[web.RouteDef]:
         """``routes`` (``raw``, wrapped) with each websocket GET passing plain GETs on."""
