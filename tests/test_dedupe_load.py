@@ -12,11 +12,12 @@ from pathlib import Path
 from hypothesis import example, given, settings
 from hypothesis import strategies as st
 
+from agent.clock import Clock
 from agent.families.event import SEGMENT, Event, dedupe_key
 from agent.settings import StorageConfig
 from agent.spool import Spool
 from agent.spool.db import load_state
-from agent.spool.dedupe import StoredKeys, keys_to_bytes
+from agent.spool.dedupe import HOUR_MS, StoredKeys, keys_to_bytes
 from agent.spool.schema import SCHEMA
 
 CAP = 1000
@@ -75,6 +76,33 @@ async def test_keys_past_the_cap_are_counted_forgotten_once_not_at_each_restart(
         assert await spool.append([event(2, 999)]) == 0   # a commit: saves what was counted
         await spool.close()
     assert counts[0] >= 1000 and counts == [counts[0]] * 3, counts   # pre-fix: +2000 a time
+
+
+async def test_a_key_stored_again_is_rebuilt_with_its_newest_receipt(
+        tmp_path: Path, clock: Clock) -> None:
+    """An event queued past dedupe_window_h (a day without its upstream) leaves the index,
+    so the app's resend then is stored again: a new receipt, whose own resends within the
+    window the running agent stores once. A restart rebuilt the key at the older record's
+    receipt (the first of the two in the file), and the next expiry forgot it: a resend an
+    hour after the second receipt was stored a third time (the agent not restarted: once)."""
+    cfg = StorageConfig(path=str(tmp_path / "spool.db"), sync="normal", dedupe_window_h=24)
+    again = event(0, 0)
+    spool = await Spool.open(cfg)
+    try:
+        assert await spool.append([again]) == 1
+        clock.passed_ms += 25 * HOUR_MS
+        await spool.prune()
+        assert await spool.append([again]) == 1   # past the window: at-least-once
+    finally:
+        await spool.close()
+    spool = await Spool.open(cfg)
+    try:
+        clock.passed_ms += HOUR_MS
+        await spool.prune()
+        assert await spool.append([again]) == 0   # an hour after its second receipt
+        assert spool.depth == 2
+    finally:
+        await spool.close()
 
 
 async def test_opening_many_one_event_records_takes_little_more_than_it_keeps(
