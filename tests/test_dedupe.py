@@ -180,9 +180,10 @@ def test_load_then_admit_sees_the_loaded_keys() -> None:
     assert len(index) == 4
     assert index.admit([10, 11, 12, -(2**63), 2**63 - 1], DAY0 + HOUR_MS, HOUR_MS) == [
         False, False, True, False, False]
-    # Loaded keys expire by the receipt times they were loaded with.
-    assert index.expire(DAY0 + WINDOW, WINDOW) == 3
-    assert index.admit([10, -(2**63), 11], DAY0 + WINDOW, WINDOW) == [True, True, False]
+    # Loaded keys expire by the receipt times they were loaded with; a key loaded twice
+    # (stored again after the index let it go) by its newest.
+    assert index.expire(DAY0 + WINDOW, WINDOW) == 2
+    assert index.admit([10, -(2**63), 11], DAY0 + WINDOW, WINDOW) == [False, True, False]
 
 
 @given(st.lists(st.integers(-(2**63), 2**63 - 1), max_size=50))
@@ -237,13 +238,22 @@ def _state(index: DedupeIndex) -> tuple[set[int], list[tuple[int, int, int, list
 def test_loading_every_record_at_once_is_loading_them_one_by_one(
         records: list[tuple[list[int], int]], max_keys: int) -> None:
     """The startup rebuild (load_all) goes by whole buckets while no key repeats and the
-    times ascend; with repeats, or times going back, it must still end as record-by-record."""
+    times ascend; with repeats, or times going back, it must still end as record-by-record:
+    a key that repeats loaded from its newest record alone (stored again once the index
+    let it go, the running agent remembered it from then), unless the cap forgets its
+    older copy before the newer is loaded, when the records are taken as stored."""
     stored, now = [], 0
     for keys, advance in records:
         now += advance
         stored.append((keys_to_bytes(keys), DAY0 + now, now))
+    taken: list[list[int]] = []   # each record's keys not in a newer one, newest first
+    for keys, _ in reversed(records):
+        taken.append([k for k in dict.fromkeys(keys) if all(k not in t for t in taken)])
+    taken.reverse()
+    if DedupeIndex(WINDOW, max_keys, bucket_ms=HOUR_MS)._load_counted(StoredKeys.of(stored)):
+        taken = [keys for keys, _ in records]
     one_by_one = DedupeIndex(WINDOW, max_keys, bucket_ms=HOUR_MS)
-    for keys, wall, observed in stored:
+    for keys, (_, wall, observed) in zip(taken, stored):
         one_by_one.load(keys, wall, observed)
     at_once = DedupeIndex(WINDOW, max_keys, bucket_ms=HOUR_MS)
     at_once.load_all(StoredKeys.of(stored))
