@@ -223,13 +223,16 @@ class AgentProcess:
         began (the banner is looked for only in new output)."""
         assert self.proc is not None
         deadline = time.monotonic() + timeout
-        while time.monotonic() < deadline:
-            if self.proc.poll() is not None:
-                raise RuntimeError(f"agent exited {self.proc.returncode}:\n{self.log.read_text()}")
-            fresh = self.log.read_bytes()[offset:].decode("utf-8", "replace")
-            if re.search(rf"listening on \S+:{self.port}\b", fresh):
-                return self
-            time.sleep(0.05)
+        fresh = b""
+        with open(self.log, "rb") as log:
+            log.seek(offset)
+            while time.monotonic() < deadline:
+                if self.proc.poll() is not None:
+                    raise RuntimeError(f"agent exited {self.proc.returncode}:\n{self.log.read_text()}")
+                fresh += log.read()   # what it wrote since the last look: a look is cheap
+                if re.search(rb"listening on \S+:%d\b" % self.port, fresh):
+                    return self
+                time.sleep(0.01)   # a start waits half of it past its banner, on average
         raise TimeoutError(f"agent did not start:\n{self.log.read_text()}")
 
     def kill9(self) -> None:
