@@ -20,6 +20,8 @@ from agent.families.facts import DeviceFacts
 from agent.settings import DeviceConfig
 
 _SALT = b"outpost-machine-id:"
+# Where Linux keeps its machine id: systemd's file, then D-Bus' older copy.
+MACHINE_ID_FILES = ("/etc/machine-id", "/var/lib/dbus/machine-id")
 
 
 def _platform() -> str:
@@ -73,7 +75,7 @@ def _bcp47(posix: str) -> str:
 def _raw_machine_id() -> str:
     """The OS's own stable machine identifier; hashed before use, never exposed."""
     if sys.platform.startswith("linux"):
-        for p in ("/etc/machine-id", "/var/lib/dbus/machine-id"):
+        for p in MACHINE_ID_FILES:
             try:
                 value = Path(p).read_text().strip()
             except OSError:
