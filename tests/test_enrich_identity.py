@@ -3,8 +3,12 @@ events (docs/mapping.md §9): posted to a running agent, read at the fake upstre
 
 from __future__ import annotations
 
+from pathlib import Path
 from typing import Any
 
+import pytest
+
+from agent import device
 from tests.fakes.nucleus_upstream import FakeNucleus
 from tests.fakes.segment_upstream import FakeSegment
 from tests.segment_helpers import basic, call, nucleus_up, segment_up, wait_for
@@ -77,3 +81,24 @@ async def test_a_nucleus_init_with_no_id_of_its_own_gets_the_machine_id(
     assert (await call(agent.port, "/app/k/track", {"data": [ev]})).status == 200
     await wait_for(lambda: len(fake_nucleus.events) == 1)
     assert fake_nucleus.events[0]["machineId"] == agent.facts.machineId
+
+
+@pytest.mark.parametrize("first", [b"uninitialized\n", b"\xff\xfe\x00\n"],
+                         ids=["first-boot-marker", "not-text"])
+async def test_a_machine_id_file_that_holds_no_id_is_passed_over(
+        make_agent: Any, fake_nucleus: FakeNucleus, tmp_path: Path,
+        monkeypatch: pytest.MonkeyPatch, first: bytes) -> None:
+    # systemd's first-boot marker, `uninitialized`, stays in /etc/machine-id where no
+    # systemd booted the image (a container): the same text on every such machine, hashed
+    # as its id, made all of them one machine upstream. Bytes that are not text stopped
+    # the agent's start with a traceback. Both pass on to the next file, as systemd does.
+    etc, dbus = tmp_path / "etc-machine-id", tmp_path / "dbus-machine-id"
+    etc.write_bytes(first)
+    dbus.write_text("0123456789abcdef0123456789abcdef\n")
+    monkeypatch.setattr(device, "MACHINE_ID_FILES", (str(etc), str(dbus)))
+    agent = await make_agent(upstreams=[nucleus_up(fake_nucleus)])
+    ev = {"type": "init", "id": 1, "sessionId": 7, "date": "2026-01-01T00:00:00.000Z"}
+    assert (await call(agent.port, "/app/k/track", {"data": [ev]})).status == 200
+    await wait_for(lambda: len(fake_nucleus.events) == 1)
+    monkeypatch.setattr(device, "MACHINE_ID_FILES", (str(dbus),))
+    assert fake_nucleus.events[0]["machineId"] == device.machine_id()
