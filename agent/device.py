@@ -9,10 +9,10 @@ import hashlib
 import locale
 import os
 import platform
+import re
 import subprocess
 import sys
 import uuid
-from pathlib import Path
 
 import psutil
 
@@ -22,6 +22,7 @@ from agent.settings import DeviceConfig
 _SALT = b"outpost-machine-id:"
 # Where Linux keeps its machine id: systemd's file, then D-Bus' older copy.
 MACHINE_ID_FILES = ("/etc/machine-id", "/var/lib/dbus/machine-id")
+_MACHINE_ID = re.compile(rb"[0-9a-fA-F]{32}").fullmatch
 
 
 def _platform() -> str:
@@ -77,11 +78,15 @@ def _raw_machine_id() -> str:
     if sys.platform.startswith("linux"):
         for p in MACHINE_ID_FILES:
             try:
-                value = Path(p).read_text().strip()
+                with open(p, "rb") as f:
+                    raw = f.read(64).strip()
             except OSError:
                 continue
-            if value:
-                return value
+            # An id is 32 hex digits, as systemd reads it. Anything else is none: empty,
+            # or `uninitialized`, the first-boot marker left where no systemd booted the
+            # image (a container), the same text on every such machine.
+            if _MACHINE_ID(raw):
+                return raw.decode()
     elif sys.platform == "darwin":
         value = _command(["ioreg", "-rd1", "-c", "IOPlatformExpertDevice"])
         for line in value.splitlines():
