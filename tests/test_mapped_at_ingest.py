@@ -89,6 +89,26 @@ async def test_stored_mapped_then_routed_to_nucleus_arrives_as_sent(
     assert fake_nucleus.events == EVENTS   # ids, dates and unknown fields included
 
 
+async def test_a_name_beside_an_old_event_key_of_the_same_name_comes_back_as_sent(
+        make_agent: Any, tmp_path: Path, fake_nucleus: FakeNucleus) -> None:
+    # A client written from the Tracking API's doc: its example's `event` key (the name
+    # of the event) and its table's `name`, the same. Mapped to Segment, the `name` went
+    # into `event` alone, so mapping back read the name as the old key's and gave an
+    # event without `name`, that maps to another messageId: not the event stored. The
+    # Nucleus upstream then got it mapped anew, the app's id and `event` key gone and
+    # its whole Segment form in the payload.
+    ev = {"event": "Clicked", "name": "Clicked", "id": 4, "date": "2026-01-15T10:20:30.123Z",
+          "machineId": "m1", "sessionId": 42, "payload": {"x": 1}}
+    agent = await make_agent(upstreams=[offline_segment()])
+    assert (await call(agent.port, "/app/k/track", {"data": [ev]})).json() == {
+        "reportedIds": [4]}
+    write_config(Path(agent.config_path), tmp_path / "spool.db",
+                 upstreams=[nucleus_up(fake_nucleus)])
+    await agent.reload()
+    await wait_for(lambda: len(fake_nucleus.events) == 1)
+    assert fake_nucleus.events == [ev]
+
+
 async def test_stored_mapped_reaches_segment_once_in_order(
         make_agent: Any, fake_segment: FakeSegment) -> None:
     agent = await make_agent(upstreams=[segment_up(fake_segment, batch_max_events=2)])
