@@ -160,7 +160,11 @@ def _to_segment(ev: dict[str, Any], received: int) -> dict[str, Any]:
                 body["name"] = name
         elif isinstance(name, str) and name and name != kind:
             out["event"] = name
-            kept.pop("name", None)   # absent when an old module's `event` key gave it
+            # Absent when an old module's `event` key gave it. Beside a key of that name
+            # (no `type`), kept: mapped back, the key alone would give the name, and the
+            # event would come back without its `name`.
+            if get("event") != name or get("type"):
+                kept.pop("name", None)
         else:
             out["event"] = kind
         if body is not None:
