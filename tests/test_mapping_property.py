@@ -113,6 +113,7 @@ def nucleus_field_is_placed(name: str, value: Any, out: dict[str, Any]) -> bool:
 @example({"type": "event", "userId": "", "date": "2024-01-01T00:00:00.000Z"}, 0)
 @example({"userId": {"a": 1}, "machineId": True, "deviceId": [1], "anonId": "", "date": 0}, 0)
 @example({"date": "0999-01-01T00:00:00Z"}, 0)   # a year of three digits: "0999"
+@example({"event": "Clicked", "name": "Clicked", "date": 0}, 0)   # the seed's key and its table's
 def test_nucleus_to_segment_and_back(ev: dict[str, Any], at_ms: int) -> None:
     original = copy.deepcopy(ev)
     out = nucleus_to_segment(ev, at_ms)
