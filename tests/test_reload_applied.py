@@ -15,13 +15,14 @@ from typing import Any
 
 import aiohttp
 import pytest
-from aiohttp import WSCloseCode, WSMsgType
+from aiohttp import WSCloseCode, WSMsgType, web
 
 from agent import config as config_mod
 from agent.forwarder.supervisor import Seams
 from agent.service import Agent
 from tests.conftest import free_port, write_config
 from tests.fakes.faulty_upstream import Fault, FaultyUpstream
+from tests.fakes.loopback_server import LoopbackServer
 from tests.test_dead_many import outpost_in_thread
 from tests.test_upstream_faults import event
 from tests.waiting import wait_for
@@ -169,15 +170,32 @@ async def test_check_config_reload_of_the_agent_s_own_file_in_a_latin1_directory
         await agent.stop()
 
 
+async def _older_agent(tmp_path: Path) -> tuple[str, LoopbackServer]:
+    """What an agent older than /status's `reload.pid` answers at the config's address
+    (an upgrade installed while it runs: systemd's ExecReload runs the new command)."""
+    async def status(request: web.Request) -> web.Response:
+        return web.json_response({"reload": {"count": 0, "config": None}})
+    app = web.Application()
+    app.router.add_get("/status", status)
+    server = LoopbackServer()
+    await server._serve(app)
+    cfg = write_config(tmp_path / "agent.toml", tmp_path / "spool.db", port=server.port)
+    return str(cfg), server
+
+
 @pytest.mark.skipif(sys.platform == "win32", reason="SIGHUP")
-@pytest.mark.parametrize("agent_there", [True, False], ids=["another-pid", "none-answers"])
+@pytest.mark.parametrize("there", ["another-pid", "none-answers", "older-agent"])
 async def test_check_config_reload_of_a_pid_that_is_not_the_agent_is_refused(
-        make_agent: Any, tmp_path: Path, agent_there: bool) -> None:
+        make_agent: Any, tmp_path: Path, there: str) -> None:
     """`outpost check-config --reload PID` signalled PID whatever answered at the config's
     address: an agent that is another PID (a typo), or none at all. SIGHUP's default action
-    ends a process: an ssh session, say. Refused in one line, the PID unsignalled."""
-    if agent_there:
+    ends a process: an ssh session, say. Refused in one line, the PID unsignalled. An agent
+    too old to say its PID was said to be "PID None"."""
+    older = None
+    if there == "another-pid":
         cfg = (await make_agent(port=free_port())).config_path   # this process's PID
+    elif there == "older-agent":
+        cfg, older = await _older_agent(tmp_path)
     else:
         cfg = str(write_config(tmp_path / "agent.toml", tmp_path / "spool.db", port=free_port()))
     # SIGHUP's default action back (nohup leaves it ignored): signalled, it would end.
@@ -187,10 +205,14 @@ async def test_check_config_reload_of_a_pid_that_is_not_the_agent_is_refused(
         code, out = await outpost_in_thread("check-config", cfg, "--reload", str(target.pid))
         lines = out.strip().splitlines()
         assert len(lines) == 1 and "Traceback" not in out, out
-        assert code == (2 if agent_there else 1), out
+        assert code == (1 if there == "none-answers" else 2), out
         assert f"PID {target.pid}" in lines[0], out
-        assert (f"PID {os.getpid()}" if agent_there else "no agent answering") in lines[0], out
+        assert {"another-pid": f"PID {os.getpid()}", "none-answers": "no agent answering",
+                "older-agent": "does not say its PID"}[there] in lines[0], out
+        assert "None" not in lines[0], out
     finally:
         target.terminate()
         # A SIGHUP sent before this SIGTERM would be the one it died of.
         assert target.wait(10) == -signal.SIGTERM, "the PID was signalled"
+        if older is not None:
+            await older.stop()
