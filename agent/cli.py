@@ -329,7 +329,11 @@ def _reread_by(cfg: Config, pid: int) -> str | None:
             else not_answering(cfg, exc)
         raise _NotTheAgent(EXIT_FAILED, pid, why) from exc
     reload = data["reload"]
-    if (theirs := reload.get("pid")) != pid:
+    if (theirs := reload.get("pid")) is None:   # it predates reload.pid
+        raise _NotTheAgent(EXIT_CONFIG, pid, f"the agent at {agent_url(cfg, '')} does not say "
+                           "its PID (a version older than this command): restart it, or "
+                           "send it SIGHUP yourself")
+    if theirs != pid:
         raise _NotTheAgent(EXIT_CONFIG, pid, f"the agent at {agent_url(cfg, '')} is PID "
                            f"{theirs} (`outpost status --json` shows it: reload.pid)")
     config = reload.get("config")
