@@ -3,6 +3,9 @@ events (docs/mapping.md §9): posted to a running agent, read at the fake upstre
 
 from __future__ import annotations
 
+import hashlib
+import itertools
+import uuid
 from pathlib import Path
 from typing import Any
 
@@ -102,3 +105,29 @@ async def test_a_machine_id_file_that_holds_no_id_is_passed_over(
     await wait_for(lambda: len(fake_nucleus.events) == 1)
     monkeypatch.setattr(device, "MACHINE_ID_FILES", (str(dbus),))
     assert fake_nucleus.events[0]["machineId"] == device.machine_id()
+
+
+async def test_a_machine_with_no_os_id_keeps_one_machine_id_across_a_restart(
+        make_agent: Any, fake_nucleus: FakeNucleus, tmp_path: Path,
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    # A container: no machine-id file, and perhaps no network interface, where
+    # uuid.getnode() gives a random number each call. The MAC address was hashed in its
+    # place: a new machine upstream at each restart (or, with Docker's software MACs, one
+    # for many hosts; and a MAC hashed with a public salt can be found again). The agent
+    # now makes an id once and keeps it beside its spool.
+    monkeypatch.setattr(device, "MACHINE_ID_FILES", (str(tmp_path / "no-machine-id"),))
+    nodes = itertools.count(0x0242AC110002)
+    monkeypatch.setattr(uuid, "getnode", lambda: next(nodes))
+    sent = []
+    for restart in range(2):
+        agent = await make_agent(upstreams=[nucleus_up(fake_nucleus)])
+        ev = {"type": "init", "id": restart + 1, "sessionId": 7,
+              "date": "2026-01-01T00:00:00.000Z"}
+        assert (await call(agent.port, "/app/k/track", {"data": [ev]})).status == 200
+        await wait_for(lambda: len(fake_nucleus.events) == restart + 1)
+        sent.append(fake_nucleus.events[-1]["machineId"])
+        await agent.stop()
+    assert sent[0] == sent[1] and len(sent[0]) == 32
+    macs = {hashlib.sha256(f"outpost-machine-id:mac:{n:012x}".encode()).hexdigest()[:32]
+            for n in range(0x0242AC110002, next(nodes))}
+    assert sent[0] not in macs
