@@ -360,7 +360,12 @@ def cmd_doctor(args: argparse.Namespace) -> int:
         return EXIT_CONFIG
     _show(f"outpost {__version__}, python {sys.version.split()[0]}")
     _show("device facts:")
-    for name, value in detect(cfg.device).as_dict().items():
+    id_file = paths.device_id_file(cfg.storage.resolved_path())
+    for name, value in detect(cfg.device, id_file, make=False).as_dict().items():
+        # The id the agent makes where the OS has none, at its first start: not made here,
+        # where a root's doctor would leave a file the service's user cannot read.
+        if name == "machineId" and not value:
+            value = f"(none yet: the agent makes it in {id_file})"
         _show(f"  {name:10} {value}")
     _show("paths:")
     _show(f"  config     {cfg.source}")

@@ -5,19 +5,26 @@ Computed once at startup (a few file reads), then served from memory.
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import locale
+import logging
 import os
 import platform
 import re
 import subprocess
 import sys
+import tempfile
 import uuid
+from pathlib import Path
 
 import psutil
 
+from agent import paths
 from agent.families.facts import DeviceFacts
 from agent.settings import DeviceConfig
+
+log = logging.getLogger("outpost")
 
 _SALT = b"outpost-machine-id:"
 # Where Linux keeps its machine id: systemd's file, then D-Bus' older copy.
@@ -73,8 +80,9 @@ def _bcp47(posix: str) -> str:
     return tag.replace("_", "-") or "en-US"
 
 
-def _raw_machine_id() -> str:
-    """The OS's own stable machine identifier; hashed before use, never exposed."""
+def _os_machine_id() -> str | None:
+    """The OS's own stable machine identifier; hashed before use, never exposed. None where
+    the OS has none to give."""
     if sys.platform.startswith("linux"):
         for p in MACHINE_ID_FILES:
             try:
@@ -98,8 +106,56 @@ def _raw_machine_id() -> str:
         for line in value.splitlines():
             if "MachineGuid" in line:
                 return line.split()[-1]
-    # Fallback everywhere: the MAC address, as the python module does.
-    return f"mac:{uuid.getnode():012x}"
+    # Never the MAC address: random at each call with no network interface (a new machine
+    # at each restart), the same on many hosts for software MACs (Docker's 02:42:<ip>), and
+    # found again from its hash by trying a vendor's 2^24 addresses.
+    return None
+
+
+def _kept_id(id_file: Path, make: bool) -> str | None:
+    """The random id this install made where the OS has none, kept in ``id_file``; made and
+    written there when none is (a file holding none, or unreadable, replaced and said so).
+    None when ``make`` is false and none is kept."""
+    try:
+        with open(id_file, "rb") as f:
+            raw = f.read(64).strip()
+        if _MACHINE_ID(raw):
+            return raw.decode()
+        why = "holds no id"
+    except FileNotFoundError:
+        why = ""
+    except OSError as exc:
+        why = f"cannot be read ({exc.strerror or exc})"
+    if not make:
+        return None
+    made = uuid.uuid4().hex
+    if why:
+        log.warning("%s %s: replaced by a new machine id; upstreams see this machine as a "
+                    "new one", id_file, why)
+    try:
+        _write_private(id_file, made + "\n")
+    except OSError as exc:
+        log.warning("cannot keep the machine id in %s (%s): another is made at each start "
+                    "until it can be", id_file, exc.strerror or exc)
+    return made
+
+
+def _write_private(path: Path, text: str) -> None:
+    """``text`` in ``path``, 0600 in a directory made 0700; written whole beside it, synced,
+    then moved onto it: a crash leaves the old file or the new one, never half of one."""
+    paths.make_private_dir(path.parent)
+    fd, part = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)   # 0600
+    try:
+        with os.fdopen(fd, "w", encoding="ascii") as fh:
+            fh.write(text)
+            fh.flush()
+            os.fsync(fh.fileno())
+        os.replace(part, path)
+    except BaseException:
+        with contextlib.suppress(OSError):
+            os.unlink(part)
+        raise
+    paths.sync_dir(path.parent)
 
 
 def _command(argv: list[str]) -> str:
@@ -109,12 +165,24 @@ def _command(argv: list[str]) -> str:
         return ""
 
 
-def machine_id() -> str:
-    return hashlib.sha256(_SALT + _raw_machine_id().encode()).hexdigest()[:32]
+def machine_id(id_file: Path | None = None, *, make: bool = True) -> str:
+    """The OS's id hashed; where it has none, the id kept in ``id_file`` (made there once:
+    paths.device_id_file), hashed apart from any OS's. With no ``id_file`` (a tool that
+    sends nothing upstream) such an id is made anew at each call; with ``make`` false and
+    none kept, "" (`outpost doctor` writes nothing)."""
+    raw = _os_machine_id()
+    if raw is None:
+        kept = _kept_id(id_file, make) if id_file is not None else uuid.uuid4().hex
+        if kept is None:
+            return ""
+        raw = f"made:{kept}"
+    return hashlib.sha256(_SALT + raw.encode()).hexdigest()[:32]
 
 
-def detect(overrides: DeviceConfig | None = None) -> DeviceFacts:
-    """Detect the facts, letting non-empty config values win."""
+def detect(overrides: DeviceConfig | None = None, id_file: Path | None = None, *,
+           make: bool = True) -> DeviceFacts:
+    """Detect the facts, letting non-empty config values win (a configured machineId: no
+    id is made or kept)."""
     o = overrides or DeviceConfig()
     return DeviceFacts(
         platform=o.platform or _platform(),
@@ -122,5 +190,5 @@ def detect(overrides: DeviceConfig | None = None) -> DeviceFacts:
         totalRam=o.totalRam or _total_ram_gb(),
         language=o.language or _language(),
         arch=o.arch or platform.machine().lower() or "unknown",
-        machineId=o.machineId or machine_id(),
+        machineId=o.machineId or machine_id(id_file, make=make),
     )

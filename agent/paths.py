@@ -129,6 +129,12 @@ def spool_lock(spool: Path) -> Path:
     return Path(f"{spool}.lock")
 
 
+def device_id_file(spool: Path) -> Path:
+    """Where the agent keeps the machine id it made, on a machine whose OS has none (a
+    container with no /etc/machine-id): in the spool's directory, its state."""
+    return spool.parent / "outpost-device-id"
+
+
 def agent_holds(spool: Path) -> bool:
     """Whether an agent runs on ``spool``, wherever it listens: its lock file is held. A
     shared lock is tried and let go at once; an agent starting meanwhile waits it out."""

@@ -19,7 +19,7 @@ from typing import Any, TypeVar
 from aiohttp import web
 
 from agent import config as config_mod
-from agent import logs, preflight, startup_signals
+from agent import logs, paths, preflight, startup_signals
 from agent.clock import CLOCK
 from agent.config import ConfigError
 from agent.device import detect
@@ -93,7 +93,8 @@ class Agent:
         self.config_path = config_path
         self.metrics = Metrics()
         self.tail = TailHub(self.metrics)   # the live event view's viewers
-        self.facts: DeviceFacts = detect(cfg.device)
+        self.facts: DeviceFacts = detect(
+            cfg.device, paths.device_id_file(cfg.storage.resolved_path()))
         self.spool: Spool | None = None
         self.forwarding: Supervisor | None = None
         self.sync: SyncMonitor | None = None

@@ -2,7 +2,11 @@
 
 from __future__ import annotations
 
+import hashlib
+import logging
+import os
 import platform
+import stat
 from pathlib import Path
 
 import pytest
@@ -21,9 +25,10 @@ def test_detects_linux_facts() -> None:
     assert len(facts.machineId) == 32 and int(facts.machineId, 16) >= 0
 
 
-def test_machine_id_is_a_stable_hash_never_the_raw_id() -> None:
+def test_machine_id_is_a_stable_hash_never_the_raw_id(tmp_path: Path) -> None:
     raw = Path("/etc/machine-id").read_text().strip() if Path("/etc/machine-id").exists() else ""
-    first, second = device.machine_id(), device.machine_id()
+    kept = tmp_path / "device-id"
+    first, second = device.machine_id(kept), device.machine_id(kept)
     assert first == second
     if raw:
         assert raw not in first and first != raw[:32]
@@ -59,3 +64,45 @@ def test_fill_never_overwrites_and_only_touches_init_and_error() -> None:
     newer = {"type": "error", "deviceId": "d1"}
     enrich.nucleus(newer, "error")
     assert "machineId" not in newer              # deviceId already identifies the device
+
+
+def test_an_os_id_hashes_as_before_and_no_id_is_kept(tmp_path: Path,
+                                                     monkeypatch: pytest.MonkeyPatch) -> None:
+    # Devices already known upstream keep their machineId.
+    os_id = tmp_path / "machine-id"
+    os_id.write_text("0123456789abcdef0123456789abcdef\n")
+    monkeypatch.setattr(device, "MACHINE_ID_FILES", (str(os_id),))
+    kept = tmp_path / "state" / "device-id"
+    assert device.machine_id(kept) == hashlib.sha256(
+        b"outpost-machine-id:0123456789abcdef0123456789abcdef").hexdigest()[:32]
+    assert not kept.parent.exists()
+
+
+def test_with_no_os_id_one_is_made_once_private(tmp_path: Path,
+                                               monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(device, "MACHINE_ID_FILES", (str(tmp_path / "none"),))
+    kept = tmp_path / "state" / "device-id"
+    assert device.detect(DeviceConfig(), kept, make=False).machineId == ""   # doctor's look
+    assert not kept.parent.exists()
+    made = device.machine_id(kept)
+    assert device.machine_id(kept) == made and len(made) == 32
+    assert stat.S_IMODE(kept.stat().st_mode) == 0o600
+    assert stat.S_IMODE(kept.parent.stat().st_mode) == 0o700
+    assert os.listdir(kept.parent) == ["device-id"]   # no temp file left beside it
+    assert made not in kept.read_text()   # hashed, as an OS's id is
+    assert device.detect(DeviceConfig(machineId="mine"), tmp_path / "x").machineId == "mine"
+    assert not (tmp_path / "x").exists()   # a configured id: none made
+
+
+@pytest.mark.parametrize("bad", [b"\xff\x00garbage", b""], ids=["not-an-id", "empty"])
+def test_a_kept_id_file_that_holds_none_is_replaced_and_said_once(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture,
+        bad: bytes) -> None:
+    monkeypatch.setattr(device, "MACHINE_ID_FILES", (str(tmp_path / "none"),))
+    kept = tmp_path / "device-id"
+    kept.write_bytes(bad)
+    with caplog.at_level(logging.WARNING, logger="outpost"):
+        made = device.machine_id(kept)
+        assert device.machine_id(kept) == made
+    said = [r.getMessage() for r in caplog.records if "replaced by a new machine id" in r.message]
+    assert len(said) == 1 and str(kept) in said[0]
