@@ -16,6 +16,7 @@ from pathlib import Path
 
 import pytest
 
+from agent import paths
 from agent.families.event import NUCLEUS, Event
 from agent.settings import StorageConfig
 from agent.spool import Spool
@@ -73,6 +74,22 @@ async def test_dead_export_onto_the_config_file_is_refused_and_the_config_kept(
     line = one_line(out)
     assert code == 1 and f"cannot write {cfg}:" in line and "config" in line, (code, line)
     assert cfg.read_bytes() == before
+
+
+async def test_dead_export_onto_the_kept_machine_id_is_refused_and_the_id_kept(
+        tmp_path: Path) -> None:
+    """The id an agent makes where the OS has none, kept beside the spool: an export over
+    it (a tab completion in the spool's directory) made the next start replace it, and the
+    upstreams took the machine for a new one."""
+    spool = tmp_path / "spool.db"
+    await (await Spool.open(StorageConfig(path=str(spool)))).close()   # no agent runs
+    cfg = write_config(tmp_path / "agent.toml", spool, port=free_port())
+    kept = paths.device_id_file(spool)
+    kept.write_text("0123456789abcdef0123456789abcdef\n")
+    code, out = await run_outpost("dead", "export", str(kept), "--config", str(cfg))
+    line = one_line(out)
+    assert code == 1 and f"cannot write {kept}:" in line and "machine id" in line, (code, line)
+    assert kept.read_text() == "0123456789abcdef0123456789abcdef\n"
 
 
 async def test_dead_export_does_not_follow_another_users_link_in_a_shared_directory(
