@@ -42,7 +42,7 @@ from agent.ops.local_agent import (
 from agent.ops.shared_terms import EXPORT_PAGE, LIST_LIMIT
 from agent.ops.status_table import age, size, table
 from agent.outcomes import Tally
-from agent.paths import agent_holds, planted_link, same_file, sync_dir
+from agent.paths import agent_holds, device_id_file, planted_link, same_file, sync_dir
 from agent.settings import CONFIG_HELP, Config
 from agent.spool import dead
 from agent.terminal import OutputError, printable, printable_json, printable_value
@@ -418,10 +418,10 @@ _SPOOL_FILES = (("", "the file"), ("-wal", "the -wal"), ("-shm", "the -shm"),
 
 def _of_the_spool(target: Path, spool: Path) -> str | None:
     """Which of the spool's files ``target`` is, by path (through symlinks) or by inode (a
-    hard link); None if none."""
-    return next((name for suffix, name in _SPOOL_FILES
-                 if same_file(target, Path(f"{spool}{suffix}"))), None)
-
+    hard link), the machine id kept beside it among them; None if none."""
+    files = [(Path(f"{spool}{suffix}"), name) for suffix, name in _SPOOL_FILES]
+    files.append((device_id_file(spool), "the machine id's file"))
+    return next((name for path, name in files if same_file(target, path)), None)
 
 
 def _writable(cfg: Config, target: Path) -> int:
