@@ -12,6 +12,7 @@ import asyncio
 import contextlib
 import sqlite3
 import time
+from datetime import datetime
 from pathlib import Path
 from typing import Any
 
@@ -19,13 +20,15 @@ import aiohttp
 import pytest
 from aiohttp import web
 
-from agent.clock import Clock
-from agent.families.event import NUCLEUS, Event
+from agent.clock import CLOCK, Clock
+from agent.families.event import NUCLEUS, Event, iso_ms
 from agent.settings import StorageConfig
 from agent.spool import Spool
 from agent.spool import commit as spool_commit
 from tests.fakes.loopback_server import serving
 from tests.fakes.nucleus_upstream import FakeNucleus
+from tests.fakes.segment_upstream import FakeSegment
+from tests.segment_helpers import basic, call, segment_up
 from tests.waiting import LoopTurns, wait_for
 
 DAY_MS = 86_400_000
@@ -97,6 +100,41 @@ async def test_a_clock_set_back_while_events_wait_does_not_stall_their_queue(
     assert (await status(agent.port))["oldest_event_age_s"] >= 0
     # Sent once its FLUSH_S wait ends (then due at once), not when the clock catches up.
     await wait_for(lambda: fake_nucleus.ids() == [0, 1, 2])
+
+
+async def test_sent_at_corrects_a_track_taken_before_the_clock_was_set(
+        make_agent: Any, fake_segment: FakeSegment, clock: Clock, fast_backoff: Any) -> None:
+    """A board boots in 1970; an app posts a track stamped by that clock; NTP corrects it
+    while the track waits (the collector down); a track posted after it joins the queue.
+    A collector's correction, `receivedAt - (sentAt - timestamp)`, gives each track the
+    time it really was posted at."""
+    fake_segment.outage = (503, None)
+    agent = await make_agent(upstreams=[segment_up(fake_segment)])
+    posted: dict[str, float] = {}
+
+    async def track(name: str) -> None:
+        posted[name] = time.time()
+        reply = await call(agent.port, "/v1/track",
+                           {"event": name, "userId": "u", "messageId": name,
+                            "timestamp": iso_ms(CLOCK.wall_ms())},   # the app's clock
+                           headers={"Authorization": basic("k")})
+        assert reply.status == 200, reply.body
+
+    clock.wall_shift_ms = SKEWS["1970"]()
+    await track("before")
+    await wait_for(lambda: fake_segment.requests)   # tried, sentAt read by the 1970 clock
+    clock.wall_shift_ms = 0                         # corrected while it waits
+    await track("after")
+    fake_segment.outage = None
+    await wait_for(lambda: len(fake_segment.events) == 2)
+    for req in fake_segment.accepted():
+        for ev in req.events:
+            age_s = _epoch_s(ev["sentAt"]) - _epoch_s(ev["timestamp"])
+            assert abs(req.received_at - age_s - posted[ev["event"]]) < 3, ev
+
+
+def _epoch_s(iso: str) -> float:
+    return datetime.fromisoformat(iso.replace("Z", "+00:00")).timestamp()
 
 
 async def test_a_clock_jumping_ahead_while_running_expires_nothing(

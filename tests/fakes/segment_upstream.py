@@ -31,6 +31,9 @@ class Request:
     size: int
     body: dict[str, Any]
     status: int = 200
+    # When it came by the collector's own clock (the machine's, never the agent's CLOCK):
+    # a collector's `receivedAt`.
+    received_at: float = field(default_factory=time.time)
 
     @property
     def events(self) -> list[dict[str, Any]]:
