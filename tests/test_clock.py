@@ -133,6 +133,26 @@ async def test_sent_at_corrects_a_track_taken_before_the_clock_was_set(
             assert abs(req.received_at - age_s - posted[ev["event"]]) < 3, ev
 
 
+async def test_a_dead_letter_retried_hours_later_goes_with_the_batch_s_sent_at(
+        make_agent: Any, fake_segment: FakeSegment, clock: Clock, fast_backoff: Any) -> None:
+    """No clock was set: a retried letter, which keeps its receipt time but is counted from
+    its retry, gets the batch's `sentAt`, not one three hours early."""
+    fake_segment.poison.add("m1")
+    agent = await make_agent(upstreams=[segment_up(fake_segment)])
+    reply = await call(agent.port, "/v1/track", {"event": "e", "userId": "u", "messageId": "m1"},
+                       headers={"Authorization": basic("k")})
+    assert reply.status == 200, reply.body
+    await wait_for(lambda: agent.spool.dead_count == 1)
+    clock.passed_ms = 3 * 3_600_000
+    fake_segment.poison.clear()
+    async with aiohttp.ClientSession() as s, s.post(
+            f"http://127.0.0.1:{agent.port}/dead/retry", json={"all": True}) as r:
+        assert r.status == 200, await r.text()
+    await wait_for(lambda: fake_segment.events)
+    (req,) = fake_segment.accepted()
+    assert [ev["sentAt"] for ev in req.events] == [req.body["sentAt"]]
+
+
 def _epoch_s(iso: str) -> float:
     return datetime.fromisoformat(iso.replace("Z", "+00:00")).timestamp()
 

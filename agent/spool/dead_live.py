@@ -115,6 +115,7 @@ async def _retry_chunk(spool: Spool, which: dead.Which, below: int,
     async with spool.lock:
         done, size = await _write(spool, dead.requeue, which, spool.books.next_seq,
                                   dead.STEP_BYTES, below, CHUNK_LETTERS, 1, after)
+        spool.retried(spool.books.next_seq, done.next_seq)
         spool.books.next_seq = done.next_seq
         spool.books.committed_seq = done.next_seq - 1
         _settle_books(spool, done.out, size, done.count)

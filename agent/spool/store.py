@@ -18,6 +18,7 @@ import os
 import sqlite3
 import stat
 import sys
+from bisect import bisect_right
 from collections.abc import Awaitable, Callable, Coroutine, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -135,6 +136,11 @@ class Spool:
         self._observed_base = 0
         self._elapsed_at_load = CLOCK.elapsed_ms()
         self._loaded = False  # whether depths and counters were read from the file
+        # The records read at the last load are below this seq; those above it the writer
+        # stored in this run, but the dead letters retried: their seqs, as flat
+        # [first, end) bounds (_lead).
+        self._fresh_from = 0
+        self._retried: list[int] = []
         self._salvaging: _Salvage | None = None
         # Called when a spool that could not be opened is opened at last, when rows are
         # salvaged from a corrupt one, or dead letters retried: their queues need forwarders.
@@ -221,7 +227,28 @@ class Spool:
         with seq > ``after`` (or ``after[lane]``) and, with ``until``, none past
         ``until[lane]``, oldest first, and with ``max_bytes`` up to the event whose bytes
         reach it; a sequence of Rows, read as whole runs of records (types.Queued)."""
-        return await self.reader_side.fetch(stream, after, limit, lanes, max_bytes, until)
+        rows = await self.reader_side.fetch(stream, after, limit, lanes, max_bytes, until)
+        self._lead(rows)
+        return rows
+
+    def _lead(self, rows: Queued) -> None:
+        """Set the ``lead`` (types.Run) of each run the writer stored in this run of the
+        agent: one lookup a run, none an event. The others keep None: those loaded at the
+        start have a clock mark's agent-observed receipt, up to a minute late, and time
+        powered off is not in the count; a dead letter retried keeps its first receipt,
+        observed at its retry."""
+        fresh, retried = self._fresh_from, self._retried
+        start = self._elapsed_at_load - self._observed_base   # CLOCK.elapsed_ms at observed 0
+        for run in rows.runs:
+            if run.first < fresh or (retried and bisect_right(retried, run.first) & 1):
+                continue
+            observed = self.live.observed(run.first)
+            if observed is not None:
+                run.lead = run.received - (observed + start)
+
+    def retried(self, first: int, end: int) -> None:
+        """Seqs ``first`` .. ``end - 1`` are dead letters put back in the queue (_lead)."""
+        self._retried += (first, end)
 
     async def oldest_received(self, lanes: Sequence[int] = LANES, stream: int | None = None,
                               after: int = 0) -> int | None:
@@ -446,6 +473,7 @@ class Spool:
         if state.observed is None:
             await db.run(spool_db.start_clock, state.next_seq)
         self._observed_base, self._elapsed_at_load = state.observed or 0, CLOCK.elapsed_ms()
+        self._fresh_from, self._retried = state.next_seq, []
         self.books.reset(state.streams, state.counters, state.next_seq, state.dead,
                          state.used_bytes, state.high)
         self.live.load(*state.live)

@@ -52,6 +52,7 @@ class Row:
     received: int
     body: bytes
     lane: int = NORMAL   # families/lanes.py
+    lead: int | None = None   # its Run's
 
 
 @dataclass(slots=True)
@@ -61,6 +62,12 @@ class Run:
     ``ids`` are their Nucleus ack ids, parallel to ``bodies``, when the record holds them
     (records.ZSTD_IDS: ingest wrote every body as a JSON object and read its id); None
     when it does not.
+
+    ``lead`` is the wall clock's lead on ``CLOCK.elapsed_ms()`` when the record was
+    received (``received`` less the agent's count then), for a record received in this
+    run of the agent (Spool.fetch sets it); None for one received before: time powered
+    off is not in the count. Read against the lead now, it tells whether the wall clock
+    was set since, and by how much (segment_http's per-event `sentAt`).
     """
 
     first: int
@@ -70,15 +77,16 @@ class Run:
     bodies: list[bytes]
     ids: list[Any] | None
     lane: int = NORMAL
+    lead: int | None = None
 
     def part(self, start: int, stop: int) -> Run:
         return Run(self.first + start, self.stream, self.family, self.received,
                    self.bodies[start:stop], None if self.ids is None else self.ids[start:stop],
-                   self.lane)
+                   self.lane, self.lead)
 
     def row(self, i: int) -> Row:
         return Row(self.first + i, self.stream, self.family, self.received, self.bodies[i],
-                   self.lane)
+                   self.lane, self.lead)
 
 
 class Queued(Sequence[Row]):
@@ -141,7 +149,8 @@ class Queued(Sequence[Row]):
         # Rows made by map at C speed: the take loop of another family iterates them.
         return chain.from_iterable(
             map(Row, range(r.first, r.first + len(r.bodies)), repeat(r.stream),
-                repeat(r.family), repeat(r.received), r.bodies, repeat(r.lane))
+                repeat(r.family), repeat(r.received), r.bodies, repeat(r.lane),
+                repeat(r.lead))
             for r in self.runs)
 
 

@@ -32,15 +32,17 @@ from __future__ import annotations
 import base64
 import gzip
 import re
+from collections.abc import Mapping
 from typing import Any, ClassVar
 
 import aiohttp
 import orjson
 
+from agent.clock import CLOCK
 from agent.families.event import SEGMENT, compact_json, iso_ms, now_ms
 from agent.logs import redacted_head
 from agent.settings import UpstreamConfig
-from agent.spool.types import Row
+from agent.spool.types import Queued, Row
 from agent.uplinks.base import (
     REJECTED_STATUSES,
     Acked,
@@ -61,6 +63,10 @@ from agent.uplinks.http_common import (
 from agent.uplinks.prepare import Prepared
 from agent.uplinks.splice import objects, stamped
 
+# A wall clock whose lead on the agent's count moved by more than this since an event's
+# receipt was set meanwhile: the event gets its own `sentAt` (own_sent_at). Less is the
+# two clocks' jitter, and the time between the receipt and its commit.
+CLOCK_SET_MS = 1000
 # Part of the batch stored, part refused (an Outpost upstream answers so).
 MULTI_STATUS = 207
 # ASCII digits, few enough for int(): past 4,300 it raises (the reply is the upstream's).
@@ -110,23 +116,28 @@ class SegmentHttpUplink(UplinkBase):
         return compact_json(event), row.seq
 
     @staticmethod
-    def payload(prepared: Prepared, sent_at: str) -> bytes:
-        """The request body: every event with `sentAt` spliced in first."""
-        member = b'"sentAt":"' + sent_at.encode() + b'"'
+    def payload(prepared: Prepared, sent_at: str, own: Mapping[int, str] | None = None
+                ) -> bytes:
+        """The request body: every event with `sentAt` spliced in first, ``sent_at`` or,
+        for the seqs in ``own``, its own (own_sent_at)."""
+        member = _member(sent_at)
         after = b'],' + member + b'}'
-        if (prepared.objects and prepared.bodies) or objects(prepared.bodies):
+        if not own and ((prepared.objects and prepared.bodies) or objects(prepared.bodies)):
             return stamped(prepared.bodies, member, b'{"batch":[', after)
+        stamps = {seq: b"{" + _member(at) for seq, at in (own or {}).items()}
         stamp = b"{" + member
         parts = []
-        for body in prepared.bodies:
+        for seq, body in zip(prepared.seqs, prepared.bodies):
             rest = body[1:]
-            parts.append(stamp + (rest if rest.lstrip().startswith(b"}") else b"," + rest))
+            parts.append(stamps.get(seq, stamp)
+                         + (rest if rest.lstrip().startswith(b"}") else b"," + rest))
         return b'{"batch":[' + b",".join(parts) + after
 
     async def send(self, prepared: Prepared) -> SendResult:
         if self.unsendable is not None:
             return Retry(self.unsendable)
-        body = self.payload(prepared, iso_ms(now_ms()))
+        now = now_ms()
+        body = self.payload(prepared, iso_ms(now), own_sent_at(prepared, now))
         size = len(body)   # before gzip: what batch_max_bytes measures
         most = reply_cap(size, len(prepared.seqs))
         if self.cfg.gzip:
@@ -171,6 +182,27 @@ class SegmentHttpUplink(UplinkBase):
         if is_retryable(status):
             return Retry(reason, retry_after=wait)
         return misconfigured(status, reason, wait)
+
+
+def _member(sent_at: str) -> bytes:
+    return b'"sentAt":"' + sent_at.encode() + b'"'
+
+
+def own_sent_at(prepared: Prepared, now: int) -> dict[int, str]:
+    """The `sentAt` of each event received under a wall clock set since by more than a
+    second (types.Run.lead), by seq: now, read by the clock as it was at its receipt, so
+    that `receivedAt - (sentAt - timestamp)` corrects a timestamp taken by that clock (a
+    board's 1970, corrected by NTP while the event waited). Every other event takes the
+    batch's. A spliced batch is looked at per run, not per event."""
+    lead_now = now - CLOCK.elapsed_ms()
+    rows = prepared.rows
+    spans = ((r.first, len(r.bodies), r.lead) for r in rows.runs) \
+        if isinstance(rows, Queued) else ((r.seq, 1, r.lead) for r in rows)
+    own: dict[int, str] = {}
+    for first, n, lead in spans:
+        if lead is not None and abs(lead - lead_now) > CLOCK_SET_MS:
+            own.update(dict.fromkeys(range(first, first + n), iso_ms(now + lead - lead_now)))
+    return own
 
 
 def _says_failed(raw: bytes) -> bool:
