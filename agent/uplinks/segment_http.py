@@ -2,7 +2,8 @@
 
 The body is `{"batch": [...], "sentAt": now}`, and each event's `sentAt` is
 set at send time too, so a collector can correct the device's clock skew
-(`timestamp = receivedAt - (sentAt - originalTimestamp)`). Stored Segment
+(`timestamp = receivedAt - (sentAt - originalTimestamp)`): now, or for an event
+received under a clock set since, now by that clock (own_sent_at). Stored Segment
 bodies never carry `sentAt` (the dialects drop the client's), so it is
 spliced in front of each body without re-encoding it. Nucleus rows reach
 it already mapped (prepare.py).
