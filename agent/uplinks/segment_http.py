@@ -66,8 +66,10 @@ from agent.uplinks.splice import objects, stamped
 
 # A wall clock whose lead on the agent's count moved by more than this since an event's
 # receipt was set meanwhile: the event gets its own `sentAt` (own_sent_at). Less is the
-# two clocks' jitter, and the time between the receipt and its commit.
-CLOCK_SET_MS = 1000
+# two clocks' jitter, and the time between the receipt and the start of its commit (the
+# count's reading), which a slow disk can stretch past seconds: a lead moved by that wait
+# would send the event's `sentAt` early by it, and a receiver would place it that late.
+CLOCK_SET_MS = 60_000
 # Part of the batch stored, part refused (an Outpost upstream answers so).
 MULTI_STATUS = 207
 # ASCII digits, few enough for int(): past 4,300 it raises (the reply is the upstream's).
@@ -191,7 +193,7 @@ def _member(sent_at: str) -> bytes:
 
 def own_sent_at(prepared: Prepared, now: int) -> dict[int, str]:
     """The `sentAt` of each event received under a wall clock set since by more than a
-    second (types.Run.lead), by seq: now, read by the clock as it was at its receipt, so
+    minute (types.Run.lead), by seq: now, read by the clock as it was at its receipt, so
     that `receivedAt - (sentAt - timestamp)` corrects a timestamp taken by that clock (a
     board's 1970, corrected by NTP while the event waited). Every other event takes the
     batch's. A spliced batch is looked at per run, not per event."""
