@@ -15,6 +15,7 @@ from typing import Protocol
 from aiohttp import web
 
 from agent.dialects.body import Reservation
+from agent.dialects.replies import Fixed
 from agent.families.enrich import Enrich
 from agent.families.event import Event
 
@@ -82,8 +83,9 @@ class IngestSink(Protocol):
 
 # A route the server may answer itself, without aiohttp's request machinery, for a plain
 # request whose whole body came with its head (agent/server/express.py): called with that
-# body and the write keys the headers gave, it renders the same reply as the route.
-Express = Callable[[bytes, list[str]], Awaitable[web.Response]]
+# body and the write keys the headers gave, it renders the same reply as the route (a
+# Fixed one for a reply the same at every request).
+Express = Callable[[bytes, list[str]], Awaitable[web.Response | Fixed]]
 
 
 def no_express(sink: IngestSink) -> Mapping[str, Express]:

@@ -103,6 +103,11 @@ class Failure(NamedTuple):
     retry_after: int | None = None
 
 
+def _single_reply(failure: Failure | None) -> web.Response:
+    """A single call's reply on aiohttp's routes: a Response of its own (see replies.Fixed)."""
+    return replies.json_reply({"Success": True}, 200) if failure is None else single_error(*failure)
+
+
 def _body_key(body: Any) -> str | None:
     """The `writeKey` of a message or batch, or None (absent, null or ""); Invalid when it
     is something else, rather than stored under `anonymous`."""
@@ -132,20 +137,21 @@ class SegmentHandlers:
             return single_error(exc.status, exc.message, exc.details, exc.retry_after)
         except BadAuth as exc:
             return single_error(401, INVALID_KEY, str(exc))
-        return await self._keyed(body, kind, given)
+        return _single_reply(await self._keyed(body, kind, given))
 
-    async def express(self, kind: str, raw: bytes, given: list[str]) -> web.Response:
+    async def express(self, kind: str, raw: bytes, given: list[str]) -> web.Response | replies.Fixed:
         """``single`` for a body already in hand (agent/server/express.py)."""
         try:
             body = parse_lenient(whole_body(raw, spec.MAX_EVENT_BYTES))
         except BodyError as exc:
             return single_error(exc.status, exc.message, exc.details, exc.retry_after)
-        return await self._keyed(body, ROUTE_TYPES[kind], given)
+        failure = await self._keyed(body, ROUTE_TYPES[kind], given)
+        return replies.STORED if failure is None else single_error(*failure)
 
-    async def _keyed(self, body: Any, kind: str, given: list[str]) -> web.Response:
+    async def _keyed(self, body: Any, kind: str, given: list[str]) -> Failure | None:
         if (why := self._refusal(given)) is not None:
-            return single_error(401, INVALID_KEY, why)
-        return await self._single(body, kind, given[0] if given else None)
+            return Failure(401, INVALID_KEY, why)
+        return await self._one(body, kind, given[0] if given else None)
 
     def _refusal(self, given: list[str]) -> str | None:
         """Why the first of the request's keys that is refused is, or None."""
@@ -159,13 +165,6 @@ class SegmentHandlers:
         request gave none), or None."""
         why = self.sink.key_refusal(key or NO_KEY)
         return f"{NO_KEY_GIVEN}: {why})" if why is not None and key is None else why
-
-    async def _single(self, body: Any, kind: str | None, header_key: str | None,
-                      raw_size: int = 0) -> web.Response:
-        failure = await self._one(body, kind, header_key, raw_size)
-        if failure is None:
-            return replies.json_reply({"Success": True}, 200)
-        return single_error(*failure)
 
     async def _one(self, body: Any, kind: str | None, header_key: str | None,
                    raw_size: int = 0) -> Failure | None:
@@ -311,7 +310,7 @@ class SegmentHandlers:
         except BodyError as exc:
             return single_error(exc.status, exc.message, exc.details, exc.retry_after)
         if isinstance(parsed, Single):
-            return await self._single(parsed.body, None, forced, parsed.size)
+            return _single_reply(await self._one(parsed.body, None, forced, parsed.size))
         return await self._store(parsed)
 
     async def _parse_webhook(self, raw: bytes,

@@ -38,7 +38,7 @@ from aiohttp.http import SERVER_SOFTWARE
 from agent.dialects.auth import BadAuth, basic_user
 from agent.dialects.base import Express
 from agent.dialects.body import TICKET
-from agent.dialects.replies import REFUSALS
+from agent.dialects.replies import REFUSALS, Fixed
 from agent.metrics import Metrics
 from agent.server.admission import Admission
 from agent.server.guard import Guard
@@ -122,7 +122,7 @@ class ExpressLane:
         self._tasks: set[asyncio.Task[None]] = set()
         self._closing = False
         self._date = (0, b"")
-        self._heads: dict[tuple[object, ...], bytes] = {}
+        self._heads: dict[object, bytes] = {}   # a reply's head by (status, *fields) or Fixed
 
     def match(self, buf: bytearray, pos: int) -> tuple[Request, int] | str | None:
         """The request that starts at ``buf[pos]`` and where it ends; MORE when it may
@@ -207,12 +207,16 @@ class ExpressLane:
             log.exception("an express reply could not be written")
             conn.abort()
 
-    def render(self, resp: web.Response) -> bytes:
-        """``resp`` as aiohttp writes it on a keep-alive HTTP/1.1 connection."""
+    def render(self, reply: web.Response | Fixed) -> bytes:
+        """``reply`` as aiohttp writes it on a keep-alive HTTP/1.1 connection."""
+        key: object
+        if isinstance(reply, Fixed):   # built once: its head is found by the object itself
+            resp, key = reply.response, reply
+        else:
+            resp, key = reply, (reply.status, *reply.headers.items())
         body = resp.body
         if not isinstance(body, bytes):
             raise TypeError(f"an express reply's body must be bytes, not {type(body)}")
-        key = (resp.status, *resp.headers.items())
         head = self._heads.get(key)
         if head is None:  # a handful of distinct replies: each head is built once
             lines = [f"HTTP/1.1 {resp.status} {resp.reason}\r\n"]
