@@ -178,7 +178,10 @@ class ExpressLane:
         return self._closing
 
     def serve(self, conn: Connection, request: Request) -> None:
-        task = asyncio.get_running_loop().create_task(self._answer(conn, request))
+        # Named: a task made without a name formats one of its own ("Task-123"), 2k
+        # instructions a request (callgrind), on Python 3.11.
+        task = asyncio.Task(self._answer(conn, request), loop=asyncio.get_running_loop(),
+                            name="express")
         self._tasks.add(task)
         task.add_done_callback(self._tasks.discard)
 
