@@ -87,7 +87,7 @@ class Metrics:
         return int(CLOCK.elapsed_s() // 60)
 
     def _bucket(self) -> Minute:
-        minute = self._minute()
+        minute = int(CLOCK.elapsed_s() // 60)   # _minute(), one call fewer: every request
         if not self.history or self.history[-1].minute != minute:
             self.history.append(Minute(minute))
         return self.history[-1]
