@@ -153,6 +153,28 @@ async def test_a_dead_letter_retried_hours_later_goes_with_the_batch_s_sent_at(
     assert [ev["sentAt"] for ev in req.events] == [req.body["sentAt"]]
 
 
+async def test_a_track_queued_before_a_restart_goes_with_the_batch_s_sent_at(
+        make_agent: Any, fake_segment: FakeSegment, clock: Clock, fast_backoff: Any) -> None:
+    """Stopped with a track taken under a clock in 1970, started again with the clock
+    set: the time the agent was not running is in no count of its own, so the track's
+    receipt cannot be read in the clock it was taken by; it goes with the batch's
+    `sentAt`, the send time by the clock now (as the docs say), not a `sentAt` guessed
+    from a count that left the stop out."""
+    fake_segment.outage = (503, None)
+    clock.wall_shift_ms = SKEWS["1970"]()
+    agent = await make_agent(upstreams=[segment_up(fake_segment)])
+    reply = await call(agent.port, "/v1/track", {"event": "e", "userId": "u", "messageId": "m1"},
+                       headers={"Authorization": basic("k")})
+    assert reply.status == 200, reply.body
+    await agent.stop()
+    clock.wall_shift_ms = 0
+    fake_segment.outage = None
+    agent = await make_agent(upstreams=[segment_up(fake_segment)])
+    await wait_for(lambda: fake_segment.events)
+    (req,) = fake_segment.accepted()
+    assert [ev["sentAt"] for ev in req.events] == [req.body["sentAt"]]
+
+
 def _epoch_s(iso: str) -> float:
     return datetime.fromisoformat(iso.replace("Z", "+00:00")).timestamp()
 
