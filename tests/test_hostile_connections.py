@@ -862,3 +862,35 @@ async def test_a_request_cut_short_behind_a_declined_upgrade_of_a_half_closed_cl
     assert replies.startswith(b"HTTP/1.1 200 ") and last in replies.rsplit(b"\r\n\r\n", 1)[1], \
         replies[:800]
     assert agent.spool.depth == 0
+
+
+async def test_a_request_behind_a_declined_upgrade_is_followed_once_the_upgrade_is_answered(
+        make_agent: Callable[..., Any], sockets: list[socket.socket]) -> None:
+    """aiohttp parses what it held behind a declined upgrade itself, unseen by the
+    connection's bookkeeping, which went on following the upgrade request's body: the rest
+    of a batch's body sent after the upgrade was answered was counted as header fields
+    (its connection closed, no reply, at 80 KiB), and a client's EOF did not cut short the
+    body it left incomplete (answered 408 at body_timeout_s, not 400 at once)."""
+    agent = await make_agent()
+    loop = asyncio.get_running_loop()
+    upgrade = (b"GET /healthz HTTP/1.1\r\nHost: 127.0.0.1\r\nConnection: Upgrade\r\n"
+               b"Upgrade: websocket\r\n\r\n")
+    batch = orjson.dumps({"batch": [{"type": "track", "event": "e" * 30_000, "userId": "u",
+                                     "messageId": uuid.uuid4().hex} for _ in range(20)]})
+    head = (b"POST /v1/batch HTTP/1.1\r\nHost: 127.0.0.1\r\nAuthorization: "
+            + basic(KEY).encode() + b"\r\nContent-Length: %d\r\n\r\n" % len(batch))
+    s = await connect(agent.port, sockets)
+    await loop.sock_sendall(s, upgrade + head)
+    assert (await asyncio.wait_for(read_reply(s), 5)).startswith(b"HTTP/1.1 200 ")
+    await loop.sock_sendall(s, batch)
+    reply = await asyncio.wait_for(read_reply(s), 5)
+    assert reply.startswith(b"HTTP/1.1 200 "), reply[:300]
+    assert agent.spool.depth == 20 and agent.metrics.connections_closed == {}
+
+    s = await connect(agent.port, sockets)
+    await loop.sock_sendall(s, upgrade + head + batch[:1000])
+    assert (await asyncio.wait_for(read_reply(s), 5)).startswith(b"HTTP/1.1 200 ")
+    s.shutdown(socket.SHUT_WR)
+    reply = await asyncio.wait_for(read_to_eof(s), 5)
+    assert reply.startswith(b"HTTP/1.1 400 ") and b"request body incomplete" in reply, reply
+    assert agent.spool.depth == 20
