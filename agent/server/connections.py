@@ -139,9 +139,11 @@ def _cut_short(body: Any) -> None:
 
 def _held(inner: Any) -> bool:
     """Whether aiohttp's protocol holds bytes sent behind an upgrade request it has not
-    parsed: once the upgrade is declined (the route answered plainly), it parses them as
-    requests (aiohttp 3.14's ``finish_response``), after the route's wrapper returns."""
-    return bool(inner._upgraded and inner._payload_parser is None and inner._message_tail)
+    parsed: once the upgrade is declined (the route answered plainly), it would parse them
+    as requests itself (aiohttp 3.14's ``finish_response``), after the route's wrapper
+    returns, unseen by the connection (``_Conn.feed_held``)."""
+    return bool(inner._upgraded and inner._payload_parser is None and inner._message_tail
+                and not inner._messages)
 
 
 class _Conn(asyncio.Protocol):
@@ -405,15 +407,21 @@ class _Conn(asyncio.Protocol):
         _cut_short(self.payload)
         return True
 
-    def held_parsed(self) -> None:
-        """After the client's EOF, aiohttp has parsed what it held behind a declined
-        upgrade (``_held``): as at the EOF, a body left incomplete is refused, and with no
-        request in it (a head cut short) the connection closes."""
+    def feed_held(self) -> None:
+        """Give aiohttp what it held behind an upgrade request whose route answered plainly
+        (``_held``), as it would once the route returns, but through ``_feed``: each request
+        in it counted as one sent ahead of an answer, and its body followed (parsed by
+        aiohttp unseen, the rest of it was counted as header fields, and a client's EOF did
+        not cut it short). After that EOF, a body left incomplete is refused."""
         inner: Any = self.inner
-        if inner._request_count == self.answered:
-            inner.close()
-        elif inner._messages:
-            _cut_short(inner._messages[-1][1])
+        held, inner._message_tail = inner._message_tail, b""
+        inner._parser.set_upgraded(False)
+        inner._upgraded = False
+        self._to_inner(held)
+        if inner._buffer_paused:   # paused by what it held: aiohttp resumes it so too
+            inner._resume_reading_if_drained()
+        if self.eof:
+            _cut_short(self.payload)
 
     def connection_lost(self, exc: Exception | None) -> None:
         self.limits.lost(self)
@@ -474,12 +482,13 @@ class ConnectionLimits:
             finally:
                 conn.finished = request.content
                 conn.answered += 1
-                # Past a broken body the requests are past telling; after the client's EOF
-                # the last one it sent is answered (one held behind a declined upgrade too).
                 inner: Any = request.protocol
-                if conn.eof and _held(inner):   # parsed as this returns: looked at then
-                    self._loop.call_soon(conn.held_parsed)
-                elif conn.broken is conn.finished \
+                if _held(inner):
+                    conn.feed_held()
+                # Past a broken body the requests are past telling; after the client's EOF
+                # the last one it sent is answered (one held behind a declined upgrade too:
+                # with no request whole in it, the connection closes).
+                if conn.broken is conn.finished \
                         or (conn.eof and inner._request_count == conn.answered):
                     inner.close()
                 self._idle(conn)
