@@ -21,6 +21,7 @@ import contextlib
 import logging
 import resource
 import socket
+import struct
 import time
 import uuid
 from collections.abc import Callable, Iterator
@@ -894,3 +895,22 @@ async def test_a_request_behind_a_declined_upgrade_is_followed_once_the_upgrade_
     reply = await asyncio.wait_for(read_to_eof(s), 5)
     assert reply.startswith(b"HTTP/1.1 400 ") and b"request body incomplete" in reply, reply
     assert agent.spool.depth == 20
+
+
+async def test_a_client_reset_behind_a_declined_upgrade_is_no_logged_crash(
+        make_agent: Callable[..., Any], sockets: list[socket.socket],
+        caplog: pytest.LogCaptureFixture) -> None:
+    """A client that resets its connection while the route of its upgrade request runs
+    (/status reads the spool) leaves nothing to hand aiohttp of what it sent behind it:
+    aiohttp's parser is gone with the connection."""
+    agent = await make_agent()
+    loop = asyncio.get_running_loop()
+    with caplog.at_level(logging.ERROR):
+        for _ in range(3):
+            s = await connect(agent.port, sockets)
+            s.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
+            await loop.sock_sendall(s, b"GET /status HTTP/1.1\r\nHost: 127.0.0.1\r\nConnection: "
+                                       b"Upgrade\r\nUpgrade: websocket\r\n\r\nPOST /v1/track HTTP/1.1\r\n")
+            s.close()   # SO_LINGER 0: a reset
+        await wait_for(lambda: not serving(), 5)
+    assert not [r for r in caplog.records if r.levelno >= logging.ERROR], caplog.text
