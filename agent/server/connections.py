@@ -141,9 +141,10 @@ def _held(inner: Any) -> bool:
     """Whether aiohttp's protocol holds bytes sent behind an upgrade request it has not
     parsed: once the upgrade is declined (the route answered plainly), it would parse them
     as requests itself (aiohttp 3.14's ``finish_response``), after the route's wrapper
-    returns, unseen by the connection (``_Conn.feed_held``)."""
+    returns, unseen by the connection (``_Conn.feed_held``). Not once the connection is
+    lost: its parser is gone."""
     return bool(inner._upgraded and inner._payload_parser is None and inner._message_tail
-                and not inner._messages)
+                and not inner._messages and inner._parser is not None)
 
 
 class _Conn(asyncio.Protocol):
