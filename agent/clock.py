@@ -14,15 +14,20 @@ wrong and let days pass without sleeping.
 
 from __future__ import annotations
 
+import sys
 import time
 
-# Counts through suspend (Linux); elsewhere the plain monotonic clock.
-_BOOTTIME = getattr(time, "CLOCK_BOOTTIME", None)
+# A clock that counts through suspend: Linux's CLOCK_BOOTTIME; macOS's CLOCK_MONOTONIC
+# (Apple's clock_gettime counts sleep; time.monotonic there, mach_absolute_time, stops
+# while the machine sleeps, and a sleep would read as a wall clock set forward: expiry
+# late, segment-http's per-event sentAt early). Elsewhere the plain monotonic clock.
+_THROUGH_SUSPEND = getattr(time, "CLOCK_MONOTONIC" if sys.platform == "darwin"
+                           else "CLOCK_BOOTTIME", None)
 
 
 def _elapsed_ns() -> int:
-    if _BOOTTIME is not None:
-        return time.clock_gettime_ns(_BOOTTIME)
+    if _THROUGH_SUSPEND is not None:
+        return time.clock_gettime_ns(_THROUGH_SUSPEND)
     return time.monotonic_ns()
 
 
