@@ -365,7 +365,7 @@ def cmd_doctor(args: argparse.Namespace) -> int:
         # The id the agent makes where the OS has none, at its first start: not made here,
         # where a root's doctor would leave a file the service's user cannot read.
         if name == "machineId" and not value:
-            value = f"(none yet: the agent makes it in {id_file})"
+            value = f"(none kept: the agent makes one in {id_file} at its start)"
         _show(f"  {name:10} {value}")
     _show("paths:")
     _show(f"  config     {cfg.source}")
