@@ -5,8 +5,8 @@ the records and the delivered events' ``spent`` rows, and keeps only the newest
 from __future__ import annotations
 
 import sqlite3
-import tempfile
 import tracemalloc
+from contextlib import closing
 from pathlib import Path
 
 from hypothesis import example, given, settings
@@ -157,11 +157,9 @@ def test_opening_reads_the_records_and_keys_row_by_row_would(
     """load_state reads a batch of rows at a time and takes them apart in C loops: what it
     returns must be what reading row by row gives, with spent rows among the records,
     clock marks between them, and the cap cutting a batch."""
-    with tempfile.TemporaryDirectory() as tmp:
-        conn = sqlite3.connect(Path(tmp) / "spool.db")
-        # No fsync of a file thrown away: with one, creating the schema took 40 ms an
-        # example, nearly all of the test's time.
-        conn.execute("PRAGMA synchronous = OFF")
+    # In memory: the same queries, without a directory and a file made and removed at
+    # each example (with them, unsynced, the test took 1.6x as long).
+    with closing(sqlite3.connect(":memory:")) as conn:
         conn.executescript(SCHEMA)
         seq, observed = 1, 0
         for i, (is_record, n, marked) in enumerate(rows):
@@ -180,7 +178,6 @@ def test_opening_reads_the_records_and_keys_row_by_row_would(
                               (observed, seq))
         state = load_state(conn, now, max_keys)
         live, keys = _reference_records(conn, now, max_keys)
-        conn.close()
     assert list(zip(*state.live)) == live
     got = StoredKeys.of(keys)
     assert (state.keys.blob, state.keys.counts, state.keys.wall, state.keys.observed) == \
