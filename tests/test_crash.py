@@ -32,6 +32,7 @@ from agent.spool import Spool
 from tests.conftest import AgentProcess, free_port, write_config
 from tests.fakes.clients import Ledger, NucleusClient, upstream_marks
 from tests.fakes.nucleus_upstream import FakeNucleus
+from tests.waiting import serving, wait_for
 
 pytestmark = pytest.mark.slow
 
@@ -224,7 +225,8 @@ async def test_kill9_cycles_with_flapping_upstream(
                 up = not up
                 await asyncio.sleep(rng.uniform(0.05, 0.3))
             await kill9(agent)
-            await asyncio.sleep(0.1)  # the upstream reads what the dead process had sent
+            # The upstream reads what the dead process had sent: its connections end.
+            await wait_for(lambda: not serving(), 5, every=0.005)
             epochs.mark("killed")
         stop.set()
         await asyncio.gather(*tasks)

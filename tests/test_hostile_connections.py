@@ -36,7 +36,7 @@ from agent import service
 from agent.config import ConfigError, parse
 from agent.settings import ListenConfig
 from tests.conftest import AgentProcess, free_port, write_config
-from tests.waiting import wait_for
+from tests.waiting import serving, wait_for
 
 KEY = "hostileTestKey1"
 AGENT_NOFILE = 2048
@@ -244,12 +244,6 @@ async def test_a_low_fd_limit_lowers_the_cap_and_says_so(
 def short_deadlines(**overrides: float) -> dict[str, Any]:
     return {"idle_timeout_s": SHORT, "header_timeout_s": SHORT, "body_timeout_s": SHORT,
             **overrides}
-
-
-def serving() -> bool:
-    """Whether an aiohttp server task of this process is still serving a connection."""
-    return any(getattr(t.get_coro(), "__qualname__", "") == "RequestHandler.start"
-               for t in asyncio.all_tasks())
 
 
 async def connect(port: int, opened: list[socket.socket]) -> socket.socket:

@@ -27,6 +27,12 @@ async def wait_for(cond: Callable[[], bool | Awaitable[bool]], timeout: float = 
         raise AssertionError("condition not met in time") from None
 
 
+def serving() -> bool:
+    """Whether an aiohttp server task of this process is still serving a connection."""
+    return any(getattr(t.get_coro(), "__qualname__", "") == "RequestHandler.start"
+               for t in asyncio.all_tasks())
+
+
 async def _holds(cond: Callable[[], bool | Awaitable[bool]]) -> bool:
     held = cond()
     return await held if inspect.isawaitable(held) else held
