@@ -74,11 +74,16 @@ async def fill_spool(port: int) -> None:
     for _ in range(10):
         if (await call(port, "/v1/batch", big, headers=auth)).status in (429, 503):
             break
-    for i in range(500):
-        small = {"userId": "u", "event": "e", "messageId": f"fill-{i}"}
-        if (await call(port, "/v1/track", small, headers=auth)).status == 503:
-            return
-    raise AssertionError("the spool never filled")
+    # Then single tracks, each size until one is refused, down to a small one: a few
+    # requests a size, where the room a batch left took ~275 small ones (a commit each).
+    for pad in (15_000, 3_000, 600, 120, 0):
+        for i in range(500):
+            small = {"userId": "u", "event": "e", "messageId": f"fill-{pad}-{i}",
+                     **({"properties": {"x": os.urandom(pad).hex()}} if pad else {})}
+            if (await call(port, "/v1/track", small, headers=auth)).status == 503:
+                break
+        else:
+            raise AssertionError("the spool never filled")
 
 
 async def tail_messages(resp: Any, n: int) -> list[dict[str, Any]]:
