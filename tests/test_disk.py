@@ -99,17 +99,20 @@ async def test_full_spool_rejects_with_503_and_recovers_when_drained(
     accepted: list[int] = []
     async with aiohttp.ClientSession() as s:
         refused = None
-        for n in range(400):                    # ~1.6 MB compressed offered to a 1 MB spool
-            batch = [event(n * 5 + j) for j in range(5)]
-            depth = agent.spool.depth
-            r = await post(s, agent.port, batch)
-            if r.status == 503:
-                refused = r
-                assert agent.spool.depth == depth   # nothing of a refused request is kept
-                break
-            assert r.status == 200
-            accepted += [ev["id"] for ev in batch]
-        assert refused is not None, "the spool never filled"
+        # Batches of 50 events until one is refused, then of 5 (~1.6 MB compressed offered
+        # to a 1 MB spool at each size): about 40 requests, where batches of 5 took 250.
+        for size in (50, 5):
+            for _ in range(2000 // size):
+                batch = [event(len(accepted) + j) for j in range(size)]
+                depth = agent.spool.depth
+                r = await post(s, agent.port, batch)
+                if r.status == 503:
+                    refused = r
+                    assert agent.spool.depth == depth   # nothing of a refused request is kept
+                    break
+                assert r.status == 200
+                accepted += [ev["id"] for ev in batch]
+            assert refused is not None, "the spool never filled"
         for n in range(50):                     # top it up until even one event is refused
             if (await post(s, agent.port, [event(2000 + n)])).status == 503:
                 break
