@@ -13,13 +13,16 @@ from typing import Any
 
 WRITABLE = 254
 MAX_DEPTH = WRITABLE - 3
+# Each level takes two bytes: a body no longer than this cannot nest past MAX_DEPTH.
+# Hot loops test it before calling may_be_too_deep: a call is ~600 instructions an event.
+SHALLOW_BYTES = 2 * MAX_DEPTH + 1
 
 
 def may_be_too_deep(body: bytes) -> bool:
     """Whether JSON ``body`` holds enough `{` and `[` to nest past MAX_DEPTH, so the usual
     event pays no walk: each level takes two bytes, so a body shorter than that needs no
     count either (the byte counts cost a 250-byte event ~5k instructions, callgrind)."""
-    return len(body) > 2 * MAX_DEPTH + 1 and body.count(b"{") + body.count(b"[") > MAX_DEPTH
+    return len(body) > SHALLOW_BYTES and body.count(b"{") + body.count(b"[") > MAX_DEPTH
 
 
 def first_hit(value: Any, hit: type | tuple[type, ...] = (), most: int = MAX_DEPTH

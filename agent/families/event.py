@@ -61,7 +61,9 @@ class Limit(NamedTuple):
                 f"{self.max_bytes} fit")
 
 
-_NEWLINE = orjson.OPT_APPEND_NEWLINE
+# compact_json's option: hot loops that inline it (one call fewer an event, ~600
+# instructions) write ``orjson.dumps(obj, option=NEWLINE)[:-1]`` as it does.
+NEWLINE = orjson.OPT_APPEND_NEWLINE
 
 
 def compact_json(obj: Any) -> bytes:
@@ -73,7 +75,7 @@ def compact_json(obj: Any) -> bytes:
     The copy is the slice that drops a newline orjson appends: one call fewer than a
     memoryview's copy (~1k instructions an event, callgrind).
     """
-    return orjson.dumps(obj, option=_NEWLINE)[:-1]
+    return orjson.dumps(obj, option=NEWLINE)[:-1]
 
 
 # Copied for each key: building a hasher (its keyword arguments parsed) cost more than

@@ -13,10 +13,10 @@ from typing import Any, NamedTuple
 
 import orjson
 
-from agent.families.depth import may_be_too_deep, too_deep
+from agent.families.depth import SHALLOW_BYTES, may_be_too_deep, too_deep
 from agent.families.enrich import NEEDS_FACTS, Enrich
 from agent.families.errors import Invalid
-from agent.families.event import NUCLEUS, Event, compact_json, dedupe_key, iso_ms, now_ms
+from agent.families.event import NEWLINE, NUCLEUS, Event, dedupe_key, iso_ms, now_ms
 
 KNOWN_TYPES = frozenset({"init", "event", "error", "userid", "props", "heartbeat", "nucleus:view"})
 ID_TYPES = (int, float, str)   # the ids taken, as exact types (a bool is not one)
@@ -174,12 +174,13 @@ def accept(msg: Any, key: str, enrich: Enrich, faults: Mapping[int, str] = EMPTY
                 if ev.get("date") is None:
                     received = received or iso_ms(now_ms())
                     ev["date"] = received
-                body = compact_json(ev)
+                body = orjson.dumps(ev, option=NEWLINE)[:-1]   # compact_json, inlined
             except orjson.JSONEncodeError as exc:  # read on the fast path: not looked at
                 deep = too_deep(ev)
                 why = f"data[{i}].{deep}" if deep else f"data[{i}] cannot be stored: {exc}"
             else:
-                if not may_be_too_deep(body) or (deep := too_deep(ev)) is None:
+                if (len(body) <= SHALLOW_BYTES or not may_be_too_deep(body)
+                        or (deep := too_deep(ev)) is None):
                     out.ack_at.append(-1 if ev_id is None else len(acks))
                     if ev_id is not None:
                         acks.append(ev_id)
