@@ -3,8 +3,8 @@
 Before parsing moved off the loop, eight 512 KB hand-written batches stalled
 /healthz for seconds, and eight 4 MiB Nucleus posts for longer. The target is
 a p99 under 100 ms (measured by `python -m bench`, figure in bench/RESULTS.md).
-This test guards against the multi-second stall: the CPU time the agent's event
-loop thread ran between two probes' answers (Linux: /proc), at most 1 s. A probe's
+This test guards against the stall: the CPU time the agent's event loop thread ran
+between two probes' answers (Linux: /proc), at most STALL_LIMIT_S. A probe's
 wall-clock wait also stretches while other processes have the cores; the loop's own
 CPU does not.
 """
@@ -27,7 +27,10 @@ from tests.conftest import AgentProcess
 from tests.load_bodies import ROUTES, Route, lenient_batch, nucleus_body
 from tests.test_ingest_memory import CONCURRENT, check_replies, offline_agent, post_all
 
-STALL_LIMIT_S = 1.0
+# The loop's CPU between two answers, at most, by route: with the body parsed on the loop,
+# a batch of hand-written JSON held it 0.8-2.5 s, a 4 MiB Nucleus post (orjson's) 0.16-0.18 s;
+# parsed on the worker, 10 and 20-30 ms (on the machine of bench/RESULTS.md run 47).
+STALL_LIMIT_S = {"batch": 1.0, "nucleus": 0.1}
 
 
 def loop_cpu(pid: int) -> float:
@@ -105,4 +108,5 @@ async def test_healthz_prompt_during_large_posts(
     route = next(r for r in ROUTES if r.name == route_name)
     bodies = [body(i) for i in range(CONCURRENT)]
     worst = report(route_name, await healthz_during(agent, route, bodies))
-    assert worst < STALL_LIMIT_S, f"the agent's loop ran {worst:.2f} s (CPU) between two answers"
+    assert worst < STALL_LIMIT_S[route_name], \
+        f"the agent's loop ran {worst:.2f} s (CPU) between two answers"
