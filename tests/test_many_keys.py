@@ -127,7 +127,7 @@ async def feed_and_measure(agent: AgentProcess, keys: int, delivered: Callable[[
                                  f"{CHUNK_TIMEOUT_S} s") from None
         await wait_for(reached(delivered, start + CHUNK), timeout=CHUNK_TIMEOUT_S)
         # RSS is compared between chunks: measure each with no key's loop still ending.
-        await wait_for(settled, timeout=CHUNK_TIMEOUT_S, every=0.02)   # may read /status
+        await wait_for(settled, timeout=CHUNK_TIMEOUT_S)
         samples.append((start + CHUNK, proc.memory_info().rss, cpu_seconds(proc) - before))
     return samples
 

@@ -139,8 +139,7 @@ async def finished(agent: AgentProcess, trace: Path) -> str:
     assert agent.terminate() == 0
     assert agent.proc is not None
     end = re.compile(rf"^{agent.proc.pid} +\+\+\+ exited with", re.MULTILINE)
-    await wait_for(lambda: end.search(trace.read_text()) is not None, timeout=60,
-                   every=0.02)   # a whole trace read at each look
+    await wait_for(lambda: end.search(trace.read_text()) is not None, timeout=60)
     return trace.read_text()
 
 

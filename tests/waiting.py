@@ -15,21 +15,14 @@ ROOT = Path(__file__).resolve().parent.parent
 
 
 async def wait_for(cond: Callable[[], bool | Awaitable[bool]], timeout: float = 15.0,
-                   every: float | None = None) -> None:
+                   every: float = 0.02) -> None:
     """Return once ``cond()`` holds (awaited when it is a coroutine, e.g. a /status read),
-    looked at ``every`` seconds; fail the test after ``timeout`` seconds. Each wait loses
-    half of ``every`` on average: by default a plain check is looked at every 5 ms, one
-    awaited (a request, on the loop the agent shares) every 20 ms."""
+    looked at ``every`` seconds (a cheap one waited for in a loop: less, as each wait loses
+    half of it on average); fail the test after ``timeout`` seconds."""
     try:
         async with asyncio.timeout(timeout):  # a read that never answers is bounded too
-            while True:
-                held = cond()
-                pause = 0.005
-                if inspect.isawaitable(held):
-                    held, pause = await held, 0.02
-                if held:
-                    return
-                await asyncio.sleep(every or pause)
+            while not await _holds(cond):
+                await asyncio.sleep(every)
     except TimeoutError:
         raise AssertionError("condition not met in time") from None
 
@@ -38,6 +31,11 @@ def serving() -> bool:
     """Whether an aiohttp server task of this process is still serving a connection."""
     return any(getattr(t.get_coro(), "__qualname__", "") == "RequestHandler.start"
                for t in asyncio.all_tasks())
+
+
+async def _holds(cond: Callable[[], bool | Awaitable[bool]]) -> bool:
+    held = cond()
+    return await held if inspect.isawaitable(held) else held
 
 
 async def run_outpost(*args: str, timeout: float = 30.0) -> tuple[int, str]:
