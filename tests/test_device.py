@@ -7,6 +7,8 @@ import logging
 import os
 import platform
 import stat
+import threading
+import uuid
 from pathlib import Path
 
 import pytest
@@ -106,3 +108,31 @@ def test_a_kept_id_file_that_holds_none_is_replaced_and_said_once(
         assert device.machine_id(kept) == made
     said = [r.getMessage() for r in caplog.records if "replaced by a new machine id" in r.message]
     assert len(said) == 1 and str(kept) in said[0]
+
+
+def test_two_first_starts_at_once_keep_one_id(tmp_path: Path,
+                                              monkeypatch: pytest.MonkeyPatch) -> None:
+    # Two agents started at once on a machine with no OS id (a second `outpost run`, or
+    # the service and a hand start): each finds no kept id and makes one. Only one wins the
+    # spool's lock, and the id it sends must be the one kept: the other's write replaced
+    # it, and at the next start upstream saw a new machine.
+    monkeypatch.setattr(device, "MACHINE_ID_FILES", (str(tmp_path / "none"),))
+    kept = tmp_path / "state" / "device-id"
+    both_looked = threading.Barrier(2, timeout=5)
+    made = uuid.uuid4
+
+    def make_after_both_looked() -> uuid.UUID:
+        both_looked.wait()   # each has found no kept id
+        return made()
+
+    monkeypatch.setattr(uuid, "uuid4", make_after_both_looked)
+    ids: list[str] = []
+    starts = [threading.Thread(target=lambda: ids.append(device.machine_id(kept)))
+              for _ in range(2)]
+    for t in starts:
+        t.start()
+    for t in starts:
+        t.join(5)
+    monkeypatch.setattr(uuid, "uuid4", made)
+    assert len(ids) == 2 and ids[0] == ids[1] == device.machine_id(kept)
+    assert os.listdir(kept.parent) == ["device-id"]
