@@ -6,6 +6,7 @@ Computed once at startup (a few file reads), then served from memory.
 from __future__ import annotations
 
 import contextlib
+import errno
 import hashlib
 import locale
 import logging
@@ -116,33 +117,41 @@ def _kept_id(id_file: Path, make: bool) -> str | None:
     """The random id this install made where the OS has none, kept in ``id_file``; made and
     written there when none is (a file holding none, or unreadable, replaced and said so).
     None when ``make`` is false and none is kept."""
-    try:
-        with open(id_file, "rb") as f:
-            raw = f.read(64).strip()
-        if _MACHINE_ID(raw):
-            return raw.decode()
-        why = "holds no id"
-    except FileNotFoundError:
-        why = ""
-    except OSError as exc:
-        why = f"cannot be read ({exc.strerror or exc})"
-    if not make:
-        return None
+    kept, why = _read_kept(id_file)
+    if kept is not None or not make:
+        return kept
     made = uuid.uuid4().hex
     if why:
         log.warning("%s %s: replaced by a new machine id; upstreams see this machine as a "
                     "new one", id_file, why)
     try:
-        _write_private(id_file, made + "\n")
+        if _write_private(id_file, made + "\n", replace=bool(why)):
+            return made
     except OSError as exc:
         log.warning("cannot keep the machine id in %s (%s): another is made at each start "
                     "until it can be", id_file, exc.strerror or exc)
-    return made
+        return made
+    # Another start made one first (two agents started at once): its id is the kept one.
+    return _read_kept(id_file)[0] or made
 
 
-def _write_private(path: Path, text: str) -> None:
+def _read_kept(id_file: Path) -> tuple[str | None, str]:
+    """The id kept in ``id_file``, else None and why ("" when there is no file)."""
+    try:
+        with open(id_file, "rb") as f:
+            raw = f.read(64).strip()
+    except FileNotFoundError:
+        return None, ""
+    except OSError as exc:
+        return None, f"cannot be read ({exc.strerror or exc})"
+    return (raw.decode(), "") if _MACHINE_ID(raw) else (None, "holds no id")
+
+
+def _write_private(path: Path, text: str, *, replace: bool) -> bool:
     """``text`` in ``path``, 0600 in a directory made 0700; written whole beside it, synced,
-    then moved onto it: a crash leaves the old file or the new one, never half of one."""
+    then moved onto it (``replace``) or linked to it only where there is none, so that two
+    writers at once keep the first one's: False when a file was there. A crash leaves the
+    old file or the new one, never half of one."""
     paths.make_private_dir(path.parent)
     fd, part = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)   # 0600
     try:
@@ -150,12 +159,24 @@ def _write_private(path: Path, text: str) -> None:
             fh.write(text)
             fh.flush()
             os.fsync(fh.fileno())
-        os.replace(part, path)
-    except BaseException:
-        with contextlib.suppress(OSError):
+        if not replace:
+            try:
+                os.link(part, path)
+            except FileExistsError:
+                return False
+            except OSError as exc:
+                # A file system with no hard links (FAT, some network mounts): moved
+                # onto it, the only way left.
+                if exc.errno not in (errno.EPERM, errno.EOPNOTSUPP):
+                    raise
+                replace = True
+        if replace:
+            os.replace(part, path)
+    finally:
+        with contextlib.suppress(OSError):   # gone once moved onto ``path``
             os.unlink(part)
-        raise
     paths.sync_dir(path.parent)
+    return True
 
 
 def _command(argv: list[str]) -> str:
