@@ -104,3 +104,30 @@ async def test_strict_routes_name_the_nonfinite_field(make_agent: Any, route: st
     assert reply.status == 400, reply.body
     assert named in reply.body.decode() and "JSON has no NaN" in reply.body.decode(), reply.body
     assert agent.spool.depth == 0
+
+
+async def test_a_number_past_a_double_is_said_to_be_out_of_range(make_agent: Any) -> None:
+    """`1E400` is JSON (a number), only too large for the double every reader here and
+    upstream keeps it in: the 400 said it was "not a JSON value (JSON has no NaN or
+    Infinity)", which sent its sender looking for a NaN. It says the number is out of
+    range, on the strict path, the hand-written one, and for a batch's refused item."""
+    agent = await make_agent()
+    for value in ("1E400", "-1.5e+400"):
+        for quote in ('"', "'"):
+            reply = await call(agent.port, "/v1/track", _single(value, quote), headers=AUTH)
+            assert reply.status == 400, reply.body
+            body = reply.json()
+            text = body["Message"] + " " + body["Details"]
+            assert "out of range" in text and "properties.price" in text and value in text, body
+            assert "NaN" not in text and "not a JSON value" not in text, body
+    good = "{'type': 'track', 'userId': 'u', 'event': 'e', 'messageId': 'ok'}"
+    bad = "{'type': 'track', 'userId': 'u', 'event': 'e', 'properties': {'n': [1, 1E400]}}"
+    reply = await call(agent.port, "/v1/batch", f"{{'batch': [{good}, {bad}]}}", headers=AUTH)
+    assert reply.status == 207, reply.body
+    err = reply.json()["Errors"][0]
+    text = err["Message"] + " " + err["Details"]
+    assert "out of range" in text and "batch[1].properties.n[1]" in text, err
+    reply = await call(agent.port, "/app/k/track",
+                       '{"data":[{"type":"event","name":"n","payload":{"price":1E400}}]}')
+    assert reply.status == 400 and b"out of range" in reply.body, reply.body
+    assert agent.spool.depth == 1   # the batch's good message alone
