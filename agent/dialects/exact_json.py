@@ -61,6 +61,11 @@ class NonFinite(str):
     What ``read_marked`` leaves in its place."""
 
 
+class PastDouble(NonFinite):
+    """A number past a double's range (1E400), as written: JSON, but no reader here or
+    upstream can hold it (a double would be infinity)."""
+
+
 class Unpaired(str):
     """A string holding a lone surrogate ("\\ud83d": JavaScript's slice cut inside an
     emoji), or a member name holding one: UTF-8 cannot write it. What ``read_marked``
@@ -69,7 +74,7 @@ class Unpaired(str):
 
 def _float(text: str) -> float | NonFinite:
     value = float(text)
-    return NonFinite(text) if math.isinf(value) else value
+    return PastDouble(text) if math.isinf(value) else value
 
 
 def _unpaired(text: str) -> bool:
@@ -122,6 +127,14 @@ def nonfinite_error(field: str, text: str) -> str:
     return f"{field or 'the body'}: {text} is not a JSON value (JSON has no NaN or Infinity)"
 
 
+def past_double_error(field: str, text: str) -> BodyError:
+    # As wide_error: the problem and the field in the message, for a close reason.
+    field = shortened(field or "the body", 100)
+    return BodyError(400, f"number out of range at {field}",
+                     f"{field}: {shortened(text, 60)} is past a double's range "
+                     "(about 1.8e308), in which the agent and the upstreams read numbers")
+
+
 def unkept(value: Any) -> tuple[str, Unpaired | NonFinite | Wide] | None:
     """(path, marker) of the first value of ``value`` (read by ``read_marked`` or
     relaxed_json) that cannot be kept as sent, in document order; None when none."""
@@ -132,8 +145,8 @@ def unkept_error(field: str, marker: Unpaired | NonFinite | Wide) -> str:
     """Why the value ``marker`` at ``field`` cannot be kept, the problem first (a close
     reason is cut at 123 bytes), written so that any reply or log can carry it: a lone
     surrogate, in the value or in the field's names, is spelled as its escape."""
-    if isinstance(marker, Wide):
-        refused = wide_error(field, marker)
+    if isinstance(marker, Wide | PastDouble):
+        refused = (wide_error if isinstance(marker, Wide) else past_double_error)(field, marker)
         text = f"{refused.message}: {refused.details}"
     elif isinstance(marker, NonFinite):
         text = nonfinite_error(field, marker)
@@ -153,6 +166,8 @@ def refuse_unkept(value: Any) -> None:
     field, marker = found
     if isinstance(marker, Wide):
         raise wide_error(field, marker)
+    if isinstance(marker, PastDouble):
+        raise past_double_error(field, marker)
     raise BodyError(400, "invalid JSON", unkept_error(field, marker))
 
 

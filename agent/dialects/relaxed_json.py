@@ -26,6 +26,7 @@ import orjson
 from agent.dialects.body import BodyError
 from agent.dialects.exact_json import (
     NonFinite,
+    PastDouble,
     Unpaired,
     Wide,
     exactly,
@@ -49,6 +50,7 @@ _TOKEN = re.compile(r"""
     )""", re.VERBOSE | re.DOTALL)
 _NONFINITE = "nonfinite"
 _WIDE = "wide"   # an integer beyond 64 bits
+_PAST = "past"   # a number past a double's range
 _WORDS = {"true": True, "True": True, "false": False, "False": False, "null": None,
           "None": None}
 
@@ -80,7 +82,7 @@ def _tokens(text: str) -> list[tuple[str, Any]]:
                     and not means_double(raw):
                 out.append((_WIDE, raw))        # orjson would round the integer
             elif number is None:
-                out.append((_NONFINITE, raw))   # it would be infinity
+                out.append((_PAST, raw))   # it would be infinity
             else:
                 out.append(("value", number))
         elif kind == _NONFINITE:
@@ -128,6 +130,8 @@ class _Parser:
             return NonFinite(val)
         if kind == _WIDE:
             return Wide(val)
+        if kind == _PAST:
+            return PastDouble(val)
         if kind in ("{", "["):
             return self.container(kind, depth)
         raise BodyError(400, "invalid JSON", f"unexpected {kind!r}")
