@@ -200,3 +200,26 @@ async def test_drop_oldest_leaves_events_in_flight_to_their_ack(
     assert fake_nucleus.ids().count(0) == 1
     assert counters["acked"] == state.acked
     assert counters["ingested"] == counters["acked"] + counters["dropped_full"]
+
+
+async def test_a_resend_stays_a_duplicate_when_an_older_copy_of_it_expires(
+        make_agent: Any, clock: Clock) -> None:
+    """Event 0 waits queued past dedupe_window_h (20 h), so the app's resend is stored
+    anew, as at-least-once allows. When max_age_days then drops the older copy, the
+    newer copy still holds the key: a third send within the newer copy's window is a
+    duplicate. The agent forgot the key with the older copy and stored it a third time."""
+    hour = 3_600_000
+    agent = await make_agent(storage={"max_age_days": 1, "dedupe_window_h": 20})
+    async with aiohttp.ClientSession() as s:
+        await post(s, agent.port, [event(0)])
+        clock.passed_ms = 21 * hour
+        await agent.spool.prune()   # the index lets the key go: its window ended
+        await post(s, agent.port, [event(0)])
+        assert agent.spool.depth == 2 and agent.spool.counters.get("duplicates", 0) == 0
+        clock.passed_ms = DAY_MS + hour
+        await agent.spool.prune()
+        assert agent.spool.counters["expired"] == 1 and agent.spool.depth == 1
+        await post(s, agent.port, [event(0)])   # 4 h after the second copy
+    assert agent.spool.counters.get("duplicates", 0) == 1
+    assert agent.spool.depth == 1
+    assert agent.spool.counters.get("dedupe_forgotten", 0) == 0
