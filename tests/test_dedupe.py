@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import copy
 import tracemalloc
+from array import array
 
 from hypothesis import given, settings
 from hypothesis import strategies as st
@@ -221,6 +222,59 @@ def test_discarded_keys_are_new_again_and_keep_their_own_window(
     held = len(index)
     assert index.expire(DAY0 + now + WINDOW + HOUR_MS, now + WINDOW + HOUR_MS) == held
     assert len(index) == 0
+
+
+@settings(max_examples=300)
+@given(st.lists(st.tuples(st.lists(st.integers(0, 30), max_size=8),
+                          st.lists(st.integers(0, 40), max_size=3),
+                          st.integers(0, 4 * HOUR_MS)), max_size=30),
+       st.integers(4, 64))
+def test_dropping_records_forgets_only_keys_whose_newest_copy_they_held(
+        steps: list[tuple[list[int], list[int], int]], max_keys: int) -> None:
+    """A key the window or the cap let go while its record waited is stored again by a
+    resend: two records hold it. Dropping the older one undelivered (drop_oldest, expiry,
+    damage) must leave the key to the newer one, or a third send within the newer
+    one's window is stored too; dropping the newer one lets it go. A model of which
+    record stores each key's newest copy, against the index, over expiry and the cap."""
+    index = DedupeIndex(WINDOW, max_keys=max_keys, bucket_ms=HOUR_MS)
+    newest: dict[int, int] = {}   # key -> the record that stored it last
+    queued: list[tuple[int, list[int]]] = []   # (record id, keys it stored), oldest first
+    now = 0
+    for rid, (keys, drops, advance) in enumerate(steps, start=1):
+        now += advance
+        index.expire(DAY0 + now, now)
+        stored = [k for k, new in zip(keys, index.admit(keys, DAY0 + now, now, rid)) if new]
+        newest.update(dict.fromkeys(stored, rid))
+        queued.append((rid, stored))
+        gone = {queued[d % len(queued)][0] for d in drops}
+        dropped = [(r, ks) for r, ks in queued if r in gone]
+        queued = [(r, ks) for r, ks in queued if r not in gone]
+        held = set(index.keys)
+        index.drop([(r, array("q", ks)) for r, ks in dropped])
+        for key in held:
+            assert (key in index) == (newest[key] not in gone), (key, newest[key], gone)
+    # Each remembered key is still in exactly one bucket: expiring them all counts each once.
+    held_n = len(index)
+    assert index.expire(DAY0 + now + WINDOW + HOUR_MS, now + WINDOW + HOUR_MS) == held_n
+
+
+def test_dropping_an_older_copy_leaves_the_cap_s_count_of_the_newer_one_whole() -> None:
+    """Key 7 stored again after its window (record 2), delivered there, and let go by the
+    file early (counted forgotten in record 2's bucket); then record 1, its older copy,
+    is dropped undelivered. The key stays with record 2: when the cap lets that bucket
+    go, the one key in it the file had not counted (9) is counted. Taken out of the
+    bucket by the drop, 7 left the file's count above what the bucket held: 9 was not."""
+    index = DedupeIndex(WINDOW, max_keys=48)  # buckets of at most 3 keys
+    index.admit([7], DAY0, 0, 1)
+    index.expire(DAY0 + WINDOW, WINDOW)
+    index.admit([7, 8, 9], DAY0 + WINDOW, WINDOW, 2)
+    index.forgotten_stored([(2, [7, 8])])
+    assert index.forgotten == 2
+    index.drop([(1, array("q", [7]))])
+    assert 7 in index
+    index.admit(range(100, 148), DAY0 + WINDOW, WINDOW, 3)   # the cap lets record 2's go
+    assert 7 not in index and 9 not in index
+    assert index.forgotten == 3
 
 
 def _state(index: DedupeIndex) -> tuple[set[int], list[tuple[int, int, int, list[int]]], int]:

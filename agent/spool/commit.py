@@ -170,9 +170,10 @@ class Outcome:
     high_in: dict[int, int] = field(default_factory=dict)        # id -> high events stored
     counters: Counts = field(default_factory=dict)               # deltas computed here
     deleted: list[int] = field(default_factory=list)             # records no longer live
-    # Dedupe keys of events dropped undelivered (full, expired, damaged): a resend of one
-    # is a new chance to deliver it, not a duplicate, so the index lets them go.
-    undelivered: list[array[int]] = field(default_factory=list)
+    # Dedupe keys of events dropped undelivered (full, expired, damaged), by record id: a
+    # resend of one is a new chance to deliver it, not a duplicate, so the index lets them
+    # go (DedupeIndex.drop: in one pass, not one per record).
+    undelivered: list[tuple[int, array[int]]] = field(default_factory=list)
     # Dedupe keys of delivered events the file let go early (at max_size_mb), by record
     # id: the index counts them forgotten, each key once (DedupeIndex.forgotten_stored).
     forgotten: list[tuple[int, bytes | array[int]]] = field(default_factory=list)
@@ -188,14 +189,6 @@ class Outcome:
     unused: list[int] = field(default_factory=list)
     more: bool = False   # expiry stopped at a chunk's bound: more may be due (prune)
     trimming: bool = False   # prune took part of an excess over the cap (Expiry.trimming)
-
-    def undelivered_keys(self) -> array[int]:
-        """``undelivered`` as one array, for the index to forget in one pass (one per
-        record took a pass over its keys for each: a minute for 40,000 lone events)."""
-        keys = array("q")
-        for part in self.undelivered:
-            keys.extend(part)
-        return keys
 
 
 def commit(conn: sqlite3.Connection, job: Job) -> Outcome:
@@ -592,7 +585,7 @@ def _drop(conn: sqlite3.Connection, where: str, params: tuple[Any, ...], why: Dr
             elif forget:
                 out.forgotten.append((rid, array("q", compress(keys, map(not_, queued)))))
             keys = array("q", compress(keys, queued))
-        out.undelivered.append(keys)
+        out.undelivered.append((rid, keys))
         d = out.streams.setdefault(stream, [0, 0])
         d[0] -= live
         d[1] -= nbytes

@@ -39,7 +39,7 @@ from collections.abc import Iterable, Iterator, Sequence
 from collections.abc import Set as AbstractSet
 from dataclasses import dataclass, field
 from itertools import accumulate, compress, filterfalse, islice, repeat
-from operator import attrgetter, le
+from operator import attrgetter, itemgetter, le
 
 HOUR_MS = 3_600_000
 # In a record's keys, the place of an event whose key another record stores now (a dead
@@ -61,6 +61,7 @@ class _Bucket:
     observed: int
     keys: array[int] = field(default_factory=lambda: array("q"))
     record: int = 0   # the newest record (its id in the spool) whose keys it holds
+    first: int = 0    # the oldest: a key here came from no record before it (``drop``)
     counted: int = 0  # keys in it counted forgotten already: the file let them go early
 
 
@@ -288,7 +289,8 @@ class DedupeIndex:
             start = record + 1
         kept = spans[cuts[-1][2]:] if cuts else spans
         self._buckets = [_Bucket(seen[lo], max(wall[lo:hi]), seen[hi - 1], keys(lo, hi),
-                                 ids[hi - 1] if ids else 0) for lo, hi in kept]
+                                 ids[hi - 1] if ids else 0, ids[lo] if ids else 0)
+                         for lo, hi in kept]
         self.forgotten += forgotten
         return True
 
@@ -322,7 +324,7 @@ class DedupeIndex:
         return spans, cuts
 
     def discard(self, keys: Sequence[int]) -> None:
-        """Forget ``keys`` now (events dropped undelivered: a resend must be stored).
+        """Forget ``keys`` now, wherever they came from (a key moving to a newer record).
 
         They leave their buckets too, or a resend admitted later would be forgotten with
         the old bucket, early. They are the oldest keys (drop_oldest, expiry): the scan
@@ -339,6 +341,38 @@ class DedupeIndex:
             bucket.keys = kept
             if not left:
                 break
+
+    def drop(self, records: Sequence[tuple[int, Sequence[int]]]) -> None:
+        """Forget the keys of records dropped undelivered, as (record id, keys): a resend
+        of one must be stored. Not a key the index holds from a newer record: stored
+        twice (its first copy queued past the window, or the cap), the newer copy still
+        dedupes within its own window. A key in a bucket came from a record no older
+        than the bucket's ``first``: one of the dropped records older than that is
+        another copy's. The scan stops at the first bucket newer than them all."""
+        ordered = sorted(records, key=itemgetter(0))
+        ids = [rid for rid, _ in ordered]
+        ends = array("q", accumulate((len(part) for _, part in ordered), initial=0))
+        keys = array("q")
+        for _, part in ordered:
+            keys.extend(part)
+        left = self._keys.intersection(keys)
+        older: set[int] = set()   # keys of the dropped records before ``passed``, still held
+        passed = 0
+        for bucket in self._buckets:
+            if not left or bucket.first > ids[-1]:
+                break
+            held = left.intersection(bucket.keys)
+            if not held:
+                continue
+            left.difference_update(held)
+            if (at := bisect_left(ids, bucket.first)) > passed:
+                older.update(self._keys.intersection(keys[ends[passed]:ends[at]]))
+                passed = at
+            if copies := held.intersection(older):   # a newer record's: kept, unless a
+                held -= copies.difference(keys[ends[at]:])   # dropped one's too
+            if held:
+                self._keys.difference_update(held)
+                bucket.keys = array("q", filterfalse(held.__contains__, bucket.keys))
 
     def forgotten_stored(self, records: Iterable[tuple[int, bytes | Sequence[int]]]) -> None:
         """Keys the spool file let go early (at max_size_mb), by (record id, keys): those
@@ -402,11 +436,13 @@ class DedupeIndex:
         bucket = self._buckets[-1] if self._buckets else None
         if (bucket is None or len(bucket.keys) >= self.bucket_keys
                 or observed_ms - bucket.opened >= self.bucket_ms):
-            bucket = _Bucket(opened=observed_ms, wall=wall_ms, observed=observed_ms)
+            bucket = _Bucket(opened=observed_ms, wall=wall_ms, observed=observed_ms,
+                             first=record)
             self._buckets.append(bucket)
         bucket.wall = max(bucket.wall, wall_ms)
         bucket.observed = max(bucket.observed, observed_ms)
         bucket.record = max(bucket.record, record)
+        bucket.first = min(bucket.first, record)
         bucket.keys.extend(fresh)
 
     def _forget(self, bucket: _Bucket) -> int:

@@ -970,7 +970,7 @@ class Spool:
         self.live.remove(out.deleted)
         if not self.live:   # the dictionary went with the last record (codebook.py)
             self.writer.codebook.forget()
-        self.index.discard(out.undelivered_keys())
+        self.index.drop(out.undelivered)
         forgotten = self.index.forgotten
         self.index.forgotten_stored(out.forgotten)
         self.books.count(Tally.DEDUPE_FORGOTTEN, self.index.forgotten - forgotten)

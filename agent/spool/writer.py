@@ -561,7 +561,7 @@ class Writer:
                         "spool: %d queued events lost with records found damaged (counted as "
                         "%s); the rest of the queue is sent", lost, Drop.DROPPED_CORRUPT)
         self.live.remove(out.deleted)
-        self.index.discard(out.undelivered_keys())
+        self.index.drop(out.undelivered)
         forgotten = self.index.forgotten
         self.index.forgotten_stored(out.forgotten)
         if out.stored:
