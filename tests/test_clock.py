@@ -153,6 +153,34 @@ async def test_a_dead_letter_retried_hours_later_goes_with_the_batch_s_sent_at(
     assert [ev["sentAt"] for ev in req.events] == [req.body["sentAt"]]
 
 
+async def test_dead_letters_retried_again_and_again_hold_no_memory_for_each_retry(
+        make_agent: Any, fake_segment: FakeSegment, fast_backoff: Any) -> None:
+    """A letter the upstream refuses each time it is retried: the spool kept the seqs of
+    every retry (for each batch's `sentAt`), two numbers a retry chunk, until a restart:
+    an agent whose dead letters are retried for months grew without bound. Kept while a
+    retried record is queued, they are bounded by the queue; its last retry, delivered,
+    still goes with the batch's `sentAt`."""
+    fake_segment.poison.add("m1")
+    agent = await make_agent(upstreams=[segment_up(fake_segment)])
+    reply = await call(agent.port, "/v1/track", {"event": "e", "userId": "u", "messageId": "m1"},
+                       headers={"Authorization": basic("k")})
+    assert reply.status == 200, reply.body
+    rounds = 10
+    async with aiohttp.ClientSession() as s:
+        for i in range(rounds):
+            await wait_for(lambda: agent.spool.dead_count == 1)
+            if i == rounds - 1:
+                fake_segment.poison.clear()
+            async with s.post(f"http://127.0.0.1:{agent.port}/dead/retry",
+                              json={"all": True}) as r:
+                assert r.status == 200, await r.text()
+    await wait_for(lambda: fake_segment.events)
+    (req,) = fake_segment.accepted()
+    assert [ev["sentAt"] for ev in req.events] == [req.body["sentAt"]]
+    # A [first, end) pair for each retry still queued, and as many again not yet let go.
+    assert len(agent.spool._retried) <= 6, agent.spool._retried
+
+
 async def test_a_track_queued_before_a_restart_goes_with_the_batch_s_sent_at(
         make_agent: Any, fake_segment: FakeSegment, clock: Clock, fast_backoff: Any) -> None:
     """Stopped with a track taken under a clock in 1970, started again with the clock
