@@ -67,6 +67,10 @@ class LiveRecords:
             return None
         return self._observed[i]
 
+    def within(self, first: int, end: int) -> bool:
+        """Whether a live record starts at a seq in [``first``, ``end``)."""
+        return any(self._ns[bisect_left(self._ids, first):bisect_left(self._ids, end)])
+
     def missing(self, seqs: Iterable[int]) -> set[int]:
         """Those of ``seqs`` in no live record. Called on every ack, so a batch's runs cost
         one lookup per record, not per seq: sorted (a batch comes in order, which sorted

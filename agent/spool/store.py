@@ -141,6 +141,7 @@ class Spool:
         # [first, end) bounds (_lead).
         self._fresh_from = 0
         self._retried: list[int] = []
+        self._retried_room = 0   # its length at which those no longer queued are let go
         self._salvaging: _Salvage | None = None
         # Called when a spool that could not be opened is opened at last, when rows are
         # salvaged from a corrupt one, or dead letters retried: their queues need forwarders.
@@ -247,7 +248,19 @@ class Spool:
                 run.lead = run.received - (observed + start)
 
     def retried(self, first: int, end: int) -> None:
-        """Seqs ``first`` .. ``end - 1`` are dead letters put back in the queue (_lead)."""
+        """Seqs ``first`` .. ``end - 1`` are dead letters put back in the queue (_lead).
+
+        Kept while a record of theirs is queued: gone, they are read no more, and kept
+        for good an agent whose letters were retried for months held two numbers a
+        retry chunk. Let go in a pass once the list has doubled since the last one (a
+        pass at every chunk made a long retry quadratic in its chunks)."""
+        if first == end:   # the empty chunk that ends each retry
+            return
+        if len(self._retried) >= self._retried_room:   # (their records are live by now)
+            bounds, live = self._retried, self.live.within
+            self._retried = [seq for at in range(0, len(bounds), 2) if live(*bounds[at:at + 2])
+                             for seq in bounds[at:at + 2]]
+            self._retried_room = 2 * len(self._retried)
         self._retried += (first, end)
 
     async def oldest_received(self, lanes: Sequence[int] = LANES, stream: int | None = None,
@@ -473,7 +486,7 @@ class Spool:
         if state.observed is None:
             await db.run(spool_db.start_clock, state.next_seq)
         self._observed_base, self._elapsed_at_load = state.observed or 0, CLOCK.elapsed_ms()
-        self._fresh_from, self._retried = state.next_seq, []
+        self._fresh_from, self._retried, self._retried_room = state.next_seq, [], 0
         self.books.reset(state.streams, state.counters, state.next_seq, state.dead,
                          state.used_bytes, state.high)
         self.live.load(*state.live)
