@@ -919,6 +919,28 @@ async def test_a_retried_dead_letter_s_key_forgotten_by_the_file_is_counted_once
         await spool.close()
 
 
+async def test_keys_the_cap_forgets_for_a_dead_letter_retry_are_counted(
+        tmp_path: Path) -> None:
+    """A dead letter whose key the cap let go long ago, retried: its key goes back into
+    the index, which lets go of the oldest key to make room. That key was forgotten
+    early, as any the cap lets go for a request's: dedupe_forgotten did not count it."""
+    cfg = StorageConfig(path=str(tmp_path / "spool.db"), sync="normal",
+                        dedupe_max_keys=16)   # buckets of 1 key
+    spool = await Spool.open(cfg)
+    try:
+        await spool.append([incompressible("a", 0, 8)])
+        (row,) = await spool.fetch(spool.streams["a"].id, 0, 10)
+        await spool.dead_letter([(row.seq, "up", "HTTP 400: no")])
+        for i in range(16):   # the cap lets a0's key go
+            await spool.append([incompressible("b", i, 8)])
+        assert spool.counters["dedupe_forgotten"] == 1 and len(spool.index) == 16
+        assert await dead_live.retry(spool, dead.Which(every=True)) == 1
+        assert dedupe_key("a", 0) in spool.index and dedupe_key("b", 0) not in spool.index
+        assert spool.counters["dedupe_forgotten"] == 2
+    finally:
+        await spool.close()
+
+
 @pytest.mark.parametrize("restart", [False, True], ids=["running", "restarted"])
 async def test_a_dead_letter_retried_beside_queued_events_has_its_key_counted_once(
         tmp_path: Path, restart: bool) -> None:
