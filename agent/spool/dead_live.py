@@ -18,6 +18,7 @@ from collections.abc import Callable
 from typing import Any, TypeVar
 
 from agent.families.event import now_ms
+from agent.outcomes import Tally
 from agent.spool import dead
 from agent.spool.commit import Outcome
 from agent.spool.db import SqliteThread, transaction, used_bytes, whole
@@ -126,9 +127,12 @@ async def _retry_chunk(spool: Spool, which: dead.Which, below: int,
         # their old buckets in one pass for the chunk: each pass reads buckets, and letters
         # received apart are a record each.
         spool.index.discard([k for _, _, keys in done.records for k in keys])
+        forgotten = spool.index.forgotten
         for rid, n, keys in done.records:
             spool.live.add(rid, n, observed)
             spool.index.admit(keys, wall, observed, rid)
+        # Keys the cap let go for theirs (a letter's key it let go long ago comes back).
+        spool.books.count(Tally.DEDUPE_FORGOTTEN, spool.index.forgotten - forgotten)
     return done.count, done.last
 
 
