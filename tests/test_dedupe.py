@@ -277,6 +277,25 @@ def test_dropping_an_older_copy_leaves_the_cap_s_count_of_the_newer_one_whole() 
     assert index.forgotten == 3
 
 
+def test_the_file_letting_go_of_an_older_copy_counts_nothing_the_newer_one_holds() -> None:
+    """Key 7, delivered from record 1, let go by the cap (counted) and stored again by
+    its resend (record 20). The file then lets go of both records' stored keys at
+    max_size_mb: record 1's copy was counted when the cap let it go, and the key the
+    index holds is record 20's, counted once for it. Found in the index, record 1's
+    was counted a second time."""
+    index = DedupeIndex(WINDOW, max_keys=16)  # buckets of 1 key
+    index.admit([7], DAY0, 0, 1)
+    for i in range(16):
+        index.admit([100 + i], DAY0, 0, 2 + i)
+    assert 7 not in index and index.forgotten == 1
+    assert index.admit([7], DAY0, 0, 20) == [True]
+    assert index.forgotten == 2   # 100's
+    index.forgotten_stored([(1, [7]), (20, [7])])
+    assert index.forgotten == 3
+    index.admit(range(200, 216), DAY0, 0, 21)   # the cap lets 7 go: counted already
+    assert 7 not in index and index.forgotten == 3 + 15
+
+
 def _state(index: DedupeIndex) -> tuple[set[int], list[tuple[int, int, int, list[int]]], int]:
     """What an index remembers: its keys, its buckets in order, what the cap forgot."""
     return (set(index.keys), [(b.opened, b.wall, b.observed, list(b.keys))
