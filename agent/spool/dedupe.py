@@ -379,12 +379,16 @@ class DedupeIndex:
         still remembered are counted forgotten now, in the bucket of their record (the
         oldest holding a record as new), so that the cap does not count them again when
         it forgets that bucket. The others were counted when the index let them go, or
-        their window ended."""
+        their window ended; if the index let the record's bucket go, a key of it still
+        remembered is a newer copy's (a resend stored again), not forgotten."""
         for record, keys in records:
             n = sum(map(self._keys.__contains__, _as_array(keys)))
             if n:
                 at = bisect_left(self._buckets, record, key=attrgetter("record"))
-                self._buckets[min(at, len(self._buckets) - 1)].counted += n
+                bucket = self._buckets[min(at, len(self._buckets) - 1)]
+                if bucket.first > record:   # its bucket is gone: those are newer copies'
+                    continue
+                bucket.counted += n
                 self.forgotten += n
 
     def expire(self, wall_ms: int, observed_ms: int) -> int:
