@@ -224,11 +224,11 @@ def test_discarded_keys_are_new_again_and_keep_their_own_window(
     assert len(index) == 0
 
 
-@settings(max_examples=300)
-@given(st.lists(st.tuples(st.lists(st.integers(0, 30), max_size=8),
+@settings(max_examples=150)
+@given(st.lists(st.tuples(st.lists(st.integers(0, 15), max_size=8),
                           st.lists(st.integers(0, 40), max_size=3),
-                          st.integers(0, 4 * HOUR_MS)), max_size=30),
-       st.integers(4, 64))
+                          st.integers(0, 8 * HOUR_MS)), max_size=30),
+       st.integers(4, 32))
 def test_dropping_records_forgets_only_keys_whose_newest_copy_they_held(
         steps: list[tuple[list[int], list[int], int]], max_keys: int) -> None:
     """A key the window or the cap let go while its record waited is stored again by a
