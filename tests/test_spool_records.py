@@ -67,6 +67,36 @@ async def test_partial_acks_survive_a_restart_and_a_full_record_becomes_spent(
         await spool.close()
 
 
+async def test_acks_of_a_record_in_ranges_count_its_bytes_and_events_exactly(
+        tmp_path: Path) -> None:
+    """A range of a record acked (the drain's usual partial ack: its bitmap and bytes by
+    range), then an ack overlapping it (one event at a time), then the rest: the queue's
+    bytes are those of the events still in it at each step, across a restart too."""
+    spool = await open_spool(tmp_path)
+    events = [ev("k", i, size=10 + 7 * i) for i in range(10)]
+    size = [len(e.body) for e in events]
+    await spool.append(events)
+    sid = spool.streams["k"].id
+    rows = await spool.fetch(sid, 0, 100)
+    await spool.ack([r.seq for r in rows[:4]])
+    assert (spool.streams["k"].depth, spool.streams["k"].bytes) == (6, sum(size[4:]))
+    await spool.close()
+    spool = await open_spool(tmp_path)
+    try:
+        assert (spool.streams["k"].depth, spool.streams["k"].bytes) == (6, sum(size[4:]))
+        await spool.ack([r.seq for r in rows[2:6]])
+        assert (spool.streams["k"].depth, spool.streams["k"].bytes) == (4, sum(size[6:]))
+        assert ids(await spool.fetch(sid, 0, 100)) == [6, 7, 8, 9]
+        await spool.ack([r.seq for r in rows[6:]])
+        assert spool.depth == 0 and spool.streams["k"].bytes == 0
+        assert spool.counters[Tally.ACKED] == 10
+        with sqlite3.connect(tmp_path / "spool.db") as db:
+            assert db.execute("SELECT count(*) FROM records").fetchone()[0] == 0
+            assert db.execute("SELECT count(*) FROM spent").fetchone()[0] == 1
+    finally:
+        await spool.close()
+
+
 async def test_the_dedupe_index_is_rebuilt_from_queued_and_delivered_records(
         tmp_path: Path) -> None:
     spool = await open_spool(tmp_path)

@@ -38,7 +38,7 @@ from agent.spool.db import (
 )
 from agent.spool.dedupe import keys_to_bytes
 from agent.spool.leases import Bound
-from agent.spool.records import DamagedRecord, Learned, pack, unpack
+from agent.spool.records import DamagedRecord, Learned, pack, sizes, unpack
 
 # Estimating what a record row takes in the file (``row_bytes``), to tell whether a group
 # still fits under max_size_mb between measurements. SQLite keeps whole rows in a page:
@@ -481,6 +481,8 @@ def _settle(conn: sqlite3.Connection, s: Settle, job: Job, out: Outcome) -> None
         if lane == HIGH:
             out.high[stream] = out.high.get(stream, 0) - n
         return
+    if not s.dead and _settle_range(conn, s, job, out, row):
+        return
     gone = bytearray(gone_blob or bytes((n + 7) // 8))
     dead = {off: (up, why) for off, up, why in s.dead if 0 <= off < n}
     offsets = sorted(set(s.acked).union(dead).intersection(range(n)))
@@ -526,6 +528,46 @@ def _settle(conn: sqlite3.Connection, s: Settle, job: Job, out: Outcome) -> None
     d[1] -= freed
     if lane == HIGH:
         out.high[stream] = out.high.get(stream, 0) - len(new)
+
+
+def _settle_range(conn: sqlite3.Connection, s: Settle, job: Job, out: Outcome,
+                  row: tuple[Any, ...]) -> bool:
+    """Acked events of one record that are one range of offsets, none of them gone yet
+    (``row`` as _settle read it): the bitmap set and the bytes freed summed at C speed,
+    with no body cut out. A drain's ack group ends inside a record and the next group
+    takes the rest, so most groups leave one record part acked and finish another: by
+    the offset in Python, with the record unpacked, this was half the writer's ack work.
+    False, having done nothing, when they are not such a range."""
+    acked = s.acked
+    stream, _, n, received, live, gone_blob, nbytes, dkeys, data, lane = row
+    if not isinstance(acked, range) or acked.step != 1 or not acked \
+            or acked.start < 0 or acked.stop > n:
+        return False
+    gone = int.from_bytes(gone_blob or b"", "little")
+    span = (1 << acked.stop) - (1 << acked.start)
+    if gone & span:
+        return False
+    k = len(acked)
+    left = live - k
+    freed = nbytes
+    if left:
+        try:
+            freed = sum(sizes(data, lookup(conn))[acked.start:acked.stop])
+        except DamagedRecord:
+            _drop_damaged(conn, s, job, out, list(acked))
+            return True
+        conn.execute("UPDATE records SET live = ?, gone = ?, bytes = ? WHERE id = ?",
+                     (left, (gone | span).to_bytes((n + 7) // 8, "little"), nbytes - freed,
+                      s.id))
+    else:
+        _delete(conn, s, job, received, dkeys, out)
+    record(out.counters, Tally.ACKED, k)
+    d = out.streams.setdefault(stream, [0, 0])
+    d[0] -= k
+    d[1] -= freed
+    if lane == HIGH:
+        out.high[stream] = out.high.get(stream, 0) - k
+    return True
 
 
 def _drop_damaged(conn: sqlite3.Connection, s: Settle, job: Job, out: Outcome,

@@ -207,10 +207,18 @@ def learned_id(data: bytes) -> int | None:
     return int(_I64.unpack_from(data, 5)[0])
 
 
-def unpack_ids(data: bytes, dicts: Dictionaries | None = None
-               ) -> tuple[list[bytes], list[Any] | None]:
-    """The bodies and ids ``pack`` was given (ids None: a record without them).
-    DamagedRecord for anything else."""
+def sizes(data: bytes, dicts: Dictionaries | None = None) -> array[int]:
+    """The length of each body ``pack`` was given, without cutting the bodies out or
+    reading the ids (an ack that leaves part of a record queued counts the bytes it
+    frees: cutting 1,000 bodies cost it twice the decompression). DamagedRecord as
+    ``unpack_ids``, but for ids that are not what ``pack`` writes."""
+    return _layout(data, dicts)[1]
+
+
+def _layout(data: bytes, dicts: Dictionaries | None
+            ) -> tuple[bytes, array[int], int, int, bool]:
+    """A record's content, its bodies' lengths, where the bodies start and end in it,
+    and whether ids follow them."""
     tag, raw = _decompress(data, dicts)
     with_ids = tag in _WITH_IDS
     head = 8 if with_ids else 4
@@ -228,6 +236,15 @@ def unpack_ids(data: bytes, dicts: Dictionaries | None = None
     end = start + sum(lengths)
     if end + tail != len(raw):
         raise DamagedRecord("lengths do not add up to the record")
+    return raw, lengths, start, end, with_ids
+
+
+def unpack_ids(data: bytes, dicts: Dictionaries | None = None
+               ) -> tuple[list[bytes], list[Any] | None]:
+    """The bodies and ids ``pack`` was given (ids None: a record without them).
+    DamagedRecord for anything else."""
+    raw, lengths, start, end, with_ids = _layout(data, dicts)
+    count = len(lengths)
     bodies = []
     for n in lengths:
         bodies.append(raw[start:start + n])
