@@ -5,11 +5,12 @@ by a device that delivers as it goes."""
 
 from __future__ import annotations
 
+import contextlib
 import os
 import sqlite3
 import struct
 import uuid
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
 from contextlib import asynccontextmanager
 from pathlib import Path
 
@@ -226,3 +227,51 @@ async def test_a_dictionary_of_expired_events_is_not_written_again(
     finally:
         await spool.close()
     assert (old,) not in table(path, "SELECT id FROM dicts")
+
+
+def flip_a_bit(db: sqlite3.Connection) -> None:
+    [(body,)] = db.execute("SELECT body FROM dicts")
+    db.execute("UPDATE dicts SET body = ?", (body[:-1] + bytes([body[-1] ^ 1]),))
+
+
+# Bit rot in the stored dictionary's row, which SQLite reads without complaint: its body
+# no longer has its name, or its name or body is of another type.
+DICTIONARY_DAMAGE: dict[str, Callable[[sqlite3.Connection], object]] = {
+    "body": flip_a_bit,
+    "name": lambda db: db.execute("UPDATE dicts SET id = 'garbage'"),
+    "body-type": lambda db: db.execute("UPDATE dicts SET body = 'garbage'"),
+}
+
+
+@pytest.mark.parametrize("damage", DICTIONARY_DAMAGE.values(), ids=DICTIONARY_DAMAGE.keys())
+async def test_a_restart_over_a_damaged_dictionary_stores_new_events_readably(
+        tmp_path: Path, damage: Callable[[sqlite3.Connection], object]) -> None:
+    """The records packed with a damaged dictionary are lost (counted dropped_corrupt);
+    the events apps post after the restart must not be packed with it too."""
+    path = tmp_path / "spool.db"
+    events = await backlog(path, 100)
+    learned_at = tags(path).index(ZSTD_LEARNED)
+    with contextlib.closing(sqlite3.connect(path)) as db, db:
+        damage(db)
+    async with opened(path) as spool:
+        events = events[:learned_at] + await post_alone(spool, 100, 20)
+        assert await queued(spool) == by_key(events)
+
+
+async def test_a_salvage_over_a_garbled_dictionary_name_keeps_the_other_records(
+        tmp_path: Path) -> None:
+    """Only the records packed with the damaged dictionary are lost, counted (a body that
+    no longer has its name already was)."""
+    path = tmp_path / "spool.db"
+    events = await backlog(path, 100)
+    learned_at = tags(path).index(ZSTD_LEARNED)
+    with contextlib.closing(sqlite3.connect(path)) as db, db:
+        DICTIONARY_DAMAGE["name"](db)
+    [(page,)] = table(path, "SELECT pageno FROM dbstat WHERE name = 'spent'")
+    with open(path, "r+b") as fh:   # and a damaged page: the file is salvaged at start
+        fh.seek((page - 1) * 4096)
+        fh.write(b"\xff" * 4096)
+    async with opened(path) as spool:
+        assert spool.counters.get("spool_corrupt") == 1
+        assert spool.counters.get("dropped_corrupt") == 100 - learned_at
+        assert await queued(spool) == by_key(events[:learned_at])
