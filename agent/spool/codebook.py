@@ -24,7 +24,7 @@ import sqlite3
 from collections.abc import Sequence
 
 from agent.spool.dictionary import ZSTD_DICT_V1
-from agent.spool.records import DICT_BELOW, Dictionaries, Learned
+from agent.spool.records import DICT_BELOW, Dictionaries, Learned, name
 
 # Samples a dictionary is learned from. bench/lone.py's records (one bench event
 # each): 2 samples took one from 175 to 43 bytes, 16 to 42. Varied events of six apps
@@ -79,14 +79,20 @@ def save(conn: sqlite3.Connection, learned: Learned) -> None:
 
 
 def newest(conn: sqlite3.Connection) -> Learned | None:
-    """The dictionary the last run packed with, to go on with; None if none."""
+    """The dictionary the last run packed with, to go on with; None if none, or if damage
+    changed it (its body no longer has its name, or either is garbled to another type): a
+    new one is learned instead. Gone on with, a body changed lost every record packed
+    with it after the restart too, and a garbled type failed every start."""
     row = conn.execute("SELECT id, body FROM dicts ORDER BY n DESC LIMIT 1").fetchone()
-    return None if row is None else Learned(int(row[0]), bytes(row[1]))
+    if row is None or not isinstance(row[1], bytes) or name(row[1]) != row[0]:
+        return None
+    return Learned(row[0], row[1])
 
 
 def lookup(conn: sqlite3.Connection) -> Dictionaries:
     """Where ``conn``'s file keeps its learned dictionaries, for records.unpack."""
     def body(dict_id: int) -> bytes | None:
         row = conn.execute("SELECT body FROM dicts WHERE id = ?", (dict_id,)).fetchone()
-        return None if row is None else bytes(row[0])
+        # Garbled to another type: as lost as a missing one (its records DamagedRecord).
+        return row[0] if row is not None and isinstance(row[0], bytes) else None
     return body

@@ -234,8 +234,10 @@ def _marks(cols: str) -> str:
 def _copy_v1(old: sqlite3.Connection, fresh: sqlite3.Connection, streams: set[int],
              out: Salvaged, cols: str, keys: FileKeys) -> None:
     """Copy the records that unpack whole (v1 or v2: ``cols``), and the spent dedupe keys."""
-    # A damaged dictionary fails its name's check: the records packed with it are lost.
-    dicts = {int(i): bytes(b) for i, b in _try(old, "SELECT id, body FROM dicts") or ()}.get
+    # A damaged dictionary fails its name's check, and one garbled to other types is left
+    # out: the records packed with it are lost.
+    dicts = {i: b for i, b in _try(old, "SELECT id, body FROM dicts") or ()
+             if isinstance(i, int) and isinstance(b, bytes)}.get
     for rows in _scan(old, "records", "id", cols, out, keys):
         keep = []
         for row in rows:
