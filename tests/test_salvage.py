@@ -44,6 +44,7 @@ from agent.spool.schema import SCHEMA
 from tests.conftest import AgentProcess, free_port, write_config
 from tests.fakes.nucleus_upstream import FakeNucleus
 from tests.spool_files import Stored, build_v0
+from tests.test_codebook import backlog, by_key, opened, queued
 from tests.test_disk import fill_up, six_mb_fs, upstream  # noqa: F401  (six_mb_fs: a fixture)
 from tests.waiting import ROOT, run_outpost, wait_for
 
@@ -807,3 +808,27 @@ async def test_damage_a_read_meets_on_a_full_disk_is_one_clear_line_not_a_crash(
         assert len(fake_nucleus.ids()) + agent.spool.counters["dropped_corrupt"] == N
     finally:
         await agent.stop()   # before the file system goes
+
+
+# A value garbled into another type (SQLite reads it without complaint: the tables are
+# not STRICT) in a file that opens, and which events of the lone backlog it costs.
+GARBLED = {
+    "queue-depth": ("UPDATE streams SET depth = 'garbage' WHERE id = 1", 0),
+    "receipt": ("UPDATE records SET received = 'garbage' WHERE id = 1", 1),
+    "dedupe-keys": ("UPDATE records SET dkeys = 'garbage' WHERE id = 1", 1),
+    "clock-mark": ("UPDATE clock_marks SET next_seq = 'garbage'", 0),
+}
+
+
+@pytest.mark.parametrize(("damage", "lost"), GARBLED.values(), ids=GARBLED.keys())
+async def test_a_value_garbled_into_another_type_is_salvaged_not_a_failed_start(
+        tmp_path: Path, damage: str, lost: int) -> None:
+    path = tmp_path / "spool.db"
+    events = await backlog(path, 100)
+    with contextlib.closing(sqlite3.connect(path)) as db, db:
+        db.execute(damage)
+    async with opened(path) as spool:
+        assert spool.counters.get("spool_corrupt") == 1
+        assert spool.counters.get("dropped_corrupt", 0) == lost
+        assert await queued(spool) == by_key(events[lost:])
+    assert list(tmp_path.glob("spool.db.corrupt-*"))
