@@ -19,7 +19,7 @@ import sys
 import threading
 from array import array
 from bisect import bisect_left, bisect_right
-from collections.abc import Awaitable, Callable, Iterator
+from collections.abc import Awaitable, Callable, Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass
 from itertools import accumulate, compress, repeat
@@ -249,23 +249,44 @@ def forget_idle_streams(conn: sqlite3.Connection) -> int:
 def load_state(conn: sqlite3.Connection, now_observed: int, max_keys: int) -> State:
     """The state of an opened spool, with the newest ``max_keys`` dedupe keys (or a record
     more). ``now_observed`` stands for the receipt time of records newer than the last
-    clock mark (later than it was: kept, not forgotten, early)."""
+    clock mark (later than it was: kept, not forgotten, early).
+
+    A value damage garbled into another type, which SQLite reads without complaint (the
+    tables are not STRICT), is damage as a malformed page is: the caller moves the file
+    aside and salvages it (writer.is_corruption). Taken as it came, it failed every start."""
+    try:
+        return _load_state(conn, now_observed, max_keys)
+    except (TypeError, ValueError) as exc:
+        raise sqlite3.DatabaseError(f"database disk image is malformed: {exc}") from exc
+
+
+def _load_state(conn: sqlite3.Connection, now_observed: int, max_keys: int) -> State:
     top = conn.execute(
         "SELECT max(coalesce((SELECT max(id + n - 1) FROM records), 0), "
         "coalesce((SELECT max(seq) FROM dead), 0), "
         "coalesce((SELECT max(id + length(dkeys) / 8 - 1) FROM spent), 0), "
         "coalesce((SELECT max(next_seq) - 1 FROM clock_marks), 0))").fetchone()[0]
     streams = conn.execute("SELECT id, key, depth, bytes FROM streams").fetchall()
+    if not all(typed(row, (int, str, int, int)) for row in streams):  # used on the loop
+        raise TypeError("a queue's row holds a value of another type")
     counters = from_names(conn.execute("SELECT name, value FROM counters").fetchall())
     dead = conn.execute("SELECT count(*) FROM dead").fetchone()[0]
     observed = observed_ms(conn)
     marks = conn.execute("SELECT next_seq, observed FROM clock_marks ORDER BY next_seq").fetchall()
+    if not all(typed(m, (int, int)) for m in marks):
+        raise TypeError("a clock mark holds a value of another type")
     latest = now_observed if observed is None else max(observed, now_observed)
     live, keys = _read_records(conn, marks, latest, max_keys)
     return State(top + 1, streams, counters, dead, used_bytes(conn), observed, live, keys,
                  dict(conn.execute(f"SELECT stream, sum(live) FROM records WHERE lane = {HIGH} "
                                    "GROUP BY stream").fetchall()),
                  newest(conn))
+
+
+def typed(row: Sequence[Any], types: Sequence[Any]) -> bool:
+    """Whether each value of ``row`` has its column's type: damage can garble one into
+    another, or NULL, and SQLite reads it back as that."""
+    return all(isinstance(v, t) for v, t in zip(row, types))
 
 
 # Not a count, in the counters table (from_names skips it): the dedupe_max_keys the keys

@@ -35,7 +35,7 @@ from agent.families.event import NUCLEUS, SEGMENT
 from agent.families.lanes import LANES, NORMAL
 from agent.outcomes import Counts, Drop, Tally, from_names, record
 from agent.spool import migrate_lanes
-from agent.spool.db import CAP_NAME, MAIN_FILE, add_counters, mark, transaction
+from agent.spool.db import CAP_NAME, MAIN_FILE, add_counters, mark, transaction, typed
 from agent.spool.migrate import V0_COLS, V0Row, beating, pack_v0, recount_streams
 from agent.spool.records import DamagedRecord, Dictionaries, learned_id, pack, unpack_ids
 from agent.spool.schema import read_only_uri
@@ -177,7 +177,7 @@ def _dead_count(old: sqlite3.Connection | None, carry: Carry) -> int | None:
 def _salvage(old: sqlite3.Connection | None, fresh: sqlite3.Connection,
              carry: Carry) -> Salvaged:
     out = Salvaged()
-    file_streams = _try(old, "SELECT id, key FROM streams NOT INDEXED") or []
+    file_streams = _typed(old, "SELECT id, key FROM streams NOT INDEXED", (int, str))
     depth, dead = _depth(old, carry), _dead_count(old, carry)
     v0 = bool(_try(old, "SELECT 1 FROM sqlite_master WHERE name = 'events'"))
     # A file from before lanes (v1): its rows are copied without theirs, then classified.
@@ -294,8 +294,8 @@ def _copy_v0(old: sqlite3.Connection, fresh: sqlite3.Connection, streams: set[in
               default=0)
     dead = fresh.execute("SELECT coalesce(max(seq), 0) FROM dead").fetchone()[0]
     # A file whose marks cannot be read: its events count their age from now (kept longer).
-    marks = _try(old, "SELECT observed, next_seq FROM clock_marks NOT INDEXED") or \
-        [(carry.observed, TOP)]
+    marks = _typed(old, "SELECT observed, next_seq FROM clock_marks NOT INDEXED", (int, int)) \
+        or [(carry.observed, TOP)]
 
     def sound() -> Iterator[V0Row]:
         for rows in _scan(old, "events", "seq", V0_COLS, out, keys):
@@ -310,8 +310,7 @@ def _copy_v0(old: sqlite3.Connection, fresh: sqlite3.Connection, streams: set[in
 def _sound(row: tuple[Any, ...], types: tuple[Any, ...], family: bool = True) -> bool:
     """Whether every value has its column's type (damage can garble a record into other
     types, or NULL) and the family (third column) is one the forwarders know."""
-    return all(isinstance(v, t) for v, t in zip(row, types)) and \
-        (not family or row[2] in (NUCLEUS, SEGMENT))
+    return typed(row, types) and (not family or row[2] in (NUCLEUS, SEGMENT))
 
 
 def _scan(old: sqlite3.Connection, table: str, key: str, cols: str,
@@ -471,7 +470,7 @@ def _carry_clock(old: sqlite3.Connection | None, fresh: sqlite3.Connection,
     """Keep the agent-observed time and the file's clock marks, and mark every salvaged
     event as received by now (an event whose own mark is lost counts its age from now:
     kept longer, never expired early)."""
-    marks = _try(old, "SELECT observed, next_seq FROM clock_marks NOT INDEXED") or []
+    marks = _typed(old, "SELECT observed, next_seq FROM clock_marks NOT INDEXED", (int, int))
     fresh.executemany("INSERT OR IGNORE INTO clock_marks(observed, next_seq) VALUES (?, ?)",
                       marks)
     top = fresh.execute(
@@ -493,6 +492,12 @@ def salvage_counters(old: sqlite3.Connection | None, carried: Counts, lost: int,
     record(counters, Drop.DROPPED_CORRUPT, lost)
     record(counters, Tally.DEAD_DROPPED_CORRUPT, dead_lost)
     return counters
+
+
+def _typed(conn: sqlite3.Connection | None, sql: str, types: tuple[type, ...]) -> list[Any]:
+    """The rows whose values have their columns' ``types`` (the others garbled: copied,
+    they failed the fresh spool's every start); none when the query fails."""
+    return [row for row in _try(conn, sql) or () if typed(row, types)]
 
 
 def _try(conn: sqlite3.Connection | None, sql: str, params: Any = ()) -> list[Any] | None:
