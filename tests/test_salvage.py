@@ -43,6 +43,8 @@ from agent.spool.salvage import Carry, salvage
 from agent.spool.schema import SCHEMA
 from tests.conftest import AgentProcess, free_port, write_config
 from tests.fakes.nucleus_upstream import FakeNucleus
+from tests.fakes.segment_upstream import FakeSegment
+from tests.segment_helpers import segment_up
 from tests.spool_files import Stored, build_v0
 from tests.test_codebook import backlog, by_key, opened, queued
 from tests.test_disk import fill_up, six_mb_fs, upstream  # noqa: F401  (six_mb_fs: a fixture)
@@ -832,3 +834,20 @@ async def test_a_value_garbled_into_another_type_is_salvaged_not_a_failed_start(
         assert spool.counters.get("dropped_corrupt", 0) == lost
         assert await queued(spool) == by_key(events[lost:])
     assert list(tmp_path.glob("spool.db.corrupt-*"))
+
+
+@pytest.mark.parametrize("damage", ["gone = 'garbage'", "gone = x''"],
+                         ids=["text", "cut-short"])
+async def test_a_record_whose_acked_bits_are_garbled_is_counted_and_its_queue_flows(
+        make_agent: Any, fake_segment: FakeSegment, tmp_path: Path, damage: str) -> None:
+    """Garbled where only a forwarder's read looks (the bits of its events acked), found
+    while the agent runs: that record is lost, counted, and the rest of its key's queue
+    sent after it."""
+    events = await backlog(tmp_path / "spool.db", 100)
+    with contextlib.closing(sqlite3.connect(tmp_path / "spool.db")) as db, db:
+        db.execute(f"UPDATE records SET {damage} WHERE id = 1")
+    agent = await make_agent(upstreams=[segment_up(fake_segment)])
+    await wait_for(lambda: agent.spool.depth == 0, timeout=5)
+    assert sorted(fake_segment.message_ids()) == sorted(
+        orjson.loads(ev.body)["messageId"] for ev in events[1:])
+    assert agent.spool.counters.get("dropped_corrupt") == 1
