@@ -38,7 +38,7 @@ from agent.spool.db import (
 )
 from agent.spool.dedupe import keys_to_bytes
 from agent.spool.leases import Bound
-from agent.spool.records import DamagedRecord, Learned, pack, sizes, unpack
+from agent.spool.records import DamagedRecord, Learned, acked_bits_fit, pack, sizes, unpack
 
 # Estimating what a record row takes in the file (``row_bytes``), to tell whether a group
 # still fits under max_size_mb between measurements. SQLite keeps whole rows in a page:
@@ -618,7 +618,9 @@ def _drop(conn: sqlite3.Connection, where: str, params: tuple[Any, ...], why: Dr
     freed = 0
     for rid, stream, live, nbytes, size, dkeys, gone, lane, received in rows:
         keys = keys_from_bytes(dkeys)
-        if gone is not None:  # acked or dead-lettered ones stay known
+        # Bits damage garbled (reads.py discards such a record) tell nothing: each key is
+        # taken as undelivered, its event lost.
+        if gone is not None and acked_bits_fit(gone, len(keys)):  # acked, dead-lettered: known
             queued = [not gone[i >> 3] >> (i & 7) & 1 for i in range(len(keys))]
             if spent is not None:
                 conn.execute("INSERT OR REPLACE INTO spent(id, received, observed, dkeys) "

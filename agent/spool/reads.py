@@ -19,7 +19,7 @@ from agent.families.lanes import LANES
 from agent.spool import db as spool_db
 from agent.spool.codebook import lookup
 from agent.spool.db import SqliteThread
-from agent.spool.records import DamagedRecord, unpack_ids
+from agent.spool.records import DamagedRecord, acked_bits_fit, unpack_ids
 from agent.spool.types import Queued, Run
 from agent.spool.writer import Replaced, is_corruption
 
@@ -141,7 +141,8 @@ class Reader:
                 break
             if rid + n <= after + 1:
                 continue
-            got = self._unpack(conn, rid, data, n)
+            # Bits that do not fit (damage): read, they failed this key's every fetch.
+            got = self._unpack(conn, rid, data, n) if acked_bits_fit(gone, n) else None
             if got is None:
                 damaged.append(rid)
                 continue

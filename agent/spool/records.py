@@ -200,6 +200,12 @@ def unpack(data: bytes, dicts: Dictionaries | None = None) -> list[bytes]:
     return unpack_ids(data, dicts)[0]
 
 
+def acked_bits_fit(gone: object, n: int) -> bool:
+    """Whether a record's acked bits (``gone``; None: none acked) are a bit per event of
+    its ``n``: damage can garble them into another type or cut them short."""
+    return gone is None or isinstance(gone, bytes) and len(gone) == (n + 7) // 8
+
+
 def learned_id(data: bytes) -> int | None:
     """The name of the learned dictionary a record was packed with; None: none."""
     if len(data) < 13 or data[0] not in _LEARNED:

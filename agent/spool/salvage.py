@@ -37,7 +37,14 @@ from agent.outcomes import Counts, Drop, Tally, from_names, record
 from agent.spool import migrate_lanes
 from agent.spool.db import CAP_NAME, MAIN_FILE, add_counters, mark, transaction, typed
 from agent.spool.migrate import V0_COLS, V0Row, beating, pack_v0, recount_streams
-from agent.spool.records import DamagedRecord, Dictionaries, learned_id, pack, unpack_ids
+from agent.spool.records import (
+    DamagedRecord,
+    Dictionaries,
+    acked_bits_fit,
+    learned_id,
+    pack,
+    unpack_ids,
+)
 from agent.spool.schema import read_only_uri
 
 RECORD_COLS = "id, stream, family, n, received, live, gone, bytes, dkeys, data, lane"
@@ -267,7 +274,7 @@ def _readable(row: tuple[Any, ...], streams: set[int], dicts: Dictionaries
         return None
     if learned_id(data) is not None:   # the fresh file has no dictionaries: the built-in one
         data = pack(bodies, ids)
-    if len(bodies) != n or len(dkeys) != 8 * n or (gone is not None and len(gone) != (n + 7) // 8):
+    if len(bodies) != n or len(dkeys) != 8 * n or not acked_bits_fit(gone, n):
         return None
     alive = [i for i in range(n) if gone is None or not gone[i // 8] >> (i % 8) & 1]
     if not alive:
