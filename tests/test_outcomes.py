@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import asyncio
 import base64
+import contextlib
 import sqlite3
 from pathlib import Path
 from typing import Any
@@ -142,3 +143,18 @@ async def test_keys_a_lowered_dedupe_max_keys_lets_go_at_a_restart_are_counted_o
         agent = await make_agent(storage={"dedupe_max_keys": 20})
         assert (await get_status(agent.port))["counters"]["dedupe_forgotten"] == 20
         await agent.stop()
+
+
+async def test_a_saved_dedupe_max_keys_garbled_by_damage_does_not_fail_the_start(
+        make_agent: Any, tmp_path: Path) -> None:
+    """The cap the keys were loaded under, saved beside the counts, garbled into text
+    (damage SQLite reads back without complaint): unknown, as in a spool saved before
+    it was, so nothing is counted for it, and the agent starts with its queue."""
+    agent = await make_agent(storage={"dedupe_max_keys": 40})
+    await post_events(agent.port, "k", range(3))   # queued: no upstream
+    await agent.stop()
+    with contextlib.closing(sqlite3.connect(tmp_path / "spool.db")) as conn, conn:
+        conn.execute("UPDATE counters SET value = 'garbage' WHERE name = 'dedupe_max_keys'")
+    agent = await make_agent(storage={"dedupe_max_keys": 20})
+    assert agent.spool.depth == 3
+    assert (await get_status(agent.port))["counters"]["dedupe_forgotten"] == 0
