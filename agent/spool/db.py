@@ -303,6 +303,8 @@ def lower_cap(conn: sqlite3.Connection, keys: StoredKeys, max_keys: int,
     as the cap now; returns how many. A start under the same cap counts none: the run
     that stored the keys it leaves out counted them as its index let them go."""
     row = conn.execute("SELECT value FROM counters WHERE name = ?", (CAP_NAME,)).fetchone()
+    if row is not None and not isinstance(row[0], int):
+        row = None   # garbled by damage: unknown, as in a spool saved before it was
     if row is not None and row[0] == max_keys:
         return 0
     forgotten = 0
