@@ -223,3 +223,29 @@ async def test_a_resend_stays_a_duplicate_when_an_older_copy_of_it_expires(
     assert agent.spool.counters.get("duplicates", 0) == 1
     assert agent.spool.depth == 1
     assert agent.spool.counters.get("dedupe_forgotten", 0) == 0
+
+
+async def test_a_resend_stays_a_duplicate_when_an_older_copy_expires_after_a_restart(
+        make_agent: Any, clock: Clock) -> None:
+    """Event 0 let go by dedupe_max_keys while queued, so its resend half an hour later
+    is stored again; the agent restarts under a higher cap, which loads both copies'
+    records into one bucket. When max_age_days drops the older copy, the newer one
+    still holds the key: a third send within its window is a duplicate. The rebuilt
+    index forgot the key with the older copy and stored it a third time."""
+    storage = {"max_age_days": 1, "dedupe_window_h": 72, "dedupe_max_keys": 16}
+    agent = await make_agent(storage=storage)
+    async with aiohttp.ClientSession() as s:
+        await post(s, agent.port, [event(0), event(1)])
+        await post(s, agent.port, [event(i) for i in range(100, 116)])   # the cap lets 0 go
+        clock.passed_ms = 1_800_000
+        await post(s, agent.port, [event(0)])
+        assert agent.spool.depth == 19 and agent.spool.counters.get("duplicates", 0) == 0
+    await agent.stop()
+    agent = await make_agent(storage={**storage, "dedupe_max_keys": 1000})
+    clock.passed_ms = DAY_MS + 600_000
+    await agent.spool.prune()
+    assert agent.spool.counters["expired"] == 2 and agent.spool.depth == 17
+    async with aiohttp.ClientSession() as s:
+        await post(s, agent.port, [event(0)])
+    assert agent.spool.counters.get("duplicates", 0) == 1
+    assert agent.spool.depth == 17
