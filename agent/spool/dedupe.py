@@ -119,15 +119,18 @@ def moved_keys(blob: bytes) -> int:
     return _as_array(blob).count(MOVED_KEY) if _holds_moved(blob) else 0
 
 
-def _newest_only(stored: StoredKeys) -> StoredKeys:
-    """``stored`` with each key in its newest record alone, and no MOVED_KEY. A key is
-    stored twice when the index let it go (its first event still queued past the window,
-    or the cap) and the app sent it again: the running agent remembered it from then on.
-    Newest first, a stretch of records at a time while none of its keys was met (each
-    record alone in a stretch that holds one); the keys met are as many as the index's."""
+def _newest_only(stored: StoredKeys) -> tuple[StoredKeys, dict[int, int]]:
+    """``stored`` with each key in its newest record alone, and no MOVED_KEY; and the keys
+    an older record stored too, each with the id of the record that holds it now. A key
+    is stored twice when the index let it go (its first event still queued past the
+    window, or the cap) and the app sent it again: the running agent remembered it from
+    then on. Newest first, a stretch of records at a time while none of its keys was met
+    (each record alone in a stretch that holds one); the keys met are as many as the
+    index's."""
     ends = array("q", accumulate(stored.counts, initial=0))
     raw, counts = memoryview(stored.blob), array("q", stored.counts)
     met: set[int] = {MOVED_KEY}
+    again: set[int] = set()
     kept: list[bytes] = []   # newest first
     hi = len(counts)
     while hi:
@@ -138,13 +141,24 @@ def _newest_only(stored: StoredKeys) -> StoredKeys:
             kept.append(bytes(raw[8 * ends[lo]:8 * ends[hi]]))
         else:
             for i in range(hi - 1, lo - 1, -1):
-                fresh = array("q", dict.fromkeys(filterfalse(
-                    met.__contains__, _as_array(raw[8 * ends[i]:8 * ends[i + 1]]))))
+                part = _as_array(raw[8 * ends[i]:8 * ends[i + 1]])
+                again.update(filter(met.__contains__, part))
+                fresh = array("q", dict.fromkeys(filterfalse(met.__contains__, part)))
                 met.update(fresh)
                 counts[i] = len(fresh)
                 kept.append(keys_to_bytes(fresh))
         hi = lo
-    return StoredKeys(b"".join(reversed(kept)), counts, stored.wall, stored.observed, stored.ids)
+    newest = StoredKeys(b"".join(reversed(kept)), counts, stored.wall, stored.observed,
+                        stored.ids)
+    again.discard(MOVED_KEY)
+    holders: dict[int, int] = {}
+    if again:   # each key is once in ``newest``: where it is, is its newest copy
+        ends = array("q", accumulate(counts, initial=0))
+        flat = _as_array(newest.blob)
+        for at in compress(range(len(flat)), map(again.__contains__, flat)):
+            i = bisect_right(ends, at) - 1
+            holders[flat[at]] = stored.ids[i] if stored.ids else 0
+    return newest, holders
 
 
 def _as_array(keys: bytes | memoryview | Sequence[int]) -> array[int]:
@@ -175,6 +189,10 @@ class DedupeIndex:
         self.forgotten = 0
         self._keys: set[int] = set()
         self._buckets: list[_Bucket] = []  # oldest first
+        # Keys loaded at startup that an older record stored too, with the id of the record
+        # holding them: the rebuild may put both records in one bucket, where ``first``
+        # cannot tell the copies apart (``drop``). A key leaves once the index lets it go.
+        self._copies: dict[int, int] = {}
 
     def __len__(self) -> int:
         return len(self._keys)
@@ -197,6 +215,7 @@ class DedupeIndex:
         flags = [k not in seen for k in keys]
         # All new (the usual call): an array of keys is copied, not converted key by key.
         fresh = array("q", keys if all(flags) else compress(keys, flags))
+        self._stored_again(fresh)
         if fresh and not self._remember(fresh, wall_ms, observed_ms, record):
             # A key repeated within the call: only its first occurrence is new.
             firsts: set[int] = set()
@@ -214,6 +233,7 @@ class DedupeIndex:
         with the commit's own lookups made one per request, 1-2% of a 100-event batch's
         instructions (bench/RESULTS.md run 29)."""
         if keys:
+            self._stored_again(keys)
             self._remember(array("q", keys), wall_ms, observed_ms, record)
 
     def load(self, keys: bytes | memoryview | Sequence[int], wall_ms: int,
@@ -226,9 +246,11 @@ class DedupeIndex:
             stored = array("q", (k for k in stored if k != MOVED_KEY))
         # A key here already was stored again (``_newest_only``): it leaves its older
         # bucket, which would forget it early.
-        self.discard(stored)
+        again = self._keys.intersection(stored)
+        self.discard(list(again))
         if stored:
             self._remember(stored, wall_ms, observed_ms, record)
+        self._copies.update(dict.fromkeys(again, record))
 
     def load_all(self, stored: StoredKeys) -> None:
         """``load`` of each stored record, oldest first: the startup rebuild. Into an
@@ -239,7 +261,7 @@ class DedupeIndex:
         if empty and self._load_counted(stored):
             return
         if empty:
-            stored = _newest_only(stored)
+            stored, self._copies = _newest_only(stored)
             if self._load_counted(stored):
                 return
         for raw, wall_ms, observed_ms, record in stored:
@@ -370,6 +392,9 @@ class DedupeIndex:
                 passed = at
             if copies := held.intersection(older):   # a newer record's: kept, unless a
                 held -= copies.difference(keys[ends[at]:])   # dropped one's too
+            if self._copies and (known := held.intersection(self._copies)):
+                held -= {k for k in known   # kept by a newer record than those dropped
+                         if k not in keys[ends[bisect_left(ids, self._copies[k])]:]}
             if held:
                 self._keys.difference_update(held)
                 bucket.keys = array("q", filterfalse(held.__contains__, bucket.keys))
@@ -401,6 +426,8 @@ class DedupeIndex:
         judges alone: it never runs ahead of real time, so it forgets nothing early. Not
         for a key from before the agent counted time (observed below 0: db.PAST), which
         the wall clock alone judges."""
+        if self._copies:   # those of keys let go
+            self._copies = {k: r for k, r in self._copies.items() if k in self._keys}
         gone = 0
         kept = []
         for bucket in self._buckets:
@@ -448,6 +475,13 @@ class DedupeIndex:
         bucket.record = max(bucket.record, record)
         bucket.first = min(bucket.first, record)
         bucket.keys.extend(fresh)
+
+    def _stored_again(self, fresh: Sequence[int]) -> None:
+        """Keys let go and stored again by a running agent are in the bucket of their
+        newest record alone, where ``first`` tells the copies apart: not ``_copies``'."""
+        if self._copies and not self._copies.keys().isdisjoint(fresh):
+            for k in fresh:
+                self._copies.pop(k, None)
 
     def _forget(self, bucket: _Bucket) -> int:
         self._keys.difference_update(bucket.keys)
