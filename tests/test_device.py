@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import errno
 import hashlib
 import logging
 import os
@@ -135,4 +136,24 @@ def test_two_first_starts_at_once_keep_one_id(tmp_path: Path,
         t.join(5)
     monkeypatch.setattr(uuid, "uuid4", made)
     assert len(ids) == 2 and ids[0] == ids[1] == device.machine_id(kept)
+    assert os.listdir(kept.parent) == ["device-id"]
+
+
+@pytest.mark.parametrize("code", [errno.ENOSYS, errno.ENOTSUP, errno.EINVAL],
+                         ids=["fuse-no-link", "enotsup", "einval"])
+def test_an_id_is_kept_on_a_file_system_without_hard_links(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch, code: int) -> None:
+    # The spool on a file system that has no hard links, saying so in its own words:
+    # a FUSE mount that leaves link out answers ENOSYS, macOS's FAT ENOTSUP (not
+    # EOPNOTSUPP there), Windows maps its refusals to EINVAL. The id must still be kept,
+    # as the move kept it: it was made anew at each start, a new machine upstream each time.
+    monkeypatch.setattr(device, "MACHINE_ID_FILES", (str(tmp_path / "none"),))
+
+    def no_links(src: object, dst: object) -> None:
+        raise OSError(code, os.strerror(code))
+
+    monkeypatch.setattr(os, "link", no_links)
+    kept = tmp_path / "state" / "device-id"
+    made = device.machine_id(kept)
+    assert device.machine_id(kept) == made
     assert os.listdir(kept.parent) == ["device-id"]
