@@ -6,7 +6,6 @@ Computed once at startup (a few file reads), then served from memory.
 from __future__ import annotations
 
 import contextlib
-import errno
 import hashlib
 import locale
 import logging
@@ -164,11 +163,10 @@ def _write_private(path: Path, text: str, *, replace: bool) -> bool:
                 os.link(part, path)
             except FileExistsError:
                 return False
-            except OSError as exc:
-                # A file system with no hard links (FAT, some network mounts): moved
-                # onto it, the only way left.
-                if exc.errno not in (errno.EPERM, errno.EOPNOTSUPP):
-                    raise
+            except OSError:
+                # No hard links here (FAT, FUSE and network mounts, each with its own
+                # errno: EPERM, ENOSYS, ENOTSUP, ...): moved onto it, the only way left; a
+                # fault that is no such refusal fails the move too.
                 replace = True
         if replace:
             os.replace(part, path)
