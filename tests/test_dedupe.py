@@ -298,6 +298,21 @@ def test_the_file_letting_go_of_an_older_copy_counts_nothing_the_newer_one_holds
     assert 7 not in index and index.forgotten == 3 + 15
 
 
+def test_after_a_rebuild_the_file_letting_go_of_an_older_copy_counts_nothing_the_newer_holds(
+        ) -> None:
+    """As above, after a restart under a higher dedupe_max_keys: records 1 (keys 7 and 8,
+    delivered) and 20 (7 stored again) are rebuilt into one bucket. The file letting go
+    of record 1's stored keys forgets 8 alone: 7 is record 20's, kept its whole window.
+    Counted for record 1 too, dedupe_forgotten read 2, and the window's end left it so."""
+    index = DedupeIndex(WINDOW, max_keys=1000)
+    stored = StoredKeys.of([(keys_to_bytes(keys), DAY0, 0) for keys in ([7, 8], [9], [7])])
+    stored.ids = array("q", [1, 2, 20])
+    index.load_all(stored)
+    index.forgotten_stored([(1, [7, 8])])
+    assert index.forgotten == 1
+    assert index.expire(DAY0 + WINDOW, WINDOW) == 3 and index.forgotten == 1
+
+
 def _state(index: DedupeIndex) -> tuple[set[int], list[tuple[int, int, int, list[int]]], int]:
     """What an index remembers: its keys, its buckets in order, what the cap forgot."""
     return (set(index.keys), [(b.opened, b.wall, b.observed, list(b.keys))
