@@ -405,9 +405,13 @@ class DedupeIndex:
         oldest holding a record as new), so that the cap does not count them again when
         it forgets that bucket. The others were counted when the index let them go, or
         their window ended; if the index let the record's bucket go, a key of it still
-        remembered is a newer copy's (a resend stored again), not forgotten."""
+        remembered is a newer copy's (a resend stored again), not forgotten, as is one
+        whose newer copy a rebuild put in the same bucket (``_copies``)."""
         for record, keys in records:
-            n = sum(map(self._keys.__contains__, _as_array(keys)))
+            n = sum(map(self._keys.__contains__, stored := _as_array(keys)))
+            if n and self._copies:   # not a newer copy's, rebuilt into this one's bucket
+                n = sum(k in self._keys and self._copies.get(k, record) <= record
+                        for k in stored)
             if n:
                 at = bisect_left(self._buckets, record, key=attrgetter("record"))
                 bucket = self._buckets[min(at, len(self._buckets) - 1)]
