@@ -52,9 +52,9 @@ async def test_a_small_request_after_a_large_one_of_its_key_is_stored_after_it(
     requests were queued for the commit in the order they reached append."""
     spool = await open_spool(tmp_path)
     try:
-        large = asyncio.create_task(spool.append([ev("k", i) for i in range(MANY)]))
+        large = asyncio.ensure_future(spool.append([ev("k", i) for i in range(MANY)]))
         await asyncio.sleep(0)   # the large request is in append, at its first slice
-        small = asyncio.create_task(spool.append([ev("k", MANY)]))
+        small = asyncio.ensure_future(spool.append([ev("k", MANY)]))
         assert await large == MANY and await small == 1
         assert await ids_of(spool, "k") == list(range(MANY + 1))
     finally:
@@ -67,7 +67,7 @@ async def test_two_large_requests_of_one_key_keep_their_order(tmp_path: Path) ->
     spool = await open_spool(tmp_path)
     try:
         n = 3 * SLICE_EVENTS + 5   # four slices
-        first = asyncio.create_task(spool.append([ev("k", i) for i in range(n)]))
+        first = asyncio.ensure_future(spool.append([ev("k", i) for i in range(n)]))
         await asyncio.sleep(0)
         second = asyncio.create_task(
             spool.append([ev("k", i) for i in range(n, n + SLICE_EVENTS + 1)]))
@@ -85,11 +85,11 @@ async def test_a_request_cancelled_behind_a_large_one_holds_up_nothing(
     spool = await open_spool(tmp_path)
     try:
         n = 8 * SLICE_EVENTS   # slices enough to outlast the turns below
-        large = asyncio.create_task(spool.append([ev("k", i) for i in range(n)]))
+        large = asyncio.ensure_future(spool.append([ev("k", i) for i in range(n)]))
         await asyncio.sleep(0)
-        gone = asyncio.create_task(spool.append([ev("k", n)]))
+        gone = asyncio.ensure_future(spool.append([ev("k", n)]))
         await asyncio.sleep(0)
-        after = asyncio.create_task(spool.append([ev("k", n + 1)]))
+        after = asyncio.ensure_future(spool.append([ev("k", n + 1)]))
         await asyncio.sleep(0)
         assert not large.done()
         gone.cancel()
@@ -111,9 +111,9 @@ async def test_a_resend_of_a_large_requests_event_meanwhile_is_stored_once(
     spool = await open_spool(tmp_path)
     try:
         events = [ev("k", i) for i in range(MANY)]
-        large = asyncio.create_task(spool.append(events))
+        large = asyncio.ensure_future(spool.append(events))
         await asyncio.sleep(0)
-        small = asyncio.create_task(spool.append([events[SLICE_EVENTS + 3]]))
+        small = asyncio.ensure_future(spool.append([events[SLICE_EVENTS + 3]]))
         got = [await large, await small]
         assert sum(got) == MANY
         assert sorted(await ids_of(spool, "k")) == list(range(MANY))
@@ -129,13 +129,13 @@ async def test_a_resend_while_the_keys_join_the_index_is_a_duplicate(tmp_path: P
     spool = await open_spool(tmp_path)
     try:
         events = [ev("k", i) for i in range(3 * MANY)]
-        large = asyncio.create_task(spool.append(events))
+        large = asyncio.ensure_future(spool.append(events))
         resends = []
         while spool.last_seq < len(events) - 1:   # until its commit is under way
             await asyncio.sleep(0)
         # One resend a turn for the rest of the time the large request is in flight.
         while not large.done():
-            resends.append(asyncio.create_task(spool.append([events[-1], events[-2]])))
+            resends.append(asyncio.ensure_future(spool.append([events[-1], events[-2]])))
             await asyncio.sleep(0)
         assert await large == 3 * MANY
         assert resends and await asyncio.gather(*resends) == [0] * len(resends)
@@ -151,9 +151,9 @@ async def test_two_large_requests_sharing_events_sliced_at_once(tmp_path: Path) 
     being taken in: each event stored once, in order."""
     spool = await open_spool(tmp_path)
     try:
-        a = asyncio.create_task(spool.append([ev("k", i) for i in range(MANY)]))
+        a = asyncio.ensure_future(spool.append([ev("k", i) for i in range(MANY)]))
         await asyncio.sleep(0)
-        b = asyncio.create_task(spool.append([ev("k", i) for i in range(MANY + 10)]))
+        b = asyncio.ensure_future(spool.append([ev("k", i) for i in range(MANY + 10)]))
         assert await a + await b == MANY + 10
         assert await ids_of(spool, "k") == list(range(MANY + 10))
         assert spool.counters["duplicates"] == MANY
@@ -166,7 +166,7 @@ async def test_two_large_requests_sharing_events_sliced_at_once(tmp_path: Path) 
 
 async def test_close_while_a_large_request_is_sliced_answers_it(tmp_path: Path) -> None:
     spool = await open_spool(tmp_path)
-    large = asyncio.create_task(spool.append([ev("k", i) for i in range(MANY)]))
+    large = asyncio.ensure_future(spool.append([ev("k", i) for i in range(MANY)]))
     await asyncio.sleep(0)
     await spool.close()
     with pytest.raises(SpoolFull) as exc:
@@ -184,7 +184,7 @@ async def test_a_cancelled_large_request_stores_nothing_and_its_resend_is_stored
     spool = await open_spool(tmp_path)
     try:
         events = [ev("k", i) for i in range(MANY)]
-        large = asyncio.create_task(spool.append(events))
+        large = asyncio.ensure_future(spool.append(events))
         await asyncio.sleep(0)
         large.cancel()
         with pytest.raises(asyncio.CancelledError):
@@ -205,9 +205,9 @@ async def test_a_full_spool_refuses_only_the_large_request_mid_slice(tmp_path: P
         big = [Event("big", NUCLEUS, dedupe_key("big", i),
                      orjson.dumps({"id": i, "pad": os.urandom(400).hex()}), i)
                for i in range(MANY)]
-        large = asyncio.create_task(spool.append(big))
+        large = asyncio.ensure_future(spool.append(big))
         await asyncio.sleep(0)
-        smalls = [asyncio.create_task(spool.append([ev("s", i)])) for i in range(5)]
+        smalls = [asyncio.ensure_future(spool.append([ev("s", i)])) for i in range(5)]
         got = await asyncio.gather(large, *smalls, return_exceptions=True)
         # Larger than the whole spool: refused as too large (413), not as full.
         assert isinstance(got[0], Invalid) and got[0].too_large and got[1:] == [1] * 5, got
@@ -227,9 +227,9 @@ async def test_a_resend_in_the_same_commit_as_the_large_request(
     try:
         events = [ev("k", i) for i in range(MANY)]
         async with spool.lock:
-            large = asyncio.create_task(spool.append(events))
+            large = asyncio.ensure_future(spool.append(events))
             await asyncio.sleep(0)
-            small = asyncio.create_task(spool.append([events[5], ev("k", MANY)]))
+            small = asyncio.ensure_future(spool.append([events[5], ev("k", MANY)]))
             await turns(10)   # both queued for the next commit
             assert not large.done() and not small.done()
         assert await large + await small == MANY + 1

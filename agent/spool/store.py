@@ -19,7 +19,7 @@ import sqlite3
 import stat
 import sys
 from bisect import bisect_right
-from collections.abc import Awaitable, Callable, Coroutine, Sequence
+from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -202,14 +202,13 @@ class Spool:
 
     # -- the queue -----------------------------------------------------------
 
-    def append(self, events: list[Event] | Awaitable[list[Event]]
-               ) -> Coroutine[Any, Any, int]:
+    def append(self, events: list[Event] | Awaitable[list[Event]]) -> Awaitable[int]:
         """Commit ``events`` (await it); returns how many were new (the rest were resends).
         An awaitable of them takes its place in the commit order at the call.
 
         Raises SpoolFull when they do not fit and ``when_full = "reject"``,
-        or when the disk itself is full. The writer's own coroutine: one frame less for
-        every request to create and to resume once its commit is done.
+        or when the disk itself is full. The writer's own awaitable (for the usual request,
+        its commit's future): no frame of this one to create and to resume.
         """
         return self.writer.append(events)
 

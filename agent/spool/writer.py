@@ -197,10 +197,21 @@ class Writer:
         if self._task is not None:
             await self._task
 
-    async def append(self, events: list[Event] | Awaitable[list[Event]]) -> int:
-        """Commit ``events``; returns how many were new (the rest were resends). Given as
-        an awaitable (made ready off the loop: intake.py), the request takes its place in
-        the commit order at the call, before its events are ready."""
+    def append(self, events: list[Event] | Awaitable[list[Event]]) -> Awaitable[int]:
+        """Commit ``events`` (await it); returns how many were new (the rest were resends).
+        Given as an awaitable (made ready off the loop: intake.py), the request takes its
+        place in the commit order at the call, before its events are ready."""
+        if (isinstance(events, list) and events and len(events) <= SLICE_EVENTS
+                and self._taking is None and not self.closing):
+            # The usual request joins the batch now: its commit's future, no coroutine
+            # to make and resume (a single call's path).
+            fut: asyncio.Future[int] = asyncio.get_running_loop().create_future()
+            self._batch.appends.append(Pending(events, now_ms(), fut))
+            self._wake.set()
+            return fut
+        return self._append(events)
+
+    async def _append(self, events: list[Event] | Awaitable[list[Event]]) -> int:
         loop = asyncio.get_running_loop()
         received = now_ms()
         # FIFO: requests join the batch in the order they reached append, though one may
