@@ -508,7 +508,9 @@ async def test_a_client_gone_mid_body_is_a_refusal_not_a_logged_crash(
         s = await connect(agent.port, sockets)
         s.send(b"POST " + path + b" HTTP/1.1\r\nHost: 127.0.0.1\r\n"
                b"Content-Type: application/json\r\n" + auth + b"\r\n" + framing + start)
-        await asyncio.sleep(0.1)   # the head is read and the route waits for the body
+        # The route reads the body: it holds the body's bytes against the in-flight budget
+        # (the declared length before it waits for the rest, a chunked body's as they come).
+        await wait_for(lambda: agent.metrics.inflight_bytes > 0, 5)
         s.close()
         await wait_for(lambda: bool(agent.metrics.refused)
                        or any(r.levelno >= logging.ERROR for r in caplog.records), 5)
@@ -614,8 +616,12 @@ async def test_a_client_gone_mid_body_of_a_dead_letter_request_is_no_logged_cras
     with caplog.at_level(logging.ERROR):
         s = await connect(agent.port, sockets)
         s.send(b"POST /dead/retry HTTP/1.1\r\nHost: 127.0.0.1\r\n"
-               b"Content-Type: application/json\r\nContent-Length: 40\r\n\r\n{\"reason\": ")
-        await asyncio.sleep(0.1)   # the head is read and the route waits for the body
+               b"Content-Type: application/json\r\nContent-Length: 40\r\n"
+               b"Expect: 100-continue\r\n\r\n")
+        # Sent as the route reads the body (no in-flight budget to show it: not an ingest route).
+        said = await asyncio.wait_for(asyncio.get_running_loop().sock_recv(s, 100), 5)
+        assert said == b"HTTP/1.1 100 Continue\r\n\r\n", said
+        s.send(b"{\"reason\": ")
         s.close()
         await wait_for(lambda: any(r.levelno >= logging.ERROR for r in caplog.records)
                        or not serving(), 5)
