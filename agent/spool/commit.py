@@ -190,6 +190,14 @@ class Outcome:
     more: bool = False   # expiry stopped at a chunk's bound: more may be due (prune)
     trimming: bool = False   # prune took part of an excess over the cap (Expiry.trimming)
 
+    def left(self, stream: int, lane: int, events: int, nbytes: int) -> None:
+        """``events`` of ``stream``'s queue (``nbytes`` of it) in ``lane`` left it."""
+        d = self.streams.setdefault(stream, [0, 0])
+        d[0] -= events
+        d[1] -= nbytes
+        if lane == HIGH:
+            self.high[stream] = self.high.get(stream, 0) - events
+
 
 def commit(conn: sqlite3.Connection, job: Job) -> Outcome:
     """Run one group commit; rolls back and re-raises on any error."""
@@ -475,11 +483,7 @@ def _settle(conn: sqlite3.Connection, s: Settle, job: Job, out: Outcome) -> None
         # The whole record acked at once, the drain's usual case: nothing per event.
         record(out.counters, Tally.ACKED, n)
         _delete(conn, s, job, received, dkeys, out)
-        d = out.streams.setdefault(stream, [0, 0])
-        d[0] -= n
-        d[1] -= nbytes
-        if lane == HIGH:
-            out.high[stream] = out.high.get(stream, 0) - n
+        out.left(stream, lane, n, nbytes)
         return
     if not s.dead and _settle_range(conn, s, job, out, row):
         return
@@ -523,11 +527,7 @@ def _settle(conn: sqlite3.Connection, s: Settle, job: Job, out: Outcome) -> None
                      (left, bytes(gone), nbytes - freed, s.id))
     else:
         _delete(conn, s, job, received, dkeys, out)
-    d = out.streams.setdefault(stream, [0, 0])
-    d[0] -= len(new)
-    d[1] -= freed
-    if lane == HIGH:
-        out.high[stream] = out.high.get(stream, 0) - len(new)
+    out.left(stream, lane, len(new), freed)
 
 
 def _settle_range(conn: sqlite3.Connection, s: Settle, job: Job, out: Outcome,
@@ -562,11 +562,7 @@ def _settle_range(conn: sqlite3.Connection, s: Settle, job: Job, out: Outcome,
     else:
         _delete(conn, s, job, received, dkeys, out)
     record(out.counters, Tally.ACKED, k)
-    d = out.streams.setdefault(stream, [0, 0])
-    d[0] -= k
-    d[1] -= freed
-    if lane == HIGH:
-        out.high[stream] = out.high.get(stream, 0) - k
+    out.left(stream, lane, k, freed)
     return True
 
 
@@ -584,9 +580,7 @@ def _drop_damaged(conn: sqlite3.Connection, s: Settle, job: Job, out: Outcome,
     conn.execute("UPDATE records SET live = ?, gone = ? WHERE id = ?",
                  (live - len(acked), bytes(gone), s.id))
     record(out.counters, Tally.ACKED, len(acked))
-    out.streams.setdefault(stream, [0, 0])[0] -= len(acked)
-    if lane == HIGH:
-        out.high[stream] = out.high.get(stream, 0) - len(acked)
+    out.left(stream, lane, len(acked), 0)   # the bytes: _drop's, with the rest
     if job.remember:
         keys = keys_from_bytes(dkeys)
         delivered = [k for i, k in enumerate(keys) if gone[i >> 3] >> (i & 7) & 1]
@@ -630,11 +624,7 @@ def _drop(conn: sqlite3.Connection, where: str, params: tuple[Any, ...], why: Dr
                 out.forgotten.append((rid, array("q", compress(keys, map(not_, queued)))))
             keys = array("q", compress(keys, queued))
         out.undelivered.append((rid, keys))
-        d = out.streams.setdefault(stream, [0, 0])
-        d[0] -= live
-        d[1] -= nbytes
-        if lane == HIGH:
-            out.high[stream] = out.high.get(stream, 0) - live
+        out.left(stream, lane, live, nbytes)
         record(out.counters, why, live)
         out.deleted.append(rid)
         freed += row_bytes(size)
