@@ -819,6 +819,11 @@ GARBLED = {
     "receipt": ("UPDATE records SET received = 'garbage' WHERE id = 1", 1),
     "dedupe-keys": ("UPDATE records SET dkeys = 'garbage' WHERE id = 1", 1),
     "clock-mark": ("UPDATE clock_marks SET next_seq = 'garbage'", 0),
+    # A lane no forwarder reads: its events were counted queued but never sent.
+    "lane-high": ("UPDATE records SET lane = 7 WHERE id = 1", 0),
+    "lane-negative": ("UPDATE records SET lane = -1 WHERE id = 1", 0),
+    "lane-text": ("UPDATE records SET lane = 'garbage' WHERE id = 1", 0),
+    "lane-between": ("UPDATE records SET lane = 0.5 WHERE id = 1", 0),
 }
 
 
@@ -833,6 +838,7 @@ async def test_a_value_garbled_into_another_type_is_salvaged_not_a_failed_start(
         assert spool.counters.get("spool_corrupt") == 1
         assert spool.counters.get("dropped_corrupt", 0) == lost
         assert await queued(spool) == by_key(events[lost:])
+        assert spool.depth == len(events) - lost
     assert list(tmp_path.glob("spool.db.corrupt-*"))
 
 
