@@ -842,12 +842,13 @@ async def test_a_value_garbled_into_another_type_is_salvaged_not_a_failed_start(
     assert list(tmp_path.glob("spool.db.corrupt-*"))
 
 
-@pytest.mark.parametrize("damage", ["gone = 'garbage'", "gone = x''"],
-                         ids=["text", "cut-short"])
+@pytest.mark.parametrize("damage", ["gone = 'garbage'", "gone = x''", "family = 9"],
+                         ids=["text", "cut-short", "family"])
 async def test_a_record_whose_acked_bits_are_garbled_is_counted_and_its_queue_flows(
         make_agent: Any, fake_segment: FakeSegment, tmp_path: Path, damage: str) -> None:
-    """Garbled where only a forwarder's read looks (the bits of its events acked), found
-    while the agent runs: that record is lost, counted, and the rest of its key's queue
+    """Garbled where only a forwarder's read looks (the bits of its events acked, or its
+    family: none a forwarder can send), found while the agent runs: that record is lost,
+    counted as the salvage counts it, not dead-lettered, and the rest of its key's queue
     sent after it."""
     events = await backlog(tmp_path / "spool.db", 100)
     with contextlib.closing(sqlite3.connect(tmp_path / "spool.db")) as db, db:
@@ -857,3 +858,4 @@ async def test_a_record_whose_acked_bits_are_garbled_is_counted_and_its_queue_fl
     assert sorted(fake_segment.message_ids()) == sorted(
         orjson.loads(ev.body)["messageId"] for ev in events[1:])
     assert agent.spool.counters.get("dropped_corrupt") == 1
+    assert agent.spool.dead_count == 0
