@@ -819,11 +819,12 @@ GARBLED = {
     "receipt": ("UPDATE records SET received = 'garbage' WHERE id = 1", 1),
     "dedupe-keys": ("UPDATE records SET dkeys = 'garbage' WHERE id = 1", 1),
     "clock-mark": ("UPDATE clock_marks SET next_seq = 'garbage'", 0),
-    # A lane no forwarder reads: its events were counted queued but never sent.
+    # A lane no forwarder reads: its events were counted queued but never sent. Salvaged
+    # into the normal lane; of another type, the record is lost as any garbled so is.
     "lane-high": ("UPDATE records SET lane = 7 WHERE id = 1", 0),
     "lane-negative": ("UPDATE records SET lane = -1 WHERE id = 1", 0),
-    "lane-text": ("UPDATE records SET lane = 'garbage' WHERE id = 1", 0),
-    "lane-between": ("UPDATE records SET lane = 0.5 WHERE id = 1", 0),
+    "lane-text": ("UPDATE records SET lane = 'garbage' WHERE id = 1", 1),
+    "lane-between": ("UPDATE records SET lane = 0.5 WHERE id = 1", 1),
 }
 
 

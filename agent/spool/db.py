@@ -28,7 +28,7 @@ from pathlib import Path
 from queue import SimpleQueue
 from typing import Any, TypeVar
 
-from agent.families.lanes import HIGH
+from agent.families.lanes import HIGH, NORMAL
 from agent.outcomes import Counts, Tally, from_names
 from agent.spool.codebook import newest
 from agent.spool.dedupe import MOVED_KEY, StoredKeys, keys_to_bytes, moved_keys
@@ -41,6 +41,13 @@ BUSY_TIMEOUT_MS = 5000  # how long a connection waits for another's lock
 # Rows fetched at a time as a spool opens, each batch taken apart in C loops: 8 MB of keys
 # at most, were they all full records (RECORD_EVENTS keys).
 READ_ROWS = 1024
+
+# Whether a record is in a lane no forwarder reads (damage garbled it: a number, text):
+# counted in its queue's depth, it was never sent, nor dropped for room. Three ranges of
+# the lane index (schema.LANE_INDEX) around the two lanes, not a scan of the records.
+ASTRAY = (f"SELECT EXISTS (SELECT 1 FROM records WHERE lane < {HIGH}) OR EXISTS (SELECT 1 "
+          f"FROM records WHERE lane > {HIGH} AND lane < {NORMAL}) OR EXISTS (SELECT 1 FROM "
+          f"records WHERE lane > {NORMAL})")
 
 
 class SqliteThread:
@@ -275,6 +282,8 @@ def _load_state(conn: sqlite3.Connection, now_observed: int, max_keys: int) -> S
     marks = conn.execute("SELECT next_seq, observed FROM clock_marks ORDER BY next_seq").fetchall()
     if not all(typed(m, (int, int)) for m in marks):
         raise TypeError("a clock mark holds a value of another type")
+    if conn.execute(ASTRAY).fetchone()[0]:   # salvaged into the normal lane
+        raise ValueError("a record is in a lane no forwarder reads")
     latest = now_observed if observed is None else max(observed, now_observed)
     live, keys = _read_records(conn, marks, latest, max_keys)
     return State(top + 1, streams, counters, dead, used_bytes(conn), observed, live, keys,
