@@ -21,6 +21,7 @@ from agent.families.lanes import NORMAL
 
 NUCLEUS = 0
 SEGMENT = 1
+FAMILIES = (NUCLEUS, SEGMENT)
 # Event.ack_id of an event whose id nobody read at ingest.
 NOT_READ: Any = object()
 

@@ -15,6 +15,7 @@ from collections import OrderedDict
 from collections.abc import Sequence
 from typing import Any, Protocol
 
+from agent.families.event import FAMILIES
 from agent.families.lanes import LANES
 from agent.spool import db as spool_db
 from agent.spool.codebook import lookup
@@ -141,8 +142,11 @@ class Reader:
                 break
             if rid + n <= after + 1:
                 continue
-            # Bits that do not fit (damage): read, they failed this key's every fetch.
-            got = self._unpack(conn, rid, data, n) if acked_bits_fit(gone, n) else None
+            # Bits that do not fit (damage): read, they failed this key's every fetch. A
+            # family no uplink sends (damage too) is lost as the salvage loses it, not
+            # dead-lettered as a body the upstream refused.
+            got = self._unpack(conn, rid, data, n) \
+                if family in FAMILIES and acked_bits_fit(gone, n) else None
             if got is None:
                 damaged.append(rid)
                 continue

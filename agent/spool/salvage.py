@@ -31,7 +31,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from agent.families.event import NUCLEUS, SEGMENT
+from agent.families.event import FAMILIES
 from agent.families.lanes import LANES, NORMAL
 from agent.outcomes import Counts, Drop, Tally, from_names, record
 from agent.spool import migrate_lanes
@@ -317,7 +317,7 @@ def _copy_v0(old: sqlite3.Connection, fresh: sqlite3.Connection, streams: set[in
 def _sound(row: tuple[Any, ...], types: tuple[Any, ...], family: bool = True) -> bool:
     """Whether every value has its column's type (damage can garble a record into other
     types, or NULL) and the family (third column) is one the forwarders know."""
-    return typed(row, types) and (not family or row[2] in (NUCLEUS, SEGMENT))
+    return typed(row, types) and (not family or row[2] in FAMILIES)
 
 
 def _scan(old: sqlite3.Connection, table: str, key: str, cols: str,
