@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import asyncio
 import base64
+import contextlib
 import json
 import logging
 import os
@@ -608,3 +609,26 @@ async def test_a_head_of_the_export_reads_no_dead_letters(make_agent: Any) -> No
         await holding
     async with aiohttp.ClientSession() as s, s.get(url) as r:
         assert r.status == 200 and len((await r.read()).splitlines()) == 3
+
+
+async def test_a_retried_letter_whose_lane_damage_garbled_is_sent(make_agent: Any) -> None:
+    """A dead letter's lane garbled by damage (SQLite reads it back without complaint):
+    retried, it went into that lane, which no forwarder reads: counted queued, never sent.
+    It goes back into the normal lane."""
+    up = RefusingNucleus()
+    await up.start()
+    try:
+        agent = await make_agent(port=free_port(), upstreams=[upstream("up", up, ["*"])])
+        await post_events(agent.port, "app-a", range(2))
+        await dead_letters(agent, 2)
+        with contextlib.closing(sqlite3.connect(agent.spool.path)) as db, db:
+            db.execute("UPDATE dead SET lane = 7")
+        up.refuse = None
+        async with aiohttp.ClientSession() as s:
+            async with s.post(f"http://127.0.0.1:{agent.port}/dead/retry",
+                              json={"all": True}) as r:
+                assert r.status == 200, await r.text()
+        await wait_for(lambda: up.ids() == [0, 1], timeout=5)
+        await wait_for(lambda: agent.spool.depth == 0)
+    finally:
+        await up.stop()
