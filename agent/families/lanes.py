@@ -20,6 +20,12 @@ NORMAL = 1
 LANES = (HIGH, NORMAL)
 NAMES = {HIGH: "high", NORMAL: "normal"}
 
+
+def readable(lane: int) -> int:
+    """``lane``, or the normal lane for one no forwarder reads (damage garbled a stored
+    lane): an event put there would wait, counted queued, until it expired."""
+    return lane if lane in LANES else NORMAL
+
 NUCLEUS_HIGH = frozenset({"init", "error"})
 SEGMENT_HIGH = frozenset({"Application Opened", "Application Error"})
 

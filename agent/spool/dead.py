@@ -21,7 +21,7 @@ from typing import Any, NamedTuple
 
 import orjson
 
-from agent.families.lanes import HIGH
+from agent.families.lanes import HIGH, readable
 from agent.logs import fingerprint
 from agent.outcomes import Tally, record
 from agent.spool.commit import Outcome
@@ -258,7 +258,8 @@ def _requeue_step(conn: sqlite3.Connection, rows: list[Any], done: Requeued) -> 
     rows.sort()  # RETURNING's order is not defined: keep the old FIFO order
     done.count += len(rows)
     groups: list[tuple[int, int, int, int, list[int], list[bytes]]] = []
-    for _, stream, family, received, dkey, body, lane in rows:
+    for _, stream, family, received, dkey, body, stored in rows:
+        lane = readable(stored)   # one damage garbled: in no lane read, it would never go
         g = groups[-1] if groups else None
         # One record per run of one key, lane and family received together (expiry reads
         # a record's receipt time); the order of the old seqs is kept, so each lane's

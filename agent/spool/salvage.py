@@ -32,7 +32,7 @@ from pathlib import Path
 from typing import Any
 
 from agent.families.event import FAMILIES
-from agent.families.lanes import LANES, NORMAL
+from agent.families.lanes import readable
 from agent.outcomes import Counts, Drop, Tally, from_names, record
 from agent.spool import migrate_lanes
 from agent.spool.db import CAP_NAME, MAIN_FILE, add_counters, mark, transaction, typed
@@ -202,7 +202,7 @@ def _salvage(old: sqlite3.Connection | None, fresh: sqlite3.Connection,
                 # As a record's: a letter whose key is lost has no queue to go back to,
                 # and its id would name whichever key the fresh spool numbers so first.
                 sound = [r for r in rows if _sound(r, DEAD_TYPES)]
-                kept = [(*r[:9], *map(_lane, r[9:])) for r in sound if r[1] in streams]
+                kept = [(*r[:9], *map(readable, r[9:])) for r in sound if r[1] in streams]
                 out.dead_unkeyed += len(sound) - len(kept)
                 out.dead_unkept += len(rows) - len(kept)
                 fresh.executemany(f"INSERT OR IGNORE INTO dead({cols(DEAD_COLS)}) VALUES "
@@ -280,12 +280,7 @@ def _readable(row: tuple[Any, ...], streams: set[int], dicts: Dictionaries
     if not alive:
         return None
     return (rid, stream, family, n, received, len(alive), gone,
-            sum(len(bodies[i]) for i in alive), dkeys, data, *map(_lane, row[10:]))
-
-
-def _lane(value: int) -> int:
-    """A lane no forwarder reads would keep its events queued for good: normal instead."""
-    return value if value in LANES else NORMAL
+            sum(len(bodies[i]) for i in alive), dkeys, data, *map(readable, row[10:]))
 
 
 def _live_of(row: tuple[Any, ...]) -> int:
