@@ -816,6 +816,9 @@ async def test_damage_a_read_meets_on_a_full_disk_is_one_clear_line_not_a_crash(
 # not STRICT) in a file that opens, and which events of the lone backlog it costs.
 GARBLED = {
     "queue-depth": ("UPDATE streams SET depth = 'garbage' WHERE id = 1", 0),
+    # Numbers past what a count can be: the loss they gave was too large to save.
+    "queue-depth-huge": ("UPDATE streams SET depth = 1e300 WHERE id = 1", 0),
+    "queue-depth-infinite": ("UPDATE streams SET depth = 1e999 WHERE id = 1", 0),
     "receipt": ("UPDATE records SET received = 'garbage' WHERE id = 1", 1),
     "dedupe-keys": ("UPDATE records SET dkeys = 'garbage' WHERE id = 1", 1),
     "clock-mark": ("UPDATE clock_marks SET next_seq = 'garbage'", 0),
