@@ -164,7 +164,9 @@ def _depth(old: sqlite3.Connection | None, carry: Carry) -> int | None:
     if carry.depth is not None:
         return carry.depth
     queued = _try(old, "SELECT sum(depth) FROM streams NOT INDEXED")
-    return int(queued[0][0] or 0) if queued else None
+    n = (queued[0][0] or 0) if queued else None
+    # Garbled (a real, infinite or not, or text among them): unknown, as _dead_count's.
+    return n if isinstance(n, int) and n >= 0 else None
 
 
 def _dead_count(old: sqlite3.Connection | None, carry: Carry) -> int | None:
