@@ -69,10 +69,11 @@ async def test_an_upstream_has_a_bounded_number_of_batches_in_flight(make_agent:
                                   json={"batch": batch},
                                   headers={"Authorization": f"Basic {auth}"}) as r:
                     assert r.status == 200, await r.text()
-        # Every slot is taken, and the keys beyond them wait without reading a batch.
-        await wait_for(lambda: up.pending == BATCHES_IN_FLIGHT, timeout=10)
-        waiting = [loop for loop in agent.forwarding.loops.values() if loop.waiting_for_slot]
-        assert len(waiting) == KEYS - BATCHES_IN_FLIGHT
+        # Every slot is taken, and the keys beyond them wait without reading a batch (each
+        # loop gets there after its own flush timer: waited for, not read at once).
+        loops = agent.forwarding.loops.values()
+        await wait_for(lambda: up.pending == BATCHES_IN_FLIGHT and sum(
+            loop.waiting_for_slot for loop in loops) == KEYS - BATCHES_IN_FLIGHT, timeout=10)
         up.gate.set()
         await wait_for(lambda: agent.spool.depth == 0, timeout=30)
         assert up.most == BATCHES_IN_FLIGHT
