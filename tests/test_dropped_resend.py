@@ -11,9 +11,11 @@ import os
 from typing import Any
 
 import aiohttp
+import pytest
 
 from agent.clock import Clock
 from tests.fakes.nucleus_upstream import FakeNucleus
+from tests.test_dead_letters import RefusingNucleus
 from tests.waiting import wait_for
 
 DAY_MS = 86_400_000
@@ -249,3 +251,58 @@ async def test_a_resend_stays_a_duplicate_when_an_older_copy_expires_after_a_res
         await post(s, agent.port, [event(0)])
     assert agent.spool.counters.get("duplicates", 0) == 1
     assert agent.spool.depth == 17
+
+
+@pytest.mark.parametrize("restart", ["", "before the retry", "after the retry"])
+async def test_a_retried_letter_dropped_undelivered_leaves_the_key_a_newer_copy_holds(
+        make_agent: Any, clock: Clock, restart: str) -> None:
+    """Events 0 and 1 are refused for good (dead letters); dedupe_max_keys lets their keys
+    go, so the app's resend of event 0 is stored again and delivered. The operator then
+    retries the letters while the upstream is down, and max_age_days drops them
+    undelivered (they keep their old receipt). The delivered resend still holds its key
+    for its own window: a third send is a duplicate. The retry had moved the key to its
+    record, and the drop took it from the index: the third send was stored and delivered
+    again (a restart knew it: the file still held the delivered copy's key). Restarted
+    after the retry, the agent rebuilt the key into the retried record, the newest
+    holding it, and forgot it the same way; restarted before it under a higher cap,
+    which loads the letters' record (event 1's key) and the resend into one bucket, the
+    retry could not tell whose the key was."""
+    up = RefusingNucleus()
+    await up.start()
+    try:
+        upstreams = [{"name": "up", "protocol": "nucleus-http", "url": up.http_url,
+                      "flush_interval_s": 0.02, "timeout_s": 2}]
+        storage = {"max_age_days": 1, "dedupe_window_h": 72, "dedupe_max_keys": 16}
+        agent = await make_agent(upstreams=upstreams, storage=storage)
+        async with aiohttp.ClientSession() as s:
+            await post(s, agent.port, [event(0), event(1)])
+            await wait_for(lambda: agent.spool.dead_count == 2)
+            up.refuse = None
+            await post(s, agent.port, [event(i) for i in range(100, 116)])  # the cap lets 0 go
+            await post(s, agent.port, [event(0)])
+            await wait_for(lambda: up.ids().count(0) == 1 and agent.spool.depth == 0)
+            await up.go_down()
+            if restart == "before the retry":
+                await agent.stop()
+                agent = await make_agent(upstreams=upstreams,
+                                         storage={**storage, "dedupe_max_keys": 1000})
+            async with s.post(f"http://127.0.0.1:{agent.port}/dead/retry",
+                              json={"all": True}) as r:
+                assert r.status == 200 and (await r.json())["retried"] == 2
+            await agent.spool.prune()   # marks the retried record received by now
+            if restart == "after the retry":
+                await agent.stop()
+                agent = await make_agent(upstreams=upstreams, storage=storage)
+            clock.passed_ms = DAY_MS + 600_000
+
+            async def expired() -> bool:   # not while its send is in flight
+                await agent.spool.prune()
+                return agent.spool.depth == 0
+
+            await wait_for(expired)
+            assert agent.spool.counters["expired"] == 2
+            await post(s, agent.port, [event(0)])   # 24 h after the delivered copy
+        assert agent.spool.counters.get("duplicates", 0) == 1
+        assert agent.spool.depth == 0
+    finally:
+        await up.stop()
