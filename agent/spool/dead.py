@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import os
 import sqlite3
+from collections.abc import Set as AbstractSet
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, NamedTuple
@@ -224,13 +225,26 @@ def purge(conn: sqlite3.Connection, which: Which, below: int = END,
     return Purged(out, after if last is None else last)
 
 
+def letter_keys(conn: sqlite3.Connection, which: Which, below: int, letters: int,
+                after: int) -> list[tuple[int, int]]:
+    """(seq, dedupe key) of the oldest ``letters`` chosen dead letters with ``after`` <
+    seq < ``below``: those a ``requeue`` of as many may take."""
+    where, params = which.where()
+    return conn.execute(f"SELECT seq, dkey FROM dead WHERE {where} AND seq > ? AND seq < ? "
+                        "ORDER BY seq LIMIT ?", (*params, after, below, letters)).fetchall()
+
+
 def requeue(conn: sqlite3.Connection, which: Which, next_seq: int,
             step_bytes: int = STEP_BYTES, below: int = END, letters: int = -1,
-            steps: int = -1, after: int = FIRST) -> Requeued:
+            steps: int = -1, after: int = FIRST,
+            stay: AbstractSet[int] = frozenset()) -> Requeued:
     """Move the chosen dead letters with ``after`` < seq < ``below`` back into their keys'
     queues from ``next_seq`` on (inside the caller's transaction), oldest first, about
     ``step_bytes`` of their bodies at a time: at most ``letters`` of them in at most
-    ``steps`` steps (no bound if negative). ``done.last`` is where a next chunk begins."""
+    ``steps`` steps (no bound if negative). ``done.last`` is where a next chunk begins.
+    The letters whose seqs are in ``stay`` leave their dedupe keys where they are stored
+    (with a copy of their event stored again: DedupeIndex.held_since); their places in
+    the new records hold MOVED_KEY."""
     where, params = which.where()
     done = Requeued(0, next_seq, last=after)
     while steps and (letters < 0 or done.count < letters):
@@ -245,7 +259,7 @@ def requeue(conn: sqlite3.Connection, which: Which, next_seq: int,
                             (*params, after, last)).fetchall()
         after, steps = last, steps - 1
         done.last = last
-        _requeue_step(conn, rows, done)
+        _requeue_step(conn, rows, done, stay)
     conn.executemany("UPDATE streams SET depth = depth + ?, bytes = bytes + ? WHERE id = ?",
                      [(d, b, sid) for sid, (d, b) in done.out.streams.items()])
     record(done.out.counters, Tally.DEAD_RETRIED, done.count)
@@ -253,12 +267,13 @@ def requeue(conn: sqlite3.Connection, which: Which, next_seq: int,
     return done
 
 
-def _requeue_step(conn: sqlite3.Connection, rows: list[Any], done: Requeued) -> None:
+def _requeue_step(conn: sqlite3.Connection, rows: list[Any], done: Requeued,
+                  stay: AbstractSet[int]) -> None:
     """Put one step's dead letters back as records from ``done.next_seq`` on."""
     rows.sort()  # RETURNING's order is not defined: keep the old FIFO order
     done.count += len(rows)
     groups: list[tuple[int, int, int, int, list[int], list[bytes]]] = []
-    for _, stream, family, received, dkey, body, stored in rows:
+    for seq, stream, family, received, dkey, body, stored in rows:
         lane = readable(stored)   # one damage garbled: in no lane read, it would never go
         g = groups[-1] if groups else None
         # One record per run of one key, lane and family received together (expiry reads
@@ -267,9 +282,9 @@ def _requeue_step(conn: sqlite3.Connection, rows: list[Any], done: Requeued) -> 
         if g is None or g[:4] != (stream, lane, family, received) or len(g[5]) >= RECORD_EVENTS:
             g = (stream, lane, family, received, [], [])
             groups.append(g)
-        g[4].append(dkey)
+        g[4].append(MOVED_KEY if seq in stay else dkey)
         g[5].append(bytes(body))
-    _unspend(conn, [(seq, dkey) for seq, _, _, _, dkey, _, _ in rows])
+    _unspend(conn, [(seq, dkey) for seq, _, _, _, dkey, _, _ in rows if seq not in stay])
     streams = done.out.streams
     for stream, lane, family, received, keys, bodies in groups:
         rid, n, size = done.next_seq, len(bodies), sum(map(len, bodies))
@@ -277,7 +292,7 @@ def _requeue_step(conn: sqlite3.Connection, rows: list[Any], done: Requeued) -> 
                      "data, lane) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
                      (rid, stream, family, n, received, n, size, keys_to_bytes(keys),
                       pack(bodies), lane))
-        done.records.append((rid, n, keys))
+        done.records.append((rid, n, [k for k in keys if k != MOVED_KEY] if stay else keys))
         done.next_seq += n
         d = streams.setdefault(stream, [0, 0])
         d[0] += n

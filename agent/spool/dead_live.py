@@ -57,12 +57,22 @@ def _in_transaction(conn: sqlite3.Connection, fn: Callable[..., T], *args: Any) 
 
 
 async def _write(spool: Spool, fn: Callable[..., T], *args: Any) -> tuple[T, int]:
-    """Run ``fn`` in its own transaction on the writer's thread; caller holds the lock."""
+    """Run ``fn`` in its own transaction on the writer's thread, and the file's bytes in
+    use after it; caller holds the lock."""
+    out = await _run(spool, fn, *args)
+    db = spool.db
+    assert db is not None   # _run opened it, or raised
+    return out, await db.run(used_bytes)
+
+
+async def _run(spool: Spool, fn: Callable[..., T], *args: Any) -> T:
+    """Run ``fn`` in its own transaction on the writer's thread; caller holds the lock (a
+    read too: the reader's recovery from damage waits for the lock)."""
     db: SqliteThread | None = spool.db
     if db is None:
         raise dead.DeadError("the spool is not open")
     try:
-        out = await db.run(_in_transaction, fn, *args)
+        out: T = await db.run(_in_transaction, fn, *args)
     except sqlite3.DatabaseError as exc:
         # Left alone, the damage (which only these and expiry read) failed every retry and
         # purge until expiry or a restart met it. The salvage keeps seqs, so ``args`` hold.
@@ -72,7 +82,7 @@ async def _write(spool: Spool, fn: Callable[..., T], *args: Any) -> tuple[T, int
         db = spool.db
         assert db is not None   # recover opened the fresh spool, or raised
         out = await db.run(_in_transaction, fn, *args)
-    return out, await db.run(used_bytes)
+    return out
 
 
 async def purge(spool: Spool, which: dead.Which) -> int:
@@ -114,8 +124,12 @@ async def retry(spool: Spool, which: dead.Which) -> int:
 async def _retry_chunk(spool: Spool, which: dead.Which, below: int,
                        after: int) -> tuple[int, int]:
     async with spool.lock:
+        # Letters whose key a copy of their event stored again holds (``held_since``):
+        # their key stays with it, the copy's window; their new records store none.
+        letters = await _run(spool, dead.letter_keys, which, below, CHUNK_LETTERS, after)
         done, size = await _write(spool, dead.requeue, which, spool.books.next_seq,
-                                  dead.STEP_BYTES, below, CHUNK_LETTERS, 1, after)
+                                  dead.STEP_BYTES, below, CHUNK_LETTERS, 1, after,
+                                  spool.index.held_since(letters))
         spool.retried(spool.books.next_seq, done.next_seq)
         spool.books.next_seq = done.next_seq
         spool.books.committed_seq = done.next_seq - 1

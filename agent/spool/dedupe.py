@@ -44,7 +44,8 @@ from operator import attrgetter, itemgetter, le
 HOUR_MS = 3_600_000
 # In a record's keys, the place of an event whose key another record stores now (a dead
 # letter retried while its old record was still queued: a record's keys are in its
-# events' order). Never remembered: stored twice, the file's letting go of the key was
+# events' order; or one retried while a copy of its event stored again holds the key,
+# ``held_since``). Never remembered: stored twice, the file's letting go of the key was
 # counted for each place (dedupe_forgotten). A real key of that value (one in 2**64; not
 # an edge of the range, which tests and tools reach for) is at-least-once.
 MOVED_KEY = int.from_bytes(b"moved ky", "big")
@@ -363,6 +364,25 @@ class DedupeIndex:
             bucket.keys = kept
             if not left:
                 break
+
+    def held_since(self, letters: Sequence[tuple[int, int]]) -> set[int]:
+        """Of dead letters about to be retried, as (seq, key), the seqs whose key the index
+        holds from a record newer than the letter: a copy of its event stored again, once
+        the letter's key was let go (its window, or the cap). That copy keeps the key for
+        its own window: moved to the retried record, the newest holding it, the key went
+        when that record was dropped undelivered (``drop``), with the copy still queued or
+        delivered within its window. A bucket's keys came from records no older than its
+        ``first``; ``_copies`` names a rebuilt key's holder."""
+        left = self._keys.intersection(k for _, k in letters)
+        least = {k: self._copies[k] for k in left.intersection(self._copies)}
+        left.difference_update(least)
+        for bucket in self._buckets:
+            if not left:
+                break
+            if found := left.intersection(bucket.keys):
+                least.update(dict.fromkeys(found, bucket.first))
+                left -= found
+        return {seq for seq, k in letters if least.get(k, seq) > seq}
 
     def drop(self, records: Sequence[tuple[int, Sequence[int]]]) -> None:
         """Forget the keys of records dropped undelivered, as (record id, keys): a resend
