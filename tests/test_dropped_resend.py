@@ -306,3 +306,49 @@ async def test_a_retried_letter_dropped_undelivered_leaves_the_key_a_newer_copy_
         assert agent.spool.depth == 0
     finally:
         await up.stop()
+
+
+async def test_two_letters_of_one_event_retried_together_leave_the_key_with_the_newer(
+        make_agent: Any, clock: Clock) -> None:
+    """Event 0 is refused for good twice: sent, and sent again once dedupe_max_keys let its
+    key go (two dead letters). Both are retried at once while the upstream is down; the
+    older one (received two days earlier by the wall clock) then expires, undelivered.
+    The newer one still queued holds the key: a resend is a duplicate, as a restart
+    would also say (the file's newest copy). The index held the key from the older
+    record, the first admitted, and forgot it with it: the resend was stored again."""
+    up = RefusingNucleus()
+    await up.start()
+    try:
+        agent = await make_agent(
+            upstreams=[{"name": "up", "protocol": "nucleus-http", "url": up.http_url,
+                        "flush_interval_s": 0.02, "timeout_s": 2}],
+            storage={"max_age_days": 1, "dedupe_window_h": 72, "dedupe_max_keys": 16})
+        async with aiohttp.ClientSession() as s:
+            for n, wall_shift in enumerate((0, 2 * DAY_MS)):
+                clock.wall_shift_ms = wall_shift
+                up.refuse = 400
+                await post(s, agent.port, [event(0)])
+                await wait_for(lambda n=n: agent.spool.dead_count == n + 1)
+                up.refuse = None
+                others = range(100 + 16 * n, 116 + 16 * n)
+                await post(s, agent.port, [event(i) for i in others])   # the cap lets 0 go
+                await wait_for(lambda: agent.spool.depth == 0)
+            await up.go_down()
+            async with s.post(f"http://127.0.0.1:{agent.port}/dead/retry",
+                              json={"all": True}) as r:
+                assert r.status == 200 and (await r.json())["retried"] == 2
+            await agent.spool.prune()   # marks the retried records received by now
+            clock.passed_ms = DAY_MS + 600_000
+            clock.wall_shift_ms = DAY_MS   # the newer letter's receipt 10 min ago
+
+            async def expired() -> bool:   # not while its send is in flight
+                await agent.spool.prune()
+                return agent.spool.depth == 1
+
+            await wait_for(expired)
+            assert agent.spool.counters["expired"] == 1
+            await post(s, agent.port, [event(0)])
+        assert agent.spool.counters.get("duplicates", 0) == 1
+        assert agent.spool.depth == 1
+    finally:
+        await up.stop()
