@@ -244,7 +244,7 @@ def requeue(conn: sqlite3.Connection, which: Which, next_seq: int,
     ``steps`` steps (no bound if negative). ``done.last`` is where a next chunk begins.
     The letters whose seqs are in ``stay`` leave their dedupe keys where they are stored
     (with a copy of their event stored again: DedupeIndex.held_since); their places in
-    the new records hold MOVED_KEY."""
+    the new records hold MOVED_KEY, as do those of a key a newer letter of a step holds."""
     where, params = which.where()
     done = Requeued(0, next_seq, last=after)
     while steps and (letters < 0 or done.count < letters):
@@ -272,6 +272,10 @@ def _requeue_step(conn: sqlite3.Connection, rows: list[Any], done: Requeued,
     """Put one step's dead letters back as records from ``done.next_seq`` on."""
     rows.sort()  # RETURNING's order is not defined: keep the old FIFO order
     done.count += len(rows)
+    # A key two letters hold (an event refused again once its key was let go) is stored
+    # by the newest one's record alone, as the index knows it: the same bucket may hold
+    # both records, where DedupeIndex.drop cannot tell which one the key came from.
+    last = {dkey: seq for seq, _, _, _, dkey, _, _ in rows}
     groups: list[tuple[int, int, int, int, list[int], list[bytes]]] = []
     for seq, stream, family, received, dkey, body, stored in rows:
         lane = readable(stored)   # one damage garbled: in no lane read, it would never go
@@ -282,7 +286,7 @@ def _requeue_step(conn: sqlite3.Connection, rows: list[Any], done: Requeued,
         if g is None or g[:4] != (stream, lane, family, received) or len(g[5]) >= RECORD_EVENTS:
             g = (stream, lane, family, received, [], [])
             groups.append(g)
-        g[4].append(MOVED_KEY if seq in stay else dkey)
+        g[4].append(MOVED_KEY if seq in stay or last[dkey] != seq else dkey)
         g[5].append(bytes(body))
     _unspend(conn, [(seq, dkey) for seq, _, _, _, dkey, _, _ in rows if seq not in stay])
     streams = done.out.streams
@@ -292,7 +296,7 @@ def _requeue_step(conn: sqlite3.Connection, rows: list[Any], done: Requeued,
                      "data, lane) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
                      (rid, stream, family, n, received, n, size, keys_to_bytes(keys),
                       pack(bodies), lane))
-        done.records.append((rid, n, [k for k in keys if k != MOVED_KEY] if stay else keys))
+        done.records.append((rid, n, [k for k in keys if k != MOVED_KEY]))
         done.next_seq += n
         d = streams.setdefault(stream, [0, 0])
         d[0] += n

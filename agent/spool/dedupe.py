@@ -45,9 +45,10 @@ HOUR_MS = 3_600_000
 # In a record's keys, the place of an event whose key another record stores now (a dead
 # letter retried while its old record was still queued: a record's keys are in its
 # events' order; or one retried while a copy of its event stored again holds the key,
-# ``held_since``). Never remembered: stored twice, the file's letting go of the key was
-# counted for each place (dedupe_forgotten). A real key of that value (one in 2**64; not
-# an edge of the range, which tests and tools reach for) is at-least-once.
+# ``held_since``, or with a newer letter of that event). Never remembered: stored twice,
+# the file's letting go of the key was counted for each place (dedupe_forgotten). A real
+# key of that value (one in 2**64; not an edge of the range, which tests and tools reach
+# for) is at-least-once.
 MOVED_KEY = int.from_bytes(b"moved ky", "big")
 _STRETCH_BYTES = 1 << 19   # keys copied into the set at a time while it is rebuilt: 64k
 _LITTLE = sys.byteorder == "little"
