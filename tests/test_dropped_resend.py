@@ -16,6 +16,7 @@ import pytest
 from agent.clock import Clock
 from tests.fakes.nucleus_upstream import FakeNucleus
 from tests.test_dead_letters import RefusingNucleus
+from tests.test_dead_many import outpost_in_thread
 from tests.waiting import wait_for
 
 DAY_MS = 86_400_000
@@ -253,7 +254,8 @@ async def test_a_resend_stays_a_duplicate_when_an_older_copy_expires_after_a_res
     assert agent.spool.depth == 17
 
 
-@pytest.mark.parametrize("restart", ["", "before the retry", "after the retry"])
+@pytest.mark.parametrize("restart", ["", "before the retry", "after the retry",
+                                     "stopped for the retry"])
 async def test_a_retried_letter_dropped_undelivered_leaves_the_key_a_newer_copy_holds(
         make_agent: Any, clock: Clock, restart: str) -> None:
     """Events 0 and 1 are refused for good (dead letters); dedupe_max_keys lets their keys
@@ -266,7 +268,9 @@ async def test_a_retried_letter_dropped_undelivered_leaves_the_key_a_newer_copy_
     after the retry, the agent rebuilt the key into the retried record, the newest
     holding it, and forgot it the same way; restarted before it under a higher cap,
     which loads the letters' record (event 1's key) and the resend into one bucket, the
-    retry could not tell whose the key was."""
+    retry could not tell whose the key was. Stopped, the agent's letters retried by
+    `outpost dead retry` on its spool: that retry had no index, stored the key in the
+    retried record, and the restarted agent's rebuild made it the holder."""
     up = RefusingNucleus()
     await up.start()
     try:
@@ -286,9 +290,17 @@ async def test_a_retried_letter_dropped_undelivered_leaves_the_key_a_newer_copy_
                 await agent.stop()
                 agent = await make_agent(upstreams=upstreams,
                                          storage={**storage, "dedupe_max_keys": 1000})
-            async with s.post(f"http://127.0.0.1:{agent.port}/dead/retry",
-                              json={"all": True}) as r:
-                assert r.status == 200 and (await r.json())["retried"] == 2
+            if restart == "stopped for the retry":
+                await agent.stop()
+                code, text = await outpost_in_thread("dead", "retry", "--all", "--config",
+                                                     agent.config_path)
+                assert code == 0 and "re-queued 2 dead letters" in text, text
+                assert "no agent running" in text, text
+                agent = await make_agent(upstreams=upstreams, storage=storage)
+            else:
+                async with s.post(f"http://127.0.0.1:{agent.port}/dead/retry",
+                                  json={"all": True}) as r:
+                    assert r.status == 200 and (await r.json())["retried"] == 2
             await agent.spool.prune()   # marks the retried record received by now
             if restart == "after the retry":
                 await agent.stop()
