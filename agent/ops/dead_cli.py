@@ -45,6 +45,7 @@ from agent.outcomes import Tally
 from agent.paths import agent_holds, device_id_file, planted_link, same_file, sync_dir
 from agent.settings import CONFIG_HELP, Config
 from agent.spool import dead
+from agent.spool.dedupe import HOUR_MS
 from agent.terminal import OutputError, printable, printable_json, printable_value
 
 Load = Callable[[argparse.Namespace], Config | None]
@@ -391,7 +392,8 @@ class _Cli:
             spool = cfg.storage.resolved_path()
             with dead.Offline(spool) as conn:
                 if what == "retry":
-                    n = dead.requeue(conn, which, dead.next_seq(conn)).count
+                    dedupe = cfg.storage.dedupe_window_h * HOUR_MS, cfg.storage.dedupe_max_keys
+                    n = dead.requeue_stopped(conn, which, *dedupe).count
                 else:
                     n = dead.purge(conn, which).out.counters.get(Tally.DEAD_PURGED, 0)
             where = f"{spool} (no agent running)"
