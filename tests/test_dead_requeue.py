@@ -12,7 +12,7 @@ from hypothesis import example, given, settings
 from hypothesis import strategies as st
 
 from agent.spool import dead
-from agent.spool.db import keys_from_bytes, transaction
+from agent.spool.db import keys_from_bytes, load_state, transaction
 from agent.spool.records import unpack
 from agent.spool.schema import SCHEMA
 
@@ -52,7 +52,7 @@ def test_retry_puts_letters_at_the_tail_in_their_order(
     path = tmp_path_factory.mktemp("spool") / "spool.db"
     conn = spool_with(path, rows, queued)
     chosen = [(queued + 1 + i, r) for i, r in enumerate(rows) if reason in (None, r[4])]
-    start = dead.next_seq(conn)
+    start = load_state(conn, 0, 0).next_seq
     assert start == queued + len(rows) + 1
     # An export in pages of ``step`` bytes: every letter once, in order.
     exported: list[int] = []

@@ -138,7 +138,7 @@ def test_an_offline_dead_letter_change_on_a_spool_not_yet_converted_says_so(v1: 
     before = v1.read_bytes()
     with pytest.raises(dead.DeadError, match=r"format v1.*start the agent once"):
         with dead.Offline(v1) as conn:
-            dead.requeue(conn, dead.Which(every=True), dead.next_seq(conn))
+            dead.requeue_stopped(conn, dead.Which(every=True), 0, 0)
     assert v1.read_bytes() == before
 
 

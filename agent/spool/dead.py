@@ -366,11 +366,6 @@ def _count(conn: sqlite3.Connection, out: Outcome) -> None:
                      [(str(k), v) for k, v in out.counters.items() if v])
 
 
-def next_seq(conn: sqlite3.Connection) -> int:
-    """The first seq no event of this spool ever had, as an agent opening it reckons."""
-    return load_state(conn, 0, 0).next_seq
-
-
 def read_only(path: Path) -> sqlite3.Connection:
     """A read-only connection to a spool file: safe beside a running agent (WAL)."""
     none = NoSpool(f"no agent answering, and no spool yet at {path}")
