@@ -7,7 +7,6 @@ import sqlite3
 import subprocess
 import sys
 import threading
-import time
 from pathlib import Path
 
 import pytest
@@ -106,20 +105,21 @@ async def test_a_thread_whose_open_failed_ends_at_close(tmp_path: Path) -> None:
 
 
 # hand_over blocks the event loop: it must end as soon as the thread has the call, and not
-# wait at all behind an earlier call. Each bound below is 30 s; a return within 5 s shows
-# the wait ended on the thread's take (or was skipped), not on the bound.
+# wait at all behind an earlier call. Each call below holds until the test releases it, for
+# at most half hand_over's bound: its wait answers True only if the test released it, which
+# it does once hand_over has returned, so hand_over ended while the call still held, not on
+# its bound nor on the call's end (no clock read: a loaded machine only delays both).
 HAND_OVER_BOUND_S = 30.0
+CALL_HOLDS_S = HAND_OVER_BOUND_S / 2
 
 
 async def test_hand_over_ends_once_an_idle_thread_takes_the_call(tmp_path: Path) -> None:
     db = await opened(tmp_path / "t.db")
     release = threading.Event()
-    held = db.run(lambda conn: release.wait(HAND_OVER_BOUND_S))
-    started = time.monotonic()
+    held = db.run(lambda conn: release.wait(CALL_HOLDS_S))
     db.hand_over(HAND_OVER_BOUND_S)
-    assert time.monotonic() - started < 5.0
     release.set()
-    assert await held
+    assert await held, "hand_over waited until the call it handed over ended"
     assert await db.run(insert, 1) == 1   # the next call is handed over and answered too
     await db.close()
     assert rows(tmp_path / "t.db") == [1]
@@ -131,16 +131,15 @@ async def test_hand_over_does_not_wait_behind_a_call_in_progress(tmp_path: Path)
 
     def busy(conn: sqlite3.Connection) -> bool:
         running.set()
-        return release.wait(HAND_OVER_BOUND_S)
+        return release.wait(CALL_HOLDS_S)
 
     held = db.run(busy)
     assert running.wait(HAND_OVER_BOUND_S)
     queued = db.run(insert, 2)
-    started = time.monotonic()
     db.hand_over(HAND_OVER_BOUND_S)   # the thread is busy: the call waits its turn, not the loop
-    assert time.monotonic() - started < 5.0
     release.set()
-    assert await held and await queued == 2
+    assert await held, "hand_over waited behind the call in progress"
+    assert await queued == 2
     await db.close()
     assert rows(tmp_path / "t.db") == [2]
 
@@ -150,18 +149,15 @@ async def test_hand_over_until_ends_when_the_call_sets_it_while_it_still_runs(
     db = await opened(tmp_path / "t.db")
     reached, release = threading.Event(), threading.Event()
 
-    def two_halves(conn: sqlite3.Connection) -> int:
+    def two_halves(conn: sqlite3.Connection) -> bool:
         insert(conn, 3)
         reached.set()      # as a group commit does when its COMMIT starts
-        release.wait(HAND_OVER_BOUND_S)
-        return 3
+        return release.wait(CALL_HOLDS_S)
 
     held = db.run(two_halves)
-    started = time.monotonic()
     db.hand_over(HAND_OVER_BOUND_S, reached)
-    assert time.monotonic() - started < 5.0
     assert reached.is_set() and not held.done()
     release.set()
-    assert await held == 3
+    assert await held, "hand_over waited for the call's end, not for `until`"
     await db.close()
     assert rows(tmp_path / "t.db") == [3]
