@@ -17,7 +17,6 @@ import base64
 import gzip
 import re
 import socket
-import time
 from collections.abc import Iterator
 from typing import Any
 
@@ -352,16 +351,15 @@ def test_websocket_routes_survive_bad_frames(served: ThreadedAgent) -> None:
 def test_a_body_over_the_limit_gets_413_before_it_is_sent(served: ThreadedAgent) -> None:
     """Content-Length far over every limit, and only a few bytes sent: the refusal must come
     without the agent waiting for the rest. 413, or the API's own documented status
-    (SegmentStream answers 400 for a body over 64 KB)."""
+    (SegmentStream answers 400 for a body over 64 KB). The rest is never sent, so any reply
+    shows the agent did not wait for it (one that did would time the socket out)."""
     for route in _post_routes(served):
         with socket.create_connection(("127.0.0.1", served.port), timeout=5) as sock:
             sock.sendall(f"POST {route}?writeKey={KEY} HTTP/1.1\r\nHost: 127.0.0.1\r\n"
                          f"Authorization: {BASIC}\r\nX-Write-Key: {KEY}\r\n"
                          "Content-Type: application/json\r\n"
                          f"Content-Length: {500 * 1024 * 1024}\r\n\r\n".encode() + b'{"data":[')
-            started = time.monotonic()
             head = sock.recv(4096)
-            assert time.monotonic() - started < 3
         status = head.split(b" ", 2)[1]
         assert status == b"413" or (status == b"400" and b"too large" in head), (route, head)
     assert served.request("GET", "/healthz")[0] == 200
@@ -381,14 +379,12 @@ def _ws_handshake(sock: socket.socket, path: str) -> None:
 def test_a_websocket_frame_over_the_limit_is_closed_with_1009_before_it_is_sent(
         served: ThreadedAgent) -> None:
     """A frame header announcing more than the limit: 1009 comes back at once, without the
-    agent waiting for (or buffering) the payload."""
+    agent waiting for (or buffering) the payload, which is never sent whole."""
     with socket.create_connection(("127.0.0.1", served.port), timeout=5) as sock:
         _ws_handshake(sock, f"/app/{KEY}/track")
         header = bytes([0x81, 0x80 | 127]) + (MAX_FRAME + 1).to_bytes(8, "big") + b"mask"
         sock.sendall(header + b"\x16" * 100)
-        started = time.monotonic()
         frame = sock.recv(4096)
-        assert time.monotonic() - started < 3
     assert frame[0] == 0x88                                 # a close frame
     assert int.from_bytes(frame[2:4], "big") == 1009        # message too big
 
