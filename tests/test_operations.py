@@ -119,17 +119,16 @@ def test_agent_speaks_sd_notify(tmp_path: Path, notify_socket: tuple[socket.sock
     sock, path = notify_socket
     port = free_port()
     cfg = write_config(tmp_path / "agent.toml", tmp_path / "spool.db", port=port)
-    # WatchdogSec=0.4s: the agent must ping every 0.2 s.
+    # WatchdogSec=0.4s: the agent must ping every 0.2 s (the interval it derives is
+    # test_notify's; here: the pings keep coming, the socket's timeout a hang guard).
     agent = agent_process(cfg, port, env={"NOTIFY_SOCKET": path, "WATCHDOG_USEC": "400000"})
     agent.start()
     seen: list[str] = []
     ready = next_message(sock, "READY=1", seen)
     assert f"STATUS=listening on 127.0.0.1:{port}" in ready
-    started = time.monotonic()
     for _ in range(3):
         assert next_message(sock, "WATCHDOG=1", seen) == (
             f"WATCHDOG=1\nSTATUS=listening on 127.0.0.1:{port}, 0 events queued")
-    assert time.monotonic() - started < 2.0
     assert agent.proc is not None
     agent.proc.send_signal(signal.SIGHUP)
     assert next_message(sock, "RELOADING=1", seen).startswith("RELOADING=1\nMONOTONIC_USEC=")
