@@ -12,6 +12,7 @@ import shlex
 import shutil
 import signal
 import site
+import sqlite3
 import stat
 import subprocess
 import sys
@@ -583,6 +584,40 @@ def test_a_storage_path_in_a_directory_the_user_cannot_search_is_one_line(
     line = one_line(run.stdout + run.stderr)
     assert run.returncode == EXIT_CONFIG, line
     assert "storage.path" in line and str(kept_out) in line, line
+
+
+@pytest.mark.skipif(not hasattr(os, "geteuid"), reason="POSIX file modes")
+@pytest.mark.parametrize("command", [("status",), ("dead", "list"), ("dead", "show", "1"),
+                                     ("dead", "export", "OUT")])
+@pytest.mark.parametrize("locked", ["file", "directory"])
+def test_a_spool_the_user_cannot_read_is_one_line_naming_it_and_why(
+        tmp_path: Path, command: tuple[str, ...], locked: str) -> None:
+    """The offline commands, run as a user who may not read the spool (an admin without
+    sudo, the spool 0600 the agent's user's): status and dead list/show/export said only
+    SQLite's "unable to open database file" of a file of mode 000, and dead's a Python
+    "[Errno 13]" of a directory it may not search. One line: the path, and why."""
+    prefix = _without_root()
+    if prefix is None:
+        pytest.skip("needs unprivileged user namespaces to run without root")
+    from agent.spool.schema import SCHEMA, VERSION
+    spool = tmp_path / "kept" / "spool.db"
+    spool.parent.mkdir()
+    with contextlib.closing(sqlite3.connect(spool)) as conn:
+        conn.executescript(SCHEMA)
+        conn.execute(f"PRAGMA user_version = {VERSION}")
+    cfg = write_config(tmp_path / "agent.toml", spool, port=free_port())
+    args = [str(tmp_path / "out.jsonl") if a == "OUT" else a for a in command]
+    kept = spool if locked == "file" else spool.parent
+    kept.chmod(0)
+    try:
+        run = subprocess.run([*prefix, sys.executable, "-m", "agent", *args, "--config",
+                              str(cfg)], cwd=ROOT, capture_output=True, text=True, timeout=30)
+    finally:
+        kept.chmod(0o700)
+    line = one_line(run.stdout + run.stderr)
+    assert run.returncode == 1, line
+    assert str(spool) in line and "Permission denied" in line, line
+    assert "unable to open database file" not in line and "[Errno" not in line, line
 
 
 @pytest.mark.skipif(not sys.platform.startswith("linux"), reason="systemd")
