@@ -37,6 +37,7 @@ from agent.spool.schema import (
     SpoolUnusable,
     blank,
     open_read_only,
+    readable_spool,
 )
 
 # Summaries on /status and the page: the newest reasons, not every one.
@@ -369,9 +370,9 @@ def _count(conn: sqlite3.Connection, out: Outcome) -> None:
 def read_only(path: Path) -> sqlite3.Connection:
     """A read-only connection to a spool file: safe beside a running agent (WAL)."""
     none = NoSpool(f"no agent answering, and no spool yet at {path}")
-    if not path.exists():
-        raise none
     try:
+        if not readable_spool(path):
+            raise none
         conn = open_read_only(path)
     except SpoolUnusable as exc:
         raise DeadError(str(exc)) from exc
@@ -404,8 +405,11 @@ class Offline:
 
     def __enter__(self) -> sqlite3.Connection:
         none = DeadError(f"no spool at {self.path}")
-        if not self.path.exists():
-            raise none
+        try:
+            if not readable_spool(self.path):
+                raise none
+        except SpoolUnusable as exc:
+            raise DeadError(str(exc)) from exc
         # Said before SQLite tries: it fails on either with an I/O error, or cannot open
         # the file, which reads as an agent holding it, or as a spool it cannot read.
         if blocked := next((p for p in (self.path, self.path.parent)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import errno
 import os
 import sqlite3
 from pathlib import Path
@@ -147,6 +148,22 @@ def refuse_special(path: Path) -> None:
         raise SpoolUnusable(f"spool {path} is not a regular file ({kind}); {SPECIAL_FIX}")
 
 
+def readable_spool(path: Path) -> bool:
+    """For the offline commands: whether a spool file is at ``path``; SpoolUnusable if this
+    user may not read it, or search a directory on its way (pathlib raises that, and SQLite
+    says only "unable to open database file", naming neither the file nor the cause)."""
+    try:
+        if not path.exists():
+            return False
+        why = None if os.access(path, os.R_OK) else os.strerror(errno.EACCES)
+    except PermissionError as exc:
+        why = exc.strerror
+    if why is not None:
+        raise SpoolUnusable(f"spool {path} cannot be read by this user: {why} (its mode, "
+                            "or a directory's on its way); run the command as the agent's user")
+    return True
+
+
 def open_read_only(path: Path) -> sqlite3.Connection:
     """A read-only connection to a spool file (safe beside a running agent: WAL);
     SpoolTooNew for one a newer agent wrote, whose tables this code cannot read;
@@ -208,7 +225,7 @@ def read_offline(path: Path) -> dict[str, Any]:
     first (``first_received``, None if none is, or for a v0 spool not converted yet),
     straight from a spool no agent is serving."""
     absent = {"spool": str(path), "exists": False, "depth": 0, "streams": {}, "counters": {}}
-    if not path.exists():
+    if not readable_spool(path):
         return absent
     conn = open_read_only(path)
     try:
