@@ -162,11 +162,15 @@ class Reader:
                 end = min(stop, o + left)
                 if gone is not None:
                     end = next((e for e in range(o, end) if gone[e >> 3] & (1 << (e & 7))), end)
+                size = None
                 if room is not None:
-                    end, room = _within(whole.bodies, o, end, room)
+                    end, after_it = _within(whole.bodies, o, end, room)
+                    size, room = room - after_it, after_it
                     if room <= 0:
                         left = end - o   # the last run of this read
-                runs.append(whole if o == 0 and end == n else whole.part(o, end))
+                run = whole if o == 0 and end == n else whole.part(o, end)
+                run.nbytes = size
+                runs.append(run)
                 left -= end - o
                 o = end
             if not left:

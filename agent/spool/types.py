@@ -68,6 +68,9 @@ class Run:
     run of the agent (Spool.fetch sets it); None for one received before: time powered
     off is not in the count. Read against the lead now, it tells whether the wall clock
     was set since, and by how much (segment_http's per-event `sentAt`).
+
+    ``nbytes`` is the bytes of its bodies when the read summed them (a fetch with
+    ``max_bytes``), else None: the splice sizes a batch by it, not by a len per body.
     """
 
     first: int
@@ -78,6 +81,7 @@ class Run:
     ids: list[Any] | None
     lane: int = NORMAL
     lead: int | None = None
+    nbytes: int | None = field(default=None, compare=False)
 
     def part(self, start: int, stop: int) -> Run:
         return Run(self.first + start, self.stream, self.family, self.received,

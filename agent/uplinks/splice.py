@@ -59,7 +59,10 @@ def take(uplink: Encoder, rows: Sequence[Row],
                 if not part:
                     break
         k = len(part)
-        spent = sum(map(len, part)) + overhead * k   # not a join: it would copy every body
+        # The read's sum for a whole run; not a join: it would copy every body.
+        size = run.nbytes if part is run.bodies and run.nbytes is not None \
+            else sum(map(len, part))
+        spent = size + overhead * k
         # Summed first: no event is over the limit when all of them are not.
         if most is not None and spent > most and max(map(len, part)) > most:
             break  # the take loop refuses it
