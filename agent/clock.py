@@ -16,6 +16,8 @@ from __future__ import annotations
 
 import sys
 import time
+from collections.abc import Callable
+from functools import partial
 
 # A clock that counts through suspend: Linux's CLOCK_BOOTTIME; macOS's CLOCK_MONOTONIC
 # (Apple's clock_gettime counts sleep; time.monotonic there, mach_absolute_time, stops
@@ -25,10 +27,9 @@ _THROUGH_SUSPEND = getattr(time, "CLOCK_MONOTONIC" if sys.platform == "darwin"
                            else "CLOCK_BOOTTIME", None)
 
 
-def _elapsed_ns() -> int:
-    if _THROUGH_SUSPEND is not None:
-        return time.clock_gettime_ns(_THROUGH_SUSPEND)
-    return time.monotonic_ns()
+# Chosen once, not at each read: every request reads the clocks a few times.
+_elapsed_ns: Callable[[], int] = (time.monotonic_ns if _THROUGH_SUSPEND is None
+                                  else partial(time.clock_gettime_ns, _THROUGH_SUSPEND))
 
 
 class Clock:
@@ -42,7 +43,10 @@ class Clock:
 
     def wall_ms(self) -> int:
         """The device's wall clock, in epoch milliseconds: right or wrong."""
-        return time.time_ns() // 1_000_000 + self.wall_shift_ms + self.passed_ms
+        ms = time.time_ns() // 1_000_000
+        # Both 0 outside tests: adding 0 to a large int still makes a new one (a malloc).
+        shift = self.wall_shift_ms + self.passed_ms
+        return ms + shift if shift else ms
 
     def elapsed_ms(self) -> int:
         """Milliseconds from an arbitrary start; never jumps with the wall clock."""
@@ -50,7 +54,8 @@ class Clock:
 
     def elapsed_s(self) -> float:
         """``elapsed_ms`` in seconds, finer than a millisecond (the forwarders' timers)."""
-        return _elapsed_ns() / 1e9 + self.passed_ms / 1000
+        seconds = _elapsed_ns() / 1e9
+        return seconds + self.passed_ms / 1000 if self.passed_ms else seconds
 
     def wall_s_at(self, elapsed_s: float) -> float:
         """The Unix time, by the wall clock as it reads now, of ``elapsed_s`` (a reading of

@@ -95,9 +95,9 @@ def dedupe_key(*parts: Any) -> int:
     return key
 
 
-def now_ms() -> int:
-    """The wall clock in epoch milliseconds (possibly wrong: see agent/clock.py)."""
-    return CLOCK.wall_ms()
+# The wall clock in epoch milliseconds (possibly wrong: see agent/clock.py). The method
+# itself, not a function calling it: a Python call less at each of a request's reads.
+now_ms = CLOCK.wall_ms
 
 
 def iso_ms(ms: int) -> str:
