@@ -17,13 +17,14 @@ import re
 import socket
 import uuid
 from collections.abc import Callable
+from email.utils import formatdate
 from typing import Any
 
 import orjson
 import pytest
 from aiohttp import web
 
-from agent.dialects.replies import json_reply
+from agent.dialects.replies import STORED, json_reply
 from agent.families import segment as spec
 from agent.metrics import Metrics
 from agent.server.admission import Admission
@@ -394,6 +395,25 @@ class _Aiohttp(asyncio.Protocol):
 
     def data_received(self, data: bytes) -> None:
         raise AssertionError("handed over")
+
+
+def test_a_stored_calls_reply_carries_each_seconds_date(monkeypatch: pytest.MonkeyPatch) -> None:
+    """The stored call's reply is built once a second, not at every request: the reply in
+    a later second has that second's Date, and is the reply a new lane builds then."""
+    def lane() -> ExpressLane:
+        metrics = Metrics()
+        return ExpressLane([], Guard("127.0.0.1", ()), Admission(1 << 30, metrics), metrics)
+
+    now = [1_800_000_000.25]
+    monkeypatch.setattr(time, "time", lambda: now[0])
+    answering = lane()
+    first = answering.render(STORED)
+    assert answering.render(STORED) == first
+    now[0] += 1
+    later = answering.render(STORED)
+    assert f"\r\nDate: {formatdate(1_800_000_001, usegmt=True)}\r\n".encode() in later
+    assert later != first and undated(later) == undated(first)
+    assert later == lane().render(STORED)
 
 
 async def test_a_pipelining_client_cannot_grow_the_lanes_buffer_past_its_bound() -> None:

@@ -120,6 +120,7 @@ class ExpressLane:
         self._closing = False
         self._date = (0, b"")
         self._heads: dict[object, bytes] = {}   # a reply's head by (status, *fields) or Fixed
+        self._whole: dict[object, tuple[bytes, bytes]] = {}   # a Fixed's reply, by its Date
 
     def match(self, buf: bytearray, pos: int) -> tuple[Request, int] | str | None:
         """The request that starts at ``buf[pos]`` and where it ends; MORE when it may
@@ -211,7 +212,13 @@ class ExpressLane:
     def render(self, reply: web.Response | Fixed) -> bytes:
         """``reply`` as aiohttp writes it on a keep-alive HTTP/1.1 connection."""
         key: object
+        date = self._http_date()
         if isinstance(reply, Fixed):   # built once: its head is found by the object itself
+            # The same bytes until the Date line changes: built once a second, not at every
+            # request (~4k instructions a stored single call, callgrind).
+            whole = self._whole.get(reply)
+            if whole is not None and whole[0] is date:
+                return whole[1]
             resp, key = reply.response, reply
         else:
             resp, key = reply, (reply.status, *reply.headers.items())
@@ -225,9 +232,12 @@ class ExpressLane:
             head = "".join(lines).encode("latin-1")
             if len(self._heads) >= HEADS_KEPT:
                 self._heads.clear()
+                self._whole.clear()
             self._heads[key] = head
-        return b"%sContent-Length: %d\r\n%s%s%s" % (head, len(body), self._http_date(),
-                                                    _SERVER, body)
+        out = b"%sContent-Length: %d\r\n%s%s%s" % (head, len(body), date, _SERVER, body)
+        if key is reply:
+            self._whole[key] = (date, out)
+        return out
 
     def _http_date(self) -> bytes:
         now = int(time.time())
