@@ -70,6 +70,9 @@ async def test_a_metered_network_holds_events_and_releases_them_when_it_is_not(
 
     await nm.set_metered(YES)
     await wait_for(lambda: agent.sync.profile.mode == "hold")
+    # The hold stops the key's loop, which ends only once the upstream's answer to 1-3 is
+    # read and their deletes are saved: steps of its own, waited for, not assumed done.
+    await wait_for(lambda: not agent.forwarding.loops and agent.spool.depth == 0)
     await post(agent.port, range(4, 9))
     # Held: the key has no loop, and none starts while the profile holds.
     assert not agent.forwarding.loops and agent.spool.depth == 5
