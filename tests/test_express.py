@@ -15,6 +15,7 @@ import gc
 import random
 import re
 import socket
+import time
 import uuid
 from collections.abc import Callable
 from email.utils import formatdate
