@@ -14,6 +14,7 @@ import aiohttp
 import pytest
 
 from agent.clock import Clock
+from agent.spool import dead_live
 from tests.fakes.nucleus_upstream import FakeNucleus
 from tests.test_dead_letters import RefusingNucleus
 from tests.test_dead_many import outpost_in_thread
@@ -320,14 +321,19 @@ async def test_a_retried_letter_dropped_undelivered_leaves_the_key_a_newer_copy_
         await up.stop()
 
 
+# One retry's letters in one chunk, or a chunk each (a long retry: 2,000 a chunk).
+@pytest.mark.parametrize("chunk", [dead_live.CHUNK_LETTERS, 1], ids=["one-chunk", "apart"])
 async def test_two_letters_of_one_event_retried_together_leave_the_key_with_the_newer(
-        make_agent: Any, clock: Clock) -> None:
+        make_agent: Any, clock: Clock, monkeypatch: pytest.MonkeyPatch, chunk: int) -> None:
     """Event 0 is refused for good twice: sent, and sent again once dedupe_max_keys let its
     key go (two dead letters). Both are retried at once while the upstream is down; the
     older one (received two days earlier by the wall clock) then expires, undelivered.
     The newer one still queued holds the key: a resend is a duplicate, as a restart
     would also say (the file's newest copy). The index held the key from the older
-    record, the first admitted, and forgot it with it: the resend was stored again."""
+    record, the first admitted, and forgot it with it: the resend was stored again. So
+    too when the retry takes them in chunks apart: the newer letter's chunk found the key
+    held by the older one's new record, and left it there."""
+    monkeypatch.setattr(dead_live, "CHUNK_LETTERS", chunk)
     up = RefusingNucleus()
     await up.start()
     try:
