@@ -15,9 +15,11 @@ from __future__ import annotations
 
 import os
 import sqlite3
+from collections.abc import Mapping
 from collections.abc import Set as AbstractSet
 from dataclasses import dataclass, field
 from pathlib import Path
+from types import MappingProxyType
 from typing import Any, NamedTuple
 
 import orjson
@@ -238,6 +240,16 @@ def letter_keys(conn: sqlite3.Connection, which: Which, below: int, letters: int
     return rows.fetchall() if among is None else [r for r in rows if r[1] in among]
 
 
+def newest_letters(conn: sqlite3.Connection, which: Which, below: int) -> dict[int, int]:
+    """Of the keys several chosen dead letters with seq < ``below`` share (an event refused
+    again once its key was let go), the newest letter's seq, by key: a retry puts the key
+    in that letter's record alone (``requeue``'s ``newest``), in whichever step it goes."""
+    where, params = which.where()
+    rows = conn.execute(f"SELECT dkey, max(seq) FROM dead WHERE {where} AND seq < ? "
+                        "GROUP BY dkey HAVING count(*) > 1", (*params, below))
+    return dict(rows.fetchall())
+
+
 def requeue_stopped(conn: sqlite3.Connection, which: Which, window_ms: int,
                     max_keys: int) -> Requeued:
     """``requeue`` of every chosen dead letter of a stopped agent's spool (``Offline``).
@@ -252,20 +264,22 @@ def requeue_stopped(conn: sqlite3.Connection, which: Which, window_ms: int,
     index.load_all(state.keys)
     index.expire(now_ms(), state.observed or 0)
     letters = letter_keys(conn, which, END, -1, FIRST, index.keys)
-    return requeue(conn, which, state.next_seq, stay=index.held_since(letters))
+    return requeue(conn, which, state.next_seq, stay=index.held_since(letters),
+                   newest=newest_letters(conn, which, END))
 
 
 def requeue(conn: sqlite3.Connection, which: Which, next_seq: int,
             step_bytes: int = STEP_BYTES, below: int = END, letters: int = -1,
-            steps: int = -1, after: int = FIRST,
-            stay: AbstractSet[int] = frozenset()) -> Requeued:
+            steps: int = -1, after: int = FIRST, stay: AbstractSet[int] = frozenset(),
+            newest: Mapping[int, int] = MappingProxyType({})) -> Requeued:
     """Move the chosen dead letters with ``after`` < seq < ``below`` back into their keys'
     queues from ``next_seq`` on (inside the caller's transaction), oldest first, about
     ``step_bytes`` of their bodies at a time: at most ``letters`` of them in at most
     ``steps`` steps (no bound if negative). ``done.last`` is where a next chunk begins.
     The letters whose seqs are in ``stay`` leave their dedupe keys where they are stored
     (with a copy of their event stored again: DedupeIndex.held_since); their places in
-    the new records hold MOVED_KEY, as do those of a key a newer letter of a step holds."""
+    the new records hold MOVED_KEY, as do those of a key a newer letter holds, of the
+    step or in ``newest`` (``newest_letters``: of the whole retry, its steps and calls)."""
     where, params = which.where()
     done = Requeued(0, next_seq, last=after)
     while steps and (letters < 0 or done.count < letters):
@@ -280,7 +294,7 @@ def requeue(conn: sqlite3.Connection, which: Which, next_seq: int,
                             (*params, after, last)).fetchall()
         after, steps = last, steps - 1
         done.last = last
-        _requeue_step(conn, rows, done, stay)
+        _requeue_step(conn, rows, done, stay, newest)
     conn.executemany("UPDATE streams SET depth = depth + ?, bytes = bytes + ? WHERE id = ?",
                      [(d, b, sid) for sid, (d, b) in done.out.streams.items()])
     record(done.out.counters, Tally.DEAD_RETRIED, done.count)
@@ -289,13 +303,14 @@ def requeue(conn: sqlite3.Connection, which: Which, next_seq: int,
 
 
 def _requeue_step(conn: sqlite3.Connection, rows: list[Any], done: Requeued,
-                  stay: AbstractSet[int]) -> None:
+                  stay: AbstractSet[int], newest: Mapping[int, int]) -> None:
     """Put one step's dead letters back as records from ``done.next_seq`` on."""
     rows.sort()  # RETURNING's order is not defined: keep the old FIFO order
     done.count += len(rows)
     # A key two letters hold (an event refused again once its key was let go) is stored
     # by the newest one's record alone, as the index knows it: the same bucket may hold
-    # both records, where DedupeIndex.drop cannot tell which one the key came from.
+    # both records, where DedupeIndex.drop cannot tell which one the key came from. The
+    # newest of the step's, or of the retry's (``newest``): a later step puts it there.
     last = {dkey: seq for seq, _, _, _, dkey, _, _ in rows}
     groups: list[tuple[int, int, int, int, list[int], list[bytes]]] = []
     for seq, stream, family, received, dkey, body, stored in rows:
@@ -307,7 +322,8 @@ def _requeue_step(conn: sqlite3.Connection, rows: list[Any], done: Requeued,
         if g is None or g[:4] != (stream, lane, family, received) or len(g[5]) >= RECORD_EVENTS:
             g = (stream, lane, family, received, [], [])
             groups.append(g)
-        g[4].append(MOVED_KEY if seq in stay or last[dkey] != seq else dkey)
+        g[4].append(MOVED_KEY if seq in stay or max(last[dkey], newest.get(dkey, 0)) != seq
+                    else dkey)
         g[5].append(bytes(body))
     _unspend(conn, [(seq, dkey) for seq, _, _, _, dkey, _, _ in rows if seq not in stay])
     streams = done.out.streams

@@ -109,9 +109,12 @@ async def retry(spool: Spool, which: dead.Which) -> int:
     """Put the chosen dead letters back at the tail of their keys' queues; returns how many."""
     # Retried letters refused again meanwhile have seqs from here on: not taken twice.
     below, total, after = spool.books.next_seq, 0, dead.FIRST
+    # A key several letters share goes to the newest one's record, whichever chunk takes
+    # it: read once, beside the writer (a scan of the letters), not under the lock.
+    newest = await read(spool, dead.newest_letters, which, below)
     try:
         while True:
-            n, after = await whole(_retry_chunk(spool, which, below, after))
+            n, after = await whole(_retry_chunk(spool, which, below, after, newest))
             if not n:
                 break
             total += n
@@ -121,15 +124,15 @@ async def retry(spool: Spool, which: dead.Which) -> int:
     return total
 
 
-async def _retry_chunk(spool: Spool, which: dead.Which, below: int,
-                       after: int) -> tuple[int, int]:
+async def _retry_chunk(spool: Spool, which: dead.Which, below: int, after: int,
+                       newest: dict[int, int]) -> tuple[int, int]:
     async with spool.lock:
         # Letters whose key a copy of their event stored again holds (``held_since``):
         # their key stays with it, the copy's window; their new records store none.
         letters = await _run(spool, dead.letter_keys, which, below, CHUNK_LETTERS, after)
         done, size = await _write(spool, dead.requeue, which, spool.books.next_seq,
                                   dead.STEP_BYTES, below, CHUNK_LETTERS, 1, after,
-                                  spool.index.held_since(letters))
+                                  spool.index.held_since(letters), newest)
         spool.retried(spool.books.next_seq, done.next_seq)
         spool.books.next_seq = done.next_seq
         spool.books.committed_seq = done.next_seq - 1
