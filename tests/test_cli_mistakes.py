@@ -766,6 +766,26 @@ async def _spool_with_a_dead_letter(spool: Path) -> None:
                    "reason, at) VALUES (1, 1, 0, 0, 1, x'7b7d', 'up', 'refused', 0)")
 
 
+async def test_an_offline_retry_on_a_damaged_spool_says_the_agent_salvages_it(
+        tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    """No agent running, a spool damage garbled (a record in a lane no forwarder reads):
+    the retry reads the spool as a start does and refuses it, the file unchanged, in one
+    line that says what mends it (the agent's start moves it aside and salvages it), not
+    only SQLite's "database disk image is malformed"."""
+    spool = tmp_path / "spool.db"
+    await _spool_with_a_dead_letter(spool)
+    with closing(sqlite3.connect(spool)) as db, db:
+        db.execute("INSERT INTO records(id, stream, family, n, received, live, bytes, dkeys, "
+                   "data, lane) VALUES (2, 1, 0, 1, 0, 1, 2, zeroblob(8), x'00', 7)")
+    before = spool.read_bytes()
+    cfg = write_config(tmp_path / "agent.toml", spool, port=1)   # nothing answers there
+    code, out, err = in_process(capsys, "dead", "retry", "--all", "--config", str(cfg))
+    line = one_line(err)
+    assert code == 1 and out == "", (code, out)
+    assert "damaged" in line and str(spool) in line and "start the agent" in line, line
+    assert spool.read_bytes() == before
+
+
 @pytest.mark.skipif(not hasattr(os, "geteuid"), reason="POSIX file modes")
 @pytest.mark.parametrize("command", [("status", "--json"), ("dead", "list", "--json"),
                                      ("dead", "show", "1")], ids=" ".join)
