@@ -46,6 +46,7 @@ from agent.paths import agent_holds, device_id_file, planted_link, same_file, sy
 from agent.settings import CONFIG_HELP, Config
 from agent.spool import dead
 from agent.spool.dedupe import HOUR_MS
+from agent.spool.writer import is_corruption
 from agent.terminal import OutputError, printable, printable_json, printable_value
 
 Load = Callable[[argparse.Namespace], Config | None]
@@ -214,6 +215,11 @@ class _Cli:
             return 1
         except sqlite3.Error as exc:
             why = f"cannot read the spool {cfg.storage.resolved_path()}: {exc}"
+            if isinstance(exc, sqlite3.DatabaseError) and is_corruption(exc):
+                # What mends it: the agent's start (or its first read of the damage).
+                why = (f"the spool {cfg.storage.resolved_path()} is damaged ({exc}): start "
+                       "the agent, which moves it aside and salvages its events, then run "
+                       "this again")
             print(f"outpost: {printable(why)}", file=sys.stderr)
             return 1
         except (BrokenPipeError, OutputError):
