@@ -82,12 +82,13 @@ def ids_only(reported: list[Any]) -> bool:
 
 
 def match(in_flight: dict[Any, int], reported: Any,
-          also: dict[Any, int] | None = None) -> list[int]:
+          also: dict[Any, int] | None = None, plain: bool | None = None) -> list[int]:
     """Seqs acknowledged by a `reportedIds` list, taken out of ``in_flight`` (ack id ->
-    seq), and their ids out of ``also`` too; unknown ids are ignored."""
+    seq), and their ids out of ``also`` too; unknown ids are ignored. ``plain``: what
+    ids_only said of ``reported``, when the caller asked it already (a pass over every id)."""
     if not isinstance(reported, list):
         return []
-    if ids_only(reported):
+    if ids_only(reported) if plain is None else plain:
         # The usual reply: every id a plain string or number, taken out at C speed; the
         # filter for unknown ids (a miss leaves the dict as it was) only if there were any.
         before = len(in_flight)

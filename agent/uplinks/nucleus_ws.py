@@ -384,7 +384,8 @@ class NucleusWsUplink(NucleusFraming, UplinkBase):
             return
         reported = reply.get("reportedIds") if isinstance(reply, dict) else None
         if isinstance(reported, list):
-            acked = match(link.sent, reported, self.in_flight)
+            plain = ids_only(reported)
+            acked = match(link.sent, reported, self.in_flight, plain)
             if acked:
                 link.acked.update(acked)
                 link.notify()
@@ -394,7 +395,7 @@ class NucleusWsUplink(NucleusFraming, UplinkBase):
             # frame's acks split over several replies count once: each counted as the next
             # frame's answer, a later frame unanswered was taken for one left out); one
             # that acknowledges none (`[]`: a heartbeat's, a frame left out whole), the next.
-            if ids_only(reported):
+            if plain:
                 link.replies = _answered(link) if acked else link.replies + 1
                 return
         # Not an ack: an error of the upstream's own, or news an old module would read
