@@ -52,9 +52,14 @@ def take(uplink: Encoder, rows: Sequence[Row],
             break
         part = run.bodies if len(run.bodies) <= room else run.bodies[:room]
         keys = run.ids
+        types: set[type] = set()
         if keyed and keys is not None:
             keys = keys if len(keys) <= room else keys[:room]
-            if None in keys:
+            # The ids' types, once a run: whether any is None (`None in keys` compared
+            # each int to None the slow way, by == both ways) and below, whether any is a
+            # string (of ids up to the byte cap: one cut off may say yes, and _fresh decides).
+            types = set(map(type, keys))
+            if _NONE in types:
                 part, keys = _seq_ids(part, keys, run.first)
                 if not part:
                     break
@@ -80,7 +85,7 @@ def take(uplink: Encoder, rows: Sequence[Row],
             if in_flight is not None and (
                     len(new) != k or not seen.isdisjoint(new)
                     or (busy is not None and not busy.keys().isdisjoint(new))
-                    or str in set(map(type, new))):
+                    or str in types):
                 # Cut before the first id the take loop would stop at, or weigh (a string
                 # not all ASCII: prepare.escaped_extra): a module's ids are small numbers
                 # and repeat (1..10000), so most runs hold one.
@@ -129,6 +134,7 @@ def _seq_ids(bodies: list[bytes], ids: list[Any], first: int) -> tuple[list[byte
 
 
 _ID = b'"id":null'
+_NONE = type(None)
 
 
 def _fresh(ids: Sequence[Any], seen: set[Any], busy: dict[Any, int] | None) -> int:
