@@ -28,6 +28,7 @@ from aiohttp import web
 from agent.dialects.replies import STORED, json_reply
 from agent.families import segment as spec
 from agent.metrics import Metrics
+from agent.server import express
 from agent.server.admission import Admission
 from agent.server.app import EXPRESS
 from agent.server.connections import BUF_MAX, ConnectionLimits, _Conn
@@ -396,6 +397,36 @@ class _Aiohttp(asyncio.Protocol):
 
     def data_received(self, data: bytes) -> None:
         raise AssertionError("handed over")
+
+
+def test_a_heads_fields_read_from_lines_seen_before_give_the_same_verdicts() -> None:
+    """The lane keeps each field line's reading: a head whose lines it has seen is taken or
+    left to aiohttp as the first time, a line repeated within a head (the same line twice)
+    too, and the lines kept stay bounded (a long line is read, not kept)."""
+    async def route(body: bytes, keys: list[str]) -> Any:
+        raise AssertionError("not run")
+
+    metrics = Metrics()
+    lane = ExpressLane([Routes({"/v1/track": route}, lambda status: None)],
+                       Guard("127.0.0.1", ()), Admission(1 << 30, metrics), metrics)
+    body = track()
+    heads = {
+        "taken": post("/v1/track", body),
+        "twice": post("/v1/track", body, fields=(("Host", "127.0.0.1"),)),
+        "origin": post("/v1/track", body, fields=(("Origin", "http://127.0.0.1"),)),
+        "close": post("/v1/track", body, fields=(("Connection", "close"),)),
+    }
+    for _ in range(2):
+        verdicts = {name: lane.match(bytearray(head), 0) for name, head in heads.items()}
+        assert verdicts["taken"] is not None and verdicts["taken"][1] == len(heads["taken"])
+        assert verdicts["taken"][0][2:] == (body, [KEY])
+        assert verdicts["twice"] is verdicts["origin"] is verdicts["close"] is None
+    for n in range(2 * express.LINES_KEPT):
+        assert lane.match(bytearray(post("/v1/track", body, fields=(("X-N", str(n)),))), 0)
+    assert len(express._LINES) <= express.LINES_KEPT
+    long = ("X-Pad", "x" * express.LINE_KEPT_MAX)
+    assert lane.match(bytearray(post("/v1/track", body, fields=(long,))), 0)
+    assert b"X-Pad: x" not in b"".join(express._LINES)
 
 
 def test_a_stored_calls_reply_carries_each_seconds_date(monkeypatch: pytest.MonkeyPatch) -> None:
