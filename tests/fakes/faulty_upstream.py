@@ -11,7 +11,9 @@ Each websocket handshake takes the next Fault from ``connect_script``: a
 Retry-After, a 3xx redirect), a ``timeout`` holds it for ``delay`` seconds, a
 ``close`` accepts the handshake and closes the websocket at once.
 Every request is logged with its arrival and reply times, so tests measure
-the agent's waits from the upstream's side instead of sleeping.
+the agent's waits from the upstream's side instead of sleeping, and with its
+connection's number (``conn``: 1, 2, ... in the order the upstream first saw
+each), so tests tell what the agent sent on a connection opened after a moment.
 """
 
 from __future__ import annotations
@@ -93,6 +95,7 @@ class Request:
     answered: float | None = None
     written: int = 0   # huge: reply bytes written before the agent stopped reading
     query: str = ""    # HTTP: the URL's query string
+    conn: int = 0      # its connection's number (FaultyUpstream.connections)
 
 
 class FaultyUpstream(LoopbackServer):
@@ -113,6 +116,15 @@ class FaultyUpstream(LoopbackServer):
         self.link_bytes_per_s = 0.0
         self._frames = 0
         self.requests: list[Request] = []
+        self._conns: dict[object, int] = {}   # each connection (its protocol): its number
+
+    @property
+    def connections(self) -> int:
+        """The connections seen so far (a websocket's: from its handshake)."""
+        return len(self._conns)
+
+    def _conn(self, request: web.Request) -> int:
+        return self._conns.setdefault(request.protocol, len(self._conns) + 1)
 
     # -- what the tests read ------------------------------------------------------
 
@@ -181,7 +193,8 @@ class FaultyUpstream(LoopbackServer):
         if await self._reset(request):
             return web.Response(status=500)
         queued = await self._backlog(request)
-        rec = Request(time.monotonic(), request.path, [], query=request.query_string)
+        rec = Request(time.monotonic(), request.path, [], query=request.query_string,
+                      conn=self._conn(request))
         self.requests.append(rec)
         msg = orjson.loads(await self._carried(request))
         rec.events = [ev for ev in msg.get("data", []) if ev.get("type") != "heartbeat"]
@@ -208,6 +221,7 @@ class FaultyUpstream(LoopbackServer):
             rec.answered = time.monotonic()
 
     async def _nucleus_ws(self, request: web.Request) -> web.StreamResponse:
+        conn = self._conn(request)   # before the handshake's answer: before any frame on it
         fault = self.connect_script.pop(0) if self.connect_script else None
         if fault is not None:
             self.requests.append(Request(time.monotonic(), request.path, [],
@@ -229,7 +243,7 @@ class FaultyUpstream(LoopbackServer):
             if not events:
                 continue
             queued = await self._backlog()
-            rec = Request(time.monotonic(), request.path, events)
+            rec = Request(time.monotonic(), request.path, events, conn=conn)
             self.requests.append(rec)
             if self.link_bytes_per_s:   # carried by the link: the frames behind it wait
                 await asyncio.sleep(len(frame.data) / self.link_bytes_per_s)
@@ -270,7 +284,7 @@ class FaultyUpstream(LoopbackServer):
     async def _segment_batch(self, request: web.Request) -> web.StreamResponse:
         if await self._reset(request):
             return web.Response(status=500)
-        rec = Request(time.monotonic(), request.path, [])
+        rec = Request(time.monotonic(), request.path, [], conn=self._conn(request))
         self.requests.append(rec)
         msg = orjson.loads(await self._carried(request))
         rec.events = list(msg.get("batch", []))
