@@ -1,0 +1,130 @@
+"""A number nearer zero than any double (1e-400): JSON can write it, but every reader here
+and upstream keeps numbers as doubles, where it is 0. orjson read `1e-400` as 0.0 and the
+agent stored and forwarded `0.0` (`-1e-400` as `-0.0`): a value silently changed. Every
+route refuses it with a 400 naming the field, as it refuses 1e400; in a batch, the item
+holding one alone. A subnormal (1e-320) is a double's value, and is delivered as one."""
+
+from __future__ import annotations
+
+import json
+from collections.abc import AsyncIterator
+from typing import Any
+
+import pytest
+from aiohttp import web
+
+from agent.dialects.exact_json import may_be_inexact
+from tests.segment_helpers import basic, call, wait_for
+
+AUTH = {"Authorization": basic("k")}
+TINY = ["1e-400", "-1e-400", "1E-400", "0.1e-330", "123e-999", "1.5e-0400", "4e-325"]
+
+
+def _track(value: str, quote: str = '"') -> str:
+    q = quote
+    return (f"{{{q}type{q}: {q}track{q}, {q}userId{q}: {q}u{q}, {q}event{q}: {q}e{q}, "
+            f"{q}messageId{q}: {q}m1{q}, {q}properties{q}: {{{q}t{q}: {value}}}}}")
+
+
+def _routes(value: str) -> list[tuple[str, str, dict[str, str], str]]:
+    """(route, body, headers, the field the refusal names) with ``value`` in one event."""
+    track = _track(value)
+    return [
+        ("/v1/track", track, AUTH, "properties.t"),
+        ("/v1/track", _track(value, "'"), AUTH, "properties.t"),   # hand-written reader
+        ("/api/public/apps/track", track, {"PublicWriteKey": "k"}, "properties.t"),
+        ("/track", f'{{"hitId": "h1", "event": {{"name": "e", "t": {value}, '
+                   '"user": {"userId": "u"}}}', AUTH, "event.t"),
+        ("/app/k/track", f'{{"data": [{{"type": "event", "name": "e", "id": 1, '
+                         f'"payload": {{"t": {value}}}}}]}}', {}, "data[0].payload.t"),
+        ("/v1/capture", f'{{"batch": [{track}]}}', {"X-Write-Key": "k"},
+         "batch[0].properties.t"),
+    ]
+
+
+@pytest.mark.parametrize("value", TINY)
+@pytest.mark.parametrize("case", range(6))
+async def test_a_number_nearer_zero_than_a_double_is_refused_naming_it(
+        make_agent: Any, value: str, case: int) -> None:
+    agent = await make_agent()
+    route, body, headers, field = _routes(value)[case]
+    reply = await call(agent.port, route, body, headers=headers)
+    assert reply.status == 400, (route, reply.status, reply.body)
+    text = reply.body.decode()
+    assert field in text and value in text and "out of range" in text, text
+    assert agent.spool.depth == 0
+
+
+@pytest.mark.parametrize("value", TINY)
+async def test_a_batch_refuses_the_tiny_item_alone(make_agent: Any, value: str) -> None:
+    agent = await make_agent()
+    good = '{"type": "track", "userId": "u", "event": "e", "messageId": "ok"}'
+    bad = (f'{{"type": "track", "userId": "u", "event": "e", "messageId": "bad", '
+           f'"properties": {{"n": [1, {value}]}}}}')
+    reply = await call(agent.port, "/v1/batch", f'{{"batch": [{good}, {bad}]}}', headers=AUTH)
+    assert reply.status == 207, reply.body
+    [err] = reply.json()["Errors"]
+    text = err["Message"] + " " + err["Details"]
+    assert "out of range" in text and "batch[1].properties.n[1]" in text, err
+    assert agent.spool.depth == 1
+
+
+class RawSegment:
+    """A Segment collector keeping each body as sent."""
+
+    def __init__(self) -> None:
+        self.bodies: list[bytes] = []
+        self.runner: web.AppRunner | None = None
+        self.port = 0
+
+    async def _batch(self, request: web.Request) -> web.Response:
+        self.bodies.append(await request.read())
+        return web.json_response({"success": True})
+
+    async def start(self) -> RawSegment:
+        app = web.Application()
+        app.add_routes([web.post("/v1/batch", self._batch)])
+        self.runner = web.AppRunner(app, handle_signals=False)
+        await self.runner.setup()
+        await web.TCPSite(self.runner, "127.0.0.1", 0).start()
+        self.port = int(self.runner.addresses[0][1])
+        return self
+
+    def events(self) -> list[Any]:
+        return [ev for raw in self.bodies for ev in json.loads(raw)["batch"]]
+
+
+@pytest.fixture
+async def raw_segment() -> AsyncIterator[RawSegment]:
+    up = await RawSegment().start()
+    yield up
+    assert up.runner is not None
+    await up.runner.cleanup()
+
+
+async def test_the_upstream_gets_a_subnormal_and_never_a_zero_for_a_tiny(
+        make_agent: Any, raw_segment: RawSegment) -> None:
+    agent = await make_agent(upstreams=[{
+        "name": "up", "protocol": "segment-http", "url": f"http://127.0.0.1:{raw_segment.port}",
+        "flush_interval_s": 0.05, "timeout_s": 2}])
+    events = [_track(v).replace('"m1"', f'"m{i}"') for i, v in
+              enumerate(["1e-400", "1e-320", "-1e-400", "5e-324", "2.2250738585072014e-308"])]
+    reply = await call(agent.port, "/v1/batch", '{"batch": [' + ", ".join(events) + "]}",
+                       headers=AUTH)
+    assert reply.status == 207, reply.body
+    assert len(reply.json()["Errors"]) == 2, reply.body
+    await wait_for(lambda: len(raw_segment.events()) == 3)
+    got = {ev["messageId"]: ev["properties"]["t"] for ev in raw_segment.events()}
+    assert got == {"m1": 1e-320, "m3": 5e-324, "m4": 2.2250738585072014e-308}, raw_segment.bodies
+
+
+@pytest.mark.parametrize("body,inexact", [
+    (b'{"a":1e-400}', True), (b'{"a":1E-324}', True), (b'{"a":[2e-0005]}', True),
+    (b'{"a":1e-5}', False), (b'{"a":1.5e-99}', False), (b'{"a":"one-time"}', False),
+    (b'{"a":1e+400}', False),   # orjson refuses it: read again as a refusal, not here
+])
+def test_only_a_long_negative_exponent_sends_a_body_to_the_exact_reading(
+        body: bytes, inexact: bool) -> None:
+    """A number can read as 0 only with an exponent of three digits or more, or with more
+    zeros than the wide-integer check already sends there (a run of 20 digits)."""
+    assert may_be_inexact(body) is inexact
