@@ -12,10 +12,17 @@ orjson also reads `-0` (what Go's encoding/json writes for a float64 -0) as the 
 0, a double's sign lost: the exact parse reads it as -0.0, which is what the upstreams
 read `-0` as.
 
+A number nearer zero than any double (`1e-400`; the least is about 4.9e-324) reads as 0
+(or -0.0): a value that is gone, not rounded, refused with a 400 naming the field as one
+past a double's range (`1e400`) is. Other decimals are kept as the double they mean, which
+is how the upstreams read them (a subnormal such as `1e-320` included). Such a number needs
+an exponent of three digits or more (`e-` then three digits, looked for in the same
+translated copy as the runs), or more zeros than a 20-digit run.
+
 Every integer outside the range has 20 digits in a row, or a minus and 19, so a body
-without a 19-digit run (nearly all) costs one translate and one substring search, about
-1 ns a byte (a regex for the runs took 17 ns); one with a 19-digit run (a nanosecond
-timestamp) two searches more. A `-0` is looked for by a regex on the bytes as sent (the
+without a 19-digit run (nearly all) costs one translate and two substring searches (the
+runs, and a long negative exponent), about 1 ns a byte (a regex for the runs took 17 ns);
+one with a 19-digit run (a nanosecond timestamp) two searches more. A `-0` is looked for by a regex on the bytes as sent (the
 translate reads every digit as 0), about 0.4 ns a byte. Only a body with a longer run, a
 minus before one, or a `-0` (in a string too, "item-0"), is parsed again, exactly.
 """
@@ -34,11 +41,13 @@ from agent.dialects.body import BodyError
 from agent.families.depth import first_hit, shortened
 
 LOWEST, HIGHEST = -(2**63), 2**64 - 1
-# Digits kept as "0", minus signs as they are, every other byte blanked: a 19-digit run
-# becomes 19 zeros.
-_DIGITS_ONLY = bytes(48 if 48 <= c <= 57 else c if c == 45 else 32 for c in range(256))
+# Digits kept as "0", minus signs as they are, "E" as "e", every other byte blanked: a
+# 19-digit run becomes 19 zeros, an exponent of -400 "e-000".
+_DIGITS_ONLY = bytes(48 if 48 <= c <= 57 else c if c in b"-e" else 101 if c == 69 else 32
+                     for c in range(256))
 _RUN = b"0" * 19
 _LONG_RUN, _NEGATIVE_RUN = _RUN + b"0", b"-" + _RUN   # what may be out of range
+_LONG_EXPONENT = b"e-000"   # what may be nearer zero than a double
 # A -0 that is not -0.5, -0e1 or -01: on the bytes as sent, where 0 is not another digit.
 # A regex: a find of a 3-byte needle took twice as long (CPython's short-needle search).
 _NEGATIVE_ZERO = re.compile(rb"-0(?![0-9.eE])")
@@ -74,7 +83,13 @@ class Unpaired(str):
 
 def _float(text: str) -> float | NonFinite:
     value = float(text)
-    return PastDouble(text) if math.isinf(value) else value
+    return PastDouble(text) if math.isinf(value) or underflows(text, value) else value
+
+
+def underflows(text: str, value: float) -> bool:
+    """Whether the literal ``text``, read as ``value``, is a number nearer zero than any
+    double: read as 0, though a digit of its mantissa is not."""
+    return value == 0 and text.lower().partition("e")[0].strip("-+0.") != ""
 
 
 def _unpaired(text: str) -> bool:
@@ -130,9 +145,12 @@ def nonfinite_error(field: str, text: str) -> str:
 def past_double_error(field: str, text: str) -> BodyError:
     # As wide_error: the problem and the field in the message, for a close reason.
     field = shortened(field or "the body", 100)
+    where = ("nearer zero than any double (about 4.9e-324): the agent and the upstreams, "
+             "which read numbers as doubles, would read it as 0" if float(text) == 0 else
+             "past a double's range (about 1.8e308), in which the agent and the upstreams "
+             "read numbers")
     return BodyError(400, f"number out of range at {field}",
-                     f"{field}: {shortened(text, 60)} is past a double's range "
-                     "(about 1.8e308), in which the agent and the upstreams read numbers")
+                     f"{field}: {shortened(text, 60)} is {where}")
 
 
 def unkept(value: Any) -> tuple[str, Unpaired | NonFinite | Wide] | None:
@@ -195,10 +213,13 @@ def wide_error(field: str, digits: str) -> BodyError:
 
 def may_be_inexact(data: bytes) -> bool:
     """Whether orjson may have read a number of JSON ``data`` as another value: an integer
-    outside the 64-bit range (a run of 20 digits, or a minus and 19), or -0."""
+    outside the 64-bit range (a run of 20 digits, or a minus and 19), -0, or a number
+    nearer zero than a double (an exponent of -100 or less, or a run of zeros)."""
     if _NEGATIVE_ZERO.search(data) is not None:   # in a string too ("item-0"): read again
         return True
     digits = data.translate(_DIGITS_ONLY)
+    if digits.find(_LONG_EXPONENT) >= 0:
+        return True
     # find, not `in`: CPython 3.11's `bytes in bytes` first tries the needle as an int
     # and clears the TypeError, half its cost (callgrind: once per request).
     return digits.find(_RUN) >= 0 and (digits.find(_LONG_RUN) >= 0
@@ -208,11 +229,11 @@ def may_be_inexact(data: bytes) -> bool:
 def exactly(raw: bytes | str, value: Any) -> Any:
     """``value``, what orjson read from ``raw``, or ``raw`` read again exactly when orjson
     may have read a number as another value (``may_be_inexact``); BodyError(400) naming
-    the first integer that a double would round."""
+    the first integer that a double would round, or number it would read as 0."""
     data = raw.encode() if isinstance(raw, str) else raw
     if not may_be_inexact(data):
         return value
-    wide: list[Wide] = []
+    wide: list[Wide | PastDouble] = []
 
     def exact(text: str) -> int | float | Wide:
         number = exact_int(text)
@@ -220,8 +241,14 @@ def exactly(raw: bytes | str, value: Any) -> Any:
             wide.append(number)
         return number
 
+    def exact_float(text: str) -> float | NonFinite:
+        number = _float(text)
+        if isinstance(number, PastDouble):
+            wide.append(number)
+        return number
+
     try:
-        value = json.loads(data, parse_int=exact)
+        value = json.loads(data, parse_int=exact, parse_float=exact_float)
     except RecursionError:
         # Past the interpreter's depth (orjson reads 1024 levels): no event that deep
         # could be stored anyway (orjson writes 255). orjson, the stricter reader, has
@@ -229,9 +256,9 @@ def exactly(raw: bytes | str, value: Any) -> Any:
         raise BodyError(400, "invalid JSON", "nested too deeply") from None
     # Walked for its path only now (long digit runs in strings are common); it may be
     # gone, overwritten by a repeated member name (the last one counts, as for orjson).
-    found = first_hit(value, Wide, 2**31) if wide else None
+    found = first_hit(value, (Wide, PastDouble), 2**31) if wide else None
     if found is not None:
-        raise wide_error(found[0], found[1])
+        raise (wide_error if isinstance(found[1], Wide) else past_double_error)(*found)
     return value
 
 

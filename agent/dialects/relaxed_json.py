@@ -9,7 +9,7 @@ Anything it cannot read is still a 400, and nesting is bounded.
 
 Bare words are kept as strings, but never the ones that spell a number JSON
 does not have (NaN, Infinity, Python's nan/inf), a number too large for a
-double, nor an integer beyond 64 bits that a double would round (exact_json.py), nor
+double or nearer zero than one, nor an integer beyond 64 bits that a double would round (exact_json.py), nor
 a string holding a lone surrogate: each is left as exact_json's marker, to be named,
 never a value silently changed (a 400 for a single call, the message alone in a batch:
 batch_json.py).
@@ -33,6 +33,7 @@ from agent.dialects.exact_json import (
     means_double,
     read_marked,
     refuse_unkept,
+    underflows,
 )
 
 MAX_DEPTH = 64
@@ -81,8 +82,8 @@ def _tokens(text: str) -> list[tuple[str, Any]]:
             if raw.lstrip("-").isdigit() and not isinstance(number, int) \
                     and not means_double(raw):
                 out.append((_WIDE, raw))        # orjson would round the integer
-            elif number is None:
-                out.append((_PAST, raw))   # it would be infinity
+            elif number is None or (type(number) is float and underflows(raw, number)):
+                out.append((_PAST, raw))   # it would be infinity, or 0
             else:
                 out.append(("value", number))
         elif kind == _NONFINITE:
