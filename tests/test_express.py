@@ -190,6 +190,43 @@ async def test_pipelined_requests_are_answered_in_order_across_the_hand_over(
     await client.close()
 
 
+def chunked(path: str, body: bytes, trailer: bytes = b"") -> bytes:
+    """``body`` POSTed in two chunks, with an optional trailer section."""
+    head = (f"POST {path} HTTP/1.1\r\nHost: 127.0.0.1\r\nContent-Type: application/json\r\n"
+            f"Authorization: {AUTH}\r\nTransfer-Encoding: chunked\r\n\r\n").encode()
+    half = len(body) // 2
+    return head + b"".join(b"%x\r\n%s\r\n" % (len(part), part)
+                           for part in (body[:half], body[half:])) + b"0\r\n" + trailer + b"\r\n"
+
+
+@pytest.mark.parametrize("piece", [0, 7])   # one write; written 7 bytes at a time
+async def test_requests_pipelined_after_a_chunked_body_are_each_read_and_answered(
+        make_agent: Callable[..., Any], piece: int) -> None:
+    """A chunked body hands the connection to aiohttp: what follows it in the same write
+    (a Content-Length request, another chunked one after a trailer, a batch) is neither
+    dropped nor read as part of it. Each gets its reply, in order, and each event is
+    stored once, as sent."""
+    agent = await make_agent()
+    client = await Client.open(agent.port)
+    ids = [uuid.uuid4().hex for _ in range(5)]
+    data = (post("/v1/track", track(messageId=ids[0]))
+            + chunked("/v1/track", track(messageId=ids[1]))
+            + post("/v1/track", track(messageId=ids[2]))
+            + chunked("/v1/t", track(messageId=ids[3]), trailer=b"X-Trailer: 1\r\n")
+            + post("/v1/batch", b'{"batch": [' + track(messageId=ids[4]) + b"]}"))
+    if piece:
+        for i in range(0, len(data), piece):
+            await client.send(data[i:i + piece])
+    else:
+        await client.send(data)
+    replies = [await client.reply() for _ in range(5)]
+    assert [r.split(b" ", 2)[1] for r in replies] == [b"200"] * 5, replies
+    assert agent.spool.depth == 5
+    rows = await agent.spool.fetch(agent.spool.streams[KEY].id, 0, 10)
+    assert sorted(orjson.loads(bytes(r.body))["messageId"] for r in rows) == sorted(ids)
+    await client.close()
+
+
 @pytest.mark.parametrize("fields", [
     (("Transfer-Encoding", "chunked"),),
     (("Content-Length", "5"),),                 # a second Content-Length
