@@ -7,6 +7,7 @@ from pathlib import Path
 from typing import Any
 
 from agent.families import segment as spec
+from tests.conftest import write_config
 from tests.fakes.nucleus_upstream import FakeNucleus
 from tests.fakes.segment_upstream import FakeSegment
 from tests.segment_helpers import basic, call, nucleus_up, segment_up, wait_for
@@ -264,3 +265,43 @@ async def test_a_segment_event_that_crossed_a_nucleus_hop_reaches_segment_as_sen
     assert "timestamp" not in opened        # only originalTimestamp, as the app sent it
     # Filled once, by A (no device id beside the anonymousId: docs/mapping.md §9).
     assert opened["context"]["device"] == {"totalRam": a.facts.totalRam, "arch": a.facts.arch}
+
+
+async def test_a_segment_event_with_a_user_id_alone_reaches_nucleus_from_this_machine(
+        make_agent: Any, fake_nucleus: FakeNucleus) -> None:
+    """The Nucleus Tracking API requires `machineId` on every event. Mapped to Nucleus, a
+    Segment event's is its `context.device.id`, else its `anonymousId`: an event with a
+    `userId` alone reached the upstream with none. The agent runs on the app's device,
+    so it is the device's id, as an "Application Opened" of the same app gets; an
+    `anonymousId` or `context.device.id` the app sent still wins."""
+    agent = await make_agent(upstreams=[nucleus_up(fake_nucleus)])
+    sent = [{"userId": "u", "event": "Clicked", "messageId": "user-only"},
+            {"userId": "u", "anonymousId": "", "event": "Clicked", "messageId": "anon-empty"},
+            {"anonymousId": "a1", "event": "Clicked", "messageId": "anon"},
+            {"userId": "u", "event": "Clicked", "messageId": "device",
+             "context": {"device": {"id": "d1"}}},
+            {"userId": "u", "event": "Application Opened", "messageId": "opened"}]
+    reply = await call(agent.port, "/v1/batch", {"batch": [{"type": "track", **ev} for ev in sent]},
+                       headers=AUTH)
+    assert reply.status == 200, reply.body
+    await wait_for(lambda: len(fake_nucleus.events) == len(sent))
+    got = {ev["payload"]["$segment"]["messageId"]: ev for ev in fake_nucleus.events}
+    machine = agent.facts.machineId
+    assert {k: got[k].get("machineId") for k in got} == {
+        "user-only": machine, "anon-empty": machine, "anon": "a1", "device": "d1",
+        "opened": machine}
+    assert "anonymousId" not in got["user-only"]["payload"]["$segment"]   # never added
+
+
+async def test_a_user_id_only_event_stored_unmapped_reaches_nucleus_after_a_reload(
+        make_agent: Any, fake_nucleus: FakeNucleus) -> None:
+    """Stored as the app sent it (no upstream yet), then routed to a Nucleus upstream by a
+    reload: mapped at send time, it carries the machine's id too."""
+    agent = await make_agent()
+    body = {"userId": "u", "event": "Clicked", "messageId": "stored"}
+    assert (await call(agent.port, "/v1/track", body, headers=AUTH)).status == 200
+    write_config(Path(agent.config_path), agent.spool.path,
+                 upstreams=[nucleus_up(fake_nucleus)])
+    await agent.reload()
+    await wait_for(lambda: len(fake_nucleus.events) == 1)
+    assert fake_nucleus.events[0]["machineId"] == agent.facts.machineId
