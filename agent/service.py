@@ -132,7 +132,7 @@ class Agent:
             self.sink = Sink(self.cfg.listen.accept_keys, spool,
                              Enrich(self.facts, Lanes(self.cfg.upstreams)), self.metrics,
                              inflight_budget=self.cfg.listen.max_inflight_mb * 1024 * 1024,
-                             on_new_data=self._new_data, limits=_limits(self.cfg),
+                             on_new_data=self._new_data, limits=_limits(self.cfg, self.facts.machineId),
                              on_stored=self.tail.ingested,
                              max_keys=self.cfg.listen.max_keys)
             self.ops = Ops(spool, self.metrics, live=self._live, flush=self._flush,
@@ -314,7 +314,7 @@ class Agent:
         self.cfg = new
         # Requests from now on are held to the new routes' limits (docs/mapping.md §5), and
         # to the new keys: not only after the wait below, up to 5 s for a revoked key.
-        self.sink.set_limits(_limits(new))
+        self.sink.set_limits(_limits(new, self.facts.machineId))
         self.sink.set_accept_keys(new.listen.accept_keys)
         self.sink.enrich.lanes = Lanes(new.upstreams)   # and classified by the new rules
         # In-flight batches settle before the new forwarders start: nothing sent twice.
@@ -450,10 +450,10 @@ def _register_secrets(cfg: Config) -> None:
                 logs.register_secret(key)
 
 
-def _limits(cfg: Config) -> RouteLimits:
+def _limits(cfg: Config, machine: str) -> RouteLimits:
     return RouteLimits(cfg, lambda up: uplink_class(up.protocol).event_limit(up),
                        lambda up: uplink_class(up.protocol).family,
-                       lambda up: uplink_class(up.protocol).key_rule(up))
+                       lambda up: uplink_class(up.protocol).key_rule(up), machine)
 
 
 def _register_keys(keys: Iterable[str]) -> None:

@@ -257,7 +257,7 @@ async def test_segment_events_routed_to_nucleus_are_stored_mapped(make_agent: An
         original["receivedAt"] = kept["receivedAt"]
         if "timestamp" not in sent:
             original["timestamp"] = kept["timestamp"]
-        assert stored == segment_to_nucleus(original, row.received)
+        assert stored == segment_to_nucleus(original, row.received, agent.facts.machineId)
 
 
 async def test_stored_mapped_to_nucleus_goes_with_seqs_as_ids_once_in_order(
@@ -295,7 +295,8 @@ async def test_a_mapped_batch_is_spliced_to_the_bytes_mapping_at_send_time_gives
     """The drain sends stored bytes: each event's seq put last as its `id`, the bytes the
     take loop made by mapping the Segment event at send time (nested ids and all)."""
     cfg = parse({"upstream": [offline_nucleus()]})
-    limits = RouteLimits(cfg, lambda up: None, lambda up: NUCLEUS)
+    # The device's id, as the uplinks below have it (a userId-only event's machineId).
+    limits = RouteLimits(cfg, lambda up: None, lambda up: NUCLEUS, machine="m")
     originals = [orjson.dumps(ev | {"receivedAt": "2026-01-15T10:20:31.000Z"})
                  for ev in SEGMENT_EVENTS]
     spool = await Spool.open(StorageConfig(path=str(tmp_path / "spool.db")))

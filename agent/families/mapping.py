@@ -273,10 +273,12 @@ def _nucleus_back(ev: dict[str, Any], ctx: dict[str, Any], kept: dict[str, Any],
 
 # -- Segment -> Nucleus -------------------------------------------------------
 
-def segment_to_nucleus(ev: dict[str, Any], received: int) -> dict[str, Any]:
-    """A Segment-spec event as a Nucleus event (the uplink supplies its `id`)."""
+def segment_to_nucleus(ev: dict[str, Any], received: int,
+                       machine: str | None = None) -> dict[str, Any]:
+    """A Segment-spec event as a Nucleus event (the uplink supplies its `id`); ``machine``,
+    the device's id, is its `machineId` when it names no device or install of its own."""
     back = given_back(ev, received)
-    return back if back is not None else _to_nucleus(ev, received)
+    return back if back is not None else _to_nucleus(ev, received, machine)
 
 
 def given_back(ev: dict[str, Any], received: int) -> dict[str, Any] | None:
@@ -306,7 +308,8 @@ def _body_key(kind: Any) -> str | None:
     return None if kind in ("group", "alias") else "properties"
 
 
-def _to_nucleus(ev: dict[str, Any], received: int) -> dict[str, Any]:
+def _to_nucleus(ev: dict[str, Any], received: int,
+                machine: str | None = None) -> dict[str, Any]:
     kind = ev.get("type")
     ctx = _obj(ev.get("context"))
     kept = _obj(ctx.get("nucleus"))
@@ -342,13 +345,16 @@ def _to_nucleus(ev: dict[str, Any], received: int) -> dict[str, Any]:
         payload.setdefault("messageId", ev["messageId"])
     payload[SEGMENT_KEY] = rest
     os_ctx, device, app = _obj(ctx.get("os")), _obj(ctx.get("device")), _obj(ctx.get("app"))
-    user_id, device_id = ev.get("userId"), device.get("id")
+    user_id, device_id, anon = ev.get("userId"), device.get("id"), ev.get("anonymousId")
     out.update({
         "date": ev.get("timestamp") or ev.get("originalTimestamp") or ev.get("receivedAt")
         or iso_ms_fast(received),
         "userId": str(user_id) if isinstance(user_id, (int, float)) else user_id,
-        "machineId": device_id if device_id or is_id(device_id) else ev.get("anonymousId"),
-        "anonId": ev.get("anonymousId"),
+        # The Nucleus API requires one on every event: an event with a userId alone came
+        # from this device (the agent runs on it), as its "Application Opened" says.
+        "machineId": device_id if device_id or is_id(device_id)
+        else anon if is_id(anon) else machine,
+        "anonId": anon,
         "sessionId": kept.get("sessionId") if kept.get("sessionId") is not None
         else ctx.get("sessionId"),
         "platform": os_ctx.get("name"), "osVersion": os_ctx.get("version"),
@@ -377,4 +383,5 @@ def _segment_back(ev: dict[str, Any], payload: dict[str, Any],
     # Its `id` is not compared: the mapping gives none, and the uplink that sent it over a
     # Nucleus hop gave it its spool seq (§2), as an ack id; it is no part of the event.
     theirs = ev if "id" not in ev else {k: v for k, v in ev.items() if k != "id"}
-    return out if _to_nucleus(out, received) == theirs else None
+    # A machineId the mapping gave it (``machine``) was the mapping agent's device's.
+    return out if _to_nucleus(out, received, ev.get("machineId")) == theirs else None

@@ -7,6 +7,7 @@ so the drain sends stored bytes (docs/architecture.md, "Where mapping happens").
 from __future__ import annotations
 
 from collections.abc import Callable, Container
+from functools import partial
 from typing import Any, NamedTuple
 
 import orjson
@@ -16,13 +17,8 @@ from agent.families.event import NOT_READ, NUCLEUS, SEGMENT, Event, Limit, compa
 from agent.families.nucleus import ID_TYPES
 from agent.settings import Config, UpstreamConfig
 
-# The mapping each stored family goes through to reach an upstream of the other one.
 # What mapping to the other family may add besides copies of the event's own values.
 MAPPING_GROWTH_BYTES = 1024
-_MAPPED: dict[int, Callable[[dict[str, Any], int], dict[str, Any]]] = {
-    NUCLEUS: mapping.nucleus_to_segment,
-    SEGMENT: mapping.segment_to_nucleus,
-}
 
 
 class _Route(NamedTuple):
@@ -56,8 +52,15 @@ class RouteLimits:
 
     def __init__(self, cfg: Config, limit_of: Callable[[UpstreamConfig], Limit | None],
                  family_of: Callable[[UpstreamConfig], int] | None = None,
-                 key_rule_of: KeyRuleOf | None = None) -> None:
+                 key_rule_of: KeyRuleOf | None = None, machine: str | None = None) -> None:
         self._cfg = cfg
+        # The mapping each stored family goes through to reach an upstream of the other
+        # one; ``machine``, the device's id, is a mapped Segment event's machineId when it
+        # names no device of its own.
+        self._mapped: dict[int, Callable[[dict[str, Any], int], dict[str, Any]]] = {
+            NUCLEUS: mapping.nucleus_to_segment,
+            SEGMENT: partial(mapping.segment_to_nucleus, machine=machine),
+        }
         # Upstream names are unique (config.py): each route's limit and family by name.
         self._routes = {up.name: _Route(up.name, limit_of(up),
                                         None if family_of is None else family_of(up),
@@ -151,7 +154,7 @@ class RouteLimits:
                 continue
             received = received or now_ms()
             try:
-                mapped = _MAPPED[ev.family](
+                mapped = self._mapped[ev.family](
                     orjson.loads(ev.body) if parsed is None else parsed, received)
                 body = compact_json(mapped)
             except (ValueError, TypeError):
@@ -184,8 +187,8 @@ class RouteLimits:
             if 3 * size + MAPPING_GROWTH_BYTES <= limit.max_bytes:
                 return None
             try:
-                size = len(orjson.dumps(_MAPPED[event.family](orjson.loads(event.body),
-                                                              now_ms())))
+                size = len(orjson.dumps(self._mapped[event.family](orjson.loads(event.body),
+                                                                   now_ms())))
             except (ValueError, TypeError) as exc:   # not mappable (see as_stored)
                 return f"event cannot be sent to upstream {name!r}: it does not map ({exc})"
         return limit.refuses(name, size)

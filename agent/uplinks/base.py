@@ -207,6 +207,7 @@ class UplinkBase(ABC):
         self.name = cfg.name
         self.cfg = cfg
         self.session = session
+        self.machine_id = machine_id   # a mapped Segment event's machineId (prepare.py)
         # What the take loop refuses (prepare.Encoder): worked out once, not per batch.
         self.limit = self.event_limit(cfg)
         # Why ``app_key``'s events can never go under it (key_rule), or None. Ingest refuses

@@ -171,7 +171,6 @@ class NucleusWsUplink(NucleusFraming, UplinkBase):
                  machine_id: str, heartbeat_s: float = HEARTBEAT_S) -> None:
         super().__init__(cfg, app_key, session, machine_id)
         self.url = track_url(cfg.url, cfg.key or app_key)
-        self.machine_id = machine_id
         self.heartbeat_s = heartbeat_s
         # Connection state: the ack id of every event prepared on this connection and not
         # yet acknowledged (a failed frame's, until close()) -> its seq. Ids are unique

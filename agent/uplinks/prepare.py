@@ -27,8 +27,9 @@ from agent.spool.types import Row
 CORRUPT = (ValueError, TypeError)
 
 # (stored family, uplink family) -> the mapping from one to the other.
-CONVERSIONS: dict[tuple[int, int], Callable[[dict[str, Any], int], dict[str, Any]]] = {
-    (NUCLEUS, SEGMENT): mapping.nucleus_to_segment,
+# Each called with the event, its receive time and the device's id.
+CONVERSIONS: dict[tuple[int, int], Callable[[dict[str, Any], int, str], dict[str, Any]]] = {
+    (NUCLEUS, SEGMENT): lambda ev, received, _: mapping.nucleus_to_segment(ev, received),
     (SEGMENT, NUCLEUS): mapping.segment_to_nucleus,
 }
 
@@ -86,6 +87,7 @@ class Encoder(Protocol):
     envelope_bytes: ClassVar[int]  # a request's size without its events
     event_overhead: ClassVar[int]  # bytes each event adds besides its body (separators)
     cfg: UpstreamConfig
+    machine_id: str                # the device's id (a mapped Segment event's machineId)
 
     @property
     def limit(self) -> Limit | None:
@@ -132,7 +134,8 @@ def take_prefix(uplink: Encoder, rows: Sequence[Row],
             if row.family == family:
                 body, ack_id = encode_stored(row)
             else:
-                body, ack_id = uplink.encode_mapped(_convert(row, family), row)
+                body, ack_id = uplink.encode_mapped(_convert(row, family, uplink.machine_id),
+                                                    row)
         except CORRUPT as exc:
             refused.append((row.seq, f"corrupt row: {exc}"))
             taken += 1
@@ -157,11 +160,11 @@ def take_prefix(uplink: Encoder, rows: Sequence[Row],
     return Prepared(tuple(rows[:taken]), tuple(seqs), tuple(bodies), tuple(ids), tuple(refused))
 
 
-def _convert(row: Row, family: int) -> dict[str, Any]:
+def _convert(row: Row, family: int, machine: str) -> dict[str, Any]:
     event: Any = orjson.loads(row.body)
     if not isinstance(event, dict):
         raise ValueError("stored event is not an object")
     convert = CONVERSIONS.get((row.family, family))
     if convert is None:
         raise ValueError(f"no mapping from family {row.family} to {family}")
-    return convert(event, row.received)
+    return convert(event, row.received, machine)
