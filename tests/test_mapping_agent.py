@@ -305,3 +305,32 @@ async def test_a_user_id_only_event_stored_unmapped_reaches_nucleus_after_a_relo
     await agent.reload()
     await wait_for(lambda: len(fake_nucleus.events) == 1)
     assert fake_nucleus.events[0]["machineId"] == agent.facts.machineId
+
+
+async def test_empty_device_facts_are_filled_as_left_out_ones(
+        make_agent: Any, fake_nucleus: FakeNucleus, fake_segment: FakeSegment,
+        tmp_path: Path) -> None:
+    """The Nucleus Tracking API requires `platform`, `osVersion` and `language` on an init
+    or error; an Electron app asking `app.getLocale()` before `ready` sends `""`. An empty
+    string names no locale or platform: it is filled from the device, as JSON null is,
+    in both families' places; a fact the app gave a value keeps it."""
+    nuc = await make_agent(spool=tmp_path / "n.db", upstreams=[nucleus_up(fake_nucleus)])
+    init = {"type": "init", "id": 1, "machineId": "", "language": "", "locale": "",
+            "platform": "", "osVersion": "", "arch": "x64", "sessionId": 1}
+    reply = await call(nuc.port, "/app/k/track", {"data": [init]})
+    assert reply.json() == {"reportedIds": [1]}, reply.body
+    seg = await make_agent(spool=tmp_path / "s.db", upstreams=[segment_up(fake_segment)])
+    opened = {"userId": "u", "event": "Application Opened", "messageId": "o1",
+              "context": {"locale": "", "os": {"name": "", "version": "14"},
+                          "device": {"id": ""}}}
+    assert (await call(seg.port, "/v1/track", opened, headers=AUTH)).status == 200
+    await wait_for(lambda: len(fake_nucleus.events) == 1 and len(fake_segment.events) == 1)
+    facts = nuc.facts
+    [got] = fake_nucleus.events
+    assert {k: got[k] for k in ("language", "locale", "platform", "osVersion", "arch",
+                                "machineId")} == {
+        "language": facts.language, "locale": facts.language, "platform": facts.platform,
+        "osVersion": facts.osVersion, "arch": "x64", "machineId": facts.machineId}
+    ctx = fake_segment.events[0]["context"]
+    assert (ctx["locale"], ctx["os"], ctx["device"]["id"]) == (
+        facts.language, {"name": facts.platform, "version": "14"}, seg.facts.machineId)
