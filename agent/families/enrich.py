@@ -1,7 +1,9 @@
 """The enrichment stage: device facts filled into the events that are, or become, init
 and error events, in the places of the family they are stored in (docs/mapping.md).
 
-Only missing fields are filled: what the app sent always wins. Events are enriched at
+Only missing fields are filled: what the app sent always wins. A fact sent as JSON null
+or "" is missing (the Nucleus API requires them on init and error: an empty string names
+no locale, platform or machine; Electron's getLocale() before `ready` is ""). Events are enriched at
 ingest, so an event forwarded as stored and one mapped to the other family carry the
 same facts: the mapping moves each Segment place to its Nucleus place and back.
 """
@@ -43,18 +45,18 @@ class Enrich:
             return
         facts = self.facts
         for name in ("platform", "osVersion", "totalRam", "arch"):
-            if event.get(name) is None:
+            if _missing(event.get(name)):
                 event[name] = getattr(facts, name)
         # Current modules send `locale`, the doc asks for `language`: fill both,
         # preferring whichever of the two the app itself sent.
         lang = event.get("language") or event.get("locale") or facts.language
         for name in ("language", "locale"):
-            if event.get(name) is None:
+            if _missing(event.get(name)):
                 event[name] = lang
         # Newer modules identify the device by deviceId instead of machineId; an app that
         # names its install by anonId alone has its events mapped to Segment under it
         # (mapping.py): the device's id would give its init another anonymousId.
-        if (event.get("machineId") is None and event.get("deviceId") is None
+        if (_missing(event.get("machineId")) and _missing(event.get("deviceId"))
                 and not _is_id(event.get("anonId"))):
             event["machineId"] = facts.machineId
 
@@ -81,12 +83,17 @@ class Enrich:
         # all of its messages (agent/families/segment.py merge).
         ctx = event["context"] = dict(ctx or {})
         facts = self.facts
-        if ctx.get("locale") is None:
+        if _missing(ctx.get("locale")):
             ctx["locale"] = facts.language
         _fill(ctx, "os", (("name", facts.platform), ("version", facts.osVersion)))
         rest = (("totalRam", facts.totalRam), ("arch", facts.arch))
         _fill(ctx, "device", rest if _is_id(event.get("anonymousId"))
               else (("id", facts.machineId), *rest))
+
+
+def _missing(value: Any) -> bool:
+    """A fact left out: absent, JSON null, or "" (what names nothing)."""
+    return value is None or value == ""
 
 
 def _is_id(value: Any) -> bool:
@@ -102,5 +109,5 @@ def _fill(ctx: dict[str, Any], name: str, pairs: tuple[tuple[str, Any], ...]) ->
         return
     part = ctx[name] = dict(part or {})
     for key, value in pairs:
-        if part.get(key) is None:
+        if _missing(part.get(key)):
             part[key] = value
