@@ -10,6 +10,7 @@ import json
 from collections.abc import AsyncIterator
 from typing import Any
 
+import aiohttp
 import pytest
 from aiohttp import web
 
@@ -134,3 +135,14 @@ def test_only_a_long_negative_exponent_sends_a_body_to_the_exact_reading(
     """A number can read as 0 only with an exponent of three digits or more, or with more
     zeros than the wide-integer check already sends there (a run of 20 digits)."""
     assert may_be_inexact(body) is inexact
+
+
+async def test_a_websocket_message_leaves_the_tiny_event_out_of_its_acknowledgement(
+        make_agent: Any) -> None:
+    agent = await make_agent()
+    frame = '{"data": [{"name": "e", "id": 1, "payload": {"t": 1e-400}}, {"name": "e", "id": 2}]}'
+    async with aiohttp.ClientSession() as s, \
+            s.ws_connect(f"http://127.0.0.1:{agent.port}/app/k/track") as ws:
+        await ws.send_str(frame)
+        assert await ws.receive_json() == {"reportedIds": [2]}
+    assert agent.spool.depth == 1
