@@ -29,7 +29,8 @@ import asyncio
 import contextlib
 import logging
 from collections.abc import Awaitable, Coroutine, Mapping, Sequence
-from typing import Any, ClassVar
+from itertools import repeat
+from typing import Any, ClassVar, cast
 
 import aiohttp
 import orjson
@@ -83,11 +84,9 @@ class _Link:
         self.frames = 0
         self.replies = 0
         self.acked: set[int] = set()
-        # The ack id of each event whose frame went out on it -> its seq, until acknowledged:
-        # only these can an answer acknowledge (one prepared, not yet sent, the upstream has
-        # not seen, whatever answer names its id: a repeated one, for an earlier event).
-        self.sent: dict[Any, int] = {}
-        self.waiting: dict[int, tuple[int, ...]] = {}  # frame number -> seqs, while sent
+        # Frame number -> seqs, from just before the frame goes out until its send returns:
+        # only their events can an answer acknowledge (_acked).
+        self.waiting: dict[int, tuple[int, ...]] = {}
         # The frame the upstream closed the connection for with 1009 (too big): the first
         # it had not wholly acknowledged then, since it answers frames in order.
         self.too_big: int | None = None
@@ -174,7 +173,7 @@ class NucleusWsUplink(NucleusFraming, UplinkBase):
         self.heartbeat_s = heartbeat_s
         # Connection state: the ack id of every event prepared on this connection and not
         # yet acknowledged (a failed frame's, until close()) -> its seq. Ids are unique
-        # among them, so that an answer names one event (_Link.sent).
+        # among them, so that an answer names one event (_acked).
         self.in_flight: dict[Any, int] = {}
         self._link: _Link | None = None
         self._send_lock = asyncio.Lock()
@@ -225,7 +224,6 @@ class NucleusWsUplink(NucleusFraming, UplinkBase):
                     link.frames += 1
                     mine = link.frames
                     link.waiting[mine] = prepared.seqs
-                    link.sent.update(zip(prepared.ids, prepared.seqs))
                     data = frame(prepared)
                     size = len(data)
                     await link.send(data, self.cfg.timeout_s)
@@ -384,7 +382,7 @@ class NucleusWsUplink(NucleusFraming, UplinkBase):
         reported = reply.get("reportedIds") if isinstance(reply, dict) else None
         if isinstance(reported, list):
             plain = ids_only(reported)
-            acked = match(link.sent, reported, self.in_flight, plain)
+            acked = self._acked(link, reported, plain)
             if acked:
                 link.acked.update(acked)
                 link.notify()
@@ -404,6 +402,26 @@ class NucleusWsUplink(NucleusFraming, UplinkBase):
         log_limited(log, logging.INFO, f"not-an-ack:{self.name}",
                     "%s sent a reply without reportedIds, or with some that are not ids: %s",
                     self.name, link.said)
+
+    def _acked(self, link: _Link, reported: list[Any], plain: bool) -> list[int]:
+        """Seqs a reply on ``link`` acknowledges, their ids taken out of ``in_flight``: of
+        events whose frame went out on it and waits for its acks. Not one prepared and not
+        yet sent, which the upstream has not seen, whatever the reply names: its id may be
+        a repeat, for an earlier event (one dict of ids, and the frames checked by seq,
+        cost a dict insert and pop less an event than a dict of ids sent per link)."""
+        in_flight = self.in_flight
+        frame = _next_frame(link)
+        if plain and frame is not None and len(reported) == len(frame):
+            # The usual reply: the next frame's every id, in its order.
+            before = len(in_flight)
+            popped = list(map(in_flight.pop, reported, repeat(None)))
+            if before - len(in_flight) == len(popped) and tuple(popped) == frame:
+                return cast(list[int], popped)   # each pop took one out: no None among them
+            in_flight.update((ack_id, seq) for ack_id, seq in zip(reported, popped)
+                             if seq is not None)   # put back, and weighed one by one
+        here = set().union(*link.waiting.values())
+        sent = {ack_id: seq for ack_id, seq in in_flight.items() if seq in here}
+        return match(sent, reported, in_flight, plain)
 
     async def _heartbeats(self, link: _Link, ws: aiohttp.ClientWebSocketResponse) -> None:
         loop = asyncio.get_running_loop()
@@ -448,6 +466,14 @@ def _closed(link: _Link, ws: aiohttp.ClientWebSocketResponse) -> str:
     if link.carried:
         return f"{LOST} ({how})" if code is not None else LOST
     return f"the upstream closed the connection right after the handshake ({how})"
+
+
+def _next_frame(link: _Link) -> tuple[int, ...] | None:
+    """The seqs of the first frame sent on ``link`` that no reply has answered yet."""
+    for n, seqs in link.waiting.items():
+        if n > link.replies:
+            return seqs
+    return None
 
 
 def _answered(link: _Link) -> int:
