@@ -211,7 +211,14 @@ class NucleusWsUplink(NucleusFraming, UplinkBase):
             return tuple(sorted(prepared.seqs))
         return tuple(sorted(link.acked.intersection(prepared.seqs)))
 
-    def connecting(self) -> Coroutine[Any, Any, Retry | None]:
+    def connecting(self) -> Coroutine[Any, Any, Retry | None] | None:
+        # An open connection needs no opening: None keeps the forwarder from giving back the
+        # slots of a read it is sending (it keeps one for a handshake), which dropped the
+        # rest of the read to be read and unpacked again whenever every frame was answered.
+        link = self._link
+        if link is not None and link.lost is None and link.ws is not None \
+                and not link.ws.closed:
+            return None
         return self._connect()
 
     async def _connect(self) -> Retry | None:
