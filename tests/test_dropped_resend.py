@@ -370,3 +370,66 @@ async def test_two_letters_of_one_event_retried_together_leave_the_key_with_the_
         assert agent.spool.depth == 1
     finally:
         await up.stop()
+
+
+@pytest.mark.parametrize("order", ["older first", "newer first"])
+@pytest.mark.parametrize("how", ["running agent", "stopped agent"])
+async def test_two_letters_of_one_event_retried_by_reason_leave_the_key_with_the_newer(
+        make_agent: Any, clock: Clock, how: str, order: str) -> None:
+    """As above, but the two dead letters of event 0 have reasons of their own (HTTP 400,
+    then HTTP 422), and the operator retries them by reason, one command each. The older
+    letter's first, the second retry found the key held by the first one's new record,
+    newer by id, took that for a copy stored again and left the key there. The older
+    record then expired undelivered, the index forgot the key, and a resend was stored
+    again while the newer copy was queued. Alike by a running agent's /dead/retry and by
+    `outpost dead retry --reason` on a stopped agent's spool."""
+    up = RefusingNucleus()
+    await up.start()
+    try:
+        upstreams = [{"name": "up", "protocol": "nucleus-http", "url": up.http_url,
+                      "flush_interval_s": 0.02, "timeout_s": 2}]
+        storage = {"max_age_days": 1, "dedupe_window_h": 72, "dedupe_max_keys": 16}
+        agent = await make_agent(upstreams=upstreams, storage=storage)
+        async with aiohttp.ClientSession() as s:
+            for n, (status, wall_shift) in enumerate(((400, 0), (422, 2 * DAY_MS))):
+                clock.wall_shift_ms = wall_shift
+                up.refuse = status
+                await post(s, agent.port, [event(0)])
+                await wait_for(lambda n=n: agent.spool.dead_count == n + 1)
+                up.refuse = None
+                others = range(100 + 16 * n, 116 + 16 * n)
+                await post(s, agent.port, [event(i) for i in others])   # the cap lets 0 go
+                await wait_for(lambda: agent.spool.depth == 0)
+            await up.go_down()
+            async with s.get(f"http://127.0.0.1:{agent.port}/dead") as r:
+                letters = (await r.json())["entries"]
+            reasons = [e["reason"] for e in sorted(letters, key=lambda e: e["id"])]
+            assert [r[:8] for r in reasons] == ["HTTP 400", "HTTP 422"], reasons
+            if how == "stopped agent":
+                await agent.stop()
+            for reason in reasons if order == "older first" else reversed(reasons):
+                if how == "running agent":
+                    async with s.post(f"http://127.0.0.1:{agent.port}/dead/retry",
+                                      json={"reason": reason}) as r:
+                        assert r.status == 200 and (await r.json())["retried"] == 1
+                else:
+                    code, text = await outpost_in_thread(
+                        "dead", "retry", "--reason", reason, "--config", agent.config_path)
+                    assert code == 0 and "re-queued 1 dead letter" in text, text
+            if how == "stopped agent":
+                agent = await make_agent(upstreams=upstreams, storage=storage)
+            await agent.spool.prune()   # marks the retried records received by now
+            clock.passed_ms = DAY_MS + 600_000
+            clock.wall_shift_ms = DAY_MS   # the newer letter's receipt 10 min ago
+
+            async def expired() -> bool:   # not while its send is in flight
+                await agent.spool.prune()
+                return agent.spool.depth == 1
+
+            await wait_for(expired)
+            assert agent.spool.counters["expired"] == 1
+            await post(s, agent.port, [event(0)])
+        assert agent.spool.counters.get("duplicates", 0) == 1
+        assert agent.spool.depth == 1
+    finally:
+        await up.stop()
