@@ -240,13 +240,16 @@ def letter_keys(conn: sqlite3.Connection, which: Which, below: int, letters: int
     return rows.fetchall() if among is None else [r for r in rows if r[1] in among]
 
 
-def newest_letters(conn: sqlite3.Connection, which: Which, below: int) -> dict[int, int]:
-    """Of the keys several chosen dead letters with seq < ``below`` share (an event refused
-    again once its key was let go), the newest letter's seq, by key: a retry puts the key
-    in that letter's record alone (``requeue``'s ``newest``), in whichever step it goes."""
-    where, params = which.where()
-    rows = conn.execute(f"SELECT dkey, max(seq) FROM dead WHERE {where} AND seq < ? "
-                        "GROUP BY dkey HAVING count(*) > 1", (*params, below))
+def newest_letters(conn: sqlite3.Connection, below: int) -> dict[int, int]:
+    """Of the keys several dead letters with seq < ``below`` share (an event refused again
+    once its key was let go), the newest letter's seq, by key: a retry puts the key in
+    that letter's record alone (``requeue``'s ``newest``), in whichever step it goes. Of
+    every reason, not the retry's alone: an older letter retried first, by its reason,
+    took the key, and the newer one's retry later found it held by a record newer than
+    itself, took that for a copy stored again and left it there; the older record, first
+    to expire, then took the key with it while the newer copy was queued."""
+    rows = conn.execute("SELECT dkey, max(seq) FROM dead WHERE seq < ? "
+                        "GROUP BY dkey HAVING count(*) > 1", (below,))
     return dict(rows.fetchall())
 
 
@@ -265,7 +268,7 @@ def requeue_stopped(conn: sqlite3.Connection, which: Which, window_ms: int,
     index.expire(now_ms(), state.observed or 0)
     letters = letter_keys(conn, which, END, -1, FIRST, index.keys)
     return requeue(conn, which, state.next_seq, stay=index.held_since(letters),
-                   newest=newest_letters(conn, which, END))
+                   newest=newest_letters(conn, END))
 
 
 def requeue(conn: sqlite3.Connection, which: Which, next_seq: int,
@@ -279,7 +282,7 @@ def requeue(conn: sqlite3.Connection, which: Which, next_seq: int,
     The letters whose seqs are in ``stay`` leave their dedupe keys where they are stored
     (with a copy of their event stored again: DedupeIndex.held_since); their places in
     the new records hold MOVED_KEY, as do those of a key a newer letter holds, of the
-    step or in ``newest`` (``newest_letters``: of the whole retry, its steps and calls)."""
+    step or in ``newest`` (``newest_letters``: of every dead letter, whatever the retry takes)."""
     where, params = which.where()
     done = Requeued(0, next_seq, last=after)
     while steps and (letters < 0 or done.count < letters):

@@ -109,9 +109,10 @@ async def retry(spool: Spool, which: dead.Which) -> int:
     """Put the chosen dead letters back at the tail of their keys' queues; returns how many."""
     # Retried letters refused again meanwhile have seqs from here on: not taken twice.
     below, total, after = spool.books.next_seq, 0, dead.FIRST
-    # A key several letters share goes to the newest one's record, whichever chunk takes
-    # it: read once, beside the writer (a scan of the letters), not under the lock.
-    newest = await read(spool, dead.newest_letters, which, below)
+    # A key several letters share goes to the newest one's record, whichever chunk, or
+    # retry of another reason, takes it: read once, beside the writer (a scan of the
+    # letters), not under the lock.
+    newest = await read(spool, dead.newest_letters, below)
     try:
         while True:
             n, after = await whole(_retry_chunk(spool, which, below, after, newest))
