@@ -1,0 +1,144 @@
+"""Damage that garbles a number the spool keeps (a counter, a queue's depth, a record's
+lane) into a value of the right type but one no spool can hold: the agent starts, counts
+the damage, its queues flow, and every start after it does the same (never a crash loop,
+never a queue stuck behind a record no forwarder reads).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import sqlite3
+from pathlib import Path
+from typing import Any
+
+import aiohttp
+import orjson
+
+from agent.families.event import Event
+from tests.fakes.segment_upstream import FakeSegment
+from tests.segment_helpers import segment_up
+from tests.test_codebook import backlog
+from tests.waiting import wait_for
+
+INT64_MAX = (1 << 63) - 1
+
+
+def ids(events: list[Event]) -> list[str]:
+    return sorted(orjson.loads(ev.body)["messageId"] for ev in events)
+
+
+async def counters(port: int) -> dict[str, Any]:
+    async with aiohttp.ClientSession() as s:
+        async with s.get(f"http://127.0.0.1:{port}/status") as r:
+            assert r.status == 200, await r.text()
+            return dict((await r.json())["counters"])
+
+
+def damage(path: Path, *sql: str) -> None:
+    with contextlib.closing(sqlite3.connect(path)) as db, db:
+        for statement in sql:
+            db.execute(statement)
+
+
+async def test_counters_at_the_int64_maximum_and_a_salvage_start_every_time(
+        make_agent: Any, fake_segment: FakeSegment, tmp_path: Path) -> None:
+    """The counters a salvage adds to (spool_corrupt, dropped_corrupt) and one a commit
+    adds to (ingested) garbled to the int64 maximum, and a record's lane garbled, which
+    starts a salvage: its counts overflowed the file's integers (OverflowError), the
+    salvage failed, and so did every start after it. A count that cannot grow stays at
+    the maximum; it is not lost (SQLite turns an overflowing sum into a real number,
+    which the next start skipped)."""
+    path = tmp_path / "spool.db"
+    events = await backlog(path, 100)
+    damage(path, *(f"INSERT OR REPLACE INTO counters(name, value) VALUES ('{name}', {INT64_MAX})"
+                   for name in ("ingested", "spool_corrupt", "dropped_corrupt")),
+           "UPDATE records SET lane = 'garbage' WHERE id = 1")   # its one event is lost
+    up = [segment_up(fake_segment)]
+    agent = await make_agent(upstreams=up)
+    await wait_for(lambda: agent.spool.depth == 0, timeout=5)
+    assert sorted(fake_segment.message_ids()) == ids(events[1:])
+    got = await counters(agent.port)
+    assert got["spool_corrupt"] == got["dropped_corrupt"] == got["ingested"] == INT64_MAX
+    async with aiohttp.ClientSession() as s:   # a commit adds to ingested: saved, as it can be
+        async with s.post(f"http://127.0.0.1:{agent.port}/v1/track",
+                          json={"writeKey": "app-1", "event": "e", "userId": "u",
+                                "messageId": "after"}) as r:
+            assert r.status == 200, await r.text()
+    await wait_for(lambda: "after" in fake_segment.message_ids(), timeout=5)
+    await agent.stop()
+    agent = await make_agent(upstreams=up)
+    got = await counters(agent.port)
+    assert got["spool_corrupt"] == got["dropped_corrupt"] == got["ingested"] == INT64_MAX
+    assert got["acked"] == 100
+
+
+async def test_a_queue_depth_of_the_int64_maximum_is_damage_not_a_count(
+        make_agent: Any, fake_segment: FakeSegment, tmp_path: Path) -> None:
+    """A key's queue depth garbled to the int64 maximum: a number, so the start took it
+    for the queue's size (status showed 9.2e18 events queued, and the next commit's sum
+    overflowed it), and a salvage took it for the size of the queue it lost (9.2e18
+    events dropped_corrupt). No queue holds more events than there are seqs: it is damage,
+    the start salvages the file, and the loss it counts is what it read and could not keep
+    (here nothing: the records are sound)."""
+    path = tmp_path / "spool.db"
+    events = await backlog(path, 100)
+    damage(path, f"UPDATE streams SET depth = {INT64_MAX} WHERE id = 1")
+    agent = await make_agent(upstreams=[segment_up(fake_segment)])
+    await wait_for(lambda: agent.spool.depth == 0, timeout=5)
+    assert sorted(fake_segment.message_ids()) == ids(events)
+    got = await counters(agent.port)
+    assert got["spool_corrupt"] == 1 and got.get("dropped_corrupt", 0) == 0, got
+
+
+async def test_a_queue_depth_of_the_int64_maximum_in_a_salvage_is_not_the_loss(
+        make_agent: Any, fake_segment: FakeSegment, tmp_path: Path) -> None:
+    """The same depth in a file whose salvage another damage starts (a garbled lane): the
+    salvage took the file's depths for the queue's size, and counted 9.2e18 events lost."""
+    path = tmp_path / "spool.db"
+    events = await backlog(path, 100)
+    # The depths' sum the maximum itself (a sum past it fails in SQLite: unknown).
+    damage(path, f"UPDATE streams SET depth = CASE id WHEN 1 THEN {INT64_MAX} ELSE 0 END",
+           "UPDATE records SET lane = 'garbage' WHERE id = 1")   # its one event is lost
+    agent = await make_agent(upstreams=[segment_up(fake_segment)])
+    await wait_for(lambda: agent.spool.depth == 0, timeout=5)
+    assert sorted(fake_segment.message_ids()) == ids(events[1:])
+    got = await counters(agent.port)
+    assert got["spool_corrupt"] == 1 and got["dropped_corrupt"] == 1, got
+
+
+def null_lane(path: Path, rid: int) -> None:
+    """Record ``rid``'s lane NULL, as a damaged byte leaves it (its serial type 0: the
+    column is NOT NULL, which only SQLite's writes enforce): written through the table's
+    definition without NOT NULL, which is then put back as it was."""
+    with contextlib.closing(sqlite3.connect(path, isolation_level=None)) as db:
+        (sql,) = db.execute("SELECT sql FROM sqlite_master WHERE name = 'records'").fetchone()
+        loose = sql.replace("lane INTEGER NOT NULL", "lane INTEGER")
+        assert loose != sql, sql
+        db.execute("PRAGMA writable_schema = ON")
+        db.execute("UPDATE sqlite_master SET sql = ? WHERE name = 'records'", (loose,))
+    with contextlib.closing(sqlite3.connect(path, isolation_level=None)) as db:
+        db.execute("UPDATE records SET lane = NULL WHERE id = ?", (rid,))
+        db.execute("PRAGMA writable_schema = ON")
+        db.execute("UPDATE sqlite_master SET sql = ? WHERE name = 'records'", (sql,))
+    with contextlib.closing(sqlite3.connect(path)) as db:
+        # (not ``lane IS NULL``: SQLite reads that of a NOT NULL column as false)
+        assert db.execute("SELECT count(*) FROM records WHERE typeof(lane) = 'null'"
+                          ).fetchone() == (1,)
+
+
+async def test_a_lane_damaged_to_null_is_found_at_the_start_not_stuck(
+        make_agent: Any, fake_segment: FakeSegment, tmp_path: Path) -> None:
+    """A record whose lane reads NULL is in no lane a forwarder reads: counted queued, it
+    was never sent, nor dropped, and held its key's status 'queued' for good. The start's
+    check of lanes reads three ranges of the lane index, which leave NULL out."""
+    path = tmp_path / "spool.db"
+    events = await backlog(path, 100)
+    null_lane(path, 1)
+    agent = await make_agent(upstreams=[segment_up(fake_segment)])
+    await wait_for(lambda: agent.spool.depth == 0, timeout=5)
+    got = await counters(agent.port)
+    assert got["spool_corrupt"] == 1, got
+    # The record's one event: sent (its lane taken for normal) or counted lost, not held.
+    sent = sorted(fake_segment.message_ids())
+    assert len(sent) + got.get("dropped_corrupt", 0) == len(events)
+    assert set(ids(events[1:])) <= set(sent)
