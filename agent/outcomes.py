@@ -89,11 +89,17 @@ Counts = dict[Outcome, int]
 _BY_NAME: dict[str, Outcome] = {**{d.value: d for d in Drop}, **{t.value: t for t in Tally}}
 
 
+# A count no device reaches, but damage can write (the spool keeps counts as SQLite's
+# int64): counts stop there, or saving them overflows, and a salvage that failed so
+# failed every start after it.
+COUNT_MAX = (1 << 63) - 1
+
+
 def record(counts: Counts, outcome: Outcome, n: int = 1) -> None:
     """The one place every outcome is counted: a commit's deltas, the spool's totals, a
     salvage's carried counts. A zero is not recorded: totals start from the enums."""
     if n:
-        counts[outcome] = counts.get(outcome, 0) + n
+        counts[outcome] = min(counts.get(outcome, 0) + n, COUNT_MAX)
 
 
 def merge(into: Counts, deltas: Counts) -> None:

@@ -29,7 +29,7 @@ from queue import SimpleQueue
 from typing import Any, TypeVar
 
 from agent.families.lanes import HIGH, NORMAL
-from agent.outcomes import Counts, Tally, from_names
+from agent.outcomes import COUNT_MAX, Counts, Tally, from_names
 from agent.spool.codebook import newest
 from agent.spool.dedupe import MOVED_KEY, StoredKeys, keys_to_bytes, moved_keys
 from agent.spool.records import RECORD_EVENTS, Learned
@@ -37,6 +37,9 @@ from agent.spool.records import RECORD_EVENTS, Learned
 T = TypeVar("T")
 
 PAST = -(1 << 62)  # an agent-observed time before any other
+# More events, or bytes, than any queue holds (seqs stay below it): a depth or size this
+# large is damage, which a commit's sum would overflow.
+MOST = 1 << 62
 BUSY_TIMEOUT_MS = 5000  # how long a connection waits for another's lock
 # Rows fetched at a time as a spool opens, each batch taken apart in C loops: 8 MB of keys
 # at most, were they all full records (RECORD_EVENTS keys).
@@ -194,9 +197,10 @@ def mark(conn: sqlite3.Connection, observed: int, next_seq: int) -> None:
 
 
 def add_counters(conn: sqlite3.Connection, counters: Counts) -> None:
-    """Add counts to the file's (in the caller's transaction)."""
+    """Add counts to the file's (in the caller's transaction), up to COUNT_MAX: past it
+    SQLite's sum is a real number, which the next start skips (a count lost)."""
     conn.executemany("INSERT INTO counters(name, value) VALUES (?, ?) ON CONFLICT(name) "
-                     "DO UPDATE SET value = value + excluded.value",
+                     f"DO UPDATE SET value = min(value + excluded.value, {COUNT_MAX})",
                      [(k, v) for k, v in counters.items() if v])
 
 
@@ -276,6 +280,8 @@ def _load_state(conn: sqlite3.Connection, now_observed: int, max_keys: int) -> S
     streams = conn.execute("SELECT id, key, depth, bytes FROM streams").fetchall()
     if not all(typed(row, (int, str, int, int)) for row in streams):  # used on the loop
         raise TypeError("a queue's row holds a value of another type")
+    if any(depth >= MOST or size >= MOST for _, _, depth, size in streams):
+        raise ValueError("a queue's depth or size is past any count")
     counters = from_names(conn.execute("SELECT name, value FROM counters").fetchall())
     dead = conn.execute("SELECT count(*) FROM dead").fetchone()[0]
     observed = observed_ms(conn)

@@ -29,7 +29,7 @@ from agent.families.lanes import HIGH, readable
 from agent.logs import fingerprint
 from agent.outcomes import Tally, record
 from agent.spool.commit import Outcome
-from agent.spool.db import keys_from_bytes, load_state
+from agent.spool.db import add_counters, keys_from_bytes, load_state
 from agent.spool.dedupe import MOVED_KEY, DedupeIndex, keys_to_bytes
 from agent.spool.records import RECORD_EVENTS, pack
 from agent.spool.schema import (
@@ -381,9 +381,7 @@ def _unspend(conn: sqlite3.Connection, letters: list[tuple[int, int]]) -> None:
 
 
 def _count(conn: sqlite3.Connection, out: Outcome) -> None:
-    conn.executemany("INSERT INTO counters(name, value) VALUES (?, ?) ON CONFLICT(name) "
-                     "DO UPDATE SET value = value + excluded.value",
-                     [(str(k), v) for k, v in out.counters.items() if v])
+    add_counters(conn, out.counters)
 
 
 def read_only(path: Path) -> sqlite3.Connection:

@@ -165,8 +165,9 @@ def _depth(old: sqlite3.Connection | None, carry: Carry) -> int | None:
         return carry.depth
     queued = _try(old, "SELECT sum(depth) FROM streams NOT INDEXED")
     n = (queued[0][0] or 0) if queued else None
-    # Garbled (a real, infinite or not, or text among them): unknown, as _dead_count's.
-    return n if isinstance(n, int) and n >= 0 else None
+    # Garbled (a real, infinite or not, or text among them, or more than there are
+    # seqs): unknown, as _dead_count's.
+    return n if _a_count(n) else None
 
 
 def _dead_count(old: sqlite3.Connection | None, carry: Carry) -> int | None:
@@ -178,9 +179,15 @@ def _dead_count(old: sqlite3.Connection | None, carry: Carry) -> int | None:
     for sql in ("SELECT sum(letters) FROM dead_groups NOT INDEXED",
                 "SELECT count(*) FROM dead NOT INDEXED"):
         found = _try(old, sql)
-        if found and isinstance(n := found[0][0] or 0, int) and n >= 0:   # garbled: not
+        if found and _a_count(n := found[0][0] or 0):   # garbled: not
             return n
     return None
+
+
+def _a_count(n: object) -> bool:
+    """Whether ``n`` can be a number of events: none is more than there are seqs (a
+    depth garbled to the int64 maximum was counted as that many events lost)."""
+    return isinstance(n, int) and 0 <= n < TOP
 
 
 def _salvage(old: sqlite3.Connection | None, fresh: sqlite3.Connection,
