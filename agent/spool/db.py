@@ -45,12 +45,17 @@ BUSY_TIMEOUT_MS = 5000  # how long a connection waits for another's lock
 # at most, were they all full records (RECORD_EVENTS keys).
 READ_ROWS = 1024
 
-# Whether a record is in a lane no forwarder reads (damage garbled it: a number, text):
-# counted in its queue's depth, it was never sent, nor dropped for room. Three ranges of
-# the lane index (schema.LANE_INDEX) around the two lanes, not a scan of the records.
+# Whether a record is in a lane no forwarder reads (damage garbled it: a number, text,
+# NULL): counted in its queue's depth, it was never sent, nor dropped for room. Three
+# ranges of the lane index (schema.LANE_INDEX) around the two lanes, and its first entry
+# (NULL sorts first), not a scan of the records. NULL asked for by that entry's type: a
+# comparison with NULL is never true (the range below HIGH met one only because SQLite
+# reads a NOT NULL column's index from its start), and ``lane IS NULL`` of a NOT NULL
+# column SQLite answers false without reading.
 ASTRAY = (f"SELECT EXISTS (SELECT 1 FROM records WHERE lane < {HIGH}) OR EXISTS (SELECT 1 "
           f"FROM records WHERE lane > {HIGH} AND lane < {NORMAL}) OR EXISTS (SELECT 1 FROM "
-          f"records WHERE lane > {NORMAL})")
+          f"records WHERE lane > {NORMAL}) OR coalesce((SELECT typeof(lane) FROM "
+          "records ORDER BY lane LIMIT 1), '') = 'null'")
 
 
 class SqliteThread:
