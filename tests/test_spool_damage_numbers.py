@@ -13,14 +13,19 @@ from typing import Any
 
 import aiohttp
 import orjson
+import pytest
 
-from agent.families.event import Event
+from agent.clock import Clock
+from agent.families.event import NUCLEUS, Event
+from agent.settings import StorageConfig
+from agent.spool import Spool
 from tests.fakes.segment_upstream import FakeSegment
 from tests.segment_helpers import segment_up
 from tests.test_codebook import backlog
 from tests.waiting import wait_for
 
 INT64_MAX = (1 << 63) - 1
+DAY_MS = 86_400_000
 
 
 def ids(events: list[Event]) -> list[str]:
@@ -142,3 +147,55 @@ async def test_a_lane_damaged_to_null_is_found_at_the_start_not_stuck(
     sent = sorted(fake_segment.message_ids())
     assert len(sent) + got.get("dropped_corrupt", 0) == len(events)
     assert set(ids(events[1:])) <= set(sent)
+
+
+async def dead_letters_and_a_queue(path: Path) -> None:
+    """Ten dead letters of app1 under two reasons (five each), and three events of app2
+    queued."""
+    spool = await Spool.open(StorageConfig(path=str(path)))
+    try:
+        await spool.append([Event("app1", NUCLEUS, i, b'{"id":%d}' % i, i) for i in range(10)])
+        rows = await spool.fetch(spool.streams["app1"].id, 0, 10)
+        await spool.dead_letter([(r.seq, "up", "HTTP 400") for r in rows[:5]])
+        await spool.dead_letter([(r.seq, "up", "HTTP 422") for r in rows[5:]])
+        await spool.append([Event("app2", NUCLEUS, i, b'{"id":%d}' % i, i)
+                            for i in range(10, 13)])
+    finally:
+        await spool.close()
+
+
+SUMMARY_DAMAGE = {
+    "letters-more": "UPDATE dead_groups SET letters = 7 WHERE reason = 'HTTP 400'",
+    "letters-int64-max": f"UPDATE dead_groups SET letters = {INT64_MAX} WHERE reason = 'HTTP 400'",
+    "letters-text": "UPDATE dead_groups SET letters = 'garbage' WHERE reason = 'HTTP 400'",
+    "times-fewer": "UPDATE dead_times SET n = n - 1 WHERE grp = (SELECT id FROM dead_groups "
+                   "WHERE reason = 'HTTP 422')",
+}
+
+
+@pytest.mark.parametrize("garble", SUMMARY_DAMAGE.values(), ids=SUMMARY_DAMAGE.keys())
+async def test_a_damaged_summary_of_dead_letters_blocks_no_expiry(
+        make_agent: Any, tmp_path: Path, clock: Clock, garble: str) -> None:
+    """The dead letters' summary (their count by reason, kept by triggers as letters come
+    and go) garbled: the triggers' update of it failed the delete of a group's last letter
+    (NOT NULL constraint failed: dead_groups.oldest), so expiry failed at every pass, for
+    the queue's events too: past max_age_days nothing went, and the spool grew; /dead
+    answered 503 (integer overflow), and the letters of that reason could be neither
+    retried nor purged. Counted again from the letters at the start, it is right."""
+    path = tmp_path / "spool.db"
+    await dead_letters_and_a_queue(path)
+    damage(path, garble)
+    agent = await make_agent(storage={"max_age_days": 1})
+    async with aiohttp.ClientSession() as s:
+        async with s.get(f"http://127.0.0.1:{agent.port}/dead") as r:
+            assert r.status == 200, await r.text()
+            listed = await r.json()
+    assert listed["count"] == 10
+    assert sorted((g["reason"], g["count"]) for g in listed["groups"]) == [
+        ("HTTP 400", 5), ("HTTP 422", 5)]
+    clock.passed_ms = clock.wall_shift_ms = 2 * DAY_MS
+    await agent.spool.prune()
+    assert agent.spool.depth == 0 and agent.spool.dead_count == 0
+    got = await counters(agent.port)
+    assert got["expired"] == 3 and got["dead_expired"] == 10, got
+    assert agent.spool.expiry_errors == 0
