@@ -32,7 +32,7 @@ from agent.paths import lock_again, make_private_dir, spool_lock
 from agent.settings import StorageConfig
 from agent.spool import commit as spool_commit
 from agent.spool import db as spool_db
-from agent.spool import wal_check
+from agent.spool import migrate_dead, wal_check
 from agent.spool.aside import (
     SUFFIXES,
     copy_open,
@@ -398,6 +398,7 @@ class Spool:
                 ensure(conn, self.on_migrating)
                 if not self._loaded:
                     self._forget_idle(conn)
+                self._mend_dead_summary(conn)
                 if not self._wal_counted:   # also when the log is gone since it was said
                     keep_counters(conn, {Tally.WAL_DAMAGED: 1})
                     self._wal_counted = True
@@ -469,6 +470,18 @@ class Spool:
             return
         if idle:
             log.info("spool %s: forgot %d keys with nothing queued", self.path, idle)
+
+    def _mend_dead_summary(self, conn: sqlite3.Connection) -> None:
+        try:
+            mended = migrate_dead.mend(conn)
+        except sqlite3.OperationalError as exc:   # a full disk: at a later open
+            log.warning("spool %s: could not check the dead letters' summary: %s",
+                        self.path, exc)
+            return
+        if mended:
+            log.warning("spool %s: the dead letters' summary (their count by reason) "
+                        "disagreed with the letters (damage): counted again from them",
+                        self.path)
 
     async def _lower_cap(self, db: SqliteThread, keys: StoredKeys) -> int:
         try:
