@@ -19,10 +19,11 @@ from agent.clock import Clock
 from agent.families.event import NUCLEUS, Event
 from agent.settings import StorageConfig
 from agent.spool import Spool
+from tests.conftest import free_port, write_config
 from tests.fakes.segment_upstream import FakeSegment
 from tests.segment_helpers import segment_up
 from tests.test_codebook import backlog
-from tests.waiting import wait_for
+from tests.waiting import run_outpost, wait_for
 
 INT64_MAX = (1 << 63) - 1
 DAY_MS = 86_400_000
@@ -199,3 +200,25 @@ async def test_a_damaged_summary_of_dead_letters_blocks_no_expiry(
     got = await counters(agent.port)
     assert got["expired"] == 3 and got["dead_expired"] == 10, got
     assert agent.spool.expiry_errors == 0
+
+
+@pytest.mark.parametrize("action", ["retry", "purge"])
+@pytest.mark.parametrize("garble", SUMMARY_DAMAGE.values(), ids=SUMMARY_DAMAGE.keys())
+async def test_a_stopped_agent_s_dead_letters_are_retried_or_purged_past_a_damaged_summary(
+        tmp_path: Path, garble: str, action: str) -> None:
+    """`outpost dead retry|purge --reason` on a stopped agent's spool whose summary damage
+    garbled: it failed ('cannot read the spool ...: NOT NULL constraint failed:
+    dead_groups.oldest'), as the agent's own deletes did, until the agent was started."""
+    path = tmp_path / "spool.db"
+    await dead_letters_and_a_queue(path)
+    damage(path, garble)
+    cfg = write_config(tmp_path / "agent.toml", path, port=free_port())
+    for reason in ("HTTP 400", "HTTP 422"):
+        code, text = await run_outpost("dead", action, "--reason", reason, "--config", str(cfg))
+        assert code == 0, text
+        assert f"{'re-queued' if action == 'retry' else 'purged'} 5 dead letters" in text, text
+    with contextlib.closing(sqlite3.connect(path)) as db:
+        assert db.execute("SELECT count(*) FROM dead").fetchone() == (0,)
+        assert db.execute("SELECT count(*) FROM dead_groups").fetchone() == (0,)
+        assert db.execute("SELECT count(*) FROM records").fetchone()[0] == (
+            3 if action == "purge" else 4)
