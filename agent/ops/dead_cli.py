@@ -396,13 +396,17 @@ class _Cli:
             if elsewhere := running_elsewhere(cfg, str(exc)):
                 raise dead.DeadError(elsewhere) from exc
             spool = cfg.storage.resolved_path()
-            with dead.Offline(spool) as conn:
+            with (offline := dead.Offline(spool)) as conn:
                 if what == "retry":
                     dedupe = cfg.storage.dedupe_window_h * HOUR_MS, cfg.storage.dedupe_max_keys
                     n = dead.requeue_stopped(conn, which, *dedupe).count
                 else:
                     n = dead.purge(conn, which).out.counters.get(Tally.DEAD_PURGED, 0)
             where = f"{spool} (no agent running)"
+            if offline.mended:
+                print(printable("outpost: the spool's summary of its dead letters (their "
+                                "count by reason) disagreed with them (damage): counted "
+                                "again from them"), file=sys.stderr)
         if what == "retry":
             print(printable(f"re-queued {n} dead letters at the tail of their keys' queues "
                             f"({where})"))

@@ -28,6 +28,7 @@ from agent.families.event import now_ms
 from agent.families.lanes import HIGH, readable
 from agent.logs import fingerprint
 from agent.outcomes import Tally, record
+from agent.spool import migrate_dead
 from agent.spool.commit import Outcome
 from agent.spool.db import add_counters, keys_from_bytes, load_state
 from agent.spool.dedupe import MOVED_KEY, DedupeIndex, keys_to_bytes
@@ -419,6 +420,7 @@ class Offline:
         self.path = path
         self.timeout_s = timeout_s
         self.conn: sqlite3.Connection | None = None
+        self.mended = False   # the letters' summary was counted again (migrate_dead.mend)
 
     def __enter__(self) -> sqlite3.Connection:
         none = DeadError(f"no spool at {self.path}")
@@ -459,6 +461,8 @@ class Offline:
                             f"agent's (v{VERSION}): start the agent once (it converts it), "
                             "then try again")
         self.conn = conn
+        # As the agent's open does: a summary damage garbled failed deletes of letters.
+        self.mended = migrate_dead.mend(conn)
         return conn
 
     def __exit__(self, kind: object, exc: object, tb: object) -> None:

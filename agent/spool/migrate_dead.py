@@ -6,7 +6,6 @@ from __future__ import annotations
 
 import sqlite3
 
-from agent.spool.db import transaction
 from agent.spool.schema import DEAD_SUMMARY
 
 
@@ -19,8 +18,8 @@ def to_v3(conn: sqlite3.Connection) -> int:
 
 
 def mend(conn: sqlite3.Connection) -> bool:
-    """Count the summary again from the letters if its totals disagree with their number
-    (damage garbled a row); whether it did. A group's count above its letters' failed
+    """Count the summary again from the letters, inside the caller's transaction, if its
+    totals disagree with their number (damage garbled a row); whether it did. A group's count above its letters' failed
     the delete of its last one (its times gone: NOT NULL failed on ``oldest``), and so
     every expiry, of the queue's events too; one past the int64 maximum failed every
     listing. The totals are sums of the summary's rows; the count by group, a sort of
@@ -34,10 +33,9 @@ def mend(conn: sqlite3.Connection) -> bool:
     # A count of another type sums as a real number, whatever its value.
     if kept is not None and all(type(n) is int and n == letters for n in kept):
         return False
-    with transaction(conn):
-        conn.execute("DELETE FROM dead_times")
-        conn.execute("DELETE FROM dead_groups")
-        _fill(conn)
+    conn.execute("DELETE FROM dead_times")
+    conn.execute("DELETE FROM dead_groups")
+    _fill(conn)
     return True
 
 

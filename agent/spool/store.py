@@ -473,7 +473,8 @@ class Spool:
 
     def _mend_dead_summary(self, conn: sqlite3.Connection) -> None:
         try:
-            mended = migrate_dead.mend(conn)
+            with spool_db.transaction(conn):
+                mended = migrate_dead.mend(conn)
         except sqlite3.OperationalError as exc:   # a full disk: at a later open
             log.warning("spool %s: could not check the dead letters' summary: %s",
                         self.path, exc)
