@@ -460,9 +460,13 @@ class Offline:
             raise DeadError(f"the spool {self.path} is format v{found}, older than this "
                             f"agent's (v{VERSION}): start the agent once (it converts it), "
                             "then try again")
+        try:   # as the agent's open does: a summary damage garbled failed letters' deletes
+            self.mended = migrate_dead.mend(conn)
+        except BaseException:
+            conn.execute("ROLLBACK")
+            conn.close()
+            raise
         self.conn = conn
-        # As the agent's open does: a summary damage garbled failed deletes of letters.
-        self.mended = migrate_dead.mend(conn)
         return conn
 
     def __exit__(self, kind: object, exc: object, tb: object) -> None:

@@ -19,11 +19,11 @@ def to_v3(conn: sqlite3.Connection) -> int:
 
 def mend(conn: sqlite3.Connection) -> bool:
     """Count the summary again from the letters, inside the caller's transaction, if its
-    totals disagree with their number (damage garbled a row); whether it did. A group's count above its letters' failed
-    the delete of its last one (its times gone: NOT NULL failed on ``oldest``), and so
-    every expiry, of the queue's events too; one past the int64 maximum failed every
-    listing. The totals are sums of the summary's rows; the count by group, a sort of
-    every letter, only when they disagree."""
+    totals disagree with their number (damage garbled a row); whether it did. A group's
+    count above its letters' failed the delete of its last one (its times gone: NOT NULL
+    failed on ``oldest``), and so every expiry, of the queue's events too; one past the
+    int64 maximum failed every listing. The totals are sums of the summary's rows; the
+    count by group, a sort of every letter, only when they disagree."""
     letters = conn.execute("SELECT count(*) FROM dead").fetchone()[0]
     try:
         kept = conn.execute("SELECT (SELECT coalesce(sum(letters), 0) FROM dead_groups), "
