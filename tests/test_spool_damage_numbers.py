@@ -171,6 +171,9 @@ SUMMARY_DAMAGE = {
     "letters-text": "UPDATE dead_groups SET letters = 'garbage' WHERE reason = 'HTTP 400'",
     "times-fewer": "UPDATE dead_times SET n = n - 1 WHERE grp = (SELECT id FROM dead_groups "
                    "WHERE reason = 'HTTP 422')",
+    # The totals still agree: the group's times are another's (here, none's).
+    "times-elsewhere": "UPDATE dead_times SET grp = 999 WHERE grp = (SELECT id FROM "
+                       "dead_groups WHERE reason = 'HTTP 422')",
 }
 
 
