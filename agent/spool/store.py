@@ -398,7 +398,6 @@ class Spool:
                 ensure(conn, self.on_migrating)
                 if not self._loaded:
                     self._forget_idle(conn)
-                self._mend_dead_summary(conn)
                 if not self._wal_counted:   # also when the log is gone since it was said
                     keep_counters(conn, {Tally.WAL_DAMAGED: 1})
                     self._wal_counted = True
@@ -471,10 +470,9 @@ class Spool:
         if idle:
             log.info("spool %s: forgot %d keys with nothing queued", self.path, idle)
 
-    def _mend_dead_summary(self, conn: sqlite3.Connection) -> None:
+    async def _mend_dead_summary(self, db: SqliteThread, letters: int) -> None:
         try:
-            with spool_db.transaction(conn):
-                mended = migrate_dead.mend(conn)
+            mended = await db.run(_mended, letters)
         except sqlite3.OperationalError as exc:   # a full disk: at a later open
             log.warning("spool %s: could not check the dead letters' summary: %s",
                         self.path, exc)
@@ -495,6 +493,7 @@ class Spool:
 
     async def _load_state(self, db: SqliteThread) -> None:
         state = await db.run(spool_db.load_state, self.observed_ms(), self.index.max_keys)
+        await self._mend_dead_summary(db, state.dead)
         record(state.counters, Tally.DEDUPE_FORGOTTEN, await self._lower_cap(db, state.keys))
         if state.observed is None:
             await db.run(spool_db.start_clock, state.next_seq)
@@ -1050,3 +1049,9 @@ class Spool:
     @property
     def used_bytes(self) -> int:
         return self.books.used_bytes
+
+
+def _mended(conn: sqlite3.Connection, letters: int) -> bool:
+    """migrate_dead.mend in a transaction of its own (``letters``: load_state's count)."""
+    with spool_db.transaction(conn):
+        return migrate_dead.mend(conn, letters)
