@@ -460,10 +460,10 @@ def test_a_heads_fields_read_from_lines_seen_before_give_the_same_verdicts() -> 
         assert verdicts["twice"] is verdicts["origin"] is verdicts["close"] is None
     for n in range(2 * express.LINES_KEPT):
         assert lane.match(bytearray(post("/v1/track", body, fields=(("X-N", str(n)),))), 0)
-    assert len(express._LINES) <= express.LINES_KEPT
+    assert len(lane._lines) <= express.LINES_KEPT
     long = ("X-Pad", "x" * express.LINE_KEPT_MAX)
     assert lane.match(bytearray(post("/v1/track", body, fields=(long,))), 0)
-    assert b"X-Pad: x" not in b"".join(express._LINES)
+    assert b"X-Pad: x" not in b"".join(lane._lines)
 
 
 def test_a_stored_calls_reply_carries_each_seconds_date(monkeypatch: pytest.MonkeyPatch) -> None:

@@ -68,10 +68,9 @@ _READ = frozenset({b"content-length", b"connection", b"host", b"authorization"})
 # Fields whose handling is aiohttp's or the guard's: a request with one goes there.
 _ELSEWHERE = frozenset({b"origin", b"sec-fetch-site", b"transfer-encoding",
                         b"content-encoding", b"expect", b"upgrade"})
-# A field line's reading (_field), by the line: an app sends the same lines at every request.
-# Enough for an app's usual lines and its bodies' sizes (a Content-Length line each); at
-# most 256 KiB of lines.
-_LINES: dict[bytes, tuple[bytes, bytes] | bool] = {}
+# A field line's reading (ExpressLane._read) is kept by the line: an app sends the same
+# lines at every request. Enough for an app's usual lines and its bodies' sizes (a
+# Content-Length line each); at most 256 KiB of lines.
 LINES_KEPT = 512
 LINE_KEPT_MAX = 512
 _LENGTH_DIGITS = 6   # at most, read as a number (BODY_MAX has 5): a longer one is aiohttp's
@@ -90,20 +89,6 @@ def _may_start(buf: bytearray, pos: int) -> bool:
     if buf.endswith(b"\r\n", pos, start.end()):   # the request line is whole
         return _PART.fullmatch(rest) is not None
     return _VERSION.startswith(rest)
-
-
-def _field(line: bytes) -> tuple[bytes, bytes] | bool:
-    """A field line (`token:value`, _LINE) as the lane reads it: the name lowered
-    and the value, if read here; True if aiohttp's; False if neither (the lane ignores it).
-    Kept by the line: split, lowered and stripped, a line cost ~3k instructions."""
-    name, _, value = line.partition(b":")
-    key = name.lower()
-    field = (key, value.strip(b" \t")) if key in _READ else key in _ELSEWHERE
-    if len(line) <= LINE_KEPT_MAX:
-        if len(_LINES) >= LINES_KEPT:
-            _LINES.clear()
-        _LINES[line] = field
-    return field
 
 
 def _text(value: bytes) -> str:
@@ -144,6 +129,7 @@ class ExpressLane:
         self._tasks: set[asyncio.Task[None]] = set()
         self._closing = False
         self._date = (0, b"")
+        self._lines: dict[bytes, tuple[bytes, str] | bool] = {}   # _read's, by the line
         self._heads: dict[object, bytes] = {}   # a reply's head by (status, *fields) or Fixed
         self._whole: dict[object, tuple[bytes, bytes]] = {}   # a Fixed's reply, by its Date
 
@@ -168,13 +154,13 @@ class ExpressLane:
         found = self._routes.get(first[5:-9])   # after "POST ", before " HTTP/1.1"
         if found is None:
             return None
-        fields: dict[bytes, bytes] = {}
+        fields: dict[bytes, str] = {}
         for line in lines[1:]:
-            field = _LINES.get(line)
+            field = self._lines.get(line)
             if field is None:
                 if _LINE.fullmatch(line) is None:
                     return None
-                field = _field(line)
+                field = self._read(line)
             if field is True:
                 return None
             if field:
@@ -183,27 +169,50 @@ class ExpressLane:
                     return None
                 fields[key] = value
         length = fields.get(b"content-length")
-        if length is None or len(length) > _LENGTH_DIGITS or not length.isdigit():
+        # No Host: HTTP/1.1 requires one, and aiohttp answers 400 to a request without it.
+        if length is None or b"host" not in fields:
             return None
         size = int(length)
         if size > BODY_MAX:
             return None
-        connection = fields.get(b"connection")
-        if connection is not None and connection.lower() != b"keep-alive":
-            return None
-        host = fields.get(b"host")
-        # None: HTTP/1.1 requires a Host, and aiohttp answers 400 to a request without one.
-        if host is None or not self._guard.host_ok(_text(host)):
-            return None
         total = end + 4 + size
         if len(buf) < total:
             return None  # the body is still coming: aiohttp reads it, with its deadline
-        auth = fields.get(b"authorization")
-        try:
-            user = basic_user(_text(auth)) if auth is not None else None
-        except BadAuth:
-            return None   # aiohttp's route refuses it, with the reason
+        user = fields.get(b"authorization")
         return (*found, bytes(buf[end + 4:total]), [user] if user else []), total
+
+    def _read(self, line: bytes) -> tuple[bytes, str] | bool:
+        """A field line (`token:value`, _LINE) as the lane reads it: the name lowered and
+        the value as text, if read here (Authorization's: the key it names, or ""); True
+        if aiohttp's, for its name or its value (a Content-Length of no digits or too
+        many, a Connection other than keep-alive, a Host the guard refuses, an
+        Authorization naming no key, which aiohttp's route refuses with the reason);
+        False if neither (ignored). Kept by the line: read, a line cost ~3k instructions."""
+        name, _, raw = line.partition(b":")
+        key = name.lower()
+        field: tuple[bytes, str] | bool = key in _ELSEWHERE
+        if key in _READ:
+            value = raw.strip(b" \t")
+            text = _text(value)
+            if key == b"content-length":
+                ok = len(value) <= _LENGTH_DIGITS and value.isdigit()
+            elif key == b"connection":
+                ok = value.lower() == b"keep-alive"
+            elif key == b"host":
+                ok = self._guard.host_ok(text)
+            else:
+                try:
+                    text = basic_user(text) or ""
+                except BadAuth:
+                    ok = False
+                else:
+                    ok = True
+            field = (key, text) if ok else True
+        if len(line) <= LINE_KEPT_MAX:
+            if len(self._lines) >= LINES_KEPT:
+                self._lines.clear()
+            self._lines[line] = field
+        return field
 
     @property
     def closing(self) -> bool:
