@@ -92,8 +92,9 @@ class Metrics:
             self.history.append(Minute(minute))
         return self.history[-1]
 
-    def observe_ingest(self, seconds: float, events: int) -> None:
-        self.ingest_latency.observe(seconds)
+    def observe_in(self, events: int) -> None:
+        """``events`` new events stored: counted once per commit (server/intake.py), not
+        per request (a request's latency goes to ``ingest_latency``)."""
         self._bucket().events_in += events
 
     def observe_acked(self, events: int) -> None:

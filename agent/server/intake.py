@@ -51,6 +51,7 @@ class Sink:
         # Called with the keys that got new events after each commit (wakes forwarders).
         self.on_new_data = on_new_data
         self._fresh: set[str] = set()  # keys with new events, not yet announced
+        self._fresh_events = 0         # and how many new events, not yet counted
         # Called with each request's committed events and how many were new (the live
         # event view); cheap by contract, it runs on every request.
         self.on_stored = on_stored
@@ -136,15 +137,17 @@ class Sink:
                 with self._pending_lock:
                     for key in {ev.key for ev in events}:
                         self._pending.pop(key, None)
-        # The new events: the history's "in" beside "out", as ingested (resends are not).
-        self.metrics.observe_ingest(time.perf_counter() - started, stored)
+        self.metrics.ingest_latency.observe(time.perf_counter() - started)
         # The live view shows what the app sent, not the shape it is stored in.
         self.on_stored(events, stored)
         if stored:
             # Once per commit, not per request: a commit's requests all resume in the same
-            # turn of the loop, and the announcement runs in the next.
+            # turn of the loop, and the announcement runs in the next. So does the count
+            # of new events, the history's "in" beside "out" (resends are not): its
+            # minute's bucket was ~4k instructions a request (callgrind).
             if not self._fresh:
                 asyncio.get_running_loop().call_soon(self._announce)
+            self._fresh_events += stored
             for ev in events:
                 self._fresh.add(ev.key)
         return stored
@@ -166,4 +169,6 @@ class Sink:
 
     def _announce(self) -> None:
         fresh, self._fresh = self._fresh, set()
+        self.metrics.observe_in(self._fresh_events)
+        self._fresh_events = 0
         self.on_new_data(fresh)
