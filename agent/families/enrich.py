@@ -3,7 +3,7 @@ and error events, in the places of the family they are stored in (docs/mapping.m
 
 Only missing fields are filled: what the app sent always wins. A fact sent as JSON null
 or "" is missing (the Nucleus API requires them on init and error: an empty string names
-no locale, platform or machine; Electron's getLocale() before `ready` is ""). Events are enriched at
+no locale, platform or machine; Electron gives "" for the locale before the app is ready). Events are enriched at
 ingest, so an event forwarded as stored and one mapped to the other family carry the
 same facts: the mapping moves each Segment place to its Nucleus place and back.
 """
