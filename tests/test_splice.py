@@ -24,6 +24,7 @@ from agent.uplinks.nucleus_http import NucleusHttpUplink
 from agent.uplinks.nucleus_ws import NucleusWsUplink
 from agent.uplinks.prepare import Prepared, take_prefix
 from agent.uplinks.segment_http import SegmentHttpUplink
+from agent.uplinks.splice import objects, stamped
 from tests.fakes.nucleus_upstream import FakeNucleus
 
 ID_POOL = ["a", "b", 1, 2, 2.5, None]
@@ -257,3 +258,17 @@ async def test_events_without_an_id_are_spliced_with_their_seq_as_id(tmp_path: A
     finally:
         await fake.stop()
         await spool.close()
+
+
+@settings(max_examples=500, deadline=None)
+@given(st.lists(st.one_of(st.sampled_from([b"", b"{", b"}", b"{}", b"{ }", b"[]", b"{}}", b'{"a":1}']),
+                          st.binary(max_size=8)), max_size=6))
+def test_objects_and_stamped_agree_with_a_look_at_each_body(bodies: list[bytes]) -> None:
+    """``objects`` says what a look at each body says (`{`, more, `}`), and ``stamped`` puts
+    the member first in each, as a body at a time would."""
+    each = bool(bodies) and all(b[:1] == b"{" and b[-1:] == b"}" and b != b"{}" for b in bodies)
+    assert objects(bodies) is each
+    assert objects(tuple(bodies)) is each
+    if each:
+        assert stamped(bodies, b'"m":1', b"<", b">") == \
+            b"<" + b",".join(b'{"m":1,' + b[1:] for b in bodies) + b">"
