@@ -11,7 +11,6 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import sqlite3
-from bisect import bisect_left
 from collections import OrderedDict
 from collections.abc import Sequence
 from typing import Any, Protocol
@@ -21,7 +20,7 @@ from agent.families.lanes import LANES
 from agent.spool import db as spool_db
 from agent.spool.codebook import lookup
 from agent.spool.db import SqliteThread
-from agent.spool.records import DamagedRecord, acked_bits_fit, unpack_offsets
+from agent.spool.records import DamagedRecord, acked_bits_fit, unpack_ids
 from agent.spool.types import Queued, Run
 from agent.spool.writer import Replaced, is_corruption
 
@@ -30,8 +29,6 @@ from agent.spool.writer import Replaced, is_corruption
 # and that is read each time); keyed by id, size and data length, so that a record
 # rewritten under the same id (a salvage into a fresh spool) is never served stale.
 CACHED_RECORDS = 8
-# A record's bodies, ids and offsets (records.unpack_offsets).
-_Unpacked = tuple[list[bytes], list[Any] | None, list[int]]
 
 
 class ReadHost(Protocol):
@@ -52,8 +49,9 @@ class Reader:
 
     def __init__(self, host: ReadHost) -> None:
         self.host = host
-        # Used on the reader thread: (bodies, ids, offsets) by (id, n, data length).
-        self._cache: OrderedDict[tuple[int, int, int], _Unpacked] = OrderedDict()
+        # Used on the reader thread: (bodies, ids) by (id, n, data length).
+        self._cache: OrderedDict[tuple[int, int, int],
+                                 tuple[list[bytes], list[Any] | None]] = OrderedDict()
 
     async def fetch(self, stream: int, after: int | Sequence[int], limit: int,
                     lanes: Sequence[int] = LANES, max_bytes: int | None = None,
@@ -152,8 +150,7 @@ class Reader:
             if got is None:
                 damaged.append(rid)
                 continue
-            bodies, ids, offsets = got
-            whole = Run(rid, stream, family, received, bodies, ids, lane)
+            whole = Run(rid, stream, family, received, *got, lane)
             o = max(0, after + 1 - rid)
             stop = n if until is None else min(n, until + 1 - rid)
             # Whole stretches of live events, not one object per event: runs end only at
@@ -167,7 +164,7 @@ class Reader:
                     end = next((e for e in range(o, end) if gone[e >> 3] & (1 << (e & 7))), end)
                 size = None
                 if room is not None:
-                    end, after_it = _within(offsets, o, end, room)
+                    end, after_it = _within(whole.bodies, o, end, room)
                     size, room = room - after_it, after_it
                     if room <= 0:
                         left = end - o   # the last run of this read
@@ -182,14 +179,14 @@ class Reader:
         return left, room
 
     def _unpack(self, conn: sqlite3.Connection, rid: int, data: bytes, n: int
-                ) -> _Unpacked | None:
+                ) -> tuple[list[bytes], list[Any] | None] | None:
         key = (rid, n, len(data))
         got = self._cache.get(key)
         if got is not None:
             self._cache.move_to_end(key)
             return got
         try:
-            got = unpack_offsets(data, lookup(conn))
+            got = unpack_ids(data, lookup(conn))
         except DamagedRecord:
             return None
         if len(got[0]) != n:
@@ -251,13 +248,15 @@ def _heads(lanes: Sequence[int], stream: int | None, column: str, after: int) ->
         + ("" if stream is None else f" WHERE s.id = {int(stream)}") for lane in lanes)
 
 
-def _within(offsets: list[int], start: int, end: int, room: int) -> tuple[int, int]:
-    """Where bodies[start:end] (``offsets``: records.unpack_offsets) stop once their bytes
-    reach ``room`` (the body that reaches it is taken: ``room`` is positive, so a read
-    takes one event at least), and the room left, zero or less once reached."""
-    base = offsets[start]
-    size = offsets[end] - base
+def _within(bodies: list[bytes], start: int, end: int, room: int) -> tuple[int, int]:
+    """Where bodies[start:end] stop once their bytes reach ``room`` (the body that reaches
+    it is taken: ``room`` is positive, so a read takes one event at least), and the room
+    left, zero or less once reached."""
+    size = sum(map(len, bodies[start:end]))
     if size < room:
         return end, room - size
-    stop = bisect_left(offsets, base + room, start + 1, end + 1)
-    return stop, room - (offsets[stop] - base)
+    stop = start
+    while room > 0:
+        room -= len(bodies[stop])
+        stop += 1
+    return stop, room

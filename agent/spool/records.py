@@ -254,36 +254,25 @@ def unpack_ids(data: bytes, dicts: Dictionaries | None = None
                ) -> tuple[list[bytes], list[Any] | None]:
     """The bodies and ids ``pack`` was given (ids None: a record without them).
     DamagedRecord for anything else."""
-    bodies, ids, _ = unpack_offsets(data, dicts)
-    return bodies, ids
-
-
-def unpack_offsets(data: bytes, dicts: Dictionaries | None = None
-                   ) -> tuple[list[bytes], list[Any] | None, list[int]]:
-    """As ``unpack_ids``, and where each body starts in the record's content, then where
-    the last ends: the bytes of bodies[a:b] are offsets[b] - offsets[a] (the reader's
-    byte cap, without a len per body: made ints once, they cost ~490 instructions each)."""
     raw, lengths, start, tail, with_ids = _layout(data, dicts)
     count = len(lengths)
     bodies = []
-    offsets = [start]
     # Summed as cut: lengths that do not add up (damage) cut consecutive stretches of
     # ``raw``, no more bytes than it holds in all, at most one body per 4 bytes of it.
     for n in lengths:
         bodies.append(raw[start:start + n])
         start += n
-        offsets.append(start)
     if start + tail != len(raw):
         raise DamagedRecord(_NOT_ADDING_UP)
     if not with_ids:
-        return bodies, None, offsets
+        return bodies, None
     try:
         ids = orjson.loads(raw[start:])
     except orjson.JSONDecodeError as exc:
         raise DamagedRecord(f"ids: {exc}") from exc
     if not isinstance(ids, list) or len(ids) != count or not _ID_TYPES.issuperset(map(type, ids)):
         raise DamagedRecord("ids are not one string, number or null per event")
-    return bodies, ids, offsets
+    return bodies, ids
 
 
 def _crc(tag: int, frame: bytes | memoryview) -> int:
