@@ -26,6 +26,7 @@ from agent.spool.records import (
     Learned,
     learned_id,
     pack,
+    sizes,
     unpack,
     unpack_ids,
 )
@@ -164,6 +165,9 @@ def _frame(raw: bytes, checksum: bool = True, size: bool = True) -> bytes:
 def test_each_kind_of_bad_layout_is_damage(record: bytes, why: str) -> None:
     with pytest.raises(DamagedRecord, match=why):
         unpack(record)
+    # The ack's byte count reads the same layout and refuses it alike (its own sum).
+    with pytest.raises(DamagedRecord, match=why):
+        sizes(record)
 
 
 def test_a_huge_claimed_size_is_damage_without_allocating_it() -> None:
