@@ -170,13 +170,21 @@ async def test_kill9_with_upstream_down_loses_nothing_acked(
     stop = asyncio.Event()
     try:
         await start(agent)
-        tasks = [asyncio.create_task(c.run(stop)) for c in clients(agent.url, ledger)]
-        await asyncio.sleep(1.5)
+        apps = clients(agent.url, ledger)
+        tasks = [asyncio.create_task(c.run(stop)) for c in apps]
+        # Waited for by what the apps saw, not by the clock (was 1.5 s, 0.3 s and 1.0 s of
+        # sleeps): every app has events acknowledged (so stored) before the kill,
+        await wait_for(lambda: len({mark.rpartition("-")[0] for mark in ledger.acked})
+                       == len(apps) and ledger.requests_ok >= 3 * len(apps))
         acked_before_kill = len(ledger.acked)
+        failed = ledger.requests_failed
         await kill9(agent)
-        await asyncio.sleep(0.3)      # the apps see the agent gone and queue up
+        # the apps see the agent gone and queue up,
+        await wait_for(lambda: ledger.requests_failed >= failed + 2 * len(apps))
+        held = set(ledger.sent)
         await start(agent)
-        await asyncio.sleep(1.0)      # and resend their queues to the new process
+        # and resend their queues to the new process: all they held is acknowledged.
+        await wait_for(lambda: held <= ledger.acked)
         stop.set()
         await asyncio.gather(*tasks)
         await fake.come_back()
