@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import compileall
+import fcntl
 import logging
 import os
 import random
@@ -14,6 +15,7 @@ import signal
 import socket
 import subprocess
 import sys
+import tempfile
 import time
 from collections.abc import AsyncIterator, Callable, Iterator, Sequence
 from pathlib import Path, PurePosixPath
@@ -75,11 +77,33 @@ _PORTS = random.Random()   # seeded by the OS: concurrent test runs draw differe
 _given: set[int] = set()
 
 
+# Every test process on the machine locks, in this one file, the byte at each port it
+# was given, for as long as it runs: the kernel lets the locks go when it exits.
+_RESERVED = Path(tempfile.gettempdir()) / "outpost-test-ports.lock"
+_reserved_fd: int | None = None
+
+
+def _reserve(port: int) -> bool:
+    """Whether ``port`` is now this process's: no other test process holds it. A port
+    free when drawn may be another's all the same, between a kill -9 and its restart
+    (test_crash), whose apps then sent their events to this process's agent."""
+    global _reserved_fd
+    if _reserved_fd is None:
+        # Never closed: closing any descriptor of the file drops all this process's locks.
+        _reserved_fd = os.open(_RESERVED, os.O_RDWR | os.O_CREAT, 0o666)
+    try:
+        fcntl.lockf(_reserved_fd, fcntl.LOCK_EX | fcntl.LOCK_NB, 1, port)
+    except OSError:
+        return False
+    return True
+
+
 def free_port() -> int:
     """A port free now, for an agent started later (a subprocess binds it a second or so
     on). Drawn below the kernel's ephemeral range on Linux, from which every port-0 bind
     and outgoing connection on the machine takes its port, so none of those takes it in
-    that second; and never the same one twice in a run."""
+    that second; never the same one twice in a run, nor one another test process on the
+    machine was given and still runs with (``_reserve``)."""
     low = int(_EPHEMERAL.read_text().split()[0]) if _EPHEMERAL.exists() else 0
     if low > 11_000:
         for _ in range(1000):
@@ -91,6 +115,8 @@ def free_port() -> int:
                     s.bind(("127.0.0.1", port))
                 except OSError:
                     continue
+            if not _reserve(port):
+                continue
             _given.add(port)
             return port
     with socket.socket() as s:   # elsewhere: the kernel's choice
