@@ -579,3 +579,25 @@ async def test_a_host_or_key_padded_with_non_ascii_space_is_refused_in_both_lane
         await client.close()
     assert agent.spool.depth == 0
     assert express_count(agent) == 0
+
+
+@pytest.mark.parametrize(("extra", "taken"), [(124, True), (125, False)])
+async def test_a_head_with_more_fields_than_aiohttp_takes_gets_aiohttps_400(
+        make_agent: Callable[..., Any], extra: int, taken: bool) -> None:
+    """aiohttp refuses a head of more than 128 fields (400 "Too many headers received").
+    The lane took any number that fit its 8 KB, and stored the event: a request answered
+    200 by the lane that aiohttp refuses. 124 fields besides post()'s 4 make 128, which
+    both take."""
+    agent = await make_agent()
+    client = await Client.open(agent.port)
+    fields = tuple((f"X-{i}", "v") for i in range(extra))
+    await client.send(post("/v1/track", track(), fields=fields))
+    reply = await client.reply()
+    if taken:
+        assert reply.startswith(b"HTTP/1.1 200 ") and express_count(agent) == 1, reply
+        assert agent.spool.depth == 1
+    else:
+        assert reply.startswith(b"HTTP/1.0 400 "), reply
+        assert reply.endswith(b"Too many headers received"), reply
+        assert express_count(agent) == 0 and agent.spool.depth == 0
+    await client.close()
