@@ -35,7 +35,7 @@ from agent.ops.tail import TailHub
 from agent.ops.tail_routes import TailRoutes
 from agent.server.app import EXPRESS, FRONT_DOOR, build_app
 from agent.server.connections import ConnectionLimits, fit_fd_limit
-from agent.server.express import ExpressLane
+from agent.server.express import FIELDS_MAX, ExpressLane
 from agent.server.guard import is_loopback_name
 from agent.server.intake import Sink
 from agent.server.limits import RouteLimits
@@ -166,6 +166,9 @@ class Agent:
                              # A pixel carries its event (up to 32 KB) base64'd in
                              # the URL: over aiohttp's 8 KB request-line default.
                              max_line_size=MAX_REQUEST_LINE,
+                             # Set, not left to aiohttp's default: the express lane
+                             # hands a head of more fields to aiohttp's 400.
+                             max_headers=FIELDS_MAX,
                              lingering_time=LINGER_S)
 
     async def _listen(self, runner: web.AppRunner, lane: ExpressLane,

@@ -10,9 +10,10 @@ when its head is a strict subset of HTTP/1.1 that nothing downstream treats spec
 `POST` to a path a dialect offers here (dialects/base.py ``Express``), no query, one
 `Content-Length` and the whole body in hand, no browser headers (`Origin`, Fetch
 Metadata: the guard's CORS and cross-site checks stay aiohttp's), no `Transfer-Encoding`,
-`Content-Encoding`, `Expect` or `Upgrade`, no repeated field, a loopback `Host`. It then
-runs what app.py's wrapper runs around the same handler code: the body ticket, the
-refusal count, the handler's reply, written byte for byte as aiohttp writes it.
+`Content-Encoding`, `Expect` or `Upgrade`, no repeated field, no more fields than aiohttp
+takes (FIELDS_MAX), a loopback `Host`. It then runs what app.py's wrapper runs around the
+same handler code: the body ticket, the refusal count, the handler's reply, written byte
+for byte as aiohttp writes it.
 
 Anything else hands the connection to aiohttp for good, from the first byte of that
 request: every byte is parsed by exactly one of the two parsers, so they cannot disagree
@@ -46,6 +47,9 @@ from agent.server.guard import Guard
 log = logging.getLogger("outpost.server")
 
 HEAD_MAX = 8192  # aiohttp's own default limit for a request line and for each field
+# aiohttp's limit on a head's fields (the agent's server sets it: service.py); it answers
+# a head of more with a 400, which such a head must get here too.
+FIELDS_MAX = 128
 # Larger bodies rarely come whole in one read: aiohttp reads them. Each route still
 # applies its own limit (32 KB a Segment message).
 BODY_MAX = 64 * 1024
@@ -149,7 +153,7 @@ class ExpressLane:
         # once: a regex over the whole head was ~7k instructions a request (callgrind).
         lines = bytes(buf[pos:end]).split(b"\r\n")
         first = lines[0]
-        if not first.endswith(_REQUEST_LINE_END):
+        if len(lines) > FIELDS_MAX + 1 or not first.endswith(_REQUEST_LINE_END):
             return None
         found = self._routes.get(first[5:-9])   # after "POST ", before " HTTP/1.1"
         if found is None:
