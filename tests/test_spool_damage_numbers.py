@@ -227,3 +227,28 @@ async def test_a_stopped_agent_s_dead_letters_are_retried_or_purged_past_a_damag
         assert db.execute("SELECT count(*) FROM dead_groups").fetchone() == (0,)
         assert db.execute("SELECT sum(live) FROM records").fetchone()[0] == (
             3 if action == "purge" else 13)
+
+
+@pytest.mark.parametrize("garble", SUMMARY_DAMAGE.values(), ids=SUMMARY_DAMAGE.keys())
+async def test_a_stopped_agent_s_dead_letters_are_listed_past_a_damaged_summary(
+        tmp_path: Path, garble: str) -> None:
+    """`outpost dead list` on a stopped agent's spool whose summary damage garbled: the
+    retry and purge count it again (Offline), but the listing read it as it was, read-only:
+    a count past the int64 maximum failed it ('cannot read the spool ...: integer
+    overflow'), others listed letters that are not there. It lists the letters."""
+    path = tmp_path / "spool.db"
+    await dead_letters_and_a_queue(path)
+    damage(path, garble)
+    cfg = write_config(tmp_path / "agent.toml", path, port=free_port())
+    code, text = await run_outpost("dead", "list", "--json", "--config", str(cfg))
+    assert code == 0, text
+    listed = orjson.loads(text[text.index("{"):])
+    assert listed["count"] == 10, listed
+    assert sorted((g["reason"], g["count"]) for g in listed["groups"]) == [
+        ("HTTP 400", 5), ("HTTP 422", 5)], listed
+    assert listed["reasons"] == 2, listed
+    for reason in ("HTTP 400", "HTTP 422"):
+        code, text = await run_outpost("dead", "list", "--json", "--reason", reason,
+                                       "--config", str(cfg))
+        assert code == 0, text
+        assert orjson.loads(text[text.index("{"):])["of_reason"] == 5, text
