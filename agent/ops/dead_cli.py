@@ -259,10 +259,15 @@ class _Cli:
         which = dead.Which(args.reason) if args.reason else None
 
         def offline(conn: sqlite3.Connection) -> dict[str, Any]:
-            got = dead.summary(conn, LIST_LIMIT)
+            if damaged := dead.summary_damaged(conn):
+                print(printable("outpost: the spool's summary of its dead letters (their "
+                                "count by reason) disagrees with them (damage): counted "
+                                "from them; the agent's start counts it again"),
+                      file=sys.stderr)
+            got = dead.summary(conn, LIST_LIMIT, kept=not damaged)
             got["entries"] = dead.entries(conn, which, min(asked, LIST_LIMIT))   # as the agent
             if args.reason:
-                got["of_reason"] = dead.of_reason(conn, args.reason)
+                got["of_reason"] = dead.of_reason(conn, args.reason, kept=not damaged)
             return got
         try:
             got, source = self._read(cfg, f"/dead?{query}", "count", int, offline)

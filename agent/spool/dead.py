@@ -115,20 +115,31 @@ _COUNTED = ("SELECT count(*) FROM dead",
             "SELECT count(*) FROM (SELECT 1 FROM dead GROUP BY reason, upstream)")
 
 
-def summary(conn: sqlite3.Connection, newest: int | None = None) -> dict[str, Any]:
+def summary(conn: sqlite3.Connection, newest: int | None = None,
+            kept: bool = True) -> dict[str, Any]:
     """Counts grouped by (reason, upstream), newest first; ``newest`` caps the groups, and
-    ``reasons`` says how many there are (each letter may have a reason of its own)."""
-    total, groups, reasons = _COUNTED if _user_version(conn) < SUMMARY_SINCE else _KEPT
+    ``reasons`` says how many there are (each letter may have a reason of its own).
+    ``kept``: the file's summary may be read (not ``summary_damaged``)."""
+    total, groups, reasons = _KEPT if kept and _user_version(conn) >= SUMMARY_SINCE \
+        else _COUNTED
     return {"count": conn.execute(total).fetchone()[0], "groups": _groups(conn, groups, newest),
             "reasons": conn.execute(reasons).fetchone()[0]}
 
 
-def of_reason(conn: sqlite3.Connection, reason: str) -> int:
+def of_reason(conn: sqlite3.Connection, reason: str, kept: bool = True) -> int:
     """How many dead letters have ``reason``: ``summary``'s newest groups may leave its
     out (one row per upstream, through the summary's UNIQUE(reason, upstream) index)."""
-    sql = ("SELECT count(*) FROM dead WHERE reason = ?" if _user_version(conn) < SUMMARY_SINCE
-           else "SELECT coalesce(sum(letters), 0) FROM dead_groups WHERE reason = ?")
+    sql = ("SELECT coalesce(sum(letters), 0) FROM dead_groups WHERE reason = ?"
+           if kept and _user_version(conn) >= SUMMARY_SINCE
+           else "SELECT count(*) FROM dead WHERE reason = ?")
     return int(conn.execute(sql, (reason,)).fetchone()[0])
+
+
+def summary_damaged(conn: sqlite3.Connection) -> bool:
+    """Whether the file's summary disagrees with its letters (damage), which a stopped
+    agent's listing then counts itself: read only, it cannot count the summary again as
+    the agent's open and Offline do (migrate_dead.mend)."""
+    return _user_version(conn) >= SUMMARY_SINCE and not migrate_dead.agrees(conn)
 
 
 def newest_groups(conn: sqlite3.Connection, newest: int) -> list[dict[str, Any]]:

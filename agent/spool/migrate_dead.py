@@ -28,6 +28,17 @@ def mend(conn: sqlite3.Connection, letters: int | None = None) -> bool:
     counts and the times' each sum to the letters' number, and each count weighted by its
     group's id sums as the times' do, which a group's count or a time's group garbled
     alone changes. The count by group, a sort of every letter, only when one fails."""
+    if agrees(conn, letters):
+        return False
+    conn.execute("DELETE FROM dead_times")
+    conn.execute("DELETE FROM dead_groups")
+    _fill(conn)
+    return True
+
+
+def agrees(conn: sqlite3.Connection, letters: int | None = None) -> bool:
+    """Whether the summary agrees with the letters, by ``mend``'s sums (read only: a
+    stopped agent's listing counts the letters themselves when it does not)."""
     if letters is None:
         letters = conn.execute("SELECT count(*) FROM dead").fetchone()[0]
     try:
@@ -36,15 +47,10 @@ def mend(conn: sqlite3.Connection, letters: int | None = None) -> bool:
                  for table, count, group in (("dead_groups", "letters", "id"),
                                              ("dead_times", "n", "grp"))]
     except sqlite3.OperationalError:   # a sum past the int64 maximum
-        found = []
-    # A count of another type sums as a real number, whatever its value.
-    if found and all(type(v) is int for row in found for v in row) and found[0] == found[1] \
-            and found[0][0] == letters:
         return False
-    conn.execute("DELETE FROM dead_times")
-    conn.execute("DELETE FROM dead_groups")
-    _fill(conn)
-    return True
+    # A count of another type sums as a real number, whatever its value.
+    return all(type(v) is int for row in found for v in row) and found[0] == found[1] \
+        and found[0][0] == letters
 
 
 def _fill(conn: sqlite3.Connection) -> None:
