@@ -79,7 +79,8 @@ _given: set[int] = set()
 
 # Every test process on the machine locks, in this one file, the byte at each port it
 # was given, for as long as it runs: the kernel lets the locks go when it exits.
-_RESERVED = Path(tempfile.gettempdir()) / "outpost-test-ports.lock"
+# One file a user: another user's file, made 0644 by its umask, could not be opened here.
+_RESERVED = Path(tempfile.gettempdir()) / f"outpost-test-ports-{os.getuid()}.lock"
 _reserved_fd: int | None = None
 
 
