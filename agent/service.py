@@ -132,7 +132,8 @@ class Agent:
             self.sink = Sink(self.cfg.listen.accept_keys, spool,
                              Enrich(self.facts, Lanes(self.cfg.upstreams)), self.metrics,
                              inflight_budget=self.cfg.listen.max_inflight_mb * 1024 * 1024,
-                             on_new_data=self._new_data, limits=_limits(self.cfg, self.facts.machineId),
+                             on_new_data=self._new_data,
+                             limits=_limits(self.cfg, self.facts.machineId),
                              on_stored=self.tail.ingested,
                              max_keys=self.cfg.listen.max_keys)
             self.ops = Ops(spool, self.metrics, live=self._live, flush=self._flush,

@@ -144,8 +144,9 @@ class Uplink(Protocol):
 
     def connecting(self) -> Coroutine[Any, Any, Retry | None] | None:
         """None if the uplink keeps no connection (HTTP: a request connects as it goes)
-        or its connection is open, else the opening of what the next send needs (resolving to None, or a Retry
-        saying why it cannot be opened, with the upstream's Retry-After if it gave one).
+        or its connection is open, else the opening of what the next send needs
+        (resolving to None, or a Retry saying why it cannot be opened, with the
+        upstream's Retry-After if it gave one).
 
         The forwarder calls it with no batch in flight, before it prepares one, so that
         an upstream that cannot be reached costs no batch's work on every retry; a
