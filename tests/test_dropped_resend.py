@@ -322,6 +322,46 @@ async def test_a_retried_letter_dropped_undelivered_leaves_the_key_a_newer_copy_
 
 
 # One retry's letters in one chunk, or a chunk each (a long retry: 2,000 a chunk).
+# The two tests below: event 0 refused for good twice (two dead letters, the older one
+# received two days earlier by the wall clock), then, once retried, the older one expired.
+_TWO_LETTERS_UPSTREAM = {"protocol": "nucleus-http", "flush_interval_s": 0.02, "timeout_s": 2}
+_TWO_LETTERS_STORAGE = {"max_age_days": 1, "dedupe_window_h": 72, "dedupe_max_keys": 16}
+
+
+async def _two_letters_of_event_0(s: aiohttp.ClientSession, agent: Any, up: RefusingNucleus,
+                                  clock: Clock, statuses: tuple[int, int]) -> None:
+    """Event 0 refused with each of ``statuses``: sent, and sent again once
+    dedupe_max_keys let its key go (16 others delivered)."""
+    for n, (status, wall_shift) in enumerate(zip(statuses, (0, 2 * DAY_MS))):
+        clock.wall_shift_ms = wall_shift
+        up.refuse = status
+        await post(s, agent.port, [event(0)])
+        await wait_for(lambda n=n: agent.spool.dead_count == n + 1)
+        up.refuse = None
+        others = range(100 + 16 * n, 116 + 16 * n)
+        await post(s, agent.port, [event(i) for i in others])   # the cap lets 0 go
+        await wait_for(lambda: agent.spool.depth == 0)
+
+
+async def _older_expired_then_resent(s: aiohttp.ClientSession, agent: Any,
+                                     clock: Clock) -> None:
+    """The retried older letter expires undelivered (the newer one stays queued), then
+    event 0 is sent again: a duplicate, if the newer copy holds its key."""
+    await agent.spool.prune()   # marks the retried records received by now
+    clock.passed_ms = DAY_MS + 600_000
+    clock.wall_shift_ms = DAY_MS   # the newer letter's receipt 10 min ago
+
+    async def expired() -> bool:   # not while its send is in flight
+        await agent.spool.prune()
+        return agent.spool.depth == 1
+
+    await wait_for(expired)
+    assert agent.spool.counters["expired"] == 1
+    await post(s, agent.port, [event(0)])
+    assert agent.spool.counters.get("duplicates", 0) == 1
+    assert agent.spool.depth == 1
+
+
 @pytest.mark.parametrize("chunk", [dead_live.CHUNK_LETTERS, 1], ids=["one-chunk", "apart"])
 async def test_two_letters_of_one_event_retried_together_leave_the_key_with_the_newer(
         make_agent: Any, clock: Clock, monkeypatch: pytest.MonkeyPatch, chunk: int) -> None:
@@ -337,37 +377,16 @@ async def test_two_letters_of_one_event_retried_together_leave_the_key_with_the_
     up = RefusingNucleus()
     await up.start()
     try:
-        agent = await make_agent(
-            upstreams=[{"name": "up", "protocol": "nucleus-http", "url": up.http_url,
-                        "flush_interval_s": 0.02, "timeout_s": 2}],
-            storage={"max_age_days": 1, "dedupe_window_h": 72, "dedupe_max_keys": 16})
+        agent = await make_agent(upstreams=[{"name": "up", "url": up.http_url,
+                                             **_TWO_LETTERS_UPSTREAM}],
+                                 storage=_TWO_LETTERS_STORAGE)
         async with aiohttp.ClientSession() as s:
-            for n, wall_shift in enumerate((0, 2 * DAY_MS)):
-                clock.wall_shift_ms = wall_shift
-                up.refuse = 400
-                await post(s, agent.port, [event(0)])
-                await wait_for(lambda n=n: agent.spool.dead_count == n + 1)
-                up.refuse = None
-                others = range(100 + 16 * n, 116 + 16 * n)
-                await post(s, agent.port, [event(i) for i in others])   # the cap lets 0 go
-                await wait_for(lambda: agent.spool.depth == 0)
+            await _two_letters_of_event_0(s, agent, up, clock, (400, 400))
             await up.go_down()
             async with s.post(f"http://127.0.0.1:{agent.port}/dead/retry",
                               json={"all": True}) as r:
                 assert r.status == 200 and (await r.json())["retried"] == 2
-            await agent.spool.prune()   # marks the retried records received by now
-            clock.passed_ms = DAY_MS + 600_000
-            clock.wall_shift_ms = DAY_MS   # the newer letter's receipt 10 min ago
-
-            async def expired() -> bool:   # not while its send is in flight
-                await agent.spool.prune()
-                return agent.spool.depth == 1
-
-            await wait_for(expired)
-            assert agent.spool.counters["expired"] == 1
-            await post(s, agent.port, [event(0)])
-        assert agent.spool.counters.get("duplicates", 0) == 1
-        assert agent.spool.depth == 1
+            await _older_expired_then_resent(s, agent, clock)
     finally:
         await up.stop()
 
@@ -386,20 +405,10 @@ async def test_two_letters_of_one_event_retried_by_reason_leave_the_key_with_the
     up = RefusingNucleus()
     await up.start()
     try:
-        upstreams = [{"name": "up", "protocol": "nucleus-http", "url": up.http_url,
-                      "flush_interval_s": 0.02, "timeout_s": 2}]
-        storage = {"max_age_days": 1, "dedupe_window_h": 72, "dedupe_max_keys": 16}
-        agent = await make_agent(upstreams=upstreams, storage=storage)
+        upstreams = [{"name": "up", "url": up.http_url, **_TWO_LETTERS_UPSTREAM}]
+        agent = await make_agent(upstreams=upstreams, storage=_TWO_LETTERS_STORAGE)
         async with aiohttp.ClientSession() as s:
-            for n, (status, wall_shift) in enumerate(((400, 0), (422, 2 * DAY_MS))):
-                clock.wall_shift_ms = wall_shift
-                up.refuse = status
-                await post(s, agent.port, [event(0)])
-                await wait_for(lambda n=n: agent.spool.dead_count == n + 1)
-                up.refuse = None
-                others = range(100 + 16 * n, 116 + 16 * n)
-                await post(s, agent.port, [event(i) for i in others])   # the cap lets 0 go
-                await wait_for(lambda: agent.spool.depth == 0)
+            await _two_letters_of_event_0(s, agent, up, clock, (400, 422))
             await up.go_down()
             async with s.get(f"http://127.0.0.1:{agent.port}/dead") as r:
                 letters = (await r.json())["entries"]
@@ -417,19 +426,7 @@ async def test_two_letters_of_one_event_retried_by_reason_leave_the_key_with_the
                         "dead", "retry", "--reason", reason, "--config", agent.config_path)
                     assert code == 0 and "re-queued 1 dead letter" in text, text
             if how == "stopped agent":
-                agent = await make_agent(upstreams=upstreams, storage=storage)
-            await agent.spool.prune()   # marks the retried records received by now
-            clock.passed_ms = DAY_MS + 600_000
-            clock.wall_shift_ms = DAY_MS   # the newer letter's receipt 10 min ago
-
-            async def expired() -> bool:   # not while its send is in flight
-                await agent.spool.prune()
-                return agent.spool.depth == 1
-
-            await wait_for(expired)
-            assert agent.spool.counters["expired"] == 1
-            await post(s, agent.port, [event(0)])
-        assert agent.spool.counters.get("duplicates", 0) == 1
-        assert agent.spool.depth == 1
+                agent = await make_agent(upstreams=upstreams, storage=_TWO_LETTERS_STORAGE)
+            await _older_expired_then_resent(s, agent, clock)
     finally:
         await up.stop()
