@@ -15,33 +15,29 @@ from aiohttp import WSMsgType, web
 from agent.settings import UpstreamConfig
 from agent.uplinks.base import Acked, Retry
 from agent.uplinks.nucleus_ws import NucleusWsUplink
+from tests.fakes.loopback_server import LoopbackServer
 from tests.test_uplink_nucleus import row
 
 Answer = Callable[[list[Any]], list[list[Any]]]
 
 
-class _Scripted:
+class _Scripted(LoopbackServer):
     """A websocket upstream answering each frame with the replies ``answer`` makes of its
     ids (each list a reply's reportedIds); the ids of each frame received, in order."""
 
     def __init__(self, answer: Answer) -> None:
+        super().__init__()
         self.answer = answer
         self.frames: list[list[Any]] = []
-        self._runner: web.AppRunner | None = None
-        self.url = ""
 
     async def __aenter__(self) -> _Scripted:
         app = web.Application()
         app.router.add_get("/app/{key}/track", self._ws)
-        self._runner = web.AppRunner(app, handle_signals=False, shutdown_timeout=1.0)
-        await self._runner.setup()
-        await web.TCPSite(self._runner, "127.0.0.1", 0).start()
-        self.url = f"ws://127.0.0.1:{self._runner.addresses[0][1]}"
+        await self._serve(app)
         return self
 
     async def __aexit__(self, *_: object) -> None:
-        assert self._runner is not None
-        await self._runner.cleanup()
+        await self.stop()
 
     async def _ws(self, request: web.Request) -> web.WebSocketResponse:
         ws = web.WebSocketResponse(max_msg_size=0)
@@ -57,7 +53,7 @@ class _Scripted:
 
 async def _uplink(fake: _Scripted, session: aiohttp.ClientSession,
                   timeout_s: float = 5) -> NucleusWsUplink:
-    cfg = UpstreamConfig(name="n", protocol="nucleus-ws", url=fake.url, timeout_s=timeout_s,
+    cfg = UpstreamConfig(name="n", protocol="nucleus-ws", url=fake.ws_url, timeout_s=timeout_s,
                          batch_max_events=3)
     return NucleusWsUplink(cfg, "app", session, "m")
 
