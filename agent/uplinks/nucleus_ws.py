@@ -256,6 +256,14 @@ class NucleusWsUplink(NucleusFraming, UplinkBase):
             # follow (stream.py), else each try of it would time out alike, for good.
             too_slow = bool(mine) and link.replies < mine and (stalled or (
                 error is not None and link.lost is None))
+        except BaseException:
+            # Cut short (a stop's cancel: Python 3.12's wait_for passes one on even once
+            # the reply has come) with the frame acknowledged whole: its seqs go to
+            # ``acked``, where ``acknowledged`` finds them once the frame no longer waits,
+            # or they were sent again after the restart.
+            if mine in link.whole:
+                link.acked.update(prepared.seqs)
+            raise
         finally:
             link.sending -= 1
             link.waiting.pop(mine, None)
