@@ -56,7 +56,7 @@ BODY_MAX = 64 * 1024
 _TOKEN = rb"[!#$%&'*+\-.^_`|~0-9A-Za-z]++"
 _VALUE = rb"[\t\x20-\x7e\x80-\xff]*+"
 # A head is `POST <path> HTTP/1.1`, then `token:value` lines, each ended by CRLF, then
-# CRLF. Checked a line at a time: a line already read (_LINES) is one that fits, and a
+# CRLF. Checked a line at a time: a line already read (ExpressLane._lines) fits, and a
 # path found among the routes fits _PATH. Possessive (*+, ++): no backtracking to try.
 _PATH = re.compile(rb"/[^\x00-\x20?#%\x7f-\xff]*+")
 _LINE = re.compile(_TOKEN + rb":" + _VALUE)
