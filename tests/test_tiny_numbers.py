@@ -6,16 +6,15 @@ holding one alone. A subnormal (1e-320) is a double's value, and is delivered as
 
 from __future__ import annotations
 
-import json
 from collections.abc import AsyncIterator
 from typing import Any
 
 import aiohttp
 import pytest
-from aiohttp import web
 
 from agent.dialects.exact_json import may_be_inexact
 from tests.segment_helpers import basic, call, wait_for
+from tests.test_negative_zero import RawUpstream
 
 AUTH = {"Authorization": basic("k")}
 TINY = ["1e-400", "-1e-400", "1E-400", "0.1e-330", "123e-999", "1.5e-0400", "4e-325"]
@@ -76,41 +75,16 @@ async def test_a_batch_refuses_the_tiny_item_alone(make_agent: Any, value: str) 
     assert agent.spool.depth == 2
 
 
-class RawSegment:
-    """A Segment collector keeping each body as sent."""
-
-    def __init__(self) -> None:
-        self.bodies: list[bytes] = []
-        self.runner: web.AppRunner | None = None
-        self.port = 0
-
-    async def _batch(self, request: web.Request) -> web.Response:
-        self.bodies.append(await request.read())
-        return web.json_response({"success": True})
-
-    async def start(self) -> RawSegment:
-        app = web.Application()
-        app.add_routes([web.post("/v1/batch", self._batch)])
-        self.runner = web.AppRunner(app, handle_signals=False)
-        await self.runner.setup()
-        await web.TCPSite(self.runner, "127.0.0.1", 0).start()
-        self.port = int(self.runner.addresses[0][1])
-        return self
-
-    def events(self) -> list[Any]:
-        return [ev for raw in self.bodies for ev in json.loads(raw)["batch"]]
-
-
 @pytest.fixture
-async def raw_segment() -> AsyncIterator[RawSegment]:
-    up = await RawSegment().start()
+async def raw_segment() -> AsyncIterator[RawUpstream]:
+    up = await RawUpstream().start()
     yield up
     assert up.runner is not None
     await up.runner.cleanup()
 
 
 async def test_the_upstream_gets_a_subnormal_and_never_a_zero_for_a_tiny(
-        make_agent: Any, raw_segment: RawSegment) -> None:
+        make_agent: Any, raw_segment: RawUpstream) -> None:
     agent = await make_agent(upstreams=[{
         "name": "up", "protocol": "segment-http", "url": f"http://127.0.0.1:{raw_segment.port}",
         "flush_interval_s": 0.05, "timeout_s": 2}])
@@ -120,8 +94,8 @@ async def test_the_upstream_gets_a_subnormal_and_never_a_zero_for_a_tiny(
                        headers=AUTH)
     assert reply.status == 207, reply.body
     assert len(reply.json()["Errors"]) == 2, reply.body
-    await wait_for(lambda: len(raw_segment.events()) == 3)
-    got = {ev["messageId"]: ev["properties"]["t"] for ev in raw_segment.events()}
+    await wait_for(lambda: len(raw_segment.events("batch")) == 3)
+    got = {ev["messageId"]: ev["properties"]["t"] for ev in raw_segment.events("batch")}
     assert got == {"m1": 1e-320, "m3": 5e-324, "m4": 2.2250738585072014e-308}, raw_segment.bodies
 
 
