@@ -1,0 +1,75 @@
+"""A nucleus-ws send cut short (cancelled) while its frame waits for room to go: the upstream
+reads nothing (tests/fakes/deaf_upstream.py), the frame is only partly on its way.
+
+The forwarder cancels a send only as its loop ends (a stop's grace ran out), and then
+closes the uplink, whose next connection is a new one; this is the uplink's own contract
+for any caller: nothing may follow the cut frame on its connection (its events are sent
+again, and a later batch must not reach the upstream first), the connection is cut (the
+frame's tail never goes: it cannot count as delivered), and after close() a new connection
+carries the resend and what follows it.
+"""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import AsyncIterator
+
+import aiohttp
+import pytest
+
+from agent.settings import UpstreamConfig
+from agent.spool.types import Row
+from agent.uplinks.base import Acked, Retry
+from agent.uplinks.nucleus_ws import NucleusWsUplink
+from tests.fakes.deaf_upstream import DeafUpstream
+from tests.fakes.nucleus_upstream import FakeNucleus
+from tests.test_uplink_nucleus import row
+from tests.test_upstream_faults import event
+from tests.test_ws_faults import PAD, _small_send_buffer
+from tests.waiting import wait_for
+
+
+@pytest.fixture
+async def deaf(fake_nucleus: FakeNucleus) -> AsyncIterator[DeafUpstream]:
+    """Deaf until the test clears ``deaf``; then a relay to ``fake_nucleus``."""
+    upstream = await DeafUpstream(fake_nucleus.port).start()
+    yield upstream
+    await upstream.stop()
+
+
+def _rows(first: int, n: int, pad: str = "") -> list[Row]:
+    return [row(i, event(i, pad=pad)) for i in range(first, first + n)]
+
+
+async def test_a_send_cut_short_as_its_frame_waits_for_room_fails_and_cuts_its_connection(
+        deaf: DeafUpstream, fake_nucleus: FakeNucleus) -> None:
+    # A small send buffer (as test_ws_faults): on loopback a socket's takes megabytes.
+    connector = aiohttp.TCPConnector(socket_factory=_small_send_buffer)
+    async with asyncio.timeout(10), aiohttp.ClientSession(connector=connector) as session:
+        cfg = UpstreamConfig(name="n", protocol="nucleus-ws", url=deaf.ws_url, timeout_s=3)
+        up = NucleusWsUplink(cfg, "app", session, "m")
+        big = _rows(1, 50, PAD)   # one frame of about 400 KB: more than the path holds
+        first = up.prepare(big)
+        cut = asyncio.create_task(up.send(first))
+        # The frame is written and waits for room (the deaf upstream reads nothing).
+        await wait_for(lambda: up._link is not None and up._link.writing > 0, 5)
+        cut.cancel()
+        with pytest.raises(asyncio.CancelledError):
+            await cut
+        assert up.acknowledged(first) == ()
+        # Nothing goes after the cut frame on its connection: a later batch fails at once
+        # (before the fix it went on the same connection, behind the frame, and waited
+        # timeout_s for room like it, to fail as the upstream's not reading).
+        later = up.prepare(_rows(51, 1)) 
+        result = await up.send(later)
+        assert isinstance(result, Retry) and "cut short" in (result.error or ""), result
+        assert up._link is not None and up._link.sending == 0 and not up._link.waiting
+        await up.close()
+        # The frame's tail never went: the upstream, readable now, gets each event once,
+        # in order, over a new connection.
+        deaf.deaf = False
+        assert await up.send(up.prepare(big)) == Acked(tuple(range(1, 51)))
+        assert await up.send(up.prepare(_rows(51, 1))) == Acked((51,))
+        assert fake_nucleus.ids() == list(range(1, 52))
+        assert deaf.deaf_connections == 1
+        await up.close()
