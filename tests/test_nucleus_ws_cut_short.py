@@ -58,12 +58,15 @@ async def test_a_send_cut_short_as_its_frame_waits_for_room_fails_and_cuts_its_c
             await cut
         assert up.acknowledged(first) == ()
         # Nothing goes after the cut frame on its connection: a later batch fails at once
-        # (before the fix it went on the same connection, behind the frame, and waited
-        # timeout_s for room like it, to fail as the upstream's not reading).
-        later = up.prepare(_rows(51, 1)) 
+        # (before the fix it went on the same connection, behind the cut frame, and timed
+        # out waiting for its acks, taken for a link too slow for it).
+        later = up.prepare(_rows(51, 1))
         result = await up.send(later)
         assert isinstance(result, Retry) and "cut short" in (result.error or ""), result
-        assert up._link is not None and up._link.sending == 0 and not up._link.waiting
+        link = up._link
+        assert link is not None and link.sending == 0 and not link.waiting
+        # Cut, not left to finish the frame (which would then reach the upstream whole).
+        await wait_for(lambda: link.ws is not None and link.ws.closed, 5)
         await up.close()
         # The frame's tail never went: the upstream, readable now, gets each event once,
         # in order, over a new connection.

@@ -60,6 +60,7 @@ HEARTBEAT_S = 60.0
 CLOSE_GRACE_S = 1.0
 LOST = "connection lost before all acks arrived"
 STOPPED_READING = "upstream stopped reading"
+CUT_SHORT = "a send was cut short"
 _REASON_SHOWN = 123   # characters of a close frame's reason shown (its most, in bytes)
 
 
@@ -135,6 +136,12 @@ class _Link:
             if timer.expired():
                 self.lose(f"{STOPPED_READING}: a frame could not be sent within {timeout:g}s")
                 self.abort()
+            raise
+        except asyncio.CancelledError:
+            # Cut short with the frame partly on its way: its tail must never go (nor
+            # anything after it), so the frame cannot reach the upstream whole.
+            self.lose(CUT_SHORT)
+            self.abort()
             raise
         finally:
             self.writing -= 1
@@ -231,24 +238,31 @@ class NucleusWsUplink(NucleusFraming, UplinkBase):
     async def send(self, prepared: Prepared) -> SendResult:
         size = 0   # the frame's bytes, once sent
         stalled = False   # the frame found no room to go within timeout_s
+        mine = 0   # this frame's number on the link; 0: not sent
         async with self._send_lock:  # FIFO: batches start in the order they were prepared
             link = await self._usable_link(replace_unused=False)
-            link.sending += 1
-            mine = 0   # this frame's number on the link; 0: not sent
-            if link.ws is not None and link.lost is None:
-                try:
-                    link.carried = True
-                    # Numbered before the await: a heartbeat sent meanwhile comes after it.
-                    link.frames += 1
-                    mine = link.frames
-                    link.waiting[mine] = prepared.seqs
-                    data = frame(prepared)
-                    size = len(data)
-                    await link.send(data, self.cfg.timeout_s)
-                    self._last_sent = asyncio.get_running_loop().time()
-                except (aiohttp.ClientError, OSError, TimeoutError, RuntimeError) as exc:
-                    stalled = isinstance(exc, TimeoutError)
-                    link.lose(f"send failed: {described(exc)}")
+            link.sending += 1   # undone by _settled, whichever way the send ends
+            try:
+                if link.ws is not None and link.lost is None:
+                    try:
+                        link.carried = True
+                        # Numbered before the await: a heartbeat sent meanwhile comes after it.
+                        link.frames += 1
+                        mine = link.frames
+                        link.waiting[mine] = prepared.seqs
+                        data = frame(prepared)
+                        size = len(data)
+                        await link.send(data, self.cfg.timeout_s)
+                        self._last_sent = asyncio.get_running_loop().time()
+                    except (aiohttp.ClientError, OSError, TimeoutError, RuntimeError) as exc:
+                        stalled = isinstance(exc, TimeoutError)
+                        link.lose(f"send failed: {described(exc)}")
+            except BaseException:
+                # Cut short as its frame went (a stop's cancel while it waited for room),
+                # or a bug: left counted, the link was never replaced once lost.
+                _cut_short(link, mine, prepared.seqs)
+                _settled(link, mine)
+                raise
         try:
             error = await self._wait_acks(link, mine, prepared.seqs)
             # No answer to it in time on a connection still up, or no room to send it: a
@@ -257,18 +271,10 @@ class NucleusWsUplink(NucleusFraming, UplinkBase):
             too_slow = bool(mine) and link.replies < mine and (stalled or (
                 error is not None and link.lost is None))
         except BaseException:
-            # Cut short (a stop's cancel: Python 3.12's wait_for passes one on even once
-            # the reply has come) with the frame acknowledged whole: its seqs go to
-            # ``acked``, where ``acknowledged`` finds them once the frame no longer waits,
-            # or they were sent again after the restart.
-            if mine in link.whole:
-                link.acked.update(prepared.seqs)
+            _cut_short(link, mine, prepared.seqs)
             raise
         finally:
-            link.sending -= 1
-            link.waiting.pop(mine, None)
-            whole = mine in link.whole
-            link.whole.discard(mine)
+            whole = _settled(link, mine)
         if error is None:  # every one acked: no per-event sorting or intersection
             if not whole:
                 link.acked.difference_update(prepared.seqs)
@@ -497,6 +503,31 @@ def _closed(link: _Link, ws: aiohttp.ClientWebSocketResponse) -> str:
     if link.carried:
         return f"{LOST} ({how})" if code is not None else LOST
     return f"the upstream closed the connection right after the handshake ({how})"
+
+
+def _cut_short(link: _Link, mine: int, seqs: tuple[int, ...]) -> None:
+    """A send of frame ``mine`` (``seqs``) that ends by raising: a stop's cancel (Python
+    3.12's wait_for passes one on even once the reply has come), or a bug. Acknowledged
+    whole, its seqs go to ``acked``, where ``acknowledged`` finds them once the frame no
+    longer waits (else they were sent again after the restart). Else its events go again,
+    and nothing sent later may reach the upstream first: the link is failed, as for any
+    batch not wholly acknowledged."""
+    if mine in link.whole:
+        link.acked.update(seqs)
+    elif mine:
+        link.failed = True
+        link.lose(CUT_SHORT)
+
+
+def _settled(link: _Link, mine: int) -> bool:
+    """The send of frame ``mine`` has ended, whichever way: it no longer counts on
+    ``link`` (a link lost with a send counted is never replaced), nor waits for acks.
+    Whether a reply acknowledged it whole."""
+    link.sending -= 1
+    link.waiting.pop(mine, None)
+    whole = mine in link.whole
+    link.whole.discard(mine)
+    return whole
 
 
 def _next_frame(link: _Link) -> tuple[int, tuple[int, ...] | None]:
