@@ -226,7 +226,9 @@ class StreamForwarder:
                 if not self.yielded:   # its events go on in its successor: sending still
                     self._mark_sending(False)   # (until the supervisor's ``ended``)
                 self.spool.leases.free(self.stream.id, self._cursors)
-            await self.uplink.close()
+                # Whatever the settle raised (a cut send's ack hook, a bug): a websocket
+                # left open lived on beside the next loop's, heartbeating.
+                await self.uplink.close()
             if self.stopping and self._failed is not None and self.release is not None \
                     and not self.released:
                 # Stopped (a hold) before backing off from a failure: the key still waits
