@@ -3,6 +3,7 @@ cut raises: the websocket of a crashed loop, left open, lived on beside its succ
 
 from __future__ import annotations
 
+import asyncio
 from typing import Any
 
 from agent.forwarder.supervisor import Seams
@@ -30,11 +31,16 @@ async def test_a_crashed_loop_closes_its_websocket_when_cutting_a_send_raises(
             raise RuntimeError("injected fault in the ack hook")
 
     agent.forwarding.on_acked = hook
-    # Two frames of two events in flight: the first answered whole, the second half.
-    faulty.script = [Fault("slow"), Fault("partial")]
+    # Two frames of two events: the first answered whole once both are out (its answer,
+    # and the crash, before the second went would leave nothing to cut), the second half.
+    both_out = asyncio.Event()
+    faulty.script = [Fault("slow", until=both_out), Fault("partial")]
     await send(agent, [event(i) for i in range(4)])
+    state = agent.forwarding.states["hooked"]
+    await wait_for(lambda: state.sent >= 4, 5)   # counted as each send starts its frame
+    both_out.set()
     await drained(agent, faulty, 4)
-    assert len(told) >= 3 and agent.forwarding.states["hooked"].crashes >= 1
+    assert len(told) >= 3 and state.crashes >= 1
     assert faulty.connections == 2   # the crashed loop's, and its successor's
     # Each closed once its loop ended (the successor's once its queue stayed empty for
     # flush_interval_s): before the fix the crashed loop's never was.
