@@ -4,8 +4,8 @@ reads nothing (tests/fakes/deaf_upstream.py), the frame is only partly on its wa
 The forwarder cancels a send only as its loop ends (a stop's grace ran out), and then
 closes the uplink, whose next connection is a new one; this is the uplink's own contract
 for any caller: nothing may follow the cut frame on its connection (its events are sent
-again, and a later batch must not reach the upstream first), the connection is cut (the
-frame's tail never goes: it cannot count as delivered), and after close() a new connection
+again, and a later batch must not reach the upstream first), the connection is cut (what
+of the frame still waits in the buffers never goes), and after close() a new connection
 carries the resend and what follows it.
 """
 

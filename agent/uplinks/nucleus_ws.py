@@ -138,8 +138,8 @@ class _Link:
                 self.abort()
             raise
         except asyncio.CancelledError:
-            # Cut short with the frame partly on its way: its tail must never go (nor
-            # anything after it), so the frame cannot reach the upstream whole.
+            # Cut short with the frame partly on its way: what of it still waits in the
+            # buffers never goes (nor anything after it), and its events go again.
             self.lose(CUT_SHORT)
             self.abort()
             raise
