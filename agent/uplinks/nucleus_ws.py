@@ -8,7 +8,8 @@ official modules do.
 FIFO across drops. Frames leave in the order the forwarder took
 their batches (one lock, acquired in that order). Once a batch on a connection
 fails (the connection drops, its acks do not come in time, or its send is cut
-short: a stop's cancel), that connection is done: every later send fails at once, without connecting, because a later
+short: a stop's cancel), that connection is done: every later send fails at
+once, without connecting, because a later
 batch must not reach the upstream before the earlier one is sent again. Only
 ``close()``, which the forwarder calls once every in-flight batch has settled,
 lets the next send open a new connection. A connection that dropped while every
