@@ -711,3 +711,25 @@ def test_doctor_shows_hidden_characters_escaped(tmp_path: Path) -> None:
     hidden = sorted({c for c in out if not c.isprintable() and c != "\n"})
     assert not hidden, (hidden, out)
     assert "fr\\x1b[2J" in out and "\\x00x\\x1b]0" in out, out
+
+
+@pytest.mark.parametrize("fact,value", [
+    ("machineId", "m" * 100_000),           # would be copied into every init and error event
+    ("machineId", "a\\nb"),                 # a line break: no id holds one
+    ("osVersion", "6.1\\u0007"),            # a control character
+    ("language", "x" * 1000),
+])
+def test_a_device_fact_no_device_has_is_one_line_from_run_and_check_config(
+        tmp_path: Path, fact: str, value: str) -> None:
+    # A [device] fact is filled into every init and error event (and a machineId into
+    # each Segment event mapped to Nucleus without an id of its own): a mistake there was
+    # only seen when apps' events were refused at ingest as too large, or sent upstream.
+    cfg = write_config(tmp_path / "agent.toml", tmp_path / "spool.db")
+    cfg.write_text(cfg.read_text() + f'[device]\n{fact} = "{value}"\n')
+    for command in (("run", "--config", str(cfg)), ("check-config", str(cfg))):
+        code, out = outpost(*command)
+        line = one_line(out)
+        assert code == EXIT_CONFIG, out
+        assert f"device.{fact}" in line, line
+        assert len(line) < 400, line            # the value is not echoed whole
+    assert not (tmp_path / "spool.db").exists()
