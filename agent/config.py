@@ -254,16 +254,31 @@ def _storage(t: dict[str, Any]) -> StorageConfig:
     return out
 
 
+# The longest [device] string: an id or a version is a few dozen characters. Each is
+# filled into every init and error event, and a machineId into each Segment event mapped
+# to Nucleus that names no device: bounded, what it adds stays within the mapping's growth
+# allowance (server/limits.py), which ingest's size check relies on.
+MAX_FACT_CHARS = 128
+
+
+def _fact(value: Any) -> str | None:
+    if len(value) > MAX_FACT_CHARS:
+        return f"must be at most {MAX_FACT_CHARS} characters, got {len(value)}"
+    if not value.isprintable():
+        return f"must be printable (no line breaks or control characters), got {value!r}"
+    return None
+
+
 def _device(t: dict[str, Any]) -> DeviceConfig:
     w = "device"
     out = DeviceConfig(
-        platform=_take(t, w, "platform", str, ""),
-        osVersion=_take(t, w, "osVersion", str, ""),
+        platform=_take(t, w, "platform", str, "", _fact),
+        osVersion=_take(t, w, "osVersion", str, "", _fact),
         totalRam=_take(t, w, "totalRam", (int, float), 0,
                        lambda v: None if v >= 0 else "must be 0 or more"),
-        language=_take(t, w, "language", str, ""),
-        arch=_take(t, w, "arch", str, ""),
-        machineId=_take(t, w, "machineId", str, ""),
+        language=_take(t, w, "language", str, "", _fact),
+        arch=_take(t, w, "arch", str, "", _fact),
+        machineId=_take(t, w, "machineId", str, "", _fact),
     )
     _no_leftovers(t, w)
     return out

@@ -701,12 +701,13 @@ def test_no_home_directory_at_all_is_one_line(tmp_path: Path, command: list[str]
 
 
 def test_doctor_shows_hidden_characters_escaped(tmp_path: Path) -> None:
-    # What doctor prints comes from the environment, the config and the bus: an escape
-    # sequence or a NUL there must not reach the terminal as one.
+    # What doctor prints comes from the environment and the bus (the config refuses a
+    # [device] fact holding one): an escape sequence or a NUL there must not reach the
+    # terminal as one.
     config = write_config(tmp_path / "agent.toml", tmp_path / "spool.db")
-    config.write_text(config.read_text() + '[device]\nlanguage = "fr\\u001b[2J"\n')
     code, out = outpost("doctor", "--config", str(config),
-                        env={"DBUS_SYSTEM_BUS_ADDRESS": "unix:abstract=x\x1b]0;owned\x07"})
+                        env={"LC_ALL": "", "LC_MESSAGES": "", "LANG": "fr\x1b[2J",
+                             "DBUS_SYSTEM_BUS_ADDRESS": "unix:abstract=x\x1b]0;owned\x07"})
     assert code == 0, out
     hidden = sorted({c for c in out if not c.isprintable() and c != "\n"})
     assert not hidden, (hidden, out)
