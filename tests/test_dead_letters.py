@@ -632,3 +632,44 @@ async def test_a_retried_letter_whose_lane_damage_garbled_is_sent(make_agent: An
         await wait_for(lambda: agent.spool.depth == 0)
     finally:
         await up.stop()
+
+
+async def test_a_stopped_agent_s_salvage_pending_is_said_not_listed_as_no_letters(
+        make_agent: Any, tmp_path: Path) -> None:
+    """The agent found its spool damaged, moved it aside and made a fresh one, and stopped
+    before it copied the old file's letters in (they are copied at its next start): the
+    offline commands read the fresh, empty spool and said "0 dead letters", "purged 0".
+    They must say a salvage is pending and what to do, exit 1, and change no file."""
+    up = RefusingNucleus()
+    await up.start()
+    try:
+        agent = await make_agent(port=free_port(), upstreams=[upstream("up", up, ["*"])])
+        await post_events(agent.port, "app-a", range(3))
+        await dead_letters(agent, 3)
+        await agent.stop()
+    finally:
+        await up.stop()
+    cfg, spool_path = agent.config_path, Path(agent.spool.path)
+    # As the agent leaves them: the file moved aside, the marker naming it, a fresh spool.
+    moved = spool_path.with_name(f"{spool_path.name}.corrupt-20260101T000000")
+    spool_path.rename(moved)
+    spool_path.with_name(f"{spool_path.name}.salvaging").write_text(f"{moved.name}\n")
+    fresh = await Spool.open(StorageConfig(path=str(tmp_path / "fresh" / "spool.db")))
+    await fresh.close()
+    (tmp_path / "fresh" / "spool.db").rename(spool_path)
+    before = {p.name: p.read_bytes() for p in tmp_path.iterdir() if p.is_file()}
+
+    for args in (("list",), ("list", "--json"), ("retry", "--all"), ("purge", "--all"),
+                 ("export", str(tmp_path / "out.jsonl")), ("show", "1")):
+        text = await outpost(*args, config=cfg, code=1)
+        line = text.strip()
+        assert len(line.splitlines()) == 1, text
+        assert "salvage" in line and str(moved) in line and "start the agent" in line, text
+        assert "0 dead letters" not in line, text
+    assert {p.name: p.read_bytes() for p in tmp_path.iterdir() if p.is_file()} == before
+
+    # Once an agent has started (and finished the salvage), they are there again.
+    again = await make_agent(port=free_port(), upstreams=[])
+    assert again.spool.dead_count == 3
+    await again.stop()
+    assert "3 dead letters" in await outpost("list", config=cfg)
