@@ -236,6 +236,7 @@ class _Cli:
             return answer(cfg, path, self._ask(cfg, path), expect, kind), agent_url(cfg, "")
         except _NoAgent:
             spool = cfg.storage.resolved_path()
+            dead.no_salvage_pending(spool)
             conn = dead.read_only(spool)
             # An agent may hold it yet not answer here (listening elsewhere, or starting, or
             # on a port the system picked).
@@ -378,6 +379,7 @@ class _Cli:
                     write(chunk)
                     count += chunk.count(b"\n")
             return count
+        dead.no_salvage_pending(cfg.storage.resolved_path())
         conn = dead.read_only(cfg.storage.resolved_path())
         try:
             lines, last = dead.export(conn, 0, EXPORT_PAGE)
@@ -401,6 +403,7 @@ class _Cli:
             if elsewhere := running_elsewhere(cfg, str(exc)):
                 raise dead.DeadError(elsewhere) from exc
             spool = cfg.storage.resolved_path()
+            dead.no_salvage_pending(spool)
             with (offline := dead.Offline(spool)) as conn:
                 if what == "retry":
                     dedupe = cfg.storage.dedupe_window_h * HOUR_MS, cfg.storage.dedupe_max_keys

@@ -128,17 +128,10 @@ def pending(path: Path) -> tuple[Path, bool] | None:
     """The file moved aside by a salvage that did not finish, its move completed, and
     whether the path is still to be cleared for its fresh spool (``note``'s ``clear``);
     None when there is none (a stale marker is removed)."""
-    try:
-        # A link is made whole (note): its name needs no newline to end it.
-        text = f"{os.readlink(marker(path))}\n" if marker(path).is_symlink() else \
-            marker(path).read_text(encoding="utf-8", errors="replace")
-    except FileNotFoundError:
+    named = _named(path)
+    if named is None:
         return None
-    name, ended, rest = text.partition("\n")
-    clear = rest == f"{CLEAR}\n"
-    # A name of this directory only (Path(name).name splits it at the OS's separators).
-    moved = path.with_name(name) if ended and (clear or not rest) and "\0" not in name \
-        and name.startswith(f"{path.name}.corrupt-") and Path(name).name == name else None
+    moved, clear = named
     if moved is None or not moved.exists():
         done(path)
         return None
@@ -150,6 +143,32 @@ def pending(path: Path) -> tuple[Path, bool] | None:
         _rename(path, moved)
         sync_dir(path.parent)
     return moved, False
+
+
+def waiting(path: Path) -> Path | None:
+    """The file a salvage still to be finished moved aside, as ``pending`` finds it, but
+    read only (a stopped agent's `outpost dead` commands): None when there is none."""
+    named = _named(path)
+    if named is None or named[0] is None:
+        return None
+    return named[0] if named[0].exists() else None
+
+
+def _named(path: Path) -> tuple[Path | None, bool] | None:
+    """What the marker names (None: no file of this directory) and whether its path is to
+    be cleared; None when there is no marker."""
+    try:
+        # A link is made whole (note): its name needs no newline to end it.
+        text = f"{os.readlink(marker(path))}\n" if marker(path).is_symlink() else \
+            marker(path).read_text(encoding="utf-8", errors="replace")
+    except FileNotFoundError:
+        return None
+    name, ended, rest = text.partition("\n")
+    clear = rest == f"{CLEAR}\n"
+    # A name of this directory only (Path(name).name splits it at the OS's separators).
+    moved = path.with_name(name) if ended and (clear or not rest) and "\0" not in name \
+        and name.startswith(f"{path.name}.corrupt-") and Path(name).name == name else None
+    return moved, clear
 
 
 def done(path: Path) -> None:

@@ -28,7 +28,7 @@ from agent.families.event import now_ms
 from agent.families.lanes import HIGH, readable
 from agent.logs import fingerprint
 from agent.outcomes import Tally, record
-from agent.spool import migrate_dead
+from agent.spool import aside, migrate_dead
 from agent.spool.commit import Outcome
 from agent.spool.db import add_counters, keys_from_bytes, load_state
 from agent.spool.dedupe import MOVED_KEY, DedupeIndex, keys_to_bytes
@@ -394,6 +394,18 @@ def _unspend(conn: sqlite3.Connection, letters: list[tuple[int, int]]) -> None:
 
 def _count(conn: sqlite3.Connection, out: Outcome) -> None:
     add_counters(conn, out.counters)
+
+
+def no_salvage_pending(path: Path) -> None:
+    """DeadError when the spool at ``path`` is the fresh one of a salvage not finished: the
+    letters are in the file moved aside until an agent's start copies them in, and read
+    or changed here, the fresh file's would pass for all of them."""
+    moved = aside.waiting(path)
+    if moved is not None:
+        raise DeadError(f"a salvage of the spool {path} is pending: the agent found it damaged "
+                        f"and moved it to {moved}, whose dead letters it copies back at its "
+                        "next start; start the agent (`outpost run`, or the service), then "
+                        "run this again")
 
 
 def read_only(path: Path) -> sqlite3.Connection:
