@@ -252,3 +252,46 @@ async def test_a_stopped_agent_s_dead_letters_are_listed_past_a_damaged_summary(
                                        "--config", str(cfg))
         assert code == 0, text
         assert orjson.loads(text[text.index("{"):])["of_reason"] == 5, text
+
+
+# Damage the sums cannot see: a group's first or last time garbled, its counts right.
+TIME_DAMAGE = {
+    "oldest-1970": "UPDATE dead_groups SET oldest = 0 WHERE reason = 'HTTP 400'",
+    "oldest-1ms-later": "UPDATE dead_groups SET oldest = oldest + 1 WHERE reason = 'HTTP 400'",
+    "newest-a-year-later": "UPDATE dead_groups SET newest = newest + 31536000000 "
+                           "WHERE reason = 'HTTP 422'",
+}
+
+
+def letters_times(path: Path) -> list[tuple[str, int, int]]:
+    with contextlib.closing(sqlite3.connect(path)) as db:
+        return db.execute("SELECT reason, min(at), max(at) FROM dead GROUP BY reason "
+                          "ORDER BY reason").fetchall()
+
+
+@pytest.mark.parametrize("garble", TIME_DAMAGE.values(), ids=TIME_DAMAGE.keys())
+async def test_a_garbled_time_of_the_dead_letters_summary_is_not_listed(
+        make_agent: Any, tmp_path: Path, garble: str) -> None:
+    """A group's `oldest` or `newest` garbled, its counts right: the check by sums saw
+    nothing, and `outpost dead list` (the stopped agent's, and the running one's) showed
+    the garbled time, or ordered the groups by it, until the group's next change."""
+    path = tmp_path / "spool.db"
+    await dead_letters_and_a_queue(path)
+    want = letters_times(path)
+    damage(path, garble)
+    cfg = write_config(tmp_path / "agent.toml", path, port=free_port())
+    code, text = await run_outpost("dead", "list", "--json", "--config", str(cfg))
+    assert code == 0, text
+    assert "disagrees with them (damage)" in text, text
+    listed = orjson.loads(text[text.index("{"):])
+    assert sorted((g["reason"], g["oldest"], g["newest"]) for g in listed["groups"]) == want
+    agent = await make_agent()
+    async with aiohttp.ClientSession() as s:
+        async with s.get(f"http://127.0.0.1:{agent.port}/dead") as r:
+            assert r.status == 200, await r.text()
+            listed = await r.json()
+    assert sorted((g["reason"], g["oldest"], g["newest"]) for g in listed["groups"]) == want
+    await agent.stop()
+    with contextlib.closing(sqlite3.connect(path)) as db:   # counted again in the file
+        assert db.execute("SELECT reason, oldest, newest FROM dead_groups "
+                          "ORDER BY reason").fetchall() == want
