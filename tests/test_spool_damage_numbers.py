@@ -17,8 +17,9 @@ import pytest
 
 from agent.clock import Clock
 from agent.families.event import NUCLEUS, Event
+from agent.ops.shared_terms import LIST_LIMIT
 from agent.settings import StorageConfig
-from agent.spool import Spool
+from agent.spool import Spool, migrate_dead
 from tests.conftest import free_port, write_config
 from tests.fakes.segment_upstream import FakeSegment
 from tests.segment_helpers import segment_up
@@ -295,3 +296,7 @@ async def test_a_garbled_time_of_the_dead_letters_summary_is_not_listed(
     with contextlib.closing(sqlite3.connect(path)) as db:   # counted again in the file
         assert db.execute("SELECT reason, oldest, newest FROM dead_groups "
                           "ORDER BY reason").fetchall() == want
+
+
+def test_every_group_a_listing_shows_has_its_times_checked() -> None:
+    assert migrate_dead.CHECKED_GROUPS >= LIST_LIMIT
