@@ -634,12 +634,14 @@ async def test_a_retried_letter_whose_lane_damage_garbled_is_sent(make_agent: An
         await up.stop()
 
 
+@pytest.mark.parametrize("fresh_made", [True, False], ids=["fresh-spool", "no-spool-yet"])
 async def test_a_stopped_agent_s_salvage_pending_is_said_not_listed_as_no_letters(
-        make_agent: Any, tmp_path: Path) -> None:
-    """The agent found its spool damaged, moved it aside and made a fresh one, and stopped
-    before it copied the old file's letters in (they are copied at its next start): the
-    offline commands read the fresh, empty spool and said "0 dead letters", "purged 0".
-    They must say a salvage is pending and what to do, exit 1, and change no file."""
+        make_agent: Any, tmp_path: Path, fresh_made: bool) -> None:
+    """The agent found its spool damaged, moved it aside and made a fresh one (or stopped
+    before it could), and stopped before it copied the old file's letters in (they are
+    copied at its next start): the offline commands read the fresh, empty spool and said
+    "0 dead letters", "purged 0" (or "no spool yet"). They must say a salvage is pending
+    and what to do, exit 1, and change no file."""
     up = RefusingNucleus()
     await up.start()
     try:
@@ -654,9 +656,10 @@ async def test_a_stopped_agent_s_salvage_pending_is_said_not_listed_as_no_letter
     moved = spool_path.with_name(f"{spool_path.name}.corrupt-20260101T000000")
     spool_path.rename(moved)
     spool_path.with_name(f"{spool_path.name}.salvaging").write_text(f"{moved.name}\n")
-    fresh = await Spool.open(StorageConfig(path=str(tmp_path / "fresh" / "spool.db")))
-    await fresh.close()
-    (tmp_path / "fresh" / "spool.db").rename(spool_path)
+    if fresh_made:
+        fresh = await Spool.open(StorageConfig(path=str(tmp_path / "fresh" / "spool.db")))
+        await fresh.close()
+        (tmp_path / "fresh" / "spool.db").rename(spool_path)
     before = {p.name: p.read_bytes() for p in tmp_path.iterdir() if p.is_file()}
 
     for args in (("list",), ("list", "--json"), ("retry", "--all"), ("purge", "--all"),

@@ -400,7 +400,10 @@ def no_salvage_pending(path: Path) -> None:
     """DeadError when the spool at ``path`` is the fresh one of a salvage not finished: the
     letters are in the file moved aside until an agent's start copies them in, and read
     or changed here, the fresh file's would pass for all of them."""
-    moved = aside.waiting(path)
+    try:
+        moved = aside.waiting(path)
+    except OSError:   # its directory unreadable: the spool's own open says so, and why
+        return
     if moved is not None:
         raise DeadError(f"a salvage of the spool {path} is pending: the agent found it damaged "
                         f"and moved it to {moved}, whose dead letters it copies back at its "
