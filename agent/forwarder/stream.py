@@ -903,9 +903,11 @@ class StreamForwarder:
         smaller than batch_max_bytes (lowered by a reload) cuts nothing: gone at once."""
         state, cfg = self.state, self.cfg
         limit = state.slow_limit_bytes
+        if limit is None:
+            return   # before the sum: a len per body of every batch answered
         sent = sum(map(len, batch.bodies))
-        if limit is None or (limit < cfg.batch_max_bytes and took * 2 * limit * self.window
-                             > cfg.timeout_s * max(sent, 1)):
+        if limit < cfg.batch_max_bytes and took * 2 * limit * self.window \
+                > cfg.timeout_s * max(sent, 1):
             return
         if 2 * limit >= cfg.batch_max_bytes:
             state.slow_limit_bytes = None

@@ -20,7 +20,7 @@ from agent.families.lanes import LANES
 from agent.spool import db as spool_db
 from agent.spool.codebook import lookup
 from agent.spool.db import SqliteThread
-from agent.spool.records import DamagedRecord, acked_bits_fit, unpack_ids
+from agent.spool.records import DamagedRecord, Unpacked, acked_bits_fit, unpack_record
 from agent.spool.types import Queued, Run
 from agent.spool.writer import Replaced, is_corruption
 
@@ -49,9 +49,8 @@ class Reader:
 
     def __init__(self, host: ReadHost) -> None:
         self.host = host
-        # Used on the reader thread: (bodies, ids) by (id, n, data length).
-        self._cache: OrderedDict[tuple[int, int, int],
-                                 tuple[list[bytes], list[Any] | None]] = OrderedDict()
+        # Used on the reader thread: unpacked records by (id, n, data length).
+        self._cache: OrderedDict[tuple[int, int, int], Unpacked] = OrderedDict()
 
     async def fetch(self, stream: int, after: int | Sequence[int], limit: int,
                     lanes: Sequence[int] = LANES, max_bytes: int | None = None,
@@ -150,7 +149,8 @@ class Reader:
             if got is None:
                 damaged.append(rid)
                 continue
-            whole = Run(rid, stream, family, received, *got, lane)
+            whole = Run(rid, stream, family, received, got.bodies, got.ids, lane,
+                        longest=got.longest)
             o = max(0, after + 1 - rid)
             stop = n if until is None else min(n, until + 1 - rid)
             # Whole stretches of live events, not one object per event: runs end only at
@@ -164,7 +164,7 @@ class Reader:
                     end = next((e for e in range(o, end) if gone[e >> 3] & (1 << (e & 7))), end)
                 size = None
                 if room is not None:
-                    end, after_it = _within(whole.bodies, o, end, room)
+                    end, after_it = _within(whole.bodies, o, end, room, got.nbytes)
                     size, room = room - after_it, after_it
                     if room <= 0:
                         left = end - o   # the last run of this read
@@ -179,17 +179,17 @@ class Reader:
         return left, room
 
     def _unpack(self, conn: sqlite3.Connection, rid: int, data: bytes, n: int
-                ) -> tuple[list[bytes], list[Any] | None] | None:
+                ) -> Unpacked | None:
         key = (rid, n, len(data))
         got = self._cache.get(key)
         if got is not None:
             self._cache.move_to_end(key)
             return got
         try:
-            got = unpack_ids(data, lookup(conn))
+            got = unpack_record(data, lookup(conn))
         except DamagedRecord:
             return None
-        if len(got[0]) != n:
+        if len(got.bodies) != n:
             return None
         self._cache[key] = got
         if len(self._cache) > CACHED_RECORDS:
@@ -248,11 +248,14 @@ def _heads(lanes: Sequence[int], stream: int | None, column: str, after: int) ->
         + ("" if stream is None else f" WHERE s.id = {int(stream)}") for lane in lanes)
 
 
-def _within(bodies: list[bytes], start: int, end: int, room: int) -> tuple[int, int]:
+def _within(bodies: list[bytes], start: int, end: int, room: int, whole: int
+            ) -> tuple[int, int]:
     """Where bodies[start:end] stop once their bytes reach ``room`` (the body that reaches
     it is taken: ``room`` is positive, so a read takes one event at least), and the room
-    left, zero or less once reached."""
-    size = sum(map(len, bodies[start:end]))
+    left, zero or less once reached. ``whole``: the bytes of all ``bodies`` (the unpack's
+    sum), the size of a read of them all without a len per body."""
+    size = whole if start == 0 and end == len(bodies) \
+        else sum(map(len, bodies[start:end]))
     if size < room:
         return end, room - size
     stop = start

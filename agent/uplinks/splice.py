@@ -68,8 +68,10 @@ def take(uplink: Encoder, rows: Sequence[Row],
         size = run.nbytes if part is run.bodies and run.nbytes is not None \
             else sum(map(len, part))
         spent = size + overhead * k
-        # Summed first: no event is over the limit when all of them are not.
-        if most is not None and spent > most and max(map(len, part)) > most:
+        # Summed first: no event is over the limit when all of them are not; nor when
+        # the run's record holds none longer (a max of every len cost 5% of a drain).
+        if most is not None and spent > most \
+                and (run.longest is None or run.longest > most) and max(map(len, part)) > most:
             break  # the take loop refuses it
         if spent > budget:  # else no event alone can be over the budget either
             # What each event adds to the request, summed: the byte cap by one bisect.
