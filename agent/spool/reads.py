@@ -150,7 +150,7 @@ class Reader:
                 damaged.append(rid)
                 continue
             whole = Run(rid, stream, family, received, got.bodies, got.ids, lane,
-                        longest=got.longest)
+                        longest=got.longest, shortest=got.shortest)
             o = max(0, after + 1 - rid)
             stop = n if until is None else min(n, until + 1 - rid)
             # Whole stretches of live events, not one object per event: runs end only at

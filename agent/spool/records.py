@@ -261,43 +261,47 @@ def unpack_ids(data: bytes, dicts: Dictionaries | None = None
 @dataclass(frozen=True, slots=True)
 class Unpacked:
     """A record's bodies and ids (as unpack_ids), with what the cut learned of the bodies
-    on the way: their bytes, summed, and the longest's length (0: no bodies). A reader's
-    batch is sized and checked against an event limit by these, not by a len per body."""
+    on the way: their bytes, summed, and the longest and shortest lengths (0 both: no
+    bodies). A reader's batch is sized and checked by these, not by a len per body."""
 
     bodies: list[bytes]
     ids: list[Any] | None
     nbytes: int
     longest: int
+    shortest: int
 
 
 def unpack_record(data: bytes, dicts: Dictionaries | None = None) -> Unpacked:
-    """unpack_ids, with the bodies' total and longest length."""
+    """unpack_ids, with the bodies' total, longest and shortest length."""
     raw, lengths, start, tail, with_ids = _layout(data, dicts)
     count = len(lengths)
     bodies = []
     first = start
-    longest = 0
+    longest, shortest = 0, MAX_RAW_BYTES
     # Summed as cut: lengths that do not add up (damage) cut consecutive stretches of
     # ``raw``, no more bytes than it holds in all, at most one body per 4 bytes of it.
-    # The longest is a compare of an int the loop has made anyway (max() after it made
-    # each length an int again: ~4x the cost).
+    # The longest and shortest are compares of an int the loop has made anyway (max()
+    # after it made each length an int again: ~4x the cost).
     for n in lengths:
         bodies.append(raw[start:start + n])
         start += n
         if n > longest:
             longest = n
+        if n < shortest:
+            shortest = n
     if start + tail != len(raw):
         raise DamagedRecord(_NOT_ADDING_UP)
     nbytes = start - first
+    shortest = min(shortest, longest)
     if not with_ids:
-        return Unpacked(bodies, None, nbytes, longest)
+        return Unpacked(bodies, None, nbytes, longest, shortest)
     try:
         ids = orjson.loads(raw[start:])
     except orjson.JSONDecodeError as exc:
         raise DamagedRecord(f"ids: {exc}") from exc
     if not isinstance(ids, list) or len(ids) != count or not _ID_TYPES.issuperset(map(type, ids)):
         raise DamagedRecord("ids are not one string, number or null per event")
-    return Unpacked(bodies, ids, nbytes, longest)
+    return Unpacked(bodies, ids, nbytes, longest, shortest)
 
 
 def _crc(tag: int, frame: bytes | memoryview) -> int:

@@ -72,8 +72,8 @@ class Run:
     ``nbytes`` is the bytes of its bodies when the read summed them (a fetch with
     ``max_bytes``), else None: the splice sizes a batch by it, not by a len per body.
     ``longest``: no body of it is longer (its record's longest body, which the unpack
-    measured), None: not known. The splice checks an event limit by it, not by a len per
-    body.
+    measured), and ``shortest``: none is shorter; None: not known. The splice checks an
+    event limit, and bodies too short to be objects, by them, not by a len per body.
     """
 
     first: int
@@ -86,11 +86,12 @@ class Run:
     lead: int | None = None
     nbytes: int | None = field(default=None, compare=False)
     longest: int | None = field(default=None, compare=False)
+    shortest: int | None = field(default=None, compare=False)
 
     def part(self, start: int, stop: int) -> Run:
         return Run(self.first + start, self.stream, self.family, self.received,
                    self.bodies[start:stop], None if self.ids is None else self.ids[start:stop],
-                   self.lane, self.lead, longest=self.longest)
+                   self.lane, self.lead, longest=self.longest, shortest=self.shortest)
 
     def row(self, i: int) -> Row:
         return Row(self.first + i, self.stream, self.family, self.received, self.bodies[i],

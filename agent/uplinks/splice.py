@@ -47,6 +47,7 @@ def take(uplink: Encoder, rows: Sequence[Row],
     bodies: list[bytes] = []
     ids: list[Any] = []
     seen: set[Any] = set()
+    sized = True   # every run's shortest body is known to be long enough for an object
     for run in rows.runs:
         if not room or run.family != family or (keyed and run.ids is None):
             break
@@ -105,11 +106,12 @@ def take(uplink: Encoder, rows: Sequence[Row],
             ids += keys
         seqs += range(run.first, run.first + k)
         bodies += part
+        sized = sized and run.shortest is not None and run.shortest >= _SHORTEST
         budget -= spent
         room -= k
         if k < len(run.bodies):
             break
-    if not seqs or (not keyed and not objects(bodies)):
+    if not seqs or (not keyed and not objects(bodies, sized)):
         return None
     sent = tuple(seqs)
     return Prepared(rows[:len(sent)], sent, tuple(bodies), tuple(ids) if keyed else sent, (),
@@ -151,15 +153,15 @@ def _fresh(ids: Sequence[Any], seen: set[Any], busy: dict[Any, int] | None) -> i
     return len(ids)
 
 
-def objects(bodies: Sequence[bytes]) -> bool:
+def objects(bodies: Sequence[bytes], sized: bool = False) -> bool:
     """Whether every body is a JSON object with members, as stored (`{`, more, `}`): by
     their first and last bytes, gathered at C speed (per-body checks cost more than the
     rest of a spliced batch) and counted: small ints, compared by identity (bytes() of them
     converted each back to a byte: 14% more instructions). With those
     bytes, only b"" and b"{}" are shorter than 3: two list scans by equality, cheaper than
-    min(map(len, ...))."""
+    min(map(len, ...)), and skipped when ``sized`` says none is (the runs' shortest)."""
     n = len(bodies)
-    return (n > 0 and b"" not in bodies and b"{}" not in bodies
+    return (n > 0 and (sized or (b"" not in bodies and b"{}" not in bodies))
             and list(map(_FIRST, bodies)).count(_OPEN) == n
             and list(map(_LAST, bodies)).count(_CLOSE) == n)
 
@@ -180,3 +182,4 @@ def stamped(bodies: Sequence[bytes], member: bytes, before: bytes, after: bytes)
 
 _FIRST, _LAST, _TAIL = itemgetter(0), itemgetter(-1), itemgetter(slice(1, None))
 _OPEN, _CLOSE = ord("{"), ord("}")
+_SHORTEST = len(b"{}") + 1   # bodies as long: none is b"" or b"{}" (see objects)
