@@ -29,6 +29,7 @@ from agent.spool.records import (
     sizes,
     unpack,
     unpack_ids,
+    unpack_record,
 )
 
 bodies_st = st.lists(st.binary(max_size=600) | st.sampled_from([b"", b"x" * 70_000]), max_size=40)
@@ -44,6 +45,15 @@ ids_st = st.one_of(st.none(), st.integers(-(2 ** 63), 2 ** 64 - 1), st.text(max_
 @given(bodies_st)
 def test_round_trip_is_exact(bodies: list[bytes]) -> None:
     assert unpack(pack(bodies)) == bodies
+
+
+@given(bodies_st, st.booleans())
+def test_an_unpacked_record_measures_its_bodies(bodies: list[bytes], with_ids: bool) -> None:
+    got = unpack_record(pack(bodies, [None] * len(bodies) if with_ids else None))
+    assert got.bodies == bodies
+    assert got.nbytes == sum(map(len, bodies))
+    assert (got.longest, got.shortest) == (max(map(len, bodies)), min(map(len, bodies))) \
+        if bodies else (0, 0)
 
 
 @settings(deadline=None)

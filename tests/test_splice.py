@@ -51,7 +51,12 @@ def runs(draw: st.DrawFn) -> list[Run]:
             if stored_ids is None and draw(st.integers(0, 15)) == 0:
                 body = draw(st.sampled_from([b"{}", b"[1]", b'"s"', b"\xff"]))
             bodies.append(body)
-        out.append(Run(seq, 1, family, 1_767_323_045_000, bodies, stored_ids))
+        # As a read gives them: its record's longest and shortest body, which the unpack
+        # measured, or not known (a Run made otherwise).
+        known = draw(st.booleans())
+        out.append(Run(seq, 1, family, 1_767_323_045_000, bodies, stored_ids,
+                       longest=max(map(len, bodies)) if known else None,
+                       shortest=min(map(len, bodies)) if known else None))
         seq += n + draw(st.integers(0, 2))   # a gap: events acked before
     return out
 
@@ -110,6 +115,23 @@ def test_queued_is_the_sequence_of_its_rows(got: list[Run], a: int, b: int) -> N
         with pytest.raises(IndexError):
             queued[a]
     assert [*queued[:a], *queued[a:]] == rows
+
+
+def test_an_event_over_segments_limit_stops_the_splice_by_its_records_longest() -> None:
+    """Under a batch cap far above Segment's 32 KB an event, a read's run whose record holds
+    a longer event (its longest, measured by the unpack) is left to the take loop, which
+    refuses that event; one whose record holds none longer is spliced whole."""
+    small, big = orjson.dumps({"type": "track", "n": 1}), orjson.dumps({"p": "x" * 40_000})
+    up = SegmentHttpUplink.__new__(SegmentHttpUplink)
+    up.cfg = config(SegmentHttpUplink, 500, 500_000)
+    up.limit = SegmentHttpUplink.event_limit(up.cfg)   # as __init__ sets it
+    run = Run(10, 1, SEGMENT, 0, [small, big, small], None, longest=len(big),
+              shortest=len(small))
+    queued = Queued([run])
+    batch = up.prepare(queued)
+    assert batch.seqs == (10, 12) and [seq for seq, _ in batch.refused] == [11]
+    fits = Run(10, 1, SEGMENT, 0, [small] * 3, None, longest=len(small), shortest=len(small))
+    assert up.prepare(Queued([fits])).seqs == (10, 11, 12)
 
 
 def test_splice_takes_whole_runs_without_making_rows() -> None:
