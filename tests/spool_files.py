@@ -17,7 +17,8 @@ from pathlib import Path
 
 import pytest
 
-from agent.spool import records
+from agent.settings import StorageConfig
+from agent.spool import Spool, records
 from agent.spool.migrate import upgrade
 from agent.spool.schema import VERSION
 
@@ -139,3 +140,18 @@ def failed_midway_changes_nothing(path: Path, refused: int) -> None:
     with connect(path) as db:
         upgrade(db)
     assert table(path, "PRAGMA user_version") == [(VERSION,)]
+
+
+async def leave_salvage_pending(spool: Path, scratch: Path | None) -> Path:
+    """The files as an agent leaves them when it stops after moving its damaged spool
+    aside and before copying it into the fresh one (the next start does): the file moved
+    aside (returned), the marker naming it, and a fresh spool at ``spool``, made in the
+    directory ``scratch`` (None: the agent stopped before it made one)."""
+    moved = spool.with_name(f"{spool.name}.corrupt-20260101T000000")
+    spool.rename(moved)
+    spool.with_name(f"{spool.name}.salvaging").write_text(f"{moved.name}\n")
+    if scratch is not None:
+        fresh = await Spool.open(StorageConfig(path=str(scratch / "spool.db")))
+        await fresh.close()
+        (scratch / "spool.db").rename(spool)
+    return moved

@@ -33,6 +33,7 @@ from tests.conftest import free_port, write_config
 from tests.fakes.loopback_server import serving
 from tests.fakes.nucleus_upstream import FakeNucleus
 from tests.fakes.ops_scene import post_events
+from tests.spool_files import leave_salvage_pending
 from tests.test_wal_sync import strace
 from tests.waiting import ROOT, run_outpost, wait_for
 
@@ -652,14 +653,7 @@ async def test_a_stopped_agent_s_salvage_pending_is_said_not_listed_as_no_letter
     finally:
         await up.stop()
     cfg, spool_path = agent.config_path, Path(agent.spool.path)
-    # As the agent leaves them: the file moved aside, the marker naming it, a fresh spool.
-    moved = spool_path.with_name(f"{spool_path.name}.corrupt-20260101T000000")
-    spool_path.rename(moved)
-    spool_path.with_name(f"{spool_path.name}.salvaging").write_text(f"{moved.name}\n")
-    if fresh_made:
-        fresh = await Spool.open(StorageConfig(path=str(tmp_path / "fresh" / "spool.db")))
-        await fresh.close()
-        (tmp_path / "fresh" / "spool.db").rename(spool_path)
+    moved = await leave_salvage_pending(spool_path, tmp_path / "fresh" if fresh_made else None)
     before = {p.name: p.read_bytes() for p in tmp_path.iterdir() if p.is_file()}
 
     for args in (("list",), ("list", "--json"), ("retry", "--all"), ("purge", "--all"),

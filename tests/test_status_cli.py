@@ -20,6 +20,7 @@ from agent.spool import Spool
 from tests.conftest import free_port, write_config
 from tests.fakes.loopback_server import serving
 from tests.fakes.ops_scene import LIVE, QUEUED, REFUSED, Scene, populate, post_events, settled
+from tests.spool_files import leave_salvage_pending
 from tests.test_upstream_faults import manual
 from tests.waiting import run_outpost, wait_for
 
@@ -381,3 +382,20 @@ async def test_offline_status_shows_the_rest_when_the_dead_reasons_cannot_be_rea
     assert "dead:     1 kept" in text and "cannot read them" in text, text
     code, raw = await run_outpost("status", "--json", "--config", str(cfg))
     assert code == 0 and json.loads(raw)["dead_reasons_error"], raw
+
+
+async def test_a_stopped_agent_s_salvage_pending_is_said_not_shown_as_an_empty_queue(
+        make_agent: Any, tmp_path: Path) -> None:
+    """The agent moved its damaged spool aside and stopped before copying its events into
+    the fresh one (its next start does): read from the fresh spool alone, `outpost status`
+    showed nothing queued while the events waited in the file moved aside."""
+    agent = await make_agent(port=free_port(), upstreams=[])
+    await post_events(agent.port, "app-a", range(3))
+    await agent.stop()
+    moved = await leave_salvage_pending(Path(agent.spool.path), tmp_path / "fresh")
+    code, raw = await run_outpost("status", "--json", "--config", agent.config_path)
+    assert code == 0, raw
+    source = json.loads(raw)["source"]
+    assert "salvage" in source and str(moved) in source and "start the agent" in source, source
+    code, text = await run_outpost("status", "--config", agent.config_path)
+    assert code == 0 and source in text.splitlines()[0], text
