@@ -11,6 +11,7 @@ from __future__ import annotations
 import os
 import sqlite3
 from collections.abc import Mapping
+from pathlib import Path
 from typing import Any, TypedDict
 
 from agent import __version__, outcomes
@@ -19,7 +20,7 @@ from agent.forwarder.state import UpstreamState
 from agent.metrics import Metrics
 from agent.ops.dead_reasons import NewestReasons, redacted
 from agent.settings import Config, UpstreamConfig
-from agent.spool import Spool, dead
+from agent.spool import Spool, aside, dead
 from agent.spool.books import group
 from agent.spool.schema import read_offline
 from agent.spool.types import Stream, Totals
@@ -234,8 +235,7 @@ def offline_snapshot(cfg: Config) -> Snapshot:
     path = cfg.storage.resolved_path()
     raw = read_offline(path)
     streams = (Stream(0, key, s["depth"], s["bytes"]) for key, s in raw["streams"].items())
-    snap = _snapshot(cfg, "spool, no agent running" if raw["exists"] else
-                     "no agent running, no spool yet", group(streams, cfg.route_name),
+    snap = _snapshot(cfg, _offline_source(path, raw["exists"]), group(streams, cfg.route_name),
                      outcomes.from_names(raw["counters"].items()), raw.get("dead_letters", 0),
                      {"path": os_text(path), "used_bytes": raw.get("used_bytes"),
                       "max_bytes": cfg.storage.max_bytes, "expiry_errors": None,
@@ -248,3 +248,19 @@ def offline_snapshot(cfg: Config) -> Snapshot:
     except sqlite3.DatabaseError as exc:   # their pages damaged: the rest read fine, shown
         snap["dead_reasons_error"] = str(exc) or type(exc).__name__
     return snap
+
+
+def _offline_source(path: Path, exists: bool) -> str:
+    """Where an offline snapshot's figures come from; a salvage still to be finished said
+    first: until the agent's next start, the events wait in the file moved aside, and the
+    fresh spool's figures alone would show them gone."""
+    source = "spool, no agent running" if exists else "no agent running, no spool yet"
+    try:
+        moved = aside.waiting(path)
+    except OSError:   # its directory unreadable: the spool's own read says so, and why
+        return source
+    if moved is None:
+        return source
+    return (f"{source}; a salvage is pending: the agent found the spool damaged and moved it "
+            f"to {os_text(moved)}, whose events and dead letters it copies back at its next "
+            "start; start the agent (`outpost run`, or the service)")
