@@ -12,6 +12,7 @@ import orjson
 from hypothesis import example, given, settings
 from hypothesis import strategies as st
 
+from agent.config import MAX_FACT_CHARS
 from agent.families import nucleus
 from agent.families import segment as spec
 from agent.families.dates import iso_ms_fast, read_date
@@ -212,6 +213,24 @@ def test_segment_to_nucleus_and_back(ev: dict[str, Any], at_ms: int) -> None:
     wire = orjson.loads(orjson.dumps(out))
     assert nucleus_to_segment(wire, at_ms + 1) == original
 
+
+
+# A device id as the config allows it (MAX_FACT_CHARS printable characters), and the
+# dearest ones: four bytes a character in UTF-8, and a character JSON escapes.
+machine_ids = st.text(st.characters(blacklist_categories=("Cc", "Cf", "Cs", "Zl", "Zp", "Co",
+                                                          "Cn")),
+                      min_size=1, max_size=MAX_FACT_CHARS).filter(str.isprintable)
+
+
+@settings(max_examples=300, deadline=None)
+@given(segment_events, received, machine_ids)
+@example({"type": "track", "event": "x", "userId": "u"}, 0, "\U0001F600" * MAX_FACT_CHARS)
+@example({"type": "track", "event": "x", "userId": "u"}, 0, "\\" * MAX_FACT_CHARS)
+def test_the_device_s_machine_id_keeps_a_mapped_event_within_its_growth(
+        ev: dict[str, Any], at_ms: int, machine: str) -> None:
+    """The device's id, filled into a Segment event mapped to Nucleus that names no device
+    of its own, is within what ingest's size check allows a mapping to add."""
+    assert within_growth(ev, segment_to_nucleus(ev, at_ms, machine))
 
 def payload_holds(payload: dict[str, Any], name: str, value: Any, out: dict[str, Any]) -> bool:
     """The properties or traits, which became the payload (an error's name: the Nucleus name)."""
