@@ -41,7 +41,7 @@ from agent.dialects.base import Express
 from agent.dialects.body import TICKET
 from agent.dialects.replies import REFUSALS, Fixed
 from agent.metrics import Metrics
-from agent.server.admission import Admission
+from agent.server.admission import Admission, Ticket
 from agent.server.guard import Guard
 
 log = logging.getLogger("outpost.server")
@@ -234,9 +234,14 @@ class ExpressLane:
         route, count, body, given = request
         REFUSALS.set(count)  # this task's own context: nothing to reset
         try:
-            with self._admission.ticket() as ticket:
+            # Made and given back here, not by Admission.ticket() and a with: two Python
+            # calls fewer a request.
+            ticket = Ticket(self._admission)
+            try:
                 TICKET.set(ticket)
                 resp = await route(body, given)
+            finally:
+                ticket.release()
             if resp.status >= 400:
                 count(resp.status)
             reply = self.render(resp)
