@@ -145,11 +145,7 @@ class SegmentHandlers:
             body = parse_lenient(whole_body(raw, spec.MAX_EVENT_BYTES))
         except BodyError as exc:
             return single_error(exc.status, exc.message, exc.details, exc.retry_after)
-        # _keyed's two steps, inline: a coroutine fewer to make and resume a request.
-        if (why := self._refusal(given)) is not None:
-            return single_error(401, INVALID_KEY, why)
-        failure = await self._one(body, ROUTE_TYPES[kind], given[0] if given else None,
-                                  header_checked=True)
+        failure = await self._keyed(body, ROUTE_TYPES[kind], given)
         return replies.STORED if failure is None else single_error(*failure)
 
     async def _keyed(self, body: Any, kind: str, given: list[str]) -> Failure | None:
