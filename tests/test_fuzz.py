@@ -206,11 +206,11 @@ def _is_heartbeat(ev: dict[str, Any]) -> bool:
     return ev.get("event") in ("heartbeat", "nucleus:heartbeat")   # old modules' key
 
 
-# No giant of 200,000 items: the parser has no size limit to meet (the routes fuzzed below do),
-# and two such bodies took two thirds of this test's time.
+# Giant arrays of 3,000 items only: the parser has no size limit to meet (the routes below do),
+# and two of 200,000 and four of 30,000 took two thirds of this test's time.
 @settings(deadline=None, max_examples=200, derandomize=True)
 @given(st.one_of(st.binary(max_size=200), st.text(max_size=200).map(str.encode),
-                 bodies(giants=(3000, 30000)).map(lambda b: b[0])))
+                 bodies(giants=(3000,)).map(lambda b: b[0])))
 def test_nucleus_parser_takes_any_bytes(raw: bytes) -> None:
     try:
         nucleus.accept(parse_json(raw), "k", ENRICH)
