@@ -105,6 +105,10 @@ async def test_a_negative_zero_reaches_the_upstream_as_one(
     (b'{"a":-1}', False), (b'{"a":-7,"b":[-9]}', False), (b'{"id":"bench-7-5"}', False),
     (b'{"a":-0.5,"b":-0e1,"c":-0E1,"d":-01}', False),
     (b'{"date":"2026-01-05T10:00:00.000Z"}', False),
+    # Every byte that may end a number, the body's end too; a -0 beside a -1.
+    (b'-0', True), (b'[-0,1]', True), (b'[-0 ]', True), (b'[-0\t]', True), (b'[-0\r]', True),
+    (b'{"a":-0}', True), (b'{"a":-1,"b":-0}', True), (b'{"a":-1,"b":"x-0"}', True),
+    (b'-1', False), (b'[-1, -2]\n', False),
 ])
 def test_only_a_minus_zero_or_a_wide_integer_sends_a_body_to_the_exact_reading(
         body: bytes, inexact: bool) -> None:

@@ -105,6 +105,8 @@ async def test_the_upstream_gets_a_subnormal_and_never_a_zero_for_a_tiny(
     # Strings whose words end in e before a dash and digits: ids, versions, names.
     (b'{"a":"release-123"}', False), (b'{"device":"device-1024"}', False),
     (b'{"a":1e+400}', False),   # orjson refuses it: read again as a refusal, not here
+    (b'1e-400', True), (b'[-1,0.5E-1000]', True), (b'{"a":1.0e-0100,"b":-1}', True),
+    (b'{"a":-1e-99,"b":"e-400"}', False),
 ])
 def test_only_a_long_negative_exponent_sends_a_body_to_the_exact_reading(
         body: bytes, inexact: bool) -> None:
