@@ -16,15 +16,17 @@ A number nearer zero than any double (`1e-400`; the least is about 4.9e-324) rea
 (or -0.0): a value that is gone, not rounded, refused with a 400 naming the field as one
 past a double's range (`1e400`) is. Other decimals are kept as the double they mean, which
 is how the upstreams read them (a subnormal such as `1e-320` included). Such a number needs
-an exponent of -100 or less (`e-` and three digits, looked for by the regex that looks for
-`-0`, at the same minus signs), or more zeros than a 20-digit run.
+an exponent of -100 or less (a digit, `e-` and three digits), or more zeros than a 20-digit
+run.
 
-Every integer outside the range has 20 digits in a row, or a minus and 19, so a body
-without a 19-digit run (nearly all) costs one translate and one substring search, about
-1 ns a byte (a regex for the runs took 17 ns); one with a 19-digit run (a nanosecond
-timestamp) two searches more. A `-0` is looked for by a regex on the bytes as sent (the
-translate reads every digit as 0), about 0.4 ns a byte. Only a body with a longer run, a
-minus before one, or a `-0` (in a string too, "item-0"), is parsed again, exactly.
+All three are looked for in one translated copy of the body, one translate and a few
+substring searches (about 4 instructions a byte): digits as "0", so that a run of 19 is
+19 zeros and an exponent of -100 or less `0e-000`; the bytes that may end a number
+(whitespace , ] }) as one byte, so that a -0 (a minus, a digit, its end) is `-0 `. That
+also matches -1 .. -9 (a common sentinel), which a regex on the bytes as sent then tells
+from -0. A regex for it all on the bytes as sent stopped at every minus sign (dates, ids):
+half as dear again. Only a body with a 20-digit run, a minus before 19, a -0 or such an
+exponent (in a string too: "item-0", "5e-123") is parsed again, exactly.
 """
 
 from __future__ import annotations
@@ -41,19 +43,15 @@ from agent.dialects.body import BodyError
 from agent.families.depth import first_hit, shortened
 
 LOWEST, HIGHEST = -(2**63), 2**64 - 1
-# Digits kept as "0", minus signs as they are, every other byte blanked: a 19-digit run
-# becomes 19 zeros.
-_DIGITS_ONLY = bytes(48 if 48 <= c <= 57 else c if c == 45 else 32 for c in range(256))
+# Each byte as its part in a number: a digit "0", a minus "-", an exponent's "e", a byte
+# that may end a number " ", every other byte "x".
+_SHAPES = bytes(48 if 48 <= c <= 57 else c if c == 45 else 101 if c in b"eE"
+                else 32 if c in b" \t\n\r,]}" else 120 for c in range(256))
 _RUN = b"0" * 19
 _LONG_RUN, _NEGATIVE_RUN = _RUN + b"0", b"-" + _RUN   # what may be out of range
-# A -0 that is not -0.5, -0e1 or -01, or an exponent of -100 or less (what may be nearer
-# zero than a double): on the bytes as sent, where 0 is not another digit. A regex: a find
-# of a 3-byte needle took twice as long (CPython's short-needle search). Both begin at a
-# minus sign, the regex's literal prefix: the exponent's alternative cost the -0 regex
-# ~1-2 us more on an 8 KB batch, a search of the translated copy ~7 us (a busy machine).
-# A digit before the e, as JSON's exponents always have: words in strings ("release-123")
-# sent their bodies to the exact reading, a second parse.
-_AT_A_MINUS = re.compile(rb"-(?:0(?![0-9.eE])|(?<=[0-9][eE]-)[0-9]{3})")
+_TINY = b"0e-000"   # an exponent of -100 or less, after a digit as JSON's always are
+# A -0 that is not -0.5, -0e1 or -01, on the bytes as sent, where 0 is not another digit.
+_MINUS_ZERO = re.compile(rb"-0(?![0-9.eE])")
 
 
 def parse_json(raw: bytes | str) -> Any:
@@ -218,13 +216,16 @@ def may_be_inexact(data: bytes) -> bool:
     """Whether orjson may have read a number of JSON ``data`` as another value: an integer
     outside the 64-bit range (a run of 20 digits, or a minus and 19), -0, or a number
     nearer zero than a double (an exponent of -100 or less, or a run of zeros)."""
-    if _AT_A_MINUS.search(data) is not None:   # in a string too ("item-0"): read again
+    shapes = data.translate(_SHAPES)
+    if shapes.find(_TINY) >= 0:
         return True
-    digits = data.translate(_DIGITS_ONLY)
     # find, not `in`: CPython 3.11's `bytes in bytes` first tries the needle as an int
     # and clears the TypeError, half its cost (callgrind: once per request).
-    return digits.find(_RUN) >= 0 and (digits.find(_LONG_RUN) >= 0
-                                       or digits.find(_NEGATIVE_RUN) >= 0)
+    if ((shapes.find(b"-0 ") >= 0 or shapes.endswith(b"-0"))
+            and _MINUS_ZERO.search(data) is not None):   # in a string too: read again
+        return True
+    return shapes.find(_RUN) >= 0 and (shapes.find(_LONG_RUN) >= 0
+                                       or shapes.find(_NEGATIVE_RUN) >= 0)
 
 
 def exactly(raw: bytes | str, value: Any) -> Any:
