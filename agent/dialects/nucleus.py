@@ -167,6 +167,8 @@ class NucleusHandlers:
             log_limited(log, logging.WARNING, f"bad-event:{key}",
                         "event id %s of app %s left unacknowledged: %s", shown(ev_id),
                         masked(key), why)
+        if not limits.active:   # no upstream sets a limit (the usual case): no loop
+            return got.events, got.acks
         refused: set[int] = set()    # places in the acks, not ids: ids collide
         oversize = limits.oversize
         for ev, at in zip(got.events, got.ack_at, strict=True):

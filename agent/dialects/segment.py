@@ -244,7 +244,8 @@ class SegmentHandlers:
         given = spec.shared(spec.received_now(), body)
         enrich, refusal = self.sink.enrich, self._key_refusal
         limits = self.sink.limits   # read once: a reload applies to the next request
-        oversize = limits.oversize
+        # None when no upstream sets a limit (the usual case): no call for each message.
+        oversize = limits.oversize if limits.active else None
         asked: dict[str | None, str | None] = {}   # each key asked once a request: why refused
         out = Collected([], [], [], forced_key or batch_key or NO_KEY, limits)
         for i, ev in enumerate(items):
@@ -267,7 +268,7 @@ class SegmentHandlers:
                     status, message, why = 401, INVALID_KEY, refused
                 # Too large for its upstream (the batch context grew it, say): this
                 # message alone is refused, as the store would refuse the request.
-                elif (too := oversize(event)) is not None:
+                elif oversize is not None and (too := oversize(event)) is not None:
                     status, message, why = 413, too, ""
                 else:
                     out.events.append(event)
