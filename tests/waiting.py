@@ -18,13 +18,23 @@ async def wait_for(cond: Callable[[], bool | Awaitable[bool]], timeout: float = 
                    every: float = 0.02) -> None:
     """Return once ``cond()`` holds (awaited when it is a coroutine, e.g. a /status read),
     looked at ``every`` seconds (a cheap one waited for in a loop: less, as each wait loses
-    half of it on average); fail the test after ``timeout`` seconds."""
+    half of it on average); fail the test after ``timeout`` seconds. The failure says how
+    often ``cond`` was looked at and the longest stretch between two looks: one of about
+    ``timeout`` is an event loop (or a whole process) that did not run, and no sign that
+    the code under test stalled."""
+    loop = asyncio.get_running_loop()
+    looks, last = 0, loop.time()
+    longest = 0.0
     try:
         async with asyncio.timeout(timeout):  # a read that never answers is bounded too
             while not await _holds(cond):
+                now = loop.time()
+                looks, longest, last = looks + 1, max(longest, now - last), now
                 await asyncio.sleep(every)
     except TimeoutError:
-        raise AssertionError("condition not met in time") from None
+        longest = max(longest, loop.time() - last)
+        raise AssertionError(f"condition not met in time (looked at {looks} times; the "
+                             f"longest stretch between looks {longest:.2f}s)") from None
 
 
 def serving() -> bool:
