@@ -734,3 +734,24 @@ def test_a_device_fact_no_device_has_is_one_line_from_run_and_check_config(
         assert f"device.{fact}" in line, line
         assert len(line) < 400, line            # the value is not echoed whole
     assert not (tmp_path / "spool.db").exists()
+
+
+@pytest.mark.parametrize("fact,value", [
+    ("language", "zh-Hant-TW"),
+    ("platform", "Caisse\\u00a0n°\\u202f3"),   # French typography's no-break spaces
+    ("machineId", "kiosk-\\U0001F469\\u200D\\U0001F4BB"),   # an emoji's zero-width joiner
+    ("machineId", "\\u05E7\\u05D5\\u05E4\\u05D4\\u200F-2"),   # a right-to-left mark
+    ("osVersion", "15.0 \\U0001FAE8"),   # a character newer than Python's Unicode tables
+])
+def test_a_device_fact_with_no_line_break_or_control_character_is_taken(
+        tmp_path: Path, fact: str, value: str) -> None:
+    # The rule is no line breaks or control characters: a no-break space, a joiner or a
+    # direction mark is neither, and a config holding one was refused as one that did.
+    cfg = write_config(tmp_path / "agent.toml", tmp_path / "spool.db")
+    cfg.write_text(cfg.read_text() + f'[device]\n{fact} = "{value}"\n')
+    code, out = outpost("check-config", str(cfg))
+    assert code == 0, out
+    code, out = outpost("doctor", "--config", str(cfg))
+    assert code == 0, out
+    shown = tomllib.loads(f'v = "{value}"')["v"]
+    assert fact in out and (shown in out or "\\u" in out), out
