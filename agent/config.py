@@ -9,6 +9,7 @@ from __future__ import annotations
 import math
 import os
 import tomllib
+import unicodedata
 from dataclasses import replace
 from pathlib import Path
 from typing import Any, Callable, TypeVar
@@ -261,11 +262,18 @@ def _storage(t: dict[str, Any]) -> StorageConfig:
 MAX_FACT_CHARS = 128
 
 
+# What no fact holds: control characters (a tab, CR, LF, ESC, NEL among them), and
+# Unicode's line and paragraph separators. Not str.isprintable(): it also refuses a
+# no-break space, a zero-width joiner, a direction mark, and every character newer than
+# Python's Unicode tables, which a name or version may hold (shown escaped, as any text).
+_BREAKING = frozenset({"Cc", "Zl", "Zp"})
+
+
 def _fact(value: Any) -> str | None:
     if len(value) > MAX_FACT_CHARS:
         return f"must be at most {MAX_FACT_CHARS} characters, got {len(value)}"
-    if not value.isprintable():
-        return f"must be printable (no line breaks or control characters), got {value!r}"
+    if not _BREAKING.isdisjoint(map(unicodedata.category, value)):
+        return f"must hold no line breaks or control characters, got {value!r}"
     return None
 
 
