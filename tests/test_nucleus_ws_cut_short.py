@@ -76,3 +76,28 @@ async def test_a_send_cut_short_as_its_frame_waits_for_room_fails_and_cuts_its_c
         assert fake_nucleus.ids() == list(range(1, 52))
         assert deaf.deaf_connections == 1
         await up.close()
+
+
+async def test_a_stop_that_cuts_two_sends_short_ends_both_cut_not_one_failed(
+        deaf: DeafUpstream) -> None:
+    # As a stop's grace runs out (stream.py _settle): every send in flight is cancelled in
+    # the same turn of the loop. The first here waits for room for its frame; cut, it fails
+    # the connection, which wakes the other's wait for acks. Before the fix, on Python 3.11
+    # that wait (asyncio.wait_for) then returned instead of raising the cancel: the other
+    # send ended as a failure, Retry('a send was cut short'), which the forwarder counted as
+    # a retry, showed as the upstream's last error and backed off from after a reload.
+    connector = aiohttp.TCPConnector(socket_factory=_small_send_buffer)
+    async with asyncio.timeout(10), aiohttp.ClientSession(connector=connector) as session:
+        cfg = UpstreamConfig(name="n", protocol="nucleus-ws", url=deaf.ws_url, timeout_s=30)
+        up = NucleusWsUplink(cfg, "app", session, "m")
+        small = asyncio.create_task(up.send(up.prepare(_rows(1, 1))))
+        # Its frame is out whole (a few bytes): it waits for its acks.
+        await wait_for(lambda: up._link is not None and 1 in up._link.waiting
+                       and not up._link.writing and up._last_sent > 0, 5)
+        big = asyncio.create_task(up.send(up.prepare(_rows(2, 50, PAD))))
+        await wait_for(lambda: up._link is not None and up._link.writing > 0, 5)
+        big.cancel()
+        small.cancel()
+        done = await asyncio.gather(big, small, return_exceptions=True)
+        assert [type(d) for d in done] == [asyncio.CancelledError] * 2, done
+        await up.close()
