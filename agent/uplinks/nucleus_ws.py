@@ -111,8 +111,12 @@ class _Link:
         this without yielding in between, so a change cannot slip through."""
         fut = asyncio.get_running_loop().create_future()
         self._waiters.append(fut)
-        with contextlib.suppress(asyncio.TimeoutError):
-            await asyncio.wait_for(fut, timeout)
+        # Not wait_for: on Python 3.11 a cancel that comes as ``fut`` is set (a stop
+        # cutting several sends short, the first of which loses the link) is swallowed,
+        # and the send it was meant to cut ended as a failure instead.
+        with contextlib.suppress(TimeoutError):
+            async with asyncio.timeout(timeout):
+                await fut
 
     def all_acked(self, n: int, seqs: tuple[int, ...]) -> bool:
         """Whether every event of frame ``n`` (``seqs``) has been acknowledged (issuperset
@@ -507,8 +511,8 @@ def _closed(link: _Link, ws: aiohttp.ClientWebSocketResponse) -> str:
 
 
 def _cut_short(link: _Link, mine: int, seqs: tuple[int, ...]) -> None:
-    """A send of frame ``mine`` (``seqs``) that ends by raising: a stop's cancel (Python
-    3.12's wait_for passes one on even once the reply has come), or a bug. Acknowledged
+    """A send of frame ``mine`` (``seqs``) that ends by raising: a stop's cancel (passed on
+    even once the reply has come: see ``_Link.changed``), or a bug. Acknowledged
     whole, its seqs go to ``acked``, where ``acknowledged`` finds them once the frame no
     longer waits (else they were sent again after the restart). Else its events go again,
     and nothing sent later may reach the upstream first: the link is failed, as for any
