@@ -21,10 +21,12 @@ from typing import Any
 import aiohttp
 import pytest
 from aiohttp import web
+from filelock import FileLock
 
 from agent.families.event import NUCLEUS, Event, dedupe_key
 from agent.logs import fingerprint
 from agent.ops.shared_terms import EXPORT_PAGE
+from agent.paths import spool_lock
 from agent.service import Agent
 from agent.settings import StorageConfig
 from agent.spool import Spool
@@ -670,3 +672,32 @@ async def test_a_stopped_agent_s_salvage_pending_is_said_not_listed_as_no_letter
     assert again.spool.dead_count == 3
     await again.stop()
     assert "3 dead letters" in await outpost("list", config=cfg)
+
+
+async def test_a_salvage_under_way_in_a_starting_agent_is_not_said_to_need_a_start(
+        make_agent: Any, tmp_path: Path) -> None:
+    """An agent starting on a spool it found damaged holds the spool's lock and salvages
+    the file moved aside before it listens (held here as it does). Meanwhile the dead-letter
+    commands said the salvage was pending and to "start the agent": it runs. They must say
+    an agent runs on the spool, exit 1, and change no file."""
+    up = RefusingNucleus()
+    await up.start()
+    try:
+        agent = await make_agent(port=free_port(), upstreams=[upstream("up", up, ["*"])])
+        await post_events(agent.port, "app-a", range(3))
+        await dead_letters(agent, 3)
+        await agent.stop()
+    finally:
+        await up.stop()
+    cfg, spool_path = agent.config_path, Path(agent.spool.path)
+    await leave_salvage_pending(spool_path, tmp_path / "fresh")
+    before = {p.name: p.read_bytes() for p in tmp_path.iterdir() if p.is_file()}
+    with FileLock(spool_lock(spool_path)):
+        for args in (("list",), ("list", "--json"), ("retry", "--all"), ("purge", "--all"),
+                     ("export", str(tmp_path / "out.jsonl")), ("show", "1")):
+            text = await outpost(*args, config=cfg, code=1)
+            line = text.strip()
+            assert len(line.splitlines()) == 1, text
+            assert "start the agent" not in line and "agent is running" in line, text
+            assert "0 dead letters" not in line, text
+    assert {p.name: p.read_bytes() for p in tmp_path.iterdir() if p.is_file()} == before
