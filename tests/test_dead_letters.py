@@ -691,8 +691,8 @@ async def test_a_salvage_under_way_in_a_starting_agent_is_not_said_to_need_a_sta
         await up.stop()
     cfg, spool_path = agent.config_path, Path(agent.spool.path)
     await leave_salvage_pending(spool_path, tmp_path / "fresh")
-    before = {p.name: p.read_bytes() for p in tmp_path.iterdir() if p.is_file()}
     with FileLock(spool_lock(spool_path)):
+        before = {p.name: p.read_bytes() for p in tmp_path.iterdir() if p.is_file()}
         for args in (("list",), ("list", "--json"), ("retry", "--all"), ("purge", "--all"),
                      ("export", str(tmp_path / "out.jsonl")), ("show", "1")):
             text = await outpost(*args, config=cfg, code=1)

@@ -236,7 +236,7 @@ class _Cli:
             return answer(cfg, path, self._ask(cfg, path), expect, kind), agent_url(cfg, "")
         except _NoAgent:
             spool = cfg.storage.resolved_path()
-            dead.no_salvage_pending(spool)
+            dead.no_salvage_pending(spool, agent_holds(spool))
             conn = dead.read_only(spool)
             # An agent may hold it yet not answer here (listening elsewhere, or starting, or
             # on a port the system picked).
@@ -379,8 +379,9 @@ class _Cli:
                     write(chunk)
                     count += chunk.count(b"\n")
             return count
-        dead.no_salvage_pending(cfg.storage.resolved_path())
-        conn = dead.read_only(cfg.storage.resolved_path())
+        spool = cfg.storage.resolved_path()
+        dead.no_salvage_pending(spool, agent_holds(spool))
+        conn = dead.read_only(spool)
         try:
             lines, last = dead.export(conn, 0, EXPORT_PAGE)
             while lines:

@@ -396,19 +396,25 @@ def _count(conn: sqlite3.Connection, out: Outcome) -> None:
     add_counters(conn, out.counters)
 
 
-def no_salvage_pending(path: Path) -> None:
+def no_salvage_pending(path: Path, running: bool = False) -> None:
     """DeadError when the spool at ``path`` is the fresh one of a salvage not finished: the
     letters are in the file moved aside until an agent's start copies them in, and read
-    or changed here, the fresh file's would pass for all of them."""
+    or changed here, the fresh file's would pass for all of them. ``running``: an agent
+    holds the spool (starting: it salvages before it answers), and needs no start."""
     try:
         moved = aside.waiting(path)
     except OSError:   # its directory unreadable: the spool's own open says so, and why
         return
-    if moved is not None:
-        raise DeadError(f"a salvage of the spool {path} is pending: the agent found it damaged "
-                        f"and moved it to {moved}, whose dead letters it copies back at its "
-                        "next start; start the agent (`outpost run`, or the service), then "
-                        "run this again")
+    if moved is None:
+        return
+    if running:
+        raise DeadError(f"an agent is running on the spool {path} and salvaging it: it found "
+                        f"it damaged and moved it to {moved}, whose dead letters it copies "
+                        "back before it answers; run this again once it does")
+    raise DeadError(f"a salvage of the spool {path} is pending: the agent found it damaged "
+                    f"and moved it to {moved}, whose dead letters it copies back at its "
+                    "next start; start the agent (`outpost run`, or the service), then "
+                    "run this again")
 
 
 def read_only(path: Path) -> sqlite3.Connection:
