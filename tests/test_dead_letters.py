@@ -701,3 +701,32 @@ async def test_a_salvage_under_way_in_a_starting_agent_is_not_said_to_need_a_sta
             assert "start the agent" not in line and "agent is running" in line, text
             assert "0 dead letters" not in line, text
     assert {p.name: p.read_bytes() for p in tmp_path.iterdir() if p.is_file()} == before
+
+
+async def test_a_salvage_committed_whose_marker_stayed_is_not_said_pending(
+        make_agent: Any, tmp_path: Path) -> None:
+    """A salvage committed whose marker could not be removed (a directory the agent may no
+    longer write to: logged, and each start finds that salvage done): the letters are in
+    the spool, and a start changes nothing. The stopped agent's dead-letter commands and
+    status said the salvage was pending and to start the agent, for as long as it stayed."""
+    up = RefusingNucleus()
+    await up.start()
+    try:
+        agent = await make_agent(port=free_port(), upstreams=[upstream("up", up, ["*"])])
+        await post_events(agent.port, "app-a", range(3))
+        await dead_letters(agent, 3)
+        await agent.stop()
+    finally:
+        await up.stop()
+    cfg, spool_path = agent.config_path, Path(agent.spool.path)
+    moved = await leave_salvage_pending(spool_path, tmp_path / "fresh")
+    marker = spool_path.with_name(f"{spool_path.name}.salvaging")
+    kept = marker.read_bytes()
+    again = await make_agent(port=free_port(), upstreams=[])   # salvages, marker removed
+    assert again.spool.dead_count == 3
+    await again.stop()
+    assert moved.exists() and not marker.exists()
+    marker.write_bytes(kept)   # as if it could not be removed
+    assert "3 dead letters" in await outpost("list", config=cfg)
+    got, text = await run_outpost("status", "--config", cfg)
+    assert got == 0 and "salvage" not in text, text
