@@ -20,7 +20,7 @@ from agent.forwarder.state import UpstreamState
 from agent.metrics import Metrics
 from agent.ops.dead_reasons import NewestReasons, redacted
 from agent.settings import Config, UpstreamConfig
-from agent.spool import Spool, aside, dead
+from agent.spool import Spool, dead
 from agent.spool.books import group
 from agent.spool.schema import read_offline
 from agent.spool.types import Stream, Totals
@@ -256,7 +256,7 @@ def _offline_source(path: Path, exists: bool) -> str:
     fresh spool's figures alone would show them gone."""
     source = "spool, no agent running" if exists else "no agent running, no spool yet"
     try:
-        moved = aside.waiting(path)
+        moved = dead.waiting_salvage(path)
     except OSError:   # its directory unreadable: the spool's own read says so, and why
         return source
     if moved is None:

@@ -145,13 +145,14 @@ def pending(path: Path) -> tuple[Path, bool] | None:
     return moved, False
 
 
-def waiting(path: Path) -> Path | None:
-    """The file a salvage still to be finished moved aside, as ``pending`` finds it, but
-    read only (a stopped agent's `outpost dead` commands): None when there is none."""
+def waiting(path: Path) -> tuple[Path, bool] | None:
+    """The file a salvage still to be finished moved aside, and whether the path is still
+    to be cleared, as ``pending`` finds them, but read only (a stopped agent's `outpost
+    dead` commands): None when there is none."""
     named = _named(path)
-    if named is None or named[0] is None:
+    if named is None or named[0] is None or not named[0].exists():
         return None
-    return named[0] if named[0].exists() else None
+    return named[0], named[1]
 
 
 def _named(path: Path) -> tuple[Path | None, bool] | None:

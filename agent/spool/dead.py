@@ -33,6 +33,7 @@ from agent.spool.commit import Outcome
 from agent.spool.db import add_counters, keys_from_bytes, load_state
 from agent.spool.dedupe import MOVED_KEY, DedupeIndex, keys_to_bytes
 from agent.spool.records import RECORD_EVENTS, pack
+from agent.spool.salvage import is_fresh
 from agent.spool.schema import (
     SUMMARY_SINCE,
     VERSION,
@@ -402,7 +403,7 @@ def no_salvage_pending(path: Path, running: bool = False) -> None:
     or changed here, the fresh file's would pass for all of them. ``running``: an agent
     holds the spool (starting: it salvages before it answers), and needs no start."""
     try:
-        moved = aside.waiting(path)
+        moved = waiting_salvage(path)
     except OSError:   # its directory unreadable: the spool's own open says so, and why
         return
     if moved is None:
@@ -415,6 +416,30 @@ def no_salvage_pending(path: Path, running: bool = False) -> None:
                     f"and moved it to {moved}, whose dead letters it copies back at its "
                     "next start; start the agent (`outpost run`, or the service), then "
                     "run this again")
+
+
+def waiting_salvage(path: Path) -> Path | None:
+    """The file moved aside by a salvage that the next start finishes (aside.waiting); None
+    when there is none. Not when the spool at ``path`` is no fresh one waiting for it
+    (salvage.is_fresh, as the start checks): one the salvage committed into, whose marker
+    could not be removed, or one holding data of its own; a start leaves either as it is.
+    OSError when the marker's directory cannot be read."""
+    found = aside.waiting(path)
+    if found is None:
+        return None
+    moved, clear = found
+    if clear:   # the path holds no spool of its own yet: cleared by the start
+        return moved
+    try:
+        conn = read_only(path)
+    except (DeadError, sqlite3.Error):   # none made yet, or unreadable: the start's to say
+        return moved
+    try:
+        return moved if is_fresh(conn) else None
+    except sqlite3.Error:   # not a spool's tables: the start's to judge
+        return moved
+    finally:
+        conn.close()
 
 
 def read_only(path: Path) -> sqlite3.Connection:
