@@ -637,6 +637,26 @@ async def test_a_retried_letter_whose_lane_damage_garbled_is_sent(make_agent: An
         await up.stop()
 
 
+async def _stopped_with_three_letters(make_agent: Any) -> tuple[str | None, Path]:
+    """An agent that dead-lettered three events and stopped: its config and spool paths."""
+    up = RefusingNucleus()
+    await up.start()
+    try:
+        agent = await make_agent(port=free_port(), upstreams=[upstream("up", up, ["*"])])
+        await post_events(agent.port, "app-a", range(3))
+        await dead_letters(agent, 3)
+        await agent.stop()
+    finally:
+        await up.stop()
+    return agent.config_path, Path(agent.spool.path)
+
+
+def _dead_commands(tmp_path: Path) -> tuple[tuple[str, ...], ...]:
+    """Each offline dead-letter command, as an operator gives it."""
+    return (("list",), ("list", "--json"), ("retry", "--all"), ("purge", "--all"),
+            ("export", str(tmp_path / "out.jsonl")), ("show", "1"))
+
+
 def _files(where: Path) -> dict[str, bytes]:
     """The files in ``where`` and their bytes, but for the -shm index and empty -wal that
     SQLite makes beside a spool a read-only connection opens (whether the fresh spool is
@@ -654,21 +674,11 @@ async def test_a_stopped_agent_s_salvage_pending_is_said_not_listed_as_no_letter
     copied at its next start): the offline commands read the fresh, empty spool and said
     "0 dead letters", "purged 0" (or "no spool yet"). They must say a salvage is pending
     and what to do, exit 1, and change no file."""
-    up = RefusingNucleus()
-    await up.start()
-    try:
-        agent = await make_agent(port=free_port(), upstreams=[upstream("up", up, ["*"])])
-        await post_events(agent.port, "app-a", range(3))
-        await dead_letters(agent, 3)
-        await agent.stop()
-    finally:
-        await up.stop()
-    cfg, spool_path = agent.config_path, Path(agent.spool.path)
+    cfg, spool_path = await _stopped_with_three_letters(make_agent)
     moved = await leave_salvage_pending(spool_path, tmp_path / "fresh" if fresh_made else None)
     before = _files(tmp_path)
 
-    for args in (("list",), ("list", "--json"), ("retry", "--all"), ("purge", "--all"),
-                 ("export", str(tmp_path / "out.jsonl")), ("show", "1")):
+    for args in _dead_commands(tmp_path):
         text = await outpost(*args, config=cfg, code=1)
         line = text.strip()
         assert len(line.splitlines()) == 1, text
@@ -689,21 +699,11 @@ async def test_a_salvage_under_way_in_a_starting_agent_is_not_said_to_need_a_sta
     the file moved aside before it listens (held here as it does). Meanwhile the dead-letter
     commands said the salvage was pending and to "start the agent": it runs. They must say
     an agent runs on the spool, exit 1, and change no file."""
-    up = RefusingNucleus()
-    await up.start()
-    try:
-        agent = await make_agent(port=free_port(), upstreams=[upstream("up", up, ["*"])])
-        await post_events(agent.port, "app-a", range(3))
-        await dead_letters(agent, 3)
-        await agent.stop()
-    finally:
-        await up.stop()
-    cfg, spool_path = agent.config_path, Path(agent.spool.path)
+    cfg, spool_path = await _stopped_with_three_letters(make_agent)
     await leave_salvage_pending(spool_path, tmp_path / "fresh")
     with FileLock(spool_lock(spool_path)):
         before = _files(tmp_path)
-        for args in (("list",), ("list", "--json"), ("retry", "--all"), ("purge", "--all"),
-                     ("export", str(tmp_path / "out.jsonl")), ("show", "1")):
+        for args in _dead_commands(tmp_path):
             text = await outpost(*args, config=cfg, code=1)
             line = text.strip()
             assert len(line.splitlines()) == 1, text
@@ -718,16 +718,7 @@ async def test_a_salvage_committed_whose_marker_stayed_is_not_said_pending(
     longer write to: logged, and each start finds that salvage done): the letters are in
     the spool, and a start changes nothing. The stopped agent's dead-letter commands and
     status said the salvage was pending and to start the agent, for as long as it stayed."""
-    up = RefusingNucleus()
-    await up.start()
-    try:
-        agent = await make_agent(port=free_port(), upstreams=[upstream("up", up, ["*"])])
-        await post_events(agent.port, "app-a", range(3))
-        await dead_letters(agent, 3)
-        await agent.stop()
-    finally:
-        await up.stop()
-    cfg, spool_path = agent.config_path, Path(agent.spool.path)
+    cfg, spool_path = await _stopped_with_three_letters(make_agent)
     moved = await leave_salvage_pending(spool_path, tmp_path / "fresh")
     marker = spool_path.with_name(f"{spool_path.name}.salvaging")
     kept = marker.read_bytes()
