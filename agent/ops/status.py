@@ -255,10 +255,7 @@ def _offline_source(path: Path, exists: bool) -> str:
     first: until the agent's next start, the events wait in the file moved aside, and the
     fresh spool's figures alone would show them gone."""
     source = "spool, no agent running" if exists else "no agent running, no spool yet"
-    try:
-        moved = dead.waiting_salvage(path)
-    except OSError:   # its directory unreadable: the spool's own read says so, and why
-        return source
+    moved = dead.waiting_salvage(path)
     if moved is None:
         return source
     return (f"{source}; a salvage is pending: the agent found the spool damaged and moved it "

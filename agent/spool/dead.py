@@ -402,10 +402,7 @@ def no_salvage_pending(path: Path, running: bool = False) -> None:
     letters are in the file moved aside until an agent's start copies them in, and read
     or changed here, the fresh file's would pass for all of them. ``running``: an agent
     holds the spool (starting: it salvages before it answers), and needs no start."""
-    try:
-        moved = waiting_salvage(path)
-    except OSError:   # its directory unreadable: the spool's own open says so, and why
-        return
+    moved = waiting_salvage(path)
     if moved is None:
         return
     if running:
@@ -423,8 +420,12 @@ def waiting_salvage(path: Path) -> Path | None:
     when there is none. Not when the spool at ``path`` is no fresh one waiting for it
     (salvage.is_fresh, as the start checks): one the salvage committed into, whose marker
     could not be removed, or one holding data of its own; a start leaves either as it is.
-    OSError when the marker's directory cannot be read."""
-    found = aside.waiting(path)
+    None too when the marker's directory cannot be read: the spool's own read says so,
+    and why."""
+    try:
+        found = aside.waiting(path)
+    except OSError:
+        return None
     if found is None:
         return None
     moved, clear = found
@@ -434,6 +435,8 @@ def waiting_salvage(path: Path) -> Path | None:
         conn = read_only(path)
     except (DeadError, sqlite3.Error):   # none made yet, or unreadable: the start's to say
         return moved
+    except OSError:   # not this user's to read: the spool's own read says so, and why
+        return None
     try:
         return moved if is_fresh(conn) else None
     except sqlite3.Error:   # not a spool's tables: the start's to judge
