@@ -6,7 +6,6 @@ holding one alone. A subnormal (1e-320) is a double's value, and is delivered as
 
 from __future__ import annotations
 
-from collections.abc import AsyncIterator
 from typing import Any
 
 import aiohttp
@@ -14,7 +13,7 @@ import pytest
 
 from agent.dialects.exact_json import may_be_inexact
 from tests.segment_helpers import basic, call, wait_for
-from tests.test_negative_zero import RawUpstream
+from tests.test_negative_zero import RawUpstream, raw_upstream  # noqa: F401  (a fixture)
 
 AUTH = {"Authorization": basic("k")}
 TINY = ["1e-400", "-1e-400", "1E-400", "0.1e-330", "123e-999", "1.5e-0400", "4e-325"]
@@ -75,18 +74,10 @@ async def test_a_batch_refuses_the_tiny_item_alone(make_agent: Any, value: str) 
     assert agent.spool.depth == 2
 
 
-@pytest.fixture
-async def raw_segment() -> AsyncIterator[RawUpstream]:
-    up = await RawUpstream().start()
-    yield up
-    assert up.runner is not None
-    await up.runner.cleanup()
-
-
 async def test_the_upstream_gets_a_subnormal_and_never_a_zero_for_a_tiny(
-        make_agent: Any, raw_segment: RawUpstream) -> None:
+        make_agent: Any, raw_upstream: RawUpstream) -> None:  # noqa: F811
     agent = await make_agent(upstreams=[{
-        "name": "up", "protocol": "segment-http", "url": f"http://127.0.0.1:{raw_segment.port}",
+        "name": "up", "protocol": "segment-http", "url": f"http://127.0.0.1:{raw_upstream.port}",
         "flush_interval_s": 0.05, "timeout_s": 2}])
     events = [_track(v).replace('"m1"', f'"m{i}"') for i, v in
               enumerate(["1e-400", "1e-320", "-1e-400", "5e-324", "2.2250738585072014e-308"])]
@@ -94,9 +85,9 @@ async def test_the_upstream_gets_a_subnormal_and_never_a_zero_for_a_tiny(
                        headers=AUTH)
     assert reply.status == 207, reply.body
     assert len(reply.json()["Errors"]) == 2, reply.body
-    await wait_for(lambda: len(raw_segment.events("batch")) == 3)
-    got = {ev["messageId"]: ev["properties"]["t"] for ev in raw_segment.events("batch")}
-    assert got == {"m1": 1e-320, "m3": 5e-324, "m4": 2.2250738585072014e-308}, raw_segment.bodies
+    await wait_for(lambda: len(raw_upstream.events("batch")) == 3)
+    got = {ev["messageId"]: ev["properties"]["t"] for ev in raw_upstream.events("batch")}
+    assert got == {"m1": 1e-320, "m3": 5e-324, "m4": 2.2250738585072014e-308}, raw_upstream.bodies
 
 
 @pytest.mark.parametrize("body,inexact", [
