@@ -9,7 +9,6 @@ from __future__ import annotations
 import math
 import os
 import tomllib
-import unicodedata
 from dataclasses import replace
 from pathlib import Path
 from typing import Any, Callable, TypeVar
@@ -17,6 +16,7 @@ from urllib.parse import urlsplit
 
 from agent import paths
 from agent.families import nucleus, segment
+from agent.families.facts import fact_problem
 from agent.logs import fingerprint
 from agent.paths import not_a_file
 from agent.settings import (
@@ -255,38 +255,16 @@ def _storage(t: dict[str, Any]) -> StorageConfig:
     return out
 
 
-# The longest [device] string: an id or a version is a few dozen characters. Each is
-# filled into every init and error event, and a machineId into each Segment event mapped
-# to Nucleus that names no device: bounded, what it adds stays within the mapping's growth
-# allowance (server/limits.py), which ingest's size check relies on.
-MAX_FACT_CHARS = 128
-
-
-# What no fact holds: control characters (a tab, CR, LF, ESC, NEL among them), and
-# Unicode's line and paragraph separators. Not str.isprintable(): it also refuses a
-# no-break space, a zero-width joiner, a direction mark, and every character newer than
-# Python's Unicode tables, which a name or version may hold (shown escaped, as any text).
-_BREAKING = frozenset({"Cc", "Zl", "Zp"})
-
-
-def _fact(value: Any) -> str | None:
-    if len(value) > MAX_FACT_CHARS:
-        return f"must be at most {MAX_FACT_CHARS} characters, got {len(value)}"
-    if not _BREAKING.isdisjoint(map(unicodedata.category, value)):
-        return f"must hold no line breaks or control characters, got {value!r}"
-    return None
-
-
 def _device(t: dict[str, Any]) -> DeviceConfig:
     w = "device"
     out = DeviceConfig(
-        platform=_take(t, w, "platform", str, "", _fact),
-        osVersion=_take(t, w, "osVersion", str, "", _fact),
+        platform=_take(t, w, "platform", str, "", fact_problem),
+        osVersion=_take(t, w, "osVersion", str, "", fact_problem),
         totalRam=_take(t, w, "totalRam", (int, float), 0,
                        lambda v: None if v >= 0 else "must be 0 or more"),
-        language=_take(t, w, "language", str, "", _fact),
-        arch=_take(t, w, "arch", str, "", _fact),
-        machineId=_take(t, w, "machineId", str, "", _fact),
+        language=_take(t, w, "language", str, "", fact_problem),
+        arch=_take(t, w, "arch", str, "", fact_problem),
+        machineId=_take(t, w, "machineId", str, "", fact_problem),
     )
     _no_leftovers(t, w)
     return out

@@ -21,7 +21,7 @@ from pathlib import Path
 import psutil
 
 from agent import paths
-from agent.families.facts import DeviceFacts
+from agent.families.facts import DeviceFacts, fact_problem
 from agent.settings import DeviceConfig
 
 log = logging.getLogger("outpost")
@@ -39,12 +39,24 @@ def _platform() -> str:
     return sys.platform
 
 
+def _from_machine(value: str, fact: str, source: str) -> str:
+    """``value``, read from ``source`` on this machine, where it passes the rule of the
+    [device] values; else "" (as if the machine gave none), said once. The machine's
+    values are no operator's: a wrong one is left out, never a reason not to start."""
+    problem = fact_problem(value)
+    if problem is None:
+        return value
+    log.warning("%s is not used as the device's %s: it %s; set [device] %s in agent.toml "
+                "to give one", source, fact, problem, fact)
+    return ""
+
+
 def _os_version() -> str:
     if sys.platform == "darwin":
-        mac = platform.mac_ver()[0]
+        mac = _from_machine(platform.mac_ver()[0], "osVersion", "the macOS version")
         if mac:
             return mac
-    return platform.release()
+    return _from_machine(platform.release(), "osVersion", "the kernel's release")
 
 
 def _total_ram_gb() -> int:
@@ -66,12 +78,14 @@ def _language() -> str:
         # A locale's name is ASCII: bytes of another encoding (kept as lone surrogates)
         # name none, and no event could carry them (orjson and SQLite refuse them).
         if value and value.isascii() and value not in ("C", "POSIX") and not value.startswith("C."):
-            return _bcp47(value)
+            if tag := _from_machine(_bcp47(value), "language", f"the environment's {var}"):
+                return tag
     try:
         loc = locale.getlocale()[0]
     except ValueError:
         loc = None
-    return _bcp47(loc) if loc else "en-US"
+    tag = _from_machine(_bcp47(loc), "language", "the C library's locale") if loc else ""
+    return tag or "en-US"
 
 
 def _bcp47(posix: str) -> str:
@@ -208,6 +222,7 @@ def detect(overrides: DeviceConfig | None = None, id_file: Path | None = None, *
         osVersion=o.osVersion or _os_version(),
         totalRam=o.totalRam or _total_ram_gb(),
         language=o.language or _language(),
-        arch=o.arch or platform.machine().lower() or "unknown",
+        arch=o.arch or _from_machine(platform.machine().lower(), "arch",
+                                     "the machine's hardware name") or "unknown",
         machineId=o.machineId or machine_id(id_file, make=make),
     )

@@ -157,3 +157,22 @@ def test_an_id_is_kept_on_a_file_system_without_hard_links(
     made = device.machine_id(kept)
     assert device.machine_id(kept) == made
     assert os.listdir(kept.parent) == ["device-id"]
+
+
+def test_os_names_that_break_the_rule_are_left_out_and_said(
+        monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture) -> None:
+    # A kernel built with a control character or a 200-character suffix in its release,
+    # a hardware name with a line break: as if the OS gave none.
+    monkeypatch.setattr(platform, "release", lambda: "6.1.0" + "-x" * 100)
+    monkeypatch.setattr(platform, "machine", lambda: "x86_64\nFAKE")
+    with caplog.at_level(logging.WARNING, logger="outpost"):
+        facts = device.detect(DeviceConfig(machineId="m"))
+    assert (facts.osVersion, facts.arch) == ("", "unknown")
+    said = [r.getMessage() for r in caplog.records]
+    assert len(said) == 2, said
+    assert "kernel's release" in said[0] and "at most 128 characters, got 205" in said[0]
+    assert "hardware name" in said[1] and "'x86_64\\nfake'" in said[1]
+    # A [device] value wins without the machine's being read or said.
+    caplog.clear()
+    facts = device.detect(DeviceConfig(osVersion="6.1", arch="arm64", machineId="m"))
+    assert (facts.osVersion, facts.arch) == ("6.1", "arm64") and not caplog.records

@@ -12,10 +12,10 @@ import orjson
 from hypothesis import example, given, settings
 from hypothesis import strategies as st
 
-from agent.config import MAX_FACT_CHARS
 from agent.families import nucleus
 from agent.families import segment as spec
 from agent.families.dates import iso_ms_fast, read_date
+from agent.families.facts import MAX_FACT_CHARS
 from agent.families.mapping import ERROR, OPENED, SEGMENT_KEY, nucleus_to_segment, segment_to_nucleus
 from agent.server.limits import MAPPING_GROWTH_BYTES
 
