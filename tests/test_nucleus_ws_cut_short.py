@@ -101,3 +101,33 @@ async def test_a_stop_that_cuts_two_sends_short_ends_both_cut_not_one_failed(
         done = await asyncio.gather(big, small, return_exceptions=True)
         assert [type(d) for d in done] == [asyncio.CancelledError] * 2, done
         await up.close()
+
+
+async def test_a_cancel_that_lands_as_the_handshake_completes_cuts_the_send(
+        fake_nucleus: FakeNucleus) -> None:
+    # A stop's cancel landing in the same turn as the upgrade's answer (deterministic:
+    # given from aiohttp's own request-end hook, the handshake's last await). Python
+    # 3.11's wait_for took the answer and dropped the cancel: the send went on, sent its
+    # frame and waited up to timeout_s for the acks, and the stop waited for it.
+    sending: asyncio.Task[object] | None = None
+
+    async def cancel_now(*_: object) -> None:
+        assert sending is not None
+        sending.cancel()
+
+    trace = aiohttp.TraceConfig()
+    trace.on_request_end.append(cancel_now)
+    fake_nucleus.answering.clear()   # no ack would end the send: only the cancel can
+    try:
+        async with asyncio.timeout(10), aiohttp.ClientSession(trace_configs=[trace]) as session:
+            cfg = UpstreamConfig(name="n", protocol="nucleus-ws", url=fake_nucleus.url,
+                                 timeout_s=3)
+            up = NucleusWsUplink(cfg, "app", session, "m")
+            batch = up.prepare(_rows(1, 1))
+            sending = asyncio.create_task(up.send(batch))
+            await asyncio.wait((sending,))
+            assert sending.cancelled(), sending.result()
+            assert up.acknowledged(batch) == ()
+            await up.close()
+    finally:
+        fake_nucleus.answering.set()
