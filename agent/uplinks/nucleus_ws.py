@@ -167,8 +167,10 @@ class _Link:
         if self.writing:   # a close frame would wait behind the frame that cannot go
             self.abort()
             return
+        # Not wait_for, which on Python 3.11 drops a cancel that lands as the close ends.
         try:
-            await asyncio.wait_for(self.ws.close(), self.grace)
+            async with asyncio.timeout(self.grace):
+                await self.ws.close()
         except TimeoutError:   # no answer to the close, or no room to send it in
             self.abort()
 
@@ -348,23 +350,27 @@ class NucleusWsUplink(NucleusFraming, UplinkBase):
     async def _open(self) -> _Link:
         if self.unsendable is not None:   # no connection to another path
             return _Link(None, 0, lost=self.unsendable)
+        # ws_connect's own timeouts do not cover the handshake: bound it here. Not wait_for:
+        # on Python 3.11 it drops a cancel (a stop's) that lands as the handshake completes,
+        # and the send then went on, waiting timeout_s for its acks.
+        timer = asyncio.timeout(self.cfg.timeout_s)
         try:
-            # ws_connect's own timeouts do not cover the handshake: bound it here. A reply
-            # answers one frame: read up to what the largest frame's answer may need.
-            ws = await asyncio.wait_for(self.session.ws_connect(
+            async with timer:
+                # A reply answers one frame: read up to what the largest frame's answer
+                # may need.
+                ws = await self.session.ws_connect(
                     self.url, timeout=aiohttp.ClientWSTimeout(ws_close=5),
                     max_msg_size=reply_cap(self.cfg.batch_max_bytes, self.cfg.batch_max_events),
-                    autoping=True, heartbeat=None),
-                self.cfg.timeout_s)
+                    autoping=True, heartbeat=None)
         except aiohttp.WSServerHandshakeError as exc:
             why, wait = _handshake_refused(exc)
             return _Link(None, 0, lost=f"connect failed: {why}", retry_after=wait)
         except (aiohttp.ClientError, OSError, TimeoutError, RuntimeError) as exc:
             # A redirect is an UpstreamRedirect here: the session never follows one.
             wait = exc.retry_after if isinstance(exc, UpstreamRedirect) else None
-            # wait_for's own timeout: no connection, or no answer to the upgrade request.
+            # The bound's own timeout: no connection, or no answer to the upgrade request.
             why = (f"no websocket handshake within {self.cfg.timeout_s:g}s (timeout_s)"
-                   if type(exc) is TimeoutError else described(exc))
+                   if timer.expired() else described(exc))
             return _Link(None, 0, lost=f"connect failed: {why}", retry_after=wait)
         link = _Link(ws, min(CLOSE_GRACE_S, self.cfg.timeout_s))
         # The handshake is traffic: the first heartbeat is due a minute after it, not now
