@@ -128,6 +128,7 @@ async def test_a_cancel_that_lands_as_the_handshake_completes_cuts_the_send(
             await asyncio.wait((sending,))
             assert sending.cancelled(), sending.result()
             assert up.acknowledged(batch) == ()
+            fake_nucleus.answering.set()   # the upstream then answers the close at once
             await up.close()
     finally:
         fake_nucleus.answering.set()
