@@ -730,3 +730,26 @@ async def test_a_salvage_committed_whose_marker_stayed_is_not_said_pending(
     assert "3 dead letters" in await outpost("list", config=cfg)
     got, text = await run_outpost("status", "--config", cfg)
     assert got == 0 and "salvage is pending" not in text, text
+
+
+@pytest.mark.skipif(os.geteuid() != 0, reason="gives the spool to another user: root only")
+async def test_offline_reads_as_root_leave_no_file_the_agent_s_user_cannot_open(
+        make_agent: Any) -> None:
+    """An operator runs `outpost dead list` or `outpost status` as root (sudo) beside a
+    stopped service whose spool its own user owns. Read-only, SQLite still makes a -shm
+    index and an empty -wal beside a WAL spool, and leaves them: made root's, 0600, the
+    agent could not open its spool at its next start. SQLite gives a file it makes as
+    root the owner and mode of the database's: they stay the agent's user's, 0600."""
+    cfg, spool = await _stopped_with_three_letters(make_agent)
+    assert cfg is not None
+    service = 65534   # nobody: any other user
+    assert not list(spool.parent.glob(f"{spool.name}-*"))   # the agent's stop removed them
+    for p in spool.parent.glob(f"{spool.name}*"):
+        os.chown(p, service, service)
+    got, text = await run_outpost("status", "--config", cfg)
+    assert got == 0 and "no agent running" in text and "3 kept" in text, text
+    assert "3 dead letters" in await outpost("list", config=cfg)
+    beside = {p.name: p.stat() for p in spool.parent.glob(f"{spool.name}-*")}
+    assert {f"{spool.name}-shm", f"{spool.name}-wal"} <= beside.keys(), beside
+    assert {name: (st.st_uid, st.st_gid, stat.S_IMODE(st.st_mode))
+            for name, st in beside.items()} == dict.fromkeys(beside, (service, service, 0o600))
