@@ -601,3 +601,22 @@ async def test_a_head_with_more_fields_than_aiohttp_takes_gets_aiohttps_400(
         assert reply.endswith(b"Too many headers received"), reply
         assert express_count(agent) == 0 and agent.spool.depth == 0
     await client.close()
+
+
+async def test_clients_that_leave_at_once_leave_nothing_in_the_lanes_table(
+        make_agent: Callable[..., Any]) -> None:
+    """Clients that send a request and leave at once (closed, or reset), many at a time:
+    a leaving client cancels nothing, so each request still runs, is stored, and takes
+    itself out of the lane's table of requests being answered; none is left there."""
+    agent = await make_agent()
+    lane = agent.app[EXPRESS]
+    n = 100
+    for i in range(n):
+        s = socket.create_connection(("127.0.0.1", agent.port))
+        if i % 2:   # a reset (RST) rather than a close (FIN)
+            s.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, b"\x01\0\0\0\0\0\0\0")
+        s.sendall(post("/v1/track", track()))
+        s.close()
+    await wait_for(lambda: agent.spool.depth == n)
+    await wait_for(lambda: not lane._tasks)
+    assert express_count(agent) == n
