@@ -360,6 +360,8 @@ class _Conn(asyncio.Protocol):
     def _hand_over(self) -> None:
         """aiohttp's from now on, from the first byte of the request it is given."""
         rest = bytes(self.buf[self.pos:])
+        if self.lane is not None:
+            self.lane.forget(self)
         self.lane, self.buf, self.pos = None, bytearray(), 0
         self.head, self.edge = 0, b""
         self._bound()
@@ -426,6 +428,8 @@ class _Conn(asyncio.Protocol):
 
     def connection_lost(self, exc: Exception | None) -> None:
         self.limits.lost(self)
+        if self.lane is not None:
+            self.lane.forget(self)
         self.inner.connection_lost(exc)
         # aiohttp ends no body once its route has returned: its read and drop of the rest
         # (lingering) would wait out LINGER_S on a connection gone, and a stop with it.
