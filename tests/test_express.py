@@ -171,6 +171,35 @@ async def test_keep_alive_requests_all_go_through_the_lane(
     await client.close()
 
 
+def lane_tasks() -> int:
+    """The tasks answering connections' requests in the lane (one a connection)."""
+    return sum(task.get_name() == "express" for task in asyncio.all_tasks())
+
+
+async def test_a_connections_task_ends_when_it_closes_goes_to_aiohttp_or_the_agent_stops(
+        make_agent: Callable[..., Any]) -> None:
+    """Each connection's requests are answered by one task that waits between them: it
+    ends when the client leaves, when the connection goes to aiohttp, and, idle, at a stop
+    (which does not wait for it)."""
+    agent = await make_agent()
+    leaving, handed, idle = [await Client.open(agent.port) for _ in range(3)]
+    for client in (leaving, handed, idle):
+        for _ in range(3):
+            await client.send(post("/v1/track", track()))
+            assert (await client.reply()).startswith(b"HTTP/1.1 200 ")
+    assert lane_tasks() == 3
+    await leaving.close()
+    await wait_for(lambda: lane_tasks() == 2)
+    await handed.send(GET_HEALTHZ)
+    assert (await handed.reply()).startswith(b"HTTP/1.1 200 ")
+    await wait_for(lambda: lane_tasks() == 1)
+    await handed.send(post("/v1/track", track()))   # aiohttp's now: no task comes back
+    assert (await handed.reply()).startswith(b"HTTP/1.1 200 ")
+    assert lane_tasks() == 1 and express_count(agent) == 9 and agent.spool.depth == 10
+    await asyncio.wait_for(agent.stop(), 60)
+    assert lane_tasks() == 0
+
+
 async def test_pipelined_requests_are_answered_in_order_across_the_hand_over(
         make_agent: Callable[..., Any]) -> None:
     """Two express requests, then one for aiohttp, then another express-shaped one, all
