@@ -27,15 +27,12 @@ _worker = ThreadPoolExecutor(max_workers=1, thread_name_prefix="ingest-parse")
 
 
 async def parse(size: int, work: Callable[[], T]) -> T:
-    """``work()``, for a body of ``size`` bytes: inline when small, else on the worker;
-    either way with the cyclic GC off (``_without_gc``): a 100-event batch parses to ~800
-    containers, and a young collection ran at almost every one (1.6-2.3% of a batch's
-    instructions, callgrind), walking the tree that reference counting frees at its end.
+    """``work()``, for a body of ``size`` bytes: inline when small, else on the worker.
 
     ``work`` must touch nothing the loop changes: it parses and validates only.
     """
     if size <= INLINE_MAX:
-        return _without_gc(work)
+        return work()
     return await on_worker(work)
 
 
