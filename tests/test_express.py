@@ -16,6 +16,7 @@ import random
 import re
 import socket
 import time
+import tracemalloc
 import uuid
 from collections.abc import Callable
 from email.utils import formatdate
@@ -198,6 +199,32 @@ async def test_a_connections_task_ends_when_it_closes_goes_to_aiohttp_or_the_age
     assert lane_tasks() == 1 and express_count(agent) == 9 and agent.spool.depth == 10
     await asyncio.wait_for(agent.stop(), 60)
     assert lane_tasks() == 0
+
+
+async def test_an_idle_connection_holds_no_body_of_its_requests(
+        make_agent: Callable[..., Any]) -> None:
+    """A keep-alive connection waiting for its next request holds nothing of the ones it
+    sent (their bodies: up to BODY_MAX each), after its first request or any later one:
+    idle connections up to listen.max_connections cost no body each."""
+    agent = await make_agent()
+    clients = [await Client.open(agent.port) for _ in range(8)]
+    pad = "x" * 20_000
+    tracemalloc.start()
+    try:
+        for turn in range(3):   # the first request, then later ones: each held differently
+            for client in clients:
+                await client.send(post("/v1/track", track(pad=pad)))
+                assert (await client.reply()).startswith(b"HTTP/1.1 200 ")
+            gc.collect()
+            held = [stat for stat in tracemalloc.take_snapshot().statistics("lineno")
+                    if stat.traceback[0].filename == express.__file__
+                    and stat.size >= len(pad)]
+            assert not held, (turn, held)
+    finally:
+        tracemalloc.stop()
+    assert lane_tasks() == len(clients)
+    for client in clients:
+        await client.close()
 
 
 async def test_pipelined_requests_are_answered_in_order_across_the_hand_over(
