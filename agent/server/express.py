@@ -301,7 +301,8 @@ class ExpressLane:
                     waiting = self._waiting[conn] = loop.create_future()
                     if (given_next := await waiting) is None:
                         return
-                    request = given_next
+                    # Not left in given_next too: held through the next wait.
+                    request, given_next = given_next, None
         finally:
             del self._tasks[conn]
             self._waiting.pop(conn, None)
