@@ -5,10 +5,14 @@ machine gave none, and one warning line says which and why; the agent still star
 from __future__ import annotations
 
 import asyncio
+import logging
+import platform
 from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
 import aiohttp
+import pytest
 
 from tests.conftest import AgentProcess, free_port, write_config
 from tests.fakes.faulty_upstream import FaultyUpstream
@@ -47,3 +51,22 @@ async def test_a_bad_locale_in_the_environment_is_skipped_and_said(
     assert "LC_ALL" in ignored[0] and "control characters" in ignored[0], ignored
     assert "LC_MESSAGES" in ignored[1] and "at most 128 characters" in ignored[1], ignored
     assert "x" * 200 not in log   # the long value is not repeated in the log
+
+
+async def test_an_os_release_of_bytes_no_utf8_is_left_out_and_said(
+        make_agent: Callable[..., Any], monkeypatch: pytest.MonkeyPatch,
+        caplog: pytest.LogCaptureFixture) -> None:
+    """A kernel release holding a byte that is no UTF-8 (a Latin-1 'é' in the kernel's
+    local version): os.uname gives it as a lone surrogate, which no event can carry. Not
+    used, and said, as any other bad fact: the init events it would fill are still taken."""
+    monkeypatch.setattr(platform, "release", lambda: "6.1.0-caf\udce9")
+    with caplog.at_level(logging.WARNING, logger="outpost"):
+        agent = await make_agent()
+    assert agent.facts.osVersion == ""
+    said = [r.getMessage() for r in caplog.records if "device's osVersion" in r.getMessage()]
+    assert len(said) == 1 and "kernel's release" in said[0], said
+    async with aiohttp.ClientSession() as s:
+        async with s.post(f"http://127.0.0.1:{agent.port}/app/{KEY}/track", json={"data": [
+                {"id": "i1", "type": "init"}]}) as r:
+            assert r.status == 200, await r.text()
+    assert agent.spool.depth == 1
