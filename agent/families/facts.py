@@ -24,8 +24,13 @@ def fact_problem(value: str) -> str | None:
     from the machine alike), else None."""
     if len(value) > MAX_FACT_CHARS:
         return f"must be at most {MAX_FACT_CHARS} characters, got {len(value)}"
-    if not _BREAKING.isdisjoint(map(unicodedata.category, value)):
+    categories = set(map(unicodedata.category, value))
+    if not _BREAKING.isdisjoint(categories):
         return f"must hold no line breaks or control characters, got {value!r}"
+    # A lone surrogate: a byte of no UTF-8 the OS gave (os.uname's, as Python decodes
+    # them). No event can carry one: orjson and SQLite refuse it.
+    if "Cs" in categories:
+        return f"must be UTF-8 text, got {value!r}"
     return None
 
 
