@@ -36,6 +36,7 @@ from agent.server.connections import BUF_MAX, ConnectionLimits, _Conn
 from agent.server.express import ExpressLane, Routes
 from agent.server.guard import Guard
 from agent.settings import ListenConfig
+from tests.segment_helpers import fill_spool
 from tests.waiting import wait_for
 
 KEY = "expressKey1"
@@ -141,6 +142,22 @@ async def test_express_reply_is_the_reply_aiohttp_gives(
     assert undated(fast) == undated(slow)
     await client.close()
     await other.close()
+
+
+async def test_a_full_spools_refusal_is_the_reply_aiohttp_gives(
+        make_agent: Callable[..., Any]) -> None:
+    """A single call refused for want of room: the lane's 503 is aiohttp's route's, byte
+    for byte (Retry-After and the error body included)."""
+    agent = await make_agent(storage={"max_size_mb": 1, "full_retry_after_s": 7})
+    await fill_spool(agent.port)
+    client = await Client.open(agent.port)
+    await client.send(post("/v1/track", track()))
+    fast = await client.reply()
+    await client.send(post("/v1/track?via=aiohttp", track()))
+    slow = await client.reply()
+    assert fast.startswith(b"HTTP/1.1 503 ") and b"\r\nRetry-After: 7\r\n" in fast, fast
+    assert undated(fast) == undated(slow)
+    await client.close()
 
 
 @pytest.mark.parametrize("path", ["/v1/track", "/v1/batch"])
