@@ -160,6 +160,24 @@ async def test_a_full_spools_refusal_is_the_reply_aiohttp_gives(
     await client.close()
 
 
+async def test_an_event_too_large_for_its_upstream_is_the_reply_aiohttp_gives(
+        make_agent: Callable[..., Any]) -> None:
+    """A single call whose event no upstream of its key could carry: the lane's refusal
+    is aiohttp's route's, byte for byte, and nothing is stored."""
+    agent = await make_agent(upstreams=[{
+        "name": "small", "protocol": "segment-http", "url": "http://127.0.0.1:9",
+        "keys": [KEY], "batch_max_bytes": 4096}])
+    client = await Client.open(agent.port)
+    await client.send(post("/v1/track", track(pad="x" * 8000)))
+    fast = await client.reply()
+    await client.send(post("/v1/track?via=aiohttp", track(pad="x" * 8000)))
+    slow = await client.reply()
+    assert fast.startswith(b"HTTP/1.1 413 ") and b"too large for upstream" in fast, fast
+    assert undated(fast) == undated(slow)
+    assert express_count(agent) == 1 and agent.spool.depth == 0
+    await client.close()
+
+
 @pytest.mark.parametrize("path", ["/v1/track", "/v1/batch"])
 async def test_a_wrong_key_is_refused_and_counted_the_same_way(
         make_agent: Callable[..., Any], path: str) -> None:
