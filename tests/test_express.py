@@ -236,6 +236,28 @@ async def test_a_connections_task_ends_when_it_closes_goes_to_aiohttp_or_the_age
     assert lane_tasks() == 0
 
 
+async def test_an_idle_connections_task_ends_when_it_times_out_or_is_reset(
+        make_agent: Callable[..., Any]) -> None:
+    """A connection idle after its replies, closed by the agent's idle_timeout_s, or reset
+    by its client: its lane task ends with it (none waits for a request that cannot come)."""
+    agent = await make_agent(listen={"idle_timeout_s": 0.2})
+    clients = [await Client.open(agent.port) for _ in range(2)]
+    for client in clients:
+        for _ in range(2):
+            await client.send(post("/v1/track", track()))
+            assert (await client.reply()).startswith(b"HTTP/1.1 200 ")
+    assert lane_tasks() == 2
+    sock = clients[1].writer.get_extra_info("socket")
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, b"\x01\0\0\0\0\0\0\0")
+    clients[1].writer.transport.abort()   # a reset (RST)
+    # At most one left: a slow run may time the reset one out first, as idle.
+    await wait_for(lambda: lane_tasks() <= 1)
+    assert await clients[0].until_closed() == b""   # the agent's idle close
+    await wait_for(lambda: lane_tasks() == 0)
+    assert agent.metrics.connections_closed.get("idle") in (1, 2)
+    assert not agent.app[EXPRESS]._waiting
+
+
 async def test_an_idle_connection_holds_no_body_of_its_requests(
         make_agent: Callable[..., Any]) -> None:
     """A keep-alive connection waiting for its next request holds nothing of the ones it
