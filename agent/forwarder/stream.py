@@ -42,7 +42,7 @@ from agent.logs import log_limited, redact
 from agent.metrics import Metrics
 from agent.settings import UpstreamConfig
 from agent.spool import Spool
-from agent.spool.types import Queued, Row, SpoolFull, Stream
+from agent.spool.types import Queued, Row, SpoolFull, Stream, joined
 from agent.uplinks.base import Acked, Refused, Retry, SendResult, Uplink
 from agent.uplinks.prepare import Prepared
 
@@ -177,7 +177,10 @@ class StreamForwarder:
         self._ahead: _Ahead | None = None
         self._ahead_slot = False
         self._acking: set[asyncio.Task[None]] = set()  # spool deletes of upstream-acked rows
-        self._held: list[int] = []  # upstream-acked rows not yet handed to spool.ack
+        # Upstream-acked rows not yet handed to spool.ack, as each ack gave them, and how
+        # many: a spliced batch's are a range, kept whole down to the spool's settle.
+        self._held: list[Sequence[int]] = []
+        self._held_count = 0
         self._held_delivered = 0    # of them, those still queued (_apply): counted once saved
         self._held_shown: list[Shown] = []   # their live view's (AckHook): shown once saved
         self._failed: Retry | None = None
@@ -471,7 +474,7 @@ class StreamForwarder:
         if self.window > 1 or self._ahead is not None or self._failed is not None \
                 or self._reopen or self.stopping or self._crash is not None:
             return
-        beyond = self.queued() - self._in_flight - len(self._held)
+        beyond = self.queued() - self._in_flight - self._held_count
         if beyond < self.cfg.batch_max_events and not (self.flush_now and beyond > 0):
             return
         if not self.slots.take(1):
@@ -794,7 +797,8 @@ class StreamForwarder:
             # coming (each commit has a fixed cost; segment-http's drain, one session: ten
             # batches 39-42k events/s, twenty 43-50k, forty no better), else once the loop
             # waits. _settle deletes them before any resend.
-            self._held.extend(acked)
+            self._held.append(acked)
+            self._held_count += len(acked)
             self._held_delivered += delivered
             self.state.last_ack = CLOCK.elapsed_s()
         # As for acks: not those whose record the spool dropped while they were sent (it
@@ -819,7 +823,7 @@ class StreamForwarder:
             show = self.on_acked(self.cfg.name, self.stream.key, batch.rows, acked)
             if show is not None:   # with the delete of these rows, not of a later group
                 self._held_shown.append(show)
-            if len(self._held) >= ACK_GROUP * self.cfg.batch_max_events:
+            if self._held_count >= ACK_GROUP * self.cfg.batch_max_events:
                 self._ack_held()
         return delivered
 
@@ -954,12 +958,12 @@ class StreamForwarder:
 
     def _ack_held(self) -> None:
         if self._held:
-            held, self._held = self._held, []
+            held, self._held, self._held_count = joined(self._held), [], 0
             delivered, self._held_delivered = self._held_delivered, 0
             shown, self._held_shown = self._held_shown, []
             self._track(self._acking, self._ack(held, delivered, shown))
 
-    async def _ack(self, seqs: list[int], delivered: int, shown: list[Shown]) -> None:
+    async def _ack(self, seqs: Sequence[int], delivered: int, shown: list[Shown]) -> None:
         """Delete ``seqs``; count the ``delivered`` of them, and show them, once that is
         saved: an ack not saved is sent again, and acknowledged again."""
         if await self._saved(self.spool.ack(seqs)):

@@ -4,8 +4,9 @@ from __future__ import annotations
 
 from array import array
 from bisect import bisect_left, bisect_right
-from collections.abc import Iterable
-from itertools import compress
+from collections.abc import Iterable, Sequence
+from itertools import chain, compress
+from operator import attrgetter
 
 from agent.spool.commit import Settle
 
@@ -76,7 +77,8 @@ class LiveRecords:
         one lookup per record, not per seq: sorted (a batch comes in order, which sorted
         takes in one pass), each live record's seqs are skipped by one bisect."""
         ids, ns = self._ids, self._ns
-        ordered = sorted(seqs)
+        # A range (a spliced batch's seqs) is in order already: sorted made an int per seq.
+        ordered = seqs if type(seqs) is range and seqs.step == 1 else sorted(seqs)
         gone: set[int] = set()
         i, total = 0, len(ordered)
         while i < total:
@@ -89,14 +91,31 @@ class LiveRecords:
                 i = bisect_left(ordered, ids[k] + ns[k], i)
         return gone
 
-    def settle(self, acked: Iterable[int],
+    def settle(self, acked: Iterable[Sequence[int]],
                dead: Iterable[tuple[int, str, str]]) -> list[Settle]:
-        """Group seqs by their record (seqs in no live record are left out); each
-        Settle's ``acked`` offsets are sorted, without repeats."""
+        """Group seqs, given in chunks (each Spool.ack's), by their record (seqs in no
+        live record are left out); each Settle's ``acked`` offsets are sorted, without
+        repeats."""
         out: dict[int, Settle] = {}
+        chunks = list(acked)
+        spans = _disjoint(chunks)
+        if spans is None:
+            self._settle_seqs(sorted(set(chain.from_iterable(chunks))), out)
+        else:
+            # A drain's acks: ranges (spliced batches), a record at a time, with no int
+            # made per seq, and no set and sort of them.
+            for span in spans:
+                self._settle_span(span.start, span.stop, out)
+        for seq, upstream, reason in dead:
+            rid, end, s = self._find(seq, out)
+            if s is not None:
+                s.dead.append((seq - rid, upstream, reason))
+        return list(out.values())
+
+    def _settle_seqs(self, seqs: list[int], out: dict[int, Settle]) -> None:
+        """Acked ``seqs`` (sorted, without repeats) into ``out``'s Settles."""
         # Acks come in runs of consecutive seqs: one lookup per record, not per seq, and
         # each record's offsets as a range when they are consecutive (the usual case).
-        seqs = sorted(set(acked))
         i, total = 0, len(seqs)
         while i < total:
             rid, end, current = self._find(seqs[i], out)
@@ -108,11 +127,20 @@ class LiveRecords:
             current.acked = (range(first, last + 1) if last - first == j - 1 - i
                              else [s - rid for s in seqs[i:j]])
             i = j
-        for seq, upstream, reason in dead:
-            rid, end, s = self._find(seq, out)
-            if s is not None:
-                s.dead.append((seq - rid, upstream, reason))
-        return list(out.values())
+
+    def _settle_span(self, seq: int, stop: int, out: dict[int, Settle]) -> None:
+        """Acked seqs ``seq`` .. ``stop - 1`` into ``out``'s Settles, after any acked
+        below ``seq`` (spans come in order, without overlaps)."""
+        while seq < stop:
+            rid, end, current = self._find(seq, out)
+            if current is None:   # in no live record: on to the next record's first seq
+                k = bisect_right(self._ids, seq)
+                seq = self._ids[k] if k < len(self._ids) else stop
+                continue
+            end = min(end, stop)
+            part = range(seq - rid, end - rid)
+            current.acked = [*current.acked, *part] if current.acked else part
+            seq = end
 
     def _find(self, seq: int, out: dict[int, Settle]) -> tuple[int, int, Settle | None]:
         """(first seq, end, its Settle) of the record holding ``seq``; (0, 0, None) if none."""
@@ -124,3 +152,18 @@ class LiveRecords:
         if s is None:
             s = out[rid] = Settle(rid, self._observed[i])
         return rid, rid + self._ns[i], s
+
+
+def _disjoint(chunks: list[Sequence[int]]) -> list[range] | None:
+    """``chunks`` in order, when every one is a range of step 1 and none overlaps
+    another; else None."""
+    spans = [c for c in chunks if type(c) is range and c.step == 1]
+    if len(spans) != len(chunks):
+        return None
+    spans = sorted(filter(None, spans), key=_START)
+    if any(a.stop > b.start for a, b in zip(spans, spans[1:])):
+        return None
+    return spans
+
+
+_START = attrgetter("start")

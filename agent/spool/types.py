@@ -163,6 +163,17 @@ class Queued(Sequence[Row]):
             for r in self.runs)
 
 
+def joined(chunks: Sequence[Sequence[int]]) -> Sequence[int]:
+    """``chunks``' seqs as one sequence: a range when they are ranges each starting where
+    the one before stopped (a drain's spliced batches, acked in turn), with no int made
+    per seq; else a tuple of them."""
+    spans = [c for c in chunks if type(c) is range and c.step == 1]
+    if spans and len(spans) == len(chunks) \
+            and all(a.stop == b.start for a, b in zip(spans, spans[1:])):
+        return range(spans[0].start, spans[-1].stop)
+    return tuple(chain.from_iterable(chunks))
+
+
 def in_lanes(depth: int, high: int, lanes: Iterable[int]) -> int:
     """Of ``depth`` queued events, ``high`` of them in the high lane: those in ``lanes``."""
     return sum(high if lane == HIGH else depth - high for lane in lanes)

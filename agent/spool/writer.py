@@ -153,7 +153,7 @@ class Pending:
 @dataclass(slots=True)
 class Batch:
     appends: list[Pending] = field(default_factory=list)
-    acks: list[int] = field(default_factory=list)
+    acks: list[Sequence[int]] = field(default_factory=list)   # each ack's seqs, as given
     dead: list[tuple[int, str, str]] = field(default_factory=list)
     corrupt: list[int] = field(default_factory=list)  # records the reader found damaged
     waiters: list[asyncio.Future[None]] = field(default_factory=list)
@@ -261,7 +261,9 @@ class Writer:
             self._taking = None
 
     async def ack(self, seqs: Sequence[int]) -> None:
-        self._batch.acks.extend(seqs)
+        # A range kept as it is (LiveRecords.settle takes it whole); anything else copied,
+        # as the caller's own.
+        self._batch.acks.append(seqs if type(seqs) is range else list(seqs))
         await self._settled()
 
     async def dead_letter(self, rows: Sequence[tuple[int, str, str]]) -> None:

@@ -54,7 +54,7 @@ class Acked:
     """The upstream answered for every event of the batch: it confirmed ``seqs`` and
     refused the rest for good, each (seq, reason) in ``refused``."""
 
-    seqs: tuple[int, ...]
+    seqs: Sequence[int]   # a range for a spliced batch (splice.take)
     refused: tuple[tuple[int, str], ...] = ()
 
 

@@ -92,7 +92,7 @@ class _Link:
         self.whole: set[int] = set()
         # Frame number -> seqs, from just before the frame goes out until its send returns:
         # only their events can an answer acknowledge (_acked).
-        self.waiting: dict[int, tuple[int, ...]] = {}
+        self.waiting: dict[int, Sequence[int]] = {}
         # The frame the upstream closed the connection for with 1009 (too big): the first
         # it had not wholly acknowledged then, since it answers frames in order.
         self.too_big: int | None = None
@@ -118,7 +118,7 @@ class _Link:
             async with asyncio.timeout(timeout):
                 await fut
 
-    def all_acked(self, n: int, seqs: tuple[int, ...]) -> bool:
+    def all_acked(self, n: int, seqs: Sequence[int]) -> bool:
         """Whether every event of frame ``n`` (``seqs``) has been acknowledged (issuperset
         walks the seqs as they are: no set of them is built)."""
         return n in self.whole or self.acked.issuperset(seqs)
@@ -313,7 +313,7 @@ class NucleusWsUplink(NucleusFraming, UplinkBase):
         return Retry(error, retry_after=link.retry_after, acked=acked, omitted=omitted,
                      too_big=size if too_big else None, too_slow=too_slow and not too_big)
 
-    async def _wait_acks(self, link: _Link, mine: int, wanted: tuple[int, ...]) -> str | None:
+    async def _wait_acks(self, link: _Link, mine: int, wanted: Sequence[int]) -> str | None:
         loop = asyncio.get_running_loop()
         deadline = loop.time() + self.cfg.timeout_s
         while not link.all_acked(mine, wanted):
@@ -516,7 +516,7 @@ def _closed(link: _Link, ws: aiohttp.ClientWebSocketResponse) -> str:
     return f"the upstream closed the connection right after the handshake ({how})"
 
 
-def _cut_short(link: _Link, mine: int, seqs: tuple[int, ...]) -> None:
+def _cut_short(link: _Link, mine: int, seqs: Sequence[int]) -> None:
     """A send of frame ``mine`` (``seqs``) that ends by raising: a stop's cancel (passed on
     even once the reply has come: see ``_Link.changed``), or a bug. Acknowledged
     whole, its seqs go to ``acked``, where ``acknowledged`` finds them once the frame no
@@ -541,7 +541,7 @@ def _settled(link: _Link, mine: int) -> bool:
     return whole
 
 
-def _next_frame(link: _Link) -> tuple[int, tuple[int, ...] | None]:
+def _next_frame(link: _Link) -> tuple[int, Sequence[int] | None]:
     """The number and seqs of the first frame sent on ``link`` that no reply has answered
     yet; (0, None): none."""
     for n, seqs in link.waiting.items():

@@ -51,9 +51,9 @@ class Prepared:
     """
 
     rows: Sequence[Row]                   # every row taken, in order (sent or refused)
-    seqs: tuple[int, ...]                 # the rows to send
+    seqs: Sequence[int]                   # the rows to send (a range: splice.take)
     bodies: tuple[bytes, ...]             # their encoded events
-    ids: tuple[Any, ...]                  # what the upstream acknowledges them by
+    ids: Sequence[Any]                    # what the upstream acknowledges them by
     refused: tuple[tuple[int, str], ...]  # (seq, why) for rows that can never be sent
     # Every body is a JSON object with members (splice.objects), known when it was cut:
     # segment_http then splices `sentAt` in without checking each body again.

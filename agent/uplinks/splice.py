@@ -23,7 +23,7 @@ from operator import add, itemgetter
 from typing import Any
 
 from agent.families.event import NUCLEUS
-from agent.spool.types import Queued, Row
+from agent.spool.types import Queued, Row, joined
 from agent.uplinks.prepare import Encoder, Prepared, escaped_extra
 
 
@@ -43,7 +43,7 @@ def take(uplink: Encoder, rows: Sequence[Row],
     most = None if uplink.limit is None else uplink.limit.max_bytes
     busy = in_flight if isinstance(in_flight, dict) else None
     room = cfg.batch_max_events
-    seqs: list[int] = []
+    spans: list[range] = []   # each run's seqs taken
     bodies: list[bytes] = []
     ids: list[Any] = []
     seen: set[Any] = set()
@@ -104,16 +104,18 @@ def take(uplink: Encoder, rows: Sequence[Row],
                 else:
                     seen = new  # the first run's set as it is: no copy
             ids += keys
-        seqs += range(run.first, run.first + k)
+        spans.append(range(run.first, run.first + k))
         bodies += part
         sized = sized and run.shortest is not None and run.shortest >= _SHORTEST
         budget -= spent
         room -= k
         if k < len(run.bodies):
             break
-    if not seqs or (not keyed and not objects(bodies, sized)):
+    if not spans or (not keyed and not objects(bodies, sized)):
         return None
-    sent = tuple(seqs)
+    # One range when the runs follow each other (a drain's usual batch): no int made per
+    # event, and the ack settles it a record at a time (spool/live.py).
+    sent = joined(spans)
     return Prepared(rows[:len(sent)], sent, tuple(bodies), tuple(ids) if keyed else sent, (),
                     not keyed)
 
