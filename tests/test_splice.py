@@ -130,7 +130,7 @@ def test_an_event_over_segments_limit_stops_the_splice_by_its_records_longest() 
               shortest=len(small))
     queued = Queued([run])
     batch = up.prepare(queued)
-    assert tuple(batch.seqs) == (10, 12) and [seq for seq, _ in batch.refused] == [11]
+    assert batch.seqs == (10, 12) and [seq for seq, _ in batch.refused] == [11]
     fits = Run(10, 1, SEGMENT, 0, [small] * 3, None, longest=len(small), shortest=len(small))
     assert up.prepare(Queued([fits])).seqs == range(10, 13)   # a range: no int per event
 
@@ -143,7 +143,7 @@ def test_splice_takes_whole_runs_without_making_rows() -> None:
     up.cfg = config(NucleusHttpUplink, 500, 500_000)
     up.limit = NucleusHttpUplink.event_limit(up.cfg)   # as __init__ sets it
     batch = up.prepare(queued)
-    assert batch.seqs == range(10, 15) and batch.bodies == tuple(bodies)
+    assert batch.seqs == (10, 11, 12, 13, 14) and batch.bodies == tuple(bodies)
     assert batch.ids == tuple(f"e{i}" for i in range(5)) and isinstance(batch.rows, Queued)
     assert take_prefix(up, list(queued), in_flight=()).bodies == batch.bodies
 
@@ -158,17 +158,17 @@ async def test_a_run_whose_ids_repeat_is_spliced_up_to_the_repeat() -> None:
     async with aiohttp.ClientSession() as session:
         up = NucleusWsUplink(config(NucleusWsUplink, 500, 500_000), "app", session, "m")
         first = up.prepare(queued)
-        assert first.seqs == range(10, 13) and first.bodies == tuple(bodies[:3])
+        assert first.seqs == (10, 11, 12) and first.bodies == tuple(bodies[:3])
         assert isinstance(first.rows, Queued)    # spliced: no Row made per event
         up.in_flight = {4: 99}                   # and stopping before one in flight
         second = up.prepare(queued[3:])
-        assert second.seqs == range(13, 14) and isinstance(second.rows, Queued)
+        assert second.seqs == (13,) and isinstance(second.rows, Queued)
     # Nothing in flight (nucleus-http, one request at a time): the repeat alone cuts it.
     http = NucleusHttpUplink.__new__(NucleusHttpUplink)
     http.cfg = config(NucleusHttpUplink, 500, 500_000)
     http.limit = NucleusHttpUplink.event_limit(http.cfg)   # as __init__ sets it
     batch = http.prepare(queued)
-    assert batch.seqs == range(10, 13) and isinstance(batch.rows, Queued)
+    assert batch.seqs == (10, 11, 12) and isinstance(batch.rows, Queued)
 
 
 async def send_all(up: NucleusWsUplink, queued: Queued, sent: list[int], total: int) -> None:
@@ -265,10 +265,9 @@ async def test_events_without_an_id_are_spliced_with_their_seq_as_id(tmp_path: A
             first = up.prepare(queued)
             assert isinstance(first.rows, Queued)       # spliced: no Row, no parse per event
             # Up to the event whose id 7 is the 7th event's seq, its ack id in the batch.
-            assert tuple(first.seqs) == tuple(r.seq for r in list(queued)[:200]) \
-                and seqs[6] == 7
+            assert first.seqs == tuple(r.seq for r in list(queued)[:200]) and seqs[6] == 7
             one_by_one = take_prefix(up, list(queued), in_flight={})
-            assert (tuple(first.seqs), first.bodies, tuple(first.ids)) == (
+            assert (first.seqs, first.bodies, first.ids) == (
                 one_by_one.seqs, one_by_one.bodies, one_by_one.ids)
             result = await up.send(first)
             assert result.seqs == first.seqs   # type: ignore[union-attr]

@@ -261,9 +261,9 @@ class Writer:
             self._taking = None
 
     async def ack(self, seqs: Sequence[int]) -> None:
-        # A range kept as it is (LiveRecords.settle takes it whole); anything else copied,
-        # as the caller's own.
-        self._batch.acks.append(seqs if type(seqs) is range else list(seqs))
+        # A range kept as it is (LiveRecords.settle takes it whole), a tuple too; anything
+        # else copied, as the caller's own to change.
+        self._batch.acks.append(seqs if isinstance(seqs, (range, tuple)) else list(seqs))
         await self._settled()
 
     async def dead_letter(self, rows: Sequence[tuple[int, str, str]]) -> None:

@@ -18,7 +18,7 @@ from __future__ import annotations
 
 from bisect import bisect_right
 from collections.abc import Sequence
-from itertools import accumulate, repeat
+from itertools import accumulate, chain, repeat
 from operator import add, itemgetter
 from typing import Any
 
@@ -113,9 +113,11 @@ def take(uplink: Encoder, rows: Sequence[Row],
             break
     if not spans or (not keyed and not objects(bodies, sized)):
         return None
-    # One range when the runs follow each other (a drain's usual batch): no int made per
-    # event, and the ack settles it a record at a time (spool/live.py).
-    sent = joined(spans)
+    # Unkeyed (Segment), one range when the runs follow each other (a drain's usual
+    # batch): no int made per event, and the ack settles it a record at a time
+    # (spool/live.py). Keyed, a tuple: nucleus-ws walks a frame's seqs several times
+    # (its reply matched against them), and a range made each int again each time.
+    sent = tuple(chain.from_iterable(spans)) if keyed else joined(spans)
     return Prepared(rows[:len(sent)], sent, tuple(bodies), tuple(ids) if keyed else sent, (),
                     not keyed)
 
