@@ -67,6 +67,6 @@ def test_a_drains_acks_settle_a_record_at_a_time_as_ranges() -> None:
 
 def test_held_acks_join_into_one_range_only_when_they_follow_each_other() -> None:
     assert joined([range(10, 15), range(15, 20)]) == range(10, 20)
-    assert joined([range(10, 15), range(16, 20)]) == (*range(10, 15), *range(16, 20))
-    assert joined([range(10, 15), (15, 16)]) == (*range(10, 15), 15, 16)
-    assert joined([(3, 1)]) == (3, 1)
+    assert joined([range(10, 15), range(16, 20)]) == [*range(10, 15), *range(16, 20)]
+    assert joined([range(10, 15), (15, 16)]) == [*range(10, 15), 15, 16]
+    assert joined([(3, 1)]) == [3, 1]

@@ -5,7 +5,7 @@ from __future__ import annotations
 from array import array
 from bisect import bisect_left, bisect_right
 from collections.abc import Iterable, Sequence
-from itertools import chain, compress
+from itertools import compress
 from operator import attrgetter
 
 from agent.spool.commit import Settle
@@ -100,7 +100,10 @@ class LiveRecords:
         chunks = list(acked)
         spans = _disjoint(chunks)
         if spans is None:
-            self._settle_seqs(sorted(set(chain.from_iterable(chunks))), out)
+            seqs: set[int] = set()
+            for chunk in chunks:
+                seqs.update(chunk)
+            self._settle_seqs(sorted(seqs), out)
         else:
             # A drain's acks: ranges (spliced batches), a record at a time, with no int
             # made per seq, and no set and sort of them.
