@@ -1,13 +1,21 @@
 """LiveRecords.settle takes a drain's acks as ranges, a record at a time: the same
-Settles, offset for offset, as the same seqs given one int at a time."""
+Settles, offset for offset, as the same seqs given one int at a time; and a commit
+settles records acked whole together, as if each had been settled alone."""
 
 from __future__ import annotations
 
+import asyncio
 from collections.abc import Sequence
+from pathlib import Path
 
+import orjson
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
+from agent.families.event import SEGMENT, Event, dedupe_key
+from agent.outcomes import Tally
+from agent.settings import StorageConfig
+from agent.spool import Spool
 from agent.spool.commit import Settle
 from agent.spool.live import LiveRecords
 from agent.spool.types import joined
@@ -70,3 +78,39 @@ def test_held_acks_join_into_one_range_only_when_they_follow_each_other() -> Non
     assert joined([range(10, 15), range(16, 20)]) == [*range(10, 15), *range(16, 20)]
     assert joined([range(10, 15), (15, 16)]) == [*range(10, 15), 15, 16]
     assert joined([(3, 1)]) == [3, 1]
+
+
+async def test_one_commit_settles_whole_records_a_part_and_a_dead_letter(tmp_path: Path) -> None:
+    """Acks that land in one commit: records acked whole (deleted together), a record
+    acked in part and one with a dead letter (settled one by one), a range and a list,
+    and a seq in no record. What stays queued, the counts, and every delivered event's
+    dedupe key (across a reopen) are as if each had been settled alone."""
+    spool = await Spool.open(StorageConfig(path=str(tmp_path / "spool.db")))
+    for part in range(4):   # one record each
+        await spool.append([ev(10 * part + i) for i in range(5)])
+    queued = await spool.fetch(spool.streams["k"].id, 0, 100)
+    firsts = [run.first for run in queued.runs]
+    assert len(firsts) == 4 and all(len(run.bodies) == 5 for run in queued.runs)
+    await asyncio.gather(
+        spool.ack(range(firsts[0], firsts[0] + 5)),                 # whole
+        spool.ack([*range(firsts[1], firsts[1] + 5), 999_999]),     # whole, and unknown
+        spool.ack(range(firsts[2] + 1, firsts[2] + 3)),             # a part
+        spool.ack([firsts[3]]),
+        spool.dead_letter([(firsts[3] + 4, "up", "refused")]))
+    assert spool.counters[Tally.ACKED] == 13 and spool.depth == 6
+    left = await spool.fetch(spool.streams["k"].id, 0, 100)
+    assert [r.seq for r in left] == [firsts[2], firsts[2] + 3, firsts[2] + 4,
+                                     firsts[3] + 1, firsts[3] + 2, firsts[3] + 3]
+    assert [d["seq"] for d in await spool.dead_letters()] == [firsts[3] + 4]
+    await spool.close()
+    again = await Spool.open(StorageConfig(path=str(tmp_path / "spool.db")))
+    delivered = [*range(0, 5), *range(10, 15), 21, 22, 30]
+    assert await again.append([ev(n) for n in delivered]) == 0   # duplicates, all
+    assert await again.append([ev(20)]) == 0                     # still queued: a duplicate
+    assert again.depth == 6
+    await again.close()
+
+
+def ev(n: int) -> Event:
+    return Event("k", SEGMENT, dedupe_key("k", n),
+                 orjson.dumps({"type": "track", "messageId": f"m{n}", "pad": "x" * 40}))

@@ -220,8 +220,8 @@ def _commit(conn: sqlite3.Connection, job: Job) -> Outcome:
         if job.new_streams:
             conn.executemany("INSERT OR IGNORE INTO streams(id, key) VALUES (?, ?)",
                              job.new_streams)
-        for s in job.settle:
-            _settle(conn, s, job, out)
+        if job.settle:
+            _settle_all(conn, job, out)
         moved = out.counters.get(Drop.DEAD_LETTERED, 0)
         if moved and (over := used_bytes(conn) - job.cap()) > 0:
             _trim_dead(conn, over, out)   # dead letters that alone pass the cap
@@ -470,21 +470,45 @@ def _regroup(job: Job, kept: list[int]) -> list[tuple[Group, bytes, bytes]]:
     return packed
 
 
-def _settle(conn: sqlite3.Connection, s: Settle, job: Job, out: Outcome) -> None:
-    """Mark events of one record gone; delete the record once none is live."""
-    row = conn.execute("SELECT stream, family, n, received, live, gone, bytes, dkeys, data, "
-                       "lane FROM records WHERE id = ?", (s.id,)).fetchone()
-    if row is None:  # already gone (a repeated ack, or dropped meanwhile)
-        return
+def _settle_all(conn: sqlite3.Connection, job: Job, out: Outcome) -> None:
+    """Settle ``job.settle``: the records acked whole first, all at once (the drain's
+    usual case: their rows read by one statement, deleted and their keys kept by one
+    executemany each, not three statements a record, each its own call), then the others
+    one by one. Deleted first, they are gone when a dead letter measures the room left."""
+    rows = {row[0]: row[1:] for row in conn.execute(
+        "SELECT id, stream, family, n, received, live, gone, bytes, dkeys, data, lane "
+        "FROM records WHERE id IN (SELECT value FROM json_each(?))",
+        (str([s.id for s in job.settle]).replace(" ", ""),))}
+    rest: list[tuple[Settle, tuple[Any, ...]]] = []
+    whole: list[tuple[int, int, int, bytes]] = []   # (id, received, observed, dkeys)
+    for s in job.settle:
+        row = rows.get(s.id)
+        if row is None:  # already gone (a repeated ack, or dropped meanwhile)
+            continue
+        stream, _, n, received, live, gone_blob, nbytes, dkeys, _, lane = row
+        acked = s.acked
+        if (not s.dead and gone_blob is None and len(acked) == live == n and acked[0] == 0
+                and acked[-1] == n - 1):
+            record(out.counters, Tally.ACKED, n)   # nothing per event
+            whole.append((s.id, received, s.observed, dkeys))
+            out.left(stream, lane, n, nbytes)
+        else:
+            rest.append((s, row))
+    if whole:
+        conn.executemany("DELETE FROM records WHERE id = ?", [(w[0],) for w in whole])
+        if job.remember:
+            conn.executemany("INSERT OR REPLACE INTO spent(id, received, observed, dkeys) "
+                             "VALUES (?, ?, ?, ?)", whole)
+        out.deleted.extend(w[0] for w in whole)
+    for s, row in rest:
+        _settle(conn, s, job, out, row)
+
+
+def _settle(conn: sqlite3.Connection, s: Settle, job: Job, out: Outcome,
+            row: tuple[Any, ...]) -> None:
+    """Mark events of one record gone (``row``: its columns as _settle_all read them);
+    delete the record once none is live."""
     stream, family, n, received, live, gone_blob, nbytes, dkeys, data, lane = row
-    acked = s.acked
-    if (not s.dead and gone_blob is None and len(acked) == live == n and acked[0] == 0
-            and acked[-1] == n - 1):
-        # The whole record acked at once, the drain's usual case: nothing per event.
-        record(out.counters, Tally.ACKED, n)
-        _delete(conn, s, job, received, dkeys, out)
-        out.left(stream, lane, n, nbytes)
-        return
     if not s.dead and _settle_range(conn, s, job, out, row):
         return
     gone = bytearray(gone_blob or bytes((n + 7) // 8))
