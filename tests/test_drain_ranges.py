@@ -6,14 +6,17 @@ event is a duplicate, stored and sent no more."""
 
 from __future__ import annotations
 
+import asyncio
 from typing import Any
 
 import aiohttp
 import pytest
 
 from agent.outcomes import Tally
+from tests.fakes.faulty_upstream import Fault, FaultyUpstream
 from tests.fakes.segment_upstream import FakeSegment
 from tests.segment_helpers import basic, call, segment_up
+from tests.test_upstream_faults import drained, event, resent_after, send, upstream
 from tests.waiting import wait_for
 
 SIZES = (7, 13, 5, 20, 9, 1, 11)     # one request, one record each
@@ -60,3 +63,22 @@ async def test_a_backlog_drained_across_records_with_refusals_adds_up_and_stays_
     # Only the dead-lettered may come back; every delivered one is a duplicate.
     assert again.spool.counters.get(Tally.DUPLICATES, 0) - before >= len(good)
     assert again.spool.depth <= len(poison)
+
+
+async def test_acks_held_as_ranges_at_a_stop_are_saved_and_not_sent_again(
+        make_agent: Any, faulty: FaultyUpstream) -> None:
+    """Three 5-event batches acknowledged (their ranges held for a grouped delete), the
+    fourth hanging when the agent stops: after a restart none of the 15 goes again."""
+    gate = asyncio.Event()
+    faulty.script = [Fault("slow"), Fault("slow"), Fault("slow"), Fault("slow", until=gate)]
+    up = upstream(faulty, "segment-http", batch_max_events=5)
+    agent = await make_agent(upstreams=[up])
+    await send(agent, [event(i) for i in range(40)])
+    await wait_for(lambda: len(faulty.requests) >= 4)
+    await agent.stop()
+    gate.set()
+    first = len(faulty.requests)
+    again = await make_agent(upstreams=[up])
+    await drained(again, faulty, 40)
+    assert not set(resent_after(faulty, faulty.requests[first - 1])) & set(range(15))
+    assert again.spool.counters[Tally.ACKED] == 40
