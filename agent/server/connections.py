@@ -50,7 +50,7 @@ from agent.dialects.base import CLIENT_EOF
 from agent.dialects.replies import plain_error
 from agent.logs import log_limited
 from agent.metrics import Metrics
-from agent.server.express import MORE, ExpressLane
+from agent.server.express import MORE, ExpressLane, HeadScan
 from agent.settings import ListenConfig
 
 log = logging.getLogger("outpost")
@@ -156,8 +156,8 @@ class _Conn(asyncio.Protocol):
     """
 
     __slots__ = ("active", "answered", "broken", "buf", "deadline", "edge", "eof", "finished", "head",
-                 "inner", "lane", "length", "limits", "paused", "payload", "pos", "serving",
-                 "spare", "state", "timer", "transport", "writable")
+                 "inner", "lane", "length", "limits", "paused", "payload", "pos", "scan",
+                 "serving", "spare", "state", "timer", "transport", "writable")
 
     def __init__(self, limits: ConnectionLimits, inner: asyncio.Protocol,
                  lane: ExpressLane | None) -> None:
@@ -166,6 +166,7 @@ class _Conn(asyncio.Protocol):
         self.lane = lane
         self.buf = bytearray()  # the express lane's bytes; those before ``pos`` are answered
         self.pos = 0
+        self.scan = HeadScan()  # how far the lane read the head at ``pos``, not yet whole
         self.paused = False     # reading paused: more than BUF_MAX bytes wait in buf
         self.serving = False    # an express reply is pending
         # The peer stopped sending while a reply was pending (the lane's, or aiohttp's):
@@ -333,7 +334,7 @@ class _Conn(asyncio.Protocol):
     def _next(self) -> None:
         """Answer the first request waiting in ``buf`` in the express lane, or hand over."""
         assert self.lane is not None and self.transport is not None
-        found = self.lane.match(self.buf, self.pos)
+        found = self.lane.match(self.buf, self.pos, self.scan)
         if found == MORE and self.eof or found is None and self.lane.closing:
             # A request the peer stopped sending before its end, or the agent is stopping:
             # the connection is about to close, so what the lane cannot answer is left
