@@ -826,3 +826,44 @@ async def test_a_head_sent_a_byte_a_packet_is_read_once_not_once_a_packet() -> N
     await wait_for(lambda: transport.written == 1)
     assert answered == [body]
     assert buf.read <= 8 * len(stream), buf.read
+
+
+def lane_tables_empty(lane: ExpressLane) -> bool:
+    """Nothing left of any connection in the lane's tables: tasks, those waiting for a
+    request, requests queued for a busy task, connections to forget once idle."""
+    return not (lane._tasks or lane._waiting or lane._next or lane._forgotten)
+
+
+async def test_a_connection_reset_with_requests_queued_behind_one_leaves_no_trace_in_the_lane(
+        make_agent: Callable[..., Any]) -> None:
+    """Clients pipeline three requests each; while the first of each is being answered
+    (commits held), two are reset (RST), two shut their side (FIN), and two wait for
+    their replies. Once commits go on, every table of the lane empties: a request queued
+    behind one being answered is never left there by a client that leaves (the lane takes
+    the next request only as the reply before it is written, and none is written to a
+    connection reset). A reset client's queued requests are dropped; those of a client
+    that only shut its side are answered, as are the waiting clients'."""
+    agent = await make_agent()
+    lane = agent.app[EXPRESS]
+    clients = [await Client.open(agent.port) for _ in range(6)]
+    firsts = [track() for _ in clients]
+    async with agent.spool.writer.lock:
+        for client, first in zip(clients, firsts):
+            client.writer.write(post("/v1/track", first)
+                                + post("/v1/track", track()) + post("/v1/track", track()))
+        await wait_for(lambda: agent.metrics.inflight_bytes == sum(map(len, firsts)))
+        for i, client in enumerate(clients[:4]):
+            if i % 2:
+                sock = client.writer.get_extra_info("socket")
+                sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, b"\x01\0\0\0\0\0\0\0")
+                client.writer.transport.abort()
+            else:
+                client.writer.close()
+        await wait_for(lambda: agent.metrics.connections_open == 4)
+    for client in clients[4:]:
+        for _ in range(3):
+            assert (await client.reply()).startswith(b"HTTP/1.1 200 ")
+        await client.close()
+    await wait_for(lambda: lane_tables_empty(lane))
+    await wait_for(lambda: agent.spool.depth == 2 * 1 + 4 * 3)
+    assert express_count(agent) == 2 * 1 + 4 * 3
