@@ -182,7 +182,9 @@ class ExpressLane:
         self._metrics = metrics
         # Each connection's task (one request at a time), while the connection is the
         # lane's; those waiting for their next request (None: none comes, the task ends),
-        # a request given while its task was busy, and the tasks to end once idle.
+        # a request given while its task was busy (only ever while it writes a reply, and
+        # taken as that write returns: never held across an await, so no cancel or reset
+        # can leave one here), and the tasks to end once idle.
         self._tasks: dict[Connection, asyncio.Task[None]] = {}
         self._waiting: dict[Connection, asyncio.Future[Request | None]] = {}
         self._next: dict[Connection, Request] = {}
