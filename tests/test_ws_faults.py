@@ -435,3 +435,37 @@ async def test_a_handshake_left_unanswered_says_so_in_last_error(make_agent: Any
     finally:
         done.set()
         server.close()
+
+
+async def test_a_timeout_s_past_aiohttps_own_bound_is_the_one_a_handshake_gets(
+        make_agent: Any, fast_backoff: Seams, monkeypatch: pytest.MonkeyPatch) -> None:
+    """An aiohttp session bounds each request at 300 s in all (its connect at 30 s) unless
+    told otherwise, and a websocket's handshake is such a request: with timeout_s past
+    that, a handshake left unanswered failed at aiohttp's bound, as `connect failed:
+    TimeoutError`, naming neither. Here aiohttp's default is 0.1 s and timeout_s 1 s (for
+    300 s and more): the handshake waits timeout_s, and last_error says so."""
+    monkeypatch.setattr(aiohttp.client, "DEFAULT_TIMEOUT",
+                        aiohttp.ClientTimeout(total=0.1, sock_connect=0.1))
+    answer = asyncio.Event()
+
+    async def never(request: web.Request) -> web.StreamResponse:
+        await answer.wait()
+        return web.Response(status=503)
+
+    app = web.Application()
+    app.router.add_get("/{path:.*}", never)
+    server = LoopbackServer()
+    await server._serve(app)
+    try:
+        agent = await make_agent(upstreams=[{
+            "name": "up", "protocol": "nucleus-ws", "url": server.ws_url,
+            "flush_interval_s": 0.02, "timeout_s": 1}])
+        state = agent.forwarding.states["up"]
+        await send(agent, [event(0)])
+        await wait_for(lambda: state.retries >= 1)
+        error = state.last_error or ""
+        assert "no websocket handshake within 1s (timeout_s)" in error, error
+        assert agent.spool.depth == 1
+    finally:
+        answer.set()
+        await server.stop()
