@@ -161,8 +161,15 @@ def client_session() -> aiohttp.ClientSession:
     hundred keys' websockets open, the next key's handshake and every other upstream's
     requests waited for one until their timeout, and failed. The forwarder bounds its
     connections itself, per upstream: a websocket per loop (supervisor.MAX_LOOPS), a
-    request per batch in flight (slots.BATCHES_IN_FLIGHT)."""
+    request per batch in flight (slots.BATCHES_IN_FLIGHT).
+
+    Without aiohttp's default timeouts either (300 s for a request in all, 30 s for its
+    connect): each use is bounded by the upstream's ``timeout_s`` (a POST by its own
+    ClientTimeout, a websocket's handshake by nucleus_ws), and a websocket's handshake
+    takes no ClientTimeout of its own: with timeout_s past 30 or 300 s, aiohttp's came
+    first, as a bare "connect failed: TimeoutError"."""
     return aiohttp.ClientSession(connector=aiohttp.TCPConnector(limit=0),
+                                 timeout=aiohttp.ClientTimeout(),
                                  auto_decompress=True,
                                  middlewares=(refuse_redirects, read_refused_handshakes),
                                  trace_configs=[_CONNECTED])
