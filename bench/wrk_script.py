@@ -50,8 +50,13 @@ end
 # The thread stops on the reply that reaches the count; requests still in flight on the other
 # connections are then abandoned (at most one per connection), as the fill's depth shows.
 # wrk's main thread sleeps for -d whatever its threads do, so a SIGINT to wrk (the shell's
-# parent) ends that sleep and wrk reports as at the end of -d. It is sent from the background
-# 10 ms later because system() ignores SIGINT in wrk until the shell returns.
+# parent) ends that sleep and wrk reports as at the end of -d. It is sent from the background,
+# again every 20 ms while wrk lives (at most 10 s): one SIGINT can be lost, as system()
+# ignores SIGINT in wrk until the shell returns (past the first 10 ms on a busy machine), and
+# one the kernel hands to a thread still running leaves the main thread asleep. A fill then
+# sat idle for its whole -d (600 s) after its last reply. Only while $PPID is still a wrk:
+# pids are reused, and the bench starts agents, which a SIGINT stops. Its output is not
+# wrk's: the harness reads wrk's to its end.
 STOP = r"""
 local max_requests = tonumber(os.getenv("BENCH_MAX_REQUESTS") or "0")
 local replies = 0
@@ -59,7 +64,8 @@ function response(status, headers, body)
   replies = replies + 1
   if replies == max_requests then
     wrk.thread:stop()
-    os.execute("(sleep 0.01; kill -INT $PPID) &")
+    os.execute("(i=0; while [ $i -lt 500 ]; do sleep 0.02; c=; { read c < /proc/$PPID/comm; }" ..
+               " 2>/dev/null; [ \"$c\" = wrk ] || exit 0; kill -INT $PPID; i=$((i + 1)); done) >/dev/null 2>&1 &")
   end
 end
 """
