@@ -14,6 +14,7 @@ from typing import Any
 
 import aiohttp
 import orjson
+import pytest
 
 from agent.clock import Clock
 from agent.families.event import NUCLEUS, Event, dedupe_key
@@ -237,13 +238,18 @@ async def test_a_lane_change_during_a_read_sends_nothing_read_under_the_old_lane
     assert agent.spool.streams["app1"].depth == 1   # 1, normal: held
 
 
+# One batch in flight, the next read ahead two batches deep: the rows a high read left are
+# not the normal lane's share.
+@pytest.mark.parametrize("in_flight", [{}, {"max_in_flight": 1}], ids=["pipelined", "one"])
 async def test_a_busy_high_lane_leaves_the_normal_lane_a_share(
-        make_agent: Any, fake_nucleus: FakeNucleus, clock: Clock) -> None:
+        make_agent: Any, fake_nucleus: FakeNucleus, clock: Clock,
+        in_flight: dict[str, int]) -> None:
     """An app in an error loop keeps the high lane full: normal events must still go (a
     batch of them after every few high batches), each lane FIFO."""
     timing = ManualTiming()
     battery = {"now": Battery(percent=9, plugged=False)}   # holds while the backlog is posted
-    agent = await make_agent(upstreams=[{**nucleus_up(fake_nucleus), "batch_max_events": 5}],
+    agent = await make_agent(upstreams=[{**nucleus_up(fake_nucleus), "batch_max_events": 5,
+                                         **in_flight}],
                              seams=Seams(timing=timing), battery=lambda: battery["now"],
                              sync={"on_low_battery": "hold", "low_battery_pct": 20})
     await post(agent.port, [(i, "event") for i in range(1, 11)])

@@ -238,3 +238,55 @@ async def test_a_high_event_that_comes_while_a_high_one_is_dead_lettered_still_g
             answering.cancel()
     after_split = next(sent for sent in up.received if "499" in sent)
     assert after_split[0] == "high", after_split[:3]
+
+
+# A read ahead fetches two batches' rows: the second batch's read ahead starts from the rows
+# the first left, without the spool. (the third batch's answer, the batches received.)
+KEPT = {
+    "taken": (200, [ids(0, 500), ids(500, 1000), ids(1000, 1500), ids(1500, 2000),
+                    ids(2000, 2500)]),
+    "failed": (503, [ids(0, 500), ids(500, 1000), ids(1000, 1500), ids(1000, 1500),
+                     ids(1500, 2000), ids(2000, 2500)]),
+}
+
+
+@pytest.mark.parametrize("answered", KEPT)
+async def test_a_batch_read_ahead_from_the_rows_the_last_read_left_goes_in_its_turn(
+        make_agent: Any, answered: str) -> None:
+    status, received = KEPT[answered]
+    async with draining(make_agent, 5 * BATCH) as (agent, up):
+        for expected in (ids(0, 500), ids(500, 1000)):
+            sent, answer = await up.next()
+            assert sent == expected
+            await read_ahead(agent)
+            answer.set_result(200)
+        sent, answer = await up.next()
+        assert sent == ids(1000, 1500)   # read ahead from the rows the read before left
+        await read_ahead(agent)
+        answer.set_result(status)
+        answering = asyncio.create_task(up.answer_all())
+        await drained(agent, up, answering)
+    assert up.received == received
+    assert up.stored == ids(0, 5 * BATCH)
+
+
+async def test_a_high_event_that_comes_after_a_read_ahead_from_left_rows_goes_first(
+        make_agent: Any) -> None:
+    """The second batch's read ahead starts from rows read with the first (no spool read):
+    a high event stored after it still goes in the batch after the one in flight."""
+    async with draining(make_agent, 3 * BATCH) as (agent, up):
+        _, answer = await up.next()
+        await read_ahead(agent)
+        answer.set_result(200)
+        sent, answer = await up.next()
+        assert sent == ids(500, 1000)
+        await read_ahead(agent)   # from the rows the read of this batch left
+        await post(agent, [{"type": "track", "event": "Application Error", "userId": "u",
+                            "messageId": "high"}])
+        answer.set_result(200)
+        answering = asyncio.create_task(up.answer_all())
+        try:
+            await wait_for(lambda: agent.spool.depth == 1, timeout=20)
+        finally:
+            answering.cancel()
+    assert up.received == [ids(0, 500), ids(500, 1000), ["high", *ids(1000, 1499)]]
