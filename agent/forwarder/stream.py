@@ -49,6 +49,11 @@ from agent.uplinks.prepare import Prepared
 log = logging.getLogger("outpost.forwarder")
 
 FETCH_FACTOR = 4  # rows fetched per spool read, in batches
+# With one batch in flight (an HTTP uplink), a read ahead fetches this many batches' events
+# (in one batch's bytes, what its slot may hold): the one that goes next, and the rest kept
+# (``_spare``) for the read ahead after it, so that only every other turn waits on the
+# reader thread.
+AHEAD_BATCHES = 2
 # An event the upstream answers for but leaves out is given up to dead letters once the
 # answers that left it out weigh OMITTED_LIMIT: the upstream will not take it, and it
 # would hold its key forever. An answer that passed it over (acknowledged a later event
@@ -176,6 +181,9 @@ class StreamForwarder:
         # read's, so that the loop never holds one while it waits for another.
         self._ahead: _Ahead | None = None
         self._ahead_slot = False
+        # Rows read beyond the batch just sent, a whole batch or more: the next step's read
+        # ahead, if it is the step's next move, starts from them; any other move drops them.
+        self._spare: Queued | None = None
         self._acking: set[asyncio.Task[None]] = set()  # spool deletes of upstream-acked rows
         # Upstream-acked rows not yet handed to spool.ack, as each ack gave them, and how
         # many: a spliced batch's are a range, kept whole down to the spool's settle.
@@ -245,6 +253,7 @@ class StreamForwarder:
     async def _step(self) -> None:
         self.wake.clear()      # before reading any state: see the module docstring
         self.interrupt.clear()
+        spare, self._spare = self._spare, None
         if self._crash is not None:
             raise self._crash
         if self._failed is not None:
@@ -286,7 +295,7 @@ class StreamForwarder:
                 self.released = self.yielded = True
             return
         if len(self._tasks) >= self.window:
-            self._read_ahead()
+            self._read_ahead(spare)
             await self._idle(None)
             return
         queued = self.queued()
@@ -342,11 +351,19 @@ class StreamForwarder:
             return
         if share and not (rows and (self._full(rows) or self._due(rows))):
             return  # none of it to send yet (in flight, or not due): the high lane goes on
-        await self._after_read(rows, batch)
+        left = await self._after_read(rows, batch)
+        if left is not None and self.window == 1 and self._full(left):
+            # The next read (the read ahead, with no await between) asks for the rows after
+            # those sent: these, if from the same lanes and bound (a share of the normal
+            # lane is read alone), and if no event came before them (none can, without an
+            # await; a high one coming later drops the read ahead: _rows_ahead).
+            after, _ = self._next_read(1)
+            if (after[3], after[5]) == (read[3], read[5]):
+                self._spare = left
 
-    async def _after_read(self, rows: Queued, ready: Prepared | None = None) -> None:
+    async def _after_read(self, rows: Queued, ready: Prepared | None = None) -> Queued | None:
         """Send what ``rows`` hold, as the window allows; ``ready``: their first batch,
-        prepared ahead (_fetch_ahead)."""
+        prepared ahead (_fetch_ahead). Returns the rows left when the window filled."""
         lanes = self.lanes
         if not rows:
             self._leave_slots()   # before any wait: an idle loop holds no slot, waits for none
@@ -358,16 +375,16 @@ class StreamForwarder:
                     # Rows behind the cursors are still queued: an ack's delete did not
                     # commit (a locked or full disk). Send them again.
                     self._rewind()
-                    return
+                    return None
                 if self.until is not None and not self._acking:
                     self._released_sent()
-                    return
+                    return None
                 if self.release is not None:
                     await self._release_when_idle(
                         0.0 if self.release.crowded() else self.release.idle_s)
-                    return
+                    return None
             await self._idle(None)
-            return
+            return None
         self._empty_since = None
         if rows[0].seq in self.omitted.alone:
             rows, ready = rows[:1], None   # the head of a batch left out whole: judged alone
@@ -376,7 +393,7 @@ class StreamForwarder:
             self._ack_held()
             self._quiet()
             await self._idle(until_due(_oldest(rows), self.cfg.flush_interval_s))
-            return
+            return None
         self._mark_sending(True)   # a batch goes now (after a connect, maybe)
         if not self._tasks and (opening := self.uplink.connecting()) is not None:
             # A connection may open now: open it before preparing, or an upstream that
@@ -389,9 +406,9 @@ class StreamForwarder:
             failed = await self._connect(opening)
             if failed is not None:
                 self._failed = failed
-                return
+                return None
             if self._crash is not None or self.stopping or self.lanes != lanes:
-                return  # changed while it connected: read again (or end) before sending
+                return None  # changed while it connected: read again (or end) before sending
         if (dropping := self.spool.dropping) is not None:
             # A commit or expiry runs that may drop records, and it took the leases before
             # these rows were read: leased now, they are left by any that starts from here;
@@ -404,19 +421,19 @@ class StreamForwarder:
                 self._cursors[:] = before
             if self._failed is not None or self._crash is not None or self.stopping \
                     or self.lanes != lanes:
-                return
+                return None
         if self.spool.dropped_since(rows):
             # A commit ran since the read (while it connected, waited for a drop, or after a
             # read ahead) and dropped some of them: sent, they were delivered and counted
             # dropped too.
-            return  # read again
+            return None  # read again
         batch = self.uplink.prepare(rows) if ready is None else ready
         if not batch.rows:  # the first row's id is still in flight: wait for its ack
             if not self._tasks:  # ...but nothing is: waiting would be forever
                 raise RuntimeError(f"uplink {self.uplink.name} took no row, none in flight")
             self._leave_slots()
             await self._idle(None)
-            return
+            return None
         # One read feeds as many batches as the window allows: reading FETCH_FACTOR
         # batches' worth of rows per batch sent kept the reader thread (building rows
         # it then dropped) the drain's bottleneck.
@@ -428,10 +445,12 @@ class StreamForwarder:
             self._track(self._tasks, self._deliver(batch)).add_done_callback(
                 functools.partial(self._answered, len(batch.rows)))
             rows = rows[len(batch.rows):]
-            if len(self._tasks) >= self.window or not rows or not self._granted or (
-                    not self._full(rows) and not self._due(rows)):
-                return
+            if len(self._tasks) >= self.window:
+                return rows or None
+            if not rows or not self._granted or (not self._full(rows) and not self._due(rows)):
+                return None
             batch = self.uplink.prepare(rows)
+        return None
 
     def _mark_sending(self, sending: bool) -> None:
         """Count this loop in its upstream's ``sending`` (status shows the upstream
@@ -464,13 +483,14 @@ class StreamForwarder:
         if not self._tasks and not self._acking:
             self._mark_sending(False)
 
-    def _read_ahead(self) -> None:
+    def _read_ahead(self, spare: Queued | None) -> None:
         """With its one batch in flight, start reading the batch that goes next, so that it
         is ready when the answer comes: an HTTP uplink sends one batch at a time, and its
         drain otherwise waited out each read and prepare in series with the upstream (a
         pipelined uplink has others in flight meanwhile). Only from a clean state, when a
         whole batch waits behind the one in flight (or a flush), and with a free slot: the
-        rows it holds count as a batch."""
+        rows it holds count as a batch. ``spare``: the rows the last read left, to start
+        from instead of the spool."""
         if self.window > 1 or self._ahead is not None or self._failed is not None \
                 or self._reopen or self.stopping or self._crash is not None:
             return
@@ -481,13 +501,19 @@ class StreamForwarder:
             return
         read, _ = self._next_read(1)
         self._ahead = _Ahead(read, self.stream.high_in,
-                             asyncio.ensure_future(self._fetch_ahead(read)))
+                             asyncio.ensure_future(self._fetch_ahead(read, spare)))
         self._ahead_slot = True
 
-    async def _fetch_ahead(self, read: _Read) -> _Ready:
-        """The read ahead, and the batch prepared from it while the one before is in
-        flight, if the uplink allows (one taken alone is prepared when it goes)."""
-        rows = await self.spool.fetch(*read)
+    async def _fetch_ahead(self, read: _Read, spare: Queued | None) -> _Ready:
+        """The read ahead (``spare``, or AHEAD_BATCHES batches' events fetched), and the
+        batch prepared from it while the one before is in flight, if the uplink allows (one
+        taken alone is prepared when it goes)."""
+        if spare is not None:
+            rows = spare
+        else:
+            stream, cursors, limit, lanes, max_bytes, until = read
+            rows = await self.spool.fetch(stream, cursors, limit * AHEAD_BATCHES, lanes,
+                                          max_bytes, until)
         if not rows or not self.uplink.prepares_ahead or rows[0].seq in self.omitted.alone:
             return rows, None
         return rows, self.uplink.prepare(rows)
@@ -514,7 +540,7 @@ class StreamForwarder:
         return ready if ready[0] else None   # empty: read again, something may have come
 
     def _drop_ahead(self) -> None:
-        ahead, self._ahead = self._ahead, None
+        ahead, self._ahead, self._spare = self._ahead, None, None
         if ahead is not None:
             ahead.rows.cancel()
             ahead.rows.add_done_callback(_retrieved)
