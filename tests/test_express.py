@@ -18,7 +18,7 @@ import socket
 import time
 import tracemalloc
 import uuid
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable
 from email.utils import formatdate
 from typing import Any
 
@@ -553,6 +553,18 @@ class _Aiohttp(asyncio.Protocol):
         raise AssertionError("handed over")
 
 
+def _lane_connection(route: Callable[[bytes, list[str]], Awaitable[web.Response]]
+                     ) -> tuple[_Conn, _Transport]:
+    """A connection of the express lane with ``route`` at /v1/track, on a test transport."""
+    metrics = Metrics()
+    lane = ExpressLane([Routes({"/v1/track": route}, lambda status: None)],
+                       Guard("127.0.0.1", ()), Admission(1 << 30, metrics), metrics)
+    conn = _Conn(ConnectionLimits(ListenConfig(), 64, metrics), _Aiohttp(), lane)
+    transport = _Transport()
+    conn.connection_made(transport)
+    return conn, transport
+
+
 def test_a_heads_fields_read_from_lines_seen_before_give_the_same_verdicts() -> None:
     """The lane keeps each field line's reading: a head whose lines it has seen is taken or
     left to aiohttp as the first time, a line repeated within a head (the same line twice)
@@ -609,16 +621,10 @@ async def test_a_pipelining_client_cannot_grow_the_lanes_buffer_past_its_bound()
     read (uvloop's read size), while it reads the replies: the lane holds at most BUF_MAX
     bytes waiting, one read, and BUF_MAX answered ones not yet dropped, and every request
     is answered."""
-    metrics = Metrics()
-
     async def ok(raw: bytes, given: list[str]) -> web.Response:
         return json_reply({"Success": True}, 200)
 
-    lane = ExpressLane([Routes({"/v1/track": ok}, lambda status: None)],
-                       Guard("127.0.0.1", ()), Admission(1 << 30, metrics), metrics)
-    conn = _Conn(ConnectionLimits(ListenConfig(), 64, metrics), _Aiohttp(), lane)
-    transport = _Transport()
-    conn.connection_made(transport)
+    conn, transport = _lane_connection(ok)
     one = post("/v1/track", track())
     stream = one * 6000
     read, sent, most = 256 * 1024, 0, 0
@@ -803,18 +809,13 @@ async def test_a_head_sent_a_byte_a_packet_is_read_once_not_once_a_packet() -> N
     """A head of nearly 8 KB, a byte a packet: each packet rescanned the whole head from
     its start (quadratic: ~32 MB read, ~0.2 s of the loop's CPU for one connection). Each
     packet now reads on from where the last stopped: a few times the request's length."""
-    metrics = Metrics()
     answered: list[bytes] = []
 
     async def ok(raw: bytes, given: list[str]) -> web.Response:
         answered.append(raw)
         return json_reply({"Success": True}, 200)
 
-    lane = ExpressLane([Routes({"/v1/track": ok}, lambda status: None)],
-                       Guard("127.0.0.1", ()), Admission(1 << 30, metrics), metrics)
-    conn = _Conn(ConnectionLimits(ListenConfig(), 64, metrics), _Aiohttp(), lane)
-    transport = _Transport()
-    conn.connection_made(transport)
+    conn, transport = _lane_connection(ok)
     conn.buf = buf = _Scanned()
     body = track()
     stream = post("/v1/track", body, fields=tuple((f"X-{i}", "v" * 70) for i in range(100)))

@@ -121,12 +121,27 @@ async def test_the_batch_read_while_one_is_in_flight_goes_in_its_turn(
     assert up.stored == ids(0, events)
 
 
+# (batches answered before the high event comes, events queued, the batches received): the
+# second batch's read ahead starts from the rows the first one's read left (no spool read).
+HIGH_AFTER = {
+    "first read ahead": (0, 2 * BATCH, [ids(0, 500), ["high", *ids(500, 999)]]),
+    "read ahead from left rows": (1, 3 * BATCH, [ids(0, 500), ids(500, 1000),
+                                                 ["high", *ids(1000, 1499)]]),
+}
+
+
+@pytest.mark.parametrize("case", HIGH_AFTER)
 async def test_a_high_event_that_comes_after_the_read_still_goes_first(
-        make_agent: Any) -> None:
+        make_agent: Any, case: str) -> None:
     """A high event (an "Application Error") queued after the next batch was read goes
     in the batch after the one in flight, as without the read ahead."""
-    async with draining(make_agent, 2 * BATCH) as (agent, up):
+    before, events, received = HIGH_AFTER[case]
+    async with draining(make_agent, events) as (agent, up):
         _, answer = await up.next()
+        for _ in range(before):
+            await read_ahead(agent)
+            answer.set_result(200)
+            _, answer = await up.next()
         await read_ahead(agent)
         await post(agent, [{"type": "track", "event": "Application Error", "userId": "u",
                             "messageId": "high"}])
@@ -137,7 +152,7 @@ async def test_a_high_event_that_comes_after_the_read_still_goes_first(
             await wait_for(lambda: agent.spool.depth == 1, timeout=20)
         finally:
             answering.cancel()
-    assert up.received == [ids(0, 500), ["high", *ids(500, 999)]]
+    assert up.received == received
 
 
 class HeldNucleus(LoopbackServer):
@@ -268,25 +283,3 @@ async def test_a_batch_read_ahead_from_the_rows_the_last_read_left_goes_in_its_t
         await drained(agent, up, answering)
     assert up.received == received
     assert up.stored == ids(0, 5 * BATCH)
-
-
-async def test_a_high_event_that_comes_after_a_read_ahead_from_left_rows_goes_first(
-        make_agent: Any) -> None:
-    """The second batch's read ahead starts from rows read with the first (no spool read):
-    a high event stored after it still goes in the batch after the one in flight."""
-    async with draining(make_agent, 3 * BATCH) as (agent, up):
-        _, answer = await up.next()
-        await read_ahead(agent)
-        answer.set_result(200)
-        sent, answer = await up.next()
-        assert sent == ids(500, 1000)
-        await read_ahead(agent)   # from the rows the read of this batch left
-        await post(agent, [{"type": "track", "event": "Application Error", "userId": "u",
-                            "messageId": "high"}])
-        answer.set_result(200)
-        answering = asyncio.create_task(up.answer_all())
-        try:
-            await wait_for(lambda: agent.spool.depth == 1, timeout=20)
-        finally:
-            answering.cancel()
-    assert up.received == [ids(0, 500), ids(500, 1000), ["high", *ids(1000, 1499)]]
