@@ -18,7 +18,12 @@ from typing import Any
 import pytest
 
 from agent.clock import Clock
+from agent.families.lanes import HIGH
+from agent.forwarder.supervisor import Seams
+from agent.sync.monitor import BATTERY_POLL_S
+from agent.sync.policy import Battery
 from tests.fakes.loopback_server import serving
+from tests.fakes.manual_timing import ManualTiming
 from tests.test_read_ahead import BATCH, HeldCollector, ids, post, read_ahead
 from tests.waiting import wait_for
 
@@ -114,3 +119,55 @@ async def test_events_read_ahead_then_dropped_at_the_cap_are_not_sent(
         await drain(agent, up, answer, "dropped_full")
     next_read = ids((before + 1) * BATCH, (before + 2) * BATCH)
     assert not set(next_read) & set(up.stored), "the rows read ahead went out"
+
+
+def high(lo: int, hi: int) -> list[dict[str, Any]]:
+    return [{"type": "track", "event": "Application Error", "userId": "u",
+             "messageId": f"h{i}"} for i in range(lo, hi)]
+
+
+def hids(lo: int, hi: int) -> list[str]:
+    return [f"h{i}" for i in range(lo, hi)]
+
+
+@pytest.mark.parametrize("depth", DEPTH)
+async def test_no_normal_event_read_ahead_goes_after_priority_only(
+        make_agent: Any, depth: str) -> None:
+    """The lanes narrow to the high lane (``priority_only``, a low battery) while the rows
+    read ahead hold the last high events and the first normal ones: only those high
+    events go after the change."""
+    before = DEPTH[depth]
+    highs = (before + 1) * BATCH + 100   # the read ahead (or the rows left) ends in 100
+    timing = ManualTiming()
+    battery = {"now": Battery(percent=9, plugged=True)}
+    up = HeldCollector()
+    async with serving("/v1/batch", up.batch) as url:
+        agent = await make_agent(upstreams=[{
+            "name": "seg", "protocol": "segment-http", "url": url,
+            "flush_interval_s": 3600, "timeout_s": 30}],
+            seams=Seams(timing=timing), battery=lambda: battery["now"],
+            sync={"on_low_battery": "priority_only", "low_battery_pct": 20})
+        await post(agent, high(0, highs) + events(0, 2 * BATCH))
+        sent, answer = await up.next()
+        assert sent == hids(0, BATCH)
+        for n in range(1, before + 1):
+            await read_ahead(agent)
+            answer.set_result(200)
+            sent, answer = await up.next()
+            assert sent == hids(n * BATCH, (n + 1) * BATCH)
+        await read_ahead(agent)
+        loop = agent.forwarding.loops["k"]
+        battery["now"] = Battery(percent=9, plugged=False)
+        await wait_for(lambda: BATTERY_POLL_S in timing.pending())
+        timing.advance(BATTERY_POLL_S)
+        await wait_for(lambda: loop.lanes == (HIGH,))
+        answer.set_result(200)
+        answering = asyncio.create_task(up.answer_all())
+        agent.forwarding.flush()   # the last high events, less than a batch, go now
+        try:
+            await wait_for(lambda: agent.spool.streams["k"].high == 0, timeout=20)
+        finally:
+            answering.cancel()
+        assert agent.spool.streams["k"].depth == 2 * BATCH
+    assert up.received == [*(hids(n * BATCH, (n + 1) * BATCH) for n in range(before + 1)),
+                           hids(highs - 100, highs)]
