@@ -15,7 +15,9 @@ import asyncio
 import os
 from typing import Any
 
+import orjson
 import pytest
+from aiohttp import web
 
 from agent.clock import Clock
 from agent.families.lanes import HIGH
@@ -24,7 +26,7 @@ from agent.sync.monitor import BATTERY_POLL_S
 from agent.sync.policy import Battery
 from tests.fakes.loopback_server import serving
 from tests.fakes.manual_timing import ManualTiming
-from tests.test_read_ahead import BATCH, HeldCollector, ids, post, read_ahead
+from tests.test_read_ahead import BATCH, HeldCollector, drained, ids, post, read_ahead
 from tests.waiting import wait_for
 
 DAY_MS = 86_400_000
@@ -171,3 +173,83 @@ async def test_no_normal_event_read_ahead_goes_after_priority_only(
         assert agent.spool.streams["k"].depth == 2 * BATCH
     assert up.received == [*(hids(n * BATCH, (n + 1) * BATCH) for n in range(before + 1)),
                            hids(highs - 100, highs)]
+
+
+class DroppingCollector(HeldCollector):
+    """A held collector whose answer 0 closes the connection instead of answering."""
+
+    async def batch(self, request: web.Request) -> web.Response:
+        ids = [ev["messageId"] for ev in orjson.loads(await request.read())["batch"]]
+        self.received.append(ids)
+        answer: asyncio.Future[int] = asyncio.get_running_loop().create_future()
+        await self.requests.put((ids, answer))
+        status = await answer
+        if status == 0:
+            assert request.transport is not None
+            request.transport.close()
+            return web.Response()
+        if status != 200:
+            return web.json_response({"error": "no"}, status=status)
+        self.stored.extend(ids)
+        return web.json_response({"success": True})
+
+
+# (the failure, the batches answered before it): the second batch fails while the read
+# ahead started from the rows its read left waits, the third while the one after it waits.
+FAILURES = {"connection lost, second": (0, 1), "503, second": (503, 1),
+            "connection lost, third": (0, 2)}
+
+
+@pytest.mark.parametrize("failure", FAILURES)
+async def test_a_batch_failed_while_rows_read_ahead_wait_goes_again_first(
+        make_agent: Any, failure: str) -> None:
+    """The batch in flight fails (its connection lost, or a 503) while the next one is
+    read ahead: it goes again, then the rest in order, each event stored once."""
+    status, before = FAILURES[failure]
+    up = DroppingCollector()
+    async with serving("/v1/batch", up.batch) as url:
+        agent = await make_agent(upstreams=[{
+            "name": "seg", "protocol": "segment-http", "url": url,
+            "flush_interval_s": 3600, "timeout_s": 30}])
+        for r in range(RECORDS + 1):
+            await post(agent, events(r * BATCH, (r + 1) * BATCH))
+        answer = await answered_until_sent(agent, up, before)
+        answer.set_result(status)
+        answering = asyncio.create_task(up.answer_all())
+        await drained(agent, up, answering)
+    batches = [ids(n * BATCH, (n + 1) * BATCH) for n in range(RECORDS + 1)]
+    assert up.received == [*batches[:before + 1], batches[before], *batches[before + 1:]]
+    assert up.stored == ids(0, (RECORDS + 1) * BATCH)
+
+
+async def test_a_hold_while_rows_read_ahead_wait_loses_and_repeats_nothing(
+        make_agent: Any) -> None:
+    """A hold (``on_low_battery = "hold"``) stops the loop while the read ahead started
+    from the rows the last read left waits, and the batch in flight is answered during the
+    stop: once the hold ends, the rest goes in order, each event stored once."""
+    timing = ManualTiming()
+    battery = {"now": Battery(percent=9, plugged=True)}
+    up = HeldCollector()
+    async with serving("/v1/batch", up.batch) as url:
+        agent = await make_agent(upstreams=[{
+            "name": "seg", "protocol": "segment-http", "url": url,
+            "flush_interval_s": 3600, "timeout_s": 30}],
+            seams=Seams(timing=timing), battery=lambda: battery["now"],
+            sync={"on_low_battery": "hold", "low_battery_pct": 20})
+        for r in range(RECORDS):
+            await post(agent, events(r * BATCH, (r + 1) * BATCH))
+        answer = await answered_until_sent(agent, up, 1)
+        loop = agent.forwarding.loops["k"]
+        battery["now"] = Battery(percent=9, plugged=False)
+        await wait_for(lambda: BATTERY_POLL_S in timing.pending())
+        timing.advance(BATTERY_POLL_S)
+        await wait_for(lambda: loop.stopping)
+        answer.set_result(200)
+        await wait_for(lambda: "k" not in agent.forwarding.loops)
+        battery["now"] = Battery(percent=9, plugged=True)
+        await wait_for(lambda: BATTERY_POLL_S in timing.pending())
+        timing.advance(BATTERY_POLL_S)
+        answering = asyncio.create_task(up.answer_all())
+        await drained(agent, up, answering)
+    assert up.received == [ids(n * BATCH, (n + 1) * BATCH) for n in range(RECORDS)]
+    assert up.stored == ids(0, RECORDS * BATCH)
