@@ -253,3 +253,36 @@ async def test_a_hold_while_rows_read_ahead_wait_loses_and_repeats_nothing(
         await drained(agent, up, answering)
     assert up.received == [ids(n * BATCH, (n + 1) * BATCH) for n in range(RECORDS)]
     assert up.stored == ids(0, RECORDS * BATCH)
+
+
+async def test_a_release_read_ahead_two_deep_sends_what_it_let_go_and_no_more(
+        make_agent: Any, clock: Clock) -> None:
+    """A ``max_hold_h`` release under a hold lets go what was queued then (three and a
+    half batches), read ahead two batches deep; events that come while it sends stay held,
+    though a read ahead without its bound would take them."""
+    timing = ManualTiming()
+    up = HeldCollector()
+    released = 3 * BATCH + BATCH // 2
+    async with serving("/v1/batch", up.batch) as url:
+        agent = await make_agent(upstreams=[{
+            "name": "seg", "protocol": "segment-http", "url": url,
+            "flush_interval_s": 60, "timeout_s": 30}],   # all due once released
+            seams=Seams(timing=timing), battery=lambda: Battery(percent=9, plugged=False),
+            sync={"on_low_battery": "hold", "low_battery_pct": 20, "max_hold_h": 0.5})
+        await post(agent, events(0, released))
+        await wait_for(lambda: len(timing.pending()) == 2)   # the battery poll, the hold
+        clock.passed_ms += 1_800_000
+        timing.advance(1800)
+        sent, answer = await up.next()
+        assert sent == ids(0, BATCH)
+        await post(agent, events(released, released + 2 * BATCH))   # held
+        for n in range(1, 4):
+            await read_ahead(agent)
+            answer.set_result(200)
+            sent, answer = await up.next()
+            assert sent == ids(n * BATCH, min((n + 1) * BATCH, released))
+        answer.set_result(200)
+        await wait_for(lambda: not agent.forwarding.loops, timeout=20)
+        assert agent.spool.depth == 2 * BATCH
+    assert up.stored == ids(0, released)
+    assert agent.sync.releases == 1
