@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import asyncio
 import os
+import threading
 from typing import Any
 
 import orjson
@@ -36,6 +37,30 @@ RECORDS = 4   # requests of one batch each: a record each, dropped whole
 def events(lo: int, hi: int, pad: int = 0) -> list[dict[str, Any]]:
     return [{"type": "track", "event": "e", "userId": "u", "messageId": str(i),
              "properties": {"pad": os.urandom(pad).hex()}} for i in range(lo, hi)]
+
+
+async def queued_first(make_agent: Any, url: str, posts: list[list[dict[str, Any]]],
+                       between: Any = None, **kw: Any) -> Any:
+    """An agent with ``posts`` (a record each) queued for a segment-http upstream before
+    its loop reads: held (a low battery) while they are posted, so that the first read
+    ahead reads two batches of them, whatever the timing. ``between``: called before each
+    post."""
+    timing = ManualTiming()
+    battery = {"now": Battery(percent=9, plugged=False)}
+    agent = await make_agent(upstreams=[{
+        "name": "seg", "protocol": "segment-http", "url": url,
+        "flush_interval_s": 3600, "timeout_s": 30}],
+        seams=Seams(timing=timing), battery=lambda: battery["now"],
+        sync={"on_low_battery": "hold", "low_battery_pct": 20}, **kw)
+    for batch in posts:
+        if between is not None:
+            between()
+        await post(agent, batch)
+    assert not agent.forwarding.loops
+    battery["now"] = Battery(percent=9, plugged=True)
+    await wait_for(lambda: BATTERY_POLL_S in timing.pending())
+    timing.advance(BATTERY_POLL_S)
+    return agent
 
 
 async def answered_until_sent(agent: Any, up: HeldCollector, before: int) -> Any:
@@ -80,13 +105,12 @@ async def test_events_read_ahead_then_expired_are_not_sent(
     before = DEPTH[depth]
     up = HeldCollector()
     async with serving("/v1/batch", up.batch) as url:
-        agent = await make_agent(upstreams=[{
-            "name": "seg", "protocol": "segment-http", "url": url,
-            "flush_interval_s": 3600, "timeout_s": 30}], storage={"max_age_days": 1})
-        for r in range(RECORDS):
-            # A minute apart: each commit marks the seqs received by then (expiry's bound).
+        def a_minute() -> None:   # each commit marks the seqs received by then (expiry)
             clock.passed_ms += 60_000
-            await post(agent, events(r * BATCH, (r + 1) * BATCH))
+
+        agent = await queued_first(make_agent, url, [
+            events(r * BATCH, (r + 1) * BATCH) for r in range(RECORDS)], a_minute,
+            storage={"max_age_days": 1})
         answer = await answered_until_sent(agent, up, before)
         clock.passed_ms += DAY_MS + 60_000
         await agent.spool.prune()
@@ -102,12 +126,9 @@ async def test_events_read_ahead_then_dropped_at_the_cap_are_not_sent(
     before = DEPTH[depth]
     up = HeldCollector()
     async with serving("/v1/batch", up.batch) as url:
-        agent = await make_agent(upstreams=[{
-            "name": "seg", "protocol": "segment-http", "url": url,
-            "flush_interval_s": 3600, "timeout_s": 30}],
+        agent = await queued_first(make_agent, url, [
+            events(r * BATCH, (r + 1) * BATCH, pad=100) for r in range(RECORDS)],
             storage={"max_size_mb": 1, "when_full": "drop_oldest"})
-        for r in range(RECORDS):
-            await post(agent, events(r * BATCH, (r + 1) * BATCH, pad=100))
         assert not agent.spool.counters.get("dropped_full")
         answer = await answered_until_sent(agent, up, before)
         # Requests until one fits only with the oldest records not in flight dropped:
@@ -211,8 +232,7 @@ async def test_a_batch_failed_while_rows_read_ahead_wait_goes_again_first(
         agent = await make_agent(upstreams=[{
             "name": "seg", "protocol": "segment-http", "url": url,
             "flush_interval_s": 3600, "timeout_s": 30}])
-        for r in range(RECORDS + 1):
-            await post(agent, events(r * BATCH, (r + 1) * BATCH))
+        await post(agent, events(0, (RECORDS + 1) * BATCH))   # one request: all queued
         answer = await answered_until_sent(agent, up, before)
         answer.set_result(status)
         answering = asyncio.create_task(up.answer_all())
@@ -286,3 +306,42 @@ async def test_a_release_read_ahead_two_deep_sends_what_it_let_go_and_no_more(
         assert agent.spool.depth == 2 * BATCH
     assert up.stored == ids(0, released)
     assert agent.sync.releases == 1
+
+
+async def test_a_high_event_committed_while_a_batch_waits_for_a_drop_goes_before_the_rest(
+        make_agent: Any) -> None:
+    """``when_full = "drop_oldest"`` near the cap: every commit may drop records, and the
+    loop, about to send a batch it read ahead (two batches' events), waits for the commit
+    running. That commit brings an "Application Error": the batch goes (read before it),
+    but the rows it left must not then go before the high event, as a fresh read would
+    not have them."""
+    up = HeldCollector()
+    async with serving("/v1/batch", up.batch) as url:
+        agent = await queued_first(make_agent, url, [
+            events(r * BATCH, (r + 1) * BATCH) for r in range(RECORDS)],
+            storage={"max_size_mb": 2, "when_full": "drop_oldest"})
+        answer = await answered_until_sent(agent, up, 0)
+        loop = agent.forwarding.loops["k"]
+        sent_to = max(loop._cursors)
+        db = agent.spool.db
+        assert db is not None
+        release = threading.Event()
+        holding = db.run(lambda conn: release.wait(30))   # the writer's thread, held
+        try:
+            posting = asyncio.create_task(post(agent, high(0, 1)))
+            await wait_for(lambda: agent.spool.dropping is not None)   # its commit waits
+            answer.set_result(200)
+            # The loop took the read ahead, leased it (its cursors past the batch answered)
+            # and waits for the commit.
+            await wait_for(lambda: max(loop._cursors) > sent_to + BATCH)
+        finally:
+            release.set()
+            await holding
+        await posting
+        answering = asyncio.create_task(up.answer_all())
+        try:
+            await wait_for(lambda: "h0" in up.stored, timeout=20)
+        finally:
+            answering.cancel()
+    assert up.received[:3] == [ids(0, BATCH), ids(BATCH, 2 * BATCH),
+                               ["h0", *ids(2 * BATCH, 3 * BATCH - 1)]]
