@@ -342,6 +342,7 @@ class StreamForwarder:
         read, share = self._next_read(batches)
         if share:
             self._high_run = 0
+        high = self.stream.high_in   # what _rows_ahead checks the read ahead's rows by
         rows, batch = await self._rows_ahead(read) or (await self.spool.fetch(*read), None)
         if self._failed is not None or self._crash is not None:
             return  # a batch failed during the read: nothing new goes out before the resend
@@ -352,11 +353,13 @@ class StreamForwarder:
         if share and not (rows and (self._full(rows) or self._due(rows))):
             return  # none of it to send yet (in flight, or not due): the high lane goes on
         left = await self._after_read(rows, batch)
-        if left is not None and self.window == 1 and self._full(left):
+        if left is not None and self.window == 1 and self._full(left) \
+                and self.stream.high_in == high:
             # The next read (the read ahead, with no await between) asks for the rows after
             # those sent: these, if from the same lanes and bound (a share of the normal
-            # lane is read alone), and if no event came before them (none can, without an
-            # await; a high one coming later drops the read ahead: _rows_ahead).
+            # lane is read alone), and if no high event came since they were read (while
+            # the send waited for a connect or a commit that may drop: it goes first; one
+            # coming later drops the read ahead: _rows_ahead).
             after, _ = self._next_read(1)
             if (after[3], after[5]) == (read[3], read[5]):
                 self._spare = left
