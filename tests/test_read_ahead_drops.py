@@ -217,15 +217,17 @@ class DroppingCollector(HeldCollector):
 
 # (the failure, the batches answered before it): the second batch fails while the read
 # ahead started from the rows its read left waits, the third while the one after it waits.
+# A 400 refuses it: it is split, and its halves go (and are taken) before the rest.
 FAILURES = {"connection lost, second": (0, 1), "503, second": (503, 1),
-            "connection lost, third": (0, 2)}
+            "connection lost, third": (0, 2), "refused, second": (400, 1)}
 
 
 @pytest.mark.parametrize("failure", FAILURES)
 async def test_a_batch_failed_while_rows_read_ahead_wait_goes_again_first(
         make_agent: Any, failure: str) -> None:
-    """The batch in flight fails (its connection lost, or a 503) while the next one is
-    read ahead: it goes again, then the rest in order, each event stored once."""
+    """The batch in flight fails (its connection lost, a 503, a 400) while the next one is
+    read ahead: it goes again (split, for a 400), then the rest in order, each event
+    stored once."""
     status, before = FAILURES[failure]
     up = DroppingCollector()
     async with serving("/v1/batch", up.batch) as url:
@@ -238,7 +240,9 @@ async def test_a_batch_failed_while_rows_read_ahead_wait_goes_again_first(
         answering = asyncio.create_task(up.answer_all())
         await drained(agent, up, answering)
     batches = [ids(n * BATCH, (n + 1) * BATCH) for n in range(RECORDS + 1)]
-    assert up.received == [*batches[:before + 1], batches[before], *batches[before + 1:]]
+    again = [batches[before]] if status != 400 else \
+        [batches[before][:BATCH // 2], batches[before][BATCH // 2:]]
+    assert up.received == [*batches[:before + 1], *again, *batches[before + 1:]]
     assert up.stored == ids(0, (RECORDS + 1) * BATCH)
 
 
