@@ -30,7 +30,8 @@ AUTH = {"Authorization": "Basic " + base64.b64encode(b"k:").decode()}
 
 
 class HeldCollector:
-    """A Segment collector that holds each request until the test answers it."""
+    """A Segment collector that holds each request until the test answers it (with a
+    status; 0: the connection closed instead)."""
 
     def __init__(self) -> None:
         self.requests: asyncio.Queue[tuple[list[str], asyncio.Future[int]]] = asyncio.Queue()
@@ -43,6 +44,10 @@ class HeldCollector:
         answer: asyncio.Future[int] = asyncio.get_running_loop().create_future()
         await self.requests.put((ids, answer))
         status = await answer
+        if status == 0:
+            assert request.transport is not None
+            request.transport.close()
+            return web.Response()
         if status == 200:
             self.stored.extend(ids)
             return web.json_response({"success": True})

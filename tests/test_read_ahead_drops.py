@@ -15,11 +15,10 @@ from __future__ import annotations
 import asyncio
 import os
 import threading
+from collections.abc import Callable
 from typing import Any
 
-import orjson
 import pytest
-from aiohttp import web
 
 from agent.clock import Clock
 from agent.families.lanes import HIGH
@@ -40,41 +39,60 @@ def events(lo: int, hi: int, pad: int = 0) -> list[dict[str, Any]]:
              "properties": {"pad": os.urandom(pad).hex()}} for i in range(lo, hi)]
 
 
+def seg_up(url: str) -> dict[str, Any]:
+    return {"name": "seg", "protocol": "segment-http", "url": url,
+            "flush_interval_s": 3600, "timeout_s": 30}
+
+
+class Mains:
+    """A battery at 9% the test plugs in and out, which the agent's sync policy (``policy``
+    on a low battery) reads at each poll of a manual clock."""
+
+    def __init__(self, plugged: bool) -> None:
+        self.timing = ManualTiming()
+        self.battery = Battery(percent=9, plugged=plugged)
+
+    async def agent(self, make_agent: Any, url: str, policy: str, **kw: Any) -> Any:
+        return await make_agent(upstreams=[seg_up(url)], seams=Seams(timing=self.timing),
+                                battery=lambda: self.battery,
+                                sync={"on_low_battery": policy, "low_battery_pct": 20}, **kw)
+
+    async def plug(self, plugged: bool) -> None:
+        """Plugged in or out, as the next poll (made now) reads it."""
+        self.battery = Battery(percent=9, plugged=plugged)
+        await wait_for(lambda: BATTERY_POLL_S in self.timing.pending())
+        self.timing.advance(BATTERY_POLL_S)
+
+
 async def queued_first(make_agent: Any, url: str, posts: list[list[dict[str, Any]]],
                        between: Any = None, **kw: Any) -> Any:
     """An agent with ``posts`` (a record each) queued for a segment-http upstream before
     its loop reads: held (a low battery) while they are posted, so that the first read
     ahead reads two batches of them, whatever the timing. ``between``: called before each
     post."""
-    timing = ManualTiming()
-    battery = {"now": Battery(percent=9, plugged=False)}
-    agent = await make_agent(upstreams=[{
-        "name": "seg", "protocol": "segment-http", "url": url,
-        "flush_interval_s": 3600, "timeout_s": 30}],
-        seams=Seams(timing=timing), battery=lambda: battery["now"],
-        sync={"on_low_battery": "hold", "low_battery_pct": 20}, **kw)
+    mains = Mains(plugged=False)
+    agent = await mains.agent(make_agent, url, "hold", **kw)
     for batch in posts:
         if between is not None:
             between()
         await post(agent, batch)
     assert not agent.forwarding.loops
-    battery["now"] = Battery(percent=9, plugged=True)
-    await wait_for(lambda: BATTERY_POLL_S in timing.pending())
-    timing.advance(BATTERY_POLL_S)
+    await mains.plug(True)
     return agent
 
 
-async def answered_until_sent(agent: Any, up: HeldCollector, before: int) -> Any:
+async def answered_until_sent(agent: Any, up: HeldCollector, before: int,
+                              names: Callable[[int, int], list[str]] = ids) -> Any:
     """The first ``before`` batches answered 200 (each after its read ahead); the answer
     of the one in flight now, once its read ahead is ready: for ``before`` = 1, the rows
-    the first read ahead left."""
+    the first read ahead left. ``names``: the messageIds of the events queued, in order."""
     sent, answer = await up.next()
-    assert sent == ids(0, BATCH)
+    assert sent == names(0, BATCH)
     for n in range(1, before + 1):
         await read_ahead(agent)
         answer.set_result(200)
         sent, answer = await up.next()
-        assert sent == ids(n * BATCH, (n + 1) * BATCH)
+        assert sent == names(n * BATCH, (n + 1) * BATCH)
     await read_ahead(agent)
     return answer
 
@@ -162,28 +180,14 @@ async def test_no_normal_event_read_ahead_goes_after_priority_only(
     events go after the change."""
     before = DEPTH[depth]
     highs = (before + 1) * BATCH + 100   # the read ahead (or the rows left) ends in 100
-    timing = ManualTiming()
-    battery = {"now": Battery(percent=9, plugged=True)}
+    mains = Mains(plugged=True)
     up = HeldCollector()
     async with serving("/v1/batch", up.batch) as url:
-        agent = await make_agent(upstreams=[{
-            "name": "seg", "protocol": "segment-http", "url": url,
-            "flush_interval_s": 3600, "timeout_s": 30}],
-            seams=Seams(timing=timing), battery=lambda: battery["now"],
-            sync={"on_low_battery": "priority_only", "low_battery_pct": 20})
+        agent = await mains.agent(make_agent, url, "priority_only")
         await post(agent, high(0, highs) + events(0, 2 * BATCH))
-        sent, answer = await up.next()
-        assert sent == hids(0, BATCH)
-        for n in range(1, before + 1):
-            await read_ahead(agent)
-            answer.set_result(200)
-            sent, answer = await up.next()
-            assert sent == hids(n * BATCH, (n + 1) * BATCH)
-        await read_ahead(agent)
+        answer = await answered_until_sent(agent, up, before, hids)
         loop = agent.forwarding.loops["k"]
-        battery["now"] = Battery(percent=9, plugged=False)
-        await wait_for(lambda: BATTERY_POLL_S in timing.pending())
-        timing.advance(BATTERY_POLL_S)
+        await mains.plug(False)
         await wait_for(lambda: loop.lanes == (HIGH,))
         answer.set_result(200)
         answering = asyncio.create_task(up.answer_all())
@@ -195,25 +199,6 @@ async def test_no_normal_event_read_ahead_goes_after_priority_only(
         assert agent.spool.streams["k"].depth == 2 * BATCH
     assert up.received == [*(hids(n * BATCH, (n + 1) * BATCH) for n in range(before + 1)),
                            hids(highs - 100, highs)]
-
-
-class DroppingCollector(HeldCollector):
-    """A held collector whose answer 0 closes the connection instead of answering."""
-
-    async def batch(self, request: web.Request) -> web.Response:
-        ids = [ev["messageId"] for ev in orjson.loads(await request.read())["batch"]]
-        self.received.append(ids)
-        answer: asyncio.Future[int] = asyncio.get_running_loop().create_future()
-        await self.requests.put((ids, answer))
-        status = await answer
-        if status == 0:
-            assert request.transport is not None
-            request.transport.close()
-            return web.Response()
-        if status != 200:
-            return web.json_response({"error": "no"}, status=status)
-        self.stored.extend(ids)
-        return web.json_response({"success": True})
 
 
 # (the failure, the batches answered before it): the second batch fails while the read
@@ -230,11 +215,9 @@ async def test_a_batch_failed_while_rows_read_ahead_wait_goes_again_first(
     read ahead: it goes again (split, for a 400), then the rest in order, each event
     stored once."""
     status, before = FAILURES[failure]
-    up = DroppingCollector()
+    up = HeldCollector()
     async with serving("/v1/batch", up.batch) as url:
-        agent = await make_agent(upstreams=[{
-            "name": "seg", "protocol": "segment-http", "url": url,
-            "flush_interval_s": 3600, "timeout_s": 30}])
+        agent = await make_agent(upstreams=[seg_up(url)])
         await post(agent, events(0, (RECORDS + 1) * BATCH))   # one request: all queued
         answer = await answered_until_sent(agent, up, before)
         answer.set_result(status)
@@ -252,27 +235,18 @@ async def test_a_hold_while_rows_read_ahead_wait_loses_and_repeats_nothing(
     """A hold (``on_low_battery = "hold"``) stops the loop while the read ahead started
     from the rows the last read left waits, and the batch in flight is answered during the
     stop: once the hold ends, the rest goes in order, each event stored once."""
-    timing = ManualTiming()
-    battery = {"now": Battery(percent=9, plugged=True)}
+    mains = Mains(plugged=True)
     up = HeldCollector()
     async with serving("/v1/batch", up.batch) as url:
-        agent = await make_agent(upstreams=[{
-            "name": "seg", "protocol": "segment-http", "url": url,
-            "flush_interval_s": 3600, "timeout_s": 30}],
-            seams=Seams(timing=timing), battery=lambda: battery["now"],
-            sync={"on_low_battery": "hold", "low_battery_pct": 20})
+        agent = await mains.agent(make_agent, url, "hold")
         await post(agent, events(0, RECORDS * BATCH))   # one request: all queued at once
         answer = await answered_until_sent(agent, up, 1)
         loop = agent.forwarding.loops["k"]
-        battery["now"] = Battery(percent=9, plugged=False)
-        await wait_for(lambda: BATTERY_POLL_S in timing.pending())
-        timing.advance(BATTERY_POLL_S)
+        await mains.plug(False)
         await wait_for(lambda: loop.stopping)
         answer.set_result(200)
         await wait_for(lambda: "k" not in agent.forwarding.loops)
-        battery["now"] = Battery(percent=9, plugged=True)
-        await wait_for(lambda: BATTERY_POLL_S in timing.pending())
-        timing.advance(BATTERY_POLL_S)
+        await mains.plug(True)
         answering = asyncio.create_task(up.answer_all())
         await drained(agent, up, answering)
     assert up.received == [ids(n * BATCH, (n + 1) * BATCH) for n in range(RECORDS)]
