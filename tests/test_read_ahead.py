@@ -161,14 +161,22 @@ async def test_a_high_event_that_comes_after_the_read_still_goes_first(
 
 
 class HeldNucleus(LoopbackServer):
-    """A Nucleus websocket upstream that holds each frame's ack until the test answers."""
+    """A Nucleus websocket upstream that holds each frame's ack until the test answers;
+    and each handshake while ``accepting`` is clear. ``drop_next``: the connection is
+    closed right after the next ack (an idle drop: every frame on it acknowledged)."""
 
     def __init__(self) -> None:
         super().__init__()
         self.frames: asyncio.Queue[tuple[list[Any], asyncio.Future[None]]] = asyncio.Queue()
         self.received: list[list[Any]] = []
+        self.handshakes = 0   # asked for, held or not
+        self.accepting = asyncio.Event()
+        self.accepting.set()
+        self.drop_next = False
 
     async def track(self, request: web.Request) -> web.WebSocketResponse:
+        self.handshakes += 1
+        await self.accepting.wait()
         ws = web.WebSocketResponse(max_msg_size=0)
         await ws.prepare(request)
         self._sockets.add(ws)
@@ -181,7 +189,12 @@ class HeldNucleus(LoopbackServer):
             answer: asyncio.Future[None] = asyncio.get_running_loop().create_future()
             await self.frames.put((ids, answer))
             await answer
+            # The close frame written with the ack, no await between: the agent reads both
+            # at once, so it finds the connection closed when it next sends.
             await ws.send_str(orjson.dumps({"reportedIds": ids}).decode())
+            if self.drop_next:
+                self.drop_next = False
+                await ws.close()
         return ws
 
     async def start(self) -> HeldNucleus:
@@ -221,6 +234,46 @@ async def test_nucleus_ws_one_frame_at_a_time_reads_ahead_but_prepares_when_it_s
     finally:
         await up.stop()
     assert up.received == [list(range(BATCH)), ["high", *range(BATCH, 2 * BATCH - 1)]]
+
+
+async def test_nucleus_ws_a_high_event_stored_while_a_batch_read_ahead_connects_goes_first(
+        make_agent: Any) -> None:
+    """With ``max_in_flight = 1`` the read ahead reads two batches' events. The connection
+    drops once the frame in flight is acknowledged, and the next frame (the read ahead's
+    first batch) waits for a new one; an "error" event stored meanwhile goes in the frame
+    after it, before the 500 normal events that read left, as a fresh read would send it."""
+    up = await HeldNucleus().start()
+    try:
+        agent = await make_agent(upstreams=[{
+            "name": "n", "protocol": "nucleus-ws", "url": up.ws_url, "max_in_flight": 1,
+            "flush_interval_s": 3600, "timeout_s": 30}])
+        data = [{"type": "event", "name": "e", "id": i, "sessionId": 1}
+                for i in range(3 * BATCH)]
+        async with aiohttp.ClientSession() as s:
+            async with s.post(f"http://127.0.0.1:{agent.port}/app/k/track",
+                              json={"data": data}) as r:
+                assert r.status == 200, await r.text()
+            _, answer = await asyncio.wait_for(up.frames.get(), 10)
+            await read_ahead(agent)   # two batches: 500 to 1499
+            up.accepting.clear()
+            up.drop_next = True
+            answer.set_result(None)
+            await wait_for(lambda: up.handshakes == 2)   # the next frame's connect, held
+            async with s.post(f"http://127.0.0.1:{agent.port}/app/k/track",
+                              json={"data": [{"type": "error", "name": "boom", "id": "high",
+                                              "sessionId": 1}]}) as r:
+                assert r.status == 200, await r.text()
+        up.accepting.set()
+        for _ in range(2):
+            _, answer = await asyncio.wait_for(up.frames.get(), 10)
+            answer.set_result(None)
+        # The last normal event, alone, waits for the flush interval.
+        await wait_for(lambda: agent.spool.depth == 1, timeout=10)
+    finally:
+        up.accepting.set()
+        await up.stop()
+    assert up.received == [list(range(BATCH)), list(range(BATCH, 2 * BATCH)),
+                           ["high", *range(2 * BATCH, 3 * BATCH - 1)]]
 
 
 async def test_a_high_event_that_comes_while_a_high_one_is_dead_lettered_still_goes_first(
