@@ -753,3 +753,62 @@ async def test_offline_reads_as_root_leave_no_file_the_agent_s_user_cannot_open(
     assert {f"{spool.name}-shm", f"{spool.name}-wal"} <= beside.keys(), beside
     assert {name: (st.st_uid, st.st_gid, stat.S_IMODE(st.st_mode))
             for name, st in beside.items()} == dict.fromkeys(beside, (service, service, 0o600))
+
+
+def _beside(spool: Path) -> dict[str, tuple[int, bytes, int]]:
+    """The spool's files (its -wal, -shm and lock too): mode, bytes and mtime each."""
+    return {p.name: (stat.S_IMODE(p.stat().st_mode), p.read_bytes(), p.stat().st_mtime_ns)
+            for p in spool.parent.glob(f"{spool.name}*")}
+
+
+def _offline_reads(out: Path) -> tuple[tuple[tuple[str, ...], str], ...]:
+    """Each command that reads a stopped agent's spool, and what its output holds."""
+    return ((("status",), "3 kept"), (("status", "--json"), '"dead_letters": 3'),
+            (("dead", "list"), "3 dead letters"), (("dead", "list", "--json"), '"count": 3'),
+            (("dead", "show", "1"), "HTTP 400"), (("dead", "export", str(out)), "exported 3"))
+
+
+async def test_offline_reads_leave_the_spool_s_files_as_they_found_them(
+        make_agent: Any, tmp_path: Path) -> None:
+    """No agent running (stopped cleanly: no -wal or -shm beside the spool),
+    `outpost status` and the dead-letter reads left a -wal and a -shm beside the spool:
+    SQLite makes them for a read-only connection to a WAL file, and cannot remove them as
+    it closes. Each read leaves the spool's files as it found them: the same names, bytes
+    and modes (0600, the directory 0700)."""
+    cfg, spool = await _stopped_with_three_letters(make_agent)
+    assert cfg is not None
+    found = _beside(spool)
+    assert spool.name in found and not {f"{spool.name}-wal", f"{spool.name}-shm"} & found.keys()
+    assert {mode for mode, _, _ in found.values()} == {0o600}
+    (tmp_path / "out").mkdir()
+    for command, says in _offline_reads(tmp_path / "out" / "letters.jsonl"):
+        got, text = await run_outpost(*command, "--config", cfg)
+        assert got == 0 and says in text, (command, text)
+        assert _beside(spool) == found, command
+    assert stat.S_IMODE(spool.parent.stat().st_mode) == 0o700
+
+
+async def test_offline_reads_of_a_killed_agent_s_spool_keep_its_wal(
+        make_agent: Any, tmp_path: Path) -> None:
+    """An agent killed leaves commits in the -wal beside the spool (here, no -shm): the
+    reads see them (a letter purged in it: two left), and leave the spool and its -wal
+    as they found them, adding no file."""
+    cfg, stopped = await _stopped_with_three_letters(make_agent)
+    crashed = tmp_path / "crashed"
+    crashed.mkdir(mode=0o700)
+    spool = crashed / stopped.name
+    with contextlib.closing(sqlite3.connect(stopped, isolation_level=None)) as db:
+        db.execute("PRAGMA wal_autocheckpoint=0")
+        # As the agent's purge commits it (the letters' summary kept by triggers).
+        db.execute("DELETE FROM dead WHERE rowid = (SELECT max(rowid) FROM dead)")
+        for suffix in ("", "-wal"):   # copied while open: the -wal holds the commit
+            path = Path(f"{spool}{suffix}")
+            path.write_bytes(Path(f"{stopped}{suffix}").read_bytes())
+            path.chmod(0o600)
+    cfg = str(write_config(tmp_path / "crashed.toml", spool, port=free_port()))
+    found = _beside(spool)
+    assert found.keys() == {spool.name, f"{spool.name}-wal"} and found[f"{spool.name}-wal"][1]
+    for command, says in _offline_reads(tmp_path / "letters.jsonl"):
+        got, text = await run_outpost(*command, "--config", cfg)
+        assert got == 0 and says.replace("3", "2") in text, (command, text)
+        assert _beside(spool) == found, command
