@@ -187,9 +187,11 @@ def cmd_status(args: argparse.Namespace) -> int:
         import sqlite3
 
         from agent.ops.status import offline_snapshot
+        from agent.spool.as_found import as_found
         from agent.spool.schema import SpoolUnusable
         try:
-            data = offline_snapshot(cfg)
+            with as_found(cfg.storage.resolved_path()):
+                data = offline_snapshot(cfg)
         except SpoolUnusable as exc:   # too new, or a directory
             _say(f"no agent answering, and the {exc}")
             return EXIT_FAILED

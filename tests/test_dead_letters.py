@@ -29,7 +29,8 @@ from agent.ops.shared_terms import EXPORT_PAGE
 from agent.paths import spool_lock
 from agent.service import Agent
 from agent.settings import StorageConfig
-from agent.spool import Spool
+from agent.spool import Spool, dead
+from agent.spool.as_found import as_found
 from agent.spool.schema import read_offline
 from tests.conftest import free_port, write_config
 from tests.fakes.loopback_server import serving
@@ -737,9 +738,10 @@ async def test_offline_reads_as_root_leave_no_file_the_agent_s_user_cannot_open(
         make_agent: Any) -> None:
     """An operator runs `outpost dead list` or `outpost status` as root (sudo) beside a
     stopped service whose spool its own user owns. Read-only, SQLite still makes a -shm
-    index and an empty -wal beside a WAL spool, and leaves them: made root's, 0600, the
-    agent could not open its spool at its next start. SQLite gives a file it makes as
-    root the owner and mode of the database's: they stay the agent's user's, 0600."""
+    index and an empty -wal beside a WAL spool: made root's, 0600, the agent could not
+    open its spool at its next start (SQLite gives them the database's owner and mode).
+    The reads remove them as they end: none is left, and the spool's files stay the
+    agent's user's, 0600."""
     cfg, spool = await _stopped_with_three_letters(make_agent)
     assert cfg is not None
     service = 65534   # nobody: any other user
@@ -749,10 +751,10 @@ async def test_offline_reads_as_root_leave_no_file_the_agent_s_user_cannot_open(
     got, text = await run_outpost("status", "--config", cfg)
     assert got == 0 and "no agent running" in text and "3 kept" in text, text
     assert "3 dead letters" in await outpost("list", config=cfg)
-    beside = {p.name: p.stat() for p in spool.parent.glob(f"{spool.name}-*")}
-    assert {f"{spool.name}-shm", f"{spool.name}-wal"} <= beside.keys(), beside
-    assert {name: (st.st_uid, st.st_gid, stat.S_IMODE(st.st_mode))
-            for name, st in beside.items()} == dict.fromkeys(beside, (service, service, 0o600))
+    assert not list(spool.parent.glob(f"{spool.name}-*"))
+    owned = {p.name: (p.stat().st_uid, p.stat().st_gid, stat.S_IMODE(p.stat().st_mode))
+             for p in spool.parent.glob(f"{spool.name}*")}
+    assert spool.name in owned and owned == dict.fromkeys(owned, (service, service, 0o600))
 
 
 def _beside(spool: Path) -> dict[str, tuple[int, bytes, int]]:
@@ -812,3 +814,34 @@ async def test_offline_reads_of_a_killed_agent_s_spool_keep_its_wal(
         got, text = await run_outpost(*command, "--config", cfg)
         assert got == 0 and says.replace("3", "2") in text, (command, text)
         assert _beside(spool) == found, command
+
+
+async def test_files_an_offline_read_made_stay_while_another_connection_uses_them(
+        make_agent: Any) -> None:
+    """The -wal and -shm an offline read made are in use by any connection opened since
+    (an agent starting, another command): they stay until its own close, and it reads on."""
+    _, spool = await _stopped_with_three_letters(make_agent)
+    holder = await asyncio.create_subprocess_exec(
+        sys.executable, "-c", "import sqlite3, sys\n"
+        f"db = sqlite3.connect({f'file:{spool}?mode=ro'!r}, uri=True)\n"
+        "for line in sys.stdin:\n"
+        "    print(db.execute('SELECT count(*) FROM dead').fetchone()[0], flush=True)\n",
+        stdin=asyncio.subprocess.PIPE, stdout=asyncio.subprocess.PIPE)
+    assert holder.stdin is not None and holder.stdout is not None
+
+    async def count() -> bytes:
+        assert holder.stdin is not None and holder.stdout is not None
+        holder.stdin.write(b"\n")
+        return await asyncio.wait_for(holder.stdout.readline(), 10)
+
+    try:
+        with as_found(spool):
+            with contextlib.closing(dead.read_only(spool)) as conn:
+                assert dead.summary(conn, 1)["count"] == 3
+            assert await count() == b"3\n"   # on the files the read made
+        made = {f"{spool.name}-wal", f"{spool.name}-shm"}
+        assert made <= {p.name for p in spool.parent.iterdir()}
+        assert await count() == b"3\n"
+    finally:
+        holder.stdin.close()
+        await asyncio.wait_for(holder.wait(), 10)

@@ -45,6 +45,7 @@ from agent.outcomes import Tally
 from agent.paths import agent_holds, device_id_file, planted_link, same_file, sync_dir
 from agent.settings import CONFIG_HELP, Config
 from agent.spool import dead
+from agent.spool.as_found import as_found
 from agent.spool.dedupe import HOUR_MS
 from agent.spool.writer import is_corruption
 from agent.terminal import OutputError, printable, printable_json, printable_value
@@ -236,20 +237,21 @@ class _Cli:
             return answer(cfg, path, self._ask(cfg, path), expect, kind), agent_url(cfg, "")
         except _NoAgent:
             spool = cfg.storage.resolved_path()
-            dead.no_salvage_pending(spool, agent_holds(spool))
-            conn = dead.read_only(spool)
-            # An agent may hold it yet not answer here (listening elsewhere, or starting, or
-            # on a port the system picked).
-            where = f"{spool}, no agent running"
-            if agent_holds(spool):
-                where = (f"{spool}; an agent runs on it, but {unknown}"
-                         if (unknown := port_unknown(cfg)) else
-                         f"{spool}; an agent runs on it but does not answer at "
-                         f"{agent_url(cfg, '')}")
-            try:
-                return fn(conn, *a), where
-            finally:
-                conn.close()
+            with as_found(spool):
+                dead.no_salvage_pending(spool, agent_holds(spool))
+                conn = dead.read_only(spool)
+                # An agent may hold it yet not answer here (listening elsewhere, or
+                # starting, or on a port the system picked).
+                where = f"{spool}, no agent running"
+                if agent_holds(spool):
+                    where = (f"{spool}; an agent runs on it, but {unknown}"
+                             if (unknown := port_unknown(cfg)) else
+                             f"{spool}; an agent runs on it but does not answer at "
+                             f"{agent_url(cfg, '')}")
+                try:
+                    return fn(conn, *a), where
+                finally:
+                    conn.close()
 
     def list(self, cfg: Config, args: argparse.Namespace) -> int:
         # With a reason, one entry at least (--limit 0 too): whether it has letters, as its
@@ -380,16 +382,17 @@ class _Cli:
                     count += chunk.count(b"\n")
             return count
         spool = cfg.storage.resolved_path()
-        dead.no_salvage_pending(spool, agent_holds(spool))
-        conn = dead.read_only(spool)
-        try:
-            lines, last = dead.export(conn, 0, EXPORT_PAGE)
-            while lines:
-                write(lines)
-                count += lines.count(b"\n")
-                lines, last = dead.export(conn, last, EXPORT_PAGE)
-        finally:
-            conn.close()
+        with as_found(spool):
+            dead.no_salvage_pending(spool, agent_holds(spool))
+            conn = dead.read_only(spool)
+            try:
+                lines, last = dead.export(conn, 0, EXPORT_PAGE)
+                while lines:
+                    write(lines)
+                    count += lines.count(b"\n")
+                    lines, last = dead.export(conn, last, EXPORT_PAGE)
+            finally:
+                conn.close()
         return count
 
     def _change(self, cfg: Config, args: argparse.Namespace, what: str) -> int:
