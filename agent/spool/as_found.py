@@ -35,7 +35,8 @@ def as_found(spool: Path) -> Iterator[None]:
     try:
         yield
     finally:
-        if made and sys.platform != "win32":
+        made = [p for p in made if os.path.lexists(p)]
+        if made and sys.platform != "win32":   # (the spool opened only if it made any)
             _remove(real, made)
 
 
@@ -43,7 +44,7 @@ def _remove(spool: Path, made: list[Path]) -> None:
     import fcntl
     try:
         fd = os.open(spool, os.O_RDWR)   # a write lock needs it; nothing is written
-    except OSError:   # gone, or not this user's to write: it made nothing beside it either
+    except OSError:   # gone, or not this user's to write: left, as SQLite would leave them
         return
     try:
         fcntl.lockf(fd, fcntl.LOCK_EX | fcntl.LOCK_NB, SHARED_SIZE, SHARED_FIRST)
