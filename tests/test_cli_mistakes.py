@@ -803,7 +803,7 @@ async def test_an_offline_read_of_a_spool_in_a_directory_it_cannot_write_reads_i
     def run() -> tuple[int, str, str]:
         code, out, err = in_process(capsys, *command, "--config", str(cfg))
         return code, re.sub(r'"time": [0-9.]+', "", out), err   # --json's time of reading
-    with unwritable(spool.parent):   # first: a read leaves a -wal and -shm, which it needs
+    with unwritable(spool.parent):   # first: with a -wal and -shm there, it needs no -shm made
         blocked = run()
     assert blocked == run(), blocked
     assert blocked[0] == 0 and "refused" in blocked[1], blocked
