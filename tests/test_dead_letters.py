@@ -845,3 +845,19 @@ async def test_files_an_offline_read_made_stay_while_another_connection_uses_the
     finally:
         holder.stdin.close()
         await asyncio.wait_for(holder.wait(), 10)
+
+
+async def test_offline_retry_and_purge_leave_no_wal_or_shm(make_agent: Any) -> None:
+    """`outpost dead retry` and `purge` with no agent running change the spool under an
+    exclusive lock (SQLite then uses no -shm), after a read-only look at its version:
+    the -shm that look made was left beside the spool. Neither leaves a file but the
+    spool's own, 0600."""
+    cfg, spool = await _stopped_with_three_letters(make_agent)
+    assert cfg is not None
+    for args, says in ((("retry", "--reason", "nothing"), "re-queued 0"),
+                       (("retry", "--all"), "re-queued 3"), (("purge", "--all"), "purged 0")):
+        assert says in await outpost(*args, config=cfg)
+        left = {p.name: stat.S_IMODE(p.stat().st_mode)
+                for p in spool.parent.glob(f"{spool.name}*")}
+        assert spool.name in left and left == dict.fromkeys(left, 0o600), (args, left)
+        assert not {f"{spool.name}-wal", f"{spool.name}-shm"} & left.keys(), (args, left)
