@@ -407,13 +407,15 @@ class _Cli:
             if elsewhere := running_elsewhere(cfg, str(exc)):
                 raise dead.DeadError(elsewhere) from exc
             spool = cfg.storage.resolved_path()
-            dead.no_salvage_pending(spool)
-            with (offline := dead.Offline(spool)) as conn:
-                if what == "retry":
-                    dedupe = cfg.storage.dedupe_window_h * HOUR_MS, cfg.storage.dedupe_max_keys
-                    n = dead.requeue_stopped(conn, which, *dedupe).count
-                else:
-                    n = dead.purge(conn, which).out.counters.get(Tally.DEAD_PURGED, 0)
+            with as_found(spool):   # the change uses no -shm; its look at the version did
+                dead.no_salvage_pending(spool)
+                with (offline := dead.Offline(spool)) as conn:
+                    if what == "retry":
+                        dedupe = (cfg.storage.dedupe_window_h * HOUR_MS,
+                                  cfg.storage.dedupe_max_keys)
+                        n = dead.requeue_stopped(conn, which, *dedupe).count
+                    else:
+                        n = dead.purge(conn, which).out.counters.get(Tally.DEAD_PURGED, 0)
             where = f"{spool} (no agent running)"
             if offline.mended:
                 print(printable("outpost: the spool's summary of its dead letters (their "

@@ -1,12 +1,13 @@
-"""An offline command's reads of a spool leave the files beside it as they found them.
+"""An offline command leaves the files beside a spool as it found them.
 
 A read-only connection to a WAL file makes a -wal and a -shm beside it, and leaves them
 at its close: the last connection removes them only after a checkpoint, which a read-only
-one may not make. So `outpost status` and the dead-letter reads of a stopped agent's spool
-left two files a user would wonder about. ``as_found`` removes those the command made once
-its connections are closed, as SQLite's last connection does: only while no connection to
-the file is open (an agent's, another command's), and holding off any new one until they
-are gone. A -wal with commits in it is never removed.
+one may not make (nor does one in exclusive locking mode remove a -shm it did not use). So
+`outpost status` and the `outpost dead` commands on a stopped agent's spool left files a
+user would wonder about. ``as_found`` removes those the command made once its connections
+are closed, as SQLite's last connection does: only while no connection to the file is open
+(an agent's, another command's), and holding off any new one until they are gone. A -wal
+with commits in it is never removed.
 """
 
 from __future__ import annotations
@@ -27,7 +28,7 @@ SHARED_SIZE = 510
 
 @contextlib.contextmanager
 def as_found(spool: Path) -> Iterator[None]:
-    """Around an offline command's reads of ``spool``; every connection to it the command
+    """Around an offline command's use of ``spool``; every connection to it the command
     opened must be closed when the block ends (closing the descriptor locked here would let
     go of their locks too: POSIX locks are the process's)."""
     real = Path(os.path.realpath(spool))   # SQLite makes its files beside the file itself
