@@ -62,7 +62,7 @@ class Lanes:
     so a lookup is one dict access however many keys apps invent.
     """
 
-    __slots__ = ("_named", "_rest")
+    __slots__ = ("_named", "_rest", "ruled")
 
     def __init__(self, upstreams: Iterable[Ruled] = ()) -> None:
         self._named: dict[str, Rule] = {}
@@ -74,6 +74,9 @@ class Lanes:
                 break
             for key in up.keys:
                 self._named.setdefault(key, rule)
+        # False when no key has a rule (the usual config): an event's lane is then its
+        # family's fixed classes alone, which the accept loops test without a call.
+        self.ruled = self._rest != NO_RULE or any(r != NO_RULE for r in self._named.values())
 
     def rule(self, key: str) -> Rule:
         return self._named.get(key, self._rest)

@@ -42,6 +42,7 @@ from agent.families.event import (
     dedupe_key,
     now_ms,
 )
+from agent.families.lanes import HIGH, NORMAL, SEGMENT_HIGH
 
 TYPES = frozenset({"track", "identify", "page", "screen", "group", "alias"})
 REQUIRED = {"track": "event", "group": "groupId", "alias": "previousId"}
@@ -84,7 +85,14 @@ def is_id(value: Any) -> bool:
     return isinstance(value, (int, float)) and not isinstance(value, bool)
 
 
-def check(ev: Any, types: frozenset[str], *, need_message_id: bool = False) -> None:
+# What ``check`` read of a valid message, that its caller reads nothing twice: its
+# `type`, a track's `event` (None for other types), its `messageId` (None: absent), and
+# whether it has neither `timestamp` nor `originalTimestamp`. A plain tuple: a NamedTuple's
+# constructor is a Python call for every message.
+Checked = tuple[str, "str | None", "str | None", bool]
+
+
+def check(ev: Any, types: frozenset[str], *, need_message_id: bool = False) -> Checked:
     """Raise Invalid naming the first problem with message ``ev`` (not changed)."""
     if not isinstance(ev, dict):
         raise Invalid("each message must be a JSON object")
@@ -103,9 +111,9 @@ def check(ev: Any, types: frozenset[str], *, need_message_id: bool = False) -> N
             raise Invalid("`userId` or `anonymousId` is required")
     required = REQUIRED.get(kind)
     if required is not None:
-        value = ev.get(required)
-        if not (type(value) is str and value) and (  # the usual value passes at once
-                not is_id(value) or (required == "event" and not isinstance(value, str))):
+        needed = ev.get(required)
+        if not (type(needed) is str and needed) and (  # the usual value passes at once
+                not is_id(needed) or (required == "event" and not isinstance(needed, str))):
             raise Invalid(f"{kind} needs `{required}` (a non-empty string)")
     # Fields by name, not by a loop over the names: a loop's iterator is a malloc for
     # every message (callgrind). The usual objects (absent, or objects) pass at once.
@@ -142,6 +150,9 @@ def check(ev: Any, types: frozenset[str], *, need_message_id: bool = False) -> N
             raise Invalid("`messageId` is required")
     elif not isinstance(message_id, str) or not 0 < len(message_id) <= MAX_MESSAGE_ID:
         raise Invalid(f"`messageId` must be a string of 1 to {MAX_MESSAGE_ID} characters")
+    # A checked track's `event` is a string.
+    return (kind, needed if required == "event" else None, message_id,
+            timestamp is None and original is None)
 
 
 def check_dates(obj: dict[str, Any]) -> None:
@@ -194,9 +205,10 @@ def shared(received: str, batch: dict[str, Any] | None = None) -> Shared:
     return Shared(received, tuple(merged), timestamp if isinstance(timestamp, str) else None)
 
 
-def complete(ev: dict[str, Any], given: Shared) -> str:
-    """Fill in what the spec says the API sets; ``ev`` has passed ``check``. Returns its
-    `messageId` (the one sent, or the one generated)."""
+def complete(ev: dict[str, Any], given: Shared, message_id: str | None, untimed: bool) -> str:
+    """Fill in what the spec says the API sets; ``ev`` has passed ``check``, which read
+    ``message_id`` and ``untimed``. Returns its `messageId` (the one sent, or the one
+    generated)."""
     # No loop where there is nothing to do: each loop's iterator was a malloc of every
     # message (callgrind).
     if given.merged:
@@ -209,10 +221,9 @@ def complete(ev: dict[str, Any], given: Shared) -> str:
         del ev["writeKey"]
     if "sentAt" in ev:
         del ev["sentAt"]
-    message_id: str | None = ev.get("messageId")
     if message_id is None:
         message_id = ev["messageId"] = str(uuid.uuid4())
-    if ev.get("timestamp") is None and ev.get("originalTimestamp") is None:
+    if untimed:
         # Seed 003: timestamps are injected from the top level; else the receive time,
         # so that an event forwarded days later keeps the time it happened.
         ev["timestamp"] = given.received if given.timestamp is None else given.timestamp
@@ -252,14 +263,15 @@ def accept_in(ev: Any, key: str, types: frozenset[str], given: Shared, enrich: E
     # Only a request larger than the limit can hold a message larger than it.
     if raw_size > MAX_EVENT_BYTES and too_large(ev, raw_size):
         raise Invalid(f"message over {MAX_EVENT_BYTES} bytes", too_large=True)
-    check(ev, types, need_message_id=need_message_id)
-    message_id = complete(ev, given)
-    kind = ev["type"]
-    name = ev["event"] if kind == "track" else None   # a checked track's is a string
+    kind, name, message_id, untimed = check(ev, types, need_message_id=need_message_id)
+    message_id = complete(ev, given, message_id, untimed)
     if name in SEGMENT_NEEDS_FACTS:
         enrich.segment(ev)
+    lanes = enrich.lanes
     return Event(key, SEGMENT, dedupe_key("segment", key, message_id), dump(ev), NOT_READ,
-                 enrich.lanes.segment(key, kind, name))
+                 # Lanes.segment without its call while no upstream names a rule.
+                 lanes.segment(key, kind, name) if lanes.ruled
+                 else HIGH if name in SEGMENT_HIGH else NORMAL)
 
 
 def where(i: int, ev: Any) -> str:
