@@ -17,6 +17,7 @@ from agent.families.depth import SHALLOW_BYTES, may_be_too_deep, too_deep
 from agent.families.enrich import NEEDS_FACTS, Enrich
 from agent.families.errors import Invalid
 from agent.families.event import NEWLINE, NUCLEUS, Event, dedupe_key, iso_ms, now_ms
+from agent.families.lanes import HIGH, NORMAL, NUCLEUS_HIGH
 
 KNOWN_TYPES = frozenset({"init", "event", "error", "userid", "props", "heartbeat", "nucleus:view"})
 ID_TYPES = (int, float, str)   # the ids taken, as exact types (a bool is not one)
@@ -73,16 +74,18 @@ def keyed_type(ev: dict[str, Any]) -> str:
     return old if isinstance(old, str) and old in KNOWN_TYPES else "event"
 
 
-def identity_key(key: str, ev: dict[str, Any], kind: str, ev_id: Any) -> int:
+def identity_key(key: str, ev: dict[str, Any], kind: str, ev_id: Any, name: Any,
+                 date: Any) -> int:
     """The dedupe key of what makes a resend the same event (as real modules resend);
-    ``kind``: its `type`, or ``keyed_type``. Spools keep these keys across upgrades:
+    ``kind``: its `type`, or ``keyed_type``; ``name`` and ``date``: its `name` and `date`
+    as sent (the caller read them). Spools keep these keys across upgrades:
     tests/test_dedupe.py pins them."""
     if ev_id is None:
         # No id to go on: the whole event, as sent, is its identity.
         return dedupe_key("nucleus", key, orjson.dumps(ev, option=orjson.OPT_SORT_KEYS).decode())
     return dedupe_key("nucleus", key,
                       ev.get("machineId") or ev.get("deviceId") or ev.get("anonId"),
-                      ev.get("sessionId"), ev_id, ev.get("date"), kind, ev.get("name"))
+                      ev.get("sessionId"), ev_id, date, kind, name)
 
 
 def check(msg: Any) -> list[Any]:
@@ -158,20 +161,21 @@ def accept(msg: Any, key: str, enrich: Enrich, faults: Mapping[int, str] = EMPTY
             why = fault(i, ev)
         if why is None:
             if type(kind) is str and kind:
-                keyed = kind
+                keyed, named = kind, name
             else:   # checked: None or ""
                 kind, keyed = event_type(ev), keyed_type(ev)
-                if name is None:   # the name it is forwarded under: its lane's too
-                    name = old_name(ev)
+                # The name it is forwarded under: its lane's too.
+                named = old_name(ev) if name is None else name
             if kind == "heartbeat":
                 if ev_id is not None:
                     acks.append(ev_id)
                 continue
             try:
-                ident = identity_key(key, ev, keyed, ev_id)
+                date = ev.get("date")
+                ident = identity_key(key, ev, keyed, ev_id, name, date)
                 if kind in NEEDS_FACTS:
-                    fill(ev, kind)
-                if ev.get("date") is None:
+                    fill(ev, kind)   # never the date
+                if date is None:
                     received = received or iso_ms(now_ms())
                     ev["date"] = received
                 body = orjson.dumps(ev, option=NEWLINE)[:-1]   # compact_json, inlined
@@ -185,7 +189,10 @@ def accept(msg: Any, key: str, enrich: Enrich, faults: Mapping[int, str] = EMPTY
                     if ev_id is not None:
                         acks.append(ev_id)
                     events.append(Event(key, NUCLEUS, ident, body, ev_id,
-                                        lanes.nucleus(key, kind, name),
+                                        # Lanes.nucleus without its call while no
+                                        # upstream names a rule.
+                                        lanes.nucleus(key, kind, named) if lanes.ruled
+                                        else HIGH if kind in NUCLEUS_HIGH else NORMAL,
                                         ev if keep_parsed else None))
                     continue
                 why = f"data[{i}].{deep}"
