@@ -13,7 +13,6 @@ import functools
 import logging
 import os
 import sqlite3
-import threading
 from array import array
 from collections.abc import Sequence
 from contextlib import closing
@@ -28,6 +27,7 @@ from agent.spool.codebook import lookup, save
 from agent.spool.db import (
     BUSY_TIMEOUT_MS,
     PAST,
+    Signal,
     add_counters,
     advance_mark,
     keys_from_bytes,
@@ -139,7 +139,7 @@ class Job:
     tail: tuple[int, int] = (0, 0)
     # Set as its COMMIT starts, or as it fails before: the loop waits for it while this
     # thread runs a small commit's statements (writer.HAND_OVER_S).
-    committing: threading.Event | None = None
+    committing: Signal | None = None
     # The learned dictionary small groups are packed with (codebook.py); stored with them.
     learned: Learned | None = None
     # Of new_streams, the keys first met in this commit's requests: one whose events are

@@ -58,6 +58,32 @@ ASTRAY = (f"SELECT EXISTS (SELECT 1 FROM records WHERE lane < {HIGH}) OR EXISTS 
           "records ORDER BY lane LIMIT 1), '') = 'null'")
 
 
+class Signal:
+    """A flag one thread sets and the loop waits for (SqliteThread.hand_over): a raw lock,
+    held while the flag is down. A ``threading.Event`` is a Condition in Python: made,
+    set twice, cleared and waited for, a commit's two took ~50k instructions (~3k a
+    single call, callgrind), these a few hundred each. Set by one thread only; a wait
+    that sees it set takes it down again (its waiter is the only one)."""
+
+    __slots__ = ("_lock",)
+
+    def __init__(self) -> None:
+        self._lock = threading.Lock()
+        self._lock.acquire()
+
+    def set(self) -> None:
+        # Only the setter releases, so a lock seen held stays held until it does.
+        if self._lock.locked():
+            self._lock.release()
+
+    def clear(self) -> None:
+        self._lock.acquire(False)
+
+    def wait(self, timeout: float) -> bool:
+        """Whether it was set within ``timeout`` s (taken down again if so)."""
+        return self._lock.acquire(True, timeout)
+
+
 class SqliteThread:
     """One SQLite connection owned by one thread; ``run`` calls ``fn(conn, *args)`` there.
 
@@ -73,7 +99,7 @@ class SqliteThread:
         self._thread: threading.Thread | None = None
         self._conn: sqlite3.Connection | None = None
         self._pending = 0                  # calls queued and not yet answered
-        self._taken = threading.Event()    # set as the thread takes a call
+        self._taken = Signal()             # set as the thread takes a call
 
     async def open(self, path: Path, script: str,
                    setup: Callable[[sqlite3.Connection], None] | None = None) -> None:
@@ -112,7 +138,7 @@ class SqliteThread:
             self._calls.put(None)
             thread.join()  # at most its last call's return: the queue holds nothing else
 
-    def hand_over(self, within: float, until: threading.Event | None = None) -> None:
+    def hand_over(self, within: float, until: Signal | None = None) -> None:
         """Block the caller (the loop), the GIL let go, until this thread has taken the call
         just queued, or with ``until`` until the call sets it; for at most ``within`` s, and
         not at all while an earlier call is unanswered (it would wait behind that call).
@@ -469,7 +495,7 @@ def fetch_all(conn: sqlite3.Connection, sql: str, params: Any = ()) -> list[Any]
 
 @contextmanager
 def transaction(conn: sqlite3.Connection,
-                committing: threading.Event | None = None) -> Iterator[None]:
+                committing: Signal | None = None) -> Iterator[None]:
     """BEGIN IMMEDIATE ... COMMIT; rolled back and re-raised on any error. ``committing``
     is set as the COMMIT starts."""
     conn.execute("BEGIN IMMEDIATE")

@@ -15,7 +15,6 @@ import contextlib
 import logging
 import sqlite3
 import struct
-import threading
 from array import array
 from collections.abc import Awaitable, Sequence
 from collections.abc import Set as AbstractSet
@@ -31,7 +30,7 @@ from agent.spool import commit as spool_commit
 from agent.spool.books import Books
 from agent.spool.codebook import Codebook
 from agent.spool.commit import Group, Job, Part
-from agent.spool.db import SqliteThread
+from agent.spool.db import Signal, SqliteThread
 from agent.spool.dedupe import DedupeIndex
 from agent.spool.leases import Bound, Leases
 from agent.spool.live import LiveRecords
@@ -457,7 +456,7 @@ class Writer:
                   now=now_ms(), mark=mark, tail=(observed, seq),
                   measure=self.commits % MEASURE_EVERY == 0 or bool(settle or batch.corrupt),
                   committing=None if settle or batch.corrupt
-                  or any(g.data is None for g in groups) else threading.Event(),
+                  or any(g.data is None for g in groups) else Signal(),
                   learned=learned,
                   fresh=frozenset(s.id for s in books.new_streams[born:])
                   if len(books.new_streams) > born else frozenset())
