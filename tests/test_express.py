@@ -566,9 +566,10 @@ def _lane_connection(route: Callable[[bytes, list[str]], Awaitable[web.Response]
 
 
 def test_a_heads_fields_read_from_lines_seen_before_give_the_same_verdicts() -> None:
-    """The lane keeps each field line's reading: a head whose lines it has seen is taken or
-    left to aiohttp as the first time, a line repeated within a head (the same line twice)
-    too, and the lines kept stay bounded (a long line is read, not kept)."""
+    """The lane keeps each field line's reading, and each head's verdict: a head whose
+    lines it has seen, or the head itself, is taken or left to aiohttp as the first time,
+    a line repeated within a head (the same line twice) too, and the lines and heads kept
+    stay bounded (a long line, or a long head, is read, not kept)."""
     async def route(body: bytes, keys: list[str]) -> Any:
         raise AssertionError("not run")
 
@@ -592,9 +593,11 @@ def test_a_heads_fields_read_from_lines_seen_before_give_the_same_verdicts() -> 
         assert lane.match(bytearray(post("/v1/track", body, fields=(("X-N", str(n)),))), 0,
                           HeadScan())
     assert len(lane._lines) <= express.LINES_KEPT
-    long = ("X-Pad", "x" * express.LINE_KEPT_MAX)
+    assert len(lane._verdicts) <= express.VERDICTS_KEPT
+    long = ("X-Pad", "x" * express.HEAD_KEPT_MAX)
     assert lane.match(bytearray(post("/v1/track", body, fields=(long,))), 0, HeadScan())
     assert b"X-Pad: x" not in b"".join(lane._lines)
+    assert b"X-Pad: x" not in b"".join(lane._verdicts)
 
 
 def test_a_stored_calls_reply_carries_each_seconds_date(monkeypatch: pytest.MonkeyPatch) -> None:

@@ -30,7 +30,7 @@ import time
 from collections.abc import Callable, Mapping
 from contextlib import suppress
 from email.utils import formatdate
-from typing import Final, NamedTuple, Protocol
+from typing import Final, Literal, NamedTuple, Protocol
 
 import orjson
 from aiohttp import web
@@ -82,6 +82,11 @@ _ELSEWHERE = frozenset({b"origin", b"sec-fetch-site", b"transfer-encoding",
 LINES_KEPT = 512
 LINE_KEPT_MAX = 512
 _LENGTH_DIGITS = 6   # at most, read as a number (BODY_MAX has 5): a longer one is aiohttp's
+# A head's verdict (ExpressLane._judge) is kept by the head too: an app sends the same
+# head at every request of a body's size, and judged line by line a head cost ~14k
+# instructions (callgrind). At most 512 KiB of heads.
+VERDICTS_KEPT = 512
+HEAD_KEPT_MAX = 1024
 _SERVER = f"Server: {SERVER_SOFTWARE}\r\n\r\n".encode()
 HEADS_KEPT = 64
 MORE: Final = "more"  # the request is not all here yet
@@ -154,6 +159,9 @@ def _text(value: bytes) -> str:
 # The route, its refusal counter, the body and the write keys the headers gave: a plain
 # tuple, as a NamedTuple's construction is a Python call (~3k instructions a request).
 Request = tuple[Express, Callable[[int], None], bytes, list[str]]
+# A head that fits: its route and refusal counter, its body's size, the key its
+# Authorization names (None: none); False: aiohttp's.
+Verdict = tuple[tuple[Express, Callable[[int], None]], int, str | None] | Literal[False]
 
 
 class Routes(NamedTuple):
@@ -192,6 +200,7 @@ class ExpressLane:
         self._closing = False
         self._date = (0, b"")
         self._lines: dict[bytes, tuple[bytes, str] | bool] = {}   # _read's, by the line
+        self._verdicts: dict[bytes, Verdict] = {}   # _judge's, by the head
         self._heads: dict[object, bytes] = {}   # a reply's head by (status, *fields) or Fixed
         self._whole: dict[object, tuple[bytes, bytes]] = {}   # a Fixed's reply, by its Date
 
@@ -213,41 +222,57 @@ class ExpressLane:
             return MORE if len(buf) - pos < HEAD_MAX and _may_start(buf, pos, scan) else None
         if resumed:
             scan.pos = -1   # the next request read may start at the same place
+        head = bytes(buf[pos:end])
+        verdict = self._verdicts.get(head)
+        if verdict is None:
+            verdict = self._judge(head)
+            if len(head) <= HEAD_KEPT_MAX:
+                if len(self._verdicts) >= VERDICTS_KEPT:
+                    self._verdicts.clear()
+                self._verdicts[head] = verdict
+        if not verdict:
+            return None
+        found, size, user = verdict
+        total = end + 4 + size
+        if len(buf) < total:
+            return None  # the body is still coming: aiohttp reads it, with its deadline
+        return (*found, bytes(buf[end + 4:total]), [user] if user else []), total
+
+    def _judge(self, head: bytes) -> Verdict:
+        """Whether ``head`` (its CRLF CRLF left out) fits: its route, its body's size and
+        the key its Authorization names, or False if it is aiohttp's. A function of the
+        head's bytes alone, kept by the head (``match``)."""
         # The head's lines (no CRLF CRLF within it: a line is never empty), each checked
         # once: a regex over the whole head was ~7k instructions a request (callgrind).
-        lines = bytes(buf[pos:end]).split(b"\r\n")
+        lines = head.split(b"\r\n")
         first = lines[0]
         if len(lines) > FIELDS_MAX + 1 or not first.endswith(_REQUEST_LINE_END):
-            return None
+            return False
         found = self._routes.get(first[5:-9])   # after "POST ", before " HTTP/1.1"
         if found is None:
-            return None
+            return False
         fields: dict[bytes, str] = {}
         for line in lines[1:]:
             field = self._lines.get(line)
             if field is None:
                 if _LINE.fullmatch(line) is None:
-                    return None
+                    return False
                 field = self._read(line)
             if field is True:
-                return None
+                return False
             if field:
                 key, value = field
                 if key in fields:
-                    return None
+                    return False
                 fields[key] = value
         length = fields.get(b"content-length")
         # No Host: HTTP/1.1 requires one, and aiohttp answers 400 to a request without it.
         if length is None or b"host" not in fields:
-            return None
+            return False
         size = int(length)
         if size > BODY_MAX:
-            return None
-        total = end + 4 + size
-        if len(buf) < total:
-            return None  # the body is still coming: aiohttp reads it, with its deadline
-        user = fields.get(b"authorization")
-        return (*found, bytes(buf[end + 4:total]), [user] if user else []), total
+            return False
+        return found, size, fields.get(b"authorization")
 
     def _read(self, line: bytes) -> tuple[bytes, str] | bool:
         """A field line (`token:value`, _LINE) as the lane reads it: the name lowered and
