@@ -204,6 +204,29 @@ class HeldNucleus(LoopbackServer):
         return self
 
 
+HIGH_ERROR = {"type": "error", "name": "boom", "id": "high", "sessionId": 1}
+
+
+async def _post_nucleus(agent: Any, data: list[dict[str, Any]]) -> None:
+    async with aiohttp.ClientSession() as s:
+        async with s.post(f"http://127.0.0.1:{agent.port}/app/k/track",
+                          json={"data": data}) as r:
+            assert r.status == 200, await r.text()
+
+
+async def _one_frame_in_flight(make_agent: Any, up: HeldNucleus,
+                               events: int) -> tuple[Any, asyncio.Future[None]]:
+    """An agent sending to ``up`` one frame at a time, ``events`` Nucleus events stored and
+    the first frame held: the agent and that frame's answer."""
+    agent = await make_agent(upstreams=[{
+        "name": "n", "protocol": "nucleus-ws", "url": up.ws_url, "max_in_flight": 1,
+        "flush_interval_s": 3600, "timeout_s": 30}])
+    await _post_nucleus(agent, [{"type": "event", "name": "e", "id": i, "sessionId": 1}
+                                for i in range(events)])
+    _, answer = await asyncio.wait_for(up.frames.get(), 10)
+    return agent, answer
+
+
 async def test_nucleus_ws_one_frame_at_a_time_reads_ahead_but_prepares_when_it_sends(
         make_agent: Any) -> None:
     """With ``max_in_flight = 1`` a websocket sends one frame at a time too, and reads
@@ -212,21 +235,9 @@ async def test_nucleus_ws_one_frame_at_a_time_reads_ahead_but_prepares_when_it_s
     its ids in flight for ever, and the key stuck behind them."""
     up = await HeldNucleus().start()
     try:
-        agent = await make_agent(upstreams=[{
-            "name": "n", "protocol": "nucleus-ws", "url": up.ws_url, "max_in_flight": 1,
-            "flush_interval_s": 3600, "timeout_s": 30}])
-        data = [{"type": "event", "name": "e", "id": i, "sessionId": 1}
-                for i in range(2 * BATCH)]
-        async with aiohttp.ClientSession() as s:
-            async with s.post(f"http://127.0.0.1:{agent.port}/app/k/track",
-                              json={"data": data}) as r:
-                assert r.status == 200, await r.text()
-            _, answer = await asyncio.wait_for(up.frames.get(), 10)
-            await read_ahead(agent)
-            async with s.post(f"http://127.0.0.1:{agent.port}/app/k/track",
-                              json={"data": [{"type": "error", "name": "boom", "id": "high",
-                                              "sessionId": 1}]}) as r:
-                assert r.status == 200, await r.text()
+        agent, answer = await _one_frame_in_flight(make_agent, up, 2 * BATCH)
+        await read_ahead(agent)
+        await _post_nucleus(agent, [HIGH_ERROR])
         answer.set_result(None)
         _, answer = await asyncio.wait_for(up.frames.get(), 10)
         answer.set_result(None)
@@ -244,25 +255,13 @@ async def test_nucleus_ws_a_high_event_stored_while_a_batch_read_ahead_connects_
     after it, before the 500 normal events that read left, as a fresh read would send it."""
     up = await HeldNucleus().start()
     try:
-        agent = await make_agent(upstreams=[{
-            "name": "n", "protocol": "nucleus-ws", "url": up.ws_url, "max_in_flight": 1,
-            "flush_interval_s": 3600, "timeout_s": 30}])
-        data = [{"type": "event", "name": "e", "id": i, "sessionId": 1}
-                for i in range(3 * BATCH)]
-        async with aiohttp.ClientSession() as s:
-            async with s.post(f"http://127.0.0.1:{agent.port}/app/k/track",
-                              json={"data": data}) as r:
-                assert r.status == 200, await r.text()
-            _, answer = await asyncio.wait_for(up.frames.get(), 10)
-            await read_ahead(agent)   # two batches: 500 to 1499
-            up.accepting.clear()
-            up.drop_next = True
-            answer.set_result(None)
-            await wait_for(lambda: up.handshakes == 2)   # the next frame's connect, held
-            async with s.post(f"http://127.0.0.1:{agent.port}/app/k/track",
-                              json={"data": [{"type": "error", "name": "boom", "id": "high",
-                                              "sessionId": 1}]}) as r:
-                assert r.status == 200, await r.text()
+        agent, answer = await _one_frame_in_flight(make_agent, up, 3 * BATCH)
+        await read_ahead(agent)   # two batches: 500 to 1499
+        up.accepting.clear()
+        up.drop_next = True
+        answer.set_result(None)
+        await wait_for(lambda: up.handshakes == 2)   # the next frame's connect, held
+        await _post_nucleus(agent, [HIGH_ERROR])
         up.accepting.set()
         for _ in range(2):
             _, answer = await asyncio.wait_for(up.frames.get(), 10)
