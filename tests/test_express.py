@@ -20,6 +20,7 @@ import tracemalloc
 import uuid
 from collections.abc import Awaitable, Callable
 from email.utils import formatdate
+from pathlib import Path
 from typing import Any
 
 import orjson
@@ -36,6 +37,7 @@ from agent.server.connections import BUF_MAX, ConnectionLimits, _Conn
 from agent.server.express import ExpressLane, HeadScan, Routes
 from agent.server.guard import Guard
 from agent.settings import ListenConfig
+from tests.conftest import write_config
 from tests.segment_helpers import fill_spool
 from tests.waiting import wait_for
 
@@ -871,3 +873,32 @@ async def test_a_connection_reset_with_requests_queued_behind_one_leaves_no_trac
     await wait_for(lambda: lane_tables_empty(lane))
     await wait_for(lambda: agent.spool.depth == 2 * 1 + 4 * 3)
     assert express_count(agent) == 2 * 1 + 4 * 3
+
+
+async def test_a_key_a_reload_revokes_is_refused_at_the_next_request_of_the_same_head(
+        make_agent: Callable[..., Any]) -> None:
+    """A head's verdict is kept by its bytes: a key a reload takes out of
+    listen.accept_keys is still refused at once, on the connection kept alive (the very
+    same head) and on a new one, each refusal counted; a key kept goes on."""
+    kept = "keptKey1"
+    agent = await make_agent(listen={"accept_keys": [KEY, kept]})
+    client = await Client.open(agent.port)
+    await client.send(post("/v1/track", track()))
+    assert (await client.reply()).startswith(b"HTTP/1.1 200 ")
+    write_config(Path(agent.config_path), agent.spool.path, listen={"accept_keys": [kept]})
+    await agent.reload()
+    # Pipelined, two routes: each refused, and counted.
+    await client.send(post("/v1/track", track()) + post("/v1/batch", batch(track())))
+    for _ in range(2):
+        assert (await client.reply()).startswith(b"HTTP/1.1 401 ")
+    other = await Client.open(agent.port)
+    await other.send(post("/v1/track", track()))
+    assert (await other.reply()).startswith(b"HTTP/1.1 401 ")
+    keeps = "Basic " + base64.b64encode(f"{kept}:".encode()).decode()
+    await other.send(post("/v1/track", track(), auth=keeps))
+    assert (await other.reply()).startswith(b"HTTP/1.1 200 ")
+    assert express_count(agent) == 5
+    assert agent.metrics.refused[("segment", 401)] == 3
+    assert agent.spool.depth == 2
+    await client.close()
+    await other.close()
