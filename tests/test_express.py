@@ -23,6 +23,7 @@ from email.utils import formatdate
 from pathlib import Path
 from typing import Any
 
+import aiohttp
 import orjson
 import pytest
 from aiohttp import web
@@ -902,3 +903,40 @@ async def test_a_key_a_reload_revokes_is_refused_at_the_next_request_of_the_same
     assert agent.spool.depth == 2
     await client.close()
     await other.close()
+
+
+async def test_a_connections_requests_each_give_back_what_they_held_however_they_end(
+        make_agent: Callable[..., Any]) -> None:
+    """One ticket serves all of a connection's requests in the lane: each refused (413,
+    401, 400, busy) or stored gives back all it held, and so does another connection's
+    body reset midway; nothing stays in flight (/metrics), and a request after them all
+    is stored."""
+    agent = await make_agent(listen={"accept_keys": [KEY], "max_inflight_mb": 1})
+    wrong = "Basic " + base64.b64encode(b"notTheKey:").decode()
+    client = await Client.open(agent.port)
+    await client.send(post("/v1/track", track()) + post("/v1/track", track(pad="x" * 40_000))
+                      + post("/v1/track", track(), auth=wrong) + post("/v1/batch", b"{not")
+                      + post("/v1/batch", batch(track(), track())))
+    statuses = [(await client.reply())[9:12] for _ in range(5)]
+    assert statuses == [b"200", b"413", b"401", b"400", b"200"]
+    # A body all of the budget, coming slowly (aiohttp's: a query), then one the lane's.
+    slow = await Client.open(agent.port)
+    head = post("/v1/batch?via=aiohttp", b"x" * 1024 * 1024)[:-1024 * 1024]
+    await slow.send(head + b'{"batch": [')
+    await wait_for(lambda: agent.metrics.inflight_bytes == 1024 * 1024)
+    await client.send(post("/v1/track", track()))
+    busy = await client.reply()
+    assert busy[9:12] in (b"429", b"503"), busy
+    slow.writer.get_extra_info("socket").setsockopt(
+        socket.SOL_SOCKET, socket.SO_LINGER, b"\x01\0\0\0\0\0\0\0")
+    slow.writer.transport.abort()   # a reset (RST) midway through its body
+    await wait_for(lambda: agent.metrics.inflight_bytes == 0)
+    await client.send(post("/v1/track", track()))
+    assert (await client.reply()).startswith(b"HTTP/1.1 200 ")
+    async with aiohttp.ClientSession() as s:
+        async with s.get(f"http://127.0.0.1:{agent.port}/metrics") as r:
+            text = await r.text()
+    assert re.search(r"^outpost_ingest_inflight_bytes 0$", text, re.MULTILINE), text
+    assert express_count(agent) == 7
+    assert agent.spool.depth == 4
+    await client.close()
