@@ -7,13 +7,14 @@ from __future__ import annotations
 
 import asyncio
 import os
+import sys
 from pathlib import Path
 from typing import Any
 
 from tests.conftest import free_port, write_config
 from tests.fakes.ops_scene import post_events
 from tests.test_dead_letters import _beside, _stopped_with_three_letters
-from tests.waiting import run_outpost
+from tests.waiting import ROOT, run_outpost
 
 READS = (("status",), "3 kept"), (("dead", "list"), "3 dead letters")
 
@@ -39,31 +40,49 @@ async def test_reads_of_a_symlinked_spool_leave_its_files_and_the_agent_finds_th
     assert got == 0 and "3 dead letters" in text, text
 
 
-async def test_reads_while_an_agent_starts_on_the_spool_lose_nothing(
+async def test_a_read_an_agent_starts_beside_leaves_the_agents_files_and_loses_nothing(
         make_agent: Any, tmp_path: Path) -> None:
-    """Reads run, two and more at once, while the agent starts on the spool and stores
-    events: each read answers, the agent starts, and every event is there, queued,
-    while it runs and after it stops."""
+    """An offline read (a real process, paused with its connection open) made the -wal
+    and -shm; an agent starts on the spool meanwhile and stores events in them. As the
+    read ends, they are the agent's: kept, and the agent stores on; another read at once
+    changes nothing either. Every event and dead letter is there when the agent starts
+    again."""
     _, spool = await _stopped_with_three_letters(make_agent)
-    port = free_port()
-    cfg = str(write_config(tmp_path / "reads.toml", spool, port=port))
-
-    async def reads() -> None:
-        for _ in range(3):
-            results = await asyncio.gather(*(run_outpost("status", "--config", cfg)
-                                             for _ in range(3)))
-            assert all(got == 0 for got, _ in results), results
-
-    reading = asyncio.ensure_future(reads())
-    agent = await make_agent(spool=spool, port=port)
-    await post_events(agent.port, "app-b", range(20))
-    await reading
-    assert agent.spool.streams["app-b"].depth == 20
+    reader = await asyncio.create_subprocess_exec(
+        sys.executable, "-c", "import sys\n"
+        "from pathlib import Path\n"
+        "from agent.spool import dead\n"
+        "from agent.spool.as_found import as_found\n"
+        "spool = Path(sys.argv[1])\n"
+        "with as_found(spool):\n"
+        "    conn = dead.read_only(spool)\n"
+        "    print(dead.summary(conn, 1)['count'], flush=True)\n"
+        "    sys.stdin.readline()\n"
+        "    print(dead.summary(conn, 1)['count'], flush=True)\n"
+        "    conn.close()\n"
+        "print('done', flush=True)\n", str(spool), cwd=ROOT,
+        stdin=asyncio.subprocess.PIPE, stdout=asyncio.subprocess.PIPE)
+    assert reader.stdin is not None and reader.stdout is not None
+    try:
+        assert await asyncio.wait_for(reader.stdout.readline(), 10) == b"3\n"
+        made = {f"{spool.name}-wal", f"{spool.name}-shm"}
+        assert made <= set(os.listdir(spool.parent))
+        agent = await make_agent(spool=spool, port=free_port())
+        await post_events(agent.port, "app-b", range(20))
+        cfg = str(write_config(tmp_path / "reads.toml", spool, port=free_port()))
+        got, text = await run_outpost("dead", "list", "--config", cfg)   # not where it listens
+        assert got == 0 and "3 dead letters" in text, text
+        reader.stdin.write(b"\n")
+        assert await asyncio.wait_for(reader.stdout.read(), 10) == b"3\ndone\n"
+    finally:
+        reader.stdin.close()
+        await asyncio.wait_for(reader.wait(), 10)
+    assert reader.returncode == 0
+    assert made <= set(os.listdir(spool.parent))
+    await post_events(agent.port, "app-b", range(20, 40))
+    assert agent.spool.streams["app-b"].depth == 40
     await agent.stop()
-    for command, says in READS:
-        got, text = await run_outpost(*command, "--config", cfg)
-        assert got == 0 and says in text, (command, text)
-    got, text = await run_outpost("status", "--json", "--config", cfg)
-    assert got == 0 and '"dead_letters": 3' in text, text
     again = await make_agent(spool=spool, port=free_port())
-    assert again.spool.streams["app-b"].depth == 20
+    assert again.spool.streams["app-b"].depth == 40
+    got, text = await run_outpost("dead", "list", "--config", again.config_path)
+    assert got == 0 and "3 dead letters" in text, text
