@@ -86,3 +86,51 @@ async def test_a_read_an_agent_starts_beside_leaves_the_agents_files_and_loses_n
     assert again.spool.streams["app-b"].depth == 40
     got, text = await run_outpost("dead", "list", "--config", again.config_path)
     assert got == 0 and "3 dead letters" in text, text
+
+
+async def test_a_read_keeps_the_commits_a_killed_writer_left_in_the_wal_it_made(
+        make_agent: Any, tmp_path: Path) -> None:
+    """The read made the -wal; a writer (as an agent) commits in it and is killed before
+    the read ends, its -wal never checkpointed: kept as the read ends, its commit seen by
+    the next read and by the agent that starts."""
+    _, spool = await _stopped_with_three_letters(make_agent)
+    reader = await asyncio.create_subprocess_exec(
+        sys.executable, "-c", "import sys\n"
+        "from pathlib import Path\n"
+        "from agent.spool import dead\n"
+        "from agent.spool.as_found import as_found\n"
+        "spool = Path(sys.argv[1])\n"
+        "with as_found(spool):\n"
+        "    with dead.read_only(spool) as conn:\n"
+        "        print(dead.summary(conn, 1)['count'], flush=True)\n"
+        "        sys.stdin.readline()\n"
+        "    conn.close()\n"
+        "print('done', flush=True)\n", str(spool), cwd=ROOT,
+        stdin=asyncio.subprocess.PIPE, stdout=asyncio.subprocess.PIPE)
+    assert reader.stdin is not None and reader.stdout is not None
+    try:
+        assert await asyncio.wait_for(reader.stdout.readline(), 10) == b"3\n"
+        writer = await asyncio.create_subprocess_exec(
+            sys.executable, "-c", "import sqlite3, sys\n"
+            "db = sqlite3.connect(sys.argv[1], isolation_level=None)\n"
+            "db.execute('PRAGMA wal_autocheckpoint=0')\n"
+            "db.execute('DELETE FROM dead WHERE rowid = (SELECT max(rowid) FROM dead)')\n"
+            "print('committed', flush=True)\n"
+            "sys.stdin.readline()\n", str(spool),
+            stdin=asyncio.subprocess.PIPE, stdout=asyncio.subprocess.PIPE)
+        assert writer.stdout is not None
+        assert await asyncio.wait_for(writer.stdout.readline(), 10) == b"committed\n"
+        writer.kill()
+        await asyncio.wait_for(writer.wait(), 10)
+        reader.stdin.write(b"\n")
+        assert await asyncio.wait_for(reader.stdout.read(), 10) == b"done\n"
+    finally:
+        reader.stdin.close()
+        await asyncio.wait_for(reader.wait(), 10)
+    assert os.path.getsize(f"{spool}-wal") > 0
+    cfg = str(write_config(tmp_path / "reads.toml", spool, port=free_port()))
+    got, text = await run_outpost("dead", "list", "--config", cfg)
+    assert got == 0 and "2 dead letters" in text, text
+    agent = await make_agent(spool=spool, port=free_port())
+    got, text = await run_outpost("dead", "list", "--config", agent.config_path)
+    assert got == 0 and "2 dead letters" in text, text
