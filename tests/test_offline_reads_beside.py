@@ -6,7 +6,9 @@ of the spool is ever lost: the agent then starts, and every event is still there
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import os
+import sqlite3
 import sys
 from pathlib import Path
 from typing import Any
@@ -134,3 +136,19 @@ async def test_a_read_keeps_the_commits_a_killed_writer_left_in_the_wal_it_made(
     agent = await make_agent(spool=spool, port=free_port())
     got, text = await run_outpost("dead", "list", "--config", agent.config_path)
     assert got == 0 and "2 dead letters" in text, text
+
+
+async def test_a_read_that_fails_midway_says_why_and_leaves_the_files_as_found(
+        make_agent: Any, tmp_path: Path) -> None:
+    """The spool opens, then a query fails (a table gone): each read says it could not
+    read the spool, in one line, and still removes the -wal and -shm it made."""
+    _, spool = await _stopped_with_three_letters(make_agent)
+    with contextlib.closing(sqlite3.connect(spool, isolation_level=None)) as db:
+        db.execute("DROP TABLE dead")
+    found = _beside(spool)
+    cfg = str(write_config(tmp_path / "reads.toml", spool, port=free_port()))
+    for command in (("status",), ("dead", "list"), ("dead", "export", str(tmp_path / "x"))):
+        got, text = await run_outpost(*command, "--config", cfg)
+        assert got == 1 and "cannot read the spool" in text, (command, text)
+        assert "no such table: dead" in text and "Traceback" not in text, (command, text)
+        assert _beside(spool) == found, command
