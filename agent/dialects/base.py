@@ -48,8 +48,10 @@ class Routes(Protocol):
         """Why ``event`` is larger than the upstream its key is routed to can ever carry,
         or None."""
 
-    def as_stored(self, events: list[Event], known: Container[int] = ()) -> list[Event]:
-        """``events`` in the shape their routes store them in."""
+    def as_stored(self, events: list[Event], known: Container[int] = (),
+                  alike: bool = False) -> list[Event]:
+        """``events`` in the shape their routes store them in (``alike``: they share the
+        first one's key and family)."""
 
     def maps_any(self, events: list[Event]) -> bool:
         """Whether ``as_stored`` maps any of ``events`` to the other family."""
@@ -76,9 +78,12 @@ class IngestSink(Protocol):
         """A share of the in-flight body budget, given back on exit. HTTP handlers get one
         already (see body.TICKET); a websocket takes one per frame."""
 
-    async def store(self, events: list[Event], limits: Routes | None = None) -> int:
+    async def store(self, events: list[Event], limits: Routes | None = None,
+                    alike: bool = False) -> int:
         """Commit ``events`` durably, held to ``limits`` (None: those in force); how many
-        were new. Raises SpoolFull, or Invalid (too large), storing none."""
+        were new. Raises SpoolFull, or Invalid (too large), storing none. ``alike``: the
+        caller knows they all have the first one's key and family (a Nucleus message's
+        events, a Segment batch of one key), so they are routed and announced once."""
 
 
 # A route the server may answer itself, without aiohttp's request machinery, for a plain

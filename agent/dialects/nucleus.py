@@ -151,7 +151,7 @@ class NucleusHandlers:
         got = await parse_body(raw, nucleus_json.read, build)
         count_events(ticket, len(got.events))
         events, acks = self._carried(got, key, limits)
-        await self.sink.store(events, limits)
+        await self.sink.store(events, limits, alike=True)   # the message's key, Nucleus
         return acks
 
     def _carried(self, got: family.Accepted, key: str, limits: Routes

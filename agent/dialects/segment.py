@@ -86,6 +86,9 @@ class Collected(NamedTuple):
     statuses: list[int]
     key: str
     limits: Routes   # those the messages were judged by: the commit is held to them too
+    # Each key the messages named, asked once: why it is refused (None: it is not). One
+    # key: the events are alike for the store (IngestSink.store).
+    asked: dict[str | None, str | None]
     partial: int = 207
 
 
@@ -270,8 +273,8 @@ class SegmentHandlers:
         limits = self.sink.limits   # read once: a reload applies to the next request
         # None when no upstream sets a limit (the usual case): no call for each message.
         oversize = limits.oversize if limits.active else None
-        asked: dict[str | None, str | None] = {}   # each key asked once a request: why refused
-        out = Collected([], [], [], forced_key or batch_key or NO_KEY, limits)
+        asked: dict[str | None, str | None] = {}
+        out = Collected([], [], [], forced_key or batch_key or NO_KEY, limits, asked)
         for i, ev in enumerate(items):
             if faults and i in faults:   # read, but not as sent: refused alone
                 out.errors.append(error_object(400, faults[i], spec.where(i, ev)))
@@ -308,7 +311,8 @@ class SegmentHandlers:
         if isinstance(collected, web.Response):
             return collected
         try:
-            await self.sink.store(collected.events, collected.limits)
+            await self.sink.store(collected.events, collected.limits,
+                                  alike=len(collected.asked) == 1)
         except Invalid as exc:   # too large for the whole spool: every message refused
             status = replies.status_of(exc)
             return batch_error(status, [error_object(status, exc.message)])

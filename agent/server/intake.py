@@ -111,12 +111,15 @@ class Sink:
     def ticket(self) -> Ticket:
         return self.admission.ticket()
 
-    async def store(self, events: list[Event], limits: Routes | None = None) -> int:
+    async def store(self, events: list[Event], limits: Routes | None = None,
+                    alike: bool = False) -> int:
         """Commit ``events`` durably, each in the shape its route stores it in
         (``RouteLimits.as_stored``); returns how many were new. Raises SpoolFull, or
         Invalid (too large) for an event its upstream can never carry, storing none.
         ``limits``: the routes the request judged its events by, when a reload may have
-        come since (a large body is judged on the parse worker); None: those in force."""
+        come since (a large body is judged on the parse worker); None: those in force.
+        ``alike``: every event has the first one's key and family (the caller knows it): the
+        key's route is looked up and its announcement taken once, not for each event."""
         if not events:
             return 0
         if limits is None:
@@ -129,13 +132,14 @@ class Sink:
                 started = time.perf_counter()
                 stored = await self.spool.append(self._as_stored_off_loop(events, limits))
             else:
-                kept = self._fitting(limits.as_stored(events, self.spool.index), limits)
+                kept = self._fitting(limits.as_stored(events, self.spool.index, alike),
+                                     limits)
                 started = time.perf_counter()
                 stored = await self.spool.append(kept)
         finally:
             if self._pending:   # stored, and counted among the spool's keys, or refused
                 with self._pending_lock:
-                    for key in {ev.key for ev in events}:
+                    for key in (events[0].key,) if alike else {ev.key for ev in events}:
                         self._pending.pop(key, None)
         self.metrics.ingest_latency.observe(time.perf_counter() - started)
         # The live view shows what the app sent, not the shape it is stored in.
@@ -148,8 +152,11 @@ class Sink:
             if not self._fresh:
                 asyncio.get_running_loop().call_soon(self._announce)
             self._fresh_events += stored
-            for ev in events:
-                self._fresh.add(ev.key)
+            if alike:
+                self._fresh.add(events[0].key)
+            else:
+                for ev in events:
+                    self._fresh.add(ev.key)
         return stored
 
     async def _as_stored_off_loop(self, events: list[Event], limits: Routes) -> list[Event]:

@@ -119,7 +119,8 @@ class RouteLimits:
                 return True
         return False
 
-    def as_stored(self, events: list[Event], known: Container[int] = ()) -> list[Event]:
+    def as_stored(self, events: list[Event], known: Container[int] = (),
+                  alike: bool = False) -> list[Event]:
         """``events`` in the shape they are stored in: an event whose key is routed to an
         upstream of the other family mapped to that family, the rest as they are. An
         event whose dedupe key is ``known`` is a resend the spool will not store again:
@@ -139,9 +140,17 @@ class RouteLimits:
         The event as ingest parsed it (Event.parsed), when kept, is mapped instead of its
         body parsed again (~10k instructions an event), and dropped: held to the commit,
         the parsed events would be most of a large message's memory.
+
+        ``alike``: every event has the first one's key and family. When that key's route
+        maps nothing of that family, the events are returned with no loop over them (a
+        Nucleus key's events are kept parsed only when its route maps them: nothing to drop).
         """
         if not self.maps:
             return events
+        if alike:
+            route = self._route(events[0].key)
+            if route is None or route.family is None or route.family == events[0].family:
+                return events
         out = events
         received = None
         key = route = None   # a request's events share one key: its route looked up once
