@@ -367,3 +367,20 @@ async def test_a_large_request_keeps_its_place_before_a_later_one(make_agent: An
     ids = [orjson.loads(r.body)["context"]["nucleus"]["id"] if route == "segment"
            else orjson.loads(r.body)["id"] for r in rows]
     assert ids == list(range(301)), f"stored order starts {ids[:3]}"
+
+
+async def test_a_batch_naming_two_keys_maps_only_the_events_whose_key_maps(
+        make_agent: Any) -> None:
+    """One `/v1/batch` whose messages name their own write keys: the first key's route
+    (Segment) decides nothing for the second's (Nucleus)."""
+    agent = await make_agent(upstreams=[offline_segment() | {"keys": ["seg"]},
+                                        offline_nucleus()])
+    batch = [ev | {"writeKey": key} for ev, key in zip(SEGMENT_EVENTS, ["seg", "w", "seg"],
+                                                        strict=True)]
+    reply = await call(agent.port, "/v1/batch", {"batch": batch})
+    assert reply.status == 200, reply.body
+    as_segment = await agent.spool.fetch(agent.spool.streams["seg"].id, 0, 10)
+    mapped = await agent.spool.fetch(agent.spool.streams["w"].id, 0, 10)
+    assert [r.family for r in as_segment] == [SEGMENT] * 2
+    assert [r.family for r in mapped] == [NUCLEUS]
+    assert orjson.loads(mapped[0].body)["payload"]["$segment"]["messageId"] == "m-2"
