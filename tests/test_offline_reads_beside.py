@@ -42,14 +42,10 @@ async def test_reads_of_a_symlinked_spool_leave_its_files_and_the_agent_finds_th
     assert got == 0 and "3 dead letters" in text, text
 
 
-async def test_a_read_an_agent_starts_beside_leaves_the_agents_files_and_loses_nothing(
-        make_agent: Any, tmp_path: Path) -> None:
-    """An offline read (a real process, paused with its connection open) made the -wal
-    and -shm; an agent starts on the spool meanwhile and stores events in them. As the
-    read ends, they are the agent's: kept, and the agent stores on; another read at once
-    changes nothing either. Every event and dead letter is there when the agent starts
-    again."""
-    _, spool = await _stopped_with_three_letters(make_agent)
+async def _paused_read(spool: Path, again: bool) -> asyncio.subprocess.Process:
+    """A real process reading ``spool``'s dead letters under ``as_found``, paused with its
+    connection open once it has printed their count (3, checked here) until a line comes on
+    its stdin; then (``again``) it prints the count again, closes and prints "done"."""
     reader = await asyncio.create_subprocess_exec(
         sys.executable, "-c", "import sys\n"
         "from pathlib import Path\n"
@@ -60,13 +56,27 @@ async def test_a_read_an_agent_starts_beside_leaves_the_agents_files_and_loses_n
         "    conn = dead.read_only(spool)\n"
         "    print(dead.summary(conn, 1)['count'], flush=True)\n"
         "    sys.stdin.readline()\n"
-        "    print(dead.summary(conn, 1)['count'], flush=True)\n"
+        "    if sys.argv[2]:\n"
+        "        print(dead.summary(conn, 1)['count'], flush=True)\n"
         "    conn.close()\n"
-        "print('done', flush=True)\n", str(spool), cwd=ROOT,
+        "print('done', flush=True)\n", str(spool), "again" if again else "", cwd=ROOT,
         stdin=asyncio.subprocess.PIPE, stdout=asyncio.subprocess.PIPE)
+    assert reader.stdout is not None
+    assert await asyncio.wait_for(reader.stdout.readline(), 10) == b"3\n"
+    return reader
+
+
+async def test_a_read_an_agent_starts_beside_leaves_the_agents_files_and_loses_nothing(
+        make_agent: Any, tmp_path: Path) -> None:
+    """An offline read (a real process, paused with its connection open) made the -wal
+    and -shm; an agent starts on the spool meanwhile and stores events in them. As the
+    read ends, they are the agent's: kept, and the agent stores on; another read at once
+    changes nothing either. Every event and dead letter is there when the agent starts
+    again."""
+    _, spool = await _stopped_with_three_letters(make_agent)
+    reader = await _paused_read(spool, again=True)
     assert reader.stdin is not None and reader.stdout is not None
     try:
-        assert await asyncio.wait_for(reader.stdout.readline(), 10) == b"3\n"
         made = {f"{spool.name}-wal", f"{spool.name}-shm"}
         assert made <= set(os.listdir(spool.parent))
         agent = await make_agent(spool=spool, port=free_port())
@@ -96,22 +106,9 @@ async def test_a_read_keeps_the_commits_a_killed_writer_left_in_the_wal_it_made(
     the read ends, its -wal never checkpointed: kept as the read ends, its commit seen by
     the next read and by the agent that starts."""
     _, spool = await _stopped_with_three_letters(make_agent)
-    reader = await asyncio.create_subprocess_exec(
-        sys.executable, "-c", "import sys\n"
-        "from pathlib import Path\n"
-        "from agent.spool import dead\n"
-        "from agent.spool.as_found import as_found\n"
-        "spool = Path(sys.argv[1])\n"
-        "with as_found(spool):\n"
-        "    with dead.read_only(spool) as conn:\n"
-        "        print(dead.summary(conn, 1)['count'], flush=True)\n"
-        "        sys.stdin.readline()\n"
-        "    conn.close()\n"
-        "print('done', flush=True)\n", str(spool), cwd=ROOT,
-        stdin=asyncio.subprocess.PIPE, stdout=asyncio.subprocess.PIPE)
+    reader = await _paused_read(spool, again=False)
     assert reader.stdin is not None and reader.stdout is not None
     try:
-        assert await asyncio.wait_for(reader.stdout.readline(), 10) == b"3\n"
         writer = await asyncio.create_subprocess_exec(
             sys.executable, "-c", "import sqlite3, sys\n"
             "db = sqlite3.connect(sys.argv[1], isolation_level=None)\n"
