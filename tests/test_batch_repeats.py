@@ -1,0 +1,73 @@
+"""A batch's events as the spool keeps them: a message repeated within one batch is
+stored once, in the place of its first copy; a bad message is an item of a 207 and the
+rest stored in order; a batch naming several keys keeps each key's order; a Nucleus
+message repeating an event acks it twice and stores it once."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import aiohttp
+import orjson
+
+from tests.segment_helpers import basic, call
+
+KEY = "repeats-key"
+
+
+def message(mid: str, **kw: Any) -> dict[str, Any]:
+    out = {"type": "track", "event": "e", "userId": "u", "messageId": mid, **kw}
+    return {k: v for k, v in out.items() if v is not None}
+
+
+async def stored(agent: Any, key: str, field: str = "messageId") -> list[Any]:
+    if key not in agent.spool.streams:
+        return []
+    rows = await agent.spool.fetch(agent.spool.streams[key].id, 0, 100)
+    return [orjson.loads(bytes(r.body))[field] for r in rows]
+
+
+async def test_a_repeat_within_a_batch_is_stored_once_and_a_bad_message_is_a_207_item(
+        make_agent: Any) -> None:
+    agent = await make_agent()   # no upstream: the events stay queued
+    batch = {"batch": [message("m0"), message("m1"), message("m1"),
+                       message("bad", userId=None), message("m2")]}
+    reply = await call(agent.port, "/v1/batch", batch, headers={"Authorization": basic(KEY)})
+    assert reply.status == 207, reply.body
+    assert b"batch[3] messageId=bad" in reply.body
+    assert await stored(agent, KEY) == ["m0", "m1", "m2"]
+    assert agent.spool.counters["duplicates"] == 1
+    # The whole batch again: every message a resend, nothing stored twice.
+    reply = await call(agent.port, "/v1/batch", batch, headers={"Authorization": basic(KEY)})
+    assert reply.status == 207, reply.body
+    assert await stored(agent, KEY) == ["m0", "m1", "m2"]
+    assert agent.spool.counters["duplicates"] == 5
+
+
+async def test_a_batch_naming_two_keys_keeps_each_key_s_order(make_agent: Any) -> None:
+    agent = await make_agent()
+    batch = {"batch": [message("a0", writeKey="ka"), message("b0", writeKey="kb"),
+                       message("a1", writeKey="ka"), message("a0", writeKey="ka"),
+                       message("b1", writeKey="kb"), message("a2", writeKey="ka")]}
+    reply = await call(agent.port, "/v1/batch", batch)
+    assert reply.status == 200, reply.body
+    assert await stored(agent, "ka") == ["a0", "a1", "a2"]
+    assert await stored(agent, "kb") == ["b0", "b1"]
+    assert agent.spool.counters["duplicates"] == 1
+
+
+async def test_a_nucleus_message_repeating_an_event_acks_it_twice_and_stores_it_once(
+        make_agent: Any) -> None:
+    agent = await make_agent()
+
+    def event(i: int, name: str) -> dict[str, Any]:
+        return {"type": "event", "name": name, "id": i, "sessionId": 5, "machineId": "m",
+                "date": "2026-01-01T00:00:00Z"}
+    data = [event(1, "a"), event(2, "b"), event(1, "a"), event(3, "c")]
+    async with aiohttp.ClientSession() as s:
+        url = f"http://127.0.0.1:{agent.port}/app/nk/track"
+        async with s.post(url, json={"data": data}) as r:
+            assert r.status == 200
+            assert await r.json() == {"reportedIds": [1, 2, 1, 3]}
+    assert await stored(agent, "nk", "name") == ["a", "b", "c"]
+    assert agent.spool.counters["duplicates"] == 1
