@@ -7,7 +7,7 @@ IngestSink, which agent/server/intake.py implements; it never imports agent.serv
 
 from __future__ import annotations
 
-from collections.abc import Awaitable, Callable, Container, Mapping
+from collections.abc import Awaitable, Callable, Container, Mapping, Sequence
 from contextlib import AbstractContextManager
 from dataclasses import dataclass, field
 from typing import Protocol
@@ -48,12 +48,12 @@ class Routes(Protocol):
         """Why ``event`` is larger than the upstream its key is routed to can ever carry,
         or None."""
 
-    def as_stored(self, events: list[Event], known: Container[int] = (),
-                  alike: bool = False) -> list[Event]:
+    def as_stored(self, events: Sequence[Event], known: Container[int] = (),
+                  alike: bool = False) -> Sequence[Event]:
         """``events`` in the shape their routes store them in (``alike``: they share the
         first one's key and family)."""
 
-    def maps_any(self, events: list[Event]) -> bool:
+    def maps_any(self, events: Sequence[Event]) -> bool:
         """Whether ``as_stored`` maps any of ``events`` to the other family."""
 
     def maps_key(self, key: str) -> bool:
@@ -78,7 +78,7 @@ class IngestSink(Protocol):
         """A share of the in-flight body budget, given back on exit. HTTP handlers get one
         already (see body.TICKET); a websocket takes one per frame."""
 
-    async def store(self, events: list[Event], limits: Routes | None = None,
+    async def store(self, events: Sequence[Event], limits: Routes | None = None,
                     alike: bool = False) -> int:
         """Commit ``events`` durably, held to ``limits`` (None: those in force); how many
         were new. Raises SpoolFull, or Invalid (too large), storing none. ``alike``: the

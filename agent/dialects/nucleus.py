@@ -13,7 +13,7 @@ import base64
 import binascii
 import logging
 import uuid
-from collections.abc import Awaitable, Mapping
+from collections.abc import Awaitable, Mapping, Sequence
 from contextlib import suppress
 from typing import Any
 
@@ -155,7 +155,7 @@ class NucleusHandlers:
         return acks
 
     def _carried(self, got: family.Accepted, key: str, limits: Routes
-                 ) -> tuple[list[Event], list[Any]]:
+                 ) -> tuple[Sequence[Event], list[Any]]:
         """The events the key's upstream can carry, and the acks without the ids of the
         events left out: for a problem of their own (the family's), or too large for that
         upstream. Each is left unacknowledged: the module keeps it, nothing of it is

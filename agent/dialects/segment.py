@@ -53,7 +53,7 @@ from agent.dialects.segment_replies import (
 )
 from agent.families import segment as spec
 from agent.families.errors import Invalid
-from agent.families.event import Event
+from agent.families.event import NOT_READ, SEGMENT, Columns, Event
 from agent.spool.types import SpoolFull
 
 log = logging.getLogger("outpost.segment")
@@ -81,7 +81,7 @@ class Collected(NamedTuple):
     """A validated batch: the events to store, the messages refused (with the status of
     each), the request's key, for the log, and the status when both lists hold some."""
 
-    events: list[Event]
+    events: Columns
     errors: list[dict[str, str]]
     statuses: list[int]
     key: str
@@ -274,7 +274,11 @@ class SegmentHandlers:
         # None when no upstream sets a limit (the usual case): no call for each message.
         oversize = limits.oversize if limits.active else None
         asked: dict[str | None, str | None] = {}
-        out = Collected([], [], [], forced_key or batch_key or NO_KEY, limits, asked)
+        out = Collected(Columns(SEGMENT, NO_KEY, by_event_keys=True), [], [],
+                        forced_key or batch_key or NO_KEY, limits, asked)
+        keys, dedupes, bodies, lanes = (out.events.keys, out.events.dedupes, out.events.bodies,
+                                        out.events.lanes)
+        assert keys is not None   # made by_event_keys
         for i, ev in enumerate(items):
             if faults and i in faults:   # read, but not as sent: refused alone
                 out.errors.append(error_object(400, faults[i], spec.where(i, ev)))
@@ -286,8 +290,9 @@ class SegmentHandlers:
                 if refused is _UNASKED:
                     refused = asked[key] = refusal(key)
                 if refused is None:
-                    event = spec.accept_in(ev, key or NO_KEY, spec.TYPES, given, enrich,
-                                           raw_size)
+                    own = key or NO_KEY
+                    dedupe, stored, lane = spec.accepted(ev, own, spec.TYPES, given, enrich,
+                                                         raw_size)
             except Invalid as exc:
                 status, message, why = replies.status_of(exc), exc.message, ""
             else:
@@ -295,10 +300,14 @@ class SegmentHandlers:
                     status, message, why = 401, INVALID_KEY, refused
                 # Too large for its upstream (the batch context grew it, say): this
                 # message alone is refused, as the store would refuse the request.
-                elif oversize is not None and (too := oversize(event)) is not None:
+                elif oversize is not None and (too := oversize(
+                        Event(own, SEGMENT, dedupe, stored, NOT_READ, lane))) is not None:
                     status, message, why = 413, too, ""
                 else:
-                    out.events.append(event)
+                    keys.append(own)
+                    dedupes.append(dedupe)
+                    bodies.append(stored)
+                    lanes.append(lane)
                     continue
             at = spec.where(i, ev)
             out.errors.append(error_object(status, message, f"{at}: {why}" if why else at))

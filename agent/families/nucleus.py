@@ -7,7 +7,7 @@ small integer ids that collide across sessions: identity is built for that.
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from types import MappingProxyType
 from typing import Any, NamedTuple
 
@@ -16,7 +16,7 @@ import orjson
 from agent.families.depth import SHALLOW_BYTES, may_be_too_deep, too_deep
 from agent.families.enrich import NEEDS_FACTS, Enrich
 from agent.families.errors import Invalid
-from agent.families.event import NEWLINE, NUCLEUS, Event, dedupe_key, iso_ms, now_ms
+from agent.families.event import NEWLINE, NUCLEUS, Columns, Event, dedupe_key, iso_ms, now_ms
 from agent.families.lanes import HIGH, NORMAL, NUCLEUS_HIGH
 
 KNOWN_TYPES = frozenset({"init", "event", "error", "userid", "props", "heartbeat", "nucleus:view"})
@@ -123,7 +123,7 @@ class Accepted(NamedTuple):
     out by its place, never by an id another event may share; and (id, why) of each
     event left out, unacknowledged, for a problem of its own."""
 
-    events: list[Event]
+    events: Sequence[Event]
     acks: list[Any]
     ack_at: list[int]
     left_out: list[tuple[Any, str]]
@@ -140,14 +140,20 @@ def accept(msg: Any, key: str, enrich: Enrich, faults: Mapping[int, str] = EMPTY
     acked: a module resends its whole unacknowledged queue in every message, so refusing
     the message would refuse every later event of the app too. One without an id cannot
     be left out of the acks: its message is refused (Invalid), as is a message that is
-    not one. ``keep_parsed``: each Event carries its parsed event (Event.parsed).
+    not one. ``keep_parsed``: the events are Events, each with its parsed event
+    (Event.parsed), not Columns.
     """
     data = check(msg)
-    out = Accepted([], [], [], [])
-    events, acks = out.events, out.acks
+    kept: list[Event] = []
+    columns = Columns(NUCLEUS, key)
+    out = Accepted(kept if keep_parsed else columns, [], [], [])
+    acks = out.acks
+    # A column each: appended to directly (a method of Columns would be a call an event).
+    dedupes, bodies, ids, lanes = columns.dedupes, columns.bodies, columns.ids, columns.lanes
+    assert ids is not None   # a Nucleus event's id is read here
     received = None
     fill = enrich.nucleus
-    lanes = enrich.lanes
+    rules = enrich.lanes
     for i, ev in enumerate(data):
         why = faults.get(i) if faults else None
         if why is None and isinstance(ev, dict):
@@ -188,12 +194,16 @@ def accept(msg: Any, key: str, enrich: Enrich, faults: Mapping[int, str] = EMPTY
                     out.ack_at.append(-1 if ev_id is None else len(acks))
                     if ev_id is not None:
                         acks.append(ev_id)
-                    events.append(Event(key, NUCLEUS, ident, body, ev_id,
-                                        # Lanes.nucleus without its call while no
-                                        # upstream names a rule.
-                                        lanes.nucleus(key, kind, named) if lanes.ruled
-                                        else HIGH if kind in NUCLEUS_HIGH else NORMAL,
-                                        ev if keep_parsed else None))
+                    # Lanes.nucleus without its call while no upstream names a rule.
+                    lane = (rules.nucleus(key, kind, named) if rules.ruled
+                            else HIGH if kind in NUCLEUS_HIGH else NORMAL)
+                    if keep_parsed:
+                        kept.append(Event(key, NUCLEUS, ident, body, ev_id, lane, ev))
+                    else:
+                        dedupes.append(ident)
+                        bodies.append(body)
+                        ids.append(ev_id)
+                        lanes.append(lane)
                     continue
                 why = f"data[{i}].{deep}"
         ev_id = ev.get("id") if isinstance(ev, dict) else None

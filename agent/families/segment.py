@@ -259,7 +259,16 @@ def accept(ev: Any, key: str, types: frozenset[str], received: str, *, enrich: E
 def accept_in(ev: Any, key: str, types: frozenset[str], given: Shared, enrich: Enrich,
               raw_size: int = 0, need_message_id: bool = False) -> Event:
     """``accept`` for each message of a request, with what the request gives them read
-    once (``shared``). Every message of a batch takes this path: what it calls is kept few."""
+    once (``shared``)."""
+    dedupe, body, lane = accepted(ev, key, types, given, enrich, raw_size, need_message_id)
+    return Event(key, SEGMENT, dedupe, body, NOT_READ, lane)
+
+
+def accepted(ev: Any, key: str, types: frozenset[str], given: Shared, enrich: Enrich,
+             raw_size: int = 0, need_message_id: bool = False) -> tuple[int, bytes, int]:
+    """``accept_in``'s event as its fields: its dedupe key, body and lane (a batch's
+    columns take them). Every message of a batch takes this path: what it calls is kept
+    few."""
     # Only a request larger than the limit can hold a message larger than it.
     if raw_size > MAX_EVENT_BYTES and too_large(ev, raw_size):
         raise Invalid(f"message over {MAX_EVENT_BYTES} bytes", too_large=True)
@@ -268,10 +277,10 @@ def accept_in(ev: Any, key: str, types: frozenset[str], given: Shared, enrich: E
     if name in SEGMENT_NEEDS_FACTS:
         enrich.segment(ev)
     lanes = enrich.lanes
-    return Event(key, SEGMENT, dedupe_key("segment", key, message_id), dump(ev), NOT_READ,
-                 # Lanes.segment without its call while no upstream names a rule.
-                 lanes.segment(key, kind, name) if lanes.ruled
-                 else HIGH if name in SEGMENT_HIGH else NORMAL)
+    return (dedupe_key("segment", key, message_id), dump(ev),
+            # Lanes.segment without its call while no upstream names a rule.
+            lanes.segment(key, kind, name) if lanes.ruled
+            else HIGH if name in SEGMENT_HIGH else NORMAL)
 
 
 def where(i: int, ev: Any) -> str:

@@ -13,7 +13,7 @@ from agent.dialects import offload
 from agent.dialects.base import MAX_KEY_CHARS, Routes
 from agent.families.enrich import Enrich
 from agent.families.errors import Invalid
-from agent.families.event import Event
+from agent.families.event import Event, keys_of
 from agent.metrics import Metrics
 from agent.server.admission import Admission, Ticket
 from agent.server.limits import RouteLimits
@@ -111,7 +111,7 @@ class Sink:
     def ticket(self) -> Ticket:
         return self.admission.ticket()
 
-    async def store(self, events: list[Event], limits: Routes | None = None,
+    async def store(self, events: Sequence[Event], limits: Routes | None = None,
                     alike: bool = False) -> int:
         """Commit ``events`` durably, each in the shape its route stores it in
         (``RouteLimits.as_stored``); returns how many were new. Raises SpoolFull, or
@@ -139,7 +139,7 @@ class Sink:
         finally:
             if self._pending:   # stored, and counted among the spool's keys, or refused
                 with self._pending_lock:
-                    for key in (events[0].key,) if alike else {ev.key for ev in events}:
+                    for key in (events[0].key,) if alike else keys_of(events):
                         self._pending.pop(key, None)
         self.metrics.ingest_latency.observe(time.perf_counter() - started)
         # The live view shows what the app sent, not the shape it is stored in.
@@ -155,17 +155,17 @@ class Sink:
             if alike:
                 self._fresh.add(events[0].key)
             else:
-                for ev in events:
-                    self._fresh.add(ev.key)
+                self._fresh |= keys_of(events)
         return stored
 
-    async def _as_stored_off_loop(self, events: list[Event], limits: Routes) -> list[Event]:
+    async def _as_stored_off_loop(self, events: Sequence[Event], limits: Routes
+                                  ) -> Sequence[Event]:
         # The dedupe index is only read there (a set's `in`: one step under the GIL).
         kept = await offload.on_worker(partial(limits.as_stored, events, self.spool.index))
         return self._fitting(kept, limits)
 
     @staticmethod
-    def _fitting(kept: list[Event], limits: Routes) -> list[Event]:
+    def _fitting(kept: Sequence[Event], limits: Routes) -> Sequence[Event]:
         """``kept``, once none is too large for its route (else Invalid: none stored)."""
         if limits.active:
             for ev in kept:

@@ -6,14 +6,24 @@ so the drain sends stored bytes (docs/architecture.md, "Where mapping happens").
 
 from __future__ import annotations
 
-from collections.abc import Callable, Container
+from collections.abc import Callable, Container, Sequence
 from functools import partial
 from typing import Any, NamedTuple
 
 import orjson
 
 from agent.families import mapping
-from agent.families.event import NOT_READ, NUCLEUS, SEGMENT, Event, Limit, compact_json, now_ms
+from agent.families.event import (
+    NOT_READ,
+    NUCLEUS,
+    SEGMENT,
+    Columns,
+    Event,
+    Limit,
+    compact_json,
+    keys_of,
+    now_ms,
+)
 from agent.families.nucleus import ID_TYPES
 from agent.settings import Config, UpstreamConfig
 
@@ -106,21 +116,22 @@ class RouteLimits:
         route = self._route(key)
         return route is not None and route.family == SEGMENT
 
-    def maps_any(self, events: list[Event]) -> bool:
+    def maps_any(self, events: Sequence[Event]) -> bool:
         """Whether ``as_stored`` maps any of ``events`` (resends aside): one is routed to an
         upstream of the other family. A request's events share one key and one family,
         but for a Segment batch naming several keys: each key asked once."""
         if not self.maps:
             return False
-        families = {ev.family for ev in events}
-        for key in {ev.key for ev in events}:
+        families = {events.family} if isinstance(events, Columns) else {
+            ev.family for ev in events}
+        for key in keys_of(events):
             route = self._route(key)
             if route is not None and route.family is not None and families != {route.family}:
                 return True
         return False
 
-    def as_stored(self, events: list[Event], known: Container[int] = (),
-                  alike: bool = False) -> list[Event]:
+    def as_stored(self, events: Sequence[Event], known: Container[int] = (),
+                  alike: bool = False) -> Sequence[Event]:
         """``events`` in the shape they are stored in: an event whose key is routed to an
         upstream of the other family mapped to that family, the rest as they are. An
         event whose dedupe key is ``known`` is a resend the spool will not store again:
@@ -151,7 +162,9 @@ class RouteLimits:
             route = self._route(events[0].key)
             if route is None or route.family is None or route.family == events[0].family:
                 return events
-        out = events
+        if not isinstance(events, list):
+            events = list(events)   # Columns: each Event made once
+        out: list[Event] | None = None   # a copy, once an event is mapped
         received = None
         key = route = None   # a request's events share one key: its route looked up once
         for i, ev in enumerate(events):
@@ -176,10 +189,10 @@ class RouteLimits:
                 ack_id = mapped.get("id")
                 if ack_id is not None and type(ack_id) not in ID_TYPES:
                     continue   # left to the uplink's take loop, which decides (as before)
-            if out is events:
+            if out is None:
                 out = list(events)
             out[i] = Event(ev.key, route.family, ev.dedupe, body, ack_id, ev.lane)
-        return out
+        return events if out is None else out
 
     def oversize(self, event: Event) -> str | None:
         """Why ``event`` can never be delivered on its route, or None when it can."""

@@ -202,7 +202,7 @@ class Spool:
 
     # -- the queue -----------------------------------------------------------
 
-    def append(self, events: list[Event] | Awaitable[list[Event]]) -> Awaitable[int]:
+    def append(self, events: Sequence[Event] | Awaitable[Sequence[Event]]) -> Awaitable[int]:
         """Commit ``events`` (await it); returns how many were new (the rest were resends).
         An awaitable of them takes its place in the commit order at the call.
 

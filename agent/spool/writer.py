@@ -22,7 +22,7 @@ from dataclasses import dataclass, field
 from typing import Any, Protocol
 
 from agent.families.errors import Invalid
-from agent.families.event import NOT_READ, NUCLEUS, Event, now_ms
+from agent.families.event import NOT_READ, NUCLEUS, Columns, Event, now_ms
 from agent.logs import log_limited
 from agent.outcomes import Drop, Tally
 from agent.settings import StorageConfig
@@ -88,24 +88,31 @@ class Usual:
 
     def add(self, events: Sequence[Event]) -> bool:
         """Take in more of the request's events; False once they are not the usual kind."""
-        keys = [ev.dedupe for ev in events]
+        ids: list[Any] | None
+        if isinstance(events, Columns):   # the fields as they are: no loop per event here
+            keys, bodies, ids = events.dedupes, events.bodies, events.ids
+            alike = (events.family == self.family and set(events.lanes) == {self.lane}
+                     and events.key_set() == {self.key})
+        else:
+            # Comprehensions, not a generator over the events: fewer instructions an event.
+            keys = [ev.dedupe for ev in events]
+            alike = ({ev.key for ev in events} == {self.key}
+                     and {ev.family for ev in events} == {self.family}
+                     and {ev.lane for ev in events} == {self.lane})
+            bodies = [ev.body for ev in events] if alike else []
+            ids = [ev.ack_id for ev in events] if alike and self.ids is not None else None
         before = len(self.keyset)
         self.keyset.update(keys)
-        # Comprehensions, not a generator over the events: fewer instructions an event.
-        if (len(self.keyset) != before + len(keys) or {ev.key for ev in events} != {self.key}
-                or {ev.family for ev in events} != {self.family}
-                or {ev.lane for ev in events} != {self.lane}):
+        if not alike or len(self.keyset) != before + len(keys):
             return False
-        bodies = [ev.body for ev in events]
-        ids = [ev.ack_id for ev in events] if self.ids is not None else None
         if not self.keys:   # the first (for a small request, the only) events: no copy
             self.keys, self.bodies, self.sizes = int64s(keys), bodies, list(map(len, bodies))
         else:
             self.keys += int64s(keys)
             self.bodies += bodies
             self.sizes += map(len, bodies)
-        if ids is not None:   # None once any event's id was not read at ingest
-            if NOT_READ in ids:
+        if self.ids is not None:   # None once any event's id was not read at ingest
+            if ids is None or NOT_READ in ids:
                 self.ids = None
             elif self.ids:
                 self.ids += ids
@@ -141,7 +148,7 @@ async def usual_sliced(events: Sequence[Event]) -> Usual | None:
 
 @dataclass(slots=True)
 class Pending:
-    events: list[Event]
+    events: Sequence[Event]
     received: int
     done: asyncio.Future[int]
     # A large request's events, taken in as it was appended (None: not the usual kind,
@@ -208,11 +215,11 @@ class Writer:
         if self._task is not None:
             await self._task
 
-    def append(self, events: list[Event] | Awaitable[list[Event]]) -> Awaitable[int]:
+    def append(self, events: Sequence[Event] | Awaitable[Sequence[Event]]) -> Awaitable[int]:
         """Commit ``events`` (await it); returns how many were new (the rest were resends).
         Given as an awaitable (made ready off the loop: intake.py), the request takes its
         place in the commit order at the call, before its events are ready."""
-        if (isinstance(events, list) and events and len(events) <= SLICE_EVENTS
+        if (isinstance(events, (list, Columns)) and events and len(events) <= SLICE_EVENTS
                 and self._taking is None and not self.closing):
             # The usual request joins the batch now: its commit's future, no coroutine
             # to make and resume (a single call's path).
@@ -222,17 +229,17 @@ class Writer:
             return fut
         return self._append(events)
 
-    async def _append(self, events: list[Event] | Awaitable[list[Event]]) -> int:
+    async def _append(self, events: Sequence[Event] | Awaitable[Sequence[Event]]) -> int:
         loop = asyncio.get_running_loop()
         received = now_ms()
         # FIFO: requests join the batch in the order they reached append, though one may
         # let the loop go before it does (a large one is taken in a slice at a time, one
         # given as an awaitable waits for it); those behind it wait for it.
         ahead, mine = self._taking, None
-        if not isinstance(events, list) or len(events) > SLICE_EVENTS or ahead is not None:
+        if not isinstance(events, Sequence) or len(events) > SLICE_EVENTS or ahead is not None:
             mine = self._taking = loop.create_future()
         try:
-            got = events if isinstance(events, list) else await events
+            got = events if isinstance(events, Sequence) else await events
             if not got:
                 return 0
             if self.closing:
