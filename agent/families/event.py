@@ -54,7 +54,9 @@ class Columns(Sequence[Event]):
     ``Usual``), which takes the columns as they are. Read as a Sequence it gives Events,
     each made at its read, for whatever needs one (a resend, several keys, the live view).
     A mapped key's Nucleus events stay Events: each keeps its parsed event (Event.parsed).
-    The columns are not changed once the request hands them on."""
+    The columns are not changed once the request hands them on. Asked for by
+    ``type(x) is Columns``: as a Sequence it is an ABC, and ``isinstance`` on it a Python
+    call (ABCMeta.__instancecheck__), more than the test itself."""
 
     __slots__ = ("family", "key", "keys", "dedupes", "bodies", "ids", "lanes")
 
@@ -99,7 +101,7 @@ class Columns(Sequence[Event]):
 
 def keys_of(events: Sequence[Event]) -> set[str]:
     """The keys ``events`` name (Columns: no Event made for each)."""
-    return events.key_set() if isinstance(events, Columns) else {ev.key for ev in events}
+    return events.key_set() if type(events) is Columns else {ev.key for ev in events}
 
 
 class Limit(NamedTuple):

@@ -122,7 +122,7 @@ class RouteLimits:
         but for a Segment batch naming several keys: each key asked once."""
         if not self.maps:
             return False
-        families = {events.family} if isinstance(events, Columns) else {
+        families = {events.family} if type(events) is Columns else {
             ev.family for ev in events}
         for key in keys_of(events):
             route = self._route(key)

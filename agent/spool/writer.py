@@ -89,7 +89,7 @@ class Usual:
     def add(self, events: Sequence[Event]) -> bool:
         """Take in more of the request's events; False once they are not the usual kind."""
         ids: list[Any] | None
-        if isinstance(events, Columns):   # the fields as they are: no loop per event here
+        if type(events) is Columns:   # the fields as they are: no loop per event here
             keys, bodies, ids = events.dedupes, events.bodies, events.ids
             alike = (events.family == self.family and set(events.lanes) == {self.lane}
                      and events.key_set() == {self.key})
@@ -219,7 +219,8 @@ class Writer:
         """Commit ``events`` (await it); returns how many were new (the rest were resends).
         Given as an awaitable (made ready off the loop: intake.py), the request takes its
         place in the commit order at the call, before its events are ready."""
-        if (isinstance(events, (list, Columns)) and events and len(events) <= SLICE_EVENTS
+        if ((isinstance(events, list) or type(events) is Columns) and events
+                and len(events) <= SLICE_EVENTS
                 and self._taking is None and not self.closing):
             # The usual request joins the batch now: its commit's future, no coroutine
             # to make and resume (a single call's path).
