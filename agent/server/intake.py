@@ -122,6 +122,7 @@ class Sink:
         key's route is looked up and its announcement taken once, not for each event."""
         if not events:
             return 0
+        alike = alike or len(events) == 1   # a single call's event: no set of its keys
         if limits is None:
             limits = self.limits
         try:
