@@ -10,6 +10,7 @@ from typing import Any
 import aiohttp
 import orjson
 
+from agent.spool.writer import SLICE_EVENTS
 from tests.segment_helpers import basic, call
 
 KEY = "repeats-key"
@@ -71,3 +72,27 @@ async def test_a_nucleus_message_repeating_an_event_acks_it_twice_and_stores_it_
             assert await r.json() == {"reportedIds": [1, 2, 1, 3]}
     assert await stored(agent, "nk", "name") == ["a", "b", "c"]
     assert agent.spool.counters["duplicates"] == 1
+
+
+async def test_a_message_of_several_slices_repeating_an_event_across_them_stores_it_once(
+        make_agent: Any) -> None:
+    """Taken in a slice at a time (spool/writer.py SLICE_EVENTS): a repeat in a later slice
+    of an event of the first is stored once, in its first place; the message again is all
+    resends."""
+    agent = await make_agent()
+    many = 2 * SLICE_EVENTS + 5
+    names = [f"e{i}" for i in range(many)]
+    names.insert(SLICE_EVENTS + 7, "e3")
+    data = [{"type": "event", "name": name, "id": i, "sessionId": 5, "machineId": "m",
+             "date": "2026-01-01T00:00:00Z"} for i, name in enumerate(names)]
+    # The repeat is the same event: its id as the first copy's.
+    data[SLICE_EVENTS + 7]["id"] = 3
+    async with aiohttp.ClientSession() as s:
+        url = f"http://127.0.0.1:{agent.port}/app/big/track"
+        for _ in range(2):
+            async with s.post(url, json={"data": data}) as r:
+                assert r.status == 200
+                assert len((await r.json())["reportedIds"]) == many + 1
+    rows = await agent.spool.fetch(agent.spool.streams["big"].id, 0, 2 * many)
+    assert [orjson.loads(bytes(r.body))["name"] for r in rows] == [f"e{i}" for i in range(many)]
+    assert agent.spool.counters["duplicates"] == 1 + many + 1

@@ -8,12 +8,13 @@ a 38,000-event message is stored, is measured by `python -m bench.large`, not he
 from __future__ import annotations
 
 import asyncio
+from collections.abc import Callable, Sequence
 from pathlib import Path
 
 import orjson
 import pytest
 
-from agent.families.event import NUCLEUS, SEGMENT, Event, dedupe_key
+from agent.families.event import NUCLEUS, SEGMENT, Columns, Event, dedupe_key
 from agent.families.lanes import HIGH, NORMAL
 from agent.settings import StorageConfig
 from agent.spool import Spool
@@ -28,6 +29,31 @@ def ev(key: str, n: int, family: int = NUCLEUS, lane: int = NORMAL) -> Event:
                  lane=lane)
 
 
+def as_columns(events: list[Event]) -> Sequence[Event]:
+    """``events`` as a batch's accept loop hands them on (Columns), when of one family."""
+    if len({e.family for e in events}) != 1:
+        return events
+    out = Columns(events[0].family, events[0].key, by_event_keys=True)
+    assert out.keys is not None
+    for e in events:
+        out.keys.append(e.key)
+        out.dedupes.append(e.dedupe)
+        out.bodies.append(e.body)
+        out.lanes.append(e.lane)
+        if out.ids is not None:
+            out.ids.append(e.ack_id)
+    return out
+
+
+Shaped = Callable[[list[Event]], Sequence[Event]]
+
+
+@pytest.fixture(params=["events", "columns"])
+def shaped(request: pytest.FixtureRequest) -> Shaped:
+    """Each test with the request's events as Events, and as a batch's columns."""
+    return as_columns if request.param == "columns" else list
+
+
 async def open_spool(tmp_path: Path) -> Spool:
     return await Spool.open(StorageConfig(path=str(tmp_path / "spool.db")))
 
@@ -38,45 +64,50 @@ async def ids_of(spool: Spool, key: str, lane: int | None = None) -> list[int]:
     return [orjson.loads(r.body)["id"] for r in rows if lane is None or r.lane == lane]
 
 
-async def test_a_large_request_is_stored_whole_in_order_and_once(tmp_path: Path) -> None:
+async def test_a_large_request_is_stored_whole_in_order_and_once(
+        tmp_path: Path, shaped: Shaped) -> None:
     spool = await open_spool(tmp_path)
     events = [ev("k", i) for i in range(MANY)]
-    assert await spool.append(events) == MANY
+    assert await spool.append(shaped(events)) == MANY
     assert await ids_of(spool, "k") == list(range(MANY))
     # The module resends its queue (the ack was lost): every event a duplicate.
-    assert await spool.append(events) == 0
+    assert await spool.append(shaped(events)) == 0
     assert spool.counters["duplicates"] == MANY
     await spool.close()
     again = await open_spool(tmp_path)   # the keys were stored with the records
-    assert await again.append(events[-3:]) == 0 and again.depth == MANY
+    assert await again.append(shaped(events[-3:])) == 0 and again.depth == MANY
     await again.close()
 
 
-async def test_a_large_request_partly_stored_before_stores_the_rest(tmp_path: Path) -> None:
+async def test_a_large_request_partly_stored_before_stores_the_rest(
+        tmp_path: Path, shaped: Shaped) -> None:
     spool = await open_spool(tmp_path)
-    assert await spool.append([ev("k", i) for i in range(0, MANY, 3)]) == len(range(0, MANY, 3))
-    assert await spool.append([ev("k", i) for i in range(MANY)]) == MANY - len(range(0, MANY, 3))
+    thirds = len(range(0, MANY, 3))
+    assert await spool.append(shaped([ev("k", i) for i in range(0, MANY, 3)])) == thirds
+    assert await spool.append(shaped([ev("k", i) for i in range(MANY)])) == MANY - thirds
     stored = await ids_of(spool, "k")
     assert sorted(stored) == list(range(MANY)) and len(set(stored)) == MANY
-    assert stored[len(range(0, MANY, 3)):] == [i for i in range(MANY) if i % 3]
+    assert stored[thirds:] == [i for i in range(MANY) if i % 3]
     await spool.close()
 
 
-async def test_a_large_request_repeating_an_event_stores_it_once(tmp_path: Path) -> None:
+async def test_a_large_request_repeating_an_event_stores_it_once(
+        tmp_path: Path, shaped: Shaped) -> None:
     spool = await open_spool(tmp_path)
     events = [ev("k", i) for i in range(MANY)]
     events.insert(SLICE_EVENTS + 7, ev("k", 3))   # in another slice than the first
-    assert await spool.append(events) == MANY
+    assert await spool.append(shaped(events)) == MANY
     assert await ids_of(spool, "k") == list(range(MANY))
     await spool.close()
 
 
-async def test_a_large_request_of_mixed_keys_families_and_lanes(tmp_path: Path) -> None:
+async def test_a_large_request_of_mixed_keys_families_and_lanes(
+        tmp_path: Path, shaped: Shaped) -> None:
     spool = await open_spool(tmp_path)
     events = [ev("a" if i % 2 else "b", i) for i in range(MANY)]
     events[-1] = ev("b", MANY, family=SEGMENT)   # a change of family in the last slice
     events[SLICE_EVENTS] = ev("a", -1, lane=HIGH)
-    assert await spool.append(events) == MANY
+    assert await spool.append(shaped(events)) == MANY
     assert await ids_of(spool, "a", HIGH) == [-1]
     assert await ids_of(spool, "a", NORMAL) == [i for i in range(1, MANY - 1, 2)
                                                 if i != SLICE_EVENTS]
@@ -86,11 +117,11 @@ async def test_a_large_request_of_mixed_keys_families_and_lanes(tmp_path: Path) 
 
 
 async def test_a_large_and_a_small_request_sharing_an_event_store_it_once(
-        tmp_path: Path) -> None:
+        tmp_path: Path, shaped: Shaped) -> None:
     spool = await open_spool(tmp_path)
     large = [ev("k", i) for i in range(MANY)]
     small = [ev("k", MANY - 1), ev("k", MANY + 1)]   # sent meanwhile by another connection
-    got = await asyncio.gather(spool.append(large), spool.append(small))
+    got = await asyncio.gather(spool.append(shaped(large)), spool.append(shaped(small)))
     assert sum(got) == MANY + 1
     stored = await ids_of(spool, "k")
     assert sorted(stored) == [*range(MANY), MANY + 1]
@@ -100,7 +131,7 @@ async def test_a_large_and_a_small_request_sharing_an_event_store_it_once(
 
 @pytest.mark.parametrize("odd", ["key", "family", "lane"])
 async def test_one_event_unlike_the_rest_in_a_later_slice_keeps_its_place(
-        tmp_path: Path, odd: str) -> None:
+        tmp_path: Path, shaped: Shaped, odd: str) -> None:
     """One key, family and lane but for one event in the second slice: an app's `init`
     (high lane) among its clicks, an event of another family, or of another key."""
     spool = await open_spool(tmp_path)
@@ -108,7 +139,7 @@ async def test_one_event_unlike_the_rest_in_a_later_slice_keeps_its_place(
     at = SLICE_EVENTS + 1
     events[at] = (ev("other", -1) if odd == "key" else ev("k", -1, lane=HIGH) if odd == "lane"
                   else ev("k", -1, family=SEGMENT))
-    assert await spool.append(events) == MANY
+    assert await spool.append(shaped(events)) == MANY
     rest = [i for i in range(MANY) if i != at]
     if odd == "key":
         assert await ids_of(spool, "other") == [-1]
