@@ -10,10 +10,10 @@ from __future__ import annotations
 
 import hashlib
 import struct
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Container, Iterator, Sequence
 from dataclasses import dataclass
 from datetime import datetime, timezone
-from itertools import repeat
+from itertools import compress, repeat
 from typing import Any, NamedTuple, overload
 
 import orjson
@@ -85,14 +85,23 @@ class Columns(Sequence[Event]):
 
     def __getitem__(self, i: int | slice) -> Event | Columns:
         if isinstance(i, slice):
-            part = Columns(self.family, self.key)
-            part.keys = None if self.keys is None else self.keys[i]
-            part.dedupes, part.bodies, part.lanes = self.dedupes[i], self.bodies[i], self.lanes[i]
-            part.ids = None if self.ids is None else self.ids[i]
-            return part
+            return self._part(lambda column: column[i])
         return Event(self.key if self.keys is None else self.keys[i], self.family,
                      self.dedupes[i], self.bodies[i],
                      NOT_READ if self.ids is None else self.ids[i], self.lanes[i])
+
+    def without(self, known: Container[int]) -> Columns:
+        """The events whose dedupe key is not ``known`` (no Event made for each)."""
+        keep = [k not in known for k in self.dedupes]
+        return self._part(lambda column: list(compress(column, keep)))
+
+    def _part(self, of: Callable[[list[Any]], list[Any]]) -> Columns:
+        """The events ``of`` picks out of each column."""
+        part = Columns(self.family, self.key)
+        part.keys = None if self.keys is None else of(self.keys)
+        part.dedupes, part.bodies, part.lanes = of(self.dedupes), of(self.bodies), of(self.lanes)
+        part.ids = None if self.ids is None else of(self.ids)
+        return part
 
     def key_set(self) -> set[str]:
         """The keys the events name."""

@@ -405,7 +405,8 @@ class Writer:
             # asked once for all its keys rather than once for each.
             taken = p.usual or usual(p.events)
             if taken is not None and not seen.isdisjoint(taken.keyset):
-                fresh = [ev for ev in p.events if ev.dedupe not in seen]
+                fresh = (p.events.without(seen) if type(p.events) is Columns
+                         else [ev for ev in p.events if ev.dedupe not in seen])
                 taken = usual(fresh) if fresh else None
             if taken is None or not here.isdisjoint(taken.keyset):
                 stored.append(self._each(p, seen, here, latest, groups, part))
