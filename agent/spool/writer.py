@@ -101,6 +101,8 @@ class Usual:
                      and {ev.lane for ev in events} == {self.lane})
             bodies = [ev.body for ev in events] if alike else []
             ids = [ev.ack_id for ev in events] if alike and self.ids is not None else None
+            if ids is not None and NOT_READ in ids:
+                ids = None
         before = len(self.keyset)
         self.keyset.update(keys)
         if not alike or len(self.keyset) != before + len(keys):
@@ -112,7 +114,7 @@ class Usual:
             self.bodies += bodies
             self.sizes += map(len, bodies)
         if self.ids is not None:   # None once any event's id was not read at ingest
-            if ids is None or NOT_READ in ids:
+            if ids is None:
                 self.ids = None
             elif self.ids:
                 self.ids += ids
