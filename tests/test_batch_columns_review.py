@@ -1,0 +1,181 @@
+"""A batch's events handed to the spool as columns (families/event.py Columns), held at
+the level an app sees: a /v1/batch naming several keys, some refused (401), one too large
+for its upstream (413), repeats within it and against an earlier request, a high-lane
+message among them; a batch mapped at ingest to the other family (on the parse worker,
+past MAP_INLINE_MAX); a Nucleus message of several slices with ids of every type the
+seed takes, events without one, high-lane events, with and without a lanes rule; the
+live view of a batch holding repeats. Each key's events stored once, in its order."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import aiohttp
+import orjson
+import pytest
+
+from agent.families.event import NUCLEUS, SEGMENT
+from agent.families.lanes import HIGH, NORMAL
+from agent.server.intake import MAP_INLINE_MAX
+from agent.spool.writer import SLICE_EVENTS
+from tests.conftest import free_port
+from tests.segment_helpers import basic, call, tail_messages
+
+
+def offline(protocol: str, **kw: Any) -> dict[str, Any]:
+    """An upstream nothing listens at: what comes stays queued."""
+    return {"name": protocol, "protocol": protocol, "url": f"http://127.0.0.1:{free_port()}",
+            "flush_interval_s": 0.05, "timeout_s": 2, **kw}
+
+
+def track(mid: str, **kw: Any) -> dict[str, Any]:
+    return {"type": "track", "event": "e", "userId": "u", "messageId": mid, **kw}
+
+
+async def rows_of(agent: Any, key: str) -> list[Any]:
+    if key not in agent.spool.streams:
+        return []
+    return list(await agent.spool.fetch(agent.spool.streams[key].id, 0, 100_000))
+
+
+async def stored(agent: Any, key: str, field: str = "messageId") -> list[tuple[Any, int]]:
+    return [(orjson.loads(bytes(r.body))[field], r.lane) for r in await rows_of(agent, key)]
+
+
+async def test_a_batch_of_several_keys_some_refused_one_too_large_stores_each_once_in_order(
+        make_agent: Any) -> None:
+    # segment-http: a 32 KB limit an event, active at ingest.
+    agent = await make_agent(upstreams=[offline("segment-http")])
+    big = {"pad": "x" * 40_000}
+    batch = {"batch": [
+        track("a0"), track("b0", writeKey="kb"), track("c0", writeKey="ab:cd"),
+        track("a-big", properties=big), track("a1"), track("b0", writeKey="kb"),
+        track("a0"), track("c1", writeKey="ab:cd"),
+        track("a2", event="Application Opened"), track("b1", writeKey="kb")],
+        "writeKey": "ka"}   # each message's own writeKey wins (Basic auth would win over all)
+    reply = await call(agent.port, "/v1/batch", batch)
+    assert reply.status == 207, reply.body
+    text = reply.body.decode()
+    for place in ("batch[2]", "batch[3]", "batch[7]"):
+        assert place in text, text
+    for place in ("batch[0]", "batch[1]", "batch[4]", "batch[5]", "batch[6]", "batch[8]",
+                  "batch[9]"):
+        assert place not in text, text
+    want_a = [("a2", HIGH), ("a0", NORMAL), ("a1", NORMAL)]
+    want_b = [("b0", NORMAL), ("b1", NORMAL)]
+    assert await stored(agent, "ka") == want_a
+    assert await stored(agent, "kb") == want_b
+    assert "ab:cd" not in agent.spool.streams
+    assert agent.spool.counters["duplicates"] == 2
+    # The same batch again: the same items refused, every message taken a resend.
+    again = await call(agent.port, "/v1/batch", batch)
+    assert (again.status, again.json()) == (reply.status, reply.json())
+    assert agent.spool.counters["duplicates"] == 2 + 7
+    # One of them as a single call: a resend too.
+    single = await call(agent.port, "/v1/track", track("a1"),
+                        headers={"Authorization": basic("ka")})
+    assert single.status == 200, single.body
+    assert agent.spool.counters["duplicates"] == 2 + 7 + 1
+    assert await stored(agent, "ka") == want_a
+    assert await stored(agent, "kb") == want_b
+
+
+async def test_a_batch_mapped_at_ingest_off_the_loop_stores_each_key_once_in_order(
+        make_agent: Any) -> None:
+    """Past MAP_INLINE_MAX events naming a key routed to Nucleus: the batch's columns are
+    mapped on the parse worker; the other key's events stay Segment events. Repeats within
+    the batch and of an earlier request are stored once."""
+    agent = await make_agent(upstreams=[offline("nucleus-http", keys=["sk"]),
+                                        offline("segment-http")])
+    early = {"batch": [track(f"sk-{i}", writeKey="sk", properties={"n": i})
+                       for i in range(0, 40, 3)]}
+    assert (await call(agent.port, "/v1/batch", early)).status == 200
+    n = MAP_INLINE_MAX + 50
+    messages = [track(f"sk-{i}", writeKey="sk", properties={"n": i}) if i % 2
+                else track(f"ok-{i}", properties={"n": i}) for i in range(n)]
+    messages += [messages[i] for i in range(0, 60, 5)]   # repeats of both keys
+    reply = await call(agent.port, "/v1/batch", {"batch": messages, "writeKey": "ok"})
+    assert reply.status == 200, reply.body
+    sk, ok = await rows_of(agent, "sk"), await rows_of(agent, "ok")
+    assert {r.family for r in sk} == {NUCLEUS}
+    assert {r.family for r in ok} == {SEGMENT}
+
+    def n_of(row: Any) -> int:
+        body = orjson.loads(bytes(row.body))
+        return int(body["payload"]["n"] if row.family == NUCLEUS else body["properties"]["n"])
+    early_ns = list(range(0, 40, 3))
+    later = [i for i in range(1, n, 2) if i not in early_ns]
+    assert [n_of(r) for r in sk] == early_ns + later
+    assert [n_of(r) for r in ok] == list(range(0, n, 2))
+    dupes = agent.spool.counters["duplicates"]
+    assert dupes == len(messages) - len(later) - len(range(0, n, 2))
+    # The whole batch again: all resends, nothing stored twice.
+    assert (await call(agent.port, "/v1/batch",
+                       {"batch": messages, "writeKey": "ok"})).status == 200
+    assert agent.spool.counters["duplicates"] == dupes + len(messages)
+    assert len(await rows_of(agent, "sk")) == len(sk)
+    assert len(await rows_of(agent, "ok")) == len(ok)
+
+
+def nucleus_event(i: int) -> dict[str, Any]:
+    """Event ``i``: its id an int, a float, a string or none (by i % 4); an init or an
+    error now and then (the high lane), a named Purchase (high once a rule names it)."""
+    kind = "init" if i % 97 == 0 else "error" if i % 89 == 0 else "event"
+    ev: dict[str, Any] = {"type": kind, "name": "Purchase" if i % 13 == 0 else f"e{i}",
+                          "sessionId": 5, "machineId": "m", "n": i,
+                          "date": "2026-01-01T00:00:00Z"}
+    ident: Any = (i, i + 0.5, f"s{i}", None)[i % 4]
+    if ident is not None:
+        ev["id"] = ident
+    return ev
+
+
+@pytest.mark.parametrize("ruled", [False, True])
+async def test_a_nucleus_message_of_several_slices_with_ids_of_every_type_and_lanes(
+        make_agent: Any, ruled: bool) -> None:
+    rule = {"priority_events": ["Purchase"]} if ruled else {}
+    agent = await make_agent(upstreams=[offline("nucleus-http", **rule)])
+    url = f"http://127.0.0.1:{agent.port}/app/nk/track"
+    many = 2 * SLICE_EVENTS + 300
+    events = [nucleus_event(i) for i in range(many)]
+    # Repeats: across slices, and of events an earlier message stored.
+    data = events + [events[3], events[SLICE_EVENTS - 1], events[SLICE_EVENTS + 2]]
+    data.insert(SLICE_EVENTS + 10, events[7])
+    early = events[100:140]
+
+    def acks(sent: list[dict[str, Any]]) -> list[Any]:
+        return [ev["id"] for ev in sent if "id" in ev]
+
+    async with aiohttp.ClientSession() as s:
+        async with s.post(url, json={"data": early}) as r:
+            assert (r.status, await r.json()) == (200, {"reportedIds": acks(early)})
+        for _ in range(2):   # the module's resend of its whole queue
+            async with s.post(url, json={"data": data}) as r:
+                assert r.status == 200
+                assert await r.json() == {"reportedIds": acks(data)}
+    rows = await rows_of(agent, "nk")
+
+    def high(ev: dict[str, Any]) -> bool:
+        return ev["type"] in ("init", "error") or (ruled and ev["name"] == "Purchase")
+    early_ns = list(range(100, 140))
+    order = early_ns + [i for i in range(many) if i not in early_ns]
+    want = ([(i, HIGH) for i in order if high(events[i])]
+            + [(i, NORMAL) for i in order if not high(events[i])])
+    assert [(orjson.loads(bytes(r.body))["n"], r.lane) for r in rows] == want
+    assert {r.family for r in rows} == {NUCLEUS}
+    assert agent.spool.counters["duplicates"] == (len(data) - (many - len(early))) + len(data)
+
+
+async def test_the_live_view_shows_a_batch_s_events_and_its_resends(make_agent: Any) -> None:
+    agent = await make_agent(upstreams=[offline("segment-http")], port=free_port())
+    auth = {"Authorization": basic("lv")}
+    assert (await call(agent.port, "/v1/batch", {"batch": [track("x0")]},
+                       headers=auth)).status == 200
+    async with aiohttp.ClientSession() as s, s.get(f"http://127.0.0.1:{agent.port}/tail") as resp:
+        assert b'"watching"' in await resp.content.readline()
+        batch = {"batch": [track("x0"), track("x1"), track("x1"), track("x2")]}
+        reply = await call(agent.port, "/v1/batch", batch, headers=auth)
+        assert reply.status == 200, reply.body
+        got = await tail_messages(resp, 5)
+    assert [m.get("id") for m in got[:4]] == ["x0", "x1", "x1", "x2"]
+    assert got[4].get("kind") == "resent" and got[4].get("count") == 2, got[4]
