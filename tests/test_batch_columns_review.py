@@ -8,6 +8,10 @@ live view of a batch holding repeats. Each key's events stored once, in its orde
 
 from __future__ import annotations
 
+import asyncio
+import os
+from collections.abc import Callable
+from pathlib import Path
 from typing import Any
 
 import aiohttp
@@ -18,8 +22,11 @@ from agent.families.event import NUCLEUS, SEGMENT
 from agent.families.lanes import HIGH, NORMAL
 from agent.server.intake import MAP_INLINE_MAX
 from agent.spool.writer import SLICE_EVENTS
-from tests.conftest import free_port
-from tests.segment_helpers import basic, call, tail_messages
+from tests.conftest import AgentProcess, free_port, write_config
+from tests.fakes.nucleus_upstream import FakeNucleus
+from tests.fakes.segment_upstream import FakeSegment
+from tests.segment_helpers import basic, call, tail_messages, wait_for
+from tests.test_disk import fill_up, small_fs  # noqa: F401  (small_fs: a fixture)
 
 
 def offline(protocol: str, **kw: Any) -> dict[str, Any]:
@@ -179,3 +186,106 @@ async def test_the_live_view_shows_a_batch_s_events_and_its_resends(make_agent: 
         got = await tail_messages(resp, 5)
     assert [m.get("id") for m in got[:4]] == ["x0", "x1", "x1", "x2"]
     assert got[4].get("kind") == "resent" and got[4].get("count") == 2, got[4]
+
+
+async def test_requests_in_one_commit_group_repeating_each_other_store_each_event_once(
+        make_agent: Any) -> None:
+    """Batches and single calls of one key sent together (one commit takes many of them):
+    messageIds repeated within a batch, across batches and by single calls."""
+    agent = await make_agent(upstreams=[offline("segment-http")])
+    pool = [f"g{i}" for i in range(120)]
+    batches = [[track(pool[(7 * b + 5 * j) % len(pool)]) for j in range(40)]
+               for b in range(12)]
+    singles = [track(pool[(11 * s) % len(pool)]) for s in range(12)]
+    auth = {"Authorization": basic("cg")}
+    replies = await asyncio.gather(
+        *(call(agent.port, "/v1/batch", {"batch": b}, headers=auth) for b in batches),
+        *(call(agent.port, "/v1/track", t, headers=auth) for t in singles))
+    assert [r.status for r in replies] == [200] * len(replies)
+    ids = [mid for mid, _ in await stored(agent, "cg")]
+    sent = [m["messageId"] for b in batches for m in b] + [t["messageId"] for t in singles]
+    assert sorted(ids) == sorted(set(sent))
+    assert agent.spool.counters["duplicates"] == len(sent) - len(set(sent))
+
+
+async def test_a_message_refused_for_a_full_disk_is_stored_whole_and_once_when_sent_again(
+        make_agent: Any, small_fs: Path) -> None:  # noqa: F811
+    """A Nucleus message of several slices and a batch of several keys, refused for a full
+    disk (their commit failed, their keys never joined the dedupe index), then sent again
+    once there is room: each stored whole, once; a third time: all resends."""
+    agent = await make_agent(spool=small_fs / "spool" / "spool.db",
+                             storage={"max_size_mb": 64})
+    url = f"http://127.0.0.1:{agent.port}/app/dk/track"
+    data = [{"type": "event", "name": f"e{i}", "id": i, "sessionId": 1, "machineId": "m",
+             "date": "2026-01-01T00:00:00Z", "pad": os.urandom(100).hex()}
+            for i in range(2 * SLICE_EVENTS + 100)]
+    data.insert(SLICE_EVENTS + 3, data[5])
+    batch = {"batch": [track(f"d{i}", writeKey=("da", "db")[i % 2],
+                             properties={"pad": os.urandom(600).hex()}) for i in range(300)]
+             + [track("d4", writeKey="da")]}
+    async with aiohttp.ClientSession() as s:
+        async with s.post(url, json={"data": data[:1]}) as r:
+            assert r.status == 200
+        await asyncio.to_thread(fill_up, small_fs / "filler")
+        async with s.post(url, json={"data": data}) as r:
+            assert r.status == 503, await r.text()
+        refused = await call(agent.port, "/v1/batch", batch)
+        assert refused.status in (429, 503), refused.body
+        (small_fs / "filler").unlink()
+        for _ in range(2):
+            async with s.post(url, json={"data": data}) as r:
+                assert r.status == 200
+                assert (await r.json())["reportedIds"] == [ev["id"] for ev in data]
+            assert (await call(agent.port, "/v1/batch", batch)).status == 200
+    assert [orjson.loads(bytes(r.body))["name"] for r in await rows_of(agent, "dk")] == [
+        f"e{i}" for i in range(2 * SLICE_EVENTS + 100)]
+    assert [mid for mid, _ in await stored(agent, "da")] == [f"d{i}" for i in range(0, 300, 2)]
+    assert [mid for mid, _ in await stored(agent, "db")] == [f"d{i}" for i in range(1, 300, 2)]
+    # 1 (e0 again) + 1 (e5 repeated) the first time; every event the second.
+    assert agent.spool.counters["duplicates"] == 2 + 1 + len(data) + len(batch["batch"])
+
+
+async def test_a_batch_and_a_message_sent_again_after_a_kill_9_following_their_200_are_stored_once(
+        tmp_path: Path, agent_process: Callable[..., AgentProcess],
+        fake_nucleus: FakeNucleus, fake_segment: FakeSegment) -> None:
+    """Acknowledged, then the agent killed (-9) before anything was sent, then the app
+    sends the same batch (two keys, a repeat) and Nucleus message (several slices) again
+    to the restarted agent: the dedupe index read back from the spool takes them as
+    resends; each upstream gets each event once, in its key's order."""
+    await fake_nucleus.go_down()
+    fake_segment.outage = (503, None)
+    port = free_port()
+    config = write_config(tmp_path / "agent.toml", tmp_path / "spool.db", port=port, upstreams=[
+        {"name": "n", "protocol": "nucleus-http", "url": fake_nucleus.http_url,
+         "keys": ["nk"], "flush_interval_s": 0.05, "timeout_s": 2},
+        {"name": "s", "protocol": "segment-http", "url": fake_segment.url,
+         "flush_interval_s": 0.05, "timeout_s": 2}])
+    agent = agent_process(config, port)
+    batch = {"batch": [track(f"k{i}", writeKey=("ka", "kb")[i % 3 == 0]) for i in range(50)]
+             + [track("k4", writeKey="ka")]}
+    data = [nucleus_event(i) | {"id": i} for i in range(SLICE_EVENTS + 50)]
+    url = f"http://127.0.0.1:{port}/app/nk/track"
+    async with aiohttp.ClientSession() as s:
+        for _ in range(2):
+            await asyncio.to_thread(agent.start)
+            reply = await call(port, "/v1/batch", batch)
+            assert reply.status == 200, reply.body
+            async with s.post(url, json={"data": data}) as r:
+                assert r.status == 200
+                assert (await r.json())["reportedIds"] == list(range(len(data)))
+            await asyncio.to_thread(agent.kill9)
+    await asyncio.to_thread(agent.start)
+    fake_segment.outage = None
+    await fake_nucleus.come_back()
+    await wait_for(lambda: len(fake_segment.events) >= 50 and len(fake_nucleus.events) >= len(data))
+    by_key: dict[str | None, list[str]] = {}
+    for req in fake_segment.accepted():
+        by_key.setdefault(req.write_key, []).extend(ev["messageId"] for ev in req.events)
+    assert by_key == {"ka": [f"k{i}" for i in range(50) if i % 3],
+                      "kb": [f"k{i}" for i in range(50) if i % 3 == 0]}
+    high = [ev["n"] for ev in data if ev["type"] in ("init", "error")]
+    assert sorted(ev["n"] for ev in fake_nucleus.events) == list(range(len(data)))
+    assert [ev["n"] for ev in fake_nucleus.events if ev["n"] in high] == high
+    assert [ev["n"] for ev in fake_nucleus.events if ev["n"] not in high] == [
+        ev["n"] for ev in data if ev["n"] not in high]
+    assert await asyncio.to_thread(agent.terminate) == 0
