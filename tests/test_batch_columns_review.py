@@ -289,3 +289,54 @@ async def test_a_batch_and_a_message_sent_again_after_a_kill_9_following_their_2
     assert [ev["n"] for ev in fake_nucleus.events if ev["n"] not in high] == [
         ev["n"] for ev in data if ev["n"] not in high]
     assert await asyncio.to_thread(agent.terminate) == 0
+
+
+async def test_a_route_limit_active_refuses_each_too_large_message_and_no_nucleus_event(
+        make_agent: Any) -> None:
+    """batch_max_bytes small: a /v1/batch refuses each message too large for segment-http
+    alone (413 items) and stores the rest once; a Nucleus message (over a websocket,
+    several slices, its columns read as Events for the check) to nucleus-http, which
+    refuses no event for its size, is acknowledged and stored whole, once."""
+    agent = await make_agent(upstreams=[
+        offline("nucleus-http", keys=["wk"], batch_max_bytes=2_000),
+        offline("segment-http", batch_max_bytes=2_000)])
+    data = [nucleus_event(i) | {"id": i} for i in range(SLICE_EVENTS + 40)]
+    for i in (3, SLICE_EVENTS + 1, SLICE_EVENTS + 30):
+        data[i]["pad"] = "y" * 3_000
+    data += [data[SLICE_EVENTS + 1], data[10]]   # repeats
+    async with aiohttp.ClientSession() as s, \
+            s.ws_connect(f"http://127.0.0.1:{agent.port}/app/wk/track") as ws:
+        for _ in range(2):
+            await ws.send_str(orjson.dumps({"data": data}).decode())
+            reply = orjson.loads((await ws.receive(timeout=20)).data)
+            assert reply == {"reportedIds": [ev["id"] for ev in data]}
+    rows = await rows_of(agent, "wk")
+    assert sorted(orjson.loads(bytes(r.body))["n"] for r in rows) == list(
+        range(SLICE_EVENTS + 40))
+    batch = {"batch": [track(f"q{i}", properties={"pad": "z" * 3_000} if i in (1, 4) else {})
+                       for i in range(6)] + [track("q2"), track("q4")], "writeKey": "qk"}
+    reply = await call(agent.port, "/v1/batch", batch)
+    assert reply.status == 207, reply.body
+    # Refused: the large ones; the small q4 after its large namesake is taken.
+    assert [m.get("Details") for m in reply.json()["Errors"]] == [
+        "batch[1] messageId=q1", "batch[4] messageId=q4"], reply.body
+    assert [mid for mid, _ in await stored(agent, "qk")] == ["q0", "q2", "q3", "q5", "q4"]
+    assert agent.spool.counters["duplicates"] == 2 + len(data) + 1
+
+
+async def test_a_segment_key_routed_to_nucleus_ws_maps_a_batch_with_repeats_once(
+        make_agent: Any) -> None:
+    """A batch under MAP_INLINE_MAX of one key routed to nucleus-ws: mapped on the loop
+    (its columns made a list of Events), repeats within it and resends stored once."""
+    agent = await make_agent(upstreams=[offline("nucleus-ws", keys=["sw"]) | {
+        "url": f"ws://127.0.0.1:{free_port()}"}])
+    messages = [track(f"w{i}", properties={"n": i}) for i in range(30)]
+    messages += [messages[2], messages[29]]
+    auth = {"Authorization": basic("sw")}
+    for _ in range(2):
+        reply = await call(agent.port, "/v1/batch", {"batch": messages}, headers=auth)
+        assert reply.status == 200, reply.body
+    rows = await rows_of(agent, "sw")
+    assert {r.family for r in rows} == {NUCLEUS}
+    assert [orjson.loads(bytes(r.body))["payload"]["n"] for r in rows] == list(range(30))
+    assert agent.spool.counters["duplicates"] == 2 + len(messages)
