@@ -340,3 +340,31 @@ async def test_a_segment_key_routed_to_nucleus_ws_maps_a_batch_with_repeats_once
     assert {r.family for r in rows} == {NUCLEUS}
     assert [orjson.loads(bytes(r.body))["payload"]["n"] for r in rows] == list(range(30))
     assert agent.spool.counters["duplicates"] == 2 + len(messages)
+
+
+async def test_a_message_of_several_slices_with_odd_ids_acks_and_stores_what_the_seed_takes(
+        make_agent: Any) -> None:
+    """Ids of each kind a module may send, in a message of several slices: zero, negative,
+    fractional and large numbers, an empty and a longest string, none; two different events
+    sharing an id (both taken, both acked); ids the seed refuses (a boolean, an object, an
+    array, a string too long) leave their event out, unacknowledged."""
+    agent = await make_agent(upstreams=[offline("nucleus-http")])
+    odd: list[Any] = [0, -5, 2.5, 1e20, "", "i" * 1024, None, 2**63 - 1, 7, 7]
+    refused: list[Any] = [True, {"a": 1}, [1], "j" * 1025]
+    data = [nucleus_event(i) | {"id": i, "type": "event"} for i in range(SLICE_EVENTS + 20)]
+    for n, ident in enumerate(odd + refused):
+        at = 1 + n * (SLICE_EVENTS // 8)
+        data.insert(at, {"type": "event", "name": f"odd{n}", "id": ident, "n": -1 - n,
+                         "sessionId": 5, "machineId": "m", "date": "2026-01-01T00:00:00Z"})
+    data.append(dict(data[1]))   # the same event again, id 0
+    url = f"http://127.0.0.1:{agent.port}/app/ik/track"
+    async with aiohttp.ClientSession() as s:
+        for _ in range(2):
+            async with s.post(url, json={"data": data}) as r:
+                assert r.status == 200
+                assert (await r.json())["reportedIds"] == [
+                    ev["id"] for ev in data
+                    if ev["id"] is not None and ev["n"] > -1 - len(odd)]
+    taken = [ev["n"] for ev in data[:-1] if ev["n"] > -1 - len(odd)]
+    assert [orjson.loads(bytes(r.body))["n"] for r in await rows_of(agent, "ik")] == taken
+    assert agent.spool.counters["duplicates"] == 1 + len(taken) + 1
