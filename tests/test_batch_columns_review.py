@@ -368,3 +368,16 @@ async def test_a_message_of_several_slices_with_odd_ids_acks_and_stores_what_the
     taken = [ev["n"] for ev in data[:-1] if ev["n"] > -1 - len(odd)]
     assert [orjson.loads(bytes(r.body))["n"] for r in await rows_of(agent, "ik")] == taken
     assert agent.spool.counters["duplicates"] == 1 + len(taken) + 1
+
+
+async def test_basic_auth_wins_over_each_message_s_writekey_in_a_batch(
+        make_agent: Any) -> None:
+    """Basic auth names the batch's key for every message, whatever writeKey each names:
+    the columns hold one key (alike), stored once, in order."""
+    agent = await make_agent(upstreams=[offline("segment-http")])
+    batch = {"batch": [track(f"b{i}", writeKey=f"x{i % 3}") for i in range(8)] + [track("b2")]}
+    reply = await call(agent.port, "/v1/batch", batch, headers={"Authorization": basic("bk")})
+    assert reply.status == 200, reply.body
+    assert [mid for mid, _ in await stored(agent, "bk")] == [f"b{i}" for i in range(8)]
+    assert not {"x0", "x1", "x2"} & set(agent.spool.streams)
+    assert agent.spool.counters["duplicates"] == 1
