@@ -26,7 +26,7 @@ from tests.conftest import AgentProcess, free_port, write_config
 from tests.fakes.nucleus_upstream import FakeNucleus
 from tests.fakes.segment_upstream import FakeSegment
 from tests.segment_helpers import basic, call, tail_messages, wait_for
-from tests.test_disk import fill_up, small_fs  # noqa: F401  (small_fs: a fixture)
+from tests.test_disk import fill_up, rows, small_fs  # noqa: F401  (small_fs: a fixture)
 
 
 def offline(protocol: str, **kw: Any) -> dict[str, Any]:
@@ -381,3 +381,32 @@ async def test_basic_auth_wins_over_each_message_s_writekey_in_a_batch(
     assert [mid for mid, _ in await stored(agent, "bk")] == [f"b{i}" for i in range(8)]
     assert not {"x0", "x1", "x2"} & set(agent.spool.streams)
     assert agent.spool.counters["duplicates"] == 1
+
+
+async def test_a_message_and_a_batch_committed_into_a_deleted_spool_are_kept_once(
+        make_agent: Any, tmp_path: Path) -> None:
+    """The spool file deleted under the agent: the next commit, a Nucleus message of several
+    slices (its columns taken in as it was appended) and a batch of two keys with a repeat,
+    goes into the file no path names, is found gone, and is kept in the file made at the
+    path; each event counted once, as new, and sent again: resends."""
+    path = tmp_path / "spool.db"
+    agent = await make_agent(upstreams=[offline("nucleus-http", keys=["dn"]),
+                                        offline("segment-http")])
+    data = [nucleus_event(i) | {"id": i} for i in range(2 * SLICE_EVENTS + 10)]
+    data.append(data[SLICE_EVENTS + 4])
+    batch = {"batch": [track(f"r{i}", writeKey=("ra", "rb")[i % 2]) for i in range(20)]
+             + [track("r3", writeKey="rb")]}
+    url = f"http://127.0.0.1:{agent.port}/app/dn/track"
+    async with aiohttp.ClientSession() as s:
+        assert (await call(agent.port, "/v1/batch", {"batch": [track("r0")],
+                                                     "writeKey": "ra"})).status == 200
+        path.unlink()
+        async with s.post(url, json={"data": data}) as r, \
+                s.post(url, json={"data": data}) as again:
+            assert (r.status, again.status) == (200, 200)
+        assert (await call(agent.port, "/v1/batch", batch)).status == 200
+    await agent.stop()
+    assert rows(path) == len(data) - 1 + 20, "events answered 200 are not in the spool file"
+    counted = {str(k): v for k, v in agent.spool.counters.items()}
+    assert (counted.get("ingested"), counted.get("duplicates", 0)) == (
+        1 + len(data) - 1 + 19, 1 + len(data) + 2), counted
