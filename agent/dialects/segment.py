@@ -274,23 +274,28 @@ class SegmentHandlers:
         # None when no upstream sets a limit (the usual case): no call for each message.
         oversize = limits.oversize if limits.active else None
         asked: dict[str | None, str | None] = {}
-        out = Collected(Columns(SEGMENT, NO_KEY, by_event_keys=True), [], [],
-                        forced_key or batch_key or NO_KEY, limits, asked)
+        # A key the request names (Basic auth, `?writeKey=`) is every message's: asked
+        # once here, and the events need no column of keys (an append an event).
+        out = Collected(Columns(SEGMENT, forced_key or NO_KEY, by_event_keys=not forced_key),
+                        [], [], forced_key or batch_key or NO_KEY, limits, asked)
         keys, dedupes, bodies, lanes = (out.events.keys, out.events.dedupes, out.events.bodies,
                                         out.events.lanes)
-        assert keys is not None   # made by_event_keys
+        if forced_key:
+            own, refused = forced_key, refusal(forced_key)
+            asked[forced_key] = refused
         for i, ev in enumerate(items):
             if faults and i in faults:   # read, but not as sent: refused alone
                 out.errors.append(error_object(400, faults[i], spec.where(i, ev)))
                 out.statuses.append(400)
                 continue
             try:
-                key = forced_key or _body_key(ev) or batch_key
-                refused = asked.get(key, _UNASKED)
-                if refused is _UNASKED:
-                    refused = asked[key] = refusal(key)
-                if refused is None:
+                if keys is not None:   # each message may name its own
+                    key = _body_key(ev) or batch_key
+                    refused = asked.get(key, _UNASKED)
+                    if refused is _UNASKED:
+                        refused = asked[key] = refusal(key)
                     own = key or NO_KEY
+                if refused is None:
                     dedupe, stored, lane = spec.accepted(ev, own, spec.TYPES, given, enrich,
                                                          raw_size)
             except Invalid as exc:
@@ -304,7 +309,8 @@ class SegmentHandlers:
                         Event(own, SEGMENT, dedupe, stored, NOT_READ, lane))) is not None:
                     status, message, why = 413, too, ""
                 else:
-                    keys.append(own)
+                    if keys is not None:
+                        keys.append(own)
                     dedupes.append(dedupe)
                     bodies.append(stored)
                     lanes.append(lane)
