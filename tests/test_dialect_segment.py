@@ -126,6 +126,33 @@ NO_KEY_GIVEN = ("no write key given: send it as Basic auth's username, as `?writ
                 "as `writeKey` in the body")
 
 
+async def test_a_webhook_batch_is_stored_under_the_key_the_request_names(
+        make_agent: Any) -> None:
+    """The webhook's key (Basic auth, `?writeKey=`) is asked before no other check, and is
+    every message's: refused, each message is an item of the 401; accepted, it wins over a
+    message's own `writeKey`, even one that is not a string."""
+    agent = await make_agent(listen={"accept_keys": ["good"]})
+    batch = {"batch": [{"type": "track", "userId": "u", "event": "e", "messageId": "m0"},
+                       {"type": "track", "userId": "u", "event": "e", "messageId": "m1",
+                        "writeKey": "bad"},
+                       {"type": "track", "userId": "u", "event": "e", "messageId": "m2",
+                        "writeKey": 7}]}
+    reply = await call(agent.port, "/v1/webhook", batch, headers={"Authorization": basic("bad")})
+    assert reply.status == 401, reply.body
+    errors = reply.json()["Errors"]
+    assert [e["Details"].split(":")[0] for e in errors] == [
+        "batch[0] messageId=m0", "batch[1] messageId=m1", "batch[2] messageId=m2"], errors
+    assert all("not one of listen.accept_keys" in e["Details"] for e in errors), errors
+    assert agent.spool.depth == 0
+    for path, headers in (("/v1/webhook?writeKey=good", {}),
+                          ("/v1/webhook", {"Authorization": basic("good")})):
+        reply = await call(agent.port, path, batch, headers=headers)
+        assert reply.status == 200, reply.body
+    rows = await agent.spool.fetch(agent.spool.streams["good"].id, 0, 10)
+    assert [orjson.loads(bytes(r.body))["messageId"] for r in rows] == ["m0", "m1", "m2"]
+    assert list(agent.spool.streams) == ["good"]
+
+
 # Authorization headers that are there but name no write key (audit): each was taken as
 # no key at all, and the message stored under `anonymous`, which a Segment upstream with
 # no `key` of its own refuses (401) for ever.
