@@ -252,6 +252,8 @@ def accept(ev: Any, key: str, types: frozenset[str], received: str, *, enrich: E
            batch: dict[str, Any] | None = None, raw_size: int = 0,
            need_message_id: bool = False) -> Event:
     """One message checked, completed, enriched and ready to store; raises Invalid."""
+    # ``accepted`` called here, not through ``accept_in``: a single call's path, a Python
+    # call less.
     dedupe, body, lane = accepted(ev, key, types, shared(received, batch), enrich, raw_size,
                                   need_message_id)
     return Event(key, SEGMENT, dedupe, body, NOT_READ, lane)
