@@ -1,7 +1,8 @@
 """A batch's events as the spool keeps them: a message repeated within one batch is
 stored once, in the place of its first copy; a bad message is an item of a 207 and the
 rest stored in order; a batch naming several keys keeps each key's order; a Nucleus
-message repeating an event acks it twice and stores it once."""
+message repeating an event acks it twice and stores it once; a single call sent again
+in a batch is a resend, whatever its id or key."""
 
 from __future__ import annotations
 
@@ -55,6 +56,35 @@ async def test_a_batch_naming_two_keys_keeps_each_key_s_order(make_agent: Any) -
     assert await stored(agent, "ka") == ["a0", "a1", "a2"]
     assert await stored(agent, "kb") == ["b0", "b1"]
     assert agent.spool.counters["duplicates"] == 1
+
+
+# Ids a dedupe key must hash exactly as sent: JSON escapes, non-ASCII, control
+# characters, and the longest id taken (its key longer than one block of the hash).
+AWKWARD_IDS = ['q"uote', "back\\slash", "caf\u00e9 \U0001f600", "tab\tnl\n\x01", "/sl/ash",
+               "m" * 99, '\\"' * 33]
+LONG_KEY = "k" * 60 + '"\\\u00e9'
+
+
+async def test_a_single_call_sent_again_in_a_batch_is_a_resend_whatever_its_id_or_key(
+        make_agent: Any) -> None:
+    # A single call's dedupe key is pinned (test_dedupe.py); a batch's must be the same,
+    # for the key the request names (Basic auth) and for each message's own writeKey.
+    agent = await make_agent()
+    for mid in AWKWARD_IDS:
+        for key in (KEY, LONG_KEY):
+            reply = await call(agent.port, "/v1/track", message(mid, writeKey=key))
+            assert reply.status == 200, reply.body
+    assert agent.spool.counters.get("duplicates", 0) == 0
+    named = {"batch": [message(mid) for mid in AWKWARD_IDS]}
+    reply = await call(agent.port, "/v1/batch", named, headers={"Authorization": basic(KEY)})
+    assert reply.status == 200, reply.body
+    own = {"batch": [message(mid, writeKey=key) for mid in AWKWARD_IDS
+                     for key in (KEY, LONG_KEY)] + [message("new", writeKey=LONG_KEY)]}
+    reply = await call(agent.port, "/v1/batch", own)
+    assert reply.status == 200, reply.body
+    assert agent.spool.counters["duplicates"] == 3 * len(AWKWARD_IDS)
+    assert await stored(agent, KEY) == AWKWARD_IDS
+    assert await stored(agent, LONG_KEY) == [*AWKWARD_IDS, "new"]
 
 
 async def test_a_nucleus_message_repeating_an_event_acks_it_twice_and_stores_it_once(
