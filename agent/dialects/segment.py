@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import base64
 import binascii
+import hashlib
 import logging
 from collections.abc import Awaitable, Callable
 from functools import partial
@@ -280,9 +281,11 @@ class SegmentHandlers:
                         [], [], forced_key or batch_key or NO_KEY, limits, asked)
         keys, dedupes, bodies, lanes = (out.events.keys, out.events.dedupes, out.events.bodies,
                                         out.events.lanes)
+        heads: dict[str | None, hashlib.blake2b] = {}   # each key's, beside ``asked``
         if forced_key:
             own, refused = forced_key, refusal(forced_key)
             asked[forced_key] = refused
+            head = spec.dedupe_head(forced_key)
         for i, ev in enumerate(items):
             if faults and i in faults:   # read, but not as sent: refused alone
                 out.errors.append(error_object(400, faults[i], spec.where(i, ev)))
@@ -292,12 +295,14 @@ class SegmentHandlers:
                 if keys is not None:   # each message may name its own
                     key = _body_key(ev) or batch_key
                     refused = asked.get(key, _UNASKED)
+                    own = key or NO_KEY
                     if refused is _UNASKED:
                         refused = asked[key] = refusal(key)
-                    own = key or NO_KEY
+                        heads[key] = spec.dedupe_head(own)
+                    head = heads[key]
                 if refused is None:
                     dedupe, stored, lane = spec.accepted(ev, own, spec.TYPES, given, enrich,
-                                                         raw_size)
+                                                         raw_size, False, head)
             except Invalid as exc:
                 status, message, why = replies.status_of(exc), exc.message, ""
             else:

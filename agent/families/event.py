@@ -163,6 +163,26 @@ def dedupe_key(*parts: Any) -> int:
     return key
 
 
+def key_head(*head: Any) -> hashlib.blake2b:
+    """A hasher holding the first parts (at least one) of dedupe keys that differ only
+    in their last, a string: ``dedupe_key_after(key_head(*head), last)`` is
+    ``dedupe_key(*head, last)``. A batch's messages share their family and key: their
+    JSON hashed once a request saved ~800 instructions an event (callgrind)."""
+    h = _KEY_HASH.copy()
+    h.update(orjson.dumps(head, option=orjson.OPT_SORT_KEYS)[:-1] + b",")   # `[a,b,`
+    return h
+
+
+def dedupe_key_after(head: hashlib.blake2b, last: str) -> int:
+    """``dedupe_key`` of ``head``'s parts and ``last``: the same bytes hashed, in two
+    pieces (a string's JSON is the same alone as in an array)."""
+    h = head.copy()
+    h.update(orjson.dumps(last))
+    h.update(b"]")
+    key: int = _SIGNED(h.digest())[0]
+    return key
+
+
 # The wall clock in epoch milliseconds (possibly wrong: see agent/clock.py). The method
 # itself, not a function calling it: a Python call less at each of a request's reads.
 now_ms = CLOCK.wall_ms

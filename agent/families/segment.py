@@ -21,6 +21,7 @@ and completes it the same way for all of them:
 
 from __future__ import annotations
 
+import hashlib
 import re
 import uuid
 from collections.abc import Callable, Mapping
@@ -40,6 +41,8 @@ from agent.families.event import (
     SEGMENT,
     Event,
     dedupe_key,
+    dedupe_key_after,
+    key_head,
     now_ms,
 )
 from agent.families.lanes import HIGH, NORMAL, SEGMENT_HIGH
@@ -267,11 +270,18 @@ def accept_in(ev: Any, key: str, types: frozenset[str], given: Shared, enrich: E
     return Event(key, SEGMENT, dedupe, body, NOT_READ, lane)
 
 
+def dedupe_head(key: str) -> hashlib.blake2b:
+    """What the dedupe keys of ``key``'s messages share, hashed once (``accepted``'s
+    ``head``)."""
+    return key_head("segment", key)
+
+
 def accepted(ev: Any, key: str, types: frozenset[str], given: Shared, enrich: Enrich,
-             raw_size: int = 0, need_message_id: bool = False) -> tuple[int, bytes, int]:
+             raw_size: int = 0, need_message_id: bool = False,
+             head: hashlib.blake2b | None = None) -> tuple[int, bytes, int]:
     """``accept_in``'s event as its fields: its dedupe key, body and lane (a batch's
     columns take them). Every message of a batch takes this path: what it calls is kept
-    few."""
+    few. ``head``: ``dedupe_head(key)``, for a request's messages."""
     # Only a request larger than the limit can hold a message larger than it.
     if raw_size > MAX_EVENT_BYTES and too_large(ev, raw_size):
         raise Invalid(f"message over {MAX_EVENT_BYTES} bytes", too_large=True)
@@ -280,7 +290,8 @@ def accepted(ev: Any, key: str, types: frozenset[str], given: Shared, enrich: En
     if name in SEGMENT_NEEDS_FACTS:
         enrich.segment(ev)
     lanes = enrich.lanes
-    return (dedupe_key("segment", key, message_id), dump(ev),
+    return (dedupe_key("segment", key, message_id) if head is None
+            else dedupe_key_after(head, message_id), dump(ev),
             # Lanes.segment without its call while no upstream names a rule.
             lanes.segment(key, kind, name) if lanes.ruled
             else HIGH if name in SEGMENT_HIGH else NORMAL)
