@@ -13,6 +13,7 @@ from hypothesis import strategies as st
 from agent.device import detect
 from agent.families import nucleus, segment
 from agent.families.enrich import Enrich
+from agent.families.event import dedupe_key, dedupe_key_after, key_head
 from agent.settings import DeviceConfig
 from agent.spool.dedupe import HOUR_MS, DedupeIndex, StoredKeys, keys_to_bytes
 
@@ -433,3 +434,11 @@ def test_the_dedupe_keys_of_stored_events_never_change() -> None:
     assert [segment.accept(copy.deepcopy(msg), "wk1", segment.TYPES, "2026-01-01T00:00:00.000Z",
                            enrich=enrich).dedupe
             for msg, _ in PINNED_SEGMENT] == [key for _, key in PINNED_SEGMENT]
+
+
+@given(st.lists(st.text(), min_size=1, max_size=3), st.text())
+@example(["segment", "k" * 200], '"\\\u00e9\U0001f600\x00')
+def test_a_key_from_a_hashed_head_is_the_key_of_all_its_parts(head: list[str], last: str
+                                                              ) -> None:
+    # A batch hashes its messages' shared parts once (key_head): the same bytes hashed.
+    assert dedupe_key_after(key_head(*head), last) == dedupe_key(*head, last)
