@@ -167,7 +167,7 @@ def key_head(*head: Any) -> hashlib.blake2b:
     """A hasher holding the first parts (at least one) of dedupe keys that differ only
     in their last, a string: ``dedupe_key_after(key_head(*head), last)`` is
     ``dedupe_key(*head, last)``. A batch's messages share their family and key: their
-    JSON hashed once a request saved ~800 instructions an event (callgrind)."""
+    JSON hashed once a request saved ~0.5-0.9k instructions an event (callgrind)."""
     h = _KEY_HASH.copy()
     h.update(orjson.dumps(head, option=orjson.OPT_SORT_KEYS)[:-1] + b",")   # `[a,b,`
     return h
