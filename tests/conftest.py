@@ -72,6 +72,28 @@ def write_config(path: Path, spool: Path, *, port: int = 0, listen: dict[str, An
     return path
 
 
+def _ram_temproot() -> str | None:
+    """/dev/shm, where it is a RAM filesystem this process may write to, execute from (tests
+    run scripts they write) and fill with a run's files; else None (the system's temp dir)."""
+    shm = "/dev/shm"
+    try:
+        fs = os.statvfs(shm)
+    except OSError:
+        return None
+    if fs.f_flag & (os.ST_RDONLY | os.ST_NOEXEC) or not os.access(shm, os.W_OK | os.X_OK):
+        return None
+    return shm if fs.f_bavail * fs.f_frsize >= 4 << 30 else None
+
+
+# tmp_path on a RAM filesystem: the spools stay real SQLite files, but each commit's fsync no
+# longer waits on the disk, where a test run's thousands of fresh spools spent about a third
+# of their wall time (three spool-heavy files: 10.6-13.8 s under /tmp, 8.3-8.8 s here).
+# PYTEST_DEBUG_TEMPROOT is pytest's own setting for where tmp_path's tree goes, read at the
+# first tmp_path; one set by the user wins.
+if "PYTEST_DEBUG_TEMPROOT" not in os.environ and (_shm := _ram_temproot()) is not None:
+    os.environ["PYTEST_DEBUG_TEMPROOT"] = _shm
+
+
 _EPHEMERAL = Path("/proc/sys/net/ipv4/ip_local_port_range")
 _PORTS = random.Random()   # seeded by the OS: concurrent test runs draw different ports
 _given: set[int] = set()

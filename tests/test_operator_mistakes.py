@@ -16,6 +16,7 @@ import sqlite3
 import stat
 import subprocess
 import sys
+import tempfile
 import time
 import tomllib
 from pathlib import Path
@@ -194,22 +195,24 @@ def test_the_exit_codes_are_documented() -> None:
 @pytest.mark.parametrize("scope", [[], ["--user"]])
 def test_service_install_from_an_interpreter_under_tmp_is_refused_before_writing(
         tmp_path: Path, scope: list[str]) -> None:
-    python = tmp_path / "python"
-    python.symlink_to(sys.executable)
-    config_home = tmp_path / "config"
-    # The symlink is outside the venv, so the venv's packages come by PYTHONPATH.
-    code, out = outpost("service", "install", *scope, python=str(python),
-                        env={"PYTHONPATH": os.pathsep.join([str(ROOT), *site.getsitepackages()]),
-                             "XDG_CONFIG_HOME": str(config_home)})
-    line = one_line(out)
-    assert code == EXIT_CONFIG, out
-    assert str(python) in line and "/tmp" in line and "cleared at reboot" in line, line
-    if scope:   # a user service has no PrivateTmp=, and a venv of the user's own will do
-        assert "user service" in line and "~/.local/outpost" in line, line
-        assert "system" not in line and "PrivateTmp" not in line, line
-    else:
-        assert "system service (PrivateTmp=)" in line and "/opt/outpost" in line, line
-    assert not config_home.exists()
+    # Under /tmp itself: tmp_path may be elsewhere (conftest puts it on /dev/shm).
+    with tempfile.TemporaryDirectory(dir="/tmp", prefix="outpost-test-") as under_tmp:
+        python = Path(under_tmp) / "python"
+        python.symlink_to(sys.executable)
+        config_home = tmp_path / "config"
+        # The symlink is outside the venv, so the venv's packages come by PYTHONPATH.
+        code, out = outpost("service", "install", *scope, python=str(python),
+                            env={"PYTHONPATH": os.pathsep.join([str(ROOT), *site.getsitepackages()]),
+                                 "XDG_CONFIG_HOME": str(config_home)})
+        line = one_line(out)
+        assert code == EXIT_CONFIG, out
+        assert str(python) in line and "/tmp" in line and "cleared at reboot" in line, line
+        if scope:   # a user service has no PrivateTmp=, and a venv of the user's own will do
+            assert "user service" in line and "~/.local/outpost" in line, line
+            assert "system" not in line and "PrivateTmp" not in line, line
+        else:
+            assert "system service (PrivateTmp=)" in line and "/opt/outpost" in line, line
+        assert not config_home.exists()
 
 
 def test_a_system_service_from_a_home_directory_is_refused() -> None:
