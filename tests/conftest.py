@@ -92,6 +92,9 @@ def _ram_temproot() -> str | None:
 # first tmp_path; one set by the user wins.
 if "PYTEST_DEBUG_TEMPROOT" not in os.environ and (_shm := _ram_temproot()) is not None:
     os.environ["PYTEST_DEBUG_TEMPROOT"] = _shm
+# The same place for the scratch directories of tests that cannot take tmp_path (hypothesis
+# state machines, one directory an example): ``tempfile.mkdtemp(dir=SCRATCH)``.
+SCRATCH = os.environ.get("PYTEST_DEBUG_TEMPROOT") or None
 
 
 _EPHEMERAL = Path("/proc/sys/net/ipv4/ip_local_port_range")

@@ -29,6 +29,7 @@ from agent.settings import StorageConfig
 from agent.spool import Spool, dead, dead_live
 from agent.spool.db import keys_from_bytes
 from agent.spool.types import SpoolFull
+from tests.conftest import SCRATCH
 
 DAY_MS = 86_400_000
 KEYS = ("a", "b")
@@ -166,7 +167,7 @@ async def run(path: Path, when_full: str, plan: list[Step]) -> None:
 def test_every_event_stored_is_queued_acked_dead_or_gone_with_a_reason(
         when_full: str, plan: list[Step]) -> None:
     try:
-        with tempfile.TemporaryDirectory() as tmp:
+        with tempfile.TemporaryDirectory(dir=SCRATCH) as tmp:
             asyncio.run(run(Path(tmp) / "spool.db", when_full, plan))
     finally:
         CLOCK.wall_shift_ms = CLOCK.passed_ms = 0

@@ -38,7 +38,7 @@ from agent.uplinks.nucleus_http import NucleusHttpUplink
 from agent.uplinks.nucleus_ws import NucleusWsUplink
 from agent.uplinks.prepare import Prepared
 from agent.uplinks.registry import make_uplink
-from tests.conftest import FAST_BACKOFF, write_config
+from tests.conftest import FAST_BACKOFF, SCRATCH, write_config
 from tests.fakes.faulty_upstream import Fault, FaultyUpstream, Request
 from tests.fakes.threaded_agent import post_nucleus
 from tests.test_upstream_faults import delivered, drained, event, send, upstream
@@ -434,7 +434,7 @@ class ForwardingMachine(RuleBasedStateMachine):
 
     def __init__(self) -> None:
         super().__init__()
-        self.tmp = Path(tempfile.mkdtemp(prefix="outpost-sm-"))
+        self.tmp = Path(tempfile.mkdtemp(prefix="outpost-sm-", dir=SCRATCH))
         self.scene = _Scene(self.tmp, self.protocol)
         self.sent: dict[str, int] = {}
         self.cost = 0.0   # worst-case seconds the faults scripted since the last drain add

@@ -38,7 +38,7 @@ from agent.service import Agent
 from agent.sync.held import oldest_routed
 from agent.sync.monitor import RELEASE_RECHECK_S
 from agent.sync.policy import Battery
-from tests.conftest import FAST_BACKOFF, write_config
+from tests.conftest import FAST_BACKOFF, SCRATCH, write_config
 from tests.fakes.manual_timing import ManualTiming
 from tests.fakes.nm_bus import FakeNetworkManager, PrivateBus
 from tests.fakes.nucleus_upstream import FakeNucleus
@@ -113,7 +113,7 @@ class SyncMachine(RuleBasedStateMachine):
 
     def __init__(self) -> None:
         super().__init__()
-        self.tmp = Path(tempfile.mkdtemp(prefix="outpost-sync-"))
+        self.tmp = Path(tempfile.mkdtemp(prefix="outpost-sync-", dir=SCRATCH))
         self.scene = _Scene(self.tmp, self.bus)
         self.posted: dict[str, list[int]] = {"a": [], "b": []}
         self.high: set[int] = set()   # ids posted as init or error: the high lane
