@@ -86,8 +86,9 @@ def _ram_temproot() -> str | None:
 
 
 # tmp_path on a RAM filesystem: the spools stay real SQLite files, but each commit's fsync no
-# longer waits on the disk, where a test run's thousands of fresh spools spent about a third
-# of their wall time (three spool-heavy files: 10.6-13.8 s under /tmp, 8.3-8.8 s here).
+# longer waits on a disk that other work on the machine keeps busy (alternated runs of the
+# same files: 115 spool-heavy tests 9.5-18.0 s under /tmp, 8.5-9.4 s here; 138 slower ones
+# 46.8-52.3 s, 46.3-47.7 s).
 # PYTEST_DEBUG_TEMPROOT is pytest's own setting for where tmp_path's tree goes, read at the
 # first tmp_path; one set by the user wins.
 if "PYTEST_DEBUG_TEMPROOT" not in os.environ and (_shm := _ram_temproot()) is not None:
