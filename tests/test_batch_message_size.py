@@ -1,0 +1,173 @@
+"""The 32 KB message limit inside a batch over 32 KB, as real SDKs send them.
+
+analytics-python, analytics-node and the browser fill `/v1/batch` (and `/v1/capture`)
+requests well past 32 KB; each message is measured as sent (its compact JSON) against
+Segment's 32 KB per event. These tests pin the verdicts at the edges: a message just over
+the limit is refused 413 and one exactly at it taken; one under it taken even when the
+batch context and the fields the agent sets push its stored body over; a message over the
+limit is refused 413 before any rule of shape (its 400); one over the limit as sent only
+by the fields the agent drops or replaces (`sentAt`, `writeKey`, `receivedAt`) is still
+refused; and the messages taken are stored byte for byte as completed.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import orjson
+
+from agent.families.segment import MAX_EVENT_BYTES
+from tests.segment_helpers import basic, call
+
+KEY = "size-key"
+AUTH = {"Authorization": basic(KEY)}
+CONTEXT = {"library": {"name": "analytics-python", "version": "2.3.2"}, "pad": "c" * 400}
+STAMP = "2026-01-15T10:20:30.123Z"
+LONG_STAMP = "2026-01-15T10:20:30." + "1" * 2_000 + "Z"   # a date: any count of digits
+
+
+def sized(i: int, size: int, **kw: Any) -> dict[str, Any]:
+    """A track whose compact JSON as sent is ``size`` bytes, padded in `properties`."""
+    msg = {"type": "track", "event": "e", "userId": "u", "messageId": f"m{i}",
+           "timestamp": STAMP, "properties": {"pad": ""}, **kw}
+    msg = {k: v for k, v in msg.items() if v is not None}
+    missing = size - len(orjson.dumps(msg))
+    assert missing >= 0, (i, size)
+    msg["properties"] = {"pad": "p" * missing}
+    assert len(orjson.dumps(msg)) == size
+    return msg
+
+
+def batch() -> list[dict[str, Any]]:
+    limit = MAX_EVENT_BYTES
+    return [
+        sized(0, 1_000),                                    # taken
+        sized(1, limit + 1),                                # 413
+        sized(2, limit),                                    # taken: at the limit
+        sized(3, limit - 20),                               # taken, stored over the limit
+        sized(4, limit + 1, event=None),                    # 413, not its 400
+        sized(5, 2_000, event=None),                        # 400
+        # Over as sent, under once the agent drops or replaces the long field: 413.
+        sized(6, limit + 1, sentAt=LONG_STAMP),
+        sized(7, limit + 1, receivedAt="r" * 2_000),
+        sized(8, limit, receivedAt="r" * 2_000, sentAt=LONG_STAMP),  # taken
+        sized(9, limit + 1, writeKey="w" * 2_000),
+        sized(10, limit, writeKey="w" * 2_000),             # taken
+        sized(11, limit - 10, timestamp=None, messageId=None),  # taken, fields set
+        sized(12, 500),                                     # taken
+    ]
+
+
+TAKEN = [0, 2, 3, 8, 10, 11, 12]
+OVER = [1, 4, 6, 7, 9]
+
+
+def completed(msg: dict[str, Any], stored: dict[str, Any]) -> bytes:
+    """``msg`` as the agent completes it: the batch context merged in (its own keys win),
+    the transport fields dropped, `messageId`, `timestamp` and `receivedAt` set (the
+    values it set read back from ``stored``)."""
+    out = dict(msg)
+    out["context"] = {**CONTEXT, **msg.get("context", {})}
+    out.pop("writeKey", None)
+    out.pop("sentAt", None)
+    if "messageId" not in out:
+        out["messageId"] = stored["messageId"]
+    if "timestamp" not in out:
+        out["timestamp"] = stored["timestamp"]
+    out["receivedAt"] = stored["receivedAt"]
+    return orjson.dumps(out)
+
+
+async def stored_bodies(agent: Any) -> list[bytes]:
+    rows = await agent.spool.fetch(agent.spool.streams[KEY].id, 0, 100)
+    return [bytes(r.body) for r in rows]
+
+
+async def test_a_segment_batch_over_32_kb_judges_each_message_as_sent(make_agent: Any) -> None:
+    agent = await make_agent()
+    messages = batch()
+    body = {"batch": messages, "context": CONTEXT}
+    assert len(orjson.dumps(body)) > 5 * MAX_EVENT_BYTES
+    reply = await call(agent.port, "/v1/batch", body, headers=AUTH)
+    # analytics-python (the batch's context names it) is answered 200 for a partial store.
+    assert reply.status == 200, reply.body
+    errors = reply.json()["Errors"]
+    assert errors == [
+        *({"Error": "Request Entity Too Large", "Message": f"message over {MAX_EVENT_BYTES} bytes",
+           "Details": f"batch[{i}] messageId=m{i}"} for i in (1, 4)),
+        {"Error": "Bad Request", "Message": "track needs `event` (a non-empty string)",
+         "Details": "batch[5] messageId=m5"},
+        *({"Error": "Request Entity Too Large", "Message": f"message over {MAX_EVENT_BYTES} bytes",
+           "Details": f"batch[{i}] messageId=m{i}"} for i in (6, 7, 9)),
+    ], errors
+    bodies = await stored_bodies(agent)
+    assert len(bodies) == len(TAKEN)
+    for i, got in zip(TAKEN, bodies, strict=True):
+        assert got == completed(messages[i], orjson.loads(got)), i
+    # Taken as sent at or under the limit, stored over it; refused as sent over it,
+    # that would have been stored under it.
+    assert all(len(bodies[TAKEN.index(i)]) > MAX_EVENT_BYTES for i in (2, 3, 11))
+    assert all(len(completed(messages[i], {"receivedAt": STAMP})) < MAX_EVENT_BYTES
+               for i in (6, 7, 9))
+    assert agent.metrics.refused == {("segment", 413): 5, ("segment", 400): 1}
+
+
+async def test_a_capture_batch_over_32_kb_judges_each_message_as_sent(make_agent: Any) -> None:
+    agent = await make_agent()
+    messages = [m for m in batch() if "writeKey" not in m]   # capture's key is its header
+    reply = await call(agent.port, "/v1/capture", {"batch": messages, "context": CONTEXT},
+                       headers={"X-Write-Key": KEY})
+    assert reply.status == 207, reply.body
+    got = [(e["message"].split(":")[0], e["message"].split(": ", 1)[1])
+           for e in reply.json()["errors"]]
+    over = f"message over {MAX_EVENT_BYTES} bytes"
+    assert got == [("batch[1] messageId=m1", over), ("batch[4] messageId=m4", over),
+                   ("batch[5] messageId=m5", "track needs `event` (a non-empty string)"),
+                   ("batch[6] messageId=m6", over), ("batch[7] messageId=m7", over)], got
+    bodies = await stored_bodies(agent)
+    taken = [m for m in messages if int(m.get("messageId", "m11")[1:]) in TAKEN]
+    assert len(bodies) == len(taken)
+    for msg, body in zip(taken, bodies, strict=True):
+        assert body == completed(msg, orjson.loads(body)), msg.get("messageId")
+
+
+async def test_an_invalid_message_over_32_kb_alone_is_a_413(make_agent: Any) -> None:
+    agent = await make_agent()
+    reply = await call(agent.port, "/v1/batch",
+                       {"batch": [sized(0, MAX_EVENT_BYTES + 1, userId=None)]}, headers=AUTH)
+    assert reply.status == 413, reply.body
+    [error] = reply.json()["Errors"]
+    assert error["Message"] == f"message over {MAX_EVENT_BYTES} bytes", error
+    assert agent.spool.depth == 0
+
+
+DEEP = "[" * 300 + "]" * 300   # read (1024 levels), never written (255)
+
+
+def raw(mid: str, extra: str) -> str:
+    return '{"type":"track","userId":"u","messageId":"' + mid + '"' + extra + "}"
+
+
+async def test_a_batch_over_32_kb_names_what_its_deep_messages_nest_first(
+        make_agent: Any) -> None:
+    """A message too deep to store in a request over 32 KB is refused for its depth (its
+    measure as sent), before any rule of shape, even where the agent would drop or
+    replace the deep field."""
+    agent = await make_agent()
+    pad = orjson.dumps(sized(0, MAX_EVENT_BYTES - 100)).decode()
+    deep = [raw("d1", f',"event":"e","receivedAt":{DEEP}'),
+            raw("d2", f',"properties":{{"x":{DEEP}}}'),                    # no event
+            raw("d3", f',"event":"e","timestamp":{DEEP}'),                 # not a date
+            raw("d4", f',"event":"e","properties":{{"x":{DEEP}}}'),
+            raw("d5", f',"event":"e","context":{{"x":{DEEP}}}')]
+    body = '{"context":' + orjson.dumps(CONTEXT).decode() + ',"batch":[' + ",".join(
+        [pad, *deep]) + "]}"
+    reply = await call(agent.port, "/v1/batch", body, headers=AUTH)
+    assert reply.status == 200, reply.body
+    got = [(e["Error"], e["Message"], e["Details"]) for e in reply.json()["Errors"]]
+    # Each named by its path as sent, cut short.
+    assert got == [("Bad Request", (field + "[0]" * 300)[:97] + "...: nested deeper than 251 levels",
+                    f"batch[{i}] messageId=d{i}")
+                   for i, field in enumerate(("receivedAt", "properties.x", "timestamp",
+                                              "properties.x", "context.x"), 1)], got
+    assert agent.spool.depth == 1
