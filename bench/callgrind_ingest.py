@@ -13,7 +13,9 @@ event and per request, counted by the events the agent stored meanwhile (its `/s
 Workloads: `single` (one event per `/v1/track` POST), `batch_segment` (100-event
 `/v1/batch`), `batch_nucleus` (100-event Nucleus HTTP), `batch_nucleus_mapped` (the
 same, its key routed to a `segment-http` upstream: mapped to Segment at ingest),
-`batch_segment_mapped` (`/v1/batch`, its key routed to `nucleus-ws`: mapped). The
+`batch_segment_mapped` (`/v1/batch`, its key routed to `nucleus-ws`: mapped),
+`batch_segment_large` (200-event `/v1/batch`, ~51 KB: over the 32 KB a message may be, as
+real SDKs' batches often are, so each message is measured against it). The
 agent's upstream serves another key than the bench's, so no forwarder runs: its retries
 against an offline upstream come at times that depend on valgrind's slowdown, and would
 blur the count. For the mapped workloads it must serve the key; it is offline (a port
@@ -45,6 +47,7 @@ WORKLOADS = {  # name -> (wrk payload kind, path, events per request)
     "batch_nucleus": ("nucleus", "/app/benchapp/track", 100),
     "batch_nucleus_mapped": ("nucleus", "/app/benchapp/track", 100),
     "batch_segment_mapped": ("segment", "/v1/batch", 100),
+    "batch_segment_large": ("segment", "/v1/batch", 200),
 }
 START_S = 240.0  # python under callgrind starts in 10-60 s
 
