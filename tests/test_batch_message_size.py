@@ -171,3 +171,24 @@ async def test_a_batch_over_32_kb_names_what_its_deep_messages_nest_first(
                    for i, field in enumerate(("receivedAt", "properties.x", "timestamp",
                                               "properties.x", "context.x"), 1)], got
     assert agent.spool.depth == 1
+
+
+async def test_a_batch_over_32_kb_with_a_deep_context_judges_each_message_as_sent(
+        make_agent: Any) -> None:
+    """A batch context too deep to store refuses every message, each by its verdict as
+    sent first: too large, or too deep where it nests too deep itself."""
+    agent = await make_agent()
+    over = orjson.dumps(sized(1, MAX_EVENT_BYTES + 1)).decode()
+    body = ('{"context":{"x":' + DEEP + '},"batch":[' + ",".join(
+        [over, raw("e2", ',"event":"e","context":{"a":1},"properties":{"x":' + DEEP + "}"),
+         raw("e3", ',"event":"e"')]) + "]}")
+    reply = await call(agent.port, "/v1/batch", body, headers=AUTH)
+    assert reply.status == 400, reply.body
+    got = [(e["Message"], e["Details"]) for e in reply.json()["Errors"]]
+    deep = "[0]" * 300
+    assert got == [(f"message over {MAX_EVENT_BYTES} bytes", "batch[0] messageId=m1"),
+                   (f"properties.x{deep}"[:97] + "...: nested deeper than 251 levels",
+                    "batch[1] messageId=e2"),
+                   (f"context.x{deep}"[:97] + "...: nested deeper than 251 levels",
+                    "batch[2] messageId=e3")], got
+    assert agent.spool.depth == 0
