@@ -192,3 +192,22 @@ async def test_a_batch_over_32_kb_with_a_deep_context_judges_each_message_as_sen
                    (f"context.x{deep}"[:97] + "...: nested deeper than 251 levels",
                     "batch[2] messageId=e3")], got
     assert agent.spool.depth == 0
+
+
+async def test_a_browser_batch_over_32_kb_is_stored_as_completed(make_agent: Any) -> None:
+    """The browser sends its key in the body and in each message of its batches: the
+    message's key is dropped from what is stored, as for any batch."""
+    agent = await make_agent()
+    messages = [sized(i, 1_500 + i, writeKey=KEY, context={"library": {
+        "name": "analytics.js", "version": "next-1.70.0"}}) for i in range(30)]
+    messages.append(sized(30, MAX_EVENT_BYTES + 1, writeKey=KEY))
+    body = {"writeKey": KEY, "batch": messages, "sentAt": STAMP, "context": CONTEXT}
+    reply = await call(agent.port, "/v1/batch", body)
+    assert reply.status == 207, reply.body
+    assert reply.json()["Errors"] == [{
+        "Error": "Request Entity Too Large", "Message": f"message over {MAX_EVENT_BYTES} bytes",
+        "Details": "batch[30] messageId=m30"}]
+    bodies = await stored_bodies(agent)
+    assert len(bodies) == 30
+    for msg, got in zip(messages[:30], bodies, strict=True):
+        assert got == completed(msg, orjson.loads(got)), msg["messageId"]
