@@ -394,11 +394,30 @@ def stored_as_sent(ev: dict[str, Any], sent: dict[str, Any], enriched: bool) -> 
     except Invalid:
         refuse_too_large(sent)
         raise
-    # Completion only adds to what was sent (merges, fields set where absent or null),
-    # but where it drops or replaces a field, or fills a fact (one may be "" where null
-    # was sent): a body at or under the limit proves the message as sent was, and it
-    # cannot be stored only if the body cannot.
-    if (len(body) > MAX_EVENT_BYTES or enriched or "writeKey" in sent or "sentAt" in sent
-            or "receivedAt" in sent):
+    # Completion only adds to what was sent (merges, fields set where absent or null)
+    # but for the members it drops or replaces, and a fact it fills (one may be "" where
+    # null was sent): a body at or under the limit with room for those members proves
+    # the message as sent was, and it cannot be stored only if the body cannot.
+    if len(body) > MAX_EVENT_BYTES or enriched or (
+            ("writeKey" in sent or "sentAt" in sent or "receivedAt" in sent)
+            and len(body) + replaced_bytes(sent) > MAX_EVENT_BYTES):
         refuse_too_large(sent)
     return body
+
+
+def replaced_bytes(sent: dict[str, Any]) -> int:
+    """The most bytes the members of message ``sent`` that completion drops or replaces
+    take in its JSON (a comma each), or more than MAX_EVENT_BYTES where one is neither
+    null nor a string that can be stored: the whole message is measured then. (The
+    browser sends `writeKey` in each message of its batches.)"""
+    size = 0
+    for name in ("writeKey", "sentAt", "receivedAt"):
+        if name in sent:
+            value = sent[name]
+            if value is not None and type(value) is not str:
+                return MAX_EVENT_BYTES + 1
+            try:
+                size += len(name) + 4 + len(orjson.dumps(value))   # "name": and a comma
+            except orjson.JSONEncodeError:   # a lone surrogate
+                return MAX_EVENT_BYTES + 1
+    return size
