@@ -24,12 +24,22 @@ SEGMENT_EVENT = (
     '"messageId":"bench-%d-%d","timestamp":"2026-01-15T10:20:30.123Z",'
     '"properties":{"screen":"settings","button":"save","count":3},'
     '"context":{"library":{"name":"analytics-python","version":"2.4.0"}}}')
+# The browser's (analytics.js) shape: its key in the batch and in each message.
+SEGMENT_BROWSER_EVENT = (
+    '{"type":"track","event":"Button Clicked","anonymousId":"anon-1234",'
+    '"messageId":"ajs-next-%d-%d","timestamp":"2026-01-15T10:20:30.123Z",'
+    '"properties":{"screen":"settings","button":"save","count":3},'
+    '"context":{"library":{"name":"analytics.js","version":"next-1.70.0"},'
+    '"page":{"path":"/settings","url":"https://example.com/settings"},"locale":"en-US"},'
+    '"writeKey":"benchkey"}')
 
 # kind -> (event template, prefix, suffix) of a request body
 KINDS = {
     "nucleus": (NUCLEUS_EVENT, '{"data":[', "]}"),
     "segment": (SEGMENT_EVENT, '{"batch":[', '],"sentAt":"2026-01-15T10:20:31.000Z"}'),
     "segment1": (SEGMENT_EVENT, "", ""),   # one call on /v1/track: the event is the body
+    "segment_browser": (SEGMENT_BROWSER_EVENT, '{"writeKey":"benchkey","batch":[',
+                        '],"sentAt":"2026-01-15T10:20:31.000Z"}'),
 }
 
 
