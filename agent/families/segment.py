@@ -297,12 +297,26 @@ def accepted(ev: Any, key: str, types: frozenset[str], given: Shared, enrich: En
     # of each message was ~10% of a large batch's instructions (callgrind).
     sent = dict(ev) if raw_size > MAX_EVENT_BYTES else None
     message_id = complete(ev, given, message_id, untimed)
-    if name in SEGMENT_NEEDS_FACTS:
+    enriched = name in SEGMENT_NEEDS_FACTS
+    if enriched:
         enrich.segment(ev)
+    try:
+        body = dump(ev)
+    except Invalid:
+        if sent is not None:
+            refuse_too_large(sent)   # its verdict first, as sent
+        raise
+    # Completion only adds to what was sent (merges, fields set where absent or null)
+    # but for the members it drops or replaces, and a fact it fills (one may be "" where
+    # null was sent): a body at or under the limit proves the message as sent was, and
+    # it cannot be stored only if the body cannot. Tested here, not in a call: most
+    # messages of a large batch pass.
+    if sent is not None and (len(body) > MAX_EVENT_BYTES or enriched or "writeKey" in sent
+                             or "sentAt" in sent or "receivedAt" in sent):
+        refuse_unless_room(body, sent, enriched)
     lanes = enrich.lanes
     return (dedupe_key("segment", key, message_id) if head is None
-            else dedupe_key_after(head, message_id),
-            dump(ev) if sent is None else stored_as_sent(ev, sent, name in SEGMENT_NEEDS_FACTS),
+            else dedupe_key_after(head, message_id), body,
             # Lanes.segment without its call while no upstream names a rule.
             lanes.segment(key, kind, name) if lanes.ruled
             else HIGH if name in SEGMENT_HIGH else NORMAL)
@@ -385,24 +399,12 @@ def refuse_too_large(sent: Any) -> None:
         raise Invalid(f"message over {MAX_EVENT_BYTES} bytes", too_large=True)
 
 
-def stored_as_sent(ev: dict[str, Any], sent: dict[str, Any], enriched: bool) -> bytes:
-    """``dump(ev)``, of ``ev`` completed from ``sent`` (``enriched``: filled with device
-    facts), or the Invalid ``refuse_too_large(sent)`` raises first, as when it was asked
-    before ``check``."""
-    try:
-        body = dump(ev)
-    except Invalid:
+def refuse_unless_room(body: bytes, sent: dict[str, Any], enriched: bool) -> None:
+    """``refuse_too_large(sent)``, unless ``body`` (``sent`` completed, not ``enriched``
+    with device facts) has room under the limit for the members of ``sent`` completion
+    drops or replaces: then ``sent`` was no larger."""
+    if enriched or len(body) + replaced_bytes(sent) > MAX_EVENT_BYTES:
         refuse_too_large(sent)
-        raise
-    # Completion only adds to what was sent (merges, fields set where absent or null)
-    # but for the members it drops or replaces, and a fact it fills (one may be "" where
-    # null was sent): a body at or under the limit with room for those members proves
-    # the message as sent was, and it cannot be stored only if the body cannot.
-    if len(body) > MAX_EVENT_BYTES or enriched or (
-            ("writeKey" in sent or "sentAt" in sent or "receivedAt" in sent)
-            and len(body) + replaced_bytes(sent) > MAX_EVENT_BYTES):
-        refuse_too_large(sent)
-    return body
 
 
 def replaced_bytes(sent: dict[str, Any]) -> int:
