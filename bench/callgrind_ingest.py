@@ -11,19 +11,19 @@ event and per request, counted by the events the agent stored meanwhile (its `/s
 `ingested`; wrk's reply count for a reference server), not by wrk's replies.
 
 Workloads: `single` (one event per `/v1/track` POST), `batch_segment` (100-event
-`/v1/batch`), `batch_nucleus` (100-event Nucleus HTTP), `batch_nucleus_mapped` (the
-same, its key routed to a `segment-http` upstream: mapped to Segment at ingest),
+`/v1/batch`), `batch_nucleus` (100-event Nucleus HTTP), `batch_nucleus_mapped` (the same,
+its key routed to a `segment-http` upstream: mapped to Segment at ingest),
 `batch_segment_mapped` (`/v1/batch`, its key routed to `nucleus-ws`: mapped),
 `batch_segment_large` (200-event `/v1/batch`, ~51 KB: over the 32 KB a message may be, as
 real SDKs' batches often are, so each message is measured against it),
 `batch_segment_browser` (200 events, ~74 KB, in the browser's shape: its key in each
-message). The
-agent's upstream serves another key than the bench's, so no forwarder runs: its retries
-against an offline upstream come at times that depend on valgrind's slowdown, and would
-blur the count. For the mapped workloads it must serve the key; it is offline (a port
-nothing listens on): its forwarder probes the port every 2 s and, at each backoff's end,
-prepares one read's batches (Segment events stored mapped, spliced as stored: no
-mapping) and fails to connect, a few times in the measured window (backoff doubling).
+message). The agent's upstream serves another key than the bench's, so no forwarder runs:
+its retries against an offline upstream come at times that depend on valgrind's slowdown,
+and would blur the count. For the mapped workloads it must serve the key; it is offline
+(a port nothing listens on): its forwarder probes the port every 2 s and, at each
+backoff's end, prepares one read's batches (Segment events stored mapped, spliced as
+stored: no mapping) and fails to connect, a few times in the measured window (backoff
+doubling).
 `PYTHONMALLOC` is `malloc`, as `outpost run` chooses on glibc (`--malloc pymalloc` to
 compare). Needs valgrind and wrk. `--keep DIR` keeps the callgrind output for
 `callgrind_annotate`. Bounded: wrk stops by count, every wait has a timeout.
