@@ -211,3 +211,22 @@ async def test_a_browser_batch_over_32_kb_is_stored_as_completed(make_agent: Any
     assert len(bodies) == 30
     for msg, got in zip(messages[:30], bodies, strict=True):
         assert got == completed(msg, orjson.loads(got)), msg["messageId"]
+
+
+async def test_a_message_refused_as_sent_is_named_as_sent(make_agent: Any) -> None:
+    """A message sent without a `messageId`, refused in a batch over 32 KB (too large, or
+    too deep, as sent), is named by its place alone: never by an id the agent made for
+    it and that the client never sent."""
+    agent = await make_agent()
+    over = sized(1, MAX_EVENT_BYTES + 1, messageId=None)
+    deep = '{"type":"track","event":"e","userId":"u","properties":{"x":' + DEEP + "}}"
+    body = ('{"context":' + orjson.dumps(CONTEXT).decode() + ',"batch":['
+            + ",".join([orjson.dumps(sized(0, 1_000)).decode(), orjson.dumps(over).decode(),
+                        deep]) + "]}")
+    reply = await call(agent.port, "/v1/batch", body, headers=AUTH)
+    assert reply.status == 200, reply.body
+    got = [(e["Message"], e["Details"]) for e in reply.json()["Errors"]]
+    assert got == [(f"message over {MAX_EVENT_BYTES} bytes", "batch[1]"),
+                   (("properties.x" + "[0]" * 300)[:97] + "...: nested deeper than 251 levels",
+                    "batch[2]")], got
+    assert agent.spool.depth == 1
