@@ -304,7 +304,7 @@ def accepted(ev: Any, key: str, types: frozenset[str], given: Shared, enrich: En
         body = dump(ev)
     except Invalid:
         if sent is not None:
-            refuse_too_large(sent)   # its verdict first, as sent
+            refuse_as_sent(ev, sent)   # its verdict first, as sent
         raise
     # Completion only adds to what was sent (merges, fields set where absent or null)
     # but for the members it drops or replaces, and a fact it fills (one may be "" where
@@ -313,7 +313,7 @@ def accepted(ev: Any, key: str, types: frozenset[str], given: Shared, enrich: En
     # messages of a large batch pass.
     if sent is not None and (len(body) > MAX_EVENT_BYTES or enriched or "writeKey" in sent
                              or "sentAt" in sent or "receivedAt" in sent):
-        refuse_unless_room(body, sent, enriched)
+        refuse_unless_room(ev, body, sent, enriched)
     lanes = enrich.lanes
     return (dedupe_key("segment", key, message_id) if head is None
             else dedupe_key_after(head, message_id), body,
@@ -399,12 +399,25 @@ def refuse_too_large(sent: Any) -> None:
         raise Invalid(f"message over {MAX_EVENT_BYTES} bytes", too_large=True)
 
 
-def refuse_unless_room(body: bytes, sent: dict[str, Any], enriched: bool) -> None:
-    """``refuse_too_large(sent)``, unless ``body`` (``sent`` completed, not ``enriched``
+def refuse_as_sent(ev: dict[str, Any], sent: dict[str, Any]) -> None:
+    """``refuse_too_large(sent)`` for message ``ev``, completed from ``sent``: refused,
+    ``ev`` is put back as sent, that the error names it as sent (its place alone, not
+    by a `messageId` completion made for it), as when it was measured before."""
+    try:
+        refuse_too_large(sent)
+    except Invalid:
+        ev.clear()
+        ev.update(sent)
+        raise
+
+
+def refuse_unless_room(ev: dict[str, Any], body: bytes, sent: dict[str, Any],
+                       enriched: bool) -> None:
+    """``refuse_as_sent(ev, sent)``, unless ``body`` (``sent`` completed, not ``enriched``
     with device facts) has room under the limit for the members of ``sent`` completion
     drops or replaces: then ``sent`` was no larger."""
     if enriched or len(body) + replaced_bytes(sent) > MAX_EVENT_BYTES:
-        refuse_too_large(sent)
+        refuse_as_sent(ev, sent)
 
 
 def replaced_bytes(sent: dict[str, Any]) -> int:
