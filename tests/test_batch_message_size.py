@@ -223,10 +223,15 @@ async def test_a_message_refused_as_sent_is_named_as_sent(make_agent: Any) -> No
     body = ('{"context":' + orjson.dumps(CONTEXT).decode() + ',"batch":['
             + ",".join([orjson.dumps(sized(0, 1_000)).decode(), orjson.dumps(over).decode(),
                         deep]) + "]}")
-    reply = await call(agent.port, "/v1/batch", body, headers=AUTH)
-    assert reply.status == 200, reply.body
-    got = [(e["Message"], e["Details"]) for e in reply.json()["Errors"]]
-    assert got == [(f"message over {MAX_EVENT_BYTES} bytes", "batch[1]"),
-                   (("properties.x" + "[0]" * 300)[:97] + "...: nested deeper than 251 levels",
-                    "batch[2]")], got
-    assert agent.spool.depth == 1
+    why = [f"message over {MAX_EVENT_BYTES} bytes",
+           ("properties.x" + "[0]" * 300)[:97] + "...: nested deeper than 251 levels"]
+    for route in ("/v1/batch", "/v1/import"):
+        reply = await call(agent.port, route, body, headers=AUTH)
+        assert reply.status == 200, reply.body
+        got = [(e["Message"], e["Details"]) for e in reply.json()["Errors"]]
+        assert got == [(why[0], "batch[1]"), (why[1], "batch[2]")], got
+    reply = await call(agent.port, "/v1/capture", body, headers={"X-Write-Key": KEY})
+    assert reply.status == 207, reply.body
+    assert [e["message"] for e in reply.json()["errors"]] == [
+        f"batch[1]: {why[0]}", f"batch[2]: {why[1]}"], reply.body
+    assert agent.spool.depth == 1   # the taken message, sent again: a resend
