@@ -235,3 +235,42 @@ async def test_a_message_refused_as_sent_is_named_as_sent(make_agent: Any) -> No
     assert [e["message"] for e in reply.json()["errors"]] == [
         f"batch[1]: {why[0]}", f"batch[2]: {why[1]}"], reply.body
     assert agent.spool.depth == 1   # the taken message, sent again: a resend
+
+
+def exactly(i: int, size: int, **kw: Any) -> dict[str, Any]:
+    """``sized``, its nulls kept: a track of ``size`` bytes as sent."""
+    msg = {"type": "track", "event": "e", "userId": "u", "messageId": f"m{i}",
+           "properties": {}, **kw}
+    msg["properties"] = {**msg["properties"], "pad": ""}
+    msg["properties"]["pad"] = "p" * (size - len(orjson.dumps(msg)))
+    assert len(orjson.dumps(msg)) == size
+    return msg
+
+
+# What completion replaces or fills, and what it leaves as sent: none of it lets a
+# message over the limit as sent through, nor refuses one at it.
+EDGES: list[dict[str, Any]] = [
+    {"context": None}, {"integrations": None}, {"timestamp": None},
+    {"timestamp": None, "originalTimestamp": None}, {"originalTimestamp": STAMP},
+    {"context": {"library": {"name": ""}, "pad": ""}}, {"context": {"library": "s"}},
+    {"receivedAt": None}, {"writeKey": None}, {"sentAt": None}, {"sentAt": "2026-01-01"},
+    {"properties": {"\u2028\"\\\u00e9": "\U0001F600\u0000"}},
+    {"event": "Application Opened", "context": None},
+    {"event": "Application Error", "anonymousId": "a", "context": {"os": {"name": ""}}},
+]
+
+
+async def test_what_completion_fills_never_changes_a_verdict_as_sent(make_agent: Any) -> None:
+    """Each edge at the limit as sent is taken, one byte over it refused 413, whatever
+    the batch's context, integrations and timestamp fill in or replace."""
+    agent = await make_agent()
+    messages = [exactly(2 * n + over, MAX_EVENT_BYTES + over, **edge)
+                for n, edge in enumerate(EDGES) for over in (0, 1)]
+    body = {"batch": messages, "context": CONTEXT, "integrations": {"All": True},
+            "timestamp": STAMP}
+    reply = await call(agent.port, "/v1/batch", body, headers=AUTH)
+    assert reply.status == 200, reply.body
+    got = [(e["Message"], e["Details"]) for e in reply.json()["Errors"]]
+    assert got == [(f"message over {MAX_EVENT_BYTES} bytes", f"batch[{i}] messageId=m{i}")
+                   for i in range(1, len(messages), 2)], got
+    assert agent.spool.depth == len(EDGES)
