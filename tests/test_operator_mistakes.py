@@ -191,27 +191,38 @@ def test_the_exit_codes_are_documented() -> None:
 
 # -- §1 service install ------------------------------------------------------------------------
 
+# Each place cleared at reboot, with what hides it from the system unit.
+CLEARED = [("/tmp", "PrivateTmp="), ("/dev/shm", "PrivateDevices=")]
+
+
 @pytest.mark.skipif(not sys.platform.startswith("linux"), reason="systemd")
 @pytest.mark.parametrize("scope", [[], ["--user"]])
-def test_service_install_from_an_interpreter_under_tmp_is_refused_before_writing(
-        tmp_path: Path, scope: list[str]) -> None:
-    # Under /tmp itself: tmp_path may be elsewhere (conftest puts it on /dev/shm).
-    with tempfile.TemporaryDirectory(dir="/tmp", prefix="outpost-test-") as under_tmp:
-        python = Path(under_tmp) / "python"
+@pytest.mark.parametrize(("root", "hidden_by"), CLEARED)
+def test_service_install_from_an_interpreter_cleared_at_reboot_is_refused_before_writing(
+        tmp_path: Path, scope: list[str], root: str, hidden_by: str) -> None:
+    if not os.access(root, os.W_OK):
+        pytest.skip(f"{root} is not writable here")
+    # Under the root itself: tmp_path may be elsewhere (conftest puts it on /dev/shm).
+    with tempfile.TemporaryDirectory(dir=root, prefix="outpost-test-") as under_root:
+        python = Path(under_root) / "python"
         python.symlink_to(sys.executable)
         config_home = tmp_path / "config"
+        # No tools on PATH: were the refusal to fail, the install's first step (useradd,
+        # as root) fails too, and nothing is written to the machine running the tests.
+        no_tools = tmp_path / "no-tools"
+        no_tools.mkdir()
         # The symlink is outside the venv, so the venv's packages come by PYTHONPATH.
         code, out = outpost("service", "install", *scope, python=str(python),
                             env={"PYTHONPATH": os.pathsep.join([str(ROOT), *site.getsitepackages()]),
-                                 "XDG_CONFIG_HOME": str(config_home)})
+                                 "XDG_CONFIG_HOME": str(config_home), "PATH": str(no_tools)})
         line = one_line(out)
         assert code == EXIT_CONFIG, out
-        assert str(python) in line and "/tmp" in line and "cleared at reboot" in line, line
-        if scope:   # a user service has no PrivateTmp=, and a venv of the user's own will do
+        assert str(python) in line and f"under {root}," in line and "cleared at reboot" in line, line
+        if scope:   # a user service is not sandboxed, and a venv of the user's own will do
             assert "user service" in line and "~/.local/outpost" in line, line
-            assert "system" not in line and "PrivateTmp" not in line, line
+            assert "system" not in line and hidden_by not in line, line
         else:
-            assert "system service (PrivateTmp=)" in line and "/opt/outpost" in line, line
+            assert f"system service ({hidden_by})" in line and "/opt/outpost" in line, line
         assert not config_home.exists()
 
 

@@ -308,3 +308,12 @@ def test_executor_stops_at_the_first_failure(tmp_path: Path, capsys: pytest.Capt
     assert not after.exists()
     assert execute(Plan((Run(("outpost-no-such-command",)),)), "linux") == 1
     assert "outpost service:" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("system", [True, False])
+def test_an_interpreter_on_a_ram_filesystem_is_refused(system: bool) -> None:
+    # /run is a RAM filesystem on every systemd machine: gone at the next boot.
+    target = Target("linux", system, "/run/outpost/venv/bin/python", "/home/ada")
+    with pytest.raises(ValueError, match="/run/outpost/venv/bin/python is under /run, "
+                                         "cleared at reboot"):
+        build_plan("install", target)
