@@ -194,7 +194,8 @@ def _under_program_files(python: str) -> bool:
 def _unreachable(t: Target) -> str | None:
     """An interpreter the service cannot start from: refused before anything is written.
 
-    /tmp is cleared at reboot (and the system unit's PrivateTmp= hides it); a system
+    /tmp and the RAM filesystems (/dev/shm, /run) are cleared at reboot (and the system
+    unit's PrivateTmp= and PrivateDevices= hide /tmp and /dev/shm); a system
     service's ProtectHome= hides /home and /root, which the outpost user cannot read anyway.
     Said in the words of the scope asked for: a user service has its own fix.
     """
@@ -221,14 +222,18 @@ def _unreachable(t: Target) -> str | None:
         fails = "the system service could not start"
         fix = "install Outpost into a lasting system location first, e.g. a venv in /opt/outpost"
         hidden = [("/tmp", "cleared at reboot and hidden from the system service (PrivateTmp=)"),
-                  ("/var/tmp", "cleared by tmpfiles and hidden from the system service (PrivateTmp=)")]
+                  ("/var/tmp", "cleared by tmpfiles and hidden from the system service (PrivateTmp=)"),
+                  ("/dev/shm", "cleared at reboot and hidden from the system service "
+                               "(PrivateDevices=)"),
+                  ("/run", "cleared at reboot")]
         homes = {h for h in ("/home", "/root", "/Users", t.home) if h not in ("", "/")}
         hidden += [(h, "a home directory, hidden from the system service (ProtectHome=) and "
                        "unreadable by the outpost user") for h in sorted(homes)]
     else:   # the user unit has no PrivateTmp= (templates.py): only the clearing matters
         fails = "the user service would not start once it is"
         fix = "install Outpost into a lasting place of your own first, e.g. a venv in ~/.local/outpost"
-        hidden = [("/tmp", "cleared at reboot"), ("/var/tmp", "cleared by tmpfiles")]
+        hidden = [("/tmp", "cleared at reboot"), ("/var/tmp", "cleared by tmpfiles"),
+                  ("/dev/shm", "cleared at reboot"), ("/run", "cleared at reboot")]
     for path in (t.python, t.package_dir):
         for root, why in hidden:
             if path and PurePosixPath(path).is_relative_to(root):
