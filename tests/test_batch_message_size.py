@@ -274,3 +274,22 @@ async def test_what_completion_fills_never_changes_a_verdict_as_sent(make_agent:
     assert got == [(f"message over {MAX_EVENT_BYTES} bytes", f"batch[{i}] messageId=m{i}")
                    for i in range(1, len(messages), 2)], got
     assert agent.spool.depth == len(EDGES)
+
+
+async def test_a_small_batchs_message_refused_is_named_as_sent(make_agent: Any) -> None:
+    """The same in a batch under 32 KB: a message sent without a `messageId` and refused
+    (too deep to store) is named by its place alone, as in a larger batch."""
+    agent = await make_agent()
+    deep = '{"type":"track","event":"e","userId":"u","properties":{"x":' + DEEP + "}}"
+    body = ('{"context":' + orjson.dumps(CONTEXT).decode() + ',"batch":['
+            + orjson.dumps(sized(0, 500)).decode() + "," + deep + "]}")
+    assert len(body) < MAX_EVENT_BYTES
+    why = ("properties.x" + "[0]" * 300)[:97] + "...: nested deeper than 251 levels"
+    for route in ("/v1/batch", "/v1/import"):
+        reply = await call(agent.port, route, body, headers=AUTH)
+        assert reply.status == 200, reply.body
+        got = [(e["Message"], e["Details"]) for e in reply.json()["Errors"]]
+        assert got == [(why, "batch[1]")], got
+    reply = await call(agent.port, "/v1/capture", body, headers={"X-Write-Key": KEY})
+    assert reply.status == 207, reply.body
+    assert [e["message"] for e in reply.json()["errors"]] == [f"batch[1]: {why}"], reply.body
