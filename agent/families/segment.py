@@ -296,7 +296,7 @@ def accepted(ev: Any, key: str, types: frozenset[str], given: Shared, enrich: En
     # in place), to be measured only where the stored body cannot vouch for it: a dump
     # of each message was ~10% of a large batch's instructions (callgrind).
     sent = dict(ev) if raw_size > MAX_EVENT_BYTES else None
-    message_id = complete(ev, given, message_id, untimed)
+    made = complete(ev, given, message_id, untimed)
     enriched = name in SEGMENT_NEEDS_FACTS
     if enriched:
         enrich.segment(ev)
@@ -305,6 +305,8 @@ def accepted(ev: Any, key: str, types: frozenset[str], given: Shared, enrich: En
     except Invalid:
         if sent is not None:
             refuse_as_sent(ev, sent)   # its verdict first, as sent
+        elif message_id is None:   # named as sent: never by the id made for it
+            del ev["messageId"]
         raise
     # Completion only adds to what was sent (merges, fields set where absent or null)
     # but for the members it drops or replaces, and a fact it fills (one may be "" where
@@ -315,8 +317,8 @@ def accepted(ev: Any, key: str, types: frozenset[str], given: Shared, enrich: En
                              or "sentAt" in sent or "receivedAt" in sent):
         refuse_unless_room(ev, body, sent, enriched)
     lanes = enrich.lanes
-    return (dedupe_key("segment", key, message_id) if head is None
-            else dedupe_key_after(head, message_id), body,
+    return (dedupe_key("segment", key, made) if head is None
+            else dedupe_key_after(head, made), body,
             # Lanes.segment without its call while no upstream names a rule.
             lanes.segment(key, kind, name) if lanes.ruled
             else HIGH if name in SEGMENT_HIGH else NORMAL)
