@@ -17,7 +17,8 @@ from typing import Any
 import orjson
 
 from agent.families.segment import MAX_EVENT_BYTES
-from tests.segment_helpers import basic, call
+from tests.fakes.segment_upstream import FakeSegment
+from tests.segment_helpers import basic, call, segment_up
 
 KEY = "size-key"
 AUTH = {"Authorization": basic(KEY)}
@@ -293,3 +294,22 @@ async def test_a_small_batchs_message_refused_is_named_as_sent(make_agent: Any) 
     reply = await call(agent.port, "/v1/capture", body, headers={"X-Write-Key": KEY})
     assert reply.status == 207, reply.body
     assert [e["message"] for e in reply.json()["errors"]] == [f"batch[1]: {why}"], reply.body
+
+
+async def test_a_message_too_large_for_its_upstream_is_named_as_sent(
+        make_agent: Any, fake_segment: FakeSegment) -> None:
+    """A message sent without a `messageId`, under 32 KB as sent but over it as stored
+    (the batch context, the fields the agent sets) and so too large for `segment-http`,
+    is refused alone (413) and named by its place, not by the id the agent made for it."""
+    agent = await make_agent(upstreams=[segment_up(fake_segment)])
+    over = sized(1, MAX_EVENT_BYTES - 100, messageId=None)
+    body = {"context": CONTEXT, "batch": [sized(0, 500), over]}
+    for route in ("/v1/batch", "/v1/import"):
+        reply = await call(agent.port, route, orjson.dumps(body), headers=AUTH)
+        assert reply.status == 200, reply.body
+        [error] = reply.json()["Errors"]
+        assert error["Details"] == "batch[1]" and str(MAX_EVENT_BYTES) in error["Message"], error
+    reply = await call(agent.port, "/v1/capture", orjson.dumps(body), headers={"X-Write-Key": KEY})
+    assert reply.status == 207, reply.body
+    [error] = reply.json()["errors"]
+    assert error["message"].startswith("batch[1]: ") and str(MAX_EVENT_BYTES) in error["message"]
