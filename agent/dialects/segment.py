@@ -320,7 +320,7 @@ class SegmentHandlers:
                     bodies.append(stored)
                     lanes.append(lane)
                     continue
-            at = spec.where(i, ev)
+            at = spec.where(i, ev, given.made)
             out.errors.append(error_object(status, message, f"{at}: {why}" if why else at))
             out.statuses.append(status)
         if out.errors and out.events:

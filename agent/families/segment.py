@@ -25,6 +25,7 @@ import hashlib
 import re
 import uuid
 from collections.abc import Callable, Mapping
+from collections.abc import Set as AbstractSet
 from datetime import datetime
 from types import MappingProxyType
 from typing import Any, NamedTuple
@@ -191,23 +192,26 @@ def merge(base: dict[str, Any], own: dict[str, Any], depth: int = 0) -> dict[str
 class Shared(NamedTuple):
     """What a request gives each of its messages, read once per request: the receive
     time, and a batch's non-empty `context` and `integrations` (merged into each message)
-    and its `timestamp` (a string, or None)."""
+    and its `timestamp` (a string, or None); and the `messageId`s completion made for its
+    messages, never the name of one refused (``where``)."""
 
     received: str
-    merged: tuple[tuple[str, dict[str, Any]], ...] = ()
-    timestamp: str | None = None
+    merged: tuple[tuple[str, dict[str, Any]], ...]
+    timestamp: str | None
+    made: set[str]
 
 
 def shared(received: str, batch: dict[str, Any] | None = None) -> Shared:
     if batch is None:
-        return Shared(received)
+        return Shared(received, (), None, set())
     merged = []
     for name in ("context", "integrations"):
         value = batch.get(name)
         if isinstance(value, dict) and value:
             merged.append((name, value))
     timestamp = batch.get("timestamp")
-    return Shared(received, tuple(merged), timestamp if isinstance(timestamp, str) else None)
+    return Shared(received, tuple(merged), timestamp if isinstance(timestamp, str) else None,
+                  set())
 
 
 def complete(ev: dict[str, Any], given: Shared, message_id: str | None, untimed: bool) -> str:
@@ -228,6 +232,7 @@ def complete(ev: dict[str, Any], given: Shared, message_id: str | None, untimed:
         del ev["sentAt"]
     if message_id is None:
         message_id = ev["messageId"] = str(uuid.uuid4())
+        given.made.add(message_id)
     if untimed:
         # Seed 003: timestamps are injected from the top level; else the receive time,
         # so that an event forwarded days later keeps the time it happened.
@@ -296,7 +301,7 @@ def accepted(ev: Any, key: str, types: frozenset[str], given: Shared, enrich: En
     # in place), to be measured only where the stored body cannot vouch for it: a dump
     # of each message was ~10% of a large batch's instructions (callgrind).
     sent = dict(ev) if raw_size > MAX_EVENT_BYTES else None
-    made = complete(ev, given, message_id, untimed)
+    message_id = complete(ev, given, message_id, untimed)
     enriched = name in SEGMENT_NEEDS_FACTS
     if enriched:
         enrich.segment(ev)
@@ -304,9 +309,7 @@ def accepted(ev: Any, key: str, types: frozenset[str], given: Shared, enrich: En
         body = dump(ev)
     except Invalid:
         if sent is not None:
-            refuse_as_sent(ev, sent)   # its verdict first, as sent
-        elif message_id is None:   # named as sent: never by the id made for it
-            del ev["messageId"]
+            refuse_too_large(sent)   # its verdict first, as sent
         raise
     # Completion only adds to what was sent (merges, fields set where absent or null)
     # but for the members it drops or replaces, and a fact it fills (one may be "" where
@@ -315,20 +318,22 @@ def accepted(ev: Any, key: str, types: frozenset[str], given: Shared, enrich: En
     # messages of a large batch pass.
     if sent is not None and (len(body) > MAX_EVENT_BYTES or enriched or "writeKey" in sent
                              or "sentAt" in sent or "receivedAt" in sent):
-        refuse_unless_room(ev, body, sent, enriched)
+        refuse_unless_room(body, sent, enriched)
     lanes = enrich.lanes
-    return (dedupe_key("segment", key, made) if head is None
-            else dedupe_key_after(head, made), body,
+    return (dedupe_key("segment", key, message_id) if head is None
+            else dedupe_key_after(head, message_id), body,
             # Lanes.segment without its call while no upstream names a rule.
             lanes.segment(key, kind, name) if lanes.ruled
             else HIGH if name in SEGMENT_HIGH else NORMAL)
 
 
-def where(i: int, ev: Any) -> str:
-    """Message ``i`` of a batch, by its place and its `messageId` when it has one."""
+def where(i: int, ev: Any, made: AbstractSet[str] = frozenset()) -> str:
+    """Message ``i`` of a batch, by its place and the `messageId` it was sent with, if any
+    (not one completion ``made`` for it, which the client never saw)."""
     mid = ev.get("messageId") if isinstance(ev, dict) else None
     # Exactly a str: a value the reader marked (a lone surrogate) is named by the error.
-    return f"batch[{i}]" + (f" messageId={mid}" if type(mid) is str else "")
+    return f"batch[{i}]" + (f" messageId={mid}" if type(mid) is str and mid not in made
+                            else "")
 
 
 class Accepted(NamedTuple):
@@ -365,7 +370,7 @@ def accept_each(body: Any, key: str, types: frozenset[str], raw_size: int, *, en
             if oversize is not None and (too := oversize(event)) is not None:
                 raise Invalid(too, too_large=True)
         except Invalid as exc:
-            refused[i] = exc.within(where(i, ev))
+            refused[i] = exc.within(where(i, ev, given.made))
         else:
             events.append(event)
     if refused and not events:
@@ -401,25 +406,12 @@ def refuse_too_large(sent: Any) -> None:
         raise Invalid(f"message over {MAX_EVENT_BYTES} bytes", too_large=True)
 
 
-def refuse_as_sent(ev: dict[str, Any], sent: dict[str, Any]) -> None:
-    """``refuse_too_large(sent)`` for message ``ev``, completed from ``sent``: refused,
-    ``ev`` is put back as sent, that the error names it as sent (its place alone, not
-    by a `messageId` completion made for it), as when it was measured before."""
-    try:
-        refuse_too_large(sent)
-    except Invalid:
-        ev.clear()
-        ev.update(sent)
-        raise
-
-
-def refuse_unless_room(ev: dict[str, Any], body: bytes, sent: dict[str, Any],
-                       enriched: bool) -> None:
-    """``refuse_as_sent(ev, sent)``, unless ``body`` (``sent`` completed, not ``enriched``
+def refuse_unless_room(body: bytes, sent: dict[str, Any], enriched: bool) -> None:
+    """``refuse_too_large(sent)``, unless ``body`` (``sent`` completed, not ``enriched``
     with device facts) has room under the limit for the members of ``sent`` completion
     drops or replaces: then ``sent`` was no larger."""
     if enriched or len(body) + replaced_bytes(sent) > MAX_EVENT_BYTES:
-        refuse_as_sent(ev, sent)
+        refuse_too_large(sent)
 
 
 def replaced_bytes(sent: dict[str, Any]) -> int:
