@@ -324,7 +324,7 @@ class SegmentHandlers:
             out.errors.append(error_object(status, message, f"{at}: {why}" if why else at))
             out.statuses.append(status)
         if out.errors and out.events:
-            return out._replace(partial=partial_status(items[0]))
+            return out._replace(partial=partial_status(items[0], body.get("context")))
         return out
 
     async def _store(self, collected: Collected | web.Response) -> web.Response:

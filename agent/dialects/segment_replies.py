@@ -15,6 +15,7 @@ from typing import Any
 from aiohttp import web
 
 from agent.dialects import replies
+from agent.families.segment import merge
 from agent.spool.types import SpoolFull
 
 
@@ -79,9 +80,13 @@ _ONLY_200 = frozenset({"analytics-python", "rudder-analytics-python", "analytics
                        "rudder-analytics-php"})
 
 
-def partial_status(first: Any) -> int:
-    """The status of a batch stored in part, by the client its ``first`` message names."""
+def partial_status(first: Any, batch_context: dict[str, Any] | None = None) -> int:
+    """The status of a batch stored in part, by the client its ``first`` message names in
+    its context as completed, ``batch_context`` merged in: whatever became of that message
+    (stored, or refused before or after its completion), the client is the same."""
     context = first.get("context") if isinstance(first, dict) else None
+    if batch_context:   # as ``complete`` merges it (idempotent on a completed message)
+        context = merge(batch_context, context) if isinstance(context, dict) else batch_context
     library = context.get("library") if isinstance(context, dict) else None
     name = library.get("name") if isinstance(library, dict) else None
     return 200 if type(name) is str and name in _ONLY_200 else 207
