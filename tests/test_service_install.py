@@ -317,3 +317,13 @@ def test_an_interpreter_on_a_ram_filesystem_is_refused(system: bool) -> None:
     with pytest.raises(ValueError, match="/run/outpost/venv/bin/python is under /run, "
                                          "cleared at reboot"):
         build_plan("install", target)
+
+
+@pytest.mark.parametrize("system", [False, True])
+def test_a_systemd_unit_leaves_the_allocator_to_outpost_run(system: bool) -> None:
+    """The unit sets neither PYTHONMALLOC nor GLIBC_TUNABLES: either would keep `outpost
+    run` from re-executing itself with the C allocator and glibc's per-thread cache sized
+    for it (agent/server/allocator.py), and a service keeps its memory after bursts."""
+    unit = tpl.systemd_unit(PY, system=system)
+    assert f"ExecStart={PY} -m agent run\n" in unit
+    assert "PYTHONMALLOC" not in unit and "GLIBC_TUNABLES" not in unit, unit
