@@ -11,9 +11,7 @@ Two things kept RSS at its peak long after a burst had been committed:
   glibc (allocator.py), so that objects come from the C allocator, which can
   hand back any free page; measured, the same bursts then leave RSS within 6 MB
   of idle, at no measurable cost in throughput (bench/RESULTS.md). An explicit
-  ``PYTHONMALLOC`` in the environment is left alone. Each thread's cache of freed
-  chunks is set larger than glibc's (allocator.TCACHE): fewer instructions, for
-  the few MB of pages its cached chunks keep after a burst.
+  ``PYTHONMALLOC`` in the environment is left alone.
 - The C allocator keeps freed memory in its free lists; ``malloc_trim`` returns
   it. ``Trimmer`` calls it once a burst is over.
 """
