@@ -24,8 +24,8 @@ and would blur the count. For the mapped workloads it must serve the key; it is 
 backoff's end, prepares one read's batches (Segment events stored mapped, spliced as
 stored: no mapping) and fails to connect, a few times in the measured window (backoff
 doubling).
-`PYTHONMALLOC` is `malloc`, with glibc's per-thread cache as `outpost run` sets it on glibc
-(`--malloc pymalloc` to compare). Needs valgrind and wrk. `--keep DIR` keeps the callgrind output for
+`PYTHONMALLOC` is `malloc`, as `outpost run` chooses on glibc (`--malloc pymalloc` to
+compare). Needs valgrind and wrk. `--keep DIR` keeps the callgrind output for
 `callgrind_annotate`. Bounded: wrk stops by count, every wait has a timeout.
 """
 
@@ -39,8 +39,6 @@ import sys
 import tempfile
 import time
 from pathlib import Path
-
-from agent.server.allocator import c_allocator_env
 
 from .loadgen import Load, run
 from .procs import free_port, http_get, write_agent_config
@@ -78,9 +76,7 @@ def measure(workdir: Path, workload: str, requests: int, connections: int,
         probe = "/"
     argv = ["valgrind", "--tool=callgrind", "--instr-atstart=no",
             f"--callgrind-out-file={out}", sys.executable, *server]
-    # As `outpost run` re-executes itself on glibc (the references alike, for a fair count).
-    env = (c_allocator_env(os.environ) if malloc == "malloc"
-           else {**os.environ, "PYTHONMALLOC": malloc})
+    env = {**os.environ, "PYTHONMALLOC": malloc}
     with open(workdir / "server.log", "wb") as log:
         proc = subprocess.Popen(argv, env=env, stdout=log, stderr=subprocess.STDOUT)
     try:

@@ -8,13 +8,7 @@ from __future__ import annotations
 import ctypes
 import os
 import sys
-from collections.abc import Callable, Mapping
-
-# glibc keeps 7 freed chunks of each size a thread before it takes its arena's lock, and
-# Python frees and allocates thousands of small objects a request: at 100, every ingest
-# path ran ~2.5% fewer instructions (callgrind), for ~4 MB more after a burst (a chunk a
-# thread keeps pins its page against malloc_trim). Bounded: 100 a size, a thread.
-TCACHE = "glibc.malloc.tcache_count=100"
+from collections.abc import Callable
 
 
 def malloc_trim() -> Callable[[int], int] | None:
@@ -47,8 +41,7 @@ def _glibc() -> bool:
 
 
 def use_c_allocator() -> None:
-    """Re-execute this process with ``PYTHONMALLOC=malloc`` (glibc, when not set), and
-    glibc's per-thread cache at ``TCACHE`` unless the caller's ``GLIBC_TUNABLES`` sizes it.
+    """Re-execute this process with ``PYTHONMALLOC=malloc`` (glibc, when not set).
 
     Called by ``outpost run`` first thing, before the agent's modules are imported
     (agent/__main__.py): the process keeps its pid, arguments and environment (a
@@ -56,18 +49,8 @@ def use_c_allocator() -> None:
     """
     if "PYTHONMALLOC" in os.environ or malloc_trim() is None:
         return
+    env = {**os.environ, "PYTHONMALLOC": "malloc"}
     try:
-        os.execve(sys.executable, [sys.executable, *sys.orig_argv[1:]],
-                  c_allocator_env(os.environ))
+        os.execve(sys.executable, [sys.executable, *sys.orig_argv[1:]], env)
     except OSError:
         pass  # run on as we are: only the memory hand-back is less thorough
-
-
-def c_allocator_env(environ: Mapping[str, str]) -> dict[str, str]:
-    """``environ`` with ``PYTHONMALLOC=malloc``, and ``TCACHE`` first in ``GLIBC_TUNABLES``
-    unless the caller's tunables size the cache themselves."""
-    env = {**environ, "PYTHONMALLOC": "malloc"}
-    tunables = env.get("GLIBC_TUNABLES", "")
-    if "glibc.malloc.tcache_count" not in tunables:
-        env["GLIBC_TUNABLES"] = f"{TCACHE}:{tunables}" if tunables else TCACHE
-    return env
