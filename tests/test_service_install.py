@@ -321,9 +321,9 @@ def test_an_interpreter_on_a_ram_filesystem_is_refused(system: bool) -> None:
 
 @pytest.mark.parametrize("system", [False, True])
 def test_a_systemd_unit_leaves_the_allocator_to_outpost_run(system: bool) -> None:
-    """The unit sets neither PYTHONMALLOC nor GLIBC_TUNABLES: either would keep `outpost
-    run` from re-executing itself with the C allocator and glibc's per-thread cache sized
-    for it (agent/server/allocator.py), and a service keeps its memory after bursts."""
+    """The unit sets no PYTHONMALLOC: it would keep `outpost run` from re-executing itself
+    with the C allocator (agent/server/allocator.py), and a service keeps its memory after
+    bursts."""
     unit = tpl.systemd_unit(PY, system=system)
     assert f"ExecStart={PY} -m agent run\n" in unit
-    assert "PYTHONMALLOC" not in unit and "GLIBC_TUNABLES" not in unit, unit
+    assert "PYTHONMALLOC" not in unit, unit
