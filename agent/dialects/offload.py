@@ -63,7 +63,7 @@ def favour_the_loop() -> None:
     /healthz p99 went from 68-73 ms to 47-54 ms at 1 ms. The spool's writer thread
     waits so too, for each statement and compress of a commit while the loop parses:
     at 0.2 ms, /healthz p99 under the largest Nucleus posts fell again (~100 to
-    ~50 ms) and 100-event websocket frames went ~9% faster, the batch rows and single
+    ~50 ms) and 100-event websocket frames went ~10% faster, the batch rows and single
     calls unchanged (bench/RESULTS.md). Called by ``outpost run``.
     """
     sys.setswitchinterval(SWITCH_INTERVAL_S)

@@ -80,7 +80,7 @@ _ONLY_200 = frozenset({"analytics-python", "rudder-analytics-python", "analytics
                        "rudder-analytics-php"})
 
 
-def partial_status(first: Any, batch_context: dict[str, Any] | None = None) -> int:
+def partial_status(first: Any, batch_context: dict[str, Any] | None) -> int:
     """The status of a batch stored in part, by the client its ``first`` message names in
     its context as completed, ``batch_context`` merged in: whatever became of that message
     (stored, or refused before or after its completion), the client is the same."""
