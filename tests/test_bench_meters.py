@@ -1,12 +1,16 @@
-"""The bench's own arithmetic: where a fill's tenths start and end, and wakeups over threads."""
+"""The bench's own arithmetic and meters: where a fill's tenths start and end, wakeups over
+threads, the RSS peak."""
 
 from __future__ import annotations
 
 import os
+import subprocess
+import sys
 import threading
 
 from bench.growing import DepthTrace, _span
 from bench.meters import switches_between, voluntary_switches
+from bench.procs import RssSampler, read_rss
 
 
 def trace(samples: list[tuple[float, int, float]]) -> DepthTrace:
@@ -53,3 +57,26 @@ def test_voluntary_switches_reads_every_thread_of_the_process() -> None:
     finally:
         release.set()
         th.join(10)
+
+
+def test_rss_sampler_sees_a_peak_that_came_and_went_between_its_samples() -> None:
+    # A peak held only while a call holds the GIL (a set's table rebuilt, say) can fall
+    # between any two samples; the sampler must still report it.
+    code = ("import sys; sys.stdin.readline(); b = b'x' * (64 << 20); del b; "
+            "print('done', flush=True); sys.stdin.readline()")
+    child = subprocess.Popen([sys.executable, "-c", code], stdin=subprocess.PIPE,
+                             stdout=subprocess.PIPE, text=True)
+    assert child.stdin is not None and child.stdout is not None
+    try:
+        with RssSampler(child.pid, interval=3600) as rss:   # no sample of its own meanwhile
+            _, before = read_rss(child.pid)
+            child.stdin.write("go\n")
+            child.stdin.flush()
+            assert child.stdout.readline() == "done\n"
+            _, after = read_rss(child.pid)
+            _, peak_anon = rss.take()
+        assert after - before < 16 << 20          # it came and went
+        assert peak_anon - before >= 60 << 20
+    finally:
+        child.kill()
+        child.wait(10)
