@@ -47,8 +47,9 @@ class StorageConfig:
     # Extension: how long acked dedupe keys are remembered, so a client
     # resending after its reply was lost is still stored only once.
     dedupe_window_h: int = 24
-    # Extension: at most this many keys in the in-memory dedupe index (~90-95 B each); past
-    # it the oldest are forgotten early (dedupe_forgotten) and delivery is at-least-once.
+    # Extension: at most this many keys in the in-memory dedupe index (~90 B each, ~130 B at
+    # the peak of its table's rebuild, bench/index_memory.py); past it the oldest are
+    # forgotten early (dedupe_forgotten) and delivery is at-least-once.
     dedupe_max_keys: int = 1_000_000
     # Extension: the Retry-After of a refusal for want of room. The Segment SDKs that honour
     # it keep a refused batch for a number of tries, so the longer, the longer they hold it.

@@ -32,7 +32,6 @@ compare). Needs valgrind and wrk. `--keep DIR` keeps the callgrind output for
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import subprocess
 import sys
@@ -41,7 +40,7 @@ import time
 from pathlib import Path
 
 from .loadgen import Load, run
-from .procs import free_port, http_get, write_agent_config
+from .procs import free_port, http_get, ingested, write_agent_config
 
 WORKLOADS = {  # name -> (wrk payload kind, path, events per request)
     "single": ("segment1", "/v1/track", 1),
@@ -97,7 +96,7 @@ def measure(workdir: Path, workload: str, requests: int, connections: int,
         # connection: 15% of 200 batches), which the server still serves: counted only
         # once served, and only those it served between the switches.
         _quiet(proc.pid)
-        before = _ingested(port) if ref is None else 0
+        before = ingested(port) if ref is None else 0
         subprocess.run(["callgrind_control", "-i", "on", str(proc.pid)], check=True,
                        capture_output=True, timeout=60)
         result = run(Load(kind=kind, url=url, events=events, connections=connections,
@@ -105,7 +104,7 @@ def measure(workdir: Path, workload: str, requests: int, connections: int,
         _quiet(proc.pid)
         subprocess.run(["callgrind_control", "-i", "off", str(proc.pid)], check=True,
                        capture_output=True, timeout=60)
-        stored = _ingested(port) - before if ref is None else 0
+        stored = ingested(port) - before if ref is None else 0
     finally:
         proc.terminate()
         proc.wait(300)
@@ -133,12 +132,6 @@ def _quiet(pid: int) -> None:
         if now - last < 0.02 * hz:
             return
         last = now
-
-
-def _ingested(port: int) -> int:
-    """The agent's count of new events committed (/status), read while not counted."""
-    status = json.loads(http_get(f"http://127.0.0.1:{port}/status", timeout=30.0))
-    return int(status["counters"]["ingested"])
 
 
 def _totals(path: Path) -> int:

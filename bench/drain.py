@@ -59,7 +59,7 @@ def backlog(h: Harness, name: str, full_rate: bool, reuse: bool) -> dict[str, An
             with RssSampler(agent.pid) as rss:
                 r["fill"] = growing.fill(agent.pid, agent.port, n, h.args.connections, d,
                                          h.use_wrk, h.args.wrk_threads, kind)
-                h.peak("fill", rss.take(), index_bytes(agent.port))
+                h.peak("fill", rss.take(), index_bytes(agent.port, 0))
             disk.sample()
             r["disk_peak_fill"] = disk.peak
             if full_rate:

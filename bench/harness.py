@@ -9,7 +9,7 @@ import time
 from pathlib import Path
 from typing import Any
 
-from . import loadgen
+from . import index_memory, loadgen
 from .loadgen import Load
 from .meters import CpuWindow, per_million
 from .procs import (
@@ -19,15 +19,11 @@ from .procs import (
     agent_proc,
     free_port,
     http_get,
+    ingested,
     ref_proc,
     write_agent_config,
 )
 
-# The dedupe index's resident memory per key at its peak at the 1M-key cap, keys
-# churning (docs/operations.md, "Dedupe memory"; RssAnon on the agent's allocator, by
-# bench/micro_dedupe.py), which the RSS target (under 60 MB "plus the documented dedupe
-# index") leaves aside. Below the cap it varies (85-120 B).
-KEY_BYTES = 95
 MAX_KEYS = 1_000_000  # storage.dedupe_max_keys' default: the bench's agents keep it
 
 
@@ -79,23 +75,25 @@ class Harness:
             load.duration = self.args.warmup
             loadgen.run(load, d, self.use_wrk, self.args.wrk_threads)
             rss.take()
+            keys_from = ingested(proc.port) if proc.probe == AGENT_PROBE else 0
             load.duration = self.args.duration
             with CpuWindow(proc.pid) as cpu:
                 result = loadgen.run(load, d, self.use_wrk, self.args.wrk_threads)
             result["rss_peak"], result["rss_anon_peak"] = rss.take()
         events = float(result["raw"]["events"])
-        result["index_bytes"] = index_bytes(proc.port) if proc.probe == AGENT_PROBE else 0
+        result["index_bytes"] = index_bytes(proc.port, keys_from) if proc.probe == AGENT_PROBE else 0
         result.update(cpu_s=cpu.seconds, events=events, cpu_s_per_m=per_million(cpu.seconds, events))
         return result
 
 
-def index_bytes(port: int) -> int:
-    """The agent's dedupe index now, estimated from the events its spool ever stored:
-    every bench event is new, and every run lasts well within the dedupe window. Read at
-    the end of a phase, when the index is at its largest (it only grows meanwhile), so a
-    peak of RSS reached earlier in the phase is judged beside more keys than it held."""
-    status = json.loads(http_get(f"http://127.0.0.1:{port}/status", timeout=30.0))
-    return min(int(status["counters"]["ingested"]), MAX_KEYS) * KEY_BYTES
+def index_bytes(port: int, keys_from: int | None = None) -> int:
+    """The agent's dedupe index at its largest since it held ``keys_from`` keys (None: at
+    rest, no key arriving), by bench/index_memory.py, from the events its spool ever stored:
+    every bench event is new. Read at the end of a phase: a peak of RSS reached earlier in
+    the phase is judged beside an index at least as large as the one it held then."""
+    keys_to = ingested(port)
+    return index_memory.index_bytes(keys_to if keys_from is None else keys_from, keys_to,
+                                    MAX_KEYS)
 
 
 def depth(port: int) -> int:

@@ -7,9 +7,10 @@ window (the startup rebuild), beside ``load`` record by record in the same run, 
 reference, a plain ``set`` lookup of the same 100 keys; then bytes per key: by
 tracemalloc (after loading the N keys again), and the anonymous memory (RssAnon) a fresh
 process on the agent's allocator gains from N keys admitted 100 a call, as the agent
-does, and at most while it admits N more at the cap (``max_keys`` = N: the oldest
-buckets forgotten as it goes). The second is what the agent's RSS carries: it counts the
-allocator's own overhead, which tracemalloc does not.
+does, and at its peak while it admits N more at the cap (``max_keys`` = N: the oldest
+buckets forgotten as it goes; the set's table rebuilt, both tables held for that moment).
+The second is what the agent's RSS carries: it counts the allocator's own overhead, which
+tracemalloc does not.
 """
 
 from __future__ import annotations
@@ -19,14 +20,13 @@ import os
 import random
 import subprocess
 import sys
-import threading
 import time
 import tracemalloc
 
 from agent.server.allocator import use_c_allocator
 from agent.spool.dedupe import HOUR_MS, DedupeIndex, StoredKeys, keys_to_bytes
 
-from .procs import read_rss
+from .procs import RssSampler, read_rss
 
 WINDOW = 24 * HOUR_MS
 
@@ -113,29 +113,21 @@ def main() -> None:
 
 def _rss_child(n: int) -> None:
     """In a fresh process on the agent's allocator (``outpost run``'s re-execution): RssAnon
-    gained per key at n keys admitted, and its peak while n more are admitted at the cap."""
+    gained per key at n keys admitted, and at its peak while n more are admitted at the cap.
+    The peak is the kernel's high-water mark (``RssSampler``): the set's table is rebuilt
+    while the GIL is held, where no thread of this process can sample it."""
     use_c_allocator()
     rng, now = random.Random(12), 24 * HOUR_MS
     index = DedupeIndex(WINDOW, max_keys=n)
-    peak, done = [0], threading.Event()
-
-    def sample() -> None:
-        while not done.wait(0.001):
-            peak[0] = max(peak[0], read_rss(os.getpid())[1])
-
-    base = at_n = read_rss(os.getpid())[1]
-    sampler = threading.Thread(target=sample)
-    sampler.start()
-    try:
+    with RssSampler(os.getpid(), interval=3600) as rss:
+        base = at_n = read_rss(os.getpid())[1]
         for received in range(0, 2 * n, 100):
             index.admit(_keys(rng, 100), now, now)
             if received + 100 == n:
                 at_n = read_rss(os.getpid())[1]
-    finally:
-        done.set()
-        sampler.join()
+        peak = rss.take()[1]
     print(f"memory: {(at_n - base) / n:.1f} B/key of RssAnon at {n:,} keys admitted 100 a call; "
-          f"peak {(max(peak[0], at_n) - base) / n:.1f} B/key while {n:,} more went in at the cap "
+          f"peak {(peak - base) / n:.1f} B/key while {n:,} more went in at the cap "
           f"(a fresh process, {os.environ.get('PYTHONMALLOC', 'pymalloc')})")
 
 

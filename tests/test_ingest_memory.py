@@ -62,9 +62,10 @@ def offline_agent(tmp_path: Path, agent_process: Callable[..., AgentProcess],
                   **listen: Any) -> AgentProcess:
     """An `outpost run` subprocess whose upstream is down: pure ingest."""
     port = free_port()
-    # The dedupe index is kept by design (~90-95 B per key received in the window, up to
-    # storage.dedupe_max_keys: docs/operations.md); bounded small here, so that what is
-    # measured is the memory of ingest itself, which must be handed back.
+    # The dedupe index is kept by design (~90 B per key received in the window, ~130 B at
+    # the peak of its table's rebuild; up to storage.dedupe_max_keys: docs/operations.md);
+    # bounded small here, so that what is measured is the memory of ingest itself, which
+    # must be handed back.
     cfg = write_config(tmp_path / "agent.toml", tmp_path / "spool.db", port=port,
                        listen=listen, storage={"dedupe_max_keys": 10_000}, upstreams=[{
                            "name": "n", "protocol": "nucleus-ws",

@@ -18,10 +18,12 @@ reads a clock.
 
 Memory (``bench/micro_dedupe.py``, 1M random keys): 77.6 bytes per key by tracemalloc
 (the set: ~69 B, each key an int object in a hash table; the bucket arrays: 8.5 B),
-~90 B of the process's anonymous memory on the agent's allocator (95 B at its peak
-while keys churn at the cap), which counts the allocator's own overhead. A spool that
-receives a million events a day holds ~90-95 MB for a 24 h window; ``max_keys`` is the
-bound.
+~90 B of the process's anonymous memory on the agent's allocator, which counts the
+allocator's own overhead. While keys churn (at the cap, or as buckets expire), CPython
+rebuilds the set's table every so many new keys and holds the old one until the copy is
+done: ~129 B a key at that peak (up to ~145 B at other sizes, ``bench/index_memory.py``).
+A spool that receives a million events a day holds ~90 MB for a 24 h window, ~130 MB
+at the peak; ``max_keys`` is the bound.
 
 At the cap, the oldest buckets are forgotten first, whole, before new keys go in:
 ``forgotten`` counts those keys (the spool's ``dedupe_forgotten``), and the keys the
