@@ -171,6 +171,11 @@ def read_rss(pid: int) -> tuple[int, int]:
     return rss, anon
 
 
+def high_water(pid: int) -> int:
+    """The highest VmRSS since the process started or ``reset_peak`` (0 once it is gone)."""
+    return _status(pid)[2]
+
+
 def _status(pid: int) -> tuple[int, int, int]:
     """(VmRSS, RssAnon, VmHWM) in bytes, from /proc/<pid>/status (zeros once it is gone)."""
     found = {"VmRSS:": 0, "RssAnon:": 0, "VmHWM:": 0}
@@ -185,7 +190,7 @@ def _status(pid: int) -> tuple[int, int, int]:
     return found["VmRSS:"], found["RssAnon:"], found["VmHWM:"]
 
 
-def _reset_peak(pid: int) -> None:
+def reset_peak(pid: int) -> None:
     """Start the kernel's high-water mark (VmHWM) over from the RSS now."""
     try:
         with open(f"/proc/{pid}/clear_refs", "w") as f:
@@ -208,7 +213,7 @@ class RssSampler(Sampler):
     peak_anon: int = 0
 
     def __post_init__(self) -> None:
-        _reset_peak(self.pid)
+        reset_peak(self.pid)
 
     def sample(self) -> None:
         rss, anon, high = _status(self.pid)
@@ -219,5 +224,5 @@ class RssSampler(Sampler):
         self.sample()
         peaks = (self.peak_rss, self.peak_anon)
         self.peak_rss = self.peak_anon = 0
-        _reset_peak(self.pid)
+        reset_peak(self.pid)
         return peaks
