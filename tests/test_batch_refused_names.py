@@ -3,7 +3,7 @@ gets, on every route that names refused messages.
 
 A message is named by its place and the `messageId` it was sent with: never one the agent
 made for it (sent without one, or with `null`), which the client never saw; a `messageId`
-that is no string is named by its place alone. The 200-or-207 choice reads the client's
+that is no string, or an empty one, is named by its place alone. The 200-or-207 choice reads the client's
 name in the first message's context as the agent completes it (the batch's context
 merged in), whatever became of that message.
 """
@@ -66,19 +66,22 @@ SEGMENT_ROUTES = ["/v1/batch", "/v1/import", "/v1/b", "/beacon/v1/batch", "/v1/w
 @pytest.mark.parametrize("large", [False, True], ids=["small", "over-32KB"])
 async def test_a_refused_message_is_named_by_the_id_it_was_sent_with(
         make_agent: Any, large: bool) -> None:
-    """Absent, `null`, equal across messages, not a string: in a request under or over
-    32 KB, on every Segment batch route and capture."""
+    """Absent, `null`, equal across messages, not a string, empty (named by its place
+    alone: `messageId=` says nothing): in a request under or over 32 KB, on every Segment
+    batch route and capture."""
     agent = await make_agent()
     messages: list[Any] = [track("ok", pad=MAX_EVENT_BYTES - 200 if large else 0),
                            deep(), deep(None), deep("same"), deep("same"),
-                           track(7), track(None, event=None), track("m6", event=None)]
+                           track(7), track(None, event=None), track("m6", event=None),
+                           track("")]
     body = body_of(messages)
     assert (len(body) > MAX_EVENT_BYTES) is large
     expected = [f"batch[1]: {TOO_DEEP}", f"batch[2]: {TOO_DEEP}",
                 f"batch[3] messageId=same: {TOO_DEEP}", f"batch[4] messageId=same: {TOO_DEEP}",
                 f"batch[5]: `messageId` must be a string of 1 to {MAX_MESSAGE_ID} characters",
                 "batch[6]: track needs `event` (a non-empty string)",
-                "batch[7] messageId=m6: track needs `event` (a non-empty string)"]
+                "batch[7] messageId=m6: track needs `event` (a non-empty string)",
+                f"batch[8]: `messageId` must be a string of 1 to {MAX_MESSAGE_ID} characters"]
     for route in [*SEGMENT_ROUTES, "/v1/capture"]:
         status, got = await names(agent.port, route, body)
         assert status == 207, (route, status, got)
