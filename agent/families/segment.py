@@ -329,11 +329,11 @@ def accepted(ev: Any, key: str, types: frozenset[str], given: Shared, enrich: En
 
 def where(i: int, ev: Any, made: AbstractSet[str] = frozenset()) -> str:
     """Message ``i`` of a batch, by its place and the `messageId` it was sent with, if any
-    (not one completion ``made`` for it, which the client never saw)."""
+    (not one completion ``made`` for it, which the client never saw; not an empty one)."""
     mid = ev.get("messageId") if isinstance(ev, dict) else None
     # Exactly a str: a value the reader marked (a lone surrogate) is named by the error.
-    return f"batch[{i}]" + (f" messageId={mid}" if type(mid) is str and mid not in made
-                            else "")
+    return f"batch[{i}]" + (f" messageId={mid}" if type(mid) is str and mid
+                            and mid not in made else "")
 
 
 class Accepted(NamedTuple):
