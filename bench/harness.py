@@ -87,13 +87,15 @@ class Harness:
 
 
 def index_bytes(port: int, keys_from: int | None = None) -> int:
-    """The agent's dedupe index at its largest since it held ``keys_from`` keys (None: at
-    rest, no key arriving), by bench/index_memory.py, from the events its spool ever stored:
-    every bench event is new. Read at the end of a phase: a peak of RSS reached earlier in
-    the phase is judged beside an index at least as large as the one it held then."""
+    """The agent's dedupe index at its largest since it held ``keys_from`` keys (None: as
+    a start rebuilt it, no key arriving since), by bench/index_memory.py, from the events
+    its spool ever stored: every bench event is new. Read at the end of a phase: a peak of
+    RSS reached earlier in the phase is judged beside an index at least as large as the one
+    it held then."""
     keys_to = ingested(port)
-    return index_memory.index_bytes(keys_to if keys_from is None else keys_from, keys_to,
-                                    MAX_KEYS)
+    if keys_from is None:   # the newest keys up to the cap, loaded into a new set
+        keys_from = keys_to = min(keys_to, MAX_KEYS)
+    return index_memory.index_bytes(keys_from, keys_to, MAX_KEYS)
 
 
 def depth(port: int) -> int:
