@@ -9,9 +9,10 @@ import signal
 import socket
 import subprocess
 import sys
+import threading
 import time
 import urllib.request
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 from .sampling import Sampler
@@ -211,18 +212,22 @@ class RssSampler(Sampler):
     interval: float = 0.05
     peak_rss: int = 0
     peak_anon: int = 0
+    # A sample read before take() resets the mark must not land after it.
+    _lock: threading.Lock = field(default_factory=threading.Lock, repr=False)
 
     def __post_init__(self) -> None:
         reset_peak(self.pid)
 
     def sample(self) -> None:
-        rss, anon, high = _status(self.pid)
-        self.peak_rss = max(self.peak_rss, rss, high)
-        self.peak_anon = max(self.peak_anon, anon, high - (rss - anon) if high else 0)
+        with self._lock:
+            rss, anon, high = _status(self.pid)
+            self.peak_rss = max(self.peak_rss, rss, high)
+            self.peak_anon = max(self.peak_anon, anon, high - (rss - anon) if high else 0)
 
     def take(self) -> tuple[int, int]:
         self.sample()
-        peaks = (self.peak_rss, self.peak_anon)
-        self.peak_rss = self.peak_anon = 0
-        reset_peak(self.pid)
+        with self._lock:
+            peaks = (self.peak_rss, self.peak_anon)
+            self.peak_rss = self.peak_anon = 0
+            reset_peak(self.pid)
         return peaks
