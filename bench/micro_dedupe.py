@@ -26,6 +26,7 @@ import tracemalloc
 from agent.server.allocator import use_c_allocator
 from agent.spool.dedupe import HOUR_MS, DedupeIndex, StoredKeys, keys_to_bytes
 
+from .index_memory import index_bytes
 from .procs import RssSampler, read_rss
 
 WINDOW = 24 * HOUR_MS
@@ -128,7 +129,9 @@ def _rss_child(n: int) -> None:
         peak = rss.take()[1]
     print(f"memory: {(at_n - base) / n:.1f} B/key of RssAnon at {n:,} keys admitted 100 a call; "
           f"peak {(peak - base) / n:.1f} B/key while {n:,} more went in at the cap "
-          f"(a fresh process, {os.environ.get('PYTHONMALLOC', 'pymalloc')})")
+          f"(a fresh process, {os.environ.get('PYTHONMALLOC', 'pymalloc')}); the bench's model "
+          f"(bench/index_memory.py): {index_bytes(n, n, n) / n:.1f} and "
+          f"{index_bytes(0, 2 * n, n) / n:.1f} B/key")
 
 
 def best_us(fn: object, seconds: float, rounds: int = 5) -> float:
