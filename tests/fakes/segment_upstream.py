@@ -31,6 +31,7 @@ class Request:
     size: int
     body: dict[str, Any]
     status: int = 200
+    raw: bytes = b""   # the body as it came (decompressed)
     # When it came by the collector's own clock (the machine's, never the agent's CLOCK):
     # a collector's `receivedAt`.
     received_at: float = field(default_factory=time.time)
@@ -75,7 +76,7 @@ class FakeSegment:
         key = None
         if auth and auth.startswith("Basic "):
             key = base64.b64decode(auth[6:]).decode().partition(":")[0]
-        rec = Request(time.monotonic(), auth, key, zipped, size, orjson.loads(raw))
+        rec = Request(time.monotonic(), auth, key, zipped, size, orjson.loads(raw), raw=raw)
         self.requests.append(rec)
         rec.status, reply, headers = self._verdict(rec, len(raw))
         if rec.status == 200:
