@@ -52,6 +52,9 @@ _SHAPES = bytes(48 if 48 <= c <= 57 else c if c == 45 else 101 if c in b"eE"
 _RUN = b"0" * 19
 _LONG_RUN, _NEGATIVE_RUN = _RUN + b"0", b"-" + _RUN   # what may be out of range
 _TINY = b"0e-000"   # an exponent of -100 or less, after a digit as JSON's always are
+# ... and a number's only where a byte that may end a number follows its digits: a uuid's
+# "9e-4123-" (one in 25) is not one.
+_TINY_NUMBER = re.compile(rb"0e-000+(?: |\Z)")
 # A -0 that is not -0.5, -0e1 or -01, on the bytes as sent, where 0 is not another digit.
 _MINUS_ZERO = re.compile(rb"-0(?![0-9.eE])")
 
@@ -219,7 +222,7 @@ def may_be_inexact(data: bytes) -> bool:
     outside the 64-bit range (a run of 20 digits, or a minus and 19), -0, or a number
     nearer zero than a double (an exponent of -100 or less, or a run of zeros)."""
     shapes = data.translate(_SHAPES)
-    if shapes.find(_TINY) >= 0:
+    if shapes.find(_TINY) >= 0 and _TINY_NUMBER.search(shapes) is not None:
         return True
     # find, not `in`: CPython 3.11's `bytes in bytes` first tries the needle as an int
     # and clears the TypeError, half its cost (callgrind: once per request).
