@@ -55,6 +55,10 @@ _TINY = b"0e-000"   # an exponent of -100 or less, after a digit as JSON's alway
 # ... and a number's only where a byte that may end a number follows its digits: a uuid's
 # "9e-4123-" (one in 25) is not one.
 _TINY_NUMBER = re.compile(rb"0e-000+(?: |\Z)")
+# kept_as_sent's shapes: "+" (43) as a minus, so this finds an exponent of 100 or more too,
+# past a double's range or near it.
+_SIGNS_ALIKE = _SHAPES[:43] + b"-" + _SHAPES[44:]
+_EXPONENT_100 = re.compile(rb"0e-?000+(?: |\Z)")
 # A -0 that is not -0.5, -0e1 or -01, on the bytes as sent, where 0 is not another digit.
 _MINUS_ZERO = re.compile(rb"-0(?![0-9.eE])")
 
@@ -222,8 +226,28 @@ def may_be_inexact(data: bytes) -> bool:
     outside the 64-bit range (a run of 20 digits, or a minus and 19), -0, or a number
     nearer zero than a double (an exponent of -100 or less, or a run of zeros)."""
     shapes = data.translate(_SHAPES)
-    if shapes.find(_TINY) >= 0 and _TINY_NUMBER.search(shapes) is not None:
-        return True
+    return (shapes.find(_TINY) >= 0 and _TINY_NUMBER.search(shapes) is not None) \
+        or _wide_or_minus_zero(shapes, data)
+
+
+def kept_as_sent(data: bytes) -> bool:
+    """Whether JSON ``data`` (found JSON by a reader) may be stored in parts as its bytes,
+    holding nothing orjson would refuse or read as another value: UTF-8, on one line (a
+    dead letter export is a line an event), no number ``may_be_inexact`` names and no
+    exponent of 100 or more."""
+    if not data.isascii():
+        try:
+            data.decode()
+        except UnicodeDecodeError:
+            return False
+    if data.find(b"\n") >= 0 or data.find(b"\r") >= 0:
+        return False
+    shapes = data.translate(_SIGNS_ALIKE)
+    return _EXPONENT_100.search(shapes) is None and not _wide_or_minus_zero(shapes, data)
+
+
+def _wide_or_minus_zero(shapes: bytes, data: bytes) -> bool:
+    """``may_be_inexact``'s other numbers: -0, and integers outside the 64-bit range."""
     # find, not `in`: CPython 3.11's `bytes in bytes` first tries the needle as an int
     # and clears the TypeError, half its cost (callgrind: once per request).
     if ((shapes.find(b"-0 ") >= 0 or shapes.endswith(b"-0"))

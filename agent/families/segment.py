@@ -84,6 +84,24 @@ def _read_date(value: Any) -> None:
     _from_iso(value)   # the form, and a real date: not month 13, say
 
 
+def is_date(value: Any) -> bool:
+    """Whether ``value`` is a date ``check`` takes: JavaScript's toISOString (what most
+    clients send) by its form and fromisoformat, without a regular expression, or any
+    form above."""
+    if type(value) is str and len(value) == 24 and value[23] == "Z" \
+            and value[_SEPARATORS] == "--T::.":
+        try:
+            _from_iso(value)
+        except ValueError:
+            return False
+        return True
+    try:
+        _read_date(value)
+    except (TypeError, ValueError):
+        return False
+    return True
+
+
 def is_id(value: Any) -> bool:
     """A usable id: a non-empty string or a number (clients stringify inconsistently)."""
     if isinstance(value, str):
