@@ -93,8 +93,9 @@ class _Link:
         # Frame number -> seqs, from just before the frame goes out until its send returns:
         # only their events can an answer acknowledge (_acked).
         self.waiting: dict[int, Sequence[int]] = {}
-        # The frame the upstream closed the connection for with 1009 (too big): the first
-        # it had not wholly acknowledged then, since it answers frames in order.
+        self.sizes: dict[int, int] = {}   # their bytes, by number, while they wait
+        # The frame the upstream closed the connection for with 1009 (too big): see
+        # _refused_frame.
         self.too_big: int | None = None
         self.said = ""   # the last reply of other JSON than reportedIds ({"error": ...})
         self.tasks: list[asyncio.Task[None]] = []
@@ -258,7 +259,7 @@ class NucleusWsUplink(NucleusFraming, UplinkBase):
                         mine = link.frames
                         link.waiting[mine] = prepared.seqs
                         data = frame(prepared)
-                        size = len(data)
+                        size = link.sizes[mine] = len(data)
                         await link.send(data, self.cfg.timeout_s)
                         self._last_sent = asyncio.get_running_loop().time()
                     except (aiohttp.ClientError, OSError, TimeoutError, RuntimeError) as exc:
@@ -407,8 +408,7 @@ class NucleusWsUplink(NucleusFraming, UplinkBase):
                     link.close_reason = str(msg.extra or "")
                     # The upstream's own 1009 (not ours, for a reply over max_msg_size).
                     if msg.data == aiohttp.WSCloseCode.MESSAGE_TOO_BIG:
-                        link.too_big = next((n for n, seqs in sorted(link.waiting.items())
-                                             if not link.all_acked(n, seqs)), None)
+                        link.too_big = _refused_frame(link)
                     break
                 elif msg.type in (aiohttp.WSMsgType.CLOSING, aiohttp.WSMsgType.CLOSED):
                     break
@@ -536,9 +536,22 @@ def _settled(link: _Link, mine: int) -> bool:
     Whether a reply acknowledged it whole."""
     link.sending -= 1
     link.waiting.pop(mine, None)
+    link.sizes.pop(mine, None)
     whole = mine in link.whole
     link.whole.discard(mine)
     return whole
+
+
+def _refused_frame(link: _Link) -> int | None:
+    """The frame a 1009 from the upstream is taken to refuse: the longest of those it had
+    not wholly acknowledged (the first of them, if several are as long). Not the first
+    of them: an upstream that acks a frame once its events are stored reads the next
+    meanwhile, and closes for it at once; the first, waiting for its ack, was blamed,
+    and its event, were it alone, given up as too big however short. The one refused is
+    longer than any the upstream read before it, so the longest is at least as long:
+    refused too, given up alone, or halved from, lest a frame that long go again."""
+    unacked = [n for n, seqs in link.waiting.items() if not link.all_acked(n, seqs)]
+    return max(unacked, key=lambda n: (link.sizes.get(n, 0), -n), default=None)
 
 
 def _next_frame(link: _Link) -> tuple[int, Sequence[int] | None]:
