@@ -422,7 +422,11 @@ def _read_records(conn: sqlite3.Connection, marks: list[tuple[int, int]], latest
         blobs = list(map(itemgetter(1), chunk))   # keys: by the bytes stored, whatever n says
         keys = array("q", map(floordiv, map(len, blobs), repeat(8)))
         widest = max(1, max(keys))
-        before = list(accumulate(keys, initial=held))
+        # MOVED_KEY places (a retried letter's key, stored in its new record) are no keys:
+        # counted against the cap, they kept the oldest keys of the window out, under it.
+        real = keys if not moved_keys(b"".join(blobs)) else array(
+            "q", (n - moved_keys(blob) for n, blob in zip(keys, blobs)))
+        before = list(accumulate(real, initial=held))
         taken = bisect_left(before, max_keys, 0, len(chunk))  # each while under the cap
         chunk, held = chunk[:taken], before[taken]
         record_ids = array("q", map(itemgetter(0), chunk))
