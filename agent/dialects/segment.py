@@ -26,6 +26,7 @@ import logging
 from collections.abc import Awaitable, Callable
 from functools import partial
 from typing import Any, NamedTuple, TypeVar
+from urllib.parse import parse_qsl
 
 import orjson
 from aiohttp import web
@@ -370,9 +371,9 @@ class SegmentHandlers:
         """Analytics.js-formatted data, one message or a batch; `?writeKey=` wins."""
         try:
             header = basic_user(request.headers.get("Authorization"))
+            forced = query_key(request) or header
         except BadAuth as exc:
             return single_error(401, INVALID_KEY, str(exc))
-        forced = query_key(request) or header
         try:
             parsed = await self._parse_webhook(await read_raw(request, spec.MAX_BATCH_BYTES),
                                                forced)
@@ -419,10 +420,10 @@ class SegmentHandlers:
             return Failure(exc.status, f"{exc.message}: {exc.details}" if exc.details
                            else exc.message)
         try:
-            header = basic_user(request.headers.get("Authorization"))
+            header = basic_user(request.headers.get("Authorization")) or query_key(request)
         except BadAuth as exc:
             return Failure(401, f"{INVALID_KEY}: {exc}")
-        return await self._one(body, kind, header or query_key(request))
+        return await self._one(body, kind, header)
 
 
 # Control characters (C0 and DEL) as escapes: aiohttp refuses to write a header holding
@@ -455,8 +456,20 @@ def _given_keys(request: web.Request) -> list[str]:
 
 
 def query_key(request: web.Request) -> str | None:
-    """A `?writeKey=` (sendBeacon cannot set headers); an empty one is no key."""
-    return request.query.get("writeKey") or None
+    """A `?writeKey=` (sendBeacon cannot set headers); an empty one is no key. Raises
+    BadAuth for one whose percent-escapes are no UTF-8: the query parser puts U+FFFD for
+    each such byte, a key the app never sent (and `%e9` and `%e8` the same one)."""
+    key = request.query.get("writeKey") or None
+    if key is not None and "\ufffd" in key:   # a U+FFFD sent as such (%EF%BF%BD) is kept
+        pairs = parse_qsl(request.rel_url.raw_query_string, keep_blank_values=True,
+                          errors="surrogateescape")
+        raw = next((value for name, value in pairs if name == "writeKey"), "")
+        try:
+            raw.encode("utf-8")
+        except UnicodeEncodeError:
+            raise BadAuth("the `writeKey` query parameter is not percent-encoded UTF-8 "
+                          "text") from None
+    return key
 
 
 # Line breaks of MIME-style base64 (Ruby's Base64.encode64, Perl's encode_base64: one every
