@@ -166,3 +166,22 @@ async def test_a_request_the_guard_refuses_is_told_so_before_its_unknown_expect(
     assert head.startswith(b"HTTP/1.1 %d " % status), head + reply
     assert b"application/json" in head, head
     assert "evil.example" in orjson.loads(reply)["error"], reply
+
+
+@pytest.mark.parametrize("ex", ONE_PER_API, ids=lambda ex: f"{ex.method} {ex.path}")
+async def test_content_encoding_in_two_field_lines_is_judged_as_the_list_it_makes(
+        make_agent: Any, ex: Example) -> None:
+    """Two `Content-Encoding` lines are one list (RFC 9110 5.3: `identity, gzip`), and
+    that list in one line is refused 415 naming it. Only the first line was read: a
+    gzip body, taken as `identity`, was parsed as it came and refused as JSON that
+    `is not UTF-8`, which says nothing of its real fault."""
+    agent = await make_agent()
+    assert ex.body is not None
+    body = gzip.compress(ex.body)
+    head, reply = await raw_reply(agent.port, head_of(
+        ex, f"Content-Encoding: identity\r\nContent-Encoding: gzip\r\n"
+            f"Content-Length: {len(body)}\r\n") + body)
+    assert head.startswith(b"HTTP/1.1 %d " % STATUS.get(ex.path, 415)), head + reply
+    text = reply.decode()
+    assert "'identity, gzip'" in text and "accepted" in text, text
+    assert agent.spool.depth == 0
