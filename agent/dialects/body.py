@@ -108,7 +108,10 @@ async def read_raw(request: web.Request, limit: int) -> bytes:
     if length is not None and length > limit:
         raise BodyError(413, "request body too large", f"{length} bytes, limit {limit}")
     _refuse_transfer_coding(request)
-    encoding = request.headers.get("Content-Encoding", "identity").strip().lower()
+    # Every line of it: two lines are one list (RFC 9110 5.3), and the first alone would
+    # leave a coding named in the second unapplied.
+    encoding = ", ".join(request.headers.getall("Content-Encoding", ("identity",))
+                         ).strip().lower()
     if encoding not in ("identity", "", "gzip", "x-gzip", "deflate"):
         raise BodyError(415, f"unsupported Content-Encoding {encoding!r}",
                         "accepted: gzip (or x-gzip), deflate (zlib-wrapped), or none (identity)")
