@@ -44,6 +44,7 @@ from tests.conftest import AgentProcess, free_port, write_config
 from tests.dialect_examples import as_http, examples, other_routes, served_by_examples
 from tests.fakes.faulty_upstream import Fault, FaultyUpstream
 from tests.fakes.threaded_agent import ThreadedAgent
+from tests.test_routes import raw_reply
 from tests.waiting import wait_for
 
 GOOD, BAD = "goodWriteKey1", "badWriteKey2"
@@ -298,6 +299,25 @@ async def test_a_key_with_control_characters_is_refused(
         reply = await r.text()
         assert r.status == 401, reply
     assert "control character" in reply, reply   # says why (review)
+    assert agent.spool.depth == 0
+
+
+@pytest.mark.parametrize("path,field,body", [
+    ("/v1/capture", "X-Write-Key", b'{"batch": [{"type": "track", "event": "e", "userId": "u"}]}'),
+    ("/api/public/apps/track", "PublicWriteKey",
+     b'{"event": "e", "userId": "u", "messageId": "m-1"}'),
+], ids=["capture", "tranthor"])
+async def test_a_header_key_in_another_encoding_is_refused_saying_so(
+        make_agent: Any, path: str, field: str, body: bytes) -> None:
+    """A key header holding a byte of no UTF-8 (Latin-1's "caf\xe9") was refused as one that
+    "holds a control character": it holds none, and the app's developer looked for one."""
+    agent = await make_agent()
+    head, reply = await raw_reply(agent.port, (
+        f"POST {path} HTTP/1.1\r\nHost: 127.0.0.1\r\nContent-Type: application/json\r\n"
+        f"Content-Length: {len(body)}\r\n").encode() + field.encode() + b": caf\xe9\r\n\r\n"
+        + body)
+    assert head.startswith(b"HTTP/1.1 401 "), head + reply
+    assert b"control character" not in reply and b"UTF-8" in reply, reply
     assert agent.spool.depth == 0
 
 
