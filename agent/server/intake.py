@@ -27,6 +27,16 @@ KEY_HELD_S = 60.0
 MAP_INLINE_MAX = 256
 
 
+def _unprintable(key: str) -> str:
+    """Why ``key``, not printable, is refused: a header's byte of no UTF-8 (Latin-1's é) comes
+    as a lone surrogate, which is no control character the app could look for."""
+    try:
+        key.encode("utf-8")
+    except UnicodeEncodeError:
+        return "the key is not UTF-8 text (it holds a byte of another encoding)"
+    return "the key holds a control character"
+
+
 class Sink:
     """Key policy, admission, enrichment, route limits and durable store: what every
     dialect calls."""
@@ -76,7 +86,7 @@ class Sink:
             if key not in self._accept:
                 return "not one of listen.accept_keys"
         elif not key.isprintable():
-            return "the key holds a control character"
+            return _unprintable(key)
         elif len(key) > MAX_KEY_CHARS and key not in self.limits.named:
             return f"the key is longer than {MAX_KEY_CHARS} characters"
         why = self.limits.key_refusal(key)
