@@ -35,6 +35,17 @@ def problems(cfg: Config) -> list[str]:
     return [p for p in (host_problem(cfg.listen.host), storage_problem(cfg)) if p]
 
 
+def reload_problems(running: Config, new: Config) -> list[str]:
+    """``problems`` in what a reload reads that differs from what runs: a listen.host or a
+    storage.path only a restart applies, and the restart would exit 2 on (check-config,
+    systemd's ExecReload, refuses the file for them too). What runs is not probed again:
+    a full disk failing the probe must not block an upstream's change."""
+    host = None if new.listen.host == running.listen.host else host_problem(new.listen.host)
+    spool = None if new.storage.resolved_path() == running.storage.resolved_path() \
+        else storage_problem(new)
+    return [p for p in (host, spool) if p]
+
+
 def notices(cfg: Config) -> list[str]:
     """What a newcomer running on the defaults should be told at startup, and a spool
     directory others can see into (found as the spool opened, said once it started)."""

@@ -287,6 +287,9 @@ class Agent:
         source = self.cfg.source if self.cfg.source != Config.source else None
         try:
             new = config_mod.load(self.config_path or source)
+            # On a thread: it may ask the resolver, and probes the spool's directory.
+            if found := await asyncio.to_thread(preflight.reload_problems, self.cfg, new):
+                raise ConfigError(found[0])
         except ConfigError as exc:
             log.error("reload refused, keeping the running config: %s", exc)
             self.metrics.reloads_refused += 1
