@@ -22,6 +22,7 @@ import statistics
 import time
 import uuid
 from collections.abc import Callable
+from functools import partial
 from random import Random
 from typing import Any
 
@@ -94,10 +95,10 @@ def main(argv: list[str] | None = None) -> int:
           f"{'general path':>15s} {'as sent':>15s}   (CPU µs an event; × orjson.loads)")
     for name, raw in bodies.items():
         n = args.events
-        reference = cost(lambda raw=raw: orjson.loads(raw), n, args.rounds)
-        row = [cost(lambda raw=raw: _read_batch(raw), n, args.rounds),
-               cost(lambda raw=raw: general(raw, enrich), n, args.rounds),
-               cost(lambda raw=raw: as_sent(raw), n, args.rounds)]
+        reference = cost(partial(orjson.loads, raw), n, args.rounds)
+        row = [cost(partial(_read_batch, raw), n, args.rounds),
+               cost(partial(general, raw, enrich), n, args.rounds),
+               cost(partial(as_sent, raw), n, args.rounds)]
         print(f"{name:10s} {len(raw):7,d} {reference:13.2f} "
               + " ".join(f"{c:8.2f} ({c / reference:4.1f}×)" for c in row))
     return 0

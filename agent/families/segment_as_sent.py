@@ -90,7 +90,9 @@ def accepted(raw: bytes, types: frozenset[str], key: str, received: str,
     request's receive time; ``head``: ``segment.dedupe_head(key)``."""
     try:
         batch = _read_batch(raw)
-    except msgspec.DecodeError:   # ValidationError too: not a batch of this shape
+    # ValidationError is a DecodeError: not a batch of this shape. RecursionError: nested
+    # past msgspec's depth, which the general path refuses message by message.
+    except (msgspec.DecodeError, RecursionError):
         return None
     items = batch.batch
     if not 0 < len(items) <= MAX_BATCH_EVENTS or not _plain_envelope(batch):
@@ -143,7 +145,7 @@ def accepted(raw: bytes, types: frozenset[str], key: str, received: str,
             if not (original is UNSET or original is None or is_date(original)):
                 return None
             untimed = timestamp is UNSET and _absent(original)
-        except (msgspec.DecodeError, ValueError):
+        except (msgspec.DecodeError, RecursionError, ValueError):
             return None
         message_id = m.messageId
         if message_id is UNSET:
