@@ -17,7 +17,8 @@ its key routed to a `segment-http` upstream: mapped to Segment at ingest),
 `batch_segment_large` (200-event `/v1/batch`, ~51 KB: over the 32 KB a message may be, as
 real SDKs' batches often are, so each message is measured against it),
 `batch_segment_browser` (200 events, ~74 KB, in the browser's shape: its key in each
-message). The agent's upstream serves another key than the bench's, so no forwarder runs:
+message), `batch_segment_uuid` (`batch_segment` with uuid4-shaped messageIds, as Segment's
+SDKs make them: bench/payloads.py). The agent's upstream serves another key than the bench's, so no forwarder runs:
 its retries against an offline upstream come at times that depend on valgrind's slowdown,
 and would blur the count. For the mapped workloads it must serve the key; it is offline
 (a port nothing listens on): its forwarder probes the port every 2 s and, at each
@@ -48,6 +49,7 @@ WORKLOADS = {  # name -> (wrk payload kind, path, events per request)
     "batch_nucleus": ("nucleus", "/app/benchapp/track", 100),
     "batch_nucleus_mapped": ("nucleus", "/app/benchapp/track", 100),
     "batch_segment_mapped": ("segment", "/v1/batch", 100),
+    "batch_segment_uuid": ("segment_uuid", "/v1/batch", 100),
     "batch_segment_large": ("segment", "/v1/batch", 200),
     "batch_segment_browser": ("segment_browser", "/v1/batch", 200),
 }

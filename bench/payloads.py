@@ -24,6 +24,11 @@ SEGMENT_EVENT = (
     '"messageId":"bench-%d-%d","timestamp":"2026-01-15T10:20:30.123Z",'
     '"properties":{"screen":"settings","button":"save","count":3},'
     '"context":{"library":{"name":"analytics-python","version":"2.4.0"}}}')
+# The same with a uuid4-shaped `messageId`, as Segment's SDKs make them (the id's own bits in
+# the first group, the session's in the last): its "9e-4123" is what one random uuid4 in
+# 25 holds, the shape of a tiny number's exponent to a search of bytes (nearly every
+# 100-message batch of real uuid4s holds one).
+SEGMENT_UUID_EVENT = SEGMENT_EVENT.replace('"bench-%d-%d"', '"%08x-c19e-4123-8d2e-%012x"')
 # The browser's (analytics.js) shape: its key in the batch and in each message.
 SEGMENT_BROWSER_EVENT = (
     '{"type":"track","event":"Button Clicked","anonymousId":"anon-1234",'
@@ -37,6 +42,7 @@ SEGMENT_BROWSER_EVENT = (
 KINDS = {
     "nucleus": (NUCLEUS_EVENT, '{"data":[', "]}"),
     "segment": (SEGMENT_EVENT, '{"batch":[', '],"sentAt":"2026-01-15T10:20:31.000Z"}'),
+    "segment_uuid": (SEGMENT_UUID_EVENT, '{"batch":[', '],"sentAt":"2026-01-15T10:20:31.000Z"}'),
     "segment1": (SEGMENT_EVENT, "", ""),   # one call on /v1/track: the event is the body
     "segment_browser": (SEGMENT_BROWSER_EVENT, '{"writeKey":"benchkey","batch":[',
                         '],"sentAt":"2026-01-15T10:20:31.000Z"}'),
