@@ -3,11 +3,15 @@ to a running agent and read back from fake upstreams of the other family or the 
 
 from __future__ import annotations
 
+import time
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
+import pytest
+
 from agent.families import segment as spec
-from tests.conftest import write_config
+from tests.conftest import free_port, write_config
 from tests.fakes.nucleus_upstream import FakeNucleus
 from tests.fakes.segment_upstream import FakeSegment
 from tests.segment_helpers import basic, call, nucleus_up, segment_up, wait_for
@@ -265,6 +269,42 @@ async def test_a_segment_event_that_crossed_a_nucleus_hop_reaches_segment_as_sen
     assert "timestamp" not in opened        # only originalTimestamp, as the app sent it
     # Filled once, by A (no device id beside the anonymousId: docs/mapping.md §9).
     assert opened["context"]["device"] == {"totalRam": a.facts.totalRam, "arch": a.facts.arch}
+
+
+@pytest.fixture
+def zone(monkeypatch: pytest.MonkeyPatch) -> Iterator[Callable[[str], None]]:
+    """Sets the local time zone (TZ) of this process, restored afterwards."""
+    def set_zone(name: str) -> None:
+        monkeypatch.setenv("TZ", name)
+        time.tzset()
+    yield set_zone
+    monkeypatch.undo()
+    time.tzset()
+
+
+async def test_a_nucleus_event_that_crossed_a_segment_hop_in_another_zone_reaches_nucleus_as_sent(
+        make_agent: Any, fake_nucleus: FakeNucleus, tmp_path: Path, fast_backoff: Any,
+        zone: Callable[[str], None]) -> None:
+    # Two Outposts: A, on the device (Berlin time), routes a Nucleus app to B's Segment
+    # route; B, on a server whose zone is UTC, routes it to a Nucleus upstream. B must give
+    # the Nucleus event back as the app sent it (§7), its `id` (what the upstream dedupes
+    # and acknowledges by) included. nucleus-python's `date` has no zone: A read it in its
+    # own (the device's local time, §4), and B, reading it in UTC to check the mapping,
+    # got another `timestamp`, so it mapped the event anew as a Segment app's: a spool
+    # seq for the app's id, a `track` turned `event`, the Segment form in its payload.
+    port = free_port()
+    zone("Europe/Berlin")
+    a = await make_agent(spool=tmp_path / "a.db", upstreams=[{
+        "name": "b", "protocol": "segment-http", "url": f"http://127.0.0.1:{port}",
+        "flush_interval_s": 0.05, "timeout_s": 2}])
+    sent = {"type": "event", "name": "click", "id": 9999, "date": "2026-06-01T12:00:00",
+            "machineId": "md5", "sessionId": "s", "payload": {"x": 1}}
+    assert (await call(a.port, "/app/k/track", {"data": [sent]})).json() == {
+        "reportedIds": [9999]}   # stored, mapped to Segment by A in its zone
+    zone("UTC")
+    await make_agent(spool=tmp_path / "b.db", port=port, upstreams=[nucleus_up(fake_nucleus)])
+    await wait_for(lambda: len(fake_nucleus.events) == 1)
+    assert fake_nucleus.events == [sent]
 
 
 async def test_a_segment_event_with_a_user_id_alone_reaches_nucleus_from_this_machine(
