@@ -59,6 +59,22 @@ def read_date(value: Any, received: int | None = None) -> str | None:
     return None
 
 
+def in_local_time(value: Any) -> bool:
+    """Whether ``read_date`` reads ``value`` as the device's local time (an ISO date with no
+    zone): its instant then depends on the zone of the agent reading it (and, in an hour
+    the end of DST repeats, on the receipt)."""
+    if not isinstance(value, str):
+        return False
+    text = value.strip()
+    digits = text.lstrip("-").replace(".", "", 1)
+    if digits.isascii() and digits.isdigit():   # epoch seconds or milliseconds
+        return False
+    try:
+        return datetime.fromisoformat(text).tzinfo is None
+    except ValueError:
+        return False
+
+
 def to_iso(value: Any, received: int) -> str:
     """``read_date(value, received)``, or the receive time for a date that cannot be read."""
     return read_date(value, received) or iso_ms_fast(received)

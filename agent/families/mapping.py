@@ -23,7 +23,7 @@ from typing import Any
 import orjson
 
 from agent import __version__
-from agent.families.dates import iso_ms_fast, read_date, to_iso
+from agent.families.dates import in_local_time, iso_ms_fast, read_date, to_iso
 from agent.families.enrich import ERROR, OPENED
 from agent.families.nucleus import event_type, old_name
 from agent.families.segment import is_id
@@ -247,8 +247,11 @@ def _nucleus_back(ev: dict[str, Any], ctx: dict[str, Any], kept: dict[str, Any],
     if "payload" not in kept and kind not in ("error", "userid") and body is not None:
         out["payload"] = body
     # Times the mapping takes from the receive time are not compared: `receivedAt`,
-    # and `timestamp` when the date cannot be read.
-    skip = _RECEIVED if "date" not in kept or read_date(kept["date"]) else _FROM_RECEIVED
+    # and `timestamp` when the date cannot be read, or has no zone: the agent that mapped
+    # it read it in its own zone (§4), maybe not this one's (a device's, then a server's
+    # in UTC); the date itself is compared, in `context.nucleus` and in the messageId.
+    skip = _RECEIVED if "date" not in kept or (
+        read_date(kept["date"]) and not in_local_time(kept["date"])) else _FROM_RECEIVED
     mapped = _to_segment(out, received)
     lib = ctx.get("library")
     if isinstance(lib, dict) and lib.get("name") == LIBRARY["name"]:
