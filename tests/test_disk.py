@@ -903,6 +903,31 @@ async def test_status_says_the_spool_cannot_be_opened(
             assert "\noutpost_spool_open 1\n" in await r.text()
 
 
+@pytest.mark.parametrize("command", [("status", "--json"), ("dead", "list", "--json")],
+                         ids=" ".join)
+async def test_an_offline_read_of_a_spool_on_a_full_disk_reads_it(
+        small_fs: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str],
+        command: tuple[str, ...]) -> None:
+    """No agent running (stopped to free space, say) and the disk full: `outpost status`
+    and `dead list` said "cannot read the spool ...: disk I/O error", as if the disk were
+    failing: SQLite's read-only open of a WAL file sizes a -shm beside it, and a full disk
+    has no room for it. A stopped agent's spool (no -wal) needs none: it is read as
+    when the disk has room, and no file is left beside it."""
+    from agent import cli
+    spool_path = small_fs / "spool" / "spool.db"
+    await asyncio.to_thread(make_spool, spool_path, 300)
+    cfg = write_config(tmp_path / "agent.toml", spool_path, port=1)   # nothing answers there
+    with_room = cli.main([*command, "--config", str(cfg)]), capsys.readouterr()
+    assert with_room[0] == 0, with_room
+    fill_up(small_fs / "filler")
+    code = cli.main([*command, "--config", str(cfg)])
+    got = capsys.readouterr()
+    assert code == 0 and "disk I/O error" not in got.err, (code, got.err)
+    if command[0] == "status":
+        assert orjson.loads(got.out)["queue_depth"] == 300, got.out
+    assert sorted(p.name for p in spool_path.parent.iterdir()) == ["spool.db"]
+
+
 async def test_a_new_reason_the_spool_cannot_be_opened_is_logged_once(
         make_agent: Any, small_fs: Path, caplog: pytest.LogCaptureFixture,
         monkeypatch: pytest.MonkeyPatch) -> None:
