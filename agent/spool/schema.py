@@ -172,9 +172,15 @@ def open_read_only(path: Path) -> sqlite3.Connection:
     try:
         conn, found = _versioned(read_only_uri(path))
     except sqlite3.OperationalError as exc:
-        if exc.sqlite_errorcode != sqlite3.SQLITE_CANTOPEN or not _unwritable_dir(path):
+        if exc.sqlite_errorcode == sqlite3.SQLITE_CANTOPEN and _unwritable_dir(path):
+            why = (f"which this user cannot create ({path.parent} is not writable by it); "
+                   "run the command as the agent's user")
+        elif exc.sqlite_errorcode in _NO_SHM:
+            # The disk full, say: a stopped agent's file needs no -shm to be read.
+            why = f"which cannot be made there (SQLite: {exc}; the disk full?); free some space"
+        else:
             raise
-        conn, found = _versioned(_without_wal(path))
+        conn, found = _versioned(_without_wal(path, why))
     if found > VERSION:
         conn.close()
         raise SpoolTooNew(str(path), found, VERSION)
@@ -197,19 +203,24 @@ def _unwritable_dir(path: Path) -> bool:
     return os.access(path, os.R_OK) and not os.access(path.parent, os.W_OK)
 
 
-def _without_wal(path: Path) -> str:
-    """The URI that reads ``path`` alone, for a spool whose directory this user may not
-    write (another user's agent's): ``immutable``, which takes no lock and reads no -wal.
+# SQLite's errors making the -shm a read-only open of a WAL file needs (no room for it).
+_NO_SHM = frozenset({sqlite3.SQLITE_IOERR_SHMOPEN, sqlite3.SQLITE_IOERR_SHMSIZE,
+                     sqlite3.SQLITE_IOERR_SHMMAP})
+
+
+def _without_wal(path: Path, why: str) -> str:
+    """The URI that reads ``path`` alone, for a spool beside which no -shm can be made
+    (its directory another user's agent's, or the disk full; ``why``, said when a -wal
+    holds changes): ``immutable``, which takes no lock and reads no -wal.
     Only with no -wal holding changes: one is there while an agent has the file open, and
     after one was killed (the file without it would give stale figures as current). With
     none, no agent has it open; one starting during the read may make it fail, once."""
     wal = Path(f"{path}-wal")
     if wal.exists() and wal.stat().st_size:
         raise SpoolUnusable(
-            f"spool {path} cannot be read by this user: the changes its agent left in "
-            f"{wal} are read through a {path.name}-shm beside it, which this user cannot "
-            f"create ({path.parent} is not writable by it); run the command as the agent's "
-            "user, or start the agent (it folds them into the file)")
+            f"spool {path} cannot be read: the changes its agent left in {wal} are read "
+            f"through a {path.name}-shm beside it, {why}, or start the agent (it folds them "
+            "into the file)")
     return sqlite_uri(path, "mode=ro&immutable=1")
 
 
