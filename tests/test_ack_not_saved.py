@@ -15,6 +15,9 @@ from typing import Any
 import aiohttp
 import pytest
 
+from agent.forwarder.backoff import BACKOFF
+from agent.forwarder.supervisor import Seams
+from tests.fakes.manual_timing import ManualTiming
 from tests.fakes.segment_upstream import FakeSegment
 from tests.segment_helpers import basic, call, segment_up
 from tests.waiting import wait_for
@@ -146,3 +149,36 @@ async def _first_ack_not_recorded(agent: Any, fake_segment: FakeSegment) -> None
         await wait_for(not_recorded)
         other.execute(table)
     await wait_for(lambda: agent.spool.depth == 0)
+
+
+async def test_an_ack_the_spool_keeps_failing_to_record_is_retried_after_a_growing_backoff(
+        make_agent: Any, fake_segment: FakeSegment) -> None:
+    """The spool cannot record the upstream's acks (its disk full, say): the events are
+    sent again after a backoff that grows while the commits keep failing, as the docs
+    say. Each retry was a new loop of the key, which forgot the failures before it: at
+    every answer its backoff began again at its first step (under half a second), and a
+    full disk had the whole queue sent twice a second for as long as it stayed full."""
+    timing = ManualTiming()
+    agent = await make_agent(upstreams=[segment_up(fake_segment)],
+                             seams=Seams(timing=timing, backoff=BACKOFF))
+    path = str(agent.spool.path)
+    with contextlib.closing(sqlite3.connect(path, isolation_level=None)) as other:
+        [(table,)] = other.execute("SELECT sql FROM sqlite_master WHERE name = 'spent'")
+        other.execute("DROP TABLE spent")   # an ack moves the event's key there
+        await track(agent.port, "m1")
+        delays: list[float] = []
+        while True:   # each ack not recorded parks the key; let its wait pass
+            await wait_for(lambda: len(timing.pending()) == 1)
+            (delay,) = timing.pending()
+            delays.append(delay)
+            if len(delays) == 6:
+                break
+            timing.advance(delay)
+        assert len(fake_segment.requests) == 6
+        for attempt, delay in enumerate(delays):
+            step = min(BACKOFF.cap_s, BACKOFF.base_s * 2 ** attempt)
+            assert step * 0.5 <= delay < step, (attempt, delays)
+        other.execute(table)   # mended: the next try's ack is recorded
+    timing.advance(delays[-1])
+    await wait_for(lambda: agent.spool.depth == 0)
+    assert set(fake_segment.message_ids()) == {"m1"}
