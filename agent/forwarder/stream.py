@@ -192,9 +192,6 @@ class StreamForwarder:
         self._held_delivered = 0    # of them, those still queued (_apply): counted once saved
         self._held_shown: list[Shown] = []   # their live view's (AckHook): shown once saved
         self._failed: Retry | None = None
-        # Commits of acks or dead letters that failed in a row (the spool's disk gone
-        # read-only, say): each backoff is longer, however often the upstream answers.
-        self._unsaved = 0
         # The uplink's connection ended with a batch that then completed by giving events
         # up (see _left_out): reopened before the next send, with no backoff.
         self._reopen = False
@@ -846,7 +843,9 @@ class StreamForwarder:
                 if self._failed is None or wait is not None:
                     self._failed = result
             case Acked() if acked or dead:  # the upstream answered, even if only to refuse
-                self.attempt = self._unsaved
+                # Not back to the first step while the spool's commits of acks fail (the
+                # spool's count: this loop may be the key's next since the last failure).
+                self.attempt = self.spool.unsaved
                 self.state.state = "idle"   # past any backoff or restart (shown: sending)
         if acked:  # last: a hook that raises (a bug) must not undo the ack's bookkeeping
             show = self.on_acked(self.cfg.name, self.stream.key, batch.rows, acked)
@@ -1009,14 +1008,15 @@ class StreamForwarder:
         try:
             await commit
         except SpoolFull as exc:
-            self._unsaved += 1
-            self.attempt = max(self.attempt, self._unsaved - 1)
+            # Commits of acks or dead letters that failed in a row (the spool's disk gone
+            # read-only or full, say): each backoff is longer, however often the upstream
+            # answers.
+            self.attempt = max(self.attempt, self.spool.unsaved - 1)
             if self._failed is None:
                 self._failed = Retry(f"the spool could not record what the upstream answered "
                                      f"({exc}): sending it again")
             self.wake.set()
             return False
-        self._unsaved = 0
         return True
 
     async def _settle(self, timeout: float | None = None) -> None:

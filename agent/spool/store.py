@@ -1029,6 +1029,11 @@ class Spool:
         return self.writer.commits
 
     @property
+    def unsaved(self) -> int:
+        """Commits of acks or dead letters that failed in a row (Writer.unsaved)."""
+        return self.writer.unsaved
+
+    @property
     def max_bytes(self) -> int:
         return self.writer.max_bytes
 

@@ -199,6 +199,9 @@ class Writer:
         # them (None: none runs): see hold_sends.
         self.dropping: asyncio.Future[None] | None = None
         self.commits = 0  # transactions this process ran: shows group commit at work
+        # Commits of acks or dead letters that failed in a row (a full disk, say), for
+        # the forwarders' backoff: a key's every loop, and every key, sees the same count.
+        self.unsaved = 0
         self.closing = False
         self._batch = Batch()
         self._wake = asyncio.Event()
@@ -328,6 +331,9 @@ class Writer:
                 _fail(batch.appends, SpoolFull(Reason.CORRUPT))
                 _fail_waiters(batch.waiters, SpoolFull(Reason.CORRUPT, message=str(exc)))
             finally:
+                if batch.waiters:   # those of a commit that failed were told so above
+                    failed = any(f.done() and not f.cancelled() for f in batch.waiters)
+                    self.unsaved = self.unsaved + 1 if failed else 0
                 # Ack/dead-letter callers are told of a commit that failed (the forwarder
                 # backs off, then resends what it could not delete); else it is done.
                 for fut in batch.waiters:
