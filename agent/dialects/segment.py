@@ -259,7 +259,7 @@ class SegmentHandlers:
     def _judge(self, raw: bytes, raw_size: int, forced_key: str | None
                ) -> Collected | web.Response:
         """A batch under a key the request names stored as sent, when every message may be
-        (families/segment_as_sent.py: ~12k instructions an event less, no dict of it made
+        (families/segment_as_sent.py: ~11k instructions an event less, no dict of it made
         or encoded again); any other read and judged message by message (``_collect``).
         The cheaper test first: the messages, then the bytes. A `writeKey` in the body
         (the browser's, in each message) is dropped by the general path: no try."""

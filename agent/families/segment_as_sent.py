@@ -22,7 +22,6 @@ from __future__ import annotations
 
 import hashlib
 import uuid
-from datetime import datetime
 from typing import Any
 
 import msgspec
@@ -75,8 +74,6 @@ class _Message(msgspec.Struct):
 _read_batch = msgspec.json.Decoder(_Batch).decode
 _read_message = msgspec.json.Decoder(_Message).decode
 _STARTS = frozenset(b"{n")   # an object's first byte, and null's: msgspec has checked the rest
-_from_iso = datetime.fromisoformat
-_SEPARATORS = slice(4, 20, 3)   # toISOString's `--T::.`
 
 
 def _absent(value: Any) -> bool:
@@ -135,17 +132,11 @@ def accepted(raw: bytes, types: frozenset[str], key: str, received: str,
                     and m.sentAt is UNSET and m.writeKey is UNSET and m.receivedAt is UNSET):
                 return None
             timestamp, original = m.timestamp, m.originalTimestamp
-            # toISOString's form checked here, its digits by fromisoformat (ValueError:
-            # not a date); any other form by is_date.
-            if timestamp is not UNSET and not (
-                    type(timestamp) is str and len(timestamp) == 24 and timestamp[23] == "Z"
-                    and timestamp[_SEPARATORS] == "--T::." and _from_iso(timestamp)) \
-                    and not is_date(timestamp):
-                return None
-            if not (original is UNSET or original is None or is_date(original)):
+            if not ((timestamp is UNSET or is_date(timestamp))
+                    and (original is UNSET or original is None or is_date(original))):
                 return None
             untimed = timestamp is UNSET and _absent(original)
-        except (msgspec.DecodeError, RecursionError, ValueError):
+        except (msgspec.DecodeError, RecursionError):
             return None
         message_id = m.messageId
         if message_id is UNSET:
