@@ -191,3 +191,24 @@ async def test_a_hit_id_segment_cannot_carry_is_refused_naming_hit_id(
     error = reply.json()["error"]
     assert "`hitId`" in error and "messageId" not in error, error
     assert agent.spool.depth == 0
+
+
+@pytest.mark.parametrize("user,named", [
+    ({"userId": True}, "`event.user.userId` must be a string"),
+    ({"userId": {"id": 1}, "anonymousId": "a"}, "`event.user.userId` must be a string"),
+    ({"anonymousId": ["a"]}, "`event.user.anonymousId` must be a string"),
+    ({"firstName": "J"}, "`event.user.userId` or `event.user.anonymousId` is required"),
+    ({"userId": "", "anonymousId": None}, "`event.user.userId` or `event.user.anonymousId` "
+                                          "is required"),
+], ids=["userId-true", "userId-object", "anonymousId-array", "neither", "empty"])
+async def test_a_bad_or_missing_user_id_is_refused_naming_event_user(
+        make_agent: Any, user: dict[str, Any], named: str) -> None:
+    """The hit's user ids are `event.user.userId` and `event.user.anonymousId`: a 400 about
+    them names those, not the top-level `userId` of the Segment message they become, a
+    field the hit never had (an app that followed the error put one there)."""
+    agent = await make_agent()
+    body = {"hitId": "h1", "event": {"name": "n", "user": user}}
+    reply = await call(agent.port, "/track", body, headers=AUTH)
+    assert reply.status == 400
+    assert reply.json() == {"error": named}
+    assert agent.spool.depth == 0
