@@ -89,7 +89,7 @@ def hit(**event: Any) -> dict[str, Any]:
     (hit(padding="x" * 70_000), "too large"),
     ({"hitId": "h1"}, "`event`"),
     ({"hitId": "h1", "event": "Registered"}, "`event`"),
-    (hit(user={"firstName": "J"}), "`userId` or `anonymousId`"),
+    (hit(user={"firstName": "J"}), "`event.user.userId` or `event.user.anonymousId`"),
     (hit(user="u"), "`event.user`"),
     (hit(name=None, category=None), "`event.name`"),
     ({**hit(), "hitId": 42}, "`hitId`"),

@@ -54,6 +54,7 @@ def to_segment(body: Any) -> dict[str, Any]:
     user = event.get("user", {})
     if not isinstance(user, dict):
         raise Invalid("`event.user` must be an object")
+    _check_user_ids(body, user)
     spec.check_dates(body)   # before `sentAt` becomes `timestamp`: the error names it
     hit_id = body.get("hitId")
     if hit_id is not None and not isinstance(hit_id, str):
@@ -99,6 +100,18 @@ def to_segment(body: Any) -> dict[str, Any]:
                           f"({', '.join(aside)}): send yours under another name")
         out["context"] = {**(context or {}), SET_ASIDE: aside}
     return out
+
+
+def _check_user_ids(body: dict[str, Any], user: dict[str, Any]) -> None:
+    """Raise Invalid naming `event.user.userId` / `.anonymousId` as the hit has them: the
+    family rules would name the Segment message's top-level `userId`, a field the hit never
+    had. (A top-level id of the app's own, kept where the user has none, still counts.)"""
+    for name in _IDS:
+        value = user.get(name)
+        if value is not None and value != "" and not spec.is_id(value):
+            raise Invalid(f"`event.user.{name}` must be a string")
+    if not any(spec.is_id(user[k] if user.get(k) is not None else body.get(k)) for k in _IDS):
+        raise Invalid("`event.user.userId` or `event.user.anonymousId` is required")
 
 
 def _differs(a: Any, b: Any) -> bool:
