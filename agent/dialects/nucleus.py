@@ -42,12 +42,14 @@ from agent.dialects.body import (
     parse_body,
     read_raw,
 )
+from agent.dialects.exact_json import kept_as_sent
 from agent.dialects.nucleus_frames import Late, OverCap, QueueSocket, Taken
 from agent.dialects.nucleus_queue import TooLarge, TooMany
 from agent.dialects.replies import describe, masked, status_of
 from agent.families import nucleus as family
+from agent.families import nucleus_as_sent as as_sent
 from agent.families.errors import Invalid, shown
-from agent.families.event import Event
+from agent.families.event import Event, iso_ms, now_ms
 from agent.logs import log_limited
 from agent.spool.types import SpoolFull
 
@@ -148,7 +150,20 @@ class NucleusHandlers:
                               f"least {EVENT_MIN} bytes of the {MAX_MESSAGE // 2**20} MiB "
                               "a message may be)")
             return family.accept(read[0], key, enrich, read[1], keep_parsed=keep)
-        got = await parse_body(raw, nucleus_json.read, build)
+
+        def judge(raw: str | bytes, size: int) -> family.Accepted:
+            """A usual message stored as sent (families/nucleus_as_sent.py: no dict of an
+            event made or encoded again); any other read and judged event by event. The
+            cheaper test first: the events, then the bytes."""
+            if not keep:   # a mapped key's events keep their parsed form
+                data = raw.encode() if isinstance(raw, str) else raw
+                got = as_sent.accepted(data, key, iso_ms(now_ms()), enrich.lanes, MAX_EVENTS)
+                # Too large for an upstream: each such event is left out alone, and named.
+                if got is not None and kept_as_sent(data) and not (limits.active and any(
+                        limits.oversize(event) is not None for event in got.events)):
+                    return got
+            return build(nucleus_json.read(raw), size)
+        got = await parse_body(raw, _as_is, judge)
         count_events(ticket, len(got.events))
         events, acks = self._carried(got, key, limits)
         await self.sink.store(events, limits, alike=True)   # the message's key, Nucleus
@@ -361,3 +376,7 @@ def examples(key: str) -> list[Example]:
 
 
 DIALECT = Dialect("nucleus", routes, examples)
+
+
+def _as_is(raw: str | bytes) -> str | bytes:
+    return raw
