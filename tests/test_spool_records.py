@@ -447,7 +447,7 @@ class OneFrameAtATime(FakeNucleus):
         replies = []
         async for msg in ws:
             self.received += 1
-            ids = self._record(request, orjson.loads(msg.data))
+            ids = self._record(request, msg.data)
             replies.append(asyncio.create_task(self._answer(ws, ids)))
         for reply in replies:
             reply.cancel()

@@ -24,6 +24,7 @@ class FakeNucleus:
         self.heartbeats: list[dict[str, Any]] = []
         self.batches: list[list[Any]] = []         # the ids of each frame or request with events
         self.frames = 0
+        self.raw: list[bytes] = []   # each frame or request body, as it came
         self.paths: list[str] = []
         self.raw_paths: list[str] = []   # as the request line had them, escapes and all
         self.ack: Callable[[Any], bool] = lambda ev_id: True
@@ -51,7 +52,9 @@ class FakeNucleus:
     def http_url(self) -> str:
         return f"http://127.0.0.1:{self.port}"
 
-    def _record(self, request: web.Request, msg: Any) -> list[Any]:
+    def _record(self, request: web.Request, raw: str | bytes) -> list[Any]:
+        msg = orjson.loads(raw)
+        self.raw.append(raw.encode() if isinstance(raw, str) else raw)
         self.frames += 1
         self.paths.append(request.path)
         self.raw_paths.append(request.raw_path)
@@ -83,7 +86,7 @@ class FakeNucleus:
             async for msg in ws:
                 if msg.type not in (WSMsgType.TEXT, WSMsgType.BINARY):
                     continue
-                ids = self._record(request, orjson.loads(msg.data))
+                ids = self._record(request, msg.data)
                 if self.drop_after_frames is not None and self.frames >= self.drop_after_frames:
                     await ws.close()
                     break
@@ -100,7 +103,7 @@ class FakeNucleus:
         return ws
 
     async def _http(self, request: web.Request) -> web.Response:
-        ids = self._record(request, orjson.loads(await request.read()))
+        ids = self._record(request, await request.read())
         if self.delay_s:
             await asyncio.sleep(self.delay_s)
         if self.reply_raw is not None:
