@@ -15,7 +15,8 @@ from typing import Any
 
 from aiohttp import web
 
-NODE_MODULES = Path(__file__).resolve().parent.parent / "node" / "node_modules"
+# Resolved: a worktree may link it to another checkout's, and served files are resolved too.
+NODE_MODULES = (Path(__file__).resolve().parent.parent / "node" / "node_modules").resolve()
 KEY = "browserKey1"
 
 # What every page sends, so each test checks the same fields.
