@@ -22,7 +22,7 @@ from tests.fakes.nucleus_upstream import FakeNucleus
 from tests.fakes.segment_upstream import FakeSegment
 from tests.interop.browser.cdp import Chromium, Page
 from tests.interop.browser.pages import KEY, NODE_MODULES, PROPS, TRAITS, USER, Site
-from tests.segment_helpers import nucleus_up, segment_up
+from tests.segment_helpers import fill_spool, nucleus_up, segment_up
 
 pytestmark = pytest.mark.interop
 TIMEOUT_S = 20.0
@@ -111,6 +111,50 @@ async def test_segment_analytics_next(make_agent: Any, fake_segment: FakeSegment
     posted = {r.split(" ", 1)[1].split("?")[0].removeprefix(site.agent)
               for r in page.requests if r.startswith("POST ")}
     assert posted == ({"/v1/b"} if strategy else {"/v1/i", "/v1/t", "/v1/p"}), page.report()
+
+
+# What the page's own code reads of each reply (the SDK calls the page's fetch at each send).
+SEEN_REPLIES = """window.SEEN = []; const pageFetch = window.fetch;
+window.fetch = async (...args) => { const r = await pageFetch(...args);
+  window.SEEN.push([r.status, r.headers.get("Retry-After")]); return r; };"""
+
+
+async def test_segment_batching_waits_out_a_full_spool(make_agent: Any, fake_segment: FakeSegment,
+                                                       site: Site, chromium: str, tmp_path: Path,
+                                                       fast_backoff: Any) -> None:
+    """The spool full, a batch is a 429 with Retry-After, which analytics-next's batching
+    waits out without counting a try; a try it counts (on a status alone, as when it cannot
+    read a Retry-After) is its last with `maxRetries: 0`, and its events are lost. A page on
+    another origin reads only the headers CORS exposes to it: room is made after its second
+    refusal, and its events must still arrive."""
+    site.segment_strategy = {"strategy": "batching",
+                             "config": {"size": 3, "timeout": 200, "maxRetries": 0}}
+    fake_segment.outage = (503, None)
+    agent = await make_agent(upstreams=[segment_up(fake_segment)],
+                             listen={"allowed_origins": [site.url]},
+                             storage={"max_size_mb": 1, "full_retry_after_s": 1})
+    await fill_spool(agent.port)
+
+    def too_many() -> int:
+        return agent.sink.metrics.refusals().get("segment", {}).get("429", 0)
+
+    filled = too_many()   # the filler's own batch
+
+    def the_pages() -> list[dict[str, Any]]:
+        return [e for e in fake_segment.events if e.get("anonymousId")]   # not the filler's
+
+    site.agent = f"http://127.0.0.1:{agent.port}"
+    async with Chromium(chromium, tmp_path / "profile") as browser:
+        page = await browser.open(f"{site.url}/page/segment", SEEN_REPLIES)
+        try:
+            await until(lambda: too_many() >= filled + 2, page)
+            fake_segment.outage = None   # the queue drains: room is made
+            await until(lambda: len(the_pages()) >= 3, page)
+        finally:
+            seen = await page.evaluate("window.SEEN")
+            print("the page read (status, Retry-After):", seen)
+    assert [429, "1"] in seen, seen
+    check_segment_events(the_pages(), "analytics.js")
 
 
 @pytest.mark.parametrize("beacon", [False, True], ids=["xhr", "beacon"])
