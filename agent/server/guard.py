@@ -178,6 +178,11 @@ class Guard:
             resp.headers["Access-Control-Allow-Origin"] = origin
             resp.headers["Access-Control-Allow-Credentials"] = "true"
             resp.headers["Vary"] = "Origin"
+            # CORS shows a page only the safelisted headers: analytics-next's batching
+            # waits out a 429's Retry-After uncounted, but one it cannot read is a try it
+            # counts, and its events are given up while the spool is full.
+            if "Retry-After" in resp.headers:
+                resp.headers["Access-Control-Expose-Headers"] = "Retry-After"
         return resp
 
 
