@@ -5,13 +5,20 @@ looked right to the operator."""
 
 from __future__ import annotations
 
+import base64
 import json
 from pathlib import Path
+from typing import Any
 
 import pytest
 
 from tests.conftest import write_config
+from tests.segment_helpers import basic, call
 from tests.test_cli_mistakes import outpost, refused
+
+TRACK = {"userId": "u", "event": "Clicked"}
+PIXEL = base64.urlsafe_b64encode(json.dumps({"writeKey": "k", "userId": "u", "event": "Seen"}).encode()
+                         ).decode()
 
 
 @pytest.mark.parametrize("entry", ["app.example", "https://app.example/shop",
@@ -62,3 +69,24 @@ def test_a_port_written_as_no_browser_writes_it_is_refused(tmp_path: Path, entry
     cfg = write_config(tmp_path / "agent.toml", tmp_path / "spool.db",
                        listen={"allowed_origins": [entry]})
     refused(outpost("check-config", str(cfg)), "listen.allowed_origins", entry)
+
+
+@pytest.mark.parametrize(("entry", "sent"), [
+    ("http://bücher.example:3000", "http://xn--bcher-kva.example:3000"),
+    ("https://Straße.example", "https://xn--strae-oqa.example")])
+async def test_an_origin_written_in_its_own_script_admits_its_pages(make_agent: Any, entry: str,
+                                                                    sent: str) -> None:
+    """A site's name as the address bar shows it (Unicode): its pages send their Origin in
+    the name's ASCII form (punycode, UTS 46 as Chromium writes it, `ß` kept), on a fetch
+    and in the Referer of an image alike; the entry, accepted, matched neither, and every
+    page of that site got 403 with the config looking right."""
+    agent = await make_agent(listen={"allowed_origins": [entry]})
+    reply = await call(agent.port, "/v1/track", TRACK,
+                       headers={"Origin": sent, "Authorization": basic("k")})
+    assert reply.status == 200, reply.body
+    assert reply.headers["Access-Control-Allow-Origin"] == sent
+    pixel = await call(agent.port, "/v1/pixel/track?data=" + PIXEL, method="GET", headers={
+        "Sec-Fetch-Site": "cross-site", "Sec-Fetch-Mode": "no-cors", "Sec-Fetch-Dest": "image",
+        "Referer": sent + "/shop"})
+    assert pixel.status == 200 and pixel.body.startswith(b"GIF"), pixel.body
+    assert agent.spool.depth == 2
