@@ -11,7 +11,7 @@ from urllib.parse import urlsplit
 from aiohttp import web
 
 from agent.dialects.replies import plain_error
-from agent.origins import netloc
+from agent.origins import as_sent, netloc
 
 Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
 Wrap = Callable[[Handler, bool], Handler]
@@ -77,7 +77,7 @@ class Guard:
         listen = _listen_name(listen_host)
         self.extra_hosts = frozenset() if is_loopback_name(listen) else {listen}
         self.any_ip = listen in ("0.0.0.0", "::", "")
-        self.allowed_origins = frozenset(o.rstrip("/").lower() for o in allowed_origins)
+        self.allowed_origins = frozenset(as_sent(o) for o in allowed_origins)
         self._verdicts: dict[str, bool] = {}
 
     def host_ok(self, host: str | None) -> bool:
