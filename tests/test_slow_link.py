@@ -17,12 +17,15 @@ from typing import Any
 import aiohttp
 import orjson
 import pytest
+from aiohttp import web
 
 from agent.ops.status_table import render, size
 from tests.conftest import write_config
 from tests.fakes.faulty_upstream import Fault, FaultyUpstream, Request
-from tests.test_upstream_faults import drained, event, send, upstream
+from tests.fakes.loopback_server import LoopbackServer
+from tests.test_upstream_faults import drained, event, marks, send, upstream
 from tests.test_ws_faults import status_of
+from tests.waiting import wait_for
 
 PAD = "x" * 200   # an event of about 330 bytes
 RATE = 40_000     # the link's bytes a second: 20 KB within the 0.5 s timeout, not 60
@@ -159,3 +162,78 @@ async def test_a_cut_over_a_batch_max_bytes_lowered_by_a_reload_is_not_shown(
     async with aiohttp.ClientSession() as s, \
             s.get(f"http://127.0.0.1:{agent.port}/status") as r:
         assert "slow link" not in render(await r.json())
+
+
+# Another Outpost's answer to a request whose body its link did not carry whole within its
+# listen.body_timeout_s, by protocol (agent/dialects/body.py's BodyError(408), in the
+# Segment API's and in the Nucleus API's error shapes).
+BODY_TIMED_OUT = {
+    "segment-http": {"Success": False, "Errors": [{
+        "Error": "Request Timeout", "Message": "Error reading request body",
+        "Details": "request body not received in time: incomplete after 30 s "
+                   "(listen.body_timeout_s)"}], "code": "request_timeout"},
+    "nucleus-http": {"error": "request body not received in time: incomplete after 30 s "
+                              "(listen.body_timeout_s)"},
+}
+
+
+class FarOutpost(LoopbackServer):
+    """Another Outpost (Nucleus HTTP and Segment `/v1/batch`) at the far end of a link
+    that carries ``carried`` bytes of a request's body within its listen.body_timeout_s:
+    a longer request is answered 408 in its own words, and nothing of it stored; a shorter
+    one is stored and acknowledged. By size, not by a clock: no timing in the test."""
+
+    def __init__(self, carried: int) -> None:
+        super().__init__()
+        self.carried = carried
+        self.stored: list[int] = []   # each event's mark, as stored
+        self.timed_out = 0
+
+    async def _take(self, request: web.Request, protocol: str, events: str) -> web.Response:
+        raw = await request.read()
+        if len(raw) > self.carried:
+            self.timed_out += 1
+            return web.json_response(BODY_TIMED_OUT[protocol], status=408)
+        batch = orjson.loads(raw)[events]
+        self.stored += marks(batch)
+        if protocol == "segment-http":
+            return web.json_response({"success": True})
+        return web.json_response({"reportedIds": [ev["id"] for ev in batch]})
+
+    async def _nucleus(self, request: web.Request) -> web.Response:
+        return await self._take(request, "nucleus-http", "data")
+
+    async def _segment(self, request: web.Request) -> web.Response:
+        return await self._take(request, "segment-http", "batch")
+
+    async def start(self) -> FarOutpost:
+        app = web.Application(client_max_size=16 * 1024 * 1024)
+        app.add_routes([web.post("/app/{appId}/track", self._nucleus),
+                        web.post("/v1/batch", self._segment)])
+        await self._serve(app)
+        return self
+
+
+@pytest.mark.parametrize("protocol", ["nucleus-http", "segment-http"])
+async def test_a_408_for_a_body_the_link_did_not_carry_in_time_halves_the_batches(
+        make_agent: Any, fast_backoff: Any, protocol: str) -> None:
+    """Another Outpost upstream (or a proxy) gives up on a request whose body its link has
+    not carried whole within its own wait (listen.body_timeout_s, 30 s by default), and
+    answers 408: the same slow link as a timeout_s run out here, only the upstream's wait
+    is the shorter (a timeout_s raised for a slow link, as its error advises). The 408
+    was retried as any 5xx, each time with the same full batch, which the link never
+    carries in time: the key never drained, where half-size batches go through."""
+    far = await FarOutpost(carried=25_000).start()
+    try:
+        agent = await make_agent(upstreams=[{
+            "name": "up", "protocol": protocol, "url": far.http_url,
+            "flush_interval_s": 0.02, "timeout_s": 5, "batch_max_bytes": 60_000}])
+        await send(agent, [event(i, pad=PAD) for i in range(BACKLOG)])
+        await wait_for(lambda: agent.spool.depth == 0, timeout=20)
+        assert sorted(far.stored) == list(range(BACKLOG))   # each once, none dead
+        assert await agent.spool.dead_letters() == []
+        assert far.timed_out
+        up = await status_of(agent)
+        assert up["slow_limit_bytes"] is not None, up
+    finally:
+        await far.stop()
