@@ -43,7 +43,7 @@ from agent.metrics import Metrics
 from agent.settings import UpstreamConfig
 from agent.spool import Spool
 from agent.spool.types import Queued, Row, SpoolFull, Stream, joined
-from agent.uplinks.base import Acked, Refused, Retry, SendResult, Uplink
+from agent.uplinks.base import REQUEST_TIMEOUT, Acked, Refused, Retry, SendResult, Uplink
 from agent.uplinks.prepare import Prepared
 
 log = logging.getLogger("outpost.forwarder")
@@ -807,7 +807,7 @@ class StreamForwarder:
             self._too_big(result.too_big, result.error, result.retry_after is not None)
             self._halved = self._halved or result.retry_after is None
         if isinstance(result, Retry) and result.too_slow:
-            self._too_slow(batch)
+            self._too_slow(batch, result)
         if isinstance(result, Acked) and result.refused:
             dead = [*dead, *result.refused]
         acked = result.seqs if isinstance(result, Acked) else result.acked
@@ -909,21 +909,24 @@ class StreamForwarder:
                      "most %d bytes", self.cfg.name, LIMIT_EASE_S, limit)
         self._resized = self.release is not None
 
-    def _too_slow(self, batch: Prepared) -> None:
-        """No answer within timeout_s to ``batch``: the upstream's loops send batches of at
-        most half its bytes from their next start (supervisor.py), until they are answered
-        in time (``_faster``). A batch of one event has nothing smaller to send: it goes
-        again as it is (the error says timeout_s must be larger)."""
+    def _too_slow(self, batch: Prepared, failed: Retry) -> None:
+        """No answer within timeout_s to ``batch``, or the upstream's 408 (``failed``): the
+        upstream's loops send batches of at most half its bytes from their next start
+        (supervisor.py), until they are answered in time (``_faster``). A batch of one event
+        has nothing smaller to send: it goes again as it is (the error says timeout_s must
+        be larger)."""
         state, sent = self.state, sum(map(len, batch.bodies))
         limit = sent // 2
         if len(batch.seqs) > 1 and (state.slow_limit_bytes is None
                                     or limit < state.slow_limit_bytes):
             state.slow_limit_bytes = limit
+            late = ("answered HTTP 408 (its own wait for the request ran out)"
+                    if failed.error.startswith(f"HTTP {REQUEST_TIMEOUT}")
+                    else f"gave no answer within {self.cfg.timeout_s:g}s (timeout_s)")
             # Each halving once (a line or two per episode, at most about twenty).
-            log.warning("upstream %s gave no answer within %gs (timeout_s) to a batch of %d "
-                        "bytes (a slow link?): batches to it are now at most %d bytes, "
-                        "until they are answered in time", self.cfg.name, self.cfg.timeout_s,
-                        sent, limit)
+            log.warning("upstream %s %s to a batch of %d bytes (a slow link?): batches to it "
+                        "are now at most %d bytes, until they are answered in time",
+                        self.cfg.name, late, sent, limit)
 
     def _faster(self, batch: Prepared, took: float) -> None:
         """``batch`` was answered in ``took`` seconds: when a window full of batches of

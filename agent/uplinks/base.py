@@ -34,6 +34,11 @@ from agent.uplinks.sent_keys import any_key
 
 # Statuses worth retrying as they are (and any 5xx).
 RETRYABLE_STATUSES = frozenset({408, 425, 429, 500, 502, 503, 504})
+# The upstream's own wait for the request ran out before its body came whole (another
+# Outpost's listen.body_timeout_s, a proxy's): a link too slow for a batch this size, as
+# timeout_s run out here is, only the upstream's wait is the shorter. Retried, and the
+# batches halved (Retry.too_slow): the same batch again never came whole in time either.
+REQUEST_TIMEOUT = 408
 # The batch itself is refused: split it to find the events at fault. Any other 4xx
 # (401, 403, 404: a wrong key or URL) is the configuration's fault: back off, keep the events.
 REJECTED_STATUSES = frozenset({400, 413, 422})
@@ -72,8 +77,9 @@ class Retry:
     # a 413 with a Retry-After): the forwarder sends it smaller ones from now on.
     too_big: int | None = None
     # No answer within timeout_s to a request sent whole or in part (not a connection
-    # that never opened): the link may be too slow for a batch this size, so the
-    # forwarder halves the batches to this upstream until they are answered in time.
+    # that never opened), or a 408 (REQUEST_TIMEOUT): the link may be too slow for a batch
+    # this size, so the forwarder halves the batches to this upstream until they are
+    # answered in time.
     too_slow: bool = False
 
 

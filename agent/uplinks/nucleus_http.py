@@ -13,6 +13,7 @@ from agent.spool.types import Row
 from agent.uplinks import splice
 from agent.uplinks.base import (
     REJECTED_STATUSES,
+    REQUEST_TIMEOUT,
     Acked,
     Retry,
     SendResult,
@@ -66,7 +67,7 @@ class NucleusHttpUplink(NucleusFraming, UplinkBase):
         # body not read is judged by its type alone.
         if page := html_instead_of_reply(status, answer.content_type,
                                          None if unreadable else raw, len(prepared.seqs)):
-            return Retry(page, retry_after=wait)
+            return Retry(page, retry_after=wait, too_slow=status == REQUEST_TIMEOUT)
         ids = _reported_ids(raw) if answered and not answer.cut else None
         if answered and answer.cut:
             return Retry(f"a reply over {most} bytes, not read (a batch's answer is "
@@ -74,7 +75,7 @@ class NucleusHttpUplink(NucleusFraming, UplinkBase):
         if not answered:
             reason = answer.said(200)
             if is_retryable(status):
-                return Retry(reason, retry_after=wait)
+                return Retry(reason, retry_after=wait, too_slow=status == REQUEST_TIMEOUT)
             if status not in REJECTED_STATUSES:
                 return misconfigured(status, reason, wait)
             # No per-event verdict: the forwarder splits the batch to find the culprit.

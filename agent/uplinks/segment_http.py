@@ -19,7 +19,7 @@ when the first message comes from a client that takes only a 200). Any other 207
 and such a 200 longer than the reply read for its batch (reply_cap), is split like a
 400 to find them. A
 redirect is a failure, retried (see http_common). 408, 429 and 5xx are retried,
-honouring Retry-After. 400, 413 and 422 mean the batch itself is refused:
+honouring Retry-After (after a 408, in smaller batches: base.REQUEST_TIMEOUT). 400, 413 and 422 mean the batch itself is refused:
 the forwarder splits it to isolate the events at fault, which go to dead
 letters with the upstream's reason. Other statuses (401, 403, 404: a wrong
 key or URL) are a configuration problem, retried with backoff (honouring a
@@ -47,6 +47,7 @@ from agent.settings import UpstreamConfig
 from agent.spool.types import Queued, Row
 from agent.uplinks.base import (
     REJECTED_STATUSES,
+    REQUEST_TIMEOUT,
     Acked,
     Refused,
     Retry,
@@ -154,7 +155,7 @@ class SegmentHttpUplink(UplinkBase):
         # A body that could not be read is judged by its type alone.
         if page := html_instead_of_reply(status, reply.content_type,
                                          None if reply.unreadable else raw, len(prepared.seqs)):
-            return Retry(page, retry_after=wait)
+            return Retry(page, retry_after=wait, too_slow=status == REQUEST_TIMEOUT)
         if 200 <= status < 300 and status != MULTI_STATUS:
             # Another Outpost answers a batch it stored in part 200, with the 207's body,
             # when the first message names a client that counts only 200 as success
@@ -185,7 +186,7 @@ class SegmentHttpUplink(UplinkBase):
                 return Retry(f"{reason} (check the upstream's key)", retry_after=wait)
             return refusal(status, reason, wait, prepared, size)
         if is_retryable(status):
-            return Retry(reason, retry_after=wait)
+            return Retry(reason, retry_after=wait, too_slow=status == REQUEST_TIMEOUT)
         return misconfigured(status, reason, wait)
 
 
