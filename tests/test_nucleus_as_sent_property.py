@@ -156,7 +156,8 @@ def test_what_is_left_to_the_general_path() -> None:
     """What msgspec would read otherwise, or what the general path must judge or fill."""
     ok = b'{"type":"event","name":"n","date":"d","machineId":"m","id":%s%s}'
     assert same_events(b'{"data":[' + ok % (b"1", b"") + b"]}")
-    undated = b'{"data":[{"type":"event", "id":"7" }, {"type":"heartbeat","id":8}]}'
+    undated = (b'{"data":[{"type":"event", "id":"7" }, {"type":"heartbeat","id":8},'
+               b' {"type":"heartbeat","machineId":"m"}]}')
     assert same_events(undated)
     kept = as_sent.accepted(undated, KEY, RECEIVED, Lanes(), MOST)
     assert kept is not None and kept.acks == ["7", 8]

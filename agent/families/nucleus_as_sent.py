@@ -85,12 +85,14 @@ def accepted(raw: bytes, key: str, received: str, lanes: Lanes, most: int) -> Ac
         except (msgspec.DecodeError, RecursionError):
             return None
         ev_id, kind, name, date = ev.id, ev.type, ev.name, ev.date
-        if not (type(ev_id) in _ID_TYPES and type(kind) is str and kind
-                and (name is None or type(name) is str)
+        # A heartbeat alone may have no id (modules send one every tick without).
+        if not (type(kind) is str and kind and (name is None or type(name) is str)
+                and (type(ev_id) in _ID_TYPES or (ev_id is None and kind == "heartbeat"))
                 and (type(ev_id) is not str or len(ev_id) <= MAX_ID_CHARS)):
             return None
         if kind == "heartbeat":   # acknowledged, never stored
-            acks.append(ev_id)
+            if ev_id is not None:
+                acks.append(ev_id)
             continue
         if kind in NEEDS_FACTS or date is None:
             return None
