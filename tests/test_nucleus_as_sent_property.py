@@ -9,7 +9,6 @@ as Python's json writes them (spaces, non-ASCII escaped) and with whitespace aro
 
 from __future__ import annotations
 
-import json
 from typing import Any
 
 import hypothesis
@@ -26,11 +25,11 @@ from agent.families.enrich import Enrich
 from agent.families.errors import Invalid
 from agent.families.lanes import Lanes
 from agent.settings import DeviceConfig
+from tests.json_writers import ABSENT, changed, writers
 
 KEY = "app-1"
 RECEIVED = "2026-12-06T12:00:00.000Z"
 ENRICH = Enrich(detect(DeviceConfig()))
-ABSENT = object()   # a member left out
 MOST = 1000
 
 texts = st.sampled_from(["s-1", "", "Café ☃", "x" * 1025, "a\u0000b", "\U0001f600 1e-400, 9e-4123",
@@ -64,41 +63,15 @@ FIELDS: dict[str, st.SearchStrategy[Any]] = {
 }
 
 
-def _changed(base: dict[str, Any], changes: list[tuple[str, Any]]) -> dict[str, Any]:
-    out = dict(base)
-    for name, value in changes:
-        if value is ABSENT:
-            out.pop(name, None)
-        else:
-            out[name] = value
-    return out
-
-
 # A usual event with a few of its members changed, left out or added; now and then not an
 # object at all.
 change = st.sampled_from(sorted(FIELDS)).flatmap(lambda name: FIELDS[name].map(
     lambda value: (name, value)))
-event = st.one_of(st.builds(_changed, usual, st.lists(change, max_size=3)),
+event = st.one_of(st.builds(changed, usual, st.lists(change, max_size=3)),
                   st.sampled_from([1, "e", [], None, {}]))
 envelope = st.fixed_dictionaries({}, optional={
     "sentAt": dates, "machineId": ids, "data": st.just("not a list"),
 }).map(lambda m: {k: v for k, v in m.items() if v is not ABSENT})
-
-
-def compact(value: Any) -> bytes:
-    try:
-        return orjson.dumps(value)
-    except TypeError:   # an integer past 64 bits, a lone surrogate
-        return json.dumps(value, separators=(",", ":"), ensure_ascii=False).encode(
-            "utf-8", "surrogatepass")
-
-
-writers = st.sampled_from([
-    compact,
-    lambda v: json.dumps(v).encode(),                       # nucleus-python's
-    lambda v: json.dumps(v, ensure_ascii=False).encode("utf-8", "surrogatepass"),
-    lambda v: b"  " + json.dumps(v, separators=(" , ", " : ")).encode() + b" ",
-])
 
 
 def general(raw: bytes) -> family.Accepted | None:

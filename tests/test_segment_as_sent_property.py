@@ -8,7 +8,6 @@ as Python's json writes them (spaces, non-ASCII escaped) and with whitespace aro
 
 from __future__ import annotations
 
-import json
 import uuid
 from typing import Any
 
@@ -26,11 +25,11 @@ from agent.families.errors import Invalid
 from agent.families.event import dedupe_key
 from agent.families.lanes import Lanes
 from agent.settings import DeviceConfig
+from tests.json_writers import ABSENT, changed, writers
 
 KEY = "appkey"
 RECEIVED = "2026-12-06T12:00:00.000Z"
 ENRICH = Enrich(detect(DeviceConfig()))
-ABSENT = object()   # a member left out
 
 texts = st.sampled_from(["u-1", "", "Café ☃", "x" * 100, "a\u0000b", "\U0001f600 1e-400, 9e-4123"])
 ids = st.one_of(texts, st.integers(-5, 5), st.floats(allow_nan=False, allow_infinity=False),
@@ -60,37 +59,14 @@ FIELDS: dict[str, st.SearchStrategy[Any]] = {
 }
 
 
-def _changed(base: dict[str, Any], changes: list[tuple[str, Any]]) -> dict[str, Any]:
-    out = dict(base)
-    for name, value in changes:
-        if value is ABSENT:
-            out.pop(name, None)
-        else:
-            out[name] = value
-    return out
-
-
 # A usual message with a few of its members changed, left out or added.
 change = st.sampled_from(sorted(FIELDS)).flatmap(lambda name: FIELDS[name].map(
     lambda value: (name, value)))
-message = st.builds(_changed, usual, st.lists(change, max_size=3))
+message = st.builds(changed, usual, st.lists(change, max_size=3))
 envelope = st.fixed_dictionaries({}, optional={
     "sentAt": dates, "timestamp": dates, "originalTimestamp": dates,
     "context": objects, "integrations": objects, "writeKey": st.just(KEY),
 }).map(lambda m: {k: v for k, v in m.items() if v is not ABSENT})
-def compact(value: Any) -> bytes:
-    try:
-        return orjson.dumps(value)
-    except TypeError:   # an integer past 64 bits
-        return json.dumps(value, separators=(",", ":"), ensure_ascii=False).encode()
-
-
-writers = st.sampled_from([
-    compact,
-    lambda v: json.dumps(v).encode(),                       # analytics-python's
-    lambda v: json.dumps(v, ensure_ascii=False).encode(),
-    lambda v: b"  " + json.dumps(v, separators=(" , ", " : ")).encode() + b" ",
-])
 
 
 def general(raw: bytes) -> list[tuple[int, bytes, int]] | None:
