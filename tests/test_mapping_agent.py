@@ -130,6 +130,27 @@ async def test_a_nucleus_date_before_the_year_1000_reaches_segment_as_iso_8601(
     spec.check(got, spec.TYPES)
 
 
+async def test_a_nucleus_date_of_two_minus_signs_is_unreadable_not_a_500(
+        make_agent: Any, fake_segment: FakeSegment) -> None:
+    # docs/mapping.md §4: an unreadable `date` maps to the receive time, the date itself
+    # in context.nucleus.date. "--5" passed read_date's test for a number (its minus
+    # signs stripped) and broke Decimal: the message got a 500, and the module, which
+    # resends its whole queue in each message, every one after it.
+    agent = await make_agent(upstreams=[segment_up(fake_segment)])
+    odd = {"type": "event", "name": "odd", "id": 1, "machineId": "m", "date": "--5"}
+    fine = {"type": "event", "name": "fine", "id": 2, "machineId": "m",
+            "date": "2026-01-01T00:00:00.000Z"}
+    reply = await call(agent.port, "/app/k/track", {"data": [odd, fine]})
+    assert reply.status == 200, reply.body
+    await wait_for(lambda: len(fake_segment.events) == 2)
+    got = {ev["event"]: ev for ev in fake_segment.events}
+    assert got["odd"]["timestamp"] == got["odd"]["receivedAt"]
+    assert got["odd"]["context"]["nucleus"]["date"] == "--5"
+    assert got["fine"]["timestamp"] == "2026-01-01T00:00:00.000Z"
+    for ev in got.values():
+        spec.check(ev, spec.TYPES)
+
+
 async def test_a_nucleus_error_keeps_its_type_in_properties_name(
         make_agent: Any, fake_segment: FakeSegment) -> None:
     # docs/mapping.md §8: the error's type in properties.name, as the mapping from Segment
