@@ -30,7 +30,8 @@ def read_date(value: Any, received: int | None = None) -> str | None:
             fast = _utc_ms(value)
             if fast is not None:
                 return fast
-        digits = value.strip().lstrip("-").replace(".", "", 1)
+        # One minus sign at most: "--5" is no number, and Decimal raises for it.
+        digits = value.strip().removeprefix("-").replace(".", "", 1)
         if digits.isascii() and digits.isdigit():   # isdigit alone takes '²', Decimal not
             value = Decimal(value.strip())
     try:
@@ -66,7 +67,7 @@ def in_local_time(value: Any) -> bool:
     if not isinstance(value, str):
         return False
     text = value.strip()
-    digits = text.lstrip("-").replace(".", "", 1)
+    digits = text.removeprefix("-").replace(".", "", 1)
     if digits.isascii() and digits.isdigit():   # epoch seconds or milliseconds
         return False
     try:
