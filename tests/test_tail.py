@@ -377,3 +377,22 @@ async def test_an_acked_segment_event_stored_mapped_to_nucleus_shows_as_the_app_
     seen = {(m["kind"], m["api"], m["type"], m["id"]) for m in got}
     assert seen == {(kind, "segment", kind_, ident) for kind in ("ingested", "acked")
                     for kind_, ident in (("track", "m-7"), ("identify", "m-8"))}, got
+
+
+async def test_a_new_app_s_key_in_its_first_event_is_redacted(make_agent: Any) -> None:
+    """An app's very first request, its key seen for the first time: a key the event's id or
+    name holds is redacted as in every later one (and as the log redacts it)."""
+    agent = await make_agent(port=free_port())
+    key = "brand-new-app-key-5678"
+    async with aiohttp.ClientSession() as s, s.get(f"http://127.0.0.1:{agent.port}/tail") as resp:
+        assert b'"watching"' in await resp.content.readline()
+        r = await call(agent.port, "/v1/track", {"event": f"signed up with {key}",
+                                                 "userId": "u", "messageId": key},
+                       headers={"Authorization": basic(key)})
+        assert r.status == 200, r.body
+        line = b""
+        while not line.startswith(b"data: "):
+            line = await asyncio.wait_for(resp.content.readline(), 20)
+    shown = json.loads(line[6:])
+    assert (shown["kind"], shown["name"], shown["id"]) == (
+        "ingested", "signed up with ***", "***"), shown
