@@ -270,6 +270,10 @@ def as_sent(family: int, body: dict[str, Any], received: int) -> tuple[int, dict
 def describe(ev: Event) -> dict[str, Any]:
     """An event's API family, key fingerprint, type, name, id and warnings; never its
     body, whose properties may hold anything an app sends."""
+    # A new key is registered for redaction once its commit is announced, in a turn of
+    # the loop after the one that wakes an idle viewer: the key a first event's id or name
+    # holds was shown whole. A key registered already costs one set lookup.
+    logs.register_secret(ev.key)
     return _describe(ev.family, orjson.loads(ev.body), ev.key)
 
 
