@@ -170,6 +170,22 @@ def test_check_config_catches_an_unresolvable_listen_host(tmp_path: Path) -> Non
     assert "listen.host" in line and "no-such-host.invalid" in line and "127.0.0.1" in line, line
 
 
+@pytest.mark.parametrize("host", ["127.0.0.1:8765", "[::1]", "localhost/"])
+def test_a_listen_host_with_url_parts_is_one_line_from_every_command(tmp_path: Path,
+                                                                    host: str) -> None:
+    """A port (or brackets, a slash) written into listen.host: `run` and check-config refused
+    it as a host that does not resolve, but the commands that reach the agent wrote it into
+    its URL: `outpost tail` and `outpost dead` failed with a traceback, `flush` said no agent
+    answered, and `status` showed the spool as if the agent were only stopped."""
+    cfg = write_config(tmp_path / "agent.toml", tmp_path / "spool.db", listen={"host": host})
+    for command in (["tail"], ["dead", "list"], ["dead", "retry", "--all"], ["flush"],
+                    ["status"], ["check-config"]):
+        code, out = outpost(*command, "--config", str(cfg))
+        line = one_line(out)
+        assert code == EXIT_CONFIG, (command, out)
+        assert "listen.host" in line and "listen.port" in line, (command, line)
+
+
 # -- §1 exit codes -----------------------------------------------------------------------------
 
 @pytest.mark.parametrize("command", ["run", "status", "doctor", "flush", "check-config"])
