@@ -6,6 +6,7 @@ stops startup instead of surfacing at the first request.
 
 from __future__ import annotations
 
+import ipaddress
 import math
 import os
 import tomllib
@@ -200,10 +201,27 @@ def _no_star(value: Any) -> str | None:
     return None
 
 
+def _host(value: str) -> str | None:
+    """A name or an address alone: the commands write it into the agent's URL, where a port
+    or a URL's other parts (`127.0.0.1:8765`, `[::1]`) failed every one that reaches the
+    agent (`outpost tail`, `dead`: a traceback) while `run` refused it as unresolvable."""
+    if not value:
+        return "must not be empty"
+    try:
+        ipaddress.ip_address(value)   # an IPv6 address's colons (and its %scope) are its own
+        return None
+    except ValueError:
+        pass
+    if any(c in ":/@?#%[]\\" or c.isspace() or not c.isprintable() for c in value):
+        return (f"must be a host name or an IP address alone, without a port (that is "
+                f"listen.port), brackets or other parts of a URL, got {value!r}")
+    return None
+
+
 def _listen(t: dict[str, Any]) -> ListenConfig:
     w = "listen"
     out = ListenConfig(
-        host=_take(t, w, "host", str, "127.0.0.1", lambda v: None if v else "must not be empty"),
+        host=_take(t, w, "host", str, "127.0.0.1", _host),
         port=_take(t, w, "port", int, 8765,
                    lambda v: None if 0 <= v <= 65535 else f"must be 0..65535, got {v}"),
         accept_keys=tuple(_take(t, w, "accept_keys", list, [],
