@@ -225,6 +225,44 @@ async def test_a_foreign_server_on_the_agent_s_port_is_no_traceback(tmp_path: Pa
         await runner.cleanup()
 
 
+@pytest.mark.parametrize("status", [200, 500])
+async def test_a_foreign_server_s_deeply_nested_json_is_no_traceback(tmp_path: Path,
+                                                                     status: int) -> None:
+    """Something else at the agent's address answers with JSON nested deeper than Python's
+    parser recurses (as an answer, as a refusal's body, as an event of its stream): every
+    command that reaches the agent ended with RecursionError's traceback, which is no
+    ValueError. Each says in one line that it is not an Outpost agent."""
+    deep = b"[" * 100_000 + b"]" * 100_000
+
+    async def answer(request: aiohttp.web.Request) -> aiohttp.web.StreamResponse:
+        if request.path == "/tail":
+            return aiohttp.web.Response(body=b"data: " + deep + b"\n\n", status=status,
+                                        content_type="text/event-stream")
+        return aiohttp.web.Response(body=deep, status=status, content_type="application/json")
+    app = aiohttp.web.Application()
+    app.router.add_route("*", "/{tail:.*}", answer)
+    runner = aiohttp.web.AppRunner(app)
+    await runner.setup()
+    port = free_port()
+    await aiohttp.web.TCPSite(runner, "127.0.0.1", port).start()
+    # What check-config --reload would signal, were the answer taken for the agent's.
+    bystander = await asyncio.create_subprocess_exec("sleep", "60")
+    try:
+        cfg = str(write_config(tmp_path / "agent.toml", tmp_path / "spool.db", port=port))
+        code, text = await run_outpost("status", "--config", cfg)
+        assert code == 0 and "Traceback" not in text, text
+        assert "not an Outpost agent" in text and "no agent running" in text, text
+        for command in (["flush"], ["tail"], ["dead", "list"],
+                        ["check-config", "--reload", str(bystander.pid)]):
+            code, text = await run_outpost(*command, "--config", cfg)
+            assert code == 1 and "Traceback" not in text, (command, text)
+            assert "not an Outpost agent" in text and text.count("\n") == 1, (command, text)
+    finally:
+        bystander.kill()
+        await bystander.wait()
+        await runner.cleanup()
+
+
 async def test_a_redirect_from_the_agent_s_port_is_not_followed(tmp_path: Path) -> None:
     """The agent never redirects: a 3xx at its address is another server's, and following
     it showed (and acted on) what a third server said as the agent's answer."""
