@@ -124,8 +124,9 @@ def run(args: argparse.Namespace, load: Callable[[argparse.Namespace], Config | 
               f"nothing for {STALL_S:g} s (was this command suspended, or its output "
               "paused?)", file=sys.stderr)
         return 1
-    # A message not of the agent's shape (a number where it has text: AttributeError).
-    except (KeyError, TypeError, ValueError, AttributeError) as exc:
+    # A message not of the agent's shape (a number where it has text: AttributeError), or
+    # JSON nested deeper than the parser recurses (RecursionError).
+    except (KeyError, TypeError, ValueError, AttributeError, RecursionError) as exc:
         print(f"outpost: {agent_url(cfg, '')} answered /tail, but not an Outpost agent "
               f"({type(exc).__name__}: {printable(str(exc))})", file=sys.stderr)
         return 1

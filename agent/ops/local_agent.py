@@ -92,7 +92,8 @@ def _refusal(cfg: Config, path: str, exc: urllib.error.HTTPError) -> str:
     NotOutpost for any other error page (another server holds the port)."""
     try:
         why = json.loads(exc.read())["error"]
-    except (ValueError, KeyError, TypeError, OSError, http.client.HTTPException):
+    except (ValueError, RecursionError, KeyError, TypeError, OSError,
+            http.client.HTTPException):   # RecursionError: JSON nested past the parser's depth
         why = None
     if not isinstance(why, str):
         raise NotOutpost(cfg, path) from exc
@@ -105,7 +106,7 @@ def answer(cfg: Config, path: str, body: bytes, expect: str,
     NotOutpost if ``body`` is not one."""
     try:
         data = json.loads(body)
-    except ValueError:   # a router's page, say
+    except (ValueError, RecursionError):   # a router's page, say; JSON nested too deep
         data = None
     # A count that is no number is another server's JSON: printed, it would be shown (its
     # escape sequences too) as what the agent did.
