@@ -5,6 +5,7 @@ orjson and a UTF-8 stream refuse to encode; each user path below ran into one.""
 from __future__ import annotations
 
 import os
+import shutil
 from pathlib import Path
 from typing import Any
 
@@ -115,3 +116,32 @@ async def test_a_refused_reload_of_a_config_in_such_a_directory_is_shown_in_stat
     assert reload["refused"] == 1
     assert reload["last_error"].startswith(f"{tmp_path}/caf\\xe9/agent.toml: invalid TOML")
     assert reload["config"] == f"{tmp_path}/caf\\xe9/agent.toml"
+
+
+async def test_a_spool_that_cannot_be_opened_in_such_a_directory_is_shown_in_status(
+        tmp_path: Path, latin1_home: str) -> None:
+    """The spool's directory removed under the agent and another agent started on the path:
+    the first refuses events, open_error saying why, naming the path. /status answered 500
+    (orjson refuses the path's lone surrogate), and with it the status page and `outpost
+    status`, just when they had something to say."""
+    agents: list[Agent] = []
+    try:
+        for n in range(2):
+            if n:   # rm -rf of the first's state directory, then a second agent on it
+                shutil.rmtree(latin1_home)
+                os.mkdir(latin1_home)
+            cfg = write_config(tmp_path / f"agent{n}.toml", Path("~/spool.db"))
+            agent = Agent(config_mod.load_file(cfg), str(cfg), holds_lock=True)
+            await agent.start()
+            agents.append(agent)
+        reply = await call(agents[0].port, "/v1/batch", {"batch": [track("u-1")],
+                                                          "writeKey": "k"})
+        assert reply.status == 503, reply.body
+        async with aiohttp.ClientSession() as s, \
+                s.get(f"http://127.0.0.1:{agents[0].port}/status") as r:
+            assert r.status == 200, await r.text()
+            spool = (await r.json())["spool"]
+    finally:
+        for agent in agents:
+            await agent.stop()
+    assert f"{tmp_path}/caf\\xe9/spool.db is in use by another agent" in spool["open_error"]
