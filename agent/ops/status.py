@@ -143,6 +143,10 @@ def _wall(elapsed_s: float | None) -> float | None:
     return None if elapsed_s is None else round(CLOCK.wall_s_at(elapsed_s), 3)
 
 
+def _text(said: str | None) -> str | None:
+    return None if said is None else os_text(said)
+
+
 def _upstream(up: UpstreamConfig, groups: Groups, live: UpstreamState | None) -> UpstreamStatus:
     queued = groups.get(up.name, _EMPTY)
     lost = live.unreachable_since if live else None
@@ -195,11 +199,13 @@ async def snapshot(cfg: Config, spool: Spool, states: Mapping[str, UpstreamState
         # A spool failing (an I/O error, a damaged table) is when status is looked at:
         # it answers with what the books keep, as for the dead letters' reasons.
         waited = None
+    # The errors' texts may name the spool's path as the OS gave it, a byte of another
+    # encoding a lone surrogate, which orjson refuses (a 500): shown as the path is.
     snap = _snapshot(cfg, "agent", spool.books.groups, spool.counters, spool.dead_count,
                      {"path": os_text(spool.path), "used_bytes": spool.used_bytes,
                       "max_bytes": spool.max_bytes, "expiry_errors": spool.expiry_errors,
-                      "expiry_last_error": spool.expiry_last_error,
-                      "open_error": spool.open_error}, states)
+                      "expiry_last_error": _text(spool.expiry_last_error),
+                      "open_error": _text(spool.open_error)}, states)
     snap["dead_reasons"] = await reasons.get(spool)
     snap["dead_reasons_error"] = reasons.error
     snap["uptime_s"] = round(metrics.uptime_s(), 1)
