@@ -15,7 +15,7 @@ import aiohttp
 import pytest
 
 from agent.clock import Clock
-from agent.families.lanes import HIGH
+from agent.families.lanes import HIGH, NORMAL
 from agent.forwarder.supervisor import Seams
 from agent.settings import SyncConfig
 from agent.sync.metered.none import NoSource
@@ -24,6 +24,7 @@ from agent.sync.policy import Battery
 from tests.conftest import write_config
 from tests.fakes.faulty_upstream import Fault, FaultyUpstream
 from tests.fakes.manual_timing import ManualTiming
+from tests.fakes.nm_bus import FakeNetworkManager, PrivateBus
 from tests.fakes.nucleus_upstream import FakeNucleus
 from tests.test_clock import status
 from tests.test_sync_battery import Sensor, upstream
@@ -32,6 +33,7 @@ from tests.waiting import wait_for
 HALF_HOUR = 1800.0
 YEAR_MS = 365 * 86400 * 1000
 LOW = Battery(percent=10, plugged=False)
+YES = 1   # NMMetered
 
 
 async def post(port: int, ids: range, kind: str = "event") -> None:
@@ -476,3 +478,48 @@ async def test_a_key_whose_retry_comes_during_a_hold_is_not_shown_in_backoff(
     timing.advance(BATTERY_POLL_S)
     await wait_for(lambda: agent.spool.depth == 0)
     assert sent(fake_nucleus) == [1, 2, 3]
+
+
+@pytest.mark.parametrize("then", ["priority_only", "hold"])
+async def test_a_release_under_way_goes_on_when_the_profile_changes_and_still_holds(
+        make_agent: Any, fake_nucleus: FakeNucleus, clock: Clock, bus: PrivateBus,
+        nm: FakeNetworkManager, then: str) -> None:
+    """The laptop of docs/operations.md (metered: priority_only, low battery: hold). A
+    release waits out the upstream's Retry-After when the profile changes to another that
+    still holds the normal lane: the charger goes in on the metered link (hold ->
+    priority_only), or the battery runs low on it (priority_only -> hold). The release
+    goes on with what it let go, once; the normal events that came after it stay held
+    for their own max_hold_h. The change started the release afresh, up to the events
+    queued then: those young events went out too, on the metered link, and releases
+    counted two."""
+    start_low = then == "priority_only"
+    await nm.set_metered(YES)
+    timing = ManualTiming()
+    sensor = Sensor(LOW if start_low else Battery(percent=50, plugged=False))
+    agent = await make_agent(
+        upstreams=[{**upstream(fake_nucleus), "flush_interval_s": 30}],
+        seams=Seams(timing=timing), battery=sensor,
+        sync={"on_metered": "priority_only", "on_low_battery": "hold", "low_battery_pct": 20,
+              "max_hold_h": HALF_HOUR / 3600, "dbus_address": bus.address})
+    assert agent.sync.profile.mode == ("hold" if start_low else "priority_only")
+    fake_nucleus.outage = (503, "300")
+    await post(agent.port, range(1, 4))
+    await let_pass(clock, timing, HALF_HOUR)
+    state = agent.forwarding.states["up"]
+    await wait_for(lambda: state.parked == 1)   # for the upstream's 300 s
+    await post(agent.port, range(4, 6))   # after the release: held
+    sensor.reading = Battery(percent=50, plugged=True) if start_low else LOW
+    await wait_for(lambda: timing.pending()[:2] == [60.0, 60.0])   # the poll, the recheck
+    clock.passed_ms += 60_000
+    timing.advance(60.0)
+    await wait_for(lambda: agent.sync.profile.mode == then)
+    # The waiter has looked again: what it waits for now is a wait of its own.
+    await wait_for(lambda: timing.pending()[:2] == [60.0, 60.0])
+    fake_nucleus.outage = None
+    clock.passed_ms += 240_000
+    timing.advance(240.0)   # the Retry-After is over
+    await wait_for(lambda: state.parked == 0 and agent.spool.depth <= 2 and all(
+        loop.until is None and NORMAL not in loop.lanes
+        for loop in agent.forwarding.loops.values()))
+    assert sent(fake_nucleus) == [1, 2, 3] and agent.spool.depth == 2
+    assert agent.sync.releases == 1
