@@ -24,8 +24,9 @@ runs when that answer may have changed: it stops the loops now held (their in-fl
 batches settle), tells running loops which lanes they may send, and starts every key
 with data it lets go. ``release`` (``max_hold_h``) lets every key send every lane up to
 the last seq committed then; each loop then goes back to what ``may_send`` lets go. A key
-whose loop backs off, waits in line or is stopping keeps that bound for its next loop:
-the monitor does not release those events again (sync/monitor.py).
+whose loop backs off, waits in line or is stopping keeps that bound for its next loop,
+and a running loop keeps it through a ``regate`` to a profile that still holds: the
+monitor does not release those events again (sync/monitor.py).
 
 The loops of one upstream share its slots (slots.py): at most ``BATCHES_IN_FLIGHT``
 batches in flight from all its keys, so memory stays bounded however many keys have
@@ -318,15 +319,20 @@ class Supervisor:
         for key, loop in list(self.loops.items()):
             if loop.stopping or loop.released:
                 continue
-            lanes = self.may_send(key)
+            lanes, until = self.may_send(key), None
+            bound = _bound(loop)
+            if bound is not None and lanes != LANES:
+                # A release under way (max_hold_h) goes on under a profile that still
+                # holds: the monitor times only what came after it (sync/monitor.py).
+                lanes, until = self._lanes(key, bound)
             if not lanes:
-                loop.until = None   # a release under way ends, as below
+                loop.until = None
                 loop.stop(hurry=False)   # a send in flight finishes, its ack kept
-            elif lanes != loop.lanes or loop.until is not None:
+            elif lanes != loop.lanes or until != loop.until:
                 # Fewer lanes: what is in flight settles, nothing more of the others is
                 # read. More: the next read takes them. Either way no resend is needed.
-                # A release under way ends: the new profile says what goes.
-                loop.lanes, loop.until = lanes, None
+                # Sending everything, a release under way ends.
+                loop.lanes, loop.until = lanes, until
                 loop.poke()
         self._start_all()
 

@@ -225,7 +225,12 @@ class SyncMonitor:
         if profile.mode == was.mode:
             return
         self._profile_lines.log("transmit profile: %s (%s)", profile.mode, profile.reason)
-        self._released = 0   # regate ends a release under way: the new profile times all
+        if not held_lanes(was.mode) or not held_lanes(profile.mode):
+            # To or from sending everything: no release is under way, the profile times
+            # all. Between two that hold (hold, priority_only), a release under way goes
+            # on (Supervisor.regate): timed afresh from 0, it was released again at once,
+            # with the events that came after it, young, on the network the hold is for.
+            self._released = 0
         self._changed.set()
         self.on_change()
 
