@@ -314,16 +314,17 @@ async def test_a_release_the_upstream_puts_off_is_sent_when_it_may_and_counted_o
     assert agent.sync.releases == 1
 
 
-@pytest.mark.parametrize("low_battery_pct", [20, 25])
+@pytest.mark.parametrize(("low_battery_pct", "rule"),
+                         [(20, "hold"), (25, "hold"), (20, "priority_only")])
 async def test_a_reload_while_a_release_is_under_way_sends_only_what_it_let_go(
         make_agent: Any, fake_nucleus: FakeNucleus, clock: Clock, tmp_path: Path,
-        low_battery_pct: int) -> None:
+        low_battery_pct: int, rule: str) -> None:
     """A reload (one that changes nothing: config management reloads on every run; or one
-    that changes [sync] and still holds) comes while a release waits out the upstream's
-    Retry-After. The release goes on with the new forwarders, and the events that came
-    after it stay held: a reload started a release afresh, up to the events queued as it
-    ended, which sent those young events too, on the network the hold is for, and
-    counted a second release."""
+    that changes [sync] and still holds, as it did or the normal lane alone) comes while a
+    release waits out the upstream's Retry-After. The release goes on with the new
+    forwarders, and the events that came after it stay held: a reload started a release
+    afresh, up to the events queued as it ended, which sent those young events too, on
+    the network the hold is for, and counted a second release."""
     timing = ManualTiming()
     agent = await held_agent(make_agent, fake_nucleus, timing, flush_interval_s=30)
     fake_nucleus.outage = (503, "300")
@@ -333,17 +334,19 @@ async def test_a_reload_while_a_release_is_under_way_sends_only_what_it_let_go(
     await post(agent.port, range(4, 6))   # after the release: held
     write_config(Path(agent.config_path), tmp_path / "spool.db",
                  upstreams=[{**upstream(fake_nucleus), "flush_interval_s": 30}],
-                 sync={"on_low_battery": "hold", "low_battery_pct": low_battery_pct,
+                 sync={"on_low_battery": rule, "low_battery_pct": low_battery_pct,
                        "max_hold_h": HALF_HOUR / 3600})
     await agent.reload()
-    assert agent.sync.profile.mode == "hold"
+    assert agent.sync.profile.mode == rule
     fake_nucleus.outage = None
     await wait_for(lambda: timing.pending()[:2] == [60.0, 60.0])
     clock.passed_ms += 300_000
     timing.advance(300.0)   # the Retry-After is over
     state = agent.forwarding.states["up"]
-    await wait_for(lambda: agent.spool.depth <= 2 and not agent.forwarding.loops
-                   and state.parked == 0)
+    # Its loop ends (hold), or goes back to the high lane alone (priority_only).
+    await wait_for(lambda: agent.spool.depth <= 2 and state.parked == 0 and all(
+        loop.until is None and NORMAL not in loop.lanes and rule != "hold"
+        for loop in agent.forwarding.loops.values()))
     assert sent(fake_nucleus) == [1, 2, 3] and agent.spool.depth == 2
     assert agent.sync.releases == 1
 
