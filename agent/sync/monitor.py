@@ -96,8 +96,8 @@ class SyncMonitor:
     def carry(self, old: SyncMonitor) -> None:
         """A reload that changed [sync], before ``start``: the counts are since the agent
         started (/metrics counters), and the last error stays shown, as an upstream's do;
-        and a release under way, which goes on (``reloaded``) if the new rules hold as
-        the old ones did."""
+        and a release under way, which goes on (``reloaded``) if the new rules hold
+        too (``hold`` or ``priority_only``, as the old ones or not)."""
         self.releases, self.errors, self.last_error = old.releases, old.errors, old.last_error
         self._carried = (old.profile.mode, old._released)
 
@@ -114,9 +114,10 @@ class SyncMonitor:
             with contextlib.suppress(asyncio.TimeoutError):
                 await asyncio.wait_for(self._first.wait(), FIRST_READING_S)
         carried, self._carried = self._carried, None
-        if carried is not None and carried[0] == self.profile.mode:
-            # New rules that hold as the old ones did: their waiter times only what came
-            # after the release under way, which ``reloaded`` goes on with.
+        if carried is not None and held_lanes(carried[0]) and held_lanes(self.profile.mode):
+            # New rules that hold, as the old ones did (the same lanes or not, as a change
+            # of profile between two that hold: _update): their waiter times only what
+            # came after the release under way, which ``reloaded`` goes on with.
             self._released = carried[1]
         if self.cfg.on_metered != NORMAL or self.cfg.on_low_battery != NORMAL:
             self._run("max_hold_h", self._keep_max_hold)
