@@ -168,6 +168,32 @@ async def test_a_networkmanager_restart_keeps_a_hold_on_a_metered_link(
     await wait_for(lambda: delivered(fake_nucleus) == [1, 2, 3])
 
 
+async def test_a_networkmanager_that_says_unknown_as_it_starts_again_keeps_a_hold(
+        make_agent: Any, fake_nucleus: FakeNucleus, bus: PrivateBus,
+        nm: FakeNetworkManager) -> None:
+    """NetworkManager back from a restart (an upgrade) answers Metered "unknown" until it
+    has picked its primary connection again (its Metered is that connection's device's,
+    unknown without one), then announces the link's. That is still the restart: the hold
+    on the metered link goes on. The "unknown" ended the reading kept, and everything held
+    went out over the metered link until the announcement came."""
+    await nm.set_metered(YES)
+    agent = await make_agent(upstreams=[upstream(fake_nucleus)],
+                             sync={"on_metered": "hold", "dbus_address": bus.address})
+    await post(agent.port, range(1, 4))
+    await nm.stop()
+    await wait_for(lambda: agent.sync.metered.detail != "NetworkManager: yes")
+    nm.metered = 0   # back, no primary connection picked yet
+    await nm.start()
+    await wait_for(lambda: "unknown" in agent.sync.metered.detail)
+    assert agent.sync.profile.mode == "hold" and not agent.forwarding.loops, agent.sync.metered
+    await nm.set_metered(YES)   # its connection picked again: still metered
+    await wait_for(lambda: agent.sync.metered.detail == "NetworkManager: yes")
+    assert agent.sync.profile.mode == "hold" and not agent.forwarding.loops
+    assert delivered(fake_nucleus) == []
+    await nm.set_metered(NO)
+    await wait_for(lambda: delivered(fake_nucleus) == [1, 2, 3])
+
+
 async def test_the_bus_restarting_keeps_a_hold_on_a_metered_link(
         make_agent: Any, fake_nucleus: FakeNucleus, bus: PrivateBus, nm: FakeNetworkManager,
         monkeypatch: pytest.MonkeyPatch) -> None:
