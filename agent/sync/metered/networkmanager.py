@@ -16,7 +16,8 @@ and the subscription asked for again with it, so a limit raised later is followe
 Its name-owner watch refused, a NetworkManager restart is seen by such a read (its name
 has no owner): the restart all the same, read again soon while its reading is kept.
 NetworkManager or the bus going away (a restart) keeps the last yes or no up to
-``RESTART_S`` (``_Last``); meanwhile a lost bus is tried again from ``RETRY_FIRST_S`` on,
+``RESTART_S`` (``_Last``), through the "unknown" NetworkManager answers as it comes back,
+until it has picked its connection again; meanwhile a lost bus is tried again from ``RETRY_FIRST_S`` on,
 twice as long each time, not every ``RECONNECT_S``: else it outlasted the reading kept.
 A loss within ``RESTART_S`` of the last one's end goes on doubling from where that one
 was: a bus that drops each connection once it has answered is tried less and less often.
@@ -147,8 +148,8 @@ class NetworkManagerSource:
                 async with asyncio.timeout_at(wake):
                     msg = await _receive(conn)   # (cancelled between reads: nothing lost)
             except TimeoutError:
-                if wake == last.until:   # not back in time: stopped, not restarting
-                    report(last.got(_NOT_RUNNING))
+                if wake == last.until:   # not back in time, or back with no connection
+                    report(last.over())
                 elif wake == retry:
                     if unwatched:   # asked again: a limit raised, a policy fixed, is followed
                         adding, unwatched, refused = await _subscribe(conn, tuple(unwatched)), [], None
@@ -223,7 +224,10 @@ class _Last:
     the bus is away. A restart of either (an upgrade) leaves the link as it was:
     "unknown" (not metered) would send what a hold keeps over a metered link meanwhile.
     So its last yes or no holds until it is read again, up to RESTART_S from the first
-    loss (a new owner, or a new connection, gone before it answered, is the same one)."""
+    loss (a new owner, or a new connection, gone before it answered, is the same one).
+    NetworkManager back says "unknown" until it has picked its primary connection again
+    (its Metered is that connection's device's): still the restart, until it says yes or
+    no, or the time is over (then its "unknown" is the reading)."""
 
     def __init__(self, clock: Callable[[], float]) -> None:
         self._clock = clock
@@ -231,12 +235,24 @@ class _Last:
         self.until: float | None = None   # away: when the last reading ends
         self._soon = RETRY_FIRST_S   # away: the next wait before looking again
         self._back = -math.inf   # when the last loss ended in a reading (got)
+        self._said: MeteredReading | None = None   # away: NetworkManager back, "unknown"
 
     def got(self, reading: MeteredReading) -> MeteredReading:
-        """``reading``, now the last: it holds until the next loss."""
+        """``reading``, now the last: it holds until the next loss; but NetworkManager's
+        "unknown" while away keeps the last yes or no."""
+        if self.until is not None and reading == _STARTING:
+            self._said = reading
+            return self._kept("NetworkManager says unknown as it starts")
+        return self._take(reading)
+
+    def over(self) -> MeteredReading:
+        """The time kept is over: what NetworkManager back said, else not running."""
+        return self._take(self._said or _NOT_RUNNING)
+
+    def _take(self, reading: MeteredReading) -> MeteredReading:
         if self.until is not None:
             self._back = self._clock()
-        self.reading, self.until = reading, None
+        self.reading, self.until, self._said = reading, None, None
         return reading
 
     def away(self, why: str) -> MeteredReading | None:
@@ -245,6 +261,7 @@ class _Last:
         if self.reading is None or self.reading.state is Metered.UNKNOWN:
             return None
         now = self._clock()
+        self._said = None   # what a NetworkManager gone again said is not its word now
         if self.until is None:   # a new loss
             self.until = now + RESTART_S
             # Looked for soon again, unless the last loss ended just before: a bus that
@@ -254,6 +271,10 @@ class _Last:
         if now >= self.until:   # not back in time: forgotten
             self.reading = self.until = None
             return None
+        return self._kept(why)
+
+    def _kept(self, why: str) -> MeteredReading:
+        assert self.reading is not None
         return MeteredReading(self.reading.state, f"{self.reading.detail} (kept: {why}; "
                                                   f"up to {RESTART_S:g}s for a restart)")
 
@@ -268,6 +289,7 @@ class _Last:
 
 
 _NOT_RUNNING = MeteredReading(Metered.UNKNOWN, "NetworkManager is not running")
+_STARTING = reading(0)   # its Metered without a primary connection: unknown
 
 
 async def _subscribe(conn: DBusConnection, rules: tuple[MatchRule, ...]) -> dict[int, MatchRule]:
