@@ -194,6 +194,26 @@ async def test_a_networkmanager_that_says_unknown_as_it_starts_again_keeps_a_hol
     await wait_for(lambda: delivered(fake_nucleus) == [1, 2, 3])
 
 
+async def test_a_networkmanager_back_with_no_connection_is_unknown_once_the_restart_is_over(
+        make_agent: Any, fake_nucleus: FakeNucleus, bus: PrivateBus, nm: FakeNetworkManager,
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    """Back from a restart, NetworkManager's "unknown" keeps the last reading only for the
+    restart's time: one that picks no connection is then read as it says (unknown, not
+    "not running"), and what the hold kept goes."""
+    await nm.set_metered(YES)
+    agent = await make_agent(upstreams=[upstream(fake_nucleus)],
+                             sync={"on_metered": "hold", "dbus_address": bus.address})
+    await post(agent.port, range(1, 4))
+    monkeypatch.setattr(networkmanager, "RESTART_S", 1.0)
+    await nm.stop()
+    await wait_for(lambda: agent.sync.metered.detail != "NetworkManager: yes")
+    nm.metered = 0
+    await nm.start()
+    await wait_for(lambda: agent.sync.metered.detail == "NetworkManager: unknown")
+    await wait_for(lambda: delivered(fake_nucleus) == [1, 2, 3])
+    assert agent.sync.profile.mode == "normal" and agent.sync.errors == 0
+
+
 async def test_the_bus_restarting_keeps_a_hold_on_a_metered_link(
         make_agent: Any, fake_nucleus: FakeNucleus, bus: PrivateBus, nm: FakeNetworkManager,
         monkeypatch: pytest.MonkeyPatch) -> None:
