@@ -214,6 +214,33 @@ async def test_a_networkmanager_back_with_no_connection_is_unknown_once_the_rest
     assert agent.sync.profile.mode == "normal" and agent.sync.errors == 0
 
 
+async def test_a_networkmanager_whose_object_is_not_on_the_bus_yet_is_still_restarting(
+        make_agent: Any, fake_nucleus: FakeNucleus, bus: PrivateBus, nm: FakeNetworkManager,
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    """NetworkManager starting takes its name on the bus before it puts its objects there
+    (main.c: the bus acquired, then the manager set up and its objects exported): a read
+    that comes between is answered by GDBus itself, UnknownMethod (no such interface on
+    that path). That is still the restart: the hold goes on, nothing failed, and it is
+    read again soon. It was a failed reading, unknown: the hold lifted until
+    NetworkManager announced the link, and the read was asked again a minute later."""
+    monkeypatch.setattr(networkmanager, "RETRY_FIRST_S", 0.05)
+    await nm.set_metered(YES)
+    agent = await make_agent(upstreams=[upstream(fake_nucleus)],
+                             sync={"on_metered": "hold", "dbus_address": bus.address})
+    await post(agent.port, range(1, 4))
+    await nm.stop()
+    await wait_for(lambda: agent.sync.metered.detail != "NetworkManager: yes")
+    nm.error = "org.freedesktop.DBus.Error.UnknownMethod"   # its objects not there yet
+    await nm.start()
+    await wait_for(lambda: "UnknownMethod" in agent.sync.metered.detail)
+    assert agent.sync.profile.mode == "hold" and not agent.forwarding.loops, agent.sync.metered
+    assert agent.sync.errors == 0
+    nm.error = None   # there now: the next read, soon, finds the link as it was
+    await wait_for(lambda: agent.sync.metered.detail == "NetworkManager: yes")
+    assert agent.sync.profile.mode == "hold" and not agent.forwarding.loops
+    assert delivered(fake_nucleus) == [] and agent.sync.errors == 0
+
+
 async def test_the_bus_restarting_keeps_a_hold_on_a_metered_link(
         make_agent: Any, fake_nucleus: FakeNucleus, bus: PrivateBus, nm: FakeNetworkManager,
         monkeypatch: pytest.MonkeyPatch) -> None:
