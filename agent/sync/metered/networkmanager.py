@@ -16,8 +16,9 @@ and the subscription asked for again with it, so a limit raised later is followe
 Its name-owner watch refused, a NetworkManager restart is seen by such a read (its name
 has no owner): the restart all the same, read again soon while its reading is kept.
 NetworkManager or the bus going away (a restart) keeps the last yes or no up to
-``RESTART_S`` (``_Last``), through the "unknown" NetworkManager answers as it comes back,
-until it has picked its connection again; meanwhile a lost bus is tried again from ``RETRY_FIRST_S`` on,
+``RESTART_S`` (``_Last``), through what NetworkManager answers as it comes back, until it
+has picked its connection again ("unknown", or GDBus's UnknownMethod before its objects
+are on the bus: read again soon); meanwhile a lost bus is tried again from ``RETRY_FIRST_S`` on,
 twice as long each time, not every ``RECONNECT_S``: else it outlasted the reading kept.
 A loss within ``RESTART_S`` of the last one's end goes on doubling from where that one
 was: a bus that drops each connection once it has answered is tried less and less often.
@@ -192,6 +193,13 @@ class NetworkManagerSource:
                         retry = loop.time() + (   # soon while the last reading is kept
                             self.reconnect_s if last.until is None else last.soon(self.reconnect_s))
                     continue
+                if error in _NOT_READY and last.until is not None:
+                    # Back, it owns its name before its objects are on the bus, and GDBus
+                    # answers for them: still the restart, read again soon.
+                    report(last.starting(_answer(msg, signature),
+                                         f"NetworkManager not ready as it starts ({error})"))
+                    retry = loop.time() + last.soon(self.reconnect_s)
+                    continue
                 if kind is MessageType.method_return:
                     nm_owner = sender
                 answer = _answer(msg, signature)
@@ -241,9 +249,14 @@ class _Last:
         """``reading``, now the last: it holds until the next loss; but NetworkManager's
         "unknown" while away keeps the last yes or no."""
         if self.until is not None and reading == _STARTING:
-            self._said = reading
-            return self._kept("NetworkManager says unknown as it starts")
+            return self.starting(reading, "NetworkManager says unknown as it starts")
         return self._take(reading)
+
+    def starting(self, reading: MeteredReading, why: str) -> MeteredReading:
+        """While away: NetworkManager back, not yet saying yes or no (``why``); the last
+        reading is kept, ``reading`` is its word once the time is over."""
+        self._said = reading
+        return self._kept(why)
 
     def over(self) -> MeteredReading:
         """The time kept is over: what NetworkManager back said, else not running."""
@@ -327,6 +340,10 @@ _NO_PROPERTY = frozenset({"org.freedesktop.DBus.Error.InvalidArgs",
                           "org.freedesktop.DBus.Error.UnknownInterface"})
 # The bus's answer to a read NetworkManager left unanswered when it exited.
 _NO_REPLY = "org.freedesktop.DBus.Error.NoReply"
+# GDBus's answers for an object not exported (yet): NetworkManager starting takes its name
+# before it exports its objects (main.c: the bus acquired, then the manager set up).
+_NOT_READY = frozenset({"org.freedesktop.DBus.Error.UnknownMethod",
+                        "org.freedesktop.DBus.Error.UnknownObject"})
 
 
 def _reply_to(msg: Message) -> int | None:
