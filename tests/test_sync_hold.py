@@ -526,3 +526,49 @@ async def test_a_release_under_way_goes_on_when_the_profile_changes_and_still_ho
         for loop in agent.forwarding.loops.values()))
     assert sent(fake_nucleus) == [1, 2, 3] and agent.spool.depth == 2
     assert agent.sync.releases == 1
+
+
+async def test_a_hold_that_comes_while_a_release_reads_sends_nothing_the_release_did_not_let_go(
+        make_agent: Any, fake_nucleus: FakeNucleus, clock: Clock, bus: PrivateBus,
+        nm: FakeNetworkManager) -> None:
+    """A release under priority_only (metered) sends the high lane unbounded and the normal
+    lane up to its seq. The battery runs low while the key's loop reads young high events:
+    the release goes on under the hold, up to its seq in both lanes now, and what that
+    read returned past it must not go out, as a hold that stops a loop stops what a read
+    under way returns."""
+    await nm.set_metered(YES)
+    timing = ManualTiming()
+    sensor = Sensor(Battery(percent=50, plugged=False))
+    agent = await make_agent(
+        upstreams=[{**upstream(fake_nucleus), "flush_interval_s": 30, "batch_max_events": 2}],
+        seams=Seams(timing=timing), battery=sensor,
+        sync={"on_metered": "priority_only", "on_low_battery": "hold", "low_battery_pct": 20,
+              "max_hold_h": HALF_HOUR / 3600, "dbus_address": bus.address})
+    assert agent.sync.profile.mode == "priority_only"
+    fake_nucleus.answering.clear()   # the release's batches go out; their acks wait
+    await post(agent.port, range(1, 5))
+    await let_pass(clock, timing, HALF_HOUR)
+    # The fake reads a frame once it has answered the last: 3 and 4 wait in the socket.
+    await wait_for(lambda: sent(fake_nucleus) == [1, 2])
+
+    # The loop's next read of the high lane is caught on the reader thread, before it runs.
+    reading, go = threading.Event(), threading.Event()
+
+    def trace(sql: str) -> None:
+        if "FROM records WHERE stream = " in sql and "lane = 0 AND id >=" in sql \
+                and not reading.is_set():
+            reading.set()
+            go.wait(10)
+    assert agent.spool.reader is not None
+    await agent.spool.reader.run(lambda conn: conn.set_trace_callback(trace))
+    await post(agent.port, range(10, 12), kind="error")   # high, after the release: a batch
+    await wait_for(reading.is_set)
+    sensor.reading = LOW   # the battery runs low while the read is under way
+    await wait_for(lambda: timing.pending()[:2] == [60.0, 60.0])
+    timing.advance(BATTERY_POLL_S)
+    await wait_for(lambda: agent.sync.profile.mode == "hold")
+    go.set()
+    fake_nucleus.answering.set()
+    await wait_for(lambda: agent.spool.depth <= 2 and not agent.forwarding.loops)
+    assert sent(fake_nucleus) == [1, 2, 3, 4] and agent.spool.depth == 2
+    assert agent.sync.releases == 1
