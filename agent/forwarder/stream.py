@@ -335,7 +335,7 @@ class StreamForwarder:
 
     async def _read(self, batches: int) -> None:
         """Read and send up to ``batches`` batches of the key's queue (one slot each)."""
-        lanes = self.lanes
+        gate = self._gate()
         read, share = self._next_read(batches)
         if share:
             self._high_run = 0
@@ -343,9 +343,10 @@ class StreamForwarder:
         rows, batch = await self._rows_ahead(read) or (await self.spool.fetch(*read), None)
         if self._failed is not None or self._crash is not None:
             return  # a batch failed during the read: nothing new goes out before the resend
-        if self.lanes != lanes or self.stopping:
-            # The lanes changed, or a hold stopped the loop, during the read: what it read
-            # may not go out (an HTTP uplink has no connection to open, whose check stops it).
+        if self._gate() != gate or self.stopping:
+            # The lanes or a release's bounds changed, or a hold stopped the loop, during
+            # the read: what it read may not go out (an HTTP uplink has no connection to
+            # open, whose check stops it).
             return
         if share and not (rows and (self._full(rows) or self._due(rows))):
             return  # none of it to send yet (in flight, or not due): the high lane goes on
@@ -364,7 +365,7 @@ class StreamForwarder:
     async def _after_read(self, rows: Queued, ready: Prepared | None = None) -> Queued | None:
         """Send what ``rows`` hold, as the window allows; ``ready``: their first batch,
         prepared ahead (_fetch_ahead). Returns the rows left when the window filled."""
-        lanes = self.lanes
+        gate = self._gate()
         if not rows:
             self._leave_slots()   # before any wait: an idle loop holds no slot, waits for none
             self._ack_held()
@@ -407,7 +408,7 @@ class StreamForwarder:
             if failed is not None:
                 self._failed = failed
                 return None
-            if self._crash is not None or self.stopping or self.lanes != lanes:
+            if self._crash is not None or self.stopping or self._gate() != gate:
                 return None  # changed while it connected: read again (or end) before sending
         if (dropping := self.spool.dropping) is not None:
             # A commit or expiry runs that may drop records, and it took the leases before
@@ -420,7 +421,7 @@ class StreamForwarder:
             finally:
                 self._cursors[:] = before
             if self._failed is not None or self._crash is not None or self.stopping \
-                    or self.lanes != lanes:
+                    or self._gate() != gate:
                 return None
         if self.spool.dropped_since(rows):
             # A commit ran since the read (while it connected, waited for a drop, or after a
@@ -669,6 +670,11 @@ class StreamForwarder:
         if sent[0].lane != last.lane:   # the batch crosses from the high lane to the normal
             self._cursors[sent[0].lane] = next(
                 r.seq for r in reversed(sent) if r.lane == sent[0].lane)
+
+    def _gate(self) -> tuple[tuple[int, ...], tuple[int | None, ...] | None]:
+        """What the loop may send now: its lanes, and a release's bounds (a regate can
+        narrow those alone: a release under way goes on under a hold)."""
+        return self.lanes, self.until
 
     def queued(self) -> int:
         """Events queued in the lanes this loop may send (the key's depth counters)."""
