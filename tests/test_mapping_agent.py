@@ -395,3 +395,59 @@ async def test_empty_device_facts_are_filled_as_left_out_ones(
     ctx = fake_segment.events[0]["context"]
     assert (ctx["locale"], ctx["os"], ctx["device"]["id"]) == (
         facts.language, {"name": facts.platform, "version": "14"}, seg.facts.machineId)
+
+
+async def test_a_lifecycle_event_with_no_place_for_facts_crosses_a_nucleus_hop_as_sent(
+        make_agent: Any, fake_segment: FakeSegment, tmp_path: Path) -> None:
+    """A Segment app's "Application Opened" whose `context.os` is not an object (and an
+    "Application Error" whose `context.device` is not one): A fills no fact there (§9), so
+    the Nucleus `init` (`error`) it maps it to has none of them either. B's Nucleus route
+    filled them, as for a Nucleus app's init, and the event was no longer the mapping of
+    the app's: B mapped it anew as a Nucleus app's event, and the collector got it under a
+    `nucleus-...` messageId, the app's event folded into `properties.$segment` (§7)."""
+    b = await make_agent(spool=tmp_path / "b.db", upstreams=[segment_up(fake_segment)])
+    a = await make_agent(spool=tmp_path / "a.db", upstreams=[{
+        "name": "b", "protocol": "nucleus-http", "url": f"http://127.0.0.1:{b.port}",
+        "flush_interval_s": 0.05, "timeout_s": 2}])
+    sent = [{"userId": "u", "event": "Application Opened", "messageId": "o1",
+             "properties": {"from": "dock"}, "context": {"os": "the app's own"}},
+            {"anonymousId": "a", "event": "Application Error", "messageId": "e1",
+             "properties": {"name": "TypeError"}, "context": {"device": ["kept"]}}]
+    for body in sent:
+        assert (await call(a.port, "/v1/track", body, headers=AUTH)).status == 200
+    await wait_for(lambda: len(fake_segment.events) == 2)
+    got = {ev["messageId"]: ev for ev in fake_segment.events}
+    assert sorted(got) == ["e1", "o1"]
+    opened, error = got["o1"], got["e1"]
+    for ev, body in ((opened, sent[0]), (error, sent[1])):
+        assert {k: ev[k] for k in body if k != "context"} == \
+            {k: v for k, v in body.items() if k != "context"}
+        assert "nucleus" not in ev["context"]
+    facts = a.facts   # filled once, by A, where the app left a place
+    assert opened["context"] == {"os": "the app's own", "locale": facts.language, "device": {
+        "id": facts.machineId, "totalRam": facts.totalRam, "arch": facts.arch}}
+    assert error["context"] == {"device": ["kept"], "locale": facts.language,
+                                "os": {"name": facts.platform, "version": facts.osVersion}}
+
+
+async def test_a_nucleus_event_named_as_a_lifecycle_event_crosses_a_segment_hop_as_sent(
+        make_agent: Any, fake_nucleus: FakeNucleus, tmp_path: Path) -> None:
+    """A Nucleus app's own `event` named "Application Opened" (or "Application Error")
+    maps to a Segment track of that name, with no device facts: it is no init. B's Segment
+    route filled them, as for a Segment app's "Application Opened", and the event was no
+    longer the mapping of the app's: B mapped it anew as a Segment app's, and the Nucleus
+    upstream got an `init` (an `error`) under B's spool seq instead of the app's event and
+    id (§7)."""
+    b = await make_agent(spool=tmp_path / "b.db", upstreams=[nucleus_up(fake_nucleus)])
+    a = await make_agent(spool=tmp_path / "a.db", upstreams=[{
+        "name": "b", "protocol": "segment-http", "url": f"http://127.0.0.1:{b.port}",
+        "flush_interval_s": 0.05, "timeout_s": 2}])
+    date = "2026-01-01T00:00:00.000Z"
+    sent = [{"type": "event", "name": "Application Opened", "id": 5, "machineId": "m",
+             "sessionId": 1, "date": date, "payload": {"from": "dock"}},
+            {"type": "event", "name": "Application Error", "id": 6, "machineId": "m",
+             "sessionId": 1, "date": date, "payload": {"name": "TypeError"}}]
+    reply = await call(a.port, "/app/k/track", {"data": sent})
+    assert reply.json() == {"reportedIds": [5, 6]}
+    await wait_for(lambda: len(fake_nucleus.events) == 2)
+    assert fake_nucleus.events == sent
