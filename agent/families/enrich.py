@@ -6,19 +6,24 @@ or "" is missing (the Nucleus API requires them on init and error: an empty stri
 no locale, platform or machine; Electron gives "" for the locale before the app is ready). Events are enriched at
 ingest, so an event forwarded as stored and one mapped to the other family carry the
 same facts: the mapping moves each Segment place to its Nucleus place and back.
+
+An event that another Outpost mapped from the other family (one forwarding to this one's
+route of that family) is not filled again: it was enriched where it was first received,
+and a fact added to it here would make it no longer the mapping of the app's event, which
+then could not be given back (docs/mapping.md §7) but was mapped anew.
 """
 
 from __future__ import annotations
 
 from typing import Any
 
+from agent.families import mapping
+from agent.families.event import now_ms
 from agent.families.facts import DeviceFacts
 from agent.families.lanes import Lanes
+from agent.families.lifecycle import ERROR, NEEDS_FACTS, OPENED, SEGMENT_NEEDS_FACTS
 
-NEEDS_FACTS = frozenset({"init", "error"})
-OPENED = "Application Opened"   # Segment's lifecycle event, Nucleus' `init`
-ERROR = "Application Error"     # Segment's name for what Nucleus calls `error`
-SEGMENT_NEEDS_FACTS = frozenset({OPENED, ERROR})
+__all__ = ["ERROR", "NEEDS_FACTS", "OPENED", "SEGMENT_NEEDS_FACTS", "Enrich"]
 
 
 class Enrich:
@@ -43,6 +48,10 @@ class Enrich:
         an anonId)."""
         if kind not in NEEDS_FACTS:
             return
+        payload = event.get("payload")
+        if (isinstance(payload, dict) and isinstance(payload.get(mapping.SEGMENT_KEY), dict)
+                and mapping.segment_given_back(event, now_ms()) is not None):
+            return   # a Segment event mapped by another Outpost: enriched there
         facts = self.facts
         for name in ("platform", "osVersion", "totalRam", "arch"):
             if _missing(event.get(name)):
@@ -79,6 +88,9 @@ class Enrich:
         ctx = event.get("context")
         if ctx is not None and not isinstance(ctx, dict):
             return
+        if (ctx is not None and isinstance(ctx.get("nucleus"), dict)
+                and mapping.given_back(event, now_ms()) is not None):
+            return   # a Nucleus event mapped by another Outpost: enriched there
         # Copies, never changes in place: a batch's context objects are shared by
         # all of its messages (agent/families/segment.py merge).
         ctx = event["context"] = dict(ctx or {})

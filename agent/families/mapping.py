@@ -24,7 +24,7 @@ import orjson
 
 from agent import __version__
 from agent.families.dates import in_local_time, iso_ms_fast, read_date, to_iso
-from agent.families.enrich import ERROR, OPENED
+from agent.families.lifecycle import ERROR, OPENED
 from agent.families.nucleus import event_type, old_name
 from agent.families.segment import is_id
 

@@ -9,15 +9,18 @@ from __future__ import annotations
 
 from collections.abc import Mapping, Sequence
 from types import MappingProxyType
-from typing import Any, NamedTuple
+from typing import TYPE_CHECKING, Any, NamedTuple
 
 import orjson
 
 from agent.families.depth import SHALLOW_BYTES, may_be_too_deep, too_deep
-from agent.families.enrich import NEEDS_FACTS, Enrich
 from agent.families.errors import Invalid
 from agent.families.event import NEWLINE, NUCLEUS, Columns, Event, dedupe_key, iso_ms, now_ms
 from agent.families.lanes import HIGH, NORMAL, NUCLEUS_HIGH
+from agent.families.lifecycle import NEEDS_FACTS
+
+if TYPE_CHECKING:   # the enrichment asks the mapping, which reads these rules
+    from agent.families.enrich import Enrich
 
 KNOWN_TYPES = frozenset({"init", "event", "error", "userid", "props", "heartbeat", "nucleus:view"})
 ID_TYPES = (int, float, str)   # the ids taken, as exact types (a bool is not one)

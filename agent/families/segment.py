@@ -28,13 +28,12 @@ from collections.abc import Callable, Mapping
 from collections.abc import Set as AbstractSet
 from datetime import datetime
 from types import MappingProxyType
-from typing import Any, NamedTuple
+from typing import TYPE_CHECKING, Any, NamedTuple
 
 import orjson
 
 from agent.families.dates import iso_ms_fast
 from agent.families.depth import SHALLOW_BYTES, may_be_too_deep, too_deep
-from agent.families.enrich import SEGMENT_NEEDS_FACTS, Enrich
 from agent.families.errors import Invalid, shown
 from agent.families.event import (
     NEWLINE,
@@ -47,6 +46,10 @@ from agent.families.event import (
     now_ms,
 )
 from agent.families.lanes import HIGH, NORMAL, SEGMENT_HIGH
+from agent.families.lifecycle import SEGMENT_NEEDS_FACTS
+
+if TYPE_CHECKING:   # the enrichment asks the mapping, which reads these rules
+    from agent.families.enrich import Enrich
 
 TYPES = frozenset({"track", "identify", "page", "screen", "group", "alias"})
 REQUIRED = {"track": "event", "group": "groupId", "alias": "previousId"}
