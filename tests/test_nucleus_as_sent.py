@@ -74,3 +74,27 @@ async def test_a_message_needing_more_than_a_date_is_delivered_the_same_in_meani
     assert nulled["date"] and {**nulled, "date": None} == sent[2]
     assert all(json.dumps(ev).encode() not in b"".join(fake_nucleus.raw) for ev in sent)
     assert orjson.loads(fake_nucleus.raw[0])["data"][0]["id"] == 1
+
+
+async def test_an_integer_past_64_bits_in_a_field_read_for_the_dedupe_key_is_judged(
+        make_agent: Any, fake_nucleus: FakeNucleus) -> None:
+    """An integer outside the 64-bit range where the dedupe key reads it (a `sessionId`,
+    an `id`): JavaScript writes 2**64 as 18446744073709552000, a double's value, kept as
+    that double; Python's 2**64 + 1, which a double would round, leaves its event out
+    alone. The message is answered, as the general path answers it (it was a 500, and a
+    websocket dropped, for every resend of the module's queue)."""
+    agent = await make_agent(upstreams=[upstream(fake_nucleus)])
+    sent = [json.dumps(e).encode() for e in (event(1), event(2), event(3))]
+    sent[0] = sent[0].replace(b'"sessionId": "s-1"', b'"sessionId": 18446744073709552000')
+    sent[1] = sent[1].replace(b'"id": 2', b'"id": 18446744073709552000')
+    sent[2] = sent[2].replace(b'"machineId": "m-1"', b'"machineId": 18446744073709551617')
+    for over_ws in (False, True):
+        body = b'{"data": [' + b", ".join(sent) + b"]}"
+        # The id echoed as the double it was read as (the digits JavaScript writes for 2**64).
+        assert await _posted(agent.port, body, over_ws) == {"reportedIds": [1, 2.0**64]}
+        await wait_for(lambda: len(fake_nucleus.events) == 2)
+        assert fake_nucleus.events[0]["sessionId"] == 2**64
+        assert [e["id"] for e in fake_nucleus.events] == [1, 2**64]
+        await wait_for(lambda: agent.spool.depth == 0)
+        fake_nucleus.events.clear()
+        sent = [e.replace(b'"m-1"', b'"m-2"') for e in sent]   # not resends
