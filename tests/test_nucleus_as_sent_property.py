@@ -86,11 +86,10 @@ def general(raw: bytes) -> family.Accepted | None:
 
 
 def same_events(raw: bytes) -> bool:
-    """``raw`` stored as sent (if it may be) as the general path stores it; whether it was."""
-    if not kept_as_sent(raw):
-        return False
+    """``raw`` stored as sent (if it may be) as the general path stores it; whether it was.
+    In the dialect's order: the events (which must never raise), then the bytes."""
     kept = as_sent.accepted(raw, KEY, RECEIVED, Lanes(), MOST)
-    if kept is None:
+    if kept is None or not kept_as_sent(raw):
         return False
     expected = general(raw)
     assert expected is not None, raw

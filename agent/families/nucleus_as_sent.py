@@ -103,8 +103,12 @@ def accepted(raw: bytes, key: str, received: str, lanes: Lanes, most: int) -> Ac
             body = bytes(item)
         if len(body) > SHALLOW_BYTES and may_be_too_deep(body):
             return None
-        dedupes.append(dedupe_key("nucleus", key, ev.machineId or ev.deviceId or ev.anonId,
-                                  ev.sessionId, ev_id, date, kind, name))
+        try:
+            dedupe = dedupe_key("nucleus", key, ev.machineId or ev.deviceId or ev.anonId,
+                                ev.sessionId, ev_id, date, kind, name)
+        except TypeError:   # an integer past 64 bits, which orjson reads otherwise
+            return None
+        dedupes.append(dedupe)
         bodies.append(body)
         ids.append(ev_id)
         lane_of.append(lanes.nucleus(key, kind, name) if ruled
