@@ -129,6 +129,8 @@ class Agent:
                                          self.sync.may_send, self.tail.acked)
             await self.forwarding.start()
             stack.push_async_callback(self._stop_forwarding)
+            # A release the last run had under way (max_hold_h) goes on.
+            self.sync.forwarders_started(self.forwarding.release)
             self.sink = Sink(self.cfg.listen.accept_keys, spool,
                              Enrich(self.facts, Lanes(self.cfg.upstreams)), self.metrics,
                              inflight_budget=self.cfg.listen.max_inflight_mb * 1024 * 1024,
@@ -204,8 +206,10 @@ class Agent:
         return listener
 
     def _monitor(self, cfg: Config) -> SyncMonitor:
+        assert self.spool is not None
         return SyncMonitor(cfg.sync, source_for(cfg.sync), self.battery, self._held_age_s,
-                           self.seams.timing, self._regate, self._release)
+                           self.seams.timing, self._regate, self._release,
+                           self.spool.released, self.spool.keep_released)
 
     async def _stop_sync(self) -> None:
         # The current monitor: a reload that changes [sync] replaces the one start built.
@@ -348,7 +352,7 @@ class Agent:
             self.forwarding.take_over(old)
         await self.forwarding.start()
         # Maybe new routes, maybe new rules: a release under way goes on.
-        self.sync.reloaded(self.forwarding.release)
+        self.sync.forwarders_started(self.forwarding.release)
         # Counted once in force: one a stop cut short is neither applied nor refused.
         self.metrics.reloads_applied += 1
         self.metrics.reload_error = self.metrics.reload_error_at = None

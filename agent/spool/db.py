@@ -274,6 +274,7 @@ class State:
     keys: StoredKeys                              # the newest dedupe keys
     high: dict[int, int]                          # stream id -> events queued in its high lane
     learned: Learned | None                       # the dictionary small records are packed with
+    released: int                                 # the max_hold_h release's bound (keep_released)
 
 
 def forget_idle_streams(conn: sqlite3.Connection) -> int:
@@ -324,10 +325,14 @@ def _load_state(conn: sqlite3.Connection, now_observed: int, max_keys: int) -> S
         raise ValueError("a record is in a lane no forwarder reads")
     latest = now_observed if observed is None else max(observed, now_observed)
     live, keys = _read_records(conn, marks, latest, max_keys)
+    released = conn.execute("SELECT value FROM counters WHERE name = ?",
+                            (RELEASED_NAME,)).fetchone()
     return State(top + 1, streams, counters, dead, used_bytes(conn), observed, live, keys,
                  dict(conn.execute(f"SELECT stream, sum(live) FROM records WHERE lane = {HIGH} "
                                    "GROUP BY stream").fetchall()),
-                 newest(conn))
+                 newest(conn),
+                 # Garbled by damage: none, as in a spool saved before it was kept.
+                 released[0] if released is not None and isinstance(released[0], int) else 0)
 
 
 def typed(row: Sequence[Any], types: Sequence[Any]) -> bool:
@@ -339,6 +344,19 @@ def typed(row: Sequence[Any], types: Sequence[Any]) -> bool:
 # Not a count, in the counters table (from_names skips it): the dedupe_max_keys the keys
 # were last loaded under, for a start under a lower one to count the keys it leaves out.
 CAP_NAME = "dedupe_max_keys"
+# Nor this: the last seq of the max_hold_h release under way (agent/sync/monitor.py), so that
+# the next start goes on with it rather than release afresh, up to what is queued then.
+RELEASED_NAME = "sync_released"
+
+
+def keep_released(conn: sqlite3.Connection, seq: int) -> None:
+    """Save ``seq`` as the bound of the release under way; 0: none is."""
+    with transaction(conn):
+        if seq:
+            conn.execute("INSERT INTO counters(name, value) VALUES (?, ?) ON CONFLICT(name) "
+                         "DO UPDATE SET value = excluded.value", (RELEASED_NAME, seq))
+        else:
+            conn.execute("DELETE FROM counters WHERE name = ?", (RELEASED_NAME,))
 
 
 def lower_cap(conn: sqlite3.Connection, keys: StoredKeys, max_keys: int,

@@ -172,6 +172,9 @@ class Spool:
         # Why the last recovery that could not finish could not (_refusing): said once,
         # not at each try again, until the spool is open again.
         self._said: str | None = None
+        # The bound of the max_hold_h release under way as last kept (keep_released): read
+        # at the start, for the transmit profile to go on with it (agent/sync/monitor.py).
+        self.released = 0
 
     # -- what the writer and reader use --------------------------------------
 
@@ -301,6 +304,22 @@ class Spool:
 
     async def dead_letters(self, limit: int = 100) -> list[dict[str, Any]]:
         return await self.reader_side.dead_letters(limit)
+
+    async def keep_released(self, seq: int) -> None:
+        """Keep ``seq`` as the last seq of the max_hold_h release under way (0: none), for
+        the next start: killed or stopped meanwhile, it released afresh, up to what was
+        queued then, and sent the young events after the release too. Not kept (a full
+        disk, the spool not open), that start does so: logged, not raised."""
+        async with self.lock:
+            if (db := self._db) is None:
+                return
+            try:
+                await whole(db.run(spool_db.keep_released, seq))
+            except sqlite3.Error as exc:
+                log.warning("spool %s: could not keep the bound of the max_hold_h release "
+                            "under way (a restart would release afresh): %s", self.path, exc)
+                return
+        self.released = seq
 
     # -- lifecycle ---------------------------------------------------------
 
@@ -503,6 +522,7 @@ class Spool:
                          state.used_bytes, state.high)
         self.live.load(*state.live)
         self.writer.codebook.resume(state.learned)
+        self.released = state.released
         self.index = self.writer.index = DedupeIndex(self.index.window_ms, self.index.max_keys)
         # Keys past the cap are not counted as forgotten here: the run that stored them
         # counted them when its index let them go (dedupe_forgotten), at every restart;

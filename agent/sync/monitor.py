@@ -11,7 +11,8 @@ for good), then releases (``on_release``): every key sends what it has queued th
 and holds again what comes after, timed from then on by the events after the release's
 last seq. Not by the oldest event queued: a release still sending a minute later (a slow
 link, an upstream's Retry-After) would be released again each minute, up to the events
-received meanwhile, which the hold is for.
+received meanwhile, which the hold is for. So that a restart does not either, the release's
+bound is kept in the spool (``keep``) and the next start goes on with it (``released``).
 """
 
 from __future__ import annotations
@@ -27,7 +28,7 @@ from agent.logs import RateLimiter, log_limited
 from agent.settings import SyncConfig
 from agent.sync.changes import Changes, Timers
 from agent.sync.metered import MeteredSource
-from agent.sync.policy import NORMAL, Battery, Metered, MeteredReading, decide, held_lanes, sent_lanes
+from agent.sync.policy import HOLD, NORMAL, Battery, Metered, MeteredReading, decide, held_lanes, sent_lanes
 from agent.sync.power import BatterySensor
 
 log = logging.getLogger("outpost.sync")
@@ -42,6 +43,10 @@ class Waits(Timers, Protocol):
     """The clock the monitor waits and times by (the forwarders' Timing fits): tests move it."""
 
     async def wait(self, event: asyncio.Event, timeout: float) -> None: ...
+
+
+async def _keep_nothing(seq: int) -> None:
+    pass
 
 
 class SyncView(TypedDict):
@@ -64,7 +69,8 @@ class SyncMonitor:
     def __init__(self, cfg: SyncConfig, metered: MeteredSource, battery: BatterySensor,
                  oldest: Callable[[tuple[int, ...], int], Awaitable[float | None]],
                  waits: Waits, on_change: Callable[[], None],
-                 on_release: Callable[[], int]) -> None:
+                 on_release: Callable[[], int], released: int = 0,
+                 keep: Callable[[int], Awaitable[None]] = _keep_nothing) -> None:
         self.cfg = cfg
         self._source = metered
         self._sensor = battery
@@ -78,7 +84,11 @@ class SyncMonitor:
         self.profile = decide(cfg, self.metered, None)
         self.releases = 0
         self._released = 0   # the last seq the release under way sends (on_release's)
-        self._carried: tuple[str, int] | None = None   # the old rules' mode and release
+        self._keep = keep    # saves _released for the next start (the spool)
+        self._kept = released   # as saved, by this run or the last
+        # The old rules' mode and release: a reload's (carry), or the last run's, whose
+        # rules held while a release was under way (0 kept once they no longer held).
+        self._carried: tuple[str, int] | None = (HOLD, released) if released else None
         self._first = asyncio.Event()
         self._battery_read = asyncio.Event()
         self._changed = asyncio.Event()   # the profile changed, or data came to an empty hold
@@ -96,10 +106,11 @@ class SyncMonitor:
     def carry(self, old: SyncMonitor) -> None:
         """A reload that changed [sync], before ``start``: the counts are since the agent
         started (/metrics counters), and the last error stays shown, as an upstream's do;
-        and a release under way, which goes on (``reloaded``) if the new rules hold
+        and a release under way, which goes on (``forwarders_started``) if the new rules hold
         too (``hold`` or ``priority_only``, as the old ones or not)."""
         self.releases, self.errors, self.last_error = old.releases, old.errors, old.last_error
         self._carried = (old.profile.mode, old._released)
+        self._kept = old._kept   # what it saved, a save its stop cut short included
 
     async def start(self) -> None:
         """Start the sources; wait briefly for the first metered reading, so a hold on a
@@ -117,8 +128,9 @@ class SyncMonitor:
         if carried is not None and held_lanes(carried[0]) and held_lanes(self.profile.mode):
             # New rules that hold, as the old ones did (the same lanes or not, as a change
             # of profile between two that hold: _update): their waiter times only what
-            # came after the release under way, which ``reloaded`` goes on with.
+            # came after the release under way, which ``forwarders_started`` goes on with.
             self._released = carried[1]
+        await self._save()   # none goes on (rules that send everything): none is kept
         if self.cfg.on_metered != NORMAL or self.cfg.on_low_battery != NORMAL:
             self._run("max_hold_h", self._keep_max_hold)
 
@@ -168,11 +180,12 @@ class SyncMonitor:
             self._empty = False
             self._changed.set()
 
-    def reloaded(self, release: Callable[[int], int]) -> None:
-        """After a reload, with the new forwarders' ``release``. A release under way ended
-        with the forwarders it ran in: it goes on up to its own bound (a fresh one would
-        send what came after it too, young, on the network the hold is for), with the
-        events queued before it of keys the reload routed, as it would have sent them.
+    def forwarders_started(self, release: Callable[[int], int]) -> None:
+        """After a start or a reload, with the new forwarders' ``release``. A release under
+        way ended with the forwarders (or the agent) it ran in: it goes on up to its own
+        bound (a fresh one would send what came after it too, young, on the network the
+        hold is for), with the events queued before it of keys a reload routed, as it
+        would have sent them.
         Those after it, untimed while no upstream took them (held.py), are timed from
         now on: the waiter looks again, or, with no app posting, they would be held for
         good."""
@@ -239,6 +252,7 @@ class SyncMonitor:
         limit_s = self.cfg.max_hold_h * 3600
         while True:
             self._changed.clear()
+            await self._save()   # a release ended by a profile that sends everything
             held = held_lanes(self.profile.mode)
             if not held:
                 await self._changed.wait()
@@ -255,6 +269,7 @@ class SyncMonitor:
                 await self._wait_held(left)
                 continue
             self._release()
+            await self._save()
             await self._waits.wait(self._changed, RELEASE_RECHECK_S)
 
     async def _wait_held(self, left_s: float) -> None:
@@ -271,6 +286,12 @@ class SyncMonitor:
             if rest_ms <= 0:
                 return
             await self._waits.wait(self._changed, min(rest_ms / 1000, HOLD_CHECK_S))
+
+    async def _save(self) -> None:
+        """Keep the release's bound, when it changed, for the next start."""
+        if self._released != self._kept:
+            self._kept = self._released
+            await self._keep(self._released)
 
     def _release(self) -> None:
         log.info("holding (%s), but the oldest queued event is %g h old (sync.max_hold_h): "
