@@ -143,15 +143,7 @@ class NucleusHandlers:
         # at ingest: the mapping reads them instead of the body (Event.parsed).
         keep = limits.maps_key(key)
 
-        def build(read: tuple[Any, dict[int, str]], _size: int) -> family.Accepted:
-            data = read[0].get("data") if isinstance(read[0], dict) else None
-            if isinstance(data, list) and len(data) > MAX_EVENTS:
-                raise TooMany(MAX_EVENTS, "events", "too many to take (each counts as at "
-                              f"least {EVENT_MIN} bytes of the {MAX_MESSAGE // 2**20} MiB "
-                              "a message may be)")
-            return family.accept(read[0], key, enrich, read[1], keep_parsed=keep)
-
-        def judge(raw: str | bytes, size: int) -> family.Accepted:
+        def judge(raw: str | bytes, _size: int) -> family.Accepted:
             """A usual message stored as sent (families/nucleus_as_sent.py: no dict of an
             event made or encoded again); any other read and judged event by event. The
             cheaper test first: the events, then the bytes."""
@@ -162,7 +154,13 @@ class NucleusHandlers:
                 if got is not None and kept_as_sent(data) and not (limits.active and any(
                         limits.oversize(event) is not None for event in got.events)):
                     return got
-            return build(nucleus_json.read(raw), size)
+            msg, faults = nucleus_json.read(raw)
+            events = msg.get("data") if isinstance(msg, dict) else None
+            if isinstance(events, list) and len(events) > MAX_EVENTS:
+                raise TooMany(MAX_EVENTS, "events", "too many to take (each counts as at "
+                              f"least {EVENT_MIN} bytes of the {MAX_MESSAGE // 2**20} MiB "
+                              "a message may be)")
+            return family.accept(msg, key, enrich, faults, keep_parsed=keep)
         got = await parse_body(raw, _as_is, judge)
         count_events(ticket, len(got.events))
         events, acks = self._carried(got, key, limits)
