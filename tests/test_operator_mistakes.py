@@ -412,6 +412,45 @@ def test_a_drop_in_s_read_write_paths_let_the_service_write_storage_path(tmp_pat
     assert outside_unit(load_file(config), drop_ins) is None
 
 
+def test_a_drop_in_that_eases_protect_system_or_adds_a_state_directory_is_heeded(
+        tmp_path: Path) -> None:
+    """Drop-ins other than ReadWritePaths= let the service write a storage.path too: a
+    ProtectSystem= other than strict (only /usr, /boot, /efi read-only; /etc too for
+    "full"), and a StateDirectory= of its own. Install (an upgrade's) refused such a setup
+    as one that "would exit at every start", and check-config noted it so; what stays
+    unwritable or lost is still refused: /usr under any ProtectSystem= but "no", /etc
+    under "full", a home (ProtectHome=), /tmp (PrivateTmp=: emptied at each stop)."""
+    from agent.config import load_file
+    from agent.preflight import outside_unit
+
+    drop_ins = tmp_path / "outpost.service.d"
+    drop_ins.mkdir()
+    config = tmp_path / "agent.toml"
+
+    def refused(spool: str) -> bool:
+        config.write_text(f'[storage]\npath = "{spool}"\n')
+        return outside_unit(load_file(config), drop_ins) is not None
+
+    assert refused("/srv/outpost/spool.db")
+    (drop_ins / "override.conf").write_text("[Service]\nProtectSystem=full\n")
+    assert not refused("/srv/outpost/spool.db")
+    assert refused("/etc/outpost/spool.db") and refused("/usr/local/outpost/spool.db")
+    assert refused("/home/pat/spool.db") and refused("/tmp/outpost/spool.db")
+    (drop_ins / "override.conf").write_text("[Service]\nProtectSystem=yes\n")
+    assert not refused("/etc/outpost/spool.db") and refused("/usr/outpost/spool.db")
+    (drop_ins / "override.conf").write_text("[Service]\nProtectSystem=false\n")
+    assert not refused("/usr/local/outpost/spool.db") and refused("/root/spool.db")
+    (drop_ins / "zz.conf").write_text("[Service]\nProtectSystem=strict\n")   # the last wins
+    assert refused("/srv/outpost/spool.db")
+
+    (drop_ins / "zz.conf").unlink()
+    (drop_ins / "override.conf").write_text("[Service]\nStateDirectory=outpost outpost-big\n")
+    assert not refused("/var/lib/outpost-big/spool.db") and not refused("/var/lib/outpost/s.db")
+    assert refused("/var/lib/other/spool.db")
+    (drop_ins / "override.conf").write_text("[Service]\nStateDirectory=\nStateDirectory=big\n")
+    assert not refused("/var/lib/big/spool.db") and refused("/var/lib/outpost/s.db")
+
+
 @pytest.mark.skipif(not sys.platform.startswith("linux"), reason="systemd; POSIX shell quoting")
 def test_the_commands_config_init_and_install_suggest_work_pasted_for_a_path_with_spaces(
         tmp_path: Path) -> None:
