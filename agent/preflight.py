@@ -7,6 +7,7 @@ nothing on disk (one makes and removes a name of its own), so `check-config` run
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import errno
 import getpass
 import os
@@ -247,17 +248,23 @@ def _read_only_fix(directory: Path) -> str:
 def outside_unit(cfg: Config, drop_ins: Path = DROP_INS) -> str | None:
     """Why the system unit's service could not write ``cfg``'s storage.path, or None: its
     unit (ProtectSystem=strict) lets it write its state directory and the ReadWritePaths=
-    of its drop-ins alone. Checks made as root, outside that sandbox, cannot see it. A
-    path from `~` is the service user's home, the state directory, where it runs."""
+    of its drop-ins alone, unless a drop-in sets a StateDirectory= of its own or eases
+    ProtectSystem=. Checks made as root, outside that sandbox, cannot see it. A path from
+    `~` is the service user's home, the state directory, where it runs."""
     if not cfg.storage.path or cfg.storage.path.startswith("~"):
         return None
     spool = cfg.storage.resolved_path()
-    allowed = [paths.LINUX_SYSTEM_DATA, *_read_write_paths(drop_ins)]
+    sandbox = _sandbox(drop_ins)
+    allowed = [*sandbox.state_dirs, *sandbox.read_write]
     where = Path(os.path.realpath(spool.parent))
     if any(where.is_relative_to(os.path.realpath(a)) for a in allowed):
         return None
+    if sandbox.protect_system != "strict" and not any(
+            where.is_relative_to(r) for r in (*_STILL_SHUT, *_READ_ONLY[sandbox.protect_system])):
+        return None
+    writable = ", ".join(map(str, allowed)) or "nothing"
     return (f"storage.path {spool} is outside what the system unit lets the service write "
-            f"({', '.join(map(str, allowed))}: ProtectSystem=strict), so it would exit at every "
+            f"({writable}: ProtectSystem={sandbox.protect_system}), so it would exit at every "
             f"start; leave storage.path empty to use {paths.LINUX_SYSTEM_DATA}, or allow the "
             f"directory in a drop-in: {drop_ins / 'storage.conf'} holding the lines `[Service]` "
             f"and `ReadWritePaths={systemd_word(spool.parent)}` (create the directory first, "
@@ -274,10 +281,31 @@ def system_unit_notes(cfg: Config, source: Path) -> list[str]:
     return [f"the system service reads this file, and {outside}"] if outside else []
 
 
-def _read_write_paths(drop_ins: Path) -> list[Path]:
-    """The ReadWritePaths= of the [Service] sections of ``drop_ins``' *.conf files, in
-    systemd's order (an empty one clears those before it; `-` and `+` prefixes dropped)."""
-    found: list[Path] = []
+# What the unit's other settings keep from the service whatever its ProtectSystem=:
+# ProtectHome=, PrivateTmp= (emptied at each stop), PrivateDevices=, the kernel's files.
+_STILL_SHUT = tuple(Path(p) for p in ("/home", "/root", "/run/user", "/tmp", "/var/tmp", "/dev",
+                                      "/proc", "/sys"))
+# Read-only under each ProtectSystem= below strict (systemd.exec(5)), by its canonical name.
+_READ_ONLY = {"no": (), "yes": tuple(Path(p) for p in ("/usr", "/boot", "/efi")),
+              "full": tuple(Path(p) for p in ("/usr", "/boot", "/efi", "/etc"))}
+_YES, _NO = ("1", "yes", "y", "true", "t", "on"), ("0", "no", "n", "false", "f", "off")
+
+
+@dataclasses.dataclass
+class _Sandbox:
+    """What the unit and its drop-ins let the service write (the unit's own values first)."""
+
+    state_dirs: list[Path] = dataclasses.field(
+        default_factory=lambda: [paths.LINUX_SYSTEM_DATA])
+    read_write: list[Path] = dataclasses.field(default_factory=list)
+    protect_system: str = "strict"   # "strict" | "full" | "yes" | "no"
+
+
+def _sandbox(drop_ins: Path) -> _Sandbox:
+    """The [Service] settings of ``drop_ins``' *.conf files that widen what the service may
+    write, in systemd's order: ReadWritePaths= and StateDirectory= add (an empty one clears
+    those before it; `-` and `+` prefixes dropped), the last ProtectSystem= wins."""
+    found = _Sandbox()
     try:
         confs = sorted(drop_ins.glob("*.conf"))
     except OSError:
@@ -291,15 +319,30 @@ def _read_write_paths(drop_ins: Path) -> list[Path]:
         for line in map(str.strip, lines):
             if line.startswith("["):
                 section = line
-            elif section == "[Service]" and line.partition("=")[0].strip() == "ReadWritePaths":
-                value = line.partition("=")[2].replace("%%", "%")
-                if not value.strip():
-                    found.clear()
-                try:
-                    words = shlex.split(value)
-                except ValueError:
-                    words = value.split()
-                found += [Path(w.lstrip("-+")) for w in words if w.lstrip("-+").startswith("/")]
+                continue
+            key, _, value = line.partition("=")
+            key, value = key.strip(), value.replace("%%", "%")
+            if section != "[Service]" or key not in ("ReadWritePaths", "StateDirectory",
+                                                     "ProtectSystem"):
+                continue
+            if key == "ProtectSystem":
+                word = value.strip().lower()
+                word = "yes" if word in _YES else "no" if word in _NO else word
+                if word in ("strict", *_READ_ONLY):   # systemd ignores what it cannot parse
+                    found.protect_system = word
+                continue
+            into = found.read_write if key == "ReadWritePaths" else found.state_dirs
+            if not value.strip():
+                into.clear()
+            try:
+                words = shlex.split(value)
+            except ValueError:
+                words = value.split()
+            if key == "ReadWritePaths":
+                into += [Path(w.lstrip("-+")) for w in words if w.lstrip("-+").startswith("/")]
+            else:   # names under /var/lib; `name:link` (systemd 250) makes name
+                into += [Path("/var/lib") / w.partition(":")[0] for w in words
+                         if w.partition(":")[0] and not w.startswith("/")]
     return found
 
 
