@@ -31,6 +31,20 @@ def test_ci_runs_the_readme_test_command_verbatim() -> None:
     assert test in ci_lines
 
 
+def test_the_readme_install_command_does_not_pip_install_into_the_system_python() -> None:
+    """Debian 12, Ubuntu 23.04 and later mark their Python externally managed (PEP 668):
+    `python3 -m pip install .` there stops at `error: externally-managed-environment`, and
+    the README's first command did nothing on such a fresh machine. It installs into a venv
+    of its own, as docs/operations.md's Install does, and runs that venv's `outpost`."""
+    install, _ = readme_commands()
+    steps = [step.strip() for step in install.split("&&")]
+    made = re.fullmatch(r"python3 -m venv (\S+)", steps[0])
+    assert made, install
+    venv = made[1]
+    assert steps[1:] == [f"{venv}/bin/pip install .",
+                         f"{venv}/bin/outpost run --config agent.toml"], install
+
+
 def test_installed_outpost_runs_the_default_config(tmp_path: Path) -> None:
     exe = shutil.which("outpost", path=str(Path(sys.executable).parent))
     if exe is None:
