@@ -61,6 +61,22 @@ def test_a_second_agent_on_a_spool_in_use_refuses_to_start(
     assert again.terminate() == 0
 
 
+def test_a_second_agent_on_a_symlink_to_the_spool_in_use_refuses_to_start(
+        tmp_path: Path, agent_process: Callable[..., AgentProcess]) -> None:
+    """storage.path naming a symlink to a spool another agent runs on (a spool moved to a
+    bigger disk and linked back, one config naming each path): the lock file went beside
+    the name given, not the file, and a second agent started on the same spool, two
+    writers forwarding one queue."""
+    spool = tmp_path / "disk" / "spool.db"
+    port, other = free_port(), free_port()
+    first = agent_process(write_config(tmp_path / "a.toml", spool, port=port), port).start()
+    link = tmp_path / "state" / "spool.db"
+    link.parent.mkdir(mode=0o700)
+    link.symlink_to(spool)
+    _refused(write_config(tmp_path / "b.toml", link, port=other), link)
+    assert first.terminate() == 0
+
+
 def test_a_lock_file_that_cannot_be_opened_is_one_line(tmp_path: Path) -> None:
     """A directory where the lock file goes (or one left unreadable by another user) gave
     a traceback (review)."""
