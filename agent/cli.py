@@ -110,8 +110,8 @@ def cmd_run(args: argparse.Namespace) -> int:
              "one another storage.path")
         return EXIT_CONFIG
     except OSError as exc:   # a directory there, or a file another user left
-        _say(f"cannot open the spool's lock file {spool}.lock: {exc.strerror or exc}; "
-             "remove it, or give this user access")
+        _say(f"cannot open the spool's lock file {paths.spool_lock(spool)}: "
+             f"{exc.strerror or exc}; remove it, or give this user access")
         return EXIT_CONFIG
     logs.setup_logging(cfg.log.level)
     from agent.dialects import offload

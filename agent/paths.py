@@ -125,8 +125,11 @@ def same_file(target: Path, other: Path) -> bool:
 
 
 def spool_lock(spool: Path) -> Path:
-    """The lock file `outpost run` holds (flock, exclusive) for its life: one agent a spool."""
-    return Path(f"{spool}.lock")
+    """The lock file `outpost run` holds (flock, exclusive) for its life: one agent a spool.
+    Beside the file the path resolves to, as SQLite opens it (its -wal goes there too): a
+    storage.path naming a symlink to a spool in use locked a file of its own beside the
+    link, and a second agent ran on that spool."""
+    return Path(f"{os.path.realpath(spool)}.lock")
 
 
 def device_id_file(spool: Path) -> Path:
