@@ -21,6 +21,7 @@ from aiohttp import web
 
 from agent.ops.status_table import render, size
 from tests.conftest import write_config
+from tests.fakes.cutting_relay import CuttingRelay
 from tests.fakes.faulty_upstream import Fault, FaultyUpstream, Request
 from tests.fakes.loopback_server import LoopbackServer
 from tests.test_upstream_faults import drained, event, marks, send, upstream
@@ -237,3 +238,52 @@ async def test_a_408_for_a_body_the_link_did_not_carry_in_time_halves_the_batche
         assert up["slow_limit_bytes"] is not None, up
     finally:
         await far.stop()
+
+
+@pytest.mark.parametrize("reset", [False, True], ids=["closed", "reset"])
+@pytest.mark.parametrize("protocol", ["nucleus-http", "segment-http", "nucleus-ws"])
+async def test_a_link_whose_far_end_cuts_a_body_still_coming_drains_in_smaller_batches(
+        make_agent: Any, faulty: FaultyUpstream, caplog: pytest.LogCaptureFixture,
+        protocol: str, reset: bool) -> None:
+    """A slow link to an upstream whose server (a Go server's ReadTimeout) or proxy closes,
+    or resets, a connection on which a request's body (a websocket's frame) has not come
+    whole within its own wait: shorter than timeout_s here (raised for a slow link, as its
+    error advises). The link carries 25 KB of a request in that wait: a full batch of 60 KB
+    is cut every time, halves go through. The cut was a lost connection like any other,
+    never "too slow": the same full batch was sent again after each backoff, for good,
+    and the key never drained."""
+    relay = await CuttingRelay(faulty.port, carried=25_000, reset=reset).start()
+    try:
+        url = relay.ws_url if protocol == "nucleus-ws" else relay.http_url
+        agent = await make_agent(upstreams=[{
+            "name": "up", "protocol": protocol, "url": url, "flush_interval_s": 0.02,
+            "timeout_s": 5, "batch_max_bytes": 60_000}])
+        await send(agent, [event(i, pad=PAD) for i in range(BACKLOG)])
+        await drained(agent, faulty, BACKLOG, timeout=20)
+        assert relay.cuts
+        # Halved for the cuts. (Where the cut ends is the agent's reading of how fast the
+        # batches since were answered: on loopback, any time.)
+        assert any("lost the connection under a batch" in r.getMessage()
+                   for r in caplog.records), caplog.text
+    finally:
+        await relay.stop()
+
+
+@pytest.mark.parametrize("protocol", ["nucleus-http", "segment-http", "nucleus-ws"])
+async def test_one_connection_cut_under_a_full_batch_does_not_cut_the_batches(
+        make_agent: Any, faulty: FaultyUpstream, protocol: str) -> None:
+    """A connection reset once under a full batch (a proxy's restart, a NAT's), then the
+    link carries everything: no slow link, and full batches go on."""
+    relay = await CuttingRelay(faulty.port, carried=25_000, reset=True, times=1).start()
+    try:
+        url = relay.ws_url if protocol == "nucleus-ws" else relay.http_url
+        agent = await make_agent(upstreams=[{
+            "name": "up", "protocol": protocol, "url": url, "flush_interval_s": 0.02,
+            "timeout_s": 5, "batch_max_bytes": 60_000}])
+        await send(agent, [event(i, pad=PAD) for i in range(BACKLOG)])
+        await drained(agent, faulty, BACKLOG, timeout=20)
+        assert len(relay.cuts) == 1
+        assert (await status_of(agent))["slow_limit_bytes"] is None
+        assert max(sizes(faulty)) > 0.5 * 60_000, sizes(faulty)
+    finally:
+        await relay.stop()
