@@ -812,7 +812,10 @@ class StreamForwarder:
         if isinstance(result, Retry) and result.too_big is not None:
             self._too_big(result.too_big, result.error, result.retry_after is not None)
             self._halved = self._halved or result.retry_after is None
-        if isinstance(result, Retry) and result.too_slow:
+        # A connection lost under the batch (Retry.dropped) at a try that follows a failed
+        # one (``attempt``: tries failed since the key's last answer): the far end of a slow
+        # link gives up on each try of a full batch alike; a reset that comes anyway, once.
+        if isinstance(result, Retry) and (result.too_slow or result.dropped and self.attempt):
             self._too_slow(batch, result)
         if isinstance(result, Acked) and result.refused:
             dead = [*dead, *result.refused]
@@ -916,23 +919,26 @@ class StreamForwarder:
         self._resized = self.release is not None
 
     def _too_slow(self, batch: Prepared, failed: Retry) -> None:
-        """No answer within timeout_s to ``batch``, or the upstream's 408 (``failed``): the
-        upstream's loops send batches of at most half its bytes from their next start
-        (supervisor.py), until they are answered in time (``_faster``). A batch of one event
-        has nothing smaller to send: it goes again as it is (the error says timeout_s must
-        be larger)."""
+        """No answer within timeout_s to ``batch``, the upstream's 408, or its connection
+        lost under it again (``failed``): the upstream's loops send batches of at most half
+        its bytes from their next start (supervisor.py), until they are answered in time
+        (``_faster``). A batch of one event has nothing smaller to send: it goes again as it
+        is (the error says timeout_s must be larger)."""
         state, sent = self.state, sum(map(len, batch.bodies))
         limit = sent // 2
         if len(batch.seqs) > 1 and (state.slow_limit_bytes is None
                                     or limit < state.slow_limit_bytes):
             state.slow_limit_bytes = limit
-            late = ("answered HTTP 408 (its own wait for the request ran out)"
-                    if failed.error.startswith(f"HTTP {REQUEST_TIMEOUT}")
-                    else f"gave no answer within {self.cfg.timeout_s:g}s (timeout_s)")
+            late = (f"answered HTTP 408 (its own wait for the request ran out) to a batch of "
+                    f"{sent} bytes" if failed.error.startswith(f"HTTP {REQUEST_TIMEOUT}")
+                    else f"lost the connection under a batch of {sent} bytes again, before "
+                    "any answer (its own wait for the body ran out?)"
+                    if failed.dropped and not failed.too_slow
+                    else f"gave no answer within {self.cfg.timeout_s:g}s (timeout_s) to a "
+                    f"batch of {sent} bytes")
             # Each halving once (a line or two per episode, at most about twenty).
-            log.warning("upstream %s %s to a batch of %d bytes (a slow link?): batches to it "
-                        "are now at most %d bytes, until they are answered in time",
-                        self.cfg.name, late, sent, limit)
+            log.warning("upstream %s %s (a slow link?): batches to it are now at most %d "
+                        "bytes, until they are answered in time", self.cfg.name, late, limit)
 
     def _faster(self, batch: Prepared, took: float) -> None:
         """``batch`` was answered in ``took`` seconds: when a window full of batches of

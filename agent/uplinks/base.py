@@ -81,6 +81,11 @@ class Retry:
     # this size, so the forwarder halves the batches to this upstream until they are
     # answered in time.
     too_slow: bool = False
+    # The connection was lost with the request (the frame) on its way, before any answer:
+    # the far end of a link too slow for it (a server's read timeout, a proxy's) gave up
+    # on a body still coming, or a reset that would have come anyway. Alone, no verdict:
+    # at a try that follows a failed one (no answer since), too_slow (stream.py).
+    dropped: bool = False
 
 
 def to_check(status: int) -> str | None:

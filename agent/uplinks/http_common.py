@@ -409,7 +409,12 @@ def _failed(exc: BaseException, progress: _Progress, body: bytes, timeout_s: flo
                      "an event that goes alone and still times out needs a larger "
                      "timeout_s)", too_slow=True)
     wait = exc.retry_after if isinstance(exc, UpstreamRedirect) else None
-    return Retry(f"request failed: {described(exc)}", retry_after=wait)
+    # Its connection open and the request going on it, lost before any answer: a slow
+    # link's far end that gave up on the body (Go's ReadTimeout, a proxy's) cuts it so,
+    # each try alike, where half the batch would go (Retry.dropped).
+    dropped = isinstance(exc, _CLOSED_UNDER_IT) and progress.connected is True \
+        and not progress.answered
+    return Retry(f"request failed: {described(exc)}", retry_after=wait, dropped=dropped)
 
 
 def described(exc: BaseException) -> str:

@@ -80,6 +80,9 @@ class _Link:
         self.sending = 0          # sends on it that have not returned yet
         self.writing = 0          # frames (heartbeats too) waiting for room in its buffers
         self.carried = False      # a frame went out on it
+        # The connection ended under its frames with no close frame, and not by us: cut (a
+        # reset, a proxy's or server's wait for a frame run out), not closed.
+        self.dropped = False
         # Frames sent on it (heartbeats too), and how many of them were answered: the
         # upstream answers frames in order, so a frame whose reply came has been answered
         # for (_on_message counts them).
@@ -264,6 +267,7 @@ class NucleusWsUplink(NucleusFraming, UplinkBase):
                         self._last_sent = asyncio.get_running_loop().time()
                     except (aiohttp.ClientError, OSError, TimeoutError, RuntimeError) as exc:
                         stalled = isinstance(exc, TimeoutError)
+                        link.dropped |= isinstance(exc, ConnectionError) and link.lost is None
                         link.lose(f"send failed: {described(exc)}")
             except BaseException:
                 # Cut short as its frame went (a stop's cancel while it waited for room),
@@ -278,6 +282,10 @@ class NucleusWsUplink(NucleusFraming, UplinkBase):
             # follow (stream.py), else each try of it would time out alike, for good.
             too_slow = bool(mine) and link.replies < mine and (stalled or (
                 error is not None and link.lost is None))
+            # The connection cut as the upstream took this frame (every one before it
+            # answered): a slow link's far end that gave up on it (Retry.dropped). Not the
+            # frames behind it, lost with it: one cut is one.
+            dropped = error is not None and link.dropped and mine == link.replies + 1
         except BaseException:
             _cut_short(link, mine, prepared.seqs)
             raise
@@ -312,7 +320,8 @@ class NucleusWsUplink(NucleusFraming, UplinkBase):
             return Refused(f"{error}: the upstream takes no frame this long ({size} bytes, "
                            "one event)")
         return Retry(error, retry_after=link.retry_after, acked=acked, omitted=omitted,
-                     too_big=size if too_big else None, too_slow=too_slow and not too_big)
+                     too_big=size if too_big else None, too_slow=too_slow and not too_big,
+                     dropped=dropped and not too_big)
 
     async def _wait_acks(self, link: _Link, mine: int, wanted: Sequence[int]) -> str | None:
         loop = asyncio.get_running_loop()
@@ -411,6 +420,7 @@ class NucleusWsUplink(NucleusFraming, UplinkBase):
                         link.too_big = _refused_frame(link)
                     break
                 elif msg.type in (aiohttp.WSMsgType.CLOSING, aiohttp.WSMsgType.CLOSED):
+                    link.dropped = link.lost is None   # no close frame, and not our close
                     break
         finally:
             link.lose(_closed(link, ws))
