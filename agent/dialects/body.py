@@ -274,6 +274,12 @@ def refuse_too_many_objects(raw: bytes | str) -> None:
         raise TooManyObjects(n, MAX_CONTAINERS)
 
 
+def as_is(raw: R) -> R:
+    """``parse_body``'s reader for a builder that reads the raw body itself (a body stored
+    as sent: segment_as_sent.py, nucleus_as_sent.py)."""
+    return raw
+
+
 async def parse_body(raw: R, read: Callable[[R], Any], build: Callable[[Any, int], T]) -> T:
     """``build(read(raw), len(raw))``: a body parsed and validated, off the event loop
     when large (see offload.py), and refused unparsed when it holds too many objects and

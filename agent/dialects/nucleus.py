@@ -38,6 +38,7 @@ from agent.dialects.body import (
     Busy,
     Reservation,
     TooManyObjects,
+    as_is,
     count_events,
     parse_body,
     read_raw,
@@ -161,7 +162,7 @@ class NucleusHandlers:
                               f"least {EVENT_MIN} bytes of the {MAX_MESSAGE // 2**20} MiB "
                               "a message may be)")
             return family.accept(msg, key, enrich, faults, keep_parsed=keep)
-        got = await parse_body(raw, _as_is, judge)
+        got = await parse_body(raw, as_is, judge)
         count_events(ticket, len(got.events))
         events, acks = self._carried(got, key, limits)
         await self.sink.store(events, limits, alike=True)   # the message's key, Nucleus
@@ -374,7 +375,3 @@ def examples(key: str) -> list[Example]:
 
 
 DIALECT = Dialect("nucleus", routes, examples)
-
-
-def _as_is(raw: str | bytes) -> str | bytes:
-    return raw

@@ -39,6 +39,7 @@ from agent.dialects.body import (
     BodyError,
     Busy,
     TooManyObjects,
+    as_is,
     count_events,
     parse_body,
     read_raw,
@@ -253,7 +254,7 @@ class SegmentHandlers:
         return await self._store(collected)
 
     async def _parse_batch(self, raw: bytes, forced_key: str | None) -> Collected | web.Response:
-        return _counted(await parse_body(raw, _as_is,
+        return _counted(await parse_body(raw, as_is,
                                          lambda raw, size: self._judge(raw, size, forced_key)))
 
     def _judge(self, raw: bytes, raw_size: int, forced_key: str | None
@@ -436,10 +437,6 @@ _CONTROLS = {c: f"\\x{c:02x}" for c in (*range(0x20), 0x7F)}
 def _header_safe(text: str) -> str:
     """``text`` as a header value: printable ASCII only, whatever the request held."""
     return text.encode("ascii", "backslashreplace").decode().translate(_CONTROLS)
-
-
-def _as_is(raw: bytes) -> bytes:
-    return raw
 
 
 def _counted(parsed: T) -> T:
