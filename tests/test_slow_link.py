@@ -240,6 +240,19 @@ async def test_a_408_for_a_body_the_link_did_not_carry_in_time_halves_the_batche
         await far.stop()
 
 
+async def _drained_through(relay: CuttingRelay, make_agent: Any, faulty: FaultyUpstream,
+                           protocol: str) -> Any:
+    """An agent whose upstream is reached through ``relay``, its backlog of full batches
+    (60 KB) posted and drained."""
+    url = relay.ws_url if protocol == "nucleus-ws" else relay.http_url
+    agent = await make_agent(upstreams=[{
+        "name": "up", "protocol": protocol, "url": url, "flush_interval_s": 0.02,
+        "timeout_s": 5, "batch_max_bytes": 60_000}])
+    await send(agent, [event(i, pad=PAD) for i in range(BACKLOG)])
+    await drained(agent, faulty, BACKLOG, timeout=20)
+    return agent
+
+
 @pytest.mark.parametrize("reset", [False, True], ids=["closed", "reset"])
 @pytest.mark.parametrize("protocol", ["nucleus-http", "segment-http", "nucleus-ws"])
 async def test_a_link_whose_far_end_cuts_a_body_still_coming_drains_in_smaller_batches(
@@ -254,12 +267,7 @@ async def test_a_link_whose_far_end_cuts_a_body_still_coming_drains_in_smaller_b
     and the key never drained."""
     relay = await CuttingRelay(faulty.port, carried=25_000, reset=reset).start()
     try:
-        url = relay.ws_url if protocol == "nucleus-ws" else relay.http_url
-        agent = await make_agent(upstreams=[{
-            "name": "up", "protocol": protocol, "url": url, "flush_interval_s": 0.02,
-            "timeout_s": 5, "batch_max_bytes": 60_000}])
-        await send(agent, [event(i, pad=PAD) for i in range(BACKLOG)])
-        await drained(agent, faulty, BACKLOG, timeout=20)
+        await _drained_through(relay, make_agent, faulty, protocol)
         assert relay.cuts
         # Halved for the cuts. (Where the cut ends is the agent's reading of how fast the
         # batches since were answered: on loopback, any time.)
@@ -276,12 +284,7 @@ async def test_one_connection_cut_under_a_full_batch_does_not_cut_the_batches(
     link carries everything: no slow link, and full batches go on."""
     relay = await CuttingRelay(faulty.port, carried=25_000, reset=True, times=1).start()
     try:
-        url = relay.ws_url if protocol == "nucleus-ws" else relay.http_url
-        agent = await make_agent(upstreams=[{
-            "name": "up", "protocol": protocol, "url": url, "flush_interval_s": 0.02,
-            "timeout_s": 5, "batch_max_bytes": 60_000}])
-        await send(agent, [event(i, pad=PAD) for i in range(BACKLOG)])
-        await drained(agent, faulty, BACKLOG, timeout=20)
+        agent = await _drained_through(relay, make_agent, faulty, protocol)
         assert len(relay.cuts) == 1
         assert (await status_of(agent))["slow_limit_bytes"] is None
         assert max(sizes(faulty)) > 0.5 * 60_000, sizes(faulty)

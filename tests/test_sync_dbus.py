@@ -143,6 +143,19 @@ async def test_networkmanager_appearing_later_is_noticed(
         await service.stop()
 
 
+async def _held_then_stopped(make_agent: Any, fake_nucleus: FakeNucleus, bus: PrivateBus,
+                             nm: FakeNetworkManager) -> Any:
+    """An agent holding on a metered link, events 1-3 queued, and NetworkManager stopped
+    (a restart's first half): its reading no longer NetworkManager's own."""
+    await nm.set_metered(YES)
+    agent = await make_agent(upstreams=[upstream(fake_nucleus)],
+                             sync={"on_metered": "hold", "dbus_address": bus.address})
+    await post(agent.port, range(1, 4))
+    await nm.stop()
+    await wait_for(lambda: agent.sync.metered.detail != "NetworkManager: yes")
+    return agent
+
+
 async def test_a_networkmanager_restart_keeps_a_hold_on_a_metered_link(
         make_agent: Any, fake_nucleus: FakeNucleus, bus: PrivateBus, nm: FakeNetworkManager,
         monkeypatch: pytest.MonkeyPatch) -> None:
@@ -151,12 +164,7 @@ async def test_a_networkmanager_restart_keeps_a_hold_on_a_metered_link(
     "unknown", not metered: a hold let everything queued go out over the metered link in
     that gap. The last reading now holds for a bounded time; only a NetworkManager that
     does not come back is "not running"."""
-    await nm.set_metered(YES)
-    agent = await make_agent(upstreams=[upstream(fake_nucleus)],
-                             sync={"on_metered": "hold", "dbus_address": bus.address})
-    await post(agent.port, range(1, 4))
-    await nm.stop()
-    await wait_for(lambda: agent.sync.metered.detail != "NetworkManager: yes")
+    agent = await _held_then_stopped(make_agent, fake_nucleus, bus, nm)
     assert agent.sync.profile.mode == "hold" and not agent.forwarding.loops, agent.sync.metered
     await nm.start()   # back, and still metered
     await wait_for(lambda: agent.sync.metered.detail == "NetworkManager: yes")
@@ -176,12 +184,7 @@ async def test_a_networkmanager_that_says_unknown_as_it_starts_again_keeps_a_hol
     unknown without one), then announces the link's. That is still the restart: the hold
     on the metered link goes on. The "unknown" ended the reading kept, and everything held
     went out over the metered link until the announcement came."""
-    await nm.set_metered(YES)
-    agent = await make_agent(upstreams=[upstream(fake_nucleus)],
-                             sync={"on_metered": "hold", "dbus_address": bus.address})
-    await post(agent.port, range(1, 4))
-    await nm.stop()
-    await wait_for(lambda: agent.sync.metered.detail != "NetworkManager: yes")
+    agent = await _held_then_stopped(make_agent, fake_nucleus, bus, nm)
     nm.metered = 0   # back, no primary connection picked yet
     await nm.start()
     await wait_for(lambda: "unknown" in agent.sync.metered.detail)
@@ -200,13 +203,8 @@ async def test_a_networkmanager_back_with_no_connection_is_unknown_once_the_rest
     """Back from a restart, NetworkManager's "unknown" keeps the last reading only for the
     restart's time: one that picks no connection is then read as it says (unknown, not
     "not running"), and what the hold kept goes."""
-    await nm.set_metered(YES)
-    agent = await make_agent(upstreams=[upstream(fake_nucleus)],
-                             sync={"on_metered": "hold", "dbus_address": bus.address})
-    await post(agent.port, range(1, 4))
     monkeypatch.setattr(networkmanager, "RESTART_S", 1.0)
-    await nm.stop()
-    await wait_for(lambda: agent.sync.metered.detail != "NetworkManager: yes")
+    agent = await _held_then_stopped(make_agent, fake_nucleus, bus, nm)
     nm.metered = 0
     await nm.start()
     await wait_for(lambda: agent.sync.metered.detail == "NetworkManager: unknown")
@@ -224,12 +222,7 @@ async def test_a_networkmanager_whose_object_is_not_on_the_bus_yet_is_still_rest
     read again soon. It was a failed reading, unknown: the hold lifted until
     NetworkManager announced the link, and the read was asked again a minute later."""
     monkeypatch.setattr(networkmanager, "RETRY_FIRST_S", 0.05)
-    await nm.set_metered(YES)
-    agent = await make_agent(upstreams=[upstream(fake_nucleus)],
-                             sync={"on_metered": "hold", "dbus_address": bus.address})
-    await post(agent.port, range(1, 4))
-    await nm.stop()
-    await wait_for(lambda: agent.sync.metered.detail != "NetworkManager: yes")
+    agent = await _held_then_stopped(make_agent, fake_nucleus, bus, nm)
     nm.error = "org.freedesktop.DBus.Error.UnknownMethod"   # its objects not there yet
     await nm.start()
     await wait_for(lambda: "UnknownMethod" in agent.sync.metered.detail)

@@ -257,6 +257,20 @@ async def test_a_hold_that_comes_while_a_loop_reads_its_queue_sends_nothing_of_i
     assert sent(fake_nucleus) == [1, 2] and agent.spool.depth == 2
 
 
+async def _released_then_young(agent: Any, fake_nucleus: FakeNucleus, clock: Clock,
+                               timing: ManualTiming) -> Any:
+    """Events 1-3 held past max_hold_h and released, the release put off by the upstream's
+    Retry-After of 300 s (parked), then events 4-5 posted after it: young, held. The
+    upstream's state."""
+    fake_nucleus.outage = (503, "300")
+    await post(agent.port, range(1, 4))
+    await let_pass(clock, timing, HALF_HOUR)
+    state = agent.forwarding.states["up"]
+    await wait_for(lambda: state.parked == 1)   # for the upstream's 300 s
+    await post(agent.port, range(4, 6))   # after the release: held
+    return state
+
+
 async def test_a_release_still_sending_after_the_waiters_minute_is_not_repeated(
         make_agent: Any, fake_nucleus: FakeNucleus, clock: Clock,
         caplog: pytest.LogCaptureFixture) -> None:
@@ -291,12 +305,7 @@ async def test_a_release_the_upstream_puts_off_is_sent_when_it_may_and_counted_o
     came after it stay held."""
     timing = ManualTiming()
     agent = await held_agent(make_agent, fake_nucleus, timing, flush_interval_s=30)
-    fake_nucleus.outage = (503, "300")
-    await post(agent.port, range(1, 4))
-    await let_pass(clock, timing, HALF_HOUR)
-    state = agent.forwarding.states["up"]
-    await wait_for(lambda: state.parked == 1)   # for the upstream's 300 s
-    await post(agent.port, range(4, 6))   # after the release: held
+    state = await _released_then_young(agent, fake_nucleus, clock, timing)
 
     async def minutes(n: int) -> None:
         """Let ``n`` minutes pass once the battery poll and the waiter wait again."""
@@ -505,12 +514,7 @@ async def test_a_release_under_way_goes_on_when_the_profile_changes_and_still_ho
         sync={"on_metered": "priority_only", "on_low_battery": "hold", "low_battery_pct": 20,
               "max_hold_h": HALF_HOUR / 3600, "dbus_address": bus.address})
     assert agent.sync.profile.mode == ("hold" if start_low else "priority_only")
-    fake_nucleus.outage = (503, "300")
-    await post(agent.port, range(1, 4))
-    await let_pass(clock, timing, HALF_HOUR)
-    state = agent.forwarding.states["up"]
-    await wait_for(lambda: state.parked == 1)   # for the upstream's 300 s
-    await post(agent.port, range(4, 6))   # after the release: held
+    state = await _released_then_young(agent, fake_nucleus, clock, timing)
     sensor.reading = Battery(percent=50, plugged=True) if start_low else LOW
     await wait_for(lambda: timing.pending()[:2] == [60.0, 60.0])   # the poll, the recheck
     clock.passed_ms += 60_000

@@ -22,6 +22,8 @@ import contextlib
 import socket
 import struct
 
+from tests.fakes.deaf_upstream import small_window_server
+
 _CHUNK = 2048
 
 
@@ -50,14 +52,7 @@ class CuttingRelay:
         return f"ws://127.0.0.1:{self.port}"
 
     async def start(self) -> CuttingRelay:
-        sock = socket.socket()
-        # Before listen(): accepted sockets inherit it, and the small window it allows.
-        sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
-        sock.bind(("127.0.0.1", 0))
-        sock.listen()
-        sock.setblocking(False)
-        self._server = await asyncio.start_server(self._connection, sock=sock)
-        self.port = sock.getsockname()[1]
+        self._server, self.port = await small_window_server(self._connection)
         return self
 
     async def stop(self) -> None:

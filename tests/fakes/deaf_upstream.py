@@ -15,8 +15,23 @@ import base64
 import contextlib
 import hashlib
 import socket
+from collections.abc import Awaitable, Callable
 
 GUID = b"258EAFA5-E914-47DA-95CA-C5AB0DC85B11"   # RFC 6455
+Handler = Callable[[asyncio.StreamReader, asyncio.StreamWriter], Awaitable[None]]
+
+
+async def small_window_server(handle: Handler) -> tuple[asyncio.Server, int]:
+    """A TCP server on 127.0.0.1, port 0, whose connections have a small receive buffer:
+    a few KB fill the path, and a sender's writes wait on how fast ``handle`` reads."""
+    sock = socket.socket()
+    # Before listen(): accepted sockets inherit it, and the window it allows.
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
+    sock.bind(("127.0.0.1", 0))
+    sock.listen()
+    sock.setblocking(False)
+    server = await asyncio.start_server(handle, sock=sock)
+    return server, sock.getsockname()[1]
 
 
 class DeafUpstream:
@@ -33,14 +48,7 @@ class DeafUpstream:
         return f"ws://127.0.0.1:{self.port}"
 
     async def start(self) -> DeafUpstream:
-        sock = socket.socket()
-        # Before listen(): accepted sockets inherit it, and the window it allows.
-        sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
-        sock.bind(("127.0.0.1", 0))
-        sock.listen()
-        sock.setblocking(False)
-        self._server = await asyncio.start_server(self._connection, sock=sock)
-        self.port = sock.getsockname()[1]
+        self._server, self.port = await small_window_server(self._connection)
         return self
 
     async def _connection(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
