@@ -51,10 +51,11 @@ from agent.families import nucleus as family
 from agent.families import nucleus_as_sent as as_sent
 from agent.families.errors import Invalid, shown
 from agent.families.event import Event, iso_ms, now_ms
-from agent.logs import log_limited
+from agent.logs import hiding, log_limited
 from agent.spool.types import SpoolFull
 
 log = logging.getLogger("outpost.nucleus")
+_SHOWN = 43   # the most ``shown`` returns: 40 characters and "..."
 
 # Modules send their whole unacknowledged queue in one message; after a long
 # outage of the agent itself that queue can be large.
@@ -178,9 +179,11 @@ class NucleusHandlers:
         for ev_id, why in got.left_out:
             replies.refused(400)
             # The id's start: an app's id may be a string of any length (a log line a MB).
+            # Neither may show the key: a new one is not registered before its commit.
             log_limited(log, logging.WARNING, f"bad-event:{key}",
-                        "event id %s of app %s left unacknowledged: %s", shown(ev_id),
-                        masked(key), why)
+                        "event id %s of app %s left unacknowledged: %s",
+                        hiding(key, shown(ev_id), _SHOWN), masked(key),
+                        hiding(key, why, len(why)))
         if not limits.active:   # no upstream sets a limit (the usual case): no loop
             return got.events, got.acks
         refused: set[int] = set()    # places in the acks, not ids: ids collide
@@ -194,8 +197,8 @@ class NucleusHandlers:
             refused.add(at)
             replies.refused(413)
             log_limited(log, logging.WARNING, f"oversize:{key}",
-                        "event id %s of app %s left unacknowledged: %s", shown(ev.ack_id),
-                        masked(key), too)
+                        "event id %s of app %s left unacknowledged: %s",
+                        hiding(key, shown(ev.ack_id), _SHOWN), masked(key), too)
         if not refused:
             return got.events, got.acks
         return ([ev for ev, at in zip(got.events, got.ack_at, strict=True) if at not in refused],

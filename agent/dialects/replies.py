@@ -15,7 +15,7 @@ from aiohttp import web
 from agent.dialects.body import BodyError, Busy
 from agent.families.depth import shortened
 from agent.families.errors import Invalid
-from agent.logs import log_limited, redacted_head
+from agent.logs import hiding, log_limited
 from agent.spool.types import SpoolFull
 
 # Counts an ingest refusal by status; set around each ingest handler (agent/server/app.py),
@@ -47,8 +47,9 @@ def refused_items(log: logging.Logger, key: str, refusals: Sequence[tuple[int, s
     log_limited(log, logging.WARNING, f"refused-items:{key}",
                 "%d of %d messages of a batch for key %s refused, the rest stored: %s%s",
                 len(refusals), total, masked(key),
-                # Redacted before the cut: a key the cut falls in is found whole.
-                shortened(redacted_head(refusals[0][1], 301), 300),
+                # Redacted before the cut: a key the cut falls in is found whole. The
+                # batch's own key too: a new one is not registered yet.
+                shortened(hiding(key, refusals[0][1], 301), 300),
                 more)
 
 
