@@ -4,11 +4,13 @@ A key is registered for redaction when its first events' commit is announced, la
 turn of the loop that stored them, or never for a request that stores none: a line logged
 while that first request was handled (a Nucleus event left unacknowledged, a Segment
 batch's 207) showed the key whole wherever the app had put it in a value the line quotes
-(an event's id, a message's `type`). Apps do that: a key pasted into the wrong field."""
+(an event's id, a message's `type`). Apps do that: a key pasted into the wrong field.
+Nor did a pixel's refusal, logged at debug level, for a key never stored."""
 
 from __future__ import annotations
 
 import asyncio
+import base64
 import json
 from collections.abc import Callable
 from pathlib import Path
@@ -20,9 +22,11 @@ from tests.waiting import wait_for
 KEY = "wk-first-request-4fQ9"
 
 
-async def started(tmp_path: Path, agent_process: Callable[..., AgentProcess]) -> AgentProcess:
+async def started(tmp_path: Path, agent_process: Callable[..., AgentProcess],
+                  level: str = "info") -> AgentProcess:
     port = free_port()
     config = write_config(tmp_path / "agent.toml", tmp_path / "spool.db", port=port)
+    config.write_text(config.read_text() + f'[log]\nlevel = "{level}"\n')
     agent = agent_process(config, port)
     await asyncio.to_thread(agent.start)
     return agent
@@ -57,4 +61,18 @@ async def test_a_segment_batch_message_quoting_the_key_is_not_shown_on_the_first
     assert reply.status == 207, reply.body
     await wait_for(lambda: "the rest stored" in agent.log.read_text(), timeout=10)
     log = logged(agent, "the rest stored")
+    assert KEY not in log, [line for line in log.splitlines() if KEY in line]
+
+
+async def test_a_pixel_refused_for_a_value_holding_its_key_does_not_show_it_at_debug(
+        tmp_path: Path, agent_process: Callable[..., AgentProcess]) -> None:
+    """The pixel's refusal is logged at debug level; its key (here its message's
+    `writeKey`) is never stored, so never registered."""
+    agent = await started(tmp_path, agent_process, "debug")
+    data = base64.b64encode(json.dumps({"writeKey": KEY, "event": "e", "userId": "u",
+                                        "timestamp": KEY}).encode()).decode()
+    reply = await call(agent.port, "/v1/pixel/track?data=" + data, method="GET")
+    assert reply.status == 200, reply.body
+    await wait_for(lambda: "not stored" in agent.log.read_text(), timeout=10)
+    log = logged(agent, "not stored")
     assert KEY not in log, [line for line in log.splitlines() if KEY in line]
