@@ -59,6 +59,7 @@ from agent.families import segment as spec
 from agent.families import segment_as_sent as as_sent
 from agent.families.errors import Invalid
 from agent.families.event import NOT_READ, SEGMENT, Columns, Event
+from agent.logs import hiding
 from agent.spool.types import SpoolFull
 
 log = logging.getLogger("outpost.segment")
@@ -404,29 +405,38 @@ class SegmentHandlers:
         if request.method == "HEAD":
             headers["X-Outpost-Error"] = "a HEAD request stores nothing: the pixel stores a GET"
             return web.Response(body=GIF, content_type="image/gif", headers=headers)
-        problem = await self._pixel(request)
+        problem, key = await self._pixel(request)
         if problem:
             # Counted as refused with the status the other routes would answer.
             replies.refused(problem.status)
             why = f"{problem.message}: {problem.details}" if problem.details else problem.message
-            log.debug("pixel %s not stored: %s", request.path, why)
+            if log.isEnabledFor(logging.DEBUG):
+                # Its key is not registered (never stored): the app may have put it in a
+                # value the reason quotes.
+                log.debug("pixel %s not stored: %s", request.path,
+                          why if key is None else hiding(key, why, len(why)))
             headers["X-Outpost-Error"] = _header_safe(why)[:200]
         return web.Response(body=GIF, content_type="image/gif", headers=headers)
 
-    async def _pixel(self, request: web.Request) -> Failure | None:
+    async def _pixel(self, request: web.Request) -> tuple[Failure | None, str | None]:
+        """Why the pixel's message was not stored (None: it was), and the key it named."""
         kind = ROUTE_TYPES.get(request.match_info["kind"])
         if kind is None:
-            return Failure(400, f"unknown pixel type {request.match_info['kind']!r}")
+            return Failure(400, f"unknown pixel type {request.match_info['kind']!r}"), None
         try:
             body = decode_pixel(request.query.get("data", ""))
         except BodyError as exc:
             return Failure(exc.status, f"{exc.message}: {exc.details}" if exc.details
-                           else exc.message)
+                           else exc.message), None
         try:
             header = basic_user(request.headers.get("Authorization")) or query_key(request)
         except BadAuth as exc:
-            return Failure(401, f"{INVALID_KEY}: {exc}")
-        return await self._one(body, kind, header)
+            return Failure(401, f"{INVALID_KEY}: {exc}"), None
+        try:
+            key = header or _body_key(body)
+        except Invalid:   # ``_one`` refuses it, saying so
+            key = None
+        return await self._one(body, kind, header), key
 
 
 # Control characters (C0 and DEL) as escapes: aiohttp refuses to write a header holding
