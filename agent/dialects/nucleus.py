@@ -55,7 +55,6 @@ from agent.logs import hiding, log_limited
 from agent.spool.types import SpoolFull
 
 log = logging.getLogger("outpost.nucleus")
-_SHOWN = 43   # the most ``shown`` returns: 40 characters and "..."
 
 # Modules send their whole unacknowledged queue in one message; after a long
 # outage of the agent itself that queue can be large.
@@ -182,7 +181,7 @@ class NucleusHandlers:
             # Neither may show the key: a new one is not registered before its commit.
             log_limited(log, logging.WARNING, f"bad-event:{key}",
                         "event id %s of app %s left unacknowledged: %s",
-                        hiding(key, shown(ev_id), _SHOWN), masked(key),
+                        _id_shown(key, ev_id), masked(key),
                         hiding(key, why, len(why)))
         if not limits.active:   # no upstream sets a limit (the usual case): no loop
             return got.events, got.acks
@@ -198,7 +197,7 @@ class NucleusHandlers:
             replies.refused(413)
             log_limited(log, logging.WARNING, f"oversize:{key}",
                         "event id %s of app %s left unacknowledged: %s",
-                        hiding(key, shown(ev.ack_id), _SHOWN), masked(key), too)
+                        _id_shown(key, ev.ack_id), masked(key), too)
         if not refused:
             return got.events, got.acks
         return ([ev for ev, at in zip(got.events, got.ack_at, strict=True) if at not in refused],
@@ -378,3 +377,16 @@ def examples(key: str) -> list[Example]:
 
 
 DIALECT = Dialect("nucleus", routes, examples)
+
+
+def _id_shown(key: str, ev_id: Any) -> str:
+    """An event's id for a log line, cut (``shown``), the request's own key hidden in it
+    before the cut: one the cut falls in would show its first characters."""
+    if not isinstance(ev_id, str):
+        return shown(ev_id)
+    head = ev_id[:_ID_CUT + len(key)]   # an id may be a MB long: a key past it is cut away
+    return shown(hiding(key, head, len(head)))
+
+
+_ID_CUT = 40   # what ``shown`` keeps
+
