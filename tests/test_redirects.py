@@ -36,7 +36,7 @@ from agent.uplinks.prepare import Prepared
 from tests.conftest import write_config
 from tests.fakes.captive_portal import LOGIN_PAGE, PORTAL, Answer, CaptiveUpstream, redirect
 from tests.fakes.uplinks import as_prepared
-from tests.test_upstream_faults import manual, send
+from tests.test_upstream_faults import _raw_upstream, manual, send
 from tests.waiting import run_outpost, wait_for
 
 HTTP_UPLINKS = ("segment-http", "nucleus-http")
@@ -641,6 +641,31 @@ async def test_a_redirect_to_a_location_with_an_empty_host_is_a_retried_failure(
     up = await held_while_failing(agent)
     assert "HTTP 302 redirect to an invalid Location" in up["last_error"]
     await delivered_once_let_through(agent, gateway)
+
+
+@pytest.mark.parametrize("protocol", ("segment-http", "nucleus-http", "nucleus-ws"))
+async def test_a_redirect_to_a_zone_not_utf8_leaves_status_readable(make_agent: Any,
+                                                                    protocol: str) -> None:
+    """A Location naming an IPv6 address whose zone holds a byte that is not UTF-8 (a
+    portal's or proxy's garbage): aiohttp reads the byte as a lone surrogate, and yarl keeps
+    the zone in the host it gives, so the redirect's error carried it into last_error, which
+    orjson refuses: /status answered 500 for as long as the redirects went on, and the
+    status page said "agent not answering", `outpost status` could not read the agent."""
+    server = await _raw_upstream(b"HTTP/1.1 302 Found\r\nLocation: http://[fe80::1%25\xe9]:8080/x")
+    try:
+        port = server.sockets[0].getsockname()[1]
+        scheme = "ws" if protocol == "nucleus-ws" else "http"
+        agent = await make_agent(upstreams=[{"name": "up", "protocol": protocol,
+                                             "url": f"{scheme}://127.0.0.1:{port}",
+                                             "flush_interval_s": 0.02, "timeout_s": 2}])
+        await send(agent, [event(1)])
+        state = agent.forwarding.states["up"]
+        await wait_for(lambda: state.retries >= 1)
+        up = await status_of(agent)
+        assert "HTTP 302 redirect to [fe80::1%25\\xe9]:8080" in up["last_error"], up
+        assert agent.spool.depth == 1 and state.acked == 0
+    finally:
+        server.close()
 
 
 @pytest.mark.parametrize(("loc", "shown"), [
