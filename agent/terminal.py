@@ -92,7 +92,13 @@ def os_text(name: object) -> str:
     """``name`` (a path, a string from the environment) as text that any encoder takes
     (orjson, SQLite, a UTF-8 stream): the bytes in it that are not UTF-8 (a directory named
     in Latin-1), which Python keeps as lone surrogates, shown as ``\\xe9``."""
-    return str(name).encode("utf-8", "surrogateescape").decode("utf-8", "backslashreplace")
+    text = str(name)
+    try:
+        return text.encode("utf-8", "surrogateescape").decode("utf-8", "backslashreplace")
+    except UnicodeEncodeError:
+        # A surrogate no byte stands for (U+D800): as its escape. Never raised: an
+        # upstream's last error passes here on the way to /status, a crash's included.
+        return text.encode("utf-8", "backslashreplace").decode("utf-8")
 
 
 def printable_lines(text: str) -> str:

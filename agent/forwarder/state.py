@@ -6,6 +6,7 @@ from dataclasses import dataclass
 
 from agent.clock import CLOCK
 from agent.logs import redact
+from agent.terminal import os_text
 
 # Starts the note that ends an error whose key waits out the upstream's Retry-After
 # (stream.py): the table of `outpost status` keeps it whole when it cuts the rest.
@@ -82,6 +83,8 @@ class UpstreamState:
     def error(self, text: str, after: str = "") -> None:
         # Upstream replies and exceptions can echo a key: status, the page and
         # /metrics show this, so it is redacted (and bounded) here, once. ``after`` (ours)
-        # is kept whole: ``text`` is cut to leave it room.
-        self.last_error = redact(text)[:300 - len(after)] + after
+        # is kept whole: ``text`` is cut to leave it room. A byte of the network's that is
+        # not UTF-8 (aiohttp reads header bytes as lone surrogates: a redirect's Location)
+        # is shown as ``\xe9``: /status's JSON takes no lone surrogate, and answered 500.
+        self.last_error = os_text(redact(text))[:300 - len(after)] + after
         self.last_error_at = CLOCK.elapsed_s()
