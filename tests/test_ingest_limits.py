@@ -175,6 +175,31 @@ async def test_the_largest_event_accepted_is_delivered(make_agent: Any,
     assert len(orjson.dumps(request.body["batch"][0])) == 32 * 1024
 
 
+async def test_an_event_that_fills_a_smaller_batch_max_bytes_exactly_is_delivered(
+        make_agent: Any, fake_segment: FakeSegment) -> None:
+    """The batch_max_bytes limit is exact too: an event whose batch of one is
+    batch_max_bytes long is taken and delivered in a request of that size, and one byte
+    more is refused at ingest (the upstream refuses a larger request: 413)."""
+    cap = 1024
+    fake_segment.max_bytes = cap
+    agent = await make_agent(upstreams=[segment_up(fake_segment, batch_max_bytes=cap)])
+    stamp = "2020-01-01T00:00:00.000Z"
+    base = {"messageId": "m", "event": "e", "userId": "u", "timestamp": "2020-01-01T00:00:00Z"}
+    stored_without_pad = len(orjson.dumps({**base, "type": "track", "properties": {"p": ""},
+                                           "receivedAt": stamp}))
+    # The request of one event: `{"batch":[{"sentAt":"…",<its stored members>}],"sentAt":"…"}`.
+    request_without_pad = (len(b'{"batch":[') + len(b'"sentAt":"' + stamp.encode() + b'",')
+                           + stored_without_pad + len(b'],"sentAt":"' + stamp.encode() + b'"}'))
+    pad = cap - request_without_pad
+    for mid, size, status in (("u", pad - 1, 204), ("f", pad, 204), ("o", pad + 1, 413)):
+        body = {**base, "messageId": mid, "properties": {"p": "x" * size}}
+        reply = await call(agent.port, f"{APPS}/track", body, headers={"PublicWriteKey": "k"})
+        assert reply.status == status, (mid, reply.body)
+    await wait_for(lambda: agent.spool.depth == 0)   # acknowledged, none dead-lettered
+    assert not agent.spool.counters.get("dead_lettered")
+    assert sorted(len(r.raw) for r in fake_segment.requests) == [cap - 1, cap]
+
+
 async def test_a_key_routed_nowhere_yet_is_taken(make_agent: Any,
                                                  fake_segment: FakeSegment) -> None:
     """No upstream can be held against it: it waits for the one a reload may route it to."""
