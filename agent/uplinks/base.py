@@ -293,9 +293,11 @@ class UplinkBase(ABC):
                                 f"{cfg.protocol} takes at most {cls.max_event_bytes} bytes "
                                 "per event"))
         if cls.refuse_oversize:
-            # What take_prefix refuses: an event that fills a batch on its own.
+            # An event that fills a batch on its own: alone, it has no separator, so its
+            # batch is batch_max_bytes long at most when its body is no longer than this.
             limits.append(Limit(cls.family,
-                                cfg.batch_max_bytes - cls.envelope_bytes - cls.event_overhead,
+                                cfg.batch_max_bytes - cls.envelope_bytes
+                                - (cls.event_overhead - 1),
                                 f"batch_max_bytes = {cfg.batch_max_bytes}"))
         return min(limits, key=lambda limit: limit.max_bytes, default=None)
 
