@@ -11,6 +11,7 @@ import asyncio
 import base64
 import logging
 import socket
+import struct
 from collections import Counter
 from collections.abc import AsyncIterator
 from pathlib import Path
@@ -29,7 +30,7 @@ from agent.ops.status_table import render, size
 from agent.settings import UpstreamConfig
 from agent.uplinks.nucleus_ws import NucleusWsUplink
 from tests.conftest import FAST_BACKOFF, write_config
-from tests.fakes.deaf_upstream import DeafUpstream
+from tests.fakes.deaf_upstream import DeafUpstream, accept_websocket, relay, small_window_server
 from tests.fakes.faulty_upstream import Fault, FaultyUpstream
 from tests.fakes.loopback_server import LoopbackServer
 from tests.fakes.nucleus_upstream import FakeNucleus
@@ -407,6 +408,102 @@ async def test_a_repeated_answer_does_not_acknowledge_a_later_event_not_yet_sent
         finally:
             await agent.stop()   # before its session closes
             await fake.server.stop()
+
+
+class _RepeatsMidFrame:
+    """A websocket upstream whose first connection answers its first frame, reads the head
+    of the second and then sends that first answer again, reading nothing more: the rest of
+    the second frame waits for room, never to arrive. Every later connection is relayed to
+    ``target_port`` (a good upstream)."""
+
+    def __init__(self, target_port: int) -> None:
+        self.target_port = target_port
+        self.connections = 0
+        self.port = 0
+        self._server: asyncio.Server | None = None
+        self._writers: set[asyncio.StreamWriter] = set()
+
+    @property
+    def ws_url(self) -> str:
+        return f"ws://127.0.0.1:{self.port}"
+
+    async def start(self) -> _RepeatsMidFrame:
+        self._server, self.port = await small_window_server(self._connection)
+        return self
+
+    async def stop(self) -> None:
+        if self._server is not None:
+            self._server.close()
+        for writer in list(self._writers):
+            writer.transport.abort()
+
+    async def _connection(self, reader: asyncio.StreamReader,
+                          writer: asyncio.StreamWriter) -> None:
+        self.connections += 1
+        self._writers.add(writer)
+        try:
+            if self.connections == 1:
+                await self._repeat(reader, writer)
+            else:
+                await relay(reader, writer, self.target_port, self._writers)
+        except (ConnectionError, asyncio.IncompleteReadError):
+            pass
+        finally:
+            self._writers.discard(writer)
+            writer.close()
+
+    async def _repeat(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        await accept_websocket(reader, writer)
+        size, mask = await _frame_head(reader)
+        data = bytes(b ^ mask[i % 4] for i, b in enumerate(await reader.readexactly(size)))
+        reply = orjson.dumps({"reportedIds": [ev["id"] for ev in orjson.loads(data)["data"]]})
+        answer = bytes([0x81, len(reply)]) + reply   # a text frame, short, unmasked
+        writer.write(answer)
+        await _frame_head(reader)   # the second frame is on its way
+        writer.write(answer)        # the first one's answer, again
+        transport = writer.transport
+        assert isinstance(transport, asyncio.ReadTransport)
+        transport.pause_reading()
+        await writer.wait_closed()  # until the agent gives up on it
+
+
+async def _frame_head(reader: asyncio.StreamReader) -> tuple[int, bytes]:
+    """A client's frame head: its payload's length and its mask."""
+    first = await reader.readexactly(2)
+    size = first[1] & 0x7F
+    if size == 126:
+        size = struct.unpack("!H", await reader.readexactly(2))[0]
+    elif size == 127:
+        size = struct.unpack("!Q", await reader.readexactly(8))[0]
+    return size, await reader.readexactly(4)
+
+
+async def test_a_repeated_answer_does_not_acknowledge_an_event_whose_frame_is_still_going(
+        make_agent: Any, fake_nucleus: FakeNucleus) -> None:
+    """As above, with B's frame already on its way when the answer comes again: B was
+    taken as acknowledged though the upstream had only its first bytes, and once its send
+    failed (the upstream read no more) it was deleted, never delivered."""
+    connector = aiohttp.TCPConnector(socket_factory=_small_send_buffer)
+    fake = await _RepeatsMidFrame(fake_nucleus.port).start()
+    async with asyncio.timeout(10), aiohttp.ClientSession(connector=connector) as session:
+        def uplink(cfg: UpstreamConfig, key: str, _: aiohttp.ClientSession,
+                   machine_id: str) -> NucleusWsUplink:
+            return NucleusWsUplink(cfg, key, session, machine_id)
+        agent = await make_agent(upstreams=[{
+            "name": "up", "protocol": "nucleus-ws", "url": fake.ws_url,
+            "flush_interval_s": 0.02, "timeout_s": 0.5, "batch_max_events": 1}],
+            seams=Seams(make_uplink=uplink, backoff=FAST_BACKOFF))
+        try:
+            # A (id 5), then B (id 5 too: it waits for A's answer), 400 KB: its frame
+            # cannot arrive whole once the upstream stops reading.
+            await send(agent, [event(5), {**event(5), "name": "b",
+                                          "payload": {"mark": "mk-7-", "pad": "x" * 400_000}}])
+            await wait_for(lambda: agent.spool.depth == 0)
+            assert marks(fake_nucleus.events) == [7]   # B, sent again on a new connection
+            assert await agent.spool.dead_letters() == []
+        finally:
+            await agent.stop()   # before its session closes
+            await fake.stop()
 
 
 async def test_a_handshake_left_unanswered_says_so_in_last_error(make_agent: Any,

@@ -66,26 +66,14 @@ class DeafUpstream:
 
     async def _deaf(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
         self.deaf_connections += 1
-        head = await reader.readuntil(b"\r\n\r\n")
-        key = next(line.split(b":", 1)[1].strip() for line in head.split(b"\r\n")
-                   if line.lower().startswith(b"sec-websocket-key:"))
-        accept = base64.b64encode(hashlib.sha1(key + GUID).digest())
-        writer.write(b"HTTP/1.1 101 Switching Protocols\r\nUpgrade: websocket\r\n"
-                     b"Connection: Upgrade\r\nSec-WebSocket-Accept: " + accept + b"\r\n\r\n")
-        await writer.drain()
+        await accept_websocket(reader, writer)
         transport = writer.transport
         assert isinstance(transport, asyncio.ReadTransport)
         transport.pause_reading()          # never read again
         await writer.wait_closed()         # until the client aborts it (or stop())
 
     async def _relay(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
-        up_reader, up_writer = await asyncio.open_connection("127.0.0.1", self.target_port)
-        self._writers.add(up_writer)
-        try:
-            await asyncio.gather(_pipe(reader, up_writer), _pipe(up_reader, writer))
-        finally:
-            self._writers.discard(up_writer)
-            up_writer.close()
+        await relay(reader, writer, self.target_port, self._writers)
 
     async def stop(self) -> None:
         if self._server is not None:
@@ -95,6 +83,30 @@ class DeafUpstream:
         if self._server is not None:
             with contextlib.suppress(asyncio.TimeoutError):
                 await asyncio.wait_for(self._server.wait_closed(), 2)
+
+
+async def accept_websocket(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+    """Read a websocket upgrade request and answer it 101."""
+    head = await reader.readuntil(b"\r\n\r\n")
+    key = next(line.split(b":", 1)[1].strip() for line in head.split(b"\r\n")
+               if line.lower().startswith(b"sec-websocket-key:"))
+    accept = base64.b64encode(hashlib.sha1(key + GUID).digest())
+    writer.write(b"HTTP/1.1 101 Switching Protocols\r\nUpgrade: websocket\r\n"
+                 b"Connection: Upgrade\r\nSec-WebSocket-Accept: " + accept + b"\r\n\r\n")
+    await writer.drain()
+
+
+async def relay(reader: asyncio.StreamReader, writer: asyncio.StreamWriter, port: int,
+                writers: set[asyncio.StreamWriter]) -> None:
+    """Relay a connection to 127.0.0.1 ``port``, byte for byte both ways (the upstream's
+    writer kept in ``writers`` meanwhile, for a stop to abort)."""
+    up_reader, up_writer = await asyncio.open_connection("127.0.0.1", port)
+    writers.add(up_writer)
+    try:
+        await asyncio.gather(_pipe(reader, up_writer), _pipe(up_reader, writer))
+    finally:
+        writers.discard(up_writer)
+        up_writer.close()
 
 
 async def _pipe(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
