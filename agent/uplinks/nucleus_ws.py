@@ -96,6 +96,10 @@ class _Link:
         # Frame number -> seqs, from just before the frame goes out until its send returns:
         # only their events can an answer acknowledge (_acked).
         self.waiting: dict[int, Sequence[int]] = {}
+        # The frame being written, or whose write failed (0: none): the upstream has not
+        # had it whole, so no answer can be its (an earlier answer sent again, naming an
+        # id it reuses, acknowledged it, and a failed write then deleted it unsent).
+        self.going = 0
         self.sizes: dict[int, int] = {}   # their bytes, by number, while they wait
         # The frame the upstream closed the connection for with 1009 (too big): see
         # _refused_frame.
@@ -263,7 +267,9 @@ class NucleusWsUplink(NucleusFraming, UplinkBase):
                         link.waiting[mine] = prepared.seqs
                         data = frame(prepared)
                         size = link.sizes[mine] = len(data)
+                        link.going = mine
                         await link.send(data, self.cfg.timeout_s)
+                        link.going = 0
                         self._last_sent = asyncio.get_running_loop().time()
                     except (aiohttp.ClientError, OSError, TimeoutError, RuntimeError) as exc:
                         stalled = isinstance(exc, TimeoutError)
@@ -460,13 +466,14 @@ class NucleusWsUplink(NucleusFraming, UplinkBase):
     def _acked(self, link: _Link, reported: list[Any], plain: bool) -> bool:
         """Take the events a reply on ``link`` acknowledges (whether any) out of
         ``in_flight``, into ``link.whole`` or ``link.acked``: of events whose frame went out
-        on it and waits for its acks. Not one prepared and not yet sent, which the upstream
-        has not seen, whatever the reply names: its id may be a repeat, for an earlier
+        on it whole and waits for its acks. Not one prepared and not yet sent whole (being
+        written, or its write failed: ``going``), which the upstream has not seen,
+        whatever the reply names: its id may be a repeat, for an earlier
         event (one dict of ids, and the frames checked by seq, cost a dict insert and pop
         less an event than a dict of ids sent per link)."""
         in_flight = self.in_flight
         n, frame = _next_frame(link)
-        if plain and frame is not None and len(reported) == len(frame):
+        if plain and frame is not None and n != link.going and len(reported) == len(frame):
             # The usual reply: the next frame's every id, in its order.
             before = len(in_flight)
             popped = list(map(in_flight.pop, reported, repeat(None)))
@@ -475,7 +482,7 @@ class NucleusWsUplink(NucleusFraming, UplinkBase):
                 return True
             in_flight.update((ack_id, seq) for ack_id, seq in zip(reported, popped)
                              if seq is not None)   # put back, and weighed one by one
-        here = set().union(*link.waiting.values())
+        here = set().union(*(seqs for n, seqs in link.waiting.items() if n != link.going))
         sent = {ack_id: seq for ack_id, seq in in_flight.items() if seq in here}
         acked = match(sent, reported, in_flight, plain)
         link.acked.update(acked)
