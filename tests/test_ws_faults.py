@@ -19,6 +19,7 @@ from typing import Any
 
 import aiohttp
 import orjson
+import psutil
 import pytest
 from aiohttp import web
 
@@ -501,6 +502,83 @@ async def test_a_repeated_answer_does_not_acknowledge_an_event_whose_frame_is_st
             await wait_for(lambda: agent.spool.depth == 0)
             assert marks(fake_nucleus.events) == [7]   # B, sent again on a new connection
             assert await agent.spool.dead_letters() == []
+        finally:
+            await agent.stop()   # before its session closes
+            await fake.stop()
+
+
+class _ClosesAndReadsNoMore:
+    """A websocket upstream (a wedged one, or a proxy before one) that reads the head of
+    the first frame of each connection, then reads nothing more and sends a close frame,
+    and keeps the connection open: part of the frame waits in the agent's buffers."""
+
+    def __init__(self) -> None:
+        self.connections = 0
+        self.port = 0
+        self._server: asyncio.Server | None = None
+        self._writers: set[asyncio.StreamWriter] = set()
+
+    @property
+    def ws_url(self) -> str:
+        return f"ws://127.0.0.1:{self.port}"
+
+    async def start(self) -> _ClosesAndReadsNoMore:
+        self._server, self.port = await small_window_server(self._connection)
+        return self
+
+    async def stop(self) -> None:
+        if self._server is not None:
+            self._server.close()
+        for writer in list(self._writers):
+            writer.transport.abort()
+
+    async def _connection(self, reader: asyncio.StreamReader,
+                          writer: asyncio.StreamWriter) -> None:
+        self.connections += 1
+        self._writers.add(writer)
+        try:
+            await accept_websocket(reader, writer)
+            await _frame_head(reader)
+            transport = writer.transport
+            assert isinstance(transport, asyncio.ReadTransport)
+            transport.pause_reading()
+            writer.write(bytes([0x88, 2]) + struct.pack("!H", 1001))   # going away
+            await writer.wait_closed()   # until the agent cuts it (or stop())
+        except (ConnectionError, asyncio.IncompleteReadError):
+            pass
+        finally:
+            self._writers.discard(writer)
+            writer.close()
+
+    def agent_side(self) -> int:
+        """The agent's connections to it still open (this process holds both ends)."""
+        return sum(1 for c in psutil.Process().net_connections("tcp")
+                   if c.raddr and c.raddr.port == self.port)
+
+
+async def test_connections_an_upstream_closed_while_it_read_no_more_are_not_left_open(
+        make_agent: Any) -> None:
+    """The upstream's close frame was answered and the connection closed gracefully, which
+    waits for the agent's unsent bytes to go first: to an upstream that reads no more,
+    never. Each retry left one more connection open, with its buffers, for good."""
+    connector = aiohttp.TCPConnector(socket_factory=_small_send_buffer)
+    fake = await _ClosesAndReadsNoMore().start()
+    async with asyncio.timeout(20), aiohttp.ClientSession(connector=connector) as session:
+        def uplink(cfg: UpstreamConfig, key: str, _: aiohttp.ClientSession,
+                   machine_id: str) -> NucleusWsUplink:
+            return NucleusWsUplink(cfg, key, session, machine_id)
+        agent = await make_agent(upstreams=[{
+            "name": "up", "protocol": "nucleus-ws", "url": fake.ws_url,
+            "flush_interval_s": 0.02, "timeout_s": 5}],
+            seams=Seams(make_uplink=uplink, backoff=FAST_BACKOFF))
+        try:
+            # One frame of about 40 KB: more than the path holds, less than a send waits
+            # for room for (aiohttp's 64 KB).
+            await send(agent, [event(i, pad="x" * 8000) for i in range(5)])
+            await wait_for(lambda: fake.connections >= 4)
+            # Each connection was done with before the next one opened: this one alone.
+            assert fake.agent_side() <= 1
+            assert "close code 1001" in (agent.forwarding.states["up"].last_error or "")
         finally:
             await agent.stop()   # before its session closes
             await fake.stop()
