@@ -185,6 +185,10 @@ class _Link:
     async def close(self) -> None:
         self.lose("closed")
         await self.close_ws()
+        # Cut whatever the close left: one aiohttp made gracefully (answering the upstream's
+        # close frame) waits for the bytes still unsent, to an upstream that may read no more:
+        # that connection, and its buffers, stayed open for good, one more at each retry.
+        self.abort()
         for task in self.tasks:
             task.cancel()
         for task in self.tasks:
