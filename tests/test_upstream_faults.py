@@ -188,6 +188,27 @@ async def test_429_retry_after_seconds_is_honoured(make_agent: Any,
         "HTTP 429; next try in 30s, as its Retry-After asks")
 
 
+@pytest.mark.parametrize("body", [b'{"error": "over quota, come back later"}',
+                                  b'{"reportedIds": [0, 1]}'])
+async def test_a_nucleus_http_200_that_is_no_whole_answer_honours_its_retry_after(
+        make_agent: Any, faulty: FaultyUpstream, body: bytes) -> None:
+    """A 200 without reportedIds (a collector's error in JSON), or acknowledging part of the
+    batch, with a Retry-After: the rest waits it out, as after any status that carries one.
+    It was retried within a second (and again, doubling up to a minute), as if it had said
+    nothing, though a reportedIds holding what is no id had its wait honoured."""
+    faulty.script = [Fault("status", 200, {"Retry-After": "300"}, body=body)]
+    timing, seams = manual()
+    agent = await make_agent(upstreams=[upstream(faulty, "nucleus-http")], seams=seams)
+    await send(agent, [event(i) for i in range(5)])
+    await wait_for(lambda: timing.pending() == [300.0])
+    assert (agent.forwarding.states["up"].last_error or "").endswith(
+        "; next try in 300s, as its Retry-After asks")
+    timing.advance(300)
+    await wait_for(lambda: agent.spool.depth == 0)
+    assert len(faulty.requests) == 2 and faulty.requests[1].fault == "ok"
+    assert await agent.spool.dead_letters() == []
+
+
 async def test_new_events_for_a_key_in_backoff_wait_with_it(make_agent: Any,
                                                             faulty: FaultyUpstream) -> None:
     """A key waiting out a backoff holds no loop: its new events must neither start one
