@@ -69,9 +69,11 @@ class NucleusHttpUplink(NucleusFraming, UplinkBase):
                                          None if unreadable else raw, len(prepared.seqs)):
             return Retry(page, retry_after=wait, too_slow=status == REQUEST_TIMEOUT)
         ids = _reported_ids(raw) if answered and not answer.cut else None
+        # A 2xx that is no whole answer is a failure: its Retry-After is honoured, as any
+        # status's (an upstream that stored part of a batch and asks for a pause).
         if answered and answer.cut:
             return Retry(f"a reply over {most} bytes, not read (a batch's answer is "
-                         "its reportedIds)")
+                         "its reportedIds)", retry_after=wait)
         if not answered:
             reason = answer.said(200)
             if is_retryable(status):
@@ -83,7 +85,8 @@ class NucleusHttpUplink(NucleusFraming, UplinkBase):
         if not isinstance(ids, list):
             # No answer at all (an error in JSON, or not JSON): what it said is the clue.
             said = excerpt(raw, 200) or "nothing (an empty body)"
-            return Retry(f"HTTP {status} without reportedIds; the upstream said {said}")
+            return Retry(f"HTTP {status} without reportedIds; the upstream said {said}",
+                         retry_after=wait)
         acked = match(dict(zip(prepared.ids, prepared.seqs)), ids)
         if len(acked) < len(prepared.seqs) and not ids_only(ids):
             # Not an answer for the events it leaves out: they are sent again, not weighed.
@@ -92,7 +95,8 @@ class NucleusHttpUplink(NucleusFraming, UplinkBase):
         if len(acked) < len(prepared.seqs):
             got = set(acked)
             # A well-formed reply answered for the whole batch: the rest was left out.
-            return Retry("reply did not acknowledge every event", acked=tuple(acked),
+            return Retry("reply did not acknowledge every event", retry_after=wait,
+                         acked=tuple(acked),
                          omitted=tuple(s for s in prepared.seqs if s not in got))
         return Acked(tuple(acked))
 
