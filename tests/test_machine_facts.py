@@ -5,6 +5,7 @@ machine gave none, and one warning line says which and why; the agent still star
 from __future__ import annotations
 
 import asyncio
+import locale
 import logging
 import platform
 from collections.abc import Callable
@@ -70,3 +71,51 @@ async def test_an_os_release_of_bytes_no_utf8_is_left_out_and_said(
                 {"id": "i1", "type": "init"}]}) as r:
             assert r.status == 200, await r.text()
     assert agent.spool.depth == 1
+
+
+async def test_a_locale_variable_that_names_no_locale_gives_no_language(
+        tmp_path: Path, agent_process: Callable[..., AgentProcess]) -> None:
+    """A POSIX locale is language[_territory][.codeset][@modifier]: a variable holding
+    anything else (a word, a codeset alone, a path) names no language, and the upstream
+    would be sent it as the user's (`garbage`, `UTF-8`, `POSIX`). Skipped, and said, as a
+    value breaking the [device] rule: the next variable names the language."""
+    upstream = await FaultyUpstream().start()
+    port = free_port()
+    config = write_config(tmp_path / "agent.toml", tmp_path / "spool.db", port=port, upstreams=[
+        {"name": "up", "protocol": "nucleus-http", "url": upstream.http_url, "keys": [KEY],
+         "flush_interval_s": 0.05}])
+    agent = agent_process(config, port, env={
+        "LC_ALL": "POSIX.UTF-8", "LC_MESSAGES": "garbage", "LANG": "UTF-8",
+        "LANGUAGE": "fr_FR:en"})
+    await asyncio.to_thread(agent.start)
+    try:
+        async with aiohttp.ClientSession() as s:
+            async with s.post(f"{agent.url}/app/{KEY}/track", json={"data": [
+                    {"id": "i1", "type": "init"}]}) as r:
+                assert r.status == 200, await r.text()
+        await wait_for(lambda: "i1" in upstream.received_ids())
+        assert agent.terminate() == 0
+    finally:
+        await upstream.stop()
+    [init] = [ev for r in upstream.requests for ev in r.events]
+    assert (init["language"], init["locale"]) == ("fr-FR", "fr-FR"), init
+    log = agent.log.read_text()
+    ignored = [line for line in log.splitlines() if "not used as the device's language" in line]
+    assert [v for v in ("LC_ALL", "LC_MESSAGES", "LANG") if any(v + " " in i for i in ignored)] \
+        == ["LC_ALL", "LC_MESSAGES", "LANG"], log
+
+
+async def test_the_c_librarys_locale_of_windows_names_no_language(
+        make_agent: Callable[..., Any], monkeypatch: pytest.MonkeyPatch,
+        caplog: pytest.LogCaptureFixture) -> None:
+    """On Windows no LANG is set, and Python's locale.getlocale() gives the C library's
+    name of the locale, `English_United States` (cpython#82986), no language tag: it was
+    sent upstream as the language `English-United States`."""
+    for var in ("LC_ALL", "LC_MESSAGES", "LANG", "LANGUAGE"):
+        monkeypatch.delenv(var, raising=False)
+    monkeypatch.setattr(locale, "getlocale", lambda *a: ("English_United States", "1252"))
+    with caplog.at_level(logging.WARNING, logger="outpost"):
+        agent = await make_agent()
+    assert agent.facts.language == "en-US"
+    said = [r.getMessage() for r in caplog.records if "device's language" in r.getMessage()]
+    assert len(said) == 1 and "C library's locale" in said[0], said
