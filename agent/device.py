@@ -46,6 +46,10 @@ def _from_machine(value: str, fact: str, source: str) -> str:
     problem = fact_problem(value)
     if problem is None:
         return value
+    return _unused(source, fact, problem)
+
+
+def _unused(source: str, fact: str, problem: str) -> str:
     log.warning("%s is not used as the device's %s: it %s; set [device] %s in agent.toml "
                 "to give one", source, fact, problem, fact)
     return ""
@@ -78,20 +82,30 @@ def _language() -> str:
         # A locale's name is ASCII: bytes of another encoding (kept as lone surrogates)
         # name none, and no event could carry them (orjson and SQLite refuse them).
         if value and value.isascii() and value not in ("C", "POSIX") and not value.startswith("C."):
-            if tag := _from_machine(_bcp47(value), "language", f"the environment's {var}"):
+            if tag := _bcp47(value, f"the environment's {var}"):
                 return tag
     try:
         loc = locale.getlocale()[0]
     except ValueError:
         loc = None
-    tag = _from_machine(_bcp47(loc), "language", "the C library's locale") if loc else ""
-    return tag or "en-US"
+    return (_bcp47(loc, "the C library's locale") if loc else "") or "en-US"
 
 
-def _bcp47(posix: str) -> str:
-    """'en_US.UTF-8' -> 'en-US'."""
-    tag = posix.split(":")[0].split(".")[0].split("@")[0]
-    return tag.replace("_", "-") or "en-US"
+# A POSIX locale's name: language[_territory][.codeset][@modifier], its language two or
+# three letters (ISO 639), its territory two letters or three digits (es_419).
+_LOCALE = re.compile(r"([A-Za-z]{2,3})(?:_([A-Za-z]{2}|[0-9]{3}))?(?:\.[^@]*)?(?:@.*)?").fullmatch
+
+
+def _bcp47(name: str, source: str) -> str:
+    """'en_US.UTF-8' -> 'en-US'; "" (said once) where ``name``, read from ``source``, names
+    no locale: a word, a codeset alone, a path, Windows' 'English_United States' (what
+    locale.getlocale() gives there) would each have been sent upstream as a language."""
+    first = next((part for part in name.split(":") if part), "")   # LANGUAGE is a list
+    if m := _LOCALE(first):
+        return m[1] + (f"-{m[2]}" if m[2] else "")
+    return _unused(source, "language", fact_problem(name) or (
+        f"names no locale (language[_territory][.codeset][@modifier], such as "
+        f"en_US.UTF-8), got {name!r}"))
 
 
 def _os_machine_id() -> str | None:
