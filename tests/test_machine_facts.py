@@ -119,3 +119,28 @@ async def test_the_c_librarys_locale_of_windows_names_no_language(
     assert agent.facts.language == "en-US"
     said = [r.getMessage() for r in caplog.records if "device's language" in r.getMessage()]
     assert len(said) == 1 and "C library's locale" in said[0], said
+
+
+async def test_a_locale_of_another_script_keeps_its_script_in_the_language(
+        tmp_path: Path, agent_process: Callable[..., AgentProcess]) -> None:
+    """sr_RS@latin is Serbian written in Latin letters; the tag sr-RS is Serbian in its
+    default script, Cyrillic: the modifier that names the script is the tag's script."""
+    upstream = await FaultyUpstream().start()
+    port = free_port()
+    config = write_config(tmp_path / "agent.toml", tmp_path / "spool.db", port=port, upstreams=[
+        {"name": "up", "protocol": "nucleus-http", "url": upstream.http_url, "keys": [KEY],
+         "flush_interval_s": 0.05}])
+    agent = agent_process(config, port, env={"LC_ALL": "", "LC_MESSAGES": "",
+                                             "LANG": "sr_RS.UTF-8@latin", "LANGUAGE": ""})
+    await asyncio.to_thread(agent.start)
+    try:
+        async with aiohttp.ClientSession() as s:
+            async with s.post(f"{agent.url}/app/{KEY}/track", json={"data": [
+                    {"id": "i1", "type": "init"}]}) as r:
+                assert r.status == 200, await r.text()
+        await wait_for(lambda: "i1" in upstream.received_ids())
+        assert agent.terminate() == 0
+    finally:
+        await upstream.stop()
+    [init] = [ev for r in upstream.requests for ev in r.events]
+    assert (init["language"], init["locale"]) == ("sr-Latn-RS", "sr-Latn-RS"), init
