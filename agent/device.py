@@ -93,16 +93,21 @@ def _language() -> str:
 
 # A POSIX locale's name: language[_territory][.codeset][@modifier], its language two or
 # three letters (ISO 639), its territory two letters or three digits (es_419).
-_LOCALE = re.compile(r"([A-Za-z]{2,3})(?:_([A-Za-z]{2}|[0-9]{3}))?(?:\.[^@]*)?(?:@.*)?").fullmatch
+_LOCALE = re.compile(r"([A-Za-z]{2,3})(?:_([A-Za-z]{2}|[0-9]{3}))?(?:\.[^@]*)?(?:@(.*))?").fullmatch
+# The modifiers of glibc's locales that name a script: sr_RS@latin is sr-Latn-RS, where
+# sr-RS is Serbian in its default script, Cyrillic. Other modifiers (@euro) name none.
+_SCRIPTS = {"latin": "Latn", "cyrillic": "Cyrl", "devanagari": "Deva"}
 
 
 def _bcp47(name: str, source: str) -> str:
-    """'en_US.UTF-8' -> 'en-US'; "" (said once) where ``name``, read from ``source``, names
-    no locale: a word, a codeset alone, a path, Windows' 'English_United States' (what
-    locale.getlocale() gives there) would each have been sent upstream as a language."""
+    """'en_US.UTF-8' -> 'en-US', 'sr_RS@latin' -> 'sr-Latn-RS'; "" (said once) where
+    ``name``, read from ``source``, names no locale: a word, a codeset alone, a path,
+    Windows' 'English_United States' (what locale.getlocale() gives there) would each have
+    been sent upstream as a language."""
     first = next((part for part in name.split(":") if part), "")   # LANGUAGE is a list
     if m := _LOCALE(first):
-        return m[1] + (f"-{m[2]}" if m[2] else "")
+        script = _SCRIPTS.get((m[3] or "").lower())
+        return "-".join(part for part in (m[1], script, m[2]) if part)
     return _unused(source, "language", fact_problem(name) or (
         f"names no locale (language[_territory][.codeset][@modifier], such as "
         f"en_US.UTF-8), got {name!r}"))
