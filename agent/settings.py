@@ -5,6 +5,7 @@ Read and validated by agent/config.py; every part of the agent takes these.
 
 from __future__ import annotations
 
+import functools
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -96,8 +97,15 @@ class UpstreamConfig:
     # over the cut still goes, alone: only batch_max_bytes refuses one.
     batch_cut_bytes: int | None = field(default=None, metadata={"set_by": "forwarder"})
 
+    @functools.cached_property
+    def _routed(self) -> frozenset[str]:
+        # A set, not the tuple: every start and reload routes each queued key, and a scan
+        # of thousands of listed keys for each made them grow with the list's square.
+        return frozenset(self.keys)
+
     def matches(self, app_key: str) -> bool:
-        return "*" in self.keys or app_key in self.keys
+        routed = self._routed
+        return "*" in routed or app_key in routed
 
     @property
     def batch_bytes(self) -> int:
