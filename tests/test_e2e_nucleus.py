@@ -150,6 +150,29 @@ async def test_an_app_id_that_needs_escaping_reaches_its_own_upstream_path(
     assert set(fake_nucleus.raw_paths) == {f"/app/{quote(app_id, safe='')}/track"}
 
 
+@pytest.mark.parametrize("path", ["/app/{}/track", "/{}/track", "/{}", "/{}/"])
+async def test_an_app_id_holding_a_brace_is_taken_on_every_nucleus_route(
+        make_agent: Any, fake_nucleus: FakeNucleus, path: str) -> None:
+    """The routes' `{appId}` took any segment but one holding `{` or `}` (aiohttp's
+    default for a variable), so such an app's key, accepted by the config and by every
+    other API, got a 404 saying `no route for POST /app/%7Bkiosk%7D/track`, a route
+    the agent has, and its websocket the same 404."""
+    app_id = "{kiosk}"
+    agent = await make_agent(upstreams=[upstream(fake_nucleus)])
+    target = URL(f"http://127.0.0.1:{agent.port}{path.format(quote(app_id, safe=''))}",
+                 encoded=True)
+    event = {"name": "e", "id": 1, "sessionId": 1, "machineId": "m"}
+    async with aiohttp.ClientSession() as s:
+        if path == "/app/{}/track":
+            async with s.post(target, json={"data": [event]}) as r:
+                assert r.status == 200, await r.text()
+        async with s.ws_connect(target) as ws:
+            await ws.send_json({"data": [event | {"id": 2}]})
+            assert (await ws.receive_json(timeout=10)) == {"reportedIds": [2]}
+    await wait_for(lambda: agent.spool.depth == 0 and 2 in fake_nucleus.ids())
+    assert set(fake_nucleus.paths) == {f"/app/{app_id}/track"}
+
+
 @pytest.mark.parametrize("app_id", [".", ".."])
 @pytest.mark.parametrize("protocol", ["nucleus-ws", "nucleus-http"])
 async def test_a_dot_segment_app_id_is_refused_not_sent_to_another_path(

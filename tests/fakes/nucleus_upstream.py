@@ -112,8 +112,9 @@ class FakeNucleus:
 
     async def start(self, port: int = 0) -> FakeNucleus:
         app = web.Application(client_max_size=16 * 1024 * 1024)
-        app.add_routes([web.get("/app/{appId}/track", self._ws),
-                        web.post("/app/{appId}/track", self._http)])
+        # Any one segment (aiohttp's default leaves out `{` and `}`): the app id as sent.
+        app.add_routes([web.get("/app/{appId:[^/]+}/track", self._ws),
+                        web.post("/app/{appId:[^/]+}/track", self._http)])
         self._runner = web.AppRunner(app, handle_signals=False)
         await self._runner.setup()
         self._site = web.TCPSite(self._runner, "127.0.0.1", port or self.port, reuse_address=True)
