@@ -357,14 +357,19 @@ class NucleusHandlers:
         return True
 
 
+# Any one segment: aiohttp's default for a variable leaves out `{` and `}`, and an app
+# id holding one got a 404 naming a route the agent has.
+_APP_ID = "{appId:[^/]+}"
+
+
 def routes(sink: IngestSink) -> list[web.RouteDef]:
     h = NucleusHandlers(sink)
     return [
-        web.post("/app/{appId}/track", h.http_track),
-        websocket("/app/{appId}/track", h.websocket),
-        websocket("/{appId}/track", h.websocket),
-        websocket("/{appId}", h.websocket),
-        websocket("/{appId}/", h.websocket),  # the seed's literal form
+        web.post(f"/app/{_APP_ID}/track", h.http_track),
+        websocket(f"/app/{_APP_ID}/track", h.websocket),
+        websocket(f"/{_APP_ID}/track", h.websocket),
+        websocket(f"/{_APP_ID}", h.websocket),
+        websocket(f"/{_APP_ID}/", h.websocket),  # the seed's literal form
     ]
 
 

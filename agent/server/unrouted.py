@@ -37,6 +37,7 @@ CATCH_ALL, CATCH_ALL_CANONICAL = "/{tail:.*}", "/{tail}"
 LOGGED_PATH = 200  # characters of a path in the log
 QUOTED_PATH = 512  # and in a reply
 _SLASHES = re.compile("//+")
+_VARIABLE_REGEX = re.compile(r"\{(\w+):[^{}]*\}")   # `{appId:[^/]+}`, canonical `{appId}`
 # The route parameter that holds an app's key (Nucleus: `/app/{appId}/track`, `/{appId}`).
 KEY_PARAM = "appId"
 # On a request routed at its path's plain form: the path as the client sent it.
@@ -123,7 +124,8 @@ class Unrouted:
     def gate(self, raw: list[web.RouteDef], routes: list[web.RouteDef]) -> list[web.RouteDef]:
         """``routes`` (``raw``, wrapped) with each websocket GET passing plain GETs on."""
         paths = {r.path for r in raw if isinstance(r, WebSocketRoute)}
-        self.websockets |= paths
+        # As ``allowed`` reads them: the router's canonical form, a variable's regex left out.
+        self.websockets |= {_VARIABLE_REGEX.sub(r"{\1}", path) for path in paths}
         return [web.RouteDef(r.method, r.path, self._upgrade_only(r.handler), r.kwargs)
                 if r.method == "GET" and r.path in paths else r for r in routes]
 
