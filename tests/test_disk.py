@@ -822,6 +822,29 @@ async def test_a_spool_directory_removed_under_the_agent_is_made_again_with_the_
     assert not [r for r in caplog.records if r.exc_info], "a traceback"
 
 
+async def test_the_directory_a_linked_spool_lives_in_removed_under_the_agent_is_made_again(
+        make_agent: Any, tmp_path: Path) -> None:
+    """storage.path a symlink to the spool on a bigger disk, whose directory there is
+    removed while the agent runs. The agent made the link's directory again (there all
+    along), not the one its file goes in: every commit after was a 503 "tried again every
+    5 s", for good, and the queue stayed in a copy aside until a restart. It makes that
+    directory again (0700), and keeps the queue there, as for a spool named directly."""
+    disk = tmp_path / "disk" / "outpost"
+    disk.mkdir(parents=True, mode=0o700)
+    link = tmp_path / "state" / "spool.db"
+    link.parent.mkdir(mode=0o700)
+    link.symlink_to(disk / "spool.db")
+    agent = await make_agent(spool=link)
+    async with aiohttp.ClientSession() as s:
+        assert (await post(s, agent.port, [event(i, pad="") for i in range(5)])).status == 200
+        await asyncio.to_thread(shutil.rmtree, disk)
+        answered = (await post(s, agent.port, [event(100, pad="")])).status
+        assert answered == 200, f"{answered}: {agent.spool.open_error}"
+    await agent.stop()
+    assert rows(disk / "spool.db") == 6, "events answered 200 are not in the spool file"
+    assert (disk.stat().st_mode & 0o777) == 0o700
+
+
 async def test_events_acked_after_the_spool_is_deleted_are_counted_acked_alone(
         make_agent: Any, fake_nucleus: FakeNucleus, tmp_path: Path) -> None:
     """The first commit to find spool.db deleted under the agent is the acks of the

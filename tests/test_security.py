@@ -44,6 +44,7 @@ from tests.conftest import AgentProcess, free_port, write_config
 from tests.dialect_examples import as_http, examples, other_routes, served_by_examples
 from tests.fakes.faulty_upstream import Fault, FaultyUpstream
 from tests.fakes.threaded_agent import ThreadedAgent
+from tests.test_dead_export_target import post_event
 from tests.test_routes import raw_reply
 from tests.waiting import wait_for
 
@@ -421,6 +422,32 @@ def test_directories_made_for_a_new_spool_are_private(tmp_path: Path) -> None:
     for made in (tmp_path / "new", tmp_path / "new" / "deeper"):
         assert stat.S_IMODE(made.stat().st_mode) == 0o700, made
     assert stat.S_IMODE(tmp_path.stat().st_mode) == 0o755
+
+
+def test_the_directory_a_linked_spool_resolves_to_is_made_private(
+        tmp_path: Path, agent_process: Callable[..., AgentProcess]) -> None:
+    """storage.path a symlink to a spool on another disk, linked before the first start
+    (the directory it names there not made yet). The agent made the link's directory,
+    which was there, and the lock file then made the one the spool goes in with the
+    umask's mode: 0777 under 000, so that every user could delete, rename or plant files
+    beside the spool, and no warning named it. It is made 0700, as any the agent makes."""
+    real = tmp_path / "disk" / "outpost" / "spool.db"
+    link = tmp_path / "state" / "spool.db"
+    link.parent.mkdir(mode=0o700)
+    link.symlink_to(real)
+    port = free_port()
+    old = os.umask(0)
+    try:
+        agent = agent_process(write_config(tmp_path / "agent.toml", link, port=port), port)
+        agent.start()
+    finally:
+        os.umask(old)
+    post_event(port)
+    assert agent.terminate() == 0
+    for made in (real.parent.parent, real.parent):
+        assert stat.S_IMODE(made.stat().st_mode) == 0o700, made
+    for name in ("spool.db", "spool.db.lock"):
+        assert stat.S_IMODE((real.parent / name).stat().st_mode) == 0o600, name
 
 
 # -- secrets in logs ------------------------------------------------------------------------
