@@ -95,9 +95,10 @@ def cmd_run(args: argparse.Namespace) -> int:
     try:
         # Made for the lock file; a directory others can see is warned of once, through
         # the log (set up below, after the lock), once the agent has started.
-        paths.make_private_dir(spool.parent)
+        paths.make_spool_dir(spool)
     except OSError as exc:   # the preflight's probe passed, and then the system refused
-        _say(preflight.cannot_create(spool, str(spool.parent), exc))
+        # Named by the error: the directory a symlinked spool resolves to, perhaps.
+        _say(preflight.cannot_create(spool, str(exc.filename or spool.parent), exc))
         return EXIT_CONFIG
     # One agent per spool: two would both forward its queue, each with its own dedupe
     # index and depths. Held for the process's life; the OS drops it however that ends.

@@ -212,6 +212,16 @@ def make_private_dir(path: Path) -> bool:
     return existed
 
 
+def make_spool_dir(spool: Path) -> None:
+    """``make_private_dir`` of the spool's directory and, when storage.path is a symlink (a
+    spool moved to a bigger disk and linked back), of the one the file it names goes in:
+    SQLite and the lock file write there, and made by them it had the umask's mode."""
+    make_private_dir(spool.parent)
+    real = Path(os.path.realpath(spool)).parent
+    if real != spool.parent:
+        make_private_dir(real)
+
+
 def exposure(path: Path) -> str | None:
     """A warning if others can list or write to the directory ``path`` (the files in it are
     0600), else None (also when it is not there)."""

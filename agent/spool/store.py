@@ -28,7 +28,7 @@ from agent.clock import CLOCK, age_s
 from agent.families.event import Event, now_ms
 from agent.families.lanes import LANES
 from agent.outcomes import Counts, Drop, Outcome, Tally, merge, record
-from agent.paths import lock_again, make_private_dir, spool_lock
+from agent.paths import lock_again, make_spool_dir, spool_lock
 from agent.settings import StorageConfig
 from agent.spool import commit as spool_commit
 from agent.spool import db as spool_db
@@ -328,7 +328,7 @@ class Spool:
                    on_migrating: Callable[[], None] | None = None,
                    holds_lock: bool = False) -> Spool:
         spool = cls(cfg, cfg.resolved_path(), on_reopen, on_migrating, holds_lock)
-        make_private_dir(spool.path.parent)
+        make_spool_dir(spool.path)
         recovering = False   # a recovery that fails says why itself
         try:
             if (found := pending(spool.path)) is not None:
@@ -379,7 +379,7 @@ class Spool:
             # stream ids, which in that agent's spool name other keys' queues.
             raise InUse(self.ousted)
         # Its directory too: an operator may have removed it under the running agent.
-        make_private_dir(self.path.parent)
+        make_spool_dir(self.path)
         if self.holds_lock:
             self._keep_lock()
         if not self.path.exists():
@@ -561,7 +561,7 @@ class Spool:
         no_dir: OSError | None = None   # the directory gone with the file, not ours to make
         if isinstance(exc, Replaced):
             try:
-                make_private_dir(self.path.parent)
+                make_spool_dir(self.path)
             except OSError as refused:   # another user's, or read-only: no copy, nothing to move
                 no_dir = refused
         in_use: InUse | None = None
