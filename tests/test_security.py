@@ -450,6 +450,26 @@ def test_the_directory_a_linked_spool_resolves_to_is_made_private(
         assert stat.S_IMODE((real.parent / name).stat().st_mode) == 0o600, name
 
 
+def test_a_lock_file_left_with_wider_modes_is_made_private(
+        tmp_path: Path, agent_process: Callable[..., AgentProcess]) -> None:
+    """A spool's directory restored from a backup without its modes, the lock file 0644
+    among them. It stayed so: where others may search the directory (its mode, said in the
+    log), any user could open it and hold a lock on it (flock needs no write access), and
+    the next `outpost run` refused to start, "in use by another agent". It is made 0600
+    at the start, as the spool's -wal and -shm are."""
+    where = tmp_path / "data"
+    where.mkdir(mode=0o700)
+    lock = where / "spool.db.lock"
+    lock.touch()
+    lock.chmod(0o644)
+    port = free_port()
+    agent = agent_process(write_config(tmp_path / "agent.toml", where / "spool.db", port=port),
+                          port).start()
+    post_event(port)
+    assert stat.S_IMODE(lock.stat().st_mode) == 0o600
+    assert agent.terminate() == 0
+
+
 # -- secrets in logs ------------------------------------------------------------------------
 
 SECRETS = {
