@@ -114,6 +114,12 @@ def cmd_run(args: argparse.Namespace) -> int:
         _say(f"cannot open the spool's lock file {paths.spool_lock(spool)}: "
              f"{exc.strerror or exc}; remove it, or give this user access")
         return EXIT_CONFIG
+    try:
+        # filelock keeps the mode of one found: any user who can open it can hold it, and
+        # keep the next start out.
+        paths.make_private_file(paths.spool_lock(spool))
+    except OSError:   # another user's file: theirs to change
+        pass
     logs.setup_logging(cfg.log.level)
     from agent.dialects import offload
     from agent.service import AddressNotHere, Agent, StartError

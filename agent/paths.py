@@ -222,6 +222,19 @@ def make_spool_dir(spool: Path) -> None:
         make_private_dir(real)
 
 
+def make_private_file(path: Path) -> None:
+    """A file of the spool's made 0600 if found with a wider mode (a backup restored without
+    its modes). Only a regular file: a link (to /dev/null, say) is not followed."""
+    if sys.platform == "win32":   # no such modes
+        return
+    try:
+        found = os.lstat(path)
+    except FileNotFoundError:
+        return
+    if stat.S_ISREG(found.st_mode) and stat.S_IMODE(found.st_mode) & 0o077:
+        os.chmod(path, 0o600)
+
+
 def exposure(path: Path) -> str | None:
     """A warning if others can list or write to the directory ``path`` (the files in it are
     0600), else None (also when it is not there)."""

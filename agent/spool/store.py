@@ -16,7 +16,6 @@ import contextlib
 import logging
 import os
 import sqlite3
-import stat
 import sys
 from bisect import bisect_right
 from collections.abc import Awaitable, Callable, Sequence
@@ -28,7 +27,7 @@ from agent.clock import CLOCK, age_s
 from agent.families.event import Event, now_ms
 from agent.families.lanes import LANES
 from agent.outcomes import Counts, Drop, Outcome, Tally, merge, record
-from agent.paths import lock_again, make_spool_dir, spool_lock
+from agent.paths import lock_again, make_private_file, make_spool_dir, spool_lock
 from agent.settings import StorageConfig
 from agent.spool import commit as spool_commit
 from agent.spool import db as spool_db
@@ -76,18 +75,6 @@ def _refuse_newer(moved: Path) -> None:
         open_read_only(moved).close()
     except sqlite3.Error:
         pass
-
-
-def _private(path: Path) -> None:
-    """A spool's -wal or -shm made 0600. SQLite makes them with the spool's mode, but keeps
-    the mode of one left holding data (a crash) with a wider one (a backup restored without
-    its modes). Only a regular file: a link (to /dev/null, say) is not followed."""
-    try:
-        found = os.lstat(path)
-    except FileNotFoundError:
-        return
-    if stat.S_ISREG(found.st_mode) and stat.S_IMODE(found.st_mode) & 0o077:
-        os.chmod(path, 0o600)
 
 
 class InUse(OSError):
@@ -389,7 +376,9 @@ class Spool:
         if sys.platform != "win32":
             os.chmod(self.path, 0o600)
             for suffix in SUFFIXES[1:]:
-                _private(Path(f"{self.path}{suffix}"))
+                # SQLite makes them with the spool's mode, but keeps the mode of one
+                # left holding data (a crash).
+                make_private_file(Path(f"{self.path}{suffix}"))
         # Read-only first: a newer agent's file is refused before a connection that could
         # write to it exists (closing one checkpoints a WAL the newer agent left behind).
         open_read_only(self.path).close()
