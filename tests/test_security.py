@@ -450,6 +450,23 @@ def test_the_directory_a_linked_spool_resolves_to_is_made_private(
         assert stat.S_IMODE((real.parent / name).stat().st_mode) == 0o600, name
 
 
+async def test_a_linked_spool_s_directory_others_can_write_to_is_warned_of(
+        make_agent: Any, tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
+    """storage.path a symlink, in a private directory, to a spool in one every user may
+    write to. The start warns of a spool's directory others can see into: it looked at
+    the link's, not the one the spool's files are in, and said nothing of it."""
+    shared = tmp_path / "shared"
+    shared.mkdir()
+    shared.chmod(0o777)
+    link = tmp_path / "state" / "spool.db"
+    link.parent.mkdir(mode=0o700)
+    link.symlink_to(shared / "spool.db")
+    caplog.set_level(logging.WARNING)
+    await make_agent(spool=link)
+    assert any(str(shared) in r.getMessage() and "writable by other users" in r.getMessage()
+               for r in caplog.records), [r.getMessage() for r in caplog.records]
+
+
 def test_a_lock_file_left_with_wider_modes_is_made_private(
         tmp_path: Path, agent_process: Callable[..., AgentProcess]) -> None:
     """A spool's directory restored from a backup without its modes, the lock file 0644
