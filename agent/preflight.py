@@ -50,7 +50,10 @@ def reload_problems(running: Config, new: Config) -> list[str]:
 def notices(cfg: Config) -> list[str]:
     """What a newcomer running on the defaults should be told at startup, and a spool
     directory others can see into (found as the spool opened, said once it started)."""
-    out = [seen] if (seen := paths.exposure(cfg.storage.resolved_path().parent)) else []
+    spool = cfg.storage.resolved_path()
+    # The link's directory and, a symlink's, the one the spool's files go in.
+    dirs = dict.fromkeys((spool.parent, Path(os.path.realpath(spool)).parent))
+    out = [seen for where in dirs if (seen := paths.exposure(where))]
     if cfg.source == "<defaults>":
         out.append(f"no config file found (looked for $OUTPOST_CONFIG, ./agent.toml and "
                    f"{paths.config_dir() / 'agent.toml'}); running with the built-in defaults; "
