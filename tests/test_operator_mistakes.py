@@ -136,6 +136,27 @@ def test_a_read_only_filesystem_says_a_readwritepaths_drop_in_is_needed(tmp_path
     assert "read-only" in line and "ReadWritePaths=" in line and "systemctl edit outpost" in line, line
 
 
+@pytest.mark.skipif(not _unshare_works(), reason="needs unprivileged user and mount namespaces")
+def test_a_symlinked_storage_path_into_a_read_only_filesystem_is_said_so(tmp_path: Path) -> None:
+    """storage.path a symlink, in a writable directory, to a spool on a read-only mount. The
+    checks looked at the link's directory: check-config said ok, and `outpost run` failed
+    at the lock file with "Read-only file system; remove it, or give this user access",
+    of a file that is not there. The line is the one a path named directly gets."""
+    ro = tmp_path / "ro"
+    ro.mkdir()
+    link = tmp_path / "state" / "spool.db"
+    link.parent.mkdir(mode=0o700)
+    link.symlink_to(ro / "spool.db")
+    cfg = write_config(tmp_path / "agent.toml", link)
+    script = (f"mount -t tmpfs -o ro tmpfs {shlex.quote(str(ro))} && "
+              f"exec {sys.executable} -m agent run --config {shlex.quote(str(cfg))}")
+    run = subprocess.run(["unshare", "-rm", "sh", "-c", script], cwd=ROOT, capture_output=True,
+                         text=True, timeout=30)
+    line = one_line(run.stdout + run.stderr)
+    assert run.returncode == EXIT_CONFIG, line
+    assert "read-only filesystem" in line and f"ReadWritePaths={ro}" in line, line
+
+
 @pytest.mark.skipif(shutil.which("systemd-analyze") is None or shutil.which("unshare") is None,
                     reason="needs systemd-analyze and unshare")
 @pytest.mark.parametrize("name", ["my spools", "100%"])
