@@ -172,20 +172,23 @@ def storage_problem(cfg: Config) -> str | None:
         # The spool's open would chmod it, switch it to WAL, and then never open it.
         return (f"{where} is not a spool: an SQLite database of another program (tables "
                 f"{', '.join(tables[:3])}{', ...' if len(tables) > 3 else ''}); {SPECIAL_FIX}")
-    existing = spool.parent
+    # A symlink's spool is written beside the file it names (SQLite's files, the lock
+    # file): that directory is the one to check, not the link's.
+    files = Path(os.path.realpath(spool)) if os.path.islink(spool) else spool
+    existing = files.parent
     while not os.path.exists(existing) and existing.parent != existing:
         existing = existing.parent   # where the first mkdir would write
     if not os.path.isdir(existing):
-        return f"{where}: cannot create {spool.parent}: {existing} is not a directory; {STORAGE_FIX}"
+        return f"{where}: cannot create {files.parent}: {existing} is not a directory; {STORAGE_FIX}"
     if _read_only(existing):
-        return f"{where}: {existing} is on a read-only filesystem; {_read_only_fix(spool.parent)}"
+        return f"{where}: {existing} is on a read-only filesystem; {_read_only_fix(files.parent)}"
     writable = os.access(existing, os.W_OK | os.X_OK)
-    if writable and os.path.exists(spool):
-        writable = os.access(spool, os.R_OK | os.W_OK)
+    if writable and os.path.exists(files):
+        writable = os.access(files, os.R_OK | os.W_OK)
     if not writable:
-        return (f"{where}: cannot write to {spool if os.path.exists(spool) else existing} as user "
+        return (f"{where}: cannot write to {files if os.path.exists(files) else existing} as user "
                 f"{_user()}; {STORAGE_FIX}, or give that user write access")
-    return _cannot_make(spool, existing)
+    return _cannot_make(files, existing)
 
 
 def _foreign_tables(spool: Path) -> list[str]:
