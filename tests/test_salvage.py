@@ -198,6 +198,32 @@ def readable_events(path: Path) -> set[int]:
     return found
 
 
+async def test_a_linked_spool_found_damaged_stays_on_the_disk_its_link_names(
+        make_agent: Any, fake_nucleus: FakeNucleus, tmp_path: Path) -> None:
+    """storage.path a symlink to the spool on a bigger disk, found damaged at a start. The
+    link itself was moved aside (a link to the damaged file, which kept its name there),
+    and the fresh spool made in its place, a file in the link's directory: the queue went,
+    unsaid, to the disk the operator had moved it off, and the link was gone. The damaged
+    file is moved aside beside itself, and the fresh spool made where the link points."""
+    disk = tmp_path / "disk"
+    disk.mkdir(mode=0o700)
+    real = disk / "spool.db"
+    await asyncio.to_thread(build, real, N, 500, ("app1",))
+    await asyncio.to_thread(truncated, real)
+    link = tmp_path / "state" / "spool.db"
+    link.parent.mkdir(mode=0o700)
+    link.symlink_to(real)
+    agent = await make_agent(spool=link, upstreams=[upstream(fake_nucleus)])
+    await wait_for(lambda: agent.spool.counters.get("spool_corrupt") == 1, timeout=10)
+    await wait_for(lambda: agent.spool.depth == 0, timeout=15)
+    assert fake_nucleus.ids(), "nothing salvaged"
+    assert link.is_symlink() and os.readlink(link) == str(real), "the link is gone"
+    assert [p.name for p in link.parent.iterdir()] == ["spool.db"]
+    assert real.is_file() and not real.is_symlink()
+    aside = [p for p in disk.glob("spool.db.corrupt-*") if not p.name.endswith(("-wal", "-shm"))]
+    assert len(aside) == 1 and not aside[0].is_symlink(), aside
+
+
 @pytest.mark.parametrize("home", [b"", b"caf\xe9"], ids=["", "latin1-directory"])
 async def test_a_readable_stretch_between_two_damaged_ones_is_salvaged(
         make_agent: Any, fake_nucleus: FakeNucleus, tmp_path: Path, home: bytes,
