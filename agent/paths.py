@@ -212,6 +212,13 @@ def make_private_dir(path: Path) -> bool:
     return existed
 
 
+def spool_file(spool: Path) -> Path:
+    """The file storage.path names: a symlink's target (a spool moved to a bigger disk and
+    linked back), beside which SQLite keeps its -wal and -shm, and a damaged one is moved
+    aside and a fresh one made (the link kept); ``spool`` itself otherwise."""
+    return Path(os.path.realpath(spool)) if os.path.islink(spool) else spool
+
+
 def make_spool_dir(spool: Path) -> None:
     """``make_private_dir`` of the spool's directory and, when storage.path is a symlink (a
     spool moved to a bigger disk and linked back), of the one the file it names goes in:

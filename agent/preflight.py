@@ -172,9 +172,9 @@ def storage_problem(cfg: Config) -> str | None:
         # The spool's open would chmod it, switch it to WAL, and then never open it.
         return (f"{where} is not a spool: an SQLite database of another program (tables "
                 f"{', '.join(tables[:3])}{', ...' if len(tables) > 3 else ''}); {SPECIAL_FIX}")
-    # A symlink's spool is written beside the file it names (SQLite's files, the lock
-    # file): that directory is the one to check, not the link's.
-    files = Path(os.path.realpath(spool)) if os.path.islink(spool) else spool
+    # A symlink's spool is written beside the file it names: that directory is the one
+    # to check, not the link's.
+    files = paths.spool_file(spool)
     existing = files.parent
     while not os.path.exists(existing) and existing.parent != existing:
         existing = existing.parent   # where the first mkdir would write

@@ -28,6 +28,7 @@ from agent.families.event import now_ms
 from agent.families.lanes import HIGH, readable
 from agent.logs import fingerprint
 from agent.outcomes import Tally, record
+from agent.paths import spool_file
 from agent.spool import aside, migrate_dead
 from agent.spool.commit import Outcome
 from agent.spool.db import add_counters, keys_from_bytes, load_state
@@ -423,7 +424,7 @@ def waiting_salvage(path: Path) -> Path | None:
     None too when the marker's directory cannot be read: the spool's own read says so,
     and why."""
     try:
-        found = aside.waiting(path)
+        found = aside.waiting(spool_file(path))   # where the agent moves it aside
     except OSError:
         return None
     if found is None:

@@ -27,7 +27,7 @@ from agent.clock import CLOCK, age_s
 from agent.families.event import Event, now_ms
 from agent.families.lanes import LANES
 from agent.outcomes import Counts, Drop, Outcome, Tally, merge, record
-from agent.paths import lock_again, make_private_file, make_spool_dir, spool_lock
+from agent.paths import lock_again, make_private_file, make_spool_dir, spool_file, spool_lock
 from agent.settings import StorageConfig
 from agent.spool import commit as spool_commit
 from agent.spool import db as spool_db
@@ -314,7 +314,7 @@ class Spool:
     async def open(cls, cfg: StorageConfig, on_reopen: Callable[[], None] = lambda: None,
                    on_migrating: Callable[[], None] | None = None,
                    holds_lock: bool = False) -> Spool:
-        spool = cls(cfg, cfg.resolved_path(), on_reopen, on_migrating, holds_lock)
+        spool = cls(cfg, spool_file(cfg.resolved_path()), on_reopen, on_migrating, holds_lock)
         make_spool_dir(spool.path)
         recovering = False   # a recovery that fails says why itself
         try:
