@@ -845,6 +845,32 @@ async def test_the_directory_a_linked_spool_lives_in_removed_under_the_agent_is_
     assert (disk.stat().st_mode & 0o777) == 0o700
 
 
+async def test_events_taken_after_a_linked_spool_s_link_is_pointed_elsewhere_are_kept(
+        make_agent: Any, tmp_path: Path) -> None:
+    """storage.path a symlink, pointed while the agent runs at a copy of the spool made on
+    another disk (a spool moved by hand). The agent goes on with the file it opened, the
+    one the link named then: every event answered 200 from then on was left there, out of
+    the queue at the next start, unless it looked at the link again, as at a file put at a
+    path named directly. The link is kept."""
+    old, new = tmp_path / "old", tmp_path / "new"
+    old.mkdir(mode=0o700)
+    new.mkdir(mode=0o700)
+    link = tmp_path / "state" / "spool.db"
+    link.parent.mkdir(mode=0o700)
+    link.symlink_to(old / "spool.db")
+    agent = await make_agent(spool=link)
+    async with aiohttp.ClientSession() as s:
+        assert (await post(s, agent.port, [event(i, pad="") for i in range(3)])).status == 200
+        await asyncio.to_thread(backed_up, old / "spool.db", new / "spool.db")
+        moving = link.with_name("moving")
+        moving.symlink_to(new / "spool.db")
+        moving.replace(link)
+        assert (await post(s, agent.port, [event(i, pad="") for i in range(3, 5)])).status == 200
+    await agent.stop()
+    assert link.is_symlink() and os.readlink(link) == str(new / "spool.db")
+    assert rows(link) == 5, "events answered 200 are not in the spool the link names"
+
+
 async def test_events_acked_after_the_spool_is_deleted_are_counted_acked_alone(
         make_agent: Any, fake_nucleus: FakeNucleus, tmp_path: Path) -> None:
     """The first commit to find spool.db deleted under the agent is the acks of the
