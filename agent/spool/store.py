@@ -110,7 +110,9 @@ class Spool:
                  on_migrating: Callable[[], None] | None = None,
                  holds_lock: bool = False) -> None:
         self.cfg = cfg
-        self.path = path
+        # storage.path as named, and the file it names (a symlink's target), which the
+        # spool's files go beside, as SQLite's -wal and -shm do.
+        self.named, self.path = path, spool_file(path)
         self.books = Books()
         self.index = DedupeIndex(cfg.dedupe_window_h * HOUR_MS, cfg.dedupe_max_keys)
         self.live = LiveRecords()
@@ -314,7 +316,7 @@ class Spool:
     async def open(cls, cfg: StorageConfig, on_reopen: Callable[[], None] = lambda: None,
                    on_migrating: Callable[[], None] | None = None,
                    holds_lock: bool = False) -> Spool:
-        spool = cls(cfg, spool_file(cfg.resolved_path()), on_reopen, on_migrating, holds_lock)
+        spool = cls(cfg, cfg.resolved_path(), on_reopen, on_migrating, holds_lock)
         make_spool_dir(spool.path)
         recovering = False   # a recovery that fails says why itself
         try:
@@ -461,7 +463,7 @@ class Spool:
         if self._identity is None:
             return False
         try:
-            found = os.stat(self.path)
+            found = os.stat(self.named)   # through a symlink: pointed elsewhere, replaced
         except FileNotFoundError:
             return True
         except OSError:
@@ -549,6 +551,7 @@ class Spool:
         carry = self._carry()
         no_dir: OSError | None = None   # the directory gone with the file, not ours to make
         if isinstance(exc, Replaced):
+            self.path = spool_file(self.named)   # where a symlink points now
             try:
                 make_spool_dir(self.path)
             except OSError as refused:   # another user's, or read-only: no copy, nothing to move
