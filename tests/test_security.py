@@ -467,6 +467,20 @@ async def test_a_linked_spool_s_directory_others_can_write_to_is_warned_of(
                for r in caplog.records), [r.getMessage() for r in caplog.records]
 
 
+async def test_a_spool_s_directory_named_through_a_linked_directory_is_warned_of_once(
+        make_agent: Any, tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
+    """A storage.path whose directory is named through a symlinked one (/var/lib a link
+    to /data, say), not a link itself: one directory, one warning."""
+    shared = tmp_path / "shared"
+    shared.mkdir()
+    shared.chmod(0o755)
+    (tmp_path / "alias").symlink_to(shared)
+    caplog.set_level(logging.WARNING)
+    await make_agent(spool=tmp_path / "alias" / "spool.db")
+    said = [r.getMessage() for r in caplog.records if "readable by other users" in r.getMessage()]
+    assert len(said) == 1, said
+
+
 def test_a_lock_file_left_with_wider_modes_is_made_private(
         tmp_path: Path, agent_process: Callable[..., AgentProcess]) -> None:
     """A spool's directory restored from a backup without its modes, the lock file 0644
