@@ -224,7 +224,7 @@ def make_spool_dir(spool: Path) -> None:
     spool moved to a bigger disk and linked back), of the one the file it names goes in:
     SQLite and the lock file write there, and made by them it had the umask's mode."""
     make_private_dir(spool.parent)
-    real = Path(os.path.realpath(spool)).parent
+    real = spool_file(spool).parent
     if real != spool.parent:
         make_private_dir(real)
 

@@ -52,7 +52,7 @@ def notices(cfg: Config) -> list[str]:
     directory others can see into (found as the spool opened, said once it started)."""
     spool = cfg.storage.resolved_path()
     # The link's directory and, a symlink's, the one the spool's files go in.
-    dirs = dict.fromkeys((spool.parent, Path(os.path.realpath(spool)).parent))
+    dirs = dict.fromkeys((spool.parent, paths.spool_file(spool).parent))
     out = [seen for where in dirs if (seen := paths.exposure(where))]
     if cfg.source == "<defaults>":
         out.append(f"no config file found (looked for $OUTPOST_CONFIG, ./agent.toml and "
