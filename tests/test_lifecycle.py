@@ -30,7 +30,7 @@ from tests.conftest import ROOT, AgentProcess, free_port, write_config
 from tests.fakes.faulty_upstream import Fault, FaultyUpstream
 from tests.fakes.ops_scene import post_events
 from tests.test_upstream_faults import event, send
-from tests.waiting import wait_for
+from tests.waiting import run_outpost, wait_for
 
 
 def spool_threads() -> set[threading.Thread]:
@@ -391,3 +391,46 @@ async def test_sighup_just_after_the_allocators_re_exec_is_a_reload(
     await wait_for(lambda: "configuration reloaded" in agent.log.read_text())
     assert agent.terminate() == 0
     assert "Traceback" not in agent.log.read_text()
+
+
+# -- the commands during the drain -------------------------------------------------------------
+
+@pytest.mark.skipif(sys.platform == "win32", reason="signals and the spool's lock")
+async def test_commands_during_the_drain_do_not_say_the_agent_is_starting(
+        tmp_path: Path, faulty: FaultyUpstream) -> None:
+    """`systemctl stop outpost` (SIGTERM), and the drain waits for a batch in flight (up to
+    about 17 s): the listener is closed, the spool still held. `outpost status` and
+    `outpost flush` meanwhile said "it is still starting (opening the spool), or it listens
+    where its config said when it started": an operator who had just stopped it read that
+    it was starting again. In-process, by a real SIGTERM to this process handled by
+    ``serve``'s handlers, the spool's lock held as `outpost run` holds it, and a grace long
+    enough that only the test's answer ends the drain."""
+    answer = asyncio.Event()
+    faulty.script = [Fault("slow", until=answer)]
+    spool, port = tmp_path / "spool.db", free_port()
+    cfg = write_config(tmp_path / "agent.toml", spool, port=port,
+                       upstreams=[{"name": "up", "protocol": "nucleus-http",
+                                   "url": faulty.http_url, "flush_interval_s": 0.02}])
+    with FileLock(paths.spool_lock(spool)):
+        agent = Agent(config_mod.load_file(cfg), str(cfg), seams=Seams(grace_s=60))
+        serving = asyncio.ensure_future(agent.serve())
+        try:
+            await wait_for(lambda: agent.listener is not None or serving.done())
+            await post_events(port, "k", range(3))
+            await wait_for(lambda: len(faulty.requests) == 1)   # the batch is in flight
+            os.kill(os.getpid(), signal.SIGTERM)
+            listener = agent.listener
+            assert listener is not None
+            await wait_for(lambda: not listener.is_serving())   # the drain has begun
+            for args in (("status",), ("flush",)):
+                code, out = await run_outpost(*args, "--config", str(cfg))
+                lines = out.strip().splitlines()
+                assert code == 1 and len(lines) == 1, (args, code, out)
+                assert f"an agent is running on the spool {spool}" in lines[0], lines[0]
+                assert "stopping" in lines[0], lines[0]
+            assert not serving.done(), "the drain ended before the commands ran"
+        finally:
+            answer.set()
+            assert await asyncio.wait_for(serving, 20) == 0
+    (batch,) = faulty.requests   # the drain waited for its answer, and sent nothing more
+    assert batch.answered is not None
