@@ -150,17 +150,19 @@ def port_unknown(cfg: Config) -> str | None:
 def running_elsewhere(cfg: Config, why: str) -> str | None:
     """One line for an agent that runs on the configured spool but did not answer at the
     configured address (``why``): it has not bound its port yet (a migration at start), or
-    listen.host or listen.port changed since it started, which applies at a restart, or
-    listen.port is 0. None if no agent runs on the spool."""
+    has closed it and is finishing its graceful stop (up to about 17 s, the spool still
+    held), or listen.host or listen.port changed since it started, which applies at a
+    restart, or listen.port is 0. None if no agent runs on the spool."""
     spool = cfg.storage.resolved_path()
     if not paths.agent_holds(spool):
         return None
     if unknown := port_unknown(cfg):
         return f"an agent is running on the spool {spool}, but {unknown}"
     return (f"an agent is running on the spool {spool} but does not answer at "
-            f"{agent_url(cfg, '')} ({why}): it is still starting (opening the spool), or it "
-            "listens where its config said when it started (a change to listen.host or "
-            "listen.port applies at a restart); or name its config with --config")
+            f"{agent_url(cfg, '')} ({why}): it is still starting (opening the spool) or "
+            "stopping (finishing what it has in flight), or it listens where its config said "
+            "when it started (a change to listen.host or listen.port applies at a restart); "
+            "or name its config with --config")
 
 
 def not_answering(cfg: Config, exc: BaseException) -> str:
