@@ -6,12 +6,14 @@ import asyncio
 import contextlib
 import logging
 import os
+import shutil
 import signal
 import socket
 import subprocess
 import sys
 import threading
 import time
+import urllib.request
 from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
@@ -434,3 +436,89 @@ async def test_commands_during_the_drain_do_not_say_the_agent_is_starting(
             assert await asyncio.wait_for(serving, 20) == 0
     (batch,) = faulty.requests   # the drain waited for its answer, and sent nothing more
     assert batch.answered is not None
+
+
+# -- a stop while the upstream's name is being looked up ---------------------------------------
+
+# The C library's getaddrinfo, held for one name: as a resolver that does not answer (a
+# router whose uplink is down), up to `timeout:30 attempts:5` in resolv.conf, 150 s. It
+# says when it is asked, and answers (EAI_AGAIN) once the test lets it.
+HELD_RESOLVER_C = r"""
+#define _GNU_SOURCE
+#include <dlfcn.h>
+#include <fcntl.h>
+#include <netdb.h>
+#include <stdlib.h>
+#include <string.h>
+#include <unistd.h>
+
+int getaddrinfo(const char *node, const char *service, const struct addrinfo *hints,
+                struct addrinfo **res) {
+    static int (*real)(const char *, const char *, const struct addrinfo *,
+                       struct addrinfo **);
+    if (node != NULL && strcmp(node, "held-resolver.invalid") == 0) {
+        const char *asked = getenv("HELD_RESOLVER_ASKED");
+        const char *release = getenv("HELD_RESOLVER_RELEASE");
+        if (asked != NULL)
+            close(open(asked, O_CREAT | O_WRONLY, 0600));
+        while (release != NULL && access(release, F_OK) != 0)
+            usleep(10000);
+        return EAI_AGAIN;
+    }
+    if (real == NULL)
+        real = dlsym(RTLD_NEXT, "getaddrinfo");
+    return real(node, service, hints, res);
+}
+"""
+
+
+@pytest.fixture
+def held_resolver(tmp_path: Path) -> Iterator[tuple[dict[str, str], Path]]:
+    """The environment that holds the lookups of ``held-resolver.invalid`` in a process
+    started with it, and the file that appears once one is asked; the lookups are let go
+    at the end."""
+    compiler = shutil.which("cc") or shutil.which("gcc")
+    if not sys.platform.startswith("linux") or compiler is None:
+        pytest.skip("needs a C compiler and LD_PRELOAD (Linux)")
+    source, shim = tmp_path / "held_resolver.c", tmp_path / "held_resolver.so"
+    source.write_text(HELD_RESOLVER_C)
+    subprocess.run([compiler, "-shared", "-fPIC", "-o", str(shim), str(source), "-ldl"],
+                   check=True, capture_output=True, timeout=60)
+    asked, release = tmp_path / "resolver-asked", tmp_path / "resolver-release"
+    try:
+        yield {"LD_PRELOAD": str(shim), "HELD_RESOLVER_ASKED": str(asked),
+               "HELD_RESOLVER_RELEASE": str(release)}, asked
+    finally:
+        release.touch()
+
+
+def test_a_stop_does_not_wait_for_a_lookup_of_the_upstreams_name(
+        tmp_path: Path, agent_process: Callable[..., AgentProcess],
+        held_resolver: tuple[dict[str, str], Path]) -> None:
+    """An upstream named by a host name, a resolver that does not answer: the batch
+    waiting for the lookup was cut short at the 5 s grace and `outpost stopped` logged, and
+    then the process waited for the lookup itself before it exited (the event loop's close
+    waits for its resolver threads): up to 150 s, past the unit's TimeoutStopSec (30 s),
+    so systemd killed it and marked the unit failed, with the spool's lock held all along
+    (a restart's new agent waited too). Here the lookup is held until the test ends: the
+    agent must exit without it, its event kept for the next start."""
+    env, asked = held_resolver
+    spool, port = tmp_path / "spool.db", free_port()
+    cfg = write_config(tmp_path / "agent.toml", spool, port=port,
+                       upstreams=[{"name": "up", "protocol": "nucleus-http",
+                                   "url": "http://held-resolver.invalid:8080",
+                                   "flush_interval_s": 0.02, "timeout_s": 60}])
+    agent = agent_process(cfg, port, env=env).start()
+    with urllib.request.urlopen(urllib.request.Request(   # noqa: S310 - our own agent
+            f"{agent.url}/app/k/track", method="POST",
+            data=b'{"data": [{"type": "event", "name": "e", "id": "1", "sessionId": 1}]}',
+            headers={"Content-Type": "application/json"}), timeout=10) as reply:
+        assert reply.status == 200
+    deadline = time.monotonic() + 15
+    while not asked.exists():   # the forwarder's send waits for the lookup now
+        assert time.monotonic() < deadline, agent.log.read_text()
+        time.sleep(0.01)
+    assert agent.terminate(timeout=60) == 0, agent.log.read_text()
+    log = agent.log.read_text()
+    assert "Traceback" not in log and log.rstrip().endswith("outpost stopped"), log
+    assert read_offline(spool)["depth"] == 1   # not sent, not deleted: sent at the next start
