@@ -28,7 +28,7 @@ import aiohttp
 from agent.families.event import Limit
 from agent.settings import UpstreamConfig
 from agent.spool.types import Row
-from agent.uplinks import registry, splice
+from agent.uplinks import lookup, registry, splice
 from agent.uplinks.prepare import Prepared, take_prefix
 from agent.uplinks.sent_keys import any_key
 
@@ -313,10 +313,10 @@ class UplinkBase(ABC):
         another, an IPv6 address whose route is broken (its connect hangs) took the whole
         timeout, and a host its requests reach over IPv4 was shown unreachable."""
         host, port = _address(cfg)
-        loop = asyncio.get_running_loop()
         try:
             async with asyncio.timeout(timeout_s):
-                infos = await loop.getaddrinfo(host, port, type=socket.SOCK_STREAM)
+                # Not the loop's own lookup, which the agent's exit waits for (lookup.py).
+                infos = await lookup.getaddrinfo(host, port, type=socket.SOCK_STREAM)
                 # Not asyncio's own happy_eyeballs_delay: uvloop, the agent's loop, lacks it.
                 sock = await aiohappyeyeballs.start_connection(
                     infos, happy_eyeballs_delay=HAPPY_EYEBALLS_S)

@@ -29,6 +29,7 @@ from yarl import URL
 from agent.logs import redacted_head
 from agent.terminal import os_text
 from agent.uplinks.base import REJECTED_STATUSES, RETRYABLE_STATUSES, Retry, not_tls
+from agent.uplinks.lookup import DaemonResolver
 
 
 def retry_after(value: str | None, now: float | None = None,
@@ -167,8 +168,12 @@ def client_session() -> aiohttp.ClientSession:
     connect): each use is bounded by the upstream's ``timeout_s`` (a POST by its own
     ClientTimeout, a websocket's handshake by nucleus_ws), and a websocket's handshake
     takes no ClientTimeout of its own: with timeout_s past 30 or 300 s, aiohttp's came
-    first, as a bare "connect failed: TimeoutError"."""
-    return aiohttp.ClientSession(connector=aiohttp.TCPConnector(limit=0),
+    first, as a bare "connect failed: TimeoutError".
+
+    Host names are looked up on threads that the agent's exit does not wait for
+    (``lookup.py``)."""
+    connector = aiohttp.TCPConnector(limit=0, resolver=DaemonResolver())
+    return aiohttp.ClientSession(connector=connector,
                                  timeout=aiohttp.ClientTimeout(),
                                  auto_decompress=True,
                                  middlewares=(refuse_redirects, read_refused_handshakes),
