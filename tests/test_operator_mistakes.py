@@ -845,3 +845,34 @@ def test_a_device_fact_with_no_line_break_or_control_character_is_taken(
     assert code == 0, out
     shown = tomllib.loads(f'v = "{value}"')["v"]
     assert fact in out and (shown in out or "\\u" in out), out
+
+
+@pytest.mark.parametrize("address", [
+    "/run/dbus/system_bus_socket",          # the socket's path, not a D-Bus address
+    "tcp:host=127.0.0.1,port=5555",         # a transport the D-Bus client cannot use
+    "unix:guid=0123",                       # a unix address naming no socket
+    "unix:path=/run/dbus/system_bus_socket\\n",   # a paste's line break
+])
+def test_a_dbus_address_no_bus_can_be_reached_at_is_one_line_from_run_and_check_config(
+        tmp_path: Path, address: str) -> None:
+    # It was taken, and every metered reading failed: "unknown", treated as not metered,
+    # so on_metered = "hold" sent everything on the metered link it was set for.
+    cfg = write_config(tmp_path / "agent.toml", tmp_path / "spool.db",
+                       sync={"on_metered": "hold"})
+    cfg.write_text(cfg.read_text() + f'dbus_address = "{address}"\n')
+    for command in (("check-config", str(cfg)), ("run", "--config", str(cfg))):
+        code, out = outpost(*command)
+        line = one_line(out)
+        assert code == EXIT_CONFIG, out
+        assert "sync.dbus_address" in line and "unix:path=" in line, line
+    assert not (tmp_path / "spool.db").exists()
+
+
+def test_a_dbus_address_with_no_bus_there_yet_is_taken(tmp_path: Path) -> None:
+    # A bus that may come up later (a socket not there yet) is a failed reading, counted
+    # and retried, not a mistake in the file.
+    cfg = write_config(tmp_path / "agent.toml", tmp_path / "spool.db",
+                       sync={"on_metered": "hold",
+                             "dbus_address": f"unix:path={tmp_path / 'no-bus'}"})
+    code, out = outpost("check-config", str(cfg))
+    assert code == 0, out
