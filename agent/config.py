@@ -302,6 +302,24 @@ def _event_types(value: Any) -> str | None:
     return None
 
 
+def _dbus_address(value: str) -> str | None:
+    """An address the D-Bus client can connect to, read as it reads one: any other (a
+    socket's path, a tcp: address) failed every metered reading, taken for not metered,
+    and a hold for a metered link sent on it. A socket not there yet is tried at run time."""
+    if not value:
+        return None
+    if not value.isprintable():
+        return f"must be printable (no line breaks or control characters), got {value!r}"
+    # Imported here: only a config that sets one pays for it.
+    from jeepney.bus import get_connectable_addresses
+    try:
+        next(get_connectable_addresses(value))
+    except (ValueError, RuntimeError):
+        return (f"{value!r} is no D-Bus address this agent can connect to: write a unix one, "
+                'such as "unix:path=/run/dbus/system_bus_socket" (or "" for the system bus)')
+    return None
+
+
 def _sync(t: dict[str, Any]) -> SyncConfig:
     w = "sync"
     out = SyncConfig(
@@ -310,7 +328,7 @@ def _sync(t: dict[str, Any]) -> SyncConfig:
         low_battery_pct=_take(t, w, "low_battery_pct", int, 20,
                               lambda v: None if 1 <= v <= 100 else f"must be 1..100, got {v}"),
         max_hold_h=float(_take(t, w, "max_hold_h", (int, float), 24.0, _positive)),
-        dbus_address=_take(t, w, "dbus_address", str, ""),
+        dbus_address=_take(t, w, "dbus_address", str, "", _dbus_address),
     )
     _no_leftovers(t, w)
     return out
