@@ -437,3 +437,29 @@ async def test_a_stopped_agent_s_salvage_pending_is_said_not_shown_as_an_empty_q
     assert "salvage" in source and str(moved) in source and "start the agent" in source, source
     code, text = await run_outpost("status", "--config", agent.config_path)
     assert code == 0 and source in text.splitlines()[0], text
+
+
+@pytest.mark.parametrize("garble", [
+    "UPDATE streams SET depth = 'x'",                    # a queue's depth
+    "UPDATE records SET received = 'x'",                 # the oldest event's receipt time
+], ids=["depth", "received"])
+async def test_offline_status_of_a_value_garbled_into_another_type_is_one_line(
+        tmp_path: Path, garble: str) -> None:
+    """Damage that turns a value into another type is read by SQLite without complaint
+    (the tables are not STRICT); the agent takes it for a corrupt spool and salvages it at
+    its start. `outpost status` with no agent running printed a traceback (TypeError)."""
+    path = tmp_path / "spool.db"
+    spool = await Spool.open(StorageConfig(path=str(path)))
+    try:
+        await spool.append([Event("k", SEGMENT, i, b'{"type":"track"}') for i in range(3)])
+    finally:
+        await spool.close()
+    with contextlib.closing(sqlite3.connect(path)) as db:
+        db.execute(garble)
+        db.commit()
+    cfg = write_config(tmp_path / "agent.toml", path, port=free_port())
+    for json_too in ([], ["--json"]):
+        code, out = await run_outpost("status", *json_too, "--config", str(cfg))
+        assert "Traceback" not in out, out
+        assert code == 1 and len(out.strip().splitlines()) == 1, out
+        assert str(path) in out and "malformed" in out, out
