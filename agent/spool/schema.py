@@ -10,7 +10,7 @@ from typing import Any
 
 from agent.paths import not_a_file, sqlite_uri
 from agent.spool.codebook import DICTS
-from agent.spool.db import used_bytes
+from agent.spool.db import typed, used_bytes
 
 VERSION = 5
 SUMMARY_SINCE = 3   # the first version with the dead letters' kept summary
@@ -242,8 +242,8 @@ def read_offline(path: Path) -> dict[str, Any]:
     try:
         if blank(conn):
             return absent
-        streams = {key: {"depth": depth, "bytes": nbytes} for key, depth, nbytes in
-                   conn.execute("SELECT key, depth, bytes FROM streams")}
+        rows = conn.execute("SELECT key, depth, bytes FROM streams").fetchall()
+        streams = {key: {"depth": depth, "bytes": nbytes} for key, depth, nbytes in rows}
         counters = dict(conn.execute("SELECT name, value FROM counters").fetchall())
         dead = conn.execute("SELECT count(*) FROM dead").fetchone()[0]
         used = used_bytes(conn)
@@ -253,6 +253,11 @@ def read_offline(path: Path) -> dict[str, Any]:
                             "AND name = 'records'").fetchone() else None
     finally:
         conn.close()
+    # A value damage garbled into another type, read without complaint (the tables are not
+    # STRICT): damage, as the agent's open takes it (db.load_state), not a traceback here.
+    if not all(typed(row, (str, int, int)) for row in rows) or (first and not typed(first, (int,))):
+        raise sqlite3.DatabaseError("database disk image is malformed: a value of another "
+                                    "type; the agent's next start moves it aside and salvages it")
     return {"spool": str(path), "exists": True,
             "depth": sum(s["depth"] for s in streams.values()),
             "streams": streams, "counters": counters, "dead_letters": dead, "used_bytes": used,
