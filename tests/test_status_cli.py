@@ -463,3 +463,29 @@ async def test_offline_status_of_a_value_garbled_into_another_type_is_one_line(
         assert "Traceback" not in out, out
         assert code == 1 and len(out.strip().splitlines()) == 1, out
         assert str(path) in out and "malformed" in out, out
+
+
+async def test_offline_status_counts_the_dead_letters_when_their_summary_is_damaged(
+        tmp_path: Path) -> None:
+    """The summary of the dead letters by reason garbled (a time turned to text): the
+    agent's open counts it again from the letters, and so does `outpost dead list` with
+    none running; `outpost status` read the summary as it was and printed a traceback."""
+    path = tmp_path / "spool.db"
+    spool = await Spool.open(StorageConfig(path=str(path)))
+    try:
+        await spool.append([Event("k", SEGMENT, i, b'{"type":"track"}') for i in range(3)])
+        rows = await spool.fetch(spool.streams["k"].id, 0, 10)
+        await spool.dead_letter([(rows[0].seq, "up", "HTTP 400: bad")])
+    finally:
+        await spool.close()
+    with contextlib.closing(sqlite3.connect(path)) as db:
+        db.execute("UPDATE dead_groups SET newest = 'x'")
+        db.commit()
+    cfg = write_config(tmp_path / "agent.toml", path, port=free_port())
+    code, text = await run_outpost("status", "--config", str(cfg))
+    assert code == 0 and "Traceback" not in text, text
+    assert "dead:     1 kept" in text and "HTTP 400: bad" in text, text
+    code, raw = await run_outpost("status", "--json", "--config", str(cfg))
+    assert code == 0, raw
+    [group] = json.loads(raw)["dead_reasons"]
+    assert group["reason"] == "HTTP 400: bad" and isinstance(group["newest"], int), group
