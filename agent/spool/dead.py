@@ -468,7 +468,9 @@ def newest_reasons(path: Path) -> list[dict[str, Any]]:
     except NoSpool:
         return []
     try:
-        return list(summary(conn, NEWEST_REASONS)["groups"])
+        # A damaged summary counted from the letters, as `outpost dead list` does: read as
+        # it is, a value garbled into another type broke the status table.
+        return list(summary(conn, NEWEST_REASONS, kept=not summary_damaged(conn))["groups"])
     finally:
         conn.close()
 
