@@ -489,3 +489,32 @@ async def test_offline_status_counts_the_dead_letters_when_their_summary_is_dama
     assert code == 0, raw
     [group] = json.loads(raw)["dead_reasons"]
     assert group["reason"] == "HTTP 400: bad" and isinstance(group["newest"], int), group
+
+
+@pytest.mark.parametrize("garble", ["UPDATE dead_groups SET reason = x'ff'",
+                                    "UPDATE dead_groups SET upstream = x'ff'"],
+                         ids=["reason", "upstream"])
+async def test_offline_status_of_a_dead_letter_summary_holding_bytes_is_no_traceback(
+        tmp_path: Path, garble: str) -> None:
+    """Damage that turns a summary's reason or upstream into bytes keeps its counts and
+    times as they were, so the summary agrees with the letters: `outpost status` showed it,
+    and printed a TypeError traceback. It counts from the letters instead."""
+    path = tmp_path / "spool.db"
+    spool = await Spool.open(StorageConfig(path=str(path)))
+    try:
+        await spool.append([Event("k", SEGMENT, i, b'{"type":"track"}') for i in range(3)])
+        rows = await spool.fetch(spool.streams["k"].id, 0, 10)
+        await spool.dead_letter([(rows[0].seq, "up", "HTTP 400: bad")])
+    finally:
+        await spool.close()
+    with contextlib.closing(sqlite3.connect(path)) as db:
+        db.execute(garble)
+        db.commit()
+    cfg = write_config(tmp_path / "agent.toml", path, port=free_port())
+    code, text = await run_outpost("status", "--config", str(cfg))
+    assert code == 0 and "Traceback" not in text, text
+    assert "dead:     1 kept" in text and "HTTP 400: bad" in text, text
+    code, raw = await run_outpost("status", "--json", "--config", str(cfg))
+    assert code == 0, raw
+    [group] = json.loads(raw)["dead_reasons"]
+    assert group["reason"] == "HTTP 400: bad" and group["upstream"] == "up", group
