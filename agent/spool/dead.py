@@ -31,7 +31,7 @@ from agent.outcomes import Tally, record
 from agent.paths import spool_file
 from agent.spool import aside, migrate_dead
 from agent.spool.commit import Outcome
-from agent.spool.db import add_counters, keys_from_bytes, load_state
+from agent.spool.db import add_counters, keys_from_bytes, load_state, typed
 from agent.spool.dedupe import MOVED_KEY, DedupeIndex, keys_to_bytes
 from agent.spool.records import RECORD_EVENTS, pack
 from agent.spool.salvage import is_fresh
@@ -469,10 +469,23 @@ def newest_reasons(path: Path) -> list[dict[str, Any]]:
         return []
     try:
         # A damaged summary counted from the letters, as `outpost dead list` does: read as
-        # it is, a value garbled into another type broke the status table.
-        return list(summary(conn, NEWEST_REASONS, kept=not summary_damaged(conn))["groups"])
+        # it is, a value garbled into another type broke the status table. A reason or an
+        # upstream garbled leaves the counts agreeing: told by its type.
+        kept = not summary_damaged(conn)
+        groups = summary(conn, NEWEST_REASONS, kept=kept)["groups"]
+        if kept and not all(map(_group_typed, groups)):
+            groups = summary(conn, NEWEST_REASONS, kept=False)["groups"]
+        if not all(map(_group_typed, groups)):   # the letters' own: shown as unreadable
+            raise sqlite3.DatabaseError("database disk image is malformed: a dead letter's "
+                                        "value of another type")
+        return list(groups)
     finally:
         conn.close()
+
+
+def _group_typed(group: dict[str, Any]) -> bool:
+    return typed([group[k] for k in ("reason", "upstream", "count", "oldest", "newest")],
+                 (str, str, int, int, int))
 
 
 class Offline:
