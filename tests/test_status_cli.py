@@ -518,3 +518,29 @@ async def test_offline_status_of_a_dead_letter_summary_holding_bytes_is_no_trace
     assert code == 0, raw
     [group] = json.loads(raw)["dead_reasons"]
     assert group["reason"] == "HTTP 400: bad" and group["upstream"] == "up", group
+
+
+async def test_an_agent_started_on_a_dead_letter_summary_holding_bytes_answers_status(
+        make_agent: Any, tmp_path: Path) -> None:
+    """The agent's open counts a damaged summary again from the letters, but told damage by
+    its sums alone: a reason garbled into bytes kept them agreeing, and every /status was a
+    500 (`outpost status`: "not an Outpost agent") until the group changed."""
+    path = tmp_path / "spool.db"
+    spool = await Spool.open(StorageConfig(path=str(path)))
+    try:
+        await spool.append([Event("k", SEGMENT, i, b'{"type":"track"}') for i in range(3)])
+        rows = await spool.fetch(spool.streams["k"].id, 0, 10)
+        await spool.dead_letter([(rows[0].seq, "up", "HTTP 400: bad")])
+    finally:
+        await spool.close()
+    with contextlib.closing(sqlite3.connect(path)) as db:
+        db.execute("UPDATE dead_groups SET reason = x'ff'")
+        db.commit()
+    agent = await make_agent(port=free_port(), spool=path)
+    async with aiohttp.ClientSession() as s:
+        async with s.get(f"http://127.0.0.1:{agent.port}/status") as r:
+            assert r.status == 200, await r.text()
+            [group] = (await r.json())["dead_reasons"]
+    assert group["reason"] == "HTTP 400: bad", group
+    code, text = await run_outpost("status", "--config", agent.config_path)
+    assert code == 0 and "HTTP 400: bad" in text, text
