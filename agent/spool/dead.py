@@ -469,12 +469,8 @@ def newest_reasons(path: Path) -> list[dict[str, Any]]:
         return []
     try:
         # A damaged summary counted from the letters, as `outpost dead list` does: read as
-        # it is, a value garbled into another type broke the status table. A reason or an
-        # upstream garbled leaves the counts agreeing: told by its type.
-        kept = not summary_damaged(conn)
-        groups = summary(conn, NEWEST_REASONS, kept=kept)["groups"]
-        if kept and not all(map(_group_typed, groups)):
-            groups = summary(conn, NEWEST_REASONS, kept=False)["groups"]
+        # it is, a value garbled into another type broke the status table.
+        groups = summary(conn, NEWEST_REASONS, kept=not summary_damaged(conn))["groups"]
         if not all(map(_group_typed, groups)):   # the letters' own: shown as unreadable
             raise sqlite3.DatabaseError("database disk image is malformed: a dead letter's "
                                         "value of another type")

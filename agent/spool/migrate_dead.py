@@ -14,11 +14,13 @@ from agent.spool.schema import DEAD_SUMMARY
 # Every group's took a pass over dead_times grouped (0.3-0.7 s at 300,000 groups).
 CHECKED_GROUPS = 10_000
 # A shown group whose first or last time is not its letters' (damage the sums do not
-# see: the listing showed it, and ordered the groups by it, until the group's next change).
-_MISTIMED = ("SELECT count(*) FROM (SELECT id, oldest, newest FROM dead_groups "
+# see: the listing showed it, and ordered the groups by it, until the group's next change),
+# or whose reason or upstream is no text (/status failed on it, a 500 at every request).
+_MISTIMED = ("SELECT count(*) FROM (SELECT id, oldest, newest, reason, upstream FROM dead_groups "
              "ORDER BY newest DESC, reason, upstream LIMIT ?) g "
              "WHERE oldest IS NOT (SELECT min(at) FROM dead_times WHERE grp = g.id) "
-             "OR newest IS NOT (SELECT max(at) FROM dead_times WHERE grp = g.id)")
+             "OR newest IS NOT (SELECT max(at) FROM dead_times WHERE grp = g.id) "
+             "OR typeof(reason) != 'text' OR typeof(upstream) != 'text'")
 
 
 def to_v3(conn: sqlite3.Connection) -> int:
