@@ -35,6 +35,7 @@ import pytest
 from agent import service
 from agent.config import ConfigError, parse
 from agent.settings import ListenConfig
+from bench.procs import high_water, reset_peak
 from tests.conftest import AgentProcess, free_port, write_config
 from tests.waiting import serving, wait_for
 
@@ -49,6 +50,15 @@ SHORT = 0.3               # seconds: the deadlines of the in-process tests
 # tighter wall-clock bound measured the machine's load: 1.0 s failed on shared cores.)
 POST_TIMEOUT_S = 5.0
 assert POST_TIMEOUT_S < ListenConfig.header_timeout_s
+
+
+# Connections that send requests far ahead of their answers and never read one: each sends
+# PIPELINED_BYTES of `GET /healthz` at once. The agent should read a connection no faster
+# than it answers it (aiohttp queues 32 requests, then stops reading); parsed, a queued
+# request holds about 3 KB, 75 times its 40 bytes.
+PIPELINED, PIPELINED_BYTES = 100, 400_000
+PIPELINED_GROWTH = 64 * 1024 * 1024
+HEALTHZ = b"GET /healthz HTTP/1.1\r\nHost: 127.0.0.1\r\n\r\n"
 
 
 def basic(key: str) -> str:
@@ -206,6 +216,45 @@ async def test_flood_of_idle_and_slowloris_connections_does_not_starve_a_real_ap
             w.cancel()
         await asyncio.gather(*watchers, return_exceptions=True)
     assert agent.terminate() == 0
+
+
+async def test_requests_sent_far_ahead_of_their_answers_are_not_all_parsed_at_once(
+        tmp_path: Path, agent_process: Callable[..., AgentProcess],
+        sockets: list[socket.socket]) -> None:
+    port = free_port()
+    cfg = write_config(tmp_path / "agent.toml", tmp_path / "spool.db", port=port)
+    agent = agent_process(cfg, port).start()
+    pid = agent.proc.pid
+    loop = asyncio.get_running_loop()
+    flood = [new_socket(sockets) for _ in range(PIPELINED)]
+    await asyncio.wait_for(asyncio.gather(
+        *(loop.sock_connect(s, ("127.0.0.1", port)) for s in flood)), 15)
+    reset_peak(pid)
+    idle = high_water(pid)
+    requests = HEALTHZ * (PIPELINED_BYTES // len(HEALTHZ))
+    sending = [asyncio.ensure_future(loop.sock_sendall(s, requests)) for s in flood]
+    try:
+        # A connection's first answer: the agent has read its first requests, and as many
+        # after them as it takes in one read.
+        replies = await asyncio.wait_for(asyncio.gather(
+            *(read_reply(s) for s in flood), return_exceptions=True), 60)
+        grown = high_water(pid) - idle
+    finally:
+        for s in flood:
+            s.close()
+        for task in sending:
+            task.cancel()
+        await asyncio.gather(*sending, return_exceptions=True)
+    assert grown < PIPELINED_GROWTH, (
+        f"{PIPELINED} connections sending {PIPELINED_BYTES:,} bytes of requests ahead took "
+        f"the agent {grown / 2**20:.0f} MB past its RSS before them")
+    # Each was answered: parsing every request it read held the agent's loop so long that
+    # it cut connections at their header_timeout_s, their first request unanswered.
+    assert all(isinstance(r, bytes) and r.startswith(b"HTTP/1.1 200") for r in replies), \
+        [r for r in replies if not isinstance(r, bytes)][:3]
+    async with aiohttp.ClientSession() as session, \
+            session.get(f"{agent.url}/healthz") as r:
+        assert r.status == 200
 
 
 def tiny_nofile() -> None:
