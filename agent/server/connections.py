@@ -28,6 +28,10 @@ whose framing the parser refuses (a chunk size that is no number) is failed with
 for its route to answer 400, and the connection closed after that reply
 (``_failed_in_body``).
 
+aiohttp queues at most 32 requests sent ahead of their answers, then stops reading; the
+rest of the read that brought them waits here, unparsed, until half are answered
+(``_hold_back``).
+
 Past ``max_connections`` open connections, the one IDLE or HEAD the longest is closed
 to make room; failing that, the websocket quiet the longest (its module reconnects and
 resends what was not acknowledged); failing that (all BUSY), the newcomer.
@@ -130,6 +134,11 @@ def _counted(inner: Any) -> bool:
     return not (inner._upgraded or inner._close or inner._force_close)
 
 
+def _queue_full(inner: Any) -> bool:
+    """Whether aiohttp's queue of parsed requests is full: it has paused reading."""
+    return len(inner._messages) >= getattr(inner, "_max_msg_queue_size", sys.maxsize)
+
+
 def _cut_short(body: Any) -> None:
     """Refuse ``body`` (a request's, or None) if the client's EOF left it incomplete."""
     if body is not None and not body.is_eof():
@@ -155,9 +164,9 @@ class _Conn(asyncio.Protocol):
     the connection to aiohttp (``inner``) for good at the first request it cannot.
     """
 
-    __slots__ = ("active", "answered", "broken", "buf", "deadline", "edge", "eof", "finished", "head",
-                 "inner", "lane", "length", "limits", "paused", "payload", "pos", "scan",
-                 "serving", "spare", "state", "timer", "transport", "writable")
+    __slots__ = ("active", "answered", "behind", "broken", "buf", "deadline", "edge", "eof",
+                 "finished", "head", "inner", "lane", "length", "limits", "paused", "payload",
+                 "pos", "scan", "serving", "spare", "state", "timer", "transport", "writable")
 
     def __init__(self, limits: ConnectionLimits, inner: asyncio.Protocol,
                  lane: ExpressLane | None) -> None:
@@ -195,6 +204,9 @@ class _Conn(asyncio.Protocol):
         self.broken: Any = None
         # Requests aiohttp parsed whose route has returned (its own 400s aside: it closes).
         self.answered = 0
+        # Bytes read while aiohttp's queue of requests was full, not handed to it yet
+        # (``_hold_back``).
+        self.behind = b""
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         # cast: uvloop's transports quack like asyncio.Transport without subclassing it.
@@ -275,6 +287,34 @@ class _Conn(asyncio.Protocol):
                     self.limits.fields_too_large(self)
                     return
             at = stop
+            if at < len(data) and _counted(inner) and _queue_full(inner):
+                self._hold_back(data[at:])
+                return
+
+    def _hold_back(self, rest: bytes) -> None:
+        """aiohttp's queue of requests is full, and it paused reading: ``rest``, the rest of
+        a read, waits here until the queue drains (``read_on``). Handed over piece by piece,
+        it was all parsed: aiohttp's C parser, once its queue is full, still parses one
+        request at each call, so every request of every read was queued, about 3 KB each
+        once parsed (100 connections sending 400 KB of `GET /healthz` ahead of their answers
+        took the agent 258 MB past idle, 15 MB with this). aiohttp would resume reading
+        by itself as its queue drains, and a read then, before ``rest`` is handed over,
+        would be added to it at every turn: ``read_on`` resumes it instead."""
+        inner: Any = self.inner
+        self.behind = rest
+        inner._msg_queue_resume_size = -1
+
+    def read_on(self) -> None:
+        """What was held back handed to aiohttp once its queue has drained to where aiohttp
+        itself resumes reading, and reading resumed, unless that filled the queue again."""
+        inner: Any = self.inner
+        if not self.behind or len(inner._messages) > inner._max_msg_queue_size // 2:
+            return
+        rest, self.behind = self.behind, b""
+        inner._msg_queue_resume_size = inner._max_msg_queue_size // 2
+        self._to_inner(rest)
+        if not self.behind and inner._buffer_paused:
+            inner._resume_reading_if_drained()
 
     def _piece_end(self, data: bytes, at: int) -> int:
         """Where the piece of ``data`` handed over from ``at`` ends: within SLICE bytes, at
@@ -483,6 +523,8 @@ class ConnectionLimits:
                 request[CLIENT_EOF] = True
             if request.headers.get("Upgrade", "").lower() == "websocket":
                 conn.state, conn.active = WEBSOCKET, self._loop.time()
+            if conn.behind:   # aiohttp has taken this request off its queue
+                conn.read_on()
             try:
                 return await handler(request)
             finally:
