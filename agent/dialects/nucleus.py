@@ -9,6 +9,7 @@ the agent) is read as it arrives (nucleus_frames.py) and only some of its events
 
 from __future__ import annotations
 
+import asyncio
 import base64
 import binascii
 import logging
@@ -240,6 +241,11 @@ class NucleusHandlers:
                     if not await self._answer(ws, key, work):
                         break
                     ws.answered()
+                    # A message that stores nothing (a heartbeat, `{"data":[]}`) is answered
+                    # without a wait, and aiohttp hands over what it queued without one: a
+                    # client sending thousands at once had them all answered in one turn of
+                    # the loop (15,000 of a read: ~1 s), others served after.
+                    await asyncio.sleep(0)
                 elif frame.type == WSMsgType.ERROR:
                     ws.answered()
                     exc = ws.exception()
