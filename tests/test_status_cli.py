@@ -439,6 +439,24 @@ async def test_a_stopped_agent_s_salvage_pending_is_said_not_shown_as_an_empty_q
     assert code == 0 and source in text.splitlines()[0], text
 
 
+async def garbled_spool(tmp_path: Path, garble: str, *, dead_letter: bool = True) -> Path:
+    """A stopped agent's spool of three events (the first a dead letter, with
+    ``dead_letter``), then damaged by the SQL ``garble``."""
+    path = tmp_path / "spool.db"
+    spool = await Spool.open(StorageConfig(path=str(path)))
+    try:
+        await spool.append([Event("k", SEGMENT, i, b'{"type":"track"}') for i in range(3)])
+        if dead_letter:
+            rows = await spool.fetch(spool.streams["k"].id, 0, 10)
+            await spool.dead_letter([(rows[0].seq, "up", "HTTP 400: bad")])
+    finally:
+        await spool.close()
+    with contextlib.closing(sqlite3.connect(path)) as db:
+        db.execute(garble)
+        db.commit()
+    return path
+
+
 @pytest.mark.parametrize("garble", [
     "UPDATE streams SET depth = 'x'",                    # a queue's depth
     "UPDATE records SET received = 'x'",                 # the oldest event's receipt time
@@ -448,15 +466,7 @@ async def test_offline_status_of_a_value_garbled_into_another_type_is_one_line(
     """Damage that turns a value into another type is read by SQLite without complaint
     (the tables are not STRICT); the agent takes it for a corrupt spool and salvages it at
     its start. `outpost status` with no agent running printed a traceback (TypeError)."""
-    path = tmp_path / "spool.db"
-    spool = await Spool.open(StorageConfig(path=str(path)))
-    try:
-        await spool.append([Event("k", SEGMENT, i, b'{"type":"track"}') for i in range(3)])
-    finally:
-        await spool.close()
-    with contextlib.closing(sqlite3.connect(path)) as db:
-        db.execute(garble)
-        db.commit()
+    path = await garbled_spool(tmp_path, garble, dead_letter=False)
     cfg = write_config(tmp_path / "agent.toml", path, port=free_port())
     for json_too in ([], ["--json"]):
         code, out = await run_outpost("status", *json_too, "--config", str(cfg))
@@ -470,17 +480,7 @@ async def test_offline_status_counts_the_dead_letters_when_their_summary_is_dama
     """The summary of the dead letters by reason garbled (a time turned to text): the
     agent's open counts it again from the letters, and so does `outpost dead list` with
     none running; `outpost status` read the summary as it was and printed a traceback."""
-    path = tmp_path / "spool.db"
-    spool = await Spool.open(StorageConfig(path=str(path)))
-    try:
-        await spool.append([Event("k", SEGMENT, i, b'{"type":"track"}') for i in range(3)])
-        rows = await spool.fetch(spool.streams["k"].id, 0, 10)
-        await spool.dead_letter([(rows[0].seq, "up", "HTTP 400: bad")])
-    finally:
-        await spool.close()
-    with contextlib.closing(sqlite3.connect(path)) as db:
-        db.execute("UPDATE dead_groups SET newest = 'x'")
-        db.commit()
+    path = await garbled_spool(tmp_path, "UPDATE dead_groups SET newest = 'x'")
     cfg = write_config(tmp_path / "agent.toml", path, port=free_port())
     code, text = await run_outpost("status", "--config", str(cfg))
     assert code == 0 and "Traceback" not in text, text
@@ -499,17 +499,7 @@ async def test_offline_status_of_a_dead_letter_summary_holding_bytes_is_no_trace
     """Damage that turns a summary's reason or upstream into bytes keeps its counts and
     times as they were, so the summary agrees with the letters: `outpost status` showed it,
     and printed a TypeError traceback. It counts from the letters instead."""
-    path = tmp_path / "spool.db"
-    spool = await Spool.open(StorageConfig(path=str(path)))
-    try:
-        await spool.append([Event("k", SEGMENT, i, b'{"type":"track"}') for i in range(3)])
-        rows = await spool.fetch(spool.streams["k"].id, 0, 10)
-        await spool.dead_letter([(rows[0].seq, "up", "HTTP 400: bad")])
-    finally:
-        await spool.close()
-    with contextlib.closing(sqlite3.connect(path)) as db:
-        db.execute(garble)
-        db.commit()
+    path = await garbled_spool(tmp_path, garble)
     cfg = write_config(tmp_path / "agent.toml", path, port=free_port())
     code, text = await run_outpost("status", "--config", str(cfg))
     assert code == 0 and "Traceback" not in text, text
@@ -525,17 +515,7 @@ async def test_an_agent_started_on_a_dead_letter_summary_holding_bytes_answers_s
     """The agent's open counts a damaged summary again from the letters, but told damage by
     its sums alone: a reason garbled into bytes kept them agreeing, and every /status was a
     500 (`outpost status`: "not an Outpost agent") until the group changed."""
-    path = tmp_path / "spool.db"
-    spool = await Spool.open(StorageConfig(path=str(path)))
-    try:
-        await spool.append([Event("k", SEGMENT, i, b'{"type":"track"}') for i in range(3)])
-        rows = await spool.fetch(spool.streams["k"].id, 0, 10)
-        await spool.dead_letter([(rows[0].seq, "up", "HTTP 400: bad")])
-    finally:
-        await spool.close()
-    with contextlib.closing(sqlite3.connect(path)) as db:
-        db.execute("UPDATE dead_groups SET reason = x'ff'")
-        db.commit()
+    path = await garbled_spool(tmp_path, "UPDATE dead_groups SET reason = x'ff'")
     agent = await make_agent(port=free_port(), spool=path)
     async with aiohttp.ClientSession() as s:
         async with s.get(f"http://127.0.0.1:{agent.port}/status") as r:
