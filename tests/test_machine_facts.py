@@ -22,18 +22,16 @@ from tests.waiting import wait_for
 KEY = "app-facts"
 
 
-async def test_a_bad_locale_in_the_environment_is_skipped_and_said(
-        tmp_path: Path, agent_process: Callable[..., AgentProcess]) -> None:
+async def init_under(tmp_path: Path, agent_process: Callable[..., AgentProcess],
+                     env: dict[str, str]) -> tuple[dict[str, Any], str]:
+    """The init event an app posts, as the upstream received it from an `outpost run`
+    started with ``env``, and that agent's log."""
     upstream = await FaultyUpstream().start()
     port = free_port()
     config = write_config(tmp_path / "agent.toml", tmp_path / "spool.db", port=port, upstreams=[
         {"name": "up", "protocol": "nucleus-http", "url": upstream.http_url, "keys": [KEY],
          "flush_interval_s": 0.05}])
-    # An escape sequence in the first variable looked at, 10,000 characters in the next:
-    # both skipped, the third one (a real locale) names the language.
-    agent = agent_process(config, port, env={
-        "LC_ALL": "en_US\x1b[31m", "LC_MESSAGES": "fr_FR" + "x" * 9_995,
-        "LANG": "de_DE.UTF-8"})
+    agent = agent_process(config, port, env=env)
     await asyncio.to_thread(agent.start)
     try:
         async with aiohttp.ClientSession() as s:
@@ -45,8 +43,17 @@ async def test_a_bad_locale_in_the_environment_is_skipped_and_said(
     finally:
         await upstream.stop()
     [init] = [ev for r in upstream.requests for ev in r.events]
+    return init, agent.log.read_text()
+
+
+async def test_a_bad_locale_in_the_environment_is_skipped_and_said(
+        tmp_path: Path, agent_process: Callable[..., AgentProcess]) -> None:
+    # An escape sequence in the first variable looked at, 10,000 characters in the next:
+    # both skipped, the third one (a real locale) names the language.
+    init, log = await init_under(tmp_path, agent_process, {
+        "LC_ALL": "en_US\x1b[31m", "LC_MESSAGES": "fr_FR" + "x" * 9_995,
+        "LANG": "de_DE.UTF-8"})
     assert (init["language"], init["locale"]) == ("de-DE", "de-DE"), init
-    log = agent.log.read_text()
     ignored = [line for line in log.splitlines() if "not used as the device's language" in line]
     assert len(ignored) == 2, log
     assert "LC_ALL" in ignored[0] and "control characters" in ignored[0], ignored
@@ -79,27 +86,10 @@ async def test_a_locale_variable_that_names_no_locale_gives_no_language(
     anything else (a word, a codeset alone, a path) names no language, and the upstream
     would be sent it as the user's (`garbage`, `UTF-8`, `POSIX`). Skipped, and said, as a
     value breaking the [device] rule: the next variable names the language."""
-    upstream = await FaultyUpstream().start()
-    port = free_port()
-    config = write_config(tmp_path / "agent.toml", tmp_path / "spool.db", port=port, upstreams=[
-        {"name": "up", "protocol": "nucleus-http", "url": upstream.http_url, "keys": [KEY],
-         "flush_interval_s": 0.05}])
-    agent = agent_process(config, port, env={
+    init, log = await init_under(tmp_path, agent_process, {
         "LC_ALL": "POSIX.UTF-8", "LC_MESSAGES": "garbage", "LANG": "UTF-8",
         "LANGUAGE": "fr_FR:en"})
-    await asyncio.to_thread(agent.start)
-    try:
-        async with aiohttp.ClientSession() as s:
-            async with s.post(f"{agent.url}/app/{KEY}/track", json={"data": [
-                    {"id": "i1", "type": "init"}]}) as r:
-                assert r.status == 200, await r.text()
-        await wait_for(lambda: "i1" in upstream.received_ids())
-        assert agent.terminate() == 0
-    finally:
-        await upstream.stop()
-    [init] = [ev for r in upstream.requests for ev in r.events]
     assert (init["language"], init["locale"]) == ("fr-FR", "fr-FR"), init
-    log = agent.log.read_text()
     ignored = [line for line in log.splitlines() if "not used as the device's language" in line]
     assert [v for v in ("LC_ALL", "LC_MESSAGES", "LANG") if any(v + " " in i for i in ignored)] \
         == ["LC_ALL", "LC_MESSAGES", "LANG"], log
@@ -125,22 +115,6 @@ async def test_a_locale_of_another_script_keeps_its_script_in_the_language(
         tmp_path: Path, agent_process: Callable[..., AgentProcess]) -> None:
     """sr_RS@latin is Serbian written in Latin letters; the tag sr-RS is Serbian in its
     default script, Cyrillic: the modifier that names the script is the tag's script."""
-    upstream = await FaultyUpstream().start()
-    port = free_port()
-    config = write_config(tmp_path / "agent.toml", tmp_path / "spool.db", port=port, upstreams=[
-        {"name": "up", "protocol": "nucleus-http", "url": upstream.http_url, "keys": [KEY],
-         "flush_interval_s": 0.05}])
-    agent = agent_process(config, port, env={"LC_ALL": "", "LC_MESSAGES": "",
-                                             "LANG": "sr_RS.UTF-8@latin", "LANGUAGE": ""})
-    await asyncio.to_thread(agent.start)
-    try:
-        async with aiohttp.ClientSession() as s:
-            async with s.post(f"{agent.url}/app/{KEY}/track", json={"data": [
-                    {"id": "i1", "type": "init"}]}) as r:
-                assert r.status == 200, await r.text()
-        await wait_for(lambda: "i1" in upstream.received_ids())
-        assert agent.terminate() == 0
-    finally:
-        await upstream.stop()
-    [init] = [ev for r in upstream.requests for ev in r.events]
+    init, _ = await init_under(tmp_path, agent_process, {
+        "LC_ALL": "", "LC_MESSAGES": "", "LANG": "sr_RS.UTF-8@latin", "LANGUAGE": ""})
     assert (init["language"], init["locale"]) == ("sr-Latn-RS", "sr-Latn-RS"), init
