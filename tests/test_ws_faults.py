@@ -31,7 +31,7 @@ from agent.ops.status_table import render, size
 from agent.settings import UpstreamConfig
 from agent.uplinks.nucleus_ws import NucleusWsUplink
 from tests.conftest import FAST_BACKOFF, write_config
-from tests.fakes.deaf_upstream import DeafUpstream, accept_websocket, relay, small_window_server
+from tests.fakes.deaf_upstream import DeafUpstream, RawUpstream, accept_websocket
 from tests.fakes.faulty_upstream import Fault, FaultyUpstream
 from tests.fakes.loopback_server import LoopbackServer
 from tests.fakes.nucleus_upstream import FakeNucleus
@@ -411,49 +411,20 @@ async def test_a_repeated_answer_does_not_acknowledge_a_later_event_not_yet_sent
             await fake.server.stop()
 
 
-class _RepeatsMidFrame:
+class _RepeatsMidFrame(RawUpstream):
     """A websocket upstream whose first connection answers its first frame, reads the head
     of the second and then sends that first answer again, reading nothing more: the rest of
     the second frame waits for room, never to arrive. Every later connection is relayed to
     ``target_port`` (a good upstream)."""
 
     def __init__(self, target_port: int) -> None:
+        super().__init__()
         self.target_port = target_port
-        self.connections = 0
-        self.port = 0
-        self._server: asyncio.Server | None = None
-        self._writers: set[asyncio.StreamWriter] = set()
 
-    @property
-    def ws_url(self) -> str:
-        return f"ws://127.0.0.1:{self.port}"
-
-    async def start(self) -> _RepeatsMidFrame:
-        self._server, self.port = await small_window_server(self._connection)
-        return self
-
-    async def stop(self) -> None:
-        if self._server is not None:
-            self._server.close()
-        for writer in list(self._writers):
-            writer.transport.abort()
-
-    async def _connection(self, reader: asyncio.StreamReader,
-                          writer: asyncio.StreamWriter) -> None:
-        self.connections += 1
-        self._writers.add(writer)
-        try:
-            if self.connections == 1:
-                await self._repeat(reader, writer)
-            else:
-                await relay(reader, writer, self.target_port, self._writers)
-        except (ConnectionError, asyncio.IncompleteReadError):
-            pass
-        finally:
-            self._writers.discard(writer)
-            writer.close()
-
-    async def _repeat(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+    async def serve(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        if self.connections > 1:
+            await self.relay(reader, writer, self.target_port)
+            return
         await accept_websocket(reader, writer)
         size, mask = await _frame_head(reader)
         data = bytes(b ^ mask[i % 4] for i, b in enumerate(await reader.readexactly(size)))
@@ -507,48 +478,19 @@ async def test_a_repeated_answer_does_not_acknowledge_an_event_whose_frame_is_st
             await fake.stop()
 
 
-class _ClosesAndReadsNoMore:
+class _ClosesAndReadsNoMore(RawUpstream):
     """A websocket upstream (a wedged one, or a proxy before one) that reads the head of
     the first frame of each connection, then reads nothing more and sends a close frame,
     and keeps the connection open: part of the frame waits in the agent's buffers."""
 
-    def __init__(self) -> None:
-        self.connections = 0
-        self.port = 0
-        self._server: asyncio.Server | None = None
-        self._writers: set[asyncio.StreamWriter] = set()
-
-    @property
-    def ws_url(self) -> str:
-        return f"ws://127.0.0.1:{self.port}"
-
-    async def start(self) -> _ClosesAndReadsNoMore:
-        self._server, self.port = await small_window_server(self._connection)
-        return self
-
-    async def stop(self) -> None:
-        if self._server is not None:
-            self._server.close()
-        for writer in list(self._writers):
-            writer.transport.abort()
-
-    async def _connection(self, reader: asyncio.StreamReader,
-                          writer: asyncio.StreamWriter) -> None:
-        self.connections += 1
-        self._writers.add(writer)
-        try:
-            await accept_websocket(reader, writer)
-            await _frame_head(reader)
-            transport = writer.transport
-            assert isinstance(transport, asyncio.ReadTransport)
-            transport.pause_reading()
-            writer.write(bytes([0x88, 2]) + struct.pack("!H", 1001))   # going away
-            await writer.wait_closed()   # until the agent cuts it (or stop())
-        except (ConnectionError, asyncio.IncompleteReadError):
-            pass
-        finally:
-            self._writers.discard(writer)
-            writer.close()
+    async def serve(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        await accept_websocket(reader, writer)
+        await _frame_head(reader)
+        transport = writer.transport
+        assert isinstance(transport, asyncio.ReadTransport)
+        transport.pause_reading()
+        writer.write(bytes([0x88, 2]) + struct.pack("!H", 1001))   # going away
+        await writer.wait_closed()   # until the agent cuts it (or stop())
 
     def agent_side(self) -> int:
         """The agent's connections to it still open (this process holds both ends)."""

@@ -16,6 +16,7 @@ import contextlib
 import hashlib
 import socket
 from collections.abc import Awaitable, Callable
+from typing import Self
 
 GUID = b"258EAFA5-E914-47DA-95CA-C5AB0DC85B11"   # RFC 6455
 Handler = Callable[[asyncio.StreamReader, asyncio.StreamWriter], Awaitable[None]]
@@ -34,11 +35,13 @@ async def small_window_server(handle: Handler) -> tuple[asyncio.Server, int]:
     return server, sock.getsockname()[1]
 
 
-class DeafUpstream:
-    def __init__(self, target_port: int) -> None:
-        self.target_port = target_port
-        self.deaf = True
-        self.deaf_connections = 0
+class RawUpstream:
+    """A raw TCP server on 127.0.0.1, port 0, with a small receive buffer
+    (``small_window_server``), whose connections ``serve`` handles: counted, and aborted
+    at ``stop``."""
+
+    def __init__(self) -> None:
+        self.connections = 0
         self.port = 0
         self._server: asyncio.Server | None = None
         self._writers: set[asyncio.StreamWriter] = set()
@@ -47,33 +50,23 @@ class DeafUpstream:
     def ws_url(self) -> str:
         return f"ws://127.0.0.1:{self.port}"
 
-    async def start(self) -> DeafUpstream:
+    async def start(self) -> Self:
         self._server, self.port = await small_window_server(self._connection)
         return self
 
+    async def serve(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        raise NotImplementedError
+
     async def _connection(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        self.connections += 1
         self._writers.add(writer)
         try:
-            if self.deaf:
-                await self._deaf(reader, writer)
-            else:
-                await self._relay(reader, writer)
+            await self.serve(reader, writer)
         except (ConnectionError, asyncio.IncompleteReadError):
             pass
         finally:
             self._writers.discard(writer)
             writer.close()
-
-    async def _deaf(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
-        self.deaf_connections += 1
-        await accept_websocket(reader, writer)
-        transport = writer.transport
-        assert isinstance(transport, asyncio.ReadTransport)
-        transport.pause_reading()          # never read again
-        await writer.wait_closed()         # until the client aborts it (or stop())
-
-    async def _relay(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
-        await relay(reader, writer, self.target_port, self._writers)
 
     async def stop(self) -> None:
         if self._server is not None:
@@ -83,6 +76,29 @@ class DeafUpstream:
         if self._server is not None:
             with contextlib.suppress(asyncio.TimeoutError):
                 await asyncio.wait_for(self._server.wait_closed(), 2)
+
+    async def relay(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter,
+                    port: int) -> None:
+        await relay(reader, writer, port, self._writers)
+
+
+class DeafUpstream(RawUpstream):
+    def __init__(self, target_port: int) -> None:
+        super().__init__()
+        self.target_port = target_port
+        self.deaf = True
+        self.deaf_connections = 0
+
+    async def serve(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        if not self.deaf:
+            await self.relay(reader, writer, self.target_port)
+            return
+        self.deaf_connections += 1
+        await accept_websocket(reader, writer)
+        transport = writer.transport
+        assert isinstance(transport, asyncio.ReadTransport)
+        transport.pause_reading()          # never read again
+        await writer.wait_closed()         # until the client aborts it (or stop())
 
 
 async def accept_websocket(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
