@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import base64
 import contextlib
 import logging
 import os
@@ -31,6 +32,7 @@ from agent.spool.schema import read_offline
 from tests.conftest import ROOT, AgentProcess, free_port, write_config
 from tests.fakes.faulty_upstream import Fault, FaultyUpstream
 from tests.fakes.ops_scene import post_events
+from tests.fakes.segment_upstream import FakeSegment
 from tests.test_upstream_faults import event, send
 from tests.waiting import run_outpost, wait_for
 
@@ -522,3 +524,63 @@ def test_a_stop_does_not_wait_for_a_lookup_of_the_upstreams_name(
     log = agent.log.read_text()
     assert "Traceback" not in log and log.rstrip().endswith("outpost stopped"), log
     assert read_offline(spool)["depth"] == 1   # not sent, not deleted: sent at the next start
+
+
+# -- a lookup of the upstream's name that gets no thread ---------------------------------------
+
+# pthread_create refused once (EAGAIN, as with a unit's TasksMax reached), when the file the
+# environment names is there: the next thread the process starts is not started.
+NO_THREAD_C = r"""
+#define _GNU_SOURCE
+#include <dlfcn.h>
+#include <errno.h>
+#include <pthread.h>
+#include <stdlib.h>
+#include <unistd.h>
+
+int pthread_create(pthread_t *thread, const pthread_attr_t *attr,
+                   void *(*start)(void *), void *arg) {
+    static int (*real)(pthread_t *, const pthread_attr_t *, void *(*)(void *), void *);
+    const char *refuse = getenv("NO_THREAD_ONCE");
+    if (refuse != NULL && unlink(refuse) == 0)
+        return EAGAIN;
+    if (real == NULL)
+        real = dlsym(RTLD_NEXT, "pthread_create");
+    return real(thread, attr, start, arg);
+}
+"""
+
+
+async def test_a_lookup_that_gets_no_thread_is_asked_again(
+        tmp_path: Path, agent_process: Callable[..., AgentProcess],
+        fake_segment: FakeSegment) -> None:
+    """The thread an upstream's host name is looked up on cannot be started once (the
+    system's task limit reached for a moment): that send fails, and the next looks the
+    name up again. The lookup was left asked for good, with nothing asking it: the
+    forwarder crashed with a traceback, and every send after it waited on that lookup and
+    failed, "no connection within 3s", its events never sent until a restart."""
+    compiler = shutil.which("cc") or shutil.which("gcc")
+    if not sys.platform.startswith("linux") or compiler is None:
+        pytest.skip("needs a C compiler and LD_PRELOAD (Linux)")
+    source, shim = tmp_path / "no_thread.c", tmp_path / "no_thread.so"
+    source.write_text(NO_THREAD_C)
+    subprocess.run([compiler, "-shared", "-fPIC", "-o", str(shim), str(source), "-ldl"],
+                   check=True, capture_output=True, timeout=60)
+    refuse, port = tmp_path / "refuse-a-thread", free_port()
+    cfg = write_config(tmp_path / "agent.toml", tmp_path / "spool.db", port=port,
+                       upstreams=[{"name": "up", "protocol": "segment-http",
+                                   "url": f"http://localhost:{fake_segment.port}",
+                                   "flush_interval_s": 0.02, "timeout_s": 3}])
+    agent = agent_process(cfg, port, env={"LD_PRELOAD": str(shim),
+                                          "NO_THREAD_ONCE": str(refuse)}).start()
+    refuse.touch()   # the next thread: the lookup of localhost, at the first send
+    async with aiohttp.ClientSession() as session, session.post(
+            f"{agent.url}/v1/track", json={"type": "track", "event": "e", "userId": "u",
+                                           "messageId": "m1"},
+            headers={"Authorization": "Basic " + base64.b64encode(b"k:").decode()}) as reply:
+        assert reply.status == 200
+    await wait_for(lambda: fake_segment.message_ids() == ["m1"], timeout=20)
+    assert not refuse.exists()
+    assert agent.terminate() == 0
+    log = agent.log.read_text()
+    assert "can't start new thread" in log and "Traceback" not in log, log
