@@ -12,6 +12,7 @@ question at a time: a probe asking every 2 s waits for the lookup already asking
 from __future__ import annotations
 
 import asyncio
+import errno
 import socket
 import sys
 import threading
@@ -32,10 +33,17 @@ async def getaddrinfo(host: str, port: int, family: int = 0,
     question = (loop, host, port, family, type, flags)
     asking = _asking.get(question)
     if asking is None:
-        asking = _asking[question] = loop.create_future()
+        asking = loop.create_future()
+        try:
+            threading.Thread(target=_ask, args=(loop, asking, host, port, family, type, flags),
+                             name="lookup", daemon=True).start()
+        except RuntimeError as exc:
+            # No thread now (the task limit reached): this lookup fails, as a connect does,
+            # and the next asks again. Left in _asking, no thread would ever answer it, and
+            # every later lookup of the name waited on it.
+            raise OSError(errno.EAGAIN, f"no thread to look up {host} on ({exc})") from exc
+        _asking[question] = asking
         asking.add_done_callback(lambda answer: _answered(question, answer))
-        threading.Thread(target=_ask, args=(loop, asking, host, port, family, type, flags),
-                         name="lookup", daemon=True).start()
     return await asyncio.shield(asking)
 
 
