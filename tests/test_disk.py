@@ -871,6 +871,34 @@ async def test_events_taken_after_a_linked_spool_s_link_is_pointed_elsewhere_are
     assert rows(link) == 5, "events answered 200 are not in the spool the link names"
 
 
+async def test_a_linked_spool_that_cannot_be_opened_opens_where_its_link_is_pointed(
+        make_agent: Any, tmp_path: Path, small_fs: Path) -> None:
+    """storage.path a symlink to a spool to be made on a disk found full at start: no
+    spool can be made there, events are refused (503). The operator points the link at a
+    disk with room. The agent tried again, every 5 s, the file the link named at the
+    start, still on the full disk: every event a 503 until a restart, where it once
+    opened the link, and so whatever it names now."""
+    full = small_fs / "spool" / "spool.db"
+    full.parent.mkdir(mode=0o700)
+    filler = small_fs / "filler"
+    filler.write_bytes(b"\0" * (os.statvfs(small_fs).f_bavail * os.statvfs(small_fs).f_frsize))
+    roomy = tmp_path / "roomy"
+    roomy.mkdir(mode=0o700)
+    link = tmp_path / "state" / "spool.db"
+    link.parent.mkdir(mode=0o700)
+    link.symlink_to(full)
+    agent = await make_agent(spool=link)
+    async with aiohttp.ClientSession() as s:
+        assert (await post(s, agent.port, [event(1, pad="")])).status == 503
+        moving = link.with_name("moving")
+        moving.symlink_to(roomy / "spool.db")
+        moving.replace(link)
+        stored = await post(s, agent.port, [event(2, pad="")])
+        assert stored.status == 200, f"{stored.status}: {agent.spool.open_error}"
+    await agent.stop()
+    assert link.is_symlink() and rows(roomy / "spool.db") == 1
+
+
 async def test_events_acked_after_the_spool_is_deleted_are_counted_acked_alone(
         make_agent: Any, fake_nucleus: FakeNucleus, tmp_path: Path) -> None:
     """The first commit to find spool.db deleted under the agent is the acks of the
