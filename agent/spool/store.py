@@ -879,6 +879,10 @@ class Spool:
         books = self.books
         unsaved, counters = books.unsaved, books.counters
         recovered, before = False, self.open_error
+        # Where a symlinked storage.path points now: pointed at a disk with room (as a
+        # commit finds it pointed elsewhere, recover), the file it named before was tried
+        # again for good.
+        self.path = spool_file(self.named)
         try:
             if (pending := self._salvaging) is not None and pending.clear:
                 recovered = True   # a path that still cannot be cleared: said there
