@@ -118,3 +118,13 @@ async def test_a_locale_of_another_script_keeps_its_script_in_the_language(
     init, _ = await init_under(tmp_path, agent_process, {
         "LC_ALL": "", "LC_MESSAGES": "", "LANG": "sr_RS.UTF-8@latin", "LANGUAGE": ""})
     assert (init["language"], init["locale"]) == ("sr-Latn-RS", "sr-Latn-RS"), init
+
+
+async def test_a_language_tag_set_as_the_locale_is_sent_as_it_is(
+        tmp_path: Path, agent_process: Callable[..., AgentProcess]) -> None:
+    """`LANG=pt-BR`, a language tag where glibc expects pt_BR: it names the language all the
+    same, and was sent so until locale names were checked; taken as it is, not skipped for
+    the next variable (here none: `en-US`)."""
+    init, _ = await init_under(tmp_path, agent_process, {
+        "LC_ALL": "", "LC_MESSAGES": "", "LANG": "pt-BR", "LANGUAGE": ""})
+    assert (init["language"], init["locale"]) == ("pt-BR", "pt-BR"), init
