@@ -92,8 +92,9 @@ def _language() -> str:
 
 
 # A POSIX locale's name: language[_territory][.codeset][@modifier], its language two or
-# three letters (ISO 639), its territory two letters or three digits (es_419).
-_LOCALE = re.compile(r"([A-Za-z]{2,3})(?:_([A-Za-z]{2}|[0-9]{3}))?(?:\.[^@]*)?(?:@(.*))?").fullmatch
+# three letters (ISO 639), its territory two letters or three digits (es_419); the
+# territory after a hyphen too: a language tag set where a locale name belongs (pt-BR).
+_LOCALE = re.compile(r"([A-Za-z]{2,3})(?:[_-]([A-Za-z]{2}|[0-9]{3}))?(?:\.[^@]*)?(?:@(.*))?").fullmatch
 # The modifiers of glibc's locales that name a script: sr_RS@latin is sr-Latn-RS, where
 # sr-RS is Serbian in its default script, Cyrillic. Other modifiers (@euro) name none.
 _SCRIPTS = {"latin": "Latn", "cyrillic": "Cyrl", "devanagari": "Deva"}
