@@ -876,3 +876,14 @@ def test_a_dbus_address_with_no_bus_there_yet_is_taken(tmp_path: Path) -> None:
                              "dbus_address": f"unix:path={tmp_path / 'no-bus'}"})
     code, out = outpost("check-config", str(cfg))
     assert code == 0, out
+
+
+@pytest.mark.parametrize("keyword", ["SYSTEM", "SESSION"])
+def test_the_d_bus_clients_own_bus_names_are_taken_as_a_dbus_address(
+        tmp_path: Path, keyword: str) -> None:
+    # The D-Bus client reads these two words as the system's and the session's bus: a
+    # config naming the bus so worked, and was refused once addresses were checked.
+    cfg = write_config(tmp_path / "agent.toml", tmp_path / "spool.db",
+                       sync={"on_metered": "hold", "dbus_address": keyword})
+    code, out = outpost("check-config", str(cfg))
+    assert code == 0, out
