@@ -306,7 +306,7 @@ def _dbus_address(value: str) -> str | None:
     """An address the D-Bus client can connect to, read as it reads one: any other (a
     socket's path, a tcp: address) failed every metered reading, taken for not metered,
     and a hold for a metered link sent on it. A socket not there yet is tried at run time."""
-    if not value:
+    if value in ("", "SYSTEM", "SESSION"):   # the last two: the client's names of the buses
         return None
     if not value.isprintable():
         return f"must be printable (no line breaks or control characters), got {value!r}"
