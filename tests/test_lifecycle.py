@@ -474,18 +474,25 @@ int getaddrinfo(const char *node, const char *service, const struct addrinfo *hi
 """
 
 
+def preload_shim(tmp_path: Path, name: str, code: str) -> Path:
+    """The C ``code`` built as a library for LD_PRELOAD (skipped without a C compiler or
+    off Linux)."""
+    compiler = shutil.which("cc") or shutil.which("gcc")
+    if not sys.platform.startswith("linux") or compiler is None:
+        pytest.skip("needs a C compiler and LD_PRELOAD (Linux)")
+    source, shim = tmp_path / f"{name}.c", tmp_path / f"{name}.so"
+    source.write_text(code)
+    subprocess.run([compiler, "-shared", "-fPIC", "-o", str(shim), str(source), "-ldl"],
+                   check=True, capture_output=True, timeout=60)
+    return shim
+
+
 @pytest.fixture
 def held_resolver(tmp_path: Path) -> Iterator[tuple[dict[str, str], Path]]:
     """The environment that holds the lookups of ``held-resolver.invalid`` in a process
     started with it, and the file that appears once one is asked; the lookups are let go
     at the end."""
-    compiler = shutil.which("cc") or shutil.which("gcc")
-    if not sys.platform.startswith("linux") or compiler is None:
-        pytest.skip("needs a C compiler and LD_PRELOAD (Linux)")
-    source, shim = tmp_path / "held_resolver.c", tmp_path / "held_resolver.so"
-    source.write_text(HELD_RESOLVER_C)
-    subprocess.run([compiler, "-shared", "-fPIC", "-o", str(shim), str(source), "-ldl"],
-                   check=True, capture_output=True, timeout=60)
+    shim = preload_shim(tmp_path, "held_resolver", HELD_RESOLVER_C)
     asked, release = tmp_path / "resolver-asked", tmp_path / "resolver-release"
     try:
         yield {"LD_PRELOAD": str(shim), "HELD_RESOLVER_ASKED": str(asked),
@@ -559,13 +566,7 @@ async def test_a_lookup_that_gets_no_thread_is_asked_again(
     name up again. The lookup was left asked for good, with nothing asking it: the
     forwarder crashed with a traceback, and every send after it waited on that lookup and
     failed, "no connection within 3s", its events never sent until a restart."""
-    compiler = shutil.which("cc") or shutil.which("gcc")
-    if not sys.platform.startswith("linux") or compiler is None:
-        pytest.skip("needs a C compiler and LD_PRELOAD (Linux)")
-    source, shim = tmp_path / "no_thread.c", tmp_path / "no_thread.so"
-    source.write_text(NO_THREAD_C)
-    subprocess.run([compiler, "-shared", "-fPIC", "-o", str(shim), str(source), "-ldl"],
-                   check=True, capture_output=True, timeout=60)
+    shim = preload_shim(tmp_path, "no_thread", NO_THREAD_C)
     refuse, port = tmp_path / "refuse-a-thread", free_port()
     cfg = write_config(tmp_path / "agent.toml", tmp_path / "spool.db", port=port,
                        upstreams=[{"name": "up", "protocol": "segment-http",
