@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import asyncio
 import base64
+import contextlib
 import logging
 import socket
 import struct
@@ -104,15 +105,11 @@ async def test_a_frame_that_cannot_leave_fails_its_send(
     being no earlier frame whose acks could time out. On loopback a connection's send
     buffer takes megabytes, so the agent's uplinks get sockets with a small one, as a
     real network's connection starts with."""
-    connector = aiohttp.TCPConnector(socket_factory=_small_send_buffer)
     # Bounded: a connection closed gracefully with a frame stuck in it holds up the
     # session's close (before the fix, forever).
-    async with asyncio.timeout(10), aiohttp.ClientSession(connector=connector) as session:
-        def uplink(cfg: UpstreamConfig, key: str, _: aiohttp.ClientSession,
-                   machine_id: str) -> NucleusWsUplink:
-            return NucleusWsUplink(cfg, key, session, machine_id)
+    async with asyncio.timeout(10), small_buffer_seams() as seams:
         agent = await make_agent(upstreams=[deaf_upstream(deaf, max_in_flight=1)],
-                                 seams=Seams(make_uplink=uplink, backoff=FAST_BACKOFF))
+                                 seams=seams)
         # 60 events of 8 KB: one 480 KB frame.
         await stalls_then_delivers(agent, deaf, fake_nucleus, 60,
                                    "upstream stopped reading: a frame could not be sent "
@@ -125,6 +122,19 @@ def _small_send_buffer(addr: Any) -> socket.socket:
     sock = socket.socket(family, kind, proto)
     sock.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, 4096)
     return sock
+
+
+@contextlib.asynccontextmanager
+async def small_buffer_seams() -> AsyncIterator[Seams]:
+    """Seams whose nucleus-ws uplinks send on sockets with a small send buffer (on loopback
+    one takes megabytes; a real network's connection starts small), through a session of
+    their own, closed at the end."""
+    connector = aiohttp.TCPConnector(socket_factory=_small_send_buffer)
+    async with aiohttp.ClientSession(connector=connector) as session:
+        def uplink(cfg: UpstreamConfig, key: str, _: aiohttp.ClientSession,
+                   machine_id: str) -> NucleusWsUplink:
+            return NucleusWsUplink(cfg, key, session, machine_id)
+        yield Seams(make_uplink=uplink, backoff=FAST_BACKOFF)
 
 
 @pytest.mark.parametrize("status", [429, 503])
@@ -386,16 +396,12 @@ async def test_a_repeated_answer_does_not_acknowledge_a_later_event_not_yet_sent
     prepared (its id in flight) and waited for the frame before it to leave when the
     upstream sent A's answer again: it was taken as B's, and B deleted though it never
     left the agent (the connection then failed, and B was never sent again)."""
-    connector = aiohttp.TCPConnector(socket_factory=_small_send_buffer)
     fake = await _Repeater().start()
-    async with asyncio.timeout(10), aiohttp.ClientSession(connector=connector) as session:
-        def uplink(cfg: UpstreamConfig, key: str, _: aiohttp.ClientSession,
-                   machine_id: str) -> NucleusWsUplink:
-            return NucleusWsUplink(cfg, key, session, machine_id)
+    async with asyncio.timeout(10), small_buffer_seams() as seams:
         agent = await make_agent(upstreams=[{
             "name": "up", "protocol": "nucleus-ws", "url": fake.server.ws_url,
             "flush_interval_s": 0.02, "timeout_s": 0.5, "batch_max_events": 1}],
-            seams=Seams(make_uplink=uplink, backoff=FAST_BACKOFF))
+            seams=seams)
         try:
             # A (id 5); C, 400 KB, that cannot leave; B, another event with id 5.
             await send(agent, [event(5), event(6, pad="x" * 400_000),
@@ -455,16 +461,12 @@ async def test_a_repeated_answer_does_not_acknowledge_an_event_whose_frame_is_st
     """As above, with B's frame already on its way when the answer comes again: B was
     taken as acknowledged though the upstream had only its first bytes, and once its send
     failed (the upstream read no more) it was deleted, never delivered."""
-    connector = aiohttp.TCPConnector(socket_factory=_small_send_buffer)
     fake = await _RepeatsMidFrame(fake_nucleus.port).start()
-    async with asyncio.timeout(10), aiohttp.ClientSession(connector=connector) as session:
-        def uplink(cfg: UpstreamConfig, key: str, _: aiohttp.ClientSession,
-                   machine_id: str) -> NucleusWsUplink:
-            return NucleusWsUplink(cfg, key, session, machine_id)
+    async with asyncio.timeout(10), small_buffer_seams() as seams:
         agent = await make_agent(upstreams=[{
             "name": "up", "protocol": "nucleus-ws", "url": fake.ws_url,
             "flush_interval_s": 0.02, "timeout_s": 0.5, "batch_max_events": 1}],
-            seams=Seams(make_uplink=uplink, backoff=FAST_BACKOFF))
+            seams=seams)
         try:
             # A (id 5), then B (id 5 too: it waits for A's answer), 400 KB: its frame
             # cannot arrive whole once the upstream stops reading.
@@ -503,16 +505,12 @@ async def test_connections_an_upstream_closed_while_it_read_no_more_are_not_left
     """The upstream's close frame was answered and the connection closed gracefully, which
     waits for the agent's unsent bytes to go first: to an upstream that reads no more,
     never. Each retry left one more connection open, with its buffers, for good."""
-    connector = aiohttp.TCPConnector(socket_factory=_small_send_buffer)
     fake = await _ClosesAndReadsNoMore().start()
-    async with asyncio.timeout(20), aiohttp.ClientSession(connector=connector) as session:
-        def uplink(cfg: UpstreamConfig, key: str, _: aiohttp.ClientSession,
-                   machine_id: str) -> NucleusWsUplink:
-            return NucleusWsUplink(cfg, key, session, machine_id)
+    async with asyncio.timeout(20), small_buffer_seams() as seams:
         agent = await make_agent(upstreams=[{
             "name": "up", "protocol": "nucleus-ws", "url": fake.ws_url,
             "flush_interval_s": 0.02, "timeout_s": 5}],
-            seams=Seams(make_uplink=uplink, backoff=FAST_BACKOFF))
+            seams=seams)
         try:
             # One frame of about 40 KB: more than the path holds, less than a send waits
             # for room for (aiohttp's 64 KB).
