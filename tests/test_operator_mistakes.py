@@ -114,10 +114,11 @@ def _unshare_works() -> bool:
     return subprocess.run(["unshare", "-rm", "true"], capture_output=True).returncode == 0
 
 
-def _run_on_read_only(tmp_path: Path, ro: Path) -> str:
-    """`outpost run` with its spool under ``ro`` mounted read-only (as ProtectSystem=strict
-    does): its one line, once it exits with EXIT_CONFIG."""
-    cfg = write_config(tmp_path / "agent.toml", ro / "outpost" / "spool.db")
+def _run_on_read_only(tmp_path: Path, ro: Path, spool: Path | None = None) -> str:
+    """`outpost run` with ``ro`` mounted read-only (as ProtectSystem=strict does), its spool
+    under it (or ``spool``, a path leading there): its one line, once it exits with
+    EXIT_CONFIG."""
+    cfg = write_config(tmp_path / "agent.toml", spool or ro / "outpost" / "spool.db")
     script = (f"mount -t tmpfs -o ro tmpfs {shlex.quote(str(ro))} && "
               f"exec {sys.executable} -m agent run --config {shlex.quote(str(cfg))}")
     run = subprocess.run(["unshare", "-rm", "sh", "-c", script], cwd=ROOT, capture_output=True,
@@ -147,13 +148,7 @@ def test_a_symlinked_storage_path_into_a_read_only_filesystem_is_said_so(tmp_pat
     link = tmp_path / "state" / "spool.db"
     link.parent.mkdir(mode=0o700)
     link.symlink_to(ro / "spool.db")
-    cfg = write_config(tmp_path / "agent.toml", link)
-    script = (f"mount -t tmpfs -o ro tmpfs {shlex.quote(str(ro))} && "
-              f"exec {sys.executable} -m agent run --config {shlex.quote(str(cfg))}")
-    run = subprocess.run(["unshare", "-rm", "sh", "-c", script], cwd=ROOT, capture_output=True,
-                         text=True, timeout=30)
-    line = one_line(run.stdout + run.stderr)
-    assert run.returncode == EXIT_CONFIG, line
+    line = _run_on_read_only(tmp_path, ro, link)
     assert "read-only filesystem" in line and f"ReadWritePaths={ro}" in line, line
 
 
