@@ -86,6 +86,8 @@ async def test_a_metered_network_holds_events_and_releases_them_when_it_is_not(
     assert 'outpost_sync_profile{profile="hold",reason="metered network"} 1' in metrics
     assert 'outpost_sync_held_events{lane="high"} 0' in metrics
     assert 'outpost_sync_held_events{lane="normal"} 5' in metrics
+    # One series whatever the reading says: its detail (an error's text too) is in /status.
+    assert "\noutpost_sync_metered 1\n" in metrics, metrics
     code, out = await run_outpost("status", "--config", agent.config_path)
     assert code == 0 and "\nsync:     hold (metered network), 5 events held (high 0, " \
         "normal 5); metered yes " \
@@ -96,6 +98,7 @@ async def test_a_metered_network_holds_events_and_releases_them_when_it_is_not(
     await wait_for(lambda: agent.spool.depth == 0)
     sync = (await fetch(agent.port, "/status"))["sync"]
     assert (sync["profile"], sync["held_events"]) == ("normal", 0), sync
+    assert "\noutpost_sync_metered 0\n" in await fetch(agent.port, "/metrics")
     assert nm.gets == 1   # read once, then watched: no polling
 
 
