@@ -140,8 +140,10 @@ def _sync(out: Exposition, sync: SyncStatus) -> None:
     out.counter("sync_errors_total",
                 "Times a transmit-profile watcher failed (logged, and started again).",
                 sync["errors"])
+    # No label: the reading's detail is free text (an error's too), a new series at each
+    # change; /status shows it.
     out.gauge("sync_metered", "1 on a metered network, 0 on an unmetered or unknown one.",
-              1 if sync["metered"] == "yes" else 0, source=sync["metered_detail"])
+              1 if sync["metered"] == "yes" else 0)
 
 
 def _connections(out: Exposition, conns: Connections) -> None:
