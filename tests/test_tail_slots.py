@@ -20,7 +20,7 @@ from agent.clock import Clock
 from agent.logs import fingerprint
 from agent.ops import tail_routes
 from agent.ops.shared_terms import STALL_S
-from agent.ops.tail import MAX_VIEWERS
+from agent.ops.tail import MAX_VIEWERS, QUEUE
 from tests.conftest import free_port
 from tests.interop.browser.cdp import Chromium
 from tests.segment_helpers import basic, call
@@ -286,3 +286,32 @@ async def test_a_view_whose_client_ends_before_its_stream_begins_gives_its_place
         sock.close()
     reading.close()
     await session.close()
+
+
+async def test_views_the_agent_closed_let_go_of_the_events_they_held(make_agent: Any) -> None:
+    """A view the agent closes (a newer view took its place, or it stalled) stays open up
+    to GRACE_S more, for its last message to reach a reader that is behind. Its queue (up
+    to QUEUE messages, QUEUE_BYTES of event bodies), which it is never shown, was held all
+    that time: a program opening views that never read, each taking the oldest's place,
+    made the agent hold that much for every view opened in the last 30 s, not for each
+    of the MAX_VIEWERS places."""
+    agent = await make_agent(port=free_port())
+    first = [await Stuck.open(agent.port, rcvbuf=4096) for _ in range(MAX_VIEWERS)]
+    await wait_for(lambda: agent.metrics.tail_viewers == MAX_VIEWERS)
+    views = list(agent.tail.viewers)
+    auth = {"Authorization": basic(KEY_A)}
+    for i in range(100):   # bounded: until every view that reads nothing is QUEUE behind
+        r = await call(agent.port, "/v1/batch", {"batch": [
+            {"type": "track", "event": "e", "userId": "u", "messageId": f"{i}-{j}",
+             "properties": {"blob": "x" * 2000}} for j in range(200)]}, headers=auth)
+        assert r.status == 200, r.body
+        if all(len(view.queue) >= QUEUE for view in views):
+            break
+    assert all(view.held > 0 for view in views)
+    # As many new views: each takes the place of one of the first, which is closed.
+    second = [await Stuck.open(agent.port, rcvbuf=4096) for _ in range(MAX_VIEWERS)]
+    await wait_for(lambda: agent.metrics.tail_closed["replaced"] == MAX_VIEWERS)
+    assert all(view.ended == "replaced" for view in views)
+    assert [(len(view.queue), view.held) for view in views] == [(0, 0)] * MAX_VIEWERS
+    for view in first + second:
+        view.sock.close()
