@@ -124,6 +124,15 @@ class Viewer:
         self.wake.set()
         return lost
 
+    def close(self, reason: str) -> None:
+        """End the stream for ``reason``. What is queued is never shown now (``take``), so
+        it goes at once: the stream may wait GRACE_S more for a reader that is behind
+        (ops/tail_routes.py), and views replaced in a loop held QUEUE_BYTES apiece."""
+        self.ended = reason
+        self.queue.clear()
+        self.held = 0
+        self.wake.set()
+
     def take(self) -> list[dict[str, Any]] | None:
         """Up to ``TAKE`` queued messages, summarised, a drop notice first; None once the
         viewer has ended. The caller waits on ``wake`` first, and clears it."""
@@ -172,8 +181,7 @@ class TailHub:
         free at once, and its stream says why and ends."""
         self.leave(viewer)
         if viewer.ended is None:
-            viewer.ended = reason
-            viewer.wake.set()
+            viewer.close(reason)
             self.metrics.tail_closed[reason] += 1
 
     def leave(self, viewer: Viewer) -> None:
@@ -185,8 +193,7 @@ class TailHub:
         graceful shutdown for its whole timeout."""
         self.closed = True
         for viewer in self.viewers:
-            viewer.ended = STOPPING
-            viewer.wake.set()
+            viewer.close(STOPPING)
 
     def ingested(self, events: Sequence[Event], stored: int) -> None:
         """Events committed by one request, ``stored`` of them new (the rest resends)."""
