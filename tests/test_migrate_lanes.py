@@ -13,6 +13,7 @@ import contextlib
 import sqlite3
 from array import array
 from pathlib import Path
+from typing import Any
 
 import orjson
 import pytest
@@ -156,3 +157,28 @@ def test_salvage_of_a_sound_v1_file_keeps_everything_and_classifies_it(tmp_path:
         assert db.execute("SELECT seq, lane FROM dead ORDER BY seq").fetchall() == [
             (6, NORMAL), (17, HIGH)]
         assert sum(len(k) // 8 for (k,) in db.execute("SELECT dkeys FROM spent")) == 4
+
+
+@pytest.mark.parametrize("gone", [b"", 7], ids=["cut-short", "not-a-blob"])
+async def test_a_v1_spool_whose_acked_bits_are_damaged_starts_and_drops_that_record_counted(
+        v1: Path, gone: object, make_agent: Any) -> None:
+    """Damage garbled the acked bits of one queued record of a v1 spool (cut short, or
+    another type). The reader takes such bits as telling nothing and drops the record,
+    counted, when it meets it (spool/reads.py); the conversion to lanes read them to
+    classify the record and raised (IndexError, TypeError), its transaction rolled back:
+    the agent failed at every start after the upgrade, its whole queue out of reach."""
+    with connect(v1) as db:
+        db.execute("UPDATE records SET gone = ? WHERE id = 8", (gone,))   # [8 error e8 e9]
+        db.commit()
+    agent = await make_agent(spool=v1)
+    spool = agent.spool
+    assert table(v1, "PRAGMA user_version") == [(VERSION,)]
+    n = spool.streams["app-nucleus"]
+    # The rest of the key's queue, as the conversion leaves it; the damaged record is
+    # dropped as the reader meets it, its 3 events counted.
+    assert [orjson.loads(r.body)["id"] for r in await spool.fetch(n.id, 0, 100)] == \
+        [1, 2, 3, 4, 6]
+    await spool.ack([])   # a commit: the damaged record found by the read goes in it
+    assert spool.counters["dropped_corrupt"] == 3
+    assert table(v1, "SELECT id, lane FROM records ORDER BY id") == [
+        (1, NORMAL), (5, NORMAL), (11, HIGH), (18, NORMAL)]
