@@ -44,6 +44,8 @@ def classify(conn: sqlite3.Connection) -> int:
     high: list[tuple[int]] = []
     for rid, family, n, gone, data in conn.execute(
             "SELECT id, family, n, gone, data FROM records"):
+        if not records.acked_bits_fit(gone, n):
+            continue   # damage: left as it is, for the reader to drop, counted (reads.py)
         try:
             bodies = records.unpack(data)
         except records.DamagedRecord:
