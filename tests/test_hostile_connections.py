@@ -344,7 +344,7 @@ async def test_head_sent_a_byte_at_a_time_is_closed_at_the_header_timeout(
     assert await asyncio.wait_for(eof, 5) == b""
 
 
-async def test_stalled_body_gets_408_and_stores_nothing(
+async def test_stalled_body_gets_503_and_stores_nothing(
         make_agent: Callable[..., Any], sockets: list[socket.socket]) -> None:
     agent = await make_agent(listen=short_deadlines(idle_timeout_s=60))
     s = await connect(agent.port, sockets)
@@ -353,7 +353,7 @@ async def test_stalled_body_gets_408_and_stores_nothing(
            b"Authorization: " + basic(KEY).encode() + b"\r\n"
            b"Content-Length: " + str(len(body) + 100).encode() + b"\r\n\r\n" + body)
     reply = await asyncio.wait_for(read_reply(s), 5)
-    assert reply.startswith(b"HTTP/1.1 408 "), reply[:200]
+    assert reply.startswith(b"HTTP/1.1 503 "), reply[:200]
     assert b"request body" in reply
     assert agent.spool.depth == 0
 
@@ -517,24 +517,53 @@ STALLED = [
 ]
 
 
+# What each API answers a stalled body: its "retry later" status, with Retry-After, as a
+# busy agent's (capture's is 429); the Nucleus HTTP route, which no module posts to (they
+# speak websocket), 408: its clients are other Outposts' uplinks, which halve their
+# batches for it.
+STALLED_STATUS = {b"/v1/capture": 429, b"/app/" + KEY.encode() + b"/track": 408}
+
+
 @pytest.mark.parametrize("path,auth,start,shape", STALLED,
                          ids=[p.decode() for p, *_ in STALLED])
-async def test_a_stalled_body_is_408_in_every_api(
+async def test_a_stalled_body_is_answered_retry_later_in_every_api(
         make_agent: Callable[..., Any], sockets: list[socket.socket], path: bytes,
         auth: bytes, start: bytes, shape: str) -> None:
-    """docs/mapping.md §6: every API answers 408, in its own error shape, a body not
-    received whole within listen.body_timeout_s. SegmentStream, whose seed answers 400 for
-    every client mistake, answered this one 400 too: a body cut short in transit (the app
-    stopped, a slow link) is not a bad request, and SDKs drop an event answered 400."""
+    """docs/mapping.md §6: a body not received whole within listen.body_timeout_s (the app
+    stopped mid-send, a slow link) is no mistake in the request, and sent again it gets
+    through. It was a 408, which rudder-sdk-python, analytics-python 1.x and RudderStack's
+    JavaScript SDK take as final (any 4xx but 429), dropping the batch; every SDK retries
+    a 503 (and a 429). In each API's own error shape, nothing stored. (SegmentStream, whose
+    seed answers 400 for every client mistake, answered this one 400 too.)"""
     agent = await make_agent(listen=short_deadlines(idle_timeout_s=60))
     s = await connect(agent.port, sockets)
     s.send(b"POST " + path + b" HTTP/1.1\r\nHost: 127.0.0.1\r\n"
            b"Content-Type: application/json\r\n" + auth + b"\r\n"
            b"Content-Length: " + str(len(start) + 100).encode() + b"\r\n\r\n" + start)
     reply = await asyncio.wait_for(read_reply(s), 5)
-    assert reply.startswith(b"HTTP/1.1 408 "), reply[:300]
-    assert shape in orjson.loads(reply.partition(b"\r\n\r\n")[2])
+    status = STALLED_STATUS.get(path, 503)
+    assert reply.startswith(b"HTTP/1.1 %d " % status), reply[:300]
+    head, _, body = reply.partition(b"\r\n\r\n")
+    assert (b"\r\nRetry-After: " in head) == (status != 408), head
+    assert shape in orjson.loads(body)
     assert b"request body not received in time" in reply
+    assert agent.spool.depth == 0
+
+
+@pytest.mark.parametrize("path", [b"/v1/batch", b"/v1/track"])
+async def test_a_stalled_body_from_another_outposts_uplink_is_408(
+        make_agent: Callable[..., Any], sockets: list[socket.socket], path: bytes) -> None:
+    """Another Outpost forwarding here (its segment-http uplink, `User-Agent: outpost`)
+    reads a 408 as a link too slow for a batch of that size, and halves its batches
+    (docs/operations.md, a slow link): to it the stalled body stays a 408."""
+    agent = await make_agent(listen=short_deadlines(idle_timeout_s=60))
+    s = await connect(agent.port, sockets)
+    s.send(b"POST " + path + b" HTTP/1.1\r\nHost: 127.0.0.1\r\nUser-Agent: outpost\r\n"
+           b"Content-Type: application/json\r\nAuthorization: " + basic(KEY).encode() +
+           b"\r\nContent-Length: 100\r\n\r\n{\"batch\": [")
+    reply = await asyncio.wait_for(read_reply(s), 5)
+    assert reply.startswith(b"HTTP/1.1 408 "), reply[:300]
+    assert b"Retry-After" not in reply.partition(b"\r\n\r\n")[0]
     assert agent.spool.depth == 0
 
 
