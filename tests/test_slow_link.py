@@ -166,8 +166,9 @@ async def test_a_cut_over_a_batch_max_bytes_lowered_by_a_reload_is_not_shown(
 
 
 # Another Outpost's answer to a request whose body its link did not carry whole within its
-# listen.body_timeout_s, by protocol (agent/dialects/body.py's BodyError(408), in the
-# Segment API's and in the Nucleus API's error shapes).
+# listen.body_timeout_s, by protocol (agent/dialects/body.py's Stalled, a 408 to another
+# Outpost's uplink and on the Nucleus HTTP route), in the Segment API's and in the Nucleus
+# API's error shapes.
 BODY_TIMED_OUT = {
     "segment-http": {"Success": False, "Errors": [{
         "Error": "Request Timeout", "Message": "Error reading request body",

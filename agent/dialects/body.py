@@ -21,8 +21,11 @@ T = TypeVar("T")
 R = TypeVar("R", bound=bytes | str)
 
 CHUNK = 65536
-# listen.body_timeout_s, set by the app builder: a body stalled past it gets a 408.
+# listen.body_timeout_s, set by the app builder: a body stalled past it is refused
+# (Stalled).
 BODY_TIMEOUT_S = web.AppKey("body_timeout_s", float)
+STALLED_RETRY_AFTER_S = 1   # its app's next try comes whole, as most do at once
+OUTPOST_AGENT = "outpost"   # the User-Agent of another Outpost's segment-http uplink
 
 
 class BodyError(Exception):
@@ -42,9 +45,27 @@ class Busy(BodyError):
     answers its own "retry later" status (503, or 429 where that is the API's) with
     Retry-After."""
 
-    def __init__(self, details: str, retry_after: int) -> None:
-        super().__init__(503, "agent busy, retry later", details)
+    def __init__(self, details: str, retry_after: int,
+                 message: str = "agent busy, retry later") -> None:
+        super().__init__(503, message, details)
         self.retry_after = retry_after
+
+
+class Stalled(Busy):
+    """A body not received whole within listen.body_timeout_s: no mistake in the request
+    (its app stopped mid-send, a link gone quiet), which sent again gets through. So it is
+    answered "retry later", as a busy agent is: a 408 is final to rudder-sdk-python,
+    analytics-python 1.x and RudderStack's JavaScript SDK (any 4xx but 429), which dropped
+    the batch. Routes whose clients read a 408 as a link too slow for the batch (another
+    Outpost's uplinks, which halve their batches for it) answer it 408 (``timed_out``)."""
+
+    def __init__(self, seconds: float) -> None:
+        super().__init__(f"incomplete after {seconds:g} s (listen.body_timeout_s)",
+                         STALLED_RETRY_AFTER_S, "request body not received in time")
+
+    def timed_out(self) -> BodyError:
+        """The same refusal as a 408."""
+        return BodyError(408, self.message, self.details)
 
 
 class TooManyObjects(BodyError):
@@ -137,9 +158,12 @@ async def read_raw(request: web.Request, limit: int) -> bytes:
                 async with asyncio.timeout(seconds):
                     raw = await _read(request, limit, ticket, length)
             except TimeoutError:
-                raise BodyError(408, "request body not received in time",
-                                f"incomplete after {seconds:g} s (listen.body_timeout_s)") \
-                    from None
+                stalled = Stalled(seconds)
+                # Another Outpost's segment-http uplink says who it is; it halves its
+                # batches on a 408 (the link too slow for them), and retries a 503 as sent.
+                if request.headers.get("User-Agent") == OUTPOST_AGENT:
+                    raise stalled.timed_out() from None
+                raise stalled from None
     except ConnectionError:
         # The client hung up mid-body (aiohttp hands the read a ConnectionResetError), or
         # shut its side down (server/connections.py, before this read began or during it):

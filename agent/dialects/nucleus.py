@@ -38,6 +38,7 @@ from agent.dialects.body import (
     BodyError,
     Busy,
     Reservation,
+    Stalled,
     TooManyObjects,
     as_is,
     count_events,
@@ -210,6 +211,10 @@ class NucleusHandlers:
             return _error(401, f"appId {_quoted(key)} refused: {why}")
         try:
             acks = await self._take(await read_raw(request, MAX_MESSAGE), key, TICKET.get())
+        except Stalled as exc:
+            # Modules speak websocket: this route's clients are other Outposts' nucleus-http
+            # uplinks, which halve their batches on a 408 (a link too slow for them).
+            return _error(replies.TIMED_OUT, describe(exc))
         except BodyError as exc:
             return _error(exc.status, describe(exc), exc.retry_after)
         except Invalid as exc:

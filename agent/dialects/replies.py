@@ -110,7 +110,9 @@ def describe(exc: BodyError | Invalid) -> str:
     return exc.message + (f": {exc.details}" if exc.details else "")
 
 
-TIMED_OUT = 408   # a body not received whole within listen.body_timeout_s (body.py)
+# A body not received whole within listen.body_timeout_s, as another Outpost is told it
+# (body.Stalled): every other client is told to retry later.
+TIMED_OUT = 408
 ErrorReply = Callable[[int, str, int | None], web.Response]
 R = TypeVar("R")
 
@@ -120,9 +122,9 @@ async def settle(work: Awaitable[R], error: ErrorReply, *, full_status: int = 50
     """Await ``work`` (read, parse, store): its result when done, else the error reply.
 
     Client mistakes get their own status (or ``client_status`` for APIs with one
-    status for every client error); a body not received in time is a 408 in every API
-    (it is no mistake in the request); a full spool or a busy agent gets
-    ``full_status`` and Retry-After, never a 500.
+    status for every client error), but a body not received in time, no mistake in the
+    request: a 408 to another Outpost, else (body.Stalled) answered as a busy agent is; a
+    full spool or a busy agent gets ``full_status`` and Retry-After, never a 500.
     """
     try:
         return await work

@@ -18,7 +18,7 @@ from collections.abc import Awaitable, Callable
 import orjson
 from aiohttp import web
 
-from agent.dialects.body import BodyError, read_raw
+from agent.dialects.body import BodyError, Stalled, read_raw
 from agent.logs import log_limited
 from agent.ops.own_origin import foreign
 from agent.ops.shared_terms import EXPORT_PAGE, LIST_LIMIT
@@ -61,6 +61,8 @@ class DeadRoutes:
             # As an API's body: a deadline (listen.body_timeout_s), a client gone mid-body.
             body = orjson.loads(await read_raw(request, BODY_LIMIT))
         except BodyError as exc:
+            if isinstance(exc, Stalled):   # an operator's tool, no SDK: told what happened
+                exc = exc.timed_out()
             said = f"{exc.message}: {exc.details}" if exc.details else exc.message
             raise _Refused(exc.status, said) from exc
         except orjson.JSONDecodeError as exc:
