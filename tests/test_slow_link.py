@@ -24,6 +24,7 @@ from tests.conftest import write_config
 from tests.fakes.cutting_relay import CuttingRelay
 from tests.fakes.faulty_upstream import Fault, FaultyUpstream, Request
 from tests.fakes.loopback_server import LoopbackServer
+from tests.fakes.stalling_relay import StallingRelay
 from tests.test_upstream_faults import drained, event, marks, send, upstream
 from tests.test_ws_faults import status_of
 from tests.waiting import wait_for
@@ -239,6 +240,30 @@ async def test_a_408_for_a_body_the_link_did_not_carry_in_time_halves_the_batche
         assert up["slow_limit_bytes"] is not None, up
     finally:
         await far.stop()
+
+
+@pytest.mark.parametrize("protocol", ["nucleus-http", "segment-http"])
+async def test_an_outpost_whose_body_stalled_at_another_is_answered_408_and_halves(
+        make_agent: Any, fast_backoff: Any, tmp_path: Path, protocol: str) -> None:
+    """Two real Outposts, the far one's listen.body_timeout_s run out on the near one's
+    first request: the far one answers an app's stalled body "retry later" (503), which
+    would have had the near one send the same full batch again, but it answers 408 to
+    another Outpost (its segment-http uplink says `User-Agent: outpost`) and on the Nucleus
+    HTTP route, so the near one halves its batches, as for a link too slow for them."""
+    far = await make_agent(spool=tmp_path / "far.db", listen={"body_timeout_s": 0.3})
+    relay = await StallingRelay(far.port).start()
+    try:
+        near = await make_agent(upstreams=[{
+            "name": "up", "protocol": protocol, "url": relay.http_url,
+            "flush_interval_s": 0.02, "timeout_s": 5}])
+        await send(near, [event(i) for i in range(3)])
+        await wait_for(lambda: near.spool.depth == 0, timeout=20)
+        assert relay.stalled is not None and relay.stalled.startswith(b"HTTP/1.1 408 "), \
+            relay.stalled
+        assert (await status_of(near))["slow_limit_bytes"] is not None
+        assert far.spool.depth == 3
+    finally:
+        await relay.stop()
 
 
 async def _drained_through(relay: CuttingRelay, make_agent: Any, faulty: FaultyUpstream,
