@@ -54,8 +54,8 @@ log = logging.getLogger("outpost")
 T = TypeVar("T")
 PRUNE_EVERY_S = 600.0
 MAX_REQUEST_LINE = 64 * 1024
-# After an early reply (413, 408) aiohttp reads and drops the rest of the body, so the
-# client sees the reply rather than a reset. Over loopback the rest takes milliseconds;
+# After an early reply (a 413, a stalled body's) aiohttp reads and drops the rest of the
+# body, so the client sees the reply rather than a reset. Over loopback the rest takes milliseconds;
 # aiohttp's 10 s default would let a stalled client hold its connection that much longer.
 LINGER_S = 2.0
 SHUTDOWN_S = 5.0  # for the requests being answered when a stop begins

@@ -324,7 +324,7 @@ class NucleusHandlers:
             return False
         except Late as exc:
             # A stalled sender (stopped, a debugger) holds its share of the in-flight
-            # budget: cut as a stalled HTTP body is (408).
+            # budget: cut as a stalled HTTP body is refused.
             replies.refused(WSCloseCode.POLICY_VIOLATION)
             log_limited(log, logging.WARNING, f"late:{key}", "app %s: large %s, closed (1008)",
                         masked(key), exc)

@@ -14,7 +14,7 @@ connection is in one of three states:
   ``header_timeout_s`` after that byte, however slowly more bytes trickle in, and
   answered 431 once the head is past HEAD_MAX bytes;
 - BUSY, a handler runs: no deadline here. Bodies are deadlined where they are read
-  (dialects/body.py), so that the app gets a 408;
+  (dialects/body.py), so that the app is told (body.Stalled);
 - WEBSOCKET, an upgraded connection: no deadline (a Nucleus module may stay quiet for
   long); the time of its last frame is kept.
 
@@ -335,7 +335,7 @@ class _Conn(asyncio.Protocol):
         size that is no number, a bare LF, a trailer field it refuses), and if so, tell its
         route. The parser queues its 400 as a request of its own, behind the one whose
         route waits on the body, and never fails the body: the route waited out
-        body_timeout_s and answered 408, saying the body never came. The body is failed with
+        body_timeout_s and answered that the body never came. The body is failed with
         the parser's error (the route answers 400), the queued 400 dropped (it would answer
         no request), and the connection closed after the reply: what follows the fault
         cannot be told apart."""
