@@ -440,6 +440,43 @@ async def test_commands_during_the_drain_do_not_say_the_agent_is_starting(
     assert batch.answered is not None
 
 
+@pytest.mark.skipif(sys.platform == "win32", reason="signals")
+async def test_a_graceful_stop_says_at_its_start_what_it_waits_for(
+        tmp_path: Path, faulty: FaultyUpstream, caplog: pytest.LogCaptureFixture) -> None:
+    """`systemctl stop outpost` or Ctrl-C while a batch is in flight: the drain waits up to
+    about 17 s, and the log said nothing until "outpost stopped" at its end, so an operator
+    could not tell a drain from a hang (and pressed Ctrl-C again, cutting it short). The
+    stop's first line says what it waits for, while the batch is still held. As in the test
+    above: a real SIGTERM, and a grace long enough that only the test's answer ends it."""
+    caplog.set_level(logging.INFO, logger="outpost")
+    answer = asyncio.Event()
+    faulty.script = [Fault("slow", until=answer)]
+    port = free_port()
+    cfg = write_config(tmp_path / "agent.toml", tmp_path / "spool.db", port=port,
+                       upstreams=[{"name": "up", "protocol": "nucleus-http",
+                                   "url": faulty.http_url, "flush_interval_s": 0.02}])
+    agent = Agent(config_mod.load_file(cfg), str(cfg), seams=Seams(grace_s=60))
+    serving = asyncio.ensure_future(agent.serve())
+    try:
+        await wait_for(lambda: agent.listener is not None or serving.done())
+        await post_events(port, "k", range(3))
+        await wait_for(lambda: len(faulty.requests) == 1)   # the batch is in flight
+        os.kill(os.getpid(), signal.SIGTERM)
+
+        def said() -> list[str]:
+            return [r.getMessage() for r in caplog.records if r.getMessage().startswith("stopping")]
+        await wait_for(lambda: bool(said()) or serving.done())
+        assert not serving.done(), "the stop ended before saying anything"
+        (line,) = said()
+        assert "1 batch(es) in flight" in line and "3 events queued" in line, line
+        assert "up to about" in line, line
+    finally:
+        answer.set()
+        assert await asyncio.wait_for(serving, 20) == 0
+    messages = [r.getMessage() for r in caplog.records]
+    assert messages.index(line) < messages.index("outpost stopped"), messages
+
+
 # -- a stop while the upstream's name is being looked up ---------------------------------------
 
 # The C library's getaddrinfo, held for one name: as a resolver that does not answer (a
