@@ -33,7 +33,7 @@ from agent.ops.notify import Notifier
 from agent.ops.routes import Ops
 from agent.ops.tail import TailHub
 from agent.ops.tail_routes import TailRoutes
-from agent.server.app import EXPRESS, FRONT_DOOR, build_app
+from agent.server.app import EXPRESS, FRONT_DOOR, SOCKET_CLOSE_S, build_app
 from agent.server.connections import ConnectionLimits, fit_fd_limit
 from agent.server.express import FIELDS_MAX, ExpressLane
 from agent.server.guard import is_loopback_name
@@ -59,6 +59,7 @@ MAX_REQUEST_LINE = 64 * 1024
 # aiohttp's 10 s default would let a stalled client hold its connection that much longer.
 LINGER_S = 2.0
 SHUTDOWN_S = 5.0  # for the requests being answered when a stop begins
+UPLINK_CLOSE_S = 1.0  # a stop's wait for an upstream websocket's close (the nucleus-ws uplink's)
 # Start time asked of systemd per sign of life from a migration: six beats, so one
 # late beat does not get a slow but working migration killed.
 EXTEND_START_USEC = int(ALIVE_EVERY_S * 6 * 1_000_000)
@@ -366,8 +367,22 @@ class Agent:
         """Stop accepting, let running requests commit, then stop forwarders and the spool."""
         stack, self._stack = self._stack, None
         if stack is not None:
+            # The waits below take up to ~17 s, and nothing else is logged until their end:
+            # said now, a drain is not taken for a hang (and cut short by a second Ctrl-C).
+            self._say_stopping()
             await stack.aclose()
         log.info("outpost stopped")
+
+    def _say_stopping(self) -> None:
+        batches = self.forwarding.batches_in_flight() if self.forwarding is not None else 0
+        # As docs/operations.md adds them up: the express lane's requests, then the others',
+        # the apps' websockets' close, the batches in flight, an upstream websocket's close.
+        bound = 2 * SHUTDOWN_S + SOCKET_CLOSE_S + self.seams.grace_s + UPLINK_CLOSE_S
+        log.info("stopping: no new connections; waiting for the requests of %d open "
+                 "connection(s) and %d batch(es) in flight, up to about %g s; events not yet "
+                 "forwarded stay in the spool (%d events queued)",
+                 self.metrics.connections_open, batches, bound,
+                 self.spool.depth if self.spool is not None else 0)
 
     async def serve(self) -> int:
         loop = asyncio.get_running_loop()

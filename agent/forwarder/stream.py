@@ -582,6 +582,11 @@ class StreamForwarder:
         return self._ahead is not None and self._ahead.rows.done()
 
     @property
+    def batches_in_flight(self) -> int:
+        """Batches sent and not yet answered."""
+        return len(self._tasks)
+
+    @property
     def waiting_for_slot(self) -> bool:
         return self._slot_wait is not None and not self._slot_wait.done()
 

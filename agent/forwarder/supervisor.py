@@ -550,6 +550,10 @@ class Supervisor:
         for loop in self.loops.values():
             loop.flush()
 
+    def batches_in_flight(self) -> int:
+        """Batches sent to any upstream and not yet answered (what a stop waits for)."""
+        return sum(loop.batches_in_flight for loop in self.loops.values())
+
     async def stop(self, handover: bool = False) -> None:
         """Stop every loop; ``handover`` (a reload): the parked keys and the probers'
         outages stay, for the next supervisor's ``take_over``."""
