@@ -97,6 +97,36 @@ async def test_a_queue_depth_of_the_int64_maximum_is_damage_not_a_count(
     assert got["spool_corrupt"] == 1 and got.get("dropped_corrupt", 0) == 0, got
 
 
+@pytest.mark.parametrize("column", ["depth", "bytes"])
+async def test_a_negative_queue_depth_or_size_is_damage_not_a_count(
+        make_agent: Any, fake_segment: FakeSegment, tmp_path: Path, column: str) -> None:
+    """A key's queue depth (or size) garbled below zero, as a flipped sign bit leaves it (a
+    small count is a byte or two in the file: 50 less 256 here). Taken as a count, the
+    depth never came back to 0: the key's next event, answered 200, was never sent (its
+    queue read as empty), and status showed a negative queue (a negative size, its bytes).
+    It is damage, as a depth past any count is: the start salvages the file, which counts
+    the queue again from its records."""
+    path = tmp_path / "spool.db"
+    events = await backlog(path, 100)
+    damage(path, f"UPDATE streams SET {column} = {column} - 256 WHERE id = 1")
+    agent = await make_agent(upstreams=[segment_up(fake_segment)])
+    await wait_for(lambda: sorted(fake_segment.message_ids()) == ids(events), timeout=5)
+    async with aiohttp.ClientSession() as s:   # the key's next event
+        async with s.post(f"http://127.0.0.1:{agent.port}/v1/track",
+                          json={"writeKey": "app-1", "event": "e", "userId": "u",
+                                "messageId": "after"}) as r:
+            assert r.status == 200, await r.text()
+    await wait_for(lambda: "after" in fake_segment.message_ids(), timeout=5)
+    await wait_for(lambda: agent.spool.depth == 0, timeout=5)
+    async with aiohttp.ClientSession() as s:
+        async with s.get(f"http://127.0.0.1:{agent.port}/status") as r:
+            status = await r.json()
+    assert status["queue_depth"] == 0, status
+    assert [u["queue_bytes"] for u in status["upstreams"]] == [0], status["upstreams"]
+    assert status["counters"]["spool_corrupt"] == 1, status["counters"]
+    assert status["counters"].get("dropped_corrupt", 0) == 0, status["counters"]
+
+
 async def test_a_queue_depth_of_the_int64_maximum_in_a_salvage_is_not_the_loss(
         make_agent: Any, fake_segment: FakeSegment, tmp_path: Path) -> None:
     """The same depth in a file whose salvage another damage starts (a garbled lane): the
