@@ -97,18 +97,22 @@ async def test_a_queue_depth_of_the_int64_maximum_is_damage_not_a_count(
     assert got["spool_corrupt"] == 1 and got.get("dropped_corrupt", 0) == 0, got
 
 
-@pytest.mark.parametrize("column", ["depth", "bytes"])
+@pytest.mark.parametrize(("column", "sign"), [("depth", 1 << 8), ("bytes", 1 << 16)])
 async def test_a_negative_queue_depth_or_size_is_damage_not_a_count(
-        make_agent: Any, fake_segment: FakeSegment, tmp_path: Path, column: str) -> None:
+        make_agent: Any, fake_segment: FakeSegment, tmp_path: Path, column: str,
+        sign: int) -> None:
     """A key's queue depth (or size) garbled below zero, as a flipped sign bit leaves it (a
-    small count is a byte or two in the file: 50 less 256 here). Taken as a count, the
-    depth never came back to 0: the key's next event, answered 200, was never sent (its
-    queue read as empty), and status showed a negative queue (a negative size, its bytes).
-    It is damage, as a depth past any count is: the start salvages the file, which counts
-    the queue again from its records."""
+    count is a byte or two in the file: a depth of 50 reads 50 - 256, a size of 12,771
+    bytes 12,771 - 65,536). Taken as a count, the depth never came back to 0: the key's
+    next event, answered 200, was not sent once the key's loop had ended (its queue read
+    as less than none), and status showed a negative queue (of the size: negative bytes).
+    It is damage, as a depth past any count is: the start salvages the file, which
+    counts the queue again from its records."""
     path = tmp_path / "spool.db"
     events = await backlog(path, 100)
-    damage(path, f"UPDATE streams SET {column} = {column} - 256 WHERE id = 1")
+    damage(path, f"UPDATE streams SET {column} = {column} - {sign} WHERE id = 1")
+    with contextlib.closing(sqlite3.connect(path)) as db:
+        assert db.execute(f"SELECT {column} < 0 FROM streams WHERE id = 1").fetchone() == (1,)
     agent = await make_agent(upstreams=[segment_up(fake_segment)])
     await wait_for(lambda: sorted(fake_segment.message_ids()) == ids(events), timeout=5)
     async with aiohttp.ClientSession() as s:   # the key's next event
