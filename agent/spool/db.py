@@ -313,8 +313,10 @@ def _load_state(conn: sqlite3.Connection, now_observed: int, max_keys: int) -> S
     streams = conn.execute("SELECT id, key, depth, bytes FROM streams").fetchall()
     if not all(typed(row, (int, str, int, int)) for row in streams):  # used on the loop
         raise TypeError("a queue's row holds a value of another type")
-    if any(depth >= MOST or size >= MOST for _, _, depth, size in streams):
-        raise ValueError("a queue's depth or size is past any count")
+    # Below zero too (a flipped sign bit): that depth never came back to 0, and once the
+    # key's loop ended, its later events (a queue read as less than none) were not sent.
+    if any(not (0 <= depth < MOST and 0 <= size < MOST) for _, _, depth, size in streams):
+        raise ValueError("a queue's depth or size is below zero or past any count")
     counters = from_names(conn.execute("SELECT name, value FROM counters").fetchall())
     dead = conn.execute("SELECT count(*) FROM dead").fetchone()[0]
     observed = observed_ms(conn)
