@@ -185,6 +185,35 @@ async def test_a_lane_damaged_to_null_is_found_at_the_start_not_stuck(
     assert set(ids(events[1:])) <= set(sent)
 
 
+# A record's key garbled: one record's sign bit flipped (its key's other 49 stay), or
+# every record of the key moved to a key id no queue has.
+ORPHANED = {"one": "UPDATE records SET stream = stream - 256 WHERE id = (SELECT min(id) "
+                   "FROM records WHERE stream = 1)",
+            "all": "UPDATE records SET stream = stream + 1024 WHERE stream = 1"}
+
+
+@pytest.mark.parametrize("which", list(ORPHANED))
+async def test_records_whose_key_is_garbled_are_counted_lost_not_silently_gone(
+        make_agent: Any, fake_segment: FakeSegment, tmp_path: Path, which: str) -> None:
+    """A record whose key (its stream id) damage garbled into one no queue has: no loop
+    reads it, nor does a salvage keep it (there is no key to send it for). Taken as it was,
+    its events were never sent nor counted: one of a key's records, and that key showed
+    its event queued for good; all of them, and the start forgot the key as one with no
+    records, its queue of 50 gone with no count or line. It is damage: the start salvages
+    the file, and counts what it could not keep as dropped_corrupt."""
+    path = tmp_path / "spool.db"
+    events = await backlog(path, 100)   # app-1 (stream 1) and app-2, each event a record
+    damage(path, ORPHANED[which])
+    lost = 1 if which == "one" else 50
+    agent = await make_agent(upstreams=[segment_up(fake_segment)])
+    await wait_for(lambda: len(fake_segment.message_ids()) >= len(events) - lost, timeout=5)
+    await wait_for(lambda: agent.spool.depth == 0, timeout=5)
+    got = await counters(agent.port)
+    assert got.get("spool_corrupt") == 1, got
+    assert got.get("dropped_corrupt") == lost, got
+    assert len(fake_segment.message_ids()) == len(events) - lost
+
+
 async def dead_letters_and_a_queue(path: Path) -> None:
     """Ten dead letters of app1 under two reasons (five each), and three events of app2
     queued."""
