@@ -57,6 +57,16 @@ ASTRAY = (f"SELECT EXISTS (SELECT 1 FROM records WHERE lane < {HIGH}) OR EXISTS 
           f"records WHERE lane > {NORMAL}) OR coalesce((SELECT typeof(lane) FROM "
           "records ORDER BY lane LIMIT 1), '') = 'null'")
 
+# Whether a record is in no key's queue, or a key's queue has events and no record: damage
+# garbled a record's stream id (a sign bit flipped, say). Its events were never sent nor
+# counted; all of a key's, and the start forgot the key, its queue gone unsaid. The lane
+# index's two ends, and a seek of it per key with events: not a scan of the records (a
+# record moved into another key's queue, or a gap between keys, is not seen).
+ORPHANED = ("SELECT EXISTS (SELECT 1 FROM (SELECT (SELECT min(stream) FROM records) AS s "
+            "UNION ALL SELECT (SELECT max(stream) FROM records)) WHERE s IS NOT NULL AND s "
+            "NOT IN (SELECT id FROM streams)) OR EXISTS (SELECT 1 FROM streams WHERE depth > 0 "
+            "AND NOT EXISTS (SELECT 1 FROM records WHERE stream = streams.id))")
+
 
 class Signal:
     """A flag one thread sets and the loop waits for (SqliteThread.hand_over): a raw lock,
@@ -286,8 +296,10 @@ def forget_idle_streams(conn: sqlite3.Connection) -> int:
     A write at the start, which a spool that can be read must not wait for: on a disk too
     full for it, it raises, and the caller opens the spool as is."""
     with transaction(conn):
-        return conn.execute("DELETE FROM streams WHERE id NOT IN (SELECT stream FROM records) "
-                            "AND id NOT IN (SELECT stream FROM dead)").rowcount
+        # Not one whose depth says it holds events: its records are elsewhere (damage),
+        # and load_state has the file salvaged, which counts them by that depth.
+        return conn.execute("DELETE FROM streams WHERE depth = 0 AND id NOT IN (SELECT stream "
+                            "FROM records) AND id NOT IN (SELECT stream FROM dead)").rowcount
 
 
 def load_state(conn: sqlite3.Connection, now_observed: int, max_keys: int) -> State:
@@ -325,6 +337,9 @@ def _load_state(conn: sqlite3.Connection, now_observed: int, max_keys: int) -> S
         raise TypeError("a clock mark holds a value of another type")
     if conn.execute(ASTRAY).fetchone()[0]:   # salvaged into the normal lane
         raise ValueError("a record is in a lane no forwarder reads")
+    if conn.execute(ORPHANED).fetchone()[0]:   # a salvage counts them lost
+        raise ValueError("a record is in no key's queue, or a queue counts events it holds "
+                         "no record of")
     latest = now_observed if observed is None else max(observed, now_observed)
     live, keys = _read_records(conn, marks, latest, max_keys)
     released = conn.execute("SELECT value FROM counters WHERE name = ?",
