@@ -10,8 +10,9 @@ when its head is a strict subset of HTTP/1.1 that nothing downstream treats spec
 `POST` to a path a dialect offers here (dialects/base.py ``Express``), no query, one
 `Content-Length` and the whole body in hand, no browser headers (`Origin`, Fetch
 Metadata: the guard's CORS and cross-site checks stay aiohttp's), no `Transfer-Encoding`,
-`Content-Encoding`, `Expect` or `Upgrade`, no repeated field, no more fields than aiohttp
-takes (FIELDS_MAX), a loopback `Host`. It then runs what app.py's wrapper runs around the
+`Content-Encoding`, `Expect` or `Upgrade`, no repeated field of those read here or of
+those aiohttp's parser refuses twice (_ONCE), no more fields than aiohttp takes
+(FIELDS_MAX), a loopback `Host`. It then runs what app.py's wrapper runs around the
 same handler code: the body ticket, the refusal count, the handler's reply, written byte
 for byte as aiohttp writes it.
 
@@ -73,9 +74,15 @@ _LINE_TAIL = b" HTTP/1.1\r\n"
 _IN_PATH, _AT_TAIL, _AT_LINE, _IN_NAME, _IN_VALUE = range(5)
 # The fields read here; a request that repeats one goes to aiohttp.
 _READ = frozenset({b"content-length", b"connection", b"host", b"authorization"})
-# Fields whose handling is aiohttp's or the guard's: a request with one goes there.
+# Fields not read here that aiohttp's parser answers 400 to when repeated (its
+# SINGLETON_HEADERS): a head that repeats one goes there, for that 400. Passed over
+# here, the lane stored what the same request got refused on any other connection.
+_ONCE = frozenset({b"content-type", b"user-agent", b"content-location", b"content-range",
+                   b"etag", b"max-forwards", b"server"})
+# Fields whose handling is aiohttp's or the guard's: a request with one goes there
+# (Sec-WebSocket-Key1, the old websocket handshake's, is a 400 in aiohttp's parser).
 _ELSEWHERE = frozenset({b"origin", b"sec-fetch-site", b"transfer-encoding",
-                        b"content-encoding", b"expect", b"upgrade"})
+                        b"content-encoding", b"expect", b"upgrade", b"sec-websocket-key1"})
 # A field line's reading (ExpressLane._read) is kept by the line: an app sends the same
 # lines at every request. Enough for an app's usual lines and its bodies' sizes (a
 # Content-Length line each); at most 256 KiB of lines.
@@ -280,11 +287,14 @@ class ExpressLane:
         if aiohttp's, for its name or its value (a Content-Length of no digits or too
         many, a Connection other than keep-alive, a Host the guard refuses, an
         Authorization naming no key, which aiohttp's route refuses with the reason);
-        False if neither (ignored). Kept by the line: read, a line cost ~3k instructions."""
+        a field of _ONCE as its name and "", so that a repeat is seen; False if neither
+        (ignored). Kept by the line: read, a line cost ~3k instructions."""
         name, _, raw = line.partition(b":")
         key = name.lower()
         field: tuple[bytes, str] | bool = key in _ELSEWHERE
-        if key in _READ:
+        if key in _ONCE:
+            field = (key, "")
+        elif key in _READ:
             value = raw.strip(b" \t")
             text = _text(value)
             if key == b"content-length":
