@@ -2,18 +2,22 @@
 same raw request bytes are sent to two agents of the same config, to one on a fresh
 connection (the lane answers what it takes, and hands the rest over) and to the other on a
 connection a `GET /healthz` has already handed to aiohttp for good. Each must get the same
-replies, byte for byte but the Date, count the same refusals, and store the same events.
+replies, byte for byte but the Date, count the same refusals, store the same events, and
+leave the connection open, or close it, alike (a `GET /healthz` sent after them tells).
 
 Cases cover what either side treats specially: Host and Origin (and Fetch Metadata), the
 write key's forms (Basic auth, the body's, the query's), Content-Encoding, chunked bodies,
 `Expect`, keep-alive and pipelining, other methods, repeated and huge fields, odd
 Content-Types, empty bodies and a BOM, bodies over the limits, non-ASCII and
-percent-encoded paths. The hypothesis test mixes them.
+percent-encoded paths. The hypothesis test mixes them, pipelined, sent to the lane in
+pieces cut anywhere, and with the client's side shut down after them or not; a client
+that waits for `100 Continue` before its body gets it either way.
 """
 
 from __future__ import annotations
 
 import base64
+import contextlib
 import gzip
 import re
 import socket
@@ -33,6 +37,7 @@ KEY, OTHER = "diffKey1", "diffKey2"
 ALLOWED = "http://app.example"
 CONFIG: dict[str, Any] = {"listen": {"accept_keys": [KEY, OTHER], "allowed_origins": [ALLOWED]}}
 DATE = re.compile(rb"\r\nDate: [^\r]*\r\n")
+UUID = re.compile(r"[0-9a-f]{8}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{12}")
 HEALTHZ = b"GET /healthz HTTP/1.1\r\nHost: 127.0.0.1\r\n\r\n"
 
 
@@ -62,6 +67,8 @@ class Pair:
                 received = body.pop("receivedAt", None)
                 if body.get("timestamp") == received:   # completed at ingest
                     del body["timestamp"]
+                if UUID.fullmatch(str(body.get("messageId"))):   # made at ingest too
+                    body["messageId"] = "made"
                 out.append((key, body))
         return out
 
@@ -116,20 +123,42 @@ class Replies:
             return reply
 
 
-def exchange(port: int, data: bytes, count: int, *, handed: bool) -> list[bytes]:
+def exchange(port: int, data: bytes, count: int, *, handed: bool,
+             cuts: tuple[int, ...] = (), shut: bool = False) -> list[bytes | None]:
     """``data`` (``count`` requests) sent on a fresh connection, once aiohttp has it
-    (``handed``: after a `GET /healthz` answered) or not; their replies, the Date left out."""
+    (``handed``: after a `GET /healthz` answered) or not; their replies, the Date left out,
+    then the status line of a `GET /healthz` sent after them (None: the connection closed).
+    ``cuts``: where ``data`` is cut into writes of their own (packets, unless they meet);
+    ``shut``: the client's side shut down after them (SHUT_WR), as it waits for the replies."""
     with socket.create_connection(("127.0.0.1", port), timeout=15) as sock:
+        sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
         replies = Replies(sock)
         if handed:
             sock.sendall(HEALTHZ)
             first = replies.next()
             assert first is not None and first.startswith(b"HTTP/1.1 200 "), first
-        sock.sendall(data)
+        for start, end in zip((0, *cuts), (*cuts, len(data)), strict=True):
+            try:
+                sock.sendall(data[start:end])
+            except OSError:   # refused at what came before, and closed: its reply is read
+                break
+        if shut:
+            with contextlib.suppress(OSError):   # reset already (a 400, then a close)
+                sock.shutdown(socket.SHUT_WR)
         replies.head = data.startswith(b"HEAD ")
-        out = []
+        out: list[bytes | None] = []
         while len(out) < count and (reply := replies.next()) is not None:
             out.append(DATE.sub(b"\r\nDate: -\r\n", reply))
+        # Then whether the connection is still open for another request: an agent that
+        # closes it does so as its last reply goes out.
+        replies.head = False
+        try:
+            sock.sendall(HEALTHZ)
+        except OSError:
+            out.append(None)
+        else:
+            reply = replies.next()
+            out.append(None if reply is None else reply.split(b"\r\n", 1)[0])
         return out
 
 
@@ -147,13 +176,15 @@ def express_count(agent: ThreadedAgent) -> int:
     return int(agent.agent.metrics.express_requests)
 
 
-def differ(pair: Pair, data: bytes, count: int = 1) -> tuple[list[bytes], int]:
-    """Send ``data`` both ways and assert the same replies, refusal counts and events;
-    the replies, and how many the lane answered."""
+def differ(pair: Pair, data: bytes, count: int = 1, cuts: tuple[int, ...] = (),
+           shut: bool = False) -> tuple[list[bytes | None], int]:
+    """Send ``data`` both ways (to the lane cut at ``cuts``, ``shut`` as exchange's) and
+    assert the same replies, refusal counts and events; the replies, and how many the lane
+    answered."""
     before = express_count(pair.lane)
     counted = metrics_of(pair.lane), metrics_of(pair.other)
-    fast = exchange(pair.lane.port, data, count, handed=False)
-    slow = exchange(pair.other.port, data, count, handed=True)
+    fast = exchange(pair.lane.port, data, count, handed=False, cuts=cuts, shut=shut)
+    slow = exchange(pair.other.port, data, count, handed=True, shut=shut)
     # Each read before any is compared: a difference fails this request alone.
     refused = more(counted[0], metrics_of(pair.lane)), more(counted[1], metrics_of(pair.other))
     stored = pair.stored(pair.lane), pair.stored(pair.other)
@@ -276,6 +307,15 @@ CASES: dict[str, Any] = {   # name -> a function giving (bytes, request count)
     "pipelined": lambda: (request() + request("/v1/batch", batch(message())) + request(), 3),
     "pipelined, one refused": lambda: (request() + request(body=b"{") + request(), 3),
     "pipelined, one aiohttp's": lambda: (request() + HEALTHZ + request(), 3),
+    "pipelined after a body refused unread": lambda: (request(body=orjson.dumps(
+        message(pad="x" * spec.MAX_EVENT_BYTES))) + request(), 2),
+    "pipelined after a chunked body": lambda: (request(body=chunks(one()), length=False, fields=std(
+        ("Transfer-Encoding", "chunked"))) + request(), 2),
+    "a line end after the body": lambda: (request() + b"\r\n" + request(), 2),
+    "lower case method": lambda: (request(method="post"), 1),
+    "http/1.0": lambda: (request(version="HTTP/1.0"), 1),
+    "http/1.0 keep-alive": lambda: (request(version="HTTP/1.0", fields=std(
+        ("Connection", "keep-alive"))), 1),
     # methods
     "head": lambda: (request(method="HEAD", body=b"", length=False), 1),
     "options": lambda: (request(method="OPTIONS", body=b"", length=False), 1),
@@ -345,7 +385,7 @@ CASES: dict[str, Any] = {   # name -> a function giving (bytes, request count)
 def test_the_lane_and_aiohttp_answer_and_store_alike(pair: Pair, case: str) -> None:
     data, count = CASES[case]()
     replies, _ = differ(pair, data, count)
-    assert replies, "no reply either way"
+    assert replies[0] is not None, "no reply either way"
 
 
 def test_the_cases_reach_the_lane_where_they_should(pair: Pair) -> None:
@@ -359,12 +399,12 @@ def test_the_cases_reach_the_lane_where_they_should(pair: Pair) -> None:
 
 # -- mixed, by hypothesis ---------------------------------------------------------------------
 
-PATHS = ["/v1/track", "/v1/t", "/v1/page", "/v1/batch", "/v1/import"] * 2 + ["/v1/b",
+PATHS = ["/v1/track", "/v1/t", "/v1/page", "/v1/batch", "/v1/import"] * 4 + ["/v1/b",
          "/v1/track?writeKey=" + KEY, "/v1/track/", "/v1/tr%61ck", "/v1/träck"]
 # Weighted toward what the lane takes, so that most examples compare its answers.
-HOSTS: list[bytes | None] = [b"127.0.0.1"] * 3 + [b"localhost:8765", b"[::1]", b"evil.example",
+HOSTS: list[bytes | None] = [b"127.0.0.1"] * 8 + [b"localhost:8765", b"[::1]", b"evil.example",
                                                   b"localhost\xc2\xa0", None]
-AUTHS: list[str | None] = [basic(KEY)] * 4 + [basic(OTHER), basic("nope"), "Bearer x",
+AUTHS: list[str | None] = [basic(KEY)] * 10 + [basic(OTHER), basic("nope"), "Bearer x",
                                               "Basic !", "basic " + basic(KEY)[6:], "", None]
 # Fields the lane reads past, then fields that are aiohttp's or that it refuses (handed
 # over or not), and fields already in the head again.
@@ -377,7 +417,7 @@ ODD: list[tuple[str, str]] = [
     ("Sec-Fetch-Site", "same-site"), ("Connection", "close"), ("Expect", "100-continue"),
     ("Content-Encoding", "identity"), ("Content-Encoding", "br"), ("Sec-WebSocket-Key1", "x"),
     ("Content-Type", "text/plain"), ("Authorization", basic(KEY)), ("Host", "localhost")]
-EXTRA = st.sampled_from(PLAIN * 3 + ODD)
+EXTRA = st.sampled_from(PLAIN * 5 + ODD)
 
 
 @st.composite
@@ -412,9 +452,9 @@ def requests(draw: st.DrawFn) -> bytes:
     if auth is not None:
         fields.append(("Authorization", auth))
     fields.append(("Content-Type", "application/json"))
-    fields += draw(st.lists(EXTRA, max_size=4))
+    fields += draw(st.lists(EXTRA, max_size=3))
     fields = draw(st.permutations(fields))
-    coding = draw(st.sampled_from([None] * 6 + ["gzip", "deflate"]))
+    coding = draw(st.sampled_from([None] * 14 + ["gzip", "deflate"]))
     if coding is not None:
         body = gzip.compress(body) if coding == "gzip" else zlib.compress(body)
         fields.append(("Content-Encoding", coding))
@@ -427,7 +467,44 @@ def requests(draw: st.DrawFn) -> bytes:
 @settings(deadline=None, max_examples=150, derandomize=True,
           suppress_health_check=[HealthCheck.function_scoped_fixture, HealthCheck.too_slow,
                                  HealthCheck.data_too_large])
-@given(sent=st.lists(requests(), min_size=1, max_size=3))
-def test_mixed_requests_are_answered_and_stored_alike(pair: Pair, sent: list[bytes]) -> None:
-    _, taken = differ(pair, b"".join(sent), len(sent))
+@given(sent=st.lists(requests(), min_size=1, max_size=3),
+       cuts=st.sampled_from([0, 0, 1, 2, 3]).flatmap(lambda n: st.lists(
+           st.floats(0, 1, exclude_min=True, exclude_max=True), min_size=n, max_size=n)),
+       shut=st.booleans())
+def test_mixed_requests_are_answered_and_stored_alike(pair: Pair, sent: list[bytes],
+                                                      cuts: list[float], shut: bool) -> None:
+    """Sent whole, or to the lane in pieces cut anywhere (a head, a body, between two);
+    the client's side shut down after them, or not."""
+    data = b"".join(sent)
+    at = tuple(sorted({int(len(data) * cut) for cut in cuts} - {0}))
+    _, taken = differ(pair, data, len(sent), at, shut)
     event(f"the lane answered {taken} of {len(sent)}")
+
+
+def continued(port: int, data: bytes, *, handed: bool) -> list[bytes | None]:
+    """``data``'s head sent alone, its body only once `100 Continue` has come (a client
+    that waits for it, as curl does for a large body); the replies, the 100 first."""
+    head, _, body = data.partition(b"\r\n\r\n")
+    with socket.create_connection(("127.0.0.1", port), timeout=15) as sock:
+        if handed:
+            sock.sendall(HEALTHZ)
+            assert Replies(sock).next() is not None
+        sock.sendall(head + b"\r\n\r\n")
+        line = b""
+        while not line.endswith(b"\r\n\r\n"):
+            line += sock.recv(1)   # byte by byte: nothing past the 100 is read here
+        sock.sendall(body)
+        reply = Replies(sock).next()
+        return [line, None if reply is None else DATE.sub(b"\r\nDate: -\r\n", reply)]
+
+
+@pytest.mark.parametrize("path", ["/v1/track", "/v1/batch"])
+def test_a_client_waiting_for_100_continue_gets_it_either_way(pair: Pair, path: str) -> None:
+    body = orjson.dumps(message()) if path == "/v1/track" else batch(message())
+    data = request(path, body, fields=std(("Expect", "100-continue")))
+    fast = continued(pair.lane.port, data, handed=False)
+    slow = continued(pair.other.port, data, handed=True)
+    assert fast == slow
+    assert fast[0] == b"HTTP/1.1 100 Continue\r\n\r\n" and fast[1] is not None
+    assert fast[1].startswith(b"HTTP/1.1 200 "), fast
+    assert pair.stored(pair.lane) == pair.stored(pair.other) != []
