@@ -1,0 +1,87 @@
+"""An Outpost forwarding to another Outpost over Nucleus: what the first acknowledges, the
+second must be able to take. The receiver takes a Nucleus message of 4 MiB at most (an
+HTTP body, or a websocket message it reads whole), and the sender's frame holds more than
+the event the app posted: the device facts filled into an init event, the `date` given to an
+event without one, the `id` given to an event without one, the frame around it. An event that only fits as the app posted it was
+acknowledged, then dead-lettered (nucleus-http: a 413) or resent forever (nucleus-ws)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import orjson
+import pytest
+
+from agent.dialects.nucleus import MAX_MESSAGE
+from tests.fakes.nucleus_upstream import FakeNucleus
+from tests.segment_helpers import call, nucleus_up, wait_for
+
+FACTS = {"platform": "linux", "osVersion": "6.1", "totalRam": 16, "arch": "x64",
+         "language": "en-US", "locale": "en-US"}
+DATE = {"date": "2026-01-01T00:00:00.000Z"}
+
+
+async def chain(make_agent: Any, fake_nucleus: FakeNucleus, tmp_path: Path,
+                protocol: str) -> Any:
+    """Agent A sending to agent B over ``protocol``, B to a Nucleus collector. Returns A."""
+    b = await make_agent(spool=tmp_path / "b.db", upstreams=[nucleus_up(fake_nucleus)])
+    scheme = "ws" if protocol == "nucleus-ws" else "http"
+    return await make_agent(spool=tmp_path / "a.db", upstreams=[{
+        "name": "b", "protocol": protocol, "url": f"{scheme}://127.0.0.1:{b.port}",
+        "flush_interval_s": 0.05, "timeout_s": 2}])
+
+
+def filling(event: dict[str, Any]) -> bytes:
+    """A message of exactly MAX_MESSAGE bytes holding ``event``, padded in its payload."""
+    event = {**event, "payload": {"pad": ""}}
+    short = MAX_MESSAGE - len(orjson.dumps({"data": [event]}))
+    event["payload"]["pad"] = "x" * short
+    body = orjson.dumps({"data": [event]})
+    assert len(body) == MAX_MESSAGE
+    return body
+
+
+GROWN = {
+    # An init event without its device facts: A fills them in.
+    "facts": {"type": "init", "id": "big", "sessionId": 1, "machineId": "m", **DATE},
+    # An event without a date: A gives it the time it received it.
+    "date": {"type": "init", "id": "big", "sessionId": 1, "machineId": "m", **FACTS},
+    # An event without an id: A's uplink gives it its spool seq.
+    "no id": {"type": "event", "name": "e", "sessionId": 1, "machineId": "m", **DATE},
+}
+
+
+@pytest.mark.parametrize("protocol", ["nucleus-http", "nucleus-ws"])
+@pytest.mark.parametrize("grown", list(GROWN))
+async def test_an_event_that_grows_past_the_receivers_limit_is_refused_at_ingest(
+        make_agent: Any, fake_nucleus: FakeNucleus, fast_backoff: Any, tmp_path: Path,
+        protocol: str, grown: str) -> None:
+    a = await chain(make_agent, fake_nucleus, tmp_path, protocol)
+    reply = await call(a.port, "/app/k/track", filling(GROWN[grown]))
+    if grown == "no id":   # nothing to leave unacknowledged: the message is refused
+        assert reply.status == 413, reply.body
+        assert "'b'" in reply.json()["error"], reply.body
+    else:                  # left out of reportedIds: the module keeps it
+        assert reply.status == 200, reply.body
+        assert reply.json()["reportedIds"] == []
+    assert a.spool.depth == 0 and not await a.spool.dead_letters()
+    # Nothing of it went anywhere: a small event after it is the first B delivers.
+    small = {"data": [{"type": "event", "name": "after", "id": 7, "sessionId": 1,
+                       "machineId": "m"}]}
+    assert (await call(a.port, "/app/k/track", orjson.dumps(small))).json() == {
+        "reportedIds": [7]}
+    await wait_for(lambda: len(fake_nucleus.events) == 1)
+    assert fake_nucleus.ids() == [7]
+
+
+@pytest.mark.parametrize("protocol", ["nucleus-http", "nucleus-ws"])
+async def test_the_largest_event_that_does_not_grow_is_delivered_through_both(
+        make_agent: Any, fake_nucleus: FakeNucleus, tmp_path: Path, protocol: str) -> None:
+    a = await chain(make_agent, fake_nucleus, tmp_path, protocol)
+    event = {"type": "init", "id": "big", "sessionId": 1, "machineId": "m", **FACTS, **DATE}
+    reply = await call(a.port, "/app/k/track", filling(event))
+    assert reply.status == 200 and reply.json() == {"reportedIds": ["big"]}, reply.body
+    await wait_for(lambda: len(fake_nucleus.events) == 1, timeout=30)
+    assert fake_nucleus.ids() == ["big"]
+    assert not await a.spool.dead_letters()
