@@ -55,7 +55,7 @@ async def test_a_600_kb_tranthor_event_routed_to_segment_http_is_413_naming_the_
 
 async def test_the_same_event_routed_to_nucleus_is_taken_and_delivered(
         make_agent: Any, fake_nucleus: FakeNucleus) -> None:
-    """The limit is the routed upstream's: Nucleus sets none on an event."""
+    """The limit is the routed upstream's: Nucleus's (a 4 MiB message) is far above."""
     agent = await make_agent(upstreams=[nucleus_up(fake_nucleus)])
     reply = await call(agent.port, f"{APPS}/track", tranthor("big", 600_000),
                        headers={"PublicWriteKey": "k"})

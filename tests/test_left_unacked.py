@@ -28,7 +28,7 @@ def nucleus(i: Any, **kw: Any) -> dict[str, Any]:
 
 async def chain(make_agent: Any, fake_segment: FakeSegment, tmp_path: Path,
                 protocol: str = "nucleus-http", limits: dict[str, int] | None = None) -> Any:
-    """Agent A sending to agent B over Nucleus (which sets no limit of its own), B taking
+    """Agent A sending to agent B over Nucleus (a 4 MiB message: no limit here), B taking
     Nucleus events to Segment, whose limit is 32 KB an event: B leaves a larger event out
     of its answers. (Over the websocket, each answer without the id costs A a wait of
     timeout_s for it.) Returns A."""

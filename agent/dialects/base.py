@@ -44,6 +44,10 @@ class Routes(Protocol):
     def active(self) -> bool:
         """False when no route sets a limit."""
 
+    @property
+    def least(self) -> int:
+        """No event stored in this many bytes or fewer is too large for any route."""
+
     def oversize(self, event: Event) -> str | None:
         """Why ``event`` is larger than the upstream its key is routed to can ever carry,
         or None."""

@@ -154,8 +154,11 @@ class NucleusHandlers:
                 data = raw.encode() if isinstance(raw, str) else raw
                 got = as_sent.accepted(data, key, iso_ms(now_ms()), enrich.lanes, MAX_EVENTS)
                 # Too large for an upstream: each such event is left out alone, and named.
-                if got is not None and kept_as_sent(data) and not (limits.active and any(
-                        limits.oversize(event) is not None for event in got.events)):
+                # None is in a message whose events, a date added, are no longer than
+                # ``least``: most are (a Nucleus upstream's limit is 4 MiB).
+                if got is not None and kept_as_sent(data) and not (
+                        limits.active and len(data) + as_sent.GROWTH > limits.least and any(
+                            limits.oversize(event) is not None for event in got.events)):
                     return got
             msg, faults = nucleus_json.read(raw)
             events = msg.get("data") if isinstance(msg, dict) else None

@@ -115,11 +115,14 @@ def keys_of(events: Sequence[Event]) -> set[str]:
 
 class Limit(NamedTuple):
     """The largest event an upstream can ever carry: ``max_bytes`` of its body in
-    ``family``'s shape, and what sets that limit (said in the refusal)."""
+    ``family``'s shape, as sent, and what sets that limit (said in the refusal).
+    ``id_bytes``: the most its uplink adds to an event that has no `id` (a Nucleus one
+    gives it its spool seq), counted against the limit for such an event."""
 
     family: int
     max_bytes: int
     source: str
+    id_bytes: int = 0
 
     def refuses(self, upstream: str, size: int) -> str | None:
         """Why an event body of ``size`` bytes can never go to ``upstream``, or None."""

@@ -6,6 +6,7 @@ so the drain sends stored bytes (docs/architecture.md, "Where mapping happens").
 
 from __future__ import annotations
 
+import sys
 from collections.abc import Callable, Container, Sequence
 from functools import partial
 from typing import Any, NamedTuple
@@ -80,6 +81,12 @@ class RouteLimits:
         self._rules = any(r.refuses is not None for r in self._routes.values())
         # False when no upstream sets a limit: the usual case costs nothing per event.
         self.active = any(r.limit is not None for r in self._routes.values())
+        # No event this long or shorter is too large for any route (see oversize): a
+        # message no longer is not measured event by event. Every Nucleus upstream sets
+        # a limit (a 4 MiB message), far above nearly every message.
+        self.least = min(((r.limit.max_bytes - r.limit.id_bytes - MAPPING_GROWTH_BYTES) // 3
+                          for r in self._routes.values() if r.limit is not None),
+                         default=sys.maxsize)
         # False when no upstream's family is known: nothing is mapped at ingest.
         self.maps = any(r.family is not None for r in self._routes.values())
         self._by_key: dict[str, _Route | None] = {}
@@ -201,16 +208,24 @@ class RouteLimits:
             return None
         name, limit = route.name, route.limit
         size = len(event.body)
+        ack_id = event.ack_id
         if event.family != limit.family:
             # Mapping copies no value more than three times (a device id: anonymousId,
             # context.device.id, context.nucleus) and adds at most MAPPING_GROWTH_BYTES
             # (the property tests of the mapping hold it to that): only a larger event
             # can map past the limit, so only those are mapped to be measured.
-            if 3 * size + MAPPING_GROWTH_BYTES <= limit.max_bytes:
+            if 3 * size + MAPPING_GROWTH_BYTES + limit.id_bytes <= limit.max_bytes:
                 return None
             try:
-                size = len(orjson.dumps(self._mapped[event.family](orjson.loads(event.body),
-                                                                   now_ms())))
+                mapped = self._mapped[event.family](orjson.loads(event.body), now_ms())
+                size = len(orjson.dumps(mapped))
             except (ValueError, TypeError) as exc:   # not mappable (see as_stored)
                 return f"event cannot be sent to upstream {name!r}: it does not map ({exc})"
+            ack_id = mapped.get("id")
+        if limit.id_bytes and size + limit.id_bytes > limit.max_bytes:
+            # Sent with the id its uplink gives it when it has none: measured so.
+            if ack_id is NOT_READ:
+                ack_id = orjson.loads(event.body).get("id")
+            if ack_id is None:
+                size += limit.id_bytes
         return limit.refuses(name, size)

@@ -15,13 +15,20 @@ from urllib.parse import quote
 import orjson
 from yarl import URL
 
-from agent.families.event import NUCLEUS, compact_json
+from agent.families.event import NUCLEUS, Limit, compact_json
+from agent.settings import UpstreamConfig
 from agent.spool.types import Row
 from agent.uplinks.prepare import Prepared
 
 # Reported ids looked up as they are (a bool or a container never is: see match).
 _PLAIN = frozenset({int, float, str})
 _HEAD, _TAIL = b'{"data":[', b"]}"
+# The largest message a Nucleus upstream takes: another Outpost's, whose route takes an
+# HTTP body, or a websocket message read whole, of 4 MiB at most (a longer one: 413, or
+# only the events of its first 2 MiB taken, so an event alone past them never is).
+MAX_MESSAGE = 4 * 1024 * 1024
+# What encode_stored adds to an event stored without an `id`: `,"id":` and its spool seq.
+_ID_BYTES = len(b',"id":') + len(str(2**63 - 1))
 
 
 def track_url(base: str, key: str) -> URL:
@@ -42,6 +49,14 @@ class NucleusFraming:
     family: ClassVar[int] = NUCLEUS
     envelope_bytes: ClassVar[int] = len(b'{"data":[]}')
     event_overhead: ClassVar[int] = 1   # the comma
+
+    @classmethod
+    def event_limit(cls, cfg: UpstreamConfig) -> Limit:
+        """An event alone in its frame, its `id` given, must fit in one message: past it,
+        it was acknowledged at ingest, then refused by the upstream at every send."""
+        return Limit(NUCLEUS, MAX_MESSAGE - cls.envelope_bytes,
+                     f"{cfg.protocol} sends a message of at most {MAX_MESSAGE} bytes, "
+                     "`{\"data\":[]}` and the event's `id` included", _ID_BYTES)
 
     def encode_stored(self, row: Row) -> tuple[bytes, Any]:
         ev = orjson.loads(row.body)
