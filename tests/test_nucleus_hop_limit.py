@@ -15,7 +15,7 @@ import pytest
 
 from agent.dialects.nucleus import MAX_MESSAGE
 from tests.fakes.nucleus_upstream import FakeNucleus
-from tests.segment_helpers import call, nucleus_up, wait_for
+from tests.segment_helpers import basic, call, nucleus_up, wait_for
 
 FACTS = {"platform": "linux", "osVersion": "6.1", "totalRam": 16, "arch": "x64",
          "language": "en-US", "locale": "en-US"}
@@ -85,3 +85,23 @@ async def test_the_largest_event_that_does_not_grow_is_delivered_through_both(
     await wait_for(lambda: len(fake_nucleus.events) == 1, timeout=30)
     assert fake_nucleus.ids() == ["big"]
     assert not await a.spool.dead_letters()
+
+
+async def test_a_segment_message_grown_past_it_by_its_batchs_context_is_refused(
+        make_agent: Any, fake_nucleus: FakeNucleus, fast_backoff: Any, tmp_path: Path) -> None:
+    """A Segment batch's `context` is merged into each message: a message of a few bytes
+    as sent, in a batch within its 4 MiB, is stored near 4 MiB, and mapped to Nucleus past
+    the receiver's message. Refused alone, as a 413 item naming the limit."""
+    a = await chain(make_agent, fake_nucleus, tmp_path, "nucleus-http")
+    small = {"type": "track", "event": "e", "userId": "u", "messageId": "small"}
+    big = {"batch": [{**small, "messageId": "big"}], "context": {"pad": ""}}
+    big["context"]["pad"] = "x" * (MAX_MESSAGE - len(orjson.dumps(big)) - 16)
+    reply = await call(a.port, "/v1/batch", orjson.dumps(big), headers={"Authorization": basic("k")})
+    assert reply.status == 413, reply.body
+    (error,) = reply.json()["Errors"]
+    assert "'b'" in error["Message"] and error["Details"] == "batch[0] messageId=big", error
+    assert a.spool.depth == 0 and not await a.spool.dead_letters()
+    reply = await call(a.port, "/v1/batch", {"batch": [small]}, headers={"Authorization": basic("k")})
+    assert reply.status == 200, reply.body
+    await wait_for(lambda: len(fake_nucleus.events) == 1)
+    assert fake_nucleus.events[0]["payload"]["$segment"]["messageId"] == "small"
