@@ -52,7 +52,7 @@ from agent.dialects.replies import describe, masked, status_of
 from agent.families import nucleus as family
 from agent.families import nucleus_as_sent as as_sent
 from agent.families.errors import Invalid, shown
-from agent.families.event import Event, iso_ms, now_ms
+from agent.families.event import Event, iso_ms, longest, now_ms
 from agent.logs import hiding, log_limited
 from agent.spool.types import SpoolFull
 
@@ -154,10 +154,11 @@ class NucleusHandlers:
                 data = raw.encode() if isinstance(raw, str) else raw
                 got = as_sent.accepted(data, key, iso_ms(now_ms()), enrich.lanes, MAX_EVENTS)
                 # Too large for an upstream: each such event is left out alone, and named.
-                # None is in a message whose events, a date added, are no longer than
-                # ``least``: most are (a Nucleus upstream's limit is 4 MiB).
+                # Measured only when one is longer than ``least`` (most never are: a
+                # Nucleus upstream's limit is 4 MiB), as each Event of the columns is
+                # made at its read.
                 if got is not None and kept_as_sent(data) and not (
-                        limits.active and len(data) + as_sent.GROWTH > limits.least and any(
+                        limits.active and longest(got.events) > limits.least and any(
                             limits.oversize(event) is not None for event in got.events)):
                     return got
             msg, faults = nucleus_json.read(raw)
@@ -188,7 +189,9 @@ class NucleusHandlers:
                         "event id %s of app %s left unacknowledged: %s",
                         _id_shown(key, ev_id), masked(key),
                         hiding(key, why, len(why)))
-        if not limits.active:   # no upstream sets a limit (the usual case): no loop
+        # No loop when no upstream sets a limit, nor when no event is longer than
+        # ``least`` (most messages: a Nucleus upstream's limit is 4 MiB).
+        if not limits.active or longest(got.events) <= limits.least:
             return got.events, got.acks
         refused: set[int] = set()    # places in the acks, not ids: ids collide
         oversize = limits.oversize

@@ -58,7 +58,7 @@ from agent.dialects.segment_replies import (
 from agent.families import segment as spec
 from agent.families import segment_as_sent as as_sent
 from agent.families.errors import Invalid
-from agent.families.event import NOT_READ, SEGMENT, Columns, Event
+from agent.families.event import NOT_READ, SEGMENT, Columns, Event, longest
 from agent.logs import hiding
 from agent.spool.types import SpoolFull
 
@@ -271,8 +271,11 @@ class SegmentHandlers:
                                       spec.dedupe_head(forced_key), self.sink.enrich.lanes)
             limits = self.sink.limits
             # Too large for an upstream: each such message is refused alone, and named.
-            if events is not None and kept_as_sent(raw) and not (limits.active and any(
-                    limits.oversize(event) is not None for event in events)):
+            # Measured only when one is longer than ``least`` (most never are: a Nucleus
+            # route's limit is 4 MiB), as each Event of the columns is made at its read.
+            if events is not None and kept_as_sent(raw) and not (
+                    limits.active and longest(events) > limits.least
+                    and any(limits.oversize(event) is not None for event in events)):
                 return Collected(events, [], [], forced_key, limits, {forced_key: None})
         return self._collect(_read_batch(raw), raw_size, forced_key)
 
@@ -295,8 +298,11 @@ class SegmentHandlers:
         given = spec.shared(spec.received_now(), body)
         enrich, refusal = self.sink.enrich, self._key_refusal
         limits = self.sink.limits   # read once: a reload applies to the next request
-        # None when no upstream sets a limit (the usual case): no call for each message.
+        # None when no upstream sets a limit: no call for each message. Nor for one no
+        # longer than ``least``, which no route's limit refuses (most: a Nucleus route's is
+        # 4 MiB).
         oversize = limits.oversize if limits.active else None
+        least = limits.least
         asked: dict[str | None, str | None] = {}
         # A key the request names (Basic auth, `?writeKey=`) is every message's: asked
         # once here, and the events need no column of keys (an append an event).
@@ -333,7 +339,7 @@ class SegmentHandlers:
                     status, message, why = 401, INVALID_KEY, refused
                 # Too large for its upstream (the batch context grew it, say): this
                 # message alone is refused, as the store would refuse the request.
-                elif oversize is not None and (too := oversize(
+                elif oversize is not None and len(stored) > least and (too := oversize(
                         Event(own, SEGMENT, dedupe, stored, NOT_READ, lane))) is not None:
                     status, message, why = 413, too, ""
                 else:

@@ -108,6 +108,13 @@ class Columns(Sequence[Event]):
         return {self.key} if self.keys is None else set(self.keys)
 
 
+def longest(events: Sequence[Event]) -> int:
+    """The length of the longest body among ``events``, 0 for none: a Columns' read from its
+    column, with no Event made."""
+    bodies = events.bodies if type(events) is Columns else [ev.body for ev in events]
+    return max(map(len, bodies), default=0)
+
+
 def keys_of(events: Sequence[Event]) -> set[str]:
     """The keys ``events`` name (Columns: no Event made for each)."""
     return events.key_set() if type(events) is Columns else {ev.key for ev in events}

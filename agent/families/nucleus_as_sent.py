@@ -53,9 +53,6 @@ class _Event(msgspec.Struct):
     sessionId: Any = None   # noqa: N815
 
 
-# The most ``accepted`` adds to an event's bytes: a `date`.
-GROWTH = len(b',"date":"2026-01-01T00:00:00.000Z"')
-
 _read_message = msgspec.json.Decoder(_Message).decode
 _read_event = msgspec.json.Decoder(_Event).decode
 _ID_TYPES = frozenset({int, float, str})   # exact types: a bool is not an id

@@ -13,7 +13,7 @@ from agent.dialects import offload
 from agent.dialects.base import MAX_KEY_CHARS, Routes
 from agent.families.enrich import Enrich
 from agent.families.errors import Invalid
-from agent.families.event import Event, keys_of
+from agent.families.event import Event, keys_of, longest
 from agent.metrics import Metrics
 from agent.server.admission import Admission, Ticket
 from agent.server.limits import RouteLimits
@@ -178,7 +178,12 @@ class Sink:
     @staticmethod
     def _fitting(kept: Sequence[Event], limits: Routes) -> Sequence[Event]:
         """``kept``, once none is too large for its route (else Invalid: none stored)."""
-        if limits.active:
+        # Each event measured only when one is longer than any route's limit allows for
+        # (Routes.least): every Nucleus route sets one, far above nearly every event, and
+        # a Columns' event is made at each read.
+        if not limits.active:
+            return kept
+        if longest(kept) > limits.least:
             for ev in kept:
                 why = limits.oversize(ev)
                 if why is not None:
