@@ -44,8 +44,12 @@ def classify(conn: sqlite3.Connection) -> int:
     high: list[tuple[int]] = []
     for rid, family, n, gone, data in conn.execute(
             "SELECT id, family, n, gone, data FROM records"):
-        if not records.acked_bits_fit(gone, n):
-            continue   # damage: left as it is, for the reader to drop, counted (reads.py)
+        # Damage (a value of another type, acked bits cut short): left as it is, for the
+        # reader to drop, counted (reads.py), or the start to salvage; raised, it failed
+        # every start.
+        if not (isinstance(n, int) and isinstance(data, bytes)
+                and records.acked_bits_fit(gone, n)):
+            continue
         try:
             bodies = records.unpack(data)
         except records.DamagedRecord:
@@ -55,7 +59,7 @@ def classify(conn: sqlite3.Connection) -> int:
             high.append((rid,))
     conn.executemany(f"UPDATE records SET lane = {HIGH} WHERE id = ?", high)
     dead = [(seq,) for seq, family, body in conn.execute("SELECT seq, family, body FROM dead")
-            if _is_high(family, bytes(body))]
+            if isinstance(body, bytes) and _is_high(family, body)]   # else damage: normal
     conn.executemany(f"UPDATE dead SET lane = {HIGH} WHERE seq = ?", dead)
     return len(high) + len(dead)
 
