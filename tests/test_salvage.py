@@ -889,3 +889,19 @@ async def test_a_record_whose_acked_bits_are_garbled_is_counted_and_its_queue_fl
         orjson.loads(ev.body)["messageId"] for ev in events[1:])
     assert agent.spool.counters.get("dropped_corrupt") == 1
     assert agent.spool.dead_count == 0
+
+
+@pytest.mark.parametrize("damage", ["data = 7", "data = 2.5"], ids=["integer", "real"])
+async def test_a_record_whose_packed_events_are_garbled_into_a_number_is_counted_and_its_queue_flows(
+        make_agent: Any, fake_segment: FakeSegment, tmp_path: Path, damage: str) -> None:
+    """A record's packed events garbled into a number (SQLite reads it back as one: the
+    tables are not STRICT), which only a forwarder's read looks at: that record is lost,
+    counted, as one that does not unpack, and the rest of its key's queue is sent."""
+    events = await backlog(tmp_path / "spool.db", 100)
+    with contextlib.closing(sqlite3.connect(tmp_path / "spool.db")) as db, db:
+        db.execute(f"UPDATE records SET {damage} WHERE id = 1")
+    agent = await make_agent(upstreams=[segment_up(fake_segment)])
+    await wait_for(lambda: agent.spool.depth == 0, timeout=5)
+    assert sorted(fake_segment.message_ids()) == sorted(
+        orjson.loads(ev.body)["messageId"] for ev in events[1:])
+    assert agent.spool.counters.get("dropped_corrupt") == 1
