@@ -19,7 +19,7 @@ from agent.families.event import FAMILIES
 from agent.families.lanes import LANES
 from agent.spool import db as spool_db
 from agent.spool.codebook import lookup
-from agent.spool.db import SqliteThread
+from agent.spool.db import SqliteThread, typed
 from agent.spool.records import DamagedRecord, Unpacked, acked_bits_fit, unpack_record
 from agent.spool.types import Queued, Run
 from agent.spool.writer import Replaced, is_corruption
@@ -139,13 +139,17 @@ class Reader:
         for rid, family, n, received, gone, data in cur:
             if until is not None and rid > until:
                 break
-            if rid + n <= after + 1:
+            # A value damage garbled into another type (the tables are not STRICT): read
+            # as it came, it failed this key's every fetch (TypeError). Lost, counted, as
+            # a record that does not unpack.
+            sound = typed((n, received, data), (int, int, bytes))
+            if sound and rid + n <= after + 1:
                 continue
             # Bits that do not fit (damage): read, they failed this key's every fetch. A
             # family no uplink sends (damage too) is lost as the salvage loses it, not
             # dead-lettered as a body the upstream refused.
             got = self._unpack(conn, rid, data, n) \
-                if family in FAMILIES and acked_bits_fit(gone, n) else None
+                if sound and family in FAMILIES and acked_bits_fit(gone, n) else None
             if got is None:
                 damaged.append(rid)
                 continue
