@@ -213,3 +213,31 @@ async def test_a_v1_spool_with_a_value_garbled_into_another_type_starts_and_serv
     rows = await spool.fetch(s.id, 0, 100)
     assert [orjson.loads(r.body).get("event", "identify") for r in rows] == \
         ["Application Opened", "t1", "t2", "identify"]
+
+
+@pytest.mark.parametrize(("damage", "lost", "letters"), [
+    ("UPDATE dead SET body = CAST(body AS TEXT) WHERE seq = 6", 0, [6, 17]),
+    ("UPDATE records SET data = 7 WHERE id = 8", 3, [6, 17]),
+    ("UPDATE records SET n = 'three' WHERE id = 8", 3, [6, 17]),
+], ids=["letter-body-text", "record-data-integer", "record-count-text"])
+async def test_a_v1_spool_holding_a_value_of_another_type_starts_and_loses_that_row_alone(
+        v1: Path, damage: str, lost: int, letters: list[int], make_agent: Any) -> None:
+    """Damage garbled one column of a v1 spool into another type (a dead letter's body
+    into text, a record's packed events into a number, its count into text). The
+    conversion to lanes read each as it came to classify the row and raised TypeError,
+    its transaction rolled back: the agent failed at every start, its whole queue out of
+    reach. Now it starts: the garbled record is lost, counted, the rest of the queue
+    served, and the dead letters kept."""
+    with connect(v1) as db:
+        db.execute(damage)
+        db.commit()
+    agent = await make_agent(spool=v1)
+    spool = agent.spool
+    assert table(v1, "PRAGMA user_version") == [(VERSION,)]
+    n = spool.streams["app-nucleus"]
+    kept = [7, 8, 9] if not lost else []   # record 8: [error e8 e9], high once converted
+    assert [orjson.loads(r.body)["id"] for r in await spool.fetch(n.id, 0, 100)] == \
+        [*kept, 1, 2, 3, 4, 6]
+    await spool.ack([])   # a commit: a damaged record found by the read goes in it
+    assert spool.counters.get("dropped_corrupt", 0) == lost
+    assert table(v1, "SELECT seq FROM dead ORDER BY seq") == [(s,) for s in letters]
