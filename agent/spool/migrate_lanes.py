@@ -15,6 +15,7 @@ from agent.families.event import NUCLEUS
 from agent.families.lanes import HIGH, NORMAL, NUCLEUS_HIGH, SEGMENT_HIGH
 from agent.families.nucleus import event_type
 from agent.spool import records
+from agent.spool.db import typed
 
 # A lane per record and dead letter (normal until classify says otherwise),
 # and the index each lane's reads go by instead of one per key.
@@ -44,11 +45,9 @@ def classify(conn: sqlite3.Connection) -> int:
     high: list[tuple[int]] = []
     for rid, family, n, gone, data in conn.execute(
             "SELECT id, family, n, gone, data FROM records"):
-        # Damage (a value of another type, acked bits cut short): left as it is, for the
-        # reader to drop, counted (reads.py), or the start to salvage; raised, it failed
-        # every start.
-        if not (isinstance(n, int) and isinstance(data, bytes)
-                and records.acked_bits_fit(gone, n)):
+        # Damage (a value of another type, or bits that do not fit): left as it is, for
+        # the start's check or the reader to drop, counted (db.load_state, reads.py).
+        if not typed((n, data), (int, bytes)) or not records.acked_bits_fit(gone, n):
             continue
         try:
             bodies = records.unpack(data)
@@ -58,8 +57,9 @@ def classify(conn: sqlite3.Connection) -> int:
                if gone is None or not gone[o >> 3] & (1 << (o & 7))):
             high.append((rid,))
     conn.executemany(f"UPDATE records SET lane = {HIGH} WHERE id = ?", high)
+    # A body of another type (damage) stays normal: its readers take it as they find it.
     dead = [(seq,) for seq, family, body in conn.execute("SELECT seq, family, body FROM dead")
-            if isinstance(body, bytes) and _is_high(family, body)]   # else damage: normal
+            if isinstance(body, bytes) and _is_high(family, body)]
     conn.executemany(f"UPDATE dead SET lane = {HIGH} WHERE seq = ?", dead)
     return len(high) + len(dead)
 
