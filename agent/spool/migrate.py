@@ -59,10 +59,11 @@ import time
 from array import array
 from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import dataclass, field
+from typing import Any
 
 from agent.spool import migrate_dead, migrate_lanes, records
 from agent.spool.codebook import DICTS
-from agent.spool.db import PAST, main_file, transaction
+from agent.spool.db import PAST, main_file, transaction, typed
 from agent.spool.dedupe import keys_to_bytes
 from agent.spool.records import RECORD_BYTES, RECORD_EVENTS
 from agent.spool.schema import (
@@ -285,7 +286,7 @@ def _migrate_v0(conn: sqlite3.Connection) -> Packed:
     conn.execute("INSERT INTO counters(name, value) SELECT name, value FROM v0_counters")
     top = conn.execute("SELECT max(coalesce((SELECT max(seq) FROM v0_events), 0), "
                        "coalesce((SELECT max(seq) FROM v0_dead), 0))").fetchone()[0]
-    packed = pack_v0(conn, conn.execute(f"SELECT {V0_COLS} FROM v0_events ORDER BY seq"),
+    packed = pack_v0(conn, _typed_v0(conn.execute(f"SELECT {V0_COLS} FROM v0_events ORDER BY seq")),
                      conn.execute("SELECT observed, next_seq FROM v0_clock_marks").fetchall(),
                      top + 1)
     recount_streams(conn)
@@ -297,6 +298,19 @@ def _migrate_v0(conn: sqlite3.Connection) -> Packed:
 
 
 V0Row = tuple[int, int, int, int, int, bytes, int | None]  # V0_COLS
+V0_TYPES = (int, int, int, int, int, bytes, (int, type(None)))
+
+
+def _typed_v0(rows: Iterable[tuple[Any, ...]]) -> Iterator[V0Row]:
+    """``rows`` as they come, until one holds a value damage garbled into another type
+    (the tables are not STRICT): then damage, as db.load_state takes it, which the start
+    moves aside and salvages (its v0 copy keeps the sound events). Packed as it came, it
+    raised TypeError, rolled back, at every start."""
+    for row in rows:
+        if not typed(row, V0_TYPES):
+            raise sqlite3.DatabaseError("database disk image is malformed: a v0 event "
+                                        "holds a value of another type")
+        yield row
 
 
 def pack_v0(conn: sqlite3.Connection, rows: Iterable[V0Row], marks: Sequence[tuple[int, int]],

@@ -36,7 +36,7 @@ from agent.families.lanes import readable
 from agent.outcomes import Counts, Drop, Tally, from_names, record
 from agent.spool import migrate_lanes
 from agent.spool.db import CAP_NAME, MAIN_FILE, add_counters, mark, transaction, typed
-from agent.spool.migrate import V0_COLS, V0Row, beating, pack_v0, recount_streams
+from agent.spool.migrate import V0_COLS, V0_TYPES, V0Row, beating, pack_v0, recount_streams
 from agent.spool.records import (
     DamagedRecord,
     Dictionaries,
@@ -53,7 +53,6 @@ SPENT_COLS = "id, received, observed, dkeys"
 SPENT_TYPES = (int, int, int, bytes)
 DEAD_COLS = "seq, stream, family, received, dkey, body, upstream, reason, at, lane"
 DEAD_TYPES = (int, int, int, int, int, bytes, str, str, int, int)
-V0_TYPES = (int, int, int, int, int, bytes, (int, type(None)))
 CHUNK = 500
 # And at most the row that reaches this many bytes of blobs: records and dead letters can
 # be hundreds of KB each, and 500 of them at once could be more than the device has.
