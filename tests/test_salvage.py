@@ -905,3 +905,23 @@ async def test_a_record_whose_packed_events_are_garbled_into_a_number_is_counted
     assert sorted(fake_segment.message_ids()) == sorted(
         orjson.loads(ev.body)["messageId"] for ev in events[1:])
     assert agent.spool.counters.get("dropped_corrupt") == 1
+
+
+@pytest.mark.parametrize("damage", ["live = 'one'", "bytes = 'many'"], ids=["live", "bytes"])
+async def test_a_record_whose_counts_are_garbled_is_salvaged_at_start_and_all_its_events_sent(
+        make_agent: Any, fake_segment: FakeSegment, tmp_path: Path, damage: str) -> None:
+    """A record's count of live events, or of their bytes, garbled into another type:
+    neither the start nor a forwarder's read looks at them, so the record was sent, and
+    every commit of its ack then failed (TypeError: 'str' - 'int'), the apps posting
+    meanwhile answered 503 with it, the batch sent again and again, the queue never empty.
+    Such a value is damage at the start, as any other of another type: the salvage counts
+    both again from the events that unpack, and nothing is lost."""
+    events = await backlog(tmp_path / "spool.db", 100)
+    with contextlib.closing(sqlite3.connect(tmp_path / "spool.db")) as db, db:
+        db.execute(f"UPDATE records SET {damage} WHERE id = 1")
+    agent = await make_agent(upstreams=[segment_up(fake_segment)])
+    await wait_for(lambda: agent.spool.depth == 0, timeout=5)
+    assert sorted(fake_segment.message_ids()) == sorted(
+        orjson.loads(ev.body)["messageId"] for ev in events)
+    assert agent.spool.counters.get("dropped_corrupt", 0) == 0
+    assert agent.spool.counters.get("spool_corrupt") == 1
