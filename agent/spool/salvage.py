@@ -48,7 +48,8 @@ from agent.spool.records import (
 from agent.spool.schema import read_only_uri
 
 RECORD_COLS = "id, stream, family, n, received, live, gone, bytes, dkeys, data, lane"
-RECORD_TYPES = (int, int, int, int, int, int, (bytes, type(None)), int, bytes, bytes, int)
+# ``live`` and ``bytes`` of any type: counted again from the events that unpack (_readable).
+RECORD_TYPES = (int, int, int, int, int, object, (bytes, type(None)), object, bytes, bytes, int)
 SPENT_COLS = "id, received, observed, dkeys"
 SPENT_TYPES = (int, int, int, bytes)
 DEAD_COLS = "seq, stream, family, received, dkey, body, upstream, reason, at, lane"
