@@ -925,3 +925,20 @@ async def test_a_record_whose_counts_are_garbled_is_salvaged_at_start_and_all_it
         orjson.loads(ev.body)["messageId"] for ev in events)
     assert agent.spool.counters.get("dropped_corrupt", 0) == 0
     assert agent.spool.counters.get("spool_corrupt") == 1
+
+
+@pytest.mark.parametrize("garbled", ["'app-1'", "1.5"], ids=["text", "real"])
+async def test_a_record_whose_queue_is_garbled_is_salvaged_at_start_not_counted_queued_for_good(
+        make_agent: Any, fake_segment: FakeSegment, tmp_path: Path, garbled: str) -> None:
+    """A record's queue (its stream's id) garbled into another type: no forwarder's read
+    (by stream and lane) finds it, nor does the size cap's drop, while its queue's depth
+    counts it: /status showed it queued, never sent. Damage at the start: the salvage,
+    which keeps only the records of a known queue, loses it, counted, and the rest flows."""
+    events = await backlog(tmp_path / "spool.db", 100)
+    with contextlib.closing(sqlite3.connect(tmp_path / "spool.db")) as db, db:
+        db.execute(f"UPDATE records SET stream = {garbled} WHERE id = 1")
+    agent = await make_agent(upstreams=[segment_up(fake_segment)])
+    await wait_for(lambda: agent.spool.depth == 0, timeout=5)
+    assert sorted(fake_segment.message_ids()) == sorted(
+        orjson.loads(ev.body)["messageId"] for ev in events[1:])
+    assert agent.spool.counters.get("dropped_corrupt") == 1
