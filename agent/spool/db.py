@@ -446,8 +446,8 @@ def _read_records(conn: sqlite3.Connection, marks: list[tuple[int, int]], latest
     held = 0
     spent = conn.execute("SELECT EXISTS (SELECT 1 FROM spent)").fetchone()[0]
     rows = conn.execute(  # only spent rows say when they were received
-        "SELECT id, dkeys, received, n, NULL, live, bytes FROM records " + (
-            "UNION ALL SELECT id, dkeys, received, 0, observed, 0, 0 FROM spent " if spent
+        "SELECT id, dkeys, received, n, NULL, live, bytes, stream FROM records " + (
+            "UNION ALL SELECT id, dkeys, received, 0, observed, 0, 0, 0 FROM spent " if spent
             else "") + "ORDER BY 1 DESC")
     # Not many more rows than the cap still takes, were they as wide as the last batch's
     # widest (a full record at first).
@@ -464,7 +464,7 @@ def _read_records(conn: sqlite3.Connection, marks: list[tuple[int, int]], latest
         before = list(accumulate(real, initial=held))
         taken = bisect_left(before, max_keys, 0, len(chunk))  # each while under the cap
         chunk, held = chunk[:taken], before[taken]
-        _counts(chunk, 5)
+        _integers(chunk, 5, 6, 7)
         record_ids = array("q", map(itemgetter(0), chunk))
         kept.extend(record_ids)
         given = list(map(itemgetter(4), chunk))
@@ -487,11 +487,12 @@ def _read_records(conn: sqlite3.Connection, marks: list[tuple[int, int]], latest
     for column in (ids, sizes, counts, wall, seen, kept):
         column.reverse()
     if held >= max_keys:
-        older = conn.execute("SELECT id, n, live, bytes FROM records WHERE id < ? ORDER BY id",
+        older = conn.execute("SELECT id, n, live, bytes, stream FROM records WHERE id < ? "
+                             "ORDER BY id",
                              (ids[0] if ids else 1 << 62,))
         head_ids, head_sizes = array("q"), array("q")
         while chunk := older.fetchmany(READ_ROWS):
-            _counts(chunk, 2)
+            _integers(chunk, 2, 3, 4)
             head_ids.extend(map(itemgetter(0), chunk))
             head_sizes.extend(map(itemgetter(1), chunk))
         ids, sizes = head_ids + ids, head_sizes + sizes
@@ -499,13 +500,15 @@ def _read_records(conn: sqlite3.Connection, marks: list[tuple[int, int]], latest
         StoredKeys(b"".join(reversed(parts)), counts, wall, seen, kept)
 
 
-def _counts(rows: list[Any], at: int) -> None:
-    """TypeError unless the records' ``live`` and ``bytes`` (the columns ``at`` and after
-    it) are integers, checked in C loops: garbled into another type, they failed every
-    commit that acked or dropped the record (and answered the apps posting beside it 503),
-    its batch sent again and again. The salvage counts them again from the events."""
-    array("q", map(itemgetter(at), rows))
-    array("q", map(itemgetter(at + 1), rows))
+def _integers(rows: list[Any], live: int, size: int, stream: int) -> None:
+    """TypeError unless the records' ``live``, ``bytes`` and ``stream`` (those columns of
+    ``rows``) are integers, checked in C loops. Garbled into another type, the counts
+    failed every commit that acked or dropped the record (and answered the apps posting
+    beside it 503), its batch sent again and again; the salvage counts them again from
+    the events. A stream of another type is no queue a read finds, while its depth counts
+    the record: the salvage keeps records of known queues alone."""
+    for column in (live, size, stream):
+        array("q", map(itemgetter(column), rows))
 
 
 def keys_from_bytes(data: bytes) -> array[int]:
