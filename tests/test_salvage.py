@@ -942,3 +942,27 @@ async def test_a_record_whose_queue_is_garbled_is_salvaged_at_start_not_counted_
     assert sorted(fake_segment.message_ids()) == sorted(
         orjson.loads(ev.body)["messageId"] for ev in events[1:])
     assert agent.spool.counters.get("dropped_corrupt") == 1
+
+
+@pytest.mark.parametrize("damage", ["live = 'one'", "bytes = 'many'"], ids=["live", "bytes"])
+async def test_a_record_whose_counts_are_garbled_while_the_agent_runs_is_salvaged_at_its_ack(
+        make_agent: Any, fast_backoff: Any, fake_segment: FakeSegment, tmp_path: Path,
+        damage: str) -> None:
+    """The same damage found while the agent runs, after its start's check: the commit of
+    the record's ack failed (TypeError) at every try, the apps posting beside it answered
+    503, the batch sent again and again until a restart. It is damage the commit meets,
+    as a malformed page: the file is salvaged (the counts counted again from the events),
+    the ack committed on the fresh spool, and nothing is lost."""
+    events = await backlog(tmp_path / "spool.db", 100)
+    fake_segment.outage = (503, None)   # sending, and refused: nothing acked yet
+    agent = await make_agent(upstreams=[segment_up(fake_segment)])
+    await wait_for(lambda: len(fake_segment.requests) > 0, timeout=5)
+    with contextlib.closing(sqlite3.connect(tmp_path / "spool.db")) as db, db:
+        db.execute(f"UPDATE records SET {damage} WHERE id = 1")
+    fake_segment.outage = None
+    # The salvaged queue is 100 events again until the ack's commit runs on it.
+    await wait_for(lambda: agent.spool.counters.get("spool_corrupt") == 1
+                   and agent.spool.depth == 0, timeout=5)
+    assert sorted(set(fake_segment.message_ids())) == sorted(
+        orjson.loads(ev.body)["messageId"] for ev in events)
+    assert agent.spool.counters.get("dropped_corrupt", 0) == 0
