@@ -470,6 +470,17 @@ def _regroup(job: Job, kept: list[int]) -> list[tuple[Group, bytes, bytes]]:
     return packed
 
 
+def _garbled(live: object, nbytes: object, dkeys: object = b"") -> None:
+    """A record's counts (or keys) that damage garbled into another type (the tables are
+    not STRICT) since the start checked them (db.load_state): the file is damaged, as a
+    malformed page is, and the writer moves it aside and salvages it (which counts them
+    again from the events). Taken as they came, every commit that settled or dropped the
+    record failed (TypeError), the apps posting in it answered 503, until a restart."""
+    if type(live) is not int or type(nbytes) is not int or type(dkeys) is not bytes:
+        raise sqlite3.DatabaseError("database disk image is malformed: a record's count "
+                                    "holds a value of another type")
+
+
 def _settle_all(conn: sqlite3.Connection, job: Job, out: Outcome) -> None:
     """Settle ``job.settle``: the records acked whole first, all at once (the drain's
     usual case: their rows read by one statement, deleted and their keys kept by one
@@ -486,6 +497,7 @@ def _settle_all(conn: sqlite3.Connection, job: Job, out: Outcome) -> None:
         if row is None:  # already gone (a repeated ack, or dropped meanwhile)
             continue
         stream, _, n, received, live, gone_blob, nbytes, dkeys, _, lane = row
+        _garbled(live, nbytes, dkeys)
         acked = s.acked
         if (not s.dead and gone_blob is None and len(acked) == live == n and acked[0] == 0
                 and acked[-1] == n - 1):
@@ -635,6 +647,7 @@ def _drop(conn: sqlite3.Connection, where: str, params: tuple[Any, ...], why: Dr
                         params).fetchall()
     freed = 0
     for rid, stream, live, nbytes, size, dkeys, gone, lane, received in rows:
+        _garbled(live, nbytes, dkeys)   # before any is counted: the transaction is undone
         keys = keys_from_bytes(dkeys)
         # Bits damage garbled (reads.py discards such a record) tell nothing: each key is
         # taken as undelivered, its event lost.
