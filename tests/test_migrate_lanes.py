@@ -184,42 +184,12 @@ async def test_a_v1_spool_whose_acked_bits_are_damaged_starts_and_drops_that_rec
         (1, NORMAL), (5, NORMAL), (11, HIGH), (18, NORMAL)]
 
 
-# A value of a v1 spool garbled into another type that the conversion to lanes reads:
-# a queued record's body blob (data) or event count (n), a dead letter's body.
-GARBLED = {"record-data-int": "UPDATE records SET data = 5 WHERE id = 8",
-           "record-n-text": "UPDATE records SET n = 'x' WHERE id = 8",
-           "record-n-real": "UPDATE records SET n = 1.5 WHERE id = 8",
-           "dead-body-text": "UPDATE dead SET body = 'text' WHERE seq = 17"}
-
-
-@pytest.mark.parametrize("sql", list(GARBLED.values()), ids=list(GARBLED))
-async def test_a_v1_spool_with_a_value_garbled_into_another_type_starts_and_serves_the_rest(
-        v1: Path, sql: str, make_agent: Any) -> None:
-    """Damage garbled a value the lanes conversion reads into another type, as it can
-    garble any (the tables are not STRICT): a queued record's blob or event count of the
-    Nucleus key, or a dead letter's body of the Segment key. The conversion took each as
-    it came and raised (TypeError), its transaction rolled back: the agent failed at every
-    start after the upgrade, the other key's queue out of reach too. Left to the reader
-    and the start's checks, as damaged acked bits are, the agent starts and the Segment
-    key's queue is served whole."""
-    with connect(v1) as db:
-        db.execute(sql)
-        db.commit()
-    agent = await make_agent(spool=v1)
-    spool = agent.spool
-    assert spool.open_error is None
-    assert table(v1, "PRAGMA user_version") == [(VERSION,)]
-    s = spool.streams["seg-key"]
-    rows = await spool.fetch(s.id, 0, 100)
-    assert [orjson.loads(r.body).get("event", "identify") for r in rows] == \
-        ["Application Opened", "t1", "t2", "identify"]
-
-
 @pytest.mark.parametrize(("damage", "lost", "letters"), [
     ("UPDATE dead SET body = CAST(body AS TEXT) WHERE seq = 6", 0, [6, 17]),
     ("UPDATE records SET data = 7 WHERE id = 8", 3, [6, 17]),
     ("UPDATE records SET n = 'three' WHERE id = 8", 3, [6, 17]),
-], ids=["letter-body-text", "record-data-integer", "record-count-text"])
+    ("UPDATE records SET n = 1.5 WHERE id = 8", 3, [6, 17]),
+], ids=["letter-body-text", "record-data-integer", "record-count-text", "record-count-real"])
 async def test_a_v1_spool_holding_a_value_of_another_type_starts_and_loses_that_row_alone(
         v1: Path, damage: str, lost: int, letters: list[int], make_agent: Any) -> None:
     """Damage garbled one column of a v1 spool into another type (a dead letter's body
