@@ -209,6 +209,7 @@ class StreamForwarder:
         self.released = False
         self.yielded = False   # released with events queued: its turn passed to a key in line
         self._empty_since: float | None = None  # loop time the queue was first seen empty
+        self._recounted = False   # its key's queue counted again since it last read rows
         self._sending = False   # counted in the upstream's state.sending (_mark_sending)
         self._turn_from: float | None = None   # loop time it began this turn (run)
 
@@ -377,6 +378,15 @@ class StreamForwarder:
                     # commit (a locked or full disk). Send them again.
                     self._rewind()
                     return None
+                if self.until is None and not self._acking and self.queued() \
+                        and not self._recounted:
+                    # Read from the start of its lanes, and none of the events its key's
+                    # count says are queued is there: damage garbled the count, which would
+                    # never come back to 0 (once per empty stretch: a drop may have been
+                    # read before its commit was counted).
+                    self._recounted = True
+                    await self.spool.recount(self.stream)
+                    return None
                 if self.until is not None and not self._acking:
                     self._released_sent()
                     return None
@@ -387,6 +397,7 @@ class StreamForwarder:
             await self._idle(None)
             return None
         self._empty_since = None
+        self._recounted = False
         if rows[0].seq in self.omitted.alone:
             rows, ready = rows[:1], None   # the head of a batch left out whole: judged alone
         elif not self._full(rows) and not self._due(rows):

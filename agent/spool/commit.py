@@ -189,6 +189,7 @@ class Outcome:
     unused: list[int] = field(default_factory=list)
     more: bool = False   # expiry stopped at a chunk's bound: more may be due (prune)
     trimming: bool = False   # prune took part of an excess over the cap (Expiry.trimming)
+    recounted: int = 0   # keys whose queue counts disagreed with their records (recount)
 
     def left(self, stream: int, lane: int, events: int, nbytes: int) -> None:
         """``events`` of ``stream``'s queue (``nbytes`` of it) in ``lane`` left it."""
@@ -249,6 +250,7 @@ def _commit(conn: sqlite3.Connection, job: Job) -> Outcome:
         forgot = bool(out.forgotten)
         if job.mark is None and (out.deleted or forgot):
             advance_mark(conn, *job.tail)
+        recount(conn, out)
         _save(conn, out.streams, {**job.counters, **_sum(job.counters, out.counters)})
     job.written = True
     trimmed = out.counters.get(Tally.DEAD_DROPPED_FULL, 0)
@@ -951,6 +953,7 @@ def prune(conn: sqlite3.Connection, exp: Expiry, counters: Counts) -> Outcome:
             out.trimming = _trim(conn, over, exp.remember, exp.leased, out, exp.drop_oldest,
                                  exp.trimming)
             out.more = out.more or (out.trimming and used_bytes(conn) > exp.max_bytes)
+        recount(conn, out)
         _save(conn, out.streams, {**counters, **_sum(counters, out.counters)})
     _hand_back(conn, exp.max_bytes)
     # Expiry empties the queue too; and a truncation a reader's snapshot held off when a
@@ -1010,6 +1013,67 @@ def _received_by(conn: sqlite3.Connection, observed: int) -> tuple[int, int]:
     row = conn.execute("SELECT next_seq, observed FROM clock_marks WHERE observed <= ? "
                        "ORDER BY observed DESC LIMIT 1", (observed,)).fetchone()
     return (int(row[0]), int(row[1])) if row is not None else (0, observed)
+
+
+# Each key of a JSON list [[id, events, bytes], ...] (a commit's deltas), with what its
+# counts would be and what its records hold: those the deltas take to zero or below (or
+# all, with ?2). The condition is on the key's row, so only theirs have records read.
+_RECOUNT = ("SELECT s.id, s.depth + json_extract(j.value, '$[1]'), "
+            "s.bytes + json_extract(j.value, '$[2]'), coalesce(sum(r.live), 0), "
+            "coalesce(sum(r.bytes), 0) FROM json_each(?1) j JOIN streams s "
+            "ON s.id = json_extract(j.value, '$[0]') LEFT JOIN records r ON r.stream = s.id "
+            "WHERE ?2 OR s.depth + json_extract(j.value, '$[1]') <= 0 "
+            "OR s.bytes + json_extract(j.value, '$[2]') <= 0 GROUP BY s.id")
+
+
+def recount(conn: sqlite3.Connection, out: Outcome, ids: Sequence[int] = ()) -> None:
+    """Count a key's queue again from its records (an index seek, then the key's rows)
+    where its saved counts and ``out``'s deltas disagree with them: the difference joins
+    ``out.streams``, and events a count held beyond the records are counted lost
+    (dropped_corrupt: damage took them, or the count; the file cannot tell). The keys
+    ``ids``, or else those whose counts ``out`` takes to zero or below: one statement,
+    only for a commit that takes events out of a queue.
+
+    Damage that garbles a count into another one a queue could hold (a flipped bit) is
+    taken as it reads at the start: fewer than the records hold, it went below zero (or to
+    zero with events left) once they were acked, and the key's later events were never
+    sent; more, it never came back to zero, and whatever waits for an empty queue (a
+    flush, a graceful stop) waited for ever. Checked where a commit takes a count to zero
+    or below, and where a forwarder reads none of the events a count says are queued
+    (Spool.recount): not at each start, where it is a read of every record."""
+    keys = [[sid, *out.streams.get(sid, (0, 0))] for sid in ids] if ids else [
+        [sid, d, b] for sid, (d, b) in out.streams.items() if d < 0 or b < 0]
+    if not keys:
+        return
+    for sid, held, held_bytes, events, size in conn.execute(
+            _RECOUNT, (str(keys).replace(" ", ""), bool(ids))).fetchall():
+        if (held, held_bytes) == (events, size):
+            continue
+        d = out.streams.setdefault(sid, [0, 0])
+        d[0] += events - held
+        d[1] += size - held_bytes
+        record(out.counters, Drop.DROPPED_CORRUPT, max(held - events, 0))
+        out.recounted += 1
+
+
+def recount_queue(conn: sqlite3.Connection, sid: int) -> Outcome:
+    """Key ``sid``'s queue counted again from its records (``recount``), in a commit of
+    its own if its counts disagree with them (Spool.recount)."""
+    out = Outcome()
+    with transaction(conn):
+        recount(conn, out, [sid])
+        if out.recounted:
+            _save(conn, out.streams, out.counters)
+    out.used_bytes = used_bytes(conn)
+    return out
+
+
+def say_recounted(out: Outcome) -> None:
+    """Log the queues ``recount`` counted again, if any."""
+    if out.recounted:
+        log.error("spool: the queue count of %d key(s) disagreed with its records (damage): "
+                  "counted again from them; %d events it held beyond them counted as %s",
+                  out.recounted, out.counters.get(Drop.DROPPED_CORRUPT, 0), Drop.DROPPED_CORRUPT)
 
 
 def _save(conn: sqlite3.Connection, streams: dict[int, list[int]], counters: Counts) -> None:

@@ -990,6 +990,21 @@ class Spool:
                         "(when_full = \"drop_oldest\"; counted as %s)", dropped, Drop.DROPPED_FULL)
         return expired
 
+    async def recount(self, stream: Stream) -> None:
+        """Count ``stream``'s queue again from its records: its forwarder, reading from the
+        start of its lanes, found none of the events its count says are queued (damage
+        garbled the count: commit.recount)."""
+        async with self.lock:
+            if (db := self._db) is None:   # closed, or a recovery under way
+                return
+            try:
+                out = await whole(db.run(spool_commit.recount_queue, stream.id))
+            except sqlite3.Error as exc:   # the next commit that empties it counts it again
+                log.warning("spool: could not count a queue again: %s", exc)
+                return
+            self.books.apply(out)
+        spool_commit.say_recounted(out)
+
     async def _expire(self, db: SqliteThread, max_age: int, window: int, trimming: bool
                       ) -> spool_commit.Outcome:
         """One chunk of expiry (commit.prune), its outcome applied on the loop; ``trimming``:
@@ -1008,6 +1023,7 @@ class Spool:
             self.books.unsave(counters)   # saved by the next commit instead
             raise
         self.books.apply(out)
+        spool_commit.say_recounted(out)
         self.live.remove(out.deleted)
         if not self.live:   # the dictionary went with the last record (codebook.py)
             self.writer.codebook.forget()

@@ -577,6 +577,7 @@ class Writer:
         if out.unused:
             books.forget(out.unused)
         books.apply(out)
+        spool_commit.say_recounted(out)
         books.committed_seq = job.tail[1] - 1
         if trimmed := out.counters.get(Tally.DEAD_DROPPED_FULL, 0):
             log_limited(log, logging.WARNING, "dead-dropped-full",
