@@ -10,8 +10,10 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
+import aiohttp
 import orjson
 import pytest
+from aiohttp import WSMsgType
 
 from agent.dialects.nucleus import MAX_MESSAGE
 from tests.fakes.nucleus_upstream import FakeNucleus
@@ -105,3 +107,31 @@ async def test_a_segment_message_grown_past_it_by_its_batchs_context_is_refused(
     assert reply.status == 200, reply.body
     await wait_for(lambda: len(fake_nucleus.events) == 1)
     assert fake_nucleus.events[0]["payload"]["$segment"]["messageId"] == "small"
+
+
+async def test_a_module_whose_queue_starts_with_a_refused_event_still_gets_its_others_acked(
+        make_agent: Any, fake_nucleus: FakeNucleus) -> None:
+    """A module keeps an event left out of `reportedIds` at the head of its queue and sends
+    its whole queue every tick. Once the refused event is near 4 MiB, every later tick's
+    message is over 4 MiB and read as it arrives, keeping its first event alone: the refused
+    one. Its other events were never stored nor acknowledged, every tick, for good."""
+    agent = await make_agent(upstreams=[nucleus_up(fake_nucleus)])
+    # No date: given the receive time, it no longer fits in a message sent on.
+    big = orjson.loads(filling({"type": "event", "name": "big", "id": 1, "sessionId": 1,
+                                "machineId": "m"}))["data"][0]
+    after = {"type": "event", "name": "after", "id": 2, "sessionId": 1, "machineId": "m",
+             **DATE}
+    async with aiohttp.ClientSession() as s, \
+            s.ws_connect(f"http://127.0.0.1:{agent.port}/app/k/track") as ws:
+        await ws.send_bytes(orjson.dumps({"data": [big]}))
+        reply = await ws.receive(timeout=30)
+        assert reply.type == WSMsgType.TEXT, (reply, ws.close_code)
+        assert orjson.loads(reply.data) == {"reportedIds": []}
+        # The next tick: its whole queue, the refused event first.
+        await ws.send_bytes(orjson.dumps({"data": [big, after]}))
+        reply = await ws.receive(timeout=30)
+        assert reply.type == WSMsgType.TEXT, (reply, ws.close_code)
+        assert orjson.loads(reply.data) == {"reportedIds": [2]}
+    await wait_for(lambda: len(fake_nucleus.events) == 1)
+    assert fake_nucleus.ids() == [2]
+    assert not await agent.spool.dead_letters()
