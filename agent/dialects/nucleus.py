@@ -14,7 +14,7 @@ import base64
 import binascii
 import logging
 import uuid
-from collections.abc import Awaitable, Mapping, Sequence
+from collections.abc import Awaitable, Callable, Mapping, Sequence
 from contextlib import suppress
 from typing import Any
 
@@ -140,39 +140,58 @@ class NucleusHandlers:
         """Message ``raw`` parsed and its events stored, held to the routes in force when
         it came (a reload applies to the next message); its acks. ``ticket`` holds its
         bytes, and is charged what its events count for beyond them (body.count_events)."""
-        enrich = self.sink.enrich
         limits = self.sink.limits
-        # The parsed events are kept on the Events only for a key whose events are mapped
-        # at ingest: the mapping reads them instead of the body (Event.parsed).
-        keep = limits.maps_key(key)
-
-        def judge(raw: str | bytes, _size: int) -> family.Accepted:
-            """A usual message stored as sent (families/nucleus_as_sent.py: no dict of an
-            event made or encoded again); any other read and judged event by event. The
-            cheaper test first: the events, then the bytes."""
-            if not keep:   # a mapped key's events keep their parsed form
-                data = raw.encode() if isinstance(raw, str) else raw
-                got = as_sent.accepted(data, key, iso_ms(now_ms()), enrich.lanes, MAX_EVENTS)
-                # Too large for an upstream: each such event is left out alone, and named.
-                # Measured only when one is longer than ``least`` (most never are: a
-                # Nucleus upstream's limit is 4 MiB), as each Event of the columns is
-                # made at its read.
-                if got is not None and kept_as_sent(data) and not (
-                        limits.active and longest(got.events) > limits.least and any(
-                            limits.oversize(event) is not None for event in got.events)):
-                    return got
-            msg, faults = nucleus_json.read(raw)
-            events = msg.get("data") if isinstance(msg, dict) else None
-            if isinstance(events, list) and len(events) > MAX_EVENTS:
-                raise TooMany(MAX_EVENTS, "events", "too many to take (each counts as at "
-                              f"least {EVENT_MIN} bytes of the {MAX_MESSAGE // 2**20} MiB "
-                              "a message may be)")
-            return family.accept(msg, key, enrich, faults, keep_parsed=keep)
-        got = await parse_body(raw, as_is, judge)
+        got = await parse_body(raw, as_is, lambda raw, _size: self._judge(raw, key, limits))
         count_events(ticket, len(got.events))
         events, acks = self._carried(got, key, limits)
         await self.sink.store(events, limits, alike=True)   # the message's key, Nucleus
         return acks
+
+    def _judge(self, raw: str | bytes, key: str, limits: Routes) -> family.Accepted:
+        """A usual message stored as sent (families/nucleus_as_sent.py: no dict of an event
+        made or encoded again); any other read and judged event by event. The cheaper test
+        first: the events, then the bytes."""
+        enrich = self.sink.enrich
+        # The parsed events are kept on the Events only for a key whose events are mapped
+        # at ingest: the mapping reads them instead of the body (Event.parsed).
+        keep = limits.maps_key(key)
+        if not keep:   # a mapped key's events keep their parsed form
+            data = raw.encode() if isinstance(raw, str) else raw
+            got = as_sent.accepted(data, key, iso_ms(now_ms()), enrich.lanes, MAX_EVENTS)
+            # Too large for an upstream: each such event is left out alone, and named.
+            # Measured only when one is longer than ``least`` (most never are: a
+            # Nucleus upstream's limit is 4 MiB), as each Event of the columns is
+            # made at its read.
+            if got is not None and kept_as_sent(data) and not (
+                    limits.active and longest(got.events) > limits.least and any(
+                        limits.oversize(event) is not None for event in got.events)):
+                return got
+        msg, faults = nucleus_json.read(raw)
+        events = msg.get("data") if isinstance(msg, dict) else None
+        if isinstance(events, list) and len(events) > MAX_EVENTS:
+            raise TooMany(MAX_EVENTS, "events", "too many to take (each counts as at "
+                          f"least {EVENT_MIN} bytes of the {MAX_MESSAGE // 2**20} MiB "
+                          "a message may be)")
+        return family.accept(msg, key, enrich, faults, keep_parsed=keep)
+
+    def _refusal(self, key: str) -> Callable[[bytes], tuple[int, str] | None]:
+        """For a large message's reader (nucleus_queue.py): (status, why) for an event,
+        given as its text, that a message holding it leaves out (a problem of its own, or
+        too large for its upstream), judged as ``_take`` judges it; None for one kept, or
+        one refusing its message (the message's own read refuses it)."""
+        def refuses(piece: bytes) -> tuple[int, str] | None:
+            limits = self.sink.limits
+            try:
+                got = self._judge(b'{"data":[' + piece + b"]}", key, limits)
+            except (BodyError, Invalid):
+                return None
+            if got.left_out:
+                return 400, got.left_out[0][1]
+            for ev in got.events:
+                if (too := limits.oversize(ev)) is not None:
+                    return 413, too
+            return None
+        return refuses
 
     def _carried(self, got: family.Accepted, key: str, limits: Routes
                  ) -> tuple[Sequence[Event], list[Any]]:
@@ -234,7 +253,8 @@ class NucleusHandlers:
         if (why := self.sink.key_refusal(key)) is not None:
             return _error(401, f"appId {_quoted(key)} refused: {why}")
         ws = QueueSocket(key=key, large=MAX_MESSAGE, cap=MAX_FRAME, keep=KEEP, values=MAX_VALUES,
-                         deadline=request.app[BODY_TIMEOUT_S], ticket=self.sink.ticket)
+                         deadline=request.app[BODY_TIMEOUT_S], ticket=self.sink.ticket,
+                         refuses=self._refusal(key))
         try:
             await ws.prepare(request)
         except web.HTTPBadRequest as refused:
@@ -298,6 +318,12 @@ class NucleusHandlers:
                 raise taken.error
             assert taken.split is not None
             split = taken.split
+            for ev_id, status, why in split.refused:   # left out as its message would
+                replies.refused(status)
+                log_limited(log, logging.WARNING,
+                            f"{'oversize' if status == 413 else 'bad-event'}:{key}",
+                            "event id %s of app %s left unacknowledged: %s",
+                            _id_shown(key, ev_id), masked(key), hiding(key, why, len(why)))
             # Charged the most it may keep, which counts its events so already.
             acks = await self._take(split.message, key, None)
         log_limited(log, logging.INFO, f"queue:{key}",

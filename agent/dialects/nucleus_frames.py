@@ -75,6 +75,8 @@ log = logging.getLogger("outpost.nucleus")
 _CONTINUATION, _TEXT, _BINARY = 0x0, 0x1, 0x2
 _XOR = [bytes(a ^ b for a in range(256)) for b in range(256)]
 Ticket = Callable[[], AbstractContextManager[Reservation]]
+# QueueReader's ``refuses``: (status, why) for an event its message would leave out.
+Refuses = Callable[[bytes], tuple[int, str] | None]
 # A message in one frame this large or larger is gathered and charged here (module doc).
 CHARGED_MIN = 64 * 1024
 
@@ -116,15 +118,18 @@ class QueueSocket(web.WebSocketResponse):
 
     A reply or pong the client has not taken within ``deadline`` cuts the connection
     (``_in_time``): one that sends but never reads held it, with its last message and
-    reply in memory, for good."""
+    reply in memory, for good.
+
+    ``refuses``: QueueReader's, for each large message's reader."""
 
     def __init__(self, *, key: str, large: int, cap: int, keep: int, values: int,
-                 deadline: float, ticket: Ticket) -> None:
+                 deadline: float, ticket: Ticket, refuses: Refuses | None = None) -> None:
         # aiohttp refuses a frame of max_msg_size bytes or more: one of ``large`` is its.
         super().__init__(max_msg_size=large + 1, autoping=True, compress=False)
         self._key = key
         self._limits = (large, cap, keep, values, deadline)
         self.ticket = ticket
+        self.refuses = refuses
         self._stand_in = os.urandom(16)
         self._results: deque[Taken] = deque()
         self._dropped = False
@@ -235,13 +240,13 @@ class _Large:
     """One large message being read: its payload unmasked and fed to a QueueReader."""
 
     def __init__(self, size: int, mask: bytes | None, keep: int, most: int, values: int,
-                 ticket: Ticket) -> None:
+                 ticket: Ticket, refuses: Refuses | None = None) -> None:
         self.size = size
         self.mask = mask
         self.offset = 0
         self.hold = ExitStack()
         self.error: Exception | None = None
-        self.reader: QueueReader | None = QueueReader(keep, most, values)
+        self.reader: QueueReader | None = QueueReader(keep, most, values, refuses)
         try:   # the most it may keep (one event up to ``most``)
             self.hold.enter_context(ticket()).take(most)
         except Busy as exc:   # read to its end, nothing kept: then refused
@@ -454,7 +459,7 @@ class _Gate:
                         Taken(None, OverCap(length, self._cap), length, ExitStack())))
                 else:
                     self._large = _Large(length, mask, self._keep, self._large_min - 1,
-                                         self._values, self._sock.ticket)
+                                         self._values, self._sock.ticket, self._sock.refuses)
                     self._timer = asyncio.get_running_loop().call_later(self._deadline,
                                                                         self._expire)
                 continue
@@ -500,7 +505,7 @@ class _Gate:
         if frag.large is None and frag.size >= self._large_min:   # read as a large message
             frag.hold.close()   # its own charge: the large reader's covers what it keeps
             frag.large = _Large(0, None, self._keep, self._large_min - 1, self._values,
-                                self._sock.ticket)
+                                self._sock.ticket, self._sock.refuses)
             frag.hold = frag.large.hold
         return b""
 

@@ -32,6 +32,7 @@ from __future__ import annotations
 import codecs
 import json
 import re
+from collections.abc import Callable
 from typing import Any, NamedTuple
 
 from agent.dialects.body import EVENT_HELD, BodyError
@@ -56,11 +57,14 @@ _START, _FIRST_KEY, _KEY, _AFTER_MEMBER, _FIRST_EVENT, _EVENT, _AFTER_EVENT, _EN
 
 class Split(NamedTuple):
     """A large message, read: ``message`` holds ``kept`` of its ``total`` events, in their
-    order, as `{"data": [...]}`; every event carrying the id of one of them is one of them."""
+    order, as `{"data": [...]}`; every event carrying the id of one of them is one of them.
+    ``refused``: (id, status, why) of each event over ``keep`` bytes left out as one its
+    message would leave out (QueueReader's ``refuses``)."""
 
     message: bytes
     kept: int
     total: int
+    refused: tuple[tuple[Any, int, str], ...] = ()
 
 
 class TooLarge(BodyError):
@@ -97,10 +101,16 @@ class QueueReader:
     message may be) and the later ones sharing their ids, up to ``most`` (module doc).
     Both raise BodyError (not JSON; TooLarge: a value over ``most``, or no event to keep;
     NoId, at ``finish``: an event without an id not kept;
-    TooMany: over ``values`` values) or families.errors.Invalid (no `data` array)."""
+    TooMany: over ``values`` values) or families.errors.Invalid (no `data` array).
 
-    def __init__(self, keep: int, most: int, values: int) -> None:
+    ``refuses``: (status, why) for an event, given as its text, that a message holding it
+    would leave out (too large for its upstream, say), or None."""
+
+    def __init__(self, keep: int, most: int, values: int,
+                 refuses: Callable[[bytes], tuple[int, str] | None] | None = None) -> None:
         self._keep = keep
+        self._refuses = refuses
+        self._refused: list[tuple[Any, int, str]] = []
         self._most = most     # the most kept in all, and of the first event alone
         self._values = values   # the most values read: events and members of the message
         self._read_values = 0
@@ -133,7 +143,7 @@ class QueueReader:
         if self._total and not kept:
             raise TooLarge("data[0], with the events sharing its id,", self._most)
         message = b'{"data":[' + b",".join(text for _, text in kept) + b"]}"
-        return Split(message, len(kept), self._total)
+        return Split(message, len(kept), self._total, tuple(self._refused))
 
     def _decode(self, chunk: bytes | bytearray, final: bool) -> str:
         try:
@@ -255,7 +265,15 @@ class QueueReader:
                 return
             piece = text[start:end].encode()
             cost = _cost(index, piece)
-            if self._size + cost > (self._keep if index else self._most):
+            # One its message leaves out is resent at every tick, first in its module's
+            # queue: kept (it alone, when over ``keep``), it took the room of the events
+            # after it at each tick, and none was ever acknowledged again. Left out here,
+            # the room goes to the next event. (One without an id refuses its message.)
+            if (cost > self._keep and ev_id is not None and self._refuses is not None
+                    and (why := self._refuses(piece)) is not None):
+                self._refused.append((ev_id, *why))
+                return
+            if self._size + cost > (self._keep if self._size else self._most):
                 self._open = False
                 self._left_out(index, value)
                 return
