@@ -24,6 +24,7 @@ import sys
 import time
 import tracemalloc
 from collections.abc import Callable
+from datetime import datetime
 from pathlib import Path
 from typing import Any
 
@@ -845,7 +846,7 @@ GARBLED = {
     # Numbers past what a count can be: the loss they gave was too large to save.
     "queue-depth-huge": ("UPDATE streams SET depth = 1e300 WHERE id = 1", 0),
     "queue-depth-infinite": ("UPDATE streams SET depth = 1e999 WHERE id = 1", 0),
-    "receipt": ("UPDATE records SET received = 'garbage' WHERE id = 1", 1),
+    "receipt": ("UPDATE records SET received = 'garbage' WHERE id = 1", 0),   # kept
     "dedupe-keys": ("UPDATE records SET dkeys = 'garbage' WHERE id = 1", 1),
     "clock-mark": ("UPDATE clock_marks SET next_seq = 'garbage'", 0),
     # A lane no forwarder reads: its events were counted queued but never sent. Salvaged
@@ -966,3 +967,44 @@ async def test_a_record_whose_counts_are_garbled_while_the_agent_runs_is_salvage
     assert sorted(set(fake_segment.message_ids())) == sorted(
         orjson.loads(ev.body)["messageId"] for ev in events)
     assert agent.spool.counters.get("dropped_corrupt", 0) == 0
+
+
+# A record's receipt time garbled (SQLite reads it back without complaint), and what
+# else has the file salvaged: its events are whole (their checksum holds), so they are
+# kept, received at the salvage (an out-of-range time failed their mapping, and they went
+# to dead letters as corrupt rows).
+RECEIPTS = {
+    "text": ["UPDATE records SET received = 'garbage' WHERE id = 1"],
+    "real": ["UPDATE records SET received = 1700000000000.5 WHERE id = 1"],
+    "out-of-range": ["UPDATE records SET received = 100000000000000000 WHERE id = 1",
+                     "UPDATE streams SET depth = 'garbage'"],
+}
+
+
+@pytest.mark.parametrize("damage", RECEIPTS.values(), ids=RECEIPTS.keys())
+async def test_events_whose_receipt_time_is_garbled_are_kept_as_received_at_the_salvage(
+        make_agent: Any, fake_segment: FakeSegment, tmp_path: Path,
+        caplog: pytest.LogCaptureFixture, damage: list[str]) -> None:
+    path = tmp_path / "spool.db"
+    await asyncio.to_thread(build, path, 300, 20, ("app1",))   # records 1, 101, 201
+    with contextlib.closing(sqlite3.connect(path)) as db, db:
+        for statement in damage:
+            db.execute(statement)
+    caplog.set_level(logging.WARNING)
+    before = time.time()
+    agent = await make_agent(upstreams=[segment_up(fake_segment)])
+    after = time.time()
+    await wait_for(lambda: agent.spool.depth == 0, timeout=10)   # acked: all sent
+    status, _ = await snapshot(agent.port)
+    assert status["counters"]["spool_corrupt"] == 1
+    assert status["counters"].get("dropped_corrupt", 0) == 0
+    assert status["drops"]["dead_lettered"] == 0 and agent.spool.dead_count == 0
+    got = [ev["context"]["nucleus"]["id"] for ev in fake_segment.events]
+    assert got == list(range(300))
+    # The record's own time is lost: the salvage's stands for it, and the log says so.
+    received = {ev["receivedAt"] for ev in fake_segment.events[:100]}
+    assert len(received) == 1
+    at = datetime.fromisoformat(received.pop()).timestamp()
+    assert before - 1 <= at <= after + 1, (before, at, after)
+    said = [r.getMessage() for r in caplog.records if "receipt time" in r.getMessage()]
+    assert len(said) == 1 and "100 " in said[0], said
