@@ -6,8 +6,8 @@ read in id order; a read that hits a damaged page skips past it to the next
 readable row. Each record must also unpack (records.py checks its CRC and layout):
 one that does not is skipped, its live events lost. Records keep their id (the seq
 of their first event: FIFO order, and the cursors and in-flight acks of running
-forwarders), stream, receipt time, dedupe keys and acked bits; ``spent`` dedupe
-keys, dead letters and clock marks are copied too. What could not be read is
+forwarders), stream, receipt time (the salvage's, when garbled: _a_time), dedupe keys
+and acked bits; ``spent`` dedupe keys, dead letters and clock marks are copied too. What could not be read is
 counted as ``dropped_corrupt``: exactly, when the queue's size is known (the running
 agent's own count, or the old file's streams table), else only the events read
 but not kept, and the log says the count is unknown. Dead letters lost are counted
@@ -31,7 +31,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from agent.families.event import FAMILIES
+from agent.families.event import FAMILIES, now_ms
 from agent.families.lanes import readable
 from agent.outcomes import Counts, Drop, Tally, from_names, record
 from agent.spool import migrate_lanes
@@ -59,6 +59,8 @@ CHUNK = 500
 # be hundreds of KB each, and 500 of them at once could be more than the device has.
 CHUNK_BYTES = 4 * 1024 * 1024
 TOP = 1 << 62  # above any seq
+# The receipt times a date can be written for (years 1 to 9999: event.iso_ms), in ms.
+EARLIEST_MS, LATEST_MS = -62_135_596_800_000, 253_402_300_799_999
 
 
 @dataclass(slots=True)
@@ -80,6 +82,7 @@ class Salvaged:
     known: bool = True                # whether ``lost`` is the whole loss
     skipped: int = 0                  # damaged stretches skipped
     unsendable: int = 0               # queued events read but not kept
+    retimed: int = 0                  # queued events kept whose receipt time was garbled
     dead: int = 0                     # dead letters copied
     dead_lost: int = 0                # counted as dead_dropped_corrupt
     dead_known: bool = True           # whether ``dead_lost`` is the whole loss
@@ -254,14 +257,19 @@ def _copy_v1(old: sqlite3.Connection, fresh: sqlite3.Connection, streams: set[in
     # out: the records packed with it are lost.
     dicts = {i: b for i, b in _try(old, "SELECT id, body FROM dicts") or ()
              if isinstance(i, int) and isinstance(b, bytes)}.get
+    now = now_ms()
     for rows in _scan(old, "records", "id", cols, out, keys):
         keep = []
         for row in rows:
+            retimed = not _a_time(row[4])
+            if retimed:   # the events themselves are checked whole below: kept, if so
+                row = (*row[:4], now, *row[5:])
             kept = _readable(row, streams, dicts)
             if kept is None:
                 out.unsendable += _live_of(row)
             else:
                 keep.append(kept)
+                out.retimed += kept[5] if retimed else 0
         fresh.executemany(f"INSERT OR IGNORE INTO records({cols}) VALUES ({_marks(cols)})",
                           keep)
     for rows in _scan(old, "spent", "id", SPENT_COLS, out, keys):
@@ -292,6 +300,14 @@ def _readable(row: tuple[Any, ...], streams: set[int], dicts: Dictionaries
             sum(len(bodies[i]) for i in alive), dkeys, data, *map(readable, row[10:]))
 
 
+def _a_time(received: object) -> bool:
+    """Whether a receipt time can be one. One garbled (text, a real, or past any date,
+    which failed the events' mapping: dead-lettered as corrupt rows) costs its record's
+    whole events nothing but their receipt time: they take the salvage's, said in the log
+    (Salvaged.retimed), and are sent, rather than lost with it."""
+    return isinstance(received, int) and EARLIEST_MS <= received <= LATEST_MS
+
+
 def _live_of(row: tuple[Any, ...]) -> int:
     """A lost record's live events, as far as its row says."""
     live = row[5] if len(row) > 5 else None
@@ -308,10 +324,16 @@ def _copy_v0(old: sqlite3.Connection, fresh: sqlite3.Connection, streams: set[in
     marks = _typed(old, "SELECT observed, next_seq FROM clock_marks NOT INDEXED", (int, int)) \
         or [(carry.observed, TOP)]
 
+    now = now_ms()
+
     def sound() -> Iterator[V0Row]:
         for rows in _scan(old, "events", "seq", V0_COLS, out, keys):
             for row in rows:
+                retimed = row[-1] is None and not _a_time(row[3])   # as _copy_v1's
+                if retimed:
+                    row = (*row[:3], now, *row[4:])
                 if _sound(row, V0_TYPES) and row[1] in streams:
+                    out.retimed += retimed
                     yield row
                 elif row[-1] is None:
                     out.unsendable += 1

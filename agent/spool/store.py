@@ -779,6 +779,11 @@ class Spool:
                       "salvaged %d queued events, %s (counted as %s: %d); %d damaged "
                       "stretches skipped", self.path, pending.why, moved, got.queued,
                       how_many, Drop.DROPPED_CORRUPT, got.lost, got.skipped)
+            if got.retimed:
+                log.warning("spool %s: the receipt time of %d salvaged queued events was "
+                            "garbled in %s: they are kept as received at the salvage (their "
+                            "receivedAt, and their age for max_age_days, count from it)",
+                            self.path, got.retimed, moved)
             if got.dead_lost or not got.dead_known:
                 # Dead letters wait for an operator: those lost are said, as events are.
                 how_many = (f"{got.dead_lost} dead letters could not be read" if got.dead_known
