@@ -177,3 +177,55 @@ async def test_a_damaged_log_found_by_opens_that_fail_is_said_once(
         assert spool.counters.get("wal_damaged") == 1, spool.counters
     finally:
         await spool.close()
+
+
+async def killed_image(tmp_path: Path) -> Path:
+    """crash_image with the -shm too, as a kill -9 leaves it: SQLite's index of the log,
+    whose header says how many of its frames were committed."""
+    src = tmp_path / "live" / "spool.db"
+    src.parent.mkdir(mode=0o700)
+    cfg = StorageConfig(path=str(src))
+    await (await Spool.open(cfg)).close()
+    spool = await Spool.open(cfg)
+    try:
+        for i in range(COMMITS):
+            await spool.append([Event("k", NUCLEUS, i, b'{"id":%d}' % i)])
+        image = tmp_path / "image" / "spool.db"
+        image.parent.mkdir(mode=0o700)
+        for suffix in ("", "-wal", "-shm"):
+            shutil.copyfile(f"{src}{suffix}", f"{image}{suffix}")
+    finally:
+        await spool.close()
+    return image
+
+
+@pytest.mark.parametrize("cut", ["last two commits", "mid-frame", "whole log"])
+async def test_a_log_cut_short_after_a_kill_is_reported_from_the_shm(
+        make_agent: Any, tmp_path: Path, caplog: pytest.LogCaptureFixture, cut: str) -> None:
+    """The -wal cut short (damage, a copy cut short) under the -shm a killed agent left:
+    SQLite reads what is left without a word, and the commits cut off, answered to apps
+    as stored, were lost unsaid. The -shm says how many frames were committed: the loss
+    is said and counted (how many events, unknown)."""
+    image = await killed_image(tmp_path)
+    wal = Path(f"{image}-wal")
+    frame = FRAME_HEADER + page_size(wal)
+    ends = [HEADER + (i + 1) * frame for i in commit_frames(wal)]
+    os.truncate(wal, {"last two commits": ends[-3], "mid-frame": ends[-2] - frame // 2,
+                      "whole log": 0}[cut])
+    caplog.set_level(logging.ERROR)
+    agent = await make_agent(spool=image)
+    assert agent.spool.depth == {"last two commits": COMMITS - 2, "mid-frame": COMMITS - 2,
+                                 "whole log": 0}[cut]
+    said = [r.getMessage() for r in caplog.records if "write-ahead log" in r.getMessage()]
+    assert len(said) == 1 and "-shm" in said[0] and "unknown" in said[0], said
+    assert (await counters(agent))["wal_damaged"] == 1
+
+
+async def test_an_intact_log_and_its_shm_after_a_kill_are_no_damage(
+        make_agent: Any, tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
+    image = await killed_image(tmp_path)
+    caplog.set_level(logging.ERROR)
+    agent = await make_agent(spool=image)
+    assert agent.spool.depth == COMMITS
+    assert (await counters(agent))["wal_damaged"] == 0
+    assert "write-ahead log" not in caplog.text
