@@ -381,10 +381,12 @@ class Spool:
                 # SQLite makes them with the spool's mode, but keeps the mode of one
                 # left holding data (a crash).
                 make_private_file(Path(f"{self.path}{suffix}"))
+        sync = "FULL" if self.cfg.sync == "full" else "NORMAL"
+        # What a killed agent's -shm says was committed, before a connection rebuilds it.
+        shm = wal_check.committed(self.path) if sync == "FULL" else None
         # Read-only first: a newer agent's file is refused before a connection that could
         # write to it exists (closing one checkpoints a WAL the newer agent left behind).
         open_read_only(self.path).close()
-        sync = "FULL" if self.cfg.sync == "full" else "NORMAL"
         # The -wal beside the file is disk too: SQLite checkpoints it into the file once it
         # holds wal_autocheckpoint pages (by default 1000, 4 MiB: four times a 1 MB cap),
         # and cuts it to journal_size_limit as it starts over. Both at most an eighth of
@@ -401,7 +403,8 @@ class Spool:
             def prepare(conn: sqlite3.Connection) -> None:
                 refuse_newer(conn)
                 # Before any write, which would reuse the frames SQLite ignored.
-                found = wal_check.look(conn, self.path, self._wal) if sync == "FULL" else None
+                found = wal_check.look(conn, self.path, self._wal, shm) \
+                    if sync == "FULL" else None
                 if found is not None and found != self._wal:
                     self._wal, self._wal_counted = found, False
                 conn.executescript(pragmas)

@@ -10,6 +10,13 @@ copy of the log kept for inspection. (One commit past that point looks like a to
 write and is not reported; with ``synchronous=NORMAL`` a power cut may leave any
 commits out, so nothing is judged then.)
 
+A log cut short (a copy cut short, damage) holds no frame past the cut to judge. The
+-shm a killed agent left says how many frames were committed (its header's ``mxFrame``,
+set only once a commit's frames are written: with ``synchronous=FULL``, on disk), and
+how many of them are in the database file already (``nBackfill``). Read before any
+connection opens the spool (the first one rebuilds it from the log), it tells whether
+committed frames are missing from the log: said and counted, how many events unknown.
+
 Frame layout and checksum: https://www.sqlite.org/fileformat2.html#walformat
 """
 
@@ -20,6 +27,7 @@ import mmap
 import os
 import sqlite3
 import struct
+import sys
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -34,20 +42,94 @@ _MASK = 0xFFFFFFFF
 
 @dataclass(frozen=True)
 class Damage:
-    """Past ``read`` frames SQLite took, ``commits`` whole commits it ignores."""
+    """Past ``read`` frames SQLite took, ``commits`` whole commits it ignores; or (``cut``)
+    committed frames ``read`` + 1 to ``read`` + ``cut`` missing from a log cut short."""
 
     read: int
     commits: int
+    cut: int = 0
 
 
-def look(conn: sqlite3.Connection, spool: Path, said: Damage | None = None) -> Damage | None:
+# The -shm's header (two copies of SQLite's WalIndexHdr, in the machine's byte order) and
+# its checkpoint's nBackfill after them: https://www.sqlite.org/walformat.html
+_SHM_HEADER = 48
+_NBACKFILL = 96
+_SHM_VERSION = 3007000
+# The byte each connection to the -shm holds a shared lock on (SQLite's os_unix.c DMS).
+_SHM_DMS = 128
+
+
+@dataclass(frozen=True)
+class Committed:
+    """What a -shm says of its log: ``frames`` committed, with ``salts`` (as the log's
+    header holds them), the first ``backfilled`` of them in the database file already."""
+
+    frames: int
+    backfilled: int
+    salts: bytes
+
+
+def committed(spool: Path) -> Committed | None:
+    """What the -shm beside ``spool`` says was committed, if it holds a sound header;
+    read before any connection opens the spool (the first one rebuilds the -shm). None too
+    when a process has it open (an `outpost dead` command): its log may start over under
+    the look, which would take it for one cut short. Only while this process has no
+    connection to the spool: closing a descriptor of the -shm lets go of every lock the
+    process holds on it (POSIX locks are the process's)."""
+    if sys.platform == "win32":
+        return None
+    try:
+        fd = os.open(f"{spool}-shm", os.O_RDWR)   # a write lock needs it; nothing is written
+    except OSError:
+        return None
+    try:
+        if _in_use(fd):
+            return None
+        head = os.pread(fd, _NBACKFILL + 4, 0)
+    except OSError:
+        return None
+    finally:
+        os.close(fd)
+    if len(head) < _NBACKFILL + 4 or head[:_SHM_HEADER] != head[_SHM_HEADER:2 * _SHM_HEADER]:
+        return None   # none, or caught in the middle of a write: tells nothing
+    order = "<" if sys.byteorder == "little" else ">"
+    version, _, _, init, _, _, frames, _ = struct.unpack_from(f"{order}3I2BH2I", head)
+    if version != _SHM_VERSION or not init or \
+            checksum(head[:40], order, 0, 0) != struct.unpack_from(f"{order}2I", head, 40):
+        return None
+    (backfilled,) = struct.unpack_from(f"{order}I", head, _NBACKFILL)
+    return Committed(frames, backfilled, head[32:40])
+
+
+def _in_use(fd: int) -> bool:
+    """Whether another process has the -shm open on ``fd`` (its connections' lock)."""
+    import fcntl
+    try:
+        fcntl.lockf(fd, fcntl.LOCK_EX | fcntl.LOCK_NB, 1, _SHM_DMS)
+    except OSError:
+        return True
+    fcntl.lockf(fd, fcntl.LOCK_UN, 1, _SHM_DMS)
+    return False
+
+
+def look(conn: sqlite3.Connection, spool: Path, said: Damage | None = None,
+         shm: Committed | None = None) -> Damage | None:
     """The damage in the log of ``spool``, open on ``conn`` before anything wrote to it, if
     any; said and a copy kept, unless it is ``said`` (found by a try to open the spool that
-    failed before it wrote: said once, not at each try). The log count is the checkpoint's."""
+    failed before it wrote: said once, not at each try). The log count is the checkpoint's;
+    ``shm``: what the -shm said before the spool was opened (``committed``)."""
     _, read, _ = conn.execute("PRAGMA wal_checkpoint(PASSIVE)").fetchone()
     wal = Path(f"{spool}-wal")
-    damage = ignored_commits(wal, read)
+    damage = ignored_commits(wal, read) or cut_short(wal, shm)
     if damage is None or damage == said:
+        return damage
+    if damage.cut:
+        # No copy: the frames lost are not in the log, and what is left SQLite has read.
+        log.error("spool %s: its write-ahead log is cut short: its -shm says frames up to "
+                  "%d were committed, but only %d are left (in it or in the database file); "
+                  "the commits in the %d frames cut off were answered to apps as stored and "
+                  "are lost, how many events is unknown", spool, damage.read + damage.cut,
+                  damage.read, damage.cut)
         return damage
     try:
         kept = f"a copy of the log is kept as {keep_copy(wal, spool).name}"
@@ -86,6 +168,32 @@ def ignored_commits(wal: Path, read: int) -> Damage | None:
     finally:
         os.close(fd)
     return Damage(read, commits) if commits >= 2 else None
+
+
+def cut_short(wal: Path, shm: Committed | None) -> Damage | None:
+    """The committed frames (``shm``) missing from ``wal``, past those in the database file
+    already; None when none are (or the -shm says nothing)."""
+    if shm is None or shm.frames <= shm.backfilled:
+        return None
+    left = 0
+    try:
+        with open(wal, "rb") as fh:
+            head = fh.read(HEADER)
+            page = int.from_bytes(head[8:12], "big") if len(head) == HEADER else 0
+            if head[16:24] == shm.salts and page >= 512 and not page & (page - 1):
+                # This log's whole frames (its salts), up to the last committed.
+                whole = (os.fstat(fh.fileno()).st_size - HEADER) // (FRAME_HEADER + page)
+                while left < min(shm.frames, whole):
+                    fh.seek(HEADER + left * (FRAME_HEADER + page) + 8)
+                    if fh.read(8) != shm.salts:
+                        break
+                    left += 1
+    except FileNotFoundError:
+        pass
+    except OSError:
+        return None
+    left = max(left, shm.backfilled)
+    return Damage(left, 0, shm.frames - left) if left < shm.frames else None
 
 
 def _whole_commits_after(data: memoryview, size: int, first: int) -> int:
