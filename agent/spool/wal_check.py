@@ -125,8 +125,9 @@ def look(conn: sqlite3.Connection, spool: Path, said: Damage | None = None,
         return damage
     if damage.cut:
         # No copy: the frames lost are not in the log, and what is left SQLite has read.
-        log.error("spool %s: its write-ahead log is cut short: its -shm says frames up to "
-                  "%d were committed, but only %d are left (in it or in the database file); "
+        log.error("spool %s: its write-ahead log is cut short or not its own: its -shm "
+                  "says frames up to %d were committed, but only %d are left (in it or in "
+                  "the database file); "
                   "the commits in the %d frames cut off were answered to apps as stored and "
                   "are lost, how many events is unknown", spool, damage.read + damage.cut,
                   damage.read, damage.cut)
