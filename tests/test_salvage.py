@@ -1008,3 +1008,25 @@ async def test_events_whose_receipt_time_is_garbled_are_kept_as_received_at_the_
     assert before - 1 <= at <= after + 1, (before, at, after)
     said = [r.getMessage() for r in caplog.records if "receipt time" in r.getMessage()]
     assert len(said) == 1 and "100 " in said[0], said
+
+
+# A queue's depth garbled into text or a blob: SQLite's sum() of it is a real, 0.0 for a
+# lone key, which is no count (unknown, as for any depth past one).
+@pytest.mark.parametrize("depth", ["'garbage'", "x'00'"], ids=["text", "blob"])
+async def test_a_garbled_depth_leaves_the_loss_unknown_not_nothing(
+        make_agent: Any, fake_segment: FakeSegment, tmp_path: Path,
+        caplog: pytest.LogCaptureFixture, depth: str) -> None:
+    path = tmp_path / "spool.db"
+    await asyncio.to_thread(build, path, 300, 20, ("app1",))   # records 1, 101, 201
+    with contextlib.closing(sqlite3.connect(path)) as db, db:
+        db.execute(f"UPDATE streams SET depth = {depth}")
+        db.execute("UPDATE records SET family = 9 WHERE id = 1")   # its 100 events lost
+    caplog.set_level(logging.ERROR)
+    agent = await make_agent(upstreams=[segment_up(fake_segment)])
+    await wait_for(lambda: agent.spool.depth == 0, timeout=10)   # acked: all sent
+    status, metrics = await snapshot(agent.port)
+    assert [ev["context"]["nucleus"]["id"] for ev in fake_segment.events] == list(range(100, 300))
+    # Read but not kept: the loss known to be at least that, and said to be unknown.
+    assert status["counters"]["dropped_corrupt"] == 100 == dropped_metric(metrics)
+    said = [r.getMessage() for r in caplog.records if "moved aside" in r.getMessage()]
+    assert len(said) == 1 and "unknown" in said[0], said
