@@ -29,7 +29,7 @@ from bisect import bisect_right
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeGuard
 
 from agent.families.event import FAMILIES, now_ms
 from agent.families.lanes import readable
@@ -167,7 +167,9 @@ def _depth(old: sqlite3.Connection | None, carry: Carry) -> int | None:
     if carry.depth is not None:
         return carry.depth
     queued = _try(old, "SELECT sum(depth) FROM streams NOT INDEXED")
-    n = (queued[0][0] or 0) if queued else None
+    # sum() is NULL for no row, and a real for a value garbled into text or a blob: 0.0
+    # for a lone key's, taken by ``or 0`` for a depth of 0 (the loss counted as none).
+    n = _sum(queued[0][0]) if queued else None
     # Garbled (a real, infinite or not, or text among them, or more than there are
     # seqs): unknown, as _dead_count's.
     return n if _a_count(n) else None
@@ -182,12 +184,17 @@ def _dead_count(old: sqlite3.Connection | None, carry: Carry) -> int | None:
     for sql in ("SELECT sum(letters) FROM dead_groups NOT INDEXED",
                 "SELECT count(*) FROM dead NOT INDEXED"):
         found = _try(old, sql)
-        if found and _a_count(n := found[0][0] or 0):   # garbled: not
+        if found and _a_count(n := _sum(found[0][0])):   # garbled: not
             return n
     return None
 
 
-def _a_count(n: object) -> bool:
+def _sum(n: object) -> object:
+    """A sum() as read: 0 for none (NULL), and anything else as it is (not ``or 0``)."""
+    return 0 if n is None else n
+
+
+def _a_count(n: object) -> TypeGuard[int]:
     """Whether ``n`` can be a number of events: none is more than there are seqs (a
     depth garbled to the int64 maximum was counted as that many events lost)."""
     return isinstance(n, int) and 0 <= n < TOP
