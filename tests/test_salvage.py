@@ -847,7 +847,7 @@ GARBLED = {
     "queue-depth-huge": ("UPDATE streams SET depth = 1e300 WHERE id = 1", 0),
     "queue-depth-infinite": ("UPDATE streams SET depth = 1e999 WHERE id = 1", 0),
     "receipt": ("UPDATE records SET received = 'garbage' WHERE id = 1", 0),   # kept
-    "dedupe-keys": ("UPDATE records SET dkeys = 'garbage' WHERE id = 1", 1),
+    "dedupe-keys": ("UPDATE records SET dkeys = 'garbage' WHERE id = 1", 0),   # kept
     "clock-mark": ("UPDATE clock_marks SET next_seq = 'garbage'", 0),
     # A lane no forwarder reads: its events were counted queued but never sent. Salvaged
     # into the normal lane; of another type, the record is lost as any garbled so is.
@@ -1030,3 +1030,34 @@ async def test_a_garbled_depth_leaves_the_loss_unknown_not_nothing(
     assert status["counters"]["dropped_corrupt"] == 100 == dropped_metric(metrics)
     said = [r.getMessage() for r in caplog.records if "moved aside" in r.getMessage()]
     assert len(said) == 1 and "unknown" in said[0], said
+
+
+# A record's dedupe keys garbled (and what else has the file salvaged: a running agent
+# sends the events of keys cut short, without their dedupe): its events are whole (their
+# checksum holds), and only their dedupe is lost with the keys.
+DEDUPE_KEYS = {
+    "text": ["UPDATE records SET dkeys = 'garbage' WHERE id = 1"],
+    "cut-short": ["UPDATE records SET dkeys = x'0011' WHERE id = 1",
+                  "UPDATE streams SET depth = 'garbage'"],
+}
+
+
+@pytest.mark.parametrize("damage", DEDUPE_KEYS.values(), ids=DEDUPE_KEYS.keys())
+async def test_events_whose_dedupe_keys_are_garbled_are_kept_without_them(
+        make_agent: Any, fake_segment: FakeSegment, tmp_path: Path,
+        caplog: pytest.LogCaptureFixture, damage: list[str]) -> None:
+    path = tmp_path / "spool.db"
+    await asyncio.to_thread(build, path, 300, 20, ("app1",))   # records 1, 101, 201
+    with contextlib.closing(sqlite3.connect(path)) as db, db:
+        for statement in damage:
+            db.execute(statement)
+    caplog.set_level(logging.WARNING)
+    agent = await make_agent(upstreams=[segment_up(fake_segment)])
+    await wait_for(lambda: agent.spool.depth == 0, timeout=10)   # acked: all sent
+    status, _ = await snapshot(agent.port)
+    assert status["counters"]["spool_corrupt"] == 1
+    assert status["counters"].get("dropped_corrupt", 0) == 0
+    assert status["drops"]["dead_lettered"] == 0 and agent.spool.dead_count == 0
+    assert [ev["context"]["nucleus"]["id"] for ev in fake_segment.events] == list(range(300))
+    said = [r.getMessage() for r in caplog.records if "dedupe keys" in r.getMessage()]
+    assert len(said) == 1 and "100 " in said[0], said
