@@ -7,7 +7,7 @@ readable row. Each record must also unpack (records.py checks its CRC and layout
 one that does not is skipped, its live events lost. Records keep their id (the seq
 of their first event: FIFO order, and the cursors and in-flight acks of running
 forwarders), stream, receipt time (the salvage's, when garbled: _a_time), dedupe keys
-and acked bits; ``spent`` dedupe keys, dead letters and clock marks are copied too. What could not be read is
+(none, when garbled: NO_KEY) and acked bits; ``spent`` dedupe keys, dead letters and clock marks are copied too. What could not be read is
 counted as ``dropped_corrupt``: exactly, when the queue's size is known (the running
 agent's own count, or the old file's streams table), else only the events read
 but not kept, and the log says the count is unknown. Dead letters lost are counted
@@ -36,8 +36,10 @@ from agent.families.lanes import readable
 from agent.outcomes import Counts, Drop, Tally, from_names, record
 from agent.spool import migrate_lanes
 from agent.spool.db import CAP_NAME, MAIN_FILE, add_counters, mark, transaction, typed
+from agent.spool.dedupe import MOVED_KEY, keys_to_bytes
 from agent.spool.migrate import V0_COLS, V0_TYPES, V0Row, beating, pack_v0, recount_streams
 from agent.spool.records import (
+    RECORD_EVENTS,
     DamagedRecord,
     Dictionaries,
     acked_bits_fit,
@@ -83,6 +85,7 @@ class Salvaged:
     skipped: int = 0                  # damaged stretches skipped
     unsendable: int = 0               # queued events read but not kept
     retimed: int = 0                  # queued events kept whose receipt time was garbled
+    unkeyed: int = 0                  # queued events kept whose dedupe keys were garbled
     dead: int = 0                     # dead letters copied
     dead_lost: int = 0                # counted as dead_dropped_corrupt
     dead_known: bool = True           # whether ``dead_lost`` is the whole loss
@@ -271,12 +274,16 @@ def _copy_v1(old: sqlite3.Connection, fresh: sqlite3.Connection, streams: set[in
             retimed = not _a_time(row[4])
             if retimed:   # the events themselves are checked whole below: kept, if so
                 row = (*row[:4], now, *row[5:])
+            unkeyed = not _keys_fit(row)
+            if unkeyed and isinstance(n := row[3], int) and 0 < n <= RECORD_EVENTS:
+                row = (*row[:8], NO_KEY * n, *row[9:])
             kept = _readable(row, streams, dicts)
             if kept is None:
                 out.unsendable += _live_of(row)
             else:
                 keep.append(kept)
                 out.retimed += kept[5] if retimed else 0
+                out.unkeyed += kept[5] if unkeyed else 0
         fresh.executemany(f"INSERT OR IGNORE INTO records({cols}) VALUES ({_marks(cols)})",
                           keep)
     for rows in _scan(old, "spent", "id", SPENT_COLS, out, keys):
@@ -315,6 +322,18 @@ def _a_time(received: object) -> bool:
     return isinstance(received, int) and EARLIEST_MS <= received <= LATEST_MS
 
 
+# A garbled record's dedupe keys stand for none (as a retried dead letter's moved key):
+# only its events' dedupe is lost with them (Salvaged.unkeyed, said in the log), not the
+# events themselves; a resend of one is then stored again.
+NO_KEY = keys_to_bytes([MOVED_KEY])
+
+
+def _keys_fit(row: tuple[Any, ...]) -> bool:
+    """Whether a record's dedupe keys can be its events' (a key each)."""
+    n, dkeys = row[3], row[8]
+    return isinstance(n, int) and isinstance(dkeys, bytes) and len(dkeys) == 8 * n
+
+
 def _live_of(row: tuple[Any, ...]) -> int:
     """A lost record's live events, as far as its row says."""
     live = row[5] if len(row) > 5 else None
@@ -339,8 +358,12 @@ def _copy_v0(old: sqlite3.Connection, fresh: sqlite3.Connection, streams: set[in
                 retimed = row[-1] is None and not _a_time(row[3])   # as _copy_v1's
                 if retimed:
                     row = (*row[:3], now, *row[4:])
+                unkeyed = row[-1] is None and not isinstance(row[4], int)
+                if unkeyed:
+                    row = (*row[:4], MOVED_KEY, *row[5:])
                 if _sound(row, V0_TYPES) and row[1] in streams:
                     out.retimed += retimed
+                    out.unkeyed += unkeyed
                     yield row
                 elif row[-1] is None:
                     out.unsendable += 1

@@ -787,6 +787,10 @@ class Spool:
                             "garbled in %s: they are kept as received at the salvage (their "
                             "receivedAt, and their age for max_age_days, count from it)",
                             self.path, got.retimed, moved)
+            if got.unkeyed:
+                log.warning("spool %s: the dedupe keys of %d salvaged queued events were "
+                            "garbled in %s: they are kept without them (a resend of one is "
+                            "stored again)", self.path, got.unkeyed, moved)
             if got.dead_lost or not got.dead_known:
                 # Dead letters wait for an operator: those lost are said, as events are.
                 how_many = (f"{got.dead_lost} dead letters could not be read" if got.dead_known
