@@ -125,9 +125,8 @@ def look(conn: sqlite3.Connection, spool: Path, said: Damage | None = None,
         return damage
     if damage.cut:
         # No copy: the frames lost are not in the log, and what is left SQLite has read.
-        log.error("spool %s: its write-ahead log is cut short or not its own: its -shm "
-                  "says frames up to %d were committed, but only %d are left (in it or in "
-                  "the database file); "
+        log.error("spool %s: its write-ahead log is cut short: its -shm says frames up to "
+                  "%d were committed, but only %d are left (in it or in the database file); "
                   "the commits in the %d frames cut off were answered to apps as stored and "
                   "are lost, how many events is unknown", spool, damage.read + damage.cut,
                   damage.read, damage.cut)
@@ -173,7 +172,9 @@ def ignored_commits(wal: Path, read: int) -> Damage | None:
 
 def cut_short(wal: Path, shm: Committed | None) -> Damage | None:
     """The committed frames (``shm``) missing from ``wal``, past those in the database file
-    already; None when none are (or the -shm says nothing)."""
+    already; None when none are, or the -shm says nothing of this log: a sound header of
+    other salts is another log's, or the -shm another's (a spool and its log put back
+    beside a killed agent's -shm); which, cannot be told."""
     if shm is None or shm.frames <= shm.backfilled:
         return None
     left = 0
@@ -181,6 +182,8 @@ def cut_short(wal: Path, shm: Committed | None) -> Damage | None:
         with open(wal, "rb") as fh:
             head = fh.read(HEADER)
             page = int.from_bytes(head[8:12], "big") if len(head) == HEADER else 0
+            if page and head[16:24] != shm.salts and _sound_header(head):
+                return None
             if head[16:24] == shm.salts and page >= 512 and not page & (page - 1):
                 # This log's whole frames (its salts), up to the last committed.
                 whole = (os.fstat(fh.fileno()).st_size - HEADER) // (FRAME_HEADER + page)
@@ -195,6 +198,13 @@ def cut_short(wal: Path, shm: Committed | None) -> Damage | None:
         return None
     left = max(left, shm.backfilled)
     return Damage(left, 0, shm.frames - left) if left < shm.frames else None
+
+
+def _sound_header(head: bytes) -> bool:
+    """Whether a log's header holds its own checksum (SQLite reads no log without it)."""
+    order = _MAGIC.get(int.from_bytes(head[:4], "big"))
+    return order is not None and \
+        checksum(head[:24], order, 0, 0) == struct.unpack_from(">2I", head, 24)
 
 
 def _whole_commits_after(data: memoryview, size: int, first: int) -> int:
