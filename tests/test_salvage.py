@@ -978,6 +978,8 @@ RECEIPTS = {
     "real": ["UPDATE records SET received = 1700000000000.5 WHERE id = 1"],
     "out-of-range": ["UPDATE records SET received = 100000000000000000 WHERE id = 1",
                      "UPDATE streams SET depth = 'garbage'"],
+    # Alone, in a file that opens: found at the start as a value of another type is.
+    "out-of-range-alone": ["UPDATE records SET received = -100000000000000000 WHERE id = 1"],
 }
 
 
