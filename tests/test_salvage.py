@@ -1063,3 +1063,20 @@ async def test_events_whose_dedupe_keys_are_garbled_are_kept_without_them(
     assert [ev["context"]["nucleus"]["id"] for ev in fake_segment.events] == list(range(300))
     said = [r.getMessage() for r in caplog.records if "dedupe keys" in r.getMessage()]
     assert len(said) == 1 and "100 " in said[0], said
+
+
+async def test_a_garbled_receipt_time_past_the_dedupe_keys_loaded_is_found_at_the_start(
+        make_agent: Any, fake_segment: FakeSegment, tmp_path: Path) -> None:
+    """In a record older than the newest dedupe_max_keys keys, whose receipt time the start
+    did not read: its events went to dead letters as corrupt rows at their mapping."""
+    path = tmp_path / "spool.db"
+    await asyncio.to_thread(build, path, 300, 20, ("app1",))   # records 1, 101, 201
+    with contextlib.closing(sqlite3.connect(path)) as db, db:
+        db.execute("UPDATE records SET received = 'garbage' WHERE id = 1")
+    agent = await make_agent(upstreams=[segment_up(fake_segment)],
+                             storage={"dedupe_max_keys": 150})   # records 201 and 101 only
+    await wait_for(lambda: agent.spool.depth == 0, timeout=10)   # acked: all sent
+    status, _ = await snapshot(agent.port)
+    assert status["counters"]["spool_corrupt"] == 1
+    assert status["drops"]["dead_lettered"] == 0 and agent.spool.dead_count == 0
+    assert [ev["context"]["nucleus"]["id"] for ev in fake_segment.events] == list(range(300))
