@@ -1008,7 +1008,7 @@ async def test_events_whose_receipt_time_is_garbled_are_kept_as_received_at_the_
     assert len(received) == 1
     at = datetime.fromisoformat(received.pop()).timestamp()
     assert before - 1 <= at <= after + 1, (before, at, after)
-    said = [r.getMessage() for r in caplog.records if "receipt time" in r.getMessage()]
+    said = [r.getMessage() for r in caplog.records if "the receipt time of" in r.getMessage()]
     assert len(said) == 1 and "100 " in said[0], said
 
 

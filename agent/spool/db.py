@@ -19,7 +19,7 @@ import sys
 import threading
 from array import array
 from bisect import bisect_left, bisect_right
-from collections.abc import Awaitable, Callable, Iterator, Sequence
+from collections.abc import Awaitable, Callable, Iterable, Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass
 from itertools import accumulate, compress, repeat
@@ -40,6 +40,9 @@ PAST = -(1 << 62)  # an agent-observed time before any other
 # More events, or bytes, than any queue holds (seqs stay below it): a depth or size this
 # large is damage, which a commit's sum would overflow.
 MOST = 1 << 62
+# The receipt times a date can be written for (years 1 to 9999: event.iso_ms), in ms: one
+# past them is damage, which failed its events' mapping (dead-lettered as corrupt rows).
+EARLIEST_MS, LATEST_MS = -62_135_596_800_000, 253_402_300_799_999
 BUSY_TIMEOUT_MS = 5000  # how long a connection waits for another's lock
 # Rows fetched at a time as a spool opens, each batch taken apart in C loops: 8 MB of keys
 # at most, were they all full records (RECORD_EVENTS keys).
@@ -471,6 +474,7 @@ def _read_records(conn: sqlite3.Connection, marks: list[tuple[int, int]], latest
         queued = list(map(is_, given, repeat(None)))
         ids.extend(compress(record_ids, queued))
         sizes.extend(compress(map(itemgetter(3), chunk), queued))
+        _dated(compress(map(itemgetter(2), chunk), queued))   # records' (not spent rows')
         del blobs[taken:]
         blobs.reverse()
         parts.append(b"".join(blobs))
@@ -487,14 +491,15 @@ def _read_records(conn: sqlite3.Connection, marks: list[tuple[int, int]], latest
     for column in (ids, sizes, counts, wall, seen, kept):
         column.reverse()
     if held >= max_keys:
-        older = conn.execute("SELECT id, n, live, bytes, stream FROM records WHERE id < ? "
-                             "ORDER BY id",
+        older = conn.execute("SELECT id, n, received, live, bytes, stream FROM records "
+                             "WHERE id < ? ORDER BY id",
                              (ids[0] if ids else 1 << 62,))
         head_ids, head_sizes = array("q"), array("q")
         while chunk := older.fetchmany(READ_ROWS):
-            _integers(chunk, 2, 3, 4)
+            _integers(chunk, 3, 4, 5)
             head_ids.extend(map(itemgetter(0), chunk))
             head_sizes.extend(map(itemgetter(1), chunk))
+            _dated(map(itemgetter(2), chunk))
         ids, sizes = head_ids + ids, head_sizes + sizes
     return (ids, sizes, _receipts(ids, marks, latest)), \
         StoredKeys(b"".join(reversed(parts)), counts, wall, seen, kept)
@@ -509,6 +514,14 @@ def _integers(rows: list[Any], live: int, size: int, stream: int) -> None:
     the record: the salvage keeps records of known queues alone."""
     for column in (live, size, stream):
         array("q", map(itemgetter(column), rows))
+
+
+def _dated(received: Iterable[Any]) -> None:
+    """TypeError for a receipt time of another type, ValueError for one past any date: a
+    chunk at a time, in C loops (an array of them all would take 8 bytes a record)."""
+    times = array("q", received)
+    if times and (min(times) < EARLIEST_MS or max(times) > LATEST_MS):
+        raise ValueError("a record's receipt time is past any date")
 
 
 def keys_from_bytes(data: bytes) -> array[int]:

@@ -35,7 +35,16 @@ from agent.families.event import FAMILIES, now_ms
 from agent.families.lanes import readable
 from agent.outcomes import Counts, Drop, Tally, from_names, record
 from agent.spool import migrate_lanes
-from agent.spool.db import CAP_NAME, MAIN_FILE, add_counters, mark, transaction, typed
+from agent.spool.db import (
+    CAP_NAME,
+    EARLIEST_MS,
+    LATEST_MS,
+    MAIN_FILE,
+    add_counters,
+    mark,
+    transaction,
+    typed,
+)
 from agent.spool.dedupe import MOVED_KEY, keys_to_bytes
 from agent.spool.migrate import V0_COLS, V0_TYPES, V0Row, beating, pack_v0, recount_streams
 from agent.spool.records import (
@@ -61,8 +70,6 @@ CHUNK = 500
 # be hundreds of KB each, and 500 of them at once could be more than the device has.
 CHUNK_BYTES = 4 * 1024 * 1024
 TOP = 1 << 62  # above any seq
-# The receipt times a date can be written for (years 1 to 9999: event.iso_ms), in ms.
-EARLIEST_MS, LATEST_MS = -62_135_596_800_000, 253_402_300_799_999
 
 
 @dataclass(slots=True)
