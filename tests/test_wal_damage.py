@@ -252,3 +252,25 @@ async def test_a_spool_and_log_put_back_beside_a_killed_agents_shm_are_no_damage
     assert agent.spool.depth == 2
     assert (await counters(agent))["wal_damaged"] == 0
     assert "write-ahead log" not in caplog.text
+
+
+@pytest.mark.parametrize("shm", [True, False], ids=["with-shm", "without-shm"])
+async def test_a_log_beside_an_empty_spool_file_is_kept_and_its_loss_said(
+        make_agent: Any, tmp_path: Path, caplog: pytest.LogCaptureFixture, shm: bool) -> None:
+    """The spool file emptied (damage) beside a -wal holding commits: SQLite deletes a log
+    beside an empty file unread, and the events in it went without a word (or, with the
+    -shm, were said lost to a log cut short). Said as what it is, the log kept first."""
+    image = await killed_image(tmp_path)
+    wal = Path(f"{image}-wal")
+    logged = wal.read_bytes()
+    os.truncate(image, 0)
+    if not shm:
+        Path(f"{image}-shm").unlink()
+    caplog.set_level(logging.ERROR)
+    agent = await make_agent(spool=image)
+    said = [r.getMessage() for r in caplog.records if "write-ahead log" in r.getMessage()]
+    assert len(said) == 1 and "spool file is empty" in said[0], said
+    assert (await counters(agent))["wal_damaged"] == 1
+    kept = list(image.parent.glob("spool.db.wal-damaged-*"))
+    assert len(kept) == 1 and kept[0].read_bytes() == logged, kept
+    assert kept[0].name in said[0]
