@@ -384,6 +384,11 @@ class Spool:
         sync = "FULL" if self.cfg.sync == "full" else "NORMAL"
         # What a killed agent's -shm says was committed, before a connection rebuilds it.
         shm = wal_check.committed(self.path) if sync == "FULL" else None
+        # A log beside an empty file, which SQLite deletes unread: kept, said and counted.
+        if (gone := wal_check.emptied(self.path, self._wal)) is not None:
+            shm = None   # (its loss said so, not as a log cut short)
+            if gone != self._wal:
+                self._wal, self._wal_counted = gone, False
         # Read-only first: a newer agent's file is refused before a connection that could
         # write to it exists (closing one checkpoints a WAL the newer agent left behind).
         open_read_only(self.path).close()

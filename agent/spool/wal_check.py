@@ -48,6 +48,7 @@ class Damage:
     read: int
     commits: int
     cut: int = 0
+    emptied: bool = False   # a log beside an empty database file (``emptied``)
 
 
 # The -shm's header (two copies of SQLite's WalIndexHdr, in the machine's byte order) and
@@ -99,6 +100,30 @@ def committed(spool: Path) -> Committed | None:
         return None
     (backfilled,) = struct.unpack_from(f"{order}I", head, _NBACKFILL)
     return Committed(frames, backfilled, head[32:40])
+
+
+def emptied(spool: Path, said: Damage | None = None) -> Damage | None:
+    """A log beside an empty database file (damage emptied it), which SQLite deletes unread
+    as the spool is opened (it takes the log for a stale one): copied and said first,
+    unless it is ``said`` (as ``look``'s); None when there is no such log."""
+    wal = Path(f"{spool}-wal")
+    try:
+        # (A log of no whole commit lost nothing answered.)
+        if os.stat(spool).st_size or not (commits := _commits(wal, 0)):
+            return None
+    except OSError:
+        return None
+    damage = Damage(0, commits, emptied=True)
+    if damage == said:
+        return damage
+    try:
+        kept = f"a copy of the log is kept as {keep_copy(wal, spool).name}"
+    except OSError as exc:
+        kept = f"no copy of the log could be kept ({exc})"
+    log.error("spool %s: its write-ahead log holds %d commits, but the spool file is empty "
+              "(damaged): SQLite deletes such a log unread, and the events in it, answered "
+              "to apps as stored, are lost, how many is unknown; %s", spool, commits, kept)
+    return damage
 
 
 def _in_use(fd: int) -> bool:
@@ -155,19 +180,24 @@ def checksum(data: bytes | memoryview, order: str, s0: int, s1: int) -> tuple[in
 def ignored_commits(wal: Path, read: int) -> Damage | None:
     """The damage in ``wal`` whose first ``read`` frames SQLite took (its log count),
     or None: no log, or at most one commit past them."""
+    commits = _commits(wal, read)
+    return Damage(read, commits) if commits >= 2 else None
+
+
+def _commits(wal: Path, first: int) -> int:
+    """The whole commits in ``wal`` past its first ``first`` frames; 0 with no log."""
     try:
         fd = os.open(wal, os.O_RDONLY)
     except FileNotFoundError:
-        return None
+        return 0
     try:
         size = os.fstat(fd).st_size
         if size < HEADER:
-            return None
+            return 0
         with mmap.mmap(fd, 0, access=mmap.ACCESS_READ) as data:
-            commits = _whole_commits_after(memoryview(data), size, max(read, 0))
+            return _whole_commits_after(memoryview(data), size, max(first, 0))
     finally:
         os.close(fd)
-    return Damage(read, commits) if commits >= 2 else None
 
 
 def cut_short(wal: Path, shm: Committed | None) -> Damage | None:
