@@ -512,15 +512,17 @@ async def test_a_newer_agents_unfinished_salvage_is_refused_and_left_as_it_was(
     assert not (tmp_path / "spool.db").exists(), "a fresh spool was made for the salvage"
 
 
-@pytest.mark.parametrize("damage", ["body = CAST(body AS TEXT)", "dkey = 'key'"],
+@pytest.mark.parametrize(("damage", "lost"), [("body = CAST(body AS TEXT)", 1),
+                                               ("dkey = 'key'", 0)],
                          ids=["body-text", "dedupe-key-text"])
-async def test_a_v0_spool_with_an_event_of_another_type_starts_and_loses_that_event_alone(
-        v0: Path, damage: str, make_agent: Any) -> None:
+async def test_a_v0_spool_with_an_event_of_another_type_starts_salvaged(
+        v0: Path, damage: str, lost: int, make_agent: Any) -> None:
     """Damage garbled one queued event of a v0 spool into another type (its body into
     text, its dedupe key into text). The migration packed it as it came and raised
     TypeError, rolled back: the agent failed at every start, its whole queue out of
     reach. Now the file is taken for damaged, as a start takes such a value in a
-    current spool: moved aside and salvaged, that event lost, counted, the rest kept."""
+    current spool: moved aside and salvaged, the rest kept; the event whose body is
+    garbled lost, counted, the one whose dedupe key is kept without it (salvage.py)."""
     events, _ = read_v0(v0)
     queued = [e for e, acked in events if acked is None and e.stream == 1]
     with connect(v0) as db:
@@ -530,6 +532,6 @@ async def test_a_v0_spool_with_an_event_of_another_type_starts_and_loses_that_ev
     spool = agent.spool
     assert table(v0, "PRAGMA user_version") == [(VERSION,)]
     rows = await spool.fetch(spool.streams["app-nucleus"].id, 0, 100)
-    assert [r.body for r in rows] == [e.body for e in queued[1:]]
-    assert spool.counters.get("dropped_corrupt") == 1
-    assert spool.depth == 37 and spool.dead_count == 2
+    assert [r.body for r in rows] == [e.body for e in queued[lost:]]
+    assert spool.counters.get("dropped_corrupt", 0) == lost
+    assert spool.depth == 38 - lost and spool.dead_count == 2
