@@ -41,8 +41,10 @@ async def test_dead_letter_commands_on_a_failing_spool_say_so_in_one_line(
 async def test_an_export_the_agent_cuts_short_keeps_the_old_file_and_says_so(
         make_agent: Any, tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
     """The spool fails after the export's first page went out (a row the second page reads
-    is damaged here): the stream ends without its last chunk. The command says the agent
-    stopped the export and that the file is unchanged, in one line; the log says why."""
+    holds text that is not UTF-8 here, which Python's sqlite3 refuses to read; a letter of
+    another type is damage, salvaged as the export goes on): the stream ends without its
+    last chunk. The command says the agent stopped the export and that the file is
+    unchanged, in one line; the log says why."""
     agent = await make_agent(port=free_port())
     letters = EXPORT_PAGE + 5
     await agent.spool.append([Event("app", NUCLEUS, dedupe_key("app", n), b'{"n":%d}' % n)
@@ -51,7 +53,7 @@ async def test_an_export_the_agent_cuts_short_keeps_the_old_file_and_says_so(
     await agent.spool.dead_letter([(r.seq, "up", "refused") for r in rows])
     with contextlib.closing(sqlite3.connect(str(agent.spool.path),
                                             isolation_level=None)) as other:
-        other.execute("UPDATE dead SET reason = CAST(reason AS BLOB) "
+        other.execute("UPDATE dead SET reason = CAST(CAST(reason AS BLOB) || x'ff' AS TEXT) "
                       "WHERE seq = (SELECT max(seq) FROM dead)")
     target = tmp_path / "out.jsonl"
     target.write_text("kept\n")
@@ -61,7 +63,7 @@ async def test_an_export_the_agent_cuts_short_keeps_the_old_file_and_says_so(
     assert f"after {EXPORT_PAGE} dead letters" in out and "unchanged" in out, out
     assert target.read_text() == "kept\n"
     assert not [p for p in tmp_path.iterdir() if p.name.startswith(".out.jsonl.")]
-    assert any("export" in r.getMessage() and "bytes" in r.getMessage()
+    assert any("export" in r.getMessage() and "UTF-8" in r.getMessage()
                and r.levelno >= logging.ERROR for r in caplog.records)
 
 

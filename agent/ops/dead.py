@@ -14,6 +14,7 @@ from __future__ import annotations
 import logging
 import sqlite3
 from collections.abc import Awaitable, Callable
+from typing import Any
 
 import orjson
 from aiohttp import web
@@ -84,13 +85,17 @@ class DeadRoutes:
             limit = min(LIST_LIMIT, max(0, int(request.query.get("limit", LIST_LIMIT))))
         except ValueError:
             raise _Refused(400, "limit is a number") from None
-        # The newest groups only: each letter may have a reason of its own (an upstream
-        # naming each event it refuses), and a spool holds millions of letters.
-        summary = await dead_live.read(self.spool, dead.summary, LIST_LIMIT)
-        summary["entries"] = await dead_live.read(self.spool, dead.entries, which, limit)
-        if reason is not None:   # its letters, which the newest groups may leave out
-            summary["of_reason"] = await dead_live.read(self.spool, dead.of_reason, reason)
-        return web.json_response(summary)
+        def read(conn: sqlite3.Connection) -> dict[str, Any]:
+            # The newest groups only: each letter may have a reason of its own (an upstream
+            # naming each event it refuses), and a spool holds millions of letters.
+            summary = dead.summary(conn, LIST_LIMIT)
+            summary["entries"] = dead.entries(conn, which, limit)
+            if reason is not None:   # its letters, which the newest groups may leave out
+                summary["of_reason"] = dead.of_reason(conn, reason)
+            return summary
+        # One read: damage it meets salvages the spool, and the whole listing is read again
+        # from the fresh one (a summary read before would count letters salvaged away).
+        return web.json_response(await dead_live.read(self.spool, read))
 
     async def show(self, request: web.Request) -> web.Response:
         text = request.match_info["seq"]

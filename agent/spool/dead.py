@@ -92,13 +92,24 @@ class Requeued:
     last: int = FIRST   # the last seq taken: a next chunk need not read what is before it
 
 
-_ENTRY = ("SELECT seq, s.key, upstream, reason, at, received, length(body) FROM dead "
-          "JOIN streams s ON s.id = dead.stream")
+# A body's size only of a blob: one garbled into another type is then no whole number.
+_COLUMNS = ("seq, s.key, upstream, reason, at, received, "
+            "CASE typeof(body) WHEN 'blob' THEN length(body) END")
+_LETTERS = "FROM dead JOIN streams s ON s.id = dead.stream"
+_ENTRY = f"SELECT {_COLUMNS} {_LETTERS}"
+_ENTRY_TYPES = (int, str, str, str, int, int, int)
+# What a letter (or a group of them) garbled into another type is: damage, as the agent's
+# start (db.load_state) and a salvage (which drops such a letter) take it. A running agent's
+# read then salvages the spool (dead_live.read); a stopped one's is said damaged in one
+# line. Read as it came, it failed the listing, or a JSON dump (a traceback, or a 500).
+_GARBLED = "database disk image is malformed: a dead letter's value of another type"
 
 
 def _entry(row: tuple[Any, ...]) -> dict[str, Any]:
     """A dead letter as every reader (list, show, export) shows it: its key as a
     fingerprint, as the tail shows keys (keys are credentials)."""
+    if not typed(row, _ENTRY_TYPES):
+        raise sqlite3.DatabaseError(_GARBLED)
     seq, key, upstream, reason, at, received, size = row
     return {"id": seq, "key": fingerprint(key), "upstream": upstream, "reason": reason, "at": at,
             "received": received, "bytes": size}
@@ -151,8 +162,11 @@ def newest_groups(conn: sqlite3.Connection, newest: int) -> list[dict[str, Any]]
 
 
 def _groups(conn: sqlite3.Connection, sql: str, newest: int | None) -> list[dict[str, Any]]:
+    rows = conn.execute(sql, (-1 if newest is None else newest,)).fetchall()
+    if not all(typed(row, (str, str, int, int, int)) for row in rows):   # the letters' own
+        raise sqlite3.DatabaseError(_GARBLED)
     return [{"reason": r, "upstream": u, "count": n, "oldest": lo, "newest": hi}
-            for r, u, n, lo, hi in conn.execute(sql, (-1 if newest is None else newest,))]
+            for r, u, n, lo, hi in rows]
 
 
 def _user_version(conn: sqlite3.Connection) -> int:
@@ -167,6 +181,8 @@ def entries(conn: sqlite3.Connection, which: Which | None, limit: int) -> list[d
 
 
 def _body(raw: bytes) -> Any:
+    if not isinstance(raw, bytes):
+        raise sqlite3.DatabaseError(_GARBLED)
     try:
         return orjson.loads(raw)
     except orjson.JSONDecodeError:
@@ -192,8 +208,7 @@ def export(conn: sqlite3.Connection, after: int = 0, limit: int = -1,
     # time: orjson hands back its whole working buffer, several times a large body's size.
     lines, last, size = bytearray(), after, 0
     for *row, body in conn.execute(
-            "SELECT seq, s.key, upstream, reason, at, received, length(body), body FROM dead "
-            "JOIN streams s ON s.id = dead.stream WHERE seq > ? ORDER BY seq LIMIT ?",
+            f"SELECT {_COLUMNS}, body {_LETTERS} WHERE seq > ? ORDER BY seq LIMIT ?",
             (after, limit)):
         lines += orjson.dumps({**_entry(tuple(row)), "body": _body(body)})
         lines += b"\n"
@@ -470,18 +485,10 @@ def newest_reasons(path: Path) -> list[dict[str, Any]]:
     try:
         # A damaged summary counted from the letters, as `outpost dead list` does: read as
         # it is, a value garbled into another type broke the status table.
-        groups = summary(conn, NEWEST_REASONS, kept=not summary_damaged(conn))["groups"]
-        if not all(map(_group_typed, groups)):   # the letters' own: shown as unreadable
-            raise sqlite3.DatabaseError("database disk image is malformed: a dead letter's "
-                                        "value of another type")
-        return list(groups)
+        # The letters' own of another type: shown as unreadable (_groups).
+        return list(summary(conn, NEWEST_REASONS, kept=not summary_damaged(conn))["groups"])
     finally:
         conn.close()
-
-
-def _group_typed(group: dict[str, Any]) -> bool:
-    return typed([group[k] for k in ("reason", "upstream", "count", "oldest", "newest")],
-                 (str, str, int, int, int))
 
 
 class Offline:
