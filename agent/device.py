@@ -6,12 +6,14 @@ Computed once at startup (a few file reads), then served from memory.
 from __future__ import annotations
 
 import contextlib
+import errno
 import hashlib
 import locale
 import logging
 import os
 import platform
 import re
+import stat
 import subprocess
 import sys
 import tempfile
@@ -120,8 +122,7 @@ def _os_machine_id() -> str | None:
     if sys.platform.startswith("linux"):
         for p in MACHINE_ID_FILES:
             try:
-                with open(p, "rb") as f:
-                    raw = f.read(64).strip()
+                raw = _head(p).strip()
             except OSError:
                 continue
             # An id is 32 hex digits, as systemd reads it. Anything else is none: empty,
@@ -171,13 +172,23 @@ def _kept_id(id_file: Path, make: bool) -> str | None:
 def _read_kept(id_file: Path) -> tuple[str | None, str]:
     """The id kept in ``id_file``, else None and why ("" when there is no file)."""
     try:
-        with open(id_file, "rb") as f:
-            raw = f.read(64).strip()
+        raw = _head(id_file).strip()
     except FileNotFoundError:
         return None, ""
     except OSError as exc:
         return None, f"cannot be read ({exc.strerror or exc})"
     return (raw.decode(), "") if _MACHINE_ID(raw) else (None, "holds no id")
+
+
+def _head(path: str | Path) -> bytes:
+    """The first bytes of the regular file ``path``, enough for an id; OSError if there is
+    none to read, or it is no regular file. Opened without waiting: a FIFO's plain open
+    waits for a writer, which held `outpost doctor`, and the agent's start, forever."""
+    fd = os.open(path, os.O_RDONLY | getattr(os, "O_NONBLOCK", 0))
+    with open(fd, "rb") as f:
+        if not stat.S_ISREG(os.fstat(fd).st_mode):
+            raise OSError(errno.EINVAL, "not a regular file")
+        return f.read(64)
 
 
 def _write_private(path: Path, text: str, *, replace: bool) -> bool:
