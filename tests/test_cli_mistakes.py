@@ -950,6 +950,22 @@ def test_a_storage_path_with_control_characters_is_shown_escaped(tmp_path: Path)
         assert "x\\x1b[2J\\ny" in refused(outpost(*args), "storage.path")
 
 
+@pytest.mark.parametrize("value", ['"""\n{dir}/spool.db\n"""', '"{dir}/spool.db\\t"',
+                                   '"{dir}/spool\\u001b[2J.db"'],
+                         ids=["trailing-line-break", "trailing-tab", "escape-sequence"])
+def test_a_storage_path_holding_a_control_character_is_refused(tmp_path: Path,
+                                                               value: str) -> None:
+    """A TOML multi-line string keeps the line break before its closing quotes: check-config
+    said ok, and the agent made its spool as `spool.db` and a line break, beside where the
+    operator (and a backup) looks for it, its lock file and -wal alike. A control character
+    in storage.path is refused in one line, as in every other key a path or name is given."""
+    cfg = tmp_path / "agent.toml"
+    cfg.write_text(f"[listen]\nport = 0\n[storage]\npath = {value.format(dir=tmp_path)}\n")
+    for args in (("check-config", str(cfg)), ("run", "--config", str(cfg))):
+        refused(outpost(*args), "storage.path", "control characters")
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["agent.toml"]
+
+
 def test_a_valid_config_s_paths_are_shown_escaped(tmp_path: Path) -> None:
     """check-config's `FILE: ok` and the status table's spool line printed a path as it
     was: a line break split the line, an escape sequence reached the terminal."""
