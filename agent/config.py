@@ -243,7 +243,11 @@ def _listen(t: dict[str, Any]) -> ListenConfig:
 def _spool_file(value: Any) -> str | None:
     """A directory meant ("data/", "data/."): Path drops the slash and a last ".", and a
     file of that name would be made the spool where the operator looks for a directory
-    holding it."""
+    holding it. Nor a control character: the line break a TOML multi-line string keeps
+    before its closing quotes made the spool (and its lock file, its -wal) under a name
+    no one looks for."""
+    if not value.isprintable():
+        return f"must be printable (no line breaks or control characters), got {value!r}"
     last = value.replace(os.sep, "/").rsplit("/", 1)[-1]
     if value and last in ("", ".", ".."):
         return (f"names a directory; name the spool file in it, such as "
