@@ -428,6 +428,33 @@ def test_a_drop_in_s_read_write_paths_let_the_service_write_storage_path(tmp_pat
     assert outside_unit(load_file(config), drop_ins) is None
 
 
+def test_a_symlinked_storage_path_is_judged_by_the_directory_of_the_file_it_names(
+        tmp_path: Path) -> None:
+    """storage.path a symlink (a spool moved to a bigger disk and linked back): the agent
+    writes beside the file it names (its -wal, its lock file, a fresh spool after a
+    salvage), so that is the directory the unit must let the service write. The link's own
+    was checked: a link in a writable directory to a file outside passed install and
+    check-config, and the service exited at every start; the opposite was refused."""
+    from agent.config import load_file
+    from agent.preflight import outside_unit
+
+    drop_ins = tmp_path / "outpost.service.d"
+    allowed, outside = tmp_path / "allowed", tmp_path / "srv"
+    for made in (drop_ins, allowed, outside):
+        made.mkdir()
+    (drop_ins / "storage.conf").write_text(f"[Service]\nReadWritePaths={allowed}\n")
+    config = tmp_path / "agent.toml"
+    link = allowed / "spool.db"
+    link.symlink_to(outside / "spool.db")
+    config.write_text(f'[storage]\npath = "{link}"\n')
+    said = outside_unit(load_file(config), drop_ins)
+    assert said is not None and f"ReadWritePaths={outside}`" in said, said
+    link.unlink()
+    (outside / "spool.db").symlink_to(link)
+    config.write_text(f'[storage]\npath = "{outside / "spool.db"}"\n')
+    assert outside_unit(load_file(config), drop_ins) is None
+
+
 def test_a_drop_in_that_eases_protect_system_or_adds_a_state_directory_is_heeded(
         tmp_path: Path) -> None:
     """Drop-ins other than ReadWritePaths= let the service write a storage.path too: a
