@@ -262,18 +262,22 @@ def outside_unit(cfg: Config, drop_ins: Path = DROP_INS) -> str | None:
     spool = cfg.storage.resolved_path()
     sandbox = _sandbox(drop_ins)
     allowed = [*sandbox.state_dirs, *sandbox.read_write]
-    where = Path(os.path.realpath(spool.parent))
+    # A symlink's spool is written beside the file it names (its -wal, its lock file, a
+    # fresh spool after a salvage): that directory is the one the service must write.
+    files = paths.spool_file(spool)
+    where = Path(os.path.realpath(files.parent))
     if any(where.is_relative_to(os.path.realpath(a)) for a in allowed):
         return None
     if sandbox.protect_system != "strict" and not any(
             where.is_relative_to(r) for r in (*_STILL_SHUT, *_READ_ONLY[sandbox.protect_system])):
         return None
     writable = ", ".join(map(str, allowed)) or "nothing"
-    return (f"storage.path {spool} is outside what the system unit lets the service write "
+    named = f" (a link to {files})" if files != spool else ""
+    return (f"storage.path {spool}{named} is outside what the system unit lets the service write "
             f"({writable}: ProtectSystem={sandbox.protect_system}), so it would exit at every "
             f"start; leave storage.path empty to use {paths.LINUX_SYSTEM_DATA}, or allow the "
             f"directory in a drop-in: {drop_ins / 'storage.conf'} holding the lines `[Service]` "
-            f"and `ReadWritePaths={systemd_word(spool.parent)}` (create the directory first, "
+            f"and `ReadWritePaths={systemd_word(files.parent)}` (create the directory first, "
             "owned by outpost)")
 
 
