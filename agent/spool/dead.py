@@ -324,6 +324,10 @@ def requeue(conn: sqlite3.Connection, which: Which, next_seq: int,
         rows = conn.execute(f"DELETE FROM dead WHERE {where} AND seq > ? AND seq <= ? "
                             "RETURNING seq, stream, family, received, dkey, body, lane",
                             (*params, after, last)).fetchall()
+        # Queued as they came, a body of text failed the retry, one of a number went as
+        # that many NUL bytes, and a stream, time or key of text went into the queue.
+        if not all(typed(row[:6], (int, int, int, int, int, bytes)) for row in rows):
+            raise sqlite3.DatabaseError(_GARBLED)   # the caller's transaction undone
         after, steps = last, steps - 1
         done.last = last
         _requeue_step(conn, rows, done, stay, newest)
