@@ -8,6 +8,7 @@ queue's counts hold (audit: a second agent on another port started without a wor
 from __future__ import annotations
 
 import contextlib
+import os
 import shutil
 import subprocess
 import sys
@@ -87,6 +88,22 @@ def test_a_lock_file_that_cannot_be_opened_is_one_line(tmp_path: Path) -> None:
                          capture_output=True, text=True, cwd=ROOT, timeout=30)
     assert run.returncode == 2, (run.returncode, run.stderr)
     assert "Traceback" not in run.stderr and "spool.db.lock" in run.stderr, run.stderr
+
+
+async def test_a_lock_file_that_is_a_fifo_holds_no_offline_command(tmp_path: Path) -> None:
+    """A stopped agent's spool with a FIFO where its lock file goes: `outpost status` and
+    `outpost dead` open that file to ask whether an agent holds it, and a FIFO's open
+    waits for a writer: they waited forever. They answer from the spool."""
+    spool = tmp_path / "spool.db"
+    await (await Spool.open(StorageConfig(path=str(spool)))).close()
+    spool_lock(spool).unlink(missing_ok=True)
+    os.mkfifo(spool_lock(spool))
+    cfg = write_config(tmp_path / "a.toml", spool, port=free_port())
+    for args in (["status"], ["dead", "list"]):
+        run = subprocess.run([sys.executable, "-m", "agent", *args, "--config", str(cfg)],
+                             capture_output=True, text=True, cwd=ROOT, timeout=30,
+                             stdin=subprocess.DEVNULL)
+        assert run.returncode == 0 and "no agent running" in run.stdout, (args, run)
 
 
 async def test_a_lock_file_left_where_the_removed_one_was_is_taken_at_the_recovery(
