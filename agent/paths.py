@@ -145,7 +145,8 @@ def agent_holds(spool: Path) -> bool:
         return False
     import fcntl
     try:
-        fd = os.open(spool_lock(spool), os.O_RDONLY)
+        # Without waiting: a FIFO put there waits for a writer at a plain open.
+        fd = os.open(spool_lock(spool), os.O_RDONLY | os.O_NONBLOCK)
     except OSError:   # none (no agent ever ran here), or not ours to open
         return False
     try:
