@@ -1080,3 +1080,28 @@ async def test_a_garbled_receipt_time_past_the_dedupe_keys_loaded_is_found_at_th
     assert status["counters"]["spool_corrupt"] == 1
     assert status["drops"]["dead_lettered"] == 0 and agent.spool.dead_count == 0
     assert [ev["context"]["nucleus"]["id"] for ev in fake_segment.events] == list(range(300))
+
+
+async def test_a_fifo_where_the_salvage_marker_goes_holds_no_command_nor_the_start(
+        tmp_path: Path, agent_process: Callable[..., AgentProcess]) -> None:
+    """A FIFO at spool.db.salvaging (the marker naming a file a salvage moved aside): read
+    as the marker, its open waited for a writer, forever. `outpost status` and `outpost
+    dead list` of the stopped agent hung, and `outpost run` hung before it listened, deaf
+    to SIGTERM. A marker that is no regular file names no file: a stale one, which the
+    start removes."""
+    spool = tmp_path / "spool.db"
+    await (await Spool.open(StorageConfig(path=str(spool)))).close()
+    fifo = spool.with_name(f"{spool.name}.salvaging")
+    os.mkfifo(fifo)
+    port = free_port()
+    cfg = write_config(tmp_path / "agent.toml", spool, port=port)
+    for args in (["status"], ["dead", "list"]):
+        run = subprocess.run([sys.executable, "-m", "agent", *args, "--config", str(cfg)],
+                             capture_output=True, text=True, cwd=ROOT, timeout=30,
+                             stdin=subprocess.DEVNULL)
+        assert run.returncode == 0 and "no agent running" in run.stdout, (args, run)
+        assert "salvage is pending" not in run.stdout + run.stderr, (args, run)
+    agent = agent_process(cfg, port)
+    await asyncio.to_thread(agent.start)
+    assert agent.terminate() == 0
+    assert not os.path.lexists(fifo)
