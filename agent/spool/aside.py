@@ -18,6 +18,7 @@ from __future__ import annotations
 import contextlib
 import os
 import sqlite3
+import stat
 import time
 from pathlib import Path
 
@@ -47,6 +48,9 @@ def target(path: Path) -> Path:
 
 # The marker's line after the name of a copy whose path is still to be cleared.
 CLEAR = "clear"
+# More than any marker holds (a file name, of at most 255 bytes, and CLEAR): a marker read
+# no further (a huge file put there) names no file.
+MARKER_BYTES = 4096
 
 
 def note(path: Path, moved: Path, clear: bool = False) -> OSError | None:
@@ -161,7 +165,7 @@ def _named(path: Path) -> tuple[Path | None, bool] | None:
     try:
         # A link is made whole (note): its name needs no newline to end it.
         text = f"{os.readlink(marker(path))}\n" if marker(path).is_symlink() else \
-            marker(path).read_text(encoding="utf-8", errors="replace")
+            _marker_text(marker(path))
     except FileNotFoundError:
         return None
     name, ended, rest = text.partition("\n")
@@ -170,6 +174,17 @@ def _named(path: Path) -> tuple[Path | None, bool] | None:
     moved = path.with_name(name) if ended and (clear or not rest) and "\0" not in name \
         and name.startswith(f"{path.name}.corrupt-") and Path(name).name == name else None
     return moved, clear
+
+
+def _marker_text(found: Path) -> str:
+    """The text of the marker file ``found``: "" (naming no file, so stale) when it is no
+    regular file. Opened without waiting, and read no further than a name and ``CLEAR``:
+    a FIFO there held every offline command and the agent's start forever."""
+    fd = os.open(found, os.O_RDONLY | getattr(os, "O_NONBLOCK", 0))
+    with open(fd, "rb") as fh:
+        if not stat.S_ISREG(os.fstat(fd).st_mode):
+            return ""
+        return fh.read(MARKER_BYTES).decode("utf-8", "replace")
 
 
 def done(path: Path) -> None:
