@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import asyncio
 import socket
+import threading
 from typing import Any
 
 import pytest
@@ -294,3 +295,61 @@ async def test_a_day_of_dns_failing_then_back(make_agent: Any, fake_nucleus: Fak
     assert fake_nucleus.ids() == list(range(24))
     assert timing.now() == now   # the change probed at once: no probe or retry was due
 
+
+class SilentResolver:
+    """The C library's lookup of ``name``, as on a network whose resolver does not answer
+    (a router whose uplink is down): each lookup asked while ``silent`` waits until the
+    test ends (resolv.conf's timeouts: up to 150 s) and fails. Once ``silent`` is cleared,
+    a lookup asked afresh answers 127.0.0.1 at once."""
+
+    def __init__(self, name: str) -> None:
+        self.name = name
+        self.silent = True
+        self.asked = 0
+        self._real = socket.getaddrinfo
+        self._end = threading.Event()
+
+    def getaddrinfo(self, host: Any, port: Any, *args: Any, **kw: Any) -> Any:
+        if host != self.name:
+            return self._real(host, port, *args, **kw)
+        self.asked += 1
+        if self.silent:
+            self._end.wait()
+            raise socket.gaierror(socket.EAI_AGAIN, "Temporary failure in name resolution")
+        return self._real("127.0.0.1", port, *args, **kw)
+
+    def close(self) -> None:
+        self._end.set()
+
+
+@pytest.mark.parametrize("during_probe", [False, True])
+async def test_a_network_change_probes_afresh_past_a_lookup_the_old_network_left_hanging(
+        make_agent: Any, fake_nucleus: FakeNucleus, monkeypatch: pytest.MonkeyPatch,
+        during_probe: bool) -> None:
+    """A network change probes an unreachable upstream at once, and its keys go if it
+    answers: not after the lookups asked on the old network give up (resolv.conf's
+    timeouts, 10 s to 150 s), nor a probe interval after a probe in flight on the old
+    network fails. The forwarder clock never moves here: only the change can deliver."""
+    resolver = SilentResolver("upstream.outpost.test")
+    monkeypatch.setattr(socket, "getaddrinfo", resolver.getaddrinfo)
+    try:
+        timing = ManualTiming()
+        agent = await make_agent(
+            upstreams=[{**nucleus_upstream(fake_nucleus, "nucleus-ws"), "timeout_s": 2.0,
+                        "url": f"ws://upstream.outpost.test:{fake_nucleus.port}"}],
+            seams=seams(timing))
+        state = agent.forwarding.states["up"]
+        prober = agent.forwarding.probers["up"]
+        await send(agent, [event(i) for i in range(3)])
+        await wait_for(lambda: state.unreachable_since is not None and not prober.probing)
+        assert resolver.asked >= 1
+        if during_probe:   # the next probe, asked on the old network, hangs in its lookup
+            timing.advance(min(timing.pending()))
+            await wait_for(lambda: prober.probing)
+        resolver.silent = False   # the device joins a network whose resolver answers
+        agent.forwarding.network_changed()   # as the netlink watcher reports it
+        await wait_for(lambda: agent.spool.depth == 0)
+        assert fake_nucleus.ids() == [0, 1, 2]
+        assert state.unreachable_since is None
+    finally:
+        resolver.close()
