@@ -20,8 +20,10 @@ import pytest
 from agent.clock import Clock
 from agent.forwarder.backoff import BACKOFF
 from agent.forwarder.probe import PROBE_S
+from agent.forwarder.supervisor import NET_GAP_S
 from agent.sync.monitor import BATTERY_POLL_S
 from agent.sync.policy import Battery
+from agent.uplinks.lookup import FORGOTTEN_MAX
 from tests.fakes.captive_portal import PORTAL, CaptiveUpstream
 from tests.fakes.deaf_upstream import RawUpstream
 from tests.fakes.manual_timing import ManualTiming
@@ -353,3 +355,36 @@ async def test_a_network_change_probes_afresh_past_a_lookup_the_old_network_left
         assert state.unreachable_since is None
     finally:
         resolver.close()
+
+
+async def test_a_network_that_keeps_changing_while_its_resolver_is_silent_piles_no_threads(
+        make_agent: Any, fake_nucleus: FakeNucleus, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Each change lets the lookups under way go and asks afresh: their threads wait out
+    the resolver's timeouts. A link that flaps for minutes must not leave a thread per
+    change: at most FORGOTTEN_MAX are let go at a time."""
+    resolver = SilentResolver("upstream.outpost.test")
+    monkeypatch.setattr(socket, "getaddrinfo", resolver.getaddrinfo)
+    try:
+        timing = ManualTiming()
+        agent = await make_agent(
+            upstreams=[{**nucleus_upstream(fake_nucleus, "nucleus-ws"), "timeout_s": 0.2,
+                        "url": f"ws://upstream.outpost.test:{fake_nucleus.port}"}],
+            seams=seams(timing))
+        state = agent.forwarding.states["up"]
+        prober = agent.forwarding.probers["up"]
+        await send(agent, [event(0)])
+        await wait_for(lambda: state.unreachable_since is not None)
+        for _ in range(3 * FORGOTTEN_MAX):
+            await wait_for(lambda: not prober.probing)   # its lookup timed out
+            probes = state.probes
+            timing.advance(NET_GAP_S)   # the next change is no burst's: it kicks at once
+            agent.forwarding.network_changed()   # a probe, its lookup asked afresh
+            await wait_for(lambda: state.probes > probes)  # noqa: B023
+        assert lookups() <= FORGOTTEN_MAX + 3   # + this network's: the probe's, a send's
+        assert agent.spool.depth == 1
+    finally:
+        resolver.close()
+
+
+def lookups() -> int:
+    return sum(thread.name == "lookup" for thread in threading.enumerate())

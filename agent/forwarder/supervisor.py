@@ -77,6 +77,7 @@ from agent.netwatch import NetWatch, watch
 from agent.settings import Config, UpstreamConfig
 from agent.spool import Spool
 from agent.spool.types import Row
+from agent.uplinks import lookup
 from agent.uplinks.base import Uplink
 from agent.uplinks.http_common import client_session
 from agent.uplinks.registry import make_uplink, uplink_class
@@ -472,6 +473,9 @@ class Supervisor:
     def _kick(self) -> None:
         self._net_timer = None
         self._last_kick = self.seams.timing.now()
+        # The lookups under way were asked on the old network: a resolver that does not
+        # answer would hold the probes, and the sends, that wait for them.
+        lookup.forget()
         for prober in self.probers.values():
             prober.kick()
 

@@ -6,13 +6,16 @@ waits for: a resolver that does not answer (a router whose uplink is down) held 
 agent's exit up to `timeout:30 attempts:5` of resolv.conf, 150 s, after its stop had
 cut short the send waiting for it, and past systemd's TimeoutStopSec. A lookup left
 unfinished at exit is abandoned here, as a daemon thread is. One thread per distinct
-question at a time: a probe asking every 2 s waits for the lookup already asking.
+question at a time: a probe asking every 2 s waits for the lookup already asking;
+except across a network change (``forget``): a lookup asked on the old network, of a
+resolver that did not answer, is not waited for on the new one.
 """
 
 from __future__ import annotations
 
 import asyncio
 import errno
+import functools
 import socket
 import sys
 import threading
@@ -23,7 +26,16 @@ from aiohttp.abc import AbstractResolver, ResolveResult
 AddrInfo = list[tuple[socket.AddressFamily, socket.SocketKind, int, str, Any]]
 _ADDRCONFIG = socket.AI_ADDRCONFIG & getattr(socket, "AI_MASK", socket.AI_ADDRCONFIG)
 _NUMERIC = socket.AI_NUMERICHOST | socket.AI_NUMERICSERV
-_asking: dict[tuple[Any, ...], asyncio.Future[AddrInfo]] = {}
+# Each question's lookup under way, and the thread that asks it.
+_asking: dict[tuple[Any, ...], tuple[asyncio.Future[AddrInfo], threading.Thread]] = {}
+# The threads of lookups ``forget`` let go, while they run: each until its resolver's
+# timeouts run out. At most this many, however often the network changes meanwhile.
+FORGOTTEN_MAX = 8
+_forgotten: list[threading.Thread] = []
+
+
+class _AskAgain(Exception):
+    """What a lookup ``forget`` let go answers those waiting for it: ask afresh."""
 
 
 async def getaddrinfo(host: str, port: int, family: int = 0,
@@ -31,24 +43,51 @@ async def getaddrinfo(host: str, port: int, family: int = 0,
     """``socket.getaddrinfo``, awaited; cancelling it leaves the lookup to end unwatched."""
     loop = asyncio.get_running_loop()
     question = (loop, host, port, family, type, flags)
-    asking = _asking.get(question)
-    if asking is None:
-        asking = loop.create_future()
+    while True:
+        under_way = _asking.get(question)
+        if under_way is not None:
+            asking = under_way[0]
+        else:
+            asking = loop.create_future()
+            thread = threading.Thread(target=_ask, name="lookup", daemon=True,
+                                      args=(loop, asking, host, port, family, type, flags))
+            try:
+                thread.start()
+            except RuntimeError as exc:
+                # No thread now (the task limit reached): this lookup fails, as a connect
+                # does, and the next asks again. Left in _asking, no thread would ever
+                # answer it, and every later lookup of the name waited on it.
+                raise OSError(errno.EAGAIN, f"no thread to look up {host} on ({exc})") from exc
+            _asking[question] = (asking, thread)
+            asking.add_done_callback(functools.partial(_answered, question))
         try:
-            threading.Thread(target=_ask, args=(loop, asking, host, port, family, type, flags),
-                             name="lookup", daemon=True).start()
-        except RuntimeError as exc:
-            # No thread now (the task limit reached): this lookup fails, as a connect does,
-            # and the next asks again. Left in _asking, no thread would ever answer it, and
-            # every later lookup of the name waited on it.
-            raise OSError(errno.EAGAIN, f"no thread to look up {host} on ({exc})") from exc
-        _asking[question] = asking
-        asking.add_done_callback(lambda answer: _answered(question, answer))
-    return await asyncio.shield(asking)
+            return await asyncio.shield(asking)
+        except _AskAgain:
+            continue
+
+
+def forget() -> None:
+    """The network changed: the lookups under way were asked of the old network's
+    resolver, which may not answer for resolv.conf's timeouts (up to 150 s), while the new
+    one's would at once. Those waiting for them (a probe, a send's connect, aiohttp's own
+    lookup that its connects share) ask afresh; the old threads end on their own, their
+    answers unheard. Call from the event loop."""
+    loop = asyncio.get_running_loop()
+    _forgotten[:] = [thread for thread in _forgotten if thread.is_alive()]
+    for question, (asking, thread) in list(_asking.items()):
+        if question[0] is not loop:
+            continue   # another loop's (a test's): this one cannot answer its waiters
+        if len(_forgotten) >= FORGOTTEN_MAX:
+            return   # a network that keeps changing: the lookups under way will do
+        del _asking[question]
+        _forgotten.append(thread)
+        asking.set_exception(_AskAgain())
 
 
 def _answered(question: tuple[Any, ...], answer: asyncio.Future[AddrInfo]) -> None:
-    _asking.pop(question, None)
+    under_way = _asking.get(question)
+    if under_way is not None and under_way[0] is answer:   # not one asked afresh (forget)
+        del _asking[question]
     if not answer.cancelled():
         answer.exception()   # taken: every one awaiting it may have been cancelled
 
