@@ -169,7 +169,19 @@ def _open_old(moved: Path) -> sqlite3.Connection | None:
     # A truncated file's schema names pages past its end: without this every query
     # fails, even on the pages that are still there.
     _try(old, "PRAGMA writable_schema = ON")
+    old.text_factory = _text
     return old
+
+
+def _text(raw: bytes) -> str | bytes:
+    """A TEXT value as read from the damaged file: one that is not UTF-8 (damage) stays
+    bytes, which fails its row's type check, as a value of another type does. Raised as
+    sqlite3 does, it failed the whole query: every key's queue lost with one key's name,
+    and every counter with one counter's."""
+    try:
+        return raw.decode()
+    except UnicodeDecodeError:
+        return raw
 
 
 def _depth(old: sqlite3.Connection | None, carry: Carry) -> int | None:

@@ -689,7 +689,12 @@ def is_corruption(exc: sqlite3.DatabaseError) -> bool:
     if isinstance(exc, Replaced):
         return True
     text = str(exc).lower()
-    return "malformed" in text or "not a database" in text or "corrupt" in text
+    # The last: a TEXT value that is not UTF-8, which Python's sqlite3 refuses to read
+    # (OperationalError). The agent writes only UTF-8: damage put it there. Taken for a
+    # disk error, the spool stayed closed at the start, and a dead-letter read failed
+    # at every request.
+    return ("malformed" in text or "not a database" in text or "corrupt" in text
+            or "could not decode to utf-8" in text)
 
 
 def _fail_waiters(waiters: list[asyncio.Future[None]], exc: SpoolFull) -> None:
