@@ -214,6 +214,27 @@ async def test_records_whose_key_is_garbled_are_counted_lost_not_silently_gone(
     assert len(fake_segment.message_ids()) == len(events) - lost
 
 
+async def test_a_record_whose_key_is_garbled_into_a_gap_between_keys_is_counted_lost(
+        make_agent: Any, fake_segment: FakeSegment, tmp_path: Path) -> None:
+    """As above, the record's key id garbled into one between two keys' ids (a bit set:
+    app-1's 1 read as 513, between it and app-2's 1024), which no queue has: the start's
+    check looked at the records' lowest and highest key ids alone. The record's event,
+    counted in app-1's queue, was never sent nor counted lost, and app-1 showed it queued
+    for good."""
+    path = tmp_path / "spool.db"
+    events = await backlog(path, 100)   # app-1 (stream 1) and app-2, each event a record
+    damage(path, "UPDATE streams SET id = 1024 WHERE id = 2",   # a sound file, ids apart
+           "UPDATE records SET stream = 1024 WHERE stream = 2",
+           "UPDATE records SET stream = stream + 512 WHERE id = (SELECT min(id) FROM records "
+           "WHERE stream = 1)")
+    agent = await make_agent(upstreams=[segment_up(fake_segment)])
+    await wait_for(lambda: len(fake_segment.message_ids()) == len(events) - 1, timeout=5)
+    got = await counters(agent.port)
+    assert got.get("spool_corrupt") == 1 and got.get("dropped_corrupt") == 1, got
+    await wait_for(lambda: agent.spool.depth == 0, timeout=5)
+    assert sorted(fake_segment.message_ids()) == ids(events[1:])
+
+
 async def dead_letters_and_a_queue(path: Path) -> None:
     """Ten dead letters of app1 under two reasons (five each), and three events of app2
     queued."""
