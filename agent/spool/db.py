@@ -63,12 +63,17 @@ ASTRAY = (f"SELECT EXISTS (SELECT 1 FROM records WHERE lane < {HIGH}) OR EXISTS 
 # Whether a record is in no key's queue, or a key's queue has events and no record: damage
 # garbled a record's stream id (a sign bit flipped, say). Its events were never sent nor
 # counted; all of a key's, and the start forgot the key, its queue gone unsaid. The lane
-# index's two ends, and a seek of it per key with events: not a scan of the records (a
-# record moved into another key's queue, or a gap between keys, is not seen).
+# index's two ends, a seek of it per key for the ids between that key's and the next's (a
+# bit set: 1 read as 513, between keys 1 and 1024), and one per key with events: not a
+# scan of the records (a record moved into another key's queue is not seen). The seeks
+# between keys, at 1M records: ~2.5 ms for 1,000 keys, ~25 ms for 10,000 (a scan of the
+# index, ~80-100 ms).
 ORPHANED = ("SELECT EXISTS (SELECT 1 FROM (SELECT (SELECT min(stream) FROM records) AS s "
             "UNION ALL SELECT (SELECT max(stream) FROM records)) WHERE s IS NOT NULL AND s "
-            "NOT IN (SELECT id FROM streams)) OR EXISTS (SELECT 1 FROM streams WHERE depth > 0 "
-            "AND NOT EXISTS (SELECT 1 FROM records WHERE stream = streams.id))")
+            "NOT IN (SELECT id FROM streams)) OR EXISTS (SELECT 1 FROM streams s WHERE EXISTS "
+            "(SELECT 1 FROM records WHERE stream > s.id AND stream < coalesce((SELECT min(id) "
+            f"FROM streams WHERE id > s.id), {MOST}))) OR EXISTS (SELECT 1 FROM streams "
+            "WHERE depth > 0 AND NOT EXISTS (SELECT 1 FROM records WHERE stream = streams.id))")
 
 
 class Signal:
