@@ -250,6 +250,36 @@ async def dead_letters_and_a_queue(path: Path) -> None:
         await spool.close()
 
 
+@pytest.mark.parametrize("action", ["list", "retry"])
+async def test_a_dead_letter_whose_key_is_garbled_is_counted_lost_not_hidden(
+        make_agent: Any, tmp_path: Path, action: str) -> None:
+    """A dead letter's key id garbled into one no key has (a bit set). The listings join
+    the letters to their keys: GET /dead counted it and left it out of its entries,
+    /dead/{id} answered 404 for it and /dead/export left it out; a retry put it in a
+    record of no key's queue, never sent, which the next start's salvage dropped
+    uncounted (the queue's depth had never held it). It is damage, as a letter's
+    garbled text is: salvaged, that letter lost and counted, the others kept."""
+    path = tmp_path / "spool.db"
+    await dead_letters_and_a_queue(path)   # ten letters of app1, seqs 1-10; app2's 3 queued
+    damage(path, "UPDATE dead SET stream = stream + 512 WHERE seq = 3")
+    agent = await make_agent()
+    async with aiohttp.ClientSession() as s:
+        if action == "list":
+            async with s.get(f"http://127.0.0.1:{agent.port}/dead") as r:
+                assert r.status == 200, await r.text()
+                listed = await r.json()
+            assert listed["count"] == 9, listed
+            assert sorted(e["id"] for e in listed["entries"]) == [1, 2, 4, 5, 6, 7, 8, 9, 10]
+        else:
+            async with s.post(f"http://127.0.0.1:{agent.port}/dead/retry",
+                              json={"all": True}) as r:
+                assert r.status == 200, await r.text()
+                assert (await r.json())["retried"] == 9
+            assert agent.spool.depth == 12
+    got = await counters(agent.port)
+    assert got["spool_corrupt"] == 1 and got["dead_dropped_corrupt"] == 1, got
+
+
 SUMMARY_DAMAGE = {
     "letters-more": "UPDATE dead_groups SET letters = 7 WHERE reason = 'HTTP 400'",
     "letters-int64-max": f"UPDATE dead_groups SET letters = {INT64_MAX} WHERE reason = 'HTTP 400'",
