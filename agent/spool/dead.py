@@ -20,7 +20,7 @@ from collections.abc import Set as AbstractSet
 from dataclasses import dataclass, field
 from pathlib import Path
 from types import MappingProxyType
-from typing import Any, NamedTuple
+from typing import Any, NamedTuple, NoReturn
 
 import orjson
 
@@ -95,7 +95,8 @@ class Requeued:
 # A body's size only of a blob: one garbled into another type is then no whole number.
 _COLUMNS = ("seq, s.key, upstream, reason, at, received, "
             "CASE typeof(body) WHEN 'blob' THEN length(body) END")
-_LETTERS = "FROM dead JOIN streams s ON s.id = dead.stream"
+# A LEFT JOIN: a letter whose key id damage garbled into one no key has is seen (_entry).
+_LETTERS = "FROM dead LEFT JOIN streams s ON s.id = dead.stream"
 _ENTRY = f"SELECT {_COLUMNS} {_LETTERS}"
 _ENTRY_TYPES = (int, str, str, str, int, int, int)
 # What a letter (or a group of them) garbled into another type is: damage, as the agent's
@@ -108,6 +109,8 @@ _GARBLED = "database disk image is malformed: a dead letter's value of another t
 def _entry(row: tuple[Any, ...]) -> dict[str, Any]:
     """A dead letter as every reader (list, show, export) shows it: its key as a
     fingerprint, as the tail shows keys (keys are credentials)."""
+    if row[1] is None:
+        _keyless()
     if not typed(row, _ENTRY_TYPES):
         raise sqlite3.DatabaseError(_GARBLED)
     seq, key, upstream, reason, at, received, size = row
@@ -342,6 +345,9 @@ def _requeue_step(conn: sqlite3.Connection, rows: list[Any], done: Requeued,
                   stay: AbstractSet[int], newest: Mapping[int, int]) -> None:
     """Put one step's dead letters back as records from ``done.next_seq`` on."""
     rows.sort()  # RETURNING's order is not defined: keep the old FIFO order
+    if any(conn.execute("SELECT 1 FROM streams WHERE id = ?", (sid,)).fetchone() is None
+           for sid in {row[1] for row in rows}):
+        _keyless()
     done.count += len(rows)
     # A key two letters hold (an event refused again once its key was let go) is stored
     # by the newest one's record alone, as the index knows it: the same bucket may hold
@@ -377,6 +383,14 @@ def _requeue_step(conn: sqlite3.Connection, rows: list[Any], done: Requeued,
         if lane == HIGH:
             done.out.high[stream] = done.out.high.get(stream, 0) + n
             done.out.high_in[stream] = done.out.high_in.get(stream, 0) + n
+
+
+def _keyless() -> NoReturn:
+    """A dead letter whose key id names no key: damage garbled it. Joined to the keys, the
+    listings left it out while counting it, and a retry put it in a record of no key's
+    queue, never sent nor counted. Damage as a malformed page is: the caller moves the
+    file aside and salvages it, which counts that letter lost (it has no key to go to)."""
+    raise sqlite3.DatabaseError("database disk image is malformed: a dead letter of no key")
 
 
 def _unspend(conn: sqlite3.Connection, letters: list[tuple[int, int]]) -> None:
