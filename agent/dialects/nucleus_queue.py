@@ -57,9 +57,10 @@ _START, _FIRST_KEY, _KEY, _AFTER_MEMBER, _FIRST_EVENT, _EVENT, _AFTER_EVENT, _EN
 
 class Split(NamedTuple):
     """A large message, read: ``message`` holds ``kept`` of its ``total`` events, in their
-    order, as `{"data": [...]}`; every event carrying the id of one of them is one of them.
-    ``refused``: (id, status, why) of each event over ``keep`` bytes left out as one its
-    message would leave out (QueueReader's ``refuses``)."""
+    order, as `{"data": [...]}`; every event carrying the id of one of them is one of them
+    but those ``refused``: (id, status, why) of each event over ``keep`` bytes left out as
+    one its message would leave out (QueueReader's ``refuses``), as a message's own read
+    leaves it out whatever id it shares."""
 
     message: bytes
     kept: int
@@ -265,13 +266,7 @@ class QueueReader:
                 return
             piece = text[start:end].encode()
             cost = _cost(index, piece)
-            # One its message leaves out is resent at every tick, first in its module's
-            # queue: kept (it alone, when over ``keep``), it took the room of the events
-            # after it at each tick, and none was ever acknowledged again. Left out here,
-            # the room goes to the next event. (One without an id refuses its message.)
-            if (cost > self._keep and ev_id is not None and self._refuses is not None
-                    and (why := self._refuses(piece)) is not None):
-                self._refused.append((ev_id, *why))
+            if self._refused_alone(ev_id, piece, cost):
                 return
             if self._size + cost > (self._keep if self._size else self._most):
                 self._open = False
@@ -285,6 +280,10 @@ class QueueReader:
             return
         piece = text[start:end].encode()   # its id's events must all be kept
         cost = _cost(index, piece)
+        # But one its message leaves out (ids collide): joined to the id, it took the room
+        # of the others, passed ``most`` with them, and the message was refused whole.
+        if self._refused_alone(ev_id, piece, cost):
+            return
         while self._size + cost > self._most:
             self._open = False
             last, dropped = self._groups.popitem()   # the id taken last is given up
@@ -295,6 +294,18 @@ class QueueReader:
         self._size += cost
         group.append((index, piece))
 
+    def _refused_alone(self, ev_id: Any, piece: bytes, cost: int) -> bool:
+        """Whether the event ``piece``, over ``keep`` bytes, is one its message leaves out
+        (``refuses``): noted in ``refused``, and not kept. One its message leaves out is
+        resent at every tick, first in its module's queue: kept (it alone, when over
+        ``keep``), it took the room of the events after it at each tick, and none was ever
+        acknowledged again. Left out here, the room goes to the next event. (One without
+        an id refuses its message.)"""
+        if (cost > self._keep and ev_id is not None and self._refuses is not None
+                and (why := self._refuses(piece)) is not None):
+            self._refused.append((ev_id, *why))
+            return True
+        return False
 
     def _left_out(self, index: int, value: Any) -> None:
         """Event ``index`` is not kept: it is resent by its module, unless it has no id
