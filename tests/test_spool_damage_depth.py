@@ -77,3 +77,37 @@ async def test_a_queue_count_garbled_to_another_count_is_counted_again(
     assert got["counters"]["dropped_corrupt"] == lost, got["counters"]
     assert any("disagreed with its records" in r.getMessage() for r in caplog.records
                if r.levelno == logging.ERROR), caplog.text
+
+
+# A record's own count of its live events garbled to another count (app-1's first record
+# holds one event): the key's depth, right, is not to be counted again from it.
+LIVE = {
+    "live-more": "UPDATE records SET live = live + 40 WHERE id = "
+                 "(SELECT min(id) FROM records WHERE stream = 1)",
+    "live-none": "UPDATE records SET live = 0 WHERE id = "
+                 "(SELECT min(id) FROM records WHERE stream = 1)",
+}
+
+
+@pytest.mark.parametrize("sql", LIVE.values(), ids=LIVE.keys())
+async def test_a_record_live_count_garbled_to_another_count_leaves_the_queue_right(
+        make_agent: Any, fake_segment: FakeSegment, tmp_path: Path, sql: str) -> None:
+    """A record's count of its live events, garbled to another count (1 read as 41, or as
+    0), was settled as it read: its event acked, the record kept with 40 events live (or
+    -1) and none to send. Once the key's other acks took its depth, which was right, to
+    zero, the commit counted it again from the records' counts: 40 queued for good (or
+    fewer than none), a flush and a graceful stop waiting for ever. The events its bits say
+    are live are the record's: every event is sent, none counted lost, and the queue
+    empties."""
+    path = tmp_path / "spool.db"
+    events = await backlog(path, 100)
+    damage(path, sql)
+    agent = await make_agent(upstreams=[segment_up(fake_segment)])
+    await wait_for(lambda: sorted(set(fake_segment.message_ids())) == ids(events), timeout=5)
+    await post(agent.port, "after")   # the key's next event
+    await wait_for(lambda: "after" in fake_segment.message_ids(), timeout=5)
+    await wait_for(lambda: agent.spool.depth == 0, timeout=5)
+    got = await status(agent.port)
+    assert got["queue_depth"] == 0, got
+    assert [u["queue_bytes"] for u in got["upstreams"]] == [0], got["upstreams"]
+    assert got["counters"]["dropped_corrupt"] == 0, got["counters"]
