@@ -483,6 +483,17 @@ def _garbled(live: object, nbytes: object, dkeys: object = b"") -> None:
                                     "holds a value of another type")
 
 
+def _miscounted(live: int, n: int, gone: bytes | None) -> None:
+    """A record whose count of live events is not that of its events not yet gone (damage
+    garbled it into another count) is damage, as ``_garbled``: the salvage counts it again
+    from the acked bits. Settled as it read, the record was kept with events live and none
+    to send, and once its key's depth, right, came to zero, ``recount`` took its count
+    from the records': the queue never emptied (or its events were counted lost)."""
+    if live != n - int.from_bytes(gone or b"", "little").bit_count():
+        raise sqlite3.DatabaseError("database disk image is malformed: a record's count of "
+                                    "live events disagrees with its acked bits")
+
+
 def _settle_all(conn: sqlite3.Connection, job: Job, out: Outcome) -> None:
     """Settle ``job.settle``: the records acked whole first, all at once (the drain's
     usual case: their rows read by one statement, deleted and their keys kept by one
@@ -523,6 +534,7 @@ def _settle(conn: sqlite3.Connection, s: Settle, job: Job, out: Outcome,
     """Mark events of one record gone (``row``: its columns as _settle_all read them);
     delete the record once none is live."""
     stream, family, n, received, live, gone_blob, nbytes, dkeys, data, lane = row
+    _miscounted(live, n, gone_blob)
     if not s.dead and _settle_range(conn, s, job, out, row):
         return
     gone = bytearray(gone_blob or bytes((n + 7) // 8))
