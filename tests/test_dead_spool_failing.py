@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import contextlib
 import logging
+import shutil
 import sqlite3
 from pathlib import Path
 from typing import Any
@@ -40,12 +41,14 @@ async def test_dead_letter_commands_on_a_failing_spool_say_so_in_one_line(
 
 async def test_an_export_the_agent_cuts_short_keeps_the_old_file_and_says_so(
         make_agent: Any, tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
-    """The spool fails after the export's first page went out (a row the second page reads
-    holds text that is not UTF-8 here, which Python's sqlite3 refuses to read; a letter of
-    another type is damage, salvaged as the export goes on): the stream ends without its
-    last chunk. The command says the agent stopped the export and that the file is
-    unchanged, in one line; the log says why."""
-    agent = await make_agent(port=free_port())
+    """The spool fails after the export's first page went out: a row the second page reads
+    is damage (text that is not UTF-8), met while no fresh spool can be made to salvage it
+    into (the spool's directory removed under the agent, and a file now has its name; a
+    full or read-only disk does the same, but needs a mount). The spool stays closed and
+    the stream ends without its last chunk. The command says the agent stopped the export
+    and that the file is unchanged, in one line; the log says why."""
+    store = tmp_path / "store"
+    agent = await make_agent(port=free_port(), spool=store / "spool.db")
     letters = EXPORT_PAGE + 5
     await agent.spool.append([Event("app", NUCLEUS, dedupe_key("app", n), b'{"n":%d}' % n)
                               for n in range(letters)])
@@ -55,6 +58,10 @@ async def test_an_export_the_agent_cuts_short_keeps_the_old_file_and_says_so(
                                             isolation_level=None)) as other:
         other.execute("UPDATE dead SET reason = CAST(CAST(reason AS BLOB) || x'ff' AS TEXT) "
                       "WHERE seq = (SELECT max(seq) FROM dead)")
+    # Read on through the files the agent has open, until the damage: its recovery then
+    # cannot make a fresh spool where a file has the directory's name.
+    shutil.rmtree(store)
+    store.write_text("")
     target = tmp_path / "out.jsonl"
     target.write_text("kept\n")
     code, out = await run_outpost("dead", "export", str(target), "--config", agent.config_path)
@@ -63,8 +70,9 @@ async def test_an_export_the_agent_cuts_short_keeps_the_old_file_and_says_so(
     assert f"after {EXPORT_PAGE} dead letters" in out and "unchanged" in out, out
     assert target.read_text() == "kept\n"
     assert not [p for p in tmp_path.iterdir() if p.name.startswith(".out.jsonl.")]
-    assert any("export" in r.getMessage() and "UTF-8" in r.getMessage()
-               and r.levelno >= logging.ERROR for r in caplog.records)
+    said = [r.getMessage() for r in caplog.records if r.levelno >= logging.ERROR]
+    assert any("export" in m and "the spool is not open" in m for m in said), said
+    assert any(f"File exists: '{store}'" in m for m in said), said   # why it stays closed
 
 
 @pytest.mark.parametrize("action", ["retry", "purge"])
