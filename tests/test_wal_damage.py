@@ -17,6 +17,7 @@ import logging
 import os
 import shutil
 import sqlite3
+from collections.abc import Awaitable, Callable
 from pathlib import Path
 from typing import Any
 
@@ -97,17 +98,6 @@ async def test_a_bit_flipped_in_the_log_is_reported_and_the_log_kept(
     assert len(kept) == 1 and kept[0].read_bytes() == damaged, kept
     assert kept[0].stat().st_mode & 0o777 == 0o600
     assert kept[0].name in caplog.text
-
-
-async def test_an_intact_log_after_a_crash_is_read_whole(
-        make_agent: Any, tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
-    image = await crash_image(tmp_path)
-    caplog.set_level(logging.ERROR)
-    agent = await make_agent(spool=image)
-    assert agent.spool.depth == COMMITS
-    assert (await counters(agent))["wal_damaged"] == 0
-    assert "write-ahead log" not in caplog.text
-    assert not list(image.parent.glob("*damaged*"))
 
 
 async def test_a_commit_torn_by_the_crash_is_no_damage(
@@ -221,14 +211,20 @@ async def test_a_log_cut_short_after_a_kill_is_reported_from_the_shm(
     assert (await counters(agent))["wal_damaged"] == 1
 
 
-async def test_an_intact_log_and_its_shm_after_a_kill_are_no_damage(
-        make_agent: Any, tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
-    image = await killed_image(tmp_path)
+@pytest.mark.parametrize("image_of", [crash_image, killed_image],
+                         ids=["log-after-a-crash", "log-and-shm-after-a-kill"])
+async def test_an_intact_log_is_read_whole_and_no_damage(
+        make_agent: Any, tmp_path: Path, caplog: pytest.LogCaptureFixture,
+        image_of: Callable[[Path], Awaitable[Path]]) -> None:
+    """An intact log after a crash, and one beside the -shm a killed agent left (which
+    says what was committed: all of it is there)."""
+    image = await image_of(tmp_path)
     caplog.set_level(logging.ERROR)
     agent = await make_agent(spool=image)
     assert agent.spool.depth == COMMITS
     assert (await counters(agent))["wal_damaged"] == 0
     assert "write-ahead log" not in caplog.text
+    assert not list(image.parent.glob("*damaged*"))
 
 
 async def test_a_spool_and_log_put_back_beside_a_killed_agents_shm_are_no_damage(
