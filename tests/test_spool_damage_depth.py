@@ -1,7 +1,9 @@
 """Damage that garbles a key's queue depth (or size) into another count a queue could
-hold: fewer events than its records hold, or more. The start counts each queue again from
-its records: every event answered 200 is delivered, the key's later events too, and
-status shows what is queued, not the garbled count.
+hold: fewer events than its records hold, or more. The agent counts such a queue again from
+its records (where a commit takes it to zero or below, or its forwarder finds none of the
+events it counts): every event answered 200 is delivered, the key's later events too, and
+status shows what is queued, not the garbled count. And a record's own count garbled so,
+which that recount must not trust.
 """
 
 from __future__ import annotations
@@ -49,6 +51,18 @@ async def status(port: int) -> dict[str, Any]:
             return dict(await r.json())
 
 
+async def then_the_queue_empties(agent: Any, fake: FakeSegment, lost: int) -> None:
+    """The key's next event is delivered too, its queue empties, and status says so, with
+    ``lost`` events counted dropped_corrupt."""
+    await post(agent.port, "after")
+    await wait_for(lambda: "after" in fake.message_ids(), timeout=5)
+    await wait_for(lambda: agent.spool.depth == 0, timeout=5)
+    got = await status(agent.port)
+    assert got["queue_depth"] == 0, got
+    assert [u["queue_bytes"] for u in got["upstreams"]] == [0], got["upstreams"]
+    assert got["counters"]["dropped_corrupt"] == lost, got["counters"]
+
+
 @pytest.mark.parametrize("garble", GARBLED.values(), ids=GARBLED.keys())
 async def test_a_queue_count_garbled_to_another_count_is_counted_again(
         make_agent: Any, fake_segment: FakeSegment, tmp_path: Path,
@@ -68,13 +82,7 @@ async def test_a_queue_count_garbled_to_another_count_is_counted_again(
     damage(path, sql)
     agent = await make_agent(upstreams=[segment_up(fake_segment, **upstream)])
     await wait_for(lambda: sorted(fake_segment.message_ids()) == ids(events), timeout=5)
-    await post(agent.port, "after")   # the key's next event
-    await wait_for(lambda: "after" in fake_segment.message_ids(), timeout=5)
-    await wait_for(lambda: agent.spool.depth == 0, timeout=5)
-    got = await status(agent.port)
-    assert got["queue_depth"] == 0, got
-    assert [u["queue_bytes"] for u in got["upstreams"]] == [0], got["upstreams"]
-    assert got["counters"]["dropped_corrupt"] == lost, got["counters"]
+    await then_the_queue_empties(agent, fake_segment, lost)
     assert any("disagreed with its records" in r.getMessage() for r in caplog.records
                if r.levelno == logging.ERROR), caplog.text
 
@@ -104,10 +112,4 @@ async def test_a_record_live_count_garbled_to_another_count_leaves_the_queue_rig
     damage(path, sql)
     agent = await make_agent(upstreams=[segment_up(fake_segment)])
     await wait_for(lambda: sorted(set(fake_segment.message_ids())) == ids(events), timeout=5)
-    await post(agent.port, "after")   # the key's next event
-    await wait_for(lambda: "after" in fake_segment.message_ids(), timeout=5)
-    await wait_for(lambda: agent.spool.depth == 0, timeout=5)
-    got = await status(agent.port)
-    assert got["queue_depth"] == 0, got
-    assert [u["queue_bytes"] for u in got["upstreams"]] == [0], got["upstreams"]
-    assert got["counters"]["dropped_corrupt"] == 0, got["counters"]
+    await then_the_queue_empties(agent, fake_segment, 0)
