@@ -34,7 +34,7 @@ COMMITS = 6
 HEADER, FRAME_HEADER = 32, 24
 
 
-async def crash_image(tmp_path: Path) -> Path:
+async def crash_image(tmp_path: Path, suffixes: tuple[str, ...] = ("", "-wal")) -> Path:
     """A spool whose WAL holds COMMITS commits of one event each, as a crash left it."""
     src = tmp_path / "live" / "spool.db"
     src.parent.mkdir(mode=0o700)
@@ -46,8 +46,8 @@ async def crash_image(tmp_path: Path) -> Path:
             await spool.append([Event("k", NUCLEUS, i, b'{"id":%d}' % i)])
         image = tmp_path / "image" / "spool.db"
         image.parent.mkdir(mode=0o700)
-        shutil.copyfile(src, image)
-        shutil.copyfile(f"{src}-wal", f"{image}-wal")
+        for suffix in suffixes:
+            shutil.copyfile(f"{src}{suffix}", f"{image}{suffix}")
     finally:
         await spool.close()
     return image
@@ -172,21 +172,7 @@ async def test_a_damaged_log_found_by_opens_that_fail_is_said_once(
 async def killed_image(tmp_path: Path) -> Path:
     """crash_image with the -shm too, as a kill -9 leaves it: SQLite's index of the log,
     whose header says how many of its frames were committed."""
-    src = tmp_path / "live" / "spool.db"
-    src.parent.mkdir(mode=0o700)
-    cfg = StorageConfig(path=str(src))
-    await (await Spool.open(cfg)).close()
-    spool = await Spool.open(cfg)
-    try:
-        for i in range(COMMITS):
-            await spool.append([Event("k", NUCLEUS, i, b'{"id":%d}' % i)])
-        image = tmp_path / "image" / "spool.db"
-        image.parent.mkdir(mode=0o700)
-        for suffix in ("", "-wal", "-shm"):
-            shutil.copyfile(f"{src}{suffix}", f"{image}{suffix}")
-    finally:
-        await spool.close()
-    return image
+    return await crash_image(tmp_path, ("", "-wal", "-shm"))
 
 
 @pytest.mark.parametrize("cut", ["last two commits", "mid-frame", "whole log"])
