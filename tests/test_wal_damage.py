@@ -17,6 +17,8 @@ import logging
 import os
 import shutil
 import sqlite3
+import subprocess
+import sys
 from collections.abc import Awaitable, Callable
 from pathlib import Path
 from typing import Any
@@ -27,6 +29,7 @@ import pytest
 from agent.families.event import NUCLEUS, Event
 from agent.settings import StorageConfig
 from agent.spool import Spool, store
+from tests.conftest import ROOT, write_config
 from tests.test_disk import six_mb_fs  # noqa: F401  (a fixture)
 from tests.test_salvage import leave_free
 
@@ -211,6 +214,26 @@ async def test_an_intact_log_is_read_whole_and_no_damage(
     assert (await counters(agent))["wal_damaged"] == 0
     assert "write-ahead log" not in caplog.text
     assert not list(image.parent.glob("*damaged*"))
+
+
+@pytest.mark.parametrize("command", ["retry", "purge"])
+async def test_dead_letters_changed_after_a_kill_leave_no_loss_to_say(
+        make_agent: Any, tmp_path: Path, caplog: pytest.LogCaptureFixture, command: str) -> None:
+    """`outpost dead retry|purge` on a killed agent's spool (none running) holds it
+    exclusively, with no -shm: it folds the log into the file and removes it, but leaves
+    the -shm as it was. The next start took that -shm's frames for a log cut short: every
+    event still queued said lost, and wal_damaged counted."""
+    image = await killed_image(tmp_path)
+    config = write_config(tmp_path / "offline.toml", image)
+    run = subprocess.run([sys.executable, "-m", "agent", "dead", command, "--all",
+                          "--config", str(config)], cwd=ROOT, capture_output=True, text=True,
+                         timeout=30, stdin=subprocess.DEVNULL)
+    assert run.returncode == 0 and "no agent running" in run.stdout, (run.stdout, run.stderr)
+    caplog.set_level(logging.ERROR)
+    agent = await make_agent(spool=image)
+    assert agent.spool.depth == COMMITS
+    assert "write-ahead log" not in caplog.text, caplog.text
+    assert (await counters(agent))["wal_damaged"] == 0
 
 
 async def test_a_spool_and_log_put_back_beside_a_killed_agents_shm_are_no_damage(
