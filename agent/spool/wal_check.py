@@ -76,8 +76,11 @@ def committed(spool: Path) -> Committed | None:
     when a process has it open (an `outpost dead` command): its log may start over under
     the look, which would take it for one cut short. Only while this process has no
     connection to the spool: closing a descriptor of the -shm lets go of every lock the
-    process holds on it (POSIX locks are the process's)."""
-    if sys.platform == "win32":
+    process holds on it (POSIX locks are the process's). None too with no log beside it:
+    SQLite removes the log once all of it is in the database file, and a connection that
+    held the spool exclusively (`outpost dead retry` or `purge` with no agent running)
+    does so leaving the -shm as it found it."""
+    if sys.platform == "win32" or not os.path.lexists(f"{spool}-wal"):
         return None
     try:
         fd = os.open(f"{spool}-shm", os.O_RDWR)   # a write lock needs it; nothing is written
