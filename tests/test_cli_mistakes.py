@@ -16,7 +16,7 @@ import stat
 import subprocess
 import sys
 import time
-from collections.abc import AsyncIterator, Iterator
+from collections.abc import AsyncIterator, Callable, Iterator
 from contextlib import closing, contextmanager
 from pathlib import Path
 
@@ -26,7 +26,7 @@ from aiohttp import web
 from agent.logs import fingerprint
 from agent.settings import StorageConfig
 from agent.spool import Spool
-from tests.conftest import ROOT, free_port, write_config
+from tests.conftest import ROOT, AgentProcess, free_port, write_config
 from tests.fakes.loopback_server import LoopbackServer
 from tests.test_operator_mistakes import EXIT_CONFIG, _without_root, one_line
 from tests.waiting import run_outpost
@@ -965,6 +965,25 @@ def test_a_storage_path_holding_a_control_character_is_refused(tmp_path: Path,
         refused(outpost(*args), "storage.path", "control characters")
     assert sorted(p.name for p in tmp_path.iterdir()) == ["agent.toml"]
 
+
+
+@pytest.mark.parametrize("space", ["\u3000", "\u202f", "\u00a0"],
+                         ids=["ideographic-space", "narrow-no-break-space", "no-break-space"])
+def test_a_storage_path_holding_a_space_of_another_script_is_accepted(
+        tmp_path: Path, agent_process: Callable[..., AgentProcess], space: str) -> None:
+    """A directory named with a space other than ASCII's (the ideographic space of a
+    Japanese name, the narrow no-break space macOS puts in a screenshot's time, Option-
+    space): printable text, shown as a space, that a spool made before was kept under.
+    Refused as a control character, the agent no longer started on the config."""
+    where = tmp_path / f"données{space}outpost"
+    where.mkdir()
+    spool = where / "spool.db"
+    port = free_port()
+    cfg = write_config(tmp_path / "agent.toml", spool, port=port)
+    checked = outpost("check-config", str(cfg))
+    assert checked.returncode == 0 and checked.stdout.endswith("ok (0 upstream(s))\n"), checked
+    assert agent_process(cfg, port).start().terminate() == 0
+    assert spool.exists()
 
 def test_a_valid_config_s_paths_are_shown_escaped(tmp_path: Path) -> None:
     """check-config's `FILE: ok` and the status table's spool line printed a path as it
