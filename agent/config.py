@@ -10,6 +10,7 @@ import ipaddress
 import math
 import os
 import tomllib
+import unicodedata
 from dataclasses import replace
 from pathlib import Path
 from typing import Any, Callable, TypeVar
@@ -245,8 +246,9 @@ def _spool_file(value: Any) -> str | None:
     file of that name would be made the spool where the operator looks for a directory
     holding it. Nor a control character: the line break a TOML multi-line string keeps
     before its closing quotes made the spool (and its lock file, its -wal) under a name
-    no one looks for."""
-    if not value.isprintable():
+    no one looks for. Not isprintable(): it refuses every space but ASCII's too, and a
+    directory's name may hold one (Japanese's ideographic space, macOS's no-break ones)."""
+    if any(unicodedata.category(c) in ("Cc", "Zl", "Zp") for c in value):
         return f"must be printable (no line breaks or control characters), got {value!r}"
     last = value.replace(os.sep, "/").rsplit("/", 1)[-1]
     if value and last in ("", ".", ".."):
