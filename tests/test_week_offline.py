@@ -11,6 +11,7 @@ age out (max_age_days) and the agent is restarted; then it comes back.
 from __future__ import annotations
 
 import asyncio
+import logging
 import socket
 import threading
 from typing import Any
@@ -388,3 +389,50 @@ async def test_a_network_that_keeps_changing_while_its_resolver_is_silent_piles_
 
 def lookups() -> int:
     return sum(thread.name == "lookup" for thread in threading.enumerate())
+
+
+async def test_a_lookup_the_old_network_gives_up_on_as_it_changes_leaves_the_change_its_probe(
+        make_agent: Any, fake_nucleus: FakeNucleus, monkeypatch: pytest.MonkeyPatch,
+        caplog: pytest.LogCaptureFixture) -> None:
+    """The lookup under way fails in the very turn of the loop the change is reported in
+    (its link went down: the query fails at once, as netlink says so): its answer is in,
+    but not yet handed on, when the change lets the lookups under way go. Letting it go
+    raised InvalidStateError out of the change (an error and a traceback in the log), and
+    no probe was made: delivery waited for the next probe interval. The forwarder clock
+    never moves here: only the change can deliver."""
+    resolver = SilentResolver("upstream.outpost.test")
+    hung: list[threading.Thread] = []
+    silent = resolver.getaddrinfo
+
+    def getaddrinfo(host: Any, port: Any, *args: Any, **kw: Any) -> Any:
+        if host == resolver.name and resolver.silent:
+            hung.append(threading.current_thread())
+        return silent(host, port, *args, **kw)
+
+    monkeypatch.setattr(socket, "getaddrinfo", getaddrinfo)
+    try:
+        timing = ManualTiming()
+        agent = await make_agent(
+            upstreams=[{**nucleus_upstream(fake_nucleus, "nucleus-ws"), "timeout_s": 0.2,
+                        "url": f"ws://upstream.outpost.test:{fake_nucleus.port}"}],
+            seams=seams(timing))
+        state = agent.forwarding.states["up"]
+        prober = agent.forwarding.probers["up"]
+        await send(agent, [event(i) for i in range(3)])
+        await wait_for(lambda: state.unreachable_since is not None and not prober.probing)
+        assert hung
+        loop = asyncio.get_running_loop()
+
+        def link_changes() -> None:
+            resolver.silent = False   # the new network's resolver answers
+            resolver.close()   # the old one's lookups fail now, their answers queued...
+            for thread in hung:
+                thread.join()
+            loop.call_soon(agent.forwarding.network_changed)   # ... before the change
+
+        loop.call_soon(link_changes)
+        await wait_for(lambda: agent.spool.depth == 0)
+        assert fake_nucleus.ids() == [0, 1, 2]
+        assert not [r for r in caplog.records if r.levelno >= logging.ERROR], caplog.text
+    finally:
+        resolver.close()
