@@ -75,8 +75,10 @@ def forget() -> None:
     loop = asyncio.get_running_loop()
     _forgotten[:] = [thread for thread in _forgotten if thread.is_alive()]
     for question, (asking, thread) in list(_asking.items()):
-        if question[0] is not loop:
-            continue   # another loop's (a test's): this one cannot answer its waiters
+        if question[0] is not loop or asking.done():
+            # Another loop's (a test's): this one cannot answer its waiters. Or answered,
+            # handed on in this turn of the loop (_answered): nothing left to let go.
+            continue
         if len(_forgotten) >= FORGOTTEN_MAX:
             return   # a network that keeps changing: the lookups under way will do
         del _asking[question]
