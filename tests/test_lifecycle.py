@@ -15,7 +15,7 @@ import sys
 import threading
 import time
 import urllib.request
-from collections.abc import Callable, Iterator
+from collections.abc import AsyncIterator, Callable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -399,56 +399,14 @@ async def test_sighup_just_after_the_allocators_re_exec_is_a_reload(
 
 # -- the commands during the drain -------------------------------------------------------------
 
-@pytest.mark.skipif(sys.platform == "win32", reason="signals and the spool's lock")
-async def test_commands_during_the_drain_do_not_say_the_agent_is_starting(
-        tmp_path: Path, faulty: FaultyUpstream) -> None:
-    """`systemctl stop outpost` (SIGTERM), and the drain waits for a batch in flight (up to
-    about 17 s): the listener is closed, the spool still held. `outpost status` and
-    `outpost flush` meanwhile said "it is still starting (opening the spool), or it listens
-    where its config said when it started": an operator who had just stopped it read that
-    it was starting again. In-process, by a real SIGTERM to this process handled by
-    ``serve``'s handlers, the spool's lock held as `outpost run` holds it, and a grace long
-    enough that only the test's answer ends the drain."""
-    answer = asyncio.Event()
-    faulty.script = [Fault("slow", until=answer)]
-    spool, port = tmp_path / "spool.db", free_port()
-    cfg = write_config(tmp_path / "agent.toml", spool, port=port,
-                       upstreams=[{"name": "up", "protocol": "nucleus-http",
-                                   "url": faulty.http_url, "flush_interval_s": 0.02}])
-    with FileLock(paths.spool_lock(spool)):
-        agent = Agent(config_mod.load_file(cfg), str(cfg), seams=Seams(grace_s=60))
-        serving = asyncio.ensure_future(agent.serve())
-        try:
-            await wait_for(lambda: agent.listener is not None or serving.done())
-            await post_events(port, "k", range(3))
-            await wait_for(lambda: len(faulty.requests) == 1)   # the batch is in flight
-            os.kill(os.getpid(), signal.SIGTERM)
-            listener = agent.listener
-            assert listener is not None
-            await wait_for(lambda: not listener.is_serving())   # the drain has begun
-            for args in (("status",), ("flush",)):
-                code, out = await run_outpost(*args, "--config", str(cfg))
-                lines = out.strip().splitlines()
-                assert code == 1 and len(lines) == 1, (args, code, out)
-                assert f"an agent is running on the spool {spool}" in lines[0], lines[0]
-                assert "stopping" in lines[0], lines[0]
-            assert not serving.done(), "the drain ended before the commands ran"
-        finally:
-            answer.set()
-            assert await asyncio.wait_for(serving, 20) == 0
-    (batch,) = faulty.requests   # the drain waited for its answer, and sent nothing more
-    assert batch.answered is not None
-
-
-@pytest.mark.skipif(sys.platform == "win32", reason="signals")
-async def test_a_graceful_stop_says_at_its_start_what_it_waits_for(
-        tmp_path: Path, faulty: FaultyUpstream, caplog: pytest.LogCaptureFixture) -> None:
-    """`systemctl stop outpost` or Ctrl-C while a batch is in flight: the drain waits up to
-    about 17 s, and the log said nothing until "outpost stopped" at its end, so an operator
-    could not tell a drain from a hang (and pressed Ctrl-C again, cutting it short). The
-    stop's first line says what it waits for, while the batch is still held. As in the test
-    above: a real SIGTERM, and a grace long enough that only the test's answer ends it."""
-    caplog.set_level(logging.INFO, logger="outpost")
+@contextlib.asynccontextmanager
+async def stopped_mid_batch(tmp_path: Path, faulty: FaultyUpstream
+                            ) -> AsyncIterator[tuple[Agent, asyncio.Future[int], Path]]:
+    """An agent serving as `outpost run` does, in-process, with a grace long enough that
+    only the test's answer ends the drain; a batch of three events held at the upstream,
+    and a real SIGTERM to this process, handled by ``serve``'s handlers: yields it draining
+    (with its serve and its config). At the end the batch is answered, and the stop must
+    end well."""
     answer = asyncio.Event()
     faulty.script = [Fault("slow", until=answer)]
     port = free_port()
@@ -462,17 +420,54 @@ async def test_a_graceful_stop_says_at_its_start_what_it_waits_for(
         await post_events(port, "k", range(3))
         await wait_for(lambda: len(faulty.requests) == 1)   # the batch is in flight
         os.kill(os.getpid(), signal.SIGTERM)
+        yield agent, serving, cfg
+    finally:
+        answer.set()
+        assert await asyncio.wait_for(serving, 20) == 0
 
-        def said() -> list[str]:
-            return [r.getMessage() for r in caplog.records if r.getMessage().startswith("stopping")]
+
+@pytest.mark.skipif(sys.platform == "win32", reason="signals and the spool's lock")
+async def test_commands_during_the_drain_do_not_say_the_agent_is_starting(
+        tmp_path: Path, faulty: FaultyUpstream) -> None:
+    """`systemctl stop outpost` (SIGTERM), and the drain waits for a batch in flight (up to
+    about 17 s): the listener is closed, the spool still held. `outpost status` and
+    `outpost flush` meanwhile said "it is still starting (opening the spool), or it listens
+    where its config said when it started": an operator who had just stopped it read that
+    it was starting again. The spool's lock held as `outpost run` holds it."""
+    spool = tmp_path / "spool.db"
+    with FileLock(paths.spool_lock(spool)):
+        async with stopped_mid_batch(tmp_path, faulty) as (agent, serving, cfg):
+            listener = agent.listener
+            assert listener is not None
+            await wait_for(lambda: not listener.is_serving())   # the drain has begun
+            for args in (("status",), ("flush",)):
+                code, out = await run_outpost(*args, "--config", str(cfg))
+                lines = out.strip().splitlines()
+                assert code == 1 and len(lines) == 1, (args, code, out)
+                assert f"an agent is running on the spool {spool}" in lines[0], lines[0]
+                assert "stopping" in lines[0], lines[0]
+            assert not serving.done(), "the drain ended before the commands ran"
+    (batch,) = faulty.requests   # the drain waited for its answer, and sent nothing more
+    assert batch.answered is not None
+
+
+@pytest.mark.skipif(sys.platform == "win32", reason="signals")
+async def test_a_graceful_stop_says_at_its_start_what_it_waits_for(
+        tmp_path: Path, faulty: FaultyUpstream, caplog: pytest.LogCaptureFixture) -> None:
+    """`systemctl stop outpost` or Ctrl-C while a batch is in flight: the drain waits up to
+    about 17 s, and the log said nothing until "outpost stopped" at its end, so an operator
+    could not tell a drain from a hang (and pressed Ctrl-C again, cutting it short). The
+    stop's first line says what it waits for, while the batch is still held."""
+    caplog.set_level(logging.INFO, logger="outpost")
+
+    def said() -> list[str]:
+        return [r.getMessage() for r in caplog.records if r.getMessage().startswith("stopping")]
+    async with stopped_mid_batch(tmp_path, faulty) as (_, serving, _):
         await wait_for(lambda: bool(said()) or serving.done())
         assert not serving.done(), "the stop ended before saying anything"
         (line,) = said()
         assert "1 batch(es) in flight" in line and "3 events queued" in line, line
         assert "up to about" in line, line
-    finally:
-        answer.set()
-        assert await asyncio.wait_for(serving, 20) == 0
     messages = [r.getMessage() for r in caplog.records]
     assert messages.index(line) < messages.index("outpost stopped"), messages
 
