@@ -971,26 +971,32 @@ RECEIPTS = {
 }
 
 
-@pytest.mark.parametrize("damage", RECEIPTS.values(), ids=RECEIPTS.keys())
-async def test_events_whose_receipt_time_is_garbled_are_kept_as_received_at_the_salvage(
-        make_agent: Any, fake_segment: FakeSegment, tmp_path: Path,
-        caplog: pytest.LogCaptureFixture, damage: list[str]) -> None:
+async def salvaged_whole(make_agent: Any, fake_segment: FakeSegment, tmp_path: Path,
+                         caplog: pytest.LogCaptureFixture, damage: list[str]) -> None:
+    """300 events of one key (records 1, 101, 201) ``damage`` garbled: the start salvages
+    the file, and every event is sent, none lost nor dead-lettered."""
     path = tmp_path / "spool.db"
-    await asyncio.to_thread(build, path, 300, 20, ("app1",))   # records 1, 101, 201
+    await asyncio.to_thread(build, path, 300, 20, ("app1",))
     with contextlib.closing(sqlite3.connect(path)) as db, db:
         for statement in damage:
             db.execute(statement)
     caplog.set_level(logging.WARNING)
-    before = time.time()
     agent = await make_agent(upstreams=[segment_up(fake_segment)])
-    after = time.time()
     await wait_for(lambda: agent.spool.depth == 0, timeout=10)   # acked: all sent
     status, _ = await snapshot(agent.port)
     assert status["counters"]["spool_corrupt"] == 1
     assert status["counters"].get("dropped_corrupt", 0) == 0
     assert status["drops"]["dead_lettered"] == 0 and agent.spool.dead_count == 0
-    got = [ev["context"]["nucleus"]["id"] for ev in fake_segment.events]
-    assert got == list(range(300))
+    assert [ev["context"]["nucleus"]["id"] for ev in fake_segment.events] == list(range(300))
+
+
+@pytest.mark.parametrize("damage", RECEIPTS.values(), ids=RECEIPTS.keys())
+async def test_events_whose_receipt_time_is_garbled_are_kept_as_received_at_the_salvage(
+        make_agent: Any, fake_segment: FakeSegment, tmp_path: Path,
+        caplog: pytest.LogCaptureFixture, damage: list[str]) -> None:
+    before = time.time()
+    await salvaged_whole(make_agent, fake_segment, tmp_path, caplog, damage)
+    after = time.time()
     # The record's own time is lost: the salvage's stands for it, and the log says so.
     received = {ev["receivedAt"] for ev in fake_segment.events[:100]}
     assert len(received) == 1
@@ -1036,19 +1042,7 @@ DEDUPE_KEYS = {
 async def test_events_whose_dedupe_keys_are_garbled_are_kept_without_them(
         make_agent: Any, fake_segment: FakeSegment, tmp_path: Path,
         caplog: pytest.LogCaptureFixture, damage: list[str]) -> None:
-    path = tmp_path / "spool.db"
-    await asyncio.to_thread(build, path, 300, 20, ("app1",))   # records 1, 101, 201
-    with contextlib.closing(sqlite3.connect(path)) as db, db:
-        for statement in damage:
-            db.execute(statement)
-    caplog.set_level(logging.WARNING)
-    agent = await make_agent(upstreams=[segment_up(fake_segment)])
-    await wait_for(lambda: agent.spool.depth == 0, timeout=10)   # acked: all sent
-    status, _ = await snapshot(agent.port)
-    assert status["counters"]["spool_corrupt"] == 1
-    assert status["counters"].get("dropped_corrupt", 0) == 0
-    assert status["drops"]["dead_lettered"] == 0 and agent.spool.dead_count == 0
-    assert [ev["context"]["nucleus"]["id"] for ev in fake_segment.events] == list(range(300))
+    await salvaged_whole(make_agent, fake_segment, tmp_path, caplog, damage)
     said = [r.getMessage() for r in caplog.records if "dedupe keys" in r.getMessage()]
     assert len(said) == 1 and "100 " in said[0], said
 
