@@ -325,6 +325,18 @@ class SilentResolver:
         self._end.set()
 
 
+async def by_name(make_agent: Any, fake_nucleus: FakeNucleus, timeout_s: float
+                  ) -> tuple[Any, ManualTiming]:
+    """An agent whose nucleus-ws upstream is named by a host name (SilentResolver's), on a
+    forwarder clock the test moves."""
+    timing = ManualTiming()
+    agent = await make_agent(
+        upstreams=[{**nucleus_upstream(fake_nucleus, "nucleus-ws"), "timeout_s": timeout_s,
+                    "url": f"ws://upstream.outpost.test:{fake_nucleus.port}"}],
+        seams=seams(timing))
+    return agent, timing
+
+
 @pytest.mark.parametrize("during_probe", [False, True])
 async def test_a_network_change_probes_afresh_past_a_lookup_the_old_network_left_hanging(
         make_agent: Any, fake_nucleus: FakeNucleus, monkeypatch: pytest.MonkeyPatch,
@@ -336,11 +348,7 @@ async def test_a_network_change_probes_afresh_past_a_lookup_the_old_network_left
     resolver = SilentResolver("upstream.outpost.test")
     monkeypatch.setattr(socket, "getaddrinfo", resolver.getaddrinfo)
     try:
-        timing = ManualTiming()
-        agent = await make_agent(
-            upstreams=[{**nucleus_upstream(fake_nucleus, "nucleus-ws"), "timeout_s": 2.0,
-                        "url": f"ws://upstream.outpost.test:{fake_nucleus.port}"}],
-            seams=seams(timing))
+        agent, timing = await by_name(make_agent, fake_nucleus, 2.0)
         state = agent.forwarding.states["up"]
         prober = agent.forwarding.probers["up"]
         await send(agent, [event(i) for i in range(3)])
@@ -366,11 +374,7 @@ async def test_a_network_that_keeps_changing_while_its_resolver_is_silent_piles_
     resolver = SilentResolver("upstream.outpost.test")
     monkeypatch.setattr(socket, "getaddrinfo", resolver.getaddrinfo)
     try:
-        timing = ManualTiming()
-        agent = await make_agent(
-            upstreams=[{**nucleus_upstream(fake_nucleus, "nucleus-ws"), "timeout_s": 0.2,
-                        "url": f"ws://upstream.outpost.test:{fake_nucleus.port}"}],
-            seams=seams(timing))
+        agent, timing = await by_name(make_agent, fake_nucleus, 0.2)
         state = agent.forwarding.states["up"]
         prober = agent.forwarding.probers["up"]
         await send(agent, [event(0)])
@@ -411,11 +415,7 @@ async def test_a_lookup_the_old_network_gives_up_on_as_it_changes_leaves_the_cha
 
     monkeypatch.setattr(socket, "getaddrinfo", getaddrinfo)
     try:
-        timing = ManualTiming()
-        agent = await make_agent(
-            upstreams=[{**nucleus_upstream(fake_nucleus, "nucleus-ws"), "timeout_s": 0.2,
-                        "url": f"ws://upstream.outpost.test:{fake_nucleus.port}"}],
-            seams=seams(timing))
+        agent, timing = await by_name(make_agent, fake_nucleus, 0.2)
         state = agent.forwarding.states["up"]
         prober = agent.forwarding.probers["up"]
         await send(agent, [event(i) for i in range(3)])
