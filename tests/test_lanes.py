@@ -7,8 +7,10 @@ its high lane empty, the key has no forwarding loop, so nothing can be sent.
 
 from __future__ import annotations
 
+import contextlib
 import os
 import threading
+from collections.abc import AsyncIterator
 from pathlib import Path
 from typing import Any
 
@@ -306,3 +308,61 @@ async def test_a_normal_record_partly_sent_before_priority_only_is_left_to_the_c
                 assert r.status == 200, await r.text()
             n += 5
     assert stream.depth == 0, "the oldest events were left, newer ones dropped"
+
+
+@contextlib.asynccontextmanager
+async def answered_at_last(fake: FakeNucleus) -> AsyncIterator[None]:
+    """Replies held inside, let go at the end whatever happened (a failed test's agent
+    would otherwise wait out timeout_s at its stop)."""
+    fake.answering.clear()
+    try:
+        yield
+    finally:
+        fake.answering.set()
+
+
+async def test_drop_oldest_keeps_the_high_lane_while_normal_events_are_in_flight(
+        make_agent: Any, fake_nucleus: FakeNucleus) -> None:
+    """The app's page views are on their way upstream (answer held) when an error loop
+    fills the spool under drop_oldest. High events go only once no normal event is left,
+    and these page views are still queued, to be delivered (their ack frees the room) or
+    dropped (their send failed) first: the request waits for that answer (503 and
+    Retry-After). The cap dropped the oldest error reports instead, and the page views
+    were then delivered: the errors were lost, the page views outlived them."""
+    up = {**nucleus_up(fake_nucleus), "flush_interval_s": 0.02, "max_in_flight": 1,
+          "timeout_s": 60}
+    agent = await make_agent(upstreams=[up],
+                             storage={"max_size_mb": 1, "when_full": "drop_oldest"})
+
+    def events(ids: range, kind: str) -> list[dict[str, Any]]:
+        return [{"type": kind, "name": "e", "id": i, "sessionId": 1, "machineId": "m",
+                 "payload": os.urandom(750).hex()} for i in ids]
+
+    url = f"http://127.0.0.1:{agent.port}/app/app1/track"
+    async with aiohttp.ClientSession() as s, answered_at_last(fake_nucleus):
+        async with s.post(url, json={"data": events(range(20), "event")}) as r:
+            assert r.status == 200, await r.text()
+        await wait_for(lambda: len(fake_nucleus.events) == 20)   # in flight, unanswered
+        stored, n = [], 100
+        while True:
+            assert n < 5000, "the spool never filled"
+            async with s.post(url, json={"data": events(range(n, n + 5), "error")}) as r:
+                if r.status != 200 or agent.spool.counters.get("dropped_full", 0):
+                    break
+            stored += range(n, n + 5)
+            n += 5
+        assert agent.spool.counters.get("dropped_full", 0) == 0, "an error report dropped"
+        assert r.status == 503 and int(r.headers["Retry-After"]) > 0, r.status
+        async with s.post(url, json={"data": events(range(80, 90), "event")}) as r:
+            assert r.status == 503, "page views stored in error reports' place"
+        fake_nucleus.answering.set()
+        await wait_for(lambda: agent.forwarding.states["up"].acked >= 20)
+        async with s.post(url, json={"data": events(range(n, n + 5), "error")}) as r:
+            assert r.status == 200, await r.text()   # the page views' room
+        stored += range(n, n + 5)
+    await wait_for(lambda: agent.spool.depth == 0, timeout=30)
+    got = fake_nucleus.ids()
+    assert [i for i in got if i >= 100] == stored
+    counters = agent.spool.counters
+    assert counters.get("dropped_full", 0) == 0
+    assert counters["ingested"] == counters["acked"] == 20 + len(stored)
