@@ -807,10 +807,10 @@ def _drop_oldest(conn: sqlite3.Connection, excess: int, remember: bool, out: Out
                  leased: Sequence[Bound], chunk: bool = False) -> int:
     """when_full = "drop_oldest": delete the oldest records until ``excess`` bytes are free:
     the normal lane's first, the high lane's only once no normal event is left (an app's
-    error report outlives its page views). Each lane loses its oldest: FIFO is kept.
-    Records ``leased`` (events in flight) are left to their answer. The keys of a record's
-    events already delivered go with it, as the cap forgets stored ones (the index keeps
-    them until a restart). Returns the bytes still missing once none is left, or, with
+    error report outlives its page views), those in flight included. Each lane loses its
+    oldest: FIFO is kept. Records ``leased`` (events in flight) are left to their answer.
+    The keys of a record's events already delivered go with it, as the cap forgets stored
+    ones (the index keeps them until a restart). Returns the bytes still missing once none is left, or, with
     ``chunk``, once EXPIRE_RECORDS records or EXPIRE_EVENTS events went (estimated: the
     caller measures)."""
     freed = records = events = 0
@@ -819,9 +819,17 @@ def _drop_oldest(conn: sqlite3.Connection, excess: int, remember: bool, out: Out
         # The normal lane's oldest by schema.LANE_INDEX, not a read of the high lane's.
         rows = conn.execute("SELECT id, live FROM records WHERE lane = ? AND id NOT IN (SELECT "
                             "value FROM json_each(?)) ORDER BY id LIMIT ?",
-                            (NORMAL, kept, DROP_CHUNK)).fetchall() or conn.execute(
-            "SELECT id, live FROM records WHERE id NOT IN (SELECT value FROM json_each(?)) "
-            "ORDER BY id LIMIT ?", (kept, DROP_CHUNK)).fetchall()
+                            (NORMAL, kept, DROP_CHUNK)).fetchall()
+        if not rows:
+            # Normal events in flight are still queued: acked, they free their room; failed,
+            # they go before any high event. Until then the append waits (refused), or the
+            # high lane lost its oldest while the page views ahead of it were delivered.
+            if conn.execute("SELECT EXISTS (SELECT 1 FROM records WHERE lane = ?)",
+                            (NORMAL,)).fetchone()[0]:
+                break
+            rows = conn.execute("SELECT id, live FROM records WHERE id NOT IN (SELECT value "
+                                "FROM json_each(?)) ORDER BY id LIMIT ?",
+                                (kept, DROP_CHUNK)).fetchall()
         if not rows:
             break
         for rid, live in rows:
