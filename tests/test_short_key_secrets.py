@@ -1,0 +1,83 @@
+"""A key shorter than the redaction's MIN_SECRET_LEN (4) is never shown in the form the
+agent sends it in either.
+
+Nothing limits a key's length: `listen.accept_keys`, an upstream's `keys` and `key`, or an
+app's own key may be 1 to 3 characters. Such a key is not registered as it is (every log
+line holding those letters would be garbled), but a `segment-http` upstream is sent it as
+Basic credentials, base64 of `key:`, eight characters or more that no prose holds. An
+upstream that refuses a batch echoing its request's headers (`\\nAuthorization: Basic
+…` inside its JSON body) had them shown in the log, `/status`, `outpost status` and
+`outpost dead list`.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import base64
+import json
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import aiohttp
+
+from tests.conftest import AgentProcess, free_port, write_config
+from tests.fakes.faulty_upstream import Fault, FaultyUpstream
+from tests.waiting import run_outpost, wait_for
+
+UPSTREAM_KEY = "Up9"   # an upstream's own key, sent instead of the app's
+APP_KEY = "Zq7"        # an app's key, sent as it is
+ROUTED = "routedAppKey2026"   # the app key routed to the upstream with its own key
+
+
+def basic(key: str) -> str:
+    return base64.b64encode(f"{key}:".encode()).decode()
+
+
+async def test_a_short_key_sent_as_basic_credentials_is_never_shown_when_echoed(
+        tmp_path: Path, agent_process: Callable[..., AgentProcess]) -> None:
+    fake = await FaultyUpstream().start()
+    # Every batch refused for good, the upstream echoing the request's headers back.
+    fake.script = [Fault("status", 400, echo=True) for _ in range(50)]
+    port = free_port()
+    cfg = write_config(tmp_path / "agent.toml", tmp_path / "spool.db", port=port, upstreams=[
+        {"name": "own", "protocol": "segment-http", "url": fake.http_url, "keys": [ROUTED],
+         "key": UPSTREAM_KEY, "flush_interval_s": 0.05, "timeout_s": 2},
+        {"name": "apps", "protocol": "segment-http", "url": fake.http_url,
+         "flush_interval_s": 0.05, "timeout_s": 2}])
+    cfg.write_text(cfg.read_text() + '[log]\nlevel = "debug"\n')
+    agent = agent_process(cfg, port)
+    shown: dict[str, str] = {}
+    try:
+        await asyncio.to_thread(agent.start)
+        async with aiohttp.ClientSession() as s:
+            for n, key in enumerate((ROUTED, APP_KEY)):
+                async with s.post(f"{agent.url}/v1/batch", json={"batch": [
+                        {"type": "track", "event": "e", "userId": "u", "messageId": f"m{n}"}]},
+                                  headers={"Authorization": f"Basic {basic(key)}"}) as r:
+                    assert r.status == 200, await r.text()
+
+            async def both_dead() -> bool:
+                async with s.get(f"{agent.url}/status") as r:
+                    return bool((await r.json())["dead_letters"] == 2)
+            await wait_for(both_dead)
+            for path in ("/status", "/", "/metrics", "/dead"):
+                async with s.get(agent.url + path) as r:
+                    assert r.status == 200, path
+                    shown[path] = await r.text()
+        for command in (("status",), ("dead", "list"), ("dead", "export", "/dev/stdout")):
+            code, out = await run_outpost(*command, "--config", str(cfg))
+            assert code == 0, out
+            shown["outpost " + " ".join(command)] = out
+    finally:
+        await asyncio.to_thread(agent.terminate)
+        await fake.stop()
+    shown["log"] = agent.log.read_text()
+    # The upstream echoed both keys' credentials: the reasons show them redacted.
+    leaks = [(where, form) for where, text in shown.items()
+             for form in (basic(UPSTREAM_KEY), basic(APP_KEY), f"/{UPSTREAM_KEY}",
+                          f"/{APP_KEY}") if form in text]
+    assert leaks == [], "; ".join(f"{w}: {f}" for w, f in leaks)
+    status: dict[str, Any] = json.loads(shown["/status"])
+    reasons = [g["reason"] for g in status["dead_reasons"]]
+    assert len(reasons) == 2 and all("Authorization: Basic ***" in r for r in reasons), reasons
