@@ -86,10 +86,10 @@ class SecretRegistry:
         self._lock = threading.Lock()
 
     def add(self, value: str) -> None:
-        """Redact ``value`` from now on; too-short values are ignored."""
+        """Redact ``value`` from now on; a too-short value only as Basic credentials."""
         value = value.strip()
         # Keys are registered again after every commit: a known one is one set lookup.
-        if len(value) < MIN_SECRET_LEN or value in self._keys:
+        if not value or value in self._keys:
             return
         # Segment clients send the key as HTTP Basic credentials "key:"; in a URL it is
         # percent-encoded, as a path segment or as any component. A key holding a hidden
@@ -98,6 +98,10 @@ class SecretRegistry:
         basic = base64.b64encode(f"{value}:".encode()).decode()
         forms = {value, basic, quote(value, safe=_PATH_SAFE), quote(value, safe=""),
                  printable(value), repr(value)[1:-1]}
+        if len(value) < MIN_SECRET_LEN:
+            # Its own letters would garble every line holding them, but its Basic form
+            # (an upstream may echo the Authorization header sent) is 4+ base64 digits.
+            forms = {basic}
         with self._lock:
             self._keys.add(value)
             for secret in forms:
