@@ -81,3 +81,57 @@ async def test_a_short_key_sent_as_basic_credentials_is_never_shown_when_echoed(
     status: dict[str, Any] = json.loads(shown["/status"])
     reasons = [g["reason"] for g in status["dead_reasons"]]
     assert len(reasons) == 2 and all("Authorization: Basic ***" in r for r in reasons), reasons
+
+
+# -- a key an upstream echoes in JSON, escaped -------------------------------------------------
+
+NON_ASCII_KEY = "Ключ-Секрет-2026"   # an upstream's own key (its app id), as docs/security.md
+
+
+async def test_a_key_an_upstream_echoes_json_escaped_is_never_shown(
+        tmp_path: Path, agent_process: Callable[..., AgentProcess]) -> None:
+    """Python's json (and PHP's json_encode) write a non-ASCII letter as ``\\u041a``: an
+    upstream naming the app id it refuses in its JSON error showed the key so, a form
+    the redaction did not know."""
+    escaped = json.dumps(NON_ASCII_KEY)[1:-1]
+    assert escaped.startswith("\\u041a")
+    fake = await FaultyUpstream().start()
+    body = json.dumps({"error": f"unknown app id {NON_ASCII_KEY}"}).encode()
+    fake.script = [Fault("status", 400, body=body) for _ in range(50)]
+    port = free_port()
+    cfg = write_config(tmp_path / "agent.toml", tmp_path / "spool.db", port=port, upstreams=[
+        {"name": "nu", "protocol": "nucleus-http", "url": fake.http_url, "key": NON_ASCII_KEY,
+         "flush_interval_s": 0.05, "timeout_s": 2}])
+    cfg.write_text(cfg.read_text() + '[log]\nlevel = "debug"\n')
+    agent = agent_process(cfg, port)
+    shown: dict[str, str] = {}
+    try:
+        await asyncio.to_thread(agent.start)
+        async with aiohttp.ClientSession() as s:
+            async with s.post(f"{agent.url}/app/someApp2026/track", json={"data": [
+                    {"type": "event", "name": "e", "id": 1, "sessionId": 1}]}) as r:
+                assert r.status == 200, await r.text()
+
+            async def dead() -> bool:
+                async with s.get(f"{agent.url}/status") as r:
+                    return bool((await r.json())["dead_letters"] == 1)
+            await wait_for(dead)
+            for path in ("/status", "/metrics", "/dead"):
+                async with s.get(agent.url + path) as r:
+                    assert r.status == 200, path
+                    shown[path] = await r.text()
+        for command in (("status",), ("dead", "list"), ("dead", "export", "/dev/stdout")):
+            code, out = await run_outpost(*command, "--config", str(cfg))
+            assert code == 0, out
+            shown["outpost " + " ".join(command)] = out
+    finally:
+        await asyncio.to_thread(agent.terminate)
+        await fake.stop()
+    shown["log"] = agent.log.read_text()
+    assert fake.requests and fake.requests[0].path.startswith("/app/")
+    leaks = [(where, form) for where, text in shown.items()
+             for form in (NON_ASCII_KEY, escaped, escaped.replace("\\", "\\\\"))
+             if form in text]
+    assert leaks == [], "; ".join(f"{w}: {f}" for w, f in leaks)
+    reasons = [g["reason"] for g in json.loads(shown["/status"])["dead_reasons"]]
+    assert reasons == ['HTTP 400: {"error": "unknown app id ***"}'], reasons
