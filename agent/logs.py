@@ -12,6 +12,7 @@ import base64
 import functools
 import hashlib
 import io
+import json
 import logging
 import logging.handlers
 import os
@@ -95,9 +96,11 @@ class SecretRegistry:
         # percent-encoded, as a path segment or as any component. A key holding a hidden
         # character (a zero-width space pasted with it) reaches the log escaped too: by a
         # repr (a %r argument, a KeyError), or by the log's own escaping of a traceback.
+        # An upstream's JSON error naming the key may escape it (``\u041a``: Python's and
+        # PHP's encoders write every non-ASCII letter so).
         basic = base64.b64encode(f"{value}:".encode()).decode()
         forms = {value, basic, quote(value, safe=_PATH_SAFE), quote(value, safe=""),
-                 printable(value), repr(value)[1:-1]}
+                 printable(value), repr(value)[1:-1], json.dumps(value)[1:-1]}
         if len(value) < MIN_SECRET_LEN:
             # Its own letters would garble every line holding them, but its Basic form
             # (an upstream may echo the Authorization header sent) is 4+ base64 digits.
