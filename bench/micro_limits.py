@@ -8,7 +8,7 @@ can carry (agent/server/limits.py). Printed as µs per event, the median of
 Nucleus events routed to segment-http, small (no mapping) and over a quarter of the
 limit (mapped to measure); any event routed to nucleus-ws (a 4 MiB message), checked
 alone, and a request's events measured against it at once (ingest's shortcut: no event
-longer than ``RouteLimits.least`` is checked alone, ``longest``).
+longer than ``RouteLimits.least`` is checked alone, ``longer_than``).
 Same-run reference: ``segment.accept`` of the same Segment events, the validation every
 Segment-family event already goes through at ingest. Bounded: stops by itself.
 """
@@ -26,7 +26,7 @@ import orjson
 from agent.device import detect
 from agent.families import segment as spec
 from agent.families.enrich import Enrich
-from agent.families.event import NUCLEUS, Event, longest
+from agent.families.event import NUCLEUS, Event, longer_than
 from agent.server.limits import RouteLimits
 from agent.settings import Config, DeviceConfig, UpstreamConfig
 from agent.uplinks.registry import uplink_class
@@ -92,7 +92,7 @@ def main() -> None:
          per_event(check(segment_http, large), len(large), rounds)),
         ("any event -> nucleus-ws, checked alone", per_event(check(nucleus_ws, seg), n, rounds)),
         ("any event -> nucleus-ws, ingest's shortcut",
-         per_event(lambda: longest(seg) > nucleus_ws.least, n, rounds)),
+         per_event(lambda: longer_than(seg, nucleus_ws.least), n, rounds)),
     ]
     for name, us in rows:
         print(f"{name:48s} {us:8.3f} µs/event")

@@ -52,7 +52,7 @@ from agent.dialects.replies import describe, masked, status_of
 from agent.families import nucleus as family
 from agent.families import nucleus_as_sent as as_sent
 from agent.families.errors import Invalid, shown
-from agent.families.event import Event, iso_ms, longest, now_ms
+from agent.families.event import Event, iso_ms, longer_than, now_ms
 from agent.logs import hiding, log_limited
 from agent.spool.types import SpoolFull
 
@@ -163,7 +163,7 @@ class NucleusHandlers:
             # Nucleus upstream's limit is 4 MiB), as each Event of the columns is
             # made at its read.
             if got is not None and kept_as_sent(data) and not (
-                    limits.active and longest(got.events) > limits.least and any(
+                    limits.active and longer_than(got.events, limits.least) and any(
                         limits.oversize(event) is not None for event in got.events)):
                 return got
         msg, faults = nucleus_json.read(raw)
@@ -210,7 +210,7 @@ class NucleusHandlers:
                         hiding(key, why, len(why)))
         # No loop when no upstream sets a limit, nor when no event is longer than
         # ``least`` (most messages: a Nucleus upstream's limit is 4 MiB).
-        if not limits.active or longest(got.events) <= limits.least:
+        if not limits.active or not longer_than(got.events, limits.least):
             return got.events, got.acks
         refused: set[int] = set()    # places in the acks, not ids: ids collide
         oversize = limits.oversize

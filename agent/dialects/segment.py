@@ -58,7 +58,7 @@ from agent.dialects.segment_replies import (
 from agent.families import segment as spec
 from agent.families import segment_as_sent as as_sent
 from agent.families.errors import Invalid
-from agent.families.event import NOT_READ, SEGMENT, Columns, Event, longest
+from agent.families.event import NOT_READ, SEGMENT, Columns, Event, longer_than
 from agent.logs import hiding
 from agent.spool.types import SpoolFull
 
@@ -274,7 +274,7 @@ class SegmentHandlers:
             # Measured only when one is longer than ``least`` (most never are: a Nucleus
             # route's limit is 4 MiB), as each Event of the columns is made at its read.
             if events is not None and kept_as_sent(raw) and not (
-                    limits.active and longest(events) > limits.least
+                    limits.active and longer_than(events, limits.least)
                     and any(limits.oversize(event) is not None for event in events)):
                 return Collected(events, [], [], forced_key, limits, {forced_key: None})
         return self._collect(_read_batch(raw), raw_size, forced_key)

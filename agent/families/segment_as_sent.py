@@ -95,6 +95,7 @@ def accepted(raw: bytes, types: frozenset[str], key: str, received: str,
     if not 0 < len(items) <= MAX_BATCH_EVENTS or not _plain_envelope(batch):
         return None
     out = Columns(SEGMENT, key)
+    out.most = MAX_EVENT_BYTES   # each body is held to it below
     dedupes, bodies, lane_of = out.dedupes, out.bodies, out.lanes
     at = received.encode()
     end = b'"receivedAt":"' + at + b'"}'

@@ -13,7 +13,7 @@ from agent.dialects import offload
 from agent.dialects.base import MAX_KEY_CHARS, Routes
 from agent.families.enrich import Enrich
 from agent.families.errors import Invalid
-from agent.families.event import Event, keys_of, longest
+from agent.families.event import Event, keys_of, longer_than
 from agent.metrics import Metrics
 from agent.server.admission import Admission, Ticket
 from agent.server.limits import RouteLimits
@@ -183,7 +183,7 @@ class Sink:
         # a Columns' event is made at each read.
         if not limits.active:
             return kept
-        if longest(kept) > limits.least:
+        if longer_than(kept, limits.least):
             for ev in kept:
                 why = limits.oversize(ev)
                 if why is not None:
