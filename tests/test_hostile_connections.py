@@ -20,6 +20,7 @@ import base64
 import contextlib
 import logging
 import resource
+import select
 import socket
 import struct
 import time
@@ -379,6 +380,47 @@ async def test_a_head_over_80_kib_is_431_and_its_connection_closed(
     assert orjson.loads(reply.partition(b"\r\n\r\n")[2])["error"] == (
         "request head over 81920 bytes (its request line and header fields together)")
     assert await asyncio.wait_for(read_to_eof(s), 5) == b""
+    assert agent.metrics.connections_closed == {"large_head": 1}
+
+
+async def readable(s: socket.socket) -> None:
+    """Wait until ``s`` has bytes to read (or its end), reading none of them."""
+    loop = asyncio.get_running_loop()
+    ready = loop.create_future()
+    loop.add_reader(s.fileno(), lambda: ready.done() or ready.set_result(None))
+    try:
+        await asyncio.wait_for(ready, 5)
+    finally:
+        loop.remove_reader(s.fileno())
+
+
+def ended(s: socket.socket) -> bool:
+    """Whether the agent has ended its side of ``s``, by a FIN or a reset, seen without
+    reading what it sent before (Linux: POLLRDHUP; a reset adds POLLHUP and POLLERR)."""
+    poll = select.poll()
+    poll.register(s, select.POLLRDHUP)
+    return bool(poll.poll(0))
+
+
+async def test_a_client_still_sending_its_head_after_the_431_reads_it(
+        make_agent: Callable[..., Any], sockets: list[socket.socket]) -> None:
+    """A client does not read while it sends: one sending a head past 80 KiB is still
+    sending when the 431 comes. Closed at once, the connection had the agent's kernel
+    answer those bytes with a reset: the client's next send failed ("connection reset")
+    and its read of the 431 ended in that error. The agent half-closes after the 431 and
+    reads and drops what still comes: the client sends all it meant to, then reads the
+    whole 431 and a clean end."""
+    agent = await make_agent()
+    loop = asyncio.get_running_loop()
+    s = await connect(agent.port, sockets)
+    await loop.sock_sendall(s, b"GET /healthz HTTP/1.1\r\nHost: 127.0.0.1\r\n" + padded(11))
+    await readable(s)   # the 431 has come, unread
+    await loop.sock_sendall(s, padded(2))
+    await wait_for(lambda: ended(s), 5)   # the agent's side is over: its FIN, or a reset
+    await loop.sock_sendall(s, padded(2))
+    reply = await asyncio.wait_for(read_reply(s), 5)
+    assert reply.startswith(b"HTTP/1.1 431 "), reply[:200]
+    assert await asyncio.wait_for(loop.sock_recv(s, 65536), 5) == b""   # a FIN, no reset
     assert agent.metrics.connections_closed == {"large_head": 1}
 
 
