@@ -34,7 +34,7 @@ from agent.ops.routes import Ops
 from agent.ops.tail import TailHub
 from agent.ops.tail_routes import TailRoutes
 from agent.server.app import EXPRESS, FRONT_DOOR, SOCKET_CLOSE_S, build_app
-from agent.server.connections import ConnectionLimits, fit_fd_limit
+from agent.server.connections import LINGER_S, ConnectionLimits, fit_fd_limit
 from agent.server.express import FIELDS_MAX, ExpressLane
 from agent.server.guard import is_loopback_name
 from agent.server.intake import Sink
@@ -54,10 +54,6 @@ log = logging.getLogger("outpost")
 T = TypeVar("T")
 PRUNE_EVERY_S = 600.0
 MAX_REQUEST_LINE = 64 * 1024
-# After an early reply (a 413, a stalled body's) aiohttp reads and drops the rest of the
-# body, so the client sees the reply rather than a reset. Over loopback the rest takes milliseconds;
-# aiohttp's 10 s default would let a stalled client hold its connection that much longer.
-LINGER_S = 2.0
 SHUTDOWN_S = 5.0  # for the requests being answered when a stop begins
 UPLINK_CLOSE_S = 1.0  # a stop's wait for an upstream websocket's close (the nucleus-ws uplink's)
 # Start time asked of systemd per sign of life from a migration: six beats, so one
@@ -183,7 +179,7 @@ class Agent:
         host, port = self.cfg.listen.host, self.cfg.listen.port
         # Not a TCPSite: every connection goes through ConnectionLimits' deadlines and cap.
         cap, backlog = fit_fd_limit(self.cfg.listen.max_connections)
-        limits = ConnectionLimits(self.cfg.listen, cap, self.metrics)
+        limits = ConnectionLimits(self.cfg.listen, cap, self.metrics, LINGER_S)
         try:
             listener = await asyncio.get_running_loop().create_server(
                 limits.protocol_factory(server, lane), host, port,

@@ -424,6 +424,50 @@ async def test_a_client_still_sending_its_head_after_the_431_reads_it(
     assert agent.metrics.connections_closed == {"large_head": 1}
 
 
+async def test_a_client_that_never_closes_after_the_431_is_closed_after_the_linger(
+        make_agent: Callable[..., Any], sockets: list[socket.socket],
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    """What comes after a 431 is read and dropped for LINGER_S at most (here short, the
+    head and idle deadlines long): a client that goes on sending, or never closes, does
+    not hold its connection longer."""
+    monkeypatch.setattr(service, "LINGER_S", SHORT)
+    agent = await make_agent(listen={"header_timeout_s": 60, "idle_timeout_s": 60})
+    loop = asyncio.get_running_loop()
+    s = await connect(agent.port, sockets)
+    await loop.sock_sendall(s, b"GET /healthz HTTP/1.1\r\nHost: 127.0.0.1\r\n" + padded(11))
+    assert (await asyncio.wait_for(read_reply(s), 5)).startswith(b"HTTP/1.1 431 ")
+    await loop.sock_sendall(s, padded(2))
+    await wait_for(lambda: agent.metrics.connections_open == 0, 10)
+    assert agent.metrics.connections_closed == {"large_head": 1}
+
+
+async def test_connections_lingering_after_a_431_count_against_the_cap(
+        make_agent: Callable[..., Any], sockets: list[socket.socket],
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    """A connection that reads and drops what comes after its 431 holds a descriptor: it
+    is counted in listen.max_connections, and closed first to make room, so a flood of
+    large heads holds no more than the cap and a real app's post is still answered (and
+    the connection closed is not counted twice)."""
+    monkeypatch.setattr(service, "LINGER_S", 60.0)
+    agent = await make_agent(listen={"max_connections": 2})
+    loop = asyncio.get_running_loop()
+    for _ in range(2):
+        s = await connect(agent.port, sockets)
+        await loop.sock_sendall(s, b"GET /healthz HTTP/1.1\r\nHost: 127.0.0.1\r\n"
+                                   + padded(11))
+        assert (await asyncio.wait_for(read_reply(s), 5)).startswith(b"HTTP/1.1 431 ")
+    assert agent.metrics.connections_open == 2
+    async with aiohttp.ClientSession(
+            timeout=aiohttp.ClientTimeout(total=POST_TIMEOUT_S)) as session, \
+            session.post(f"http://127.0.0.1:{agent.port}/v1/track", data=track_body(),
+                         headers={"Authorization": basic(KEY),
+                                  "Content-Type": "application/json"}) as r:
+        assert r.status == 200
+        assert agent.metrics.connections_open <= 2
+    assert agent.metrics.connections_closed == {"large_head": 2}
+    assert agent.spool.depth == 1
+
+
 async def test_a_head_within_80_kib_is_served_and_the_body_after_it_not_counted(
         make_agent: Callable[..., Any], sockets: list[socket.socket]) -> None:
     """The pixel's request line may be 64 KiB, and a browser's cookies 8 KiB; the body

@@ -6,7 +6,7 @@ we support: up to 3.14.0 at least, a connection that never sends a request is ne
 timed out, and no version cuts a head that trickles in a byte at a time. So each accepted
 connection goes through a thin protocol wrapper (``_Conn``) that sees its bytes, and
 the server's request handler is wrapped to see when a request is being handled. A
-connection is in one of three states:
+connection is in one of these states:
 
 - IDLE, waiting for a request's first byte (after connecting, or after its last
   reply): closed ``idle_timeout_s`` after it became idle;
@@ -16,7 +16,9 @@ connection is in one of three states:
 - BUSY, a handler runs: no deadline here. Bodies are deadlined where they are read
   (dialects/body.py), so that the app is told (body.Stalled);
 - WEBSOCKET, an upgraded connection: no deadline (a Nucleus module may stay quiet for
-  long); the time of its last frame is kept.
+  long); the time of its last frame is kept;
+- LINGER, answered 431 and half-closed: what the client still sends is read and dropped
+  until it closes, or for ``linger_s`` (``head_too_large``).
 
 aiohttp also takes header fields outside a head it waits for: a chunked body's trailer
 section, and the head of a request sent ahead of the answer to the one before it. What
@@ -58,7 +60,12 @@ from agent.server.express import MORE, ExpressLane, HeadScan
 from agent.settings import ListenConfig
 
 log = logging.getLogger("outpost")
-IDLE, HEAD, BUSY, WEBSOCKET = 0, 1, 2, 3
+IDLE, HEAD, BUSY, WEBSOCKET, LINGER = 0, 1, 2, 3, 4
+# After an early reply (aiohttp's, after a 413 or a stalled body's 503; ours, after a 431)
+# the rest of what the client sends is read and dropped, so that it sees the reply rather
+# than a reset. Over loopback the rest takes milliseconds; aiohttp's 10 s default would let
+# a stalled client hold its connection that much longer.
+LINGER_S = 2.0
 # Descriptors the agent needs besides client connections: the spool's files, logs, the
 # event loop's own, and one socket per upstream connection (a forwarder per key).
 FD_RESERVE = 256
@@ -224,6 +231,8 @@ class _Conn(asyncio.Protocol):
         self._to_inner(data)
 
     def _to_inner(self, data: bytes) -> None:
+        if self.state == LINGER:
+            return   # answered 431: read and dropped
         if self.state == IDLE:
             self.limits.head_started(self)
         elif self.state == WEBSOCKET:
@@ -425,6 +434,8 @@ class _Conn(asyncio.Protocol):
             self.transport.abort()
 
     def eof_received(self) -> bool | None:
+        if self.state == LINGER:
+            return None   # the client has sent all it meant to after the 431: closed
         if self.lane is not None:
             if self.serving:
                 self.eof = True
@@ -492,9 +503,11 @@ class _Conn(asyncio.Protocol):
 class ConnectionLimits:
     """The open connections, oldest-idle first, and their deadlines."""
 
-    def __init__(self, cfg: ListenConfig, cap: int, metrics: Metrics) -> None:
+    def __init__(self, cfg: ListenConfig, cap: int, metrics: Metrics,
+                 linger_s: float = LINGER_S) -> None:
         self.idle_s = cfg.idle_timeout_s
         self.head_s = cfg.header_timeout_s
+        self.linger_s = linger_s
         self.cap = cap
         self.metrics = metrics
         metrics.connections_cap = cap
@@ -502,6 +515,7 @@ class ConnectionLimits:
         # Insertion order is the order connections last became idle: the first one not
         # BUSY has been idle the longest. Keyed by aiohttp's protocol, which requests carry.
         self._conns: dict[Any, _Conn] = {}
+        self._lingering: dict[_Conn, None] = {}   # those in LINGER, the oldest first
 
     def protocol_factory(self, server: web.Server,
                          lane: ExpressLane | None = None) -> Callable[[], asyncio.Protocol]:
@@ -556,17 +570,32 @@ class ConnectionLimits:
         self._wait(conn, HEAD, self.head_s)
 
     def head_too_large(self, conn: _Conn) -> None:
-        """``conn``'s head is past HEAD_MAX: answered 431 and closed, nothing more read."""
+        """``conn``'s head is past HEAD_MAX: answered 431 and closed, nothing more parsed.
+
+        A client sends its head before it reads, so more of it is still coming. Closed at
+        once, the socket would answer those bytes with a reset, which the client's next
+        send or read gets instead of the 431: the 431 is followed by a FIN instead (the
+        client may read it and stop), and what still comes read and dropped (LINGER) until
+        the client closes or ``linger_s`` has passed. Such a connection stays in the cap,
+        the first closed to make room: a flood of large heads holds no more descriptors."""
         assert conn.transport is not None
         log_limited(log, logging.WARNING, "large-head",
                     "a request head over %d bytes: answered 431, connection closed", HEAD_MAX)
         transport = conn.transport
         transport.write(HEAD_REFUSAL)
-        if transport.get_write_buffer_size():
+        if transport.get_write_buffer_size() or not transport.can_write_eof():
             transport.abort()   # a peer that reads nothing would hold its close for good
-        else:
-            transport.close()
-        self._count_closed(conn, "large_head")
+            self._count_closed(conn, "large_head")
+            return
+        transport.write_eof()
+        if not transport.is_reading():   # paused by aiohttp, its queue full: read to drop
+            transport.resume_reading()
+        self._count("large_head")
+        self._lingering[conn] = None
+        conn.state, conn.deadline = LINGER, self._loop.time() + self.linger_s
+        if conn.timer is not None:   # one for a later deadline: LINGER's is sooner
+            conn.timer.cancel()
+        self._arm(conn, self._loop.time())
 
     def fields_too_large(self, conn: _Conn) -> None:
         """aiohttp was given more than HEAD_MAX bytes of header fields outside a head it
@@ -583,6 +612,7 @@ class ConnectionLimits:
             conn.timer.cancel()
             conn.timer = None
         self._conns.pop(conn.inner, None)
+        self._lingering.pop(conn, None)
         self.metrics.connections_open = len(self._conns)
 
     def done(self, conn: _Conn) -> None:
@@ -612,15 +642,23 @@ class ConnectionLimits:
 
     def _expire(self, conn: _Conn) -> None:
         conn.timer = None
-        if conn.transport is None or conn.state >= BUSY:
+        if conn.transport is None or conn.state in (BUSY, WEBSOCKET):
             return  # re-armed when the request is done
         now = self._loop.time()
         if now < conn.deadline:
             self._arm(conn, now)
             return
+        if conn.state == LINGER:
+            conn.transport.abort()   # counted at its 431
+            return
         self._close(conn, "idle" if conn.state == IDLE else "slow_head")
 
     def _evict(self, newcomer: _Conn) -> None:
+        lingering = next(iter(self._lingering), None)
+        if lingering is not None and lingering.transport is not None:
+            lingering.transport.abort()   # answered, counted and logged at its 431
+            self.lost(lingering)
+            return
         conns = self._conns.values()
         victim = next((c for c in conns if c.state <= HEAD and c is not newcomer), None)
         what = "the longest-idle one"
@@ -642,5 +680,8 @@ class ConnectionLimits:
 
     def _count_closed(self, conn: _Conn, reason: str) -> None:
         self.lost(conn)  # its descriptor is released as the transport closes, just after
+        self._count(reason)
+
+    def _count(self, reason: str) -> None:
         closed = self.metrics.connections_closed
         closed[reason] = closed.get(reason, 0) + 1
