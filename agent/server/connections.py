@@ -17,8 +17,9 @@ connection is in one of these states:
   (dialects/body.py), so that the app is told (body.Stalled);
 - WEBSOCKET, an upgraded connection: no deadline (a Nucleus module may stay quiet for
   long); the time of its last frame is kept;
-- LINGER, answered 431 and half-closed: what the client still sends is read and dropped
-  until it closes, or for ``linger_s`` (``head_too_large``).
+- LINGER, answered for the last time (a 431, a 400 for a broken body) and half-closed:
+  what the client still sends is read and dropped until it closes, or for ``linger_s``
+  (``linger``).
 
 aiohttp also takes header fields outside a head it waits for: a chunked body's trailer
 section, and the head of a request sent ahead of the answer to the one before it. What
@@ -355,8 +356,8 @@ class _Conn(asyncio.Protocol):
             return False   # no error, or one in a request after the body, which ended whole
         messages.pop()
         self.broken = body
-        if body is self.finished:
-            inner.close()   # its route has answered (a 413 at the head): none is due
+        if body is self.finished:   # its route has answered (a 413 at the head): none is due
+            self.limits.close_after_reply(self)
         else:   # its route reads it, or will; closed once that route has answered (_tracked)
             body.set_exception(error)
         # Ended: a route's reads raise the error. aiohttp's own read of what a route that
@@ -435,7 +436,7 @@ class _Conn(asyncio.Protocol):
 
     def eof_received(self) -> bool | None:
         if self.state == LINGER:
-            return None   # the client has sent all it meant to after the 431: closed
+            return None   # the client has sent all it meant to after our last reply: closed
         if self.lane is not None:
             if self.serving:
                 self.eof = True
@@ -550,8 +551,9 @@ class ConnectionLimits:
                 # Past a broken body the requests are past telling; after the client's EOF
                 # the last one it sent is answered (one held behind a declined upgrade too:
                 # with no request whole in it, the connection closes).
-                if conn.broken is conn.finished \
-                        or (conn.eof and inner._request_count == conn.answered):
+                if conn.broken is conn.finished:
+                    self.close_after_reply(conn)   # the client may still be sending
+                elif conn.eof and inner._request_count == conn.answered:
                     inner.close()
                 self._idle(conn)
         return tracked
@@ -576,21 +578,55 @@ class ConnectionLimits:
         once, the socket would answer those bytes with a reset, which the client's next
         send or read gets instead of the 431: the 431 is followed by a FIN instead (the
         client may read it and stop), and what still comes read and dropped (LINGER) until
-        the client closes or ``linger_s`` has passed. Such a connection stays in the cap,
-        the first closed to make room: a flood of large heads holds no more descriptors."""
+        the client closes or ``linger_s`` has passed (``linger``): a flood of large heads
+        holds no more descriptors than the cap."""
         assert conn.transport is not None
         log_limited(log, logging.WARNING, "large-head",
                     "a request head over %d bytes: answered 431, connection closed", HEAD_MAX)
         transport = conn.transport
         transport.write(HEAD_REFUSAL)
-        if transport.get_write_buffer_size() or not transport.can_write_eof():
+        if transport.get_write_buffer_size():
             transport.abort()   # a peer that reads nothing would hold its close for good
             self._count_closed(conn, "large_head")
+            return
+        self._count("large_head")
+        self.linger(conn)
+
+    def close_after_reply(self, conn: _Conn) -> None:
+        """aiohttp's request being answered on ``conn`` is its last: once the reply is
+        written, closed lingering (``linger``), not by aiohttp, whose close has what the
+        client still sends answered with a reset (a client sends its body before it reads)."""
+        inner: Any = conn.inner
+        task = inner._task_handler
+        if task is None:
+            inner.close()
+            return
+        # aiohttp ends its loop after this reply, leaving the close to us (its force_close()
+        # would close the transport now, before the reply).
+        inner._force_close = True
+
+        def done(task: asyncio.Task[None]) -> None:
+            if task.cancelled() and conn.transport is not None:   # the agent is stopping
+                conn.transport.abort()
+            else:
+                self.linger(conn)
+        task.add_done_callback(done)
+
+    def linger(self, conn: _Conn) -> None:
+        """``conn``'s last reply is written: it is half-closed (a FIN once the reply is
+        sent), and what the client still sends read and dropped until it closes or
+        ``linger_s`` has passed, so that it reads the reply rather than a reset. Such a
+        connection stays in the cap, the first closed to make room."""
+        transport = conn.transport
+        if transport is None or transport.is_closing():   # closing already (the peer's EOF)
+            return
+        if not transport.can_write_eof():
+            transport.close()
+            self.lost(conn)
             return
         transport.write_eof()
         if not transport.is_reading():   # paused by aiohttp, its queue full: read to drop
             transport.resume_reading()
-        self._count("large_head")
         self._lingering[conn] = None
         conn.state, conn.deadline = LINGER, self._loop.time() + self.linger_s
         if conn.timer is not None:   # one for a later deadline: LINGER's is sooner
