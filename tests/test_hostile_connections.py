@@ -855,6 +855,31 @@ async def test_a_client_still_sending_a_malformed_body_after_its_400_reads_it(
     assert agent.spool.depth == 0
 
 
+async def test_a_client_still_sending_a_request_after_the_parsers_400_reads_it(
+        make_agent: Callable[..., Any], sockets: list[socket.socket]) -> None:
+    """A head the HTTP parser refuses (here a field over its 8 KB, a large cookie) is
+    answered its plain-text 400 while the client is still sending that request's body.
+    Closed at once, the connection had the agent's kernel answer the rest with a reset,
+    which the client's next send (and its read) got instead of the 400: it gets the 400
+    and a clean end, what it still sends read and dropped."""
+    agent = await make_agent()
+    loop = asyncio.get_running_loop()
+    s = await connect(agent.port, sockets)
+    await loop.sock_sendall(s, b"POST /v1/track HTTP/1.1\r\nHost: 127.0.0.1\r\n"
+                               b"Authorization: " + basic(KEY).encode() + b"\r\n"
+                               b"Cookie: a=" + b"c" * 9000 + b"\r\n"
+                               b"Content-Length: 100000\r\n\r\n")
+    await readable(s)   # the 400 has come, unread
+    await loop.sock_sendall(s, b"x" * 16_000)
+    await wait_for(lambda: ended(s), 5)   # the agent's side is over: its FIN, or a reset
+    await loop.sock_sendall(s, b"x" * 16_000)
+    reply = await asyncio.wait_for(read_reply(s), 5)
+    assert reply.split(b"\r\n", 1)[0].endswith(b" 400 Bad Request"), reply[:300]
+    assert b"Got more than 8190 bytes" in reply, reply[:300]
+    assert await asyncio.wait_for(loop.sock_recv(s, 65536), 5) == b""   # a FIN, no reset
+    assert agent.spool.depth == 0
+
+
 async def test_a_whole_body_then_a_malformed_request_is_a_200_then_a_400(
         make_agent: Callable[..., Any], sockets: list[socket.socket]) -> None:
     """A request whose chunked body is whole, and in the same packet one that is no HTTP:
