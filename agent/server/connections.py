@@ -232,8 +232,9 @@ class _Conn(asyncio.Protocol):
         self._to_inner(data)
 
     def _to_inner(self, data: bytes) -> None:
-        if self.state == LINGER:
-            return   # answered 431: read and dropped
+        inner: Any = self.inner
+        if self.state == LINGER or inner._close or inner._force_close:
+            return   # answered for the last time, or about to be: read and dropped
         if self.state == IDLE:
             self.limits.head_started(self)
         elif self.state == WEBSOCKET:
@@ -286,6 +287,9 @@ class _Conn(asyncio.Protocol):
                 return
             if inner._messages:
                 message, self.payload = inner._messages[-1]
+                if isinstance(getattr(message, "exc", None), HttpProcessingError) \
+                        and self._refused(inner):
+                    return   # nothing after the fault is parsed
                 length = None if getattr(message, "chunked", True) \
                     else message.headers.get("Content-Length")
                 self.length = None if length is None else int(length)
@@ -364,6 +368,25 @@ class _Conn(asyncio.Protocol):
         # has returned left of it stops here; the error, raised in that read, would be
         # logged as unhandled.
         body.feed_eof()
+        return True
+
+    def _refused(self, inner: Any) -> bool:
+        """The parser refused a head: its fault is queued as a request, which aiohttp answers
+        400 before closing the connection. When aiohttp waits for no other request first,
+        the connection is closed after that reply the lingering way (``close_after_reply``),
+        as the client may still be sending; behind requests not yet answered, aiohttp's own
+        close stays (its loop, ended early, would leave them unanswered)."""
+        # aiohttp waits for it (woken by it), or its loop has yet to start (uvloop hands
+        # it a new connection's first read before that, on Python 3.11).
+        waiter = inner._waiter
+        waiting = inner._request_count == 1 if waiter is None \
+            else waiter.done() and not waiter.cancelled()
+        if len(inner._messages) != 1 or not waiting:
+            return False
+        if waiter is None:   # marked once that loop has taken the request, or it takes none
+            asyncio.get_running_loop().call_soon(self.limits.close_after_reply, self)
+        else:
+            self.limits.close_after_reply(self)
         return True
 
     def _taken(self) -> int:
