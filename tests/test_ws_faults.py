@@ -480,6 +480,69 @@ async def test_a_repeated_answer_does_not_acknowledge_an_event_whose_frame_is_st
             await fake.stop()
 
 
+class _StaleIdInAnswer(LoopbackServer):
+    """A websocket upstream whose first connection answers its first frame, holds the
+    answer to the second until it has read the third, then answers the second with its
+    own id and the first frame's again (a stale id), and closes without storing the
+    third. Every later connection answers each frame. What it stored: the events it
+    acknowledged in the answer to their own frame."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.stored: list[dict[str, Any]] = []
+        self.connections = 0
+
+    async def start(self) -> _StaleIdInAnswer:
+        app = web.Application()
+        app.router.add_get("/app/{key}/track", self._ws)
+        await self._serve(app)
+        return self
+
+    async def _ws(self, request: web.Request) -> web.WebSocketResponse:
+        self.connections += 1
+        conn = self.connections
+        ws = web.WebSocketResponse(max_msg_size=0)
+        await ws.prepare(request)
+        self._sockets.add(ws)
+        frames: list[list[dict[str, Any]]] = []
+        async for msg in ws:
+            frames.append(orjson.loads(msg.data)["data"])
+            if conn > 1 or len(frames) == 1:
+                await self._answer(ws, frames[-1])
+            elif len(frames) == 3:   # the third is here: the second's answer, stale id and all
+                await self._answer(ws, frames[1], stale=[ev["id"] for ev in frames[0]])
+                await ws.close()
+        return ws
+
+    async def _answer(self, ws: web.WebSocketResponse, events: list[dict[str, Any]],
+                      stale: list[Any] | None = None) -> None:
+        self.stored += events
+        ids = [*(stale or ()), *(ev["id"] for ev in events)]
+        await ws.send_str(orjson.dumps({"reportedIds": ids}).decode())
+
+
+async def test_a_stale_id_in_an_earlier_frame_s_answer_does_not_acknowledge_a_later_one(
+        make_agent: Any, fast_backoff: Seams) -> None:
+    """Real modules reuse ids: B has the id of A, acknowledged before B went. The answer to
+    the frame sent between them (C's) named A's id again with C's: it was taken as B's
+    acknowledgement, though upstreams answer frames in order and C's answer is no answer
+    to B, and B was deleted unstored (the upstream then closed the connection)."""
+    fake = await _StaleIdInAnswer().start()
+    async with asyncio.timeout(10):
+        agent = await make_agent(upstreams=[{
+            "name": "up", "protocol": "nucleus-ws", "url": fake.ws_url,
+            "flush_interval_s": 0.02, "timeout_s": 5, "batch_max_events": 1}])
+        try:
+            # A (id 5), C (id 6), then B (id 5 too: its frame goes once A's answer came).
+            await send(agent, [event(1) | {"id": 5}, event(2) | {"id": 6},
+                               event(3) | {"id": 5, "name": "b"}])
+            await wait_for(lambda: agent.spool.depth == 0)
+            assert sorted(marks(fake.stored)) == [1, 2, 3]
+        finally:
+            await agent.stop()   # before its session closes
+            await fake.stop()
+
+
 class _ClosesAndReadsNoMore(RawUpstream):
     """A websocket upstream (a wedged one, or a proxy before one) that reads the head of
     the first frame of each connection, then reads nothing more and sends a close frame,
