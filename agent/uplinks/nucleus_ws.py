@@ -486,7 +486,13 @@ class NucleusWsUplink(NucleusFraming, UplinkBase):
                 return True
             in_flight.update((ack_id, seq) for ack_id, seq in zip(reported, popped)
                              if seq is not None)   # put back, and weighed one by one
-        here = set().union(*(seqs for n, seqs in link.waiting.items() if n != link.going))
+        # Nor one of a frame after the one this reply answers (frames are answered in order:
+        # the first not yet answered, else a late part of an earlier one's): an id of a later
+        # frame it names is an earlier event's, answered again (a stale id, which modules'
+        # reused ids make another event's), and that frame may never be stored.
+        last = n if frame is not None else link.replies
+        here = set().union(*(seqs for m, seqs in link.waiting.items()
+                             if m <= last and m != link.going))
         sent = {ack_id: seq for ack_id, seq in in_flight.items() if seq in here}
         acked = match(sent, reported, in_flight, plain)
         link.acked.update(acked)
