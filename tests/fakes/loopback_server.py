@@ -4,6 +4,7 @@ websockets are closed on stop."""
 from __future__ import annotations
 
 import contextlib
+import ssl
 from collections.abc import AsyncIterator, Awaitable, Callable
 
 from aiohttp import web
@@ -16,23 +17,24 @@ class LoopbackServer:
 
     def __init__(self) -> None:
         self.port = 0
+        self.tls: ssl.SSLContext | None = None   # serve HTTPS and wss:// with this (fakes/tls.py)
         self._runner: web.AppRunner | None = None
         self._sockets: set[web.WebSocketResponse] = set()
 
     @property
     def http_url(self) -> str:
-        return f"http://127.0.0.1:{self.port}"
+        return f"{'https' if self.tls else 'http'}://127.0.0.1:{self.port}"
 
     @property
     def ws_url(self) -> str:
-        return f"ws://127.0.0.1:{self.port}"
+        return f"{'wss' if self.tls else 'ws'}://127.0.0.1:{self.port}"
 
     async def _serve(self, app: web.Application) -> None:
         # A handler still running at stop (a scripted hang, 30-60 s) is cancelled after
         # this: waiting for it cost each such test 1 s of its teardown.
         self._runner = web.AppRunner(app, handle_signals=False, shutdown_timeout=0.1)
         await self._runner.setup()
-        await web.TCPSite(self._runner, "127.0.0.1", 0).start()
+        await web.TCPSite(self._runner, "127.0.0.1", 0, ssl_context=self.tls).start()
         self.port = int(self._runner.addresses[0][1])
 
     async def stop(self) -> None:
