@@ -337,9 +337,9 @@ async def post(session: aiohttp.ClientSession, url: str | URL, body: bytes, head
             # tried yet, or a new one.
             if progress.reused and not progress.answered and deadline > loop.time():
                 continue
-            return _failed(exc, progress, body, timeout_s)
+            return _failed(exc, progress, body, timeout_s, url)
         except NETWORK_ERRORS as exc:
-            return _failed(exc, progress, body, timeout_s)
+            return _failed(exc, progress, body, timeout_s, url)
 
 
 # What a connection closed by the upstream before it answered raises.
@@ -398,14 +398,22 @@ class _Body(aiohttp.BytesPayload):
         await super().write_with_length(writer, content_length)
 
 
-def _failed(exc: BaseException, progress: _Progress, body: bytes, timeout_s: float) -> Retry:
-    """The Retry for a request that got no status: ``exc``, what the network raised."""
+def _failed(exc: BaseException, progress: _Progress, body: bytes, timeout_s: float,
+            url: str | URL) -> Retry:
+    """The Retry for a request to ``url`` that got no status: ``exc``, what the network
+    raised."""
     if type(exc) is TimeoutError and progress.connected is False:
         # No connection, so no request sent: its size is not why (a firewall dropping
-        # the connection, a host gone).
+        # the connection, a host gone). Over TLS, "connected" comes only after the
+        # handshake, and a host that took the connection but never answers the handshake
+        # (a middlebox, a port that speaks something else) times out the same way: named,
+        # or the operator looks for a firewall in front of a host that answers.
+        handshake = (" or its TLS handshake (a firewall, the host down or unreachable from "
+                     "here, or a port that takes connections but does not answer TLS: "
+                     "`outpost doctor` tells which)") if URL(url).scheme == "https" else (
+            " (a firewall, or the host down or unreachable from here)")
         return Retry(f"request failed: no connection within {timeout_s:g}s (timeout_s): "
-                     "the upstream's host did not answer the connection (a firewall, or "
-                     "the host down or unreachable from here)")
+                     f"the upstream's host did not answer the connection{handshake}")
     if type(exc) is TimeoutError:   # timeout_s ran out before the status came
         # A batch too large for the link times out at every try: the forwarder sends
         # smaller ones (too_slow), and a stuck key's status says why.
