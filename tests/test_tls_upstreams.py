@@ -14,6 +14,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import re
+import signal
 from collections.abc import AsyncIterator, Callable
 from pathlib import Path
 from typing import Any
@@ -164,6 +165,27 @@ async def test_a_certificate_not_to_trust_sends_nothing_says_why_and_recovers_on
 
     serve(upstream.tls, ca.issue())   # the server's certificate fixed
     await delivered(agent, upstream)
+    assert agent.terminate() == 0
+
+
+@pytest.mark.parametrize("protocol", PROTOCOLS)
+async def test_a_reload_after_the_certificate_is_fixed_delivers_everything(
+        tmp_path: Path, agent_process: Callable[..., AgentProcess], ca: TestCA,
+        upstream: CaptiveUpstream, protocol: str) -> None:
+    """`systemctl reload outpost` once the server's certificate is renewed: the reload
+    hands the kept events to new forwarders, which deliver them all, once each."""
+    assert upstream.tls is not None
+    serve(upstream.tls, ca.issue(expired=True))
+    agent = await started(tmp_path, agent_process, upstream.url(protocol), protocol)
+    await failing(agent)
+    serve(upstream.tls, ca.issue())
+    assert agent.proc is not None
+    agent.proc.send_signal(signal.SIGHUP)
+
+    async def empty() -> bool:
+        return bool((await status(agent))["queue_depth"] == 0)
+    await wait_for(empty)
+    assert marks(upstream) == MARKS
     assert agent.terminate() == 0
 
 
