@@ -880,6 +880,33 @@ async def test_a_client_still_sending_a_request_after_the_parsers_400_reads_it(
     assert agent.spool.depth == 0
 
 
+@pytest.mark.parametrize("sent", [
+    b"POST /v1/batch HTTP/1.1\r\nHost: 127.0.0.1\r\nAuthorization: " + basic(KEY).encode()
+    + b"\r\nTransfer-Encoding: chunked\r\n\r\n" + MALFORMED["chunk-size"],
+    b"POST /v1/track HTTP/1.1\r\nHost: 127.0.0.1\r\nCookie: a=" + b"c" * 9000
+    + b"\r\nContent-Length: 2\r\n\r\n{}",
+], ids=["malformed-body", "refused-head"])
+async def test_a_client_that_closes_before_its_400_is_closed_at_once(
+        make_agent: Callable[..., Any], sockets: list[socket.socket],
+        caplog: pytest.LogCaptureFixture, sent: bytes) -> None:
+    """A client may send its request and close at once, reading no reply (a sender that
+    does not wait, or its own timeout). The 400 then meets a socket its kernel answers with
+    a reset, and the half-close after it failed ("Transport endpoint is not connected"):
+    logged as an error with a traceback, and the connection, read no more, was left open
+    until its head or idle deadline (here long) closed it and counted it as slow or idle.
+    It is closed at once, nothing logged beyond the parser's own line."""
+    agent = await make_agent(listen={"header_timeout_s": 60, "idle_timeout_s": 60})
+    s = await connect(agent.port, sockets)
+    await wait_for(lambda: agent.metrics.connections_open == 1, 5)   # taken by the agent
+    await asyncio.get_running_loop().sock_sendall(s, sent)
+    s.close()
+    await wait_for(lambda: agent.metrics.connections_open == 0, 10)
+    assert agent.metrics.connections_closed == {}
+    assert not [r for r in caplog.records if r.levelno >= logging.ERROR
+                and r.name != "aiohttp.server"], caplog.text
+    assert agent.spool.depth == 0
+
+
 async def test_a_whole_body_then_a_malformed_request_is_a_200_then_a_400(
         make_agent: Callable[..., Any], sockets: list[socket.socket]) -> None:
     """A request whose chunked body is whole, and in the same packet one that is no HTTP:
