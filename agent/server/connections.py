@@ -647,7 +647,11 @@ class ConnectionLimits:
             transport.close()
             self.lost(conn)
             return
-        transport.write_eof()
+        try:
+            transport.write_eof()
+        except OSError:   # the peer's reset came first (asyncio's loops raise it here, ENOTCONN)
+            transport.abort()   # nothing left to read or send
+            return
         if not transport.is_reading():   # paused by aiohttp, its queue full: read to drop
             transport.resume_reading()
         self._lingering[conn] = None
