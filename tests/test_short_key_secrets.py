@@ -135,3 +135,54 @@ async def test_a_key_an_upstream_echoes_json_escaped_is_never_shown(
     assert leaks == [], "; ".join(f"{w}: {f}" for w, f in leaks)
     reasons = [g["reason"] for g in json.loads(shown["/status"])["dead_reasons"]]
     assert reasons == ['HTTP 400: {"error": "unknown app id ***"}'], reasons
+
+
+SLASHED_KEY = "kQ9/xT2+Segment2026=="   # a base64 token as key: '/' is one of its digits
+
+
+async def test_a_key_an_upstream_echoes_as_phps_json_encode_writes_a_slash_is_never_shown(
+        tmp_path: Path, agent_process: Callable[..., AgentProcess]) -> None:
+    """PHP's json_encode also writes '/' as ``\\/`` unless told not to: a PHP upstream
+    naming the key it refuses in its JSON error showed a key holding one so (a 400 for
+    the key: retried, the upstream's last error)."""
+    php = json.dumps(SLASHED_KEY)[1:-1].replace("/", "\\/")
+    assert php == "kQ9\\/xT2+Segment2026=="
+    fake = await FaultyUpstream().start()
+    body = json.dumps({"error": f"unknown write key {SLASHED_KEY}"}).replace("/", "\\/")
+    fake.script = [Fault("status", 400, body=body.encode()) for _ in range(50)]
+    port = free_port()
+    cfg = write_config(tmp_path / "agent.toml", tmp_path / "spool.db", port=port, upstreams=[
+        {"name": "seg", "protocol": "segment-http", "url": fake.http_url, "key": SLASHED_KEY,
+         "flush_interval_s": 0.05, "timeout_s": 2}])
+    cfg.write_text(cfg.read_text() + '[log]\nlevel = "debug"\n')
+    agent = agent_process(cfg, port)
+    shown: dict[str, str] = {}
+    try:
+        await asyncio.to_thread(agent.start)
+        async with aiohttp.ClientSession() as s:
+            async with s.post(f"{agent.url}/v1/batch", json={"batch": [
+                    {"type": "track", "event": "e", "userId": "u", "messageId": "m1"}]},
+                              headers={"Authorization": f"Basic {basic(ROUTED)}"}) as r:
+                assert r.status == 200, await r.text()
+
+            async def refused() -> bool:
+                async with s.get(f"{agent.url}/status") as r:
+                    return bool((await r.json())["upstreams"][0]["last_error"])
+            await wait_for(refused)
+            for path in ("/status", "/", "/metrics"):
+                async with s.get(agent.url + path) as r:
+                    assert r.status == 200, path
+                    shown[path] = await r.text()
+        code, out = await run_outpost("status", "--config", str(cfg))
+        assert code == 0, out
+        shown["outpost status"] = out
+    finally:
+        await asyncio.to_thread(agent.terminate)
+        await fake.stop()
+    shown["log"] = agent.log.read_text()
+    assert "unknown write key" in shown["log"]
+    leaks = [(where, form) for where, text in shown.items()
+             for form in (SLASHED_KEY, php, php.replace("\\", "\\\\")) if form in text]
+    assert leaks == [], "; ".join(f"{w}: {f}" for w, f in leaks)
+    error = json.loads(shown["/status"])["upstreams"][0]["last_error"]
+    assert error.startswith('HTTP 400: {"error": "unknown write key ***"}'), error
