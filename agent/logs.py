@@ -97,10 +97,12 @@ class SecretRegistry:
         # character (a zero-width space pasted with it) reaches the log escaped too: by a
         # repr (a %r argument, a KeyError), or by the log's own escaping of a traceback.
         # An upstream's JSON error naming the key may escape it (``\u041a``: Python's and
-        # PHP's encoders write every non-ASCII letter so).
+        # PHP's encoders write every non-ASCII letter so; PHP's writes '/' as ``\/`` too,
+        # one of a base64 token's digits).
         basic = base64.b64encode(f"{value}:".encode()).decode()
+        escaped = json.dumps(value)[1:-1]
         forms = {value, basic, quote(value, safe=_PATH_SAFE), quote(value, safe=""),
-                 printable(value), repr(value)[1:-1], json.dumps(value)[1:-1]}
+                 printable(value), repr(value)[1:-1], escaped, escaped.replace("/", "\\/")}
         if len(value) < MIN_SECRET_LEN:
             # Its own letters would garble every line holding them, but its Basic form
             # (an upstream may echo the Authorization header sent) is 4+ base64 digits.
