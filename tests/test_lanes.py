@@ -366,3 +366,46 @@ async def test_drop_oldest_keeps_the_high_lane_while_normal_events_are_in_flight
     counters = agent.spool.counters
     assert counters.get("dropped_full", 0) == 0
     assert counters["ingested"] == counters["acked"] == 20 + len(stored)
+
+
+async def test_drop_oldest_refuses_high_events_only_until_a_send_that_is_never_answered_times_out(
+        make_agent: Any, fake_nucleus: FakeNucleus) -> None:
+    """The page views in flight to an upstream that never answers hold the high lane's room
+    only until their send times out (timeout_s): then they are queued, not in flight, and
+    the cap drops them, the oldest normal events, for the error reports. Refused for as
+    long as the upstream stays silent, the app's error reports would be lost."""
+    up = {**nucleus_up(fake_nucleus), "flush_interval_s": 0.02, "max_in_flight": 1,
+          "timeout_s": 1}
+    agent = await make_agent(upstreams=[up],
+                             storage={"max_size_mb": 1, "when_full": "drop_oldest"})
+
+    def events(ids: range, kind: str) -> list[dict[str, Any]]:
+        return [{"type": kind, "name": "e", "id": i, "sessionId": 1, "machineId": "m",
+                 "payload": os.urandom(750).hex()} for i in ids]
+
+    url = f"http://127.0.0.1:{agent.port}/app/app1/track"
+    async with aiohttp.ClientSession() as s, answered_at_last(fake_nucleus):
+        async with s.post(url, json={"data": events(range(20), "event")}) as r:
+            assert r.status == 200, await r.text()
+        await wait_for(lambda: len(fake_nucleus.events) == 20)   # in flight, never answered
+        stored, n = [], 100
+        while True:
+            assert n < 5000, "the spool never filled"
+            async with s.post(url, json={"data": events(range(n, n + 5), "error")}) as r:
+                if r.status != 200:
+                    break
+            stored += range(n, n + 5)
+            n += 5
+        assert r.status == 503, r.status
+        assert agent.spool.counters.get("dropped_full", 0) == 0
+        await wait_for(lambda: agent.forwarding.states["up"].retries >= 1)   # timed out
+
+        async def taken() -> bool:
+            async with s.post(url, json={"data": events(range(n, n + 5), "error")}) as r:
+                assert r.status in (200, 503), await r.text()
+                return r.status == 200
+        await wait_for(taken, timeout=30)
+        stored += range(n, n + 5)
+        assert agent.spool.counters["dropped_full"] == 20   # the page views, not an error
+    await wait_for(lambda: agent.spool.depth == 0, timeout=30)
+    assert [i for i in fake_nucleus.ids() if i >= 100] == stored
