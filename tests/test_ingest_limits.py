@@ -116,6 +116,29 @@ async def test_a_segment_batch_message_grown_over_the_limit_by_batch_context_is_
     assert fake_segment.message_ids() == ["ok"]
 
 
+async def test_an_sdk_batch_message_stored_as_sent_over_segments_limit_is_a_207_item(
+        make_agent: Any, fake_segment: FakeSegment) -> None:
+    """A usual SDK batch (each message with its messageId and timestamp, nothing at the
+    batch's level) is stored as sent (families/segment_as_sent.py), which takes messages
+    of up to 32 KiB: one a few bytes under that is over what Segment takes once sent
+    (its `sentAt` added), and is refused alone, the rest stored."""
+    agent = await make_agent(upstreams=[segment_up(fake_segment)])
+    base = {"type": "track", "event": "e", "userId": "u", "timestamp": "2020-01-01T00:00:00Z"}
+    stored_without_pad = len(orjson.dumps({**base, "messageId": "big", "properties": {"p": ""},
+                                           "receivedAt": "2020-01-01T00:00:00.000Z"}))
+    pad = 32 * 1024 - 8 - stored_without_pad   # over the limit, under the 32 KiB stored
+    body = orjson.dumps({"batch": [{**base, "messageId": "ok"},
+                                   {**base, "messageId": "big", "properties": {"p": "x" * pad}}]})
+    reply = await call(agent.port, "/v1/batch", body, headers={"Authorization": basic("k")})
+    assert reply.status == 207, reply.body
+    (err,) = reply.json()["Errors"]
+    assert err["Error"] == "Request Entity Too Large" and SEGMENT_LIMIT in err["Message"]
+    assert "messageId=big" in err["Details"]
+    await wait_for(lambda: len(fake_segment.events) == 1)
+    assert fake_segment.message_ids() == ["ok"]
+    assert not agent.spool.counters.get("dead_lettered")
+
+
 async def test_a_nucleus_event_mapped_over_segments_limit_is_left_unacknowledged(
         make_agent: Any, fake_segment: FakeSegment) -> None:
     """A module resends its whole unacknowledged queue in every message: refusing the

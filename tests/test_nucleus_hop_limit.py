@@ -51,6 +51,10 @@ GROWN = {
     "date": {"type": "init", "id": "big", "sessionId": 1, "machineId": "m", **FACTS},
     # An event without an id: A's uplink gives it its spool seq.
     "no id": {"type": "event", "name": "e", "sessionId": 1, "machineId": "m", **DATE},
+    # A usual event without a date, stored as sent (families/nucleus_as_sent.py), the
+    # date put at its end: not an init event, which takes the general path.
+    "date, as sent": {"type": "event", "name": "e", "id": "big", "sessionId": 1,
+                      "machineId": "m"},
 }
 
 
@@ -160,3 +164,26 @@ async def test_a_refused_event_sharing_its_id_with_an_event_kept_before_it_is_le
     await wait_for(lambda: len(fake_nucleus.events) == 2)
     assert [ev["name"] for ev in fake_nucleus.events] == ["small", "a"]
     assert not await agent.spool.dead_letters()
+
+
+@pytest.mark.parametrize("protocol", ["nucleus-http", "nucleus-ws"])
+async def test_an_undated_event_sent_over_the_local_websocket_past_the_limit_is_left_out(
+        make_agent: Any, fake_nucleus: FakeNucleus, fast_backoff: Any, tmp_path: Path,
+        protocol: str) -> None:
+    """The same usual event without a date, in a 4 MiB message over the local websocket
+    (read as it arrives, each event judged alone): left out of reportedIds, nothing of it
+    stored, and the module's next event delivered."""
+    a = await chain(make_agent, fake_nucleus, tmp_path, protocol)
+    async with aiohttp.ClientSession() as s, \
+            s.ws_connect(f"http://127.0.0.1:{a.port}/app/k/track", max_msg_size=0) as ws:
+        await ws.send_bytes(filling(GROWN["date, as sent"]))
+        reply = await ws.receive(timeout=30)
+        assert reply.type == WSMsgType.TEXT, reply
+        assert orjson.loads(reply.data) == {"reportedIds": []}
+        await ws.send_bytes(orjson.dumps({"data": [
+            {"type": "event", "name": "after", "id": 7, "sessionId": 1, "machineId": "m"}]}))
+        reply = await ws.receive(timeout=30)
+        assert orjson.loads(reply.data) == {"reportedIds": [7]}
+    await wait_for(lambda: len(fake_nucleus.events) == 1)
+    assert fake_nucleus.ids() == [7]
+    assert a.spool.depth == 0 and not await a.spool.dead_letters()
