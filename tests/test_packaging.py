@@ -168,3 +168,15 @@ def test_an_address_not_yet_on_the_machine_is_restarted_by_systemd(tmp_path: Pat
     unit = unit_sections((PACKAGING / "systemd/outpost.service").read_text())["Service"]
     prevented = unit.get("RestartPreventExitStatus", "").split()
     assert run.returncode != 0 and str(run.returncode) not in prevented, run.returncode
+
+
+def test_the_operations_guide_names_every_socket_family_the_system_unit_allows() -> None:
+    """docs/operations.md describes the system unit's sandbox to the operator deciding
+    whether to run it: the socket families it names are the unit's, AF_NETLINK (the
+    network-change watcher's) included, not a narrower list than the unit grants."""
+    guide = " ".join((PACKAGING.parent / "docs" / "operations.md").read_text().split())
+    said = re.search(r"only ((?:`AF_[A-Z0-9]+`[/, and]*)+) sockets", guide)
+    assert said, "the sandbox sentence names the unit's socket families"
+    unit = unit_sections((PACKAGING / "systemd/outpost.service").read_text())
+    assert set(re.findall(r"AF_[A-Z0-9]+", said[1])) == \
+        set(unit["Service"]["RestrictAddressFamilies"].split()), said[0]
