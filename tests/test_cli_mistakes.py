@@ -502,6 +502,21 @@ def test_config_init_with_an_empty_path_is_not_the_default_location(tmp_path: Pa
     assert not config_home.exists()
 
 
+@pytest.mark.parametrize("protocol", ["nucleus-ws", "nucleus-http", "segment-http"])
+def test_config_init_without_url_suggests_one_its_protocol_takes(
+        tmp_path: Path, protocol: str) -> None:
+    """`config init --upstream nucleus-ws` without --url was told "e.g. --url
+    https://api.segment.io", whatever the protocol: pasted, that URL was then refused
+    (`must start with ws:// or wss://`). The example it gives is one the protocol takes."""
+    target = tmp_path / "agent.toml"
+    line = refused(init("--path", str(target), "--upstream", protocol), "--url")
+    suggested = re.search(r"--url (\S+?)[),;]?$", line)
+    assert suggested, line
+    assert init("--path", str(target), "--upstream", protocol,
+                "--url", suggested[1]).returncode == 0, line
+    assert outpost("check-config", str(target)).returncode == 0
+
+
 @pytest.mark.parametrize("args,fragment", [
     (("--write-key", SECRET), "--write-key needs --upstream"),
     (("--name", "seg"), "--name needs --upstream"),
