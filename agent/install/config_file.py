@@ -62,6 +62,10 @@ url = {url}
 {key}keys = ["*"]                # local keys routed here; "*" = all
 """
 
+# The example --url each protocol's "needs --url" gives: one its schemes take, as pasted.
+EXAMPLE_URLS = {"nucleus-ws": "wss://app.nucleus.sh", "nucleus-http": "https://app.nucleus.sh",
+                "segment-http": "https://api.segment.io"}
+
 
 def add_parser(subparsers: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
     """Add ``config init [--path P] [--force] [--upstream PROTO --url U [--write-key K]]``."""
@@ -103,7 +107,9 @@ def run(args: argparse.Namespace) -> int:
     """Run ``outpost config init``; returns the exit status."""
     protocols = ", ".join(registry.protocols())
     if args.upstream and not args.url:
-        return _fail("--upstream needs --url, e.g. --url https://api.segment.io")
+        example = EXAMPLE_URLS.get(
+            args.upstream, f"{registry.protocol(args.upstream).schemes[-1]}://HOST")
+        return _fail(f"--upstream {args.upstream} needs --url, e.g. --url {example}")
     for flag, value in (("--url", args.url), ("--write-key", args.write_key),
                         ("--name", args.name)):
         if value is not None and not args.upstream:   # never dropped unsaid
