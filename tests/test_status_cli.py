@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import json
+import re
 import sqlite3
 from pathlib import Path
 from typing import Any
@@ -17,7 +18,7 @@ from agent.families.event import SEGMENT, Event
 from agent.ops.status_table import render
 from agent.settings import StorageConfig
 from agent.spool import Spool
-from tests.conftest import free_port, write_config
+from tests.conftest import ROOT, free_port, write_config
 from tests.fakes.loopback_server import serving
 from tests.fakes.ops_scene import LIVE, QUEUED, REFUSED, Scene, populate, post_events, settled
 from tests.spool_files import leave_salvage_pending
@@ -524,3 +525,21 @@ async def test_an_agent_started_on_a_dead_letter_summary_holding_bytes_answers_s
     assert group["reason"] == "HTTP 400: bad", group
     code, text = await run_outpost("status", "--config", agent.config_path)
     assert code == 0 and "HTTP 400: bad" in text, text
+
+
+async def test_every_status_field_is_named_in_the_operations_guide(make_agent: Any) -> None:
+    """docs/operations.md's `GET /status` item is where an operator scripting against
+    `outpost status --json` learns its fields: each one the agent answers is named there
+    (`version`, `time` and `source` were not)."""
+    guide = (ROOT / "docs" / "operations.md").read_text()
+    item = guide[guide.index("- `GET /status`"):guide.index("- `GET /healthz`")]
+    named = set(re.findall(r"`([a-z_]+)`", item))
+    async with Scene() as scene:
+        agent = await make_agent(port=free_port(), upstreams=scene.upstreams())
+        async with aiohttp.ClientSession() as s:
+            async with s.get(f"http://127.0.0.1:{agent.port}/status") as r:
+                live = await r.json()
+    fields = set(live) | set(live["upstreams"][0])
+    fields |= {k for part in ("spool", "unrouted", "connections", "ingest", "sync", "reload")
+               for k in live[part]}
+    assert sorted(fields - named) == []
