@@ -396,3 +396,19 @@ async def test_a_new_app_s_key_in_its_first_event_is_redacted(make_agent: Any) -
     shown = json.loads(line[6:])
     assert (shown["kind"], shown["name"], shown["id"]) == (
         "ingested", "signed up with ***", "***"), shown
+
+
+async def test_tail_json_fields_are_named_in_the_operations_guide(
+        tmp_path: Path, make_agent: Any) -> None:
+    """The `--json` bullet of docs/operations.md is what a script reading `outpost tail
+    --json` goes by: every field of its first line, `watching`, is named there (its
+    `key` and `viewers` were not)."""
+    guide = " ".join((ROOT / "docs" / "operations.md").read_text().split())
+    bullet = guide[guide.index("- **`--json`:**"):guide.index("- **Never slows ingest:**")]
+    named = set(re.findall(r"`([a-z_]+)`", bullet))
+    port = free_port()
+    agent = await make_agent(port=port)
+    tail = await Tail.start("--json", "--config", agent.config_path)
+    assert await tail.stop() == 0
+    watching = json.loads(tail.lines[0])
+    assert watching["kind"] == "watching" and sorted(set(watching) - named) == []
