@@ -1,0 +1,34 @@
+"""A JSON body starting with a UTF-8 byte order mark (what PowerShell's and .NET's UTF-8
+encoders write) is refused with 400, as README and docs/mapping.md §6 say, and on every
+route the reply says that the mark is what is wrong.
+
+The Segment routes (single calls, webhook and batches) said `invalid JSON: unexpected
+character at offset 0`: their forgiving reader's words for a body strict JSON refused,
+with the mark invisible in any editor, where every other API named it."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import aiohttp
+import pytest
+
+from agent.dialects.base import Example
+from tests.dialect_examples import examples
+
+BOM = b"\xef\xbb\xbf"
+WITH_BODY = [ex for ex in examples("k") if ex.body is not None and not ex.websocket]
+
+
+@pytest.mark.parametrize("ex", WITH_BODY, ids=lambda ex: f"{ex.method} {ex.path}")
+async def test_a_body_starting_with_a_byte_order_mark_is_a_400_that_names_it(
+        make_agent: Any, ex: Example) -> None:
+    agent = await make_agent()
+    assert ex.body is not None
+    async with aiohttp.ClientSession() as s, s.request(
+            ex.method, f"http://127.0.0.1:{agent.port}{ex.path}", data=BOM + ex.body,
+            headers=ex.headers) as r:
+        status, text = r.status, await r.text()
+    assert status == 400, text
+    assert "byte order mark" in text, text
+    assert agent.spool.depth == 0
