@@ -1,5 +1,5 @@
-"""A JSON body starting with a UTF-8 byte order mark (what PowerShell's and .NET's UTF-8
-encoders write) is refused with 400, as README and docs/mapping.md §6 say, and on every
+"""A JSON body starting with a UTF-8 byte order mark (a file saved as UTF-8 by Windows
+PowerShell 5, posted as it is) is refused with 400, as README and docs/mapping.md §6 say, and on every
 route the reply says that the mark is what is wrong.
 
 The Segment routes (single calls, webhook and batches) said `invalid JSON: unexpected
