@@ -26,6 +26,7 @@ from aiohttp import web
 from agent.logs import fingerprint
 from agent.settings import StorageConfig
 from agent.spool import Spool
+from agent.uplinks import registry
 from tests.conftest import ROOT, AgentProcess, free_port, write_config
 from tests.fakes.loopback_server import LoopbackServer
 from tests.test_operator_mistakes import EXIT_CONFIG, _without_root, one_line
@@ -502,7 +503,7 @@ def test_config_init_with_an_empty_path_is_not_the_default_location(tmp_path: Pa
     assert not config_home.exists()
 
 
-@pytest.mark.parametrize("protocol", ["nucleus-ws", "nucleus-http", "segment-http"])
+@pytest.mark.parametrize("protocol", registry.protocols())
 def test_config_init_without_url_suggests_one_its_protocol_takes(
         tmp_path: Path, protocol: str) -> None:
     """`config init --upstream nucleus-ws` without --url was told "e.g. --url

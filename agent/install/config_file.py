@@ -62,7 +62,8 @@ url = {url}
 {key}keys = ["*"]                # local keys routed here; "*" = all
 """
 
-# The example --url each protocol's "needs --url" gives: one its schemes take, as pasted.
+# The example --url each protocol's "needs --url" gives: one its schemes take, as pasted
+# (every protocol --upstream offers: tests/test_cli_mistakes.py).
 EXAMPLE_URLS = {"nucleus-ws": "wss://app.nucleus.sh", "nucleus-http": "https://app.nucleus.sh",
                 "segment-http": "https://api.segment.io"}
 
@@ -107,9 +108,8 @@ def run(args: argparse.Namespace) -> int:
     """Run ``outpost config init``; returns the exit status."""
     protocols = ", ".join(registry.protocols())
     if args.upstream and not args.url:
-        example = EXAMPLE_URLS.get(
-            args.upstream, f"{registry.protocol(args.upstream).schemes[-1]}://HOST")
-        return _fail(f"--upstream {args.upstream} needs --url, e.g. --url {example}")
+        return _fail(f"--upstream {args.upstream} needs --url, "
+                     f"e.g. --url {EXAMPLE_URLS[args.upstream]}")
     for flag, value in (("--url", args.url), ("--write-key", args.write_key),
                         ("--name", args.name)):
         if value is not None and not args.upstream:   # never dropped unsaid
