@@ -30,7 +30,7 @@ from agent.settings import (
     SyncConfig,
     UpstreamConfig,
 )
-from agent.uplinks import registry
+from agent.uplinks import proxy, registry
 
 
 class ConfigError(ValueError):
@@ -378,6 +378,18 @@ def _url_check(protocol: str) -> Callable[[Any], str | None]:
     return check
 
 
+def _proxy_url(value: str) -> str | None:
+    """An upstream's ``proxy``: "" (direct) or http://[user:password@]host:port, never
+    quoted back (it may hold a password)."""
+    if not value:
+        return None
+    try:
+        proxy.parse(value, "agent.toml")
+    except proxy.BadProxy as exc:
+        return str(exc).removeprefix("proxy ")
+    return None
+
+
 def _upstream(t: dict[str, Any], i: int) -> UpstreamConfig:
     w = f"upstream[{i}]"
     if "name" not in t:
@@ -412,6 +424,7 @@ def _upstream(t: dict[str, Any], i: int) -> UpstreamConfig:
                                    or _event_types(v))),
         priority_events=tuple(_take(t, w, "priority_events", list, [],
                                     _str_list())),
+        proxy=_take(t, w, "proxy", str, None, _proxy_url),
     )
     _no_leftovers(t, w)
     return out

@@ -59,6 +59,8 @@ _GENERIC_SECRETS = (
     # Bare credentials after a scheme.  A digit is required so that prose such
     # as "Basic authentication failed" is left alone.
     (re.compile(r"(?i)\b((?:basic|bearer)\s+)(?=[\w+/.~-]*\d)[\w+/.~-]{8,}=*"), r"\1" + REDACTED),
+    # A URL's user:password@ (a proxy's, as HTTPS_PROXY holds it): its password, whoever's.
+    (re.compile(r"(?i)(\b[a-z][a-z0-9+.-]*://[^\s/@:'\"]*:)[^\s/@'\"]+@"), r"\1" + REDACTED + "@"),
     # Write keys in query strings, JSON bodies and headers.
     (re.compile(r"(?i)(\b(?:write_?key|publicwritekey|x-write-key)['\"]?\s*[:=]\s*['\"]?)[^\s'\"&,;}]+"),
      r"\1" + REDACTED),

@@ -48,6 +48,7 @@ from agent.sync.metered import source_for
 from agent.sync.monitor import SyncMonitor, SyncView
 from agent.sync.power import BatterySensor, read_battery
 from agent.terminal import os_text
+from agent.uplinks import proxy
 from agent.uplinks.registry import uplink_class
 
 log = logging.getLogger("outpost")
@@ -462,14 +463,17 @@ def _exit_now(code: int) -> None:
 
 
 def _register_secrets(cfg: Config) -> None:
-    """Accepted keys, routed keys and upstream keys are all credentials (an upstream URL
-    holds none: config refuses user:password@ in it)."""
+    """Accepted keys, routed keys, upstream keys and proxy credentials are all credentials
+    (an upstream URL holds none: config refuses user:password@ in it)."""
     for key in cfg.listen.accept_keys:
         logs.register_secret(key)
     for up in cfg.upstreams:
         for key in (up.key, *up.keys):
             if key and key != "*":
                 logs.register_secret(key)
+    # A proxy's credentials (agent.toml's, or the environment's): sent to the proxy only.
+    for secret in proxy.secrets(cfg.upstreams):
+        logs.register_secret(secret)
 
 
 def _limits(cfg: Config, machine: str) -> RouteLimits:

@@ -92,6 +92,9 @@ class UpstreamConfig:
     # (agent/families/lanes.py): event types, and event names.
     priority_types: tuple[str, ...] = ()
     priority_events: tuple[str, ...] = ()
+    # The forward proxy its traffic goes through (agent/uplinks/proxy.py): None, not set,
+    # reads HTTPS_PROXY/HTTP_PROXY/NO_PROXY; "" is a direct connection whatever they say.
+    proxy: str | None = None
     # Not from agent.toml: the bytes the forwarder cuts batches to, under batch_max_bytes,
     # while the upstream takes no larger ones (forwarder/supervisor.py ``_sized``). An event
     # over the cut still goes, alone: only batch_max_bytes refuses one.

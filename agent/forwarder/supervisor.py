@@ -613,4 +613,4 @@ def _named(cfg: Config, name: str) -> UpstreamConfig | None:
 def _same(a: UpstreamConfig, b: UpstreamConfig) -> bool:
     """Whether a reload left the upstream itself as it was (its batch sizes, timeouts
     and routes may change): its waits and its outage still hold."""
-    return (a.name, a.url, a.protocol, a.key) == (b.name, b.url, b.protocol, b.key)
+    return (a.name, a.url, a.protocol, a.key, a.proxy) == (b.name, b.url, b.protocol, b.key, b.proxy)

@@ -28,7 +28,7 @@ import aiohttp
 from agent.families.event import Limit
 from agent.settings import UpstreamConfig
 from agent.spool.types import Row
-from agent.uplinks import lookup, registry, splice
+from agent.uplinks import lookup, proxy, registry, splice
 from agent.uplinks.prepare import Prepared, take_prefix
 from agent.uplinks.sent_keys import any_key
 
@@ -231,6 +231,14 @@ class UplinkBase(ABC):
         self.unsendable = None if why is None else (
             f"{why}: kept, not sent (give the upstream a key of its own, or route this key "
             "elsewhere)")
+        # The forward proxy its requests go through (proxy.py). The environment's, when it
+        # cannot be used, fails each send as a key that cannot go: never sent direct, where
+        # the network that set a proxy may see it.
+        self.proxy: proxy.Proxy | None = None
+        try:
+            self.proxy = proxy.configured(cfg)
+        except proxy.BadProxy as exc:
+            self.unsendable = self.unsendable or f"{exc}: kept, not sent (fix the agent's environment)"
 
     @classmethod
     def window(cls, cfg: UpstreamConfig) -> int:
@@ -243,30 +251,29 @@ class UplinkBase(ABC):
         """For `outpost doctor`: whether the upstream's host accepts a TCP connection, and
         for an https:// or wss:// url a TLS handshake as its requests make it (a port that
         speaks plain HTTP, or a certificate this device does not trust, fails every send);
-        for an http:// or ws:// url, whether its port speaks TLS (every send fails too)."""
+        for an http:// or ws:// url, whether its port speaks TLS (every send fails too).
+        Through a proxy: whether the proxy accepts a connection and, for https:// or wss://,
+        a CONNECT to the upstream, then the TLS handshake through it; the upstream's name is
+        the proxy's to look up."""
         host, port = _address(cfg)
+        try:
+            via = proxy.configured(cfg)
+        except proxy.BadProxy as exc:
+            return f"not sent: {exc}"
+        scheme = urlsplit(cfg.url).scheme
+        if via is not None:
+            return f"through {via.shown}: {_probe_via(via, host, port, scheme)}"
         try:
             sock = socket.create_connection((host, port), timeout=_DOCTOR_S)
         except OSError as exc:
             return f"unreachable ({exc.strerror or exc})"
         with sock:
-            scheme = urlsplit(cfg.url).scheme
             if scheme not in _TLS_SCHEMES:
                 if _speaks_tls(sock, host):
                     return ("reachable, but its port speaks TLS, not plain HTTP: every send "
                             f"fails (check the upstream's url: {scheme}s://)")
                 return "reachable"
-            try:
-                with ssl.create_default_context().wrap_socket(sock, server_hostname=host):
-                    return "reachable"
-            except ssl.SSLError as exc:
-                why = (not_tls(exc, host, port) or getattr(exc, "verify_message", None)
-                       or exc.reason or str(exc))
-            except TimeoutError:
-                why = f"no answer within {_DOCTOR_S:g}s"
-            except OSError as exc:   # closed or reset by the server
-                why = exc.strerror or str(exc)
-        return f"reachable, but its TLS handshake failed ({why})"
+            return _tls_handshake(sock, host, port)
 
     @classmethod
     def key_rule(cls, cfg: UpstreamConfig) -> Callable[[str], str | None] | None:
@@ -314,6 +321,14 @@ class UplinkBase(ABC):
         timeout, and a host its requests reach over IPv4 was shown unreachable."""
         host, port = _address(cfg)
         try:
+            via = proxy.configured(cfg)
+        except proxy.BadProxy as exc:
+            return str(exc)
+        if via is not None:
+            # Through a proxy, reachable means the proxy is: the upstream's name may not
+            # even resolve here, and is the proxy's to look up.
+            host, port = via.host, via.port
+        try:
             async with asyncio.timeout(timeout_s):
                 # Not the loop's own lookup, which the agent's exit waits for (lookup.py).
                 infos = await lookup.getaddrinfo(host, port, type=socket.SOCK_STREAM)
@@ -321,8 +336,9 @@ class UplinkBase(ABC):
                 sock = await aiohappyeyeballs.start_connection(
                     infos, happy_eyeballs_delay=HAPPY_EYEBALLS_S)
         except (OSError, TimeoutError) as exc:
-            return (exc.strerror if isinstance(exc, OSError) and exc.strerror
-                    else str(exc) or type(exc).__name__)
+            why = (exc.strerror if isinstance(exc, OSError) and exc.strerror
+                   else str(exc) or type(exc).__name__)
+            return why if via is None else f"{via.shown} unreachable: {why}"
         sock.close()
         return None
 
@@ -359,6 +375,72 @@ def not_tls(error: BaseException | None, host: str, port: int | None) -> str | N
         return None
     return (f"{host}:{port} does not speak TLS: it answered the TLS handshake in plain text "
             "(check the upstream's url: http:// or ws:// for a port that speaks plain HTTP)")
+
+
+def _tls_handshake(sock: socket.socket, host: str, port: int) -> str:
+    """Doctor's verdict on a TLS handshake with ``host`` over ``sock``."""
+    try:
+        with ssl.create_default_context().wrap_socket(sock, server_hostname=host):
+            return "reachable"
+    except ssl.SSLError as exc:
+        why = (not_tls(exc, host, port) or getattr(exc, "verify_message", None)
+               or exc.reason or str(exc))
+    except TimeoutError:
+        why = f"no answer within {_DOCTOR_S:g}s"
+    except OSError as exc:   # closed or reset by the server
+        why = exc.strerror or str(exc)
+    return f"reachable, but its TLS handshake failed ({why})"
+
+
+# The most of a proxy's answer to CONNECT that doctor reads.
+_PROXY_HEAD_BYTES = 8192
+
+
+def _probe_via(via: proxy.Proxy, host: str, port: int, scheme: str) -> str:
+    """Doctor's verdict on the upstream through ``via``."""
+    try:
+        sock = socket.create_connection((via.host, via.port), timeout=_DOCTOR_S)
+    except OSError as exc:
+        return f"the proxy is unreachable ({exc.strerror or exc})"
+    with sock:
+        if scheme not in _TLS_SCHEMES:
+            # A request through it would be one to the upstream: its url is checked as
+            # events go (last_error), not here.
+            return "the proxy is reachable (plain http:// requests go through it)"
+        target = f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
+        head = f"CONNECT {target} HTTP/1.1\r\nHost: {target}\r\n"
+        if via.authorization is not None:
+            head += f"Proxy-Authorization: {via.authorization}\r\n"
+        try:
+            sock.sendall((head + "\r\n").encode("latin-1", "replace"))
+            answer = b""
+            while b"\r\n\r\n" not in answer and len(answer) < _PROXY_HEAD_BYTES:
+                chunk = sock.recv(_PROXY_HEAD_BYTES)
+                if not chunk:
+                    break
+                answer += chunk
+        except TimeoutError:
+            return f"the proxy did not answer CONNECT {target} within {_DOCTOR_S:g}s"
+        except OSError as exc:
+            return f"the proxy closed the connection ({exc.strerror or exc})"
+        status, _, _ = answer.partition(b"\r\n")
+        words = status.decode("latin-1").split(" ", 2)
+        code = int(words[1]) if len(words) > 1 and words[1].isdigit() else None
+        if code is None:
+            return f"the proxy gave no HTTP answer to CONNECT {target}"
+        if code != 200:
+            return proxy_refused(code, words[2] if len(words) > 2 else "", f"CONNECT {target}")
+        return _tls_handshake(sock, host, port)
+
+
+def proxy_refused(status: int, reason: str, request: str) -> str:
+    """What a proxy's refusal of ``request`` (a CONNECT, or a plain request) means."""
+    said = f"{status} {' '.join(reason.split())[:80]}".strip()
+    hint = ("it needs credentials: give them in the proxy url, http://user:password@host:port"
+            if status == 407 else
+            "its rules refuse the upstream (ask its operator to allow it)" if status == 403 else
+            "it could not reach the upstream" if status in (502, 503, 504) else "")
+    return f"the proxy answered {said} to {request}" + (f" ({hint})" if hint else "")
 
 
 def _speaks_tls(sock: socket.socket, host: str) -> bool:

@@ -18,6 +18,7 @@ import time
 import zlib
 from dataclasses import dataclass
 from types import SimpleNamespace
+from typing import Any
 
 import aiohttp
 import orjson
@@ -28,8 +29,15 @@ from yarl import URL
 
 from agent.logs import redacted_head
 from agent.terminal import os_text
-from agent.uplinks.base import REJECTED_STATUSES, RETRYABLE_STATUSES, Retry, not_tls
+from agent.uplinks.base import (
+    REJECTED_STATUSES,
+    RETRYABLE_STATUSES,
+    Retry,
+    not_tls,
+    proxy_refused,
+)
 from agent.uplinks.lookup import DaemonResolver
+from agent.uplinks.proxy import Proxy
 
 
 def retry_after(value: str | None, now: float | None = None,
@@ -319,17 +327,31 @@ class HttpReply:
         return f"HTTP {self.status}: {excerpt(self.body, most)}".rstrip(": ")
 
 
+def through(via: Proxy | None, url: str | URL) -> tuple[dict[str, Any], dict[str, str]]:
+    """A request's or a websocket handshake's arguments for its proxy (proxy.py), and the
+    headers it adds to the request. Its credentials go in the CONNECT of an https:// or
+    wss:// url's tunnel, else in the request itself: aiohttp sends it to the proxy whole."""
+    if via is None:
+        return {}, {}
+    auth = via.authorization
+    if auth is None:
+        return {"proxy": via.url}, {}
+    if URL(url).scheme in ("https", "wss"):
+        return {"proxy": via.url, "proxy_headers": {"Proxy-Authorization": auth}}, {}
+    return {"proxy": via.url}, {"Proxy-Authorization": auth}
+
+
 async def post(session: aiohttp.ClientSession, url: str | URL, body: bytes, headers: dict[str, str],
-               timeout_s: float, most: int) -> HttpReply | Retry:
+               timeout_s: float, most: int, via: Proxy | None = None) -> HttpReply | Retry:
     """POST ``body``: the reply, read up to ``most`` bytes (``reply_cap``), or a Retry saying
-    what went wrong on the network (never raises for it)."""
+    what went wrong on the network (never raises for it); through the proxy ``via``."""
     loop = asyncio.get_running_loop()
     deadline = loop.time() + timeout_s
     while True:
         progress = _Progress()
         try:
-            return await _post(session, url, body, headers, progress, timeout_s,
-                               deadline - loop.time(), most)
+            reply = await _post(session, url, body, headers, progress, timeout_s,
+                                deadline - loop.time(), most, via)
         except _CLOSED_UNDER_IT as exc:
             # A kept-alive connection the upstream closed as the request went on it (its
             # idle timeout crossing the request), before any answer: no word of the
@@ -337,9 +359,19 @@ async def post(session: aiohttp.ClientSession, url: str | URL, body: bytes, head
             # tried yet, or a new one.
             if progress.reused and not progress.answered and deadline > loop.time():
                 continue
-            return _failed(exc, progress, body, timeout_s, url)
+            return _failed(exc, progress, body, timeout_s, url, via)
         except NETWORK_ERRORS as exc:
-            return _failed(exc, progress, body, timeout_s, url)
+            return _failed(exc, progress, body, timeout_s, url, via)
+        if via is not None and isinstance(reply, HttpReply) and reply.status == _PROXY_AUTH:
+            # Only a proxy answers 407 (RFC 9110 15.5.8): a plain http:// request goes to it
+            # whole, and its refusal comes as the reply. No verdict on the events.
+            return Retry(f"request failed: {via.shown}: " + proxy_refused(
+                _PROXY_AUTH, "Proxy Authentication Required",
+                f"the request to {URL(url).host_port_subcomponent}"), reply.retry_after)
+        return reply
+
+
+_PROXY_AUTH = 407
 
 
 # What a connection closed by the upstream before it answered raises.
@@ -348,17 +380,18 @@ _CLOSED_UNDER_IT = (aiohttp.ServerDisconnectedError, aiohttp.ClientOSError,
 
 
 async def _post(session: aiohttp.ClientSession, url: str | URL, body: bytes, headers: dict[str, str],
-                progress: _Progress, timeout_s: float, left: float, most: int
-                ) -> HttpReply | Retry:
+                progress: _Progress, timeout_s: float, left: float, most: int,
+                via: Proxy | None) -> HttpReply | Retry:
     """One try of ``post``, within ``left`` seconds: raises what the network raised before
     the status came."""
     # Decoded here (_read_at_most), not by aiohttp: a reply in an encoding it has no
     # decoder for (br, zstd: an upstream that ignores Accept-Encoding) failed the whole
     # request as a "400", and its status was lost.
+    proxied, added = through(via, url)
     async with session.post(url, data=_Body(body) if len(body) > _APART_FROM else body,
-                            headers={**headers, **_ACCEPTED},
+                            headers={**headers, **_ACCEPTED, **added},
                             trace_request_ctx=progress, auto_decompress=False,
-                            timeout=aiohttp.ClientTimeout(total=left)) as resp:
+                            timeout=aiohttp.ClientTimeout(total=left), **proxied) as resp:
         progress.answered = True
         wait = retry_after(resp.headers.get("Retry-After"), date=resp.headers.get("Date"))
         kind = media_type(resp.headers.get("Content-Type"))
@@ -399,9 +432,13 @@ class _Body(aiohttp.BytesPayload):
 
 
 def _failed(exc: BaseException, progress: _Progress, body: bytes, timeout_s: float,
-            url: str | URL) -> Retry:
+            url: str | URL, via: Proxy | None = None) -> Retry:
     """The Retry for a request to ``url`` that got no status: ``exc``, what the network
-    raised."""
+    raised; ``via``: the proxy it went through."""
+    if type(exc) is TimeoutError and progress.connected is False and via is not None:
+        return Retry(f"request failed: no connection within {timeout_s:g}s (timeout_s) "
+                     f"through {via.shown}: the proxy, or the upstream through it, did not "
+                     "answer")
     if type(exc) is TimeoutError and progress.connected is False:
         # No connection, so no request sent: its size is not why (a firewall dropping
         # the connection, a host gone). Over TLS, "connected" comes only after the
@@ -427,11 +464,18 @@ def _failed(exc: BaseException, progress: _Progress, body: bytes, timeout_s: flo
     # each try alike, where half the batch would go (Retry.dropped).
     dropped = isinstance(exc, _CLOSED_UNDER_IT) and progress.connected is True \
         and not progress.answered
-    return Retry(f"request failed: {described(exc)}", retry_after=wait, dropped=dropped)
+    return Retry(f"request failed: {described(exc, via)}", retry_after=wait, dropped=dropped)
 
 
-def described(exc: BaseException) -> str:
-    """What a network error says, for last_error and the log."""
+def described(exc: BaseException, via: Proxy | None = None) -> str:
+    """What a network error says, for last_error and the log; ``via``: the proxy the
+    connection went through, named (never its credentials) when it is what failed."""
+    if via is not None and isinstance(exc, aiohttp.ClientProxyConnectionError):
+        return f"{via.shown} unreachable ({exc.os_error.strerror or exc.os_error})"
+    if via is not None and isinstance(exc, aiohttp.ClientHttpProxyError):
+        # Its own words only: aiohttp's text holds the request's url (a key in its path).
+        target = exc.request_info.url.host_port_subcomponent or "the upstream"
+        return f"{via.shown}: " + proxy_refused(exc.status, exc.message, f"CONNECT {target}")
     if isinstance(exc, aiohttp.ClientConnectorSSLError) and \
             (plain := not_tls(exc.os_error, exc.host, exc.port)) is not None:
         return plain

@@ -51,7 +51,7 @@ class NucleusHttpUplink(NucleusFraming, UplinkBase):
         # Its ids as an upstream that escapes non-ASCII may answer them (escaped_extra).
         most = reply_cap(len(body) + sum(map(escaped_extra, prepared.ids)), len(prepared.seqs))
         answer = await post(self.session, self.url, body, {"Content-Type": "application/json"},
-                            self.cfg.timeout_s, most)
+                            self.cfg.timeout_s, most, self.proxy)
         if isinstance(answer, Retry):
             return answer
         status, raw, wait = answer.status, answer.body, answer.retry_after

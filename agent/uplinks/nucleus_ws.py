@@ -40,7 +40,15 @@ from agent.logs import log_limited
 from agent.settings import UpstreamConfig
 from agent.spool.types import Row
 from agent.uplinks import splice
-from agent.uplinks.base import Acked, Refused, Retry, SendResult, UplinkBase, to_check
+from agent.uplinks.base import (
+    Acked,
+    Refused,
+    Retry,
+    SendResult,
+    UplinkBase,
+    proxy_refused,
+    to_check,
+)
 from agent.uplinks.http_common import (
     HandshakeRefused,
     UpstreamRedirect,
@@ -50,9 +58,11 @@ from agent.uplinks.http_common import (
     media_type,
     reply_cap,
     retry_after,
+    through,
 )
 from agent.uplinks.nucleus_frame import NucleusFraming, frame, ids_only, match, track_url
 from agent.uplinks.prepare import Prepared, take_prefix
+from agent.uplinks.proxy import Proxy
 
 log = logging.getLogger("outpost.uplink.nucleus_ws")
 HEARTBEAT_S = 60.0
@@ -278,7 +288,7 @@ class NucleusWsUplink(NucleusFraming, UplinkBase):
                     except (aiohttp.ClientError, OSError, TimeoutError, RuntimeError) as exc:
                         stalled = isinstance(exc, TimeoutError)
                         link.dropped |= isinstance(exc, ConnectionError) and link.lost is None
-                        link.lose(f"send failed: {described(exc)}")
+                        link.lose(f"send failed: {described(exc, self.proxy)}")
             except BaseException:
                 # Cut short as its frame went (a stop's cancel while it waited for room),
                 # or a bug: left counted, the link was never replaced once lost.
@@ -378,19 +388,20 @@ class NucleusWsUplink(NucleusFraming, UplinkBase):
             async with timer:
                 # A reply answers one frame: read up to what the largest frame's answer
                 # may need.
+                proxied, added = through(self.proxy, self.url)
                 ws = await self.session.ws_connect(
                     self.url, timeout=aiohttp.ClientWSTimeout(ws_close=5),
                     max_msg_size=reply_cap(self.cfg.batch_max_bytes, self.cfg.batch_max_events),
-                    autoping=True, heartbeat=None)
+                    autoping=True, heartbeat=None, headers=added, **proxied)
         except aiohttp.WSServerHandshakeError as exc:
-            why, wait = _handshake_refused(exc)
+            why, wait = _handshake_refused(exc, self.proxy)
             return _Link(None, 0, lost=f"connect failed: {why}", retry_after=wait)
         except (aiohttp.ClientError, OSError, TimeoutError, RuntimeError) as exc:
             # A redirect is an UpstreamRedirect here: the session never follows one.
             wait = exc.retry_after if isinstance(exc, UpstreamRedirect) else None
             # The bound's own timeout: no connection, or no answer to the upgrade request.
             why = (f"no websocket handshake within {self.cfg.timeout_s:g}s (timeout_s)"
-                   if timer.expired() else described(exc))
+                   if timer.expired() else described(exc, self.proxy))
             return _Link(None, 0, lost=f"connect failed: {why}", retry_after=wait)
         link = _Link(ws, min(CLOSE_GRACE_S, self.cfg.timeout_s))
         # The handshake is traffic: the first heartbeat is due a minute after it, not now
@@ -603,11 +614,18 @@ def _answered(link: _Link) -> int:
     return link.replies
 
 
-def _handshake_refused(exc: aiohttp.WSServerHandshakeError) -> tuple[str, float | None]:
+def _handshake_refused(exc: aiohttp.WSServerHandshakeError,
+                       via: Proxy | None = None) -> tuple[str, float | None]:
     """Why, and the Retry-After to honour. Not the exception's text: it holds the URL, and so
     the key in its path. As the HTTP uplinks, a wait counts whatever the status: a refused
     handshake is no verdict on any event (a 429, a 5xx, a quota worded as a 403, a page)."""
     headers: Mapping[str, str] = exc.headers or {}
+    if via is not None and exc.status == 407:
+        # Only a proxy answers 407: a ws:// handshake goes to it whole (no CONNECT).
+        target = exc.request_info.url.host_port_subcomponent or "the upstream"
+        return (f"{via.shown}: " + proxy_refused(407, "Proxy Authentication Required",
+                                                  f"the handshake with {target}"),
+                retry_after(headers.get("Retry-After"), date=headers.get("Date")))
     page = html_instead_of_reply(exc.status, media_type(headers.get("Content-Type")))
     wait = retry_after(headers.get("Retry-After"), date=headers.get("Date"))
     check = to_check(exc.status)

@@ -148,7 +148,8 @@ class SegmentHttpUplink(UplinkBase):
         most = reply_cap(size, len(prepared.seqs))
         if self.cfg.gzip:
             body = gzip.compress(body, compresslevel=6)
-        reply = await post(self.session, self.url, body, self.headers, self.cfg.timeout_s, most)
+        reply = await post(self.session, self.url, body, self.headers, self.cfg.timeout_s, most,
+                           self.proxy)
         if isinstance(reply, Retry):
             return reply
         status, raw, wait = reply.status, reply.body, reply.retry_after
