@@ -8,18 +8,21 @@ delivered went through the proxy, and a direct connection fails.
 
 from __future__ import annotations
 
+import datetime
 import io
 import logging
+import ssl
 from collections.abc import AsyncIterator, Iterator
 from pathlib import Path
 from typing import Any
 
 import pytest
+from aiohttp import web
 
 from agent.logs import RedactingFilter
 from agent.settings import UpstreamConfig
 from agent.uplinks import proxy
-from tests.conftest import write_config
+from tests.conftest import free_port, write_config
 from tests.fakes.faulty_upstream import FaultyUpstream
 from tests.fakes.forward_proxy import ForwardProxy
 from tests.test_resume import get_json
@@ -298,3 +301,80 @@ async def test_an_unusable_proxy_in_the_environment_keeps_the_events(
     await wait_for(lambda: state.last_error is not None)
     assert "HTTP_PROXY must be an http:// url" in (state.last_error or ""), state.last_error
     assert agent.spool.depth == 1 and await agent.spool.dead_letters() == []
+
+
+def _tls_files(where: Path) -> tuple[Path, Path]:
+    """A CA (the agent's trust store: SSL_CERT_FILE) and a certificate it signed for the
+    hidden name, with its key (the upstream's)."""
+    x509 = pytest.importorskip("cryptography.x509")
+    from cryptography.hazmat.primitives import hashes, serialization
+    from cryptography.hazmat.primitives.asymmetric import ec
+    from cryptography.x509.oid import NameOID
+
+    now = datetime.datetime.now(datetime.timezone.utc)
+
+    def made(subject: str, key: Any, issuer: str, signer: Any, ca: bool) -> Any:
+        builder = (x509.CertificateBuilder()
+                   .subject_name(x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, subject)]))
+                   .issuer_name(x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, issuer)]))
+                   .public_key(key.public_key()).serial_number(x509.random_serial_number())
+                   .not_valid_before(now - datetime.timedelta(days=1))
+                   .not_valid_after(now + datetime.timedelta(days=1))
+                   .add_extension(x509.BasicConstraints(ca=ca, path_length=None), critical=True))
+        if not ca:
+            builder = builder.add_extension(
+                x509.SubjectAlternativeName([x509.DNSName(subject)]), critical=False)
+        return builder.sign(signer, hashes.SHA256())
+
+    ca_key, key = ec.generate_private_key(ec.SECP256R1()), ec.generate_private_key(ec.SECP256R1())
+    ca = made("outpost test CA", ca_key, "outpost test CA", ca_key, True)
+    cert = made(f"upstream.{HIDDEN}", key, "outpost test CA", ca_key, False)
+    ca_file, chain = where / "ca.pem", where / "upstream.pem"
+    ca_file.write_bytes(ca.public_bytes(serialization.Encoding.PEM))
+    chain.write_bytes(cert.public_bytes(serialization.Encoding.PEM) + key.private_bytes(
+        serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8,
+        serialization.NoEncryption()))
+    return ca_file, chain
+
+
+class TlsUpstream(FaultyUpstream):
+    """The faulty upstream, answering only TLS, with a certificate for the hidden name."""
+
+    def __init__(self, chain: Path) -> None:
+        super().__init__()
+        self.tls = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
+        self.tls.load_cert_chain(chain)
+
+    async def _serve(self, app: web.Application) -> None:
+        self._runner = web.AppRunner(app, handle_signals=False, shutdown_timeout=0.1)
+        await self._runner.setup()
+        await web.TCPSite(self._runner, "127.0.0.1", 0, ssl_context=self.tls).start()
+        self.port = int(self._runner.addresses[0][1])
+
+
+@pytest.mark.parametrize(("protocol", "scheme"), [("segment-http", "https"),
+                                                  ("nucleus-ws", "wss")])
+async def test_events_reach_a_tls_upstream_through_a_connect_tunnel(
+        tmp_path: Path, agent_process: Any, environ: pytest.MonkeyPatch,
+        protocol: str, scheme: str) -> None:
+    """The agent as the service runs it, its proxy and trust store from its environment."""
+    ca_file, chain = _tls_files(tmp_path)
+    upstream = await TlsUpstream(chain).start()
+    gate = await ForwardProxy(hosts={f"upstream.{HIDDEN}": ("127.0.0.1", upstream.port)},
+                              credentials=f"bob:{SECRET}").start()
+    try:
+        port = free_port()
+        config = write_config(tmp_path / "agent.toml", tmp_path / "spool.db", port=port,
+                              upstreams=[hidden(upstream, protocol, scheme)])
+        agent = agent_process(config, port, env={
+            "SSL_CERT_FILE": str(ca_file), "HTTPS_PROXY": gate.url_with("bob", SECRET),
+            "NO_PROXY": "localhost"}).start()
+        await send(agent, [event(i) for i in range(3)])
+        await wait_for(lambda: set(delivered(upstream)) == {0, 1, 2}, 20)
+        assert gate.tunnels and all(t == f"upstream.{HIDDEN}:{upstream.port}"
+                                    for t in gate.tunnels)
+        assert agent.terminate() == 0
+        assert SECRET not in agent.log.read_text()
+    finally:
+        await gate.stop()
+        await upstream.stop()
