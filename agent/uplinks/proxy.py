@@ -58,7 +58,7 @@ class Proxy:
         if self.user is None:
             return None
         pair = f"{self.user}:{self.password or ''}"
-        return "Basic " + base64.b64encode(pair.encode("latin-1", "replace")).decode()
+        return "Basic " + base64.b64encode(pair.encode()).decode()   # UTF-8, as curl sends it
 
     def secrets(self) -> Iterator[str]:
         """What the logs, /status and doctor must never show."""
