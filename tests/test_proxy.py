@@ -221,6 +221,7 @@ async def test_proxy_errors_never_show_its_credentials(
         await wait_for(lambda: state.retries >= 2)
         status = await get_json(agent, "/status")
     assert "407" in (state.last_error or "")
+    assert "refused the credentials sent" in (state.last_error or ""), state.last_error
     for text in (str(status), str(seen), state.last_error or ""):
         assert SECRET not in text, text
 

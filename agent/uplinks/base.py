@@ -429,14 +429,17 @@ def _probe_via(via: proxy.Proxy, host: str, port: int, scheme: str) -> str:
         if code is None:
             return f"the proxy gave no HTTP answer to CONNECT {target}"
         if code != 200:
-            return proxy_refused(code, words[2] if len(words) > 2 else "", f"CONNECT {target}")
+            return proxy_refused(code, words[2] if len(words) > 2 else "", f"CONNECT {target}",
+                                 via.user is not None)
         return _tls_handshake(sock, host, port)
 
 
-def proxy_refused(status: int, reason: str, request: str) -> str:
+def proxy_refused(status: int, reason: str, request: str, sent_credentials: bool = False) -> str:
     """What a proxy's refusal of ``request`` (a CONNECT, or a plain request) means."""
     said = f"{status} {' '.join(reason.split())[:80]}".strip()
-    hint = ("it needs credentials: give them in the proxy url, http://user:password@host:port"
+    hint = ("it refused the credentials sent: check the user and password in the proxy url"
+            if status == 407 and sent_credentials else
+            "it needs credentials: give them in the proxy url, http://user:password@host:port"
             if status == 407 else
             "its rules refuse the upstream (ask its operator to allow it)" if status == 403 else
             "it could not reach the upstream" if status in (502, 503, 504) else "")

@@ -367,7 +367,8 @@ async def post(session: aiohttp.ClientSession, url: str | URL, body: bytes, head
             # whole, and its refusal comes as the reply. No verdict on the events.
             return Retry(f"request failed: {via.shown}: " + proxy_refused(
                 _PROXY_AUTH, "Proxy Authentication Required",
-                f"the request to {URL(url).host_port_subcomponent}"), reply.retry_after)
+                f"the request to {URL(url).host_port_subcomponent}", via.user is not None),
+                reply.retry_after)
         return reply
 
 
@@ -475,7 +476,8 @@ def described(exc: BaseException, via: Proxy | None = None) -> str:
     if via is not None and isinstance(exc, aiohttp.ClientHttpProxyError):
         # Its own words only: aiohttp's text holds the request's url (a key in its path).
         target = exc.request_info.url.host_port_subcomponent or "the upstream"
-        return f"{via.shown}: " + proxy_refused(exc.status, exc.message, f"CONNECT {target}")
+        return f"{via.shown}: " + proxy_refused(exc.status, exc.message, f"CONNECT {target}",
+                                                via.user is not None)
     if isinstance(exc, aiohttp.ClientConnectorSSLError) and \
             (plain := not_tls(exc.os_error, exc.host, exc.port)) is not None:
         return plain

@@ -624,7 +624,8 @@ def _handshake_refused(exc: aiohttp.WSServerHandshakeError,
         # Only a proxy answers 407: a ws:// handshake goes to it whole (no CONNECT).
         target = exc.request_info.url.host_port_subcomponent or "the upstream"
         return (f"{via.shown}: " + proxy_refused(407, "Proxy Authentication Required",
-                                                  f"the handshake with {target}"),
+                                                  f"the handshake with {target}",
+                                                  via.user is not None),
                 retry_after(headers.get("Retry-After"), date=headers.get("Date")))
     page = html_instead_of_reply(exc.status, media_type(headers.get("Content-Type")))
     wait = retry_after(headers.get("Retry-After"), date=headers.get("Date"))
