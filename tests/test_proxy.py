@@ -93,7 +93,7 @@ async def test_events_reach_an_upstream_only_the_proxy_can_reach(
     assert agent.forwarding.states["up"].last_error is None
 
 
-async def test_the_lower_case_name_and_agent_toml_come_first(
+async def test_agent_toml_s_proxy_comes_before_the_environment_s(
         make_agent: Any, faulty: FaultyUpstream, gate: ForwardProxy,
         environ: pytest.MonkeyPatch) -> None:
     """agent.toml's proxy wins over the environment's, which names no proxy at all here."""
