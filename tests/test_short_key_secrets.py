@@ -20,6 +20,7 @@ from pathlib import Path
 from typing import Any
 
 import aiohttp
+import pytest
 
 from tests.conftest import AgentProcess, free_port, write_config
 from tests.fakes.faulty_upstream import Fault, FaultyUpstream
@@ -186,3 +187,75 @@ async def test_a_key_an_upstream_echoes_as_phps_json_encode_writes_a_slash_is_ne
     assert leaks == [], "; ".join(f"{w}: {f}" for w, f in leaks)
     error = json.loads(shown["/status"])["upstreams"][0]["last_error"]
     assert error.startswith('HTTP 400: {"error": "unknown write key ***"}'), error
+
+
+# -- a key other servers' JSON encoders escape their own way ----------------------------------
+
+# Each encoder's bytes written by hand from its documented rules, not by our code:
+# - .NET System.Text.Json (default encoder): every non-ASCII character and each of
+#   " & ' + < > ` as \uXXXX, UPPERCASE hex;
+# - Java's Gson (HTML-safe by default): < > & = ' as \u003c... lowercase, non-ASCII as is;
+# - Go's encoding/json: < > & as \u003c... lowercase, non-ASCII as is (U+2028 and U+2029
+#   aside, which no key holds: keys must be printable);
+# - Python's json and a URL (a short key: its percent-encoded and escaped forms are long).
+ECHOED = [
+    ("dotnet-base64", "kQ9/xT2+Segment2026==", r"kQ9/xT2\u002BSegment2026=="),
+    ("dotnet-non-ascii", "Ключ-Секрет-2026",
+     r"\u041A\u043B\u044E\u0447-\u0421\u0435\u043A\u0440\u0435\u0442-2026"),
+    ("gson", "kQ9/xT2+Segment2026==", r"kQ9/xT2+Segment2026\u003d\u003d"),
+    ("gson-non-ascii", "Ключ='2026'", r"Ключ\u003d\u00272026\u0027"),
+    ("go", "R&D<2026>Ключ", r"R\u0026D\u003c2026\u003eКлюч"),
+    ("dotnet-short", "Клю", r"\u041A\u043B\u044E"),
+    ("python-short", "Клю", r"\u041a\u043b\u044e"),
+    ("url-short", "Клю", "%D0%9A%D0%BB%D1%8E"),
+]
+
+
+@pytest.mark.parametrize(("key", "echoed"), [pytest.param(k, e, id=i) for i, k, e in ECHOED])
+async def test_a_key_another_json_encoder_escapes_is_never_shown_when_echoed(
+        tmp_path: Path, agent_process: Callable[..., AgentProcess], key: str,
+        echoed: str) -> None:
+    """An upstream refusing a batch names the key it was sent with in its JSON error,
+    escaped as its server's encoder writes it: the key showed so in the log, /status, `outpost
+    status`, GET /dead and `outpost dead list/export`."""
+    fake = await FaultyUpstream().start()
+    body = ('{"error":"no source for ' + echoed + '"}').encode()
+    fake.script = [Fault("status", 400, body=body) for _ in range(50)]
+    port = free_port()
+    cfg = write_config(tmp_path / "agent.toml", tmp_path / "spool.db", port=port, upstreams=[
+        {"name": "seg", "protocol": "segment-http", "url": fake.http_url, "key": key,
+         "flush_interval_s": 0.05, "timeout_s": 2}])
+    cfg.write_text(cfg.read_text() + '[log]\nlevel = "debug"\n')
+    agent = agent_process(cfg, port)
+    shown: dict[str, str] = {}
+    try:
+        await asyncio.to_thread(agent.start)
+        async with aiohttp.ClientSession() as s:
+            async with s.post(f"{agent.url}/v1/batch", json={"batch": [
+                    {"type": "track", "event": "e", "userId": "u", "messageId": "m1"}]},
+                              headers={"Authorization": f"Basic {basic(ROUTED)}"}) as r:
+                assert r.status == 200, await r.text()
+
+            async def dead() -> bool:
+                async with s.get(f"{agent.url}/status") as r:
+                    return bool((await r.json())["dead_letters"] == 1)
+            await wait_for(dead)
+            for path in ("/status", "/metrics", "/dead"):
+                async with s.get(agent.url + path) as r:
+                    assert r.status == 200, path
+                    shown[path] = await r.text()
+        for command in (("status",), ("dead", "list"), ("dead", "export", "/dev/stdout")):
+            code, out = await run_outpost(*command, "--config", str(cfg))
+            assert code == 0, out
+            shown["outpost " + " ".join(command)] = out
+    finally:
+        await asyncio.to_thread(agent.terminate)
+        await fake.stop()
+    shown["log"] = agent.log.read_text()
+    assert fake.requests and "no source for" in shown["log"]
+    # As echoed, and as our JSON and escaped output show it (its backslashes doubled).
+    forms = {key, echoed, echoed.replace("\\", "\\\\"), json.dumps(echoed)[1:-1]}
+    leaks = [(where, form) for where, text in shown.items() for form in forms if form in text]
+    assert leaks == [], "; ".join(f"{w}: {f}" for w, f in leaks)
+    reasons = [g["reason"] for g in json.loads(shown["/status"])["dead_reasons"]]
+    assert reasons == ['HTTP 400: {"error":"no source for ***"}'], reasons
