@@ -51,6 +51,14 @@ REDACTED = "***"
 # What an HTTP client (yarl) leaves unencoded in a URL's path: a key in an upstream's path
 # shows percent-encoded in the client's errors (`Sekrit%20Key`).
 _PATH_SAFE = "!$&'()*+,;=:@/"
+# Other servers' JSON encoders, as SecretRegistry.add says: what each escapes, how.
+_SHORT_ESCAPES = {ord(c): "\\" + e for c, e in zip('\b\f\n\r\t"\\', 'bfnrt"\\')}
+_LINE_SEPARATORS = {0x2028: "\\u2028", 0x2029: "\\u2029"}
+_GO = ({i: f"\\u{i:04x}" for i in (*range(0x20), *b"<>&")} | _SHORT_ESCAPES
+       | _LINE_SEPARATORS)
+_GSON = _GO | {i: f"\\u{i:04x}" for i in b"='"}
+_DOTNET = ({i: f"\\u{i:04X}" for i in (*range(0x20), 0x7F, *b"\"&'+<>`")}
+           | {i: e for i, e in _SHORT_ESCAPES.items() if i != ord('"')})
 
 _GENERIC_SECRETS = (
     # Authorization headers, raw or in a dict repr, with or without a scheme.
@@ -100,15 +108,24 @@ class SecretRegistry:
         # repr (a %r argument, a KeyError), or by the log's own escaping of a traceback.
         # An upstream's JSON error naming the key may escape it (``\u041a``: Python's and
         # PHP's encoders write every non-ASCII letter so; PHP's writes '/' as ``\/`` too,
-        # one of a base64 token's digits).
+        # one of a base64 token's digits). Go's encoding/json and Java's Gson (HTML-safe by
+        # default) write HTML's characters in lowercase hex, Gson '=' and "'" too (a base64
+        # key's padding), and leave other non-ASCII letters as they are; .NET's
+        # System.Text.Json (default encoder) writes every non-ASCII letter, '"' and HTML's
+        # characters (a base64 key's '+') in UPPERCASE hex. Most keys (letters and digits)
+        # read the same in every one: the set holds no more forms for them.
         basic = base64.b64encode(f"{value}:".encode()).decode()
         escaped = json.dumps(value)[1:-1]
         forms = {value, basic, quote(value, safe=_PATH_SAFE), quote(value, safe=""),
-                 printable(value), repr(value)[1:-1], escaped, escaped.replace("/", "\\/")}
+                 printable(value), repr(value)[1:-1], escaped, escaped.replace("/", "\\/"),
+                 value.translate(_GO), value.translate(_GSON), _dotnet(value)}
         if len(value) < MIN_SECRET_LEN:
             # Its own letters would garble every line holding them, but its Basic form
-            # (an upstream may echo the Authorization header sent) is 4+ base64 digits.
-            forms = {basic}
+            # (an upstream may echo the Authorization header sent) is 4+ base64 digits,
+            # and a non-ASCII letter percent-encoded or escaped is six characters that
+            # stand for that letter only.
+            shown = set() if value.isascii() else forms - {value}
+            forms = {basic} | {f for f in shown if len(f) >= MIN_SECRET_LEN}
         with self._lock:
             self._keys.add(value)
             for secret in forms:
@@ -173,6 +190,22 @@ class SecretRegistry:
             return text, size
         parts.append(text[start:end])
         return "".join(parts), end
+
+
+def _dotnet(value: str) -> str:
+    """``value`` as .NET's System.Text.Json writes it in a JSON string: every non-ASCII
+    character as its UTF-16 code units' ``\\uXXXX``, UPPERCASE."""
+    value = value.translate(_DOTNET)
+    if value.isascii():
+        return value
+    shown: list[str] = []
+    for c in value:
+        if c.isascii():
+            shown.append(c)
+        else:   # a letter past U+FFFF as its two surrogates
+            units = c.encode("utf-16-be", "surrogatepass").hex().upper()
+            shown += (f"\\u{units[i:i + 4]}" for i in range(0, len(units), 4))
+    return "".join(shown)
 
 
 _registry = SecretRegistry()
