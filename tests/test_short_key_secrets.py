@@ -89,39 +89,41 @@ async def test_a_short_key_sent_as_basic_credentials_is_never_shown_when_echoed(
 NON_ASCII_KEY = "Ключ-Секрет-2026"   # an upstream's own key (its app id), as docs/security.md
 
 
-async def test_a_key_an_upstream_echoes_json_escaped_is_never_shown(
-        tmp_path: Path, agent_process: Callable[..., AgentProcess]) -> None:
-    """Python's json (and PHP's json_encode) write a non-ASCII letter as ``\\u041a``: an
-    upstream naming the app id it refuses in its JSON error showed the key so, a form
-    the redaction did not know."""
-    escaped = json.dumps(NON_ASCII_KEY)[1:-1]
-    assert escaped.startswith("\\u041a")
+async def shown_after_refusal(tmp_path: Path, agent_process: Callable[..., AgentProcess],
+                              upstream: dict[str, Any], body: bytes,
+                              post: tuple[str, Any, dict[str, str]],
+                              settled: Callable[[dict[str, Any]], bool],
+                              pages: tuple[str, ...], commands: tuple[tuple[str, ...], ...]
+                              ) -> tuple[dict[str, str], list[str]]:
+    """Every place the agent shows an upstream's refusal: an agent (its log at debug) whose
+    one ``upstream`` answers every batch 400 with ``body``, sent one request (``post``: its
+    path, JSON and headers) until its /status is ``settled``; then its ``pages``, the
+    outpost ``commands``' output and its log, by where, and the paths the upstream was
+    sent to."""
     fake = await FaultyUpstream().start()
-    body = json.dumps({"error": f"unknown app id {NON_ASCII_KEY}"}).encode()
     fake.script = [Fault("status", 400, body=body) for _ in range(50)]
     port = free_port()
     cfg = write_config(tmp_path / "agent.toml", tmp_path / "spool.db", port=port, upstreams=[
-        {"name": "nu", "protocol": "nucleus-http", "url": fake.http_url, "key": NON_ASCII_KEY,
-         "flush_interval_s": 0.05, "timeout_s": 2}])
+        {**upstream, "url": fake.http_url, "flush_interval_s": 0.05, "timeout_s": 2}])
     cfg.write_text(cfg.read_text() + '[log]\nlevel = "debug"\n')
     agent = agent_process(cfg, port)
     shown: dict[str, str] = {}
+    path, sent, headers = post
     try:
         await asyncio.to_thread(agent.start)
         async with aiohttp.ClientSession() as s:
-            async with s.post(f"{agent.url}/app/someApp2026/track", json={"data": [
-                    {"type": "event", "name": "e", "id": 1, "sessionId": 1}]}) as r:
+            async with s.post(agent.url + path, json=sent, headers=headers) as r:
                 assert r.status == 200, await r.text()
 
-            async def dead() -> bool:
+            async def done() -> bool:
                 async with s.get(f"{agent.url}/status") as r:
-                    return bool((await r.json())["dead_letters"] == 1)
-            await wait_for(dead)
-            for path in ("/status", "/metrics", "/dead"):
-                async with s.get(agent.url + path) as r:
-                    assert r.status == 200, path
-                    shown[path] = await r.text()
-        for command in (("status",), ("dead", "list"), ("dead", "export", "/dev/stdout")):
+                    return settled(await r.json())
+            await wait_for(done)
+            for page in pages:
+                async with s.get(agent.url + page) as r:
+                    assert r.status == 200, page
+                    shown[page] = await r.text()
+        for command in commands:
             code, out = await run_outpost(*command, "--config", str(cfg))
             assert code == 0, out
             shown["outpost " + " ".join(command)] = out
@@ -129,11 +131,41 @@ async def test_a_key_an_upstream_echoes_json_escaped_is_never_shown(
         await asyncio.to_thread(agent.terminate)
         await fake.stop()
     shown["log"] = agent.log.read_text()
-    assert fake.requests and fake.requests[0].path.startswith("/app/")
-    leaks = [(where, form) for where, text in shown.items()
-             for form in (NON_ASCII_KEY, escaped, escaped.replace("\\", "\\\\"))
-             if form in text]
-    assert leaks == [], "; ".join(f"{w}: {f}" for w, f in leaks)
+    return shown, [request.path for request in fake.requests]
+
+
+def leaks(shown: dict[str, str], forms: set[str]) -> str:
+    """Where any of ``forms`` shows, as one line ("" for nowhere)."""
+    return "; ".join(f"{where}: {form}" for where, text in shown.items()
+                     for form in forms if form in text)
+
+
+def dead_lettered(status: dict[str, Any]) -> bool:
+    return bool(status["dead_letters"] == 1)
+
+
+DEAD_PAGES = ("/status", "/metrics", "/dead")
+DEAD_COMMANDS = (("status",), ("dead", "list"), ("dead", "export", "/dev/stdout"))
+BATCH = ("/v1/batch", {"batch": [
+    {"type": "track", "event": "e", "userId": "u", "messageId": "m1"}]},
+         {"Authorization": f"Basic {basic(ROUTED)}"})
+
+
+async def test_a_key_an_upstream_echoes_json_escaped_is_never_shown(
+        tmp_path: Path, agent_process: Callable[..., AgentProcess]) -> None:
+    """Python's json (and PHP's json_encode) write a non-ASCII letter as ``\\u041a``: an
+    upstream naming the app id it refuses in its JSON error showed the key so, a form
+    the redaction did not know."""
+    escaped = json.dumps(NON_ASCII_KEY)[1:-1]
+    assert escaped.startswith("\\u041a")
+    body = json.dumps({"error": f"unknown app id {NON_ASCII_KEY}"}).encode()
+    shown, sent_to = await shown_after_refusal(
+        tmp_path, agent_process, {"name": "nu", "protocol": "nucleus-http", "key": NON_ASCII_KEY},
+        body, ("/app/someApp2026/track", {"data": [
+            {"type": "event", "name": "e", "id": 1, "sessionId": 1}]}, {}),
+        dead_lettered, DEAD_PAGES, DEAD_COMMANDS)
+    assert sent_to and sent_to[0].startswith("/app/")
+    assert leaks(shown, {NON_ASCII_KEY, escaped, escaped.replace("\\", "\\\\")}) == ""
     reasons = [g["reason"] for g in json.loads(shown["/status"])["dead_reasons"]]
     assert reasons == ['HTTP 400: {"error": "unknown app id ***"}'], reasons
 
@@ -148,43 +180,13 @@ async def test_a_key_an_upstream_echoes_as_phps_json_encode_writes_a_slash_is_ne
     the key: retried, the upstream's last error)."""
     php = json.dumps(SLASHED_KEY)[1:-1].replace("/", "\\/")
     assert php == "kQ9\\/xT2+Segment2026=="
-    fake = await FaultyUpstream().start()
     body = json.dumps({"error": f"unknown write key {SLASHED_KEY}"}).replace("/", "\\/")
-    fake.script = [Fault("status", 400, body=body.encode()) for _ in range(50)]
-    port = free_port()
-    cfg = write_config(tmp_path / "agent.toml", tmp_path / "spool.db", port=port, upstreams=[
-        {"name": "seg", "protocol": "segment-http", "url": fake.http_url, "key": SLASHED_KEY,
-         "flush_interval_s": 0.05, "timeout_s": 2}])
-    cfg.write_text(cfg.read_text() + '[log]\nlevel = "debug"\n')
-    agent = agent_process(cfg, port)
-    shown: dict[str, str] = {}
-    try:
-        await asyncio.to_thread(agent.start)
-        async with aiohttp.ClientSession() as s:
-            async with s.post(f"{agent.url}/v1/batch", json={"batch": [
-                    {"type": "track", "event": "e", "userId": "u", "messageId": "m1"}]},
-                              headers={"Authorization": f"Basic {basic(ROUTED)}"}) as r:
-                assert r.status == 200, await r.text()
-
-            async def refused() -> bool:
-                async with s.get(f"{agent.url}/status") as r:
-                    return bool((await r.json())["upstreams"][0]["last_error"])
-            await wait_for(refused)
-            for path in ("/status", "/", "/metrics"):
-                async with s.get(agent.url + path) as r:
-                    assert r.status == 200, path
-                    shown[path] = await r.text()
-        code, out = await run_outpost("status", "--config", str(cfg))
-        assert code == 0, out
-        shown["outpost status"] = out
-    finally:
-        await asyncio.to_thread(agent.terminate)
-        await fake.stop()
-    shown["log"] = agent.log.read_text()
-    assert "unknown write key" in shown["log"]
-    leaks = [(where, form) for where, text in shown.items()
-             for form in (SLASHED_KEY, php, php.replace("\\", "\\\\")) if form in text]
-    assert leaks == [], "; ".join(f"{w}: {f}" for w, f in leaks)
+    shown, sent_to = await shown_after_refusal(
+        tmp_path, agent_process, {"name": "seg", "protocol": "segment-http", "key": SLASHED_KEY},
+        body.encode(), BATCH, lambda status: bool(status["upstreams"][0]["last_error"]),
+        ("/status", "/", "/metrics"), (("status",),))
+    assert sent_to and "unknown write key" in shown["log"]
+    assert leaks(shown, {SLASHED_KEY, php, php.replace("\\", "\\\\")}) == ""
     error = json.loads(shown["/status"])["upstreams"][0]["last_error"]
     assert error.startswith('HTTP 400: {"error": "unknown write key ***"}'), error
 
@@ -218,44 +220,13 @@ async def test_a_key_another_json_encoder_escapes_is_never_shown_when_echoed(
     """An upstream refusing a batch names the key it was sent with in its JSON error,
     escaped as its server's encoder writes it: the key showed so in the log, /status, `outpost
     status`, GET /dead and `outpost dead list/export`."""
-    fake = await FaultyUpstream().start()
     body = ('{"error":"no source for ' + echoed + '"}').encode()
-    fake.script = [Fault("status", 400, body=body) for _ in range(50)]
-    port = free_port()
-    cfg = write_config(tmp_path / "agent.toml", tmp_path / "spool.db", port=port, upstreams=[
-        {"name": "seg", "protocol": "segment-http", "url": fake.http_url, "key": key,
-         "flush_interval_s": 0.05, "timeout_s": 2}])
-    cfg.write_text(cfg.read_text() + '[log]\nlevel = "debug"\n')
-    agent = agent_process(cfg, port)
-    shown: dict[str, str] = {}
-    try:
-        await asyncio.to_thread(agent.start)
-        async with aiohttp.ClientSession() as s:
-            async with s.post(f"{agent.url}/v1/batch", json={"batch": [
-                    {"type": "track", "event": "e", "userId": "u", "messageId": "m1"}]},
-                              headers={"Authorization": f"Basic {basic(ROUTED)}"}) as r:
-                assert r.status == 200, await r.text()
-
-            async def dead() -> bool:
-                async with s.get(f"{agent.url}/status") as r:
-                    return bool((await r.json())["dead_letters"] == 1)
-            await wait_for(dead)
-            for path in ("/status", "/metrics", "/dead"):
-                async with s.get(agent.url + path) as r:
-                    assert r.status == 200, path
-                    shown[path] = await r.text()
-        for command in (("status",), ("dead", "list"), ("dead", "export", "/dev/stdout")):
-            code, out = await run_outpost(*command, "--config", str(cfg))
-            assert code == 0, out
-            shown["outpost " + " ".join(command)] = out
-    finally:
-        await asyncio.to_thread(agent.terminate)
-        await fake.stop()
-    shown["log"] = agent.log.read_text()
-    assert fake.requests and "no source for" in shown["log"]
+    shown, sent_to = await shown_after_refusal(
+        tmp_path, agent_process, {"name": "seg", "protocol": "segment-http", "key": key},
+        body, BATCH, dead_lettered, DEAD_PAGES, DEAD_COMMANDS)
+    assert sent_to and "no source for" in shown["log"]
     # As echoed, and as our JSON and escaped output show it (its backslashes doubled).
-    forms = {key, echoed, echoed.replace("\\", "\\\\"), json.dumps(echoed)[1:-1]}
-    leaks = [(where, form) for where, text in shown.items() for form in forms if form in text]
-    assert leaks == [], "; ".join(f"{w}: {f}" for w, f in leaks)
+    assert leaks(shown, {key, echoed, echoed.replace("\\", "\\\\"),
+                         json.dumps(echoed)[1:-1]}) == ""
     reasons = [g["reason"] for g in json.loads(shown["/status"])["dead_reasons"]]
     assert reasons == ['HTTP 400: {"error":"no source for ***"}'], reasons
