@@ -321,6 +321,31 @@ async def answered_at_last(fake: FakeNucleus) -> AsyncIterator[None]:
         fake.answering.set()
 
 
+def sized(ids: range, kind: str) -> list[dict[str, Any]]:
+    """Nucleus events of ``kind`` with ids ``ids``, ~1.5 KB each: a 1 MB spool fills fast."""
+    return [{"type": kind, "name": "e", "id": i, "sessionId": 1, "machineId": "m",
+             "payload": os.urandom(750).hex()} for i in ids]
+
+
+async def filled_with_errors(agent: Any, fake_nucleus: FakeNucleus, s: aiohttp.ClientSession,
+                             url: str) -> tuple[list[int], int, aiohttp.ClientResponse]:
+    """20 page views sent and held in flight (the upstream reads them and does not answer),
+    then error reports, 5 a request, until a request is refused or the cap drops: the ids
+    stored, the next id and the last answer."""
+    async with s.post(url, json={"data": sized(range(20), "event")}) as r:
+        assert r.status == 200, await r.text()
+    await wait_for(lambda: len(fake_nucleus.events) == 20)   # in flight, unanswered
+    stored: list[int] = []
+    n = 100
+    while True:
+        assert n < 5000, "the spool never filled"
+        async with s.post(url, json={"data": sized(range(n, n + 5), "error")}) as r:
+            if r.status != 200 or agent.spool.counters.get("dropped_full", 0):
+                return stored, n, r
+        stored += range(n, n + 5)
+        n += 5
+
+
 async def test_drop_oldest_keeps_the_high_lane_while_normal_events_are_in_flight(
         make_agent: Any, fake_nucleus: FakeNucleus) -> None:
     """The app's page views are on their way upstream (answer held) when an error loop
@@ -333,31 +358,16 @@ async def test_drop_oldest_keeps_the_high_lane_while_normal_events_are_in_flight
           "timeout_s": 60}
     agent = await make_agent(upstreams=[up],
                              storage={"max_size_mb": 1, "when_full": "drop_oldest"})
-
-    def events(ids: range, kind: str) -> list[dict[str, Any]]:
-        return [{"type": kind, "name": "e", "id": i, "sessionId": 1, "machineId": "m",
-                 "payload": os.urandom(750).hex()} for i in ids]
-
     url = f"http://127.0.0.1:{agent.port}/app/app1/track"
     async with aiohttp.ClientSession() as s, answered_at_last(fake_nucleus):
-        async with s.post(url, json={"data": events(range(20), "event")}) as r:
-            assert r.status == 200, await r.text()
-        await wait_for(lambda: len(fake_nucleus.events) == 20)   # in flight, unanswered
-        stored, n = [], 100
-        while True:
-            assert n < 5000, "the spool never filled"
-            async with s.post(url, json={"data": events(range(n, n + 5), "error")}) as r:
-                if r.status != 200 or agent.spool.counters.get("dropped_full", 0):
-                    break
-            stored += range(n, n + 5)
-            n += 5
+        stored, n, r = await filled_with_errors(agent, fake_nucleus, s, url)
         assert agent.spool.counters.get("dropped_full", 0) == 0, "an error report dropped"
         assert r.status == 503 and int(r.headers["Retry-After"]) > 0, r.status
-        async with s.post(url, json={"data": events(range(80, 90), "event")}) as r:
+        async with s.post(url, json={"data": sized(range(80, 90), "event")}) as r:
             assert r.status == 503, "page views stored in error reports' place"
         fake_nucleus.answering.set()
         await wait_for(lambda: agent.forwarding.states["up"].acked >= 20)
-        async with s.post(url, json={"data": events(range(n, n + 5), "error")}) as r:
+        async with s.post(url, json={"data": sized(range(n, n + 5), "error")}) as r:
             assert r.status == 200, await r.text()   # the page views' room
         stored += range(n, n + 5)
     await wait_for(lambda: agent.spool.depth == 0, timeout=30)
@@ -378,30 +388,15 @@ async def test_drop_oldest_refuses_high_events_only_until_a_send_that_is_never_a
           "timeout_s": 1}
     agent = await make_agent(upstreams=[up],
                              storage={"max_size_mb": 1, "when_full": "drop_oldest"})
-
-    def events(ids: range, kind: str) -> list[dict[str, Any]]:
-        return [{"type": kind, "name": "e", "id": i, "sessionId": 1, "machineId": "m",
-                 "payload": os.urandom(750).hex()} for i in ids]
-
     url = f"http://127.0.0.1:{agent.port}/app/app1/track"
     async with aiohttp.ClientSession() as s, answered_at_last(fake_nucleus):
-        async with s.post(url, json={"data": events(range(20), "event")}) as r:
-            assert r.status == 200, await r.text()
-        await wait_for(lambda: len(fake_nucleus.events) == 20)   # in flight, never answered
-        stored, n = [], 100
-        while True:
-            assert n < 5000, "the spool never filled"
-            async with s.post(url, json={"data": events(range(n, n + 5), "error")}) as r:
-                if r.status != 200:
-                    break
-            stored += range(n, n + 5)
-            n += 5
+        stored, n, r = await filled_with_errors(agent, fake_nucleus, s, url)
         assert r.status == 503, r.status
         assert agent.spool.counters.get("dropped_full", 0) == 0
         await wait_for(lambda: agent.forwarding.states["up"].retries >= 1)   # timed out
 
         async def taken() -> bool:
-            async with s.post(url, json={"data": events(range(n, n + 5), "error")}) as r:
+            async with s.post(url, json={"data": sized(range(n, n + 5), "error")}) as r:
                 assert r.status in (200, 503), await r.text()
                 return r.status == 200
         await wait_for(taken, timeout=30)
