@@ -96,6 +96,13 @@ if "PYTEST_DEBUG_TEMPROOT" not in os.environ and (_shm := _ram_temproot()) is no
 # The same place for the scratch directories of tests that cannot take tmp_path (hypothesis
 # state machines, one directory an example): ``tempfile.mkdtemp(dir=SCRATCH)``.
 SCRATCH = os.environ.get("PYTEST_DEBUG_TEMPROOT") or None
+# The runner's own proxy (a developer's shell, a CI host behind one) is for the internet: the
+# agents the tests start read it (agent/uplinks/proxy.py), so an upstream named by a test's own
+# host name went to it, and so did the tests' clients (urllib, requests) to 127.0.0.1. The
+# tests that want a proxy set their own (test_proxy.py).
+for _name in ("http_proxy", "HTTP_PROXY", "https_proxy", "HTTPS_PROXY", "all_proxy", "ALL_PROXY",
+              "no_proxy", "NO_PROXY"):
+    os.environ.pop(_name, None)
 
 
 _EPHEMERAL = Path("/proc/sys/net/ipv4/ip_local_port_range")
