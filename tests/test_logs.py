@@ -163,10 +163,26 @@ def test_longest_secret_wins_and_short_ones_are_ignored() -> None:
         ("POST /v1/webhook?writeKey=K123&x=1", "POST /v1/webhook?writeKey=***&x=1"),
         ('{"writeKey": "abc"}', '{"writeKey": "***"}'),
         ("Basic authentication failed", "Basic authentication failed"),
+        # A url's user:password@ (a proxy's), its password holding ':'; not an '@' after
+        # the authority, an IPv6 address's ':' or a mailto:.
+        ("via http://bob:pa:ss@proxy:3128 down", "via http://bob:***@proxy:3128 down"),
+        ("see https://host:8443/users/@alice", "see https://host:8443/users/@alice"),
+        ("at http://[::1]:8080/a@b", "at http://[::1]:8080/a@b"),
+        ("mail mailto:bob@example.com", "mail mailto:bob@example.com"),
     ],
 )
 def test_generic_credentials(text: str, expected: str) -> None:
     assert SecretRegistry().redact(text) == expected
+
+
+def test_a_megabyte_line_of_dotted_names_is_redacted_in_one_pass(out: io.StringIO) -> None:
+    """The pattern for a url's user:password@ tried a scheme at each word start of a run of
+    dotted or dashed names and read to the run's end each time: quadratic (a 32 KB line took
+    5 s), so a 1 MB line, an app's value or an upstream's page quoted whole, held the log,
+    and the event loop writing it, for over an hour. This returns at once when linear."""
+    line = "a." * 500_000
+    logging.getLogger("agent.x").warning("seen %s http://bob:pw@proxy:3128 ok", line)
+    assert out.getvalue().rstrip().endswith("a.a. http://bob:***@proxy:3128 ok")
 
 
 def test_filter_survives_bad_format_args() -> None:
