@@ -68,7 +68,10 @@ _GENERIC_SECRETS = (
     # as "Basic authentication failed" is left alone.
     (re.compile(r"(?i)\b((?:basic|bearer)\s+)(?=[\w+/.~-]*\d)[\w+/.~-]{8,}=*"), r"\1" + REDACTED),
     # A URL's user:password@ (a proxy's, as HTTPS_PROXY holds it): its password, whoever's.
-    (re.compile(r"(?i)(\b[a-z][a-z0-9+.-]*://[^\s/@:'\"]*:)[^\s/@'\"]+@"), r"\1" + REDACTED + "@"),
+    # Linear: a scheme of at most 32 characters (an unbounded one was tried from each word
+    # start of a run of dotted names to its end: quadratic, an hour for a 1 MB line), and
+    # what follows its :// stops at the next /, so no two tries read the same authority.
+    (re.compile(r"(?i)(\b[a-z][a-z0-9+.-]{0,31}://[^\s/@:'\"]*:)[^\s/@'\"]+@"), r"\1" + REDACTED + "@"),
     # Write keys in query strings, JSON bodies and headers.
     (re.compile(r"(?i)(\b(?:write_?key|publicwritekey|x-write-key)['\"]?\s*[:=]\s*['\"]?)[^\s'\"&,;}]+"),
      r"\1" + REDACTED),
