@@ -379,3 +379,28 @@ async def test_events_reach_a_tls_upstream_through_a_connect_tunnel(
     finally:
         await gate.stop()
         await upstream.stop()
+
+
+@pytest.mark.parametrize("protocol", ["segment-http", "nucleus-ws"])
+async def test_a_reload_that_gives_or_takes_an_upstream_s_proxy_applies_it(
+        make_agent: Any, faulty: FaultyUpstream, gate: ForwardProxy,
+        environ: pytest.MonkeyPatch, protocol: str) -> None:
+    """agent.toml's proxy is the upstream's own: a SIGHUP that adds or removes it starts the
+    upstream afresh with it (an open websocket that went direct is not kept)."""
+    agent = await make_agent(upstreams=[hidden(faulty, protocol)])
+    await send(agent, [event(0)])
+    state = agent.forwarding.states["up"]
+    await wait_for(lambda: state.unreachable_since is not None)   # direct: no such name
+    write_config(Path(agent.config_path), agent.spool.path,
+                 upstreams=[hidden(faulty, protocol, proxy=gate.url)])
+    await agent.reload()
+    await drained(agent, faulty, 1)
+    through = gate.through
+    assert through >= 1
+    write_config(Path(agent.config_path), agent.spool.path,
+                 upstreams=[hidden(faulty, protocol, proxy="")])
+    await agent.reload()
+    await send(agent, [event(1)])
+    state = agent.forwarding.states["up"]
+    await wait_for(lambda: state.unreachable_since is not None)
+    assert gate.through == through and agent.spool.depth == 1
