@@ -8,6 +8,7 @@ delivered went through the proxy, and a direct connection fails.
 
 from __future__ import annotations
 
+import asyncio
 import datetime
 import io
 import logging
@@ -404,3 +405,29 @@ async def test_a_reload_that_gives_or_takes_an_upstream_s_proxy_applies_it(
     state = agent.forwarding.states["up"]
     await wait_for(lambda: state.unreachable_since is not None)
     assert gate.through == through and agent.spool.depth == 1
+
+
+async def test_doctor_names_a_proxy_port_that_answers_connect_in_another_protocol(
+        tmp_path: Path) -> None:
+    """The proxy's port mistyped, a Redis or SMTP server's instead: it answers each line of
+    the CONNECT with its own error and holds the connection. Doctor said the proxy "did not
+    answer", as for a proxy that is silent or slow, when it answered, and not in HTTP."""
+    held = asyncio.Event()
+
+    async def not_http(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        while line := await reader.readline():
+            if line.strip():
+                writer.write(b"-ERR unknown command\r\n")
+        await held.wait()
+
+    server = await asyncio.start_server(not_http, "127.0.0.1", 0)
+    port = server.sockets[0].getsockname()[1]
+    try:
+        config = write_config(tmp_path / "agent.toml", tmp_path / "spool.db", upstreams=[
+            {"name": "up", "protocol": "segment-http", "url": f"https://upstream.{HIDDEN}",
+             "proxy": f"http://127.0.0.1:{port}"}])
+        _, out = await run_outpost("doctor", "--config", str(config))
+    finally:
+        held.set()
+        server.close()
+    assert f"the proxy gave no HTTP answer to CONNECT upstream.{HIDDEN}:443" in out, out
