@@ -411,15 +411,18 @@ def _probe_via(via: proxy.Proxy, host: str, port: int, scheme: str) -> str:
         head = f"CONNECT {target} HTTP/1.1\r\nHost: {target}\r\n"
         if via.authorization is not None:
             head += f"Proxy-Authorization: {via.authorization}\r\n"
+        answer = b""
         try:
             sock.sendall((head + "\r\n").encode("latin-1", "replace"))
-            answer = b""
             while b"\r\n\r\n" not in answer and len(answer) < _PROXY_HEAD_BYTES:
                 chunk = sock.recv(_PROXY_HEAD_BYTES)
                 if not chunk:
                     break
                 answer += chunk
         except TimeoutError:
+            # Bytes that cannot start an HTTP answer: another protocol's, and then waiting.
+            if answer and not b"HTTP/".startswith(answer[:5]):
+                return f"the proxy gave no HTTP answer to CONNECT {target}"
             return f"the proxy did not answer CONNECT {target} within {_DOCTOR_S:g}s"
         except OSError as exc:
             return f"the proxy closed the connection ({exc.strerror or exc})"
