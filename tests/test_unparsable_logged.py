@@ -1,0 +1,42 @@
+"""Each kind of request the HTTP server cannot parse is logged: one line saying what was
+wrong, at most once a minute per kind, never quoting the request (docs/operations.md,
+docs/security.md)."""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import Callable
+from pathlib import Path
+
+from tests.conftest import AgentProcess, free_port, write_config
+from tests.test_log_path_keys import raw_reply
+
+SECRET = "GarbageLineKey57"
+
+
+async def test_a_request_line_with_an_invalid_method_is_logged(
+        tmp_path: Path, agent_process: Callable[..., AgentProcess]) -> None:
+    """aiohttp logs a bad method in a connection's first request at debug (it is what
+    scanners and TLS clients send to a public HTTP port): at the agent's usual level a
+    local app sending `GARBAGE /v1/track` (or speaking https to the agent) got its 400
+    and the log said nothing, while the other malformed requests sent with it were each
+    logged."""
+    port = free_port()
+    cfg = write_config(tmp_path / "agent.toml", tmp_path / "spool.db", port=port)
+    agent = agent_process(cfg, port)
+    await asyncio.to_thread(agent.start)
+    sent = [f"GARBAGE /v1/track?writeKey={SECRET} HTTP/1.1\r\nHost: 127.0.0.1\r\n\r\n".encode(),
+            b"GET /status HTTP/9.9\r\nHost: 127.0.0.1\r\n\r\n",
+            b"GET /status HTTP/1.1\r\nHost: 127.0.0.1\r\nBad Name: x\r\n\r\n"]
+    try:
+        for request in sent:
+            assert (await raw_reply(port, request)).split(b" ")[1] == b"400"
+    finally:
+        assert await asyncio.to_thread(agent.terminate) == 0
+    log = agent.log.read_text()
+    said = "aiohttp.server: Error handling request from 127.0.0.1: "
+    assert log.count(said) == 3, log
+    assert f"{said}BadHttpMethod: Invalid method encountered (400)" in log, log
+    assert f"{said}BadStatusLine: Bad status line: Invalid HTTP version (400)" in log, log
+    assert f"{said}BadHttpMessage: Invalid header token (400)" in log, log
+    assert SECRET not in log and "GARBAGE" not in log, log
