@@ -33,7 +33,7 @@ from agent.ops.notify import Notifier
 from agent.ops.routes import Ops
 from agent.ops.tail import TailHub
 from agent.ops.tail_routes import TailRoutes
-from agent.server.app import EXPRESS, FRONT_DOOR, SOCKET_CLOSE_S, build_app
+from agent.server.app import EXPRESS, FRONT_DOOR, SOCKET_CLOSE_S, ServerLog, build_app
 from agent.server.connections import LINGER_S, ConnectionLimits, fit_fd_limit
 from agent.server.express import FIELDS_MAX, ExpressLane
 from agent.server.guard import is_loopback_name
@@ -170,7 +170,8 @@ class Agent:
                              # Set, not left to aiohttp's default: the express lane
                              # hands a head of more fields to aiohttp's 400.
                              max_headers=FIELDS_MAX,
-                             lingering_time=LINGER_S)
+                             lingering_time=LINGER_S,
+                             logger=ServerLog())
 
     async def _listen(self, runner: web.AppRunner, lane: ExpressLane,
                       front_door: FrontDoor) -> asyncio.Server:

@@ -7,6 +7,7 @@ import logging
 from collections.abc import Awaitable, Callable
 from contextlib import suppress
 from functools import partial
+from typing import Any
 
 from aiohttp import HttpVersion11, WSCloseCode, web
 from aiohttp.http_exceptions import HttpProcessingError
@@ -88,6 +89,24 @@ async def _going_away(ws: web.WebSocketResponse) -> None:
     with suppress(TimeoutError):   # no answer to the close: cut (aiohttp's close does)
         await asyncio.wait_for(ws.close(code=WSCloseCode.GOING_AWAY, message=b"agent stopping"),
                                SOCKET_CLOSE_S)
+
+
+class ServerLog(logging.LoggerAdapter[logging.Logger]):
+    """aiohttp's server logger (``logger=`` of its request handlers) with a request it
+    cannot parse logged at error level always: it logs a bad method in a connection's
+    first request at debug (on a public port that is scanners' and TLS clients' noise),
+    so at the agent's level `GARBAGE /v1/track`, or an app speaking https to the agent,
+    got its 400 and no line, though every other malformed request gets one
+    (once a minute per kind: ``limit_library_log`` in build_app)."""
+
+    def __init__(self) -> None:
+        super().__init__(logging.getLogger("aiohttp.server"))
+
+    def debug(self, msg: object, *args: object, **kwargs: Any) -> None:
+        if isinstance(kwargs.get("exc_info"), HttpProcessingError):
+            self.error(msg, *args, **kwargs)
+        else:
+            super().debug(msg, *args, **kwargs)
 
 
 def _unparsable(record: logging.LogRecord) -> bool:
