@@ -40,3 +40,30 @@ async def test_a_request_line_with_an_invalid_method_is_logged(
     assert f"{said}BadStatusLine: Bad status line: Invalid HTTP version (400)" in log, log
     assert f"{said}BadHttpMessage: Invalid header token (400)" in log, log
     assert SECRET not in log and "GARBAGE" not in log, log
+
+
+async def test_each_fault_in_a_header_field_is_a_kind_of_its_own(
+        tmp_path: Path, agent_process: Callable[..., AgentProcess]) -> None:
+    """The parser raises one exception type (BadHttpMessage) for most faults in a field:
+    a bad name, a NUL in a value, an obs-folded line, a repeated Content-Length. Limited
+    by that type, the first of them in a minute was the only line: the others got their
+    400 and the log named a fault they did not have."""
+    port = free_port()
+    cfg = write_config(tmp_path / "agent.toml", tmp_path / "spool.db", port=port)
+    agent = agent_process(cfg, port)
+    await asyncio.to_thread(agent.start)
+    head = b"GET /status HTTP/1.1\r\nHost: 127.0.0.1\r\n"
+    sent = [head + b"Bad Name: x\r\n\r\n",
+            head + b"X-A: a\x00b\r\n\r\n",
+            head + b"X-A: a\r\n  b\r\n\r\n"]
+    try:
+        for request in sent * 2:   # the repeats within the minute: not logged again
+            assert (await raw_reply(port, request)).split(b" ")[1] == b"400"
+    finally:
+        assert await asyncio.to_thread(agent.terminate) == 0
+    log = agent.log.read_text()
+    said = "aiohttp.server: Error handling request from 127.0.0.1: BadHttpMessage: "
+    assert log.count(said) == 3, log
+    for fault in ("Invalid header token", "Invalid header value char",
+                  "Unexpected whitespace after header value"):
+        assert f"{said}{fault} (400)" in log, log
