@@ -455,19 +455,25 @@ class LimitedRecords(logging.Filter):
     local process could flood the log."""
 
     def __init__(self, only: Callable[[logging.LogRecord], bool],
-                 limiter: RateLimiter = _default_limiter) -> None:
+                 limiter: RateLimiter = _default_limiter,
+                 kind: Callable[[logging.LogRecord], str] | None = None) -> None:
         super().__init__()
         self.only = only
         self.limiter = limiter
+        self.kind = kind or _exception_type
 
     def filter(self, record: logging.LogRecord) -> bool:
         if not self.only(record):
             return True
-        kind = record.exc_info[0].__name__ if record.exc_info and record.exc_info[0] else ""
+        kind = self.kind(record)
         suffix = self.limiter.admit((record.name, f"{record.msg}:{kind}"))
         if suffix:
             record.msg = f"{record.msg}{suffix}"
         return suffix is not None
+
+
+def _exception_type(record: logging.LogRecord) -> str:
+    return record.exc_info[0].__name__ if record.exc_info and record.exc_info[0] else ""
 
 
 class RewordedRecords(logging.Filter):
@@ -488,13 +494,15 @@ class RewordedRecords(logging.Filter):
 
 
 def limit_library_log(name: str, only: Callable[[logging.LogRecord], bool],
-                      reword: Callable[[logging.LogRecord], str] | None = None) -> None:
+                      reword: Callable[[logging.LogRecord], str] | None = None,
+                      kind: Callable[[logging.LogRecord], str] | None = None) -> None:
     """Rate-limit the records of logger ``name`` (a library's) for which ``only`` holds, as
-    log_limited does ours, and log those admitted as ``reword`` says (without their
-    exception) if given; once per logger, however often it is called."""
+    log_limited does ours, per ``kind`` (default: their exception's type), and log those
+    admitted as ``reword`` says (without their exception) if given; once per logger,
+    however often it is called."""
     logger = logging.getLogger(name)
     if not any(isinstance(f, LimitedRecords) for f in logger.filters):
-        logger.addFilter(LimitedRecords(only))
+        logger.addFilter(LimitedRecords(only, kind=kind))
         if reword is not None:   # after the limit, which tells records by their exception
             logger.addFilter(RewordedRecords(only, reword))
 

@@ -45,7 +45,9 @@ def build_app(cfg: Config, sink: Sink, ops_routes: list[web.RouteDef]) -> web.Ap
     admission = sink.admission
     # Each request aiohttp cannot parse is logged with a traceback: once a minute here.
     # A handler's crash (a 500) is logged with the same words, and always.
-    limit_library_log("aiohttp.server", _unparsable, _unquoted)
+    # Per fault, not per exception type: one type (BadHttpMessage) covers a bad field
+    # name, a NUL in a value, an obs-fold..., and each is a different thing to fix.
+    limit_library_log("aiohttp.server", _unparsable, _unquoted, _fault)
 
     async def stop_trims(app: web.Application) -> None:
         admission.close()
@@ -119,6 +121,12 @@ def _unquoted(record: logging.LogRecord) -> str:
     quotes (`b'POST /app/{appId}/track ...'`): its path and query may hold a key never
     stored, which the log's redaction does not know. What was wrong stays, in one line
     (`BadStatusLine: Bad status line: Expected HTTP/, RTSP/ or ICE/ (400)`)."""
+    return f"{record.getMessage()}: {_fault(record)}"
+
+
+def _fault(record: logging.LogRecord) -> str:
+    """What was wrong with an unparsable request (``_unparsable``), never quoting it:
+    `BadStatusLine: Bad status line: Expected HTTP/, RTSP/ or ICE/ (400)`."""
     assert record.exc_info is not None
     exc = record.exc_info[1]
     assert isinstance(exc, HttpProcessingError)
@@ -130,7 +138,7 @@ def _unquoted(record: logging.LogRecord) -> str:
         if isinstance(part, str | bytes | bytearray) and part and part != exc.message:
             what = what.split(repr(part), 1)[0].rstrip(" :")
     what = " ".join(line.strip() for line in what.splitlines())
-    return f"{record.getMessage()}: {type(exc).__name__}: {what.rstrip(':')} ({exc.code})"
+    return f"{type(exc).__name__}: {what.rstrip(':')} ({exc.code})"
 
 
 def ingest_routes(routes: list[web.RouteDef], guard: Guard, admission: Admission,
