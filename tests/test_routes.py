@@ -100,7 +100,7 @@ async def test_a_connect_to_a_foreign_host_is_refused_by_the_guard(make_agent: A
     ("GET", "/v1/track", {"POST", "OPTIONS"}),
     ("GET", "/track", {"POST", "OPTIONS"}),
     ("GET", "/v1/batch", {"POST", "OPTIONS"}),
-    ("PUT", "/app/k/track", {"POST", "OPTIONS"}),
+    ("PUT", "/app/k/track", {"GET", "POST", "OPTIONS"}),   # GET: its websocket upgrade
     ("POST", "/healthz", {"GET", "HEAD", "OPTIONS"}),
 ])
 async def test_wrong_method_on_a_known_path_is_405_with_allow(make_agent: Any, method: str,
@@ -282,3 +282,30 @@ async def test_an_operations_route_answers_an_unknown_expect_in_json_after_its_g
         head + body
     said = orjson.loads(body)["error"]
     assert ("'200-ok'" if status == 417 else "evil.example") in said, body
+
+
+METHODS = ("GET", "HEAD", "POST", "PUT", "PATCH", "DELETE")
+
+
+@pytest.mark.parametrize("path", [
+    "/v1/track", "/v1/batch", "/v1/pixel/track", "/app/k/track", "/track", "/v1/capture",
+    "/api/public/apps/track", "/healthz", "/status", "/metrics", "/flush", "/dead",
+    "/dead/retry", "//v1/track", "/v1/batch/"])
+async def test_every_405_names_what_options_names(make_agent: Any, path: str) -> None:
+    """RFC 9110: a 405 carries in Allow the methods the path takes, as OPTIONS says them.
+    On `/app/{appId}/track` (a POST route and a websocket's) the 405 to a plain GET, a
+    PUT or a DELETE left GET out while OPTIONS named it: a client told the path took no
+    GET, when its websocket upgrade is one."""
+    agent = await make_agent()
+    options = await call(agent.port, path, method="OPTIONS")
+    assert options.status == 204, options.body
+    allowed = {m.strip() for m in options.headers["Allow"].split(",")}
+    for method in METHODS:
+        reply = await call(agent.port, path, b"{}" if method in ("POST", "PUT", "PATCH")
+                           else None, method=method)
+        if reply.status == 405:
+            assert {m.strip() for m in reply.headers["Allow"].split(",")} == allowed, method
+            if method != "HEAD":   # no body
+                assert method in reply.json()["error"]
+        else:   # served, or refused by the route itself (a bad body, no key)
+            assert method in allowed, (method, reply.status)
