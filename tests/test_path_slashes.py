@@ -144,4 +144,5 @@ async def test_a_404_or_405_names_an_encoded_slash_as_sent(make_agent: Any) -> N
     assert missing.json()["error"] == "no route for POST /v1%2Ftrack", missing.body
     wrong = await call(agent.port, "//app/k%2Fk/track/", method="GET")
     assert wrong.status == 405, wrong.body
-    assert wrong.json()["error"] == "method GET not allowed on //app/k%2Fk/track/", wrong.body
+    assert wrong.json()["error"] == ("method GET not allowed on //app/k%2Fk/track/"
+                                     " but as a websocket upgrade"), wrong.body

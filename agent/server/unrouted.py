@@ -138,14 +138,19 @@ class Unrouted:
         return upgrade_only
 
     async def allowed(self, request: web.Request) -> set[str]:
-        """The methods some route serves at this path (websocket GETs only for upgrades)."""
+        """The methods some route serves at this path, as its OPTIONS names them. A path
+        only a websocket route serves (`/{appId}`, any one segment: `/favicon.ico`) serves
+        nothing but upgrades; a websocket GET beside other routes of its path
+        (`/app/{appId}/track`) is named, as OPTIONS names it (RFC 9110: a 405's Allow
+        lists what the path takes)."""
         out: set[str] = set()
         upgrade = is_upgrade(request)
         for resource in request.app.router.resources():
             if resource.canonical == CATCH_ALL_CANONICAL:
                 continue
             _match, methods = await resource.resolve(request)
-            if methods and not upgrade and resource.canonical in self.websockets:
+            if methods and not upgrade and resource.canonical in self.websockets \
+                    and not methods - {"GET", "HEAD", "OPTIONS"}:
                 methods = methods - {"GET", "HEAD"}
             out |= methods
         # A path with only the guard's OPTIONS route (a websocket's) is served nothing.
@@ -164,7 +169,10 @@ class Unrouted:
         if log.isEnabledFor(logging.DEBUG):
             log.debug("%s (%d)", (said + _logged_path(request, path))[:LOGGED_PATH], status)
         headers = {"Allow": ", ".join(sorted(allowed))} if allowed else None
-        return web.Response(body=orjson.dumps(plain_error(status, said + _quoted(path))), status=status,
+        # A GET named in Allow, refused: a plain GET to a websocket endpoint's path.
+        told = said + _quoted(path) + (" but as a websocket upgrade"
+                                       if request.method in allowed else "")
+        return web.Response(body=orjson.dumps(plain_error(status, told)), status=status,
                             headers=headers, content_type="application/json")
 
 
