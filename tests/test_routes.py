@@ -290,12 +290,14 @@ METHODS = ("GET", "HEAD", "POST", "PUT", "PATCH", "DELETE")
 @pytest.mark.parametrize("path", [
     "/v1/track", "/v1/batch", "/v1/pixel/track", "/app/k/track", "/track", "/v1/capture",
     "/api/public/apps/track", "/healthz", "/status", "/metrics", "/flush", "/dead",
-    "/dead/retry", "//v1/track", "/v1/batch/"])
+    "/dead/retry", "//v1/track", "/v1/batch/", "/status/", "/flush/"])
 async def test_every_405_names_what_options_names(make_agent: Any, path: str) -> None:
     """RFC 9110: a 405 carries in Allow the methods the path takes, as OPTIONS says them.
     On `/app/{appId}/track` (a POST route and a websocket's) the 405 to a plain GET, a
     PUT or a DELETE left GET out while OPTIONS named it: a client told the path took no
-    GET, when its websocket upgrade is one."""
+    GET, when its websocket upgrade is one. A path with a trailing slash is served as its
+    plain form (`POST /flush/` flushes): its OPTIONS named the websocket route `/{appId}/`'s
+    methods (GET, OPTIONS)."""
     agent = await make_agent()
     options = await call(agent.port, path, method="OPTIONS")
     assert options.status == 204, options.body
