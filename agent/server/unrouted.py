@@ -126,8 +126,9 @@ class Unrouted:
         paths = {r.path for r in raw if isinstance(r, WebSocketRoute)}
         # As ``allowed`` reads them: the router's canonical form, a variable's regex left out.
         self.websockets |= {_VARIABLE_REGEX.sub(r"{\1}", path) for path in paths}
-        return [web.RouteDef(r.method, r.path, self._upgrade_only(r.handler), r.kwargs)
-                if r.method == "GET" and r.path in paths else r for r in routes]
+        gated = {"GET": self._upgrade_only, "OPTIONS": _plain_first}
+        return [web.RouteDef(r.method, r.path, gated[r.method](r.handler), r.kwargs)
+                if r.method in gated and r.path in paths else r for r in routes]
 
     def _upgrade_only(self, handler: Handler) -> Handler:
         async def upgrade_only(request: web.Request) -> web.StreamResponse:
@@ -174,6 +175,20 @@ class Unrouted:
                                        if request.method in allowed else "")
         return web.Response(body=orjson.dumps(plain_error(status, told)), status=status,
                             headers=headers, content_type="application/json")
+
+
+def _plain_first(handler: Handler) -> Handler:
+    """A websocket path's OPTIONS ``handler``, for a path served as its plain form
+    (`/flush/` matches `/{appId}/`, and `POST /flush/` flushes): that form's OPTIONS, so
+    that it names what the path's other requests are served by."""
+    async def plain_first(request: web.Request) -> web.StreamResponse:
+        plain = await _plain(request)
+        if plain is not None:
+            resource = plain.match_info.route.resource
+            if resource is not None and resource.canonical != CATCH_ALL_CANONICAL:
+                return await plain.match_info.handler(plain)
+        return await handler(request)
+    return plain_first
 
 
 def _quoted(path: str) -> str:
