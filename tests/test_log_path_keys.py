@@ -76,6 +76,22 @@ async def raw_reply(port: int, request: bytes) -> bytes:
     return status
 
 
+async def log_after_400s(tmp_path: Path, agent_process: Callable[..., AgentProcess],
+                         sent: list[bytes]) -> str:
+    """The log of an agent sent each of ``sent`` raw, on its own connection, each answered
+    400, once the agent has stopped cleanly."""
+    port = free_port()
+    cfg = write_config(tmp_path / "agent.toml", tmp_path / "spool.db", port=port)
+    agent = agent_process(cfg, port)
+    await asyncio.to_thread(agent.start)
+    try:
+        for request in sent:
+            assert (await raw_reply(port, request)).split(b" ")[1] == b"400"
+    finally:
+        assert await asyncio.to_thread(agent.terminate) == 0
+    return agent.log.read_text()
+
+
 async def test_a_request_aiohttp_cannot_parse_is_logged_without_its_request_line(
         tmp_path: Path, agent_process: Callable[..., AgentProcess]) -> None:
     """aiohttp logs a request it cannot parse with an error that quotes the line it failed
@@ -83,21 +99,12 @@ async def test_a_request_aiohttp_cannot_parse_is_logged_without_its_request_line
     space (`/app/{appId}/track`, as the Nucleus modules build it) had the app id, never
     stored, logged in full; so was a key in any query parameter but `writeKey` (the
     pixel's base64 `data`)."""
-    port = free_port()
-    cfg = write_config(tmp_path / "agent.toml", tmp_path / "spool.db", port=port)
-    agent = agent_process(cfg, port)
-    await asyncio.to_thread(agent.start)
     # One of each kind of error: aiohttp's are logged once a minute per kind.
-    sent = [b"POST /app/spaced SpacedAppKey61/track HTTP/1.1\r\nHost: 127.0.0.1\r\n"
-            b"Content-Length: 2\r\n\r\n{}",                       # Expected HTTP/
-            b"GET /v1/pixel/track?data=UGl4ZWxEYXRhS2V5NjM\x7f HTTP/1.1\r\n"
-            b"Host: 127.0.0.1\r\n\r\n"]                          # char in query
-    try:
-        for request in sent:
-            assert (await raw_reply(port, request)).split(b" ")[1] == b"400"
-    finally:
-        assert await asyncio.to_thread(agent.terminate) == 0
-    log = agent.log.read_text()
+    log = await log_after_400s(tmp_path, agent_process, [
+        b"POST /app/spaced SpacedAppKey61/track HTTP/1.1\r\nHost: 127.0.0.1\r\n"
+        b"Content-Length: 2\r\n\r\n{}",                       # Expected HTTP/
+        b"GET /v1/pixel/track?data=UGl4ZWxEYXRhS2V5NjM\x7f HTTP/1.1\r\n"
+        b"Host: 127.0.0.1\r\n\r\n"])                          # char in query
     assert log.count("aiohttp.server: Error handling request from 127.0.0.1") == 2, log
     leaks = [k for k in ("SpacedAppKey61", "UGl4ZWxEYXRhS2V5NjM") if k in log]
     assert leaks == [], log

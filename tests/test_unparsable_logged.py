@@ -4,12 +4,11 @@ docs/security.md)."""
 
 from __future__ import annotations
 
-import asyncio
 from collections.abc import Callable
 from pathlib import Path
 
-from tests.conftest import AgentProcess, free_port, write_config
-from tests.test_log_path_keys import raw_reply
+from tests.conftest import AgentProcess
+from tests.test_log_path_keys import log_after_400s
 
 SECRET = "GarbageLineKey57"
 
@@ -21,19 +20,10 @@ async def test_a_request_line_with_an_invalid_method_is_logged(
     local app sending `GARBAGE /v1/track` (or speaking https to the agent) got its 400
     and the log said nothing, while the other malformed requests sent with it were each
     logged."""
-    port = free_port()
-    cfg = write_config(tmp_path / "agent.toml", tmp_path / "spool.db", port=port)
-    agent = agent_process(cfg, port)
-    await asyncio.to_thread(agent.start)
-    sent = [f"GARBAGE /v1/track?writeKey={SECRET} HTTP/1.1\r\nHost: 127.0.0.1\r\n\r\n".encode(),
-            b"GET /status HTTP/9.9\r\nHost: 127.0.0.1\r\n\r\n",
-            b"GET /status HTTP/1.1\r\nHost: 127.0.0.1\r\nBad Name: x\r\n\r\n"]
-    try:
-        for request in sent:
-            assert (await raw_reply(port, request)).split(b" ")[1] == b"400"
-    finally:
-        assert await asyncio.to_thread(agent.terminate) == 0
-    log = agent.log.read_text()
+    log = await log_after_400s(tmp_path, agent_process, [
+        f"GARBAGE /v1/track?writeKey={SECRET} HTTP/1.1\r\nHost: 127.0.0.1\r\n\r\n".encode(),
+        b"GET /status HTTP/9.9\r\nHost: 127.0.0.1\r\n\r\n",
+        b"GET /status HTTP/1.1\r\nHost: 127.0.0.1\r\nBad Name: x\r\n\r\n"])
     said = "aiohttp.server: Error handling request from 127.0.0.1: "
     assert log.count(said) == 3, log
     assert f"{said}BadHttpMethod: Invalid method encountered (400)" in log, log
@@ -48,20 +38,12 @@ async def test_each_fault_in_a_header_field_is_a_kind_of_its_own(
     a bad name, a NUL in a value, an obs-folded line, a repeated Content-Length. Limited
     by that type, the first of them in a minute was the only line: the others got their
     400 and the log named a fault they did not have."""
-    port = free_port()
-    cfg = write_config(tmp_path / "agent.toml", tmp_path / "spool.db", port=port)
-    agent = agent_process(cfg, port)
-    await asyncio.to_thread(agent.start)
     head = b"GET /status HTTP/1.1\r\nHost: 127.0.0.1\r\n"
     sent = [head + b"Bad Name: x\r\n\r\n",
             head + b"X-A: a\x00b\r\n\r\n",
             head + b"X-A: a\r\n  b\r\n\r\n"]
-    try:
-        for request in sent * 2:   # the repeats within the minute: not logged again
-            assert (await raw_reply(port, request)).split(b" ")[1] == b"400"
-    finally:
-        assert await asyncio.to_thread(agent.terminate) == 0
-    log = agent.log.read_text()
+    # The repeats within the minute: not logged again.
+    log = await log_after_400s(tmp_path, agent_process, sent * 2)
     said = "aiohttp.server: Error handling request from 127.0.0.1: BadHttpMessage: "
     assert log.count(said) == 3, log
     for fault in ("Invalid header token", "Invalid header value char",
