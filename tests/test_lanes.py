@@ -327,6 +327,17 @@ def sized(ids: range, kind: str) -> list[dict[str, Any]]:
              "payload": os.urandom(750).hex()} for i in ids]
 
 
+async def dropping_oldest(make_agent: Any, fake_nucleus: FakeNucleus, timeout_s: float
+                          ) -> tuple[Any, str]:
+    """An agent with a 1 MB spool under drop_oldest, one batch in flight at a time to
+    ``fake_nucleus`` (waiting ``timeout_s`` for its answer), and the url apps post to."""
+    up = {**nucleus_up(fake_nucleus), "flush_interval_s": 0.02, "max_in_flight": 1,
+          "timeout_s": timeout_s}
+    agent = await make_agent(upstreams=[up],
+                             storage={"max_size_mb": 1, "when_full": "drop_oldest"})
+    return agent, f"http://127.0.0.1:{agent.port}/app/app1/track"
+
+
 async def filled_with_errors(agent: Any, fake_nucleus: FakeNucleus, s: aiohttp.ClientSession,
                              url: str) -> tuple[list[int], int, aiohttp.ClientResponse]:
     """20 page views sent and held in flight (the upstream reads them and does not answer),
@@ -354,11 +365,7 @@ async def test_drop_oldest_keeps_the_high_lane_while_normal_events_are_in_flight
     dropped (their send failed) first: the request waits for that answer (503 and
     Retry-After). The cap dropped the oldest error reports instead, and the page views
     were then delivered: the errors were lost, the page views outlived them."""
-    up = {**nucleus_up(fake_nucleus), "flush_interval_s": 0.02, "max_in_flight": 1,
-          "timeout_s": 60}
-    agent = await make_agent(upstreams=[up],
-                             storage={"max_size_mb": 1, "when_full": "drop_oldest"})
-    url = f"http://127.0.0.1:{agent.port}/app/app1/track"
+    agent, url = await dropping_oldest(make_agent, fake_nucleus, timeout_s=60)
     async with aiohttp.ClientSession() as s, answered_at_last(fake_nucleus):
         stored, n, r = await filled_with_errors(agent, fake_nucleus, s, url)
         assert agent.spool.counters.get("dropped_full", 0) == 0, "an error report dropped"
@@ -384,11 +391,7 @@ async def test_drop_oldest_refuses_high_events_only_until_a_send_that_is_never_a
     only until their send times out (timeout_s): then they are queued, not in flight, and
     the cap drops them, the oldest normal events, for the error reports. Refused for as
     long as the upstream stays silent, the app's error reports would be lost."""
-    up = {**nucleus_up(fake_nucleus), "flush_interval_s": 0.02, "max_in_flight": 1,
-          "timeout_s": 1}
-    agent = await make_agent(upstreams=[up],
-                             storage={"max_size_mb": 1, "when_full": "drop_oldest"})
-    url = f"http://127.0.0.1:{agent.port}/app/app1/track"
+    agent, url = await dropping_oldest(make_agent, fake_nucleus, timeout_s=1)
     async with aiohttp.ClientSession() as s, answered_at_last(fake_nucleus):
         stored, n, r = await filled_with_errors(agent, fake_nucleus, s, url)
         assert r.status == 503, r.status
