@@ -66,7 +66,10 @@ log = logging.getLogger("outpost.segment")
 T = TypeVar("T")
 
 SHORT = {"t": "track", "i": "identify", "p": "page", "s": "screen", "g": "group", "a": "alias"}
-ROUTE_TYPES = {**SHORT, **{kind: kind for kind in spec.TYPES}}
+# In a fixed order (TYPES is a set, whose order changes with each process's string hashes):
+# the routes and their examples are the same in every process, as pytest-xdist's workers
+# require of the tests built from them.
+ROUTE_TYPES = {**SHORT, **{kind: kind for kind in sorted(spec.TYPES)}}
 # A transparent 1x1 GIF.
 GIF = base64.b64decode("R0lGODlhAQABAIAAAAAAAP///yH5BAEAAAAALAAAAAABAAEAAAIBRAA7")
 INVALID_KEY = "Invalid or missing writekey"
