@@ -158,6 +158,20 @@ def free_port() -> int:
         return int(s.getsockname()[1])
 
 
+@pytest.hookimpl(wrapper=True)
+def pytest_runtest_makereport(item: pytest.Item, call: pytest.CallInfo[None]
+                              ) -> Iterator[pytest.TestReport]:
+    """A test's report with its captured output as UTF-8: pytest-xdist's workers send each
+    report to the controller as UTF-8, which a lone surrogate cannot be. Tests feed the agent
+    bytes that are not UTF-8, which it reads with surrogateescape and logs (its own log
+    escapes them on the way out), and a captured line carried one into the report: the
+    worker stopped with an internal error, ending the run."""
+    report: pytest.TestReport = yield
+    report.sections = [(title, text.encode("utf-8", "backslashreplace").decode("utf-8"))
+                       for title, text in report.sections]
+    return report
+
+
 @pytest.fixture(scope="session", autouse=True)
 def compiled_agent() -> None:
     """The agent's modules compiled to bytecode once a run, as installing it compiles them.
