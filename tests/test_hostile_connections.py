@@ -907,6 +907,37 @@ async def test_a_client_that_closes_before_its_400_is_closed_at_once(
     assert agent.spool.depth == 0
 
 
+@pytest.mark.parametrize("sent", [
+    b"POST /v1/batch HTTP/1.1\r\nHost: 127.0.0.1\r\nAuthorization: " + basic(KEY).encode()
+    + b"\r\nTransfer-Encoding: chunked\r\n\r\n" + MALFORMED["chunk-size"],
+    b"POST /v1/track HTTP/1.1\r\nHost: 127.0.0.1\r\nCookie: a=" + b"c" * 9000
+    + b"\r\nContent-Length: 2\r\n\r\n{}",
+], ids=["malformed-body", "refused-head"])
+async def test_a_client_that_half_closes_before_its_400_is_closed_once_it_is_sent(
+        make_agent: Callable[..., Any], sockets: list[socket.socket],
+        monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture,
+        sent: bytes) -> None:
+    """A client may send its request and shut its side down at once (SHUT_WR), then read
+    the reply. It has sent all it will: there is nothing left to read and drop after its
+    400, yet the connection lingered, holding a descriptor and a place in
+    listen.max_connections (connections_open) for LINGER_S (here long) after the client
+    had its 400 and its end. It is closed once the 400 is sent."""
+    monkeypatch.setattr(service, "LINGER_S", 60.0)
+    agent = await make_agent(listen={"header_timeout_s": 60, "idle_timeout_s": 60})
+    loop = asyncio.get_running_loop()
+    s = await connect(agent.port, sockets)
+    await loop.sock_sendall(s, sent)
+    s.shutdown(socket.SHUT_WR)
+    reply = await asyncio.wait_for(read_reply(s), 5)
+    assert reply.split(b"\r\n", 1)[0].endswith(b" 400 Bad Request"), reply[:300]
+    assert await asyncio.wait_for(loop.sock_recv(s, 65536), 5) == b""   # a FIN, no reset
+    await wait_for(lambda: agent.metrics.connections_open == 0, 10)
+    assert agent.metrics.connections_closed == {}
+    assert not [r for r in caplog.records if r.levelno >= logging.ERROR
+                and r.name != "aiohttp.server"], caplog.text
+    assert agent.spool.depth == 0
+
+
 async def test_a_whole_body_then_a_malformed_request_is_a_200_then_a_400(
         make_agent: Callable[..., Any], sockets: list[socket.socket]) -> None:
     """A request whose chunked body is whole, and in the same packet one that is no HTTP:
