@@ -643,6 +643,10 @@ class ConnectionLimits:
         transport = conn.transport
         if transport is None or transport.is_closing():   # closing already (the peer's EOF)
             return
+        if conn.eof and not transport.get_write_buffer_size():
+            # The client shut its side down first: nothing more can come to read and drop.
+            transport.close()
+            return
         if not transport.can_write_eof():
             transport.close()
             self.lost(conn)
