@@ -337,6 +337,23 @@ async def test_a_reply_without_reported_ids_is_named_in_the_error_and_logged(
     await drained(agent, faulty, 3)
 
 
+async def test_frames_answered_after_a_reply_that_is_no_answer_are_acknowledged_once(
+        make_agent: Any, faulty: FaultyUpstream) -> None:
+    """The upstream answers the first of several frames in flight with JSON of its own
+    ({"error": ...}), and each later one with its ids, once and in order.
+    Those later frames were taken as unanswered, since the reply that is no answer is not
+    counted and their answers were matched to the first frame: their events, stored and
+    acknowledged, were sent again (stored twice) once timeout_s ran out."""
+    faulty.script = [Fault("malformed", body=b'{"error": "app over its quota"}')]
+    # timeout_s: the later frames' answers are read well before the first frame's wait
+    # ends and closes the connection (which would send them again, rightly).
+    agent = await make_agent(upstreams=[upstream(faulty, "nucleus-ws", batch_max_events=1,
+                                                 max_in_flight=4, timeout_s=3)])
+    await send(agent, [event(i) for i in range(4)])
+    await drained(agent, faulty, 4)
+    assert delivered(faulty) == Counter(range(4))
+
+
 @pytest.mark.parametrize("body", [b'{"reportedIds": null}', b'{"reportedIds": {"0": true}}'])
 async def test_a_reply_whose_reported_ids_is_no_list_gives_nothing_up(
         make_agent: Any, faulty: FaultyUpstream, body: bytes) -> None:
