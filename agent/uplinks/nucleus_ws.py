@@ -500,8 +500,17 @@ class NucleusWsUplink(NucleusFraming, UplinkBase):
         # Nor one of a frame after the one this reply answers (frames are answered in order:
         # the first not yet answered, else a late part of an earlier one's): an id of a later
         # frame it names is an earlier event's, answered again (a stale id, which modules'
-        # reused ids make another event's), and that frame may never be stored.
-        last = n if frame is not None else link.replies
+        # reused ids make another event's), and that frame may never be stored. The one it
+        # answers is the first unanswered one it names an event of, not the first unanswered
+        # by the count: a reply that is no answer ({"error": ...}) is not counted, and the
+        # answers of the frames after it were all taken for its, and those frames, stored,
+        # were sent again.
+        last = link.replies
+        if frame is not None:
+            named = {in_flight.get(ack_id) for ack_id in reported
+                     if not isinstance(ack_id, (dict, list, bool))}
+            last = next((m for m, seqs in link.waiting.items() if m >= n and m != link.going
+                         and not named.isdisjoint(seqs)), n)
         here = set().union(*(seqs for m, seqs in link.waiting.items()
                              if m <= last and m != link.going))
         sent = {ack_id: seq for ack_id, seq in in_flight.items() if seq in here}
