@@ -30,7 +30,9 @@ class Drop(StrEnum):
     DROPPED_FULL = ("dropped_full", "deleted, oldest first, to make room at "
                     "storage.max_size_mb (when_full = \"drop_oldest\")")
     REJECTED_FULL = ("rejected_full", "refused at ingest: the spool was at storage.max_size_mb "
-                     "(when_full = \"reject\"), or the request was bigger than the whole spool")
+                     "(when_full = \"reject\"; with \"drop_oldest\", when only events on "
+                     "their way upstream could make the room), or the request was bigger "
+                     "than the whole spool")
     REJECTED_STORAGE_ERROR = ("rejected_storage_error", "refused at ingest: the spool could not "
                               "be written (disk full, I/O error)")
     DROPPED_CORRUPT = ("dropped_corrupt", "queued in a corrupt spool and not readable when it "
