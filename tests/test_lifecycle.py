@@ -617,3 +617,38 @@ async def test_a_lookup_that_gets_no_thread_is_asked_again(
     assert agent.terminate() == 0
     log = agent.log.read_text()
     assert "can't start new thread" in log and "Traceback" not in log, log
+
+
+# -- a signal once the stop is done ------------------------------------------------------------
+
+@pytest.mark.slow
+@pytest.mark.skipif(sys.platform == "win32", reason="signals")
+@pytest.mark.parametrize("late", [signal.SIGTERM, signal.SIGHUP, signal.SIGINT])
+async def test_a_signal_after_the_stop_is_done_leaves_its_exit_clean(
+        tmp_path: Path, agent_process: Callable[..., AgentProcess], late: signal.Signals) -> None:
+    """A second `kill` (or a reload, or Ctrl-C) that comes once the graceful stop has ended,
+    while the process exits: the agent's handlers were gone by then, so a SIGHUP or SIGTERM
+    took the signal's default action, the process's end by that signal (not exit 0), and a
+    SIGINT ended it as an interrupt (killed by SIGINT, or `outpost: interrupted` and exit
+    130), after a stop that had completed."""
+    port = free_port()
+    cfg = write_config(tmp_path / "agent.toml", tmp_path / "spool.db", port=port)
+    agent = agent_process(cfg, port)
+    offset = await asyncio.to_thread(agent.spawn)
+    await asyncio.to_thread(agent.ready, offset)
+    assert agent.proc is not None
+    agent.proc.send_signal(signal.SIGTERM)
+    with open(agent.log, "rb") as log:
+        log.seek(offset)
+        said = b""
+        deadline = time.monotonic() + 20
+        # Looked at every millisecond: the exit that follows the line takes tens of them.
+        while b"outpost stopped" not in said and time.monotonic() < deadline:
+            said += log.read()
+            time.sleep(0.001)
+    assert b"outpost stopped" in said, agent.log.read_text()
+    agent.proc.send_signal(late)
+    code = await exit_code(agent, 20)
+    text = agent.log.read_text()
+    assert code == 0, (code, text)
+    assert "Traceback" not in text and "interrupted" not in text, text
