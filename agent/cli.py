@@ -130,7 +130,8 @@ def cmd_run(args: argparse.Namespace) -> int:
     async def main() -> int:
         try:
             return await Agent(cfg, getattr(args, "config", None),
-                               on_spool_open=memory.freeze_start, holds_lock=True).serve()
+                               on_spool_open=memory.freeze_start, holds_lock=True,
+                               exits=True).serve()
         except AddressNotHere as exc:   # may be there at the next try: a service restarts it
             _say(str(exc))
             return EXIT_FAILED

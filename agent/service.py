@@ -78,7 +78,7 @@ class Agent:
     def __init__(self, cfg: Config, config_path: str | None = None, *,
                  seams: Seams = Seams(), battery: BatterySensor = read_battery,
                  on_spool_open: Callable[[], None] = lambda: None,
-                 holds_lock: bool = False) -> None:
+                 holds_lock: bool = False, exits: bool = False) -> None:
         self.cfg = cfg
         # Called once the spool is open, its dedupe index rebuilt, before anything listens
         # (``outpost run``: memory.freeze_start).
@@ -86,6 +86,8 @@ class Agent:
         # Whether the process holds the spool's lock file (``outpost run``): the spool
         # makes it again if an operator removes it under the agent.
         self.holds_lock = holds_lock
+        # Whether the process ends once ``serve`` has stopped the agent (``outpost run``).
+        self.exits = exits
         self.seams = seams   # what every Supervisor is built with (tests replace parts)
         self.battery = battery   # the one seam the battery is read through
         self.config_path = config_path
@@ -398,6 +400,12 @@ class Agent:
                 await self._stop_serving()
             else:
                 await self._serve_until_stopped()
+            if self.exits:
+                # Stopped: the process ends here, its handlers still in place. Removed, they
+                # gave SIGTERM and SIGHUP their default actions back for the rest of the exit
+                # (tens of ms, or as long as a thread of the loop's executor takes): a second
+                # `kill`, or a reload, then ended it by the signal, not with exit 0.
+                _exit_now(0)
         finally:
             for sig in signals:
                 loop.remove_signal_handler(sig)
