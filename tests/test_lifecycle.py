@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import base64
 import contextlib
+import json
 import logging
 import os
 import shutil
@@ -652,3 +653,45 @@ async def test_a_signal_after_the_stop_is_done_leaves_its_exit_clean(
     text = agent.log.read_text()
     assert code == 0, (code, text)
     assert "Traceback" not in text and "interrupted" not in text, text
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(sys.platform == "win32", reason="signals")
+async def test_a_body_that_arrives_during_the_stop_is_stored_and_answered(
+        tmp_path: Path, agent_process: Callable[..., AgentProcess]) -> None:
+    """A large post (aiohttp's, not the express lane's) half sent when SIGTERM comes, whose
+    rest arrives within the stop's 5 s for the requests being answered: its events are
+    stored and it is answered 200. The rest used to be read and dropped once the stop had
+    begun, so its route waited the 5 s out for a body that had come, and the app got no
+    answer at all: the connection closed, nothing stored."""
+    port = free_port()
+    cfg = write_config(tmp_path / "agent.toml", tmp_path / "spool.db", port=port)
+    agent = await asyncio.to_thread(agent_process(cfg, port).start)
+    assert agent.proc is not None
+    body = json.dumps({"data": [event(i, pad="x" * 200) for i in range(1000)]}).encode()
+    assert len(body) > 200_000   # past the express lane's 64 KiB
+    half = len(body) // 2
+    reader, writer = await asyncio.open_connection("127.0.0.1", port)
+    writer.write(f"POST /app/late/track HTTP/1.1\r\nHost: 127.0.0.1:{port}\r\n"
+                 f"Content-Type: application/json\r\nContent-Length: {len(body)}\r\n\r\n"
+                 .encode() + body[:half])
+    await writer.drain()
+    agent.proc.send_signal(signal.SIGTERM)
+
+    async def refused() -> bool:   # the stop has begun: nothing new is accepted
+        try:
+            _, probe = await asyncio.open_connection("127.0.0.1", port)
+        except OSError:
+            return True
+        probe.close()
+        return False
+    await wait_for(refused)
+    writer.write(body[half:])
+    await writer.drain()
+    async with asyncio.timeout(20):
+        status = await reader.readline()
+    writer.close()
+    code = await exit_code(agent, 20)
+    assert status.startswith(b"HTTP/1.1 200"), (status, agent.log.read_text())
+    assert code == 0
+    assert read_offline(tmp_path / "spool.db")["depth"] == 1000
