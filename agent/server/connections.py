@@ -233,7 +233,11 @@ class _Conn(asyncio.Protocol):
 
     def _to_inner(self, data: bytes) -> None:
         inner: Any = self.inner
-        if self.state == LINGER or inner._close or inner._force_close:
+        if self.state == LINGER:
+            return   # answered for the last time: read and dropped
+        if inner._close or inner._force_close:
+            if self._reading_body():
+                self._rest_of_body(data)
             return   # answered for the last time, or about to be: read and dropped
         if self.state == IDLE:
             self.limits.head_started(self)
@@ -252,6 +256,28 @@ class _Conn(asyncio.Protocol):
                     self.inner.data_received(data)
                 return
         self._feed(data, end)
+
+    def _reading_body(self) -> bool:
+        """Whether a route that has not returned reads a body not yet whole."""
+        body = self.payload
+        return self.state == BUSY and body is not None and not body.is_eof() \
+            and body is not self.finished and body is not self.broken
+
+    def _rest_of_body(self, data: bytes) -> None:
+        """A stop began (aiohttp's pre_shutdown closes every connection, and aiohttp then
+        parses nothing more) while a route reads a body still arriving: the rest of that
+        body is parsed all the same, so that the route answers within the stop's wait for
+        the requests being answered, rather than wait it out for a body that came, and
+        close with no answer. Nothing after the body: the connection closes after it."""
+        inner: Any = self.inner
+        if self.length is not None:
+            data = data[:max(0, self.length - self._taken())]
+        flags = inner._close, inner._force_close
+        inner._close = inner._force_close = False
+        try:
+            self._feed(data, 0)
+        finally:
+            inner._close, inner._force_close = flags
 
     def _head_end(self, data: bytes) -> int:
         """Where in ``data`` the head being read ends, past its blank line; -1 if it does
