@@ -502,12 +502,15 @@ class _StaleIdInAnswer(LoopbackServer):
     answer to the second until it has read the third, then answers the second with its
     own id and the first frame's again (a stale id), and closes without storing the
     third. Every later connection answers each frame. What it stored: the events it
-    acknowledged in the answer to their own frame."""
+    acknowledged in the answer to their own frame. ``split``: each id of an answer in a
+    message of its own (an upstream that acknowledges each event as it stores it), the
+    stale one first."""
 
-    def __init__(self) -> None:
+    def __init__(self, split: bool = False) -> None:
         super().__init__()
         self.stored: list[dict[str, Any]] = []
         self.connections = 0
+        self.split = split
 
     async def start(self) -> _StaleIdInAnswer:
         app = web.Application()
@@ -535,16 +538,20 @@ class _StaleIdInAnswer(LoopbackServer):
                       stale: list[Any] | None = None) -> None:
         self.stored += events
         ids = [*(stale or ()), *(ev["id"] for ev in events)]
-        await ws.send_str(orjson.dumps({"reportedIds": ids}).decode())
+        for part in ([[i] for i in ids] if self.split else [ids]):
+            await ws.send_str(orjson.dumps({"reportedIds": part}).decode())
 
 
+@pytest.mark.parametrize("split", [False, True], ids=["one-message", "a-message-an-id"])
 async def test_a_stale_id_in_an_earlier_frame_s_answer_does_not_acknowledge_a_later_one(
-        make_agent: Any, fast_backoff: Seams) -> None:
+        make_agent: Any, fast_backoff: Seams, split: bool) -> None:
     """Real modules reuse ids: B has the id of A, acknowledged before B went. The answer to
     the frame sent between them (C's) named A's id again with C's: it was taken as B's
     acknowledgement, though upstreams answer frames in order and C's answer is no answer
-    to B, and B was deleted unstored (the upstream then closed the connection)."""
-    fake = await _StaleIdInAnswer().start()
+    to B, and B was deleted unstored (the upstream then closed the connection). So too
+    with C's answer in a message an id, the stale one alone first: that message was
+    taken for B's answer, as the first frame not answered that it names an event of."""
+    fake = await _StaleIdInAnswer(split).start()
     async with asyncio.timeout(10):
         agent = await make_agent(upstreams=[{
             "name": "up", "protocol": "nucleus-ws", "url": fake.ws_url,
