@@ -115,6 +115,9 @@ class _Link:
         # _refused_frame.
         self.too_big: int | None = None
         self.said = ""   # the last reply of other JSON than reportedIds ({"error": ...})
+        # Replies that were no answer (not counted in ``replies``) since the count was last
+        # known in step: at most as many frames may have been answered by them (_acked).
+        self.no_answers = 0
         self.tasks: list[asyncio.Task[None]] = []
         self._waiters: list[asyncio.Future[None]] = []
 
@@ -474,6 +477,7 @@ class NucleusWsUplink(NucleusFraming, UplinkBase):
         # (latestVersion). Ignored, as before, but shown: a line a minute, and in the
         # error of a frame that then goes unanswered.
         link.said = excerpt(data if isinstance(data, bytes) else data.encode(), 200)
+        link.no_answers += 1
         log_limited(log, logging.INFO, f"not-an-ack:{self.name}",
                     "%s sent a reply without reportedIds, or with some that are not ids: %s",
                     self.name, link.said)
@@ -494,6 +498,7 @@ class NucleusWsUplink(NucleusFraming, UplinkBase):
             popped = list(map(in_flight.pop, reported, repeat(None)))
             if before - len(in_flight) == len(popped) and tuple(popped) == frame:
                 link.whole.add(n)
+                link.no_answers = 0   # the count is in step
                 return True
             in_flight.update((ack_id, seq) for ack_id, seq in zip(reported, popped)
                              if seq is not None)   # put back, and weighed one by one
@@ -504,18 +509,24 @@ class NucleusWsUplink(NucleusFraming, UplinkBase):
         # answers is the first unanswered one it names an event of, not the first unanswered
         # by the count: a reply that is no answer ({"error": ...}) is not counted, and the
         # answers of the frames after it were all taken for its, and those frames, stored,
-        # were sent again.
+        # were sent again. Only as many frames past the count's as such replies came may be
+        # skipped: else a stale id alone in a message (an answer sent an id a message)
+        # was taken for a later frame's answer, and its event deleted unstored.
         last = link.replies
         if frame is not None:
             named = {in_flight.get(ack_id) for ack_id in reported
                      if not isinstance(ack_id, (dict, list, bool))}
-            last = next((m for m, seqs in link.waiting.items() if m >= n and m != link.going
-                         and not named.isdisjoint(seqs)), n)
+            ahead = [m for m in link.waiting if m >= n and m != link.going]
+            ahead = ahead[:1 + link.no_answers]
+            last = next((m for m in ahead if not named.isdisjoint(link.waiting[m])), n)
         here = set().union(*(seqs for m, seqs in link.waiting.items()
                              if m <= last and m != link.going))
         sent = {ack_id: seq for ack_id, seq in in_flight.items() if seq in here}
         acked = match(sent, reported, in_flight, plain)
         link.acked.update(acked)
+        if acked and frame is not None and last != n:
+            # The frames skipped: answered by replies that were no answer.
+            link.no_answers -= ahead.index(last)
         return bool(acked)
 
     async def _heartbeats(self, link: _Link, ws: aiohttp.ClientWebSocketResponse) -> None:
