@@ -54,6 +54,7 @@ from agent.uplinks.registry import uplink_class
 log = logging.getLogger("outpost")
 T = TypeVar("T")
 PRUNE_EVERY_S = 600.0
+UNROUTED_NAMED = 3   # keys a warning of events no upstream takes names (of any number)
 MAX_REQUEST_LINE = 64 * 1024
 SHUTDOWN_S = 5.0  # for the requests being answered when a stop begins
 UPLINK_CLOSE_S = 1.0  # a stop's wait for an upstream websocket's close (the nucleus-ws uplink's)
@@ -159,6 +160,7 @@ class Agent:
                  self.cfg.listen.host, self.port, spool.path, spool.depth)
         for notice in preflight.notices(self.cfg):   # after a start, so a failed one is one line
             log.warning("%s", notice)
+        self._say_unrouted()
 
     def _make_runner(self, app: web.Application) -> web.AppRunner:
         # auto_decompress=False: dialects/body.py inflates bodies itself, bounded by each
@@ -361,7 +363,26 @@ class Agent:
         log.info("configuration reloaded from %s", new.source)
         for note in preflight.notes(new):   # as a start's: `kill -HUP` runs no check-config
             log.warning("%s", note)
+        self._say_unrouted()
         return True
+
+    def _say_unrouted(self) -> None:
+        """Queued events whose key no upstream takes now (an upstream removed, its keys
+        narrowed): /status shows them, and the log of the start or reload that left them
+        so says it too. From the sums the books keep per route (as status), and keys by
+        fingerprint: they are credentials."""
+        assert self.spool is not None
+        books = self.spool.books
+        unrouted = books.groups.get(None)
+        if unrouted is None or not unrouted.depth:
+            return
+        named = [logs.fingerprint(key) for key in books.keys_of(None, UNROUTED_NAMED)]
+        more = unrouted.keys - len(named)
+        log.warning("%d queued events of %d key(s) (%s%s) match no upstream: kept in the "
+                    "spool, not sent, until a reload or restart routes their key; they "
+                    "expire after storage.max_age_days (%d days)",
+                    unrouted.depth, unrouted.keys, ", ".join(named),
+                    f" and {more} more" if more > 0 else "", self.cfg.storage.max_age_days)
 
     async def stop(self) -> None:
         """Stop accepting, let running requests commit, then stop forwarders and the spool."""

@@ -2,8 +2,9 @@
 
 from __future__ import annotations
 
-from collections.abc import Callable, Collection, Iterable
+from collections.abc import Callable, Collection, Iterable, Mapping
 from dataclasses import dataclass, field
+from itertools import islice
 
 from agent.outcomes import Counts, Drop, Outcome, Tally, merge, record
 from agent.spool.commit import Outcome as Committed
@@ -85,6 +86,24 @@ class Books:
         """Sum the queues by ``grouping`` from now on: once per config, a pass over the keys."""
         self.grouping = grouping
         self.groups = group(self.streams.values(), grouping)
+
+    def keys_of(self, label: str | None, most: int) -> list[str]:
+        """Up to ``most`` keys with events queued in group ``label``: a pass over the keys,
+        as ``regroup``'s, that ends once it has them (none if the group holds no events)."""
+        totals = self.groups.get(label)
+        if totals is None or not totals.keys:
+            return []
+        return list(islice((s.key for s in self.streams.values()
+                            if s.depth and s.totals is totals), most))
+
+    def of_group(self, label: str | None, counts: Mapping[int, int]) -> int:
+        """The sum of ``counts`` (events by stream id) over the keys in group ``label``;
+        0 before ``regroup`` sets a grouping (every key is in None then)."""
+        totals = self.groups.get(label)
+        if self.grouping is _ungrouped or totals is None:
+            return 0
+        return sum(n for sid, n in counts.items()
+                   if (s := self.by_id.get(sid)) is not None and s.totals is totals)
 
     def add_stream(self, stream: Stream) -> None:
         replaced = self.streams.get(stream.key)

@@ -188,6 +188,7 @@ class Outcome:
     # took a key's place).
     unused: list[int] = field(default_factory=list)
     more: bool = False   # expiry stopped at a chunk's bound: more may be due (prune)
+    expired: dict[int, int] = field(default_factory=dict)   # prune: id -> events expired
     trimming: bool = False   # prune took part of an excess over the cap (Expiry.trimming)
     recounted: int = 0   # keys whose queue counts disagreed with their records (recount)
 
@@ -951,6 +952,9 @@ def prune(conn: sqlite3.Connection, exp: Expiry, counters: Counts) -> Outcome:
         ids, out.more = _expiring(conn, below, future, exp)
         _drop(conn, "id IN (SELECT value FROM json_each(?))", (ids,), Drop.EXPIRED, out,
               spent=by if exp.window_ms > 0 else None)
+        # By key, before the cap's trimming and a recount add to ``out.streams``: the loop
+        # tells those of keys no upstream takes (Spool._expire), a look at each key.
+        out.expired = {sid: -d for sid, (d, _) in out.streams.items() if d}
         # Dead letters wait for an operator as long, by both clocks: received before
         # ``below``, and dead-lettered before the wall-clock cutoff (or in its future) and
         # max_age_days ago by the agent-observed clock (a letter that does not say when,

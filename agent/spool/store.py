@@ -975,6 +975,7 @@ class Spool:
         max_age = self.cfg.max_age_days * 86_400_000
         window = self.cfg.dedupe_window_h * HOUR_MS
         done: Counts = {}
+        unrouted = 0   # of the expired, events of keys no upstream takes
         more, recovered, trimming = True, False, False
         while more:   # a chunk at a time (commit.EXPIRE_RECORDS): commits go in between
             async with self.lock:
@@ -983,7 +984,7 @@ class Spool:
                 try:
                     # Whole: a chunk the thread took commits its counts even when a stop
                     # cancels this, and the stop would save them a second time.
-                    out = await whole(self._expire(db, max_age, window, trimming))
+                    out, stranded = await whole(self._expire(db, max_age, window, trimming))
                 except sqlite3.DatabaseError as exc:
                     if recovered or not is_corruption(exc):
                         raise
@@ -993,9 +994,13 @@ class Spool:
                 finally:
                     self.writer.sends_go()   # after live.remove: what went must not be sent
             merge(done, out.counters)
+            unrouted += stranded
             more, trimming = out.more, out.trimming
         if expired := done.get(Drop.EXPIRED, 0):
-            log.warning("dropped %d events older than %d days", expired, self.cfg.max_age_days)
+            # Those no upstream took could not go: said, as the start or reload that left
+            # them so said (agent/service.py), not taken for an upstream's backlog.
+            log.warning("dropped %d events older than %d days%s", expired, self.cfg.max_age_days,
+                        f" ({unrouted} of them matched no upstream)" if unrouted else "")
         if dead := done.get(Tally.DEAD_EXPIRED, 0):
             log.warning("deleted %d dead letters kept longer than %d days", dead,
                         self.cfg.max_age_days)
@@ -1023,9 +1028,11 @@ class Spool:
         spool_commit.say_recounted(out)
 
     async def _expire(self, db: SqliteThread, max_age: int, window: int, trimming: bool
-                      ) -> spool_commit.Outcome:
-        """One chunk of expiry (commit.prune), its outcome applied on the loop; ``trimming``:
-        the chunk before took part of an excess over the cap (commit.Expiry.trimming)."""
+                      ) -> tuple[spool_commit.Outcome, int]:
+        """One chunk of expiry (commit.prune), its outcome applied on the loop, and how many
+        of the events it expired were of keys no upstream takes (the books' group None);
+        ``trimming``: the chunk before took part of an excess over the cap
+        (commit.Expiry.trimming)."""
         observed = self.observed_ms()
         exp = spool_commit.Expiry(wall_cutoff=now_ms() - max_age, forget=now_ms() - window,
                                   observed=observed, max_age_ms=max_age, window_ms=window,
@@ -1040,6 +1047,7 @@ class Spool:
             self.books.unsave(counters)   # saved by the next commit instead
             raise
         self.books.apply(out)
+        unrouted = self.books.of_group(None, out.expired)   # by the routes the books hold now
         spool_commit.say_recounted(out)
         self.live.remove(out.deleted)
         if not self.live:   # the dictionary went with the last record (codebook.py)
@@ -1049,7 +1057,7 @@ class Spool:
         self.index.forgotten_stored(out.forgotten)
         self.books.count(Tally.DEDUPE_FORGOTTEN, self.index.forgotten - forgotten)
         self.index.expire(now_ms(), observed)
-        return out
+        return out, unrouted
 
     def observed_ms(self) -> int:
         """The time the agent has seen pass, over all its runs on this spool."""
