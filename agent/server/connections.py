@@ -268,7 +268,9 @@ class _Conn(asyncio.Protocol):
         parses nothing more) while a route reads a body still arriving: the rest of that
         body is parsed all the same, so that the route answers within the stop's wait for
         the requests being answered, rather than wait it out for a body that came, and
-        close with no answer. Nothing after the body: the connection closes after it."""
+        close with no answer. The connection closes after its reply: with a
+        Content-Length nothing past the body is parsed; a chunked body's data is parsed
+        whole, and a request after it is never served (aiohttp's loop ends at the close)."""
         inner: Any = self.inner
         if self.length is not None:
             data = data[:max(0, self.length - self._taken())]
