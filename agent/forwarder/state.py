@@ -29,6 +29,9 @@ class UpstreamState:
     last_ack: float | None = None
     last_error: str | None = None
     last_error_at: float | None = None
+    # The settings (url, protocol, key, proxy) reloads changed since last_error: it was
+    # the old target's, and status says so (``error_shown``) until the next error.
+    reloaded: tuple[str, ...] = ()
     retries: int = 0
     sent: int = 0                # events in batches sent or tried, a resend counting again
     acked: int = 0               # events acked, counted once their delete is saved
@@ -77,6 +80,19 @@ class UpstreamState:
         return "backoff" if self.parked else "sending" if self.sending or self.waiting \
             else "idle"
 
+    @property
+    def error_shown(self) -> str | None:
+        """``last_error``, said to be from before the reloads that changed the upstream
+        since: an operator who mended its url or key must not read the old host's error,
+        or a 401's "check the key", as the new one's. Without the old target's next try:
+        its keys no longer wait for it (a changed upstream starts afresh)."""
+        if self.last_error is None or not self.reloaded:
+            return self.last_error
+        head, note, _ = self.last_error.rpartition(NEXT_TRY)
+        *rest, last = self.reloaded
+        changed = f"{', '.join(rest)} and {last}" if rest else last
+        return f"before a reload changed its {changed}: {head if note else self.last_error}"
+
     def unreadable_reply(self) -> None:
         self.unreadable_replies += 1
 
@@ -88,3 +104,4 @@ class UpstreamState:
         # is shown as ``\xe9``: /status's JSON takes no lone surrogate, and answered 500.
         self.last_error = os_text(redact(text))[:300 - len(after)] + after
         self.last_error_at = CLOCK.elapsed_s()
+        self.reloaded = ()

@@ -175,6 +175,10 @@ class Supervisor:
                 state = self.states[up.name]   # (service.py carried them)
                 state.frame_limit_bytes = state.slow_limit_bytes = None
                 state.frame_limit_eases_at = None
+                was = _named(old.cfg, up.name)   # and its last error: status names what
+                if was is not None and state.last_error is not None:   # changed (state.py)
+                    state.reloaded = tuple(f for f in _TARGET if f in state.reloaded
+                                           or getattr(was, f) != getattr(up, f))
         for name in kept:
             # Its keys wait on as they did: status says so (a new state would say idle).
             if self._lot.count(name) and old.states[name].state in ("backoff", "restarting"):
@@ -610,7 +614,12 @@ def _named(cfg: Config, name: str) -> UpstreamConfig | None:
     return next((u for u in cfg.upstreams if u.name == name), None)
 
 
+# What an upstream of a name sends to, and how: a reload that changes any of them makes
+# it another upstream (_same).
+_TARGET = ("url", "protocol", "key", "proxy")
+
+
 def _same(a: UpstreamConfig, b: UpstreamConfig) -> bool:
     """Whether a reload left the upstream itself as it was (its batch sizes, timeouts
     and routes may change): its waits and its outage still hold."""
-    return (a.name, a.url, a.protocol, a.key, a.proxy) == (b.name, b.url, b.protocol, b.key, b.proxy)
+    return a.name == b.name and all(getattr(a, f) == getattr(b, f) for f in _TARGET)

@@ -154,7 +154,7 @@ def _upstream(up: UpstreamConfig, groups: Groups, live: UpstreamState | None) ->
             "state": "offline" if live is None else live.shown,
             "queue_depth": queued.depth, "queue_bytes": queued.bytes, "keys": queued.keys,
             "last_ack": _wall(live.last_ack) if live else None,
-            "last_error": live.last_error if live else None,
+            "last_error": live.error_shown if live else None,
             "last_error_at": _wall(live.last_error_at) if live else None,
             "retries": live.retries if live else None,
             "sent": live.sent if live else None,
