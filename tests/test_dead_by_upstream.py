@@ -1,0 +1,149 @@
+"""`outpost dead retry|purge --upstream NAME`: one row of `outpost dead list`, which groups
+dead letters by (reason, upstream). Two upstreams refusing with the same words (a 400's
+"invalid") give one reason: `--reason R` alone takes both upstreams' letters, and a purge
+meant for one deleted the other's too. Run as the real command, against a running agent
+and against the spool alone."""
+
+from __future__ import annotations
+
+import json
+from typing import Any
+
+import aiohttp
+
+from agent.service import Agent
+from tests.conftest import free_port
+from tests.fakes.ops_scene import post_events
+from tests.test_dead_letters import RefusingNucleus, dead_letters, outpost, upstream
+from tests.waiting import run_outpost, wait_for
+
+
+def _nothing_from(upstream_name: str, reason: str | None = None) -> str:
+    if reason is None:
+        return (f"no dead letter is from the upstream {upstream_name!r}: give one exactly as "
+                "`outpost dead list --json` shows it")
+    return (f"no dead letter from the upstream {upstream_name!r} has the reason {reason!r}: "
+            "give them exactly as `outpost dead list --json` shows them")
+
+
+async def _two_upstreams_one_reason(make_agent: Any, one: RefusingNucleus,
+                                    two: RefusingNucleus) -> tuple[Agent, str]:
+    """An agent whose upstreams `one` (app-a: ids 0, 1) and `two` (app-b: ids 5, 6) refused
+    their events in the same words; and those words."""
+    agent = await make_agent(port=free_port(), upstreams=[
+        upstream("one", one, ["app-a"]), upstream("two", two, ["app-b"])])
+    await post_events(agent.port, "app-a", range(2))
+    await post_events(agent.port, "app-b", range(5, 7))
+    await dead_letters(agent, 4)
+    groups = json.loads(await outpost("list", "--json", config=agent.config_path))["groups"]
+    # Two rows of the list, one reason.
+    assert sorted((g["upstream"], g["count"]) for g in groups) == [("one", 2), ("two", 2)]
+    assert len({g["reason"] for g in groups}) == 1, groups
+    return agent, groups[0]["reason"]
+
+
+def _entries(listed: str) -> list[tuple[str, int]]:
+    return [(e["upstream"], e["id"]) for e in json.loads(listed)["entries"]]
+
+
+async def test_a_running_agent_s_retry_or_purge_by_upstream_keeps_the_other_s_letters(
+        make_agent: Any) -> None:
+    one, two = await RefusingNucleus().start(), await RefusingNucleus().start()
+    try:
+        agent, reason = await _two_upstreams_one_reason(make_agent, one, two)
+        cfg = agent.config_path
+        assert agent.spool is not None
+        before = _entries(await outpost("list", "--json", config=cfg))
+        # An upstream no letter is from: nothing taken, and said so, as a reason none has.
+        for cmd, done in (("purge", "purged 0 dead letters"), ("retry", "re-queued 0 dead "
+                                                                 "letters at the tail of "
+                                                                 "their keys' queues")):
+            text = await outpost(cmd, "--reason", reason, "--upstream", "nosuch", config=cfg)
+            assert text.splitlines() == [f"{done} (the running agent)",
+                                         _nothing_from("nosuch", reason)], text
+        text = await outpost("purge", "--all", "--upstream", "nosuch", config=cfg)
+        assert text.splitlines()[-1] == _nothing_from("nosuch"), text
+        assert agent.spool.dead_count == 4
+
+        text = await outpost("purge", "--reason", reason, "--upstream", "one", config=cfg)
+        assert text.splitlines() == ["purged 2 dead letters (the running agent)"], text
+        assert agent.spool.dead_count == 2
+        assert _entries(await outpost("list", "--json", config=cfg)) == [
+            e for e in before if e[0] == "two"]
+
+        two.refuse = None
+        text = await outpost("retry", "--all", "--upstream", "two", config=cfg)
+        assert "re-queued 2 dead letters" in text and "running agent" in text
+        await wait_for(lambda: two.ids() == [5, 6])
+        await wait_for(lambda: agent.spool is not None and agent.spool.depth == 0)
+        assert agent.spool.dead_count == 0
+        assert agent.spool.counters["dead_purged"] == 2
+        assert agent.spool.counters["dead_retried"] == 2
+    finally:
+        await one.stop()
+        await two.stop()
+
+
+async def test_a_stopped_agent_s_retry_or_purge_by_upstream_keeps_the_other_s_letters(
+        make_agent: Any) -> None:
+    one, two = await RefusingNucleus().start(), await RefusingNucleus().start()
+    try:
+        agent, reason = await _two_upstreams_one_reason(make_agent, one, two)
+        await agent.stop()
+    finally:
+        await one.stop()
+        await two.stop()
+    cfg = agent.config_path
+    assert agent.spool is not None
+    where = f"({agent.spool.path} (no agent running))"
+    before = _entries(await outpost("list", "--json", config=cfg))
+    text = await outpost("purge", "--reason", reason, "--upstream", "nosuch", config=cfg)
+    assert text.splitlines() == [f"purged 0 dead letters {where}",
+                                 _nothing_from("nosuch", reason)], text
+    text = await outpost("retry", "--all", "--upstream", "nosuch", config=cfg)
+    assert text.splitlines()[-1] == _nothing_from("nosuch"), text
+    assert _entries(await outpost("list", "--json", config=cfg)) == before
+
+    text = await outpost("purge", "--reason", reason, "--upstream", "one", config=cfg)
+    assert text.splitlines() == [f"purged 2 dead letters {where}"], text
+    assert _entries(await outpost("list", "--json", config=cfg)) == [
+        e for e in before if e[0] == "two"]
+    text = await outpost("retry", "--reason", reason, "--upstream", "two", config=cfg)
+    assert "re-queued 2 dead letters" in text and "no agent running" in text
+    assert "0 dead letters" in await outpost("list", config=cfg)
+
+
+async def test_a_reason_alone_still_takes_every_upstream_s_letters(make_agent: Any) -> None:
+    """What a `--reason R` was and stays: all of R's letters, whichever upstream refused
+    them (`--upstream` narrows it)."""
+    one, two = await RefusingNucleus().start(), await RefusingNucleus().start()
+    try:
+        agent, reason = await _two_upstreams_one_reason(make_agent, one, two)
+        text = await outpost("purge", "--reason", reason, config=agent.config_path)
+        assert "purged 4 dead letters" in text, text
+        assert agent.spool is not None and agent.spool.dead_count == 0
+    finally:
+        await one.stop()
+        await two.stop()
+
+
+async def test_a_malformed_upstream_is_a_client_error(make_agent: Any) -> None:
+    """An upstream that is no name is refused (400), never taken for none: a purge would
+    then take every upstream's letters."""
+    agent = await make_agent(port=free_port())
+    base = f"http://127.0.0.1:{agent.port}"
+    async with aiohttp.ClientSession() as s:
+        for what in ("retry", "purge"):
+            for body in ({"all": True, "upstream": 5}, {"reason": "r", "upstream": ["a"]},
+                         {"all": True, "upstream": ""}):
+                async with s.post(f"{base}/dead/{what}", json=body) as r:
+                    assert r.status == 400, (what, body, r.status)
+                    assert "upstream" in (await r.json())["error"]
+    for cmd in ("retry", "purge"):
+        await outpost(cmd, "--all", "--upstream", "", config=agent.config_path, code=2)
+
+
+async def test_dead_retry_and_purge_help_name_upstream() -> None:
+    for cmd in ("retry", "purge"):
+        code, text = await run_outpost("dead", cmd, "--help")
+        assert code == 0 and "--upstream NAME" in text, text
