@@ -2,11 +2,12 @@
 
 GET /dead (summary and entries), GET /dead/{id} (one, with its body), GET /dead/export
 (JSONL, with bodies), POST /dead/retry and POST /dead/purge (JSON {"reason": R} or
-{"all": true}). They sit behind the same Host/Origin guard as every route, and are
-stricter still: bodies are app data and these change the spool, so no web page of
-another origin may reach them, even one listed in listen.allowed_origins (that list is
-for apps sending events). Only local tools (no Origin, no Sec-Fetch-Site) and the
-agent's own page pass, on this machine (own_origin.py).
+{"all": true}, either with "upstream": U for that upstream's letters alone). They sit
+behind the same Host/Origin guard as every route, and are stricter still: bodies are
+app data and these change the spool, so no web page of another origin may reach them,
+even one listed in listen.allowed_origins (that list is for apps sending events). Only
+local tools (no Origin, no Sec-Fetch-Site) and the agent's own page pass, on this
+machine (own_origin.py).
 """
 
 from __future__ import annotations
@@ -70,8 +71,13 @@ class DeadRoutes:
             raise _Refused(400, f"body is not JSON: {exc}") from exc
         if not isinstance(body, dict):
             raise _Refused(400, "send a JSON object")
-        reason = body.get("reason")
-        which = dead.Which(reason if isinstance(reason, str) else None, body.get("all") is True)
+        reason, upstream = body.get("reason"), body.get("upstream")
+        # Refused, never taken for none: the letters of every upstream would go.
+        if upstream is not None and not (isinstance(upstream, str) and upstream):
+            raise _Refused(400, "upstream is an upstream's name, as `outpost dead list` "
+                           "shows it")
+        which = dead.Which(reason if isinstance(reason, str) else None, body.get("all") is True,
+                           upstream)
         try:
             which.where()  # refuses neither-nor here, before touching the spool
         except dead.DeadError as exc:

@@ -176,6 +176,18 @@ def _no_such_reason(reason: str) -> str:
             "`outpost dead list --json` shows it")
 
 
+def _none_from(upstream: str, reason: str | None) -> str:
+    """Said for an --upstream (with its --reason) no dead letter has: a name mistyped, or
+    an upstream whose letters are gone."""
+    name = printable(repr(upstream))
+    if reason is None:
+        return (f"no dead letter is from the upstream {name}: give one exactly as "
+                "`outpost dead list --json` shows it")
+    return (f"no dead letter from the upstream {name} has the reason "
+            f"{printable(repr(reason))}: give them exactly as `outpost dead list --json` "
+            "shows them")
+
+
 class _Cli:
     def __init__(self, load: Load) -> None:
         self.load = load
@@ -396,11 +408,13 @@ class _Cli:
         return count
 
     def _change(self, cfg: Config, args: argparse.Namespace, what: str) -> int:
-        which = dead.Which(args.reason, args.all)
+        which = dead.Which(args.reason, args.all, args.upstream)
         try:
             done = "retried" if what == "retry" else "purged"
             got = answer(cfg, f"/dead/{what}", self._ask(cfg, f"/dead/{what}", {
-                "reason": args.reason, "all": args.all}), done, int)
+                "reason": args.reason, "all": args.all,
+                **({"upstream": args.upstream} if args.upstream is not None else {})}),
+                done, int)
             n, where = got[done], "the running agent"
         except _NoAgent as exc:
             # One runs, elsewhere: said as status says it (the file is its, and refused).
@@ -426,7 +440,9 @@ class _Cli:
                             f"({where})"))
         else:
             print(printable(f"purged {n} dead letters ({where})"))
-        if not n and args.reason:
+        if not n and args.upstream is not None:
+            print(_none_from(args.upstream, args.reason))
+        elif not n and args.reason:
             print(_no_such_reason(args.reason))
         return 0
 
@@ -509,18 +525,24 @@ def _count(text: str) -> int:
     return number
 
 
-def _reason(text: str) -> str:
+def _reason(text: str, what: str = "reason", article: str = "a") -> str:
     """--reason: a reason exactly as `outpost dead list --json` shows it (the table escapes
     control characters), never empty."""
     if not text:
-        raise argparse.ArgumentTypeError("a reason is never empty (see `outpost dead list`)")
+        raise argparse.ArgumentTypeError(f"{article} {what} is never empty (see `outpost dead "
+                                         "list`)")
     try:
         text.encode()
     except UnicodeEncodeError:   # bytes of another encoding, kept as surrogates: no reason's
         raise argparse.ArgumentTypeError(
-            f"{printable(text)} is not UTF-8 text, as every reason is: give one exactly as "
+            f"{printable(text)} is not UTF-8 text, as every {what} is: give one exactly as "
             "`outpost dead list --json` shows it") from None
     return text
+
+
+def _upstream(text: str) -> str:
+    """--upstream: an upstream's name as `outpost dead list --json` shows it, as a reason."""
+    return _reason(text, "upstream's name", "an")
 
 
 def _file(text: str) -> str:
@@ -561,3 +583,7 @@ def add_parser(sub: Any, load: Load) -> None:
             pick = p.add_mutually_exclusive_group(required=True)
             pick.add_argument("--reason", type=_reason, help="those refused with this reason")
             pick.add_argument("--all", action="store_true", help="every dead letter")
+            # `dead list` groups by reason and upstream: two upstreams may refuse in the
+            # same words, and --reason alone takes both upstreams' letters.
+            p.add_argument("--upstream", metavar="NAME", type=_upstream,
+                           help="only those this upstream refused (with --reason R or --all)")

@@ -68,17 +68,25 @@ class NoSpool(DeadError):
 
 @dataclass(frozen=True, slots=True)
 class Which:
-    """Which dead letters an operation takes: those of one ``reason``, or ``every`` one."""
+    """Which dead letters an operation takes: those of one ``reason``, or ``every`` one;
+    with an ``upstream``, only those it refused (one row of `outpost dead list`, which
+    groups by both: two upstreams may refuse in the same words)."""
 
     reason: str | None = None
     every: bool = False
+    upstream: str | None = None
 
     def where(self) -> tuple[str, tuple[Any, ...]]:
+        params: tuple[Any, ...]
         if self.reason is not None:
-            return "reason = ?", (self.reason,)
-        if self.every:
-            return "1", ()
-        raise DeadError("name a reason (--reason R) or ask for all (--all)")
+            where, params = "reason = ?", (self.reason,)
+        elif self.every:
+            where, params = "1", ()
+        else:
+            raise DeadError("name a reason (--reason R) or ask for all (--all)")
+        if self.upstream is None:
+            return where, params
+        return f"{where} AND upstream = ?", (*params, self.upstream)
 
 
 @dataclass(slots=True)
