@@ -561,10 +561,11 @@ def add_parser(sub: Any, load: Load) -> None:
                          description="Events an upstream refused for good are kept as dead "
                          "letters. Works on a running agent, or on the spool when none runs.")
     top.set_defaults(func=cli.run)
-    helps = {"list": "count, reason, upstream and age, grouped by reason",
+    helps = {"list": "count, reason, upstream and age, grouped by reason and upstream",
              "show": "one dead letter, with its body", "export": "write them all as JSONL",
              "retry": "send them again: back at the tail of their key's queue",
-             "purge": "delete them (needs --reason R or --all)"}
+             "purge": "delete them (needs --reason R or --all; --upstream NAME narrows "
+                       "either)"}
     cmds = top.add_subparsers(dest="dead_command", required=True,
                               metavar="{" + ",".join(helps) + "}")   # not "dead_command"
     for name, text in helps.items():
