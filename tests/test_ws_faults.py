@@ -504,13 +504,15 @@ class _StaleIdInAnswer(LoopbackServer):
     third. Every later connection answers each frame. What it stored: the events it
     acknowledged in the answer to their own frame. ``split``: each id of an answer in a
     message of its own (an upstream that acknowledges each event as it stores it), the
-    stale one first."""
+    stale one first. ``news``: a message that answers no frame (an update's news, as
+    Nucleus servers push to modules) just before that answer."""
 
-    def __init__(self, split: bool = False) -> None:
+    def __init__(self, split: bool = False, news: bool = False) -> None:
         super().__init__()
         self.stored: list[dict[str, Any]] = []
         self.connections = 0
         self.split = split
+        self.news = news
 
     async def start(self) -> _StaleIdInAnswer:
         app = web.Application()
@@ -530,6 +532,8 @@ class _StaleIdInAnswer(LoopbackServer):
             if conn > 1 or len(frames) == 1:
                 await self._answer(ws, frames[-1])
             elif len(frames) == 3:   # the third is here: the second's answer, stale id and all
+                if self.news:
+                    await ws.send_str('{"latestVersion": "0.9.1"}')
                 await self._answer(ws, frames[1], stale=[ev["id"] for ev in frames[0]])
                 await ws.close()
         return ws
@@ -542,16 +546,19 @@ class _StaleIdInAnswer(LoopbackServer):
             await ws.send_str(orjson.dumps({"reportedIds": part}).decode())
 
 
-@pytest.mark.parametrize("split", [False, True], ids=["one-message", "a-message-an-id"])
+@pytest.mark.parametrize(("split", "news"), [(False, False), (True, False), (True, True)],
+                         ids=["one-message", "a-message-an-id", "a-message-an-id-after-news"])
 async def test_a_stale_id_in_an_earlier_frame_s_answer_does_not_acknowledge_a_later_one(
-        make_agent: Any, fast_backoff: Seams, split: bool) -> None:
+        make_agent: Any, fast_backoff: Seams, split: bool, news: bool) -> None:
     """Real modules reuse ids: B has the id of A, acknowledged before B went. The answer to
     the frame sent between them (C's) named A's id again with C's: it was taken as B's
     acknowledgement, though upstreams answer frames in order and C's answer is no answer
     to B, and B was deleted unstored (the upstream then closed the connection). So too
     with C's answer in a message an id, the stale one alone first: that message was
-    taken for B's answer, as the first frame not answered that it names an event of."""
-    fake = await _StaleIdInAnswer(split).start()
+    taken for B's answer, as the first frame not answered that it names an event of. And
+    after news that answers no frame ({"latestVersion": ...}): it was counted as a reply
+    that may have answered C, so the stale id alone was again taken for B's answer."""
+    fake = await _StaleIdInAnswer(split, news).start()
     async with asyncio.timeout(10):
         agent = await make_agent(upstreams=[{
             "name": "up", "protocol": "nucleus-ws", "url": fake.ws_url,
