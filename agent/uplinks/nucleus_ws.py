@@ -477,7 +477,12 @@ class NucleusWsUplink(NucleusFraming, UplinkBase):
         # (latestVersion). Ignored, as before, but shown: a line a minute, and in the
         # error of a frame that then goes unanswered.
         link.said = excerpt(data if isinstance(data, bytes) else data.encode(), 200)
-        link.no_answers += 1
+        # Only one that speaks of a frame (an error, reportedIds gone wrong) may be a frame's
+        # answer: news answers none. Counted as one that may have, it let a stale id alone in
+        # a message be taken for a later frame's answer (_acked): that event was deleted
+        # unstored.
+        if not isinstance(reply, dict) or "reportedIds" in reply or "error" in reply:
+            link.no_answers += 1
         log_limited(log, logging.INFO, f"not-an-ack:{self.name}",
                     "%s sent a reply without reportedIds, or with some that are not ids: %s",
                     self.name, link.said)
