@@ -354,6 +354,43 @@ async def test_frames_answered_after_a_reply_that_is_no_answer_are_acknowledged_
     assert delivered(faulty) == Counter(range(4))
 
 
+class _ErrsOnFirst(FaultyUpstream):
+    """Answers each frame holding event 0 with {"error": ...} ``errors`` times; every other
+    frame, and event 0's after those, as FaultyUpstream does."""
+
+    def __init__(self, errors: int) -> None:
+        super().__init__()
+        self.errors = errors
+
+    def _next(self, events: list[dict[str, Any]]) -> Fault | None:
+        if self.errors and any(ev["id"] == 0 for ev in events):
+            self.errors -= 1
+            return Fault("malformed", body=b'{"error": "try again later"}')
+        return super()._next(events)
+
+
+async def test_a_frame_answered_with_an_error_as_later_frames_are_answered_gives_nothing_up(
+        make_agent: Any, fast_backoff: Seams) -> None:
+    """A reply that is no answer ({"error": ...}) weighs nothing against its frame's events,
+    as over HTTP. With frames after it in flight and answered, the count of replies was
+    taken past the frame it answered, as if that frame had been answered leaving its event
+    out: the event, answered so again and again, went to dead letters."""
+    fake = await _ErrsOnFirst(OMITTED_LIMIT + 1).start()
+    try:
+        agent = await make_agent(upstreams=[upstream(fake, "nucleus-ws", batch_max_events=1,
+                                                     max_in_flight=4, timeout_s=0.3)])
+        for n in range(OMITTED_LIMIT + 1):   # each time, events to go after event 0's frame
+
+            async def answered_or_given_up(n: int = n) -> bool:
+                return fake.errors == OMITTED_LIMIT - n or bool(await agent.spool.dead_letters())
+            await send(agent, [event(i) for i in range(4 * n, 4 * n + 4)])
+            await wait_for(answered_or_given_up)
+        assert await agent.spool.dead_letters() == []
+        await drained(agent, fake, 4 * (OMITTED_LIMIT + 1))
+    finally:
+        await fake.stop()
+
+
 @pytest.mark.parametrize("body", [b'{"reportedIds": null}', b'{"reportedIds": {"0": true}}'])
 async def test_a_reply_whose_reported_ids_is_no_list_gives_nothing_up(
         make_agent: Any, faulty: FaultyUpstream, body: bytes) -> None:
