@@ -118,6 +118,9 @@ class _Link:
         # Replies that were no answer (not counted in ``replies``) since the count was last
         # known in step: at most as many frames may have been answered by them (_acked).
         self.no_answers = 0
+        # Frames taken as answered by such replies (skipped past): answered, and yet no
+        # verdict on their events, which are not weighed as left out.
+        self.unanswered: set[int] = set()
         self.tasks: list[asyncio.Task[None]] = []
         self._waiters: list[asyncio.Future[None]] = []
 
@@ -309,6 +312,7 @@ class NucleusWsUplink(NucleusFraming, UplinkBase):
             # answered): a slow link's far end that gave up on it (Retry.dropped). Not the
             # frames behind it, lost with it: one cut is one.
             dropped = error is not None and link.dropped and mine == link.replies + 1
+            unanswered = mine in link.unanswered   # (forgotten as the send settles)
         except BaseException:
             _cut_short(link, mine, prepared.seqs)
             raise
@@ -320,10 +324,13 @@ class NucleusWsUplink(NucleusFraming, UplinkBase):
             return Acked(prepared.seqs)
         acked = tuple(sorted(link.acked.intersection(prepared.seqs)))
         link.acked.difference_update(acked)
-        # Timed out on a live connection that answered the frame: left out, not lost.
+        # Timed out on a live connection that answered the frame: left out, not lost. Not
+        # one answered by a reply that was no answer ({"error": ...}): as over HTTP, that
+        # weighs nothing, else an event such replies kept coming for went to dead letters.
         got = set(acked)
         omitted = tuple(s for s in prepared.seqs if s not in got) \
-            if mine and link.lost is None and link.replies >= mine else ()
+            if mine and link.lost is None and link.replies >= mine \
+            and not unanswered else ()
         too_big = link.too_big == mine   # (frames are numbered from 1: never 0, unsent)
         if too_big and len(prepared.seqs) == 1:
             # Given up: its id is free again (the upstream's 1009 ended the connection, so
@@ -532,6 +539,7 @@ class NucleusWsUplink(NucleusFraming, UplinkBase):
         if acked and frame is not None and last != n:
             # The frames skipped: answered by replies that were no answer.
             link.no_answers -= ahead.index(last)
+            link.unanswered.update(ahead[:ahead.index(last)])
         return bool(acked)
 
     async def _heartbeats(self, link: _Link, ws: aiohttp.ClientWebSocketResponse) -> None:
@@ -600,6 +608,7 @@ def _settled(link: _Link, mine: int) -> bool:
     link.sending -= 1
     link.waiting.pop(mine, None)
     link.sizes.pop(mine, None)
+    link.unanswered.discard(mine)
     whole = mine in link.whole
     link.whole.discard(mine)
     return whole
