@@ -116,3 +116,66 @@ async def test_a_reply_as_long_as_its_frame_naming_an_unsent_event_acks_only_the
         assert isinstance(result, Retry) and result.acked == (1,) and result.omitted == (2,)
         assert up.in_flight == {12: 2, 13: 3}
         await up.close()
+
+
+class _HeartbeatError(LoopbackServer):
+    """A websocket upstream that answers its first frame with its ids, the heartbeat after
+    it with {"error": ...} (it answers no later one), holds the second frame's answer until
+    the third frame is here, then answers it an id a message, the first frame's id again
+    (a stale id) first, and closes without storing the third."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.heartbeat_answered = asyncio.Event()
+
+    async def __aenter__(self) -> _HeartbeatError:
+        app = web.Application()
+        app.router.add_get("/app/{key}/track", self._ws)
+        await self._serve(app)
+        return self
+
+    async def __aexit__(self, *_: object) -> None:
+        await self.stop()
+
+    async def _ws(self, request: web.Request) -> web.WebSocketResponse:
+        ws = web.WebSocketResponse(max_msg_size=0)
+        await ws.prepare(request)
+        self._sockets.add(ws)
+        frames: list[list[Any]] = []
+        async for msg in ws:
+            events = orjson.loads(msg.data)["data"]
+            if events[0].get("type") == "heartbeat":
+                if len(frames) == 1 and not self.heartbeat_answered.is_set():
+                    await ws.send_str('{"error": "no events to track"}')
+                    self.heartbeat_answered.set()
+                continue
+            frames.append([ev["id"] for ev in events])
+            if len(frames) == 1:
+                await ws.send_str(orjson.dumps({"reportedIds": frames[0]}).decode())
+            elif len(frames) == 3:
+                for ack_id in [*frames[0], *frames[1]]:
+                    await ws.send_str(orjson.dumps({"reportedIds": [ack_id]}).decode())
+                await ws.close()
+        return ws
+
+
+async def test_an_error_answering_a_heartbeat_lets_no_stale_id_acknowledge_a_later_frame(
+        ) -> None:
+    """A (id 5) is acknowledged; the heartbeat after it is answered with an error; then C
+    (id 6) and B (id 5 again) go, and C's answer comes an id a message, A's stale id first.
+    That message is no answer to B (frames are answered in order): B must not be
+    acknowledged. The heartbeat's error was counted as a reply that may have answered a
+    data frame, so the stale id was taken for B's answer and B deleted unstored."""
+    async with asyncio.timeout(10), _HeartbeatError() as fake, \
+            aiohttp.ClientSession() as session:
+        cfg = UpstreamConfig(name="n", protocol="nucleus-ws", url=fake.ws_url, timeout_s=5,
+                             batch_max_events=1)
+        up = NucleusWsUplink(cfg, "app", session, "m", heartbeat_s=0.05)
+        assert await up.send(up.prepare([row(1, {"id": 5})])) == Acked((1,))
+        await fake.heartbeat_answered.wait()
+        c = up.prepare([row(2, {"id": 6})])
+        b = up.prepare([row(3, {"id": 5})])
+        sent_c, sent_b = await asyncio.gather(up.send(c), up.send(b))
+        assert sent_c == Acked((2,))
+        assert isinstance(sent_b, Retry) and sent_b.acked == ()
+        await up.close()
