@@ -489,7 +489,13 @@ class NucleusWsUplink(NucleusFraming, UplinkBase):
         # a message be taken for a later frame's answer (_acked): that event was deleted
         # unstored.
         if not isinstance(reply, dict) or "reportedIds" in reply or "error" in reply:
-            link.no_answers += 1
+            # With the count in step, it answers the next frame: none of events when that is
+            # a heartbeat's (or none is sent), so none may be skipped for it (a stale id alone
+            # in a message was taken for a later frame's answer). The count stays: were it an
+            # answer to the frame after an unanswered heartbeat, that frame is taken for one
+            # unanswered (sent again), not weighed.
+            if link.no_answers or link.replies + 1 in link.waiting:
+                link.no_answers += 1
         log_limited(log, logging.INFO, f"not-an-ack:{self.name}",
                     "%s sent a reply without reportedIds, or with some that are not ids: %s",
                     self.name, link.said)
