@@ -17,7 +17,7 @@ import subprocess
 import sys
 import tempfile
 import time
-from collections.abc import AsyncIterator, Callable, Iterator, Sequence
+from collections.abc import AsyncIterator, Callable, Generator, Iterator, Sequence
 from pathlib import Path, PurePosixPath
 from typing import Any
 
@@ -160,7 +160,7 @@ def free_port() -> int:
 
 @pytest.hookimpl(wrapper=True)
 def pytest_runtest_makereport(item: pytest.Item, call: pytest.CallInfo[None]
-                              ) -> Iterator[pytest.TestReport]:
+                              ) -> Generator[None, pytest.TestReport, pytest.TestReport]:
     """A test's report with its captured output as UTF-8: pytest-xdist's workers send each
     report to the controller as UTF-8, which a lone surrogate cannot be. Tests feed the agent
     bytes that are not UTF-8, which it reads with surrogateescape and logs (its own log
