@@ -4,9 +4,10 @@ not yet sent (one id in flight for both, checked against the frames waiting for 
 
 from __future__ import annotations
 
+import abc
 import asyncio
 from collections.abc import Callable
-from typing import Any
+from typing import Any, Self
 
 import aiohttp
 import orjson
@@ -21,16 +22,10 @@ from tests.test_uplink_nucleus import row
 Answer = Callable[[list[Any]], list[list[Any]]]
 
 
-class _Scripted(LoopbackServer):
-    """A websocket upstream answering each frame with the replies ``answer`` makes of its
-    ids (each list a reply's reportedIds); the ids of each frame received, in order."""
+class _WsUpstream(LoopbackServer):
+    """A websocket upstream on the Nucleus path, its connections served by ``_ws``."""
 
-    def __init__(self, answer: Answer) -> None:
-        super().__init__()
-        self.answer = answer
-        self.frames: list[list[Any]] = []
-
-    async def __aenter__(self) -> _Scripted:
+    async def __aenter__(self) -> Self:
         app = web.Application()
         app.router.add_get("/app/{key}/track", self._ws)
         await self._serve(app)
@@ -38,6 +33,19 @@ class _Scripted(LoopbackServer):
 
     async def __aexit__(self, *_: object) -> None:
         await self.stop()
+
+    @abc.abstractmethod
+    async def _ws(self, request: web.Request) -> web.WebSocketResponse: ...
+
+
+class _Scripted(_WsUpstream):
+    """A websocket upstream answering each frame with the replies ``answer`` makes of its
+    ids (each list a reply's reportedIds); the ids of each frame received, in order."""
+
+    def __init__(self, answer: Answer) -> None:
+        super().__init__()
+        self.answer = answer
+        self.frames: list[list[Any]] = []
 
     async def _ws(self, request: web.Request) -> web.WebSocketResponse:
         ws = web.WebSocketResponse(max_msg_size=0)
@@ -118,7 +126,7 @@ async def test_a_reply_as_long_as_its_frame_naming_an_unsent_event_acks_only_the
         await up.close()
 
 
-class _HeartbeatError(LoopbackServer):
+class _HeartbeatError(_WsUpstream):
     """A websocket upstream that answers its first frame with its ids, the heartbeat after
     it with {"error": ...} (it answers no later one), holds the second frame's answer until
     the third frame is here, then answers it an id a message, the first frame's id again
@@ -127,15 +135,6 @@ class _HeartbeatError(LoopbackServer):
     def __init__(self) -> None:
         super().__init__()
         self.heartbeat_answered = asyncio.Event()
-
-    async def __aenter__(self) -> _HeartbeatError:
-        app = web.Application()
-        app.router.add_get("/app/{key}/track", self._ws)
-        await self._serve(app)
-        return self
-
-    async def __aexit__(self, *_: object) -> None:
-        await self.stop()
 
     async def _ws(self, request: web.Request) -> web.WebSocketResponse:
         ws = web.WebSocketResponse(max_msg_size=0)
