@@ -7,12 +7,14 @@ and against the spool alone."""
 from __future__ import annotations
 
 import json
+from pathlib import Path
 from typing import Any
 
 import aiohttp
+from aiohttp import web
 
 from agent.service import Agent
-from tests.conftest import free_port
+from tests.conftest import free_port, write_config
 from tests.fakes.ops_scene import post_events
 from tests.test_dead_letters import RefusingNucleus, dead_letters, outpost, upstream
 from tests.waiting import run_outpost, wait_for
@@ -147,3 +149,64 @@ async def test_dead_retry_and_purge_help_name_upstream() -> None:
     for cmd in ("retry", "purge"):
         code, text = await run_outpost("dead", cmd, "--help")
         assert code == 0 and "--upstream NAME" in text, text
+
+
+class _OlderAgent:
+    """What answers at the agent's address when the agent running is of a version before
+    `upstream` narrowed a retry or purge (an upgrade installed while it runs): it lists
+    the dead letters as those did, and takes a retry or purge's "reason" or "all" alone,
+    ignoring "upstream": every upstream's letters of the reason. It keeps what was asked."""
+
+    GROUPS = [{"reason": "HTTP 400: invalid", "upstream": u, "count": 2, "oldest": 1000,
+               "newest": 2000} for u in ("one", "two")]
+
+    def __init__(self) -> None:
+        self.asked: list[tuple[str, Any]] = []
+        self.runner: web.AppRunner | None = None
+
+    async def start(self, port: int) -> _OlderAgent:
+        app = web.Application()
+        app.router.add_get("/dead", self.listing)
+        app.router.add_post("/dead/{what}", self.change)
+        self.runner = web.AppRunner(app)
+        await self.runner.setup()
+        await web.TCPSite(self.runner, "127.0.0.1", port).start()
+        return self
+
+    async def stop(self) -> None:
+        if self.runner is not None:
+            await self.runner.cleanup()
+
+    async def listing(self, request: web.Request) -> web.Response:
+        return web.json_response({"count": 4, "groups": self.GROUPS, "reasons": 1,
+                                  "entries": []})
+
+    async def change(self, request: web.Request) -> web.Response:
+        what = request.match_info["what"]
+        self.asked.append((what, await request.json()))
+        done = "retried" if what == "retry" else "purged"
+        return web.json_response({done: 4, "queue_depth": 4, "dead_letters": 0})
+
+
+async def test_an_older_agent_is_not_asked_to_narrow_by_upstream(tmp_path: Path) -> None:
+    """An agent older than the command ignores "upstream" in a retry or purge, and takes
+    the reason's letters of every upstream (or every letter, for --all): a purge meant
+    for one row of `dead list` deleted the other upstream's letters, said "purged 4" as
+    done. Nothing is asked of it: the command says why, exit 1, and names the fix."""
+    port = free_port()
+    cfg = write_config(tmp_path / "agent.toml", tmp_path / "spool.db", port=port)
+    older = await _OlderAgent().start(port)
+    try:
+        for cmd in ("purge", "retry"):
+            for pick in (["--reason", "HTTP 400: invalid"], ["--all"]):
+                text = await outpost(cmd, *pick, "--upstream", "one", config=str(cfg),
+                                     code=1)
+                assert "older than this command" in text and "restart" in text, text
+                assert "purged" not in text and "re-queued" not in text, text
+        assert older.asked == []
+        # Without --upstream, asked as before: the reason's letters of every upstream.
+        text = await outpost("purge", "--reason", "HTTP 400: invalid", config=str(cfg))
+        assert "purged 4 dead letters (the running agent)" in text, text
+        assert older.asked == [("purge", {"reason": "HTTP 400: invalid", "all": False})]
+    finally:
+        await older.stop()
