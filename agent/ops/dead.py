@@ -98,6 +98,9 @@ class DeadRoutes:
             summary["entries"] = dead.entries(conn, which, limit)
             if reason is not None:   # its letters, which the newest groups may leave out
                 summary["of_reason"] = dead.of_reason(conn, reason)
+            # Retry and purge take "upstream": the CLI asks before sending one, as an agent
+            # older than this ignores it and takes the letters of every upstream.
+            summary["by_upstream"] = True
             return summary
         # One read: damage it meets salvages the spool, and the whole listing is read again
         # from the fresh one (a summary read before would count letters salvaged away).

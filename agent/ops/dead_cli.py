@@ -411,6 +411,8 @@ class _Cli:
         which = dead.Which(args.reason, args.all, args.upstream)
         try:
             done = "retried" if what == "retry" else "purged"
+            if args.upstream is not None:
+                self._narrows(cfg, what)
             got = answer(cfg, f"/dead/{what}", self._ask(cfg, f"/dead/{what}", {
                 "reason": args.reason, "all": args.all,
                 **({"upstream": args.upstream} if args.upstream is not None else {})}),
@@ -445,6 +447,17 @@ class _Cli:
         elif not n and args.reason:
             print(_no_such_reason(args.reason))
         return 0
+
+    def _narrows(self, cfg: Config, what: str) -> None:
+        """DeadError unless the running agent takes "upstream" in a retry or purge: one
+        older than this command (an upgrade installed while it runs) ignores it, and would
+        take the letters of every upstream. _NoAgent when none answers (the spool alone)."""
+        got = answer(cfg, "/dead", self._ask(cfg, "/dead?limit=0"), "groups", list)
+        if got.get("by_upstream") is not True:
+            raise dead.DeadError(
+                f"the agent at {agent_url(cfg, '')} is a version older than this command: "
+                f"it cannot {what} by --upstream, and would take the letters of every "
+                "upstream; nothing was asked of it: restart it to run the new version")
 
     def retry(self, cfg: Config, args: argparse.Namespace) -> int:
         return self._change(cfg, args, "retry")
