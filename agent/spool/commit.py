@@ -189,6 +189,9 @@ class Outcome:
     unused: list[int] = field(default_factory=list)
     more: bool = False   # expiry stopped at a chunk's bound: more may be due (prune)
     expired: dict[int, int] = field(default_factory=dict)   # prune: id -> events expired
+    # Stream id -> events dropped_full (whole records, each of one key): the log says
+    # whose they were, by upstream.
+    full: dict[int, int] = field(default_factory=dict)
     trimming: bool = False   # prune took part of an excess over the cap (Expiry.trimming)
     recounted: int = 0   # keys whose queue counts disagreed with their records (recount)
 
@@ -678,6 +681,8 @@ def _drop(conn: sqlite3.Connection, where: str, params: tuple[Any, ...], why: Dr
         out.undelivered.append((rid, keys))
         out.left(stream, lane, live, nbytes)
         record(out.counters, why, live)
+        if why is Drop.DROPPED_FULL:
+            out.full[stream] = out.full.get(stream, 0) + live
         out.deleted.append(rid)
         freed += row_bytes(size)
     return freed

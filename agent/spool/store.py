@@ -44,7 +44,7 @@ from agent.spool.aside import (
     pending,
     target,
 )
-from agent.spool.books import Books
+from agent.spool.books import Books, by_upstream
 from agent.spool.db import BUSY_TIMEOUT_MS, PAST, SqliteThread, whole
 from agent.spool.dedupe import DedupeIndex, StoredKeys
 from agent.spool.leases import Leases
@@ -975,7 +975,9 @@ class Spool:
         max_age = self.cfg.max_age_days * 86_400_000
         window = self.cfg.dedupe_window_h * HOUR_MS
         done: Counts = {}
-        unrouted = 0   # of the expired, events of keys no upstream takes
+        # By upstream (None: keys no upstream takes), the expired and those over the cap.
+        expired_by: dict[str | None, int] = {}
+        full_by: dict[str | None, int] = {}
         more, recovered, trimming = True, False, False
         while more:   # a chunk at a time (commit.EXPIRE_RECORDS): commits go in between
             async with self.lock:
@@ -984,7 +986,7 @@ class Spool:
                 try:
                     # Whole: a chunk the thread took commits its counts even when a stop
                     # cancels this, and the stop would save them a second time.
-                    out, stranded = await whole(self._expire(db, max_age, window, trimming))
+                    out = await whole(self._expire(db, max_age, window, trimming))
                 except sqlite3.DatabaseError as exc:
                     if recovered or not is_corruption(exc):
                         raise
@@ -994,13 +996,16 @@ class Spool:
                 finally:
                     self.writer.sends_go()   # after live.remove: what went must not be sent
             merge(done, out.counters)
-            unrouted += stranded
+            # By the routes the books hold now.
+            for into, counts in ((expired_by, out.expired), (full_by, out.full)):
+                for up, n in self.books.by_group(counts).items():
+                    into[up] = into.get(up, 0) + n
             more, trimming = out.more, out.trimming
         if expired := done.get(Drop.EXPIRED, 0):
             # Those no upstream took could not go: said, as the start or reload that left
             # them so said (agent/service.py), not taken for an upstream's backlog.
             log.warning("dropped %d events older than %d days%s", expired, self.cfg.max_age_days,
-                        f" ({unrouted} of them matched no upstream)" if unrouted else "")
+                        by_upstream(expired_by))
         if dead := done.get(Tally.DEAD_EXPIRED, 0):
             log.warning("deleted %d dead letters kept longer than %d days", dead,
                         self.cfg.max_age_days)
@@ -1009,7 +1014,8 @@ class Spool:
             log.warning("spool over max_size_mb: deleted the %d oldest dead letters", dead)
         if dropped := done.get(Drop.DROPPED_FULL, 0):
             log.warning("spool over max_size_mb: deleted the %d oldest queued events "
-                        "(when_full = \"drop_oldest\"; counted as %s)", dropped, Drop.DROPPED_FULL)
+                        "(when_full = \"drop_oldest\"; counted as %s)%s", dropped,
+                        Drop.DROPPED_FULL, by_upstream(full_by))
         return expired
 
     async def recount(self, stream: Stream) -> None:
@@ -1028,9 +1034,8 @@ class Spool:
         spool_commit.say_recounted(out)
 
     async def _expire(self, db: SqliteThread, max_age: int, window: int, trimming: bool
-                      ) -> tuple[spool_commit.Outcome, int]:
-        """One chunk of expiry (commit.prune), its outcome applied on the loop, and how many
-        of the events it expired were of keys no upstream takes (the books' group None);
+                      ) -> spool_commit.Outcome:
+        """One chunk of expiry (commit.prune), its outcome applied on the loop;
         ``trimming``: the chunk before took part of an excess over the cap
         (commit.Expiry.trimming)."""
         observed = self.observed_ms()
@@ -1047,7 +1052,6 @@ class Spool:
             self.books.unsave(counters)   # saved by the next commit instead
             raise
         self.books.apply(out)
-        unrouted = self.books.of_group(None, out.expired)   # by the routes the books hold now
         spool_commit.say_recounted(out)
         self.live.remove(out.deleted)
         if not self.live:   # the dictionary went with the last record (codebook.py)
@@ -1057,7 +1061,7 @@ class Spool:
         self.index.forgotten_stored(out.forgotten)
         self.books.count(Tally.DEDUPE_FORGOTTEN, self.index.forgotten - forgotten)
         self.index.expire(now_ms(), observed)
-        return out, unrouted
+        return out
 
     def observed_ms(self) -> int:
         """The time the agent has seen pass, over all its runs on this spool."""

@@ -16,6 +16,7 @@ import logging
 import sqlite3
 import struct
 from array import array
+from collections import Counter
 from collections.abc import Awaitable, Sequence
 from collections.abc import Set as AbstractSet
 from dataclasses import dataclass, field
@@ -27,7 +28,7 @@ from agent.logs import log_limited
 from agent.outcomes import Drop, Tally
 from agent.settings import StorageConfig
 from agent.spool import commit as spool_commit
-from agent.spool.books import Books
+from agent.spool.books import Books, by_upstream
 from agent.spool.codebook import Codebook
 from agent.spool.commit import Group, Job, Part
 from agent.spool.db import Signal, SqliteThread
@@ -586,17 +587,20 @@ class Writer:
         if dropped := out.counters.get(Drop.DROPPED_FULL, 0):
             log_limited(log, logging.WARNING, "dropped-full",
                         "spool at max_size_mb: deleted the %d oldest queued events to make room "
-                        "(when_full = \"drop_oldest\"; counted as %s)", dropped, Drop.DROPPED_FULL)
+                        "(when_full = \"drop_oldest\"; counted as %s)%s", dropped, Drop.DROPPED_FULL,
+                        by_upstream(books.by_group(out.full)))
         never = sum(len(appends[i].events) for i in out.never)
         if never:
             log_limited(log, logging.WARNING, "never-fits",
                         "spool: refused %d events as too large: %s (counted as %s)", never,
                         self._never_fits(*max(out.never.values())), Drop.REJECTED_FULL)
         if turned := out.counters.get(Drop.REJECTED_FULL, 0) - never:
+            whose = books.keys_by_group(Counter(ev.key for i in out.refused if i not in
+                                                out.never for ev in appends[i].events))
             log_limited(log, logging.WARNING, "rejected-full",
                         "spool at max_size_mb: refused %d events with each API's retry-later "
-                        "status, for their apps to send again later (counted as %s)", turned,
-                        Drop.REJECTED_FULL)
+                        "status, for their apps to send again later (counted as %s)%s", turned,
+                        Drop.REJECTED_FULL, by_upstream(whose))
         # Damage is found by the reader (job.corrupt) or by settling a record it then reads.
         if (job.corrupt or job.settle) and (lost := out.counters.get(Drop.DROPPED_CORRUPT, 0)):
             log_limited(log, logging.ERROR, "dropped-corrupt",
