@@ -210,3 +210,62 @@ async def test_an_older_agent_is_not_asked_to_narrow_by_upstream(tmp_path: Path)
         assert older.asked == [("purge", {"reason": "HTTP 400: invalid", "all": False})]
     finally:
         await older.stop()
+
+
+async def _lists_by_upstream(cfg: str, reason: str) -> None:
+    """`outpost dead list --upstream NAME` (and with --reason R) lists that upstream's
+    letters alone, one row of the summary's; a name no letter is from lists none and says
+    so, as a retry or purge of it does."""
+    before = _entries(await outpost("list", "--json", config=cfg))
+    for name in ("one", "two"):
+        mine = [e for e in before if e[0] == name]
+        assert _entries(await outpost("list", "--json", "--upstream", name, config=cfg)) == mine
+        assert _entries(await outpost("list", "--json", "--upstream", name, "--reason", reason,
+                                      config=cfg)) == mine
+        text = await outpost("list", "--upstream", name, config=cfg)
+        rows = text.split("\n\n")[-1].splitlines()   # the entries' table, after the summary
+        assert rows[0].split()[:3] == ["ID", "KEY", "UPSTREAM"], text
+        assert [r.split()[2] for r in rows[1:]] == [name, name], text
+        text = await outpost("list", "--upstream", name, "--limit", "1", config=cfg)
+        assert text.endswith("... and 1 more (--limit N, or `outpost dead export FILE`)\n"), text
+    for args, said in ((["--upstream", "nosuch"], _nothing_from("nosuch")),
+                       (["--upstream", "nosuch", "--reason", reason],
+                        _nothing_from("nosuch", reason)),
+                       (["--upstream", "one", "--reason", "HTTP 422"],
+                        _nothing_from("one", "HTTP 422"))):
+        text = await outpost("list", *args, config=cfg)
+        assert text.splitlines()[-1] == said, text
+        assert "ID " not in text and text.startswith("4 dead letters"), text
+        assert _entries(await outpost("list", "--json", *args, config=cfg)) == []
+
+
+async def test_a_running_agent_s_dead_list_by_upstream(make_agent: Any) -> None:
+    one, two = await RefusingNucleus().start(), await RefusingNucleus().start()
+    try:
+        agent, reason = await _two_upstreams_one_reason(make_agent, one, two)
+        await _lists_by_upstream(agent.config_path, reason)
+        base = f"http://127.0.0.1:{agent.port}"
+        async with aiohttp.ClientSession() as s:   # an upstream that is no name: refused
+            async with s.get(f"{base}/dead", params={"upstream": ""}) as r:
+                assert r.status == 400 and "upstream" in (await r.json())["error"]
+    finally:
+        await one.stop()
+        await two.stop()
+    await outpost("list", "--upstream", "", config=agent.config_path, code=2)
+
+
+async def test_a_stopped_agent_s_dead_list_by_upstream(make_agent: Any) -> None:
+    one, two = await RefusingNucleus().start(), await RefusingNucleus().start()
+    try:
+        agent, reason = await _two_upstreams_one_reason(make_agent, one, two)
+        await agent.stop()
+    finally:
+        await one.stop()
+        await two.stop()
+    assert "no agent running" in await outpost("list", config=agent.config_path)
+    await _lists_by_upstream(agent.config_path, reason)
+
+
+async def test_dead_list_help_names_upstream() -> None:
+    code, text = await run_outpost("dead", "list", "--help")
+    assert code == 0 and "--upstream NAME" in text, text
