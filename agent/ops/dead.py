@@ -1,13 +1,13 @@
 """Dead-letter endpoints of a running agent, for `outpost dead`.
 
-GET /dead (summary and entries), GET /dead/{id} (one, with its body), GET /dead/export
-(JSONL, with bodies), POST /dead/retry and POST /dead/purge (JSON {"reason": R} or
-{"all": true}, either with "upstream": U for that upstream's letters alone). They sit
-behind the same Host/Origin guard as every route, and are stricter still: bodies are
-app data and these change the spool, so no web page of another origin may reach them,
-even one listed in listen.allowed_origins (that list is for apps sending events). Only
-local tools (no Origin, no Sec-Fetch-Site) and the agent's own page pass, on this
-machine (own_origin.py).
+GET /dead (summary and entries, those of ?reason=R and ?upstream=U alone), GET /dead/{id}
+(one, with its body), GET /dead/export (JSONL, with bodies), POST /dead/retry and POST
+/dead/purge (JSON {"reason": R} or {"all": true}, either with "upstream": U for that
+upstream's letters alone). They sit behind the same Host/Origin guard as every route,
+and are stricter still: bodies are app data and these change the spool, so no web page
+of another origin may reach them, even one listed in listen.allowed_origins (that list
+is for apps sending events). Only local tools (no Origin, no Sec-Fetch-Site) and the
+agent's own page pass, on this machine (own_origin.py).
 """
 
 from __future__ import annotations
@@ -85,8 +85,12 @@ class DeadRoutes:
         return which
 
     async def listing(self, request: web.Request) -> web.Response:
-        reason = request.query.get("reason")
-        which = dead.Which(reason) if reason is not None else None
+        reason, upstream = request.query.get("reason"), request.query.get("upstream")
+        if upstream == "":   # refused, never taken for none: every upstream's would show
+            raise _Refused(400, "upstream is an upstream's name, as `outpost dead list` "
+                           "shows it")
+        which = (dead.Which(reason, reason is None, upstream)
+                 if reason is not None or upstream is not None else None)
         try:
             limit = min(LIST_LIMIT, max(0, int(request.query.get("limit", LIST_LIMIT))))
         except ValueError:
@@ -98,6 +102,8 @@ class DeadRoutes:
             summary["entries"] = dead.entries(conn, which, limit)
             if reason is not None:   # its letters, which the newest groups may leave out
                 summary["of_reason"] = dead.of_reason(conn, reason)
+            if upstream is not None and which is not None:   # its (with the reason's)
+                summary["of_upstream"] = dead.chosen(conn, which)
             # Retry and purge take "upstream": the CLI asks before sending one, as an agent
             # older than this ignores it and takes the letters of every upstream.
             summary["by_upstream"] = True

@@ -150,10 +150,12 @@ def _listing(got: Any, source: str, args: argparse.Namespace) -> list[str]:
         lines.append(f"... and {older} older reasons (`outpost dead export FILE` has every "
                      "letter)")
     rows = got["entries"][:args.limit]
-    if args.reason and not got["entries"] and \
-            not any(g["reason"] == args.reason for g in got["groups"]):
-        # The entries are the agent's for the reason, which may be among the older groups.
-        return [*lines, "", _no_such_reason(args.reason)]
+    if (args.reason or args.upstream is not None) and not got["entries"] and \
+            not any(_chosen(g, args) for g in got["groups"]):
+        # The entries are the agent's for the reason (and upstream), which may be among
+        # the older groups.
+        return [*lines, "", _no_such_reason(args.reason) if args.upstream is None
+                else _none_from(args.upstream, args.reason)]
     if rows:
         lines += ["", *table(["ID", "KEY", "UPSTREAM", "AGE", "SIZE", "REASON"], [
             [f"{e['id']:d}", printable_value(e["key"]), printable_value(e["upstream"]),
@@ -161,12 +163,18 @@ def _listing(got: Any, source: str, args: argparse.Namespace) -> list[str]:
             for e in rows], right={0, 4})]
         # The reason's letters, which the groups listed may leave out (older than them);
         # from an older agent, which does not send them, what the groups show.
-        more = (got.get("of_reason", sum(g["count"] for g in got["groups"]
-                                         if g["reason"] == args.reason))
-                if args.reason else got["count"]) - len(rows)
+        shown = sum(g["count"] for g in got["groups"] if _chosen(g, args))
+        more = (got.get("of_upstream", shown) if args.upstream is not None else
+                got.get("of_reason", shown) if args.reason else got["count"]) - len(rows)
         if more > 0:
             lines.append(f"... and {more} more (--limit N, or `outpost dead export FILE`)")
     return lines
+
+
+def _chosen(group: dict[str, Any], args: argparse.Namespace) -> bool:
+    """Whether the summary's ``group`` is of the --reason and --upstream given."""
+    return ((not args.reason or group["reason"] == args.reason)
+            and (args.upstream is None or group["upstream"] == args.upstream))
 
 
 def _no_such_reason(reason: str) -> str:
@@ -266,12 +274,14 @@ class _Cli:
                     conn.close()
 
     def list(self, cfg: Config, args: argparse.Namespace) -> int:
-        # With a reason, one entry at least (--limit 0 too): whether it has letters, as its
-        # group may be older than those the summary shows.
-        asked = max(args.limit, 1) if args.reason else args.limit
+        # With a reason or an upstream, one entry at least (--limit 0 too): whether it has
+        # letters, as its group may be older than those the summary shows.
+        picked = bool(args.reason) or args.upstream is not None
+        asked = max(args.limit, 1) if picked else args.limit
         query = urllib.parse.urlencode({"limit": asked, **(
-            {"reason": args.reason} if args.reason else {})})
-        which = dead.Which(args.reason) if args.reason else None
+            {"reason": args.reason} if args.reason else {}), **(
+            {"upstream": args.upstream} if args.upstream is not None else {})})
+        which = dead.Which(args.reason, not args.reason, args.upstream) if picked else None
 
         def offline(conn: sqlite3.Connection) -> dict[str, Any]:
             if damaged := dead.summary_damaged(conn):
@@ -283,6 +293,8 @@ class _Cli:
             got["entries"] = dead.entries(conn, which, min(asked, LIST_LIMIT))   # as the agent
             if args.reason:
                 got["of_reason"] = dead.of_reason(conn, args.reason, kept=not damaged)
+            if args.upstream is not None and which is not None:
+                got["of_upstream"] = dead.chosen(conn, which, kept=not damaged)
             return got
         try:
             got, source = self._read(cfg, f"/dead?{query}", "count", int, offline)
@@ -290,6 +302,8 @@ class _Cli:
             print(printable(f"no dead letters ({exc})"))
             return 0
         try:
+            if args.upstream is not None:   # an agent before --upstream sends every one's
+                got["entries"] = [e for e in got["entries"] if e["upstream"] == args.upstream]
             lines = _listing(got, source, args)
             got["entries"] = got["entries"][:args.limit]   # --json: no more than asked for
         except (LookupError, TypeError, AttributeError, ValueError, ArithmeticError) as exc:
@@ -586,6 +600,8 @@ def add_parser(sub: Any, load: Load) -> None:
         p.add_argument("--config", metavar="FILE", help=CONFIG_HELP)
         if name == "list":
             p.add_argument("--reason", type=_reason, help="only this reason")
+            p.add_argument("--upstream", metavar="NAME", type=_upstream,
+                           help="only those this upstream refused")
             p.add_argument("--limit", type=_count, default=LIST_ROWS, help="entries to print")
             p.add_argument("--json", action="store_true", help="print JSON")
         elif name == "show":

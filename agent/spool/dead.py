@@ -153,10 +153,18 @@ def summary(conn: sqlite3.Connection, newest: int | None = None,
 def of_reason(conn: sqlite3.Connection, reason: str, kept: bool = True) -> int:
     """How many dead letters have ``reason``: ``summary``'s newest groups may leave its
     out (one row per upstream, through the summary's UNIQUE(reason, upstream) index)."""
-    sql = ("SELECT coalesce(sum(letters), 0) FROM dead_groups WHERE reason = ?"
+    return chosen(conn, Which(reason), kept)
+
+
+def chosen(conn: sqlite3.Connection, which: Which, kept: bool = True) -> int:
+    """How many dead letters ``which`` takes, from the summary's groups (their columns are
+    the letters' own: one clause fits both) unless ``kept`` is False (damaged) or the
+    file has none yet."""
+    where, params = which.where()
+    sql = (f"SELECT coalesce(sum(letters), 0) FROM dead_groups WHERE {where}"
            if kept and _user_version(conn) >= SUMMARY_SINCE
-           else "SELECT count(*) FROM dead WHERE reason = ?")
-    return int(conn.execute(sql, (reason,)).fetchone()[0])
+           else f"SELECT count(*) FROM dead WHERE {where}")
+    return int(conn.execute(sql, params).fetchone()[0])
 
 
 def summary_damaged(conn: sqlite3.Connection) -> bool:
