@@ -123,3 +123,27 @@ async def test_events_without_a_route_that_expire_are_said_to_have_had_none(
     caplog.clear()
     assert await agent.spool.prune() == 1
     assert "no upstream" not in caplog.text and "dropped 1 events" in caplog.text, caplog.text
+
+
+async def test_a_start_with_no_upstream_and_events_queued_says_so_in_one_line(
+        make_agent: Any, caplog: pytest.LogCaptureFixture) -> None:
+    """No upstream configured at all, events queued from a run before: the start warned
+    twice of one thing ("no upstream is configured: events are kept in the spool until one
+    is", then "5 queued events of 1 key(s) ... match no upstream: kept in the spool").
+    One line says it, with what each said: the count, the keys by fingerprint, the fix,
+    the expiry."""
+    caplog.set_level(logging.WARNING, "outpost")
+    agent = await make_agent(storage={"max_age_days": 9})
+    await send(agent, [event(i) for i in range(5)], KEPT)
+    await agent.stop()
+    caplog.clear()
+    again = await make_agent(spool=agent.spool.path, storage={"max_age_days": 9})
+    assert again.spool.depth == 5
+    said = [r.getMessage() for r in caplog.records
+            if "upstream" in r.getMessage() or "queued" in r.getMessage()]
+    assert len(said) == 1, said
+    line = said[0]
+    assert "no upstream is configured" in line and "[[upstream]]" in line, line
+    assert re.search(r"\b5 queued events of 1 key", line) and fingerprint(KEPT) in line, line
+    assert "kept in the spool" in line and "9 days" in line, line
+    assert KEPT[:7] not in caplog.text, caplog.text
