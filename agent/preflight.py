@@ -47,9 +47,11 @@ def reload_problems(running: Config, new: Config) -> list[str]:
     return [p for p in (host, spool) if p]
 
 
-def notices(cfg: Config) -> list[str]:
+def notices(cfg: Config, queued: bool = False) -> list[str]:
     """What a newcomer running on the defaults should be told at startup, and a spool
-    directory others can see into (found as the spool opened, said once it started)."""
+    directory others can see into (found as the spool opened, said once it started).
+    ``queued``: events no upstream takes are queued, whose own line says that none is
+    configured (``no_upstream``): not said twice."""
     spool = cfg.storage.resolved_path()
     # The link's directory and, a symlink's, the one the spool's files go in.
     dirs = dict.fromkeys((spool.parent, paths.spool_file(spool).parent))
@@ -58,10 +60,15 @@ def notices(cfg: Config) -> list[str]:
         out.append(f"no config file found (looked for $OUTPOST_CONFIG, ./agent.toml and "
                    f"{paths.config_dir() / 'agent.toml'}); running with the built-in defaults; "
                    "`outpost config init` writes one")
-    if not cfg.upstreams:
-        out.append("no upstream is configured: events are kept in the spool until one is "
-                   "(add an [[upstream]] to the config, then reload)")
+    if not cfg.upstreams and not queued:
+        out.append(no_upstream("events are kept in the spool"))
     return out + notes(cfg)
+
+
+def no_upstream(kept: str) -> str:
+    """The line of a config with no upstream, ``kept`` saying what waits for one."""
+    return (f"no upstream is configured: {kept} until one is (add an [[upstream]] to the "
+            "config, then reload)")
 
 
 def notes(cfg: Config) -> list[str]:

@@ -43,6 +43,7 @@ from agent.server.unrouted import FrontDoor
 from agent.settings import Config
 from agent.spool import Spool
 from agent.spool.migrate import ALIVE_EVERY_S
+from agent.spool.types import Totals
 from agent.sync.held import held_age_s
 from agent.sync.metered import source_for
 from agent.sync.monitor import SyncMonitor, SyncView
@@ -158,7 +159,8 @@ class Agent:
             self._stack = stack.pop_all()
         log.info("outpost listening on %s:%d, spool %s (%d events queued)",
                  self.cfg.listen.host, self.port, spool.path, spool.depth)
-        for notice in preflight.notices(self.cfg):   # after a start, so a failed one is one line
+        # After a start, so a failed one is one line.
+        for notice in preflight.notices(self.cfg, queued=self._unrouted() is not None):
             log.warning("%s", notice)
         self._say_unrouted()
 
@@ -372,17 +374,25 @@ class Agent:
         so says it too. From the sums the books keep per route (as status), and keys by
         fingerprint: they are credentials."""
         assert self.spool is not None
-        books = self.spool.books
-        unrouted = books.groups.get(None)
-        if unrouted is None or not unrouted.depth:
+        if (unrouted := self._unrouted()) is None:
             return
-        named = [logs.fingerprint(key) for key in books.keys_of(None, UNROUTED_NAMED)]
+        named = [logs.fingerprint(key) for key in self.spool.books.keys_of(None, UNROUTED_NAMED)]
         more = unrouted.keys - len(named)
-        log.warning("%d queued events of %d key(s) (%s%s) match no upstream: kept in the "
-                    "spool, not sent, until a reload or restart routes their key; they "
-                    "expire after storage.max_age_days (%d days)",
-                    unrouted.depth, unrouted.keys, ", ".join(named),
-                    f" and {more} more" if more > 0 else "", self.cfg.storage.max_age_days)
+        which = (f"{unrouted.depth} queued events of {unrouted.keys} key(s) "
+                 f"({', '.join(named)}{f' and {more} more' if more > 0 else ''})")
+        expire = f"they expire after storage.max_age_days ({self.cfg.storage.max_age_days} days)"
+        if not self.cfg.upstreams:   # the start's notice of that (preflight.notices) in one
+            log.warning("%s; %s", preflight.no_upstream(f"{which} are kept in the spool, not "
+                                                        "sent,"), expire)
+            return
+        log.warning("%s match no upstream: kept in the spool, not sent, until a reload or "
+                    "restart routes their key; %s", which, expire)
+
+    def _unrouted(self) -> Totals | None:
+        """The books' sums of the queued events no upstream takes; None if there are none."""
+        assert self.spool is not None
+        unrouted = self.spool.books.groups.get(None)
+        return unrouted if unrouted is not None and unrouted.depth else None
 
     async def stop(self) -> None:
         """Stop accepting, let running requests commit, then stop forwarders and the spool."""
