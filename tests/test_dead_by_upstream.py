@@ -86,8 +86,8 @@ async def test_a_running_agent_s_retry_or_purge_by_upstream_keeps_the_other_s_le
         await two.stop()
 
 
-async def test_a_stopped_agent_s_retry_or_purge_by_upstream_keeps_the_other_s_letters(
-        make_agent: Any) -> None:
+async def _stopped_with_letters(make_agent: Any) -> tuple[Agent, str]:
+    """An agent stopped with letters of one reason from two upstreams (both stopped too)."""
     one, two = await RefusingNucleus().start(), await RefusingNucleus().start()
     try:
         agent, reason = await _two_upstreams_one_reason(make_agent, one, two)
@@ -95,6 +95,12 @@ async def test_a_stopped_agent_s_retry_or_purge_by_upstream_keeps_the_other_s_le
     finally:
         await one.stop()
         await two.stop()
+    return agent, reason
+
+
+async def test_a_stopped_agent_s_retry_or_purge_by_upstream_keeps_the_other_s_letters(
+        make_agent: Any) -> None:
+    agent, reason = await _stopped_with_letters(make_agent)
     cfg = agent.config_path
     assert agent.spool is not None
     where = f"({agent.spool.path} (no agent running))"
@@ -255,13 +261,7 @@ async def test_a_running_agent_s_dead_list_by_upstream(make_agent: Any) -> None:
 
 
 async def test_a_stopped_agent_s_dead_list_by_upstream(make_agent: Any) -> None:
-    one, two = await RefusingNucleus().start(), await RefusingNucleus().start()
-    try:
-        agent, reason = await _two_upstreams_one_reason(make_agent, one, two)
-        await agent.stop()
-    finally:
-        await one.stop()
-        await two.stop()
+    agent, reason = await _stopped_with_letters(make_agent)
     assert "no agent running" in await outpost("list", config=agent.config_path)
     await _lists_by_upstream(agent.config_path, reason)
 
