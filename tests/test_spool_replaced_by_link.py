@@ -1,0 +1,136 @@
+"""A spool file replaced under the running agent by a symbolic link, or a symlinked
+storage.path pointed at something that is no file: the recovery must keep the agent's
+queue without following the link. Every target here is made in tmp_path alone."""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import stat
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import aiohttp
+import pytest
+
+from tests.conftest import AgentProcess, free_port, write_config
+from tests.test_disk import event, post, rows
+
+
+def _target(where: Path, kind: str) -> Path:
+    """What the link names: a file of another program, a fifo, or a directory."""
+    where.mkdir(mode=0o700)
+    found = where / "victim"
+    if kind == "file":
+        found.write_text("precious\n")
+    elif kind == "fifo":
+        os.mkfifo(found, 0o600)
+    else:
+        found.mkdir()
+    return found
+
+
+def _left_alone(found: Path, kind: str, before: os.stat_result) -> None:
+    """``found`` is as it was, and nothing was made beside it."""
+    now = os.lstat(found)
+    assert (now.st_dev, now.st_ino, stat.S_IFMT(now.st_mode)) == \
+        (before.st_dev, before.st_ino, stat.S_IFMT(before.st_mode)), f"{found} was moved"
+    if kind == "file":
+        assert found.read_text() == "precious\n"
+    assert sorted(p.name for p in found.parent.iterdir()) == ["victim"], \
+        "files were made beside the link's target"
+
+
+@pytest.mark.skipif(not hasattr(os, "mkfifo"), reason="POSIX fifos")
+@pytest.mark.parametrize("then", ["commit", "stop"])
+@pytest.mark.parametrize("kind", ["file", "fifo", "directory"])
+async def test_a_spool_replaced_by_a_link_is_not_followed(
+        make_agent: Any, tmp_path: Path, kind: str, then: str) -> None:
+    """storage.path names spool.db directly; while the agent runs, spool.db is replaced by
+    a symbolic link (to a file elsewhere, a fifo, a directory). The recovery followed it:
+    it renamed the link's target to <target>.corrupt-... and made a fresh spool (with its
+    .lock, -wal and -shm) in its place, outside the spool's directory (a link to /dev/null
+    renamed the device, run as root). The link is kept aside as any file put there is, not
+    followed; the queue goes on in a fresh spool at the path, nothing answered 200 lost."""
+    state = tmp_path / "state"
+    state.mkdir(mode=0o700)
+    path = state / "spool.db"
+    found = _target(tmp_path / "elsewhere", kind)
+    before = os.lstat(found)
+    agent = await make_agent(spool=path)
+    more = [100, 101] if then == "commit" else []
+    async with aiohttp.ClientSession() as s:
+        assert (await post(s, agent.port, [event(i, pad="") for i in range(3)])).status == 200
+        path.unlink()
+        path.symlink_to(found)
+        for n in more:
+            answered = await post(s, agent.port, [event(n, pad="")])
+            assert answered.status == 200, f"{answered.status}: {agent.spool.open_error}"
+    await agent.stop()
+    _left_alone(found, kind, before)
+    assert path.is_file() and not path.is_symlink()
+    assert rows(path) == 3 + len(more), "events answered 200 are not in the spool file"
+    kept = [p for p in state.iterdir() if p.is_symlink()]
+    assert [os.readlink(p) for p in kept] == [str(found)], "the link put there is not kept"
+    assert kept[0].name.startswith("spool.db.corrupt-"), kept
+
+
+@pytest.mark.skipif(not hasattr(os, "mkfifo"), reason="POSIX fifos")
+@pytest.mark.parametrize("then", ["commit", "stop"])
+@pytest.mark.parametrize("kind", ["fifo", "directory"])
+async def test_a_linked_spool_pointed_at_no_file_is_not_followed(
+        make_agent: Any, tmp_path: Path, caplog: pytest.LogCaptureFixture, kind: str,
+        then: str) -> None:
+    """storage.path a symlink to the spool on a bigger disk (followed when it is pointed
+    at another spool), pointed while the agent runs at a fifo or a directory, which the
+    start refuses as storage.path. The recovery renamed that to <target>.corrupt-... and
+    made a fresh spool in its place. It is left alone and said in one line; the agent
+    keeps its queue in the file it opened, which the link named."""
+    disk = tmp_path / "disk"
+    disk.mkdir(mode=0o700)
+    link = tmp_path / "state" / "spool.db"
+    link.parent.mkdir(mode=0o700)
+    link.symlink_to(disk / "spool.db")
+    found = _target(tmp_path / "elsewhere", kind)
+    before = os.lstat(found)
+    agent = await make_agent(spool=link)
+    more = [100, 101] if then == "commit" else []
+    async with aiohttp.ClientSession() as s:
+        assert (await post(s, agent.port, [event(i, pad="") for i in range(3)])).status == 200
+        moving = link.with_name("moving")
+        moving.symlink_to(found)
+        moving.replace(link)
+        for n in more:
+            answered = await post(s, agent.port, [event(n, pad="")])
+            assert answered.status == 200, f"{answered.status}: {agent.spool.open_error}"
+    await agent.stop()
+    _left_alone(found, kind, before)
+    assert os.readlink(link) == str(found), "the link was changed"
+    assert rows(disk / "spool.db") == 3 + len(more), "events answered 200 are not kept"
+    said = [r.getMessage() for r in caplog.records if str(found) in r.getMessage()]
+    assert len(said) == 1 and "not followed" in said[0], said
+
+
+
+@pytest.mark.skipif(not hasattr(os, "mkfifo"), reason="POSIX fifos")
+@pytest.mark.parametrize("kind", ["file", "fifo"])
+async def test_outpost_run_stopped_after_its_spool_is_replaced_by_a_link_leaves_it_alone(
+        agent_process: Callable[..., AgentProcess], tmp_path: Path, kind: str) -> None:
+    """As above, with `outpost run` (which holds the spool's lock file) stopped by SIGTERM:
+    its stop took the lock again beside the link's target, a .lock file made there."""
+    state = tmp_path / "state"
+    state.mkdir(mode=0o700)
+    path = state / "spool.db"
+    found = _target(tmp_path / "elsewhere", kind)
+    before = os.lstat(found)
+    port = free_port()
+    agent = agent_process(write_config(tmp_path / "agent.toml", path, port=port), port)
+    await asyncio.to_thread(agent.start)
+    async with aiohttp.ClientSession() as s:
+        assert (await post(s, port, [event(i, pad="") for i in range(3)])).status == 200
+    path.unlink()
+    path.symlink_to(found)
+    assert await asyncio.to_thread(agent.terminate) == 0, agent.log.read_text()
+    _left_alone(found, kind, before)
+    assert rows(path) == 3, "events answered 200 are not in the spool file"
