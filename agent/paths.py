@@ -160,18 +160,17 @@ def agent_holds(spool: Path) -> bool:
     return False
 
 
-def lock_again(spool: Path, held: tuple[int, int] | None
+def lock_again(lock: Path, held: tuple[int, int] | None
                ) -> tuple[int, tuple[int, int]] | None:
-    """The lock file of ``spool`` taken (flock, exclusive) when it is not the one this agent
-    holds (``held``: its st_dev and st_ino): removed with the spool's directory under the
-    running agent, whose lock stayed on the removed file, a second agent would start; and
-    so with one found there again (left by an agent that ran meanwhile and stopped). Its
+    """A spool's lock file ``lock`` taken (flock, exclusive) when it is not the one this
+    agent holds (``held``: its st_dev and st_ino): removed with the spool's directory under
+    the running agent, whose lock stayed on the removed file, a second agent would start;
+    and so with one found there again (left by an agent that ran meanwhile and stopped). Its
     descriptor, to keep open while the agent runs, and identity; None when the one held is
     there. OSError when it cannot be taken (BlockingIOError: another agent holds it)."""
     if sys.platform == "win32":   # a file open there cannot be removed
         return None
     import fcntl
-    lock = spool_lock(spool)
     with contextlib.suppress(FileNotFoundError):
         found = os.stat(lock)
         if (found.st_dev, found.st_ino) == held:

@@ -41,7 +41,7 @@ def target(path: Path) -> Path:
     n = 0
     while True:
         moved = path.with_name(f"{path.name}.corrupt-{stamp}{f'.{n}' if n else ''}")
-        if not any(Path(f"{moved}{suffix}").exists() for suffix in SUFFIXES):
+        if not any(os.path.lexists(f"{moved}{suffix}") for suffix in SUFFIXES):
             return moved
         n += 1
 
@@ -123,7 +123,7 @@ def move_fresh_aside(path: Path, moved: Path) -> None:
     path for the marker's file's (``pending``), and write it over that file's own."""
     for suffix in reversed(SUFFIXES):
         src = Path(f"{path}{suffix}")
-        if src.exists():
+        if os.path.lexists(src):
             src.rename(Path(f"{moved}{suffix}"))
     sync_dir(path.parent)
 
@@ -196,7 +196,9 @@ def done(path: Path) -> None:
 
 def _rename(path: Path, target: Path) -> None:
     # The file first: while it is still at the path, its -wal and -shm must stay with it.
+    # A symbolic link put there is renamed itself (rename(2) does not follow it), dangling
+    # or not: skipped, the fresh spool was made through it, where it points.
     for suffix in SUFFIXES:
         src = Path(f"{path}{suffix}")
-        if src.exists():
+        if os.path.lexists(src):
             src.rename(Path(f"{target}{suffix}"))

@@ -27,7 +27,13 @@ from agent.clock import CLOCK, age_s
 from agent.families.event import Event, now_ms
 from agent.families.lanes import LANES
 from agent.outcomes import Counts, Drop, Outcome, Tally, merge, record
-from agent.paths import lock_again, make_private_file, make_spool_dir, spool_file, spool_lock
+from agent.paths import (
+    lock_again,
+    make_private_dir,
+    make_private_file,
+    not_a_file,
+    spool_file,
+)
 from agent.settings import StorageConfig
 from agent.spool import commit as spool_commit
 from agent.spool import db as spool_db
@@ -111,8 +117,11 @@ class Spool:
                  holds_lock: bool = False) -> None:
         self.cfg = cfg
         # storage.path as named, and the file it names (a symlink's target), which the
-        # spool's files go beside, as SQLite's -wal and -shm do.
+        # spool's files go beside, as SQLite's -wal and -shm do; whether it is a symlink,
+        # which alone is followed when pointed elsewhere (_named_file).
         self.named, self.path = path, spool_file(path)
+        self.linked = os.path.islink(path)
+        self._unfollowed: Path | None = None   # a link's target said not followed, once
         self.books = Books()
         self.index = DedupeIndex(cfg.dedupe_window_h * HOUR_MS, cfg.dedupe_max_keys)
         self.live = LiveRecords()
@@ -317,7 +326,7 @@ class Spool:
                    on_migrating: Callable[[], None] | None = None,
                    holds_lock: bool = False) -> Spool:
         spool = cls(cfg, cfg.resolved_path(), on_reopen, on_migrating, holds_lock)
-        make_spool_dir(spool.path)
+        make_private_dir(spool.path.parent)
         recovering = False   # a recovery that fails says why itself
         try:
             if (found := pending(spool.path)) is not None:
@@ -368,7 +377,15 @@ class Spool:
             # stream ids, which in that agent's spool name other keys' queues.
             raise InUse(self.ousted)
         # Its directory too: an operator may have removed it under the running agent.
-        make_spool_dir(self.path)
+        make_private_dir(self.path.parent)
+        if not self.linked and os.path.islink(self.path):
+            # Put at a path named directly while the spool was not open (SQLite, the create
+            # and the chmod below would follow it, out of the spool's directory): refused,
+            # as a directory put there is. A recovery keeps one aside (_set_aside).
+            raise SpoolUnusable(f"spool {self.path} is a symbolic link (to "
+                                f"{os.readlink(self.path)}) put there while the agent ran: "
+                                "not followed; remove it, or restart the agent to take it "
+                                "for storage.path")
         if self.holds_lock:
             self._keep_lock()
         if not self.path.exists():
@@ -443,10 +460,10 @@ class Spool:
         keeps no second agent out."""
         if self._lock_id is None:   # the first open: the one there is `outpost run`'s
             with contextlib.suppress(OSError):
-                found = os.stat(spool_lock(self.path))
+                found = os.stat(self._lock_file())
                 self._lock_id = (found.st_dev, found.st_ino)
         try:
-            taken = lock_again(self.path, self._lock_id)
+            taken = lock_again(self._lock_file(), self._lock_id)
         except BlockingIOError:
             # Found at a stop (close), the other simply goes on: a restart is no fix then.
             then = ("this one is stopping and leaves the spool to that agent; its own queue "
@@ -464,6 +481,39 @@ class Spool:
                 os.close(self._lock_fd)
             self._lock_fd, self._lock_id = taken
 
+    def _lock_file(self) -> Path:
+        """paths.spool_lock of the spool's file, as `outpost run` took it, but not through
+        a symlink put at a path named directly: its lock was made beside the link's target."""
+        return Path(os.path.realpath(self.path.parent)) / f"{self.path.name}.lock"
+
+    def _named_file(self) -> Path:
+        """The file storage.path names now, for the spool's files to go beside. A symlink
+        is followed only where storage.path was one at the start (a spool moved to a bigger
+        disk and linked back, pointed at a copy on another), and only to a regular file or
+        to none yet. Followed whatever it was, a recovery renamed the link's target aside
+        and made a fresh spool in its place, outside the spool's directory (/dev/null
+        itself, run as root). A link put at a path named directly is what is there, kept
+        aside itself as any file put there is (_set_aside); one pointed at a fifo, a device
+        or a directory, which a start refuses, is said once, and the file the link named
+        before is kept on."""
+        if not self.linked:
+            return self.named
+        now = spool_file(self.named)
+        try:
+            kind = not_a_file(os.stat(now).st_mode)
+        except OSError:   # nothing there yet: made there, as at a start
+            kind = None
+        if kind is None:
+            self._unfollowed = None
+            return now
+        if self._unfollowed != now:
+            self._unfollowed = now
+            log.error("spool %s: storage.path %s, a symbolic link, now names %s, %s, not a "
+                      "spool file: not followed; the agent keeps its queue in %s, the file "
+                      "it named before (a start refuses it so: point it at a file)",
+                      self.path, self.named, now, kind, self.path)
+        return self.path
+
     def replaced(self) -> bool:
         """Whether the file open is no longer the one at the path (deleted, or another put
         there): its commits would be gone at the next start. A stat that fails for another
@@ -471,7 +521,9 @@ class Spool:
         if self._identity is None:
             return False
         try:
-            found = os.stat(self.named)   # through a symlink: pointed elsewhere, replaced
+            # Through a symlink: pointed elsewhere, replaced; put at a path named directly,
+            # what is there is not the file open.
+            found = os.stat(self._named_file())
         except FileNotFoundError:
             return True
         except OSError:
@@ -559,9 +611,9 @@ class Spool:
         carry = self._carry()
         no_dir: OSError | None = None   # the directory gone with the file, not ours to make
         if isinstance(exc, Replaced):
-            self.path = spool_file(self.named)   # where a symlink points now
+            self.path = self._named_file()   # where a symlink points now
             try:
-                make_spool_dir(self.path)
+                make_private_dir(self.path.parent)
             except OSError as refused:   # another user's, or read-only: no copy, nothing to move
                 no_dir = refused
         in_use: InUse | None = None
@@ -623,11 +675,14 @@ class Spool:
             self._salvaging = pending
             try:
                 forget_wal(self.path)
-                if copied and self.path.exists():
+                # A symbolic link there too (dangling or not): kept aside itself, not followed.
+                if copied and os.path.lexists(self.path):
                     put = target(self.path)
+                    what = f"symbolic link to {os.readlink(self.path)} (not followed)" \
+                        if os.path.islink(self.path) else "file"
                     move_aside(self.path, put)
-                    log.error("spool %s: the file put there while the agent had its own "
-                              "open is kept as %s; the agent's queue goes on", self.path, put)
+                    log.error("spool %s: the %s put there while the agent had its own open is "
+                              "kept as %s; the agent's queue goes on", self.path, what, put)
             except OSError as failed:
                 if self._refusing(failed):
                     log.error("spool %s was deleted or replaced while the agent had it open "
@@ -899,7 +954,7 @@ class Spool:
         # Where a symlinked storage.path points now: pointed at a disk with room (as a
         # commit finds it pointed elsewhere, recover), the file it named before was tried
         # again for good.
-        self.path = spool_file(self.named)
+        self.path = self._named_file()
         try:
             if (pending := self._salvaging) is not None and pending.clear:
                 recovered = True   # a path that still cannot be cleared: said there
