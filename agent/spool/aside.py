@@ -88,10 +88,11 @@ def move_aside(path: Path, moved: Path) -> None:
     sync_dir(path.parent)
 
 
-def copy_open(conn: sqlite3.Connection, moved: Path) -> bool:
+def copy_open(conn: sqlite3.Connection, moved: Path) -> str | None:
     """Copy the spool ``conn`` has open, whole, to ``moved``, durably: when its file is no
     longer at the path (deleted, or replaced), the open connection is all that holds its
-    queue. False when it cannot (no room): nothing is left at ``moved``."""
+    queue. Why it cannot (no room, a directory no longer writable), nothing left at
+    ``moved``; None once copied."""
     try:
         os.close(os.open(moved, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o600))
         with contextlib.closing(sqlite3.connect(moved)) as out:
@@ -101,11 +102,12 @@ def copy_open(conn: sqlite3.Connection, moved: Path) -> bool:
             os.fsync(fd)
         finally:
             os.close(fd)
-    except (sqlite3.Error, OSError):
+    except (sqlite3.Error, OSError) as exc:
         for suffix in ("", "-journal"):
-            Path(f"{moved}{suffix}").unlink(missing_ok=True)
-        return False
-    return True
+            with contextlib.suppress(OSError):   # where none could be made, none to remove
+                Path(f"{moved}{suffix}").unlink(missing_ok=True)
+        return (exc.strerror if isinstance(exc, OSError) else None) or str(exc)
+    return None
 
 
 def forget_wal(path: Path) -> None:

@@ -101,6 +101,8 @@ class _Salvage:
     # Whether the path is still to be cleared for the fresh spool (_set_aside): the
     # -wal and -shm of a file replaced under the agent, and a file put there.
     clear: bool = False
+    # Why no copy of a file replaced under the agent could be made (copy_open).
+    uncopied: str | None = None
 HOUR_MS = 3_600_000
 # The -wal's bounds above a 512 MB cap: cut back to this as it starts over
 # (journal_size_limit), and checkpointed at this many pages (SQLite's own default).
@@ -625,8 +627,10 @@ class Spool:
         moved = target(self.path)
         # Deleted or replaced under the agent: its queue is salvaged from a copy of the
         # file still open; what is at the path now (a backup put back) is kept aside.
-        copied = isinstance(exc, Replaced) and no_dir is None and self._db is not None \
-            and await self._db.run(copy_open, moved)
+        uncopied: str | None = "none taken"   # why no copy was made (logged)
+        if isinstance(exc, Replaced) and no_dir is None and self._db is not None:
+            uncopied = await self._db.run(copy_open, moved)
+        copied = uncopied is None
         # Noted before the file open is let go: a stop while the path cannot be cleared
         # (_set_aside) leaves the copy to the next start. Not another agent's path's.
         noted = copied and in_use is None and note(self.path, moved, clear=True) is None
@@ -651,14 +655,15 @@ class Spool:
             log.error("%s (its queue is %s)", in_use,
                       f"kept in {moved}; to send it, run an agent with storage.path = "
                       f"{moved} and a listen.port of its own" if copied
-                      else "lost: no room for a copy")
+                      else f"lost: no copy could be made ({uncopied})")
             self.open_error = self.ousted = str(in_use)
             raise in_use
         # Kept until the fresh spool is open: if it cannot be created now (a full disk),
         # reopen() finishes the salvage, rather than start an empty spool that would hand
         # out stream ids and seqs the running forwarders still hold.
         pending = _Salvage(moved, carry, list(books.streams.values()), books.next_seq,
-                           str(exc), noted, isinstance(exc, Replaced))
+                           str(exc), noted, isinstance(exc, Replaced),
+                           uncopied if isinstance(exc, Replaced) else None)
         self._set_aside(pending)
         await self._open_fresh(exc, moved)
 
@@ -689,7 +694,8 @@ class Spool:
                               "(its queue %s), but the path cannot be cleared for a fresh "
                               "spool (%s): events are refused until it can, tried again "
                               "every %g s", self.path, f"copied to {moved}" if copied else
-                              "lost with it, no room for a copy", failed, REOPEN_EVERY_S)
+                              f"lost with it: no copy could be made ({pending.uncopied})",
+                              failed, REOPEN_EVERY_S)
                 raise
         why = note(self.path, moved)   # tried again once the fresh spool is open
         if not copied:
@@ -698,7 +704,7 @@ class Spool:
             except OSError as failed:   # what failed the marker, likely: said once, here
                 self._unmovable("corrupt", pending.why, moved, failed)
                 raise
-        if why is not None:
+        if why is not None and os.path.lexists(moved):   # else it names nothing to salvage
             log.error("spool %s: cannot write %s's salvage marker (%s)", self.path, moved, why)
         pending.noted, pending.clear = why is None, False
         self._salvaging = pending
@@ -710,10 +716,16 @@ class Spool:
         except (sqlite3.Error, OSError) as failed:
             # Said here, once: its callers (a commit, a forwarder's read, a start) refuse
             # or read nothing while the spool is not open, and the writer tries again.
-            log.error("spool %s is corrupt (%s); moved aside to %s, but no fresh spool can be "
-                      "created (%s): events are refused until one can, tried again every "
-                      "%g s, and the salvage done then", self.path, exc, moved, failed,
-                      REOPEN_EVERY_S)
+            # Nothing moved (a file deleted, no copy made of it): its loss, not a file.
+            pending = self._salvaging
+            kept = os.path.lexists(moved)
+            log.error("spool %s is corrupt (%s); %s, but no fresh spool can be created (%s): "
+                      "events are refused until one can, tried again every %g s, and %s",
+                      self.path, exc, f"moved aside to {moved}" if kept else
+                      "no copy of it could be made"
+                      f" ({pending.uncopied if pending else None}), its queue not kept", failed,
+                      REOPEN_EVERY_S,
+                      "the salvage done then" if kept else "its loss counted then")
             self.writer.reopen_soon()   # no commit may come (apps idle)
             raise
         await self._finish_recovery()
