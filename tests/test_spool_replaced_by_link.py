@@ -15,7 +15,14 @@ import aiohttp
 import pytest
 
 from tests.conftest import AgentProcess, free_port, write_config
-from tests.test_disk import event, post, rows
+from tests.test_disk import (  # noqa: F401  (immutable_fs, six_mb_fs: fixtures)
+    _chattr,
+    event,
+    immutable_fs,
+    post,
+    rows,
+    six_mb_fs,
+)
 
 
 def _target(where: Path, kind: str) -> Path:
@@ -134,3 +141,34 @@ async def test_outpost_run_stopped_after_its_spool_is_replaced_by_a_link_leaves_
     assert await asyncio.to_thread(agent.terminate) == 0, agent.log.read_text()
     _left_alone(found, kind, before)
     assert rows(path) == 3, "events answered 200 are not in the spool file"
+
+
+async def test_a_link_put_at_a_spool_path_while_the_spool_cannot_be_opened_is_not_followed(
+        make_agent: Any, immutable_fs: Path) -> None:  # noqa: F811
+    """storage.path names spool.db directly, in a directory the agent cannot write to at
+    the start (immutable here): no spool is open, events are refused (503) and the open is
+    tried again. Meanwhile a symbolic link to a file of another program is put at the path.
+    The try again opened the link's target as the spool (chmod'ed it 0600), found no
+    database there, and moved it aside as corrupt, a fresh spool made in its place. The
+    link is refused as a directory put there is (503, said in open_error), the file left
+    alone."""
+    state = immutable_fs / "state"
+    state.mkdir(mode=0o700)
+    path = state / "spool.db"
+    found = _target(immutable_fs / "elsewhere", "file")
+    before = os.lstat(found)
+    _chattr("+i", state)
+    agent = await make_agent(spool=path)
+    async with aiohttp.ClientSession() as s:
+        assert (await post(s, agent.port, [event(1, pad="")])).status == 503
+        _chattr("-i", state)
+        path.symlink_to(found)
+        async with agent.spool.lock:
+            assert not await agent.spool.reopen()
+        assert (await post(s, agent.port, [event(2, pad="")])).status == 503
+    error = agent.spool.open_error
+    assert error and "symbolic link" in error and "not followed" in error, error
+    await agent.stop()
+    _left_alone(found, "file", before)
+    assert stat.S_IMODE(os.stat(found).st_mode) == stat.S_IMODE(before.st_mode)
+    assert path.is_symlink()
