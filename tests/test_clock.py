@@ -236,6 +236,32 @@ async def test_a_device_offline_with_a_right_clock_still_expires_at_max_age(
     assert (await status(agent.port))["drops"]["expired"] == 3
 
 
+@pytest.mark.parametrize("woken_by", ["expiry", "post", "restart"])
+async def test_an_event_posted_just_before_the_device_slept_expires_at_max_age(
+        make_agent: Any, clock: Clock, woken_by: str) -> None:
+    """A device that sleeps a day (suspend, which the agent's own clock counts) just after
+    an app posts twice, half a minute apart; the clock is right throughout. The second
+    post's events go at max_age_days (2) as the first's do. Its commit wrote no clock mark
+    (one a minute), and the first mark after it was the one written on waking (by the
+    expiry check, the next post's commit, or the agent's stop): read as received a day
+    later, they were kept a day past max_age_days."""
+    agent = await make_agent(storage={"max_age_days": 2})
+    await post(agent.port, "app1", range(2))
+    clock.passed_ms += 30_000
+    await post(agent.port, "app1", range(2, 4))
+    clock.passed_ms += DAY_MS                     # asleep
+    if woken_by == "expiry":
+        assert await expired_after_prune(agent) == 0
+    elif woken_by == "post":
+        await post(agent.port, "app2", range(10, 11))
+    else:
+        await agent.stop()
+        agent = await make_agent(storage={"max_age_days": 2})
+    clock.passed_ms += DAY_MS + 120_000           # past two days since both posts
+    assert await expired_after_prune(agent) == 4
+    assert agent.spool.depth == (woken_by == "post")
+
+
 async def test_uptime_and_an_outage_are_the_time_the_agent_saw_pass(
         make_agent: Any, fake_nucleus: FakeNucleus, clock: Clock) -> None:
     """A board boots in 1970 and NTP corrects its clock an hour later (or the machine slept
