@@ -240,6 +240,7 @@ async def test_a_resend_stays_a_duplicate_when_an_older_copy_expires_after_a_res
     agent = await make_agent(storage=storage)
     async with aiohttp.ClientSession() as s:
         await post(s, agent.port, [event(0), event(1)])
+        clock.passed_ms = 900_000   # kept when 0 and 1 expire, 15 minutes after them
         await post(s, agent.port, [event(i) for i in range(100, 116)])   # the cap lets 0 go
         clock.passed_ms = 1_800_000
         await post(s, agent.port, [event(0)])

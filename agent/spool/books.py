@@ -73,6 +73,9 @@ class Books:
     dead_count: int = 0      # rows in the dead letters table
     used_bytes: int = 0
     last_mark: int | None = None  # agent-observed ms of the last clock mark written
+    # (agent-observed ms, next seq) of the last commit that stored events and wrote no
+    # mark: written with the next mark, which may be long after it (db.mark's ``before``).
+    unmarked: tuple[int, int] | None = None
     grouping: Grouping = _ungrouped
     groups: dict[str | None, Totals] = field(default_factory=dict)
 
@@ -92,7 +95,7 @@ class Books:
         self.committed_seq = next_seq - 1
         self.dead_count = dead
         self.used_bytes = used
-        self.last_mark = None
+        self.last_mark = self.unmarked = None
 
     def regroup(self, grouping: Grouping) -> None:
         """Sum the queues by ``grouping`` from now on: once per config, a pass over the keys."""

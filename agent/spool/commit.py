@@ -133,6 +133,7 @@ class Job:
     counters: Counts                  # deltas counted on the loop since the last commit
     now: int
     mark: tuple[int, int] | None = None  # (agent-observed ms, next seq): see clock_marks
+    unmarked: tuple[int, int] | None = None  # Books.unmarked, marked first (db.mark)
     measure: bool = True              # measure the file's size (see MEASURE_WITHIN)
     # Where the latest mark moves to when this commit deletes records or spent keys and
     # writes no mark of its own (see advance_mark).
@@ -221,7 +222,7 @@ def _commit(conn: sqlite3.Connection, job: Job) -> Outcome:
                keys_to_bytes(g.keys)) for g in job.groups]
     with transaction(conn, job.committing):
         if job.mark is not None:
-            mark(conn, *job.mark)
+            mark(conn, *job.mark, job.unmarked)
         if job.new_streams:
             conn.executemany("INSERT OR IGNORE INTO streams(id, key) VALUES (?, ?)",
                              job.new_streams)
@@ -918,6 +919,7 @@ class Expiry:
     observed: int      # agent-observed ms now
     max_age_ms: int
     window_ms: int     # dedupe_window_h
+    unmarked: tuple[int, int] | None   # Books.unmarked: marked first (db.mark)
     next_seq: int      # every event with a lower seq is committed
     leased: Sequence[Bound] = ()   # records with events in flight (leases.py): kept
     # max_size_mb (0: none): a spool over it (the cap lowered since it filled) loses a
@@ -938,7 +940,7 @@ def prune(conn: sqlite3.Connection, exp: Expiry, counters: Counts) -> Outcome:
     each at most (EXPIRE_RECORDS, EXPIRE_EVENTS): ``out.more`` says whether to run again."""
     out = Outcome()
     with transaction(conn):
-        mark(conn, exp.observed, exp.next_seq)
+        mark(conn, exp.observed, exp.next_seq, exp.unmarked)
         below, by = _received_by(conn, exp.observed - exp.max_age_ms)
         # A receipt (or dead-lettering) time the wall clock reads as still to come says
         # nothing of its age (the clock was ahead then, or is set back now): as for the

@@ -239,9 +239,20 @@ def _close(conn: sqlite3.Connection | None) -> None:
         conn.close()
 
 
-def mark(conn: sqlite3.Connection, observed: int, next_seq: int) -> None:
+def mark(conn: sqlite3.Connection, observed: int, next_seq: int,
+         before: tuple[int, int] | None = None) -> None:
     """Record that every event below ``next_seq`` was received by agent-observed time
-    ``observed`` (the latest mark is also where that time resumes at the next start)."""
+    ``observed`` (the latest mark is also where that time resumes at the next start).
+
+    ``before``: the (observed, next seq) of the last commit that stored events and wrote
+    no mark (Books.unmarked), marked first. Marked only by this one, which can be long
+    after it (the next commit's, expiry's or a stop's, the device asleep in between: the
+    agent's clock counts it, the loop's timers do not), its events read as received then
+    and were kept that much past max_age_days. Not over a mark of that time, whose seq
+    may be higher."""
+    if before is not None:
+        conn.execute("INSERT OR IGNORE INTO clock_marks(observed, next_seq) VALUES (?, ?)",
+                     before)
     conn.execute("INSERT OR REPLACE INTO clock_marks(observed, next_seq) VALUES (?, ?)",
                  (observed, next_seq))
 

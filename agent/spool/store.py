@@ -940,7 +940,8 @@ class Spool:
             if self.books.unsaved:   # counted after the last commit (keys forgotten by it)
                 await self._save_counts()
             try:
-                await self._db.run(spool_db.mark, self.observed_ms(), self.books.next_seq)
+                await self._db.run(spool_db.mark, self.observed_ms(), self.books.next_seq,
+                                   self.books.unmarked)
             except sqlite3.Error as exc:
                 log.warning("spool %s: could not save the agent's clock: %s", self.path, exc)
         await self._close_connections()
@@ -1108,6 +1109,7 @@ class Spool:
         observed = self.observed_ms()
         exp = spool_commit.Expiry(wall_cutoff=now_ms() - max_age, forget=now_ms() - window,
                                   observed=observed, max_age_ms=max_age, window_ms=window,
+                                  unmarked=(unmarked := self.books.unmarked),
                                   next_seq=self.books.next_seq, leased=self.writer.hold_sends(),
                                   max_bytes=self.writer.max_bytes,
                                   drop_oldest=self.cfg.when_full == "drop_oldest",
@@ -1118,6 +1120,8 @@ class Spool:
         except BaseException:
             self.books.unsave(counters)   # saved by the next commit instead
             raise
+        if self.books.unmarked == unmarked:   # not a commit's since
+            self.books.unmarked = None
         self.books.apply(out)
         spool_commit.say_recounted(out)
         self.live.remove(out.deleted)

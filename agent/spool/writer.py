@@ -471,7 +471,8 @@ class Writer:
                   room=self.max_bytes - books.used_bytes, max_bytes=self.max_bytes,
                   reject_when_full=self.cfg.when_full == "reject",
                   remember=self.cfg.dedupe_window_h > 0, counters=books.take_unsaved(),
-                  now=now_ms(), mark=mark, tail=(observed, seq),
+                  now=now_ms(), mark=mark, unmarked=books.unmarked if mark else None,
+                  tail=(observed, seq),
                   measure=self.commits % MEASURE_EVERY == 0 or bool(settle or batch.corrupt),
                   committing=None if settle or batch.corrupt
                   or any(g.data is None for g in groups) else Signal(),
@@ -572,7 +573,9 @@ class Writer:
         gone = self.host.replaced()
         self.commits += 1
         if job.mark is not None:
-            books.last_mark = job.mark[0]
+            books.last_mark, books.unmarked = job.mark[0], None
+        elif job.groups:
+            books.unmarked = job.tail
         if job.new_streams:
             books.new_streams = books.new_streams[len(job.new_streams):]
         if out.unused:
