@@ -85,7 +85,8 @@ class IngestSink(Protocol):
     async def store(self, events: Sequence[Event], limits: Routes | None = None,
                     alike: bool = False) -> int:
         """Commit ``events`` durably, held to ``limits`` (None: those in force); how many
-        were new. Raises SpoolFull, or Invalid (too large), storing none. ``alike``: the
+        were new. Raises SpoolFull, or Invalid (too large; KeyRefused: a key no longer
+        accepted), storing none. ``alike``: the
         caller knows they all have the first one's key and family (a Nucleus message's
         events, a Segment batch of one key), so they are routed and announced once."""
 

@@ -48,7 +48,7 @@ from agent.dialects.body import (
 from agent.dialects.exact_json import kept_as_sent
 from agent.dialects.nucleus_frames import Late, OverCap, QueueSocket, Taken
 from agent.dialects.nucleus_queue import TooLarge, TooMany
-from agent.dialects.replies import describe, masked, status_of
+from agent.dialects.replies import KeyRefused, describe, masked, status_of
 from agent.families import nucleus as family
 from agent.families import nucleus_as_sent as as_sent
 from agent.families.errors import Invalid, shown
@@ -361,6 +361,11 @@ class NucleusHandlers:
             log_limited(log, logging.WARNING, f"late:{key}", "app %s: large %s, closed (1008)",
                         masked(key), exc)
             await ws.close(code=WSCloseCode.POLICY_VIOLATION, message=_close_reason(str(exc)))
+            return False
+        except KeyRefused as exc:   # a reload revoked the key while the message was read
+            replies.refused(401)
+            await ws.close(code=WSCloseCode.POLICY_VIOLATION,
+                           message=_close_reason(exc.message))
             return False
         except (BodyError, Invalid) as exc:
             # A bad message closes only this connection, with a reason the app can log.

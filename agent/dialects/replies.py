@@ -101,8 +101,16 @@ class Fixed:
 STORED = Fixed(json_reply({"Success": True}, 200))
 
 
+class KeyRefused(Invalid):
+    """The request's key, let in at its head, was refused by the time its events were to
+    be stored: a reload took it out of listen.accept_keys while the body was still read.
+    Nothing is stored; it is answered as at the head (401)."""
+
+
 def status_of(exc: Invalid) -> int:
     """The HTTP status of a message the family rules refused."""
+    if isinstance(exc, KeyRefused):
+        return 401
     return 413 if exc.too_large else 400
 
 
@@ -133,6 +141,8 @@ async def settle(work: Awaitable[R], error: ErrorReply, *, full_status: int = 50
     except BodyError as exc:
         status = exc.status if exc.status == TIMED_OUT else client_status or exc.status
         return error(status, describe(exc), None)
+    except KeyRefused as exc:   # no client mistake in the request: the 401 of its head
+        return error(status_of(exc), describe(exc), None)
     except Invalid as exc:
         return error(client_status or status_of(exc), describe(exc), None)
     except SpoolFull as exc:

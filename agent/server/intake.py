@@ -11,6 +11,7 @@ from functools import partial
 
 from agent.dialects import offload
 from agent.dialects.base import MAX_KEY_CHARS, Routes
+from agent.dialects.replies import KeyRefused
 from agent.families.enrich import Enrich
 from agent.families.errors import Invalid
 from agent.families.event import Event, keys_of, longer_than
@@ -125,7 +126,8 @@ class Sink:
                     alike: bool = False) -> int:
         """Commit ``events`` durably, each in the shape its route stores it in
         (``RouteLimits.as_stored``); returns how many were new. Raises SpoolFull, or
-        Invalid (too large) for an event its upstream can never carry, storing none.
+        Invalid (too large) for an event its upstream can never carry, or KeyRefused for
+        a key a reload took out of listen.accept_keys since the request's head, storing none.
         ``limits``: the routes the request judged its events by, when a reload may have
         come since (a large body is judged on the parse worker); None: those in force.
         ``alike``: every event has the first one's key and family (the caller knows it): the
@@ -136,6 +138,11 @@ class Sink:
         if limits is None:
             limits = self.limits
         try:
+            if self._accept and not self._accept.issuperset(
+                    (events[0].key,) if alike else keys_of(events)):
+                # Its key was let in at the head, and a reload has taken it out of
+                # accept_keys since (a body still being read): not stored under it now.
+                raise KeyRefused("key refused: not one of listen.accept_keys")
             if len(events) > MAP_INLINE_MAX and limits.maps_any(events):
                 # Mapping is 10-40 µs an event: on the loop, a 4 MiB Nucleus message's held
                 # it 0.7 s. On the worker, with the request's place in the commit order
