@@ -7,6 +7,7 @@ from __future__ import annotations
 import asyncio
 import os
 import stat
+import threading
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -172,3 +173,57 @@ async def test_a_link_put_at_a_spool_path_while_the_spool_cannot_be_opened_is_no
     _left_alone(found, "file", before)
     assert stat.S_IMODE(os.stat(found).st_mode) == stat.S_IMODE(before.st_mode)
     assert path.is_symlink()
+
+
+def _read_from(fifo: Path) -> Callable[[], bool]:
+    """Whether anything opened ``fifo`` to read from it since this call: a writer waits
+    for a reader in another thread (a reader alone would wait forever, as the agent did).
+    The call that answers lets the writer go, if no reader came."""
+    opened = threading.Event()
+
+    def write() -> None:
+        os.close(os.open(fifo, os.O_WRONLY))   # returns once a reader has it open
+        opened.set()
+
+    writer = threading.Thread(target=write, daemon=True)
+    writer.start()
+
+    def answer() -> bool:
+        came = opened.is_set()
+        if not came:
+            os.close(os.open(fifo, os.O_RDONLY | os.O_NONBLOCK))   # the writer's reader
+        writer.join()
+        return came
+    return answer
+
+
+@pytest.mark.skipif(not hasattr(os, "mkfifo"), reason="POSIX fifos")
+async def test_a_spool_replaced_by_a_link_with_no_room_for_a_copy_is_not_read_through_it(
+        make_agent: Any, tmp_path: Path, six_mb_fs: Path) -> None:  # noqa: F811
+    """As above, on a disk with no room left for a copy of the file the agent has open:
+    the link put at the path was moved aside in the spool's place and salvaged as it,
+    opened through the link. A fifo there (nothing writes to it) hung the salvage, and
+    the stop, or the next start, with it; a file of another program was read as the
+    agent's queue. It is kept aside, not read; the queue it could not copy is said lost."""
+    state = six_mb_fs / "state"
+    path = state / "spool.db"
+    found = _target(tmp_path / "elsewhere", "fifo")
+    before = os.lstat(found)
+    agent = await make_agent(spool=path)
+    async with aiohttp.ClientSession() as s:
+        for n in range(20):   # ~850 KB queued
+            assert (await post(s, agent.port, [event(n * 10 + i) for i in range(10)])).status \
+                == 200
+    free = os.statvfs(six_mb_fs)
+    filler = six_mb_fs / "filler"
+    filler.write_bytes(b"\0" * (free.f_bavail * free.f_frsize - 40_000))
+    read = _read_from(found)
+    path.unlink()
+    path.symlink_to(found)
+    await agent.stop()
+    filler.unlink()
+    await (await make_agent(spool=path)).stop()   # a salvage left to the next start
+    assert not read(), "the salvage opened the link's target, a fifo"
+    _left_alone(found, "fifo", before)
+    kept = [p for p in state.iterdir() if p.is_symlink()]
+    assert [os.readlink(p) for p in kept] == [str(found)], "the link put there is not kept"
