@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import os
 import sqlite3
+import stat
 from array import array
 from bisect import bisect_right
 from collections.abc import Callable, Iterator
@@ -162,9 +163,15 @@ def keep_counters(fresh: sqlite3.Connection, counters: Counts) -> None:
 
 
 def _open_old(moved: Path) -> sqlite3.Connection | None:
+    # Only a regular file, as it is (lstat): a symbolic link put at the spool's path, moved
+    # aside in its place when no copy of the file open could be made, is not followed (to
+    # a fifo, SQLite's open waited forever for a writer; to a file elsewhere, it was read
+    # as the agent's queue). Nothing to read: the queue is counted lost.
     try:
+        if not stat.S_ISREG(os.lstat(moved).st_mode):
+            return None
         old = sqlite3.connect(read_only_uri(moved), uri=True)
-    except sqlite3.Error:
+    except (sqlite3.Error, OSError):
         return None
     # A truncated file's schema names pages past its end: without this every query
     # fails, even on the pages that are still there.
