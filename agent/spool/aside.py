@@ -199,7 +199,7 @@ def done(path: Path) -> None:
 def _rename(path: Path, target: Path) -> None:
     # The file first: while it is still at the path, its -wal and -shm must stay with it.
     # A symbolic link put there is renamed itself (rename(2) does not follow it), dangling
-    # or not: skipped, the fresh spool was made through it, where it points.
+    # or not: exists() skipped a dangling one, and the fresh spool was made through it.
     for suffix in SUFFIXES:
         src = Path(f"{path}{suffix}")
         if os.path.lexists(src):
