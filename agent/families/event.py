@@ -11,6 +11,7 @@ from __future__ import annotations
 import hashlib
 import struct
 import sys
+from collections import Counter
 from collections.abc import Callable, Container, Iterator, Sequence
 from dataclasses import dataclass
 from datetime import datetime, timezone
@@ -130,6 +131,15 @@ def longer_than(events: Sequence[Event], least: int) -> bool:
 def keys_of(events: Sequence[Event]) -> set[str]:
     """The keys ``events`` name (Columns: no Event made for each)."""
     return events.key_set() if type(events) is Columns else {ev.key for ev in events}
+
+
+def key_counts(events: Sequence[Event]) -> Counter[str]:
+    """How many of ``events`` each key names (Columns: no Event made for each)."""
+    if type(events) is not Columns:
+        return Counter(ev.key for ev in events)
+    if events.keys is None:
+        return Counter({events.key: len(events)})
+    return Counter(events.keys)
 
 
 class Limit(NamedTuple):

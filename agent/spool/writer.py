@@ -23,7 +23,7 @@ from dataclasses import dataclass, field
 from typing import Any, Protocol
 
 from agent.families.errors import Invalid
-from agent.families.event import NOT_READ, NUCLEUS, Columns, Event, now_ms
+from agent.families.event import NOT_READ, NUCLEUS, Columns, Event, key_counts, now_ms
 from agent.logs import log_limited
 from agent.outcomes import Drop, Tally
 from agent.settings import StorageConfig
@@ -598,12 +598,14 @@ class Writer:
                         "spool: refused %d events as too large: %s (counted as %s)", never,
                         self._never_fits(*max(out.never.values())), Drop.REJECTED_FULL)
         if turned := out.counters.get(Drop.REJECTED_FULL, 0) - never:
-            whose = books.keys_by_group(Counter(ev.key for i in out.refused if i not in
-                                                out.never for ev in appends[i].events))
+            whose: Counter[str] = Counter()
+            for i in out.refused:
+                if i not in out.never:   # said above
+                    whose.update(key_counts(appends[i].events))
             log_limited(log, logging.WARNING, "rejected-full",
                         "spool at max_size_mb: refused %d events with each API's retry-later "
                         "status, for their apps to send again later (counted as %s)%s", turned,
-                        Drop.REJECTED_FULL, by_upstream(whose))
+                        Drop.REJECTED_FULL, by_upstream(books.keys_by_group(whose)))
         # Damage is found by the reader (job.corrupt) or by settling a record it then reads.
         if (job.corrupt or job.settle) and (lost := out.counters.get(Drop.DROPPED_CORRUPT, 0)):
             log_limited(log, logging.ERROR, "dropped-corrupt",
