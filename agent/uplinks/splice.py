@@ -122,7 +122,7 @@ def take(uplink: Encoder, rows: Sequence[Row],
                     not keyed)
 
 
-def _seq_ids(bodies: list[bytes], ids: list[Any], first: int, none: bool = False
+def _seq_ids(bodies: list[bytes], ids: list[Any], first: int, none: bool
              ) -> tuple[list[bytes], list[Any]]:
     """``bodies`` and ``ids`` (of seqs ``first``, ...), each event without an id given its
     seq as id, put last in its body: the bytes NucleusFraming.encode_stored makes by parsing
