@@ -39,6 +39,20 @@ def _target(where: Path, kind: str) -> Path:
     return found
 
 
+async def _posted_around(agent: Any, then: str, swap: Callable[[], None]) -> list[int]:
+    """Three events posted, ``swap`` done under the agent, then (``then`` a commit) two more
+    posted, each answered 200, and the agent stopped: the events posted after the swap."""
+    more = [100, 101] if then == "commit" else []
+    async with aiohttp.ClientSession() as s:
+        assert (await post(s, agent.port, [event(i, pad="") for i in range(3)])).status == 200
+        swap()
+        for n in more:
+            answered = await post(s, agent.port, [event(n, pad="")])
+            assert answered.status == 200, f"{answered.status}: {agent.spool.open_error}"
+    await agent.stop()
+    return more
+
+
 def _left_alone(found: Path, kind: str, before: os.stat_result) -> None:
     """``found`` is as it was, and nothing was made beside it."""
     now = os.lstat(found)
@@ -67,15 +81,11 @@ async def test_a_spool_replaced_by_a_link_is_not_followed(
     found = _target(tmp_path / "elsewhere", kind)
     before = os.lstat(found)
     agent = await make_agent(spool=path)
-    more = [100, 101] if then == "commit" else []
-    async with aiohttp.ClientSession() as s:
-        assert (await post(s, agent.port, [event(i, pad="") for i in range(3)])).status == 200
+
+    def swap() -> None:
         path.unlink()
         path.symlink_to(found)
-        for n in more:
-            answered = await post(s, agent.port, [event(n, pad="")])
-            assert answered.status == 200, f"{answered.status}: {agent.spool.open_error}"
-    await agent.stop()
+    more = await _posted_around(agent, then, swap)
     _left_alone(found, kind, before)
     assert path.is_file() and not path.is_symlink()
     assert rows(path) == 3 + len(more), "events answered 200 are not in the spool file"
@@ -103,16 +113,12 @@ async def test_a_linked_spool_pointed_at_no_file_is_not_followed(
     found = _target(tmp_path / "elsewhere", kind)
     before = os.lstat(found)
     agent = await make_agent(spool=link)
-    more = [100, 101] if then == "commit" else []
-    async with aiohttp.ClientSession() as s:
-        assert (await post(s, agent.port, [event(i, pad="") for i in range(3)])).status == 200
+
+    def swap() -> None:
         moving = link.with_name("moving")
         moving.symlink_to(found)
         moving.replace(link)
-        for n in more:
-            answered = await post(s, agent.port, [event(n, pad="")])
-            assert answered.status == 200, f"{answered.status}: {agent.spool.open_error}"
-    await agent.stop()
+    more = await _posted_around(agent, then, swap)
     _left_alone(found, kind, before)
     assert os.readlink(link) == str(found), "the link was changed"
     assert rows(disk / "spool.db") == 3 + len(more), "events answered 200 are not kept"
