@@ -544,8 +544,9 @@ class NucleusWsUplink(NucleusFraming, UplinkBase):
         link.acked.update(acked)
         if acked and frame is not None and last != n:
             # The frames skipped: answered by replies that were no answer.
-            link.no_answers -= ahead.index(last)
-            link.unanswered.update(ahead[:ahead.index(last)])
+            skipped = ahead[:ahead.index(last)]
+            link.no_answers -= len(skipped)
+            link.unanswered.update(skipped)
         return bool(acked)
 
     async def _heartbeats(self, link: _Link, ws: aiohttp.ClientWebSocketResponse) -> None:
