@@ -130,7 +130,7 @@ def cmd_run(args: argparse.Namespace) -> int:
     async def main() -> int:
         try:
             return await Agent(cfg, getattr(args, "config", None),
-                               on_spool_open=memory.freeze_start, holds_lock=True,
+                               on_spool_open=memory.settle_start, holds_lock=True,
                                exits=True).serve()
         except AddressNotHere as exc:   # may be there at the next try: a service restarts it
             _say(str(exc))

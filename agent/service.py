@@ -83,7 +83,7 @@ class Agent:
                  holds_lock: bool = False, exits: bool = False) -> None:
         self.cfg = cfg
         # Called once the spool is open, its dedupe index rebuilt, before anything listens
-        # (``outpost run``: memory.freeze_start).
+        # (``outpost run``: memory.settle_start).
         self.on_spool_open = on_spool_open
         # Whether the process holds the spool's lock file (``outpost run``): the spool
         # makes it again if an operator removes it under the agent.

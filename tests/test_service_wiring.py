@@ -88,7 +88,7 @@ def test_secret_registration_is_idempotent() -> None:
 async def test_the_start_hands_over_the_rebuilt_index_before_it_listens(make_agent: Any,
                                                                        tmp_path: Path) -> None:
     """``outpost run`` freezes what the start built once the spool is open (memory.py
-    ``freeze_start``): the hook sees the whole index, and no listener yet."""
+    ``settle_start``): the hook sees the whole index, and no listener yet."""
     first = await make_agent(spool=tmp_path / "s.db")
     await post_events(first.port, "k", range(5))
     await first.stop()
@@ -110,7 +110,7 @@ def test_a_frozen_index_is_not_walked_by_the_collector() -> None:
     index.admit(list(range(100)), 0, 0)
     assert gc.is_tracked(index.keys)
     frozen = gc.get_freeze_count()
-    memory.freeze_start()
+    memory.settle_start()
     try:
         assert gc.get_freeze_count() > frozen
         assert all(o is not index.keys for o in gc.get_objects())

@@ -33,9 +33,10 @@ TRIM_AFTER_BYTES = 4 * 1024 * 1024  # trimming after light traffic would gain no
 TRIM_QUIET_S = 1.0  # after the last request of a burst: replies sent, connections closed
 
 
-def freeze_start() -> None:
-    """Exempt what the start has built, the imported modules and the spool with its dedupe
-    index, from the cyclic GC: all of it lives as long as the process.
+def settle_start() -> None:
+    """Settle what the start has built, the imported modules and the spool with its dedupe
+    index, all of which lives as long as the process: exempt it from the cyclic GC, and
+    hand back to the OS what building it freed.
 
     - A burst of ingest triggers full collections, each of which walked the ~47,000
       objects of the imported modules too, holding the GIL for 35 to 140 ms (measured,
@@ -43,6 +44,10 @@ def freeze_start() -> None:
     - The dedupe index is one set of up to ``dedupe_max_keys`` ints: each collection of its
       generation walked all of it, ~90 ms at 1M keys, once or twice during a start with a
       million queued and at every full collection after. Its ints hold no references.
+    - Rebuilding the index frees its scratch (the keys read from the file, the set's
+      outgrown tables): 15-17 MB at 1M keys that stayed in the C allocator's free lists
+      while a drain ran, with no ingest to trigger ``Trimmer`` (bench/RESULTS.md run 68).
+      ``malloc_trim`` takes 5-9 ms there, well under 1% of such a start.
 
     No collection first: after the imports one freed 0 to 5 objects for 27 to 44 ms, and
     would now walk the index too. Called by ``outpost run`` once the spool is open (Agent's
@@ -50,6 +55,8 @@ def freeze_start() -> None:
     spool is salvaged, is walked again.
     """
     gc.freeze()
+    if (trim := malloc_trim()) is not None:
+        trim(0)
 
 
 class Trimmer:
