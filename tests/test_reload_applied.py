@@ -10,6 +10,8 @@ import os
 import signal
 import subprocess
 import sys
+import threading
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
 
@@ -18,6 +20,7 @@ import pytest
 from aiohttp import WSCloseCode, WSMsgType, web
 
 from agent import config as config_mod
+from agent.dialects import offload
 from agent.dialects.base import Example
 from agent.forwarder.supervisor import Seams
 from agent.service import Agent
@@ -25,6 +28,7 @@ from tests.conftest import free_port, write_config
 from tests.dialect_examples import examples
 from tests.fakes.faulty_upstream import Fault, FaultyUpstream
 from tests.fakes.loopback_server import LoopbackServer
+from tests.segment_helpers import call
 from tests.test_dead_many import outpost_in_thread
 from tests.test_upstream_faults import event
 from tests.waiting import wait_for
@@ -113,6 +117,62 @@ async def test_a_key_a_reload_no_longer_accepts_is_refused_for_a_post_still_send
     assert reply.startswith(b"HTTP/1.1 401 "), reply
     assert b"listen.accept_keys" in reply, reply
     assert "revoked" not in agent.spool.streams
+
+
+async def test_a_large_batch_of_several_keys_a_reload_revokes_one_of_as_it_is_judged_is_207(
+        make_agent: Any) -> None:
+    """A Segment batch over 64 KiB is judged on the parse worker (agent/dialects/offload.py).
+    A reload landing after the worker let a key's messages in, before the commit, took that
+    key out of listen.accept_keys: the commit refused the whole batch (401), the other
+    keys' messages with it, and an SDK drops a batch on a 4xx. It gets what the same batch
+    gets after the reload (as a small batch, judged in the commit's turn of the loop,
+    does): a 207 refusing the revoked key's messages alone, the others stored."""
+    agent = await make_agent(listen={"accept_keys": ["kept", "revoked"]})
+    batch = {"batch": [{"type": "track", "event": "e", "userId": "u", "messageId": f"m{i}",
+                        "writeKey": ("kept", "revoked")[i % 2], "properties": {"p": "x" * 10_000}}
+                       for i in range(8)]}
+    held, go, judged, hop_held, hop_go, hopped = (threading.Event() for _ in range(6))
+
+    def hold(taken: threading.Event, until: threading.Event) -> None:
+        taken.set()
+        until.wait(30)
+
+    # The reload's hop off the loop (its preflight, asyncio.to_thread) on one thread, held
+    # like the parse worker: first come, first served, so the test knows when it is done.
+    hop = ThreadPoolExecutor(max_workers=1, thread_name_prefix="test-hop")
+    asyncio.get_running_loop().set_default_executor(hop)
+    worker = offload._worker
+    try:
+        worker.submit(hold, held, go)   # the batch's judging queues behind
+        assert held.wait(30)
+        sent = asyncio.create_task(call(agent.port, "/v1/batch", batch))
+        await wait_for(lambda: worker._work_queue.qsize() == 1)
+        worker.submit(judged.set)   # runs once the batch is judged
+        hop.submit(hold, hop_held, hop_go)
+        assert hop_held.wait(30)
+        write_config(Path(agent.config_path), agent.spool.path,
+                     listen={"accept_keys": ["kept"]})
+        reloading = asyncio.ensure_future(agent.reload())
+        await wait_for(lambda: hop._work_queue.qsize() == 1)   # its preflight, queued
+        hop.submit(hopped.set)
+        # The loop held from here until the batch is judged, by the old keys: the reload's
+        # preflight is done first, so the reload resumes (and sets the new keys) in the turn
+        # of the loop before the batch's commit does.
+        hop_go.set()
+        assert hopped.wait(30)
+        go.set()
+        assert judged.wait(30)
+        reply = await sent
+        assert await reloading
+    finally:
+        go.set()
+        hop_go.set()
+    after = await call(agent.port, "/v1/batch", batch)   # the same batch, judged after it
+    assert after.status == 207, after.body
+    assert reply.status == 207, reply.body
+    assert reply.json() == after.json()
+    assert "revoked" not in agent.spool.streams
+    assert agent.spool.streams["kept"].depth == 4
 
 
 async def test_a_reload_names_what_still_needs_a_restart_by_what_runs(
