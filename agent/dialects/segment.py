@@ -244,7 +244,8 @@ class SegmentHandlers:
         if (why := self._refusal(given)) is not None:
             return batch_error(401, [error_object(401, INVALID_KEY, why)])
         try:
-            collected = await self._parse_batch(await read(), given[0] if given else None)
+            collected = await self._judged(await read(), partial(
+                self._parse_batch, forced_key=given[0] if given else None))
         except Busy as exc:
             return batch_error(exc.status, [error_object(exc.status, exc.message, exc.details)],
                                exc.retry_after)
@@ -256,6 +257,20 @@ class SegmentHandlers:
             return batch_error(exc.status, [error_object(
                 exc.status, "Error reading request body", detail)])
         return await self._store(collected)
+
+    async def _judged(self, raw: bytes, judge: Callable[[bytes], Awaitable[T]]) -> T:
+        """``judge(raw)``, judged again while it let messages in under a key refused now.
+        A body over 64 KiB is judged on the parse worker (offload.py), and a reload meanwhile
+        may take one of its keys out of listen.accept_keys: the commit then refused the
+        whole batch (KeyRefused, 401), the other keys' messages with it, where a small body,
+        judged in its commit's turn of the loop, gets a 207 refusing that key's alone."""
+        judged = await judge(raw)
+        while isinstance(judged, Collected) and any(
+                why is None and self._key_refusal(key) is not None
+                for key, why in judged.asked.items()):
+            del judged   # not held beside the next
+            judged = await judge(raw)
+        return judged
 
     async def _parse_batch(self, raw: bytes, forced_key: str | None) -> Collected | web.Response:
         return _counted(await parse_body(raw, as_is,
@@ -388,8 +403,8 @@ class SegmentHandlers:
         except BadAuth as exc:
             return single_error(401, INVALID_KEY, str(exc))
         try:
-            parsed = await self._parse_webhook(await read_raw(request, spec.MAX_BATCH_BYTES),
-                                               forced)
+            parsed = await self._judged(await read_raw(request, spec.MAX_BATCH_BYTES),
+                                        partial(self._parse_webhook, forced_key=forced))
         except BodyError as exc:
             return single_error(exc.status, exc.message, exc.details, exc.retry_after)
         if isinstance(parsed, Single):
