@@ -16,6 +16,8 @@ from aiohttp import web
 from agent.service import Agent
 from tests.conftest import free_port, write_config
 from tests.fakes.ops_scene import post_events
+from tests.fakes.segment_upstream import FakeSegment
+from tests.segment_helpers import basic, call
 from tests.test_dead_letters import RefusingNucleus, dead_letters, outpost, upstream
 from tests.waiting import run_outpost, wait_for
 
@@ -269,3 +271,45 @@ async def test_a_stopped_agent_s_dead_list_by_upstream(make_agent: Any) -> None:
 async def test_dead_list_help_names_upstream() -> None:
     code, text = await run_outpost("dead", "list", "--help")
     assert code == 0 and "--upstream NAME" in text, text
+
+
+class _RefusingInWords(FakeSegment):
+    """A Segment collector refusing every batch for good (400) in words of its own that are
+    no ASCII: a reason of emoji, the longest an HTTP upstream's reply gives a dead letter
+    (the first 300 characters of the reply)."""
+
+    async def _batch(self, request: web.Request) -> web.Response:
+        await request.read()
+        return web.Response(text="\N{NO ENTRY SIGN}" * 400, status=400)
+
+
+async def test_a_running_agent_s_retry_or_purge_of_the_longest_reason_and_a_long_name(
+        make_agent: Any) -> None:
+    """A reason and an upstream's name in non-ASCII text went to the running agent as JSON
+    escapes (\\uXXXX, six bytes a character, twelve for an emoji): a reason of an
+    upstream's 300 characters with a name of 100 was "body over 4096 bytes", where the same
+    command on the spool alone (agent stopped) worked."""
+    up = await _RefusingInWords().start()
+    name = "数据分析" * 25
+    try:
+        agent = await make_agent(port=free_port(), upstreams=[
+            {"name": name, "protocol": "segment-http", "url": up.url,
+             "flush_interval_s": 0.05, "timeout_s": 2}])
+        cfg = agent.config_path
+        assert agent.spool is not None
+        reply = await call(agent.port, "/v1/track", {"event": "e", "userId": "u"},
+                           headers={"Authorization": basic("app")})
+        assert reply.status == 200, reply.body
+        await dead_letters(agent, 1)
+        [group] = json.loads(await outpost("list", "--json", config=cfg))["groups"]
+        reason = group["reason"]
+        assert group["upstream"] == name and len(reason) == len("HTTP 400: ") + 300, group
+        text = await outpost("retry", "--reason", reason, "--upstream", name, config=cfg)
+        assert "re-queued 1 dead letters" in text and "running agent" in text, text
+        await wait_for(lambda: agent.spool is not None and agent.spool.dead_count == 1
+                       and agent.spool.counters.get("dead_retried") == 1)
+        text = await outpost("purge", "--reason", reason, "--upstream", name, config=cfg)
+        assert text.splitlines() == ["purged 1 dead letters (the running agent)"], text
+        assert agent.spool.dead_count == 0
+    finally:
+        await up.stop()
