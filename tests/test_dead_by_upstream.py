@@ -11,6 +11,7 @@ from pathlib import Path
 from typing import Any
 
 import aiohttp
+import pytest
 from aiohttp import web
 
 from agent.service import Agent
@@ -283,14 +284,16 @@ class _RefusingInWords(FakeSegment):
         return web.Response(text="\N{NO ENTRY SIGN}" * 400, status=400)
 
 
+@pytest.mark.parametrize("chars", [100, 2000])
 async def test_a_running_agent_s_retry_or_purge_of_the_longest_reason_and_a_long_name(
-        make_agent: Any) -> None:
+        make_agent: Any, chars: int) -> None:
     """A reason and an upstream's name in non-ASCII text went to the running agent as JSON
     escapes (\\uXXXX, six bytes a character, twelve for an emoji): a reason of an
     upstream's 300 characters with a name of 100 was "body over 4096 bytes", where the same
-    command on the spool alone (agent stopped) worked."""
+    command on the spool alone (agent stopped) worked. agent.toml sets no length for a
+    name: one of 2,000 characters, far past any a person writes, is taken too."""
     up = await _RefusingInWords().start()
-    name = "数据分析" * 25
+    name = "数据分析" * (chars // 4)
     try:
         agent = await make_agent(port=free_port(), upstreams=[
             {"name": name, "protocol": "segment-http", "url": up.url,
