@@ -13,6 +13,7 @@ import orjson
 import pytest
 
 from agent.dialects.replies import masked
+from agent.ops.dead import BODY_LIMIT
 from tests.segment_helpers import call
 
 ALLOWED = "https://app.example"
@@ -239,11 +240,11 @@ async def test_the_guard_s_refusal_on_a_path_no_route_serves_is_counted_as_unrou
 async def test_an_operations_route_sends_no_100_continue_before_refusing_the_body(
         make_agent: Any) -> None:
     """The operations routes kept aiohttp's Expect handler: `POST /dead/retry` with a body
-    over its 4 KiB was told `100 Continue` before the 413, so the client uploaded it."""
+    over its limit was told `100 Continue` before the 413, so the client uploaded it."""
     agent = await make_agent()
     head, _ = await raw_reply(agent.port, b"POST /dead/retry HTTP/1.1\r\nHost: 127.0.0.1\r\n"
                               b"Content-Type: application/json\r\nExpect: 100-continue\r\n"
-                              b"Content-Length: 5000\r\n\r\n")
+                              b"Content-Length: %d\r\n\r\n" % (BODY_LIMIT + 1))
     assert head.startswith(b"HTTP/1.1 413 "), head
 
 

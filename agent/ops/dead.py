@@ -28,7 +28,13 @@ from agent.spool import Spool, dead, dead_live
 
 log = logging.getLogger("outpost.dead")
 Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
-BODY_LIMIT = 4096  # a retry or purge request: {"reason": ...}
+# A retry or purge request, {"reason": R, "all": false, "upstream": U}, as `outpost dead`
+# sends it: UTF-8, at most 6 bytes a character (a control character's \u escape). A reason
+# is at most ~400 characters (an upstream's words cut to 300 by segment-http, 200 by the
+# Nucleus uplinks, and a few dozen of the agent's own); agent.toml sets no length for an
+# upstream's name: 2,000 characters is far past any a person writes. 4 KiB refused the
+# longest reason of emoji beside a name of 100 CJK characters, sent as JSON escapes.
+BODY_LIMIT = 16 * 1024   # over 6 * (400 + 2000) and the JSON around them
 
 
 class _Refused(Exception):

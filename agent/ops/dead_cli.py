@@ -201,7 +201,10 @@ class _Cli:
         self.load = load
 
     def _ask(self, cfg: Config, path: str, body: dict[str, Any] | None = None) -> bytes:
-        data = None if body is None else json.dumps(body).encode()
+        # UTF-8, not \u escapes: six bytes a character, twelve an emoji, took a long reason
+        # or name of other scripts past the agent's cap (dead.BODY_LIMIT). Both are UTF-8
+        # text (``_reason``).
+        data = None if body is None else json.dumps(body, ensure_ascii=False).encode()
         req = urllib.request.Request(agent_url(cfg, path), data=data,
                                      method="GET" if body is None else "POST",
                                      headers={"Content-Type": "application/json"})
