@@ -470,3 +470,42 @@ async def test_a_body_dense_in_objects_is_refused_before_it_is_parsed(
         assert status == 413 and "objects and arrays" in reply, (path, status, reply[:300])
     assert msg.type == WSMsgType.CLOSE and msg.data == WSCloseCode.MESSAGE_TOO_BIG, msg
     assert "objects and arrays" in msg.extra, msg
+
+
+async def test_bodies_sent_in_one_byte_chunks_cost_what_larger_chunks_do(
+        tmp_path: Path, agent_process: Callable[..., AgentProcess]) -> None:
+    """A chunked body's every chunk becomes an object of aiohttp's, about 100 bytes for a
+    chunk of one byte, and aiohttp read up to 4,096 of a body's chunks ahead of its route
+    before it paused: about 400 KB a connection for 4 KB of body, which the in-flight
+    budget had yet to see. 200 connections each sending a 20 KB batch in 1-byte chunks took
+    the agent about 210 MB past idle at its peak (500 of them 430 MB, so about 1 GB at
+    listen.max_connections); the same batches in one chunk each, 6 MB."""
+    agent = offline_agent(tmp_path, agent_process)
+    assert agent.proc is not None
+    sampler = RssSampler(agent.proc.pid)
+    head = (b"POST /v1/batch HTTP/1.1\r\nHost: 127.0.0.1\r\nAuthorization: "
+            + BASIC["Authorization"].encode() + b"\r\nContent-Type: application/json\r\n"
+            b"Transfer-Encoding: chunked\r\n\r\n")
+    body = b'{"batch": [' + b" " * 20_000 + b"]}"
+    chunked = b"".join(b"1\r\n%c\r\n" % c for c in body) + b"0\r\n\r\n"
+
+    async def one() -> int:
+        reader, writer = await asyncio.open_connection("127.0.0.1", agent.port)
+        try:
+            writer.write(head + chunked)
+            await writer.drain()
+            status = await asyncio.wait_for(reader.readline(), 60)
+            return int(status.split()[1])
+        finally:
+            writer.close()
+
+    async with aiohttp.ClientSession() as s:
+        async with s.post(f"{agent.url}/app/{KEY}/track", json={"data": [{"id": 1}]}) as r:
+            assert r.status == 200
+    idle = sampler.rss()
+    with sampler.running():
+        statuses = await asyncio.gather(*(one() for _ in range(200)))
+    grown = sampler.peak - idle
+    print(f"peak {grown / MB:.0f} MB past idle; replies {sorted(set(statuses))}")
+    assert set(statuses) <= {200, 503}, statuses   # taken (an empty batch), or busy
+    assert grown <= 60 * MB, f"peak RSS {grown / MB:.0f} MB past idle"
