@@ -84,6 +84,12 @@ HEAD_MAX = 80 * 1024
 _BLANK_LINE = re.compile(rb"\n\r?\n")   # a head's end (aiohttp takes a bare LF too)
 # Bytes after a head given to aiohttp at a time: where a body ends is seen within that many.
 SLICE = 16 * 1024
+# Chunks of a chunked body aiohttp parses ahead of its route before reading pauses (its
+# own default: 4,096). Each chunk is an object of its own, ~100 bytes for a chunk of one
+# byte, which the in-flight budget sees only once the route reads it: 4,096 of them held
+# ~400 KB a connection for 4 KB of body (200 connections sending 1-byte chunks: +210 MB).
+# Large chunks reach aiohttp's byte limit first, as before.
+CHUNKS_AHEAD = 64
 _HEAD_MESSAGE = (f"request head over {HEAD_MAX} bytes "
                  "(its request line and header fields together)")
 _HEAD_BODY = orjson.dumps(plain_error(431, _HEAD_MESSAGE))
@@ -145,6 +151,13 @@ def _counted(inner: Any) -> bool:
 def _queue_full(inner: Any) -> bool:
     """Whether aiohttp's queue of parsed requests is full: it has paused reading."""
     return len(inner._messages) >= getattr(inner, "_max_msg_queue_size", sys.maxsize)
+
+
+def _few_chunks(body: Any) -> None:
+    """Reading pauses once CHUNKS_AHEAD chunks of ``body`` (a chunked body's StreamReader:
+    aiohttp 3.14's chunk watermarks) wait for its route, and resumes at half of them."""
+    if getattr(body, "_high_water_chunks", 0) > CHUNKS_AHEAD:
+        body._high_water_chunks, body._low_water_chunks = CHUNKS_AHEAD, CHUNKS_AHEAD // 2
 
 
 def _cut_short(body: Any) -> None:
@@ -321,6 +334,8 @@ class _Conn(asyncio.Protocol):
                 length = None if getattr(message, "chunked", True) \
                     else message.headers.get("Content-Length")
                 self.length = None if length is None else int(length)
+                if self.length is None:   # set before its first chunk: a head is a piece
+                    _few_chunks(self.payload)
             if inner._request_count != seen or self._taken() != taken:
                 self.spare = 0
             else:
