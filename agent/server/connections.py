@@ -88,7 +88,9 @@ SLICE = 16 * 1024
 # own default: 4,096). Each chunk is an object of its own, ~100 bytes for a chunk of one
 # byte, which the in-flight budget sees only once the route reads it: 4,096 of them held
 # ~400 KB a connection for 4 KB of body (200 connections sending 1-byte chunks: +210 MB).
-# Large chunks reach aiohttp's byte limit first, as before.
+# Large chunks reach aiohttp's byte limit first, as before. Set on the body once its head
+# is parsed: a head that came in one piece with the end of a chunked body before it (a
+# pipelined request) has that piece's chunks parsed under aiohttp's limit first.
 CHUNKS_AHEAD = 64
 _HEAD_MESSAGE = (f"request head over {HEAD_MAX} bytes "
                  "(its request line and header fields together)")
