@@ -40,8 +40,10 @@ v0 -> v1, nothing lost:
   week-old backlog a week longer than ``max_age_days`` says.)
 - ``streams`` (depth and bytes recomputed from the records), ``dead``, ``counters``.
 
-Then ``VACUUM``, once, outside the transaction, so that the file takes v1's
-``auto_vacuum = INCREMENTAL`` (it can only be changed by rebuilding the file).
+Then ``VACUUM``, outside the transaction, so that the file takes v1's
+``auto_vacuum = INCREMENTAL`` (it can only be changed by rebuilding the file); a start
+that finds a spool of this version without it (the VACUUM killed, or refused for room)
+does it again.
 
 A migration takes about 8.6 s per million v0 events: ``alive`` is called when it
 starts and then every ``ALIVE_EVERY_S`` while SQLite works on it (a progress
@@ -107,6 +109,11 @@ def ensure(conn: sqlite3.Connection, alive: Callable[[], None] | None = None) ->
                     conn.execute(statement)
             return
         upgrade(conn, alive)
+    elif not int(conn.execute("PRAGMA auto_vacuum").fetchone()[0]):
+        # Only a v0 spool is without it: its migration committed, and the VACUUM after it
+        # was cut short (a kill, no room). Left so, a drained spool never shrank.
+        with beating(alive, conn):
+            _compact(conn)
     if _user_version(conn) == VERSION and not _has_table(conn, "records_by_lane", "index"):
         with beating(alive, conn):
             conn.execute(LANE_INDEX)
@@ -166,12 +173,18 @@ def _upgrade_v0(conn: sqlite3.Connection) -> None:
     log.warning("spool migrated to format v%d: %d queued events in %d records, "
                 "%d dedupe keys of delivered events kept", VERSION, packed.events,
                 packed.records, packed.spent)
+    _compact(conn)
+
+
+def _compact(conn: sqlite3.Connection) -> None:
+    """VACUUM a migrated v0 spool, for it to take auto_vacuum = INCREMENTAL: outside the
+    migration's transaction, so a start cut short in it (``ensure``) does it again."""
     try:
         conn.execute("PRAGMA auto_vacuum = INCREMENTAL")
         conn.execute("VACUUM")
     except sqlite3.OperationalError as exc:  # e.g. no room for the copy VACUUM makes
         log.warning("spool migrated, but not compacted (%s): space freed by deliveries "
-                    "is reused, not handed back to the disk", exc)
+                    "is reused, not handed back to the disk, until a start compacts it", exc)
 
 
 def _upgrade_from(found: int, conn: sqlite3.Connection) -> None:
