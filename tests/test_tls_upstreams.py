@@ -254,6 +254,47 @@ async def test_a_tls_handshake_that_never_answers_times_out_and_is_retried(
 
 
 @contextlib.asynccontextmanager
+async def tls_cutting_port(reset: bool) -> AsyncIterator[int]:
+    """A port that takes each TCP connection, reads the TLS handshake's first message, and
+    then ends the connection (a ``reset``, else a close) without answering it: a firewall
+    that filters TLS by the name asked for, a load balancer with no certificate for it, a
+    port forwarded to a server that is gone."""
+    async def cut(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        with contextlib.suppress(ConnectionError):
+            await reader.read(512)   # the ClientHello, or its start
+        if reset:
+            writer.transport.abort()
+        else:
+            writer.close()
+
+    server = await asyncio.start_server(cut, "127.0.0.1", 0)
+    try:
+        yield server.sockets[0].getsockname()[1]
+    finally:
+        server.close()
+
+
+@pytest.mark.parametrize("reset", [False, True], ids=["closed", "reset"])
+@pytest.mark.parametrize("protocol", PROTOCOLS)
+async def test_a_tls_handshake_cut_by_the_far_end_says_so(
+        tmp_path: Path, agent_process: Callable[..., AgentProcess], ca: TestCA,
+        protocol: str, reset: bool) -> None:
+    """The host takes the connection and ends it as the TLS handshake starts: the events
+    are kept and retried, and last_error says the handshake was cut. It said `Cannot
+    connect to host 127.0.0.1:port ssl:default [None]` (aiohttp's words for a connection
+    lost without an errno): "cannot connect" to a host that took every connection, and
+    no reason at all, while `outpost doctor` said the host reachable."""
+    scheme = "https" if protocol == "segment-http" else "wss"
+    async with tls_cutting_port(reset) as port:
+        agent = await started(tmp_path, agent_process, f"{scheme}://127.0.0.1:{port}",
+                              protocol)
+        error = (await failing(agent))["last_error"]
+        assert "TLS handshake" in error and f"127.0.0.1:{port}" in error, error
+        assert "Cannot connect" not in error and "None" not in error, error
+        assert agent.terminate() == 0
+
+
+@contextlib.asynccontextmanager
 async def cutting_upstream(ca: TestCA) -> AsyncIterator[CaptiveUpstream]:
     """An upstream whose first answer (a Segment reply, a websocket's acks) is cut: the
     connection closed under it without TLS's close_notify. Then it answers as it should."""
