@@ -468,6 +468,10 @@ def _failed(exc: BaseException, progress: _Progress, body: bytes, timeout_s: flo
     return Retry(f"request failed: {described(exc, via)}", retry_after=wait, dropped=dropped)
 
 
+# How a connection taken and then ended under a TLS handshake fails its connect.
+_CUT = (ConnectionResetError, ConnectionAbortedError, BrokenPipeError)
+
+
 def described(exc: BaseException, via: Proxy | None = None) -> str:
     """What a network error says, for last_error and the log; ``via``: the proxy the
     connection went through, named (never its credentials) when it is what failed."""
@@ -481,6 +485,16 @@ def described(exc: BaseException, via: Proxy | None = None) -> str:
     if isinstance(exc, aiohttp.ClientConnectorSSLError) and \
             (plain := not_tls(exc.os_error, exc.host, exc.port)) is not None:
         return plain
+    if isinstance(exc, aiohttp.ClientConnectorError) and isinstance(exc.os_error, _CUT):
+        # A connect alone is refused, never reset: the connection was taken and then cut as
+        # TLS began. aiohttp calls it "Cannot connect to host ... [None]" (no errno).
+        where = f"{exc.host}:{exc.port}"
+        if via is not None:
+            return (f"{via.shown}: the connection through it to {where} was cut during the "
+                    "TLS handshake, by the proxy or the upstream")
+        return (f"{where} took the connection, then cut it during the TLS handshake (a "
+                "firewall or middlebox that filters TLS, or a server with no certificate for "
+                "this host name? `outpost doctor` tells more)")
     if isinstance(exc, aiohttp.ServerDisconnectedError) and not isinstance(exc.message, str):
         # Closed partway through the answer's head: aiohttp's message is then its parser's
         # partial answer, whose repr (the upstream's raw headers) was the error.
