@@ -27,7 +27,7 @@ from tests.conftest import free_port, write_config
 from tests.fakes.faulty_upstream import FaultyUpstream
 from tests.fakes.forward_proxy import ForwardProxy
 from tests.test_resume import get_json
-from tests.test_upstream_faults import delivered, drained, event, send
+from tests.test_upstream_faults import delivered, drained, event, manual, send
 from tests.waiting import run_outpost, wait_for
 
 HIDDEN = "invalid"   # a name no resolver answers (RFC 6761): the proxy's alone
@@ -163,6 +163,31 @@ async def test_a_proxy_that_forbids_the_upstream_is_named_with_its_403(
     error = state.last_error or ""
     assert f"proxy {gate.url} (https_proxy)" in error and "403" in error, error
     assert f"CONNECT upstream.{HIDDEN}:{faulty.port}" in error, error
+    assert agent.spool.depth == 1 and await agent.spool.dead_letters() == []
+
+
+@pytest.mark.parametrize("status", [429, 503])
+@pytest.mark.parametrize(("protocol", "scheme"), [("segment-http", "http"),
+                                                  ("segment-http", "https"),
+                                                  ("nucleus-ws", "ws"),
+                                                  ("nucleus-ws", "wss")])
+async def test_a_proxy_s_retry_after_is_honoured_whatever_the_url_s_scheme(
+        make_agent: Any, faulty: FaultyUpstream, gate: ForwardProxy, protocol: str,
+        scheme: str, status: int) -> None:
+    """A proxy that sheds load answers 429 or 503 with a Retry-After: to the request itself
+    (http://, ws://), or to the CONNECT of an https:// or wss:// url's tunnel. The key waits
+    it out, whichever: after a refused CONNECT it was sent again at the backoff's first
+    step (half a second, then doubling), to a proxy that had asked for two minutes."""
+    gate.refuse, gate.retry_after = status, "120"
+    timing, seams = manual()
+    agent = await make_agent(upstreams=[hidden(faulty, protocol, scheme, proxy=gate.url)],
+                             seams=seams)
+    await send(agent, [event(0)])
+    await wait_for(lambda: timing.pending() == [120.0])
+    state = agent.forwarding.states["up"]
+    assert (state.last_error or "").endswith("; next try in 120s, as its Retry-After asks"), \
+        state.last_error
+    assert len(gate.refused) == 1 and not faulty.requests
     assert agent.spool.depth == 1 and await agent.spool.dead_letters() == []
 
 

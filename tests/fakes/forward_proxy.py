@@ -19,6 +19,7 @@ import asyncio
 import base64
 import contextlib
 from dataclasses import dataclass, field
+from http import HTTPStatus
 from urllib.parse import urlsplit
 
 _HEAD_MAX = 64 * 1024
@@ -29,6 +30,7 @@ class ForwardProxy:
     hosts: dict[str, tuple[str, int]] = field(default_factory=dict)   # name -> real address
     credentials: str | None = None        # "user:password" required, else 407
     refuse: int | None = None             # every request answered with this status (403)
+    retry_after: str | None = None        # the Retry-After sent with ``refuse`` (a 503's)
     port: int = 0
     tunnels: list[str] = field(default_factory=list)     # CONNECT targets relayed
     requests: list[str] = field(default_factory=list)    # absolute-form "METHOD url" relayed
@@ -99,7 +101,9 @@ class ForwardProxy:
                                    b'Proxy-Authenticate: Basic realm="proxy"\r\n')
                 return
         if self.refuse is not None:
-            await self._answer(writer, self.refuse, "Forbidden", line)
+            wait = b"" if self.retry_after is None else \
+                f"Retry-After: {self.retry_after}\r\n".encode()
+            await self._answer(writer, self.refuse, HTTPStatus(self.refuse).phrase, line, wait)
             return
         if method == "CONNECT":
             name, _, port = target.rpartition(":")
