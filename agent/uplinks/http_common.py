@@ -94,6 +94,17 @@ class UpstreamRedirect(aiohttp.ClientError):
         self.retry_after = wait
 
 
+def connect_wait(exc: BaseException) -> float | None:
+    """The Retry-After of a connect that failed with ``exc``: a redirect's, or a proxy's
+    refusal of the CONNECT of an https:// or wss:// url's tunnel (a 429 or 503 shedding
+    load), honoured as its refusal of a plain request through it is."""
+    if isinstance(exc, UpstreamRedirect):
+        return exc.retry_after
+    if isinstance(exc, aiohttp.ClientHttpProxyError) and exc.headers:
+        return retry_after(exc.headers.get("Retry-After"), date=exc.headers.get("Date"))
+    return None
+
+
 def location_host(base: URL, location: str | None) -> str:
     """Where a redirect points: host and port only, since the user, path and query
     of a Location may carry credentials or session tokens."""
@@ -459,7 +470,7 @@ def _failed(exc: BaseException, progress: _Progress, body: bytes, timeout_s: flo
                      f"request of {len(body)} bytes (a slow link: smaller batches follow; "
                      "an event that goes alone and still times out needs a larger "
                      "timeout_s)", too_slow=True)
-    wait = exc.retry_after if isinstance(exc, UpstreamRedirect) else None
+    wait = connect_wait(exc)
     # Its connection open and the request going on it, lost before any answer: a slow
     # link's far end that gave up on the body (Go's ReadTimeout, a proxy's) cuts it so,
     # each try alike, where half the batch would go (Retry.dropped).

@@ -51,7 +51,7 @@ from agent.uplinks.base import (
 )
 from agent.uplinks.http_common import (
     HandshakeRefused,
-    UpstreamRedirect,
+    connect_wait,
     described,
     excerpt,
     html_instead_of_reply,
@@ -408,7 +408,7 @@ class NucleusWsUplink(NucleusFraming, UplinkBase):
             return _Link(None, 0, lost=f"connect failed: {why}", retry_after=wait)
         except (aiohttp.ClientError, OSError, TimeoutError, RuntimeError) as exc:
             # A redirect is an UpstreamRedirect here: the session never follows one.
-            wait = exc.retry_after if isinstance(exc, UpstreamRedirect) else None
+            wait = connect_wait(exc)
             # The bound's own timeout: no connection, or no answer to the upgrade request.
             why = (f"no websocket handshake within {self.cfg.timeout_s:g}s (timeout_s)"
                    if timer.expired() else described(exc, self.proxy))
