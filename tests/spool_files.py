@@ -1,7 +1,7 @@
 """Spool files written and read straight with SQLite, for the migration and salvage tests.
 
 ``V0_SCHEMA`` is the pre-issue-11 schema (agent/spool/schema.py at 4a6f75f), kept here
-because the code no longer has it; ``read_v1`` reads a v1 file the way the schema
+because the code no longer has it, as is ``V5_DEAD_SUMMARY`` (v5's, at eb9513b7); ``read_v1`` reads a v1 file the way the schema
 documents it (records.py, dedupe.keys_to_bytes), independently of the spool's reader.
 """
 
@@ -37,6 +37,50 @@ CREATE TABLE IF NOT EXISTS dead(seq INTEGER PRIMARY KEY, stream INTEGER NOT NULL
 CREATE TABLE IF NOT EXISTS counters(name TEXT PRIMARY KEY, value INTEGER NOT NULL);
 CREATE TABLE IF NOT EXISTS clock_marks(observed INTEGER PRIMARY KEY, next_seq INTEGER NOT NULL);
 """
+
+
+# v5's dead-letter summary: no agent-observed times; the newest groups by the wall clock.
+V5_DEAD_SUMMARY = """
+CREATE INDEX dead_groups_newest ON dead_groups(newest DESC, reason, upstream);
+CREATE TRIGGER dead_in AFTER INSERT ON dead BEGIN
+    INSERT INTO dead_groups(reason, upstream, letters, oldest, newest)
+        VALUES (NEW.reason, NEW.upstream, 1, NEW.at, NEW.at)
+        ON CONFLICT(reason, upstream) DO UPDATE SET letters = letters + 1,
+            oldest = min(oldest, excluded.oldest), newest = max(newest, excluded.newest);
+    INSERT INTO dead_times(grp, at, n)
+        SELECT id, NEW.at, 1 FROM dead_groups
+        WHERE reason = NEW.reason AND upstream = NEW.upstream
+        ON CONFLICT(grp, at) DO UPDATE SET n = n + 1;
+END;
+CREATE TRIGGER dead_out AFTER DELETE ON dead BEGIN
+    DELETE FROM dead_times WHERE n = 1 AND at = OLD.at AND grp = (
+        SELECT id FROM dead_groups WHERE reason = OLD.reason AND upstream = OLD.upstream);
+    UPDATE dead_times SET n = n - 1 WHERE at = OLD.at AND grp = (
+        SELECT id FROM dead_groups WHERE reason = OLD.reason AND upstream = OLD.upstream);
+    DELETE FROM dead_groups
+        WHERE reason = OLD.reason AND upstream = OLD.upstream AND letters = 1;
+    UPDATE dead_groups SET letters = letters - 1,
+        oldest = (SELECT min(at) FROM dead_times WHERE grp = dead_groups.id),
+        newest = (SELECT max(at) FROM dead_times WHERE grp = dead_groups.id)
+        WHERE reason = OLD.reason AND upstream = OLD.upstream;
+END;
+"""
+
+
+def as_v5_without_observed(path: Path) -> None:
+    """Turn a stopped agent's spool (with no dead letters) into one a v5 agent wrote before
+    it kept the letters' agent-observed time: v5's summary, and ``dead`` without its
+    ``observed`` column."""
+    with connect(path) as db:
+        assert db.execute("SELECT count(*) FROM dead").fetchone() == (0,)
+        db.executescript("""
+            BEGIN;
+            DROP TRIGGER dead_in; DROP TRIGGER dead_out; DROP INDEX dead_groups_latest;
+            DROP TABLE dead_seen;
+            ALTER TABLE dead_groups DROP COLUMN first_seen;
+            ALTER TABLE dead_groups DROP COLUMN last_seen;
+            ALTER TABLE dead DROP COLUMN observed;
+            """ + V5_DEAD_SUMMARY + "PRAGMA user_version = 5; COMMIT;")
 
 
 @dataclass(frozen=True, slots=True)

@@ -29,6 +29,7 @@ from tests.fakes.loopback_server import serving
 from tests.fakes.nucleus_upstream import FakeNucleus
 from tests.fakes.segment_upstream import FakeSegment
 from tests.segment_helpers import basic, call, segment_up
+from tests.spool_files import as_v5_without_observed
 from tests.waiting import LoopTurns, wait_for
 
 DAY_MS = 86_400_000
@@ -503,8 +504,7 @@ async def test_a_dead_letter_made_under_a_clock_set_ahead_waits_max_age_from_the
     await spool.append([Event("d", NUCLEUS, 1, b'{"id":1}')])
     if written_before:
         await spool.close()
-        with contextlib.closing(sqlite3.connect(cfg.path)) as db:
-            db.execute("ALTER TABLE dead DROP COLUMN observed")
+        as_v5_without_observed(Path(cfg.path))
         spool = await Spool.open(cfg)
     try:
         clock.passed_ms += 2 * DAY_MS - 3_600_000   # an hour short of max_age_days

@@ -1,6 +1,6 @@
 """A v3 spool (from before the built-in dictionary) and a v4 one (from before learned
-dictionaries) become v5 with nothing changed but their version and an empty ``dicts``
-table: their records, packed with zstd alone (v3) or with the built-in dictionary (v4),
+dictionaries) become v5 (then v6) with nothing changed but their version and an empty
+``dicts`` table: their records, packed with zstd alone (v3) or with the built-in dictionary (v4),
 are read as they are, and new small records are packed with the built-in dictionary
 beside them (until one is learned: tests/test_codebook.py).
 
@@ -21,6 +21,7 @@ from agent.families.event import SEGMENT, Event, dedupe_key
 from agent.families.lanes import NORMAL
 from agent.settings import StorageConfig
 from agent.spool import Spool
+from agent.spool.db import PAST
 from agent.spool.migrate import upgrade
 from agent.spool.records import ZSTD, ZSTD_DICT, ZSTD_DICT_IDS, ZSTD_IDS, unpack
 from agent.spool.schema import VERSION
@@ -48,8 +49,12 @@ def test_an_older_fixture_is_migrated_with_nothing_changed_but_its_version(
     with connect(path) as db:
         upgrade(db)
 
-    assert table(path, "PRAGMA user_version") == [(VERSION,)] == [(5,)]
+    assert table(path, "PRAGMA user_version") == [(VERSION,)] == [(6,)]
     assert table(path, "PRAGMA integrity_check") == [("ok",)]
+    # And v6's: the letters' agent-observed times (test_migrate_dead_seen.py), unknown (None,
+    # and db.PAST in their groups) for letters an agent made before it kept them.
+    kept["dead"] = [(*row, None) for row in kept["dead"]]
+    kept["dead_groups"] = [(*row, PAST, PAST) for row in kept["dead_groups"]]
     for name, rows in kept.items():
         assert table(path, f"SELECT * FROM {name} ORDER BY 1") == rows, name
     assert table(path, "SELECT count(*) FROM dicts") == [(0,)]

@@ -46,8 +46,8 @@ def test_the_v1_fixture_is_migrated_with_nothing_lost(v1: Path) -> None:
     with connect(v1) as db:
         upgrade(db)
 
-    # Through v2 and v3 to v4 (test_migrate_dead.py: the dead letters' kept summary).
-    assert table(v1, "PRAGMA user_version") == [(VERSION,)] == [(5,)]
+    # Through v2 and v3 to v6 (test_migrate_dead.py: the dead letters' kept summary).
+    assert table(v1, "PRAGMA user_version") == [(VERSION,)] == [(6,)]
     assert table(v1, "SELECT reason, upstream, letters FROM dead_groups ORDER BY 1") == \
         table(v1, "SELECT reason, upstream, count(*) FROM dead GROUP BY 1, 2 ORDER BY 1")
     assert table(v1, "PRAGMA integrity_check") == [("ok",)]
@@ -56,8 +56,9 @@ def test_the_v1_fixture_is_migrated_with_nothing_lost(v1: Path) -> None:
     lanes = {1: NORMAL, 5: NORMAL, 8: HIGH, 11: HIGH, 18: NORMAL}
     assert table(v1, "SELECT * FROM records ORDER BY id") == [
         (*r, lanes[int(str(r[0]))]) for r in records]
+    # With no agent-observed time of dead-lettering: not kept then (test_migrate_dead_seen.py).
     assert table(v1, "SELECT * FROM dead ORDER BY seq") == [
-        (*dead_rows[0], NORMAL), (*dead_rows[1], HIGH)]   # an event; "Application Error"
+        (*dead_rows[0], NORMAL, None), (*dead_rows[1], HIGH, None)]   # an event; "Application Error"
     for name, rows in kept.items():
         assert table(v1, f"SELECT * FROM {name} ORDER BY 1") == rows, name
     assert table(v1, "SELECT name FROM sqlite_master WHERE type = 'index' "

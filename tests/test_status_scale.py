@@ -120,12 +120,14 @@ def queued(path: Path) -> dict[str, tuple[int, int, int]]:
 
 
 def groups(path: Path) -> list[dict[str, Any]]:
-    """The dead letters grouped by (reason, upstream), newest first, counted afresh."""
+    """The dead letters grouped by (reason, upstream), newest first (by the agent's clock,
+    then the wall clock), counted afresh."""
     with reading(path) as conn:
         return [{"reason": r, "upstream": u, "count": n, "oldest": lo, "newest": hi}
                 for r, u, n, lo, hi in conn.execute(
                     "SELECT reason, upstream, count(*), min(at), max(at) FROM dead "
-                    "GROUP BY reason, upstream ORDER BY max(at) DESC, reason, upstream")]
+                    "GROUP BY reason, upstream ORDER BY max(observed) DESC, max(at) DESC, "
+                    "reason, upstream")]
 
 
 async def get(port: int, route: str) -> Any:
@@ -159,7 +161,10 @@ async def assert_exact(agent: Agent, path: Path, b_keys: set[str] | None) -> Non
     assert snap["sync"]["held_events"] == sum(held.values())
     news = groups(path)
     assert snap["dead_letters"] == sum(g["count"] for g in news)
-    assert snap["dead_reasons"] == news[:NEWEST_REASONS]
+    # With their ages, counted at the poll (dead.aged).
+    assert [{k: v for k, v in g.items() if not k.endswith("_age_s")}
+            for g in snap["dead_reasons"]] == news[:NEWEST_REASONS]
+    assert all(g["oldest_age_s"] >= g["newest_age_s"] >= 0 for g in snap["dead_reasons"])
 
     metrics = parse(await get(agent.port, "/metrics"))
     assert metrics["outpost_queue_events"].value("outpost_queue_events") == total

@@ -21,6 +21,7 @@ import orjson
 from aiohttp import web
 
 from agent.dialects.body import BodyError, Stalled, read_raw
+from agent.families.event import now_ms
 from agent.logs import log_limited
 from agent.ops.own_origin import foreign
 from agent.ops.shared_terms import EXPORT_PAGE, LIST_LIMIT
@@ -101,11 +102,15 @@ class DeadRoutes:
             limit = min(LIST_LIMIT, max(0, int(request.query.get("limit", LIST_LIMIT))))
         except ValueError:
             raise _Refused(400, "limit is a number") from None
+        # Ages by the time the agent saw pass (dead.Now): a wall clock corrected since the
+        # letters were made (from 1970, say) does not make them decades old.
+        now = dead.Now(now_ms(), self.spool.observed_ms())
+
         def read(conn: sqlite3.Connection) -> dict[str, Any]:
             # The newest groups only: each letter may have a reason of its own (an upstream
             # naming each event it refuses), and a spool holds millions of letters.
-            summary = dead.summary(conn, LIST_LIMIT)
-            summary["entries"] = dead.entries(conn, which, limit)
+            summary = dead.summary(conn, LIST_LIMIT, now=now)
+            summary["entries"] = dead.entries(conn, which, limit, now)
             if reason is not None:   # its letters, which the newest groups may leave out
                 summary["of_reason"] = dead.of_reason(conn, reason)
             if upstream is not None and which is not None:   # its (with the reason's)

@@ -141,8 +141,8 @@ def _listing(got: Any, source: str, args: argparse.Namespace) -> list[str]:
     # holds is printed with control characters escaped (an upstream's may be escapes);
     # counts and ids as whole numbers (:d), else ValueError: another program's text.
     lines += ["", *table(["COUNT", "UPSTREAM", "OLDEST", "NEWEST", "REASON"], [
-        [f"{g['count']:d}", printable_value(g["upstream"]), age(age_s(g["oldest"])),
-         age(age_s(g["newest"])), printable_value(g["reason"])] for g in got["groups"]],
+        [f"{g['count']:d}", printable_value(g["upstream"]), age(_aged(g, "oldest")),
+         age(_aged(g, "newest")), printable_value(g["reason"])] for g in got["groups"]],
         right={0})]
     # The newest LIST_LIMIT groups only (an agent before that limit sends every one).
     older = got.get("reasons", len(got["groups"])) - len(got["groups"])
@@ -159,7 +159,7 @@ def _listing(got: Any, source: str, args: argparse.Namespace) -> list[str]:
     if rows:
         lines += ["", *table(["ID", "KEY", "UPSTREAM", "AGE", "SIZE", "REASON"], [
             [f"{e['id']:d}", printable_value(e["key"]), printable_value(e["upstream"]),
-             age(age_s(e["at"])), size(e["bytes"]), printable_value(e["reason"])]
+             age(_aged(e, "at")), size(e["bytes"]), printable_value(e["reason"])]
             for e in rows], right={0, 4})]
         # The reason's letters, which the groups listed may leave out (older than them);
         # from an older agent, which does not send them, what the groups show.
@@ -169,6 +169,20 @@ def _listing(got: Any, source: str, args: argparse.Namespace) -> list[str]:
         if more > 0:
             lines.append(f"... and {more} more (--limit N, or `outpost dead export FILE`)")
     return lines
+
+
+def _aged(shown: dict[str, Any], when: str) -> float:
+    """The age of a group's ``oldest`` or ``newest``, or an entry's (``at``), as the agent
+    or the spool's read counted it (dead.aged: by the time the agent saw pass, which a
+    wall clock corrected since does not make decades); by this command's own wall clock
+    from an agent older than that, which sends the wall times alone. A TypeError if it is
+    no number (another server's JSON)."""
+    got = shown.get("age_s" if when == "at" else f"{when}_age_s")
+    if got is None:
+        return age_s(shown[when])
+    if isinstance(got, bool) or not isinstance(got, int | float):
+        raise TypeError(f"{when}: {got!r}")
+    return float(got)
 
 
 def _chosen(group: dict[str, Any], args: argparse.Namespace) -> bool:

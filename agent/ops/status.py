@@ -206,7 +206,9 @@ async def snapshot(cfg: Config, spool: Spool, states: Mapping[str, UpstreamState
                       "max_bytes": spool.max_bytes, "expiry_errors": spool.expiry_errors,
                       "expiry_last_error": _text(spool.expiry_last_error),
                       "open_error": _text(spool.open_error)}, states)
-    snap["dead_reasons"] = await reasons.get(spool)
+    groups = await reasons.get(spool)   # kept until the letters change: aged at each poll
+    now = dead.Now(CLOCK.wall_ms(), spool.observed_ms())
+    snap["dead_reasons"] = [dead.aged(g, now) for g in groups]
     snap["dead_reasons_error"] = reasons.error
     snap["uptime_s"] = round(metrics.uptime_s(), 1)
     snap["oldest_event_age_s"] = round(waited, 1) if waited is not None else None

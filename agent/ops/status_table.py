@@ -109,7 +109,10 @@ def _dead_lines(data: Snapshot) -> list[str]:
               f"their reasons: cannot read them now: {error}")
     lines = [f"dead:     {n} kept (`outpost dead list`, `outpost dead retry`); {newest}"]
     for g in groups:
-        when = age(now - g["newest"] / 1000) + " ago" if now else "-"
+        # Counted by the agent (dead.aged); an older one's by its wall clock alone.
+        waited = g.get("newest_age_s")
+        when = (age(waited) + " ago" if waited is not None else
+                age(now - g["newest"] / 1000) + " ago" if now else "-")
         lines.append(f"  {g['count']:>6}  {printable_value(g['upstream'])}  {when}  "
                      f"{_clip(g['reason'], printable_value)}")
     return lines

@@ -31,16 +31,17 @@ from agent.outcomes import Tally, record
 from agent.paths import spool_file
 from agent.spool import aside, migrate_dead
 from agent.spool.commit import Outcome
-from agent.spool.db import add_counters, keys_from_bytes, load_state, typed
+from agent.spool.db import PAST, add_counters, keys_from_bytes, load_state, typed
 from agent.spool.dedupe import MOVED_KEY, DedupeIndex, keys_to_bytes
 from agent.spool.records import RECORD_EVENTS, pack
 from agent.spool.salvage import is_fresh
 from agent.spool.schema import (
-    SUMMARY_SINCE,
+    SEEN_SINCE,
     VERSION,
     SpoolTooNew,
     SpoolUnusable,
     blank,
+    has_observed,
     open_read_only,
     readable_spool,
 )
@@ -126,27 +127,71 @@ def _entry(row: tuple[Any, ...]) -> dict[str, Any]:
             "received": received, "bytes": size}
 
 
+@dataclass(frozen=True, slots=True)
+class Now:
+    """What the ages a listing shows count up to: the wall clock now, and the time the agent
+    has seen pass (Spool.observed_ms; None without a running agent: it went with it)."""
+
+    wall: int
+    seen: int | None = None
+
+
+def wall_now() -> Now:
+    """A stopped agent's spool: its letters' ages by the wall clock alone."""
+    return Now(now_ms())
+
+
+def _age_s(now: Now, at: int, seen: int | None) -> float:
+    """Seconds since a letter dead-lettered at wall time ``at``, agent-observed ``seen``:
+    by the time the agent saw pass where it knows it (as the queue's oldest event's age,
+    Spool.first_age_s), which a wall clock corrected since (from 1970, or from ten years
+    ahead) does not make decades, nor 0; else by the wall clock, never below 0. Like
+    expiry's, the agent's count leaves out the time it was stopped."""
+    if now.seen is not None and seen is not None and seen > PAST:
+        return round(max(0, now.seen - seen) / 1000, 1)
+    return round(max(0, now.wall - at) / 1000, 1)
+
+
+def aged(group: Mapping[str, Any], now: Now) -> dict[str, Any]:
+    """A group as read (``_groups``) as the listings show it: its ages counted to ``now``
+    (``oldest`` and ``newest`` stay the wall clock's readings, as recorded)."""
+    shown = {k: v for k, v in group.items() if k not in ("first_seen", "last_seen")}
+    shown["oldest_age_s"] = _age_s(now, group["oldest"], group["first_seen"])
+    shown["newest_age_s"] = _age_s(now, group["newest"], group["last_seen"])
+    return shown
+
+
 # The summary the spool keeps (schema.DEAD_SUMMARY): the newest groups are the first rows
-# of its index, however many letters there are.
+# of its index, however many letters there are. Newest by the agent-observed clock, then
+# (for letters that do not say) by the wall clock.
 _KEPT = ("SELECT coalesce(sum(letters), 0) FROM dead_groups",
-         "SELECT reason, upstream, letters, oldest, newest FROM dead_groups "
-         "ORDER BY newest DESC, reason, upstream LIMIT ?",
+         "SELECT reason, upstream, letters, oldest, newest, first_seen, last_seen "
+         "FROM dead_groups ORDER BY last_seen DESC, newest DESC, reason, upstream LIMIT ?",
          "SELECT count(*) FROM dead_groups")
-# A spool an older agent wrote, read before an agent converts it (read-only): every letter.
-_COUNTED = ("SELECT count(*) FROM dead",
-            "SELECT reason, upstream, count(*), min(at), max(at) FROM dead "
-            "GROUP BY reason, upstream ORDER BY max(at) DESC, reason, upstream LIMIT ?",
+
+
+def _counted(seen: str) -> tuple[str, str, str]:
+    """A spool an older agent wrote, read before an agent converts it (read-only), or one
+    whose summary is damaged: every letter. ``seen``: a letter's agent-observed time (a
+    spool an agent wrote before it kept it has no such column)."""
+    return ("SELECT count(*) FROM dead",
+            f"SELECT reason, upstream, count(*), min(at), max(at), min({seen}), max({seen}) "
+            f"FROM dead GROUP BY reason, upstream ORDER BY max({seen}) DESC, max(at) DESC, "
+            "reason, upstream LIMIT ?",
             "SELECT count(*) FROM (SELECT 1 FROM dead GROUP BY reason, upstream)")
 
 
 def summary(conn: sqlite3.Connection, newest: int | None = None,
-            kept: bool = True) -> dict[str, Any]:
-    """Counts grouped by (reason, upstream), newest first; ``newest`` caps the groups, and
-    ``reasons`` says how many there are (each letter may have a reason of its own).
-    ``kept``: the file's summary may be read (not ``summary_damaged``)."""
-    total, groups, reasons = _KEPT if kept and _user_version(conn) >= SUMMARY_SINCE \
-        else _COUNTED
-    return {"count": conn.execute(total).fetchone()[0], "groups": _groups(conn, groups, newest),
+            kept: bool = True, now: Now | None = None) -> dict[str, Any]:
+    """Counts grouped by (reason, upstream), newest first, aged to ``now`` (by the wall
+    clock alone if None); ``newest`` caps the groups, and ``reasons`` says how many there
+    are (each letter may have a reason of its own). ``kept``: the file's summary may be
+    read (not ``summary_damaged``)."""
+    total, groups, reasons = _KEPT if kept and _user_version(conn) >= SEEN_SINCE \
+        else _counted(f"coalesce(observed, {PAST})" if has_observed(conn) else str(PAST))
+    now = now or wall_now()
+    return {"count": conn.execute(total).fetchone()[0],
+            "groups": [aged(g, now) for g in _groups(conn, groups, newest)],
             "reasons": conn.execute(reasons).fetchone()[0]}
 
 
@@ -162,7 +207,7 @@ def chosen(conn: sqlite3.Connection, which: Which, kept: bool = True) -> int:
     file has none yet."""
     where, params = which.where()
     sql = (f"SELECT coalesce(sum(letters), 0) FROM dead_groups WHERE {where}"
-           if kept and _user_version(conn) >= SUMMARY_SINCE
+           if kept and _user_version(conn) >= SEEN_SINCE
            else f"SELECT count(*) FROM dead WHERE {where}")
     return int(conn.execute(sql, params).fetchone()[0])
 
@@ -170,33 +215,48 @@ def chosen(conn: sqlite3.Connection, which: Which, kept: bool = True) -> int:
 def summary_damaged(conn: sqlite3.Connection) -> bool:
     """Whether the file's summary disagrees with its letters (damage), which a stopped
     agent's listing then counts itself: read only, it cannot count the summary again as
-    the agent's open and Offline do (migrate_dead.mend)."""
-    return _user_version(conn) >= SUMMARY_SINCE and not migrate_dead.agrees(conn)
+    the agent's open and Offline do (migrate_dead.mend). An older agent's summary is not
+    read (its letters are counted)."""
+    return _user_version(conn) >= SEEN_SINCE and not migrate_dead.agrees(conn)
 
 
 def newest_groups(conn: sqlite3.Connection, newest: int) -> list[dict[str, Any]]:
-    """The ``newest`` (reason, upstream) groups of a running agent's spool, newest first:
-    a few rows however many letters there are (/status reads them after each change)."""
+    """The ``newest`` (reason, upstream) groups of a running agent's spool, newest first,
+    not aged (``aged``: /status keeps them until the letters change, and ages them at
+    each poll): a few rows however many letters there are (/status reads them after
+    each change)."""
     return _groups(conn, _KEPT[1], newest)
 
 
 def _groups(conn: sqlite3.Connection, sql: str, newest: int | None) -> list[dict[str, Any]]:
     rows = conn.execute(sql, (-1 if newest is None else newest,)).fetchall()
-    if not all(typed(row, (str, str, int, int, int)) for row in rows):   # the letters' own
-        raise sqlite3.DatabaseError(_GARBLED)
-    return [{"reason": r, "upstream": u, "count": n, "oldest": lo, "newest": hi}
-            for r, u, n, lo, hi in rows]
+    if not all(typed(row, (str, str, int, int, int, int, int)) for row in rows):
+        raise sqlite3.DatabaseError(_GARBLED)   # the letters' own
+    return [{"reason": r, "upstream": u, "count": n, "oldest": lo, "newest": hi,
+             "first_seen": first, "last_seen": last} for r, u, n, lo, hi, first, last in rows]
 
 
 def _user_version(conn: sqlite3.Connection) -> int:
     return int(conn.execute("PRAGMA user_version").fetchone()[0])
 
 
-def entries(conn: sqlite3.Connection, which: Which | None, limit: int) -> list[dict[str, Any]]:
-    """Dead letters without their bodies, oldest first."""
+def entries(conn: sqlite3.Connection, which: Which | None, limit: int,
+            now: Now | None = None) -> list[dict[str, Any]]:
+    """Dead letters without their bodies, oldest first, each with its age to ``now`` (by
+    the wall clock alone if None, as for a stopped agent's spool)."""
     where, params = which.where() if which else ("1", ())
-    rows = conn.execute(f"{_ENTRY} WHERE {where} ORDER BY seq LIMIT ?", (*params, limit))
-    return [_entry(r) for r in rows]
+    now = now or wall_now()
+    seen = "observed" if now.seen is not None else "NULL"   # a running agent's: it has them
+    rows = conn.execute(f"SELECT {_COLUMNS}, {seen} {_LETTERS} WHERE {where} ORDER BY seq "
+                        "LIMIT ?", (*params, limit))
+    listed = []
+    for *row, observed in rows:
+        entry = _entry(tuple(row))
+        if observed is not None and not isinstance(observed, int):
+            raise sqlite3.DatabaseError(_GARBLED)
+        entry["age_s"] = _age_s(now, entry["at"], observed)
+        listed.append(entry)
+    return listed
 
 
 def _body(raw: bytes) -> Any:

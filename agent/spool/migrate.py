@@ -14,8 +14,11 @@
 - 2 (before the kept dead-letter summary): its tables and triggers, filled from the dead
   letters (migrate_dead.py), then as 3, in one transaction;
 - 3 (before the built-in dictionary): as 4; its records are read as they are;
-- 4 (before learned dictionaries): their table (codebook.DICTS), empty;
-- anything else: nothing to do (an empty file gets v5 from the spool's open).
+- 4 (before learned dictionaries): their table (codebook.DICTS), empty, then as 5;
+- 5 (before the summary kept the dead letters' agent-observed times): those times
+  (migrate_dead.to_v6), counted from the letters; a spool from v2 or before gets the
+  whole summary at once (to_v3);
+- anything else: nothing to do (an empty file gets v6 from the spool's open).
 
 Every spool of the current version then gets ``schema.LANE_INDEX`` if it lacks it (one
 written before it, or by an older agent's salvage).
@@ -75,6 +78,7 @@ from agent.spool.schema import (
     VERSION,
     SpoolTooNew,
     blank,
+    has_observed,
 )
 
 log = logging.getLogger("outpost.spool")
@@ -117,8 +121,7 @@ def ensure(conn: sqlite3.Connection, alive: Callable[[], None] | None = None) ->
     if _user_version(conn) == VERSION and not _has_table(conn, "records_by_lane", "index"):
         with beating(alive, conn):
             conn.execute(LANE_INDEX)
-    if not conn.execute("SELECT 1 FROM pragma_table_info('dead') WHERE name = 'observed'"
-                        ).fetchone():
+    if not has_observed(conn):
         conn.execute(DEAD_OBSERVED)
 
 
@@ -130,7 +133,7 @@ def upgrade(conn: sqlite3.Connection, alive: Callable[[], None] | None = None) -
     found = _user_version(conn)
     if found == 0 and _has_table(conn, "events"):
         step = _upgrade_v0
-    elif found in (1, 2, 3, 4):
+    elif found in (1, 2, 3, 4, 5):
         step = functools.partial(_upgrade_from, found)
     else:
         return
@@ -188,14 +191,21 @@ def _compact(conn: sqlite3.Connection) -> None:
 
 
 def _upgrade_from(found: int, conn: sqlite3.Connection) -> None:
-    """v1 to v4 to ``VERSION``, each step after the other, in one transaction."""
+    """v1 to v5 to ``VERSION``, each step after the other, in one transaction."""
     with transaction(conn):
         if _user_version(conn) != found:  # checked again under the write lock, as for v0
             return
         high = migrate_lanes.to_v2(conn) if found == 1 else None
+        # The summary counts the letters' agent-observed times (an agent before it was
+        # kept wrote no such column; added after the lane, as a new spool has them).
+        if not has_observed(conn):
+            conn.execute(DEAD_OBSERVED)
         groups = migrate_dead.to_v3(conn) if found <= 2 else None
-        for statement in DICTS:
-            conn.execute(statement)
+        if found <= 4:
+            for statement in DICTS:
+                conn.execute(statement)
+        if found >= 3:
+            migrate_dead.to_v6(conn)
         conn.execute(f"PRAGMA user_version = {VERSION}")
     if high is not None:
         log.warning("spool migrated to format v2 (priority lanes): %d queued records and "
@@ -203,8 +213,11 @@ def _upgrade_from(found: int, conn: sqlite3.Connection) -> None:
     if groups is not None:
         log.warning("spool migrated to format v3 (dead letters summarised as they come and "
                     "go): %d (reason, upstream) groups", groups)
-    log.warning("spool migrated to format v%d (small records packed with a dictionary "
-                "learned from the device's events)", VERSION)
+    if found <= 4:
+        log.warning("spool migrated to format v5 (small records packed with a dictionary "
+                    "learned from the device's events)")
+    log.warning("spool migrated to format v%d (the dead letters' ages by the time the agent "
+                "saw pass)", VERSION)
 
 
 def _user_version(conn: sqlite3.Connection) -> int:

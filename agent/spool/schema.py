@@ -1,4 +1,4 @@
-"""The spool's SQLite schema (v5), its version check, offline reads."""
+"""The spool's SQLite schema (v6), its version check, offline reads."""
 
 from __future__ import annotations
 
@@ -10,10 +10,10 @@ from typing import Any
 
 from agent.paths import not_a_file, sqlite_uri
 from agent.spool.codebook import DICTS
-from agent.spool.db import typed, used_bytes
+from agent.spool.db import PAST, typed, used_bytes
 
-VERSION = 5
-SUMMARY_SINCE = 3   # the first version with the dead letters' kept summary
+VERSION = 6
+SEEN_SINCE = 6   # the first version whose dead letters' summary keeps agent-observed times
 # v1 (issue 11): events packed per commit group into compressed records (records.py);
 # an ack sets a bit in ``gone`` instead of rewriting the event, and a record whose
 # events are all gone is deleted, its dedupe keys kept in ``spent`` for the window.
@@ -26,6 +26,9 @@ SUMMARY_SINCE = 3   # the first version with the dead letters' kept summary
 # count those records damaged and delete them.
 # v5: ``dicts``, the dictionary learned from the device's events (codebook.DICTS), which
 # small records may be packed with (records.ZSTD_LEARNED): again unreadable before.
+# v6: the dead letters' summary keeps when each group was dead-lettered by the agent-observed
+# clock too (``dead_seen``, ``first_seen``, ``last_seen``), which their ages and order go
+# by (dead.aged): a wall clock corrected since (from 1970, say) made them decades old.
 
 # Records by lane, the oldest first (an index's entries end with the rowid): drop_oldest
 # looks for the oldest normal record first, and without it read every record of a spool
@@ -41,41 +44,62 @@ LANE_INDEX = "CREATE INDEX IF NOT EXISTS records_by_lane ON records(lane)"
 DEAD_OBSERVED = "ALTER TABLE dead ADD COLUMN observed INTEGER"
 
 # Per (reason, upstream) group of dead letters: how many, and the first and last time one
-# was dead-lettered; per group and time, how many then (what a delete needs to find the
-# group's new first and last time in one step). Kept by the triggers, so every writer
-# (commits, retries, purges, expiry, the size cap, a salvage) keeps it: letters are
-# inserted and deleted, never changed in these columns.
-DEAD_SUMMARY = (
-    """CREATE TABLE dead_groups(id INTEGER PRIMARY KEY, reason TEXT NOT NULL,
+# was dead-lettered, by the wall clock (``oldest``, ``newest``) and by the agent-observed
+# clock (``first_seen``, ``last_seen``; db.PAST for a letter that does not say: made before
+# that was kept, or salvaged); per group and time, how many then (what a delete needs to
+# find the group's new first and last time in one step). Kept by the triggers, so every
+# writer (commits, retries, purges, expiry, the size cap, a salvage) keeps it: letters are
+# inserted and deleted, never changed in these columns. The newest groups are those the
+# agent saw dead-lettered last (``DEAD_ORDER``): by the wall clock, letters made while it
+# read ten years ahead stayed on top of the newest reasons for ten years.
+_SEEN = f"coalesce(NEW.observed, {PAST})"
+_GROUP = "SELECT id FROM dead_groups WHERE reason = OLD.reason AND upstream = OLD.upstream"
+DEAD_GROUPS = """CREATE TABLE dead_groups(id INTEGER PRIMARY KEY, reason TEXT NOT NULL,
                             upstream TEXT NOT NULL, letters INTEGER NOT NULL,
                             oldest INTEGER NOT NULL, newest INTEGER NOT NULL,
-                            UNIQUE(reason, upstream))""",
-    "CREATE INDEX dead_groups_newest ON dead_groups(newest DESC, reason, upstream)",
-    """CREATE TABLE dead_times(grp INTEGER NOT NULL, at INTEGER NOT NULL, n INTEGER NOT NULL,
-                           PRIMARY KEY(grp, at)) WITHOUT ROWID""",
-    """CREATE TRIGGER dead_in AFTER INSERT ON dead BEGIN
-    INSERT INTO dead_groups(reason, upstream, letters, oldest, newest)
-        VALUES (NEW.reason, NEW.upstream, 1, NEW.at, NEW.at)
+                            first_seen INTEGER, last_seen INTEGER,
+                            UNIQUE(reason, upstream))"""
+DEAD_TIMES = """CREATE TABLE dead_times(grp INTEGER NOT NULL, at INTEGER NOT NULL,
+                           n INTEGER NOT NULL, PRIMARY KEY(grp, at)) WITHOUT ROWID"""
+DEAD_SEEN = """CREATE TABLE dead_seen(grp INTEGER NOT NULL, seen INTEGER NOT NULL,
+                          n INTEGER NOT NULL, PRIMARY KEY(grp, seen)) WITHOUT ROWID"""
+DEAD_ORDER = ("CREATE INDEX dead_groups_latest ON dead_groups(last_seen DESC, newest DESC, "
+              "reason, upstream)")
+DEAD_TRIGGERS = (
+    f"""CREATE TRIGGER dead_in AFTER INSERT ON dead BEGIN
+    INSERT INTO dead_groups(reason, upstream, letters, oldest, newest, first_seen, last_seen)
+        VALUES (NEW.reason, NEW.upstream, 1, NEW.at, NEW.at, {_SEEN}, {_SEEN})
         ON CONFLICT(reason, upstream) DO UPDATE SET letters = letters + 1,
-            oldest = min(oldest, excluded.oldest), newest = max(newest, excluded.newest);
+            oldest = min(oldest, excluded.oldest), newest = max(newest, excluded.newest),
+            first_seen = min(first_seen, excluded.first_seen),
+            last_seen = max(last_seen, excluded.last_seen);
     INSERT INTO dead_times(grp, at, n)
         SELECT id, NEW.at, 1 FROM dead_groups
         WHERE reason = NEW.reason AND upstream = NEW.upstream
         ON CONFLICT(grp, at) DO UPDATE SET n = n + 1;
+    INSERT INTO dead_seen(grp, seen, n)
+        SELECT id, {_SEEN}, 1 FROM dead_groups
+        WHERE reason = NEW.reason AND upstream = NEW.upstream
+        ON CONFLICT(grp, seen) DO UPDATE SET n = n + 1;
 END""",
-    """CREATE TRIGGER dead_out AFTER DELETE ON dead BEGIN
-    DELETE FROM dead_times WHERE n = 1 AND at = OLD.at AND grp = (
-        SELECT id FROM dead_groups WHERE reason = OLD.reason AND upstream = OLD.upstream);
-    UPDATE dead_times SET n = n - 1 WHERE at = OLD.at AND grp = (
-        SELECT id FROM dead_groups WHERE reason = OLD.reason AND upstream = OLD.upstream);
+    f"""CREATE TRIGGER dead_out AFTER DELETE ON dead BEGIN
+    DELETE FROM dead_times WHERE n = 1 AND at = OLD.at AND grp = ({_GROUP});
+    UPDATE dead_times SET n = n - 1 WHERE at = OLD.at AND grp = ({_GROUP});
+    DELETE FROM dead_seen WHERE n = 1 AND seen = coalesce(OLD.observed, {PAST})
+        AND grp = ({_GROUP});
+    UPDATE dead_seen SET n = n - 1 WHERE seen = coalesce(OLD.observed, {PAST})
+        AND grp = ({_GROUP});
     DELETE FROM dead_groups
         WHERE reason = OLD.reason AND upstream = OLD.upstream AND letters = 1;
     UPDATE dead_groups SET letters = letters - 1,
         oldest = (SELECT min(at) FROM dead_times WHERE grp = dead_groups.id),
-        newest = (SELECT max(at) FROM dead_times WHERE grp = dead_groups.id)
+        newest = (SELECT max(at) FROM dead_times WHERE grp = dead_groups.id),
+        first_seen = (SELECT min(seen) FROM dead_seen WHERE grp = dead_groups.id),
+        last_seen = (SELECT max(seen) FROM dead_seen WHERE grp = dead_groups.id)
         WHERE reason = OLD.reason AND upstream = OLD.upstream;
 END""",
 )
+DEAD_SUMMARY = (DEAD_GROUPS, DEAD_ORDER, DEAD_TIMES, DEAD_SEEN, *DEAD_TRIGGERS)
 SCHEMA = """
 PRAGMA auto_vacuum = INCREMENTAL;   -- set before the first table: space is handed back after a drain
 CREATE TABLE streams(id INTEGER PRIMARY KEY, key TEXT NOT NULL UNIQUE,
@@ -107,6 +131,12 @@ CREATE TABLE counters(name TEXT PRIMARY KEY, value INTEGER NOT NULL);
 CREATE TABLE clock_marks(observed INTEGER PRIMARY KEY, next_seq INTEGER NOT NULL);
 """ + "".join(f"{statement};\n" for statement in (LANE_INDEX, *DEAD_SUMMARY, *DICTS)) + \
     f"PRAGMA user_version = {VERSION};\n"
+
+
+def has_observed(conn: sqlite3.Connection) -> bool:
+    """Whether the file's dead letters have their column for ``DEAD_OBSERVED``."""
+    return conn.execute("SELECT 1 FROM pragma_table_info('dead') WHERE name = 'observed'"
+                        ).fetchone() is not None
 
 
 # A fifo or a device named as the spool (/dev/null, say): never opened, nor its mode changed.
