@@ -127,3 +127,18 @@ async def test_a_spool_newer_than_the_code_is_still_refused_untouched(v5: Path) 
     with pytest.raises(SpoolTooNew):
         await Spool.open(StorageConfig(path=str(v5)))
     assert v5.read_bytes() == before
+
+
+async def test_a_v5_spool_whose_compaction_was_cut_short_is_compacted_as_it_migrates(
+        v5: Path) -> None:
+    """A v0 spool migrated by the v5 code, its VACUUM killed (or refused for room), was left
+    at v5 without auto_vacuum: migrated on to v6, it is compacted in the same start, or its
+    space was not handed back after a drain until a later start."""
+    with connect(v5) as db:
+        db.execute("PRAGMA auto_vacuum = NONE")
+        db.execute("VACUUM")
+    assert table(v5, "PRAGMA auto_vacuum") == [(0,)]
+    spool = await Spool.open(StorageConfig(path=str(v5)))
+    await spool.close()
+    assert table(v5, "PRAGMA user_version") == [(VERSION,)]
+    assert table(v5, "PRAGMA auto_vacuum") == [(2,)]
