@@ -103,7 +103,8 @@ def refuse_newer(conn: sqlite3.Connection) -> None:
 def ensure(conn: sqlite3.Connection, alive: Callable[[], None] | None = None) -> None:
     """Create the current schema in an empty file, or bring an older spool up to it."""
     refuse_newer(conn)
-    if _user_version(conn) != VERSION:
+    found = _user_version(conn)
+    if found != VERSION:
         if blank(conn):
             # One transaction: a first start cut short (its disk full, a crash) leaves the
             # file empty, for the next to create whole. Table by table, it kept those made,
@@ -113,9 +114,11 @@ def ensure(conn: sqlite3.Connection, alive: Callable[[], None] | None = None) ->
                     conn.execute(statement)
             return
         upgrade(conn, alive)
-    elif not int(conn.execute("PRAGMA auto_vacuum").fetchone()[0]):
-        # Only a v0 spool is without it: its migration committed, and the VACUUM after it
-        # was cut short (a kill, no room). Left so, a drained spool never shrank.
+    if found and not int(conn.execute("PRAGMA auto_vacuum").fetchone()[0]):
+        # Only a migrated v0 spool is without it: its migration committed, and the VACUUM
+        # after it was cut short (a kill, no room), by this code or an older one (migrated
+        # on since). Left so, a drained spool never shrank. (A v0 one found now was
+        # compacted, or tried, as it migrated.)
         with beating(alive, conn):
             _compact(conn)
     if _user_version(conn) == VERSION and not _has_table(conn, "records_by_lane", "index"):
