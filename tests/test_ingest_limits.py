@@ -8,6 +8,7 @@ import asyncio
 import base64
 import os
 import threading
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
 
@@ -262,35 +263,52 @@ async def test_over_the_nucleus_websocket_the_oversize_event_alone_is_left_unack
 
 
 async def test_a_reload_while_a_large_batch_is_read_leaves_it_to_the_routes_it_was_read_by(
-        make_agent: Any, tmp_path: Path, fake_segment: FakeSegment) -> None:
+        make_agent: Any, fake_segment: FakeSegment) -> None:
     """A batch over 64 KB is read on the parse worker, and a reload applies its routes to
     the next request. One landing after the reading but before the commit held the
     commit to the new routes: a message they refuse was a 500 for the whole batch."""
     agent = await make_agent(upstreams=[segment_up(fake_segment)])
-    write_config(Path(agent.config_path), tmp_path / "spool.db",
+    write_config(Path(agent.config_path), agent.spool.path,
                  upstreams=[segment_up(fake_segment, batch_max_bytes=8192)])
     batch = {"batch": [{"type": "track", "event": "e", "userId": "u", "messageId": f"m{i}",
                         "properties": {"p": "x" * 10_000}} for i in range(8)]}
     headers = {"Authorization": basic("k")}
-    held, go, read = threading.Event(), threading.Event(), threading.Event()
+    held, go, read, hop_held, hop_go, hopped = (threading.Event() for _ in range(6))
 
-    def hold() -> None:
-        held.set()
-        go.wait(30)
+    def hold(taken: threading.Event, until: threading.Event) -> None:
+        taken.set()
+        until.wait(30)
 
+    # The reload's hop off the loop (its preflight, asyncio.to_thread) comes before it sets
+    # the new routes: on one thread, held like the parse worker (first come, first served),
+    # so that the test knows when it is done. Unheld, the batch was stored before the
+    # routes changed, and the test passed whatever routes the commit was held to.
+    hop = ThreadPoolExecutor(max_workers=1, thread_name_prefix="test-hop")
+    asyncio.get_running_loop().set_default_executor(hop)
     worker = offload._worker   # one thread, first come first served
-    worker.submit(hold)   # holds it: the batch's reading queues behind
-    assert held.wait(30)   # taken off the queue: what is queued next is the batch
-    sent = asyncio.create_task(call(agent.port, "/v1/batch", batch, headers=headers))
-    await wait_for(lambda: worker._work_queue.qsize() == 1)
-    worker.submit(read.set)   # runs once the batch is read
-    go.set()
-    # The loop held until the batch is read: its commit resumes only after the reload's
-    # first step, which sets the new routes.
-    assert read.wait(30)
-    reloaded = asyncio.ensure_future(agent.reload())
-    reply = await sent
-    await reloaded
+    try:
+        worker.submit(hold, held, go)   # the batch's reading queues behind
+        assert held.wait(30)
+        sent = asyncio.create_task(call(agent.port, "/v1/batch", batch, headers=headers))
+        await wait_for(lambda: worker._work_queue.qsize() == 1)
+        worker.submit(read.set)   # runs once the batch is read
+        hop.submit(hold, hop_held, hop_go)
+        assert hop_held.wait(30)
+        reloading = asyncio.ensure_future(agent.reload())
+        await wait_for(lambda: hop._work_queue.qsize() == 1)   # its preflight, queued
+        hop.submit(hopped.set)
+        # The loop held from here until the batch is read, by the old routes: the reload's
+        # preflight is done first, so the reload resumes (and sets the new routes) in the
+        # turn of the loop before the batch's commit does.
+        hop_go.set()
+        assert hopped.wait(30)
+        go.set()
+        assert read.wait(30)
+        reply = await sent
+        assert await reloading
+    finally:
+        go.set()
+        hop_go.set()
     assert reply.status == 200, reply.body
     assert agent.spool.depth == 8
     again = await call(agent.port, "/v1/batch", batch, headers=headers)   # the next request
