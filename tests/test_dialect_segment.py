@@ -5,6 +5,7 @@ from __future__ import annotations
 import base64
 import gzip
 import json
+import logging
 from typing import Any
 
 import orjson
@@ -254,6 +255,43 @@ async def test_partly_invalid_batch_is_207_with_the_error_list(make_agent: Any) 
     assert errors["batch[3] messageId=m4"]["Error"] == "Request Entity Too Large"
     assert "`properties`" in errors["batch[5] messageId=m6"]["Message"]
     assert agent.spool.depth == 1
+
+
+def refused_lines(caplog: pytest.LogCaptureFixture) -> list[str]:
+    return [r.getMessage() for r in caplog.records if "the rest stored" in r.getMessage()]
+
+
+async def test_a_batch_whose_messages_name_their_key_logs_its_refusals_under_that_key(
+        make_agent: Any, caplog: pytest.LogCaptureFixture) -> None:
+    """No key in the request (Basic auth, `?writeKey=`): each message names its own (as
+    RudderStack's and hand-made batches do). The warning for the messages refused named
+    the key of a message with none ("ano***"), which none of them was sent with."""
+    caplog.set_level(logging.WARNING, "outpost")
+    agent = await make_agent()
+    batch = {"batch": [{"type": "track", "userId": "u", "event": "ok", "writeKey": "own-key-1"},
+                       {"type": "track", "userId": "u", "writeKey": "own-key-1"}]}   # no event
+    reply = await call(agent.port, "/v1/batch", batch)
+    assert reply.status == 207, reply.body
+    assert agent.spool.streams["own-key-1"].depth == 1
+    (line,) = refused_lines(caplog)
+    assert "1 of 2 messages of a batch for key own*** refused" in line, line
+    assert "ano***" not in line, line
+
+
+async def test_a_batch_refused_in_part_under_several_keys_logs_each_of_them(
+        make_agent: Any, caplog: pytest.LogCaptureFixture) -> None:
+    """Not the key of a stored message, and each refused message's key once."""
+    caplog.set_level(logging.WARNING, "outpost")
+    agent = await make_agent()
+    batch = {"batch": [{"type": "track", "userId": "u", "event": "ok", "writeKey": "kept-key"},
+                       {"type": "track", "userId": "u", "writeKey": "one-key"},
+                       {"type": "track", "userId": "u", "writeKey": "two-key"},
+                       {"type": "track", "userId": "u", "writeKey": "one-key"}]}
+    reply = await call(agent.port, "/v1/batch", batch)
+    assert reply.status == 207, reply.body
+    (line,) = refused_lines(caplog)
+    assert "3 of 4 messages of a batch for keys one***, two*** refused" in line, line
+    assert "kep***" not in line and "ano***" not in line, line
 
 
 async def test_all_invalid_batch_is_400(make_agent: Any) -> None:

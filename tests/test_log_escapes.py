@@ -160,21 +160,23 @@ def test_a_secret_is_redacted_in_the_escaped_forms_the_log_shows_it_in(
 
 async def test_a_batch_stored_in_part_logs_its_refusal_on_one_escaped_line(
         make_agent: Callable[..., Any], stream: Callable[[bool], io.StringIO]) -> None:
-    """The warning for a batch stored in part names the batch's key (its first three
-    characters) and quotes the first refusal, a message's `messageId` included: both come
-    from the client, and the log's own escaping shows them as it shows every message."""
+    """The warning for a batch stored in part names the refused messages' keys (the first
+    three characters of each) and quotes the first refusal, a message's `messageId`
+    included: both come from the client, and the log's own escaping shows them as it shows
+    every message."""
     buf = stream(False)
     agent = await make_agent()
     hostile = HOSTILE.replace(FORGED, "FAKE LINE")   # a messageId is at most 99 characters
-    batch = {"writeKey": "\nk", "batch": [
+    batch = {"batch": [
         {"type": "track", "event": "ok", "userId": "u", "writeKey": KEY},
-        {"type": "track", "userId": "u", "messageId": hostile, "writeKey": KEY}]}
+        {"type": "track", "userId": "u", "messageId": hostile, "writeKey": KEY},
+        {"type": "track", "event": "ok", "userId": "u", "writeKey": "\nk"}]}   # refused key
     async with aiohttp.ClientSession() as s, s.post(
             f"http://127.0.0.1:{agent.port}/v1/batch", json=batch) as r:
         assert r.status == 207, await r.text()
     lines = [line for line in buf.getvalue().splitlines() if "the rest stored" in line]
     shown = SHOWN.replace(FORGED, "FAKE LINE")
-    assert len(lines) == 1 and "for key \\nk*** refused" in lines[0], buf.getvalue()
+    assert len(lines) == 1 and "for keys app***, \\nk*** refused" in lines[0], buf.getvalue()
     assert f"messageId={shown}: track needs" in lines[0], buf.getvalue()
     assert_nothing_hidden(buf.getvalue())
 

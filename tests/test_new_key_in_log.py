@@ -68,6 +68,21 @@ async def test_a_segment_batch_message_quoting_the_key_is_not_shown_on_the_first
     assert KEY not in log, [line for line in log.splitlines() if KEY in line]
 
 
+async def test_a_refused_batch_message_quoting_its_own_key_does_not_show_it(
+        tmp_path: Path, agent_process: Callable[..., AgentProcess]) -> None:
+    """The messages name their own keys (no key in the request), and the refused one's
+    key is never stored, so never registered: the line quoting it hid the key of a
+    message with none ("anonymous") instead."""
+    agent = await started(tmp_path, agent_process)
+    batch = {"batch": [{"type": "track", "event": "ok", "userId": "u1", "writeKey": "stored-key"},
+                       {"type": KEY, "userId": "u1", "messageId": "m2", "writeKey": KEY}]}
+    reply = await call(agent.port, "/v1/batch", batch)
+    assert reply.status == 207, reply.body
+    await wait_for(lambda: "the rest stored" in agent.log.read_text(), timeout=10)
+    log = logged(agent, "the rest stored")
+    assert KEY[:6] not in log, [line for line in log.splitlines() if KEY[:6] in line]
+
+
 async def test_a_pixel_refused_for_a_value_holding_its_key_does_not_show_it_at_debug(
         tmp_path: Path, agent_process: Callable[..., AgentProcess]) -> None:
     """The pixel's refusal is logged at debug level; its key (here its message's
