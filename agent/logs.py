@@ -22,7 +22,7 @@ import sys
 import threading
 import time
 import traceback
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from types import TracebackType
 from typing import IO, Any
 from urllib.parse import quote
@@ -229,14 +229,16 @@ def redacted_head(text: str, most: int) -> str:
     return _registry.redacted_head(text, most)
 
 
-def hiding(key: str, text: str, most: int) -> str:
-    """``redacted_head(text, most)`` without ``key`` either, in any form the log would show
-    it in: a line quoting an app's values (an event id, a message's field) is logged while
-    its request is handled, before a new key's commit has it registered, and an app may put
-    its key in them. Not registered here: keys of requests refused before the spool would
-    grow the registry for good; this costs only the lines that quote app values."""
+def hiding(key: str | Iterable[str], text: str, most: int) -> str:
+    """``redacted_head(text, most)`` without ``key`` (or any of several) either, in any
+    form the log would show it in: a line quoting an app's values (an event id, a message's
+    field) is logged while its request is handled, before a new key's commit has it
+    registered, and an app may put its key in them. Not registered here: keys of requests
+    refused before the spool would grow the registry for good; this costs only the lines
+    that quote app values."""
     one = SecretRegistry()
-    one.add(key)
+    for each in (key,) if isinstance(key, str) else key:
+        one.add(each)
     # Replaced whole before the cut, however far past it the key goes.
     return _registry.redacted_head(one._redact_registered(text, most + HEAD_MARGIN)[0], most)
 

@@ -280,7 +280,8 @@ async def test_a_batch_whose_messages_name_their_key_logs_its_refusals_under_tha
 
 async def test_a_batch_refused_in_part_under_several_keys_logs_each_of_them(
         make_agent: Any, caplog: pytest.LogCaptureFixture) -> None:
-    """Not the key of a stored message, and each refused message's key once."""
+    """Not the key of a stored message, and each refused message's key once: three of
+    them, the rest counted."""
     caplog.set_level(logging.WARNING, "outpost")
     agent = await make_agent()
     batch = {"batch": [{"type": "track", "userId": "u", "event": "ok", "writeKey": "kept-key"},
@@ -292,6 +293,18 @@ async def test_a_batch_refused_in_part_under_several_keys_logs_each_of_them(
     (line,) = refused_lines(caplog)
     assert "3 of 4 messages of a batch for keys one***, two*** refused" in line, line
     assert "kep***" not in line and "ano***" not in line, line
+    # A message read but not as sent (a NaN) is refused before its key is asked: named too.
+    more = (b'{"batch":[{"type":"track","userId":"u","event":"ok","writeKey":"kept-key"},'
+            b'{"type":"track","userId":"u","event":"e","properties":{"x":NaN},'
+            b'"writeKey":"nan-key"},'
+            + b",".join(b'{"type":"track","userId":"u","writeKey":"%s-key"}' % k
+                        for k in (b"aaa", b"bbb", b"ccc")) + b"]}")
+    caplog.clear()
+    reply = await call(agent.port, "/v1/batch", more)
+    assert reply.status == 207, reply.body
+    (line,) = refused_lines(caplog)
+    assert "4 of 5 messages of a batch for keys nan***, aaa***, bbb*** and 1 more refused" \
+        in line, line
 
 
 async def test_all_invalid_batch_is_400(make_agent: Any) -> None:

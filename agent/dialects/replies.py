@@ -36,20 +36,31 @@ def masked(key: str) -> str:
     return key[:3] + "***"
 
 
+# How many keys a batch's refusal line names: the rest are counted.
+NAMED_KEYS = 3
+
+
 def refused_items(log: logging.Logger, key: str, refusals: Sequence[tuple[int, str]],
-                  total: int) -> None:
+                  total: int, *, others: Sequence[str] = ()) -> None:
     """Count and log the messages of a batch refused while the rest of it was stored:
     an SDK reads the 2xx as success, so nothing else shows them. Each (status, why) is
-    counted under its own status; logged at most once a minute per logger and key."""
+    counted under its own status; logged at most once a minute per logger and ``key``.
+    ``key``: the first refused message's; ``others``: the other keys refused messages
+    were sent under (a Segment batch whose messages name their own)."""
     for status, _ in refusals:
         refused(status)
     more = f" (and {len(refusals) - 1} more)" if len(refusals) > 1 else ""
+    named = (key, *others[:NAMED_KEYS - 1])
+    whose = f"key {masked(key)}" if not others else "keys " + ", ".join(map(masked, named))
+    if len(others) + 1 > len(named):
+        whose += f" and {len(others) + 1 - len(named)} more"
     log_limited(log, logging.WARNING, f"refused-items:{key}",
-                "%d of %d messages of a batch for key %s refused, the rest stored: %s%s",
-                len(refusals), total, masked(key),
+                "%d of %d messages of a batch for %s refused, the rest stored: %s%s",
+                len(refusals), total, whose,
                 # Redacted before the cut: a key the cut falls in is found whole. The
-                # batch's own key too: a new one is not registered yet.
-                shortened(hiding(key, refusals[0][1], 301), 300),
+                # keys named too (the first refusal's among them): a new one is not
+                # registered yet. Not every refused key: a batch may name thousands.
+                shortened(hiding(named, refusals[0][1], 301), 300),
                 more)
 
 

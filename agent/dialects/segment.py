@@ -88,12 +88,15 @@ SENT_AT = "2026-01-01T00:00:00.000Z"
 
 class Collected(NamedTuple):
     """A validated batch: the events to store, the messages refused (with the status of
-    each), the request's key, for the log, and the status when both lists hold some."""
+    each), the keys they were refused under, for the log, and the status when both lists
+    hold some."""
 
     events: Columns
     errors: list[dict[str, str]]
     statuses: list[int]
-    key: str
+    # The request's key, or each refused message's own (once, in order) when the messages
+    # name theirs: the batch's `writeKey`, or NO_KEY, may be none of theirs.
+    keys: tuple[str, ...]
     limits: Routes   # those the messages were judged by: the commit is held to them too
     # Each key the messages named, asked once: why it is refused (None: it is not). One
     # key: the events are alike for the store (IngestSink.store).
@@ -134,6 +137,14 @@ def _body_key(body: Any) -> str | None:
     if key is None or isinstance(key, str):
         return key or None
     raise Invalid("`writeKey` must be a string")
+
+
+def _own_key(message: Any, batch_key: str | None) -> str | None:
+    """The key ``message`` would be stored under, or None when its `writeKey` is no string."""
+    try:
+        return _body_key(message) or batch_key or NO_KEY
+    except Invalid:
+        return None
 
 
 # A Segment batch as real clients send it, or as people write it by hand; a message
@@ -294,7 +305,7 @@ class SegmentHandlers:
             if events is not None and kept_as_sent(raw) and not (
                     limits.active and longer_than(events, limits.least)
                     and any(limits.oversize(event) is not None for event in events)):
-                return Collected(events, [], [], forced_key, limits, {forced_key: None})
+                return Collected(events, [], [], (forced_key,), limits, {forced_key: None})
         return self._collect(_read_batch(raw), raw_size, forced_key)
 
     def _collect(self, read: batch_json.Read, raw_size: int,
@@ -325,10 +336,11 @@ class SegmentHandlers:
         # A key the request names (Basic auth, `?writeKey=`) is every message's: asked
         # once here, and the events need no column of keys (an append an event).
         out = Collected(Columns(SEGMENT, forced_key or NO_KEY, by_event_keys=not forced_key),
-                        [], [], forced_key or batch_key or NO_KEY, limits, asked)
+                        [], [], (forced_key or batch_key or NO_KEY,), limits, asked)
         keys, dedupes, bodies, lanes = (out.events.keys, out.events.dedupes, out.events.bodies,
                                         out.events.lanes)
         heads: dict[str | None, hashlib.blake2b] = {}   # each key's, beside ``asked``
+        refused_keys: dict[str, None] = {}   # each refused message's own key, in order
         if forced_key:
             own, refused = forced_key, refusal(forced_key)
             asked[forced_key] = refused
@@ -337,9 +349,12 @@ class SegmentHandlers:
             if faults and i in faults:   # read, but not as sent: refused alone
                 out.errors.append(error_object(400, faults[i], spec.where(i, ev)))
                 out.statuses.append(400)
+                if keys is not None and (named := _own_key(ev, batch_key)):
+                    refused_keys[named] = None
                 continue
             try:
                 if keys is not None:   # each message may name its own
+                    own = ""   # a `writeKey` that is no string names none
                     key = _body_key(ev) or batch_key
                     refused = asked.get(key, _UNASKED)
                     own = key or NO_KEY
@@ -370,8 +385,11 @@ class SegmentHandlers:
             at = spec.where(i, ev, given.made)
             out.errors.append(error_object(status, message, f"{at}: {why}" if why else at))
             out.statuses.append(status)
+            if keys is not None and own:
+                refused_keys[own] = None
         if out.errors and out.events:
-            return out._replace(partial=partial_status(items[0], body.get("context")))
+            return out._replace(partial=partial_status(items[0], body.get("context")),
+                                keys=tuple(refused_keys) or out.keys)
         return out
 
     async def _store(self, collected: Collected | web.Response) -> web.Response:
@@ -388,10 +406,11 @@ class SegmentHandlers:
             return batch_error(status, [error_object(status, "spool full, retry later", str(exc))],
                                exc.retry_after)
         if collected.errors and collected.events:
-            replies.refused_items(log, collected.key, [
+            first, *others = collected.keys
+            replies.refused_items(log, first, [
                 (status, f"{error['Details']}: {error['Message']}")
                 for status, error in zip(collected.statuses, collected.errors, strict=True)],
-                len(collected.events) + len(collected.errors))
+                len(collected.events) + len(collected.errors), others=others)
         return verdict(collected.errors, collected.statuses, len(collected.events),
                         collected.partial)
 
