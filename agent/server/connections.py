@@ -188,8 +188,9 @@ class _Conn(asyncio.Protocol):
     """
 
     __slots__ = ("active", "answered", "behind", "broken", "buf", "deadline", "edge", "eof",
-                 "finished", "head", "inner", "lane", "length", "limits", "paused", "payload",
-                 "pos", "scan", "serving", "spare", "state", "timer", "transport", "writable")
+                 "finished", "head", "inner", "lane", "length", "limits", "parsed", "paused",
+                 "payload", "pos", "scan", "serving", "spare", "state", "timer", "transport",
+                 "writable")
 
     def __init__(self, limits: ConnectionLimits, inner: asyncio.Protocol,
                  lane: ExpressLane | None) -> None:
@@ -218,6 +219,9 @@ class _Conn(asyncio.Protocol):
         # given since it last took a body byte or a whole head: header fields it holds.
         self.payload: Any = None
         self.length: int | None = None   # its Content-Length (None: chunked, or none yet)
+        # aiohttp's count of requests parsed when ``payload`` was taken: behind it, aiohttp
+        # parsed one unseen (``catch_up``).
+        self.parsed = 0
         self.spare = 0
         # The body of the last request whose route has returned: nothing reads it but
         # aiohttp, which reads and drops what the route left of it (lingering).
@@ -320,6 +324,7 @@ class _Conn(asyncio.Protocol):
             if not _counted(inner):   # a websocket's frames: no piece to find the end of
                 inner.data_received(data[at:])
                 return
+            self.catch_up()
             stop = end if end and not at else self._piece_end(data, at)
             piece = data[at:stop] if at or stop < len(data) else data
             seen, taken = inner._request_count, self._taken()
@@ -330,6 +335,7 @@ class _Conn(asyncio.Protocol):
                 return
             if inner._messages:
                 message, self.payload = inner._messages[-1]
+                self.parsed = inner._request_count
                 if isinstance(getattr(message, "exc", None), HttpProcessingError) \
                         and self._refused(inner):
                     return   # nothing after the fault is parsed
@@ -340,7 +346,7 @@ class _Conn(asyncio.Protocol):
                     _few_chunks(self.payload)
             if inner._request_count != seen or self._taken() != taken:
                 self.spare = 0
-            else:
+            elif self.parsed == inner._request_count:   # else whose bytes they are is unknown
                 self.spare += len(piece)
                 if self.spare > HEAD_MAX:
                     self.limits.fields_too_large(self)
@@ -349,6 +355,28 @@ class _Conn(asyncio.Protocol):
             if at < len(data) and _counted(inner) and _queue_full(inner):
                 self._hold_back(data[at:])
                 return
+
+    def catch_up(self, request: web.BaseRequest | None = None) -> None:
+        """Take the last request aiohttp parsed as the one whose body comes, where aiohttp
+        parsed it unseen: a chunked body paused (``_few_chunks``) leaves the rest of the
+        piece in aiohttp's parser, and what comes after that body in it (the head of a
+        request sent ahead) is parsed as the body's route reads on. The last of aiohttp's
+        queue, or else ``request``, the one whose route begins (``_tracked``). Left behind,
+        that request's body was counted as header fields, and past HEAD_MAX the connection
+        was closed unanswered."""
+        inner: Any = self.inner
+        if self.parsed == inner._request_count:
+            return
+        if inner._messages:
+            message, payload = inner._messages[-1]
+            length = None if getattr(message, "chunked", True) \
+                else message.headers.get("Content-Length")
+        elif request is not None:
+            payload, length = request.content, request.content_length
+        else:
+            return   # off the queue, its route not begun yet: caught up as it does
+        self.payload, self.length = payload, None if length is None else int(length)
+        self.parsed, self.spare = inner._request_count, 0
 
     def _hold_back(self, rest: bytes) -> None:
         """aiohttp's queue of requests is full, and it paused reading: ``rest``, the rest of
@@ -602,6 +630,7 @@ class ConnectionLimits:
             if conn is None:
                 return await handler(request)
             conn.state, conn.head = BUSY, -1   # its head is whole
+            conn.catch_up(request)
             if conn.eof:   # one taken before the client's EOF, handled since
                 request[CLIENT_EOF] = True
             if request.headers.get("Upgrade", "").lower() == "websocket":
