@@ -1060,30 +1060,35 @@ async def test_a_request_then_a_malformed_one_sent_ahead_in_one_packet_is_answer
     assert agent.spool.depth == 1
 
 
+def batch_in_many_chunks() -> bytes:
+    """A request whose batch comes in 100 chunks: past the 64 a chunked body is read ahead
+    of its route, aiohttp's parser pauses and keeps the rest of what it was given, which it
+    parses itself, unseen by the connection, as the route reads on."""
+    first = orjson.dumps({"batch": [{"type": "track", "event": "e", "userId": "u",
+                                     "messageId": "first", "properties": {"p": "x" * 1000}}]})
+    step = len(first) // 100 + 1
+    return (b"POST /v1/batch HTTP/1.1\r\nHost: 127.0.0.1\r\nAuthorization: "
+            + basic(KEY).encode() + b"\r\nTransfer-Encoding: chunked\r\n\r\n"
+            + b"".join(b"%x\r\n" % len(first[i:i + step]) + first[i:i + step] + b"\r\n"
+                       for i in range(0, len(first), step)) + b"0\r\n\r\n")
+
+
 async def test_a_request_sent_ahead_behind_a_body_of_many_chunks_is_answered(
         make_agent: Callable[..., Any], sockets: list[socket.socket]) -> None:
     """A batch sent in 100 chunks, and in the same write the head of a batch of 100 KB sent
     ahead of its answer, the rest of which comes once the first is answered: both stored
-    and answered 200. The first body's chunks past the 64 read ahead of its route waited in
-    aiohttp's parser with the second head, which aiohttp parsed there unseen by the
-    connection: the second body was counted as header fields sent ahead, and past 80 KiB
-    the connection was closed, unanswered (a reset)."""
+    and answered 200. aiohttp parsed the second head unseen by the connection: the second
+    body was counted as header fields sent ahead, and past 80 KiB the connection was
+    closed, unanswered (a reset)."""
     agent = await make_agent()
     loop = asyncio.get_running_loop()
-    first = orjson.dumps({"batch": [{"type": "track", "event": "e", "userId": "u",
-                                     "messageId": "first", "properties": {"p": "x" * 1000}}]})
     second = orjson.dumps({"batch": [{"type": "track", "event": "e", "userId": "u",
                                       "messageId": f"second-{i}",
                                       "properties": {"p": "x" * 20_000}} for i in range(5)]})
-    step = len(first) // 100 + 1
-    chunks = b"".join(b"%x\r\n" % len(first[i:i + step]) + first[i:i + step] + b"\r\n"
-                      for i in range(0, len(first), step))
-    head = (b"POST /v1/batch HTTP/1.1\r\nHost: 127.0.0.1\r\n"
-            b"Authorization: " + basic(KEY).encode() + b"\r\n")
     s = await connect(agent.port, sockets)
-    await loop.sock_sendall(s, head + b"Transfer-Encoding: chunked\r\n\r\n" + chunks
-                            + b"0\r\n\r\n" + head + b"Content-Length: %d\r\n\r\n" % len(second)
-                            + second[:1000])
+    await loop.sock_sendall(s, batch_in_many_chunks() + b"POST /v1/batch HTTP/1.1\r\n"
+                            b"Host: 127.0.0.1\r\nAuthorization: " + basic(KEY).encode()
+                            + b"\r\nContent-Length: %d\r\n\r\n" % len(second) + second[:1000])
     reply = await asyncio.wait_for(read_reply(s), 5)
     assert reply.startswith(b"HTTP/1.1 200 "), reply[:300]
     await loop.sock_sendall(s, second[1000:])
@@ -1091,6 +1096,27 @@ async def test_a_request_sent_ahead_behind_a_body_of_many_chunks_is_answered(
     assert reply.startswith(b"HTTP/1.1 200 "), reply[:300]
     assert agent.spool.depth == 6
     assert agent.metrics.connections_closed == {}
+
+
+async def test_a_client_that_half_closes_mid_body_behind_a_body_of_many_chunks_gets_its_400(
+        make_agent: Callable[..., Any], sockets: list[socket.socket]) -> None:
+    """A batch sent in 100 chunks, then a request sent ahead of its answer with its body
+    cut short, and the client's side shut down: the first stored and answered 200, the
+    second refused at once (400). aiohttp parsed the second head unseen by the connection,
+    which cut the first body short at the client's EOF (whole already): the second waited
+    out body_timeout_s (503)."""
+    agent = await make_agent()
+    loop = asyncio.get_running_loop()
+    s = await connect(agent.port, sockets)
+    await loop.sock_sendall(s, batch_in_many_chunks() + b"POST /app/" + KEY.encode()
+                            + b"/track HTTP/1.1\r\nHost: 127.0.0.1\r\nContent-Length: 100"
+                            b"\r\n\r\n{\"data\": [")
+    s.shutdown(socket.SHUT_WR)
+    reply = await asyncio.wait_for(read_reply(s), 5)
+    assert reply.startswith(b"HTTP/1.1 200 "), reply[:300]
+    reply = await asyncio.wait_for(read_to_eof(s), 5)
+    assert reply.startswith(b"HTTP/1.1 400 ") and b"request body incomplete" in reply, reply
+    assert agent.spool.depth == 1
 
 
 async def test_a_client_that_half_closes_after_its_requests_gets_their_replies(
