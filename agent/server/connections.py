@@ -362,8 +362,8 @@ class _Conn(asyncio.Protocol):
         piece in aiohttp's parser, and what comes after that body in it (the head of a
         request sent ahead) is parsed as the body's route reads on. The last of aiohttp's
         queue, or else ``request``, the one whose route begins (``_tracked``). Left behind,
-        that request's body was counted as header fields, and past HEAD_MAX the connection
-        was closed unanswered."""
+        that request's body was counted as header fields (past HEAD_MAX the connection was
+        closed unanswered), and not cut short at the client's EOF (``_inner_eof``)."""
         inner: Any = self.inner
         if self.parsed == inner._request_count:
             return
@@ -556,6 +556,7 @@ class _Conn(asyncio.Protocol):
         self.eof = True
         if current is not None:
             current[CLIENT_EOF] = True
+        self.catch_up()   # the body left incomplete may be of a request parsed unseen
         _cut_short(self.payload)
         return True
 
