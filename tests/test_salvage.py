@@ -36,17 +36,17 @@ from agent.clock import Clock
 from agent.families.event import NOT_READ, NUCLEUS, Event
 from agent.outcomes import from_names
 from agent.settings import StorageConfig
-from agent.spool import Spool, dead_live
+from agent.spool import Spool, dead_live, migrate_dead
 from agent.spool import writer as spool_writer
 from agent.spool.dead import Which
 from agent.spool.records import unpack
 from agent.spool.salvage import Carry, salvage
-from agent.spool.schema import SCHEMA
+from agent.spool.schema import SCHEMA, has_observed
 from tests.conftest import AgentProcess, free_port, write_config
 from tests.fakes.nucleus_upstream import FakeNucleus
 from tests.fakes.segment_upstream import FakeSegment
 from tests.segment_helpers import segment_up
-from tests.spool_files import Stored, build_v0
+from tests.spool_files import DATA, Stored, build_v0, copy_of
 from tests.test_codebook import backlog, by_key, opened, queued
 from tests.test_disk import fill_up, six_mb_fs, upstream  # noqa: F401  (six_mb_fs: a fixture)
 from tests.waiting import ROOT, run_outpost, wait_for
@@ -589,6 +589,37 @@ def test_salvage_of_a_sound_v0_file_keeps_everything(tmp_path: Path) -> None:
         assert db.execute("SELECT count(*) FROM dead").fetchone()[0] == 2
         assert db.execute("SELECT key, depth FROM streams ORDER BY id").fetchall() == \
             [("app-nucleus", 19), ("seg-key", 19)]
+
+
+# A file of each older format (tests/data), and damage to its letters' agent-observed
+# times: garbled into another type, a letter costs that time alone, not itself.
+OLD_FILES = {f"v{v}": (v, None) for v in range(6)} | {
+    "v5-garbled": (5, "UPDATE dead SET observed = 'garbage' WHERE seq = 6")}
+
+
+@pytest.mark.parametrize(("version", "damage"), OLD_FILES.values(), ids=OLD_FILES.keys())
+def test_salvage_keeps_the_dead_letters_agent_observed_times_where_the_file_has_them(
+        tmp_path: Path, version: int, damage: str | None) -> None:
+    """Every dead letter of each format is kept, with the agent-observed time of its
+    dead-lettering where the file keeps it (v5's; the salvage dropped it, and the letters
+    were aged and ordered by the wall clock again), else none (NULL: aged by the wall
+    clock, as before), and the summary counts them as they are."""
+    moved, fresh = copy_of(DATA / f"spool-v{version}.db", tmp_path), tmp_path / "fresh.db"
+    with contextlib.closing(sqlite3.connect(moved)) as db, db:
+        if damage:
+            db.execute(damage)
+        seen = "observed" if has_observed(db) else "NULL"
+        want = db.execute(f"SELECT seq, upstream, reason, at, CASE typeof({seen}) WHEN "
+                          f"'integer' THEN {seen} END FROM dead ORDER BY seq").fetchall()
+    assert want and any(w[4] is not None for w in want) == (version == 5)
+    with contextlib.closing(sqlite3.connect(fresh, isolation_level=None)) as db:
+        db.executescript(SCHEMA)
+        got = salvage(db, moved, Carry(streams={}, counters={}, observed=0, next_seq=1,
+                                       depth=None, dead=None))
+        assert (got.dead, got.dead_lost, got.dead_unkept) == (len(want), 0, 0)
+        assert db.execute("SELECT seq, upstream, reason, at, observed FROM dead ORDER BY seq"
+                          ).fetchall() == want
+        assert migrate_dead.agrees(db)
 
 
 LARGE, LARGE_PAD = 60, 400_000   # events of ~400 KB: records of one each, ~200 KB packed
