@@ -7,10 +7,11 @@ readable row. Each record must also unpack (records.py checks its CRC and layout
 one that does not is skipped, its live events lost. Records keep their id (the seq
 of their first event: FIFO order, and the cursors and in-flight acks of running
 forwarders), stream, receipt time (the salvage's, when garbled: _a_time), dedupe keys
-(none, when garbled: NO_KEY) and acked bits; ``spent`` dedupe keys, dead letters and clock marks are copied too. What could not be read is
-counted as ``dropped_corrupt``: exactly, when the queue's size is known (the running
-agent's own count, or the old file's streams table), else only the events read
-but not kept, and the log says the count is unknown. Dead letters lost are counted
+(none, when garbled: NO_KEY) and acked bits; ``spent`` dedupe keys, dead letters (with the
+agent-observed time of their dead-lettering, where the file has it) and clock marks are
+copied too. What could not be read is counted as ``dropped_corrupt``: exactly, when the
+queue's size is known (the running agent's own count, or the old file's streams table),
+else only the events read but not kept, and the log says the count is unknown. Dead letters lost are counted
 so too, as ``dead_dropped_corrupt`` (their number: the running agent's, or the old
 file's summary of them).
 
@@ -66,6 +67,9 @@ SPENT_COLS = "id, received, observed, dkeys"
 SPENT_TYPES = (int, int, int, bytes)
 DEAD_COLS = "seq, stream, family, received, dkey, body, upstream, reason, at, lane"
 DEAD_TYPES = (int, int, int, int, int, bytes, str, str, int, int)
+# Read after those: a letter's agent-observed time of dead-lettering, which its age and
+# the order of the newest reasons go by (dead.aged); NULL from a file without the column.
+SEEN_COLUMN = "SELECT 1 FROM pragma_table_info('dead') WHERE name = 'observed'"
 CHUNK = 500
 # And at most the row that reaches this many bytes of blobs: records and dead letters can
 # be hundreds of KB each, and 500 of them at once could be more than the device has.
@@ -239,6 +243,8 @@ def _salvage(old: sqlite3.Connection | None, fresh: sqlite3.Connection,
     lanes = v0 or bool(_try(old, "SELECT 1 FROM pragma_table_info('records') "
                                  "WHERE name = 'lane'"))
     cols = (lambda c: c) if lanes and not v0 else _before_lanes
+    # Not in v0 or v1, nor in a file an agent wrote before it kept it (schema.DEAD_OBSERVED).
+    seen = ", observed" if _try(old, SEEN_COLUMN) else ", NULL"
     keys = FileKeys(old)
     with transaction(fresh):
         # The running agent's map first: where the file disagrees, it is the damaged one.
@@ -246,15 +252,16 @@ def _salvage(old: sqlite3.Connection | None, fresh: sqlite3.Connection,
                           sorted(carry.streams.items()) + sorted(file_streams))
         streams = {sid for (sid,) in fresh.execute("SELECT id FROM streams")}
         if old is not None:
-            for rows in _scan(old, "dead", "seq", cols(DEAD_COLS), out, keys):
+            for rows in _scan(old, "dead", "seq", cols(DEAD_COLS) + seen, out, keys):
                 # As a record's: a letter whose key is lost has no queue to go back to,
                 # and its id would name whichever key the fresh spool numbers so first.
-                sound = [r for r in rows if _sound(r, DEAD_TYPES)]
-                kept = [(*r[:9], *map(readable, r[9:])) for r in sound if r[1] in streams]
+                sound = [r for r in rows if _sound(r[:-1], DEAD_TYPES)]
+                kept = [(*r[:9], *map(readable, r[9:-1]), _seen(r[-1]))
+                        for r in sound if r[1] in streams]
                 out.dead_unkeyed += len(sound) - len(kept)
                 out.dead_unkept += len(rows) - len(kept)
-                fresh.executemany(f"INSERT OR IGNORE INTO dead({cols(DEAD_COLS)}) VALUES "
-                                  f"({_marks(cols(DEAD_COLS))})", kept)
+                fresh.executemany(f"INSERT OR IGNORE INTO dead({cols(DEAD_COLS)}, observed) "
+                                  f"VALUES ({_marks(cols(DEAD_COLS))}, ?)", kept)
             if v0:
                 _copy_v0(old, fresh, streams, carry, out, keys)
             else:
@@ -280,6 +287,13 @@ def _salvage(old: sqlite3.Connection | None, fresh: sqlite3.Connection,
 def _before_lanes(cols: str) -> str:
     """The columns of a v1 file: the same, without ``lane``."""
     return cols.removesuffix(", lane")
+
+
+def _seen(observed: object) -> int | None:
+    """A letter's agent-observed time as kept: one garbled into another type costs the
+    letter that time alone (NULL: it is aged by the wall clock, as one made before it was
+    kept), not the letter."""
+    return observed if isinstance(observed, int) else None
 
 
 def _marks(cols: str) -> str:

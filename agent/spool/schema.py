@@ -38,16 +38,16 @@ SEEN_SINCE = 6   # the first version whose dead letters' summary keeps agent-obs
 LANE_INDEX = "CREATE INDEX IF NOT EXISTS records_by_lane ON records(lane)"
 
 # A dead letter's agent-observed ms of dead-lettering, expiry's second clock for its age
-# (NULL: made before it was kept, or salvaged; judged by its event's age). Not a format
-# change either: an older agent leaves it NULL, and a spool without it gets it as it
-# opens (migrate.ensure).
+# (NULL: made before it was kept, or salvaged from a file that had none or garbled it;
+# judged by its event's age). Not a format change either: an older agent leaves it NULL,
+# and a spool without it gets it as it opens (migrate.ensure).
 DEAD_OBSERVED = "ALTER TABLE dead ADD COLUMN observed INTEGER"
 
 # Per (reason, upstream) group of dead letters: how many, and the first and last time one
 # was dead-lettered, by the wall clock (``oldest``, ``newest``) and by the agent-observed
 # clock (``first_seen``, ``last_seen``; db.PAST for a letter that does not say: made before
-# that was kept, or salvaged); per group and time, how many then (what a delete needs to
-# find the group's new first and last time in one step). Kept by the triggers, so every
+# that was kept); per group and time, how many then (what a delete needs to find the
+# group's new first and last time in one step). Kept by the triggers, so every
 # writer (commits, retries, purges, expiry, the size cap, a salvage) keeps it: letters are
 # inserted and deleted, never changed in these columns. The newest groups are those the
 # agent saw dead-lettered last (``DEAD_ORDER``): by the wall clock, letters made while it
