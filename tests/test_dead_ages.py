@@ -64,23 +64,33 @@ async def test_dead_letters_made_under_a_wrong_clock_show_the_time_the_agent_saw
         await up.stop()
 
 
+# Damage that has the restart salvage the spool (as in tests/test_salvage.py): a value
+# garbled. With the clock marks, the agent's time is lost too: it resumes at the salvage,
+# and the letters count their age from there, as the events whose mark is lost do.
+DAMAGE = {"queue-depth": "UPDATE streams SET depth = 'garbage'",
+          "clock-marks": "UPDATE clock_marks SET next_seq = 'garbage'"}
+
+
+@pytest.mark.parametrize("damage", DAMAGE.values(), ids=DAMAGE.keys())
 @pytest.mark.parametrize("skew", list(SKEWS), ids=list(SKEWS))
 async def test_dead_letters_salvaged_from_a_corrupt_spool_keep_the_time_the_agent_saw_pass(
-        make_agent: Any, clock: Clock, tmp_path: Path, skew: str) -> None:
-    """The same letters, the spool found damaged at the restart (a value garbled, as in
-    tests/test_salvage.py): the salvage copied the letters without the agent-observed time
-    of their dead-lettering, and they were aged and ordered by the wall clock again, ~20,793
-    days old, or "0s" and kept at the top of the newest reasons."""
+        make_agent: Any, clock: Clock, tmp_path: Path, skew: str, damage: str) -> None:
+    """The same letters, the spool found damaged at the restart: the salvage copied the
+    letters without the agent-observed time of their dead-lettering, and they were aged and
+    ordered by the wall clock again, ~20,793 days old, or "0s" and kept at the top of the
+    newest reasons. Copied, a time past where the agent's resumes (its clock marks lost: it
+    resumes at the salvage's) read "0s", on top, until the agent's count caught up."""
     up = RefusingNucleus()
     await up.start()
     try:
         clock.wall_shift_ms = SKEWS[skew]()
         first = await make_agent(port=free_port(), upstreams=[upstream("up", up, ["*"])])
+        clock.passed_ms += 10 * 24 * HOUR_MS       # the agent's count well past its start's
         await post_events(first.port, "app-a", range(3))
         await dead_letters(first, 3)               # HTTP 400, under the wrong clock
         await first.stop()
         with contextlib.closing(sqlite3.connect(tmp_path / "spool.db")) as db, db:
-            db.execute("UPDATE streams SET depth = 'garbage'")
+            db.execute(damage)
         clock.wall_shift_ms = 0                    # NTP corrects it; the agent restarts
         up.refuse = 422
         agent = await make_agent(port=free_port(), upstreams=[upstream("up", up, ["*"])])
