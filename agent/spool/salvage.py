@@ -245,6 +245,8 @@ def _salvage(old: sqlite3.Connection | None, fresh: sqlite3.Connection,
     cols = (lambda c: c) if lanes and not v0 else _before_lanes
     # Not in v0 or v1, nor in a file an agent wrote before it kept it (schema.DEAD_OBSERVED).
     seen = ", observed" if _try(old, SEEN_COLUMN) else ", NULL"
+    marks = _typed(old, "SELECT observed, next_seq FROM clock_marks NOT INDEXED", (int, int))
+    resumes = max([carry.observed, *(observed for observed, _ in marks)])
     keys = FileKeys(old)
     with transaction(fresh):
         # The running agent's map first: where the file disagrees, it is the damaged one.
@@ -256,7 +258,7 @@ def _salvage(old: sqlite3.Connection | None, fresh: sqlite3.Connection,
                 # As a record's: a letter whose key is lost has no queue to go back to,
                 # and its id would name whichever key the fresh spool numbers so first.
                 sound = [r for r in rows if _sound(r[:-1], DEAD_TYPES)]
-                kept = [(*r[:9], *map(readable, r[9:-1]), _seen(r[-1]))
+                kept = [(*r[:9], *map(readable, r[9:-1]), _seen(r[-1], resumes))
                         for r in sound if r[1] in streams]
                 out.dead_unkeyed += len(sound) - len(kept)
                 out.dead_unkept += len(rows) - len(kept)
@@ -277,7 +279,7 @@ def _salvage(old: sqlite3.Connection | None, fresh: sqlite3.Connection,
                                  ).fetchone()[0]
         out.dead_known = dead is not None
         out.dead_lost = max(dead - out.dead, 0) if dead is not None else out.dead_unkept
-        _carry_clock(old, fresh, carry)
+        _carry_clock(fresh, carry, marks, resumes)
         counters = salvage_counters(old, carry.counters, out.lost, out.dead_lost)
         fresh.executemany("INSERT OR REPLACE INTO counters(name, value) VALUES (?, ?)",
                           sorted(counters.items()))
@@ -289,11 +291,14 @@ def _before_lanes(cols: str) -> str:
     return cols.removesuffix(", lane")
 
 
-def _seen(observed: object) -> int | None:
+def _seen(observed: object, resumes: int) -> int | None:
     """A letter's agent-observed time as kept: one garbled into another type costs the
     letter that time alone (NULL: it is aged by the wall clock, as one made before it was
-    kept), not the letter."""
-    return observed if isinstance(observed, int) else None
+    kept), not the letter. None is later than where the agent's time resumes (``resumes``:
+    the file's clock marks lost, the salvage's): its age counts from there, as an event's
+    whose mark is lost, where a time ahead of it read 0 and put its group at the top of
+    the newest until the agent's count caught up."""
+    return min(observed, resumes) if isinstance(observed, int) else None
 
 
 def _marks(cols: str) -> str:
@@ -568,20 +573,19 @@ def _varint(data: bytes, pos: int) -> tuple[int, int]:
     return value, pos + 9
 
 
-def _carry_clock(old: sqlite3.Connection | None, fresh: sqlite3.Connection,
-                 carry: Carry) -> None:
-    """Keep the agent-observed time and the file's clock marks, and mark every salvaged
-    event as received by now (an event whose own mark is lost counts its age from now:
-    kept longer, never expired early)."""
-    marks = _typed(old, "SELECT observed, next_seq FROM clock_marks NOT INDEXED", (int, int))
+def _carry_clock(fresh: sqlite3.Connection, carry: Carry, marks: list[Any],
+                 resumes: int) -> None:
+    """Keep the agent-observed time (where it ``resumes``: the running agent's, or the
+    latest of the file's clock marks) and those ``marks``, and mark every salvaged event as
+    received by now (an event whose own mark is lost counts its age from now: kept longer,
+    never expired early)."""
     fresh.executemany("INSERT OR IGNORE INTO clock_marks(observed, next_seq) VALUES (?, ?)",
                       marks)
     top = fresh.execute(
         "SELECT max(coalesce((SELECT max(id + n - 1) FROM records), 0), "
         "coalesce((SELECT max(seq) FROM dead), 0), "
         "coalesce((SELECT max(id + length(dkeys) / 8 - 1) FROM spent), 0))").fetchone()[0]
-    mark(fresh, max([carry.observed, *(int(o) for o, _ in marks)]),
-         max(carry.next_seq, top + 1))
+    mark(fresh, resumes, max(carry.next_seq, top + 1))
 
 
 def salvage_counters(old: sqlite3.Connection | None, carried: Counts, lost: int,
