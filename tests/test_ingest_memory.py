@@ -509,3 +509,60 @@ async def test_bodies_sent_in_one_byte_chunks_cost_what_larger_chunks_do(
     print(f"peak {grown / MB:.0f} MB past idle; replies {sorted(set(statuses))}")
     assert set(statuses) <= {200, 503}, statuses   # taken (an empty batch), or busy
     assert grown <= 60 * MB, f"peak RSS {grown / MB:.0f} MB past idle"
+
+
+async def test_a_body_in_one_byte_chunks_sent_ahead_behind_one_of_many_chunks_costs_no_more(
+        tmp_path: Path, agent_process: Callable[..., AgentProcess]) -> None:
+    """As above, each batch in 1-byte chunks now the second request of its connection, its
+    head sent ahead of the first's answer behind a body of 100 chunks, its body once that
+    answer came. The first body's chunks past the 64 read ahead of its route wait in the
+    HTTP library's parser with the second head, which it parses there itself: the second
+    body was read up to the library's own 16,384 chunks ahead of its route, not 64: 200
+    such connections peaked 150-170 MB past idle (about 30 MB with the bound)."""
+    agent = offline_agent(tmp_path, agent_process)
+    assert agent.proc is not None
+    sampler = RssSampler(agent.proc.pid)
+    head = (b"POST /v1/batch HTTP/1.1\r\nHost: 127.0.0.1\r\nAuthorization: "
+            + BASIC["Authorization"].encode() + b"\r\nContent-Type: application/json\r\n"
+            b"Transfer-Encoding: chunked\r\n\r\n")
+    first = b'{"batch": [' + b" " * 100 + b"]}"
+    body = b'{"batch": [' + b" " * 20_000 + b"]}"
+    chunked = b"".join(b"1\r\n%c\r\n" % c for c in body) + b"0\r\n\r\n"
+
+    async def reply(reader: asyncio.StreamReader) -> int:
+        status = await asyncio.wait_for(reader.readuntil(b"\r\n\r\n"), 60)
+        length = re.search(rb"(?i)content-length: *(\d+)", status)
+        assert length is not None, status
+        await reader.readexactly(int(length.group(1)))
+        return int(status.split()[1])
+
+    answered = 0
+    all_answered = asyncio.Event()
+
+    async def one() -> tuple[int, int]:
+        nonlocal answered
+        reader, writer = await asyncio.open_connection("127.0.0.1", agent.port)
+        try:
+            writer.write(head + b"".join(b"1\r\n%c\r\n" % c for c in first) + b"0\r\n\r\n"
+                         + head)
+            status = await reply(reader)
+            answered += 1
+            if answered == 200:   # the second bodies all at once, as the batches above
+                all_answered.set()
+            await all_answered.wait()
+            writer.write(chunked)
+            await writer.drain()
+            return status, await reply(reader)
+        finally:
+            writer.close()
+
+    async with aiohttp.ClientSession() as s:
+        async with s.post(f"{agent.url}/app/{KEY}/track", json={"data": [{"id": 1}]}) as r:
+            assert r.status == 200
+    idle = sampler.rss()
+    with sampler.running():
+        statuses = await asyncio.gather(*(one() for _ in range(200)))
+    grown = sampler.peak - idle
+    print(f"peak {grown / MB:.0f} MB past idle; replies {sorted(set(statuses))}")
+    assert {s for pair in statuses for s in pair} <= {200, 503}, statuses
+    assert grown <= 60 * MB, f"peak RSS {grown / MB:.0f} MB past idle"
