@@ -377,6 +377,8 @@ class _Conn(asyncio.Protocol):
             return   # off the queue, its route not begun yet: caught up as it does
         self.payload, self.length = payload, None if length is None else int(length)
         self.parsed, self.spare = inner._request_count, 0
+        if self.length is None:   # else read up to aiohttp's own limit ahead of its route
+            _few_chunks(payload)
 
     def _hold_back(self, rest: bytes) -> None:
         """aiohttp's queue of requests is full, and it paused reading: ``rest``, the rest of
