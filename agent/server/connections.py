@@ -342,8 +342,7 @@ class _Conn(asyncio.Protocol):
                 length = None if getattr(message, "chunked", True) \
                     else message.headers.get("Content-Length")
                 self.length = None if length is None else int(length)
-                if self.length is None:   # set before its first chunk: a head is a piece
-                    _few_chunks(self.payload)
+                self._follow(self.payload)   # before its first chunk: a head is a piece
             if inner._request_count != seen or self._taken() != taken:
                 self.spare = 0
             elif self.parsed == inner._request_count:   # else whose bytes they are is unknown
@@ -377,8 +376,37 @@ class _Conn(asyncio.Protocol):
             return   # off the queue, its route not begun yet: caught up as it does
         self.payload, self.length = payload, None if length is None else int(length)
         self.parsed, self.spare = inner._request_count, 0
-        if self.length is None:   # else read up to aiohttp's own limit ahead of its route
-            _few_chunks(payload)
+        self._follow(payload)   # else read up to aiohttp's own limit ahead of its route
+
+    def _follow(self, body: Any) -> None:
+        """``body``, the last request's, read at most CHUNKS_AHEAD chunks ahead of its route
+        if chunked (``_few_chunks``), and its route's reads resume aiohttp's reading through
+        this connection (``resume_reading``), which catches up with what that parses."""
+        if self.length is None:
+            _few_chunks(body)
+        if hasattr(body, "_high_water_chunks"):   # a StreamReader, not aiohttp's empty one
+            body._protocol = self
+
+    # aiohttp's protocol, as the bodies this connection follows see it (``_follow``).
+    @property
+    def connected(self) -> bool:
+        inner: Any = self.inner
+        return bool(inner.connected)
+
+    def pause_reading(self) -> None:
+        inner: Any = self.inner
+        inner.pause_reading()
+
+    def resume_reading(self, resume_parser: bool = True) -> None:
+        """A route read its body below aiohttp's low watermarks: aiohttp's parser parses on
+        what it holds (the rest of a piece in which a chunked body paused it), and a request
+        it parses there, unseen, is caught up with at once. Once taken off aiohttp's queue,
+        that request could not be until its route began, and what came of its body meanwhile
+        was read up to aiohttp's own 16,384 chunks ahead of that route."""
+        inner: Any = self.inner
+        inner.resume_reading(resume_parser)
+        if resume_parser:   # else a body ended: the parser is at work, or done
+            self.catch_up()
 
     def _hold_back(self, rest: bytes) -> None:
         """aiohttp's queue of requests is full, and it paused reading: ``rest``, the rest of
