@@ -566,3 +566,48 @@ async def test_a_body_in_one_byte_chunks_sent_ahead_behind_one_of_many_chunks_co
     print(f"peak {grown / MB:.0f} MB past idle; replies {sorted(set(statuses))}")
     assert {s for pair in statuses for s in pair} <= {200, 503}, statuses
     assert grown <= 60 * MB, f"peak RSS {grown / MB:.0f} MB past idle"
+
+
+async def test_a_body_in_one_byte_chunks_sent_in_one_write_behind_one_of_many_chunks_costs_no_more(
+        tmp_path: Path, agent_process: Callable[..., AgentProcess]) -> None:
+    """As above, the second request's head and body sent in the same write as the first,
+    whose body of 3,000 chunks ends past the 16 KiB piece it pauses in. The connection handed
+    aiohttp the rest of the read piece by piece, which its parser, paused, kept whole and
+    parsed itself as the first route read on: the second head unseen, and its body's chunks
+    up to its own 16,384 ahead of their route. 200 such connections peaked 170 MB past idle."""
+    agent = offline_agent(tmp_path, agent_process)
+    assert agent.proc is not None
+    sampler = RssSampler(agent.proc.pid)
+    head = (b"POST /v1/batch HTTP/1.1\r\nHost: 127.0.0.1\r\nAuthorization: "
+            + BASIC["Authorization"].encode() + b"\r\nContent-Type: application/json\r\n"
+            b"Transfer-Encoding: chunked\r\n\r\n")
+    first, second = (b'{"batch": [' + b" " * n + b"]}" for n in (3_000, 20_000))
+    sent = b"".join(head + b"".join(b"1\r\n%c\r\n" % c for c in body) + b"0\r\n\r\n"
+                    for body in (first, second))
+
+    async def reply(reader: asyncio.StreamReader) -> int:
+        status = await asyncio.wait_for(reader.readuntil(b"\r\n\r\n"), 60)
+        length = re.search(rb"(?i)content-length: *(\d+)", status)
+        assert length is not None, status
+        await reader.readexactly(int(length.group(1)))
+        return int(status.split()[1])
+
+    async def one() -> tuple[int, int]:
+        reader, writer = await asyncio.open_connection("127.0.0.1", agent.port)
+        try:
+            writer.write(sent)
+            await writer.drain()
+            return await reply(reader), await reply(reader)
+        finally:
+            writer.close()
+
+    async with aiohttp.ClientSession() as s:
+        async with s.post(f"{agent.url}/app/{KEY}/track", json={"data": [{"id": 1}]}) as r:
+            assert r.status == 200
+    idle = sampler.rss()
+    with sampler.running():
+        statuses = await asyncio.gather(*(one() for _ in range(200)))
+    grown = sampler.peak - idle
+    print(f"peak {grown / MB:.0f} MB past idle; replies {sorted(set(statuses))}")
+    assert {s for pair in statuses for s in pair} <= {200, 503}, statuses
+    assert grown <= 60 * MB, f"peak RSS {grown / MB:.0f} MB past idle"
