@@ -82,6 +82,9 @@ BUF_MAX = 64 * 1024
 # a head of 1 MB, about 2 MB of memory parsed: 2 GB at listen.max_connections.
 HEAD_MAX = 80 * 1024
 _BLANK_LINE = re.compile(rb"\n\r?\n")   # a head's end (aiohttp takes a bare LF too)
+# A chunked body's end, with no trailer field (the same bytes within a chunk's data only end
+# a piece early).
+_LAST_CHUNK = re.compile(rb"\r\n0\r\n\r\n")
 # Bytes after a head given to aiohttp at a time: where a body ends is seen within that many.
 SLICE = 16 * 1024
 # Chunks of a chunked body aiohttp parses ahead of its route before reading pauses (its
@@ -89,8 +92,9 @@ SLICE = 16 * 1024
 # byte, which the in-flight budget sees only once the route reads it: 4,096 of them held
 # ~400 KB a connection for 4 KB of body (200 connections sending 1-byte chunks: +210 MB).
 # Large chunks reach aiohttp's byte limit first, as before. Set on the body once its head
-# is parsed: a head that came in one piece with the end of a chunked body before it (a
-# pipelined request) has that piece's chunks parsed under aiohttp's limit first.
+# is parsed: a piece ends at a chunked body's end (``_piece_end``), but past one whose
+# trailer has fields, a head sent ahead in the same piece has that piece's chunks parsed
+# under aiohttp's limit first.
 CHUNKS_AHEAD = 64
 _HEAD_MESSAGE = (f"request head over {HEAD_MAX} bytes "
                  "(its request line and header fields together)")
@@ -187,10 +191,10 @@ class _Conn(asyncio.Protocol):
     the connection to aiohttp (``inner``) for good at the first request it cannot.
     """
 
-    __slots__ = ("active", "answered", "behind", "broken", "buf", "deadline", "edge", "eof",
-                 "finished", "head", "inner", "lane", "length", "limits", "parsed", "paused",
-                 "payload", "pos", "scan", "serving", "spare", "state", "timer", "transport",
-                 "writable")
+    __slots__ = ("active", "ahead", "answered", "behind", "broken", "buf", "deadline", "edge",
+                 "eof", "finished", "head", "inner", "lane", "length", "limits", "parsed",
+                 "paused", "payload", "pos", "scan", "serving", "spare", "state", "timer",
+                 "transport", "writable")
 
     def __init__(self, limits: ConnectionLimits, inner: asyncio.Protocol,
                  lane: ExpressLane | None) -> None:
@@ -234,6 +238,9 @@ class _Conn(asyncio.Protocol):
         # Bytes read while aiohttp's queue of requests was full, not handed to it yet
         # (``_hold_back``).
         self.behind = b""
+        # The rest of a read, kept while aiohttp's reading is paused by a body's watermarks
+        # (``_feed``), handed over as a route's read resumes it (``resume_reading``).
+        self.ahead = b""
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         # cast: uvloop's transports quack like asyncio.Transport without subclassing it.
@@ -254,6 +261,8 @@ class _Conn(asyncio.Protocol):
         inner: Any = self.inner
         if self.state == LINGER:
             return   # answered for the last time: read and dropped
+        if self.ahead:   # what a read kept comes first (``_feed``)
+            data, self.ahead = self.ahead + data, b""
         if inner._close or inner._force_close:
             if self._reading_body():
                 self._rest_of_body(data)
@@ -354,6 +363,12 @@ class _Conn(asyncio.Protocol):
             if at < len(data) and _counted(inner) and _queue_full(inner):
                 self._hold_back(data[at:])
                 return
+            if at < len(data) and inner._reading_paused and _counted(inner):
+                # Handed over, the rest of the read would wait in aiohttp's parser, which
+                # parses it itself as the body's route reads on: the head of a request sent
+                # ahead in it unseen, and its chunks under aiohttp's own limit of 16,384.
+                self.ahead = data[at:]
+                return
 
     def catch_up(self, request: web.BaseRequest | None = None) -> None:
         """Take the last request aiohttp parsed as the one whose body comes, where aiohttp
@@ -407,6 +422,13 @@ class _Conn(asyncio.Protocol):
         inner.resume_reading(resume_parser)
         if resume_parser:   # else a body ended: the parser is at work, or done
             self.catch_up()
+            self.go_ahead()
+
+    def go_ahead(self) -> None:
+        """What ``_feed`` kept of a read handed over, once aiohttp reads again."""
+        inner: Any = self.inner
+        if self.ahead and not inner._reading_paused:
+            self._to_inner(b"")
 
     def _hold_back(self, rest: bytes) -> None:
         """aiohttp's queue of requests is full, and it paused reading: ``rest``, the rest of
@@ -445,7 +467,11 @@ class _Conn(asyncio.Protocol):
             return found.end() if found else stop
         if self.length is not None:
             return min(stop, at + max(1, self.length - self._taken()))
-        return stop
+        # Not past a chunked body's end either: the head of a request sent ahead after it,
+        # parsed in the same piece, has its body's first chunks parsed under aiohttp's own
+        # limit, before the connection can lower it (``_few_chunks``).
+        found = _LAST_CHUNK.search(data, at, stop)
+        return found.end() if found else stop
 
     def _failed_in_body(self, body: Any) -> bool:
         """Whether aiohttp's parser has just failed in ``body``, a body still open (a chunk
@@ -668,6 +694,7 @@ class ConnectionLimits:
                 conn.state, conn.active = WEBSOCKET, self._loop.time()
             if conn.behind:   # aiohttp has taken this request off its queue
                 conn.read_on()
+            conn.go_ahead()   # reading resumed by aiohttp itself (its queue drained)
             try:
                 return await handler(request)
             finally:
