@@ -475,8 +475,8 @@ async def test_a_body_dense_in_objects_is_refused_before_it_is_parsed(
 async def test_bodies_sent_in_one_byte_chunks_cost_what_larger_chunks_do(
         tmp_path: Path, agent_process: Callable[..., AgentProcess]) -> None:
     """A chunked body's every chunk becomes an object of aiohttp's, about 100 bytes for a
-    chunk of one byte, and aiohttp read up to 4,096 of a body's chunks ahead of its route
-    before it paused: about 400 KB a connection for 4 KB of body, which the in-flight
+    chunk of one byte, and aiohttp read up to 16,384 of a body's chunks ahead of its route
+    before it paused: about 1 MB a connection for 10-16 KB of body, which the in-flight
     budget had yet to see. 200 connections each sending a 20 KB batch in 1-byte chunks took
     the agent about 210 MB past idle at its peak (500 of them 430 MB, so about 1 GB at
     listen.max_connections); the same batches in one chunk each, 6 MB."""

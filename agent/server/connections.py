@@ -88,9 +88,9 @@ _LAST_CHUNK = re.compile(rb"\r\n0\r\n\r\n")
 # Bytes after a head given to aiohttp at a time: where a body ends is seen within that many.
 SLICE = 16 * 1024
 # Chunks of a chunked body aiohttp parses ahead of its route before reading pauses (its
-# own default: 4,096). Each chunk is an object of its own, ~100 bytes for a chunk of one
-# byte, which the in-flight budget sees only once the route reads it: 4,096 of them held
-# ~400 KB a connection for 4 KB of body (200 connections sending 1-byte chunks: +210 MB).
+# own default with its C parser: 16,384). Each chunk is an object of its own, ~100 bytes
+# for a chunk of one byte, which the in-flight budget sees only once the route reads it:
+# ~1 MB a connection for 10-16 KB of body (200 connections sending 1-byte chunks: +210 MB).
 # Large chunks reach aiohttp's byte limit first, as before. Set on the body once its head
 # is parsed: a piece ends at a chunked body's end (``_piece_end``), but past one whose
 # trailer has fields, a head sent ahead in the same piece has that piece's chunks parsed
