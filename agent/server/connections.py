@@ -166,6 +166,13 @@ def _few_chunks(body: Any) -> None:
         body._high_water_chunks, body._low_water_chunks = CHUNKS_AHEAD, CHUNKS_AHEAD // 2
 
 
+def _content_length(message: Any) -> int | None:
+    """A parsed request head's Content-Length; None for a chunked body (or none)."""
+    length = None if getattr(message, "chunked", True) \
+        else message.headers.get("Content-Length")
+    return None if length is None else int(length)
+
+
 def _cut_short(body: Any) -> None:
     """Refuse ``body`` (a request's, or None) if the client's EOF left it incomplete."""
     if body is not None and not body.is_eof():
@@ -348,9 +355,7 @@ class _Conn(asyncio.Protocol):
                 if isinstance(getattr(message, "exc", None), HttpProcessingError) \
                         and self._refused(inner):
                     return   # nothing after the fault is parsed
-                length = None if getattr(message, "chunked", True) \
-                    else message.headers.get("Content-Length")
-                self.length = None if length is None else int(length)
+                self.length = _content_length(message)
                 self._follow(self.payload)   # before its first chunk: a head is a piece
             if inner._request_count != seen or self._taken() != taken:
                 self.spare = 0
@@ -383,13 +388,12 @@ class _Conn(asyncio.Protocol):
             return
         if inner._messages:
             message, payload = inner._messages[-1]
-            length = None if getattr(message, "chunked", True) \
-                else message.headers.get("Content-Length")
+            length = _content_length(message)
         elif request is not None:
             payload, length = request.content, request.content_length
         else:
             return   # off the queue, its route not begun yet: caught up as it does
-        self.payload, self.length = payload, None if length is None else int(length)
+        self.payload, self.length = payload, length
         self.parsed, self.spare = inner._request_count, 0
         self._follow(payload)   # else read up to aiohttp's own limit ahead of its route
 
