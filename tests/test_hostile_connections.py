@@ -345,6 +345,47 @@ async def test_head_sent_a_byte_at_a_time_is_closed_at_the_header_timeout(
     assert await asyncio.wait_for(eof, 5) == b""
 
 
+async def test_a_whole_head_is_answered_however_long_the_agent_takes_to_route_it(
+        tmp_path: Path, agent_process: Callable[..., AgentProcess],
+        sockets: list[socket.socket]) -> None:
+    """header_timeout_s bounds a client sending its head, not the agent routing one it has
+    whole. A loaded agent (on uvloop, whose timers run before the callbacks made ready in
+    the turn before) cut connections whose heads had all come, their requests unanswered,
+    when one turn of its loop took longer than that: 200 connections sending a batch in
+    1-byte chunks at once, on two shared cores, closed some unanswered at the default 10 s.
+    Here the deadline is 50 ms, far shorter than a turn reading such bodies: every one is
+    answered, and no connection is counted closed for a slow head."""
+    port = free_port()
+    cfg = write_config(tmp_path / "agent.toml", tmp_path / "spool.db", port=port,
+                       listen={"header_timeout_s": 0.05}, upstreams=[{
+                           "name": "n", "protocol": "nucleus-ws",
+                           "url": f"ws://127.0.0.1:{free_port()}"}])
+    agent = agent_process(cfg, port).start()
+    body = b'{"batch": [' + b" " * 4_000 + b"]}"
+    sent = (b"POST /v1/batch HTTP/1.1\r\nHost: 127.0.0.1\r\nAuthorization: "
+            + basic(KEY).encode() + b"\r\nContent-Type: application/json\r\n"
+            b"Transfer-Encoding: chunked\r\n\r\n"
+            + b"".join(b"1\r\n%c\r\n" % c for c in body) + b"0\r\n\r\n")
+    loop = asyncio.get_running_loop()
+
+    async def one() -> bytes:
+        s = await connect(port, sockets)
+        await loop.sock_sendall(s, sent)
+        try:
+            return await read_reply(s)
+        except (AssertionError, ConnectionResetError) as e:
+            return repr(e).encode()
+
+    replies = await asyncio.wait_for(asyncio.gather(*(one() for _ in range(200))), 120)
+    async with aiohttp.ClientSession() as session, \
+            session.get(f"{agent.url}/metrics") as r:
+        metrics = await r.text()
+    assert 'reason="slow_head"' not in metrics, \
+        [line for line in metrics.splitlines() if "connections_closed" in line]
+    unanswered = [r for r in replies if not r.startswith(b"HTTP/1.1 200 ")]
+    assert not unanswered, f"{len(unanswered)} of 200 unanswered: {unanswered[:2]}"
+
+
 async def test_stalled_body_gets_503_and_stores_nothing(
         make_agent: Callable[..., Any], sockets: list[socket.socket]) -> None:
     agent = await make_agent(listen=short_deadlines(idle_timeout_s=60))
