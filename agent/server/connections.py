@@ -13,7 +13,7 @@ connection is in one of these states:
 - HEAD, a request's first byte arrived but not yet its whole head: closed
   ``header_timeout_s`` after that byte, however slowly more bytes trickle in, and
   answered 431 once the head is past HEAD_MAX bytes;
-- BUSY, a handler runs: no deadline here. Bodies are deadlined where they are read
+- BUSY, a head is whole and its handler runs, or is about to: no deadline here. Bodies are deadlined where they are read
   (dialects/body.py), so that the app is told (body.Stalled);
 - WEBSOCKET, an upgraded connection: no deadline (a Nucleus module may stay quiet for
   long); the time of its last frame is kept;
@@ -290,6 +290,11 @@ class _Conn(asyncio.Protocol):
                 else:
                     self.inner.data_received(data)
                 return
+            if self.state == HEAD:
+                # Whole: the client is done with its head, and routing it is the agent's
+                # part, however long a loaded loop takes (uvloop runs due timers before
+                # the callbacks made ready in the turn before, such as that route's start).
+                self.state = BUSY
         self._feed(data, end)
 
     def _reading_body(self) -> bool:
