@@ -10,7 +10,7 @@ import platform
 import re
 import sys
 import threading
-from collections.abc import Callable, Iterator
+from collections.abc import Awaitable, Callable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
@@ -472,30 +472,42 @@ async def test_a_body_dense_in_objects_is_refused_before_it_is_parsed(
     assert "objects and arrays" in msg.extra, msg
 
 
-async def test_bodies_sent_in_one_byte_chunks_cost_what_larger_chunks_do(
-        tmp_path: Path, agent_process: Callable[..., AgentProcess]) -> None:
-    """A chunked body's every chunk becomes an object of aiohttp's, about 100 bytes for a
-    chunk of one byte, and aiohttp read up to 16,384 of a body's chunks ahead of its route
-    before it paused: about 1 MB a connection for 10-16 KB of body, which the in-flight
-    budget had yet to see. 200 connections each sending a 20 KB batch in 1-byte chunks took
-    the agent about 210 MB past idle at its peak (500 of them 430 MB, so about 1 GB at
-    listen.max_connections); the same batches in one chunk each, 6 MB."""
+CHUNKED_BATCH = (b"POST /v1/batch HTTP/1.1\r\nHost: 127.0.0.1\r\nAuthorization: "
+                 + BASIC["Authorization"].encode() + b"\r\nContent-Type: application/json\r\n"
+                 b"Transfer-Encoding: chunked\r\n\r\n")
+
+
+def one_byte_chunks(body: bytes) -> bytes:
+    return b"".join(b"1\r\n%c\r\n" % c for c in body) + b"0\r\n\r\n"
+
+
+def spaces(n: int) -> bytes:
+    """A batch of no message: ``n`` spaces between its brackets."""
+    return b'{"batch": [' + b" " * n + b"]}"
+
+
+async def status_of_reply(reader: asyncio.StreamReader) -> int:
+    head = await asyncio.wait_for(reader.readuntil(b"\r\n\r\n"), 60)
+    length = re.search(rb"(?i)content-length: *(\d+)", head)
+    assert length is not None, head
+    await reader.readexactly(int(length.group(1)))
+    return int(head.split()[1])
+
+
+async def peak_of_200_connections(
+        tmp_path: Path, agent_process: Callable[..., AgentProcess],
+        one: Callable[[asyncio.StreamReader, asyncio.StreamWriter], Awaitable[list[int]]]
+) -> None:
+    """200 connections to an offline agent at once, each doing ``one``: every reply a
+    success (an empty batch) or busy, and the agent's peak RSS within 60 MB of its idle."""
     agent = offline_agent(tmp_path, agent_process)
     assert agent.proc is not None
     sampler = RssSampler(agent.proc.pid)
-    head = (b"POST /v1/batch HTTP/1.1\r\nHost: 127.0.0.1\r\nAuthorization: "
-            + BASIC["Authorization"].encode() + b"\r\nContent-Type: application/json\r\n"
-            b"Transfer-Encoding: chunked\r\n\r\n")
-    body = b'{"batch": [' + b" " * 20_000 + b"]}"
-    chunked = b"".join(b"1\r\n%c\r\n" % c for c in body) + b"0\r\n\r\n"
 
-    async def one() -> int:
+    async def connection() -> list[int]:
         reader, writer = await asyncio.open_connection("127.0.0.1", agent.port)
         try:
-            writer.write(head + chunked)
-            await writer.drain()
-            status = await asyncio.wait_for(reader.readline(), 60)
-            return int(status.split()[1])
+            return await one(reader, writer)
         finally:
             writer.close()
 
@@ -504,11 +516,30 @@ async def test_bodies_sent_in_one_byte_chunks_cost_what_larger_chunks_do(
             assert r.status == 200
     idle = sampler.rss()
     with sampler.running():
-        statuses = await asyncio.gather(*(one() for _ in range(200)))
+        statuses = await asyncio.gather(*(connection() for _ in range(200)))
     grown = sampler.peak - idle
-    print(f"peak {grown / MB:.0f} MB past idle; replies {sorted(set(statuses))}")
-    assert set(statuses) <= {200, 503}, statuses   # taken (an empty batch), or busy
+    seen = {s for replies in statuses for s in replies}
+    print(f"peak {grown / MB:.0f} MB past idle; replies {sorted(seen)}")
+    assert seen <= {200, 503}, statuses
     assert grown <= 60 * MB, f"peak RSS {grown / MB:.0f} MB past idle"
+
+
+async def test_bodies_sent_in_one_byte_chunks_cost_what_larger_chunks_do(
+        tmp_path: Path, agent_process: Callable[..., AgentProcess]) -> None:
+    """A chunked body's every chunk becomes an object of aiohttp's, about 100 bytes for a
+    chunk of one byte, and aiohttp read up to 16,384 of a body's chunks ahead of its route
+    before it paused: about 1 MB a connection for 10-16 KB of body, which the in-flight
+    budget had yet to see. 200 connections each sending a 20 KB batch in 1-byte chunks took
+    the agent about 210 MB past idle at its peak (500 of them 430 MB, so about 1 GB at
+    listen.max_connections); the same batches in one chunk each, 6 MB."""
+    sent = CHUNKED_BATCH + one_byte_chunks(spaces(20_000))
+
+    async def one(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> list[int]:
+        writer.write(sent)
+        await writer.drain()
+        return [await status_of_reply(reader)]
+
+    await peak_of_200_connections(tmp_path, agent_process, one)
 
 
 async def test_a_body_in_one_byte_chunks_sent_ahead_behind_one_of_many_chunks_costs_no_more(
@@ -519,53 +550,24 @@ async def test_a_body_in_one_byte_chunks_sent_ahead_behind_one_of_many_chunks_co
     HTTP library's parser with the second head, which it parses there itself: the second
     body was read up to the library's own 16,384 chunks ahead of its route, not 64: 200
     such connections peaked 150-170 MB past idle (about 30 MB with the bound)."""
-    agent = offline_agent(tmp_path, agent_process)
-    assert agent.proc is not None
-    sampler = RssSampler(agent.proc.pid)
-    head = (b"POST /v1/batch HTTP/1.1\r\nHost: 127.0.0.1\r\nAuthorization: "
-            + BASIC["Authorization"].encode() + b"\r\nContent-Type: application/json\r\n"
-            b"Transfer-Encoding: chunked\r\n\r\n")
-    first = b'{"batch": [' + b" " * 100 + b"]}"
-    body = b'{"batch": [' + b" " * 20_000 + b"]}"
-    chunked = b"".join(b"1\r\n%c\r\n" % c for c in body) + b"0\r\n\r\n"
-
-    async def reply(reader: asyncio.StreamReader) -> int:
-        status = await asyncio.wait_for(reader.readuntil(b"\r\n\r\n"), 60)
-        length = re.search(rb"(?i)content-length: *(\d+)", status)
-        assert length is not None, status
-        await reader.readexactly(int(length.group(1)))
-        return int(status.split()[1])
-
+    first = CHUNKED_BATCH + one_byte_chunks(spaces(100)) + CHUNKED_BATCH
+    second = one_byte_chunks(spaces(20_000))
     answered = 0
     all_answered = asyncio.Event()
 
-    async def one() -> tuple[int, int]:
+    async def one(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> list[int]:
         nonlocal answered
-        reader, writer = await asyncio.open_connection("127.0.0.1", agent.port)
-        try:
-            writer.write(head + b"".join(b"1\r\n%c\r\n" % c for c in first) + b"0\r\n\r\n"
-                         + head)
-            status = await reply(reader)
-            answered += 1
-            if answered == 200:   # the second bodies all at once, as the batches above
-                all_answered.set()
-            await all_answered.wait()
-            writer.write(chunked)
-            await writer.drain()
-            return status, await reply(reader)
-        finally:
-            writer.close()
+        writer.write(first)
+        status = await status_of_reply(reader)
+        answered += 1
+        if answered == 200:   # the second bodies all at once, as the batches above
+            all_answered.set()
+        await all_answered.wait()
+        writer.write(second)
+        await writer.drain()
+        return [status, await status_of_reply(reader)]
 
-    async with aiohttp.ClientSession() as s:
-        async with s.post(f"{agent.url}/app/{KEY}/track", json={"data": [{"id": 1}]}) as r:
-            assert r.status == 200
-    idle = sampler.rss()
-    with sampler.running():
-        statuses = await asyncio.gather(*(one() for _ in range(200)))
-    grown = sampler.peak - idle
-    print(f"peak {grown / MB:.0f} MB past idle; replies {sorted(set(statuses))}")
-    assert {s for pair in statuses for s in pair} <= {200, 503}, statuses
-    assert grown <= 60 * MB, f"peak RSS {grown / MB:.0f} MB past idle"
+    await peak_of_200_connections(tmp_path, agent_process, one)
 
 
 async def test_a_body_in_one_byte_chunks_sent_in_one_write_behind_one_of_many_chunks_costs_no_more(
@@ -575,39 +577,11 @@ async def test_a_body_in_one_byte_chunks_sent_in_one_write_behind_one_of_many_ch
     aiohttp the rest of the read piece by piece, which its parser, paused, kept whole and
     parsed itself as the first route read on: the second head unseen, and its body's chunks
     up to its own 16,384 ahead of their route. 200 such connections peaked 170 MB past idle."""
-    agent = offline_agent(tmp_path, agent_process)
-    assert agent.proc is not None
-    sampler = RssSampler(agent.proc.pid)
-    head = (b"POST /v1/batch HTTP/1.1\r\nHost: 127.0.0.1\r\nAuthorization: "
-            + BASIC["Authorization"].encode() + b"\r\nContent-Type: application/json\r\n"
-            b"Transfer-Encoding: chunked\r\n\r\n")
-    first, second = (b'{"batch": [' + b" " * n + b"]}" for n in (3_000, 20_000))
-    sent = b"".join(head + b"".join(b"1\r\n%c\r\n" % c for c in body) + b"0\r\n\r\n"
-                    for body in (first, second))
+    sent = b"".join(CHUNKED_BATCH + one_byte_chunks(spaces(n)) for n in (3_000, 20_000))
 
-    async def reply(reader: asyncio.StreamReader) -> int:
-        status = await asyncio.wait_for(reader.readuntil(b"\r\n\r\n"), 60)
-        length = re.search(rb"(?i)content-length: *(\d+)", status)
-        assert length is not None, status
-        await reader.readexactly(int(length.group(1)))
-        return int(status.split()[1])
+    async def one(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> list[int]:
+        writer.write(sent)
+        await writer.drain()
+        return [await status_of_reply(reader), await status_of_reply(reader)]
 
-    async def one() -> tuple[int, int]:
-        reader, writer = await asyncio.open_connection("127.0.0.1", agent.port)
-        try:
-            writer.write(sent)
-            await writer.drain()
-            return await reply(reader), await reply(reader)
-        finally:
-            writer.close()
-
-    async with aiohttp.ClientSession() as s:
-        async with s.post(f"{agent.url}/app/{KEY}/track", json={"data": [{"id": 1}]}) as r:
-            assert r.status == 200
-    idle = sampler.rss()
-    with sampler.running():
-        statuses = await asyncio.gather(*(one() for _ in range(200)))
-    grown = sampler.peak - idle
-    print(f"peak {grown / MB:.0f} MB past idle; replies {sorted(set(statuses))}")
-    assert {s for pair in statuses for s in pair} <= {200, 503}, statuses
-    assert grown <= 60 * MB, f"peak RSS {grown / MB:.0f} MB past idle"
+    await peak_of_200_connections(tmp_path, agent_process, one)
