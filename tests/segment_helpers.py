@@ -7,17 +7,22 @@ import base64
 import gzip
 import json
 import os
+import threading
+from collections.abc import Awaitable, Callable
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from typing import Any
 
 import aiohttp
 import orjson
 
+from agent.dialects import offload
 from tests.fakes.nucleus_upstream import FakeNucleus
 from tests.fakes.segment_upstream import FakeSegment
 from tests.waiting import wait_for
 
-__all__ = ["Reply", "basic", "call", "fill_spool", "nucleus_up", "segment_up", "wait_for"]
+__all__ = ["Reply", "basic", "call", "fill_spool", "nucleus_up", "reloaded_while_read",
+           "segment_up", "wait_for"]
 
 
 def segment_up(fake: FakeSegment, **kw: Any) -> dict[str, Any]:
@@ -94,3 +99,45 @@ async def tail_messages(resp: Any, n: int) -> list[dict[str, Any]]:
         if line.startswith(b"data: "):
             got.append(json.loads(line[6:]))
     return got
+
+
+async def reloaded_while_read(agent: Any, post: Callable[[], Awaitable[Reply]]) -> Reply:
+    """``post``'s reply, a batch over 64 KiB (read and judged on the parse worker,
+    agent/dialects/offload.py) with ``agent.reload()`` landing after the worker has read
+    it, before its commit: the reload resumes (and applies its config) in the turn of the
+    loop before the batch's commit does. The parse worker and the reload's hop off the loop
+    (its preflight, asyncio.to_thread) each run on one thread, first come first served, held
+    so that the test knows when each is done: unheld, the batch was stored before the
+    reload applied, whatever the commit was held to."""
+    held, go, read, hop_held, hop_go, hopped = (threading.Event() for _ in range(6))
+
+    def hold(taken: threading.Event, until: threading.Event) -> None:
+        taken.set()
+        until.wait(30)
+
+    hop = ThreadPoolExecutor(max_workers=1, thread_name_prefix="test-hop")
+    asyncio.get_running_loop().set_default_executor(hop)
+    worker = offload._worker
+    try:
+        worker.submit(hold, held, go)   # the batch's reading queues behind
+        assert held.wait(30)
+        sent = asyncio.create_task(post())
+        await wait_for(lambda: worker._work_queue.qsize() == 1)
+        worker.submit(read.set)   # runs once the batch is read
+        hop.submit(hold, hop_held, hop_go)
+        assert hop_held.wait(30)
+        reloading = asyncio.ensure_future(agent.reload())
+        await wait_for(lambda: hop._work_queue.qsize() == 1)   # its preflight, queued
+        hop.submit(hopped.set)
+        # The loop held from here until the batch is read: the reload's preflight is done
+        # first.
+        hop_go.set()
+        assert hopped.wait(30)
+        go.set()
+        assert read.wait(30)
+        reply = await sent
+        assert await reloading
+    finally:
+        go.set()
+        hop_go.set()
+    return reply

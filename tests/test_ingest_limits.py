@@ -4,11 +4,8 @@ instead of a 2xx and a dead letter."""
 
 from __future__ import annotations
 
-import asyncio
 import base64
 import os
-import threading
-from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
 
@@ -17,12 +14,18 @@ import orjson
 import pytest
 from aiohttp import WSMsgType
 
-from agent.dialects import offload
 from agent.uplinks.segment_http import SegmentHttpUplink
 from tests.conftest import write_config
 from tests.fakes.nucleus_upstream import FakeNucleus
 from tests.fakes.segment_upstream import FakeSegment
-from tests.segment_helpers import basic, call, nucleus_up, segment_up, wait_for
+from tests.segment_helpers import (
+    basic,
+    call,
+    nucleus_up,
+    reloaded_while_read,
+    segment_up,
+    wait_for,
+)
 
 APPS = "/api/public/apps"
 SEGMENT_LIMIT = str(32 * 1024)
@@ -273,42 +276,8 @@ async def test_a_reload_while_a_large_batch_is_read_leaves_it_to_the_routes_it_w
     batch = {"batch": [{"type": "track", "event": "e", "userId": "u", "messageId": f"m{i}",
                         "properties": {"p": "x" * 10_000}} for i in range(8)]}
     headers = {"Authorization": basic("k")}
-    held, go, read, hop_held, hop_go, hopped = (threading.Event() for _ in range(6))
-
-    def hold(taken: threading.Event, until: threading.Event) -> None:
-        taken.set()
-        until.wait(30)
-
-    # The reload's hop off the loop (its preflight, asyncio.to_thread) comes before it sets
-    # the new routes: on one thread, held like the parse worker (first come, first served),
-    # so that the test knows when it is done. Unheld, the batch was stored before the
-    # routes changed, and the test passed whatever routes the commit was held to.
-    hop = ThreadPoolExecutor(max_workers=1, thread_name_prefix="test-hop")
-    asyncio.get_running_loop().set_default_executor(hop)
-    worker = offload._worker   # one thread, first come first served
-    try:
-        worker.submit(hold, held, go)   # the batch's reading queues behind
-        assert held.wait(30)
-        sent = asyncio.create_task(call(agent.port, "/v1/batch", batch, headers=headers))
-        await wait_for(lambda: worker._work_queue.qsize() == 1)
-        worker.submit(read.set)   # runs once the batch is read
-        hop.submit(hold, hop_held, hop_go)
-        assert hop_held.wait(30)
-        reloading = asyncio.ensure_future(agent.reload())
-        await wait_for(lambda: hop._work_queue.qsize() == 1)   # its preflight, queued
-        hop.submit(hopped.set)
-        # The loop held from here until the batch is read, by the old routes: the reload's
-        # preflight is done first, so the reload resumes (and sets the new routes) in the
-        # turn of the loop before the batch's commit does.
-        hop_go.set()
-        assert hopped.wait(30)
-        go.set()
-        assert read.wait(30)
-        reply = await sent
-        assert await reloading
-    finally:
-        go.set()
-        hop_go.set()
+    reply = await reloaded_while_read(
+        agent, lambda: call(agent.port, "/v1/batch", batch, headers=headers))
     assert reply.status == 200, reply.body
     assert agent.spool.depth == 8
     again = await call(agent.port, "/v1/batch", batch, headers=headers)   # the next request

@@ -10,8 +10,6 @@ import os
 import signal
 import subprocess
 import sys
-import threading
-from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
 
@@ -20,7 +18,6 @@ import pytest
 from aiohttp import WSCloseCode, WSMsgType, web
 
 from agent import config as config_mod
-from agent.dialects import offload
 from agent.dialects.base import Example
 from agent.forwarder.supervisor import Seams
 from agent.service import Agent
@@ -28,7 +25,7 @@ from tests.conftest import free_port, write_config
 from tests.dialect_examples import examples
 from tests.fakes.faulty_upstream import Fault, FaultyUpstream
 from tests.fakes.loopback_server import LoopbackServer
-from tests.segment_helpers import call
+from tests.segment_helpers import call, reloaded_while_read
 from tests.test_dead_many import outpost_in_thread
 from tests.test_upstream_faults import event
 from tests.waiting import wait_for
@@ -131,42 +128,8 @@ async def test_a_large_batch_of_several_keys_a_reload_revokes_one_of_as_it_is_ju
     batch = {"batch": [{"type": "track", "event": "e", "userId": "u", "messageId": f"m{i}",
                         "writeKey": ("kept", "revoked")[i % 2], "properties": {"p": "x" * 10_000}}
                        for i in range(8)]}
-    held, go, judged, hop_held, hop_go, hopped = (threading.Event() for _ in range(6))
-
-    def hold(taken: threading.Event, until: threading.Event) -> None:
-        taken.set()
-        until.wait(30)
-
-    # The reload's hop off the loop (its preflight, asyncio.to_thread) on one thread, held
-    # like the parse worker: first come, first served, so the test knows when it is done.
-    hop = ThreadPoolExecutor(max_workers=1, thread_name_prefix="test-hop")
-    asyncio.get_running_loop().set_default_executor(hop)
-    worker = offload._worker
-    try:
-        worker.submit(hold, held, go)   # the batch's judging queues behind
-        assert held.wait(30)
-        sent = asyncio.create_task(call(agent.port, "/v1/batch", batch))
-        await wait_for(lambda: worker._work_queue.qsize() == 1)
-        worker.submit(judged.set)   # runs once the batch is judged
-        hop.submit(hold, hop_held, hop_go)
-        assert hop_held.wait(30)
-        write_config(Path(agent.config_path), agent.spool.path,
-                     listen={"accept_keys": ["kept"]})
-        reloading = asyncio.ensure_future(agent.reload())
-        await wait_for(lambda: hop._work_queue.qsize() == 1)   # its preflight, queued
-        hop.submit(hopped.set)
-        # The loop held from here until the batch is judged, by the old keys: the reload's
-        # preflight is done first, so the reload resumes (and sets the new keys) in the turn
-        # of the loop before the batch's commit does.
-        hop_go.set()
-        assert hopped.wait(30)
-        go.set()
-        assert judged.wait(30)
-        reply = await sent
-        assert await reloading
-    finally:
-        go.set()
-        hop_go.set()
+    write_config(Path(agent.config_path), agent.spool.path, listen={"accept_keys": ["kept"]})
+    reply = await reloaded_while_read(agent, lambda: call(agent.port, "/v1/batch", batch))
     after = await call(agent.port, "/v1/batch", batch)   # the same batch, judged after it
     assert after.status == 207, after.body
     assert reply.status == 207, reply.body
