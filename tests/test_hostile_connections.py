@@ -386,6 +386,51 @@ async def test_a_whole_head_is_answered_however_long_the_agent_takes_to_route_it
     assert not unanswered, f"{len(unanswered)} of 200 unanswered: {unanswered[:2]}"
 
 
+# Empty lines before a request line, which HTTP/1.1 servers skip (RFC 9112 §2.2), as
+# aiohttp's parser does: a connection that sent only these has sent no request yet.
+BLANK_LINES = b"\r\n\r\n"
+
+
+@pytest.mark.parametrize("after_a_reply", [False, True], ids=["first", "after-a-reply"])
+async def test_blank_lines_with_no_request_are_closed_at_the_header_timeout(
+        make_agent: Callable[..., Any], sockets: list[socket.socket],
+        after_a_reply: bool) -> None:
+    """Empty lines end no head: the connection still waits for a request's head, so the
+    header deadline holds. Taken for a head's end, they left the connection with no
+    deadline at all, open for good (the idle timeout is long here, and never came)."""
+    agent = await make_agent(listen=short_deadlines(idle_timeout_s=60))
+    loop = asyncio.get_running_loop()
+    s = await connect(agent.port, sockets)
+    if after_a_reply:
+        await loop.sock_sendall(s, HEALTHZ)
+        assert (await asyncio.wait_for(read_reply(s), 5)).startswith(b"HTTP/1.1 200 ")
+    await loop.sock_sendall(s, BLANK_LINES)
+    assert await asyncio.wait_for(read_to_eof(s), 5) == b""
+    assert agent.metrics.connections_closed == {"slow_head": 1}
+
+
+async def test_connections_that_sent_only_blank_lines_make_room_at_the_cap(
+        make_agent: Callable[..., Any], sockets: list[socket.socket]) -> None:
+    """Connections that sent empty lines and nothing more are in no request: at the cap, one
+    makes room for a real app's post. Counted as handling a request, they could not, and
+    the post's connection was closed instead, as long as they stayed open (for good)."""
+    agent = await make_agent(listen={"max_connections": 2})
+    loop = asyncio.get_running_loop()
+    for _ in range(2):
+        s = await connect(agent.port, sockets)
+        await loop.sock_sendall(s, HEALTHZ)
+        assert (await asyncio.wait_for(read_reply(s), 5)).startswith(b"HTTP/1.1 200 ")
+        await loop.sock_sendall(s, BLANK_LINES)
+    async with aiohttp.ClientSession(
+            timeout=aiohttp.ClientTimeout(total=POST_TIMEOUT_S)) as session, \
+            session.post(f"http://127.0.0.1:{agent.port}/v1/track", data=track_body(),
+                         headers={"Authorization": basic(KEY),
+                                  "Content-Type": "application/json"}) as r:
+        assert r.status == 200
+    assert agent.metrics.connections_closed == {"evicted": 1}
+    assert agent.spool.depth == 1
+
+
 async def test_stalled_body_gets_503_and_stores_nothing(
         make_agent: Callable[..., Any], sockets: list[socket.socket]) -> None:
     agent = await make_agent(listen=short_deadlines(idle_timeout_s=60))
