@@ -10,10 +10,11 @@ connection is in one of these states:
 
 - IDLE, waiting for a request's first byte (after connecting, or after its last
   reply): closed ``idle_timeout_s`` after it became idle;
-- HEAD, a request's first byte arrived but not yet its whole head: closed
-  ``header_timeout_s`` after that byte, however slowly more bytes trickle in, and
-  answered 431 once the head is past HEAD_MAX bytes;
-- BUSY, a head is whole and its handler runs, or is about to: no deadline here. Bodies are deadlined where they are read
+- HEAD, a request's first byte arrived (or an empty line before one) but not yet its
+  whole head: closed ``header_timeout_s`` after that byte, however slowly more bytes
+  trickle in, and answered 431 once the head is past HEAD_MAX bytes;
+- BUSY, a handler runs, or is about to: its head is whole, and aiohttp, which waited for
+  it, takes it next. No deadline here. Bodies are deadlined where they are read
   (dialects/body.py), so that the app is told (body.Stalled);
 - WEBSOCKET, an upgraded connection: no deadline (a Nucleus module may stay quiet for
   long); the time of its last frame is kept;
@@ -154,6 +155,12 @@ def _counted(inner: Any) -> bool:
     return not (inner._upgraded or inner._close or inner._force_close)
 
 
+def _to_route(inner: Any) -> bool:
+    """Whether aiohttp's queue holds a request for its route: it may hold none after a
+    blank line (empty lines before a request line are skipped, no head)."""
+    return bool(inner._messages)
+
+
 def _queue_full(inner: Any) -> bool:
     """Whether aiohttp's queue of parsed requests is full: it has paused reading."""
     return len(inner._messages) >= getattr(inner, "_max_msg_queue_size", sys.maxsize)
@@ -290,12 +297,13 @@ class _Conn(asyncio.Protocol):
                 else:
                     self.inner.data_received(data)
                 return
-            if self.state == HEAD:
-                # Whole: the client is done with its head, and routing it is the agent's
-                # part, however long a loaded loop takes (uvloop runs due timers before
-                # the callbacks made ready in the turn before, such as that route's start).
-                self.state = BUSY
         self._feed(data, end)
+        if end and self.state == HEAD and _to_route(inner):
+            # Whole, and aiohttp, which waited, takes it next: the client is done with its
+            # head, and routing it is the agent's part, however long a loaded loop takes
+            # (uvloop runs due timers before the callbacks made ready in the turn before,
+            # such as that route's start).
+            self.state = BUSY
 
     def _reading_body(self) -> bool:
         """Whether a route that has not returned reads a body not yet whole."""
