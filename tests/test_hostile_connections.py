@@ -431,6 +431,24 @@ async def test_connections_that_sent_only_blank_lines_make_room_at_the_cap(
     assert agent.spool.depth == 1
 
 
+async def test_a_refused_head_whose_400_is_never_read_is_closed_at_the_header_timeout(
+        make_agent: Callable[..., Any], sockets: list[socket.socket]) -> None:
+    """aiohttp's 400 for a head it refuses repeats the refused line: 60 KB of bytes it
+    takes for no path (shown \\x80 each) make a 400 of 240 KB, more than a client that
+    reads nothing takes (a small receive buffer and segment size), and the reply's write
+    waits on it. That head had no deadline left once whole, and the connection stayed
+    open for good, out of the cap's reach."""
+    agent = await make_agent(listen=short_deadlines(idle_timeout_s=60))
+    loop = asyncio.get_running_loop()
+    s = new_socket(sockets)
+    s.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
+    s.setsockopt(socket.IPPROTO_TCP, socket.TCP_MAXSEG, 536)
+    await loop.sock_connect(s, ("127.0.0.1", agent.port))
+    await loop.sock_sendall(s, b"GET /" + b"\x80" * 60_000 + b" HTTP/1.1\r\n\r\n")
+    await wait_for(lambda: agent.metrics.connections_closed == {"slow_head": 1}, 5)
+    assert agent.metrics.connections_open == 0
+
+
 async def test_stalled_body_gets_503_and_stores_nothing(
         make_agent: Callable[..., Any], sockets: list[socket.socket]) -> None:
     agent = await make_agent(listen=short_deadlines(idle_timeout_s=60))
