@@ -11,8 +11,9 @@ connection is in one of these states:
 - IDLE, waiting for a request's first byte (after connecting, or after its last
   reply): closed ``idle_timeout_s`` after it became idle;
 - HEAD, a request's first byte arrived (or an empty line before one) but not yet its
-  whole head: closed ``header_timeout_s`` after that byte, however slowly more bytes
-  trickle in, and answered 431 once the head is past HEAD_MAX bytes;
+  whole head, or not one aiohttp takes (until its 400 is sent): closed
+  ``header_timeout_s`` after that byte, however slowly more bytes trickle in, and
+  answered 431 once the head is past HEAD_MAX bytes;
 - BUSY, a handler runs, or is about to: its head is whole, and aiohttp, which waited for
   it, takes it next. No deadline here. Bodies are deadlined where they are read
   (dialects/body.py), so that the app is told (body.Stalled);
@@ -157,8 +158,13 @@ def _counted(inner: Any) -> bool:
 
 def _to_route(inner: Any) -> bool:
     """Whether aiohttp's queue holds a request for its route: it may hold none after a
-    blank line (empty lines before a request line are skipped, no head)."""
-    return bool(inner._messages)
+    blank line (empty lines before a request line are skipped, no head), or its own 400
+    for a head it refused. That reply is deadlined as a head until it is sent and the
+    connection lingers (``_refused``): it repeats the refused line (60 KB of bytes shown
+    \\x80 each make 240 KB), and its write waits for good on a client that reads nothing."""
+    messages = inner._messages
+    return bool(messages) and not isinstance(getattr(messages[0][0], "exc", None),
+                                             HttpProcessingError)
 
 
 def _queue_full(inner: Any) -> bool:
