@@ -449,6 +449,46 @@ async def test_a_refused_head_whose_400_is_never_read_is_closed_at_the_header_ti
     assert agent.metrics.connections_open == 0
 
 
+# A deadline shorter than any turn of the agent's loop: each is due by the next turn, as
+# on an agent whose loop is loaded enough for a turn to outlast it (200 connections
+# posting batches in 1-byte chunks, each with a request sent ahead behind its batch,
+# lost 185 of those requests at idle_timeout_s = 0.05).
+AT_ONCE = 1e-6
+
+
+async def test_requests_sent_ahead_are_answered_however_short_the_idle_timeout(
+        make_agent: Callable[..., Any], sockets: list[socket.socket]) -> None:
+    """A request sent ahead of an answer is whole in the agent when that answer goes out:
+    the connection is not idle, and its route begins within a turn or two of the loop. The
+    idle deadline, due by then, closed it, that request unanswered."""
+    agent = await make_agent(listen={"idle_timeout_s": AT_ONCE})
+    loop = asyncio.get_running_loop()
+    s = await connect(agent.port, sockets)
+    await loop.sock_sendall(s, HEALTHZ * 3)
+    replies = await asyncio.wait_for(read_to_eof(s), 5)   # closed idle after the third
+    assert replies.count(b"HTTP/1.1 200 ") == 3, replies
+    assert agent.metrics.connections_closed == {"idle": 1}
+
+
+async def test_a_request_after_the_rest_of_a_body_refused_early_is_answered_at_once(
+        make_agent: Callable[..., Any], sockets: list[socket.socket]) -> None:
+    """The rest of a body refused at its head (413) is read and dropped; a request whole
+    behind it, in the same read, is the agent's to route. The header deadline, which
+    bounds those bytes, closed it unanswered when it was due before that route began."""
+    agent = await make_agent(listen={"header_timeout_s": AT_ONCE})
+    loop = asyncio.get_running_loop()
+    s = await connect(agent.port, sockets)
+    await loop.sock_sendall(s, b"POST /v1/track HTTP/1.1\r\nHost: 127.0.0.1\r\n"
+                               b"Authorization: " + basic(KEY).encode() + b"\r\n"
+                               b"Content-Length: 40000\r\n\r\n" + b"x" * 1000)
+    reply = await asyncio.wait_for(read_reply(s), 5)
+    assert reply.startswith(b"HTTP/1.1 413 "), reply[:300]
+    await loop.sock_sendall(s, b"x" * 39_000 + HEALTHZ)
+    reply = await asyncio.wait_for(read_reply(s), 5)
+    assert reply.startswith(b"HTTP/1.1 200 "), reply[:300]
+    assert agent.metrics.connections_closed == {}
+
+
 async def test_stalled_body_gets_503_and_stores_nothing(
         make_agent: Callable[..., Any], sockets: list[socket.socket]) -> None:
     agent = await make_agent(listen=short_deadlines(idle_timeout_s=60))
