@@ -13,7 +13,9 @@ connection is in one of these states:
 - HEAD, a request's first byte arrived (or an empty line before one) but not yet its
   whole head, or not one aiohttp takes (until its 400 is sent): closed
   ``header_timeout_s`` after that byte, however slowly more bytes trickle in, and
-  answered 431 once the head is past HEAD_MAX bytes;
+  answered 431 once the head is past HEAD_MAX bytes. Neither IDLE nor HEAD is closed
+  while aiohttp holds a whole request whose route is about to begin (one sent ahead of
+  an answer, or behind the rest of a body refused early: ``_routes_on``);
 - BUSY, a handler runs, or is about to: its head is whole, and aiohttp, which waited for
   it, takes it next. No deadline here. Bodies are deadlined where they are read
   (dialects/body.py), so that the app is told (body.Stalled);
@@ -165,6 +167,17 @@ def _to_route(inner: Any) -> bool:
     messages = inner._messages
     return bool(messages) and not isinstance(getattr(messages[0][0], "exc", None),
                                              HttpProcessingError)
+
+
+def _routes_on(conn: _Conn) -> bool:
+    """Whether a request aiohttp parsed on ``conn`` is yet to be routed (in its queue, or
+    taken off it, its route about to begin), and nothing holds that up for long: aiohttp
+    neither closes the connection nor waits for its client to read (a reply's write, once
+    the transport's buffer is full)."""
+    inner: Any = conn.inner
+    transport = conn.transport
+    return inner._request_count != conn.answered and conn.writable \
+        and not inner._force_close and transport is not None and not transport.is_closing()
 
 
 def _queue_full(inner: Any) -> bool:
@@ -867,6 +880,11 @@ class ConnectionLimits:
         if conn.transport is None or conn.state in (BUSY, WEBSOCKET):
             return  # re-armed when the request is done
         now = self._loop.time()
+        if conn.state <= HEAD and _routes_on(conn):
+            # The client is done: its request is whole here, sent ahead of an answer or
+            # behind the rest of a body refused early, and its route begins within a turn
+            # or two of the loop, which a loaded one may take longer than the deadline.
+            conn.deadline = now + (self.idle_s if conn.state == IDLE else self.head_s)
         if now < conn.deadline:
             self._arm(conn, now)
             return
