@@ -13,10 +13,13 @@ acknowledged, the module resending the rest.
 from __future__ import annotations
 
 import json
+import struct
 from collections import Counter
 from typing import Any
 
 import orjson
+import pytest
+from aiohttp import WSCloseCode
 
 from agent.dialects.nucleus import MAX_MESSAGE
 from tests.test_nucleus_backlog import KEY, module_queue, raw_websocket
@@ -78,3 +81,37 @@ async def test_a_small_message_in_fragments_is_taken_whole(make_agent: Any) -> N
     assert opcode == 0x1, (opcode, payload[2:].decode(errors="replace"))
     assert orjson.loads(payload)["reportedIds"] == [ev["id"] for ev in queue]
     assert agent.spool.depth == len({(ev["id"], ev["name"]) for ev in queue})
+
+
+# A message begun in fragments, then a data frame that is not its continuation: RFC 6455
+# §5.4 allows none until its last fragment, and the endpoint fails the connection (1002).
+BEGUN = b'{"data":[{"type":"event","name":"begun","id":1}]}'
+INTRUDER = b'{"data":[{"type":"event","name":"intruder","id":2}]}'
+INTRUSIONS = {   # (the begun message's opcode, the intruding frame's opcode and fin)
+    "text then a whole text": (0x1, 0x1, True),
+    "binary then a whole text": (0x2, 0x1, True),
+    "text then a whole binary": (0x1, 0x2, True),
+    "text then a text fragment": (0x1, 0x1, False),
+}
+
+
+@pytest.mark.parametrize("begun,opcode,fin", INTRUSIONS.values(), ids=INTRUSIONS)
+async def test_a_data_frame_inside_a_message_in_fragments_fails_the_connection_1002(
+        make_agent: Any, begun: int, opcode: int, fin: bool) -> None:
+    """The fragments gathered before it were dropped, and a whole message intruding was
+    taken as a message of its own: stored and acknowledged, where the connection is
+    failed (the reader's own comment said aiohttp would be told, and fail it: told by an
+    empty fragment, aiohttp missed a final frame after it). Nothing stored, no reply but
+    the close."""
+    agent = await make_agent()
+    reader, writer = await raw_websocket(agent.port, f"/app/{KEY}/track")
+    try:
+        writer.write(frame(BEGUN[:12], opcode=begun, fin=False)
+                     + frame(INTRUDER, opcode=opcode, fin=fin))
+        await writer.drain()
+        opcode_got, payload = await read_frame(reader)
+    finally:
+        writer.close()
+    assert opcode_got == 0x8, (opcode_got, payload)
+    assert struct.unpack("!H", payload[:2])[0] == WSCloseCode.PROTOCOL_ERROR, payload
+    assert agent.spool.depth == 0
