@@ -79,6 +79,9 @@ Ticket = Callable[[], AbstractContextManager[Reservation]]
 Refuses = Callable[[bytes], tuple[int, str] | None]
 # A message in one frame this large or larger is gathered and charged here (module doc).
 CHARGED_MIN = 64 * 1024
+# A first fragment of a text message, unmasked, of one byte: what aiohttp is shown of a
+# message gathered here once a frame that cannot continue it comes (``_Gate._turn``).
+_OPEN_FRAGMENT = bytes([_TEXT, 1]) + b" "
 
 
 class OverCap(Exception):
@@ -414,9 +417,11 @@ class _Gate:
                     self._charge(self._frag, length, out)
                     continue
                 # Not a fragment of it: aiohttp is told a message in fragments is open,
-                # and fails the connection on this frame (1002), as it would have.
+                # and fails the connection on this frame (1002), as it would have. The
+                # fragment it is told of holds a byte: after an empty one, aiohttp takes
+                # a final text or binary frame for a message of its own.
                 self._drop_frag()
-                out.append(bytes([_TEXT, 0]))
+                out.append(_OPEN_FRAGMENT)
                 self._fragmented = True
             elif (opcode in (_TEXT, _BINARY) and not first & 0x70 and not self._fragmented
                     and (not first & 0x80 or CHARGED_MIN <= length < self._large_min)):
