@@ -17,6 +17,7 @@ import uuid
 from collections.abc import Awaitable, Callable, Mapping, Sequence
 from contextlib import suppress
 from typing import Any
+from urllib.parse import unquote_to_bytes
 
 import orjson
 from aiohttp import WebSocketError, WSCloseCode, WSMsgType, web
@@ -109,6 +110,23 @@ def _handshake_fault(headers: Mapping[str, str], said: str) -> str:
         if len(base64.b64decode(key)) == 16:
             return said
     return "Sec-WebSocket-Key is not 16 bytes in base64"
+
+
+NOT_UTF8 = "its percent-escapes in the path are not UTF-8 text"
+
+
+def _escapes_not_utf8(request: web.Request, key: str) -> bool:
+    """Whether the app id ``key`` came as percent-escapes of bytes that are no UTF-8
+    (`/app/%e9/track`: Latin-1). The router keeps each such escape as its text, `%e9`: the
+    id of another app (`/app/%25e9/track`), and one this app never sent. Every other
+    segment of a Nucleus path is a word of the route's own, so any such byte is the id's."""
+    if "%" not in key:   # no escape kept as text: the usual id pays nothing more
+        return False
+    try:
+        unquote_to_bytes(request.rel_url.raw_path).decode()
+    except UnicodeDecodeError:
+        return True
+    return False
 
 
 def _quoted(key: str) -> str:
@@ -230,10 +248,15 @@ class NucleusHandlers:
         return ([ev for ev, at in zip(got.events, got.ack_at, strict=True) if at not in refused],
                 [a for n, a in enumerate(got.acks) if n not in refused])
 
+    def _key_refusal(self, request: web.Request, key: str) -> web.Response | None:
+        """The 401 for the app id ``key`` of ``request``'s path, or None when it is taken."""
+        why = NOT_UTF8 if _escapes_not_utf8(request, key) else self.sink.key_refusal(key)
+        return None if why is None else _error(401, f"appId {_quoted(key)} refused: {why}")
+
     async def http_track(self, request: web.Request) -> web.StreamResponse:
         key = request.match_info["appId"]
-        if (why := self.sink.key_refusal(key)) is not None:
-            return _error(401, f"appId {_quoted(key)} refused: {why}")
+        if (unauthorised := self._key_refusal(request, key)) is not None:
+            return unauthorised
         try:
             acks = await self._take(await read_raw(request, MAX_MESSAGE), key, TICKET.get())
         except Stalled as exc:
@@ -250,8 +273,8 @@ class NucleusHandlers:
 
     async def websocket(self, request: web.Request) -> web.StreamResponse:
         key = request.match_info["appId"]
-        if (why := self.sink.key_refusal(key)) is not None:
-            return _error(401, f"appId {_quoted(key)} refused: {why}")
+        if (unauthorised := self._key_refusal(request, key)) is not None:
+            return unauthorised
         ws = QueueSocket(key=key, large=MAX_MESSAGE, cap=MAX_FRAME, keep=KEEP, values=MAX_VALUES,
                          deadline=request.app[BODY_TIMEOUT_S], ticket=self.sink.ticket,
                          refuses=self._refusal(key))
