@@ -32,3 +32,26 @@ async def test_a_body_starting_with_a_byte_order_mark_is_a_400_that_names_it(
     assert status == 400, text
     assert "byte order mark" in text, text
     assert agent.spool.depth == 0
+
+
+WEBSOCKETS = [ex for ex in examples("k") if ex.websocket]
+
+
+@pytest.mark.parametrize("binary", [False, True], ids=["text", "binary"])
+@pytest.mark.parametrize("ex", WEBSOCKETS, ids=lambda ex: ex.path)
+async def test_a_websocket_message_starting_with_a_byte_order_mark_is_closed_naming_it(
+        make_agent: Any, ex: Example, binary: bool) -> None:
+    """Closed 1007, as any message that is not JSON; the reason said only `invalid JSON`,
+    where the HTTP route names the mark."""
+    agent = await make_agent()
+    assert ex.body is not None
+    async with aiohttp.ClientSession() as s, s.ws_connect(
+            f"http://127.0.0.1:{agent.port}{ex.path}") as ws:
+        if binary:
+            await ws.send_bytes(BOM + ex.body)
+        else:
+            await ws.send_str((BOM + ex.body).decode())
+        closed = await ws.receive(timeout=10)
+    assert closed.type == aiohttp.WSMsgType.CLOSE and closed.data == 1007, closed
+    assert "byte order mark" in closed.extra, closed.extra
+    assert agent.spool.depth == 0
