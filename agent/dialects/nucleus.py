@@ -400,7 +400,7 @@ class NucleusHandlers:
                             "app %s: %s, closed (1009)", masked(key),
                             exc.message)
             replies.refused(code)
-            await ws.close(code=code, message=_close_reason(exc.message))
+            await ws.close(code=code, message=_close_reason(describe(exc)))
             return False
         except SpoolFull as exc:
             # Nothing acked: the module keeps the events and resends them later (every
