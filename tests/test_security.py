@@ -30,6 +30,7 @@ import sys
 from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
+from urllib.parse import quote
 
 import aiohttp
 import pytest
@@ -319,6 +320,44 @@ async def test_a_header_key_in_another_encoding_is_refused_saying_so(
         + body)
     assert head.startswith(b"HTTP/1.1 401 "), head + reply
     assert b"control character" not in reply and b"UTF-8" in reply, reply
+    assert agent.spool.depth == 0
+
+
+@pytest.mark.parametrize("char,kind", [
+    ("\u00a0", "space"),            # a no-break space: a key copied from a web page
+    ("\u3000", "space"),            # an ideographic space
+    ("\u200b", "format"),           # a zero-width space: a key copied from a chat
+    ("\u202e", "format"),           # a right-to-left override
+    ("\u2028", "separator"),        # a line separator
+    ("\ue000", "private-use"),
+], ids=["nbsp", "ideographic-space", "zwsp", "rlo", "line-separator", "private-use"])
+@pytest.mark.parametrize("path,field,body", [
+    ("/v1/capture", "X-Write-Key", b'{"batch": [{"type": "track", "event": "e", "userId": "u"}]}'),
+    ("/app/{}/track", None, b'{"data": [{"name": "e", "id": 1}]}'),
+    ("/v1/track", "Authorization", b'{"userId": "u", "event": "e"}'),
+], ids=["capture", "nucleus", "segment"])
+async def test_a_key_with_a_character_that_is_no_control_character_is_refused_naming_it(
+        make_agent: Any, path: str, field: str | None, body: bytes, char: str,
+        kind: str) -> None:
+    """A key holding a character that is not printable but no control character (a no-break
+    space, a zero-width space, a bidi override) was refused as one that "holds a control
+    character": it holds none, and the app's developer looked for one. The refusal names the
+    character, by its code point (invisible, or shown as a space, in any text), and its kind."""
+    agent = await make_agent()
+    key = f"ab{char}cd"
+    fields = ""
+    if field == "Authorization":
+        fields = f"Authorization: {basic(key)}\r\n"
+    elif field is not None:
+        fields = f"{field}: {key}\r\n"
+    target = path.format(quote(key, safe=""))
+    head, reply = await raw_reply(agent.port, (
+        f"POST {target} HTTP/1.1\r\nHost: 127.0.0.1\r\nContent-Type: application/json\r\n"
+        f"Content-Length: {len(body)}\r\n{fields}\r\n").encode() + body)
+    assert head.startswith(b"HTTP/1.1 401 "), head + reply
+    text = reply.decode()
+    assert "control character" not in text, text
+    assert f"U+{ord(char):04X}" in text and kind in text, text
     assert agent.spool.depth == 0
 
 
