@@ -6,6 +6,7 @@ from __future__ import annotations
 import asyncio
 import threading
 import time
+import unicodedata
 from collections.abc import Callable, Sequence
 from functools import partial
 
@@ -28,14 +29,24 @@ KEY_HELD_S = 60.0
 MAP_INLINE_MAX = 256
 
 
+# What each kind of character that is not printable is, for a key's refusal: the app's
+# developer looks for what it names (a no-break space is no control character).
+_KINDS = {"Cc": "a control character", "Cf": "an invisible format character",
+          "Zs": "a space other than ' '", "Zl": "a line separator",
+          "Zp": "a paragraph separator", "Co": "a private-use character"}
+
+
 def _unprintable(key: str) -> str:
     """Why ``key``, not printable, is refused: a header's byte of no UTF-8 (Latin-1's é) comes
-    as a lone surrogate, which is no control character the app could look for."""
+    as a lone surrogate, which is no character the app could look for; any other is named by
+    its code point (it shows as nothing, or as a space) and its kind."""
     try:
         key.encode("utf-8")
     except UnicodeEncodeError:
         return "the key is not UTF-8 text (it holds a byte of another encoding)"
-    return "the key holds a control character"
+    char = next(c for c in key if not c.isprintable())
+    kind = _KINDS.get(unicodedata.category(char), "an unassigned code point")
+    return f"the key holds {kind} (U+{ord(char):04X})"
 
 
 class Sink:
