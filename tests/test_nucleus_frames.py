@@ -273,3 +273,30 @@ async def test_a_flood_of_small_messages_never_holds_the_event_loop_long(
     writer.close()
     assert turns.worst < 0.1, \
         f"the event loop was held {turns.worst * 1000:.0f} ms (CPU) at a time"
+
+
+BROKEN_FRAMES = {   # a frame the websocket layer fails the connection on: (frame, code, said)
+    "text not UTF-8": (frame(b'{"data":[{"name":"\xff","id":1}]}'), 1007, "UTF-8"),
+    "reserved bits": (bytes([0xC1]) + frame(b"{}")[1:], 1002, "reserved bits"),
+    "continuation of nothing": (frame(b"{}", opcode=0x0), 1002, "Continuation"),
+    "unknown opcode": (frame(b"{}", opcode=0x3), 1002, "opcode"),
+    "control frame over 125 bytes": (frame(b"x" * 126, opcode=0x9), 1002, "125 bytes"),
+}
+
+
+@pytest.mark.parametrize("data,code,said", BROKEN_FRAMES.values(), ids=BROKEN_FRAMES)
+async def test_a_broken_frame_is_closed_with_a_reason_that_says_what_is_wrong(
+        make_agent: Any, data: bytes, code: int, said: str) -> None:
+    """The websocket layer failed the connection with its code alone: a module's log
+    read `1007`, or `1002`, and nothing about what it had sent wrong."""
+    agent = await make_agent()
+    reader, writer = await raw_websocket(agent.port, f"/app/{KEY}/track")
+    try:
+        writer.write(data)
+        await writer.drain()
+        got, reason = await read_close(reader)
+    finally:
+        writer.close()
+    assert got == code, (got, reason)
+    assert said in reason, reason
+    assert agent.spool.depth == 0
