@@ -47,7 +47,7 @@ from agent.dialects.body import (
     read_raw,
 )
 from agent.dialects.exact_json import kept_as_sent
-from agent.dialects.nucleus_frames import Late, OverCap, QueueSocket, Taken
+from agent.dialects.nucleus_frames import Late, OverCap, QueueSocket, Taken, close_reason
 from agent.dialects.nucleus_queue import TooLarge, TooMany
 from agent.dialects.replies import KeyRefused, describe, masked, status_of
 from agent.families import nucleus as family
@@ -135,12 +135,6 @@ def _quoted(key: str) -> str:
     if len(key) <= MAX_KEY_CHARS:
         return repr(key)
     return f"{key[:16]!r}... ({len(key)} characters)"
-
-
-def _close_reason(message: str) -> bytes:
-    """A websocket close reason: at most 123 bytes, cut on a character boundary (cut inside
-    one, it is invalid UTF-8, and the client fails the connection instead of reading it)."""
-    return message.encode()[:123].decode("utf-8", "ignore").encode()
 
 
 def _reply(acks: list[Any]) -> bytes:
@@ -324,7 +318,7 @@ class NucleusHandlers:
             taken.hold.close()   # its share of the in-flight budget
         replies.refused(401)   # as its HTTP twin, and the upgrade, are counted
         await ws.close(code=WSCloseCode.POLICY_VIOLATION,
-                       message=_close_reason(f"appId refused: {why}"))
+                       message=close_reason(f"appId refused: {why}"))
         return False
 
     async def _small(self, key: str, data: str | bytes) -> list[Any]:
@@ -375,7 +369,7 @@ class NucleusHandlers:
                         "saved queue (nucleus-nodejs: `nucleus-queue` in its `nucleus` config "
                         "file; nucleus-python: `queue` in its `nucleus-<appId>` cache file), "
                         "losing those events", masked(key), exc)
-            await ws.close(code=WSCloseCode.MESSAGE_TOO_BIG, message=_close_reason(str(exc)))
+            await ws.close(code=WSCloseCode.MESSAGE_TOO_BIG, message=close_reason(str(exc)))
             return False
         except Late as exc:
             # A stalled sender (stopped, a debugger) holds its share of the in-flight
@@ -383,12 +377,12 @@ class NucleusHandlers:
             replies.refused(WSCloseCode.POLICY_VIOLATION)
             log_limited(log, logging.WARNING, f"late:{key}", "app %s: large %s, closed (1008)",
                         masked(key), exc)
-            await ws.close(code=WSCloseCode.POLICY_VIOLATION, message=_close_reason(str(exc)))
+            await ws.close(code=WSCloseCode.POLICY_VIOLATION, message=close_reason(str(exc)))
             return False
         except KeyRefused as exc:   # a reload revoked the key while the message was read
             replies.refused(401)
             await ws.close(code=WSCloseCode.POLICY_VIOLATION,
-                           message=_close_reason(exc.message))
+                           message=close_reason(exc.message))
             return False
         except (BodyError, Invalid) as exc:
             # A bad message closes only this connection, with a reason the app can log.
@@ -400,7 +394,7 @@ class NucleusHandlers:
                             "app %s: %s, closed (1009)", masked(key),
                             exc.message)
             replies.refused(code)
-            await ws.close(code=code, message=_close_reason(describe(exc)))
+            await ws.close(code=code, message=close_reason(describe(exc)))
             return False
         except SpoolFull as exc:
             # Nothing acked: the module keeps the events and resends them later (every
@@ -413,7 +407,7 @@ class NucleusHandlers:
                         "spool full, not acknowledging a message of %s: %s", masked(key),
                         str(exc))
             await ws.close(code=WSCloseCode.TRY_AGAIN_LATER,
-                           message=_close_reason(f"retry later: {exc}"))
+                           message=close_reason(f"retry later: {exc}"))
             return False
         # Answered even with no id to echo, as the HTTP form is: a message is acknowledged
         # the same way whichever transport it came by.

@@ -61,7 +61,7 @@ from collections.abc import Awaitable, Callable
 from contextlib import AbstractContextManager, ExitStack, suppress
 from typing import Any, NamedTuple
 
-from aiohttp import WSCloseCode, web
+from aiohttp import WebSocketError, WSCloseCode, web
 from aiohttp.http_websocket import WebSocketWriter
 
 from agent.dialects.body import BodyError, Busy, Reservation
@@ -82,6 +82,12 @@ CHARGED_MIN = 64 * 1024
 # A first fragment of a text message, unmasked, of one byte: what aiohttp is shown of a
 # message gathered here once a frame that cannot continue it comes (``_Gate._turn``).
 _OPEN_FRAGMENT = bytes([_TEXT, 1]) + b" "
+
+
+def close_reason(message: str) -> bytes:
+    """A websocket close reason: at most 123 bytes, cut on a character boundary (cut inside
+    one, it is invalid UTF-8, and the client fails the connection instead of reading it)."""
+    return message.encode()[:123].decode("utf-8", "ignore").encode()
 
 
 class OverCap(Exception):
@@ -161,9 +167,15 @@ class QueueSocket(web.WebSocketResponse):
                     drain: bool = True) -> bool:
         """Closed (the handler's refusal, say) with a large message waiting behind the one
         refused: read on, or the module's close frame would wait behind it too, and the
-        closing handshake until aiohttp gives up on it (10 s)."""
+        closing handshake until aiohttp gives up on it (10 s). Closed by aiohttp for a
+        broken frame (1002, 1007, 1009): its reason is what aiohttp found wrong, which
+        aiohttp sends none of."""
         if self._gate is not None:
             self._gate.go_on()   # its turn comes once the close has begun (``closed``)
+        if not message and self._reader is not None:
+            fault = self._reader.exception()
+            if isinstance(fault, WebSocketError) and fault.code == code:
+                message = close_reason(str(fault))
         return await super().close(code=code, message=message, drain=drain)
 
     async def send_str(self, data: str, compress: int | None = None) -> None:
