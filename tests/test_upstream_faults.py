@@ -13,6 +13,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import email.utils
+import gzip
 import json
 import math
 import random
@@ -21,6 +22,7 @@ import socket
 import sys
 import time
 import tracemalloc
+import zlib
 from collections import Counter
 from collections.abc import Sequence
 from typing import Any
@@ -550,6 +552,46 @@ async def test_a_200_in_an_encoding_the_agent_cannot_decode_keeps_its_status(
     error = state.last_error or ""
     assert state.retries == 1 and error.startswith("HTTP 200 with a reply that could not be "
                                                    "read") and encoding in error, error
+
+
+@pytest.mark.parametrize("encoding", ["gzip", "x-gzip"])
+async def test_a_gzip_reply_in_several_members_is_read_whole(
+        make_agent: Any, faulty: FaultyUpstream, encoding: str) -> None:
+    """A gzip body may hold several members, one after another (RFC 1952: a server that
+    compresses each piece of a streamed reply on its own), and decodes to all of them. Only
+    the first was read: a Nucleus upstream's reportedIds, cut at its end, read as no answer,
+    and the batch, stored at every try, was sent again for ever ("without reportedIds; the
+    upstream said {"reportedIds":[0,")."""
+    members = gzip.compress(b'{"reportedIds":[0,') + gzip.compress(b'1,2]}')
+    faulty.script = [Fault("status", 200, {"Content-Encoding": encoding}, body=members)]
+    agent = await make_agent(upstreams=[upstream(faulty, "nucleus-http")])
+    await send(agent, [event(i) for i in range(3)])
+    state = agent.forwarding.states["up"]
+    # acked counts an ack once its delete is saved, a turn after the queue reads empty.
+    await wait_for(lambda: (agent.spool.depth == 0 and state.acked >= 3) or state.retries > 0)
+    assert (len(faulty.requests), state.retries, state.acked) == (1, 0, 3), state.last_error
+
+
+@pytest.mark.parametrize("encoding", ["gzip", "deflate"])
+async def test_a_2xx_whose_compressed_body_ends_early_is_no_answer(
+        make_agent: Any, faulty: FaultyUpstream, encoding: str) -> None:
+    """A Segment 200 whose compressed body stops short of its stream's end (a server that
+    never closed its compressor, a proxy that cut it and fixed the length): its body, cut,
+    may have refused part of the batch, as one cut short of its Content-Length may. It was
+    read as whole: a collector's `"success": false`, cut before the end of its JSON, was
+    taken for an ack, and the batch, never stored, was deleted with no error."""
+    said = b'{"success": false, "message": "monthly event quota exceeded"}'
+    whole = gzip.compress(said) if encoding == "gzip" else zlib.compress(said)
+    faulty.script = [Fault("status", 200, {"Content-Encoding": encoding},
+                           body=whole[:len(whole) - 12])]
+    agent = await make_agent(upstreams=[upstream(faulty, "segment-http")])
+    await send(agent, [event(i) for i in range(3)])
+    state = agent.forwarding.states["up"]
+    await wait_for(lambda: agent.spool.depth == 0 and state.acked >= 3)   # saved: counted
+    assert (len(faulty.requests), state.retries) == (2, 1), state.last_error
+    assert (state.last_error or "").startswith("HTTP 200 with a reply not read whole"), \
+        state.last_error
+    assert faulty.requests[1].fault == "ok" and await agent.spool.dead_letters() == []
 
 
 async def _raw_upstream(head: bytes) -> asyncio.Server:
