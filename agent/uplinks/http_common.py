@@ -36,6 +36,7 @@ from agent.uplinks.base import (
     not_tls,
     proxy_refused,
 )
+from agent.uplinks.inflate import INFLATED, Inflater
 from agent.uplinks.lookup import DaemonResolver
 from agent.uplinks.proxy import Proxy
 
@@ -521,7 +522,6 @@ def described(exc: BaseException, via: Proxy | None = None) -> str:
 # The encodings a reply is decoded from, and so the only ones asked for (aiohttp would ask
 # for br and zstd too where their decoders are installed).
 _ACCEPTED = {"Accept-Encoding": "gzip, deflate"}
-_INFLATED = frozenset({"gzip", "x-gzip", "deflate"})
 # Compressed in a way the agent cannot undo, as is more than one encoding. Any other name
 # (`none`, `utf-8`: a server's mistake) is read as it is, as aiohttp did.
 _UNDECODED = frozenset({"br", "zstd", "compress", "x-compress"})
@@ -542,19 +542,14 @@ async def _read_at_most(resp: aiohttp.ClientResponse, most: int) -> tuple[bytes,
     cannot = f"Can not decode content-encoding: {os_text(encoding)}"
     if encoding in _UNDECODED or "," in encoding:
         raise _Undecodable(cannot)
-    inflate = encoding in _INFLATED
-    inflater: zlib._Decompress | None = None
+    inflater = Inflater(encoding) if encoding in INFLATED else None
     chunks: list[bytes] = []
     size = 0
     async for chunk in resp.content.iter_any():
-        if inflate:
-            if inflater is None:
-                # 47: a gzip or zlib header; deflate without one is raw (some servers').
-                raw = encoding == "deflate" and chunk[0] & 0x0F != 8
-                inflater = zlib.decompressobj(-15 if raw else 47)
+        if inflater is not None:
             try:
                 # At most one byte past ``most``: a small body may inflate to gigabytes.
-                chunk = inflater.decompress(chunk, most + 1 - size)
+                chunk = inflater.feed(chunk, most + 1 - size)
             except zlib.error:
                 raise _Undecodable(cannot) from None
         chunks.append(chunk)
