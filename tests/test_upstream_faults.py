@@ -594,6 +594,21 @@ async def test_a_2xx_whose_compressed_body_ends_early_is_no_answer(
     assert faulty.requests[1].fault == "ok" and await agent.spool.dead_letters() == []
 
 
+@pytest.mark.parametrize("tail", [b"\n", b"\x00", b"\x1f", b"\x00" * 8, b"\x1f\x8bnot gzip"])
+async def test_bytes_after_a_gzip_body_s_last_member_are_ignored(
+        make_agent: Any, faulty: FaultyUpstream, tail: bytes) -> None:
+    """What follows a gzip body's last member and is no member (a newline, NULs) is ignored,
+    as other clients ignore it: not a member cut short, which would make the answer no
+    answer."""
+    body = gzip.compress(b'{"reportedIds":[0,1,2]}') + tail
+    faulty.script = [Fault("status", 200, {"Content-Encoding": "gzip"}, body=body)]
+    agent = await make_agent(upstreams=[upstream(faulty, "nucleus-http")])
+    await send(agent, [event(i) for i in range(3)])
+    state = agent.forwarding.states["up"]
+    await wait_for(lambda: (agent.spool.depth == 0 and state.acked >= 3) or state.retries > 0)
+    assert (len(faulty.requests), state.retries, state.acked) == (1, 0, 3), state.last_error
+
+
 async def _raw_upstream(head: bytes) -> asyncio.Server:
     """Answers every request with ``head`` (a status line and headers, as bytes: aiohttp's
     server writes only UTF-8) and a 2-byte body."""

@@ -412,11 +412,11 @@ async def _post(session: aiohttp.ClientSession, url: str | URL, body: bytes, hea
             raw, cut = await _read_at_most(resp, most)
         except _Undecodable as exc:   # the body came, but not readably: the status stands
             return HttpReply(resp.status, b"", wait, kind, unreadable=str(exc))
-        except (aiohttp.ClientPayloadError, TimeoutError) as exc:
-            # A connection lost mid-body, closed short of its Content-Length, or a body
-            # that stalled. A 2xx is then no answer, since the rest may refuse part of the
-            # batch (another Outpost's 200 names what it refused): sent again, the upstream
-            # dedupes. Any other status is its verdict whole (a 413 from a server that
+        except (aiohttp.ClientPayloadError, TimeoutError, _EndedEarly) as exc:
+            # A connection lost mid-body, closed short of its Content-Length, a body that
+            # stalled, or whose gzip or deflate stream ends early. A 2xx is then no answer,
+            # since the rest may refuse part of the batch (another Outpost's 200 names what
+            # it refused): sent again, the upstream dedupes. Any other status is its verdict whole (a 413 from a server that
             # closes at once): taken for no answer, the batch went again for good.
             # (aiohttp words some as "400, message:\n  ...", with the cause's message.)
             why = (f"not received whole within {timeout_s:g}s" if isinstance(exc, TimeoutError)
@@ -531,11 +531,16 @@ class _Undecodable(Exception):
     """A reply's body that does not decode, or is compressed other than by gzip or deflate."""
 
 
+class _EndedEarly(Exception):
+    """A reply's body received whole as HTTP frames it, whose gzip or deflate stream is not:
+    not received whole, as one cut short of its Content-Length."""
+
+
 async def _read_at_most(resp: aiohttp.ClientResponse, most: int) -> tuple[bytes, bool]:
     """The reply's body, decoded, up to ``most`` bytes, and whether there was more: then the
     connection is closed, the rest unread. Raises _Undecodable for a body that does not
     decode, or one compressed other than by gzip or deflate; ClientPayloadError (aiohttp's)
-    for one not received whole."""
+    for one not received whole, _EndedEarly for one whose compressed stream is not whole."""
     encoding = (resp.headers.get("Content-Encoding") or "").strip().lower()
     # Named as sent: aiohttp reads a byte that is not UTF-8 as a lone surrogate, which no
     # dead letter (SQLite) or /status answer (orjson) can hold.
@@ -557,4 +562,6 @@ async def _read_at_most(resp: aiohttp.ClientResponse, most: int) -> tuple[bytes,
         if size > most:
             resp.close()
             return b"".join(chunks)[:most], True
+    if inflater is not None and not inflater.ended:
+        raise _EndedEarly(f"its {os_text(encoding)} stream cut short")
     return b"".join(chunks), False
