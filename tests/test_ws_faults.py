@@ -337,6 +337,26 @@ async def test_a_reply_without_reported_ids_is_named_in_the_error_and_logged(
     await drained(agent, faulty, 3)
 
 
+
+@pytest.mark.parametrize("body", [b'{"error": "app over its quota"}',
+                                  b'{"reportedIds": [null, null, null]}'])
+async def test_a_frame_answered_with_no_ack_is_no_sign_of_a_slow_link(
+        make_agent: Any, faulty: FaultyUpstream, caplog: pytest.LogCaptureFixture,
+        body: bytes) -> None:
+    """The upstream answers a frame at once, with JSON that acknowledges nothing (an error of
+    its own, reportedIds that are no ids): retried, as over HTTP, in frames as large. It was
+    taken for a frame that got no answer within timeout_s: the batches to the upstream were
+    halved, with a warning of "no answer ... (a slow link?)", at each such answer, down to
+    one event a frame, though every answer came at once."""
+    faulty.script = [Fault("malformed", body=body)]
+    caplog.set_level(logging.INFO)
+    agent = await make_agent(upstreams=[upstream(faulty, "nucleus-ws")])
+    await send(agent, [event(i) for i in range(3)])
+    await drained(agent, faulty, 3)
+    assert [len(r.events) for r in faulty.requests] == [3, 3]
+    assert agent.forwarding.states["up"].slow_limit_bytes is None
+    assert not [r for r in caplog.records if "slow link" in r.getMessage()]
+
 async def test_frames_answered_after_a_reply_that_is_no_answer_are_acknowledged_once(
         make_agent: Any, faulty: FaultyUpstream) -> None:
     """The upstream answers the first of several frames in flight with JSON of its own
