@@ -303,16 +303,19 @@ class NucleusWsUplink(NucleusFraming, UplinkBase):
                 raise
         try:
             error = await self._wait_acks(link, mine, prepared.seqs)
+            unanswered = mine in link.unanswered   # (forgotten as the send settles)
             # No answer to it in time on a connection still up, or no room to send it: a
             # link too slow for a frame this large, as likely as a hang. Smaller ones
-            # follow (stream.py), else each try of it would time out alike, for good.
+            # follow (stream.py), else each try of it would time out alike, for good. Not
+            # a frame a reply that was no answer ({"error": ...}) may have answered: that
+            # one came, at once maybe, and its like would come for a smaller frame too.
             too_slow = bool(mine) and link.replies < mine and (stalled or (
-                error is not None and link.lost is None))
+                error is not None and link.lost is None and not unanswered
+                and link.replies + link.no_answers < mine))
             # The connection cut as the upstream took this frame (every one before it
             # answered): a slow link's far end that gave up on it (Retry.dropped). Not the
             # frames behind it, lost with it: one cut is one.
             dropped = error is not None and link.dropped and mine == link.replies + 1
-            unanswered = mine in link.unanswered   # (forgotten as the send settles)
         except BaseException:
             _cut_short(link, mine, prepared.seqs)
             raise
