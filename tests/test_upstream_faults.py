@@ -609,6 +609,39 @@ async def test_bytes_after_a_gzip_body_s_last_member_are_ignored(
     assert (len(faulty.requests), state.retries, state.acked) == (1, 0, 3), state.last_error
 
 
+BOM = b"\xef\xbb\xbf"   # UTF-8's byte order mark: a PHP file saved with one, .NET's encoder
+
+
+@pytest.mark.parametrize("protocol", NUCLEUS)
+async def test_a_nucleus_reply_that_starts_with_a_byte_order_mark_acknowledges_its_ids(
+        make_agent: Any, faulty: FaultyUpstream, protocol: str) -> None:
+    """JSON after a UTF-8 byte order mark is JSON (RFC 8259 lets a parser ignore the mark, as
+    browsers and Python's requests do). A Nucleus upstream's reply so written was read as no
+    answer: the batch, stored at every try, was sent again for ever, while last_error
+    showed the very reportedIds it did not read ("without reportedIds; the upstream said
+    {"reportedIds":[0,1,2]}")."""
+    faulty.script = [Fault("malformed", body=BOM + b'{"reportedIds":[0,1,2]}')]
+    agent = await make_agent(upstreams=[upstream(faulty, protocol)])
+    await send(agent, [event(i) for i in range(3)])
+    state = agent.forwarding.states["up"]
+    await wait_for(lambda: (agent.spool.depth == 0 and state.acked >= 3) or state.retries > 0)
+    assert (len(faulty.requests), state.retries, state.acked) == (1, 0, 3), state.last_error
+
+
+async def test_a_segment_2xx_saying_it_failed_after_a_byte_order_mark_keeps_the_events(
+        make_agent: Any, faulty: FaultyUpstream) -> None:
+    """A collector's `"success": false` after a UTF-8 byte order mark, under a 200: the events
+    are kept and sent again, as without the mark. Not parsed, it was taken for an ack: the
+    batch, never stored, was deleted with no error."""
+    faulty.script = [Fault("status", 200, body=BOM + b'{"success": false, "message": '
+                                                     b'"monthly event quota exceeded"}')]
+    agent = await make_agent(upstreams=[upstream(faulty, "segment-http")])
+    await send(agent, [event(i) for i in range(3)])
+    state = agent.forwarding.states["up"]
+    await wait_for(lambda: agent.spool.depth == 0 and state.acked >= 3)   # saved: counted
+    assert (len(faulty.requests), state.retries) == (2, 1), state.last_error
+    assert "monthly event quota exceeded" in (state.last_error or ""), state.last_error
+
 async def _raw_upstream(head: bytes) -> asyncio.Server:
     """Answers every request with ``head`` (a status line and headers, as bytes: aiohttp's
     server writes only UTF-8) and a 2-byte body."""
