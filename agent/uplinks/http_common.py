@@ -290,10 +290,23 @@ def html_instead_of_reply(status: int, content_type: str, body: bytes | None = N
 def _is_json(body: bytes) -> bool:
     """A JSON reply labelled text/html (Express's `res.send(string)`) is a collector's."""
     try:
-        orjson.loads(body)
+        reply_json(body)
     except orjson.JSONDecodeError:
         return False
     return True
+
+
+_BOM = b"\xef\xbb\xbf"
+
+
+def reply_json(data: bytes | str) -> Any:
+    """An upstream's reply (a body, a websocket message) parsed as JSON, after the UTF-8 byte
+    order mark it may start with (a PHP file saved with one, .NET's UTF-8 encoder): RFC 8259
+    lets a parser ignore it, as browsers and Python's requests do, and read as no JSON, a
+    Nucleus upstream's every answer was none. Raises orjson's JSONDecodeError."""
+    if isinstance(data, str):
+        return orjson.loads(data.removeprefix("\ufeff"))
+    return orjson.loads(data.removeprefix(_BOM))
 
 
 def media_type(header: str | None) -> str:

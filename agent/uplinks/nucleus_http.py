@@ -27,6 +27,7 @@ from agent.uplinks.http_common import (
     is_retryable,
     post,
     reply_cap,
+    reply_json,
 )
 from agent.uplinks.nucleus_frame import NucleusFraming, frame, ids_only, match, track_url
 from agent.uplinks.prepare import Prepared, escaped_extra, take_prefix
@@ -104,7 +105,7 @@ class NucleusHttpUplink(NucleusFraming, UplinkBase):
 def _reported_ids(raw: bytes) -> Any:
     """The reply's `reportedIds` as sent (None when it is no JSON object)."""
     try:
-        reply = orjson.loads(raw)
+        reply = reply_json(raw)
     except orjson.JSONDecodeError:
         return None
     return reply.get("reportedIds") if isinstance(reply, dict) else None

@@ -57,6 +57,7 @@ from agent.uplinks.http_common import (
     html_instead_of_reply,
     media_type,
     reply_cap,
+    reply_json,
     retry_after,
     through,
 )
@@ -461,7 +462,7 @@ class NucleusWsUplink(NucleusFraming, UplinkBase):
 
     def _on_message(self, link: _Link, data: str | bytes) -> None:
         try:
-            reply: Any = orjson.loads(data)
+            reply: Any = reply_json(data)
         except orjson.JSONDecodeError:
             self.on_unreadable()
             # The upstream, or a proxy before it, may send thousands: a line a minute.

@@ -62,6 +62,7 @@ from agent.uplinks.http_common import (
     is_retryable,
     post,
     reply_cap,
+    reply_json,
 )
 from agent.uplinks.prepare import Prepared
 from agent.uplinks.splice import objects, stamped
@@ -226,7 +227,7 @@ def _says_failed(raw: bytes) -> bool:
     if _FAILED.search(raw) is None:   # the usual reply is not parsed
         return False
     try:
-        reply = orjson.loads(raw)
+        reply = reply_json(raw)
     except orjson.JSONDecodeError:
         return False
     return isinstance(reply, dict) and any(
@@ -238,7 +239,7 @@ def _partly_stored(raw: bytes, prepared: Prepared) -> Acked | None:
     for good (Outpost's: `{"Errors": [{"Error", "Message", "Details": "batch[i] ..."}]}`):
     the rest is acknowledged. None for any other, to be split like a 400."""
     try:
-        reply = orjson.loads(raw)
+        reply = reply_json(raw)
     except orjson.JSONDecodeError:
         return None
     errors = reply.get("Errors") if isinstance(reply, dict) else None
