@@ -354,6 +354,27 @@ async def test_huge_retry_after_is_capped(make_agent: Any, faulty: FaultyUpstrea
     await drained(agent, faulty, 5)
 
 
+
+@pytest.mark.parametrize("digits", [300, 400])
+async def test_a_retry_after_too_long_to_read_as_seconds_is_shown_as_what_it_asks(
+        make_agent: Any, faulty: FaultyUpstream, digits: int) -> None:
+    """A Retry-After of hundreds of digits (a broken upstream's) is capped as any long one,
+    and status says so in a few words. Past a float's range it said "its Retry-After of
+    infs capped"; below it, its 301 digits were written out, and the note, kept whole,
+    left the upstream's own error cut to a stub, last_error past its 300 characters."""
+    faulty.script = [Fault("status", 503, {"Retry-After": "9" * digits},
+                           body=b'{"error": "' + b"busy " * 100 + b'"}')]
+    timing, seams = manual()
+    agent = await make_agent(upstreams=[upstream(faulty, "segment-http")], seams=seams)
+    await send(agent, [event(i) for i in range(5)])
+    await wait_for(lambda: timing.pending() == [BACKOFF.retry_after_cap_s])   # an hour
+    error = agent.forwarding.states["up"].last_error or ""
+    assert error.startswith('HTTP 503: {"error": "busy busy') and len(error) <= 300, error
+    assert error.endswith("; next try in 3600s, its Retry-After of over a century capped"), \
+        error
+    timing.advance(BACKOFF.retry_after_cap_s)
+    await drained(agent, faulty, 5)
+
 # A zone offset too large for the date library (it raised OverflowError, not ValueError).
 ABSURD_DATE = "Mon, 01 Jan 2026 00:00:00 +99999999999999999999"
 
