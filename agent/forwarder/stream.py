@@ -1079,7 +1079,7 @@ class StreamForwarder:
                 told = (f"{NEXT_TRY}{delay:.0f}s, as its Retry-After asks"
                         if failed.retry_after <= cap else
                         f"{NEXT_TRY}{delay:.0f}s, its Retry-After of "
-                        f"{failed.retry_after:.0f}s capped")
+                        f"{_asked(failed.retry_after)} capped")
         else:
             delay = self.backoff.delay(self.attempt)
         self.attempt += 1
@@ -1129,6 +1129,16 @@ class StreamForwarder:
             self._connecting.cancel()
         self.interrupt.set()
         self.wake.set()
+
+
+# Past it, a Retry-After is shown in words: a broken upstream's hundreds of digits (or
+# more than a float holds: inf) crowded out its own error.
+_CENTURY_S = 100 * 365.25 * 86400
+
+
+def _asked(seconds: float) -> str:
+    """A Retry-After's wait as status shows it."""
+    return f"{seconds:.0f}s" if seconds < _CENTURY_S else "over a century"
 
 
 def _oldest(rows: Sequence[Row]) -> int:
