@@ -429,8 +429,9 @@ async def _post(session: aiohttp.ClientSession, url: str | URL, body: bytes, hea
             # A connection lost mid-body, closed short of its Content-Length, a body that
             # stalled, or whose gzip or deflate stream ends early. A 2xx is then no answer,
             # since the rest may refuse part of the batch (another Outpost's 200 names what
-            # it refused): sent again, the upstream dedupes. Any other status is its verdict whole (a 413 from a server that
-            # closes at once): taken for no answer, the batch went again for good.
+            # it refused): sent again, the upstream dedupes. Any other status is its verdict
+            # whole (a 413 from a server that closes at once): taken for no answer, the
+            # batch went again for good.
             # (aiohttp words some as "400, message:\n  ...", with the cause's message.)
             why = (f"not received whole within {timeout_s:g}s" if isinstance(exc, TimeoutError)
                    else getattr(exc.__cause__, "message", None) or " ".join(str(exc).split()))
