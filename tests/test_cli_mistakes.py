@@ -898,6 +898,26 @@ def test_an_empty_spool_file_is_no_spool_yet(
     assert empty == missing
 
 
+@pytest.mark.parametrize("picked", [(), ("--reason", "HTTP 400"), ("--upstream", "seg")],
+                         ids=["all", "reason", "upstream"])
+async def test_dead_list_json_with_no_spool_yet_is_json(tmp_path: Path,
+                                                        picked: tuple[str, ...]) -> None:
+    """`outpost dead list --json | jq` before the agent's first start: it printed the text
+    line "no dead letters (no agent answering, and no spool yet at ...)", which no JSON
+    reader takes. It is the summary of a spool with no dead letter, as an empty spool's."""
+    with no_agent_port() as port:
+        cfg = write_config(tmp_path / "agent.toml", tmp_path / "spool.db", port=port)
+        run = outpost("dead", "list", "--json", *picked, "--config", str(cfg))
+        assert run.returncode == 0 and run.stderr == "", (run.returncode, run.stderr)
+        missing = json.loads(run.stdout)
+        assert not (tmp_path / "spool.db").exists()   # nothing made to say it
+        # What the same command reads from a spool with no dead letter.
+        await (await Spool.open(StorageConfig(path=str(tmp_path / "spool.db")))).close()
+        empty = json.loads(outpost("dead", "list", "--json", *picked, "--config",
+                                   str(cfg)).stdout)
+    assert missing == empty and missing["count"] == 0, (missing, empty)
+
+
 # -- where the output goes ---------------------------------------------------------------------
 
 @pytest.mark.parametrize("command", ["check-config", "status", "config-init", "--help",
