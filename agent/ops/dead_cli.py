@@ -316,7 +316,14 @@ class _Cli:
         try:
             got, source = self._read(cfg, f"/dead?{query}", "count", int, offline)
         except dead.NoSpool as exc:
-            print(printable(f"no dead letters ({exc})"))
+            if not args.json:
+                print(printable(f"no dead letters ({exc})"))
+                return 0
+            # --json is read by a program: what a spool with no dead letter gives (offline).
+            got = {"count": 0, "groups": [], "reasons": 0, "entries": [],
+                   **({"of_reason": 0} if args.reason else {}),
+                   **({"of_upstream": 0} if args.upstream is not None else {})}
+            print(json.dumps(got, indent=2))
             return 0
         try:
             if args.upstream is not None:   # an agent before --upstream sends every one's
