@@ -330,6 +330,44 @@ async def test_an_unusable_proxy_in_the_environment_keeps_the_events(
     assert agent.spool.depth == 1 and await agent.spool.dead_letters() == []
 
 
+NO_RESOLVER_TAKES = ["proxy..example", "a" * 64 + ".example"]
+
+
+@pytest.mark.parametrize("host", NO_RESOLVER_TAKES)
+async def test_a_proxy_host_no_resolver_takes_is_refused_in_agent_toml(
+        tmp_path: Path, host: str) -> None:
+    """A doubled dot, or a label over 63 characters, as the upstream's own url is refused:
+    check-config took it, `outpost doctor` ended in a traceback (the IDNA codec's
+    UnicodeError, not an OSError), and the forwarder crashed at each send."""
+    config = write_config(tmp_path / "agent.toml", tmp_path / "spool.db", upstreams=[
+        {"name": "up", "protocol": "segment-http", "url": "https://api.example",
+         "proxy": f"http://bob:{SECRET}@{host}:3128"}])
+    for command in (("check-config", str(config)), ("doctor", "--config", str(config))):
+        code, out = await run_outpost(*command)
+        lines = out.strip().splitlines()
+        assert code == 2 and len(lines) == 1 and "Traceback" not in out, out
+        assert "upstream[0].proxy" in lines[0] and "no resolver takes" in lines[0], out
+        assert SECRET not in out
+
+
+@pytest.mark.parametrize("host", NO_RESOLVER_TAKES)
+async def test_a_proxy_host_no_resolver_takes_in_the_environment_keeps_the_events(
+        make_agent: Any, faulty: FaultyUpstream, environ: pytest.MonkeyPatch,
+        tmp_path: Path, host: str) -> None:
+    environ.setenv("HTTP_PROXY", f"http://{host}:3128")
+    agent = await make_agent(upstreams=[hidden(faulty, "segment-http")])
+    await send(agent, [event(0)])
+    state = agent.forwarding.states["up"]
+    await wait_for(lambda: state.last_error is not None)
+    assert "HTTP_PROXY has a host no resolver takes" in (state.last_error or ""), \
+        state.last_error
+    assert agent.spool.depth == 1 and await agent.spool.dead_letters() == []
+    # doctor names it on the upstream's line, as any unusable proxy of the environment.
+    code, out = await run_outpost("doctor", "--config", str(tmp_path / "agent0.toml"))
+    assert code == 0 and "Traceback" not in out, out
+    assert "not sent: HTTP_PROXY has a host no resolver takes" in out, out
+
+
 def _tls_files(where: Path) -> tuple[Path, Path]:
     """A CA (the agent's trust store: SSL_CERT_FILE) and a certificate it signed for the
     hidden name, with its key (the upstream's)."""
