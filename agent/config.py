@@ -369,12 +369,7 @@ def _url_check(protocol: str) -> Callable[[Any], str | None]:
                     'put the upstream\'s credential in "key"')
         if not host:
             return "has no host"
-        try:
-            host.encode("idna")   # what the resolver is asked: never reached if it fails
-        except UnicodeError:
-            return ("has a host no resolver takes (an empty label, as in a doubled dot, or "
-                    "a label over 63 characters)")
-        return None
+        return None if proxy.resolvable(host) else proxy.UNRESOLVABLE
     return check
 
 

@@ -69,6 +69,21 @@ class Proxy:
             yield (self.authorization or "").removeprefix("Basic ")
 
 
+# A host the IDNA codec refuses before any lookup, with a UnicodeError where every caller of
+# the resolver expects an OSError: the upstream's url and its proxy's are refused for it.
+UNRESOLVABLE = ("has a host no resolver takes (an empty label, as in a doubled dot, or a "
+                "label over 63 characters)")
+
+
+def resolvable(host: str) -> bool:
+    """Whether ``host`` is a name the resolver can be asked (not whether it resolves)."""
+    try:
+        host.encode("idna")
+    except UnicodeError:
+        return False
+    return True
+
+
 def parse(value: str, source: str) -> Proxy:
     """A proxy url, ``http://[user:password@]host[:port]``; from the environment a bare
     ``host:port`` too (http:// assumed, as curl does). Raises BadProxy, saying why."""
@@ -87,6 +102,8 @@ def parse(value: str, source: str) -> Proxy:
                        "plain HTTP to its proxy, and tunnels https:// through it with CONNECT")
     if not host:
         raise BadProxy(f"{where} has no host (http://host:port)")
+    if not resolvable(host):
+        raise BadProxy(f"{where} {UNRESOLVABLE}")
     if port == 0:
         raise BadProxy(f"{where} names port 0 (http://host:port)")
     if parts.path not in ("", "/") or parts.query or parts.fragment:
