@@ -106,3 +106,21 @@ def test_a_storage_path_ending_in_a_slash_is_refused_naming_a_file_in_it(
     for args in (("check-config", str(cfg)), ("run", "--config", str(cfg))):
         refused(outpost(*args), "storage.path", f"{path.rstrip('/.')}/spool.db")
     assert not (tmp_path / "data").exists()
+
+
+@pytest.mark.parametrize("under", ["", "sub"])
+def test_a_storage_path_through_a_symlink_to_nothing_is_refused_alike(
+        tmp_path: Path, under: str) -> None:
+    """storage.path's directory (or one above it) a symlink to a directory not there: a
+    disk not mounted yet, or moved. check-config took it, and run refused it with "cannot
+    create DIR: File exists" (mkdir of a dangling link), naming neither the link nor what
+    it leads to."""
+    link = tmp_path / "data"
+    gone = tmp_path / "disk" / "outpost"
+    link.symlink_to(gone)
+    spool = link / under / "spool.db" if under else link / "spool.db"
+    cfg = write_config(tmp_path / "agent.toml", spool)
+    for args in (("check-config", str(cfg)), ("run", "--config", str(cfg))):
+        refused(outpost(*args), "storage.path", f"{link} is a symlink to {gone}",
+                "does not exist")
+    assert not (tmp_path / "disk").exists() and link.is_symlink()
