@@ -184,6 +184,9 @@ def storage_problem(cfg: Config) -> str | None:
     files = paths.spool_file(spool)
     existing = files.parent
     while not os.path.exists(existing) and existing.parent != existing:
+        if os.path.islink(existing):   # mkdir cannot make what it names ("File exists")
+            return (f"{where}: {existing} is a symlink to {os.readlink(existing)}, which does "
+                    f"not exist (a disk not mounted yet?); restore it, or {STORAGE_FIX}")
         existing = existing.parent   # where the first mkdir would write
     if not os.path.isdir(existing):
         return f"{where}: cannot create {files.parent}: {existing} is not a directory; {STORAGE_FIX}"
