@@ -384,6 +384,17 @@ def test_config_init_onto_a_directory_is_one_line_and_leaves_nothing(tmp_path: P
     assert _leftovers(tmp_path) == ["agent.toml"] and target.is_dir()
 
 
+@pytest.mark.parametrize("written", ["conf/", "conf/.", "conf/./"])
+def test_config_init_to_a_directory_not_there_yet_is_refused_naming_a_file_in_it(
+        tmp_path: Path, written: str) -> None:
+    """`config init --path /etc/outpost/` before the directory exists: Path drops the slash
+    (and a last "."), and a FILE named conf was written where the operator meant the
+    directory to hold one."""
+    line = refused(init("--path", f"{tmp_path}/{written}"), "directory",
+                   str(tmp_path / "conf" / "agent.toml"))
+    assert "wrote" not in line and _leftovers(tmp_path) == [], line
+
+
 def test_config_init_under_a_file_is_one_line(tmp_path: Path) -> None:
     (tmp_path / "afile").write_text("")
     target = tmp_path / "afile" / "agent.toml"
@@ -1095,6 +1106,23 @@ async def test_dead_export_onto_a_directory_is_one_line(tmp_path: Path) -> None:
     code, out = await run_outpost("dead", "export", str(target), "--config", str(cfg))
     line = one_line(out)
     assert code == 1 and line == f"outpost: cannot write {target}: it is a directory; name a file", line
+
+
+@pytest.mark.parametrize("written", ["out/", "out/.", "out/./"])
+async def test_dead_export_to_a_directory_not_there_yet_is_a_usage_error(
+        tmp_path: Path, written: str) -> None:
+    """`dead export letters/` before the directory exists: the slash dropped, the letters
+    were written to a FILE named out ("exported N dead letters to out")."""
+    spool = tmp_path / "spool.db"
+    await (await Spool.open(StorageConfig(path=str(spool)))).close()   # empty, no agent
+    cfg = write_config(tmp_path / "agent.toml", spool, port=1)
+    code, out = await run_outpost("dead", "export", f"{tmp_path}/{written}", "--config",
+                                  str(cfg))
+    assert "Traceback" not in out and "exported" not in out, out
+    last = out.strip().splitlines()[-1]
+    assert code == EXIT_CONFIG and "directory" in last, (code, last)
+    assert str(tmp_path / "out" / "dead.jsonl") in last, last
+    assert not (tmp_path / "out").exists()
 
 
 def test_dead_export_to_an_empty_name_says_the_name_is_empty(
