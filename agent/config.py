@@ -250,10 +250,9 @@ def _spool_file(value: Any) -> str | None:
     directory's name may hold one (Japanese's ideographic space, macOS's no-break ones)."""
     if any(unicodedata.category(c) in ("Cc", "Zl", "Zp") for c in value):
         return f"must be printable (no line breaks or control characters), got {value!r}"
-    last = value.replace(os.sep, "/").rsplit("/", 1)[-1]
-    if value and last in ("", ".", ".."):
+    if (directory := paths.directory_meant(value)) is not None:
         return (f"names a directory; name the spool file in it, such as "
-                f"{os.path.join(os.path.normpath(value), 'spool.db')}")
+                f"{os.path.join(directory, 'spool.db')}")
     return None
 
 

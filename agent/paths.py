@@ -89,6 +89,14 @@ def not_a_file(mode: int) -> str | None:
     return next((name for test, name in _NOT_FILES if test(mode)), "special")
 
 
+def directory_meant(written: str) -> str | None:
+    """For a file's name as the operator wrote it, the directory it names instead ("data/",
+    "data/.", "data/./": data), else None. Path drops the slash and a last ".", and a FILE
+    named data would be made where the operator looks for a directory holding one."""
+    last = written.replace(os.sep, "/").rsplit("/", 1)[-1]
+    return os.path.normpath(written) if written and last in ("", ".", "..") else None
+
+
 def planted_link(path: Path) -> str | None:
     """Why ``path`` may not be written through: a link on it (as named) that another user
     made in a sticky directory every user may write to (/tmp), and that directory's owner

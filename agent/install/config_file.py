@@ -125,6 +125,9 @@ def run(args: argparse.Namespace) -> int:
     if args.path == "":   # a variable that expanded to nothing: not the default location
         return _fail('--path is empty (""): name a file, or leave --path out for '
                      "agent.toml in the config directory")
+    if args.path is not None and (directory := paths.directory_meant(args.path)) is not None:
+        return _fail(f"--path {args.path} names a directory; name the file in it, such as "
+                     f"{os.path.join(directory, 'agent.toml')}")
     text = render(args.upstream, args.url, args.write_key, args.name)
     try:
         parse(tomllib.loads(text))

@@ -42,7 +42,14 @@ from agent.ops.local_agent import (
 from agent.ops.shared_terms import EXPORT_PAGE, LIST_LIMIT
 from agent.ops.status_table import age, size, table
 from agent.outcomes import Tally
-from agent.paths import agent_holds, device_id_file, planted_link, same_file, sync_dir
+from agent.paths import (
+    agent_holds,
+    device_id_file,
+    directory_meant,
+    planted_link,
+    same_file,
+    sync_dir,
+)
 from agent.settings import CONFIG_HELP, Config
 from agent.spool import dead
 from agent.spool.as_found import as_found
@@ -602,6 +609,10 @@ def _file(text: str) -> str:
     if not text:
         raise argparse.ArgumentTypeError("the file name is empty: name a file, such as "
                                          "dead.jsonl, or - for standard output")
+    if (directory := directory_meant(text)) is not None:
+        raise argparse.ArgumentTypeError(f"{printable(text)} names a directory; name a file "
+                                         f"in it, such as "
+                                         f"{printable(os.path.join(directory, 'dead.jsonl'))}")
     return text
 
 
