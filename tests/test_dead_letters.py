@@ -124,6 +124,35 @@ async def test_retry_on_running_agent_delivers_at_the_tail(make_agent: Any,
         await up.stop()
 
 
+@pytest.mark.parametrize("change", [("retry", "--all"), ("purge", "--all"),
+                                    ("purge", "--all", "--upstream", "up")], ids=" ".join)
+async def test_a_retry_or_purge_never_reaches_an_agent_on_another_spool(
+        make_agent: Any, tmp_path: Path, change: tuple[str, ...]) -> None:
+    """Two configs with one listen.port (a staging copy, or a user's defaults beside the
+    machine-wide service's): the agent answering at it runs on another spool than the
+    config names, and `dead purge --all --config other.toml` purged that agent's letters
+    ("purged 3 dead letters (the running agent)"). Nothing is asked of it now."""
+    up = RefusingNucleus()
+    await up.start()
+    try:
+        agent = await make_agent(port=free_port(), upstreams=[upstream("up", up, ["*"])])
+        await post_events(agent.port, "app-a", range(3))
+        await dead_letters(agent, 3)
+        other = write_config(tmp_path / "other.toml", tmp_path / "other" / "spool.db",
+                             port=agent.port)
+        text = await outpost(*change, config=str(other), code=1)
+        line = text.strip()
+        assert len(line.splitlines()) == 1 and "Traceback" not in line, text
+        assert str(agent.spool.path) in line and str(tmp_path / "other" / "spool.db") in line
+        assert agent.spool.dead_count == 3 and not (tmp_path / "other").exists()
+        # Its own config, or one naming its spool through a symlink, still reaches it.
+        (tmp_path / "link.db").symlink_to(agent.spool.path)
+        linked = write_config(tmp_path / "linked.toml", tmp_path / "link.db", port=agent.port)
+        assert "3 dead letters" in await outpost(*change, config=str(linked))
+    finally:
+        await up.stop()
+
+
 async def test_stopped_agent_list_export_purge_retry(make_agent: Any, tmp_path: Path) -> None:
     bad, worse = await RefusingNucleus(400).start(), await RefusingNucleus(422).start()
     try:
