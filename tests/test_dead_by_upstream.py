@@ -7,6 +7,7 @@ and against the spool alone."""
 from __future__ import annotations
 
 import json
+import os
 from pathlib import Path
 from typing import Any
 
@@ -216,7 +217,8 @@ async def test_an_older_agent_is_not_asked_to_narrow_by_upstream(tmp_path: Path)
         # Without --upstream, asked as before: the reason's letters of every upstream.
         text = await outpost("purge", "--reason", "HTTP 400: invalid", config=str(cfg))
         assert "purged 4 dead letters (the running agent)" in text, text
-        assert older.asked == [("purge", {"reason": "HTTP 400: invalid", "all": False})]
+        assert older.asked == [("purge", {"reason": "HTTP 400: invalid", "all": False,
+                                          "spool": os.path.realpath(tmp_path / "spool.db")})]
     finally:
         await older.stop()
 

@@ -145,6 +145,11 @@ async def test_a_retry_or_purge_never_reaches_an_agent_on_another_spool(
         assert len(line.splitlines()) == 1 and "Traceback" not in line, text
         assert str(agent.spool.path) in line and str(tmp_path / "other" / "spool.db") in line
         assert agent.spool.dead_count == 3 and not (tmp_path / "other").exists()
+        async with aiohttp.ClientSession() as s:   # a spool that names none: a mistake
+            async with s.post(f"http://127.0.0.1:{agent.port}/dead/purge",
+                              json={"all": True, "spool": 5}) as r:
+                assert r.status == 400, await r.text()
+        assert agent.spool.dead_count == 3
         # Its own config, or one naming its spool through a symlink, still reaches it.
         (tmp_path / "link.db").symlink_to(agent.spool.path)
         linked = write_config(tmp_path / "linked.toml", tmp_path / "link.db", port=agent.port)

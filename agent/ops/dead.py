@@ -13,8 +13,10 @@ agent's own page pass, on this machine (own_origin.py).
 from __future__ import annotations
 
 import logging
+import os
 import sqlite3
 from collections.abc import Awaitable, Callable
+from pathlib import Path
 from typing import Any
 
 import orjson
@@ -25,7 +27,9 @@ from agent.families.event import now_ms
 from agent.logs import log_limited
 from agent.ops.own_origin import foreign
 from agent.ops.shared_terms import EXPORT_PAGE, LIST_LIMIT
+from agent.paths import same_file
 from agent.spool import Spool, dead, dead_live
+from agent.terminal import os_text
 
 log = logging.getLogger("outpost.dead")
 Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
@@ -34,8 +38,9 @@ Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
 # is at most ~400 characters (an upstream's words cut to 300 by segment-http, 200 by the
 # Nucleus uplinks, and a few dozen of the agent's own); agent.toml sets no length for an
 # upstream's name: 2,000 characters is far past any a person writes. 4 KiB refused the
-# longest reason of emoji beside a name of 100 CJK characters, sent as JSON escapes.
-BODY_LIMIT = 16 * 1024   # over 6 * (400 + 2000) and the JSON around them
+# longest reason of emoji beside a name of 100 CJK characters, sent as JSON escapes. And
+# the spool's path it is meant for: at most PATH_MAX, 4,096 bytes of UTF-8.
+BODY_LIMIT = 32 * 1024   # over 6 * (400 + 2000) + 4096 and the JSON around them
 
 
 class _Refused(Exception):
@@ -83,6 +88,8 @@ class DeadRoutes:
         if upstream is not None and not (isinstance(upstream, str) and upstream):
             raise _Refused(400, "upstream is an upstream's name, as `outpost dead list` "
                            "shows it")
+        if "spool" in body:
+            self._meant_for_this_spool(body["spool"])
         which = dead.Which(reason if isinstance(reason, str) else None, body.get("all") is True,
                            upstream)
         try:
@@ -90,6 +97,20 @@ class DeadRoutes:
         except dead.DeadError as exc:
             raise _Refused(400, str(exc)) from exc
         return which
+
+    def _meant_for_this_spool(self, theirs: Any) -> None:
+        """A retry or purge for the agent on the spool ``theirs`` (`outpost dead` sends its
+        config's storage.path, resolved): refused by another agent, which answers there when
+        two configs share a listen.port, its own letters left alone."""
+        if not isinstance(theirs, str) or not theirs:
+            raise _Refused(400, "spool is the path of the spool the request is meant for")
+        mine = self.spool.path
+        if os_text(os.path.realpath(mine)) == theirs or same_file(mine, Path(theirs)):
+            return
+        raise _Refused(409, f"this agent runs on the spool {os_text(mine)}, not on {theirs} "
+                       "(the storage.path of the config the command was given): nothing was "
+                       "done; name this agent's config with --config, or give that config a "
+                       "listen.port of its own")
 
     async def listing(self, request: web.Request) -> web.Response:
         reason, upstream = request.query.get("reason"), request.query.get("upstream")

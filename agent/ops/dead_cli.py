@@ -55,7 +55,7 @@ from agent.spool import dead
 from agent.spool.as_found import as_found
 from agent.spool.dedupe import HOUR_MS
 from agent.spool.writer import is_corruption
-from agent.terminal import OutputError, printable, printable_json, printable_value
+from agent.terminal import OutputError, os_text, printable, printable_json, printable_value
 
 Load = Callable[[argparse.Namespace], Config | None]
 LIST_ROWS = 50  # entries `dead list` prints under the summary; --limit changes it
@@ -458,10 +458,13 @@ class _Cli:
             done = "retried" if what == "retry" else "purged"
             if args.upstream is not None:
                 self._narrows(cfg, what)
+            # The spool too: another agent answering at this address (two configs sharing a
+            # listen.port) refuses it, where it would have changed its own letters.
+            meant = os_text(os.path.realpath(cfg.storage.resolved_path()))
             got = answer(cfg, f"/dead/{what}", self._ask(cfg, f"/dead/{what}", {
                 "reason": args.reason, "all": args.all,
-                **({"upstream": args.upstream} if args.upstream is not None else {})}),
-                done, int)
+                **({"upstream": args.upstream} if args.upstream is not None else {}),
+                "spool": meant}), done, int)
             n, where = got[done], "the running agent"
         except _NoAgent as exc:
             # One runs, elsewhere: said as status says it (the file is its, and refused).
