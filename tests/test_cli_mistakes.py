@@ -333,6 +333,22 @@ def test_a_lookup_from_a_directory_the_user_cannot_search_is_one_line(
     assert line.startswith("outpost: "), line
 
 
+@pytest.mark.parametrize("flag", ["no", "off", "False", "NO", " 0"])
+def test_outpost_system_written_as_no_is_the_user_locations(tmp_path: Path, flag: str) -> None:
+    """OUTPOST_SYSTEM=0 picks the user locations; "no", "off", "False" picked the system
+    ones (/etc/outpost, /var/lib/outpost): every value but "", "0" and "false" did, so a
+    command looked for another config and spool than the operator's, unsaid."""
+    env = {"XDG_CONFIG_HOME": str(tmp_path / "config"), "XDG_DATA_HOME": str(tmp_path / "data"),
+           "OUTPOST_SYSTEM": flag}
+    run = outpost("doctor", env=env, cwd=tmp_path)
+    assert run.returncode == 0 and "Traceback" not in run.stderr, run.stderr
+    shown = dict(line.split(None, 1) for line in run.stdout.splitlines()
+                 if line.startswith(("  config dir ", "  spool ", "  service ")))
+    assert shown == {"config": f"dir {tmp_path / 'config' / 'outpost'}",
+                     "spool": str(tmp_path / "data" / "outpost" / "spool.db"),
+                     "service": "user"}, run.stdout
+
+
 @pytest.mark.parametrize("command", ["flush", "tail"])
 def test_a_command_that_needs_the_agent_says_none_answers(tmp_path: Path, command: str) -> None:
     """They printed urllib's "<urlopen error [Errno 111] Connection refused>"."""
