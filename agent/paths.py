@@ -27,8 +27,8 @@ LINUX_SYSTEM_DATA = Path("/var/lib") / APP
 def is_system_service() -> bool:
     """True when Outpost should use the machine-wide locations."""
     flag = os.environ.get("OUTPOST_SYSTEM")
-    if flag is not None:
-        return flag not in ("", "0", "false")
+    if flag is not None:   # "no" is no, as systemd reads its own booleans
+        return flag.strip().lower() not in ("", "0", "false", "no", "off")
     return sys.platform != "win32" and hasattr(os, "geteuid") and os.geteuid() == 0
 
 
