@@ -86,9 +86,9 @@ class Sink:
         self.limits = limits
 
     def key_refusal(self, key: str | None) -> str | None:
-        """accept_keys empty means any non-empty key without control characters (one
-        with a line break would split every log line that names it) of at most
-        MAX_KEY_CHARS characters, and a new one only while fewer than ``max_keys``
+        """accept_keys empty means any non-empty printable key (one with a line break
+        would split every log line that names it; an invisible character hides in it) of
+        at most MAX_KEY_CHARS characters, and a new one only while fewer than ``max_keys``
         (listen.max_keys) are stored or taken for requests in flight; neither bound holds
         a key an upstream's ``keys`` names (the operator's own). Either way, a key
         its upstream could never be sent under is refused (RouteLimits.key_refusal)."""
