@@ -212,3 +212,23 @@ async def test_a_bad_or_missing_user_id_is_refused_naming_event_user(
     assert reply.status == 400
     assert reply.json() == {"error": named}
     assert agent.spool.depth == 0
+
+
+async def test_a_null_user_is_taken_as_no_user(make_agent: Any,
+                                               fake_segment: FakeSegment) -> None:
+    """Optional fields arrive as JSON null (WIRE-NOTES); `event.user: null` beside a
+    top-level id was a 400 "`event.user` must be an object", where the same hit without
+    `user` is taken; with no id anywhere, the 400 names the ids, as for a hit without it."""
+    agent = await make_agent(upstreams=[segment_up(fake_segment)])
+    body = {"hitId": "h-null", "userId": "top", "event": {"name": "n", "user": None}}
+    reply = await call(agent.port, "/track", body, headers=AUTH)
+    assert reply.status == 204, reply.body
+    await wait_for(lambda: len(fake_segment.events) == 1)
+    ev = fake_segment.events[0]
+    assert (ev["userId"], ev["event"], ev["messageId"]) == ("top", "n", "h-null")
+    assert "properties" not in ev or "user" not in ev["properties"]
+    reply = await call(agent.port, "/track", {"event": {"name": "n", "user": None}},
+                       headers=AUTH)
+    assert reply.status == 400
+    assert reply.json() == {
+        "error": "`event.user.userId` or `event.user.anonymousId` is required"}
