@@ -51,7 +51,9 @@ def to_segment(body: Any) -> dict[str, Any]:
     event = body.get("event")
     if not isinstance(event, dict):
         raise Invalid("`event` (an object) is required")
-    user = event.get("user", {})
+    user = event.get("user")
+    if user is None:   # JSON null, as clients send an optional field they have no value for
+        user = {}
     if not isinstance(user, dict):
         raise Invalid("`event.user` must be an object")
     _check_user_ids(body, user)
