@@ -12,6 +12,7 @@ agent's own page pass, on this machine (own_origin.py).
 
 from __future__ import annotations
 
+import asyncio
 import logging
 import os
 import sqlite3
@@ -22,11 +23,12 @@ from typing import Any
 import orjson
 from aiohttp import web
 
+from agent.clock import CLOCK
 from agent.dialects.body import BodyError, Stalled, read_raw
 from agent.families.event import now_ms
 from agent.logs import log_limited
 from agent.ops.own_origin import foreign
-from agent.ops.shared_terms import EXPORT_PAGE, LIST_LIMIT
+from agent.ops.shared_terms import EXPORT_PAGE, LIST_LIMIT, STALL_S
 from agent.paths import same_file
 from agent.spool import Spool, dead, dead_live
 from agent.terminal import os_text
@@ -41,6 +43,7 @@ Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
 # longest reason of emoji beside a name of 100 CJK characters, sent as JSON escapes. And
 # the spool's path it is meant for: at most PATH_MAX, 4,096 bytes of UTF-8.
 BODY_LIMIT = 32 * 1024   # over 6 * (400 + 2000) + 4096 and the JSON around them
+CHECK_S = 1.0   # how soon an export whose reader stopped reading (STALL_S) is noticed
 
 
 class _Refused(Exception):
@@ -166,10 +169,13 @@ class DeadRoutes:
         sent = 0
         try:
             while lines:
-                await resp.write(lines)
+                if not await _taken(request, resp.write(lines)):
+                    return _stalled(request, resp, sent)
                 sent += lines.count(b"\n")
                 del lines   # not held while the next page is read
                 lines, last = await dead_live.read(self.spool, dead.export, last, EXPORT_PAGE)
+            if not await _taken(request, resp.write_eof()):
+                return _stalled(request, resp, sent)
         except ConnectionError:
             # The reader left (`outpost dead export - | head`): no fault of the agent's. Raised,
             # aiohttp logs it as one, at ERROR with a traceback; returned, the end it then
@@ -185,7 +191,6 @@ class DeadRoutes:
             if request.transport is not None:
                 request.transport.close()
             return resp   # its end is then not written: aiohttp sees a closed connection
-        await resp.write_eof()
         return resp
 
     async def retry(self, request: web.Request) -> web.Response:
@@ -202,6 +207,41 @@ class DeadRoutes:
                 web.get(r"/dead/{seq:\d+}", _strict(self.show)),
                 web.post("/dead/retry", _strict(self.retry)),
                 web.post("/dead/purge", _strict(self.purge))]
+
+
+async def _taken(request: web.Request, write: Awaitable[None]) -> bool:
+    """Whether ``write`` (of an export) was taken by its reader; False once the reader has
+    taken nothing of what waits for it for STALL_S (by CLOCK): never ended, the route would
+    hold the connection, which is never idle meanwhile, and the page waiting, for good. A
+    slow reader still reads, and is waited for."""
+    task = asyncio.ensure_future(write)
+    since, waiting = CLOCK.elapsed_ms(), None
+    try:
+        while True:
+            done, _ = await asyncio.wait((task,), timeout=CHECK_S)
+            if done:
+                task.result()   # a ConnectionError: the reader left
+                return True
+            transport = request.transport
+            left = transport.get_write_buffer_size() if transport is not None else 0
+            if waiting is None or left < waiting:   # the reader took some: still reading
+                since = CLOCK.elapsed_ms()
+            waiting = left
+            if CLOCK.elapsed_ms() - since >= STALL_S * 1000:
+                return False
+    finally:
+        task.cancel()   # given up on, or the route cancelled (a stop): none of it goes on
+
+
+def _stalled(request: web.Request, resp: web.StreamResponse, sent: int) -> web.StreamResponse:
+    """An export whose reader stopped reading, cut: the connection, and what waits in it,
+    go at once (a close would wait for that reader), and with no last chunk the reader, if
+    it reads again, finds the export cut short."""
+    log_limited(log, logging.WARNING, "dead-stalled", "dead-letter export cut after %d "
+                "letters: its reader read nothing for %g s", sent, STALL_S)
+    if request.transport is not None:
+        request.transport.abort()
+    return resp
 
 
 def _strict(handler: Handler) -> Handler:

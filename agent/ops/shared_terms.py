@@ -7,5 +7,6 @@ LIST_LIMIT = 10_000
 EXPORT_PAGE = 1000  # dead letters read at a time for GET /dead/export
 # A viewer whose stream has waited this long (by CLOCK) for it to read is closed: its
 # client is suspended (Ctrl-Z), its output paused (a pager, Ctrl-S), or it never reads.
-# A slow reader still reads: its writes complete, and it loses only the overflow.
+# A slow reader still reads: its writes complete, and it loses only the overflow. An
+# export whose reader has taken nothing for this long is cut the same way.
 STALL_S = 30.0
