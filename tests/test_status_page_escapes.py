@@ -65,3 +65,59 @@ async def test_error_text_and_event_names_are_shown_escaped(
     assert HOSTILE in value, value            # the value as it came, for scripts
     assert SHOWN in text and "\u202e" not in text and "\x1b" not in text, text
     assert any(SHOWN in t for t in live) and not any("\u202e" in t for t in live), live
+
+
+def refusing(said: str) -> web.RouteTableDef:
+    routes = web.RouteTableDef()
+
+    @routes.post("/app/{appId}/track")
+    async def refuse(request: web.Request) -> web.Response:
+        return web.Response(status=400, text=f'{{"error": "{said}"}}',
+                            content_type="application/json")
+    return routes
+
+
+async def test_a_long_reason_is_cut_between_characters_never_inside_one(
+        make_agent: Any, chromium: str, tmp_path: Path) -> None:
+    """The page cuts a dead letter's reason past 80 characters, as the CLI does, but it
+    counted JavaScript's UTF-16 units: a character past U+FFFF (an emoji) the cut fell in
+    was cut in two, and its first half, a lone surrogate, shown as the escape ``\\ud83d``,
+    as if the upstream had said that. Two upstreams, one with a letter more before the
+    emoji: the cut falls inside one emoji for one of them, whatever the reason's prefix."""
+    runners = []
+    upstreams = []
+    for name, said in (("even", "\U0001F600" * 60), ("odd", "x" + "\U0001F600" * 60)):
+        app = web.Application()
+        app.add_routes(refusing(said))
+        runner = web.AppRunner(app, handle_signals=False)
+        await runner.setup()
+        await web.TCPSite(runner, "127.0.0.1", 0).start()
+        runners.append(runner)
+        upstreams.append({"name": name, "protocol": "nucleus-http", "keys": [f"app-{name}"],
+                          "url": f"http://127.0.0.1:{runner.addresses[0][1]}",
+                          "flush_interval_s": 0.05, "timeout_s": 2})
+    try:
+        agent = await make_agent(upstreams=upstreams)
+        async with aiohttp.ClientSession() as s:
+            for name in ("even", "odd"):
+                async with s.post(f"http://127.0.0.1:{agent.port}/app/app-{name}/track",
+                                  json={"data": [{"type": "event", "name": "e", "id": 1,
+                                                  "sessionId": 1, "machineId": "m"}]}) as r:
+                    assert r.status == 200, await r.text()
+        assert agent.spool is not None
+        await wait_for(lambda: agent.spool.counters.get("dead_lettered", 0) == 2)
+        async with Chromium(chromium, tmp_path / "profile") as browser:
+            page = await browser.open(f"http://127.0.0.1:{agent.port}/")
+            await wait_for(lambda: page.evaluate(
+                "document.querySelectorAll('#dead tr[data-dead]').length === 2"))
+            rows = await page.evaluate(
+                "[...document.querySelectorAll('#dead tr[data-dead]')]"
+                ".map(tr => [tr.dataset.dead, tr.firstChild.textContent])")
+    finally:
+        for runner in runners:
+            await runner.cleanup()
+    for reason, text in rows:
+        assert text.endswith("…") and len(text) < len(reason), (reason, text)
+        kept = text.removesuffix("…")
+        assert "\\u" not in kept and reason.startswith(kept), (reason, text)
+        assert len(kept) == 79, text   # characters, as the CLI counts them
