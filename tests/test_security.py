@@ -664,15 +664,18 @@ async def test_a_non_loopback_listen_host_logs_a_warning(
     assert not any("not loopback" in r.getMessage() for r in caplog.records)
 
 
-@pytest.mark.parametrize("wildcard", ["0.0.0.0", "::"])
+# The unspecified IPv6 address however written: each binds every address as `::` does,
+# and the guard took the others for one address of their own, refusing every LAN device.
+@pytest.mark.parametrize("wildcard", ["0.0.0.0", "::", "::0", "0:0:0:0:0:0:0:0"])
 def test_listening_on_every_address_serves_ip_hosts_but_not_names(
         tmp_path: Path, wildcard: str) -> None:
     """Bound on purpose to every address (for LAN devices), the agent must serve requests
     addressed to any of its IPs; names still get 421, since a rebinding attack needs one."""
-    if wildcard == "::" and not socket_has_ipv6():
+    v6 = ":" in wildcard
+    if v6 and not socket_has_ipv6():
         pytest.skip("no IPv6")
     with ThreadedAgent(tmp_path, listen={"host": wildcard}) as agent:
-        agent.connect_to = "::1" if wildcard == "::" else "127.0.0.1"
+        agent.connect_to = "::1" if v6 else "127.0.0.1"
         for host in ("192.168.1.5:8765", "10.0.0.2", "[fd00::5]:8765", "127.0.0.1"):
             assert agent.request("GET", "/healthz", headers={"Host": host})[0] == 200, host
         for host in ("evil.example", "evil.example:8765", "printer.lan"):
