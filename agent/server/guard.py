@@ -58,6 +58,14 @@ def is_loopback_name(host: str) -> bool:
     return ip.is_loopback or (mapped is not None and mapped.is_loopback)
 
 
+def _unspecified(listen: str) -> bool:
+    """Whether a listen host binds every address: 0.0.0.0, or :: however written (`::0`)."""
+    try:
+        return ipaddress.ip_address(listen).is_unspecified
+    except ValueError:
+        return False
+
+
 def _is_ip(host: str) -> bool:
     name = _host_name(host)
     try:
@@ -76,7 +84,7 @@ class Guard:
         # refused: a DNS rebinding attack always arrives under its own name.
         listen = _listen_name(listen_host)
         self.extra_hosts = frozenset() if is_loopback_name(listen) else {listen}
-        self.any_ip = listen in ("0.0.0.0", "::", "")
+        self.any_ip = listen == "" or _unspecified(listen)
         self.allowed_origins = frozenset(as_sent(o) for o in allowed_origins)
         self._verdicts: dict[str, bool] = {}
 
