@@ -155,8 +155,10 @@ class Spool:
         # Why the spool cannot be opened (a full disk, an I/O error), while it cannot: for
         # status, since apps get 503 and nothing else shows it.
         self.open_error: str | None = None
-        # The open file's (st_dev, st_ino): whether it is still the one at the path.
+        # The open file's (st_dev, st_ino): whether it is still the one at the path; and
+        # its -wal's, which the connections hold open until the last one closes.
         self._identity: tuple[int, int] | None = None
+        self._wal_identity: tuple[int, int] | None = None
         # Whether this process holds the spool's lock file (`outpost run`); the one taken
         # again when it was removed under the agent (_keep_lock); the identity (st_dev,
         # st_ino) of the one held.
@@ -442,6 +444,7 @@ class Spool:
             await self._db.open(self.path, "", prepare)
             found = os.stat(self.path)
             self._identity = (found.st_dev, found.st_ino)
+            self._wal_identity = _identity(Path(f"{self.path}-wal"))
             await self._load_state(self._db)
             # Published only once open: a status read in between would take a reader
             # with no connection for a failure of its own (a 500).
@@ -518,19 +521,21 @@ class Spool:
 
     def replaced(self) -> bool:
         """Whether the file open is no longer the one at the path (deleted, or another put
-        there): its commits would be gone at the next start. A stat that fails for another
-        reason tells nothing: the commit's own errors say what is wrong."""
+        there), or its -wal is not (removed: the connections go on writing into the one
+        open, which the next start never reads): its commits would be gone at the next
+        start. A stat that fails for another reason tells nothing: the commit's own errors
+        say what is wrong."""
         if self._identity is None:
             return False
-        try:
-            # Through a symlink: pointed elsewhere, replaced; put at a path named directly,
-            # what is there is not the file open.
-            found = os.stat(self._named_file())
-        except FileNotFoundError:
-            return True
-        except OSError:
+        # Through a symlink: pointed elsewhere, replaced; put at a path named directly,
+        # what is there is not the file open.
+        found = _identity(self._named_file())
+        if found != self._identity:
+            return found != _UNKNOWN
+        if self._wal_identity is None:   # none when the spool was opened: nothing to hold
             return False
-        return (found.st_dev, found.st_ino) != self._identity
+        wal = _identity(Path(f"{self.path}-wal"))
+        return wal not in (self._wal_identity, _UNKNOWN)
 
     def _forget_idle(self, conn: sqlite3.Connection) -> None:
         try:
@@ -685,9 +690,18 @@ class Spool:
                     put = target(self.path)
                     what = f"symbolic link to {os.readlink(self.path)} (not followed)" \
                         if os.path.islink(self.path) else "file"
+                    # Its own file, its -wal removed: what it holds is older than the copy.
+                    own = not os.path.islink(self.path) and _identity(self.path) == self._identity
                     move_aside(self.path, put)
-                    log.error("spool %s: the %s put there while the agent had its own open is "
-                              "kept as %s; the agent's queue goes on", self.path, what, put)
+                    if own:
+                        log.error("spool %s: its -wal was removed while the agent had it open "
+                                  "(the events since its last checkpoint were in it): the file "
+                                  "without it is kept as %s; the agent's queue goes on",
+                                  self.path, put)
+                    else:
+                        log.error("spool %s: the %s put there while the agent had its own open "
+                                  "is kept as %s; the agent's queue goes on", self.path, what,
+                                  put)
             except OSError as failed:
                 if self._refusing(failed):
                     log.error("spool %s was deleted or replaced while the agent had it open "
@@ -1186,6 +1200,22 @@ class Spool:
     @property
     def used_bytes(self) -> int:
         return self.books.used_bytes
+
+
+# What a stat that failed for another reason than "no such file" tells: nothing.
+_UNKNOWN = (-1, -1)
+
+
+def _identity(path: Path) -> tuple[int, int] | None:
+    """The (st_dev, st_ino) of the file at ``path``; None if there is none; _UNKNOWN if the
+    stat failed otherwise."""
+    try:
+        found = os.stat(path)
+    except FileNotFoundError:
+        return None
+    except OSError:
+        return _UNKNOWN
+    return (found.st_dev, found.st_ino)
 
 
 def _mended(conn: sqlite3.Connection, letters: int) -> bool:

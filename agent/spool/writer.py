@@ -685,13 +685,14 @@ def _group(sid: int, family: int, received: int, lane: int) -> Group:
 
 
 class Replaced(sqlite3.DatabaseError):
-    """The file the spool has open is no longer at its path (an operator deleted it, or
-    put a backup there): a commit into it reaches no file a restart reads. Handled as
-    damage: a copy of the file open is salvaged to the path, what is there now kept aside."""
+    """The file the spool has open, or its -wal, is no longer at its path (an operator
+    deleted it, or put a backup there): a commit into it reaches no file a restart reads.
+    Handled as damage: a copy of the file open is salvaged to the path, what is there now
+    kept aside."""
 
     def __init__(self) -> None:
-        super().__init__("the spool file was deleted, or another put in its place, while "
-                         "the agent had it open")
+        super().__init__("the spool file or its -wal was deleted, or another put in its "
+                         "place, while the agent had it open")
 
 
 def is_corruption(exc: sqlite3.DatabaseError) -> bool:
