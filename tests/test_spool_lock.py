@@ -62,6 +62,21 @@ def test_a_second_agent_on_a_spool_in_use_refuses_to_start(
     assert again.terminate() == 0
 
 
+def test_a_second_agent_is_refused_once_the_first_commits_after_its_lock_file_was_removed(
+        tmp_path: Path, agent_process: Callable[..., AgentProcess]) -> None:
+    """The lock file alone removed under the agent (taken for one a crash left): the first
+    kept its lock on the removed file, and its spool, still at the path, was never found
+    replaced, so nothing took the lock again: a second agent started on the same spool,
+    two writers forwarding one queue. The first's next commit takes it again."""
+    spool = tmp_path / "spool.db"
+    port, other = free_port(), free_port()
+    first = agent_process(write_config(tmp_path / "a.toml", spool, port=port), port).start()
+    spool_lock(spool).unlink()
+    post_event(port, "wk_lock")
+    _refused(write_config(tmp_path / "b.toml", spool, port=other), spool)
+    assert first.terminate() == 0
+
+
 def test_a_second_agent_on_a_symlink_to_the_spool_in_use_refuses_to_start(
         tmp_path: Path, agent_process: Callable[..., AgentProcess]) -> None:
     """storage.path naming a symlink to a spool another agent runs on (a spool moved to a
