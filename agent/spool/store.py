@@ -165,6 +165,8 @@ class Spool:
         self.holds_lock = holds_lock
         self._lock_fd: int | None = None
         self._lock_id: tuple[int, int] | None = None
+        # The lock file last found in place of the one held (lock_kept): tried once.
+        self._lock_tried: tuple[int, int] | None = _NEVER
         # Why the spool is no longer this agent's (InUse), once another took its path.
         self.ousted: str | None = None
         # The damage last found in the spool's -wal (said once, not at each try to open
@@ -485,6 +487,25 @@ class Spool:
             if self._lock_fd is not None:   # removed a second time
                 os.close(self._lock_fd)
             self._lock_fd, self._lock_id = taken
+
+    def lock_kept(self) -> None:
+        """The lock file taken again if it alone was removed (or another put there) under
+        the agent: the lock held on the removed file keeps no second agent out, and the
+        spool, still at the path, is never found replaced to take it again. One another
+        agent holds (started on the spool before this found it gone) is said, once for
+        each file found there, as is one that cannot be made (_keep_lock)."""
+        if not self.holds_lock or self._lock_id is None:
+            return
+        found = _identity(self._lock_file())
+        if found in (self._lock_id, _UNKNOWN, self._lock_tried):
+            return
+        self._lock_tried = found
+        try:
+            self._keep_lock()
+        except InUse:
+            log.error("spool %s: its lock file was removed under the agent, and another "
+                      "agent, started on the same spool since, holds the one there now: "
+                      "two agents forward one queue; stop one of them", self.path)
 
     def _lock_file(self) -> Path:
         """paths.spool_lock of the spool's file, as `outpost run` took it, but not through
@@ -1204,6 +1225,7 @@ class Spool:
 
 # What a stat that failed for another reason than "no such file" tells: nothing.
 _UNKNOWN = (-1, -1)
+_NEVER = (-2, -2)
 
 
 def _identity(path: Path) -> tuple[int, int] | None:

@@ -180,6 +180,7 @@ class Host(Protocol):
     async def reopen(self) -> bool: ...
     def observed_ms(self) -> int: ...
     def replaced(self) -> bool: ...
+    def lock_kept(self) -> None: ...
 
 
 class Writer:
@@ -571,6 +572,8 @@ class Writer:
         # Committed into the file open, which an operator may have deleted or replaced
         # since: checked before any app hears it is stored (below).
         gone = self.host.replaced()
+        if not gone:
+            self.host.lock_kept()
         self.commits += 1
         if job.mark is not None:
             books.last_mark, books.unmarked = job.mark[0], None
