@@ -165,6 +165,7 @@ class Spool:
         self.holds_lock = holds_lock
         self._lock_fd: int | None = None
         self._lock_id: tuple[int, int] | None = None
+        self._lock_path: str | None = None   # where it was taken: stat at each commit
         # The lock file last found in place of the one held (lock_kept): tried once.
         self._lock_tried: tuple[int, int] | None = _NEVER
         # Why the spool is no longer this agent's (InUse), once another took its path.
@@ -446,7 +447,7 @@ class Spool:
             await self._db.open(self.path, "", prepare)
             found = os.stat(self.path)
             self._identity = (found.st_dev, found.st_ino)
-            self._wal_identity = _identity(Path(f"{self.path}-wal"))
+            self._wal_identity = _identity(self._wal_path)
             await self._load_state(self._db)
             # Published only once open: a status read in between would take a reader
             # with no connection for a failure of its own (a 500).
@@ -465,12 +466,14 @@ class Spool:
         """The lock file taken again if it went with the spool (rm -rf of the state
         directory), whether made again or found there: the lock held on the removed one
         keeps no second agent out."""
+        lock = self._lock_file()
+        self._lock_path = str(lock)
         if self._lock_id is None:   # the first open: the one there is `outpost run`'s
             with contextlib.suppress(OSError):
-                found = os.stat(self._lock_file())
+                found = os.stat(lock)
                 self._lock_id = (found.st_dev, found.st_ino)
         try:
-            taken = lock_again(self._lock_file(), self._lock_id)
+            taken = lock_again(lock, self._lock_id)
         except BlockingIOError:
             # Found at a stop (close), the other simply goes on: a restart is no fix then.
             then = ("this one is stopping and leaves the spool to that agent; its own queue "
@@ -494,9 +497,9 @@ class Spool:
         spool, still at the path, is never found replaced to take it again. One another
         agent holds (started on the spool before this found it gone) is said, once for
         each file found there, as is one that cannot be made (_keep_lock)."""
-        if not self.holds_lock or self._lock_id is None:
+        if not self.holds_lock or self._lock_id is None or self._lock_path is None:
             return
-        found = _identity(self._lock_file())
+        found = _identity(self._lock_path)
         if found in (self._lock_id, _UNKNOWN, self._lock_tried):
             return
         self._lock_tried = found
@@ -506,6 +509,10 @@ class Spool:
             log.error("spool %s: its lock file was removed under the agent, and another "
                       "agent, started on the same spool since, holds the one there now: "
                       "two agents forward one queue; stop one of them", self.path)
+
+    @property
+    def _wal_path(self) -> str:
+        return f"{self.path}-wal"
 
     def _lock_file(self) -> Path:
         """paths.spool_lock of the spool's file, as `outpost run` took it, but not through
@@ -555,7 +562,7 @@ class Spool:
             return found != _UNKNOWN
         if self._wal_identity is None:   # none when the spool was opened: nothing to hold
             return False
-        wal = _identity(Path(f"{self.path}-wal"))
+        wal = _identity(self._wal_path)
         return wal not in (self._wal_identity, _UNKNOWN)
 
     def _forget_idle(self, conn: sqlite3.Connection) -> None:
@@ -1228,7 +1235,7 @@ _UNKNOWN = (-1, -1)
 _NEVER = (-2, -2)
 
 
-def _identity(path: Path) -> tuple[int, int] | None:
+def _identity(path: str | Path) -> tuple[int, int] | None:
     """The (st_dev, st_ino) of the file at ``path``; None if there is none; _UNKNOWN if the
     stat failed otherwise."""
     try:
