@@ -28,7 +28,7 @@ from agent.dialects.body import BodyError, Stalled, read_raw
 from agent.families.event import now_ms
 from agent.logs import log_limited
 from agent.ops.own_origin import foreign
-from agent.ops.shared_terms import EXPORT_PAGE, LIST_LIMIT, STALL_S
+from agent.ops.shared_terms import CHECK_S, EXPORT_PAGE, LIST_LIMIT, STALL_S
 from agent.paths import same_file
 from agent.spool import Spool, dead, dead_live
 from agent.terminal import os_text
@@ -43,7 +43,6 @@ Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
 # longest reason of emoji beside a name of 100 CJK characters, sent as JSON escapes. And
 # the spool's path it is meant for: at most PATH_MAX, 4,096 bytes of UTF-8.
 BODY_LIMIT = 32 * 1024   # over 6 * (400 + 2000) + 4096 and the JSON around them
-CHECK_S = 1.0   # how soon an export whose reader stopped reading (STALL_S) is noticed
 
 
 class _Refused(Exception):

@@ -10,3 +10,4 @@ EXPORT_PAGE = 1000  # dead letters read at a time for GET /dead/export
 # A slow reader still reads: its writes complete, and it loses only the overflow. An
 # export whose reader has taken nothing for this long is cut the same way.
 STALL_S = 30.0
+CHECK_S = 1.0   # how soon a reader that left, or stalled (STALL_S), is noticed

@@ -16,11 +16,10 @@ from agent.clock import CLOCK
 from agent.dialects.base import CLIENT_EOF
 from agent.logs import FINGERPRINT
 from agent.ops.own_origin import foreign
-from agent.ops.shared_terms import STALL_S
+from agent.ops.shared_terms import CHECK_S, STALL_S
 from agent.ops.tail import MAX_VIEWERS, RATE, REPLACED, STALLED, STOPPING, TailHub, Viewer
 
 KEEPALIVE_S = 15.0    # a comment line, so proxies and clients see a live connection
-CHECK_S = 1.0         # how soon a viewer that left, or stalled (STALL_S), is noticed
 # How long the last message (why the stream ends) waits for a reader that is behind
 # before the connection is cut; none when the agent is stopping.
 GRACE_S = 30.0
